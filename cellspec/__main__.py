@@ -1,0 +1,5 @@
+"""``python -m cellspec`` is the ``cellspec`` command."""
+
+from cellspec.cli import main
+
+raise SystemExit(main())

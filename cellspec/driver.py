@@ -1,0 +1,93 @@
+"""The driver: runs the pipeline stage by stage and can keep every intermediate.
+
+    .cell text ─► parse (Lark → AST) ─► check (names, shapes) ─► lower (SymPy cell model)
+              ─► schedule (GEMM + pointwise stages) ─► derive (backward program)
+              ─► render (NumPy / PyTorch / CUDA sources)
+
+Each stage is a function with a typed input and output (see its module). ``compile_source``
+returns a :class:`CompiledCell` per cell holding all of them, which ``cellspec show`` prints.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cellspec.errors import Source, SpecError
+from cellspec.frontend import ast
+from cellspec.frontend.parser import parse
+from cellspec.frontend.semantics import CheckedCell, check_file
+from cellspec.model.gradients import Backward, derive
+from cellspec.model.lower import CellModel, lower
+from cellspec.model.schedule import Schedule, schedule
+
+STAGES = ("ast", "checked", "model", "schedule", "backward", "numpy", "torch", "cuda")
+
+
+@dataclass
+class CompiledCell:
+    """Every intermediate of one cell, and the generated files (name → text)."""
+
+    checked: CheckedCell
+    model: CellModel
+    schedule: Schedule
+    backward: Backward
+    files: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def module_name(self) -> str:
+        return self.checked.module_name
+
+
+def read_source(path: str | Path) -> Source:
+    p = Path(path)
+    try:
+        raw = p.read_bytes()
+    except OSError as e:
+        raise SpecError(f"cannot read: {e.strerror or e}", filename=str(path)) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise SpecError(f"not UTF-8 text (byte {e.start})", filename=str(path)) from None
+    return Source(str(path), text)
+
+
+def front(source: Source) -> tuple[ast.SpecFile, list[CheckedCell]]:
+    spec = parse(source)
+    return spec, check_file(spec)
+
+
+def compile_source(source: Source, backends: tuple[str, ...] = ("numpy", "torch", "cuda")) -> list[CompiledCell]:
+    """Compile every cell of one source; raise SpecError for a bad spec."""
+    _, checked = front(source)
+    out = []
+    for c in checked:
+        model = lower(c)
+        sched = schedule(model)
+        back = derive(sched)
+        out.append(CompiledCell(c, model, sched, back, render_files(sched, back, backends)))
+    return out
+
+
+def render_files(sched: Schedule, back: Backward, backends: tuple[str, ...]) -> dict[str, str]:
+    from cellspec.backends import numpy_backend
+
+    files: dict[str, str] = {}
+    if "numpy" in backends:
+        files["numpy_cell.py"] = numpy_backend.render(sched, back)
+    if "torch" in backends:
+        from cellspec.backends import torch_backend
+
+        files.update(torch_backend.render(sched, back))
+    if "cuda" in backends:
+        try:
+            from cellspec.backends import cuda_backend
+        except ImportError:  # pragma: no cover - the CUDA back end is optional while it is built
+            cuda_backend = None
+        if cuda_backend is not None:
+            files.update(cuda_backend.render(sched, back))
+    return files
+
+
+def compile_file(path: str | Path, backends: tuple[str, ...] = ("numpy", "torch", "cuda")) -> list[CompiledCell]:
+    return compile_source(read_source(path), backends)

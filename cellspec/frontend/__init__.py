@@ -1,0 +1,1 @@
+"""Front end: ``.cell`` text → Lark parse tree → typed AST → checked cell."""

@@ -1,0 +1,405 @@
+"""Semantic analysis: names, assignment rules and symbolic shapes.
+
+Input: one :class:`~cellspec.frontend.ast.Cell`. Output: a :class:`CheckedCell` in which every
+name is known to be defined before use, every state is updated exactly once, every ``@`` has
+a parameter matrix on its left with a matching inner size, and every elementwise operation
+combines vectors of equal size. The first violation raises a SpecError at its span.
+"""
+
+from __future__ import annotations
+
+import keyword
+import re
+from dataclasses import dataclass, field
+
+from cellspec.errors import SpecError
+from cellspec.frontend import ast
+
+#: Elementwise functions of the language and their arities.
+FUNCTIONS: dict[str, int] = {
+    "sigmoid": 1,
+    "tanh": 1,
+    "relu": 1,
+    "exp": 1,
+    "log": 1,
+    "sqrt": 1,
+    "softplus": 1,
+    "softsign": 1,
+    "abs": 1,
+    "hard_sigmoid": 1,
+    "min": 2,
+    "max": 2,
+    "clip": 3,
+}
+
+#: Initialisers and their numeric arguments.
+INITIALISERS: dict[str, int] = {"fill": 1, "zeros": 0, "ones": 0, "uniform": 2, "normal": 2, "orthogonal": 0}
+
+DEFAULT_SIZES = {"I": "input_size", "H": "hidden_size"}
+
+#: Constructor arguments of the generated modules that a size may not take.
+RESERVED_ARGUMENTS = {"self", "batch_first", "device", "dtype", "backend", "input_size", "hidden_size"}
+
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+
+
+def snake_case(name: str) -> str:
+    """``PeepholeLSTM`` → ``peephole_lstm``, ``GRU`` → ``gru``, ``TorchGRU`` → ``torch_gru``."""
+    s = re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", name)
+    s = re.sub(r"(?<=[A-Z])(?=[A-Z][a-z])", "_", s)
+    return re.sub(r"_+", "_", s).lower().strip("_") or "cell"
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    shape: tuple[str, ...]  # size symbols, [out, in] for matrices
+    init: ast.Init | None
+    span: object
+
+    @property
+    def is_matrix(self) -> bool:
+        return len(self.shape) == 2
+
+
+@dataclass(frozen=True)
+class Vector:
+    name: str
+    size: str
+    span: object
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """``target = expr``; ``key`` is the target as written (``h'`` for a state update)."""
+
+    key: str
+    size: str
+    expr: ast.Expr
+    span: object
+    line: int
+    text: str  # the spec line, stripped, for comments in generated code
+
+
+@dataclass
+class CheckedCell:
+    name: str
+    module_name: str
+    filename: str
+    sizes: dict[str, str]  # size symbol -> constructor argument, in constructor order
+    inputs: list[Vector]
+    states: list[Vector]
+    params: list[Param]
+    assignments: list[Assignment]
+    outputs: list[str]  # keys of assignments (``h'`` or an intermediate)
+    source_text: str = field(repr=False, default="")
+    line: int = 1  # line of the 'cell' keyword's name
+
+    def param(self, name: str) -> Param:
+        return next(p for p in self.params if p.name == name)
+
+
+def _err(msg: str, span) -> SpecError:
+    return SpecError(msg, span)
+
+
+class _Checker:
+    def __init__(self, cell: ast.Cell):
+        self.cell = cell
+        self.sizes: dict[str, str] = dict(DEFAULT_SIZES)
+        self.used_sizes: set[str] = set()
+        self.kinds: dict[str, str] = {}  # name -> input|state|param|intermediate
+        self.size_of: dict[str, str] = {}
+        self.params: dict[str, Param] = {}
+        self.assigned: dict[str, int] = {}  # key -> order
+        self.used_names: set[str] = set()
+
+    # -------------------------------------------------------------- declarations
+    def check_identifier(self, name: str, span, what: str) -> None:
+        if "__" in name or name.startswith("_"):
+            raise _err(
+                f"{what} '{name}': names starting with '_' or containing '__' are reserved for generated code",
+                span,
+            )
+        if name in FUNCTIONS:
+            raise _err(f"{what} '{name}' has the name of a built-in function", span)
+        if name in self.sizes or name in ("I", "H"):
+            raise _err(f"{what} '{name}' has the name of a size symbol", span)
+
+    def declare(self, name: str, kind: str, span) -> None:
+        self.check_identifier(name, span, kind)
+        if name in self.kinds:
+            raise _err(f"'{name}' is already declared as {_article(self.kinds[name])}", span)
+        self.kinds[name] = kind
+
+    def size(self, ref: ast.SizeRef) -> str:
+        if ref.symbol not in self.sizes:
+            raise _err(
+                f"unknown size '{ref.symbol}'; declare it with 'size {ref.symbol} = <argument_name>' "
+                "(only I and H are predefined)",
+                ref.span,
+            )
+        self.used_sizes.add(ref.symbol)
+        return ref.symbol
+
+    def run(self) -> CheckedCell:
+        cell = self.cell
+        seen_args: dict[str, str] = {}
+        for decl in cell.sizes:
+            if decl.symbol in seen_args.values() or (decl.symbol in self.sizes and decl.symbol not in DEFAULT_SIZES):
+                raise _err(f"size '{decl.symbol}' is declared twice", decl.span)
+            if decl.symbol in DEFAULT_SIZES and decl.symbol in seen_args.values():
+                raise _err(f"size '{decl.symbol}' is declared twice", decl.span)
+            if keyword.iskeyword(decl.argument) or "__" in decl.argument:
+                raise _err(f"'{decl.argument}' cannot be a constructor argument name", decl.argument_span)
+            if decl.argument in RESERVED_ARGUMENTS and DEFAULT_SIZES.get(decl.symbol) != decl.argument:
+                raise _err(
+                    f"'{decl.argument}' is already an argument of the generated modules; choose another name",
+                    decl.argument_span,
+                )
+            if decl.argument in seen_args:
+                raise _err(f"argument '{decl.argument}' already names size '{seen_args[decl.argument]}'", decl.argument_span)
+            seen_args[decl.argument] = decl.symbol
+            self.sizes[decl.symbol] = decl.argument
+        # I and H keep their default arguments unless redeclared; a redeclared argument may not
+        # collide with the other default.
+        args = list(self.sizes.values())
+        if len(set(args)) != len(args):
+            dup = next(a for a in args if args.count(a) > 1)
+            decl = next(d for d in cell.sizes if d.argument == dup)
+            raise _err(f"argument '{dup}' names two sizes", decl.argument_span)
+
+        inputs = []
+        for v in cell.inputs:
+            self.declare(v.name, "input", v.span)
+            self.size_of[v.name] = self.size(v.size)
+            inputs.append(Vector(v.name, v.size.symbol, v.span))
+        states = []
+        for v in cell.states:
+            self.declare(v.name, "state", v.span)
+            self.size_of[v.name] = self.size(v.size)
+            states.append(Vector(v.name, v.size.symbol, v.span))
+        for p in cell.params:
+            self.declare(p.name, "param", p.span)
+            if len(p.dims) not in (1, 2):
+                raise _err(
+                    f"param '{p.name}' has {len(p.dims)} dimensions; a param is a vector [N] or a matrix [M, N]",
+                    p.span,
+                )
+            shape = tuple(self.size(d) for d in p.dims)
+            if p.init is not None:
+                self.check_init(p, shape)
+            self.params[p.name] = Param(p.name, shape, p.init, p.span)
+            if len(shape) == 1:
+                self.size_of[p.name] = shape[0]
+        if not inputs:
+            raise _err(f"cell '{cell.name}' has no input; declare one with 'input x[I]'", cell.span)
+        if not states:
+            raise _err(f"cell '{cell.name}' has no state; declare one with 'state h[H]'", cell.span)
+
+        assignments = []
+        for order, a in enumerate(cell.assigns):
+            size = self.expr(a.expr)
+            t = a.target
+            if t.primed:
+                if self.kinds.get(t.name) != "state":
+                    raise _err(f"only states take a prime; '{t.name}' is not a state", t.span)
+                if t.key in self.assigned:
+                    raise _err(f"state '{t.name}' is updated twice", t.span)
+                if size is not None and size != self.size_of[t.name]:
+                    raise _err(
+                        f"'{t.key}' has size {size} but state '{t.name}' has size {self.size_of[t.name]}",
+                        t.span,
+                    )
+            else:
+                if t.name in self.kinds:
+                    kind = self.kinds[t.name]
+                    if kind == "state":
+                        raise _err(f"'{t.name}' is a state; its update is written {t.name}' = ...", t.span)
+                    if kind == "intermediate":
+                        raise _err(f"'{t.name}' is already assigned; names are assigned once", t.span)
+                    raise _err(f"'{t.name}' is {_article(kind)} and cannot be assigned", t.span)
+                self.check_identifier(t.name, t.span, "intermediate")
+                self.kinds[t.name] = "intermediate"
+            if size is None:
+                raise _err(
+                    f"'{t.key}' is a constant; an assignment needs at least one vector", t.span
+                )
+            self.size_of[t.key] = size
+            self.assigned[t.key] = order
+            line = a.span.line
+            assignments.append(
+                Assignment(t.key, size, a.expr, a.span, line, cell.source_lines.get(line, "").strip())
+            )
+
+        for s in states:
+            if s.name + "'" not in self.assigned:
+                raise _err(f"state '{s.name}' is never updated; add a line {s.name}' = ...", s.span)
+
+        if len(cell.outputs) > 1:
+            raise _err("a cell has one 'output' statement (list several names with commas)", cell.outputs[1].span)
+        outputs: list[str] = []
+        if cell.outputs:
+            for n in cell.outputs[0].names:
+                if n.primed:
+                    if self.kinds.get(n.name) != "state":
+                        raise _err(f"only states take a prime; '{n.name}' is not a state", n.span)
+                else:
+                    kind = self.kinds.get(n.name)
+                    if kind is None:
+                        raise _err(f"unknown name '{n.name}' in output", n.span)
+                    if kind == "state":
+                        raise _err(
+                            f"output '{n.name}' is the previous state; output the next value {n.name}'",
+                            n.span,
+                        )
+                    if kind != "intermediate":
+                        raise _err(f"output '{n.name}' is {_article(kind)}; outputs are computed names", n.span)
+                if n.key in outputs:
+                    raise _err(f"'{n.key}' is listed twice in output", n.span)
+                outputs.append(n.key)
+        else:
+            outputs.append(states[0].name + "'")
+
+        for name, p in self.params.items():
+            if name not in self.used_names:
+                raise _err(f"param '{name}' is declared but never used", p.span)
+        for v in inputs:
+            if v.name not in self.used_names:
+                raise _err(f"input '{v.name}' is declared but never used", v.span)
+
+        sizes = {}
+        for sym in ("I", "H"):
+            sizes[sym] = self.sizes[sym]
+        for sym, arg in self.sizes.items():
+            if sym not in sizes:
+                if sym not in self.used_sizes:
+                    decl = next(d for d in cell.sizes if d.symbol == sym)
+                    raise _err(f"size '{sym}' is declared but never used", decl.span)
+                sizes[sym] = arg
+        return CheckedCell(
+            name=cell.name,
+            module_name=snake_case(cell.name),
+            filename=cell.span.source.filename,
+            sizes=sizes,
+            inputs=inputs,
+            states=states,
+            params=list(self.params.values()),
+            assignments=assignments,
+            outputs=outputs,
+            source_text=cell.span.source.text,
+            line=cell.span.line,
+        )
+
+    def check_init(self, p: ast.ParamDecl, shape: tuple[str, ...]) -> None:
+        init = p.init
+        if init.kind not in INITIALISERS:
+            known = ", ".join(k for k in INITIALISERS if k != "fill")
+            raise _err(f"unknown initialiser '{init.kind}'; use a number or one of {known}", init.span)
+        want = INITIALISERS[init.kind]
+        if len(init.args) != want:
+            raise _err(f"initialiser '{init.kind}' takes {want} argument(s), got {len(init.args)}", init.span)
+        if init.kind == "orthogonal" and len(shape) != 2:
+            raise _err("'orthogonal' initialises a matrix; this param is a vector", init.span)
+
+    # --------------------------------------------------------------- expressions
+    def expr(self, e: ast.Expr) -> str | None:
+        """Size symbol of an expression, or None for a pure number (which broadcasts)."""
+        if isinstance(e, ast.Number):
+            return None
+        if isinstance(e, ast.Name):
+            return self.name(e)
+        if isinstance(e, ast.Neg):
+            return self.expr(e.operand)
+        if isinstance(e, ast.Pow):
+            return self.expr(e.base)
+        if isinstance(e, ast.BinOp):
+            left = self.expr(e.left)
+            right = self.expr(e.right)
+            if left is not None and right is not None and left != right:
+                raise _err(f"size mismatch: '{e.op}' of a vector of size {left} and one of size {right}", e.span)
+            return left if left is not None else right
+        if isinstance(e, ast.MatMul):
+            m = e.matrix
+            if not isinstance(m, ast.Name) or m.primed or m.name not in self.params or not self.params[m.name].is_matrix:
+                what = _describe_operand(m, self.kinds, self.params)
+                raise _err(f"the left side of '@' must be a param matrix, not {what}", e.span)
+            self.used_names.add(m.name)
+            p = self.params[m.name]
+            inner = self.expr(e.operand)
+            if inner is None:
+                raise _err("the right side of '@' must be a vector, not a number", e.span)
+            if inner != p.shape[1]:
+                raise _err(
+                    f"size mismatch: {m.name} is [{p.shape[0]}, {p.shape[1]}] but its operand has size {inner}",
+                    e.span,
+                )
+            return p.shape[0]
+        if isinstance(e, ast.Call):
+            if e.func not in FUNCTIONS:
+                raise _err(f"unknown function '{e.func}'", e.span)
+            want = FUNCTIONS[e.func]
+            if len(e.args) != want:
+                raise _err(f"{e.func}() takes {want} argument(s), got {len(e.args)}", e.span)
+            sizes = [self.expr(a) for a in e.args]
+            known = {s for s in sizes if s is not None}
+            if len(known) > 1:
+                raise _err(f"size mismatch: arguments of {e.func}() have sizes {', '.join(sorted(known))}", e.span)
+            return known.pop() if known else None
+        raise TypeError(e)  # pragma: no cover
+
+    def name(self, n: ast.Name) -> str:
+        if n.primed:
+            if self.kinds.get(n.name) != "state":
+                raise _err(f"only states take a prime; '{n.name}' is not a state", n.span)
+            if n.key not in self.assigned:
+                raise _err(f"'{n.key}' is used before it is assigned", n.span)
+            return self.size_of[n.key]
+        kind = self.kinds.get(n.name)
+        if kind is None:
+            if n.name in FUNCTIONS:
+                raise _err(f"'{n.name}' is a function; call it as {n.name}(...)", n.span)
+            raise _err(f"unknown name '{n.name}'", n.span)
+        if kind == "intermediate" and n.name not in self.assigned:
+            raise _err(f"'{n.name}' is used before it is assigned", n.span)
+        if kind == "param" and self.params[n.name].is_matrix:
+            raise _err(f"'{n.name}' is a matrix; use it on the left of '@'", n.span)
+        self.used_names.add(n.name)
+        return self.size_of[n.name]
+
+
+def _article(kind: str) -> str:
+    return ("an " if kind[0] in "aeiou" else "a ") + kind
+
+
+def _describe_operand(m: ast.Expr, kinds: dict[str, str], params: dict[str, Param]) -> str:
+    if isinstance(m, ast.Name):
+        kind = kinds.get(m.name)
+        if kind == "param":
+            return f"the vector param '{m.name}'"
+        if kind is None:
+            return f"the unknown name '{m.name}'"
+        return f"the {kind} '{m.key}'"
+    return "an expression"
+
+
+def check(cell: ast.Cell) -> CheckedCell:
+    """Check one parsed cell; raise SpecError at the first problem."""
+    return _Checker(cell).run()
+
+
+def check_file(spec: ast.SpecFile) -> list[CheckedCell]:
+    """Check every cell of a file; cell names must be distinct and modules too."""
+    seen: dict[str, ast.Cell] = {}
+    out = []
+    if not spec.cells:
+        raise SpecError("the file defines no cell; start one with 'cell NAME { ... }'", filename=spec.source.filename)
+    for cell in spec.cells:
+        module = snake_case(cell.name)
+        if "__" in cell.name:
+            raise _err(f"cell '{cell.name}': names containing '__' are reserved", cell.span)
+        if module in seen:
+            raise _err(f"cell '{cell.name}' has the same module name '{module}' as an earlier cell", cell.span)
+        seen[module] = cell
+        out.append(check(cell))
+    return out

@@ -1,0 +1,1 @@
+"""Middle end: checked cell → SymPy cell model → schedule of stages → derived backward."""

@@ -1,0 +1,210 @@
+"""The language's elementwise functions as SymPy functions, one derivative rule each.
+
+Derivatives follow PyTorch's conventions at kinks (relu'(0) = 0, abs'(0) = 0, clip passes the
+gradient on its closed interval, hard_sigmoid on its open one, min/max split ties in half), and
+are written in terms of the function's own value where that is cheaper (sigmoid' = s(1 - s),
+tanh' = 1 - y²), so that the backward can read a saved output instead of recomputing.
+
+Helper functions that exist only in derivatives (masks such as ``Positive``) are also here. A
+function with no derivative rule raises loudly instead of letting SymPy guess.
+"""
+
+from __future__ import annotations
+
+import sympy as sp
+
+
+class CellFunction(sp.Function):
+    """Base class: never auto-evaluates, and refuses to differentiate without a rule."""
+
+    #: name in the .cell language (None for derivative-only helpers)
+    spec_name: str | None = None
+
+    def fdiff(self, argindex=1):  # pragma: no cover - each subclass defines its rule
+        raise NotImplementedError(f"no derivative rule for {type(self).__name__} (argument {argindex})")
+
+
+class Sigmoid(CellFunction):
+    spec_name = "sigmoid"
+    nargs = 1
+
+    def fdiff(self, argindex=1):
+        return self * (1 - self)
+
+
+class Tanh(CellFunction):
+    spec_name = "tanh"
+    nargs = 1
+
+    def fdiff(self, argindex=1):
+        return 1 - self**2
+
+
+class Exp(CellFunction):
+    spec_name = "exp"
+    nargs = 1
+
+    def fdiff(self, argindex=1):
+        return self
+
+
+class Log(CellFunction):
+    spec_name = "log"
+    nargs = 1
+
+    def fdiff(self, argindex=1):
+        return 1 / self.args[0]
+
+
+class Sqrt(CellFunction):
+    spec_name = "sqrt"
+    nargs = 1
+
+    def fdiff(self, argindex=1):
+        return 1 / (2 * self)
+
+
+class Relu(CellFunction):
+    spec_name = "relu"
+    nargs = 1
+
+    def fdiff(self, argindex=1):
+        return Positive(self.args[0])
+
+
+class Abs(CellFunction):
+    spec_name = "abs"
+    nargs = 1
+
+    def fdiff(self, argindex=1):
+        return Sign(self.args[0])
+
+
+class Softplus(CellFunction):
+    """log(1 + exp(x)), evaluated in the stable form max(x, 0) + log1p(exp(-|x|))."""
+
+    spec_name = "softplus"
+    nargs = 1
+
+    def fdiff(self, argindex=1):
+        return Sigmoid(self.args[0])
+
+
+class Softsign(CellFunction):
+    """x / (1 + |x|)."""
+
+    spec_name = "softsign"
+    nargs = 1
+
+    def fdiff(self, argindex=1):
+        return 1 / (1 + Abs(self.args[0])) ** 2
+
+
+class HardSigmoid(CellFunction):
+    """clip(x / 6 + 1/2, 0, 1), PyTorch's hardsigmoid."""
+
+    spec_name = "hard_sigmoid"
+    nargs = 1
+
+    def fdiff(self, argindex=1):
+        return InsideOpen3(self.args[0]) / 6
+
+
+class Min(CellFunction):
+    spec_name = "min"
+    nargs = 2
+
+    def fdiff(self, argindex=1):
+        a, b = self.args
+        return LessTie(a, b) if argindex == 1 else LessTie(b, a)
+
+
+class Max(CellFunction):
+    spec_name = "max"
+    nargs = 2
+
+    def fdiff(self, argindex=1):
+        a, b = self.args
+        return LessTie(b, a) if argindex == 1 else LessTie(a, b)
+
+
+class Clip(CellFunction):
+    """min(max(x, lo), hi) with torch.clamp's gradients (hi wins when lo > hi)."""
+
+    spec_name = "clip"
+    nargs = 3
+
+    def fdiff(self, argindex=1):
+        x, lo, hi = self.args
+        if argindex == 1:
+            return ClipPass(x, lo, hi)
+        if argindex == 2:
+            return ClipLow(x, lo, hi)
+        return ClipHigh(x, lo, hi)
+
+
+# ------------------------------------------------------------- derivative-only helpers (masks)
+class Mask(CellFunction):
+    """A 0/1 (or 0/0.5/1) valued function; its own derivative is zero almost everywhere."""
+
+    def fdiff(self, argindex=1):
+        return sp.S.Zero
+
+
+class Positive(Mask):
+    """1 where x > 0, else 0 (relu' with relu'(0) = 0)."""
+
+    nargs = 1
+
+
+class Sign(Mask):
+    """-1, 0 or 1 (abs' with abs'(0) = 0)."""
+
+    nargs = 1
+
+
+class InsideOpen3(Mask):
+    """1 where -3 < x < 3 (hardsigmoid')."""
+
+    nargs = 1
+
+
+class LessTie(Mask):
+    """1 where a < b, 1/2 where a == b, 0 elsewhere (torch.minimum/maximum split ties)."""
+
+    nargs = 2
+
+
+class ClipPass(Mask):
+    """1 where lo <= x <= hi."""
+
+    nargs = 3
+
+
+class ClipLow(Mask):
+    """1 where x < lo and lo < hi (torch.clamp's gradient to its lower bound)."""
+
+    nargs = 3
+
+
+class ClipHigh(Mask):
+    """1 where x > hi or lo > hi (torch.clamp's gradient to its upper bound)."""
+
+    nargs = 3
+
+
+#: language name → SymPy function class
+BY_SPEC_NAME: dict[str, type[CellFunction]] = {
+    cls.spec_name: cls
+    for cls in (Sigmoid, Tanh, Exp, Log, Sqrt, Relu, Abs, Softplus, Softsign, HardSigmoid, Min, Max, Clip)
+}
+
+ALL_FUNCTIONS: tuple[type[CellFunction], ...] = tuple(BY_SPEC_NAME.values()) + (
+    Positive,
+    Sign,
+    InsideOpen3,
+    LessTie,
+    ClipPass,
+    ClipLow,
+    ClipHigh,
+)
