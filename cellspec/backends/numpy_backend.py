@@ -57,9 +57,24 @@ _MASK = '''def _mask(cond, *like):
     return cond.astype(np.result_type(*[a for a in like if isinstance(a, np.ndarray)] or [float]))'''
 
 
+XP = {
+    "asarray": "np.asarray({})",
+    "zeros": "np.zeros(({}), _dtype)",
+    "empty": "np.empty(({}), _dtype)",
+    "cast": "np.asarray({}, _dtype)",
+    "cat": "np.concatenate",
+    "contiguous": "np.ascontiguousarray({})",
+    "broadcast_to": "np.broadcast_to",
+    "dtype_from_saved": '    _dtype = _saved["{0}"].dtype',
+}
+
+
 def render(sched: Schedule, back: Backward) -> str:
     ctx = context.build(sched, back, NumPyPrinter, PYTHON_RESERVED)
     add_sequence_info(ctx)
+    first = ctx["inputs"][0]["name"]
+    params = ", ".join(f'_params["{p["key"]}"]' for p in ctx["params"])
+    ctx["xp"] = dict(XP, dtype_from_forward=f"    _dtype = np.result_type(_{first}_seq, {params})")
     ctx["helpers"] = []
     body = render_template("numpy_cell.py.j2", ctx)
     used = [name for name in HELPERS if re.search(rf"\b{name}\(", body)]
@@ -72,22 +87,12 @@ def render(sched: Schedule, back: Backward) -> str:
 
 def add_sequence_info(ctx: dict) -> None:
     """Facts both Python back ends' sequence engines need, derived from the context."""
-    names = ctx["names"]
     sizes = {v["name"]: v["size"] for v in ctx["values"]}
     ctx["saved_sizes"] = {s: sizes[s] if s in sizes else _proj_size(ctx, s) for s in ctx["saved"]}
     state_names = {v["key"]: v["name"] for v in ctx["states"]}
     for o in ctx["outputs"]:
         o["state_name"] = state_names.get(o["state"], "")
-    adjoint_of = {}
-    for st in ctx["stages"]:
-        for g in st.gemms:
-            for s in g.slices:
-                adjoint_of[s.name] = None
-    adjoint_of = {}
-    model_adj = ctx["adjoint_names"]
-    for code, adj in model_adj.items():
-        adjoint_of[code] = adj
-    ctx["adjoint_of"] = adjoint_of
+    ctx["adjoint_of"] = dict(ctx["adjoint_names"])
     operand_seq = {}
     for g in ctx["step_gemms"]:
         if g.operand_kind == "state":
@@ -96,7 +101,6 @@ def add_sequence_info(ctx: dict) -> None:
             operand_seq[g.key] = f"_{g.operand}_seq"
     ctx["operand_seq"] = operand_seq
     ctx["d_input_seqs"] = [f"_d_{v['name']}_seq" for v in ctx["inputs"]]
-    del names
 
 
 def _proj_size(ctx: dict, name: str) -> str:

@@ -9,7 +9,7 @@ import jinja2
 
 @lru_cache(maxsize=1)
 def environment() -> jinja2.Environment:
-    return jinja2.Environment(
+    env = jinja2.Environment(
         loader=jinja2.PackageLoader("cellspec.backends", "templates"),
         trim_blocks=True,
         lstrip_blocks=True,
@@ -17,6 +17,8 @@ def environment() -> jinja2.Environment:
         undefined=jinja2.StrictUndefined,
         autoescape=False,
     )
+    env.filters["format_size"] = lambda s: f"_{s}"
+    return env
 
 
 def render_template(name: str, ctx: dict) -> str:

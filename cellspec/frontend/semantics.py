@@ -40,6 +40,20 @@ DEFAULT_SIZES = {"I": "input_size", "H": "hidden_size"}
 #: Constructor arguments of the generated modules that a size may not take.
 RESERVED_ARGUMENTS = {"self", "batch_first", "device", "dtype", "backend", "input_size", "hidden_size"}
 
+#: attributes of torch.nn.Module and of the generated modules: a param registered under one of
+#: these names would shadow it, so such names are refused for params.
+MODULE_ATTRIBUTES = frozenset(
+    """T_destination add_module apply bfloat16 buffers call_super_init children compile cpu cuda
+    double dump_patches eval extra_repr float forward get_buffer get_extra_state get_parameter
+    get_submodule half ipu load_state_dict modules mtia named_buffers named_children named_modules
+    named_parameters parameters register_backward_hook register_buffer register_forward_hook
+    register_forward_pre_hook register_full_backward_hook register_full_backward_pre_hook
+    register_load_state_dict_post_hook register_load_state_dict_pre_hook register_module
+    register_parameter register_state_dict_post_hook register_state_dict_pre_hook requires_grad_
+    set_extra_state set_submodule share_memory state_dict to to_empty train training type xpu
+    zero_grad input_size hidden_size batch_first backend sizes reset_parameters""".split()
+)
+
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
 
@@ -152,7 +166,9 @@ class _Checker:
                 raise _err(f"size '{decl.symbol}' is declared twice", decl.span)
             if keyword.iskeyword(decl.argument) or "__" in decl.argument:
                 raise _err(f"'{decl.argument}' cannot be a constructor argument name", decl.argument_span)
-            if decl.argument in RESERVED_ARGUMENTS and DEFAULT_SIZES.get(decl.symbol) != decl.argument:
+            if (decl.argument in RESERVED_ARGUMENTS or decl.argument in MODULE_ATTRIBUTES) and DEFAULT_SIZES.get(
+                decl.symbol
+            ) != decl.argument:
                 raise _err(
                     f"'{decl.argument}' is already an argument of the generated modules; choose another name",
                     decl.argument_span,
@@ -181,6 +197,12 @@ class _Checker:
             states.append(Vector(v.name, v.size.symbol, v.span))
         for p in cell.params:
             self.declare(p.name, "param", p.span)
+            if p.name in MODULE_ATTRIBUTES:
+                raise _err(
+                    f"param '{p.name}' would shadow the attribute '{p.name}' of the generated "
+                    "torch.nn.Module; rename it",
+                    p.span,
+                )
             if len(p.dims) not in (1, 2):
                 raise _err(
                     f"param '{p.name}' has {len(p.dims)} dimensions; a param is a vector [N] or a matrix [M, N]",
