@@ -1,0 +1,1 @@
+"""Runtime: the compile cache, loading generated packages, building native code."""

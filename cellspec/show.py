@@ -1,0 +1,70 @@
+"""``cellspec show``: print one intermediate of the pipeline, for reading and debugging."""
+
+from __future__ import annotations
+
+from cellspec.driver import STAGES, compile_source, front, read_source
+from cellspec.errors import SpecError
+
+
+def _schedule_text(cc) -> str:
+    s = cc.schedule
+    lines = [f"cell {cc.checked.name}: {len(s.stages)} per-step stage(s)"]
+    for g in s.hoisted_gemms:
+        lines.append(f"  hoisted GEMM over T*B rows: {', '.join(f'{p.matrix} @ {p.operand}' for p in g.projections)}")
+    for v in s.hoisted_values:
+        lines.append(f"  hoisted pointwise: {v.key} = {v.expr}")
+    for st in s.stages:
+        lines.append(f"  stage {st.index}:")
+        for g in st.gemms:
+            lines.append(f"    GEMM: {', '.join(f'{p.key} = {p.matrix} @ {p.operand}' for p in g.projections)}")
+        for v in st.values:
+            lines.append(f"    {v.key} = {v.expr}")
+    lines.append(f"  saved per step: {', '.join(cc.backward.saved) or '(nothing)'}")
+    return "\n".join(lines)
+
+
+def _backward_text(cc) -> str:
+    b = cc.backward
+    lines = [f"cell {cc.checked.name}: backward"]
+    for st in b.stages:
+        lines.append(f"  stage {st.index} backward:")
+        lines += [f"    {a.target} = {a.expr}" for a in st.assigns]
+        for g in st.gemms:
+            lines.append(f"    GEMM: d_{g.operand} += [{', '.join('d_' + p.key for p in g.projections)}] @ [{', '.join(g.matrices)}]")
+    lines.append("  leaves:")
+    lines += [f"    {a.target} = {a.expr}" for a in b.leaf_assigns]
+    if b.hoisted_assigns or b.hoisted_leaf_assigns:
+        lines.append("  hoisted (whole sequence):")
+        lines += [f"    {a.target} = {a.expr}" for a in b.hoisted_assigns + b.hoisted_leaf_assigns]
+    return "\n".join(lines)
+
+
+def show(path: str, stage: str, cell: str | None = None) -> str:
+    if stage not in STAGES:
+        raise SpecError(f"unknown stage '{stage}'; one of {', '.join(STAGES)}", filename=path)
+    source = read_source(path)
+    if stage in ("ast", "checked"):
+        spec, checked = front(source)
+        items = spec.cells if stage == "ast" else checked
+        return "\n\n".join(repr(c) for c in items if cell is None or c.name == cell)
+    out = []
+    for cc in compile_source(source):
+        if cell is not None and cc.checked.name != cell:
+            continue
+        if stage == "model":
+            m = cc.model
+            out.append(
+                "\n".join(
+                    [f"cell {m.cell.name}"]
+                    + [f"  projection {p.key} = {p.matrix} @ {p.operand}" for p in m.projections]
+                    + [f"  value {v.key} = {v.expr}" for v in m.values]
+                )
+            )
+        elif stage == "schedule":
+            out.append(_schedule_text(cc))
+        elif stage == "backward":
+            out.append(_backward_text(cc))
+        else:
+            files = {k: v for k, v in cc.files.items() if stage in k or (stage == "cuda" and k.endswith(".cu"))}
+            out.append("\n".join(f"# ---- {k}\n{v}" for k, v in sorted(files.items())))
+    return "\n\n".join(out)

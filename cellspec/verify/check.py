@@ -1,0 +1,315 @@
+"""``cellspec check``: run every available backend on random inputs and compare.
+
+Input: a compiled cell. Output: a :class:`Report`, a table of the largest relative error of
+every output, final state and gradient, per comparison:
+
+* ``torch``    — PyTorch with the generated backward vs NumPy (float64)
+* ``autograd`` — PyTorch autograd through the generated forward (``step``) vs NumPy (float64)
+* ``fd``       — central finite differences of the NumPy forward vs the NumPy backward (float64)
+* ``np-f32`` / ``torch-f32`` — the float32 runs vs the float64 NumPy run
+* further columns (``cuda-host``, ``gpu``) come from the back ends that register them
+
+The relative error of arrays a (tested) and b (reference) is max|a - b| / max(max|b|, 1e-30).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from cellspec.driver import CompiledCell
+from cellspec.runtime.loader import load_package
+
+#: tolerance per comparison
+TOLERANCES: dict[str, float] = {
+    "torch": 1e-9,
+    "autograd": 1e-9,
+    "fd": 1e-6,
+    "np-f32": 2e-5,
+    "torch-f32": 2e-5,
+}
+FD_EPS = 1e-6
+
+#: more comparisons: name -> (tolerance, function(problem) -> results or None when unavailable)
+EXTRA_COLUMNS: dict[str, tuple[float, Callable]] = {}
+
+
+@dataclass
+class Problem:
+    """One random instance: params, inputs, initial states and the adjoints fed to backward."""
+
+    pkg: object
+    sizes: dict[str, int]
+    params: dict[str, np.ndarray]
+    xs: tuple[np.ndarray, ...]
+    states: tuple[np.ndarray, ...]
+    d_outputs: tuple[np.ndarray, ...]
+    d_final: tuple[np.ndarray, ...]
+
+    def pack(self, items):
+        return items[0] if len(items) == 1 else tuple(items)
+
+
+@dataclass
+class Results:
+    """Forward results and gradients of one backend, keyed by quantity label."""
+
+    values: dict[str, np.ndarray]
+
+
+@dataclass
+class Report:
+    cell: str
+    filename: str
+    sizes: dict[str, int]
+    T: int
+    B: int
+    columns: dict[str, dict[str, float]] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def quantities(self) -> list[str]:
+        seen: list[str] = []
+        for col in self.columns.values():
+            for q in col:
+                if q not in seen:
+                    seen.append(q)
+        return seen
+
+    def failures(self) -> list[str]:
+        out = list(self.problems)
+        for name, col in self.columns.items():
+            tol = TOLERANCES.get(name) or EXTRA_COLUMNS[name][0]
+            for q, err in col.items():
+                if not (err <= tol):
+                    out.append(f"{name}: {q} relative error {err:.1e} > {tol:.0e}")
+        return out
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures()
+
+    def table(self) -> str:
+        cols = list(self.columns)
+        qs = self.quantities
+        width = max([len(q) for q in qs] + [8])
+        sizes = " ".join(f"{k}={v}" for k, v in self.sizes.items())
+        lines = [f"{self.cell} ({self.filename})  T={self.T} B={self.B} {sizes}"]
+        head = "  " + "quantity".ljust(width) + "".join(c.rjust(11) for c in cols)
+        lines.append(head)
+        tols = "  " + "tolerance".ljust(width) + "".join(
+            f"{TOLERANCES.get(c) or EXTRA_COLUMNS[c][0]:.0e}".rjust(11) for c in cols
+        )
+        lines.append(tols)
+        for q in qs:
+            row = "  " + q.ljust(width)
+            for c in cols:
+                err = self.columns[c].get(q)
+                row += ("-" if err is None else f"{err:.1e}").rjust(11)
+            lines.append(row)
+        for name, why in self.skipped.items():
+            lines.append(f"  ({name}: skipped, {why})")
+        fails = self.failures()
+        lines.append("  " + ("OK" if not fails else "FAILED: " + "; ".join(fails)))
+        return "\n".join(lines)
+
+
+def rel_err(a: np.ndarray, b: np.ndarray) -> float:
+    a = np.asarray(a, np.float64)
+    b = np.asarray(b, np.float64)
+    if a.shape != b.shape:
+        return float("inf")
+    if not (np.all(np.isfinite(a)) and np.all(np.isfinite(b))):
+        return float("inf") if not np.array_equal(a, b, equal_nan=True) else 0.0
+    scale = max(float(np.max(np.abs(b))) if b.size else 0.0, 1e-30)
+    return float(np.max(np.abs(a - b))) / scale if a.size else 0.0
+
+
+def default_sizes(pkg) -> dict[str, int]:
+    sizes = {}
+    picks = [5, 3, 2, 4, 6, 7]
+    for i, sym in enumerate(pkg.numpy_cell.SIZES):
+        sizes[sym] = {"I": 3, "H": 4}.get(sym, picks[i % len(picks)])
+    return sizes
+
+
+def make_problem(pkg, T: int, B: int, seed: int = 0, sizes: dict[str, int] | None = None, scale: float = 0.5) -> Problem:
+    np_cell = pkg.numpy_cell
+    sizes = sizes or default_sizes(pkg)
+    rng = np.random.default_rng(seed)
+    params = {k: rng.normal(0, scale, [sizes[d] for d in shape]) for k, shape in np_cell.PARAMS.items()}
+    xs = tuple(rng.normal(0, 1, (T, B, sizes[s])) for _, s in np_cell.INPUTS)
+    states = tuple(rng.normal(0, 0.5, (B, sizes[s])) for _, s in np_cell.STATES)
+    p = Problem(pkg, sizes, params, xs, states, (), ())
+    outs, final = np_cell.forward_sequence(params, p.pack(xs), p.pack(states))
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    final = final if isinstance(final, tuple) else (final,)
+    p.d_outputs = tuple(rng.normal(0, 1, o.shape) for o in outs)
+    p.d_final = tuple(rng.normal(0, 1, f.shape) for f in final)
+    return p
+
+
+def _labels(pkg) -> tuple[list[str], list[str], list[str], list[str], list[str]]:
+    c = pkg.numpy_cell
+    outs = [f"out {o}" for o in c.OUTPUTS]
+    finals = [f"final {s}'" for s, _ in c.STATES]
+    dps = [f"d {k}" for k in c.PARAMS]
+    dxs = [f"d {n}" for n, _ in c.INPUTS]
+    dss = [f"d {s}0" for s, _ in c.STATES]
+    return outs, finals, dps, dxs, dss
+
+
+def _tuple(v):
+    return v if isinstance(v, tuple) else (v,)
+
+
+def run_numpy(p: Problem, dtype=np.float64) -> Results:
+    c = p.pkg.numpy_cell
+    cast = lambda a: np.asarray(a, dtype)  # noqa: E731
+    params = {k: cast(v) for k, v in p.params.items()}
+    xs = p.pack([cast(a) for a in p.xs])
+    st = p.pack([cast(a) for a in p.states])
+    outs, final = c.forward_sequence(params, xs, st)
+    dp, dx, ds = c.backward_sequence(
+        params, xs, st, p.pack([cast(a) for a in p.d_outputs]), p.pack([cast(a) for a in p.d_final])
+    )
+    return _collect(p, _tuple(outs), _tuple(final), dp, _tuple(dx), _tuple(ds))
+
+
+def _collect(p: Problem, outs, final, dp, dx, ds) -> Results:
+    lo, lf, lp, lx, ls = _labels(p.pkg)
+    vals: dict[str, np.ndarray] = {}
+    for label, v in zip(lo, outs):
+        vals[label] = v
+    for label, v in zip(lf, final):
+        vals[label] = v
+    for label, k in zip(lp, p.pkg.numpy_cell.PARAMS):
+        vals[label] = dp[k]
+    for label, v in zip(lx, dx):
+        vals[label] = v
+    for label, v in zip(ls, ds):
+        vals[label] = v
+    return Results({k: np.asarray(_np(v), np.float64) for k, v in vals.items()})
+
+
+def _np(v):
+    try:
+        import torch
+
+        if isinstance(v, torch.Tensor):
+            return v.detach().cpu().double().numpy()
+    except ImportError:  # pragma: no cover
+        pass
+    return v
+
+
+def run_torch(p: Problem, backend: str = "generated", dtype_name: str = "float64", device: str = "cpu") -> Results:
+    import torch
+
+    dtype = getattr(torch, dtype_name)
+    mod = p.pkg.torch_cell
+    first, second = list(mod.SIZES.values())[:2]
+    sym = list(mod.SIZES)
+    kwargs = {a: p.sizes[s] for s, a in list(mod.SIZES.items())[2:]}
+    layer = p.pkg.torch_cell.__dict__[mod.CELL](p.sizes[sym[0]], p.sizes[sym[1]], **kwargs, backend=backend)
+    del first, second
+    layer = layer.to(device=device, dtype=dtype)
+    with torch.no_grad():
+        for k, v in p.params.items():
+            layer._parameters[k].copy_(torch.as_tensor(v))
+    xs = [torch.tensor(a, dtype=dtype, device=device, requires_grad=True) for a in p.xs]
+    st = [torch.tensor(a, dtype=dtype, device=device, requires_grad=True) for a in p.states]
+    outs, final = layer(p.pack(xs), p.pack(st))
+    outs, final = _tuple(outs), _tuple(final)
+    grads_out = [torch.as_tensor(a, dtype=dtype, device=device) for a in p.d_outputs + p.d_final]
+    params = [layer._parameters[k] for k in mod.PARAMS]
+    g = torch.autograd.grad(list(outs) + list(final), params + xs + st, grads_out, allow_unused=True)
+    g = [torch.zeros_like(t) if gi is None else gi for gi, t in zip(g, params + xs + st)]
+    n = len(params)
+    dp = dict(zip(mod.PARAMS, g[:n]))
+    return _collect(p, outs, final, dp, g[n : n + len(xs)], g[n + len(xs) :])
+
+
+def run_fd(p: Problem) -> Results:
+    """Central differences of the scalar <outputs, d_outputs> + <final, d_final>, NumPy float64."""
+    c = p.pkg.numpy_cell
+
+    def loss() -> float:
+        outs, final = c.forward_sequence(p.params, p.pack(p.xs), p.pack(p.states))
+        return sum(float((o * d).sum()) for o, d in zip(_tuple(outs), p.d_outputs)) + sum(
+            float((f * d).sum()) for f, d in zip(_tuple(final), p.d_final)
+        )
+
+    def grad(arr: np.ndarray) -> np.ndarray:
+        g = np.zeros_like(arr)
+        for i in np.ndindex(arr.shape):
+            old = arr[i]
+            arr[i] = old + FD_EPS
+            lp = loss()
+            arr[i] = old - FD_EPS
+            lm = loss()
+            arr[i] = old
+            g[i] = (lp - lm) / (2 * FD_EPS)
+        return g
+
+    ref = run_numpy(p)
+    vals = {k: v for k, v in ref.values.items() if k.startswith(("out ", "final "))}
+    _, _, lp, lx, ls = _labels(p.pkg)
+    for label, k in zip(lp, c.PARAMS):
+        vals[label] = grad(p.params[k])
+    for label, a in zip(lx, p.xs):
+        vals[label] = grad(a)
+    for label, a in zip(ls, p.states):
+        vals[label] = grad(a)
+    return Results(vals)
+
+
+def compare(tested: Results, ref: Results, grads_only: bool = False) -> dict[str, float]:
+    out = {}
+    for k, v in ref.values.items():
+        if grads_only and not k.startswith("d "):
+            continue
+        out[k] = rel_err(tested.values[k], v)
+    return out
+
+
+def check_cell(cc: CompiledCell, T: int = 4, B: int = 3, seed: int = 0, fd: bool = True) -> Report:
+    pkg = load_package(cc.module_name, cc.files)
+    p = make_problem(pkg, T, B, seed)
+    report = Report(cc.checked.name, cc.checked.filename, p.sizes, T, B)
+    ref = run_numpy(p)
+    bad = [k for k, v in ref.values.items() if not np.all(np.isfinite(v))]
+    if bad:
+        report.problems.append(
+            "non-finite values on random inputs (" + ", ".join(bad[:4]) + "); keep log/sqrt/division arguments in their domain"
+        )
+    try:
+        import torch  # noqa: F401
+
+        has_torch = True
+    except ImportError:
+        has_torch = False
+        report.skipped["torch"] = "PyTorch is not installed"
+    if has_torch:
+        report.columns["torch"] = compare(run_torch(p, "generated"), ref)
+        report.columns["autograd"] = compare(run_torch(p, "autograd"), ref)
+    if fd:
+        report.columns["fd"] = compare(ref, run_fd(p), grads_only=True)
+    report.columns["np-f32"] = compare(run_numpy(p, np.float32), ref)
+    if has_torch:
+        report.columns["torch-f32"] = compare(run_torch(p, "generated", "float32"), ref)
+    for name, (_, fn) in EXTRA_COLUMNS.items():
+        try:
+            res = fn(p, cc)
+        except SkipColumn as e:
+            report.skipped[name] = str(e)
+            continue
+        report.columns[name] = compare(res, ref)
+    return report
+
+
+class SkipColumn(Exception):
+    """Raised by an extra column that cannot run here (no compiler, no GPU); says why."""
