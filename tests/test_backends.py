@@ -1,0 +1,145 @@
+"""Every shipped spec: every backend agrees with the others and with finite differences,
+forward and every gradient, whole sequences and single steps, batch_first both ways."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from cellspec.verify.check import (
+    TOLERANCES,
+    compare,
+    make_problem,
+    rel_err,
+    run_fd,
+    run_numpy,
+    run_torch,
+)
+from conftest import compiled_cells, load_module, spec_paths
+
+MODULES = [cc.module_name for p in spec_paths() for cc in compiled_cells(str(p))]
+
+
+def _assert_close(errs: dict[str, float], tol: float, what: str) -> None:
+    bad = {k: v for k, v in errs.items() if not v <= tol}
+    assert not bad, f"{what}: " + ", ".join(f"{k} {v:.1e}" for k, v in bad.items()) + f" > {tol:.0e}"
+
+
+@pytest.fixture(scope="module", params=MODULES)
+def problem(request):
+    pkg = load_module(request.param)
+    return make_problem(pkg, T=5, B=3, seed=1)
+
+
+def test_torch_generated_matches_numpy(problem):
+    _assert_close(compare(run_torch(problem, "generated"), run_numpy(problem)), 1e-9, "torch vs numpy")
+
+
+def test_autograd_matches_numpy(problem):
+    _assert_close(compare(run_torch(problem, "autograd"), run_numpy(problem)), 1e-9, "autograd vs numpy")
+
+
+def test_numpy_backward_matches_finite_differences(problem):
+    ref = run_numpy(problem)
+    _assert_close(compare(ref, run_fd(problem), grads_only=True), TOLERANCES["fd"], "numpy vs fd")
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_float32_within_roundoff(problem, backend):
+    ref = run_numpy(problem)
+    res = run_numpy(problem, np.float32) if backend == "numpy" else run_torch(problem, "generated", "float32")
+    _assert_close(compare(res, ref), TOLERANCES["np-f32"], f"{backend} float32 vs float64")
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_single_step_cell_matches_numpy_step(module):
+    """NAMECell.forward and numpy_cell.forward/backward on one step agree (float64)."""
+    pkg = load_module(module)
+    p = make_problem(pkg, T=1, B=4, seed=2)
+    np_cell, mod = pkg.numpy_cell, pkg.torch_cell
+    x = p.pack([a[0] for a in p.xs])
+    out, new = np_cell.forward(p.params, x, p.pack(p.states))
+    d_out = p.pack([d[0] for d in p.d_outputs])
+    dp, dx, ds = np_cell.backward(p.params, x, p.pack(p.states), d_out, p.pack(p.d_final))
+
+    sizes = list(mod.SIZES.items())
+    kwargs = {a: p.sizes[s] for s, a in sizes[2:]}
+    cell = getattr(mod, mod.CELL + "Cell")(p.sizes[sizes[0][0]], p.sizes[sizes[1][0]], **kwargs).double()
+    with torch.no_grad():
+        for k, v in p.params.items():
+            getattr(cell, "_parameters")[k].copy_(torch.as_tensor(v))
+    xt = [torch.tensor(a[0], requires_grad=True) for a in p.xs]
+    st = [torch.tensor(a, requires_grad=True) for a in p.states]
+    t_out, t_new = cell(p.pack(xt), p.pack(st))
+    t_out = t_out if isinstance(t_out, tuple) else (t_out,)
+    t_new = t_new if isinstance(t_new, tuple) else (t_new,)
+    out = out if isinstance(out, tuple) else (out,)
+    new = new if isinstance(new, tuple) else (new,)
+    for a, b in zip(t_out + t_new, out + new):
+        assert rel_err(a.detach().numpy(), b) < 1e-12
+    params = [cell._parameters[k] for k in mod.PARAMS]
+    grads = torch.autograd.grad(
+        list(t_out) + list(t_new),
+        params + xt + st,
+        [torch.as_tensor(d[0]) for d in p.d_outputs] + [torch.as_tensor(d) for d in p.d_final],
+    )
+    n = len(params)
+    for k, g in zip(mod.PARAMS, grads[:n]):
+        assert rel_err(g.numpy(), dp[k]) < 1e-9, k
+    dxs = dx if isinstance(dx, tuple) else (dx,)
+    dss = ds if isinstance(ds, tuple) else (ds,)
+    for g, ref in zip(grads[n : n + len(xt)], dxs):
+        assert rel_err(g.numpy(), ref) < 1e-9
+    for g, ref in zip(grads[n + len(xt) :], dss):
+        assert rel_err(g.numpy(), ref) < 1e-9
+
+
+@pytest.mark.parametrize("module", MODULES)
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_sequence_layer_batch_first(module, batch_first):
+    """The sequence layer agrees with numpy_cell.forward_sequence/backward_sequence in both layouts."""
+    pkg = load_module(module)
+    p = make_problem(pkg, T=3, B=2, seed=3)
+    mod = pkg.torch_cell
+    sizes = list(mod.SIZES.items())
+    kwargs = {a: p.sizes[s] for s, a in sizes[2:]}
+    layer = getattr(mod, mod.CELL)(p.sizes[sizes[0][0]], p.sizes[sizes[1][0]], batch_first=batch_first, **kwargs).double()
+    with torch.no_grad():
+        for k, v in p.params.items():
+            layer._parameters[k].copy_(torch.as_tensor(v))
+    swap = (lambda a: a.transpose(0, 1)) if batch_first else (lambda a: a)
+    xt = [torch.tensor(a, requires_grad=True) for a in p.xs]
+    outs, final = layer(p.pack([swap(a) for a in xt]), p.pack([torch.as_tensor(s) for s in p.states]))
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    ref = run_numpy(p)
+    for o, name in zip(outs, pkg.numpy_cell.OUTPUTS):
+        assert rel_err(swap(o).detach().numpy(), ref.values[f"out {name}"]) < 1e-12
+    g = torch.autograd.grad(list(outs), xt, [swap(torch.as_tensor(d)) for d in p.d_outputs])
+    np_cell = pkg.numpy_cell
+    _, dx, _ = np_cell.backward_sequence(p.params, p.pack(list(p.xs)), p.pack(list(p.states)), p.pack(list(p.d_outputs)), None)
+    dxs = dx if isinstance(dx, tuple) else (dx,)
+    for a, b in zip(g, dxs):
+        assert rel_err(a.numpy(), b) < 1e-9
+
+
+def test_generated_module_is_an_ordinary_module():
+    """.double(), .to(), state_dict by spec names, any optimizer, and the generated backward."""
+    pkg = load_module("gru")
+    layer = pkg.GRU(3, 4)
+    assert set(layer.state_dict()) == set(pkg.torch_cell.PARAMS)
+    assert torch.all(layer.b_r == 1.0) and torch.all(layer.b_u == 1.0)  # `= 1.0` in the spec
+    layer = layer.double().to("cpu")
+    opt = torch.optim.Adam(layer.parameters(), lr=1e-2)
+    x = torch.randn(6, 2, 3, dtype=torch.float64)
+    y, h = layer(x)
+    assert y.grad_fn is not None and "_Sequence" in type(y.grad_fn).__name__
+    losses = []
+    for _ in range(3):
+        opt.zero_grad()
+        y, h = layer(x)
+        loss = (y**2).mean()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
