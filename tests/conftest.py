@@ -11,6 +11,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SPECS = ROOT / "specs"
+TEST_SPECS = ROOT / "tests" / "specs"
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("CELLSPEC_CACHE", str(ROOT / ".pytest_cache" / "cellspec"))
 
@@ -18,8 +19,12 @@ from cellspec.driver import compile_file  # noqa: E402
 from cellspec.runtime.loader import load_package  # noqa: E402
 
 
-def spec_paths() -> list[Path]:
-    return sorted(SPECS.glob("*.cell"))
+def spec_paths(tests: bool = False) -> list[Path]:
+    """The shipped specs, and with tests=True also the test specs under tests/specs/."""
+    paths = sorted(SPECS.glob("*.cell"))
+    if tests:
+        paths += sorted(TEST_SPECS.glob("*.cell"))
+    return paths
 
 
 @functools.lru_cache(maxsize=None)
@@ -30,11 +35,11 @@ def compiled_cells(path: str):
 @functools.lru_cache(maxsize=None)
 def load_module(module_name: str):
     """The generated package of the shipped cell with this module name, from the current compiler."""
-    for path in spec_paths():
+    for path in spec_paths(tests=True):
         for cc in compiled_cells(str(path)):
             if cc.module_name == module_name:
                 return load_package(cc.module_name, cc.files)
-    raise LookupError(f"no shipped spec defines a cell with module name {module_name!r}")
+    raise LookupError(f"no shipped or test spec defines a cell with module name {module_name!r}")
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from cellspec.verify.check import (
 )
 from conftest import compiled_cells, load_module, spec_paths
 
-MODULES = [cc.module_name for p in spec_paths() for cc in compiled_cells(str(p))]
+MODULES = [cc.module_name for p in spec_paths(tests=True) for cc in compiled_cells(str(p))]
 
 
 def _assert_close(errs: dict[str, float], tol: float, what: str) -> None:

@@ -94,9 +94,12 @@ def add_sequence_info(ctx: dict) -> None:
         o["state_name"] = state_names.get(o["state"], "")
     ctx["adjoint_of"] = dict(ctx["adjoint_names"])
     operand_seq = {}
+    state_of_next = {v["next"]: v["name"] for v in ctx["states"]}
     for g in ctx["step_gemms"]:
         if g.operand_kind == "state":
             operand_seq[g.key] = f"_{g.operand}_seq[:_T]"
+        elif g.operand in state_of_next:  # a next state: the state sequence from step 1
+            operand_seq[g.key] = f"_{state_of_next[g.operand]}_seq[1:]"
         else:
             operand_seq[g.key] = f"_{g.operand}_seq"
     ctx["operand_seq"] = operand_seq

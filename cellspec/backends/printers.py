@@ -117,7 +117,7 @@ class TorchPrinter(_PythonArrayPrinter):
         fn.Abs: "torch.abs",
         fn.Softplus: "F.softplus",
         fn.Softsign: "F.softsign",
-        fn.HardSigmoid: "F.hardsigmoid",
+        fn.HardSigmoid: "_hard_sigmoid",
         fn.Min: "_minimum",
         fn.Max: "_maximum",
         fn.Clip: "_clip",

@@ -11,7 +11,7 @@ where a rule yields a function application that the forward already computed and
 
 Save policy: the forward saves, per step, exactly the values and projection results that the
 backward expressions read, plus the operands of the per-step GEMMs (needed for ``dW``); states
-are kept as the state sequence. Everything else the backward needs it recomputes pointwise.
+(and so the next-state values) are kept as the state sequence, never twice. Everything else the backward needs it recomputes pointwise.
 
 CSE (``sympy.cse``) runs over each block of assignments just before printing; temporaries and
 assignments are then ordered topologically so that every name is defined before it is read.
@@ -207,8 +207,9 @@ class _Deriver:
         for g in s.step_gemms:
             if g.operand in readable:
                 used_names.add(g.operand)
+        in_state_sequence = set(m.next_state.values())  # kept as the [T+1, B, size] state sequence
         for key in [v.key for v in s.step_values] + [p.key for g in s.step_gemms for p in g.projections]:
-            if key in used_names and key in readable and key not in saved:
+            if key in used_names and key in readable and key not in saved and key not in in_state_sequence:
                 saved.append(key)
 
         return Backward(
@@ -239,7 +240,7 @@ class _Deriver:
                 yield self.sym[self.new(f"t{self.temp_count}")]
                 self.temp_count += 1
 
-        replacements, reduced = sp.cse([a.expr for a in block], symbols=names(), order="none")
+        replacements, reduced = sp.cse([a.expr for a in block], symbols=names())
         nodes: list[Assignment] = [Assignment(sym.name, e, temp=True) for sym, e in replacements]
         nodes += [Assignment(a.target, e, a.comment) for a, e in zip(block, reduced)]
         defined = {n.target for n in nodes}
