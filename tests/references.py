@@ -11,24 +11,17 @@ Conventions
   ``[B, n]`` for one-state cells and a tuple in declaration order otherwise (``(h, c)``).
 * ``REFERENCES`` is keyed by the generated module name (the snake_case of the cell name), which is
   also the spec's file name: ``specs/<module>.cell`` holds ``cell <Name>``.
-* ``<module>_params_from_torch(mod)`` / ``<module>_params_to_torch(params, mod)`` copy weights between a
-  torch.nn module (RNN/RNNCell, LSTM/LSTMCell, GRU/GRUCell, LSTM with proj_size) and spec names.
-  ``<module>_grads_from_torch(mod)`` maps the modules' ``.grad`` the same way.
+* ``params_from_torch(module, mod)`` / ``params_to_torch(module, params, mod)`` copy weights between
+  a torch.nn cell or one-layer module (RNN/RNNCell, LSTM/LSTMCell, GRU/GRUCell, LSTM with
+  proj_size) and spec names; ``grads_from_torch(module, mod)`` maps its ``.grad`` the same way.
+  ``elman_params_from_torch``, ``lstm_params_from_torch``, ``torch_gru_params_from_torch`` and
+  ``lstmp_params_from_torch`` are the same per cell.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-
-__all__ = [
-    "REFERENCES", "CELLS", "STATE_SIZES", "PARAM_SHAPES",
-    "elman_step", "lstm_step", "gru_step", "torch_gru_step", "peephole_lstm_step",
-    "cifg_lstm_step", "lstmp_step", "mgu_step", "ind_rnn_step", "janet_step", "sru_step",
-    "run_sequence",
-    "elman_params_from_torch", "lstm_params_from_torch", "torch_gru_params_from_torch",
-    "lstmp_params_from_torch", "params_to_torch", "grads_from_torch", "TORCH_NATIVE",
-]
 
 
 def _lin(W: Tensor, v: Tensor) -> Tensor:
@@ -37,6 +30,7 @@ def _lin(W: Tensor, v: Tensor) -> Tensor:
 
 
 # --------------------------------------------------------------------------- step functions
+
 
 def elman_step(p, x, h):
     """Elman (1990), torch.nn.RNNCell(nonlinearity='tanh') form.  Module ``elman``."""
@@ -174,7 +168,7 @@ CELLS = {
 }
 
 
-def STATE_SIZES(name: str, I: int, H: int, P: int | None = None) -> list[int]:  # noqa: N802
+def state_sizes(name: str, I: int, H: int, P: int | None = None) -> list[int]:
     """Sizes of the state vectors, in declaration order."""
     if name in ("lstm", "peephole_lstm", "cifg_lstm"):
         return [H, H]
@@ -183,8 +177,9 @@ def STATE_SIZES(name: str, I: int, H: int, P: int | None = None) -> list[int]:  
     return [H]
 
 
-def PARAM_SHAPES(name: str, I: int, H: int, P: int | None = None) -> dict[str, tuple]:  # noqa: N802
+def param_shapes(name: str, I: int, H: int, P: int | None = None) -> dict[str, tuple]:
     """Spec parameter name -> shape, written out by hand from the specs."""
+
     def gates(gs, rec=H, biases=("b_i{}", "b_h{}")):
         d = {}
         for g in gs:
@@ -205,8 +200,11 @@ def PARAM_SHAPES(name: str, I: int, H: int, P: int | None = None) -> dict[str, t
     if name == "torch_gru":
         return gates("rzn")
     if name == "gru":
-        return {f"{m}_{g}": ((H, I) if m == "W" else (H, H) if m == "U" else (H,))
-                for g in "ruc" for m in ("W", "U", "b")}
+        return {
+            f"{m}_{g}": ((H, I) if m == "W" else (H, H) if m == "U" else (H,))
+            for g in "ruc"
+            for m in ("W", "U", "b")
+        }
     if name in ("peephole_lstm", "cifg_lstm"):
         gs = "ifgo" if name == "peephole_lstm" else "igo"
         d = gates(gs, biases=("b_{}",))
@@ -215,14 +213,36 @@ def PARAM_SHAPES(name: str, I: int, H: int, P: int | None = None) -> dict[str, t
                 d[f"p_{g}"] = (H,)
         return d
     if name == "mgu":
-        return {"W_f": (H, I), "U_f": (H, H), "b_f": (H,), "W_h": (H, I), "U_h": (H, H), "b_h": (H,)}
+        return {
+            "W_f": (H, I),
+            "U_f": (H, H),
+            "b_f": (H,),
+            "W_h": (H, I),
+            "U_h": (H, H),
+            "b_h": (H,),
+        }
     if name == "ind_rnn":
         return {"W": (H, I), "u": (H,), "b": (H,)}
     if name == "janet":
-        return {"W_f": (H, I), "U_f": (H, H), "b_f": (H,), "W_c": (H, I), "U_c": (H, H), "b_c": (H,)}
+        return {
+            "W_f": (H, I),
+            "U_f": (H, H),
+            "b_f": (H,),
+            "W_c": (H, I),
+            "U_c": (H, H),
+            "b_c": (H,),
+        }
     if name == "sru":
-        return {"W": (H, I), "W_f": (H, I), "v_f": (H,), "b_f": (H,),
-                "W_r": (H, I), "v_r": (H,), "b_r": (H,), "W_s": (H, I)}
+        return {
+            "W": (H, I),
+            "W_f": (H, I),
+            "v_f": (H,),
+            "b_f": (H,),
+            "W_r": (H, I),
+            "v_r": (H,),
+            "b_r": (H,),
+            "W_s": (H, I),
+        }
     raise KeyError(name)
 
 
@@ -275,8 +295,12 @@ def _from_torch(name: str, tensors: dict[str, Tensor], sfx: str) -> dict[str, Te
 def _to_torch(name: str, p: dict[str, Tensor], sfx: str) -> dict[str, Tensor]:
     gates = _GATES[name]
     if gates is None:
-        return {"weight_ih" + sfx: p["W_ih"], "weight_hh" + sfx: p["W_hh"],
-                "bias_ih" + sfx: p["b_ih"], "bias_hh" + sfx: p["b_hh"]}
+        return {
+            "weight_ih" + sfx: p["W_ih"],
+            "weight_hh" + sfx: p["W_hh"],
+            "bias_ih" + sfx: p["b_ih"],
+            "bias_hh" + sfx: p["b_hh"],
+        }
     sd = {
         "weight_ih" + sfx: torch.cat([p[f"W_i{g}"] for g in gates]),
         "weight_hh" + sfx: torch.cat([p[f"W_h{g}"] for g in gates]),
@@ -326,15 +350,23 @@ def lstmp_params_from_torch(mod: nn.LSTM) -> dict[str, Tensor]:
     return params_from_torch("lstmp", mod)
 
 
-def make_torch_module(name: str, I: int, H: int, P: int | None = None, *, layer: bool,
-                      batch_first: bool = False, dtype=torch.float64) -> nn.Module:
+def make_torch_module(
+    name: str,
+    I: int,
+    H: int,
+    P: int | None = None,
+    *,
+    layer: bool,
+    batch_first: bool = False,
+    dtype=torch.float64,
+) -> nn.Module:
     """The torch.nn module that spec ``name`` reproduces (a cell, or a one-layer sequence layer)."""
     if name == "elman":
-        m = (nn.RNN(I, H, batch_first=batch_first) if layer else nn.RNNCell(I, H))
+        m = nn.RNN(I, H, batch_first=batch_first) if layer else nn.RNNCell(I, H)
     elif name == "lstm":
-        m = (nn.LSTM(I, H, batch_first=batch_first) if layer else nn.LSTMCell(I, H))
+        m = nn.LSTM(I, H, batch_first=batch_first) if layer else nn.LSTMCell(I, H)
     elif name == "torch_gru":
-        m = (nn.GRU(I, H, batch_first=batch_first) if layer else nn.GRUCell(I, H))
+        m = nn.GRU(I, H, batch_first=batch_first) if layer else nn.GRUCell(I, H)
     elif name == "lstmp":
         if not layer:
             raise ValueError("torch has no LSTMCell with proj_size; use nn.LSTM")

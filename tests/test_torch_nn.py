@@ -43,12 +43,13 @@ def close(actual, expected, what=""):
 
 # --------------------------------------------------------------------------- helpers
 
+
 def sizes_kw(name):
     return {"proj_size": P} if name == "lstmp" else {}
 
 
 def state_sizes(name):
-    return R.STATE_SIZES(name, I, H, P)
+    return R.state_sizes(name, I, H, P)
 
 
 def as_tuple(state):
@@ -62,8 +63,13 @@ def pack(name, tensors):
 
 
 def rand_state(name, gen, requires_grad=True):
-    return pack(name, [torch.randn(B, n, dtype=DT, generator=gen).requires_grad_(requires_grad)
-                       for n in state_sizes(name)])
+    return pack(
+        name,
+        [
+            torch.randn(B, n, dtype=DT, generator=gen).requires_grad_(requires_grad)
+            for n in state_sizes(name)
+        ],
+    )
 
 
 def torch_state(name, state, layer):
@@ -128,6 +134,7 @@ def param_grads(mod):
 # --------------------------------------------------------------------------- references vs torch.nn
 # (no cellspec needed)
 
+
 @pytest.mark.parametrize("name", ["elman", "lstm", "torch_gru", "lstmp"])
 @pytest.mark.parametrize("layer", [False, True], ids=["cell", "layer"])
 def test_reference_matches_torch_nn(name, layer):
@@ -138,7 +145,7 @@ def test_reference_matches_torch_nn(name, layer):
     gen = torch.Generator().manual_seed(1)
     mod = R.make_torch_module(name, I, H, P, layer=layer)
     p = {k: v.requires_grad_() for k, v in R.params_from_torch(name, mod).items()}
-    shapes = R.PARAM_SHAPES(name, I, H, P)
+    shapes = R.param_shapes(name, I, H, P)
     assert {k: tuple(v.shape) for k, v in p.items()} == shapes
 
     xs = torch.randn(T if layer else 1, B, I, dtype=DT, generator=gen, requires_grad=True)
@@ -156,12 +163,12 @@ def test_reference_matches_torch_nn(name, layer):
 
     # gradients: the same random linear loss through both
     lg = torch.Generator().manual_seed(2)
-    g_t = torch.autograd.grad(linear_loss(out_t, fin_t, lg),
-                              [xs, *as_tuple(s0), *mod.parameters()])
+    g_t = torch.autograd.grad(linear_loss(out_t, fin_t, lg), [xs, *as_tuple(s0), *mod.parameters()])
     lg = torch.Generator().manual_seed(2)
     fin_r_like = flat_state(fin_r, like=fin_t)
-    g_r = torch.autograd.grad(linear_loss(out_r, pack(name, fin_r_like), lg),
-                              [xs, *as_tuple(s0), *p.values()])
+    g_r = torch.autograd.grad(
+        linear_loss(out_r, pack(name, fin_r_like), lg), [xs, *as_tuple(s0), *p.values()]
+    )
     n_in = 1 + len(as_tuple(s0))
     for a, b in zip(g_r[:n_in], g_t[:n_in]):
         close(a, b, "input/state grad")
@@ -171,8 +178,8 @@ def test_reference_matches_torch_nn(name, layer):
     torch_grads = R.grads_from_torch(name, mod)
     ref_grads = dict(zip(p, g_r[n_in:]))
     assert torch_grads.keys() == ref_grads.keys()
-    for k in ref_grads:
-        close(ref_grads[k], torch_grads[k], f"grad {k}")
+    for k, g in ref_grads.items():
+        close(g, torch_grads[k], f"grad {k}")
 
 
 @pytest.mark.parametrize("name", ["elman", "lstm", "torch_gru", "lstmp"])
@@ -191,6 +198,7 @@ def test_reference_weight_round_trip(name):
 def test_reference_registry_is_complete():
     """Every shipped spec has a reference, and each spec file is named after its module."""
     import pathlib
+
     specs = pathlib.Path(__file__).resolve().parent.parent / "specs"
     shipped = sorted(p.stem for p in specs.glob("*.cell"))
     assert shipped == sorted(R.REFERENCES)
@@ -203,6 +211,7 @@ def test_reference_registry_is_complete():
 
 # --------------------------------------------------------------------------- generated vs torch.nn
 
+
 @pytest.mark.parametrize("backend", BACKENDS, ids=["generated", "autograd"])
 @pytest.mark.parametrize("with_state", [True, False], ids=["state", "nostate"])
 @pytest.mark.parametrize("name", ["elman", "lstm", "torch_gru", "lstmp"])
@@ -211,9 +220,10 @@ def test_cell_matches_torch_nn(compiled, name, with_state, backend):
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(3)
     ref = R.make_torch_module(name, I, H, P, layer=(name == "lstmp"))
-    mod = make_generated(pkg, name, layer=False, backend=backend,
-                         params=R.params_from_torch(name, ref))
-    assert set(mod.state_dict()) == set(R.PARAM_SHAPES(name, I, H, P))
+    mod = make_generated(
+        pkg, name, layer=False, backend=backend, params=R.params_from_torch(name, ref)
+    )
+    assert set(mod.state_dict()) == set(R.param_shapes(name, I, H, P))
 
     x_g = torch.randn(B, I, dtype=DT, generator=gen, requires_grad=True)
     x_t = x_g.detach().clone().requires_grad_()
@@ -258,9 +268,15 @@ def test_layer_matches_torch_nn(compiled, name, batch_first, with_state, backend
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(5)
     ref = R.make_torch_module(name, I, H, P, layer=True, batch_first=batch_first)
-    mod = make_generated(pkg, name, layer=True, batch_first=batch_first, backend=backend,
-                         params=R.params_from_torch(name, ref))
-    assert set(mod.state_dict()) == set(R.PARAM_SHAPES(name, I, H, P))
+    mod = make_generated(
+        pkg,
+        name,
+        layer=True,
+        batch_first=batch_first,
+        backend=backend,
+        params=R.params_from_torch(name, ref),
+    )
+    assert set(mod.state_dict()) == set(R.param_shapes(name, I, H, P))
 
     shape = (B, T, I) if batch_first else (T, B, I)
     x_g = torch.randn(shape, dtype=DT, generator=gen, requires_grad=True)
@@ -302,8 +318,9 @@ def test_weights_copy_out_to_torch(compiled, name):
     pkg = compiled(name)
     torch.manual_seed(7)
     mod = make_generated(pkg, name, layer=True)
-    ref = R.params_to_torch(name, dict(mod.state_dict()),
-                            R.make_torch_module(name, I, H, P, layer=True))
+    ref = R.params_to_torch(
+        name, dict(mod.state_dict()), R.make_torch_module(name, I, H, P, layer=True)
+    )
     xs = torch.randn(T, B, I, dtype=DT)
     with torch.no_grad():
         out_g, fin_g = mod(xs)
@@ -315,9 +332,12 @@ def test_weights_copy_out_to_torch(compiled, name):
 
 # --------------------------------------------------------------------------- generated vs references
 
+
 def _random_params(name, gen, scale=0.5):
-    return {k: (scale * torch.randn(s, dtype=DT, generator=gen))
-            for k, s in R.PARAM_SHAPES(name, I, H, P).items()}
+    return {
+        k: (scale * torch.randn(s, dtype=DT, generator=gen))
+        for k, s in R.param_shapes(name, I, H, P).items()
+    }
 
 
 @pytest.mark.parametrize("backend", BACKENDS, ids=["generated", "autograd"])
@@ -327,8 +347,7 @@ def test_cell_matches_reference(compiled, name, backend):
     gen = torch.Generator().manual_seed(11)
     params = _random_params(name, gen)
     mod = make_generated(pkg, name, layer=False, backend=backend, params=params)
-    assert {k: tuple(v.shape) for k, v in mod.state_dict().items()} == \
-        R.PARAM_SHAPES(name, I, H, P)
+    assert {k: tuple(v.shape) for k, v in mod.state_dict().items()} == R.param_shapes(name, I, H, P)
     p_ref = {k: v.clone().requires_grad_() for k, v in params.items()}
 
     x_g = torch.randn(B, I, dtype=DT, generator=gen, requires_grad=True)
@@ -395,7 +414,9 @@ def test_numpy_cell_matches_reference(compiled, name):
     out_r, new_r = R.REFERENCES[name](params, x, s)
     np_state = tuple(t.numpy() for t in as_tuple(s))
     np_state = np_state[0] if len(np_state) == 1 else np_state
-    out_n, new_n = numpy_cell.forward({k: v.numpy() for k, v in params.items()}, x.numpy(), np_state)
+    out_n, new_n = numpy_cell.forward(
+        {k: v.numpy() for k, v in params.items()}, x.numpy(), np_state
+    )
     np.testing.assert_allclose(np.asarray(out_n), out_r.numpy(), rtol=RTOL, atol=ATOL)
     new_n = new_n if isinstance(new_n, (tuple, list)) else (new_n,)
     for a, b in zip(new_n, as_tuple(new_r)):
@@ -418,3 +439,34 @@ def test_default_initialisation(compiled, name):
         else:
             assert v.abs().max() <= k + 1e-12, pname
             assert v.std() > 0, pname
+
+
+@pytest.mark.filterwarnings("ignore:LSTM with projections is not supported")
+@pytest.mark.parametrize("backend", BACKENDS, ids=["generated", "autograd"])
+@pytest.mark.parametrize("name", ["elman", "lstm", "torch_gru", "lstmp"])
+def test_layer_matches_torch_nn_float32(compiled, name, backend):
+    """In float32 the generated layer agrees with torch.nn to float32 round-off."""
+    pkg = compiled(name)
+    torch.manual_seed(0)
+    ref = R.make_torch_module(name, I, H, P, layer=True, dtype=torch.float32)
+    kw = {**sizes_kw(name)}
+    if backend is not None:
+        kw["backend"] = backend
+    mod = generated_class(pkg, name, layer=True)(I, H, **kw)
+    mod.load_state_dict(R.params_from_torch(name, ref), strict=True)
+    assert all(p.dtype == torch.float32 for p in mod.parameters())
+    x_g = torch.randn(T, B, I, requires_grad=True)
+    x_t = x_g.detach().clone().requires_grad_()
+    out_g, fin_g = mod(x_g)
+    out_t, fin_t = ref(x_t)
+    assert out_g.dtype == torch.float32
+    tol = {"rtol": 1e-5, "atol": 1e-6}
+    torch.testing.assert_close(out_g, out_t, **tol)
+    for a, b in zip(flat_state(fin_g, like=fin_t), as_tuple(fin_t)):
+        torch.testing.assert_close(a, b, **tol)
+    out_g.sum().backward()
+    out_t.sum().backward()
+    torch.testing.assert_close(x_g.grad, x_t.grad, **tol)
+    tg, gg = R.grads_from_torch(name, ref), param_grads(mod)
+    for k in tg:
+        torch.testing.assert_close(gg[k], tg[k], **tol, msg=k)
