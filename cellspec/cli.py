@@ -11,6 +11,7 @@ nothing. No traceback reaches the user for a bad spec or a bad path.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -116,7 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
     k.set_defaults(func=cmd_check)
     s = sub.add_parser("show", help="print one stage of the pipeline for a spec")
     s.add_argument("file", metavar="FILE")
-    s.add_argument("--stage", default="schedule", help="ast, checked, model, schedule, backward, numpy, torch, cuda")
+    s.add_argument(
+        "--stage",
+        default="schedule",
+        choices=("ast", "checked", "model", "schedule", "backward", "numpy", "torch", "cuda"),
+        help="which stage to print (default: schedule)",
+    )
     s.add_argument("--cell", default=None, help="which cell of the file (default: all)")
     s.set_defaults(func=cmd_show)
     return p
@@ -131,3 +137,13 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 1
+    except Exception as e:  # a bug in cellspec, not in the spec: say so, without a traceback
+        if os.environ.get("CELLSPEC_DEBUG"):
+            raise
+        print(
+            f"cellspec: internal error: {type(e).__name__}: {e}\n"
+            "This is a bug in cellspec, not in your spec; rerun with CELLSPEC_DEBUG=1 for the "
+            "traceback and report it. Nothing was written.",
+            file=sys.stderr,
+        )
+        return 2

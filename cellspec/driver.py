@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cellspec.errors import Source, SpecError
+from cellspec.errors import Source, SpecError, Span, normalize_newlines
 from cellspec.frontend import ast
 from cellspec.frontend.parser import parse
 from cellspec.frontend.semantics import CheckedCell, check_file
@@ -45,10 +45,20 @@ def read_source(path: str | Path) -> Source:
         raw = p.read_bytes()
     except OSError as e:
         raise SpecError(f"cannot read: {e.strerror or e}", filename=str(path)) from None
+    # a UTF-8 byte order mark (as some Windows editors write) is not part of the text
+    skip = 3 if raw.startswith(b"\xef\xbb\xbf") else 0
     try:
-        text = raw.decode("utf-8")
+        text = raw[skip:].decode("utf-8")
     except UnicodeDecodeError as e:
-        raise SpecError(f"not UTF-8 text (byte {e.start})", filename=str(path)) from None
+        # point at the first bad byte: the text before it is valid UTF-8
+        shown = Source(str(path), raw[skip:].decode("utf-8", errors="replace"))
+        before = normalize_newlines(raw[skip : skip + e.start].decode("utf-8"))
+        line = before.count("\n") + 1
+        col = len(before) - (before.rfind("\n") + 1) + 1
+        raise SpecError(
+            f"the file is not UTF-8 text (byte 0x{raw[skip + e.start]:02x} at offset {skip + e.start})",
+            Span(shown, line, col),
+        ) from None
     return Source(str(path), text)
 
 
@@ -73,6 +83,12 @@ def render_files(sched: Schedule, back: Backward, backends: tuple[str, ...]) -> 
     from cellspec.backends import numpy_backend
 
     files: dict[str, str] = {}
+    if "cuda" in backends:
+        # imported first: it registers the "cuda" backend choice of the PyTorch modules
+        try:
+            from cellspec.backends import cuda_backend  # noqa: F401
+        except ImportError:  # pragma: no cover
+            pass
     if "numpy" in backends:
         files["numpy_cell.py"] = numpy_backend.render(sched, back)
     if "torch" in backends:

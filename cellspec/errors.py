@@ -17,11 +17,21 @@ class Source:
     filename: str
     text: str
 
+    def lines(self) -> list[str]:
+        """The lines as the parser counts them: ends of line are \\n, \\r\\n or a lone \\r
+        (and nothing else: a form feed or U+2028 does not start a line)."""
+        return normalize_newlines(self.text).split("\n")
+
     def line(self, lineno: int) -> str:
-        lines = self.text.splitlines()
+        lines = self.lines()
         if 1 <= lineno <= len(lines):
             return lines[lineno - 1]
         return ""
+
+
+def normalize_newlines(text: str) -> str:
+    """``\\r\\n`` and lone ``\\r`` become ``\\n``; columns within a line are unchanged."""
+    return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
 @dataclass(frozen=True)
@@ -58,8 +68,12 @@ class SpecError(Exception):
         """``file:line:col: message``, the source line and a caret under the column."""
         if self.span is None:
             return f"{self.filename}: {self.message}"
-        text = self.span.source.line(self.span.line).replace("\t", " ")
-        caret = " " * (self.span.col - 1) + "^" * max(1, min(self.span.length, len(text) - self.span.col + 1))
+        text = self.span.source.line(self.span.line)
+        # the caret line copies the tabs of the source line, so the caret lines up whatever the
+        # terminal's tab width
+        pad = "".join("\t" if ch == "\t" else " " for ch in text[: self.span.col - 1])
+        pad += " " * (self.span.col - 1 - len(pad))
+        caret = pad + "^" * max(1, min(self.span.length, len(text) - self.span.col + 1))
         return f"{self.filename}:{self.span.line}:{self.span.col}: {self.message}\n    {text}\n    {caret}"
 
     def __str__(self) -> str:

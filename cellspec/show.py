@@ -67,4 +67,6 @@ def show(path: str, stage: str, cell: str | None = None) -> str:
         else:
             files = {k: v for k, v in cc.files.items() if stage in k or (stage == "cuda" and k.endswith(".cu"))}
             out.append("\n".join(f"# ---- {k}\n{v}" for k, v in sorted(files.items())))
+    if cell is not None and not out:
+        raise SpecError(f"no cell named '{cell}' in this file", filename=path)
     return "\n\n".join(out)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from cellspec import __version__
 from cellspec.backends.naming import mangle
+from cellspec.errors import Source
 from cellspec.model.gradients import Assignment, Backward
 from cellspec.model.schedule import GemmGroup, Schedule
 
@@ -248,7 +249,7 @@ def build(sched: Schedule, back: Backward, printer_cls, reserved: set[str], **pr
 
 def _cell_text(cell) -> str:
     """The cell's block from its source file, from ``cell`` to its closing brace."""
-    lines = cell.source_text.splitlines()
+    lines = Source("", cell.source_text).lines()
     out, depth = [], 0
     for line in lines[cell.line - 1 :]:
         out.append(line.rstrip())

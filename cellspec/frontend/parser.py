@@ -13,7 +13,7 @@ from importlib import resources
 import lark
 from lark import Token, Transformer, Tree
 
-from cellspec.errors import Source, SpecError, Span
+from cellspec.errors import Source, SpecError, Span, normalize_newlines
 from cellspec.frontend import ast
 
 MAX_DEPTH = 200
@@ -47,6 +47,9 @@ _TERMINAL_NAMES = {
 }
 
 
+_STATEMENT_KEYWORDS = ("input", "state", "param", "size", "output")
+
+
 @lru_cache(maxsize=1)
 def _parser() -> lark.Lark:
     grammar = resources.files("cellspec.frontend").joinpath("grammar.lark").read_text()
@@ -71,11 +74,26 @@ def _expected(names: set[str]) -> str:
 
 
 def _token_span(source: Source, line: int | None, col: int | None) -> Span:
-    lines = source.text.splitlines() or [""]
+    """The span at line:col; without a line, just after the last token of the file (not on a
+    trailing blank or comment line)."""
     if line is None or line < 1:
-        line = len(lines)
-        col = len(lines[-1]) + 1
+        lines = source.lines()
+        for i in range(len(lines) - 1, -1, -1):
+            content = lines[i].split("#", 1)[0].rstrip()
+            if content:
+                return Span(source, i + 1, len(content) + 1)
+        return Span(source, 1, 1)
     return Span(source, line, col or 1)
+
+
+def _unclosed(text: str) -> str:
+    """What an unexpected end of file leaves open: a '(' or '[' or the cell's '{'."""
+    code = "\n".join(line.split("#", 1)[0] for line in text.split("\n"))
+    for open_, close, what in (("(", ")", "a '(' is not closed"), ("[", "]", "a '[' is not closed"),
+                               ("{", "}", "the cell is not closed with '}'")):
+        if code.count(open_) > code.count(close):
+            return "; " + what
+    return ""
 
 
 def _check_depth(source: Source, tree: Tree) -> None:
@@ -210,7 +228,7 @@ class _ToAst(Transformer):
             sizes=tuple(groups["size"]),
             assigns=tuple(groups["assign"]),
             outputs=tuple(groups["output"]),
-            source_lines={i + 1: line for i, line in enumerate(self.source.text.splitlines())},
+            source_lines={i + 1: line for i, line in enumerate(self.source.lines())},
         )
 
     def start(self, c):
@@ -222,9 +240,11 @@ def parse(source: Source) -> ast.SpecFile:
     if len(source.text) > MAX_SOURCE_CHARS:
         raise SpecError(f"spec file is larger than {MAX_SOURCE_CHARS} characters", Span(source, 1, 1))
     try:
-        tree = _parser().parse(source.text)
+        # lark counts lines by \n only: parse with \r\n and lone \r as \n (columns unchanged)
+        text = normalize_newlines(source.text)
+        tree = _parser().parse(text)
     except lark.UnexpectedCharacters as e:
-        ch = source.text[e.pos_in_stream] if e.pos_in_stream < len(source.text) else ""
+        ch = text[e.pos_in_stream] if e.pos_in_stream < len(text) else ""
         raise SpecError(f"unexpected character {ch!r}", _token_span(source, e.line, e.column)) from None
     except lark.UnexpectedToken as e:
         tok = e.token
@@ -232,6 +252,21 @@ def parse(source: Source) -> ast.SpecFile:
             span = _token_span(source, None, None)
         else:
             span = _span(source, tok)
+        if tok.type == "EQUAL":
+            before = source.line(tok.line)[: tok.column - 1].strip()
+            if before in _STATEMENT_KEYWORDS:
+                raise SpecError(
+                    f"'{before}' starts a declaration and cannot be assigned; choose another name",
+                    Span(source, tok.line, source.line(tok.line).index(before) + 1, len(before)),
+                ) from None
+        if tok.type == "POW":
+            raise SpecError(
+                f"unexpected {_describe(tok)}: a power cannot be raised again without parentheses; "
+                "write (a ^ 2) ^ 3",
+                span,
+            ) from None
+        if tok.type == "$END" and not _expected(set(e.expected)):
+            raise SpecError(f"unexpected end of file{_unclosed(text)}", span) from None
         raise SpecError(f"unexpected {_describe(tok)}{_expected(set(e.expected))}", span) from None
     except lark.UnexpectedEOF as e:
         raise SpecError(

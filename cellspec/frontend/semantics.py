@@ -9,10 +9,12 @@ combines vectors of equal size. The first violation raises a SpecError at its sp
 from __future__ import annotations
 
 import keyword
+import os
 import re
 from dataclasses import dataclass, field
 
-from cellspec.errors import SpecError
+from cellspec.backends.naming import PYTHON_RESERVED
+from cellspec.errors import SpecError, Span
 from cellspec.frontend import ast
 
 #: Elementwise functions of the language and their arities.
@@ -53,6 +55,17 @@ MODULE_ATTRIBUTES = frozenset(
     set_extra_state set_submodule share_memory state_dict to to_empty train training type xpu
     zero_grad input_size hidden_size batch_first backend sizes reset_parameters""".split()
 )
+
+#: names at the top level of the generated torch_cell module and package __init__: a cell's
+#: class names (NAME, NAMECell) may not be one of them.
+GENERATED_MODULE_NAMES = frozenset(
+    """math torch F nn importlib CELL SIZES INPUTS STATES PARAMS OUTPUTS INITS SAVED BACKENDS step
+    numpy_cell torch_cell""".split()
+)
+
+#: package names a cell may not have: the modules the generated code imports, which a package of
+#: that name would shadow when the output folder is on sys.path.
+RESERVED_PACKAGES = frozenset({"torch", "numpy", "math", "importlib", "cellspec"})
 
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
@@ -203,6 +216,12 @@ class _Checker:
                     "torch.nn.Module; rename it",
                     p.span,
                 )
+            if p.name in self.sizes.values():
+                raise _err(
+                    f"param '{p.name}' has the name of the constructor argument of size "
+                    f"'{next(k for k, v in self.sizes.items() if v == p.name)}'; rename one of them",
+                    p.span,
+                )
             if len(p.dims) not in (1, 2):
                 raise _err(
                     f"param '{p.name}' has {len(p.dims)} dimensions; a param is a vector [N] or a matrix [M, N]",
@@ -224,13 +243,15 @@ class _Checker:
             size = self.expr(a.expr)
             t = a.target
             if t.primed:
+                if t.name not in self.kinds:
+                    raise _err(f"unknown state '{t.name}'; declare it with 'state {t.name}[H]'", t.span)
                 if self.kinds.get(t.name) != "state":
                     raise _err(f"only states take a prime; '{t.name}' is not a state", t.span)
                 if t.key in self.assigned:
                     raise _err(f"state '{t.name}' is updated twice", t.span)
                 if size is not None and size != self.size_of[t.name]:
                     raise _err(
-                        f"'{t.key}' has size {size} but state '{t.name}' has size {self.size_of[t.name]}",
+                        f"{_q(t.key)} has size {size} but state '{t.name}' has size {self.size_of[t.name]}",
                         t.span,
                     )
             else:
@@ -245,7 +266,7 @@ class _Checker:
                 self.kinds[t.name] = "intermediate"
             if size is None:
                 raise _err(
-                    f"'{t.key}' is a constant; an assignment needs at least one vector", t.span
+                    f"{_q(t.key)} is a constant; an assignment needs at least one vector", t.span
                 )
             self.size_of[t.key] = size
             self.assigned[t.key] = order
@@ -278,7 +299,7 @@ class _Checker:
                     if kind != "intermediate":
                         raise _err(f"output '{n.name}' is {_article(kind)}; outputs are computed names", n.span)
                 if n.key in outputs:
-                    raise _err(f"'{n.key}' is listed twice in output", n.span)
+                    raise _err(f"{_q(n.key)} is listed twice in output", n.span)
                 outputs.append(n.key)
         else:
             outputs.append(states[0].name + "'")
@@ -302,7 +323,7 @@ class _Checker:
         return CheckedCell(
             name=cell.name,
             module_name=snake_case(cell.name),
-            filename=cell.span.source.filename,
+            filename=os.path.basename(cell.span.source.filename),  # generated code must not depend on the path typed
             sizes=sizes,
             inputs=inputs,
             states=states,
@@ -345,7 +366,11 @@ class _Checker:
             m = e.matrix
             if not isinstance(m, ast.Name) or m.primed or m.name not in self.params or not self.params[m.name].is_matrix:
                 what = _describe_operand(m, self.kinds, self.params)
-                raise _err(f"the left side of '@' must be a param matrix, not {what}", e.span)
+                hint = ""
+                if isinstance(m, ast.BinOp) and isinstance(m.right, ast.Name) and m.right.name in self.params:
+                    # a * W @ x groups as (a * W) @ x
+                    hint = f"; '*', '/' and '@' group from the left: write ... {m.op} ({m.right.name} @ ...)"
+                raise _err(f"the left side of '@' must be a param matrix, not {what}{hint}", e.span)
             self.used_names.add(m.name)
             p = self.params[m.name]
             inner = self.expr(e.operand)
@@ -372,13 +397,20 @@ class _Checker:
 
     def name(self, n: ast.Name) -> str:
         if n.primed:
+            if n.name not in self.kinds and not any(a.target.name == n.name for a in self.cell.assigns):
+                raise _err(f"unknown name '{n.name}'", n.span)
             if self.kinds.get(n.name) != "state":
                 raise _err(f"only states take a prime; '{n.name}' is not a state", n.span)
             if n.key not in self.assigned:
-                raise _err(f"'{n.key}' is used before it is assigned", n.span)
+                raise _err(f"{_q(n.key)} is used before it is assigned", n.span)
             return self.size_of[n.key]
         kind = self.kinds.get(n.name)
         if kind is None:
+            later = next((a for a in self.cell.assigns if not a.target.primed and a.target.name == n.name), None)
+            if later is not None:
+                raise _err(
+                    f"'{n.name}' is used before it is assigned (on line {later.span.line})", n.span
+                )
             if n.name in FUNCTIONS:
                 raise _err(f"'{n.name}' is a function; call it as {n.name}(...)", n.span)
             raise _err(f"unknown name '{n.name}'", n.span)
@@ -388,6 +420,11 @@ class _Checker:
             raise _err(f"'{n.name}' is a matrix; use it on the left of '@'", n.span)
         self.used_names.add(n.name)
         return self.size_of[n.name]
+
+
+def _q(key: str) -> str:
+    """A name for a message: 'r' quoted, a primed key such as h' bare (no 'h'' quote clash)."""
+    return key if key.endswith("'") else f"'{key}'"
 
 
 def _article(kind: str) -> str:
@@ -415,11 +452,28 @@ def check_file(spec: ast.SpecFile) -> list[CheckedCell]:
     seen: dict[str, ast.Cell] = {}
     out = []
     if not spec.cells:
-        raise SpecError("the file defines no cell; start one with 'cell NAME { ... }'", filename=spec.source.filename)
+        raise SpecError("the file defines no cell; start one with 'cell NAME { ... }'", Span(spec.source, 1, 1))
     for cell in spec.cells:
         module = snake_case(cell.name)
-        if "__" in cell.name:
-            raise _err(f"cell '{cell.name}': names containing '__' are reserved", cell.span)
+        if "__" in cell.name or cell.name.startswith("_"):
+            raise _err(
+                f"cell '{cell.name}': names starting with '_' or containing '__' are reserved for generated code",
+                cell.span,
+            )
+        if cell.name in PYTHON_RESERVED or cell.name in GENERATED_MODULE_NAMES or (
+            cell.name + "Cell" in GENERATED_MODULE_NAMES
+        ):
+            raise _err(
+                f"cell '{cell.name}': the generated classes '{cell.name}' and '{cell.name}Cell' would "
+                "clash with a Python keyword or built-in, or a name of the generated module; rename the cell",
+                cell.span,
+            )
+        if keyword.iskeyword(module) or module in RESERVED_PACKAGES:
+            raise _err(
+                f"cell '{cell.name}': its package name '{module}' is a Python keyword or the name of "
+                "a module the generated code imports; rename the cell",
+                cell.span,
+            )
         if module in seen:
             raise _err(f"cell '{cell.name}' has the same module name '{module}' as an earlier cell", cell.span)
         seen[module] = cell
