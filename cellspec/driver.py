@@ -86,7 +86,7 @@ def render_files(sched: Schedule, back: Backward, backends: tuple[str, ...]) -> 
     if "cuda" in backends:
         # imported first: it registers the "cuda" backend choice of the PyTorch modules
         try:
-            from cellspec.backends import cuda_backend  # noqa: F401
+            from cellspec.backends import cuda_backend
         except ImportError:  # pragma: no cover
             pass
     if "numpy" in backends:

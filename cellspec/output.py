@@ -20,6 +20,11 @@ class OutputError(Exception):
 
 
 def _clean_stale(outdir: Path, name: str) -> None:
+    dest = outdir / name
+    if not dest.exists():  # killed between moving the old folder aside and the new one in
+        for old in sorted(outdir.glob(f".{name}.old-*")):
+            os.replace(old, dest)  # the aside folder is the complete old package: put it back
+            break
     for stale in outdir.glob(f".{name}.tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
     for stale in outdir.glob(f".{name}.old-*"):

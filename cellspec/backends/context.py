@@ -154,7 +154,7 @@ def build(sched: Schedule, back: Backward, printer_cls, reserved: set[str], **pr
 
     sizes_src: dict[str, str] = {}
     for v in cell.inputs:
-        sizes_src.setdefault(v.size, f"_{v.name}_seq.shape[-1]")
+        sizes_src.setdefault(v.size, f"_{names[v.name]}_seq.shape[-1]")
     for p in cell.params:
         for i, s in enumerate(p.shape):
             sizes_src.setdefault(s, f'_params["{p.name}"].shape[{i}]')

@@ -20,6 +20,10 @@ HELPERS = {
     "_sigmoid": '''def _sigmoid(z):
     """1 / (1 + exp(-z)), without overflow for large |z|."""
     return np.exp(-np.logaddexp(0.0, -z))''',
+    "_exp": '''def _exp(z):
+    """exp(z); overflows to inf (as torch.exp does) without a RuntimeWarning."""
+    with np.errstate(over="ignore"):
+        return np.exp(z)''',
     "_relu": '''def _relu(z):
     return np.maximum(z, 0)''',
     "_softplus": '''def _softplus(z):

@@ -84,7 +84,7 @@ class NumPyPrinter(_PythonArrayPrinter):
     calls = {
         fn.Sigmoid: "_sigmoid",
         fn.Tanh: "np.tanh",
-        fn.Exp: "np.exp",
+        fn.Exp: "_exp",
         fn.Log: "np.log",
         fn.Sqrt: "np.sqrt",
         fn.Relu: "_relu",

@@ -14,6 +14,7 @@ from cellspec.backends.naming import PYTHON_RESERVED
 from cellspec.backends.numpy_backend import add_sequence_info
 from cellspec.backends.printers import TorchPrinter
 from cellspec.backends.render import render_template
+from cellspec.backends.torch_plan import plan as plan_engine
 from cellspec.model.gradients import Backward
 from cellspec.model.schedule import Schedule
 
@@ -29,6 +30,10 @@ XP = {
 }
 
 HELPERS = {
+    "_hard_sigmoid": '''def _hard_sigmoid(z):
+    """F.hardsigmoid's values and kinks (gradient 1/6 on the open interval (-3, 3)), but with an
+    exact 1/6: torch's own backward uses a float32 1/6 even in float64 (3e-8 relative)."""
+    return torch.where((z > -3) & (z < 3), z / 6 + 0.5, (z >= 3).to(z.dtype))''',
     "_minimum": '''def _minimum(a, b):
     a, b = _tensors(a, b)
     return torch.minimum(a, b)''',
@@ -39,7 +44,8 @@ HELPERS = {
     """torch.clamp with tensor or number bounds (hi wins when lo > hi)."""
     if not isinstance(lo, torch.Tensor) and not isinstance(hi, torch.Tensor):
         return torch.clamp(z, lo, hi)
-    z, lo, hi = _tensors(z, lo, hi)
+    # broadcast first: torch.clamp's backward fails when a bound is wider than z ([H] vs [B, H])
+    z, lo, hi = torch.broadcast_tensors(*_tensors(z, lo, hi))
     return torch.clamp(z, lo, hi)''',
     "_positive": '''def _positive(z):
     """1 where z > 0 (relu', 0 at 0 as in PyTorch)."""
@@ -70,6 +76,37 @@ _TENSORS = '''def _tensors(*values):
     return tuple(v if isinstance(v, torch.Tensor) else torch.as_tensor(v, dtype=like.dtype, device=like.device) for v in values)'''
 
 
+def _batch_free(m) -> set[str]:
+    """Keys of the values that no input or state reaches (constant over the batch)."""
+    batch = {k for k, leaf in m.leaves.items() if leaf.kind != "param"}
+    changed = True
+    while changed:
+        changed = False
+        for p in m.projections:
+            if p.key not in batch and p.operand in batch:
+                batch.add(p.key)
+                changed = True
+        for v in m.values:
+            if v.key not in batch and any(x.name in batch for x in v.expr.free_symbols):
+                batch.add(v.key)
+                changed = True
+    return {v.key for v in m.values} - batch
+
+
+def _batched(m, key: str, names: dict[str, str], free: set[str]) -> str:
+    """The code name of value key in `step`, broadcast to [B, size] if it is batch-free."""
+    name = names[key]
+    if key not in free:
+        return name
+    size = m.size_of(key)
+    like = next((names[k] for k, leaf in m.leaves.items() if leaf.kind != "param" and leaf.size == size), None)
+    if like is not None:
+        return f"(torch.zeros_like({like}) + {name})"
+    first = names[m.cell.inputs[0].name]
+    p, i = next((p, i) for p in m.cell.params for i, d in enumerate(p.shape) if d == size)
+    return f"({first}.new_zeros({first}.shape[0], {names[p.name]}.shape[{i}]) + {name})"
+
+
 def _init_literal(init) -> str:
     if init is None:
         return '("default",)'
@@ -98,9 +135,12 @@ def render(sched: Schedule, back: Backward) -> dict[str, str]:
         for v in st.values:
             eager.append(context.Stmt(names[v.key], pr.doprint(v.expr), f"{m.cell.filename}:{v.line}  {v.text}"))
     ctx["eager_stmts"] = eager
-    outs = [o["name"] for o in ctx["outputs"]]
+    # an output or next state that no input or state reaches (a = tanh(b), or a constant after
+    # simplification) has no batch dimension in `step`; give it one
+    free = _batch_free(m)
+    outs = [_batched(m, o["key"], names, free) for o in ctx["outputs"]]
     ctx["output_expr"] = outs[0] if len(outs) == 1 else "(" + ", ".join(outs) + ")"
-    nexts = [s["next"] for s in ctx["states"]]
+    nexts = [_batched(m, m.next_state[s["key"]], names, free) for s in ctx["states"]]
     ctx["state_expr"] = nexts[0] if len(nexts) == 1 else "(" + ", ".join(nexts) + ")"
 
     sizes = ctx["sizes"]
@@ -118,6 +158,7 @@ def render(sched: Schedule, back: Backward) -> dict[str, str]:
     for hook in EXTENSIONS:
         hook(ctx, sched, back)
 
+    plan_engine(ctx, sched, back)
     ctx["helpers"] = []
     body = render_template("torch_cell.py.j2", ctx)
     used = [n for n in HELPERS if re.search(rf"\b{n}\(", body)]

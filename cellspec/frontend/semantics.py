@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass, field
 
 from cellspec.backends.naming import PYTHON_RESERVED
-from cellspec.errors import SpecError, Span
+from cellspec.errors import Span, SpecError
 from cellspec.frontend import ast
 
 #: Elementwise functions of the language and their arities.
@@ -45,22 +45,13 @@ RESERVED_ARGUMENTS = {"self", "batch_first", "device", "dtype", "backend", "inpu
 #: attributes of torch.nn.Module and of the generated modules: a param registered under one of
 #: these names would shadow it, so such names are refused for params.
 MODULE_ATTRIBUTES = frozenset(
-    """T_destination add_module apply bfloat16 buffers call_super_init children compile cpu cuda
-    double dump_patches eval extra_repr float forward get_buffer get_extra_state get_parameter
-    get_submodule half ipu load_state_dict modules mtia named_buffers named_children named_modules
-    named_parameters parameters register_backward_hook register_buffer register_forward_hook
-    register_forward_pre_hook register_full_backward_hook register_full_backward_pre_hook
-    register_load_state_dict_post_hook register_load_state_dict_pre_hook register_module
-    register_parameter register_state_dict_post_hook register_state_dict_pre_hook requires_grad_
-    set_extra_state set_submodule share_memory state_dict to to_empty train training type xpu
-    zero_grad input_size hidden_size batch_first backend sizes reset_parameters""".split()
+    ["T_destination", "add_module", "apply", "bfloat16", "buffers", "call_super_init", "children", "compile", "cpu", "cuda", "double", "dump_patches", "eval", "extra_repr", "float", "forward", "get_buffer", "get_extra_state", "get_parameter", "get_submodule", "half", "ipu", "load_state_dict", "modules", "mtia", "named_buffers", "named_children", "named_modules", "named_parameters", "parameters", "register_backward_hook", "register_buffer", "register_forward_hook", "register_forward_pre_hook", "register_full_backward_hook", "register_full_backward_pre_hook", "register_load_state_dict_post_hook", "register_load_state_dict_pre_hook", "register_module", "register_parameter", "register_state_dict_post_hook", "register_state_dict_pre_hook", "requires_grad_", "set_extra_state", "set_submodule", "share_memory", "state_dict", "to", "to_empty", "train", "training", "type", "xpu", "zero_grad", "input_size", "hidden_size", "batch_first", "backend", "sizes", "reset_parameters"]
 )
 
 #: names at the top level of the generated torch_cell module and package __init__: a cell's
 #: class names (NAME, NAMECell) may not be one of them.
 GENERATED_MODULE_NAMES = frozenset(
-    """math torch F nn importlib CELL SIZES INPUTS STATES PARAMS OUTPUTS INITS SAVED BACKENDS step
-    numpy_cell torch_cell""".split()
+    ["math", "torch", "F", "nn", "importlib", "CELL", "SIZES", "INPUTS", "STATES", "PARAMS", "OUTPUTS", "INITS", "SAVED", "BACKENDS", "step", "numpy_cell", "torch_cell"]
 )
 
 #: package names a cell may not have: the modules the generated code imports, which a package of
@@ -179,6 +170,12 @@ class _Checker:
                 raise _err(f"size '{decl.symbol}' is declared twice", decl.span)
             if keyword.iskeyword(decl.argument) or "__" in decl.argument:
                 raise _err(f"'{decl.argument}' cannot be a constructor argument name", decl.argument_span)
+            if decl.argument in PYTHON_RESERVED or decl.argument in GENERATED_MODULE_NAMES:
+                raise _err(
+                    f"'{decl.argument}' cannot be a constructor argument name: inside the generated "
+                    "constructor it would shadow the Python built-in or module-level name it uses",
+                    decl.argument_span,
+                )
             if (decl.argument in RESERVED_ARGUMENTS or decl.argument in MODULE_ATTRIBUTES) and DEFAULT_SIZES.get(
                 decl.symbol
             ) != decl.argument:
@@ -320,6 +317,16 @@ class _Checker:
                     decl = next(d for d in cell.sizes if d.symbol == sym)
                     raise _err(f"size '{sym}' is declared but never used", decl.span)
                 sizes[sym] = arg
+        # the generated code reads every size from an input or a param: a size only states have
+        # could not be known for a zero initial state (state=None)
+        bound = {v.size for v in inputs} | {d for p in self.params.values() for d in p.shape}
+        for v in states:
+            if v.size not in bound:
+                raise _err(
+                    f"size '{v.size}' of state '{v.name}' is not the size of any input or param, so the "
+                    "generated code cannot tell it from its arguments; give an input or a param that size",
+                    v.span,
+                )
         return CheckedCell(
             name=cell.name,
             module_name=snake_case(cell.name),

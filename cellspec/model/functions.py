@@ -11,6 +11,8 @@ function with no derivative rule raises loudly instead of letting SymPy guess.
 
 from __future__ import annotations
 
+import math
+
 import sympy as sp
 
 
@@ -23,9 +25,25 @@ class CellFunction(sp.Function):
     def fdiff(self, argindex=1):  # pragma: no cover - each subclass defines its rule
         raise NotImplementedError(f"no derivative rule for {type(self).__name__} (argument {argindex})")
 
+    #: the function on Python floats, for constant arguments (None: stay symbolic)
+    value = None
+
+    @classmethod
+    def eval(cls, *args):
+        """A constant argument (``softsign(h - h)`` is ``softsign(0)``) folds to a number, so that
+        no back end ever applies an array function to a plain number."""
+        if cls.value is None or not all(a.is_Number and a.is_finite for a in args):
+            return None
+        try:
+            v = cls.value(*(float(a) for a in args))
+        except (OverflowError, ValueError, ZeroDivisionError):
+            return None
+        return sp.Float(v) if math.isfinite(v) else None
+
 
 class Sigmoid(CellFunction):
     spec_name = "sigmoid"
+    value = staticmethod(lambda x: 1 / (1 + math.exp(-x)) if x >= 0 else math.exp(x) / (1 + math.exp(x)))
     nargs = 1
 
     def fdiff(self, argindex=1):
@@ -34,6 +52,7 @@ class Sigmoid(CellFunction):
 
 class Tanh(CellFunction):
     spec_name = "tanh"
+    value = staticmethod(math.tanh)
     nargs = 1
 
     def fdiff(self, argindex=1):
@@ -42,6 +61,7 @@ class Tanh(CellFunction):
 
 class Exp(CellFunction):
     spec_name = "exp"
+    value = staticmethod(math.exp)
     nargs = 1
 
     def fdiff(self, argindex=1):
@@ -50,6 +70,7 @@ class Exp(CellFunction):
 
 class Log(CellFunction):
     spec_name = "log"
+    value = staticmethod(math.log)
     nargs = 1
 
     def fdiff(self, argindex=1):
@@ -58,6 +79,7 @@ class Log(CellFunction):
 
 class Sqrt(CellFunction):
     spec_name = "sqrt"
+    value = staticmethod(math.sqrt)
     nargs = 1
 
     def fdiff(self, argindex=1):
@@ -66,6 +88,7 @@ class Sqrt(CellFunction):
 
 class Relu(CellFunction):
     spec_name = "relu"
+    value = staticmethod(lambda x: max(x, 0.0))
     nargs = 1
 
     def fdiff(self, argindex=1):
@@ -74,6 +97,7 @@ class Relu(CellFunction):
 
 class Abs(CellFunction):
     spec_name = "abs"
+    value = staticmethod(abs)
     nargs = 1
 
     def fdiff(self, argindex=1):
@@ -84,6 +108,7 @@ class Softplus(CellFunction):
     """log(1 + exp(x)), evaluated in the stable form max(x, 0) + log1p(exp(-|x|))."""
 
     spec_name = "softplus"
+    value = staticmethod(lambda x: max(x, 0.0) + math.log1p(math.exp(-abs(x))))
     nargs = 1
 
     def fdiff(self, argindex=1):
@@ -94,6 +119,7 @@ class Softsign(CellFunction):
     """x / (1 + |x|)."""
 
     spec_name = "softsign"
+    value = staticmethod(lambda x: x / (1 + abs(x)))
     nargs = 1
 
     def fdiff(self, argindex=1):
@@ -104,6 +130,7 @@ class HardSigmoid(CellFunction):
     """clip(x / 6 + 1/2, 0, 1), PyTorch's hardsigmoid."""
 
     spec_name = "hard_sigmoid"
+    value = staticmethod(lambda x: min(max(x / 6 + 0.5, 0.0), 1.0))
     nargs = 1
 
     def fdiff(self, argindex=1):
@@ -112,6 +139,7 @@ class HardSigmoid(CellFunction):
 
 class Min(CellFunction):
     spec_name = "min"
+    value = staticmethod(min)
     nargs = 2
 
     def fdiff(self, argindex=1):
@@ -121,6 +149,7 @@ class Min(CellFunction):
 
 class Max(CellFunction):
     spec_name = "max"
+    value = staticmethod(max)
     nargs = 2
 
     def fdiff(self, argindex=1):
@@ -132,6 +161,7 @@ class Clip(CellFunction):
     """min(max(x, lo), hi) with torch.clamp's gradients (hi wins when lo > hi)."""
 
     spec_name = "clip"
+    value = staticmethod(lambda x, lo, hi: min(max(x, lo), hi))
     nargs = 3
 
     def fdiff(self, argindex=1):
@@ -155,42 +185,49 @@ class Positive(Mask):
     """1 where x > 0, else 0 (relu' with relu'(0) = 0)."""
 
     nargs = 1
+    value = staticmethod(lambda x: float(x > 0))
 
 
 class Sign(Mask):
     """-1, 0 or 1 (abs' with abs'(0) = 0)."""
 
     nargs = 1
+    value = staticmethod(lambda x: float((x > 0) - (x < 0)))
 
 
 class InsideOpen3(Mask):
     """1 where -3 < x < 3 (hardsigmoid')."""
 
     nargs = 1
+    value = staticmethod(lambda x: float(-3 < x < 3))
 
 
 class LessTie(Mask):
     """1 where a < b, 1/2 where a == b, 0 elsewhere (torch.minimum/maximum split ties)."""
 
     nargs = 2
+    value = staticmethod(lambda a, b: 1.0 if a < b else 0.5 if a == b else 0.0)
 
 
 class ClipPass(Mask):
     """1 where lo <= x <= hi."""
 
     nargs = 3
+    value = staticmethod(lambda x, lo, hi: float(lo <= x <= hi))
 
 
 class ClipLow(Mask):
     """1 where x < lo and lo < hi (torch.clamp's gradient to its lower bound)."""
 
     nargs = 3
+    value = staticmethod(lambda x, lo, hi: float(x < lo < hi))
 
 
 class ClipHigh(Mask):
     """1 where x > hi or lo > hi (torch.clamp's gradient to its upper bound)."""
 
     nargs = 3
+    value = staticmethod(lambda x, lo, hi: float(x > hi or lo > hi))
 
 
 #: language name → SymPy function class

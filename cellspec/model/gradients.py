@@ -72,7 +72,10 @@ class _Deriver:
     def __init__(self, sched: Schedule):
         self.s = sched
         self.m = sched.model
-        self.namer = Namer(set(self.m.symbols) | {v.key for v in self.m.values})
+        # matrix params are no symbols, but they are names in the generated code too (a param
+        # named t0 must not be shadowed by a CSE temporary t0)
+        taken = set(self.m.symbols) | {v.key for v in self.m.values} | {p.name for p in self.m.cell.params}
+        self.namer = Namer(taken)
         self.sym = dict(self.m.symbols)
         self.adjoint: dict[str, str] = {}
         self.zero: set[str] = set()
@@ -157,6 +160,7 @@ class _Deriver:
 
         # per-step adjoints of leaves: inputs, previous states, vector params, hoisted results
         leaf_block: list[Assignment] = []
+        late: list[Assignment] = []  # step seeds of hoisted next states
         step_seed: dict[str, str] = {}
         leaf_keys = list(m.leaves) + [p.key for p in s.hoisted_projections] + [v.key for v in s.hoisted_values]
         for key in leaf_keys:
@@ -165,12 +169,23 @@ class _Deriver:
                 if operand == key and (idx, operand) not in self.zero_gemm():
                     total += self.sym[gk]
             if key in hoisted_keys:
+                # a hoisted value can also be an output or a next state (``a = x`` with
+                # ``W @ a`` and ``output a``): its seeds are per-step too
+                carried = key in next_of
+                if carried:  # the state adjoint as it comes in (even if the new one is 0)
+                    total += self.sym[self.adj(next_of[key])]
+                if key in output_seed:
+                    total += self.sym[output_seed[key]]
                 # the per-step part of a hoisted value's adjoint gets its own name
                 if total != 0:
                     step_seed[key] = self.new(f"d_{key}_step")
-                    leaf_block.append(Assignment(step_seed[key], total, "per-step part"))
+                    seed = Assignment(step_seed[key], total, "per-step part")
+                    # reading the incoming state adjoint: before the leaf block assigns the new one
+                    (late if carried and stages else leaf_block).append(seed)
                 continue
             self.assign(key, total, leaf_block, m.leaves[key].kind if key in m.leaves else "hoisted projection")
+        if late:  # after the last stage block, which has every step value's adjoint
+            stages[-1].assigns.extend(late)
         leaf_assigns = self.cse(leaf_block)
 
         # whole-sequence backward of the hoisted values, and their contributions to leaves

@@ -116,6 +116,7 @@ class _Lowerer:
         self.projections: list[Projection] = []
         self.key_of_spec: dict[str, str] = {}  # spec key (h') -> model key (h_next)
         self.current: tuple[int, str] = (0, "")
+        self.constants: dict[str, sp.Expr] = {}  # value key -> its number, for values that fold
         for v in cell.inputs:
             self.leaf(v.name, v.size, "input")
         for v in cell.states:
@@ -143,6 +144,8 @@ class _Lowerer:
             self.current = (a.line, a.text)
             expr = self.lower(a.expr)
             key = self.key_of_spec[a.key]
+            if expr.is_Number:  # a = h - h: readers see the number, not a name bound to a scalar
+                self.constants[key] = expr
             self.values.append(Value(key, a.key, a.size, expr, a.line, a.text))
             self.sym(key)
         next_state = {s.name: self.key_of_spec[s.name + "'"] for s in self.cell.states}
@@ -155,7 +158,8 @@ class _Lowerer:
                 return sp.Integer(int(e.value))
             return sp.Float(e.value)
         if isinstance(e, ast.Name):
-            return self.sym(self.key_of_spec[e.key] if e.primed else e.name)
+            key = self.key_of_spec[e.key] if e.primed else e.name
+            return self.constants[key] if key in self.constants else self.sym(key)
         if isinstance(e, ast.Neg):
             return -self.lower(e.operand)
         if isinstance(e, ast.Pow):
@@ -175,7 +179,13 @@ class _Lowerer:
         matrix = e.matrix.name
         param = self.cell.param(matrix)
         operand_expr = self.lower(e.operand)
-        if isinstance(operand_expr, sp.Symbol):
+        # an input, a state or a computed value is the operand itself; a vector param (the same
+        # for every row) gets a synthetic operand value like a compound expression, so that it
+        # is broadcast over the rows (and its gradient summed back) as any hoisted value is
+        is_vector_param = operand_expr.is_Symbol and self.leaves.get(operand_expr.name, None) is not None and (
+            self.leaves[operand_expr.name].kind == "param"
+        )
+        if isinstance(operand_expr, sp.Symbol) and not is_vector_param:
             operand = operand_expr.name
         else:
             existing = next(

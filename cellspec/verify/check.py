@@ -226,7 +226,10 @@ def run_torch(p: Problem, backend: str = "generated", dtype_name: str = "float64
     outs, final = _tuple(outs), _tuple(final)
     grads_out = [torch.as_tensor(a, dtype=dtype, device=device) for a in p.d_outputs + p.d_final]
     params = [layer._parameters[k] for k in mod.PARAMS]
-    g = torch.autograd.grad(list(outs) + list(final), params + xs + st, grads_out, allow_unused=True)
+    # an output no input, state or param reaches (a constant) does not require grad
+    pairs = [(y, d) for y, d in zip(list(outs) + list(final), grads_out) if y.requires_grad]
+    wrt = params + xs + st
+    g = torch.autograd.grad([y for y, _ in pairs], wrt, [d for _, d in pairs], allow_unused=True) if pairs else [None] * len(wrt)
     g = [torch.zeros_like(t) if gi is None else gi for gi, t in zip(g, params + xs + st)]
     n = len(params)
     dp = dict(zip(mod.PARAMS, g[:n]))
@@ -313,3 +316,12 @@ def check_cell(cc: CompiledCell, T: int = 4, B: int = 3, seed: int = 0, fd: bool
 
 class SkipColumn(Exception):
     """Raised by an extra column that cannot run here (no compiler, no GPU); says why."""
+
+
+# --- CUDA back end columns (cuda-host, cuda-host-f32): registered by cellspec.runtime.cuda_host.
+# Kept at the end: that module imports this one. ---
+try:
+    from cellspec.runtime import cuda_host as _cuda_host  # noqa: F401
+except ImportError:  # pragma: no cover - torch or the CUDA back end missing
+    pass
+# --- end CUDA back end columns ---

@@ -1,0 +1,139 @@
+"""Build a generated ``.cu`` file into a shared library (CPU or GPU) through the cache, and load it.
+
+* :func:`build_host` — the CPU build: ``g++ -x c++ -O3 -fopenmp -shared -fPIC`` (or, without
+  g++, ``nvcc -x cu`` compiling host code only). Exposes ``<fn>_f32`` / ``<fn>_f64``.
+* :func:`build_cuda` — the GPU build: ``nvcc -shared -Xcompiler -fPIC -gencode ...`` for the
+  given architectures. Exposes ``<fn>_cuda_{f32,f64,f16,bf16}`` launchers taking a stream.
+
+Both go through :func:`cellspec.runtime.cache.entry`, keyed by the source text, the compiler's
+version line and the flags, so the same source is compiled once per machine (file lock, atomic
+rename). Errors are :class:`NativeBuildError` with what went wrong and what to do.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+from cellspec.runtime.cache import entry, key_of
+
+HOST_FLAGS = ("-x", "c++", "-O3", "-fopenmp", "-shared", "-fPIC")
+
+
+class NativeBuildError(RuntimeError):
+    """A compiler is missing or failed; the message says what to do."""
+
+
+def which_cxx() -> str | None:
+    cxx = os.environ.get("CXX")
+    if cxx and shutil.which(cxx):
+        return shutil.which(cxx)
+    for name in ("g++", "c++", "clang++"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+def which_nvcc() -> str | None:
+    nvcc = os.environ.get("NVCC")
+    if nvcc and shutil.which(nvcc):
+        return shutil.which(nvcc)
+    path = shutil.which("nvcc")
+    if path:
+        return path
+    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if home and (Path(home) / "bin" / "nvcc").exists():
+            return str(Path(home) / "bin" / "nvcc")
+    return None
+
+
+@functools.cache
+def compiler_version(path: str) -> str:
+    try:
+        out = subprocess.run([path, "--version"], check=False, capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError) as e:  # pragma: no cover
+        raise NativeBuildError(f"cannot run {path} --version: {e}") from None
+    return out.strip()
+
+
+def nvcc_cuda_version(nvcc: str) -> tuple[int, int] | None:
+    """(major, minor) of the CUDA toolkit nvcc belongs to, from 'release 13.0'."""
+    text = compiler_version(nvcc)
+    for part in text.replace(",", " ").split():
+        if part[:1].isdigit() and "." in part and text.find("release " + part) >= 0:
+            major, minor = part.split(".")[:2]
+            return int(major), int(minor)
+    return None
+
+
+def _run(cmd: list[str], what: str) -> None:
+    try:
+        proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=900)
+    except (OSError, subprocess.SubprocessError) as e:
+        raise NativeBuildError(f"{what}: could not run {cmd[0]}: {e}") from None
+    if proc.returncode != 0:
+        raise NativeBuildError(
+            f"{what} failed (exit {proc.returncode}):\n  {' '.join(cmd)}\n{proc.stderr.strip()[-4000:]}\n"
+            "This is a bug in the generated code or an unsupported compiler; please report it with the spec."
+        )
+
+
+def _compile(kind: str, compiler: str, flags: tuple[str, ...], source: str, name: str, what: str) -> Path:
+    key = key_of(kind, source, compiler_version(compiler), " ".join(flags))
+
+    def build(tmp: Path) -> None:
+        src = tmp / f"{name}.cu"
+        src.write_text(source)
+        _run([compiler, *flags, str(src), "-o", str(tmp / f"{name}.so")], what)
+
+    return entry(kind, key, build) / f"{name}.so"
+
+
+def build_host(source: str, name: str) -> Path:
+    """The CPU build of a generated .cu file (path of the shared library)."""
+    cxx = which_cxx()
+    if cxx is not None:
+        return _compile("host-so", cxx, HOST_FLAGS, source, name, f"C++ build of {name}.cu")
+    nvcc = which_nvcc()
+    if nvcc is not None:  # host code only, through nvcc's host compiler
+        flags = ("-x", "c++", "-O3", "-shared", "-Xcompiler", "-fPIC,-fopenmp")
+        return _compile("host-so", nvcc, flags, source, name, f"host build of {name}.cu with nvcc")
+    raise NativeBuildError(
+        "no C++ compiler found (g++, c++ or clang++, or $CXX): install one (e.g. apt-get install g++) "
+        "to build the CPU version of the CUDA kernels"
+    )
+
+
+def cuda_flags(archs: tuple[str, ...]) -> tuple[str, ...]:
+    """nvcc flags for a shared library with SASS for each arch ('80', '90') and PTX for the last."""
+    flags = ["-O3", "-shared", "-Xcompiler", "-fPIC", "-lineinfo"]
+    for a in archs:
+        flags += ["-gencode", f"arch=compute_{a},code=sm_{a}"]
+    if archs:
+        flags += ["-gencode", f"arch=compute_{archs[-1]},code=compute_{archs[-1]}"]
+    return tuple(flags)
+
+
+def build_cuda(source: str, name: str, archs: tuple[str, ...]) -> Path:
+    """The GPU build of a generated .cu file for the given SM architectures."""
+    nvcc = which_nvcc()
+    if nvcc is None:
+        raise NativeBuildError(
+            "nvcc not found: the CUDA backend compiles its kernels on first use. Install the CUDA "
+            "toolkit matching your driver and put nvcc on PATH (or set $NVCC / $CUDA_HOME), or pass "
+            "backend='generated' to run the PyTorch implementation instead"
+        )
+    return _compile("cuda-so", nvcc, cuda_flags(archs), source, name, f"nvcc build of {name}.cu")
+
+
+@functools.cache
+def load_library(path: str) -> ctypes.CDLL:
+    try:
+        return ctypes.CDLL(path)
+    except OSError as e:
+        raise NativeBuildError(f"cannot load {path}: {e}") from None

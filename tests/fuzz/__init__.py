@@ -1,0 +1,1 @@
+"""Helpers for the fuzzing and robustness tests (kept free of torch so that workers start fast)."""

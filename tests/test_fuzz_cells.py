@@ -1,0 +1,77 @@
+"""Differential fuzzing of whole cells: random valid specs through every backend.
+
+Each random cell (``cellspec.verify.randomcell``) is compiled and run by NumPy (float64 and
+float32), PyTorch with the generated backward, PyTorch autograd through the generated forward,
+and an independent interpreter of the generator's own expression trees (torch autograd); every
+fourth cell also against float64 finite differences. Shrunk failures live in
+``tests/regressions/*.cell`` and run every time. ``CELLSPEC_FUZZ_CELLS=N`` fuzzes N cells
+(default 150); ``CELLSPEC_FUZZ_SEED`` moves the seed window. See docs/fuzzing.md.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from cellspec.driver import compile_file
+from cellspec.verify.check import check_cell
+from cellspec.verify.randomcell import differential, random_cell
+
+REGRESSIONS = sorted((Path(__file__).parent / "regressions").glob("*.cell"))
+N_CELLS = int(os.environ.get("CELLSPEC_FUZZ_CELLS", "150"))
+FIRST_SEED = int(os.environ.get("CELLSPEC_FUZZ_SEED", "0"))
+
+#: seeds (of the default window) that still fail, each for an open bug listed in docs/fuzzing.md:
+#: a kink hit exactly (clip with equal bounds, min/max of equal arguments) under finite
+#: differences (K), the PyTorch engine's backward reading an unsaved hoisted value (T1) or
+#: not writing a hoisted or batch-free output (T2).
+KNOWN_OPEN = {16: "K", 21: "T2", 44: "K", 120: "K", 136: "K", 143: "T1"}
+
+
+@pytest.mark.parametrize("path", REGRESSIONS, ids=[p.stem for p in REGRESSIONS])
+def test_regression_spec(path):
+    for cc in compile_file(path):
+        report = check_cell(cc, T=3, B=2, seed=1, fd=True)
+        assert report.ok, report.table()
+
+
+def test_random_cells_agree_across_backends():
+    t0 = time.perf_counter()
+    failures: dict[int, list[str]] = {}
+    for seed in range(FIRST_SEED, FIRST_SEED + N_CELLS):
+        rc = random_cell(seed)
+        try:
+            fails = differential(rc, T=3, B=2, fd=seed % 4 == 0)
+        except Exception as e:  # noqa: BLE001 - any exception is a finding
+            fails = [f"{type(e).__name__}: {e}"]
+        if fails:
+            failures[seed] = fails
+    unexpected = {s: f for s, f in failures.items() if s not in KNOWN_OPEN}
+    print(f"{N_CELLS} random cells checked in {time.perf_counter() - t0:.1f} s; "
+          f"{len(failures)} failing ({len(failures) - len(unexpected)} known open)")
+    detail = "\n\n".join(f"seed {s}:\n{random_cell(s).text}\n  " + "\n  ".join(f[:4]) for s, f in unexpected.items())
+    assert not unexpected, detail
+
+
+def test_generator_is_deterministic_and_valid_text():
+    for seed in range(20):
+        a, b = random_cell(seed), random_cell(seed)
+        assert a.text == b.text
+        assert a.text.count("cell ") == 1
+
+
+OPEN = sorted((Path(__file__).parent / "regressions" / "open").glob("*.cell"))
+
+
+@pytest.mark.parametrize("path", OPEN, ids=[p.stem for p in OPEN])
+def test_open_regression_spec(path):
+    """Shrunk failures of bugs not fixed yet (see the comment at the top of each spec)."""
+    try:
+        ok = all(check_cell(cc, T=3, B=2, seed=1, fd=True).ok for cc in compile_file(path))
+    except Exception as e:  # noqa: BLE001
+        pytest.xfail(f"open bug: {type(e).__name__}: {e}")
+    if not ok:
+        pytest.xfail("open bug: backends disagree")
