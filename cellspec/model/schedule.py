@@ -96,15 +96,27 @@ def schedule(model: CellModel) -> Schedule:
     input_only: dict[str, bool] = {k: leaf.kind != "state" for k, leaf in model.leaves.items()}
     for v in model.values:  # values are in dependency order
         input_only[v.key] = all(input_only.get(r, False) for r in reads[v.key])
-    hoisted_proj = {p.key for p in model.projections if input_only.get(p.operand, False)}
+    # An output or a next state is a per-step result: it is never computed in the hoisted pass
+    # (every back end writes outputs and states from the loop), so neither is a projection whose
+    # operand needs one.
+    per_step = set(model.outputs) | set(model.next_state.values())
+
+    def closure(key: str) -> set[str]:
+        found: set[str] = set()
+        todo = [key]
+        while todo:
+            k = todo.pop()
+            if k in values and k not in found:
+                found.add(k)
+                todo.extend(reads[k])
+        return found
+
+    def hoistable(operand: str) -> bool:
+        return input_only.get(operand, False) and not (closure(operand) & per_step)
+
+    hoisted_proj = {p.key for p in model.projections if hoistable(p.operand)}
     # values that hoisted projections need, transitively
-    hoisted_vals: set[str] = set()
-    todo = [projs[k].operand for k in hoisted_proj]
-    while todo:
-        k = todo.pop()
-        if k in values and k not in hoisted_vals:
-            hoisted_vals.add(k)
-            todo.extend(reads[k])
+    hoisted_vals: set[str] = set().union(*(closure(projs[k].operand) for k in hoisted_proj))
 
     depth: dict[str, int] = {k: 0 for k in model.leaves}
     depth.update({k: 0 for k in hoisted_proj | hoisted_vals})
