@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from cellspec.errors import SpecError
+
 from cellspec.driver import compile_file
 from cellspec.verify.check import check_cell
 from cellspec.verify.randomcell import differential, random_cell
@@ -41,17 +43,23 @@ def test_regression_spec(path):
 def test_random_cells_agree_across_backends():
     t0 = time.perf_counter()
     failures: dict[int, list[str]] = {}
+    refused = 0
     for seed in range(FIRST_SEED, FIRST_SEED + N_CELLS):
         rc = random_cell(seed)
         try:
             fails = differential(rc, T=3, B=2, fd=seed % 4 == 0)
+        except SpecError as e:
+            # a documented refusal: '@' of an operand that simplifies to a constant (W @ (h - h))
+            assert "simplifies to the constant" in e.message, e.render()
+            refused += 1
+            continue
         except Exception as e:  # noqa: BLE001 - any exception is a finding
             fails = [f"{type(e).__name__}: {e}"]
         if fails:
             failures[seed] = fails
     unexpected = {s: f for s, f in failures.items() if s not in KNOWN_OPEN}
     print(f"{N_CELLS} random cells checked in {time.perf_counter() - t0:.1f} s; "
-          f"{len(failures)} failing ({len(failures) - len(unexpected)} known open)")
+          f"{len(failures)} failing ({len(failures) - len(unexpected)} known open), {refused} refused")
     detail = "\n\n".join(f"seed {s}:\n{random_cell(s).text}\n  " + "\n  ".join(f[:4]) for s, f in unexpected.items())
     assert not unexpected, detail
 

@@ -37,6 +37,7 @@ class Gemm:
     width: str  # total rows of the stacked matrix
     d_operand: str = ""  # code name of d_operand from this GEMM
     comment: str = ""
+    batch_free: bool = False  # the operand reads params and constants only: a single row
 
 
 @dataclass
@@ -104,6 +105,22 @@ def build(sched: Schedule, back: Backward, printer_cls, reserved: set[str], **pr
             return m.leaves[key].kind
         return "value"
 
+    projections = {p.key: p for p in m.projections}
+    exprs = {v.key: v.expr for v in m.values}
+    free_memo: dict[str, bool] = {}
+
+    def batch_free(key: str) -> bool:
+        """True for what reads no input and no state: it has no batch rows (a param, or a value
+        computed from params and constants alone)."""
+        if key not in free_memo:
+            if key in m.leaves:
+                free_memo[key] = m.leaves[key].kind == "param"
+            elif key in projections:
+                free_memo[key] = batch_free(projections[key].operand)
+            else:
+                free_memo[key] = all(batch_free(x.name) for x in exprs[key].free_symbols)
+        return free_memo[key]
+
     def gemm(g: GemmGroup, d_operand: str = "") -> Gemm:
         offs = _offsets([p.out_size for p in g.projections])
         slices = [
@@ -121,6 +138,7 @@ def build(sched: Schedule, back: Backward, printer_cls, reserved: set[str], **pr
             width=_total([p.out_size for p in g.projections]),
             d_operand=names[d_operand] if d_operand else "",
             comment=comment,
+            batch_free=batch_free(g.operand),
         )
 
     stage_ctx = []

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import sympy as sp
 
+from cellspec.errors import SpecError
 from cellspec.frontend import ast
 from cellspec.frontend.semantics import CheckedCell
 from cellspec.model import functions as fn
@@ -179,6 +180,12 @@ class _Lowerer:
         matrix = e.matrix.name
         param = self.cell.param(matrix)
         operand_expr = self.lower(e.operand)
+        if operand_expr.is_Number:
+            raise SpecError(
+                f"the operand of '@' simplifies to the constant {operand_expr}; "
+                f"write the constant's projection another way (e.g. as a param vector)",
+                e.span,
+            )
         # an input, a state or a computed value is the operand itself; a vector param (the same
         # for every row) gets a synthetic operand value like a compound expression, so that it
         # is broadcast over the rows (and its gradient summed back) as any hoisted value is
