@@ -30,7 +30,7 @@ FIRST_SEED = int(os.environ.get("CELLSPEC_FUZZ_SEED", "0"))
 #: a kink hit exactly (clip with equal bounds, min/max of equal arguments) under finite
 #: differences (K), the PyTorch engine's backward reading an unsaved hoisted value (T1) or
 #: not writing a hoisted or batch-free output (T2).
-KNOWN_OPEN = {16: "K", 44: "K", 120: "K", 136: "K", 143: "T1"}
+KNOWN_OPEN = {16: "K", 136: "K"}
 
 
 @pytest.mark.parametrize("path", REGRESSIONS, ids=[p.stem for p in REGRESSIONS])

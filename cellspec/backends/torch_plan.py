@@ -80,11 +80,12 @@ def plan(ctx: dict, sched: Schedule, back: Backward) -> None:
             read |= set(_WORD.findall(s.expr))
     for s in ctx["leaf_stmts"] + ctx["hoisted_back"] + ctx["hoisted_leaf_back"]:
         read |= set(_WORD.findall(s.expr))
-    hoisted_operands = {g.operand for g in ctx["hoisted_gemms"]}
     saved_keys = [k for k in back.saved if k not in state_of_next]
     saved = [names[k] for k in saved_keys]
-    hoisted_proj_saved = [p for p in ctx["hoisted_projections"] if p["name"] in read]
-    hoisted_val_saved = [v for v in ctx["hoisted_value_info"] if v["name"] in read or v["name"] in hoisted_operands]
+    step_operands = {g.operand for g in ctx["step_gemms"]}  # dW after the loop reads them
+    hoisted_proj_saved = [p for p in ctx["hoisted_projections"] if p["name"] in read or p["name"] in step_operands]
+    # every hoisted value: the whole-sequence backward of the hoisted part binds them all
+    hoisted_val_saved = list(ctx["hoisted_value_info"])
     ctx["fwd_saved"] = saved
     ctx["bwd_reads"] = read
     ctx["fwd_saved_keys"] = saved_keys
@@ -211,9 +212,13 @@ def plan(ctx: dict, sched: Schedule, back: Backward) -> None:
         if _IDENT.match(s.expr):
             alias[s.target] = s.expr
 
+    # a state's adjoint is carried between steps and reassigned at the end of each: an alias of it
+    # names its value at the start of the step only, so resolution stops before it
+    carried = {v["adjoint"] for v in ctx["states"]}
+
     def root(n: str) -> str:
         seen = {n}  # aliases can form a cycle (h' = h + ...: d_h_next = d_h, then d_h = d_h_next)
-        while n in alias and alias[n] not in seen:
+        while n in alias and alias[n] not in seen and alias[n] not in carried:
             n = alias[n]
             seen.add(n)
         return n
