@@ -192,7 +192,10 @@ class _Lowerer:
         is_vector_param = operand_expr.is_Symbol and self.leaves.get(operand_expr.name, None) is not None and (
             self.leaves[operand_expr.name].kind == "param"
         )
-        if isinstance(operand_expr, sp.Symbol) and not is_vector_param:
+        # a projection result (W @ (U @ h)) also gets a synthetic operand value (W_in = U_h): a
+        # projection's adjoint comes from the values that read it, and now one does
+        is_projection = operand_expr.is_Symbol and any(p.key == operand_expr.name for p in self.projections)
+        if isinstance(operand_expr, sp.Symbol) and not is_vector_param and not is_projection:
             operand = operand_expr.name
         else:
             existing = next(

@@ -120,16 +120,23 @@ def schedule(model: CellModel) -> Schedule:
 
     depth: dict[str, int] = {k: 0 for k in model.leaves}
     depth.update({k: 0 for k in hoisted_proj | hoisted_vals})
+
+    def projection_depth(key: str) -> int:
+        """One more than its operand's; the operand may itself be a projection (W @ (U @ h))."""
+        if key not in depth:
+            operand = projs[key].operand
+            depth[key] = (projection_depth(operand) if operand in projs else depth[operand]) + 1
+        return depth[key]
+
     for v in model.values:
         if v.key in hoisted_vals:
             continue
         for r in reads[v.key]:
-            if r in projs and r not in depth:
-                depth[r] = depth[projs[r].operand] + 1
+            if r in projs:
+                projection_depth(r)
         depth[v.key] = max((depth[r] for r in reads[v.key]), default=0)
     for p in model.projections:  # projections read by no value still need a depth
-        if p.key not in depth:
-            depth[p.key] = depth[p.operand] + 1
+        projection_depth(p.key)
 
     for v in model.values:
         v.stage = -1 if v.key in hoisted_vals else depth[v.key]
