@@ -16,7 +16,10 @@ round, several rounds, the median reported):
   backward reruns the forward, as the NumPy API does);
 * ``cuda-host``  the CUDA back end's ``.cu`` built for the CPU with g++ (its fused pointwise
   kernels through ctypes, GEMMs in torch), driven by ``cellspec.runtime.cuda_sequence``: the
-  candidate fused CPU kernel (no autograd: its forward and backward are called directly);
+  fused CPU kernel with no autograd around it (its forward and backward called directly);
+* ``auto``       the layer with ``backend="auto"``, the default: on the CPU the fused kernel
+  through its custom ops and autograd (``cellspec.runtime.fused_cpu``) where it builds;
+  omitted where it resolves to ``generated``;
 * ``gemm floor`` only the GEMMs of the schedule (hoisted, per-step, d_operand, dW), each into a
   preallocated output: the time no engine with these GEMMs can beat.
 
@@ -110,7 +113,8 @@ def load(spec: str):
         finally:
             os.chdir(cwd)
         cc = cells[0]
-        files = {k: v for k, v in cc.files.items() if k.endswith(".py")}
+        # the .cu file too: backend="auto" finds it next to torch_cell.py (the fused CPU kernel)
+        files = dict(cc.files)
         _PACKAGES[spec] = (load_package(cc.module_name, files), cc, seconds)
     return _PACKAGES[spec]
 
@@ -149,6 +153,26 @@ class Case:
             self.native = getattr(torch.nn, NATIVE[spec])(sz["I"], sz["H"], **kw)
         self.compiled_step = None
         self.compile_error = ""
+        self.auto = None
+
+    def prepare_auto(self) -> str:
+        """The same layer with backend="auto", the default (same parameter values); returns
+        the backend it resolves to here ("fused" where the fused CPU kernel builds)."""
+        tc, sz = self.tc, self.sz
+        extra = {a: sz[s] for s, a in tc.SIZES.items() if s not in ("I", "H")}
+        self.auto = getattr(tc, tc.CELL)(sz["I"], sz["H"], backend="auto", **extra)
+        self.auto.load_state_dict(self.module.state_dict())
+        self.auto_fb()
+        return self.auto._resolve_backend((self.x,), self.state0)
+
+    def auto_fwd(self):
+        with torch.no_grad():
+            self.auto(self.x)
+
+    def auto_fb(self):
+        self._clear(self.auto.parameters())
+        out, _ = self.auto(self.x)
+        torch.autograd.backward(out if isinstance(out, tuple) else (out,), self.d_out)
 
     # ---- the variants: each a function of no arguments --------------------------------------
 
@@ -390,6 +414,10 @@ def bench_case(spec: str, shape, repeats: int, warmup: int, do_compile: bool, do
         case.prepare_numpy()
         fwd["numpy"] = case.numpy_fwd
         fb["numpy"] = case.numpy_fb
+    rec["auto_backend"] = case.prepare_auto()
+    if rec["auto_backend"] != "generated":
+        fwd["auto"] = case.auto_fwd
+        fb["auto"] = case.auto_fb
     if do_host:
         try:
             case.prepare_host()
@@ -469,8 +497,8 @@ def to_markdown(result: dict) -> str:
         "",
         "## fwd+bwd",
         "",
-        "| spec | T,B,H | generated | floor | gen/floor | native | gen/native | eager | eager/gen | compiled | gen/compiled | numpy | numpy/gen | cuda-host | host/gen | saved gen | saved native | saved eager |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| spec | T,B,H | generated | floor | gen/floor | native | gen/native | eager | eager/gen | compiled | gen/compiled | numpy | numpy/gen | cuda-host | host/gen | auto | auto/gen | eager/auto | auto/native | saved gen | saved native | saved eager |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["cases"]:
         f = r["fwd_bwd_s"]
@@ -483,14 +511,16 @@ def to_markdown(result: dict) -> str:
             f"{_ms(f.get('native'))} | {_ratio(g, f.get('native'))} | {_ms(f['eager'])} | {_ratio(f['eager'], g)} | "
             f"{comp_s} | {_ratio(g, comp)} | {_ms(f.get('numpy'))} | {_ratio(f.get('numpy'), g)} | "
             f"{_ms(f.get('cuda-host'))} | {_ratio(f.get('cuda-host'), g)} | "
+            f"{_ms(f.get('auto'))} | {_ratio(f.get('auto'), g)} | {_ratio(f['eager'], f.get('auto'))} | "
+            f"{_ratio(f.get('auto'), f.get('native'))} | "
             f"{_mib(sb['generated'])} | {_mib(sb.get('native'))} | {_mib(sb['eager'])} |"
         )
     lines += [
         "",
         "## fwd (no_grad)",
         "",
-        "| spec | T,B,H | generated | floor | gen/floor | native | gen/native | eager | eager/gen | numpy | numpy/gen | cuda-host | host/gen |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| spec | T,B,H | generated | floor | gen/floor | native | gen/native | eager | eager/gen | numpy | numpy/gen | cuda-host | host/gen | auto | auto/gen |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["cases"]:
         f = r["fwd_s"]
@@ -500,7 +530,8 @@ def to_markdown(result: dict) -> str:
         lines.append(
             f"| {r['spec']} | {r['T']},{r['B']},{r['H']} | {_ms(g)} | {_ms(f['floor'])} | {_ratio(g, f['floor'])} | "
             f"{_ms(f.get('native'))} | {_ratio(g, f.get('native'))} | {_ms(f['eager'])} | {_ratio(f['eager'], g)} | "
-            f"{_ms(f.get('numpy'))} | {_ratio(f.get('numpy'), g)} | {_ms(f.get('cuda-host'))} | {_ratio(f.get('cuda-host'), g)} |"
+            f"{_ms(f.get('numpy'))} | {_ratio(f.get('numpy'), g)} | {_ms(f.get('cuda-host'))} | {_ratio(f.get('cuda-host'), g)} | "
+            f"{_ms(f.get('auto'))} | {_ratio(f.get('auto'), g)} |"
         )
     errors = {r["spec"]: r["compile_error"] for r in result["cases"] if "compile_error" in r}
     if errors:

@@ -531,17 +531,24 @@ def render(sched: Schedule, back: Backward) -> dict[str, str]:
 
 def torch_extension(ctx: dict, sched, back) -> None:
     """torch_backend.EXTENSIONS hook: backend="cuda" in the generated modules, chosen
-    automatically for CUDA tensors."""
+    automatically for CUDA tensors, and backend="fused" (the same file's CPU build, the fused
+    CPU kernel), chosen automatically on the CPU where it builds (cellspec.runtime.fused_cpu)."""
     module = sched.model.cell.module_name
-    ctx["extra_backends"] = ctx.get("extra_backends", "") + ', "cuda"'
+    ctx["extra_backends"] = ctx.get("extra_backends", "") + ', "cuda", "fused"'
     rule = ctx.get("auto_backend_rule", "")
     ctx["auto_backend_rule"] = (rule + "\n" if rule else "") + (
         '        if xs[0].is_cuda:  # the fused CUDA kernels (cellspec.runtime.cuda_ops)\n'
-        '            return "cuda"'
+        '            return "cuda"\n'
+        '        from cellspec.runtime import fused_cpu\n\n'
+        '        if fused_cpu.use_fused(__file__, "' + module + '.cu", xs, state, self._params()):  # fused CPU kernel\n'
+        '            return "fused"'
     )
     dispatch = ctx.get("extra_dispatch", "")
     ctx["extra_dispatch"] = (dispatch + "\n" if dispatch else "") + (
-        '        if backend == "cuda":  # fused kernels of ' + module + '.cu, compiled on first use\n'
+        '        if backend == "fused" and not xs[0].is_cuda:  # fused CPU kernel of ' + module + '.cu\n'
+        "            from cellspec.runtime import fused_cpu\n\n"
+        f'            return fused_cpu.run_sequence(__file__, "{module}.cu", xs, state, params)\n'
+        '        if backend in ("cuda", "fused"):  # kernels of ' + module + '.cu (GPU or CPU build), compiled on first use\n'
         "            from cellspec.runtime import cuda_ops\n\n"
         f'            return cuda_ops.run_sequence(__file__, "{module}.cu", xs, state, params)'
     )

@@ -62,14 +62,18 @@ class HostKernels(Kernels):
         self.suffix = HOST_DTYPES[dtype]
         self._fns: dict[str, ctypes._CFuncPtr] = {}
 
-    def __call__(self, fn: str, rows: int, cols: int, args: list[int]) -> None:
+    def function(self, fn: str, nargs: int):
+        """The ctypes function of fn with its prototype set (once per name)."""
         f = self._fns.get(fn)
         if f is None:
             f = getattr(self.lib, f"{fn}_{self.suffix}")
-            f.argtypes = [ctypes.c_int64] * 2 + [ctypes.c_void_p, ctypes.c_int64] * (len(args) // 2)
+            f.argtypes = [ctypes.c_int64] * 2 + [ctypes.c_void_p, ctypes.c_int64] * (nargs // 2)
             f.restype = None
             self._fns[fn] = f
-        f(rows, cols, *args)
+        return f
+
+    def __call__(self, fn: str, rows: int, cols: int, args: list[int]) -> None:
+        self.function(fn, len(args))(rows, cols, *args)
 
 
 class CudaKernels(Kernels):
@@ -120,6 +124,7 @@ class SequenceRunner:
         self.plan = plan
         self.k = kernels
         self.dtype = kernels.dtype
+        self._layouts: dict = {}  # (name, sizes) -> where the name lives, in elements
 
     # -------------------------------------------------------------- sizes and buffers
     def sizes(self, xs, params) -> dict[str, int]:
@@ -149,6 +154,36 @@ class SequenceRunner:
             return _Arg(t, t.data_ptr() + ((h["t"] or 0) * t.stride(0) + col) * es, t.stride(0) * es, t.stride(1))
         return _Arg(t, t.data_ptr() + col * es, 0, t.stride(0))
 
+    def layout(self, name: str, env: dict) -> tuple[str, int, int, int]:
+        """(buffer, element offset of row 0 at time 0, elements per time step, ld) of a name in
+        contiguous buffers of the plan's shapes; computed once per name and sizes."""
+        key = (name, tuple(sorted(env.items())))
+        lay = self._layouts.get(key)
+        if lay is None:
+            h = self.plan["home"][name]
+            shape = self.shape(h["buf"], env)
+            col = _dim(h["col"], env)
+            if len(shape) == 1:  # a vector param: one row, broadcast
+                lay = (h["buf"], 0, 0, 0)
+            elif self.timed(h["buf"]):
+                step = shape[1] * shape[2]
+                lay = (h["buf"], (h["t"] or 0) * step + col, step, shape[2])
+            else:
+                lay = (h["buf"], col, 0, shape[-1])
+            self._layouts[key] = lay
+        return lay
+
+    def rows(self, bufs: dict, name: str, env: dict) -> tuple:
+        """The T per-step [B, size] views of a name (the same view T times if it is not timed)."""
+        h = self.plan["home"][name]
+        buf = bufs[h["buf"]]
+        col = _dim(h["col"], env)
+        n = env[self.size_of(name)]
+        if self.timed(h["buf"]):
+            off = h["t"] or 0
+            return buf[off : off + env["T"], :, col : col + n].unbind(0)
+        return (buf[:, col : col + n],) * env["T"]
+
     def view(self, bufs: dict, name: str, env: dict, t: int | None) -> torch.Tensor:
         """[rows, size] view of a name at step t (None: all T*B rows)."""
         h = self.plan["home"][name]
@@ -167,15 +202,25 @@ class SequenceRunner:
 
     def launch(self, call: dict, bufs: dict, env: dict, t: int | None, cache: dict) -> None:
         key = id(call)
-        args = cache.get(key)
-        if args is None:
-            args = cache[key] = [self.arg(bufs, a["name"], env) for a in call["args"]]
-        flat: list[int] = []
-        for a in args:
-            flat.append(a.base + (t or 0) * a.tstep)
-            flat.append(a.ld)
-        rows = env["B"] if t is not None else env["T"] * env["B"]
-        self.k(call["fn"], rows, env[call["size"]], flat)
+        entry = cache.get(key)
+        if entry is None:
+            # once per call of forward/backward: the pointer/ld pairs at t = 0 and how each
+            # advances per step (ld entries do not), so a step is one list comprehension
+            es = bufs[next(iter(bufs))].element_size()
+            base, step = [], []
+            for a in call["args"]:
+                buf, off, tstep, ld = self.layout(a["name"], env)
+                base += (bufs[buf].data_ptr() + off * es, ld)
+                step += (tstep * es, 0)
+            rows = env["B"] if t is not None else env["T"] * env["B"]
+            fn = self.k.function(call["fn"], len(base)) if hasattr(self.k, "function") else None
+            entry = cache[key] = (fn, rows, env[call["size"]], base, list(zip(base, step)), any(step))
+        fn, rows, cols, base, pairs, moves = entry
+        flat = [b + t * s for b, s in pairs] if (t and moves) else base
+        if fn is not None:
+            fn(rows, cols, *flat)
+        else:
+            self.k(call["fn"], rows, cols, flat)
 
     # -------------------------------------------------------------- forward
     def forward(self, xs, states, params) -> tuple[tuple, tuple, dict]:
@@ -210,13 +255,21 @@ class SequenceRunner:
             torch.matmul(self.view(bufs, g["operand"], env, None), w, out=out)
         wt = {g["key"]: torch.cat([params[names[m]] for m in g["matrices"]]).T.contiguous()
               for st in p["forward"]["stages"] for g in st["gemms"]}
+        # per stage: (operand rows, weight, output rows) of each GEMM, split into T rows once
+        stages = []
+        for st in p["forward"]["stages"]:
+            gemms = []
+            for g in st["gemms"]:
+                out = bufs[g["out_buf"]]
+                outs = out.unbind(0) if self.timed(g["out_buf"]) else (out,) * T
+                ops = self.rows(bufs, g["operand"], env)
+                gemms.append((ops, wt[g["key"]], outs))
+            stages.append((gemms, st["kernels"]))
         for t in range(T):
-            for st in p["forward"]["stages"]:
-                for g in st["gemms"]:
-                    out = bufs[g["out_buf"]]
-                    out = out[t] if self.timed(g["out_buf"]) else out
-                    torch.matmul(self.view(bufs, g["operand"], env, t), wt[g["key"]], out=out)
-                for call in st["kernels"]:
+            for gemms, kernels in stages:
+                for ops, w, outs in gemms:
+                    torch.mm(ops[t], w, out=outs[t])
+                for call in kernels:
                     self.launch(call, bufs, env, t, cache)
         outputs = tuple(self.view(bufs, o["name"], env, None).reshape(T, B, -1) for o in p["outputs"])
         finals = tuple(bufs[f"s_{v['name']}"][T] for v in p["states"])
@@ -232,7 +285,7 @@ class SequenceRunner:
         T, B = int(xs[0].shape[0]), int(xs[0].shape[1])
         params = {k: v.to(dt).contiguous() for k, v in params.items()}
         env = {"T": T, "B": B, "1": 1, **self.sizes(xs, params)}
-        bufs: dict[str, torch.Tensor] = dict(saved)
+        bufs: dict[str, torch.Tensor] = {k: v.contiguous() for k, v in saved.items()}  # layout() assumes it
         for v, x in zip(p["inputs"], xs):
             bufs[f"x_{v['name']}"] = x.to(dt).contiguous()
         for v in p["params"]:
@@ -254,18 +307,23 @@ class SequenceRunner:
         wb = {gg["d_buf"]: torch.cat([params[names[m]] for m in gg["matrices"]])
               for st in p["backward"]["stages"] for gg in st["gemms"]}
         cache: dict = {}
+        stages = []
+        for st in p["backward"]["stages"]:
+            gemms = [(bufs[g["d_buf"]].unbind(0), wb[g["d_buf"]],
+                      self.rows(bufs, g["d_operand"], env))
+                     for g in st["gemms"] if g["used"]]
+            stages.append((st["kernels"], gemms))
+        zero = [bufs[f"ds_{v['name']}"] for v in p["states"] if v["adjoint_zero"]]
         for t in reversed(range(T)):
-            for st in p["backward"]["stages"]:
-                for call in st["kernels"]:
+            for kernels, gemms in stages:
+                for call in kernels:
                     self.launch(call, bufs, env, t, cache)
-                for g in st["gemms"]:
-                    if g["used"]:
-                        torch.matmul(bufs[g["d_buf"]][t], wb[g["d_buf"]], out=self.view(bufs, g["d_operand"], env, t))
+                for ds, w, outs in gemms:
+                    torch.mm(ds[t], w, out=outs[t])
             for call in p["backward"]["leaf"]:
                 self.launch(call, bufs, env, t, cache)
-            for v in p["states"]:
-                if v["adjoint_zero"]:
-                    bufs[f"ds_{v['name']}"].zero_()
+            for z in zero:
+                z.zero_()
         grads = {v["key"]: torch.zeros([env[s] for s in v["shape"]], dtype=dt, device=dev) for v in p["params"]}
         for g in p["dw"]:
             dw = bufs[g["d_buf"]].view(T * B, -1).T @ self.view(bufs, g["operand"], env, None)

@@ -13,8 +13,10 @@ rename). Errors are :class:`NativeBuildError` with what went wrong and what to d
 from __future__ import annotations
 
 import ctypes
+import ctypes.util
 import functools
 import os
+import platform
 import shutil
 import subprocess
 from pathlib import Path
@@ -22,6 +24,15 @@ from pathlib import Path
 from cellspec.runtime.cache import entry, key_of
 
 HOST_FLAGS = ("-x", "c++", "-O3", "-fopenmp", "-shared", "-fPIC")
+#: added to HOST_FLAGS where GCC, x86-64 and glibc's libmvec are there: the element math calls
+#: libmvec's vector exp/log/tanh/... (declared by the .cu prelude under CELLSPEC_SIMD_MATH).
+#: -fno-math-errno / -fno-trapping-math only drop errno and FP-exception-flag side effects
+#: (results, NaN and inf included, are unchanged); no -ffast-math.
+SIMD_FLAGS = ("-DCELLSPEC_SIMD_MATH", "-fno-math-errno", "-fno-trapping-math")
+#: with AVX2 and FMA on this CPU: 8-wide float / 4-wide double vectors; FMA contraction stays off
+#: so that the arithmetic is the plain build's, operation for operation.
+AVX2_FLAGS = ("-mavx2", "-mfma", "-ffp-contract=off")
+SIMD_LIBS = ("-lmvec", "-lm")
 
 
 class NativeBuildError(RuntimeError):
@@ -83,21 +94,72 @@ def _run(cmd: list[str], what: str) -> None:
         )
 
 
-def _compile(kind: str, compiler: str, flags: tuple[str, ...], source: str, name: str, what: str) -> Path:
-    key = key_of(kind, source, compiler_version(compiler), " ".join(flags))
+def _compile(kind: str, compiler: str, flags: tuple[str, ...], source: str, name: str, what: str,
+             libs: tuple[str, ...] = ()) -> Path:
+    key = key_of(kind, source, compiler_version(compiler), " ".join(flags + libs))
 
     def build(tmp: Path) -> None:
         src = tmp / f"{name}.cu"
         src.write_text(source)
-        _run([compiler, *flags, str(src), "-o", str(tmp / f"{name}.so")], what)
+        _run([compiler, *flags, str(src), "-o", str(tmp / f"{name}.so"), *libs], what)
 
     return entry(kind, key, build) / f"{name}.so"
 
 
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+@functools.cache
+def host_simd_flags(cxx: str) -> tuple[str, ...] | None:
+    """Extra flags for the vectorised host build with this compiler, or None where it does not
+    apply (not GCC, not x86-64 Linux, no libmvec, or CELLSPEC_HOST_SIMD=0)."""
+    if os.environ.get("CELLSPEC_HOST_SIMD", "1") == "0":
+        return None
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return None
+    version = compiler_version(cxx)
+    if "clang" in version.lower() or not ("GCC" in version or "g++" in version or "Free Software Foundation" in version):
+        return None
+    if ctypes.util.find_library("mvec") is None:
+        return None
+    cpu = _cpu_flags()
+    return SIMD_FLAGS + (AVX2_FLAGS if {"avx2", "fma"} <= cpu else ())
+
+
+@functools.cache
+def _simd_works(cxx: str, flags: tuple[str, ...]) -> bool:
+    """One tiny build and load with the vector math flags (a libmvec too old or missing symbols
+    shows up here once, not per spec)."""
+    probe = ("#include <math.h>\n#pragma GCC diagnostic ignored \"-Wunused-function\"\n"
+             "#if defined(__GLIBC__) && __GLIBC_PREREQ(2, 35)\n"
+             "extern \"C\" { __attribute__((__simd__(\"notinbranch\"))) float tanhf(float) __THROW; }\n#endif\n"
+             "extern \"C\" { __attribute__((__simd__(\"notinbranch\"))) double exp(double) __THROW; }\n"
+             "extern \"C\" void cs_probe(long n, const float* a, float* b, const double* c, double* d) {\n"
+             "#pragma omp simd\n for (long j = 0; j < n; ++j) { b[j] = tanhf(a[j]); d[j] = exp(c[j]); } }\n")
+    try:
+        path = _compile("host-so", cxx, HOST_FLAGS + flags, probe, "cs_probe", "vector math probe", SIMD_LIBS)
+        _ = ctypes.CDLL(str(path)).cs_probe  # it loads, and the symbol resolves
+    except (NativeBuildError, OSError, AttributeError):
+        return False
+    return True
+
+
 def build_host(source: str, name: str) -> Path:
-    """The CPU build of a generated .cu file (path of the shared library)."""
+    """The CPU build of a generated .cu file (path of the shared library): vectorised math
+    (libmvec) where :func:`host_simd_flags` applies, else the plain ``-O3 -fopenmp`` build."""
     cxx = which_cxx()
     if cxx is not None:
+        extra = host_simd_flags(cxx)
+        if extra is not None and _simd_works(cxx, extra):
+            return _compile("host-so", cxx, HOST_FLAGS + extra, source, name, f"C++ build of {name}.cu", SIMD_LIBS)
         return _compile("host-so", cxx, HOST_FLAGS, source, name, f"C++ build of {name}.cu")
     nvcc = which_nvcc()
     if nvcc is not None:  # host code only, through nvcc's host compiler

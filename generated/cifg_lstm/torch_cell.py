@@ -24,10 +24,12 @@ Do not edit: regenerate with `cellspec compile`.
     CifgLSTM(input_size, hidden_size, batch_first=False)
         forward(x, state=None) -> (outputs, final_state)    x: [T, B, I] ([B, T, I] if batch_first)
 
-Every spec param is an nn.Parameter under its spec name. backend="generated" (the default on
-the CPU) runs the sequence engine below with the derived backward; backend="autograd" runs
-`step` in plain torch ops and lets autograd differentiate it (the reference the generated
-backward is checked against).
+Every spec param is an nn.Parameter under its spec name. backend="generated" runs the sequence
+engine below (torch ops) with the derived backward; backend="autograd" runs `step` in plain
+torch ops and lets autograd differentiate it (the reference the generated backward is checked
+against). backend="auto" (the default) picks the fused kernels of the .cu file next to this one
+where they run (CUDA tensors; float32/float64 CPU sequences of 8 or more steps where a C++
+compiler builds them) and the engine below otherwise.
 """
 
 import math
@@ -46,7 +48,7 @@ OUTPUTS = ("h'",)
 #: which is U(-k, k) with k = 1/sqrt(hidden_size), as torch.nn.LSTM/GRU do
 INITS = {"W_ii": ("default",), "W_hi": ("default",), "p_i": ("default",), "b_i": ("default",), "W_ig": ("default",), "W_hg": ("default",), "b_g": ("default",), "W_io": ("default",), "W_ho": ("default",), "p_o": ("default",), "b_o": ("default",)}
 SAVED = ("i", "f", "g", "o",)
-BACKENDS = ("auto", "generated", "autograd", "cuda")
+BACKENDS = ("auto", "generated", "autograd", "cuda", "fused")
 
 
 def step(params, x, state):
@@ -388,11 +390,15 @@ class _CifgLSTMBase(nn.Module):
     def _zero_state(self, batch, like):
         return tuple(like.new_zeros(batch, self.sizes[s]) for _, s in STATES)
 
-    def _resolve_backend(self, xs):
+    def _resolve_backend(self, xs, state):
         if self.backend != "auto":
             return self.backend
         if xs[0].is_cuda:  # the fused CUDA kernels (cellspec.runtime.cuda_ops)
             return "cuda"
+        from cellspec.runtime import fused_cpu
+
+        if fused_cpu.use_fused(__file__, "cifg_lstm.cu", xs, state, self._params()):  # fused CPU kernel
+            return "fused"
         return "generated"
 
     def _run(self, xs, state):
@@ -409,11 +415,15 @@ class _CifgLSTMBase(nn.Module):
         for s, (name, size) in zip(state, STATES):
             if s.shape != (xs[0].shape[1], self.sizes[size]):
                 raise ValueError(f"state '{name}' must be [{xs[0].shape[1]}, {self.sizes[size]}], got {tuple(s.shape)}")
-        backend = self._resolve_backend(xs)
+        backend = self._resolve_backend(xs, state)
         params = self._params()
         if backend == "autograd":
             return _run_autograd(params, xs, state)
-        if backend == "cuda":  # fused kernels of cifg_lstm.cu, compiled on first use
+        if backend == "fused" and not xs[0].is_cuda:  # fused CPU kernel of cifg_lstm.cu
+            from cellspec.runtime import fused_cpu
+
+            return fused_cpu.run_sequence(__file__, "cifg_lstm.cu", xs, state, params)
+        if backend in ("cuda", "fused"):  # kernels of cifg_lstm.cu (GPU or CPU build), compiled on first use
             from cellspec.runtime import cuda_ops
 
             return cuda_ops.run_sequence(__file__, "cifg_lstm.cu", xs, state, params)

@@ -18,10 +18,12 @@ Do not edit: regenerate with `cellspec compile`.
     Elman(input_size, hidden_size, batch_first=False)
         forward(x, state=None) -> (outputs, final_state)    x: [T, B, I] ([B, T, I] if batch_first)
 
-Every spec param is an nn.Parameter under its spec name. backend="generated" (the default on
-the CPU) runs the sequence engine below with the derived backward; backend="autograd" runs
-`step` in plain torch ops and lets autograd differentiate it (the reference the generated
-backward is checked against).
+Every spec param is an nn.Parameter under its spec name. backend="generated" runs the sequence
+engine below (torch ops) with the derived backward; backend="autograd" runs `step` in plain
+torch ops and lets autograd differentiate it (the reference the generated backward is checked
+against). backend="auto" (the default) picks the fused kernels of the .cu file next to this one
+where they run (CUDA tensors; float32/float64 CPU sequences of 8 or more steps where a C++
+compiler builds them) and the engine below otherwise.
 """
 
 import math
@@ -40,7 +42,7 @@ OUTPUTS = ("h'",)
 #: which is U(-k, k) with k = 1/sqrt(hidden_size), as torch.nn.LSTM/GRU do
 INITS = {"W_ih": ("default",), "W_hh": ("default",), "b_ih": ("default",), "b_hh": ("default",)}
 SAVED = ()
-BACKENDS = ("auto", "generated", "autograd", "cuda")
+BACKENDS = ("auto", "generated", "autograd", "cuda", "fused")
 
 
 def step(params, x, state):
@@ -271,11 +273,15 @@ class _ElmanBase(nn.Module):
     def _zero_state(self, batch, like):
         return like.new_zeros(batch, self.sizes["H"])
 
-    def _resolve_backend(self, xs):
+    def _resolve_backend(self, xs, state):
         if self.backend != "auto":
             return self.backend
         if xs[0].is_cuda:  # the fused CUDA kernels (cellspec.runtime.cuda_ops)
             return "cuda"
+        from cellspec.runtime import fused_cpu
+
+        if fused_cpu.use_fused(__file__, "elman.cu", xs, state, self._params()):  # fused CPU kernel
+            return "fused"
         return "generated"
 
     def _run(self, xs, state):
@@ -292,11 +298,15 @@ class _ElmanBase(nn.Module):
         for s, (name, size) in zip(state, STATES):
             if s.shape != (xs[0].shape[1], self.sizes[size]):
                 raise ValueError(f"state '{name}' must be [{xs[0].shape[1]}, {self.sizes[size]}], got {tuple(s.shape)}")
-        backend = self._resolve_backend(xs)
+        backend = self._resolve_backend(xs, state)
         params = self._params()
         if backend == "autograd":
             return _run_autograd(params, xs, state)
-        if backend == "cuda":  # fused kernels of elman.cu, compiled on first use
+        if backend == "fused" and not xs[0].is_cuda:  # fused CPU kernel of elman.cu
+            from cellspec.runtime import fused_cpu
+
+            return fused_cpu.run_sequence(__file__, "elman.cu", xs, state, params)
+        if backend in ("cuda", "fused"):  # kernels of elman.cu (GPU or CPU build), compiled on first use
             from cellspec.runtime import cuda_ops
 
             return cuda_ops.run_sequence(__file__, "elman.cu", xs, state, params)

@@ -39,6 +39,26 @@
 
 #ifndef CELLSPEC_CUDA_PRELUDE
 #define CELLSPEC_CUDA_PRELUDE
+#if !defined(__CUDACC__) && defined(CELLSPEC_SIMD_MATH) && defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__GLIBC__)
+// CPU build with -DCELLSPEC_SIMD_MATH (and -fno-math-errno -lmvec, as cellspec.runtime.native
+// builds it): glibc's libmvec has vector versions of these functions (same accuracy class, same
+// NaN/inf results); <math.h> declares them only under -ffast-math, so declare them here to let
+// the `omp simd` loops below call them instead of one scalar call per element.
+extern "C" {
+__attribute__((__simd__("notinbranch"))) float expf(float) __THROW;
+__attribute__((__simd__("notinbranch"))) double exp(double) __THROW;
+__attribute__((__simd__("notinbranch"))) float logf(float) __THROW;
+__attribute__((__simd__("notinbranch"))) double log(double) __THROW;
+__attribute__((__simd__("notinbranch"))) float powf(float, float) __THROW;
+__attribute__((__simd__("notinbranch"))) double pow(double, double) __THROW;
+#if __GLIBC_PREREQ(2, 35)
+__attribute__((__simd__("notinbranch"))) float tanhf(float) __THROW;
+__attribute__((__simd__("notinbranch"))) double tanh(double) __THROW;
+__attribute__((__simd__("notinbranch"))) float log1pf(float) __THROW;
+__attribute__((__simd__("notinbranch"))) double log1p(double) __THROW;
+#endif
+}
+#endif
 // ---------------------------------------------------------------------------------------------
 // Elementwise functions with the semantics of the NumPy back end (stable sigmoid and softplus;
 // min/max/clip propagate NaN; derivative masks follow PyTorch at kinks).

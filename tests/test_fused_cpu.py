@@ -1,0 +1,70 @@
+"""backend="auto" on the CPU: the fused CPU kernel (the .cu file's g++ build) where it builds,
+agreeing with the pure-torch engine; the torch engine, silently, where no compiler exists."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from conftest import load_module
+
+from cellspec.runtime import fused_cpu, native
+
+HAVE_CXX = native.which_cxx() is not None
+
+
+def _run(m, x):
+    m.zero_grad()
+    x = x.detach().requires_grad_(True)
+    out, final = m(x)
+    final = final if isinstance(final, tuple) else (final,)
+    (out.square().sum() + sum(f.sum() for f in final)).backward()
+    return [out.detach(), *[f.detach() for f in final], x.grad, *[p.grad.clone() for p in m.parameters()]]
+
+
+@pytest.mark.skipif(not HAVE_CXX, reason="no C++ compiler")
+@pytest.mark.parametrize("module", ["lstm", "torch_gru", "sru"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_auto_is_fused_and_agrees(module, dtype):
+    pkg = load_module(module)
+    cls = getattr(pkg.torch_cell, pkg.torch_cell.CELL)
+    torch.manual_seed(0)
+    m = cls(5, 7, dtype=dtype)
+    x = torch.randn(fused_cpu.MIN_STEPS, 3, 5, dtype=dtype)
+    assert m._resolve_backend((x,), m._zero_state(3, x)) == "fused"
+    assert m._resolve_backend((x[:1],), m._zero_state(3, x)) == "generated"  # short: torch engine
+    fused = _run(m, x)
+    m.backend = "generated"
+    ref = _run(m, x)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    for a, b in zip(fused, ref):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+
+def test_auto_without_compiler_falls_back_quietly(monkeypatch, caplog):
+    pkg = load_module("elman")
+    m = pkg.torch_cell.Elman(4, 6)
+    x = torch.randn(fused_cpu.MIN_STEPS, 2, 4)
+    monkeypatch.setattr(native, "which_cxx", lambda: None)
+    monkeypatch.setattr(native, "which_nvcc", lambda: None)
+    fused_cpu._available.cache_clear()
+    monkeypatch.setattr(fused_cpu, "_NOTED", set())
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with caplog.at_level("DEBUG", logger="cellspec"):
+                assert m._resolve_backend((x,), m._zero_state(2, x)) == "generated"
+                m(x)
+                m(x)
+        notes = [r for r in caplog.records if r.name == "cellspec"]
+        assert len(notes) == 1 and notes[0].levelname == "DEBUG"
+    finally:
+        fused_cpu._available.cache_clear()
+
+
+def test_auto_keeps_engine_for_other_dtypes():
+    pkg = load_module("elman")
+    m = pkg.torch_cell.Elman(4, 6, dtype=torch.bfloat16)
+    x = torch.randn(fused_cpu.MIN_STEPS, 2, 4, dtype=torch.bfloat16)
+    assert m._resolve_backend((x,), m._zero_state(2, x)) == "generated"
