@@ -7,6 +7,6 @@ symbolically, and renders NumPy, PyTorch and CUDA implementations from one sched
 
 __version__ = "0.1.0"
 
-from cellspec.errors import SpecError  # noqa: E402
+from cellspec.errors import SpecError
 
 __all__ = ["SpecError", "__version__"]

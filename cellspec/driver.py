@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cellspec.errors import Source, SpecError, Span, normalize_newlines
+from cellspec.errors import Source, Span, SpecError, normalize_newlines
 from cellspec.frontend import ast
 from cellspec.frontend.parser import parse
 from cellspec.frontend.semantics import CheckedCell, check_file

@@ -15,8 +15,8 @@ TEST_SPECS = ROOT / "tests" / "specs"
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("CELLSPEC_CACHE", str(ROOT / ".pytest_cache" / "cellspec"))
 
-from cellspec.driver import compile_file  # noqa: E402
-from cellspec.runtime.loader import load_package  # noqa: E402
+from cellspec.driver import compile_file
+from cellspec.runtime.loader import load_package
 
 
 def spec_paths(tests: bool = False) -> list[Path]:
@@ -27,12 +27,12 @@ def spec_paths(tests: bool = False) -> list[Path]:
     return paths
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def compiled_cells(path: str):
     return compile_file(path)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load_module(module_name: str):
     """The generated package of the shipped cell with this module name, from the current compiler."""
     for path in spec_paths(tests=True):

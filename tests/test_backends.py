@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import compiled_cells, load_module, spec_paths
 
 from cellspec.verify.check import (
     TOLERANCES,
@@ -16,7 +17,6 @@ from cellspec.verify.check import (
     run_numpy,
     run_torch,
 )
-from conftest import compiled_cells, load_module, spec_paths
 
 MODULES = [cc.module_name for p in spec_paths(tests=True) for cc in compiled_cells(str(p))]
 
@@ -68,7 +68,7 @@ def test_single_step_cell_matches_numpy_step(module):
     cell = getattr(mod, mod.CELL + "Cell")(p.sizes[sizes[0][0]], p.sizes[sizes[1][0]], **kwargs).double()
     with torch.no_grad():
         for k, v in p.params.items():
-            getattr(cell, "_parameters")[k].copy_(torch.as_tensor(v))
+            cell._parameters[k].copy_(torch.as_tensor(v))
     xt = [torch.tensor(a[0], requires_grad=True) for a in p.xs]
     st = [torch.tensor(a, requires_grad=True) for a in p.states]
     t_out, t_new = cell(p.pack(xt), p.pack(st))
@@ -110,7 +110,7 @@ def test_sequence_layer_batch_first(module, batch_first):
             layer._parameters[k].copy_(torch.as_tensor(v))
     swap = (lambda a: a.transpose(0, 1)) if batch_first else (lambda a: a)
     xt = [torch.tensor(a, requires_grad=True) for a in p.xs]
-    outs, final = layer(p.pack([swap(a) for a in xt]), p.pack([torch.as_tensor(s) for s in p.states]))
+    outs, _ = layer(p.pack([swap(a) for a in xt]), p.pack([torch.as_tensor(s) for s in p.states]))
     outs = outs if isinstance(outs, tuple) else (outs,)
     ref = run_numpy(p)
     for o, name in zip(outs, pkg.numpy_cell.OUTPUTS):
@@ -132,7 +132,7 @@ def test_generated_module_is_an_ordinary_module():
     layer = layer.double().to("cpu")
     opt = torch.optim.Adam(layer.parameters(), lr=1e-2)
     x = torch.randn(6, 2, 3, dtype=torch.float64)
-    y, h = layer(x)
+    y, _ = layer(x)
     # the default backend ("auto") runs the fused CPU kernel (_FusedSequence) where a compiler
     # builds it, the generated torch engine (_Sequence) otherwise: both are the generated backward
     name = type(y.grad_fn).__name__ if y.grad_fn is not None else ""
@@ -140,7 +140,7 @@ def test_generated_module_is_an_ordinary_module():
     losses = []
     for _ in range(3):
         opt.zero_grad()
-        y, h = layer(x)
+        y, _ = layer(x)
         loss = (y**2).mean()
         loss.backward()
         opt.step()

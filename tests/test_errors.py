@@ -12,7 +12,7 @@ import re
 import pytest
 
 from cellspec.driver import front
-from cellspec.errors import Source, SpecError, Span
+from cellspec.errors import Source, Span, SpecError
 from cellspec.frontend.parser import MAX_DEPTH
 
 # A cell that is fine; cases replace its body (or all of it).
@@ -269,8 +269,10 @@ DECLS = {
         r"size 'P' is declared but never used",
     ),
     "two sizes, one argument": (
-        "cell C {\n  input x[I]\n  size P = p\n  size Q = ⟦p⟧\n  state h[P], c[Q]\n  param W[P, I], V[Q, I]\n"
-        "  h' = W @ x\n  c' = V @ x\n}\n",
+        (
+            "cell C {\n  input x[I]\n  size P = p\n  size Q = ⟦p⟧\n  state h[P], c[Q]\n  param W[P, I], V[Q, I]\n"
+            "  h' = W @ x\n  c' = V @ x\n}\n"
+        ),
         r"argument 'p' already names size 'P'",
     ),
     "size argument is a keyword": (
@@ -496,7 +498,7 @@ def test_crlf_and_cr_files(newline):
     text, line, col, _ = locate(cell("  h' = tanh(W @ x + U @ h + ⟦q⟧)"))
     e = refuse(text.replace("\n", newline))
     assert (e.line, e.col) == (line, col) == (5, 29)
-    header, src, caret = e.render().split("\n")
+    _header, src, caret = e.render().split("\n")
     assert "\r" not in e.render()
     assert src == "      h' = tanh(W @ x + U @ h + q)"
     assert caret == "    " + " " * 28 + "^"
@@ -519,7 +521,7 @@ def test_other_line_separators_do_not_shift_lines():
 
 def test_render_at_end_of_line():
     e = refuse("cell C {\n  input x[I]\n")
-    header, src, caret = e.render().split("\n")
+    _header, src, caret = e.render().split("\n")
     assert src == "      input x[I]"
     assert caret == "    " + " " * 12 + "^"
 

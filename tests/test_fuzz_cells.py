@@ -16,9 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from cellspec.errors import SpecError
-
 from cellspec.driver import compile_file
+from cellspec.errors import SpecError
 from cellspec.verify.check import check_cell
 from cellspec.verify.randomcell import differential, random_cell
 

@@ -79,9 +79,7 @@ def _total(sizes: list[str]) -> str:
 def build(sched: Schedule, back: Backward, printer_cls, reserved: set[str], **printer_kw) -> dict:
     m = sched.model
     cell = m.cell
-    keys: list[str] = []
-    for k in list(m.leaves) + [p.name for p in cell.params] + [v.key for v in m.values]:
-        keys.append(k)
+    keys: list[str] = list(m.leaves) + [p.name for p in cell.params] + [v.key for v in m.values]
     keys += [p.key for p in m.projections]
     keys += sorted(set(back.adjoint.values()) | set(back.output_seed.values()))
     keys += sorted(set(back.gemm_adjoint.values()) | set(back.hoisted_gemm_adjoint.values()) | set(back.step_seed.values()))

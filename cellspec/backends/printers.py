@@ -8,6 +8,8 @@ printer writes float32 through its type alias and literal suffix, never by strin
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import sympy as sp
 from sympy.printing.c import C99CodePrinter
 from sympy.printing.pycode import PythonCodePrinter
@@ -39,7 +41,7 @@ class _PythonArrayPrinter(PythonCodePrinter):
     """Shared by NumPy and PyTorch: array expressions in Python syntax."""
 
     lib = ""
-    calls: dict[type, str] = {}
+    calls: ClassVar[dict[type, str]] = {}
 
     def __init__(self, names: dict[str, str]):
         super().__init__({"fully_qualified_modules": False, "standard": "python3"})
@@ -81,7 +83,7 @@ class _PythonArrayPrinter(PythonCodePrinter):
 
 class NumPyPrinter(_PythonArrayPrinter):
     sqrt_name = "np.sqrt"
-    calls = {
+    calls: ClassVar[dict[type, str]] = {
         fn.Sigmoid: "_sigmoid",
         fn.Tanh: "np.tanh",
         fn.Exp: "_exp",
@@ -107,7 +109,7 @@ class NumPyPrinter(_PythonArrayPrinter):
 
 class TorchPrinter(_PythonArrayPrinter):
     sqrt_name = "torch.sqrt"
-    calls = {
+    calls: ClassVar[dict[type, str]] = {
         fn.Sigmoid: "torch.sigmoid",
         fn.Tanh: "torch.tanh",
         fn.Exp: "torch.exp",
@@ -135,7 +137,7 @@ class CudaPrinter(C99CodePrinter):
     """C++ for ``__host__ __device__`` functions; ``real`` is the math type alias (float or
     double) and float literals carry its suffix through ``literal_suffix``."""
 
-    calls = {
+    calls: ClassVar[dict[type, str]] = {
         fn.Sigmoid: "cs_sigmoid",
         fn.Tanh: "cs_tanh",
         fn.Exp: "cs_exp",

@@ -35,27 +35,27 @@ class Name:
 @dataclass(frozen=True)
 class BinOp:
     op: str  # one of + - * /
-    left: "Expr"
-    right: "Expr"
+    left: Expr
+    right: Expr
     span: Span  # the operator
 
 
 @dataclass(frozen=True)
 class MatMul:
-    matrix: "Expr"
-    operand: "Expr"
+    matrix: Expr
+    operand: Expr
     span: Span  # the '@'
 
 
 @dataclass(frozen=True)
 class Neg:
-    operand: "Expr"
+    operand: Expr
     span: Span
 
 
 @dataclass(frozen=True)
 class Pow:
-    base: "Expr"
+    base: Expr
     exponent: float
     exponent_text: str
     span: Span  # the operator
@@ -64,7 +64,7 @@ class Pow:
 @dataclass(frozen=True)
 class Call:
     func: str
-    args: tuple["Expr", ...]
+    args: tuple[Expr, ...]
     span: Span  # the function name
 
 

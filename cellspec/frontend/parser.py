@@ -13,7 +13,7 @@ from importlib import resources
 import lark
 from lark import Token, Transformer, Tree
 
-from cellspec.errors import Source, SpecError, Span, normalize_newlines
+from cellspec.errors import Source, Span, SpecError, normalize_newlines
 from cellspec.frontend import ast
 
 MAX_DEPTH = 200

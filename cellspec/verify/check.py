@@ -176,7 +176,7 @@ def _tuple(v):
 
 def run_numpy(p: Problem, dtype=np.float64) -> Results:
     c = p.pkg.numpy_cell
-    cast = lambda a: np.asarray(a, dtype)  # noqa: E731
+    cast = lambda a: np.asarray(a, dtype)
     params = {k: cast(v) for k, v in p.params.items()}
     xs = p.pack([cast(a) for a in p.xs])
     st = p.pack([cast(a) for a in p.states])
