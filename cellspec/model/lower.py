@@ -73,10 +73,6 @@ class CellModel:
     def value(self, key: str) -> Value:
         return next(v for v in self.values if v.key == key)
 
-    @property
-    def value_keys(self) -> set[str]:
-        return {v.key for v in self.values}
-
     def size_of(self, key: str) -> str:
         if key in self.leaves:
             return self.leaves[key].size

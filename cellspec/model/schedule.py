@@ -20,8 +20,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import sympy as sp
-
 from cellspec.model.lower import CellModel, Projection, Value
 
 
@@ -161,7 +159,3 @@ def schedule(model: CellModel) -> Schedule:
         stages=stages,
         consumers=consumers,
     )
-
-
-def free_keys(expr: sp.Expr) -> set[str]:
-    return {s.name for s in expr.free_symbols}
