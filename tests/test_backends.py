@@ -146,3 +146,26 @@ def test_generated_module_is_an_ordinary_module():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0]
+
+
+def test_generated_package_runs_without_cellspec_installed():
+    """A generated package copied elsewhere: the default backend falls back to the PyTorch engine."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    generated = Path(__file__).resolve().parent.parent / "generated"
+    code = (
+        "import sys; sys.modules['cellspec'] = None\n"  # makes `import cellspec` fail
+        f"sys.path.insert(0, {str(generated)!r})\n"
+        "import torch\n"
+        "from lstm import LSTM, numpy_cell\n"
+        "layer = LSTM(3, 4).double()\n"
+        "y, (h, c) = layer(torch.randn(9, 2, 3, dtype=torch.float64))\n"
+        "y.sum().backward()\n"
+        "assert 'cellspec' not in [m.split('.')[0] for m in sys.modules if sys.modules[m] is not None]\n"
+        "print(type(y.grad_fn).__name__)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert "_Sequence" in proc.stdout

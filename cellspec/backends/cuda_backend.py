@@ -537,9 +537,12 @@ def torch_extension(ctx: dict, sched, back) -> None:
     ctx["extra_backends"] = ctx.get("extra_backends", "") + ', "cuda", "fused"'
     rule = ctx.get("auto_backend_rule", "")
     ctx["auto_backend_rule"] = (rule + "\n" if rule else "") + (
+        '        try:\n'
+        '            from cellspec.runtime import fused_cpu\n'
+        '        except ImportError:  # this package used without cellspec installed: the PyTorch engine\n'
+        '            return "generated"\n'
         '        if xs[0].is_cuda:  # the fused CUDA kernels (cellspec.runtime.cuda_ops)\n'
         '            return "cuda"\n'
-        '        from cellspec.runtime import fused_cpu\n\n'
         '        if fused_cpu.use_fused(__file__, "' + module + '.cu", xs, state, self._params()):  # fused CPU kernel\n'
         '            return "fused"'
     )

@@ -276,10 +276,12 @@ class _ElmanBase(nn.Module):
     def _resolve_backend(self, xs, state):
         if self.backend != "auto":
             return self.backend
+        try:
+            from cellspec.runtime import fused_cpu
+        except ImportError:  # this package used without cellspec installed: the PyTorch engine
+            return "generated"
         if xs[0].is_cuda:  # the fused CUDA kernels (cellspec.runtime.cuda_ops)
             return "cuda"
-        from cellspec.runtime import fused_cpu
-
         if fused_cpu.use_fused(__file__, "elman.cu", xs, state, self._params()):  # fused CPU kernel
             return "fused"
         return "generated"
