@@ -11,7 +11,6 @@ import re
 
 from cellspec.backends import context
 from cellspec.backends.naming import PYTHON_RESERVED
-from cellspec.backends.numpy_backend import add_sequence_info
 from cellspec.backends.printers import TorchPrinter
 from cellspec.backends.render import render_template
 from cellspec.backends.torch_plan import plan as plan_engine
@@ -115,7 +114,7 @@ def _init_literal(init) -> str:
 
 def render(sched: Schedule, back: Backward) -> dict[str, str]:
     ctx = context.build(sched, back, TorchPrinter, PYTHON_RESERVED)
-    add_sequence_info(ctx)
+    context.add_sequence_info(ctx)
     first = ctx["inputs"][0]["name"]
     ctx["xp"] = dict(XP, dtype_from_forward=f"    _dtype = _{first}_seq.dtype\n    _device = _{first}_seq.device")
     m = sched.model
