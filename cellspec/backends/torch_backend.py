@@ -112,7 +112,10 @@ def _init_literal(init) -> str:
     return repr((init.kind, *[float(a) for a in init.args]))
 
 
-def render(sched: Schedule, back: Backward) -> dict[str, str]:
+def render(sched: Schedule, back: Backward, native_glue: dict | None = None) -> dict[str, str]:
+    """``torch_cell.py`` and ``__init__.py``; with ``native_glue`` (the native renderer's glue
+    context) the modules also run the ``.cu`` file's native library (``backend="fused"`` on the
+    CPU, ``"cuda"`` on the GPU)."""
     ctx = context.build(sched, back, TorchPrinter, PYTHON_RESERVED)
     context.add_sequence_info(ctx)
     first = ctx["inputs"][0]["name"]
@@ -151,11 +154,8 @@ def render(sched: Schedule, back: Backward) -> dict[str, str]:
     ctx["ctor_doc_cell"] = ", ".join(ctor + [f"{a}=..." for a in extra])
     ctx["ctor_doc_seq"] = ", ".join(ctor + ["batch_first=False"] + [f"{a}=..." for a in extra])
     ctx["inits"] = {p.name: _init_literal(p.init) for p in m.cell.params}
-    ctx["extra_backends"] = ""
-    ctx["auto_backend_rule"] = ""
-    ctx["extra_dispatch"] = ""
-    for hook in EXTENSIONS:
-        hook(ctx, sched, back)
+    ctx["native"] = native_glue is not None
+    ctx.update(native_glue or {})
 
     plan_engine(ctx, sched, back)
     ctx["helpers"] = []
@@ -168,7 +168,3 @@ def render(sched: Schedule, back: Backward) -> dict[str, str]:
     text = render_template("torch_cell.py.j2", ctx)
     return {"torch_cell.py": text, "__init__.py": render_template("package_init.py.j2", ctx)}
 
-
-#: functions (ctx, schedule, backward) -> None that other back ends (CUDA, the fused CPU
-#: kernel) register to add a backend choice to the generated modules.
-EXTENSIONS: list = []
