@@ -101,7 +101,7 @@ def render_files(sched: Schedule, back: Backward, prog: Program, targets: tuple[
     if "cuda" in targets:
         text, loops = native_render.render(prog, _cell_text(cell), __version__, cell.filename)
         files[f"{cell.module_name}.cu"] = text
-        glue = native_render.glue_context(prog, loops)
+        glue = native_render.glue_context(prog, loops, text)
     if "numpy" in targets:
         files["numpy_cell.py"] = numpy_backend.render(sched, back)
     if "torch" in targets:

@@ -25,6 +25,7 @@ program order, then the stacked weights, then (backward) the gradient of every p
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
 import sympy as sp
@@ -334,7 +335,7 @@ def _view(fn: ir.Function, name: str) -> str:
     return f"{sl.buffer}{t}{cols}"
 
 
-def glue_context(prog: ir.Program, grads_zero: dict) -> dict:
+def glue_context(prog: ir.Program, grads_zero: dict, cu_text: str) -> dict:
     """Records for ``native_glue.py.j2``."""
     sizes = []
     for s in prog.sizes:
@@ -409,5 +410,6 @@ def glue_context(prog: ir.Program, grads_zero: dict) -> dict:
             "d_states": [prog.d_states[v.key] for v in prog.states],
         },
         "native_saved": list(prog.saved),
+        "native_op": f"{prog.module}_{hashlib.sha256(cu_text.encode()).hexdigest()[:12]}",
         "native_forward_buffers": list(fwd.buffers),
     }
