@@ -103,9 +103,9 @@ def render_files(sched: Schedule, back: Backward, prog: Program, targets: tuple[
         files[f"{cell.module_name}.cu"] = text
         glue = native_render.glue_context(prog, loops, text)
     if "numpy" in targets:
-        files["numpy_cell.py"] = numpy_backend.render(sched, back)
+        files["numpy_cell.py"] = numpy_backend.render(sched, back, prog)
     if "torch" in targets:
-        files.update(torch_backend.render(sched, back, glue))
+        files.update(torch_backend.render(sched, back, prog, glue))
     return files
 
 

@@ -133,10 +133,10 @@ def test_generated_module_is_an_ordinary_module():
     opt = torch.optim.Adam(layer.parameters(), lr=1e-2)
     x = torch.randn(6, 2, 3, dtype=torch.float64)
     y, _ = layer(x)
-    # the default backend ("auto") runs the fused CPU kernel (_FusedSequence) where a compiler
+    # the default backend ("auto") runs the native library (_NativeSequence) where a compiler
     # builds it, the generated torch engine (_Sequence) otherwise: both are the generated backward
     name = type(y.grad_fn).__name__ if y.grad_fn is not None else ""
-    assert name.startswith(("_Sequence", "_FusedSequence"))
+    assert name.startswith(("_Sequence", "_NativeSequence"))
     losses = []
     for _ in range(3):
         opt.zero_grad()

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import re
 
-from cellspec.backends import context
+from cellspec.backends import context, python_render
 from cellspec.backends.naming import PYTHON_RESERVED
 from cellspec.backends.printers import NumPyPrinter
 from cellspec.backends.render import render_template
 from cellspec.model.gradients import Backward
 from cellspec.model.schedule import Schedule
+from cellspec.program.ir import Program
 
 HELPERS = {
     "_sigmoid": '''def _sigmoid(z):
@@ -61,24 +62,9 @@ _MASK = '''def _mask(cond, *like):
     return cond.astype(np.result_type(*[a for a in like if isinstance(a, np.ndarray)] or [float]))'''
 
 
-XP = {
-    "asarray": "np.asarray({})",
-    "zeros": "np.zeros(({}), _dtype)",
-    "empty": "np.empty(({}), _dtype)",
-    "cast": "np.asarray({}, _dtype)",
-    "cat": "np.concatenate",
-    "contiguous": "np.ascontiguousarray({})",
-    "broadcast_to": "np.broadcast_to",
-    "dtype_from_saved": '    _dtype = _saved["{0}"].dtype',
-}
-
-
-def render(sched: Schedule, back: Backward) -> str:
+def render(sched: Schedule, back: Backward, prog: Program) -> str:
     ctx = context.build(sched, back, NumPyPrinter, PYTHON_RESERVED)
-    context.add_sequence_info(ctx)
-    first = ctx["inputs"][0]["name"]
-    params = ", ".join(f'_params["{p["key"]}"]' for p in ctx["params"])
-    ctx["xp"] = dict(XP, dtype_from_forward=f"    _dtype = np.result_type(_{first}_seq, {params})")
+    ctx["seq"] = python_render.sequence_context(prog, ctx["names"], NumPyPrinter(ctx["names"]), python_render.NUMPY)
     ctx["helpers"] = []
     body = render_template("numpy_cell.py.j2", ctx)
     used = [name for name in HELPERS if re.search(rf"\b{name}\(", body)]

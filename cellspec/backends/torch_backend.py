@@ -9,24 +9,13 @@ from __future__ import annotations
 
 import re
 
-from cellspec.backends import context
+from cellspec.backends import context, python_render
 from cellspec.backends.naming import PYTHON_RESERVED
 from cellspec.backends.printers import TorchPrinter
 from cellspec.backends.render import render_template
-from cellspec.backends.torch_plan import plan as plan_engine
 from cellspec.model.gradients import Backward
 from cellspec.model.schedule import Schedule
-
-XP = {
-    "asarray": "{}",
-    "zeros": "torch.zeros(({}), dtype=_dtype, device=_device)",
-    "empty": "torch.empty(({}), dtype=_dtype, device=_device)",
-    "cast": "{}.to(_dtype)",
-    "cat": "torch.cat",
-    "contiguous": "{}.contiguous()",
-    "broadcast_to": "torch.broadcast_to",
-    "dtype_from_saved": '    _dtype = _saved["{0}"].dtype\n    _device = _saved["{0}"].device',
-}
+from cellspec.program.ir import Program
 
 HELPERS = {
     "_hard_sigmoid": '''def _hard_sigmoid(z):
@@ -112,14 +101,12 @@ def _init_literal(init) -> str:
     return repr((init.kind, *[float(a) for a in init.args]))
 
 
-def render(sched: Schedule, back: Backward, native_glue: dict | None = None) -> dict[str, str]:
+def render(sched: Schedule, back: Backward, prog: Program, native_glue: dict | None = None) -> dict[str, str]:
     """``torch_cell.py`` and ``__init__.py``; with ``native_glue`` (the native renderer's glue
     context) the modules also run the ``.cu`` file's native library (``backend="fused"`` on the
     CPU, ``"cuda"`` on the GPU)."""
     ctx = context.build(sched, back, TorchPrinter, PYTHON_RESERVED)
-    context.add_sequence_info(ctx)
-    first = ctx["inputs"][0]["name"]
-    ctx["xp"] = dict(XP, dtype_from_forward=f"    _dtype = _{first}_seq.dtype\n    _device = _{first}_seq.device")
+    ctx["seq"] = python_render.sequence_context(prog, ctx["names"], TorchPrinter(ctx["names"]), python_render.TORCH)
     m = sched.model
     names = ctx["names"]
     pr = TorchPrinter(names)
@@ -157,7 +144,6 @@ def render(sched: Schedule, back: Backward, native_glue: dict | None = None) -> 
     ctx["native"] = native_glue is not None
     ctx.update(native_glue or {})
 
-    plan_engine(ctx, sched, back)
     ctx["helpers"] = []
     body = render_template("torch_cell.py.j2", ctx)
     used = [n for n in HELPERS if re.search(rf"\b{n}\(", body)]
