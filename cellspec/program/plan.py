@@ -411,7 +411,7 @@ def plan(sched: Schedule, back: Backward) -> ir.Program:
     return ir.Program(
         cell=cell.name,
         module=cell.module_name,
-        sizes=tuple(cell.sizes),
+        sizes=tuple(s_ for s_ in cell.sizes if s_ in size_sources),  # a size nothing uses has no value
         size_sources=size_sources,
         inputs=tuple(ir.Vector(v.name, v.name, v.size) for v in cell.inputs),
         states=tuple(ir.Vector(v.name, m.next_state[v.name], v.size) for v in cell.states),
