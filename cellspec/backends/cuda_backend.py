@@ -33,6 +33,7 @@ from cellspec.backends import context
 from cellspec.backends.naming import C_RESERVED
 from cellspec.backends.printers import CudaPrinter
 from cellspec.backends.render import render_template
+from cellspec.model import ops
 from cellspec.model.gradients import Assignment, Backward
 from cellspec.model.schedule import GemmGroup, Schedule
 
@@ -414,6 +415,7 @@ class _Builder:
             "spec_text": self.ctx["spec_text"],
             "functions": functions,
             "dtypes": CUDA_DTYPES,
+            "c_prelude": ops.c_prelude(),
             "plan_json": plan_text(plan),
             "plan_begin": PLAN_BEGIN,
             "plan_end": PLAN_END,

@@ -32,12 +32,10 @@ import sympy as sp
 
 from cellspec.backends.printers import TorchPrinter
 from cellspec.model import functions as fn
+from cellspec.model import ops
 from cellspec.model.gradients import Backward
 from cellspec.model.schedule import Schedule
 
-#: torch functions with an ``out=`` variant, by cell function
-_OUT_CALLS = {fn.Sigmoid: "torch.sigmoid", fn.Tanh: "torch.tanh", fn.Exp: "torch.exp", fn.Log: "torch.log",
-              fn.Sqrt: "torch.sqrt", fn.Abs: "torch.abs"}
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _WORD = re.compile(r"\b[A-Za-z_][A-Za-z0-9_]*\b")
 
@@ -292,8 +290,10 @@ class _NotParams:
 
 def _out_call(e: sp.Expr, pr: TorchPrinter, rows: set[str], dest: str) -> str | None:
     """``e`` computed straight into ``dest`` (a torch call with ``out=``), or None."""
-    if isinstance(e, tuple(_OUT_CALLS)) and len(e.args) == 1:
-        return f"{_OUT_CALLS[type(e)]}({pr.doprint(e.args[0])}, out={dest})"
+    # the op table names the torch function with an out= variant, if the op has one
+    out = ops.of(e).torch_out if isinstance(e, fn.CellFunction) else None
+    if out is not None and len(e.args) == 1:
+        return f"{out}({pr.doprint(e.args[0])}, out={dest})"
     if isinstance(e, (sp.Add, sp.Mul)) and len(e.args) >= 2:
         first = next((a for a in e.args if {s.name for s in a.free_symbols} & rows), None)
         if first is None:

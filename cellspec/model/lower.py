@@ -17,7 +17,7 @@ import sympy as sp
 from cellspec.errors import SpecError
 from cellspec.frontend import ast
 from cellspec.frontend.semantics import CheckedCell
-from cellspec.model import functions as fn
+from cellspec.model import ops
 
 
 @dataclass(frozen=True)
@@ -167,7 +167,7 @@ class _Lowerer:
             a, b = self.lower(e.left), self.lower(e.right)
             return {"+": lambda: a + b, "-": lambda: a - b, "*": lambda: a * b, "/": lambda: a / b}[e.op]()
         if isinstance(e, ast.Call):
-            return fn.BY_SPEC_NAME[e.func](*(self.lower(x) for x in e.args))
+            return ops.by_name(e.func).cls(*(self.lower(x) for x in e.args))
         if isinstance(e, ast.MatMul):
             return self.projection(e)
         raise TypeError(e)  # pragma: no cover
