@@ -76,7 +76,7 @@ class _PythonArrayPrinter(PythonCodePrinter):
         return super()._print(expr, **kwargs)
 
     def _print_Pow(self, expr, rational=False):
-        s = _expanded_power(self, expr, "1", self.sqrt_name)
+        s = _expanded_power(self, expr, "1", ops.of(fn.Sqrt).spell[self.target])
         if s is not None:
             return s
         base, exp = expr.args
@@ -91,12 +91,10 @@ class _PythonArrayPrinter(PythonCodePrinter):
 
 class NumPyPrinter(_PythonArrayPrinter):
     target = "numpy"
-    sqrt_name = "np.sqrt"
 
 
 class TorchPrinter(_PythonArrayPrinter):
     target = "torch"
-    sqrt_name = "torch.sqrt"
 
 
 class CudaPrinter(C99CodePrinter):
@@ -135,7 +133,7 @@ class CudaPrinter(C99CodePrinter):
         return super()._print(expr, **kwargs)
 
     def _print_Pow(self, expr, rational=False):
-        s = _expanded_power(self, expr, self._literal(1.0), "cs_sqrt")
+        s = _expanded_power(self, expr, self._literal(1.0), ops.of(fn.Sqrt).spell["c"])
         if s is not None:
             return s
         base, exp = expr.args
