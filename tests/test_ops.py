@@ -240,6 +240,31 @@ def test_used_ops_from_expressions_in_table_order():
         NumPyPrinter({}).doprint(NoEntry(x))
 
 
+def test_sympy_own_functions_are_refused_loudly():
+    """SymPy's Abs/sign have no entry: printing them the SymPy way gave `abs(h)` and, for the
+    derivative, `0.0 if h == 0 else copysign(1, h)`, which fails on arrays."""
+    (x,) = _symbols(1)
+    for e in (sp.Abs(x), sp.sign(x) * 2):
+        with pytest.raises(KeyError):
+            ops.used_ops([e])
+        for printer in PRINTERS.values():
+            with pytest.raises(NotImplementedError, match="no rule"):
+                printer({}).doprint(e)
+
+
+def test_power_of_a_square_lowers_to_the_language_abs():
+    """SymPy turns (h*h)^0.5 into Abs(h)**1.0; lowering uses the table's abs (value, derivative
+    and spellings), and the cell agrees across back ends and finite differences."""
+    from cellspec.verify.check import check_cell
+
+    text = "cell P {\n input x[I]\n state h[H]\n param W[H, I]\n h' = tanh(W @ x + (h * h) ^ 0.5 + (h * h) ^ 1.5)\n output h'\n}\n"
+    (cc,) = compile_source(Source("p.cell", text))
+    expr = cc.model.values[0].expr
+    assert not expr.atoms(sp.Abs) and len(expr.atoms(fn.Abs)) == 1
+    report = check_cell(cc, T=3, B=2, fd=True)
+    assert report.ok, report.table()
+
+
 def test_helpers_include_dependencies_first_and_only_what_is_used():
     x, y = _symbols(2)
 

@@ -38,7 +38,8 @@ def _expanded_power(printer, expr: sp.Pow, one: str, sqrt: str) -> str | None:
 
 def _call(printer, expr) -> str:
     """A function application spelled as the op table says for the printer's target; a loud
-    error for a function with no entry or no spelling for the target."""
+    error for a function with no entry (SymPy's own ``Abs``, ``sign``, ...) or no spelling for
+    the target."""
     try:
         name = ops.of(expr).spell[printer.target]
     except KeyError:
@@ -71,7 +72,7 @@ class _PythonArrayPrinter(PythonCodePrinter):
         return f"{expr.p}/{expr.q}"
 
     def _print(self, expr, **kwargs):
-        if isinstance(expr, fn.CellFunction):  # before SymPy's own _print_Abs, _print_Min, ...
+        if isinstance(expr, sp.Function):  # before SymPy's own _print_Abs, _print_Min, ...
             return self._print_Function(expr)
         return super()._print(expr, **kwargs)
 
@@ -128,7 +129,7 @@ class CudaPrinter(C99CodePrinter):
         return f"{self._literal(expr.p)}/{self._literal(expr.q)}"
 
     def _print(self, expr, **kwargs):
-        if isinstance(expr, fn.CellFunction):  # before SymPy's own _print_Abs, _print_Min, ...
+        if isinstance(expr, sp.Function):  # before SymPy's own _print_Abs, _print_Min, ...
             return self._print_Function(expr)
         return super()._print(expr, **kwargs)
 

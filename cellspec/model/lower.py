@@ -162,7 +162,9 @@ class _Lowerer:
         if isinstance(e, ast.Pow):
             base = self.lower(e.base)
             exp = sp.Integer(int(e.exponent)) if e.exponent.is_integer() else sp.Float(e.exponent)
-            return base**exp
+            # SymPy rewrites (h*h)^0.5 with its own Abs (Abs(h)**1.0), which no op entry spells
+            # and whose derivative is SymPy's sign: use the language's abs, which has both
+            return (base**exp).replace(sp.Abs, ops.by_name("abs").cls)
         if isinstance(e, ast.BinOp):
             a, b = self.lower(e.left), self.lower(e.right)
             return {"+": lambda: a + b, "-": lambda: a - b, "*": lambda: a * b, "/": lambda: a / b}[e.op]()

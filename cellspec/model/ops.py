@@ -440,11 +440,12 @@ def language_functions() -> dict[str, tuple[int, int]]:
 
 
 def used_ops(exprs: Iterable[sp.Expr]) -> list[OpSpec]:
-    """The ops applied anywhere in these SymPy expressions, in table order. Every
-    :class:`~cellspec.model.functions.CellFunction` application must have an entry (KeyError)."""
+    """The ops applied anywhere in these SymPy expressions, in table order. Every function
+    application must have an entry (KeyError otherwise, also for SymPy's own functions such as
+    ``Abs``: no printer spells them the way the table does)."""
     found: set[type] = set()
     for e in exprs:
-        for a in sp.sympify(e).atoms(fn.CellFunction):
+        for a in sp.sympify(e).atoms(sp.Function):
             found.add(of(a).cls)  # of() raises for a function with no entry
     return [o for o in OPS if o.cls in found]
 
