@@ -52,10 +52,14 @@ FOLD = """cell Fold {
 }
 """
 #: an input-only value that is an output, and an input-only next state: never hoisted
-OUTPUT_OPERAND = cell("  a = x\n  h' = tanh(W @ sigmoid(a) + U @ h)\n  output h', a",
-                      "input x[I]\n  state h[H]\n  param W[H, I], U[H, H]")
-NEXT_STATE_OPERAND = cell("  h' = sigmoid(y) + 0.5 * tanh(x)\n  c' = tanh(W @ h' + U @ c)\n  output c', h'",
-                          "input x[I], y[I]\n  state h[I], c[H]\n  param W[H, I], U[H, H]")
+OUTPUT_OPERAND = cell(
+    "  a = x\n  h' = tanh(W @ sigmoid(a) + U @ h)\n  output h', a",
+    "input x[I]\n  state h[H]\n  param W[H, I], U[H, H]",
+)
+NEXT_STATE_OPERAND = cell(
+    "  h' = sigmoid(y) + 0.5 * tanh(x)\n  c' = tanh(W @ h' + U @ c)\n  output c', h'",
+    "input x[I], y[I]\n  state h[I], c[H]\n  param W[H, I], U[H, H]",
+)
 
 
 # ------------------------------------------------------------------------------ lowering
@@ -69,15 +73,27 @@ class Lowered:
 LOWERING = {
     "gru": Lowered(
         GRU,
-        [("W_r_x", "W_r", "x"), ("U_r_h", "U_r", "h"), ("W_u_x", "W_u", "x"), ("U_u_h", "U_u", "h"),
-         ("W_c_x", "W_c", "x"), ("U_c_out", "U_c", "U_c_in")],
+        [
+            ("W_r_x", "W_r", "x"),
+            ("U_r_h", "U_r", "h"),
+            ("W_u_x", "W_u", "x"),
+            ("U_u_h", "U_u", "h"),
+            ("W_c_x", "W_c", "x"),
+            ("U_c_out", "U_c", "U_c_in"),
+        ],
         {"U_c_in": "h*r"},
     ),
     "deep": Lowered(
         DEEP,
         # W @ x is W_x_2: the param W_x has the name first; V @ (W @ x) gets an operand value
-        [("U2_h", "U2", "h"), ("U1_h", "U1", "h"), ("W_x_2", "W", "x"), ("V_out", "V", "V_in"),
-         ("W_out", "W", "W_in"), ("U3_out", "U3", "U3_in")],
+        [
+            ("U2_h", "U2", "h"),
+            ("U1_h", "U1", "h"),
+            ("W_x_2", "W", "x"),
+            ("V_out", "V", "V_in"),
+            ("W_out", "W", "W_in"),
+            ("U3_out", "U3", "U3_in"),
+        ],
         {"V_in": "W_x_2", "W_in": "m", "U3_in": "Tanh(a)"},
     ),
     "fold": Lowered(
@@ -100,10 +116,20 @@ def test_lowering_projections_and_synthetic_operands(name):
 def test_lowering_gru_values_and_states():
     m = compile_one(GRU).model
     assert [(v.key, v.spec_key) for v in m.values] == [
-        ("r", "r"), ("u", "u"), ("U_c_in", ""), ("c", "c"), ("h_next", "h'")]
+        ("r", "r"),
+        ("u", "u"),
+        ("U_c_in", ""),
+        ("c", "c"),
+        ("h_next", "h'"),
+    ]
     assert m.next_state == {"h": "h_next"} and m.outputs == ["h_next"]
     assert {k: leaf.kind for k, leaf in m.leaves.items()} == {
-        "x": "input", "h": "state", "b_r": "param", "b_u": "param", "b_c": "param"}
+        "x": "input",
+        "h": "state",
+        "b_r": "param",
+        "b_u": "param",
+        "b_c": "param",
+    }
     r, c = m.value("r").expr, m.value("c").expr
     assert isinstance(r, fn.Sigmoid) and isinstance(c, fn.Tanh)
     assert {s.name for s in c.free_symbols} == {"U_c_out", "W_c_x", "b_c"}
@@ -137,8 +163,10 @@ SCHEDULES = {
         GRU,
         [("x", ["W_r", "W_u", "W_c"])],  # stacked: one GEMM over T*B rows
         [],
-        [([("h", ["U_r", "U_u"])], ["r", "u", "U_c_in"]),  # U_c @ (r * h) ends the stage
-         ([("U_c_in", ["U_c"])], ["c", "h_next"])],
+        [
+            ([("h", ["U_r", "U_u"])], ["r", "u", "U_c_in"]),  # U_c @ (r * h) ends the stage
+            ([("U_c_in", ["U_c"])], ["c", "h_next"]),
+        ],
     ),
     "lstm": Scheduled(
         LSTM,
@@ -152,9 +180,11 @@ SCHEDULES = {
         # hoisting is one pointwise pass and one GEMM layer deep
         [("x", ["W"]), ("W_in", ["W"])],
         ["W_in"],
-        [([], ["V_in"]),
-         ([("h", ["U2", "U1"]), ("V_in", ["V"])], ["a", "U3_in"]),  # stacked in spec order
-         ([("U3_in", ["U3"])], ["h_next"])],
+        [
+            ([], ["V_in"]),
+            ([("h", ["U2", "U1"]), ("V_in", ["V"])], ["a", "U3_in"]),  # stacked in spec order
+            ([("U3_in", ["U3"])], ["h_next"]),
+        ],
     ),
     "fold": Scheduled(
         FOLD,
@@ -163,11 +193,15 @@ SCHEDULES = {
         [([], ["a", "z", "p"]), ([("h", ["U"])], ["q", "h_next"])],
     ),
     "output_operand": Scheduled(
-        OUTPUT_OPERAND, [], [],
+        OUTPUT_OPERAND,
+        [],
+        [],
         [([], ["a", "W_in"]), ([("W_in", ["W"]), ("h", ["U"])], ["h_next"])],
     ),
     "next_state_operand": Scheduled(
-        NEXT_STATE_OPERAND, [], [],
+        NEXT_STATE_OPERAND,
+        [],
+        [],
         [([], ["h_next"]), ([("h_next", ["W"]), ("c", ["U"])], ["c_next"])],
     ),
 }
@@ -179,14 +213,18 @@ def test_schedule(name):
     s = compile_one(case.text).schedule
     assert [(g.operand, g.matrices) for g in s.hoisted_gemms] == case.hoisted_gemms
     assert [v.key for v in s.hoisted_values] == case.hoisted_values
-    got = [([(g.operand, g.matrices) for g in st.gemms], [v.key for v in st.values]) for st in s.stages]
+    got = [
+        ([(g.operand, g.matrices) for g in st.gemms], [v.key for v in st.values]) for st in s.stages
+    ]
     assert got == case.stages
     assert [st.index for st in s.stages] == list(range(len(case.stages)))
     # every value and projection is in exactly one place
     m = s.model
     placed = [v.key for v in s.hoisted_values] + [v.key for v in s.step_values]
     assert sorted(placed) == sorted(v.key for v in m.values)
-    gemmed = [p.key for p in s.hoisted_projections] + [p.key for g in s.step_gemms for p in g.projections]
+    gemmed = [p.key for p in s.hoisted_projections] + [
+        p.key for g in s.step_gemms for p in g.projections
+    ]
     assert sorted(gemmed) == sorted(p.key for p in m.projections)
 
 
@@ -216,18 +254,32 @@ class Derived:
 
 BACKWARDS = {
     # states are kept as their sequence (h_next is never saved); U_c_in is a per-step GEMM operand
-    "gru": Derived(GRU, ["r", "u", "U_c_in", "c"], {"x"},
-                   {(0, "h"): "d_h_gemm", (1, "U_c_in"): "d_U_c_in_gemm"}),
+    "gru": Derived(
+        GRU,
+        ["r", "u", "U_c_in", "c"],
+        {"x"},
+        {(0, "h"): "d_h_gemm", (1, "U_c_in"): "d_U_c_in_gemm"},
+    ),
     "lstm": Derived(LSTM, ["i", "f", "g", "o"], {"x"}, {(0, "h"): "d_h_gemm"}),
     # nothing to save: the backward reads h_next from the state sequence
     "elman": Derived(ELMAN, [], {"x"}, {(0, "h"): "d_h_gemm"}),
     # the constants a and z and the hoisted leaves x, m have no per-step adjoint
     "fold": Derived(FOLD, ["p", "q"], {"a", "z", "x", "m"}, {(1, "h"): "d_h_gemm"}),
-    "deep": Derived(DEEP, ["V_in", "U3_in"], {"x", "m"},
-                    {(1, "h"): "d_h_gemm", (1, "V_in"): "d_V_in_gemm", (2, "U3_in"): "d_U3_in_gemm"}),
+    "deep": Derived(
+        DEEP,
+        ["V_in", "U3_in"],
+        {"x", "m"},
+        {(1, "h"): "d_h_gemm", (1, "V_in"): "d_V_in_gemm", (2, "U3_in"): "d_U3_in_gemm"},
+    ),
     # a state the step never reads
-    "unread_state": Derived(cell("  h' = tanh(W @ x + b)\n  output h'", "input x[I]\n  state h[H]\n  param W[H, I], b[H]"),
-                            [], {"h", "x"}, {}),
+    "unread_state": Derived(
+        cell(
+            "  h' = tanh(W @ x + b)\n  output h'", "input x[I]\n  state h[H]\n  param W[H, I], b[H]"
+        ),
+        [],
+        {"h", "x"},
+        {},
+    ),
 }
 
 
@@ -245,7 +297,12 @@ def test_backward_saved_set_zero_adjoints_and_gemm_adjoints(name):
 
 
 def _assigns(b) -> dict[str, sp.Expr]:
-    blocks = [*(st.assigns for st in b.stages), b.leaf_assigns, b.hoisted_assigns, b.hoisted_leaf_assigns]
+    blocks = [
+        *(st.assigns for st in b.stages),
+        b.leaf_assigns,
+        b.hoisted_assigns,
+        b.hoisted_leaf_assigns,
+    ]
     return {a.target: a.expr for blk in blocks for a in blk}
 
 
@@ -253,8 +310,12 @@ def test_lstm_adjoint_aliases_reuse_the_projection_adjoint():
     """The bias of f(W@x + b) has the adjoint of W@x: the name is reused, not recomputed."""
     b = compile_one(LSTM).backward
     exprs = _assigns(b)
-    for gate, bias_i, bias_h, x_proj in [("i", "b_ii", "b_hi", "W_ii_x"), ("f", "b_if", "b_hf", "W_if_x"),
-                                         ("g", "b_ig", "b_hg", "W_ig_x"), ("o", "b_io", "b_ho", "W_io_x")]:
+    for gate, bias_i, bias_h, x_proj in [
+        ("i", "b_ii", "b_hi", "W_ii_x"),
+        ("f", "b_if", "b_hf", "W_if_x"),
+        ("g", "b_ig", "b_hg", "W_ig_x"),
+        ("o", "b_io", "b_ho", "W_io_x"),
+    ]:
         h_proj = f"W_h{gate}_h"
         alias = sp.Symbol(b.adjoint[h_proj], real=True)
         for leaf in (bias_i, bias_h, x_proj):
@@ -278,7 +339,12 @@ def test_elman_bias_and_hoisted_projection_reuse_the_step_projection_adjoint():
     d_u_h = sp.Symbol(b.adjoint["U_h"], real=True)
     assert exprs[b.adjoint["W_x"]] == d_u_h and exprs[b.adjoint["b"]] == d_u_h
     h_next = sp.Symbol("h_next", real=True)
-    assert sp.expand(exprs[b.adjoint["U_h"]] - sp.Symbol(b.adjoint["h_next"], real=True) * (1 - h_next**2)) == 0
+    assert (
+        sp.expand(
+            exprs[b.adjoint["U_h"]] - sp.Symbol(b.adjoint["h_next"], real=True) * (1 - h_next**2)
+        )
+        == 0
+    )
 
 
 def test_output_and_state_seeds():

@@ -47,8 +47,19 @@ def _namespace(target: str) -> dict:
 # ------------------------------------------------------------------------------ completeness
 def test_table_api_and_order():
     assert [o.name for o in ops.OPS if o.name][:13] == [
-        "sigmoid", "tanh", "relu", "exp", "log", "sqrt", "softplus", "softsign", "abs",
-        "hard_sigmoid", "min", "max", "clip",
+        "sigmoid",
+        "tanh",
+        "relu",
+        "exp",
+        "log",
+        "sqrt",
+        "softplus",
+        "softsign",
+        "abs",
+        "hard_sigmoid",
+        "min",
+        "max",
+        "clip",
     ]
     assert ops.by_name("clip").cls is fn.Clip
     assert ops.of(fn.Positive).name is None
@@ -59,8 +70,13 @@ def test_table_api_and_order():
     assert ops.language_functions()["clip"] == (3, 3)
     assert "@" not in ops.language_functions()
     matmul = ops.by_name("@")
-    assert (matmul.ends_stage, matmul.shape_rule, matmul.arg_kinds) == (True, "projection", ("matrix", "vector"))
+    assert (matmul.ends_stage, matmul.shape_rule, matmul.arg_kinds) == (
+        True,
+        "projection",
+        ("matrix", "vector"),
+    )
     assert not any(o.ends_stage for o in ELEMENTWISE)
+    assert len(set(ops.OPS)) == len(ops.OPS) and {ops.by_name("tanh"): 1}[ops.of(fn.Tanh)] == 1
 
 
 @pytest.mark.parametrize("op", ELEMENTWISE, ids=_ids)
@@ -84,7 +100,9 @@ def test_entry_complete(op):
 
 def test_helper_sources_define_their_spelling_and_needs_resolve():
     for target in ("numpy", "torch", "c"):
-        defined = set(ops.SUPPORT[target]) | {o.spell[target] for o in ops.OPS if target in o.helper}
+        defined = set(ops.SUPPORT[target]) | {
+            o.spell[target] for o in ops.OPS if target in o.helper
+        }
         for o in ops.OPS:
             assert set(o.needs.get(target, ())) <= defined, (o.title, target)
     # numpy/torch: every helper a cell could need execs, and defines what it says
@@ -120,8 +138,14 @@ def test_front_end_and_fuzz_vocabulary_follow_the_table():
 
 def test_a_function_name_is_reserved():
     with pytest.raises(SpecError, match="has the name of a built-in function"):
-        compile_source(Source("t.cell", "cell C {\n input x[I]\n state softsign[H]\n param W[H, I]\n"
-                              " softsign' = W @ x\n output softsign'\n}\n"), backends=())
+        compile_source(
+            Source(
+                "t.cell",
+                "cell C {\n input x[I]\n state softsign[H]\n param W[H, I]\n"
+                " softsign' = W @ x\n output softsign'\n}\n",
+            ),
+            backends=(),
+        )
 
 
 # ------------------------------------------------------------------------------ numerics
@@ -168,10 +192,17 @@ def test_c_spellings_agree_with_value(tmp_path):
         for op, pt in cases
     ]
     src = tmp_path / "ops.cpp"
-    src.write_text("#include <math.h>\n#include <stdio.h>\n#define __host__\n#define __device__\n"
-                   + ops.c_prelude() + "\nint main() {\n" + "\n".join(lines) + "\n    return 0;\n}\n")
+    src.write_text(
+        "#include <math.h>\n#include <stdio.h>\n#define __host__\n#define __device__\n"
+        + ops.c_prelude()
+        + "\nint main() {\n"
+        + "\n".join(lines)
+        + "\n    return 0;\n}\n"
+    )
     exe = tmp_path / "ops"
-    subprocess.run(["g++", "-std=c++14", "-O1", "-Wall", "-Werror", "-o", str(exe), str(src)], check=True)
+    subprocess.run(
+        ["g++", "-std=c++14", "-O1", "-Wall", "-Werror", "-o", str(exe), str(src)], check=True
+    )
     out = subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout.split()
     assert len(out) == len(cases)
     for (op, pt), text in zip(cases, out):
@@ -257,7 +288,10 @@ def test_power_of_a_square_lowers_to_the_language_abs():
     and spellings), and the cell agrees across back ends and finite differences."""
     from cellspec.verify.check import check_cell
 
-    text = "cell P {\n input x[I]\n state h[H]\n param W[H, I]\n h' = tanh(W @ x + (h * h) ^ 0.5 + (h * h) ^ 1.5)\n output h'\n}\n"
+    text = (
+        "cell P {\n input x[I]\n state h[H]\n param W[H, I]\n"
+        " h' = tanh(W @ x + (h * h) ^ 0.5 + (h * h) ^ 1.5)\n output h'\n}\n"
+    )
     (cc,) = compile_source(Source("p.cell", text))
     expr = cc.model.values[0].expr
     assert not expr.atoms(sp.Abs) and len(expr.atoms(fn.Abs)) == 1
@@ -269,13 +303,22 @@ def test_helpers_include_dependencies_first_and_only_what_is_used():
     x, y = _symbols(2)
 
     def defined(target, exprs):
-        return [re.search(r"(?:def |inline \w+ )(\w+)\(", h).group(1) for h in ops.helpers(target, exprs)]
+        return [
+            re.search(r"(?:def |inline \w+ )(\w+)\(", h).group(1)
+            for h in ops.helpers(target, exprs)
+        ]
 
     assert defined("numpy", [fn.Tanh(x)]) == []
     assert defined("numpy", [fn.Positive(x) + fn.Sigmoid(y)]) == ["_sigmoid", "_mask", "_positive"]
     assert defined("torch", [fn.Min(x, y)]) == ["_tensors", "_minimum"]
     assert defined("torch", [fn.Sigmoid(x)]) == []
-    assert defined("c", [fn.Softplus(x)]) == ["cs_max", "cs_log1p", "cs_exp", "cs_abs", "cs_softplus"]
+    assert defined("c", [fn.Softplus(x)]) == [
+        "cs_max",
+        "cs_log1p",
+        "cs_exp",
+        "cs_abs",
+        "cs_softplus",
+    ]
     assert defined("c", [x ** sp.Float(1.5)]) == ["cs_pow", "cs_sqrt"]
     with pytest.raises(KeyError):
         ops.helpers("fortran", [x])
@@ -293,7 +336,9 @@ def test_generated_modules_define_exactly_the_helpers_they_call(path):
         for file in ("numpy_cell.py", "torch_cell.py"):
             text = cc.files[file]
             defs = set(re.findall(r"^def (_\w+)\(", text, re.MULTILINE)) & known
-            calls = {n for n in known if re.search(rf"(?<![\w.]){n}\(", text.replace(f"def {n}(", ""))}
+            calls = {
+                n for n in known if re.search(rf"(?<![\w.]){n}\(", text.replace(f"def {n}(", ""))
+            }
             assert defs == calls, (file, defs ^ calls)
 
 
@@ -309,7 +354,13 @@ class Cube(fn.CellFunction):
 
 
 CUBE = ops.OpSpec(
-    "cube", Cube, 1, 1, ("vector_or_number",), "elementwise", False,
+    "cube",
+    Cube,
+    1,
+    1,
+    ("vector_or_number",),
+    "elementwise",
+    False,
     {"numpy": "_cube", "torch": "_cube", "c": "cs_cube"},
     helper={
         "numpy": "def _cube(z):\n    return z * z * z",
@@ -336,7 +387,10 @@ def test_a_new_function_is_one_entry():
 
     with ops.extended(CUBE):
         (cc,) = compile_source(Source("cubic.cell", CUBE_SPEC))
-        assert "def _cube(z)" in cc.files["numpy_cell.py"] and "def _cube(z)" in cc.files["torch_cell.py"]
+        assert (
+            "def _cube(z)" in cc.files["numpy_cell.py"]
+            and "def _cube(z)" in cc.files["torch_cell.py"]
+        )
         assert "cs_cube(" in next(v for k, v in cc.files.items() if k.endswith(".cu"))
         report = check_cell(cc, T=3, B=2, fd=True)
         assert report.ok, report.table()
@@ -357,14 +411,18 @@ class Scale(fn.CellFunction):
 
 def test_number_only_arguments_and_unimplemented_shape_rules_are_refused():
     spell = {"numpy": "_scale", "torch": "_scale", "c": "cs_scale"}
-    scale = ops.OpSpec("scale", Scale, 2, 2, ("vector_or_number", "number"), "elementwise", False, spell)
+    scale = ops.OpSpec(
+        "scale", Scale, 2, 2, ("vector_or_number", "number"), "elementwise", False, spell
+    )
     with ops.extended(scale):
         ok = "cell C {\n input x[I]\n state h[I]\n h' = scale(x, 2 * 0.5) + h\n output h'\n}\n"
         compile_source(Source("t.cell", ok), backends=())
         bad = ok.replace("scale(x, 2 * 0.5)", "scale(x, h)")
         with pytest.raises(SpecError, match="argument 2 of scale\\(\\) must be a number"):
             compile_source(Source("t.cell", bad), backends=())
-    rowsum = ops.OpSpec("rowsum", Scale, 2, 2, ("vector_or_number",) * 2, "row_reduction", False, spell)
+    rowsum = ops.OpSpec(
+        "rowsum", Scale, 2, 2, ("vector_or_number",) * 2, "row_reduction", False, spell
+    )
     with ops.extended(rowsum):
         text = "cell C {\n input x[I]\n state h[I]\n h' = rowsum(x, h)\n output h'\n}\n"
         with pytest.raises(NotImplementedError, match="row_reduction"):
@@ -378,14 +436,47 @@ def test_bad_entries_are_refused_loudly():
     with pytest.raises(ValueError, match="arity"):
         ops.OpSpec("cube", Cube, 1, 2, ("vector_or_number",), "elementwise", False, spell)
     with pytest.raises(ValueError, match="does not define"):
-        ops.OpSpec("cube", Cube, 1, 1, ("vector_or_number",), "elementwise", False, spell,
-                   helper={"numpy": "def _cubed(z):\n    return z ** 3"})
-    needs_nothing = ops.OpSpec("cube", Cube, 1, 1, ("vector_or_number",), "elementwise", False,
-                               spell, needs={"numpy": ("_nowhere",)})
-    no_c = ops.OpSpec("cube", Cube, 1, 1, ("vector_or_number",), "elementwise", False,
-                      {"numpy": "_cube", "torch": "_cube"})
-    for entries, message in [((CUBE, CUBE), "appears twice"), ((needs_nothing,), "needs undefined"),
-                             ((no_c,), "no spelling for c")]:
+        ops.OpSpec(
+            "cube",
+            Cube,
+            1,
+            1,
+            ("vector_or_number",),
+            "elementwise",
+            False,
+            spell,
+            helper={"numpy": "def _cubed(z):\n    return z ** 3"},
+        )
+    needs_nothing = ops.OpSpec(
+        "cube",
+        Cube,
+        1,
+        1,
+        ("vector_or_number",),
+        "elementwise",
+        False,
+        spell,
+        needs={"numpy": ("_nowhere",)},
+    )
+    no_c = ops.OpSpec(
+        "cube",
+        Cube,
+        1,
+        1,
+        ("vector_or_number",),
+        "elementwise",
+        False,
+        {"numpy": "_cube", "torch": "_cube"},
+    )
+    two_args = ops.OpSpec(
+        "cube", Cube, 2, 2, ("vector_or_number",) * 2, "elementwise", False, spell
+    )
+    for entries, message in [
+        ((CUBE, CUBE), "appears twice"),
+        ((needs_nothing,), "needs undefined"),
+        ((no_c,), "no spelling for c"),
+        ((two_args,), "arity 2..2 but Cube takes"),
+    ]:
         with pytest.raises(ValueError, match=message), ops.extended(*entries):
             pass
     assert ops.OPS[-1].cls is not Cube  # the table is back as it was

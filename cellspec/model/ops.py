@@ -44,7 +44,7 @@ ARG_KINDS: tuple[str, ...] = ("vector_or_number", "number", "matrix", "vector")
 #: arguments bounded away from zero), "needs-bounded-argument" (overflows on large arguments).
 FUZZ_TAGS: tuple[str, ...] = ("squash", "safe", "needs-positive-domain", "needs-bounded-argument")
 
-V = "vector_or_number"
+_V = "vector_or_number"
 
 
 @dataclass(frozen=True)
@@ -70,12 +70,23 @@ class OpSpec:
         if not 0 <= self.min_args <= self.max_args or len(self.arg_kinds) != self.max_args:
             raise ValueError(f"op {self.name or self.cls}: arity and argument kinds disagree")
         if any(k not in ARG_KINDS for k in self.arg_kinds):
-            raise ValueError(f"op {self.name or self.cls}: unknown argument kind in {self.arg_kinds}")
+            raise ValueError(
+                f"op {self.name or self.cls}: unknown argument kind in {self.arg_kinds}"
+            )
         if not self.fuzz <= set(FUZZ_TAGS):
-            raise ValueError(f"op {self.name or self.cls}: unknown fuzz tags {set(self.fuzz) - set(FUZZ_TAGS)}")
+            raise ValueError(
+                f"op {self.name or self.cls}: unknown fuzz tags {set(self.fuzz) - set(FUZZ_TAGS)}"
+            )
         for target, source in self.helper.items():
             if f"{self.spell[target]}(" not in source:
-                raise ValueError(f"op {self.name or self.cls}: the {target} helper does not define {self.spell[target]}")
+                raise ValueError(
+                    f"op {self.name or self.cls}: the {target} helper does not define "
+                    f"{self.spell[target]}"
+                )
+
+    def __hash__(self) -> int:
+        """Entries go in sets and dict keys (a generated hash would fail on the dict fields)."""
+        return hash((self.name, self.cls, self.shape_rule))
 
     @property
     def title(self) -> str:
@@ -84,12 +95,12 @@ class OpSpec:
 
 
 def _unary(name: str, cls, spell: dict[str, str], **kw) -> OpSpec:
-    return OpSpec(name, cls, 1, 1, (V,), "elementwise", False, spell, **kw)
+    return OpSpec(name, cls, 1, 1, (_V,), "elementwise", False, spell, **kw)
 
 
-def _mask(cls, spell: dict[str, str], **kw) -> OpSpec:
-    n = cls.nargs if isinstance(cls.nargs, int) else max(cls.nargs)
-    return OpSpec(None, cls, n, n, (V,) * n, "elementwise", False, spell, **kw)
+def _derivative_mask(cls, spell: dict[str, str], **kw) -> OpSpec:
+    n = int(max(cls.nargs))  # SymPy keeps a class's nargs as a set
+    return OpSpec(None, cls, n, n, (_V,) * n, "elementwise", False, spell, **kw)
 
 
 # -------------------------------------------------------------- helpers several ops call
@@ -129,7 +140,8 @@ def _c_overloads(name: str, f32: str, f64: str) -> str:
 # ------------------------------------------------------------------------------ the table
 OPS: tuple[OpSpec, ...] = (
     _unary(
-        "sigmoid", fn.Sigmoid,
+        "sigmoid",
+        fn.Sigmoid,
         {"numpy": "_sigmoid", "torch": "torch.sigmoid", "c": "cs_sigmoid"},
         helper={
             "numpy": '''def _sigmoid(z):
@@ -147,25 +159,28 @@ template <typename T> __host__ __device__ inline T cs_sigmoid(T z) {
         fuzz=frozenset({"squash", "safe"}),
     ),
     _unary(
-        "tanh", fn.Tanh,
+        "tanh",
+        fn.Tanh,
         {"numpy": "np.tanh", "torch": "torch.tanh", "c": "cs_tanh"},
         helper={"c": _c_overloads("cs_tanh", "tanhf", "tanh")},
         torch_out="torch.tanh",
         fuzz=frozenset({"squash", "safe"}),
     ),
     _unary(
-        "relu", fn.Relu,
+        "relu",
+        fn.Relu,
         {"numpy": "_relu", "torch": "torch.relu", "c": "cs_relu"},
         helper={
-            "numpy": '''def _relu(z):
-    return np.maximum(z, 0)''',
+            "numpy": """def _relu(z):
+    return np.maximum(z, 0)""",
             "c": "template <typename T> __host__ __device__ inline T cs_relu(T z) { return cs_max(z, T(0)); }",
         },
         needs={"c": ("cs_max",)},
         fuzz=frozenset({"safe"}),
     ),
     _unary(
-        "exp", fn.Exp,
+        "exp",
+        fn.Exp,
         {"numpy": "_exp", "torch": "torch.exp", "c": "cs_exp"},
         helper={
             "numpy": '''def _exp(z):
@@ -178,21 +193,24 @@ template <typename T> __host__ __device__ inline T cs_sigmoid(T z) {
         fuzz=frozenset({"needs-bounded-argument"}),
     ),
     _unary(
-        "log", fn.Log,
+        "log",
+        fn.Log,
         {"numpy": "np.log", "torch": "torch.log", "c": "cs_log"},
         helper={"c": _c_overloads("cs_log", "logf", "log")},
         torch_out="torch.log",
         fuzz=frozenset({"needs-positive-domain"}),
     ),
     _unary(
-        "sqrt", fn.Sqrt,
+        "sqrt",
+        fn.Sqrt,
         {"numpy": "np.sqrt", "torch": "torch.sqrt", "c": "cs_sqrt"},
         helper={"c": _c_overloads("cs_sqrt", "sqrtf", "sqrt")},
         torch_out="torch.sqrt",
         fuzz=frozenset({"needs-positive-domain"}),
     ),
     _unary(
-        "softplus", fn.Softplus,
+        "softplus",
+        fn.Softplus,
         {"numpy": "_softplus", "torch": "F.softplus", "c": "cs_softplus"},
         helper={
             "numpy": '''def _softplus(z):
@@ -207,25 +225,28 @@ template <typename T> __host__ __device__ inline T cs_softplus(T z) {
         fuzz=frozenset({"safe"}),
     ),
     _unary(
-        "softsign", fn.Softsign,
+        "softsign",
+        fn.Softsign,
         {"numpy": "_softsign", "torch": "F.softsign", "c": "cs_softsign"},
         helper={
-            "numpy": '''def _softsign(z):
-    return z / (1 + np.abs(z))''',
+            "numpy": """def _softsign(z):
+    return z / (1 + np.abs(z))""",
             "c": "template <typename T> __host__ __device__ inline T cs_softsign(T z) { return z / (T(1) + cs_abs(z)); }",
         },
         needs={"c": ("cs_abs",)},
         fuzz=frozenset({"squash", "safe"}),
     ),
     _unary(
-        "abs", fn.Abs,
+        "abs",
+        fn.Abs,
         {"numpy": "np.abs", "torch": "torch.abs", "c": "cs_abs"},
         helper={"c": _c_overloads("cs_abs", "fabsf", "fabs")},
         torch_out="torch.abs",
         fuzz=frozenset({"safe"}),
     ),
     _unary(
-        "hard_sigmoid", fn.HardSigmoid,
+        "hard_sigmoid",
+        fn.HardSigmoid,
         {"numpy": "_hard_sigmoid", "torch": "_hard_sigmoid", "c": "cs_hard_sigmoid"},
         helper={
             "numpy": '''def _hard_sigmoid(z):
@@ -242,12 +263,18 @@ template <typename T> __host__ __device__ inline T cs_hard_sigmoid(T z) { return
         fuzz=frozenset({"squash", "safe"}),
     ),
     OpSpec(
-        "min", fn.Min, 2, 2, (V, V), "elementwise", False,
+        "min",
+        fn.Min,
+        2,
+        2,
+        (_V, _V),
+        "elementwise",
+        False,
         {"numpy": "np.minimum", "torch": "_minimum", "c": "cs_min"},
         helper={
-            "torch": '''def _minimum(a, b):
+            "torch": """def _minimum(a, b):
     a, b = _tensors(a, b)
-    return torch.minimum(a, b)''',
+    return torch.minimum(a, b)""",
             "c": """template <typename T> __host__ __device__ inline T cs_min(T a, T b) {
     return (a != a || b != b) ? a + b : (b < a ? b : a);
 }""",
@@ -255,12 +282,18 @@ template <typename T> __host__ __device__ inline T cs_hard_sigmoid(T z) { return
         needs={"torch": ("_tensors",)},
     ),
     OpSpec(
-        "max", fn.Max, 2, 2, (V, V), "elementwise", False,
+        "max",
+        fn.Max,
+        2,
+        2,
+        (_V, _V),
+        "elementwise",
+        False,
         {"numpy": "np.maximum", "torch": "_maximum", "c": "cs_max"},
         helper={
-            "torch": '''def _maximum(a, b):
+            "torch": """def _maximum(a, b):
     a, b = _tensors(a, b)
-    return torch.maximum(a, b)''',
+    return torch.maximum(a, b)""",
             "c": """template <typename T> __host__ __device__ inline T cs_max(T a, T b) {
     return (a != a || b != b) ? a + b : (b > a ? b : a);
 }""",
@@ -268,7 +301,13 @@ template <typename T> __host__ __device__ inline T cs_hard_sigmoid(T z) { return
         needs={"torch": ("_tensors",)},
     ),
     OpSpec(
-        "clip", fn.Clip, 3, 3, (V, V, V), "elementwise", False,
+        "clip",
+        fn.Clip,
+        3,
+        3,
+        (_V, _V, _V),
+        "elementwise",
+        False,
         {"numpy": "_clip", "torch": "_clip", "c": "cs_clip"},
         helper={
             "numpy": '''def _clip(z, lo, hi):
@@ -287,13 +326,19 @@ template <typename T> __host__ __device__ inline T cs_clip(T z, T lo, T hi) { re
         needs={"torch": ("_tensors",), "c": ("cs_min", "cs_max")},
     ),
     OpSpec(
-        "@", None, 2, 2, ("matrix", "vector"), "projection", True,
+        "@",
+        None,
+        2,
+        2,
+        ("matrix", "vector"),
+        "projection",
+        True,
         # infix, over a batch of rows: operand @ matrix.T; in C the GEMMs are the host's BLAS
         # calls (the kernels are pointwise), so there is no C spelling
         {"numpy": "@", "torch": "@"},
     ),
     # ------------------------------------------------ derivative-only masks (no language name)
-    _mask(
+    _derivative_mask(
         fn.Positive,
         {"numpy": "_positive", "torch": "_positive", "c": "cs_positive"},
         helper={
@@ -308,14 +353,14 @@ template <typename T> __host__ __device__ inline T cs_positive(T z) { return z >
         },
         needs={"numpy": ("_mask",)},
     ),
-    _mask(
+    _derivative_mask(
         fn.Sign,
         {"numpy": "np.sign", "torch": "torch.sign", "c": "cs_sign"},
         helper={
             "c": "template <typename T> __host__ __device__ inline T cs_sign(T z) { return z > T(0) ? T(1) : (z < T(0) ? T(-1) : z); }",
         },
     ),
-    _mask(
+    _derivative_mask(
         fn.InsideOpen3,
         {"numpy": "_inside_open3", "torch": "_inside_open3", "c": "cs_inside_open3"},
         helper={
@@ -329,7 +374,7 @@ template <typename T> __host__ __device__ inline T cs_positive(T z) { return z >
         },
         needs={"numpy": ("_mask",)},
     ),
-    _mask(
+    _derivative_mask(
         fn.LessTie,
         {"numpy": "_less_tie", "torch": "_less_tie", "c": "cs_less_tie"},
         helper={
@@ -344,7 +389,7 @@ template <typename T> __host__ __device__ inline T cs_positive(T z) { return z >
         },
         needs={"numpy": ("_mask",), "torch": ("_tensors",)},
     ),
-    _mask(
+    _derivative_mask(
         fn.ClipPass,
         {"numpy": "_clip_pass", "torch": "_clip_pass", "c": "cs_clip_pass"},
         helper={
@@ -359,7 +404,7 @@ template <typename T> __host__ __device__ inline T cs_positive(T z) { return z >
         },
         needs={"numpy": ("_mask",), "torch": ("_tensors",)},
     ),
-    _mask(
+    _derivative_mask(
         fn.ClipLow,
         {"numpy": "_clip_low", "torch": "_clip_low", "c": "cs_clip_low"},
         helper={
@@ -374,7 +419,7 @@ template <typename T> __host__ __device__ inline T cs_positive(T z) { return z >
         },
         needs={"numpy": ("_mask",), "torch": ("_tensors",)},
     ),
-    _mask(
+    _derivative_mask(
         fn.ClipHigh,
         {"numpy": "_clip_high", "torch": "_clip_high", "c": "cs_clip_high"},
         helper={
@@ -394,13 +439,20 @@ template <typename T> __host__ __device__ inline T cs_positive(T z) { return z >
 
 # ------------------------------------------------------------------------------ look-ups
 def _check(table: tuple[OpSpec, ...]) -> None:
-    """Loud errors for a table that would print wrong code: duplicate names or classes, a
-    helper need that nothing defines, an elementwise op without a SymPy class or a spelling."""
+    """Loud errors for a table that would print wrong code: duplicate names or classes, an arity
+    the SymPy class does not take, a helper need that nothing defines, an elementwise op without
+    a SymPy class or a spelling."""
     names = [o.name for o in table if o.name is not None]
     classes = [o.cls for o in table if o.cls is not None]
     if len(set(names)) != len(names) or len(set(classes)) != len(classes):
         raise ValueError("op table: an op name or SymPy class appears twice")
     for o in table:
+        if o.cls is not None and not all(
+            n in o.cls.nargs for n in range(o.min_args, o.max_args + 1)
+        ):
+            raise ValueError(
+                f"op {o.title}: arity {o.min_args}..{o.max_args} but {o.cls.__name__} takes {o.cls.nargs}"
+            )
         if o.shape_rule == "elementwise":
             if o.cls is None:
                 raise ValueError(f"op {o.title}: an elementwise op needs its SymPy class")
@@ -408,9 +460,13 @@ def _check(table: tuple[OpSpec, ...]) -> None:
             if missing:
                 raise ValueError(f"op {o.title}: no spelling for {', '.join(missing)}")
         for target, needs in o.needs.items():
-            defined = set(SUPPORT.get(target, {})) | {p.spell[target] for p in table if target in p.helper}
+            defined = set(SUPPORT.get(target, {})) | {
+                p.spell[target] for p in table if target in p.helper
+            }
             if not set(needs) <= defined:
-                raise ValueError(f"op {o.title}: {target} helper needs undefined {set(needs) - defined}")
+                raise ValueError(
+                    f"op {o.title}: {target} helper needs undefined {set(needs) - defined}"
+                )
 
 
 _check(OPS)
@@ -436,7 +492,11 @@ def of(cls_or_expr) -> OpSpec:
 
 def language_functions() -> dict[str, tuple[int, int]]:
     """Function names callable in a .cell file -> (min, max) number of arguments."""
-    return {o.name: (o.min_args, o.max_args) for o in OPS if o.name is not None and o.name.isidentifier()}
+    return {
+        o.name: (o.min_args, o.max_args)
+        for o in OPS
+        if o.name is not None and o.name.isidentifier()
+    }
 
 
 def used_ops(exprs: Iterable[sp.Expr]) -> list[OpSpec]:
@@ -452,7 +512,11 @@ def used_ops(exprs: Iterable[sp.Expr]) -> list[OpSpec]:
 
 def _sources(target: str) -> dict[str, tuple[str, tuple[str, ...]]]:
     """Helper name -> (source, helpers it calls) for one target: op helpers, then support."""
-    out = {o.spell[target]: (o.helper[target], o.needs.get(target, ())) for o in OPS if target in o.helper}
+    out = {
+        o.spell[target]: (o.helper[target], o.needs.get(target, ()))
+        for o in OPS
+        if target in o.helper
+    }
     for name, source in SUPPORT.get(target, {}).items():
         out.setdefault(name, (source, ()))
     return out
