@@ -263,6 +263,14 @@ def build(sched: Schedule, back: Backward, printer_cls, reserved: set[str], **pr
     return ctx
 
 
+def printed_exprs(sched: Schedule, back: Backward) -> list:
+    """Every SymPy expression a back end prints for this cell: the hoisted and per-stage forward
+    values and every block of backward assignments (what helper selection looks at)."""
+    out = [v.expr for v in sched.hoisted_values] + [v.expr for st in sched.stages for v in st.values]
+    blocks = [*(s.assigns for s in back.stages), back.leaf_assigns, back.hoisted_assigns, back.hoisted_leaf_assigns]
+    return out + [a.expr for blk in blocks for a in blk]
+
+
 def _cell_text(cell) -> str:
     """The cell's block from its source file, from ``cell`` to its closing brace."""
     lines = Source("", cell.source_text).lines()

@@ -34,6 +34,7 @@ from sympy.printing.c import C99CodePrinter
 from cellspec.backends.naming import C_RESERVED, mangle
 from cellspec.backends.printers import CudaPrinter
 from cellspec.backends.render import render_template
+from cellspec.model import ops
 from cellspec.program import ir
 
 #: storage types of the CUDA entry points: suffix -> C++ type
@@ -298,6 +299,7 @@ def render(prog: ir.Program, spec_text: str, version: str, filename: str) -> tup
         "host_dtypes": HOST_DTYPES,
         "loops": loops,
         "dims": ["T", "B", *prog.sizes],
+        "c_prelude": ops.c_prelude(),
     }
     text = render_template("native.cu.j2", ctx)
     glue = {lp["name"]: {"grads_zero": lp["grads_zero"]} for lp in loops}

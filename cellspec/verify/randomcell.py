@@ -21,6 +21,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
+from cellspec.model import ops
+
 #: names that clash with Python keywords/built-ins, NumPy/torch aliases, C/CUDA names, and
 #: names cellspec generates itself (adjoints ``d_*``, next states ``*_next``, temporaries ``t0``).
 HOSTILE_NAMES = [
@@ -33,11 +35,21 @@ HOSTILE_NAMES = [
 HOSTILE_PARAM_NAMES = ["lambda", "np", "torch", "nn", "F", "math", "int", "out", "self", "len",
                        "class", "real", "exp_", "W_x", "d_h", "t0", "step", "grads", "params"]
 
-UNARY = ["sigmoid", "tanh", "relu", "exp", "log", "sqrt", "softplus", "softsign", "abs", "hard_sigmoid"]
+# The vocabulary comes from the op table's fuzz tags (the reference interpreter below does not:
+# its math is written independently of cellspec).
+_FUNCTIONS = [o for o in ops.OPS if o.name in ops.language_functions()]
+#: one-argument functions
+UNARY = [o.name for o in _FUNCTIONS if o.max_args == 1]
 #: squashing functions: bounded output for any finite input
-SQUASH = ["sigmoid", "tanh", "softsign", "hard_sigmoid"]
+SQUASH = [o.name for o in _FUNCTIONS if "squash" in o.fuzz]
 #: reading or writing these is fine anywhere (bounded growth on bounded input)
-SAFE_UNARY = ["sigmoid", "tanh", "relu", "softplus", "softsign", "abs", "hard_sigmoid"]
+SAFE_UNARY = [o.name for o in _FUNCTIONS if "safe" in o.fuzz and o.max_args == 1]
+#: only for arguments bounded away from zero (log, sqrt)
+POSITIVE_DOMAIN = [o.name for o in _FUNCTIONS if "needs-positive-domain" in o.fuzz]
+#: only for bounded arguments (exp)
+BOUNDED_ARGUMENT = [o.name for o in _FUNCTIONS if "needs-bounded-argument" in o.fuzz]
+#: functions of several arguments (min, max, clip)
+MULTI = [o.name for o in _FUNCTIONS if o.max_args > 1]
 
 
 @dataclass(frozen=True)
@@ -266,21 +278,22 @@ class _Gen:
         if k < 0.74:
             f = r.choice(UNARY)
             self.features.add(f)
-            if f in ("log", "sqrt"):
+            if f in POSITIVE_DOMAIN:
                 return call(f, self.positive(size, depth - 1))
-            if f == "exp":
+            if f in BOUNDED_ARGUMENT:
                 return call(f, self.bounded(size, depth - 1) if r.random() < 0.7 else
                             binop("*", num("0.5"), call("tanh", self.expr(size, depth - 1))))
             return call(f, self.expr(size, depth - 1))
         if k < 0.82:
-            f = r.choice(["min", "max", "clip"])
+            f = r.choice(MULTI)
             self.features.add(f)
             if f == "clip":
                 lo = self.number() if r.random() < 0.5 else self.leaf(size)
                 hi = self.number(positive=True) if r.random() < 0.5 else self.leaf(size)
                 return call("clip", self.expr(size, depth - 1), lo, hi)
-            b = self.expr(size, depth - 1) if r.random() < 0.7 else self.number()
-            return call(f, self.expr(size, depth - 1), b)
+            rest = [self.expr(size, depth - 1) if r.random() < 0.7 else self.number()
+                    for _ in range(ops.by_name(f).max_args - 1)]
+            return call(f, self.expr(size, depth - 1), *rest)
         if k < 0.88:
             self.features.add("neg")
             return neg(self.expr(size, depth - 1))

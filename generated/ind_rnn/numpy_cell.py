@@ -37,14 +37,14 @@ def _relu(z):
     return np.maximum(z, 0)
 
 
-def _positive(z):
-    """1 where z > 0 (relu', 0 at 0 as in PyTorch)."""
-    return _mask(z > 0, z)
-
-
 def _mask(cond, *like):
     """A boolean condition as 0/1 in the floating dtype of the arrays it came from."""
     return cond.astype(np.result_type(*[a for a in like if isinstance(a, np.ndarray)] or [float]))
+
+
+def _positive(z):
+    """1 where z > 0 (relu', 0 at 0 as in PyTorch)."""
+    return _mask(z > 0, z)
 
 
 def forward(params, x, state=None):

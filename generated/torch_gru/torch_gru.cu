@@ -66,43 +66,41 @@ __attribute__((__simd__("notinbranch"))) double log1p(double) __THROW;
 #endif
 // ---------------------------------------------------------------------------------------------
 // Elementwise functions with the semantics of the NumPy back end (stable sigmoid and softplus;
-// min/max/clip propagate NaN; derivative masks follow PyTorch at kinks).
+// min/max/clip propagate NaN; derivative masks follow PyTorch at kinks), from the op table
+// (cellspec/model/ops.py).
 // ---------------------------------------------------------------------------------------------
 __host__ __device__ inline float cs_exp(float z) { return expf(z); }
 __host__ __device__ inline double cs_exp(double z) { return exp(z); }
-__host__ __device__ inline float cs_log(float z) { return logf(z); }
-__host__ __device__ inline double cs_log(double z) { return log(z); }
-__host__ __device__ inline float cs_log1p(float z) { return log1pf(z); }
-__host__ __device__ inline double cs_log1p(double z) { return log1p(z); }
-__host__ __device__ inline float cs_sqrt(float z) { return sqrtf(z); }
-__host__ __device__ inline double cs_sqrt(double z) { return sqrt(z); }
-__host__ __device__ inline float cs_tanh(float z) { return tanhf(z); }
-__host__ __device__ inline double cs_tanh(double z) { return tanh(z); }
 __host__ __device__ inline float cs_abs(float z) { return fabsf(z); }
 __host__ __device__ inline double cs_abs(double z) { return fabs(z); }
-__host__ __device__ inline float cs_pow(float a, float b) { return powf(a, b); }
-__host__ __device__ inline double cs_pow(double a, double b) { return pow(a, b); }
-
-template <typename T> __host__ __device__ inline T cs_min(T a, T b) {
-    return (a != a || b != b) ? a + b : (b < a ? b : a);
-}
-template <typename T> __host__ __device__ inline T cs_max(T a, T b) {
-    return (a != a || b != b) ? a + b : (b > a ? b : a);
-}
-// clip(z, lo, hi) = min(max(z, lo), hi), as torch.clamp (hi wins when lo > hi)
-template <typename T> __host__ __device__ inline T cs_clip(T z, T lo, T hi) { return cs_min(cs_max(z, lo), hi); }
 // 1 / (1 + exp(-z)) without overflow: one exp of -|z|
 template <typename T> __host__ __device__ inline T cs_sigmoid(T z) {
     const T e = cs_exp(-cs_abs(z));
     const T s = T(1) / (T(1) + e);
     return z >= T(0) ? s : e * s;
 }
+__host__ __device__ inline float cs_tanh(float z) { return tanhf(z); }
+__host__ __device__ inline double cs_tanh(double z) { return tanh(z); }
+template <typename T> __host__ __device__ inline T cs_max(T a, T b) {
+    return (a != a || b != b) ? a + b : (b > a ? b : a);
+}
+template <typename T> __host__ __device__ inline T cs_relu(T z) { return cs_max(z, T(0)); }
+__host__ __device__ inline float cs_log(float z) { return logf(z); }
+__host__ __device__ inline double cs_log(double z) { return log(z); }
+__host__ __device__ inline float cs_sqrt(float z) { return sqrtf(z); }
+__host__ __device__ inline double cs_sqrt(double z) { return sqrt(z); }
+__host__ __device__ inline float cs_log1p(float z) { return log1pf(z); }
+__host__ __device__ inline double cs_log1p(double z) { return log1p(z); }
 // log(1 + exp(z)) = max(z, 0) + log1p(exp(-|z|))
 template <typename T> __host__ __device__ inline T cs_softplus(T z) {
     return cs_max(z, T(0)) + cs_log1p(cs_exp(-cs_abs(z)));
 }
-template <typename T> __host__ __device__ inline T cs_relu(T z) { return cs_max(z, T(0)); }
 template <typename T> __host__ __device__ inline T cs_softsign(T z) { return z / (T(1) + cs_abs(z)); }
+template <typename T> __host__ __device__ inline T cs_min(T a, T b) {
+    return (a != a || b != b) ? a + b : (b < a ? b : a);
+}
+// clip(z, lo, hi) = min(max(z, lo), hi), as torch.clamp (hi wins when lo > hi)
+template <typename T> __host__ __device__ inline T cs_clip(T z, T lo, T hi) { return cs_min(cs_max(z, lo), hi); }
 // PyTorch's hardsigmoid: clip(z / 6 + 1/2, 0, 1)
 template <typename T> __host__ __device__ inline T cs_hard_sigmoid(T z) { return cs_clip(z / T(6) + T(0.5), T(0), T(1)); }
 // derivative masks: 1 or 0 (or 1/2 for ties) in the math type
@@ -113,6 +111,8 @@ template <typename T> __host__ __device__ inline T cs_less_tie(T a, T b) { retur
 template <typename T> __host__ __device__ inline T cs_clip_pass(T z, T lo, T hi) { return (z >= lo && z <= hi) ? T(1) : T(0); }
 template <typename T> __host__ __device__ inline T cs_clip_low(T z, T lo, T hi) { return (z < lo && lo < hi) ? T(1) : T(0); }
 template <typename T> __host__ __device__ inline T cs_clip_high(T z, T lo, T hi) { return (z > hi || lo > hi) ? T(1) : T(0); }
+__host__ __device__ inline float cs_pow(float a, float b) { return powf(a, b); }
+__host__ __device__ inline double cs_pow(double a, double b) { return pow(a, b); }
 
 #ifdef __CUDACC__
 // Storage <-> math type: 16-bit storage computes in float.
