@@ -16,7 +16,7 @@ from cellspec.model import functions as fn
 
 
 def compile_one(text: str) -> CompiledCell:
-    (cc,) = compile_source(Source("t.cell", text), backends=())
+    (cc,) = compile_source(Source("t.cell", text), targets=())
     return cc
 
 

@@ -144,7 +144,7 @@ def test_a_function_name_is_reserved():
                 "cell C {\n input x[I]\n state softsign[H]\n param W[H, I]\n"
                 " softsign' = W @ x\n output softsign'\n}\n",
             ),
-            backends=(),
+            targets=(),
         )
 
 
@@ -398,7 +398,7 @@ def test_a_new_function_is_one_entry():
         if shutil.which("g++"):
             assert "cuda-host" in report.columns  # the .cu file's CPU build, with cs_cube
     with pytest.raises(SpecError, match="unknown function 'cube'"):
-        compile_source(Source("cubic.cell", CUBE_SPEC), backends=())
+        compile_source(Source("cubic.cell", CUBE_SPEC), targets=())
 
 
 class Scale(fn.CellFunction):
@@ -416,17 +416,17 @@ def test_number_only_arguments_and_unimplemented_shape_rules_are_refused():
     )
     with ops.extended(scale):
         ok = "cell C {\n input x[I]\n state h[I]\n h' = scale(x, 2 * 0.5) + h\n output h'\n}\n"
-        compile_source(Source("t.cell", ok), backends=())
+        compile_source(Source("t.cell", ok), targets=())
         bad = ok.replace("scale(x, 2 * 0.5)", "scale(x, h)")
         with pytest.raises(SpecError, match="argument 2 of scale\\(\\) must be a number"):
-            compile_source(Source("t.cell", bad), backends=())
+            compile_source(Source("t.cell", bad), targets=())
     rowsum = ops.OpSpec(
         "rowsum", Scale, 2, 2, ("vector_or_number",) * 2, "row_reduction", False, spell
     )
     with ops.extended(rowsum):
         text = "cell C {\n input x[I]\n state h[I]\n h' = rowsum(x, h)\n output h'\n}\n"
         with pytest.raises(NotImplementedError, match="row_reduction"):
-            compile_source(Source("t.cell", text), backends=())
+            compile_source(Source("t.cell", text), targets=())
 
 
 def test_bad_entries_are_refused_loudly():
