@@ -18,6 +18,7 @@ import pytest
 
 from cellspec.driver import compile_file
 from cellspec.errors import SpecError
+from cellspec.runtime import native as native_build
 from cellspec.verify.check import check_cell
 from cellspec.verify.randomcell import differential, random_cell
 
@@ -30,6 +31,9 @@ FIRST_SEED = int(os.environ.get("CELLSPEC_FUZZ_SEED", "0"))
 #: differences (K), the PyTorch engine's backward reading an unsaved hoisted value (T1) or
 #: not writing a hoisted or batch-free output (T2).
 KNOWN_OPEN = {16: "K", 136: "K"}
+
+
+HAVE_CXX = native_build.which_cxx() is not None
 
 
 @pytest.mark.parametrize("path", REGRESSIONS, ids=[p.stem for p in REGRESSIONS])
@@ -47,7 +51,8 @@ def test_random_cells_agree_across_backends():
     for seed in range(FIRST_SEED, FIRST_SEED + N_CELLS):
         rc = random_cell(seed)
         try:
-            fails = differential(rc, T=3, B=2, fd=seed % 4 == 0)
+            # every 10th cell also through the native CPU path (one g++ build each)
+            fails = differential(rc, T=3, B=2, fd=seed % 4 == 0, native=HAVE_CXX and seed % 10 == 0)
         except SpecError as e:
             # a documented refusal: '@' of an operand that simplifies to a constant (W @ (h - h))
             assert "simplifies to the constant" in e.message, e.render()

@@ -521,7 +521,8 @@ def reference_sequence(rc: RandomCell, sizes: dict[str, int], params: dict, xs: 
 
 # --------------------------------------------------------------------- differential check
 #: tolerance per comparison of a random cell (relative to the largest reference value)
-TOLERANCES = {"torch": 1e-9, "autograd": 1e-9, "reference": 1e-9, "fd": 1e-6, "np-f32": 1e-4, "torch-f32": 1e-4}
+TOLERANCES = {"torch": 1e-9, "autograd": 1e-9, "reference": 1e-9, "fd": 1e-6, "np-f32": 1e-4, "torch-f32": 1e-4,
+              "native": 1e-9, "native-f32": 1e-4}
 
 
 def run_reference(rc: RandomCell, p) -> object:
@@ -548,9 +549,11 @@ def run_reference(rc: RandomCell, p) -> object:
 
 
 def differential(rc: RandomCell, T: int = 3, B: int = 2, fd: bool = False, f32: bool = True,
-                 backends: tuple[str, ...] = ("numpy", "torch")) -> list[str]:
+                 native: bool = False) -> list[str]:
     """Compile rc and hold every backend against NumPy float64, NumPy against the interpreter
-    and (with fd) against finite differences. Returns the failures (empty when all agree)."""
+    and (with fd) against finite differences; with ``native`` also the .cu file's CPU build (the
+    fused kernels and the C++ host loop, one g++ build per cell). Returns the failures (empty
+    when all agree)."""
     import numpy as np
 
     from cellspec.driver import compile_source
@@ -558,7 +561,8 @@ def differential(rc: RandomCell, T: int = 3, B: int = 2, fd: bool = False, f32: 
     from cellspec.runtime.loader import load_package
     from cellspec.verify import check
 
-    (cc,) = compile_source(Source(f"fuzz_{rc.seed}.cell", rc.text), backends)
+    targets = ("numpy", "torch", "cuda") if native else ("numpy", "torch")
+    (cc,) = compile_source(Source(f"fuzz_{rc.seed}.cell", rc.text), targets)
     pkg = load_package(cc.module_name, cc.files)
     p = check.make_problem(pkg, T, B, seed=rc.seed)
     ref = check.run_numpy(p)
@@ -576,6 +580,10 @@ def differential(rc: RandomCell, T: int = 3, B: int = 2, fd: bool = False, f32: 
     if f32:
         cols["np-f32"] = lambda: check.compare(check.run_numpy(p, np.float32), ref)
         cols["torch-f32"] = lambda: check.compare(check.run_torch(p, "generated", "float32"), ref)
+    if native:
+        cols["native"] = lambda: check.compare(check.run_torch(p, "fused"), ref)
+        if f32:
+            cols["native-f32"] = lambda: check.compare(check.run_torch(p, "fused", "float32"), ref)
     for name, fn in cols.items():
         errs = fn()
         for q, err in errs.items():
