@@ -198,12 +198,25 @@ class _Renderer:
 
         def emit(op, ind: str) -> None:
             if isinstance(op, ir.Loop):
+                packs = []  # the weights every step multiplies by: packed once per call
+                for o in op.body:
+                    if isinstance(o, (ir.Project, ir.ProjectBack)) and o.rows == "step":
+                        w = p.weights[o.weight]
+                        kind = "nt" if isinstance(o, ir.Project) else "nn"
+                        if (w.name, kind) not in [(x, y) for x, y, _ in packs]:
+                            n, k = (cexpr(w.width), f"n_{w.inner}") if kind == "nt" else (f"n_{w.inner}", cexpr(w.width))
+                            packs.append((w.name, kind, f"cs_pack(ctx, {1 if kind == 'nt' else 0}, n_B, {n}, {k}, "
+                                                        f"w_{w.name}, n_{w.inner})"))
+                for name, kind, call in packs:
+                    lines.append(f"{ind}cs_packed<S> pk_{name}_{kind} = {call};")
                 head = ("for (int64_t t = n_T - 1; t >= 0; --t) {" if op.reverse
                         else "for (int64_t t = 0; t < n_T; ++t) {")
                 lines.append(ind + head)
                 for o in op.body:
                     emit(o, ind + "    ")
                 lines.append(ind + "}")
+                for name, kind, _ in packs:
+                    lines.append(f"{ind}cs_unpack(pk_{name}_{kind});")
             elif isinstance(op, ir.Pointwise):
                 for ef in self.split(fn, op):
                     args = []
@@ -217,15 +230,24 @@ class _Renderer:
                 a, lda = self.ptr(fn, op.operand, op.rows)
                 c, ldc = self.buf_ptr(fn, op.out, op.rows)
                 lines.append(f"{ind}// {op.out} = {op.operand} @ [{', '.join(w.matrices)}]^T  ({op.comment})")
-                lines.append(f"{ind}CS_GEMM_NT({rows_of(op.rows)}, {cexpr(w.width)}, n_{w.inner}, {a}, {lda}, "
-                             f"w_{w.name}, n_{w.inner}, {c}, {ldc}, 0);")
+                if op.rows == "step":  # the weight packed once before the loop
+                    lines.append(f"{ind}CS_GEMM_NT_PACKED(n_B, {cexpr(w.width)}, n_{w.inner}, {a}, {lda}, "
+                                 f"pk_{w.name}_nt, {c}, {ldc}, 0);")
+                else:
+                    lines.append(f"{ind}CS_GEMM_NT({rows_of(op.rows)}, {cexpr(w.width)}, n_{w.inner}, {a}, {lda}, "
+                                 f"w_{w.name}, n_{w.inner}, {c}, {ldc}, 0);")
             elif isinstance(op, ir.ProjectBack):
                 w = p.weights[op.weight]
                 g, ldg = self.buf_ptr(fn, op.d_out, op.rows)
                 c, ldc = self.ptr(fn, op.d_operand, op.rows)
+                beta = 1 if op.accumulate else 0
                 lines.append(f"{ind}// {op.d_operand} {'+=' if op.accumulate else '='} {op.d_out} @ [{', '.join(w.matrices)}]")
-                lines.append(f"{ind}CS_GEMM_NN({rows_of(op.rows)}, n_{w.inner}, {cexpr(w.width)}, {g}, {ldg}, "
-                             f"w_{w.name}, n_{w.inner}, {c}, {ldc}, {1 if op.accumulate else 0});")
+                if op.rows == "step":
+                    lines.append(f"{ind}CS_GEMM_NN_PACKED(n_B, n_{w.inner}, {cexpr(w.width)}, {g}, {ldg}, "
+                                 f"pk_{w.name}_nn, {c}, {ldc}, {beta});")
+                else:
+                    lines.append(f"{ind}CS_GEMM_NN({rows_of(op.rows)}, n_{w.inner}, {cexpr(w.width)}, {g}, {ldg}, "
+                                 f"w_{w.name}, n_{w.inner}, {c}, {ldc}, {beta});")
             elif isinstance(op, ir.WeightGrad):
                 w = p.weights[op.weight]
                 g, ldg = self.buf_ptr(fn, op.d_out, "all")

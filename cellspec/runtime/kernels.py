@@ -34,7 +34,8 @@ class KernelError(RuntimeError):
 
 
 class _HostCtx(ctypes.Structure):
-    _fields_ = [("sgemm", ctypes.c_void_p), ("dgemm", ctypes.c_void_p)]
+    _fields_ = [("sgemm", ctypes.c_void_p), ("dgemm", ctypes.c_void_p), ("pack_size", ctypes.c_void_p),
+                ("pack", ctypes.c_void_p), ("compute", ctypes.c_void_p)]
 
 
 class _CudaCtx(ctypes.Structure):
@@ -49,8 +50,11 @@ def _symbol(lib: ctypes.CDLL, name: str) -> int | None:
 
 
 @functools.cache
-def host_blas() -> tuple[int, int]:
-    """Addresses of ``sgemm_`` and ``dgemm_`` in the process (torch's MKL); KernelError if absent."""
+def host_blas() -> tuple[int, int, int | None, int | None, int | None]:
+    """Addresses of ``sgemm_`` and ``dgemm_`` in the process (torch's MKL; KernelError if absent)
+    and of MKL's packed-matrix API ``sgemm_pack_get_size_``, ``sgemm_pack_``, ``sgemm_compute_``
+    (None where the BLAS lacks it: the per-step GEMMs then re-pack their weight every step).
+    ``CELLSPEC_PACKED_GEMM=0`` turns the packed API off (for measuring it)."""
     lib_dir = Path(torch.__file__).parent / "lib"
     candidates = [lib_dir / "libtorch_cpu.so", lib_dir / "libtorch_cpu.dylib"]
     for path in candidates:
@@ -62,7 +66,10 @@ def host_blas() -> tuple[int, int]:
             continue
         s, d = _symbol(lib, "sgemm_"), _symbol(lib, "dgemm_")
         if s and d:
-            return s, d
+            packed = [_symbol(lib, n) for n in ("sgemm_pack_get_size_", "sgemm_pack_", "sgemm_compute_")]
+            if os.environ.get("CELLSPEC_PACKED_GEMM", "1") == "0" or not all(packed):
+                packed = [None, None, None]
+            return (s, d, *packed)
     raise KernelError(
         "no Fortran-ABI sgemm_/dgemm_ found in torch's library (this build of torch does not export "
         "MKL's BLAS); the PyTorch engine runs instead"
@@ -89,8 +96,7 @@ class Library:
         self.lib, self.module, self.device_type = lib, module, device_type
         self._fns: dict[tuple[str, torch.dtype], ctypes._CFuncPtr] = {}
         if device_type == "cpu":
-            s, d = host_blas()
-            self._ctx = _HostCtx(s, d)
+            self._ctx = _HostCtx(*host_blas())
         else:
             self._ctx = None
             err = getattr(lib, f"{module}_cuda_error_string")

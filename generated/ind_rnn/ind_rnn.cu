@@ -25,6 +25,7 @@
 // 16-bit storage (__half, __nv_bfloat16) computes in float; parameter gradients are float for them.
 
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #include <math.h>
 
@@ -186,11 +187,18 @@ __global__ void cs_add_rows_kernel(int64_t rows, int64_t cols, const S* src, int
     for (int64_t r = blockIdx.y; r < rows; r += gridDim.y)
         cs_store(&dst[r * ldd + j], cs_load(dst[r * ldd + j]) + cs_load(src[r * ld + j]));
 }
+// a weight used by every step: on the GPU simply the matrix
+template <typename S> struct cs_packed { const S* w; int64_t ld; };
+template <typename S>
+static cs_packed<S> cs_pack(const cs_ctx*, int, int64_t, int64_t, int64_t, const S* w, int64_t ldw) { return {w, ldw}; }
+template <typename S> static void cs_unpack(cs_packed<S>&) {}
 #define CS_CHECK(call) do { int _e = (call); if (_e) return _e; } while (0)
 #define CS_PW(fn, rows, cols, ...) CS_CHECK(fn##_launch<S>((rows), (cols), __VA_ARGS__, ctx->stream))
 #define CS_GEMM_NT(m, n, k, a, lda, b, ldb, c, ldc, beta) CS_CHECK((cs_gemm<S, S>(ctx, 0, 1, m, n, k, a, lda, b, ldb, c, ldc, beta)))
 #define CS_GEMM_NN(m, n, k, a, lda, b, ldb, c, ldc, beta) CS_CHECK((cs_gemm<S, S>(ctx, 0, 0, m, n, k, a, lda, b, ldb, c, ldc, beta)))
 #define CS_GEMM_TN(m, n, k, a, lda, b, ldb, c, ldc, beta) CS_CHECK((cs_gemm<S, G>(ctx, 1, 0, m, n, k, a, lda, b, ldb, c, ldc, beta)))
+#define CS_GEMM_NT_PACKED(m, n, k, a, lda, pk, c, ldc, beta) CS_GEMM_NT(m, n, k, a, lda, (pk).w, (pk).ld, c, ldc, beta)
+#define CS_GEMM_NN_PACKED(m, n, k, a, lda, pk, c, ldc, beta) CS_GEMM_NN(m, n, k, a, lda, (pk).w, (pk).ld, c, ldc, beta)
 #define CS_ROWSUM(rows, cols, src, ld, dst, beta) do { if ((cols) > 0) { cs_rowsum_kernel<S, G><<<(unsigned)(((cols) + 127) / 128), 128, 0, (cudaStream_t)ctx->stream>>>(rows, cols, src, ld, dst, beta); CS_CHECK((int)cudaGetLastError()); } } while (0)
 #define CS_ADD(n, src, dst, beta) do { if ((n) > 0) { cs_add_kernel<G><<<(unsigned)(((n) + 127) / 128), 128, 0, (cudaStream_t)ctx->stream>>>(n, src, dst, beta); CS_CHECK((int)cudaGetLastError()); } } while (0)
 #define CS_ADD_ROWS(rows, cols, src, ld, dst, ldd) do { if ((rows) > 0 && (cols) > 0) { dim3 _g, _b; cs_grid(rows, cols, &_g, &_b); cs_add_rows_kernel<S><<<_g, _b, 0, (cudaStream_t)ctx->stream>>>(rows, cols, src, ld, dst, ldd); CS_CHECK((int)cudaGetLastError()); } } while (0)
@@ -202,7 +210,12 @@ typedef void (*cs_sgemm_fn)(const char*, const char*, const int*, const int*, co
                             const int*, const float*, const int*, const float*, float*, const int*);
 typedef void (*cs_dgemm_fn)(const char*, const char*, const int*, const int*, const int*, const double*, const double*,
                             const int*, const double*, const int*, const double*, double*, const int*);
-struct cs_ctx { cs_sgemm_fn sgemm; cs_dgemm_fn dgemm; };
+typedef size_t (*cs_pack_size_fn)(const char*, const int*, const int*, const int*);
+typedef void (*cs_pack_fn)(const char*, const char*, const int*, const int*, const int*, const float*, const float*, const int*, float*);
+typedef void (*cs_compute_fn)(const char*, const char*, const int*, const int*, const int*, const float*, const int*, const float*,
+                              const int*, const float*, float*, const int*);
+// ?gemm_ and, where the BLAS has them (MKL), the packed-matrix API for float (NULL otherwise)
+struct cs_ctx { cs_sgemm_fn sgemm; cs_dgemm_fn dgemm; cs_pack_size_fn pack_size; cs_pack_fn pack; cs_compute_fn compute; };
 static inline void cs_blas(const cs_ctx* c, const char* ta, const char* tb, const int* m, const int* n, const int* k,
                            const float* al, const float* a, const int* lda, const float* b, const int* ldb,
                            const float* be, float* o, const int* ldc) { c->sgemm(ta, tb, m, n, k, al, a, lda, b, ldb, be, o, ldc); }
@@ -222,6 +235,41 @@ static int cs_gemm(const cs_ctx* c, int ta, int tb, int64_t m, int64_t n, int64_
     const int im = (int)n, in = (int)m, ik = (int)k, ilda = (int)(ldb > 0 ? ldb : 1), ildb = (int)(lda > 0 ? lda : 1), ildc = (int)ldc;
     const S one = S(1), zero = S(0);
     cs_blas(c, &tB, &tA, &im, &in, &ik, &one, b, &ilda, a, &ildb, beta ? &one : &zero, out, &ildc);
+    return 0;
+}
+// A weight every step multiplies by, packed once per call into the BLAS's internal layout (MKL's
+// sgemm_pack): the per-step GEMM then skips re-packing it, which for a small batch is most of its
+// time. ta = 1: the step computes a @ wᵀ (the column-major call's first operand is w transposed);
+// ta = 0: a @ w. Double, or a BLAS without the API: the plain matrix.
+template <typename S> struct cs_packed { const S* w; int64_t ld; void* packed; };
+template <typename S>
+static cs_packed<S> cs_pack(const cs_ctx*, int, int64_t, int64_t, int64_t, const S* w, int64_t ldw) { return {w, ldw, 0}; }
+static cs_packed<float> cs_pack(const cs_ctx* c, int ta, int64_t m, int64_t n, int64_t k, const float* w, int64_t ldw)
+{
+    cs_packed<float> p = {w, ldw, 0};
+    if (!c->pack_size || !c->pack || !c->compute || m <= 0 || n <= 0 || k <= 0) return p;
+    const int im = (int)n, in = (int)m, ik = (int)k, ild = (int)ldw;
+    const char id = 'A', tr = ta ? 'T' : 'N';
+    const float one = 1.0f;
+    p.packed = malloc(c->pack_size(&id, &im, &in, &ik));
+    if (p.packed) c->pack(&id, &tr, &im, &in, &ik, &one, w, &ild, (float*)p.packed);
+    return p;
+}
+template <typename S> static void cs_unpack(cs_packed<S>& p) { free(p.packed); p.packed = 0; }
+template <typename S>
+static int cs_gemm_packed(const cs_ctx* c, int ta, int64_t m, int64_t n, int64_t k, const S* a, int64_t lda,
+                          const cs_packed<S>& w, S* out, int64_t ldc, int beta)
+{
+    return cs_gemm<S, S>(c, 0, ta, m, n, k, a, lda, w.w, w.ld, out, ldc, beta);
+}
+static int cs_gemm_packed(const cs_ctx* c, int ta, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
+                          const cs_packed<float>& w, float* out, int64_t ldc, int beta)
+{
+    if (!w.packed || m <= 0 || n <= 0 || k <= 0) return cs_gemm<float, float>(c, 0, ta, m, n, k, a, lda, w.w, w.ld, out, ldc, beta);
+    const char tP = 'P', tN = 'N';
+    const int im = (int)n, in = (int)m, ik = (int)k, ild = (int)w.ld, ilda = (int)lda, ildc = (int)ldc;
+    const float be = beta ? 1.0f : 0.0f;
+    c->compute(&tP, &tN, &im, &in, &ik, (const float*)w.packed, &ild, a, &ilda, &be, out, &ildc);
     return 0;
 }
 template <typename S, typename G>
@@ -258,6 +306,8 @@ static void cs_add_rows_host(int64_t rows, int64_t cols, const S* src, int64_t l
 #define CS_GEMM_NT(m, n, k, a, lda, b, ldb, c, ldc, beta) cs_gemm<S, S>(ctx, 0, 1, m, n, k, a, lda, b, ldb, c, ldc, beta)
 #define CS_GEMM_NN(m, n, k, a, lda, b, ldb, c, ldc, beta) cs_gemm<S, S>(ctx, 0, 0, m, n, k, a, lda, b, ldb, c, ldc, beta)
 #define CS_GEMM_TN(m, n, k, a, lda, b, ldb, c, ldc, beta) cs_gemm<S, G>(ctx, 1, 0, m, n, k, a, lda, b, ldb, c, ldc, beta)
+#define CS_GEMM_NT_PACKED(m, n, k, a, lda, pk, c, ldc, beta) cs_gemm_packed(ctx, 1, m, n, k, a, lda, pk, c, ldc, beta)
+#define CS_GEMM_NN_PACKED(m, n, k, a, lda, pk, c, ldc, beta) cs_gemm_packed(ctx, 0, m, n, k, a, lda, pk, c, ldc, beta)
 #define CS_ROWSUM(rows, cols, src, ld, dst, beta) cs_rowsum_host<S, G>(rows, cols, src, ld, dst, beta)
 #define CS_ADD(n, src, dst, beta) cs_add_host<G>(n, src, dst, beta)
 #define CS_ADD_ROWS(rows, cols, src, ld, dst, ldd) cs_add_rows_host<S>(rows, cols, src, ld, dst, ldd)

@@ -30,6 +30,7 @@
 // 16-bit storage (__half, __nv_bfloat16) computes in float; parameter gradients are float for them.
 
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #include <math.h>
 
@@ -191,11 +192,18 @@ __global__ void cs_add_rows_kernel(int64_t rows, int64_t cols, const S* src, int
     for (int64_t r = blockIdx.y; r < rows; r += gridDim.y)
         cs_store(&dst[r * ldd + j], cs_load(dst[r * ldd + j]) + cs_load(src[r * ld + j]));
 }
+// a weight used by every step: on the GPU simply the matrix
+template <typename S> struct cs_packed { const S* w; int64_t ld; };
+template <typename S>
+static cs_packed<S> cs_pack(const cs_ctx*, int, int64_t, int64_t, int64_t, const S* w, int64_t ldw) { return {w, ldw}; }
+template <typename S> static void cs_unpack(cs_packed<S>&) {}
 #define CS_CHECK(call) do { int _e = (call); if (_e) return _e; } while (0)
 #define CS_PW(fn, rows, cols, ...) CS_CHECK(fn##_launch<S>((rows), (cols), __VA_ARGS__, ctx->stream))
 #define CS_GEMM_NT(m, n, k, a, lda, b, ldb, c, ldc, beta) CS_CHECK((cs_gemm<S, S>(ctx, 0, 1, m, n, k, a, lda, b, ldb, c, ldc, beta)))
 #define CS_GEMM_NN(m, n, k, a, lda, b, ldb, c, ldc, beta) CS_CHECK((cs_gemm<S, S>(ctx, 0, 0, m, n, k, a, lda, b, ldb, c, ldc, beta)))
 #define CS_GEMM_TN(m, n, k, a, lda, b, ldb, c, ldc, beta) CS_CHECK((cs_gemm<S, G>(ctx, 1, 0, m, n, k, a, lda, b, ldb, c, ldc, beta)))
+#define CS_GEMM_NT_PACKED(m, n, k, a, lda, pk, c, ldc, beta) CS_GEMM_NT(m, n, k, a, lda, (pk).w, (pk).ld, c, ldc, beta)
+#define CS_GEMM_NN_PACKED(m, n, k, a, lda, pk, c, ldc, beta) CS_GEMM_NN(m, n, k, a, lda, (pk).w, (pk).ld, c, ldc, beta)
 #define CS_ROWSUM(rows, cols, src, ld, dst, beta) do { if ((cols) > 0) { cs_rowsum_kernel<S, G><<<(unsigned)(((cols) + 127) / 128), 128, 0, (cudaStream_t)ctx->stream>>>(rows, cols, src, ld, dst, beta); CS_CHECK((int)cudaGetLastError()); } } while (0)
 #define CS_ADD(n, src, dst, beta) do { if ((n) > 0) { cs_add_kernel<G><<<(unsigned)(((n) + 127) / 128), 128, 0, (cudaStream_t)ctx->stream>>>(n, src, dst, beta); CS_CHECK((int)cudaGetLastError()); } } while (0)
 #define CS_ADD_ROWS(rows, cols, src, ld, dst, ldd) do { if ((rows) > 0 && (cols) > 0) { dim3 _g, _b; cs_grid(rows, cols, &_g, &_b); cs_add_rows_kernel<S><<<_g, _b, 0, (cudaStream_t)ctx->stream>>>(rows, cols, src, ld, dst, ldd); CS_CHECK((int)cudaGetLastError()); } } while (0)
@@ -207,7 +215,12 @@ typedef void (*cs_sgemm_fn)(const char*, const char*, const int*, const int*, co
                             const int*, const float*, const int*, const float*, float*, const int*);
 typedef void (*cs_dgemm_fn)(const char*, const char*, const int*, const int*, const int*, const double*, const double*,
                             const int*, const double*, const int*, const double*, double*, const int*);
-struct cs_ctx { cs_sgemm_fn sgemm; cs_dgemm_fn dgemm; };
+typedef size_t (*cs_pack_size_fn)(const char*, const int*, const int*, const int*);
+typedef void (*cs_pack_fn)(const char*, const char*, const int*, const int*, const int*, const float*, const float*, const int*, float*);
+typedef void (*cs_compute_fn)(const char*, const char*, const int*, const int*, const int*, const float*, const int*, const float*,
+                              const int*, const float*, float*, const int*);
+// ?gemm_ and, where the BLAS has them (MKL), the packed-matrix API for float (NULL otherwise)
+struct cs_ctx { cs_sgemm_fn sgemm; cs_dgemm_fn dgemm; cs_pack_size_fn pack_size; cs_pack_fn pack; cs_compute_fn compute; };
 static inline void cs_blas(const cs_ctx* c, const char* ta, const char* tb, const int* m, const int* n, const int* k,
                            const float* al, const float* a, const int* lda, const float* b, const int* ldb,
                            const float* be, float* o, const int* ldc) { c->sgemm(ta, tb, m, n, k, al, a, lda, b, ldb, be, o, ldc); }
@@ -227,6 +240,41 @@ static int cs_gemm(const cs_ctx* c, int ta, int tb, int64_t m, int64_t n, int64_
     const int im = (int)n, in = (int)m, ik = (int)k, ilda = (int)(ldb > 0 ? ldb : 1), ildb = (int)(lda > 0 ? lda : 1), ildc = (int)ldc;
     const S one = S(1), zero = S(0);
     cs_blas(c, &tB, &tA, &im, &in, &ik, &one, b, &ilda, a, &ildb, beta ? &one : &zero, out, &ildc);
+    return 0;
+}
+// A weight every step multiplies by, packed once per call into the BLAS's internal layout (MKL's
+// sgemm_pack): the per-step GEMM then skips re-packing it, which for a small batch is most of its
+// time. ta = 1: the step computes a @ wᵀ (the column-major call's first operand is w transposed);
+// ta = 0: a @ w. Double, or a BLAS without the API: the plain matrix.
+template <typename S> struct cs_packed { const S* w; int64_t ld; void* packed; };
+template <typename S>
+static cs_packed<S> cs_pack(const cs_ctx*, int, int64_t, int64_t, int64_t, const S* w, int64_t ldw) { return {w, ldw, 0}; }
+static cs_packed<float> cs_pack(const cs_ctx* c, int ta, int64_t m, int64_t n, int64_t k, const float* w, int64_t ldw)
+{
+    cs_packed<float> p = {w, ldw, 0};
+    if (!c->pack_size || !c->pack || !c->compute || m <= 0 || n <= 0 || k <= 0) return p;
+    const int im = (int)n, in = (int)m, ik = (int)k, ild = (int)ldw;
+    const char id = 'A', tr = ta ? 'T' : 'N';
+    const float one = 1.0f;
+    p.packed = malloc(c->pack_size(&id, &im, &in, &ik));
+    if (p.packed) c->pack(&id, &tr, &im, &in, &ik, &one, w, &ild, (float*)p.packed);
+    return p;
+}
+template <typename S> static void cs_unpack(cs_packed<S>& p) { free(p.packed); p.packed = 0; }
+template <typename S>
+static int cs_gemm_packed(const cs_ctx* c, int ta, int64_t m, int64_t n, int64_t k, const S* a, int64_t lda,
+                          const cs_packed<S>& w, S* out, int64_t ldc, int beta)
+{
+    return cs_gemm<S, S>(c, 0, ta, m, n, k, a, lda, w.w, w.ld, out, ldc, beta);
+}
+static int cs_gemm_packed(const cs_ctx* c, int ta, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
+                          const cs_packed<float>& w, float* out, int64_t ldc, int beta)
+{
+    if (!w.packed || m <= 0 || n <= 0 || k <= 0) return cs_gemm<float, float>(c, 0, ta, m, n, k, a, lda, w.w, w.ld, out, ldc, beta);
+    const char tP = 'P', tN = 'N';
+    const int im = (int)n, in = (int)m, ik = (int)k, ild = (int)w.ld, ilda = (int)lda, ildc = (int)ldc;
+    const float be = beta ? 1.0f : 0.0f;
+    c->compute(&tP, &tN, &im, &in, &ik, (const float*)w.packed, &ild, a, &ilda, &be, out, &ildc);
     return 0;
 }
 template <typename S, typename G>
@@ -263,6 +311,8 @@ static void cs_add_rows_host(int64_t rows, int64_t cols, const S* src, int64_t l
 #define CS_GEMM_NT(m, n, k, a, lda, b, ldb, c, ldc, beta) cs_gemm<S, S>(ctx, 0, 1, m, n, k, a, lda, b, ldb, c, ldc, beta)
 #define CS_GEMM_NN(m, n, k, a, lda, b, ldb, c, ldc, beta) cs_gemm<S, S>(ctx, 0, 0, m, n, k, a, lda, b, ldb, c, ldc, beta)
 #define CS_GEMM_TN(m, n, k, a, lda, b, ldb, c, ldc, beta) cs_gemm<S, G>(ctx, 1, 0, m, n, k, a, lda, b, ldb, c, ldc, beta)
+#define CS_GEMM_NT_PACKED(m, n, k, a, lda, pk, c, ldc, beta) cs_gemm_packed(ctx, 1, m, n, k, a, lda, pk, c, ldc, beta)
+#define CS_GEMM_NN_PACKED(m, n, k, a, lda, pk, c, ldc, beta) cs_gemm_packed(ctx, 0, m, n, k, a, lda, pk, c, ldc, beta)
 #define CS_ROWSUM(rows, cols, src, ld, dst, beta) cs_rowsum_host<S, G>(rows, cols, src, ld, dst, beta)
 #define CS_ADD(n, src, dst, beta) cs_add_host<G>(n, src, dst, beta)
 #define CS_ADD_ROWS(rows, cols, src, ld, dst, ldd) cs_add_rows_host<S>(rows, cols, src, ld, dst, ldd)
@@ -836,12 +886,14 @@ static int torch_gru_forward_run(const int64_t* dims, void* const* ptrs, const c
     (void)ctx;
     // hg_W_ir_W_iz_W_in__x = x @ [W_ir, W_iz, W_in]^T  (W_ir @ x, W_iz @ x, W_in @ x)
     CS_GEMM_NT(n_T * n_B, 3*n_H, n_I, b_x_x, n_I, w_W_ir_W_iz_W_in, n_I, b_hg_W_ir_W_iz_W_in__x, 3*n_H, 0);
+    cs_packed<S> pk_W_hr_W_hz_W_hn_nt = cs_pack(ctx, 1, n_B, 3*n_H, n_H, w_W_hr_W_hz_W_hn, n_H);
     for (int64_t t = 0; t < n_T; ++t) {
         // g_W_hr_W_hz_W_hn__h = h @ [W_hr, W_hz, W_hn]^T  (W_hr @ h, W_hz @ h, W_hn @ h)
-        CS_GEMM_NT(n_B, 3*n_H, n_H, b_s_h + t * n_B * (n_H), n_H, w_W_hr_W_hz_W_hn, n_H, b_g_W_hr_W_hz_W_hn__h + t * n_B * (3*n_H), 3*n_H, 0);
+        CS_GEMM_NT_PACKED(n_B, 3*n_H, n_H, b_s_h + t * n_B * (n_H), n_H, pk_W_hr_W_hz_W_hn_nt, b_g_W_hr_W_hz_W_hn__h + t * n_B * (3*n_H), 3*n_H, 0);
         // forward: stage 0 forward, units of size H
         CS_PW(torch_gru_forward_fwd0_H, n_B, n_H, b_g_W_hr_W_hz_W_hn__h + t * n_B * (3*n_H) + 2*n_H, 3*n_H, b_g_W_hr_W_hz_W_hn__h + t * n_B * (3*n_H), 3*n_H, b_g_W_hr_W_hz_W_hn__h + t * n_B * (3*n_H) + n_H, 3*n_H, b_hg_W_ir_W_iz_W_in__x + t * n_B * (3*n_H) + 2*n_H, 3*n_H, b_hg_W_ir_W_iz_W_in__x + t * n_B * (3*n_H), 3*n_H, b_hg_W_ir_W_iz_W_in__x + t * n_B * (3*n_H) + n_H, 3*n_H, b_p_b_hn, 0, b_p_b_hr, 0, b_p_b_hz, 0, b_p_b_in, 0, b_p_b_ir, 0, b_p_b_iz, 0, b_s_h + t * n_B * (n_H), n_H, b_v_r + t * n_B * (n_H), n_H, b_v_z + t * n_B * (n_H), n_H, b_v_n + t * n_B * (n_H), n_H, b_s_h + (t + 1) * n_B * (n_H), n_H);
     }
+    cs_unpack(pk_W_hr_W_hz_W_hn_nt);
     return 0;
 }
 #ifdef __CUDACC__
@@ -914,12 +966,14 @@ static int torch_gru_inference_run(const int64_t* dims, void* const* ptrs, const
     (void)ctx;
     // hg_W_ir_W_iz_W_in__x = x @ [W_ir, W_iz, W_in]^T  (W_ir @ x, W_iz @ x, W_in @ x)
     CS_GEMM_NT(n_T * n_B, 3*n_H, n_I, b_x_x, n_I, w_W_ir_W_iz_W_in, n_I, b_hg_W_ir_W_iz_W_in__x, 3*n_H, 0);
+    cs_packed<S> pk_W_hr_W_hz_W_hn_nt = cs_pack(ctx, 1, n_B, 3*n_H, n_H, w_W_hr_W_hz_W_hn, n_H);
     for (int64_t t = 0; t < n_T; ++t) {
         // g_W_hr_W_hz_W_hn__h = h @ [W_hr, W_hz, W_hn]^T  (W_hr @ h, W_hz @ h, W_hn @ h)
-        CS_GEMM_NT(n_B, 3*n_H, n_H, b_s_h + t * n_B * (n_H), n_H, w_W_hr_W_hz_W_hn, n_H, b_g_W_hr_W_hz_W_hn__h, 3*n_H, 0);
+        CS_GEMM_NT_PACKED(n_B, 3*n_H, n_H, b_s_h + t * n_B * (n_H), n_H, pk_W_hr_W_hz_W_hn_nt, b_g_W_hr_W_hz_W_hn__h, 3*n_H, 0);
         // inference: stage 0 forward, units of size H
         CS_PW(torch_gru_inference_fwd0_H, n_B, n_H, b_g_W_hr_W_hz_W_hn__h + 2*n_H, 3*n_H, b_g_W_hr_W_hz_W_hn__h, 3*n_H, b_g_W_hr_W_hz_W_hn__h + n_H, 3*n_H, b_hg_W_ir_W_iz_W_in__x + t * n_B * (3*n_H) + 2*n_H, 3*n_H, b_hg_W_ir_W_iz_W_in__x + t * n_B * (3*n_H), 3*n_H, b_hg_W_ir_W_iz_W_in__x + t * n_B * (3*n_H) + n_H, 3*n_H, b_p_b_hn, 0, b_p_b_hr, 0, b_p_b_hz, 0, b_p_b_in, 0, b_p_b_ir, 0, b_p_b_iz, 0, b_s_h + t * n_B * (n_H), n_H, b_s_h + (t + 1) * n_B * (n_H), n_H);
     }
+    cs_unpack(pk_W_hr_W_hz_W_hn_nt);
     return 0;
 }
 #ifdef __CUDACC__
@@ -1040,14 +1094,16 @@ static int torch_gru_backward_run(const int64_t* dims, void* const* ptrs, const 
     G* g_b_hn = (G*)ptrs[36];
     (void)g_b_hn;
     (void)ctx;
+    cs_packed<S> pk_W_hr_W_hz_W_hn_nn = cs_pack(ctx, 0, n_B, n_H, 3*n_H, w_W_hr_W_hz_W_hn, n_H);
     for (int64_t t = n_T - 1; t >= 0; --t) {
         // backward: stage 0 backward, units of size H
         CS_PW(torch_gru_backward_bwd0_H, n_B, n_H, b_g_W_hr_W_hz_W_hn__h + t * n_B * (3*n_H) + 2*n_H, 3*n_H, b_p_b_hn, 0, b_ds_h, n_H, b_dout_h_next + t * n_B * (n_H), n_H, b_s_h + t * n_B * (n_H), n_H, b_v_n + t * n_B * (n_H), n_H, b_v_r + t * n_B * (n_H), n_H, b_v_z + t * n_B * (n_H), n_H, b_tmp_d_h_next, n_H, b_tmp_d_n, n_H, b_dg_W_hr_W_hz_W_hn__h + t * n_B * (3*n_H), 3*n_H, b_dg_W_hr_W_hz_W_hn__h + t * n_B * (3*n_H) + n_H, 3*n_H, b_dg_W_hr_W_hz_W_hn__h + t * n_B * (3*n_H) + 2*n_H, 3*n_H);
         // d_h_gemm = dg_W_hr_W_hz_W_hn__h @ [W_hr, W_hz, W_hn]
-        CS_GEMM_NN(n_B, n_H, 3*n_H, b_dg_W_hr_W_hz_W_hn__h + t * n_B * (3*n_H), 3*n_H, w_W_hr_W_hz_W_hn, n_H, b_tmp_d_h_gemm, n_H, 0);
+        CS_GEMM_NN_PACKED(n_B, n_H, 3*n_H, b_dg_W_hr_W_hz_W_hn__h + t * n_B * (3*n_H), 3*n_H, pk_W_hr_W_hz_W_hn_nn, b_tmp_d_h_gemm, n_H, 0);
         // backward: per-step adjoints of inputs, states, vector params, hoisted results, units of size H
         CS_PW(torch_gru_backward_bwd_leaf_H, n_B, n_H, b_dg_W_hr_W_hz_W_hn__h + t * n_B * (3*n_H), 3*n_H, b_dg_W_hr_W_hz_W_hn__h + t * n_B * (3*n_H) + n_H, 3*n_H, b_tmp_d_h_gemm, n_H, b_tmp_d_h_next, n_H, b_tmp_d_n, n_H, b_v_n + t * n_B * (n_H), n_H, b_v_z + t * n_B * (n_H), n_H, b_ds_h, n_H, b_dp_b_in + t * n_B * (n_H), n_H, b_dhg_W_ir_W_iz_W_in__x + t * n_B * (3*n_H), 3*n_H, b_dhg_W_ir_W_iz_W_in__x + t * n_B * (3*n_H) + n_H, 3*n_H, b_dhg_W_ir_W_iz_W_in__x + t * n_B * (3*n_H) + 2*n_H, 3*n_H);
     }
+    cs_unpack(pk_W_hr_W_hz_W_hn_nn);
     // d[W_hr, W_hz, W_hn] += dg_W_hr_W_hz_W_hn__h^T @ h  (W_hr @ h, W_hz @ h, W_hn @ h)
     CS_GEMM_TN(n_H, n_H, n_T * n_B, b_dg_W_hr_W_hz_W_hn__h, 3*n_H, b_s_h, n_H, g_W_hr, n_H, 0);
     CS_GEMM_TN(n_H, n_H, n_T * n_B, b_dg_W_hr_W_hz_W_hn__h + n_H, 3*n_H, b_s_h, n_H, g_W_hz, n_H, 0);
