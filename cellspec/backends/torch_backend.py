@@ -166,6 +166,9 @@ def render(sched: Schedule, back: Backward) -> dict[str, str]:
         helpers.append(_TENSORS)
     ctx["helpers"] = helpers
     text = render_template("torch_cell.py.j2", ctx)
+    from cellspec.present.latex import package_context  # the spec and its equations for __init__.py
+
+    ctx.update(package_context(sched, back))
     return {"torch_cell.py": text, "__init__.py": render_template("package_init.py.j2", ctx)}
 
 
