@@ -1,4 +1,5 @@
-"""``cellspec show``: print one intermediate of the pipeline, for reading and debugging."""
+"""``cellspec show``: print one intermediate of the pipeline, for reading and debugging, or the
+cell for people: its equations (LaTeX, Markdown) or its data-flow diagram (SVG, DOT)."""
 
 from __future__ import annotations
 
@@ -10,13 +11,17 @@ def _schedule_text(cc) -> str:
     s = cc.schedule
     lines = [f"cell {cc.checked.name}: {len(s.stages)} per-step stage(s)"]
     for g in s.hoisted_gemms:
-        lines.append(f"  hoisted GEMM over T*B rows: {', '.join(f'{p.matrix} @ {p.operand}' for p in g.projections)}")
+        lines.append(
+            f"  hoisted GEMM over T*B rows: {', '.join(f'{p.matrix} @ {p.operand}' for p in g.projections)}"
+        )
     for v in s.hoisted_values:
         lines.append(f"  hoisted pointwise: {v.key} = {v.expr}")
     for st in s.stages:
         lines.append(f"  stage {st.index}:")
         for g in st.gemms:
-            lines.append(f"    GEMM: {', '.join(f'{p.key} = {p.matrix} @ {p.operand}' for p in g.projections)}")
+            lines.append(
+                f"    GEMM: {', '.join(f'{p.key} = {p.matrix} @ {p.operand}' for p in g.projections)}"
+            )
         for v in st.values:
             lines.append(f"    {v.key} = {v.expr}")
     lines.append(f"  saved per step: {', '.join(cc.backward.saved) or '(nothing)'}")
@@ -30,7 +35,9 @@ def _backward_text(cc) -> str:
         lines.append(f"  stage {st.index} backward:")
         lines += [f"    {a.target} = {a.expr}" for a in st.assigns]
         for g in st.gemms:
-            lines.append(f"    GEMM: d_{g.operand} += [{', '.join('d_' + p.key for p in g.projections)}] @ [{', '.join(g.matrices)}]")
+            lines.append(
+                f"    GEMM: d_{g.operand} += [{', '.join('d_' + p.key for p in g.projections)}] @ [{', '.join(g.matrices)}]"
+            )
     lines.append("  leaves:")
     lines += [f"    {a.target} = {a.expr}" for a in b.leaf_assigns]
     if b.hoisted_assigns or b.hoisted_leaf_assigns:
@@ -65,8 +72,46 @@ def show(path: str, stage: str, cell: str | None = None) -> str:
         elif stage == "backward":
             out.append(_backward_text(cc))
         else:
-            files = {k: v for k, v in cc.files.items() if stage in k or (stage == "cuda" and k.endswith(".cu"))}
+            files = {
+                k: v
+                for k, v in cc.files.items()
+                if stage in k or (stage == "cuda" and k.endswith(".cu"))
+            }
             out.append("\n".join(f"# ---- {k}\n{v}" for k, v in sorted(files.items())))
     if cell is not None and not out:
         raise SpecError(f"no cell named '{cell}' in this file", filename=path)
     return "\n\n".join(out)
+
+
+#: the formats of ``cellspec show --format``: ``text`` is a pipeline stage (``--stage``)
+FORMATS = ("text", "latex", "markdown", "svg", "dot")
+
+
+def show_format(path: str, fmt: str, cell: str | None = None) -> str:
+    """The cell(s) of a spec as LaTeX equations, Markdown, an SVG diagram or DOT source.
+
+    LaTeX, Markdown and DOT hold every cell of the file (or the one ``cell`` names); an SVG file
+    is one drawing, so a file with several cells needs ``cell``."""
+    from cellspec.present import diagram, latex
+
+    if fmt not in FORMATS or fmt == "text":
+        raise SpecError(f"unknown format '{fmt}'; one of {', '.join(FORMATS[1:])}", filename=path)
+    cells = compile_source(read_source(path), ())
+    names = [c.checked.name for c in cells]
+    if cell is not None:
+        cells = [c for c in cells if c.checked.name == cell]
+        if not cells:
+            raise SpecError(
+                f"no cell named '{cell}' in this file; it has {', '.join(names)}", filename=path
+            )
+    if fmt == "svg":
+        if len(cells) > 1:
+            raise SpecError(
+                f"{len(cells)} cells in this file ({', '.join(names)}); an SVG shows one: choose it with --cell",
+                filename=path,
+            )
+        return diagram.to_svg(cells[0])
+    render = {"latex": latex.cell_latex, "markdown": latex.cell_markdown, "dot": diagram.to_dot}[
+        fmt
+    ]
+    return "\n\n".join(render(c).rstrip("\n") for c in cells) + "\n"

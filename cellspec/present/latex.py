@@ -13,7 +13,8 @@ accumulate (``\\mathrel{+}=``) over steps and batch rows.
 from __future__ import annotations
 
 import sympy as sp
-from sympy.printing.latex import LatexPrinter
+from sympy.printing.conventions import split_super_sub
+from sympy.printing.latex import LatexPrinter, translate
 from sympy.printing.precedence import PRECEDENCE, precedence
 
 from cellspec.model import functions as fn
@@ -44,13 +45,18 @@ _FUNCTIONS: dict[type, str] = {
 
 
 def name_latex(name: str) -> str:
-    """A spec name as a math symbol: ``W_hi`` → ``W_{hi}``, ``mu`` → ``\\mu``, ``cand`` →
-    ``\\mathit{cand}`` (a multi-letter name reads as one word, not a product)."""
-    s = LatexPrinter()._print(sp.Symbol(name))
-    base = name.split("_")[0]
-    if len(base) > 1 and s.startswith(base):
-        s = r"\mathit{" + base + "}" + s[len(base) :]
-    return s
+    """A spec name as a math symbol: ``W_hi`` → ``W_{hi}``, ``mu`` → ``\\mu``, ``t1_2`` →
+    ``t_{1,2}``, ``cand`` → ``\\mathit{cand}`` (a multi-letter name reads as one word, not a
+    product)."""
+    base, sups, subs = split_super_sub(name)
+    text = translate(base)
+    if len(base) > 1 and text == base:
+        text = r"\mathit{" + base + "}"
+    if subs:
+        text += "_{" + ",".join(translate(x) for x in subs) + "}"
+    if sups:
+        text += "^{" + ",".join(translate(x) for x in sups) + "}"
+    return text
 
 
 def _spec_name_latex(key: str) -> str:
@@ -87,7 +93,8 @@ class CellLatexPrinter(LatexPrinter):
 
     def _print_Mul(self, expr):
         """Elementwise products as ``\\odot``, quotients as fractions, numbers in front."""
-        coeff, factors = expr.as_coeff_mul()
+        coeff, rest = expr.as_coeff_Mul()
+        factors = sp.Mul.make_args(rest)
         sign = ""
         if coeff.is_negative:
             sign, coeff = "-", -coeff
@@ -118,10 +125,12 @@ class CellLatexPrinter(LatexPrinter):
         lead = "" if coeff == 1 else self._print(coeff) + " "
         if den:
             top = product(num)
-            bottom = " \\odot ".join(
-                self._print(d) if len(den) == 1 else self.parenthesize(d, PRECEDENCE["Mul"])
-                for d in den
-            )
+            numbers = [self._print(d) for d in den if d.is_Number]
+            others = [d for d in den if not d.is_Number]
+            if len(others) == 1 and not numbers:
+                bottom = self._print(others[0])
+            else:
+                bottom = " ".join(numbers + [r" \\odot ".join(factor(d) for d in others)]).strip()
             return sign + lead + r"\frac{" + top + "}{" + bottom + "}"
         if not num:
             return sign + self._print(coeff)
@@ -177,8 +186,8 @@ def _names(cc) -> dict[str, str]:
         names[seed] = r"\delta_{y} " + names[key]
     for key, seed in b.step_seed.items():
         names[seed] = r"\delta_{t} " + names[key]
-    for key, adj in b.hoisted_leaf_adjoint.items():
-        names[adj] = r"\delta_{\mathrm{seq}} " + names[key]
+    for key, adj in b.hoisted_leaf_adjoint.items():  # the hoisted part's share, summed in
+        names[adj] = r"\delta " + names[key]
     for st in s.stages:
         for g in st.gemms:
             adj = b.gemm_adjoint.get((st.index, g.operand))
@@ -231,13 +240,21 @@ def backward_latex(cc) -> str:
     pr = CellLatexPrinter(names, frozenset(p.key for p in cc.model.projections))
     params = {p.name for p in m.cell.params}
     param_adj = {b.adjoint[k] for k in params if k in b.adjoint}
+    param_adj |= {adj for k, adj in b.hoisted_leaf_adjoint.items() if k in params}
     states = {st.name for st in m.cell.states}
+    # a hoisted share of a leaf's gradient adds to it: always for a param, and for an input when
+    # the step gives it a share too
+    hoisted_add = {
+        adj
+        for key, adj in b.hoisted_leaf_adjoint.items()
+        if key in params or (key in b.adjoint and key not in b.zero)
+    }
 
     def row(a, outgoing_state: bool = False):
         target = names.get(a.target) or name_latex(a.target)
         if outgoing_state:
             target = target.replace(r"\delta_{t+1} ", r"\delta ", 1)
-        op = r"\mathrel{+}=" if a.target in param_adj else "="
+        op = r"\mathrel{+}=" if a.target in param_adj or a.target in hoisted_add else "="
         return (target, op, _strip_parens(pr.doprint(a.expr)))
 
     rows = []
@@ -262,7 +279,9 @@ def backward_latex(cc) -> str:
     for g in groups:
         for p in g.projections:
             op = names[p.operand]
-            if p.operand not in m.leaves:
+            if any(
+                v.key == p.operand and not v.spec_key and not v.expr.is_Symbol for v in m.values
+            ):
                 op = r"\left(" + op + r"\right)"
             rows.append(
                 (
