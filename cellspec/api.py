@@ -29,8 +29,10 @@ from functools import lru_cache
 from pathlib import Path
 from types import ModuleType
 
-from cellspec.driver import compile_source, read_source
 from cellspec.errors import Source, SpecError
+
+# cellspec.driver (SymPy, Lark: seconds to import) is imported only when something is compiled or
+# a file is read, so that a cached spec text loads without it
 
 #: the name spec text is reported under in error messages
 TEXT_NAME = "<text>"
@@ -65,7 +67,9 @@ def _compile_cached(source: Source) -> list[tuple[str, str, dict[str, str]]]:
     disk_key = key_of("load", compiler_fingerprint(), key)
 
     def build(tmp: Path) -> None:
-        cells = [(c.checked.name, c.module_name, c.files) for c in compile_source(source)]
+        from cellspec import driver
+
+        cells = [(c.checked.name, c.module_name, c.files) for c in driver.compile_source(source)]
         (tmp / "cells.json").write_text(json.dumps(cells, sort_keys=True))
 
     # a bad spec raises SpecError inside build: nothing is cached for it
@@ -86,6 +90,8 @@ def load(path_or_text: str | os.PathLike, cell: str | None = None) -> ModuleType
     if is_spec_text(path_or_text):
         source = Source(TEXT_NAME, path_or_text)
     else:
+        from cellspec.driver import read_source
+
         source = read_source(os.fspath(path_or_text))
     try:
         cells = _compile_cached(source)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import cellspec
-from cellspec import api
+from cellspec import api, driver
 from cellspec.errors import SpecError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -105,7 +105,7 @@ def test_second_load_is_a_cache_hit(fresh_cache, monkeypatch):
     t0 = time.perf_counter()
     first = cellspec.load(TINY)
     t1 = time.perf_counter()
-    monkeypatch.setattr(api, "compile_source", _no_compile)
+    monkeypatch.setattr(driver, "compile_source", _no_compile)
     second = cellspec.load(TINY)
     t2 = time.perf_counter()
     assert second is first
