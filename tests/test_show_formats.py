@@ -258,3 +258,10 @@ def test_generated_package_carries_its_equations_and_spec(path):
     assert f"    cell {cc.checked.name} {{" in pkg.__doc__
     for a in cc.checked.assignments:
         assert a.text.strip() in pkg.__doc__
+
+
+@pytest.mark.parametrize("name", ["gru", "peephole_lstm"])
+def test_committed_figures_are_what_show_draws(name):
+    """docs/figures/*.svg (in the README and the tutorial) are fresh output of show --format svg."""
+    (cc,) = _cells(ROOT / "specs" / f"{name}.cell")
+    assert (ROOT / "docs" / "figures" / f"{name}.svg").read_text() == diagram.to_svg(cc)
