@@ -12,6 +12,8 @@ accumulate (``\\mathrel{+}=``) over steps and batch rows.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import sympy as sp
 from sympy.printing.conventions import split_super_sub
 from sympy.printing.latex import LatexPrinter, translate
@@ -357,12 +359,20 @@ def cell_source(checked) -> str:
     return "\n".join(lines[start:end])
 
 
+@dataclass(frozen=True)
+class _Parts:
+    """The parts of a CompiledCell that the functions here read (a back end has only these)."""
+
+    checked: object
+    model: object
+    schedule: object
+    backward: object
+
+
 def package_context(sched, back) -> dict[str, str]:
     """What the generated package's ``__init__.py`` shows: the spec (for its docstring, escaped
     for a Python string) and the equations (for ``EQUATIONS_LATEX``, a raw string)."""
-    from cellspec.driver import CompiledCell
-
-    cc = CompiledCell(sched.model.cell, sched.model, sched, back)
+    cc = _Parts(sched.model.cell, sched.model, sched, back)
     spec = "\n".join(("    " + line).rstrip() for line in cell_source(cc.checked).split("\n"))
     equations = cell_latex(cc)
     assert '"""' not in equations and not equations.endswith("\\")  # safe in r"""..."""
