@@ -64,6 +64,12 @@ def test_latex_is_balanced_align_naming_every_gate_and_state(path):
                 backward,
                 re.MULTILINE,
             )
+        for v in cc.checked.inputs:  # every input's (its first share is assigned with =)
+            assert re.search(
+                r"^\s*\\delta " + re.escape(latex.name_latex(v.name)) + " &=",
+                backward,
+                re.MULTILINE,
+            )
         for p in cc.checked.params:  # and every param's
             assert r"\delta " + latex.name_latex(p.name) + r" &\mathrel{+}=" in backward, p.name
 
@@ -85,6 +91,23 @@ def test_latex_of_the_gru_is_the_textbook_form():
         r"\delta U_{c} &\mathrel{+}= \delta \left(U_{c} \left(h \odot r\right)\right) \left(h \odot r\right)^{\top}"
         in back
     )
+
+
+def test_an_input_gets_its_share_from_every_path():
+    """x * y feeds a GEMM and y also feeds its own: dy has both shares, dx only one."""
+    from cellspec.driver import compile_source
+    from cellspec.errors import Source
+
+    text = (
+        "cell TwoIn {\n  input x[I], y[I]\n  state h[H]\n  param W[H, I], V[H, I], U[H, H]\n"
+        "  z = W @ (x * y) + V @ y\n  h' = tanh(z + U @ h)\n  output h', z\n}\n"
+    )
+    (cc,) = compile_source(Source("two.cell", text), ())
+    back = latex.backward_latex(cc)
+    assert r"\delta x &= \delta \left(x \odot y\right) \odot y" in back
+    assert r"\delta y &= \delta \left(x \odot y\right) \odot x" in back
+    assert r"\delta y &\mathrel{+}= V^{\top} \delta \left(V y\right)" in back
+    assert r"\delta z &= \delta \left(U h\right) + \delta_{y} z" in back  # z is an output too
 
 
 def test_name_latex():

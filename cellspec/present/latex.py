@@ -265,17 +265,18 @@ def backward_latex(cc) -> str:
     state_adj = {b.adjoint[k] for k in states if k in b.adjoint}
     rows += [row(a, a.target in state_adj) for a in b.leaf_assigns]
     rows += [row(a) for a in b.hoisted_assigns + b.hoisted_leaf_assigns]
-    # the input adjoint of hoisted GEMMs, when nothing above assigned it
-    assigned = {a.target for a in b.hoisted_leaf_assigns + b.leaf_assigns}
+    # an input's share from the hoisted GEMMs it is the operand of: the whole gradient when nothing
+    # above gave the input a share, else added to it
+    shown = {r[0] for r in rows}
     for g in s.hoisted_gemms:
-        adj = b.adjoint.get(g.operand)
-        if (
-            adj
-            and adj not in assigned
-            and g.operand in m.leaves
-            and m.leaves[g.operand].kind == "input"
-        ):
-            rows.append((names[adj], "=", _group_latex(g, names, b.adjoint)))
+        leaf = m.leaves.get(g.operand)
+        if leaf is None or leaf.kind != "input":
+            continue
+        target = r"\delta " + names[g.operand]
+        rows.append(
+            (target, r"\mathrel{+}=" if target in shown else "=", _group_latex(g, names, b.adjoint))
+        )
+        shown.add(target)
     # weight gradients: one outer product per projection, summed over steps and batch rows
     groups = [g for st in s.stages for g in st.gemms] + list(s.hoisted_gemms)
     for g in groups:

@@ -44,6 +44,7 @@ EQUATIONS_LATEX = r"""% Elman (elman.cell): forward step; outputs h'
   \delta b_{ih} &\mathrel{+}= \delta \left(W_{hh} h\right) \\
   \delta b_{hh} &\mathrel{+}= \delta \left(W_{hh} h\right) \\
   \delta \left(W_{ih} x\right) &= \delta \left(W_{hh} h\right) \\
+  \delta x &= W_{ih}^{\top} \delta \left(W_{ih} x\right) \\
   \delta W_{hh} &\mathrel{+}= \delta \left(W_{hh} h\right) h^{\top} \\
   \delta W_{ih} &\mathrel{+}= \delta \left(W_{ih} x\right) x^{\top}
 \end{align}

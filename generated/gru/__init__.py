@@ -58,6 +58,7 @@ EQUATIONS_LATEX = r"""% GRU (gru.cell): forward step; outputs h'
   \delta \left(W_{r} x\right) &= \delta \left(U_{r} h\right) \\
   \delta \left(W_{u} x\right) &= \delta \left(U_{u} h\right) \\
   \delta \left(W_{c} x\right) &= \delta \left(U_{c} \left(h \odot r\right)\right) \\
+  \delta x &= W_{r}^{\top} \delta \left(W_{r} x\right) + W_{u}^{\top} \delta \left(W_{u} x\right) + W_{c}^{\top} \delta \left(W_{c} x\right) \\
   \delta U_{r} &\mathrel{+}= \delta \left(U_{r} h\right) h^{\top} \\
   \delta U_{u} &\mathrel{+}= \delta \left(U_{u} h\right) h^{\top} \\
   \delta U_{c} &\mathrel{+}= \delta \left(U_{c} \left(h \odot r\right)\right) \left(h \odot r\right)^{\top} \\

@@ -43,6 +43,7 @@ EQUATIONS_LATEX = r"""% IndRNN (ind_rnn.cell): forward step; outputs h'
   \delta u &\mathrel{+}= h \odot t_{0} \\
   \delta b &\mathrel{+}= t_{0} \\
   \delta \left(W x\right) &= \delta b \\
+  \delta x &= W^{\top} \delta \left(W x\right) \\
   \delta W &\mathrel{+}= \delta \left(W x\right) x^{\top}
 \end{align}
 """

@@ -56,6 +56,7 @@ EQUATIONS_LATEX = r"""% JANET (janet.cell): forward step; outputs h'
   \delta b_{c} &\mathrel{+}= \delta \left(U_{c} h\right) \\
   \delta \left(W_{f} x\right) &= \delta \left(U_{f} h\right) \\
   \delta \left(W_{c} x\right) &= \delta \left(U_{c} h\right) \\
+  \delta x &= W_{f}^{\top} \delta \left(W_{f} x\right) + W_{c}^{\top} \delta \left(W_{c} x\right) \\
   \delta U_{f} &\mathrel{+}= \delta \left(U_{f} h\right) h^{\top} \\
   \delta U_{c} &\mathrel{+}= \delta \left(U_{c} h\right) h^{\top} \\
   \delta W_{f} &\mathrel{+}= \delta \left(W_{f} x\right) x^{\top} \\

@@ -78,6 +78,7 @@ EQUATIONS_LATEX = r"""% LSTM (lstm.cell): forward step; outputs h'
   \delta \left(W_{if} x\right) &= \delta \left(W_{hf} h\right) \\
   \delta \left(W_{ig} x\right) &= \delta \left(W_{hg} h\right) \\
   \delta \left(W_{io} x\right) &= \delta \left(W_{ho} h\right) \\
+  \delta x &= W_{ii}^{\top} \delta \left(W_{ii} x\right) + W_{if}^{\top} \delta \left(W_{if} x\right) + W_{ig}^{\top} \delta \left(W_{ig} x\right) + W_{io}^{\top} \delta \left(W_{io} x\right) \\
   \delta W_{hi} &\mathrel{+}= \delta \left(W_{hi} h\right) h^{\top} \\
   \delta W_{hf} &\mathrel{+}= \delta \left(W_{hf} h\right) h^{\top} \\
   \delta W_{hg} &\mathrel{+}= \delta \left(W_{hg} h\right) h^{\top} \\

@@ -53,6 +53,7 @@ EQUATIONS_LATEX = r"""% MGU (mgu.cell): forward step; outputs h'
   \delta b_{h} &\mathrel{+}= \delta \left(U_{h} \left(f \odot h\right)\right) \\
   \delta \left(W_{f} x\right) &= \delta \left(U_{f} h\right) \\
   \delta \left(W_{h} x\right) &= \delta \left(U_{h} \left(f \odot h\right)\right) \\
+  \delta x &= W_{f}^{\top} \delta \left(W_{f} x\right) + W_{h}^{\top} \delta \left(W_{h} x\right) \\
   \delta U_{f} &\mathrel{+}= \delta \left(U_{f} h\right) h^{\top} \\
   \delta U_{h} &\mathrel{+}= \delta \left(U_{h} \left(f \odot h\right)\right) \left(f \odot h\right)^{\top} \\
   \delta W_{f} &\mathrel{+}= \delta \left(W_{f} x\right) x^{\top} \\

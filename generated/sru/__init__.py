@@ -64,6 +64,7 @@ EQUATIONS_LATEX = r"""% SRU (sru.cell): forward step; outputs h
   \delta \left(W x\right) &= \delta c' \odot t_{0} \\
   \delta \left(W_{r} x\right) &= \delta b_{r} \\
   \delta \left(W_{s} x\right) &= \delta h \odot t_{2} \\
+  \delta x &= W_{f}^{\top} \delta \left(W_{f} x\right) + W^{\top} \delta \left(W x\right) + W_{r}^{\top} \delta \left(W_{r} x\right) + W_{s}^{\top} \delta \left(W_{s} x\right) \\
   \delta W_{f} &\mathrel{+}= \delta \left(W_{f} x\right) x^{\top} \\
   \delta W &\mathrel{+}= \delta \left(W x\right) x^{\top} \\
   \delta W_{r} &\mathrel{+}= \delta \left(W_{r} x\right) x^{\top} \\

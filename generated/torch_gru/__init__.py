@@ -66,6 +66,7 @@ EQUATIONS_LATEX = r"""% TorchGRU (torch_gru.cell): forward step; outputs h'
   \delta \left(W_{ir} x\right) &= \delta \left(W_{hr} h\right) \\
   \delta \left(W_{iz} x\right) &= \delta \left(W_{hz} h\right) \\
   \delta \left(W_{in} x\right) &= \delta b_{in} \\
+  \delta x &= W_{ir}^{\top} \delta \left(W_{ir} x\right) + W_{iz}^{\top} \delta \left(W_{iz} x\right) + W_{in}^{\top} \delta \left(W_{in} x\right) \\
   \delta W_{hr} &\mathrel{+}= \delta \left(W_{hr} h\right) h^{\top} \\
   \delta W_{hz} &\mathrel{+}= \delta \left(W_{hz} h\right) h^{\top} \\
   \delta W_{hn} &\mathrel{+}= \delta \left(W_{hn} h\right) h^{\top} \\
