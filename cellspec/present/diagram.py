@@ -103,6 +103,11 @@ class _ShortPrinter(StrPrinter):
 _SHORT_EXPR = 20
 
 
+def _clip(text: str, n: int = _SHORT_EXPR) -> str:
+    """At most n characters: longer text ends in an ellipsis (the box's tooltip has it whole)."""
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
 def build_graph(cc) -> Graph:
     """The cell's data flow as nodes and edges (see the module docstring)."""
     m, s = cc.model, cc.schedule
@@ -118,12 +123,17 @@ def build_graph(cc) -> Graph:
     next_of = {k: st for st, k in m.next_state.items()}
     producer: dict[str, str] = {}  # model key -> node id that produces it
     short_names = dict(spec_name)
-    for v in m.values:
-        if not v.spec_key:
-            short_names[v.key] = f"({v.expr})"
-    for p in m.projections:
-        short_names[p.key] = f"{p.matrix}@{short_names.get(p.operand, p.operand)}"
     short = _ShortPrinter(short_names)
+    for v in m.values:  # in model order: an operand is named before what reads it
+        if not v.spec_key:
+            short_names[v.key] = (
+                short.doprint(v.expr) if v.expr.is_Symbol else f"({short.doprint(v.expr)})"
+            )
+        for p in m.projections:
+            if p.operand in short_names and p.key not in short_names:
+                short_names[p.key] = f"{p.matrix}@{short_names[p.operand]}"
+    for p in m.projections:  # operands that are leaves
+        short_names.setdefault(p.key, f"{p.matrix}@{short_names.get(p.operand, p.operand)}")
 
     for key, leaf in m.leaves.items():
         if leaf.kind in ("input", "state"):
@@ -143,12 +153,14 @@ def build_graph(cc) -> Graph:
     def add_value(v, band: int) -> None:
         nid = f"value_{v.key}"
         if v.spec_key == "":
-            label, kind = (str(v.expr), "operand")
-            lines = (label, f"operand [{v.size}]")
+            kind = "operand"
+            lines = (_clip(short.doprint(v.expr)), f"operand [{v.size}]")
         else:
             kind = "next" if v.key in next_of else "value"
             text = short.doprint(v.expr)
-            if len(text) <= _SHORT_EXPR:
+            if v.expr.is_Symbol:  # h' = W @ (...): the projection itself, shortened
+                lines = (f"{spec_name[v.key]} = {_clip(text)}",)
+            elif len(text) <= _SHORT_EXPR:
                 lines = (f"{spec_name[v.key]} = {text}",)
             else:
                 lines = (f"{spec_name[v.key]} = {_shape(v.expr)}",)
@@ -165,7 +177,7 @@ def build_graph(cc) -> Graph:
         if g.operand in m.leaves or g.operand in spec_name:
             operand = spec_name.get(g.operand, g.operand)
         else:  # a synthetic operand (U @ (r * h)): show what it computes
-            operand = f"({next(v.expr for v in m.values if v.key == g.operand)})"
+            operand = _clip(short_names[g.operand])
         lines = ("GEMM", f"[{mats}] @ {operand}")
         title = "; ".join(f"{p.key} = {p.matrix} @ {p.operand}" for p in g.projections)
         nodes.append(Node(nid, "gemm", lines, band, title))
