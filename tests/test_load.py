@@ -85,6 +85,16 @@ def test_error_in_text_renders_with_position_line_and_caret(fresh_cache):
         "                            ^",
     ]
     assert e.value.line == 5 and e.value.col == 25
+
+    class Printer:  # what IPython hands to _repr_pretty_ when a notebook displays the error
+        shown = ""
+
+        def text(self, s):
+            self.shown += s
+
+    p = Printer()
+    e.value._repr_pretty_(p, False)
+    assert p.shown == text
     # nothing was cached for the bad text: the fixed text compiles
     assert cellspec.load(TINY).Tiny
 
