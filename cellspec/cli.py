@@ -150,8 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="text: a pipeline stage; latex/markdown: forward and backward equations; "
         "svg/dot: the data-flow diagram (default: text)",
     )
-    s.add_argument("-o", "--output", default=None, metavar="FILE", help="write to FILE instead of stdout")
-    s.add_argument("--cell", default=None, help="which cell of the file (default: all; svg needs one)")
+    s.add_argument(
+        "-o", "--output", default=None, metavar="FILE", help="write to FILE instead of stdout"
+    )
+    s.add_argument(
+        "--cell", default=None, help="which cell of the file (default: all; svg needs one)"
+    )
     s.set_defaults(func=cmd_show)
     return p
 

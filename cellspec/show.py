@@ -11,17 +11,13 @@ def _schedule_text(cc) -> str:
     s = cc.schedule
     lines = [f"cell {cc.checked.name}: {len(s.stages)} per-step stage(s)"]
     for g in s.hoisted_gemms:
-        lines.append(
-            f"  hoisted GEMM over T*B rows: {', '.join(f'{p.matrix} @ {p.operand}' for p in g.projections)}"
-        )
+        lines.append(f"  hoisted GEMM over T*B rows: {', '.join(f'{p.matrix} @ {p.operand}' for p in g.projections)}")
     for v in s.hoisted_values:
         lines.append(f"  hoisted pointwise: {v.key} = {v.expr}")
     for st in s.stages:
         lines.append(f"  stage {st.index}:")
         for g in st.gemms:
-            lines.append(
-                f"    GEMM: {', '.join(f'{p.key} = {p.matrix} @ {p.operand}' for p in g.projections)}"
-            )
+            lines.append(f"    GEMM: {', '.join(f'{p.key} = {p.matrix} @ {p.operand}' for p in g.projections)}")
         for v in st.values:
             lines.append(f"    {v.key} = {v.expr}")
     lines.append(f"  saved per step: {', '.join(cc.backward.saved) or '(nothing)'}")
@@ -35,9 +31,7 @@ def _backward_text(cc) -> str:
         lines.append(f"  stage {st.index} backward:")
         lines += [f"    {a.target} = {a.expr}" for a in st.assigns]
         for g in st.gemms:
-            lines.append(
-                f"    GEMM: d_{g.operand} += [{', '.join('d_' + p.key for p in g.projections)}] @ [{', '.join(g.matrices)}]"
-            )
+            lines.append(f"    GEMM: d_{g.operand} += [{', '.join('d_' + p.key for p in g.projections)}] @ [{', '.join(g.matrices)}]")
     lines.append("  leaves:")
     lines += [f"    {a.target} = {a.expr}" for a in b.leaf_assigns]
     if b.hoisted_assigns or b.hoisted_leaf_assigns:
@@ -72,11 +66,7 @@ def show(path: str, stage: str, cell: str | None = None) -> str:
         elif stage == "backward":
             out.append(_backward_text(cc))
         else:
-            files = {
-                k: v
-                for k, v in cc.files.items()
-                if stage in k or (stage == "cuda" and k.endswith(".cu"))
-            }
+            files = {k: v for k, v in cc.files.items() if stage in k or (stage == "cuda" and k.endswith(".cu"))}
             out.append("\n".join(f"# ---- {k}\n{v}" for k, v in sorted(files.items())))
     if cell is not None and not out:
         raise SpecError(f"no cell named '{cell}' in this file", filename=path)
@@ -107,11 +97,10 @@ def show_format(path: str, fmt: str, cell: str | None = None) -> str:
     if fmt == "svg":
         if len(cells) > 1:
             raise SpecError(
-                f"{len(cells)} cells in this file ({', '.join(names)}); an SVG shows one: choose it with --cell",
+                f"{len(cells)} cells in this file ({', '.join(names)}); "
+                "an SVG shows one: choose it with --cell",
                 filename=path,
             )
         return diagram.to_svg(cells[0])
-    render = {"latex": latex.cell_latex, "markdown": latex.cell_markdown, "dot": diagram.to_dot}[
-        fmt
-    ]
-    return "\n\n".join(render(c).rstrip("\n") for c in cells) + "\n"
+    renderers = {"latex": latex.cell_latex, "markdown": latex.cell_markdown, "dot": diagram.to_dot}
+    return "\n\n".join(renderers[fmt](c).rstrip("\n") for c in cells) + "\n"
