@@ -3,6 +3,7 @@
     cellspec compile FILE... [-o OUTDIR]   write one package per cell (all or nothing)
     cellspec check FILE...                 every backend against the others, as a table
     cellspec show FILE [--stage STAGE]     print an intermediate of the pipeline
+    cellspec show FILE --format latex|markdown|svg|dot [-o FILE]   equations or a diagram
 
 A bad spec prints ``file:line:col: message`` with the line and a caret, exits 1 and writes
 nothing. No traceback reaches the user for a bad spec or a bad path.
@@ -89,12 +90,31 @@ def cmd_check(args) -> int:
 
 
 def cmd_show(args) -> int:
-    from cellspec.show import show
+    from cellspec.show import show, show_format
 
+    if args.stage is not None and args.format != "text":
+        print("cellspec show: --stage goes with --format text only", file=sys.stderr)
+        return 2
     try:
-        print(show(args.file, args.stage, args.cell))
+        if args.format == "text":
+            text = show(args.file, args.stage or "schedule", args.cell) + "\n"
+        else:
+            text = show_format(args.file, args.format, args.cell)
     except SpecError as e:
         print(e.render(), file=sys.stderr)
+        return 1
+    if args.output is None:
+        sys.stdout.write(text)
+        return 0
+    # written whole or not at all: a temporary file next to the target, then renamed
+    out = Path(args.output)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, out)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        print(f"cellspec: cannot write {out}: {e.strerror or e}", file=sys.stderr)
         return 1
     return 0
 
@@ -119,11 +139,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("file", metavar="FILE")
     s.add_argument(
         "--stage",
-        default="schedule",
+        default=None,
         choices=("ast", "checked", "model", "schedule", "backward", "program", "numpy", "torch", "cuda"),
-        help="which stage to print (default: schedule)",
+        help="with --format text: which stage to print (default: schedule)",
     )
-    s.add_argument("--cell", default=None, help="which cell of the file (default: all)")
+    s.add_argument(
+        "--format",
+        default="text",
+        choices=("text", "latex", "markdown", "svg", "dot"),
+        help="text: a pipeline stage; latex/markdown: forward and backward equations; "
+        "svg/dot: the data-flow diagram (default: text)",
+    )
+    s.add_argument(
+        "-o", "--output", default=None, metavar="FILE", help="write to FILE instead of stdout"
+    )
+    s.add_argument(
+        "--cell", default=None, help="which cell of the file (default: all; svg needs one)"
+    )
     s.set_defaults(func=cmd_show)
     return p
 

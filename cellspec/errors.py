@@ -78,3 +78,7 @@ class SpecError(Exception):
 
     def __str__(self) -> str:
         return self.render()
+
+    def _repr_pretty_(self, p, cycle) -> None:
+        """IPython and Jupyter show the rendered error (position, line, caret), not repr()."""
+        p.text(self.render())

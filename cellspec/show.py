@@ -1,4 +1,5 @@
-"""``cellspec show``: print one intermediate of the pipeline, for reading and debugging."""
+"""``cellspec show``: print one intermediate of the pipeline, for reading and debugging, or the
+cell for people: its equations (LaTeX, Markdown) or its data-flow diagram (SVG, DOT)."""
 
 from __future__ import annotations
 
@@ -74,3 +75,36 @@ def show(path: str, stage: str, cell: str | None = None) -> str:
     if cell is not None and not out:
         raise SpecError(f"no cell named '{cell}' in this file", filename=path)
     return "\n\n".join(out)
+
+
+#: the formats of ``cellspec show --format``: ``text`` is a pipeline stage (``--stage``)
+FORMATS = ("text", "latex", "markdown", "svg", "dot")
+
+
+def show_format(path: str, fmt: str, cell: str | None = None) -> str:
+    """The cell(s) of a spec as LaTeX equations, Markdown, an SVG diagram or DOT source.
+
+    LaTeX, Markdown and DOT hold every cell of the file (or the one ``cell`` names); an SVG file
+    is one drawing, so a file with several cells needs ``cell``."""
+    from cellspec.present import diagram, latex
+
+    if fmt not in FORMATS or fmt == "text":
+        raise SpecError(f"unknown format '{fmt}'; one of {', '.join(FORMATS[1:])}", filename=path)
+    cells = compile_source(read_source(path), ())
+    names = [c.checked.name for c in cells]
+    if cell is not None:
+        cells = [c for c in cells if c.checked.name == cell]
+        if not cells:
+            raise SpecError(
+                f"no cell named '{cell}' in this file; it has {', '.join(names)}", filename=path
+            )
+    if fmt == "svg":
+        if len(cells) > 1:
+            raise SpecError(
+                f"{len(cells)} cells in this file ({', '.join(names)}); "
+                "an SVG shows one: choose it with --cell",
+                filename=path,
+            )
+        return diagram.to_svg(cells[0])
+    renderers = {"latex": latex.cell_latex, "markdown": latex.cell_markdown, "dot": diagram.to_dot}
+    return "\n\n".join(renderers[fmt](c).rstrip("\n") for c in cells) + "\n"

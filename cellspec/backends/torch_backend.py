@@ -98,5 +98,8 @@ def render(sched: Schedule, back: Backward, prog: Program, native_glue: dict | N
 
     ctx["helpers"] = ops.helpers("torch", context.printed_exprs(sched, back))
     text = render_template("torch_cell.py.j2", ctx)
+    from cellspec.present.latex import package_context  # the spec and its equations for __init__.py
+
+    ctx.update(package_context(sched, back))
     return {"torch_cell.py": text, "__init__.py": render_template("package_init.py.j2", ctx)}
 

@@ -35,7 +35,7 @@ MODULE_ATTRIBUTES = frozenset(
 #: names at the top level of the generated torch_cell module and package __init__: a cell's
 #: class names (NAME, NAMECell) may not be one of them.
 GENERATED_MODULE_NAMES = frozenset(
-    ["math", "torch", "F", "nn", "importlib", "CELL", "SIZES", "INPUTS", "STATES", "PARAMS", "OUTPUTS", "INITS", "SAVED", "BACKENDS", "step", "numpy_cell", "torch_cell"]
+    ["math", "torch", "F", "nn", "importlib", "CELL", "SIZES", "INPUTS", "STATES", "PARAMS", "OUTPUTS", "INITS", "SAVED", "BACKENDS", "step", "numpy_cell", "torch_cell", "EQUATIONS_LATEX", "equations"]
 )
 
 #: package names a cell may not have: the modules the generated code imports, which a package of

@@ -3,14 +3,69 @@
     from <package>.elman import Elman, ElmanCell, numpy_cell
 
 `numpy_cell` needs only NumPy; the modules Elman and ElmanCell import PyTorch when
-first used.
+first used. `EQUATIONS_LATEX` holds the forward and the derived backward equations as LaTeX;
+`equations()` shows them typeset in a notebook.
+
+The spec:
+
+    # Elman network: J. L. Elman, "Finding structure in time", Cognitive Science 14(2), 1990,
+    # in the torch.nn.RNN / torch.nn.RNNCell form (tanh nonlinearity, two biases), so that
+    #   weight_ih_l0 -> W_ih, weight_hh_l0 -> W_hh, bias_ih_l0 -> b_ih, bias_hh_l0 -> b_hh.
+    cell Elman {
+      input x[I]
+      state h[H]
+
+      param W_ih[H, I], W_hh[H, H]
+      param b_ih[H], b_hh[H]
+
+      h' = tanh(W_ih @ x + b_ih + W_hh @ h + b_hh)
+      output h'
+    }
 """
 
 import importlib
 
 from . import numpy_cell
 
-__all__ = ["Elman", "ElmanCell", "numpy_cell", "torch_cell", "step"]
+__all__ = ["Elman", "ElmanCell", "numpy_cell", "torch_cell", "step", "EQUATIONS_LATEX", "equations"]
+
+#: the forward and the derived backward equations (what `cellspec show --format latex` prints)
+EQUATIONS_LATEX = r"""% Elman (elman.cell): forward step; outputs h'
+\begin{align}
+  h' &= \tanh\left(W_{hh} h + W_{ih} x + b_{hh} + b_{ih}\right)
+\end{align}
+% Elman: backward step, derived by cellspec. \delta v = dL/dv at this step;
+% \delta_{t+1} s: gradient of state s from the next step; \delta_{y} v: gradient at
+% output v from this step's loss; params accumulate (+=) over steps and batch rows.
+\begin{align}
+  \delta h' &= \delta_{t+1} h + \delta_{y} h' \\
+  \delta \left(W_{hh} h\right) &= \delta h' \odot \left(1 - h'^{2}\right) \\
+  \delta h &= W_{hh}^{\top} \delta \left(W_{hh} h\right) \\
+  \delta b_{ih} &\mathrel{+}= \delta \left(W_{hh} h\right) \\
+  \delta b_{hh} &\mathrel{+}= \delta \left(W_{hh} h\right) \\
+  \delta \left(W_{ih} x\right) &= \delta \left(W_{hh} h\right) \\
+  \delta x &= W_{ih}^{\top} \delta \left(W_{ih} x\right) \\
+  \delta W_{hh} &\mathrel{+}= \delta \left(W_{hh} h\right) h^{\top} \\
+  \delta W_{ih} &\mathrel{+}= \delta \left(W_{ih} x\right) x^{\top}
+\end{align}
+"""
+
+
+class _Equations:
+    """The equations; a notebook shows them typeset (`_repr_latex_`), `str()` is the LaTeX."""
+
+    def _repr_latex_(self):
+        return EQUATIONS_LATEX
+
+    def __str__(self):
+        return EQUATIONS_LATEX
+
+    __repr__ = __str__
+
+
+def equations():
+    """The cell's equations, displayed typeset in a notebook (Jupyter calls `_repr_latex_`)."""
+    return _Equations()
 
 
 def __getattr__(name):

@@ -3,14 +3,87 @@
     from <package>.gru import GRU, GRUCell, numpy_cell
 
 `numpy_cell` needs only NumPy; the modules GRU and GRUCell import PyTorch when
-first used.
+first used. `EQUATIONS_LATEX` holds the forward and the derived backward equations as LaTeX;
+`equations()` shows them typeset in a notebook.
+
+The spec:
+
+    # GRU as in Cho et al. (2014) and TensorFlow's GRUCell: reset gate applied before the matmul.
+    cell GRU {
+      input x[I]
+      state h[H]
+
+      param W_r[H, I], U_r[H, H], b_r[H] = 1.0     # gate biases start at 1.0, as in TF
+      param W_u[H, I], U_u[H, H], b_u[H] = 1.0
+      param W_c[H, I], U_c[H, H], b_c[H]
+
+      r = sigmoid(W_r @ x + U_r @ h + b_r)
+      u = sigmoid(W_u @ x + U_u @ h + b_u)
+      c = tanh(W_c @ x + U_c @ (r * h) + b_c)
+      h' = u * h + (1 - u) * c
+      output h'
+    }
 """
 
 import importlib
 
 from . import numpy_cell
 
-__all__ = ["GRU", "GRUCell", "numpy_cell", "torch_cell", "step"]
+__all__ = ["GRU", "GRUCell", "numpy_cell", "torch_cell", "step", "EQUATIONS_LATEX", "equations"]
+
+#: the forward and the derived backward equations (what `cellspec show --format latex` prints)
+EQUATIONS_LATEX = r"""% GRU (gru.cell): forward step; outputs h'
+\begin{align}
+  r &= \sigma\left(U_{r} h + W_{r} x + b_{r}\right) \\
+  u &= \sigma\left(U_{u} h + W_{u} x + b_{u}\right) \\
+  c &= \tanh\left(U_{c} \left(h \odot r\right) + W_{c} x + b_{c}\right) \\
+  h' &= c \odot \left(1 - u\right) + h \odot u
+\end{align}
+% GRU: backward step, derived by cellspec. \delta v = dL/dv at this step;
+% \delta_{t+1} s: gradient of state s from the next step; \delta_{y} v: gradient at
+% output v from this step's loss; params accumulate (+=) over steps and batch rows.
+\begin{align}
+  \delta h' &= \delta_{t+1} h + \delta_{y} h' \\
+  \delta c &= \delta h' \odot \left(1 - u\right) \\
+  \delta \left(U_{c} \left(h \odot r\right)\right) &= \delta c \odot \left(1 - c^{2}\right) \\
+  \delta \left(h \odot r\right) &= U_{c}^{\top} \delta \left(U_{c} \left(h \odot r\right)\right) \\
+  \delta u &= \delta h' \odot \left(-c + h\right) \\
+  \delta r &= \delta \left(h \odot r\right) \odot h \\
+  \delta \left(U_{r} h\right) &= \delta r \odot r \odot \left(1 - r\right) \\
+  \delta \left(U_{u} h\right) &= \delta u \odot u \odot \left(1 - u\right) \\
+  \delta h &= \delta \left(h \odot r\right) \odot r + \left(U_{r}^{\top} \delta \left(U_{r} h\right) + U_{u}^{\top} \delta \left(U_{u} h\right)\right) + \delta h' \odot u \\
+  \delta b_{r} &\mathrel{+}= \delta \left(U_{r} h\right) \\
+  \delta b_{u} &\mathrel{+}= \delta \left(U_{u} h\right) \\
+  \delta b_{c} &\mathrel{+}= \delta \left(U_{c} \left(h \odot r\right)\right) \\
+  \delta \left(W_{r} x\right) &= \delta \left(U_{r} h\right) \\
+  \delta \left(W_{u} x\right) &= \delta \left(U_{u} h\right) \\
+  \delta \left(W_{c} x\right) &= \delta \left(U_{c} \left(h \odot r\right)\right) \\
+  \delta x &= W_{r}^{\top} \delta \left(W_{r} x\right) + W_{u}^{\top} \delta \left(W_{u} x\right) + W_{c}^{\top} \delta \left(W_{c} x\right) \\
+  \delta U_{r} &\mathrel{+}= \delta \left(U_{r} h\right) h^{\top} \\
+  \delta U_{u} &\mathrel{+}= \delta \left(U_{u} h\right) h^{\top} \\
+  \delta U_{c} &\mathrel{+}= \delta \left(U_{c} \left(h \odot r\right)\right) \left(h \odot r\right)^{\top} \\
+  \delta W_{r} &\mathrel{+}= \delta \left(W_{r} x\right) x^{\top} \\
+  \delta W_{u} &\mathrel{+}= \delta \left(W_{u} x\right) x^{\top} \\
+  \delta W_{c} &\mathrel{+}= \delta \left(W_{c} x\right) x^{\top}
+\end{align}
+"""
+
+
+class _Equations:
+    """The equations; a notebook shows them typeset (`_repr_latex_`), `str()` is the LaTeX."""
+
+    def _repr_latex_(self):
+        return EQUATIONS_LATEX
+
+    def __str__(self):
+        return EQUATIONS_LATEX
+
+    __repr__ = __str__
+
+
+def equations():
+    """The cell's equations, displayed typeset in a notebook (Jupyter calls `_repr_latex_`)."""
+    return _Equations()
 
 
 def __getattr__(name):

@@ -3,14 +3,67 @@
     from <package>.ind_rnn import IndRNN, IndRNNCell, numpy_cell
 
 `numpy_cell` needs only NumPy; the modules IndRNN and IndRNNCell import PyTorch when
-first used.
+first used. `EQUATIONS_LATEX` holds the forward and the derived backward equations as LaTeX;
+`equations()` shows them typeset in a notebook.
+
+The spec:
+
+    # Independently recurrent neural network (IndRNN): Li, Li, Cook, Zhu & Gao, "Independently
+    # recurrent neural network (IndRNN): building a longer and deeper RNN", CVPR 2018, eq. (2):
+    # each unit has its own scalar recurrent weight, h' = relu(W x + u * h + b).
+    cell IndRNN {
+      input x[I]
+      state h[H]
+
+      param W[H, I], u[H], b[H]
+
+      h' = relu(W @ x + u * h + b)
+      output h'
+    }
 """
 
 import importlib
 
 from . import numpy_cell
 
-__all__ = ["IndRNN", "IndRNNCell", "numpy_cell", "torch_cell", "step"]
+__all__ = ["IndRNN", "IndRNNCell", "numpy_cell", "torch_cell", "step", "EQUATIONS_LATEX", "equations"]
+
+#: the forward and the derived backward equations (what `cellspec show --format latex` prints)
+EQUATIONS_LATEX = r"""% IndRNN (ind_rnn.cell): forward step; outputs h'
+\begin{align}
+  h' &= \operatorname{relu}\left(W x + b + h \odot u\right)
+\end{align}
+% IndRNN: backward step, derived by cellspec. \delta v = dL/dv at this step;
+% \delta_{t+1} s: gradient of state s from the next step; \delta_{y} v: gradient at
+% output v from this step's loss; params accumulate (+=) over steps and batch rows.
+\begin{align}
+  \delta h' &= \delta_{t+1} h + \delta_{y} h' \\
+  t_{0} &= \delta h' \odot \mathbb{1}_{>0}\left(W x + b + h \odot u\right) \\
+  \delta h &= t_{0} \odot u \\
+  \delta u &\mathrel{+}= h \odot t_{0} \\
+  \delta b &\mathrel{+}= t_{0} \\
+  \delta \left(W x\right) &= \delta b \\
+  \delta x &= W^{\top} \delta \left(W x\right) \\
+  \delta W &\mathrel{+}= \delta \left(W x\right) x^{\top}
+\end{align}
+"""
+
+
+class _Equations:
+    """The equations; a notebook shows them typeset (`_repr_latex_`), `str()` is the LaTeX."""
+
+    def _repr_latex_(self):
+        return EQUATIONS_LATEX
+
+    def __str__(self):
+        return EQUATIONS_LATEX
+
+    __repr__ = __str__
+
+
+def equations():
+    """The cell's equations, displayed typeset in a notebook (Jupyter calls `_repr_latex_`)."""
+    return _Equations()
 
 
 def __getattr__(name):

@@ -3,14 +3,83 @@
     from <package>.janet import JANET, JANETCell, numpy_cell
 
 `numpy_cell` needs only NumPy; the modules JANET and JANETCell import PyTorch when
-first used.
+first used. `EQUATIONS_LATEX` holds the forward and the derived backward equations as LaTeX;
+`equations()` shows them typeset in a notebook.
+
+The spec:
+
+    # JANET ("just another network"), the forget-gate-only LSTM: van der Westhuizen & Lasenby,
+    # "The unreasonable effectiveness of the forget gate", arXiv:1804.04849, 2018, eq. (8)-(11),
+    # with the paper's shift beta = 1 written as a constant. The hidden state is the cell state.
+    # (The paper initialises b_f with the chrono initialiser; here b_f starts at 1.0.)
+    cell JANET {
+      input x[I]
+      state h[H]
+
+      param W_f[H, I], U_f[H, H], b_f[H] = 1.0    # forget gate
+      param W_c[H, I], U_c[H, H], b_c[H]          # candidate
+
+      s = U_f @ h + W_f @ x + b_f
+      c_tilde = tanh(U_c @ h + W_c @ x + b_c)
+      h' = sigmoid(s) * h + (1 - sigmoid(s - 1)) * c_tilde
+      output h'
+    }
 """
 
 import importlib
 
 from . import numpy_cell
 
-__all__ = ["JANET", "JANETCell", "numpy_cell", "torch_cell", "step"]
+__all__ = ["JANET", "JANETCell", "numpy_cell", "torch_cell", "step", "EQUATIONS_LATEX", "equations"]
+
+#: the forward and the derived backward equations (what `cellspec show --format latex` prints)
+EQUATIONS_LATEX = r"""% JANET (janet.cell): forward step; outputs h'
+\begin{align}
+  s &= U_{f} h + W_{f} x + b_{f} \\
+  c_{tilde} &= \tanh\left(U_{c} h + W_{c} x + b_{c}\right) \\
+  h' &= c_{tilde} \odot \left(1 - \sigma\left(s - 1\right)\right) + h \odot \sigma\left(s\right)
+\end{align}
+% JANET: backward step, derived by cellspec. \delta v = dL/dv at this step;
+% \delta_{t+1} s: gradient of state s from the next step; \delta_{y} v: gradient at
+% output v from this step's loss; params accumulate (+=) over steps and batch rows.
+\begin{align}
+  t_{0} &= \sigma\left(s - 1\right) \\
+  t_{1} &= 1 - t_{0} \\
+  t_{2} &= \sigma\left(s\right) \\
+  \delta h' &= \delta_{t+1} h + \delta_{y} h' \\
+  \delta c_{tilde} &= \delta h' \odot t_{1} \\
+  \delta s &= \delta h' \odot \left(-c_{tilde} \odot t_{0} \odot t_{1} + h \odot t_{2} \odot \left(1 - t_{2}\right)\right) \\
+  \delta \left(U_{f} h\right) &= \delta s \\
+  \delta \left(U_{c} h\right) &= \delta c_{tilde} \odot \left(1 - c_{tilde}^{2}\right) \\
+  \delta h &= \left(U_{f}^{\top} \delta \left(U_{f} h\right) + U_{c}^{\top} \delta \left(U_{c} h\right)\right) + \delta h' \odot \sigma\left(s\right) \\
+  \delta b_{f} &\mathrel{+}= \delta \left(U_{f} h\right) \\
+  \delta b_{c} &\mathrel{+}= \delta \left(U_{c} h\right) \\
+  \delta \left(W_{f} x\right) &= \delta \left(U_{f} h\right) \\
+  \delta \left(W_{c} x\right) &= \delta \left(U_{c} h\right) \\
+  \delta x &= W_{f}^{\top} \delta \left(W_{f} x\right) + W_{c}^{\top} \delta \left(W_{c} x\right) \\
+  \delta U_{f} &\mathrel{+}= \delta \left(U_{f} h\right) h^{\top} \\
+  \delta U_{c} &\mathrel{+}= \delta \left(U_{c} h\right) h^{\top} \\
+  \delta W_{f} &\mathrel{+}= \delta \left(W_{f} x\right) x^{\top} \\
+  \delta W_{c} &\mathrel{+}= \delta \left(W_{c} x\right) x^{\top}
+\end{align}
+"""
+
+
+class _Equations:
+    """The equations; a notebook shows them typeset (`_repr_latex_`), `str()` is the LaTeX."""
+
+    def _repr_latex_(self):
+        return EQUATIONS_LATEX
+
+    def __str__(self):
+        return EQUATIONS_LATEX
+
+    __repr__ = __str__
+
+
+def equations():
+    """The cell's equations, displayed typeset in a notebook (Jupyter calls `_repr_latex_`)."""
+    return _Equations()
 
 
 def __getattr__(name):

@@ -3,14 +3,109 @@
     from <package>.lstm import LSTM, LSTMCell, numpy_cell
 
 `numpy_cell` needs only NumPy; the modules LSTM and LSTMCell import PyTorch when
-first used.
+first used. `EQUATIONS_LATEX` holds the forward and the derived backward equations as LaTeX;
+`equations()` shows them typeset in a notebook.
+
+The spec:
+
+    # Long short-term memory: Hochreiter & Schmidhuber, "Long short-term memory", Neural Computation
+    # 9(8), 1997, with the forget gate of Gers, Schmidhuber & Cummins (2000). Written in exactly the
+    # form of torch.nn.LSTM / torch.nn.LSTMCell (gate order i, f, g, o; two biases per gate):
+    #   weight_ih_l0 = [W_ii; W_if; W_ig; W_io]   weight_hh_l0 = [W_hi; W_hf; W_hg; W_ho]
+    #   bias_ih_l0   = [b_ii; b_if; b_ig; b_io]   bias_hh_l0   = [b_hi; b_hf; b_hg; b_ho]
+    cell LSTM {
+      input x[I]
+      state h[H], c[H]
+
+      param W_ii[H, I], W_hi[H, H], b_ii[H], b_hi[H]    # input gate
+      param W_if[H, I], W_hf[H, H], b_if[H], b_hf[H]    # forget gate
+      param W_ig[H, I], W_hg[H, H], b_ig[H], b_hg[H]    # cell candidate
+      param W_io[H, I], W_ho[H, H], b_io[H], b_ho[H]    # output gate
+
+      i = sigmoid(W_ii @ x + b_ii + W_hi @ h + b_hi)
+      f = sigmoid(W_if @ x + b_if + W_hf @ h + b_hf)
+      g = tanh(W_ig @ x + b_ig + W_hg @ h + b_hg)
+      o = sigmoid(W_io @ x + b_io + W_ho @ h + b_ho)
+
+      c' = f * c + i * g
+      h' = o * tanh(c')
+      output h'
+    }
 """
 
 import importlib
 
 from . import numpy_cell
 
-__all__ = ["LSTM", "LSTMCell", "numpy_cell", "torch_cell", "step"]
+__all__ = ["LSTM", "LSTMCell", "numpy_cell", "torch_cell", "step", "EQUATIONS_LATEX", "equations"]
+
+#: the forward and the derived backward equations (what `cellspec show --format latex` prints)
+EQUATIONS_LATEX = r"""% LSTM (lstm.cell): forward step; outputs h'
+\begin{align}
+  i &= \sigma\left(W_{hi} h + W_{ii} x + b_{hi} + b_{ii}\right) \\
+  f &= \sigma\left(W_{hf} h + W_{if} x + b_{hf} + b_{if}\right) \\
+  g &= \tanh\left(W_{hg} h + W_{ig} x + b_{hg} + b_{ig}\right) \\
+  o &= \sigma\left(W_{ho} h + W_{io} x + b_{ho} + b_{io}\right) \\
+  c' &= c \odot f + g \odot i \\
+  h' &= o \odot \tanh\left(c'\right)
+\end{align}
+% LSTM: backward step, derived by cellspec. \delta v = dL/dv at this step;
+% \delta_{t+1} s: gradient of state s from the next step; \delta_{y} v: gradient at
+% output v from this step's loss; params accumulate (+=) over steps and batch rows.
+\begin{align}
+  t_{0} &= \tanh\left(c'\right) \\
+  \delta h' &= \delta_{t+1} h + \delta_{y} h' \\
+  \delta c' &= \delta_{t+1} c + \delta h' \odot o \odot \left(1 - t_{0}^{2}\right) \\
+  \delta o &= \delta h' \odot t_{0} \\
+  \delta g &= \delta c' \odot i \\
+  \delta f &= c \odot \delta c' \\
+  \delta i &= \delta c' \odot g \\
+  \delta \left(W_{hi} h\right) &= \delta i \odot i \odot \left(1 - i\right) \\
+  \delta \left(W_{hf} h\right) &= \delta f \odot f \odot \left(1 - f\right) \\
+  \delta \left(W_{hg} h\right) &= \delta g \odot \left(1 - g^{2}\right) \\
+  \delta \left(W_{ho} h\right) &= \delta o \odot o \odot \left(1 - o\right) \\
+  \delta h &= W_{hi}^{\top} \delta \left(W_{hi} h\right) + W_{hf}^{\top} \delta \left(W_{hf} h\right) + W_{hg}^{\top} \delta \left(W_{hg} h\right) + W_{ho}^{\top} \delta \left(W_{ho} h\right) \\
+  \delta c &= \delta c' \odot f \\
+  \delta b_{ii} &\mathrel{+}= \delta \left(W_{hi} h\right) \\
+  \delta b_{hi} &\mathrel{+}= \delta \left(W_{hi} h\right) \\
+  \delta b_{if} &\mathrel{+}= \delta \left(W_{hf} h\right) \\
+  \delta b_{hf} &\mathrel{+}= \delta \left(W_{hf} h\right) \\
+  \delta b_{ig} &\mathrel{+}= \delta \left(W_{hg} h\right) \\
+  \delta b_{hg} &\mathrel{+}= \delta \left(W_{hg} h\right) \\
+  \delta b_{io} &\mathrel{+}= \delta \left(W_{ho} h\right) \\
+  \delta b_{ho} &\mathrel{+}= \delta \left(W_{ho} h\right) \\
+  \delta \left(W_{ii} x\right) &= \delta \left(W_{hi} h\right) \\
+  \delta \left(W_{if} x\right) &= \delta \left(W_{hf} h\right) \\
+  \delta \left(W_{ig} x\right) &= \delta \left(W_{hg} h\right) \\
+  \delta \left(W_{io} x\right) &= \delta \left(W_{ho} h\right) \\
+  \delta x &= W_{ii}^{\top} \delta \left(W_{ii} x\right) + W_{if}^{\top} \delta \left(W_{if} x\right) + W_{ig}^{\top} \delta \left(W_{ig} x\right) + W_{io}^{\top} \delta \left(W_{io} x\right) \\
+  \delta W_{hi} &\mathrel{+}= \delta \left(W_{hi} h\right) h^{\top} \\
+  \delta W_{hf} &\mathrel{+}= \delta \left(W_{hf} h\right) h^{\top} \\
+  \delta W_{hg} &\mathrel{+}= \delta \left(W_{hg} h\right) h^{\top} \\
+  \delta W_{ho} &\mathrel{+}= \delta \left(W_{ho} h\right) h^{\top} \\
+  \delta W_{ii} &\mathrel{+}= \delta \left(W_{ii} x\right) x^{\top} \\
+  \delta W_{if} &\mathrel{+}= \delta \left(W_{if} x\right) x^{\top} \\
+  \delta W_{ig} &\mathrel{+}= \delta \left(W_{ig} x\right) x^{\top} \\
+  \delta W_{io} &\mathrel{+}= \delta \left(W_{io} x\right) x^{\top}
+\end{align}
+"""
+
+
+class _Equations:
+    """The equations; a notebook shows them typeset (`_repr_latex_`), `str()` is the LaTeX."""
+
+    def _repr_latex_(self):
+        return EQUATIONS_LATEX
+
+    def __str__(self):
+        return EQUATIONS_LATEX
+
+    __repr__ = __str__
+
+
+def equations():
+    """The cell's equations, displayed typeset in a notebook (Jupyter calls `_repr_latex_`)."""
+    return _Equations()
 
 
 def __getattr__(name):

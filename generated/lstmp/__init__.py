@@ -3,14 +3,114 @@
     from <package>.lstmp import LSTMP, LSTMPCell, numpy_cell
 
 `numpy_cell` needs only NumPy; the modules LSTMP and LSTMPCell import PyTorch when
-first used.
+first used. `EQUATIONS_LATEX` holds the forward and the derived backward equations as LaTeX;
+`equations()` shows them typeset in a notebook.
+
+The spec:
+
+    # LSTM with a recurrent projection layer (LSTMP): Sak, Senior & Beaufays, "Long short-term memory
+    # recurrent neural network architectures for large scale acoustic modeling", Interspeech 2014,
+    # in the form of torch.nn.LSTM(input_size, hidden_size, proj_size=P): the recurrent state h has
+    # size P, the cell state c has size H, and h' = W_hr @ (o * tanh(c')). Weight mapping as for
+    # cell LSTM (gate order i, f, g, o), plus weight_hr_l0 -> W_hr.
+    cell LSTMP {
+      input x[I]
+      size P = proj_size
+      state h[P], c[H]
+
+      param W_ii[H, I], W_hi[H, P], b_ii[H], b_hi[H]    # input gate
+      param W_if[H, I], W_hf[H, P], b_if[H], b_hf[H]    # forget gate
+      param W_ig[H, I], W_hg[H, P], b_ig[H], b_hg[H]    # cell candidate
+      param W_io[H, I], W_ho[H, P], b_io[H], b_ho[H]    # output gate
+      param W_hr[P, H]                                  # projection
+
+      i = sigmoid(W_ii @ x + b_ii + W_hi @ h + b_hi)
+      f = sigmoid(W_if @ x + b_if + W_hf @ h + b_hf)
+      g = tanh(W_ig @ x + b_ig + W_hg @ h + b_hg)
+      o = sigmoid(W_io @ x + b_io + W_ho @ h + b_ho)
+
+      c' = f * c + i * g
+      h' = W_hr @ (o * tanh(c'))
+      output h'
+    }
 """
 
 import importlib
 
 from . import numpy_cell
 
-__all__ = ["LSTMP", "LSTMPCell", "numpy_cell", "torch_cell", "step"]
+__all__ = ["LSTMP", "LSTMPCell", "numpy_cell", "torch_cell", "step", "EQUATIONS_LATEX", "equations"]
+
+#: the forward and the derived backward equations (what `cellspec show --format latex` prints)
+EQUATIONS_LATEX = r"""% LSTMP (lstmp.cell): forward step; outputs h'
+\begin{align}
+  i &= \sigma\left(W_{hi} h + W_{ii} x + b_{hi} + b_{ii}\right) \\
+  f &= \sigma\left(W_{hf} h + W_{if} x + b_{hf} + b_{if}\right) \\
+  g &= \tanh\left(W_{hg} h + W_{ig} x + b_{hg} + b_{ig}\right) \\
+  o &= \sigma\left(W_{ho} h + W_{io} x + b_{ho} + b_{io}\right) \\
+  c' &= c \odot f + g \odot i \\
+  h' &= W_{hr} \left(o \odot \tanh\left(c'\right)\right)
+\end{align}
+% LSTMP: backward step, derived by cellspec. \delta v = dL/dv at this step;
+% \delta_{t+1} s: gradient of state s from the next step; \delta_{y} v: gradient at
+% output v from this step's loss; params accumulate (+=) over steps and batch rows.
+\begin{align}
+  \delta h' &= \delta_{t+1} h + \delta_{y} h' \\
+  \delta \left(W_{hr} \left(o \odot \tanh\left(c'\right)\right)\right) &= \delta h' \\
+  t_{0} &= \tanh\left(c'\right) \\
+  \delta \left(o \odot \tanh\left(c'\right)\right) &= W_{hr}^{\top} \delta \left(W_{hr} \left(o \odot \tanh\left(c'\right)\right)\right) \\
+  \delta c' &= \delta \left(o \odot \tanh\left(c'\right)\right) \odot o \odot \left(1 - t_{0}^{2}\right) + \delta_{t+1} c \\
+  \delta o &= \delta \left(o \odot \tanh\left(c'\right)\right) \odot t_{0} \\
+  \delta g &= \delta c' \odot i \\
+  \delta f &= c \odot \delta c' \\
+  \delta i &= \delta c' \odot g \\
+  \delta \left(W_{hi} h\right) &= \delta i \odot i \odot \left(1 - i\right) \\
+  \delta \left(W_{hf} h\right) &= \delta f \odot f \odot \left(1 - f\right) \\
+  \delta \left(W_{hg} h\right) &= \delta g \odot \left(1 - g^{2}\right) \\
+  \delta \left(W_{ho} h\right) &= \delta o \odot o \odot \left(1 - o\right) \\
+  \delta h &= W_{hi}^{\top} \delta \left(W_{hi} h\right) + W_{hf}^{\top} \delta \left(W_{hf} h\right) + W_{hg}^{\top} \delta \left(W_{hg} h\right) + W_{ho}^{\top} \delta \left(W_{ho} h\right) \\
+  \delta c &= \delta c' \odot f \\
+  \delta b_{ii} &\mathrel{+}= \delta \left(W_{hi} h\right) \\
+  \delta b_{hi} &\mathrel{+}= \delta \left(W_{hi} h\right) \\
+  \delta b_{if} &\mathrel{+}= \delta \left(W_{hf} h\right) \\
+  \delta b_{hf} &\mathrel{+}= \delta \left(W_{hf} h\right) \\
+  \delta b_{ig} &\mathrel{+}= \delta \left(W_{hg} h\right) \\
+  \delta b_{hg} &\mathrel{+}= \delta \left(W_{hg} h\right) \\
+  \delta b_{io} &\mathrel{+}= \delta \left(W_{ho} h\right) \\
+  \delta b_{ho} &\mathrel{+}= \delta \left(W_{ho} h\right) \\
+  \delta \left(W_{ii} x\right) &= \delta \left(W_{hi} h\right) \\
+  \delta \left(W_{if} x\right) &= \delta \left(W_{hf} h\right) \\
+  \delta \left(W_{ig} x\right) &= \delta \left(W_{hg} h\right) \\
+  \delta \left(W_{io} x\right) &= \delta \left(W_{ho} h\right) \\
+  \delta x &= W_{ii}^{\top} \delta \left(W_{ii} x\right) + W_{if}^{\top} \delta \left(W_{if} x\right) + W_{ig}^{\top} \delta \left(W_{ig} x\right) + W_{io}^{\top} \delta \left(W_{io} x\right) \\
+  \delta W_{hi} &\mathrel{+}= \delta \left(W_{hi} h\right) h^{\top} \\
+  \delta W_{hf} &\mathrel{+}= \delta \left(W_{hf} h\right) h^{\top} \\
+  \delta W_{hg} &\mathrel{+}= \delta \left(W_{hg} h\right) h^{\top} \\
+  \delta W_{ho} &\mathrel{+}= \delta \left(W_{ho} h\right) h^{\top} \\
+  \delta W_{hr} &\mathrel{+}= \delta \left(W_{hr} \left(o \odot \tanh\left(c'\right)\right)\right) \left(o \odot \tanh\left(c'\right)\right)^{\top} \\
+  \delta W_{ii} &\mathrel{+}= \delta \left(W_{ii} x\right) x^{\top} \\
+  \delta W_{if} &\mathrel{+}= \delta \left(W_{if} x\right) x^{\top} \\
+  \delta W_{ig} &\mathrel{+}= \delta \left(W_{ig} x\right) x^{\top} \\
+  \delta W_{io} &\mathrel{+}= \delta \left(W_{io} x\right) x^{\top}
+\end{align}
+"""
+
+
+class _Equations:
+    """The equations; a notebook shows them typeset (`_repr_latex_`), `str()` is the LaTeX."""
+
+    def _repr_latex_(self):
+        return EQUATIONS_LATEX
+
+    def __str__(self):
+        return EQUATIONS_LATEX
+
+    __repr__ = __str__
+
+
+def equations():
+    """The cell's equations, displayed typeset in a notebook (Jupyter calls `_repr_latex_`)."""
+    return _Equations()
 
 
 def __getattr__(name):

@@ -3,14 +3,80 @@
     from <package>.mgu import MGU, MGUCell, numpy_cell
 
 `numpy_cell` needs only NumPy; the modules MGU and MGUCell import PyTorch when
-first used.
+first used. `EQUATIONS_LATEX` holds the forward and the derived backward equations as LaTeX;
+`equations()` shows them typeset in a notebook.
+
+The spec:
+
+    # Minimal gated unit: Zhou, Wu, Zhang & Zhou, "Minimal gated unit for recurrent neural networks",
+    # International Journal of Automation and Computing 13(3), 2016 (arXiv:1603.09420), eq. (7):
+    # a single forget gate f both resets h inside the candidate and interpolates the update.
+    cell MGU {
+      input x[I]
+      state h[H]
+
+      param W_f[H, I], U_f[H, H], b_f[H]      # forget gate
+      param W_h[H, I], U_h[H, H], b_h[H]      # candidate
+
+      f = sigmoid(W_f @ x + U_f @ h + b_f)
+      h_tilde = tanh(W_h @ x + U_h @ (f * h) + b_h)
+      h' = (1 - f) * h + f * h_tilde
+      output h'
+    }
 """
 
 import importlib
 
 from . import numpy_cell
 
-__all__ = ["MGU", "MGUCell", "numpy_cell", "torch_cell", "step"]
+__all__ = ["MGU", "MGUCell", "numpy_cell", "torch_cell", "step", "EQUATIONS_LATEX", "equations"]
+
+#: the forward and the derived backward equations (what `cellspec show --format latex` prints)
+EQUATIONS_LATEX = r"""% MGU (mgu.cell): forward step; outputs h'
+\begin{align}
+  f &= \sigma\left(U_{f} h + W_{f} x + b_{f}\right) \\
+  h_{tilde} &= \tanh\left(U_{h} \left(f \odot h\right) + W_{h} x + b_{h}\right) \\
+  h' &= f \odot h_{tilde} + h \odot \left(1 - f\right)
+\end{align}
+% MGU: backward step, derived by cellspec. \delta v = dL/dv at this step;
+% \delta_{t+1} s: gradient of state s from the next step; \delta_{y} v: gradient at
+% output v from this step's loss; params accumulate (+=) over steps and batch rows.
+\begin{align}
+  \delta h' &= \delta_{t+1} h + \delta_{y} h' \\
+  \delta h_{tilde} &= \delta h' \odot f \\
+  \delta \left(U_{h} \left(f \odot h\right)\right) &= \delta h_{tilde} \odot \left(1 - h_{tilde}^{2}\right) \\
+  \delta \left(f \odot h\right) &= U_{h}^{\top} \delta \left(U_{h} \left(f \odot h\right)\right) \\
+  \delta f &= \delta \left(f \odot h\right) \odot h + \delta h' \odot \left(-h + h_{tilde}\right) \\
+  \delta \left(U_{f} h\right) &= \delta f \odot f \odot \left(1 - f\right) \\
+  \delta h &= \delta \left(f \odot h\right) \odot f + \left(U_{f}^{\top} \delta \left(U_{f} h\right)\right) + \delta h' \odot \left(1 - f\right) \\
+  \delta b_{f} &\mathrel{+}= \delta \left(U_{f} h\right) \\
+  \delta b_{h} &\mathrel{+}= \delta \left(U_{h} \left(f \odot h\right)\right) \\
+  \delta \left(W_{f} x\right) &= \delta \left(U_{f} h\right) \\
+  \delta \left(W_{h} x\right) &= \delta \left(U_{h} \left(f \odot h\right)\right) \\
+  \delta x &= W_{f}^{\top} \delta \left(W_{f} x\right) + W_{h}^{\top} \delta \left(W_{h} x\right) \\
+  \delta U_{f} &\mathrel{+}= \delta \left(U_{f} h\right) h^{\top} \\
+  \delta U_{h} &\mathrel{+}= \delta \left(U_{h} \left(f \odot h\right)\right) \left(f \odot h\right)^{\top} \\
+  \delta W_{f} &\mathrel{+}= \delta \left(W_{f} x\right) x^{\top} \\
+  \delta W_{h} &\mathrel{+}= \delta \left(W_{h} x\right) x^{\top}
+\end{align}
+"""
+
+
+class _Equations:
+    """The equations; a notebook shows them typeset (`_repr_latex_`), `str()` is the LaTeX."""
+
+    def _repr_latex_(self):
+        return EQUATIONS_LATEX
+
+    def __str__(self):
+        return EQUATIONS_LATEX
+
+    __repr__ = __str__
+
+
+def equations():
+    """The cell's equations, displayed typeset in a notebook (Jupyter calls `_repr_latex_`)."""
+    return _Equations()
 
 
 def __getattr__(name):

@@ -3,14 +3,109 @@
     from <package>.peephole_lstm import PeepholeLSTM, PeepholeLSTMCell, numpy_cell
 
 `numpy_cell` needs only NumPy; the modules PeepholeLSTM and PeepholeLSTMCell import PyTorch when
-first used.
+first used. `EQUATIONS_LATEX` holds the forward and the derived backward equations as LaTeX;
+`equations()` shows them typeset in a notebook.
+
+The spec:
+
+    # LSTM with peephole connections: F. A. Gers & J. Schmidhuber, "Recurrent nets that time and
+    # count", IJCNN 2000 (equations as in Greff et al., "LSTM: A Search Space Odyssey", 2017, the
+    # "vanilla LSTM"). The input and forget gates see the previous cell state c, the output gate sees
+    # the new cell state c', each through a diagonal (elementwise) peephole vector p_*.
+    cell PeepholeLSTM {
+      input x[I]
+      state h[H], c[H]
+
+      param W_ii[H, I], W_hi[H, H], p_i[H], b_i[H]      # input gate
+      param W_if[H, I], W_hf[H, H], p_f[H], b_f[H]      # forget gate
+      param W_ig[H, I], W_hg[H, H], b_g[H]              # block input (cell candidate)
+      param W_io[H, I], W_ho[H, H], p_o[H], b_o[H]      # output gate
+
+      i = sigmoid(W_ii @ x + W_hi @ h + p_i * c + b_i)
+      f = sigmoid(W_if @ x + W_hf @ h + p_f * c + b_f)
+      g = tanh(W_ig @ x + W_hg @ h + b_g)
+      c' = f * c + i * g
+      o = sigmoid(W_io @ x + W_ho @ h + p_o * c' + b_o)
+      h' = o * tanh(c')
+      output h'
+    }
 """
 
 import importlib
 
 from . import numpy_cell
 
-__all__ = ["PeepholeLSTM", "PeepholeLSTMCell", "numpy_cell", "torch_cell", "step"]
+__all__ = ["PeepholeLSTM", "PeepholeLSTMCell", "numpy_cell", "torch_cell", "step", "EQUATIONS_LATEX", "equations"]
+
+#: the forward and the derived backward equations (what `cellspec show --format latex` prints)
+EQUATIONS_LATEX = r"""% PeepholeLSTM (peephole_lstm.cell): forward step; outputs h'
+\begin{align}
+  i &= \sigma\left(W_{hi} h + W_{ii} x + b_{i} + c \odot p_{i}\right) \\
+  f &= \sigma\left(W_{hf} h + W_{if} x + b_{f} + c \odot p_{f}\right) \\
+  g &= \tanh\left(W_{hg} h + W_{ig} x + b_{g}\right) \\
+  c' &= c \odot f + g \odot i \\
+  o &= \sigma\left(W_{ho} h + W_{io} x + b_{o} + c' \odot p_{o}\right) \\
+  h' &= o \odot \tanh\left(c'\right)
+\end{align}
+% PeepholeLSTM: backward step, derived by cellspec. \delta v = dL/dv at this step;
+% \delta_{t+1} s: gradient of state s from the next step; \delta_{y} v: gradient at
+% output v from this step's loss; params accumulate (+=) over steps and batch rows.
+\begin{align}
+  t_{0} &= \tanh\left(c'\right) \\
+  \delta h' &= \delta_{t+1} h + \delta_{y} h' \\
+  \delta o &= \delta h' \odot t_{0} \\
+  t_{1} &= \delta o \odot o \odot \left(1 - o\right) \\
+  \delta c' &= \delta_{t+1} c + \delta h' \odot o \odot \left(1 - t_{0}^{2}\right) + p_{o} \odot t_{1} \\
+  \delta g &= \delta c' \odot i \\
+  \delta f &= c \odot \delta c' \\
+  \delta i &= \delta c' \odot g \\
+  \delta \left(W_{hi} h\right) &= \delta i \odot i \odot \left(1 - i\right) \\
+  \delta \left(W_{hf} h\right) &= \delta f \odot f \odot \left(1 - f\right) \\
+  \delta \left(W_{hg} h\right) &= \delta g \odot \left(1 - g^{2}\right) \\
+  \delta \left(W_{ho} h\right) &= t_{1} \\
+  t_{1,2} &= \delta f \odot f \odot \left(1 - f\right) \\
+  t_{2} &= \delta i \odot i \odot \left(1 - i\right) \\
+  \delta h &= W_{hi}^{\top} \delta \left(W_{hi} h\right) + W_{hf}^{\top} \delta \left(W_{hf} h\right) + W_{hg}^{\top} \delta \left(W_{hg} h\right) + W_{ho}^{\top} \delta \left(W_{ho} h\right) \\
+  \delta c &= \delta c' \odot f + p_{f} \odot t_{1,2} + p_{i} \odot t_{2} \\
+  \delta p_{i} &\mathrel{+}= c \odot t_{2} \\
+  \delta b_{i} &\mathrel{+}= \delta \left(W_{hi} h\right) \\
+  \delta p_{f} &\mathrel{+}= c \odot t_{1,2} \\
+  \delta b_{f} &\mathrel{+}= \delta \left(W_{hf} h\right) \\
+  \delta b_{g} &\mathrel{+}= \delta \left(W_{hg} h\right) \\
+  \delta p_{o} &\mathrel{+}= c' \odot \delta o \odot o \odot \left(1 - o\right) \\
+  \delta b_{o} &\mathrel{+}= \delta \left(W_{ho} h\right) \\
+  \delta \left(W_{ii} x\right) &= \delta \left(W_{hi} h\right) \\
+  \delta \left(W_{if} x\right) &= \delta \left(W_{hf} h\right) \\
+  \delta \left(W_{ig} x\right) &= \delta \left(W_{hg} h\right) \\
+  \delta \left(W_{io} x\right) &= \delta \left(W_{ho} h\right) \\
+  \delta x &= W_{ii}^{\top} \delta \left(W_{ii} x\right) + W_{if}^{\top} \delta \left(W_{if} x\right) + W_{ig}^{\top} \delta \left(W_{ig} x\right) + W_{io}^{\top} \delta \left(W_{io} x\right) \\
+  \delta W_{hi} &\mathrel{+}= \delta \left(W_{hi} h\right) h^{\top} \\
+  \delta W_{hf} &\mathrel{+}= \delta \left(W_{hf} h\right) h^{\top} \\
+  \delta W_{hg} &\mathrel{+}= \delta \left(W_{hg} h\right) h^{\top} \\
+  \delta W_{ho} &\mathrel{+}= \delta \left(W_{ho} h\right) h^{\top} \\
+  \delta W_{ii} &\mathrel{+}= \delta \left(W_{ii} x\right) x^{\top} \\
+  \delta W_{if} &\mathrel{+}= \delta \left(W_{if} x\right) x^{\top} \\
+  \delta W_{ig} &\mathrel{+}= \delta \left(W_{ig} x\right) x^{\top} \\
+  \delta W_{io} &\mathrel{+}= \delta \left(W_{io} x\right) x^{\top}
+\end{align}
+"""
+
+
+class _Equations:
+    """The equations; a notebook shows them typeset (`_repr_latex_`), `str()` is the LaTeX."""
+
+    def _repr_latex_(self):
+        return EQUATIONS_LATEX
+
+    def __str__(self):
+        return EQUATIONS_LATEX
+
+    __repr__ = __str__
+
+
+def equations():
+    """The cell's equations, displayed typeset in a notebook (Jupyter calls `_repr_latex_`)."""
+    return _Equations()
 
 
 def __getattr__(name):

@@ -3,14 +3,91 @@
     from <package>.sru import SRU, SRUCell, numpy_cell
 
 `numpy_cell` needs only NumPy; the modules SRU and SRUCell import PyTorch when
-first used.
+first used. `EQUATIONS_LATEX` holds the forward and the derived backward equations as LaTeX;
+`equations()` shows them typeset in a notebook.
+
+The spec:
+
+    # Simple recurrent unit (SRU): Lei, Zhang, Wang, Dai & Artzi, "Simple recurrent units for highly
+    # parallelizable recurrence", EMNLP 2018, eq. (3)-(5), with the element-wise recurrence vectors
+    # v_f, v_r. The highway connection uses a projection W_s @ x (the paper's remedy when the input
+    # and hidden sizes differ). The state is c; the per-step output is h.
+    cell SRU {
+      input x[I]
+      state c[H]
+
+      param W[H, I]                       # candidate
+      param W_f[H, I], v_f[H], b_f[H]     # forget gate
+      param W_r[H, I], v_r[H], b_r[H]     # reset (highway) gate
+      param W_s[H, I]                     # highway projection of x
+
+      f = sigmoid(W_f @ x + v_f * c + b_f)
+      c' = f * c + (1 - f) * (W @ x)
+      r = sigmoid(W_r @ x + v_r * c + b_r)
+      h = r * c' + (1 - r) * (W_s @ x)
+      output h
+    }
 """
 
 import importlib
 
 from . import numpy_cell
 
-__all__ = ["SRU", "SRUCell", "numpy_cell", "torch_cell", "step"]
+__all__ = ["SRU", "SRUCell", "numpy_cell", "torch_cell", "step", "EQUATIONS_LATEX", "equations"]
+
+#: the forward and the derived backward equations (what `cellspec show --format latex` prints)
+EQUATIONS_LATEX = r"""% SRU (sru.cell): forward step; outputs h
+\begin{align}
+  f &= \sigma\left(W_{f} x + b_{f} + c \odot v_{f}\right) \\
+  c' &= \left(W x\right) \odot \left(1 - f\right) + c \odot f \\
+  r &= \sigma\left(W_{r} x + b_{r} + c \odot v_{r}\right) \\
+  h &= \left(W_{s} x\right) \odot \left(1 - r\right) + c' \odot r
+\end{align}
+% SRU: backward step, derived by cellspec. \delta v = dL/dv at this step;
+% \delta_{t+1} s: gradient of state s from the next step; \delta_{y} v: gradient at
+% output v from this step's loss; params accumulate (+=) over steps and batch rows.
+\begin{align}
+  \delta h &= \delta_{y} h \\
+  \delta r &= \delta h \odot \left(-\left(W_{s} x\right) + c'\right) \\
+  \delta c' &= \delta_{t+1} c + \delta h \odot r \\
+  \delta f &= \delta c' \odot \left(-\left(W x\right) + c\right) \\
+  t_{0} &= 1 - f \\
+  t_{1} &= \delta f \odot f \odot t_{0} \\
+  t_{2} &= 1 - r \\
+  t_{3} &= \delta r \odot r \odot t_{2} \\
+  \delta c &= \delta c' \odot f + t_{1} \odot v_{f} + t_{3} \odot v_{r} \\
+  \delta v_{f} &\mathrel{+}= c \odot t_{1} \\
+  \delta b_{f} &\mathrel{+}= t_{1} \\
+  \delta v_{r} &\mathrel{+}= c \odot t_{3} \\
+  \delta b_{r} &\mathrel{+}= t_{3} \\
+  \delta \left(W_{f} x\right) &= \delta b_{f} \\
+  \delta \left(W x\right) &= \delta c' \odot t_{0} \\
+  \delta \left(W_{r} x\right) &= \delta b_{r} \\
+  \delta \left(W_{s} x\right) &= \delta h \odot t_{2} \\
+  \delta x &= W_{f}^{\top} \delta \left(W_{f} x\right) + W^{\top} \delta \left(W x\right) + W_{r}^{\top} \delta \left(W_{r} x\right) + W_{s}^{\top} \delta \left(W_{s} x\right) \\
+  \delta W_{f} &\mathrel{+}= \delta \left(W_{f} x\right) x^{\top} \\
+  \delta W &\mathrel{+}= \delta \left(W x\right) x^{\top} \\
+  \delta W_{r} &\mathrel{+}= \delta \left(W_{r} x\right) x^{\top} \\
+  \delta W_{s} &\mathrel{+}= \delta \left(W_{s} x\right) x^{\top}
+\end{align}
+"""
+
+
+class _Equations:
+    """The equations; a notebook shows them typeset (`_repr_latex_`), `str()` is the LaTeX."""
+
+    def _repr_latex_(self):
+        return EQUATIONS_LATEX
+
+    def __str__(self):
+        return EQUATIONS_LATEX
+
+    __repr__ = __str__
+
+
+def equations():
+    """The cell's equations, displayed typeset in a notebook (Jupyter calls `_repr_latex_`)."""
+    return _Equations()
 
 
 def __getattr__(name):

@@ -3,14 +3,95 @@
     from <package>.torch_gru import TorchGRU, TorchGRUCell, numpy_cell
 
 `numpy_cell` needs only NumPy; the modules TorchGRU and TorchGRUCell import PyTorch when
-first used.
+first used. `EQUATIONS_LATEX` holds the forward and the derived backward equations as LaTeX;
+`equations()` shows them typeset in a notebook.
+
+The spec:
+
+    # Gated recurrent unit: Cho et al., "Learning phrase representations using RNN encoder-decoder
+    # for statistical machine translation", EMNLP 2014, in the form of torch.nn.GRU / torch.nn.GRUCell:
+    # the reset gate multiplies the recurrent matmul (W_hn @ h + b_hn), not h. Gate order r, z, n:
+    #   weight_ih_l0 = [W_ir; W_iz; W_in]   weight_hh_l0 = [W_hr; W_hz; W_hn]
+    #   bias_ih_l0   = [b_ir; b_iz; b_in]   bias_hh_l0   = [b_hr; b_hz; b_hn]
+    cell TorchGRU {
+      input x[I]
+      state h[H]
+
+      param W_ir[H, I], W_hr[H, H], b_ir[H], b_hr[H]    # reset gate
+      param W_iz[H, I], W_hz[H, H], b_iz[H], b_hz[H]    # update gate
+      param W_in[H, I], W_hn[H, H], b_in[H], b_hn[H]    # candidate
+
+      r = sigmoid(W_ir @ x + b_ir + W_hr @ h + b_hr)
+      z = sigmoid(W_iz @ x + b_iz + W_hz @ h + b_hz)
+      n = tanh(W_in @ x + b_in + r * (W_hn @ h + b_hn))
+      h' = (1 - z) * n + z * h
+      output h'
+    }
 """
 
 import importlib
 
 from . import numpy_cell
 
-__all__ = ["TorchGRU", "TorchGRUCell", "numpy_cell", "torch_cell", "step"]
+__all__ = ["TorchGRU", "TorchGRUCell", "numpy_cell", "torch_cell", "step", "EQUATIONS_LATEX", "equations"]
+
+#: the forward and the derived backward equations (what `cellspec show --format latex` prints)
+EQUATIONS_LATEX = r"""% TorchGRU (torch_gru.cell): forward step; outputs h'
+\begin{align}
+  r &= \sigma\left(W_{hr} h + W_{ir} x + b_{hr} + b_{ir}\right) \\
+  z &= \sigma\left(W_{hz} h + W_{iz} x + b_{hz} + b_{iz}\right) \\
+  n &= \tanh\left(W_{in} x + b_{in} + r \odot \left(W_{hn} h + b_{hn}\right)\right) \\
+  h' &= h \odot z + n \odot \left(1 - z\right)
+\end{align}
+% TorchGRU: backward step, derived by cellspec. \delta v = dL/dv at this step;
+% \delta_{t+1} s: gradient of state s from the next step; \delta_{y} v: gradient at
+% output v from this step's loss; params accumulate (+=) over steps and batch rows.
+\begin{align}
+  t_{0} &= 1 - z \\
+  \delta h' &= \delta_{t+1} h + \delta_{y} h' \\
+  \delta n &= \delta h' \odot t_{0} \\
+  t_{1} &= \delta n \odot \left(1 - n^{2}\right) \\
+  \delta z &= \delta h' \odot \left(h - n\right) \\
+  \delta r &= t_{1} \odot \left(W_{hn} h + b_{hn}\right) \\
+  \delta \left(W_{hr} h\right) &= \delta r \odot r \odot \left(1 - r\right) \\
+  \delta \left(W_{hz} h\right) &= \delta z \odot t_{0} \odot z \\
+  \delta \left(W_{hn} h\right) &= r \odot t_{1} \\
+  \delta h &= \left(W_{hr}^{\top} \delta \left(W_{hr} h\right) + W_{hz}^{\top} \delta \left(W_{hz} h\right) + W_{hn}^{\top} \delta \left(W_{hn} h\right)\right) + \delta h' \odot z \\
+  \delta b_{ir} &\mathrel{+}= \delta \left(W_{hr} h\right) \\
+  \delta b_{hr} &\mathrel{+}= \delta \left(W_{hr} h\right) \\
+  \delta b_{iz} &\mathrel{+}= \delta \left(W_{hz} h\right) \\
+  \delta b_{hz} &\mathrel{+}= \delta \left(W_{hz} h\right) \\
+  \delta b_{in} &\mathrel{+}= \delta n \odot \left(1 - n^{2}\right) \\
+  \delta b_{hn} &\mathrel{+}= \delta \left(W_{hn} h\right) \\
+  \delta \left(W_{ir} x\right) &= \delta \left(W_{hr} h\right) \\
+  \delta \left(W_{iz} x\right) &= \delta \left(W_{hz} h\right) \\
+  \delta \left(W_{in} x\right) &= \delta b_{in} \\
+  \delta x &= W_{ir}^{\top} \delta \left(W_{ir} x\right) + W_{iz}^{\top} \delta \left(W_{iz} x\right) + W_{in}^{\top} \delta \left(W_{in} x\right) \\
+  \delta W_{hr} &\mathrel{+}= \delta \left(W_{hr} h\right) h^{\top} \\
+  \delta W_{hz} &\mathrel{+}= \delta \left(W_{hz} h\right) h^{\top} \\
+  \delta W_{hn} &\mathrel{+}= \delta \left(W_{hn} h\right) h^{\top} \\
+  \delta W_{ir} &\mathrel{+}= \delta \left(W_{ir} x\right) x^{\top} \\
+  \delta W_{iz} &\mathrel{+}= \delta \left(W_{iz} x\right) x^{\top} \\
+  \delta W_{in} &\mathrel{+}= \delta \left(W_{in} x\right) x^{\top}
+\end{align}
+"""
+
+
+class _Equations:
+    """The equations; a notebook shows them typeset (`_repr_latex_`), `str()` is the LaTeX."""
+
+    def _repr_latex_(self):
+        return EQUATIONS_LATEX
+
+    def __str__(self):
+        return EQUATIONS_LATEX
+
+    __repr__ = __str__
+
+
+def equations():
+    """The cell's equations, displayed typeset in a notebook (Jupyter calls `_repr_latex_`)."""
+    return _Equations()
 
 
 def __getattr__(name):
