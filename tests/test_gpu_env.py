@@ -111,7 +111,9 @@ def _fake_nvcc(path: Path, release: str, calls: Path, exit_code: int = 0) -> str
     """An 'nvcc' that answers --version with `release`, logs every other call to `calls` and
     writes the file after -o (or fails with exit_code)."""
     return _script(path, f"""
-if [ "$1" = "--version" ]; then echo "Cuda compilation tools, release {release}, V{release}.1"; exit 0; fi
+if [ "$1" = "--version" ]; then
+  echo "Cuda compilation tools, release {release}, V{release}.1"; exit 0
+fi
 echo "$@" >> {calls}
 if [ {exit_code} -ne 0 ]; then echo "fake compiler error" >&2; exit {exit_code}; fi
 while [ $# -gt 0 ]; do if [ "$1" = "-o" ]; then : > "$2"; fi; shift; done

@@ -93,9 +93,9 @@ def toolkit_runs_on_driver(toolkit: tuple[int, int], driver_version: int,
     if needs_ptx_jit:
         return False, (
             f"this GPU would run PTX from CUDA {tks}, which the driver (CUDA {drvs}) cannot "
-            f"JIT-compile (PTX needs a driver at least as new as its toolkit). Use an nvcc no newer "
-            f"than CUDA {drvs} or one that builds SASS for this GPU (set CELLSPEC_NVCC), or update "
-            f"the driver")
+            f"JIT-compile (PTX needs a driver at least as new as its toolkit). Use an nvcc no "
+            f"newer than CUDA {drvs} or one that builds SASS for this GPU (set CELLSPEC_NVCC), "
+            f"or update the driver")
     return True, (f"minor version compatibility: SASS from CUDA {tks} runs on a CUDA {drvs} driver "
                   f"(same major version)")
 
