@@ -195,7 +195,8 @@ def compiled_specs(only: list[str] | None = None) -> dict[str, tuple[Path, objec
         for cc in compile_file(path):
             if not only or cc.module_name in only or path.stem in only:
                 out[cc.module_name] = (path, cc)
-    missing = [o for o in only or () if o not in out and not any(p.stem == o for p, _ in out.values())]
+    stems = {p.stem for p, _ in out.values()}
+    missing = [o for o in only or () if o not in out and o not in stems]
     if missing:
         raise SystemExit(f"--only {missing}: no such spec; choose from "
                          + ", ".join(f.stem for f in spec_files()))
@@ -458,8 +459,7 @@ def run_check_subprocess(path: Path, module: str, device: str, dry: bool, compil
     cmd = [sys.executable, str(Path(__file__).resolve()), "--_check-spec", module,
            "--_spec-path", str(path), "--_result", str(result), "--compile-backend",
            compile_backend] + (["--dry-run"] if dry else [])
-    env = dict(os.environ, CUDA_LAUNCH_BLOCKING="1",
-               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    env = dict(os.environ, CUDA_LAUNCH_BLOCKING="1", PYTHONPATH=_pythonpath())
     t = time.perf_counter()
     try:
         proc = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True,
@@ -467,8 +467,9 @@ def run_check_subprocess(path: Path, module: str, device: str, dry: bool, compil
         rc, tail = proc.returncode, (proc.stdout + proc.stderr)[-6000:]
     except subprocess.TimeoutExpired as e:
         rc = "timeout"
-        tail = f"killed after {timeout:.0f} s\n" + ((e.stderr or b"")[-4000:].decode(errors="replace")
-                                                    if isinstance(e.stderr, bytes) else str(e.stderr or ""))
+        err = e.stderr or b""  # bytes even with text=True, on a timeout
+        err = err.decode(errors="replace") if isinstance(err, bytes) else err
+        tail = f"killed after {timeout:.0f} s\n" + err[-4000:]
     out = json.loads(result.read_text()) if result.exists() else {"module": module, "rows": []}
     out.update(rc=rc, seconds=round(time.perf_counter() - t, 2))
     complete = "compile" in out.get("steps_done", [])
@@ -477,6 +478,11 @@ def run_check_subprocess(path: Path, module: str, device: str, dry: bool, compil
     if rc != 0 or not complete:
         out["error"] = f"subprocess {_exit_text(rc)}; output tail:\n{tail}"
     return out
+
+
+def _pythonpath() -> str:
+    """PYTHONPATH for the subprocesses: this checkout first."""
+    return os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
 
 
 def _exit_text(rc) -> str:
@@ -518,7 +524,8 @@ def check(sec: dict, report: Report, specs: dict, device: str, dry: bool, compil
                 done = ", ".join(s.get("steps_done", [])) or "nothing"
                 notes += ["", f"{m}: FAILED after {s['seconds']:.1f} s (completed: {done})",
                           "```", s["error"].rstrip(), "```"]
-        times = ", ".join(f"{m} {s['seconds']:.0f} s" for m, s in sorted(sec["data"]["specs"].items()))
+        done = sorted(sec["data"]["specs"].items())
+        times = ", ".join(f"{m} {s['seconds']:.0f} s" for m, s in done)
         sec["lines"] = head + md_table(
             ["spec", "dtype", "implementation", "rounding", "vs NumPy f64 (worst)", "tol",
              "vs generated", "status"], rows) + ["", f"per spec: {times}"] + notes
@@ -612,7 +619,7 @@ def bench_cell(module: str, device: str, dry: bool, compile_backend: str, deadli
     cls = getattr(pkg.torch_cell, pkg.torch_cell.CELL)
     ref_cls = getattr(torch.nn, BENCH_CELLS[module])
     shapes = DRY_SHAPES if dry else SHAPES
-    reps, warmup = (1, 1) if dry else (5, 2)
+    reps, warmup = (3, 1) if dry else (5, 2)
     compiled_step = torch.compile(pkg.torch_cell.step, dynamic=True, backend=compile_backend)
     out: dict = {"module": module, "rows": [], "shapes": shapes, "reps": reps, "warmup": warmup,
                  "compiled_loop": {"recompile_limit": torch._dynamo.config.recompile_limit,
@@ -659,7 +666,7 @@ def bench_cell(module: str, device: str, dry: bool, compile_backend: str, deadli
                 row["fwd_bwd_ms"] = measure(fwd_bwd, device, reps, warmup) * 1e3
                 if device == "cuda":
                     row["peak_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-            except Exception as e:  # noqa: BLE001 - one failing implementation must not stop the table
+            except Exception as e:  # noqa: BLE001 - one failing implementation must not stop it
                 if "RecompileLimit" in type(e).__name__ or "recompile_limit" in str(e):
                     out["compiled_loop"]["recompile_limit_hit"] = True
                 first = (str(e).splitlines() or [""])[0][:300]
@@ -680,7 +687,9 @@ def run_bench_subprocess(module: str, device: str, dry: bool, compile_backend: s
     cmd = [sys.executable, str(Path(__file__).resolve()), "--_bench-cell", module,
            "--_result", str(result), "--_deadline", str(deadline), "--compile-backend",
            compile_backend] + (["--dry-run"] if dry else [])
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    env = dict(os.environ, PYTHONPATH=_pythonpath())
+    if dry:  # one thread: torch's and the fused CPU kernel's OpenMP pools fight over few cores
+        env.update(OMP_NUM_THREADS="1")
     t = time.perf_counter()
     try:
         proc = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True,
@@ -703,7 +712,8 @@ def benchmark(sec: dict, report: Report, device: str, dry: bool, compile_backend
     sec["data"].update(cells={}, reference=ref, dtype="float32", tf32=False)
     if not cells:
         sec["status"] = "skipped"
-        sec["lines"] = [f"skipped: --only names none of the benchmarked cells ({', '.join(BENCH_CELLS)})"]
+        names = ", ".join(BENCH_CELLS)
+        sec["lines"] = [f"skipped: --only names none of the benchmarked cells ({names})"]
         return
     failed = False
     for module in cells:
@@ -712,7 +722,8 @@ def benchmark(sec: dict, report: Report, device: str, dry: bool, compile_backend
         failed |= "error" in res or any("error" in r for r in res["rows"])
         rows, notes = [], []
         for m, r in sec["data"]["cells"].items():
-            base = {tuple(x["shape"]): x for x in r["rows"] if x["impl"] == ref and "fwd_bwd_ms" in x}
+            base = {tuple(x["shape"]): x for x in r["rows"]
+                    if x["impl"] == ref and "fwd_bwd_ms" in x}
             for x in r["rows"]:
                 b = base.get(tuple(x["shape"]))
                 if "fwd_bwd_ms" in x:
@@ -732,8 +743,11 @@ def benchmark(sec: dict, report: Report, device: str, dry: bool, compile_backend
             if r.get("error"):
                 notes += ["", "```", r["error"].rstrip(), "```"]
         intro = (f"median ms of {res.get('reps', '?')} runs after {res.get('warmup', '?')} warm-up "
-                 f"runs, float32, TF32 off; 'vs ref' = fwd+bwd time / {ref}'s")
-        sec["lines"] = [intro, ""] + md_table(["cell", "TxBxH", "implementation", "fwd ms", "fwd+bwd ms", "vs ref",
+                 f"runs, float32, TF32 off; 'vs ref' = fwd+bwd time / {ref}'s"
+                 + ("; dry run: CPU tensors, tiny shapes, one thread: the numbers only show that "
+                    "every column runs" if dry else ""))
+        sec["lines"] = [intro, ""] + md_table(["cell", "TxBxH", "implementation", "fwd ms",
+                                               "fwd+bwd ms", "vs ref",
                         "peak MiB"], rows) + [""] + notes
         report.write()
     if failed:
@@ -754,7 +768,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", action="append", metavar="SPEC",
                     help="check only this spec (module name or file stem); repeatable")
     ap.add_argument("--budget-s", type=float, default=480.0,
-                    help="wall-clock budget; what is left when it runs out is skipped (default 480)")
+                    help="wall-clock budget in seconds; what is left when it runs out is "
+                    "skipped (default 480)")
     ap.add_argument("--compile-backend", default="inductor",
                     help="torch.compile backend of the compile check and the compiled loop")
     ap.add_argument("--_check-spec", help=argparse.SUPPRESS)

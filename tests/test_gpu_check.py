@@ -143,3 +143,22 @@ def test_storage_rounding_error_grows_with_coarser_dtypes(compiled):
 def test_unknown_only_names_the_choices():
     with pytest.raises(SystemExit, match="no such spec; choose from .*lstm"):
         gpu_check.compiled_specs(["no_such_cell"])
+
+
+def test_a_hanging_spec_is_killed_at_its_timeout(tmp_path):
+    path = ROOT / "specs" / "elman.cell"
+    res = gpu_check.run_check_subprocess(path, "elman", "cpu", True, "aot_eager", 0.5, tmp_path)
+    assert res["rc"] == "timeout" and not res["ok"]
+    assert "killed after" in res["error"]
+
+
+def test_out_of_budget_is_reported_not_hidden(tmp_path):
+    """With no time left the checks are not started, and the report says why."""
+    code = gpu_check.main(["--dry-run", "--out", str(tmp_path), "--only", "elman", "--skip-bench",
+                           "--budget-s", "0"])
+    assert code == 1
+    doc = json.loads((tmp_path / "gpu_check_dryrun.json").read_text())
+    sections = {s["name"]: s for s in doc["sections"]}
+    assert sections["check"]["status"] == "failed"
+    assert "out of the time budget" in sections["check"]["data"]["specs"]["elman"]["error"]
+    assert sections["benchmark"]["status"] == "skipped"
