@@ -22,7 +22,7 @@ spec, so a run that is killed still leaves everything done so far):
    then ``torch.compile(fullgraph=True)`` of a model around the layer (the layer with
    ``backend="cuda"`` and a linear head), forward and backward, against eager. The 16-bit
    tolerances are measured per spec in the same run (see :func:`tolerance`). Dry run: the CPU
-   build of the kernels in float64/float32; for bfloat16/float16, which the CPU build does not
+   build of the kernels (``backend="fused"``) in float64/float32; for bfloat16/float16, which the CPU build does not
    run, the PyTorch engine in that dtype stands in (so every comparison path runs);
 4. benchmark (``--skip-bench`` skips): LSTM and TorchGRU forward and forward+backward, float32,
    at (T, B, H) = (256, 64, 256/512/1024) and (1024, 16, 768): ``backend="cuda"``, cuDNN
@@ -84,6 +84,12 @@ COMPILE_TOL = 1e-4
 #: <module>:crash kills the subprocess (os.abort), as a sticky CUDA error or a segfault would
 FAIL_ENV = "CELLSPEC_GPU_CHECK_FAIL"
 SECTIONS = ("environment", "build", "check", "benchmark")
+#: the backend that runs the .cu file's kernels on each device type: on CPU tensors (the dry
+#: run) that is the fused CPU build (backend="fused"; backend="cuda" wants CUDA tensors)
+KERNELS = {"cuda": "cuda", "cpu": "fused"}
+#: environment variables that change what is built or run: recorded in the report
+ENV_VARS = ("CELLSPEC_NVCC", "NVCC", "CUDA_HOME", "CELLSPEC_CCBIN", "CUDAHOSTCXX", "CELLSPEC_CACHE",
+            "CELLSPEC_HOST_SIMD", "CUDA_VISIBLE_DEVICES", "TORCHINDUCTOR_CACHE_DIR", FAIL_ENV)
 
 
 def log(msg: str) -> None:
@@ -235,6 +241,7 @@ def environment(sec: dict, device: str, dry: bool) -> tuple[str, ...]:
         d["ccbin"] = native.which_ccbin()
     except native.NativeBuildError as e:
         d["ccbin"] = f"error: {e}"
+    d["settings"] = {v: os.environ[v] for v in ENV_VARS if v in os.environ}
     drv = cuda_env.driver_version()
     d["driver_cuda"] = None if drv is None else "{}.{}".format(*cuda_env.split_driver_version(drv))
     archs: tuple[str, ...] = ("90",)
@@ -249,7 +256,7 @@ def environment(sec: dict, device: str, dry: bool) -> tuple[str, ...]:
         if d["nvcc_version"] and drv:
             d["toolkit_runs_on_driver"] = cuda_env.toolkit_runs_on_driver(
                 d["nvcc_version"], drv, bool(choice and choice[1]))
-    ok, why = cuda_env.cuda_backend_usable(device if not dry else "cuda")
+    ok, why = cuda_env.cuda_backend_usable("cuda")
     d["cuda_backend_usable"] = {"ok": ok, "why": why}
     d["build_archs"] = archs
     sec["lines"] = md_table(["item", "value"], [[k, f"`{v}`"] for k, v in d.items()])
@@ -382,7 +389,8 @@ def check_spec(path: Path, module: str, device: str, dry: bool, compile_backend:
     for dtype in DTYPES:
         t = time.perf_counter()
         sixteen = dtype not in FIXED_TOL
-        impl = "generated" if (dry and sixteen) else "cuda"  # the CPU build has no 16-bit storage
+        # the CPU build has no 16-bit storage: the PyTorch engine stands in
+        impl = "generated" if (dry and sixteen) else KERNELS[device]
         storage = storage_rounding_error(p, dtype) if sixteen else None
         tol = tolerance(dtype, storage or 0.0)
         tol_gen = 2 * tol if sixteen else tol  # both sides carry their own rounding
@@ -416,7 +424,7 @@ def compile_check(pkg, p, device: str, backend: str) -> dict:
     kwargs = {a: p.sizes[s] for s, a in list(mod.SIZES.items())[2:]}
     torch.manual_seed(0)
     layer = getattr(mod, mod.CELL)(p.sizes[syms[0]], p.sizes[syms[1]], **kwargs,
-                                   backend="cuda").to(device)
+                                   backend=KERNELS[device]).to(device)
     xs = [torch.tensor(a, dtype=torch.float32, device=device) for a in p.xs]
     x = xs[0] if len(xs) == 1 else tuple(xs)
     first, _ = layer(x)
@@ -633,7 +641,7 @@ def bench_cell(module: str, device: str, dry: bool, compile_backend: str, deadli
         x = torch.randn(T, B, H, device=device)
         loop_layer = cls(H, H, backend="autograd").to(device)
         impls = {
-            "cellspec cuda": cls(H, H, backend="cuda").to(device),
+            f"cellspec {KERNELS[device]}": cls(H, H, backend=KERNELS[device]).to(device),
             "cuDNN" if device == "cuda" else "torch.nn (CPU)": ref_cls(H, H).to(device),
             "cellspec generated": cls(H, H, backend="generated").to(device),
             "eager step loop": loop_layer,

@@ -65,13 +65,13 @@ def test_dry_run_reports_everything_when_a_spec_crashes(tmp_path):
     assert [r["dtype"] for r in lstm["rows"]] == ["float64", "float32", "bfloat16", "float16"]
     assert all(r["vs_numpy"][1] <= r["tol"] for r in lstm["rows"])
     assert lstm["compile"]["ok"] and lstm["compile"]["backend"] == "aot_eager"
-    assert "killed by SIGABRT" in md and "| lstm | float32 | cuda |" in md
+    assert "killed by SIGABRT" in md and "| lstm | float32 | fused |" in md
 
     bench = sections["benchmark"]
     assert bench["status"] == "ok", bench
     rows = bench["data"]["cells"]["lstm"]["rows"]
     impls = {r["impl"] for r in rows}
-    assert impls == {"cellspec cuda", "torch.nn (CPU)", "cellspec generated", "eager step loop",
+    assert impls == {"cellspec fused", "torch.nn (CPU)", "cellspec generated", "eager step loop",
                      "compiled step loop"}
     assert len(rows) == len(gpu_check.DRY_SHAPES) * len(impls)
     assert all(r["fwd_bwd_ms"] > 0 for r in rows), rows
