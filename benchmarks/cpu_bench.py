@@ -14,11 +14,11 @@ round, several rounds, the median reported):
   calls are warm-up; fwd+bwd only);
 * ``numpy``      the generated NumPy engine (``forward_sequence`` / ``backward_sequence``, whose
   backward reruns the forward, as the NumPy API does);
-* ``cuda-host``  the CUDA back end's ``.cu`` built for the CPU with g++ (its fused pointwise
-  kernels through ctypes, GEMMs in torch), driven by ``cellspec.runtime.cuda_sequence``: the
-  fused CPU kernel with no autograd around it (its forward and backward called directly);
-* ``auto``       the layer with ``backend="auto"``, the default: on the CPU the fused kernel
-  through its custom ops and autograd (``cellspec.runtime.fused_cpu``) where it builds;
+* ``cuda-host``  the ``.cu`` file built for the CPU with g++: the native library's whole-sequence
+  functions (fused kernels and the C++ host loop with MKL's sgemm_) called directly, no autograd
+  around them;
+* ``auto``       the layer with ``backend="auto"``, the default: on the CPU the native library
+  through autograd (``_NativeSequence``) where it builds;
   omitted where it resolves to ``generated``;
 * ``gemm floor`` only the GEMMs of the schedule (hoisted, per-step, d_operand, dW), each into a
   preallocated output: the time no engine with these GEMMs can beat.
@@ -241,24 +241,22 @@ class Case:
         self.np_cell.backward_sequence(self.np_params, self.np_x, None, self.np_d, None)
 
     def prepare_host(self) -> None:
-        """The CUDA back end's .cu built for the CPU (g++ -O3), driven by its sequence runner
-        (cellspec.runtime.cuda_sequence): fused pointwise kernels through ctypes. Raises where
-        it cannot be built."""
-        from cellspec.runtime.cuda_sequence import host_runner
-
-        source = self.cc.files[f"{self.cc.module_name}.cu"]
-        self.host = host_runner(source, torch.float32)
+        """The .cu file built for the CPU: the native library's whole-sequence functions called
+        directly (no autograd around them; cellspec.runtime.kernels). Raises where it cannot be
+        built."""
+        tc = self.tc
         self.host_params = {k: v.detach() for k, v in self.params.items()}
         self.host_x = (self.x.detach(),)
-        self.host_d_final = [torch.zeros_like(s) for s in self.state0]
+        self.lib = tc._native_library(self.host_x[0], self.state0, self.host_params, required="fused")
         self.host_fb()
 
     def host_fwd(self):
-        self.host.forward(self.host_x, self.state0, self.host_params)
+        self.tc._native_inference(self.lib, self.host_x, self.state0, self.host_params)
 
     def host_fb(self):
-        _, _, saved = self.host.forward(self.host_x, self.state0, self.host_params)
-        self.host.backward(self.host_x, self.host_params, saved, list(self.d_out), self.host_d_final)
+        _, _, saved = self.tc._native_forward(self.lib, self.host_x, self.state0, self.host_params)
+        self.tc._native_backward(self.lib, self.host_x, self.host_params, saved, list(self.d_out),
+                                 [None] * len(self.state0))
 
     # ---- the GEMM floor ----------------------------------------------------------------------
 

@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--stage",
         default="schedule",
-        choices=("ast", "checked", "model", "schedule", "backward", "numpy", "torch", "cuda"),
+        choices=("ast", "checked", "model", "schedule", "backward", "program", "numpy", "torch", "cuda"),
         help="which stage to print (default: schedule)",
     )
     s.add_argument("--cell", default=None, help="which cell of the file (default: all)")

@@ -20,8 +20,12 @@ from cellspec.frontend.semantics import CheckedCell, check_file
 from cellspec.model.gradients import Backward, derive
 from cellspec.model.lower import CellModel, lower
 from cellspec.model.schedule import Schedule, schedule
+from cellspec.program.ir import Program
+from cellspec.program.plan import plan
 
-STAGES = ("ast", "checked", "model", "schedule", "backward", "numpy", "torch", "cuda")
+STAGES = ("ast", "checked", "model", "schedule", "backward", "program", "numpy", "torch", "cuda")
+#: what `cellspec compile` writes: the NumPy module, the PyTorch modules, the .cu file
+TARGETS = ("numpy", "torch", "cuda")
 
 
 @dataclass
@@ -32,6 +36,7 @@ class CompiledCell:
     model: CellModel
     schedule: Schedule
     backward: Backward
+    program: Program
     files: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -67,43 +72,42 @@ def front(source: Source) -> tuple[ast.SpecFile, list[CheckedCell]]:
     return spec, check_file(spec)
 
 
-def compile_source(source: Source, backends: tuple[str, ...] = ("numpy", "torch", "cuda")) -> list[CompiledCell]:
-    """Compile every cell of one source; raise SpecError for a bad spec."""
+def compile_source(source: Source, targets: tuple[str, ...] = TARGETS) -> list[CompiledCell]:
+    """Compile every cell of one source for the given targets; raise SpecError for a bad spec."""
     _, checked = front(source)
     out = []
     for c in checked:
         model = lower(c)
         sched = schedule(model)
         back = derive(sched)
-        out.append(CompiledCell(c, model, sched, back, render_files(sched, back, backends)))
+        prog = plan(sched, back)
+        out.append(CompiledCell(c, model, sched, back, prog, render_files(sched, back, prog, targets)))
     return out
 
 
-def render_files(sched: Schedule, back: Backward, backends: tuple[str, ...]) -> dict[str, str]:
-    from cellspec.backends import numpy_backend
+def render_files(sched: Schedule, back: Backward, prog: Program, targets: tuple[str, ...]) -> dict[str, str]:
+    """The generated files of one cell for an explicit list of targets (nothing registers
+    itself: the bytes depend only on the spec and the compiler version)."""
+    from cellspec import __version__
+    from cellspec.backends import native_render, numpy_backend, torch_backend
+    from cellspec.backends.context import _cell_text
 
+    unknown = [t for t in targets if t not in TARGETS]
+    if unknown:
+        raise ValueError(f"unknown target(s) {unknown}; one of {TARGETS}")
     files: dict[str, str] = {}
-    if "cuda" in backends:
-        # imported first: it registers the "cuda" backend choice of the PyTorch modules
-        try:
-            from cellspec.backends import cuda_backend
-        except ImportError:  # pragma: no cover
-            pass
-    if "numpy" in backends:
-        files["numpy_cell.py"] = numpy_backend.render(sched, back)
-    if "torch" in backends:
-        from cellspec.backends import torch_backend
-
-        files.update(torch_backend.render(sched, back))
-    if "cuda" in backends:
-        try:
-            from cellspec.backends import cuda_backend
-        except ImportError:  # pragma: no cover - the CUDA back end is optional while it is built
-            cuda_backend = None
-        if cuda_backend is not None:
-            files.update(cuda_backend.render(sched, back))
+    cell = sched.model.cell
+    glue = None
+    if "cuda" in targets:
+        text, loops = native_render.render(prog, _cell_text(cell), __version__, cell.filename)
+        files[f"{cell.module_name}.cu"] = text
+        glue = native_render.glue_context(prog, loops, text)
+    if "numpy" in targets:
+        files["numpy_cell.py"] = numpy_backend.render(sched, back, prog)
+    if "torch" in targets:
+        files.update(torch_backend.render(sched, back, prog, glue))
     return files
 
 
-def compile_file(path: str | Path, backends: tuple[str, ...] = ("numpy", "torch", "cuda")) -> list[CompiledCell]:
-    return compile_source(read_source(path), backends)
+def compile_file(path: str | Path, targets: tuple[str, ...] = TARGETS) -> list[CompiledCell]:
+    return compile_source(read_source(path), targets)

@@ -64,6 +64,10 @@ def show(path: str, stage: str, cell: str | None = None) -> str:
             out.append(_schedule_text(cc))
         elif stage == "backward":
             out.append(_backward_text(cc))
+        elif stage == "program":
+            from cellspec.program import text
+
+            out.append(text.render(cc.program))
         else:
             files = {k: v for k, v in cc.files.items() if stage in k or (stage == "cuda" and k.endswith(".cu"))}
             out.append("\n".join(f"# ---- {k}\n{v}" for k, v in sorted(files.items())))

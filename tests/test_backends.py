@@ -133,10 +133,10 @@ def test_generated_module_is_an_ordinary_module():
     opt = torch.optim.Adam(layer.parameters(), lr=1e-2)
     x = torch.randn(6, 2, 3, dtype=torch.float64)
     y, _ = layer(x)
-    # the default backend ("auto") runs the fused CPU kernel (_FusedSequence) where a compiler
+    # the default backend ("auto") runs the native library (_NativeSequence) where a compiler
     # builds it, the generated torch engine (_Sequence) otherwise: both are the generated backward
     name = type(y.grad_fn).__name__ if y.grad_fn is not None else ""
-    assert name.startswith(("_Sequence", "_FusedSequence"))
+    assert name.startswith(("_Sequence", "_NativeSequence"))
     losses = []
     for _ in range(3):
         opt.zero_grad()
@@ -169,3 +169,34 @@ def test_generated_package_runs_without_cellspec_installed():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 0, proc.stderr
     assert "_Sequence" in proc.stdout
+
+
+@pytest.mark.parametrize("backend", ["generated", "fused", "autograd"])
+@pytest.mark.parametrize("shape", [(0, 3), (4, 0), (0, 0)], ids=["T=0", "B=0", "T=B=0"])
+def test_empty_sequences_as_torch_nn(backend, shape):
+    """T = 0 or B = 0: empty outputs, the initial state as the final state, zero gradients."""
+    T, B = shape
+    pkg = load_module("lstm")
+    m = pkg.torch_cell.LSTM(3, 4, backend=backend).double()
+    x = torch.randn(T, B, 3, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(B, 4, dtype=torch.float64, requires_grad=True)
+    c0 = torch.randn(B, 4, dtype=torch.float64, requires_grad=True)
+    out, (h, c) = m(x, (h0, c0))
+    assert out.shape == (T, B, 4)
+    if T == 0:
+        assert torch.equal(h.reshape(B, 4), h0) and torch.equal(c.reshape(B, 4), c0)
+    (out.sum() + h.sum() + c.sum()).backward()
+    for p in m.parameters():
+        assert p.grad is None or not p.grad.any()
+    assert x.grad is None or x.grad.shape == x.shape
+
+
+@pytest.mark.parametrize("shape", [(0, 3), (4, 0)], ids=["T=0", "B=0"])
+def test_empty_sequences_numpy(shape):
+    T, B = shape
+    pkg = load_module("gru")
+    params = {k: np.ones([3 if d == "I" else 4 for d in dims]) for k, dims in pkg.numpy_cell.PARAMS.items()}
+    out, h = pkg.numpy_cell.forward_sequence(params, np.zeros((T, B, 3)), None)
+    assert out.shape == (T, B, 4) and h.shape == (B, 4)
+    grads, dx, dh = pkg.numpy_cell.backward_sequence(params, np.zeros((T, B, 3)), None, None, None)
+    assert dx.shape == (T, B, 3) and all(not g.any() for g in grads.values())

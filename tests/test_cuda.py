@@ -101,11 +101,9 @@ def test_cu_is_deterministic_and_self_contained(module):
 
 
 def _host(cc, p: check.Problem, dtype_name: str) -> check.Results:
-    from cellspec.runtime.cuda_host import run_host
-
     if native.which_cxx() is None and native.which_nvcc() is None:
         pytest.skip("no C++ compiler")
-    return run_host(p, cc, dtype_name)
+    return check.run_native(p, cc, dtype_name)
 
 
 def _assert_close(errs: dict[str, float], tol: float, what: str) -> None:
@@ -123,25 +121,26 @@ def test_host_build_matches_numpy(module, T):
     _assert_close(check.compare(_host(cc, p, "float32"), ref), 2e-5, f"{module} float32")
 
 
-def test_check_registers_cuda_host_column():
-    assert "cuda-host" in check.EXTRA_COLUMNS
-    assert check.EXTRA_COLUMNS["cuda-host"][0] == 1e-9
-    assert "gpu" in check.EXTRA_COLUMNS
+def test_check_has_the_native_columns():
+    assert check.TOLERANCES["cuda-host"] == 1e-9 and check.TOLERANCES["cuhost-f32"] == 2e-5
+    report = check.check_cell(BY_MODULE["elman"], fd=False)
+    assert "cuda-host" in report.columns and "cuhost-f32" in report.columns
+    assert report.skipped.get("gpu") == "no GPU" or "gpu" in report.columns
 
 
 # ------------------------------------------------------------------------------------ torch ops
 
 
 @pytest.mark.parametrize("module", ["lstm", "cuda_stages"])
-def test_cuda_backend_module_matches_generated(module):
-    """backend='cuda' on CPU tensors runs the custom ops over the CPU build."""
+def test_fused_backend_module_matches_generated(module):
+    """backend='fused' runs the whole sequence in the native library (CPU build)."""
     pkg = load_module(module)
     mod = pkg.torch_cell
     sizes = {s: n for s, n in zip(mod.SIZES, (3, 5, 2, 4))}
     extra = {a: sizes[s] for s, a in list(mod.SIZES.items())[2:]}
     torch.manual_seed(0)
     first, second = list(mod.SIZES)[:2]
-    a = getattr(mod, mod.CELL)(sizes[first], sizes[second], **extra, backend="cuda").double()
+    a = getattr(mod, mod.CELL)(sizes[first], sizes[second], **extra, backend="fused").double()
     b = getattr(mod, mod.CELL)(sizes[first], sizes[second], **extra, backend="generated").double()
     b.load_state_dict(a.state_dict())
     xs = [torch.randn(4, 2, sizes[s], dtype=torch.double) for _, s in mod.INPUTS]
@@ -160,58 +159,59 @@ def test_cuda_backend_module_matches_generated(module):
 
 
 def test_custom_op_opcheck():
-    from cellspec.runtime import cuda_ops
-
-    ops = cuda_ops.ops_for(cu(BY_MODULE["elman"]))
+    pkg = load_module("elman")
+    fwd = pkg.torch_cell._OPS[0]
     torch.manual_seed(0)
     xs = [torch.randn(3, 2, 3, requires_grad=True)]
     st = [torch.randn(2, 4, requires_grad=True)]
     ps = [torch.randn(4, 3), torch.randn(4, 4), torch.randn(4), torch.randn(4)]
     for q in ps:
         q.requires_grad_()
-    torch.library.opcheck(ops.fwd, (xs, st, ps), test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    torch.library.opcheck(fwd, (xs, st, ps), test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+def test_compile_fullgraph_fused_batch_first_matches_eager():
+    """torch.compile traces the native library's custom ops (fake shapes and strides rendered
+    from the same program), forward and backward, with batch_first (a transposed input)."""
+    pkg = load_module("lstm")
+    torch.manual_seed(0)
+    m = pkg.torch_cell.LSTM(4, 5, batch_first=True, backend="fused").double()
+    x = torch.randn(2, 6, 4, dtype=torch.float64, requires_grad=True)
+
+    def f(x):
+        out, state = m(x)
+        return out.square().sum() + sum(s.sum() for s in state)
+
+    ref = f(x)
+    g_ref = torch.autograd.grad(ref, [x, *m.parameters()])
+    got = torch.compile(f, fullgraph=True)(x)
+    g = torch.autograd.grad(got, [x, *m.parameters()])
+    assert torch.allclose(got, ref, rtol=1e-12, atol=1e-12)
+    for u, v in zip(g, g_ref):
+        assert torch.allclose(u, v, rtol=1e-10, atol=1e-12)
 
 
 # ------------------------------------------------------------------------------------ errors
 
 
 def test_unsupported_dtype_is_a_clear_error():
-    from cellspec.runtime import cuda_ops
-
     pkg = load_module("elman")
-    m = pkg.torch_cell.Elman(3, 4, backend="cuda").to(torch.float16)
-    with pytest.raises(cuda_ops.CudaBackendError, match="float32 and float64"):
+    m = pkg.torch_cell.Elman(3, 4, backend="fused").to(torch.float16)
+    with pytest.raises(RuntimeError, match="float32 and float64"):
         m(torch.randn(2, 2, 3, dtype=torch.float16))
 
 
-def test_no_gpu_is_a_clear_error(monkeypatch):
-    from cellspec.runtime import cuda_ops
-
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(cuda_ops.CudaBackendError, match="backend='generated'"):
-        cuda_ops.check_gpu_environment(torch.device("cuda", 0))
+def test_cuda_backend_on_cpu_tensors_is_a_clear_error():
+    pkg = load_module("elman")
+    m = pkg.torch_cell.Elman(3, 4, backend="cuda")
+    with pytest.raises(RuntimeError, match="needs CUDA tensors"):
+        m(torch.randn(2, 2, 3))
 
 
 def test_no_nvcc_is_a_clear_error(monkeypatch):
-    from cellspec.runtime import cuda_ops
-
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(native, "which_nvcc", lambda: None)
-    with pytest.raises(cuda_ops.CudaBackendError, match="nvcc not found"):
-        cuda_ops.check_gpu_environment(torch.device("cuda", 0))
     with pytest.raises(native.NativeBuildError, match="nvcc not found"):
         native.build_cuda("// nothing", "x", ("90",))
-
-
-def test_old_driver_is_a_clear_error(monkeypatch):
-    from cellspec.runtime import cuda_ops
-
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(native, "which_nvcc", lambda: "nvcc")
-    monkeypatch.setattr(native, "nvcc_cuda_version", lambda _: (13, 0))
-    monkeypatch.setattr(cuda_ops, "driver_version", lambda: 12040)
-    with pytest.raises(cuda_ops.CudaBackendError, match="driver supports CUDA 12.4"):
-        cuda_ops.check_gpu_environment(torch.device("cuda", 0))
 
 
 def test_auto_backend_picks_cuda_for_cuda_tensors():
@@ -219,4 +219,4 @@ def test_auto_backend_picks_cuda_for_cuda_tensors():
     with open(pkg.torch_cell.__file__) as f:
         text = f.read()
     assert "cuda" in pkg.torch_cell.BACKENDS
-    assert "if xs[0].is_cuda" in text and "cuda_ops.run_sequence" in text
+    assert 'return "cuda" if xs[0].is_cuda else "fused"' in text

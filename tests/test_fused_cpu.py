@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import load_module
 
-from cellspec.runtime import fused_cpu, native
+from cellspec.runtime import kernels, native
 
 HAVE_CXX = native.which_cxx() is not None
 
@@ -31,9 +31,10 @@ def test_auto_is_fused_and_agrees(module, dtype):
     cls = getattr(pkg.torch_cell, pkg.torch_cell.CELL)
     torch.manual_seed(0)
     m = cls(5, 7, dtype=dtype)
-    x = torch.randn(fused_cpu.MIN_STEPS, 3, 5, dtype=dtype)
+    x = torch.randn(pkg.torch_cell.MIN_NATIVE_STEPS, 3, 5, dtype=dtype)
     assert m._resolve_backend((x,), m._zero_state(3, x)) == "fused"
-    assert m._resolve_backend((x[:1],), m._zero_state(3, x)) == "generated"  # short: torch engine
+    if pkg.torch_cell.MIN_NATIVE_STEPS > 1:
+        assert m._resolve_backend((x[:1],), m._zero_state(3, x)) == "generated"  # short: torch engine
     fused = _run(m, x)
     m.backend = "generated"
     ref = _run(m, x)
@@ -45,26 +46,25 @@ def test_auto_is_fused_and_agrees(module, dtype):
 def test_auto_without_compiler_falls_back_quietly(monkeypatch, caplog):
     pkg = load_module("elman")
     m = pkg.torch_cell.Elman(4, 6)
-    x = torch.randn(fused_cpu.MIN_STEPS, 2, 4)
-    monkeypatch.setattr(native, "which_cxx", lambda: None)
-    monkeypatch.setattr(native, "which_nvcc", lambda: None)
-    fused_cpu._available.cache_clear()
-    monkeypatch.setattr(fused_cpu, "_NOTED", set())
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")
-            with caplog.at_level("DEBUG", logger="cellspec"):
-                assert m._resolve_backend((x,), m._zero_state(2, x)) == "generated"
-                m(x)
-                m(x)
-        notes = [r for r in caplog.records if r.name == "cellspec"]
-        assert len(notes) == 1 and notes[0].levelname == "DEBUG"
-    finally:
-        fused_cpu._available.cache_clear()
+    x = torch.randn(max(2, pkg.torch_cell.MIN_NATIVE_STEPS), 2, 4)
+
+    def no_build(*args, **kwargs):
+        raise kernels.KernelError("no C++ compiler found (simulated)")
+
+    monkeypatch.setattr(kernels, "library", no_build)
+    monkeypatch.setattr(pkg.torch_cell, "_LIBRARIES", {})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with caplog.at_level("DEBUG", logger="cellspec"):
+            assert m._resolve_backend((x,), m._zero_state(2, x)) == "generated"
+            m(x)
+            m(x)
+    notes = [r for r in caplog.records if r.name == "cellspec"]
+    assert len(notes) == 1 and notes[0].levelname == "DEBUG" and "simulated" in notes[0].getMessage()
 
 
 def test_auto_keeps_engine_for_other_dtypes():
     pkg = load_module("elman")
     m = pkg.torch_cell.Elman(4, 6, dtype=torch.bfloat16)
-    x = torch.randn(fused_cpu.MIN_STEPS, 2, 4, dtype=torch.bfloat16)
+    x = torch.randn(pkg.torch_cell.MIN_NATIVE_STEPS, 2, 4, dtype=torch.bfloat16)
     assert m._resolve_backend((x,), m._zero_state(2, x)) == "generated"

@@ -83,6 +83,7 @@ def check_input(text: str, name: str = "fuzz.cell") -> str:
     return outcome
 
 
+@pytest.mark.slow
 def test_mutated_specs():
     rng = random.Random(int(os.environ.get("CELLSPEC_FUZZ_SEED", "0")))
     texts = [p.read_text() for p in SPECS]
@@ -99,6 +100,7 @@ def test_mutated_specs():
     assert counts["error"] > N_TEXTS // 4
 
 
+@pytest.mark.slow
 def test_random_bytes_and_tokens():
     rng = random.Random(1)
     for n in range(300):
@@ -131,6 +133,7 @@ EXTREMES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(EXTREMES))
 def test_extreme_inputs(name):
     check_input(EXTREMES[name])
@@ -146,6 +149,7 @@ def test_caret_alignment_with_tabs_and_crlf():
     assert src[caret.index("^")] == "q"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["parens_5000", "sum_100k", "nul", "huge_exponent", "too_large"])
 def test_cli_compile_of_hostile_text(tmp_path, name):
     spec = tmp_path / f"{name}.cell"

@@ -157,6 +157,7 @@ def _snapshot(outdir: Path) -> dict[str, dict[str, bytes]]:
     }
 
 
+@pytest.mark.slow
 def test_compile_killed_part_way_leaves_each_package_old_or_new(tmp_path):
     """SIGKILL `cellspec compile` at random moments: every package folder is absent, the old
     complete version or the new complete version, never a mix or a partial folder."""

@@ -263,6 +263,14 @@ def build(sched: Schedule, back: Backward, printer_cls, reserved: set[str], **pr
     return ctx
 
 
+def printed_exprs(sched: Schedule, back: Backward) -> list:
+    """Every SymPy expression a back end prints for this cell: the hoisted and per-stage forward
+    values and every block of backward assignments (what helper selection looks at)."""
+    out = [v.expr for v in sched.hoisted_values] + [v.expr for st in sched.stages for v in st.values]
+    blocks = [*(s.assigns for s in back.stages), back.leaf_assigns, back.hoisted_assigns, back.hoisted_leaf_assigns]
+    return out + [a.expr for blk in blocks for a in blk]
+
+
 def _cell_text(cell) -> str:
     """The cell's block from its source file, from ``cell`` to its closing brace."""
     lines = Source("", cell.source_text).lines()
@@ -274,34 +282,3 @@ def _cell_text(cell) -> str:
         if depth <= 0 and "}" in code:
             break
     return "\n".join(out)
-
-
-def add_sequence_info(ctx: dict) -> None:
-    """Facts the Python back ends' sequence engines (NumPy and PyTorch) need, derived from the
-    context: saved-buffer sizes, output/state links, adjoint names of GEMM slices, dW operands."""
-    sizes = {v["name"]: v["size"] for v in ctx["values"]}
-    ctx["saved_sizes"] = {s: sizes[s] if s in sizes else _proj_size(ctx, s) for s in ctx["saved"]}
-    state_names = {v["key"]: v["name"] for v in ctx["states"]}
-    for o in ctx["outputs"]:
-        o["state_name"] = state_names.get(o["state"], "")
-    ctx["adjoint_of"] = dict(ctx["adjoint_names"])
-    operand_seq = {}
-    state_of_next = {v["next"]: v["name"] for v in ctx["states"]}
-    for g in ctx["step_gemms"]:
-        if g.operand_kind == "state":
-            operand_seq[g.key] = f"_{g.operand}_seq[:_T]"
-        elif g.operand in state_of_next:  # a next state: the state sequence from step 1
-            operand_seq[g.key] = f"_{state_of_next[g.operand]}_seq[1:]"
-        else:
-            operand_seq[g.key] = f"_{g.operand}_seq"
-    ctx["operand_seq"] = operand_seq
-    ctx["d_input_seqs"] = [f"_d_{v['name']}_seq" for v in ctx["inputs"]]
-
-
-def _proj_size(ctx: dict, name: str) -> str:
-    for st in ctx["stages"]:
-        for g in st.gemms:
-            for s in g.slices:
-                if s.name == name:
-                    return s.size[1:]
-    raise KeyError(name)

@@ -1,20 +1,19 @@
 """SymPy printers for the pointwise math: NumPy, PyTorch and C++/CUDA.
 
-Each is a subclass of a SymPy code printer with one ``_print_<Function>`` method per cell
-function. Symbols print through a name map (spec names, mangled per language). Small integer
+Each is a subclass of a SymPy code printer; the three differ only by their target name, under
+which every cell function's spelling is looked up in the op table (:mod:`cellspec.model.ops`). Symbols print through a name map (spec names, mangled per language). Small integer
 powers are expanded (``x*x``), floats print as the shortest round-trip literal, and the C
 printer writes float32 through its type alias and literal suffix, never by string replacement.
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 import sympy as sp
 from sympy.printing.c import C99CodePrinter
 from sympy.printing.pycode import PythonCodePrinter
 
 from cellspec.model import functions as fn
+from cellspec.model import ops
 
 
 def _expanded_power(printer, expr: sp.Pow, one: str, sqrt: str) -> str | None:
@@ -37,11 +36,24 @@ def _expanded_power(printer, expr: sp.Pow, one: str, sqrt: str) -> str | None:
     return None
 
 
+def _call(printer, expr) -> str:
+    """A function application spelled as the op table says for the printer's target; a loud
+    error for a function with no entry (SymPy's own ``Abs``, ``sign``, ...) or no spelling for
+    the target."""
+    try:
+        name = ops.of(expr).spell[printer.target]
+    except KeyError:
+        raise NotImplementedError(
+            f"{type(printer).__name__} has no rule for {type(expr).__name__} (no op table entry "
+            f"or no {printer.target!r} spelling)"
+        ) from None
+    return f"{name}({', '.join(printer._print(a) for a in expr.args)})"
+
+
 class _PythonArrayPrinter(PythonCodePrinter):
     """Shared by NumPy and PyTorch: array expressions in Python syntax."""
 
-    lib = ""
-    calls: ClassVar[dict[type, str]] = {}
+    target = ""
 
     def __init__(self, names: dict[str, str]):
         super().__init__({"fully_qualified_modules": False, "standard": "python3"})
@@ -60,12 +72,12 @@ class _PythonArrayPrinter(PythonCodePrinter):
         return f"{expr.p}/{expr.q}"
 
     def _print(self, expr, **kwargs):
-        if isinstance(expr, fn.CellFunction):  # before SymPy's own _print_Abs, _print_Min, ...
+        if isinstance(expr, sp.Function):  # before SymPy's own _print_Abs, _print_Min, ...
             return self._print_Function(expr)
         return super()._print(expr, **kwargs)
 
     def _print_Pow(self, expr, rational=False):
-        s = _expanded_power(self, expr, "1", self.sqrt_name)
+        s = _expanded_power(self, expr, "1", ops.of(fn.Sqrt).spell[self.target])
         if s is not None:
             return s
         base, exp = expr.args
@@ -75,90 +87,23 @@ class _PythonArrayPrinter(PythonCodePrinter):
         return f"{b}**{self._print_Float(sp.Float(exp)) if not exp.is_Integer else int(exp)}"
 
     def _print_Function(self, expr):
-        name = self.calls.get(type(expr))
-        if name is None:
-            raise NotImplementedError(f"{type(self).__name__} has no rule for {type(expr).__name__}")
-        return f"{name}({', '.join(self._print(a) for a in expr.args)})"
+        return _call(self, expr)
 
 
 class NumPyPrinter(_PythonArrayPrinter):
-    sqrt_name = "np.sqrt"
-    calls: ClassVar[dict[type, str]] = {
-        fn.Sigmoid: "_sigmoid",
-        fn.Tanh: "np.tanh",
-        fn.Exp: "_exp",
-        fn.Log: "np.log",
-        fn.Sqrt: "np.sqrt",
-        fn.Relu: "_relu",
-        fn.Abs: "np.abs",
-        fn.Softplus: "_softplus",
-        fn.Softsign: "_softsign",
-        fn.HardSigmoid: "_hard_sigmoid",
-        fn.Min: "np.minimum",
-        fn.Max: "np.maximum",
-        fn.Clip: "_clip",
-        fn.Positive: "_positive",
-        fn.Sign: "np.sign",
-        fn.InsideOpen3: "_inside_open3",
-        fn.LessTie: "_less_tie",
-        fn.ClipPass: "_clip_pass",
-        fn.ClipLow: "_clip_low",
-        fn.ClipHigh: "_clip_high",
-    }
+    target = "numpy"
 
 
 class TorchPrinter(_PythonArrayPrinter):
-    sqrt_name = "torch.sqrt"
-    calls: ClassVar[dict[type, str]] = {
-        fn.Sigmoid: "torch.sigmoid",
-        fn.Tanh: "torch.tanh",
-        fn.Exp: "torch.exp",
-        fn.Log: "torch.log",
-        fn.Sqrt: "torch.sqrt",
-        fn.Relu: "torch.relu",
-        fn.Abs: "torch.abs",
-        fn.Softplus: "F.softplus",
-        fn.Softsign: "F.softsign",
-        fn.HardSigmoid: "_hard_sigmoid",
-        fn.Min: "_minimum",
-        fn.Max: "_maximum",
-        fn.Clip: "_clip",
-        fn.Positive: "_positive",
-        fn.Sign: "torch.sign",
-        fn.InsideOpen3: "_inside_open3",
-        fn.LessTie: "_less_tie",
-        fn.ClipPass: "_clip_pass",
-        fn.ClipLow: "_clip_low",
-        fn.ClipHigh: "_clip_high",
-    }
+    target = "torch"
 
 
 class CudaPrinter(C99CodePrinter):
     """C++ for ``__host__ __device__`` functions; ``real`` is the math type alias (float or
     double) and float literals carry its suffix through ``literal_suffix``."""
 
-    calls: ClassVar[dict[type, str]] = {
-        fn.Sigmoid: "cs_sigmoid",
-        fn.Tanh: "cs_tanh",
-        fn.Exp: "cs_exp",
-        fn.Log: "cs_log",
-        fn.Sqrt: "cs_sqrt",
-        fn.Relu: "cs_relu",
-        fn.Abs: "cs_abs",
-        fn.Softplus: "cs_softplus",
-        fn.Softsign: "cs_softsign",
-        fn.HardSigmoid: "cs_hard_sigmoid",
-        fn.Min: "cs_min",
-        fn.Max: "cs_max",
-        fn.Clip: "cs_clip",
-        fn.Positive: "cs_positive",
-        fn.Sign: "cs_sign",
-        fn.InsideOpen3: "cs_inside_open3",
-        fn.LessTie: "cs_less_tie",
-        fn.ClipPass: "cs_clip_pass",
-        fn.ClipLow: "cs_clip_low",
-        fn.ClipHigh: "cs_clip_high",
-    }
+    target = "c"
+
 
     def __init__(self, names: dict[str, str], literal_suffix: str = ""):
         super().__init__()
@@ -184,19 +129,16 @@ class CudaPrinter(C99CodePrinter):
         return f"{self._literal(expr.p)}/{self._literal(expr.q)}"
 
     def _print(self, expr, **kwargs):
-        if isinstance(expr, fn.CellFunction):  # before SymPy's own _print_Abs, _print_Min, ...
+        if isinstance(expr, sp.Function):  # before SymPy's own _print_Abs, _print_Min, ...
             return self._print_Function(expr)
         return super()._print(expr, **kwargs)
 
     def _print_Pow(self, expr, rational=False):
-        s = _expanded_power(self, expr, self._literal(1.0), "cs_sqrt")
+        s = _expanded_power(self, expr, self._literal(1.0), ops.of(fn.Sqrt).spell["c"])
         if s is not None:
             return s
         base, exp = expr.args
         return f"cs_pow({self._print(base)}, {self._literal(float(exp))})"
 
     def _print_Function(self, expr):
-        name = self.calls.get(type(expr))
-        if name is None:
-            raise NotImplementedError(f"CudaPrinter has no rule for {type(expr).__name__}")
-        return f"{name}({', '.join(self._print(a) for a in expr.args)})"
+        return _call(self, expr)

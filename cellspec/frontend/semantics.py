@@ -16,23 +16,7 @@ from dataclasses import dataclass, field
 from cellspec.backends.naming import PYTHON_RESERVED
 from cellspec.errors import Span, SpecError
 from cellspec.frontend import ast
-
-#: Elementwise functions of the language and their arities.
-FUNCTIONS: dict[str, int] = {
-    "sigmoid": 1,
-    "tanh": 1,
-    "relu": 1,
-    "exp": 1,
-    "log": 1,
-    "sqrt": 1,
-    "softplus": 1,
-    "softsign": 1,
-    "abs": 1,
-    "hard_sigmoid": 1,
-    "min": 2,
-    "max": 2,
-    "clip": 3,
-}
+from cellspec.model import ops
 
 #: Initialisers and their numeric arguments.
 INITIALISERS: dict[str, int] = {"fill": 1, "zeros": 0, "ones": 0, "uniform": 2, "normal": 2, "orthogonal": 0}
@@ -139,7 +123,7 @@ class _Checker:
                 f"{what} '{name}': names starting with '_' or containing '__' are reserved for generated code",
                 span,
             )
-        if name in FUNCTIONS:
+        if name in ops.language_functions():
             raise _err(f"{what} '{name}' has the name of a built-in function", span)
         if name in self.sizes or name in ("I", "H"):
             raise _err(f"{what} '{name}' has the name of a size symbol", span)
@@ -390,12 +374,20 @@ class _Checker:
                 )
             return p.shape[0]
         if isinstance(e, ast.Call):
-            if e.func not in FUNCTIONS:
+            arity = ops.language_functions().get(e.func)
+            if arity is None:
                 raise _err(f"unknown function '{e.func}'", e.span)
-            want = FUNCTIONS[e.func]
-            if len(e.args) != want:
+            lo, hi = arity
+            if not lo <= len(e.args) <= hi:
+                want = str(lo) if lo == hi else f"{lo} to {hi}"
                 raise _err(f"{e.func}() takes {want} argument(s), got {len(e.args)}", e.span)
+            op = ops.by_name(e.func)
+            if op.shape_rule != "elementwise":
+                raise NotImplementedError(f"the front end has no rule for {op.shape_rule!r} op {e.func}()")
             sizes = [self.expr(a) for a in e.args]
+            for i, (kind, size) in enumerate(zip(op.arg_kinds, sizes)):
+                if kind == "number" and size is not None:
+                    raise _err(f"argument {i + 1} of {e.func}() must be a number, not a vector of size {size}", e.span)
             known = {s for s in sizes if s is not None}
             if len(known) > 1:
                 raise _err(f"size mismatch: arguments of {e.func}() have sizes {', '.join(sorted(known))}", e.span)
@@ -418,7 +410,7 @@ class _Checker:
                 raise _err(
                     f"'{n.name}' is used before it is assigned (on line {later.span.line})", n.span
                 )
-            if n.name in FUNCTIONS:
+            if n.name in ops.language_functions():
                 raise _err(f"'{n.name}' is a function; call it as {n.name}(...)", n.span)
             raise _err(f"unknown name '{n.name}'", n.span)
         if kind == "intermediate" and n.name not in self.assigned:

@@ -6,7 +6,9 @@ are written in terms of the function's own value where that is cheaper (sigmoid'
 tanh' = 1 - y²), so that the backward can read a saved output instead of recomputing.
 
 Helper functions that exist only in derivatives (masks such as ``Positive``) are also here. A
-function with no derivative rule raises loudly instead of letting SymPy guess.
+function with no derivative rule raises loudly instead of letting SymPy guess. Everything else
+about a function (its language name and arity, its spelling per target, its helpers) is its
+entry in the op table, :mod:`cellspec.model.ops`.
 """
 
 from __future__ import annotations
@@ -18,9 +20,6 @@ import sympy as sp
 
 class CellFunction(sp.Function):
     """Base class: never auto-evaluates, and refuses to differentiate without a rule."""
-
-    #: name in the .cell language (None for derivative-only helpers)
-    spec_name: str | None = None
 
     def fdiff(self, argindex=1):  # pragma: no cover - each subclass defines its rule
         raise NotImplementedError(f"no derivative rule for {type(self).__name__} (argument {argindex})")
@@ -42,7 +41,6 @@ class CellFunction(sp.Function):
 
 
 class Sigmoid(CellFunction):
-    spec_name = "sigmoid"
     value = staticmethod(lambda x: 1 / (1 + math.exp(-x)) if x >= 0 else math.exp(x) / (1 + math.exp(x)))
     nargs = 1
 
@@ -51,7 +49,6 @@ class Sigmoid(CellFunction):
 
 
 class Tanh(CellFunction):
-    spec_name = "tanh"
     value = staticmethod(math.tanh)
     nargs = 1
 
@@ -60,7 +57,6 @@ class Tanh(CellFunction):
 
 
 class Exp(CellFunction):
-    spec_name = "exp"
     value = staticmethod(math.exp)
     nargs = 1
 
@@ -69,7 +65,6 @@ class Exp(CellFunction):
 
 
 class Log(CellFunction):
-    spec_name = "log"
     value = staticmethod(math.log)
     nargs = 1
 
@@ -78,7 +73,6 @@ class Log(CellFunction):
 
 
 class Sqrt(CellFunction):
-    spec_name = "sqrt"
     value = staticmethod(math.sqrt)
     nargs = 1
 
@@ -87,7 +81,6 @@ class Sqrt(CellFunction):
 
 
 class Relu(CellFunction):
-    spec_name = "relu"
     value = staticmethod(lambda x: max(x, 0.0))
     nargs = 1
 
@@ -96,7 +89,6 @@ class Relu(CellFunction):
 
 
 class Abs(CellFunction):
-    spec_name = "abs"
     value = staticmethod(abs)
     nargs = 1
 
@@ -107,7 +99,6 @@ class Abs(CellFunction):
 class Softplus(CellFunction):
     """log(1 + exp(x)), evaluated in the stable form max(x, 0) + log1p(exp(-|x|))."""
 
-    spec_name = "softplus"
     value = staticmethod(lambda x: max(x, 0.0) + math.log1p(math.exp(-abs(x))))
     nargs = 1
 
@@ -118,7 +109,6 @@ class Softplus(CellFunction):
 class Softsign(CellFunction):
     """x / (1 + |x|)."""
 
-    spec_name = "softsign"
     value = staticmethod(lambda x: x / (1 + abs(x)))
     nargs = 1
 
@@ -129,7 +119,6 @@ class Softsign(CellFunction):
 class HardSigmoid(CellFunction):
     """clip(x / 6 + 1/2, 0, 1), PyTorch's hardsigmoid."""
 
-    spec_name = "hard_sigmoid"
     value = staticmethod(lambda x: min(max(x / 6 + 0.5, 0.0), 1.0))
     nargs = 1
 
@@ -138,7 +127,6 @@ class HardSigmoid(CellFunction):
 
 
 class Min(CellFunction):
-    spec_name = "min"
     value = staticmethod(min)
     nargs = 2
 
@@ -148,7 +136,6 @@ class Min(CellFunction):
 
 
 class Max(CellFunction):
-    spec_name = "max"
     value = staticmethod(max)
     nargs = 2
 
@@ -160,7 +147,6 @@ class Max(CellFunction):
 class Clip(CellFunction):
     """min(max(x, lo), hi) with torch.clamp's gradients (hi wins when lo > hi)."""
 
-    spec_name = "clip"
     value = staticmethod(lambda x, lo, hi: min(max(x, lo), hi))
     nargs = 3
 
@@ -228,20 +214,3 @@ class ClipHigh(Mask):
 
     nargs = 3
     value = staticmethod(lambda x, lo, hi: float(x > hi or lo > hi))
-
-
-#: language name → SymPy function class
-BY_SPEC_NAME: dict[str, type[CellFunction]] = {
-    cls.spec_name: cls
-    for cls in (Sigmoid, Tanh, Exp, Log, Sqrt, Relu, Abs, Softplus, Softsign, HardSigmoid, Min, Max, Clip)
-}
-
-ALL_FUNCTIONS: tuple[type[CellFunction], ...] = tuple(BY_SPEC_NAME.values()) + (
-    Positive,
-    Sign,
-    InsideOpen3,
-    LessTie,
-    ClipPass,
-    ClipLow,
-    ClipHigh,
-)

@@ -17,7 +17,7 @@ import sympy as sp
 from cellspec.errors import SpecError
 from cellspec.frontend import ast
 from cellspec.frontend.semantics import CheckedCell
-from cellspec.model import functions as fn
+from cellspec.model import ops
 
 
 @dataclass(frozen=True)
@@ -162,12 +162,14 @@ class _Lowerer:
         if isinstance(e, ast.Pow):
             base = self.lower(e.base)
             exp = sp.Integer(int(e.exponent)) if e.exponent.is_integer() else sp.Float(e.exponent)
-            return base**exp
+            # SymPy rewrites (h*h)^0.5 with its own Abs (Abs(h)**1.0), which no op entry spells
+            # and whose derivative is SymPy's sign: use the language's abs, which has both
+            return (base**exp).replace(sp.Abs, ops.by_name("abs").cls)
         if isinstance(e, ast.BinOp):
             a, b = self.lower(e.left), self.lower(e.right)
             return {"+": lambda: a + b, "-": lambda: a - b, "*": lambda: a * b, "/": lambda: a / b}[e.op]()
         if isinstance(e, ast.Call):
-            return fn.BY_SPEC_NAME[e.func](*(self.lower(x) for x in e.args))
+            return ops.by_name(e.func).cls(*(self.lower(x) for x in e.args))
         if isinstance(e, ast.MatMul):
             return self.projection(e)
         raise TypeError(e)  # pragma: no cover

@@ -7,7 +7,8 @@ every output, final state and gradient, per comparison:
 * ``autograd`` — PyTorch autograd through the generated forward (``step``) vs NumPy (float64)
 * ``fd``       — central finite differences of the NumPy forward vs the NumPy backward (float64)
 * ``np-f32`` / ``torch-f32`` — the float32 runs vs the float64 NumPy run
-* further columns (``cuda-host``, ``gpu``) come from the back ends that register them
+* ``cuda-host`` / ``cuhost-f32`` — the ``.cu`` file's CPU build (fused kernels, C++ host loop),
+  float64 and float32, vs NumPy; ``gpu`` — the same kernels on a GPU, where there is one
 
 The relative error of arrays a (tested) and b (reference) is max|a - b| / max(max|b|, FLOOR * M),
 where M is the largest magnitude among all the reference's quantities of the same kind (forward
@@ -18,7 +19,6 @@ round-off.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -33,11 +33,11 @@ TOLERANCES: dict[str, float] = {
     "fd": 1e-6,
     "np-f32": 2e-5,
     "torch-f32": 2e-5,
+    "cuda-host": 1e-9,
+    "cuhost-f32": 2e-5,
+    "gpu": 1e-9,
 }
 FD_EPS = 1e-6
-
-#: more comparisons: name -> (tolerance, function(problem) -> results or None when unavailable)
-EXTRA_COLUMNS: dict[str, tuple[float, Callable]] = {}
 
 
 @dataclass
@@ -86,7 +86,7 @@ class Report:
     def failures(self) -> list[str]:
         out = list(self.problems)
         for name, col in self.columns.items():
-            tol = TOLERANCES.get(name) or EXTRA_COLUMNS[name][0]
+            tol = TOLERANCES[name]
             for q, err in col.items():
                 if not (err <= tol):
                     out.append(f"{name}: {q} relative error {err:.1e} > {tol:.0e}")
@@ -105,7 +105,7 @@ class Report:
         head = "  " + "quantity".ljust(width) + "".join(c.rjust(11) for c in cols)
         lines.append(head)
         tols = "  " + "tolerance".ljust(width) + "".join(
-            f"{TOLERANCES.get(c) or EXTRA_COLUMNS[c][0]:.0e}".rjust(11) for c in cols
+            f"{TOLERANCES[c]:.0e}".rjust(11) for c in cols
         )
         lines.append(tols)
         for q in qs:
@@ -316,9 +316,11 @@ def check_cell(cc: CompiledCell, T: int = 4, B: int = 3, seed: int = 0, fd: bool
     report.columns["np-f32"] = compare(run_numpy(p, np.float32), ref)
     if has_torch:
         report.columns["torch-f32"] = compare(run_torch(p, "generated", "float32"), ref)
-    for name, (_, fn) in EXTRA_COLUMNS.items():
+    for name, fn in (("cuda-host", lambda: run_native(p, cc, "float64")),
+                     ("cuhost-f32", lambda: run_native(p, cc, "float32")),
+                     ("gpu", lambda: run_gpu(p, cc))):
         try:
-            res = fn(p, cc)
+            res = fn()
         except SkipColumn as e:
             report.skipped[name] = str(e)
             continue
@@ -326,14 +328,32 @@ def check_cell(cc: CompiledCell, T: int = 4, B: int = 3, seed: int = 0, fd: bool
     return report
 
 
+def run_native(p: Problem, cc: CompiledCell, dtype_name: str) -> Results:
+    """The .cu file built for the CPU (the fused kernels and the C++ host loop), through the
+    generated module's backend="fused"."""
+    if f"{cc.module_name}.cu" not in cc.files:
+        raise SkipColumn("no .cu file was generated")
+    try:
+        import torch  # noqa: F401
+    except ImportError:  # pragma: no cover
+        raise SkipColumn("PyTorch is not installed") from None
+    from cellspec.runtime import native
+
+    if native.which_cxx() is None and native.which_nvcc() is None:
+        raise SkipColumn("no C++ compiler")
+    return run_torch(p, "fused", dtype_name)
+
+
+def run_gpu(p: Problem, cc: CompiledCell) -> Results:
+    """The same kernels on a GPU (backend="cuda", float64), where there is one."""
+    try:
+        import torch
+    except ImportError:  # pragma: no cover
+        raise SkipColumn("PyTorch is not installed") from None
+    if not torch.cuda.is_available():
+        raise SkipColumn("no GPU")
+    return run_torch(p, "cuda", "float64", "cuda")
+
+
 class SkipColumn(Exception):
     """Raised by an extra column that cannot run here (no compiler, no GPU); says why."""
-
-
-# --- CUDA back end columns (cuda-host, cuda-host-f32): registered by cellspec.runtime.cuda_host.
-# Kept at the end: that module imports this one. ---
-try:
-    from cellspec.runtime import cuda_host as _cuda_host  # noqa: F401
-except ImportError:  # pragma: no cover - torch or the CUDA back end missing
-    pass
-# --- end CUDA back end columns ---

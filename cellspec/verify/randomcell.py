@@ -21,6 +21,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
+from cellspec.model import ops
+
 #: names that clash with Python keywords/built-ins, NumPy/torch aliases, C/CUDA names, and
 #: names cellspec generates itself (adjoints ``d_*``, next states ``*_next``, temporaries ``t0``).
 HOSTILE_NAMES = [
@@ -33,11 +35,21 @@ HOSTILE_NAMES = [
 HOSTILE_PARAM_NAMES = ["lambda", "np", "torch", "nn", "F", "math", "int", "out", "self", "len",
                        "class", "real", "exp_", "W_x", "d_h", "t0", "step", "grads", "params"]
 
-UNARY = ["sigmoid", "tanh", "relu", "exp", "log", "sqrt", "softplus", "softsign", "abs", "hard_sigmoid"]
+# The vocabulary comes from the op table's fuzz tags (the reference interpreter below does not:
+# its math is written independently of cellspec).
+_FUNCTIONS = [o for o in ops.OPS if o.name in ops.language_functions()]
+#: one-argument functions
+UNARY = [o.name for o in _FUNCTIONS if o.max_args == 1]
 #: squashing functions: bounded output for any finite input
-SQUASH = ["sigmoid", "tanh", "softsign", "hard_sigmoid"]
+SQUASH = [o.name for o in _FUNCTIONS if "squash" in o.fuzz]
 #: reading or writing these is fine anywhere (bounded growth on bounded input)
-SAFE_UNARY = ["sigmoid", "tanh", "relu", "softplus", "softsign", "abs", "hard_sigmoid"]
+SAFE_UNARY = [o.name for o in _FUNCTIONS if "safe" in o.fuzz and o.max_args == 1]
+#: only for arguments bounded away from zero (log, sqrt)
+POSITIVE_DOMAIN = [o.name for o in _FUNCTIONS if "needs-positive-domain" in o.fuzz]
+#: only for bounded arguments (exp)
+BOUNDED_ARGUMENT = [o.name for o in _FUNCTIONS if "needs-bounded-argument" in o.fuzz]
+#: functions of several arguments (min, max, clip)
+MULTI = [o.name for o in _FUNCTIONS if o.max_args > 1]
 
 
 @dataclass(frozen=True)
@@ -266,21 +278,22 @@ class _Gen:
         if k < 0.74:
             f = r.choice(UNARY)
             self.features.add(f)
-            if f in ("log", "sqrt"):
+            if f in POSITIVE_DOMAIN:
                 return call(f, self.positive(size, depth - 1))
-            if f == "exp":
+            if f in BOUNDED_ARGUMENT:
                 return call(f, self.bounded(size, depth - 1) if r.random() < 0.7 else
                             binop("*", num("0.5"), call("tanh", self.expr(size, depth - 1))))
             return call(f, self.expr(size, depth - 1))
         if k < 0.82:
-            f = r.choice(["min", "max", "clip"])
+            f = r.choice(MULTI)
             self.features.add(f)
             if f == "clip":
                 lo = self.number() if r.random() < 0.5 else self.leaf(size)
                 hi = self.number(positive=True) if r.random() < 0.5 else self.leaf(size)
                 return call("clip", self.expr(size, depth - 1), lo, hi)
-            b = self.expr(size, depth - 1) if r.random() < 0.7 else self.number()
-            return call(f, self.expr(size, depth - 1), b)
+            rest = [self.expr(size, depth - 1) if r.random() < 0.7 else self.number()
+                    for _ in range(ops.by_name(f).max_args - 1)]
+            return call(f, self.expr(size, depth - 1), *rest)
         if k < 0.88:
             self.features.add("neg")
             return neg(self.expr(size, depth - 1))
@@ -508,7 +521,8 @@ def reference_sequence(rc: RandomCell, sizes: dict[str, int], params: dict, xs: 
 
 # --------------------------------------------------------------------- differential check
 #: tolerance per comparison of a random cell (relative to the largest reference value)
-TOLERANCES = {"torch": 1e-9, "autograd": 1e-9, "reference": 1e-9, "fd": 1e-6, "np-f32": 1e-4, "torch-f32": 1e-4}
+TOLERANCES = {"torch": 1e-9, "autograd": 1e-9, "reference": 1e-9, "fd": 1e-6, "np-f32": 1e-4, "torch-f32": 1e-4,
+              "native": 1e-9, "native-f32": 1e-4}
 
 
 def run_reference(rc: RandomCell, p) -> object:
@@ -535,9 +549,11 @@ def run_reference(rc: RandomCell, p) -> object:
 
 
 def differential(rc: RandomCell, T: int = 3, B: int = 2, fd: bool = False, f32: bool = True,
-                 backends: tuple[str, ...] = ("numpy", "torch")) -> list[str]:
+                 native: bool = False) -> list[str]:
     """Compile rc and hold every backend against NumPy float64, NumPy against the interpreter
-    and (with fd) against finite differences. Returns the failures (empty when all agree)."""
+    and (with fd) against finite differences; with ``native`` also the .cu file's CPU build (the
+    fused kernels and the C++ host loop, one g++ build per cell). Returns the failures (empty
+    when all agree)."""
     import numpy as np
 
     from cellspec.driver import compile_source
@@ -545,7 +561,8 @@ def differential(rc: RandomCell, T: int = 3, B: int = 2, fd: bool = False, f32: 
     from cellspec.runtime.loader import load_package
     from cellspec.verify import check
 
-    (cc,) = compile_source(Source(f"fuzz_{rc.seed}.cell", rc.text), backends)
+    targets = ("numpy", "torch", "cuda") if native else ("numpy", "torch")
+    (cc,) = compile_source(Source(f"fuzz_{rc.seed}.cell", rc.text), targets)
     pkg = load_package(cc.module_name, cc.files)
     p = check.make_problem(pkg, T, B, seed=rc.seed)
     ref = check.run_numpy(p)
@@ -563,6 +580,10 @@ def differential(rc: RandomCell, T: int = 3, B: int = 2, fd: bool = False, f32: 
     if f32:
         cols["np-f32"] = lambda: check.compare(check.run_numpy(p, np.float32), ref)
         cols["torch-f32"] = lambda: check.compare(check.run_torch(p, "generated", "float32"), ref)
+    if native:
+        cols["native"] = lambda: check.compare(check.run_torch(p, "fused"), ref)
+        if f32:
+            cols["native-f32"] = lambda: check.compare(check.run_torch(p, "fused", "float32"), ref)
     for name, fn in cols.items():
         errs = fn()
         for q, err in errs.items():

@@ -32,6 +32,7 @@ where they run (CUDA tensors; float32/float64 CPU sequences of 8 or more steps w
 compiler builds them) and the engine below otherwise.
 """
 
+import logging
 import math
 
 import torch
@@ -48,7 +49,7 @@ OUTPUTS = ("h'",)
 #: which is U(-k, k) with k = 1/sqrt(hidden_size), as torch.nn.LSTM/GRU do
 INITS = {"W_ii": ("default",), "W_hi": ("default",), "p_i": ("default",), "b_i": ("default",), "W_ig": ("default",), "W_hg": ("default",), "b_g": ("default",), "W_io": ("default",), "W_ho": ("default",), "p_o": ("default",), "b_o": ("default",)}
 SAVED = ("i", "f", "g", "o",)
-BACKENDS = ("auto", "generated", "autograd", "cuda", "fused")
+BACKENDS = ("auto", "generated", "autograd", "fused", "cuda")
 
 
 def step(params, x, state):
@@ -82,28 +83,29 @@ def step(params, x, state):
     return h_next, (h_next, c_next)
 
 
-def _sizes(_params, _x):
-    _x_seq = _x
-    return {"I": _x_seq.shape[-1], "H": _params["W_ii"].shape[0], }
+def _initial_state(_state, _B, _dtype, _device, _sizes):
+    """The initial states as a tuple of [B, size] arrays (None means zeros)."""
+    _state = (None,) * 2 if _state is None else tuple(_state)
+    return tuple(torch.zeros((_B, _n), dtype=_dtype, device=_device) if _s is None else _s.to(_dtype) for _s, _n in zip(_state, _sizes))
 
 
-def _initial_state(_params, _x, _state, _B, _dtype, _sz):
-    if _state is None:
-        _state = (None,) * 2
-    return tuple(
-        torch.zeros((_B, _sz[_size]), dtype=_dtype, device=_device) if _s is None else _s.to(_dtype)
-        for _s, _size in zip(_state, ("H", "H", ))
-    )
+def _arrays(_x):
+    return (_x,)
+
+
+def _setup(_params, _x):
+    """Sizes, params and stacked weights of one call."""
+    _x_x = (_arrays(_x)[0])
+    _T, _B = _x_x.shape[0], _x_x.shape[1]
+    _I = _x_x.shape[-1]
+    _H = _params["W_ii"].shape[0]
+    return _T, _B, _I, _H
 
 
 def _forward(_params, _x, _state):
-    _x_seq = _x
-    _T, _B = _x_seq.shape[:2]
-    _dtype = _x_seq.dtype
-    _device = _x_seq.device
-    _sz = _sizes(_params, _x)
-    _I = _sz.get("I")
-    _H = _sz.get("H")
+    """The whole sequence: outputs, final states and what the backward reads."""
+    _T, _B, _I, _H = _setup(_params, _x)
+    _dtype, _device = _arrays(_x)[0].dtype, _arrays(_x)[0].device
     W_ii = _params["W_ii"].to(_dtype)
     W_hi = _params["W_hi"].to(_dtype)
     p_i = _params["p_i"].to(_dtype)
@@ -115,75 +117,117 @@ def _forward(_params, _x, _state):
     W_ho = _params["W_ho"].to(_dtype)
     p_o = _params["p_o"].to(_dtype)
     b_o = _params["b_o"].to(_dtype)
-    _x_seq = _x_seq.to(_dtype)
-
-    # Hoisted projections W_ii @ x, W_ig @ x, W_io @ x: one GEMM over all T*B rows.
-    _g = _x_seq.reshape(_T * _B, _I) @ torch.cat([W_ii, W_ig, W_io]).T
-    _W_ii_x_seq = _g[:, 0:_H].reshape(_T, _B, _H)
-    _W_ig_x_seq = _g[:, _H:2*_H].reshape(_T, _B, _H)
-    _W_io_x_seq = _g[:, 2*_H:3*_H].reshape(_T, _B, _H)
-
-    # Loop-invariant parts of the step's pointwise math, once over all T*B rows.
-    x = _x_seq
-    W_ii_x = _W_ii_x_seq
-    W_ig_x = _W_ig_x_seq
-    W_io_x = _W_io_x_seq
-    _pre_i_seq = W_ii_x + b_i  # part of i
-    _pre_g_seq = W_ig_x + b_g  # part of g
-    _pre_o_seq = W_io_x + b_o  # part of o
-    _w_W_hi_W_hg_W_ho__h = torch.cat([W_hi, W_hg, W_ho]).T.contiguous()
+    _x_x = _arrays(_x)[0].to(_dtype)
+    _wt_W_ii_W_ig_W_io = torch.cat([W_ii, W_ig, W_io]).T.contiguous()
+    _wt_W_hi_W_hg_W_ho = torch.cat([W_hi, W_hg, W_ho]).T.contiguous()
+    _state0 = _initial_state(_state, _B, _dtype, _device, (_H, _H, ))
+    _s_h = torch.empty((_T + 1, _B, _H), dtype=_dtype, device=_device)
+    _s_h[0] = _state0[0]
+    _s_c = torch.empty((_T + 1, _B, _H), dtype=_dtype, device=_device)
+    _s_c[0] = _state0[1]
+    _hg_W_ii_W_ig_W_io__x = torch.empty((_T, _B, 3*_H), dtype=_dtype, device=_device)
     _g_W_hi_W_hg_W_ho__h = torch.empty((_B, 3*_H), dtype=_dtype, device=_device)
-
-    _state0 = _initial_state(_params, _x, _state, _B, _dtype, _sz)
-    _h_seq = torch.empty((_T + 1, _B, _H), dtype=_dtype, device=_device)
-    _h_seq[0] = _state0[0]
-    _c_seq = torch.empty((_T + 1, _B, _H), dtype=_dtype, device=_device)
-    _c_seq[0] = _state0[1]
-    _i_seq = torch.empty((_T, _B, _H), dtype=_dtype, device=_device)
-    _f_seq = torch.empty((_T, _B, _H), dtype=_dtype, device=_device)
-    _g_seq = torch.empty((_T, _B, _H), dtype=_dtype, device=_device)
-    _o_seq = torch.empty((_T, _B, _H), dtype=_dtype, device=_device)
-    _h_rows = _h_seq.unbind(0)
-    _c_rows = _c_seq.unbind(0)
-    _pre_i_rows = _pre_i_seq.unbind(0)
-    _pre_g_rows = _pre_g_seq.unbind(0)
-    _pre_o_rows = _pre_o_seq.unbind(0)
-    _i_rows = _i_seq.unbind(0)
-    _f_rows = _f_seq.unbind(0)
-    _g_rows = _g_seq.unbind(0)
-    _o_rows = _o_seq.unbind(0)
+    _v_i = torch.empty((_T, _B, _H), dtype=_dtype, device=_device)
+    _v_f = torch.empty((_T, _B, _H), dtype=_dtype, device=_device)
+    _v_g = torch.empty((_T, _B, _H), dtype=_dtype, device=_device)
+    _v_o = torch.empty((_T, _B, _H), dtype=_dtype, device=_device)
+    _s_h_rows = _s_h.unbind(0)
+    _hg_W_ii_W_ig_W_io__x_rows = _hg_W_ii_W_ig_W_io__x.unbind(0)
+    _s_c_rows = _s_c.unbind(0)
+    _v_i_rows = _v_i.unbind(0)
+    _v_f_rows = _v_f.unbind(0)
+    _v_g_rows = _v_g.unbind(0)
+    _v_o_rows = _v_o.unbind(0)
+    # W_ii @ x, W_ig @ x, W_io @ x
+    torch.mm(_x_x.reshape(_T * _B, _I), _wt_W_ii_W_ig_W_io, out=_hg_W_ii_W_ig_W_io__x.reshape(_T * _B, 3*_H))
     for _t in range(_T):
-        h = _h_rows[_t]
-        c = _c_rows[_t]
-        _pre_i = _pre_i_rows[_t]
-        _pre_g = _pre_g_rows[_t]
-        _pre_o = _pre_o_rows[_t]
-        # stage 0: W_hi @ h, W_hg @ h, W_ho @ h in one GEMM
-        torch.mm(h, _w_W_hi_W_hg_W_ho__h, out=_g_W_hi_W_hg_W_ho__h)
-        W_hi_h = _g_W_hi_W_hg_W_ho__h[:, 0:_H]
+        # W_hi @ h, W_hg @ h, W_ho @ h
+        torch.mm(_s_h_rows[_t], _wt_W_hi_W_hg_W_ho, out=_g_W_hi_W_hg_W_ho__h)
+        # stage 0 forward
         W_hg_h = _g_W_hi_W_hg_W_ho__h[:, _H:2*_H]
+        W_hi_h = _g_W_hi_W_hg_W_ho__h[:, 0:_H]
         W_ho_h = _g_W_hi_W_hg_W_ho__h[:, 2*_H:3*_H]
-        i = torch.sigmoid(W_hi_h + _pre_i + c*p_i, out=_i_rows[_t])  # cifg_lstm.cell:12  i = sigmoid(W_ii @ x + W_hi @ h + p_i * c + b_i)
-        f = torch.add(-i, 1, out=_f_rows[_t])  # cifg_lstm.cell:13  f = 1 - i
-        g = torch.tanh(W_hg_h + _pre_g, out=_g_rows[_t])  # cifg_lstm.cell:14  g = tanh(W_ig @ x + W_hg @ h + b_g)
-        c_next = torch.add(c*f, g*i, out=_c_rows[_t + 1])  # cifg_lstm.cell:15  c' = f * c + i * g
-        o = torch.sigmoid(W_ho_h + _pre_o + c_next*p_o, out=_o_rows[_t])  # cifg_lstm.cell:16  o = sigmoid(W_io @ x + W_ho @ h + p_o * c' + b_o)
-        h_next = torch.mul(o, torch.tanh(c_next), out=_h_rows[_t + 1])  # cifg_lstm.cell:17  h' = o * tanh(c')
+        W_ig_x = _hg_W_ii_W_ig_W_io__x_rows[_t][:, _H:2*_H]
+        W_ii_x = _hg_W_ii_W_ig_W_io__x_rows[_t][:, 0:_H]
+        W_io_x = _hg_W_ii_W_ig_W_io__x_rows[_t][:, 2*_H:3*_H]
+        c = _s_c_rows[_t]
+        i = torch.sigmoid(W_hi_h + W_ii_x + b_i + c*p_i)  # cifg_lstm.cell:12  i = sigmoid(W_ii @ x + W_hi @ h + p_i * c + b_i)
+        f = 1 - i  # cifg_lstm.cell:13  f = 1 - i
+        g = torch.tanh(W_hg_h + W_ig_x + b_g)  # cifg_lstm.cell:14  g = tanh(W_ig @ x + W_hg @ h + b_g)
+        c_next = c*f + g*i  # cifg_lstm.cell:15  c' = f * c + i * g
+        o = torch.sigmoid(W_ho_h + W_io_x + b_o + c_next*p_o)  # cifg_lstm.cell:16  o = sigmoid(W_io @ x + W_ho @ h + p_o * c' + b_o)
+        h_next = o*torch.tanh(c_next)  # cifg_lstm.cell:17  h' = o * tanh(c')
+        _v_i_rows[_t].copy_(i)
+        _v_f_rows[_t].copy_(f)
+        _v_g_rows[_t].copy_(g)
+        _s_c_rows[_t + 1].copy_(c_next)
+        _v_o_rows[_t].copy_(o)
+        _s_h_rows[_t + 1].copy_(h_next)
+    _outputs = (_s_h[1:],)
+    _final = (_s_h[_T], _s_c[_T], )
+    _saved = {"s_h": _s_h, "s_c": _s_c, "v_i": _v_i, "v_f": _v_f, "v_g": _v_g, "v_o": _v_o, }
+    return _outputs[0], _final, _saved
 
-    _outputs = (_h_seq[1:], )
-    _final = (_h_seq[_T], _c_seq[_T])
-    _saved = {"h": _h_seq, "c": _c_seq, "i": _i_seq, "f": _f_seq, "g": _g_seq, "o": _o_seq, }
+
+def _inference(_params, _x, _state):
+    """The whole sequence keeping nothing for a backward: outputs and final states."""
+    _T, _B, _I, _H = _setup(_params, _x)
+    _dtype, _device = _arrays(_x)[0].dtype, _arrays(_x)[0].device
+    W_ii = _params["W_ii"].to(_dtype)
+    W_hi = _params["W_hi"].to(_dtype)
+    p_i = _params["p_i"].to(_dtype)
+    b_i = _params["b_i"].to(_dtype)
+    W_ig = _params["W_ig"].to(_dtype)
+    W_hg = _params["W_hg"].to(_dtype)
+    b_g = _params["b_g"].to(_dtype)
+    W_io = _params["W_io"].to(_dtype)
+    W_ho = _params["W_ho"].to(_dtype)
+    p_o = _params["p_o"].to(_dtype)
+    b_o = _params["b_o"].to(_dtype)
+    _x_x = _arrays(_x)[0].to(_dtype)
+    _wt_W_ii_W_ig_W_io = torch.cat([W_ii, W_ig, W_io]).T.contiguous()
+    _wt_W_hi_W_hg_W_ho = torch.cat([W_hi, W_hg, W_ho]).T.contiguous()
+    _state0 = _initial_state(_state, _B, _dtype, _device, (_H, _H, ))
+    _s_h = torch.empty((_T + 1, _B, _H), dtype=_dtype, device=_device)
+    _s_h[0] = _state0[0]
+    _s_c = torch.empty((_T + 1, _B, _H), dtype=_dtype, device=_device)
+    _s_c[0] = _state0[1]
+    _hg_W_ii_W_ig_W_io__x = torch.empty((_T, _B, 3*_H), dtype=_dtype, device=_device)
+    _g_W_hi_W_hg_W_ho__h = torch.empty((_B, 3*_H), dtype=_dtype, device=_device)
+    _s_h_rows = _s_h.unbind(0)
+    _hg_W_ii_W_ig_W_io__x_rows = _hg_W_ii_W_ig_W_io__x.unbind(0)
+    _s_c_rows = _s_c.unbind(0)
+    # W_ii @ x, W_ig @ x, W_io @ x
+    torch.mm(_x_x.reshape(_T * _B, _I), _wt_W_ii_W_ig_W_io, out=_hg_W_ii_W_ig_W_io__x.reshape(_T * _B, 3*_H))
+    for _t in range(_T):
+        # W_hi @ h, W_hg @ h, W_ho @ h
+        torch.mm(_s_h_rows[_t], _wt_W_hi_W_hg_W_ho, out=_g_W_hi_W_hg_W_ho__h)
+        # stage 0 forward
+        W_hg_h = _g_W_hi_W_hg_W_ho__h[:, _H:2*_H]
+        W_hi_h = _g_W_hi_W_hg_W_ho__h[:, 0:_H]
+        W_ho_h = _g_W_hi_W_hg_W_ho__h[:, 2*_H:3*_H]
+        W_ig_x = _hg_W_ii_W_ig_W_io__x_rows[_t][:, _H:2*_H]
+        W_ii_x = _hg_W_ii_W_ig_W_io__x_rows[_t][:, 0:_H]
+        W_io_x = _hg_W_ii_W_ig_W_io__x_rows[_t][:, 2*_H:3*_H]
+        c = _s_c_rows[_t]
+        i = torch.sigmoid(W_hi_h + W_ii_x + b_i + c*p_i)  # cifg_lstm.cell:12  i = sigmoid(W_ii @ x + W_hi @ h + p_i * c + b_i)
+        f = 1 - i  # cifg_lstm.cell:13  f = 1 - i
+        g = torch.tanh(W_hg_h + W_ig_x + b_g)  # cifg_lstm.cell:14  g = tanh(W_ig @ x + W_hg @ h + b_g)
+        c_next = c*f + g*i  # cifg_lstm.cell:15  c' = f * c + i * g
+        o = torch.sigmoid(W_ho_h + W_io_x + b_o + c_next*p_o)  # cifg_lstm.cell:16  o = sigmoid(W_io @ x + W_ho @ h + p_o * c' + b_o)
+        h_next = o*torch.tanh(c_next)  # cifg_lstm.cell:17  h' = o * tanh(c')
+        _s_c_rows[_t + 1].copy_(c_next)
+        _s_h_rows[_t + 1].copy_(h_next)
+    _outputs = (_s_h[1:],)
+    _final = (_s_h[_T], _s_c[_T], )
+    _saved = {}
     return _outputs[0], _final, _saved
 
 
 def _backward(_params, _x, _saved, _d_outputs, _d_final):
-    _x_seq = _x
-    _T, _B = _x_seq.shape[:2]
-    _dtype = _saved["h"].dtype
-    _device = _saved["h"].device
-    _sz = _sizes(_params, _x)
-    _I = _sz.get("I")
-    _H = _sz.get("H")
+    """Gradients of the whole sequence: (d_params, d_x, d_state)."""
+    _T, _B, _I, _H = _setup(_params, _x)
+    _dtype, _device = _arrays(_x)[0].dtype, _arrays(_x)[0].device
     W_ii = _params["W_ii"].to(_dtype)
     W_hi = _params["W_hi"].to(_dtype)
     p_i = _params["p_i"].to(_dtype)
@@ -195,108 +239,108 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final):
     W_ho = _params["W_ho"].to(_dtype)
     p_o = _params["p_o"].to(_dtype)
     b_o = _params["b_o"].to(_dtype)
-    _x_seq = _x_seq.to(_dtype)
-    _h_seq = _saved["h"]
-    _c_seq = _saved["c"]
-    _i_seq = _saved["i"]
-    _f_seq = _saved["f"]
-    _g_seq = _saved["g"]
-    _o_seq = _saved["o"]
+    _x_x = _arrays(_x)[0].to(_dtype)
+    _w_W_ii_W_ig_W_io = torch.cat([W_ii, W_ig, W_io])
+    _w_W_hi_W_hg_W_ho = torch.cat([W_hi, W_hg, W_ho])
+    _s_h = _saved["s_h"]
+    _s_c = _saved["s_c"]
+    _v_i = _saved["v_i"]
+    _v_f = _saved["v_f"]
+    _v_g = _saved["v_g"]
+    _v_o = _saved["v_o"]
     _d_outputs = (_d_outputs,)
-    _d_h_next_out_seq = torch.zeros((_T, _B, _H), dtype=_dtype, device=_device) if _d_outputs[0] is None else _d_outputs[0].to(_dtype)
+    _dout_h_next = torch.zeros((_T, _B, _H), dtype=_dtype, device=_device) if _d_outputs[0] is None else _d_outputs[0].to(_dtype)
     _d_final = (None,) * 2 if _d_final is None else tuple(_d_final)
-    d_h = torch.zeros((_B, _H), dtype=_dtype, device=_device) if _d_final[0] is None else _d_final[0].to(_dtype)
-    d_c = torch.zeros((_B, _H), dtype=_dtype, device=_device) if _d_final[1] is None else _d_final[1].to(_dtype)
-    _d_x_seq = torch.zeros((_T, _B, _I), dtype=_dtype, device=_device)
-    _grads = {"W_ii": torch.zeros((_H, _I), dtype=_dtype, device=_device), "W_hi": torch.zeros((_H, _H), dtype=_dtype, device=_device), "p_i": torch.zeros((_H), dtype=_dtype, device=_device), "b_i": torch.zeros((_H), dtype=_dtype, device=_device), "W_ig": torch.zeros((_H, _I), dtype=_dtype, device=_device), "W_hg": torch.zeros((_H, _H), dtype=_dtype, device=_device), "b_g": torch.zeros((_H), dtype=_dtype, device=_device), "W_io": torch.zeros((_H, _I), dtype=_dtype, device=_device), "W_ho": torch.zeros((_H, _H), dtype=_dtype, device=_device), "p_o": torch.zeros((_H), dtype=_dtype, device=_device), "b_o": torch.zeros((_H), dtype=_dtype, device=_device)}
-    _d_W_hi_W_hg_W_ho__h_seq = torch.zeros((_T, _B, 3*_H), dtype=_dtype, device=_device)
-    _wb_W_hi_W_hg_W_ho__h = torch.cat([W_hi, W_hg, W_ho])
-    _dop_W_hi_W_hg_W_ho__h = torch.empty((2, _B, _H), dtype=_dtype, device=_device)  # d_operand, two rows: the carried adjoint outlives one step
-    _d_W_ii_W_ig_W_io__x_seq = _d_W_hi_W_hg_W_ho__h_seq  # the same adjoints as the recurrent GEMM's
-    _d_p_i_rows = torch.zeros((_T, _B, _H), dtype=_dtype, device=_device)
-    _d_p_o_rows = torch.zeros((_T, _B, _H), dtype=_dtype, device=_device)
-    _h_rows = _h_seq.unbind(0)
-    _c_rows = _c_seq.unbind(0)
-    _i_rows = _i_seq.unbind(0)
-    _f_rows = _f_seq.unbind(0)
-    _g_rows = _g_seq.unbind(0)
-    _o_rows = _o_seq.unbind(0)
-    _d_h_next_out_rows = _d_h_next_out_seq.unbind(0)
-    _d_W_hi_W_hg_W_ho__h_rows = _d_W_hi_W_hg_W_ho__h_seq.unbind(0)
-    _d_p_i_rows_rows = _d_p_i_rows.unbind(0)
-    _d_p_o_rows_rows = _d_p_o_rows.unbind(0)
+    _ds_h = torch.zeros((_B, _H), dtype=_dtype, device=_device) if _d_final[0] is None else _d_final[0].to(_dtype).clone()
+    _ds_c = torch.zeros((_B, _H), dtype=_dtype, device=_device) if _d_final[1] is None else _d_final[1].to(_dtype).clone()
+    _dx_x = torch.empty((_T, _B, _I), dtype=_dtype, device=_device)
+    _dp_p_i = torch.empty((_T, _B, _H), dtype=_dtype, device=_device)
+    _dp_p_o = torch.empty((_T, _B, _H), dtype=_dtype, device=_device)
+    _dg_W_hi_W_hg_W_ho__h = torch.empty((_T, _B, 3*_H), dtype=_dtype, device=_device)
+    _tmp_d_h_gemm = torch.empty((_B, _H), dtype=_dtype, device=_device)
+    _tmp_d_o = torch.empty((_B, _H), dtype=_dtype, device=_device)
+    _tmp_d_c_next = torch.empty((_B, _H), dtype=_dtype, device=_device)
+    _tmp_d_i = torch.empty((_B, _H), dtype=_dtype, device=_device)
+    _s_c_rows = _s_c.unbind(0)
+    _dout_h_next_rows = _dout_h_next.unbind(0)
+    _v_g_rows = _v_g.unbind(0)
+    _v_i_rows = _v_i.unbind(0)
+    _v_o_rows = _v_o.unbind(0)
+    _dg_W_hi_W_hg_W_ho__h_rows = _dg_W_hi_W_hg_W_ho__h.unbind(0)
+    _v_f_rows = _v_f.unbind(0)
+    _dp_p_i_rows = _dp_p_i.unbind(0)
+    _dp_p_o_rows = _dp_p_o.unbind(0)
+    _grads = {}
     for _t in reversed(range(_T)):
-        h = _h_rows[_t]
-        h_next = _h_rows[_t + 1]
-        c = _c_rows[_t]
-        c_next = _c_rows[_t + 1]
-        i = _i_rows[_t]
-        f = _f_rows[_t]
-        g = _g_rows[_t]
-        o = _o_rows[_t]
-        d_h_next_out = _d_h_next_out_rows[_t]
         # stage 0 backward
+        c = _s_c_rows[_t]
+        c_next = _s_c_rows[_t + 1]
+        d_c = _ds_c
+        d_h = _ds_h
+        d_h_next_out = _dout_h_next_rows[_t]
+        g = _v_g_rows[_t]
+        i = _v_i_rows[_t]
+        o = _v_o_rows[_t]
         t0 = torch.tanh(c_next)
-        d_h_next = d_h + d_h_next_out  # h'
-        d_o = d_h_next*t0  # o
+        d_h_next = d_h + d_h_next_out  # adjoint of h'
+        d_o = d_h_next*t0  # adjoint of o
         t1 = d_o*o*(1 - o)
-        d_c_next = d_c + d_h_next*o*(1 - (t0*t0)) + p_o*t1  # c'
-        d_g = d_c_next*i  # g
-        d_f = c*d_c_next  # f
-        d_i = d_c_next*g - d_f  # i
-        d_W_hi_h = torch.mul(d_i, i*(1 - i), out=_d_W_hi_W_hg_W_ho__h_rows[_t][:, 0:_H])  # W_hi @ h
-        d_W_hg_h = torch.mul(d_g, 1 - (g*g), out=_d_W_hi_W_hg_W_ho__h_rows[_t][:, _H:2*_H])  # W_hg @ h
-        d_W_ho_h = t1  # W_ho @ h
-        _d_W_hi_W_hg_W_ho__h_rows[_t][:, 2*_H:3*_H] = d_W_ho_h
-        d_h_gemm = torch.mm(_d_W_hi_W_hg_W_ho__h_rows[_t], _wb_W_hi_W_hg_W_ho__h, out=_dop_W_hi_W_hg_W_ho__h[_t % 2])
-        # per-step adjoints of inputs, previous states, vector params and hoisted results
+        d_c_next = d_c + d_h_next*o*(1 - (t0*t0)) + p_o*t1  # adjoint of c'
+        d_g = d_c_next*i  # adjoint of g
+        d_f = c*d_c_next  # adjoint of f
+        d_i = d_c_next*g - d_f  # adjoint of i
+        d_W_hi_h = d_i*i*(1 - i)  # adjoint of W_hi @ h
+        d_W_hg_h = d_g*(1 - (g*g))  # adjoint of W_hg @ h
+        d_W_ho_h = t1  # adjoint of W_ho @ h
+        _tmp_d_o.copy_(d_o)
+        _tmp_d_c_next.copy_(d_c_next)
+        _tmp_d_i.copy_(d_i)
+        _dg_W_hi_W_hg_W_ho__h_rows[_t][:, 0:_H].copy_(d_W_hi_h)
+        _dg_W_hi_W_hg_W_ho__h_rows[_t][:, _H:2*_H].copy_(d_W_hg_h)
+        _dg_W_hi_W_hg_W_ho__h_rows[_t][:, 2*_H:3*_H].copy_(d_W_ho_h)
+        torch.mm(_dg_W_hi_W_hg_W_ho__h_rows[_t], _w_W_hi_W_hg_W_ho, out=_tmp_d_h_gemm)
+        # per-step adjoints of inputs, states, vector params, hoisted results
+        c = _s_c_rows[_t]
+        c_next = _s_c_rows[_t + 1]
+        d_c_next = _tmp_d_c_next
+        d_h_gemm = _tmp_d_h_gemm
+        d_i = _tmp_d_i
+        d_o = _tmp_d_o
+        f = _v_f_rows[_t]
+        i = _v_i_rows[_t]
+        o = _v_o_rows[_t]
         t1_2 = d_i*i*(1 - i)
-        d_h = d_h_gemm  # state
-        d_c = d_c_next*f + p_i*t1_2  # state
-        d_p_i = c*t1_2  # param
-        d_b_i = d_W_hi_h  # param
-        d_b_g = d_W_hg_h  # param
-        d_p_o = c_next*d_o*o*(1 - o)  # param
-        d_b_o = d_W_ho_h  # param
-        d_W_ii_x = d_W_hi_h  # hoisted projection
-        d_W_ig_x = d_W_hg_h  # hoisted projection
-        d_W_io_x = d_W_ho_h  # hoisted projection
-        _d_p_i_rows_rows[_t].copy_(d_p_i)
-        _d_p_o_rows_rows[_t].copy_(d_p_o)
-
-    # vector-param gradients: one sum over all T*B rows each
-    _d_W_hi_W_hg_W_ho__h_seq_sum = _d_W_hi_W_hg_W_ho__h_seq.reshape(_T * _B, 3*_H).sum(0)
-    _d_p_i_rows_sum = _d_p_i_rows.reshape(_T * _B, _H).sum(0)
-    _d_p_o_rows_sum = _d_p_o_rows.reshape(_T * _B, _H).sum(0)
-    _grads["p_i"] += _d_p_i_rows_sum
-    _grads["b_i"] += _d_W_hi_W_hg_W_ho__h_seq_sum[0:_H]
-    _grads["b_g"] += _d_W_hi_W_hg_W_ho__h_seq_sum[_H:2*_H]
-    _grads["p_o"] += _d_p_o_rows_sum
-    _grads["b_o"] += _d_W_hi_W_hg_W_ho__h_seq_sum[2*_H:3*_H]
-
-    # dW of the per-step projections: one GEMM over all T*B rows each
-    _dw = _d_W_hi_W_hg_W_ho__h_seq.reshape(_T * _B, 3*_H).T @ _h_seq[:_T].reshape(_T * _B, _H)
-    _grads["W_hi"] += _dw[0:_H]
-    _grads["W_hg"] += _dw[_H:2*_H]
-    _grads["W_ho"] += _dw[2*_H:3*_H]
-
-    # hoisted projections W_ii @ x, W_ig @ x, W_io @ x: dW and d_operand over all T*B rows
-    _dg = _d_W_ii_W_ig_W_io__x_seq.reshape(_T * _B, 3*_H)
-    _dw = _dg.T @ _x_seq.reshape(_T * _B, _I)
-    _grads["W_ii"] += _dw[0:_H]
-    _grads["W_ig"] += _dw[_H:2*_H]
-    _grads["W_io"] += _dw[2*_H:3*_H]
-    d_x_hgemm = (_dg @ torch.cat([W_ii, W_ig, W_io])).reshape(_T, _B, _I)
-    _d_x_seq += d_x_hgemm
-
-    _d_x = _d_x_seq
-    _d_state = (d_h, d_c)
+        d_h = d_h_gemm  # adjoint of state h
+        d_c = d_c_next*f + p_i*t1_2  # adjoint of state c
+        d_p_i = c*t1_2  # adjoint of param p_i
+        d_p_o = c_next*d_o*o*(1 - o)  # adjoint of param p_o
+        _ds_h.copy_(d_h)
+        _ds_c.copy_(d_c)
+        _dp_p_i_rows[_t].copy_(d_p_i)
+        _dp_p_o_rows[_t].copy_(d_p_o)
+    # dW of W_hi @ h, W_hg @ h, W_ho @ h: one GEMM over all T*B rows
+    _grads["W_hi"] = _dg_W_hi_W_hg_W_ho__h.reshape(_T * _B, 3*_H)[:, 0:_H].T @ _s_h[:_T].reshape(_T * _B, _H)
+    _grads["W_hg"] = _dg_W_hi_W_hg_W_ho__h.reshape(_T * _B, 3*_H)[:, _H:2*_H].T @ _s_h[:_T].reshape(_T * _B, _H)
+    _grads["W_ho"] = _dg_W_hi_W_hg_W_ho__h.reshape(_T * _B, 3*_H)[:, 2*_H:3*_H].T @ _s_h[:_T].reshape(_T * _B, _H)
+    # dW of W_ii @ x, W_ig @ x, W_io @ x: one GEMM over all T*B rows
+    _grads["W_ii"] = _dg_W_hi_W_hg_W_ho__h.reshape(_T * _B, 3*_H)[:, 0:_H].T @ _x_x.reshape(_T * _B, _I)
+    _grads["W_ig"] = _dg_W_hi_W_hg_W_ho__h.reshape(_T * _B, 3*_H)[:, _H:2*_H].T @ _x_x.reshape(_T * _B, _I)
+    _grads["W_io"] = _dg_W_hi_W_hg_W_ho__h.reshape(_T * _B, 3*_H)[:, 2*_H:3*_H].T @ _x_x.reshape(_T * _B, _I)
+    torch.mm(_dg_W_hi_W_hg_W_ho__h.reshape(_T * _B, 3*_H), _w_W_ii_W_ig_W_io, out=_dx_x.reshape(_T * _B, _I))
+    _sum = _dp_p_i.reshape(_T * _B, _H).sum(0)
+    _grads["p_i"] = _sum
+    _sum = _dg_W_hi_W_hg_W_ho__h.reshape(_T * _B, 3*_H)[:, 0:_H].sum(0)
+    _grads["b_i"] = _sum
+    _sum = _dg_W_hi_W_hg_W_ho__h.reshape(_T * _B, 3*_H)[:, _H:2*_H].sum(0)
+    _grads["b_g"] = _sum
+    _sum = _dp_p_o.reshape(_T * _B, _H).sum(0)
+    _grads["p_o"] = _sum
+    _sum = _dg_W_hi_W_hg_W_ho__h.reshape(_T * _B, 3*_H)[:, 2*_H:3*_H].sum(0)
+    _grads["b_o"] = _sum
+    _grads = {"W_ii": _grads["W_ii"], "W_hi": _grads["W_hi"], "p_i": _grads["p_i"], "b_i": _grads["b_i"], "W_ig": _grads["W_ig"], "W_hg": _grads["W_hg"], "b_g": _grads["b_g"], "W_io": _grads["W_io"], "W_ho": _grads["W_ho"], "p_o": _grads["p_o"], "b_o": _grads["b_o"], }
+    _d_x = _dx_x
+    _d_state = (_ds_h, _ds_c)
     return _grads, _d_x, _d_state
-
-
-def _rows(a, shape):
-    """An adjoint as rows of shape[-1] (it may broadcast), for summing into a vector's gradient."""
-    return torch.broadcast_to(a, shape).reshape(-1, shape[-1])
 
 
 _PARAM_NAMES = tuple(PARAMS)
@@ -343,7 +387,265 @@ def _run_autograd(params, xs, state):
         out, state = step(params, xs[0][t] if _N_IN == 1 else tuple(a[t] for a in xs), state[0] if _N_STATE == 1 else state)
         outputs.append((out,) if _N_OUT == 1 else out)
         state = (state,) if _N_STATE == 1 else state
+    if not outputs:  # T = 0: no step; the output sizes from a step that is thrown away
+        with torch.no_grad():
+            probe, _ = step(params, xs[0][:0].new_zeros(xs[0].shape[1:]) if _N_IN == 1 else tuple(a.new_zeros(a.shape[1:]) for a in xs), state[0] if _N_STATE == 1 else state)
+        probe = (probe,) if _N_OUT == 1 else probe
+        return tuple(o.new_empty(0, *o.shape) for o in probe), tuple(state)
     return tuple(torch.stack(o) for o in zip(*outputs)), tuple(state)
+
+
+#: sequences shorter than this run the PyTorch engine under backend="auto" on the CPU
+MIN_NATIVE_STEPS = 1
+_LIBRARIES = {}
+
+
+def _native_library(x, state, params, required=None):
+    """The native library of cifg_lstm.cu for x's device, built on first use (cached on disk); None
+    where backend="auto" should run the PyTorch engine instead (no compiler, no BLAS, an
+    unsupported dtype, mixed dtypes or devices, torch.compile tracing). With ``required``
+    (backend="fused"/"cuda" asked for explicitly) a problem is an error that says why."""
+    dtype, device = x.dtype, x.device
+    problem = None
+    if required == "cuda" and device.type != "cuda":
+        problem = "it needs CUDA tensors (backend='fused' runs the same kernels on the CPU)"
+    elif required == "fused" and device.type != "cpu":
+        problem = "it runs on CPU tensors (backend='cuda' runs the kernels on the GPU)"
+    elif any(t.dtype != dtype or t.device != device for t in (*state, *params.values())):
+        problem = f"all tensors must have one dtype and device ({dtype} on {device} and others)"
+    elif required is None and (torch.compiler.is_compiling() or x.shape[0] < MIN_NATIVE_STEPS):
+        return None
+    if problem is None:
+        key = (device.type, device.index)
+        lib = _LIBRARIES.get(key)
+        if lib is None:
+            try:
+                from cellspec.runtime import kernels
+
+                lib = kernels.library(__file__, "cifg_lstm.cu", device)
+            except Exception as e:  # noqa: BLE001 - remembered: tried once per device and process
+                lib = e
+                logging.getLogger("cellspec").debug(
+                    "%s: the native library of cifg_lstm.cu is not used on %s (%s: %s); the PyTorch engine runs",
+                    CELL, device.type, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+            _LIBRARIES[key] = lib
+        if isinstance(lib, Exception):
+            problem = f"{type(lib).__name__}: {lib}"
+        else:
+            try:
+                lib.function("forward", dtype)
+            except Exception as e:  # noqa: BLE001 - an unsupported dtype
+                problem = str(e)
+    if problem is None:
+        return lib
+    if required is not None:
+        raise RuntimeError(f"{CELL}: backend={required!r} cannot run here: {problem}")
+    return None
+
+
+class _NativeSequence(torch.autograd.Function):
+    """The whole sequence in the native library (one call forward, one backward)."""
+
+    @staticmethod
+    def forward(ctx, lib, *args):
+        _xs, _states, _plist = args[:_N_IN], args[_N_IN : _N_IN + _N_STATE], args[_N_IN + _N_STATE :]
+        _outputs, _finals, _saved = _native_forward(lib, _xs, _states, dict(zip(_PARAM_NAMES, _plist)))
+        ctx.lib = lib
+        ctx.save_for_backward(*_xs, *_plist, *_saved)
+        return (*_outputs, *_finals)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grads):
+        _t = ctx.saved_tensors
+        _n = _N_IN + len(_PARAM_NAMES)
+        _params = dict(zip(_PARAM_NAMES, _t[_N_IN:_n]))
+        _grads, _d_xs, _d_states = _native_backward(ctx.lib, _t[:_N_IN], _params, _t[_n:], grads[:_N_OUT], grads[_N_OUT:])
+        return (None, *_d_xs, *_d_states, *(_grads[k].to(_params[k].dtype) for k in _PARAM_NAMES))
+
+
+def _run_native(lib, xs, state, params):
+    """(outputs, final states) of the native library: through autograd when something requires
+    grad, else the inference function (which keeps nothing for a backward); under torch.compile,
+    the custom ops."""
+    if torch.compiler.is_compiling():
+        result = _OPS[0](list(xs), list(state), list(params.values()))
+        return tuple(result[:_N_OUT]), tuple(result[_N_OUT : _N_OUT + _N_STATE])
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (*xs, *state, *params.values())):
+        result = _NativeSequence.apply(lib, *xs, *state, *params.values())
+        return tuple(result[:_N_OUT]), tuple(result[_N_OUT:])
+    outputs, finals, _ = _native_inference(lib, xs, state, params)
+    return outputs, finals
+
+
+def _native_sizes(_xs, _params):
+    """(T, B, sizes...) of a call, as the native library takes them."""
+    _T, _B = _xs[0].shape[0], _xs[0].shape[1]
+    _I = _xs[0].shape[-1]
+    _H = _params["W_ii"].shape[0]
+    return (_T, _B, _I, _H)
+
+
+def _native_forward(_lib, _xs, _states, _params):
+    """The whole sequence (training: keeps what the backward reads) in one call of the native library."""
+    _T, _B, _I, _H = _dims = _native_sizes(_xs, _params)
+    _dt, _dev = _xs[0].dtype, _xs[0].device
+
+    def _empty(shape):
+        return torch.empty(shape, dtype=_dt, device=_dev)
+
+    x_x = _xs[0].contiguous()
+    s_h = _empty((_T + 1, _B, _H))
+    s_h[0].copy_(_states[0])
+    s_c = _empty((_T + 1, _B, _H))
+    s_c[0].copy_(_states[1])
+    p_p_i = _params["p_i"].contiguous()
+    p_b_i = _params["b_i"].contiguous()
+    p_b_g = _params["b_g"].contiguous()
+    p_p_o = _params["p_o"].contiguous()
+    p_b_o = _params["b_o"].contiguous()
+    hg_W_ii_W_ig_W_io__x = _empty((_T, _B, 3*_H))
+    g_W_hi_W_hg_W_ho__h = _empty((_B, 3*_H))
+    v_i = _empty((_T, _B, _H))
+    v_f = _empty((_T, _B, _H))
+    v_g = _empty((_T, _B, _H))
+    v_o = _empty((_T, _B, _H))
+    if _lib is not None:  # None: shapes only (the custom op's fake implementation)
+        _lib("forward", _dims, [x_x, s_h, s_c, p_p_i, p_b_i, p_b_g, p_p_o, p_b_o, hg_W_ii_W_ig_W_io__x, g_W_hi_W_hg_W_ho__h, v_i, v_f, v_g, v_o, torch.cat((_params["W_ii"], _params["W_ig"], _params["W_io"],)), torch.cat((_params["W_hi"], _params["W_hg"], _params["W_ho"],))])
+    return (s_h[1:1 + _T],), (s_h[_T], s_c[_T],), (s_h, s_c, v_i, v_f, v_g, v_o,)
+
+
+def _native_inference(_lib, _xs, _states, _params):
+    """The whole sequence (inference: keeps nothing) in one call of the native library."""
+    _T, _B, _I, _H = _dims = _native_sizes(_xs, _params)
+    _dt, _dev = _xs[0].dtype, _xs[0].device
+
+    def _empty(shape):
+        return torch.empty(shape, dtype=_dt, device=_dev)
+
+    x_x = _xs[0].contiguous()
+    s_h = _empty((_T + 1, _B, _H))
+    s_h[0].copy_(_states[0])
+    s_c = _empty((_T + 1, _B, _H))
+    s_c[0].copy_(_states[1])
+    p_p_i = _params["p_i"].contiguous()
+    p_b_i = _params["b_i"].contiguous()
+    p_b_g = _params["b_g"].contiguous()
+    p_p_o = _params["p_o"].contiguous()
+    p_b_o = _params["b_o"].contiguous()
+    hg_W_ii_W_ig_W_io__x = _empty((_T, _B, 3*_H))
+    g_W_hi_W_hg_W_ho__h = _empty((_B, 3*_H))
+    if _lib is not None:  # None: shapes only (the custom op's fake implementation)
+        _lib("inference", _dims, [x_x, s_h, s_c, p_p_i, p_b_i, p_b_g, p_p_o, p_b_o, hg_W_ii_W_ig_W_io__x, g_W_hi_W_hg_W_ho__h, torch.cat((_params["W_ii"], _params["W_ig"], _params["W_io"],)), torch.cat((_params["W_hi"], _params["W_hg"], _params["W_ho"],))])
+    return (s_h[1:1 + _T],), (s_h[_T], s_c[_T],), ()
+
+
+def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals):
+    """Gradients of the whole sequence in one call of the native library: (grads, d_xs, d_states)."""
+    _T, _B, _I, _H = _dims = _native_sizes(_xs, _params)
+    _dt, _dev = _xs[0].dtype, _xs[0].device
+    _gdt = torch.float32 if _dt in (torch.float16, torch.bfloat16) else _dt  # gradients accumulate in float32 for 16-bit storage
+
+    def _empty(shape):
+        return torch.empty(shape, dtype=_dt, device=_dev)
+
+    def _zeros(shape):
+        return torch.zeros(shape, dtype=_dt, device=_dev)
+
+    def _gempty(shape):
+        return torch.empty(shape, dtype=_gdt, device=_dev)
+
+    def _gzeros(shape):
+        return torch.zeros(shape, dtype=_gdt, device=_dev)
+
+    x_x = _xs[0].contiguous()
+    s_h = _saved[0]
+    s_c = _saved[1]
+    p_p_i = _params["p_i"].contiguous()
+    p_b_i = _params["b_i"].contiguous()
+    p_b_g = _params["b_g"].contiguous()
+    p_p_o = _params["p_o"].contiguous()
+    p_b_o = _params["b_o"].contiguous()
+    v_i = _saved[2]
+    v_f = _saved[3]
+    v_g = _saved[4]
+    v_o = _saved[5]
+    dout_h_next = _zeros((_T, _B, _H)) if _d_outputs[0] is None else _d_outputs[0].contiguous()
+    ds_h = _zeros((_B, _H)) if _d_finals[0] is None else _d_finals[0].to(_dt, memory_format=torch.contiguous_format, copy=True)
+    ds_c = _zeros((_B, _H)) if _d_finals[1] is None else _d_finals[1].to(_dt, memory_format=torch.contiguous_format, copy=True)
+    dx_x = _empty((_T, _B, _I))
+    dp_p_i = _empty((_T, _B, _H))
+    dp_p_o = _empty((_T, _B, _H))
+    dg_W_hi_W_hg_W_ho__h = _empty((_T, _B, 3*_H))
+    tmp_d_h_gemm = _empty((_B, _H))
+    tmp_d_o = _empty((_B, _H))
+    tmp_d_c_next = _empty((_B, _H))
+    tmp_d_i = _empty((_B, _H))
+    _grads = {"W_ii": _gempty((_H, _I)), "W_hi": _gempty((_H, _H)), "p_i": _gempty((_H,)), "b_i": _gempty((_H,)), "W_ig": _gempty((_H, _I)), "W_hg": _gempty((_H, _H)), "b_g": _gempty((_H,)), "W_io": _gempty((_H, _I)), "W_ho": _gempty((_H, _H)), "p_o": _gempty((_H,)), "b_o": _gempty((_H,))}
+    if _lib is not None:
+        _lib("backward", _dims, [x_x, s_h, s_c, p_p_i, p_b_i, p_b_g, p_p_o, p_b_o, v_i, v_f, v_g, v_o, dout_h_next, ds_h, ds_c, dx_x, dp_p_i, dp_p_o, dg_W_hi_W_hg_W_ho__h, tmp_d_h_gemm, tmp_d_o, tmp_d_c_next, tmp_d_i, torch.cat((_params["W_ii"], _params["W_ig"], _params["W_io"],)), torch.cat((_params["W_hi"], _params["W_hg"], _params["W_ho"],)), *_grads.values()])
+    return _grads, (dx_x,), (ds_h, ds_c,)
+
+
+# The same two calls as PyTorch custom ops, for torch.compile (which traces them through their
+# fake implementations: the allocations above, without the call). Registered once per process
+# and content of this file; outputs are copies (an op's outputs may not alias each other).
+_OP = "cifg_lstm_01528d56eb7d"
+
+
+def _op_forward_impl(xs: list[torch.Tensor], states: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:
+    lib = None if xs[0].device.type == "meta" else _native_library(xs[0], states, dict(zip(_PARAM_NAMES, params)), required="cuda" if xs[0].is_cuda else "fused")
+    outputs, finals, saved = _native_forward(lib, tuple(xs), tuple(states), dict(zip(_PARAM_NAMES, params)))
+    return [*(o.clone() for o in outputs), *(f.clone() for f in finals), *saved]
+
+
+def _op_forward_fake(xs, states, params):
+    outputs, finals, saved = _native_forward(None, tuple(xs), tuple(states), dict(zip(_PARAM_NAMES, params)))
+    return [*(o.clone() for o in outputs), *(f.clone() for f in finals), *saved]
+
+
+def _op_backward_impl(xs: list[torch.Tensor], params: list[torch.Tensor], saved: list[torch.Tensor], d_outputs: list[torch.Tensor], d_finals: list[torch.Tensor]) -> list[torch.Tensor]:
+    p = dict(zip(_PARAM_NAMES, params))
+    lib = None if xs[0].device.type == "meta" else _native_library(xs[0], (), p, required="cuda" if xs[0].is_cuda else "fused")
+    grads, d_xs, d_states = _native_backward(lib, tuple(xs), p, tuple(saved), tuple(d_outputs), tuple(d_finals))
+    return [*d_xs, *d_states, *(grads[k].to(p[k].dtype) for k in _PARAM_NAMES)]
+
+
+def _op_backward_fake(xs, params, saved, d_outputs, d_finals):
+    p = dict(zip(_PARAM_NAMES, params))
+    grads, d_xs, d_states = _native_backward(None, tuple(xs), p, tuple(saved), tuple(d_outputs), tuple(d_finals))
+    return [*d_xs, *d_states, *(grads[k].to(p[k].dtype) for k in _PARAM_NAMES)]
+
+
+def _op_setup_context(ctx, inputs, output):
+    xs, _states, params = inputs
+    ctx.n_params = len(params)
+    ctx.save_for_backward(*xs, *params, *output[_N_OUT + _N_STATE :])
+
+
+def _op_backward(ctx, grads):
+    t = ctx.saved_tensors
+    xs, params, saved = t[:_N_IN], t[_N_IN : _N_IN + ctx.n_params], t[_N_IN + ctx.n_params :]
+    res = _OPS[1](list(xs), list(params), list(saved), list(grads[:_N_OUT]), list(grads[_N_OUT : _N_OUT + _N_STATE]))
+    return list(res[:_N_IN]), list(res[_N_IN : _N_IN + _N_STATE]), list(res[_N_IN + _N_STATE :])
+
+
+def _register_ops():
+    try:
+        fwd = torch.library.custom_op(f"cellspec::{_OP}_forward", _op_forward_impl, mutates_args=(),
+                                      schema="(Tensor[] xs, Tensor[] states, Tensor[] params) -> Tensor[]")
+        bwd = torch.library.custom_op(f"cellspec::{_OP}_backward", _op_backward_impl, mutates_args=(),
+                                      schema="(Tensor[] xs, Tensor[] params, Tensor[] saved, Tensor?[] d_outputs, Tensor?[] d_finals) -> Tensor[]")
+    except RuntimeError:  # registered by an earlier import of the same generated code
+        ns = torch.ops.cellspec
+        return getattr(ns, f"{_OP}_forward"), getattr(ns, f"{_OP}_backward")
+    fwd.register_fake(_op_forward_fake)
+    bwd.register_fake(_op_backward_fake)
+    fwd.register_autograd(_op_backward, setup_context=_op_setup_context)
+    return fwd, bwd
+
+
+_OPS = _register_ops()
 
 
 class _CifgLSTMBase(nn.Module):
@@ -393,14 +695,8 @@ class _CifgLSTMBase(nn.Module):
     def _resolve_backend(self, xs, state):
         if self.backend != "auto":
             return self.backend
-        try:
-            from cellspec.runtime import fused_cpu
-        except ImportError:  # this package used without cellspec installed: the PyTorch engine
-            return "generated"
-        if xs[0].is_cuda:  # the fused CUDA kernels (cellspec.runtime.cuda_ops)
-            return "cuda"
-        if fused_cpu.use_fused(__file__, "cifg_lstm.cu", xs, state, self._params()):  # fused CPU kernel
-            return "fused"
+        if _native_library(xs[0], state, self._params()) is not None:
+            return "cuda" if xs[0].is_cuda else "fused"
         return "generated"
 
     def _run(self, xs, state):
@@ -421,14 +717,9 @@ class _CifgLSTMBase(nn.Module):
         params = self._params()
         if backend == "autograd":
             return _run_autograd(params, xs, state)
-        if backend == "fused" and not xs[0].is_cuda:  # fused CPU kernel of cifg_lstm.cu
-            from cellspec.runtime import fused_cpu
-
-            return fused_cpu.run_sequence(__file__, "cifg_lstm.cu", xs, state, params)
-        if backend in ("cuda", "fused"):  # kernels of cifg_lstm.cu (GPU or CPU build), compiled on first use
-            from cellspec.runtime import cuda_ops
-
-            return cuda_ops.run_sequence(__file__, "cifg_lstm.cu", xs, state, params)
+        if backend in ("fused", "cuda"):
+            lib = None if torch.compiler.is_compiling() else _native_library(xs[0], state, params, required=backend)
+            return _run_native(lib, xs, state, params)
         result = _Sequence.apply(*xs, *state, *params.values())
         return tuple(result[:_N_OUT]), tuple(result[_N_OUT:])
 

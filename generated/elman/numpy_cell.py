@@ -51,7 +51,7 @@ def backward(params, x, state, d_output, d_new_state):
 
 def forward_sequence(params, x, state=None):
     """A whole sequence: x [T, B, ...] -> (outputs [T, B, ...], final_state)."""
-    _outputs, _final, _ = _forward(params, x, state)
+    _outputs, _final, _ = _inference(params, x, state)
     return _outputs, _final
 
 
@@ -66,113 +66,132 @@ def _first_step(a):
     return a[None]
 
 
-def _sizes(_params, _x):
-    _x_seq = np.asarray(_x)
-    return {"I": _x_seq.shape[-1], "H": _params["W_ih"].shape[0], }
+def _initial_state(_state, _B, _dtype, _sizes):
+    """The initial states as a tuple of [B, size] arrays (None means zeros)."""
+    _state = (_state,)
+    return tuple(np.zeros((_B, _n), _dtype) if _s is None else np.asarray(_s, _dtype) for _s, _n in zip(_state, _sizes))
 
 
-def _initial_state(_params, _x, _state, _B, _dtype, _sz):
-    if _state is None:
-        return (np.zeros((_B, _sz["H"]), _dtype),)
-    return (np.asarray(_state, _dtype),)
+def _arrays(_x):
+    return (_x,)
+
+
+def _setup(_params, _x):
+    """Sizes, params and stacked weights of one call."""
+    _x_x = np.asarray(_arrays(_x)[0])
+    _T, _B = _x_x.shape[0], _x_x.shape[1]
+    _I = _x_x.shape[-1]
+    _H = _params["W_ih"].shape[0]
+    return _T, _B, _I, _H
 
 
 def _forward(_params, _x, _state):
-    _x_seq = np.asarray(_x)
-    _T, _B = _x_seq.shape[:2]
-    _dtype = np.result_type(_x_seq, _params["W_ih"], _params["W_hh"], _params["b_ih"], _params["b_hh"])
-    _sz = _sizes(_params, _x)
-    _I = _sz.get("I")
-    _H = _sz.get("H")
+    """The whole sequence: outputs, final states and what the backward reads."""
+    _T, _B, _I, _H = _setup(_params, _x)
+    _dtype = np.result_type(_arrays(_x)[0], *_params.values())
     W_ih = np.asarray(_params["W_ih"], _dtype)
     W_hh = np.asarray(_params["W_hh"], _dtype)
     b_ih = np.asarray(_params["b_ih"], _dtype)
     b_hh = np.asarray(_params["b_hh"], _dtype)
-    _x_seq = np.asarray(_x_seq, _dtype)
-
-    # Hoisted projections W_ih @ x: one GEMM over all T*B rows.
-    _g = _x_seq.reshape(_T * _B, _I) @ np.concatenate([W_ih]).T
-    _W_ih_x_seq = _g[:, 0:_H].reshape(_T, _B, _H)
-    _w_W_hh__h = np.ascontiguousarray(np.concatenate([W_hh]).T)
-
-    _state0 = _initial_state(_params, _x, _state, _B, _dtype, _sz)
-    _h_seq = np.empty((_T + 1, _B, _H), _dtype)
-    _h_seq[0] = _state0[0]
+    _x_x = np.asarray(_arrays(_x)[0], _dtype)
+    _wt_W_ih = np.ascontiguousarray(W_ih.T)
+    _wt_W_hh = np.ascontiguousarray(W_hh.T)
+    _state0 = _initial_state(_state, _B, _dtype, (_H, ))
+    _s_h = np.empty((_T + 1, _B, _H), _dtype)
+    _s_h[0] = _state0[0]
+    _hg_W_ih__x = np.empty((_T, _B, _H), _dtype)
+    _g_W_hh__h = np.empty((_B, _H), _dtype)
+    # W_ih @ x
+    np.matmul(_x_x.reshape(_T * _B, _I), _wt_W_ih, out=_hg_W_ih__x.reshape(_T * _B, _H))
     for _t in range(_T):
-        x = _x_seq[_t]
-        h = _h_seq[_t]
-        W_ih_x = _W_ih_x_seq[_t]
-        # stage 0: W_hh @ h in one GEMM
-        _g = h @ _w_W_hh__h
-        W_hh_h = _g[:, 0:_H]
+        # W_hh @ h
+        np.matmul(_s_h[_t], _wt_W_hh, out=_g_W_hh__h)
+        # stage 0 forward
+        W_hh_h = _g_W_hh__h
+        W_ih_x = _hg_W_ih__x[_t]
         h_next = np.tanh(W_hh_h + W_ih_x + b_hh + b_ih)  # elman.cell:11  h' = tanh(W_ih @ x + b_ih + W_hh @ h + b_hh)
-        _h_seq[_t + 1] = h_next
+        _s_h[_t + 1][...] = h_next
+    _outputs = (_s_h[1:],)
+    _final = (_s_h[_T], )
+    _saved = {"s_h": _s_h, }
+    return _outputs[0], _final[0], _saved
 
-    _outputs = (_h_seq[1:], )
-    _final = (_h_seq[_T], )
-    _saved = {"h": _h_seq, "W_ih_x": _W_ih_x_seq, }
+
+def _inference(_params, _x, _state):
+    """The whole sequence keeping nothing for a backward: outputs and final states."""
+    _T, _B, _I, _H = _setup(_params, _x)
+    _dtype = np.result_type(_arrays(_x)[0], *_params.values())
+    W_ih = np.asarray(_params["W_ih"], _dtype)
+    W_hh = np.asarray(_params["W_hh"], _dtype)
+    b_ih = np.asarray(_params["b_ih"], _dtype)
+    b_hh = np.asarray(_params["b_hh"], _dtype)
+    _x_x = np.asarray(_arrays(_x)[0], _dtype)
+    _wt_W_ih = np.ascontiguousarray(W_ih.T)
+    _wt_W_hh = np.ascontiguousarray(W_hh.T)
+    _state0 = _initial_state(_state, _B, _dtype, (_H, ))
+    _s_h = np.empty((_T + 1, _B, _H), _dtype)
+    _s_h[0] = _state0[0]
+    _hg_W_ih__x = np.empty((_T, _B, _H), _dtype)
+    _g_W_hh__h = np.empty((_B, _H), _dtype)
+    # W_ih @ x
+    np.matmul(_x_x.reshape(_T * _B, _I), _wt_W_ih, out=_hg_W_ih__x.reshape(_T * _B, _H))
+    for _t in range(_T):
+        # W_hh @ h
+        np.matmul(_s_h[_t], _wt_W_hh, out=_g_W_hh__h)
+        # stage 0 forward
+        W_hh_h = _g_W_hh__h
+        W_ih_x = _hg_W_ih__x[_t]
+        h_next = np.tanh(W_hh_h + W_ih_x + b_hh + b_ih)  # elman.cell:11  h' = tanh(W_ih @ x + b_ih + W_hh @ h + b_hh)
+        _s_h[_t + 1][...] = h_next
+    _outputs = (_s_h[1:],)
+    _final = (_s_h[_T], )
+    _saved = {}
     return _outputs[0], _final[0], _saved
 
 
 def _backward(_params, _x, _saved, _d_outputs, _d_final):
-    _x_seq = np.asarray(_x)
-    _T, _B = _x_seq.shape[:2]
-    _dtype = _saved["h"].dtype
-    _sz = _sizes(_params, _x)
-    _I = _sz.get("I")
-    _H = _sz.get("H")
+    """Gradients of the whole sequence: (d_params, d_x, d_state)."""
+    _T, _B, _I, _H = _setup(_params, _x)
+    _dtype = np.result_type(_arrays(_x)[0], *_params.values())
     W_ih = np.asarray(_params["W_ih"], _dtype)
     W_hh = np.asarray(_params["W_hh"], _dtype)
     b_ih = np.asarray(_params["b_ih"], _dtype)
     b_hh = np.asarray(_params["b_hh"], _dtype)
-    _x_seq = np.asarray(_x_seq, _dtype)
-    _h_seq = _saved["h"]
-    _W_ih_x_seq = _saved["W_ih_x"]
+    _x_x = np.asarray(_arrays(_x)[0], _dtype)
+    _w_W_ih = W_ih
+    _w_W_hh = W_hh
+    _s_h = _saved["s_h"]
     _d_outputs = (_d_outputs,)
-    _d_h_next_out_seq = np.zeros((_T, _B, _H), _dtype) if _d_outputs[0] is None else np.asarray(_d_outputs[0], _dtype)
+    _dout_h_next = np.zeros((_T, _B, _H), _dtype) if _d_outputs[0] is None else np.asarray(_d_outputs[0], _dtype)
     _d_final = (_d_final,)
-    d_h = np.zeros((_B, _H), _dtype) if _d_final[0] is None else np.asarray(_d_final[0], _dtype)
-    _d_x_seq = np.zeros((_T, _B, _I), _dtype)
-    _grads = {"W_ih": np.zeros((_H, _I), _dtype), "W_hh": np.zeros((_H, _H), _dtype), "b_ih": np.zeros((_H), _dtype), "b_hh": np.zeros((_H), _dtype)}
-    _d_W_hh__h_seq = np.zeros((_T, _B, _H), _dtype)
-    _wb_W_hh__h = np.concatenate([W_hh])
-    _d_W_ih__x_seq = np.zeros((_T, _B, _H), _dtype)
+    _ds_h = np.zeros((_B, _H), _dtype) if _d_final[0] is None else np.array(np.asarray(_d_final[0], _dtype), copy=True)
+    _dx_x = np.empty((_T, _B, _I), _dtype)
+    _dg_W_hh__h = np.empty((_T, _B, _H), _dtype)
+    _tmp_d_h_gemm = np.empty((_B, _H), _dtype)
+    _sum_d_b_ih = np.empty((_H,), _dtype)
+    _grads = {}
     for _t in reversed(range(_T)):
-        x = _x_seq[_t]
-        h = _h_seq[_t]
-        h_next = _h_seq[_t + 1]
-        W_ih_x = _W_ih_x_seq[_t]
-        d_h_next_out = _d_h_next_out_seq[_t]
         # stage 0 backward
-        d_h_next = d_h + d_h_next_out  # h'
-        d_W_hh_h = d_h_next*(1 - (h_next*h_next))  # W_hh @ h
-        _d_W_hh__h_seq[_t, :, 0:_H] = d_W_hh_h
-        d_h_gemm = _d_W_hh__h_seq[_t] @ _wb_W_hh__h
-        # per-step adjoints of inputs, previous states, vector params and hoisted results
-        d_h = d_h_gemm  # state
-        d_b_ih = d_W_hh_h  # param
-        d_b_hh = d_W_hh_h  # param
-        d_W_ih_x = d_W_hh_h  # hoisted projection
-        _grads["b_ih"] += _rows(d_b_ih, (_B, _H)).sum(0)
-        _grads["b_hh"] += _rows(d_b_hh, (_B, _H)).sum(0)
-        _d_W_ih__x_seq[_t, :, 0:_H] = d_W_ih_x
-
-    # dW of the per-step projections: one GEMM over all T*B rows each
-    _dw = _d_W_hh__h_seq.reshape(_T * _B, _H).T @ _h_seq[:_T].reshape(_T * _B, _H)
-    _grads["W_hh"] += _dw[0:_H]
-
-    # hoisted projections W_ih @ x: dW and d_operand over all T*B rows
-    _dg = _d_W_ih__x_seq.reshape(_T * _B, _H)
-    _dw = _dg.T @ _x_seq.reshape(_T * _B, _I)
-    _grads["W_ih"] += _dw[0:_H]
-    d_x_hgemm = (_dg @ np.concatenate([W_ih])).reshape(_T, _B, _I)
-    _d_x_seq += d_x_hgemm
-
-    _d_x = _d_x_seq
-    _d_state = d_h
+        d_h = _ds_h
+        d_h_next_out = _dout_h_next[_t]
+        h_next = _s_h[_t + 1]
+        d_h_next = d_h + d_h_next_out  # adjoint of h'
+        d_W_hh_h = d_h_next*(1 - (h_next*h_next))  # adjoint of W_hh @ h
+        _dg_W_hh__h[_t][...] = d_W_hh_h
+        np.matmul(_dg_W_hh__h[_t], _w_W_hh, out=_tmp_d_h_gemm)
+        # per-step adjoints of inputs, states, vector params, hoisted results
+        d_h_gemm = _tmp_d_h_gemm
+        d_h = d_h_gemm  # adjoint of state h
+        _ds_h[...] = d_h
+    # dW of W_hh @ h: one GEMM over all T*B rows
+    _grads["W_hh"] = _dg_W_hh__h.reshape(_T * _B, _H)[:, 0:_H].T @ _s_h[:_T].reshape(_T * _B, _H)
+    # dW of W_ih @ x: one GEMM over all T*B rows
+    _grads["W_ih"] = _dg_W_hh__h.reshape(_T * _B, _H)[:, 0:_H].T @ _x_x.reshape(_T * _B, _I)
+    np.matmul(_dg_W_hh__h.reshape(_T * _B, _H), _w_W_ih, out=_dx_x.reshape(_T * _B, _I))
+    _sum = _dg_W_hh__h.reshape(_T * _B, _H).sum(0)
+    _grads["b_ih"] = _sum
+    _grads["b_hh"] = _sum
+    _grads = {"W_ih": _grads["W_ih"], "W_hh": _grads["W_hh"], "b_ih": _grads["b_ih"], "b_hh": _grads["b_hh"], }
+    _d_x = _dx_x
+    _d_state = _ds_h
     return _grads, _d_x, _d_state
-
-
-def _rows(a, shape):
-    """An adjoint as rows of shape[-1] (it may broadcast), for summing into a vector's gradient."""
-    return np.broadcast_to(a, shape).reshape(-1, shape[-1])

@@ -60,7 +60,7 @@ def backward(params, x, state, d_output, d_new_state):
 
 def forward_sequence(params, x, state=None):
     """A whole sequence: x [T, B, ...] -> (outputs [T, B, ...], final_state)."""
-    _outputs, _final, _ = _forward(params, x, state)
+    _outputs, _final, _ = _inference(params, x, state)
     return _outputs, _final
 
 
@@ -75,24 +75,29 @@ def _first_step(a):
     return a[None]
 
 
-def _sizes(_params, _x):
-    _x_seq = np.asarray(_x)
-    return {"I": _x_seq.shape[-1], "H": _params["W_r"].shape[0], }
+def _initial_state(_state, _B, _dtype, _sizes):
+    """The initial states as a tuple of [B, size] arrays (None means zeros)."""
+    _state = (_state,)
+    return tuple(np.zeros((_B, _n), _dtype) if _s is None else np.asarray(_s, _dtype) for _s, _n in zip(_state, _sizes))
 
 
-def _initial_state(_params, _x, _state, _B, _dtype, _sz):
-    if _state is None:
-        return (np.zeros((_B, _sz["H"]), _dtype),)
-    return (np.asarray(_state, _dtype),)
+def _arrays(_x):
+    return (_x,)
+
+
+def _setup(_params, _x):
+    """Sizes, params and stacked weights of one call."""
+    _x_x = np.asarray(_arrays(_x)[0])
+    _T, _B = _x_x.shape[0], _x_x.shape[1]
+    _I = _x_x.shape[-1]
+    _H = _params["W_r"].shape[0]
+    return _T, _B, _I, _H
 
 
 def _forward(_params, _x, _state):
-    _x_seq = np.asarray(_x)
-    _T, _B = _x_seq.shape[:2]
-    _dtype = np.result_type(_x_seq, _params["W_r"], _params["U_r"], _params["b_r"], _params["W_u"], _params["U_u"], _params["b_u"], _params["W_c"], _params["U_c"], _params["b_c"])
-    _sz = _sizes(_params, _x)
-    _I = _sz.get("I")
-    _H = _sz.get("H")
+    """The whole sequence: outputs, final states and what the backward reads."""
+    _T, _B, _I, _H = _setup(_params, _x)
+    _dtype = np.result_type(_arrays(_x)[0], *_params.values())
     W_r = np.asarray(_params["W_r"], _dtype)
     U_r = np.asarray(_params["U_r"], _dtype)
     b_r = np.asarray(_params["b_r"], _dtype)
@@ -102,60 +107,115 @@ def _forward(_params, _x, _state):
     W_c = np.asarray(_params["W_c"], _dtype)
     U_c = np.asarray(_params["U_c"], _dtype)
     b_c = np.asarray(_params["b_c"], _dtype)
-    _x_seq = np.asarray(_x_seq, _dtype)
-
-    # Hoisted projections W_r @ x, W_u @ x, W_c @ x: one GEMM over all T*B rows.
-    _g = _x_seq.reshape(_T * _B, _I) @ np.concatenate([W_r, W_u, W_c]).T
-    _W_r_x_seq = _g[:, 0:_H].reshape(_T, _B, _H)
-    _W_u_x_seq = _g[:, _H:2*_H].reshape(_T, _B, _H)
-    _W_c_x_seq = _g[:, 2*_H:3*_H].reshape(_T, _B, _H)
-    _w_U_r_U_u__h = np.ascontiguousarray(np.concatenate([U_r, U_u]).T)
-    _w_U_c__U_c_in = np.ascontiguousarray(np.concatenate([U_c]).T)
-
-    _state0 = _initial_state(_params, _x, _state, _B, _dtype, _sz)
-    _h_seq = np.empty((_T + 1, _B, _H), _dtype)
-    _h_seq[0] = _state0[0]
-    _r_seq = np.empty((_T, _B, _H), _dtype)
-    _u_seq = np.empty((_T, _B, _H), _dtype)
-    _U_c_in_seq = np.empty((_T, _B, _H), _dtype)
-    _c_seq = np.empty((_T, _B, _H), _dtype)
+    _x_x = np.asarray(_arrays(_x)[0], _dtype)
+    _wt_W_r_W_u_W_c = np.ascontiguousarray(np.concatenate([W_r, W_u, W_c]).T)
+    _wt_U_r_U_u = np.ascontiguousarray(np.concatenate([U_r, U_u]).T)
+    _wt_U_c = np.ascontiguousarray(U_c.T)
+    _state0 = _initial_state(_state, _B, _dtype, (_H, ))
+    _s_h = np.empty((_T + 1, _B, _H), _dtype)
+    _s_h[0] = _state0[0]
+    _hg_W_r_W_u_W_c__x = np.empty((_T, _B, 3*_H), _dtype)
+    _g_U_r_U_u__h = np.empty((_B, 2*_H), _dtype)
+    _v_r = np.empty((_T, _B, _H), _dtype)
+    _v_u = np.empty((_T, _B, _H), _dtype)
+    _v_U_c_in = np.empty((_T, _B, _H), _dtype)
+    _g_U_c__U_c_in = np.empty((_B, _H), _dtype)
+    _v_c = np.empty((_T, _B, _H), _dtype)
+    # W_r @ x, W_u @ x, W_c @ x
+    np.matmul(_x_x.reshape(_T * _B, _I), _wt_W_r_W_u_W_c, out=_hg_W_r_W_u_W_c__x.reshape(_T * _B, 3*_H))
     for _t in range(_T):
-        x = _x_seq[_t]
-        h = _h_seq[_t]
-        W_r_x = _W_r_x_seq[_t]
-        W_u_x = _W_u_x_seq[_t]
-        W_c_x = _W_c_x_seq[_t]
-        # stage 0: U_r @ h, U_u @ h in one GEMM
-        _g = h @ _w_U_r_U_u__h
-        U_r_h = _g[:, 0:_H]
-        U_u_h = _g[:, _H:2*_H]
+        # U_r @ h, U_u @ h
+        np.matmul(_s_h[_t], _wt_U_r_U_u, out=_g_U_r_U_u__h)
+        # stage 0 forward
+        U_r_h = _g_U_r_U_u__h[:, 0:_H]
+        U_u_h = _g_U_r_U_u__h[:, _H:2*_H]
+        W_r_x = _hg_W_r_W_u_W_c__x[_t][:, 0:_H]
+        W_u_x = _hg_W_r_W_u_W_c__x[_t][:, _H:2*_H]
+        h = _s_h[_t]
         r = _sigmoid(U_r_h + W_r_x + b_r)  # gru.cell:10  r = sigmoid(W_r @ x + U_r @ h + b_r)
         u = _sigmoid(U_u_h + W_u_x + b_u)  # gru.cell:11  u = sigmoid(W_u @ x + U_u @ h + b_u)
         U_c_in = h*r  # gru.cell:12  c = tanh(W_c @ x + U_c @ (r * h) + b_c)
-        # stage 1: U_c @ U_c_in in one GEMM
-        _g = U_c_in @ _w_U_c__U_c_in
-        U_c_out = _g[:, 0:_H]
+        _v_r[_t][...] = r
+        _v_u[_t][...] = u
+        _v_U_c_in[_t][...] = U_c_in
+        # U_c @ U_c_in
+        np.matmul(_v_U_c_in[_t], _wt_U_c, out=_g_U_c__U_c_in)
+        # stage 1 forward
+        U_c_out = _g_U_c__U_c_in
+        W_c_x = _hg_W_r_W_u_W_c__x[_t][:, 2*_H:3*_H]
+        h = _s_h[_t]
+        u = _v_u[_t]
         c = np.tanh(U_c_out + W_c_x + b_c)  # gru.cell:12  c = tanh(W_c @ x + U_c @ (r * h) + b_c)
         h_next = c*(1 - u) + h*u  # gru.cell:13  h' = u * h + (1 - u) * c
-        _h_seq[_t + 1] = h_next
-        _r_seq[_t] = r
-        _u_seq[_t] = u
-        _U_c_in_seq[_t] = U_c_in
-        _c_seq[_t] = c
+        _v_c[_t][...] = c
+        _s_h[_t + 1][...] = h_next
+    _outputs = (_s_h[1:],)
+    _final = (_s_h[_T], )
+    _saved = {"s_h": _s_h, "v_r": _v_r, "v_u": _v_u, "v_U_c_in": _v_U_c_in, "v_c": _v_c, }
+    return _outputs[0], _final[0], _saved
 
-    _outputs = (_h_seq[1:], )
-    _final = (_h_seq[_T], )
-    _saved = {"h": _h_seq, "r": _r_seq, "u": _u_seq, "U_c_in": _U_c_in_seq, "c": _c_seq, "W_r_x": _W_r_x_seq, "W_u_x": _W_u_x_seq, "W_c_x": _W_c_x_seq, }
+
+def _inference(_params, _x, _state):
+    """The whole sequence keeping nothing for a backward: outputs and final states."""
+    _T, _B, _I, _H = _setup(_params, _x)
+    _dtype = np.result_type(_arrays(_x)[0], *_params.values())
+    W_r = np.asarray(_params["W_r"], _dtype)
+    U_r = np.asarray(_params["U_r"], _dtype)
+    b_r = np.asarray(_params["b_r"], _dtype)
+    W_u = np.asarray(_params["W_u"], _dtype)
+    U_u = np.asarray(_params["U_u"], _dtype)
+    b_u = np.asarray(_params["b_u"], _dtype)
+    W_c = np.asarray(_params["W_c"], _dtype)
+    U_c = np.asarray(_params["U_c"], _dtype)
+    b_c = np.asarray(_params["b_c"], _dtype)
+    _x_x = np.asarray(_arrays(_x)[0], _dtype)
+    _wt_W_r_W_u_W_c = np.ascontiguousarray(np.concatenate([W_r, W_u, W_c]).T)
+    _wt_U_r_U_u = np.ascontiguousarray(np.concatenate([U_r, U_u]).T)
+    _wt_U_c = np.ascontiguousarray(U_c.T)
+    _state0 = _initial_state(_state, _B, _dtype, (_H, ))
+    _s_h = np.empty((_T + 1, _B, _H), _dtype)
+    _s_h[0] = _state0[0]
+    _hg_W_r_W_u_W_c__x = np.empty((_T, _B, 3*_H), _dtype)
+    _g_U_r_U_u__h = np.empty((_B, 2*_H), _dtype)
+    _tmp_u = np.empty((_B, _H), _dtype)
+    _tmp_U_c_in = np.empty((_B, _H), _dtype)
+    _g_U_c__U_c_in = np.empty((_B, _H), _dtype)
+    # W_r @ x, W_u @ x, W_c @ x
+    np.matmul(_x_x.reshape(_T * _B, _I), _wt_W_r_W_u_W_c, out=_hg_W_r_W_u_W_c__x.reshape(_T * _B, 3*_H))
+    for _t in range(_T):
+        # U_r @ h, U_u @ h
+        np.matmul(_s_h[_t], _wt_U_r_U_u, out=_g_U_r_U_u__h)
+        # stage 0 forward
+        U_r_h = _g_U_r_U_u__h[:, 0:_H]
+        U_u_h = _g_U_r_U_u__h[:, _H:2*_H]
+        W_r_x = _hg_W_r_W_u_W_c__x[_t][:, 0:_H]
+        W_u_x = _hg_W_r_W_u_W_c__x[_t][:, _H:2*_H]
+        h = _s_h[_t]
+        r = _sigmoid(U_r_h + W_r_x + b_r)  # gru.cell:10  r = sigmoid(W_r @ x + U_r @ h + b_r)
+        u = _sigmoid(U_u_h + W_u_x + b_u)  # gru.cell:11  u = sigmoid(W_u @ x + U_u @ h + b_u)
+        U_c_in = h*r  # gru.cell:12  c = tanh(W_c @ x + U_c @ (r * h) + b_c)
+        _tmp_u[...] = u
+        _tmp_U_c_in[...] = U_c_in
+        # U_c @ U_c_in
+        np.matmul(_tmp_U_c_in, _wt_U_c, out=_g_U_c__U_c_in)
+        # stage 1 forward
+        U_c_out = _g_U_c__U_c_in
+        W_c_x = _hg_W_r_W_u_W_c__x[_t][:, 2*_H:3*_H]
+        h = _s_h[_t]
+        u = _tmp_u
+        c = np.tanh(U_c_out + W_c_x + b_c)  # gru.cell:12  c = tanh(W_c @ x + U_c @ (r * h) + b_c)
+        h_next = c*(1 - u) + h*u  # gru.cell:13  h' = u * h + (1 - u) * c
+        _s_h[_t + 1][...] = h_next
+    _outputs = (_s_h[1:],)
+    _final = (_s_h[_T], )
+    _saved = {}
     return _outputs[0], _final[0], _saved
 
 
 def _backward(_params, _x, _saved, _d_outputs, _d_final):
-    _x_seq = np.asarray(_x)
-    _T, _B = _x_seq.shape[:2]
-    _dtype = _saved["h"].dtype
-    _sz = _sizes(_params, _x)
-    _I = _sz.get("I")
-    _H = _sz.get("H")
+    """Gradients of the whole sequence: (d_params, d_x, d_state)."""
+    _T, _B, _I, _H = _setup(_params, _x)
+    _dtype = np.result_type(_arrays(_x)[0], *_params.values())
     W_r = np.asarray(_params["W_r"], _dtype)
     U_r = np.asarray(_params["U_r"], _dtype)
     b_r = np.asarray(_params["b_r"], _dtype)
@@ -165,89 +225,90 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final):
     W_c = np.asarray(_params["W_c"], _dtype)
     U_c = np.asarray(_params["U_c"], _dtype)
     b_c = np.asarray(_params["b_c"], _dtype)
-    _x_seq = np.asarray(_x_seq, _dtype)
-    _h_seq = _saved["h"]
-    _r_seq = _saved["r"]
-    _u_seq = _saved["u"]
-    _U_c_in_seq = _saved["U_c_in"]
-    _c_seq = _saved["c"]
-    _W_r_x_seq = _saved["W_r_x"]
-    _W_u_x_seq = _saved["W_u_x"]
-    _W_c_x_seq = _saved["W_c_x"]
+    _x_x = np.asarray(_arrays(_x)[0], _dtype)
+    _w_W_r_W_u_W_c = np.concatenate([W_r, W_u, W_c])
+    _w_U_r_U_u = np.concatenate([U_r, U_u])
+    _w_U_c = U_c
+    _s_h = _saved["s_h"]
+    _v_r = _saved["v_r"]
+    _v_u = _saved["v_u"]
+    _v_U_c_in = _saved["v_U_c_in"]
+    _v_c = _saved["v_c"]
     _d_outputs = (_d_outputs,)
-    _d_h_next_out_seq = np.zeros((_T, _B, _H), _dtype) if _d_outputs[0] is None else np.asarray(_d_outputs[0], _dtype)
+    _dout_h_next = np.zeros((_T, _B, _H), _dtype) if _d_outputs[0] is None else np.asarray(_d_outputs[0], _dtype)
     _d_final = (_d_final,)
-    d_h = np.zeros((_B, _H), _dtype) if _d_final[0] is None else np.asarray(_d_final[0], _dtype)
-    _d_x_seq = np.zeros((_T, _B, _I), _dtype)
-    _grads = {"W_r": np.zeros((_H, _I), _dtype), "U_r": np.zeros((_H, _H), _dtype), "b_r": np.zeros((_H), _dtype), "W_u": np.zeros((_H, _I), _dtype), "U_u": np.zeros((_H, _H), _dtype), "b_u": np.zeros((_H), _dtype), "W_c": np.zeros((_H, _I), _dtype), "U_c": np.zeros((_H, _H), _dtype), "b_c": np.zeros((_H), _dtype)}
-    _d_U_r_U_u__h_seq = np.zeros((_T, _B, 2*_H), _dtype)
-    _wb_U_r_U_u__h = np.concatenate([U_r, U_u])
-    _d_U_c__U_c_in_seq = np.zeros((_T, _B, _H), _dtype)
-    _wb_U_c__U_c_in = np.concatenate([U_c])
-    _d_W_r_W_u_W_c__x_seq = np.zeros((_T, _B, 3*_H), _dtype)
+    _ds_h = np.zeros((_B, _H), _dtype) if _d_final[0] is None else np.array(np.asarray(_d_final[0], _dtype), copy=True)
+    _dx_x = np.empty((_T, _B, _I), _dtype)
+    _dg_U_r_U_u__h = np.empty((_T, _B, 2*_H), _dtype)
+    _tmp_d_h_gemm = np.empty((_B, _H), _dtype)
+    _dg_U_c__U_c_in = np.empty((_T, _B, _H), _dtype)
+    _tmp_d_U_c_in_gemm = np.empty((_B, _H), _dtype)
+    _dhg_W_r_W_u_W_c__x = np.empty((_T, _B, 3*_H), _dtype)
+    _tmp_d_h_next = np.empty((_B, _H), _dtype)
+    _tmp_d_U_c_in = np.empty((_B, _H), _dtype)
+    _grads = {}
     for _t in reversed(range(_T)):
-        x = _x_seq[_t]
-        h = _h_seq[_t]
-        h_next = _h_seq[_t + 1]
-        r = _r_seq[_t]
-        u = _u_seq[_t]
-        U_c_in = _U_c_in_seq[_t]
-        c = _c_seq[_t]
-        W_r_x = _W_r_x_seq[_t]
-        W_u_x = _W_u_x_seq[_t]
-        W_c_x = _W_c_x_seq[_t]
-        d_h_next_out = _d_h_next_out_seq[_t]
         # stage 1 backward
-        d_h_next = d_h + d_h_next_out  # h'
-        d_c = d_h_next*(1 - u)  # c
-        d_U_c_out = d_c*(1 - (c*c))  # U_c @ U_c_in
-        _d_U_c__U_c_in_seq[_t, :, 0:_H] = d_U_c_out
-        d_U_c_in_gemm = _d_U_c__U_c_in_seq[_t] @ _wb_U_c__U_c_in
+        c = _v_c[_t]
+        d_h = _ds_h
+        d_h_next_out = _dout_h_next[_t]
+        u = _v_u[_t]
+        d_h_next = d_h + d_h_next_out  # adjoint of h'
+        d_c = d_h_next*(1 - u)  # adjoint of c
+        d_U_c_out = d_c*(1 - (c*c))  # adjoint of U_c @ U_c_in
+        _tmp_d_h_next[...] = d_h_next
+        _dg_U_c__U_c_in[_t][...] = d_U_c_out
+        np.matmul(_dg_U_c__U_c_in[_t], _w_U_c, out=_tmp_d_U_c_in_gemm)
         # stage 0 backward
-        d_U_c_in = d_U_c_in_gemm  # operand of U_c_in
-        d_u = d_h_next*(-c + h)  # u
-        d_r = d_U_c_in*h  # r
-        d_U_r_h = d_r*r*(1 - r)  # U_r @ h
-        d_U_u_h = d_u*u*(1 - u)  # U_u @ h
-        _d_U_r_U_u__h_seq[_t, :, 0:_H] = d_U_r_h
-        _d_U_r_U_u__h_seq[_t, :, _H:2*_H] = d_U_u_h
-        d_h_gemm = _d_U_r_U_u__h_seq[_t] @ _wb_U_r_U_u__h
-        # per-step adjoints of inputs, previous states, vector params and hoisted results
-        d_h = d_U_c_in*r + d_h_gemm + d_h_next*u  # state
-        d_b_r = d_U_r_h  # param
-        d_b_u = d_U_u_h  # param
-        d_b_c = d_U_c_out  # param
-        d_W_r_x = d_U_r_h  # hoisted projection
-        d_W_u_x = d_U_u_h  # hoisted projection
-        d_W_c_x = d_U_c_out  # hoisted projection
-        _grads["b_r"] += _rows(d_b_r, (_B, _H)).sum(0)
-        _grads["b_u"] += _rows(d_b_u, (_B, _H)).sum(0)
-        _grads["b_c"] += _rows(d_b_c, (_B, _H)).sum(0)
-        _d_W_r_W_u_W_c__x_seq[_t, :, 0:_H] = d_W_r_x
-        _d_W_r_W_u_W_c__x_seq[_t, :, _H:2*_H] = d_W_u_x
-        _d_W_r_W_u_W_c__x_seq[_t, :, 2*_H:3*_H] = d_W_c_x
-
-    # dW of the per-step projections: one GEMM over all T*B rows each
-    _dw = _d_U_r_U_u__h_seq.reshape(_T * _B, 2*_H).T @ _h_seq[:_T].reshape(_T * _B, _H)
-    _grads["U_r"] += _dw[0:_H]
-    _grads["U_u"] += _dw[_H:2*_H]
-    _dw = _d_U_c__U_c_in_seq.reshape(_T * _B, _H).T @ _U_c_in_seq.reshape(_T * _B, _H)
-    _grads["U_c"] += _dw[0:_H]
-
-    # hoisted projections W_r @ x, W_u @ x, W_c @ x: dW and d_operand over all T*B rows
-    _dg = _d_W_r_W_u_W_c__x_seq.reshape(_T * _B, 3*_H)
-    _dw = _dg.T @ _x_seq.reshape(_T * _B, _I)
-    _grads["W_r"] += _dw[0:_H]
-    _grads["W_u"] += _dw[_H:2*_H]
-    _grads["W_c"] += _dw[2*_H:3*_H]
-    d_x_hgemm = (_dg @ np.concatenate([W_r, W_u, W_c])).reshape(_T, _B, _I)
-    _d_x_seq += d_x_hgemm
-
-    _d_x = _d_x_seq
-    _d_state = d_h
+        c = _v_c[_t]
+        d_U_c_in_gemm = _tmp_d_U_c_in_gemm
+        d_h_next = _tmp_d_h_next
+        h = _s_h[_t]
+        r = _v_r[_t]
+        u = _v_u[_t]
+        d_U_c_in = d_U_c_in_gemm  # adjoint of operand of U_c_in
+        d_u = d_h_next*(-c + h)  # adjoint of u
+        d_r = d_U_c_in*h  # adjoint of r
+        d_U_r_h = d_r*r*(1 - r)  # adjoint of U_r @ h
+        d_U_u_h = d_u*u*(1 - u)  # adjoint of U_u @ h
+        _tmp_d_U_c_in[...] = d_U_c_in
+        _dg_U_r_U_u__h[_t][:, 0:_H][...] = d_U_r_h
+        _dg_U_r_U_u__h[_t][:, _H:2*_H][...] = d_U_u_h
+        np.matmul(_dg_U_r_U_u__h[_t], _w_U_r_U_u, out=_tmp_d_h_gemm)
+        # per-step adjoints of inputs, states, vector params, hoisted results
+        d_U_c_in = _tmp_d_U_c_in
+        d_U_c_out = _dg_U_c__U_c_in[_t]
+        d_U_r_h = _dg_U_r_U_u__h[_t][:, 0:_H]
+        d_U_u_h = _dg_U_r_U_u__h[_t][:, _H:2*_H]
+        d_h_gemm = _tmp_d_h_gemm
+        d_h_next = _tmp_d_h_next
+        r = _v_r[_t]
+        u = _v_u[_t]
+        d_h = d_U_c_in*r + d_h_gemm + d_h_next*u  # adjoint of state h
+        d_W_r_x = d_U_r_h  # adjoint of hoisted projection W_r_x
+        d_W_u_x = d_U_u_h  # adjoint of hoisted projection W_u_x
+        d_W_c_x = d_U_c_out  # adjoint of hoisted projection W_c_x
+        _ds_h[...] = d_h
+        _dhg_W_r_W_u_W_c__x[_t][:, 0:_H][...] = d_W_r_x
+        _dhg_W_r_W_u_W_c__x[_t][:, _H:2*_H][...] = d_W_u_x
+        _dhg_W_r_W_u_W_c__x[_t][:, 2*_H:3*_H][...] = d_W_c_x
+    # dW of U_r @ h, U_u @ h: one GEMM over all T*B rows
+    _grads["U_r"] = _dg_U_r_U_u__h.reshape(_T * _B, 2*_H)[:, 0:_H].T @ _s_h[:_T].reshape(_T * _B, _H)
+    _grads["U_u"] = _dg_U_r_U_u__h.reshape(_T * _B, 2*_H)[:, _H:2*_H].T @ _s_h[:_T].reshape(_T * _B, _H)
+    # dW of U_c @ U_c_in: one GEMM over all T*B rows
+    _grads["U_c"] = _dg_U_c__U_c_in.reshape(_T * _B, _H)[:, 0:_H].T @ _v_U_c_in.reshape(_T * _B, _H)
+    # dW of W_r @ x, W_u @ x, W_c @ x: one GEMM over all T*B rows
+    _grads["W_r"] = _dhg_W_r_W_u_W_c__x.reshape(_T * _B, 3*_H)[:, 0:_H].T @ _x_x.reshape(_T * _B, _I)
+    _grads["W_u"] = _dhg_W_r_W_u_W_c__x.reshape(_T * _B, 3*_H)[:, _H:2*_H].T @ _x_x.reshape(_T * _B, _I)
+    _grads["W_c"] = _dhg_W_r_W_u_W_c__x.reshape(_T * _B, 3*_H)[:, 2*_H:3*_H].T @ _x_x.reshape(_T * _B, _I)
+    np.matmul(_dhg_W_r_W_u_W_c__x.reshape(_T * _B, 3*_H), _w_W_r_W_u_W_c, out=_dx_x.reshape(_T * _B, _I))
+    _sum = _dg_U_r_U_u__h.reshape(_T * _B, 2*_H)[:, 0:_H].sum(0)
+    _grads["b_r"] = _sum
+    _sum = _dg_U_r_U_u__h.reshape(_T * _B, 2*_H)[:, _H:2*_H].sum(0)
+    _grads["b_u"] = _sum
+    _sum = _dg_U_c__U_c_in.reshape(_T * _B, _H).sum(0)
+    _grads["b_c"] = _sum
+    _grads = {"W_r": _grads["W_r"], "U_r": _grads["U_r"], "b_r": _grads["b_r"], "W_u": _grads["W_u"], "U_u": _grads["U_u"], "b_u": _grads["b_u"], "W_c": _grads["W_c"], "U_c": _grads["U_c"], "b_c": _grads["b_c"], }
+    _d_x = _dx_x
+    _d_state = _ds_h
     return _grads, _d_x, _d_state
-
-
-def _rows(a, shape):
-    """An adjoint as rows of shape[-1] (it may broadcast), for summing into a vector's gradient."""
-    return np.broadcast_to(a, shape).reshape(-1, shape[-1])

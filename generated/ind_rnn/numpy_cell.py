@@ -37,14 +37,14 @@ def _relu(z):
     return np.maximum(z, 0)
 
 
-def _positive(z):
-    """1 where z > 0 (relu', 0 at 0 as in PyTorch)."""
-    return _mask(z > 0, z)
-
-
 def _mask(cond, *like):
     """A boolean condition as 0/1 in the floating dtype of the arrays it came from."""
     return cond.astype(np.result_type(*[a for a in like if isinstance(a, np.ndarray)] or [float]))
+
+
+def _positive(z):
+    """1 where z > 0 (relu', 0 at 0 as in PyTorch)."""
+    return _mask(z > 0, z)
 
 
 def forward(params, x, state=None):
@@ -64,7 +64,7 @@ def backward(params, x, state, d_output, d_new_state):
 
 def forward_sequence(params, x, state=None):
     """A whole sequence: x [T, B, ...] -> (outputs [T, B, ...], final_state)."""
-    _outputs, _final, _ = _forward(params, x, state)
+    _outputs, _final, _ = _inference(params, x, state)
     return _outputs, _final
 
 
@@ -79,101 +79,127 @@ def _first_step(a):
     return a[None]
 
 
-def _sizes(_params, _x):
-    _x_seq = np.asarray(_x)
-    return {"I": _x_seq.shape[-1], "H": _params["W"].shape[0], }
+def _initial_state(_state, _B, _dtype, _sizes):
+    """The initial states as a tuple of [B, size] arrays (None means zeros)."""
+    _state = (_state,)
+    return tuple(np.zeros((_B, _n), _dtype) if _s is None else np.asarray(_s, _dtype) for _s, _n in zip(_state, _sizes))
 
 
-def _initial_state(_params, _x, _state, _B, _dtype, _sz):
-    if _state is None:
-        return (np.zeros((_B, _sz["H"]), _dtype),)
-    return (np.asarray(_state, _dtype),)
+def _arrays(_x):
+    return (_x,)
+
+
+def _setup(_params, _x):
+    """Sizes, params and stacked weights of one call."""
+    _x_x = np.asarray(_arrays(_x)[0])
+    _T, _B = _x_x.shape[0], _x_x.shape[1]
+    _I = _x_x.shape[-1]
+    _H = _params["W"].shape[0]
+    return _T, _B, _I, _H
 
 
 def _forward(_params, _x, _state):
-    _x_seq = np.asarray(_x)
-    _T, _B = _x_seq.shape[:2]
-    _dtype = np.result_type(_x_seq, _params["W"], _params["u"], _params["b"])
-    _sz = _sizes(_params, _x)
-    _I = _sz.get("I")
-    _H = _sz.get("H")
+    """The whole sequence: outputs, final states and what the backward reads."""
+    _T, _B, _I, _H = _setup(_params, _x)
+    _dtype = np.result_type(_arrays(_x)[0], *_params.values())
     W = np.asarray(_params["W"], _dtype)
     u = np.asarray(_params["u"], _dtype)
     b = np.asarray(_params["b"], _dtype)
-    _x_seq = np.asarray(_x_seq, _dtype)
-
-    # Hoisted projections W @ x: one GEMM over all T*B rows.
-    _g = _x_seq.reshape(_T * _B, _I) @ np.concatenate([W]).T
-    _W_x_seq = _g[:, 0:_H].reshape(_T, _B, _H)
-
-    _state0 = _initial_state(_params, _x, _state, _B, _dtype, _sz)
-    _h_seq = np.empty((_T + 1, _B, _H), _dtype)
-    _h_seq[0] = _state0[0]
+    _x_x = np.asarray(_arrays(_x)[0], _dtype)
+    _wt_W = np.ascontiguousarray(W.T)
+    _state0 = _initial_state(_state, _B, _dtype, (_H, ))
+    _s_h = np.empty((_T + 1, _B, _H), _dtype)
+    _s_h[0] = _state0[0]
+    _hg_W__x = np.empty((_T, _B, _H), _dtype)
+    # W @ x
+    np.matmul(_x_x.reshape(_T * _B, _I), _wt_W, out=_hg_W__x.reshape(_T * _B, _H))
     for _t in range(_T):
-        x = _x_seq[_t]
-        h = _h_seq[_t]
-        W_x = _W_x_seq[_t]
+        # stage 0 forward
+        W_x = _hg_W__x[_t]
+        h = _s_h[_t]
         h_next = _relu(W_x + b + h*u)  # ind_rnn.cell:10  h' = relu(W @ x + u * h + b)
-        _h_seq[_t + 1] = h_next
+        _s_h[_t + 1][...] = h_next
+    _outputs = (_s_h[1:],)
+    _final = (_s_h[_T], )
+    _saved = {"s_h": _s_h, "hg_W__x": _hg_W__x, }
+    return _outputs[0], _final[0], _saved
 
-    _outputs = (_h_seq[1:], )
-    _final = (_h_seq[_T], )
-    _saved = {"h": _h_seq, "W_x": _W_x_seq, }
+
+def _inference(_params, _x, _state):
+    """The whole sequence keeping nothing for a backward: outputs and final states."""
+    _T, _B, _I, _H = _setup(_params, _x)
+    _dtype = np.result_type(_arrays(_x)[0], *_params.values())
+    W = np.asarray(_params["W"], _dtype)
+    u = np.asarray(_params["u"], _dtype)
+    b = np.asarray(_params["b"], _dtype)
+    _x_x = np.asarray(_arrays(_x)[0], _dtype)
+    _wt_W = np.ascontiguousarray(W.T)
+    _state0 = _initial_state(_state, _B, _dtype, (_H, ))
+    _s_h = np.empty((_T + 1, _B, _H), _dtype)
+    _s_h[0] = _state0[0]
+    _hg_W__x = np.empty((_T, _B, _H), _dtype)
+    # W @ x
+    np.matmul(_x_x.reshape(_T * _B, _I), _wt_W, out=_hg_W__x.reshape(_T * _B, _H))
+    for _t in range(_T):
+        # stage 0 forward
+        W_x = _hg_W__x[_t]
+        h = _s_h[_t]
+        h_next = _relu(W_x + b + h*u)  # ind_rnn.cell:10  h' = relu(W @ x + u * h + b)
+        _s_h[_t + 1][...] = h_next
+    _outputs = (_s_h[1:],)
+    _final = (_s_h[_T], )
+    _saved = {}
     return _outputs[0], _final[0], _saved
 
 
 def _backward(_params, _x, _saved, _d_outputs, _d_final):
-    _x_seq = np.asarray(_x)
-    _T, _B = _x_seq.shape[:2]
-    _dtype = _saved["h"].dtype
-    _sz = _sizes(_params, _x)
-    _I = _sz.get("I")
-    _H = _sz.get("H")
+    """Gradients of the whole sequence: (d_params, d_x, d_state)."""
+    _T, _B, _I, _H = _setup(_params, _x)
+    _dtype = np.result_type(_arrays(_x)[0], *_params.values())
     W = np.asarray(_params["W"], _dtype)
     u = np.asarray(_params["u"], _dtype)
     b = np.asarray(_params["b"], _dtype)
-    _x_seq = np.asarray(_x_seq, _dtype)
-    _h_seq = _saved["h"]
-    _W_x_seq = _saved["W_x"]
+    _x_x = np.asarray(_arrays(_x)[0], _dtype)
+    _w_W = W
+    _s_h = _saved["s_h"]
+    _hg_W__x = _saved["hg_W__x"]
     _d_outputs = (_d_outputs,)
-    _d_h_next_out_seq = np.zeros((_T, _B, _H), _dtype) if _d_outputs[0] is None else np.asarray(_d_outputs[0], _dtype)
+    _dout_h_next = np.zeros((_T, _B, _H), _dtype) if _d_outputs[0] is None else np.asarray(_d_outputs[0], _dtype)
     _d_final = (_d_final,)
-    d_h = np.zeros((_B, _H), _dtype) if _d_final[0] is None else np.asarray(_d_final[0], _dtype)
-    _d_x_seq = np.zeros((_T, _B, _I), _dtype)
-    _grads = {"W": np.zeros((_H, _I), _dtype), "u": np.zeros((_H), _dtype), "b": np.zeros((_H), _dtype)}
-    _d_W__x_seq = np.zeros((_T, _B, _H), _dtype)
+    _ds_h = np.zeros((_B, _H), _dtype) if _d_final[0] is None else np.array(np.asarray(_d_final[0], _dtype), copy=True)
+    _dx_x = np.empty((_T, _B, _I), _dtype)
+    _dp_u = np.empty((_T, _B, _H), _dtype)
+    _dp_b = np.empty((_T, _B, _H), _dtype)
+    _dhg_W__x = np.empty((_T, _B, _H), _dtype)
+    _tmp_d_h_next = np.empty((_B, _H), _dtype)
+    _grads = {}
     for _t in reversed(range(_T)):
-        x = _x_seq[_t]
-        h = _h_seq[_t]
-        h_next = _h_seq[_t + 1]
-        W_x = _W_x_seq[_t]
-        d_h_next_out = _d_h_next_out_seq[_t]
         # stage 0 backward
-        d_h_next = d_h + d_h_next_out  # h'
-        # per-step adjoints of inputs, previous states, vector params and hoisted results
+        d_h = _ds_h
+        d_h_next_out = _dout_h_next[_t]
+        d_h_next = d_h + d_h_next_out  # adjoint of h'
+        _tmp_d_h_next[...] = d_h_next
+        # per-step adjoints of inputs, states, vector params, hoisted results
+        W_x = _hg_W__x[_t]
+        d_h_next = _tmp_d_h_next
+        h = _s_h[_t]
         t0 = d_h_next*_positive(W_x + b + h*u)
-        d_h = t0*u  # state
-        d_u = h*t0  # param
-        d_b = t0  # param
-        d_W_x = d_b  # hoisted projection
-        _grads["u"] += _rows(d_u, (_B, _H)).sum(0)
-        _grads["b"] += _rows(d_b, (_B, _H)).sum(0)
-        _d_W__x_seq[_t, :, 0:_H] = d_W_x
-
-    # dW of the per-step projections: one GEMM over all T*B rows each
-
-    # hoisted projections W @ x: dW and d_operand over all T*B rows
-    _dg = _d_W__x_seq.reshape(_T * _B, _H)
-    _dw = _dg.T @ _x_seq.reshape(_T * _B, _I)
-    _grads["W"] += _dw[0:_H]
-    d_x_hgemm = (_dg @ np.concatenate([W])).reshape(_T, _B, _I)
-    _d_x_seq += d_x_hgemm
-
-    _d_x = _d_x_seq
-    _d_state = d_h
+        d_h = t0*u  # adjoint of state h
+        d_u = h*t0  # adjoint of param u
+        d_b = t0  # adjoint of param b
+        d_W_x = d_b  # adjoint of hoisted projection W_x
+        _ds_h[...] = d_h
+        _dp_u[_t][...] = d_u
+        _dp_b[_t][...] = d_b
+        _dhg_W__x[_t][...] = d_W_x
+    # dW of W @ x: one GEMM over all T*B rows
+    _grads["W"] = _dhg_W__x.reshape(_T * _B, _H)[:, 0:_H].T @ _x_x.reshape(_T * _B, _I)
+    np.matmul(_dhg_W__x.reshape(_T * _B, _H), _w_W, out=_dx_x.reshape(_T * _B, _I))
+    _sum = _dp_u.reshape(_T * _B, _H).sum(0)
+    _grads["u"] = _sum
+    _sum = _dp_b.reshape(_T * _B, _H).sum(0)
+    _grads["b"] = _sum
+    _grads = {"W": _grads["W"], "u": _grads["u"], "b": _grads["b"], }
+    _d_x = _dx_x
+    _d_state = _ds_h
     return _grads, _d_x, _d_state
-
-
-def _rows(a, shape):
-    """An adjoint as rows of shape[-1] (it may broadcast), for summing into a vector's gradient."""
-    return np.broadcast_to(a, shape).reshape(-1, shape[-1])

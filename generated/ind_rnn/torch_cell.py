@@ -25,6 +25,7 @@ where they run (CUDA tensors; float32/float64 CPU sequences of 8 or more steps w
 compiler builds them) and the engine below otherwise.
 """
 
+import logging
 import math
 
 import torch
@@ -41,7 +42,7 @@ OUTPUTS = ("h'",)
 #: which is U(-k, k) with k = 1/sqrt(hidden_size), as torch.nn.LSTM/GRU do
 INITS = {"W": ("default",), "u": ("default",), "b": ("default",)}
 SAVED = ()
-BACKENDS = ("auto", "generated", "autograd", "cuda", "fused")
+BACKENDS = ("auto", "generated", "autograd", "fused", "cuda")
 
 
 def _positive(z):
@@ -62,125 +63,140 @@ def step(params, x, state):
     return h_next, h_next
 
 
-def _sizes(_params, _x):
-    _x_seq = _x
-    return {"I": _x_seq.shape[-1], "H": _params["W"].shape[0], }
+def _initial_state(_state, _B, _dtype, _device, _sizes):
+    """The initial states as a tuple of [B, size] arrays (None means zeros)."""
+    _state = (_state,)
+    return tuple(torch.zeros((_B, _n), dtype=_dtype, device=_device) if _s is None else _s.to(_dtype) for _s, _n in zip(_state, _sizes))
 
 
-def _initial_state(_params, _x, _state, _B, _dtype, _sz):
-    if _state is None:
-        return (torch.zeros((_B, _sz["H"]), dtype=_dtype, device=_device),)
-    return (_state.to(_dtype),)
+def _arrays(_x):
+    return (_x,)
+
+
+def _setup(_params, _x):
+    """Sizes, params and stacked weights of one call."""
+    _x_x = (_arrays(_x)[0])
+    _T, _B = _x_x.shape[0], _x_x.shape[1]
+    _I = _x_x.shape[-1]
+    _H = _params["W"].shape[0]
+    return _T, _B, _I, _H
 
 
 def _forward(_params, _x, _state):
-    _x_seq = _x
-    _T, _B = _x_seq.shape[:2]
-    _dtype = _x_seq.dtype
-    _device = _x_seq.device
-    _sz = _sizes(_params, _x)
-    _I = _sz.get("I")
-    _H = _sz.get("H")
+    """The whole sequence: outputs, final states and what the backward reads."""
+    _T, _B, _I, _H = _setup(_params, _x)
+    _dtype, _device = _arrays(_x)[0].dtype, _arrays(_x)[0].device
     W = _params["W"].to(_dtype)
     u = _params["u"].to(_dtype)
     b = _params["b"].to(_dtype)
-    _x_seq = _x_seq.to(_dtype)
-
-    # Hoisted projections W @ x: one GEMM over all T*B rows.
-    _g = _x_seq.reshape(_T * _B, _I) @ torch.cat([W]).T
-    _W_x_seq = _g[:, 0:_H].reshape(_T, _B, _H)
-
-    # Loop-invariant parts of the step's pointwise math, once over all T*B rows.
-    x = _x_seq
-    W_x = _W_x_seq
-    _pre_h_next_seq = W_x + b  # part of h'
-
-    _state0 = _initial_state(_params, _x, _state, _B, _dtype, _sz)
-    _h_seq = torch.empty((_T + 1, _B, _H), dtype=_dtype, device=_device)
-    _h_seq[0] = _state0[0]
-    _h_rows = _h_seq.unbind(0)
-    _pre_h_next_rows = _pre_h_next_seq.unbind(0)
+    _x_x = _arrays(_x)[0].to(_dtype)
+    _wt_W = W.T.contiguous()
+    _state0 = _initial_state(_state, _B, _dtype, _device, (_H, ))
+    _s_h = torch.empty((_T + 1, _B, _H), dtype=_dtype, device=_device)
+    _s_h[0] = _state0[0]
+    _hg_W__x = torch.empty((_T, _B, _H), dtype=_dtype, device=_device)
+    _hg_W__x_rows = _hg_W__x.unbind(0)
+    _s_h_rows = _s_h.unbind(0)
+    # W @ x
+    torch.mm(_x_x.reshape(_T * _B, _I), _wt_W, out=_hg_W__x.reshape(_T * _B, _H))
     for _t in range(_T):
-        h = _h_rows[_t]
-        _pre_h_next = _pre_h_next_rows[_t]
-        h_next = torch.relu(_pre_h_next + h*u)  # ind_rnn.cell:10  h' = relu(W @ x + u * h + b)
-        _h_rows[_t + 1].copy_(h_next)
+        # stage 0 forward
+        W_x = _hg_W__x_rows[_t]
+        h = _s_h_rows[_t]
+        h_next = torch.relu(W_x + b + h*u)  # ind_rnn.cell:10  h' = relu(W @ x + u * h + b)
+        _s_h_rows[_t + 1].copy_(h_next)
+    _outputs = (_s_h[1:],)
+    _final = (_s_h[_T], )
+    _saved = {"s_h": _s_h, "hg_W__x": _hg_W__x, }
+    return _outputs[0], _final[0], _saved
 
-    _outputs = (_h_seq[1:], )
-    _final = (_h_seq[_T], )
-    _saved = {"h": _h_seq, "W_x": _W_x_seq, }
+
+def _inference(_params, _x, _state):
+    """The whole sequence keeping nothing for a backward: outputs and final states."""
+    _T, _B, _I, _H = _setup(_params, _x)
+    _dtype, _device = _arrays(_x)[0].dtype, _arrays(_x)[0].device
+    W = _params["W"].to(_dtype)
+    u = _params["u"].to(_dtype)
+    b = _params["b"].to(_dtype)
+    _x_x = _arrays(_x)[0].to(_dtype)
+    _wt_W = W.T.contiguous()
+    _state0 = _initial_state(_state, _B, _dtype, _device, (_H, ))
+    _s_h = torch.empty((_T + 1, _B, _H), dtype=_dtype, device=_device)
+    _s_h[0] = _state0[0]
+    _hg_W__x = torch.empty((_T, _B, _H), dtype=_dtype, device=_device)
+    _hg_W__x_rows = _hg_W__x.unbind(0)
+    _s_h_rows = _s_h.unbind(0)
+    # W @ x
+    torch.mm(_x_x.reshape(_T * _B, _I), _wt_W, out=_hg_W__x.reshape(_T * _B, _H))
+    for _t in range(_T):
+        # stage 0 forward
+        W_x = _hg_W__x_rows[_t]
+        h = _s_h_rows[_t]
+        h_next = torch.relu(W_x + b + h*u)  # ind_rnn.cell:10  h' = relu(W @ x + u * h + b)
+        _s_h_rows[_t + 1].copy_(h_next)
+    _outputs = (_s_h[1:],)
+    _final = (_s_h[_T], )
+    _saved = {}
     return _outputs[0], _final[0], _saved
 
 
 def _backward(_params, _x, _saved, _d_outputs, _d_final):
-    _x_seq = _x
-    _T, _B = _x_seq.shape[:2]
-    _dtype = _saved["h"].dtype
-    _device = _saved["h"].device
-    _sz = _sizes(_params, _x)
-    _I = _sz.get("I")
-    _H = _sz.get("H")
+    """Gradients of the whole sequence: (d_params, d_x, d_state)."""
+    _T, _B, _I, _H = _setup(_params, _x)
+    _dtype, _device = _arrays(_x)[0].dtype, _arrays(_x)[0].device
     W = _params["W"].to(_dtype)
     u = _params["u"].to(_dtype)
     b = _params["b"].to(_dtype)
-    _x_seq = _x_seq.to(_dtype)
-    _h_seq = _saved["h"]
-    _W_x_seq = _saved["W_x"]
+    _x_x = _arrays(_x)[0].to(_dtype)
+    _w_W = W
+    _s_h = _saved["s_h"]
+    _hg_W__x = _saved["hg_W__x"]
     _d_outputs = (_d_outputs,)
-    _d_h_next_out_seq = torch.zeros((_T, _B, _H), dtype=_dtype, device=_device) if _d_outputs[0] is None else _d_outputs[0].to(_dtype)
+    _dout_h_next = torch.zeros((_T, _B, _H), dtype=_dtype, device=_device) if _d_outputs[0] is None else _d_outputs[0].to(_dtype)
     _d_final = (_d_final,)
-    d_h = torch.zeros((_B, _H), dtype=_dtype, device=_device) if _d_final[0] is None else _d_final[0].to(_dtype)
-    _d_x_seq = torch.zeros((_T, _B, _I), dtype=_dtype, device=_device)
-    _grads = {"W": torch.zeros((_H, _I), dtype=_dtype, device=_device), "u": torch.zeros((_H), dtype=_dtype, device=_device), "b": torch.zeros((_H), dtype=_dtype, device=_device)}
-    _d_W__x_seq = torch.zeros((_T, _B, _H), dtype=_dtype, device=_device)
-    _d_u_rows = torch.zeros((_T, _B, _H), dtype=_dtype, device=_device)
-    _d_b_rows = torch.zeros((_T, _B, _H), dtype=_dtype, device=_device)
-    _h_rows = _h_seq.unbind(0)
-    _W_x_rows = _W_x_seq.unbind(0)
-    _d_h_next_out_rows = _d_h_next_out_seq.unbind(0)
-    _d_W__x_rows = _d_W__x_seq.unbind(0)
-    _d_u_rows_rows = _d_u_rows.unbind(0)
-    _d_b_rows_rows = _d_b_rows.unbind(0)
+    _ds_h = torch.zeros((_B, _H), dtype=_dtype, device=_device) if _d_final[0] is None else _d_final[0].to(_dtype).clone()
+    _dx_x = torch.empty((_T, _B, _I), dtype=_dtype, device=_device)
+    _dp_u = torch.empty((_T, _B, _H), dtype=_dtype, device=_device)
+    _dp_b = torch.empty((_T, _B, _H), dtype=_dtype, device=_device)
+    _dhg_W__x = torch.empty((_T, _B, _H), dtype=_dtype, device=_device)
+    _tmp_d_h_next = torch.empty((_B, _H), dtype=_dtype, device=_device)
+    _dout_h_next_rows = _dout_h_next.unbind(0)
+    _hg_W__x_rows = _hg_W__x.unbind(0)
+    _s_h_rows = _s_h.unbind(0)
+    _dp_u_rows = _dp_u.unbind(0)
+    _dp_b_rows = _dp_b.unbind(0)
+    _dhg_W__x_rows = _dhg_W__x.unbind(0)
+    _grads = {}
     for _t in reversed(range(_T)):
-        h = _h_rows[_t]
-        h_next = _h_rows[_t + 1]
-        W_x = _W_x_rows[_t]
-        d_h_next_out = _d_h_next_out_rows[_t]
         # stage 0 backward
-        d_h_next = d_h + d_h_next_out  # h'
-        # per-step adjoints of inputs, previous states, vector params and hoisted results
+        d_h = _ds_h
+        d_h_next_out = _dout_h_next_rows[_t]
+        d_h_next = d_h + d_h_next_out  # adjoint of h'
+        _tmp_d_h_next.copy_(d_h_next)
+        # per-step adjoints of inputs, states, vector params, hoisted results
+        W_x = _hg_W__x_rows[_t]
+        d_h_next = _tmp_d_h_next
+        h = _s_h_rows[_t]
         t0 = d_h_next*_positive(W_x + b + h*u)
-        d_h = t0*u  # state
-        d_u = h*t0  # param
-        d_b = t0  # param
-        d_W_x = d_b  # hoisted projection
-        _d_u_rows_rows[_t].copy_(d_u)
-        _d_b_rows_rows[_t].copy_(t0)
-        _d_W__x_rows[_t][:, 0:_H] = d_W_x
-
-    # vector-param gradients: one sum over all T*B rows each
-    _d_u_rows_sum = _d_u_rows.reshape(_T * _B, _H).sum(0)
-    _d_b_rows_sum = _d_b_rows.reshape(_T * _B, _H).sum(0)
-    _grads["u"] += _d_u_rows_sum
-    _grads["b"] += _d_b_rows_sum
-
-    # dW of the per-step projections: one GEMM over all T*B rows each
-
-    # hoisted projections W @ x: dW and d_operand over all T*B rows
-    _dg = _d_W__x_seq.reshape(_T * _B, _H)
-    _dw = _dg.T @ _x_seq.reshape(_T * _B, _I)
-    _grads["W"] += _dw[0:_H]
-    d_x_hgemm = (_dg @ torch.cat([W])).reshape(_T, _B, _I)
-    _d_x_seq += d_x_hgemm
-
-    _d_x = _d_x_seq
-    _d_state = d_h
+        d_h = t0*u  # adjoint of state h
+        d_u = h*t0  # adjoint of param u
+        d_b = t0  # adjoint of param b
+        d_W_x = d_b  # adjoint of hoisted projection W_x
+        _ds_h.copy_(d_h)
+        _dp_u_rows[_t].copy_(d_u)
+        _dp_b_rows[_t].copy_(d_b)
+        _dhg_W__x_rows[_t].copy_(d_W_x)
+    # dW of W @ x: one GEMM over all T*B rows
+    _grads["W"] = _dhg_W__x.reshape(_T * _B, _H)[:, 0:_H].T @ _x_x.reshape(_T * _B, _I)
+    torch.mm(_dhg_W__x.reshape(_T * _B, _H), _w_W, out=_dx_x.reshape(_T * _B, _I))
+    _sum = _dp_u.reshape(_T * _B, _H).sum(0)
+    _grads["u"] = _sum
+    _sum = _dp_b.reshape(_T * _B, _H).sum(0)
+    _grads["b"] = _sum
+    _grads = {"W": _grads["W"], "u": _grads["u"], "b": _grads["b"], }
+    _d_x = _dx_x
+    _d_state = _ds_h
     return _grads, _d_x, _d_state
-
-
-def _rows(a, shape):
-    """An adjoint as rows of shape[-1] (it may broadcast), for summing into a vector's gradient."""
-    return torch.broadcast_to(a, shape).reshape(-1, shape[-1])
 
 
 _PARAM_NAMES = tuple(PARAMS)
@@ -227,7 +243,238 @@ def _run_autograd(params, xs, state):
         out, state = step(params, xs[0][t] if _N_IN == 1 else tuple(a[t] for a in xs), state[0] if _N_STATE == 1 else state)
         outputs.append((out,) if _N_OUT == 1 else out)
         state = (state,) if _N_STATE == 1 else state
+    if not outputs:  # T = 0: no step; the output sizes from a step that is thrown away
+        with torch.no_grad():
+            probe, _ = step(params, xs[0][:0].new_zeros(xs[0].shape[1:]) if _N_IN == 1 else tuple(a.new_zeros(a.shape[1:]) for a in xs), state[0] if _N_STATE == 1 else state)
+        probe = (probe,) if _N_OUT == 1 else probe
+        return tuple(o.new_empty(0, *o.shape) for o in probe), tuple(state)
     return tuple(torch.stack(o) for o in zip(*outputs)), tuple(state)
+
+
+#: sequences shorter than this run the PyTorch engine under backend="auto" on the CPU
+MIN_NATIVE_STEPS = 1
+_LIBRARIES = {}
+
+
+def _native_library(x, state, params, required=None):
+    """The native library of ind_rnn.cu for x's device, built on first use (cached on disk); None
+    where backend="auto" should run the PyTorch engine instead (no compiler, no BLAS, an
+    unsupported dtype, mixed dtypes or devices, torch.compile tracing). With ``required``
+    (backend="fused"/"cuda" asked for explicitly) a problem is an error that says why."""
+    dtype, device = x.dtype, x.device
+    problem = None
+    if required == "cuda" and device.type != "cuda":
+        problem = "it needs CUDA tensors (backend='fused' runs the same kernels on the CPU)"
+    elif required == "fused" and device.type != "cpu":
+        problem = "it runs on CPU tensors (backend='cuda' runs the kernels on the GPU)"
+    elif any(t.dtype != dtype or t.device != device for t in (*state, *params.values())):
+        problem = f"all tensors must have one dtype and device ({dtype} on {device} and others)"
+    elif required is None and (torch.compiler.is_compiling() or x.shape[0] < MIN_NATIVE_STEPS):
+        return None
+    if problem is None:
+        key = (device.type, device.index)
+        lib = _LIBRARIES.get(key)
+        if lib is None:
+            try:
+                from cellspec.runtime import kernels
+
+                lib = kernels.library(__file__, "ind_rnn.cu", device)
+            except Exception as e:  # noqa: BLE001 - remembered: tried once per device and process
+                lib = e
+                logging.getLogger("cellspec").debug(
+                    "%s: the native library of ind_rnn.cu is not used on %s (%s: %s); the PyTorch engine runs",
+                    CELL, device.type, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+            _LIBRARIES[key] = lib
+        if isinstance(lib, Exception):
+            problem = f"{type(lib).__name__}: {lib}"
+        else:
+            try:
+                lib.function("forward", dtype)
+            except Exception as e:  # noqa: BLE001 - an unsupported dtype
+                problem = str(e)
+    if problem is None:
+        return lib
+    if required is not None:
+        raise RuntimeError(f"{CELL}: backend={required!r} cannot run here: {problem}")
+    return None
+
+
+class _NativeSequence(torch.autograd.Function):
+    """The whole sequence in the native library (one call forward, one backward)."""
+
+    @staticmethod
+    def forward(ctx, lib, *args):
+        _xs, _states, _plist = args[:_N_IN], args[_N_IN : _N_IN + _N_STATE], args[_N_IN + _N_STATE :]
+        _outputs, _finals, _saved = _native_forward(lib, _xs, _states, dict(zip(_PARAM_NAMES, _plist)))
+        ctx.lib = lib
+        ctx.save_for_backward(*_xs, *_plist, *_saved)
+        return (*_outputs, *_finals)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grads):
+        _t = ctx.saved_tensors
+        _n = _N_IN + len(_PARAM_NAMES)
+        _params = dict(zip(_PARAM_NAMES, _t[_N_IN:_n]))
+        _grads, _d_xs, _d_states = _native_backward(ctx.lib, _t[:_N_IN], _params, _t[_n:], grads[:_N_OUT], grads[_N_OUT:])
+        return (None, *_d_xs, *_d_states, *(_grads[k].to(_params[k].dtype) for k in _PARAM_NAMES))
+
+
+def _run_native(lib, xs, state, params):
+    """(outputs, final states) of the native library: through autograd when something requires
+    grad, else the inference function (which keeps nothing for a backward); under torch.compile,
+    the custom ops."""
+    if torch.compiler.is_compiling():
+        result = _OPS[0](list(xs), list(state), list(params.values()))
+        return tuple(result[:_N_OUT]), tuple(result[_N_OUT : _N_OUT + _N_STATE])
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (*xs, *state, *params.values())):
+        result = _NativeSequence.apply(lib, *xs, *state, *params.values())
+        return tuple(result[:_N_OUT]), tuple(result[_N_OUT:])
+    outputs, finals, _ = _native_inference(lib, xs, state, params)
+    return outputs, finals
+
+
+def _native_sizes(_xs, _params):
+    """(T, B, sizes...) of a call, as the native library takes them."""
+    _T, _B = _xs[0].shape[0], _xs[0].shape[1]
+    _I = _xs[0].shape[-1]
+    _H = _params["W"].shape[0]
+    return (_T, _B, _I, _H)
+
+
+def _native_forward(_lib, _xs, _states, _params):
+    """The whole sequence (training: keeps what the backward reads) in one call of the native library."""
+    _T, _B, _I, _H = _dims = _native_sizes(_xs, _params)
+    _dt, _dev = _xs[0].dtype, _xs[0].device
+
+    def _empty(shape):
+        return torch.empty(shape, dtype=_dt, device=_dev)
+
+    x_x = _xs[0].contiguous()
+    s_h = _empty((_T + 1, _B, _H))
+    s_h[0].copy_(_states[0])
+    p_u = _params["u"].contiguous()
+    p_b = _params["b"].contiguous()
+    hg_W__x = _empty((_T, _B, _H))
+    if _lib is not None:  # None: shapes only (the custom op's fake implementation)
+        _lib("forward", _dims, [x_x, s_h, p_u, p_b, hg_W__x, _params["W"].contiguous()])
+    return (s_h[1:1 + _T],), (s_h[_T],), (s_h, hg_W__x,)
+
+
+def _native_inference(_lib, _xs, _states, _params):
+    """The whole sequence (inference: keeps nothing) in one call of the native library."""
+    _T, _B, _I, _H = _dims = _native_sizes(_xs, _params)
+    _dt, _dev = _xs[0].dtype, _xs[0].device
+
+    def _empty(shape):
+        return torch.empty(shape, dtype=_dt, device=_dev)
+
+    x_x = _xs[0].contiguous()
+    s_h = _empty((_T + 1, _B, _H))
+    s_h[0].copy_(_states[0])
+    p_u = _params["u"].contiguous()
+    p_b = _params["b"].contiguous()
+    hg_W__x = _empty((_T, _B, _H))
+    if _lib is not None:  # None: shapes only (the custom op's fake implementation)
+        _lib("inference", _dims, [x_x, s_h, p_u, p_b, hg_W__x, _params["W"].contiguous()])
+    return (s_h[1:1 + _T],), (s_h[_T],), ()
+
+
+def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals):
+    """Gradients of the whole sequence in one call of the native library: (grads, d_xs, d_states)."""
+    _T, _B, _I, _H = _dims = _native_sizes(_xs, _params)
+    _dt, _dev = _xs[0].dtype, _xs[0].device
+    _gdt = torch.float32 if _dt in (torch.float16, torch.bfloat16) else _dt  # gradients accumulate in float32 for 16-bit storage
+
+    def _empty(shape):
+        return torch.empty(shape, dtype=_dt, device=_dev)
+
+    def _zeros(shape):
+        return torch.zeros(shape, dtype=_dt, device=_dev)
+
+    def _gempty(shape):
+        return torch.empty(shape, dtype=_gdt, device=_dev)
+
+    def _gzeros(shape):
+        return torch.zeros(shape, dtype=_gdt, device=_dev)
+
+    x_x = _xs[0].contiguous()
+    s_h = _saved[0]
+    p_u = _params["u"].contiguous()
+    p_b = _params["b"].contiguous()
+    hg_W__x = _saved[1]
+    dout_h_next = _zeros((_T, _B, _H)) if _d_outputs[0] is None else _d_outputs[0].contiguous()
+    ds_h = _zeros((_B, _H)) if _d_finals[0] is None else _d_finals[0].to(_dt, memory_format=torch.contiguous_format, copy=True)
+    dx_x = _empty((_T, _B, _I))
+    dp_u = _empty((_T, _B, _H))
+    dp_b = _empty((_T, _B, _H))
+    dhg_W__x = _empty((_T, _B, _H))
+    tmp_d_h_next = _empty((_B, _H))
+    _grads = {"W": _gempty((_H, _I)), "u": _gempty((_H,)), "b": _gempty((_H,))}
+    if _lib is not None:
+        _lib("backward", _dims, [x_x, s_h, p_u, p_b, hg_W__x, dout_h_next, ds_h, dx_x, dp_u, dp_b, dhg_W__x, tmp_d_h_next, _params["W"].contiguous(), *_grads.values()])
+    return _grads, (dx_x,), (ds_h,)
+
+
+# The same two calls as PyTorch custom ops, for torch.compile (which traces them through their
+# fake implementations: the allocations above, without the call). Registered once per process
+# and content of this file; outputs are copies (an op's outputs may not alias each other).
+_OP = "ind_rnn_730310f72c93"
+
+
+def _op_forward_impl(xs: list[torch.Tensor], states: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:
+    lib = None if xs[0].device.type == "meta" else _native_library(xs[0], states, dict(zip(_PARAM_NAMES, params)), required="cuda" if xs[0].is_cuda else "fused")
+    outputs, finals, saved = _native_forward(lib, tuple(xs), tuple(states), dict(zip(_PARAM_NAMES, params)))
+    return [*(o.clone() for o in outputs), *(f.clone() for f in finals), *saved]
+
+
+def _op_forward_fake(xs, states, params):
+    outputs, finals, saved = _native_forward(None, tuple(xs), tuple(states), dict(zip(_PARAM_NAMES, params)))
+    return [*(o.clone() for o in outputs), *(f.clone() for f in finals), *saved]
+
+
+def _op_backward_impl(xs: list[torch.Tensor], params: list[torch.Tensor], saved: list[torch.Tensor], d_outputs: list[torch.Tensor], d_finals: list[torch.Tensor]) -> list[torch.Tensor]:
+    p = dict(zip(_PARAM_NAMES, params))
+    lib = None if xs[0].device.type == "meta" else _native_library(xs[0], (), p, required="cuda" if xs[0].is_cuda else "fused")
+    grads, d_xs, d_states = _native_backward(lib, tuple(xs), p, tuple(saved), tuple(d_outputs), tuple(d_finals))
+    return [*d_xs, *d_states, *(grads[k].to(p[k].dtype) for k in _PARAM_NAMES)]
+
+
+def _op_backward_fake(xs, params, saved, d_outputs, d_finals):
+    p = dict(zip(_PARAM_NAMES, params))
+    grads, d_xs, d_states = _native_backward(None, tuple(xs), p, tuple(saved), tuple(d_outputs), tuple(d_finals))
+    return [*d_xs, *d_states, *(grads[k].to(p[k].dtype) for k in _PARAM_NAMES)]
+
+
+def _op_setup_context(ctx, inputs, output):
+    xs, _states, params = inputs
+    ctx.n_params = len(params)
+    ctx.save_for_backward(*xs, *params, *output[_N_OUT + _N_STATE :])
+
+
+def _op_backward(ctx, grads):
+    t = ctx.saved_tensors
+    xs, params, saved = t[:_N_IN], t[_N_IN : _N_IN + ctx.n_params], t[_N_IN + ctx.n_params :]
+    res = _OPS[1](list(xs), list(params), list(saved), list(grads[:_N_OUT]), list(grads[_N_OUT : _N_OUT + _N_STATE]))
+    return list(res[:_N_IN]), list(res[_N_IN : _N_IN + _N_STATE]), list(res[_N_IN + _N_STATE :])
+
+
+def _register_ops():
+    try:
+        fwd = torch.library.custom_op(f"cellspec::{_OP}_forward", _op_forward_impl, mutates_args=(),
+                                      schema="(Tensor[] xs, Tensor[] states, Tensor[] params) -> Tensor[]")
+        bwd = torch.library.custom_op(f"cellspec::{_OP}_backward", _op_backward_impl, mutates_args=(),
+                                      schema="(Tensor[] xs, Tensor[] params, Tensor[] saved, Tensor?[] d_outputs, Tensor?[] d_finals) -> Tensor[]")
+    except RuntimeError:  # registered by an earlier import of the same generated code
+        ns = torch.ops.cellspec
+        return getattr(ns, f"{_OP}_forward"), getattr(ns, f"{_OP}_backward")
+    fwd.register_fake(_op_forward_fake)
+    bwd.register_fake(_op_backward_fake)
+    fwd.register_autograd(_op_backward, setup_context=_op_setup_context)
+    return fwd, bwd
+
+
+_OPS = _register_ops()
 
 
 class _IndRNNBase(nn.Module):
@@ -277,14 +524,8 @@ class _IndRNNBase(nn.Module):
     def _resolve_backend(self, xs, state):
         if self.backend != "auto":
             return self.backend
-        try:
-            from cellspec.runtime import fused_cpu
-        except ImportError:  # this package used without cellspec installed: the PyTorch engine
-            return "generated"
-        if xs[0].is_cuda:  # the fused CUDA kernels (cellspec.runtime.cuda_ops)
-            return "cuda"
-        if fused_cpu.use_fused(__file__, "ind_rnn.cu", xs, state, self._params()):  # fused CPU kernel
-            return "fused"
+        if _native_library(xs[0], state, self._params()) is not None:
+            return "cuda" if xs[0].is_cuda else "fused"
         return "generated"
 
     def _run(self, xs, state):
@@ -305,14 +546,9 @@ class _IndRNNBase(nn.Module):
         params = self._params()
         if backend == "autograd":
             return _run_autograd(params, xs, state)
-        if backend == "fused" and not xs[0].is_cuda:  # fused CPU kernel of ind_rnn.cu
-            from cellspec.runtime import fused_cpu
-
-            return fused_cpu.run_sequence(__file__, "ind_rnn.cu", xs, state, params)
-        if backend in ("cuda", "fused"):  # kernels of ind_rnn.cu (GPU or CPU build), compiled on first use
-            from cellspec.runtime import cuda_ops
-
-            return cuda_ops.run_sequence(__file__, "ind_rnn.cu", xs, state, params)
+        if backend in ("fused", "cuda"):
+            lib = None if torch.compiler.is_compiling() else _native_library(xs[0], state, params, required=backend)
+            return _run_native(lib, xs, state, params)
         result = _Sequence.apply(*xs, *state, *params.values())
         return tuple(result[:_N_OUT]), tuple(result[_N_OUT:])
 

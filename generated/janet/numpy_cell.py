@@ -58,7 +58,7 @@ def backward(params, x, state, d_output, d_new_state):
 
 def forward_sequence(params, x, state=None):
     """A whole sequence: x [T, B, ...] -> (outputs [T, B, ...], final_state)."""
-    _outputs, _final, _ = _forward(params, x, state)
+    _outputs, _final, _ = _inference(params, x, state)
     return _outputs, _final
 
 
@@ -73,143 +73,169 @@ def _first_step(a):
     return a[None]
 
 
-def _sizes(_params, _x):
-    _x_seq = np.asarray(_x)
-    return {"I": _x_seq.shape[-1], "H": _params["W_f"].shape[0], }
+def _initial_state(_state, _B, _dtype, _sizes):
+    """The initial states as a tuple of [B, size] arrays (None means zeros)."""
+    _state = (_state,)
+    return tuple(np.zeros((_B, _n), _dtype) if _s is None else np.asarray(_s, _dtype) for _s, _n in zip(_state, _sizes))
 
 
-def _initial_state(_params, _x, _state, _B, _dtype, _sz):
-    if _state is None:
-        return (np.zeros((_B, _sz["H"]), _dtype),)
-    return (np.asarray(_state, _dtype),)
+def _arrays(_x):
+    return (_x,)
+
+
+def _setup(_params, _x):
+    """Sizes, params and stacked weights of one call."""
+    _x_x = np.asarray(_arrays(_x)[0])
+    _T, _B = _x_x.shape[0], _x_x.shape[1]
+    _I = _x_x.shape[-1]
+    _H = _params["W_f"].shape[0]
+    return _T, _B, _I, _H
 
 
 def _forward(_params, _x, _state):
-    _x_seq = np.asarray(_x)
-    _T, _B = _x_seq.shape[:2]
-    _dtype = np.result_type(_x_seq, _params["W_f"], _params["U_f"], _params["b_f"], _params["W_c"], _params["U_c"], _params["b_c"])
-    _sz = _sizes(_params, _x)
-    _I = _sz.get("I")
-    _H = _sz.get("H")
+    """The whole sequence: outputs, final states and what the backward reads."""
+    _T, _B, _I, _H = _setup(_params, _x)
+    _dtype = np.result_type(_arrays(_x)[0], *_params.values())
     W_f = np.asarray(_params["W_f"], _dtype)
     U_f = np.asarray(_params["U_f"], _dtype)
     b_f = np.asarray(_params["b_f"], _dtype)
     W_c = np.asarray(_params["W_c"], _dtype)
     U_c = np.asarray(_params["U_c"], _dtype)
     b_c = np.asarray(_params["b_c"], _dtype)
-    _x_seq = np.asarray(_x_seq, _dtype)
-
-    # Hoisted projections W_f @ x, W_c @ x: one GEMM over all T*B rows.
-    _g = _x_seq.reshape(_T * _B, _I) @ np.concatenate([W_f, W_c]).T
-    _W_f_x_seq = _g[:, 0:_H].reshape(_T, _B, _H)
-    _W_c_x_seq = _g[:, _H:2*_H].reshape(_T, _B, _H)
-    _w_U_f_U_c__h = np.ascontiguousarray(np.concatenate([U_f, U_c]).T)
-
-    _state0 = _initial_state(_params, _x, _state, _B, _dtype, _sz)
-    _h_seq = np.empty((_T + 1, _B, _H), _dtype)
-    _h_seq[0] = _state0[0]
-    _s_seq = np.empty((_T, _B, _H), _dtype)
-    _c_tilde_seq = np.empty((_T, _B, _H), _dtype)
+    _x_x = np.asarray(_arrays(_x)[0], _dtype)
+    _wt_W_f_W_c = np.ascontiguousarray(np.concatenate([W_f, W_c]).T)
+    _wt_U_f_U_c = np.ascontiguousarray(np.concatenate([U_f, U_c]).T)
+    _state0 = _initial_state(_state, _B, _dtype, (_H, ))
+    _s_h = np.empty((_T + 1, _B, _H), _dtype)
+    _s_h[0] = _state0[0]
+    _hg_W_f_W_c__x = np.empty((_T, _B, 2*_H), _dtype)
+    _g_U_f_U_c__h = np.empty((_B, 2*_H), _dtype)
+    _v_s = np.empty((_T, _B, _H), _dtype)
+    _v_c_tilde = np.empty((_T, _B, _H), _dtype)
+    # W_f @ x, W_c @ x
+    np.matmul(_x_x.reshape(_T * _B, _I), _wt_W_f_W_c, out=_hg_W_f_W_c__x.reshape(_T * _B, 2*_H))
     for _t in range(_T):
-        x = _x_seq[_t]
-        h = _h_seq[_t]
-        W_f_x = _W_f_x_seq[_t]
-        W_c_x = _W_c_x_seq[_t]
-        # stage 0: U_f @ h, U_c @ h in one GEMM
-        _g = h @ _w_U_f_U_c__h
-        U_f_h = _g[:, 0:_H]
-        U_c_h = _g[:, _H:2*_H]
+        # U_f @ h, U_c @ h
+        np.matmul(_s_h[_t], _wt_U_f_U_c, out=_g_U_f_U_c__h)
+        # stage 0 forward
+        U_c_h = _g_U_f_U_c__h[:, _H:2*_H]
+        U_f_h = _g_U_f_U_c__h[:, 0:_H]
+        W_c_x = _hg_W_f_W_c__x[_t][:, _H:2*_H]
+        W_f_x = _hg_W_f_W_c__x[_t][:, 0:_H]
+        h = _s_h[_t]
         s = U_f_h + W_f_x + b_f  # janet.cell:12  s = U_f @ h + W_f @ x + b_f
         c_tilde = np.tanh(U_c_h + W_c_x + b_c)  # janet.cell:13  c_tilde = tanh(U_c @ h + W_c @ x + b_c)
         h_next = c_tilde*(1 - _sigmoid(s - 1)) + h*_sigmoid(s)  # janet.cell:14  h' = sigmoid(s) * h + (1 - sigmoid(s - 1)) * c_tilde
-        _h_seq[_t + 1] = h_next
-        _s_seq[_t] = s
-        _c_tilde_seq[_t] = c_tilde
+        _v_s[_t][...] = s
+        _v_c_tilde[_t][...] = c_tilde
+        _s_h[_t + 1][...] = h_next
+    _outputs = (_s_h[1:],)
+    _final = (_s_h[_T], )
+    _saved = {"s_h": _s_h, "v_s": _v_s, "v_c_tilde": _v_c_tilde, }
+    return _outputs[0], _final[0], _saved
 
-    _outputs = (_h_seq[1:], )
-    _final = (_h_seq[_T], )
-    _saved = {"h": _h_seq, "s": _s_seq, "c_tilde": _c_tilde_seq, "W_f_x": _W_f_x_seq, "W_c_x": _W_c_x_seq, }
+
+def _inference(_params, _x, _state):
+    """The whole sequence keeping nothing for a backward: outputs and final states."""
+    _T, _B, _I, _H = _setup(_params, _x)
+    _dtype = np.result_type(_arrays(_x)[0], *_params.values())
+    W_f = np.asarray(_params["W_f"], _dtype)
+    U_f = np.asarray(_params["U_f"], _dtype)
+    b_f = np.asarray(_params["b_f"], _dtype)
+    W_c = np.asarray(_params["W_c"], _dtype)
+    U_c = np.asarray(_params["U_c"], _dtype)
+    b_c = np.asarray(_params["b_c"], _dtype)
+    _x_x = np.asarray(_arrays(_x)[0], _dtype)
+    _wt_W_f_W_c = np.ascontiguousarray(np.concatenate([W_f, W_c]).T)
+    _wt_U_f_U_c = np.ascontiguousarray(np.concatenate([U_f, U_c]).T)
+    _state0 = _initial_state(_state, _B, _dtype, (_H, ))
+    _s_h = np.empty((_T + 1, _B, _H), _dtype)
+    _s_h[0] = _state0[0]
+    _hg_W_f_W_c__x = np.empty((_T, _B, 2*_H), _dtype)
+    _g_U_f_U_c__h = np.empty((_B, 2*_H), _dtype)
+    # W_f @ x, W_c @ x
+    np.matmul(_x_x.reshape(_T * _B, _I), _wt_W_f_W_c, out=_hg_W_f_W_c__x.reshape(_T * _B, 2*_H))
+    for _t in range(_T):
+        # U_f @ h, U_c @ h
+        np.matmul(_s_h[_t], _wt_U_f_U_c, out=_g_U_f_U_c__h)
+        # stage 0 forward
+        U_c_h = _g_U_f_U_c__h[:, _H:2*_H]
+        U_f_h = _g_U_f_U_c__h[:, 0:_H]
+        W_c_x = _hg_W_f_W_c__x[_t][:, _H:2*_H]
+        W_f_x = _hg_W_f_W_c__x[_t][:, 0:_H]
+        h = _s_h[_t]
+        s = U_f_h + W_f_x + b_f  # janet.cell:12  s = U_f @ h + W_f @ x + b_f
+        c_tilde = np.tanh(U_c_h + W_c_x + b_c)  # janet.cell:13  c_tilde = tanh(U_c @ h + W_c @ x + b_c)
+        h_next = c_tilde*(1 - _sigmoid(s - 1)) + h*_sigmoid(s)  # janet.cell:14  h' = sigmoid(s) * h + (1 - sigmoid(s - 1)) * c_tilde
+        _s_h[_t + 1][...] = h_next
+    _outputs = (_s_h[1:],)
+    _final = (_s_h[_T], )
+    _saved = {}
     return _outputs[0], _final[0], _saved
 
 
 def _backward(_params, _x, _saved, _d_outputs, _d_final):
-    _x_seq = np.asarray(_x)
-    _T, _B = _x_seq.shape[:2]
-    _dtype = _saved["h"].dtype
-    _sz = _sizes(_params, _x)
-    _I = _sz.get("I")
-    _H = _sz.get("H")
+    """Gradients of the whole sequence: (d_params, d_x, d_state)."""
+    _T, _B, _I, _H = _setup(_params, _x)
+    _dtype = np.result_type(_arrays(_x)[0], *_params.values())
     W_f = np.asarray(_params["W_f"], _dtype)
     U_f = np.asarray(_params["U_f"], _dtype)
     b_f = np.asarray(_params["b_f"], _dtype)
     W_c = np.asarray(_params["W_c"], _dtype)
     U_c = np.asarray(_params["U_c"], _dtype)
     b_c = np.asarray(_params["b_c"], _dtype)
-    _x_seq = np.asarray(_x_seq, _dtype)
-    _h_seq = _saved["h"]
-    _s_seq = _saved["s"]
-    _c_tilde_seq = _saved["c_tilde"]
-    _W_f_x_seq = _saved["W_f_x"]
-    _W_c_x_seq = _saved["W_c_x"]
+    _x_x = np.asarray(_arrays(_x)[0], _dtype)
+    _w_W_f_W_c = np.concatenate([W_f, W_c])
+    _w_U_f_U_c = np.concatenate([U_f, U_c])
+    _s_h = _saved["s_h"]
+    _v_s = _saved["v_s"]
+    _v_c_tilde = _saved["v_c_tilde"]
     _d_outputs = (_d_outputs,)
-    _d_h_next_out_seq = np.zeros((_T, _B, _H), _dtype) if _d_outputs[0] is None else np.asarray(_d_outputs[0], _dtype)
+    _dout_h_next = np.zeros((_T, _B, _H), _dtype) if _d_outputs[0] is None else np.asarray(_d_outputs[0], _dtype)
     _d_final = (_d_final,)
-    d_h = np.zeros((_B, _H), _dtype) if _d_final[0] is None else np.asarray(_d_final[0], _dtype)
-    _d_x_seq = np.zeros((_T, _B, _I), _dtype)
-    _grads = {"W_f": np.zeros((_H, _I), _dtype), "U_f": np.zeros((_H, _H), _dtype), "b_f": np.zeros((_H), _dtype), "W_c": np.zeros((_H, _I), _dtype), "U_c": np.zeros((_H, _H), _dtype), "b_c": np.zeros((_H), _dtype)}
-    _d_U_f_U_c__h_seq = np.zeros((_T, _B, 2*_H), _dtype)
-    _wb_U_f_U_c__h = np.concatenate([U_f, U_c])
-    _d_W_f_W_c__x_seq = np.zeros((_T, _B, 2*_H), _dtype)
+    _ds_h = np.zeros((_B, _H), _dtype) if _d_final[0] is None else np.array(np.asarray(_d_final[0], _dtype), copy=True)
+    _dx_x = np.empty((_T, _B, _I), _dtype)
+    _dg_U_f_U_c__h = np.empty((_T, _B, 2*_H), _dtype)
+    _tmp_d_h_gemm = np.empty((_B, _H), _dtype)
+    _tmp_d_h_next = np.empty((_B, _H), _dtype)
+    _grads = {}
     for _t in reversed(range(_T)):
-        x = _x_seq[_t]
-        h = _h_seq[_t]
-        h_next = _h_seq[_t + 1]
-        s = _s_seq[_t]
-        c_tilde = _c_tilde_seq[_t]
-        W_f_x = _W_f_x_seq[_t]
-        W_c_x = _W_c_x_seq[_t]
-        d_h_next_out = _d_h_next_out_seq[_t]
         # stage 0 backward
+        c_tilde = _v_c_tilde[_t]
+        d_h = _ds_h
+        d_h_next_out = _dout_h_next[_t]
+        h = _s_h[_t]
+        s = _v_s[_t]
         t0 = _sigmoid(s - 1)
         t1 = 1 - t0
         t2 = _sigmoid(s)
-        d_h_next = d_h + d_h_next_out  # h'
-        d_c_tilde = d_h_next*t1  # c_tilde
-        d_s = d_h_next*(-c_tilde*t0*t1 + h*t2*(1 - t2))  # s
-        d_U_f_h = d_s  # U_f @ h
-        d_U_c_h = d_c_tilde*(1 - (c_tilde*c_tilde))  # U_c @ h
-        _d_U_f_U_c__h_seq[_t, :, 0:_H] = d_U_f_h
-        _d_U_f_U_c__h_seq[_t, :, _H:2*_H] = d_U_c_h
-        d_h_gemm = _d_U_f_U_c__h_seq[_t] @ _wb_U_f_U_c__h
-        # per-step adjoints of inputs, previous states, vector params and hoisted results
-        d_h = d_h_gemm + d_h_next*_sigmoid(s)  # state
-        d_b_f = d_U_f_h  # param
-        d_b_c = d_U_c_h  # param
-        d_W_f_x = d_U_f_h  # hoisted projection
-        d_W_c_x = d_U_c_h  # hoisted projection
-        _grads["b_f"] += _rows(d_b_f, (_B, _H)).sum(0)
-        _grads["b_c"] += _rows(d_b_c, (_B, _H)).sum(0)
-        _d_W_f_W_c__x_seq[_t, :, 0:_H] = d_W_f_x
-        _d_W_f_W_c__x_seq[_t, :, _H:2*_H] = d_W_c_x
-
-    # dW of the per-step projections: one GEMM over all T*B rows each
-    _dw = _d_U_f_U_c__h_seq.reshape(_T * _B, 2*_H).T @ _h_seq[:_T].reshape(_T * _B, _H)
-    _grads["U_f"] += _dw[0:_H]
-    _grads["U_c"] += _dw[_H:2*_H]
-
-    # hoisted projections W_f @ x, W_c @ x: dW and d_operand over all T*B rows
-    _dg = _d_W_f_W_c__x_seq.reshape(_T * _B, 2*_H)
-    _dw = _dg.T @ _x_seq.reshape(_T * _B, _I)
-    _grads["W_f"] += _dw[0:_H]
-    _grads["W_c"] += _dw[_H:2*_H]
-    d_x_hgemm = (_dg @ np.concatenate([W_f, W_c])).reshape(_T, _B, _I)
-    _d_x_seq += d_x_hgemm
-
-    _d_x = _d_x_seq
-    _d_state = d_h
+        d_h_next = d_h + d_h_next_out  # adjoint of h'
+        d_c_tilde = d_h_next*t1  # adjoint of c_tilde
+        d_s = d_h_next*(-c_tilde*t0*t1 + h*t2*(1 - t2))  # adjoint of s
+        d_U_f_h = d_s  # adjoint of U_f @ h
+        d_U_c_h = d_c_tilde*(1 - (c_tilde*c_tilde))  # adjoint of U_c @ h
+        _tmp_d_h_next[...] = d_h_next
+        _dg_U_f_U_c__h[_t][:, 0:_H][...] = d_U_f_h
+        _dg_U_f_U_c__h[_t][:, _H:2*_H][...] = d_U_c_h
+        np.matmul(_dg_U_f_U_c__h[_t], _w_U_f_U_c, out=_tmp_d_h_gemm)
+        # per-step adjoints of inputs, states, vector params, hoisted results
+        d_h_gemm = _tmp_d_h_gemm
+        d_h_next = _tmp_d_h_next
+        s = _v_s[_t]
+        d_h = d_h_gemm + d_h_next*_sigmoid(s)  # adjoint of state h
+        _ds_h[...] = d_h
+    # dW of U_f @ h, U_c @ h: one GEMM over all T*B rows
+    _grads["U_f"] = _dg_U_f_U_c__h.reshape(_T * _B, 2*_H)[:, 0:_H].T @ _s_h[:_T].reshape(_T * _B, _H)
+    _grads["U_c"] = _dg_U_f_U_c__h.reshape(_T * _B, 2*_H)[:, _H:2*_H].T @ _s_h[:_T].reshape(_T * _B, _H)
+    # dW of W_f @ x, W_c @ x: one GEMM over all T*B rows
+    _grads["W_f"] = _dg_U_f_U_c__h.reshape(_T * _B, 2*_H)[:, 0:_H].T @ _x_x.reshape(_T * _B, _I)
+    _grads["W_c"] = _dg_U_f_U_c__h.reshape(_T * _B, 2*_H)[:, _H:2*_H].T @ _x_x.reshape(_T * _B, _I)
+    np.matmul(_dg_U_f_U_c__h.reshape(_T * _B, 2*_H), _w_W_f_W_c, out=_dx_x.reshape(_T * _B, _I))
+    _sum = _dg_U_f_U_c__h.reshape(_T * _B, 2*_H)[:, 0:_H].sum(0)
+    _grads["b_f"] = _sum
+    _sum = _dg_U_f_U_c__h.reshape(_T * _B, 2*_H)[:, _H:2*_H].sum(0)
+    _grads["b_c"] = _sum
+    _grads = {"W_f": _grads["W_f"], "U_f": _grads["U_f"], "b_f": _grads["b_f"], "W_c": _grads["W_c"], "U_c": _grads["U_c"], "b_c": _grads["b_c"], }
+    _d_x = _dx_x
+    _d_state = _ds_h
     return _grads, _d_x, _d_state
-
-
-def _rows(a, shape):
-    """An adjoint as rows of shape[-1] (it may broadcast), for summing into a vector's gradient."""
-    return np.broadcast_to(a, shape).reshape(-1, shape[-1])

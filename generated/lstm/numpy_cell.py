@@ -64,7 +64,7 @@ def backward(params, x, state, d_output, d_new_state):
 
 def forward_sequence(params, x, state=None):
     """A whole sequence: x [T, B, ...] -> (outputs [T, B, ...], final_state)."""
-    _outputs, _final, _ = _forward(params, x, state)
+    _outputs, _final, _ = _inference(params, x, state)
     return _outputs, _final
 
 
@@ -79,27 +79,29 @@ def _first_step(a):
     return a[None]
 
 
-def _sizes(_params, _x):
-    _x_seq = np.asarray(_x)
-    return {"I": _x_seq.shape[-1], "H": _params["W_ii"].shape[0], }
+def _initial_state(_state, _B, _dtype, _sizes):
+    """The initial states as a tuple of [B, size] arrays (None means zeros)."""
+    _state = (None,) * 2 if _state is None else tuple(_state)
+    return tuple(np.zeros((_B, _n), _dtype) if _s is None else np.asarray(_s, _dtype) for _s, _n in zip(_state, _sizes))
 
 
-def _initial_state(_params, _x, _state, _B, _dtype, _sz):
-    if _state is None:
-        _state = (None,) * 2
-    return tuple(
-        np.zeros((_B, _sz[_size]), _dtype) if _s is None else np.asarray(_s, _dtype)
-        for _s, _size in zip(_state, ("H", "H", ))
-    )
+def _arrays(_x):
+    return (_x,)
+
+
+def _setup(_params, _x):
+    """Sizes, params and stacked weights of one call."""
+    _x_x = np.asarray(_arrays(_x)[0])
+    _T, _B = _x_x.shape[0], _x_x.shape[1]
+    _I = _x_x.shape[-1]
+    _H = _params["W_ii"].shape[0]
+    return _T, _B, _I, _H
 
 
 def _forward(_params, _x, _state):
-    _x_seq = np.asarray(_x)
-    _T, _B = _x_seq.shape[:2]
-    _dtype = np.result_type(_x_seq, _params["W_ii"], _params["W_hi"], _params["b_ii"], _params["b_hi"], _params["W_if"], _params["W_hf"], _params["b_if"], _params["b_hf"], _params["W_ig"], _params["W_hg"], _params["b_ig"], _params["b_hg"], _params["W_io"], _params["W_ho"], _params["b_io"], _params["b_ho"])
-    _sz = _sizes(_params, _x)
-    _I = _sz.get("I")
-    _H = _sz.get("H")
+    """The whole sequence: outputs, final states and what the backward reads."""
+    _T, _B, _I, _H = _setup(_params, _x)
+    _dtype = np.result_type(_arrays(_x)[0], *_params.values())
     W_ii = np.asarray(_params["W_ii"], _dtype)
     W_hi = np.asarray(_params["W_hi"], _dtype)
     b_ii = np.asarray(_params["b_ii"], _dtype)
@@ -116,65 +118,57 @@ def _forward(_params, _x, _state):
     W_ho = np.asarray(_params["W_ho"], _dtype)
     b_io = np.asarray(_params["b_io"], _dtype)
     b_ho = np.asarray(_params["b_ho"], _dtype)
-    _x_seq = np.asarray(_x_seq, _dtype)
-
-    # Hoisted projections W_ii @ x, W_if @ x, W_ig @ x, W_io @ x: one GEMM over all T*B rows.
-    _g = _x_seq.reshape(_T * _B, _I) @ np.concatenate([W_ii, W_if, W_ig, W_io]).T
-    _W_ii_x_seq = _g[:, 0:_H].reshape(_T, _B, _H)
-    _W_if_x_seq = _g[:, _H:2*_H].reshape(_T, _B, _H)
-    _W_ig_x_seq = _g[:, 2*_H:3*_H].reshape(_T, _B, _H)
-    _W_io_x_seq = _g[:, 3*_H:4*_H].reshape(_T, _B, _H)
-    _w_W_hi_W_hf_W_hg_W_ho__h = np.ascontiguousarray(np.concatenate([W_hi, W_hf, W_hg, W_ho]).T)
-
-    _state0 = _initial_state(_params, _x, _state, _B, _dtype, _sz)
-    _h_seq = np.empty((_T + 1, _B, _H), _dtype)
-    _h_seq[0] = _state0[0]
-    _c_seq = np.empty((_T + 1, _B, _H), _dtype)
-    _c_seq[0] = _state0[1]
-    _i_seq = np.empty((_T, _B, _H), _dtype)
-    _f_seq = np.empty((_T, _B, _H), _dtype)
-    _g_seq = np.empty((_T, _B, _H), _dtype)
-    _o_seq = np.empty((_T, _B, _H), _dtype)
+    _x_x = np.asarray(_arrays(_x)[0], _dtype)
+    _wt_W_ii_W_if_W_ig_W_io = np.ascontiguousarray(np.concatenate([W_ii, W_if, W_ig, W_io]).T)
+    _wt_W_hi_W_hf_W_hg_W_ho = np.ascontiguousarray(np.concatenate([W_hi, W_hf, W_hg, W_ho]).T)
+    _state0 = _initial_state(_state, _B, _dtype, (_H, _H, ))
+    _s_h = np.empty((_T + 1, _B, _H), _dtype)
+    _s_h[0] = _state0[0]
+    _s_c = np.empty((_T + 1, _B, _H), _dtype)
+    _s_c[0] = _state0[1]
+    _hg_W_ii_W_if_W_ig_W_io__x = np.empty((_T, _B, 4*_H), _dtype)
+    _g_W_hi_W_hf_W_hg_W_ho__h = np.empty((_B, 4*_H), _dtype)
+    _v_i = np.empty((_T, _B, _H), _dtype)
+    _v_f = np.empty((_T, _B, _H), _dtype)
+    _v_g = np.empty((_T, _B, _H), _dtype)
+    _v_o = np.empty((_T, _B, _H), _dtype)
+    # W_ii @ x, W_if @ x, W_ig @ x, W_io @ x
+    np.matmul(_x_x.reshape(_T * _B, _I), _wt_W_ii_W_if_W_ig_W_io, out=_hg_W_ii_W_if_W_ig_W_io__x.reshape(_T * _B, 4*_H))
     for _t in range(_T):
-        x = _x_seq[_t]
-        h = _h_seq[_t]
-        c = _c_seq[_t]
-        W_ii_x = _W_ii_x_seq[_t]
-        W_if_x = _W_if_x_seq[_t]
-        W_ig_x = _W_ig_x_seq[_t]
-        W_io_x = _W_io_x_seq[_t]
-        # stage 0: W_hi @ h, W_hf @ h, W_hg @ h, W_ho @ h in one GEMM
-        _g = h @ _w_W_hi_W_hf_W_hg_W_ho__h
-        W_hi_h = _g[:, 0:_H]
-        W_hf_h = _g[:, _H:2*_H]
-        W_hg_h = _g[:, 2*_H:3*_H]
-        W_ho_h = _g[:, 3*_H:4*_H]
+        # W_hi @ h, W_hf @ h, W_hg @ h, W_ho @ h
+        np.matmul(_s_h[_t], _wt_W_hi_W_hf_W_hg_W_ho, out=_g_W_hi_W_hf_W_hg_W_ho__h)
+        # stage 0 forward
+        W_hf_h = _g_W_hi_W_hf_W_hg_W_ho__h[:, _H:2*_H]
+        W_hg_h = _g_W_hi_W_hf_W_hg_W_ho__h[:, 2*_H:3*_H]
+        W_hi_h = _g_W_hi_W_hf_W_hg_W_ho__h[:, 0:_H]
+        W_ho_h = _g_W_hi_W_hf_W_hg_W_ho__h[:, 3*_H:4*_H]
+        W_if_x = _hg_W_ii_W_if_W_ig_W_io__x[_t][:, _H:2*_H]
+        W_ig_x = _hg_W_ii_W_if_W_ig_W_io__x[_t][:, 2*_H:3*_H]
+        W_ii_x = _hg_W_ii_W_if_W_ig_W_io__x[_t][:, 0:_H]
+        W_io_x = _hg_W_ii_W_if_W_ig_W_io__x[_t][:, 3*_H:4*_H]
+        c = _s_c[_t]
         i = _sigmoid(W_hi_h + W_ii_x + b_hi + b_ii)  # lstm.cell:15  i = sigmoid(W_ii @ x + b_ii + W_hi @ h + b_hi)
         f = _sigmoid(W_hf_h + W_if_x + b_hf + b_if)  # lstm.cell:16  f = sigmoid(W_if @ x + b_if + W_hf @ h + b_hf)
         g = np.tanh(W_hg_h + W_ig_x + b_hg + b_ig)  # lstm.cell:17  g = tanh(W_ig @ x + b_ig + W_hg @ h + b_hg)
         o = _sigmoid(W_ho_h + W_io_x + b_ho + b_io)  # lstm.cell:18  o = sigmoid(W_io @ x + b_io + W_ho @ h + b_ho)
         c_next = c*f + g*i  # lstm.cell:20  c' = f * c + i * g
         h_next = o*np.tanh(c_next)  # lstm.cell:21  h' = o * tanh(c')
-        _h_seq[_t + 1] = h_next
-        _c_seq[_t + 1] = c_next
-        _i_seq[_t] = i
-        _f_seq[_t] = f
-        _g_seq[_t] = g
-        _o_seq[_t] = o
-
-    _outputs = (_h_seq[1:], )
-    _final = (_h_seq[_T], _c_seq[_T])
-    _saved = {"h": _h_seq, "c": _c_seq, "i": _i_seq, "f": _f_seq, "g": _g_seq, "o": _o_seq, "W_ii_x": _W_ii_x_seq, "W_if_x": _W_if_x_seq, "W_ig_x": _W_ig_x_seq, "W_io_x": _W_io_x_seq, }
+        _v_i[_t][...] = i
+        _v_f[_t][...] = f
+        _v_g[_t][...] = g
+        _v_o[_t][...] = o
+        _s_c[_t + 1][...] = c_next
+        _s_h[_t + 1][...] = h_next
+    _outputs = (_s_h[1:],)
+    _final = (_s_h[_T], _s_c[_T], )
+    _saved = {"s_h": _s_h, "s_c": _s_c, "v_i": _v_i, "v_f": _v_f, "v_g": _v_g, "v_o": _v_o, }
     return _outputs[0], _final, _saved
 
 
-def _backward(_params, _x, _saved, _d_outputs, _d_final):
-    _x_seq = np.asarray(_x)
-    _T, _B = _x_seq.shape[:2]
-    _dtype = _saved["h"].dtype
-    _sz = _sizes(_params, _x)
-    _I = _sz.get("I")
-    _H = _sz.get("H")
+def _inference(_params, _x, _state):
+    """The whole sequence keeping nothing for a backward: outputs and final states."""
+    _T, _B, _I, _H = _setup(_params, _x)
+    _dtype = np.result_type(_arrays(_x)[0], *_params.values())
     W_ii = np.asarray(_params["W_ii"], _dtype)
     W_hi = np.asarray(_params["W_hi"], _dtype)
     b_ii = np.asarray(_params["b_ii"], _dtype)
@@ -191,109 +185,148 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final):
     W_ho = np.asarray(_params["W_ho"], _dtype)
     b_io = np.asarray(_params["b_io"], _dtype)
     b_ho = np.asarray(_params["b_ho"], _dtype)
-    _x_seq = np.asarray(_x_seq, _dtype)
-    _h_seq = _saved["h"]
-    _c_seq = _saved["c"]
-    _i_seq = _saved["i"]
-    _f_seq = _saved["f"]
-    _g_seq = _saved["g"]
-    _o_seq = _saved["o"]
-    _W_ii_x_seq = _saved["W_ii_x"]
-    _W_if_x_seq = _saved["W_if_x"]
-    _W_ig_x_seq = _saved["W_ig_x"]
-    _W_io_x_seq = _saved["W_io_x"]
+    _x_x = np.asarray(_arrays(_x)[0], _dtype)
+    _wt_W_ii_W_if_W_ig_W_io = np.ascontiguousarray(np.concatenate([W_ii, W_if, W_ig, W_io]).T)
+    _wt_W_hi_W_hf_W_hg_W_ho = np.ascontiguousarray(np.concatenate([W_hi, W_hf, W_hg, W_ho]).T)
+    _state0 = _initial_state(_state, _B, _dtype, (_H, _H, ))
+    _s_h = np.empty((_T + 1, _B, _H), _dtype)
+    _s_h[0] = _state0[0]
+    _s_c = np.empty((_T + 1, _B, _H), _dtype)
+    _s_c[0] = _state0[1]
+    _hg_W_ii_W_if_W_ig_W_io__x = np.empty((_T, _B, 4*_H), _dtype)
+    _g_W_hi_W_hf_W_hg_W_ho__h = np.empty((_B, 4*_H), _dtype)
+    # W_ii @ x, W_if @ x, W_ig @ x, W_io @ x
+    np.matmul(_x_x.reshape(_T * _B, _I), _wt_W_ii_W_if_W_ig_W_io, out=_hg_W_ii_W_if_W_ig_W_io__x.reshape(_T * _B, 4*_H))
+    for _t in range(_T):
+        # W_hi @ h, W_hf @ h, W_hg @ h, W_ho @ h
+        np.matmul(_s_h[_t], _wt_W_hi_W_hf_W_hg_W_ho, out=_g_W_hi_W_hf_W_hg_W_ho__h)
+        # stage 0 forward
+        W_hf_h = _g_W_hi_W_hf_W_hg_W_ho__h[:, _H:2*_H]
+        W_hg_h = _g_W_hi_W_hf_W_hg_W_ho__h[:, 2*_H:3*_H]
+        W_hi_h = _g_W_hi_W_hf_W_hg_W_ho__h[:, 0:_H]
+        W_ho_h = _g_W_hi_W_hf_W_hg_W_ho__h[:, 3*_H:4*_H]
+        W_if_x = _hg_W_ii_W_if_W_ig_W_io__x[_t][:, _H:2*_H]
+        W_ig_x = _hg_W_ii_W_if_W_ig_W_io__x[_t][:, 2*_H:3*_H]
+        W_ii_x = _hg_W_ii_W_if_W_ig_W_io__x[_t][:, 0:_H]
+        W_io_x = _hg_W_ii_W_if_W_ig_W_io__x[_t][:, 3*_H:4*_H]
+        c = _s_c[_t]
+        i = _sigmoid(W_hi_h + W_ii_x + b_hi + b_ii)  # lstm.cell:15  i = sigmoid(W_ii @ x + b_ii + W_hi @ h + b_hi)
+        f = _sigmoid(W_hf_h + W_if_x + b_hf + b_if)  # lstm.cell:16  f = sigmoid(W_if @ x + b_if + W_hf @ h + b_hf)
+        g = np.tanh(W_hg_h + W_ig_x + b_hg + b_ig)  # lstm.cell:17  g = tanh(W_ig @ x + b_ig + W_hg @ h + b_hg)
+        o = _sigmoid(W_ho_h + W_io_x + b_ho + b_io)  # lstm.cell:18  o = sigmoid(W_io @ x + b_io + W_ho @ h + b_ho)
+        c_next = c*f + g*i  # lstm.cell:20  c' = f * c + i * g
+        h_next = o*np.tanh(c_next)  # lstm.cell:21  h' = o * tanh(c')
+        _s_c[_t + 1][...] = c_next
+        _s_h[_t + 1][...] = h_next
+    _outputs = (_s_h[1:],)
+    _final = (_s_h[_T], _s_c[_T], )
+    _saved = {}
+    return _outputs[0], _final, _saved
+
+
+def _backward(_params, _x, _saved, _d_outputs, _d_final):
+    """Gradients of the whole sequence: (d_params, d_x, d_state)."""
+    _T, _B, _I, _H = _setup(_params, _x)
+    _dtype = np.result_type(_arrays(_x)[0], *_params.values())
+    W_ii = np.asarray(_params["W_ii"], _dtype)
+    W_hi = np.asarray(_params["W_hi"], _dtype)
+    b_ii = np.asarray(_params["b_ii"], _dtype)
+    b_hi = np.asarray(_params["b_hi"], _dtype)
+    W_if = np.asarray(_params["W_if"], _dtype)
+    W_hf = np.asarray(_params["W_hf"], _dtype)
+    b_if = np.asarray(_params["b_if"], _dtype)
+    b_hf = np.asarray(_params["b_hf"], _dtype)
+    W_ig = np.asarray(_params["W_ig"], _dtype)
+    W_hg = np.asarray(_params["W_hg"], _dtype)
+    b_ig = np.asarray(_params["b_ig"], _dtype)
+    b_hg = np.asarray(_params["b_hg"], _dtype)
+    W_io = np.asarray(_params["W_io"], _dtype)
+    W_ho = np.asarray(_params["W_ho"], _dtype)
+    b_io = np.asarray(_params["b_io"], _dtype)
+    b_ho = np.asarray(_params["b_ho"], _dtype)
+    _x_x = np.asarray(_arrays(_x)[0], _dtype)
+    _w_W_ii_W_if_W_ig_W_io = np.concatenate([W_ii, W_if, W_ig, W_io])
+    _w_W_hi_W_hf_W_hg_W_ho = np.concatenate([W_hi, W_hf, W_hg, W_ho])
+    _s_h = _saved["s_h"]
+    _s_c = _saved["s_c"]
+    _v_i = _saved["v_i"]
+    _v_f = _saved["v_f"]
+    _v_g = _saved["v_g"]
+    _v_o = _saved["v_o"]
     _d_outputs = (_d_outputs,)
-    _d_h_next_out_seq = np.zeros((_T, _B, _H), _dtype) if _d_outputs[0] is None else np.asarray(_d_outputs[0], _dtype)
+    _dout_h_next = np.zeros((_T, _B, _H), _dtype) if _d_outputs[0] is None else np.asarray(_d_outputs[0], _dtype)
     _d_final = (None,) * 2 if _d_final is None else tuple(_d_final)
-    d_h = np.zeros((_B, _H), _dtype) if _d_final[0] is None else np.asarray(_d_final[0], _dtype)
-    d_c = np.zeros((_B, _H), _dtype) if _d_final[1] is None else np.asarray(_d_final[1], _dtype)
-    _d_x_seq = np.zeros((_T, _B, _I), _dtype)
-    _grads = {"W_ii": np.zeros((_H, _I), _dtype), "W_hi": np.zeros((_H, _H), _dtype), "b_ii": np.zeros((_H), _dtype), "b_hi": np.zeros((_H), _dtype), "W_if": np.zeros((_H, _I), _dtype), "W_hf": np.zeros((_H, _H), _dtype), "b_if": np.zeros((_H), _dtype), "b_hf": np.zeros((_H), _dtype), "W_ig": np.zeros((_H, _I), _dtype), "W_hg": np.zeros((_H, _H), _dtype), "b_ig": np.zeros((_H), _dtype), "b_hg": np.zeros((_H), _dtype), "W_io": np.zeros((_H, _I), _dtype), "W_ho": np.zeros((_H, _H), _dtype), "b_io": np.zeros((_H), _dtype), "b_ho": np.zeros((_H), _dtype)}
-    _d_W_hi_W_hf_W_hg_W_ho__h_seq = np.zeros((_T, _B, 4*_H), _dtype)
-    _wb_W_hi_W_hf_W_hg_W_ho__h = np.concatenate([W_hi, W_hf, W_hg, W_ho])
-    _d_W_ii_W_if_W_ig_W_io__x_seq = np.zeros((_T, _B, 4*_H), _dtype)
+    _ds_h = np.zeros((_B, _H), _dtype) if _d_final[0] is None else np.array(np.asarray(_d_final[0], _dtype), copy=True)
+    _ds_c = np.zeros((_B, _H), _dtype) if _d_final[1] is None else np.array(np.asarray(_d_final[1], _dtype), copy=True)
+    _dx_x = np.empty((_T, _B, _I), _dtype)
+    _dg_W_hi_W_hf_W_hg_W_ho__h = np.empty((_T, _B, 4*_H), _dtype)
+    _tmp_d_h_gemm = np.empty((_B, _H), _dtype)
+    _tmp_d_c_next = np.empty((_B, _H), _dtype)
+    _sum_d_b_ii = np.empty((_H,), _dtype)
+    _sum_d_b_if = np.empty((_H,), _dtype)
+    _sum_d_b_ig = np.empty((_H,), _dtype)
+    _sum_d_b_io = np.empty((_H,), _dtype)
+    _grads = {}
     for _t in reversed(range(_T)):
-        x = _x_seq[_t]
-        h = _h_seq[_t]
-        h_next = _h_seq[_t + 1]
-        c = _c_seq[_t]
-        c_next = _c_seq[_t + 1]
-        i = _i_seq[_t]
-        f = _f_seq[_t]
-        g = _g_seq[_t]
-        o = _o_seq[_t]
-        W_ii_x = _W_ii_x_seq[_t]
-        W_if_x = _W_if_x_seq[_t]
-        W_ig_x = _W_ig_x_seq[_t]
-        W_io_x = _W_io_x_seq[_t]
-        d_h_next_out = _d_h_next_out_seq[_t]
         # stage 0 backward
+        c = _s_c[_t]
+        c_next = _s_c[_t + 1]
+        d_c = _ds_c
+        d_h = _ds_h
+        d_h_next_out = _dout_h_next[_t]
+        f = _v_f[_t]
+        g = _v_g[_t]
+        i = _v_i[_t]
+        o = _v_o[_t]
         t0 = np.tanh(c_next)
-        d_h_next = d_h + d_h_next_out  # h'
-        d_c_next = d_c + d_h_next*o*(1 - (t0*t0))  # c'
-        d_o = d_h_next*t0  # o
-        d_g = d_c_next*i  # g
-        d_f = c*d_c_next  # f
-        d_i = d_c_next*g  # i
-        d_W_hi_h = d_i*i*(1 - i)  # W_hi @ h
-        d_W_hf_h = d_f*f*(1 - f)  # W_hf @ h
-        d_W_hg_h = d_g*(1 - (g*g))  # W_hg @ h
-        d_W_ho_h = d_o*o*(1 - o)  # W_ho @ h
-        _d_W_hi_W_hf_W_hg_W_ho__h_seq[_t, :, 0:_H] = d_W_hi_h
-        _d_W_hi_W_hf_W_hg_W_ho__h_seq[_t, :, _H:2*_H] = d_W_hf_h
-        _d_W_hi_W_hf_W_hg_W_ho__h_seq[_t, :, 2*_H:3*_H] = d_W_hg_h
-        _d_W_hi_W_hf_W_hg_W_ho__h_seq[_t, :, 3*_H:4*_H] = d_W_ho_h
-        d_h_gemm = _d_W_hi_W_hf_W_hg_W_ho__h_seq[_t] @ _wb_W_hi_W_hf_W_hg_W_ho__h
-        # per-step adjoints of inputs, previous states, vector params and hoisted results
-        d_h = d_h_gemm  # state
-        d_c = d_c_next*f  # state
-        d_b_ii = d_W_hi_h  # param
-        d_b_hi = d_W_hi_h  # param
-        d_b_if = d_W_hf_h  # param
-        d_b_hf = d_W_hf_h  # param
-        d_b_ig = d_W_hg_h  # param
-        d_b_hg = d_W_hg_h  # param
-        d_b_io = d_W_ho_h  # param
-        d_b_ho = d_W_ho_h  # param
-        d_W_ii_x = d_W_hi_h  # hoisted projection
-        d_W_if_x = d_W_hf_h  # hoisted projection
-        d_W_ig_x = d_W_hg_h  # hoisted projection
-        d_W_io_x = d_W_ho_h  # hoisted projection
-        _grads["b_ii"] += _rows(d_b_ii, (_B, _H)).sum(0)
-        _grads["b_hi"] += _rows(d_b_hi, (_B, _H)).sum(0)
-        _grads["b_if"] += _rows(d_b_if, (_B, _H)).sum(0)
-        _grads["b_hf"] += _rows(d_b_hf, (_B, _H)).sum(0)
-        _grads["b_ig"] += _rows(d_b_ig, (_B, _H)).sum(0)
-        _grads["b_hg"] += _rows(d_b_hg, (_B, _H)).sum(0)
-        _grads["b_io"] += _rows(d_b_io, (_B, _H)).sum(0)
-        _grads["b_ho"] += _rows(d_b_ho, (_B, _H)).sum(0)
-        _d_W_ii_W_if_W_ig_W_io__x_seq[_t, :, 0:_H] = d_W_ii_x
-        _d_W_ii_W_if_W_ig_W_io__x_seq[_t, :, _H:2*_H] = d_W_if_x
-        _d_W_ii_W_if_W_ig_W_io__x_seq[_t, :, 2*_H:3*_H] = d_W_ig_x
-        _d_W_ii_W_if_W_ig_W_io__x_seq[_t, :, 3*_H:4*_H] = d_W_io_x
-
-    # dW of the per-step projections: one GEMM over all T*B rows each
-    _dw = _d_W_hi_W_hf_W_hg_W_ho__h_seq.reshape(_T * _B, 4*_H).T @ _h_seq[:_T].reshape(_T * _B, _H)
-    _grads["W_hi"] += _dw[0:_H]
-    _grads["W_hf"] += _dw[_H:2*_H]
-    _grads["W_hg"] += _dw[2*_H:3*_H]
-    _grads["W_ho"] += _dw[3*_H:4*_H]
-
-    # hoisted projections W_ii @ x, W_if @ x, W_ig @ x, W_io @ x: dW and d_operand over all T*B rows
-    _dg = _d_W_ii_W_if_W_ig_W_io__x_seq.reshape(_T * _B, 4*_H)
-    _dw = _dg.T @ _x_seq.reshape(_T * _B, _I)
-    _grads["W_ii"] += _dw[0:_H]
-    _grads["W_if"] += _dw[_H:2*_H]
-    _grads["W_ig"] += _dw[2*_H:3*_H]
-    _grads["W_io"] += _dw[3*_H:4*_H]
-    d_x_hgemm = (_dg @ np.concatenate([W_ii, W_if, W_ig, W_io])).reshape(_T, _B, _I)
-    _d_x_seq += d_x_hgemm
-
-    _d_x = _d_x_seq
-    _d_state = (d_h, d_c)
+        d_h_next = d_h + d_h_next_out  # adjoint of h'
+        d_c_next = d_c + d_h_next*o*(1 - (t0*t0))  # adjoint of c'
+        d_o = d_h_next*t0  # adjoint of o
+        d_g = d_c_next*i  # adjoint of g
+        d_f = c*d_c_next  # adjoint of f
+        d_i = d_c_next*g  # adjoint of i
+        d_W_hi_h = d_i*i*(1 - i)  # adjoint of W_hi @ h
+        d_W_hf_h = d_f*f*(1 - f)  # adjoint of W_hf @ h
+        d_W_hg_h = d_g*(1 - (g*g))  # adjoint of W_hg @ h
+        d_W_ho_h = d_o*o*(1 - o)  # adjoint of W_ho @ h
+        _tmp_d_c_next[...] = d_c_next
+        _dg_W_hi_W_hf_W_hg_W_ho__h[_t][:, 0:_H][...] = d_W_hi_h
+        _dg_W_hi_W_hf_W_hg_W_ho__h[_t][:, _H:2*_H][...] = d_W_hf_h
+        _dg_W_hi_W_hf_W_hg_W_ho__h[_t][:, 2*_H:3*_H][...] = d_W_hg_h
+        _dg_W_hi_W_hf_W_hg_W_ho__h[_t][:, 3*_H:4*_H][...] = d_W_ho_h
+        np.matmul(_dg_W_hi_W_hf_W_hg_W_ho__h[_t], _w_W_hi_W_hf_W_hg_W_ho, out=_tmp_d_h_gemm)
+        # per-step adjoints of inputs, states, vector params, hoisted results
+        d_c_next = _tmp_d_c_next
+        d_h_gemm = _tmp_d_h_gemm
+        f = _v_f[_t]
+        d_h = d_h_gemm  # adjoint of state h
+        d_c = d_c_next*f  # adjoint of state c
+        _ds_h[...] = d_h
+        _ds_c[...] = d_c
+    # dW of W_hi @ h, W_hf @ h, W_hg @ h, W_ho @ h: one GEMM over all T*B rows
+    _grads["W_hi"] = _dg_W_hi_W_hf_W_hg_W_ho__h.reshape(_T * _B, 4*_H)[:, 0:_H].T @ _s_h[:_T].reshape(_T * _B, _H)
+    _grads["W_hf"] = _dg_W_hi_W_hf_W_hg_W_ho__h.reshape(_T * _B, 4*_H)[:, _H:2*_H].T @ _s_h[:_T].reshape(_T * _B, _H)
+    _grads["W_hg"] = _dg_W_hi_W_hf_W_hg_W_ho__h.reshape(_T * _B, 4*_H)[:, 2*_H:3*_H].T @ _s_h[:_T].reshape(_T * _B, _H)
+    _grads["W_ho"] = _dg_W_hi_W_hf_W_hg_W_ho__h.reshape(_T * _B, 4*_H)[:, 3*_H:4*_H].T @ _s_h[:_T].reshape(_T * _B, _H)
+    # dW of W_ii @ x, W_if @ x, W_ig @ x, W_io @ x: one GEMM over all T*B rows
+    _grads["W_ii"] = _dg_W_hi_W_hf_W_hg_W_ho__h.reshape(_T * _B, 4*_H)[:, 0:_H].T @ _x_x.reshape(_T * _B, _I)
+    _grads["W_if"] = _dg_W_hi_W_hf_W_hg_W_ho__h.reshape(_T * _B, 4*_H)[:, _H:2*_H].T @ _x_x.reshape(_T * _B, _I)
+    _grads["W_ig"] = _dg_W_hi_W_hf_W_hg_W_ho__h.reshape(_T * _B, 4*_H)[:, 2*_H:3*_H].T @ _x_x.reshape(_T * _B, _I)
+    _grads["W_io"] = _dg_W_hi_W_hf_W_hg_W_ho__h.reshape(_T * _B, 4*_H)[:, 3*_H:4*_H].T @ _x_x.reshape(_T * _B, _I)
+    np.matmul(_dg_W_hi_W_hf_W_hg_W_ho__h.reshape(_T * _B, 4*_H), _w_W_ii_W_if_W_ig_W_io, out=_dx_x.reshape(_T * _B, _I))
+    _sum = _dg_W_hi_W_hf_W_hg_W_ho__h.reshape(_T * _B, 4*_H)[:, 0:_H].sum(0)
+    _grads["b_ii"] = _sum
+    _grads["b_hi"] = _sum
+    _sum = _dg_W_hi_W_hf_W_hg_W_ho__h.reshape(_T * _B, 4*_H)[:, _H:2*_H].sum(0)
+    _grads["b_if"] = _sum
+    _grads["b_hf"] = _sum
+    _sum = _dg_W_hi_W_hf_W_hg_W_ho__h.reshape(_T * _B, 4*_H)[:, 2*_H:3*_H].sum(0)
+    _grads["b_ig"] = _sum
+    _grads["b_hg"] = _sum
+    _sum = _dg_W_hi_W_hf_W_hg_W_ho__h.reshape(_T * _B, 4*_H)[:, 3*_H:4*_H].sum(0)
+    _grads["b_io"] = _sum
+    _grads["b_ho"] = _sum
+    _grads = {"W_ii": _grads["W_ii"], "W_hi": _grads["W_hi"], "b_ii": _grads["b_ii"], "b_hi": _grads["b_hi"], "W_if": _grads["W_if"], "W_hf": _grads["W_hf"], "b_if": _grads["b_if"], "b_hf": _grads["b_hf"], "W_ig": _grads["W_ig"], "W_hg": _grads["W_hg"], "b_ig": _grads["b_ig"], "b_hg": _grads["b_hg"], "W_io": _grads["W_io"], "W_ho": _grads["W_ho"], "b_io": _grads["b_io"], "b_ho": _grads["b_ho"], }
+    _d_x = _dx_x
+    _d_state = (_ds_h, _ds_c)
     return _grads, _d_x, _d_state
-
-
-def _rows(a, shape):
-    """An adjoint as rows of shape[-1] (it may broadcast), for summing into a vector's gradient."""
-    return np.broadcast_to(a, shape).reshape(-1, shape[-1])

@@ -58,7 +58,7 @@ def backward(params, x, state, d_output, d_new_state):
 
 def forward_sequence(params, x, state=None):
     """A whole sequence: x [T, B, ...] -> (outputs [T, B, ...], final_state)."""
-    _outputs, _final, _ = _forward(params, x, state)
+    _outputs, _final, _ = _inference(params, x, state)
     return _outputs, _final
 
 
@@ -73,154 +73,210 @@ def _first_step(a):
     return a[None]
 
 
-def _sizes(_params, _x):
-    _x_seq = np.asarray(_x)
-    return {"I": _x_seq.shape[-1], "H": _params["W_f"].shape[0], }
+def _initial_state(_state, _B, _dtype, _sizes):
+    """The initial states as a tuple of [B, size] arrays (None means zeros)."""
+    _state = (_state,)
+    return tuple(np.zeros((_B, _n), _dtype) if _s is None else np.asarray(_s, _dtype) for _s, _n in zip(_state, _sizes))
 
 
-def _initial_state(_params, _x, _state, _B, _dtype, _sz):
-    if _state is None:
-        return (np.zeros((_B, _sz["H"]), _dtype),)
-    return (np.asarray(_state, _dtype),)
+def _arrays(_x):
+    return (_x,)
+
+
+def _setup(_params, _x):
+    """Sizes, params and stacked weights of one call."""
+    _x_x = np.asarray(_arrays(_x)[0])
+    _T, _B = _x_x.shape[0], _x_x.shape[1]
+    _I = _x_x.shape[-1]
+    _H = _params["W_f"].shape[0]
+    return _T, _B, _I, _H
 
 
 def _forward(_params, _x, _state):
-    _x_seq = np.asarray(_x)
-    _T, _B = _x_seq.shape[:2]
-    _dtype = np.result_type(_x_seq, _params["W_f"], _params["U_f"], _params["b_f"], _params["W_h"], _params["U_h"], _params["b_h"])
-    _sz = _sizes(_params, _x)
-    _I = _sz.get("I")
-    _H = _sz.get("H")
+    """The whole sequence: outputs, final states and what the backward reads."""
+    _T, _B, _I, _H = _setup(_params, _x)
+    _dtype = np.result_type(_arrays(_x)[0], *_params.values())
     W_f = np.asarray(_params["W_f"], _dtype)
     U_f = np.asarray(_params["U_f"], _dtype)
     b_f = np.asarray(_params["b_f"], _dtype)
     W_h = np.asarray(_params["W_h"], _dtype)
     U_h = np.asarray(_params["U_h"], _dtype)
     b_h = np.asarray(_params["b_h"], _dtype)
-    _x_seq = np.asarray(_x_seq, _dtype)
-
-    # Hoisted projections W_f @ x, W_h @ x: one GEMM over all T*B rows.
-    _g = _x_seq.reshape(_T * _B, _I) @ np.concatenate([W_f, W_h]).T
-    _W_f_x_seq = _g[:, 0:_H].reshape(_T, _B, _H)
-    _W_h_x_seq = _g[:, _H:2*_H].reshape(_T, _B, _H)
-    _w_U_f__h = np.ascontiguousarray(np.concatenate([U_f]).T)
-    _w_U_h__U_h_in = np.ascontiguousarray(np.concatenate([U_h]).T)
-
-    _state0 = _initial_state(_params, _x, _state, _B, _dtype, _sz)
-    _h_seq = np.empty((_T + 1, _B, _H), _dtype)
-    _h_seq[0] = _state0[0]
-    _f_seq = np.empty((_T, _B, _H), _dtype)
-    _U_h_in_seq = np.empty((_T, _B, _H), _dtype)
-    _h_tilde_seq = np.empty((_T, _B, _H), _dtype)
+    _x_x = np.asarray(_arrays(_x)[0], _dtype)
+    _wt_W_f_W_h = np.ascontiguousarray(np.concatenate([W_f, W_h]).T)
+    _wt_U_f = np.ascontiguousarray(U_f.T)
+    _wt_U_h = np.ascontiguousarray(U_h.T)
+    _state0 = _initial_state(_state, _B, _dtype, (_H, ))
+    _s_h = np.empty((_T + 1, _B, _H), _dtype)
+    _s_h[0] = _state0[0]
+    _hg_W_f_W_h__x = np.empty((_T, _B, 2*_H), _dtype)
+    _g_U_f__h = np.empty((_B, _H), _dtype)
+    _v_f = np.empty((_T, _B, _H), _dtype)
+    _v_U_h_in = np.empty((_T, _B, _H), _dtype)
+    _g_U_h__U_h_in = np.empty((_B, _H), _dtype)
+    _v_h_tilde = np.empty((_T, _B, _H), _dtype)
+    # W_f @ x, W_h @ x
+    np.matmul(_x_x.reshape(_T * _B, _I), _wt_W_f_W_h, out=_hg_W_f_W_h__x.reshape(_T * _B, 2*_H))
     for _t in range(_T):
-        x = _x_seq[_t]
-        h = _h_seq[_t]
-        W_f_x = _W_f_x_seq[_t]
-        W_h_x = _W_h_x_seq[_t]
-        # stage 0: U_f @ h in one GEMM
-        _g = h @ _w_U_f__h
-        U_f_h = _g[:, 0:_H]
+        # U_f @ h
+        np.matmul(_s_h[_t], _wt_U_f, out=_g_U_f__h)
+        # stage 0 forward
+        U_f_h = _g_U_f__h
+        W_f_x = _hg_W_f_W_h__x[_t][:, 0:_H]
+        h = _s_h[_t]
         f = _sigmoid(U_f_h + W_f_x + b_f)  # mgu.cell:11  f = sigmoid(W_f @ x + U_f @ h + b_f)
         U_h_in = f*h  # mgu.cell:12  h_tilde = tanh(W_h @ x + U_h @ (f * h) + b_h)
-        # stage 1: U_h @ U_h_in in one GEMM
-        _g = U_h_in @ _w_U_h__U_h_in
-        U_h_out = _g[:, 0:_H]
+        _v_f[_t][...] = f
+        _v_U_h_in[_t][...] = U_h_in
+        # U_h @ U_h_in
+        np.matmul(_v_U_h_in[_t], _wt_U_h, out=_g_U_h__U_h_in)
+        # stage 1 forward
+        U_h_out = _g_U_h__U_h_in
+        W_h_x = _hg_W_f_W_h__x[_t][:, _H:2*_H]
+        f = _v_f[_t]
+        h = _s_h[_t]
         h_tilde = np.tanh(U_h_out + W_h_x + b_h)  # mgu.cell:12  h_tilde = tanh(W_h @ x + U_h @ (f * h) + b_h)
         h_next = f*h_tilde + h*(1 - f)  # mgu.cell:13  h' = (1 - f) * h + f * h_tilde
-        _h_seq[_t + 1] = h_next
-        _f_seq[_t] = f
-        _U_h_in_seq[_t] = U_h_in
-        _h_tilde_seq[_t] = h_tilde
+        _v_h_tilde[_t][...] = h_tilde
+        _s_h[_t + 1][...] = h_next
+    _outputs = (_s_h[1:],)
+    _final = (_s_h[_T], )
+    _saved = {"s_h": _s_h, "v_f": _v_f, "v_U_h_in": _v_U_h_in, "v_h_tilde": _v_h_tilde, }
+    return _outputs[0], _final[0], _saved
 
-    _outputs = (_h_seq[1:], )
-    _final = (_h_seq[_T], )
-    _saved = {"h": _h_seq, "f": _f_seq, "U_h_in": _U_h_in_seq, "h_tilde": _h_tilde_seq, "W_f_x": _W_f_x_seq, "W_h_x": _W_h_x_seq, }
+
+def _inference(_params, _x, _state):
+    """The whole sequence keeping nothing for a backward: outputs and final states."""
+    _T, _B, _I, _H = _setup(_params, _x)
+    _dtype = np.result_type(_arrays(_x)[0], *_params.values())
+    W_f = np.asarray(_params["W_f"], _dtype)
+    U_f = np.asarray(_params["U_f"], _dtype)
+    b_f = np.asarray(_params["b_f"], _dtype)
+    W_h = np.asarray(_params["W_h"], _dtype)
+    U_h = np.asarray(_params["U_h"], _dtype)
+    b_h = np.asarray(_params["b_h"], _dtype)
+    _x_x = np.asarray(_arrays(_x)[0], _dtype)
+    _wt_W_f_W_h = np.ascontiguousarray(np.concatenate([W_f, W_h]).T)
+    _wt_U_f = np.ascontiguousarray(U_f.T)
+    _wt_U_h = np.ascontiguousarray(U_h.T)
+    _state0 = _initial_state(_state, _B, _dtype, (_H, ))
+    _s_h = np.empty((_T + 1, _B, _H), _dtype)
+    _s_h[0] = _state0[0]
+    _hg_W_f_W_h__x = np.empty((_T, _B, 2*_H), _dtype)
+    _g_U_f__h = np.empty((_B, _H), _dtype)
+    _tmp_f = np.empty((_B, _H), _dtype)
+    _tmp_U_h_in = np.empty((_B, _H), _dtype)
+    _g_U_h__U_h_in = np.empty((_B, _H), _dtype)
+    # W_f @ x, W_h @ x
+    np.matmul(_x_x.reshape(_T * _B, _I), _wt_W_f_W_h, out=_hg_W_f_W_h__x.reshape(_T * _B, 2*_H))
+    for _t in range(_T):
+        # U_f @ h
+        np.matmul(_s_h[_t], _wt_U_f, out=_g_U_f__h)
+        # stage 0 forward
+        U_f_h = _g_U_f__h
+        W_f_x = _hg_W_f_W_h__x[_t][:, 0:_H]
+        h = _s_h[_t]
+        f = _sigmoid(U_f_h + W_f_x + b_f)  # mgu.cell:11  f = sigmoid(W_f @ x + U_f @ h + b_f)
+        U_h_in = f*h  # mgu.cell:12  h_tilde = tanh(W_h @ x + U_h @ (f * h) + b_h)
+        _tmp_f[...] = f
+        _tmp_U_h_in[...] = U_h_in
+        # U_h @ U_h_in
+        np.matmul(_tmp_U_h_in, _wt_U_h, out=_g_U_h__U_h_in)
+        # stage 1 forward
+        U_h_out = _g_U_h__U_h_in
+        W_h_x = _hg_W_f_W_h__x[_t][:, _H:2*_H]
+        f = _tmp_f
+        h = _s_h[_t]
+        h_tilde = np.tanh(U_h_out + W_h_x + b_h)  # mgu.cell:12  h_tilde = tanh(W_h @ x + U_h @ (f * h) + b_h)
+        h_next = f*h_tilde + h*(1 - f)  # mgu.cell:13  h' = (1 - f) * h + f * h_tilde
+        _s_h[_t + 1][...] = h_next
+    _outputs = (_s_h[1:],)
+    _final = (_s_h[_T], )
+    _saved = {}
     return _outputs[0], _final[0], _saved
 
 
 def _backward(_params, _x, _saved, _d_outputs, _d_final):
-    _x_seq = np.asarray(_x)
-    _T, _B = _x_seq.shape[:2]
-    _dtype = _saved["h"].dtype
-    _sz = _sizes(_params, _x)
-    _I = _sz.get("I")
-    _H = _sz.get("H")
+    """Gradients of the whole sequence: (d_params, d_x, d_state)."""
+    _T, _B, _I, _H = _setup(_params, _x)
+    _dtype = np.result_type(_arrays(_x)[0], *_params.values())
     W_f = np.asarray(_params["W_f"], _dtype)
     U_f = np.asarray(_params["U_f"], _dtype)
     b_f = np.asarray(_params["b_f"], _dtype)
     W_h = np.asarray(_params["W_h"], _dtype)
     U_h = np.asarray(_params["U_h"], _dtype)
     b_h = np.asarray(_params["b_h"], _dtype)
-    _x_seq = np.asarray(_x_seq, _dtype)
-    _h_seq = _saved["h"]
-    _f_seq = _saved["f"]
-    _U_h_in_seq = _saved["U_h_in"]
-    _h_tilde_seq = _saved["h_tilde"]
-    _W_f_x_seq = _saved["W_f_x"]
-    _W_h_x_seq = _saved["W_h_x"]
+    _x_x = np.asarray(_arrays(_x)[0], _dtype)
+    _w_W_f_W_h = np.concatenate([W_f, W_h])
+    _w_U_f = U_f
+    _w_U_h = U_h
+    _s_h = _saved["s_h"]
+    _v_f = _saved["v_f"]
+    _v_U_h_in = _saved["v_U_h_in"]
+    _v_h_tilde = _saved["v_h_tilde"]
     _d_outputs = (_d_outputs,)
-    _d_h_next_out_seq = np.zeros((_T, _B, _H), _dtype) if _d_outputs[0] is None else np.asarray(_d_outputs[0], _dtype)
+    _dout_h_next = np.zeros((_T, _B, _H), _dtype) if _d_outputs[0] is None else np.asarray(_d_outputs[0], _dtype)
     _d_final = (_d_final,)
-    d_h = np.zeros((_B, _H), _dtype) if _d_final[0] is None else np.asarray(_d_final[0], _dtype)
-    _d_x_seq = np.zeros((_T, _B, _I), _dtype)
-    _grads = {"W_f": np.zeros((_H, _I), _dtype), "U_f": np.zeros((_H, _H), _dtype), "b_f": np.zeros((_H), _dtype), "W_h": np.zeros((_H, _I), _dtype), "U_h": np.zeros((_H, _H), _dtype), "b_h": np.zeros((_H), _dtype)}
-    _d_U_f__h_seq = np.zeros((_T, _B, _H), _dtype)
-    _wb_U_f__h = np.concatenate([U_f])
-    _d_U_h__U_h_in_seq = np.zeros((_T, _B, _H), _dtype)
-    _wb_U_h__U_h_in = np.concatenate([U_h])
-    _d_W_f_W_h__x_seq = np.zeros((_T, _B, 2*_H), _dtype)
+    _ds_h = np.zeros((_B, _H), _dtype) if _d_final[0] is None else np.array(np.asarray(_d_final[0], _dtype), copy=True)
+    _dx_x = np.empty((_T, _B, _I), _dtype)
+    _dg_U_f__h = np.empty((_T, _B, _H), _dtype)
+    _tmp_d_h_gemm = np.empty((_B, _H), _dtype)
+    _dg_U_h__U_h_in = np.empty((_T, _B, _H), _dtype)
+    _tmp_d_U_h_in_gemm = np.empty((_B, _H), _dtype)
+    _dhg_W_f_W_h__x = np.empty((_T, _B, 2*_H), _dtype)
+    _tmp_d_h_next = np.empty((_B, _H), _dtype)
+    _tmp_d_U_h_in = np.empty((_B, _H), _dtype)
+    _grads = {}
     for _t in reversed(range(_T)):
-        x = _x_seq[_t]
-        h = _h_seq[_t]
-        h_next = _h_seq[_t + 1]
-        f = _f_seq[_t]
-        U_h_in = _U_h_in_seq[_t]
-        h_tilde = _h_tilde_seq[_t]
-        W_f_x = _W_f_x_seq[_t]
-        W_h_x = _W_h_x_seq[_t]
-        d_h_next_out = _d_h_next_out_seq[_t]
         # stage 1 backward
-        d_h_next = d_h + d_h_next_out  # h'
-        d_h_tilde = d_h_next*f  # h_tilde
-        d_U_h_out = d_h_tilde*(1 - (h_tilde*h_tilde))  # U_h @ U_h_in
-        _d_U_h__U_h_in_seq[_t, :, 0:_H] = d_U_h_out
-        d_U_h_in_gemm = _d_U_h__U_h_in_seq[_t] @ _wb_U_h__U_h_in
+        d_h = _ds_h
+        d_h_next_out = _dout_h_next[_t]
+        f = _v_f[_t]
+        h_tilde = _v_h_tilde[_t]
+        d_h_next = d_h + d_h_next_out  # adjoint of h'
+        d_h_tilde = d_h_next*f  # adjoint of h_tilde
+        d_U_h_out = d_h_tilde*(1 - (h_tilde*h_tilde))  # adjoint of U_h @ U_h_in
+        _tmp_d_h_next[...] = d_h_next
+        _dg_U_h__U_h_in[_t][...] = d_U_h_out
+        np.matmul(_dg_U_h__U_h_in[_t], _w_U_h, out=_tmp_d_U_h_in_gemm)
         # stage 0 backward
-        d_U_h_in = d_U_h_in_gemm  # operand of U_h_in
-        d_f = d_U_h_in*h + d_h_next*(-h + h_tilde)  # f
-        d_U_f_h = d_f*f*(1 - f)  # U_f @ h
-        _d_U_f__h_seq[_t, :, 0:_H] = d_U_f_h
-        d_h_gemm = _d_U_f__h_seq[_t] @ _wb_U_f__h
-        # per-step adjoints of inputs, previous states, vector params and hoisted results
-        d_h = d_U_h_in*f + d_h_gemm + d_h_next*(1 - f)  # state
-        d_b_f = d_U_f_h  # param
-        d_b_h = d_U_h_out  # param
-        d_W_f_x = d_U_f_h  # hoisted projection
-        d_W_h_x = d_U_h_out  # hoisted projection
-        _grads["b_f"] += _rows(d_b_f, (_B, _H)).sum(0)
-        _grads["b_h"] += _rows(d_b_h, (_B, _H)).sum(0)
-        _d_W_f_W_h__x_seq[_t, :, 0:_H] = d_W_f_x
-        _d_W_f_W_h__x_seq[_t, :, _H:2*_H] = d_W_h_x
-
-    # dW of the per-step projections: one GEMM over all T*B rows each
-    _dw = _d_U_f__h_seq.reshape(_T * _B, _H).T @ _h_seq[:_T].reshape(_T * _B, _H)
-    _grads["U_f"] += _dw[0:_H]
-    _dw = _d_U_h__U_h_in_seq.reshape(_T * _B, _H).T @ _U_h_in_seq.reshape(_T * _B, _H)
-    _grads["U_h"] += _dw[0:_H]
-
-    # hoisted projections W_f @ x, W_h @ x: dW and d_operand over all T*B rows
-    _dg = _d_W_f_W_h__x_seq.reshape(_T * _B, 2*_H)
-    _dw = _dg.T @ _x_seq.reshape(_T * _B, _I)
-    _grads["W_f"] += _dw[0:_H]
-    _grads["W_h"] += _dw[_H:2*_H]
-    d_x_hgemm = (_dg @ np.concatenate([W_f, W_h])).reshape(_T, _B, _I)
-    _d_x_seq += d_x_hgemm
-
-    _d_x = _d_x_seq
-    _d_state = d_h
+        d_U_h_in_gemm = _tmp_d_U_h_in_gemm
+        d_h_next = _tmp_d_h_next
+        f = _v_f[_t]
+        h = _s_h[_t]
+        h_tilde = _v_h_tilde[_t]
+        d_U_h_in = d_U_h_in_gemm  # adjoint of operand of U_h_in
+        d_f = d_U_h_in*h + d_h_next*(-h + h_tilde)  # adjoint of f
+        d_U_f_h = d_f*f*(1 - f)  # adjoint of U_f @ h
+        _tmp_d_U_h_in[...] = d_U_h_in
+        _dg_U_f__h[_t][...] = d_U_f_h
+        np.matmul(_dg_U_f__h[_t], _w_U_f, out=_tmp_d_h_gemm)
+        # per-step adjoints of inputs, states, vector params, hoisted results
+        d_U_f_h = _dg_U_f__h[_t]
+        d_U_h_in = _tmp_d_U_h_in
+        d_U_h_out = _dg_U_h__U_h_in[_t]
+        d_h_gemm = _tmp_d_h_gemm
+        d_h_next = _tmp_d_h_next
+        f = _v_f[_t]
+        d_h = d_U_h_in*f + d_h_gemm + d_h_next*(1 - f)  # adjoint of state h
+        d_W_f_x = d_U_f_h  # adjoint of hoisted projection W_f_x
+        d_W_h_x = d_U_h_out  # adjoint of hoisted projection W_h_x
+        _ds_h[...] = d_h
+        _dhg_W_f_W_h__x[_t][:, 0:_H][...] = d_W_f_x
+        _dhg_W_f_W_h__x[_t][:, _H:2*_H][...] = d_W_h_x
+    # dW of U_f @ h: one GEMM over all T*B rows
+    _grads["U_f"] = _dg_U_f__h.reshape(_T * _B, _H)[:, 0:_H].T @ _s_h[:_T].reshape(_T * _B, _H)
+    # dW of U_h @ U_h_in: one GEMM over all T*B rows
+    _grads["U_h"] = _dg_U_h__U_h_in.reshape(_T * _B, _H)[:, 0:_H].T @ _v_U_h_in.reshape(_T * _B, _H)
+    # dW of W_f @ x, W_h @ x: one GEMM over all T*B rows
+    _grads["W_f"] = _dhg_W_f_W_h__x.reshape(_T * _B, 2*_H)[:, 0:_H].T @ _x_x.reshape(_T * _B, _I)
+    _grads["W_h"] = _dhg_W_f_W_h__x.reshape(_T * _B, 2*_H)[:, _H:2*_H].T @ _x_x.reshape(_T * _B, _I)
+    np.matmul(_dhg_W_f_W_h__x.reshape(_T * _B, 2*_H), _w_W_f_W_h, out=_dx_x.reshape(_T * _B, _I))
+    _sum = _dg_U_f__h.reshape(_T * _B, _H).sum(0)
+    _grads["b_f"] = _sum
+    _sum = _dg_U_h__U_h_in.reshape(_T * _B, _H).sum(0)
+    _grads["b_h"] = _sum
+    _grads = {"W_f": _grads["W_f"], "U_f": _grads["U_f"], "b_f": _grads["b_f"], "W_h": _grads["W_h"], "U_h": _grads["U_h"], "b_h": _grads["b_h"], }
+    _d_x = _dx_x
+    _d_state = _ds_h
     return _grads, _d_x, _d_state
-
-
-def _rows(a, shape):
-    """An adjoint as rows of shape[-1] (it may broadcast), for summing into a vector's gradient."""
-    return np.broadcast_to(a, shape).reshape(-1, shape[-1])

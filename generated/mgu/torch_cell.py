@@ -28,6 +28,7 @@ where they run (CUDA tensors; float32/float64 CPU sequences of 8 or more steps w
 compiler builds them) and the engine below otherwise.
 """
 
+import logging
 import math
 
 import torch
@@ -44,7 +45,7 @@ OUTPUTS = ("h'",)
 #: which is U(-k, k) with k = 1/sqrt(hidden_size), as torch.nn.LSTM/GRU do
 INITS = {"W_f": ("default",), "U_f": ("default",), "b_f": ("default",), "W_h": ("default",), "U_h": ("default",), "b_h": ("default",)}
 SAVED = ("f", "U_h_in", "h_tilde",)
-BACKENDS = ("auto", "generated", "autograd", "cuda", "fused")
+BACKENDS = ("auto", "generated", "autograd", "fused", "cuda")
 
 
 def step(params, x, state):
@@ -69,175 +70,227 @@ def step(params, x, state):
     return h_next, h_next
 
 
-def _sizes(_params, _x):
-    _x_seq = _x
-    return {"I": _x_seq.shape[-1], "H": _params["W_f"].shape[0], }
+def _initial_state(_state, _B, _dtype, _device, _sizes):
+    """The initial states as a tuple of [B, size] arrays (None means zeros)."""
+    _state = (_state,)
+    return tuple(torch.zeros((_B, _n), dtype=_dtype, device=_device) if _s is None else _s.to(_dtype) for _s, _n in zip(_state, _sizes))
 
 
-def _initial_state(_params, _x, _state, _B, _dtype, _sz):
-    if _state is None:
-        return (torch.zeros((_B, _sz["H"]), dtype=_dtype, device=_device),)
-    return (_state.to(_dtype),)
+def _arrays(_x):
+    return (_x,)
+
+
+def _setup(_params, _x):
+    """Sizes, params and stacked weights of one call."""
+    _x_x = (_arrays(_x)[0])
+    _T, _B = _x_x.shape[0], _x_x.shape[1]
+    _I = _x_x.shape[-1]
+    _H = _params["W_f"].shape[0]
+    return _T, _B, _I, _H
 
 
 def _forward(_params, _x, _state):
-    _x_seq = _x
-    _T, _B = _x_seq.shape[:2]
-    _dtype = _x_seq.dtype
-    _device = _x_seq.device
-    _sz = _sizes(_params, _x)
-    _I = _sz.get("I")
-    _H = _sz.get("H")
+    """The whole sequence: outputs, final states and what the backward reads."""
+    _T, _B, _I, _H = _setup(_params, _x)
+    _dtype, _device = _arrays(_x)[0].dtype, _arrays(_x)[0].device
     W_f = _params["W_f"].to(_dtype)
     U_f = _params["U_f"].to(_dtype)
     b_f = _params["b_f"].to(_dtype)
     W_h = _params["W_h"].to(_dtype)
     U_h = _params["U_h"].to(_dtype)
     b_h = _params["b_h"].to(_dtype)
-    _x_seq = _x_seq.to(_dtype)
-
-    # Hoisted projections W_f @ x, W_h @ x: one GEMM over all T*B rows.
-    _g = _x_seq.reshape(_T * _B, _I) @ torch.cat([W_f, W_h]).T
-    _W_f_x_seq = _g[:, 0:_H].reshape(_T, _B, _H)
-    _W_h_x_seq = _g[:, _H:2*_H].reshape(_T, _B, _H)
-
-    # Loop-invariant parts of the step's pointwise math, once over all T*B rows.
-    x = _x_seq
-    W_f_x = _W_f_x_seq
-    W_h_x = _W_h_x_seq
-    _pre_f_seq = W_f_x + b_f  # part of f
-    _pre_h_tilde_seq = W_h_x + b_h  # part of h_tilde
-    _w_U_f__h = torch.cat([U_f]).T.contiguous()
+    _x_x = _arrays(_x)[0].to(_dtype)
+    _wt_W_f_W_h = torch.cat([W_f, W_h]).T.contiguous()
+    _wt_U_f = U_f.T.contiguous()
+    _wt_U_h = U_h.T.contiguous()
+    _state0 = _initial_state(_state, _B, _dtype, _device, (_H, ))
+    _s_h = torch.empty((_T + 1, _B, _H), dtype=_dtype, device=_device)
+    _s_h[0] = _state0[0]
+    _hg_W_f_W_h__x = torch.empty((_T, _B, 2*_H), dtype=_dtype, device=_device)
     _g_U_f__h = torch.empty((_B, _H), dtype=_dtype, device=_device)
-    _w_U_h__U_h_in = torch.cat([U_h]).T.contiguous()
+    _v_f = torch.empty((_T, _B, _H), dtype=_dtype, device=_device)
+    _v_U_h_in = torch.empty((_T, _B, _H), dtype=_dtype, device=_device)
     _g_U_h__U_h_in = torch.empty((_B, _H), dtype=_dtype, device=_device)
-
-    _state0 = _initial_state(_params, _x, _state, _B, _dtype, _sz)
-    _h_seq = torch.empty((_T + 1, _B, _H), dtype=_dtype, device=_device)
-    _h_seq[0] = _state0[0]
-    _f_seq = torch.empty((_T, _B, _H), dtype=_dtype, device=_device)
-    _U_h_in_seq = torch.empty((_T, _B, _H), dtype=_dtype, device=_device)
-    _h_tilde_seq = torch.empty((_T, _B, _H), dtype=_dtype, device=_device)
-    _h_rows = _h_seq.unbind(0)
-    _pre_f_rows = _pre_f_seq.unbind(0)
-    _pre_h_tilde_rows = _pre_h_tilde_seq.unbind(0)
-    _f_rows = _f_seq.unbind(0)
-    _U_h_in_rows = _U_h_in_seq.unbind(0)
-    _h_tilde_rows = _h_tilde_seq.unbind(0)
+    _v_h_tilde = torch.empty((_T, _B, _H), dtype=_dtype, device=_device)
+    _s_h_rows = _s_h.unbind(0)
+    _hg_W_f_W_h__x_rows = _hg_W_f_W_h__x.unbind(0)
+    _v_f_rows = _v_f.unbind(0)
+    _v_U_h_in_rows = _v_U_h_in.unbind(0)
+    _v_h_tilde_rows = _v_h_tilde.unbind(0)
+    # W_f @ x, W_h @ x
+    torch.mm(_x_x.reshape(_T * _B, _I), _wt_W_f_W_h, out=_hg_W_f_W_h__x.reshape(_T * _B, 2*_H))
     for _t in range(_T):
-        h = _h_rows[_t]
-        _pre_f = _pre_f_rows[_t]
-        _pre_h_tilde = _pre_h_tilde_rows[_t]
-        # stage 0: U_f @ h in one GEMM
-        torch.mm(h, _w_U_f__h, out=_g_U_f__h)
-        U_f_h = _g_U_f__h[:, 0:_H]
-        f = torch.sigmoid(U_f_h + _pre_f, out=_f_rows[_t])  # mgu.cell:11  f = sigmoid(W_f @ x + U_f @ h + b_f)
-        U_h_in = torch.mul(f, h, out=_U_h_in_rows[_t])  # mgu.cell:12  h_tilde = tanh(W_h @ x + U_h @ (f * h) + b_h)
-        # stage 1: U_h @ U_h_in in one GEMM
-        torch.mm(U_h_in, _w_U_h__U_h_in, out=_g_U_h__U_h_in)
-        U_h_out = _g_U_h__U_h_in[:, 0:_H]
-        h_tilde = torch.tanh(U_h_out + _pre_h_tilde, out=_h_tilde_rows[_t])  # mgu.cell:12  h_tilde = tanh(W_h @ x + U_h @ (f * h) + b_h)
-        h_next = torch.add(f*h_tilde, h*(1 - f), out=_h_rows[_t + 1])  # mgu.cell:13  h' = (1 - f) * h + f * h_tilde
+        # U_f @ h
+        torch.mm(_s_h_rows[_t], _wt_U_f, out=_g_U_f__h)
+        # stage 0 forward
+        U_f_h = _g_U_f__h
+        W_f_x = _hg_W_f_W_h__x_rows[_t][:, 0:_H]
+        h = _s_h_rows[_t]
+        f = torch.sigmoid(U_f_h + W_f_x + b_f)  # mgu.cell:11  f = sigmoid(W_f @ x + U_f @ h + b_f)
+        U_h_in = f*h  # mgu.cell:12  h_tilde = tanh(W_h @ x + U_h @ (f * h) + b_h)
+        _v_f_rows[_t].copy_(f)
+        _v_U_h_in_rows[_t].copy_(U_h_in)
+        # U_h @ U_h_in
+        torch.mm(_v_U_h_in_rows[_t], _wt_U_h, out=_g_U_h__U_h_in)
+        # stage 1 forward
+        U_h_out = _g_U_h__U_h_in
+        W_h_x = _hg_W_f_W_h__x_rows[_t][:, _H:2*_H]
+        f = _v_f_rows[_t]
+        h = _s_h_rows[_t]
+        h_tilde = torch.tanh(U_h_out + W_h_x + b_h)  # mgu.cell:12  h_tilde = tanh(W_h @ x + U_h @ (f * h) + b_h)
+        h_next = f*h_tilde + h*(1 - f)  # mgu.cell:13  h' = (1 - f) * h + f * h_tilde
+        _v_h_tilde_rows[_t].copy_(h_tilde)
+        _s_h_rows[_t + 1].copy_(h_next)
+    _outputs = (_s_h[1:],)
+    _final = (_s_h[_T], )
+    _saved = {"s_h": _s_h, "v_f": _v_f, "v_U_h_in": _v_U_h_in, "v_h_tilde": _v_h_tilde, }
+    return _outputs[0], _final[0], _saved
 
-    _outputs = (_h_seq[1:], )
-    _final = (_h_seq[_T], )
-    _saved = {"h": _h_seq, "f": _f_seq, "U_h_in": _U_h_in_seq, "h_tilde": _h_tilde_seq, }
+
+def _inference(_params, _x, _state):
+    """The whole sequence keeping nothing for a backward: outputs and final states."""
+    _T, _B, _I, _H = _setup(_params, _x)
+    _dtype, _device = _arrays(_x)[0].dtype, _arrays(_x)[0].device
+    W_f = _params["W_f"].to(_dtype)
+    U_f = _params["U_f"].to(_dtype)
+    b_f = _params["b_f"].to(_dtype)
+    W_h = _params["W_h"].to(_dtype)
+    U_h = _params["U_h"].to(_dtype)
+    b_h = _params["b_h"].to(_dtype)
+    _x_x = _arrays(_x)[0].to(_dtype)
+    _wt_W_f_W_h = torch.cat([W_f, W_h]).T.contiguous()
+    _wt_U_f = U_f.T.contiguous()
+    _wt_U_h = U_h.T.contiguous()
+    _state0 = _initial_state(_state, _B, _dtype, _device, (_H, ))
+    _s_h = torch.empty((_T + 1, _B, _H), dtype=_dtype, device=_device)
+    _s_h[0] = _state0[0]
+    _hg_W_f_W_h__x = torch.empty((_T, _B, 2*_H), dtype=_dtype, device=_device)
+    _g_U_f__h = torch.empty((_B, _H), dtype=_dtype, device=_device)
+    _tmp_f = torch.empty((_B, _H), dtype=_dtype, device=_device)
+    _tmp_U_h_in = torch.empty((_B, _H), dtype=_dtype, device=_device)
+    _g_U_h__U_h_in = torch.empty((_B, _H), dtype=_dtype, device=_device)
+    _s_h_rows = _s_h.unbind(0)
+    _hg_W_f_W_h__x_rows = _hg_W_f_W_h__x.unbind(0)
+    # W_f @ x, W_h @ x
+    torch.mm(_x_x.reshape(_T * _B, _I), _wt_W_f_W_h, out=_hg_W_f_W_h__x.reshape(_T * _B, 2*_H))
+    for _t in range(_T):
+        # U_f @ h
+        torch.mm(_s_h_rows[_t], _wt_U_f, out=_g_U_f__h)
+        # stage 0 forward
+        U_f_h = _g_U_f__h
+        W_f_x = _hg_W_f_W_h__x_rows[_t][:, 0:_H]
+        h = _s_h_rows[_t]
+        f = torch.sigmoid(U_f_h + W_f_x + b_f)  # mgu.cell:11  f = sigmoid(W_f @ x + U_f @ h + b_f)
+        U_h_in = f*h  # mgu.cell:12  h_tilde = tanh(W_h @ x + U_h @ (f * h) + b_h)
+        _tmp_f.copy_(f)
+        _tmp_U_h_in.copy_(U_h_in)
+        # U_h @ U_h_in
+        torch.mm(_tmp_U_h_in, _wt_U_h, out=_g_U_h__U_h_in)
+        # stage 1 forward
+        U_h_out = _g_U_h__U_h_in
+        W_h_x = _hg_W_f_W_h__x_rows[_t][:, _H:2*_H]
+        f = _tmp_f
+        h = _s_h_rows[_t]
+        h_tilde = torch.tanh(U_h_out + W_h_x + b_h)  # mgu.cell:12  h_tilde = tanh(W_h @ x + U_h @ (f * h) + b_h)
+        h_next = f*h_tilde + h*(1 - f)  # mgu.cell:13  h' = (1 - f) * h + f * h_tilde
+        _s_h_rows[_t + 1].copy_(h_next)
+    _outputs = (_s_h[1:],)
+    _final = (_s_h[_T], )
+    _saved = {}
     return _outputs[0], _final[0], _saved
 
 
 def _backward(_params, _x, _saved, _d_outputs, _d_final):
-    _x_seq = _x
-    _T, _B = _x_seq.shape[:2]
-    _dtype = _saved["h"].dtype
-    _device = _saved["h"].device
-    _sz = _sizes(_params, _x)
-    _I = _sz.get("I")
-    _H = _sz.get("H")
+    """Gradients of the whole sequence: (d_params, d_x, d_state)."""
+    _T, _B, _I, _H = _setup(_params, _x)
+    _dtype, _device = _arrays(_x)[0].dtype, _arrays(_x)[0].device
     W_f = _params["W_f"].to(_dtype)
     U_f = _params["U_f"].to(_dtype)
     b_f = _params["b_f"].to(_dtype)
     W_h = _params["W_h"].to(_dtype)
     U_h = _params["U_h"].to(_dtype)
     b_h = _params["b_h"].to(_dtype)
-    _x_seq = _x_seq.to(_dtype)
-    _h_seq = _saved["h"]
-    _f_seq = _saved["f"]
-    _U_h_in_seq = _saved["U_h_in"]
-    _h_tilde_seq = _saved["h_tilde"]
+    _x_x = _arrays(_x)[0].to(_dtype)
+    _w_W_f_W_h = torch.cat([W_f, W_h])
+    _w_U_f = U_f
+    _w_U_h = U_h
+    _s_h = _saved["s_h"]
+    _v_f = _saved["v_f"]
+    _v_U_h_in = _saved["v_U_h_in"]
+    _v_h_tilde = _saved["v_h_tilde"]
     _d_outputs = (_d_outputs,)
-    _d_h_next_out_seq = torch.zeros((_T, _B, _H), dtype=_dtype, device=_device) if _d_outputs[0] is None else _d_outputs[0].to(_dtype)
+    _dout_h_next = torch.zeros((_T, _B, _H), dtype=_dtype, device=_device) if _d_outputs[0] is None else _d_outputs[0].to(_dtype)
     _d_final = (_d_final,)
-    d_h = torch.zeros((_B, _H), dtype=_dtype, device=_device) if _d_final[0] is None else _d_final[0].to(_dtype)
-    _d_x_seq = torch.zeros((_T, _B, _I), dtype=_dtype, device=_device)
-    _grads = {"W_f": torch.zeros((_H, _I), dtype=_dtype, device=_device), "U_f": torch.zeros((_H, _H), dtype=_dtype, device=_device), "b_f": torch.zeros((_H), dtype=_dtype, device=_device), "W_h": torch.zeros((_H, _I), dtype=_dtype, device=_device), "U_h": torch.zeros((_H, _H), dtype=_dtype, device=_device), "b_h": torch.zeros((_H), dtype=_dtype, device=_device)}
-    _d_U_f__h_seq = torch.zeros((_T, _B, _H), dtype=_dtype, device=_device)
-    _wb_U_f__h = torch.cat([U_f])
-    _dop_U_f__h = torch.empty((2, _B, _H), dtype=_dtype, device=_device)  # d_operand, two rows: the carried adjoint outlives one step
-    _d_U_h__U_h_in_seq = torch.zeros((_T, _B, _H), dtype=_dtype, device=_device)
-    _wb_U_h__U_h_in = torch.cat([U_h])
-    _dop_U_h__U_h_in = torch.empty((2, _B, _H), dtype=_dtype, device=_device)  # d_operand, two rows: the carried adjoint outlives one step
-    _d_W_f_W_h__x_seq = torch.zeros((_T, _B, 2*_H), dtype=_dtype, device=_device)
-    _h_rows = _h_seq.unbind(0)
-    _f_rows = _f_seq.unbind(0)
-    _U_h_in_rows = _U_h_in_seq.unbind(0)
-    _h_tilde_rows = _h_tilde_seq.unbind(0)
-    _d_h_next_out_rows = _d_h_next_out_seq.unbind(0)
-    _d_U_f__h_rows = _d_U_f__h_seq.unbind(0)
-    _d_U_h__U_h_in_rows = _d_U_h__U_h_in_seq.unbind(0)
+    _ds_h = torch.zeros((_B, _H), dtype=_dtype, device=_device) if _d_final[0] is None else _d_final[0].to(_dtype).clone()
+    _dx_x = torch.empty((_T, _B, _I), dtype=_dtype, device=_device)
+    _dg_U_f__h = torch.empty((_T, _B, _H), dtype=_dtype, device=_device)
+    _tmp_d_h_gemm = torch.empty((_B, _H), dtype=_dtype, device=_device)
+    _dg_U_h__U_h_in = torch.empty((_T, _B, _H), dtype=_dtype, device=_device)
+    _tmp_d_U_h_in_gemm = torch.empty((_B, _H), dtype=_dtype, device=_device)
+    _dhg_W_f_W_h__x = torch.empty((_T, _B, 2*_H), dtype=_dtype, device=_device)
+    _tmp_d_h_next = torch.empty((_B, _H), dtype=_dtype, device=_device)
+    _tmp_d_U_h_in = torch.empty((_B, _H), dtype=_dtype, device=_device)
+    _dout_h_next_rows = _dout_h_next.unbind(0)
+    _v_f_rows = _v_f.unbind(0)
+    _v_h_tilde_rows = _v_h_tilde.unbind(0)
+    _dg_U_h__U_h_in_rows = _dg_U_h__U_h_in.unbind(0)
+    _s_h_rows = _s_h.unbind(0)
+    _dg_U_f__h_rows = _dg_U_f__h.unbind(0)
+    _dhg_W_f_W_h__x_rows = _dhg_W_f_W_h__x.unbind(0)
+    _grads = {}
     for _t in reversed(range(_T)):
-        h = _h_rows[_t]
-        h_next = _h_rows[_t + 1]
-        f = _f_rows[_t]
-        U_h_in = _U_h_in_rows[_t]
-        h_tilde = _h_tilde_rows[_t]
-        d_h_next_out = _d_h_next_out_rows[_t]
         # stage 1 backward
-        d_h_next = d_h + d_h_next_out  # h'
-        d_h_tilde = d_h_next*f  # h_tilde
-        d_U_h_out = torch.mul(d_h_tilde, 1 - (h_tilde*h_tilde), out=_d_U_h__U_h_in_rows[_t][:, 0:_H])  # U_h @ U_h_in
-        d_U_h_in_gemm = torch.mm(_d_U_h__U_h_in_rows[_t], _wb_U_h__U_h_in, out=_dop_U_h__U_h_in[_t % 2])
+        d_h = _ds_h
+        d_h_next_out = _dout_h_next_rows[_t]
+        f = _v_f_rows[_t]
+        h_tilde = _v_h_tilde_rows[_t]
+        d_h_next = d_h + d_h_next_out  # adjoint of h'
+        d_h_tilde = d_h_next*f  # adjoint of h_tilde
+        d_U_h_out = d_h_tilde*(1 - (h_tilde*h_tilde))  # adjoint of U_h @ U_h_in
+        _tmp_d_h_next.copy_(d_h_next)
+        _dg_U_h__U_h_in_rows[_t].copy_(d_U_h_out)
+        torch.mm(_dg_U_h__U_h_in_rows[_t], _w_U_h, out=_tmp_d_U_h_in_gemm)
         # stage 0 backward
-        d_U_h_in = d_U_h_in_gemm  # operand of U_h_in
-        d_f = d_U_h_in*h + d_h_next*(-h + h_tilde)  # f
-        d_U_f_h = torch.mul(d_f, f*(1 - f), out=_d_U_f__h_rows[_t][:, 0:_H])  # U_f @ h
-        d_h_gemm = torch.mm(_d_U_f__h_rows[_t], _wb_U_f__h, out=_dop_U_f__h[_t % 2])
-        # per-step adjoints of inputs, previous states, vector params and hoisted results
-        d_h = d_U_h_in*f + d_h_gemm + d_h_next*(1 - f)  # state
-        d_b_f = d_U_f_h  # param
-        d_b_h = d_U_h_out  # param
-        d_W_f_x = d_U_f_h  # hoisted projection
-        d_W_h_x = d_U_h_out  # hoisted projection
-    _d_W_f_W_h__x_seq[:, :, 0:_H] = _d_U_f__h_seq[:, :, 0:_H]  # the same adjoint, stored once
-    _d_W_f_W_h__x_seq[:, :, _H:2*_H] = _d_U_h__U_h_in_seq[:, :, 0:_H]  # the same adjoint, stored once
-
-    # vector-param gradients: one sum over all T*B rows each
-    _d_U_f__h_seq_sum = _d_U_f__h_seq.reshape(_T * _B, _H).sum(0)
-    _d_U_h__U_h_in_seq_sum = _d_U_h__U_h_in_seq.reshape(_T * _B, _H).sum(0)
-    _grads["b_f"] += _d_U_f__h_seq_sum[0:_H]
-    _grads["b_h"] += _d_U_h__U_h_in_seq_sum[0:_H]
-
-    # dW of the per-step projections: one GEMM over all T*B rows each
-    _dw = _d_U_f__h_seq.reshape(_T * _B, _H).T @ _h_seq[:_T].reshape(_T * _B, _H)
-    _grads["U_f"] += _dw[0:_H]
-    _dw = _d_U_h__U_h_in_seq.reshape(_T * _B, _H).T @ _U_h_in_seq.reshape(_T * _B, _H)
-    _grads["U_h"] += _dw[0:_H]
-
-    # hoisted projections W_f @ x, W_h @ x: dW and d_operand over all T*B rows
-    _dg = _d_W_f_W_h__x_seq.reshape(_T * _B, 2*_H)
-    _dw = _dg.T @ _x_seq.reshape(_T * _B, _I)
-    _grads["W_f"] += _dw[0:_H]
-    _grads["W_h"] += _dw[_H:2*_H]
-    d_x_hgemm = (_dg @ torch.cat([W_f, W_h])).reshape(_T, _B, _I)
-    _d_x_seq += d_x_hgemm
-
-    _d_x = _d_x_seq
-    _d_state = d_h
+        d_U_h_in_gemm = _tmp_d_U_h_in_gemm
+        d_h_next = _tmp_d_h_next
+        f = _v_f_rows[_t]
+        h = _s_h_rows[_t]
+        h_tilde = _v_h_tilde_rows[_t]
+        d_U_h_in = d_U_h_in_gemm  # adjoint of operand of U_h_in
+        d_f = d_U_h_in*h + d_h_next*(-h + h_tilde)  # adjoint of f
+        d_U_f_h = d_f*f*(1 - f)  # adjoint of U_f @ h
+        _tmp_d_U_h_in.copy_(d_U_h_in)
+        _dg_U_f__h_rows[_t].copy_(d_U_f_h)
+        torch.mm(_dg_U_f__h_rows[_t], _w_U_f, out=_tmp_d_h_gemm)
+        # per-step adjoints of inputs, states, vector params, hoisted results
+        d_U_f_h = _dg_U_f__h_rows[_t]
+        d_U_h_in = _tmp_d_U_h_in
+        d_U_h_out = _dg_U_h__U_h_in_rows[_t]
+        d_h_gemm = _tmp_d_h_gemm
+        d_h_next = _tmp_d_h_next
+        f = _v_f_rows[_t]
+        d_h = d_U_h_in*f + d_h_gemm + d_h_next*(1 - f)  # adjoint of state h
+        d_W_f_x = d_U_f_h  # adjoint of hoisted projection W_f_x
+        d_W_h_x = d_U_h_out  # adjoint of hoisted projection W_h_x
+        _ds_h.copy_(d_h)
+        _dhg_W_f_W_h__x_rows[_t][:, 0:_H].copy_(d_W_f_x)
+        _dhg_W_f_W_h__x_rows[_t][:, _H:2*_H].copy_(d_W_h_x)
+    # dW of U_f @ h: one GEMM over all T*B rows
+    _grads["U_f"] = _dg_U_f__h.reshape(_T * _B, _H)[:, 0:_H].T @ _s_h[:_T].reshape(_T * _B, _H)
+    # dW of U_h @ U_h_in: one GEMM over all T*B rows
+    _grads["U_h"] = _dg_U_h__U_h_in.reshape(_T * _B, _H)[:, 0:_H].T @ _v_U_h_in.reshape(_T * _B, _H)
+    # dW of W_f @ x, W_h @ x: one GEMM over all T*B rows
+    _grads["W_f"] = _dhg_W_f_W_h__x.reshape(_T * _B, 2*_H)[:, 0:_H].T @ _x_x.reshape(_T * _B, _I)
+    _grads["W_h"] = _dhg_W_f_W_h__x.reshape(_T * _B, 2*_H)[:, _H:2*_H].T @ _x_x.reshape(_T * _B, _I)
+    torch.mm(_dhg_W_f_W_h__x.reshape(_T * _B, 2*_H), _w_W_f_W_h, out=_dx_x.reshape(_T * _B, _I))
+    _sum = _dg_U_f__h.reshape(_T * _B, _H).sum(0)
+    _grads["b_f"] = _sum
+    _sum = _dg_U_h__U_h_in.reshape(_T * _B, _H).sum(0)
+    _grads["b_h"] = _sum
+    _grads = {"W_f": _grads["W_f"], "U_f": _grads["U_f"], "b_f": _grads["b_f"], "W_h": _grads["W_h"], "U_h": _grads["U_h"], "b_h": _grads["b_h"], }
+    _d_x = _dx_x
+    _d_state = _ds_h
     return _grads, _d_x, _d_state
-
-
-def _rows(a, shape):
-    """An adjoint as rows of shape[-1] (it may broadcast), for summing into a vector's gradient."""
-    return torch.broadcast_to(a, shape).reshape(-1, shape[-1])
 
 
 _PARAM_NAMES = tuple(PARAMS)
@@ -284,7 +337,252 @@ def _run_autograd(params, xs, state):
         out, state = step(params, xs[0][t] if _N_IN == 1 else tuple(a[t] for a in xs), state[0] if _N_STATE == 1 else state)
         outputs.append((out,) if _N_OUT == 1 else out)
         state = (state,) if _N_STATE == 1 else state
+    if not outputs:  # T = 0: no step; the output sizes from a step that is thrown away
+        with torch.no_grad():
+            probe, _ = step(params, xs[0][:0].new_zeros(xs[0].shape[1:]) if _N_IN == 1 else tuple(a.new_zeros(a.shape[1:]) for a in xs), state[0] if _N_STATE == 1 else state)
+        probe = (probe,) if _N_OUT == 1 else probe
+        return tuple(o.new_empty(0, *o.shape) for o in probe), tuple(state)
     return tuple(torch.stack(o) for o in zip(*outputs)), tuple(state)
+
+
+#: sequences shorter than this run the PyTorch engine under backend="auto" on the CPU
+MIN_NATIVE_STEPS = 1
+_LIBRARIES = {}
+
+
+def _native_library(x, state, params, required=None):
+    """The native library of mgu.cu for x's device, built on first use (cached on disk); None
+    where backend="auto" should run the PyTorch engine instead (no compiler, no BLAS, an
+    unsupported dtype, mixed dtypes or devices, torch.compile tracing). With ``required``
+    (backend="fused"/"cuda" asked for explicitly) a problem is an error that says why."""
+    dtype, device = x.dtype, x.device
+    problem = None
+    if required == "cuda" and device.type != "cuda":
+        problem = "it needs CUDA tensors (backend='fused' runs the same kernels on the CPU)"
+    elif required == "fused" and device.type != "cpu":
+        problem = "it runs on CPU tensors (backend='cuda' runs the kernels on the GPU)"
+    elif any(t.dtype != dtype or t.device != device for t in (*state, *params.values())):
+        problem = f"all tensors must have one dtype and device ({dtype} on {device} and others)"
+    elif required is None and (torch.compiler.is_compiling() or x.shape[0] < MIN_NATIVE_STEPS):
+        return None
+    if problem is None:
+        key = (device.type, device.index)
+        lib = _LIBRARIES.get(key)
+        if lib is None:
+            try:
+                from cellspec.runtime import kernels
+
+                lib = kernels.library(__file__, "mgu.cu", device)
+            except Exception as e:  # noqa: BLE001 - remembered: tried once per device and process
+                lib = e
+                logging.getLogger("cellspec").debug(
+                    "%s: the native library of mgu.cu is not used on %s (%s: %s); the PyTorch engine runs",
+                    CELL, device.type, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+            _LIBRARIES[key] = lib
+        if isinstance(lib, Exception):
+            problem = f"{type(lib).__name__}: {lib}"
+        else:
+            try:
+                lib.function("forward", dtype)
+            except Exception as e:  # noqa: BLE001 - an unsupported dtype
+                problem = str(e)
+    if problem is None:
+        return lib
+    if required is not None:
+        raise RuntimeError(f"{CELL}: backend={required!r} cannot run here: {problem}")
+    return None
+
+
+class _NativeSequence(torch.autograd.Function):
+    """The whole sequence in the native library (one call forward, one backward)."""
+
+    @staticmethod
+    def forward(ctx, lib, *args):
+        _xs, _states, _plist = args[:_N_IN], args[_N_IN : _N_IN + _N_STATE], args[_N_IN + _N_STATE :]
+        _outputs, _finals, _saved = _native_forward(lib, _xs, _states, dict(zip(_PARAM_NAMES, _plist)))
+        ctx.lib = lib
+        ctx.save_for_backward(*_xs, *_plist, *_saved)
+        return (*_outputs, *_finals)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grads):
+        _t = ctx.saved_tensors
+        _n = _N_IN + len(_PARAM_NAMES)
+        _params = dict(zip(_PARAM_NAMES, _t[_N_IN:_n]))
+        _grads, _d_xs, _d_states = _native_backward(ctx.lib, _t[:_N_IN], _params, _t[_n:], grads[:_N_OUT], grads[_N_OUT:])
+        return (None, *_d_xs, *_d_states, *(_grads[k].to(_params[k].dtype) for k in _PARAM_NAMES))
+
+
+def _run_native(lib, xs, state, params):
+    """(outputs, final states) of the native library: through autograd when something requires
+    grad, else the inference function (which keeps nothing for a backward); under torch.compile,
+    the custom ops."""
+    if torch.compiler.is_compiling():
+        result = _OPS[0](list(xs), list(state), list(params.values()))
+        return tuple(result[:_N_OUT]), tuple(result[_N_OUT : _N_OUT + _N_STATE])
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (*xs, *state, *params.values())):
+        result = _NativeSequence.apply(lib, *xs, *state, *params.values())
+        return tuple(result[:_N_OUT]), tuple(result[_N_OUT:])
+    outputs, finals, _ = _native_inference(lib, xs, state, params)
+    return outputs, finals
+
+
+def _native_sizes(_xs, _params):
+    """(T, B, sizes...) of a call, as the native library takes them."""
+    _T, _B = _xs[0].shape[0], _xs[0].shape[1]
+    _I = _xs[0].shape[-1]
+    _H = _params["W_f"].shape[0]
+    return (_T, _B, _I, _H)
+
+
+def _native_forward(_lib, _xs, _states, _params):
+    """The whole sequence (training: keeps what the backward reads) in one call of the native library."""
+    _T, _B, _I, _H = _dims = _native_sizes(_xs, _params)
+    _dt, _dev = _xs[0].dtype, _xs[0].device
+
+    def _empty(shape):
+        return torch.empty(shape, dtype=_dt, device=_dev)
+
+    x_x = _xs[0].contiguous()
+    s_h = _empty((_T + 1, _B, _H))
+    s_h[0].copy_(_states[0])
+    p_b_f = _params["b_f"].contiguous()
+    p_b_h = _params["b_h"].contiguous()
+    hg_W_f_W_h__x = _empty((_T, _B, 2*_H))
+    g_U_f__h = _empty((_B, _H))
+    v_f = _empty((_T, _B, _H))
+    v_U_h_in = _empty((_T, _B, _H))
+    g_U_h__U_h_in = _empty((_B, _H))
+    v_h_tilde = _empty((_T, _B, _H))
+    if _lib is not None:  # None: shapes only (the custom op's fake implementation)
+        _lib("forward", _dims, [x_x, s_h, p_b_f, p_b_h, hg_W_f_W_h__x, g_U_f__h, v_f, v_U_h_in, g_U_h__U_h_in, v_h_tilde, torch.cat((_params["W_f"], _params["W_h"],)), _params["U_f"].contiguous(), _params["U_h"].contiguous()])
+    return (s_h[1:1 + _T],), (s_h[_T],), (s_h, v_f, v_U_h_in, v_h_tilde,)
+
+
+def _native_inference(_lib, _xs, _states, _params):
+    """The whole sequence (inference: keeps nothing) in one call of the native library."""
+    _T, _B, _I, _H = _dims = _native_sizes(_xs, _params)
+    _dt, _dev = _xs[0].dtype, _xs[0].device
+
+    def _empty(shape):
+        return torch.empty(shape, dtype=_dt, device=_dev)
+
+    x_x = _xs[0].contiguous()
+    s_h = _empty((_T + 1, _B, _H))
+    s_h[0].copy_(_states[0])
+    p_b_f = _params["b_f"].contiguous()
+    p_b_h = _params["b_h"].contiguous()
+    hg_W_f_W_h__x = _empty((_T, _B, 2*_H))
+    g_U_f__h = _empty((_B, _H))
+    tmp_f = _empty((_B, _H))
+    tmp_U_h_in = _empty((_B, _H))
+    g_U_h__U_h_in = _empty((_B, _H))
+    if _lib is not None:  # None: shapes only (the custom op's fake implementation)
+        _lib("inference", _dims, [x_x, s_h, p_b_f, p_b_h, hg_W_f_W_h__x, g_U_f__h, tmp_f, tmp_U_h_in, g_U_h__U_h_in, torch.cat((_params["W_f"], _params["W_h"],)), _params["U_f"].contiguous(), _params["U_h"].contiguous()])
+    return (s_h[1:1 + _T],), (s_h[_T],), ()
+
+
+def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals):
+    """Gradients of the whole sequence in one call of the native library: (grads, d_xs, d_states)."""
+    _T, _B, _I, _H = _dims = _native_sizes(_xs, _params)
+    _dt, _dev = _xs[0].dtype, _xs[0].device
+    _gdt = torch.float32 if _dt in (torch.float16, torch.bfloat16) else _dt  # gradients accumulate in float32 for 16-bit storage
+
+    def _empty(shape):
+        return torch.empty(shape, dtype=_dt, device=_dev)
+
+    def _zeros(shape):
+        return torch.zeros(shape, dtype=_dt, device=_dev)
+
+    def _gempty(shape):
+        return torch.empty(shape, dtype=_gdt, device=_dev)
+
+    def _gzeros(shape):
+        return torch.zeros(shape, dtype=_gdt, device=_dev)
+
+    x_x = _xs[0].contiguous()
+    s_h = _saved[0]
+    p_b_f = _params["b_f"].contiguous()
+    p_b_h = _params["b_h"].contiguous()
+    v_f = _saved[1]
+    v_U_h_in = _saved[2]
+    v_h_tilde = _saved[3]
+    dout_h_next = _zeros((_T, _B, _H)) if _d_outputs[0] is None else _d_outputs[0].contiguous()
+    ds_h = _zeros((_B, _H)) if _d_finals[0] is None else _d_finals[0].to(_dt, memory_format=torch.contiguous_format, copy=True)
+    dx_x = _empty((_T, _B, _I))
+    dg_U_f__h = _empty((_T, _B, _H))
+    tmp_d_h_gemm = _empty((_B, _H))
+    dg_U_h__U_h_in = _empty((_T, _B, _H))
+    tmp_d_U_h_in_gemm = _empty((_B, _H))
+    dhg_W_f_W_h__x = _empty((_T, _B, 2*_H))
+    tmp_d_h_next = _empty((_B, _H))
+    tmp_d_U_h_in = _empty((_B, _H))
+    _grads = {"W_f": _gempty((_H, _I)), "U_f": _gempty((_H, _H)), "b_f": _gempty((_H,)), "W_h": _gempty((_H, _I)), "U_h": _gempty((_H, _H)), "b_h": _gempty((_H,))}
+    if _lib is not None:
+        _lib("backward", _dims, [x_x, s_h, p_b_f, p_b_h, v_f, v_U_h_in, v_h_tilde, dout_h_next, ds_h, dx_x, dg_U_f__h, tmp_d_h_gemm, dg_U_h__U_h_in, tmp_d_U_h_in_gemm, dhg_W_f_W_h__x, tmp_d_h_next, tmp_d_U_h_in, torch.cat((_params["W_f"], _params["W_h"],)), _params["U_f"].contiguous(), _params["U_h"].contiguous(), *_grads.values()])
+    return _grads, (dx_x,), (ds_h,)
+
+
+# The same two calls as PyTorch custom ops, for torch.compile (which traces them through their
+# fake implementations: the allocations above, without the call). Registered once per process
+# and content of this file; outputs are copies (an op's outputs may not alias each other).
+_OP = "mgu_0a2a328d4b63"
+
+
+def _op_forward_impl(xs: list[torch.Tensor], states: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:
+    lib = None if xs[0].device.type == "meta" else _native_library(xs[0], states, dict(zip(_PARAM_NAMES, params)), required="cuda" if xs[0].is_cuda else "fused")
+    outputs, finals, saved = _native_forward(lib, tuple(xs), tuple(states), dict(zip(_PARAM_NAMES, params)))
+    return [*(o.clone() for o in outputs), *(f.clone() for f in finals), *saved]
+
+
+def _op_forward_fake(xs, states, params):
+    outputs, finals, saved = _native_forward(None, tuple(xs), tuple(states), dict(zip(_PARAM_NAMES, params)))
+    return [*(o.clone() for o in outputs), *(f.clone() for f in finals), *saved]
+
+
+def _op_backward_impl(xs: list[torch.Tensor], params: list[torch.Tensor], saved: list[torch.Tensor], d_outputs: list[torch.Tensor], d_finals: list[torch.Tensor]) -> list[torch.Tensor]:
+    p = dict(zip(_PARAM_NAMES, params))
+    lib = None if xs[0].device.type == "meta" else _native_library(xs[0], (), p, required="cuda" if xs[0].is_cuda else "fused")
+    grads, d_xs, d_states = _native_backward(lib, tuple(xs), p, tuple(saved), tuple(d_outputs), tuple(d_finals))
+    return [*d_xs, *d_states, *(grads[k].to(p[k].dtype) for k in _PARAM_NAMES)]
+
+
+def _op_backward_fake(xs, params, saved, d_outputs, d_finals):
+    p = dict(zip(_PARAM_NAMES, params))
+    grads, d_xs, d_states = _native_backward(None, tuple(xs), p, tuple(saved), tuple(d_outputs), tuple(d_finals))
+    return [*d_xs, *d_states, *(grads[k].to(p[k].dtype) for k in _PARAM_NAMES)]
+
+
+def _op_setup_context(ctx, inputs, output):
+    xs, _states, params = inputs
+    ctx.n_params = len(params)
+    ctx.save_for_backward(*xs, *params, *output[_N_OUT + _N_STATE :])
+
+
+def _op_backward(ctx, grads):
+    t = ctx.saved_tensors
+    xs, params, saved = t[:_N_IN], t[_N_IN : _N_IN + ctx.n_params], t[_N_IN + ctx.n_params :]
+    res = _OPS[1](list(xs), list(params), list(saved), list(grads[:_N_OUT]), list(grads[_N_OUT : _N_OUT + _N_STATE]))
+    return list(res[:_N_IN]), list(res[_N_IN : _N_IN + _N_STATE]), list(res[_N_IN + _N_STATE :])
+
+
+def _register_ops():
+    try:
+        fwd = torch.library.custom_op(f"cellspec::{_OP}_forward", _op_forward_impl, mutates_args=(),
+                                      schema="(Tensor[] xs, Tensor[] states, Tensor[] params) -> Tensor[]")
+        bwd = torch.library.custom_op(f"cellspec::{_OP}_backward", _op_backward_impl, mutates_args=(),
+                                      schema="(Tensor[] xs, Tensor[] params, Tensor[] saved, Tensor?[] d_outputs, Tensor?[] d_finals) -> Tensor[]")
+    except RuntimeError:  # registered by an earlier import of the same generated code
+        ns = torch.ops.cellspec
+        return getattr(ns, f"{_OP}_forward"), getattr(ns, f"{_OP}_backward")
+    fwd.register_fake(_op_forward_fake)
+    bwd.register_fake(_op_backward_fake)
+    fwd.register_autograd(_op_backward, setup_context=_op_setup_context)
+    return fwd, bwd
+
+
+_OPS = _register_ops()
 
 
 class _MGUBase(nn.Module):
@@ -334,14 +632,8 @@ class _MGUBase(nn.Module):
     def _resolve_backend(self, xs, state):
         if self.backend != "auto":
             return self.backend
-        try:
-            from cellspec.runtime import fused_cpu
-        except ImportError:  # this package used without cellspec installed: the PyTorch engine
-            return "generated"
-        if xs[0].is_cuda:  # the fused CUDA kernels (cellspec.runtime.cuda_ops)
-            return "cuda"
-        if fused_cpu.use_fused(__file__, "mgu.cu", xs, state, self._params()):  # fused CPU kernel
-            return "fused"
+        if _native_library(xs[0], state, self._params()) is not None:
+            return "cuda" if xs[0].is_cuda else "fused"
         return "generated"
 
     def _run(self, xs, state):
@@ -362,14 +654,9 @@ class _MGUBase(nn.Module):
         params = self._params()
         if backend == "autograd":
             return _run_autograd(params, xs, state)
-        if backend == "fused" and not xs[0].is_cuda:  # fused CPU kernel of mgu.cu
-            from cellspec.runtime import fused_cpu
-
-            return fused_cpu.run_sequence(__file__, "mgu.cu", xs, state, params)
-        if backend in ("cuda", "fused"):  # kernels of mgu.cu (GPU or CPU build), compiled on first use
-            from cellspec.runtime import cuda_ops
-
-            return cuda_ops.run_sequence(__file__, "mgu.cu", xs, state, params)
+        if backend in ("fused", "cuda"):
+            lib = None if torch.compiler.is_compiling() else _native_library(xs[0], state, params, required=backend)
+            return _run_native(lib, xs, state, params)
         result = _Sequence.apply(*xs, *state, *params.values())
         return tuple(result[:_N_OUT]), tuple(result[_N_OUT:])
 

@@ -61,7 +61,7 @@ def backward(params, x, state, d_output, d_new_state):
 
 def forward_sequence(params, x, state=None):
     """A whole sequence: x [T, B, ...] -> (outputs [T, B, ...], final_state)."""
-    _outputs, _final, _ = _forward(params, x, state)
+    _outputs, _final, _ = _inference(params, x, state)
     return _outputs, _final
 
 
@@ -76,24 +76,29 @@ def _first_step(a):
     return a[None]
 
 
-def _sizes(_params, _x):
-    _x_seq = np.asarray(_x)
-    return {"I": _x_seq.shape[-1], "H": _params["W"].shape[0], }
+def _initial_state(_state, _B, _dtype, _sizes):
+    """The initial states as a tuple of [B, size] arrays (None means zeros)."""
+    _state = (_state,)
+    return tuple(np.zeros((_B, _n), _dtype) if _s is None else np.asarray(_s, _dtype) for _s, _n in zip(_state, _sizes))
 
 
-def _initial_state(_params, _x, _state, _B, _dtype, _sz):
-    if _state is None:
-        return (np.zeros((_B, _sz["H"]), _dtype),)
-    return (np.asarray(_state, _dtype),)
+def _arrays(_x):
+    return (_x,)
+
+
+def _setup(_params, _x):
+    """Sizes, params and stacked weights of one call."""
+    _x_x = np.asarray(_arrays(_x)[0])
+    _T, _B = _x_x.shape[0], _x_x.shape[1]
+    _I = _x_x.shape[-1]
+    _H = _params["W"].shape[0]
+    return _T, _B, _I, _H
 
 
 def _forward(_params, _x, _state):
-    _x_seq = np.asarray(_x)
-    _T, _B = _x_seq.shape[:2]
-    _dtype = np.result_type(_x_seq, _params["W"], _params["W_f"], _params["v_f"], _params["b_f"], _params["W_r"], _params["v_r"], _params["b_r"], _params["W_s"])
-    _sz = _sizes(_params, _x)
-    _I = _sz.get("I")
-    _H = _sz.get("H")
+    """The whole sequence: outputs, final states and what the backward reads."""
+    _T, _B, _I, _H = _setup(_params, _x)
+    _dtype = np.result_type(_arrays(_x)[0], *_params.values())
     W = np.asarray(_params["W"], _dtype)
     W_f = np.asarray(_params["W_f"], _dtype)
     v_f = np.asarray(_params["v_f"], _dtype)
@@ -102,50 +107,42 @@ def _forward(_params, _x, _state):
     v_r = np.asarray(_params["v_r"], _dtype)
     b_r = np.asarray(_params["b_r"], _dtype)
     W_s = np.asarray(_params["W_s"], _dtype)
-    _x_seq = np.asarray(_x_seq, _dtype)
-
-    # Hoisted projections W_f @ x, W @ x, W_r @ x, W_s @ x: one GEMM over all T*B rows.
-    _g = _x_seq.reshape(_T * _B, _I) @ np.concatenate([W_f, W, W_r, W_s]).T
-    _W_f_x_seq = _g[:, 0:_H].reshape(_T, _B, _H)
-    _W_x_seq = _g[:, _H:2*_H].reshape(_T, _B, _H)
-    _W_r_x_seq = _g[:, 2*_H:3*_H].reshape(_T, _B, _H)
-    _W_s_x_seq = _g[:, 3*_H:4*_H].reshape(_T, _B, _H)
-
-    _state0 = _initial_state(_params, _x, _state, _B, _dtype, _sz)
-    _c_seq = np.empty((_T + 1, _B, _H), _dtype)
-    _c_seq[0] = _state0[0]
-    _h_out = np.empty((_T, _B, _H), _dtype)
-    _f_seq = np.empty((_T, _B, _H), _dtype)
-    _r_seq = np.empty((_T, _B, _H), _dtype)
+    _x_x = np.asarray(_arrays(_x)[0], _dtype)
+    _wt_W_f_W_W_r_W_s = np.ascontiguousarray(np.concatenate([W_f, W, W_r, W_s]).T)
+    _state0 = _initial_state(_state, _B, _dtype, (_H, ))
+    _s_c = np.empty((_T + 1, _B, _H), _dtype)
+    _s_c[0] = _state0[0]
+    _hg_W_f_W_W_r_W_s__x = np.empty((_T, _B, 4*_H), _dtype)
+    _v_f = np.empty((_T, _B, _H), _dtype)
+    _v_r = np.empty((_T, _B, _H), _dtype)
+    _v_h = np.empty((_T, _B, _H), _dtype)
+    # W_f @ x, W @ x, W_r @ x, W_s @ x
+    np.matmul(_x_x.reshape(_T * _B, _I), _wt_W_f_W_W_r_W_s, out=_hg_W_f_W_W_r_W_s__x.reshape(_T * _B, 4*_H))
     for _t in range(_T):
-        x = _x_seq[_t]
-        c = _c_seq[_t]
-        W_f_x = _W_f_x_seq[_t]
-        W_x = _W_x_seq[_t]
-        W_r_x = _W_r_x_seq[_t]
-        W_s_x = _W_s_x_seq[_t]
+        # stage 0 forward
+        W_f_x = _hg_W_f_W_W_r_W_s__x[_t][:, 0:_H]
+        W_r_x = _hg_W_f_W_W_r_W_s__x[_t][:, 2*_H:3*_H]
+        W_s_x = _hg_W_f_W_W_r_W_s__x[_t][:, 3*_H:4*_H]
+        W_x = _hg_W_f_W_W_r_W_s__x[_t][:, _H:2*_H]
+        c = _s_c[_t]
         f = _sigmoid(W_f_x + b_f + c*v_f)  # sru.cell:14  f = sigmoid(W_f @ x + v_f * c + b_f)
         c_next = W_x*(1 - f) + c*f  # sru.cell:15  c' = f * c + (1 - f) * (W @ x)
         r = _sigmoid(W_r_x + b_r + c*v_r)  # sru.cell:16  r = sigmoid(W_r @ x + v_r * c + b_r)
         h = W_s_x*(1 - r) + c_next*r  # sru.cell:17  h = r * c' + (1 - r) * (W_s @ x)
-        _c_seq[_t + 1] = c_next
-        _h_out[_t] = h
-        _f_seq[_t] = f
-        _r_seq[_t] = r
-
-    _outputs = (_h_out, )
-    _final = (_c_seq[_T], )
-    _saved = {"c": _c_seq, "f": _f_seq, "r": _r_seq, "W_f_x": _W_f_x_seq, "W_x": _W_x_seq, "W_r_x": _W_r_x_seq, "W_s_x": _W_s_x_seq, }
+        _v_f[_t][...] = f
+        _s_c[_t + 1][...] = c_next
+        _v_r[_t][...] = r
+        _v_h[_t][...] = h
+    _outputs = (_v_h,)
+    _final = (_s_c[_T], )
+    _saved = {"s_c": _s_c, "hg_W_f_W_W_r_W_s__x": _hg_W_f_W_W_r_W_s__x, "v_f": _v_f, "v_r": _v_r, }
     return _outputs[0], _final[0], _saved
 
 
-def _backward(_params, _x, _saved, _d_outputs, _d_final):
-    _x_seq = np.asarray(_x)
-    _T, _B = _x_seq.shape[:2]
-    _dtype = _saved["c"].dtype
-    _sz = _sizes(_params, _x)
-    _I = _sz.get("I")
-    _H = _sz.get("H")
+def _inference(_params, _x, _state):
+    """The whole sequence keeping nothing for a backward: outputs and final states."""
+    _T, _B, _I, _H = _setup(_params, _x)
+    _dtype = np.result_type(_arrays(_x)[0], *_params.values())
     W = np.asarray(_params["W"], _dtype)
     W_f = np.asarray(_params["W_f"], _dtype)
     v_f = np.asarray(_params["v_f"], _dtype)
@@ -154,77 +151,129 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final):
     v_r = np.asarray(_params["v_r"], _dtype)
     b_r = np.asarray(_params["b_r"], _dtype)
     W_s = np.asarray(_params["W_s"], _dtype)
-    _x_seq = np.asarray(_x_seq, _dtype)
-    _c_seq = _saved["c"]
-    _f_seq = _saved["f"]
-    _r_seq = _saved["r"]
-    _W_f_x_seq = _saved["W_f_x"]
-    _W_x_seq = _saved["W_x"]
-    _W_r_x_seq = _saved["W_r_x"]
-    _W_s_x_seq = _saved["W_s_x"]
+    _x_x = np.asarray(_arrays(_x)[0], _dtype)
+    _wt_W_f_W_W_r_W_s = np.ascontiguousarray(np.concatenate([W_f, W, W_r, W_s]).T)
+    _state0 = _initial_state(_state, _B, _dtype, (_H, ))
+    _s_c = np.empty((_T + 1, _B, _H), _dtype)
+    _s_c[0] = _state0[0]
+    _hg_W_f_W_W_r_W_s__x = np.empty((_T, _B, 4*_H), _dtype)
+    _v_h = np.empty((_T, _B, _H), _dtype)
+    # W_f @ x, W @ x, W_r @ x, W_s @ x
+    np.matmul(_x_x.reshape(_T * _B, _I), _wt_W_f_W_W_r_W_s, out=_hg_W_f_W_W_r_W_s__x.reshape(_T * _B, 4*_H))
+    for _t in range(_T):
+        # stage 0 forward
+        W_f_x = _hg_W_f_W_W_r_W_s__x[_t][:, 0:_H]
+        W_r_x = _hg_W_f_W_W_r_W_s__x[_t][:, 2*_H:3*_H]
+        W_s_x = _hg_W_f_W_W_r_W_s__x[_t][:, 3*_H:4*_H]
+        W_x = _hg_W_f_W_W_r_W_s__x[_t][:, _H:2*_H]
+        c = _s_c[_t]
+        f = _sigmoid(W_f_x + b_f + c*v_f)  # sru.cell:14  f = sigmoid(W_f @ x + v_f * c + b_f)
+        c_next = W_x*(1 - f) + c*f  # sru.cell:15  c' = f * c + (1 - f) * (W @ x)
+        r = _sigmoid(W_r_x + b_r + c*v_r)  # sru.cell:16  r = sigmoid(W_r @ x + v_r * c + b_r)
+        h = W_s_x*(1 - r) + c_next*r  # sru.cell:17  h = r * c' + (1 - r) * (W_s @ x)
+        _s_c[_t + 1][...] = c_next
+        _v_h[_t][...] = h
+    _outputs = (_v_h,)
+    _final = (_s_c[_T], )
+    _saved = {}
+    return _outputs[0], _final[0], _saved
+
+
+def _backward(_params, _x, _saved, _d_outputs, _d_final):
+    """Gradients of the whole sequence: (d_params, d_x, d_state)."""
+    _T, _B, _I, _H = _setup(_params, _x)
+    _dtype = np.result_type(_arrays(_x)[0], *_params.values())
+    W = np.asarray(_params["W"], _dtype)
+    W_f = np.asarray(_params["W_f"], _dtype)
+    v_f = np.asarray(_params["v_f"], _dtype)
+    b_f = np.asarray(_params["b_f"], _dtype)
+    W_r = np.asarray(_params["W_r"], _dtype)
+    v_r = np.asarray(_params["v_r"], _dtype)
+    b_r = np.asarray(_params["b_r"], _dtype)
+    W_s = np.asarray(_params["W_s"], _dtype)
+    _x_x = np.asarray(_arrays(_x)[0], _dtype)
+    _w_W_f_W_W_r_W_s = np.concatenate([W_f, W, W_r, W_s])
+    _s_c = _saved["s_c"]
+    _hg_W_f_W_W_r_W_s__x = _saved["hg_W_f_W_W_r_W_s__x"]
+    _v_f = _saved["v_f"]
+    _v_r = _saved["v_r"]
     _d_outputs = (_d_outputs,)
-    _d_h_out_seq = np.zeros((_T, _B, _H), _dtype) if _d_outputs[0] is None else np.asarray(_d_outputs[0], _dtype)
+    _dout_h = np.zeros((_T, _B, _H), _dtype) if _d_outputs[0] is None else np.asarray(_d_outputs[0], _dtype)
     _d_final = (_d_final,)
-    d_c = np.zeros((_B, _H), _dtype) if _d_final[0] is None else np.asarray(_d_final[0], _dtype)
-    _d_x_seq = np.zeros((_T, _B, _I), _dtype)
-    _grads = {"W": np.zeros((_H, _I), _dtype), "W_f": np.zeros((_H, _I), _dtype), "v_f": np.zeros((_H), _dtype), "b_f": np.zeros((_H), _dtype), "W_r": np.zeros((_H, _I), _dtype), "v_r": np.zeros((_H), _dtype), "b_r": np.zeros((_H), _dtype), "W_s": np.zeros((_H, _I), _dtype)}
-    _d_W_f_W_W_r_W_s__x_seq = np.zeros((_T, _B, 4*_H), _dtype)
+    _ds_c = np.zeros((_B, _H), _dtype) if _d_final[0] is None else np.array(np.asarray(_d_final[0], _dtype), copy=True)
+    _dx_x = np.empty((_T, _B, _I), _dtype)
+    _dp_v_f = np.empty((_T, _B, _H), _dtype)
+    _dp_b_f = np.empty((_T, _B, _H), _dtype)
+    _dp_v_r = np.empty((_T, _B, _H), _dtype)
+    _dp_b_r = np.empty((_T, _B, _H), _dtype)
+    _dhg_W_f_W_W_r_W_s__x = np.empty((_T, _B, 4*_H), _dtype)
+    _tmp_d_h = np.empty((_B, _H), _dtype)
+    _tmp_d_r = np.empty((_B, _H), _dtype)
+    _tmp_d_c_next = np.empty((_B, _H), _dtype)
+    _tmp_d_f = np.empty((_B, _H), _dtype)
+    _grads = {}
     for _t in reversed(range(_T)):
-        x = _x_seq[_t]
-        c = _c_seq[_t]
-        c_next = _c_seq[_t + 1]
-        f = _f_seq[_t]
-        r = _r_seq[_t]
-        W_f_x = _W_f_x_seq[_t]
-        W_x = _W_x_seq[_t]
-        W_r_x = _W_r_x_seq[_t]
-        W_s_x = _W_s_x_seq[_t]
-        d_h_out = _d_h_out_seq[_t]
         # stage 0 backward
-        d_h = d_h_out  # h
-        d_r = d_h*(-W_s_x + c_next)  # r
-        d_c_next = d_c + d_h*r  # c'
-        d_f = d_c_next*(-W_x + c)  # f
-        # per-step adjoints of inputs, previous states, vector params and hoisted results
+        W_s_x = _hg_W_f_W_W_r_W_s__x[_t][:, 3*_H:4*_H]
+        W_x = _hg_W_f_W_W_r_W_s__x[_t][:, _H:2*_H]
+        c = _s_c[_t]
+        c_next = _s_c[_t + 1]
+        d_c = _ds_c
+        d_h_out = _dout_h[_t]
+        r = _v_r[_t]
+        d_h = d_h_out  # adjoint of h
+        d_r = d_h*(-W_s_x + c_next)  # adjoint of r
+        d_c_next = d_c + d_h*r  # adjoint of c'
+        d_f = d_c_next*(-W_x + c)  # adjoint of f
+        _tmp_d_h[...] = d_h
+        _tmp_d_r[...] = d_r
+        _tmp_d_c_next[...] = d_c_next
+        _tmp_d_f[...] = d_f
+        # per-step adjoints of inputs, states, vector params, hoisted results
+        c = _s_c[_t]
+        d_c_next = _tmp_d_c_next
+        d_f = _tmp_d_f
+        d_h = _tmp_d_h
+        d_r = _tmp_d_r
+        f = _v_f[_t]
+        r = _v_r[_t]
         t0 = 1 - f
         t1 = d_f*f*t0
         t2 = 1 - r
         t3 = d_r*r*t2
-        d_c = d_c_next*f + t1*v_f + t3*v_r  # state
-        d_v_f = c*t1  # param
-        d_b_f = t1  # param
-        d_v_r = c*t3  # param
-        d_b_r = t3  # param
-        d_W_f_x = d_b_f  # hoisted projection
-        d_W_x = d_c_next*t0  # hoisted projection
-        d_W_r_x = d_b_r  # hoisted projection
-        d_W_s_x = d_h*t2  # hoisted projection
-        _grads["v_f"] += _rows(d_v_f, (_B, _H)).sum(0)
-        _grads["b_f"] += _rows(d_b_f, (_B, _H)).sum(0)
-        _grads["v_r"] += _rows(d_v_r, (_B, _H)).sum(0)
-        _grads["b_r"] += _rows(d_b_r, (_B, _H)).sum(0)
-        _d_W_f_W_W_r_W_s__x_seq[_t, :, 0:_H] = d_W_f_x
-        _d_W_f_W_W_r_W_s__x_seq[_t, :, _H:2*_H] = d_W_x
-        _d_W_f_W_W_r_W_s__x_seq[_t, :, 2*_H:3*_H] = d_W_r_x
-        _d_W_f_W_W_r_W_s__x_seq[_t, :, 3*_H:4*_H] = d_W_s_x
-
-    # dW of the per-step projections: one GEMM over all T*B rows each
-
-    # hoisted projections W_f @ x, W @ x, W_r @ x, W_s @ x: dW and d_operand over all T*B rows
-    _dg = _d_W_f_W_W_r_W_s__x_seq.reshape(_T * _B, 4*_H)
-    _dw = _dg.T @ _x_seq.reshape(_T * _B, _I)
-    _grads["W_f"] += _dw[0:_H]
-    _grads["W"] += _dw[_H:2*_H]
-    _grads["W_r"] += _dw[2*_H:3*_H]
-    _grads["W_s"] += _dw[3*_H:4*_H]
-    d_x_hgemm = (_dg @ np.concatenate([W_f, W, W_r, W_s])).reshape(_T, _B, _I)
-    _d_x_seq += d_x_hgemm
-
-    _d_x = _d_x_seq
-    _d_state = d_c
+        d_c = d_c_next*f + t1*v_f + t3*v_r  # adjoint of state c
+        d_v_f = c*t1  # adjoint of param v_f
+        d_b_f = t1  # adjoint of param b_f
+        d_v_r = c*t3  # adjoint of param v_r
+        d_b_r = t3  # adjoint of param b_r
+        d_W_f_x = d_b_f  # adjoint of hoisted projection W_f_x
+        d_W_x = d_c_next*t0  # adjoint of hoisted projection W_x
+        d_W_r_x = d_b_r  # adjoint of hoisted projection W_r_x
+        d_W_s_x = d_h*t2  # adjoint of hoisted projection W_s_x
+        _ds_c[...] = d_c
+        _dp_v_f[_t][...] = d_v_f
+        _dp_b_f[_t][...] = d_b_f
+        _dp_v_r[_t][...] = d_v_r
+        _dp_b_r[_t][...] = d_b_r
+        _dhg_W_f_W_W_r_W_s__x[_t][:, 0:_H][...] = d_W_f_x
+        _dhg_W_f_W_W_r_W_s__x[_t][:, _H:2*_H][...] = d_W_x
+        _dhg_W_f_W_W_r_W_s__x[_t][:, 2*_H:3*_H][...] = d_W_r_x
+        _dhg_W_f_W_W_r_W_s__x[_t][:, 3*_H:4*_H][...] = d_W_s_x
+    # dW of W_f @ x, W @ x, W_r @ x, W_s @ x: one GEMM over all T*B rows
+    _grads["W_f"] = _dhg_W_f_W_W_r_W_s__x.reshape(_T * _B, 4*_H)[:, 0:_H].T @ _x_x.reshape(_T * _B, _I)
+    _grads["W"] = _dhg_W_f_W_W_r_W_s__x.reshape(_T * _B, 4*_H)[:, _H:2*_H].T @ _x_x.reshape(_T * _B, _I)
+    _grads["W_r"] = _dhg_W_f_W_W_r_W_s__x.reshape(_T * _B, 4*_H)[:, 2*_H:3*_H].T @ _x_x.reshape(_T * _B, _I)
+    _grads["W_s"] = _dhg_W_f_W_W_r_W_s__x.reshape(_T * _B, 4*_H)[:, 3*_H:4*_H].T @ _x_x.reshape(_T * _B, _I)
+    np.matmul(_dhg_W_f_W_W_r_W_s__x.reshape(_T * _B, 4*_H), _w_W_f_W_W_r_W_s, out=_dx_x.reshape(_T * _B, _I))
+    _sum = _dp_v_f.reshape(_T * _B, _H).sum(0)
+    _grads["v_f"] = _sum
+    _sum = _dp_b_f.reshape(_T * _B, _H).sum(0)
+    _grads["b_f"] = _sum
+    _sum = _dp_v_r.reshape(_T * _B, _H).sum(0)
+    _grads["v_r"] = _sum
+    _sum = _dp_b_r.reshape(_T * _B, _H).sum(0)
+    _grads["b_r"] = _sum
+    _grads = {"W": _grads["W"], "W_f": _grads["W_f"], "v_f": _grads["v_f"], "b_f": _grads["b_f"], "W_r": _grads["W_r"], "v_r": _grads["v_r"], "b_r": _grads["b_r"], "W_s": _grads["W_s"], }
+    _d_x = _dx_x
+    _d_state = _ds_c
     return _grads, _d_x, _d_state
-
-
-def _rows(a, shape):
-    """An adjoint as rows of shape[-1] (it may broadcast), for summing into a vector's gradient."""
-    return np.broadcast_to(a, shape).reshape(-1, shape[-1])

@@ -31,6 +31,7 @@ where they run (CUDA tensors; float32/float64 CPU sequences of 8 or more steps w
 compiler builds them) and the engine below otherwise.
 """
 
+import logging
 import math
 
 import torch
@@ -47,7 +48,7 @@ OUTPUTS = ("h",)
 #: which is U(-k, k) with k = 1/sqrt(hidden_size), as torch.nn.LSTM/GRU do
 INITS = {"W": ("default",), "W_f": ("default",), "v_f": ("default",), "b_f": ("default",), "W_r": ("default",), "v_r": ("default",), "b_r": ("default",), "W_s": ("default",)}
 SAVED = ("f", "r",)
-BACKENDS = ("auto", "generated", "autograd", "cuda", "fused")
+BACKENDS = ("auto", "generated", "autograd", "fused", "cuda")
 
 
 def step(params, x, state):
@@ -74,25 +75,29 @@ def step(params, x, state):
     return h, c_next
 
 
-def _sizes(_params, _x):
-    _x_seq = _x
-    return {"I": _x_seq.shape[-1], "H": _params["W"].shape[0], }
+def _initial_state(_state, _B, _dtype, _device, _sizes):
+    """The initial states as a tuple of [B, size] arrays (None means zeros)."""
+    _state = (_state,)
+    return tuple(torch.zeros((_B, _n), dtype=_dtype, device=_device) if _s is None else _s.to(_dtype) for _s, _n in zip(_state, _sizes))
 
 
-def _initial_state(_params, _x, _state, _B, _dtype, _sz):
-    if _state is None:
-        return (torch.zeros((_B, _sz["H"]), dtype=_dtype, device=_device),)
-    return (_state.to(_dtype),)
+def _arrays(_x):
+    return (_x,)
+
+
+def _setup(_params, _x):
+    """Sizes, params and stacked weights of one call."""
+    _x_x = (_arrays(_x)[0])
+    _T, _B = _x_x.shape[0], _x_x.shape[1]
+    _I = _x_x.shape[-1]
+    _H = _params["W"].shape[0]
+    return _T, _B, _I, _H
 
 
 def _forward(_params, _x, _state):
-    _x_seq = _x
-    _T, _B = _x_seq.shape[:2]
-    _dtype = _x_seq.dtype
-    _device = _x_seq.device
-    _sz = _sizes(_params, _x)
-    _I = _sz.get("I")
-    _H = _sz.get("H")
+    """The whole sequence: outputs, final states and what the backward reads."""
+    _T, _B, _I, _H = _setup(_params, _x)
+    _dtype, _device = _arrays(_x)[0].dtype, _arrays(_x)[0].device
     W = _params["W"].to(_dtype)
     W_f = _params["W_f"].to(_dtype)
     v_f = _params["v_f"].to(_dtype)
@@ -101,63 +106,90 @@ def _forward(_params, _x, _state):
     v_r = _params["v_r"].to(_dtype)
     b_r = _params["b_r"].to(_dtype)
     W_s = _params["W_s"].to(_dtype)
-    _x_seq = _x_seq.to(_dtype)
-
-    # Hoisted projections W_f @ x, W @ x, W_r @ x, W_s @ x: one GEMM over all T*B rows.
-    _g = _x_seq.reshape(_T * _B, _I) @ torch.cat([W_f, W, W_r, W_s]).T
-    _W_f_x_seq = _g[:, 0:_H].reshape(_T, _B, _H)
-    _W_x_seq = _g[:, _H:2*_H].reshape(_T, _B, _H)
-    _W_r_x_seq = _g[:, 2*_H:3*_H].reshape(_T, _B, _H)
-    _W_s_x_seq = _g[:, 3*_H:4*_H].reshape(_T, _B, _H)
-
-    # Loop-invariant parts of the step's pointwise math, once over all T*B rows.
-    x = _x_seq
-    W_f_x = _W_f_x_seq
-    W_x = _W_x_seq
-    W_r_x = _W_r_x_seq
-    W_s_x = _W_s_x_seq
-    _pre_f_seq = W_f_x + b_f  # part of f
-    _pre_r_seq = W_r_x + b_r  # part of r
-
-    _state0 = _initial_state(_params, _x, _state, _B, _dtype, _sz)
-    _c_seq = torch.empty((_T + 1, _B, _H), dtype=_dtype, device=_device)
-    _c_seq[0] = _state0[0]
-    _h_out = torch.empty((_T, _B, _H), dtype=_dtype, device=_device)
-    _f_seq = torch.empty((_T, _B, _H), dtype=_dtype, device=_device)
-    _r_seq = torch.empty((_T, _B, _H), dtype=_dtype, device=_device)
-    _c_rows = _c_seq.unbind(0)
-    _W_x_rows = _W_x_seq.unbind(0)
-    _W_s_x_rows = _W_s_x_seq.unbind(0)
-    _pre_f_rows = _pre_f_seq.unbind(0)
-    _pre_r_rows = _pre_r_seq.unbind(0)
-    _h_out_rows = _h_out.unbind(0)
-    _f_rows = _f_seq.unbind(0)
-    _r_rows = _r_seq.unbind(0)
+    _x_x = _arrays(_x)[0].to(_dtype)
+    _wt_W_f_W_W_r_W_s = torch.cat([W_f, W, W_r, W_s]).T.contiguous()
+    _state0 = _initial_state(_state, _B, _dtype, _device, (_H, ))
+    _s_c = torch.empty((_T + 1, _B, _H), dtype=_dtype, device=_device)
+    _s_c[0] = _state0[0]
+    _hg_W_f_W_W_r_W_s__x = torch.empty((_T, _B, 4*_H), dtype=_dtype, device=_device)
+    _v_f = torch.empty((_T, _B, _H), dtype=_dtype, device=_device)
+    _v_r = torch.empty((_T, _B, _H), dtype=_dtype, device=_device)
+    _v_h = torch.empty((_T, _B, _H), dtype=_dtype, device=_device)
+    _hg_W_f_W_W_r_W_s__x_rows = _hg_W_f_W_W_r_W_s__x.unbind(0)
+    _s_c_rows = _s_c.unbind(0)
+    _v_f_rows = _v_f.unbind(0)
+    _v_r_rows = _v_r.unbind(0)
+    _v_h_rows = _v_h.unbind(0)
+    # W_f @ x, W @ x, W_r @ x, W_s @ x
+    torch.mm(_x_x.reshape(_T * _B, _I), _wt_W_f_W_W_r_W_s, out=_hg_W_f_W_W_r_W_s__x.reshape(_T * _B, 4*_H))
     for _t in range(_T):
-        c = _c_rows[_t]
-        W_x = _W_x_rows[_t]
-        W_s_x = _W_s_x_rows[_t]
-        _pre_f = _pre_f_rows[_t]
-        _pre_r = _pre_r_rows[_t]
-        f = torch.sigmoid(_pre_f + c*v_f, out=_f_rows[_t])  # sru.cell:14  f = sigmoid(W_f @ x + v_f * c + b_f)
-        c_next = torch.add(W_x*(1 - f), c*f, out=_c_rows[_t + 1])  # sru.cell:15  c' = f * c + (1 - f) * (W @ x)
-        r = torch.sigmoid(_pre_r + c*v_r, out=_r_rows[_t])  # sru.cell:16  r = sigmoid(W_r @ x + v_r * c + b_r)
-        h = torch.add(W_s_x*(1 - r), c_next*r, out=_h_out_rows[_t])  # sru.cell:17  h = r * c' + (1 - r) * (W_s @ x)
+        # stage 0 forward
+        W_f_x = _hg_W_f_W_W_r_W_s__x_rows[_t][:, 0:_H]
+        W_r_x = _hg_W_f_W_W_r_W_s__x_rows[_t][:, 2*_H:3*_H]
+        W_s_x = _hg_W_f_W_W_r_W_s__x_rows[_t][:, 3*_H:4*_H]
+        W_x = _hg_W_f_W_W_r_W_s__x_rows[_t][:, _H:2*_H]
+        c = _s_c_rows[_t]
+        f = torch.sigmoid(W_f_x + b_f + c*v_f)  # sru.cell:14  f = sigmoid(W_f @ x + v_f * c + b_f)
+        c_next = W_x*(1 - f) + c*f  # sru.cell:15  c' = f * c + (1 - f) * (W @ x)
+        r = torch.sigmoid(W_r_x + b_r + c*v_r)  # sru.cell:16  r = sigmoid(W_r @ x + v_r * c + b_r)
+        h = W_s_x*(1 - r) + c_next*r  # sru.cell:17  h = r * c' + (1 - r) * (W_s @ x)
+        _v_f_rows[_t].copy_(f)
+        _s_c_rows[_t + 1].copy_(c_next)
+        _v_r_rows[_t].copy_(r)
+        _v_h_rows[_t].copy_(h)
+    _outputs = (_v_h,)
+    _final = (_s_c[_T], )
+    _saved = {"s_c": _s_c, "hg_W_f_W_W_r_W_s__x": _hg_W_f_W_W_r_W_s__x, "v_f": _v_f, "v_r": _v_r, }
+    return _outputs[0], _final[0], _saved
 
-    _outputs = (_h_out, )
-    _final = (_c_seq[_T], )
-    _saved = {"c": _c_seq, "f": _f_seq, "r": _r_seq, "W_x": _W_x_seq, "W_s_x": _W_s_x_seq, }
+
+def _inference(_params, _x, _state):
+    """The whole sequence keeping nothing for a backward: outputs and final states."""
+    _T, _B, _I, _H = _setup(_params, _x)
+    _dtype, _device = _arrays(_x)[0].dtype, _arrays(_x)[0].device
+    W = _params["W"].to(_dtype)
+    W_f = _params["W_f"].to(_dtype)
+    v_f = _params["v_f"].to(_dtype)
+    b_f = _params["b_f"].to(_dtype)
+    W_r = _params["W_r"].to(_dtype)
+    v_r = _params["v_r"].to(_dtype)
+    b_r = _params["b_r"].to(_dtype)
+    W_s = _params["W_s"].to(_dtype)
+    _x_x = _arrays(_x)[0].to(_dtype)
+    _wt_W_f_W_W_r_W_s = torch.cat([W_f, W, W_r, W_s]).T.contiguous()
+    _state0 = _initial_state(_state, _B, _dtype, _device, (_H, ))
+    _s_c = torch.empty((_T + 1, _B, _H), dtype=_dtype, device=_device)
+    _s_c[0] = _state0[0]
+    _hg_W_f_W_W_r_W_s__x = torch.empty((_T, _B, 4*_H), dtype=_dtype, device=_device)
+    _v_h = torch.empty((_T, _B, _H), dtype=_dtype, device=_device)
+    _hg_W_f_W_W_r_W_s__x_rows = _hg_W_f_W_W_r_W_s__x.unbind(0)
+    _s_c_rows = _s_c.unbind(0)
+    _v_h_rows = _v_h.unbind(0)
+    # W_f @ x, W @ x, W_r @ x, W_s @ x
+    torch.mm(_x_x.reshape(_T * _B, _I), _wt_W_f_W_W_r_W_s, out=_hg_W_f_W_W_r_W_s__x.reshape(_T * _B, 4*_H))
+    for _t in range(_T):
+        # stage 0 forward
+        W_f_x = _hg_W_f_W_W_r_W_s__x_rows[_t][:, 0:_H]
+        W_r_x = _hg_W_f_W_W_r_W_s__x_rows[_t][:, 2*_H:3*_H]
+        W_s_x = _hg_W_f_W_W_r_W_s__x_rows[_t][:, 3*_H:4*_H]
+        W_x = _hg_W_f_W_W_r_W_s__x_rows[_t][:, _H:2*_H]
+        c = _s_c_rows[_t]
+        f = torch.sigmoid(W_f_x + b_f + c*v_f)  # sru.cell:14  f = sigmoid(W_f @ x + v_f * c + b_f)
+        c_next = W_x*(1 - f) + c*f  # sru.cell:15  c' = f * c + (1 - f) * (W @ x)
+        r = torch.sigmoid(W_r_x + b_r + c*v_r)  # sru.cell:16  r = sigmoid(W_r @ x + v_r * c + b_r)
+        h = W_s_x*(1 - r) + c_next*r  # sru.cell:17  h = r * c' + (1 - r) * (W_s @ x)
+        _s_c_rows[_t + 1].copy_(c_next)
+        _v_h_rows[_t].copy_(h)
+    _outputs = (_v_h,)
+    _final = (_s_c[_T], )
+    _saved = {}
     return _outputs[0], _final[0], _saved
 
 
 def _backward(_params, _x, _saved, _d_outputs, _d_final):
-    _x_seq = _x
-    _T, _B = _x_seq.shape[:2]
-    _dtype = _saved["c"].dtype
-    _device = _saved["c"].device
-    _sz = _sizes(_params, _x)
-    _I = _sz.get("I")
-    _H = _sz.get("H")
+    """Gradients of the whole sequence: (d_params, d_x, d_state)."""
+    _T, _B, _I, _H = _setup(_params, _x)
+    _dtype, _device = _arrays(_x)[0].dtype, _arrays(_x)[0].device
     W = _params["W"].to(_dtype)
     W_f = _params["W_f"].to(_dtype)
     v_f = _params["v_f"].to(_dtype)
@@ -166,100 +198,102 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final):
     v_r = _params["v_r"].to(_dtype)
     b_r = _params["b_r"].to(_dtype)
     W_s = _params["W_s"].to(_dtype)
-    _x_seq = _x_seq.to(_dtype)
-    _c_seq = _saved["c"]
-    _f_seq = _saved["f"]
-    _r_seq = _saved["r"]
-    _W_x_seq = _saved["W_x"]
-    _W_s_x_seq = _saved["W_s_x"]
+    _x_x = _arrays(_x)[0].to(_dtype)
+    _w_W_f_W_W_r_W_s = torch.cat([W_f, W, W_r, W_s])
+    _s_c = _saved["s_c"]
+    _hg_W_f_W_W_r_W_s__x = _saved["hg_W_f_W_W_r_W_s__x"]
+    _v_f = _saved["v_f"]
+    _v_r = _saved["v_r"]
     _d_outputs = (_d_outputs,)
-    _d_h_out_seq = torch.zeros((_T, _B, _H), dtype=_dtype, device=_device) if _d_outputs[0] is None else _d_outputs[0].to(_dtype)
+    _dout_h = torch.zeros((_T, _B, _H), dtype=_dtype, device=_device) if _d_outputs[0] is None else _d_outputs[0].to(_dtype)
     _d_final = (_d_final,)
-    d_c = torch.zeros((_B, _H), dtype=_dtype, device=_device) if _d_final[0] is None else _d_final[0].to(_dtype)
-    _d_x_seq = torch.zeros((_T, _B, _I), dtype=_dtype, device=_device)
-    _grads = {"W": torch.zeros((_H, _I), dtype=_dtype, device=_device), "W_f": torch.zeros((_H, _I), dtype=_dtype, device=_device), "v_f": torch.zeros((_H), dtype=_dtype, device=_device), "b_f": torch.zeros((_H), dtype=_dtype, device=_device), "W_r": torch.zeros((_H, _I), dtype=_dtype, device=_device), "v_r": torch.zeros((_H), dtype=_dtype, device=_device), "b_r": torch.zeros((_H), dtype=_dtype, device=_device), "W_s": torch.zeros((_H, _I), dtype=_dtype, device=_device)}
-    _d_W_f_W_W_r_W_s__x_seq = torch.zeros((_T, _B, 4*_H), dtype=_dtype, device=_device)
-    _d_v_f_rows = torch.zeros((_T, _B, _H), dtype=_dtype, device=_device)
-    _d_b_f_rows = torch.zeros((_T, _B, _H), dtype=_dtype, device=_device)
-    _d_v_r_rows = torch.zeros((_T, _B, _H), dtype=_dtype, device=_device)
-    _d_b_r_rows = torch.zeros((_T, _B, _H), dtype=_dtype, device=_device)
-    _c_rows = _c_seq.unbind(0)
-    _f_rows = _f_seq.unbind(0)
-    _r_rows = _r_seq.unbind(0)
-    _W_x_rows = _W_x_seq.unbind(0)
-    _W_s_x_rows = _W_s_x_seq.unbind(0)
-    _d_h_out_rows = _d_h_out_seq.unbind(0)
-    _d_W_f_W_W_r_W_s__x_rows = _d_W_f_W_W_r_W_s__x_seq.unbind(0)
-    _d_v_f_rows_rows = _d_v_f_rows.unbind(0)
-    _d_b_f_rows_rows = _d_b_f_rows.unbind(0)
-    _d_v_r_rows_rows = _d_v_r_rows.unbind(0)
-    _d_b_r_rows_rows = _d_b_r_rows.unbind(0)
+    _ds_c = torch.zeros((_B, _H), dtype=_dtype, device=_device) if _d_final[0] is None else _d_final[0].to(_dtype).clone()
+    _dx_x = torch.empty((_T, _B, _I), dtype=_dtype, device=_device)
+    _dp_v_f = torch.empty((_T, _B, _H), dtype=_dtype, device=_device)
+    _dp_b_f = torch.empty((_T, _B, _H), dtype=_dtype, device=_device)
+    _dp_v_r = torch.empty((_T, _B, _H), dtype=_dtype, device=_device)
+    _dp_b_r = torch.empty((_T, _B, _H), dtype=_dtype, device=_device)
+    _dhg_W_f_W_W_r_W_s__x = torch.empty((_T, _B, 4*_H), dtype=_dtype, device=_device)
+    _tmp_d_h = torch.empty((_B, _H), dtype=_dtype, device=_device)
+    _tmp_d_r = torch.empty((_B, _H), dtype=_dtype, device=_device)
+    _tmp_d_c_next = torch.empty((_B, _H), dtype=_dtype, device=_device)
+    _tmp_d_f = torch.empty((_B, _H), dtype=_dtype, device=_device)
+    _hg_W_f_W_W_r_W_s__x_rows = _hg_W_f_W_W_r_W_s__x.unbind(0)
+    _s_c_rows = _s_c.unbind(0)
+    _dout_h_rows = _dout_h.unbind(0)
+    _v_r_rows = _v_r.unbind(0)
+    _v_f_rows = _v_f.unbind(0)
+    _dp_v_f_rows = _dp_v_f.unbind(0)
+    _dp_b_f_rows = _dp_b_f.unbind(0)
+    _dp_v_r_rows = _dp_v_r.unbind(0)
+    _dp_b_r_rows = _dp_b_r.unbind(0)
+    _dhg_W_f_W_W_r_W_s__x_rows = _dhg_W_f_W_W_r_W_s__x.unbind(0)
+    _grads = {}
     for _t in reversed(range(_T)):
-        c = _c_rows[_t]
-        c_next = _c_rows[_t + 1]
-        f = _f_rows[_t]
-        r = _r_rows[_t]
-        W_x = _W_x_rows[_t]
-        W_s_x = _W_s_x_rows[_t]
-        d_h_out = _d_h_out_rows[_t]
         # stage 0 backward
-        d_h = d_h_out  # h
-        d_r = d_h*(-W_s_x + c_next)  # r
-        d_c_next = d_c + d_h*r  # c'
-        d_f = d_c_next*(-W_x + c)  # f
-        # per-step adjoints of inputs, previous states, vector params and hoisted results
+        W_s_x = _hg_W_f_W_W_r_W_s__x_rows[_t][:, 3*_H:4*_H]
+        W_x = _hg_W_f_W_W_r_W_s__x_rows[_t][:, _H:2*_H]
+        c = _s_c_rows[_t]
+        c_next = _s_c_rows[_t + 1]
+        d_c = _ds_c
+        d_h_out = _dout_h_rows[_t]
+        r = _v_r_rows[_t]
+        d_h = d_h_out  # adjoint of h
+        d_r = d_h*(-W_s_x + c_next)  # adjoint of r
+        d_c_next = d_c + d_h*r  # adjoint of c'
+        d_f = d_c_next*(-W_x + c)  # adjoint of f
+        _tmp_d_h.copy_(d_h)
+        _tmp_d_r.copy_(d_r)
+        _tmp_d_c_next.copy_(d_c_next)
+        _tmp_d_f.copy_(d_f)
+        # per-step adjoints of inputs, states, vector params, hoisted results
+        c = _s_c_rows[_t]
+        d_c_next = _tmp_d_c_next
+        d_f = _tmp_d_f
+        d_h = _tmp_d_h
+        d_r = _tmp_d_r
+        f = _v_f_rows[_t]
+        r = _v_r_rows[_t]
         t0 = 1 - f
         t1 = d_f*f*t0
         t2 = 1 - r
         t3 = d_r*r*t2
-        d_c = d_c_next*f + t1*v_f + t3*v_r  # state
-        d_v_f = c*t1  # param
-        d_b_f = t1  # param
-        d_v_r = c*t3  # param
-        d_b_r = t3  # param
-        d_W_f_x = d_b_f  # hoisted projection
-        d_W_x = d_c_next*t0  # hoisted projection
-        d_W_r_x = d_b_r  # hoisted projection
-        d_W_s_x = d_h*t2  # hoisted projection
-        _d_v_f_rows_rows[_t].copy_(d_v_f)
-        _d_b_f_rows_rows[_t].copy_(t1)
-        _d_v_r_rows_rows[_t].copy_(d_v_r)
-        _d_b_r_rows_rows[_t].copy_(t3)
-        _d_W_f_W_W_r_W_s__x_rows[_t][:, 0:_H] = d_W_f_x
-        _d_W_f_W_W_r_W_s__x_rows[_t][:, _H:2*_H] = d_W_x
-        _d_W_f_W_W_r_W_s__x_rows[_t][:, 2*_H:3*_H] = d_W_r_x
-        _d_W_f_W_W_r_W_s__x_rows[_t][:, 3*_H:4*_H] = d_W_s_x
-
-    # vector-param gradients: one sum over all T*B rows each
-    _d_v_f_rows_sum = _d_v_f_rows.reshape(_T * _B, _H).sum(0)
-    _d_b_f_rows_sum = _d_b_f_rows.reshape(_T * _B, _H).sum(0)
-    _d_v_r_rows_sum = _d_v_r_rows.reshape(_T * _B, _H).sum(0)
-    _d_b_r_rows_sum = _d_b_r_rows.reshape(_T * _B, _H).sum(0)
-    _grads["v_f"] += _d_v_f_rows_sum
-    _grads["b_f"] += _d_b_f_rows_sum
-    _grads["v_r"] += _d_v_r_rows_sum
-    _grads["b_r"] += _d_b_r_rows_sum
-
-    # dW of the per-step projections: one GEMM over all T*B rows each
-
-    # hoisted projections W_f @ x, W @ x, W_r @ x, W_s @ x: dW and d_operand over all T*B rows
-    _dg = _d_W_f_W_W_r_W_s__x_seq.reshape(_T * _B, 4*_H)
-    _dw = _dg.T @ _x_seq.reshape(_T * _B, _I)
-    _grads["W_f"] += _dw[0:_H]
-    _grads["W"] += _dw[_H:2*_H]
-    _grads["W_r"] += _dw[2*_H:3*_H]
-    _grads["W_s"] += _dw[3*_H:4*_H]
-    d_x_hgemm = (_dg @ torch.cat([W_f, W, W_r, W_s])).reshape(_T, _B, _I)
-    _d_x_seq += d_x_hgemm
-
-    _d_x = _d_x_seq
-    _d_state = d_c
+        d_c = d_c_next*f + t1*v_f + t3*v_r  # adjoint of state c
+        d_v_f = c*t1  # adjoint of param v_f
+        d_b_f = t1  # adjoint of param b_f
+        d_v_r = c*t3  # adjoint of param v_r
+        d_b_r = t3  # adjoint of param b_r
+        d_W_f_x = d_b_f  # adjoint of hoisted projection W_f_x
+        d_W_x = d_c_next*t0  # adjoint of hoisted projection W_x
+        d_W_r_x = d_b_r  # adjoint of hoisted projection W_r_x
+        d_W_s_x = d_h*t2  # adjoint of hoisted projection W_s_x
+        _ds_c.copy_(d_c)
+        _dp_v_f_rows[_t].copy_(d_v_f)
+        _dp_b_f_rows[_t].copy_(d_b_f)
+        _dp_v_r_rows[_t].copy_(d_v_r)
+        _dp_b_r_rows[_t].copy_(d_b_r)
+        _dhg_W_f_W_W_r_W_s__x_rows[_t][:, 0:_H].copy_(d_W_f_x)
+        _dhg_W_f_W_W_r_W_s__x_rows[_t][:, _H:2*_H].copy_(d_W_x)
+        _dhg_W_f_W_W_r_W_s__x_rows[_t][:, 2*_H:3*_H].copy_(d_W_r_x)
+        _dhg_W_f_W_W_r_W_s__x_rows[_t][:, 3*_H:4*_H].copy_(d_W_s_x)
+    # dW of W_f @ x, W @ x, W_r @ x, W_s @ x: one GEMM over all T*B rows
+    _grads["W_f"] = _dhg_W_f_W_W_r_W_s__x.reshape(_T * _B, 4*_H)[:, 0:_H].T @ _x_x.reshape(_T * _B, _I)
+    _grads["W"] = _dhg_W_f_W_W_r_W_s__x.reshape(_T * _B, 4*_H)[:, _H:2*_H].T @ _x_x.reshape(_T * _B, _I)
+    _grads["W_r"] = _dhg_W_f_W_W_r_W_s__x.reshape(_T * _B, 4*_H)[:, 2*_H:3*_H].T @ _x_x.reshape(_T * _B, _I)
+    _grads["W_s"] = _dhg_W_f_W_W_r_W_s__x.reshape(_T * _B, 4*_H)[:, 3*_H:4*_H].T @ _x_x.reshape(_T * _B, _I)
+    torch.mm(_dhg_W_f_W_W_r_W_s__x.reshape(_T * _B, 4*_H), _w_W_f_W_W_r_W_s, out=_dx_x.reshape(_T * _B, _I))
+    _sum = _dp_v_f.reshape(_T * _B, _H).sum(0)
+    _grads["v_f"] = _sum
+    _sum = _dp_b_f.reshape(_T * _B, _H).sum(0)
+    _grads["b_f"] = _sum
+    _sum = _dp_v_r.reshape(_T * _B, _H).sum(0)
+    _grads["v_r"] = _sum
+    _sum = _dp_b_r.reshape(_T * _B, _H).sum(0)
+    _grads["b_r"] = _sum
+    _grads = {"W": _grads["W"], "W_f": _grads["W_f"], "v_f": _grads["v_f"], "b_f": _grads["b_f"], "W_r": _grads["W_r"], "v_r": _grads["v_r"], "b_r": _grads["b_r"], "W_s": _grads["W_s"], }
+    _d_x = _dx_x
+    _d_state = _ds_c
     return _grads, _d_x, _d_state
-
-
-def _rows(a, shape):
-    """An adjoint as rows of shape[-1] (it may broadcast), for summing into a vector's gradient."""
-    return torch.broadcast_to(a, shape).reshape(-1, shape[-1])
 
 
 _PARAM_NAMES = tuple(PARAMS)
@@ -306,7 +340,255 @@ def _run_autograd(params, xs, state):
         out, state = step(params, xs[0][t] if _N_IN == 1 else tuple(a[t] for a in xs), state[0] if _N_STATE == 1 else state)
         outputs.append((out,) if _N_OUT == 1 else out)
         state = (state,) if _N_STATE == 1 else state
+    if not outputs:  # T = 0: no step; the output sizes from a step that is thrown away
+        with torch.no_grad():
+            probe, _ = step(params, xs[0][:0].new_zeros(xs[0].shape[1:]) if _N_IN == 1 else tuple(a.new_zeros(a.shape[1:]) for a in xs), state[0] if _N_STATE == 1 else state)
+        probe = (probe,) if _N_OUT == 1 else probe
+        return tuple(o.new_empty(0, *o.shape) for o in probe), tuple(state)
     return tuple(torch.stack(o) for o in zip(*outputs)), tuple(state)
+
+
+#: sequences shorter than this run the PyTorch engine under backend="auto" on the CPU
+MIN_NATIVE_STEPS = 1
+_LIBRARIES = {}
+
+
+def _native_library(x, state, params, required=None):
+    """The native library of sru.cu for x's device, built on first use (cached on disk); None
+    where backend="auto" should run the PyTorch engine instead (no compiler, no BLAS, an
+    unsupported dtype, mixed dtypes or devices, torch.compile tracing). With ``required``
+    (backend="fused"/"cuda" asked for explicitly) a problem is an error that says why."""
+    dtype, device = x.dtype, x.device
+    problem = None
+    if required == "cuda" and device.type != "cuda":
+        problem = "it needs CUDA tensors (backend='fused' runs the same kernels on the CPU)"
+    elif required == "fused" and device.type != "cpu":
+        problem = "it runs on CPU tensors (backend='cuda' runs the kernels on the GPU)"
+    elif any(t.dtype != dtype or t.device != device for t in (*state, *params.values())):
+        problem = f"all tensors must have one dtype and device ({dtype} on {device} and others)"
+    elif required is None and (torch.compiler.is_compiling() or x.shape[0] < MIN_NATIVE_STEPS):
+        return None
+    if problem is None:
+        key = (device.type, device.index)
+        lib = _LIBRARIES.get(key)
+        if lib is None:
+            try:
+                from cellspec.runtime import kernels
+
+                lib = kernels.library(__file__, "sru.cu", device)
+            except Exception as e:  # noqa: BLE001 - remembered: tried once per device and process
+                lib = e
+                logging.getLogger("cellspec").debug(
+                    "%s: the native library of sru.cu is not used on %s (%s: %s); the PyTorch engine runs",
+                    CELL, device.type, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+            _LIBRARIES[key] = lib
+        if isinstance(lib, Exception):
+            problem = f"{type(lib).__name__}: {lib}"
+        else:
+            try:
+                lib.function("forward", dtype)
+            except Exception as e:  # noqa: BLE001 - an unsupported dtype
+                problem = str(e)
+    if problem is None:
+        return lib
+    if required is not None:
+        raise RuntimeError(f"{CELL}: backend={required!r} cannot run here: {problem}")
+    return None
+
+
+class _NativeSequence(torch.autograd.Function):
+    """The whole sequence in the native library (one call forward, one backward)."""
+
+    @staticmethod
+    def forward(ctx, lib, *args):
+        _xs, _states, _plist = args[:_N_IN], args[_N_IN : _N_IN + _N_STATE], args[_N_IN + _N_STATE :]
+        _outputs, _finals, _saved = _native_forward(lib, _xs, _states, dict(zip(_PARAM_NAMES, _plist)))
+        ctx.lib = lib
+        ctx.save_for_backward(*_xs, *_plist, *_saved)
+        return (*_outputs, *_finals)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grads):
+        _t = ctx.saved_tensors
+        _n = _N_IN + len(_PARAM_NAMES)
+        _params = dict(zip(_PARAM_NAMES, _t[_N_IN:_n]))
+        _grads, _d_xs, _d_states = _native_backward(ctx.lib, _t[:_N_IN], _params, _t[_n:], grads[:_N_OUT], grads[_N_OUT:])
+        return (None, *_d_xs, *_d_states, *(_grads[k].to(_params[k].dtype) for k in _PARAM_NAMES))
+
+
+def _run_native(lib, xs, state, params):
+    """(outputs, final states) of the native library: through autograd when something requires
+    grad, else the inference function (which keeps nothing for a backward); under torch.compile,
+    the custom ops."""
+    if torch.compiler.is_compiling():
+        result = _OPS[0](list(xs), list(state), list(params.values()))
+        return tuple(result[:_N_OUT]), tuple(result[_N_OUT : _N_OUT + _N_STATE])
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (*xs, *state, *params.values())):
+        result = _NativeSequence.apply(lib, *xs, *state, *params.values())
+        return tuple(result[:_N_OUT]), tuple(result[_N_OUT:])
+    outputs, finals, _ = _native_inference(lib, xs, state, params)
+    return outputs, finals
+
+
+def _native_sizes(_xs, _params):
+    """(T, B, sizes...) of a call, as the native library takes them."""
+    _T, _B = _xs[0].shape[0], _xs[0].shape[1]
+    _I = _xs[0].shape[-1]
+    _H = _params["W"].shape[0]
+    return (_T, _B, _I, _H)
+
+
+def _native_forward(_lib, _xs, _states, _params):
+    """The whole sequence (training: keeps what the backward reads) in one call of the native library."""
+    _T, _B, _I, _H = _dims = _native_sizes(_xs, _params)
+    _dt, _dev = _xs[0].dtype, _xs[0].device
+
+    def _empty(shape):
+        return torch.empty(shape, dtype=_dt, device=_dev)
+
+    x_x = _xs[0].contiguous()
+    s_c = _empty((_T + 1, _B, _H))
+    s_c[0].copy_(_states[0])
+    p_v_f = _params["v_f"].contiguous()
+    p_b_f = _params["b_f"].contiguous()
+    p_v_r = _params["v_r"].contiguous()
+    p_b_r = _params["b_r"].contiguous()
+    hg_W_f_W_W_r_W_s__x = _empty((_T, _B, 4*_H))
+    v_f = _empty((_T, _B, _H))
+    v_r = _empty((_T, _B, _H))
+    v_h = _empty((_T, _B, _H))
+    if _lib is not None:  # None: shapes only (the custom op's fake implementation)
+        _lib("forward", _dims, [x_x, s_c, p_v_f, p_b_f, p_v_r, p_b_r, hg_W_f_W_W_r_W_s__x, v_f, v_r, v_h, torch.cat((_params["W_f"], _params["W"], _params["W_r"], _params["W_s"],))])
+    return (v_h,), (s_c[_T],), (s_c, hg_W_f_W_W_r_W_s__x, v_f, v_r,)
+
+
+def _native_inference(_lib, _xs, _states, _params):
+    """The whole sequence (inference: keeps nothing) in one call of the native library."""
+    _T, _B, _I, _H = _dims = _native_sizes(_xs, _params)
+    _dt, _dev = _xs[0].dtype, _xs[0].device
+
+    def _empty(shape):
+        return torch.empty(shape, dtype=_dt, device=_dev)
+
+    x_x = _xs[0].contiguous()
+    s_c = _empty((_T + 1, _B, _H))
+    s_c[0].copy_(_states[0])
+    p_v_f = _params["v_f"].contiguous()
+    p_b_f = _params["b_f"].contiguous()
+    p_v_r = _params["v_r"].contiguous()
+    p_b_r = _params["b_r"].contiguous()
+    hg_W_f_W_W_r_W_s__x = _empty((_T, _B, 4*_H))
+    v_h = _empty((_T, _B, _H))
+    if _lib is not None:  # None: shapes only (the custom op's fake implementation)
+        _lib("inference", _dims, [x_x, s_c, p_v_f, p_b_f, p_v_r, p_b_r, hg_W_f_W_W_r_W_s__x, v_h, torch.cat((_params["W_f"], _params["W"], _params["W_r"], _params["W_s"],))])
+    return (v_h,), (s_c[_T],), ()
+
+
+def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals):
+    """Gradients of the whole sequence in one call of the native library: (grads, d_xs, d_states)."""
+    _T, _B, _I, _H = _dims = _native_sizes(_xs, _params)
+    _dt, _dev = _xs[0].dtype, _xs[0].device
+    _gdt = torch.float32 if _dt in (torch.float16, torch.bfloat16) else _dt  # gradients accumulate in float32 for 16-bit storage
+
+    def _empty(shape):
+        return torch.empty(shape, dtype=_dt, device=_dev)
+
+    def _zeros(shape):
+        return torch.zeros(shape, dtype=_dt, device=_dev)
+
+    def _gempty(shape):
+        return torch.empty(shape, dtype=_gdt, device=_dev)
+
+    def _gzeros(shape):
+        return torch.zeros(shape, dtype=_gdt, device=_dev)
+
+    x_x = _xs[0].contiguous()
+    s_c = _saved[0]
+    p_v_f = _params["v_f"].contiguous()
+    p_b_f = _params["b_f"].contiguous()
+    p_v_r = _params["v_r"].contiguous()
+    p_b_r = _params["b_r"].contiguous()
+    hg_W_f_W_W_r_W_s__x = _saved[1]
+    v_f = _saved[2]
+    v_r = _saved[3]
+    dout_h = _zeros((_T, _B, _H)) if _d_outputs[0] is None else _d_outputs[0].contiguous()
+    ds_c = _zeros((_B, _H)) if _d_finals[0] is None else _d_finals[0].to(_dt, memory_format=torch.contiguous_format, copy=True)
+    dx_x = _empty((_T, _B, _I))
+    dp_v_f = _empty((_T, _B, _H))
+    dp_b_f = _empty((_T, _B, _H))
+    dp_v_r = _empty((_T, _B, _H))
+    dp_b_r = _empty((_T, _B, _H))
+    dhg_W_f_W_W_r_W_s__x = _empty((_T, _B, 4*_H))
+    tmp_d_h = _empty((_B, _H))
+    tmp_d_r = _empty((_B, _H))
+    tmp_d_c_next = _empty((_B, _H))
+    tmp_d_f = _empty((_B, _H))
+    _grads = {"W": _gempty((_H, _I)), "W_f": _gempty((_H, _I)), "v_f": _gempty((_H,)), "b_f": _gempty((_H,)), "W_r": _gempty((_H, _I)), "v_r": _gempty((_H,)), "b_r": _gempty((_H,)), "W_s": _gempty((_H, _I))}
+    if _lib is not None:
+        _lib("backward", _dims, [x_x, s_c, p_v_f, p_b_f, p_v_r, p_b_r, hg_W_f_W_W_r_W_s__x, v_f, v_r, dout_h, ds_c, dx_x, dp_v_f, dp_b_f, dp_v_r, dp_b_r, dhg_W_f_W_W_r_W_s__x, tmp_d_h, tmp_d_r, tmp_d_c_next, tmp_d_f, torch.cat((_params["W_f"], _params["W"], _params["W_r"], _params["W_s"],)), *_grads.values()])
+    return _grads, (dx_x,), (ds_c,)
+
+
+# The same two calls as PyTorch custom ops, for torch.compile (which traces them through their
+# fake implementations: the allocations above, without the call). Registered once per process
+# and content of this file; outputs are copies (an op's outputs may not alias each other).
+_OP = "sru_4e05262a5c55"
+
+
+def _op_forward_impl(xs: list[torch.Tensor], states: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:
+    lib = None if xs[0].device.type == "meta" else _native_library(xs[0], states, dict(zip(_PARAM_NAMES, params)), required="cuda" if xs[0].is_cuda else "fused")
+    outputs, finals, saved = _native_forward(lib, tuple(xs), tuple(states), dict(zip(_PARAM_NAMES, params)))
+    return [*(o.clone() for o in outputs), *(f.clone() for f in finals), *saved]
+
+
+def _op_forward_fake(xs, states, params):
+    outputs, finals, saved = _native_forward(None, tuple(xs), tuple(states), dict(zip(_PARAM_NAMES, params)))
+    return [*(o.clone() for o in outputs), *(f.clone() for f in finals), *saved]
+
+
+def _op_backward_impl(xs: list[torch.Tensor], params: list[torch.Tensor], saved: list[torch.Tensor], d_outputs: list[torch.Tensor], d_finals: list[torch.Tensor]) -> list[torch.Tensor]:
+    p = dict(zip(_PARAM_NAMES, params))
+    lib = None if xs[0].device.type == "meta" else _native_library(xs[0], (), p, required="cuda" if xs[0].is_cuda else "fused")
+    grads, d_xs, d_states = _native_backward(lib, tuple(xs), p, tuple(saved), tuple(d_outputs), tuple(d_finals))
+    return [*d_xs, *d_states, *(grads[k].to(p[k].dtype) for k in _PARAM_NAMES)]
+
+
+def _op_backward_fake(xs, params, saved, d_outputs, d_finals):
+    p = dict(zip(_PARAM_NAMES, params))
+    grads, d_xs, d_states = _native_backward(None, tuple(xs), p, tuple(saved), tuple(d_outputs), tuple(d_finals))
+    return [*d_xs, *d_states, *(grads[k].to(p[k].dtype) for k in _PARAM_NAMES)]
+
+
+def _op_setup_context(ctx, inputs, output):
+    xs, _states, params = inputs
+    ctx.n_params = len(params)
+    ctx.save_for_backward(*xs, *params, *output[_N_OUT + _N_STATE :])
+
+
+def _op_backward(ctx, grads):
+    t = ctx.saved_tensors
+    xs, params, saved = t[:_N_IN], t[_N_IN : _N_IN + ctx.n_params], t[_N_IN + ctx.n_params :]
+    res = _OPS[1](list(xs), list(params), list(saved), list(grads[:_N_OUT]), list(grads[_N_OUT : _N_OUT + _N_STATE]))
+    return list(res[:_N_IN]), list(res[_N_IN : _N_IN + _N_STATE]), list(res[_N_IN + _N_STATE :])
+
+
+def _register_ops():
+    try:
+        fwd = torch.library.custom_op(f"cellspec::{_OP}_forward", _op_forward_impl, mutates_args=(),
+                                      schema="(Tensor[] xs, Tensor[] states, Tensor[] params) -> Tensor[]")
+        bwd = torch.library.custom_op(f"cellspec::{_OP}_backward", _op_backward_impl, mutates_args=(),
+                                      schema="(Tensor[] xs, Tensor[] params, Tensor[] saved, Tensor?[] d_outputs, Tensor?[] d_finals) -> Tensor[]")
+    except RuntimeError:  # registered by an earlier import of the same generated code
+        ns = torch.ops.cellspec
+        return getattr(ns, f"{_OP}_forward"), getattr(ns, f"{_OP}_backward")
+    fwd.register_fake(_op_forward_fake)
+    bwd.register_fake(_op_backward_fake)
+    fwd.register_autograd(_op_backward, setup_context=_op_setup_context)
+    return fwd, bwd
+
+
+_OPS = _register_ops()
 
 
 class _SRUBase(nn.Module):
@@ -356,14 +638,8 @@ class _SRUBase(nn.Module):
     def _resolve_backend(self, xs, state):
         if self.backend != "auto":
             return self.backend
-        try:
-            from cellspec.runtime import fused_cpu
-        except ImportError:  # this package used without cellspec installed: the PyTorch engine
-            return "generated"
-        if xs[0].is_cuda:  # the fused CUDA kernels (cellspec.runtime.cuda_ops)
-            return "cuda"
-        if fused_cpu.use_fused(__file__, "sru.cu", xs, state, self._params()):  # fused CPU kernel
-            return "fused"
+        if _native_library(xs[0], state, self._params()) is not None:
+            return "cuda" if xs[0].is_cuda else "fused"
         return "generated"
 
     def _run(self, xs, state):
@@ -384,14 +660,9 @@ class _SRUBase(nn.Module):
         params = self._params()
         if backend == "autograd":
             return _run_autograd(params, xs, state)
-        if backend == "fused" and not xs[0].is_cuda:  # fused CPU kernel of sru.cu
-            from cellspec.runtime import fused_cpu
-
-            return fused_cpu.run_sequence(__file__, "sru.cu", xs, state, params)
-        if backend in ("cuda", "fused"):  # kernels of sru.cu (GPU or CPU build), compiled on first use
-            from cellspec.runtime import cuda_ops
-
-            return cuda_ops.run_sequence(__file__, "sru.cu", xs, state, params)
+        if backend in ("fused", "cuda"):
+            lib = None if torch.compiler.is_compiling() else _native_library(xs[0], state, params, required=backend)
+            return _run_native(lib, xs, state, params)
         result = _Sequence.apply(*xs, *state, *params.values())
         return tuple(result[:_N_OUT]), tuple(result[_N_OUT:])
 

@@ -60,7 +60,7 @@ def backward(params, x, state, d_output, d_new_state):
 
 def forward_sequence(params, x, state=None):
     """A whole sequence: x [T, B, ...] -> (outputs [T, B, ...], final_state)."""
-    _outputs, _final, _ = _forward(params, x, state)
+    _outputs, _final, _ = _inference(params, x, state)
     return _outputs, _final
 
 
@@ -75,24 +75,29 @@ def _first_step(a):
     return a[None]
 
 
-def _sizes(_params, _x):
-    _x_seq = np.asarray(_x)
-    return {"I": _x_seq.shape[-1], "H": _params["W_ir"].shape[0], }
+def _initial_state(_state, _B, _dtype, _sizes):
+    """The initial states as a tuple of [B, size] arrays (None means zeros)."""
+    _state = (_state,)
+    return tuple(np.zeros((_B, _n), _dtype) if _s is None else np.asarray(_s, _dtype) for _s, _n in zip(_state, _sizes))
 
 
-def _initial_state(_params, _x, _state, _B, _dtype, _sz):
-    if _state is None:
-        return (np.zeros((_B, _sz["H"]), _dtype),)
-    return (np.asarray(_state, _dtype),)
+def _arrays(_x):
+    return (_x,)
+
+
+def _setup(_params, _x):
+    """Sizes, params and stacked weights of one call."""
+    _x_x = np.asarray(_arrays(_x)[0])
+    _T, _B = _x_x.shape[0], _x_x.shape[1]
+    _I = _x_x.shape[-1]
+    _H = _params["W_ir"].shape[0]
+    return _T, _B, _I, _H
 
 
 def _forward(_params, _x, _state):
-    _x_seq = np.asarray(_x)
-    _T, _B = _x_seq.shape[:2]
-    _dtype = np.result_type(_x_seq, _params["W_ir"], _params["W_hr"], _params["b_ir"], _params["b_hr"], _params["W_iz"], _params["W_hz"], _params["b_iz"], _params["b_hz"], _params["W_in"], _params["W_hn"], _params["b_in"], _params["b_hn"])
-    _sz = _sizes(_params, _x)
-    _I = _sz.get("I")
-    _H = _sz.get("H")
+    """The whole sequence: outputs, final states and what the backward reads."""
+    _T, _B, _I, _H = _setup(_params, _x)
+    _dtype = np.result_type(_arrays(_x)[0], *_params.values())
     W_ir = np.asarray(_params["W_ir"], _dtype)
     W_hr = np.asarray(_params["W_hr"], _dtype)
     b_ir = np.asarray(_params["b_ir"], _dtype)
@@ -105,56 +110,48 @@ def _forward(_params, _x, _state):
     W_hn = np.asarray(_params["W_hn"], _dtype)
     b_in = np.asarray(_params["b_in"], _dtype)
     b_hn = np.asarray(_params["b_hn"], _dtype)
-    _x_seq = np.asarray(_x_seq, _dtype)
-
-    # Hoisted projections W_ir @ x, W_iz @ x, W_in @ x: one GEMM over all T*B rows.
-    _g = _x_seq.reshape(_T * _B, _I) @ np.concatenate([W_ir, W_iz, W_in]).T
-    _W_ir_x_seq = _g[:, 0:_H].reshape(_T, _B, _H)
-    _W_iz_x_seq = _g[:, _H:2*_H].reshape(_T, _B, _H)
-    _W_in_x_seq = _g[:, 2*_H:3*_H].reshape(_T, _B, _H)
-    _w_W_hr_W_hz_W_hn__h = np.ascontiguousarray(np.concatenate([W_hr, W_hz, W_hn]).T)
-
-    _state0 = _initial_state(_params, _x, _state, _B, _dtype, _sz)
-    _h_seq = np.empty((_T + 1, _B, _H), _dtype)
-    _h_seq[0] = _state0[0]
-    _r_seq = np.empty((_T, _B, _H), _dtype)
-    _z_seq = np.empty((_T, _B, _H), _dtype)
-    _n_seq = np.empty((_T, _B, _H), _dtype)
-    _W_hn_h_seq = np.empty((_T, _B, _H), _dtype)
+    _x_x = np.asarray(_arrays(_x)[0], _dtype)
+    _wt_W_ir_W_iz_W_in = np.ascontiguousarray(np.concatenate([W_ir, W_iz, W_in]).T)
+    _wt_W_hr_W_hz_W_hn = np.ascontiguousarray(np.concatenate([W_hr, W_hz, W_hn]).T)
+    _state0 = _initial_state(_state, _B, _dtype, (_H, ))
+    _s_h = np.empty((_T + 1, _B, _H), _dtype)
+    _s_h[0] = _state0[0]
+    _hg_W_ir_W_iz_W_in__x = np.empty((_T, _B, 3*_H), _dtype)
+    _g_W_hr_W_hz_W_hn__h = np.empty((_T, _B, 3*_H), _dtype)
+    _v_r = np.empty((_T, _B, _H), _dtype)
+    _v_z = np.empty((_T, _B, _H), _dtype)
+    _v_n = np.empty((_T, _B, _H), _dtype)
+    # W_ir @ x, W_iz @ x, W_in @ x
+    np.matmul(_x_x.reshape(_T * _B, _I), _wt_W_ir_W_iz_W_in, out=_hg_W_ir_W_iz_W_in__x.reshape(_T * _B, 3*_H))
     for _t in range(_T):
-        x = _x_seq[_t]
-        h = _h_seq[_t]
-        W_ir_x = _W_ir_x_seq[_t]
-        W_iz_x = _W_iz_x_seq[_t]
-        W_in_x = _W_in_x_seq[_t]
-        # stage 0: W_hr @ h, W_hz @ h, W_hn @ h in one GEMM
-        _g = h @ _w_W_hr_W_hz_W_hn__h
-        W_hr_h = _g[:, 0:_H]
-        W_hz_h = _g[:, _H:2*_H]
-        W_hn_h = _g[:, 2*_H:3*_H]
+        # W_hr @ h, W_hz @ h, W_hn @ h
+        np.matmul(_s_h[_t], _wt_W_hr_W_hz_W_hn, out=_g_W_hr_W_hz_W_hn__h[_t])
+        # stage 0 forward
+        W_hn_h = _g_W_hr_W_hz_W_hn__h[_t][:, 2*_H:3*_H]
+        W_hr_h = _g_W_hr_W_hz_W_hn__h[_t][:, 0:_H]
+        W_hz_h = _g_W_hr_W_hz_W_hn__h[_t][:, _H:2*_H]
+        W_in_x = _hg_W_ir_W_iz_W_in__x[_t][:, 2*_H:3*_H]
+        W_ir_x = _hg_W_ir_W_iz_W_in__x[_t][:, 0:_H]
+        W_iz_x = _hg_W_ir_W_iz_W_in__x[_t][:, _H:2*_H]
+        h = _s_h[_t]
         r = _sigmoid(W_hr_h + W_ir_x + b_hr + b_ir)  # torch_gru.cell:14  r = sigmoid(W_ir @ x + b_ir + W_hr @ h + b_hr)
         z = _sigmoid(W_hz_h + W_iz_x + b_hz + b_iz)  # torch_gru.cell:15  z = sigmoid(W_iz @ x + b_iz + W_hz @ h + b_hz)
         n = np.tanh(W_in_x + b_in + r*(W_hn_h + b_hn))  # torch_gru.cell:16  n = tanh(W_in @ x + b_in + r * (W_hn @ h + b_hn))
         h_next = h*z + n*(1 - z)  # torch_gru.cell:17  h' = (1 - z) * n + z * h
-        _h_seq[_t + 1] = h_next
-        _r_seq[_t] = r
-        _z_seq[_t] = z
-        _n_seq[_t] = n
-        _W_hn_h_seq[_t] = W_hn_h
-
-    _outputs = (_h_seq[1:], )
-    _final = (_h_seq[_T], )
-    _saved = {"h": _h_seq, "r": _r_seq, "z": _z_seq, "n": _n_seq, "W_hn_h": _W_hn_h_seq, "W_ir_x": _W_ir_x_seq, "W_iz_x": _W_iz_x_seq, "W_in_x": _W_in_x_seq, }
+        _v_r[_t][...] = r
+        _v_z[_t][...] = z
+        _v_n[_t][...] = n
+        _s_h[_t + 1][...] = h_next
+    _outputs = (_s_h[1:],)
+    _final = (_s_h[_T], )
+    _saved = {"s_h": _s_h, "g_W_hr_W_hz_W_hn__h": _g_W_hr_W_hz_W_hn__h, "v_r": _v_r, "v_z": _v_z, "v_n": _v_n, }
     return _outputs[0], _final[0], _saved
 
 
-def _backward(_params, _x, _saved, _d_outputs, _d_final):
-    _x_seq = np.asarray(_x)
-    _T, _B = _x_seq.shape[:2]
-    _dtype = _saved["h"].dtype
-    _sz = _sizes(_params, _x)
-    _I = _sz.get("I")
-    _H = _sz.get("H")
+def _inference(_params, _x, _state):
+    """The whole sequence keeping nothing for a backward: outputs and final states."""
+    _T, _B, _I, _H = _setup(_params, _x)
+    _dtype = np.result_type(_arrays(_x)[0], *_params.values())
     W_ir = np.asarray(_params["W_ir"], _dtype)
     W_hr = np.asarray(_params["W_hr"], _dtype)
     b_ir = np.asarray(_params["b_ir"], _dtype)
@@ -167,91 +164,138 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final):
     W_hn = np.asarray(_params["W_hn"], _dtype)
     b_in = np.asarray(_params["b_in"], _dtype)
     b_hn = np.asarray(_params["b_hn"], _dtype)
-    _x_seq = np.asarray(_x_seq, _dtype)
-    _h_seq = _saved["h"]
-    _r_seq = _saved["r"]
-    _z_seq = _saved["z"]
-    _n_seq = _saved["n"]
-    _W_hn_h_seq = _saved["W_hn_h"]
-    _W_ir_x_seq = _saved["W_ir_x"]
-    _W_iz_x_seq = _saved["W_iz_x"]
-    _W_in_x_seq = _saved["W_in_x"]
+    _x_x = np.asarray(_arrays(_x)[0], _dtype)
+    _wt_W_ir_W_iz_W_in = np.ascontiguousarray(np.concatenate([W_ir, W_iz, W_in]).T)
+    _wt_W_hr_W_hz_W_hn = np.ascontiguousarray(np.concatenate([W_hr, W_hz, W_hn]).T)
+    _state0 = _initial_state(_state, _B, _dtype, (_H, ))
+    _s_h = np.empty((_T + 1, _B, _H), _dtype)
+    _s_h[0] = _state0[0]
+    _hg_W_ir_W_iz_W_in__x = np.empty((_T, _B, 3*_H), _dtype)
+    _g_W_hr_W_hz_W_hn__h = np.empty((_B, 3*_H), _dtype)
+    # W_ir @ x, W_iz @ x, W_in @ x
+    np.matmul(_x_x.reshape(_T * _B, _I), _wt_W_ir_W_iz_W_in, out=_hg_W_ir_W_iz_W_in__x.reshape(_T * _B, 3*_H))
+    for _t in range(_T):
+        # W_hr @ h, W_hz @ h, W_hn @ h
+        np.matmul(_s_h[_t], _wt_W_hr_W_hz_W_hn, out=_g_W_hr_W_hz_W_hn__h)
+        # stage 0 forward
+        W_hn_h = _g_W_hr_W_hz_W_hn__h[:, 2*_H:3*_H]
+        W_hr_h = _g_W_hr_W_hz_W_hn__h[:, 0:_H]
+        W_hz_h = _g_W_hr_W_hz_W_hn__h[:, _H:2*_H]
+        W_in_x = _hg_W_ir_W_iz_W_in__x[_t][:, 2*_H:3*_H]
+        W_ir_x = _hg_W_ir_W_iz_W_in__x[_t][:, 0:_H]
+        W_iz_x = _hg_W_ir_W_iz_W_in__x[_t][:, _H:2*_H]
+        h = _s_h[_t]
+        r = _sigmoid(W_hr_h + W_ir_x + b_hr + b_ir)  # torch_gru.cell:14  r = sigmoid(W_ir @ x + b_ir + W_hr @ h + b_hr)
+        z = _sigmoid(W_hz_h + W_iz_x + b_hz + b_iz)  # torch_gru.cell:15  z = sigmoid(W_iz @ x + b_iz + W_hz @ h + b_hz)
+        n = np.tanh(W_in_x + b_in + r*(W_hn_h + b_hn))  # torch_gru.cell:16  n = tanh(W_in @ x + b_in + r * (W_hn @ h + b_hn))
+        h_next = h*z + n*(1 - z)  # torch_gru.cell:17  h' = (1 - z) * n + z * h
+        _s_h[_t + 1][...] = h_next
+    _outputs = (_s_h[1:],)
+    _final = (_s_h[_T], )
+    _saved = {}
+    return _outputs[0], _final[0], _saved
+
+
+def _backward(_params, _x, _saved, _d_outputs, _d_final):
+    """Gradients of the whole sequence: (d_params, d_x, d_state)."""
+    _T, _B, _I, _H = _setup(_params, _x)
+    _dtype = np.result_type(_arrays(_x)[0], *_params.values())
+    W_ir = np.asarray(_params["W_ir"], _dtype)
+    W_hr = np.asarray(_params["W_hr"], _dtype)
+    b_ir = np.asarray(_params["b_ir"], _dtype)
+    b_hr = np.asarray(_params["b_hr"], _dtype)
+    W_iz = np.asarray(_params["W_iz"], _dtype)
+    W_hz = np.asarray(_params["W_hz"], _dtype)
+    b_iz = np.asarray(_params["b_iz"], _dtype)
+    b_hz = np.asarray(_params["b_hz"], _dtype)
+    W_in = np.asarray(_params["W_in"], _dtype)
+    W_hn = np.asarray(_params["W_hn"], _dtype)
+    b_in = np.asarray(_params["b_in"], _dtype)
+    b_hn = np.asarray(_params["b_hn"], _dtype)
+    _x_x = np.asarray(_arrays(_x)[0], _dtype)
+    _w_W_ir_W_iz_W_in = np.concatenate([W_ir, W_iz, W_in])
+    _w_W_hr_W_hz_W_hn = np.concatenate([W_hr, W_hz, W_hn])
+    _s_h = _saved["s_h"]
+    _g_W_hr_W_hz_W_hn__h = _saved["g_W_hr_W_hz_W_hn__h"]
+    _v_r = _saved["v_r"]
+    _v_z = _saved["v_z"]
+    _v_n = _saved["v_n"]
     _d_outputs = (_d_outputs,)
-    _d_h_next_out_seq = np.zeros((_T, _B, _H), _dtype) if _d_outputs[0] is None else np.asarray(_d_outputs[0], _dtype)
+    _dout_h_next = np.zeros((_T, _B, _H), _dtype) if _d_outputs[0] is None else np.asarray(_d_outputs[0], _dtype)
     _d_final = (_d_final,)
-    d_h = np.zeros((_B, _H), _dtype) if _d_final[0] is None else np.asarray(_d_final[0], _dtype)
-    _d_x_seq = np.zeros((_T, _B, _I), _dtype)
-    _grads = {"W_ir": np.zeros((_H, _I), _dtype), "W_hr": np.zeros((_H, _H), _dtype), "b_ir": np.zeros((_H), _dtype), "b_hr": np.zeros((_H), _dtype), "W_iz": np.zeros((_H, _I), _dtype), "W_hz": np.zeros((_H, _H), _dtype), "b_iz": np.zeros((_H), _dtype), "b_hz": np.zeros((_H), _dtype), "W_in": np.zeros((_H, _I), _dtype), "W_hn": np.zeros((_H, _H), _dtype), "b_in": np.zeros((_H), _dtype), "b_hn": np.zeros((_H), _dtype)}
-    _d_W_hr_W_hz_W_hn__h_seq = np.zeros((_T, _B, 3*_H), _dtype)
-    _wb_W_hr_W_hz_W_hn__h = np.concatenate([W_hr, W_hz, W_hn])
-    _d_W_ir_W_iz_W_in__x_seq = np.zeros((_T, _B, 3*_H), _dtype)
+    _ds_h = np.zeros((_B, _H), _dtype) if _d_final[0] is None else np.array(np.asarray(_d_final[0], _dtype), copy=True)
+    _dx_x = np.empty((_T, _B, _I), _dtype)
+    _dp_b_in = np.empty((_T, _B, _H), _dtype)
+    _dg_W_hr_W_hz_W_hn__h = np.empty((_T, _B, 3*_H), _dtype)
+    _tmp_d_h_gemm = np.empty((_B, _H), _dtype)
+    _dhg_W_ir_W_iz_W_in__x = np.empty((_T, _B, 3*_H), _dtype)
+    _tmp_d_h_next = np.empty((_B, _H), _dtype)
+    _tmp_d_n = np.empty((_B, _H), _dtype)
+    _sum_d_b_ir = np.empty((_H,), _dtype)
+    _sum_d_b_iz = np.empty((_H,), _dtype)
+    _grads = {}
     for _t in reversed(range(_T)):
-        x = _x_seq[_t]
-        h = _h_seq[_t]
-        h_next = _h_seq[_t + 1]
-        r = _r_seq[_t]
-        z = _z_seq[_t]
-        n = _n_seq[_t]
-        W_hn_h = _W_hn_h_seq[_t]
-        W_ir_x = _W_ir_x_seq[_t]
-        W_iz_x = _W_iz_x_seq[_t]
-        W_in_x = _W_in_x_seq[_t]
-        d_h_next_out = _d_h_next_out_seq[_t]
         # stage 0 backward
+        W_hn_h = _g_W_hr_W_hz_W_hn__h[_t][:, 2*_H:3*_H]
+        d_h = _ds_h
+        d_h_next_out = _dout_h_next[_t]
+        h = _s_h[_t]
+        n = _v_n[_t]
+        r = _v_r[_t]
+        z = _v_z[_t]
         t0 = 1 - z
-        d_h_next = d_h + d_h_next_out  # h'
-        d_n = d_h_next*t0  # n
+        d_h_next = d_h + d_h_next_out  # adjoint of h'
+        d_n = d_h_next*t0  # adjoint of n
         t1 = d_n*(1 - (n*n))
-        d_z = d_h_next*(h - n)  # z
-        d_r = t1*(W_hn_h + b_hn)  # r
-        d_W_hr_h = d_r*r*(1 - r)  # W_hr @ h
-        d_W_hz_h = d_z*t0*z  # W_hz @ h
-        d_W_hn_h = r*t1  # W_hn @ h
-        _d_W_hr_W_hz_W_hn__h_seq[_t, :, 0:_H] = d_W_hr_h
-        _d_W_hr_W_hz_W_hn__h_seq[_t, :, _H:2*_H] = d_W_hz_h
-        _d_W_hr_W_hz_W_hn__h_seq[_t, :, 2*_H:3*_H] = d_W_hn_h
-        d_h_gemm = _d_W_hr_W_hz_W_hn__h_seq[_t] @ _wb_W_hr_W_hz_W_hn__h
-        # per-step adjoints of inputs, previous states, vector params and hoisted results
-        d_h = d_h_gemm + d_h_next*z  # state
-        d_b_ir = d_W_hr_h  # param
-        d_b_hr = d_W_hr_h  # param
-        d_b_iz = d_W_hz_h  # param
-        d_b_hz = d_W_hz_h  # param
-        d_b_in = d_n*(1 - (n*n))  # param
-        d_b_hn = d_W_hn_h  # param
-        d_W_ir_x = d_W_hr_h  # hoisted projection
-        d_W_iz_x = d_W_hz_h  # hoisted projection
-        d_W_in_x = d_b_in  # hoisted projection
-        _grads["b_ir"] += _rows(d_b_ir, (_B, _H)).sum(0)
-        _grads["b_hr"] += _rows(d_b_hr, (_B, _H)).sum(0)
-        _grads["b_iz"] += _rows(d_b_iz, (_B, _H)).sum(0)
-        _grads["b_hz"] += _rows(d_b_hz, (_B, _H)).sum(0)
-        _grads["b_in"] += _rows(d_b_in, (_B, _H)).sum(0)
-        _grads["b_hn"] += _rows(d_b_hn, (_B, _H)).sum(0)
-        _d_W_ir_W_iz_W_in__x_seq[_t, :, 0:_H] = d_W_ir_x
-        _d_W_ir_W_iz_W_in__x_seq[_t, :, _H:2*_H] = d_W_iz_x
-        _d_W_ir_W_iz_W_in__x_seq[_t, :, 2*_H:3*_H] = d_W_in_x
-
-    # dW of the per-step projections: one GEMM over all T*B rows each
-    _dw = _d_W_hr_W_hz_W_hn__h_seq.reshape(_T * _B, 3*_H).T @ _h_seq[:_T].reshape(_T * _B, _H)
-    _grads["W_hr"] += _dw[0:_H]
-    _grads["W_hz"] += _dw[_H:2*_H]
-    _grads["W_hn"] += _dw[2*_H:3*_H]
-
-    # hoisted projections W_ir @ x, W_iz @ x, W_in @ x: dW and d_operand over all T*B rows
-    _dg = _d_W_ir_W_iz_W_in__x_seq.reshape(_T * _B, 3*_H)
-    _dw = _dg.T @ _x_seq.reshape(_T * _B, _I)
-    _grads["W_ir"] += _dw[0:_H]
-    _grads["W_iz"] += _dw[_H:2*_H]
-    _grads["W_in"] += _dw[2*_H:3*_H]
-    d_x_hgemm = (_dg @ np.concatenate([W_ir, W_iz, W_in])).reshape(_T, _B, _I)
-    _d_x_seq += d_x_hgemm
-
-    _d_x = _d_x_seq
-    _d_state = d_h
+        d_z = d_h_next*(h - n)  # adjoint of z
+        d_r = t1*(W_hn_h + b_hn)  # adjoint of r
+        d_W_hr_h = d_r*r*(1 - r)  # adjoint of W_hr @ h
+        d_W_hz_h = d_z*t0*z  # adjoint of W_hz @ h
+        d_W_hn_h = r*t1  # adjoint of W_hn @ h
+        _tmp_d_h_next[...] = d_h_next
+        _tmp_d_n[...] = d_n
+        _dg_W_hr_W_hz_W_hn__h[_t][:, 0:_H][...] = d_W_hr_h
+        _dg_W_hr_W_hz_W_hn__h[_t][:, _H:2*_H][...] = d_W_hz_h
+        _dg_W_hr_W_hz_W_hn__h[_t][:, 2*_H:3*_H][...] = d_W_hn_h
+        np.matmul(_dg_W_hr_W_hz_W_hn__h[_t], _w_W_hr_W_hz_W_hn, out=_tmp_d_h_gemm)
+        # per-step adjoints of inputs, states, vector params, hoisted results
+        d_W_hr_h = _dg_W_hr_W_hz_W_hn__h[_t][:, 0:_H]
+        d_W_hz_h = _dg_W_hr_W_hz_W_hn__h[_t][:, _H:2*_H]
+        d_h_gemm = _tmp_d_h_gemm
+        d_h_next = _tmp_d_h_next
+        d_n = _tmp_d_n
+        n = _v_n[_t]
+        z = _v_z[_t]
+        d_h = d_h_gemm + d_h_next*z  # adjoint of state h
+        d_b_in = d_n*(1 - (n*n))  # adjoint of param b_in
+        d_W_ir_x = d_W_hr_h  # adjoint of hoisted projection W_ir_x
+        d_W_iz_x = d_W_hz_h  # adjoint of hoisted projection W_iz_x
+        d_W_in_x = d_b_in  # adjoint of hoisted projection W_in_x
+        _ds_h[...] = d_h
+        _dp_b_in[_t][...] = d_b_in
+        _dhg_W_ir_W_iz_W_in__x[_t][:, 0:_H][...] = d_W_ir_x
+        _dhg_W_ir_W_iz_W_in__x[_t][:, _H:2*_H][...] = d_W_iz_x
+        _dhg_W_ir_W_iz_W_in__x[_t][:, 2*_H:3*_H][...] = d_W_in_x
+    # dW of W_hr @ h, W_hz @ h, W_hn @ h: one GEMM over all T*B rows
+    _grads["W_hr"] = _dg_W_hr_W_hz_W_hn__h.reshape(_T * _B, 3*_H)[:, 0:_H].T @ _s_h[:_T].reshape(_T * _B, _H)
+    _grads["W_hz"] = _dg_W_hr_W_hz_W_hn__h.reshape(_T * _B, 3*_H)[:, _H:2*_H].T @ _s_h[:_T].reshape(_T * _B, _H)
+    _grads["W_hn"] = _dg_W_hr_W_hz_W_hn__h.reshape(_T * _B, 3*_H)[:, 2*_H:3*_H].T @ _s_h[:_T].reshape(_T * _B, _H)
+    # dW of W_ir @ x, W_iz @ x, W_in @ x: one GEMM over all T*B rows
+    _grads["W_ir"] = _dhg_W_ir_W_iz_W_in__x.reshape(_T * _B, 3*_H)[:, 0:_H].T @ _x_x.reshape(_T * _B, _I)
+    _grads["W_iz"] = _dhg_W_ir_W_iz_W_in__x.reshape(_T * _B, 3*_H)[:, _H:2*_H].T @ _x_x.reshape(_T * _B, _I)
+    _grads["W_in"] = _dhg_W_ir_W_iz_W_in__x.reshape(_T * _B, 3*_H)[:, 2*_H:3*_H].T @ _x_x.reshape(_T * _B, _I)
+    np.matmul(_dhg_W_ir_W_iz_W_in__x.reshape(_T * _B, 3*_H), _w_W_ir_W_iz_W_in, out=_dx_x.reshape(_T * _B, _I))
+    _sum = _dg_W_hr_W_hz_W_hn__h.reshape(_T * _B, 3*_H)[:, 0:_H].sum(0)
+    _grads["b_ir"] = _sum
+    _grads["b_hr"] = _sum
+    _sum = _dg_W_hr_W_hz_W_hn__h.reshape(_T * _B, 3*_H)[:, _H:2*_H].sum(0)
+    _grads["b_iz"] = _sum
+    _grads["b_hz"] = _sum
+    _sum = _dp_b_in.reshape(_T * _B, _H).sum(0)
+    _grads["b_in"] = _sum
+    _sum = _dg_W_hr_W_hz_W_hn__h.reshape(_T * _B, 3*_H)[:, 2*_H:3*_H].sum(0)
+    _grads["b_hn"] = _sum
+    _grads = {"W_ir": _grads["W_ir"], "W_hr": _grads["W_hr"], "b_ir": _grads["b_ir"], "b_hr": _grads["b_hr"], "W_iz": _grads["W_iz"], "W_hz": _grads["W_hz"], "b_iz": _grads["b_iz"], "b_hz": _grads["b_hz"], "W_in": _grads["W_in"], "W_hn": _grads["W_hn"], "b_in": _grads["b_in"], "b_hn": _grads["b_hn"], }
+    _d_x = _dx_x
+    _d_state = _ds_h
     return _grads, _d_x, _d_state
-
-
-def _rows(a, shape):
-    """An adjoint as rows of shape[-1] (it may broadcast), for summing into a vector's gradient."""
-    return np.broadcast_to(a, shape).reshape(-1, shape[-1])

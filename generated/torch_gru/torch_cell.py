@@ -30,6 +30,7 @@ where they run (CUDA tensors; float32/float64 CPU sequences of 8 or more steps w
 compiler builds them) and the engine below otherwise.
 """
 
+import logging
 import math
 
 import torch
@@ -46,7 +47,7 @@ OUTPUTS = ("h'",)
 #: which is U(-k, k) with k = 1/sqrt(hidden_size), as torch.nn.LSTM/GRU do
 INITS = {"W_ir": ("default",), "W_hr": ("default",), "b_ir": ("default",), "b_hr": ("default",), "W_iz": ("default",), "W_hz": ("default",), "b_iz": ("default",), "b_hz": ("default",), "W_in": ("default",), "W_hn": ("default",), "b_in": ("default",), "b_hn": ("default",)}
 SAVED = ("r", "z", "n", "W_hn_h",)
-BACKENDS = ("auto", "generated", "autograd", "cuda", "fused")
+BACKENDS = ("auto", "generated", "autograd", "fused", "cuda")
 
 
 def step(params, x, state):
@@ -79,25 +80,29 @@ def step(params, x, state):
     return h_next, h_next
 
 
-def _sizes(_params, _x):
-    _x_seq = _x
-    return {"I": _x_seq.shape[-1], "H": _params["W_ir"].shape[0], }
+def _initial_state(_state, _B, _dtype, _device, _sizes):
+    """The initial states as a tuple of [B, size] arrays (None means zeros)."""
+    _state = (_state,)
+    return tuple(torch.zeros((_B, _n), dtype=_dtype, device=_device) if _s is None else _s.to(_dtype) for _s, _n in zip(_state, _sizes))
 
 
-def _initial_state(_params, _x, _state, _B, _dtype, _sz):
-    if _state is None:
-        return (torch.zeros((_B, _sz["H"]), dtype=_dtype, device=_device),)
-    return (_state.to(_dtype),)
+def _arrays(_x):
+    return (_x,)
+
+
+def _setup(_params, _x):
+    """Sizes, params and stacked weights of one call."""
+    _x_x = (_arrays(_x)[0])
+    _T, _B = _x_x.shape[0], _x_x.shape[1]
+    _I = _x_x.shape[-1]
+    _H = _params["W_ir"].shape[0]
+    return _T, _B, _I, _H
 
 
 def _forward(_params, _x, _state):
-    _x_seq = _x
-    _T, _B = _x_seq.shape[:2]
-    _dtype = _x_seq.dtype
-    _device = _x_seq.device
-    _sz = _sizes(_params, _x)
-    _I = _sz.get("I")
-    _H = _sz.get("H")
+    """The whole sequence: outputs, final states and what the backward reads."""
+    _T, _B, _I, _H = _setup(_params, _x)
+    _dtype, _device = _arrays(_x)[0].dtype, _arrays(_x)[0].device
     W_ir = _params["W_ir"].to(_dtype)
     W_hr = _params["W_hr"].to(_dtype)
     b_ir = _params["b_ir"].to(_dtype)
@@ -110,70 +115,104 @@ def _forward(_params, _x, _state):
     W_hn = _params["W_hn"].to(_dtype)
     b_in = _params["b_in"].to(_dtype)
     b_hn = _params["b_hn"].to(_dtype)
-    _x_seq = _x_seq.to(_dtype)
-
-    # Hoisted projections W_ir @ x, W_iz @ x, W_in @ x: one GEMM over all T*B rows.
-    _g = _x_seq.reshape(_T * _B, _I) @ torch.cat([W_ir, W_iz, W_in]).T
-    _W_ir_x_seq = _g[:, 0:_H].reshape(_T, _B, _H)
-    _W_iz_x_seq = _g[:, _H:2*_H].reshape(_T, _B, _H)
-    _W_in_x_seq = _g[:, 2*_H:3*_H].reshape(_T, _B, _H)
-
-    # Loop-invariant parts of the step's pointwise math, once over all T*B rows.
-    x = _x_seq
-    W_ir_x = _W_ir_x_seq
-    W_iz_x = _W_iz_x_seq
-    W_in_x = _W_in_x_seq
-    _pre_r_seq = W_ir_x + b_hr + b_ir  # part of r
-    _pre_z_seq = W_iz_x + b_hz + b_iz  # part of z
-    _pre_n_seq = W_in_x + b_in  # part of n
-    _w_W_hr_W_hz_W_hn__h = torch.cat([W_hr, W_hz, W_hn]).T.contiguous()
-    _g_W_hr_W_hz_W_hn__h = torch.empty((_B, 3*_H), dtype=_dtype, device=_device)
-
-    _state0 = _initial_state(_params, _x, _state, _B, _dtype, _sz)
-    _h_seq = torch.empty((_T + 1, _B, _H), dtype=_dtype, device=_device)
-    _h_seq[0] = _state0[0]
-    _r_seq = torch.empty((_T, _B, _H), dtype=_dtype, device=_device)
-    _z_seq = torch.empty((_T, _B, _H), dtype=_dtype, device=_device)
-    _n_seq = torch.empty((_T, _B, _H), dtype=_dtype, device=_device)
-    _W_hn_h_seq = torch.empty((_T, _B, _H), dtype=_dtype, device=_device)
-    _h_rows = _h_seq.unbind(0)
-    _pre_r_rows = _pre_r_seq.unbind(0)
-    _pre_z_rows = _pre_z_seq.unbind(0)
-    _pre_n_rows = _pre_n_seq.unbind(0)
-    _r_rows = _r_seq.unbind(0)
-    _z_rows = _z_seq.unbind(0)
-    _n_rows = _n_seq.unbind(0)
-    _W_hn_h_rows = _W_hn_h_seq.unbind(0)
+    _x_x = _arrays(_x)[0].to(_dtype)
+    _wt_W_ir_W_iz_W_in = torch.cat([W_ir, W_iz, W_in]).T.contiguous()
+    _wt_W_hr_W_hz_W_hn = torch.cat([W_hr, W_hz, W_hn]).T.contiguous()
+    _state0 = _initial_state(_state, _B, _dtype, _device, (_H, ))
+    _s_h = torch.empty((_T + 1, _B, _H), dtype=_dtype, device=_device)
+    _s_h[0] = _state0[0]
+    _hg_W_ir_W_iz_W_in__x = torch.empty((_T, _B, 3*_H), dtype=_dtype, device=_device)
+    _g_W_hr_W_hz_W_hn__h = torch.empty((_T, _B, 3*_H), dtype=_dtype, device=_device)
+    _v_r = torch.empty((_T, _B, _H), dtype=_dtype, device=_device)
+    _v_z = torch.empty((_T, _B, _H), dtype=_dtype, device=_device)
+    _v_n = torch.empty((_T, _B, _H), dtype=_dtype, device=_device)
+    _s_h_rows = _s_h.unbind(0)
+    _g_W_hr_W_hz_W_hn__h_rows = _g_W_hr_W_hz_W_hn__h.unbind(0)
+    _hg_W_ir_W_iz_W_in__x_rows = _hg_W_ir_W_iz_W_in__x.unbind(0)
+    _v_r_rows = _v_r.unbind(0)
+    _v_z_rows = _v_z.unbind(0)
+    _v_n_rows = _v_n.unbind(0)
+    # W_ir @ x, W_iz @ x, W_in @ x
+    torch.mm(_x_x.reshape(_T * _B, _I), _wt_W_ir_W_iz_W_in, out=_hg_W_ir_W_iz_W_in__x.reshape(_T * _B, 3*_H))
     for _t in range(_T):
-        h = _h_rows[_t]
-        _pre_r = _pre_r_rows[_t]
-        _pre_z = _pre_z_rows[_t]
-        _pre_n = _pre_n_rows[_t]
-        # stage 0: W_hr @ h, W_hz @ h, W_hn @ h in one GEMM
-        torch.mm(h, _w_W_hr_W_hz_W_hn__h, out=_g_W_hr_W_hz_W_hn__h)
+        # W_hr @ h, W_hz @ h, W_hn @ h
+        torch.mm(_s_h_rows[_t], _wt_W_hr_W_hz_W_hn, out=_g_W_hr_W_hz_W_hn__h_rows[_t])
+        # stage 0 forward
+        W_hn_h = _g_W_hr_W_hz_W_hn__h_rows[_t][:, 2*_H:3*_H]
+        W_hr_h = _g_W_hr_W_hz_W_hn__h_rows[_t][:, 0:_H]
+        W_hz_h = _g_W_hr_W_hz_W_hn__h_rows[_t][:, _H:2*_H]
+        W_in_x = _hg_W_ir_W_iz_W_in__x_rows[_t][:, 2*_H:3*_H]
+        W_ir_x = _hg_W_ir_W_iz_W_in__x_rows[_t][:, 0:_H]
+        W_iz_x = _hg_W_ir_W_iz_W_in__x_rows[_t][:, _H:2*_H]
+        h = _s_h_rows[_t]
+        r = torch.sigmoid(W_hr_h + W_ir_x + b_hr + b_ir)  # torch_gru.cell:14  r = sigmoid(W_ir @ x + b_ir + W_hr @ h + b_hr)
+        z = torch.sigmoid(W_hz_h + W_iz_x + b_hz + b_iz)  # torch_gru.cell:15  z = sigmoid(W_iz @ x + b_iz + W_hz @ h + b_hz)
+        n = torch.tanh(W_in_x + b_in + r*(W_hn_h + b_hn))  # torch_gru.cell:16  n = tanh(W_in @ x + b_in + r * (W_hn @ h + b_hn))
+        h_next = h*z + n*(1 - z)  # torch_gru.cell:17  h' = (1 - z) * n + z * h
+        _v_r_rows[_t].copy_(r)
+        _v_z_rows[_t].copy_(z)
+        _v_n_rows[_t].copy_(n)
+        _s_h_rows[_t + 1].copy_(h_next)
+    _outputs = (_s_h[1:],)
+    _final = (_s_h[_T], )
+    _saved = {"s_h": _s_h, "g_W_hr_W_hz_W_hn__h": _g_W_hr_W_hz_W_hn__h, "v_r": _v_r, "v_z": _v_z, "v_n": _v_n, }
+    return _outputs[0], _final[0], _saved
+
+
+def _inference(_params, _x, _state):
+    """The whole sequence keeping nothing for a backward: outputs and final states."""
+    _T, _B, _I, _H = _setup(_params, _x)
+    _dtype, _device = _arrays(_x)[0].dtype, _arrays(_x)[0].device
+    W_ir = _params["W_ir"].to(_dtype)
+    W_hr = _params["W_hr"].to(_dtype)
+    b_ir = _params["b_ir"].to(_dtype)
+    b_hr = _params["b_hr"].to(_dtype)
+    W_iz = _params["W_iz"].to(_dtype)
+    W_hz = _params["W_hz"].to(_dtype)
+    b_iz = _params["b_iz"].to(_dtype)
+    b_hz = _params["b_hz"].to(_dtype)
+    W_in = _params["W_in"].to(_dtype)
+    W_hn = _params["W_hn"].to(_dtype)
+    b_in = _params["b_in"].to(_dtype)
+    b_hn = _params["b_hn"].to(_dtype)
+    _x_x = _arrays(_x)[0].to(_dtype)
+    _wt_W_ir_W_iz_W_in = torch.cat([W_ir, W_iz, W_in]).T.contiguous()
+    _wt_W_hr_W_hz_W_hn = torch.cat([W_hr, W_hz, W_hn]).T.contiguous()
+    _state0 = _initial_state(_state, _B, _dtype, _device, (_H, ))
+    _s_h = torch.empty((_T + 1, _B, _H), dtype=_dtype, device=_device)
+    _s_h[0] = _state0[0]
+    _hg_W_ir_W_iz_W_in__x = torch.empty((_T, _B, 3*_H), dtype=_dtype, device=_device)
+    _g_W_hr_W_hz_W_hn__h = torch.empty((_B, 3*_H), dtype=_dtype, device=_device)
+    _s_h_rows = _s_h.unbind(0)
+    _hg_W_ir_W_iz_W_in__x_rows = _hg_W_ir_W_iz_W_in__x.unbind(0)
+    # W_ir @ x, W_iz @ x, W_in @ x
+    torch.mm(_x_x.reshape(_T * _B, _I), _wt_W_ir_W_iz_W_in, out=_hg_W_ir_W_iz_W_in__x.reshape(_T * _B, 3*_H))
+    for _t in range(_T):
+        # W_hr @ h, W_hz @ h, W_hn @ h
+        torch.mm(_s_h_rows[_t], _wt_W_hr_W_hz_W_hn, out=_g_W_hr_W_hz_W_hn__h)
+        # stage 0 forward
+        W_hn_h = _g_W_hr_W_hz_W_hn__h[:, 2*_H:3*_H]
         W_hr_h = _g_W_hr_W_hz_W_hn__h[:, 0:_H]
         W_hz_h = _g_W_hr_W_hz_W_hn__h[:, _H:2*_H]
-        W_hn_h = _g_W_hr_W_hz_W_hn__h[:, 2*_H:3*_H]
-        _W_hn_h_rows[_t].copy_(W_hn_h)
-        r = torch.sigmoid(W_hr_h + _pre_r, out=_r_rows[_t])  # torch_gru.cell:14  r = sigmoid(W_ir @ x + b_ir + W_hr @ h + b_hr)
-        z = torch.sigmoid(W_hz_h + _pre_z, out=_z_rows[_t])  # torch_gru.cell:15  z = sigmoid(W_iz @ x + b_iz + W_hz @ h + b_hz)
-        n = torch.tanh(_pre_n + r*(W_hn_h + b_hn), out=_n_rows[_t])  # torch_gru.cell:16  n = tanh(W_in @ x + b_in + r * (W_hn @ h + b_hn))
-        h_next = torch.add(h*z, n*(1 - z), out=_h_rows[_t + 1])  # torch_gru.cell:17  h' = (1 - z) * n + z * h
-
-    _outputs = (_h_seq[1:], )
-    _final = (_h_seq[_T], )
-    _saved = {"h": _h_seq, "r": _r_seq, "z": _z_seq, "n": _n_seq, "W_hn_h": _W_hn_h_seq, }
+        W_in_x = _hg_W_ir_W_iz_W_in__x_rows[_t][:, 2*_H:3*_H]
+        W_ir_x = _hg_W_ir_W_iz_W_in__x_rows[_t][:, 0:_H]
+        W_iz_x = _hg_W_ir_W_iz_W_in__x_rows[_t][:, _H:2*_H]
+        h = _s_h_rows[_t]
+        r = torch.sigmoid(W_hr_h + W_ir_x + b_hr + b_ir)  # torch_gru.cell:14  r = sigmoid(W_ir @ x + b_ir + W_hr @ h + b_hr)
+        z = torch.sigmoid(W_hz_h + W_iz_x + b_hz + b_iz)  # torch_gru.cell:15  z = sigmoid(W_iz @ x + b_iz + W_hz @ h + b_hz)
+        n = torch.tanh(W_in_x + b_in + r*(W_hn_h + b_hn))  # torch_gru.cell:16  n = tanh(W_in @ x + b_in + r * (W_hn @ h + b_hn))
+        h_next = h*z + n*(1 - z)  # torch_gru.cell:17  h' = (1 - z) * n + z * h
+        _s_h_rows[_t + 1].copy_(h_next)
+    _outputs = (_s_h[1:],)
+    _final = (_s_h[_T], )
+    _saved = {}
     return _outputs[0], _final[0], _saved
 
 
 def _backward(_params, _x, _saved, _d_outputs, _d_final):
-    _x_seq = _x
-    _T, _B = _x_seq.shape[:2]
-    _dtype = _saved["h"].dtype
-    _device = _saved["h"].device
-    _sz = _sizes(_params, _x)
-    _I = _sz.get("I")
-    _H = _sz.get("H")
+    """Gradients of the whole sequence: (d_params, d_x, d_state)."""
+    _T, _B, _I, _H = _setup(_params, _x)
+    _dtype, _device = _arrays(_x)[0].dtype, _arrays(_x)[0].device
     W_ir = _params["W_ir"].to(_dtype)
     W_hr = _params["W_hr"].to(_dtype)
     b_ir = _params["b_ir"].to(_dtype)
@@ -186,100 +225,102 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final):
     W_hn = _params["W_hn"].to(_dtype)
     b_in = _params["b_in"].to(_dtype)
     b_hn = _params["b_hn"].to(_dtype)
-    _x_seq = _x_seq.to(_dtype)
-    _h_seq = _saved["h"]
-    _r_seq = _saved["r"]
-    _z_seq = _saved["z"]
-    _n_seq = _saved["n"]
-    _W_hn_h_seq = _saved["W_hn_h"]
+    _x_x = _arrays(_x)[0].to(_dtype)
+    _w_W_ir_W_iz_W_in = torch.cat([W_ir, W_iz, W_in])
+    _w_W_hr_W_hz_W_hn = torch.cat([W_hr, W_hz, W_hn])
+    _s_h = _saved["s_h"]
+    _g_W_hr_W_hz_W_hn__h = _saved["g_W_hr_W_hz_W_hn__h"]
+    _v_r = _saved["v_r"]
+    _v_z = _saved["v_z"]
+    _v_n = _saved["v_n"]
     _d_outputs = (_d_outputs,)
-    _d_h_next_out_seq = torch.zeros((_T, _B, _H), dtype=_dtype, device=_device) if _d_outputs[0] is None else _d_outputs[0].to(_dtype)
+    _dout_h_next = torch.zeros((_T, _B, _H), dtype=_dtype, device=_device) if _d_outputs[0] is None else _d_outputs[0].to(_dtype)
     _d_final = (_d_final,)
-    d_h = torch.zeros((_B, _H), dtype=_dtype, device=_device) if _d_final[0] is None else _d_final[0].to(_dtype)
-    _d_x_seq = torch.zeros((_T, _B, _I), dtype=_dtype, device=_device)
-    _grads = {"W_ir": torch.zeros((_H, _I), dtype=_dtype, device=_device), "W_hr": torch.zeros((_H, _H), dtype=_dtype, device=_device), "b_ir": torch.zeros((_H), dtype=_dtype, device=_device), "b_hr": torch.zeros((_H), dtype=_dtype, device=_device), "W_iz": torch.zeros((_H, _I), dtype=_dtype, device=_device), "W_hz": torch.zeros((_H, _H), dtype=_dtype, device=_device), "b_iz": torch.zeros((_H), dtype=_dtype, device=_device), "b_hz": torch.zeros((_H), dtype=_dtype, device=_device), "W_in": torch.zeros((_H, _I), dtype=_dtype, device=_device), "W_hn": torch.zeros((_H, _H), dtype=_dtype, device=_device), "b_in": torch.zeros((_H), dtype=_dtype, device=_device), "b_hn": torch.zeros((_H), dtype=_dtype, device=_device)}
-    _d_W_hr_W_hz_W_hn__h_seq = torch.zeros((_T, _B, 3*_H), dtype=_dtype, device=_device)
-    _wb_W_hr_W_hz_W_hn__h = torch.cat([W_hr, W_hz, W_hn])
-    _dop_W_hr_W_hz_W_hn__h = torch.empty((2, _B, _H), dtype=_dtype, device=_device)  # d_operand, two rows: the carried adjoint outlives one step
-    _d_W_ir_W_iz_W_in__x_seq = torch.zeros((_T, _B, 3*_H), dtype=_dtype, device=_device)
-    _d_b_in_rows = torch.zeros((_T, _B, _H), dtype=_dtype, device=_device)
-    _h_rows = _h_seq.unbind(0)
-    _r_rows = _r_seq.unbind(0)
-    _z_rows = _z_seq.unbind(0)
-    _n_rows = _n_seq.unbind(0)
-    _W_hn_h_rows = _W_hn_h_seq.unbind(0)
-    _d_h_next_out_rows = _d_h_next_out_seq.unbind(0)
-    _d_W_hr_W_hz_W_hn__h_rows = _d_W_hr_W_hz_W_hn__h_seq.unbind(0)
-    _d_W_ir_W_iz_W_in__x_rows = _d_W_ir_W_iz_W_in__x_seq.unbind(0)
-    _d_b_in_rows_rows = _d_b_in_rows.unbind(0)
+    _ds_h = torch.zeros((_B, _H), dtype=_dtype, device=_device) if _d_final[0] is None else _d_final[0].to(_dtype).clone()
+    _dx_x = torch.empty((_T, _B, _I), dtype=_dtype, device=_device)
+    _dp_b_in = torch.empty((_T, _B, _H), dtype=_dtype, device=_device)
+    _dg_W_hr_W_hz_W_hn__h = torch.empty((_T, _B, 3*_H), dtype=_dtype, device=_device)
+    _tmp_d_h_gemm = torch.empty((_B, _H), dtype=_dtype, device=_device)
+    _dhg_W_ir_W_iz_W_in__x = torch.empty((_T, _B, 3*_H), dtype=_dtype, device=_device)
+    _tmp_d_h_next = torch.empty((_B, _H), dtype=_dtype, device=_device)
+    _tmp_d_n = torch.empty((_B, _H), dtype=_dtype, device=_device)
+    _sum_d_b_ir = torch.empty((_H,), dtype=_dtype, device=_device)
+    _sum_d_b_iz = torch.empty((_H,), dtype=_dtype, device=_device)
+    _g_W_hr_W_hz_W_hn__h_rows = _g_W_hr_W_hz_W_hn__h.unbind(0)
+    _dout_h_next_rows = _dout_h_next.unbind(0)
+    _s_h_rows = _s_h.unbind(0)
+    _v_n_rows = _v_n.unbind(0)
+    _v_r_rows = _v_r.unbind(0)
+    _v_z_rows = _v_z.unbind(0)
+    _dg_W_hr_W_hz_W_hn__h_rows = _dg_W_hr_W_hz_W_hn__h.unbind(0)
+    _dp_b_in_rows = _dp_b_in.unbind(0)
+    _dhg_W_ir_W_iz_W_in__x_rows = _dhg_W_ir_W_iz_W_in__x.unbind(0)
+    _grads = {}
     for _t in reversed(range(_T)):
-        h = _h_rows[_t]
-        h_next = _h_rows[_t + 1]
-        r = _r_rows[_t]
-        z = _z_rows[_t]
-        n = _n_rows[_t]
-        W_hn_h = _W_hn_h_rows[_t]
-        d_h_next_out = _d_h_next_out_rows[_t]
         # stage 0 backward
+        W_hn_h = _g_W_hr_W_hz_W_hn__h_rows[_t][:, 2*_H:3*_H]
+        d_h = _ds_h
+        d_h_next_out = _dout_h_next_rows[_t]
+        h = _s_h_rows[_t]
+        n = _v_n_rows[_t]
+        r = _v_r_rows[_t]
+        z = _v_z_rows[_t]
         t0 = 1 - z
-        d_h_next = d_h + d_h_next_out  # h'
-        d_n = d_h_next*t0  # n
+        d_h_next = d_h + d_h_next_out  # adjoint of h'
+        d_n = d_h_next*t0  # adjoint of n
         t1 = d_n*(1 - (n*n))
-        d_z = d_h_next*(h - n)  # z
-        d_r = t1*(W_hn_h + b_hn)  # r
-        d_W_hr_h = torch.mul(d_r, r*(1 - r), out=_d_W_hr_W_hz_W_hn__h_rows[_t][:, 0:_H])  # W_hr @ h
-        d_W_hz_h = torch.mul(d_z, t0*z, out=_d_W_hr_W_hz_W_hn__h_rows[_t][:, _H:2*_H])  # W_hz @ h
-        d_W_hn_h = torch.mul(r, t1, out=_d_W_hr_W_hz_W_hn__h_rows[_t][:, 2*_H:3*_H])  # W_hn @ h
-        d_h_gemm = torch.mm(_d_W_hr_W_hz_W_hn__h_rows[_t], _wb_W_hr_W_hz_W_hn__h, out=_dop_W_hr_W_hz_W_hn__h[_t % 2])
-        # per-step adjoints of inputs, previous states, vector params and hoisted results
-        d_h = d_h_gemm + d_h_next*z  # state
-        d_b_ir = d_W_hr_h  # param
-        d_b_hr = d_W_hr_h  # param
-        d_b_iz = d_W_hz_h  # param
-        d_b_hz = d_W_hz_h  # param
-        d_b_in = d_n*(1 - (n*n))  # param
-        d_b_hn = d_W_hn_h  # param
-        d_W_ir_x = d_W_hr_h  # hoisted projection
-        d_W_iz_x = d_W_hz_h  # hoisted projection
-        d_W_in_x = d_b_in  # hoisted projection
-        _d_b_in_rows_rows[_t].copy_(d_b_in)
-        _d_W_ir_W_iz_W_in__x_rows[_t][:, 2*_H:3*_H] = d_W_in_x
-    _d_W_ir_W_iz_W_in__x_seq[:, :, 0:_H] = _d_W_hr_W_hz_W_hn__h_seq[:, :, 0:_H]  # the same adjoint, stored once
-    _d_W_ir_W_iz_W_in__x_seq[:, :, _H:2*_H] = _d_W_hr_W_hz_W_hn__h_seq[:, :, _H:2*_H]  # the same adjoint, stored once
-
-    # vector-param gradients: one sum over all T*B rows each
-    _d_W_hr_W_hz_W_hn__h_seq_sum = _d_W_hr_W_hz_W_hn__h_seq.reshape(_T * _B, 3*_H).sum(0)
-    _d_b_in_rows_sum = _d_b_in_rows.reshape(_T * _B, _H).sum(0)
-    _grads["b_ir"] += _d_W_hr_W_hz_W_hn__h_seq_sum[0:_H]
-    _grads["b_hr"] += _d_W_hr_W_hz_W_hn__h_seq_sum[0:_H]
-    _grads["b_iz"] += _d_W_hr_W_hz_W_hn__h_seq_sum[_H:2*_H]
-    _grads["b_hz"] += _d_W_hr_W_hz_W_hn__h_seq_sum[_H:2*_H]
-    _grads["b_in"] += _d_b_in_rows_sum
-    _grads["b_hn"] += _d_W_hr_W_hz_W_hn__h_seq_sum[2*_H:3*_H]
-
-    # dW of the per-step projections: one GEMM over all T*B rows each
-    _dw = _d_W_hr_W_hz_W_hn__h_seq.reshape(_T * _B, 3*_H).T @ _h_seq[:_T].reshape(_T * _B, _H)
-    _grads["W_hr"] += _dw[0:_H]
-    _grads["W_hz"] += _dw[_H:2*_H]
-    _grads["W_hn"] += _dw[2*_H:3*_H]
-
-    # hoisted projections W_ir @ x, W_iz @ x, W_in @ x: dW and d_operand over all T*B rows
-    _dg = _d_W_ir_W_iz_W_in__x_seq.reshape(_T * _B, 3*_H)
-    _dw = _dg.T @ _x_seq.reshape(_T * _B, _I)
-    _grads["W_ir"] += _dw[0:_H]
-    _grads["W_iz"] += _dw[_H:2*_H]
-    _grads["W_in"] += _dw[2*_H:3*_H]
-    d_x_hgemm = (_dg @ torch.cat([W_ir, W_iz, W_in])).reshape(_T, _B, _I)
-    _d_x_seq += d_x_hgemm
-
-    _d_x = _d_x_seq
-    _d_state = d_h
+        d_z = d_h_next*(h - n)  # adjoint of z
+        d_r = t1*(W_hn_h + b_hn)  # adjoint of r
+        d_W_hr_h = d_r*r*(1 - r)  # adjoint of W_hr @ h
+        d_W_hz_h = d_z*t0*z  # adjoint of W_hz @ h
+        d_W_hn_h = r*t1  # adjoint of W_hn @ h
+        _tmp_d_h_next.copy_(d_h_next)
+        _tmp_d_n.copy_(d_n)
+        _dg_W_hr_W_hz_W_hn__h_rows[_t][:, 0:_H].copy_(d_W_hr_h)
+        _dg_W_hr_W_hz_W_hn__h_rows[_t][:, _H:2*_H].copy_(d_W_hz_h)
+        _dg_W_hr_W_hz_W_hn__h_rows[_t][:, 2*_H:3*_H].copy_(d_W_hn_h)
+        torch.mm(_dg_W_hr_W_hz_W_hn__h_rows[_t], _w_W_hr_W_hz_W_hn, out=_tmp_d_h_gemm)
+        # per-step adjoints of inputs, states, vector params, hoisted results
+        d_W_hr_h = _dg_W_hr_W_hz_W_hn__h_rows[_t][:, 0:_H]
+        d_W_hz_h = _dg_W_hr_W_hz_W_hn__h_rows[_t][:, _H:2*_H]
+        d_h_gemm = _tmp_d_h_gemm
+        d_h_next = _tmp_d_h_next
+        d_n = _tmp_d_n
+        n = _v_n_rows[_t]
+        z = _v_z_rows[_t]
+        d_h = d_h_gemm + d_h_next*z  # adjoint of state h
+        d_b_in = d_n*(1 - (n*n))  # adjoint of param b_in
+        d_W_ir_x = d_W_hr_h  # adjoint of hoisted projection W_ir_x
+        d_W_iz_x = d_W_hz_h  # adjoint of hoisted projection W_iz_x
+        d_W_in_x = d_b_in  # adjoint of hoisted projection W_in_x
+        _ds_h.copy_(d_h)
+        _dp_b_in_rows[_t].copy_(d_b_in)
+        _dhg_W_ir_W_iz_W_in__x_rows[_t][:, 0:_H].copy_(d_W_ir_x)
+        _dhg_W_ir_W_iz_W_in__x_rows[_t][:, _H:2*_H].copy_(d_W_iz_x)
+        _dhg_W_ir_W_iz_W_in__x_rows[_t][:, 2*_H:3*_H].copy_(d_W_in_x)
+    # dW of W_hr @ h, W_hz @ h, W_hn @ h: one GEMM over all T*B rows
+    _grads["W_hr"] = _dg_W_hr_W_hz_W_hn__h.reshape(_T * _B, 3*_H)[:, 0:_H].T @ _s_h[:_T].reshape(_T * _B, _H)
+    _grads["W_hz"] = _dg_W_hr_W_hz_W_hn__h.reshape(_T * _B, 3*_H)[:, _H:2*_H].T @ _s_h[:_T].reshape(_T * _B, _H)
+    _grads["W_hn"] = _dg_W_hr_W_hz_W_hn__h.reshape(_T * _B, 3*_H)[:, 2*_H:3*_H].T @ _s_h[:_T].reshape(_T * _B, _H)
+    # dW of W_ir @ x, W_iz @ x, W_in @ x: one GEMM over all T*B rows
+    _grads["W_ir"] = _dhg_W_ir_W_iz_W_in__x.reshape(_T * _B, 3*_H)[:, 0:_H].T @ _x_x.reshape(_T * _B, _I)
+    _grads["W_iz"] = _dhg_W_ir_W_iz_W_in__x.reshape(_T * _B, 3*_H)[:, _H:2*_H].T @ _x_x.reshape(_T * _B, _I)
+    _grads["W_in"] = _dhg_W_ir_W_iz_W_in__x.reshape(_T * _B, 3*_H)[:, 2*_H:3*_H].T @ _x_x.reshape(_T * _B, _I)
+    torch.mm(_dhg_W_ir_W_iz_W_in__x.reshape(_T * _B, 3*_H), _w_W_ir_W_iz_W_in, out=_dx_x.reshape(_T * _B, _I))
+    _sum = _dg_W_hr_W_hz_W_hn__h.reshape(_T * _B, 3*_H)[:, 0:_H].sum(0)
+    _grads["b_ir"] = _sum
+    _grads["b_hr"] = _sum
+    _sum = _dg_W_hr_W_hz_W_hn__h.reshape(_T * _B, 3*_H)[:, _H:2*_H].sum(0)
+    _grads["b_iz"] = _sum
+    _grads["b_hz"] = _sum
+    _sum = _dp_b_in.reshape(_T * _B, _H).sum(0)
+    _grads["b_in"] = _sum
+    _sum = _dg_W_hr_W_hz_W_hn__h.reshape(_T * _B, 3*_H)[:, 2*_H:3*_H].sum(0)
+    _grads["b_hn"] = _sum
+    _grads = {"W_ir": _grads["W_ir"], "W_hr": _grads["W_hr"], "b_ir": _grads["b_ir"], "b_hr": _grads["b_hr"], "W_iz": _grads["W_iz"], "W_hz": _grads["W_hz"], "b_iz": _grads["b_iz"], "b_hz": _grads["b_hz"], "W_in": _grads["W_in"], "W_hn": _grads["W_hn"], "b_in": _grads["b_in"], "b_hn": _grads["b_hn"], }
+    _d_x = _dx_x
+    _d_state = _ds_h
     return _grads, _d_x, _d_state
-
-
-def _rows(a, shape):
-    """An adjoint as rows of shape[-1] (it may broadcast), for summing into a vector's gradient."""
-    return torch.broadcast_to(a, shape).reshape(-1, shape[-1])
 
 
 _PARAM_NAMES = tuple(PARAMS)
@@ -326,7 +367,262 @@ def _run_autograd(params, xs, state):
         out, state = step(params, xs[0][t] if _N_IN == 1 else tuple(a[t] for a in xs), state[0] if _N_STATE == 1 else state)
         outputs.append((out,) if _N_OUT == 1 else out)
         state = (state,) if _N_STATE == 1 else state
+    if not outputs:  # T = 0: no step; the output sizes from a step that is thrown away
+        with torch.no_grad():
+            probe, _ = step(params, xs[0][:0].new_zeros(xs[0].shape[1:]) if _N_IN == 1 else tuple(a.new_zeros(a.shape[1:]) for a in xs), state[0] if _N_STATE == 1 else state)
+        probe = (probe,) if _N_OUT == 1 else probe
+        return tuple(o.new_empty(0, *o.shape) for o in probe), tuple(state)
     return tuple(torch.stack(o) for o in zip(*outputs)), tuple(state)
+
+
+#: sequences shorter than this run the PyTorch engine under backend="auto" on the CPU
+MIN_NATIVE_STEPS = 1
+_LIBRARIES = {}
+
+
+def _native_library(x, state, params, required=None):
+    """The native library of torch_gru.cu for x's device, built on first use (cached on disk); None
+    where backend="auto" should run the PyTorch engine instead (no compiler, no BLAS, an
+    unsupported dtype, mixed dtypes or devices, torch.compile tracing). With ``required``
+    (backend="fused"/"cuda" asked for explicitly) a problem is an error that says why."""
+    dtype, device = x.dtype, x.device
+    problem = None
+    if required == "cuda" and device.type != "cuda":
+        problem = "it needs CUDA tensors (backend='fused' runs the same kernels on the CPU)"
+    elif required == "fused" and device.type != "cpu":
+        problem = "it runs on CPU tensors (backend='cuda' runs the kernels on the GPU)"
+    elif any(t.dtype != dtype or t.device != device for t in (*state, *params.values())):
+        problem = f"all tensors must have one dtype and device ({dtype} on {device} and others)"
+    elif required is None and (torch.compiler.is_compiling() or x.shape[0] < MIN_NATIVE_STEPS):
+        return None
+    if problem is None:
+        key = (device.type, device.index)
+        lib = _LIBRARIES.get(key)
+        if lib is None:
+            try:
+                from cellspec.runtime import kernels
+
+                lib = kernels.library(__file__, "torch_gru.cu", device)
+            except Exception as e:  # noqa: BLE001 - remembered: tried once per device and process
+                lib = e
+                logging.getLogger("cellspec").debug(
+                    "%s: the native library of torch_gru.cu is not used on %s (%s: %s); the PyTorch engine runs",
+                    CELL, device.type, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+            _LIBRARIES[key] = lib
+        if isinstance(lib, Exception):
+            problem = f"{type(lib).__name__}: {lib}"
+        else:
+            try:
+                lib.function("forward", dtype)
+            except Exception as e:  # noqa: BLE001 - an unsupported dtype
+                problem = str(e)
+    if problem is None:
+        return lib
+    if required is not None:
+        raise RuntimeError(f"{CELL}: backend={required!r} cannot run here: {problem}")
+    return None
+
+
+class _NativeSequence(torch.autograd.Function):
+    """The whole sequence in the native library (one call forward, one backward)."""
+
+    @staticmethod
+    def forward(ctx, lib, *args):
+        _xs, _states, _plist = args[:_N_IN], args[_N_IN : _N_IN + _N_STATE], args[_N_IN + _N_STATE :]
+        _outputs, _finals, _saved = _native_forward(lib, _xs, _states, dict(zip(_PARAM_NAMES, _plist)))
+        ctx.lib = lib
+        ctx.save_for_backward(*_xs, *_plist, *_saved)
+        return (*_outputs, *_finals)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grads):
+        _t = ctx.saved_tensors
+        _n = _N_IN + len(_PARAM_NAMES)
+        _params = dict(zip(_PARAM_NAMES, _t[_N_IN:_n]))
+        _grads, _d_xs, _d_states = _native_backward(ctx.lib, _t[:_N_IN], _params, _t[_n:], grads[:_N_OUT], grads[_N_OUT:])
+        return (None, *_d_xs, *_d_states, *(_grads[k].to(_params[k].dtype) for k in _PARAM_NAMES))
+
+
+def _run_native(lib, xs, state, params):
+    """(outputs, final states) of the native library: through autograd when something requires
+    grad, else the inference function (which keeps nothing for a backward); under torch.compile,
+    the custom ops."""
+    if torch.compiler.is_compiling():
+        result = _OPS[0](list(xs), list(state), list(params.values()))
+        return tuple(result[:_N_OUT]), tuple(result[_N_OUT : _N_OUT + _N_STATE])
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (*xs, *state, *params.values())):
+        result = _NativeSequence.apply(lib, *xs, *state, *params.values())
+        return tuple(result[:_N_OUT]), tuple(result[_N_OUT:])
+    outputs, finals, _ = _native_inference(lib, xs, state, params)
+    return outputs, finals
+
+
+def _native_sizes(_xs, _params):
+    """(T, B, sizes...) of a call, as the native library takes them."""
+    _T, _B = _xs[0].shape[0], _xs[0].shape[1]
+    _I = _xs[0].shape[-1]
+    _H = _params["W_ir"].shape[0]
+    return (_T, _B, _I, _H)
+
+
+def _native_forward(_lib, _xs, _states, _params):
+    """The whole sequence (training: keeps what the backward reads) in one call of the native library."""
+    _T, _B, _I, _H = _dims = _native_sizes(_xs, _params)
+    _dt, _dev = _xs[0].dtype, _xs[0].device
+
+    def _empty(shape):
+        return torch.empty(shape, dtype=_dt, device=_dev)
+
+    x_x = _xs[0].contiguous()
+    s_h = _empty((_T + 1, _B, _H))
+    s_h[0].copy_(_states[0])
+    p_b_ir = _params["b_ir"].contiguous()
+    p_b_hr = _params["b_hr"].contiguous()
+    p_b_iz = _params["b_iz"].contiguous()
+    p_b_hz = _params["b_hz"].contiguous()
+    p_b_in = _params["b_in"].contiguous()
+    p_b_hn = _params["b_hn"].contiguous()
+    hg_W_ir_W_iz_W_in__x = _empty((_T, _B, 3*_H))
+    g_W_hr_W_hz_W_hn__h = _empty((_T, _B, 3*_H))
+    v_r = _empty((_T, _B, _H))
+    v_z = _empty((_T, _B, _H))
+    v_n = _empty((_T, _B, _H))
+    if _lib is not None:  # None: shapes only (the custom op's fake implementation)
+        _lib("forward", _dims, [x_x, s_h, p_b_ir, p_b_hr, p_b_iz, p_b_hz, p_b_in, p_b_hn, hg_W_ir_W_iz_W_in__x, g_W_hr_W_hz_W_hn__h, v_r, v_z, v_n, torch.cat((_params["W_ir"], _params["W_iz"], _params["W_in"],)), torch.cat((_params["W_hr"], _params["W_hz"], _params["W_hn"],))])
+    return (s_h[1:1 + _T],), (s_h[_T],), (s_h, g_W_hr_W_hz_W_hn__h, v_r, v_z, v_n,)
+
+
+def _native_inference(_lib, _xs, _states, _params):
+    """The whole sequence (inference: keeps nothing) in one call of the native library."""
+    _T, _B, _I, _H = _dims = _native_sizes(_xs, _params)
+    _dt, _dev = _xs[0].dtype, _xs[0].device
+
+    def _empty(shape):
+        return torch.empty(shape, dtype=_dt, device=_dev)
+
+    x_x = _xs[0].contiguous()
+    s_h = _empty((_T + 1, _B, _H))
+    s_h[0].copy_(_states[0])
+    p_b_ir = _params["b_ir"].contiguous()
+    p_b_hr = _params["b_hr"].contiguous()
+    p_b_iz = _params["b_iz"].contiguous()
+    p_b_hz = _params["b_hz"].contiguous()
+    p_b_in = _params["b_in"].contiguous()
+    p_b_hn = _params["b_hn"].contiguous()
+    hg_W_ir_W_iz_W_in__x = _empty((_T, _B, 3*_H))
+    g_W_hr_W_hz_W_hn__h = _empty((_B, 3*_H))
+    if _lib is not None:  # None: shapes only (the custom op's fake implementation)
+        _lib("inference", _dims, [x_x, s_h, p_b_ir, p_b_hr, p_b_iz, p_b_hz, p_b_in, p_b_hn, hg_W_ir_W_iz_W_in__x, g_W_hr_W_hz_W_hn__h, torch.cat((_params["W_ir"], _params["W_iz"], _params["W_in"],)), torch.cat((_params["W_hr"], _params["W_hz"], _params["W_hn"],))])
+    return (s_h[1:1 + _T],), (s_h[_T],), ()
+
+
+def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals):
+    """Gradients of the whole sequence in one call of the native library: (grads, d_xs, d_states)."""
+    _T, _B, _I, _H = _dims = _native_sizes(_xs, _params)
+    _dt, _dev = _xs[0].dtype, _xs[0].device
+    _gdt = torch.float32 if _dt in (torch.float16, torch.bfloat16) else _dt  # gradients accumulate in float32 for 16-bit storage
+
+    def _empty(shape):
+        return torch.empty(shape, dtype=_dt, device=_dev)
+
+    def _zeros(shape):
+        return torch.zeros(shape, dtype=_dt, device=_dev)
+
+    def _gempty(shape):
+        return torch.empty(shape, dtype=_gdt, device=_dev)
+
+    def _gzeros(shape):
+        return torch.zeros(shape, dtype=_gdt, device=_dev)
+
+    x_x = _xs[0].contiguous()
+    s_h = _saved[0]
+    p_b_ir = _params["b_ir"].contiguous()
+    p_b_hr = _params["b_hr"].contiguous()
+    p_b_iz = _params["b_iz"].contiguous()
+    p_b_hz = _params["b_hz"].contiguous()
+    p_b_in = _params["b_in"].contiguous()
+    p_b_hn = _params["b_hn"].contiguous()
+    g_W_hr_W_hz_W_hn__h = _saved[1]
+    v_r = _saved[2]
+    v_z = _saved[3]
+    v_n = _saved[4]
+    dout_h_next = _zeros((_T, _B, _H)) if _d_outputs[0] is None else _d_outputs[0].contiguous()
+    ds_h = _zeros((_B, _H)) if _d_finals[0] is None else _d_finals[0].to(_dt, memory_format=torch.contiguous_format, copy=True)
+    dx_x = _empty((_T, _B, _I))
+    dp_b_in = _empty((_T, _B, _H))
+    dg_W_hr_W_hz_W_hn__h = _empty((_T, _B, 3*_H))
+    tmp_d_h_gemm = _empty((_B, _H))
+    dhg_W_ir_W_iz_W_in__x = _empty((_T, _B, 3*_H))
+    tmp_d_h_next = _empty((_B, _H))
+    tmp_d_n = _empty((_B, _H))
+    sum_d_b_ir = _gempty((_H,))
+    sum_d_b_iz = _gempty((_H,))
+    _grads = {"W_ir": _gempty((_H, _I)), "W_hr": _gempty((_H, _H)), "b_ir": _gempty((_H,)), "b_hr": _gempty((_H,)), "W_iz": _gempty((_H, _I)), "W_hz": _gempty((_H, _H)), "b_iz": _gempty((_H,)), "b_hz": _gempty((_H,)), "W_in": _gempty((_H, _I)), "W_hn": _gempty((_H, _H)), "b_in": _gempty((_H,)), "b_hn": _gempty((_H,))}
+    if _lib is not None:
+        _lib("backward", _dims, [x_x, s_h, p_b_ir, p_b_hr, p_b_iz, p_b_hz, p_b_in, p_b_hn, g_W_hr_W_hz_W_hn__h, v_r, v_z, v_n, dout_h_next, ds_h, dx_x, dp_b_in, dg_W_hr_W_hz_W_hn__h, tmp_d_h_gemm, dhg_W_ir_W_iz_W_in__x, tmp_d_h_next, tmp_d_n, sum_d_b_ir, sum_d_b_iz, torch.cat((_params["W_ir"], _params["W_iz"], _params["W_in"],)), torch.cat((_params["W_hr"], _params["W_hz"], _params["W_hn"],)), *_grads.values()])
+    return _grads, (dx_x,), (ds_h,)
+
+
+# The same two calls as PyTorch custom ops, for torch.compile (which traces them through their
+# fake implementations: the allocations above, without the call). Registered once per process
+# and content of this file; outputs are copies (an op's outputs may not alias each other).
+_OP = "torch_gru_07e87eadb2d2"
+
+
+def _op_forward_impl(xs: list[torch.Tensor], states: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:
+    lib = None if xs[0].device.type == "meta" else _native_library(xs[0], states, dict(zip(_PARAM_NAMES, params)), required="cuda" if xs[0].is_cuda else "fused")
+    outputs, finals, saved = _native_forward(lib, tuple(xs), tuple(states), dict(zip(_PARAM_NAMES, params)))
+    return [*(o.clone() for o in outputs), *(f.clone() for f in finals), *saved]
+
+
+def _op_forward_fake(xs, states, params):
+    outputs, finals, saved = _native_forward(None, tuple(xs), tuple(states), dict(zip(_PARAM_NAMES, params)))
+    return [*(o.clone() for o in outputs), *(f.clone() for f in finals), *saved]
+
+
+def _op_backward_impl(xs: list[torch.Tensor], params: list[torch.Tensor], saved: list[torch.Tensor], d_outputs: list[torch.Tensor], d_finals: list[torch.Tensor]) -> list[torch.Tensor]:
+    p = dict(zip(_PARAM_NAMES, params))
+    lib = None if xs[0].device.type == "meta" else _native_library(xs[0], (), p, required="cuda" if xs[0].is_cuda else "fused")
+    grads, d_xs, d_states = _native_backward(lib, tuple(xs), p, tuple(saved), tuple(d_outputs), tuple(d_finals))
+    return [*d_xs, *d_states, *(grads[k].to(p[k].dtype) for k in _PARAM_NAMES)]
+
+
+def _op_backward_fake(xs, params, saved, d_outputs, d_finals):
+    p = dict(zip(_PARAM_NAMES, params))
+    grads, d_xs, d_states = _native_backward(None, tuple(xs), p, tuple(saved), tuple(d_outputs), tuple(d_finals))
+    return [*d_xs, *d_states, *(grads[k].to(p[k].dtype) for k in _PARAM_NAMES)]
+
+
+def _op_setup_context(ctx, inputs, output):
+    xs, _states, params = inputs
+    ctx.n_params = len(params)
+    ctx.save_for_backward(*xs, *params, *output[_N_OUT + _N_STATE :])
+
+
+def _op_backward(ctx, grads):
+    t = ctx.saved_tensors
+    xs, params, saved = t[:_N_IN], t[_N_IN : _N_IN + ctx.n_params], t[_N_IN + ctx.n_params :]
+    res = _OPS[1](list(xs), list(params), list(saved), list(grads[:_N_OUT]), list(grads[_N_OUT : _N_OUT + _N_STATE]))
+    return list(res[:_N_IN]), list(res[_N_IN : _N_IN + _N_STATE]), list(res[_N_IN + _N_STATE :])
+
+
+def _register_ops():
+    try:
+        fwd = torch.library.custom_op(f"cellspec::{_OP}_forward", _op_forward_impl, mutates_args=(),
+                                      schema="(Tensor[] xs, Tensor[] states, Tensor[] params) -> Tensor[]")
+        bwd = torch.library.custom_op(f"cellspec::{_OP}_backward", _op_backward_impl, mutates_args=(),
+                                      schema="(Tensor[] xs, Tensor[] params, Tensor[] saved, Tensor?[] d_outputs, Tensor?[] d_finals) -> Tensor[]")
+    except RuntimeError:  # registered by an earlier import of the same generated code
+        ns = torch.ops.cellspec
+        return getattr(ns, f"{_OP}_forward"), getattr(ns, f"{_OP}_backward")
+    fwd.register_fake(_op_forward_fake)
+    bwd.register_fake(_op_backward_fake)
+    fwd.register_autograd(_op_backward, setup_context=_op_setup_context)
+    return fwd, bwd
+
+
+_OPS = _register_ops()
 
 
 class _TorchGRUBase(nn.Module):
@@ -376,14 +672,8 @@ class _TorchGRUBase(nn.Module):
     def _resolve_backend(self, xs, state):
         if self.backend != "auto":
             return self.backend
-        try:
-            from cellspec.runtime import fused_cpu
-        except ImportError:  # this package used without cellspec installed: the PyTorch engine
-            return "generated"
-        if xs[0].is_cuda:  # the fused CUDA kernels (cellspec.runtime.cuda_ops)
-            return "cuda"
-        if fused_cpu.use_fused(__file__, "torch_gru.cu", xs, state, self._params()):  # fused CPU kernel
-            return "fused"
+        if _native_library(xs[0], state, self._params()) is not None:
+            return "cuda" if xs[0].is_cuda else "fused"
         return "generated"
 
     def _run(self, xs, state):
@@ -404,14 +694,9 @@ class _TorchGRUBase(nn.Module):
         params = self._params()
         if backend == "autograd":
             return _run_autograd(params, xs, state)
-        if backend == "fused" and not xs[0].is_cuda:  # fused CPU kernel of torch_gru.cu
-            from cellspec.runtime import fused_cpu
-
-            return fused_cpu.run_sequence(__file__, "torch_gru.cu", xs, state, params)
-        if backend in ("cuda", "fused"):  # kernels of torch_gru.cu (GPU or CPU build), compiled on first use
-            from cellspec.runtime import cuda_ops
-
-            return cuda_ops.run_sequence(__file__, "torch_gru.cu", xs, state, params)
+        if backend in ("fused", "cuda"):
+            lib = None if torch.compiler.is_compiling() else _native_library(xs[0], state, params, required=backend)
+            return _run_native(lib, xs, state, params)
         result = _Sequence.apply(*xs, *state, *params.values())
         return tuple(result[:_N_OUT]), tuple(result[_N_OUT:])
 

@@ -1,0 +1,439 @@
+"""Native renderer: the sequence program as one self-contained ``.cu`` file.
+
+Input: a :class:`~cellspec.program.ir.Program`. Output: ``{"<module>.cu": text}`` and the
+context the PyTorch module's glue (:func:`glue_context`) needs to call it.
+
+The file holds, per pointwise block of the program and per size symbol within it:
+
+* a ``__host__ __device__`` element function with the math (spec names as variables, the spec
+  line as a comment), templated on the math type ``real``;
+* a ``__global__`` kernel and its launcher (nvcc builds only), and a host function (an OpenMP
+  loop over rows, a vectorisable loop over units);
+
+and, per program function (``forward``, ``inference``, ``backward``), the **host loop**: the
+whole sequence in one call — the GEMMs (a BLAS ``?gemm_`` found at run time on the CPU,
+``cublasGemmEx`` on the GPU), the fused pointwise calls, the reductions after the loop. The
+loop is written once; the build chooses how a GEMM and a pointwise block run (``CS_GEMM_*``
+and ``CS_PW`` in the prelude). Entry points::
+
+    int <module>_<function>_<f32|f64>(const int64_t* dims, void* const* ptrs, const void* ctx)       (CPU build)
+    int <module>_cuda_<function>_<f32|f64|f16|bf16>(const int64_t* dims, void* const* ptrs, const void* ctx)  (nvcc)
+
+``dims`` is ``[T, B, <sizes in constructor order>]``; ``ptrs`` the function's buffers in
+program order, then the stacked weights, then (backward) the gradient of every param.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import sympy as sp
+from sympy.printing.c import C99CodePrinter
+
+from cellspec.backends.naming import C_RESERVED, mangle
+from cellspec.backends.printers import CudaPrinter
+from cellspec.backends.render import render_template
+from cellspec.model import ops
+from cellspec.program import ir
+
+#: storage types of the CUDA entry points: suffix -> C++ type
+CUDA_DTYPES = {"f32": "float", "f64": "double", "f16": "__half", "bf16": "__nv_bfloat16"}
+HOST_DTYPES = {"f32": "float", "f64": "double"}
+
+
+@dataclass
+class Line:
+    target: str
+    expr: str
+    comment: str
+    kind: str  # "local" or "out"
+
+
+@dataclass
+class ElementFunction:
+    """One pointwise block restricted to one size symbol."""
+
+    name: str
+    block: str
+    size: str
+    title: str
+    reads: list[str]
+    writes: list[str]
+    inouts: list[str]
+    lines: list[Line] = field(default_factory=list)
+    keys: dict[str, str] = field(default_factory=dict)  # code name -> program name
+
+    @property
+    def args(self) -> list[dict]:
+        """Arguments in ABI order: reads, then in-outs, then writes."""
+        return (
+            [{"name": n, "io": "in"} for n in self.reads]
+            + [{"name": n, "io": "inout"} for n in self.inouts]
+            + [{"name": n, "io": "out"} for n in self.writes]
+        )
+
+
+class _SizePrinter(C99CodePrinter):
+    """Sizes in the host loop: T -> n_T, H -> n_H."""
+
+    def _print_Symbol(self, expr):
+        return f"n_{expr.name}"
+
+
+def cexpr(e) -> str:
+    return _SizePrinter().doprint(sp.sympify(e))
+
+
+class _Renderer:
+    def __init__(self, prog: ir.Program):
+        self.p = prog
+        keys: list[str] = []
+        for fn in prog.functions:
+            for blk in fn.pointwise():
+                for n in blk.reads:
+                    keys.append(n)
+                for st in blk.statements:
+                    keys.append(st.target)
+                    keys.extend(sorted(s.name for s in st.expr.free_symbols))
+        seen: dict[str, None] = {}
+        for k in keys:
+            seen.setdefault(k, None)
+        self.names = mangle(list(seen), C_RESERVED)
+        self.pr = CudaPrinter(self.names)
+        self.functions: list[ElementFunction] = []
+        self.by_block: dict[tuple[str, str], list[ElementFunction]] = {}
+
+    # ------------------------------------------------------------------ element functions
+    def split(self, fn: ir.Function, blk: ir.Pointwise) -> list[ElementFunction]:
+        """The block as one element function per size symbol (what crosses sizes lives in slots)."""
+        key = (fn.name, blk.block)
+        sizes = self.p.value_sizes
+        stmts = blk.statements
+        defined = {st.target for st in stmts}
+        reads_of = {st.target: {s.name for s in st.expr.free_symbols} for st in stmts}
+        size: dict[str, str | None] = {}
+        for st in stmts:
+            known = {size.get(r) if r in defined else sizes.get(r) for r in reads_of[st.target]} - {None}
+            size[st.target] = sizes.get(st.target) or (min(known) if known else None)
+        exported = set(blk.writes)
+        out = []
+        for g in sorted({sz for sz in size.values() if sz is not None}):
+            need = {t for t in defined if size[t] == g}
+            changed = True
+            while changed:
+                changed = False
+                for t in list(need):
+                    for r in reads_of[t]:
+                        if r in defined and r not in need:
+                            need.add(r)
+                            changed = True
+            mine = [st for st in stmts if st.target in need]
+            live = {st.target for st in mine if st.target in exported and not st.temp}
+            for st in reversed(mine):
+                if st.target in live:
+                    live |= reads_of[st.target] & defined
+            mine = [st for st in mine if st.target in live]
+            reads: set[str] = set()
+            assigned: set[str] = set()
+            for st in mine:
+                reads |= {r for r in reads_of[st.target] if r not in assigned}
+                assigned.add(st.target)
+            writes = [st.target for st in mine if st.target in exported and not st.temp]
+            if not writes:
+                continue
+            inouts = sorted(set(writes) & reads)
+            n = self.names
+            ef = ElementFunction(
+                name=f"{self.p.module}_{fn.name}_{blk.block}_{g}",
+                block=blk.block,
+                size=g,
+                title=f"{fn.name}: {blk.title}, units of size {g}",
+                reads=[n[r] for r in sorted(reads) if r not in inouts],
+                writes=[n[w] for w in writes if w not in inouts],
+                inouts=[n[r] for r in inouts],
+            )
+            for st in mine:
+                kind = "out" if st.target in writes else "local"
+                ef.lines.append(Line(n[st.target], self.pr.doprint(st.expr), st.comment, kind))
+            ef.keys = {n[k]: k for k in reads | set(writes)}
+            out.append(ef)
+        self.by_block[key] = out
+        self.functions.extend(out)
+        return out
+
+    # ------------------------------------------------------------------ host loop
+    def ptr(self, fn: ir.Function, name: str, rows: str) -> tuple[str, str]:
+        """(pointer expression, row stride) of a slot at step t (rows='step') or at t = 0 over
+        all T*B rows."""
+        sl = fn.slots[name]
+        buf = fn.buffers[sl.buffer]
+        if len(buf.shape) == 1:
+            return f"b_{buf.name}", "0"
+        width = cexpr(buf.shape[-1])
+        parts = []
+        if buf.timed:
+            t = "t" if rows == "step" else ""
+            time = " + ".join(x for x in (t, str(sl.time) if sl.time else "") if x) or "0"
+            if time != "0":
+                parts.append(f"({time}) * n_B * ({width})" if "+" in time else f"{time} * n_B * ({width})")
+        if sl.col != 0:
+            parts.append(cexpr(sl.col))
+        return f"b_{buf.name}" + "".join(f" + {x}" for x in parts), width
+
+    def buf_ptr(self, fn: ir.Function, name: str, rows: str) -> tuple[str, str]:
+        buf = fn.buffers[name]
+        width = cexpr(buf.shape[-1])
+        if buf.timed and rows == "step":
+            return f"b_{name} + t * n_B * ({width})", width
+        return f"b_{name}", width
+
+    def host_loop(self, fn: ir.Function) -> dict:
+        p = self.p
+        lines: list[str] = []
+        grads_written: set[str] = set()
+
+        def rows_of(r: str) -> str:
+            return "n_B" if r == "step" else "n_T * n_B"
+
+        def emit(op, ind: str) -> None:
+            if isinstance(op, ir.Loop):
+                packs = []  # the weights every step multiplies by: packed once per call
+                for o in op.body:
+                    if isinstance(o, (ir.Project, ir.ProjectBack)) and o.rows == "step":
+                        w = p.weights[o.weight]
+                        kind = "nt" if isinstance(o, ir.Project) else "nn"
+                        if (w.name, kind) not in [(x, y) for x, y, _ in packs]:
+                            n, k = (cexpr(w.width), f"n_{w.inner}") if kind == "nt" else (f"n_{w.inner}", cexpr(w.width))
+                            packs.append((w.name, kind, f"cs_pack(ctx, {1 if kind == 'nt' else 0}, n_B, {n}, {k}, "
+                                                        f"w_{w.name}, n_{w.inner})"))
+                for name, kind, call in packs:
+                    lines.append(f"{ind}cs_packed<S> pk_{name}_{kind} = {call};")
+                head = ("for (int64_t t = n_T - 1; t >= 0; --t) {" if op.reverse
+                        else "for (int64_t t = 0; t < n_T; ++t) {")
+                lines.append(ind + head)
+                for o in op.body:
+                    emit(o, ind + "    ")
+                lines.append(ind + "}")
+                for name, kind, _ in packs:
+                    lines.append(f"{ind}cs_unpack(pk_{name}_{kind});")
+            elif isinstance(op, ir.Pointwise):
+                for ef in self.split(fn, op):
+                    args = []
+                    for a in ef.args:
+                        ptr, ld = self.ptr(fn, ef.keys[a["name"]], op.rows)
+                        args.append(f"{ptr}, {ld}")
+                    lines.append(f"{ind}// {ef.title}")
+                    lines.append(f"{ind}CS_PW({ef.name}, {rows_of(op.rows)}, n_{ef.size}, " + ", ".join(args) + ");")
+            elif isinstance(op, ir.Project):
+                w = p.weights[op.weight]
+                a, lda = self.ptr(fn, op.operand, op.rows)
+                c, ldc = self.buf_ptr(fn, op.out, op.rows)
+                lines.append(f"{ind}// {op.out} = {op.operand} @ [{', '.join(w.matrices)}]^T  ({op.comment})")
+                if op.rows == "step":  # the weight packed once before the loop
+                    lines.append(f"{ind}CS_GEMM_NT_PACKED(n_B, {cexpr(w.width)}, n_{w.inner}, {a}, {lda}, "
+                                 f"pk_{w.name}_nt, {c}, {ldc}, 0);")
+                else:
+                    lines.append(f"{ind}CS_GEMM_NT({rows_of(op.rows)}, {cexpr(w.width)}, n_{w.inner}, {a}, {lda}, "
+                                 f"w_{w.name}, n_{w.inner}, {c}, {ldc}, 0);")
+            elif isinstance(op, ir.ProjectBack):
+                w = p.weights[op.weight]
+                g, ldg = self.buf_ptr(fn, op.d_out, op.rows)
+                c, ldc = self.ptr(fn, op.d_operand, op.rows)
+                beta = 1 if op.accumulate else 0
+                lines.append(f"{ind}// {op.d_operand} {'+=' if op.accumulate else '='} {op.d_out} @ [{', '.join(w.matrices)}]")
+                if op.rows == "step":
+                    lines.append(f"{ind}CS_GEMM_NN_PACKED(n_B, n_{w.inner}, {cexpr(w.width)}, {g}, {ldg}, "
+                                 f"pk_{w.name}_nn, {c}, {ldc}, {beta});")
+                else:
+                    lines.append(f"{ind}CS_GEMM_NN({rows_of(op.rows)}, n_{w.inner}, {cexpr(w.width)}, {g}, {ldg}, "
+                                 f"w_{w.name}, n_{w.inner}, {c}, {ldc}, {beta});")
+            elif isinstance(op, ir.WeightGrad):
+                w = p.weights[op.weight]
+                g, ldg = self.buf_ptr(fn, op.d_out, "all")
+                x, ldx = self.ptr(fn, op.operand, "all")
+                lines.append(f"{ind}// d[{', '.join(w.matrices)}] += {op.d_out}^T @ {op.operand}  ({op.comment})")
+                for (col, sz), mat in zip(w.offsets(), w.matrices):
+                    beta = 1 if mat in grads_written else 0
+                    grads_written.add(mat)
+                    gcol = f"{g} + {cexpr(col)}" if col != 0 else g
+                    lines.append(f"{ind}CS_GEMM_TN(n_{sz}, n_{w.inner}, n_T * n_B, {gcol}, {ldg}, {x}, {ldx}, "
+                                 f"g_{mat}, n_{w.inner}, {beta});")
+            elif isinstance(op, ir.RowSum):
+                src, ld = self.ptr(fn, op.source, "all")
+                sz = fn.slots[op.source].size
+                if len(op.param) == 1:
+                    beta = 1 if op.param[0] in grads_written else 0
+                    grads_written.add(op.param[0])
+                    lines.append(f"{ind}// d[{op.param[0]}] += sum over rows of {op.source}")
+                    lines.append(f"{ind}CS_ROWSUM(n_T * n_B, n_{sz}, {src}, {ld}, g_{op.param[0]}, {beta});")
+                else:
+                    lines.append(f"{ind}// d[{', '.join(op.param)}] += sum over rows of {op.source} (summed once)")
+                    lines.append(f"{ind}CS_ROWSUM(n_T * n_B, n_{sz}, {src}, {ld}, b_{op.scratch}, 0);")
+                    for prm in op.param:
+                        beta = 1 if prm in grads_written else 0
+                        grads_written.add(prm)
+                        lines.append(f"{ind}CS_ADD(n_{sz}, b_{op.scratch}, g_{prm}, {beta});")
+            elif isinstance(op, ir.AddRows):
+                src, ld = self.ptr(fn, op.source, "all")
+                dst, ldd = self.ptr(fn, f"grad_input:{op.input}", "all")
+                sz = fn.slots[op.source].size
+                lines.append(f"{ind}// d_{op.input} += {op.source}")
+                lines.append(f"{ind}CS_ADD_ROWS(n_T * n_B, n_{sz}, {src}, {ld}, {dst}, {ldd});")
+            elif isinstance(op, ir.Zero):
+                buf = fn.buffers[op.buffer]
+                count = " * ".join(f"({cexpr(d)})" for d in buf.shape)
+                lines.append(f"{ind}CS_ZERO(b_{op.buffer}, {count});")
+            else:  # pragma: no cover
+                raise TypeError(op)
+
+        zero_fill = []
+        for b in fn.buffers.values():
+            if b.init == "zeros":
+                zero_fill.append((b.name, " * ".join(f"({cexpr(d)})" for d in b.shape)))
+        for op in fn.ops:
+            emit(op, "    ")
+        params_zero = [prm.key for prm in p.params if prm.key not in grads_written] if fn.name == "backward" else []
+        return {
+            "name": fn.name,
+            "buffers": list(fn.buffers.values()),
+            "weights": list(p.weights.values()),
+            "grads": [prm.key for prm in p.params] if fn.name == "backward" else [],
+            "zero_fill": zero_fill,
+            "lines": lines,
+            "grads_zero": params_zero,
+        }
+
+
+def render(prog: ir.Program, spec_text: str, version: str, filename: str) -> tuple[str, dict]:
+    """The ``.cu`` source of a program, and the glue context (which param gradients the host
+    loop never writes, so the caller zero-fills them)."""
+    r = _Renderer(prog)
+    loops = [r.host_loop(fn) for fn in prog.functions]
+    ctx = {
+        "module": prog.module,
+        "cell": prog.cell,
+        "version": version,
+        "filename": filename,
+        "spec_text": spec_text,
+        "functions": r.functions,
+        "dtypes": CUDA_DTYPES,
+        "host_dtypes": HOST_DTYPES,
+        "loops": loops,
+        "dims": ["T", "B", *prog.sizes],
+        "c_prelude": ops.c_prelude(),
+    }
+    text = render_template("native.cu.j2", ctx)
+    glue = {lp["name"]: {"grads_zero": lp["grads_zero"]} for lp in loops}
+    return text, glue
+
+
+# ---------------------------------------------------------------------------------------------
+# The Python side of the ABI, rendered into the PyTorch module (torch_cell.py): what to allocate
+# and pass for each function, and which views of the buffers are its results.
+# ---------------------------------------------------------------------------------------------
+class _PySizePrinter(C99CodePrinter):
+    def _print_Symbol(self, expr):
+        return f"_{expr.name}"
+
+
+def pyexpr(e) -> str:
+    return _PySizePrinter().doprint(sp.sympify(e))
+
+
+def _shape(buf: ir.Buffer) -> str:
+    dims = [pyexpr(d) for d in buf.shape]
+    return "(" + ", ".join(dims) + ("," if len(dims) == 1 else "") + ")"
+
+
+def _view(fn: ir.Function, name: str) -> str:
+    """The [T, B, n] view of a slot over the whole sequence."""
+    sl = fn.slots[name]
+    buf = fn.buffers[sl.buffer]
+    t = f"[{sl.time}:{sl.time} + _T]" if (sl.time or sp.expand(buf.shape[0] - ir.T) != 0) else ""
+    if sl.time == 0 and t:
+        t = "[:_T]"
+    cols = ""
+    if sl.col != 0 or sp.expand(ir.size(sl.size) - buf.shape[-1]) != 0:
+        cols = f"[..., {pyexpr(sl.col)}:{pyexpr(sl.col + ir.size(sl.size))}]"
+    return f"{sl.buffer}{t}{cols}"
+
+
+def glue_context(prog: ir.Program, grads_zero: dict, cu_text: str) -> dict:
+    """Records for ``native_glue.py.j2``."""
+    sizes = []
+    for s in prog.sizes:
+        src = prog.size_sources[s]
+        if src[0] == "input":
+            sizes.append((s, f"_xs[{src[1]}].shape[-1]"))
+        elif src[0] == "param":
+            sizes.append((s, f'_params["{src[1]}"].shape[{src[2]}]'))
+    inputs = {v.key: i for i, v in enumerate(prog.inputs)}
+    states = {f"s_{v.key}": i for i, v in enumerate(prog.states)}
+
+    def allocs(fn: ir.Function, saved_from: dict[str, int] | None) -> list[str]:
+        out = []
+        for b in fn.buffers.values():
+            if b.role == "input":
+                out.append(f"{b.name} = _xs[{inputs[b.name[2:]]}].contiguous()")
+            elif b.role == "param":
+                out.append(f'{b.name} = _params["{b.name[2:]}"].contiguous()')
+            elif saved_from is not None and b.name in saved_from:
+                out.append(f"{b.name} = _saved[{saved_from[b.name]}]")
+            elif b.role == "state":
+                out.append(f"{b.name} = _empty({_shape(b)})")
+                out.append(f"{b.name}[0].copy_(_states[{states[b.name]}])")
+            elif b.role == "d_output":
+                i = [f"dout_{v.name}" for v in prog.outputs].index(b.name)
+                out.append(f"{b.name} = _zeros({_shape(b)}) if _d_outputs[{i}] is None else _d_outputs[{i}].contiguous()")
+            elif b.role == "d_state":
+                i = [f"ds_{v.key}" for v in prog.states].index(b.name)
+                out.append(f"{b.name} = _zeros({_shape(b)}) if _d_finals[{i}] is None else "
+                           f"_d_finals[{i}].to(_dt, memory_format=torch.contiguous_format, copy=True)")
+            elif b.role == "grad_scratch":
+                out.append(f"{b.name} = _gempty({_shape(b)})")
+            else:
+                out.append(f"{b.name} = _empty({_shape(b)})")
+        return out
+
+    weights = []
+    for w in prog.weights.values():
+        mats = [f'_params["{m}"]' for m in w.matrices]
+        weights.append(f"torch.cat(({', '.join(mats)},))" if len(mats) > 1 else f"{mats[0]}.contiguous()")
+    dims = "(_T, _B" + "".join(f", _{s}" for s in prog.sizes) + ")"
+    fwd = prog.forward
+    funcs = []
+    for fn in (prog.forward, prog.inference):
+        outs = [_view(fn, v.name) for v in prog.outputs]
+        finals = [f"s_{v.key}[_T]" for v in prog.states]
+        funcs.append({
+            "name": fn.name,
+            "allocs": allocs(fn, None),
+            "buffers": list(fn.buffers),
+            "outputs": outs,
+            "finals": finals,
+            "saved": list(prog.saved) if fn.name == "forward" else [],
+        })
+    saved_from = {name: i for i, name in enumerate(prog.saved)}
+    bwd = prog.backward
+    grads = []
+    for prm in prog.params:
+        shape = "(" + ", ".join(f"_{d}" for d in prm.shape) + ("," if len(prm.shape) == 1 else "") + ")"
+        zero = prm.key in grads_zero.get("backward", {}).get("grads_zero", [])
+        grads.append((prm.key, f"_gzeros({shape})" if zero else f"_gempty({shape})"))
+    return {
+        "native_sizes": sizes,
+        "native_dims": dims,
+        "native_weights": weights,
+        "native_forward": funcs,
+        "native_backward": {
+            "allocs": allocs(bwd, saved_from),
+            "buffers": list(bwd.buffers),
+            "grads": grads,
+            "d_inputs": [prog.d_inputs[v.key] for v in prog.inputs],
+            "d_states": [prog.d_states[v.key] for v in prog.states],
+        },
+        "native_saved": list(prog.saved),
+        "native_op": f"{prog.module}_{hashlib.sha256(cu_text.encode()).hexdigest()[:12]}",
+        "native_forward_buffers": list(fwd.buffers),
+    }

@@ -1,0 +1,252 @@
+"""The sequence program: what every back end runs for a whole sequence, as typed data.
+
+Input: nothing (data only). Built by :mod:`cellspec.program.plan` from a schedule and its
+derived backward; rendered by :mod:`cellspec.backends.python_render` (NumPy, PyTorch) and
+:mod:`cellspec.backends.native_render` (C++ host loop + CUDA kernels). Printed by
+``cellspec show --stage program``.
+
+A program has three functions — the training forward (which saves what the backward reads),
+the inference forward (which saves nothing) and the backward — each a list of ops over named
+buffers. Sizes are SymPy expressions over ``T``, ``B`` and the cell's size symbols, so buffer
+shapes and column offsets print in any target language. Every vector the pointwise math reads
+or writes lives in a :class:`Slot` (a column range of a buffer, at a time offset for buffers
+that hold a whole sequence).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import sympy as sp
+
+T = sp.Symbol("T", integer=True, nonnegative=True)
+B = sp.Symbol("B", integer=True, nonnegative=True)
+
+
+def size(symbol: str) -> sp.Symbol:
+    """The SymPy symbol of a size (``H``), as used in shapes and offsets."""
+    return sp.Symbol(symbol, integer=True, nonnegative=True)
+
+
+@dataclass(frozen=True)
+class Buffer:
+    """A dense, contiguous, row-major array.
+
+    ``role`` says what it holds (``input``, ``param``, ``state`` sequence, ``output``,
+    ``saved``, ``scratch``, ``d_output``, ``d_state``, ``d_input``, ``d_param_rows``,
+    ``d_gemm``, ...); ``init`` how it starts: ``arg`` (a call argument or a result of the
+    forward), ``empty`` (every element the program reads it writes first), ``zeros``.
+    """
+
+    name: str
+    shape: tuple[sp.Expr, ...]
+    role: str
+    init: str = "empty"
+
+    @property
+    def timed(self) -> bool:
+        """Its first axis is time: [T, B, w] or [T + 1, B, w]."""
+        return len(self.shape) == 3
+
+
+@dataclass(frozen=True)
+class Slot:
+    """Where one named vector lives: columns ``col : col + size`` of ``buffer``, at step
+    ``t + time`` when the buffer is timed (``time`` is None otherwise: one [B, w] block, or
+    one broadcast row for a param vector)."""
+
+    buffer: str
+    time: int | None
+    col: sp.Expr
+    size: str
+
+
+@dataclass(frozen=True)
+class Statement:
+    """``target = expr``: pointwise SymPy over per-element symbols (one name per vector)."""
+
+    target: str
+    expr: sp.Expr
+    comment: str = ""
+    temp: bool = False
+
+
+@dataclass(frozen=True)
+class Pointwise:
+    """A fused elementwise block: every statement for every row (``rows``: ``step`` = the B rows
+    of one step, ``all`` = all T·B rows) and unit. ``reads``/``writes`` are the names it takes
+    from and leaves in slots; other targets are locals."""
+
+    block: str
+    title: str
+    rows: str
+    statements: tuple[Statement, ...]
+    reads: tuple[str, ...]
+    writes: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Weight:
+    """Param matrices stacked by rows, ``[Σ out, inner]``: the matrix of one GEMM group."""
+
+    name: str
+    matrices: tuple[str, ...]
+    outs: tuple[str, ...]  # size symbol of each matrix's rows
+    inner: str
+
+    def offsets(self) -> list[tuple[sp.Expr, str]]:
+        """(first row, size symbol) of each matrix in the stack."""
+        out, at = [], sp.S.Zero
+        for s in self.outs:
+            out.append((at, s))
+            at = at + size(s)
+        return out
+
+    @property
+    def width(self) -> sp.Expr:
+        return sum((size(s) for s in self.outs), sp.S.Zero)
+
+
+@dataclass(frozen=True)
+class Project:
+    """``out = operand @ weightᵀ``: rows of one step, or all T·B rows (a hoisted GEMM).
+    ``broadcast``: the operand is one row for the whole batch (it reads params alone)."""
+
+    weight: str
+    operand: str
+    out: str  # buffer (its columns are the stacked projections, in weight order)
+    rows: str
+    broadcast: bool = False
+    comment: str = ""
+
+
+@dataclass(frozen=True)
+class ProjectBack:
+    """``d_operand = d_out @ weight`` (rows of one step, or all rows), written to the slot of
+    ``d_operand``."""
+
+    weight: str
+    d_out: str  # buffer of the adjoints of the stacked projections
+    d_operand: str
+    rows: str
+    comment: str = ""
+    accumulate: bool = False  # += into the slot (an input's gradient), else =
+
+
+@dataclass(frozen=True)
+class WeightGrad:
+    """``grad(matrix) += d_out[:, block]ᵀ @ operand`` over all T·B rows, for every matrix of
+    the weight: dW is never a per-step GEMM."""
+
+    weight: str
+    d_out: str
+    operand: str
+    broadcast: bool = False
+    comment: str = ""
+
+
+@dataclass(frozen=True)
+class RowSum:
+    """``grad(param) += Σ over all T·B rows`` of the slot of ``source`` (a vector param's
+    gradient from its per-row adjoint)."""
+
+    param: tuple[str, ...]  # params with this same adjoint: one reduction, added to each
+    source: str
+    scratch: str = ""  # a [size] buffer for the sum when it goes to several params
+
+
+@dataclass(frozen=True)
+class AddRows:
+    """``grad(input) += source`` over the whole sequence (an input's adjoint from another
+    pass: the hoisted GEMM or the hoisted pointwise backward)."""
+
+    input: str
+    source: str
+
+
+@dataclass(frozen=True)
+class Zero:
+    """Set a buffer to zero (a carried state adjoint whose new value is identically zero)."""
+
+    buffer: str
+
+
+@dataclass(frozen=True)
+class Loop:
+    """The time loop: ``body`` for t = 0 .. T-1, or T-1 .. 0 when ``reverse``."""
+
+    reverse: bool
+    body: tuple
+
+
+Op = Pointwise | Project | ProjectBack | WeightGrad | RowSum | AddRows | Zero | Loop
+
+
+@dataclass(frozen=True)
+class Function:
+    """One entry point: its buffers (arguments, results and workspace), where each named vector
+    lives, and the ops in order."""
+
+    name: str
+    buffers: dict[str, Buffer]
+    slots: dict[str, Slot]
+    ops: tuple
+
+    def loop(self) -> Loop:
+        return next(op for op in self.ops if isinstance(op, Loop))
+
+    def pointwise(self) -> list[Pointwise]:
+        """Every pointwise block, in program order (loop bodies included)."""
+        out = []
+        for op in self.ops:
+            for o in op.body if isinstance(op, Loop) else (op,):
+                if isinstance(o, Pointwise):
+                    out.append(o)
+        return out
+
+
+@dataclass(frozen=True)
+class Vector:
+    """An input, state or output of the cell (``key``: the spec name, ``name``: the model key)."""
+
+    key: str
+    name: str
+    size: str
+
+
+@dataclass(frozen=True)
+class Param:
+    key: str
+    shape: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Program:
+    """The whole-sequence program of one cell (see the module docstring)."""
+
+    cell: str
+    module: str
+    sizes: tuple[str, ...]  # size symbols, constructor order
+    size_sources: dict[str, tuple]  # symbol -> ("input", i) | ("param", name, dim) | ("state", i)
+    inputs: tuple[Vector, ...]
+    states: tuple[Vector, ...]  # name: key of the next-state value
+    params: tuple[Param, ...]
+    outputs: tuple[Vector, ...]  # name: value key
+    weights: dict[str, Weight]
+    forward: Function
+    inference: Function
+    backward: Function
+    #: buffers the training forward hands to the backward (beyond inputs and params)
+    saved: tuple[str, ...]
+    #: state key -> buffer of its carried adjoint in the backward
+    d_states: dict[str, str] = field(default_factory=dict)
+    #: output value key -> buffer of its incoming adjoint sequence
+    d_outputs: dict[str, str] = field(default_factory=dict)
+    #: input key -> buffer of its gradient
+    d_inputs: dict[str, str] = field(default_factory=dict)
+    #: size symbol of every name the pointwise blocks use (values, projections, adjoints)
+    value_sizes: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def functions(self) -> tuple[Function, ...]:
+        return (self.forward, self.inference, self.backward)

@@ -1,0 +1,429 @@
+"""The planner: schedule + derived backward → the sequence program.
+
+Input: :class:`~cellspec.model.schedule.Schedule` and :class:`~cellspec.model.gradients.Backward`.
+Output: :class:`~cellspec.program.ir.Program`.
+
+It decides, once for every back end:
+
+* **where each vector lives** (:class:`~cellspec.program.ir.Slot`): inputs and state sequences
+  (``[T + 1, B, n]``: a state at time offset 0, its next value at 1), hoisted GEMM results and
+  hoisted values over all T·B rows, the per-step GEMM outputs, values kept per step (saved for
+  the backward, or outputs: ``[T, B, n]``) and per-step scratch (``[B, n]``) for what crosses a
+  block boundary without being kept; in the backward, the adjoint buffers of every GEMM group
+  (``[T, B, width]``, read by the dW GEMMs after the loop), the carried state adjoints, the
+  per-step adjoints of inputs and vector params;
+* **what each pointwise block exports** (what a later block, GEMM or result reads) and which
+  statements are dead;
+* **aliases** (:func:`cellspec.program.passes.resolve_aliases`): a per-step adjoint that is
+  only another name of a stored GEMM adjoint (``d_b_ii = d_W_hi_h`` in an LSTM) is not stored
+  again; the reductions after the loop read the original;
+* **what is saved** (:mod:`cellspec.program.save`): the training forward keeps exactly the
+  buffers the backward reads; the inference forward keeps nothing it does not return;
+* **initial contents**: a buffer is zero-filled only where some element is read before the
+  program writes it.
+"""
+
+from __future__ import annotations
+
+import sympy as sp
+
+from cellspec.model.gradients import Assignment, Backward
+from cellspec.model.schedule import GemmGroup, Schedule
+from cellspec.program import ir, save
+from cellspec.program.ir import B, T, size
+
+
+def _col(sizes: list[str]) -> sp.Expr:
+    return sum((size(s) for s in sizes), sp.S.Zero)
+
+
+def _free(expr: sp.Expr) -> set[str]:
+    return {s.name for s in expr.free_symbols}
+
+
+class _Planner:
+    def __init__(self, sched: Schedule, back: Backward):
+        self.s, self.b, self.m = sched, back, sched.model
+        self.cell = self.m.cell
+        self.size: dict[str, str] = {}
+        self._sizes()
+        self.weights: dict[str, ir.Weight] = {}
+
+    # ------------------------------------------------------------------ sizes of every key
+    def _sizes(self) -> None:
+        m, b = self.m, self.b
+        for k, leaf in m.leaves.items():
+            self.size[k] = leaf.size
+        for v in m.values:
+            self.size[v.key] = v.size
+        for p in m.projections:
+            self.size[p.key] = p.out_size
+        for k, a in b.adjoint.items():
+            self.size[a] = m.size_of(k)
+        for k, a in b.output_seed.items():
+            self.size[a] = m.size_of(k)
+        for (_, operand), a in b.gemm_adjoint.items():
+            self.size[a] = m.size_of(operand)
+        for operand, a in b.hoisted_gemm_adjoint.items():
+            self.size[a] = m.size_of(operand)
+        for k, a in b.step_seed.items():
+            self.size[a] = m.size_of(k)
+        for k, a in b.hoisted_leaf_adjoint.items():
+            self.size[a] = m.size_of(k)
+
+    # ------------------------------------------------------------------ GEMM groups
+    def weight(self, g: GemmGroup) -> ir.Weight:
+        name = "_".join(p.matrix for p in g.projections)
+        w = ir.Weight(name, tuple(p.matrix for p in g.projections), tuple(p.out_size for p in g.projections),
+                      g.projections[0].in_size)
+        if name in self.weights and self.weights[name] != w:  # pragma: no cover - matrix order is fixed
+            raise RuntimeError(f"two stacks named {name}")
+        self.weights[name] = w
+        return w
+
+    @staticmethod
+    def gkey(g: GemmGroup) -> str:
+        return "_".join(p.matrix for p in g.projections) + "__" + g.operand
+
+    def batch_free(self, key: str) -> bool:
+        """Reads no input and no state: one row for the whole batch."""
+        m = self.m
+        if key in m.leaves:
+            return m.leaves[key].kind == "param"
+        proj = next((p for p in m.projections if p.key == key), None)
+        if proj is not None:
+            return self.batch_free(proj.operand)
+        v = m.value(key)
+        return all(self.batch_free(x) for x in _free(v.expr))
+
+    # ------------------------------------------------------------------ one function's tables
+    class _Table:
+        def __init__(self):
+            self.buffers: dict[str, ir.Buffer] = {}
+            self.slots: dict[str, ir.Slot] = {}
+            self.aliased: set[str] = set()  # names that are another name of a stored value
+
+        def buffer(self, name: str, shape: tuple, role: str, init: str = "empty") -> str:
+            if name not in self.buffers:
+                self.buffers[name] = ir.Buffer(name, tuple(sp.sympify(d) for d in shape), role, init)
+            return name
+
+        def place(self, key: str, buf: str, time: int | None, col: sp.Expr, sz: str) -> None:
+            self.slots.setdefault(key, ir.Slot(buf, time, sp.sympify(col), sz))
+
+    # ------------------------------------------------------------------ the forward
+    def forward(self, keep: set[str], name: str) -> ir.Function:
+        """The forward with ``keep`` the per-step values and projections kept over time."""
+        s, m = self.s, self.m
+        tb = self._Table()
+        for v in self.cell.inputs:
+            tb.place(v.name, tb.buffer(f"x_{v.name}", (T, B, size(v.size)), "input", "arg"), 0, 0, v.size)
+        for v in self.cell.states:
+            buf = tb.buffer(f"s_{v.name}", (T + 1, B, size(v.size)), "state")
+            tb.place(v.name, buf, 0, 0, v.size)
+            tb.place(m.next_state[v.name], buf, 1, 0, v.size)
+        for p in self.cell.params:
+            if not p.is_matrix:
+                tb.place(p.name, tb.buffer(f"p_{p.name}", (size(p.shape[0]),), "param", "arg"), None, 0, p.shape[0])
+        outputs = set(m.outputs)
+        ops: list = []
+        # hoisted pointwise work and GEMMs, over all T·B rows
+        for v in s.hoisted_values:
+            tb.place(v.key, tb.buffer(f"hv_{v.key}", (T, B, size(v.size)), "hoisted_value"), 0, 0, v.size)
+        if s.hoisted_values:
+            stmts = tuple(ir.Statement(v.key, v.expr, self.comment(v)) for v in s.hoisted_values)
+            ops.append(self.block("fwd_hoisted", "hoisted forward (all T*B rows)", "all", stmts,
+                                  {v.key for v in s.hoisted_values}, tb))
+        for g in s.hoisted_gemms:
+            w = self.weight(g)
+            buf = tb.buffer(f"hg_{self.gkey(g)}", (T, B, w.width), "hoisted_gemm")
+            for (col, sz), p in zip(w.offsets(), g.projections):
+                tb.place(p.key, buf, 0, col, sz)
+            ops.append(ir.Project(w.name, g.operand, buf, "all", self.batch_free(g.operand), self.gemm_comment(g)))
+        # the step
+        next_values = set(m.next_state.values())
+        gemm_operands = {g.operand for g in s.step_gemms} | {g.operand for g in s.hoisted_gemms}
+        sinks = next_values | outputs | keep | gemm_operands
+        body: list = []
+        for st in s.stages:
+            for g in st.gemms:
+                w = self.weight(g)
+                timed = any(p.key in keep for p in g.projections)
+                buf = tb.buffer(f"g_{self.gkey(g)}", (T, B, w.width) if timed else (B, w.width),
+                                "saved" if timed else "scratch")
+                for (col, sz), p in zip(w.offsets(), g.projections):
+                    tb.place(p.key, buf, 0 if timed else None, col, sz)
+                body.append(ir.Project(w.name, g.operand, buf, "step", self.batch_free(g.operand), self.gemm_comment(g)))
+            mine = {v.key for v in st.values}
+            exported = set()
+            for v in st.values:
+                read_elsewhere = any(c not in mine for c in s.consumers.get(v.key, []))
+                if v.key in sinks or read_elsewhere:
+                    exported.add(v.key)
+            for v in st.values:
+                if v.key not in exported or v.key in next_values:
+                    continue
+                if v.key in keep or v.key in outputs:
+                    role = "output" if v.key in outputs else "saved"
+                    tb.place(v.key, tb.buffer(f"v_{v.key}", (T, B, size(v.size)), role), 0, 0, v.size)
+                else:
+                    tb.place(v.key, tb.buffer(f"tmp_{v.key}", (B, size(v.size)), "scratch"), None, 0, v.size)
+            stmts = tuple(ir.Statement(v.key, v.expr, self.comment(v)) for v in st.values)
+            body.append(self.block(f"fwd{st.index}", f"stage {st.index} forward", "step", stmts, exported, tb))
+        ops.append(ir.Loop(False, tuple(body)))
+        return ir.Function(name, tb.buffers, tb.slots, tuple(ops))
+
+    # ------------------------------------------------------------------ the backward
+    def backward(self, fwd: ir.Function) -> ir.Function:
+        s, m, b = self.s, self.m, self.b
+        tb = self._Table()
+        # forward buffers the backward may read: bound as arguments (the save pass keeps the read ones)
+        for key, slot in fwd.slots.items():
+            fb = fwd.buffers[slot.buffer]
+            if fb.role in ("scratch",):
+                continue
+            tb.buffer(fb.name, fb.shape, fb.role, "arg")
+            tb.place(key, fb.name, slot.time, slot.col, slot.size)
+        for k, seed in b.output_seed.items():
+            tb.place(seed, tb.buffer(f"dout_{k}", (T, B, size(m.size_of(k))), "d_output", "arg"), 0, 0, m.size_of(k))
+        for v in self.cell.states:
+            a = b.adjoint[v.name]
+            tb.place(a, tb.buffer(f"ds_{v.name}", (B, size(v.size)), "d_state", "arg"), None, 0, v.size)
+        for v in self.cell.inputs:
+            tb.buffer(f"dx_{v.name}", (T, B, size(v.size)), "d_input")
+            tb.place(f"grad_input:{v.name}", f"dx_{v.name}", 0, 0, v.size)
+            if v.name in b.adjoint and v.name not in b.zero:
+                tb.place(b.adjoint[v.name], f"dx_{v.name}", 0, 0, v.size)
+        for p in self.cell.params:
+            if not p.is_matrix and p.name in b.adjoint and p.name not in b.zero:
+                buf = tb.buffer(f"dp_{p.name}", (T, B, size(p.shape[0])), "d_param_rows")
+                tb.place(b.adjoint[p.name], buf, 0, 0, p.shape[0])
+        for st in s.stages:
+            for g in st.gemms:
+                w = self.weight(g)
+                buf = tb.buffer(f"dg_{self.gkey(g)}", (T, B, w.width), "d_gemm")
+                for (col, sz), p in zip(w.offsets(), g.projections):
+                    if p.key in b.adjoint:
+                        tb.place(b.adjoint[p.key], buf, 0, col, sz)
+                d_op = b.gemm_adjoint[(st.index, g.operand)]
+                tb.place(d_op, tb.buffer(f"tmp_{d_op}", (B, size(m.size_of(g.operand))), "scratch"), None, 0,
+                         m.size_of(g.operand))
+        for g in s.hoisted_gemms:
+            w = self.weight(g)
+            buf = tb.buffer(f"dhg_{self.gkey(g)}", (T, B, w.width), "d_gemm")
+            for (col, sz), p in zip(w.offsets(), g.projections):
+                if p.key in b.adjoint:
+                    tb.place(b.adjoint[p.key], buf, 0, col, sz)
+            d_op = b.hoisted_gemm_adjoint[g.operand]
+            sz = m.size_of(g.operand)
+            if not (g.operand in m.leaves and m.leaves[g.operand].kind == "input"):
+                tb.place(d_op, tb.buffer(f"hgd_{g.operand}", (T, B, size(sz)), "d_hoisted_operand"), 0, 0, sz)
+        for k, a in b.step_seed.items():
+            tb.place(a, tb.buffer(f"seed_{k}", (T, B, size(m.size_of(k))), "step_seed"), 0, 0, m.size_of(k))
+        for k, a in b.hoisted_leaf_adjoint.items():
+            tb.place(a, tb.buffer(f"hl_{k}", (T, B, size(m.size_of(k))), "hoisted_leaf"), 0, 0, m.size_of(k))
+
+        from cellspec.program.passes import resolve_aliases
+
+        hoisted_reuse = resolve_aliases(self, tb)
+
+        # per-step blocks: a non-temporary target is exported if it has a slot or another block reads it
+        blocks: list[tuple[str, str, list[Assignment], str]] = [
+            (f"bwd{bs.index}", f"stage {bs.index} backward", bs.assigns, "step") for bs in b.stages
+        ]
+        blocks.append(("bwd_leaf", "per-step adjoints of inputs, states, vector params, hoisted results",
+                       b.leaf_assigns, "step"))
+        hoisted_back = b.hoisted_assigns + b.hoisted_leaf_assigns
+        reads_by_block = [set().union(*(_free(a.expr) for a in blk)) if blk else set() for _, _, blk, _ in blocks]
+        reads_by_block.append(set().union(*(_free(a.expr) for a in hoisted_back)) if hoisted_back else set())
+        made: dict[str, ir.Pointwise] = {}
+        for i, (tag, title, blk, rows) in enumerate(blocks + [("bwd_hoisted", "hoisted backward (all T*B rows)",
+                                                                hoisted_back, "all")]):
+            others = set().union(*(r for j, r in enumerate(reads_by_block) if j != i))
+            exported = set()
+            for a in blk:
+                if a.temp:
+                    continue
+                if a.target in tb.aliased:
+                    continue
+                if a.target in tb.slots or a.target in others:
+                    exported.add(a.target)
+                    if a.target not in tb.slots:
+                        sz = self.size[a.target]
+                        if rows == "all":
+                            tb.place(a.target, tb.buffer(f"tmp_{a.target}", (T, B, size(sz)), "scratch"), 0, 0, sz)
+                        else:
+                            tb.place(a.target, tb.buffer(f"tmp_{a.target}", (B, size(sz)), "scratch"), None, 0, sz)
+            stmts = tuple(ir.Statement(a.target, a.expr, self.adjoint_comment(a), a.temp) for a in blk)
+            if stmts:
+                made[tag] = self.block(tag, title, rows, stmts, exported, tb)
+
+        body: list = []
+        for bs in b.stages:
+            if f"bwd{bs.index}" in made:
+                body.append(made[f"bwd{bs.index}"])
+            st = next(x for x in s.stages if x.index == bs.index)
+            for g in st.gemms:
+                d_op = b.gemm_adjoint[(bs.index, g.operand)]
+                if any(d_op in r for r in reads_by_block):
+                    body.append(ir.ProjectBack(self.weight(g).name, f"dg_{self.gkey(g)}", d_op, "step",
+                                               self.gemm_comment(g)))
+        if "bwd_leaf" in made:
+            body.append(made["bwd_leaf"])
+        for v in self.cell.states:
+            if v.name in b.zero or v.name not in b.adjoint:
+                body.append(ir.Zero(f"ds_{v.name}"))
+        ops: list = [ir.Loop(True, tuple(body))]
+
+        # after the loop: dW of every GEMM group, hoisted GEMMs' d_operand, hoisted pointwise backward
+        contributed = {v.name for v in self.cell.inputs if b.adjoint.get(v.name) in tb.slots
+                       and tb.slots[b.adjoint[v.name]].buffer == f"dx_{v.name}"}
+        for g in s.step_gemms:
+            ops.append(ir.WeightGrad(self.weight(g).name, f"dg_{self.gkey(g)}", g.operand, self.batch_free(g.operand),
+                                     self.gemm_comment(g)))
+        for g in s.hoisted_gemms:
+            w = self.weight(g)
+            d_buf = hoisted_reuse.get(self.gkey(g), f"dhg_{self.gkey(g)}")
+            if all(p.key in b.zero or p.key not in b.adjoint for p in g.projections):
+                continue
+            ops.append(ir.WeightGrad(w.name, d_buf, g.operand, self.batch_free(g.operand), self.gemm_comment(g)))
+            is_input = g.operand in m.leaves and m.leaves[g.operand].kind == "input"
+            target = f"grad_input:{g.operand}" if is_input else b.hoisted_gemm_adjoint[g.operand]
+            if is_input or any(b.hoisted_gemm_adjoint[g.operand] in r for r in reads_by_block):
+                # an input's gradient: the first contribution assigns, later ones add
+                first = is_input and g.operand not in contributed
+                ops.append(ir.ProjectBack(w.name, d_buf, target, "all", self.gemm_comment(g),
+                                          accumulate=is_input and not first))
+                if is_input:
+                    contributed.add(g.operand)
+        if "bwd_hoisted" in made:
+            ops.append(made["bwd_hoisted"])
+        for v in self.cell.inputs:
+            if v.name in b.hoisted_leaf_adjoint:
+                ops.append(ir.AddRows(v.name, b.hoisted_leaf_adjoint[v.name]))
+        sums: dict[tuple, tuple[str, list[str]]] = {}  # one reduction per stored adjoint
+        for p in self.cell.params:
+            if p.is_matrix:
+                continue
+            sources = []
+            if p.name in b.adjoint and p.name not in b.zero:
+                sources.append(b.adjoint[p.name])
+            if p.name in b.hoisted_leaf_adjoint:
+                sources.append(b.hoisted_leaf_adjoint[p.name])
+            for src in sources:
+                sl = tb.slots[src]
+                sums.setdefault((sl.buffer, sl.time, sl.col, sl.size), (src, []))[1].append(p.name)
+        for k, (src, params) in sums.items():
+            scratch = ""
+            if len(params) > 1:
+                scratch = tb.buffer(f"sum_{src}", (size(k[3]),), "grad_scratch")
+            ops.append(ir.RowSum(tuple(params), src, scratch))
+        fn = ir.Function("backward", tb.buffers, tb.slots, tuple(ops))
+        return _initial_contents(fn)
+
+    # ------------------------------------------------------------------ helpers
+    def block(self, tag: str, title: str, rows: str, stmts: tuple, exported: set[str], tb) -> ir.Pointwise:
+        """A pointwise block: drop statements nothing exported depends on; reads are the names
+        read before they are assigned in the block."""
+        defined = {st.target for st in stmts}
+        live = {t for t in exported}
+        kept = []
+        for st in reversed(stmts):
+            if st.target in live:
+                kept.append(st)
+                live |= _free(st.expr) & defined
+        kept.reverse()
+        reads: list[str] = []
+        assigned: set[str] = set()
+        for st in kept:
+            for r in sorted(_free(st.expr)):
+                if r not in assigned and r not in reads:
+                    reads.append(r)
+            assigned.add(st.target)
+        writes = [st.target for st in kept if st.target in exported and not st.temp]
+        for r in reads:
+            if r not in tb.slots:  # pragma: no cover - a planner bug, never a user's
+                raise RuntimeError(f"{tag}: {r} is read but lives nowhere")
+        return ir.Pointwise(tag, title, rows, tuple(kept), tuple(sorted(reads)), tuple(writes))
+
+    def comment(self, v) -> str:
+        return f"{self.cell.filename}:{v.line}  {v.text}"
+
+    @staticmethod
+    def gemm_comment(g: GemmGroup) -> str:
+        return ", ".join(f"{p.matrix} @ {p.operand}" for p in g.projections)
+
+    def adjoint_comment(self, a: Assignment) -> str:
+        if not a.comment:
+            return ""
+        b = self.b
+        of = ({v: k for k, v in b.adjoint.items()}.get(a.target)
+              or {v: k for k, v in b.hoisted_leaf_adjoint.items()}.get(a.target)
+              or {v: k for k, v in b.step_seed.items()}.get(a.target))
+        if of is not None and a.comment in ("state", "input", "param", "hoisted projection"):
+            return f"adjoint of {a.comment} {of}"
+        if of is not None and a.comment == "per-step part":
+            return f"adjoint of {of}, per-step part"
+        return f"adjoint of {a.comment}"
+
+
+def _initial_contents(fn: ir.Function) -> ir.Function:
+    """Zero-fill a buffer only where some element is read before the program writes it: a
+    ``[T, B, w]`` adjoint buffer whose every column range a block writes at every step starts
+    empty; one with columns no block writes (a projection whose adjoint is zero) starts as zeros."""
+    written: dict[str, set] = {}
+    for op in fn.loop().body:
+        if isinstance(op, ir.Pointwise):
+            for w in op.writes:
+                sl = fn.slots[w]
+                written.setdefault(sl.buffer, set()).add((sl.col, sl.size))
+    for op in fn.ops:  # an input gradient assigned in full by a GEMM after the loop
+        if isinstance(op, ir.ProjectBack) and op.rows == "all" and not op.accumulate:
+            sl = fn.slots[op.d_operand]
+            if fn.buffers[sl.buffer].role == "d_input":
+                written.setdefault(sl.buffer, set()).add((sl.col, sl.size))
+    buffers = dict(fn.buffers)
+    for name, buf in fn.buffers.items():
+        if buf.init != "empty" or buf.role not in ("d_gemm", "d_param_rows", "step_seed", "d_input"):
+            continue
+        cover = sum((size(s) for _, s in written.get(name, ())), sp.S.Zero)
+        if sp.expand(cover - buf.shape[-1]) != 0:
+            buffers[name] = ir.Buffer(name, buf.shape, buf.role, "zeros")
+    return ir.Function(fn.name, buffers, fn.slots, fn.ops)
+
+
+def plan(sched: Schedule, back: Backward) -> ir.Program:
+    """Plan the sequence program of one cell (see the module docstring)."""
+    p = _Planner(sched, back)
+    m, cell = p.m, p.cell
+    forward = p.forward(save.kept_per_step(sched, back), "forward")
+    backward = p.backward(forward)
+    backward, saved = save.bind_saved(forward, backward)
+    inference = p.forward(set(), "inference")
+    size_sources: dict[str, tuple] = {}
+    for i, v in enumerate(cell.inputs):
+        size_sources.setdefault(v.size, ("input", i))
+    for prm in cell.params:
+        for d, s_ in enumerate(prm.shape):
+            size_sources.setdefault(s_, ("param", prm.name, d))
+    for i, v in enumerate(cell.states):
+        size_sources.setdefault(v.size, ("state", i))
+    return ir.Program(
+        cell=cell.name,
+        module=cell.module_name,
+        sizes=tuple(s_ for s_ in cell.sizes if s_ in size_sources),  # a size nothing uses has no value
+        size_sources=size_sources,
+        inputs=tuple(ir.Vector(v.name, v.name, v.size) for v in cell.inputs),
+        states=tuple(ir.Vector(v.name, m.next_state[v.name], v.size) for v in cell.states),
+        params=tuple(ir.Param(prm.name, tuple(prm.shape)) for prm in cell.params),
+        outputs=tuple(ir.Vector(m.value(k).spec_key, k, m.value(k).size) for k in m.outputs),
+        weights=dict(p.weights),
+        forward=forward,
+        inference=inference,
+        backward=backward,
+        saved=saved,
+        d_states={v.name: f"ds_{v.name}" for v in cell.states},
+        d_outputs={k: f"dout_{k}" for k in m.outputs},
+        d_inputs={v.name: f"dx_{v.name}" for v in cell.inputs},
+        value_sizes=dict(p.size),
+    )

@@ -1,0 +1,71 @@
+"""``cellspec show --stage program``: the sequence program as text, one op per line."""
+
+from __future__ import annotations
+
+import sympy as sp
+
+from cellspec.program import ir
+
+
+def _dims(shape) -> str:
+    return "[" + ", ".join(str(d) for d in shape) + "]"
+
+
+def _where(fn: ir.Function, name: str) -> str:
+    sl = fn.slots[name]
+    buf = fn.buffers[sl.buffer]
+    cols = "" if (sl.col == 0 and sp.expand(ir.size(sl.size) - buf.shape[-1]) == 0) else f"[:, {sl.col}:{sl.col + ir.size(sl.size)}]"
+    if sl.time is None:
+        return f"{sl.buffer}{cols}"
+    t = "t" if sl.time == 0 else f"t+{sl.time}"
+    return f"{sl.buffer}[{t}]{cols}"
+
+
+def _op(fn: ir.Function, prog: ir.Program, op, indent: str) -> list[str]:
+    if isinstance(op, ir.Loop):
+        head = f"{indent}for t in {'reversed(range(T))' if op.reverse else 'range(T)'}:"
+        return [head] + [line for o in op.body for line in _op(fn, prog, o, indent + "  ")]
+    if isinstance(op, ir.Pointwise):
+        lines = [f"{indent}pointwise {op.block} ({op.rows} rows): reads {', '.join(op.reads) or '-'}"]
+        for st in op.statements:
+            mark = " ->" if st.target in op.writes else "   "
+            dest = f"   => {_where(fn, st.target)}" if st.target in op.writes else ""
+            lines.append(f"{indent} {mark} {st.target} = {st.expr}{dest}")
+        return lines
+    rows = "T*B rows" if getattr(op, "rows", "all") == "all" else "B rows"
+    if isinstance(op, ir.Project):
+        w = prog.weights[op.weight]
+        b = " (one row, broadcast)" if op.broadcast else ""
+        return [f"{indent}gemm {op.out} = {op.operand}{b} @ [{', '.join(w.matrices)}]^T   ({rows}: {op.comment})"]
+    if isinstance(op, ir.ProjectBack):
+        w = prog.weights[op.weight]
+        eq = "+=" if op.accumulate else "="
+        return [f"{indent}gemm {op.d_operand} {eq} {op.d_out} @ [{', '.join(w.matrices)}]   ({rows})"]
+    if isinstance(op, ir.WeightGrad):
+        w = prog.weights[op.weight]
+        return [f"{indent}gemm d[{', '.join(w.matrices)}] += {op.d_out}^T @ {op.operand}   (T*B rows: {op.comment})"]
+    if isinstance(op, ir.RowSum):
+        return [f"{indent}d[{', '.join(op.param)}] += sum over T*B rows of {op.source} ({_where(fn, op.source)})"]
+    if isinstance(op, ir.AddRows):
+        return [f"{indent}d_{op.input} += {op.source}"]
+    if isinstance(op, ir.Zero):
+        return [f"{indent}{op.buffer} = 0"]
+    raise TypeError(op)  # pragma: no cover
+
+
+def render(prog: ir.Program) -> str:
+    lines = [f"cell {prog.cell}: sequence program"]
+    if prog.weights:
+        lines.append("  weights (param matrices stacked by rows, formed once per call):")
+        for w in prog.weights.values():
+            lines.append(f"    {w.name} = [{', '.join(w.matrices)}]  [{w.width}, {w.inner}]")
+    for fn in prog.functions:
+        lines.append(f"  {fn.name}:")
+        lines.append("    buffers:")
+        for b in fn.buffers.values():
+            lines.append(f"      {b.name:<22} {_dims(b.shape):<18} {b.role:<18} {b.init}")
+        lines.append("    ops:")
+        for op in fn.ops:
+            lines += _op(fn, prog, op, "      ")
+    lines.append(f"  saved for the backward: {', '.join(prog.saved) or '(nothing)'}")
+    return "\n".join(lines)

@@ -1,0 +1,164 @@
+"""The native library of a generated ``.cu`` file: build it, load it, call its entry points.
+
+A generated PyTorch module calls :func:`library` once per device type and then
+``lib(function, dims, tensors)``: one ctypes call runs a whole sequence (``forward``,
+``inference`` or ``backward``; see :mod:`cellspec.backends.native_render` for the ABI). What to
+allocate and pass is generated code (the module's ``_native_*`` functions); nothing here reads a
+plan.
+
+* CPU: the g++ build (:func:`cellspec.runtime.native.build_host`); its GEMMs call the
+  Fortran-ABI ``sgemm_``/``dgemm_`` that torch's own library exports (MKL on x86-64 Linux
+  wheels), found once per process with ``dlsym``. Without it the library is unusable and the
+  module runs its PyTorch engine.
+* GPU: the nvcc build for the device's architecture; GEMMs through ``cublasGemmEx`` of the
+  cuBLAS torch has loaded, on torch's cuBLAS handle and current stream.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+from pathlib import Path
+
+import torch
+
+from cellspec.runtime import native
+
+HOST_SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
+CUDA_SUFFIX = {torch.float32: "f32", torch.float64: "f64", torch.float16: "f16", torch.bfloat16: "bf16"}
+
+
+class KernelError(RuntimeError):
+    """The native library cannot be built, loaded or run here; the message says why."""
+
+
+class _HostCtx(ctypes.Structure):
+    _fields_ = [("sgemm", ctypes.c_void_p), ("dgemm", ctypes.c_void_p), ("pack_size", ctypes.c_void_p),
+                ("pack", ctypes.c_void_p), ("compute", ctypes.c_void_p)]
+
+
+class _CudaCtx(ctypes.Structure):
+    _fields_ = [("gemm", ctypes.c_void_p), ("handle", ctypes.c_void_p), ("stream", ctypes.c_void_p)]
+
+
+def _symbol(lib: ctypes.CDLL, name: str) -> int | None:
+    try:
+        return ctypes.cast(getattr(lib, name), ctypes.c_void_p).value
+    except AttributeError:
+        return None
+
+
+@functools.cache
+def host_blas() -> tuple[int, int, int | None, int | None, int | None]:
+    """Addresses of ``sgemm_`` and ``dgemm_`` in the process (torch's MKL; KernelError if absent)
+    and of MKL's packed-matrix API ``sgemm_pack_get_size_``, ``sgemm_pack_``, ``sgemm_compute_``
+    (None where the BLAS lacks it: the per-step GEMMs then re-pack their weight every step).
+    ``CELLSPEC_PACKED_GEMM=0`` turns the packed API off (for measuring it)."""
+    lib_dir = Path(torch.__file__).parent / "lib"
+    candidates = [lib_dir / "libtorch_cpu.so", lib_dir / "libtorch_cpu.dylib"]
+    for path in candidates:
+        if not path.exists():
+            continue
+        try:
+            lib = ctypes.CDLL(str(path))
+        except OSError:
+            continue
+        s, d = _symbol(lib, "sgemm_"), _symbol(lib, "dgemm_")
+        if s and d:
+            packed = [_symbol(lib, n) for n in ("sgemm_pack_get_size_", "sgemm_pack_", "sgemm_compute_")]
+            if os.environ.get("CELLSPEC_PACKED_GEMM", "1") == "0" or not all(packed):
+                packed = [None, None, None]
+            return (s, d, *packed)
+    raise KernelError(
+        "no Fortran-ABI sgemm_/dgemm_ found in torch's library (this build of torch does not export "
+        "MKL's BLAS); the PyTorch engine runs instead"
+    )
+
+
+@functools.cache
+def cublas_gemm() -> int:
+    """Address of ``cublasGemmEx`` in the cuBLAS that torch loaded."""
+    torch.cuda.current_blas_handle()  # makes torch load cuBLAS
+    with open("/proc/self/maps") as f:
+        paths = sorted({line.split()[-1] for line in f if "libcublas.so" in line and "Lt" not in line})
+    for path in paths:
+        addr = _symbol(ctypes.CDLL(path), "cublasGemmEx")
+        if addr:
+            return addr
+    raise KernelError("cublasGemmEx not found in the process: torch has not loaded cuBLAS")
+
+
+class Library:
+    """One loaded build of a generated ``.cu`` file."""
+
+    def __init__(self, lib: ctypes.CDLL, module: str, device_type: str):
+        self.lib, self.module, self.device_type = lib, module, device_type
+        self._fns: dict[tuple[str, torch.dtype], ctypes._CFuncPtr] = {}
+        if device_type == "cpu":
+            self._ctx = _HostCtx(*host_blas())
+        else:
+            self._ctx = None
+            err = getattr(lib, f"{module}_cuda_error_string")
+            err.argtypes, err.restype = [ctypes.c_int], ctypes.c_char_p
+            self._err = err
+
+    def function(self, name: str, dtype: torch.dtype):
+        fn = self._fns.get((name, dtype))
+        if fn is None:
+            if self.device_type == "cpu":
+                if dtype not in HOST_SUFFIX:
+                    raise KernelError(f"the CPU build runs float32 and float64, not {dtype}")
+                symbol = f"{self.module}_{name}_{HOST_SUFFIX[dtype]}"
+            else:
+                if dtype not in CUDA_SUFFIX:
+                    raise KernelError(f"the CUDA kernels run float32, float64, float16 and bfloat16, not {dtype}")
+                symbol = f"{self.module}_cuda_{name}_{CUDA_SUFFIX[dtype]}"
+            fn = getattr(self.lib, symbol)
+            fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+            fn.restype = ctypes.c_int
+            self._fns[(name, dtype)] = fn
+        return fn
+
+    def __call__(self, name: str, dims: tuple[int, ...], tensors: list[torch.Tensor]) -> None:
+        dtype = tensors[0].dtype
+        fn = self.function(name, dtype)
+        ptrs = (ctypes.c_void_p * len(tensors))(*[t.data_ptr() for t in tensors])
+        dims_arr = (ctypes.c_int64 * len(dims))(*dims)
+        if self.device_type == "cpu":
+            rc = fn(dims_arr, ptrs, ctypes.byref(self._ctx))
+        else:
+            dev = tensors[0].device
+            with torch.cuda.device(dev):
+                stream = torch.cuda.current_stream(dev)
+                ctx = _CudaCtx(cublas_gemm(), torch.cuda.current_blas_handle(), stream.cuda_stream)
+                rc = fn(dims_arr, ptrs, ctypes.byref(ctx))
+        if rc != 0:
+            msg = self._err(rc).decode() if self.device_type != "cpu" else f"error {rc}"
+            raise KernelError(f"{self.module} {name} failed: {msg}")
+
+
+@functools.cache
+def _load(path: str, device_type: str, archs: tuple[str, ...]) -> Library:
+    source = Path(path).read_text()
+    module = Path(path).stem
+    try:
+        if device_type == "cpu":
+            so = native.build_host(source, module)
+        else:
+            so = native.build_cuda(source, module, archs)
+        return Library(native.load_library(str(so)), module, device_type)
+    except native.NativeBuildError as e:
+        raise KernelError(str(e)) from None
+
+
+def library(module_file: str, cu_name: str, device: torch.device) -> Library:
+    """The library of the ``.cu`` file next to a generated module, built for ``device``'s type
+    (once per process; the build itself is cached on disk)."""
+    path = os.fspath(Path(module_file).with_name(cu_name))
+    if device.type == "cpu":
+        return _load(path, "cpu", ())
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return _load(path, "cuda", (f"{major}{minor}",))
+    raise KernelError(f"the native kernels run on CPU and CUDA tensors, not on {device.type!r}")

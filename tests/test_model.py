@@ -1,0 +1,356 @@
+"""The middle of the compiler, tested directly: lowering (projections, synthetic operands,
+sharing, constant folding), scheduling (stages, hoisting, stacking) and the derived backward
+(the saved set, adjoint aliases, zero adjoints), on small inline specs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import sympy as sp
+from conftest import SPECS
+
+from cellspec.driver import CompiledCell, compile_source
+from cellspec.errors import Source
+from cellspec.model import functions as fn
+
+
+def compile_one(text: str) -> CompiledCell:
+    (cc,) = compile_source(Source("t.cell", text), targets=())
+    return cc
+
+
+def cell(body: str, decls: str = "input x[I]\n  state h[H]\n  param W[H, I], U[H, H], b[H]") -> str:
+    return f"cell T {{\n  {decls}\n{body}\n}}\n"
+
+
+GRU = (SPECS / "gru.cell").read_text()
+LSTM = (SPECS / "lstm.cell").read_text()
+ELMAN = cell("  h' = tanh(W @ x + U @ h + b)\n  output h'")
+#: a chain of three GEMMs, a projection of a projection, a vector-param operand, stacking order,
+#: and a param whose name (W_x) is the one the projection W @ x would get
+DEEP = """cell Deep {
+  input x[I]
+  state h[H]
+  param W[H, I], U1[H, H], U2[H, H], U3[H, H], V[H, H], m[I], W_x[H]
+  a = U2 @ h + U1 @ h + V @ (W @ x) + W @ m + W_x
+  h' = tanh(U3 @ tanh(a))
+  output h'
+}
+"""
+#: hoisted compound operands, shared projections, constants that fold
+FOLD = """cell Fold {
+  input x[I]
+  state h[H]
+  param W[H, I], U[H, H], m[I], b[H]
+  a = h - h
+  z = softsign(a) + sigmoid(h - h)
+  p = W @ (x * m) + W @ (m * x) + W @ x
+  q = tanh(W @ x + U @ h + b + a + z)
+  h' = q * p
+  output h'
+}
+"""
+#: an input-only value that is an output, and an input-only next state: never hoisted
+OUTPUT_OPERAND = cell(
+    "  a = x\n  h' = tanh(W @ sigmoid(a) + U @ h)\n  output h', a",
+    "input x[I]\n  state h[H]\n  param W[H, I], U[H, H]",
+)
+NEXT_STATE_OPERAND = cell(
+    "  h' = sigmoid(y) + 0.5 * tanh(x)\n  c' = tanh(W @ h' + U @ c)\n  output c', h'",
+    "input x[I], y[I]\n  state h[I], c[H]\n  param W[H, I], U[H, H]",
+)
+
+
+# ------------------------------------------------------------------------------ lowering
+@dataclass(frozen=True)
+class Lowered:
+    text: str
+    projections: list[tuple[str, str, str]]  # (key, matrix, operand)
+    synthetic: dict[str, str]  # synthetic operand value key -> its expression (str)
+
+
+LOWERING = {
+    "gru": Lowered(
+        GRU,
+        [
+            ("W_r_x", "W_r", "x"),
+            ("U_r_h", "U_r", "h"),
+            ("W_u_x", "W_u", "x"),
+            ("U_u_h", "U_u", "h"),
+            ("W_c_x", "W_c", "x"),
+            ("U_c_out", "U_c", "U_c_in"),
+        ],
+        {"U_c_in": "h*r"},
+    ),
+    "deep": Lowered(
+        DEEP,
+        # W @ x is W_x_2: the param W_x has the name first; V @ (W @ x) gets an operand value
+        [
+            ("U2_h", "U2", "h"),
+            ("U1_h", "U1", "h"),
+            ("W_x_2", "W", "x"),
+            ("V_out", "V", "V_in"),
+            ("W_out", "W", "W_in"),
+            ("U3_out", "U3", "U3_in"),
+        ],
+        {"V_in": "W_x_2", "W_in": "m", "U3_in": "Tanh(a)"},
+    ),
+    "fold": Lowered(
+        FOLD,
+        # W @ (x * m) and W @ (m * x) are one projection with one operand value
+        [("W_out", "W", "W_in"), ("W_x", "W", "x"), ("U_h", "U", "h")],
+        {"W_in": "m*x"},
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(LOWERING))
+def test_lowering_projections_and_synthetic_operands(name):
+    case = LOWERING[name]
+    m = compile_one(case.text).model
+    assert [(p.key, p.matrix, p.operand) for p in m.projections] == case.projections
+    assert {v.key: str(v.expr) for v in m.values if v.spec_key == ""} == case.synthetic
+
+
+def test_lowering_gru_values_and_states():
+    m = compile_one(GRU).model
+    assert [(v.key, v.spec_key) for v in m.values] == [
+        ("r", "r"),
+        ("u", "u"),
+        ("U_c_in", ""),
+        ("c", "c"),
+        ("h_next", "h'"),
+    ]
+    assert m.next_state == {"h": "h_next"} and m.outputs == ["h_next"]
+    assert {k: leaf.kind for k, leaf in m.leaves.items()} == {
+        "x": "input",
+        "h": "state",
+        "b_r": "param",
+        "b_u": "param",
+        "b_c": "param",
+    }
+    r, c = m.value("r").expr, m.value("c").expr
+    assert isinstance(r, fn.Sigmoid) and isinstance(c, fn.Tanh)
+    assert {s.name for s in c.free_symbols} == {"U_c_out", "W_c_x", "b_c"}
+
+
+def test_lowering_shares_projections_and_folds_constants():
+    m = compile_one(FOLD).model
+    # a = h - h is the number 0 and its readers see the number, not the name
+    assert m.value("a").expr == 0
+    # softsign(0) + sigmoid(0) fold to a number too
+    assert m.value("z").expr == sp.Float(0.5)
+    q = m.value("q").expr
+    assert {s.name for s in q.free_symbols} == {"U_h", "W_x", "b"}
+    assert sp.Float(0.5) in q.args[0].args  # tanh(U_h + W_x + b + 0.5)
+    # the two spellings of W @ (x * m) are one projection, counted twice
+    assert m.value("p").expr == 2 * sp.Symbol("W_out", real=True) + sp.Symbol("W_x", real=True)
+
+
+# ------------------------------------------------------------------------------ schedule
+@dataclass(frozen=True)
+class Scheduled:
+    text: str
+    hoisted_gemms: list[tuple[str, list[str]]]  # (operand, stacked matrices)
+    hoisted_values: list[str]
+    stages: list[tuple[list[tuple[str, list[str]]], list[str]]]  # (GEMM groups, value keys)
+
+
+SCHEDULES = {
+    "elman": Scheduled(ELMAN, [("x", ["W"])], [], [([("h", ["U"])], ["h_next"])]),
+    "gru": Scheduled(
+        GRU,
+        [("x", ["W_r", "W_u", "W_c"])],  # stacked: one GEMM over T*B rows
+        [],
+        [
+            ([("h", ["U_r", "U_u"])], ["r", "u", "U_c_in"]),  # U_c @ (r * h) ends the stage
+            ([("U_c_in", ["U_c"])], ["c", "h_next"]),
+        ],
+    ),
+    "lstm": Scheduled(
+        LSTM,
+        [("x", ["W_ii", "W_if", "W_ig", "W_io"])],
+        [],
+        [([("h", ["W_hi", "W_hf", "W_hg", "W_ho"])], ["i", "f", "g", "o", "c_next", "h_next"])],
+    ),
+    "deep": Scheduled(
+        DEEP,
+        # W @ x and W @ m hoisted (the vector param is an operand value); V @ (W @ x) is not:
+        # hoisting is one pointwise pass and one GEMM layer deep
+        [("x", ["W"]), ("W_in", ["W"])],
+        ["W_in"],
+        [
+            ([], ["V_in"]),
+            ([("h", ["U2", "U1"]), ("V_in", ["V"])], ["a", "U3_in"]),  # stacked in spec order
+            ([("U3_in", ["U3"])], ["h_next"]),
+        ],
+    ),
+    "fold": Scheduled(
+        FOLD,
+        [("W_in", ["W"]), ("x", ["W"])],  # W @ (x * m): its operand is computed before the loop
+        ["W_in"],
+        [([], ["a", "z", "p"]), ([("h", ["U"])], ["q", "h_next"])],
+    ),
+    "output_operand": Scheduled(
+        OUTPUT_OPERAND,
+        [],
+        [],
+        [([], ["a", "W_in"]), ([("W_in", ["W"]), ("h", ["U"])], ["h_next"])],
+    ),
+    "next_state_operand": Scheduled(
+        NEXT_STATE_OPERAND,
+        [],
+        [],
+        [([], ["h_next"]), ([("h_next", ["W"]), ("c", ["U"])], ["c_next"])],
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(SCHEDULES))
+def test_schedule(name):
+    case = SCHEDULES[name]
+    s = compile_one(case.text).schedule
+    assert [(g.operand, g.matrices) for g in s.hoisted_gemms] == case.hoisted_gemms
+    assert [v.key for v in s.hoisted_values] == case.hoisted_values
+    got = [
+        ([(g.operand, g.matrices) for g in st.gemms], [v.key for v in st.values]) for st in s.stages
+    ]
+    assert got == case.stages
+    assert [st.index for st in s.stages] == list(range(len(case.stages)))
+    # every value and projection is in exactly one place
+    m = s.model
+    placed = [v.key for v in s.hoisted_values] + [v.key for v in s.step_values]
+    assert sorted(placed) == sorted(v.key for v in m.values)
+    gemmed = [p.key for p in s.hoisted_projections] + [
+        p.key for g in s.step_gemms for p in g.projections
+    ]
+    assert sorted(gemmed) == sorted(p.key for p in m.projections)
+
+
+def test_outputs_and_next_states_are_never_hoisted():
+    for text in (OUTPUT_OPERAND, NEXT_STATE_OPERAND, GRU, LSTM, DEEP, FOLD):
+        s = compile_one(text).schedule
+        per_step = set(s.model.outputs) | set(s.model.next_state.values())
+        assert not per_step & {v.key for v in s.hoisted_values}
+
+
+def test_stacked_group_slices_follow_matrix_order():
+    """A GEMM group's key and matrix order are the stacking order the back ends slice by."""
+    s = compile_one(DEEP).schedule
+    g = s.stages[1].gemms[0]
+    assert g.key == "U2_U1__h"
+    assert [p.key for p in g.projections] == ["U2_h", "U1_h"]
+
+
+# ------------------------------------------------------------------------------ backward
+@dataclass(frozen=True)
+class Derived:
+    text: str
+    saved: list[str]
+    zero: set[str]  # forward keys whose adjoint is identically zero
+    gemm_adjoint: dict[tuple[int, str], str]
+
+
+BACKWARDS = {
+    # states are kept as their sequence (h_next is never saved); U_c_in is a per-step GEMM operand
+    "gru": Derived(
+        GRU,
+        ["r", "u", "U_c_in", "c"],
+        {"x"},
+        {(0, "h"): "d_h_gemm", (1, "U_c_in"): "d_U_c_in_gemm"},
+    ),
+    "lstm": Derived(LSTM, ["i", "f", "g", "o"], {"x"}, {(0, "h"): "d_h_gemm"}),
+    # nothing to save: the backward reads h_next from the state sequence
+    "elman": Derived(ELMAN, [], {"x"}, {(0, "h"): "d_h_gemm"}),
+    # the constants a and z and the hoisted leaves x, m have no per-step adjoint
+    "fold": Derived(FOLD, ["p", "q"], {"a", "z", "x", "m"}, {(1, "h"): "d_h_gemm"}),
+    "deep": Derived(
+        DEEP,
+        ["V_in", "U3_in"],
+        {"x", "m"},
+        {(1, "h"): "d_h_gemm", (1, "V_in"): "d_V_in_gemm", (2, "U3_in"): "d_U3_in_gemm"},
+    ),
+    # a state the step never reads
+    "unread_state": Derived(
+        cell(
+            "  h' = tanh(W @ x + b)\n  output h'", "input x[I]\n  state h[H]\n  param W[H, I], b[H]"
+        ),
+        [],
+        {"h", "x"},
+        {},
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(BACKWARDS))
+def test_backward_saved_set_zero_adjoints_and_gemm_adjoints(name):
+    case = BACKWARDS[name]
+    b = compile_one(case.text).backward
+    assert b.saved == case.saved
+    assert b.zero == case.zero
+    assert b.gemm_adjoint == case.gemm_adjoint
+    # a zero adjoint is never assigned; everything assigned is a named adjoint or a temporary
+    blocks = [a for st in b.stages for a in st.assigns] + b.leaf_assigns
+    assigned = {a.target for a in blocks if not a.temp}
+    assert not {b.adjoint[k] for k in case.zero if k in b.adjoint} & assigned
+
+
+def _assigns(b) -> dict[str, sp.Expr]:
+    blocks = [
+        *(st.assigns for st in b.stages),
+        b.leaf_assigns,
+        b.hoisted_assigns,
+        b.hoisted_leaf_assigns,
+    ]
+    return {a.target: a.expr for blk in blocks for a in blk}
+
+
+def test_lstm_adjoint_aliases_reuse_the_projection_adjoint():
+    """The bias of f(W@x + b) has the adjoint of W@x: the name is reused, not recomputed."""
+    b = compile_one(LSTM).backward
+    exprs = _assigns(b)
+    for gate, bias_i, bias_h, x_proj in [
+        ("i", "b_ii", "b_hi", "W_ii_x"),
+        ("f", "b_if", "b_hf", "W_if_x"),
+        ("g", "b_ig", "b_hg", "W_ig_x"),
+        ("o", "b_io", "b_ho", "W_io_x"),
+    ]:
+        h_proj = f"W_h{gate}_h"
+        alias = sp.Symbol(b.adjoint[h_proj], real=True)
+        for leaf in (bias_i, bias_h, x_proj):
+            assert exprs[b.adjoint[leaf]] == alias, leaf
+    assert exprs[b.adjoint["b_ii"]] == sp.Symbol("d_W_hi_h", real=True)
+
+
+def test_backward_reads_saved_gates_instead_of_recomputing_them():
+    """Derivative rules in terms of the value: sigmoid' reads the saved gate, never Sigmoid(...)."""
+    b = compile_one(LSTM).backward
+    applied = set().union(*(e.atoms(fn.CellFunction) for e in _assigns(b).values()))
+    # tanh(c') is not named in the forward, so the backward recomputes it; nothing else
+    assert applied == {fn.Tanh(sp.Symbol("c_next", real=True))}
+    d_i = _assigns(b)[b.adjoint["W_hi_h"]]
+    assert sp.Symbol("i", real=True) in d_i.free_symbols
+
+
+def test_elman_bias_and_hoisted_projection_reuse_the_step_projection_adjoint():
+    b = compile_one(ELMAN).backward
+    exprs = _assigns(b)
+    d_u_h = sp.Symbol(b.adjoint["U_h"], real=True)
+    assert exprs[b.adjoint["W_x"]] == d_u_h and exprs[b.adjoint["b"]] == d_u_h
+    h_next = sp.Symbol("h_next", real=True)
+    assert (
+        sp.expand(
+            exprs[b.adjoint["U_h"]] - sp.Symbol(b.adjoint["h_next"], real=True) * (1 - h_next**2)
+        )
+        == 0
+    )
+
+
+def test_output_and_state_seeds():
+    b = compile_one(OUTPUT_OPERAND).backward
+    assert b.output_seed == {"h_next": "d_h_next_out", "a": "d_a_out"}
+    b = compile_one(NEXT_STATE_OPERAND).backward
+    assert b.output_seed == {"c_next": "d_c_next_out", "h_next": "d_h_next_out"}
+    # the state h is never read by the step: its adjoint is zero, but h' still gets its seeds
+    assert "h" in b.zero and "h_next" not in b.zero
