@@ -7,7 +7,17 @@
 
 Both go through :func:`cellspec.runtime.cache.entry`, keyed by the source text, the compiler's
 version line and the flags, so the same source is compiled once per machine (file lock, atomic
-rename). Errors are :class:`NativeBuildError` with what went wrong and what to do.
+rename). Errors are :class:`NativeBuildError` with what went wrong and what to do; a build that
+failed is remembered for the rest of the process (:func:`clear_failed_builds` forgets), so a
+caller that tries again gets the same error at once instead of another compiler run.
+
+Choosing the toolkit and the host compiler (see docs/cuda.md):
+
+* nvcc: ``$CELLSPEC_NVCC`` (only that one when set), else ``$NVCC``, ``nvcc`` on ``PATH``,
+  ``$CUDA_HOME/bin``, ``$CUDA_PATH/bin``, ``/usr/local/cuda/bin``;
+* nvcc's host compiler: ``$CELLSPEC_CCBIN``, else ``$CUDAHOSTCXX``, passed as ``-ccbin <path>``.
+
+Both are part of the cache key (the nvcc's and the host compiler's ``--version`` and the flags).
 """
 
 from __future__ import annotations
@@ -15,6 +25,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import logging
 import os
 import platform
 import shutil
@@ -39,6 +50,12 @@ class NativeBuildError(RuntimeError):
     """A compiler is missing or failed; the message says what to do."""
 
 
+log = logging.getLogger("cellspec")
+
+#: builds that failed in this process, by cache key: the error is raised again without a rerun
+_FAILED: dict[str, NativeBuildError] = {}
+
+
 def which_cxx() -> str | None:
     cxx = os.environ.get("CXX")
     if cxx and shutil.which(cxx):
@@ -51,6 +68,12 @@ def which_cxx() -> str | None:
 
 
 def which_nvcc() -> str | None:
+    """The nvcc to build with: ``$CELLSPEC_NVCC`` when set (and nothing else: a wrong setting is
+    reported, not silently replaced by another toolkit), else ``$NVCC``, ``nvcc`` on ``PATH``,
+    ``$CUDA_HOME/bin/nvcc``, ``$CUDA_PATH/bin/nvcc``, ``/usr/local/cuda/bin/nvcc``."""
+    chosen = os.environ.get("CELLSPEC_NVCC")
+    if chosen:
+        return shutil.which(chosen)
     nvcc = os.environ.get("NVCC")
     if nvcc and shutil.which(nvcc):
         return shutil.which(nvcc)
@@ -58,9 +81,42 @@ def which_nvcc() -> str | None:
     if path:
         return path
     for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
-        if home and (Path(home) / "bin" / "nvcc").exists():
+        if home and shutil.which(str(Path(home) / "bin" / "nvcc")):
             return str(Path(home) / "bin" / "nvcc")
     return None
+
+
+def nvcc_missing_message() -> str:
+    """Why :func:`which_nvcc` found nothing, and what to do."""
+    chosen = os.environ.get("CELLSPEC_NVCC")
+    if chosen:
+        return (f"CELLSPEC_NVCC={chosen!r} is not an executable nvcc: point it at the nvcc of an "
+                "installed CUDA toolkit (e.g. /usr/local/cuda-12.8/bin/nvcc) or unset it")
+    return ("nvcc not found: the CUDA backend compiles its kernels on first use. Install the CUDA "
+            "toolkit matching your driver and put nvcc on PATH (or set $CELLSPEC_NVCC, $NVCC or "
+            "$CUDA_HOME), or pass backend='generated' to run the PyTorch implementation instead")
+
+
+def which_ccbin() -> str | None:
+    """The host compiler nvcc should use (``-ccbin``): ``$CELLSPEC_CCBIN``, else
+    ``$CUDAHOSTCXX``; None when neither is set (nvcc picks its default). Raises
+    :class:`NativeBuildError` when the variable names no executable."""
+    for var in ("CELLSPEC_CCBIN", "CUDAHOSTCXX"):
+        value = os.environ.get(var)
+        if value:
+            path = shutil.which(value)
+            if path is None:
+                raise NativeBuildError(
+                    f"{var}={value!r} is not an executable host compiler for nvcc: point it at a "
+                    "g++/clang++ that your nvcc supports (e.g. /usr/bin/g++-13) or unset it")
+            return path
+    return None
+
+
+def nvcc_host_flags() -> tuple[str, ...]:
+    """``('-ccbin', path)`` when a host compiler is chosen (:func:`which_ccbin`), else ()."""
+    ccbin = which_ccbin()
+    return ("-ccbin", ccbin) if ccbin else ()
 
 
 @functools.cache
@@ -96,14 +152,33 @@ def _run(cmd: list[str], what: str) -> None:
 
 def _compile(kind: str, compiler: str, flags: tuple[str, ...], source: str, name: str, what: str,
              libs: tuple[str, ...] = ()) -> Path:
-    key = key_of(kind, source, compiler_version(compiler), " ".join(flags + libs))
+    """Build through the cache; a failure is remembered per key and raised again without a rerun."""
+    identity = [compiler_version(compiler)]
+    if "-ccbin" in flags:  # nvcc's host compiler changes the output: its version is in the key
+        identity.append(compiler_version(flags[flags.index("-ccbin") + 1]))
+    key = key_of(kind, source, *identity, " ".join(flags + libs))
+    failed = _FAILED.get(key)
+    if failed is not None:
+        raise failed
 
     def build(tmp: Path) -> None:
         src = tmp / f"{name}.cu"
         src.write_text(source)
         _run([compiler, *flags, str(src), "-o", str(tmp / f"{name}.so"), *libs], what)
 
-    return entry(kind, key, build) / f"{name}.so"
+    try:
+        return entry(kind, key, build) / f"{name}.so"
+    except NativeBuildError as e:
+        _FAILED[key] = e
+        log.debug("%s failed; not retried in this process (native.clear_failed_builds() to retry)",
+                  what)
+        raise
+
+
+def clear_failed_builds() -> None:
+    """Forget the builds that failed in this process (after fixing the compiler), so that the
+    next call compiles again."""
+    _FAILED.clear()
 
 
 def _cpu_flags() -> set[str]:
@@ -163,7 +238,7 @@ def build_host(source: str, name: str) -> Path:
         return _compile("host-so", cxx, HOST_FLAGS, source, name, f"C++ build of {name}.cu")
     nvcc = which_nvcc()
     if nvcc is not None:  # host code only, through nvcc's host compiler
-        flags = ("-x", "c++", "-O3", "-shared", "-Xcompiler", "-fPIC,-fopenmp")
+        flags = (*nvcc_host_flags(), "-x", "c++", "-O3", "-shared", "-Xcompiler", "-fPIC,-fopenmp")
         return _compile("host-so", nvcc, flags, source, name, f"host build of {name}.cu with nvcc")
     raise NativeBuildError(
         "no C++ compiler found (g++, c++ or clang++, or $CXX): install one (e.g. apt-get install g++) "
@@ -182,15 +257,13 @@ def cuda_flags(archs: tuple[str, ...]) -> tuple[str, ...]:
 
 
 def build_cuda(source: str, name: str, archs: tuple[str, ...]) -> Path:
-    """The GPU build of a generated .cu file for the given SM architectures."""
+    """The GPU build of a generated .cu file for the given SM architectures, with the nvcc of
+    :func:`which_nvcc` and the host compiler of :func:`which_ccbin`."""
     nvcc = which_nvcc()
     if nvcc is None:
-        raise NativeBuildError(
-            "nvcc not found: the CUDA backend compiles its kernels on first use. Install the CUDA "
-            "toolkit matching your driver and put nvcc on PATH (or set $NVCC / $CUDA_HOME), or pass "
-            "backend='generated' to run the PyTorch implementation instead"
-        )
-    return _compile("cuda-so", nvcc, cuda_flags(archs), source, name, f"nvcc build of {name}.cu")
+        raise NativeBuildError(nvcc_missing_message())
+    flags = nvcc_host_flags() + cuda_flags(archs)
+    return _compile("cuda-so", nvcc, flags, source, name, f"nvcc build of {name}.cu")
 
 
 @functools.cache
