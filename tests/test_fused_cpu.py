@@ -68,3 +68,15 @@ def test_auto_keeps_engine_for_other_dtypes():
     m = pkg.torch_cell.Elman(4, 6, dtype=torch.bfloat16)
     x = torch.randn(pkg.torch_cell.MIN_NATIVE_STEPS, 2, 4, dtype=torch.bfloat16)
     assert m._resolve_backend((x,), m._zero_state(2, x)) == "generated"
+
+
+def test_first_build_says_so_once(monkeypatch, tmp_path, caplog):
+    """The first use of a cell's native kernels builds them (seconds): one INFO line says so;
+    a cached build says nothing."""
+    monkeypatch.setenv("CELLSPEC_CACHE", str(tmp_path))
+    source = '#include <stdint.h>\nextern "C" int cs_probe_build(void) { return 7; }\n'
+    with caplog.at_level("INFO", logger="cellspec"):
+        native.build_host(source, "probe")
+        native.build_host(source, "probe")
+    notes = [r.getMessage() for r in caplog.records if r.name == "cellspec" and "building" in r.getMessage()]
+    assert len(notes) == 1 and "first use" in notes[0]

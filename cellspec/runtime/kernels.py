@@ -159,6 +159,14 @@ def library(module_file: str, cu_name: str, device: torch.device) -> Library:
     if device.type == "cpu":
         return _load(path, "cpu", ())
     if device.type == "cuda":
-        major, minor = torch.cuda.get_device_capability(device)
-        return _load(path, "cuda", (f"{major}{minor}",))
+        from cellspec.runtime import cuda_env
+
+        ok, why = cuda_env.cuda_backend_usable(device)  # cached; logs one line when it says no
+        if not ok:
+            raise KernelError(f"the CUDA kernels cannot run on {device}: {why}")
+        nvcc = native.which_nvcc()
+        capability = tuple(torch.cuda.get_device_capability(device))
+        choice = cuda_env.choose_archs(capability, cuda_env.nvcc_gpu_codes(nvcc) if nvcc else frozenset())
+        archs = choice[0] if choice else (f"{capability[0]}{capability[1]}",)
+        return _load(path, "cuda", archs)
     raise KernelError(f"the native kernels run on CPU and CUDA tensors, not on {device.type!r}")

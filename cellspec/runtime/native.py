@@ -32,7 +32,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from cellspec.runtime.cache import entry, key_of
+from cellspec.runtime.cache import cache_root, entry, key_of
 
 HOST_FLAGS = ("-x", "c++", "-O3", "-fopenmp", "-shared", "-fPIC")
 #: added to HOST_FLAGS where GCC, x86-64 and glibc's libmvec are there: the element math calls
@@ -166,6 +166,9 @@ def _compile(kind: str, compiler: str, flags: tuple[str, ...], source: str, name
         src.write_text(source)
         _run([compiler, *flags, str(src), "-o", str(tmp / f"{name}.so"), *libs], what)
 
+    if not (cache_root() / kind / key / ".complete").exists():  # say once why the first use pauses
+        log.info("cellspec: building %s (first use on this machine; cached in %s afterwards)",
+                 what, cache_root())
     try:
         return entry(kind, key, build) / f"{name}.so"
     except NativeBuildError as e:
