@@ -253,9 +253,16 @@ class _Renderer:
                 g, ldg = self.buf_ptr(fn, op.d_out, "all")
                 x, ldx = self.ptr(fn, op.operand, "all")
                 lines.append(f"{ind}// d[{', '.join(w.matrices)}] += {op.d_out}^T @ {op.operand}  ({op.comment})")
+                if op.scratch:  # the stack's dW in one GEMM, then a block per matrix
+                    lines.append(f"{ind}CS_GEMM_TN({cexpr(w.width)}, n_{w.inner}, n_T * n_B, {g}, {ldg}, {x}, {ldx}, "
+                                 f"b_{op.scratch}, n_{w.inner}, 0);")
                 for (col, sz), mat in zip(w.offsets(), w.matrices):
                     beta = 1 if mat in grads_written else 0
                     grads_written.add(mat)
+                    if op.scratch:
+                        block = f"b_{op.scratch} + ({cexpr(col)}) * n_{w.inner}" if col != 0 else f"b_{op.scratch}"
+                        lines.append(f"{ind}CS_ADD(n_{sz} * n_{w.inner}, {block}, g_{mat}, {beta});")
+                        continue
                     gcol = f"{g} + {cexpr(col)}" if col != 0 else g
                     lines.append(f"{ind}CS_GEMM_TN(n_{sz}, n_{w.inner}, n_T * n_B, {gcol}, {ldg}, {x}, {ldx}, "
                                  f"g_{mat}, n_{w.inner}, {beta});")

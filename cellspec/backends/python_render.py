@@ -184,9 +184,12 @@ class _Function:
             g = self.buffer_rows(op.d_out, "all")
             x = self.all_view(op.operand)
             L.append(f"{ind}# dW of {op.comment}: one GEMM over all T*B rows")
-            for (col, sz), mat in zip(w.offsets(), w.matrices):
-                block = f"{g}[:, {pysize(col)}:{pysize(col + ir.size(sz))}]"
-                self.grad(ind, mat, f"{block}.T @ {x}")
+            if len(w.matrices) == 1:
+                self.grad(ind, w.matrices[0], f"{g}.T @ {x}")
+            else:
+                L.append(f"{ind}_dw = {g}.T @ {x}")
+                for (col, sz), mat in zip(w.offsets(), w.matrices):
+                    self.grad(ind, mat, f"_dw[{pysize(col)}:{pysize(col + ir.size(sz))}]")
         elif isinstance(op, ir.RowSum):
             src = self.all_view(op.source)
             L.append(f"{ind}_sum = {src}.sum(0)")
@@ -220,8 +223,8 @@ def render(prog: ir.Program, names: dict[str, str], printer, d: Dialect) -> dict
         for b in fn.buffers.values():
             if b.init == "arg":
                 continue
-            if b.role in ("input", "param", "d_output", "d_state", "state"):
-                continue
+            if b.role in ("input", "param", "d_output", "d_state", "state", "grad_scratch"):
+                continue  # bound from the arguments, or (grad_scratch) the native library's alone
             make = d.zeros if b.init == "zeros" else d.empty
             allocs.append(f"{r.buf(b.name)} = {make.format(_shape(b.shape))}")
         rows = [f"{r.buf(n)}_rows = {r.buf(n)}.unbind(0)" for n in r.row_views]

@@ -143,6 +143,9 @@ class WeightGrad:
     operand: str
     broadcast: bool = False
     comment: str = ""
+    #: a [Σ out, inner] buffer: the whole stack's dW in one GEMM, then split per matrix (one GEMM
+    #: reads the operand once; a GEMM per matrix would read it once per matrix)
+    scratch: str = ""
 
 
 @dataclass(frozen=True)

@@ -278,15 +278,22 @@ class _Planner:
         # after the loop: dW of every GEMM group, hoisted GEMMs' d_operand, hoisted pointwise backward
         contributed = {v.name for v in self.cell.inputs if b.adjoint.get(v.name) in tb.slots
                        and tb.slots[b.adjoint[v.name]].buffer == f"dx_{v.name}"}
+        def dw_scratch(w: ir.Weight) -> str:
+            if len(w.matrices) == 1:
+                return ""
+            return tb.buffer(f"dw_{w.name}", (w.width, size(w.inner)), "grad_scratch")
+
         for g in s.step_gemms:
-            ops.append(ir.WeightGrad(self.weight(g).name, f"dg_{self.gkey(g)}", g.operand, self.batch_free(g.operand),
-                                     self.gemm_comment(g)))
+            w = self.weight(g)
+            ops.append(ir.WeightGrad(w.name, f"dg_{self.gkey(g)}", g.operand, self.batch_free(g.operand),
+                                     self.gemm_comment(g), dw_scratch(w)))
         for g in s.hoisted_gemms:
             w = self.weight(g)
             d_buf = hoisted_reuse.get(self.gkey(g), f"dhg_{self.gkey(g)}")
             if all(p.key in b.zero or p.key not in b.adjoint for p in g.projections):
                 continue
-            ops.append(ir.WeightGrad(w.name, d_buf, g.operand, self.batch_free(g.operand), self.gemm_comment(g)))
+            ops.append(ir.WeightGrad(w.name, d_buf, g.operand, self.batch_free(g.operand), self.gemm_comment(g),
+                                     dw_scratch(w)))
             is_input = g.operand in m.leaves and m.leaves[g.operand].kind == "input"
             target = f"grad_input:{g.operand}" if is_input else b.hoisted_gemm_adjoint[g.operand]
             if is_input or any(b.hoisted_gemm_adjoint[g.operand] in r for r in reads_by_block):

@@ -44,6 +44,8 @@ def referenced(fn: ir.Function) -> set[str]:
             elif isinstance(o, ir.WeightGrad):
                 out.add(o.d_out)
                 slot(o.operand)
+                if o.scratch:
+                    out.add(o.scratch)
             elif isinstance(o, ir.RowSum):
                 slot(o.source)
                 if o.scratch:

@@ -1042,7 +1042,7 @@ extern "C" int cifg_lstm_inference_f64(const int64_t* dims, void* const* ptrs, c
 
 // =============================================================================================
 // cifg_lstm: the whole sequence, backward
-// ptrs: 0 x_x, 1 s_h, 2 s_c, 3 p_p_i, 4 p_b_i, 5 p_b_g, 6 p_p_o, 7 p_b_o, 8 v_i, 9 v_f, 10 v_g, 11 v_o, 12 dout_h_next, 13 ds_h, 14 ds_c, 15 dx_x, 16 dp_p_i, 17 dp_p_o, 18 dg_W_hi_W_hg_W_ho__h, 19 tmp_d_h_gemm, 20 tmp_d_o, 21 tmp_d_c_next, 22 tmp_d_i, 23 weight W_ii_W_ig_W_io, 24 weight W_hi_W_hg_W_ho, 25 d W_ii, 26 d W_hi, 27 d p_i, 28 d b_i, 29 d W_ig, 30 d W_hg, 31 d b_g, 32 d W_io, 33 d W_ho, 34 d p_o, 35 d b_o
+// ptrs: 0 x_x, 1 s_h, 2 s_c, 3 p_p_i, 4 p_b_i, 5 p_b_g, 6 p_p_o, 7 p_b_o, 8 v_i, 9 v_f, 10 v_g, 11 v_o, 12 dout_h_next, 13 ds_h, 14 ds_c, 15 dx_x, 16 dp_p_i, 17 dp_p_o, 18 dg_W_hi_W_hg_W_ho__h, 19 tmp_d_h_gemm, 20 tmp_d_o, 21 tmp_d_c_next, 22 tmp_d_i, 23 dw_W_hi_W_hg_W_ho, 24 dw_W_ii_W_ig_W_io, 25 weight W_ii_W_ig_W_io, 26 weight W_hi_W_hg_W_ho, 27 d W_ii, 28 d W_hi, 29 d p_i, 30 d b_i, 31 d W_ig, 32 d W_hg, 33 d b_g, 34 d W_io, 35 d W_ho, 36 d p_o, 37 d b_o
 // =============================================================================================
 template <typename S, typename G>
 static int cifg_lstm_backward_run(const int64_t* dims, void* const* ptrs, const cs_ctx* ctx)
@@ -1101,31 +1101,35 @@ static int cifg_lstm_backward_run(const int64_t* dims, void* const* ptrs, const 
     (void)b_tmp_d_c_next;
     S* b_tmp_d_i = (S*)ptrs[22];
     (void)b_tmp_d_i;
-    const S* w_W_ii_W_ig_W_io = (const S*)ptrs[23];
+    G* b_dw_W_hi_W_hg_W_ho = (G*)ptrs[23];
+    (void)b_dw_W_hi_W_hg_W_ho;
+    G* b_dw_W_ii_W_ig_W_io = (G*)ptrs[24];
+    (void)b_dw_W_ii_W_ig_W_io;
+    const S* w_W_ii_W_ig_W_io = (const S*)ptrs[25];
     (void)w_W_ii_W_ig_W_io;
-    const S* w_W_hi_W_hg_W_ho = (const S*)ptrs[24];
+    const S* w_W_hi_W_hg_W_ho = (const S*)ptrs[26];
     (void)w_W_hi_W_hg_W_ho;
-    G* g_W_ii = (G*)ptrs[25];
+    G* g_W_ii = (G*)ptrs[27];
     (void)g_W_ii;
-    G* g_W_hi = (G*)ptrs[26];
+    G* g_W_hi = (G*)ptrs[28];
     (void)g_W_hi;
-    G* g_p_i = (G*)ptrs[27];
+    G* g_p_i = (G*)ptrs[29];
     (void)g_p_i;
-    G* g_b_i = (G*)ptrs[28];
+    G* g_b_i = (G*)ptrs[30];
     (void)g_b_i;
-    G* g_W_ig = (G*)ptrs[29];
+    G* g_W_ig = (G*)ptrs[31];
     (void)g_W_ig;
-    G* g_W_hg = (G*)ptrs[30];
+    G* g_W_hg = (G*)ptrs[32];
     (void)g_W_hg;
-    G* g_b_g = (G*)ptrs[31];
+    G* g_b_g = (G*)ptrs[33];
     (void)g_b_g;
-    G* g_W_io = (G*)ptrs[32];
+    G* g_W_io = (G*)ptrs[34];
     (void)g_W_io;
-    G* g_W_ho = (G*)ptrs[33];
+    G* g_W_ho = (G*)ptrs[35];
     (void)g_W_ho;
-    G* g_p_o = (G*)ptrs[34];
+    G* g_p_o = (G*)ptrs[36];
     (void)g_p_o;
-    G* g_b_o = (G*)ptrs[35];
+    G* g_b_o = (G*)ptrs[37];
     (void)g_b_o;
     (void)ctx;
     cs_packed<S> pk_W_hi_W_hg_W_ho_nn = cs_pack(ctx, 0, n_B, n_H, 3*n_H, w_W_hi_W_hg_W_ho, n_H);
@@ -1139,13 +1143,15 @@ static int cifg_lstm_backward_run(const int64_t* dims, void* const* ptrs, const 
     }
     cs_unpack(pk_W_hi_W_hg_W_ho_nn);
     // d[W_hi, W_hg, W_ho] += dg_W_hi_W_hg_W_ho__h^T @ h  (W_hi @ h, W_hg @ h, W_ho @ h)
-    CS_GEMM_TN(n_H, n_H, n_T * n_B, b_dg_W_hi_W_hg_W_ho__h, 3*n_H, b_s_h, n_H, g_W_hi, n_H, 0);
-    CS_GEMM_TN(n_H, n_H, n_T * n_B, b_dg_W_hi_W_hg_W_ho__h + n_H, 3*n_H, b_s_h, n_H, g_W_hg, n_H, 0);
-    CS_GEMM_TN(n_H, n_H, n_T * n_B, b_dg_W_hi_W_hg_W_ho__h + 2*n_H, 3*n_H, b_s_h, n_H, g_W_ho, n_H, 0);
+    CS_GEMM_TN(3*n_H, n_H, n_T * n_B, b_dg_W_hi_W_hg_W_ho__h, 3*n_H, b_s_h, n_H, b_dw_W_hi_W_hg_W_ho, n_H, 0);
+    CS_ADD(n_H * n_H, b_dw_W_hi_W_hg_W_ho, g_W_hi, 0);
+    CS_ADD(n_H * n_H, b_dw_W_hi_W_hg_W_ho + (n_H) * n_H, g_W_hg, 0);
+    CS_ADD(n_H * n_H, b_dw_W_hi_W_hg_W_ho + (2*n_H) * n_H, g_W_ho, 0);
     // d[W_ii, W_ig, W_io] += dg_W_hi_W_hg_W_ho__h^T @ x  (W_ii @ x, W_ig @ x, W_io @ x)
-    CS_GEMM_TN(n_H, n_I, n_T * n_B, b_dg_W_hi_W_hg_W_ho__h, 3*n_H, b_x_x, n_I, g_W_ii, n_I, 0);
-    CS_GEMM_TN(n_H, n_I, n_T * n_B, b_dg_W_hi_W_hg_W_ho__h + n_H, 3*n_H, b_x_x, n_I, g_W_ig, n_I, 0);
-    CS_GEMM_TN(n_H, n_I, n_T * n_B, b_dg_W_hi_W_hg_W_ho__h + 2*n_H, 3*n_H, b_x_x, n_I, g_W_io, n_I, 0);
+    CS_GEMM_TN(3*n_H, n_I, n_T * n_B, b_dg_W_hi_W_hg_W_ho__h, 3*n_H, b_x_x, n_I, b_dw_W_ii_W_ig_W_io, n_I, 0);
+    CS_ADD(n_H * n_I, b_dw_W_ii_W_ig_W_io, g_W_ii, 0);
+    CS_ADD(n_H * n_I, b_dw_W_ii_W_ig_W_io + (n_H) * n_I, g_W_ig, 0);
+    CS_ADD(n_H * n_I, b_dw_W_ii_W_ig_W_io + (2*n_H) * n_I, g_W_io, 0);
     // grad_input:x = dg_W_hi_W_hg_W_ho__h @ [W_ii, W_ig, W_io]
     CS_GEMM_NN(n_T * n_B, n_I, 3*n_H, b_dg_W_hi_W_hg_W_ho__h, 3*n_H, w_W_ii_W_ig_W_io, n_I, b_dx_x, n_I, 0);
     // d[p_i] += sum over rows of d_p_i

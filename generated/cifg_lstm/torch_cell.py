@@ -319,13 +319,15 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final):
         _dp_p_i_rows[_t].copy_(d_p_i)
         _dp_p_o_rows[_t].copy_(d_p_o)
     # dW of W_hi @ h, W_hg @ h, W_ho @ h: one GEMM over all T*B rows
-    _grads["W_hi"] = _dg_W_hi_W_hg_W_ho__h.reshape(_T * _B, 3*_H)[:, 0:_H].T @ _s_h[:_T].reshape(_T * _B, _H)
-    _grads["W_hg"] = _dg_W_hi_W_hg_W_ho__h.reshape(_T * _B, 3*_H)[:, _H:2*_H].T @ _s_h[:_T].reshape(_T * _B, _H)
-    _grads["W_ho"] = _dg_W_hi_W_hg_W_ho__h.reshape(_T * _B, 3*_H)[:, 2*_H:3*_H].T @ _s_h[:_T].reshape(_T * _B, _H)
+    _dw = _dg_W_hi_W_hg_W_ho__h.reshape(_T * _B, 3*_H).T @ _s_h[:_T].reshape(_T * _B, _H)
+    _grads["W_hi"] = _dw[0:_H]
+    _grads["W_hg"] = _dw[_H:2*_H]
+    _grads["W_ho"] = _dw[2*_H:3*_H]
     # dW of W_ii @ x, W_ig @ x, W_io @ x: one GEMM over all T*B rows
-    _grads["W_ii"] = _dg_W_hi_W_hg_W_ho__h.reshape(_T * _B, 3*_H)[:, 0:_H].T @ _x_x.reshape(_T * _B, _I)
-    _grads["W_ig"] = _dg_W_hi_W_hg_W_ho__h.reshape(_T * _B, 3*_H)[:, _H:2*_H].T @ _x_x.reshape(_T * _B, _I)
-    _grads["W_io"] = _dg_W_hi_W_hg_W_ho__h.reshape(_T * _B, 3*_H)[:, 2*_H:3*_H].T @ _x_x.reshape(_T * _B, _I)
+    _dw = _dg_W_hi_W_hg_W_ho__h.reshape(_T * _B, 3*_H).T @ _x_x.reshape(_T * _B, _I)
+    _grads["W_ii"] = _dw[0:_H]
+    _grads["W_ig"] = _dw[_H:2*_H]
+    _grads["W_io"] = _dw[2*_H:3*_H]
     torch.mm(_dg_W_hi_W_hg_W_ho__h.reshape(_T * _B, 3*_H), _w_W_ii_W_ig_W_io, out=_dx_x.reshape(_T * _B, _I))
     _sum = _dp_p_i.reshape(_T * _B, _H).sum(0)
     _grads["p_i"] = _sum
@@ -581,16 +583,18 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals):
     tmp_d_o = _empty((_B, _H))
     tmp_d_c_next = _empty((_B, _H))
     tmp_d_i = _empty((_B, _H))
+    dw_W_hi_W_hg_W_ho = _gempty((3*_H, _H))
+    dw_W_ii_W_ig_W_io = _gempty((3*_H, _I))
     _grads = {"W_ii": _gempty((_H, _I)), "W_hi": _gempty((_H, _H)), "p_i": _gempty((_H,)), "b_i": _gempty((_H,)), "W_ig": _gempty((_H, _I)), "W_hg": _gempty((_H, _H)), "b_g": _gempty((_H,)), "W_io": _gempty((_H, _I)), "W_ho": _gempty((_H, _H)), "p_o": _gempty((_H,)), "b_o": _gempty((_H,))}
     if _lib is not None:
-        _lib("backward", _dims, [x_x, s_h, s_c, p_p_i, p_b_i, p_b_g, p_p_o, p_b_o, v_i, v_f, v_g, v_o, dout_h_next, ds_h, ds_c, dx_x, dp_p_i, dp_p_o, dg_W_hi_W_hg_W_ho__h, tmp_d_h_gemm, tmp_d_o, tmp_d_c_next, tmp_d_i, torch.cat((_params["W_ii"], _params["W_ig"], _params["W_io"],)), torch.cat((_params["W_hi"], _params["W_hg"], _params["W_ho"],)), *_grads.values()])
+        _lib("backward", _dims, [x_x, s_h, s_c, p_p_i, p_b_i, p_b_g, p_p_o, p_b_o, v_i, v_f, v_g, v_o, dout_h_next, ds_h, ds_c, dx_x, dp_p_i, dp_p_o, dg_W_hi_W_hg_W_ho__h, tmp_d_h_gemm, tmp_d_o, tmp_d_c_next, tmp_d_i, dw_W_hi_W_hg_W_ho, dw_W_ii_W_ig_W_io, torch.cat((_params["W_ii"], _params["W_ig"], _params["W_io"],)), torch.cat((_params["W_hi"], _params["W_hg"], _params["W_ho"],)), *_grads.values()])
     return _grads, (dx_x,), (ds_h, ds_c,)
 
 
 # The same two calls as PyTorch custom ops, for torch.compile (which traces them through their
 # fake implementations: the allocations above, without the call). Registered once per process
 # and content of this file; outputs are copies (an op's outputs may not alias each other).
-_OP = "cifg_lstm_01528d56eb7d"
+_OP = "cifg_lstm_c7bb697857a0"
 
 
 def _op_forward_impl(xs: list[torch.Tensor], states: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:

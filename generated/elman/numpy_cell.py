@@ -168,7 +168,6 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final):
     _dx_x = np.empty((_T, _B, _I), _dtype)
     _dg_W_hh__h = np.empty((_T, _B, _H), _dtype)
     _tmp_d_h_gemm = np.empty((_B, _H), _dtype)
-    _sum_d_b_ih = np.empty((_H,), _dtype)
     _grads = {}
     for _t in reversed(range(_T)):
         # stage 0 backward
@@ -184,9 +183,9 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final):
         d_h = d_h_gemm  # adjoint of state h
         _ds_h[...] = d_h
     # dW of W_hh @ h: one GEMM over all T*B rows
-    _grads["W_hh"] = _dg_W_hh__h.reshape(_T * _B, _H)[:, 0:_H].T @ _s_h[:_T].reshape(_T * _B, _H)
+    _grads["W_hh"] = _dg_W_hh__h.reshape(_T * _B, _H).T @ _s_h[:_T].reshape(_T * _B, _H)
     # dW of W_ih @ x: one GEMM over all T*B rows
-    _grads["W_ih"] = _dg_W_hh__h.reshape(_T * _B, _H)[:, 0:_H].T @ _x_x.reshape(_T * _B, _I)
+    _grads["W_ih"] = _dg_W_hh__h.reshape(_T * _B, _H).T @ _x_x.reshape(_T * _B, _I)
     np.matmul(_dg_W_hh__h.reshape(_T * _B, _H), _w_W_ih, out=_dx_x.reshape(_T * _B, _I))
     _sum = _dg_W_hh__h.reshape(_T * _B, _H).sum(0)
     _grads["b_ih"] = _sum

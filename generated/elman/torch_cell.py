@@ -167,7 +167,6 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final):
     _dx_x = torch.empty((_T, _B, _I), dtype=_dtype, device=_device)
     _dg_W_hh__h = torch.empty((_T, _B, _H), dtype=_dtype, device=_device)
     _tmp_d_h_gemm = torch.empty((_B, _H), dtype=_dtype, device=_device)
-    _sum_d_b_ih = torch.empty((_H,), dtype=_dtype, device=_device)
     _dout_h_next_rows = _dout_h_next.unbind(0)
     _s_h_rows = _s_h.unbind(0)
     _dg_W_hh__h_rows = _dg_W_hh__h.unbind(0)
@@ -186,9 +185,9 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final):
         d_h = d_h_gemm  # adjoint of state h
         _ds_h.copy_(d_h)
     # dW of W_hh @ h: one GEMM over all T*B rows
-    _grads["W_hh"] = _dg_W_hh__h.reshape(_T * _B, _H)[:, 0:_H].T @ _s_h[:_T].reshape(_T * _B, _H)
+    _grads["W_hh"] = _dg_W_hh__h.reshape(_T * _B, _H).T @ _s_h[:_T].reshape(_T * _B, _H)
     # dW of W_ih @ x: one GEMM over all T*B rows
-    _grads["W_ih"] = _dg_W_hh__h.reshape(_T * _B, _H)[:, 0:_H].T @ _x_x.reshape(_T * _B, _I)
+    _grads["W_ih"] = _dg_W_hh__h.reshape(_T * _B, _H).T @ _x_x.reshape(_T * _B, _I)
     torch.mm(_dg_W_hh__h.reshape(_T * _B, _H), _w_W_ih, out=_dx_x.reshape(_T * _B, _I))
     _sum = _dg_W_hh__h.reshape(_T * _B, _H).sum(0)
     _grads["b_ih"] = _sum

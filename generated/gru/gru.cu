@@ -1242,7 +1242,7 @@ extern "C" int gru_inference_f64(const int64_t* dims, void* const* ptrs, const v
 
 // =============================================================================================
 // gru: the whole sequence, backward
-// ptrs: 0 x_x, 1 s_h, 2 p_b_r, 3 p_b_u, 4 p_b_c, 5 v_r, 6 v_u, 7 v_U_c_in, 8 v_c, 9 dout_h_next, 10 ds_h, 11 dx_x, 12 dg_U_r_U_u__h, 13 tmp_d_h_gemm, 14 dg_U_c__U_c_in, 15 tmp_d_U_c_in_gemm, 16 dhg_W_r_W_u_W_c__x, 17 tmp_d_h_next, 18 tmp_d_U_c_in, 19 weight W_r_W_u_W_c, 20 weight U_r_U_u, 21 weight U_c, 22 d W_r, 23 d U_r, 24 d b_r, 25 d W_u, 26 d U_u, 27 d b_u, 28 d W_c, 29 d U_c, 30 d b_c
+// ptrs: 0 x_x, 1 s_h, 2 p_b_r, 3 p_b_u, 4 p_b_c, 5 v_r, 6 v_u, 7 v_U_c_in, 8 v_c, 9 dout_h_next, 10 ds_h, 11 dx_x, 12 dg_U_r_U_u__h, 13 tmp_d_h_gemm, 14 dg_U_c__U_c_in, 15 tmp_d_U_c_in_gemm, 16 dhg_W_r_W_u_W_c__x, 17 tmp_d_h_next, 18 tmp_d_U_c_in, 19 dw_U_r_U_u, 20 dw_W_r_W_u_W_c, 21 weight W_r_W_u_W_c, 22 weight U_r_U_u, 23 weight U_c, 24 d W_r, 25 d U_r, 26 d b_r, 27 d W_u, 28 d U_u, 29 d b_u, 30 d W_c, 31 d U_c, 32 d b_c
 // =============================================================================================
 template <typename S, typename G>
 static int gru_backward_run(const int64_t* dims, void* const* ptrs, const cs_ctx* ctx)
@@ -1293,29 +1293,33 @@ static int gru_backward_run(const int64_t* dims, void* const* ptrs, const cs_ctx
     (void)b_tmp_d_h_next;
     S* b_tmp_d_U_c_in = (S*)ptrs[18];
     (void)b_tmp_d_U_c_in;
-    const S* w_W_r_W_u_W_c = (const S*)ptrs[19];
+    G* b_dw_U_r_U_u = (G*)ptrs[19];
+    (void)b_dw_U_r_U_u;
+    G* b_dw_W_r_W_u_W_c = (G*)ptrs[20];
+    (void)b_dw_W_r_W_u_W_c;
+    const S* w_W_r_W_u_W_c = (const S*)ptrs[21];
     (void)w_W_r_W_u_W_c;
-    const S* w_U_r_U_u = (const S*)ptrs[20];
+    const S* w_U_r_U_u = (const S*)ptrs[22];
     (void)w_U_r_U_u;
-    const S* w_U_c = (const S*)ptrs[21];
+    const S* w_U_c = (const S*)ptrs[23];
     (void)w_U_c;
-    G* g_W_r = (G*)ptrs[22];
+    G* g_W_r = (G*)ptrs[24];
     (void)g_W_r;
-    G* g_U_r = (G*)ptrs[23];
+    G* g_U_r = (G*)ptrs[25];
     (void)g_U_r;
-    G* g_b_r = (G*)ptrs[24];
+    G* g_b_r = (G*)ptrs[26];
     (void)g_b_r;
-    G* g_W_u = (G*)ptrs[25];
+    G* g_W_u = (G*)ptrs[27];
     (void)g_W_u;
-    G* g_U_u = (G*)ptrs[26];
+    G* g_U_u = (G*)ptrs[28];
     (void)g_U_u;
-    G* g_b_u = (G*)ptrs[27];
+    G* g_b_u = (G*)ptrs[29];
     (void)g_b_u;
-    G* g_W_c = (G*)ptrs[28];
+    G* g_W_c = (G*)ptrs[30];
     (void)g_W_c;
-    G* g_U_c = (G*)ptrs[29];
+    G* g_U_c = (G*)ptrs[31];
     (void)g_U_c;
-    G* g_b_c = (G*)ptrs[30];
+    G* g_b_c = (G*)ptrs[32];
     (void)g_b_c;
     (void)ctx;
     cs_packed<S> pk_U_c_nn = cs_pack(ctx, 0, n_B, n_H, n_H, w_U_c, n_H);
@@ -1335,14 +1339,16 @@ static int gru_backward_run(const int64_t* dims, void* const* ptrs, const cs_ctx
     cs_unpack(pk_U_c_nn);
     cs_unpack(pk_U_r_U_u_nn);
     // d[U_r, U_u] += dg_U_r_U_u__h^T @ h  (U_r @ h, U_u @ h)
-    CS_GEMM_TN(n_H, n_H, n_T * n_B, b_dg_U_r_U_u__h, 2*n_H, b_s_h, n_H, g_U_r, n_H, 0);
-    CS_GEMM_TN(n_H, n_H, n_T * n_B, b_dg_U_r_U_u__h + n_H, 2*n_H, b_s_h, n_H, g_U_u, n_H, 0);
+    CS_GEMM_TN(2*n_H, n_H, n_T * n_B, b_dg_U_r_U_u__h, 2*n_H, b_s_h, n_H, b_dw_U_r_U_u, n_H, 0);
+    CS_ADD(n_H * n_H, b_dw_U_r_U_u, g_U_r, 0);
+    CS_ADD(n_H * n_H, b_dw_U_r_U_u + (n_H) * n_H, g_U_u, 0);
     // d[U_c] += dg_U_c__U_c_in^T @ U_c_in  (U_c @ U_c_in)
     CS_GEMM_TN(n_H, n_H, n_T * n_B, b_dg_U_c__U_c_in, n_H, b_v_U_c_in, n_H, g_U_c, n_H, 0);
     // d[W_r, W_u, W_c] += dhg_W_r_W_u_W_c__x^T @ x  (W_r @ x, W_u @ x, W_c @ x)
-    CS_GEMM_TN(n_H, n_I, n_T * n_B, b_dhg_W_r_W_u_W_c__x, 3*n_H, b_x_x, n_I, g_W_r, n_I, 0);
-    CS_GEMM_TN(n_H, n_I, n_T * n_B, b_dhg_W_r_W_u_W_c__x + n_H, 3*n_H, b_x_x, n_I, g_W_u, n_I, 0);
-    CS_GEMM_TN(n_H, n_I, n_T * n_B, b_dhg_W_r_W_u_W_c__x + 2*n_H, 3*n_H, b_x_x, n_I, g_W_c, n_I, 0);
+    CS_GEMM_TN(3*n_H, n_I, n_T * n_B, b_dhg_W_r_W_u_W_c__x, 3*n_H, b_x_x, n_I, b_dw_W_r_W_u_W_c, n_I, 0);
+    CS_ADD(n_H * n_I, b_dw_W_r_W_u_W_c, g_W_r, 0);
+    CS_ADD(n_H * n_I, b_dw_W_r_W_u_W_c + (n_H) * n_I, g_W_u, 0);
+    CS_ADD(n_H * n_I, b_dw_W_r_W_u_W_c + (2*n_H) * n_I, g_W_c, 0);
     // grad_input:x = dhg_W_r_W_u_W_c__x @ [W_r, W_u, W_c]
     CS_GEMM_NN(n_T * n_B, n_I, 3*n_H, b_dhg_W_r_W_u_W_c__x, 3*n_H, w_W_r_W_u_W_c, n_I, b_dx_x, n_I, 0);
     // d[b_r] += sum over rows of d_b_r

@@ -293,14 +293,16 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final):
         _dhg_W_r_W_u_W_c__x[_t][:, _H:2*_H][...] = d_W_u_x
         _dhg_W_r_W_u_W_c__x[_t][:, 2*_H:3*_H][...] = d_W_c_x
     # dW of U_r @ h, U_u @ h: one GEMM over all T*B rows
-    _grads["U_r"] = _dg_U_r_U_u__h.reshape(_T * _B, 2*_H)[:, 0:_H].T @ _s_h[:_T].reshape(_T * _B, _H)
-    _grads["U_u"] = _dg_U_r_U_u__h.reshape(_T * _B, 2*_H)[:, _H:2*_H].T @ _s_h[:_T].reshape(_T * _B, _H)
+    _dw = _dg_U_r_U_u__h.reshape(_T * _B, 2*_H).T @ _s_h[:_T].reshape(_T * _B, _H)
+    _grads["U_r"] = _dw[0:_H]
+    _grads["U_u"] = _dw[_H:2*_H]
     # dW of U_c @ U_c_in: one GEMM over all T*B rows
-    _grads["U_c"] = _dg_U_c__U_c_in.reshape(_T * _B, _H)[:, 0:_H].T @ _v_U_c_in.reshape(_T * _B, _H)
+    _grads["U_c"] = _dg_U_c__U_c_in.reshape(_T * _B, _H).T @ _v_U_c_in.reshape(_T * _B, _H)
     # dW of W_r @ x, W_u @ x, W_c @ x: one GEMM over all T*B rows
-    _grads["W_r"] = _dhg_W_r_W_u_W_c__x.reshape(_T * _B, 3*_H)[:, 0:_H].T @ _x_x.reshape(_T * _B, _I)
-    _grads["W_u"] = _dhg_W_r_W_u_W_c__x.reshape(_T * _B, 3*_H)[:, _H:2*_H].T @ _x_x.reshape(_T * _B, _I)
-    _grads["W_c"] = _dhg_W_r_W_u_W_c__x.reshape(_T * _B, 3*_H)[:, 2*_H:3*_H].T @ _x_x.reshape(_T * _B, _I)
+    _dw = _dhg_W_r_W_u_W_c__x.reshape(_T * _B, 3*_H).T @ _x_x.reshape(_T * _B, _I)
+    _grads["W_r"] = _dw[0:_H]
+    _grads["W_u"] = _dw[_H:2*_H]
+    _grads["W_c"] = _dw[2*_H:3*_H]
     np.matmul(_dhg_W_r_W_u_W_c__x.reshape(_T * _B, 3*_H), _w_W_r_W_u_W_c, out=_dx_x.reshape(_T * _B, _I))
     _sum = _dg_U_r_U_u__h.reshape(_T * _B, 2*_H)[:, 0:_H].sum(0)
     _grads["b_r"] = _sum

@@ -312,14 +312,16 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final):
         _dhg_W_r_W_u_W_c__x_rows[_t][:, _H:2*_H].copy_(d_W_u_x)
         _dhg_W_r_W_u_W_c__x_rows[_t][:, 2*_H:3*_H].copy_(d_W_c_x)
     # dW of U_r @ h, U_u @ h: one GEMM over all T*B rows
-    _grads["U_r"] = _dg_U_r_U_u__h.reshape(_T * _B, 2*_H)[:, 0:_H].T @ _s_h[:_T].reshape(_T * _B, _H)
-    _grads["U_u"] = _dg_U_r_U_u__h.reshape(_T * _B, 2*_H)[:, _H:2*_H].T @ _s_h[:_T].reshape(_T * _B, _H)
+    _dw = _dg_U_r_U_u__h.reshape(_T * _B, 2*_H).T @ _s_h[:_T].reshape(_T * _B, _H)
+    _grads["U_r"] = _dw[0:_H]
+    _grads["U_u"] = _dw[_H:2*_H]
     # dW of U_c @ U_c_in: one GEMM over all T*B rows
-    _grads["U_c"] = _dg_U_c__U_c_in.reshape(_T * _B, _H)[:, 0:_H].T @ _v_U_c_in.reshape(_T * _B, _H)
+    _grads["U_c"] = _dg_U_c__U_c_in.reshape(_T * _B, _H).T @ _v_U_c_in.reshape(_T * _B, _H)
     # dW of W_r @ x, W_u @ x, W_c @ x: one GEMM over all T*B rows
-    _grads["W_r"] = _dhg_W_r_W_u_W_c__x.reshape(_T * _B, 3*_H)[:, 0:_H].T @ _x_x.reshape(_T * _B, _I)
-    _grads["W_u"] = _dhg_W_r_W_u_W_c__x.reshape(_T * _B, 3*_H)[:, _H:2*_H].T @ _x_x.reshape(_T * _B, _I)
-    _grads["W_c"] = _dhg_W_r_W_u_W_c__x.reshape(_T * _B, 3*_H)[:, 2*_H:3*_H].T @ _x_x.reshape(_T * _B, _I)
+    _dw = _dhg_W_r_W_u_W_c__x.reshape(_T * _B, 3*_H).T @ _x_x.reshape(_T * _B, _I)
+    _grads["W_r"] = _dw[0:_H]
+    _grads["W_u"] = _dw[_H:2*_H]
+    _grads["W_c"] = _dw[2*_H:3*_H]
     torch.mm(_dhg_W_r_W_u_W_c__x.reshape(_T * _B, 3*_H), _w_W_r_W_u_W_c, out=_dx_x.reshape(_T * _B, _I))
     _sum = _dg_U_r_U_u__h.reshape(_T * _B, 2*_H)[:, 0:_H].sum(0)
     _grads["b_r"] = _sum
@@ -563,16 +565,18 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals):
     dhg_W_r_W_u_W_c__x = _empty((_T, _B, 3*_H))
     tmp_d_h_next = _empty((_B, _H))
     tmp_d_U_c_in = _empty((_B, _H))
+    dw_U_r_U_u = _gempty((2*_H, _H))
+    dw_W_r_W_u_W_c = _gempty((3*_H, _I))
     _grads = {"W_r": _gempty((_H, _I)), "U_r": _gempty((_H, _H)), "b_r": _gempty((_H,)), "W_u": _gempty((_H, _I)), "U_u": _gempty((_H, _H)), "b_u": _gempty((_H,)), "W_c": _gempty((_H, _I)), "U_c": _gempty((_H, _H)), "b_c": _gempty((_H,))}
     if _lib is not None:
-        _lib("backward", _dims, [x_x, s_h, p_b_r, p_b_u, p_b_c, v_r, v_u, v_U_c_in, v_c, dout_h_next, ds_h, dx_x, dg_U_r_U_u__h, tmp_d_h_gemm, dg_U_c__U_c_in, tmp_d_U_c_in_gemm, dhg_W_r_W_u_W_c__x, tmp_d_h_next, tmp_d_U_c_in, torch.cat((_params["W_r"], _params["W_u"], _params["W_c"],)), torch.cat((_params["U_r"], _params["U_u"],)), _params["U_c"].contiguous(), *_grads.values()])
+        _lib("backward", _dims, [x_x, s_h, p_b_r, p_b_u, p_b_c, v_r, v_u, v_U_c_in, v_c, dout_h_next, ds_h, dx_x, dg_U_r_U_u__h, tmp_d_h_gemm, dg_U_c__U_c_in, tmp_d_U_c_in_gemm, dhg_W_r_W_u_W_c__x, tmp_d_h_next, tmp_d_U_c_in, dw_U_r_U_u, dw_W_r_W_u_W_c, torch.cat((_params["W_r"], _params["W_u"], _params["W_c"],)), torch.cat((_params["U_r"], _params["U_u"],)), _params["U_c"].contiguous(), *_grads.values()])
     return _grads, (dx_x,), (ds_h,)
 
 
 # The same two calls as PyTorch custom ops, for torch.compile (which traces them through their
 # fake implementations: the allocations above, without the call). Registered once per process
 # and content of this file; outputs are copies (an op's outputs may not alias each other).
-_OP = "gru_11e5997657f8"
+_OP = "gru_675c4dea1b3b"
 
 
 def _op_forward_impl(xs: list[torch.Tensor], states: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -193,7 +193,7 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final):
         _dp_b[_t][...] = d_b
         _dhg_W__x[_t][...] = d_W_x
     # dW of W @ x: one GEMM over all T*B rows
-    _grads["W"] = _dhg_W__x.reshape(_T * _B, _H)[:, 0:_H].T @ _x_x.reshape(_T * _B, _I)
+    _grads["W"] = _dhg_W__x.reshape(_T * _B, _H).T @ _x_x.reshape(_T * _B, _I)
     np.matmul(_dhg_W__x.reshape(_T * _B, _H), _w_W, out=_dx_x.reshape(_T * _B, _I))
     _sum = _dp_u.reshape(_T * _B, _H).sum(0)
     _grads["u"] = _sum

@@ -187,7 +187,7 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final):
         _dp_b_rows[_t].copy_(d_b)
         _dhg_W__x_rows[_t].copy_(d_W_x)
     # dW of W @ x: one GEMM over all T*B rows
-    _grads["W"] = _dhg_W__x.reshape(_T * _B, _H)[:, 0:_H].T @ _x_x.reshape(_T * _B, _I)
+    _grads["W"] = _dhg_W__x.reshape(_T * _B, _H).T @ _x_x.reshape(_T * _B, _I)
     torch.mm(_dhg_W__x.reshape(_T * _B, _H), _w_W, out=_dx_x.reshape(_T * _B, _I))
     _sum = _dp_u.reshape(_T * _B, _H).sum(0)
     _grads["u"] = _sum

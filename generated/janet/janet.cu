@@ -879,7 +879,7 @@ extern "C" int janet_inference_f64(const int64_t* dims, void* const* ptrs, const
 
 // =============================================================================================
 // janet: the whole sequence, backward
-// ptrs: 0 x_x, 1 s_h, 2 p_b_f, 3 p_b_c, 4 v_s, 5 v_c_tilde, 6 dout_h_next, 7 ds_h, 8 dx_x, 9 dg_U_f_U_c__h, 10 tmp_d_h_gemm, 11 tmp_d_h_next, 12 weight W_f_W_c, 13 weight U_f_U_c, 14 d W_f, 15 d U_f, 16 d b_f, 17 d W_c, 18 d U_c, 19 d b_c
+// ptrs: 0 x_x, 1 s_h, 2 p_b_f, 3 p_b_c, 4 v_s, 5 v_c_tilde, 6 dout_h_next, 7 ds_h, 8 dx_x, 9 dg_U_f_U_c__h, 10 tmp_d_h_gemm, 11 tmp_d_h_next, 12 dw_U_f_U_c, 13 dw_W_f_W_c, 14 weight W_f_W_c, 15 weight U_f_U_c, 16 d W_f, 17 d U_f, 18 d b_f, 19 d W_c, 20 d U_c, 21 d b_c
 // =============================================================================================
 template <typename S, typename G>
 static int janet_backward_run(const int64_t* dims, void* const* ptrs, const cs_ctx* ctx)
@@ -916,21 +916,25 @@ static int janet_backward_run(const int64_t* dims, void* const* ptrs, const cs_c
     (void)b_tmp_d_h_gemm;
     S* b_tmp_d_h_next = (S*)ptrs[11];
     (void)b_tmp_d_h_next;
-    const S* w_W_f_W_c = (const S*)ptrs[12];
+    G* b_dw_U_f_U_c = (G*)ptrs[12];
+    (void)b_dw_U_f_U_c;
+    G* b_dw_W_f_W_c = (G*)ptrs[13];
+    (void)b_dw_W_f_W_c;
+    const S* w_W_f_W_c = (const S*)ptrs[14];
     (void)w_W_f_W_c;
-    const S* w_U_f_U_c = (const S*)ptrs[13];
+    const S* w_U_f_U_c = (const S*)ptrs[15];
     (void)w_U_f_U_c;
-    G* g_W_f = (G*)ptrs[14];
+    G* g_W_f = (G*)ptrs[16];
     (void)g_W_f;
-    G* g_U_f = (G*)ptrs[15];
+    G* g_U_f = (G*)ptrs[17];
     (void)g_U_f;
-    G* g_b_f = (G*)ptrs[16];
+    G* g_b_f = (G*)ptrs[18];
     (void)g_b_f;
-    G* g_W_c = (G*)ptrs[17];
+    G* g_W_c = (G*)ptrs[19];
     (void)g_W_c;
-    G* g_U_c = (G*)ptrs[18];
+    G* g_U_c = (G*)ptrs[20];
     (void)g_U_c;
-    G* g_b_c = (G*)ptrs[19];
+    G* g_b_c = (G*)ptrs[21];
     (void)g_b_c;
     (void)ctx;
     cs_packed<S> pk_U_f_U_c_nn = cs_pack(ctx, 0, n_B, n_H, 2*n_H, w_U_f_U_c, n_H);
@@ -944,11 +948,13 @@ static int janet_backward_run(const int64_t* dims, void* const* ptrs, const cs_c
     }
     cs_unpack(pk_U_f_U_c_nn);
     // d[U_f, U_c] += dg_U_f_U_c__h^T @ h  (U_f @ h, U_c @ h)
-    CS_GEMM_TN(n_H, n_H, n_T * n_B, b_dg_U_f_U_c__h, 2*n_H, b_s_h, n_H, g_U_f, n_H, 0);
-    CS_GEMM_TN(n_H, n_H, n_T * n_B, b_dg_U_f_U_c__h + n_H, 2*n_H, b_s_h, n_H, g_U_c, n_H, 0);
+    CS_GEMM_TN(2*n_H, n_H, n_T * n_B, b_dg_U_f_U_c__h, 2*n_H, b_s_h, n_H, b_dw_U_f_U_c, n_H, 0);
+    CS_ADD(n_H * n_H, b_dw_U_f_U_c, g_U_f, 0);
+    CS_ADD(n_H * n_H, b_dw_U_f_U_c + (n_H) * n_H, g_U_c, 0);
     // d[W_f, W_c] += dg_U_f_U_c__h^T @ x  (W_f @ x, W_c @ x)
-    CS_GEMM_TN(n_H, n_I, n_T * n_B, b_dg_U_f_U_c__h, 2*n_H, b_x_x, n_I, g_W_f, n_I, 0);
-    CS_GEMM_TN(n_H, n_I, n_T * n_B, b_dg_U_f_U_c__h + n_H, 2*n_H, b_x_x, n_I, g_W_c, n_I, 0);
+    CS_GEMM_TN(2*n_H, n_I, n_T * n_B, b_dg_U_f_U_c__h, 2*n_H, b_x_x, n_I, b_dw_W_f_W_c, n_I, 0);
+    CS_ADD(n_H * n_I, b_dw_W_f_W_c, g_W_f, 0);
+    CS_ADD(n_H * n_I, b_dw_W_f_W_c + (n_H) * n_I, g_W_c, 0);
     // grad_input:x = dg_U_f_U_c__h @ [W_f, W_c]
     CS_GEMM_NN(n_T * n_B, n_I, 2*n_H, b_dg_U_f_U_c__h, 2*n_H, w_W_f_W_c, n_I, b_dx_x, n_I, 0);
     // d[b_f] += sum over rows of d_b_f

@@ -225,11 +225,13 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final):
         d_h = d_h_gemm + d_h_next*_sigmoid(s)  # adjoint of state h
         _ds_h[...] = d_h
     # dW of U_f @ h, U_c @ h: one GEMM over all T*B rows
-    _grads["U_f"] = _dg_U_f_U_c__h.reshape(_T * _B, 2*_H)[:, 0:_H].T @ _s_h[:_T].reshape(_T * _B, _H)
-    _grads["U_c"] = _dg_U_f_U_c__h.reshape(_T * _B, 2*_H)[:, _H:2*_H].T @ _s_h[:_T].reshape(_T * _B, _H)
+    _dw = _dg_U_f_U_c__h.reshape(_T * _B, 2*_H).T @ _s_h[:_T].reshape(_T * _B, _H)
+    _grads["U_f"] = _dw[0:_H]
+    _grads["U_c"] = _dw[_H:2*_H]
     # dW of W_f @ x, W_c @ x: one GEMM over all T*B rows
-    _grads["W_f"] = _dg_U_f_U_c__h.reshape(_T * _B, 2*_H)[:, 0:_H].T @ _x_x.reshape(_T * _B, _I)
-    _grads["W_c"] = _dg_U_f_U_c__h.reshape(_T * _B, 2*_H)[:, _H:2*_H].T @ _x_x.reshape(_T * _B, _I)
+    _dw = _dg_U_f_U_c__h.reshape(_T * _B, 2*_H).T @ _x_x.reshape(_T * _B, _I)
+    _grads["W_f"] = _dw[0:_H]
+    _grads["W_c"] = _dw[_H:2*_H]
     np.matmul(_dg_U_f_U_c__h.reshape(_T * _B, 2*_H), _w_W_f_W_c, out=_dx_x.reshape(_T * _B, _I))
     _sum = _dg_U_f_U_c__h.reshape(_T * _B, 2*_H)[:, 0:_H].sum(0)
     _grads["b_f"] = _sum

@@ -232,11 +232,13 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final):
         d_h = d_h_gemm + d_h_next*torch.sigmoid(s)  # adjoint of state h
         _ds_h.copy_(d_h)
     # dW of U_f @ h, U_c @ h: one GEMM over all T*B rows
-    _grads["U_f"] = _dg_U_f_U_c__h.reshape(_T * _B, 2*_H)[:, 0:_H].T @ _s_h[:_T].reshape(_T * _B, _H)
-    _grads["U_c"] = _dg_U_f_U_c__h.reshape(_T * _B, 2*_H)[:, _H:2*_H].T @ _s_h[:_T].reshape(_T * _B, _H)
+    _dw = _dg_U_f_U_c__h.reshape(_T * _B, 2*_H).T @ _s_h[:_T].reshape(_T * _B, _H)
+    _grads["U_f"] = _dw[0:_H]
+    _grads["U_c"] = _dw[_H:2*_H]
     # dW of W_f @ x, W_c @ x: one GEMM over all T*B rows
-    _grads["W_f"] = _dg_U_f_U_c__h.reshape(_T * _B, 2*_H)[:, 0:_H].T @ _x_x.reshape(_T * _B, _I)
-    _grads["W_c"] = _dg_U_f_U_c__h.reshape(_T * _B, 2*_H)[:, _H:2*_H].T @ _x_x.reshape(_T * _B, _I)
+    _dw = _dg_U_f_U_c__h.reshape(_T * _B, 2*_H).T @ _x_x.reshape(_T * _B, _I)
+    _grads["W_f"] = _dw[0:_H]
+    _grads["W_c"] = _dw[_H:2*_H]
     torch.mm(_dg_U_f_U_c__h.reshape(_T * _B, 2*_H), _w_W_f_W_c, out=_dx_x.reshape(_T * _B, _I))
     _sum = _dg_U_f_U_c__h.reshape(_T * _B, 2*_H)[:, 0:_H].sum(0)
     _grads["b_f"] = _sum
@@ -463,16 +465,18 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals):
     dg_U_f_U_c__h = _empty((_T, _B, 2*_H))
     tmp_d_h_gemm = _empty((_B, _H))
     tmp_d_h_next = _empty((_B, _H))
+    dw_U_f_U_c = _gempty((2*_H, _H))
+    dw_W_f_W_c = _gempty((2*_H, _I))
     _grads = {"W_f": _gempty((_H, _I)), "U_f": _gempty((_H, _H)), "b_f": _gempty((_H,)), "W_c": _gempty((_H, _I)), "U_c": _gempty((_H, _H)), "b_c": _gempty((_H,))}
     if _lib is not None:
-        _lib("backward", _dims, [x_x, s_h, p_b_f, p_b_c, v_s, v_c_tilde, dout_h_next, ds_h, dx_x, dg_U_f_U_c__h, tmp_d_h_gemm, tmp_d_h_next, torch.cat((_params["W_f"], _params["W_c"],)), torch.cat((_params["U_f"], _params["U_c"],)), *_grads.values()])
+        _lib("backward", _dims, [x_x, s_h, p_b_f, p_b_c, v_s, v_c_tilde, dout_h_next, ds_h, dx_x, dg_U_f_U_c__h, tmp_d_h_gemm, tmp_d_h_next, dw_U_f_U_c, dw_W_f_W_c, torch.cat((_params["W_f"], _params["W_c"],)), torch.cat((_params["U_f"], _params["U_c"],)), *_grads.values()])
     return _grads, (dx_x,), (ds_h,)
 
 
 # The same two calls as PyTorch custom ops, for torch.compile (which traces them through their
 # fake implementations: the allocations above, without the call). Registered once per process
 # and content of this file; outputs are copies (an op's outputs may not alias each other).
-_OP = "janet_678ceaee24e8"
+_OP = "janet_4e2f2b85448f"
 
 
 def _op_forward_impl(xs: list[torch.Tensor], states: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:

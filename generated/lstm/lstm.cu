@@ -1046,7 +1046,7 @@ extern "C" int lstm_inference_f64(const int64_t* dims, void* const* ptrs, const 
 
 // =============================================================================================
 // lstm: the whole sequence, backward
-// ptrs: 0 x_x, 1 s_h, 2 s_c, 3 p_b_ii, 4 p_b_hi, 5 p_b_if, 6 p_b_hf, 7 p_b_ig, 8 p_b_hg, 9 p_b_io, 10 p_b_ho, 11 v_i, 12 v_f, 13 v_g, 14 v_o, 15 dout_h_next, 16 ds_h, 17 ds_c, 18 dx_x, 19 dg_W_hi_W_hf_W_hg_W_ho__h, 20 tmp_d_h_gemm, 21 tmp_d_c_next, 22 sum_d_b_ii, 23 sum_d_b_if, 24 sum_d_b_ig, 25 sum_d_b_io, 26 weight W_ii_W_if_W_ig_W_io, 27 weight W_hi_W_hf_W_hg_W_ho, 28 d W_ii, 29 d W_hi, 30 d b_ii, 31 d b_hi, 32 d W_if, 33 d W_hf, 34 d b_if, 35 d b_hf, 36 d W_ig, 37 d W_hg, 38 d b_ig, 39 d b_hg, 40 d W_io, 41 d W_ho, 42 d b_io, 43 d b_ho
+// ptrs: 0 x_x, 1 s_h, 2 s_c, 3 p_b_ii, 4 p_b_hi, 5 p_b_if, 6 p_b_hf, 7 p_b_ig, 8 p_b_hg, 9 p_b_io, 10 p_b_ho, 11 v_i, 12 v_f, 13 v_g, 14 v_o, 15 dout_h_next, 16 ds_h, 17 ds_c, 18 dx_x, 19 dg_W_hi_W_hf_W_hg_W_ho__h, 20 tmp_d_h_gemm, 21 tmp_d_c_next, 22 dw_W_hi_W_hf_W_hg_W_ho, 23 dw_W_ii_W_if_W_ig_W_io, 24 sum_d_b_ii, 25 sum_d_b_if, 26 sum_d_b_ig, 27 sum_d_b_io, 28 weight W_ii_W_if_W_ig_W_io, 29 weight W_hi_W_hf_W_hg_W_ho, 30 d W_ii, 31 d W_hi, 32 d b_ii, 33 d b_hi, 34 d W_if, 35 d W_hf, 36 d b_if, 37 d b_hf, 38 d W_ig, 39 d W_hg, 40 d b_ig, 41 d b_hg, 42 d W_io, 43 d W_ho, 44 d b_io, 45 d b_ho
 // =============================================================================================
 template <typename S, typename G>
 static int lstm_backward_run(const int64_t* dims, void* const* ptrs, const cs_ctx* ctx)
@@ -1103,49 +1103,53 @@ static int lstm_backward_run(const int64_t* dims, void* const* ptrs, const cs_ct
     (void)b_tmp_d_h_gemm;
     S* b_tmp_d_c_next = (S*)ptrs[21];
     (void)b_tmp_d_c_next;
-    G* b_sum_d_b_ii = (G*)ptrs[22];
+    G* b_dw_W_hi_W_hf_W_hg_W_ho = (G*)ptrs[22];
+    (void)b_dw_W_hi_W_hf_W_hg_W_ho;
+    G* b_dw_W_ii_W_if_W_ig_W_io = (G*)ptrs[23];
+    (void)b_dw_W_ii_W_if_W_ig_W_io;
+    G* b_sum_d_b_ii = (G*)ptrs[24];
     (void)b_sum_d_b_ii;
-    G* b_sum_d_b_if = (G*)ptrs[23];
+    G* b_sum_d_b_if = (G*)ptrs[25];
     (void)b_sum_d_b_if;
-    G* b_sum_d_b_ig = (G*)ptrs[24];
+    G* b_sum_d_b_ig = (G*)ptrs[26];
     (void)b_sum_d_b_ig;
-    G* b_sum_d_b_io = (G*)ptrs[25];
+    G* b_sum_d_b_io = (G*)ptrs[27];
     (void)b_sum_d_b_io;
-    const S* w_W_ii_W_if_W_ig_W_io = (const S*)ptrs[26];
+    const S* w_W_ii_W_if_W_ig_W_io = (const S*)ptrs[28];
     (void)w_W_ii_W_if_W_ig_W_io;
-    const S* w_W_hi_W_hf_W_hg_W_ho = (const S*)ptrs[27];
+    const S* w_W_hi_W_hf_W_hg_W_ho = (const S*)ptrs[29];
     (void)w_W_hi_W_hf_W_hg_W_ho;
-    G* g_W_ii = (G*)ptrs[28];
+    G* g_W_ii = (G*)ptrs[30];
     (void)g_W_ii;
-    G* g_W_hi = (G*)ptrs[29];
+    G* g_W_hi = (G*)ptrs[31];
     (void)g_W_hi;
-    G* g_b_ii = (G*)ptrs[30];
+    G* g_b_ii = (G*)ptrs[32];
     (void)g_b_ii;
-    G* g_b_hi = (G*)ptrs[31];
+    G* g_b_hi = (G*)ptrs[33];
     (void)g_b_hi;
-    G* g_W_if = (G*)ptrs[32];
+    G* g_W_if = (G*)ptrs[34];
     (void)g_W_if;
-    G* g_W_hf = (G*)ptrs[33];
+    G* g_W_hf = (G*)ptrs[35];
     (void)g_W_hf;
-    G* g_b_if = (G*)ptrs[34];
+    G* g_b_if = (G*)ptrs[36];
     (void)g_b_if;
-    G* g_b_hf = (G*)ptrs[35];
+    G* g_b_hf = (G*)ptrs[37];
     (void)g_b_hf;
-    G* g_W_ig = (G*)ptrs[36];
+    G* g_W_ig = (G*)ptrs[38];
     (void)g_W_ig;
-    G* g_W_hg = (G*)ptrs[37];
+    G* g_W_hg = (G*)ptrs[39];
     (void)g_W_hg;
-    G* g_b_ig = (G*)ptrs[38];
+    G* g_b_ig = (G*)ptrs[40];
     (void)g_b_ig;
-    G* g_b_hg = (G*)ptrs[39];
+    G* g_b_hg = (G*)ptrs[41];
     (void)g_b_hg;
-    G* g_W_io = (G*)ptrs[40];
+    G* g_W_io = (G*)ptrs[42];
     (void)g_W_io;
-    G* g_W_ho = (G*)ptrs[41];
+    G* g_W_ho = (G*)ptrs[43];
     (void)g_W_ho;
-    G* g_b_io = (G*)ptrs[42];
+    G* g_b_io = (G*)ptrs[44];
     (void)g_b_io;
-    G* g_b_ho = (G*)ptrs[43];
+    G* g_b_ho = (G*)ptrs[45];
     (void)g_b_ho;
     (void)ctx;
     cs_packed<S> pk_W_hi_W_hf_W_hg_W_ho_nn = cs_pack(ctx, 0, n_B, n_H, 4*n_H, w_W_hi_W_hf_W_hg_W_ho, n_H);
@@ -1159,15 +1163,17 @@ static int lstm_backward_run(const int64_t* dims, void* const* ptrs, const cs_ct
     }
     cs_unpack(pk_W_hi_W_hf_W_hg_W_ho_nn);
     // d[W_hi, W_hf, W_hg, W_ho] += dg_W_hi_W_hf_W_hg_W_ho__h^T @ h  (W_hi @ h, W_hf @ h, W_hg @ h, W_ho @ h)
-    CS_GEMM_TN(n_H, n_H, n_T * n_B, b_dg_W_hi_W_hf_W_hg_W_ho__h, 4*n_H, b_s_h, n_H, g_W_hi, n_H, 0);
-    CS_GEMM_TN(n_H, n_H, n_T * n_B, b_dg_W_hi_W_hf_W_hg_W_ho__h + n_H, 4*n_H, b_s_h, n_H, g_W_hf, n_H, 0);
-    CS_GEMM_TN(n_H, n_H, n_T * n_B, b_dg_W_hi_W_hf_W_hg_W_ho__h + 2*n_H, 4*n_H, b_s_h, n_H, g_W_hg, n_H, 0);
-    CS_GEMM_TN(n_H, n_H, n_T * n_B, b_dg_W_hi_W_hf_W_hg_W_ho__h + 3*n_H, 4*n_H, b_s_h, n_H, g_W_ho, n_H, 0);
+    CS_GEMM_TN(4*n_H, n_H, n_T * n_B, b_dg_W_hi_W_hf_W_hg_W_ho__h, 4*n_H, b_s_h, n_H, b_dw_W_hi_W_hf_W_hg_W_ho, n_H, 0);
+    CS_ADD(n_H * n_H, b_dw_W_hi_W_hf_W_hg_W_ho, g_W_hi, 0);
+    CS_ADD(n_H * n_H, b_dw_W_hi_W_hf_W_hg_W_ho + (n_H) * n_H, g_W_hf, 0);
+    CS_ADD(n_H * n_H, b_dw_W_hi_W_hf_W_hg_W_ho + (2*n_H) * n_H, g_W_hg, 0);
+    CS_ADD(n_H * n_H, b_dw_W_hi_W_hf_W_hg_W_ho + (3*n_H) * n_H, g_W_ho, 0);
     // d[W_ii, W_if, W_ig, W_io] += dg_W_hi_W_hf_W_hg_W_ho__h^T @ x  (W_ii @ x, W_if @ x, W_ig @ x, W_io @ x)
-    CS_GEMM_TN(n_H, n_I, n_T * n_B, b_dg_W_hi_W_hf_W_hg_W_ho__h, 4*n_H, b_x_x, n_I, g_W_ii, n_I, 0);
-    CS_GEMM_TN(n_H, n_I, n_T * n_B, b_dg_W_hi_W_hf_W_hg_W_ho__h + n_H, 4*n_H, b_x_x, n_I, g_W_if, n_I, 0);
-    CS_GEMM_TN(n_H, n_I, n_T * n_B, b_dg_W_hi_W_hf_W_hg_W_ho__h + 2*n_H, 4*n_H, b_x_x, n_I, g_W_ig, n_I, 0);
-    CS_GEMM_TN(n_H, n_I, n_T * n_B, b_dg_W_hi_W_hf_W_hg_W_ho__h + 3*n_H, 4*n_H, b_x_x, n_I, g_W_io, n_I, 0);
+    CS_GEMM_TN(4*n_H, n_I, n_T * n_B, b_dg_W_hi_W_hf_W_hg_W_ho__h, 4*n_H, b_x_x, n_I, b_dw_W_ii_W_if_W_ig_W_io, n_I, 0);
+    CS_ADD(n_H * n_I, b_dw_W_ii_W_if_W_ig_W_io, g_W_ii, 0);
+    CS_ADD(n_H * n_I, b_dw_W_ii_W_if_W_ig_W_io + (n_H) * n_I, g_W_if, 0);
+    CS_ADD(n_H * n_I, b_dw_W_ii_W_if_W_ig_W_io + (2*n_H) * n_I, g_W_ig, 0);
+    CS_ADD(n_H * n_I, b_dw_W_ii_W_if_W_ig_W_io + (3*n_H) * n_I, g_W_io, 0);
     // grad_input:x = dg_W_hi_W_hf_W_hg_W_ho__h @ [W_ii, W_if, W_ig, W_io]
     CS_GEMM_NN(n_T * n_B, n_I, 4*n_H, b_dg_W_hi_W_hf_W_hg_W_ho__h, 4*n_H, w_W_ii_W_if_W_ig_W_io, n_I, b_dx_x, n_I, 0);
     // d[b_ii, b_hi] += sum over rows of d_b_ii (summed once)

@@ -285,10 +285,6 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final):
     _dg_W_hi_W_hf_W_hg_W_ho__h = torch.empty((_T, _B, 4*_H), dtype=_dtype, device=_device)
     _tmp_d_h_gemm = torch.empty((_B, _H), dtype=_dtype, device=_device)
     _tmp_d_c_next = torch.empty((_B, _H), dtype=_dtype, device=_device)
-    _sum_d_b_ii = torch.empty((_H,), dtype=_dtype, device=_device)
-    _sum_d_b_if = torch.empty((_H,), dtype=_dtype, device=_device)
-    _sum_d_b_ig = torch.empty((_H,), dtype=_dtype, device=_device)
-    _sum_d_b_io = torch.empty((_H,), dtype=_dtype, device=_device)
     _s_c_rows = _s_c.unbind(0)
     _dout_h_next_rows = _dout_h_next.unbind(0)
     _v_f_rows = _v_f.unbind(0)
@@ -334,15 +330,17 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final):
         _ds_h.copy_(d_h)
         _ds_c.copy_(d_c)
     # dW of W_hi @ h, W_hf @ h, W_hg @ h, W_ho @ h: one GEMM over all T*B rows
-    _grads["W_hi"] = _dg_W_hi_W_hf_W_hg_W_ho__h.reshape(_T * _B, 4*_H)[:, 0:_H].T @ _s_h[:_T].reshape(_T * _B, _H)
-    _grads["W_hf"] = _dg_W_hi_W_hf_W_hg_W_ho__h.reshape(_T * _B, 4*_H)[:, _H:2*_H].T @ _s_h[:_T].reshape(_T * _B, _H)
-    _grads["W_hg"] = _dg_W_hi_W_hf_W_hg_W_ho__h.reshape(_T * _B, 4*_H)[:, 2*_H:3*_H].T @ _s_h[:_T].reshape(_T * _B, _H)
-    _grads["W_ho"] = _dg_W_hi_W_hf_W_hg_W_ho__h.reshape(_T * _B, 4*_H)[:, 3*_H:4*_H].T @ _s_h[:_T].reshape(_T * _B, _H)
+    _dw = _dg_W_hi_W_hf_W_hg_W_ho__h.reshape(_T * _B, 4*_H).T @ _s_h[:_T].reshape(_T * _B, _H)
+    _grads["W_hi"] = _dw[0:_H]
+    _grads["W_hf"] = _dw[_H:2*_H]
+    _grads["W_hg"] = _dw[2*_H:3*_H]
+    _grads["W_ho"] = _dw[3*_H:4*_H]
     # dW of W_ii @ x, W_if @ x, W_ig @ x, W_io @ x: one GEMM over all T*B rows
-    _grads["W_ii"] = _dg_W_hi_W_hf_W_hg_W_ho__h.reshape(_T * _B, 4*_H)[:, 0:_H].T @ _x_x.reshape(_T * _B, _I)
-    _grads["W_if"] = _dg_W_hi_W_hf_W_hg_W_ho__h.reshape(_T * _B, 4*_H)[:, _H:2*_H].T @ _x_x.reshape(_T * _B, _I)
-    _grads["W_ig"] = _dg_W_hi_W_hf_W_hg_W_ho__h.reshape(_T * _B, 4*_H)[:, 2*_H:3*_H].T @ _x_x.reshape(_T * _B, _I)
-    _grads["W_io"] = _dg_W_hi_W_hf_W_hg_W_ho__h.reshape(_T * _B, 4*_H)[:, 3*_H:4*_H].T @ _x_x.reshape(_T * _B, _I)
+    _dw = _dg_W_hi_W_hf_W_hg_W_ho__h.reshape(_T * _B, 4*_H).T @ _x_x.reshape(_T * _B, _I)
+    _grads["W_ii"] = _dw[0:_H]
+    _grads["W_if"] = _dw[_H:2*_H]
+    _grads["W_ig"] = _dw[2*_H:3*_H]
+    _grads["W_io"] = _dw[3*_H:4*_H]
     torch.mm(_dg_W_hi_W_hf_W_hg_W_ho__h.reshape(_T * _B, 4*_H), _w_W_ii_W_if_W_ig_W_io, out=_dx_x.reshape(_T * _B, _I))
     _sum = _dg_W_hi_W_hf_W_hg_W_ho__h.reshape(_T * _B, 4*_H)[:, 0:_H].sum(0)
     _grads["b_ii"] = _sum
@@ -605,20 +603,22 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals):
     dg_W_hi_W_hf_W_hg_W_ho__h = _empty((_T, _B, 4*_H))
     tmp_d_h_gemm = _empty((_B, _H))
     tmp_d_c_next = _empty((_B, _H))
+    dw_W_hi_W_hf_W_hg_W_ho = _gempty((4*_H, _H))
+    dw_W_ii_W_if_W_ig_W_io = _gempty((4*_H, _I))
     sum_d_b_ii = _gempty((_H,))
     sum_d_b_if = _gempty((_H,))
     sum_d_b_ig = _gempty((_H,))
     sum_d_b_io = _gempty((_H,))
     _grads = {"W_ii": _gempty((_H, _I)), "W_hi": _gempty((_H, _H)), "b_ii": _gempty((_H,)), "b_hi": _gempty((_H,)), "W_if": _gempty((_H, _I)), "W_hf": _gempty((_H, _H)), "b_if": _gempty((_H,)), "b_hf": _gempty((_H,)), "W_ig": _gempty((_H, _I)), "W_hg": _gempty((_H, _H)), "b_ig": _gempty((_H,)), "b_hg": _gempty((_H,)), "W_io": _gempty((_H, _I)), "W_ho": _gempty((_H, _H)), "b_io": _gempty((_H,)), "b_ho": _gempty((_H,))}
     if _lib is not None:
-        _lib("backward", _dims, [x_x, s_h, s_c, p_b_ii, p_b_hi, p_b_if, p_b_hf, p_b_ig, p_b_hg, p_b_io, p_b_ho, v_i, v_f, v_g, v_o, dout_h_next, ds_h, ds_c, dx_x, dg_W_hi_W_hf_W_hg_W_ho__h, tmp_d_h_gemm, tmp_d_c_next, sum_d_b_ii, sum_d_b_if, sum_d_b_ig, sum_d_b_io, torch.cat((_params["W_ii"], _params["W_if"], _params["W_ig"], _params["W_io"],)), torch.cat((_params["W_hi"], _params["W_hf"], _params["W_hg"], _params["W_ho"],)), *_grads.values()])
+        _lib("backward", _dims, [x_x, s_h, s_c, p_b_ii, p_b_hi, p_b_if, p_b_hf, p_b_ig, p_b_hg, p_b_io, p_b_ho, v_i, v_f, v_g, v_o, dout_h_next, ds_h, ds_c, dx_x, dg_W_hi_W_hf_W_hg_W_ho__h, tmp_d_h_gemm, tmp_d_c_next, dw_W_hi_W_hf_W_hg_W_ho, dw_W_ii_W_if_W_ig_W_io, sum_d_b_ii, sum_d_b_if, sum_d_b_ig, sum_d_b_io, torch.cat((_params["W_ii"], _params["W_if"], _params["W_ig"], _params["W_io"],)), torch.cat((_params["W_hi"], _params["W_hf"], _params["W_hg"], _params["W_ho"],)), *_grads.values()])
     return _grads, (dx_x,), (ds_h, ds_c,)
 
 
 # The same two calls as PyTorch custom ops, for torch.compile (which traces them through their
 # fake implementations: the allocations above, without the call). Registered once per process
 # and content of this file; outputs are copies (an op's outputs may not alias each other).
-_OP = "lstm_bd9b7bc10149"
+_OP = "lstm_e326e6a5f59e"
 
 
 def _op_forward_impl(xs: list[torch.Tensor], states: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:

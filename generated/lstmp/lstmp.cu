@@ -1384,7 +1384,7 @@ extern "C" int lstmp_inference_f64(const int64_t* dims, void* const* ptrs, const
 
 // =============================================================================================
 // lstmp: the whole sequence, backward
-// ptrs: 0 x_x, 1 s_h, 2 s_c, 3 p_b_ii, 4 p_b_hi, 5 p_b_if, 6 p_b_hf, 7 p_b_ig, 8 p_b_hg, 9 p_b_io, 10 p_b_ho, 11 v_i, 12 v_f, 13 v_g, 14 v_o, 15 v_W_hr_in, 16 dout_h_next, 17 ds_h, 18 ds_c, 19 dx_x, 20 dg_W_hi_W_hf_W_hg_W_ho__h, 21 tmp_d_h_gemm, 22 dg_W_hr__W_hr_in, 23 tmp_d_W_hr_in_gemm, 24 tmp_d_c_next, 25 sum_d_b_ii, 26 sum_d_b_if, 27 sum_d_b_ig, 28 sum_d_b_io, 29 weight W_ii_W_if_W_ig_W_io, 30 weight W_hi_W_hf_W_hg_W_ho, 31 weight W_hr, 32 d W_ii, 33 d W_hi, 34 d b_ii, 35 d b_hi, 36 d W_if, 37 d W_hf, 38 d b_if, 39 d b_hf, 40 d W_ig, 41 d W_hg, 42 d b_ig, 43 d b_hg, 44 d W_io, 45 d W_ho, 46 d b_io, 47 d b_ho, 48 d W_hr
+// ptrs: 0 x_x, 1 s_h, 2 s_c, 3 p_b_ii, 4 p_b_hi, 5 p_b_if, 6 p_b_hf, 7 p_b_ig, 8 p_b_hg, 9 p_b_io, 10 p_b_ho, 11 v_i, 12 v_f, 13 v_g, 14 v_o, 15 v_W_hr_in, 16 dout_h_next, 17 ds_h, 18 ds_c, 19 dx_x, 20 dg_W_hi_W_hf_W_hg_W_ho__h, 21 tmp_d_h_gemm, 22 dg_W_hr__W_hr_in, 23 tmp_d_W_hr_in_gemm, 24 tmp_d_c_next, 25 dw_W_hi_W_hf_W_hg_W_ho, 26 dw_W_ii_W_if_W_ig_W_io, 27 sum_d_b_ii, 28 sum_d_b_if, 29 sum_d_b_ig, 30 sum_d_b_io, 31 weight W_ii_W_if_W_ig_W_io, 32 weight W_hi_W_hf_W_hg_W_ho, 33 weight W_hr, 34 d W_ii, 35 d W_hi, 36 d b_ii, 37 d b_hi, 38 d W_if, 39 d W_hf, 40 d b_if, 41 d b_hf, 42 d W_ig, 43 d W_hg, 44 d b_ig, 45 d b_hg, 46 d W_io, 47 d W_ho, 48 d b_io, 49 d b_ho, 50 d W_hr
 // =============================================================================================
 template <typename S, typename G>
 static int lstmp_backward_run(const int64_t* dims, void* const* ptrs, const cs_ctx* ctx)
@@ -1449,53 +1449,57 @@ static int lstmp_backward_run(const int64_t* dims, void* const* ptrs, const cs_c
     (void)b_tmp_d_W_hr_in_gemm;
     S* b_tmp_d_c_next = (S*)ptrs[24];
     (void)b_tmp_d_c_next;
-    G* b_sum_d_b_ii = (G*)ptrs[25];
+    G* b_dw_W_hi_W_hf_W_hg_W_ho = (G*)ptrs[25];
+    (void)b_dw_W_hi_W_hf_W_hg_W_ho;
+    G* b_dw_W_ii_W_if_W_ig_W_io = (G*)ptrs[26];
+    (void)b_dw_W_ii_W_if_W_ig_W_io;
+    G* b_sum_d_b_ii = (G*)ptrs[27];
     (void)b_sum_d_b_ii;
-    G* b_sum_d_b_if = (G*)ptrs[26];
+    G* b_sum_d_b_if = (G*)ptrs[28];
     (void)b_sum_d_b_if;
-    G* b_sum_d_b_ig = (G*)ptrs[27];
+    G* b_sum_d_b_ig = (G*)ptrs[29];
     (void)b_sum_d_b_ig;
-    G* b_sum_d_b_io = (G*)ptrs[28];
+    G* b_sum_d_b_io = (G*)ptrs[30];
     (void)b_sum_d_b_io;
-    const S* w_W_ii_W_if_W_ig_W_io = (const S*)ptrs[29];
+    const S* w_W_ii_W_if_W_ig_W_io = (const S*)ptrs[31];
     (void)w_W_ii_W_if_W_ig_W_io;
-    const S* w_W_hi_W_hf_W_hg_W_ho = (const S*)ptrs[30];
+    const S* w_W_hi_W_hf_W_hg_W_ho = (const S*)ptrs[32];
     (void)w_W_hi_W_hf_W_hg_W_ho;
-    const S* w_W_hr = (const S*)ptrs[31];
+    const S* w_W_hr = (const S*)ptrs[33];
     (void)w_W_hr;
-    G* g_W_ii = (G*)ptrs[32];
+    G* g_W_ii = (G*)ptrs[34];
     (void)g_W_ii;
-    G* g_W_hi = (G*)ptrs[33];
+    G* g_W_hi = (G*)ptrs[35];
     (void)g_W_hi;
-    G* g_b_ii = (G*)ptrs[34];
+    G* g_b_ii = (G*)ptrs[36];
     (void)g_b_ii;
-    G* g_b_hi = (G*)ptrs[35];
+    G* g_b_hi = (G*)ptrs[37];
     (void)g_b_hi;
-    G* g_W_if = (G*)ptrs[36];
+    G* g_W_if = (G*)ptrs[38];
     (void)g_W_if;
-    G* g_W_hf = (G*)ptrs[37];
+    G* g_W_hf = (G*)ptrs[39];
     (void)g_W_hf;
-    G* g_b_if = (G*)ptrs[38];
+    G* g_b_if = (G*)ptrs[40];
     (void)g_b_if;
-    G* g_b_hf = (G*)ptrs[39];
+    G* g_b_hf = (G*)ptrs[41];
     (void)g_b_hf;
-    G* g_W_ig = (G*)ptrs[40];
+    G* g_W_ig = (G*)ptrs[42];
     (void)g_W_ig;
-    G* g_W_hg = (G*)ptrs[41];
+    G* g_W_hg = (G*)ptrs[43];
     (void)g_W_hg;
-    G* g_b_ig = (G*)ptrs[42];
+    G* g_b_ig = (G*)ptrs[44];
     (void)g_b_ig;
-    G* g_b_hg = (G*)ptrs[43];
+    G* g_b_hg = (G*)ptrs[45];
     (void)g_b_hg;
-    G* g_W_io = (G*)ptrs[44];
+    G* g_W_io = (G*)ptrs[46];
     (void)g_W_io;
-    G* g_W_ho = (G*)ptrs[45];
+    G* g_W_ho = (G*)ptrs[47];
     (void)g_W_ho;
-    G* g_b_io = (G*)ptrs[46];
+    G* g_b_io = (G*)ptrs[48];
     (void)g_b_io;
-    G* g_b_ho = (G*)ptrs[47];
+    G* g_b_ho = (G*)ptrs[49];
     (void)g_b_ho;
-    G* g_W_hr = (G*)ptrs[48];
+    G* g_W_hr = (G*)ptrs[50];
     (void)g_W_hr;
     (void)ctx;
     cs_packed<S> pk_W_hr_nn = cs_pack(ctx, 0, n_B, n_H, n_P, w_W_hr, n_H);
@@ -1517,17 +1521,19 @@ static int lstmp_backward_run(const int64_t* dims, void* const* ptrs, const cs_c
     cs_unpack(pk_W_hr_nn);
     cs_unpack(pk_W_hi_W_hf_W_hg_W_ho_nn);
     // d[W_hi, W_hf, W_hg, W_ho] += dg_W_hi_W_hf_W_hg_W_ho__h^T @ h  (W_hi @ h, W_hf @ h, W_hg @ h, W_ho @ h)
-    CS_GEMM_TN(n_H, n_P, n_T * n_B, b_dg_W_hi_W_hf_W_hg_W_ho__h, 4*n_H, b_s_h, n_P, g_W_hi, n_P, 0);
-    CS_GEMM_TN(n_H, n_P, n_T * n_B, b_dg_W_hi_W_hf_W_hg_W_ho__h + n_H, 4*n_H, b_s_h, n_P, g_W_hf, n_P, 0);
-    CS_GEMM_TN(n_H, n_P, n_T * n_B, b_dg_W_hi_W_hf_W_hg_W_ho__h + 2*n_H, 4*n_H, b_s_h, n_P, g_W_hg, n_P, 0);
-    CS_GEMM_TN(n_H, n_P, n_T * n_B, b_dg_W_hi_W_hf_W_hg_W_ho__h + 3*n_H, 4*n_H, b_s_h, n_P, g_W_ho, n_P, 0);
+    CS_GEMM_TN(4*n_H, n_P, n_T * n_B, b_dg_W_hi_W_hf_W_hg_W_ho__h, 4*n_H, b_s_h, n_P, b_dw_W_hi_W_hf_W_hg_W_ho, n_P, 0);
+    CS_ADD(n_H * n_P, b_dw_W_hi_W_hf_W_hg_W_ho, g_W_hi, 0);
+    CS_ADD(n_H * n_P, b_dw_W_hi_W_hf_W_hg_W_ho + (n_H) * n_P, g_W_hf, 0);
+    CS_ADD(n_H * n_P, b_dw_W_hi_W_hf_W_hg_W_ho + (2*n_H) * n_P, g_W_hg, 0);
+    CS_ADD(n_H * n_P, b_dw_W_hi_W_hf_W_hg_W_ho + (3*n_H) * n_P, g_W_ho, 0);
     // d[W_hr] += dg_W_hr__W_hr_in^T @ W_hr_in  (W_hr @ W_hr_in)
     CS_GEMM_TN(n_P, n_H, n_T * n_B, b_dg_W_hr__W_hr_in, n_P, b_v_W_hr_in, n_H, g_W_hr, n_H, 0);
     // d[W_ii, W_if, W_ig, W_io] += dg_W_hi_W_hf_W_hg_W_ho__h^T @ x  (W_ii @ x, W_if @ x, W_ig @ x, W_io @ x)
-    CS_GEMM_TN(n_H, n_I, n_T * n_B, b_dg_W_hi_W_hf_W_hg_W_ho__h, 4*n_H, b_x_x, n_I, g_W_ii, n_I, 0);
-    CS_GEMM_TN(n_H, n_I, n_T * n_B, b_dg_W_hi_W_hf_W_hg_W_ho__h + n_H, 4*n_H, b_x_x, n_I, g_W_if, n_I, 0);
-    CS_GEMM_TN(n_H, n_I, n_T * n_B, b_dg_W_hi_W_hf_W_hg_W_ho__h + 2*n_H, 4*n_H, b_x_x, n_I, g_W_ig, n_I, 0);
-    CS_GEMM_TN(n_H, n_I, n_T * n_B, b_dg_W_hi_W_hf_W_hg_W_ho__h + 3*n_H, 4*n_H, b_x_x, n_I, g_W_io, n_I, 0);
+    CS_GEMM_TN(4*n_H, n_I, n_T * n_B, b_dg_W_hi_W_hf_W_hg_W_ho__h, 4*n_H, b_x_x, n_I, b_dw_W_ii_W_if_W_ig_W_io, n_I, 0);
+    CS_ADD(n_H * n_I, b_dw_W_ii_W_if_W_ig_W_io, g_W_ii, 0);
+    CS_ADD(n_H * n_I, b_dw_W_ii_W_if_W_ig_W_io + (n_H) * n_I, g_W_if, 0);
+    CS_ADD(n_H * n_I, b_dw_W_ii_W_if_W_ig_W_io + (2*n_H) * n_I, g_W_ig, 0);
+    CS_ADD(n_H * n_I, b_dw_W_ii_W_if_W_ig_W_io + (3*n_H) * n_I, g_W_io, 0);
     // grad_input:x = dg_W_hi_W_hf_W_hg_W_ho__h @ [W_ii, W_if, W_ig, W_io]
     CS_GEMM_NN(n_T * n_B, n_I, 4*n_H, b_dg_W_hi_W_hf_W_hg_W_ho__h, 4*n_H, w_W_ii_W_if_W_ig_W_io, n_I, b_dx_x, n_I, 0);
     // d[b_ii, b_hi] += sum over rows of d_b_ii (summed once)

@@ -1182,7 +1182,7 @@ extern "C" int mgu_inference_f64(const int64_t* dims, void* const* ptrs, const v
 
 // =============================================================================================
 // mgu: the whole sequence, backward
-// ptrs: 0 x_x, 1 s_h, 2 p_b_f, 3 p_b_h, 4 v_f, 5 v_U_h_in, 6 v_h_tilde, 7 dout_h_next, 8 ds_h, 9 dx_x, 10 dg_U_f__h, 11 tmp_d_h_gemm, 12 dg_U_h__U_h_in, 13 tmp_d_U_h_in_gemm, 14 dhg_W_f_W_h__x, 15 tmp_d_h_next, 16 tmp_d_U_h_in, 17 weight W_f_W_h, 18 weight U_f, 19 weight U_h, 20 d W_f, 21 d U_f, 22 d b_f, 23 d W_h, 24 d U_h, 25 d b_h
+// ptrs: 0 x_x, 1 s_h, 2 p_b_f, 3 p_b_h, 4 v_f, 5 v_U_h_in, 6 v_h_tilde, 7 dout_h_next, 8 ds_h, 9 dx_x, 10 dg_U_f__h, 11 tmp_d_h_gemm, 12 dg_U_h__U_h_in, 13 tmp_d_U_h_in_gemm, 14 dhg_W_f_W_h__x, 15 tmp_d_h_next, 16 tmp_d_U_h_in, 17 dw_W_f_W_h, 18 weight W_f_W_h, 19 weight U_f, 20 weight U_h, 21 d W_f, 22 d U_f, 23 d b_f, 24 d W_h, 25 d U_h, 26 d b_h
 // =============================================================================================
 template <typename S, typename G>
 static int mgu_backward_run(const int64_t* dims, void* const* ptrs, const cs_ctx* ctx)
@@ -1229,23 +1229,25 @@ static int mgu_backward_run(const int64_t* dims, void* const* ptrs, const cs_ctx
     (void)b_tmp_d_h_next;
     S* b_tmp_d_U_h_in = (S*)ptrs[16];
     (void)b_tmp_d_U_h_in;
-    const S* w_W_f_W_h = (const S*)ptrs[17];
+    G* b_dw_W_f_W_h = (G*)ptrs[17];
+    (void)b_dw_W_f_W_h;
+    const S* w_W_f_W_h = (const S*)ptrs[18];
     (void)w_W_f_W_h;
-    const S* w_U_f = (const S*)ptrs[18];
+    const S* w_U_f = (const S*)ptrs[19];
     (void)w_U_f;
-    const S* w_U_h = (const S*)ptrs[19];
+    const S* w_U_h = (const S*)ptrs[20];
     (void)w_U_h;
-    G* g_W_f = (G*)ptrs[20];
+    G* g_W_f = (G*)ptrs[21];
     (void)g_W_f;
-    G* g_U_f = (G*)ptrs[21];
+    G* g_U_f = (G*)ptrs[22];
     (void)g_U_f;
-    G* g_b_f = (G*)ptrs[22];
+    G* g_b_f = (G*)ptrs[23];
     (void)g_b_f;
-    G* g_W_h = (G*)ptrs[23];
+    G* g_W_h = (G*)ptrs[24];
     (void)g_W_h;
-    G* g_U_h = (G*)ptrs[24];
+    G* g_U_h = (G*)ptrs[25];
     (void)g_U_h;
-    G* g_b_h = (G*)ptrs[25];
+    G* g_b_h = (G*)ptrs[26];
     (void)g_b_h;
     (void)ctx;
     cs_packed<S> pk_U_h_nn = cs_pack(ctx, 0, n_B, n_H, n_H, w_U_h, n_H);
@@ -1269,8 +1271,9 @@ static int mgu_backward_run(const int64_t* dims, void* const* ptrs, const cs_ctx
     // d[U_h] += dg_U_h__U_h_in^T @ U_h_in  (U_h @ U_h_in)
     CS_GEMM_TN(n_H, n_H, n_T * n_B, b_dg_U_h__U_h_in, n_H, b_v_U_h_in, n_H, g_U_h, n_H, 0);
     // d[W_f, W_h] += dhg_W_f_W_h__x^T @ x  (W_f @ x, W_h @ x)
-    CS_GEMM_TN(n_H, n_I, n_T * n_B, b_dhg_W_f_W_h__x, 2*n_H, b_x_x, n_I, g_W_f, n_I, 0);
-    CS_GEMM_TN(n_H, n_I, n_T * n_B, b_dhg_W_f_W_h__x + n_H, 2*n_H, b_x_x, n_I, g_W_h, n_I, 0);
+    CS_GEMM_TN(2*n_H, n_I, n_T * n_B, b_dhg_W_f_W_h__x, 2*n_H, b_x_x, n_I, b_dw_W_f_W_h, n_I, 0);
+    CS_ADD(n_H * n_I, b_dw_W_f_W_h, g_W_f, 0);
+    CS_ADD(n_H * n_I, b_dw_W_f_W_h + (n_H) * n_I, g_W_h, 0);
     // grad_input:x = dhg_W_f_W_h__x @ [W_f, W_h]
     CS_GEMM_NN(n_T * n_B, n_I, 2*n_H, b_dhg_W_f_W_h__x, 2*n_H, w_W_f_W_h, n_I, b_dx_x, n_I, 0);
     // d[b_f] += sum over rows of d_b_f

@@ -265,12 +265,13 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final):
         _dhg_W_f_W_h__x[_t][:, 0:_H][...] = d_W_f_x
         _dhg_W_f_W_h__x[_t][:, _H:2*_H][...] = d_W_h_x
     # dW of U_f @ h: one GEMM over all T*B rows
-    _grads["U_f"] = _dg_U_f__h.reshape(_T * _B, _H)[:, 0:_H].T @ _s_h[:_T].reshape(_T * _B, _H)
+    _grads["U_f"] = _dg_U_f__h.reshape(_T * _B, _H).T @ _s_h[:_T].reshape(_T * _B, _H)
     # dW of U_h @ U_h_in: one GEMM over all T*B rows
-    _grads["U_h"] = _dg_U_h__U_h_in.reshape(_T * _B, _H)[:, 0:_H].T @ _v_U_h_in.reshape(_T * _B, _H)
+    _grads["U_h"] = _dg_U_h__U_h_in.reshape(_T * _B, _H).T @ _v_U_h_in.reshape(_T * _B, _H)
     # dW of W_f @ x, W_h @ x: one GEMM over all T*B rows
-    _grads["W_f"] = _dhg_W_f_W_h__x.reshape(_T * _B, 2*_H)[:, 0:_H].T @ _x_x.reshape(_T * _B, _I)
-    _grads["W_h"] = _dhg_W_f_W_h__x.reshape(_T * _B, 2*_H)[:, _H:2*_H].T @ _x_x.reshape(_T * _B, _I)
+    _dw = _dhg_W_f_W_h__x.reshape(_T * _B, 2*_H).T @ _x_x.reshape(_T * _B, _I)
+    _grads["W_f"] = _dw[0:_H]
+    _grads["W_h"] = _dw[_H:2*_H]
     np.matmul(_dhg_W_f_W_h__x.reshape(_T * _B, 2*_H), _w_W_f_W_h, out=_dx_x.reshape(_T * _B, _I))
     _sum = _dg_U_f__h.reshape(_T * _B, _H).sum(0)
     _grads["b_f"] = _sum

@@ -276,12 +276,13 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final):
         _dhg_W_f_W_h__x_rows[_t][:, 0:_H].copy_(d_W_f_x)
         _dhg_W_f_W_h__x_rows[_t][:, _H:2*_H].copy_(d_W_h_x)
     # dW of U_f @ h: one GEMM over all T*B rows
-    _grads["U_f"] = _dg_U_f__h.reshape(_T * _B, _H)[:, 0:_H].T @ _s_h[:_T].reshape(_T * _B, _H)
+    _grads["U_f"] = _dg_U_f__h.reshape(_T * _B, _H).T @ _s_h[:_T].reshape(_T * _B, _H)
     # dW of U_h @ U_h_in: one GEMM over all T*B rows
-    _grads["U_h"] = _dg_U_h__U_h_in.reshape(_T * _B, _H)[:, 0:_H].T @ _v_U_h_in.reshape(_T * _B, _H)
+    _grads["U_h"] = _dg_U_h__U_h_in.reshape(_T * _B, _H).T @ _v_U_h_in.reshape(_T * _B, _H)
     # dW of W_f @ x, W_h @ x: one GEMM over all T*B rows
-    _grads["W_f"] = _dhg_W_f_W_h__x.reshape(_T * _B, 2*_H)[:, 0:_H].T @ _x_x.reshape(_T * _B, _I)
-    _grads["W_h"] = _dhg_W_f_W_h__x.reshape(_T * _B, 2*_H)[:, _H:2*_H].T @ _x_x.reshape(_T * _B, _I)
+    _dw = _dhg_W_f_W_h__x.reshape(_T * _B, 2*_H).T @ _x_x.reshape(_T * _B, _I)
+    _grads["W_f"] = _dw[0:_H]
+    _grads["W_h"] = _dw[_H:2*_H]
     torch.mm(_dhg_W_f_W_h__x.reshape(_T * _B, 2*_H), _w_W_f_W_h, out=_dx_x.reshape(_T * _B, _I))
     _sum = _dg_U_f__h.reshape(_T * _B, _H).sum(0)
     _grads["b_f"] = _sum
@@ -518,16 +519,17 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals):
     dhg_W_f_W_h__x = _empty((_T, _B, 2*_H))
     tmp_d_h_next = _empty((_B, _H))
     tmp_d_U_h_in = _empty((_B, _H))
+    dw_W_f_W_h = _gempty((2*_H, _I))
     _grads = {"W_f": _gempty((_H, _I)), "U_f": _gempty((_H, _H)), "b_f": _gempty((_H,)), "W_h": _gempty((_H, _I)), "U_h": _gempty((_H, _H)), "b_h": _gempty((_H,))}
     if _lib is not None:
-        _lib("backward", _dims, [x_x, s_h, p_b_f, p_b_h, v_f, v_U_h_in, v_h_tilde, dout_h_next, ds_h, dx_x, dg_U_f__h, tmp_d_h_gemm, dg_U_h__U_h_in, tmp_d_U_h_in_gemm, dhg_W_f_W_h__x, tmp_d_h_next, tmp_d_U_h_in, torch.cat((_params["W_f"], _params["W_h"],)), _params["U_f"].contiguous(), _params["U_h"].contiguous(), *_grads.values()])
+        _lib("backward", _dims, [x_x, s_h, p_b_f, p_b_h, v_f, v_U_h_in, v_h_tilde, dout_h_next, ds_h, dx_x, dg_U_f__h, tmp_d_h_gemm, dg_U_h__U_h_in, tmp_d_U_h_in_gemm, dhg_W_f_W_h__x, tmp_d_h_next, tmp_d_U_h_in, dw_W_f_W_h, torch.cat((_params["W_f"], _params["W_h"],)), _params["U_f"].contiguous(), _params["U_h"].contiguous(), *_grads.values()])
     return _grads, (dx_x,), (ds_h,)
 
 
 # The same two calls as PyTorch custom ops, for torch.compile (which traces them through their
 # fake implementations: the allocations above, without the call). Registered once per process
 # and content of this file; outputs are copies (an op's outputs may not alias each other).
-_OP = "mgu_0a2a328d4b63"
+_OP = "mgu_447fbebc6325"
 
 
 def _op_forward_impl(xs: list[torch.Tensor], states: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:

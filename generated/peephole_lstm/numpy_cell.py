@@ -321,15 +321,17 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final):
         _dp_p_f[_t][...] = d_p_f
         _dp_p_o[_t][...] = d_p_o
     # dW of W_hi @ h, W_hf @ h, W_hg @ h, W_ho @ h: one GEMM over all T*B rows
-    _grads["W_hi"] = _dg_W_hi_W_hf_W_hg_W_ho__h.reshape(_T * _B, 4*_H)[:, 0:_H].T @ _s_h[:_T].reshape(_T * _B, _H)
-    _grads["W_hf"] = _dg_W_hi_W_hf_W_hg_W_ho__h.reshape(_T * _B, 4*_H)[:, _H:2*_H].T @ _s_h[:_T].reshape(_T * _B, _H)
-    _grads["W_hg"] = _dg_W_hi_W_hf_W_hg_W_ho__h.reshape(_T * _B, 4*_H)[:, 2*_H:3*_H].T @ _s_h[:_T].reshape(_T * _B, _H)
-    _grads["W_ho"] = _dg_W_hi_W_hf_W_hg_W_ho__h.reshape(_T * _B, 4*_H)[:, 3*_H:4*_H].T @ _s_h[:_T].reshape(_T * _B, _H)
+    _dw = _dg_W_hi_W_hf_W_hg_W_ho__h.reshape(_T * _B, 4*_H).T @ _s_h[:_T].reshape(_T * _B, _H)
+    _grads["W_hi"] = _dw[0:_H]
+    _grads["W_hf"] = _dw[_H:2*_H]
+    _grads["W_hg"] = _dw[2*_H:3*_H]
+    _grads["W_ho"] = _dw[3*_H:4*_H]
     # dW of W_ii @ x, W_if @ x, W_ig @ x, W_io @ x: one GEMM over all T*B rows
-    _grads["W_ii"] = _dg_W_hi_W_hf_W_hg_W_ho__h.reshape(_T * _B, 4*_H)[:, 0:_H].T @ _x_x.reshape(_T * _B, _I)
-    _grads["W_if"] = _dg_W_hi_W_hf_W_hg_W_ho__h.reshape(_T * _B, 4*_H)[:, _H:2*_H].T @ _x_x.reshape(_T * _B, _I)
-    _grads["W_ig"] = _dg_W_hi_W_hf_W_hg_W_ho__h.reshape(_T * _B, 4*_H)[:, 2*_H:3*_H].T @ _x_x.reshape(_T * _B, _I)
-    _grads["W_io"] = _dg_W_hi_W_hf_W_hg_W_ho__h.reshape(_T * _B, 4*_H)[:, 3*_H:4*_H].T @ _x_x.reshape(_T * _B, _I)
+    _dw = _dg_W_hi_W_hf_W_hg_W_ho__h.reshape(_T * _B, 4*_H).T @ _x_x.reshape(_T * _B, _I)
+    _grads["W_ii"] = _dw[0:_H]
+    _grads["W_if"] = _dw[_H:2*_H]
+    _grads["W_ig"] = _dw[2*_H:3*_H]
+    _grads["W_io"] = _dw[3*_H:4*_H]
     np.matmul(_dg_W_hi_W_hf_W_hg_W_ho__h.reshape(_T * _B, 4*_H), _w_W_ii_W_if_W_ig_W_io, out=_dx_x.reshape(_T * _B, _I))
     _sum = _dp_p_i.reshape(_T * _B, _H).sum(0)
     _grads["p_i"] = _sum

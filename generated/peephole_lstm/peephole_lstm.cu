@@ -1104,7 +1104,7 @@ extern "C" int peephole_lstm_inference_f64(const int64_t* dims, void* const* ptr
 
 // =============================================================================================
 // peephole_lstm: the whole sequence, backward
-// ptrs: 0 x_x, 1 s_h, 2 s_c, 3 p_p_i, 4 p_b_i, 5 p_p_f, 6 p_b_f, 7 p_b_g, 8 p_p_o, 9 p_b_o, 10 v_i, 11 v_f, 12 v_g, 13 v_o, 14 dout_h_next, 15 ds_h, 16 ds_c, 17 dx_x, 18 dp_p_i, 19 dp_p_f, 20 dp_p_o, 21 dg_W_hi_W_hf_W_hg_W_ho__h, 22 tmp_d_h_gemm, 23 tmp_d_o, 24 tmp_d_c_next, 25 tmp_d_f, 26 tmp_d_i, 27 weight W_ii_W_if_W_ig_W_io, 28 weight W_hi_W_hf_W_hg_W_ho, 29 d W_ii, 30 d W_hi, 31 d p_i, 32 d b_i, 33 d W_if, 34 d W_hf, 35 d p_f, 36 d b_f, 37 d W_ig, 38 d W_hg, 39 d b_g, 40 d W_io, 41 d W_ho, 42 d p_o, 43 d b_o
+// ptrs: 0 x_x, 1 s_h, 2 s_c, 3 p_p_i, 4 p_b_i, 5 p_p_f, 6 p_b_f, 7 p_b_g, 8 p_p_o, 9 p_b_o, 10 v_i, 11 v_f, 12 v_g, 13 v_o, 14 dout_h_next, 15 ds_h, 16 ds_c, 17 dx_x, 18 dp_p_i, 19 dp_p_f, 20 dp_p_o, 21 dg_W_hi_W_hf_W_hg_W_ho__h, 22 tmp_d_h_gemm, 23 tmp_d_o, 24 tmp_d_c_next, 25 tmp_d_f, 26 tmp_d_i, 27 dw_W_hi_W_hf_W_hg_W_ho, 28 dw_W_ii_W_if_W_ig_W_io, 29 weight W_ii_W_if_W_ig_W_io, 30 weight W_hi_W_hf_W_hg_W_ho, 31 d W_ii, 32 d W_hi, 33 d p_i, 34 d b_i, 35 d W_if, 36 d W_hf, 37 d p_f, 38 d b_f, 39 d W_ig, 40 d W_hg, 41 d b_g, 42 d W_io, 43 d W_ho, 44 d p_o, 45 d b_o
 // =============================================================================================
 template <typename S, typename G>
 static int peephole_lstm_backward_run(const int64_t* dims, void* const* ptrs, const cs_ctx* ctx)
@@ -1171,39 +1171,43 @@ static int peephole_lstm_backward_run(const int64_t* dims, void* const* ptrs, co
     (void)b_tmp_d_f;
     S* b_tmp_d_i = (S*)ptrs[26];
     (void)b_tmp_d_i;
-    const S* w_W_ii_W_if_W_ig_W_io = (const S*)ptrs[27];
+    G* b_dw_W_hi_W_hf_W_hg_W_ho = (G*)ptrs[27];
+    (void)b_dw_W_hi_W_hf_W_hg_W_ho;
+    G* b_dw_W_ii_W_if_W_ig_W_io = (G*)ptrs[28];
+    (void)b_dw_W_ii_W_if_W_ig_W_io;
+    const S* w_W_ii_W_if_W_ig_W_io = (const S*)ptrs[29];
     (void)w_W_ii_W_if_W_ig_W_io;
-    const S* w_W_hi_W_hf_W_hg_W_ho = (const S*)ptrs[28];
+    const S* w_W_hi_W_hf_W_hg_W_ho = (const S*)ptrs[30];
     (void)w_W_hi_W_hf_W_hg_W_ho;
-    G* g_W_ii = (G*)ptrs[29];
+    G* g_W_ii = (G*)ptrs[31];
     (void)g_W_ii;
-    G* g_W_hi = (G*)ptrs[30];
+    G* g_W_hi = (G*)ptrs[32];
     (void)g_W_hi;
-    G* g_p_i = (G*)ptrs[31];
+    G* g_p_i = (G*)ptrs[33];
     (void)g_p_i;
-    G* g_b_i = (G*)ptrs[32];
+    G* g_b_i = (G*)ptrs[34];
     (void)g_b_i;
-    G* g_W_if = (G*)ptrs[33];
+    G* g_W_if = (G*)ptrs[35];
     (void)g_W_if;
-    G* g_W_hf = (G*)ptrs[34];
+    G* g_W_hf = (G*)ptrs[36];
     (void)g_W_hf;
-    G* g_p_f = (G*)ptrs[35];
+    G* g_p_f = (G*)ptrs[37];
     (void)g_p_f;
-    G* g_b_f = (G*)ptrs[36];
+    G* g_b_f = (G*)ptrs[38];
     (void)g_b_f;
-    G* g_W_ig = (G*)ptrs[37];
+    G* g_W_ig = (G*)ptrs[39];
     (void)g_W_ig;
-    G* g_W_hg = (G*)ptrs[38];
+    G* g_W_hg = (G*)ptrs[40];
     (void)g_W_hg;
-    G* g_b_g = (G*)ptrs[39];
+    G* g_b_g = (G*)ptrs[41];
     (void)g_b_g;
-    G* g_W_io = (G*)ptrs[40];
+    G* g_W_io = (G*)ptrs[42];
     (void)g_W_io;
-    G* g_W_ho = (G*)ptrs[41];
+    G* g_W_ho = (G*)ptrs[43];
     (void)g_W_ho;
-    G* g_p_o = (G*)ptrs[42];
+    G* g_p_o = (G*)ptrs[44];
     (void)g_p_o;
-    G* g_b_o = (G*)ptrs[43];
+    G* g_b_o = (G*)ptrs[45];
     (void)g_b_o;
     (void)ctx;
     cs_packed<S> pk_W_hi_W_hf_W_hg_W_ho_nn = cs_pack(ctx, 0, n_B, n_H, 4*n_H, w_W_hi_W_hf_W_hg_W_ho, n_H);
@@ -1217,15 +1221,17 @@ static int peephole_lstm_backward_run(const int64_t* dims, void* const* ptrs, co
     }
     cs_unpack(pk_W_hi_W_hf_W_hg_W_ho_nn);
     // d[W_hi, W_hf, W_hg, W_ho] += dg_W_hi_W_hf_W_hg_W_ho__h^T @ h  (W_hi @ h, W_hf @ h, W_hg @ h, W_ho @ h)
-    CS_GEMM_TN(n_H, n_H, n_T * n_B, b_dg_W_hi_W_hf_W_hg_W_ho__h, 4*n_H, b_s_h, n_H, g_W_hi, n_H, 0);
-    CS_GEMM_TN(n_H, n_H, n_T * n_B, b_dg_W_hi_W_hf_W_hg_W_ho__h + n_H, 4*n_H, b_s_h, n_H, g_W_hf, n_H, 0);
-    CS_GEMM_TN(n_H, n_H, n_T * n_B, b_dg_W_hi_W_hf_W_hg_W_ho__h + 2*n_H, 4*n_H, b_s_h, n_H, g_W_hg, n_H, 0);
-    CS_GEMM_TN(n_H, n_H, n_T * n_B, b_dg_W_hi_W_hf_W_hg_W_ho__h + 3*n_H, 4*n_H, b_s_h, n_H, g_W_ho, n_H, 0);
+    CS_GEMM_TN(4*n_H, n_H, n_T * n_B, b_dg_W_hi_W_hf_W_hg_W_ho__h, 4*n_H, b_s_h, n_H, b_dw_W_hi_W_hf_W_hg_W_ho, n_H, 0);
+    CS_ADD(n_H * n_H, b_dw_W_hi_W_hf_W_hg_W_ho, g_W_hi, 0);
+    CS_ADD(n_H * n_H, b_dw_W_hi_W_hf_W_hg_W_ho + (n_H) * n_H, g_W_hf, 0);
+    CS_ADD(n_H * n_H, b_dw_W_hi_W_hf_W_hg_W_ho + (2*n_H) * n_H, g_W_hg, 0);
+    CS_ADD(n_H * n_H, b_dw_W_hi_W_hf_W_hg_W_ho + (3*n_H) * n_H, g_W_ho, 0);
     // d[W_ii, W_if, W_ig, W_io] += dg_W_hi_W_hf_W_hg_W_ho__h^T @ x  (W_ii @ x, W_if @ x, W_ig @ x, W_io @ x)
-    CS_GEMM_TN(n_H, n_I, n_T * n_B, b_dg_W_hi_W_hf_W_hg_W_ho__h, 4*n_H, b_x_x, n_I, g_W_ii, n_I, 0);
-    CS_GEMM_TN(n_H, n_I, n_T * n_B, b_dg_W_hi_W_hf_W_hg_W_ho__h + n_H, 4*n_H, b_x_x, n_I, g_W_if, n_I, 0);
-    CS_GEMM_TN(n_H, n_I, n_T * n_B, b_dg_W_hi_W_hf_W_hg_W_ho__h + 2*n_H, 4*n_H, b_x_x, n_I, g_W_ig, n_I, 0);
-    CS_GEMM_TN(n_H, n_I, n_T * n_B, b_dg_W_hi_W_hf_W_hg_W_ho__h + 3*n_H, 4*n_H, b_x_x, n_I, g_W_io, n_I, 0);
+    CS_GEMM_TN(4*n_H, n_I, n_T * n_B, b_dg_W_hi_W_hf_W_hg_W_ho__h, 4*n_H, b_x_x, n_I, b_dw_W_ii_W_if_W_ig_W_io, n_I, 0);
+    CS_ADD(n_H * n_I, b_dw_W_ii_W_if_W_ig_W_io, g_W_ii, 0);
+    CS_ADD(n_H * n_I, b_dw_W_ii_W_if_W_ig_W_io + (n_H) * n_I, g_W_if, 0);
+    CS_ADD(n_H * n_I, b_dw_W_ii_W_if_W_ig_W_io + (2*n_H) * n_I, g_W_ig, 0);
+    CS_ADD(n_H * n_I, b_dw_W_ii_W_if_W_ig_W_io + (3*n_H) * n_I, g_W_io, 0);
     // grad_input:x = dg_W_hi_W_hf_W_hg_W_ho__h @ [W_ii, W_if, W_ig, W_io]
     CS_GEMM_NN(n_T * n_B, n_I, 4*n_H, b_dg_W_hi_W_hf_W_hg_W_ho__h, 4*n_H, w_W_ii_W_if_W_ig_W_io, n_I, b_dx_x, n_I, 0);
     // d[p_i] += sum over rows of d_p_i

@@ -260,10 +260,11 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final):
         _dhg_W_f_W_W_r_W_s__x[_t][:, 2*_H:3*_H][...] = d_W_r_x
         _dhg_W_f_W_W_r_W_s__x[_t][:, 3*_H:4*_H][...] = d_W_s_x
     # dW of W_f @ x, W @ x, W_r @ x, W_s @ x: one GEMM over all T*B rows
-    _grads["W_f"] = _dhg_W_f_W_W_r_W_s__x.reshape(_T * _B, 4*_H)[:, 0:_H].T @ _x_x.reshape(_T * _B, _I)
-    _grads["W"] = _dhg_W_f_W_W_r_W_s__x.reshape(_T * _B, 4*_H)[:, _H:2*_H].T @ _x_x.reshape(_T * _B, _I)
-    _grads["W_r"] = _dhg_W_f_W_W_r_W_s__x.reshape(_T * _B, 4*_H)[:, 2*_H:3*_H].T @ _x_x.reshape(_T * _B, _I)
-    _grads["W_s"] = _dhg_W_f_W_W_r_W_s__x.reshape(_T * _B, 4*_H)[:, 3*_H:4*_H].T @ _x_x.reshape(_T * _B, _I)
+    _dw = _dhg_W_f_W_W_r_W_s__x.reshape(_T * _B, 4*_H).T @ _x_x.reshape(_T * _B, _I)
+    _grads["W_f"] = _dw[0:_H]
+    _grads["W"] = _dw[_H:2*_H]
+    _grads["W_r"] = _dw[2*_H:3*_H]
+    _grads["W_s"] = _dw[3*_H:4*_H]
     np.matmul(_dhg_W_f_W_W_r_W_s__x.reshape(_T * _B, 4*_H), _w_W_f_W_W_r_W_s, out=_dx_x.reshape(_T * _B, _I))
     _sum = _dp_v_f.reshape(_T * _B, _H).sum(0)
     _grads["v_f"] = _sum

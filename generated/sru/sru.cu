@@ -988,7 +988,7 @@ extern "C" int sru_inference_f64(const int64_t* dims, void* const* ptrs, const v
 
 // =============================================================================================
 // sru: the whole sequence, backward
-// ptrs: 0 x_x, 1 s_c, 2 p_v_f, 3 p_b_f, 4 p_v_r, 5 p_b_r, 6 hg_W_f_W_W_r_W_s__x, 7 v_f, 8 v_r, 9 dout_h, 10 ds_c, 11 dx_x, 12 dp_v_f, 13 dp_b_f, 14 dp_v_r, 15 dp_b_r, 16 dhg_W_f_W_W_r_W_s__x, 17 tmp_d_h, 18 tmp_d_r, 19 tmp_d_c_next, 20 tmp_d_f, 21 weight W_f_W_W_r_W_s, 22 d W, 23 d W_f, 24 d v_f, 25 d b_f, 26 d W_r, 27 d v_r, 28 d b_r, 29 d W_s
+// ptrs: 0 x_x, 1 s_c, 2 p_v_f, 3 p_b_f, 4 p_v_r, 5 p_b_r, 6 hg_W_f_W_W_r_W_s__x, 7 v_f, 8 v_r, 9 dout_h, 10 ds_c, 11 dx_x, 12 dp_v_f, 13 dp_b_f, 14 dp_v_r, 15 dp_b_r, 16 dhg_W_f_W_W_r_W_s__x, 17 tmp_d_h, 18 tmp_d_r, 19 tmp_d_c_next, 20 tmp_d_f, 21 dw_W_f_W_W_r_W_s, 22 weight W_f_W_W_r_W_s, 23 d W, 24 d W_f, 25 d v_f, 26 d b_f, 27 d W_r, 28 d v_r, 29 d b_r, 30 d W_s
 // =============================================================================================
 template <typename S, typename G>
 static int sru_backward_run(const int64_t* dims, void* const* ptrs, const cs_ctx* ctx)
@@ -1043,23 +1043,25 @@ static int sru_backward_run(const int64_t* dims, void* const* ptrs, const cs_ctx
     (void)b_tmp_d_c_next;
     S* b_tmp_d_f = (S*)ptrs[20];
     (void)b_tmp_d_f;
-    const S* w_W_f_W_W_r_W_s = (const S*)ptrs[21];
+    G* b_dw_W_f_W_W_r_W_s = (G*)ptrs[21];
+    (void)b_dw_W_f_W_W_r_W_s;
+    const S* w_W_f_W_W_r_W_s = (const S*)ptrs[22];
     (void)w_W_f_W_W_r_W_s;
-    G* g_W = (G*)ptrs[22];
+    G* g_W = (G*)ptrs[23];
     (void)g_W;
-    G* g_W_f = (G*)ptrs[23];
+    G* g_W_f = (G*)ptrs[24];
     (void)g_W_f;
-    G* g_v_f = (G*)ptrs[24];
+    G* g_v_f = (G*)ptrs[25];
     (void)g_v_f;
-    G* g_b_f = (G*)ptrs[25];
+    G* g_b_f = (G*)ptrs[26];
     (void)g_b_f;
-    G* g_W_r = (G*)ptrs[26];
+    G* g_W_r = (G*)ptrs[27];
     (void)g_W_r;
-    G* g_v_r = (G*)ptrs[27];
+    G* g_v_r = (G*)ptrs[28];
     (void)g_v_r;
-    G* g_b_r = (G*)ptrs[28];
+    G* g_b_r = (G*)ptrs[29];
     (void)g_b_r;
-    G* g_W_s = (G*)ptrs[29];
+    G* g_W_s = (G*)ptrs[30];
     (void)g_W_s;
     (void)ctx;
     for (int64_t t = n_T - 1; t >= 0; --t) {
@@ -1069,10 +1071,11 @@ static int sru_backward_run(const int64_t* dims, void* const* ptrs, const cs_ctx
         CS_PW(sru_backward_bwd_leaf_H, n_B, n_H, b_s_c + t * n_B * (n_H), n_H, b_tmp_d_c_next, n_H, b_tmp_d_f, n_H, b_tmp_d_h, n_H, b_tmp_d_r, n_H, b_v_f + t * n_B * (n_H), n_H, b_v_r + t * n_B * (n_H), n_H, b_p_v_f, 0, b_p_v_r, 0, b_ds_c, n_H, b_dp_v_f + t * n_B * (n_H), n_H, b_dp_b_f + t * n_B * (n_H), n_H, b_dp_v_r + t * n_B * (n_H), n_H, b_dp_b_r + t * n_B * (n_H), n_H, b_dhg_W_f_W_W_r_W_s__x + t * n_B * (4*n_H), 4*n_H, b_dhg_W_f_W_W_r_W_s__x + t * n_B * (4*n_H) + n_H, 4*n_H, b_dhg_W_f_W_W_r_W_s__x + t * n_B * (4*n_H) + 2*n_H, 4*n_H, b_dhg_W_f_W_W_r_W_s__x + t * n_B * (4*n_H) + 3*n_H, 4*n_H);
     }
     // d[W_f, W, W_r, W_s] += dhg_W_f_W_W_r_W_s__x^T @ x  (W_f @ x, W @ x, W_r @ x, W_s @ x)
-    CS_GEMM_TN(n_H, n_I, n_T * n_B, b_dhg_W_f_W_W_r_W_s__x, 4*n_H, b_x_x, n_I, g_W_f, n_I, 0);
-    CS_GEMM_TN(n_H, n_I, n_T * n_B, b_dhg_W_f_W_W_r_W_s__x + n_H, 4*n_H, b_x_x, n_I, g_W, n_I, 0);
-    CS_GEMM_TN(n_H, n_I, n_T * n_B, b_dhg_W_f_W_W_r_W_s__x + 2*n_H, 4*n_H, b_x_x, n_I, g_W_r, n_I, 0);
-    CS_GEMM_TN(n_H, n_I, n_T * n_B, b_dhg_W_f_W_W_r_W_s__x + 3*n_H, 4*n_H, b_x_x, n_I, g_W_s, n_I, 0);
+    CS_GEMM_TN(4*n_H, n_I, n_T * n_B, b_dhg_W_f_W_W_r_W_s__x, 4*n_H, b_x_x, n_I, b_dw_W_f_W_W_r_W_s, n_I, 0);
+    CS_ADD(n_H * n_I, b_dw_W_f_W_W_r_W_s, g_W_f, 0);
+    CS_ADD(n_H * n_I, b_dw_W_f_W_W_r_W_s + (n_H) * n_I, g_W, 0);
+    CS_ADD(n_H * n_I, b_dw_W_f_W_W_r_W_s + (2*n_H) * n_I, g_W_r, 0);
+    CS_ADD(n_H * n_I, b_dw_W_f_W_W_r_W_s + (3*n_H) * n_I, g_W_s, 0);
     // grad_input:x = dhg_W_f_W_W_r_W_s__x @ [W_f, W, W_r, W_s]
     CS_GEMM_NN(n_T * n_B, n_I, 4*n_H, b_dhg_W_f_W_W_r_W_s__x, 4*n_H, w_W_f_W_W_r_W_s, n_I, b_dx_x, n_I, 0);
     // d[v_f] += sum over rows of d_v_f

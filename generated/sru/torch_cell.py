@@ -277,10 +277,11 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final):
         _dhg_W_f_W_W_r_W_s__x_rows[_t][:, 2*_H:3*_H].copy_(d_W_r_x)
         _dhg_W_f_W_W_r_W_s__x_rows[_t][:, 3*_H:4*_H].copy_(d_W_s_x)
     # dW of W_f @ x, W @ x, W_r @ x, W_s @ x: one GEMM over all T*B rows
-    _grads["W_f"] = _dhg_W_f_W_W_r_W_s__x.reshape(_T * _B, 4*_H)[:, 0:_H].T @ _x_x.reshape(_T * _B, _I)
-    _grads["W"] = _dhg_W_f_W_W_r_W_s__x.reshape(_T * _B, 4*_H)[:, _H:2*_H].T @ _x_x.reshape(_T * _B, _I)
-    _grads["W_r"] = _dhg_W_f_W_W_r_W_s__x.reshape(_T * _B, 4*_H)[:, 2*_H:3*_H].T @ _x_x.reshape(_T * _B, _I)
-    _grads["W_s"] = _dhg_W_f_W_W_r_W_s__x.reshape(_T * _B, 4*_H)[:, 3*_H:4*_H].T @ _x_x.reshape(_T * _B, _I)
+    _dw = _dhg_W_f_W_W_r_W_s__x.reshape(_T * _B, 4*_H).T @ _x_x.reshape(_T * _B, _I)
+    _grads["W_f"] = _dw[0:_H]
+    _grads["W"] = _dw[_H:2*_H]
+    _grads["W_r"] = _dw[2*_H:3*_H]
+    _grads["W_s"] = _dw[3*_H:4*_H]
     torch.mm(_dhg_W_f_W_W_r_W_s__x.reshape(_T * _B, 4*_H), _w_W_f_W_W_r_W_s, out=_dx_x.reshape(_T * _B, _I))
     _sum = _dp_v_f.reshape(_T * _B, _H).sum(0)
     _grads["v_f"] = _sum
@@ -524,16 +525,17 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals):
     tmp_d_r = _empty((_B, _H))
     tmp_d_c_next = _empty((_B, _H))
     tmp_d_f = _empty((_B, _H))
+    dw_W_f_W_W_r_W_s = _gempty((4*_H, _I))
     _grads = {"W": _gempty((_H, _I)), "W_f": _gempty((_H, _I)), "v_f": _gempty((_H,)), "b_f": _gempty((_H,)), "W_r": _gempty((_H, _I)), "v_r": _gempty((_H,)), "b_r": _gempty((_H,)), "W_s": _gempty((_H, _I))}
     if _lib is not None:
-        _lib("backward", _dims, [x_x, s_c, p_v_f, p_b_f, p_v_r, p_b_r, hg_W_f_W_W_r_W_s__x, v_f, v_r, dout_h, ds_c, dx_x, dp_v_f, dp_b_f, dp_v_r, dp_b_r, dhg_W_f_W_W_r_W_s__x, tmp_d_h, tmp_d_r, tmp_d_c_next, tmp_d_f, torch.cat((_params["W_f"], _params["W"], _params["W_r"], _params["W_s"],)), *_grads.values()])
+        _lib("backward", _dims, [x_x, s_c, p_v_f, p_b_f, p_v_r, p_b_r, hg_W_f_W_W_r_W_s__x, v_f, v_r, dout_h, ds_c, dx_x, dp_v_f, dp_b_f, dp_v_r, dp_b_r, dhg_W_f_W_W_r_W_s__x, tmp_d_h, tmp_d_r, tmp_d_c_next, tmp_d_f, dw_W_f_W_W_r_W_s, torch.cat((_params["W_f"], _params["W"], _params["W_r"], _params["W_s"],)), *_grads.values()])
     return _grads, (dx_x,), (ds_c,)
 
 
 # The same two calls as PyTorch custom ops, for torch.compile (which traces them through their
 # fake implementations: the allocations above, without the call). Registered once per process
 # and content of this file; outputs are copies (an op's outputs may not alias each other).
-_OP = "sru_4e05262a5c55"
+_OP = "sru_11103ba1286f"
 
 
 def _op_forward_impl(xs: list[torch.Tensor], states: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:

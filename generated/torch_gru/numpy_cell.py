@@ -231,8 +231,6 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final):
     _dhg_W_ir_W_iz_W_in__x = np.empty((_T, _B, 3*_H), _dtype)
     _tmp_d_h_next = np.empty((_B, _H), _dtype)
     _tmp_d_n = np.empty((_B, _H), _dtype)
-    _sum_d_b_ir = np.empty((_H,), _dtype)
-    _sum_d_b_iz = np.empty((_H,), _dtype)
     _grads = {}
     for _t in reversed(range(_T)):
         # stage 0 backward
@@ -277,13 +275,15 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final):
         _dhg_W_ir_W_iz_W_in__x[_t][:, _H:2*_H][...] = d_W_iz_x
         _dhg_W_ir_W_iz_W_in__x[_t][:, 2*_H:3*_H][...] = d_W_in_x
     # dW of W_hr @ h, W_hz @ h, W_hn @ h: one GEMM over all T*B rows
-    _grads["W_hr"] = _dg_W_hr_W_hz_W_hn__h.reshape(_T * _B, 3*_H)[:, 0:_H].T @ _s_h[:_T].reshape(_T * _B, _H)
-    _grads["W_hz"] = _dg_W_hr_W_hz_W_hn__h.reshape(_T * _B, 3*_H)[:, _H:2*_H].T @ _s_h[:_T].reshape(_T * _B, _H)
-    _grads["W_hn"] = _dg_W_hr_W_hz_W_hn__h.reshape(_T * _B, 3*_H)[:, 2*_H:3*_H].T @ _s_h[:_T].reshape(_T * _B, _H)
+    _dw = _dg_W_hr_W_hz_W_hn__h.reshape(_T * _B, 3*_H).T @ _s_h[:_T].reshape(_T * _B, _H)
+    _grads["W_hr"] = _dw[0:_H]
+    _grads["W_hz"] = _dw[_H:2*_H]
+    _grads["W_hn"] = _dw[2*_H:3*_H]
     # dW of W_ir @ x, W_iz @ x, W_in @ x: one GEMM over all T*B rows
-    _grads["W_ir"] = _dhg_W_ir_W_iz_W_in__x.reshape(_T * _B, 3*_H)[:, 0:_H].T @ _x_x.reshape(_T * _B, _I)
-    _grads["W_iz"] = _dhg_W_ir_W_iz_W_in__x.reshape(_T * _B, 3*_H)[:, _H:2*_H].T @ _x_x.reshape(_T * _B, _I)
-    _grads["W_in"] = _dhg_W_ir_W_iz_W_in__x.reshape(_T * _B, 3*_H)[:, 2*_H:3*_H].T @ _x_x.reshape(_T * _B, _I)
+    _dw = _dhg_W_ir_W_iz_W_in__x.reshape(_T * _B, 3*_H).T @ _x_x.reshape(_T * _B, _I)
+    _grads["W_ir"] = _dw[0:_H]
+    _grads["W_iz"] = _dw[_H:2*_H]
+    _grads["W_in"] = _dw[2*_H:3*_H]
     np.matmul(_dhg_W_ir_W_iz_W_in__x.reshape(_T * _B, 3*_H), _w_W_ir_W_iz_W_in, out=_dx_x.reshape(_T * _B, _I))
     _sum = _dg_W_hr_W_hz_W_hn__h.reshape(_T * _B, 3*_H)[:, 0:_H].sum(0)
     _grads["b_ir"] = _sum

@@ -244,8 +244,6 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final):
     _dhg_W_ir_W_iz_W_in__x = torch.empty((_T, _B, 3*_H), dtype=_dtype, device=_device)
     _tmp_d_h_next = torch.empty((_B, _H), dtype=_dtype, device=_device)
     _tmp_d_n = torch.empty((_B, _H), dtype=_dtype, device=_device)
-    _sum_d_b_ir = torch.empty((_H,), dtype=_dtype, device=_device)
-    _sum_d_b_iz = torch.empty((_H,), dtype=_dtype, device=_device)
     _g_W_hr_W_hz_W_hn__h_rows = _g_W_hr_W_hz_W_hn__h.unbind(0)
     _dout_h_next_rows = _dout_h_next.unbind(0)
     _s_h_rows = _s_h.unbind(0)
@@ -299,13 +297,15 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final):
         _dhg_W_ir_W_iz_W_in__x_rows[_t][:, _H:2*_H].copy_(d_W_iz_x)
         _dhg_W_ir_W_iz_W_in__x_rows[_t][:, 2*_H:3*_H].copy_(d_W_in_x)
     # dW of W_hr @ h, W_hz @ h, W_hn @ h: one GEMM over all T*B rows
-    _grads["W_hr"] = _dg_W_hr_W_hz_W_hn__h.reshape(_T * _B, 3*_H)[:, 0:_H].T @ _s_h[:_T].reshape(_T * _B, _H)
-    _grads["W_hz"] = _dg_W_hr_W_hz_W_hn__h.reshape(_T * _B, 3*_H)[:, _H:2*_H].T @ _s_h[:_T].reshape(_T * _B, _H)
-    _grads["W_hn"] = _dg_W_hr_W_hz_W_hn__h.reshape(_T * _B, 3*_H)[:, 2*_H:3*_H].T @ _s_h[:_T].reshape(_T * _B, _H)
+    _dw = _dg_W_hr_W_hz_W_hn__h.reshape(_T * _B, 3*_H).T @ _s_h[:_T].reshape(_T * _B, _H)
+    _grads["W_hr"] = _dw[0:_H]
+    _grads["W_hz"] = _dw[_H:2*_H]
+    _grads["W_hn"] = _dw[2*_H:3*_H]
     # dW of W_ir @ x, W_iz @ x, W_in @ x: one GEMM over all T*B rows
-    _grads["W_ir"] = _dhg_W_ir_W_iz_W_in__x.reshape(_T * _B, 3*_H)[:, 0:_H].T @ _x_x.reshape(_T * _B, _I)
-    _grads["W_iz"] = _dhg_W_ir_W_iz_W_in__x.reshape(_T * _B, 3*_H)[:, _H:2*_H].T @ _x_x.reshape(_T * _B, _I)
-    _grads["W_in"] = _dhg_W_ir_W_iz_W_in__x.reshape(_T * _B, 3*_H)[:, 2*_H:3*_H].T @ _x_x.reshape(_T * _B, _I)
+    _dw = _dhg_W_ir_W_iz_W_in__x.reshape(_T * _B, 3*_H).T @ _x_x.reshape(_T * _B, _I)
+    _grads["W_ir"] = _dw[0:_H]
+    _grads["W_iz"] = _dw[_H:2*_H]
+    _grads["W_in"] = _dw[2*_H:3*_H]
     torch.mm(_dhg_W_ir_W_iz_W_in__x.reshape(_T * _B, 3*_H), _w_W_ir_W_iz_W_in, out=_dx_x.reshape(_T * _B, _I))
     _sum = _dg_W_hr_W_hz_W_hn__h.reshape(_T * _B, 3*_H)[:, 0:_H].sum(0)
     _grads["b_ir"] = _sum
@@ -556,18 +556,20 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals):
     dhg_W_ir_W_iz_W_in__x = _empty((_T, _B, 3*_H))
     tmp_d_h_next = _empty((_B, _H))
     tmp_d_n = _empty((_B, _H))
+    dw_W_hr_W_hz_W_hn = _gempty((3*_H, _H))
+    dw_W_ir_W_iz_W_in = _gempty((3*_H, _I))
     sum_d_b_ir = _gempty((_H,))
     sum_d_b_iz = _gempty((_H,))
     _grads = {"W_ir": _gempty((_H, _I)), "W_hr": _gempty((_H, _H)), "b_ir": _gempty((_H,)), "b_hr": _gempty((_H,)), "W_iz": _gempty((_H, _I)), "W_hz": _gempty((_H, _H)), "b_iz": _gempty((_H,)), "b_hz": _gempty((_H,)), "W_in": _gempty((_H, _I)), "W_hn": _gempty((_H, _H)), "b_in": _gempty((_H,)), "b_hn": _gempty((_H,))}
     if _lib is not None:
-        _lib("backward", _dims, [x_x, s_h, p_b_ir, p_b_hr, p_b_iz, p_b_hz, p_b_in, p_b_hn, g_W_hr_W_hz_W_hn__h, v_r, v_z, v_n, dout_h_next, ds_h, dx_x, dp_b_in, dg_W_hr_W_hz_W_hn__h, tmp_d_h_gemm, dhg_W_ir_W_iz_W_in__x, tmp_d_h_next, tmp_d_n, sum_d_b_ir, sum_d_b_iz, torch.cat((_params["W_ir"], _params["W_iz"], _params["W_in"],)), torch.cat((_params["W_hr"], _params["W_hz"], _params["W_hn"],)), *_grads.values()])
+        _lib("backward", _dims, [x_x, s_h, p_b_ir, p_b_hr, p_b_iz, p_b_hz, p_b_in, p_b_hn, g_W_hr_W_hz_W_hn__h, v_r, v_z, v_n, dout_h_next, ds_h, dx_x, dp_b_in, dg_W_hr_W_hz_W_hn__h, tmp_d_h_gemm, dhg_W_ir_W_iz_W_in__x, tmp_d_h_next, tmp_d_n, dw_W_hr_W_hz_W_hn, dw_W_ir_W_iz_W_in, sum_d_b_ir, sum_d_b_iz, torch.cat((_params["W_ir"], _params["W_iz"], _params["W_in"],)), torch.cat((_params["W_hr"], _params["W_hz"], _params["W_hn"],)), *_grads.values()])
     return _grads, (dx_x,), (ds_h,)
 
 
 # The same two calls as PyTorch custom ops, for torch.compile (which traces them through their
 # fake implementations: the allocations above, without the call). Registered once per process
 # and content of this file; outputs are copies (an op's outputs may not alias each other).
-_OP = "torch_gru_07e87eadb2d2"
+_OP = "torch_gru_974f5046fada"
 
 
 def _op_forward_impl(xs: list[torch.Tensor], states: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -1006,7 +1006,7 @@ extern "C" int torch_gru_inference_f64(const int64_t* dims, void* const* ptrs, c
 
 // =============================================================================================
 // torch_gru: the whole sequence, backward
-// ptrs: 0 x_x, 1 s_h, 2 p_b_ir, 3 p_b_hr, 4 p_b_iz, 5 p_b_hz, 6 p_b_in, 7 p_b_hn, 8 g_W_hr_W_hz_W_hn__h, 9 v_r, 10 v_z, 11 v_n, 12 dout_h_next, 13 ds_h, 14 dx_x, 15 dp_b_in, 16 dg_W_hr_W_hz_W_hn__h, 17 tmp_d_h_gemm, 18 dhg_W_ir_W_iz_W_in__x, 19 tmp_d_h_next, 20 tmp_d_n, 21 sum_d_b_ir, 22 sum_d_b_iz, 23 weight W_ir_W_iz_W_in, 24 weight W_hr_W_hz_W_hn, 25 d W_ir, 26 d W_hr, 27 d b_ir, 28 d b_hr, 29 d W_iz, 30 d W_hz, 31 d b_iz, 32 d b_hz, 33 d W_in, 34 d W_hn, 35 d b_in, 36 d b_hn
+// ptrs: 0 x_x, 1 s_h, 2 p_b_ir, 3 p_b_hr, 4 p_b_iz, 5 p_b_hz, 6 p_b_in, 7 p_b_hn, 8 g_W_hr_W_hz_W_hn__h, 9 v_r, 10 v_z, 11 v_n, 12 dout_h_next, 13 ds_h, 14 dx_x, 15 dp_b_in, 16 dg_W_hr_W_hz_W_hn__h, 17 tmp_d_h_gemm, 18 dhg_W_ir_W_iz_W_in__x, 19 tmp_d_h_next, 20 tmp_d_n, 21 dw_W_hr_W_hz_W_hn, 22 dw_W_ir_W_iz_W_in, 23 sum_d_b_ir, 24 sum_d_b_iz, 25 weight W_ir_W_iz_W_in, 26 weight W_hr_W_hz_W_hn, 27 d W_ir, 28 d W_hr, 29 d b_ir, 30 d b_hr, 31 d W_iz, 32 d W_hz, 33 d b_iz, 34 d b_hz, 35 d W_in, 36 d W_hn, 37 d b_in, 38 d b_hn
 // =============================================================================================
 template <typename S, typename G>
 static int torch_gru_backward_run(const int64_t* dims, void* const* ptrs, const cs_ctx* ctx)
@@ -1061,37 +1061,41 @@ static int torch_gru_backward_run(const int64_t* dims, void* const* ptrs, const 
     (void)b_tmp_d_h_next;
     S* b_tmp_d_n = (S*)ptrs[20];
     (void)b_tmp_d_n;
-    G* b_sum_d_b_ir = (G*)ptrs[21];
+    G* b_dw_W_hr_W_hz_W_hn = (G*)ptrs[21];
+    (void)b_dw_W_hr_W_hz_W_hn;
+    G* b_dw_W_ir_W_iz_W_in = (G*)ptrs[22];
+    (void)b_dw_W_ir_W_iz_W_in;
+    G* b_sum_d_b_ir = (G*)ptrs[23];
     (void)b_sum_d_b_ir;
-    G* b_sum_d_b_iz = (G*)ptrs[22];
+    G* b_sum_d_b_iz = (G*)ptrs[24];
     (void)b_sum_d_b_iz;
-    const S* w_W_ir_W_iz_W_in = (const S*)ptrs[23];
+    const S* w_W_ir_W_iz_W_in = (const S*)ptrs[25];
     (void)w_W_ir_W_iz_W_in;
-    const S* w_W_hr_W_hz_W_hn = (const S*)ptrs[24];
+    const S* w_W_hr_W_hz_W_hn = (const S*)ptrs[26];
     (void)w_W_hr_W_hz_W_hn;
-    G* g_W_ir = (G*)ptrs[25];
+    G* g_W_ir = (G*)ptrs[27];
     (void)g_W_ir;
-    G* g_W_hr = (G*)ptrs[26];
+    G* g_W_hr = (G*)ptrs[28];
     (void)g_W_hr;
-    G* g_b_ir = (G*)ptrs[27];
+    G* g_b_ir = (G*)ptrs[29];
     (void)g_b_ir;
-    G* g_b_hr = (G*)ptrs[28];
+    G* g_b_hr = (G*)ptrs[30];
     (void)g_b_hr;
-    G* g_W_iz = (G*)ptrs[29];
+    G* g_W_iz = (G*)ptrs[31];
     (void)g_W_iz;
-    G* g_W_hz = (G*)ptrs[30];
+    G* g_W_hz = (G*)ptrs[32];
     (void)g_W_hz;
-    G* g_b_iz = (G*)ptrs[31];
+    G* g_b_iz = (G*)ptrs[33];
     (void)g_b_iz;
-    G* g_b_hz = (G*)ptrs[32];
+    G* g_b_hz = (G*)ptrs[34];
     (void)g_b_hz;
-    G* g_W_in = (G*)ptrs[33];
+    G* g_W_in = (G*)ptrs[35];
     (void)g_W_in;
-    G* g_W_hn = (G*)ptrs[34];
+    G* g_W_hn = (G*)ptrs[36];
     (void)g_W_hn;
-    G* g_b_in = (G*)ptrs[35];
+    G* g_b_in = (G*)ptrs[37];
     (void)g_b_in;
-    G* g_b_hn = (G*)ptrs[36];
+    G* g_b_hn = (G*)ptrs[38];
     (void)g_b_hn;
     (void)ctx;
     cs_packed<S> pk_W_hr_W_hz_W_hn_nn = cs_pack(ctx, 0, n_B, n_H, 3*n_H, w_W_hr_W_hz_W_hn, n_H);
@@ -1105,13 +1109,15 @@ static int torch_gru_backward_run(const int64_t* dims, void* const* ptrs, const 
     }
     cs_unpack(pk_W_hr_W_hz_W_hn_nn);
     // d[W_hr, W_hz, W_hn] += dg_W_hr_W_hz_W_hn__h^T @ h  (W_hr @ h, W_hz @ h, W_hn @ h)
-    CS_GEMM_TN(n_H, n_H, n_T * n_B, b_dg_W_hr_W_hz_W_hn__h, 3*n_H, b_s_h, n_H, g_W_hr, n_H, 0);
-    CS_GEMM_TN(n_H, n_H, n_T * n_B, b_dg_W_hr_W_hz_W_hn__h + n_H, 3*n_H, b_s_h, n_H, g_W_hz, n_H, 0);
-    CS_GEMM_TN(n_H, n_H, n_T * n_B, b_dg_W_hr_W_hz_W_hn__h + 2*n_H, 3*n_H, b_s_h, n_H, g_W_hn, n_H, 0);
+    CS_GEMM_TN(3*n_H, n_H, n_T * n_B, b_dg_W_hr_W_hz_W_hn__h, 3*n_H, b_s_h, n_H, b_dw_W_hr_W_hz_W_hn, n_H, 0);
+    CS_ADD(n_H * n_H, b_dw_W_hr_W_hz_W_hn, g_W_hr, 0);
+    CS_ADD(n_H * n_H, b_dw_W_hr_W_hz_W_hn + (n_H) * n_H, g_W_hz, 0);
+    CS_ADD(n_H * n_H, b_dw_W_hr_W_hz_W_hn + (2*n_H) * n_H, g_W_hn, 0);
     // d[W_ir, W_iz, W_in] += dhg_W_ir_W_iz_W_in__x^T @ x  (W_ir @ x, W_iz @ x, W_in @ x)
-    CS_GEMM_TN(n_H, n_I, n_T * n_B, b_dhg_W_ir_W_iz_W_in__x, 3*n_H, b_x_x, n_I, g_W_ir, n_I, 0);
-    CS_GEMM_TN(n_H, n_I, n_T * n_B, b_dhg_W_ir_W_iz_W_in__x + n_H, 3*n_H, b_x_x, n_I, g_W_iz, n_I, 0);
-    CS_GEMM_TN(n_H, n_I, n_T * n_B, b_dhg_W_ir_W_iz_W_in__x + 2*n_H, 3*n_H, b_x_x, n_I, g_W_in, n_I, 0);
+    CS_GEMM_TN(3*n_H, n_I, n_T * n_B, b_dhg_W_ir_W_iz_W_in__x, 3*n_H, b_x_x, n_I, b_dw_W_ir_W_iz_W_in, n_I, 0);
+    CS_ADD(n_H * n_I, b_dw_W_ir_W_iz_W_in, g_W_ir, 0);
+    CS_ADD(n_H * n_I, b_dw_W_ir_W_iz_W_in + (n_H) * n_I, g_W_iz, 0);
+    CS_ADD(n_H * n_I, b_dw_W_ir_W_iz_W_in + (2*n_H) * n_I, g_W_in, 0);
     // grad_input:x = dhg_W_ir_W_iz_W_in__x @ [W_ir, W_iz, W_in]
     CS_GEMM_NN(n_T * n_B, n_I, 3*n_H, b_dhg_W_ir_W_iz_W_in__x, 3*n_H, w_W_ir_W_iz_W_in, n_I, b_dx_x, n_I, 0);
     // d[b_ir, b_hr] += sum over rows of d_b_ir (summed once)
