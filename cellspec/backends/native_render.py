@@ -406,7 +406,7 @@ def glue_context(prog: ir.Program, grads_zero: dict, cu_text: str) -> dict:
     weights = []
     for w in prog.weights.values():
         mats = [f'_params["{m}"]' for m in w.matrices]
-        weights.append(f"torch.cat(({', '.join(mats)},))" if len(mats) > 1 else f"{mats[0]}.contiguous()")
+        weights.append(f"_stacked({', '.join(mats)})" if len(mats) > 1 else f"{mats[0]}.contiguous()")
     dims = "(_T, _B" + "".join(f", _{s}" for s in prog.sizes) + ")"
     fwd = prog.forward
     funcs = []

@@ -480,6 +480,19 @@ def _run_native(lib, xs, state, params):
     return outputs, finals
 
 
+def _stacked(*mats):
+    """Param matrices stacked by rows: a view where they already lie one after another in memory
+    (the modules allocate each stack's params in one block), else a copy."""
+    first = mats[0]
+    step = first.shape[1] * first.element_size()
+    at = first.data_ptr()
+    for m in mats:
+        if m.data_ptr() != at or not m.is_contiguous() or m.shape[1] != first.shape[1] or m.dtype != first.dtype:
+            return torch.cat(mats)
+        at += m.shape[0] * step
+    return first.as_strided((sum(m.shape[0] for m in mats), first.shape[1]), (first.shape[1], 1))
+
+
 def _native_sizes(_xs, _params):
     """(T, B, sizes...) of a call, as the native library takes them."""
     _T, _B = _xs[0].shape[0], _xs[0].shape[1]
@@ -513,7 +526,7 @@ def _native_forward(_lib, _xs, _states, _params):
     v_g = _empty((_T, _B, _H))
     v_o = _empty((_T, _B, _H))
     if _lib is not None:  # None: shapes only (the custom op's fake implementation)
-        _lib("forward", _dims, [x_x, s_h, s_c, p_p_i, p_b_i, p_b_g, p_p_o, p_b_o, hg_W_ii_W_ig_W_io__x, g_W_hi_W_hg_W_ho__h, v_i, v_f, v_g, v_o, torch.cat((_params["W_ii"], _params["W_ig"], _params["W_io"],)), torch.cat((_params["W_hi"], _params["W_hg"], _params["W_ho"],))])
+        _lib("forward", _dims, [x_x, s_h, s_c, p_p_i, p_b_i, p_b_g, p_p_o, p_b_o, hg_W_ii_W_ig_W_io__x, g_W_hi_W_hg_W_ho__h, v_i, v_f, v_g, v_o, _stacked(_params["W_ii"], _params["W_ig"], _params["W_io"]), _stacked(_params["W_hi"], _params["W_hg"], _params["W_ho"])])
     return (s_h[1:1 + _T],), (s_h[_T], s_c[_T],), (s_h, s_c, v_i, v_f, v_g, v_o,)
 
 
@@ -538,7 +551,7 @@ def _native_inference(_lib, _xs, _states, _params):
     hg_W_ii_W_ig_W_io__x = _empty((_T, _B, 3*_H))
     g_W_hi_W_hg_W_ho__h = _empty((_B, 3*_H))
     if _lib is not None:  # None: shapes only (the custom op's fake implementation)
-        _lib("inference", _dims, [x_x, s_h, s_c, p_p_i, p_b_i, p_b_g, p_p_o, p_b_o, hg_W_ii_W_ig_W_io__x, g_W_hi_W_hg_W_ho__h, torch.cat((_params["W_ii"], _params["W_ig"], _params["W_io"],)), torch.cat((_params["W_hi"], _params["W_hg"], _params["W_ho"],))])
+        _lib("inference", _dims, [x_x, s_h, s_c, p_p_i, p_b_i, p_b_g, p_p_o, p_b_o, hg_W_ii_W_ig_W_io__x, g_W_hi_W_hg_W_ho__h, _stacked(_params["W_ii"], _params["W_ig"], _params["W_io"]), _stacked(_params["W_hi"], _params["W_hg"], _params["W_ho"])])
     return (s_h[1:1 + _T],), (s_h[_T], s_c[_T],), ()
 
 
@@ -587,7 +600,7 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals):
     dw_W_ii_W_ig_W_io = _gempty((3*_H, _I))
     _grads = {"W_ii": _gempty((_H, _I)), "W_hi": _gempty((_H, _H)), "p_i": _gempty((_H,)), "b_i": _gempty((_H,)), "W_ig": _gempty((_H, _I)), "W_hg": _gempty((_H, _H)), "b_g": _gempty((_H,)), "W_io": _gempty((_H, _I)), "W_ho": _gempty((_H, _H)), "p_o": _gempty((_H,)), "b_o": _gempty((_H,))}
     if _lib is not None:
-        _lib("backward", _dims, [x_x, s_h, s_c, p_p_i, p_b_i, p_b_g, p_p_o, p_b_o, v_i, v_f, v_g, v_o, dout_h_next, ds_h, ds_c, dx_x, dp_p_i, dp_p_o, dg_W_hi_W_hg_W_ho__h, tmp_d_h_gemm, tmp_d_o, tmp_d_c_next, tmp_d_i, dw_W_hi_W_hg_W_ho, dw_W_ii_W_ig_W_io, torch.cat((_params["W_ii"], _params["W_ig"], _params["W_io"],)), torch.cat((_params["W_hi"], _params["W_hg"], _params["W_ho"],)), *_grads.values()])
+        _lib("backward", _dims, [x_x, s_h, s_c, p_p_i, p_b_i, p_b_g, p_p_o, p_b_o, v_i, v_f, v_g, v_o, dout_h_next, ds_h, ds_c, dx_x, dp_p_i, dp_p_o, dg_W_hi_W_hg_W_ho__h, tmp_d_h_gemm, tmp_d_o, tmp_d_c_next, tmp_d_i, dw_W_hi_W_hg_W_ho, dw_W_ii_W_ig_W_io, _stacked(_params["W_ii"], _params["W_ig"], _params["W_io"]), _stacked(_params["W_hi"], _params["W_hg"], _params["W_ho"]), *_grads.values()])
     return _grads, (dx_x,), (ds_h, ds_c,)
 
 

@@ -470,6 +470,19 @@ def _run_native(lib, xs, state, params):
     return outputs, finals
 
 
+def _stacked(*mats):
+    """Param matrices stacked by rows: a view where they already lie one after another in memory
+    (the modules allocate each stack's params in one block), else a copy."""
+    first = mats[0]
+    step = first.shape[1] * first.element_size()
+    at = first.data_ptr()
+    for m in mats:
+        if m.data_ptr() != at or not m.is_contiguous() or m.shape[1] != first.shape[1] or m.dtype != first.dtype:
+            return torch.cat(mats)
+        at += m.shape[0] * step
+    return first.as_strided((sum(m.shape[0] for m in mats), first.shape[1]), (first.shape[1], 1))
+
+
 def _native_sizes(_xs, _params):
     """(T, B, sizes...) of a call, as the native library takes them."""
     _T, _B = _xs[0].shape[0], _xs[0].shape[1]
@@ -500,7 +513,7 @@ def _native_forward(_lib, _xs, _states, _params):
     g_U_c__U_c_in = _empty((_B, _H))
     v_c = _empty((_T, _B, _H))
     if _lib is not None:  # None: shapes only (the custom op's fake implementation)
-        _lib("forward", _dims, [x_x, s_h, p_b_r, p_b_u, p_b_c, hg_W_r_W_u_W_c__x, g_U_r_U_u__h, v_r, v_u, v_U_c_in, g_U_c__U_c_in, v_c, torch.cat((_params["W_r"], _params["W_u"], _params["W_c"],)), torch.cat((_params["U_r"], _params["U_u"],)), _params["U_c"].contiguous()])
+        _lib("forward", _dims, [x_x, s_h, p_b_r, p_b_u, p_b_c, hg_W_r_W_u_W_c__x, g_U_r_U_u__h, v_r, v_u, v_U_c_in, g_U_c__U_c_in, v_c, _stacked(_params["W_r"], _params["W_u"], _params["W_c"]), _stacked(_params["U_r"], _params["U_u"]), _params["U_c"].contiguous()])
     return (s_h[1:1 + _T],), (s_h[_T],), (s_h, v_r, v_u, v_U_c_in, v_c,)
 
 
@@ -524,7 +537,7 @@ def _native_inference(_lib, _xs, _states, _params):
     tmp_U_c_in = _empty((_B, _H))
     g_U_c__U_c_in = _empty((_B, _H))
     if _lib is not None:  # None: shapes only (the custom op's fake implementation)
-        _lib("inference", _dims, [x_x, s_h, p_b_r, p_b_u, p_b_c, hg_W_r_W_u_W_c__x, g_U_r_U_u__h, tmp_u, tmp_U_c_in, g_U_c__U_c_in, torch.cat((_params["W_r"], _params["W_u"], _params["W_c"],)), torch.cat((_params["U_r"], _params["U_u"],)), _params["U_c"].contiguous()])
+        _lib("inference", _dims, [x_x, s_h, p_b_r, p_b_u, p_b_c, hg_W_r_W_u_W_c__x, g_U_r_U_u__h, tmp_u, tmp_U_c_in, g_U_c__U_c_in, _stacked(_params["W_r"], _params["W_u"], _params["W_c"]), _stacked(_params["U_r"], _params["U_u"]), _params["U_c"].contiguous()])
     return (s_h[1:1 + _T],), (s_h[_T],), ()
 
 
@@ -569,7 +582,7 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals):
     dw_W_r_W_u_W_c = _gempty((3*_H, _I))
     _grads = {"W_r": _gempty((_H, _I)), "U_r": _gempty((_H, _H)), "b_r": _gempty((_H,)), "W_u": _gempty((_H, _I)), "U_u": _gempty((_H, _H)), "b_u": _gempty((_H,)), "W_c": _gempty((_H, _I)), "U_c": _gempty((_H, _H)), "b_c": _gempty((_H,))}
     if _lib is not None:
-        _lib("backward", _dims, [x_x, s_h, p_b_r, p_b_u, p_b_c, v_r, v_u, v_U_c_in, v_c, dout_h_next, ds_h, dx_x, dg_U_r_U_u__h, tmp_d_h_gemm, dg_U_c__U_c_in, tmp_d_U_c_in_gemm, dhg_W_r_W_u_W_c__x, tmp_d_h_next, tmp_d_U_c_in, dw_U_r_U_u, dw_W_r_W_u_W_c, torch.cat((_params["W_r"], _params["W_u"], _params["W_c"],)), torch.cat((_params["U_r"], _params["U_u"],)), _params["U_c"].contiguous(), *_grads.values()])
+        _lib("backward", _dims, [x_x, s_h, p_b_r, p_b_u, p_b_c, v_r, v_u, v_U_c_in, v_c, dout_h_next, ds_h, dx_x, dg_U_r_U_u__h, tmp_d_h_gemm, dg_U_c__U_c_in, tmp_d_U_c_in_gemm, dhg_W_r_W_u_W_c__x, tmp_d_h_next, tmp_d_U_c_in, dw_U_r_U_u, dw_W_r_W_u_W_c, _stacked(_params["W_r"], _params["W_u"], _params["W_c"]), _stacked(_params["U_r"], _params["U_u"]), _params["U_c"].contiguous(), *_grads.values()])
     return _grads, (dx_x,), (ds_h,)
 
 

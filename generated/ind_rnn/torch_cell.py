@@ -334,6 +334,19 @@ def _run_native(lib, xs, state, params):
     return outputs, finals
 
 
+def _stacked(*mats):
+    """Param matrices stacked by rows: a view where they already lie one after another in memory
+    (the modules allocate each stack's params in one block), else a copy."""
+    first = mats[0]
+    step = first.shape[1] * first.element_size()
+    at = first.data_ptr()
+    for m in mats:
+        if m.data_ptr() != at or not m.is_contiguous() or m.shape[1] != first.shape[1] or m.dtype != first.dtype:
+            return torch.cat(mats)
+        at += m.shape[0] * step
+    return first.as_strided((sum(m.shape[0] for m in mats), first.shape[1]), (first.shape[1], 1))
+
+
 def _native_sizes(_xs, _params):
     """(T, B, sizes...) of a call, as the native library takes them."""
     _T, _B = _xs[0].shape[0], _xs[0].shape[1]

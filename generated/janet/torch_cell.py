@@ -385,6 +385,19 @@ def _run_native(lib, xs, state, params):
     return outputs, finals
 
 
+def _stacked(*mats):
+    """Param matrices stacked by rows: a view where they already lie one after another in memory
+    (the modules allocate each stack's params in one block), else a copy."""
+    first = mats[0]
+    step = first.shape[1] * first.element_size()
+    at = first.data_ptr()
+    for m in mats:
+        if m.data_ptr() != at or not m.is_contiguous() or m.shape[1] != first.shape[1] or m.dtype != first.dtype:
+            return torch.cat(mats)
+        at += m.shape[0] * step
+    return first.as_strided((sum(m.shape[0] for m in mats), first.shape[1]), (first.shape[1], 1))
+
+
 def _native_sizes(_xs, _params):
     """(T, B, sizes...) of a call, as the native library takes them."""
     _T, _B = _xs[0].shape[0], _xs[0].shape[1]
@@ -411,7 +424,7 @@ def _native_forward(_lib, _xs, _states, _params):
     v_s = _empty((_T, _B, _H))
     v_c_tilde = _empty((_T, _B, _H))
     if _lib is not None:  # None: shapes only (the custom op's fake implementation)
-        _lib("forward", _dims, [x_x, s_h, p_b_f, p_b_c, hg_W_f_W_c__x, g_U_f_U_c__h, v_s, v_c_tilde, torch.cat((_params["W_f"], _params["W_c"],)), torch.cat((_params["U_f"], _params["U_c"],))])
+        _lib("forward", _dims, [x_x, s_h, p_b_f, p_b_c, hg_W_f_W_c__x, g_U_f_U_c__h, v_s, v_c_tilde, _stacked(_params["W_f"], _params["W_c"]), _stacked(_params["U_f"], _params["U_c"])])
     return (s_h[1:1 + _T],), (s_h[_T],), (s_h, v_s, v_c_tilde,)
 
 
@@ -431,7 +444,7 @@ def _native_inference(_lib, _xs, _states, _params):
     hg_W_f_W_c__x = _empty((_T, _B, 2*_H))
     g_U_f_U_c__h = _empty((_B, 2*_H))
     if _lib is not None:  # None: shapes only (the custom op's fake implementation)
-        _lib("inference", _dims, [x_x, s_h, p_b_f, p_b_c, hg_W_f_W_c__x, g_U_f_U_c__h, torch.cat((_params["W_f"], _params["W_c"],)), torch.cat((_params["U_f"], _params["U_c"],))])
+        _lib("inference", _dims, [x_x, s_h, p_b_f, p_b_c, hg_W_f_W_c__x, g_U_f_U_c__h, _stacked(_params["W_f"], _params["W_c"]), _stacked(_params["U_f"], _params["U_c"])])
     return (s_h[1:1 + _T],), (s_h[_T],), ()
 
 
@@ -469,7 +482,7 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals):
     dw_W_f_W_c = _gempty((2*_H, _I))
     _grads = {"W_f": _gempty((_H, _I)), "U_f": _gempty((_H, _H)), "b_f": _gempty((_H,)), "W_c": _gempty((_H, _I)), "U_c": _gempty((_H, _H)), "b_c": _gempty((_H,))}
     if _lib is not None:
-        _lib("backward", _dims, [x_x, s_h, p_b_f, p_b_c, v_s, v_c_tilde, dout_h_next, ds_h, dx_x, dg_U_f_U_c__h, tmp_d_h_gemm, tmp_d_h_next, dw_U_f_U_c, dw_W_f_W_c, torch.cat((_params["W_f"], _params["W_c"],)), torch.cat((_params["U_f"], _params["U_c"],)), *_grads.values()])
+        _lib("backward", _dims, [x_x, s_h, p_b_f, p_b_c, v_s, v_c_tilde, dout_h_next, ds_h, dx_x, dg_U_f_U_c__h, tmp_d_h_gemm, tmp_d_h_next, dw_U_f_U_c, dw_W_f_W_c, _stacked(_params["W_f"], _params["W_c"]), _stacked(_params["U_f"], _params["U_c"]), *_grads.values()])
     return _grads, (dx_x,), (ds_h,)
 
 

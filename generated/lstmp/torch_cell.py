@@ -536,6 +536,19 @@ def _run_native(lib, xs, state, params):
     return outputs, finals
 
 
+def _stacked(*mats):
+    """Param matrices stacked by rows: a view where they already lie one after another in memory
+    (the modules allocate each stack's params in one block), else a copy."""
+    first = mats[0]
+    step = first.shape[1] * first.element_size()
+    at = first.data_ptr()
+    for m in mats:
+        if m.data_ptr() != at or not m.is_contiguous() or m.shape[1] != first.shape[1] or m.dtype != first.dtype:
+            return torch.cat(mats)
+        at += m.shape[0] * step
+    return first.as_strided((sum(m.shape[0] for m in mats), first.shape[1]), (first.shape[1], 1))
+
+
 def _native_sizes(_xs, _params):
     """(T, B, sizes...) of a call, as the native library takes them."""
     _T, _B = _xs[0].shape[0], _xs[0].shape[1]
@@ -575,7 +588,7 @@ def _native_forward(_lib, _xs, _states, _params):
     v_W_hr_in = _empty((_T, _B, _H))
     g_W_hr__W_hr_in = _empty((_B, _P))
     if _lib is not None:  # None: shapes only (the custom op's fake implementation)
-        _lib("forward", _dims, [x_x, s_h, s_c, p_b_ii, p_b_hi, p_b_if, p_b_hf, p_b_ig, p_b_hg, p_b_io, p_b_ho, hg_W_ii_W_if_W_ig_W_io__x, g_W_hi_W_hf_W_hg_W_ho__h, v_i, v_f, v_g, v_o, v_W_hr_in, g_W_hr__W_hr_in, torch.cat((_params["W_ii"], _params["W_if"], _params["W_ig"], _params["W_io"],)), torch.cat((_params["W_hi"], _params["W_hf"], _params["W_hg"], _params["W_ho"],)), _params["W_hr"].contiguous()])
+        _lib("forward", _dims, [x_x, s_h, s_c, p_b_ii, p_b_hi, p_b_if, p_b_hf, p_b_ig, p_b_hg, p_b_io, p_b_ho, hg_W_ii_W_if_W_ig_W_io__x, g_W_hi_W_hf_W_hg_W_ho__h, v_i, v_f, v_g, v_o, v_W_hr_in, g_W_hr__W_hr_in, _stacked(_params["W_ii"], _params["W_if"], _params["W_ig"], _params["W_io"]), _stacked(_params["W_hi"], _params["W_hf"], _params["W_hg"], _params["W_ho"]), _params["W_hr"].contiguous()])
     return (s_h[1:1 + _T],), (s_h[_T], s_c[_T],), (s_h, s_c, v_i, v_f, v_g, v_o, v_W_hr_in,)
 
 
@@ -605,7 +618,7 @@ def _native_inference(_lib, _xs, _states, _params):
     tmp_W_hr_in = _empty((_B, _H))
     g_W_hr__W_hr_in = _empty((_B, _P))
     if _lib is not None:  # None: shapes only (the custom op's fake implementation)
-        _lib("inference", _dims, [x_x, s_h, s_c, p_b_ii, p_b_hi, p_b_if, p_b_hf, p_b_ig, p_b_hg, p_b_io, p_b_ho, hg_W_ii_W_if_W_ig_W_io__x, g_W_hi_W_hf_W_hg_W_ho__h, tmp_W_hr_in, g_W_hr__W_hr_in, torch.cat((_params["W_ii"], _params["W_if"], _params["W_ig"], _params["W_io"],)), torch.cat((_params["W_hi"], _params["W_hf"], _params["W_hg"], _params["W_ho"],)), _params["W_hr"].contiguous()])
+        _lib("inference", _dims, [x_x, s_h, s_c, p_b_ii, p_b_hi, p_b_if, p_b_hf, p_b_ig, p_b_hg, p_b_io, p_b_ho, hg_W_ii_W_if_W_ig_W_io__x, g_W_hi_W_hf_W_hg_W_ho__h, tmp_W_hr_in, g_W_hr__W_hr_in, _stacked(_params["W_ii"], _params["W_if"], _params["W_ig"], _params["W_io"]), _stacked(_params["W_hi"], _params["W_hf"], _params["W_hg"], _params["W_ho"]), _params["W_hr"].contiguous()])
     return (s_h[1:1 + _T],), (s_h[_T], s_c[_T],), ()
 
 
@@ -660,7 +673,7 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals):
     sum_d_b_io = _gempty((_H,))
     _grads = {"W_ii": _gempty((_H, _I)), "W_hi": _gempty((_H, _P)), "b_ii": _gempty((_H,)), "b_hi": _gempty((_H,)), "W_if": _gempty((_H, _I)), "W_hf": _gempty((_H, _P)), "b_if": _gempty((_H,)), "b_hf": _gempty((_H,)), "W_ig": _gempty((_H, _I)), "W_hg": _gempty((_H, _P)), "b_ig": _gempty((_H,)), "b_hg": _gempty((_H,)), "W_io": _gempty((_H, _I)), "W_ho": _gempty((_H, _P)), "b_io": _gempty((_H,)), "b_ho": _gempty((_H,)), "W_hr": _gempty((_P, _H))}
     if _lib is not None:
-        _lib("backward", _dims, [x_x, s_h, s_c, p_b_ii, p_b_hi, p_b_if, p_b_hf, p_b_ig, p_b_hg, p_b_io, p_b_ho, v_i, v_f, v_g, v_o, v_W_hr_in, dout_h_next, ds_h, ds_c, dx_x, dg_W_hi_W_hf_W_hg_W_ho__h, tmp_d_h_gemm, dg_W_hr__W_hr_in, tmp_d_W_hr_in_gemm, tmp_d_c_next, dw_W_hi_W_hf_W_hg_W_ho, dw_W_ii_W_if_W_ig_W_io, sum_d_b_ii, sum_d_b_if, sum_d_b_ig, sum_d_b_io, torch.cat((_params["W_ii"], _params["W_if"], _params["W_ig"], _params["W_io"],)), torch.cat((_params["W_hi"], _params["W_hf"], _params["W_hg"], _params["W_ho"],)), _params["W_hr"].contiguous(), *_grads.values()])
+        _lib("backward", _dims, [x_x, s_h, s_c, p_b_ii, p_b_hi, p_b_if, p_b_hf, p_b_ig, p_b_hg, p_b_io, p_b_ho, v_i, v_f, v_g, v_o, v_W_hr_in, dout_h_next, ds_h, ds_c, dx_x, dg_W_hi_W_hf_W_hg_W_ho__h, tmp_d_h_gemm, dg_W_hr__W_hr_in, tmp_d_W_hr_in_gemm, tmp_d_c_next, dw_W_hi_W_hf_W_hg_W_ho, dw_W_ii_W_if_W_ig_W_io, sum_d_b_ii, sum_d_b_if, sum_d_b_ig, sum_d_b_io, _stacked(_params["W_ii"], _params["W_if"], _params["W_ig"], _params["W_io"]), _stacked(_params["W_hi"], _params["W_hf"], _params["W_hg"], _params["W_ho"]), _params["W_hr"].contiguous(), *_grads.values()])
     return _grads, (dx_x,), (ds_h, ds_c,)
 
 

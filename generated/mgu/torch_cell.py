@@ -429,6 +429,19 @@ def _run_native(lib, xs, state, params):
     return outputs, finals
 
 
+def _stacked(*mats):
+    """Param matrices stacked by rows: a view where they already lie one after another in memory
+    (the modules allocate each stack's params in one block), else a copy."""
+    first = mats[0]
+    step = first.shape[1] * first.element_size()
+    at = first.data_ptr()
+    for m in mats:
+        if m.data_ptr() != at or not m.is_contiguous() or m.shape[1] != first.shape[1] or m.dtype != first.dtype:
+            return torch.cat(mats)
+        at += m.shape[0] * step
+    return first.as_strided((sum(m.shape[0] for m in mats), first.shape[1]), (first.shape[1], 1))
+
+
 def _native_sizes(_xs, _params):
     """(T, B, sizes...) of a call, as the native library takes them."""
     _T, _B = _xs[0].shape[0], _xs[0].shape[1]
@@ -457,7 +470,7 @@ def _native_forward(_lib, _xs, _states, _params):
     g_U_h__U_h_in = _empty((_B, _H))
     v_h_tilde = _empty((_T, _B, _H))
     if _lib is not None:  # None: shapes only (the custom op's fake implementation)
-        _lib("forward", _dims, [x_x, s_h, p_b_f, p_b_h, hg_W_f_W_h__x, g_U_f__h, v_f, v_U_h_in, g_U_h__U_h_in, v_h_tilde, torch.cat((_params["W_f"], _params["W_h"],)), _params["U_f"].contiguous(), _params["U_h"].contiguous()])
+        _lib("forward", _dims, [x_x, s_h, p_b_f, p_b_h, hg_W_f_W_h__x, g_U_f__h, v_f, v_U_h_in, g_U_h__U_h_in, v_h_tilde, _stacked(_params["W_f"], _params["W_h"]), _params["U_f"].contiguous(), _params["U_h"].contiguous()])
     return (s_h[1:1 + _T],), (s_h[_T],), (s_h, v_f, v_U_h_in, v_h_tilde,)
 
 
@@ -480,7 +493,7 @@ def _native_inference(_lib, _xs, _states, _params):
     tmp_U_h_in = _empty((_B, _H))
     g_U_h__U_h_in = _empty((_B, _H))
     if _lib is not None:  # None: shapes only (the custom op's fake implementation)
-        _lib("inference", _dims, [x_x, s_h, p_b_f, p_b_h, hg_W_f_W_h__x, g_U_f__h, tmp_f, tmp_U_h_in, g_U_h__U_h_in, torch.cat((_params["W_f"], _params["W_h"],)), _params["U_f"].contiguous(), _params["U_h"].contiguous()])
+        _lib("inference", _dims, [x_x, s_h, p_b_f, p_b_h, hg_W_f_W_h__x, g_U_f__h, tmp_f, tmp_U_h_in, g_U_h__U_h_in, _stacked(_params["W_f"], _params["W_h"]), _params["U_f"].contiguous(), _params["U_h"].contiguous()])
     return (s_h[1:1 + _T],), (s_h[_T],), ()
 
 
@@ -522,7 +535,7 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals):
     dw_W_f_W_h = _gempty((2*_H, _I))
     _grads = {"W_f": _gempty((_H, _I)), "U_f": _gempty((_H, _H)), "b_f": _gempty((_H,)), "W_h": _gempty((_H, _I)), "U_h": _gempty((_H, _H)), "b_h": _gempty((_H,))}
     if _lib is not None:
-        _lib("backward", _dims, [x_x, s_h, p_b_f, p_b_h, v_f, v_U_h_in, v_h_tilde, dout_h_next, ds_h, dx_x, dg_U_f__h, tmp_d_h_gemm, dg_U_h__U_h_in, tmp_d_U_h_in_gemm, dhg_W_f_W_h__x, tmp_d_h_next, tmp_d_U_h_in, dw_W_f_W_h, torch.cat((_params["W_f"], _params["W_h"],)), _params["U_f"].contiguous(), _params["U_h"].contiguous(), *_grads.values()])
+        _lib("backward", _dims, [x_x, s_h, p_b_f, p_b_h, v_f, v_U_h_in, v_h_tilde, dout_h_next, ds_h, dx_x, dg_U_f__h, tmp_d_h_gemm, dg_U_h__U_h_in, tmp_d_U_h_in_gemm, dhg_W_f_W_h__x, tmp_d_h_next, tmp_d_U_h_in, dw_W_f_W_h, _stacked(_params["W_f"], _params["W_h"]), _params["U_f"].contiguous(), _params["U_h"].contiguous(), *_grads.values()])
     return _grads, (dx_x,), (ds_h,)
 
 

@@ -432,6 +432,19 @@ def _run_native(lib, xs, state, params):
     return outputs, finals
 
 
+def _stacked(*mats):
+    """Param matrices stacked by rows: a view where they already lie one after another in memory
+    (the modules allocate each stack's params in one block), else a copy."""
+    first = mats[0]
+    step = first.shape[1] * first.element_size()
+    at = first.data_ptr()
+    for m in mats:
+        if m.data_ptr() != at or not m.is_contiguous() or m.shape[1] != first.shape[1] or m.dtype != first.dtype:
+            return torch.cat(mats)
+        at += m.shape[0] * step
+    return first.as_strided((sum(m.shape[0] for m in mats), first.shape[1]), (first.shape[1], 1))
+
+
 def _native_sizes(_xs, _params):
     """(T, B, sizes...) of a call, as the native library takes them."""
     _T, _B = _xs[0].shape[0], _xs[0].shape[1]
@@ -460,7 +473,7 @@ def _native_forward(_lib, _xs, _states, _params):
     v_r = _empty((_T, _B, _H))
     v_h = _empty((_T, _B, _H))
     if _lib is not None:  # None: shapes only (the custom op's fake implementation)
-        _lib("forward", _dims, [x_x, s_c, p_v_f, p_b_f, p_v_r, p_b_r, hg_W_f_W_W_r_W_s__x, v_f, v_r, v_h, torch.cat((_params["W_f"], _params["W"], _params["W_r"], _params["W_s"],))])
+        _lib("forward", _dims, [x_x, s_c, p_v_f, p_b_f, p_v_r, p_b_r, hg_W_f_W_W_r_W_s__x, v_f, v_r, v_h, _stacked(_params["W_f"], _params["W"], _params["W_r"], _params["W_s"])])
     return (v_h,), (s_c[_T],), (s_c, hg_W_f_W_W_r_W_s__x, v_f, v_r,)
 
 
@@ -482,7 +495,7 @@ def _native_inference(_lib, _xs, _states, _params):
     hg_W_f_W_W_r_W_s__x = _empty((_T, _B, 4*_H))
     v_h = _empty((_T, _B, _H))
     if _lib is not None:  # None: shapes only (the custom op's fake implementation)
-        _lib("inference", _dims, [x_x, s_c, p_v_f, p_b_f, p_v_r, p_b_r, hg_W_f_W_W_r_W_s__x, v_h, torch.cat((_params["W_f"], _params["W"], _params["W_r"], _params["W_s"],))])
+        _lib("inference", _dims, [x_x, s_c, p_v_f, p_b_f, p_v_r, p_b_r, hg_W_f_W_W_r_W_s__x, v_h, _stacked(_params["W_f"], _params["W"], _params["W_r"], _params["W_s"])])
     return (v_h,), (s_c[_T],), ()
 
 
@@ -528,7 +541,7 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals):
     dw_W_f_W_W_r_W_s = _gempty((4*_H, _I))
     _grads = {"W": _gempty((_H, _I)), "W_f": _gempty((_H, _I)), "v_f": _gempty((_H,)), "b_f": _gempty((_H,)), "W_r": _gempty((_H, _I)), "v_r": _gempty((_H,)), "b_r": _gempty((_H,)), "W_s": _gempty((_H, _I))}
     if _lib is not None:
-        _lib("backward", _dims, [x_x, s_c, p_v_f, p_b_f, p_v_r, p_b_r, hg_W_f_W_W_r_W_s__x, v_f, v_r, dout_h, ds_c, dx_x, dp_v_f, dp_b_f, dp_v_r, dp_b_r, dhg_W_f_W_W_r_W_s__x, tmp_d_h, tmp_d_r, tmp_d_c_next, tmp_d_f, dw_W_f_W_W_r_W_s, torch.cat((_params["W_f"], _params["W"], _params["W_r"], _params["W_s"],)), *_grads.values()])
+        _lib("backward", _dims, [x_x, s_c, p_v_f, p_b_f, p_v_r, p_b_r, hg_W_f_W_W_r_W_s__x, v_f, v_r, dout_h, ds_c, dx_x, dp_v_f, dp_b_f, dp_v_r, dp_b_r, dhg_W_f_W_W_r_W_s__x, tmp_d_h, tmp_d_r, tmp_d_c_next, tmp_d_f, dw_W_f_W_W_r_W_s, _stacked(_params["W_f"], _params["W"], _params["W_r"], _params["W_s"]), *_grads.values()])
     return _grads, (dx_x,), (ds_c,)
 
 

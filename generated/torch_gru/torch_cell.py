@@ -458,6 +458,19 @@ def _run_native(lib, xs, state, params):
     return outputs, finals
 
 
+def _stacked(*mats):
+    """Param matrices stacked by rows: a view where they already lie one after another in memory
+    (the modules allocate each stack's params in one block), else a copy."""
+    first = mats[0]
+    step = first.shape[1] * first.element_size()
+    at = first.data_ptr()
+    for m in mats:
+        if m.data_ptr() != at or not m.is_contiguous() or m.shape[1] != first.shape[1] or m.dtype != first.dtype:
+            return torch.cat(mats)
+        at += m.shape[0] * step
+    return first.as_strided((sum(m.shape[0] for m in mats), first.shape[1]), (first.shape[1], 1))
+
+
 def _native_sizes(_xs, _params):
     """(T, B, sizes...) of a call, as the native library takes them."""
     _T, _B = _xs[0].shape[0], _xs[0].shape[1]
@@ -489,7 +502,7 @@ def _native_forward(_lib, _xs, _states, _params):
     v_z = _empty((_T, _B, _H))
     v_n = _empty((_T, _B, _H))
     if _lib is not None:  # None: shapes only (the custom op's fake implementation)
-        _lib("forward", _dims, [x_x, s_h, p_b_ir, p_b_hr, p_b_iz, p_b_hz, p_b_in, p_b_hn, hg_W_ir_W_iz_W_in__x, g_W_hr_W_hz_W_hn__h, v_r, v_z, v_n, torch.cat((_params["W_ir"], _params["W_iz"], _params["W_in"],)), torch.cat((_params["W_hr"], _params["W_hz"], _params["W_hn"],))])
+        _lib("forward", _dims, [x_x, s_h, p_b_ir, p_b_hr, p_b_iz, p_b_hz, p_b_in, p_b_hn, hg_W_ir_W_iz_W_in__x, g_W_hr_W_hz_W_hn__h, v_r, v_z, v_n, _stacked(_params["W_ir"], _params["W_iz"], _params["W_in"]), _stacked(_params["W_hr"], _params["W_hz"], _params["W_hn"])])
     return (s_h[1:1 + _T],), (s_h[_T],), (s_h, g_W_hr_W_hz_W_hn__h, v_r, v_z, v_n,)
 
 
@@ -513,7 +526,7 @@ def _native_inference(_lib, _xs, _states, _params):
     hg_W_ir_W_iz_W_in__x = _empty((_T, _B, 3*_H))
     g_W_hr_W_hz_W_hn__h = _empty((_B, 3*_H))
     if _lib is not None:  # None: shapes only (the custom op's fake implementation)
-        _lib("inference", _dims, [x_x, s_h, p_b_ir, p_b_hr, p_b_iz, p_b_hz, p_b_in, p_b_hn, hg_W_ir_W_iz_W_in__x, g_W_hr_W_hz_W_hn__h, torch.cat((_params["W_ir"], _params["W_iz"], _params["W_in"],)), torch.cat((_params["W_hr"], _params["W_hz"], _params["W_hn"],))])
+        _lib("inference", _dims, [x_x, s_h, p_b_ir, p_b_hr, p_b_iz, p_b_hz, p_b_in, p_b_hn, hg_W_ir_W_iz_W_in__x, g_W_hr_W_hz_W_hn__h, _stacked(_params["W_ir"], _params["W_iz"], _params["W_in"]), _stacked(_params["W_hr"], _params["W_hz"], _params["W_hn"])])
     return (s_h[1:1 + _T],), (s_h[_T],), ()
 
 
@@ -562,7 +575,7 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals):
     sum_d_b_iz = _gempty((_H,))
     _grads = {"W_ir": _gempty((_H, _I)), "W_hr": _gempty((_H, _H)), "b_ir": _gempty((_H,)), "b_hr": _gempty((_H,)), "W_iz": _gempty((_H, _I)), "W_hz": _gempty((_H, _H)), "b_iz": _gempty((_H,)), "b_hz": _gempty((_H,)), "W_in": _gempty((_H, _I)), "W_hn": _gempty((_H, _H)), "b_in": _gempty((_H,)), "b_hn": _gempty((_H,))}
     if _lib is not None:
-        _lib("backward", _dims, [x_x, s_h, p_b_ir, p_b_hr, p_b_iz, p_b_hz, p_b_in, p_b_hn, g_W_hr_W_hz_W_hn__h, v_r, v_z, v_n, dout_h_next, ds_h, dx_x, dp_b_in, dg_W_hr_W_hz_W_hn__h, tmp_d_h_gemm, dhg_W_ir_W_iz_W_in__x, tmp_d_h_next, tmp_d_n, dw_W_hr_W_hz_W_hn, dw_W_ir_W_iz_W_in, sum_d_b_ir, sum_d_b_iz, torch.cat((_params["W_ir"], _params["W_iz"], _params["W_in"],)), torch.cat((_params["W_hr"], _params["W_hz"], _params["W_hn"],)), *_grads.values()])
+        _lib("backward", _dims, [x_x, s_h, p_b_ir, p_b_hr, p_b_iz, p_b_hz, p_b_in, p_b_hn, g_W_hr_W_hz_W_hn__h, v_r, v_z, v_n, dout_h_next, ds_h, dx_x, dp_b_in, dg_W_hr_W_hz_W_hn__h, tmp_d_h_gemm, dhg_W_ir_W_iz_W_in__x, tmp_d_h_next, tmp_d_n, dw_W_hr_W_hz_W_hn, dw_W_ir_W_iz_W_in, sum_d_b_ir, sum_d_b_iz, _stacked(_params["W_ir"], _params["W_iz"], _params["W_in"]), _stacked(_params["W_hr"], _params["W_hz"], _params["W_hn"]), *_grads.values()])
     return _grads, (dx_x,), (ds_h,)
 
 
