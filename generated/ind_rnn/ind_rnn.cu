@@ -19,7 +19,9 @@
 //        BLAS ?gemm_ found at run time, and the entry points ind_rnn_<function>_{f32,f64}(dims, ptrs, ctx)
 // <function> is forward (keeps what the backward reads), inference (keeps nothing) or backward: the
 // whole sequence in one call. dims = [T, B, I, H]; ptrs = the function's buffers, the stacked
-// weights, then (backward) the gradient of every param, in the order of the comments at each function.
+// weights, then (backward) the gradient of every param, in the order of the comments at each function,
+// and last the per-step batch sizes (variable lengths: a host int64 array of T non-increasing counts,
+// the batch sorted by length, longest first) or NULL (every row runs every step).
 // Every array inside is dense and row-major; an element function's argument is a pointer and a row
 // stride ld in elements (element [r, j] is ptr[r * ld + j]; ld = 0 broadcasts one row: a vector param).
 // 16-bit storage (__half, __nv_bfloat16) computes in float; parameter gradients are float for them.
@@ -195,6 +197,7 @@ __global__ void cs_add_rows_kernel(int64_t rows, int64_t cols, const S* src, int
 #define CS_ADD(n, src, dst, beta) do { if ((n) > 0) { cs_add_kernel<G><<<(unsigned)(((n) + 127) / 128), 128, 0, (cudaStream_t)ctx->stream>>>(n, src, dst, beta); CS_CHECK((int)cudaGetLastError()); } } while (0)
 #define CS_ADD_ROWS(rows, cols, src, ld, dst, ldd) do { if ((rows) > 0 && (cols) > 0) { dim3 _g, _b; cs_grid(rows, cols, &_g, &_b); cs_add_rows_kernel<S><<<_g, _b, 0, (cudaStream_t)ctx->stream>>>(rows, cols, src, ld, dst, ldd); CS_CHECK((int)cudaGetLastError()); } } while (0)
 #define CS_ZERO(p, count) CS_CHECK((int)cudaMemsetAsync((p), 0, (size_t)(count) * sizeof(*(p)), (cudaStream_t)ctx->stream))
+#define CS_COPY(dst, src, count) CS_CHECK((int)cudaMemcpyAsync((dst), (src), (size_t)(count) * sizeof(*(dst)), cudaMemcpyDeviceToDevice, (cudaStream_t)ctx->stream))
 #else
 // CPU: the Fortran-ABI ?gemm_ of a BLAS already loaded in the process (MKL's, exported by
 // torch's own library), found by the caller at run time and passed in: no link-time BLAS.
@@ -262,6 +265,7 @@ static void cs_add_rows_host(int64_t rows, int64_t cols, const S* src, int64_t l
 #define CS_ADD(n, src, dst, beta) cs_add_host<G>(n, src, dst, beta)
 #define CS_ADD_ROWS(rows, cols, src, ld, dst, ldd) cs_add_rows_host<S>(rows, cols, src, ld, dst, ldd)
 #define CS_ZERO(p, count) memset((p), 0, (size_t)(count) * sizeof(*(p)))
+#define CS_COPY(dst, src, count) memcpy((dst), (src), (size_t)(count) * sizeof(*(dst)))
 #endif
 #endif  // CELLSPEC_LOOP_PRELUDE
 
@@ -640,7 +644,8 @@ extern "C" void ind_rnn_backward_bwd_leaf_H_f64(int64_t _rows, int64_t _cols, co
 
 // =============================================================================================
 // ind_rnn: the whole sequence, forward
-// ptrs: 0 x_x, 1 s_h, 2 p_u, 3 p_b, 4 hg_W__x, 5 weight W
+// ptrs: 0 x_x, 1 s_h, 2 p_u, 3 p_b, 4 hg_W__x, 5 weight W, 6 batch sizes (host, or NULL)
+
 // =============================================================================================
 template <typename S, typename G>
 static int ind_rnn_forward_run(const int64_t* dims, void* const* ptrs, const cs_ctx* ctx)
@@ -665,12 +670,16 @@ static int ind_rnn_forward_run(const int64_t* dims, void* const* ptrs, const cs_
     (void)b_hg_W__x;
     const S* w_W = (const S*)ptrs[5];
     (void)w_W;
+    const int64_t* bs = (const int64_t*)ptrs[6];
     (void)ctx;
     // hg_W__x = x @ [W]^T  (W @ x)
     CS_GEMM_NT(n_T * n_B, n_H, n_I, b_x_x, n_I, w_W, n_I, b_hg_W__x, n_H, 0);
     for (int64_t t = 0; t < n_T; ++t) {
+        const int64_t rows = bs ? bs[t] : n_B;  // variable lengths: rows 0..B_t-1 run
         // forward: stage 0 forward, units of size H
-        CS_PW(ind_rnn_forward_fwd0_H, n_B, n_H, b_hg_W__x + t * n_B * (n_H), n_H, b_p_b, 0, b_s_h + t * n_B * (n_H), n_H, b_p_u, 0, b_s_h + (t + 1) * n_B * (n_H), n_H);
+        CS_PW(ind_rnn_forward_fwd0_H, rows, n_H, b_hg_W__x + t * n_B * (n_H), n_H, b_p_b, 0, b_s_h + t * n_B * (n_H), n_H, b_p_u, 0, b_s_h + (t + 1) * n_B * (n_H), n_H);
+        // ended sequences hold their state: rows B_t.. of s_h[t + 1] = s_h[t]
+        if (rows < n_B) CS_COPY(b_s_h + ((t + 1) * n_B + rows) * (n_H), b_s_h + (t * n_B + rows) * (n_H), (n_B - rows) * (n_H));
     }
     return 0;
 }
@@ -704,7 +713,8 @@ extern "C" int ind_rnn_forward_f64(const int64_t* dims, void* const* ptrs, const
 
 // =============================================================================================
 // ind_rnn: the whole sequence, inference
-// ptrs: 0 x_x, 1 s_h, 2 p_u, 3 p_b, 4 hg_W__x, 5 weight W
+// ptrs: 0 x_x, 1 s_h, 2 p_u, 3 p_b, 4 hg_W__x, 5 weight W, 6 batch sizes (host, or NULL)
+
 // =============================================================================================
 template <typename S, typename G>
 static int ind_rnn_inference_run(const int64_t* dims, void* const* ptrs, const cs_ctx* ctx)
@@ -729,12 +739,16 @@ static int ind_rnn_inference_run(const int64_t* dims, void* const* ptrs, const c
     (void)b_hg_W__x;
     const S* w_W = (const S*)ptrs[5];
     (void)w_W;
+    const int64_t* bs = (const int64_t*)ptrs[6];
     (void)ctx;
     // hg_W__x = x @ [W]^T  (W @ x)
     CS_GEMM_NT(n_T * n_B, n_H, n_I, b_x_x, n_I, w_W, n_I, b_hg_W__x, n_H, 0);
     for (int64_t t = 0; t < n_T; ++t) {
+        const int64_t rows = bs ? bs[t] : n_B;  // variable lengths: rows 0..B_t-1 run
         // inference: stage 0 forward, units of size H
-        CS_PW(ind_rnn_inference_fwd0_H, n_B, n_H, b_hg_W__x + t * n_B * (n_H), n_H, b_p_b, 0, b_s_h + t * n_B * (n_H), n_H, b_p_u, 0, b_s_h + (t + 1) * n_B * (n_H), n_H);
+        CS_PW(ind_rnn_inference_fwd0_H, rows, n_H, b_hg_W__x + t * n_B * (n_H), n_H, b_p_b, 0, b_s_h + t * n_B * (n_H), n_H, b_p_u, 0, b_s_h + (t + 1) * n_B * (n_H), n_H);
+        // ended sequences hold their state: rows B_t.. of s_h[t + 1] = s_h[t]
+        if (rows < n_B) CS_COPY(b_s_h + ((t + 1) * n_B + rows) * (n_H), b_s_h + (t * n_B + rows) * (n_H), (n_B - rows) * (n_H));
     }
     return 0;
 }
@@ -768,7 +782,8 @@ extern "C" int ind_rnn_inference_f64(const int64_t* dims, void* const* ptrs, con
 
 // =============================================================================================
 // ind_rnn: the whole sequence, backward
-// ptrs: 0 x_x, 1 s_h, 2 p_u, 3 p_b, 4 hg_W__x, 5 dout_h_next, 6 ds_h, 7 dx_x, 8 dp_u, 9 dp_b, 10 dhg_W__x, 11 tmp_d_h_next, 12 weight W, 13 d W, 14 d u, 15 d b
+// ptrs: 0 x_x, 1 s_h, 2 p_u, 3 p_b, 4 hg_W__x, 5 dout_h_next, 6 ds_h, 7 dx_x, 8 dp_u, 9 dp_b, 10 dhg_W__x, 11 tmp_d_h_next, 12 weight W, 13 d W, 14 d u, 15 d b, 16 batch sizes (host, or NULL)
+
 // =============================================================================================
 template <typename S, typename G>
 static int ind_rnn_backward_run(const int64_t* dims, void* const* ptrs, const cs_ctx* ctx)
@@ -813,12 +828,19 @@ static int ind_rnn_backward_run(const int64_t* dims, void* const* ptrs, const cs
     (void)g_u;
     G* g_b = (G*)ptrs[15];
     (void)g_b;
+    const int64_t* bs = (const int64_t*)ptrs[16];
     (void)ctx;
+    if (bs) {  // rows of ended sequences, which no step writes, are read over all T*B rows
+        CS_ZERO(b_dp_u, (n_T) * (n_B) * (n_H));
+        CS_ZERO(b_dp_b, (n_T) * (n_B) * (n_H));
+        CS_ZERO(b_dhg_W__x, (n_T) * (n_B) * (n_H));
+    }
     for (int64_t t = n_T - 1; t >= 0; --t) {
+        const int64_t rows = bs ? bs[t] : n_B;  // variable lengths: rows 0..B_t-1 run
         // backward: stage 0 backward, units of size H
-        CS_PW(ind_rnn_backward_bwd0_H, n_B, n_H, b_ds_h, n_H, b_dout_h_next + t * n_B * (n_H), n_H, b_tmp_d_h_next, n_H);
+        CS_PW(ind_rnn_backward_bwd0_H, rows, n_H, b_ds_h, n_H, b_dout_h_next + t * n_B * (n_H), n_H, b_tmp_d_h_next, n_H);
         // backward: per-step adjoints of inputs, states, vector params, hoisted results, units of size H
-        CS_PW(ind_rnn_backward_bwd_leaf_H, n_B, n_H, b_hg_W__x + t * n_B * (n_H), n_H, b_p_b, 0, b_tmp_d_h_next, n_H, b_s_h + t * n_B * (n_H), n_H, b_p_u, 0, b_ds_h, n_H, b_dp_u + t * n_B * (n_H), n_H, b_dp_b + t * n_B * (n_H), n_H, b_dhg_W__x + t * n_B * (n_H), n_H);
+        CS_PW(ind_rnn_backward_bwd_leaf_H, rows, n_H, b_hg_W__x + t * n_B * (n_H), n_H, b_p_b, 0, b_tmp_d_h_next, n_H, b_s_h + t * n_B * (n_H), n_H, b_p_u, 0, b_ds_h, n_H, b_dp_u + t * n_B * (n_H), n_H, b_dp_b + t * n_B * (n_H), n_H, b_dhg_W__x + t * n_B * (n_H), n_H);
     }
     // d[W] += dhg_W__x^T @ x  (W @ x)
     CS_GEMM_TN(n_H, n_I, n_T * n_B, b_dhg_W__x, n_H, b_x_x, n_I, g_W, n_I, 0);
