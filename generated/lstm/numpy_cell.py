@@ -24,8 +24,10 @@ Do not edit: regenerate with `cellspec compile`. Needs nothing but NumPy at run 
 API (arrays are float32 or float64; B = batch, T = time):
     forward(params, x, state=None) -> (output, new_state)              x: [B, I]
     backward(params, x, state, d_output, d_new_state) -> (d_params, d_x, d_state)
-    forward_sequence(params, x, state=None) -> (outputs, final_state)  x: [T, B, I]
-    backward_sequence(params, x, state, d_outputs, d_final_state) -> (d_params, d_x, d_state)
+    forward_sequence(params, x, state=None, lengths=None) -> (outputs, final_state)  x: [T, B, I]
+    backward_sequence(params, x, state, d_outputs, d_final_state, lengths=None) -> (d_params, d_x, d_state)
+`lengths` (one per batch element, in any order) makes sequences end early: a state stops changing
+after its sequence's last step, outputs past it are zeros (and their adjoints are ignored).
 `params` maps spec names to arrays; a state is a tuple (h, c);
 None for a state or an adjoint means zeros.
 """
@@ -62,16 +64,49 @@ def backward(params, x, state, d_output, d_new_state):
     return _d_params, _d_x[0], _d_state
 
 
-def forward_sequence(params, x, state=None):
+def forward_sequence(params, x, state=None, lengths=None):
     """A whole sequence: x [T, B, ...] -> (outputs [T, B, ...], final_state)."""
-    _outputs, _final, _ = _inference(params, x, state)
-    return _outputs, _final
+    if lengths is None:
+        _outputs, _final, _ = _inference(params, x, state)
+        return _outputs, _final
+    _order, _back, _bs = _by_length(lengths, _T_of(x))
+    _outputs, _final, _ = _inference(params, _take(x, _order, 1), _take(state, _order, 0), _bs)
+    return _take(_outputs, _back, 1), _take(_final, _back, 0)
 
 
-def backward_sequence(params, x, state, d_outputs, d_final_state):
+def backward_sequence(params, x, state, d_outputs, d_final_state, lengths=None):
     """Gradients over a whole sequence: -> (d_params, d_x, d_state)."""
-    _, _, _saved = _forward(params, x, state)
-    return _backward(params, x, _saved, d_outputs, d_final_state)
+    if lengths is None:
+        _, _, _saved = _forward(params, x, state)
+        return _backward(params, x, _saved, d_outputs, d_final_state)
+    _order, _back, _bs = _by_length(lengths, _T_of(x))
+    _x = _take(x, _order, 1)
+    _, _, _saved = _forward(params, _x, _take(state, _order, 0), _bs)
+    _d_params, _d_x, _d_state = _backward(params, _x, _saved, _take(d_outputs, _order, 1), _take(d_final_state, _order, 0), _bs)
+    return _d_params, _take(_d_x, _back, 1), _take(_d_state, _back, 0)
+
+
+def _T_of(x):
+    return np.shape(x)[0]
+
+
+def _by_length(lengths, T):
+    """(order sorting the batch by length, longest first; its inverse; per-step batch sizes)."""
+    lengths = np.asarray(lengths, dtype=np.int64).reshape(-1)
+    if lengths.size and (lengths.min() < 1 or lengths.max() > T):
+        raise ValueError(f"lengths must be in [1, {T}], got {lengths.tolist()}")
+    order = np.argsort(-lengths, kind="stable")
+    bs = (np.arange(T)[:, None] < lengths[order][None, :]).sum(1)
+    return order, np.argsort(order), [int(n) for n in bs]
+
+
+def _take(a, index, axis):
+    """a (an array, a tuple of arrays or None) with its batch axis reordered."""
+    if a is None:
+        return None
+    if isinstance(a, (tuple, list)):
+        return tuple(_take(b, index, axis) for b in a)
+    return np.take(np.asarray(a), index, axis=axis)
 
 
 def _first_step(a):
