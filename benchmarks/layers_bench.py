@@ -24,8 +24,8 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from cellspec.driver import compile_file  # noqa: E402
-from cellspec.runtime.loader import load_package  # noqa: E402
+from cellspec.driver import compile_file
+from cellspec.runtime.loader import load_package
 
 SHAPES = [(64, 32, 128, 128), (128, 64, 256, 256)]  # T, B, I, H
 QUICK = [(16, 8, 32, 32)]
@@ -84,7 +84,7 @@ def main() -> None:
             lengths = torch.randint(T // 2, T + 1, (B,))
             lengths[0] = T
 
-            def run(mod):
+            def run(mod, x=x, lengths=lengths):
                 out, fin = mod(pack_padded_sequence(x, lengths, enforce_sorted=False))
                 out, _ = pad_packed_sequence(out)
                 return out, fin if isinstance(fin, tuple) else (fin,)

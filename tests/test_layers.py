@@ -41,7 +41,7 @@ def close(actual, expected, what=""):
 
 
 def torch_module(name, num_layers=1, bidirectional=False, batch_first=False, dropout=0.0):
-    kw = dict(num_layers=num_layers, bidirectional=bidirectional, batch_first=batch_first, dropout=dropout)
+    kw = {"num_layers": num_layers, "bidirectional": bidirectional, "batch_first": batch_first, "dropout": dropout}
     if name == "elman":
         return nn.RNN(I, H, **kw).to(DT)
     if name == "lstm":
@@ -290,6 +290,7 @@ def test_numpy_sequence_lengths(compiled):
     n_out, (n_h, n_c) = pkg.numpy_cell.forward_sequence(params, x.detach().numpy(), (h0.detach().numpy(), c0.detach().numpy()), lengths=LENGTHS)
     np.testing.assert_allclose(n_out, out.detach().numpy(), rtol=1e-12, atol=1e-13)
     np.testing.assert_allclose(n_h, h[0].detach().numpy(), rtol=1e-12, atol=1e-13)
+    np.testing.assert_allclose(n_c, c[0].detach().numpy(), rtol=1e-12, atol=1e-13)
     gen = np.random.default_rng(0)
     d_out, d_h, d_c = gen.normal(size=out.shape), gen.normal(size=(B, H)), gen.normal(size=(B, H))
     torch.autograd.backward([out, h[0], c[0]], [torch.tensor(d_out), torch.tensor(d_h), torch.tensor(d_c)])
