@@ -818,23 +818,23 @@ class JANET(_JANETBase):
                 raise ValueError(f"{CELL}: lengths must have one entry per batch element ({B}), got {lengths.shape[0]}")
             if len(lengths) and (int(lengths.min()) < 1 or int(lengths.max()) > T):
                 raise ValueError(f"{CELL}: lengths must be in [1, {T}], got {lengths.tolist()}")
-            if order is None:
+            if order is None and bool((lengths[:-1] < lengths[1:]).any()):
                 order = torch.sort(lengths, descending=True, stable=True).indices
-            bs = (torch.arange(T)[:, None] < lengths[order][None, :]).sum(1)
+            ordered = lengths if order is None else lengths[order]
+            bs = (torch.arange(T)[:, None] < ordered[None, :]).sum(1)
         if order is not None:  # the batch sorted by length, longest first (cuDNN's packed layout)
             dev = order.to(xs[0].device)
             xs = tuple(a.index_select(1, dev) for a in xs)
             state = tuple(s.index_select(1, dev) for s in state)
         outputs, finals = self._layers(xs, state, bs)
         if packed:  # packed in the order of the input's (sorted) batch
-            data = [nn.utils.rnn.pack_padded_sequence(o, lengths[order]).data for o in outputs]
+            data = [nn.utils.rnn.pack_padded_sequence(o, ordered).data for o in outputs]
             outputs = tuple(nn.utils.rnn.PackedSequence(d, x.batch_sizes, x.sorted_indices, x.unsorted_indices) for d in data)
-        elif order is not None:
-            back = torch.argsort(order).to(xs[0].device)
-            outputs = tuple(o.index_select(1, back) for o in outputs)
-        if order is not None:
+        if order is not None:  # back to the caller's batch order
             back = torch.argsort(order).to(xs[0].device)
             finals = tuple(f.index_select(1, back) for f in finals)
+            if not packed:
+                outputs = tuple(o.index_select(1, back) for o in outputs)
         if unbatched:
             outputs = tuple(o.squeeze(1) for o in outputs)
             finals = tuple(f.squeeze(1) for f in finals)
