@@ -227,7 +227,7 @@ cell = GRUCell(3, 4)
 assert isinstance(cell.W_r, torch.nn.Parameter) and tuple(cell.W_r.shape) == (4, 3)
 y, s = cell(torch.randn(2, 3))
 ys, hs = GRU(3, 4)(torch.randn(5, 2, 3))
-assert tuple(ys.shape) == (5, 2, 4) and tuple(hs.shape) == (2, 4)
+assert tuple(ys.shape) == (5, 2, 4) and tuple(hs.shape) == (1, 2, 4)
 print("imported")
 """
     check = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path, check=False)

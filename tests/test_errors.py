@@ -283,6 +283,10 @@ DECLS = {
         "cell C {\n  input x[I]\n  size P = ⟦batch_first⟧\n  state h[P]\n  param W[P, I]\n  h' = W @ x\n}\n",
         r"'batch_first' is already an argument of the generated modules",
     ),
+    "size argument is a layer argument": (
+        "cell C {\n  input x[I]\n  size P = ⟦num_layers⟧\n  state h[P]\n  param W[P, I]\n  h' = W @ x\n}\n",
+        r"'num_layers' is already an argument of the generated modules",
+    ),
     "param with 3 dims": (
         "cell C {\n  input x[I]\n  state h[H]\n  param ⟦W⟧[H, I, I]\n  h' = x\n}\n",
         r"param 'W' has 3 dimensions; a param is a vector \[N\] or a matrix \[M, N\]",
@@ -383,7 +387,8 @@ def test_reserved_declared_names(kind, head):
     assert_refused(cell("  h' = x", head=head), rf"^{kind} '_?\w+': names starting with '_' or containing '__' are reserved")
 
 
-@pytest.mark.parametrize("attr", ["forward", "parameters", "state_dict", "training", "hidden_size", "reset_parameters", "to"])
+@pytest.mark.parametrize("attr", ["forward", "parameters", "state_dict", "training", "hidden_size", "reset_parameters", "to",
+                                  "num_layers", "bidirectional", "flatten_parameters"])
 def test_param_shadowing_a_module_attribute(attr):
     assert_refused(
         f"cell C {{\n  input x[I]\n  state h[H]\n  param ⟦{attr}⟧[H, I]\n  h' = {attr} @ x\n}}\n",

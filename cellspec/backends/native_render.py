@@ -194,7 +194,7 @@ class _Renderer:
         grads_written: set[str] = set()
 
         def rows_of(r: str) -> str:
-            return "n_B" if r == "step" else "n_T * n_B"
+            return "rows" if r == "step" else "n_T * n_B"  # rows: B_t, the active rows of step t
 
         def emit(op, ind: str) -> None:
             if isinstance(op, ir.Loop):
@@ -212,6 +212,7 @@ class _Renderer:
                 head = ("for (int64_t t = n_T - 1; t >= 0; --t) {" if op.reverse
                         else "for (int64_t t = 0; t < n_T; ++t) {")
                 lines.append(ind + head)
+                lines.append(ind + "    const int64_t rows = bs ? bs[t] : n_B;  // variable lengths: rows 0..B_t-1 run")
                 for o in op.body:
                     emit(o, ind + "    ")
                 lines.append(ind + "}")
@@ -231,7 +232,7 @@ class _Renderer:
                 c, ldc = self.buf_ptr(fn, op.out, op.rows)
                 lines.append(f"{ind}// {op.out} = {op.operand} @ [{', '.join(w.matrices)}]^T  ({op.comment})")
                 if op.rows == "step":  # the weight packed once before the loop
-                    lines.append(f"{ind}CS_GEMM_NT_PACKED(n_B, {cexpr(w.width)}, n_{w.inner}, {a}, {lda}, "
+                    lines.append(f"{ind}CS_GEMM_NT_PACKED(rows, {cexpr(w.width)}, n_{w.inner}, {a}, {lda}, "
                                  f"pk_{w.name}_nt, {c}, {ldc}, 0);")
                 else:
                     lines.append(f"{ind}CS_GEMM_NT({rows_of(op.rows)}, {cexpr(w.width)}, n_{w.inner}, {a}, {lda}, "
@@ -243,7 +244,7 @@ class _Renderer:
                 beta = 1 if op.accumulate else 0
                 lines.append(f"{ind}// {op.d_operand} {'+=' if op.accumulate else '='} {op.d_out} @ [{', '.join(w.matrices)}]")
                 if op.rows == "step":
-                    lines.append(f"{ind}CS_GEMM_NN_PACKED(n_B, n_{w.inner}, {cexpr(w.width)}, {g}, {ldg}, "
+                    lines.append(f"{ind}CS_GEMM_NN_PACKED(rows, n_{w.inner}, {cexpr(w.width)}, {g}, {ldg}, "
                                  f"pk_{w.name}_nn, {c}, {ldc}, {beta});")
                 else:
                     lines.append(f"{ind}CS_GEMM_NN({rows_of(op.rows)}, n_{w.inner}, {cexpr(w.width)}, {g}, {ldg}, "
@@ -287,10 +288,15 @@ class _Renderer:
                 sz = fn.slots[op.source].size
                 lines.append(f"{ind}// d_{op.input} += {op.source}")
                 lines.append(f"{ind}CS_ADD_ROWS(n_T * n_B, n_{sz}, {src}, {ld}, {dst}, {ldd});")
-            elif isinstance(op, ir.Zero):
+            elif isinstance(op, ir.Zero):  # inside the loop: a [B, n] carried adjoint, active rows
                 buf = fn.buffers[op.buffer]
-                count = " * ".join(f"({cexpr(d)})" for d in buf.shape)
-                lines.append(f"{ind}CS_ZERO(b_{op.buffer}, {count});")
+                lines.append(f"{ind}CS_ZERO(b_{op.buffer}, rows * ({cexpr(buf.shape[-1])}));")
+            elif isinstance(op, ir.Hold):
+                w = cexpr(fn.buffers[op.buffer].shape[-1])
+                b = f"b_{op.buffer}"
+                lines.append(f"{ind}// ended sequences hold their state: rows B_t.. of {op.buffer}[t + 1] = {op.buffer}[t]")
+                lines.append(f"{ind}if (rows < n_B) CS_COPY({b} + ((t + 1) * n_B + rows) * ({w}), "
+                             f"{b} + (t * n_B + rows) * ({w}), (n_B - rows) * ({w}));")
             else:  # pragma: no cover
                 raise TypeError(op)
 
@@ -298,6 +304,9 @@ class _Renderer:
         for b in fn.buffers.values():
             if b.init == "zeros":
                 zero_fill.append((b.name, " * ".join(f"({cexpr(d)})" for d in b.shape)))
+        packed_zero = []
+        for name in fn.zero_when_packed:
+            packed_zero.append((name, " * ".join(f"({cexpr(d)})" for d in fn.buffers[name].shape)))
         for op in fn.ops:
             emit(op, "    ")
         params_zero = [prm.key for prm in p.params if prm.key not in grads_written] if fn.name == "backward" else []
@@ -307,6 +316,7 @@ class _Renderer:
             "weights": list(p.weights.values()),
             "grads": [prm.key for prm in p.params] if fn.name == "backward" else [],
             "zero_fill": zero_fill,
+            "packed_zero": packed_zero,
             "lines": lines,
             "grads_zero": params_zero,
         }

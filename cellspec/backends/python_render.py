@@ -33,7 +33,7 @@ class Dialect:
     add_into: str  # dest, value
     zero: str  # buffer
     transpose_contiguous: str  # array -> contiguous transpose
-    rows: bool  # split timed buffers into per-step row views once per call
+    unbind: str  # array -> sequence of its views along the first axis
 
 
 NUMPY = Dialect(
@@ -47,7 +47,7 @@ NUMPY = Dialect(
     add_into="{}[...] += {}",
     zero="{}[...] = 0",
     transpose_contiguous="np.ascontiguousarray({}.T)",
-    rows=False,
+    unbind="list({})",
 )
 
 TORCH = Dialect(
@@ -61,7 +61,7 @@ TORCH = Dialect(
     add_into="{}.add_({})",
     zero="{}.zero_()",
     transpose_contiguous="{}.T.contiguous()",
-    rows=True,
+    unbind="{}.unbind(0)",
 )
 
 
@@ -85,8 +85,9 @@ class _Function:
     def __init__(self, prog: ir.Program, fn: ir.Function, names: dict[str, str], printer, d: Dialect):
         self.p, self.fn, self.names, self.pr, self.d = prog, fn, names, printer, d
         self.lines: list[str] = []
-        self.row_views: list[str] = []  # timed buffers split into rows before the loop
+        self.row_views: list[tuple[str, int | None]] = []  # (buffer, time offset) split into steps
         self.grads_seen: set[str] = set()
+        self.in_loop = False
 
     # -------------------------------------------------------------------- views
     def buf(self, name: str) -> str:
@@ -102,19 +103,23 @@ class _Function:
         return f"[:, {pysize(sl.col)}:{pysize(sl.col + ir.size(sl.size))}]"
 
     def step_view(self, name: str) -> str:
-        """[B, n] view of a slot at step _t (or the param vector itself)."""
+        """[B_t, n] view of a slot at step _t (or the param vector itself)."""
         sl = self.fn.slots[name]
         buf = self.fn.buffers[sl.buffer]
         if len(buf.shape) == 1:  # a vector param: bound to its name already
             return self.names[name]
-        if not buf.timed:
-            return self.buf(buf.name) + self.cols(sl)
-        t = "_t" if not sl.time else f"_t + {sl.time}"
-        if self.d.rows:
-            if buf.name not in self.row_views:
-                self.row_views.append(buf.name)
-            return f"{self.buf(buf.name)}_rows[{t}]" + self.cols(sl)
-        return f"{self.buf(buf.name)}[{t}]" + self.cols(sl)
+        return self.rows_view(buf.name, sl.time or 0) + self.cols(sl)
+
+    def rows_view(self, name: str, time: int) -> str:
+        """Step _t's rows of a buffer: per-step views listed once before the loop (``time``: the
+        slot's time offset in a timed buffer). With batch sizes they hold the first B_t rows."""
+        key = (name, time if self.fn.buffers[name].timed else None)
+        if key not in self.row_views:
+            self.row_views.append(key)
+        return f"{self.list_name(key)}[_t]"
+
+    def list_name(self, key: tuple[str, int | None]) -> str:
+        return f"{self.buf(key[0])}_rows" if key[1] is None else f"{self.buf(key[0])}_at{key[1]}"
 
     def all_view(self, name: str, flat: bool = True) -> str:
         """[T*B, n] (or [T, B, n]) view of a slot over the whole sequence."""
@@ -138,12 +143,8 @@ class _Function:
 
     def buffer_rows(self, name: str, rows: str) -> str:
         buf = self.fn.buffers[name]
-        if buf.timed and rows == "step":
-            if self.d.rows:
-                if name not in self.row_views:
-                    self.row_views.append(name)
-                return f"{self.buf(name)}_rows[_t]"
-            return f"{self.buf(name)}[_t]"
+        if rows == "step":
+            return self.rows_view(name, 0)
         if buf.timed:
             return f"{self.buf(name)}.reshape(_T * _B, {pysize(buf.shape[-1])})"
         return self.buf(name)
@@ -153,8 +154,10 @@ class _Function:
         L, d = self.lines, self.d
         if isinstance(op, ir.Loop):
             L.append(f"{ind}for _t in {'reversed(range(_T))' if op.reverse else 'range(_T)'}:")
+            self.in_loop = True
             for o in op.body:
                 self.emit(o, ind + "    ")
+            self.in_loop = False
         elif isinstance(op, ir.Pointwise):
             n = self.names
             L.append(f"{ind}# {op.title}")
@@ -199,7 +202,11 @@ class _Function:
             dst = self.all_view(f"grad_input:{op.input}", flat=False)
             L.append(f"{ind}{d.add_into.format(dst, self.all_view(op.source, flat=False))}")
         elif isinstance(op, ir.Zero):
-            L.append(f"{ind}{d.zero.format(self.buf(op.buffer))}")
+            L.append(f"{ind}{d.zero.format(self.rows_view(op.buffer, 0) if self.in_loop else self.buf(op.buffer))}")
+        elif isinstance(op, ir.Hold):
+            b = self.buf(op.buffer)
+            L.append(f"{ind}if _bs is not None:  # ended sequences hold their state")
+            L.append(f"{ind}    {d.copy_into.format(f'{b}[_t + 1, _bs[_t]:]', f'{b}[_t, _bs[_t]:]')}")
         else:  # pragma: no cover
             raise TypeError(op)
 
@@ -227,11 +234,16 @@ def render(prog: ir.Program, names: dict[str, str], printer, d: Dialect) -> dict
                 continue  # bound from the arguments, or (grad_scratch) the native library's alone
             make = d.zeros if b.init == "zeros" else d.empty
             allocs.append(f"{r.buf(b.name)} = {make.format(_shape(b.shape))}")
-        rows = [f"{r.buf(n)}_rows = {r.buf(n)}.unbind(0)" for n in r.row_views]
+        rows = []
+        for key in r.row_views:
+            b = r.buf(key[0])
+            rows.append(f"{r.list_name(key)} = " + (f"_rows({b}, _T, _bs)" if key[1] is None else f"_steps({b}, {key[1]}, _T, _bs)"))
+        packed_zero = [d.zero.format(r.buf(n)) for n in fn.zero_when_packed]
         grads_zero = [prm.key for prm in prog.params if prm.key not in r.grads_seen]
         out[fn.name] = {
             "allocs": allocs,
             "rows": rows,
+            "packed_zero": packed_zero,
             "lines": r.lines,
             "grads_zero": grads_zero,
             "outputs": [r.all_view(v.name, flat=False) for v in prog.outputs] if fn.name != "backward" else [],
@@ -241,6 +253,7 @@ def render(prog: ir.Program, names: dict[str, str], printer, d: Dialect) -> dict
         for w in prog.weights.values()
     ]
     out["transpose"] = d.transpose_contiguous
+    out["unbind"] = d.unbind
     return out
 
 

@@ -88,10 +88,11 @@ def render(sched: Schedule, back: Backward, prog: Program, native_glue: dict | N
     extra = [a for s, a in sizes[2:]]
     ctor = [sizes[0][1], sizes[1][1]]
     ctx["ctor_args"] = ", ".join(ctor) + (", *, " + ", ".join(extra) if extra else ", *")
-    ctx["ctor_args_seq"] = ", ".join(ctor) + ", batch_first=False, *" + (", " + ", ".join(extra) if extra else "")
+    layer = "num_layers=1, *, batch_first=False, dropout=0.0, bidirectional=False"
+    ctx["ctor_args_seq"] = ", ".join(ctor) + f", {layer}" + (", " + ", ".join(extra) if extra else "")
     ctx["ctor_pass"] = ", ".join(ctor + [f"{a}={a}" for a in extra]).replace(f"{ctor[0]}, {ctor[1]}", f"{ctor[0]}, {ctor[1]}", 1)
     ctx["ctor_doc_cell"] = ", ".join(ctor + [f"{a}=..." for a in extra])
-    ctx["ctor_doc_seq"] = ", ".join(ctor + ["batch_first=False"] + [f"{a}=..." for a in extra])
+    ctx["ctor_doc_seq"] = ", ".join(ctor + [layer] + [f"{a}=..." for a in extra])
     ctx["inits"] = {p.name: _init_literal(p.init) for p in m.cell.params}
     ctx["native"] = native_glue is not None
     ctx.update(native_glue or {})

@@ -24,12 +24,13 @@ INITIALISERS: dict[str, int] = {"fill": 1, "zeros": 0, "ones": 0, "uniform": 2, 
 DEFAULT_SIZES = {"I": "input_size", "H": "hidden_size"}
 
 #: Constructor arguments of the generated modules that a size may not take.
-RESERVED_ARGUMENTS = {"self", "batch_first", "device", "dtype", "backend", "input_size", "hidden_size"}
+RESERVED_ARGUMENTS = {"self", "batch_first", "device", "dtype", "backend", "input_size", "hidden_size",
+                      "num_layers", "dropout", "bidirectional"}
 
 #: attributes of torch.nn.Module and of the generated modules: a param registered under one of
 #: these names would shadow it, so such names are refused for params.
 MODULE_ATTRIBUTES = frozenset(
-    ["T_destination", "add_module", "apply", "bfloat16", "buffers", "call_super_init", "children", "compile", "cpu", "cuda", "double", "dump_patches", "eval", "extra_repr", "float", "forward", "get_buffer", "get_extra_state", "get_parameter", "get_submodule", "half", "ipu", "load_state_dict", "modules", "mtia", "named_buffers", "named_children", "named_modules", "named_parameters", "parameters", "register_backward_hook", "register_buffer", "register_forward_hook", "register_forward_pre_hook", "register_full_backward_hook", "register_full_backward_pre_hook", "register_load_state_dict_post_hook", "register_load_state_dict_pre_hook", "register_module", "register_parameter", "register_state_dict_post_hook", "register_state_dict_pre_hook", "requires_grad_", "set_extra_state", "set_submodule", "share_memory", "state_dict", "to", "to_empty", "train", "training", "type", "xpu", "zero_grad", "input_size", "hidden_size", "batch_first", "backend", "sizes", "reset_parameters"]
+    ["T_destination", "add_module", "apply", "bfloat16", "buffers", "call_super_init", "children", "compile", "cpu", "cuda", "double", "dump_patches", "eval", "extra_repr", "float", "forward", "get_buffer", "get_extra_state", "get_parameter", "get_submodule", "half", "ipu", "load_state_dict", "modules", "mtia", "named_buffers", "named_children", "named_modules", "named_parameters", "parameters", "register_backward_hook", "register_buffer", "register_forward_hook", "register_forward_pre_hook", "register_full_backward_hook", "register_full_backward_pre_hook", "register_load_state_dict_post_hook", "register_load_state_dict_pre_hook", "register_module", "register_parameter", "register_state_dict_post_hook", "register_state_dict_pre_hook", "requires_grad_", "set_extra_state", "set_submodule", "share_memory", "state_dict", "to", "to_empty", "train", "training", "type", "xpu", "zero_grad", "input_size", "hidden_size", "batch_first", "backend", "sizes", "reset_parameters", "num_layers", "dropout", "bidirectional", "flatten_parameters"]
 )
 
 #: names at the top level of the generated torch_cell module and package __init__: a cell's

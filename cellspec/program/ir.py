@@ -175,14 +175,30 @@ class Zero:
 
 
 @dataclass(frozen=True)
+class Hold:
+    """Variable lengths: rows ``B_t ..`` of the state sequence at ``t + 1`` copy its rows at
+    ``t`` (a sequence that has ended keeps its state). A no-op without per-step batch sizes."""
+
+    buffer: str
+
+
+@dataclass(frozen=True)
 class Loop:
-    """The time loop: ``body`` for t = 0 .. T-1, or T-1 .. 0 when ``reverse``."""
+    """The time loop: ``body`` for t = 0 .. T-1, or T-1 .. 0 when ``reverse``.
+
+    Every function may be called with **per-step batch sizes** ``batch_sizes[t]`` (variable
+    lengths, the batch sorted by length, longest first: cuDNN's packed layout). Then every op of
+    the body with ``rows == "step"`` (and every :class:`Zero`) runs on rows ``0 .. B_t - 1``
+    only, :class:`Hold` freezes the states of the other rows, and the buffers the function lists
+    in ``zero_when_packed`` start as zeros (the rows no step writes are read over all T·B rows
+    after the loop). Outputs are zero in inactive rows and incoming output adjoints are ignored
+    there (the renderers' wrappers mask them)."""
 
     reverse: bool
     body: tuple
 
 
-Op = Pointwise | Project | ProjectBack | WeightGrad | RowSum | AddRows | Zero | Loop
+Op = Pointwise | Project | ProjectBack | WeightGrad | RowSum | AddRows | Zero | Hold | Loop
 
 
 @dataclass(frozen=True)
@@ -194,6 +210,8 @@ class Function:
     buffers: dict[str, Buffer]
     slots: dict[str, Slot]
     ops: tuple
+    #: timed buffers the loop writes row-wise: zero-filled first when called with batch sizes
+    zero_when_packed: tuple[str, ...] = ()
 
     def loop(self) -> Loop:
         return next(op for op in self.ops if isinstance(op, Loop))

@@ -170,6 +170,7 @@ class _Planner:
                     tb.place(v.key, tb.buffer(f"tmp_{v.key}", (B, size(v.size)), "scratch"), None, 0, v.size)
             stmts = tuple(ir.Statement(v.key, v.expr, self.comment(v)) for v in st.values)
             body.append(self.block(f"fwd{st.index}", f"stage {st.index} forward", "step", stmts, exported, tb))
+        body.extend(ir.Hold(f"s_{v.name}") for v in self.cell.states)
         ops.append(ir.Loop(False, tuple(body)))
         return ir.Function(name, tb.buffers, tb.slots, tuple(ops))
 
@@ -399,6 +400,27 @@ def _initial_contents(fn: ir.Function) -> ir.Function:
     return ir.Function(fn.name, buffers, fn.slots, fn.ops)
 
 
+def _zero_when_packed(fn: ir.Function) -> ir.Function:
+    """Variable lengths: the timed buffers the loop writes row by row (outputs, saved values, the
+    per-step adjoints the dW GEMMs, bias sums and input gradients read over all T·B rows after
+    the loop) must hold zeros in the rows of ended sequences, which no step writes."""
+    written: list[str] = []
+    for op in fn.loop().body:
+        if isinstance(op, ir.Pointwise):
+            names = [fn.slots[w].buffer for w in op.writes]
+        elif isinstance(op, ir.Project):
+            names = [op.out]
+        elif isinstance(op, ir.ProjectBack):
+            names = [fn.slots[op.d_operand].buffer]
+        else:
+            continue
+        for n in names:
+            b = fn.buffers[n]
+            if b.timed and b.role != "state" and b.init == "empty" and n not in written:
+                written.append(n)
+    return ir.Function(fn.name, fn.buffers, fn.slots, fn.ops, tuple(written))
+
+
 def plan(sched: Schedule, back: Backward) -> ir.Program:
     """Plan the sequence program of one cell (see the module docstring)."""
     p = _Planner(sched, back)
@@ -425,9 +447,9 @@ def plan(sched: Schedule, back: Backward) -> ir.Program:
         params=tuple(ir.Param(prm.name, tuple(prm.shape)) for prm in cell.params),
         outputs=tuple(ir.Vector(m.value(k).spec_key, k, m.value(k).size) for k in m.outputs),
         weights=dict(p.weights),
-        forward=forward,
-        inference=inference,
-        backward=backward,
+        forward=_zero_when_packed(forward),
+        inference=_zero_when_packed(inference),
+        backward=_zero_when_packed(backward),
         saved=saved,
         d_states={v.name: f"ds_{v.name}" for v in cell.states},
         d_outputs={k: f"dout_{k}" for k in m.outputs},

@@ -52,7 +52,7 @@ def referenced(fn: ir.Function) -> set[str]:
                     out.add(o.scratch)
             elif isinstance(o, ir.AddRows):
                 slot(o.source)
-            elif isinstance(o, ir.Zero):
+            elif isinstance(o, (ir.Zero, ir.Hold)):
                 out.add(o.buffer)
     return out
 

@@ -50,6 +50,8 @@ def _op(fn: ir.Function, prog: ir.Program, op, indent: str) -> list[str]:
         return [f"{indent}d_{op.input} += {op.source}"]
     if isinstance(op, ir.Zero):
         return [f"{indent}{op.buffer} = 0"]
+    if isinstance(op, ir.Hold):
+        return [f"{indent}{op.buffer}[t+1][B_t:] = {op.buffer}[t][B_t:]   (lengths: ended sequences hold)"]
     raise TypeError(op)  # pragma: no cover
 
 
@@ -67,5 +69,7 @@ def render(prog: ir.Program) -> str:
         lines.append("    ops:")
         for op in fn.ops:
             lines += _op(fn, prog, op, "      ")
+        if fn.zero_when_packed:
+            lines.append(f"    with lengths (step ops on rows 0..B_t-1): zero-filled {', '.join(fn.zero_when_packed)}")
     lines.append(f"  saved for the backward: {', '.join(prog.saved) or '(nothing)'}")
     return "\n".join(lines)

@@ -123,7 +123,8 @@ class Library:
     def __call__(self, name: str, dims: tuple[int, ...], tensors: list[torch.Tensor]) -> None:
         dtype = tensors[0].dtype
         fn = self.function(name, dtype)
-        ptrs = (ctypes.c_void_p * len(tensors))(*[t.data_ptr() for t in tensors])
+        # None: a NULL pointer (the optional batch sizes, a host array even for the CUDA build)
+        ptrs = (ctypes.c_void_p * len(tensors))(*[None if t is None else t.data_ptr() for t in tensors])
         dims_arr = (ctypes.c_int64 * len(dims))(*dims)
         if self.device_type == "cpu":
             rc = fn(dims_arr, ptrs, ctypes.byref(self._ctx))

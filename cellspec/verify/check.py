@@ -230,8 +230,9 @@ def run_torch(p: Problem, backend: str = "generated", dtype_name: str = "float64
             layer._parameters[k].copy_(torch.as_tensor(v))
     xs = [torch.tensor(a, dtype=dtype, device=device, requires_grad=True) for a in p.xs]
     st = [torch.tensor(a, dtype=dtype, device=device, requires_grad=True) for a in p.states]
-    outs, final = layer(p.pack(xs), p.pack(st))
-    outs, final = _tuple(outs), _tuple(final)
+    # states in and out as torch.nn shapes them: [num_layers * num_directions = 1, B, size]
+    outs, final = layer(p.pack(xs), p.pack([s.unsqueeze(0) for s in st]))
+    outs, final = _tuple(outs), tuple(f[0] for f in _tuple(final))
     grads_out = [torch.as_tensor(a, dtype=dtype, device=device) for a in p.d_outputs + p.d_final]
     params = [layer._parameters[k] for k in mod.PARAMS]
     # an output no input, state or param reaches (a constant) does not require grad

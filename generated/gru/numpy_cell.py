@@ -20,8 +20,10 @@ Do not edit: regenerate with `cellspec compile`. Needs nothing but NumPy at run 
 API (arrays are float32 or float64; B = batch, T = time):
     forward(params, x, state=None) -> (output, new_state)              x: [B, I]
     backward(params, x, state, d_output, d_new_state) -> (d_params, d_x, d_state)
-    forward_sequence(params, x, state=None) -> (outputs, final_state)  x: [T, B, I]
-    backward_sequence(params, x, state, d_outputs, d_final_state) -> (d_params, d_x, d_state)
+    forward_sequence(params, x, state=None, lengths=None) -> (outputs, final_state)  x: [T, B, I]
+    backward_sequence(params, x, state, d_outputs, d_final_state, lengths=None) -> (d_params, d_x, d_state)
+`lengths` (one per batch element, in any order) makes sequences end early: a state stops changing
+after its sequence's last step, outputs past it are zeros (and their adjoints are ignored).
 `params` maps spec names to arrays; a state is one [B, H] array;
 None for a state or an adjoint means zeros.
 """
@@ -58,16 +60,49 @@ def backward(params, x, state, d_output, d_new_state):
     return _d_params, _d_x[0], _d_state
 
 
-def forward_sequence(params, x, state=None):
+def forward_sequence(params, x, state=None, lengths=None):
     """A whole sequence: x [T, B, ...] -> (outputs [T, B, ...], final_state)."""
-    _outputs, _final, _ = _inference(params, x, state)
-    return _outputs, _final
+    if lengths is None:
+        _outputs, _final, _ = _inference(params, x, state)
+        return _outputs, _final
+    _order, _back, _bs = _by_length(lengths, _T_of(x))
+    _outputs, _final, _ = _inference(params, _take(x, _order, 1), _take(state, _order, 0), _bs)
+    return _take(_outputs, _back, 1), _take(_final, _back, 0)
 
 
-def backward_sequence(params, x, state, d_outputs, d_final_state):
+def backward_sequence(params, x, state, d_outputs, d_final_state, lengths=None):
     """Gradients over a whole sequence: -> (d_params, d_x, d_state)."""
-    _, _, _saved = _forward(params, x, state)
-    return _backward(params, x, _saved, d_outputs, d_final_state)
+    if lengths is None:
+        _, _, _saved = _forward(params, x, state)
+        return _backward(params, x, _saved, d_outputs, d_final_state)
+    _order, _back, _bs = _by_length(lengths, _T_of(x))
+    _x = _take(x, _order, 1)
+    _, _, _saved = _forward(params, _x, _take(state, _order, 0), _bs)
+    _d_params, _d_x, _d_state = _backward(params, _x, _saved, _take(d_outputs, _order, 1), _take(d_final_state, _order, 0), _bs)
+    return _d_params, _take(_d_x, _back, 1), _take(_d_state, _back, 0)
+
+
+def _T_of(x):
+    return np.shape(x)[0]
+
+
+def _by_length(lengths, T):
+    """(order sorting the batch by length, longest first; its inverse; per-step batch sizes)."""
+    lengths = np.asarray(lengths, dtype=np.int64).reshape(-1)
+    if lengths.size and (lengths.min() < 1 or lengths.max() > T):
+        raise ValueError(f"lengths must be in [1, {T}], got {lengths.tolist()}")
+    order = np.argsort(-lengths, kind="stable")
+    bs = (np.arange(T)[:, None] < lengths[order][None, :]).sum(1)
+    return order, np.argsort(order), [int(n) for n in bs]
+
+
+def _take(a, index, axis):
+    """a (an array, a tuple of arrays or None) with its batch axis reordered."""
+    if a is None:
+        return None
+    if isinstance(a, (tuple, list)):
+        return tuple(_take(b, index, axis) for b in a)
+    return np.take(np.asarray(a), index, axis=axis)
 
 
 def _first_step(a):
@@ -79,6 +114,26 @@ def _initial_state(_state, _B, _dtype, _sizes):
     """The initial states as a tuple of [B, size] arrays (None means zeros)."""
     _state = (_state,)
     return tuple(np.zeros((_B, _n), _dtype) if _s is None else np.asarray(_s, _dtype) for _s, _n in zip(_state, _sizes))
+
+
+def _steps(_a, _offset, _T, _bs):
+    """Per-step views ``_a[t + _offset]`` of a timed buffer; with per-step batch sizes ``_bs``
+    (variable lengths, longest sequence first), their first ``_bs[t]`` rows."""
+    if _bs is None:
+        return list(_a[_offset:_offset + _T])
+    return [_a[_t + _offset, :_n] for _t, _n in enumerate(_bs)]
+
+
+def _rows(_a, _T, _bs):
+    """A [B, n] buffer as used at each step: whole, or its first ``_bs[t]`` rows."""
+    if _bs is None:
+        return [_a] * _T
+    return [_a[:_n] for _n in _bs]
+
+
+def _active(_bs, _B, _dtype):
+    """[T, B, 1]: 1 where row b is inside its sequence at step t (b < _bs[t]), else 0."""
+    return (np.arange(_B)[None, :] < np.asarray(_bs)[:, None]).astype(_dtype)[..., None]
 
 
 def _arrays(_x):
@@ -94,8 +149,9 @@ def _setup(_params, _x):
     return _T, _B, _I, _H
 
 
-def _forward(_params, _x, _state):
-    """The whole sequence: outputs, final states and what the backward reads."""
+def _forward(_params, _x, _state, _bs=None):
+    """The whole sequence: outputs, final states and what the backward reads.
+    ``_bs``: per-step batch sizes (a list of T ints, non-increasing; the batch sorted by length)."""
     _T, _B, _I, _H = _setup(_params, _x)
     _dtype = np.result_type(_arrays(_x)[0], *_params.values())
     W_r = np.asarray(_params["W_r"], _dtype)
@@ -121,42 +177,62 @@ def _forward(_params, _x, _state):
     _v_U_c_in = np.empty((_T, _B, _H), _dtype)
     _g_U_c__U_c_in = np.empty((_B, _H), _dtype)
     _v_c = np.empty((_T, _B, _H), _dtype)
+    if _bs is not None:
+        _v_r[...] = 0
+        _v_u[...] = 0
+        _v_U_c_in[...] = 0
+        _v_c[...] = 0
+    _s_h_at0 = _steps(_s_h, 0, _T, _bs)
+    _g_U_r_U_u__h_rows = _rows(_g_U_r_U_u__h, _T, _bs)
+    _hg_W_r_W_u_W_c__x_at0 = _steps(_hg_W_r_W_u_W_c__x, 0, _T, _bs)
+    _v_r_at0 = _steps(_v_r, 0, _T, _bs)
+    _v_u_at0 = _steps(_v_u, 0, _T, _bs)
+    _v_U_c_in_at0 = _steps(_v_U_c_in, 0, _T, _bs)
+    _g_U_c__U_c_in_rows = _rows(_g_U_c__U_c_in, _T, _bs)
+    _v_c_at0 = _steps(_v_c, 0, _T, _bs)
+    _s_h_at1 = _steps(_s_h, 1, _T, _bs)
     # W_r @ x, W_u @ x, W_c @ x
     np.matmul(_x_x.reshape(_T * _B, _I), _wt_W_r_W_u_W_c, out=_hg_W_r_W_u_W_c__x.reshape(_T * _B, 3*_H))
     for _t in range(_T):
         # U_r @ h, U_u @ h
-        np.matmul(_s_h[_t], _wt_U_r_U_u, out=_g_U_r_U_u__h)
+        np.matmul(_s_h_at0[_t], _wt_U_r_U_u, out=_g_U_r_U_u__h_rows[_t])
         # stage 0 forward
-        U_r_h = _g_U_r_U_u__h[:, 0:_H]
-        U_u_h = _g_U_r_U_u__h[:, _H:2*_H]
-        W_r_x = _hg_W_r_W_u_W_c__x[_t][:, 0:_H]
-        W_u_x = _hg_W_r_W_u_W_c__x[_t][:, _H:2*_H]
-        h = _s_h[_t]
+        U_r_h = _g_U_r_U_u__h_rows[_t][:, 0:_H]
+        U_u_h = _g_U_r_U_u__h_rows[_t][:, _H:2*_H]
+        W_r_x = _hg_W_r_W_u_W_c__x_at0[_t][:, 0:_H]
+        W_u_x = _hg_W_r_W_u_W_c__x_at0[_t][:, _H:2*_H]
+        h = _s_h_at0[_t]
         r = _sigmoid(U_r_h + W_r_x + b_r)  # gru.cell:10  r = sigmoid(W_r @ x + U_r @ h + b_r)
         u = _sigmoid(U_u_h + W_u_x + b_u)  # gru.cell:11  u = sigmoid(W_u @ x + U_u @ h + b_u)
         U_c_in = h*r  # gru.cell:12  c = tanh(W_c @ x + U_c @ (r * h) + b_c)
-        _v_r[_t][...] = r
-        _v_u[_t][...] = u
-        _v_U_c_in[_t][...] = U_c_in
+        _v_r_at0[_t][...] = r
+        _v_u_at0[_t][...] = u
+        _v_U_c_in_at0[_t][...] = U_c_in
         # U_c @ U_c_in
-        np.matmul(_v_U_c_in[_t], _wt_U_c, out=_g_U_c__U_c_in)
+        np.matmul(_v_U_c_in_at0[_t], _wt_U_c, out=_g_U_c__U_c_in_rows[_t])
         # stage 1 forward
-        U_c_out = _g_U_c__U_c_in
-        W_c_x = _hg_W_r_W_u_W_c__x[_t][:, 2*_H:3*_H]
-        h = _s_h[_t]
-        u = _v_u[_t]
+        U_c_out = _g_U_c__U_c_in_rows[_t]
+        W_c_x = _hg_W_r_W_u_W_c__x_at0[_t][:, 2*_H:3*_H]
+        h = _s_h_at0[_t]
+        u = _v_u_at0[_t]
         c = np.tanh(U_c_out + W_c_x + b_c)  # gru.cell:12  c = tanh(W_c @ x + U_c @ (r * h) + b_c)
         h_next = c*(1 - u) + h*u  # gru.cell:13  h' = u * h + (1 - u) * c
-        _v_c[_t][...] = c
-        _s_h[_t + 1][...] = h_next
+        _v_c_at0[_t][...] = c
+        _s_h_at1[_t][...] = h_next
+        if _bs is not None:  # ended sequences hold their state
+            _s_h[_t + 1, _bs[_t]:][...] = _s_h[_t, _bs[_t]:]
     _outputs = (_s_h[1:],)
+    if _bs is not None:  # zeros past each sequence's end
+        _m = _active(_bs, _B, _dtype)
+        _outputs = tuple(_o * _m for _o in _outputs)
     _final = (_s_h[_T], )
     _saved = {"s_h": _s_h, "v_r": _v_r, "v_u": _v_u, "v_U_c_in": _v_U_c_in, "v_c": _v_c, }
     return _outputs[0], _final[0], _saved
 
 
-def _inference(_params, _x, _state):
-    """The whole sequence keeping nothing for a backward: outputs and final states."""
+def _inference(_params, _x, _state, _bs=None):
+    """The whole sequence keeping nothing for a backward: outputs and final states.
+    ``_bs``: per-step batch sizes (a list of T ints, non-increasing; the batch sorted by length)."""
     _T, _B, _I, _H = _setup(_params, _x)
     _dtype = np.result_type(_arrays(_x)[0], *_params.values())
     W_r = np.asarray(_params["W_r"], _dtype)
@@ -180,40 +256,52 @@ def _inference(_params, _x, _state):
     _tmp_u = np.empty((_B, _H), _dtype)
     _tmp_U_c_in = np.empty((_B, _H), _dtype)
     _g_U_c__U_c_in = np.empty((_B, _H), _dtype)
+    _s_h_at0 = _steps(_s_h, 0, _T, _bs)
+    _g_U_r_U_u__h_rows = _rows(_g_U_r_U_u__h, _T, _bs)
+    _hg_W_r_W_u_W_c__x_at0 = _steps(_hg_W_r_W_u_W_c__x, 0, _T, _bs)
+    _tmp_u_rows = _rows(_tmp_u, _T, _bs)
+    _tmp_U_c_in_rows = _rows(_tmp_U_c_in, _T, _bs)
+    _g_U_c__U_c_in_rows = _rows(_g_U_c__U_c_in, _T, _bs)
+    _s_h_at1 = _steps(_s_h, 1, _T, _bs)
     # W_r @ x, W_u @ x, W_c @ x
     np.matmul(_x_x.reshape(_T * _B, _I), _wt_W_r_W_u_W_c, out=_hg_W_r_W_u_W_c__x.reshape(_T * _B, 3*_H))
     for _t in range(_T):
         # U_r @ h, U_u @ h
-        np.matmul(_s_h[_t], _wt_U_r_U_u, out=_g_U_r_U_u__h)
+        np.matmul(_s_h_at0[_t], _wt_U_r_U_u, out=_g_U_r_U_u__h_rows[_t])
         # stage 0 forward
-        U_r_h = _g_U_r_U_u__h[:, 0:_H]
-        U_u_h = _g_U_r_U_u__h[:, _H:2*_H]
-        W_r_x = _hg_W_r_W_u_W_c__x[_t][:, 0:_H]
-        W_u_x = _hg_W_r_W_u_W_c__x[_t][:, _H:2*_H]
-        h = _s_h[_t]
+        U_r_h = _g_U_r_U_u__h_rows[_t][:, 0:_H]
+        U_u_h = _g_U_r_U_u__h_rows[_t][:, _H:2*_H]
+        W_r_x = _hg_W_r_W_u_W_c__x_at0[_t][:, 0:_H]
+        W_u_x = _hg_W_r_W_u_W_c__x_at0[_t][:, _H:2*_H]
+        h = _s_h_at0[_t]
         r = _sigmoid(U_r_h + W_r_x + b_r)  # gru.cell:10  r = sigmoid(W_r @ x + U_r @ h + b_r)
         u = _sigmoid(U_u_h + W_u_x + b_u)  # gru.cell:11  u = sigmoid(W_u @ x + U_u @ h + b_u)
         U_c_in = h*r  # gru.cell:12  c = tanh(W_c @ x + U_c @ (r * h) + b_c)
-        _tmp_u[...] = u
-        _tmp_U_c_in[...] = U_c_in
+        _tmp_u_rows[_t][...] = u
+        _tmp_U_c_in_rows[_t][...] = U_c_in
         # U_c @ U_c_in
-        np.matmul(_tmp_U_c_in, _wt_U_c, out=_g_U_c__U_c_in)
+        np.matmul(_tmp_U_c_in_rows[_t], _wt_U_c, out=_g_U_c__U_c_in_rows[_t])
         # stage 1 forward
-        U_c_out = _g_U_c__U_c_in
-        W_c_x = _hg_W_r_W_u_W_c__x[_t][:, 2*_H:3*_H]
-        h = _s_h[_t]
-        u = _tmp_u
+        U_c_out = _g_U_c__U_c_in_rows[_t]
+        W_c_x = _hg_W_r_W_u_W_c__x_at0[_t][:, 2*_H:3*_H]
+        h = _s_h_at0[_t]
+        u = _tmp_u_rows[_t]
         c = np.tanh(U_c_out + W_c_x + b_c)  # gru.cell:12  c = tanh(W_c @ x + U_c @ (r * h) + b_c)
         h_next = c*(1 - u) + h*u  # gru.cell:13  h' = u * h + (1 - u) * c
-        _s_h[_t + 1][...] = h_next
+        _s_h_at1[_t][...] = h_next
+        if _bs is not None:  # ended sequences hold their state
+            _s_h[_t + 1, _bs[_t]:][...] = _s_h[_t, _bs[_t]:]
     _outputs = (_s_h[1:],)
+    if _bs is not None:  # zeros past each sequence's end
+        _m = _active(_bs, _B, _dtype)
+        _outputs = tuple(_o * _m for _o in _outputs)
     _final = (_s_h[_T], )
     _saved = {}
     return _outputs[0], _final[0], _saved
 
 
-def _backward(_params, _x, _saved, _d_outputs, _d_final):
-    """Gradients of the whole sequence: (d_params, d_x, d_state)."""
+def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
+    """Gradients of the whole sequence: (d_params, d_x, d_state); ``_bs`` as in the forward."""
     _T, _B, _I, _H = _setup(_params, _x)
     _dtype = np.result_type(_arrays(_x)[0], *_params.values())
     W_r = np.asarray(_params["W_r"], _dtype)
@@ -237,6 +325,9 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final):
     _d_outputs = (_d_outputs,)
     _dout_h_next = np.zeros((_T, _B, _H), _dtype) if _d_outputs[0] is None else np.asarray(_d_outputs[0], _dtype)
     _d_final = (_d_final,)
+    if _bs is not None:  # outputs past a sequence's end are constant zeros
+        _m = _active(_bs, _B, _dtype)
+        _dout_h_next = _dout_h_next * _m
     _ds_h = np.zeros((_B, _H), _dtype) if _d_final[0] is None else np.array(np.asarray(_d_final[0], _dtype), copy=True)
     _dx_x = np.empty((_T, _B, _I), _dtype)
     _dg_U_r_U_u__h = np.empty((_T, _B, 2*_H), _dtype)
@@ -246,52 +337,69 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final):
     _dhg_W_r_W_u_W_c__x = np.empty((_T, _B, 3*_H), _dtype)
     _tmp_d_h_next = np.empty((_B, _H), _dtype)
     _tmp_d_U_c_in = np.empty((_B, _H), _dtype)
+    if _bs is not None:
+        _dg_U_c__U_c_in[...] = 0
+        _dg_U_r_U_u__h[...] = 0
+        _dhg_W_r_W_u_W_c__x[...] = 0
+    _v_c_at0 = _steps(_v_c, 0, _T, _bs)
+    _ds_h_rows = _rows(_ds_h, _T, _bs)
+    _dout_h_next_at0 = _steps(_dout_h_next, 0, _T, _bs)
+    _v_u_at0 = _steps(_v_u, 0, _T, _bs)
+    _tmp_d_h_next_rows = _rows(_tmp_d_h_next, _T, _bs)
+    _dg_U_c__U_c_in_at0 = _steps(_dg_U_c__U_c_in, 0, _T, _bs)
+    _tmp_d_U_c_in_gemm_rows = _rows(_tmp_d_U_c_in_gemm, _T, _bs)
+    _s_h_at0 = _steps(_s_h, 0, _T, _bs)
+    _v_r_at0 = _steps(_v_r, 0, _T, _bs)
+    _tmp_d_U_c_in_rows = _rows(_tmp_d_U_c_in, _T, _bs)
+    _dg_U_r_U_u__h_at0 = _steps(_dg_U_r_U_u__h, 0, _T, _bs)
+    _tmp_d_h_gemm_rows = _rows(_tmp_d_h_gemm, _T, _bs)
+    _dhg_W_r_W_u_W_c__x_at0 = _steps(_dhg_W_r_W_u_W_c__x, 0, _T, _bs)
     _grads = {}
     for _t in reversed(range(_T)):
         # stage 1 backward
-        c = _v_c[_t]
-        d_h = _ds_h
-        d_h_next_out = _dout_h_next[_t]
-        u = _v_u[_t]
+        c = _v_c_at0[_t]
+        d_h = _ds_h_rows[_t]
+        d_h_next_out = _dout_h_next_at0[_t]
+        u = _v_u_at0[_t]
         d_h_next = d_h + d_h_next_out  # adjoint of h'
         d_c = d_h_next*(1 - u)  # adjoint of c
         d_U_c_out = d_c*(1 - (c*c))  # adjoint of U_c @ U_c_in
-        _tmp_d_h_next[...] = d_h_next
-        _dg_U_c__U_c_in[_t][...] = d_U_c_out
-        np.matmul(_dg_U_c__U_c_in[_t], _w_U_c, out=_tmp_d_U_c_in_gemm)
+        _tmp_d_h_next_rows[_t][...] = d_h_next
+        _dg_U_c__U_c_in_at0[_t][...] = d_U_c_out
+        np.matmul(_dg_U_c__U_c_in_at0[_t], _w_U_c, out=_tmp_d_U_c_in_gemm_rows[_t])
         # stage 0 backward
-        c = _v_c[_t]
-        d_U_c_in_gemm = _tmp_d_U_c_in_gemm
-        d_h_next = _tmp_d_h_next
-        h = _s_h[_t]
-        r = _v_r[_t]
-        u = _v_u[_t]
+        c = _v_c_at0[_t]
+        d_U_c_in_gemm = _tmp_d_U_c_in_gemm_rows[_t]
+        d_h_next = _tmp_d_h_next_rows[_t]
+        h = _s_h_at0[_t]
+        r = _v_r_at0[_t]
+        u = _v_u_at0[_t]
         d_U_c_in = d_U_c_in_gemm  # adjoint of operand of U_c_in
         d_u = d_h_next*(-c + h)  # adjoint of u
         d_r = d_U_c_in*h  # adjoint of r
         d_U_r_h = d_r*r*(1 - r)  # adjoint of U_r @ h
         d_U_u_h = d_u*u*(1 - u)  # adjoint of U_u @ h
-        _tmp_d_U_c_in[...] = d_U_c_in
-        _dg_U_r_U_u__h[_t][:, 0:_H][...] = d_U_r_h
-        _dg_U_r_U_u__h[_t][:, _H:2*_H][...] = d_U_u_h
-        np.matmul(_dg_U_r_U_u__h[_t], _w_U_r_U_u, out=_tmp_d_h_gemm)
+        _tmp_d_U_c_in_rows[_t][...] = d_U_c_in
+        _dg_U_r_U_u__h_at0[_t][:, 0:_H][...] = d_U_r_h
+        _dg_U_r_U_u__h_at0[_t][:, _H:2*_H][...] = d_U_u_h
+        np.matmul(_dg_U_r_U_u__h_at0[_t], _w_U_r_U_u, out=_tmp_d_h_gemm_rows[_t])
         # per-step adjoints of inputs, states, vector params, hoisted results
-        d_U_c_in = _tmp_d_U_c_in
-        d_U_c_out = _dg_U_c__U_c_in[_t]
-        d_U_r_h = _dg_U_r_U_u__h[_t][:, 0:_H]
-        d_U_u_h = _dg_U_r_U_u__h[_t][:, _H:2*_H]
-        d_h_gemm = _tmp_d_h_gemm
-        d_h_next = _tmp_d_h_next
-        r = _v_r[_t]
-        u = _v_u[_t]
+        d_U_c_in = _tmp_d_U_c_in_rows[_t]
+        d_U_c_out = _dg_U_c__U_c_in_at0[_t]
+        d_U_r_h = _dg_U_r_U_u__h_at0[_t][:, 0:_H]
+        d_U_u_h = _dg_U_r_U_u__h_at0[_t][:, _H:2*_H]
+        d_h_gemm = _tmp_d_h_gemm_rows[_t]
+        d_h_next = _tmp_d_h_next_rows[_t]
+        r = _v_r_at0[_t]
+        u = _v_u_at0[_t]
         d_h = d_U_c_in*r + d_h_gemm + d_h_next*u  # adjoint of state h
         d_W_r_x = d_U_r_h  # adjoint of hoisted projection W_r_x
         d_W_u_x = d_U_u_h  # adjoint of hoisted projection W_u_x
         d_W_c_x = d_U_c_out  # adjoint of hoisted projection W_c_x
-        _ds_h[...] = d_h
-        _dhg_W_r_W_u_W_c__x[_t][:, 0:_H][...] = d_W_r_x
-        _dhg_W_r_W_u_W_c__x[_t][:, _H:2*_H][...] = d_W_u_x
-        _dhg_W_r_W_u_W_c__x[_t][:, 2*_H:3*_H][...] = d_W_c_x
+        _ds_h_rows[_t][...] = d_h
+        _dhg_W_r_W_u_W_c__x_at0[_t][:, 0:_H][...] = d_W_r_x
+        _dhg_W_r_W_u_W_c__x_at0[_t][:, _H:2*_H][...] = d_W_u_x
+        _dhg_W_r_W_u_W_c__x_at0[_t][:, 2*_H:3*_H][...] = d_W_c_x
     # dW of U_r @ h, U_u @ h: one GEMM over all T*B rows
     _dw = _dg_U_r_U_u__h.reshape(_T * _B, 2*_H).T @ _s_h[:_T].reshape(_T * _B, _H)
     _grads["U_r"] = _dw[0:_H]

@@ -19,7 +19,9 @@
 //        BLAS ?gemm_ found at run time, and the entry points ind_rnn_<function>_{f32,f64}(dims, ptrs, ctx)
 // <function> is forward (keeps what the backward reads), inference (keeps nothing) or backward: the
 // whole sequence in one call. dims = [T, B, I, H]; ptrs = the function's buffers, the stacked
-// weights, then (backward) the gradient of every param, in the order of the comments at each function.
+// weights, then (backward) the gradient of every param, in the order of the comments at each function,
+// and last the per-step batch sizes (variable lengths: a host int64 array of T non-increasing counts,
+// the batch sorted by length, longest first) or NULL (every row runs every step).
 // Every array inside is dense and row-major; an element function's argument is a pointer and a row
 // stride ld in elements (element [r, j] is ptr[r * ld + j]; ld = 0 broadcasts one row: a vector param).
 // 16-bit storage (__half, __nv_bfloat16) computes in float; parameter gradients are float for them.
@@ -203,6 +205,7 @@ template <typename S> static void cs_unpack(cs_packed<S>&) {}
 #define CS_ADD(n, src, dst, beta) do { if ((n) > 0) { cs_add_kernel<G><<<(unsigned)(((n) + 127) / 128), 128, 0, (cudaStream_t)ctx->stream>>>(n, src, dst, beta); CS_CHECK((int)cudaGetLastError()); } } while (0)
 #define CS_ADD_ROWS(rows, cols, src, ld, dst, ldd) do { if ((rows) > 0 && (cols) > 0) { dim3 _g, _b; cs_grid(rows, cols, &_g, &_b); cs_add_rows_kernel<S><<<_g, _b, 0, (cudaStream_t)ctx->stream>>>(rows, cols, src, ld, dst, ldd); CS_CHECK((int)cudaGetLastError()); } } while (0)
 #define CS_ZERO(p, count) CS_CHECK((int)cudaMemsetAsync((p), 0, (size_t)(count) * sizeof(*(p)), (cudaStream_t)ctx->stream))
+#define CS_COPY(dst, src, count) CS_CHECK((int)cudaMemcpyAsync((dst), (src), (size_t)(count) * sizeof(*(dst)), cudaMemcpyDeviceToDevice, (cudaStream_t)ctx->stream))
 #else
 // CPU: the Fortran-ABI ?gemm_ of a BLAS already loaded in the process (MKL's, exported by
 // torch's own library), found by the caller at run time and passed in: no link-time BLAS.
@@ -241,12 +244,12 @@ static int cs_gemm(const cs_ctx* c, int ta, int tb, int64_t m, int64_t n, int64_
 // sgemm_pack): the per-step GEMM then skips re-packing it, which for a small batch is most of its
 // time. ta = 1: the step computes a @ wᵀ (the column-major call's first operand is w transposed);
 // ta = 0: a @ w. Double, or a BLAS without the API: the plain matrix.
-template <typename S> struct cs_packed { const S* w; int64_t ld; void* packed; };
+template <typename S> struct cs_packed { const S* w; int64_t ld; void* packed; int64_t rows; };
 template <typename S>
-static cs_packed<S> cs_pack(const cs_ctx*, int, int64_t, int64_t, int64_t, const S* w, int64_t ldw) { return {w, ldw, 0}; }
+static cs_packed<S> cs_pack(const cs_ctx*, int, int64_t m, int64_t, int64_t, const S* w, int64_t ldw) { return {w, ldw, 0, m}; }
 static cs_packed<float> cs_pack(const cs_ctx* c, int ta, int64_t m, int64_t n, int64_t k, const float* w, int64_t ldw)
 {
-    cs_packed<float> p = {w, ldw, 0};
+    cs_packed<float> p = {w, ldw, 0, m};
     if (!c->pack_size || !c->pack || !c->compute || m <= 0 || n <= 0 || k <= 0) return p;
     const int im = (int)n, in = (int)m, ik = (int)k, ild = (int)ldw;
     const char id = 'A', tr = ta ? 'T' : 'N';
@@ -265,7 +268,8 @@ static int cs_gemm_packed(const cs_ctx* c, int ta, int64_t m, int64_t n, int64_t
 static int cs_gemm_packed(const cs_ctx* c, int ta, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
                           const cs_packed<float>& w, float* out, int64_t ldc, int beta)
 {
-    if (!w.packed || m <= 0 || n <= 0 || k <= 0) return cs_gemm<float, float>(c, 0, ta, m, n, k, a, lda, w.w, w.ld, out, ldc, beta);
+    // packed for B rows: a step with fewer (variable lengths) multiplies by the plain matrix
+    if (!w.packed || m != w.rows || m <= 0 || n <= 0 || k <= 0) return cs_gemm<float, float>(c, 0, ta, m, n, k, a, lda, w.w, w.ld, out, ldc, beta);
     const char tP = 'P', tN = 'N';
     const int im = (int)n, in = (int)m, ik = (int)k, ild = (int)w.ld, ilda = (int)lda, ildc = (int)ldc;
     const float be = beta ? 1.0f : 0.0f;
@@ -312,6 +316,7 @@ static void cs_add_rows_host(int64_t rows, int64_t cols, const S* src, int64_t l
 #define CS_ADD(n, src, dst, beta) cs_add_host<G>(n, src, dst, beta)
 #define CS_ADD_ROWS(rows, cols, src, ld, dst, ldd) cs_add_rows_host<S>(rows, cols, src, ld, dst, ldd)
 #define CS_ZERO(p, count) memset((p), 0, (size_t)(count) * sizeof(*(p)))
+#define CS_COPY(dst, src, count) memcpy((dst), (src), (size_t)(count) * sizeof(*(dst)))
 #endif
 #endif  // CELLSPEC_LOOP_PRELUDE
 
@@ -690,7 +695,8 @@ extern "C" void ind_rnn_backward_bwd_leaf_H_f64(int64_t _rows, int64_t _cols, co
 
 // =============================================================================================
 // ind_rnn: the whole sequence, forward
-// ptrs: 0 x_x, 1 s_h, 2 p_u, 3 p_b, 4 hg_W__x, 5 weight W
+// ptrs: 0 x_x, 1 s_h, 2 p_u, 3 p_b, 4 hg_W__x, 5 weight W, 6 batch sizes (host, or NULL)
+
 // =============================================================================================
 template <typename S, typename G>
 static int ind_rnn_forward_run(const int64_t* dims, void* const* ptrs, const cs_ctx* ctx)
@@ -715,12 +721,16 @@ static int ind_rnn_forward_run(const int64_t* dims, void* const* ptrs, const cs_
     (void)b_hg_W__x;
     const S* w_W = (const S*)ptrs[5];
     (void)w_W;
+    const int64_t* bs = (const int64_t*)ptrs[6];
     (void)ctx;
     // hg_W__x = x @ [W]^T  (W @ x)
     CS_GEMM_NT(n_T * n_B, n_H, n_I, b_x_x, n_I, w_W, n_I, b_hg_W__x, n_H, 0);
     for (int64_t t = 0; t < n_T; ++t) {
+        const int64_t rows = bs ? bs[t] : n_B;  // variable lengths: rows 0..B_t-1 run
         // forward: stage 0 forward, units of size H
-        CS_PW(ind_rnn_forward_fwd0_H, n_B, n_H, b_hg_W__x + t * n_B * (n_H), n_H, b_p_b, 0, b_s_h + t * n_B * (n_H), n_H, b_p_u, 0, b_s_h + (t + 1) * n_B * (n_H), n_H);
+        CS_PW(ind_rnn_forward_fwd0_H, rows, n_H, b_hg_W__x + t * n_B * (n_H), n_H, b_p_b, 0, b_s_h + t * n_B * (n_H), n_H, b_p_u, 0, b_s_h + (t + 1) * n_B * (n_H), n_H);
+        // ended sequences hold their state: rows B_t.. of s_h[t + 1] = s_h[t]
+        if (rows < n_B) CS_COPY(b_s_h + ((t + 1) * n_B + rows) * (n_H), b_s_h + (t * n_B + rows) * (n_H), (n_B - rows) * (n_H));
     }
     return 0;
 }
@@ -754,7 +764,8 @@ extern "C" int ind_rnn_forward_f64(const int64_t* dims, void* const* ptrs, const
 
 // =============================================================================================
 // ind_rnn: the whole sequence, inference
-// ptrs: 0 x_x, 1 s_h, 2 p_u, 3 p_b, 4 hg_W__x, 5 weight W
+// ptrs: 0 x_x, 1 s_h, 2 p_u, 3 p_b, 4 hg_W__x, 5 weight W, 6 batch sizes (host, or NULL)
+
 // =============================================================================================
 template <typename S, typename G>
 static int ind_rnn_inference_run(const int64_t* dims, void* const* ptrs, const cs_ctx* ctx)
@@ -779,12 +790,16 @@ static int ind_rnn_inference_run(const int64_t* dims, void* const* ptrs, const c
     (void)b_hg_W__x;
     const S* w_W = (const S*)ptrs[5];
     (void)w_W;
+    const int64_t* bs = (const int64_t*)ptrs[6];
     (void)ctx;
     // hg_W__x = x @ [W]^T  (W @ x)
     CS_GEMM_NT(n_T * n_B, n_H, n_I, b_x_x, n_I, w_W, n_I, b_hg_W__x, n_H, 0);
     for (int64_t t = 0; t < n_T; ++t) {
+        const int64_t rows = bs ? bs[t] : n_B;  // variable lengths: rows 0..B_t-1 run
         // inference: stage 0 forward, units of size H
-        CS_PW(ind_rnn_inference_fwd0_H, n_B, n_H, b_hg_W__x + t * n_B * (n_H), n_H, b_p_b, 0, b_s_h + t * n_B * (n_H), n_H, b_p_u, 0, b_s_h + (t + 1) * n_B * (n_H), n_H);
+        CS_PW(ind_rnn_inference_fwd0_H, rows, n_H, b_hg_W__x + t * n_B * (n_H), n_H, b_p_b, 0, b_s_h + t * n_B * (n_H), n_H, b_p_u, 0, b_s_h + (t + 1) * n_B * (n_H), n_H);
+        // ended sequences hold their state: rows B_t.. of s_h[t + 1] = s_h[t]
+        if (rows < n_B) CS_COPY(b_s_h + ((t + 1) * n_B + rows) * (n_H), b_s_h + (t * n_B + rows) * (n_H), (n_B - rows) * (n_H));
     }
     return 0;
 }
@@ -818,7 +833,8 @@ extern "C" int ind_rnn_inference_f64(const int64_t* dims, void* const* ptrs, con
 
 // =============================================================================================
 // ind_rnn: the whole sequence, backward
-// ptrs: 0 x_x, 1 s_h, 2 p_u, 3 p_b, 4 hg_W__x, 5 dout_h_next, 6 ds_h, 7 dx_x, 8 dp_u, 9 dp_b, 10 dhg_W__x, 11 tmp_d_h_next, 12 weight W, 13 d W, 14 d u, 15 d b
+// ptrs: 0 x_x, 1 s_h, 2 p_u, 3 p_b, 4 hg_W__x, 5 dout_h_next, 6 ds_h, 7 dx_x, 8 dp_u, 9 dp_b, 10 dhg_W__x, 11 tmp_d_h_next, 12 weight W, 13 d W, 14 d u, 15 d b, 16 batch sizes (host, or NULL)
+
 // =============================================================================================
 template <typename S, typename G>
 static int ind_rnn_backward_run(const int64_t* dims, void* const* ptrs, const cs_ctx* ctx)
@@ -863,12 +879,19 @@ static int ind_rnn_backward_run(const int64_t* dims, void* const* ptrs, const cs
     (void)g_u;
     G* g_b = (G*)ptrs[15];
     (void)g_b;
+    const int64_t* bs = (const int64_t*)ptrs[16];
     (void)ctx;
+    if (bs) {  // rows of ended sequences, which no step writes, are read over all T*B rows
+        CS_ZERO(b_dp_u, (n_T) * (n_B) * (n_H));
+        CS_ZERO(b_dp_b, (n_T) * (n_B) * (n_H));
+        CS_ZERO(b_dhg_W__x, (n_T) * (n_B) * (n_H));
+    }
     for (int64_t t = n_T - 1; t >= 0; --t) {
+        const int64_t rows = bs ? bs[t] : n_B;  // variable lengths: rows 0..B_t-1 run
         // backward: stage 0 backward, units of size H
-        CS_PW(ind_rnn_backward_bwd0_H, n_B, n_H, b_ds_h, n_H, b_dout_h_next + t * n_B * (n_H), n_H, b_tmp_d_h_next, n_H);
+        CS_PW(ind_rnn_backward_bwd0_H, rows, n_H, b_ds_h, n_H, b_dout_h_next + t * n_B * (n_H), n_H, b_tmp_d_h_next, n_H);
         // backward: per-step adjoints of inputs, states, vector params, hoisted results, units of size H
-        CS_PW(ind_rnn_backward_bwd_leaf_H, n_B, n_H, b_hg_W__x + t * n_B * (n_H), n_H, b_p_b, 0, b_tmp_d_h_next, n_H, b_s_h + t * n_B * (n_H), n_H, b_p_u, 0, b_ds_h, n_H, b_dp_u + t * n_B * (n_H), n_H, b_dp_b + t * n_B * (n_H), n_H, b_dhg_W__x + t * n_B * (n_H), n_H);
+        CS_PW(ind_rnn_backward_bwd_leaf_H, rows, n_H, b_hg_W__x + t * n_B * (n_H), n_H, b_p_b, 0, b_tmp_d_h_next, n_H, b_s_h + t * n_B * (n_H), n_H, b_p_u, 0, b_ds_h, n_H, b_dp_u + t * n_B * (n_H), n_H, b_dp_b + t * n_B * (n_H), n_H, b_dhg_W__x + t * n_B * (n_H), n_H);
     }
     // d[W] += dhg_W__x^T @ x  (W @ x)
     CS_GEMM_TN(n_H, n_I, n_T * n_B, b_dhg_W__x, n_H, b_x_x, n_I, g_W, n_I, 0);

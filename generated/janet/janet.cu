@@ -22,7 +22,9 @@
 //        BLAS ?gemm_ found at run time, and the entry points janet_<function>_{f32,f64}(dims, ptrs, ctx)
 // <function> is forward (keeps what the backward reads), inference (keeps nothing) or backward: the
 // whole sequence in one call. dims = [T, B, I, H]; ptrs = the function's buffers, the stacked
-// weights, then (backward) the gradient of every param, in the order of the comments at each function.
+// weights, then (backward) the gradient of every param, in the order of the comments at each function,
+// and last the per-step batch sizes (variable lengths: a host int64 array of T non-increasing counts,
+// the batch sorted by length, longest first) or NULL (every row runs every step).
 // Every array inside is dense and row-major; an element function's argument is a pointer and a row
 // stride ld in elements (element [r, j] is ptr[r * ld + j]; ld = 0 broadcasts one row: a vector param).
 // 16-bit storage (__half, __nv_bfloat16) computes in float; parameter gradients are float for them.
@@ -206,6 +208,7 @@ template <typename S> static void cs_unpack(cs_packed<S>&) {}
 #define CS_ADD(n, src, dst, beta) do { if ((n) > 0) { cs_add_kernel<G><<<(unsigned)(((n) + 127) / 128), 128, 0, (cudaStream_t)ctx->stream>>>(n, src, dst, beta); CS_CHECK((int)cudaGetLastError()); } } while (0)
 #define CS_ADD_ROWS(rows, cols, src, ld, dst, ldd) do { if ((rows) > 0 && (cols) > 0) { dim3 _g, _b; cs_grid(rows, cols, &_g, &_b); cs_add_rows_kernel<S><<<_g, _b, 0, (cudaStream_t)ctx->stream>>>(rows, cols, src, ld, dst, ldd); CS_CHECK((int)cudaGetLastError()); } } while (0)
 #define CS_ZERO(p, count) CS_CHECK((int)cudaMemsetAsync((p), 0, (size_t)(count) * sizeof(*(p)), (cudaStream_t)ctx->stream))
+#define CS_COPY(dst, src, count) CS_CHECK((int)cudaMemcpyAsync((dst), (src), (size_t)(count) * sizeof(*(dst)), cudaMemcpyDeviceToDevice, (cudaStream_t)ctx->stream))
 #else
 // CPU: the Fortran-ABI ?gemm_ of a BLAS already loaded in the process (MKL's, exported by
 // torch's own library), found by the caller at run time and passed in: no link-time BLAS.
@@ -244,12 +247,12 @@ static int cs_gemm(const cs_ctx* c, int ta, int tb, int64_t m, int64_t n, int64_
 // sgemm_pack): the per-step GEMM then skips re-packing it, which for a small batch is most of its
 // time. ta = 1: the step computes a @ wᵀ (the column-major call's first operand is w transposed);
 // ta = 0: a @ w. Double, or a BLAS without the API: the plain matrix.
-template <typename S> struct cs_packed { const S* w; int64_t ld; void* packed; };
+template <typename S> struct cs_packed { const S* w; int64_t ld; void* packed; int64_t rows; };
 template <typename S>
-static cs_packed<S> cs_pack(const cs_ctx*, int, int64_t, int64_t, int64_t, const S* w, int64_t ldw) { return {w, ldw, 0}; }
+static cs_packed<S> cs_pack(const cs_ctx*, int, int64_t m, int64_t, int64_t, const S* w, int64_t ldw) { return {w, ldw, 0, m}; }
 static cs_packed<float> cs_pack(const cs_ctx* c, int ta, int64_t m, int64_t n, int64_t k, const float* w, int64_t ldw)
 {
-    cs_packed<float> p = {w, ldw, 0};
+    cs_packed<float> p = {w, ldw, 0, m};
     if (!c->pack_size || !c->pack || !c->compute || m <= 0 || n <= 0 || k <= 0) return p;
     const int im = (int)n, in = (int)m, ik = (int)k, ild = (int)ldw;
     const char id = 'A', tr = ta ? 'T' : 'N';
@@ -268,7 +271,8 @@ static int cs_gemm_packed(const cs_ctx* c, int ta, int64_t m, int64_t n, int64_t
 static int cs_gemm_packed(const cs_ctx* c, int ta, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
                           const cs_packed<float>& w, float* out, int64_t ldc, int beta)
 {
-    if (!w.packed || m <= 0 || n <= 0 || k <= 0) return cs_gemm<float, float>(c, 0, ta, m, n, k, a, lda, w.w, w.ld, out, ldc, beta);
+    // packed for B rows: a step with fewer (variable lengths) multiplies by the plain matrix
+    if (!w.packed || m != w.rows || m <= 0 || n <= 0 || k <= 0) return cs_gemm<float, float>(c, 0, ta, m, n, k, a, lda, w.w, w.ld, out, ldc, beta);
     const char tP = 'P', tN = 'N';
     const int im = (int)n, in = (int)m, ik = (int)k, ild = (int)w.ld, ilda = (int)lda, ildc = (int)ldc;
     const float be = beta ? 1.0f : 0.0f;
@@ -315,6 +319,7 @@ static void cs_add_rows_host(int64_t rows, int64_t cols, const S* src, int64_t l
 #define CS_ADD(n, src, dst, beta) cs_add_host<G>(n, src, dst, beta)
 #define CS_ADD_ROWS(rows, cols, src, ld, dst, ldd) cs_add_rows_host<S>(rows, cols, src, ld, dst, ldd)
 #define CS_ZERO(p, count) memset((p), 0, (size_t)(count) * sizeof(*(p)))
+#define CS_COPY(dst, src, count) memcpy((dst), (src), (size_t)(count) * sizeof(*(dst)))
 #endif
 #endif  // CELLSPEC_LOOP_PRELUDE
 
@@ -731,7 +736,8 @@ extern "C" void janet_backward_bwd_leaf_H_f64(int64_t _rows, int64_t _cols, cons
 
 // =============================================================================================
 // janet: the whole sequence, forward
-// ptrs: 0 x_x, 1 s_h, 2 p_b_f, 3 p_b_c, 4 hg_W_f_W_c__x, 5 g_U_f_U_c__h, 6 v_s, 7 v_c_tilde, 8 weight W_f_W_c, 9 weight U_f_U_c
+// ptrs: 0 x_x, 1 s_h, 2 p_b_f, 3 p_b_c, 4 hg_W_f_W_c__x, 5 g_U_f_U_c__h, 6 v_s, 7 v_c_tilde, 8 weight W_f_W_c, 9 weight U_f_U_c, 10 batch sizes (host, or NULL)
+
 // =============================================================================================
 template <typename S, typename G>
 static int janet_forward_run(const int64_t* dims, void* const* ptrs, const cs_ctx* ctx)
@@ -764,15 +770,23 @@ static int janet_forward_run(const int64_t* dims, void* const* ptrs, const cs_ct
     (void)w_W_f_W_c;
     const S* w_U_f_U_c = (const S*)ptrs[9];
     (void)w_U_f_U_c;
+    const int64_t* bs = (const int64_t*)ptrs[10];
     (void)ctx;
+    if (bs) {  // rows of ended sequences, which no step writes, are read over all T*B rows
+        CS_ZERO(b_v_s, (n_T) * (n_B) * (n_H));
+        CS_ZERO(b_v_c_tilde, (n_T) * (n_B) * (n_H));
+    }
     // hg_W_f_W_c__x = x @ [W_f, W_c]^T  (W_f @ x, W_c @ x)
     CS_GEMM_NT(n_T * n_B, 2*n_H, n_I, b_x_x, n_I, w_W_f_W_c, n_I, b_hg_W_f_W_c__x, 2*n_H, 0);
     cs_packed<S> pk_U_f_U_c_nt = cs_pack(ctx, 1, n_B, 2*n_H, n_H, w_U_f_U_c, n_H);
     for (int64_t t = 0; t < n_T; ++t) {
+        const int64_t rows = bs ? bs[t] : n_B;  // variable lengths: rows 0..B_t-1 run
         // g_U_f_U_c__h = h @ [U_f, U_c]^T  (U_f @ h, U_c @ h)
-        CS_GEMM_NT_PACKED(n_B, 2*n_H, n_H, b_s_h + t * n_B * (n_H), n_H, pk_U_f_U_c_nt, b_g_U_f_U_c__h, 2*n_H, 0);
+        CS_GEMM_NT_PACKED(rows, 2*n_H, n_H, b_s_h + t * n_B * (n_H), n_H, pk_U_f_U_c_nt, b_g_U_f_U_c__h, 2*n_H, 0);
         // forward: stage 0 forward, units of size H
-        CS_PW(janet_forward_fwd0_H, n_B, n_H, b_g_U_f_U_c__h + n_H, 2*n_H, b_g_U_f_U_c__h, 2*n_H, b_hg_W_f_W_c__x + t * n_B * (2*n_H) + n_H, 2*n_H, b_hg_W_f_W_c__x + t * n_B * (2*n_H), 2*n_H, b_p_b_c, 0, b_p_b_f, 0, b_s_h + t * n_B * (n_H), n_H, b_v_s + t * n_B * (n_H), n_H, b_v_c_tilde + t * n_B * (n_H), n_H, b_s_h + (t + 1) * n_B * (n_H), n_H);
+        CS_PW(janet_forward_fwd0_H, rows, n_H, b_g_U_f_U_c__h + n_H, 2*n_H, b_g_U_f_U_c__h, 2*n_H, b_hg_W_f_W_c__x + t * n_B * (2*n_H) + n_H, 2*n_H, b_hg_W_f_W_c__x + t * n_B * (2*n_H), 2*n_H, b_p_b_c, 0, b_p_b_f, 0, b_s_h + t * n_B * (n_H), n_H, b_v_s + t * n_B * (n_H), n_H, b_v_c_tilde + t * n_B * (n_H), n_H, b_s_h + (t + 1) * n_B * (n_H), n_H);
+        // ended sequences hold their state: rows B_t.. of s_h[t + 1] = s_h[t]
+        if (rows < n_B) CS_COPY(b_s_h + ((t + 1) * n_B + rows) * (n_H), b_s_h + (t * n_B + rows) * (n_H), (n_B - rows) * (n_H));
     }
     cs_unpack(pk_U_f_U_c_nt);
     return 0;
@@ -807,7 +821,8 @@ extern "C" int janet_forward_f64(const int64_t* dims, void* const* ptrs, const v
 
 // =============================================================================================
 // janet: the whole sequence, inference
-// ptrs: 0 x_x, 1 s_h, 2 p_b_f, 3 p_b_c, 4 hg_W_f_W_c__x, 5 g_U_f_U_c__h, 6 weight W_f_W_c, 7 weight U_f_U_c
+// ptrs: 0 x_x, 1 s_h, 2 p_b_f, 3 p_b_c, 4 hg_W_f_W_c__x, 5 g_U_f_U_c__h, 6 weight W_f_W_c, 7 weight U_f_U_c, 8 batch sizes (host, or NULL)
+
 // =============================================================================================
 template <typename S, typename G>
 static int janet_inference_run(const int64_t* dims, void* const* ptrs, const cs_ctx* ctx)
@@ -836,15 +851,19 @@ static int janet_inference_run(const int64_t* dims, void* const* ptrs, const cs_
     (void)w_W_f_W_c;
     const S* w_U_f_U_c = (const S*)ptrs[7];
     (void)w_U_f_U_c;
+    const int64_t* bs = (const int64_t*)ptrs[8];
     (void)ctx;
     // hg_W_f_W_c__x = x @ [W_f, W_c]^T  (W_f @ x, W_c @ x)
     CS_GEMM_NT(n_T * n_B, 2*n_H, n_I, b_x_x, n_I, w_W_f_W_c, n_I, b_hg_W_f_W_c__x, 2*n_H, 0);
     cs_packed<S> pk_U_f_U_c_nt = cs_pack(ctx, 1, n_B, 2*n_H, n_H, w_U_f_U_c, n_H);
     for (int64_t t = 0; t < n_T; ++t) {
+        const int64_t rows = bs ? bs[t] : n_B;  // variable lengths: rows 0..B_t-1 run
         // g_U_f_U_c__h = h @ [U_f, U_c]^T  (U_f @ h, U_c @ h)
-        CS_GEMM_NT_PACKED(n_B, 2*n_H, n_H, b_s_h + t * n_B * (n_H), n_H, pk_U_f_U_c_nt, b_g_U_f_U_c__h, 2*n_H, 0);
+        CS_GEMM_NT_PACKED(rows, 2*n_H, n_H, b_s_h + t * n_B * (n_H), n_H, pk_U_f_U_c_nt, b_g_U_f_U_c__h, 2*n_H, 0);
         // inference: stage 0 forward, units of size H
-        CS_PW(janet_inference_fwd0_H, n_B, n_H, b_g_U_f_U_c__h + n_H, 2*n_H, b_g_U_f_U_c__h, 2*n_H, b_hg_W_f_W_c__x + t * n_B * (2*n_H) + n_H, 2*n_H, b_hg_W_f_W_c__x + t * n_B * (2*n_H), 2*n_H, b_p_b_c, 0, b_p_b_f, 0, b_s_h + t * n_B * (n_H), n_H, b_s_h + (t + 1) * n_B * (n_H), n_H);
+        CS_PW(janet_inference_fwd0_H, rows, n_H, b_g_U_f_U_c__h + n_H, 2*n_H, b_g_U_f_U_c__h, 2*n_H, b_hg_W_f_W_c__x + t * n_B * (2*n_H) + n_H, 2*n_H, b_hg_W_f_W_c__x + t * n_B * (2*n_H), 2*n_H, b_p_b_c, 0, b_p_b_f, 0, b_s_h + t * n_B * (n_H), n_H, b_s_h + (t + 1) * n_B * (n_H), n_H);
+        // ended sequences hold their state: rows B_t.. of s_h[t + 1] = s_h[t]
+        if (rows < n_B) CS_COPY(b_s_h + ((t + 1) * n_B + rows) * (n_H), b_s_h + (t * n_B + rows) * (n_H), (n_B - rows) * (n_H));
     }
     cs_unpack(pk_U_f_U_c_nt);
     return 0;
@@ -879,7 +898,8 @@ extern "C" int janet_inference_f64(const int64_t* dims, void* const* ptrs, const
 
 // =============================================================================================
 // janet: the whole sequence, backward
-// ptrs: 0 x_x, 1 s_h, 2 p_b_f, 3 p_b_c, 4 v_s, 5 v_c_tilde, 6 dout_h_next, 7 ds_h, 8 dx_x, 9 dg_U_f_U_c__h, 10 tmp_d_h_gemm, 11 tmp_d_h_next, 12 dw_U_f_U_c, 13 dw_W_f_W_c, 14 weight W_f_W_c, 15 weight U_f_U_c, 16 d W_f, 17 d U_f, 18 d b_f, 19 d W_c, 20 d U_c, 21 d b_c
+// ptrs: 0 x_x, 1 s_h, 2 p_b_f, 3 p_b_c, 4 v_s, 5 v_c_tilde, 6 dout_h_next, 7 ds_h, 8 dx_x, 9 dg_U_f_U_c__h, 10 tmp_d_h_gemm, 11 tmp_d_h_next, 12 dw_U_f_U_c, 13 dw_W_f_W_c, 14 weight W_f_W_c, 15 weight U_f_U_c, 16 d W_f, 17 d U_f, 18 d b_f, 19 d W_c, 20 d U_c, 21 d b_c, 22 batch sizes (host, or NULL)
+
 // =============================================================================================
 template <typename S, typename G>
 static int janet_backward_run(const int64_t* dims, void* const* ptrs, const cs_ctx* ctx)
@@ -936,15 +956,20 @@ static int janet_backward_run(const int64_t* dims, void* const* ptrs, const cs_c
     (void)g_U_c;
     G* g_b_c = (G*)ptrs[21];
     (void)g_b_c;
+    const int64_t* bs = (const int64_t*)ptrs[22];
     (void)ctx;
+    if (bs) {  // rows of ended sequences, which no step writes, are read over all T*B rows
+        CS_ZERO(b_dg_U_f_U_c__h, (n_T) * (n_B) * (2*n_H));
+    }
     cs_packed<S> pk_U_f_U_c_nn = cs_pack(ctx, 0, n_B, n_H, 2*n_H, w_U_f_U_c, n_H);
     for (int64_t t = n_T - 1; t >= 0; --t) {
+        const int64_t rows = bs ? bs[t] : n_B;  // variable lengths: rows 0..B_t-1 run
         // backward: stage 0 backward, units of size H
-        CS_PW(janet_backward_bwd0_H, n_B, n_H, b_v_c_tilde + t * n_B * (n_H), n_H, b_ds_h, n_H, b_dout_h_next + t * n_B * (n_H), n_H, b_s_h + t * n_B * (n_H), n_H, b_v_s + t * n_B * (n_H), n_H, b_tmp_d_h_next, n_H, b_dg_U_f_U_c__h + t * n_B * (2*n_H), 2*n_H, b_dg_U_f_U_c__h + t * n_B * (2*n_H) + n_H, 2*n_H);
+        CS_PW(janet_backward_bwd0_H, rows, n_H, b_v_c_tilde + t * n_B * (n_H), n_H, b_ds_h, n_H, b_dout_h_next + t * n_B * (n_H), n_H, b_s_h + t * n_B * (n_H), n_H, b_v_s + t * n_B * (n_H), n_H, b_tmp_d_h_next, n_H, b_dg_U_f_U_c__h + t * n_B * (2*n_H), 2*n_H, b_dg_U_f_U_c__h + t * n_B * (2*n_H) + n_H, 2*n_H);
         // d_h_gemm = dg_U_f_U_c__h @ [U_f, U_c]
-        CS_GEMM_NN_PACKED(n_B, n_H, 2*n_H, b_dg_U_f_U_c__h + t * n_B * (2*n_H), 2*n_H, pk_U_f_U_c_nn, b_tmp_d_h_gemm, n_H, 0);
+        CS_GEMM_NN_PACKED(rows, n_H, 2*n_H, b_dg_U_f_U_c__h + t * n_B * (2*n_H), 2*n_H, pk_U_f_U_c_nn, b_tmp_d_h_gemm, n_H, 0);
         // backward: per-step adjoints of inputs, states, vector params, hoisted results, units of size H
-        CS_PW(janet_backward_bwd_leaf_H, n_B, n_H, b_tmp_d_h_gemm, n_H, b_tmp_d_h_next, n_H, b_v_s + t * n_B * (n_H), n_H, b_ds_h, n_H);
+        CS_PW(janet_backward_bwd_leaf_H, rows, n_H, b_tmp_d_h_gemm, n_H, b_tmp_d_h_next, n_H, b_v_s + t * n_B * (n_H), n_H, b_ds_h, n_H);
     }
     cs_unpack(pk_U_f_U_c_nn);
     // d[U_f, U_c] += dg_U_f_U_c__h^T @ h  (U_f @ h, U_c @ h)

@@ -26,8 +26,10 @@ Do not edit: regenerate with `cellspec compile`. Needs nothing but NumPy at run 
 API (arrays are float32 or float64; B = batch, T = time):
     forward(params, x, state=None) -> (output, new_state)              x: [B, I]
     backward(params, x, state, d_output, d_new_state) -> (d_params, d_x, d_state)
-    forward_sequence(params, x, state=None) -> (outputs, final_state)  x: [T, B, I]
-    backward_sequence(params, x, state, d_outputs, d_final_state) -> (d_params, d_x, d_state)
+    forward_sequence(params, x, state=None, lengths=None) -> (outputs, final_state)  x: [T, B, I]
+    backward_sequence(params, x, state, d_outputs, d_final_state, lengths=None) -> (d_params, d_x, d_state)
+`lengths` (one per batch element, in any order) makes sequences end early: a state stops changing
+after its sequence's last step, outputs past it are zeros (and their adjoints are ignored).
 `params` maps spec names to arrays; a state is a tuple (h, c);
 None for a state or an adjoint means zeros.
 """
@@ -64,16 +66,49 @@ def backward(params, x, state, d_output, d_new_state):
     return _d_params, _d_x[0], _d_state
 
 
-def forward_sequence(params, x, state=None):
+def forward_sequence(params, x, state=None, lengths=None):
     """A whole sequence: x [T, B, ...] -> (outputs [T, B, ...], final_state)."""
-    _outputs, _final, _ = _inference(params, x, state)
-    return _outputs, _final
+    if lengths is None:
+        _outputs, _final, _ = _inference(params, x, state)
+        return _outputs, _final
+    _order, _back, _bs = _by_length(lengths, _T_of(x))
+    _outputs, _final, _ = _inference(params, _take(x, _order, 1), _take(state, _order, 0), _bs)
+    return _take(_outputs, _back, 1), _take(_final, _back, 0)
 
 
-def backward_sequence(params, x, state, d_outputs, d_final_state):
+def backward_sequence(params, x, state, d_outputs, d_final_state, lengths=None):
     """Gradients over a whole sequence: -> (d_params, d_x, d_state)."""
-    _, _, _saved = _forward(params, x, state)
-    return _backward(params, x, _saved, d_outputs, d_final_state)
+    if lengths is None:
+        _, _, _saved = _forward(params, x, state)
+        return _backward(params, x, _saved, d_outputs, d_final_state)
+    _order, _back, _bs = _by_length(lengths, _T_of(x))
+    _x = _take(x, _order, 1)
+    _, _, _saved = _forward(params, _x, _take(state, _order, 0), _bs)
+    _d_params, _d_x, _d_state = _backward(params, _x, _saved, _take(d_outputs, _order, 1), _take(d_final_state, _order, 0), _bs)
+    return _d_params, _take(_d_x, _back, 1), _take(_d_state, _back, 0)
+
+
+def _T_of(x):
+    return np.shape(x)[0]
+
+
+def _by_length(lengths, T):
+    """(order sorting the batch by length, longest first; its inverse; per-step batch sizes)."""
+    lengths = np.asarray(lengths, dtype=np.int64).reshape(-1)
+    if lengths.size and (lengths.min() < 1 or lengths.max() > T):
+        raise ValueError(f"lengths must be in [1, {T}], got {lengths.tolist()}")
+    order = np.argsort(-lengths, kind="stable")
+    bs = (np.arange(T)[:, None] < lengths[order][None, :]).sum(1)
+    return order, np.argsort(order), [int(n) for n in bs]
+
+
+def _take(a, index, axis):
+    """a (an array, a tuple of arrays or None) with its batch axis reordered."""
+    if a is None:
+        return None
+    if isinstance(a, (tuple, list)):
+        return tuple(_take(b, index, axis) for b in a)
+    return np.take(np.asarray(a), index, axis=axis)
 
 
 def _first_step(a):
@@ -85,6 +120,26 @@ def _initial_state(_state, _B, _dtype, _sizes):
     """The initial states as a tuple of [B, size] arrays (None means zeros)."""
     _state = (None,) * 2 if _state is None else tuple(_state)
     return tuple(np.zeros((_B, _n), _dtype) if _s is None else np.asarray(_s, _dtype) for _s, _n in zip(_state, _sizes))
+
+
+def _steps(_a, _offset, _T, _bs):
+    """Per-step views ``_a[t + _offset]`` of a timed buffer; with per-step batch sizes ``_bs``
+    (variable lengths, longest sequence first), their first ``_bs[t]`` rows."""
+    if _bs is None:
+        return list(_a[_offset:_offset + _T])
+    return [_a[_t + _offset, :_n] for _t, _n in enumerate(_bs)]
+
+
+def _rows(_a, _T, _bs):
+    """A [B, n] buffer as used at each step: whole, or its first ``_bs[t]`` rows."""
+    if _bs is None:
+        return [_a] * _T
+    return [_a[:_n] for _n in _bs]
+
+
+def _active(_bs, _B, _dtype):
+    """[T, B, 1]: 1 where row b is inside its sequence at step t (b < _bs[t]), else 0."""
+    return (np.arange(_B)[None, :] < np.asarray(_bs)[:, None]).astype(_dtype)[..., None]
 
 
 def _arrays(_x):
@@ -101,8 +156,9 @@ def _setup(_params, _x):
     return _T, _B, _I, _H, _P
 
 
-def _forward(_params, _x, _state):
-    """The whole sequence: outputs, final states and what the backward reads."""
+def _forward(_params, _x, _state, _bs=None):
+    """The whole sequence: outputs, final states and what the backward reads.
+    ``_bs``: per-step batch sizes (a list of T ints, non-increasing; the batch sorted by length)."""
     _T, _B, _I, _H, _P = _setup(_params, _x)
     _dtype = np.result_type(_arrays(_x)[0], *_params.values())
     W_ii = np.asarray(_params["W_ii"], _dtype)
@@ -139,47 +195,73 @@ def _forward(_params, _x, _state):
     _v_o = np.empty((_T, _B, _H), _dtype)
     _v_W_hr_in = np.empty((_T, _B, _H), _dtype)
     _g_W_hr__W_hr_in = np.empty((_B, _P), _dtype)
+    if _bs is not None:
+        _v_i[...] = 0
+        _v_f[...] = 0
+        _v_g[...] = 0
+        _v_o[...] = 0
+        _v_W_hr_in[...] = 0
+    _s_h_at0 = _steps(_s_h, 0, _T, _bs)
+    _g_W_hi_W_hf_W_hg_W_ho__h_rows = _rows(_g_W_hi_W_hf_W_hg_W_ho__h, _T, _bs)
+    _hg_W_ii_W_if_W_ig_W_io__x_at0 = _steps(_hg_W_ii_W_if_W_ig_W_io__x, 0, _T, _bs)
+    _s_c_at0 = _steps(_s_c, 0, _T, _bs)
+    _v_i_at0 = _steps(_v_i, 0, _T, _bs)
+    _v_f_at0 = _steps(_v_f, 0, _T, _bs)
+    _v_g_at0 = _steps(_v_g, 0, _T, _bs)
+    _v_o_at0 = _steps(_v_o, 0, _T, _bs)
+    _s_c_at1 = _steps(_s_c, 1, _T, _bs)
+    _v_W_hr_in_at0 = _steps(_v_W_hr_in, 0, _T, _bs)
+    _g_W_hr__W_hr_in_rows = _rows(_g_W_hr__W_hr_in, _T, _bs)
+    _s_h_at1 = _steps(_s_h, 1, _T, _bs)
     # W_ii @ x, W_if @ x, W_ig @ x, W_io @ x
     np.matmul(_x_x.reshape(_T * _B, _I), _wt_W_ii_W_if_W_ig_W_io, out=_hg_W_ii_W_if_W_ig_W_io__x.reshape(_T * _B, 4*_H))
     for _t in range(_T):
         # W_hi @ h, W_hf @ h, W_hg @ h, W_ho @ h
-        np.matmul(_s_h[_t], _wt_W_hi_W_hf_W_hg_W_ho, out=_g_W_hi_W_hf_W_hg_W_ho__h)
+        np.matmul(_s_h_at0[_t], _wt_W_hi_W_hf_W_hg_W_ho, out=_g_W_hi_W_hf_W_hg_W_ho__h_rows[_t])
         # stage 0 forward
-        W_hf_h = _g_W_hi_W_hf_W_hg_W_ho__h[:, _H:2*_H]
-        W_hg_h = _g_W_hi_W_hf_W_hg_W_ho__h[:, 2*_H:3*_H]
-        W_hi_h = _g_W_hi_W_hf_W_hg_W_ho__h[:, 0:_H]
-        W_ho_h = _g_W_hi_W_hf_W_hg_W_ho__h[:, 3*_H:4*_H]
-        W_if_x = _hg_W_ii_W_if_W_ig_W_io__x[_t][:, _H:2*_H]
-        W_ig_x = _hg_W_ii_W_if_W_ig_W_io__x[_t][:, 2*_H:3*_H]
-        W_ii_x = _hg_W_ii_W_if_W_ig_W_io__x[_t][:, 0:_H]
-        W_io_x = _hg_W_ii_W_if_W_ig_W_io__x[_t][:, 3*_H:4*_H]
-        c = _s_c[_t]
+        W_hf_h = _g_W_hi_W_hf_W_hg_W_ho__h_rows[_t][:, _H:2*_H]
+        W_hg_h = _g_W_hi_W_hf_W_hg_W_ho__h_rows[_t][:, 2*_H:3*_H]
+        W_hi_h = _g_W_hi_W_hf_W_hg_W_ho__h_rows[_t][:, 0:_H]
+        W_ho_h = _g_W_hi_W_hf_W_hg_W_ho__h_rows[_t][:, 3*_H:4*_H]
+        W_if_x = _hg_W_ii_W_if_W_ig_W_io__x_at0[_t][:, _H:2*_H]
+        W_ig_x = _hg_W_ii_W_if_W_ig_W_io__x_at0[_t][:, 2*_H:3*_H]
+        W_ii_x = _hg_W_ii_W_if_W_ig_W_io__x_at0[_t][:, 0:_H]
+        W_io_x = _hg_W_ii_W_if_W_ig_W_io__x_at0[_t][:, 3*_H:4*_H]
+        c = _s_c_at0[_t]
         i = _sigmoid(W_hi_h + W_ii_x + b_hi + b_ii)  # lstmp.cell:17  i = sigmoid(W_ii @ x + b_ii + W_hi @ h + b_hi)
         f = _sigmoid(W_hf_h + W_if_x + b_hf + b_if)  # lstmp.cell:18  f = sigmoid(W_if @ x + b_if + W_hf @ h + b_hf)
         g = np.tanh(W_hg_h + W_ig_x + b_hg + b_ig)  # lstmp.cell:19  g = tanh(W_ig @ x + b_ig + W_hg @ h + b_hg)
         o = _sigmoid(W_ho_h + W_io_x + b_ho + b_io)  # lstmp.cell:20  o = sigmoid(W_io @ x + b_io + W_ho @ h + b_ho)
         c_next = c*f + g*i  # lstmp.cell:22  c' = f * c + i * g
         W_hr_in = o*np.tanh(c_next)  # lstmp.cell:23  h' = W_hr @ (o * tanh(c'))
-        _v_i[_t][...] = i
-        _v_f[_t][...] = f
-        _v_g[_t][...] = g
-        _v_o[_t][...] = o
-        _s_c[_t + 1][...] = c_next
-        _v_W_hr_in[_t][...] = W_hr_in
+        _v_i_at0[_t][...] = i
+        _v_f_at0[_t][...] = f
+        _v_g_at0[_t][...] = g
+        _v_o_at0[_t][...] = o
+        _s_c_at1[_t][...] = c_next
+        _v_W_hr_in_at0[_t][...] = W_hr_in
         # W_hr @ W_hr_in
-        np.matmul(_v_W_hr_in[_t], _wt_W_hr, out=_g_W_hr__W_hr_in)
+        np.matmul(_v_W_hr_in_at0[_t], _wt_W_hr, out=_g_W_hr__W_hr_in_rows[_t])
         # stage 1 forward
-        W_hr_out = _g_W_hr__W_hr_in
+        W_hr_out = _g_W_hr__W_hr_in_rows[_t]
         h_next = W_hr_out  # lstmp.cell:23  h' = W_hr @ (o * tanh(c'))
-        _s_h[_t + 1][...] = h_next
+        _s_h_at1[_t][...] = h_next
+        if _bs is not None:  # ended sequences hold their state
+            _s_h[_t + 1, _bs[_t]:][...] = _s_h[_t, _bs[_t]:]
+        if _bs is not None:  # ended sequences hold their state
+            _s_c[_t + 1, _bs[_t]:][...] = _s_c[_t, _bs[_t]:]
     _outputs = (_s_h[1:],)
+    if _bs is not None:  # zeros past each sequence's end
+        _m = _active(_bs, _B, _dtype)
+        _outputs = tuple(_o * _m for _o in _outputs)
     _final = (_s_h[_T], _s_c[_T], )
     _saved = {"s_h": _s_h, "s_c": _s_c, "v_i": _v_i, "v_f": _v_f, "v_g": _v_g, "v_o": _v_o, "v_W_hr_in": _v_W_hr_in, }
     return _outputs[0], _final, _saved
 
 
-def _inference(_params, _x, _state):
-    """The whole sequence keeping nothing for a backward: outputs and final states."""
+def _inference(_params, _x, _state, _bs=None):
+    """The whole sequence keeping nothing for a backward: outputs and final states.
+    ``_bs``: per-step batch sizes (a list of T ints, non-increasing; the batch sorted by length)."""
     _T, _B, _I, _H, _P = _setup(_params, _x)
     _dtype = np.result_type(_arrays(_x)[0], *_params.values())
     W_ii = np.asarray(_params["W_ii"], _dtype)
@@ -212,43 +294,58 @@ def _inference(_params, _x, _state):
     _g_W_hi_W_hf_W_hg_W_ho__h = np.empty((_B, 4*_H), _dtype)
     _tmp_W_hr_in = np.empty((_B, _H), _dtype)
     _g_W_hr__W_hr_in = np.empty((_B, _P), _dtype)
+    _s_h_at0 = _steps(_s_h, 0, _T, _bs)
+    _g_W_hi_W_hf_W_hg_W_ho__h_rows = _rows(_g_W_hi_W_hf_W_hg_W_ho__h, _T, _bs)
+    _hg_W_ii_W_if_W_ig_W_io__x_at0 = _steps(_hg_W_ii_W_if_W_ig_W_io__x, 0, _T, _bs)
+    _s_c_at0 = _steps(_s_c, 0, _T, _bs)
+    _s_c_at1 = _steps(_s_c, 1, _T, _bs)
+    _tmp_W_hr_in_rows = _rows(_tmp_W_hr_in, _T, _bs)
+    _g_W_hr__W_hr_in_rows = _rows(_g_W_hr__W_hr_in, _T, _bs)
+    _s_h_at1 = _steps(_s_h, 1, _T, _bs)
     # W_ii @ x, W_if @ x, W_ig @ x, W_io @ x
     np.matmul(_x_x.reshape(_T * _B, _I), _wt_W_ii_W_if_W_ig_W_io, out=_hg_W_ii_W_if_W_ig_W_io__x.reshape(_T * _B, 4*_H))
     for _t in range(_T):
         # W_hi @ h, W_hf @ h, W_hg @ h, W_ho @ h
-        np.matmul(_s_h[_t], _wt_W_hi_W_hf_W_hg_W_ho, out=_g_W_hi_W_hf_W_hg_W_ho__h)
+        np.matmul(_s_h_at0[_t], _wt_W_hi_W_hf_W_hg_W_ho, out=_g_W_hi_W_hf_W_hg_W_ho__h_rows[_t])
         # stage 0 forward
-        W_hf_h = _g_W_hi_W_hf_W_hg_W_ho__h[:, _H:2*_H]
-        W_hg_h = _g_W_hi_W_hf_W_hg_W_ho__h[:, 2*_H:3*_H]
-        W_hi_h = _g_W_hi_W_hf_W_hg_W_ho__h[:, 0:_H]
-        W_ho_h = _g_W_hi_W_hf_W_hg_W_ho__h[:, 3*_H:4*_H]
-        W_if_x = _hg_W_ii_W_if_W_ig_W_io__x[_t][:, _H:2*_H]
-        W_ig_x = _hg_W_ii_W_if_W_ig_W_io__x[_t][:, 2*_H:3*_H]
-        W_ii_x = _hg_W_ii_W_if_W_ig_W_io__x[_t][:, 0:_H]
-        W_io_x = _hg_W_ii_W_if_W_ig_W_io__x[_t][:, 3*_H:4*_H]
-        c = _s_c[_t]
+        W_hf_h = _g_W_hi_W_hf_W_hg_W_ho__h_rows[_t][:, _H:2*_H]
+        W_hg_h = _g_W_hi_W_hf_W_hg_W_ho__h_rows[_t][:, 2*_H:3*_H]
+        W_hi_h = _g_W_hi_W_hf_W_hg_W_ho__h_rows[_t][:, 0:_H]
+        W_ho_h = _g_W_hi_W_hf_W_hg_W_ho__h_rows[_t][:, 3*_H:4*_H]
+        W_if_x = _hg_W_ii_W_if_W_ig_W_io__x_at0[_t][:, _H:2*_H]
+        W_ig_x = _hg_W_ii_W_if_W_ig_W_io__x_at0[_t][:, 2*_H:3*_H]
+        W_ii_x = _hg_W_ii_W_if_W_ig_W_io__x_at0[_t][:, 0:_H]
+        W_io_x = _hg_W_ii_W_if_W_ig_W_io__x_at0[_t][:, 3*_H:4*_H]
+        c = _s_c_at0[_t]
         i = _sigmoid(W_hi_h + W_ii_x + b_hi + b_ii)  # lstmp.cell:17  i = sigmoid(W_ii @ x + b_ii + W_hi @ h + b_hi)
         f = _sigmoid(W_hf_h + W_if_x + b_hf + b_if)  # lstmp.cell:18  f = sigmoid(W_if @ x + b_if + W_hf @ h + b_hf)
         g = np.tanh(W_hg_h + W_ig_x + b_hg + b_ig)  # lstmp.cell:19  g = tanh(W_ig @ x + b_ig + W_hg @ h + b_hg)
         o = _sigmoid(W_ho_h + W_io_x + b_ho + b_io)  # lstmp.cell:20  o = sigmoid(W_io @ x + b_io + W_ho @ h + b_ho)
         c_next = c*f + g*i  # lstmp.cell:22  c' = f * c + i * g
         W_hr_in = o*np.tanh(c_next)  # lstmp.cell:23  h' = W_hr @ (o * tanh(c'))
-        _s_c[_t + 1][...] = c_next
-        _tmp_W_hr_in[...] = W_hr_in
+        _s_c_at1[_t][...] = c_next
+        _tmp_W_hr_in_rows[_t][...] = W_hr_in
         # W_hr @ W_hr_in
-        np.matmul(_tmp_W_hr_in, _wt_W_hr, out=_g_W_hr__W_hr_in)
+        np.matmul(_tmp_W_hr_in_rows[_t], _wt_W_hr, out=_g_W_hr__W_hr_in_rows[_t])
         # stage 1 forward
-        W_hr_out = _g_W_hr__W_hr_in
+        W_hr_out = _g_W_hr__W_hr_in_rows[_t]
         h_next = W_hr_out  # lstmp.cell:23  h' = W_hr @ (o * tanh(c'))
-        _s_h[_t + 1][...] = h_next
+        _s_h_at1[_t][...] = h_next
+        if _bs is not None:  # ended sequences hold their state
+            _s_h[_t + 1, _bs[_t]:][...] = _s_h[_t, _bs[_t]:]
+        if _bs is not None:  # ended sequences hold their state
+            _s_c[_t + 1, _bs[_t]:][...] = _s_c[_t, _bs[_t]:]
     _outputs = (_s_h[1:],)
+    if _bs is not None:  # zeros past each sequence's end
+        _m = _active(_bs, _B, _dtype)
+        _outputs = tuple(_o * _m for _o in _outputs)
     _final = (_s_h[_T], _s_c[_T], )
     _saved = {}
     return _outputs[0], _final, _saved
 
 
-def _backward(_params, _x, _saved, _d_outputs, _d_final):
-    """Gradients of the whole sequence: (d_params, d_x, d_state)."""
+def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
+    """Gradients of the whole sequence: (d_params, d_x, d_state); ``_bs`` as in the forward."""
     _T, _B, _I, _H, _P = _setup(_params, _x)
     _dtype = np.result_type(_arrays(_x)[0], *_params.values())
     W_ii = np.asarray(_params["W_ii"], _dtype)
@@ -282,6 +379,9 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final):
     _d_outputs = (_d_outputs,)
     _dout_h_next = np.zeros((_T, _B, _P), _dtype) if _d_outputs[0] is None else np.asarray(_d_outputs[0], _dtype)
     _d_final = (None,) * 2 if _d_final is None else tuple(_d_final)
+    if _bs is not None:  # outputs past a sequence's end are constant zeros
+        _m = _active(_bs, _B, _dtype)
+        _dout_h_next = _dout_h_next * _m
     _ds_h = np.zeros((_B, _P), _dtype) if _d_final[0] is None else np.array(np.asarray(_d_final[0], _dtype), copy=True)
     _ds_c = np.zeros((_B, _H), _dtype) if _d_final[1] is None else np.array(np.asarray(_d_final[1], _dtype), copy=True)
     _dx_x = np.empty((_T, _B, _I), _dtype)
@@ -290,24 +390,41 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final):
     _dg_W_hr__W_hr_in = np.empty((_T, _B, _P), _dtype)
     _tmp_d_W_hr_in_gemm = np.empty((_B, _H), _dtype)
     _tmp_d_c_next = np.empty((_B, _H), _dtype)
+    if _bs is not None:
+        _dg_W_hr__W_hr_in[...] = 0
+        _dg_W_hi_W_hf_W_hg_W_ho__h[...] = 0
+    _ds_h_rows = _rows(_ds_h, _T, _bs)
+    _dout_h_next_at0 = _steps(_dout_h_next, 0, _T, _bs)
+    _dg_W_hr__W_hr_in_at0 = _steps(_dg_W_hr__W_hr_in, 0, _T, _bs)
+    _tmp_d_W_hr_in_gemm_rows = _rows(_tmp_d_W_hr_in_gemm, _T, _bs)
+    _s_c_at0 = _steps(_s_c, 0, _T, _bs)
+    _s_c_at1 = _steps(_s_c, 1, _T, _bs)
+    _ds_c_rows = _rows(_ds_c, _T, _bs)
+    _v_f_at0 = _steps(_v_f, 0, _T, _bs)
+    _v_g_at0 = _steps(_v_g, 0, _T, _bs)
+    _v_i_at0 = _steps(_v_i, 0, _T, _bs)
+    _v_o_at0 = _steps(_v_o, 0, _T, _bs)
+    _tmp_d_c_next_rows = _rows(_tmp_d_c_next, _T, _bs)
+    _dg_W_hi_W_hf_W_hg_W_ho__h_at0 = _steps(_dg_W_hi_W_hf_W_hg_W_ho__h, 0, _T, _bs)
+    _tmp_d_h_gemm_rows = _rows(_tmp_d_h_gemm, _T, _bs)
     _grads = {}
     for _t in reversed(range(_T)):
         # stage 1 backward
-        d_h = _ds_h
-        d_h_next_out = _dout_h_next[_t]
+        d_h = _ds_h_rows[_t]
+        d_h_next_out = _dout_h_next_at0[_t]
         d_h_next = d_h + d_h_next_out  # adjoint of h'
         d_W_hr_out = d_h_next  # adjoint of W_hr @ W_hr_in
-        _dg_W_hr__W_hr_in[_t][...] = d_W_hr_out
-        np.matmul(_dg_W_hr__W_hr_in[_t], _w_W_hr, out=_tmp_d_W_hr_in_gemm)
+        _dg_W_hr__W_hr_in_at0[_t][...] = d_W_hr_out
+        np.matmul(_dg_W_hr__W_hr_in_at0[_t], _w_W_hr, out=_tmp_d_W_hr_in_gemm_rows[_t])
         # stage 0 backward
-        c = _s_c[_t]
-        c_next = _s_c[_t + 1]
-        d_W_hr_in_gemm = _tmp_d_W_hr_in_gemm
-        d_c = _ds_c
-        f = _v_f[_t]
-        g = _v_g[_t]
-        i = _v_i[_t]
-        o = _v_o[_t]
+        c = _s_c_at0[_t]
+        c_next = _s_c_at1[_t]
+        d_W_hr_in_gemm = _tmp_d_W_hr_in_gemm_rows[_t]
+        d_c = _ds_c_rows[_t]
+        f = _v_f_at0[_t]
+        g = _v_g_at0[_t]
+        i = _v_i_at0[_t]
+        o = _v_o_at0[_t]
         t0 = np.tanh(c_next)
         d_W_hr_in = d_W_hr_in_gemm  # adjoint of operand of W_hr_in
         d_c_next = d_W_hr_in*o*(1 - (t0*t0)) + d_c  # adjoint of c'
@@ -319,20 +436,20 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final):
         d_W_hf_h = d_f*f*(1 - f)  # adjoint of W_hf @ h
         d_W_hg_h = d_g*(1 - (g*g))  # adjoint of W_hg @ h
         d_W_ho_h = d_o*o*(1 - o)  # adjoint of W_ho @ h
-        _tmp_d_c_next[...] = d_c_next
-        _dg_W_hi_W_hf_W_hg_W_ho__h[_t][:, 0:_H][...] = d_W_hi_h
-        _dg_W_hi_W_hf_W_hg_W_ho__h[_t][:, _H:2*_H][...] = d_W_hf_h
-        _dg_W_hi_W_hf_W_hg_W_ho__h[_t][:, 2*_H:3*_H][...] = d_W_hg_h
-        _dg_W_hi_W_hf_W_hg_W_ho__h[_t][:, 3*_H:4*_H][...] = d_W_ho_h
-        np.matmul(_dg_W_hi_W_hf_W_hg_W_ho__h[_t], _w_W_hi_W_hf_W_hg_W_ho, out=_tmp_d_h_gemm)
+        _tmp_d_c_next_rows[_t][...] = d_c_next
+        _dg_W_hi_W_hf_W_hg_W_ho__h_at0[_t][:, 0:_H][...] = d_W_hi_h
+        _dg_W_hi_W_hf_W_hg_W_ho__h_at0[_t][:, _H:2*_H][...] = d_W_hf_h
+        _dg_W_hi_W_hf_W_hg_W_ho__h_at0[_t][:, 2*_H:3*_H][...] = d_W_hg_h
+        _dg_W_hi_W_hf_W_hg_W_ho__h_at0[_t][:, 3*_H:4*_H][...] = d_W_ho_h
+        np.matmul(_dg_W_hi_W_hf_W_hg_W_ho__h_at0[_t], _w_W_hi_W_hf_W_hg_W_ho, out=_tmp_d_h_gemm_rows[_t])
         # per-step adjoints of inputs, states, vector params, hoisted results
-        d_c_next = _tmp_d_c_next
-        d_h_gemm = _tmp_d_h_gemm
-        f = _v_f[_t]
+        d_c_next = _tmp_d_c_next_rows[_t]
+        d_h_gemm = _tmp_d_h_gemm_rows[_t]
+        f = _v_f_at0[_t]
         d_h = d_h_gemm  # adjoint of state h
         d_c = d_c_next*f  # adjoint of state c
-        _ds_h[...] = d_h
-        _ds_c[...] = d_c
+        _ds_h_rows[_t][...] = d_h
+        _ds_c_rows[_t][...] = d_c
     # dW of W_hi @ h, W_hf @ h, W_hg @ h, W_ho @ h: one GEMM over all T*B rows
     _dw = _dg_W_hi_W_hf_W_hg_W_ho__h.reshape(_T * _B, 4*_H).T @ _s_h[:_T].reshape(_T * _B, _P)
     _grads["W_hi"] = _dw[0:_H]

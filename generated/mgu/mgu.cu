@@ -22,7 +22,9 @@
 //        BLAS ?gemm_ found at run time, and the entry points mgu_<function>_{f32,f64}(dims, ptrs, ctx)
 // <function> is forward (keeps what the backward reads), inference (keeps nothing) or backward: the
 // whole sequence in one call. dims = [T, B, I, H]; ptrs = the function's buffers, the stacked
-// weights, then (backward) the gradient of every param, in the order of the comments at each function.
+// weights, then (backward) the gradient of every param, in the order of the comments at each function,
+// and last the per-step batch sizes (variable lengths: a host int64 array of T non-increasing counts,
+// the batch sorted by length, longest first) or NULL (every row runs every step).
 // Every array inside is dense and row-major; an element function's argument is a pointer and a row
 // stride ld in elements (element [r, j] is ptr[r * ld + j]; ld = 0 broadcasts one row: a vector param).
 // 16-bit storage (__half, __nv_bfloat16) computes in float; parameter gradients are float for them.
@@ -206,6 +208,7 @@ template <typename S> static void cs_unpack(cs_packed<S>&) {}
 #define CS_ADD(n, src, dst, beta) do { if ((n) > 0) { cs_add_kernel<G><<<(unsigned)(((n) + 127) / 128), 128, 0, (cudaStream_t)ctx->stream>>>(n, src, dst, beta); CS_CHECK((int)cudaGetLastError()); } } while (0)
 #define CS_ADD_ROWS(rows, cols, src, ld, dst, ldd) do { if ((rows) > 0 && (cols) > 0) { dim3 _g, _b; cs_grid(rows, cols, &_g, &_b); cs_add_rows_kernel<S><<<_g, _b, 0, (cudaStream_t)ctx->stream>>>(rows, cols, src, ld, dst, ldd); CS_CHECK((int)cudaGetLastError()); } } while (0)
 #define CS_ZERO(p, count) CS_CHECK((int)cudaMemsetAsync((p), 0, (size_t)(count) * sizeof(*(p)), (cudaStream_t)ctx->stream))
+#define CS_COPY(dst, src, count) CS_CHECK((int)cudaMemcpyAsync((dst), (src), (size_t)(count) * sizeof(*(dst)), cudaMemcpyDeviceToDevice, (cudaStream_t)ctx->stream))
 #else
 // CPU: the Fortran-ABI ?gemm_ of a BLAS already loaded in the process (MKL's, exported by
 // torch's own library), found by the caller at run time and passed in: no link-time BLAS.
@@ -244,12 +247,12 @@ static int cs_gemm(const cs_ctx* c, int ta, int tb, int64_t m, int64_t n, int64_
 // sgemm_pack): the per-step GEMM then skips re-packing it, which for a small batch is most of its
 // time. ta = 1: the step computes a @ wᵀ (the column-major call's first operand is w transposed);
 // ta = 0: a @ w. Double, or a BLAS without the API: the plain matrix.
-template <typename S> struct cs_packed { const S* w; int64_t ld; void* packed; };
+template <typename S> struct cs_packed { const S* w; int64_t ld; void* packed; int64_t rows; };
 template <typename S>
-static cs_packed<S> cs_pack(const cs_ctx*, int, int64_t, int64_t, int64_t, const S* w, int64_t ldw) { return {w, ldw, 0}; }
+static cs_packed<S> cs_pack(const cs_ctx*, int, int64_t m, int64_t, int64_t, const S* w, int64_t ldw) { return {w, ldw, 0, m}; }
 static cs_packed<float> cs_pack(const cs_ctx* c, int ta, int64_t m, int64_t n, int64_t k, const float* w, int64_t ldw)
 {
-    cs_packed<float> p = {w, ldw, 0};
+    cs_packed<float> p = {w, ldw, 0, m};
     if (!c->pack_size || !c->pack || !c->compute || m <= 0 || n <= 0 || k <= 0) return p;
     const int im = (int)n, in = (int)m, ik = (int)k, ild = (int)ldw;
     const char id = 'A', tr = ta ? 'T' : 'N';
@@ -268,7 +271,8 @@ static int cs_gemm_packed(const cs_ctx* c, int ta, int64_t m, int64_t n, int64_t
 static int cs_gemm_packed(const cs_ctx* c, int ta, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
                           const cs_packed<float>& w, float* out, int64_t ldc, int beta)
 {
-    if (!w.packed || m <= 0 || n <= 0 || k <= 0) return cs_gemm<float, float>(c, 0, ta, m, n, k, a, lda, w.w, w.ld, out, ldc, beta);
+    // packed for B rows: a step with fewer (variable lengths) multiplies by the plain matrix
+    if (!w.packed || m != w.rows || m <= 0 || n <= 0 || k <= 0) return cs_gemm<float, float>(c, 0, ta, m, n, k, a, lda, w.w, w.ld, out, ldc, beta);
     const char tP = 'P', tN = 'N';
     const int im = (int)n, in = (int)m, ik = (int)k, ild = (int)w.ld, ilda = (int)lda, ildc = (int)ldc;
     const float be = beta ? 1.0f : 0.0f;
@@ -315,6 +319,7 @@ static void cs_add_rows_host(int64_t rows, int64_t cols, const S* src, int64_t l
 #define CS_ADD(n, src, dst, beta) cs_add_host<G>(n, src, dst, beta)
 #define CS_ADD_ROWS(rows, cols, src, ld, dst, ldd) cs_add_rows_host<S>(rows, cols, src, ld, dst, ldd)
 #define CS_ZERO(p, count) memset((p), 0, (size_t)(count) * sizeof(*(p)))
+#define CS_COPY(dst, src, count) memcpy((dst), (src), (size_t)(count) * sizeof(*(dst)))
 #endif
 #endif  // CELLSPEC_LOOP_PRELUDE
 
@@ -1008,7 +1013,8 @@ extern "C" void mgu_backward_bwd_leaf_H_f64(int64_t _rows, int64_t _cols, const 
 
 // =============================================================================================
 // mgu: the whole sequence, forward
-// ptrs: 0 x_x, 1 s_h, 2 p_b_f, 3 p_b_h, 4 hg_W_f_W_h__x, 5 g_U_f__h, 6 v_f, 7 v_U_h_in, 8 g_U_h__U_h_in, 9 v_h_tilde, 10 weight W_f_W_h, 11 weight U_f, 12 weight U_h
+// ptrs: 0 x_x, 1 s_h, 2 p_b_f, 3 p_b_h, 4 hg_W_f_W_h__x, 5 g_U_f__h, 6 v_f, 7 v_U_h_in, 8 g_U_h__U_h_in, 9 v_h_tilde, 10 weight W_f_W_h, 11 weight U_f, 12 weight U_h, 13 batch sizes (host, or NULL)
+
 // =============================================================================================
 template <typename S, typename G>
 static int mgu_forward_run(const int64_t* dims, void* const* ptrs, const cs_ctx* ctx)
@@ -1047,20 +1053,29 @@ static int mgu_forward_run(const int64_t* dims, void* const* ptrs, const cs_ctx*
     (void)w_U_f;
     const S* w_U_h = (const S*)ptrs[12];
     (void)w_U_h;
+    const int64_t* bs = (const int64_t*)ptrs[13];
     (void)ctx;
+    if (bs) {  // rows of ended sequences, which no step writes, are read over all T*B rows
+        CS_ZERO(b_v_f, (n_T) * (n_B) * (n_H));
+        CS_ZERO(b_v_U_h_in, (n_T) * (n_B) * (n_H));
+        CS_ZERO(b_v_h_tilde, (n_T) * (n_B) * (n_H));
+    }
     // hg_W_f_W_h__x = x @ [W_f, W_h]^T  (W_f @ x, W_h @ x)
     CS_GEMM_NT(n_T * n_B, 2*n_H, n_I, b_x_x, n_I, w_W_f_W_h, n_I, b_hg_W_f_W_h__x, 2*n_H, 0);
     cs_packed<S> pk_U_f_nt = cs_pack(ctx, 1, n_B, n_H, n_H, w_U_f, n_H);
     cs_packed<S> pk_U_h_nt = cs_pack(ctx, 1, n_B, n_H, n_H, w_U_h, n_H);
     for (int64_t t = 0; t < n_T; ++t) {
+        const int64_t rows = bs ? bs[t] : n_B;  // variable lengths: rows 0..B_t-1 run
         // g_U_f__h = h @ [U_f]^T  (U_f @ h)
-        CS_GEMM_NT_PACKED(n_B, n_H, n_H, b_s_h + t * n_B * (n_H), n_H, pk_U_f_nt, b_g_U_f__h, n_H, 0);
+        CS_GEMM_NT_PACKED(rows, n_H, n_H, b_s_h + t * n_B * (n_H), n_H, pk_U_f_nt, b_g_U_f__h, n_H, 0);
         // forward: stage 0 forward, units of size H
-        CS_PW(mgu_forward_fwd0_H, n_B, n_H, b_g_U_f__h, n_H, b_hg_W_f_W_h__x + t * n_B * (2*n_H), 2*n_H, b_p_b_f, 0, b_s_h + t * n_B * (n_H), n_H, b_v_f + t * n_B * (n_H), n_H, b_v_U_h_in + t * n_B * (n_H), n_H);
+        CS_PW(mgu_forward_fwd0_H, rows, n_H, b_g_U_f__h, n_H, b_hg_W_f_W_h__x + t * n_B * (2*n_H), 2*n_H, b_p_b_f, 0, b_s_h + t * n_B * (n_H), n_H, b_v_f + t * n_B * (n_H), n_H, b_v_U_h_in + t * n_B * (n_H), n_H);
         // g_U_h__U_h_in = U_h_in @ [U_h]^T  (U_h @ U_h_in)
-        CS_GEMM_NT_PACKED(n_B, n_H, n_H, b_v_U_h_in + t * n_B * (n_H), n_H, pk_U_h_nt, b_g_U_h__U_h_in, n_H, 0);
+        CS_GEMM_NT_PACKED(rows, n_H, n_H, b_v_U_h_in + t * n_B * (n_H), n_H, pk_U_h_nt, b_g_U_h__U_h_in, n_H, 0);
         // forward: stage 1 forward, units of size H
-        CS_PW(mgu_forward_fwd1_H, n_B, n_H, b_g_U_h__U_h_in, n_H, b_hg_W_f_W_h__x + t * n_B * (2*n_H) + n_H, 2*n_H, b_p_b_h, 0, b_v_f + t * n_B * (n_H), n_H, b_s_h + t * n_B * (n_H), n_H, b_v_h_tilde + t * n_B * (n_H), n_H, b_s_h + (t + 1) * n_B * (n_H), n_H);
+        CS_PW(mgu_forward_fwd1_H, rows, n_H, b_g_U_h__U_h_in, n_H, b_hg_W_f_W_h__x + t * n_B * (2*n_H) + n_H, 2*n_H, b_p_b_h, 0, b_v_f + t * n_B * (n_H), n_H, b_s_h + t * n_B * (n_H), n_H, b_v_h_tilde + t * n_B * (n_H), n_H, b_s_h + (t + 1) * n_B * (n_H), n_H);
+        // ended sequences hold their state: rows B_t.. of s_h[t + 1] = s_h[t]
+        if (rows < n_B) CS_COPY(b_s_h + ((t + 1) * n_B + rows) * (n_H), b_s_h + (t * n_B + rows) * (n_H), (n_B - rows) * (n_H));
     }
     cs_unpack(pk_U_f_nt);
     cs_unpack(pk_U_h_nt);
@@ -1096,7 +1111,8 @@ extern "C" int mgu_forward_f64(const int64_t* dims, void* const* ptrs, const voi
 
 // =============================================================================================
 // mgu: the whole sequence, inference
-// ptrs: 0 x_x, 1 s_h, 2 p_b_f, 3 p_b_h, 4 hg_W_f_W_h__x, 5 g_U_f__h, 6 tmp_f, 7 tmp_U_h_in, 8 g_U_h__U_h_in, 9 weight W_f_W_h, 10 weight U_f, 11 weight U_h
+// ptrs: 0 x_x, 1 s_h, 2 p_b_f, 3 p_b_h, 4 hg_W_f_W_h__x, 5 g_U_f__h, 6 tmp_f, 7 tmp_U_h_in, 8 g_U_h__U_h_in, 9 weight W_f_W_h, 10 weight U_f, 11 weight U_h, 12 batch sizes (host, or NULL)
+
 // =============================================================================================
 template <typename S, typename G>
 static int mgu_inference_run(const int64_t* dims, void* const* ptrs, const cs_ctx* ctx)
@@ -1133,20 +1149,24 @@ static int mgu_inference_run(const int64_t* dims, void* const* ptrs, const cs_ct
     (void)w_U_f;
     const S* w_U_h = (const S*)ptrs[11];
     (void)w_U_h;
+    const int64_t* bs = (const int64_t*)ptrs[12];
     (void)ctx;
     // hg_W_f_W_h__x = x @ [W_f, W_h]^T  (W_f @ x, W_h @ x)
     CS_GEMM_NT(n_T * n_B, 2*n_H, n_I, b_x_x, n_I, w_W_f_W_h, n_I, b_hg_W_f_W_h__x, 2*n_H, 0);
     cs_packed<S> pk_U_f_nt = cs_pack(ctx, 1, n_B, n_H, n_H, w_U_f, n_H);
     cs_packed<S> pk_U_h_nt = cs_pack(ctx, 1, n_B, n_H, n_H, w_U_h, n_H);
     for (int64_t t = 0; t < n_T; ++t) {
+        const int64_t rows = bs ? bs[t] : n_B;  // variable lengths: rows 0..B_t-1 run
         // g_U_f__h = h @ [U_f]^T  (U_f @ h)
-        CS_GEMM_NT_PACKED(n_B, n_H, n_H, b_s_h + t * n_B * (n_H), n_H, pk_U_f_nt, b_g_U_f__h, n_H, 0);
+        CS_GEMM_NT_PACKED(rows, n_H, n_H, b_s_h + t * n_B * (n_H), n_H, pk_U_f_nt, b_g_U_f__h, n_H, 0);
         // inference: stage 0 forward, units of size H
-        CS_PW(mgu_inference_fwd0_H, n_B, n_H, b_g_U_f__h, n_H, b_hg_W_f_W_h__x + t * n_B * (2*n_H), 2*n_H, b_p_b_f, 0, b_s_h + t * n_B * (n_H), n_H, b_tmp_f, n_H, b_tmp_U_h_in, n_H);
+        CS_PW(mgu_inference_fwd0_H, rows, n_H, b_g_U_f__h, n_H, b_hg_W_f_W_h__x + t * n_B * (2*n_H), 2*n_H, b_p_b_f, 0, b_s_h + t * n_B * (n_H), n_H, b_tmp_f, n_H, b_tmp_U_h_in, n_H);
         // g_U_h__U_h_in = U_h_in @ [U_h]^T  (U_h @ U_h_in)
-        CS_GEMM_NT_PACKED(n_B, n_H, n_H, b_tmp_U_h_in, n_H, pk_U_h_nt, b_g_U_h__U_h_in, n_H, 0);
+        CS_GEMM_NT_PACKED(rows, n_H, n_H, b_tmp_U_h_in, n_H, pk_U_h_nt, b_g_U_h__U_h_in, n_H, 0);
         // inference: stage 1 forward, units of size H
-        CS_PW(mgu_inference_fwd1_H, n_B, n_H, b_g_U_h__U_h_in, n_H, b_hg_W_f_W_h__x + t * n_B * (2*n_H) + n_H, 2*n_H, b_p_b_h, 0, b_tmp_f, n_H, b_s_h + t * n_B * (n_H), n_H, b_s_h + (t + 1) * n_B * (n_H), n_H);
+        CS_PW(mgu_inference_fwd1_H, rows, n_H, b_g_U_h__U_h_in, n_H, b_hg_W_f_W_h__x + t * n_B * (2*n_H) + n_H, 2*n_H, b_p_b_h, 0, b_tmp_f, n_H, b_s_h + t * n_B * (n_H), n_H, b_s_h + (t + 1) * n_B * (n_H), n_H);
+        // ended sequences hold their state: rows B_t.. of s_h[t + 1] = s_h[t]
+        if (rows < n_B) CS_COPY(b_s_h + ((t + 1) * n_B + rows) * (n_H), b_s_h + (t * n_B + rows) * (n_H), (n_B - rows) * (n_H));
     }
     cs_unpack(pk_U_f_nt);
     cs_unpack(pk_U_h_nt);
@@ -1182,7 +1202,8 @@ extern "C" int mgu_inference_f64(const int64_t* dims, void* const* ptrs, const v
 
 // =============================================================================================
 // mgu: the whole sequence, backward
-// ptrs: 0 x_x, 1 s_h, 2 p_b_f, 3 p_b_h, 4 v_f, 5 v_U_h_in, 6 v_h_tilde, 7 dout_h_next, 8 ds_h, 9 dx_x, 10 dg_U_f__h, 11 tmp_d_h_gemm, 12 dg_U_h__U_h_in, 13 tmp_d_U_h_in_gemm, 14 dhg_W_f_W_h__x, 15 tmp_d_h_next, 16 tmp_d_U_h_in, 17 dw_W_f_W_h, 18 weight W_f_W_h, 19 weight U_f, 20 weight U_h, 21 d W_f, 22 d U_f, 23 d b_f, 24 d W_h, 25 d U_h, 26 d b_h
+// ptrs: 0 x_x, 1 s_h, 2 p_b_f, 3 p_b_h, 4 v_f, 5 v_U_h_in, 6 v_h_tilde, 7 dout_h_next, 8 ds_h, 9 dx_x, 10 dg_U_f__h, 11 tmp_d_h_gemm, 12 dg_U_h__U_h_in, 13 tmp_d_U_h_in_gemm, 14 dhg_W_f_W_h__x, 15 tmp_d_h_next, 16 tmp_d_U_h_in, 17 dw_W_f_W_h, 18 weight W_f_W_h, 19 weight U_f, 20 weight U_h, 21 d W_f, 22 d U_f, 23 d b_f, 24 d W_h, 25 d U_h, 26 d b_h, 27 batch sizes (host, or NULL)
+
 // =============================================================================================
 template <typename S, typename G>
 static int mgu_backward_run(const int64_t* dims, void* const* ptrs, const cs_ctx* ctx)
@@ -1249,20 +1270,27 @@ static int mgu_backward_run(const int64_t* dims, void* const* ptrs, const cs_ctx
     (void)g_U_h;
     G* g_b_h = (G*)ptrs[26];
     (void)g_b_h;
+    const int64_t* bs = (const int64_t*)ptrs[27];
     (void)ctx;
+    if (bs) {  // rows of ended sequences, which no step writes, are read over all T*B rows
+        CS_ZERO(b_dg_U_h__U_h_in, (n_T) * (n_B) * (n_H));
+        CS_ZERO(b_dg_U_f__h, (n_T) * (n_B) * (n_H));
+        CS_ZERO(b_dhg_W_f_W_h__x, (n_T) * (n_B) * (2*n_H));
+    }
     cs_packed<S> pk_U_h_nn = cs_pack(ctx, 0, n_B, n_H, n_H, w_U_h, n_H);
     cs_packed<S> pk_U_f_nn = cs_pack(ctx, 0, n_B, n_H, n_H, w_U_f, n_H);
     for (int64_t t = n_T - 1; t >= 0; --t) {
+        const int64_t rows = bs ? bs[t] : n_B;  // variable lengths: rows 0..B_t-1 run
         // backward: stage 1 backward, units of size H
-        CS_PW(mgu_backward_bwd1_H, n_B, n_H, b_ds_h, n_H, b_dout_h_next + t * n_B * (n_H), n_H, b_v_f + t * n_B * (n_H), n_H, b_v_h_tilde + t * n_B * (n_H), n_H, b_tmp_d_h_next, n_H, b_dg_U_h__U_h_in + t * n_B * (n_H), n_H);
+        CS_PW(mgu_backward_bwd1_H, rows, n_H, b_ds_h, n_H, b_dout_h_next + t * n_B * (n_H), n_H, b_v_f + t * n_B * (n_H), n_H, b_v_h_tilde + t * n_B * (n_H), n_H, b_tmp_d_h_next, n_H, b_dg_U_h__U_h_in + t * n_B * (n_H), n_H);
         // d_U_h_in_gemm = dg_U_h__U_h_in @ [U_h]
-        CS_GEMM_NN_PACKED(n_B, n_H, n_H, b_dg_U_h__U_h_in + t * n_B * (n_H), n_H, pk_U_h_nn, b_tmp_d_U_h_in_gemm, n_H, 0);
+        CS_GEMM_NN_PACKED(rows, n_H, n_H, b_dg_U_h__U_h_in + t * n_B * (n_H), n_H, pk_U_h_nn, b_tmp_d_U_h_in_gemm, n_H, 0);
         // backward: stage 0 backward, units of size H
-        CS_PW(mgu_backward_bwd0_H, n_B, n_H, b_tmp_d_U_h_in_gemm, n_H, b_tmp_d_h_next, n_H, b_v_f + t * n_B * (n_H), n_H, b_s_h + t * n_B * (n_H), n_H, b_v_h_tilde + t * n_B * (n_H), n_H, b_tmp_d_U_h_in, n_H, b_dg_U_f__h + t * n_B * (n_H), n_H);
+        CS_PW(mgu_backward_bwd0_H, rows, n_H, b_tmp_d_U_h_in_gemm, n_H, b_tmp_d_h_next, n_H, b_v_f + t * n_B * (n_H), n_H, b_s_h + t * n_B * (n_H), n_H, b_v_h_tilde + t * n_B * (n_H), n_H, b_tmp_d_U_h_in, n_H, b_dg_U_f__h + t * n_B * (n_H), n_H);
         // d_h_gemm = dg_U_f__h @ [U_f]
-        CS_GEMM_NN_PACKED(n_B, n_H, n_H, b_dg_U_f__h + t * n_B * (n_H), n_H, pk_U_f_nn, b_tmp_d_h_gemm, n_H, 0);
+        CS_GEMM_NN_PACKED(rows, n_H, n_H, b_dg_U_f__h + t * n_B * (n_H), n_H, pk_U_f_nn, b_tmp_d_h_gemm, n_H, 0);
         // backward: per-step adjoints of inputs, states, vector params, hoisted results, units of size H
-        CS_PW(mgu_backward_bwd_leaf_H, n_B, n_H, b_dg_U_f__h + t * n_B * (n_H), n_H, b_tmp_d_U_h_in, n_H, b_dg_U_h__U_h_in + t * n_B * (n_H), n_H, b_tmp_d_h_gemm, n_H, b_tmp_d_h_next, n_H, b_v_f + t * n_B * (n_H), n_H, b_ds_h, n_H, b_dhg_W_f_W_h__x + t * n_B * (2*n_H), 2*n_H, b_dhg_W_f_W_h__x + t * n_B * (2*n_H) + n_H, 2*n_H);
+        CS_PW(mgu_backward_bwd_leaf_H, rows, n_H, b_dg_U_f__h + t * n_B * (n_H), n_H, b_tmp_d_U_h_in, n_H, b_dg_U_h__U_h_in + t * n_B * (n_H), n_H, b_tmp_d_h_gemm, n_H, b_tmp_d_h_next, n_H, b_v_f + t * n_B * (n_H), n_H, b_ds_h, n_H, b_dhg_W_f_W_h__x + t * n_B * (2*n_H), 2*n_H, b_dhg_W_f_W_h__x + t * n_B * (2*n_H) + n_H, 2*n_H);
     }
     cs_unpack(pk_U_h_nn);
     cs_unpack(pk_U_f_nn);

@@ -18,8 +18,10 @@ Do not edit: regenerate with `cellspec compile`. Needs nothing but NumPy at run 
 API (arrays are float32 or float64; B = batch, T = time):
     forward(params, x, state=None) -> (output, new_state)              x: [B, I]
     backward(params, x, state, d_output, d_new_state) -> (d_params, d_x, d_state)
-    forward_sequence(params, x, state=None) -> (outputs, final_state)  x: [T, B, I]
-    backward_sequence(params, x, state, d_outputs, d_final_state) -> (d_params, d_x, d_state)
+    forward_sequence(params, x, state=None, lengths=None) -> (outputs, final_state)  x: [T, B, I]
+    backward_sequence(params, x, state, d_outputs, d_final_state, lengths=None) -> (d_params, d_x, d_state)
+`lengths` (one per batch element, in any order) makes sequences end early: a state stops changing
+after its sequence's last step, outputs past it are zeros (and their adjoints are ignored).
 `params` maps spec names to arrays; a state is one [B, H] array;
 None for a state or an adjoint means zeros.
 """
@@ -56,16 +58,49 @@ def backward(params, x, state, d_output, d_new_state):
     return _d_params, _d_x[0], _d_state
 
 
-def forward_sequence(params, x, state=None):
+def forward_sequence(params, x, state=None, lengths=None):
     """A whole sequence: x [T, B, ...] -> (outputs [T, B, ...], final_state)."""
-    _outputs, _final, _ = _inference(params, x, state)
-    return _outputs, _final
+    if lengths is None:
+        _outputs, _final, _ = _inference(params, x, state)
+        return _outputs, _final
+    _order, _back, _bs = _by_length(lengths, _T_of(x))
+    _outputs, _final, _ = _inference(params, _take(x, _order, 1), _take(state, _order, 0), _bs)
+    return _take(_outputs, _back, 1), _take(_final, _back, 0)
 
 
-def backward_sequence(params, x, state, d_outputs, d_final_state):
+def backward_sequence(params, x, state, d_outputs, d_final_state, lengths=None):
     """Gradients over a whole sequence: -> (d_params, d_x, d_state)."""
-    _, _, _saved = _forward(params, x, state)
-    return _backward(params, x, _saved, d_outputs, d_final_state)
+    if lengths is None:
+        _, _, _saved = _forward(params, x, state)
+        return _backward(params, x, _saved, d_outputs, d_final_state)
+    _order, _back, _bs = _by_length(lengths, _T_of(x))
+    _x = _take(x, _order, 1)
+    _, _, _saved = _forward(params, _x, _take(state, _order, 0), _bs)
+    _d_params, _d_x, _d_state = _backward(params, _x, _saved, _take(d_outputs, _order, 1), _take(d_final_state, _order, 0), _bs)
+    return _d_params, _take(_d_x, _back, 1), _take(_d_state, _back, 0)
+
+
+def _T_of(x):
+    return np.shape(x)[0]
+
+
+def _by_length(lengths, T):
+    """(order sorting the batch by length, longest first; its inverse; per-step batch sizes)."""
+    lengths = np.asarray(lengths, dtype=np.int64).reshape(-1)
+    if lengths.size and (lengths.min() < 1 or lengths.max() > T):
+        raise ValueError(f"lengths must be in [1, {T}], got {lengths.tolist()}")
+    order = np.argsort(-lengths, kind="stable")
+    bs = (np.arange(T)[:, None] < lengths[order][None, :]).sum(1)
+    return order, np.argsort(order), [int(n) for n in bs]
+
+
+def _take(a, index, axis):
+    """a (an array, a tuple of arrays or None) with its batch axis reordered."""
+    if a is None:
+        return None
+    if isinstance(a, (tuple, list)):
+        return tuple(_take(b, index, axis) for b in a)
+    return np.take(np.asarray(a), index, axis=axis)
 
 
 def _first_step(a):
@@ -77,6 +112,26 @@ def _initial_state(_state, _B, _dtype, _sizes):
     """The initial states as a tuple of [B, size] arrays (None means zeros)."""
     _state = (_state,)
     return tuple(np.zeros((_B, _n), _dtype) if _s is None else np.asarray(_s, _dtype) for _s, _n in zip(_state, _sizes))
+
+
+def _steps(_a, _offset, _T, _bs):
+    """Per-step views ``_a[t + _offset]`` of a timed buffer; with per-step batch sizes ``_bs``
+    (variable lengths, longest sequence first), their first ``_bs[t]`` rows."""
+    if _bs is None:
+        return list(_a[_offset:_offset + _T])
+    return [_a[_t + _offset, :_n] for _t, _n in enumerate(_bs)]
+
+
+def _rows(_a, _T, _bs):
+    """A [B, n] buffer as used at each step: whole, or its first ``_bs[t]`` rows."""
+    if _bs is None:
+        return [_a] * _T
+    return [_a[:_n] for _n in _bs]
+
+
+def _active(_bs, _B, _dtype):
+    """[T, B, 1]: 1 where row b is inside its sequence at step t (b < _bs[t]), else 0."""
+    return (np.arange(_B)[None, :] < np.asarray(_bs)[:, None]).astype(_dtype)[..., None]
 
 
 def _arrays(_x):
@@ -92,8 +147,9 @@ def _setup(_params, _x):
     return _T, _B, _I, _H
 
 
-def _forward(_params, _x, _state):
-    """The whole sequence: outputs, final states and what the backward reads."""
+def _forward(_params, _x, _state, _bs=None):
+    """The whole sequence: outputs, final states and what the backward reads.
+    ``_bs``: per-step batch sizes (a list of T ints, non-increasing; the batch sorted by length)."""
     _T, _B, _I, _H = _setup(_params, _x)
     _dtype = np.result_type(_arrays(_x)[0], *_params.values())
     W_f = np.asarray(_params["W_f"], _dtype)
@@ -115,38 +171,56 @@ def _forward(_params, _x, _state):
     _v_U_h_in = np.empty((_T, _B, _H), _dtype)
     _g_U_h__U_h_in = np.empty((_B, _H), _dtype)
     _v_h_tilde = np.empty((_T, _B, _H), _dtype)
+    if _bs is not None:
+        _v_f[...] = 0
+        _v_U_h_in[...] = 0
+        _v_h_tilde[...] = 0
+    _s_h_at0 = _steps(_s_h, 0, _T, _bs)
+    _g_U_f__h_rows = _rows(_g_U_f__h, _T, _bs)
+    _hg_W_f_W_h__x_at0 = _steps(_hg_W_f_W_h__x, 0, _T, _bs)
+    _v_f_at0 = _steps(_v_f, 0, _T, _bs)
+    _v_U_h_in_at0 = _steps(_v_U_h_in, 0, _T, _bs)
+    _g_U_h__U_h_in_rows = _rows(_g_U_h__U_h_in, _T, _bs)
+    _v_h_tilde_at0 = _steps(_v_h_tilde, 0, _T, _bs)
+    _s_h_at1 = _steps(_s_h, 1, _T, _bs)
     # W_f @ x, W_h @ x
     np.matmul(_x_x.reshape(_T * _B, _I), _wt_W_f_W_h, out=_hg_W_f_W_h__x.reshape(_T * _B, 2*_H))
     for _t in range(_T):
         # U_f @ h
-        np.matmul(_s_h[_t], _wt_U_f, out=_g_U_f__h)
+        np.matmul(_s_h_at0[_t], _wt_U_f, out=_g_U_f__h_rows[_t])
         # stage 0 forward
-        U_f_h = _g_U_f__h
-        W_f_x = _hg_W_f_W_h__x[_t][:, 0:_H]
-        h = _s_h[_t]
+        U_f_h = _g_U_f__h_rows[_t]
+        W_f_x = _hg_W_f_W_h__x_at0[_t][:, 0:_H]
+        h = _s_h_at0[_t]
         f = _sigmoid(U_f_h + W_f_x + b_f)  # mgu.cell:11  f = sigmoid(W_f @ x + U_f @ h + b_f)
         U_h_in = f*h  # mgu.cell:12  h_tilde = tanh(W_h @ x + U_h @ (f * h) + b_h)
-        _v_f[_t][...] = f
-        _v_U_h_in[_t][...] = U_h_in
+        _v_f_at0[_t][...] = f
+        _v_U_h_in_at0[_t][...] = U_h_in
         # U_h @ U_h_in
-        np.matmul(_v_U_h_in[_t], _wt_U_h, out=_g_U_h__U_h_in)
+        np.matmul(_v_U_h_in_at0[_t], _wt_U_h, out=_g_U_h__U_h_in_rows[_t])
         # stage 1 forward
-        U_h_out = _g_U_h__U_h_in
-        W_h_x = _hg_W_f_W_h__x[_t][:, _H:2*_H]
-        f = _v_f[_t]
-        h = _s_h[_t]
+        U_h_out = _g_U_h__U_h_in_rows[_t]
+        W_h_x = _hg_W_f_W_h__x_at0[_t][:, _H:2*_H]
+        f = _v_f_at0[_t]
+        h = _s_h_at0[_t]
         h_tilde = np.tanh(U_h_out + W_h_x + b_h)  # mgu.cell:12  h_tilde = tanh(W_h @ x + U_h @ (f * h) + b_h)
         h_next = f*h_tilde + h*(1 - f)  # mgu.cell:13  h' = (1 - f) * h + f * h_tilde
-        _v_h_tilde[_t][...] = h_tilde
-        _s_h[_t + 1][...] = h_next
+        _v_h_tilde_at0[_t][...] = h_tilde
+        _s_h_at1[_t][...] = h_next
+        if _bs is not None:  # ended sequences hold their state
+            _s_h[_t + 1, _bs[_t]:][...] = _s_h[_t, _bs[_t]:]
     _outputs = (_s_h[1:],)
+    if _bs is not None:  # zeros past each sequence's end
+        _m = _active(_bs, _B, _dtype)
+        _outputs = tuple(_o * _m for _o in _outputs)
     _final = (_s_h[_T], )
     _saved = {"s_h": _s_h, "v_f": _v_f, "v_U_h_in": _v_U_h_in, "v_h_tilde": _v_h_tilde, }
     return _outputs[0], _final[0], _saved
 
 
-def _inference(_params, _x, _state):
-    """The whole sequence keeping nothing for a backward: outputs and final states."""
+def _inference(_params, _x, _state, _bs=None):
+    """The whole sequence keeping nothing for a backward: outputs and final states.
+    ``_bs``: per-step batch sizes (a list of T ints, non-increasing; the batch sorted by length)."""
     _T, _B, _I, _H = _setup(_params, _x)
     _dtype = np.result_type(_arrays(_x)[0], *_params.values())
     W_f = np.asarray(_params["W_f"], _dtype)
@@ -167,37 +241,49 @@ def _inference(_params, _x, _state):
     _tmp_f = np.empty((_B, _H), _dtype)
     _tmp_U_h_in = np.empty((_B, _H), _dtype)
     _g_U_h__U_h_in = np.empty((_B, _H), _dtype)
+    _s_h_at0 = _steps(_s_h, 0, _T, _bs)
+    _g_U_f__h_rows = _rows(_g_U_f__h, _T, _bs)
+    _hg_W_f_W_h__x_at0 = _steps(_hg_W_f_W_h__x, 0, _T, _bs)
+    _tmp_f_rows = _rows(_tmp_f, _T, _bs)
+    _tmp_U_h_in_rows = _rows(_tmp_U_h_in, _T, _bs)
+    _g_U_h__U_h_in_rows = _rows(_g_U_h__U_h_in, _T, _bs)
+    _s_h_at1 = _steps(_s_h, 1, _T, _bs)
     # W_f @ x, W_h @ x
     np.matmul(_x_x.reshape(_T * _B, _I), _wt_W_f_W_h, out=_hg_W_f_W_h__x.reshape(_T * _B, 2*_H))
     for _t in range(_T):
         # U_f @ h
-        np.matmul(_s_h[_t], _wt_U_f, out=_g_U_f__h)
+        np.matmul(_s_h_at0[_t], _wt_U_f, out=_g_U_f__h_rows[_t])
         # stage 0 forward
-        U_f_h = _g_U_f__h
-        W_f_x = _hg_W_f_W_h__x[_t][:, 0:_H]
-        h = _s_h[_t]
+        U_f_h = _g_U_f__h_rows[_t]
+        W_f_x = _hg_W_f_W_h__x_at0[_t][:, 0:_H]
+        h = _s_h_at0[_t]
         f = _sigmoid(U_f_h + W_f_x + b_f)  # mgu.cell:11  f = sigmoid(W_f @ x + U_f @ h + b_f)
         U_h_in = f*h  # mgu.cell:12  h_tilde = tanh(W_h @ x + U_h @ (f * h) + b_h)
-        _tmp_f[...] = f
-        _tmp_U_h_in[...] = U_h_in
+        _tmp_f_rows[_t][...] = f
+        _tmp_U_h_in_rows[_t][...] = U_h_in
         # U_h @ U_h_in
-        np.matmul(_tmp_U_h_in, _wt_U_h, out=_g_U_h__U_h_in)
+        np.matmul(_tmp_U_h_in_rows[_t], _wt_U_h, out=_g_U_h__U_h_in_rows[_t])
         # stage 1 forward
-        U_h_out = _g_U_h__U_h_in
-        W_h_x = _hg_W_f_W_h__x[_t][:, _H:2*_H]
-        f = _tmp_f
-        h = _s_h[_t]
+        U_h_out = _g_U_h__U_h_in_rows[_t]
+        W_h_x = _hg_W_f_W_h__x_at0[_t][:, _H:2*_H]
+        f = _tmp_f_rows[_t]
+        h = _s_h_at0[_t]
         h_tilde = np.tanh(U_h_out + W_h_x + b_h)  # mgu.cell:12  h_tilde = tanh(W_h @ x + U_h @ (f * h) + b_h)
         h_next = f*h_tilde + h*(1 - f)  # mgu.cell:13  h' = (1 - f) * h + f * h_tilde
-        _s_h[_t + 1][...] = h_next
+        _s_h_at1[_t][...] = h_next
+        if _bs is not None:  # ended sequences hold their state
+            _s_h[_t + 1, _bs[_t]:][...] = _s_h[_t, _bs[_t]:]
     _outputs = (_s_h[1:],)
+    if _bs is not None:  # zeros past each sequence's end
+        _m = _active(_bs, _B, _dtype)
+        _outputs = tuple(_o * _m for _o in _outputs)
     _final = (_s_h[_T], )
     _saved = {}
     return _outputs[0], _final[0], _saved
 
 
-def _backward(_params, _x, _saved, _d_outputs, _d_final):
-    """Gradients of the whole sequence: (d_params, d_x, d_state)."""
+def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
+    """Gradients of the whole sequence: (d_params, d_x, d_state); ``_bs`` as in the forward."""
     _T, _B, _I, _H = _setup(_params, _x)
     _dtype = np.result_type(_arrays(_x)[0], *_params.values())
     W_f = np.asarray(_params["W_f"], _dtype)
@@ -217,6 +303,9 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final):
     _d_outputs = (_d_outputs,)
     _dout_h_next = np.zeros((_T, _B, _H), _dtype) if _d_outputs[0] is None else np.asarray(_d_outputs[0], _dtype)
     _d_final = (_d_final,)
+    if _bs is not None:  # outputs past a sequence's end are constant zeros
+        _m = _active(_bs, _B, _dtype)
+        _dout_h_next = _dout_h_next * _m
     _ds_h = np.zeros((_B, _H), _dtype) if _d_final[0] is None else np.array(np.asarray(_d_final[0], _dtype), copy=True)
     _dx_x = np.empty((_T, _B, _I), _dtype)
     _dg_U_f__h = np.empty((_T, _B, _H), _dtype)
@@ -226,44 +315,60 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final):
     _dhg_W_f_W_h__x = np.empty((_T, _B, 2*_H), _dtype)
     _tmp_d_h_next = np.empty((_B, _H), _dtype)
     _tmp_d_U_h_in = np.empty((_B, _H), _dtype)
+    if _bs is not None:
+        _dg_U_h__U_h_in[...] = 0
+        _dg_U_f__h[...] = 0
+        _dhg_W_f_W_h__x[...] = 0
+    _ds_h_rows = _rows(_ds_h, _T, _bs)
+    _dout_h_next_at0 = _steps(_dout_h_next, 0, _T, _bs)
+    _v_f_at0 = _steps(_v_f, 0, _T, _bs)
+    _v_h_tilde_at0 = _steps(_v_h_tilde, 0, _T, _bs)
+    _tmp_d_h_next_rows = _rows(_tmp_d_h_next, _T, _bs)
+    _dg_U_h__U_h_in_at0 = _steps(_dg_U_h__U_h_in, 0, _T, _bs)
+    _tmp_d_U_h_in_gemm_rows = _rows(_tmp_d_U_h_in_gemm, _T, _bs)
+    _s_h_at0 = _steps(_s_h, 0, _T, _bs)
+    _tmp_d_U_h_in_rows = _rows(_tmp_d_U_h_in, _T, _bs)
+    _dg_U_f__h_at0 = _steps(_dg_U_f__h, 0, _T, _bs)
+    _tmp_d_h_gemm_rows = _rows(_tmp_d_h_gemm, _T, _bs)
+    _dhg_W_f_W_h__x_at0 = _steps(_dhg_W_f_W_h__x, 0, _T, _bs)
     _grads = {}
     for _t in reversed(range(_T)):
         # stage 1 backward
-        d_h = _ds_h
-        d_h_next_out = _dout_h_next[_t]
-        f = _v_f[_t]
-        h_tilde = _v_h_tilde[_t]
+        d_h = _ds_h_rows[_t]
+        d_h_next_out = _dout_h_next_at0[_t]
+        f = _v_f_at0[_t]
+        h_tilde = _v_h_tilde_at0[_t]
         d_h_next = d_h + d_h_next_out  # adjoint of h'
         d_h_tilde = d_h_next*f  # adjoint of h_tilde
         d_U_h_out = d_h_tilde*(1 - (h_tilde*h_tilde))  # adjoint of U_h @ U_h_in
-        _tmp_d_h_next[...] = d_h_next
-        _dg_U_h__U_h_in[_t][...] = d_U_h_out
-        np.matmul(_dg_U_h__U_h_in[_t], _w_U_h, out=_tmp_d_U_h_in_gemm)
+        _tmp_d_h_next_rows[_t][...] = d_h_next
+        _dg_U_h__U_h_in_at0[_t][...] = d_U_h_out
+        np.matmul(_dg_U_h__U_h_in_at0[_t], _w_U_h, out=_tmp_d_U_h_in_gemm_rows[_t])
         # stage 0 backward
-        d_U_h_in_gemm = _tmp_d_U_h_in_gemm
-        d_h_next = _tmp_d_h_next
-        f = _v_f[_t]
-        h = _s_h[_t]
-        h_tilde = _v_h_tilde[_t]
+        d_U_h_in_gemm = _tmp_d_U_h_in_gemm_rows[_t]
+        d_h_next = _tmp_d_h_next_rows[_t]
+        f = _v_f_at0[_t]
+        h = _s_h_at0[_t]
+        h_tilde = _v_h_tilde_at0[_t]
         d_U_h_in = d_U_h_in_gemm  # adjoint of operand of U_h_in
         d_f = d_U_h_in*h + d_h_next*(-h + h_tilde)  # adjoint of f
         d_U_f_h = d_f*f*(1 - f)  # adjoint of U_f @ h
-        _tmp_d_U_h_in[...] = d_U_h_in
-        _dg_U_f__h[_t][...] = d_U_f_h
-        np.matmul(_dg_U_f__h[_t], _w_U_f, out=_tmp_d_h_gemm)
+        _tmp_d_U_h_in_rows[_t][...] = d_U_h_in
+        _dg_U_f__h_at0[_t][...] = d_U_f_h
+        np.matmul(_dg_U_f__h_at0[_t], _w_U_f, out=_tmp_d_h_gemm_rows[_t])
         # per-step adjoints of inputs, states, vector params, hoisted results
-        d_U_f_h = _dg_U_f__h[_t]
-        d_U_h_in = _tmp_d_U_h_in
-        d_U_h_out = _dg_U_h__U_h_in[_t]
-        d_h_gemm = _tmp_d_h_gemm
-        d_h_next = _tmp_d_h_next
-        f = _v_f[_t]
+        d_U_f_h = _dg_U_f__h_at0[_t]
+        d_U_h_in = _tmp_d_U_h_in_rows[_t]
+        d_U_h_out = _dg_U_h__U_h_in_at0[_t]
+        d_h_gemm = _tmp_d_h_gemm_rows[_t]
+        d_h_next = _tmp_d_h_next_rows[_t]
+        f = _v_f_at0[_t]
         d_h = d_U_h_in*f + d_h_gemm + d_h_next*(1 - f)  # adjoint of state h
         d_W_f_x = d_U_f_h  # adjoint of hoisted projection W_f_x
         d_W_h_x = d_U_h_out  # adjoint of hoisted projection W_h_x
-        _ds_h[...] = d_h
-        _dhg_W_f_W_h__x[_t][:, 0:_H][...] = d_W_f_x
-        _dhg_W_f_W_h__x[_t][:, _H:2*_H][...] = d_W_h_x
+        _ds_h_rows[_t][...] = d_h
+        _dhg_W_f_W_h__x_at0[_t][:, 0:_H][...] = d_W_f_x
+        _dhg_W_f_W_h__x_at0[_t][:, _H:2*_H][...] = d_W_h_x
     # dW of U_f @ h: one GEMM over all T*B rows
     _grads["U_f"] = _dg_U_f__h.reshape(_T * _B, _H).T @ _s_h[:_T].reshape(_T * _B, _H)
     # dW of U_h @ U_h_in: one GEMM over all T*B rows

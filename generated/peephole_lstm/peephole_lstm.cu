@@ -27,7 +27,9 @@
 //        BLAS ?gemm_ found at run time, and the entry points peephole_lstm_<function>_{f32,f64}(dims, ptrs, ctx)
 // <function> is forward (keeps what the backward reads), inference (keeps nothing) or backward: the
 // whole sequence in one call. dims = [T, B, I, H]; ptrs = the function's buffers, the stacked
-// weights, then (backward) the gradient of every param, in the order of the comments at each function.
+// weights, then (backward) the gradient of every param, in the order of the comments at each function,
+// and last the per-step batch sizes (variable lengths: a host int64 array of T non-increasing counts,
+// the batch sorted by length, longest first) or NULL (every row runs every step).
 // Every array inside is dense and row-major; an element function's argument is a pointer and a row
 // stride ld in elements (element [r, j] is ptr[r * ld + j]; ld = 0 broadcasts one row: a vector param).
 // 16-bit storage (__half, __nv_bfloat16) computes in float; parameter gradients are float for them.
@@ -211,6 +213,7 @@ template <typename S> static void cs_unpack(cs_packed<S>&) {}
 #define CS_ADD(n, src, dst, beta) do { if ((n) > 0) { cs_add_kernel<G><<<(unsigned)(((n) + 127) / 128), 128, 0, (cudaStream_t)ctx->stream>>>(n, src, dst, beta); CS_CHECK((int)cudaGetLastError()); } } while (0)
 #define CS_ADD_ROWS(rows, cols, src, ld, dst, ldd) do { if ((rows) > 0 && (cols) > 0) { dim3 _g, _b; cs_grid(rows, cols, &_g, &_b); cs_add_rows_kernel<S><<<_g, _b, 0, (cudaStream_t)ctx->stream>>>(rows, cols, src, ld, dst, ldd); CS_CHECK((int)cudaGetLastError()); } } while (0)
 #define CS_ZERO(p, count) CS_CHECK((int)cudaMemsetAsync((p), 0, (size_t)(count) * sizeof(*(p)), (cudaStream_t)ctx->stream))
+#define CS_COPY(dst, src, count) CS_CHECK((int)cudaMemcpyAsync((dst), (src), (size_t)(count) * sizeof(*(dst)), cudaMemcpyDeviceToDevice, (cudaStream_t)ctx->stream))
 #else
 // CPU: the Fortran-ABI ?gemm_ of a BLAS already loaded in the process (MKL's, exported by
 // torch's own library), found by the caller at run time and passed in: no link-time BLAS.
@@ -249,12 +252,12 @@ static int cs_gemm(const cs_ctx* c, int ta, int tb, int64_t m, int64_t n, int64_
 // sgemm_pack): the per-step GEMM then skips re-packing it, which for a small batch is most of its
 // time. ta = 1: the step computes a @ wᵀ (the column-major call's first operand is w transposed);
 // ta = 0: a @ w. Double, or a BLAS without the API: the plain matrix.
-template <typename S> struct cs_packed { const S* w; int64_t ld; void* packed; };
+template <typename S> struct cs_packed { const S* w; int64_t ld; void* packed; int64_t rows; };
 template <typename S>
-static cs_packed<S> cs_pack(const cs_ctx*, int, int64_t, int64_t, int64_t, const S* w, int64_t ldw) { return {w, ldw, 0}; }
+static cs_packed<S> cs_pack(const cs_ctx*, int, int64_t m, int64_t, int64_t, const S* w, int64_t ldw) { return {w, ldw, 0, m}; }
 static cs_packed<float> cs_pack(const cs_ctx* c, int ta, int64_t m, int64_t n, int64_t k, const float* w, int64_t ldw)
 {
-    cs_packed<float> p = {w, ldw, 0};
+    cs_packed<float> p = {w, ldw, 0, m};
     if (!c->pack_size || !c->pack || !c->compute || m <= 0 || n <= 0 || k <= 0) return p;
     const int im = (int)n, in = (int)m, ik = (int)k, ild = (int)ldw;
     const char id = 'A', tr = ta ? 'T' : 'N';
@@ -273,7 +276,8 @@ static int cs_gemm_packed(const cs_ctx* c, int ta, int64_t m, int64_t n, int64_t
 static int cs_gemm_packed(const cs_ctx* c, int ta, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
                           const cs_packed<float>& w, float* out, int64_t ldc, int beta)
 {
-    if (!w.packed || m <= 0 || n <= 0 || k <= 0) return cs_gemm<float, float>(c, 0, ta, m, n, k, a, lda, w.w, w.ld, out, ldc, beta);
+    // packed for B rows: a step with fewer (variable lengths) multiplies by the plain matrix
+    if (!w.packed || m != w.rows || m <= 0 || n <= 0 || k <= 0) return cs_gemm<float, float>(c, 0, ta, m, n, k, a, lda, w.w, w.ld, out, ldc, beta);
     const char tP = 'P', tN = 'N';
     const int im = (int)n, in = (int)m, ik = (int)k, ild = (int)w.ld, ilda = (int)lda, ildc = (int)ldc;
     const float be = beta ? 1.0f : 0.0f;
@@ -320,6 +324,7 @@ static void cs_add_rows_host(int64_t rows, int64_t cols, const S* src, int64_t l
 #define CS_ADD(n, src, dst, beta) cs_add_host<G>(n, src, dst, beta)
 #define CS_ADD_ROWS(rows, cols, src, ld, dst, ldd) cs_add_rows_host<S>(rows, cols, src, ld, dst, ldd)
 #define CS_ZERO(p, count) memset((p), 0, (size_t)(count) * sizeof(*(p)))
+#define CS_COPY(dst, src, count) memcpy((dst), (src), (size_t)(count) * sizeof(*(dst)))
 #endif
 #endif  // CELLSPEC_LOOP_PRELUDE
 
@@ -928,7 +933,8 @@ extern "C" void peephole_lstm_backward_bwd_leaf_H_f64(int64_t _rows, int64_t _co
 
 // =============================================================================================
 // peephole_lstm: the whole sequence, forward
-// ptrs: 0 x_x, 1 s_h, 2 s_c, 3 p_p_i, 4 p_b_i, 5 p_p_f, 6 p_b_f, 7 p_b_g, 8 p_p_o, 9 p_b_o, 10 hg_W_ii_W_if_W_ig_W_io__x, 11 g_W_hi_W_hf_W_hg_W_ho__h, 12 v_i, 13 v_f, 14 v_g, 15 v_o, 16 weight W_ii_W_if_W_ig_W_io, 17 weight W_hi_W_hf_W_hg_W_ho
+// ptrs: 0 x_x, 1 s_h, 2 s_c, 3 p_p_i, 4 p_b_i, 5 p_p_f, 6 p_b_f, 7 p_b_g, 8 p_p_o, 9 p_b_o, 10 hg_W_ii_W_if_W_ig_W_io__x, 11 g_W_hi_W_hf_W_hg_W_ho__h, 12 v_i, 13 v_f, 14 v_g, 15 v_o, 16 weight W_ii_W_if_W_ig_W_io, 17 weight W_hi_W_hf_W_hg_W_ho, 18 batch sizes (host, or NULL)
+
 // =============================================================================================
 template <typename S, typename G>
 static int peephole_lstm_forward_run(const int64_t* dims, void* const* ptrs, const cs_ctx* ctx)
@@ -977,15 +983,27 @@ static int peephole_lstm_forward_run(const int64_t* dims, void* const* ptrs, con
     (void)w_W_ii_W_if_W_ig_W_io;
     const S* w_W_hi_W_hf_W_hg_W_ho = (const S*)ptrs[17];
     (void)w_W_hi_W_hf_W_hg_W_ho;
+    const int64_t* bs = (const int64_t*)ptrs[18];
     (void)ctx;
+    if (bs) {  // rows of ended sequences, which no step writes, are read over all T*B rows
+        CS_ZERO(b_v_i, (n_T) * (n_B) * (n_H));
+        CS_ZERO(b_v_f, (n_T) * (n_B) * (n_H));
+        CS_ZERO(b_v_g, (n_T) * (n_B) * (n_H));
+        CS_ZERO(b_v_o, (n_T) * (n_B) * (n_H));
+    }
     // hg_W_ii_W_if_W_ig_W_io__x = x @ [W_ii, W_if, W_ig, W_io]^T  (W_ii @ x, W_if @ x, W_ig @ x, W_io @ x)
     CS_GEMM_NT(n_T * n_B, 4*n_H, n_I, b_x_x, n_I, w_W_ii_W_if_W_ig_W_io, n_I, b_hg_W_ii_W_if_W_ig_W_io__x, 4*n_H, 0);
     cs_packed<S> pk_W_hi_W_hf_W_hg_W_ho_nt = cs_pack(ctx, 1, n_B, 4*n_H, n_H, w_W_hi_W_hf_W_hg_W_ho, n_H);
     for (int64_t t = 0; t < n_T; ++t) {
+        const int64_t rows = bs ? bs[t] : n_B;  // variable lengths: rows 0..B_t-1 run
         // g_W_hi_W_hf_W_hg_W_ho__h = h @ [W_hi, W_hf, W_hg, W_ho]^T  (W_hi @ h, W_hf @ h, W_hg @ h, W_ho @ h)
-        CS_GEMM_NT_PACKED(n_B, 4*n_H, n_H, b_s_h + t * n_B * (n_H), n_H, pk_W_hi_W_hf_W_hg_W_ho_nt, b_g_W_hi_W_hf_W_hg_W_ho__h, 4*n_H, 0);
+        CS_GEMM_NT_PACKED(rows, 4*n_H, n_H, b_s_h + t * n_B * (n_H), n_H, pk_W_hi_W_hf_W_hg_W_ho_nt, b_g_W_hi_W_hf_W_hg_W_ho__h, 4*n_H, 0);
         // forward: stage 0 forward, units of size H
-        CS_PW(peephole_lstm_forward_fwd0_H, n_B, n_H, b_g_W_hi_W_hf_W_hg_W_ho__h + n_H, 4*n_H, b_g_W_hi_W_hf_W_hg_W_ho__h + 2*n_H, 4*n_H, b_g_W_hi_W_hf_W_hg_W_ho__h, 4*n_H, b_g_W_hi_W_hf_W_hg_W_ho__h + 3*n_H, 4*n_H, b_hg_W_ii_W_if_W_ig_W_io__x + t * n_B * (4*n_H) + n_H, 4*n_H, b_hg_W_ii_W_if_W_ig_W_io__x + t * n_B * (4*n_H) + 2*n_H, 4*n_H, b_hg_W_ii_W_if_W_ig_W_io__x + t * n_B * (4*n_H), 4*n_H, b_hg_W_ii_W_if_W_ig_W_io__x + t * n_B * (4*n_H) + 3*n_H, 4*n_H, b_p_b_f, 0, b_p_b_g, 0, b_p_b_i, 0, b_p_b_o, 0, b_s_c + t * n_B * (n_H), n_H, b_p_p_f, 0, b_p_p_i, 0, b_p_p_o, 0, b_v_i + t * n_B * (n_H), n_H, b_v_f + t * n_B * (n_H), n_H, b_v_g + t * n_B * (n_H), n_H, b_s_c + (t + 1) * n_B * (n_H), n_H, b_v_o + t * n_B * (n_H), n_H, b_s_h + (t + 1) * n_B * (n_H), n_H);
+        CS_PW(peephole_lstm_forward_fwd0_H, rows, n_H, b_g_W_hi_W_hf_W_hg_W_ho__h + n_H, 4*n_H, b_g_W_hi_W_hf_W_hg_W_ho__h + 2*n_H, 4*n_H, b_g_W_hi_W_hf_W_hg_W_ho__h, 4*n_H, b_g_W_hi_W_hf_W_hg_W_ho__h + 3*n_H, 4*n_H, b_hg_W_ii_W_if_W_ig_W_io__x + t * n_B * (4*n_H) + n_H, 4*n_H, b_hg_W_ii_W_if_W_ig_W_io__x + t * n_B * (4*n_H) + 2*n_H, 4*n_H, b_hg_W_ii_W_if_W_ig_W_io__x + t * n_B * (4*n_H), 4*n_H, b_hg_W_ii_W_if_W_ig_W_io__x + t * n_B * (4*n_H) + 3*n_H, 4*n_H, b_p_b_f, 0, b_p_b_g, 0, b_p_b_i, 0, b_p_b_o, 0, b_s_c + t * n_B * (n_H), n_H, b_p_p_f, 0, b_p_p_i, 0, b_p_p_o, 0, b_v_i + t * n_B * (n_H), n_H, b_v_f + t * n_B * (n_H), n_H, b_v_g + t * n_B * (n_H), n_H, b_s_c + (t + 1) * n_B * (n_H), n_H, b_v_o + t * n_B * (n_H), n_H, b_s_h + (t + 1) * n_B * (n_H), n_H);
+        // ended sequences hold their state: rows B_t.. of s_h[t + 1] = s_h[t]
+        if (rows < n_B) CS_COPY(b_s_h + ((t + 1) * n_B + rows) * (n_H), b_s_h + (t * n_B + rows) * (n_H), (n_B - rows) * (n_H));
+        // ended sequences hold their state: rows B_t.. of s_c[t + 1] = s_c[t]
+        if (rows < n_B) CS_COPY(b_s_c + ((t + 1) * n_B + rows) * (n_H), b_s_c + (t * n_B + rows) * (n_H), (n_B - rows) * (n_H));
     }
     cs_unpack(pk_W_hi_W_hf_W_hg_W_ho_nt);
     return 0;
@@ -1020,7 +1038,8 @@ extern "C" int peephole_lstm_forward_f64(const int64_t* dims, void* const* ptrs,
 
 // =============================================================================================
 // peephole_lstm: the whole sequence, inference
-// ptrs: 0 x_x, 1 s_h, 2 s_c, 3 p_p_i, 4 p_b_i, 5 p_p_f, 6 p_b_f, 7 p_b_g, 8 p_p_o, 9 p_b_o, 10 hg_W_ii_W_if_W_ig_W_io__x, 11 g_W_hi_W_hf_W_hg_W_ho__h, 12 weight W_ii_W_if_W_ig_W_io, 13 weight W_hi_W_hf_W_hg_W_ho
+// ptrs: 0 x_x, 1 s_h, 2 s_c, 3 p_p_i, 4 p_b_i, 5 p_p_f, 6 p_b_f, 7 p_b_g, 8 p_p_o, 9 p_b_o, 10 hg_W_ii_W_if_W_ig_W_io__x, 11 g_W_hi_W_hf_W_hg_W_ho__h, 12 weight W_ii_W_if_W_ig_W_io, 13 weight W_hi_W_hf_W_hg_W_ho, 14 batch sizes (host, or NULL)
+
 // =============================================================================================
 template <typename S, typename G>
 static int peephole_lstm_inference_run(const int64_t* dims, void* const* ptrs, const cs_ctx* ctx)
@@ -1061,15 +1080,21 @@ static int peephole_lstm_inference_run(const int64_t* dims, void* const* ptrs, c
     (void)w_W_ii_W_if_W_ig_W_io;
     const S* w_W_hi_W_hf_W_hg_W_ho = (const S*)ptrs[13];
     (void)w_W_hi_W_hf_W_hg_W_ho;
+    const int64_t* bs = (const int64_t*)ptrs[14];
     (void)ctx;
     // hg_W_ii_W_if_W_ig_W_io__x = x @ [W_ii, W_if, W_ig, W_io]^T  (W_ii @ x, W_if @ x, W_ig @ x, W_io @ x)
     CS_GEMM_NT(n_T * n_B, 4*n_H, n_I, b_x_x, n_I, w_W_ii_W_if_W_ig_W_io, n_I, b_hg_W_ii_W_if_W_ig_W_io__x, 4*n_H, 0);
     cs_packed<S> pk_W_hi_W_hf_W_hg_W_ho_nt = cs_pack(ctx, 1, n_B, 4*n_H, n_H, w_W_hi_W_hf_W_hg_W_ho, n_H);
     for (int64_t t = 0; t < n_T; ++t) {
+        const int64_t rows = bs ? bs[t] : n_B;  // variable lengths: rows 0..B_t-1 run
         // g_W_hi_W_hf_W_hg_W_ho__h = h @ [W_hi, W_hf, W_hg, W_ho]^T  (W_hi @ h, W_hf @ h, W_hg @ h, W_ho @ h)
-        CS_GEMM_NT_PACKED(n_B, 4*n_H, n_H, b_s_h + t * n_B * (n_H), n_H, pk_W_hi_W_hf_W_hg_W_ho_nt, b_g_W_hi_W_hf_W_hg_W_ho__h, 4*n_H, 0);
+        CS_GEMM_NT_PACKED(rows, 4*n_H, n_H, b_s_h + t * n_B * (n_H), n_H, pk_W_hi_W_hf_W_hg_W_ho_nt, b_g_W_hi_W_hf_W_hg_W_ho__h, 4*n_H, 0);
         // inference: stage 0 forward, units of size H
-        CS_PW(peephole_lstm_inference_fwd0_H, n_B, n_H, b_g_W_hi_W_hf_W_hg_W_ho__h + n_H, 4*n_H, b_g_W_hi_W_hf_W_hg_W_ho__h + 2*n_H, 4*n_H, b_g_W_hi_W_hf_W_hg_W_ho__h, 4*n_H, b_g_W_hi_W_hf_W_hg_W_ho__h + 3*n_H, 4*n_H, b_hg_W_ii_W_if_W_ig_W_io__x + t * n_B * (4*n_H) + n_H, 4*n_H, b_hg_W_ii_W_if_W_ig_W_io__x + t * n_B * (4*n_H) + 2*n_H, 4*n_H, b_hg_W_ii_W_if_W_ig_W_io__x + t * n_B * (4*n_H), 4*n_H, b_hg_W_ii_W_if_W_ig_W_io__x + t * n_B * (4*n_H) + 3*n_H, 4*n_H, b_p_b_f, 0, b_p_b_g, 0, b_p_b_i, 0, b_p_b_o, 0, b_s_c + t * n_B * (n_H), n_H, b_p_p_f, 0, b_p_p_i, 0, b_p_p_o, 0, b_s_c + (t + 1) * n_B * (n_H), n_H, b_s_h + (t + 1) * n_B * (n_H), n_H);
+        CS_PW(peephole_lstm_inference_fwd0_H, rows, n_H, b_g_W_hi_W_hf_W_hg_W_ho__h + n_H, 4*n_H, b_g_W_hi_W_hf_W_hg_W_ho__h + 2*n_H, 4*n_H, b_g_W_hi_W_hf_W_hg_W_ho__h, 4*n_H, b_g_W_hi_W_hf_W_hg_W_ho__h + 3*n_H, 4*n_H, b_hg_W_ii_W_if_W_ig_W_io__x + t * n_B * (4*n_H) + n_H, 4*n_H, b_hg_W_ii_W_if_W_ig_W_io__x + t * n_B * (4*n_H) + 2*n_H, 4*n_H, b_hg_W_ii_W_if_W_ig_W_io__x + t * n_B * (4*n_H), 4*n_H, b_hg_W_ii_W_if_W_ig_W_io__x + t * n_B * (4*n_H) + 3*n_H, 4*n_H, b_p_b_f, 0, b_p_b_g, 0, b_p_b_i, 0, b_p_b_o, 0, b_s_c + t * n_B * (n_H), n_H, b_p_p_f, 0, b_p_p_i, 0, b_p_p_o, 0, b_s_c + (t + 1) * n_B * (n_H), n_H, b_s_h + (t + 1) * n_B * (n_H), n_H);
+        // ended sequences hold their state: rows B_t.. of s_h[t + 1] = s_h[t]
+        if (rows < n_B) CS_COPY(b_s_h + ((t + 1) * n_B + rows) * (n_H), b_s_h + (t * n_B + rows) * (n_H), (n_B - rows) * (n_H));
+        // ended sequences hold their state: rows B_t.. of s_c[t + 1] = s_c[t]
+        if (rows < n_B) CS_COPY(b_s_c + ((t + 1) * n_B + rows) * (n_H), b_s_c + (t * n_B + rows) * (n_H), (n_B - rows) * (n_H));
     }
     cs_unpack(pk_W_hi_W_hf_W_hg_W_ho_nt);
     return 0;
@@ -1104,7 +1129,8 @@ extern "C" int peephole_lstm_inference_f64(const int64_t* dims, void* const* ptr
 
 // =============================================================================================
 // peephole_lstm: the whole sequence, backward
-// ptrs: 0 x_x, 1 s_h, 2 s_c, 3 p_p_i, 4 p_b_i, 5 p_p_f, 6 p_b_f, 7 p_b_g, 8 p_p_o, 9 p_b_o, 10 v_i, 11 v_f, 12 v_g, 13 v_o, 14 dout_h_next, 15 ds_h, 16 ds_c, 17 dx_x, 18 dp_p_i, 19 dp_p_f, 20 dp_p_o, 21 dg_W_hi_W_hf_W_hg_W_ho__h, 22 tmp_d_h_gemm, 23 tmp_d_o, 24 tmp_d_c_next, 25 tmp_d_f, 26 tmp_d_i, 27 dw_W_hi_W_hf_W_hg_W_ho, 28 dw_W_ii_W_if_W_ig_W_io, 29 weight W_ii_W_if_W_ig_W_io, 30 weight W_hi_W_hf_W_hg_W_ho, 31 d W_ii, 32 d W_hi, 33 d p_i, 34 d b_i, 35 d W_if, 36 d W_hf, 37 d p_f, 38 d b_f, 39 d W_ig, 40 d W_hg, 41 d b_g, 42 d W_io, 43 d W_ho, 44 d p_o, 45 d b_o
+// ptrs: 0 x_x, 1 s_h, 2 s_c, 3 p_p_i, 4 p_b_i, 5 p_p_f, 6 p_b_f, 7 p_b_g, 8 p_p_o, 9 p_b_o, 10 v_i, 11 v_f, 12 v_g, 13 v_o, 14 dout_h_next, 15 ds_h, 16 ds_c, 17 dx_x, 18 dp_p_i, 19 dp_p_f, 20 dp_p_o, 21 dg_W_hi_W_hf_W_hg_W_ho__h, 22 tmp_d_h_gemm, 23 tmp_d_o, 24 tmp_d_c_next, 25 tmp_d_f, 26 tmp_d_i, 27 dw_W_hi_W_hf_W_hg_W_ho, 28 dw_W_ii_W_if_W_ig_W_io, 29 weight W_ii_W_if_W_ig_W_io, 30 weight W_hi_W_hf_W_hg_W_ho, 31 d W_ii, 32 d W_hi, 33 d p_i, 34 d b_i, 35 d W_if, 36 d W_hf, 37 d p_f, 38 d b_f, 39 d W_ig, 40 d W_hg, 41 d b_g, 42 d W_io, 43 d W_ho, 44 d p_o, 45 d b_o, 46 batch sizes (host, or NULL)
+
 // =============================================================================================
 template <typename S, typename G>
 static int peephole_lstm_backward_run(const int64_t* dims, void* const* ptrs, const cs_ctx* ctx)
@@ -1209,15 +1235,23 @@ static int peephole_lstm_backward_run(const int64_t* dims, void* const* ptrs, co
     (void)g_p_o;
     G* g_b_o = (G*)ptrs[45];
     (void)g_b_o;
+    const int64_t* bs = (const int64_t*)ptrs[46];
     (void)ctx;
+    if (bs) {  // rows of ended sequences, which no step writes, are read over all T*B rows
+        CS_ZERO(b_dg_W_hi_W_hf_W_hg_W_ho__h, (n_T) * (n_B) * (4*n_H));
+        CS_ZERO(b_dp_p_i, (n_T) * (n_B) * (n_H));
+        CS_ZERO(b_dp_p_f, (n_T) * (n_B) * (n_H));
+        CS_ZERO(b_dp_p_o, (n_T) * (n_B) * (n_H));
+    }
     cs_packed<S> pk_W_hi_W_hf_W_hg_W_ho_nn = cs_pack(ctx, 0, n_B, n_H, 4*n_H, w_W_hi_W_hf_W_hg_W_ho, n_H);
     for (int64_t t = n_T - 1; t >= 0; --t) {
+        const int64_t rows = bs ? bs[t] : n_B;  // variable lengths: rows 0..B_t-1 run
         // backward: stage 0 backward, units of size H
-        CS_PW(peephole_lstm_backward_bwd0_H, n_B, n_H, b_s_c + t * n_B * (n_H), n_H, b_s_c + (t + 1) * n_B * (n_H), n_H, b_ds_c, n_H, b_ds_h, n_H, b_dout_h_next + t * n_B * (n_H), n_H, b_v_f + t * n_B * (n_H), n_H, b_v_g + t * n_B * (n_H), n_H, b_v_i + t * n_B * (n_H), n_H, b_v_o + t * n_B * (n_H), n_H, b_p_p_o, 0, b_tmp_d_o, n_H, b_tmp_d_c_next, n_H, b_tmp_d_f, n_H, b_tmp_d_i, n_H, b_dg_W_hi_W_hf_W_hg_W_ho__h + t * n_B * (4*n_H), 4*n_H, b_dg_W_hi_W_hf_W_hg_W_ho__h + t * n_B * (4*n_H) + n_H, 4*n_H, b_dg_W_hi_W_hf_W_hg_W_ho__h + t * n_B * (4*n_H) + 2*n_H, 4*n_H, b_dg_W_hi_W_hf_W_hg_W_ho__h + t * n_B * (4*n_H) + 3*n_H, 4*n_H);
+        CS_PW(peephole_lstm_backward_bwd0_H, rows, n_H, b_s_c + t * n_B * (n_H), n_H, b_s_c + (t + 1) * n_B * (n_H), n_H, b_ds_c, n_H, b_ds_h, n_H, b_dout_h_next + t * n_B * (n_H), n_H, b_v_f + t * n_B * (n_H), n_H, b_v_g + t * n_B * (n_H), n_H, b_v_i + t * n_B * (n_H), n_H, b_v_o + t * n_B * (n_H), n_H, b_p_p_o, 0, b_tmp_d_o, n_H, b_tmp_d_c_next, n_H, b_tmp_d_f, n_H, b_tmp_d_i, n_H, b_dg_W_hi_W_hf_W_hg_W_ho__h + t * n_B * (4*n_H), 4*n_H, b_dg_W_hi_W_hf_W_hg_W_ho__h + t * n_B * (4*n_H) + n_H, 4*n_H, b_dg_W_hi_W_hf_W_hg_W_ho__h + t * n_B * (4*n_H) + 2*n_H, 4*n_H, b_dg_W_hi_W_hf_W_hg_W_ho__h + t * n_B * (4*n_H) + 3*n_H, 4*n_H);
         // d_h_gemm = dg_W_hi_W_hf_W_hg_W_ho__h @ [W_hi, W_hf, W_hg, W_ho]
-        CS_GEMM_NN_PACKED(n_B, n_H, 4*n_H, b_dg_W_hi_W_hf_W_hg_W_ho__h + t * n_B * (4*n_H), 4*n_H, pk_W_hi_W_hf_W_hg_W_ho_nn, b_tmp_d_h_gemm, n_H, 0);
+        CS_GEMM_NN_PACKED(rows, n_H, 4*n_H, b_dg_W_hi_W_hf_W_hg_W_ho__h + t * n_B * (4*n_H), 4*n_H, pk_W_hi_W_hf_W_hg_W_ho_nn, b_tmp_d_h_gemm, n_H, 0);
         // backward: per-step adjoints of inputs, states, vector params, hoisted results, units of size H
-        CS_PW(peephole_lstm_backward_bwd_leaf_H, n_B, n_H, b_s_c + t * n_B * (n_H), n_H, b_s_c + (t + 1) * n_B * (n_H), n_H, b_tmp_d_c_next, n_H, b_tmp_d_f, n_H, b_tmp_d_h_gemm, n_H, b_tmp_d_i, n_H, b_tmp_d_o, n_H, b_v_f + t * n_B * (n_H), n_H, b_v_i + t * n_B * (n_H), n_H, b_v_o + t * n_B * (n_H), n_H, b_p_p_f, 0, b_p_p_i, 0, b_ds_h, n_H, b_ds_c, n_H, b_dp_p_i + t * n_B * (n_H), n_H, b_dp_p_f + t * n_B * (n_H), n_H, b_dp_p_o + t * n_B * (n_H), n_H);
+        CS_PW(peephole_lstm_backward_bwd_leaf_H, rows, n_H, b_s_c + t * n_B * (n_H), n_H, b_s_c + (t + 1) * n_B * (n_H), n_H, b_tmp_d_c_next, n_H, b_tmp_d_f, n_H, b_tmp_d_h_gemm, n_H, b_tmp_d_i, n_H, b_tmp_d_o, n_H, b_v_f + t * n_B * (n_H), n_H, b_v_i + t * n_B * (n_H), n_H, b_v_o + t * n_B * (n_H), n_H, b_p_p_f, 0, b_p_p_i, 0, b_ds_h, n_H, b_ds_c, n_H, b_dp_p_i + t * n_B * (n_H), n_H, b_dp_p_f + t * n_B * (n_H), n_H, b_dp_p_o + t * n_B * (n_H), n_H);
     }
     cs_unpack(pk_W_hi_W_hf_W_hg_W_ho_nn);
     // d[W_hi, W_hf, W_hg, W_ho] += dg_W_hi_W_hf_W_hg_W_ho__h^T @ h  (W_hi @ h, W_hf @ h, W_hg @ h, W_ho @ h)

@@ -22,8 +22,10 @@ Do not edit: regenerate with `cellspec compile`.
 
     PeepholeLSTMCell(input_size, hidden_size)
         forward(x, state=None) -> (output, new_state)       x: [B, I] or [I]
-    PeepholeLSTM(input_size, hidden_size, batch_first=False)
-        forward(x, state=None) -> (outputs, final_state)    x: [T, B, I] ([B, T, I] if batch_first)
+    PeepholeLSTM(input_size, hidden_size, num_layers=1, *, batch_first=False, dropout=0.0, bidirectional=False)
+        forward(x, state=None, lengths=None) -> (outputs, final_state)
+            x: [T, B, I] ([B, T, I] if batch_first), [T, I] or a PackedSequence;
+            states [num_layers * num_directions, B, size]
 
 Every spec param is an nn.Parameter under its spec name. backend="generated" runs the sequence
 engine below (torch ops) with the derived backward; backend="autograd" runs `step` in plain
@@ -96,6 +98,27 @@ def _initial_state(_state, _B, _dtype, _device, _sizes):
     return tuple(torch.zeros((_B, _n), dtype=_dtype, device=_device) if _s is None else _s.to(_dtype) for _s, _n in zip(_state, _sizes))
 
 
+def _steps(_a, _offset, _T, _bs):
+    """Per-step views ``_a[t + _offset]`` of a timed buffer; with per-step batch sizes ``_bs``
+    (variable lengths, longest sequence first), their first ``_bs[t]`` rows."""
+    if _bs is None:
+        return _a[_offset:_offset + _T].unbind(0)
+    return [_a[_t + _offset, :_n] for _t, _n in enumerate(_bs)]
+
+
+def _rows(_a, _T, _bs):
+    """A [B, n] buffer as used at each step: whole, or its first ``_bs[t]`` rows."""
+    if _bs is None:
+        return [_a] * _T
+    return [_a[:_n] for _n in _bs]
+
+
+def _active(_bs, _B, _dtype, _device):
+    """[T, B, 1]: 1 where row b is inside its sequence at step t (b < _bs[t]), else 0."""
+    _n = torch.tensor(_bs, device=_device)
+    return (torch.arange(_B, device=_device)[None, :] < _n[:, None]).to(_dtype)[..., None]
+
+
 def _arrays(_x):
     return (_x,)
 
@@ -109,8 +132,9 @@ def _setup(_params, _x):
     return _T, _B, _I, _H
 
 
-def _forward(_params, _x, _state):
-    """The whole sequence: outputs, final states and what the backward reads."""
+def _forward(_params, _x, _state, _bs=None):
+    """The whole sequence: outputs, final states and what the backward reads.
+    ``_bs``: per-step batch sizes (a list of T ints, non-increasing; the batch sorted by length)."""
     _T, _B, _I, _H = _setup(_params, _x)
     _dtype, _device = _arrays(_x)[0].dtype, _arrays(_x)[0].device
     W_ii = _params["W_ii"].to(_dtype)
@@ -142,48 +166,64 @@ def _forward(_params, _x, _state):
     _v_f = torch.empty((_T, _B, _H), dtype=_dtype, device=_device)
     _v_g = torch.empty((_T, _B, _H), dtype=_dtype, device=_device)
     _v_o = torch.empty((_T, _B, _H), dtype=_dtype, device=_device)
-    _s_h_rows = _s_h.unbind(0)
-    _hg_W_ii_W_if_W_ig_W_io__x_rows = _hg_W_ii_W_if_W_ig_W_io__x.unbind(0)
-    _s_c_rows = _s_c.unbind(0)
-    _v_i_rows = _v_i.unbind(0)
-    _v_f_rows = _v_f.unbind(0)
-    _v_g_rows = _v_g.unbind(0)
-    _v_o_rows = _v_o.unbind(0)
+    if _bs is not None:
+        _v_i.zero_()
+        _v_f.zero_()
+        _v_g.zero_()
+        _v_o.zero_()
+    _s_h_at0 = _steps(_s_h, 0, _T, _bs)
+    _g_W_hi_W_hf_W_hg_W_ho__h_rows = _rows(_g_W_hi_W_hf_W_hg_W_ho__h, _T, _bs)
+    _hg_W_ii_W_if_W_ig_W_io__x_at0 = _steps(_hg_W_ii_W_if_W_ig_W_io__x, 0, _T, _bs)
+    _s_c_at0 = _steps(_s_c, 0, _T, _bs)
+    _v_i_at0 = _steps(_v_i, 0, _T, _bs)
+    _v_f_at0 = _steps(_v_f, 0, _T, _bs)
+    _v_g_at0 = _steps(_v_g, 0, _T, _bs)
+    _s_c_at1 = _steps(_s_c, 1, _T, _bs)
+    _v_o_at0 = _steps(_v_o, 0, _T, _bs)
+    _s_h_at1 = _steps(_s_h, 1, _T, _bs)
     # W_ii @ x, W_if @ x, W_ig @ x, W_io @ x
     torch.mm(_x_x.reshape(_T * _B, _I), _wt_W_ii_W_if_W_ig_W_io, out=_hg_W_ii_W_if_W_ig_W_io__x.reshape(_T * _B, 4*_H))
     for _t in range(_T):
         # W_hi @ h, W_hf @ h, W_hg @ h, W_ho @ h
-        torch.mm(_s_h_rows[_t], _wt_W_hi_W_hf_W_hg_W_ho, out=_g_W_hi_W_hf_W_hg_W_ho__h)
+        torch.mm(_s_h_at0[_t], _wt_W_hi_W_hf_W_hg_W_ho, out=_g_W_hi_W_hf_W_hg_W_ho__h_rows[_t])
         # stage 0 forward
-        W_hf_h = _g_W_hi_W_hf_W_hg_W_ho__h[:, _H:2*_H]
-        W_hg_h = _g_W_hi_W_hf_W_hg_W_ho__h[:, 2*_H:3*_H]
-        W_hi_h = _g_W_hi_W_hf_W_hg_W_ho__h[:, 0:_H]
-        W_ho_h = _g_W_hi_W_hf_W_hg_W_ho__h[:, 3*_H:4*_H]
-        W_if_x = _hg_W_ii_W_if_W_ig_W_io__x_rows[_t][:, _H:2*_H]
-        W_ig_x = _hg_W_ii_W_if_W_ig_W_io__x_rows[_t][:, 2*_H:3*_H]
-        W_ii_x = _hg_W_ii_W_if_W_ig_W_io__x_rows[_t][:, 0:_H]
-        W_io_x = _hg_W_ii_W_if_W_ig_W_io__x_rows[_t][:, 3*_H:4*_H]
-        c = _s_c_rows[_t]
+        W_hf_h = _g_W_hi_W_hf_W_hg_W_ho__h_rows[_t][:, _H:2*_H]
+        W_hg_h = _g_W_hi_W_hf_W_hg_W_ho__h_rows[_t][:, 2*_H:3*_H]
+        W_hi_h = _g_W_hi_W_hf_W_hg_W_ho__h_rows[_t][:, 0:_H]
+        W_ho_h = _g_W_hi_W_hf_W_hg_W_ho__h_rows[_t][:, 3*_H:4*_H]
+        W_if_x = _hg_W_ii_W_if_W_ig_W_io__x_at0[_t][:, _H:2*_H]
+        W_ig_x = _hg_W_ii_W_if_W_ig_W_io__x_at0[_t][:, 2*_H:3*_H]
+        W_ii_x = _hg_W_ii_W_if_W_ig_W_io__x_at0[_t][:, 0:_H]
+        W_io_x = _hg_W_ii_W_if_W_ig_W_io__x_at0[_t][:, 3*_H:4*_H]
+        c = _s_c_at0[_t]
         i = torch.sigmoid(W_hi_h + W_ii_x + b_i + c*p_i)  # peephole_lstm.cell:14  i = sigmoid(W_ii @ x + W_hi @ h + p_i * c + b_i)
         f = torch.sigmoid(W_hf_h + W_if_x + b_f + c*p_f)  # peephole_lstm.cell:15  f = sigmoid(W_if @ x + W_hf @ h + p_f * c + b_f)
         g = torch.tanh(W_hg_h + W_ig_x + b_g)  # peephole_lstm.cell:16  g = tanh(W_ig @ x + W_hg @ h + b_g)
         c_next = c*f + g*i  # peephole_lstm.cell:17  c' = f * c + i * g
         o = torch.sigmoid(W_ho_h + W_io_x + b_o + c_next*p_o)  # peephole_lstm.cell:18  o = sigmoid(W_io @ x + W_ho @ h + p_o * c' + b_o)
         h_next = o*torch.tanh(c_next)  # peephole_lstm.cell:19  h' = o * tanh(c')
-        _v_i_rows[_t].copy_(i)
-        _v_f_rows[_t].copy_(f)
-        _v_g_rows[_t].copy_(g)
-        _s_c_rows[_t + 1].copy_(c_next)
-        _v_o_rows[_t].copy_(o)
-        _s_h_rows[_t + 1].copy_(h_next)
+        _v_i_at0[_t].copy_(i)
+        _v_f_at0[_t].copy_(f)
+        _v_g_at0[_t].copy_(g)
+        _s_c_at1[_t].copy_(c_next)
+        _v_o_at0[_t].copy_(o)
+        _s_h_at1[_t].copy_(h_next)
+        if _bs is not None:  # ended sequences hold their state
+            _s_h[_t + 1, _bs[_t]:].copy_(_s_h[_t, _bs[_t]:])
+        if _bs is not None:  # ended sequences hold their state
+            _s_c[_t + 1, _bs[_t]:].copy_(_s_c[_t, _bs[_t]:])
     _outputs = (_s_h[1:],)
+    if _bs is not None:  # zeros past each sequence's end
+        _m = _active(_bs, _B, _dtype, _device)
+        _outputs = tuple(_o * _m for _o in _outputs)
     _final = (_s_h[_T], _s_c[_T], )
     _saved = {"s_h": _s_h, "s_c": _s_c, "v_i": _v_i, "v_f": _v_f, "v_g": _v_g, "v_o": _v_o, }
     return _outputs[0], _final, _saved
 
 
-def _inference(_params, _x, _state):
-    """The whole sequence keeping nothing for a backward: outputs and final states."""
+def _inference(_params, _x, _state, _bs=None):
+    """The whole sequence keeping nothing for a backward: outputs and final states.
+    ``_bs``: per-step batch sizes (a list of T ints, non-increasing; the batch sorted by length)."""
     _T, _B, _I, _H = _setup(_params, _x)
     _dtype, _device = _arrays(_x)[0].dtype, _arrays(_x)[0].device
     W_ii = _params["W_ii"].to(_dtype)
@@ -211,40 +251,50 @@ def _inference(_params, _x, _state):
     _s_c[0] = _state0[1]
     _hg_W_ii_W_if_W_ig_W_io__x = torch.empty((_T, _B, 4*_H), dtype=_dtype, device=_device)
     _g_W_hi_W_hf_W_hg_W_ho__h = torch.empty((_B, 4*_H), dtype=_dtype, device=_device)
-    _s_h_rows = _s_h.unbind(0)
-    _hg_W_ii_W_if_W_ig_W_io__x_rows = _hg_W_ii_W_if_W_ig_W_io__x.unbind(0)
-    _s_c_rows = _s_c.unbind(0)
+    _s_h_at0 = _steps(_s_h, 0, _T, _bs)
+    _g_W_hi_W_hf_W_hg_W_ho__h_rows = _rows(_g_W_hi_W_hf_W_hg_W_ho__h, _T, _bs)
+    _hg_W_ii_W_if_W_ig_W_io__x_at0 = _steps(_hg_W_ii_W_if_W_ig_W_io__x, 0, _T, _bs)
+    _s_c_at0 = _steps(_s_c, 0, _T, _bs)
+    _s_c_at1 = _steps(_s_c, 1, _T, _bs)
+    _s_h_at1 = _steps(_s_h, 1, _T, _bs)
     # W_ii @ x, W_if @ x, W_ig @ x, W_io @ x
     torch.mm(_x_x.reshape(_T * _B, _I), _wt_W_ii_W_if_W_ig_W_io, out=_hg_W_ii_W_if_W_ig_W_io__x.reshape(_T * _B, 4*_H))
     for _t in range(_T):
         # W_hi @ h, W_hf @ h, W_hg @ h, W_ho @ h
-        torch.mm(_s_h_rows[_t], _wt_W_hi_W_hf_W_hg_W_ho, out=_g_W_hi_W_hf_W_hg_W_ho__h)
+        torch.mm(_s_h_at0[_t], _wt_W_hi_W_hf_W_hg_W_ho, out=_g_W_hi_W_hf_W_hg_W_ho__h_rows[_t])
         # stage 0 forward
-        W_hf_h = _g_W_hi_W_hf_W_hg_W_ho__h[:, _H:2*_H]
-        W_hg_h = _g_W_hi_W_hf_W_hg_W_ho__h[:, 2*_H:3*_H]
-        W_hi_h = _g_W_hi_W_hf_W_hg_W_ho__h[:, 0:_H]
-        W_ho_h = _g_W_hi_W_hf_W_hg_W_ho__h[:, 3*_H:4*_H]
-        W_if_x = _hg_W_ii_W_if_W_ig_W_io__x_rows[_t][:, _H:2*_H]
-        W_ig_x = _hg_W_ii_W_if_W_ig_W_io__x_rows[_t][:, 2*_H:3*_H]
-        W_ii_x = _hg_W_ii_W_if_W_ig_W_io__x_rows[_t][:, 0:_H]
-        W_io_x = _hg_W_ii_W_if_W_ig_W_io__x_rows[_t][:, 3*_H:4*_H]
-        c = _s_c_rows[_t]
+        W_hf_h = _g_W_hi_W_hf_W_hg_W_ho__h_rows[_t][:, _H:2*_H]
+        W_hg_h = _g_W_hi_W_hf_W_hg_W_ho__h_rows[_t][:, 2*_H:3*_H]
+        W_hi_h = _g_W_hi_W_hf_W_hg_W_ho__h_rows[_t][:, 0:_H]
+        W_ho_h = _g_W_hi_W_hf_W_hg_W_ho__h_rows[_t][:, 3*_H:4*_H]
+        W_if_x = _hg_W_ii_W_if_W_ig_W_io__x_at0[_t][:, _H:2*_H]
+        W_ig_x = _hg_W_ii_W_if_W_ig_W_io__x_at0[_t][:, 2*_H:3*_H]
+        W_ii_x = _hg_W_ii_W_if_W_ig_W_io__x_at0[_t][:, 0:_H]
+        W_io_x = _hg_W_ii_W_if_W_ig_W_io__x_at0[_t][:, 3*_H:4*_H]
+        c = _s_c_at0[_t]
         i = torch.sigmoid(W_hi_h + W_ii_x + b_i + c*p_i)  # peephole_lstm.cell:14  i = sigmoid(W_ii @ x + W_hi @ h + p_i * c + b_i)
         f = torch.sigmoid(W_hf_h + W_if_x + b_f + c*p_f)  # peephole_lstm.cell:15  f = sigmoid(W_if @ x + W_hf @ h + p_f * c + b_f)
         g = torch.tanh(W_hg_h + W_ig_x + b_g)  # peephole_lstm.cell:16  g = tanh(W_ig @ x + W_hg @ h + b_g)
         c_next = c*f + g*i  # peephole_lstm.cell:17  c' = f * c + i * g
         o = torch.sigmoid(W_ho_h + W_io_x + b_o + c_next*p_o)  # peephole_lstm.cell:18  o = sigmoid(W_io @ x + W_ho @ h + p_o * c' + b_o)
         h_next = o*torch.tanh(c_next)  # peephole_lstm.cell:19  h' = o * tanh(c')
-        _s_c_rows[_t + 1].copy_(c_next)
-        _s_h_rows[_t + 1].copy_(h_next)
+        _s_c_at1[_t].copy_(c_next)
+        _s_h_at1[_t].copy_(h_next)
+        if _bs is not None:  # ended sequences hold their state
+            _s_h[_t + 1, _bs[_t]:].copy_(_s_h[_t, _bs[_t]:])
+        if _bs is not None:  # ended sequences hold their state
+            _s_c[_t + 1, _bs[_t]:].copy_(_s_c[_t, _bs[_t]:])
     _outputs = (_s_h[1:],)
+    if _bs is not None:  # zeros past each sequence's end
+        _m = _active(_bs, _B, _dtype, _device)
+        _outputs = tuple(_o * _m for _o in _outputs)
     _final = (_s_h[_T], _s_c[_T], )
     _saved = {}
     return _outputs[0], _final, _saved
 
 
-def _backward(_params, _x, _saved, _d_outputs, _d_final):
-    """Gradients of the whole sequence: (d_params, d_x, d_state)."""
+def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
+    """Gradients of the whole sequence: (d_params, d_x, d_state); ``_bs`` as in the forward."""
     _T, _B, _I, _H = _setup(_params, _x)
     _dtype, _device = _arrays(_x)[0].dtype, _arrays(_x)[0].device
     W_ii = _params["W_ii"].to(_dtype)
@@ -274,6 +324,9 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final):
     _d_outputs = (_d_outputs,)
     _dout_h_next = torch.zeros((_T, _B, _H), dtype=_dtype, device=_device) if _d_outputs[0] is None else _d_outputs[0].to(_dtype)
     _d_final = (None,) * 2 if _d_final is None else tuple(_d_final)
+    if _bs is not None:  # outputs past a sequence's end are constant zeros
+        _m = _active(_bs, _B, _dtype, _device)
+        _dout_h_next = _dout_h_next * _m
     _ds_h = torch.zeros((_B, _H), dtype=_dtype, device=_device) if _d_final[0] is None else _d_final[0].to(_dtype).clone()
     _ds_c = torch.zeros((_B, _H), dtype=_dtype, device=_device) if _d_final[1] is None else _d_final[1].to(_dtype).clone()
     _dx_x = torch.empty((_T, _B, _I), dtype=_dtype, device=_device)
@@ -286,28 +339,41 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final):
     _tmp_d_c_next = torch.empty((_B, _H), dtype=_dtype, device=_device)
     _tmp_d_f = torch.empty((_B, _H), dtype=_dtype, device=_device)
     _tmp_d_i = torch.empty((_B, _H), dtype=_dtype, device=_device)
-    _s_c_rows = _s_c.unbind(0)
-    _dout_h_next_rows = _dout_h_next.unbind(0)
-    _v_f_rows = _v_f.unbind(0)
-    _v_g_rows = _v_g.unbind(0)
-    _v_i_rows = _v_i.unbind(0)
-    _v_o_rows = _v_o.unbind(0)
-    _dg_W_hi_W_hf_W_hg_W_ho__h_rows = _dg_W_hi_W_hf_W_hg_W_ho__h.unbind(0)
-    _dp_p_i_rows = _dp_p_i.unbind(0)
-    _dp_p_f_rows = _dp_p_f.unbind(0)
-    _dp_p_o_rows = _dp_p_o.unbind(0)
+    if _bs is not None:
+        _dg_W_hi_W_hf_W_hg_W_ho__h.zero_()
+        _dp_p_i.zero_()
+        _dp_p_f.zero_()
+        _dp_p_o.zero_()
+    _s_c_at0 = _steps(_s_c, 0, _T, _bs)
+    _s_c_at1 = _steps(_s_c, 1, _T, _bs)
+    _ds_c_rows = _rows(_ds_c, _T, _bs)
+    _ds_h_rows = _rows(_ds_h, _T, _bs)
+    _dout_h_next_at0 = _steps(_dout_h_next, 0, _T, _bs)
+    _v_f_at0 = _steps(_v_f, 0, _T, _bs)
+    _v_g_at0 = _steps(_v_g, 0, _T, _bs)
+    _v_i_at0 = _steps(_v_i, 0, _T, _bs)
+    _v_o_at0 = _steps(_v_o, 0, _T, _bs)
+    _tmp_d_o_rows = _rows(_tmp_d_o, _T, _bs)
+    _tmp_d_c_next_rows = _rows(_tmp_d_c_next, _T, _bs)
+    _tmp_d_f_rows = _rows(_tmp_d_f, _T, _bs)
+    _tmp_d_i_rows = _rows(_tmp_d_i, _T, _bs)
+    _dg_W_hi_W_hf_W_hg_W_ho__h_at0 = _steps(_dg_W_hi_W_hf_W_hg_W_ho__h, 0, _T, _bs)
+    _tmp_d_h_gemm_rows = _rows(_tmp_d_h_gemm, _T, _bs)
+    _dp_p_i_at0 = _steps(_dp_p_i, 0, _T, _bs)
+    _dp_p_f_at0 = _steps(_dp_p_f, 0, _T, _bs)
+    _dp_p_o_at0 = _steps(_dp_p_o, 0, _T, _bs)
     _grads = {}
     for _t in reversed(range(_T)):
         # stage 0 backward
-        c = _s_c_rows[_t]
-        c_next = _s_c_rows[_t + 1]
-        d_c = _ds_c
-        d_h = _ds_h
-        d_h_next_out = _dout_h_next_rows[_t]
-        f = _v_f_rows[_t]
-        g = _v_g_rows[_t]
-        i = _v_i_rows[_t]
-        o = _v_o_rows[_t]
+        c = _s_c_at0[_t]
+        c_next = _s_c_at1[_t]
+        d_c = _ds_c_rows[_t]
+        d_h = _ds_h_rows[_t]
+        d_h_next_out = _dout_h_next_at0[_t]
+        f = _v_f_at0[_t]
+        g = _v_g_at0[_t]
+        i = _v_i_at0[_t]
+        o = _v_o_at0[_t]
         t0 = torch.tanh(c_next)
         d_h_next = d_h + d_h_next_out  # adjoint of h'
         d_o = d_h_next*t0  # adjoint of o
@@ -320,26 +386,26 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final):
         d_W_hf_h = d_f*f*(1 - f)  # adjoint of W_hf @ h
         d_W_hg_h = d_g*(1 - (g*g))  # adjoint of W_hg @ h
         d_W_ho_h = t1  # adjoint of W_ho @ h
-        _tmp_d_o.copy_(d_o)
-        _tmp_d_c_next.copy_(d_c_next)
-        _tmp_d_f.copy_(d_f)
-        _tmp_d_i.copy_(d_i)
-        _dg_W_hi_W_hf_W_hg_W_ho__h_rows[_t][:, 0:_H].copy_(d_W_hi_h)
-        _dg_W_hi_W_hf_W_hg_W_ho__h_rows[_t][:, _H:2*_H].copy_(d_W_hf_h)
-        _dg_W_hi_W_hf_W_hg_W_ho__h_rows[_t][:, 2*_H:3*_H].copy_(d_W_hg_h)
-        _dg_W_hi_W_hf_W_hg_W_ho__h_rows[_t][:, 3*_H:4*_H].copy_(d_W_ho_h)
-        torch.mm(_dg_W_hi_W_hf_W_hg_W_ho__h_rows[_t], _w_W_hi_W_hf_W_hg_W_ho, out=_tmp_d_h_gemm)
+        _tmp_d_o_rows[_t].copy_(d_o)
+        _tmp_d_c_next_rows[_t].copy_(d_c_next)
+        _tmp_d_f_rows[_t].copy_(d_f)
+        _tmp_d_i_rows[_t].copy_(d_i)
+        _dg_W_hi_W_hf_W_hg_W_ho__h_at0[_t][:, 0:_H].copy_(d_W_hi_h)
+        _dg_W_hi_W_hf_W_hg_W_ho__h_at0[_t][:, _H:2*_H].copy_(d_W_hf_h)
+        _dg_W_hi_W_hf_W_hg_W_ho__h_at0[_t][:, 2*_H:3*_H].copy_(d_W_hg_h)
+        _dg_W_hi_W_hf_W_hg_W_ho__h_at0[_t][:, 3*_H:4*_H].copy_(d_W_ho_h)
+        torch.mm(_dg_W_hi_W_hf_W_hg_W_ho__h_at0[_t], _w_W_hi_W_hf_W_hg_W_ho, out=_tmp_d_h_gemm_rows[_t])
         # per-step adjoints of inputs, states, vector params, hoisted results
-        c = _s_c_rows[_t]
-        c_next = _s_c_rows[_t + 1]
-        d_c_next = _tmp_d_c_next
-        d_f = _tmp_d_f
-        d_h_gemm = _tmp_d_h_gemm
-        d_i = _tmp_d_i
-        d_o = _tmp_d_o
-        f = _v_f_rows[_t]
-        i = _v_i_rows[_t]
-        o = _v_o_rows[_t]
+        c = _s_c_at0[_t]
+        c_next = _s_c_at1[_t]
+        d_c_next = _tmp_d_c_next_rows[_t]
+        d_f = _tmp_d_f_rows[_t]
+        d_h_gemm = _tmp_d_h_gemm_rows[_t]
+        d_i = _tmp_d_i_rows[_t]
+        d_o = _tmp_d_o_rows[_t]
+        f = _v_f_at0[_t]
+        i = _v_i_at0[_t]
+        o = _v_o_at0[_t]
         t1_2 = d_f*f*(1 - f)
         t2 = d_i*i*(1 - i)
         d_h = d_h_gemm  # adjoint of state h
@@ -347,11 +413,11 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final):
         d_p_i = c*t2  # adjoint of param p_i
         d_p_f = c*t1_2  # adjoint of param p_f
         d_p_o = c_next*d_o*o*(1 - o)  # adjoint of param p_o
-        _ds_h.copy_(d_h)
-        _ds_c.copy_(d_c)
-        _dp_p_i_rows[_t].copy_(d_p_i)
-        _dp_p_f_rows[_t].copy_(d_p_f)
-        _dp_p_o_rows[_t].copy_(d_p_o)
+        _ds_h_rows[_t].copy_(d_h)
+        _ds_c_rows[_t].copy_(d_c)
+        _dp_p_i_at0[_t].copy_(d_p_i)
+        _dp_p_f_at0[_t].copy_(d_p_f)
+        _dp_p_o_at0[_t].copy_(d_p_o)
     # dW of W_hi @ h, W_hf @ h, W_hg @ h, W_ho @ h: one GEMM over all T*B rows
     _dw = _dg_W_hi_W_hf_W_hg_W_ho__h.reshape(_T * _B, 4*_H).T @ _s_h[:_T].reshape(_T * _B, _H)
     _grads["W_hi"] = _dw[0:_H]
@@ -395,11 +461,13 @@ class _Sequence(torch.autograd.Function):
     """The whole sequence with the generated backward (not autograd over per-step ops)."""
 
     @staticmethod
-    def forward(ctx, *args):
+    def forward(ctx, bs, *args):
+        """bs: per-step batch sizes (a list of T ints) or None; then inputs, states, params."""
         _x = args[0] if _N_IN == 1 else tuple(args[:_N_IN])
         _state = args[_N_IN] if _N_STATE == 1 else tuple(args[_N_IN : _N_IN + _N_STATE])
         _params = dict(zip(_PARAM_NAMES, args[_N_IN + _N_STATE :]))
-        _outputs, _final, _saved = _forward(_params, _x, _state)
+        _outputs, _final, _saved = _forward(_params, _x, _state, bs)
+        ctx.bs = bs
         ctx.saved_keys = tuple(_saved)
         ctx.save_for_backward(*args[:_N_IN], *args[_N_IN + _N_STATE :], *_saved.values())
         _outputs = (_outputs,) if _N_OUT == 1 else _outputs
@@ -416,19 +484,26 @@ class _Sequence(torch.autograd.Function):
         _saved = dict(zip(ctx.saved_keys, _tensors[_n:]))
         _d_outputs = grads[0] if _N_OUT == 1 else tuple(grads[:_N_OUT])
         _d_final = grads[_N_OUT] if _N_STATE == 1 else tuple(grads[_N_OUT:])
-        _grads, _d_x, _d_state = _backward(_params, _x, _saved, _d_outputs, _d_final)
+        _grads, _d_x, _d_state = _backward(_params, _x, _saved, _d_outputs, _d_final, ctx.bs)
         _d_x = (_d_x,) if _N_IN == 1 else _d_x
         _d_state = (_d_state,) if _N_STATE == 1 else _d_state
-        return (*_d_x, *_d_state, *(_grads[k] for k in _PARAM_NAMES))
+        return (None, *_d_x, *_d_state, *(_grads[k] for k in _PARAM_NAMES))
 
 
-def _run_autograd(params, xs, state):
-    """Autograd through `step` over time: the reference for the generated backward."""
+def _run_autograd(params, xs, state, bs=None):
+    """Autograd through `step` over time: the reference for the generated backward. With per-step
+    batch sizes ``bs``, rows b >= bs[t] keep their state and output zeros at step t."""
     outputs = []
     for t in range(xs[0].shape[0]):
-        out, state = step(params, xs[0][t] if _N_IN == 1 else tuple(a[t] for a in xs), state[0] if _N_STATE == 1 else state)
-        outputs.append((out,) if _N_OUT == 1 else out)
-        state = (state,) if _N_STATE == 1 else state
+        out, new = step(params, xs[0][t] if _N_IN == 1 else tuple(a[t] for a in xs), state[0] if _N_STATE == 1 else state)
+        out = (out,) if _N_OUT == 1 else out
+        new = (new,) if _N_STATE == 1 else new
+        if bs is not None:
+            live = (torch.arange(xs[0].shape[1], device=xs[0].device) < int(bs[t]))[:, None]
+            out = tuple(torch.where(live, o, torch.zeros_like(o)) for o in out)
+            new = tuple(torch.where(live, n, s) for n, s in zip(new, state))
+        outputs.append(out)
+        state = tuple(new)
     if not outputs:  # T = 0: no step; the output sizes from a step that is thrown away
         with torch.no_grad():
             probe, _ = step(params, xs[0][:0].new_zeros(xs[0].shape[1:]) if _N_IN == 1 else tuple(a.new_zeros(a.shape[1:]) for a in xs), state[0] if _N_STATE == 1 else state)
@@ -489,10 +564,11 @@ class _NativeSequence(torch.autograd.Function):
     """The whole sequence in the native library (one call forward, one backward)."""
 
     @staticmethod
-    def forward(ctx, lib, *args):
+    def forward(ctx, lib, bs, *args):
+        """bs: per-step batch sizes (a CPU int64 tensor) or None; then inputs, states, params."""
         _xs, _states, _plist = args[:_N_IN], args[_N_IN : _N_IN + _N_STATE], args[_N_IN + _N_STATE :]
-        _outputs, _finals, _saved = _native_forward(lib, _xs, _states, dict(zip(_PARAM_NAMES, _plist)))
-        ctx.lib = lib
+        _outputs, _finals, _saved = _native_forward(lib, _xs, _states, dict(zip(_PARAM_NAMES, _plist)), bs)
+        ctx.lib, ctx.bs = lib, bs
         ctx.save_for_backward(*_xs, *_plist, *_saved)
         return (*_outputs, *_finals)
 
@@ -502,21 +578,23 @@ class _NativeSequence(torch.autograd.Function):
         _t = ctx.saved_tensors
         _n = _N_IN + len(_PARAM_NAMES)
         _params = dict(zip(_PARAM_NAMES, _t[_N_IN:_n]))
-        _grads, _d_xs, _d_states = _native_backward(ctx.lib, _t[:_N_IN], _params, _t[_n:], grads[:_N_OUT], grads[_N_OUT:])
-        return (None, *_d_xs, *_d_states, *(_grads[k].to(_params[k].dtype) for k in _PARAM_NAMES))
+        _grads, _d_xs, _d_states = _native_backward(ctx.lib, _t[:_N_IN], _params, _t[_n:], grads[:_N_OUT], grads[_N_OUT:], ctx.bs)
+        return (None, None, *_d_xs, *_d_states, *(_grads[k].to(_params[k].dtype) for k in _PARAM_NAMES))
 
 
-def _run_native(lib, xs, state, params):
+def _run_native(lib, xs, state, params, bs=None):
     """(outputs, final states) of the native library: through autograd when something requires
     grad, else the inference function (which keeps nothing for a backward); under torch.compile,
-    the custom ops."""
-    if torch.compiler.is_compiling():
+    the custom ops. ``bs``: per-step batch sizes (a CPU int64 tensor) or None."""
+    if torch.compiler.is_compiling() and bs is None:
         result = _OPS[0](list(xs), list(state), list(params.values()))
         return tuple(result[:_N_OUT]), tuple(result[_N_OUT : _N_OUT + _N_STATE])
+    if bs is not None:
+        bs = bs.contiguous()
     if torch.is_grad_enabled() and any(t.requires_grad for t in (*xs, *state, *params.values())):
-        result = _NativeSequence.apply(lib, *xs, *state, *params.values())
+        result = _NativeSequence.apply(lib, bs, *xs, *state, *params.values())
         return tuple(result[:_N_OUT]), tuple(result[_N_OUT:])
-    outputs, finals, _ = _native_inference(lib, xs, state, params)
+    outputs, finals, _ = _native_inference(lib, xs, state, params, bs)
     return outputs, finals
 
 
@@ -541,8 +619,15 @@ def _native_sizes(_xs, _params):
     return (_T, _B, _I, _H)
 
 
-def _native_forward(_lib, _xs, _states, _params):
-    """The whole sequence (training: keeps what the backward reads) in one call of the native library."""
+def _native_active(_bs, _B, _xs):
+    """[T, B, 1]: 1 where row b is inside its sequence at step t (b < _bs[t]), else 0."""
+    _n = _bs.to(_xs[0].device)
+    return (torch.arange(_B, device=_xs[0].device)[None, :] < _n[:, None]).to(_xs[0].dtype)[..., None]
+
+
+def _native_forward(_lib, _xs, _states, _params, _bs=None):
+    """The whole sequence (training: keeps what the backward reads) in one call of the native library.
+    ``_bs``: per-step batch sizes (a CPU int64 tensor of T non-increasing counts) or None."""
     _T, _B, _I, _H = _dims = _native_sizes(_xs, _params)
     _dt, _dev = _xs[0].dtype, _xs[0].device
 
@@ -568,12 +653,17 @@ def _native_forward(_lib, _xs, _states, _params):
     v_g = _empty((_T, _B, _H))
     v_o = _empty((_T, _B, _H))
     if _lib is not None:  # None: shapes only (the custom op's fake implementation)
-        _lib("forward", _dims, [x_x, s_h, s_c, p_p_i, p_b_i, p_p_f, p_b_f, p_b_g, p_p_o, p_b_o, hg_W_ii_W_if_W_ig_W_io__x, g_W_hi_W_hf_W_hg_W_ho__h, v_i, v_f, v_g, v_o, _stacked(_params["W_ii"], _params["W_if"], _params["W_ig"], _params["W_io"]), _stacked(_params["W_hi"], _params["W_hf"], _params["W_hg"], _params["W_ho"])])
-    return (s_h[1:1 + _T],), (s_h[_T], s_c[_T],), (s_h, s_c, v_i, v_f, v_g, v_o,)
+        _lib("forward", _dims, [x_x, s_h, s_c, p_p_i, p_b_i, p_p_f, p_b_f, p_b_g, p_p_o, p_b_o, hg_W_ii_W_if_W_ig_W_io__x, g_W_hi_W_hf_W_hg_W_ho__h, v_i, v_f, v_g, v_o, _stacked(_params["W_ii"], _params["W_if"], _params["W_ig"], _params["W_io"]), _stacked(_params["W_hi"], _params["W_hf"], _params["W_hg"], _params["W_ho"]), _bs])
+    _outputs = (s_h[1:1 + _T],)
+    if _bs is not None:  # zeros past each sequence's end
+        _m = _native_active(_bs, _B, _xs)
+        _outputs = tuple(_o * _m for _o in _outputs)
+    return _outputs, (s_h[_T], s_c[_T],), (s_h, s_c, v_i, v_f, v_g, v_o,)
 
 
-def _native_inference(_lib, _xs, _states, _params):
-    """The whole sequence (inference: keeps nothing) in one call of the native library."""
+def _native_inference(_lib, _xs, _states, _params, _bs=None):
+    """The whole sequence (inference: keeps nothing) in one call of the native library.
+    ``_bs``: per-step batch sizes (a CPU int64 tensor of T non-increasing counts) or None."""
     _T, _B, _I, _H = _dims = _native_sizes(_xs, _params)
     _dt, _dev = _xs[0].dtype, _xs[0].device
 
@@ -595,12 +685,17 @@ def _native_inference(_lib, _xs, _states, _params):
     hg_W_ii_W_if_W_ig_W_io__x = _empty((_T, _B, 4*_H))
     g_W_hi_W_hf_W_hg_W_ho__h = _empty((_B, 4*_H))
     if _lib is not None:  # None: shapes only (the custom op's fake implementation)
-        _lib("inference", _dims, [x_x, s_h, s_c, p_p_i, p_b_i, p_p_f, p_b_f, p_b_g, p_p_o, p_b_o, hg_W_ii_W_if_W_ig_W_io__x, g_W_hi_W_hf_W_hg_W_ho__h, _stacked(_params["W_ii"], _params["W_if"], _params["W_ig"], _params["W_io"]), _stacked(_params["W_hi"], _params["W_hf"], _params["W_hg"], _params["W_ho"])])
-    return (s_h[1:1 + _T],), (s_h[_T], s_c[_T],), ()
+        _lib("inference", _dims, [x_x, s_h, s_c, p_p_i, p_b_i, p_p_f, p_b_f, p_b_g, p_p_o, p_b_o, hg_W_ii_W_if_W_ig_W_io__x, g_W_hi_W_hf_W_hg_W_ho__h, _stacked(_params["W_ii"], _params["W_if"], _params["W_ig"], _params["W_io"]), _stacked(_params["W_hi"], _params["W_hf"], _params["W_hg"], _params["W_ho"]), _bs])
+    _outputs = (s_h[1:1 + _T],)
+    if _bs is not None:  # zeros past each sequence's end
+        _m = _native_active(_bs, _B, _xs)
+        _outputs = tuple(_o * _m for _o in _outputs)
+    return _outputs, (s_h[_T], s_c[_T],), ()
 
 
-def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals):
-    """Gradients of the whole sequence in one call of the native library: (grads, d_xs, d_states)."""
+def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None):
+    """Gradients of the whole sequence in one call of the native library: (grads, d_xs, d_states);
+    ``_bs`` as in the forward."""
     _T, _B, _I, _H = _dims = _native_sizes(_xs, _params)
     _dt, _dev = _xs[0].dtype, _xs[0].device
     _gdt = torch.float32 if _dt in (torch.float16, torch.bfloat16) else _dt  # gradients accumulate in float32 for 16-bit storage
@@ -617,6 +712,9 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals):
     def _gzeros(shape):
         return torch.zeros(shape, dtype=_gdt, device=_dev)
 
+    if _bs is not None:  # outputs past a sequence's end are constant zeros
+        _m = _native_active(_bs, _B, _xs)
+        _d_outputs = tuple(None if _d is None else _d * _m for _d in _d_outputs)
     x_x = _xs[0].contiguous()
     s_h = _saved[0]
     s_c = _saved[1]
@@ -648,14 +746,14 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals):
     dw_W_ii_W_if_W_ig_W_io = _gempty((4*_H, _I))
     _grads = {"W_ii": _gempty((_H, _I)), "W_hi": _gempty((_H, _H)), "p_i": _gempty((_H,)), "b_i": _gempty((_H,)), "W_if": _gempty((_H, _I)), "W_hf": _gempty((_H, _H)), "p_f": _gempty((_H,)), "b_f": _gempty((_H,)), "W_ig": _gempty((_H, _I)), "W_hg": _gempty((_H, _H)), "b_g": _gempty((_H,)), "W_io": _gempty((_H, _I)), "W_ho": _gempty((_H, _H)), "p_o": _gempty((_H,)), "b_o": _gempty((_H,))}
     if _lib is not None:
-        _lib("backward", _dims, [x_x, s_h, s_c, p_p_i, p_b_i, p_p_f, p_b_f, p_b_g, p_p_o, p_b_o, v_i, v_f, v_g, v_o, dout_h_next, ds_h, ds_c, dx_x, dp_p_i, dp_p_f, dp_p_o, dg_W_hi_W_hf_W_hg_W_ho__h, tmp_d_h_gemm, tmp_d_o, tmp_d_c_next, tmp_d_f, tmp_d_i, dw_W_hi_W_hf_W_hg_W_ho, dw_W_ii_W_if_W_ig_W_io, _stacked(_params["W_ii"], _params["W_if"], _params["W_ig"], _params["W_io"]), _stacked(_params["W_hi"], _params["W_hf"], _params["W_hg"], _params["W_ho"]), *_grads.values()])
+        _lib("backward", _dims, [x_x, s_h, s_c, p_p_i, p_b_i, p_p_f, p_b_f, p_b_g, p_p_o, p_b_o, v_i, v_f, v_g, v_o, dout_h_next, ds_h, ds_c, dx_x, dp_p_i, dp_p_f, dp_p_o, dg_W_hi_W_hf_W_hg_W_ho__h, tmp_d_h_gemm, tmp_d_o, tmp_d_c_next, tmp_d_f, tmp_d_i, dw_W_hi_W_hf_W_hg_W_ho, dw_W_ii_W_if_W_ig_W_io, _stacked(_params["W_ii"], _params["W_if"], _params["W_ig"], _params["W_io"]), _stacked(_params["W_hi"], _params["W_hf"], _params["W_hg"], _params["W_ho"]), *_grads.values(), _bs])
     return _grads, (dx_x,), (ds_h, ds_c,)
 
 
 # The same two calls as PyTorch custom ops, for torch.compile (which traces them through their
 # fake implementations: the allocations above, without the call). Registered once per process
 # and content of this file; outputs are copies (an op's outputs may not alias each other).
-_OP = "peephole_lstm_a8c506569a92"
+_OP = "peephole_lstm_a6464a07e0d3"
 
 
 def _op_forward_impl(xs: list[torch.Tensor], states: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -713,79 +811,118 @@ def _register_ops():
 _OPS = _register_ops()
 
 
+# ---------------------------------------------------------------------------------------------
+# The modules. A layer (the sequence module) holds one set of params per layer and direction,
+# named as torch.nn names them; the one-step module holds one set under the spec's names.
+# ---------------------------------------------------------------------------------------------
+_FIRST_INPUT_SIZE = INPUTS[0][1]
+_FIRST_OUTPUT_SIZE = "H"
+
+
+def _int_arg(name, value, minimum):
+    """An integer constructor argument: a bool or a float is a TypeError (torch.nn would misread it)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{CELL}: {name} must be an int, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{CELL}: {name} must be at least {minimum}, got {value}")
+    return value
+
+
+def _bool_arg(name, value):
+    if not isinstance(value, bool):
+        raise TypeError(f"{CELL}: {name} must be True or False, got {type(value).__name__} {value!r}")
+    return value
+
+
 class _PeepholeLSTMBase(nn.Module):
-    def __init__(self, input_size, hidden_size, *, device=None, dtype=None, backend="auto"):
+    def __init__(self, sizes, suffixes, device=None, dtype=None, backend="auto"):
+        """``sizes``: per layer, the size symbols' values; ``suffixes``: per layer, the name
+        suffix of each direction's params ("" keeps the spec names)."""
         super().__init__()
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        self.input_size = int(input_size)
-        self.hidden_size = int(hidden_size)
-        self.sizes = {"I": self.input_size, "H": self.hidden_size}
+        self.sizes = dict(sizes[0])
+        self.input_size = self.sizes["I"]
+        self.hidden_size = self.sizes["H"]
         self.backend = backend
+        self._layer_sizes = [dict(sz) for sz in sizes]
+        self._names = [[{name: name + sfx for name in PARAMS} for sfx in dirs] for dirs in suffixes]
         factory = {"device": device, "dtype": dtype}
-        for name, shape in PARAMS.items():
-            self.register_parameter(name, nn.Parameter(torch.empty(*(self.sizes[s] for s in shape), **factory)))
+        for layer, dirs in enumerate(self._names):
+            for names in dirs:
+                for name, shape in PARAMS.items():
+                    size = tuple(self._layer_sizes[layer][s] for s in shape)
+                    self.register_parameter(names[name], nn.Parameter(torch.empty(*size, **factory)))
         self.reset_parameters()
 
     def reset_parameters(self):
         """Initial values from the spec; U(-k, k), k = 1/sqrt(hidden_size), where it gives none."""
         k = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0.0
         with torch.no_grad():
-            for name, init in INITS.items():
-                p = self._parameters[name]
-                if init[0] == "default":
-                    p.uniform_(-k, k)
-                elif init[0] == "fill":
-                    p.fill_(init[1])
-                elif init[0] == "zeros":
-                    p.zero_()
-                elif init[0] == "ones":
-                    p.fill_(1.0)
-                elif init[0] == "uniform":
-                    p.uniform_(init[1], init[2])
-                elif init[0] == "normal":
-                    p.normal_(init[1], init[2])
-                elif init[0] == "orthogonal":
-                    nn.init.orthogonal_(p)
+            for dirs in self._names:
+                for names in dirs:
+                    for name, init in INITS.items():
+                        p = self._parameters[names[name]]
+                        if init[0] == "default":
+                            p.uniform_(-k, k)
+                        elif init[0] == "fill":
+                            p.fill_(init[1])
+                        elif init[0] == "zeros":
+                            p.zero_()
+                        elif init[0] == "ones":
+                            p.fill_(1.0)
+                        elif init[0] == "uniform":
+                            p.uniform_(init[1], init[2])
+                        elif init[0] == "normal":
+                            p.normal_(init[1], init[2])
+                        elif init[0] == "orthogonal":
+                            nn.init.orthogonal_(p)
 
     def extra_repr(self):
         return ", ".join(f"{a}={getattr(self, a)}" for a in SIZES.values()) + f", backend={self.backend!r}"
 
-    def _params(self):
-        return {name: self._parameters[name] for name in _PARAM_NAMES}
+    def _params(self, layer=0, direction=0):
+        """The params of one layer and direction, by spec name."""
+        names = self._names[layer][direction]
+        return {name: self._parameters[names[name]] for name in _PARAM_NAMES}
 
     def _zero_state(self, batch, like):
         return tuple(like.new_zeros(batch, self.sizes[s]) for _, s in STATES)
 
-    def _resolve_backend(self, xs, state):
+    def _resolve_backend(self, xs, state, params=None):
+        params = self._params() if params is None else params
         if self.backend != "auto":
             return self.backend
-        if _native_library(xs[0], state, self._params()) is not None:
+        if _native_library(xs[0], state, params) is not None:
             return "cuda" if xs[0].is_cuda else "fused"
         return "generated"
 
-    def _run(self, xs, state):
-        """xs: tuple of [T, B, size] tensors; state: None, a tensor or a tuple.
+    def _run(self, xs, state, layer=0, direction=0, bs=None):
+        """One layer and direction over the sequence. xs: tuple of [T, B, size] tensors; state:
+        None, a tensor or a tuple of [B, size]; bs: per-step batch sizes (a CPU int64 tensor of
+        T non-increasing counts, the batch sorted by length) or None.
         Returns (tuple of [T, B, size] outputs, tuple of final states)."""
+        sizes = self._layer_sizes[layer]
         for x, (name, s) in zip(xs, INPUTS):
-            if x.dim() != 3 or x.shape[-1] != self.sizes[s]:
-                raise ValueError(f"input '{name}' must be [T, B, {self.sizes[s]}], got {tuple(x.shape)}")
+            if x.dim() != 3 or x.shape[-1] != sizes[s]:
+                raise ValueError(f"input '{name}' must be [T, B, {sizes[s]}], got {tuple(x.shape)}")
         if state is None:
             state = self._zero_state(xs[0].shape[1], xs[0])
         state = (state,) if _N_STATE == 1 else tuple(state)
         if len(state) != _N_STATE:
             raise ValueError(f"expected {_N_STATE} state tensors ({', '.join(n for n, _ in STATES)}), got {len(state)}")
         for s, (name, size) in zip(state, STATES):
-            if s.shape != (xs[0].shape[1], self.sizes[size]):
-                raise ValueError(f"state '{name}' must be [{xs[0].shape[1]}, {self.sizes[size]}], got {tuple(s.shape)}")
-        backend = self._resolve_backend(xs, state)
-        params = self._params()
+            if s.shape != (xs[0].shape[1], sizes[size]):
+                raise ValueError(f"state '{name}' must be [{xs[0].shape[1]}, {sizes[size]}], got {tuple(s.shape)}")
+        params = self._params(layer, direction)
+        backend = self._resolve_backend(xs, state, params)
         if backend == "autograd":
-            return _run_autograd(params, xs, state)
+            return _run_autograd(params, xs, state, bs)
         if backend in ("fused", "cuda"):
-            lib = None if torch.compiler.is_compiling() else _native_library(xs[0], state, params, required=backend)
-            return _run_native(lib, xs, state, params)
-        result = _Sequence.apply(*xs, *state, *params.values())
+            compiling = torch.compiler.is_compiling() and bs is None
+            lib = None if compiling else _native_library(xs[0], state, params, required=backend)
+            return _run_native(lib, xs, state, params, bs)
+        result = _Sequence.apply(None if bs is None else bs.tolist(), *xs, *state, *params.values())
         return tuple(result[:_N_OUT]), tuple(result[_N_OUT:])
 
 
@@ -793,7 +930,8 @@ class PeepholeLSTMCell(_PeepholeLSTMBase):
     """One step of PeepholeLSTM, as torch.nn.LSTMCell: forward(x, state=None) -> (output, new_state)."""
 
     def __init__(self, input_size, hidden_size, *, device=None, dtype=None, backend="auto"):
-        super().__init__(input_size, hidden_size, device=device, dtype=dtype, backend=backend)
+        sizes = {"I": _int_arg("input_size", input_size, 0), "H": _int_arg("hidden_size", hidden_size, 0)}
+        super().__init__([sizes], [[""]], device=device, dtype=dtype, backend=backend)
 
     def forward(self, x, state=None):
         xs = (x,) if _N_IN == 1 else tuple(x)
@@ -811,20 +949,144 @@ class PeepholeLSTMCell(_PeepholeLSTMBase):
 
 
 class PeepholeLSTM(_PeepholeLSTMBase):
-    """PeepholeLSTM over a whole sequence, as torch.nn.LSTM: forward(x, state=None) -> (outputs, final_state)."""
+    """PeepholeLSTM over a whole sequence, as torch.nn.LSTM:
+    forward(x, state=None, lengths=None) -> (outputs, final_state).
 
-    def __init__(self, input_size, hidden_size, batch_first=False, *, device=None, dtype=None, backend="auto"):
-        super().__init__(input_size, hidden_size, device=device, dtype=dtype, backend=backend)
-        self.batch_first = batch_first
+    ``num_layers`` stacks cells (layer k > 0 reads the previous layer's first output, both
+    directions concatenated); ``bidirectional`` adds a cell running over the reversed sequence;
+    ``dropout`` applies to every layer's output but the last in training mode. With the defaults
+    the params keep their spec names, otherwise they carry torch.nn's suffixes (``_l0``,
+    ``_l0_reverse``, ``_l1``, ...). States are [num_layers * num_directions, B, size] in and out
+    ([B, size] is accepted as an initial state when that is 1). ``x`` may be a PackedSequence
+    (the outputs are one too), or ``lengths`` (one per batch element) gives each sequence's
+    length: a sequence's state stops at its last step, its outputs past it are zeros and its
+    reverse direction starts there."""
+
+    def __init__(self, input_size, hidden_size, num_layers=1, *, batch_first=False, dropout=0.0, bidirectional=False, device=None, dtype=None, backend="auto"):
+        sizes = {"I": _int_arg("input_size", input_size, 0), "H": _int_arg("hidden_size", hidden_size, 0)}
+        num_layers = _int_arg("num_layers", num_layers, 1)
+        batch_first = _bool_arg("batch_first", batch_first)
+        bidirectional = _bool_arg("bidirectional", bidirectional)
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)):
+            raise TypeError(f"{CELL}: dropout must be a number, got {type(dropout).__name__} {dropout!r}")
+        if not 0 <= dropout <= 1:
+            raise ValueError(f"{CELL}: dropout must be in [0, 1], got {dropout}")
+        if num_layers > 1 and _N_IN > 1:
+            raise ValueError(f"{CELL}: a cell with {_N_IN} inputs ({', '.join(n for n, _ in INPUTS)}) takes num_layers=1, got {num_layers}")
+        directions = 2 if bidirectional else 1
+        layer_sizes = [sizes]
+        for _ in range(1, num_layers):
+            layer_sizes.append({**sizes, _FIRST_INPUT_SIZE: directions * sizes[_FIRST_OUTPUT_SIZE]})
+        if num_layers == 1 and directions == 1:
+            suffixes = [[""]]
+        else:
+            suffixes = [[f"_l{k}", f"_l{k}_reverse"][:directions] for k in range(num_layers)]
+        super().__init__(layer_sizes, suffixes, device=device, dtype=dtype, backend=backend)
+        self.num_layers, self.batch_first, self.bidirectional = num_layers, batch_first, bidirectional
+        self.dropout = float(dropout)
 
     def extra_repr(self):
-        return super().extra_repr() + f", batch_first={self.batch_first}"
+        return super().extra_repr() + (f", num_layers={self.num_layers}, batch_first={self.batch_first}, "
+                                       f"dropout={self.dropout}, bidirectional={self.bidirectional}")
 
-    def forward(self, x, state=None):
-        xs = (x,) if _N_IN == 1 else tuple(x)
-        if self.batch_first:
+    def flatten_parameters(self):
+        """Nothing to do (torch.nn.LSTM's cuDNN weight layout); here for drop-in use."""
+
+    def forward(self, x, state=None, lengths=None):
+        packed = isinstance(x, nn.utils.rnn.PackedSequence)
+        if packed:
+            if lengths is not None:
+                raise ValueError(f"{CELL}: a PackedSequence carries its lengths; lengths= must be None")
+            padded, lengths = nn.utils.rnn.pad_packed_sequence(x)
+            xs = (padded,)
+            order = x.sorted_indices
+        else:
+            xs = (x,) if _N_IN == 1 else tuple(x)
+            order = None
+        unbatched = xs[0].dim() == 2
+        if unbatched:
+            if lengths is not None:
+                raise ValueError(f"{CELL}: lengths= needs batched input [T, B, size]")
+            xs = tuple(a.unsqueeze(1) for a in xs)
+        elif self.batch_first and not packed:
             xs = tuple(a.transpose(0, 1) for a in xs)
-        outputs, final = self._run(xs, state)
-        if self.batch_first:
+        if xs[0].dim() != 3:
+            raise ValueError(f"{CELL}: input must be [T, B, size], [B, T, size] (batch_first) or [T, size], got {tuple(xs[0].shape)}")
+        T, B = xs[0].shape[0], xs[0].shape[1]
+        stack = self.num_layers * (2 if self.bidirectional else 1)
+        state = self._layer_state(state, B, unbatched, stack, xs[0])
+        bs = None
+        if lengths is not None:
+            lengths = torch.as_tensor(lengths).to("cpu", torch.int64).reshape(-1)
+            if lengths.shape[0] != B:
+                raise ValueError(f"{CELL}: lengths must have one entry per batch element ({B}), got {lengths.shape[0]}")
+            if len(lengths) and (int(lengths.min()) < 1 or int(lengths.max()) > T):
+                raise ValueError(f"{CELL}: lengths must be in [1, {T}], got {lengths.tolist()}")
+            if order is None and bool((lengths[:-1] < lengths[1:]).any()):
+                order = torch.sort(lengths, descending=True, stable=True).indices
+            ordered = lengths if order is None else lengths[order]
+            bs = (torch.arange(T)[:, None] < ordered[None, :]).sum(1)
+        if order is not None:  # the batch sorted by length, longest first (cuDNN's packed layout)
+            dev = order.to(xs[0].device)
+            xs = tuple(a.index_select(1, dev) for a in xs)
+            state = tuple(s.index_select(1, dev) for s in state)
+        outputs, finals = self._layers(xs, state, bs)
+        if packed:  # packed in the order of the input's (sorted) batch
+            data = [nn.utils.rnn.pack_padded_sequence(o, ordered).data for o in outputs]
+            outputs = tuple(nn.utils.rnn.PackedSequence(d, x.batch_sizes, x.sorted_indices, x.unsorted_indices) for d in data)
+        if order is not None:  # back to the caller's batch order
+            back = torch.argsort(order).to(xs[0].device)
+            finals = tuple(f.index_select(1, back) for f in finals)
+            if not packed:
+                outputs = tuple(o.index_select(1, back) for o in outputs)
+        if unbatched:
+            outputs = tuple(o.squeeze(1) for o in outputs)
+            finals = tuple(f.squeeze(1) for f in finals)
+        elif self.batch_first and not packed:
             outputs = tuple(o.transpose(0, 1) for o in outputs)
-        return (outputs[0] if _N_OUT == 1 else outputs), (final[0] if _N_STATE == 1 else final)
+        return (outputs[0] if _N_OUT == 1 else outputs), (finals[0] if _N_STATE == 1 else finals)
+
+    def _layer_state(self, state, B, unbatched, stack, like):
+        """The initial states as a tuple of [layers * directions, B, size] tensors."""
+        if state is None:
+            return tuple(like.new_zeros(stack, B, self.sizes[s]) for _, s in STATES)
+        state = (state,) if _N_STATE == 1 else tuple(state)
+        if len(state) != _N_STATE:
+            raise ValueError(f"expected {_N_STATE} state tensors ({', '.join(n for n, _ in STATES)}), got {len(state)}")
+        out = []
+        for s, (name, size) in zip(state, STATES):
+            n = self.sizes[size]
+            if unbatched and s.dim() == 2:
+                s = s.unsqueeze(1)
+            elif stack == 1 and s.dim() == 2 and not unbatched:
+                s = s.unsqueeze(0)
+            if s.shape != (stack, B, n):
+                want = f"[{stack}, {n}]" if unbatched else f"[{stack}, {B}, {n}]"
+                raise ValueError(f"state '{name}' must be {want} (num_layers * num_directions, batch, size), got {tuple(s.shape)}")
+            out.append(s)
+        return tuple(out)
+
+    def _layers(self, xs, state, bs):
+        """Every layer and direction: xs [T, B, size] in sorted batch order -> (outputs, finals)."""
+        directions = 2 if self.bidirectional else 1
+        finals = [[] for _ in range(_N_STATE)]
+        outputs = xs
+        for layer in range(self.num_layers):
+            if layer > 0:
+                xs = (outputs[0],)
+                if self.dropout > 0 and self.training:
+                    xs = (F.dropout(xs[0], self.dropout, training=True),)
+            per_direction = []
+            for d in range(directions):
+                st = tuple(s[layer * directions + d] for s in state)
+                st = st[0] if _N_STATE == 1 else st
+                if d == 0:
+                    outs, fin = self._run(xs, st, layer, d, bs)
+                else:  # the reversed sequence (with lengths: each sequence from its own end)
+                    outs, fin = self._run(tuple(a.flip(0) for a in xs), st, layer, d, None if bs is None else bs.flip(0))
+                    outs = tuple(o.flip(0) for o in outs)
+                per_direction.append(outs)
+                for i, f in enumerate(fin):
+                    finals[i].append(f)
+            outputs = tuple(torch.cat(os, -1) if directions > 1 else os[0] for os in zip(*per_direction))
+        return outputs, tuple(torch.stack(f) for f in finals)

@@ -21,8 +21,10 @@ Do not edit: regenerate with `cellspec compile`. Needs nothing but NumPy at run 
 API (arrays are float32 or float64; B = batch, T = time):
     forward(params, x, state=None) -> (output, new_state)              x: [B, I]
     backward(params, x, state, d_output, d_new_state) -> (d_params, d_x, d_state)
-    forward_sequence(params, x, state=None) -> (outputs, final_state)  x: [T, B, I]
-    backward_sequence(params, x, state, d_outputs, d_final_state) -> (d_params, d_x, d_state)
+    forward_sequence(params, x, state=None, lengths=None) -> (outputs, final_state)  x: [T, B, I]
+    backward_sequence(params, x, state, d_outputs, d_final_state, lengths=None) -> (d_params, d_x, d_state)
+`lengths` (one per batch element, in any order) makes sequences end early: a state stops changing
+after its sequence's last step, outputs past it are zeros (and their adjoints are ignored).
 `params` maps spec names to arrays; a state is one [B, H] array;
 None for a state or an adjoint means zeros.
 """
@@ -59,16 +61,49 @@ def backward(params, x, state, d_output, d_new_state):
     return _d_params, _d_x[0], _d_state
 
 
-def forward_sequence(params, x, state=None):
+def forward_sequence(params, x, state=None, lengths=None):
     """A whole sequence: x [T, B, ...] -> (outputs [T, B, ...], final_state)."""
-    _outputs, _final, _ = _inference(params, x, state)
-    return _outputs, _final
+    if lengths is None:
+        _outputs, _final, _ = _inference(params, x, state)
+        return _outputs, _final
+    _order, _back, _bs = _by_length(lengths, _T_of(x))
+    _outputs, _final, _ = _inference(params, _take(x, _order, 1), _take(state, _order, 0), _bs)
+    return _take(_outputs, _back, 1), _take(_final, _back, 0)
 
 
-def backward_sequence(params, x, state, d_outputs, d_final_state):
+def backward_sequence(params, x, state, d_outputs, d_final_state, lengths=None):
     """Gradients over a whole sequence: -> (d_params, d_x, d_state)."""
-    _, _, _saved = _forward(params, x, state)
-    return _backward(params, x, _saved, d_outputs, d_final_state)
+    if lengths is None:
+        _, _, _saved = _forward(params, x, state)
+        return _backward(params, x, _saved, d_outputs, d_final_state)
+    _order, _back, _bs = _by_length(lengths, _T_of(x))
+    _x = _take(x, _order, 1)
+    _, _, _saved = _forward(params, _x, _take(state, _order, 0), _bs)
+    _d_params, _d_x, _d_state = _backward(params, _x, _saved, _take(d_outputs, _order, 1), _take(d_final_state, _order, 0), _bs)
+    return _d_params, _take(_d_x, _back, 1), _take(_d_state, _back, 0)
+
+
+def _T_of(x):
+    return np.shape(x)[0]
+
+
+def _by_length(lengths, T):
+    """(order sorting the batch by length, longest first; its inverse; per-step batch sizes)."""
+    lengths = np.asarray(lengths, dtype=np.int64).reshape(-1)
+    if lengths.size and (lengths.min() < 1 or lengths.max() > T):
+        raise ValueError(f"lengths must be in [1, {T}], got {lengths.tolist()}")
+    order = np.argsort(-lengths, kind="stable")
+    bs = (np.arange(T)[:, None] < lengths[order][None, :]).sum(1)
+    return order, np.argsort(order), [int(n) for n in bs]
+
+
+def _take(a, index, axis):
+    """a (an array, a tuple of arrays or None) with its batch axis reordered."""
+    if a is None:
+        return None
+    if isinstance(a, (tuple, list)):
+        return tuple(_take(b, index, axis) for b in a)
+    return np.take(np.asarray(a), index, axis=axis)
 
 
 def _first_step(a):
@@ -80,6 +115,26 @@ def _initial_state(_state, _B, _dtype, _sizes):
     """The initial states as a tuple of [B, size] arrays (None means zeros)."""
     _state = (_state,)
     return tuple(np.zeros((_B, _n), _dtype) if _s is None else np.asarray(_s, _dtype) for _s, _n in zip(_state, _sizes))
+
+
+def _steps(_a, _offset, _T, _bs):
+    """Per-step views ``_a[t + _offset]`` of a timed buffer; with per-step batch sizes ``_bs``
+    (variable lengths, longest sequence first), their first ``_bs[t]`` rows."""
+    if _bs is None:
+        return list(_a[_offset:_offset + _T])
+    return [_a[_t + _offset, :_n] for _t, _n in enumerate(_bs)]
+
+
+def _rows(_a, _T, _bs):
+    """A [B, n] buffer as used at each step: whole, or its first ``_bs[t]`` rows."""
+    if _bs is None:
+        return [_a] * _T
+    return [_a[:_n] for _n in _bs]
+
+
+def _active(_bs, _B, _dtype):
+    """[T, B, 1]: 1 where row b is inside its sequence at step t (b < _bs[t]), else 0."""
+    return (np.arange(_B)[None, :] < np.asarray(_bs)[:, None]).astype(_dtype)[..., None]
 
 
 def _arrays(_x):
@@ -95,8 +150,9 @@ def _setup(_params, _x):
     return _T, _B, _I, _H
 
 
-def _forward(_params, _x, _state):
-    """The whole sequence: outputs, final states and what the backward reads."""
+def _forward(_params, _x, _state, _bs=None):
+    """The whole sequence: outputs, final states and what the backward reads.
+    ``_bs``: per-step batch sizes (a list of T ints, non-increasing; the batch sorted by length)."""
     _T, _B, _I, _H = _setup(_params, _x)
     _dtype = np.result_type(_arrays(_x)[0], *_params.values())
     W = np.asarray(_params["W"], _dtype)
@@ -116,31 +172,47 @@ def _forward(_params, _x, _state):
     _v_f = np.empty((_T, _B, _H), _dtype)
     _v_r = np.empty((_T, _B, _H), _dtype)
     _v_h = np.empty((_T, _B, _H), _dtype)
+    if _bs is not None:
+        _v_f[...] = 0
+        _v_r[...] = 0
+        _v_h[...] = 0
+    _hg_W_f_W_W_r_W_s__x_at0 = _steps(_hg_W_f_W_W_r_W_s__x, 0, _T, _bs)
+    _s_c_at0 = _steps(_s_c, 0, _T, _bs)
+    _v_f_at0 = _steps(_v_f, 0, _T, _bs)
+    _s_c_at1 = _steps(_s_c, 1, _T, _bs)
+    _v_r_at0 = _steps(_v_r, 0, _T, _bs)
+    _v_h_at0 = _steps(_v_h, 0, _T, _bs)
     # W_f @ x, W @ x, W_r @ x, W_s @ x
     np.matmul(_x_x.reshape(_T * _B, _I), _wt_W_f_W_W_r_W_s, out=_hg_W_f_W_W_r_W_s__x.reshape(_T * _B, 4*_H))
     for _t in range(_T):
         # stage 0 forward
-        W_f_x = _hg_W_f_W_W_r_W_s__x[_t][:, 0:_H]
-        W_r_x = _hg_W_f_W_W_r_W_s__x[_t][:, 2*_H:3*_H]
-        W_s_x = _hg_W_f_W_W_r_W_s__x[_t][:, 3*_H:4*_H]
-        W_x = _hg_W_f_W_W_r_W_s__x[_t][:, _H:2*_H]
-        c = _s_c[_t]
+        W_f_x = _hg_W_f_W_W_r_W_s__x_at0[_t][:, 0:_H]
+        W_r_x = _hg_W_f_W_W_r_W_s__x_at0[_t][:, 2*_H:3*_H]
+        W_s_x = _hg_W_f_W_W_r_W_s__x_at0[_t][:, 3*_H:4*_H]
+        W_x = _hg_W_f_W_W_r_W_s__x_at0[_t][:, _H:2*_H]
+        c = _s_c_at0[_t]
         f = _sigmoid(W_f_x + b_f + c*v_f)  # sru.cell:14  f = sigmoid(W_f @ x + v_f * c + b_f)
         c_next = W_x*(1 - f) + c*f  # sru.cell:15  c' = f * c + (1 - f) * (W @ x)
         r = _sigmoid(W_r_x + b_r + c*v_r)  # sru.cell:16  r = sigmoid(W_r @ x + v_r * c + b_r)
         h = W_s_x*(1 - r) + c_next*r  # sru.cell:17  h = r * c' + (1 - r) * (W_s @ x)
-        _v_f[_t][...] = f
-        _s_c[_t + 1][...] = c_next
-        _v_r[_t][...] = r
-        _v_h[_t][...] = h
+        _v_f_at0[_t][...] = f
+        _s_c_at1[_t][...] = c_next
+        _v_r_at0[_t][...] = r
+        _v_h_at0[_t][...] = h
+        if _bs is not None:  # ended sequences hold their state
+            _s_c[_t + 1, _bs[_t]:][...] = _s_c[_t, _bs[_t]:]
     _outputs = (_v_h,)
+    if _bs is not None:  # zeros past each sequence's end
+        _m = _active(_bs, _B, _dtype)
+        _outputs = tuple(_o * _m for _o in _outputs)
     _final = (_s_c[_T], )
     _saved = {"s_c": _s_c, "hg_W_f_W_W_r_W_s__x": _hg_W_f_W_W_r_W_s__x, "v_f": _v_f, "v_r": _v_r, }
     return _outputs[0], _final[0], _saved
 
 
-def _inference(_params, _x, _state):
-    """The whole sequence keeping nothing for a backward: outputs and final states."""
+def _inference(_params, _x, _state, _bs=None):
+    """The whole sequence keeping nothing for a backward: outputs and final states.
+    ``_bs``: per-step batch sizes (a list of T ints, non-increasing; the batch sorted by length)."""
     _T, _B, _I, _H = _setup(_params, _x)
     _dtype = np.result_type(_arrays(_x)[0], *_params.values())
     W = np.asarray(_params["W"], _dtype)
@@ -158,29 +230,40 @@ def _inference(_params, _x, _state):
     _s_c[0] = _state0[0]
     _hg_W_f_W_W_r_W_s__x = np.empty((_T, _B, 4*_H), _dtype)
     _v_h = np.empty((_T, _B, _H), _dtype)
+    if _bs is not None:
+        _v_h[...] = 0
+    _hg_W_f_W_W_r_W_s__x_at0 = _steps(_hg_W_f_W_W_r_W_s__x, 0, _T, _bs)
+    _s_c_at0 = _steps(_s_c, 0, _T, _bs)
+    _s_c_at1 = _steps(_s_c, 1, _T, _bs)
+    _v_h_at0 = _steps(_v_h, 0, _T, _bs)
     # W_f @ x, W @ x, W_r @ x, W_s @ x
     np.matmul(_x_x.reshape(_T * _B, _I), _wt_W_f_W_W_r_W_s, out=_hg_W_f_W_W_r_W_s__x.reshape(_T * _B, 4*_H))
     for _t in range(_T):
         # stage 0 forward
-        W_f_x = _hg_W_f_W_W_r_W_s__x[_t][:, 0:_H]
-        W_r_x = _hg_W_f_W_W_r_W_s__x[_t][:, 2*_H:3*_H]
-        W_s_x = _hg_W_f_W_W_r_W_s__x[_t][:, 3*_H:4*_H]
-        W_x = _hg_W_f_W_W_r_W_s__x[_t][:, _H:2*_H]
-        c = _s_c[_t]
+        W_f_x = _hg_W_f_W_W_r_W_s__x_at0[_t][:, 0:_H]
+        W_r_x = _hg_W_f_W_W_r_W_s__x_at0[_t][:, 2*_H:3*_H]
+        W_s_x = _hg_W_f_W_W_r_W_s__x_at0[_t][:, 3*_H:4*_H]
+        W_x = _hg_W_f_W_W_r_W_s__x_at0[_t][:, _H:2*_H]
+        c = _s_c_at0[_t]
         f = _sigmoid(W_f_x + b_f + c*v_f)  # sru.cell:14  f = sigmoid(W_f @ x + v_f * c + b_f)
         c_next = W_x*(1 - f) + c*f  # sru.cell:15  c' = f * c + (1 - f) * (W @ x)
         r = _sigmoid(W_r_x + b_r + c*v_r)  # sru.cell:16  r = sigmoid(W_r @ x + v_r * c + b_r)
         h = W_s_x*(1 - r) + c_next*r  # sru.cell:17  h = r * c' + (1 - r) * (W_s @ x)
-        _s_c[_t + 1][...] = c_next
-        _v_h[_t][...] = h
+        _s_c_at1[_t][...] = c_next
+        _v_h_at0[_t][...] = h
+        if _bs is not None:  # ended sequences hold their state
+            _s_c[_t + 1, _bs[_t]:][...] = _s_c[_t, _bs[_t]:]
     _outputs = (_v_h,)
+    if _bs is not None:  # zeros past each sequence's end
+        _m = _active(_bs, _B, _dtype)
+        _outputs = tuple(_o * _m for _o in _outputs)
     _final = (_s_c[_T], )
     _saved = {}
     return _outputs[0], _final[0], _saved
 
 
-def _backward(_params, _x, _saved, _d_outputs, _d_final):
-    """Gradients of the whole sequence: (d_params, d_x, d_state)."""
+def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
+    """Gradients of the whole sequence: (d_params, d_x, d_state); ``_bs`` as in the forward."""
     _T, _B, _I, _H = _setup(_params, _x)
     _dtype = np.result_type(_arrays(_x)[0], *_params.values())
     W = np.asarray(_params["W"], _dtype)
@@ -200,6 +283,9 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final):
     _d_outputs = (_d_outputs,)
     _dout_h = np.zeros((_T, _B, _H), _dtype) if _d_outputs[0] is None else np.asarray(_d_outputs[0], _dtype)
     _d_final = (_d_final,)
+    if _bs is not None:  # outputs past a sequence's end are constant zeros
+        _m = _active(_bs, _B, _dtype)
+        _dout_h = _dout_h * _m
     _ds_c = np.zeros((_B, _H), _dtype) if _d_final[0] is None else np.array(np.asarray(_d_final[0], _dtype), copy=True)
     _dx_x = np.empty((_T, _B, _I), _dtype)
     _dp_v_f = np.empty((_T, _B, _H), _dtype)
@@ -211,32 +297,54 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final):
     _tmp_d_r = np.empty((_B, _H), _dtype)
     _tmp_d_c_next = np.empty((_B, _H), _dtype)
     _tmp_d_f = np.empty((_B, _H), _dtype)
+    if _bs is not None:
+        _dp_v_f[...] = 0
+        _dp_b_f[...] = 0
+        _dp_v_r[...] = 0
+        _dp_b_r[...] = 0
+        _dhg_W_f_W_W_r_W_s__x[...] = 0
+    _hg_W_f_W_W_r_W_s__x_at0 = _steps(_hg_W_f_W_W_r_W_s__x, 0, _T, _bs)
+    _s_c_at0 = _steps(_s_c, 0, _T, _bs)
+    _s_c_at1 = _steps(_s_c, 1, _T, _bs)
+    _ds_c_rows = _rows(_ds_c, _T, _bs)
+    _dout_h_at0 = _steps(_dout_h, 0, _T, _bs)
+    _v_r_at0 = _steps(_v_r, 0, _T, _bs)
+    _tmp_d_h_rows = _rows(_tmp_d_h, _T, _bs)
+    _tmp_d_r_rows = _rows(_tmp_d_r, _T, _bs)
+    _tmp_d_c_next_rows = _rows(_tmp_d_c_next, _T, _bs)
+    _tmp_d_f_rows = _rows(_tmp_d_f, _T, _bs)
+    _v_f_at0 = _steps(_v_f, 0, _T, _bs)
+    _dp_v_f_at0 = _steps(_dp_v_f, 0, _T, _bs)
+    _dp_b_f_at0 = _steps(_dp_b_f, 0, _T, _bs)
+    _dp_v_r_at0 = _steps(_dp_v_r, 0, _T, _bs)
+    _dp_b_r_at0 = _steps(_dp_b_r, 0, _T, _bs)
+    _dhg_W_f_W_W_r_W_s__x_at0 = _steps(_dhg_W_f_W_W_r_W_s__x, 0, _T, _bs)
     _grads = {}
     for _t in reversed(range(_T)):
         # stage 0 backward
-        W_s_x = _hg_W_f_W_W_r_W_s__x[_t][:, 3*_H:4*_H]
-        W_x = _hg_W_f_W_W_r_W_s__x[_t][:, _H:2*_H]
-        c = _s_c[_t]
-        c_next = _s_c[_t + 1]
-        d_c = _ds_c
-        d_h_out = _dout_h[_t]
-        r = _v_r[_t]
+        W_s_x = _hg_W_f_W_W_r_W_s__x_at0[_t][:, 3*_H:4*_H]
+        W_x = _hg_W_f_W_W_r_W_s__x_at0[_t][:, _H:2*_H]
+        c = _s_c_at0[_t]
+        c_next = _s_c_at1[_t]
+        d_c = _ds_c_rows[_t]
+        d_h_out = _dout_h_at0[_t]
+        r = _v_r_at0[_t]
         d_h = d_h_out  # adjoint of h
         d_r = d_h*(-W_s_x + c_next)  # adjoint of r
         d_c_next = d_c + d_h*r  # adjoint of c'
         d_f = d_c_next*(-W_x + c)  # adjoint of f
-        _tmp_d_h[...] = d_h
-        _tmp_d_r[...] = d_r
-        _tmp_d_c_next[...] = d_c_next
-        _tmp_d_f[...] = d_f
+        _tmp_d_h_rows[_t][...] = d_h
+        _tmp_d_r_rows[_t][...] = d_r
+        _tmp_d_c_next_rows[_t][...] = d_c_next
+        _tmp_d_f_rows[_t][...] = d_f
         # per-step adjoints of inputs, states, vector params, hoisted results
-        c = _s_c[_t]
-        d_c_next = _tmp_d_c_next
-        d_f = _tmp_d_f
-        d_h = _tmp_d_h
-        d_r = _tmp_d_r
-        f = _v_f[_t]
-        r = _v_r[_t]
+        c = _s_c_at0[_t]
+        d_c_next = _tmp_d_c_next_rows[_t]
+        d_f = _tmp_d_f_rows[_t]
+        d_h = _tmp_d_h_rows[_t]
+        d_r = _tmp_d_r_rows[_t]
+        f = _v_f_at0[_t]
+        r = _v_r_at0[_t]
         t0 = 1 - f
         t1 = d_f*f*t0
         t2 = 1 - r
@@ -250,15 +358,15 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final):
         d_W_x = d_c_next*t0  # adjoint of hoisted projection W_x
         d_W_r_x = d_b_r  # adjoint of hoisted projection W_r_x
         d_W_s_x = d_h*t2  # adjoint of hoisted projection W_s_x
-        _ds_c[...] = d_c
-        _dp_v_f[_t][...] = d_v_f
-        _dp_b_f[_t][...] = d_b_f
-        _dp_v_r[_t][...] = d_v_r
-        _dp_b_r[_t][...] = d_b_r
-        _dhg_W_f_W_W_r_W_s__x[_t][:, 0:_H][...] = d_W_f_x
-        _dhg_W_f_W_W_r_W_s__x[_t][:, _H:2*_H][...] = d_W_x
-        _dhg_W_f_W_W_r_W_s__x[_t][:, 2*_H:3*_H][...] = d_W_r_x
-        _dhg_W_f_W_W_r_W_s__x[_t][:, 3*_H:4*_H][...] = d_W_s_x
+        _ds_c_rows[_t][...] = d_c
+        _dp_v_f_at0[_t][...] = d_v_f
+        _dp_b_f_at0[_t][...] = d_b_f
+        _dp_v_r_at0[_t][...] = d_v_r
+        _dp_b_r_at0[_t][...] = d_b_r
+        _dhg_W_f_W_W_r_W_s__x_at0[_t][:, 0:_H][...] = d_W_f_x
+        _dhg_W_f_W_W_r_W_s__x_at0[_t][:, _H:2*_H][...] = d_W_x
+        _dhg_W_f_W_W_r_W_s__x_at0[_t][:, 2*_H:3*_H][...] = d_W_r_x
+        _dhg_W_f_W_W_r_W_s__x_at0[_t][:, 3*_H:4*_H][...] = d_W_s_x
     # dW of W_f @ x, W @ x, W_r @ x, W_s @ x: one GEMM over all T*B rows
     _dw = _dhg_W_f_W_W_r_W_s__x.reshape(_T * _B, 4*_H).T @ _x_x.reshape(_T * _B, _I)
     _grads["W_f"] = _dw[0:_H]

@@ -25,7 +25,9 @@
 //        BLAS ?gemm_ found at run time, and the entry points sru_<function>_{f32,f64}(dims, ptrs, ctx)
 // <function> is forward (keeps what the backward reads), inference (keeps nothing) or backward: the
 // whole sequence in one call. dims = [T, B, I, H]; ptrs = the function's buffers, the stacked
-// weights, then (backward) the gradient of every param, in the order of the comments at each function.
+// weights, then (backward) the gradient of every param, in the order of the comments at each function,
+// and last the per-step batch sizes (variable lengths: a host int64 array of T non-increasing counts,
+// the batch sorted by length, longest first) or NULL (every row runs every step).
 // Every array inside is dense and row-major; an element function's argument is a pointer and a row
 // stride ld in elements (element [r, j] is ptr[r * ld + j]; ld = 0 broadcasts one row: a vector param).
 // 16-bit storage (__half, __nv_bfloat16) computes in float; parameter gradients are float for them.
@@ -209,6 +211,7 @@ template <typename S> static void cs_unpack(cs_packed<S>&) {}
 #define CS_ADD(n, src, dst, beta) do { if ((n) > 0) { cs_add_kernel<G><<<(unsigned)(((n) + 127) / 128), 128, 0, (cudaStream_t)ctx->stream>>>(n, src, dst, beta); CS_CHECK((int)cudaGetLastError()); } } while (0)
 #define CS_ADD_ROWS(rows, cols, src, ld, dst, ldd) do { if ((rows) > 0 && (cols) > 0) { dim3 _g, _b; cs_grid(rows, cols, &_g, &_b); cs_add_rows_kernel<S><<<_g, _b, 0, (cudaStream_t)ctx->stream>>>(rows, cols, src, ld, dst, ldd); CS_CHECK((int)cudaGetLastError()); } } while (0)
 #define CS_ZERO(p, count) CS_CHECK((int)cudaMemsetAsync((p), 0, (size_t)(count) * sizeof(*(p)), (cudaStream_t)ctx->stream))
+#define CS_COPY(dst, src, count) CS_CHECK((int)cudaMemcpyAsync((dst), (src), (size_t)(count) * sizeof(*(dst)), cudaMemcpyDeviceToDevice, (cudaStream_t)ctx->stream))
 #else
 // CPU: the Fortran-ABI ?gemm_ of a BLAS already loaded in the process (MKL's, exported by
 // torch's own library), found by the caller at run time and passed in: no link-time BLAS.
@@ -247,12 +250,12 @@ static int cs_gemm(const cs_ctx* c, int ta, int tb, int64_t m, int64_t n, int64_
 // sgemm_pack): the per-step GEMM then skips re-packing it, which for a small batch is most of its
 // time. ta = 1: the step computes a @ wᵀ (the column-major call's first operand is w transposed);
 // ta = 0: a @ w. Double, or a BLAS without the API: the plain matrix.
-template <typename S> struct cs_packed { const S* w; int64_t ld; void* packed; };
+template <typename S> struct cs_packed { const S* w; int64_t ld; void* packed; int64_t rows; };
 template <typename S>
-static cs_packed<S> cs_pack(const cs_ctx*, int, int64_t, int64_t, int64_t, const S* w, int64_t ldw) { return {w, ldw, 0}; }
+static cs_packed<S> cs_pack(const cs_ctx*, int, int64_t m, int64_t, int64_t, const S* w, int64_t ldw) { return {w, ldw, 0, m}; }
 static cs_packed<float> cs_pack(const cs_ctx* c, int ta, int64_t m, int64_t n, int64_t k, const float* w, int64_t ldw)
 {
-    cs_packed<float> p = {w, ldw, 0};
+    cs_packed<float> p = {w, ldw, 0, m};
     if (!c->pack_size || !c->pack || !c->compute || m <= 0 || n <= 0 || k <= 0) return p;
     const int im = (int)n, in = (int)m, ik = (int)k, ild = (int)ldw;
     const char id = 'A', tr = ta ? 'T' : 'N';
@@ -271,7 +274,8 @@ static int cs_gemm_packed(const cs_ctx* c, int ta, int64_t m, int64_t n, int64_t
 static int cs_gemm_packed(const cs_ctx* c, int ta, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
                           const cs_packed<float>& w, float* out, int64_t ldc, int beta)
 {
-    if (!w.packed || m <= 0 || n <= 0 || k <= 0) return cs_gemm<float, float>(c, 0, ta, m, n, k, a, lda, w.w, w.ld, out, ldc, beta);
+    // packed for B rows: a step with fewer (variable lengths) multiplies by the plain matrix
+    if (!w.packed || m != w.rows || m <= 0 || n <= 0 || k <= 0) return cs_gemm<float, float>(c, 0, ta, m, n, k, a, lda, w.w, w.ld, out, ldc, beta);
     const char tP = 'P', tN = 'N';
     const int im = (int)n, in = (int)m, ik = (int)k, ild = (int)w.ld, ilda = (int)lda, ildc = (int)ldc;
     const float be = beta ? 1.0f : 0.0f;
@@ -318,6 +322,7 @@ static void cs_add_rows_host(int64_t rows, int64_t cols, const S* src, int64_t l
 #define CS_ADD(n, src, dst, beta) cs_add_host<G>(n, src, dst, beta)
 #define CS_ADD_ROWS(rows, cols, src, ld, dst, ldd) cs_add_rows_host<S>(rows, cols, src, ld, dst, ldd)
 #define CS_ZERO(p, count) memset((p), 0, (size_t)(count) * sizeof(*(p)))
+#define CS_COPY(dst, src, count) memcpy((dst), (src), (size_t)(count) * sizeof(*(dst)))
 #endif
 #endif  // CELLSPEC_LOOP_PRELUDE
 
@@ -844,7 +849,8 @@ extern "C" void sru_backward_bwd_leaf_H_f64(int64_t _rows, int64_t _cols, const 
 
 // =============================================================================================
 // sru: the whole sequence, forward
-// ptrs: 0 x_x, 1 s_c, 2 p_v_f, 3 p_b_f, 4 p_v_r, 5 p_b_r, 6 hg_W_f_W_W_r_W_s__x, 7 v_f, 8 v_r, 9 v_h, 10 weight W_f_W_W_r_W_s
+// ptrs: 0 x_x, 1 s_c, 2 p_v_f, 3 p_b_f, 4 p_v_r, 5 p_b_r, 6 hg_W_f_W_W_r_W_s__x, 7 v_f, 8 v_r, 9 v_h, 10 weight W_f_W_W_r_W_s, 11 batch sizes (host, or NULL)
+
 // =============================================================================================
 template <typename S, typename G>
 static int sru_forward_run(const int64_t* dims, void* const* ptrs, const cs_ctx* ctx)
@@ -879,12 +885,21 @@ static int sru_forward_run(const int64_t* dims, void* const* ptrs, const cs_ctx*
     (void)b_v_h;
     const S* w_W_f_W_W_r_W_s = (const S*)ptrs[10];
     (void)w_W_f_W_W_r_W_s;
+    const int64_t* bs = (const int64_t*)ptrs[11];
     (void)ctx;
+    if (bs) {  // rows of ended sequences, which no step writes, are read over all T*B rows
+        CS_ZERO(b_v_f, (n_T) * (n_B) * (n_H));
+        CS_ZERO(b_v_r, (n_T) * (n_B) * (n_H));
+        CS_ZERO(b_v_h, (n_T) * (n_B) * (n_H));
+    }
     // hg_W_f_W_W_r_W_s__x = x @ [W_f, W, W_r, W_s]^T  (W_f @ x, W @ x, W_r @ x, W_s @ x)
     CS_GEMM_NT(n_T * n_B, 4*n_H, n_I, b_x_x, n_I, w_W_f_W_W_r_W_s, n_I, b_hg_W_f_W_W_r_W_s__x, 4*n_H, 0);
     for (int64_t t = 0; t < n_T; ++t) {
+        const int64_t rows = bs ? bs[t] : n_B;  // variable lengths: rows 0..B_t-1 run
         // forward: stage 0 forward, units of size H
-        CS_PW(sru_forward_fwd0_H, n_B, n_H, b_hg_W_f_W_W_r_W_s__x + t * n_B * (4*n_H), 4*n_H, b_hg_W_f_W_W_r_W_s__x + t * n_B * (4*n_H) + 2*n_H, 4*n_H, b_hg_W_f_W_W_r_W_s__x + t * n_B * (4*n_H) + 3*n_H, 4*n_H, b_hg_W_f_W_W_r_W_s__x + t * n_B * (4*n_H) + n_H, 4*n_H, b_p_b_f, 0, b_p_b_r, 0, b_s_c + t * n_B * (n_H), n_H, b_p_v_f, 0, b_p_v_r, 0, b_v_f + t * n_B * (n_H), n_H, b_s_c + (t + 1) * n_B * (n_H), n_H, b_v_r + t * n_B * (n_H), n_H, b_v_h + t * n_B * (n_H), n_H);
+        CS_PW(sru_forward_fwd0_H, rows, n_H, b_hg_W_f_W_W_r_W_s__x + t * n_B * (4*n_H), 4*n_H, b_hg_W_f_W_W_r_W_s__x + t * n_B * (4*n_H) + 2*n_H, 4*n_H, b_hg_W_f_W_W_r_W_s__x + t * n_B * (4*n_H) + 3*n_H, 4*n_H, b_hg_W_f_W_W_r_W_s__x + t * n_B * (4*n_H) + n_H, 4*n_H, b_p_b_f, 0, b_p_b_r, 0, b_s_c + t * n_B * (n_H), n_H, b_p_v_f, 0, b_p_v_r, 0, b_v_f + t * n_B * (n_H), n_H, b_s_c + (t + 1) * n_B * (n_H), n_H, b_v_r + t * n_B * (n_H), n_H, b_v_h + t * n_B * (n_H), n_H);
+        // ended sequences hold their state: rows B_t.. of s_c[t + 1] = s_c[t]
+        if (rows < n_B) CS_COPY(b_s_c + ((t + 1) * n_B + rows) * (n_H), b_s_c + (t * n_B + rows) * (n_H), (n_B - rows) * (n_H));
     }
     return 0;
 }
@@ -918,7 +933,8 @@ extern "C" int sru_forward_f64(const int64_t* dims, void* const* ptrs, const voi
 
 // =============================================================================================
 // sru: the whole sequence, inference
-// ptrs: 0 x_x, 1 s_c, 2 p_v_f, 3 p_b_f, 4 p_v_r, 5 p_b_r, 6 hg_W_f_W_W_r_W_s__x, 7 v_h, 8 weight W_f_W_W_r_W_s
+// ptrs: 0 x_x, 1 s_c, 2 p_v_f, 3 p_b_f, 4 p_v_r, 5 p_b_r, 6 hg_W_f_W_W_r_W_s__x, 7 v_h, 8 weight W_f_W_W_r_W_s, 9 batch sizes (host, or NULL)
+
 // =============================================================================================
 template <typename S, typename G>
 static int sru_inference_run(const int64_t* dims, void* const* ptrs, const cs_ctx* ctx)
@@ -949,12 +965,19 @@ static int sru_inference_run(const int64_t* dims, void* const* ptrs, const cs_ct
     (void)b_v_h;
     const S* w_W_f_W_W_r_W_s = (const S*)ptrs[8];
     (void)w_W_f_W_W_r_W_s;
+    const int64_t* bs = (const int64_t*)ptrs[9];
     (void)ctx;
+    if (bs) {  // rows of ended sequences, which no step writes, are read over all T*B rows
+        CS_ZERO(b_v_h, (n_T) * (n_B) * (n_H));
+    }
     // hg_W_f_W_W_r_W_s__x = x @ [W_f, W, W_r, W_s]^T  (W_f @ x, W @ x, W_r @ x, W_s @ x)
     CS_GEMM_NT(n_T * n_B, 4*n_H, n_I, b_x_x, n_I, w_W_f_W_W_r_W_s, n_I, b_hg_W_f_W_W_r_W_s__x, 4*n_H, 0);
     for (int64_t t = 0; t < n_T; ++t) {
+        const int64_t rows = bs ? bs[t] : n_B;  // variable lengths: rows 0..B_t-1 run
         // inference: stage 0 forward, units of size H
-        CS_PW(sru_inference_fwd0_H, n_B, n_H, b_hg_W_f_W_W_r_W_s__x + t * n_B * (4*n_H), 4*n_H, b_hg_W_f_W_W_r_W_s__x + t * n_B * (4*n_H) + 2*n_H, 4*n_H, b_hg_W_f_W_W_r_W_s__x + t * n_B * (4*n_H) + 3*n_H, 4*n_H, b_hg_W_f_W_W_r_W_s__x + t * n_B * (4*n_H) + n_H, 4*n_H, b_p_b_f, 0, b_p_b_r, 0, b_s_c + t * n_B * (n_H), n_H, b_p_v_f, 0, b_p_v_r, 0, b_s_c + (t + 1) * n_B * (n_H), n_H, b_v_h + t * n_B * (n_H), n_H);
+        CS_PW(sru_inference_fwd0_H, rows, n_H, b_hg_W_f_W_W_r_W_s__x + t * n_B * (4*n_H), 4*n_H, b_hg_W_f_W_W_r_W_s__x + t * n_B * (4*n_H) + 2*n_H, 4*n_H, b_hg_W_f_W_W_r_W_s__x + t * n_B * (4*n_H) + 3*n_H, 4*n_H, b_hg_W_f_W_W_r_W_s__x + t * n_B * (4*n_H) + n_H, 4*n_H, b_p_b_f, 0, b_p_b_r, 0, b_s_c + t * n_B * (n_H), n_H, b_p_v_f, 0, b_p_v_r, 0, b_s_c + (t + 1) * n_B * (n_H), n_H, b_v_h + t * n_B * (n_H), n_H);
+        // ended sequences hold their state: rows B_t.. of s_c[t + 1] = s_c[t]
+        if (rows < n_B) CS_COPY(b_s_c + ((t + 1) * n_B + rows) * (n_H), b_s_c + (t * n_B + rows) * (n_H), (n_B - rows) * (n_H));
     }
     return 0;
 }
@@ -988,7 +1011,8 @@ extern "C" int sru_inference_f64(const int64_t* dims, void* const* ptrs, const v
 
 // =============================================================================================
 // sru: the whole sequence, backward
-// ptrs: 0 x_x, 1 s_c, 2 p_v_f, 3 p_b_f, 4 p_v_r, 5 p_b_r, 6 hg_W_f_W_W_r_W_s__x, 7 v_f, 8 v_r, 9 dout_h, 10 ds_c, 11 dx_x, 12 dp_v_f, 13 dp_b_f, 14 dp_v_r, 15 dp_b_r, 16 dhg_W_f_W_W_r_W_s__x, 17 tmp_d_h, 18 tmp_d_r, 19 tmp_d_c_next, 20 tmp_d_f, 21 dw_W_f_W_W_r_W_s, 22 weight W_f_W_W_r_W_s, 23 d W, 24 d W_f, 25 d v_f, 26 d b_f, 27 d W_r, 28 d v_r, 29 d b_r, 30 d W_s
+// ptrs: 0 x_x, 1 s_c, 2 p_v_f, 3 p_b_f, 4 p_v_r, 5 p_b_r, 6 hg_W_f_W_W_r_W_s__x, 7 v_f, 8 v_r, 9 dout_h, 10 ds_c, 11 dx_x, 12 dp_v_f, 13 dp_b_f, 14 dp_v_r, 15 dp_b_r, 16 dhg_W_f_W_W_r_W_s__x, 17 tmp_d_h, 18 tmp_d_r, 19 tmp_d_c_next, 20 tmp_d_f, 21 dw_W_f_W_W_r_W_s, 22 weight W_f_W_W_r_W_s, 23 d W, 24 d W_f, 25 d v_f, 26 d b_f, 27 d W_r, 28 d v_r, 29 d b_r, 30 d W_s, 31 batch sizes (host, or NULL)
+
 // =============================================================================================
 template <typename S, typename G>
 static int sru_backward_run(const int64_t* dims, void* const* ptrs, const cs_ctx* ctx)
@@ -1063,12 +1087,21 @@ static int sru_backward_run(const int64_t* dims, void* const* ptrs, const cs_ctx
     (void)g_b_r;
     G* g_W_s = (G*)ptrs[30];
     (void)g_W_s;
+    const int64_t* bs = (const int64_t*)ptrs[31];
     (void)ctx;
+    if (bs) {  // rows of ended sequences, which no step writes, are read over all T*B rows
+        CS_ZERO(b_dp_v_f, (n_T) * (n_B) * (n_H));
+        CS_ZERO(b_dp_b_f, (n_T) * (n_B) * (n_H));
+        CS_ZERO(b_dp_v_r, (n_T) * (n_B) * (n_H));
+        CS_ZERO(b_dp_b_r, (n_T) * (n_B) * (n_H));
+        CS_ZERO(b_dhg_W_f_W_W_r_W_s__x, (n_T) * (n_B) * (4*n_H));
+    }
     for (int64_t t = n_T - 1; t >= 0; --t) {
+        const int64_t rows = bs ? bs[t] : n_B;  // variable lengths: rows 0..B_t-1 run
         // backward: stage 0 backward, units of size H
-        CS_PW(sru_backward_bwd0_H, n_B, n_H, b_hg_W_f_W_W_r_W_s__x + t * n_B * (4*n_H) + 3*n_H, 4*n_H, b_hg_W_f_W_W_r_W_s__x + t * n_B * (4*n_H) + n_H, 4*n_H, b_s_c + t * n_B * (n_H), n_H, b_s_c + (t + 1) * n_B * (n_H), n_H, b_ds_c, n_H, b_dout_h + t * n_B * (n_H), n_H, b_v_r + t * n_B * (n_H), n_H, b_tmp_d_h, n_H, b_tmp_d_r, n_H, b_tmp_d_c_next, n_H, b_tmp_d_f, n_H);
+        CS_PW(sru_backward_bwd0_H, rows, n_H, b_hg_W_f_W_W_r_W_s__x + t * n_B * (4*n_H) + 3*n_H, 4*n_H, b_hg_W_f_W_W_r_W_s__x + t * n_B * (4*n_H) + n_H, 4*n_H, b_s_c + t * n_B * (n_H), n_H, b_s_c + (t + 1) * n_B * (n_H), n_H, b_ds_c, n_H, b_dout_h + t * n_B * (n_H), n_H, b_v_r + t * n_B * (n_H), n_H, b_tmp_d_h, n_H, b_tmp_d_r, n_H, b_tmp_d_c_next, n_H, b_tmp_d_f, n_H);
         // backward: per-step adjoints of inputs, states, vector params, hoisted results, units of size H
-        CS_PW(sru_backward_bwd_leaf_H, n_B, n_H, b_s_c + t * n_B * (n_H), n_H, b_tmp_d_c_next, n_H, b_tmp_d_f, n_H, b_tmp_d_h, n_H, b_tmp_d_r, n_H, b_v_f + t * n_B * (n_H), n_H, b_v_r + t * n_B * (n_H), n_H, b_p_v_f, 0, b_p_v_r, 0, b_ds_c, n_H, b_dp_v_f + t * n_B * (n_H), n_H, b_dp_b_f + t * n_B * (n_H), n_H, b_dp_v_r + t * n_B * (n_H), n_H, b_dp_b_r + t * n_B * (n_H), n_H, b_dhg_W_f_W_W_r_W_s__x + t * n_B * (4*n_H), 4*n_H, b_dhg_W_f_W_W_r_W_s__x + t * n_B * (4*n_H) + n_H, 4*n_H, b_dhg_W_f_W_W_r_W_s__x + t * n_B * (4*n_H) + 2*n_H, 4*n_H, b_dhg_W_f_W_W_r_W_s__x + t * n_B * (4*n_H) + 3*n_H, 4*n_H);
+        CS_PW(sru_backward_bwd_leaf_H, rows, n_H, b_s_c + t * n_B * (n_H), n_H, b_tmp_d_c_next, n_H, b_tmp_d_f, n_H, b_tmp_d_h, n_H, b_tmp_d_r, n_H, b_v_f + t * n_B * (n_H), n_H, b_v_r + t * n_B * (n_H), n_H, b_p_v_f, 0, b_p_v_r, 0, b_ds_c, n_H, b_dp_v_f + t * n_B * (n_H), n_H, b_dp_b_f + t * n_B * (n_H), n_H, b_dp_v_r + t * n_B * (n_H), n_H, b_dp_b_r + t * n_B * (n_H), n_H, b_dhg_W_f_W_W_r_W_s__x + t * n_B * (4*n_H), 4*n_H, b_dhg_W_f_W_W_r_W_s__x + t * n_B * (4*n_H) + n_H, 4*n_H, b_dhg_W_f_W_W_r_W_s__x + t * n_B * (4*n_H) + 2*n_H, 4*n_H, b_dhg_W_f_W_W_r_W_s__x + t * n_B * (4*n_H) + 3*n_H, 4*n_H);
     }
     // d[W_f, W, W_r, W_s] += dhg_W_f_W_W_r_W_s__x^T @ x  (W_f @ x, W @ x, W_r @ x, W_s @ x)
     CS_GEMM_TN(4*n_H, n_I, n_T * n_B, b_dhg_W_f_W_W_r_W_s__x, 4*n_H, b_x_x, n_I, b_dw_W_f_W_W_r_W_s, n_I, 0);

@@ -24,7 +24,9 @@
 //        BLAS ?gemm_ found at run time, and the entry points torch_gru_<function>_{f32,f64}(dims, ptrs, ctx)
 // <function> is forward (keeps what the backward reads), inference (keeps nothing) or backward: the
 // whole sequence in one call. dims = [T, B, I, H]; ptrs = the function's buffers, the stacked
-// weights, then (backward) the gradient of every param, in the order of the comments at each function.
+// weights, then (backward) the gradient of every param, in the order of the comments at each function,
+// and last the per-step batch sizes (variable lengths: a host int64 array of T non-increasing counts,
+// the batch sorted by length, longest first) or NULL (every row runs every step).
 // Every array inside is dense and row-major; an element function's argument is a pointer and a row
 // stride ld in elements (element [r, j] is ptr[r * ld + j]; ld = 0 broadcasts one row: a vector param).
 // 16-bit storage (__half, __nv_bfloat16) computes in float; parameter gradients are float for them.
@@ -208,6 +210,7 @@ template <typename S> static void cs_unpack(cs_packed<S>&) {}
 #define CS_ADD(n, src, dst, beta) do { if ((n) > 0) { cs_add_kernel<G><<<(unsigned)(((n) + 127) / 128), 128, 0, (cudaStream_t)ctx->stream>>>(n, src, dst, beta); CS_CHECK((int)cudaGetLastError()); } } while (0)
 #define CS_ADD_ROWS(rows, cols, src, ld, dst, ldd) do { if ((rows) > 0 && (cols) > 0) { dim3 _g, _b; cs_grid(rows, cols, &_g, &_b); cs_add_rows_kernel<S><<<_g, _b, 0, (cudaStream_t)ctx->stream>>>(rows, cols, src, ld, dst, ldd); CS_CHECK((int)cudaGetLastError()); } } while (0)
 #define CS_ZERO(p, count) CS_CHECK((int)cudaMemsetAsync((p), 0, (size_t)(count) * sizeof(*(p)), (cudaStream_t)ctx->stream))
+#define CS_COPY(dst, src, count) CS_CHECK((int)cudaMemcpyAsync((dst), (src), (size_t)(count) * sizeof(*(dst)), cudaMemcpyDeviceToDevice, (cudaStream_t)ctx->stream))
 #else
 // CPU: the Fortran-ABI ?gemm_ of a BLAS already loaded in the process (MKL's, exported by
 // torch's own library), found by the caller at run time and passed in: no link-time BLAS.
@@ -246,12 +249,12 @@ static int cs_gemm(const cs_ctx* c, int ta, int tb, int64_t m, int64_t n, int64_
 // sgemm_pack): the per-step GEMM then skips re-packing it, which for a small batch is most of its
 // time. ta = 1: the step computes a @ wᵀ (the column-major call's first operand is w transposed);
 // ta = 0: a @ w. Double, or a BLAS without the API: the plain matrix.
-template <typename S> struct cs_packed { const S* w; int64_t ld; void* packed; };
+template <typename S> struct cs_packed { const S* w; int64_t ld; void* packed; int64_t rows; };
 template <typename S>
-static cs_packed<S> cs_pack(const cs_ctx*, int, int64_t, int64_t, int64_t, const S* w, int64_t ldw) { return {w, ldw, 0}; }
+static cs_packed<S> cs_pack(const cs_ctx*, int, int64_t m, int64_t, int64_t, const S* w, int64_t ldw) { return {w, ldw, 0, m}; }
 static cs_packed<float> cs_pack(const cs_ctx* c, int ta, int64_t m, int64_t n, int64_t k, const float* w, int64_t ldw)
 {
-    cs_packed<float> p = {w, ldw, 0};
+    cs_packed<float> p = {w, ldw, 0, m};
     if (!c->pack_size || !c->pack || !c->compute || m <= 0 || n <= 0 || k <= 0) return p;
     const int im = (int)n, in = (int)m, ik = (int)k, ild = (int)ldw;
     const char id = 'A', tr = ta ? 'T' : 'N';
@@ -270,7 +273,8 @@ static int cs_gemm_packed(const cs_ctx* c, int ta, int64_t m, int64_t n, int64_t
 static int cs_gemm_packed(const cs_ctx* c, int ta, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
                           const cs_packed<float>& w, float* out, int64_t ldc, int beta)
 {
-    if (!w.packed || m <= 0 || n <= 0 || k <= 0) return cs_gemm<float, float>(c, 0, ta, m, n, k, a, lda, w.w, w.ld, out, ldc, beta);
+    // packed for B rows: a step with fewer (variable lengths) multiplies by the plain matrix
+    if (!w.packed || m != w.rows || m <= 0 || n <= 0 || k <= 0) return cs_gemm<float, float>(c, 0, ta, m, n, k, a, lda, w.w, w.ld, out, ldc, beta);
     const char tP = 'P', tN = 'N';
     const int im = (int)n, in = (int)m, ik = (int)k, ild = (int)w.ld, ilda = (int)lda, ildc = (int)ldc;
     const float be = beta ? 1.0f : 0.0f;
@@ -317,6 +321,7 @@ static void cs_add_rows_host(int64_t rows, int64_t cols, const S* src, int64_t l
 #define CS_ADD(n, src, dst, beta) cs_add_host<G>(n, src, dst, beta)
 #define CS_ADD_ROWS(rows, cols, src, ld, dst, ldd) cs_add_rows_host<S>(rows, cols, src, ld, dst, ldd)
 #define CS_ZERO(p, count) memset((p), 0, (size_t)(count) * sizeof(*(p)))
+#define CS_COPY(dst, src, count) memcpy((dst), (src), (size_t)(count) * sizeof(*(dst)))
 #endif
 #endif  // CELLSPEC_LOOP_PRELUDE
 
@@ -840,7 +845,8 @@ extern "C" void torch_gru_backward_bwd_leaf_H_f64(int64_t _rows, int64_t _cols, 
 
 // =============================================================================================
 // torch_gru: the whole sequence, forward
-// ptrs: 0 x_x, 1 s_h, 2 p_b_ir, 3 p_b_hr, 4 p_b_iz, 5 p_b_hz, 6 p_b_in, 7 p_b_hn, 8 hg_W_ir_W_iz_W_in__x, 9 g_W_hr_W_hz_W_hn__h, 10 v_r, 11 v_z, 12 v_n, 13 weight W_ir_W_iz_W_in, 14 weight W_hr_W_hz_W_hn
+// ptrs: 0 x_x, 1 s_h, 2 p_b_ir, 3 p_b_hr, 4 p_b_iz, 5 p_b_hz, 6 p_b_in, 7 p_b_hn, 8 hg_W_ir_W_iz_W_in__x, 9 g_W_hr_W_hz_W_hn__h, 10 v_r, 11 v_z, 12 v_n, 13 weight W_ir_W_iz_W_in, 14 weight W_hr_W_hz_W_hn, 15 batch sizes (host, or NULL)
+
 // =============================================================================================
 template <typename S, typename G>
 static int torch_gru_forward_run(const int64_t* dims, void* const* ptrs, const cs_ctx* ctx)
@@ -883,15 +889,25 @@ static int torch_gru_forward_run(const int64_t* dims, void* const* ptrs, const c
     (void)w_W_ir_W_iz_W_in;
     const S* w_W_hr_W_hz_W_hn = (const S*)ptrs[14];
     (void)w_W_hr_W_hz_W_hn;
+    const int64_t* bs = (const int64_t*)ptrs[15];
     (void)ctx;
+    if (bs) {  // rows of ended sequences, which no step writes, are read over all T*B rows
+        CS_ZERO(b_g_W_hr_W_hz_W_hn__h, (n_T) * (n_B) * (3*n_H));
+        CS_ZERO(b_v_r, (n_T) * (n_B) * (n_H));
+        CS_ZERO(b_v_z, (n_T) * (n_B) * (n_H));
+        CS_ZERO(b_v_n, (n_T) * (n_B) * (n_H));
+    }
     // hg_W_ir_W_iz_W_in__x = x @ [W_ir, W_iz, W_in]^T  (W_ir @ x, W_iz @ x, W_in @ x)
     CS_GEMM_NT(n_T * n_B, 3*n_H, n_I, b_x_x, n_I, w_W_ir_W_iz_W_in, n_I, b_hg_W_ir_W_iz_W_in__x, 3*n_H, 0);
     cs_packed<S> pk_W_hr_W_hz_W_hn_nt = cs_pack(ctx, 1, n_B, 3*n_H, n_H, w_W_hr_W_hz_W_hn, n_H);
     for (int64_t t = 0; t < n_T; ++t) {
+        const int64_t rows = bs ? bs[t] : n_B;  // variable lengths: rows 0..B_t-1 run
         // g_W_hr_W_hz_W_hn__h = h @ [W_hr, W_hz, W_hn]^T  (W_hr @ h, W_hz @ h, W_hn @ h)
-        CS_GEMM_NT_PACKED(n_B, 3*n_H, n_H, b_s_h + t * n_B * (n_H), n_H, pk_W_hr_W_hz_W_hn_nt, b_g_W_hr_W_hz_W_hn__h + t * n_B * (3*n_H), 3*n_H, 0);
+        CS_GEMM_NT_PACKED(rows, 3*n_H, n_H, b_s_h + t * n_B * (n_H), n_H, pk_W_hr_W_hz_W_hn_nt, b_g_W_hr_W_hz_W_hn__h + t * n_B * (3*n_H), 3*n_H, 0);
         // forward: stage 0 forward, units of size H
-        CS_PW(torch_gru_forward_fwd0_H, n_B, n_H, b_g_W_hr_W_hz_W_hn__h + t * n_B * (3*n_H) + 2*n_H, 3*n_H, b_g_W_hr_W_hz_W_hn__h + t * n_B * (3*n_H), 3*n_H, b_g_W_hr_W_hz_W_hn__h + t * n_B * (3*n_H) + n_H, 3*n_H, b_hg_W_ir_W_iz_W_in__x + t * n_B * (3*n_H) + 2*n_H, 3*n_H, b_hg_W_ir_W_iz_W_in__x + t * n_B * (3*n_H), 3*n_H, b_hg_W_ir_W_iz_W_in__x + t * n_B * (3*n_H) + n_H, 3*n_H, b_p_b_hn, 0, b_p_b_hr, 0, b_p_b_hz, 0, b_p_b_in, 0, b_p_b_ir, 0, b_p_b_iz, 0, b_s_h + t * n_B * (n_H), n_H, b_v_r + t * n_B * (n_H), n_H, b_v_z + t * n_B * (n_H), n_H, b_v_n + t * n_B * (n_H), n_H, b_s_h + (t + 1) * n_B * (n_H), n_H);
+        CS_PW(torch_gru_forward_fwd0_H, rows, n_H, b_g_W_hr_W_hz_W_hn__h + t * n_B * (3*n_H) + 2*n_H, 3*n_H, b_g_W_hr_W_hz_W_hn__h + t * n_B * (3*n_H), 3*n_H, b_g_W_hr_W_hz_W_hn__h + t * n_B * (3*n_H) + n_H, 3*n_H, b_hg_W_ir_W_iz_W_in__x + t * n_B * (3*n_H) + 2*n_H, 3*n_H, b_hg_W_ir_W_iz_W_in__x + t * n_B * (3*n_H), 3*n_H, b_hg_W_ir_W_iz_W_in__x + t * n_B * (3*n_H) + n_H, 3*n_H, b_p_b_hn, 0, b_p_b_hr, 0, b_p_b_hz, 0, b_p_b_in, 0, b_p_b_ir, 0, b_p_b_iz, 0, b_s_h + t * n_B * (n_H), n_H, b_v_r + t * n_B * (n_H), n_H, b_v_z + t * n_B * (n_H), n_H, b_v_n + t * n_B * (n_H), n_H, b_s_h + (t + 1) * n_B * (n_H), n_H);
+        // ended sequences hold their state: rows B_t.. of s_h[t + 1] = s_h[t]
+        if (rows < n_B) CS_COPY(b_s_h + ((t + 1) * n_B + rows) * (n_H), b_s_h + (t * n_B + rows) * (n_H), (n_B - rows) * (n_H));
     }
     cs_unpack(pk_W_hr_W_hz_W_hn_nt);
     return 0;
@@ -926,7 +942,8 @@ extern "C" int torch_gru_forward_f64(const int64_t* dims, void* const* ptrs, con
 
 // =============================================================================================
 // torch_gru: the whole sequence, inference
-// ptrs: 0 x_x, 1 s_h, 2 p_b_ir, 3 p_b_hr, 4 p_b_iz, 5 p_b_hz, 6 p_b_in, 7 p_b_hn, 8 hg_W_ir_W_iz_W_in__x, 9 g_W_hr_W_hz_W_hn__h, 10 weight W_ir_W_iz_W_in, 11 weight W_hr_W_hz_W_hn
+// ptrs: 0 x_x, 1 s_h, 2 p_b_ir, 3 p_b_hr, 4 p_b_iz, 5 p_b_hz, 6 p_b_in, 7 p_b_hn, 8 hg_W_ir_W_iz_W_in__x, 9 g_W_hr_W_hz_W_hn__h, 10 weight W_ir_W_iz_W_in, 11 weight W_hr_W_hz_W_hn, 12 batch sizes (host, or NULL)
+
 // =============================================================================================
 template <typename S, typename G>
 static int torch_gru_inference_run(const int64_t* dims, void* const* ptrs, const cs_ctx* ctx)
@@ -963,15 +980,19 @@ static int torch_gru_inference_run(const int64_t* dims, void* const* ptrs, const
     (void)w_W_ir_W_iz_W_in;
     const S* w_W_hr_W_hz_W_hn = (const S*)ptrs[11];
     (void)w_W_hr_W_hz_W_hn;
+    const int64_t* bs = (const int64_t*)ptrs[12];
     (void)ctx;
     // hg_W_ir_W_iz_W_in__x = x @ [W_ir, W_iz, W_in]^T  (W_ir @ x, W_iz @ x, W_in @ x)
     CS_GEMM_NT(n_T * n_B, 3*n_H, n_I, b_x_x, n_I, w_W_ir_W_iz_W_in, n_I, b_hg_W_ir_W_iz_W_in__x, 3*n_H, 0);
     cs_packed<S> pk_W_hr_W_hz_W_hn_nt = cs_pack(ctx, 1, n_B, 3*n_H, n_H, w_W_hr_W_hz_W_hn, n_H);
     for (int64_t t = 0; t < n_T; ++t) {
+        const int64_t rows = bs ? bs[t] : n_B;  // variable lengths: rows 0..B_t-1 run
         // g_W_hr_W_hz_W_hn__h = h @ [W_hr, W_hz, W_hn]^T  (W_hr @ h, W_hz @ h, W_hn @ h)
-        CS_GEMM_NT_PACKED(n_B, 3*n_H, n_H, b_s_h + t * n_B * (n_H), n_H, pk_W_hr_W_hz_W_hn_nt, b_g_W_hr_W_hz_W_hn__h, 3*n_H, 0);
+        CS_GEMM_NT_PACKED(rows, 3*n_H, n_H, b_s_h + t * n_B * (n_H), n_H, pk_W_hr_W_hz_W_hn_nt, b_g_W_hr_W_hz_W_hn__h, 3*n_H, 0);
         // inference: stage 0 forward, units of size H
-        CS_PW(torch_gru_inference_fwd0_H, n_B, n_H, b_g_W_hr_W_hz_W_hn__h + 2*n_H, 3*n_H, b_g_W_hr_W_hz_W_hn__h, 3*n_H, b_g_W_hr_W_hz_W_hn__h + n_H, 3*n_H, b_hg_W_ir_W_iz_W_in__x + t * n_B * (3*n_H) + 2*n_H, 3*n_H, b_hg_W_ir_W_iz_W_in__x + t * n_B * (3*n_H), 3*n_H, b_hg_W_ir_W_iz_W_in__x + t * n_B * (3*n_H) + n_H, 3*n_H, b_p_b_hn, 0, b_p_b_hr, 0, b_p_b_hz, 0, b_p_b_in, 0, b_p_b_ir, 0, b_p_b_iz, 0, b_s_h + t * n_B * (n_H), n_H, b_s_h + (t + 1) * n_B * (n_H), n_H);
+        CS_PW(torch_gru_inference_fwd0_H, rows, n_H, b_g_W_hr_W_hz_W_hn__h + 2*n_H, 3*n_H, b_g_W_hr_W_hz_W_hn__h, 3*n_H, b_g_W_hr_W_hz_W_hn__h + n_H, 3*n_H, b_hg_W_ir_W_iz_W_in__x + t * n_B * (3*n_H) + 2*n_H, 3*n_H, b_hg_W_ir_W_iz_W_in__x + t * n_B * (3*n_H), 3*n_H, b_hg_W_ir_W_iz_W_in__x + t * n_B * (3*n_H) + n_H, 3*n_H, b_p_b_hn, 0, b_p_b_hr, 0, b_p_b_hz, 0, b_p_b_in, 0, b_p_b_ir, 0, b_p_b_iz, 0, b_s_h + t * n_B * (n_H), n_H, b_s_h + (t + 1) * n_B * (n_H), n_H);
+        // ended sequences hold their state: rows B_t.. of s_h[t + 1] = s_h[t]
+        if (rows < n_B) CS_COPY(b_s_h + ((t + 1) * n_B + rows) * (n_H), b_s_h + (t * n_B + rows) * (n_H), (n_B - rows) * (n_H));
     }
     cs_unpack(pk_W_hr_W_hz_W_hn_nt);
     return 0;
@@ -1006,7 +1027,8 @@ extern "C" int torch_gru_inference_f64(const int64_t* dims, void* const* ptrs, c
 
 // =============================================================================================
 // torch_gru: the whole sequence, backward
-// ptrs: 0 x_x, 1 s_h, 2 p_b_ir, 3 p_b_hr, 4 p_b_iz, 5 p_b_hz, 6 p_b_in, 7 p_b_hn, 8 g_W_hr_W_hz_W_hn__h, 9 v_r, 10 v_z, 11 v_n, 12 dout_h_next, 13 ds_h, 14 dx_x, 15 dp_b_in, 16 dg_W_hr_W_hz_W_hn__h, 17 tmp_d_h_gemm, 18 dhg_W_ir_W_iz_W_in__x, 19 tmp_d_h_next, 20 tmp_d_n, 21 dw_W_hr_W_hz_W_hn, 22 dw_W_ir_W_iz_W_in, 23 sum_d_b_ir, 24 sum_d_b_iz, 25 weight W_ir_W_iz_W_in, 26 weight W_hr_W_hz_W_hn, 27 d W_ir, 28 d W_hr, 29 d b_ir, 30 d b_hr, 31 d W_iz, 32 d W_hz, 33 d b_iz, 34 d b_hz, 35 d W_in, 36 d W_hn, 37 d b_in, 38 d b_hn
+// ptrs: 0 x_x, 1 s_h, 2 p_b_ir, 3 p_b_hr, 4 p_b_iz, 5 p_b_hz, 6 p_b_in, 7 p_b_hn, 8 g_W_hr_W_hz_W_hn__h, 9 v_r, 10 v_z, 11 v_n, 12 dout_h_next, 13 ds_h, 14 dx_x, 15 dp_b_in, 16 dg_W_hr_W_hz_W_hn__h, 17 tmp_d_h_gemm, 18 dhg_W_ir_W_iz_W_in__x, 19 tmp_d_h_next, 20 tmp_d_n, 21 dw_W_hr_W_hz_W_hn, 22 dw_W_ir_W_iz_W_in, 23 sum_d_b_ir, 24 sum_d_b_iz, 25 weight W_ir_W_iz_W_in, 26 weight W_hr_W_hz_W_hn, 27 d W_ir, 28 d W_hr, 29 d b_ir, 30 d b_hr, 31 d W_iz, 32 d W_hz, 33 d b_iz, 34 d b_hz, 35 d W_in, 36 d W_hn, 37 d b_in, 38 d b_hn, 39 batch sizes (host, or NULL)
+
 // =============================================================================================
 template <typename S, typename G>
 static int torch_gru_backward_run(const int64_t* dims, void* const* ptrs, const cs_ctx* ctx)
@@ -1097,15 +1119,22 @@ static int torch_gru_backward_run(const int64_t* dims, void* const* ptrs, const 
     (void)g_b_in;
     G* g_b_hn = (G*)ptrs[38];
     (void)g_b_hn;
+    const int64_t* bs = (const int64_t*)ptrs[39];
     (void)ctx;
+    if (bs) {  // rows of ended sequences, which no step writes, are read over all T*B rows
+        CS_ZERO(b_dg_W_hr_W_hz_W_hn__h, (n_T) * (n_B) * (3*n_H));
+        CS_ZERO(b_dp_b_in, (n_T) * (n_B) * (n_H));
+        CS_ZERO(b_dhg_W_ir_W_iz_W_in__x, (n_T) * (n_B) * (3*n_H));
+    }
     cs_packed<S> pk_W_hr_W_hz_W_hn_nn = cs_pack(ctx, 0, n_B, n_H, 3*n_H, w_W_hr_W_hz_W_hn, n_H);
     for (int64_t t = n_T - 1; t >= 0; --t) {
+        const int64_t rows = bs ? bs[t] : n_B;  // variable lengths: rows 0..B_t-1 run
         // backward: stage 0 backward, units of size H
-        CS_PW(torch_gru_backward_bwd0_H, n_B, n_H, b_g_W_hr_W_hz_W_hn__h + t * n_B * (3*n_H) + 2*n_H, 3*n_H, b_p_b_hn, 0, b_ds_h, n_H, b_dout_h_next + t * n_B * (n_H), n_H, b_s_h + t * n_B * (n_H), n_H, b_v_n + t * n_B * (n_H), n_H, b_v_r + t * n_B * (n_H), n_H, b_v_z + t * n_B * (n_H), n_H, b_tmp_d_h_next, n_H, b_tmp_d_n, n_H, b_dg_W_hr_W_hz_W_hn__h + t * n_B * (3*n_H), 3*n_H, b_dg_W_hr_W_hz_W_hn__h + t * n_B * (3*n_H) + n_H, 3*n_H, b_dg_W_hr_W_hz_W_hn__h + t * n_B * (3*n_H) + 2*n_H, 3*n_H);
+        CS_PW(torch_gru_backward_bwd0_H, rows, n_H, b_g_W_hr_W_hz_W_hn__h + t * n_B * (3*n_H) + 2*n_H, 3*n_H, b_p_b_hn, 0, b_ds_h, n_H, b_dout_h_next + t * n_B * (n_H), n_H, b_s_h + t * n_B * (n_H), n_H, b_v_n + t * n_B * (n_H), n_H, b_v_r + t * n_B * (n_H), n_H, b_v_z + t * n_B * (n_H), n_H, b_tmp_d_h_next, n_H, b_tmp_d_n, n_H, b_dg_W_hr_W_hz_W_hn__h + t * n_B * (3*n_H), 3*n_H, b_dg_W_hr_W_hz_W_hn__h + t * n_B * (3*n_H) + n_H, 3*n_H, b_dg_W_hr_W_hz_W_hn__h + t * n_B * (3*n_H) + 2*n_H, 3*n_H);
         // d_h_gemm = dg_W_hr_W_hz_W_hn__h @ [W_hr, W_hz, W_hn]
-        CS_GEMM_NN_PACKED(n_B, n_H, 3*n_H, b_dg_W_hr_W_hz_W_hn__h + t * n_B * (3*n_H), 3*n_H, pk_W_hr_W_hz_W_hn_nn, b_tmp_d_h_gemm, n_H, 0);
+        CS_GEMM_NN_PACKED(rows, n_H, 3*n_H, b_dg_W_hr_W_hz_W_hn__h + t * n_B * (3*n_H), 3*n_H, pk_W_hr_W_hz_W_hn_nn, b_tmp_d_h_gemm, n_H, 0);
         // backward: per-step adjoints of inputs, states, vector params, hoisted results, units of size H
-        CS_PW(torch_gru_backward_bwd_leaf_H, n_B, n_H, b_dg_W_hr_W_hz_W_hn__h + t * n_B * (3*n_H), 3*n_H, b_dg_W_hr_W_hz_W_hn__h + t * n_B * (3*n_H) + n_H, 3*n_H, b_tmp_d_h_gemm, n_H, b_tmp_d_h_next, n_H, b_tmp_d_n, n_H, b_v_n + t * n_B * (n_H), n_H, b_v_z + t * n_B * (n_H), n_H, b_ds_h, n_H, b_dp_b_in + t * n_B * (n_H), n_H, b_dhg_W_ir_W_iz_W_in__x + t * n_B * (3*n_H), 3*n_H, b_dhg_W_ir_W_iz_W_in__x + t * n_B * (3*n_H) + n_H, 3*n_H, b_dhg_W_ir_W_iz_W_in__x + t * n_B * (3*n_H) + 2*n_H, 3*n_H);
+        CS_PW(torch_gru_backward_bwd_leaf_H, rows, n_H, b_dg_W_hr_W_hz_W_hn__h + t * n_B * (3*n_H), 3*n_H, b_dg_W_hr_W_hz_W_hn__h + t * n_B * (3*n_H) + n_H, 3*n_H, b_tmp_d_h_gemm, n_H, b_tmp_d_h_next, n_H, b_tmp_d_n, n_H, b_v_n + t * n_B * (n_H), n_H, b_v_z + t * n_B * (n_H), n_H, b_ds_h, n_H, b_dp_b_in + t * n_B * (n_H), n_H, b_dhg_W_ir_W_iz_W_in__x + t * n_B * (3*n_H), 3*n_H, b_dhg_W_ir_W_iz_W_in__x + t * n_B * (3*n_H) + n_H, 3*n_H, b_dhg_W_ir_W_iz_W_in__x + t * n_B * (3*n_H) + 2*n_H, 3*n_H);
     }
     cs_unpack(pk_W_hr_W_hz_W_hn_nn);
     // d[W_hr, W_hz, W_hn] += dg_W_hr_W_hz_W_hn__h^T @ h  (W_hr @ h, W_hz @ h, W_hn @ h)
