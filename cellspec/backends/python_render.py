@@ -246,14 +246,32 @@ class _FunctionalFunction(_Function):
         super().__init__(prog, fn, names, printer, d)
         self.written = _written_buffers(fn)
         self.row_views = [b for b in self.written if fn.buffers[b].timed]
+        self.stacked: set[str] = set()  # list buffers whose rows are stacked into _X, unchanged since
+        self.ind = "    "
 
     def whole(self, name: str) -> str:
-        if name in self.written and self.fn.buffers[name].timed:
+        """A list buffer read whole outside the loop is stacked once (until its next write)."""
+        if name not in self.written or not self.fn.buffers[name].timed:
+            return self.buf(name)
+        if self.ind != "    ":  # inside the loop
             return f"torch.stack({self.buf(name)}_rows)"
+        if name not in self.stacked:
+            self.stacked.add(name)
+            self.lines.append(f"{self.ind}{self.buf(name)} = torch.stack({self.buf(name)}_rows)")
         return self.buf(name)
+
+    def restack(self) -> list[str]:
+        """Lines that stack every written timed buffer not stacked since its last write."""
+        out = []
+        for name in self.written:
+            if self.fn.buffers[name].timed and name not in self.stacked:
+                self.stacked.add(name)
+                out.append(f"{self.buf(name)} = torch.stack({self.buf(name)}_rows)")
+        return out
 
     def emit(self, op, ind: str) -> None:
         L = self.lines
+        self.ind = ind
         if isinstance(op, ir.Loop):
             L.append(f"{ind}for _t in {'reversed(range(_T))' if op.reverse else 'range(_T)'}:")
             for o in op.body:
@@ -286,6 +304,7 @@ class _FunctionalFunction(_Function):
             self.assign(ind, self.fn.slots[f"grad_input:{op.input}"], "all", src, add=True)
         elif isinstance(op, ir.Zero):
             b = self.buf(op.buffer)
+            self.stacked.discard(op.buffer)
             if self.fn.buffers[op.buffer].timed:
                 L.append(f"{ind}{b}_rows = [torch.zeros_like(_r) for _r in {b}_rows]")
             else:
@@ -298,6 +317,7 @@ class _FunctionalFunction(_Function):
         a timed buffer) or ``all`` (every step's rows from one [T*B, w] or [T, B, w] value)."""
         buf = self.fn.buffers[sl.buffer]
         b = self.buf(buf.name)
+        self.stacked.discard(buf.name)
         full = full or self.full_width(sl)
         lo, hi = ("0", "0") if full else (pysize(sl.col), pysize(sl.col + ir.size(sl.size)))
         if buf.timed and rows == "all":
@@ -372,7 +392,8 @@ def render(prog: ir.Program, names: dict[str, str], printer, d: Dialect) -> dict
             allocs.append(f"{r.buf(b.name)} = {make.format(_shape(b.shape))}")
         split = "list({}.unbind(0))" if d.functional else "{}.unbind(0)"
         rows = [f"{r.buf(n)}_rows = {split.format(r.buf(n))}" for n in r.row_views]
-        after = [f"{r.buf(n)} = torch.stack({r.buf(n)}_rows)" for n in getattr(r, "written", ()) if fn.buffers[n].timed]
+        r.ind = "    "
+        after = r.restack() if d.functional else []
         grads_zero = [prm.key for prm in prog.params if prm.key not in r.grads_seen]
         out[fn.name] = {
             "allocs": allocs,

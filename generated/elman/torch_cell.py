@@ -243,7 +243,7 @@ def _forward_differentiable(_params, _x, _state):
         _s_h_rows[_t + 1] = h_next
     _hg_W_ih__x = torch.stack(_hg_W_ih__x_rows)
     _s_h = torch.stack(_s_h_rows)
-    _outputs = (torch.stack(_s_h_rows)[1:],)
+    _outputs = (_s_h[1:],)
     _final = (_s_h[_T], )
     _saved = {"s_h": _s_h, }
     return _outputs[0], _final[0], _saved
@@ -287,15 +287,15 @@ def _backward_differentiable(_params, _x, _saved, _d_outputs, _d_final):
         d_h_gemm = _tmp_d_h_gemm
         d_h = d_h_gemm  # adjoint of state h
         _ds_h = d_h
+    _dg_W_hh__h = torch.stack(_dg_W_hh__h_rows)
     # dW of W_hh @ h: one GEMM over all T*B rows
-    _grads["W_hh"] = torch.stack(_dg_W_hh__h_rows).reshape(_T * _B, _H)[:, 0:_H].T @ _s_h[:_T].reshape(_T * _B, _H)
+    _grads["W_hh"] = _dg_W_hh__h.reshape(_T * _B, _H)[:, 0:_H].T @ _s_h[:_T].reshape(_T * _B, _H)
     # dW of W_ih @ x: one GEMM over all T*B rows
-    _grads["W_ih"] = torch.stack(_dg_W_hh__h_rows).reshape(_T * _B, _H)[:, 0:_H].T @ _x_x.reshape(_T * _B, _I)
-    _dx_x_rows = _scatter_rows(_dx_x_rows, 0, _T, None, None, torch.stack(_dg_W_hh__h_rows).reshape(_T * _B, _H) @ _w_W_ih, add=False)
-    _sum = torch.stack(_dg_W_hh__h_rows).reshape(_T * _B, _H).sum(0)
+    _grads["W_ih"] = _dg_W_hh__h.reshape(_T * _B, _H)[:, 0:_H].T @ _x_x.reshape(_T * _B, _I)
+    _dx_x_rows = _scatter_rows(_dx_x_rows, 0, _T, None, None, _dg_W_hh__h.reshape(_T * _B, _H) @ _w_W_ih, add=False)
+    _sum = _dg_W_hh__h.reshape(_T * _B, _H).sum(0)
     _grads["b_ih"] = _sum
     _grads["b_hh"] = _sum
-    _dg_W_hh__h = torch.stack(_dg_W_hh__h_rows)
     _dx_x = torch.stack(_dx_x_rows)
     _grads = {"W_ih": _grads["W_ih"], "W_hh": _grads["W_hh"], "b_ih": _grads["b_ih"], "b_hh": _grads["b_hh"], }
     _d_x = _dx_x

@@ -414,7 +414,7 @@ def _forward_differentiable(_params, _x, _state):
     _v_U_c_in = torch.stack(_v_U_c_in_rows)
     _v_c = torch.stack(_v_c_rows)
     _s_h = torch.stack(_s_h_rows)
-    _outputs = (torch.stack(_s_h_rows)[1:],)
+    _outputs = (_s_h[1:],)
     _final = (_s_h[_T], )
     _saved = {"s_h": _s_h, "v_r": _v_r, "v_u": _v_u, "v_U_c_in": _v_U_c_in, "v_c": _v_c, }
     return _outputs[0], _final[0], _saved
@@ -509,25 +509,25 @@ def _backward_differentiable(_params, _x, _saved, _d_outputs, _d_final):
         _dhg_W_r_W_u_W_c__x_rows[_t] = torch.slice_scatter(_dhg_W_r_W_u_W_c__x_rows[_t], d_W_r_x, 1, 0, _H)
         _dhg_W_r_W_u_W_c__x_rows[_t] = torch.slice_scatter(_dhg_W_r_W_u_W_c__x_rows[_t], d_W_u_x, 1, _H, 2*_H)
         _dhg_W_r_W_u_W_c__x_rows[_t] = torch.slice_scatter(_dhg_W_r_W_u_W_c__x_rows[_t], d_W_c_x, 1, 2*_H, 3*_H)
-    # dW of U_r @ h, U_u @ h: one GEMM over all T*B rows
-    _grads["U_r"] = torch.stack(_dg_U_r_U_u__h_rows).reshape(_T * _B, 2*_H)[:, 0:_H].T @ _s_h[:_T].reshape(_T * _B, _H)
-    _grads["U_u"] = torch.stack(_dg_U_r_U_u__h_rows).reshape(_T * _B, 2*_H)[:, _H:2*_H].T @ _s_h[:_T].reshape(_T * _B, _H)
-    # dW of U_c @ U_c_in: one GEMM over all T*B rows
-    _grads["U_c"] = torch.stack(_dg_U_c__U_c_in_rows).reshape(_T * _B, _H)[:, 0:_H].T @ _v_U_c_in.reshape(_T * _B, _H)
-    # dW of W_r @ x, W_u @ x, W_c @ x: one GEMM over all T*B rows
-    _grads["W_r"] = torch.stack(_dhg_W_r_W_u_W_c__x_rows).reshape(_T * _B, 3*_H)[:, 0:_H].T @ _x_x.reshape(_T * _B, _I)
-    _grads["W_u"] = torch.stack(_dhg_W_r_W_u_W_c__x_rows).reshape(_T * _B, 3*_H)[:, _H:2*_H].T @ _x_x.reshape(_T * _B, _I)
-    _grads["W_c"] = torch.stack(_dhg_W_r_W_u_W_c__x_rows).reshape(_T * _B, 3*_H)[:, 2*_H:3*_H].T @ _x_x.reshape(_T * _B, _I)
-    _dx_x_rows = _scatter_rows(_dx_x_rows, 0, _T, None, None, torch.stack(_dhg_W_r_W_u_W_c__x_rows).reshape(_T * _B, 3*_H) @ _w_W_r_W_u_W_c, add=False)
-    _sum = torch.stack(_dg_U_r_U_u__h_rows).reshape(_T * _B, 2*_H)[:, 0:_H].sum(0)
-    _grads["b_r"] = _sum
-    _sum = torch.stack(_dg_U_r_U_u__h_rows).reshape(_T * _B, 2*_H)[:, _H:2*_H].sum(0)
-    _grads["b_u"] = _sum
-    _sum = torch.stack(_dg_U_c__U_c_in_rows).reshape(_T * _B, _H).sum(0)
-    _grads["b_c"] = _sum
-    _dg_U_c__U_c_in = torch.stack(_dg_U_c__U_c_in_rows)
     _dg_U_r_U_u__h = torch.stack(_dg_U_r_U_u__h_rows)
+    # dW of U_r @ h, U_u @ h: one GEMM over all T*B rows
+    _grads["U_r"] = _dg_U_r_U_u__h.reshape(_T * _B, 2*_H)[:, 0:_H].T @ _s_h[:_T].reshape(_T * _B, _H)
+    _grads["U_u"] = _dg_U_r_U_u__h.reshape(_T * _B, 2*_H)[:, _H:2*_H].T @ _s_h[:_T].reshape(_T * _B, _H)
+    _dg_U_c__U_c_in = torch.stack(_dg_U_c__U_c_in_rows)
+    # dW of U_c @ U_c_in: one GEMM over all T*B rows
+    _grads["U_c"] = _dg_U_c__U_c_in.reshape(_T * _B, _H)[:, 0:_H].T @ _v_U_c_in.reshape(_T * _B, _H)
     _dhg_W_r_W_u_W_c__x = torch.stack(_dhg_W_r_W_u_W_c__x_rows)
+    # dW of W_r @ x, W_u @ x, W_c @ x: one GEMM over all T*B rows
+    _grads["W_r"] = _dhg_W_r_W_u_W_c__x.reshape(_T * _B, 3*_H)[:, 0:_H].T @ _x_x.reshape(_T * _B, _I)
+    _grads["W_u"] = _dhg_W_r_W_u_W_c__x.reshape(_T * _B, 3*_H)[:, _H:2*_H].T @ _x_x.reshape(_T * _B, _I)
+    _grads["W_c"] = _dhg_W_r_W_u_W_c__x.reshape(_T * _B, 3*_H)[:, 2*_H:3*_H].T @ _x_x.reshape(_T * _B, _I)
+    _dx_x_rows = _scatter_rows(_dx_x_rows, 0, _T, None, None, _dhg_W_r_W_u_W_c__x.reshape(_T * _B, 3*_H) @ _w_W_r_W_u_W_c, add=False)
+    _sum = _dg_U_r_U_u__h.reshape(_T * _B, 2*_H)[:, 0:_H].sum(0)
+    _grads["b_r"] = _sum
+    _sum = _dg_U_r_U_u__h.reshape(_T * _B, 2*_H)[:, _H:2*_H].sum(0)
+    _grads["b_u"] = _sum
+    _sum = _dg_U_c__U_c_in.reshape(_T * _B, _H).sum(0)
+    _grads["b_c"] = _sum
     _dx_x = torch.stack(_dx_x_rows)
     _grads = {"W_r": _grads["W_r"], "U_r": _grads["U_r"], "b_r": _grads["b_r"], "W_u": _grads["W_u"], "U_u": _grads["U_u"], "b_u": _grads["b_u"], "W_c": _grads["W_c"], "U_c": _grads["U_c"], "b_c": _grads["b_c"], }
     _d_x = _dx_x

@@ -238,7 +238,7 @@ def _forward_differentiable(_params, _x, _state):
         _s_h_rows[_t + 1] = h_next
     _hg_W__x = torch.stack(_hg_W__x_rows)
     _s_h = torch.stack(_s_h_rows)
-    _outputs = (torch.stack(_s_h_rows)[1:],)
+    _outputs = (_s_h[1:],)
     _final = (_s_h[_T], )
     _saved = {"s_h": _s_h, "hg_W__x": _hg_W__x, }
     return _outputs[0], _final[0], _saved
@@ -291,16 +291,16 @@ def _backward_differentiable(_params, _x, _saved, _d_outputs, _d_final):
         _dp_u_rows[_t] = d_u
         _dp_b_rows[_t] = d_b
         _dhg_W__x_rows[_t] = d_W_x
-    # dW of W @ x: one GEMM over all T*B rows
-    _grads["W"] = torch.stack(_dhg_W__x_rows).reshape(_T * _B, _H)[:, 0:_H].T @ _x_x.reshape(_T * _B, _I)
-    _dx_x_rows = _scatter_rows(_dx_x_rows, 0, _T, None, None, torch.stack(_dhg_W__x_rows).reshape(_T * _B, _H) @ _w_W, add=False)
-    _sum = torch.stack(_dp_u_rows).reshape(_T * _B, _H).sum(0)
-    _grads["u"] = _sum
-    _sum = torch.stack(_dp_b_rows).reshape(_T * _B, _H).sum(0)
-    _grads["b"] = _sum
-    _dp_u = torch.stack(_dp_u_rows)
-    _dp_b = torch.stack(_dp_b_rows)
     _dhg_W__x = torch.stack(_dhg_W__x_rows)
+    # dW of W @ x: one GEMM over all T*B rows
+    _grads["W"] = _dhg_W__x.reshape(_T * _B, _H)[:, 0:_H].T @ _x_x.reshape(_T * _B, _I)
+    _dx_x_rows = _scatter_rows(_dx_x_rows, 0, _T, None, None, _dhg_W__x.reshape(_T * _B, _H) @ _w_W, add=False)
+    _dp_u = torch.stack(_dp_u_rows)
+    _sum = _dp_u.reshape(_T * _B, _H).sum(0)
+    _grads["u"] = _sum
+    _dp_b = torch.stack(_dp_b_rows)
+    _sum = _dp_b.reshape(_T * _B, _H).sum(0)
+    _grads["b"] = _sum
     _dx_x = torch.stack(_dx_x_rows)
     _grads = {"W": _grads["W"], "u": _grads["u"], "b": _grads["b"], }
     _d_x = _dx_x

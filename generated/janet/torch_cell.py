@@ -307,7 +307,7 @@ def _forward_differentiable(_params, _x, _state):
     _v_s = torch.stack(_v_s_rows)
     _v_c_tilde = torch.stack(_v_c_tilde_rows)
     _s_h = torch.stack(_s_h_rows)
-    _outputs = (torch.stack(_s_h_rows)[1:],)
+    _outputs = (_s_h[1:],)
     _final = (_s_h[_T], )
     _saved = {"s_h": _s_h, "v_s": _v_s, "v_c_tilde": _v_c_tilde, }
     return _outputs[0], _final[0], _saved
@@ -369,18 +369,18 @@ def _backward_differentiable(_params, _x, _saved, _d_outputs, _d_final):
         s = _v_s_rows[_t]
         d_h = d_h_gemm + d_h_next*torch.sigmoid(s)  # adjoint of state h
         _ds_h = d_h
-    # dW of U_f @ h, U_c @ h: one GEMM over all T*B rows
-    _grads["U_f"] = torch.stack(_dg_U_f_U_c__h_rows).reshape(_T * _B, 2*_H)[:, 0:_H].T @ _s_h[:_T].reshape(_T * _B, _H)
-    _grads["U_c"] = torch.stack(_dg_U_f_U_c__h_rows).reshape(_T * _B, 2*_H)[:, _H:2*_H].T @ _s_h[:_T].reshape(_T * _B, _H)
-    # dW of W_f @ x, W_c @ x: one GEMM over all T*B rows
-    _grads["W_f"] = torch.stack(_dg_U_f_U_c__h_rows).reshape(_T * _B, 2*_H)[:, 0:_H].T @ _x_x.reshape(_T * _B, _I)
-    _grads["W_c"] = torch.stack(_dg_U_f_U_c__h_rows).reshape(_T * _B, 2*_H)[:, _H:2*_H].T @ _x_x.reshape(_T * _B, _I)
-    _dx_x_rows = _scatter_rows(_dx_x_rows, 0, _T, None, None, torch.stack(_dg_U_f_U_c__h_rows).reshape(_T * _B, 2*_H) @ _w_W_f_W_c, add=False)
-    _sum = torch.stack(_dg_U_f_U_c__h_rows).reshape(_T * _B, 2*_H)[:, 0:_H].sum(0)
-    _grads["b_f"] = _sum
-    _sum = torch.stack(_dg_U_f_U_c__h_rows).reshape(_T * _B, 2*_H)[:, _H:2*_H].sum(0)
-    _grads["b_c"] = _sum
     _dg_U_f_U_c__h = torch.stack(_dg_U_f_U_c__h_rows)
+    # dW of U_f @ h, U_c @ h: one GEMM over all T*B rows
+    _grads["U_f"] = _dg_U_f_U_c__h.reshape(_T * _B, 2*_H)[:, 0:_H].T @ _s_h[:_T].reshape(_T * _B, _H)
+    _grads["U_c"] = _dg_U_f_U_c__h.reshape(_T * _B, 2*_H)[:, _H:2*_H].T @ _s_h[:_T].reshape(_T * _B, _H)
+    # dW of W_f @ x, W_c @ x: one GEMM over all T*B rows
+    _grads["W_f"] = _dg_U_f_U_c__h.reshape(_T * _B, 2*_H)[:, 0:_H].T @ _x_x.reshape(_T * _B, _I)
+    _grads["W_c"] = _dg_U_f_U_c__h.reshape(_T * _B, 2*_H)[:, _H:2*_H].T @ _x_x.reshape(_T * _B, _I)
+    _dx_x_rows = _scatter_rows(_dx_x_rows, 0, _T, None, None, _dg_U_f_U_c__h.reshape(_T * _B, 2*_H) @ _w_W_f_W_c, add=False)
+    _sum = _dg_U_f_U_c__h.reshape(_T * _B, 2*_H)[:, 0:_H].sum(0)
+    _grads["b_f"] = _sum
+    _sum = _dg_U_f_U_c__h.reshape(_T * _B, 2*_H)[:, _H:2*_H].sum(0)
+    _grads["b_c"] = _sum
     _dx_x = torch.stack(_dx_x_rows)
     _grads = {"W_f": _grads["W_f"], "U_f": _grads["U_f"], "b_f": _grads["b_f"], "W_c": _grads["W_c"], "U_c": _grads["U_c"], "b_c": _grads["b_c"], }
     _d_x = _dx_x

@@ -364,7 +364,7 @@ def _forward_differentiable(_params, _x, _state):
     _v_U_h_in = torch.stack(_v_U_h_in_rows)
     _v_h_tilde = torch.stack(_v_h_tilde_rows)
     _s_h = torch.stack(_s_h_rows)
-    _outputs = (torch.stack(_s_h_rows)[1:],)
+    _outputs = (_s_h[1:],)
     _final = (_s_h[_T], )
     _saved = {"s_h": _s_h, "v_f": _v_f, "v_U_h_in": _v_U_h_in, "v_h_tilde": _v_h_tilde, }
     return _outputs[0], _final[0], _saved
@@ -446,21 +446,21 @@ def _backward_differentiable(_params, _x, _saved, _d_outputs, _d_final):
         _ds_h = d_h
         _dhg_W_f_W_h__x_rows[_t] = torch.slice_scatter(_dhg_W_f_W_h__x_rows[_t], d_W_f_x, 1, 0, _H)
         _dhg_W_f_W_h__x_rows[_t] = torch.slice_scatter(_dhg_W_f_W_h__x_rows[_t], d_W_h_x, 1, _H, 2*_H)
-    # dW of U_f @ h: one GEMM over all T*B rows
-    _grads["U_f"] = torch.stack(_dg_U_f__h_rows).reshape(_T * _B, _H)[:, 0:_H].T @ _s_h[:_T].reshape(_T * _B, _H)
-    # dW of U_h @ U_h_in: one GEMM over all T*B rows
-    _grads["U_h"] = torch.stack(_dg_U_h__U_h_in_rows).reshape(_T * _B, _H)[:, 0:_H].T @ _v_U_h_in.reshape(_T * _B, _H)
-    # dW of W_f @ x, W_h @ x: one GEMM over all T*B rows
-    _grads["W_f"] = torch.stack(_dhg_W_f_W_h__x_rows).reshape(_T * _B, 2*_H)[:, 0:_H].T @ _x_x.reshape(_T * _B, _I)
-    _grads["W_h"] = torch.stack(_dhg_W_f_W_h__x_rows).reshape(_T * _B, 2*_H)[:, _H:2*_H].T @ _x_x.reshape(_T * _B, _I)
-    _dx_x_rows = _scatter_rows(_dx_x_rows, 0, _T, None, None, torch.stack(_dhg_W_f_W_h__x_rows).reshape(_T * _B, 2*_H) @ _w_W_f_W_h, add=False)
-    _sum = torch.stack(_dg_U_f__h_rows).reshape(_T * _B, _H).sum(0)
-    _grads["b_f"] = _sum
-    _sum = torch.stack(_dg_U_h__U_h_in_rows).reshape(_T * _B, _H).sum(0)
-    _grads["b_h"] = _sum
-    _dg_U_h__U_h_in = torch.stack(_dg_U_h__U_h_in_rows)
     _dg_U_f__h = torch.stack(_dg_U_f__h_rows)
+    # dW of U_f @ h: one GEMM over all T*B rows
+    _grads["U_f"] = _dg_U_f__h.reshape(_T * _B, _H)[:, 0:_H].T @ _s_h[:_T].reshape(_T * _B, _H)
+    _dg_U_h__U_h_in = torch.stack(_dg_U_h__U_h_in_rows)
+    # dW of U_h @ U_h_in: one GEMM over all T*B rows
+    _grads["U_h"] = _dg_U_h__U_h_in.reshape(_T * _B, _H)[:, 0:_H].T @ _v_U_h_in.reshape(_T * _B, _H)
     _dhg_W_f_W_h__x = torch.stack(_dhg_W_f_W_h__x_rows)
+    # dW of W_f @ x, W_h @ x: one GEMM over all T*B rows
+    _grads["W_f"] = _dhg_W_f_W_h__x.reshape(_T * _B, 2*_H)[:, 0:_H].T @ _x_x.reshape(_T * _B, _I)
+    _grads["W_h"] = _dhg_W_f_W_h__x.reshape(_T * _B, 2*_H)[:, _H:2*_H].T @ _x_x.reshape(_T * _B, _I)
+    _dx_x_rows = _scatter_rows(_dx_x_rows, 0, _T, None, None, _dhg_W_f_W_h__x.reshape(_T * _B, 2*_H) @ _w_W_f_W_h, add=False)
+    _sum = _dg_U_f__h.reshape(_T * _B, _H).sum(0)
+    _grads["b_f"] = _sum
+    _sum = _dg_U_h__U_h_in.reshape(_T * _B, _H).sum(0)
+    _grads["b_h"] = _sum
     _dx_x = torch.stack(_dx_x_rows)
     _grads = {"W_f": _grads["W_f"], "U_f": _grads["U_f"], "b_f": _grads["b_f"], "W_h": _grads["W_h"], "U_h": _grads["U_h"], "b_h": _grads["b_h"], }
     _d_x = _dx_x

@@ -471,7 +471,7 @@ def _forward_differentiable(_params, _x, _state):
     _s_c = torch.stack(_s_c_rows)
     _v_o = torch.stack(_v_o_rows)
     _s_h = torch.stack(_s_h_rows)
-    _outputs = (torch.stack(_s_h_rows)[1:],)
+    _outputs = (_s_h[1:],)
     _final = (_s_h[_T], _s_c[_T], )
     _saved = {"s_h": _s_h, "s_c": _s_c, "v_i": _v_i, "v_f": _v_f, "v_g": _v_g, "v_o": _v_o, }
     return _outputs[0], _final, _saved
@@ -587,35 +587,35 @@ def _backward_differentiable(_params, _x, _saved, _d_outputs, _d_final):
         _dp_p_i_rows[_t] = d_p_i
         _dp_p_f_rows[_t] = d_p_f
         _dp_p_o_rows[_t] = d_p_o
-    # dW of W_hi @ h, W_hf @ h, W_hg @ h, W_ho @ h: one GEMM over all T*B rows
-    _grads["W_hi"] = torch.stack(_dg_W_hi_W_hf_W_hg_W_ho__h_rows).reshape(_T * _B, 4*_H)[:, 0:_H].T @ _s_h[:_T].reshape(_T * _B, _H)
-    _grads["W_hf"] = torch.stack(_dg_W_hi_W_hf_W_hg_W_ho__h_rows).reshape(_T * _B, 4*_H)[:, _H:2*_H].T @ _s_h[:_T].reshape(_T * _B, _H)
-    _grads["W_hg"] = torch.stack(_dg_W_hi_W_hf_W_hg_W_ho__h_rows).reshape(_T * _B, 4*_H)[:, 2*_H:3*_H].T @ _s_h[:_T].reshape(_T * _B, _H)
-    _grads["W_ho"] = torch.stack(_dg_W_hi_W_hf_W_hg_W_ho__h_rows).reshape(_T * _B, 4*_H)[:, 3*_H:4*_H].T @ _s_h[:_T].reshape(_T * _B, _H)
-    # dW of W_ii @ x, W_if @ x, W_ig @ x, W_io @ x: one GEMM over all T*B rows
-    _grads["W_ii"] = torch.stack(_dg_W_hi_W_hf_W_hg_W_ho__h_rows).reshape(_T * _B, 4*_H)[:, 0:_H].T @ _x_x.reshape(_T * _B, _I)
-    _grads["W_if"] = torch.stack(_dg_W_hi_W_hf_W_hg_W_ho__h_rows).reshape(_T * _B, 4*_H)[:, _H:2*_H].T @ _x_x.reshape(_T * _B, _I)
-    _grads["W_ig"] = torch.stack(_dg_W_hi_W_hf_W_hg_W_ho__h_rows).reshape(_T * _B, 4*_H)[:, 2*_H:3*_H].T @ _x_x.reshape(_T * _B, _I)
-    _grads["W_io"] = torch.stack(_dg_W_hi_W_hf_W_hg_W_ho__h_rows).reshape(_T * _B, 4*_H)[:, 3*_H:4*_H].T @ _x_x.reshape(_T * _B, _I)
-    _dx_x_rows = _scatter_rows(_dx_x_rows, 0, _T, None, None, torch.stack(_dg_W_hi_W_hf_W_hg_W_ho__h_rows).reshape(_T * _B, 4*_H) @ _w_W_ii_W_if_W_ig_W_io, add=False)
-    _sum = torch.stack(_dp_p_i_rows).reshape(_T * _B, _H).sum(0)
-    _grads["p_i"] = _sum
-    _sum = torch.stack(_dg_W_hi_W_hf_W_hg_W_ho__h_rows).reshape(_T * _B, 4*_H)[:, 0:_H].sum(0)
-    _grads["b_i"] = _sum
-    _sum = torch.stack(_dp_p_f_rows).reshape(_T * _B, _H).sum(0)
-    _grads["p_f"] = _sum
-    _sum = torch.stack(_dg_W_hi_W_hf_W_hg_W_ho__h_rows).reshape(_T * _B, 4*_H)[:, _H:2*_H].sum(0)
-    _grads["b_f"] = _sum
-    _sum = torch.stack(_dg_W_hi_W_hf_W_hg_W_ho__h_rows).reshape(_T * _B, 4*_H)[:, 2*_H:3*_H].sum(0)
-    _grads["b_g"] = _sum
-    _sum = torch.stack(_dp_p_o_rows).reshape(_T * _B, _H).sum(0)
-    _grads["p_o"] = _sum
-    _sum = torch.stack(_dg_W_hi_W_hf_W_hg_W_ho__h_rows).reshape(_T * _B, 4*_H)[:, 3*_H:4*_H].sum(0)
-    _grads["b_o"] = _sum
     _dg_W_hi_W_hf_W_hg_W_ho__h = torch.stack(_dg_W_hi_W_hf_W_hg_W_ho__h_rows)
+    # dW of W_hi @ h, W_hf @ h, W_hg @ h, W_ho @ h: one GEMM over all T*B rows
+    _grads["W_hi"] = _dg_W_hi_W_hf_W_hg_W_ho__h.reshape(_T * _B, 4*_H)[:, 0:_H].T @ _s_h[:_T].reshape(_T * _B, _H)
+    _grads["W_hf"] = _dg_W_hi_W_hf_W_hg_W_ho__h.reshape(_T * _B, 4*_H)[:, _H:2*_H].T @ _s_h[:_T].reshape(_T * _B, _H)
+    _grads["W_hg"] = _dg_W_hi_W_hf_W_hg_W_ho__h.reshape(_T * _B, 4*_H)[:, 2*_H:3*_H].T @ _s_h[:_T].reshape(_T * _B, _H)
+    _grads["W_ho"] = _dg_W_hi_W_hf_W_hg_W_ho__h.reshape(_T * _B, 4*_H)[:, 3*_H:4*_H].T @ _s_h[:_T].reshape(_T * _B, _H)
+    # dW of W_ii @ x, W_if @ x, W_ig @ x, W_io @ x: one GEMM over all T*B rows
+    _grads["W_ii"] = _dg_W_hi_W_hf_W_hg_W_ho__h.reshape(_T * _B, 4*_H)[:, 0:_H].T @ _x_x.reshape(_T * _B, _I)
+    _grads["W_if"] = _dg_W_hi_W_hf_W_hg_W_ho__h.reshape(_T * _B, 4*_H)[:, _H:2*_H].T @ _x_x.reshape(_T * _B, _I)
+    _grads["W_ig"] = _dg_W_hi_W_hf_W_hg_W_ho__h.reshape(_T * _B, 4*_H)[:, 2*_H:3*_H].T @ _x_x.reshape(_T * _B, _I)
+    _grads["W_io"] = _dg_W_hi_W_hf_W_hg_W_ho__h.reshape(_T * _B, 4*_H)[:, 3*_H:4*_H].T @ _x_x.reshape(_T * _B, _I)
+    _dx_x_rows = _scatter_rows(_dx_x_rows, 0, _T, None, None, _dg_W_hi_W_hf_W_hg_W_ho__h.reshape(_T * _B, 4*_H) @ _w_W_ii_W_if_W_ig_W_io, add=False)
     _dp_p_i = torch.stack(_dp_p_i_rows)
+    _sum = _dp_p_i.reshape(_T * _B, _H).sum(0)
+    _grads["p_i"] = _sum
+    _sum = _dg_W_hi_W_hf_W_hg_W_ho__h.reshape(_T * _B, 4*_H)[:, 0:_H].sum(0)
+    _grads["b_i"] = _sum
     _dp_p_f = torch.stack(_dp_p_f_rows)
+    _sum = _dp_p_f.reshape(_T * _B, _H).sum(0)
+    _grads["p_f"] = _sum
+    _sum = _dg_W_hi_W_hf_W_hg_W_ho__h.reshape(_T * _B, 4*_H)[:, _H:2*_H].sum(0)
+    _grads["b_f"] = _sum
+    _sum = _dg_W_hi_W_hf_W_hg_W_ho__h.reshape(_T * _B, 4*_H)[:, 2*_H:3*_H].sum(0)
+    _grads["b_g"] = _sum
     _dp_p_o = torch.stack(_dp_p_o_rows)
+    _sum = _dp_p_o.reshape(_T * _B, _H).sum(0)
+    _grads["p_o"] = _sum
+    _sum = _dg_W_hi_W_hf_W_hg_W_ho__h.reshape(_T * _B, 4*_H)[:, 3*_H:4*_H].sum(0)
+    _grads["b_o"] = _sum
     _dx_x = torch.stack(_dx_x_rows)
     _grads = {"W_ii": _grads["W_ii"], "W_hi": _grads["W_hi"], "p_i": _grads["p_i"], "b_i": _grads["b_i"], "W_if": _grads["W_if"], "W_hf": _grads["W_hf"], "p_f": _grads["p_f"], "b_f": _grads["b_f"], "W_ig": _grads["W_ig"], "W_hg": _grads["W_hg"], "b_g": _grads["b_g"], "W_io": _grads["W_io"], "W_ho": _grads["W_ho"], "p_o": _grads["p_o"], "b_o": _grads["b_o"], }
     _d_x = _dx_x

@@ -358,7 +358,7 @@ def _forward_differentiable(_params, _x, _state):
     _s_c = torch.stack(_s_c_rows)
     _v_r = torch.stack(_v_r_rows)
     _v_h = torch.stack(_v_h_rows)
-    _outputs = (torch.stack(_v_h_rows),)
+    _outputs = (_v_h,)
     _final = (_s_c[_T], )
     _saved = {"s_c": _s_c, "hg_W_f_W_W_r_W_s__x": _hg_W_f_W_W_r_W_s__x, "v_f": _v_f, "v_r": _v_r, }
     return _outputs[0], _final[0], _saved
@@ -455,25 +455,25 @@ def _backward_differentiable(_params, _x, _saved, _d_outputs, _d_final):
         _dhg_W_f_W_W_r_W_s__x_rows[_t] = torch.slice_scatter(_dhg_W_f_W_W_r_W_s__x_rows[_t], d_W_x, 1, _H, 2*_H)
         _dhg_W_f_W_W_r_W_s__x_rows[_t] = torch.slice_scatter(_dhg_W_f_W_W_r_W_s__x_rows[_t], d_W_r_x, 1, 2*_H, 3*_H)
         _dhg_W_f_W_W_r_W_s__x_rows[_t] = torch.slice_scatter(_dhg_W_f_W_W_r_W_s__x_rows[_t], d_W_s_x, 1, 3*_H, 4*_H)
-    # dW of W_f @ x, W @ x, W_r @ x, W_s @ x: one GEMM over all T*B rows
-    _grads["W_f"] = torch.stack(_dhg_W_f_W_W_r_W_s__x_rows).reshape(_T * _B, 4*_H)[:, 0:_H].T @ _x_x.reshape(_T * _B, _I)
-    _grads["W"] = torch.stack(_dhg_W_f_W_W_r_W_s__x_rows).reshape(_T * _B, 4*_H)[:, _H:2*_H].T @ _x_x.reshape(_T * _B, _I)
-    _grads["W_r"] = torch.stack(_dhg_W_f_W_W_r_W_s__x_rows).reshape(_T * _B, 4*_H)[:, 2*_H:3*_H].T @ _x_x.reshape(_T * _B, _I)
-    _grads["W_s"] = torch.stack(_dhg_W_f_W_W_r_W_s__x_rows).reshape(_T * _B, 4*_H)[:, 3*_H:4*_H].T @ _x_x.reshape(_T * _B, _I)
-    _dx_x_rows = _scatter_rows(_dx_x_rows, 0, _T, None, None, torch.stack(_dhg_W_f_W_W_r_W_s__x_rows).reshape(_T * _B, 4*_H) @ _w_W_f_W_W_r_W_s, add=False)
-    _sum = torch.stack(_dp_v_f_rows).reshape(_T * _B, _H).sum(0)
-    _grads["v_f"] = _sum
-    _sum = torch.stack(_dp_b_f_rows).reshape(_T * _B, _H).sum(0)
-    _grads["b_f"] = _sum
-    _sum = torch.stack(_dp_v_r_rows).reshape(_T * _B, _H).sum(0)
-    _grads["v_r"] = _sum
-    _sum = torch.stack(_dp_b_r_rows).reshape(_T * _B, _H).sum(0)
-    _grads["b_r"] = _sum
-    _dp_v_f = torch.stack(_dp_v_f_rows)
-    _dp_b_f = torch.stack(_dp_b_f_rows)
-    _dp_v_r = torch.stack(_dp_v_r_rows)
-    _dp_b_r = torch.stack(_dp_b_r_rows)
     _dhg_W_f_W_W_r_W_s__x = torch.stack(_dhg_W_f_W_W_r_W_s__x_rows)
+    # dW of W_f @ x, W @ x, W_r @ x, W_s @ x: one GEMM over all T*B rows
+    _grads["W_f"] = _dhg_W_f_W_W_r_W_s__x.reshape(_T * _B, 4*_H)[:, 0:_H].T @ _x_x.reshape(_T * _B, _I)
+    _grads["W"] = _dhg_W_f_W_W_r_W_s__x.reshape(_T * _B, 4*_H)[:, _H:2*_H].T @ _x_x.reshape(_T * _B, _I)
+    _grads["W_r"] = _dhg_W_f_W_W_r_W_s__x.reshape(_T * _B, 4*_H)[:, 2*_H:3*_H].T @ _x_x.reshape(_T * _B, _I)
+    _grads["W_s"] = _dhg_W_f_W_W_r_W_s__x.reshape(_T * _B, 4*_H)[:, 3*_H:4*_H].T @ _x_x.reshape(_T * _B, _I)
+    _dx_x_rows = _scatter_rows(_dx_x_rows, 0, _T, None, None, _dhg_W_f_W_W_r_W_s__x.reshape(_T * _B, 4*_H) @ _w_W_f_W_W_r_W_s, add=False)
+    _dp_v_f = torch.stack(_dp_v_f_rows)
+    _sum = _dp_v_f.reshape(_T * _B, _H).sum(0)
+    _grads["v_f"] = _sum
+    _dp_b_f = torch.stack(_dp_b_f_rows)
+    _sum = _dp_b_f.reshape(_T * _B, _H).sum(0)
+    _grads["b_f"] = _sum
+    _dp_v_r = torch.stack(_dp_v_r_rows)
+    _sum = _dp_v_r.reshape(_T * _B, _H).sum(0)
+    _grads["v_r"] = _sum
+    _dp_b_r = torch.stack(_dp_b_r_rows)
+    _sum = _dp_b_r.reshape(_T * _B, _H).sum(0)
+    _grads["b_r"] = _sum
     _dx_x = torch.stack(_dx_x_rows)
     _grads = {"W": _grads["W"], "W_f": _grads["W_f"], "v_f": _grads["v_f"], "b_f": _grads["b_f"], "W_r": _grads["W_r"], "v_r": _grads["v_r"], "b_r": _grads["b_r"], "W_s": _grads["W_s"], }
     _d_x = _dx_x

@@ -397,7 +397,7 @@ def _forward_differentiable(_params, _x, _state):
     _v_z = torch.stack(_v_z_rows)
     _v_n = torch.stack(_v_n_rows)
     _s_h = torch.stack(_s_h_rows)
-    _outputs = (torch.stack(_s_h_rows)[1:],)
+    _outputs = (_s_h[1:],)
     _final = (_s_h[_T], )
     _saved = {"s_h": _s_h, "g_W_hr_W_hz_W_hn__h": _g_W_hr_W_hz_W_hn__h, "v_r": _v_r, "v_z": _v_z, "v_n": _v_n, }
     return _outputs[0], _final[0], _saved
@@ -493,28 +493,28 @@ def _backward_differentiable(_params, _x, _saved, _d_outputs, _d_final):
         _dhg_W_ir_W_iz_W_in__x_rows[_t] = torch.slice_scatter(_dhg_W_ir_W_iz_W_in__x_rows[_t], d_W_ir_x, 1, 0, _H)
         _dhg_W_ir_W_iz_W_in__x_rows[_t] = torch.slice_scatter(_dhg_W_ir_W_iz_W_in__x_rows[_t], d_W_iz_x, 1, _H, 2*_H)
         _dhg_W_ir_W_iz_W_in__x_rows[_t] = torch.slice_scatter(_dhg_W_ir_W_iz_W_in__x_rows[_t], d_W_in_x, 1, 2*_H, 3*_H)
+    _dg_W_hr_W_hz_W_hn__h = torch.stack(_dg_W_hr_W_hz_W_hn__h_rows)
     # dW of W_hr @ h, W_hz @ h, W_hn @ h: one GEMM over all T*B rows
-    _grads["W_hr"] = torch.stack(_dg_W_hr_W_hz_W_hn__h_rows).reshape(_T * _B, 3*_H)[:, 0:_H].T @ _s_h[:_T].reshape(_T * _B, _H)
-    _grads["W_hz"] = torch.stack(_dg_W_hr_W_hz_W_hn__h_rows).reshape(_T * _B, 3*_H)[:, _H:2*_H].T @ _s_h[:_T].reshape(_T * _B, _H)
-    _grads["W_hn"] = torch.stack(_dg_W_hr_W_hz_W_hn__h_rows).reshape(_T * _B, 3*_H)[:, 2*_H:3*_H].T @ _s_h[:_T].reshape(_T * _B, _H)
+    _grads["W_hr"] = _dg_W_hr_W_hz_W_hn__h.reshape(_T * _B, 3*_H)[:, 0:_H].T @ _s_h[:_T].reshape(_T * _B, _H)
+    _grads["W_hz"] = _dg_W_hr_W_hz_W_hn__h.reshape(_T * _B, 3*_H)[:, _H:2*_H].T @ _s_h[:_T].reshape(_T * _B, _H)
+    _grads["W_hn"] = _dg_W_hr_W_hz_W_hn__h.reshape(_T * _B, 3*_H)[:, 2*_H:3*_H].T @ _s_h[:_T].reshape(_T * _B, _H)
+    _dhg_W_ir_W_iz_W_in__x = torch.stack(_dhg_W_ir_W_iz_W_in__x_rows)
     # dW of W_ir @ x, W_iz @ x, W_in @ x: one GEMM over all T*B rows
-    _grads["W_ir"] = torch.stack(_dhg_W_ir_W_iz_W_in__x_rows).reshape(_T * _B, 3*_H)[:, 0:_H].T @ _x_x.reshape(_T * _B, _I)
-    _grads["W_iz"] = torch.stack(_dhg_W_ir_W_iz_W_in__x_rows).reshape(_T * _B, 3*_H)[:, _H:2*_H].T @ _x_x.reshape(_T * _B, _I)
-    _grads["W_in"] = torch.stack(_dhg_W_ir_W_iz_W_in__x_rows).reshape(_T * _B, 3*_H)[:, 2*_H:3*_H].T @ _x_x.reshape(_T * _B, _I)
-    _dx_x_rows = _scatter_rows(_dx_x_rows, 0, _T, None, None, torch.stack(_dhg_W_ir_W_iz_W_in__x_rows).reshape(_T * _B, 3*_H) @ _w_W_ir_W_iz_W_in, add=False)
-    _sum = torch.stack(_dg_W_hr_W_hz_W_hn__h_rows).reshape(_T * _B, 3*_H)[:, 0:_H].sum(0)
+    _grads["W_ir"] = _dhg_W_ir_W_iz_W_in__x.reshape(_T * _B, 3*_H)[:, 0:_H].T @ _x_x.reshape(_T * _B, _I)
+    _grads["W_iz"] = _dhg_W_ir_W_iz_W_in__x.reshape(_T * _B, 3*_H)[:, _H:2*_H].T @ _x_x.reshape(_T * _B, _I)
+    _grads["W_in"] = _dhg_W_ir_W_iz_W_in__x.reshape(_T * _B, 3*_H)[:, 2*_H:3*_H].T @ _x_x.reshape(_T * _B, _I)
+    _dx_x_rows = _scatter_rows(_dx_x_rows, 0, _T, None, None, _dhg_W_ir_W_iz_W_in__x.reshape(_T * _B, 3*_H) @ _w_W_ir_W_iz_W_in, add=False)
+    _sum = _dg_W_hr_W_hz_W_hn__h.reshape(_T * _B, 3*_H)[:, 0:_H].sum(0)
     _grads["b_ir"] = _sum
     _grads["b_hr"] = _sum
-    _sum = torch.stack(_dg_W_hr_W_hz_W_hn__h_rows).reshape(_T * _B, 3*_H)[:, _H:2*_H].sum(0)
+    _sum = _dg_W_hr_W_hz_W_hn__h.reshape(_T * _B, 3*_H)[:, _H:2*_H].sum(0)
     _grads["b_iz"] = _sum
     _grads["b_hz"] = _sum
-    _sum = torch.stack(_dp_b_in_rows).reshape(_T * _B, _H).sum(0)
-    _grads["b_in"] = _sum
-    _sum = torch.stack(_dg_W_hr_W_hz_W_hn__h_rows).reshape(_T * _B, 3*_H)[:, 2*_H:3*_H].sum(0)
-    _grads["b_hn"] = _sum
-    _dg_W_hr_W_hz_W_hn__h = torch.stack(_dg_W_hr_W_hz_W_hn__h_rows)
     _dp_b_in = torch.stack(_dp_b_in_rows)
-    _dhg_W_ir_W_iz_W_in__x = torch.stack(_dhg_W_ir_W_iz_W_in__x_rows)
+    _sum = _dp_b_in.reshape(_T * _B, _H).sum(0)
+    _grads["b_in"] = _sum
+    _sum = _dg_W_hr_W_hz_W_hn__h.reshape(_T * _B, 3*_H)[:, 2*_H:3*_H].sum(0)
+    _grads["b_hn"] = _sum
     _dx_x = torch.stack(_dx_x_rows)
     _grads = {"W_ir": _grads["W_ir"], "W_hr": _grads["W_hr"], "b_ir": _grads["b_ir"], "b_hr": _grads["b_hr"], "W_iz": _grads["W_iz"], "W_hz": _grads["W_hz"], "b_iz": _grads["b_iz"], "b_hz": _grads["b_hz"], "W_in": _grads["W_in"], "W_hn": _grads["W_hn"], "b_in": _grads["b_in"], "b_hn": _grads["b_hn"], }
     _d_x = _dx_x
