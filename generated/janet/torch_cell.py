@@ -447,7 +447,9 @@ class _Sequence(torch.autograd.Function):
         _outputs, _final, _saved = run(_params, _x, _state)
         _outputs = (_outputs,) if _N_OUT == 1 else _outputs
         _final = (_final,) if _N_STATE == 1 else _final
-        return (*_outputs, *_final, *(_saved[k] for k in _SAVED_BUFFERS))
+        # the saved buffers go out as extra outputs (setup_context saves them), detached: an
+        # output may be a whole saved buffer, which must stay differentiable
+        return (*_outputs, *_final, *(_saved[k].detach() for k in _SAVED_BUFFERS))
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -852,14 +854,14 @@ class _JANETBase(nn.Module):
     def _zero_state(self, batch, like):
         return like.new_zeros(batch, self.sizes["H"])
 
-    def _resolve_backend(self, xs, state, params):
+    def _resolve_backend(self, xs, state, params=None):
         if _functorch_active() and self.backend != "autograd":
             # torch.func wraps tensors; the native library takes plain ones, so the program's
             # PyTorch ops (functional rendering) run under a transform
             return "generated"
         if self.backend != "auto":
             return self.backend
-        if _native_library(xs[0], state, params) is not None:
+        if _native_library(xs[0], state, self._params() if params is None else params) is not None:
             return "cuda" if xs[0].is_cuda else "fused"
         return "generated"
 
