@@ -1,8 +1,11 @@
 """Python renderer: the sequence program as NumPy or PyTorch code.
 
 Input: a :class:`~cellspec.program.ir.Program`, the printer's name map and a dialect
-(:data:`NUMPY` or :data:`TORCH`). Output: the source of ``_forward``, ``_inference`` and
-``_backward`` (the module templates wrap them into the public API).
+(:data:`NUMPY`, :data:`TORCH` or :data:`TORCH_DIFFERENTIABLE`). Output: the source of
+``_forward``, ``_inference`` and ``_backward`` (the module templates wrap them into the public
+API); the differentiable dialect gives ``_forward_differentiable`` and
+``_backward_differentiable``, the same program in functional torch ops that autograd and
+``torch.func`` can record (double backward, ``vmap``).
 
 The two dialects differ only by a table of spellings (how to allocate, how to multiply into a
 buffer, how to copy into a view): the ops, their order and where every value lives are the
@@ -34,6 +37,9 @@ class Dialect:
     zero: str  # buffer
     transpose_contiguous: str  # array -> contiguous transpose
     unbind: str  # array -> sequence of its views along the first axis
+    #: no writes into tensors: buffers that a function writes are rebound (untimed) or kept as
+    #: lists of per-step rows (timed), columns written with ``torch.slice_scatter``
+    functional: bool = False
 
 
 NUMPY = Dialect(
@@ -65,6 +71,24 @@ TORCH = Dialect(
 )
 
 
+#: the backward (and the forward it recomputes) in ops autograd records: what ``create_graph=True``
+#: and ``torch.func`` run; never faster than :data:`TORCH`, only differentiable
+TORCH_DIFFERENTIABLE = Dialect(
+    name="torch_differentiable",
+    empty="torch.zeros({}, dtype=_dtype, device=_device)",  # zeros: no garbage reaches a gradient
+    zeros="torch.zeros({}, dtype=_dtype, device=_device)",
+    cat="torch.cat([{}])",
+    mm_into="",
+    mm_add_into="",
+    copy_into="",
+    add_into="",
+    zero="",
+    transpose_contiguous="{}.T",
+    unbind="list({}.unbind(0))",
+    functional=True,
+)
+
+
 class _SizePrinter(C99CodePrinter):
     def _print_Symbol(self, expr):
         return f"_{expr.name}"
@@ -92,6 +116,10 @@ class _Function:
     # -------------------------------------------------------------------- views
     def buf(self, name: str) -> str:
         return f"_{name}"
+
+    def whole(self, name: str) -> str:
+        """The whole buffer as one array expression."""
+        return self.buf(name)
 
     def full_width(self, sl: ir.Slot) -> bool:
         buf = self.fn.buffers[sl.buffer]
@@ -127,7 +155,7 @@ class _Function:
         buf = self.fn.buffers[sl.buffer]
         if len(buf.shape) == 1:
             return self.names[name]
-        b = self.buf(buf.name)
+        b = self.whole(buf.name)
         start = sl.time or 0
         if sp.expand(buf.shape[0] - ir.T - start) == 0:
             b = f"{b}[{start}:]" if start else b
@@ -146,7 +174,7 @@ class _Function:
         if rows == "step":
             return self.rows_view(name, 0)
         if buf.timed:
-            return f"{self.buf(name)}.reshape(_T * _B, {pysize(buf.shape[-1])})"
+            return f"{self.whole(name)}.reshape(_T * _B, {pysize(buf.shape[-1])})"
         return self.buf(name)
 
     # -------------------------------------------------------------------- ops
@@ -218,12 +246,160 @@ class _Function:
             self.lines.append(f'{ind}_grads["{param}"] = {value}')
 
 
+class _FunctionalFunction(_Function):
+    """Renders one program function in :data:`TORCH_DIFFERENTIABLE`: every write the program
+    makes into a buffer becomes a new tensor, so autograd can record it. A timed buffer the
+    function writes is a list of its per-step rows (``_X_rows``, stacked back into ``_X`` at the
+    end); an untimed one is rebound; a column range is written with ``torch.slice_scatter``."""
+
+    def __init__(self, prog: ir.Program, fn: ir.Function, names: dict[str, str], printer, d: Dialect):
+        super().__init__(prog, fn, names, printer, d)
+        self.written = _written_buffers(fn)
+        self.row_views = [b for b in self.written if fn.buffers[b].timed]
+        self.stacked: set[str] = set()  # list buffers whose rows are stacked into _X, unchanged since
+        self.ind = "    "
+
+    def rows_view(self, name: str, time: int) -> str:
+        """Step _t's rows: an untimed buffer is rebound whole; a timed one is a list of rows."""
+        if not self.fn.buffers[name].timed:
+            return self.buf(name)
+        if name not in self.row_views:
+            self.row_views.append(name)
+        return f"{self.buf(name)}_rows[_t + {time}]" if time else f"{self.buf(name)}_rows[_t]"
+
+    def whole(self, name: str) -> str:
+        """A list buffer read whole outside the loop is stacked once (until its next write)."""
+        if name not in self.written or not self.fn.buffers[name].timed:
+            return self.buf(name)
+        if self.ind != "    ":  # inside the loop
+            return f"torch.stack({self.buf(name)}_rows)"
+        if name not in self.stacked:
+            self.stacked.add(name)
+            self.lines.append(f"{self.ind}{self.buf(name)} = torch.stack({self.buf(name)}_rows)")
+        return self.buf(name)
+
+    def restack(self) -> list[str]:
+        """Lines that stack every written timed buffer not stacked since its last write."""
+        out = []
+        for name in self.written:
+            if self.fn.buffers[name].timed and name not in self.stacked:
+                self.stacked.add(name)
+                out.append(f"{self.buf(name)} = torch.stack({self.buf(name)}_rows)")
+        return out
+
+    def emit(self, op, ind: str) -> None:
+        L = self.lines
+        self.ind = ind
+        if isinstance(op, ir.Loop):
+            L.append(f"{ind}for _t in {'reversed(range(_T))' if op.reverse else 'range(_T)'}:")
+            for o in op.body:
+                self.emit(o, ind + "    ")
+        elif isinstance(op, ir.Pointwise):
+            n = self.names
+            L.append(f"{ind}# {op.title}")
+            view = self.step_view if op.rows == "step" else (lambda k: self.all_view(k, flat=False))
+            for r in op.reads:
+                if view(r) != n[r]:
+                    L.append(f"{ind}{n[r]} = {view(r)}")
+            for st in op.statements:
+                comment = f"  # {st.comment}" if st.comment else ""
+                L.append(f"{ind}{n[st.target]} = {self.pr.doprint(st.expr)}{comment}")
+            for w in op.writes:
+                self.assign(ind, self.fn.slots[w], op.rows, n[w])
+        elif isinstance(op, ir.Project):
+            w = self.p.weights[op.weight]
+            a = self.step_view(op.operand) if op.rows == "step" else self.all_view(op.operand)
+            buf = self.fn.buffers[op.out]
+            whole = ir.Slot(op.out, 0 if buf.timed else None, sp.S.Zero, "")
+            L.append(f"{ind}# {op.comment}")
+            self.assign(ind, whole, op.rows, f"{a} @ _wt_{w.name}", full=True)
+        elif isinstance(op, ir.ProjectBack):
+            w = self.p.weights[op.weight]
+            g = self.buffer_rows(op.d_out, op.rows)
+            self.assign(ind, self.fn.slots[op.d_operand], op.rows, f"{g} @ _w_{w.name}", add=op.accumulate)
+        elif isinstance(op, ir.AddRows):
+            src = self.all_view(op.source, flat=False)
+            self.assign(ind, self.fn.slots[f"grad_input:{op.input}"], "all", src, add=True)
+        elif isinstance(op, ir.Zero):
+            b = self.buf(op.buffer)
+            self.stacked.discard(op.buffer)
+            if self.fn.buffers[op.buffer].timed:
+                L.append(f"{ind}{b}_rows = [torch.zeros_like(_r) for _r in {b}_rows]")
+            else:
+                L.append(f"{ind}{b} = torch.zeros_like({b})")
+        elif isinstance(op, ir.Hold):
+            pass  # the functional rendering runs full batches: no sequence ends early
+        else:  # WeightGrad, RowSum: already functional but for grad()
+            super().emit(op, ind)
+
+    def assign(self, ind: str, sl: ir.Slot, rows: str, value: str, add: bool = False, full: bool = False) -> None:
+        """``slot = value`` (``+=`` with ``add``) as a rebinding: ``rows`` is ``step`` (row _t of
+        a timed buffer) or ``all`` (every step's rows from one [T*B, w] or [T, B, w] value)."""
+        buf = self.fn.buffers[sl.buffer]
+        b = self.buf(buf.name)
+        self.stacked.discard(buf.name)
+        full = full or self.full_width(sl)
+        lo, hi = ("0", "0") if full else (pysize(sl.col), pysize(sl.col + ir.size(sl.size)))
+        if buf.timed and rows == "all":
+            start = pysize(sl.time or 0)
+            cols = "None, None" if full else f"{lo}, {hi}"
+            self.lines.append(f"{ind}{b}_rows = _scatter_rows({b}_rows, {start}, _T, {cols}, {value}, add={add})")
+            return
+        if buf.timed:
+            target = f"{b}_rows[_t + {sl.time}]" if sl.time else f"{b}_rows[_t]"
+        else:
+            target = b
+        if add:
+            value = f"{target}{'' if full else f'[:, {lo}:{hi}]'} + {value}"
+        if full:
+            self.lines.append(f"{ind}{target} = {value}")
+        else:
+            self.lines.append(f"{ind}{target} = torch.slice_scatter({target}, {value}, 1, {lo}, {hi})")
+
+    def grad(self, ind: str, param: str, value: str) -> None:
+        if param in self.grads_seen:
+            self.lines.append(f'{ind}_grads["{param}"] = _grads["{param}"] + {value}')
+        else:
+            self.grads_seen.add(param)
+            self.lines.append(f'{ind}_grads["{param}"] = {value}')
+
+
+def _written_buffers(fn: ir.Function) -> list[str]:
+    """Buffers a function's ops write, in first-write order."""
+    out: list[str] = []
+
+    def add(name: str) -> None:
+        if name not in out:
+            out.append(name)
+
+    def walk(ops) -> None:
+        for op in ops:
+            if isinstance(op, ir.Loop):
+                walk(op.body)
+            elif isinstance(op, ir.Pointwise):
+                for w in op.writes:
+                    add(fn.slots[w].buffer)
+            elif isinstance(op, ir.Project):
+                add(op.out)
+            elif isinstance(op, ir.ProjectBack):
+                add(fn.slots[op.d_operand].buffer)
+            elif isinstance(op, ir.AddRows):
+                add(fn.slots[f"grad_input:{op.input}"].buffer)
+            elif isinstance(op, ir.Zero):
+                add(op.buffer)
+
+    walk(fn.ops)
+    return out
+
+
 def render(prog: ir.Program, names: dict[str, str], printer, d: Dialect) -> dict:
     """Context entries for ``sequence.py.j2``: per function, its allocation lines, its op lines
-    and the row views it splits before the loop; plus the weights and results."""
-    out: dict = {"dialect": d.name}
-    for fn in prog.functions:
-        r = _Function(prog, fn, names, printer, d)
+    and the row views it splits before the loop (and, functional, stacks back after it); plus
+    the weights and results. The functional dialect renders the forward and the backward."""
+    out: dict = {"dialect": d.name, "functional": d.functional}
+    functions = (prog.forward, prog.backward) if d.functional else prog.functions
+    for fn in functions:
+        r = (_FunctionalFunction if d.functional else _Function)(prog, fn, names, printer, d)
         for op in fn.ops:
             r.emit(op, "    ")
         allocs = []
@@ -234,17 +410,25 @@ def render(prog: ir.Program, names: dict[str, str], printer, d: Dialect) -> dict
                 continue  # bound from the arguments, or (grad_scratch) the native library's alone
             make = d.zeros if b.init == "zeros" else d.empty
             allocs.append(f"{r.buf(b.name)} = {make.format(_shape(b.shape))}")
-        rows = []
-        for key in r.row_views:
-            b = r.buf(key[0])
-            rows.append(f"{r.list_name(key)} = " + (f"_rows({b}, _T, _bs)" if key[1] is None else f"_steps({b}, {key[1]}, _T, _bs)"))
-        packed_zero = [d.zero.format(r.buf(n)) for n in fn.zero_when_packed]
+        if d.functional:
+            rows = [f"{r.buf(n)}_rows = list({r.buf(n)}.unbind(0))" for n in r.row_views]
+            r.ind = "    "
+            after = r.restack()
+            packed_zero = []
+        else:
+            rows = []
+            for key in r.row_views:
+                b = r.buf(key[0])
+                rows.append(f"{r.list_name(key)} = " + (f"_rows({b}, _T, _bs)" if key[1] is None else f"_steps({b}, {key[1]}, _T, _bs)"))
+            after = []
+            packed_zero = [d.zero.format(r.buf(n)) for n in fn.zero_when_packed]
         grads_zero = [prm.key for prm in prog.params if prm.key not in r.grads_seen]
         out[fn.name] = {
             "allocs": allocs,
             "rows": rows,
             "packed_zero": packed_zero,
             "lines": r.lines,
+            "after": after,
             "grads_zero": grads_zero,
             "outputs": [r.all_view(v.name, flat=False) for v in prog.outputs] if fn.name != "backward" else [],
         }

@@ -7,6 +7,8 @@ Input: a schedule and its backward. Output: ``torch_cell.py`` (the modules, the 
 
 from __future__ import annotations
 
+import hashlib
+
 from cellspec.backends import context, python_render
 from cellspec.backends.naming import PYTHON_RESERVED
 from cellspec.backends.printers import TorchPrinter
@@ -59,6 +61,10 @@ def render(sched: Schedule, back: Backward, prog: Program, native_glue: dict | N
     CPU, ``"cuda"`` on the GPU)."""
     ctx = context.build(sched, back, TorchPrinter, PYTHON_RESERVED)
     ctx["seq"] = python_render.sequence_context(prog, ctx["names"], TorchPrinter(ctx["names"]), python_render.TORCH)
+    # the same program in functional ops: the backward under create_graph=True and torch.func
+    ctx["seq_differentiable"] = python_render.sequence_context(
+        prog, ctx["names"], TorchPrinter(ctx["names"]), python_render.TORCH_DIFFERENTIABLE
+    )
     m = sched.model
     names = ctx["names"]
     pr = TorchPrinter(names)
@@ -95,6 +101,9 @@ def render(sched: Schedule, back: Backward, prog: Program, native_glue: dict | N
     ctx["ctor_doc_seq"] = ", ".join(ctor + [layer] + [f"{a}=..." for a in extra])
     ctx["inits"] = {p.name: _init_literal(p.init) for p in m.cell.params}
     ctx["native"] = native_glue is not None
+    # custom op names: one per module and engine text (two versions may share a process)
+    engine_text = "\n".join(ctx["seq"]["forward"]["lines"] + ctx["seq"]["backward"]["lines"])
+    ctx["engine_op"] = f"{prog.module}_engine_{hashlib.sha256(engine_text.encode()).hexdigest()[:12]}"
     ctx.update(native_glue or {})
 
     ctx["helpers"] = ops.helpers("torch", context.printed_exprs(sched, back))

@@ -395,43 +395,376 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
     return _grads, _d_x, _d_state
 
 
+
+def _scatter_rows(_rows, _start, _T, _lo, _hi, _value, add=False):
+    """The per-step rows list of a timed buffer with rows _start .. _start + _T - 1 (columns
+    _lo:_hi, or all) set to (add=True: increased by) the [T*B, w] or [T, B, w] _value; new
+    tensors only, so autograd records it."""
+    _rows = list(_rows)
+    _value = _value.reshape(_T, -1, _value.shape[-1])
+    for _i in range(_T):
+        _r = _rows[_start + _i]
+        _v = _value[_i] if not add else (_r if _lo is None else _r[:, _lo:_hi]) + _value[_i]
+        _rows[_start + _i] = _v if _lo is None else torch.slice_scatter(_r, _v, 1, _lo, _hi)
+    return _rows
+
+
+def _forward_differentiable(_params, _x, _state, _bs=None):
+    """The whole sequence: outputs, final states and what the backward reads (functional ops: autograd records it).
+    ``_bs``: per-step batch sizes (a list of T ints, non-increasing; the batch sorted by length); not in the functional rendering."""
+    assert _bs is None, "the functional rendering runs full batches"
+    _T, _B, _I, _H = _setup(_params, _x)
+    _dtype, _device = _arrays(_x)[0].dtype, _arrays(_x)[0].device
+    W_r = _params["W_r"].to(_dtype)
+    U_r = _params["U_r"].to(_dtype)
+    b_r = _params["b_r"].to(_dtype)
+    W_u = _params["W_u"].to(_dtype)
+    U_u = _params["U_u"].to(_dtype)
+    b_u = _params["b_u"].to(_dtype)
+    W_c = _params["W_c"].to(_dtype)
+    U_c = _params["U_c"].to(_dtype)
+    b_c = _params["b_c"].to(_dtype)
+    _x_x = _arrays(_x)[0].to(_dtype)
+    _wt_W_r_W_u_W_c = torch.cat([W_r, W_u, W_c]).T
+    _wt_U_r_U_u = torch.cat([U_r, U_u]).T
+    _wt_U_c = U_c.T
+    _state0 = _initial_state(_state, _B, _dtype, _device, (_H, ))
+    _s_h = torch.zeros((_T + 1, _B, _H), dtype=_dtype, device=_device)
+    _hg_W_r_W_u_W_c__x = torch.zeros((_T, _B, 3*_H), dtype=_dtype, device=_device)
+    _g_U_r_U_u__h = torch.zeros((_B, 2*_H), dtype=_dtype, device=_device)
+    _v_r = torch.zeros((_T, _B, _H), dtype=_dtype, device=_device)
+    _v_u = torch.zeros((_T, _B, _H), dtype=_dtype, device=_device)
+    _v_U_c_in = torch.zeros((_T, _B, _H), dtype=_dtype, device=_device)
+    _g_U_c__U_c_in = torch.zeros((_B, _H), dtype=_dtype, device=_device)
+    _v_c = torch.zeros((_T, _B, _H), dtype=_dtype, device=_device)
+    _hg_W_r_W_u_W_c__x_rows = list(_hg_W_r_W_u_W_c__x.unbind(0))
+    _v_r_rows = list(_v_r.unbind(0))
+    _v_u_rows = list(_v_u.unbind(0))
+    _v_U_c_in_rows = list(_v_U_c_in.unbind(0))
+    _v_c_rows = list(_v_c.unbind(0))
+    _s_h_rows = list(_s_h.unbind(0))
+    _s_h_rows[0] = _state0[0]
+    # W_r @ x, W_u @ x, W_c @ x
+    _hg_W_r_W_u_W_c__x_rows = _scatter_rows(_hg_W_r_W_u_W_c__x_rows, 0, _T, None, None, _x_x.reshape(_T * _B, _I) @ _wt_W_r_W_u_W_c, add=False)
+    for _t in range(_T):
+        # U_r @ h, U_u @ h
+        _g_U_r_U_u__h = _s_h_rows[_t] @ _wt_U_r_U_u
+        # stage 0 forward
+        U_r_h = _g_U_r_U_u__h[:, 0:_H]
+        U_u_h = _g_U_r_U_u__h[:, _H:2*_H]
+        W_r_x = _hg_W_r_W_u_W_c__x_rows[_t][:, 0:_H]
+        W_u_x = _hg_W_r_W_u_W_c__x_rows[_t][:, _H:2*_H]
+        h = _s_h_rows[_t]
+        r = torch.sigmoid(U_r_h + W_r_x + b_r)  # gru.cell:10  r = sigmoid(W_r @ x + U_r @ h + b_r)
+        u = torch.sigmoid(U_u_h + W_u_x + b_u)  # gru.cell:11  u = sigmoid(W_u @ x + U_u @ h + b_u)
+        U_c_in = h*r  # gru.cell:12  c = tanh(W_c @ x + U_c @ (r * h) + b_c)
+        _v_r_rows[_t] = r
+        _v_u_rows[_t] = u
+        _v_U_c_in_rows[_t] = U_c_in
+        # U_c @ U_c_in
+        _g_U_c__U_c_in = _v_U_c_in_rows[_t] @ _wt_U_c
+        # stage 1 forward
+        U_c_out = _g_U_c__U_c_in
+        W_c_x = _hg_W_r_W_u_W_c__x_rows[_t][:, 2*_H:3*_H]
+        h = _s_h_rows[_t]
+        u = _v_u_rows[_t]
+        c = torch.tanh(U_c_out + W_c_x + b_c)  # gru.cell:12  c = tanh(W_c @ x + U_c @ (r * h) + b_c)
+        h_next = c*(1 - u) + h*u  # gru.cell:13  h' = u * h + (1 - u) * c
+        _v_c_rows[_t] = c
+        _s_h_rows[_t + 1] = h_next
+    _hg_W_r_W_u_W_c__x = torch.stack(_hg_W_r_W_u_W_c__x_rows)
+    _v_r = torch.stack(_v_r_rows)
+    _v_u = torch.stack(_v_u_rows)
+    _v_U_c_in = torch.stack(_v_U_c_in_rows)
+    _v_c = torch.stack(_v_c_rows)
+    _s_h = torch.stack(_s_h_rows)
+    _outputs = (_s_h[1:],)
+    if _bs is not None:  # zeros past each sequence's end
+        _m = _active(_bs, _B, _dtype)
+        _outputs = tuple(_o * _m for _o in _outputs)
+    _final = (_s_h[_T], )
+    _saved = {"s_h": _s_h, "v_r": _v_r, "v_u": _v_u, "v_U_c_in": _v_U_c_in, "v_c": _v_c, }
+    return _outputs[0], _final[0], _saved
+
+
+def _backward_differentiable(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
+    """Gradients of the whole sequence: (d_params, d_x, d_state), in functional ops (differentiable again); ``_bs`` as in the forward."""
+    assert _bs is None, "the functional rendering runs full batches"
+    _T, _B, _I, _H = _setup(_params, _x)
+    _dtype, _device = _arrays(_x)[0].dtype, _arrays(_x)[0].device
+    W_r = _params["W_r"].to(_dtype)
+    U_r = _params["U_r"].to(_dtype)
+    b_r = _params["b_r"].to(_dtype)
+    W_u = _params["W_u"].to(_dtype)
+    U_u = _params["U_u"].to(_dtype)
+    b_u = _params["b_u"].to(_dtype)
+    W_c = _params["W_c"].to(_dtype)
+    U_c = _params["U_c"].to(_dtype)
+    b_c = _params["b_c"].to(_dtype)
+    _x_x = _arrays(_x)[0].to(_dtype)
+    _w_W_r_W_u_W_c = torch.cat([W_r, W_u, W_c])
+    _w_U_r_U_u = torch.cat([U_r, U_u])
+    _w_U_c = U_c
+    _s_h = _saved["s_h"]
+    _v_r = _saved["v_r"]
+    _v_u = _saved["v_u"]
+    _v_U_c_in = _saved["v_U_c_in"]
+    _v_c = _saved["v_c"]
+    _d_outputs = (_d_outputs,)
+    _dout_h_next = torch.zeros((_T, _B, _H), dtype=_dtype, device=_device) if _d_outputs[0] is None else _d_outputs[0].to(_dtype)
+    _d_final = (_d_final,)
+    if _bs is not None:  # outputs past a sequence's end are constant zeros
+        _m = _active(_bs, _B, _dtype)
+        _dout_h_next = _dout_h_next * _m
+    _ds_h = torch.zeros((_B, _H), dtype=_dtype, device=_device) if _d_final[0] is None else _d_final[0].to(_dtype).clone()
+    _dx_x = torch.zeros((_T, _B, _I), dtype=_dtype, device=_device)
+    _dg_U_r_U_u__h = torch.zeros((_T, _B, 2*_H), dtype=_dtype, device=_device)
+    _tmp_d_h_gemm = torch.zeros((_B, _H), dtype=_dtype, device=_device)
+    _dg_U_c__U_c_in = torch.zeros((_T, _B, _H), dtype=_dtype, device=_device)
+    _tmp_d_U_c_in_gemm = torch.zeros((_B, _H), dtype=_dtype, device=_device)
+    _dhg_W_r_W_u_W_c__x = torch.zeros((_T, _B, 3*_H), dtype=_dtype, device=_device)
+    _tmp_d_h_next = torch.zeros((_B, _H), dtype=_dtype, device=_device)
+    _tmp_d_U_c_in = torch.zeros((_B, _H), dtype=_dtype, device=_device)
+    _dg_U_c__U_c_in_rows = list(_dg_U_c__U_c_in.unbind(0))
+    _dg_U_r_U_u__h_rows = list(_dg_U_r_U_u__h.unbind(0))
+    _dhg_W_r_W_u_W_c__x_rows = list(_dhg_W_r_W_u_W_c__x.unbind(0))
+    _dx_x_rows = list(_dx_x.unbind(0))
+    _v_c_rows = list(_v_c.unbind(0))
+    _dout_h_next_rows = list(_dout_h_next.unbind(0))
+    _v_u_rows = list(_v_u.unbind(0))
+    _s_h_rows = list(_s_h.unbind(0))
+    _v_r_rows = list(_v_r.unbind(0))
+    _grads = {}
+    for _t in reversed(range(_T)):
+        # stage 1 backward
+        c = _v_c_rows[_t]
+        d_h = _ds_h
+        d_h_next_out = _dout_h_next_rows[_t]
+        u = _v_u_rows[_t]
+        d_h_next = d_h + d_h_next_out  # adjoint of h'
+        d_c = d_h_next*(1 - u)  # adjoint of c
+        d_U_c_out = d_c*(1 - (c*c))  # adjoint of U_c @ U_c_in
+        _tmp_d_h_next = d_h_next
+        _dg_U_c__U_c_in_rows[_t] = d_U_c_out
+        _tmp_d_U_c_in_gemm = _dg_U_c__U_c_in_rows[_t] @ _w_U_c
+        # stage 0 backward
+        c = _v_c_rows[_t]
+        d_U_c_in_gemm = _tmp_d_U_c_in_gemm
+        d_h_next = _tmp_d_h_next
+        h = _s_h_rows[_t]
+        r = _v_r_rows[_t]
+        u = _v_u_rows[_t]
+        d_U_c_in = d_U_c_in_gemm  # adjoint of operand of U_c_in
+        d_u = d_h_next*(-c + h)  # adjoint of u
+        d_r = d_U_c_in*h  # adjoint of r
+        d_U_r_h = d_r*r*(1 - r)  # adjoint of U_r @ h
+        d_U_u_h = d_u*u*(1 - u)  # adjoint of U_u @ h
+        _tmp_d_U_c_in = d_U_c_in
+        _dg_U_r_U_u__h_rows[_t] = torch.slice_scatter(_dg_U_r_U_u__h_rows[_t], d_U_r_h, 1, 0, _H)
+        _dg_U_r_U_u__h_rows[_t] = torch.slice_scatter(_dg_U_r_U_u__h_rows[_t], d_U_u_h, 1, _H, 2*_H)
+        _tmp_d_h_gemm = _dg_U_r_U_u__h_rows[_t] @ _w_U_r_U_u
+        # per-step adjoints of inputs, states, vector params, hoisted results
+        d_U_c_in = _tmp_d_U_c_in
+        d_U_c_out = _dg_U_c__U_c_in_rows[_t]
+        d_U_r_h = _dg_U_r_U_u__h_rows[_t][:, 0:_H]
+        d_U_u_h = _dg_U_r_U_u__h_rows[_t][:, _H:2*_H]
+        d_h_gemm = _tmp_d_h_gemm
+        d_h_next = _tmp_d_h_next
+        r = _v_r_rows[_t]
+        u = _v_u_rows[_t]
+        d_h = d_U_c_in*r + d_h_gemm + d_h_next*u  # adjoint of state h
+        d_W_r_x = d_U_r_h  # adjoint of hoisted projection W_r_x
+        d_W_u_x = d_U_u_h  # adjoint of hoisted projection W_u_x
+        d_W_c_x = d_U_c_out  # adjoint of hoisted projection W_c_x
+        _ds_h = d_h
+        _dhg_W_r_W_u_W_c__x_rows[_t] = torch.slice_scatter(_dhg_W_r_W_u_W_c__x_rows[_t], d_W_r_x, 1, 0, _H)
+        _dhg_W_r_W_u_W_c__x_rows[_t] = torch.slice_scatter(_dhg_W_r_W_u_W_c__x_rows[_t], d_W_u_x, 1, _H, 2*_H)
+        _dhg_W_r_W_u_W_c__x_rows[_t] = torch.slice_scatter(_dhg_W_r_W_u_W_c__x_rows[_t], d_W_c_x, 1, 2*_H, 3*_H)
+    _dg_U_r_U_u__h = torch.stack(_dg_U_r_U_u__h_rows)
+    # dW of U_r @ h, U_u @ h: one GEMM over all T*B rows
+    _dw = _dg_U_r_U_u__h.reshape(_T * _B, 2*_H).T @ _s_h[:_T].reshape(_T * _B, _H)
+    _grads["U_r"] = _dw[0:_H]
+    _grads["U_u"] = _dw[_H:2*_H]
+    _dg_U_c__U_c_in = torch.stack(_dg_U_c__U_c_in_rows)
+    # dW of U_c @ U_c_in: one GEMM over all T*B rows
+    _grads["U_c"] = _dg_U_c__U_c_in.reshape(_T * _B, _H).T @ _v_U_c_in.reshape(_T * _B, _H)
+    _dhg_W_r_W_u_W_c__x = torch.stack(_dhg_W_r_W_u_W_c__x_rows)
+    # dW of W_r @ x, W_u @ x, W_c @ x: one GEMM over all T*B rows
+    _dw = _dhg_W_r_W_u_W_c__x.reshape(_T * _B, 3*_H).T @ _x_x.reshape(_T * _B, _I)
+    _grads["W_r"] = _dw[0:_H]
+    _grads["W_u"] = _dw[_H:2*_H]
+    _grads["W_c"] = _dw[2*_H:3*_H]
+    _dx_x_rows = _scatter_rows(_dx_x_rows, 0, _T, None, None, _dhg_W_r_W_u_W_c__x.reshape(_T * _B, 3*_H) @ _w_W_r_W_u_W_c, add=False)
+    _sum = _dg_U_r_U_u__h.reshape(_T * _B, 2*_H)[:, 0:_H].sum(0)
+    _grads["b_r"] = _sum
+    _sum = _dg_U_r_U_u__h.reshape(_T * _B, 2*_H)[:, _H:2*_H].sum(0)
+    _grads["b_u"] = _sum
+    _sum = _dg_U_c__U_c_in.reshape(_T * _B, _H).sum(0)
+    _grads["b_c"] = _sum
+    _dx_x = torch.stack(_dx_x_rows)
+    _grads = {"W_r": _grads["W_r"], "U_r": _grads["U_r"], "b_r": _grads["b_r"], "W_u": _grads["W_u"], "U_u": _grads["U_u"], "b_u": _grads["b_u"], "W_c": _grads["W_c"], "U_c": _grads["U_c"], "b_c": _grads["b_c"], }
+    _d_x = _dx_x
+    _d_state = _ds_h
+    return _grads, _d_x, _d_state
+
+
+
 _PARAM_NAMES = tuple(PARAMS)
 _N_IN = 1
 _N_STATE = 1
 _N_OUT = 1
 
 
+_SAVED_BUFFERS = ("s_h", "v_r", "v_u", "v_U_c_in", "v_c",)
+
+
+def _functorch_active() -> bool:
+    """Whether a torch.func transform (grad, vjp, jacrev, vmap) runs: its tensors are wrappers
+    that in-place writes into fresh buffers and the native library cannot take."""
+    return torch._C._functorch.maybe_current_level() is not None
+
+
+def _split(args):
+    """(x, state, params) in the forms _forward and _backward take, from a flat argument list."""
+    _x = args[0] if _N_IN == 1 else tuple(args[:_N_IN])
+    _state = args[_N_IN] if _N_STATE == 1 else tuple(args[_N_IN : _N_IN + _N_STATE])
+    return _x, _state, dict(zip(_PARAM_NAMES, args[_N_IN + _N_STATE :]))
+
+
+def _flat_grads(grads, d_x, d_state):
+    d_x = (d_x,) if _N_IN == 1 else d_x
+    d_state = (d_state,) if _N_STATE == 1 else d_state
+    return (*d_x, *d_state, *(grads[k] for k in _PARAM_NAMES))
+
+
+def _differentiable_gradients(args, saved, d_outputs, d_finals):
+    """Gradients of the flat (xs, states, params) in ops autograd records: the generated backward
+    rendered in functional ops (_backward_differentiable). Under create_graph=True (grad mode on
+    in a backward) the forward is recomputed the same way first, so the values the backward reads
+    are themselves functions of the inputs and params and the gradient is differentiable again;
+    under a torch.func transform without grad mode the saved values serve."""
+    _x, _state, _params = _split(args)
+    if torch.is_grad_enabled() or saved is None:
+        _, _, saved = _forward_differentiable(_params, _x, _state)
+    d_outputs = d_outputs[0] if _N_OUT == 1 else tuple(d_outputs)
+    d_finals = d_finals[0] if _N_STATE == 1 else tuple(d_finals)
+    return _flat_grads(*_backward_differentiable(_params, _x, saved, d_outputs, d_finals))
+
+
 class _Sequence(torch.autograd.Function):
-    """The whole sequence with the generated backward (not autograd over per-step ops)."""
+    """The whole sequence with the generated backward (not autograd over per-step ops).
+
+    setup_context form with generate_vmap_rule: torch.func (grad, vjp, jacrev, vmap) runs it,
+    with the functional rendering of the same program under a transform. The backward is the
+    in-place engine when nothing records it, else _backward_differentiable (double backward)."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, bs, *args):
-        """bs: per-step batch sizes (a list of T ints) or None; then inputs, states, params."""
-        _x = args[0] if _N_IN == 1 else tuple(args[:_N_IN])
-        _state = args[_N_IN] if _N_STATE == 1 else tuple(args[_N_IN : _N_IN + _N_STATE])
-        _params = dict(zip(_PARAM_NAMES, args[_N_IN + _N_STATE :]))
-        _outputs, _final, _saved = _forward(_params, _x, _state, bs)
-        ctx.bs = bs
-        ctx.saved_keys = tuple(_saved)
-        ctx.save_for_backward(*args[:_N_IN], *args[_N_IN + _N_STATE :], *_saved.values())
+    def forward(*args):
+        """args: per-step batch sizes (a list of T ints, or None), then inputs, states, params."""
+        bs, args = args[0], args[1:]
+        _x, _state, _params = _split(args)
+        if _functorch_active():
+            if bs is not None:
+                raise NotImplementedError(f"{CELL}: torch.func with lengths= or a PackedSequence is not supported; pad the batch instead")
+            _outputs, _final, _saved = _forward_differentiable(_params, _x, _state)
+        else:
+            _outputs, _final, _saved = _forward(_params, _x, _state, bs)
         _outputs = (_outputs,) if _N_OUT == 1 else _outputs
         _final = (_final,) if _N_STATE == 1 else _final
-        return (*_outputs, *_final)
+        # the saved buffers go out as extra outputs (setup_context saves them), detached: an
+        # output may be a whole saved buffer, which must stay differentiable
+        return (*_outputs, *_final, *(_saved[k].detach() for k in _SAVED_BUFFERS))
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    def setup_context(ctx, inputs, output):
+        _saved = output[_N_OUT + _N_STATE :]
+        ctx.mark_non_differentiable(*_saved)
+        ctx.bs = inputs[0]
+        ctx.save_for_backward(*inputs[1:], *_saved)
+
+    @staticmethod
     def backward(ctx, *grads):
         _tensors = ctx.saved_tensors
-        _x = _tensors[0] if _N_IN == 1 else tuple(_tensors[:_N_IN])
-        _n = _N_IN + len(_PARAM_NAMES)
-        _params = dict(zip(_PARAM_NAMES, _tensors[_N_IN:_n]))
-        _saved = dict(zip(ctx.saved_keys, _tensors[_n:]))
-        _d_outputs = grads[0] if _N_OUT == 1 else tuple(grads[:_N_OUT])
-        _d_final = grads[_N_OUT] if _N_STATE == 1 else tuple(grads[_N_OUT:])
-        _grads, _d_x, _d_state = _backward(_params, _x, _saved, _d_outputs, _d_final, ctx.bs)
-        _d_x = (_d_x,) if _N_IN == 1 else _d_x
-        _d_state = (_d_state,) if _N_STATE == 1 else _d_state
-        return (None, *_d_x, *_d_state, *(_grads[k] for k in _PARAM_NAMES))
+        _n = _N_IN + _N_STATE + len(_PARAM_NAMES)
+        _args, _saved = _tensors[:_n], dict(zip(_SAVED_BUFFERS, _tensors[_n:]))
+        _d_outputs, _d_finals = grads[:_N_OUT], grads[_N_OUT : _N_OUT + _N_STATE]
+        if torch.is_grad_enabled() or _functorch_active():
+            if ctx.bs is not None:
+                raise NotImplementedError(f"{CELL}: double backward (create_graph=True) and torch.func with lengths= or a PackedSequence are not supported; pad the batch instead")
+            return (None, *_differentiable_gradients(_args, _saved, _d_outputs, _d_finals))
+        _x, _, _params = _split(_args)
+        _d_outputs = _d_outputs[0] if _N_OUT == 1 else tuple(_d_outputs)
+        _d_finals = _d_finals[0] if _N_STATE == 1 else tuple(_d_finals)
+        return (None, *_flat_grads(*_backward(_params, _x, _saved, _d_outputs, _d_finals, ctx.bs)))
+
+
+def _engine_op_forward_impl(xs: list[torch.Tensor], states: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:
+    result = _Sequence.forward(None, *xs, *states, *params)
+    return [r.clone() for r in result[: _N_OUT + _N_STATE]] + list(result[_N_OUT + _N_STATE :])
+
+
+def _engine_op_backward_impl(args: list[torch.Tensor], saved: list[torch.Tensor], d_outputs: list[torch.Tensor], d_finals: list[torch.Tensor]) -> list[torch.Tensor]:
+    _x, _, _params = _split(args)
+    _d_outputs = d_outputs[0] if _N_OUT == 1 else tuple(d_outputs)
+    _d_finals = d_finals[0] if _N_STATE == 1 else tuple(d_finals)
+    result = _flat_grads(*_backward(_params, _x, dict(zip(_SAVED_BUFFERS, saved)), _d_outputs, _d_finals))
+    # a custom op's outputs may not alias each other or its inputs (two biases share one sum)
+    seen = {id(t) for t in (*args, *saved, *d_outputs, *d_finals) if t is not None}
+    out = []
+    for r in result:
+        out.append(r.clone() if id(r) in seen else r)
+        seen.add(id(r))
+    return out
+
+
+def _engine_op_setup_context(ctx, inputs, output):
+    xs, states, params = inputs
+    ctx.save_for_backward(*xs, *states, *params, *output[_N_OUT + _N_STATE :])
+
+
+def _engine_op_backward(ctx, grads):
+    t = ctx.saved_tensors
+    n = _N_IN + _N_STATE + len(_PARAM_NAMES)
+    d_outputs, d_finals = grads[:_N_OUT], grads[_N_OUT : _N_OUT + _N_STATE]
+    if torch.is_grad_enabled():  # create_graph=True: a backward autograd can differentiate
+        res = _differentiable_gradients(t[:n], dict(zip(_SAVED_BUFFERS, t[n:])), d_outputs, d_finals)
+    else:
+        res = _ENGINE_OPS[1](list(t[:n]), list(t[n:]), list(d_outputs), list(d_finals))
+    return list(res[:_N_IN]), list(res[_N_IN : _N_IN + _N_STATE]), list(res[_N_IN + _N_STATE :])
+
+
+def _register_engine_ops():
+    """The PyTorch engine's forward and backward as custom ops, for torch.compile and
+    torch.export (traced through their fake implementations: the engine itself on fake
+    tensors). Registered once per process and content of this file."""
+    name = "cellspec::gru_engine_b0f0b8ff762c"
+    try:
+        fwd = torch.library.custom_op(f"{name}_forward", _engine_op_forward_impl, mutates_args=(),
+                                      schema="(Tensor[] xs, Tensor[] states, Tensor[] params) -> Tensor[]")
+        bwd = torch.library.custom_op(f"{name}_backward", _engine_op_backward_impl, mutates_args=(),
+                                      schema="(Tensor[] args, Tensor[] saved, Tensor?[] d_outputs, Tensor?[] d_finals) -> Tensor[]")
+    except RuntimeError:  # registered by an earlier import of the same generated code
+        ns = torch.ops.cellspec
+        return getattr(ns, "gru_engine_b0f0b8ff762c_forward"), getattr(ns, "gru_engine_b0f0b8ff762c_backward")
+    fwd.register_fake(_engine_op_forward_impl)
+    bwd.register_fake(_engine_op_backward_impl)
+    fwd.register_autograd(_engine_op_backward, setup_context=_engine_op_setup_context)
+    return fwd, bwd
+
+
+_ENGINE_OPS = _register_engine_ops()
+
+
+def _run_engine(xs, state, params, bs=None):
+    """(outputs, final states) of the PyTorch engine: the custom op under torch.compile, else
+    the autograd.Function (with per-step batch sizes ``bs``, a list of T ints, for lengths)."""
+    if torch.compiler.is_compiling() and bs is None:
+        result = _ENGINE_OPS[0](list(xs), list(state), list(params.values()))
+    else:
+        result = _Sequence.apply(bs, *xs, *state, *params.values())
+    return tuple(result[:_N_OUT]), tuple(result[_N_OUT : _N_OUT + _N_STATE])
 
 
 def _run_autograd(params, xs, state, bs=None):
@@ -513,15 +846,18 @@ class _NativeSequence(torch.autograd.Function):
         _xs, _states, _plist = args[:_N_IN], args[_N_IN : _N_IN + _N_STATE], args[_N_IN + _N_STATE :]
         _outputs, _finals, _saved = _native_forward(lib, _xs, _states, dict(zip(_PARAM_NAMES, _plist)), bs)
         ctx.lib, ctx.bs = lib, bs
-        ctx.save_for_backward(*_xs, *_plist, *_saved)
+        ctx.save_for_backward(*args, *_saved)
         return (*_outputs, *_finals)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, *grads):
         _t = ctx.saved_tensors
-        _n = _N_IN + len(_PARAM_NAMES)
-        _params = dict(zip(_PARAM_NAMES, _t[_N_IN:_n]))
+        _n = _N_IN + _N_STATE + len(_PARAM_NAMES)
+        if torch.is_grad_enabled():  # create_graph=True: the program's backward in recorded ops
+            if ctx.bs is not None:
+                raise NotImplementedError(f"{CELL}: double backward (create_graph=True) with lengths= or a PackedSequence is not supported; pad the batch instead")
+            return (None, None, *_differentiable_gradients(_t[:_n], None, grads[:_N_OUT], grads[_N_OUT:]))
+        _params = dict(zip(_PARAM_NAMES, _t[_N_IN + _N_STATE : _n]))
         _grads, _d_xs, _d_states = _native_backward(ctx.lib, _t[:_N_IN], _params, _t[_n:], grads[:_N_OUT], grads[_N_OUT:], ctx.bs)
         return (None, None, *_d_xs, *_d_states, *(_grads[k].to(_params[k].dtype) for k in _PARAM_NAMES))
 
@@ -709,14 +1045,18 @@ def _op_backward_fake(xs, params, saved, d_outputs, d_finals):
 
 
 def _op_setup_context(ctx, inputs, output):
-    xs, _states, params = inputs
+    xs, states, params = inputs
     ctx.n_params = len(params)
-    ctx.save_for_backward(*xs, *params, *output[_N_OUT + _N_STATE :])
+    ctx.save_for_backward(*xs, *states, *params, *output[_N_OUT + _N_STATE :])
 
 
 def _op_backward(ctx, grads):
     t = ctx.saved_tensors
-    xs, params, saved = t[:_N_IN], t[_N_IN : _N_IN + ctx.n_params], t[_N_IN + ctx.n_params :]
+    n = _N_IN + _N_STATE + ctx.n_params
+    if torch.is_grad_enabled():  # create_graph=True: the program's backward in recorded ops
+        res = _differentiable_gradients(t[:n], None, grads[:_N_OUT], grads[_N_OUT : _N_OUT + _N_STATE])
+        return list(res[:_N_IN]), list(res[_N_IN : _N_IN + _N_STATE]), list(res[_N_IN + _N_STATE :])
+    xs, params, saved = t[:_N_IN], t[_N_IN + _N_STATE : n], t[n:]
     res = _OPS[1](list(xs), list(params), list(saved), list(grads[:_N_OUT]), list(grads[_N_OUT : _N_OUT + _N_STATE]))
     return list(res[:_N_IN]), list(res[_N_IN : _N_IN + _N_STATE]), list(res[_N_IN + _N_STATE :])
 
@@ -790,7 +1130,9 @@ class _GRUBase(nn.Module):
             for dirs in self._names:
                 for names in dirs:
                     for name, init in INITS.items():
-                        p = self._parameters[names[name]]
+                        p = self._init_target(names[name])
+                        if p is None:
+                            continue
                         if init[0] == "default":
                             p.uniform_(-k, k)
                         elif init[0] == "fill":
@@ -809,15 +1151,43 @@ class _GRUBase(nn.Module):
     def extra_repr(self):
         return ", ".join(f"{a}={getattr(self, a)}" for a in SIZES.values()) + f", backend={self.backend!r}"
 
+    def _init_target(self, name):
+        """The tensor reset_parameters initialises for a param: the parameter, or the original
+        under a parametrization (None where another tool owns it, e.g. the legacy weight_norm's
+        name_g/name_v)."""
+        if nn.utils.parametrize.is_parametrized(self, name):
+            orig = self.parametrizations[name].original
+            return orig if isinstance(orig, torch.Tensor) else None
+        return self._parameters.get(name)
+
     def _params(self, layer=0, direction=0):
-        """The params of one layer and direction, by spec name."""
+        """The params of one layer and direction, by spec name, read by attribute so that
+        parametrizations (register_parametrization, weight_norm, spectral_norm, orthogonal) and
+        torch.func.functional_call apply."""
         names = self._names[layer][direction]
-        return {name: self._parameters[names[name]] for name in _PARAM_NAMES}
+        return {name: getattr(self, names[name]) for name in _PARAM_NAMES}
+    def _check_dtypes(self, xs, state, params):
+        """One dtype for inputs, states and params, as torch.nn.LSTM demands (a ValueError
+        naming both dtypes and both conversions), on every backend: never a silent cast."""
+        dtype = next(iter(params.values())).dtype if params else xs[0].dtype
+        for name, p in params.items():
+            if p.dtype != dtype:
+                raise ValueError(f"{CELL}: param '{name}' dtype ({p.dtype}) does not match the other params' ({dtype}); convert the model: model.to({dtype})")
+        for (name, _), x in zip(INPUTS, xs):
+            if x.dtype != dtype:
+                raise ValueError(f"{CELL} input '{name}' dtype ({x.dtype}) does not match weight dtype ({dtype}). Convert input: input.to({dtype}), or convert model: model.to({x.dtype})")
+        for (name, _), s in zip(STATES, state):
+            if s.dtype != dtype:
+                raise ValueError(f"{CELL} state '{name}' dtype ({s.dtype}) does not match weight dtype ({dtype}). Convert the state: state.to({dtype}), or convert model: model.to({s.dtype})")
 
     def _zero_state(self, batch, like):
         return like.new_zeros(batch, self.sizes["H"])
 
     def _resolve_backend(self, xs, state, params=None):
+        if _functorch_active() and self.backend != "autograd":
+            # torch.func wraps tensors; the native library takes plain ones, so the program's
+            # PyTorch ops (functional rendering) run under a transform
+            return "generated"
         params = self._params() if params is None else params
         if self.backend != "auto":
             return self.backend
@@ -843,6 +1213,7 @@ class _GRUBase(nn.Module):
             if s.shape != (xs[0].shape[1], sizes[size]):
                 raise ValueError(f"state '{name}' must be [{xs[0].shape[1]}, {sizes[size]}], got {tuple(s.shape)}")
         params = self._params(layer, direction)
+        self._check_dtypes(xs, state, params)
         backend = self._resolve_backend(xs, state, params)
         if backend == "autograd":
             return _run_autograd(params, xs, state, bs)
@@ -850,8 +1221,7 @@ class _GRUBase(nn.Module):
             compiling = torch.compiler.is_compiling() and bs is None
             lib = None if compiling else _native_library(xs[0], state, params, required=backend)
             return _run_native(lib, xs, state, params, bs)
-        result = _Sequence.apply(None if bs is None else bs.tolist(), *xs, *state, *params.values())
-        return tuple(result[:_N_OUT]), tuple(result[_N_OUT:])
+        return _run_engine(xs, state, params, None if bs is None else bs.tolist())
 
 
 class GRUCell(_GRUBase):

@@ -451,43 +451,414 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
     return _grads, _d_x, _d_state
 
 
+
+def _scatter_rows(_rows, _start, _T, _lo, _hi, _value, add=False):
+    """The per-step rows list of a timed buffer with rows _start .. _start + _T - 1 (columns
+    _lo:_hi, or all) set to (add=True: increased by) the [T*B, w] or [T, B, w] _value; new
+    tensors only, so autograd records it."""
+    _rows = list(_rows)
+    _value = _value.reshape(_T, -1, _value.shape[-1])
+    for _i in range(_T):
+        _r = _rows[_start + _i]
+        _v = _value[_i] if not add else (_r if _lo is None else _r[:, _lo:_hi]) + _value[_i]
+        _rows[_start + _i] = _v if _lo is None else torch.slice_scatter(_r, _v, 1, _lo, _hi)
+    return _rows
+
+
+def _forward_differentiable(_params, _x, _state, _bs=None):
+    """The whole sequence: outputs, final states and what the backward reads (functional ops: autograd records it).
+    ``_bs``: per-step batch sizes (a list of T ints, non-increasing; the batch sorted by length); not in the functional rendering."""
+    assert _bs is None, "the functional rendering runs full batches"
+    _T, _B, _I, _H = _setup(_params, _x)
+    _dtype, _device = _arrays(_x)[0].dtype, _arrays(_x)[0].device
+    W_ii = _params["W_ii"].to(_dtype)
+    W_hi = _params["W_hi"].to(_dtype)
+    p_i = _params["p_i"].to(_dtype)
+    b_i = _params["b_i"].to(_dtype)
+    W_if = _params["W_if"].to(_dtype)
+    W_hf = _params["W_hf"].to(_dtype)
+    p_f = _params["p_f"].to(_dtype)
+    b_f = _params["b_f"].to(_dtype)
+    W_ig = _params["W_ig"].to(_dtype)
+    W_hg = _params["W_hg"].to(_dtype)
+    b_g = _params["b_g"].to(_dtype)
+    W_io = _params["W_io"].to(_dtype)
+    W_ho = _params["W_ho"].to(_dtype)
+    p_o = _params["p_o"].to(_dtype)
+    b_o = _params["b_o"].to(_dtype)
+    _x_x = _arrays(_x)[0].to(_dtype)
+    _wt_W_ii_W_if_W_ig_W_io = torch.cat([W_ii, W_if, W_ig, W_io]).T
+    _wt_W_hi_W_hf_W_hg_W_ho = torch.cat([W_hi, W_hf, W_hg, W_ho]).T
+    _state0 = _initial_state(_state, _B, _dtype, _device, (_H, _H, ))
+    _s_h = torch.zeros((_T + 1, _B, _H), dtype=_dtype, device=_device)
+    _s_c = torch.zeros((_T + 1, _B, _H), dtype=_dtype, device=_device)
+    _hg_W_ii_W_if_W_ig_W_io__x = torch.zeros((_T, _B, 4*_H), dtype=_dtype, device=_device)
+    _g_W_hi_W_hf_W_hg_W_ho__h = torch.zeros((_B, 4*_H), dtype=_dtype, device=_device)
+    _v_i = torch.zeros((_T, _B, _H), dtype=_dtype, device=_device)
+    _v_f = torch.zeros((_T, _B, _H), dtype=_dtype, device=_device)
+    _v_g = torch.zeros((_T, _B, _H), dtype=_dtype, device=_device)
+    _v_o = torch.zeros((_T, _B, _H), dtype=_dtype, device=_device)
+    _hg_W_ii_W_if_W_ig_W_io__x_rows = list(_hg_W_ii_W_if_W_ig_W_io__x.unbind(0))
+    _v_i_rows = list(_v_i.unbind(0))
+    _v_f_rows = list(_v_f.unbind(0))
+    _v_g_rows = list(_v_g.unbind(0))
+    _s_c_rows = list(_s_c.unbind(0))
+    _v_o_rows = list(_v_o.unbind(0))
+    _s_h_rows = list(_s_h.unbind(0))
+    _s_h_rows[0] = _state0[0]
+    _s_c_rows[0] = _state0[1]
+    # W_ii @ x, W_if @ x, W_ig @ x, W_io @ x
+    _hg_W_ii_W_if_W_ig_W_io__x_rows = _scatter_rows(_hg_W_ii_W_if_W_ig_W_io__x_rows, 0, _T, None, None, _x_x.reshape(_T * _B, _I) @ _wt_W_ii_W_if_W_ig_W_io, add=False)
+    for _t in range(_T):
+        # W_hi @ h, W_hf @ h, W_hg @ h, W_ho @ h
+        _g_W_hi_W_hf_W_hg_W_ho__h = _s_h_rows[_t] @ _wt_W_hi_W_hf_W_hg_W_ho
+        # stage 0 forward
+        W_hf_h = _g_W_hi_W_hf_W_hg_W_ho__h[:, _H:2*_H]
+        W_hg_h = _g_W_hi_W_hf_W_hg_W_ho__h[:, 2*_H:3*_H]
+        W_hi_h = _g_W_hi_W_hf_W_hg_W_ho__h[:, 0:_H]
+        W_ho_h = _g_W_hi_W_hf_W_hg_W_ho__h[:, 3*_H:4*_H]
+        W_if_x = _hg_W_ii_W_if_W_ig_W_io__x_rows[_t][:, _H:2*_H]
+        W_ig_x = _hg_W_ii_W_if_W_ig_W_io__x_rows[_t][:, 2*_H:3*_H]
+        W_ii_x = _hg_W_ii_W_if_W_ig_W_io__x_rows[_t][:, 0:_H]
+        W_io_x = _hg_W_ii_W_if_W_ig_W_io__x_rows[_t][:, 3*_H:4*_H]
+        c = _s_c_rows[_t]
+        i = torch.sigmoid(W_hi_h + W_ii_x + b_i + c*p_i)  # peephole_lstm.cell:14  i = sigmoid(W_ii @ x + W_hi @ h + p_i * c + b_i)
+        f = torch.sigmoid(W_hf_h + W_if_x + b_f + c*p_f)  # peephole_lstm.cell:15  f = sigmoid(W_if @ x + W_hf @ h + p_f * c + b_f)
+        g = torch.tanh(W_hg_h + W_ig_x + b_g)  # peephole_lstm.cell:16  g = tanh(W_ig @ x + W_hg @ h + b_g)
+        c_next = c*f + g*i  # peephole_lstm.cell:17  c' = f * c + i * g
+        o = torch.sigmoid(W_ho_h + W_io_x + b_o + c_next*p_o)  # peephole_lstm.cell:18  o = sigmoid(W_io @ x + W_ho @ h + p_o * c' + b_o)
+        h_next = o*torch.tanh(c_next)  # peephole_lstm.cell:19  h' = o * tanh(c')
+        _v_i_rows[_t] = i
+        _v_f_rows[_t] = f
+        _v_g_rows[_t] = g
+        _s_c_rows[_t + 1] = c_next
+        _v_o_rows[_t] = o
+        _s_h_rows[_t + 1] = h_next
+    _hg_W_ii_W_if_W_ig_W_io__x = torch.stack(_hg_W_ii_W_if_W_ig_W_io__x_rows)
+    _v_i = torch.stack(_v_i_rows)
+    _v_f = torch.stack(_v_f_rows)
+    _v_g = torch.stack(_v_g_rows)
+    _s_c = torch.stack(_s_c_rows)
+    _v_o = torch.stack(_v_o_rows)
+    _s_h = torch.stack(_s_h_rows)
+    _outputs = (_s_h[1:],)
+    if _bs is not None:  # zeros past each sequence's end
+        _m = _active(_bs, _B, _dtype)
+        _outputs = tuple(_o * _m for _o in _outputs)
+    _final = (_s_h[_T], _s_c[_T], )
+    _saved = {"s_h": _s_h, "s_c": _s_c, "v_i": _v_i, "v_f": _v_f, "v_g": _v_g, "v_o": _v_o, }
+    return _outputs[0], _final, _saved
+
+
+def _backward_differentiable(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
+    """Gradients of the whole sequence: (d_params, d_x, d_state), in functional ops (differentiable again); ``_bs`` as in the forward."""
+    assert _bs is None, "the functional rendering runs full batches"
+    _T, _B, _I, _H = _setup(_params, _x)
+    _dtype, _device = _arrays(_x)[0].dtype, _arrays(_x)[0].device
+    W_ii = _params["W_ii"].to(_dtype)
+    W_hi = _params["W_hi"].to(_dtype)
+    p_i = _params["p_i"].to(_dtype)
+    b_i = _params["b_i"].to(_dtype)
+    W_if = _params["W_if"].to(_dtype)
+    W_hf = _params["W_hf"].to(_dtype)
+    p_f = _params["p_f"].to(_dtype)
+    b_f = _params["b_f"].to(_dtype)
+    W_ig = _params["W_ig"].to(_dtype)
+    W_hg = _params["W_hg"].to(_dtype)
+    b_g = _params["b_g"].to(_dtype)
+    W_io = _params["W_io"].to(_dtype)
+    W_ho = _params["W_ho"].to(_dtype)
+    p_o = _params["p_o"].to(_dtype)
+    b_o = _params["b_o"].to(_dtype)
+    _x_x = _arrays(_x)[0].to(_dtype)
+    _w_W_ii_W_if_W_ig_W_io = torch.cat([W_ii, W_if, W_ig, W_io])
+    _w_W_hi_W_hf_W_hg_W_ho = torch.cat([W_hi, W_hf, W_hg, W_ho])
+    _s_h = _saved["s_h"]
+    _s_c = _saved["s_c"]
+    _v_i = _saved["v_i"]
+    _v_f = _saved["v_f"]
+    _v_g = _saved["v_g"]
+    _v_o = _saved["v_o"]
+    _d_outputs = (_d_outputs,)
+    _dout_h_next = torch.zeros((_T, _B, _H), dtype=_dtype, device=_device) if _d_outputs[0] is None else _d_outputs[0].to(_dtype)
+    _d_final = (None,) * 2 if _d_final is None else tuple(_d_final)
+    if _bs is not None:  # outputs past a sequence's end are constant zeros
+        _m = _active(_bs, _B, _dtype)
+        _dout_h_next = _dout_h_next * _m
+    _ds_h = torch.zeros((_B, _H), dtype=_dtype, device=_device) if _d_final[0] is None else _d_final[0].to(_dtype).clone()
+    _ds_c = torch.zeros((_B, _H), dtype=_dtype, device=_device) if _d_final[1] is None else _d_final[1].to(_dtype).clone()
+    _dx_x = torch.zeros((_T, _B, _I), dtype=_dtype, device=_device)
+    _dp_p_i = torch.zeros((_T, _B, _H), dtype=_dtype, device=_device)
+    _dp_p_f = torch.zeros((_T, _B, _H), dtype=_dtype, device=_device)
+    _dp_p_o = torch.zeros((_T, _B, _H), dtype=_dtype, device=_device)
+    _dg_W_hi_W_hf_W_hg_W_ho__h = torch.zeros((_T, _B, 4*_H), dtype=_dtype, device=_device)
+    _tmp_d_h_gemm = torch.zeros((_B, _H), dtype=_dtype, device=_device)
+    _tmp_d_o = torch.zeros((_B, _H), dtype=_dtype, device=_device)
+    _tmp_d_c_next = torch.zeros((_B, _H), dtype=_dtype, device=_device)
+    _tmp_d_f = torch.zeros((_B, _H), dtype=_dtype, device=_device)
+    _tmp_d_i = torch.zeros((_B, _H), dtype=_dtype, device=_device)
+    _dg_W_hi_W_hf_W_hg_W_ho__h_rows = list(_dg_W_hi_W_hf_W_hg_W_ho__h.unbind(0))
+    _dp_p_i_rows = list(_dp_p_i.unbind(0))
+    _dp_p_f_rows = list(_dp_p_f.unbind(0))
+    _dp_p_o_rows = list(_dp_p_o.unbind(0))
+    _dx_x_rows = list(_dx_x.unbind(0))
+    _s_c_rows = list(_s_c.unbind(0))
+    _dout_h_next_rows = list(_dout_h_next.unbind(0))
+    _v_f_rows = list(_v_f.unbind(0))
+    _v_g_rows = list(_v_g.unbind(0))
+    _v_i_rows = list(_v_i.unbind(0))
+    _v_o_rows = list(_v_o.unbind(0))
+    _grads = {}
+    for _t in reversed(range(_T)):
+        # stage 0 backward
+        c = _s_c_rows[_t]
+        c_next = _s_c_rows[_t + 1]
+        d_c = _ds_c
+        d_h = _ds_h
+        d_h_next_out = _dout_h_next_rows[_t]
+        f = _v_f_rows[_t]
+        g = _v_g_rows[_t]
+        i = _v_i_rows[_t]
+        o = _v_o_rows[_t]
+        t0 = torch.tanh(c_next)
+        d_h_next = d_h + d_h_next_out  # adjoint of h'
+        d_o = d_h_next*t0  # adjoint of o
+        t1 = d_o*o*(1 - o)
+        d_c_next = d_c + d_h_next*o*(1 - (t0*t0)) + p_o*t1  # adjoint of c'
+        d_g = d_c_next*i  # adjoint of g
+        d_f = c*d_c_next  # adjoint of f
+        d_i = d_c_next*g  # adjoint of i
+        d_W_hi_h = d_i*i*(1 - i)  # adjoint of W_hi @ h
+        d_W_hf_h = d_f*f*(1 - f)  # adjoint of W_hf @ h
+        d_W_hg_h = d_g*(1 - (g*g))  # adjoint of W_hg @ h
+        d_W_ho_h = t1  # adjoint of W_ho @ h
+        _tmp_d_o = d_o
+        _tmp_d_c_next = d_c_next
+        _tmp_d_f = d_f
+        _tmp_d_i = d_i
+        _dg_W_hi_W_hf_W_hg_W_ho__h_rows[_t] = torch.slice_scatter(_dg_W_hi_W_hf_W_hg_W_ho__h_rows[_t], d_W_hi_h, 1, 0, _H)
+        _dg_W_hi_W_hf_W_hg_W_ho__h_rows[_t] = torch.slice_scatter(_dg_W_hi_W_hf_W_hg_W_ho__h_rows[_t], d_W_hf_h, 1, _H, 2*_H)
+        _dg_W_hi_W_hf_W_hg_W_ho__h_rows[_t] = torch.slice_scatter(_dg_W_hi_W_hf_W_hg_W_ho__h_rows[_t], d_W_hg_h, 1, 2*_H, 3*_H)
+        _dg_W_hi_W_hf_W_hg_W_ho__h_rows[_t] = torch.slice_scatter(_dg_W_hi_W_hf_W_hg_W_ho__h_rows[_t], d_W_ho_h, 1, 3*_H, 4*_H)
+        _tmp_d_h_gemm = _dg_W_hi_W_hf_W_hg_W_ho__h_rows[_t] @ _w_W_hi_W_hf_W_hg_W_ho
+        # per-step adjoints of inputs, states, vector params, hoisted results
+        c = _s_c_rows[_t]
+        c_next = _s_c_rows[_t + 1]
+        d_c_next = _tmp_d_c_next
+        d_f = _tmp_d_f
+        d_h_gemm = _tmp_d_h_gemm
+        d_i = _tmp_d_i
+        d_o = _tmp_d_o
+        f = _v_f_rows[_t]
+        i = _v_i_rows[_t]
+        o = _v_o_rows[_t]
+        t1_2 = d_f*f*(1 - f)
+        t2 = d_i*i*(1 - i)
+        d_h = d_h_gemm  # adjoint of state h
+        d_c = d_c_next*f + p_f*t1_2 + p_i*t2  # adjoint of state c
+        d_p_i = c*t2  # adjoint of param p_i
+        d_p_f = c*t1_2  # adjoint of param p_f
+        d_p_o = c_next*d_o*o*(1 - o)  # adjoint of param p_o
+        _ds_h = d_h
+        _ds_c = d_c
+        _dp_p_i_rows[_t] = d_p_i
+        _dp_p_f_rows[_t] = d_p_f
+        _dp_p_o_rows[_t] = d_p_o
+    _dg_W_hi_W_hf_W_hg_W_ho__h = torch.stack(_dg_W_hi_W_hf_W_hg_W_ho__h_rows)
+    # dW of W_hi @ h, W_hf @ h, W_hg @ h, W_ho @ h: one GEMM over all T*B rows
+    _dw = _dg_W_hi_W_hf_W_hg_W_ho__h.reshape(_T * _B, 4*_H).T @ _s_h[:_T].reshape(_T * _B, _H)
+    _grads["W_hi"] = _dw[0:_H]
+    _grads["W_hf"] = _dw[_H:2*_H]
+    _grads["W_hg"] = _dw[2*_H:3*_H]
+    _grads["W_ho"] = _dw[3*_H:4*_H]
+    # dW of W_ii @ x, W_if @ x, W_ig @ x, W_io @ x: one GEMM over all T*B rows
+    _dw = _dg_W_hi_W_hf_W_hg_W_ho__h.reshape(_T * _B, 4*_H).T @ _x_x.reshape(_T * _B, _I)
+    _grads["W_ii"] = _dw[0:_H]
+    _grads["W_if"] = _dw[_H:2*_H]
+    _grads["W_ig"] = _dw[2*_H:3*_H]
+    _grads["W_io"] = _dw[3*_H:4*_H]
+    _dx_x_rows = _scatter_rows(_dx_x_rows, 0, _T, None, None, _dg_W_hi_W_hf_W_hg_W_ho__h.reshape(_T * _B, 4*_H) @ _w_W_ii_W_if_W_ig_W_io, add=False)
+    _dp_p_i = torch.stack(_dp_p_i_rows)
+    _sum = _dp_p_i.reshape(_T * _B, _H).sum(0)
+    _grads["p_i"] = _sum
+    _sum = _dg_W_hi_W_hf_W_hg_W_ho__h.reshape(_T * _B, 4*_H)[:, 0:_H].sum(0)
+    _grads["b_i"] = _sum
+    _dp_p_f = torch.stack(_dp_p_f_rows)
+    _sum = _dp_p_f.reshape(_T * _B, _H).sum(0)
+    _grads["p_f"] = _sum
+    _sum = _dg_W_hi_W_hf_W_hg_W_ho__h.reshape(_T * _B, 4*_H)[:, _H:2*_H].sum(0)
+    _grads["b_f"] = _sum
+    _sum = _dg_W_hi_W_hf_W_hg_W_ho__h.reshape(_T * _B, 4*_H)[:, 2*_H:3*_H].sum(0)
+    _grads["b_g"] = _sum
+    _dp_p_o = torch.stack(_dp_p_o_rows)
+    _sum = _dp_p_o.reshape(_T * _B, _H).sum(0)
+    _grads["p_o"] = _sum
+    _sum = _dg_W_hi_W_hf_W_hg_W_ho__h.reshape(_T * _B, 4*_H)[:, 3*_H:4*_H].sum(0)
+    _grads["b_o"] = _sum
+    _dx_x = torch.stack(_dx_x_rows)
+    _grads = {"W_ii": _grads["W_ii"], "W_hi": _grads["W_hi"], "p_i": _grads["p_i"], "b_i": _grads["b_i"], "W_if": _grads["W_if"], "W_hf": _grads["W_hf"], "p_f": _grads["p_f"], "b_f": _grads["b_f"], "W_ig": _grads["W_ig"], "W_hg": _grads["W_hg"], "b_g": _grads["b_g"], "W_io": _grads["W_io"], "W_ho": _grads["W_ho"], "p_o": _grads["p_o"], "b_o": _grads["b_o"], }
+    _d_x = _dx_x
+    _d_state = (_ds_h, _ds_c)
+    return _grads, _d_x, _d_state
+
+
+
 _PARAM_NAMES = tuple(PARAMS)
 _N_IN = 1
 _N_STATE = 2
 _N_OUT = 1
 
 
+_SAVED_BUFFERS = ("s_h", "s_c", "v_i", "v_f", "v_g", "v_o",)
+
+
+def _functorch_active() -> bool:
+    """Whether a torch.func transform (grad, vjp, jacrev, vmap) runs: its tensors are wrappers
+    that in-place writes into fresh buffers and the native library cannot take."""
+    return torch._C._functorch.maybe_current_level() is not None
+
+
+def _split(args):
+    """(x, state, params) in the forms _forward and _backward take, from a flat argument list."""
+    _x = args[0] if _N_IN == 1 else tuple(args[:_N_IN])
+    _state = args[_N_IN] if _N_STATE == 1 else tuple(args[_N_IN : _N_IN + _N_STATE])
+    return _x, _state, dict(zip(_PARAM_NAMES, args[_N_IN + _N_STATE :]))
+
+
+def _flat_grads(grads, d_x, d_state):
+    d_x = (d_x,) if _N_IN == 1 else d_x
+    d_state = (d_state,) if _N_STATE == 1 else d_state
+    return (*d_x, *d_state, *(grads[k] for k in _PARAM_NAMES))
+
+
+def _differentiable_gradients(args, saved, d_outputs, d_finals):
+    """Gradients of the flat (xs, states, params) in ops autograd records: the generated backward
+    rendered in functional ops (_backward_differentiable). Under create_graph=True (grad mode on
+    in a backward) the forward is recomputed the same way first, so the values the backward reads
+    are themselves functions of the inputs and params and the gradient is differentiable again;
+    under a torch.func transform without grad mode the saved values serve."""
+    _x, _state, _params = _split(args)
+    if torch.is_grad_enabled() or saved is None:
+        _, _, saved = _forward_differentiable(_params, _x, _state)
+    d_outputs = d_outputs[0] if _N_OUT == 1 else tuple(d_outputs)
+    d_finals = d_finals[0] if _N_STATE == 1 else tuple(d_finals)
+    return _flat_grads(*_backward_differentiable(_params, _x, saved, d_outputs, d_finals))
+
+
 class _Sequence(torch.autograd.Function):
-    """The whole sequence with the generated backward (not autograd over per-step ops)."""
+    """The whole sequence with the generated backward (not autograd over per-step ops).
+
+    setup_context form with generate_vmap_rule: torch.func (grad, vjp, jacrev, vmap) runs it,
+    with the functional rendering of the same program under a transform. The backward is the
+    in-place engine when nothing records it, else _backward_differentiable (double backward)."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, bs, *args):
-        """bs: per-step batch sizes (a list of T ints) or None; then inputs, states, params."""
-        _x = args[0] if _N_IN == 1 else tuple(args[:_N_IN])
-        _state = args[_N_IN] if _N_STATE == 1 else tuple(args[_N_IN : _N_IN + _N_STATE])
-        _params = dict(zip(_PARAM_NAMES, args[_N_IN + _N_STATE :]))
-        _outputs, _final, _saved = _forward(_params, _x, _state, bs)
-        ctx.bs = bs
-        ctx.saved_keys = tuple(_saved)
-        ctx.save_for_backward(*args[:_N_IN], *args[_N_IN + _N_STATE :], *_saved.values())
+    def forward(*args):
+        """args: per-step batch sizes (a list of T ints, or None), then inputs, states, params."""
+        bs, args = args[0], args[1:]
+        _x, _state, _params = _split(args)
+        if _functorch_active():
+            if bs is not None:
+                raise NotImplementedError(f"{CELL}: torch.func with lengths= or a PackedSequence is not supported; pad the batch instead")
+            _outputs, _final, _saved = _forward_differentiable(_params, _x, _state)
+        else:
+            _outputs, _final, _saved = _forward(_params, _x, _state, bs)
         _outputs = (_outputs,) if _N_OUT == 1 else _outputs
         _final = (_final,) if _N_STATE == 1 else _final
-        return (*_outputs, *_final)
+        # the saved buffers go out as extra outputs (setup_context saves them), detached: an
+        # output may be a whole saved buffer, which must stay differentiable
+        return (*_outputs, *_final, *(_saved[k].detach() for k in _SAVED_BUFFERS))
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    def setup_context(ctx, inputs, output):
+        _saved = output[_N_OUT + _N_STATE :]
+        ctx.mark_non_differentiable(*_saved)
+        ctx.bs = inputs[0]
+        ctx.save_for_backward(*inputs[1:], *_saved)
+
+    @staticmethod
     def backward(ctx, *grads):
         _tensors = ctx.saved_tensors
-        _x = _tensors[0] if _N_IN == 1 else tuple(_tensors[:_N_IN])
-        _n = _N_IN + len(_PARAM_NAMES)
-        _params = dict(zip(_PARAM_NAMES, _tensors[_N_IN:_n]))
-        _saved = dict(zip(ctx.saved_keys, _tensors[_n:]))
-        _d_outputs = grads[0] if _N_OUT == 1 else tuple(grads[:_N_OUT])
-        _d_final = grads[_N_OUT] if _N_STATE == 1 else tuple(grads[_N_OUT:])
-        _grads, _d_x, _d_state = _backward(_params, _x, _saved, _d_outputs, _d_final, ctx.bs)
-        _d_x = (_d_x,) if _N_IN == 1 else _d_x
-        _d_state = (_d_state,) if _N_STATE == 1 else _d_state
-        return (None, *_d_x, *_d_state, *(_grads[k] for k in _PARAM_NAMES))
+        _n = _N_IN + _N_STATE + len(_PARAM_NAMES)
+        _args, _saved = _tensors[:_n], dict(zip(_SAVED_BUFFERS, _tensors[_n:]))
+        _d_outputs, _d_finals = grads[:_N_OUT], grads[_N_OUT : _N_OUT + _N_STATE]
+        if torch.is_grad_enabled() or _functorch_active():
+            if ctx.bs is not None:
+                raise NotImplementedError(f"{CELL}: double backward (create_graph=True) and torch.func with lengths= or a PackedSequence are not supported; pad the batch instead")
+            return (None, *_differentiable_gradients(_args, _saved, _d_outputs, _d_finals))
+        _x, _, _params = _split(_args)
+        _d_outputs = _d_outputs[0] if _N_OUT == 1 else tuple(_d_outputs)
+        _d_finals = _d_finals[0] if _N_STATE == 1 else tuple(_d_finals)
+        return (None, *_flat_grads(*_backward(_params, _x, _saved, _d_outputs, _d_finals, ctx.bs)))
+
+
+def _engine_op_forward_impl(xs: list[torch.Tensor], states: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:
+    result = _Sequence.forward(None, *xs, *states, *params)
+    return [r.clone() for r in result[: _N_OUT + _N_STATE]] + list(result[_N_OUT + _N_STATE :])
+
+
+def _engine_op_backward_impl(args: list[torch.Tensor], saved: list[torch.Tensor], d_outputs: list[torch.Tensor], d_finals: list[torch.Tensor]) -> list[torch.Tensor]:
+    _x, _, _params = _split(args)
+    _d_outputs = d_outputs[0] if _N_OUT == 1 else tuple(d_outputs)
+    _d_finals = d_finals[0] if _N_STATE == 1 else tuple(d_finals)
+    result = _flat_grads(*_backward(_params, _x, dict(zip(_SAVED_BUFFERS, saved)), _d_outputs, _d_finals))
+    # a custom op's outputs may not alias each other or its inputs (two biases share one sum)
+    seen = {id(t) for t in (*args, *saved, *d_outputs, *d_finals) if t is not None}
+    out = []
+    for r in result:
+        out.append(r.clone() if id(r) in seen else r)
+        seen.add(id(r))
+    return out
+
+
+def _engine_op_setup_context(ctx, inputs, output):
+    xs, states, params = inputs
+    ctx.save_for_backward(*xs, *states, *params, *output[_N_OUT + _N_STATE :])
+
+
+def _engine_op_backward(ctx, grads):
+    t = ctx.saved_tensors
+    n = _N_IN + _N_STATE + len(_PARAM_NAMES)
+    d_outputs, d_finals = grads[:_N_OUT], grads[_N_OUT : _N_OUT + _N_STATE]
+    if torch.is_grad_enabled():  # create_graph=True: a backward autograd can differentiate
+        res = _differentiable_gradients(t[:n], dict(zip(_SAVED_BUFFERS, t[n:])), d_outputs, d_finals)
+    else:
+        res = _ENGINE_OPS[1](list(t[:n]), list(t[n:]), list(d_outputs), list(d_finals))
+    return list(res[:_N_IN]), list(res[_N_IN : _N_IN + _N_STATE]), list(res[_N_IN + _N_STATE :])
+
+
+def _register_engine_ops():
+    """The PyTorch engine's forward and backward as custom ops, for torch.compile and
+    torch.export (traced through their fake implementations: the engine itself on fake
+    tensors). Registered once per process and content of this file."""
+    name = "cellspec::peephole_lstm_engine_8523636a977b"
+    try:
+        fwd = torch.library.custom_op(f"{name}_forward", _engine_op_forward_impl, mutates_args=(),
+                                      schema="(Tensor[] xs, Tensor[] states, Tensor[] params) -> Tensor[]")
+        bwd = torch.library.custom_op(f"{name}_backward", _engine_op_backward_impl, mutates_args=(),
+                                      schema="(Tensor[] args, Tensor[] saved, Tensor?[] d_outputs, Tensor?[] d_finals) -> Tensor[]")
+    except RuntimeError:  # registered by an earlier import of the same generated code
+        ns = torch.ops.cellspec
+        return getattr(ns, "peephole_lstm_engine_8523636a977b_forward"), getattr(ns, "peephole_lstm_engine_8523636a977b_backward")
+    fwd.register_fake(_engine_op_forward_impl)
+    bwd.register_fake(_engine_op_backward_impl)
+    fwd.register_autograd(_engine_op_backward, setup_context=_engine_op_setup_context)
+    return fwd, bwd
+
+
+_ENGINE_OPS = _register_engine_ops()
+
+
+def _run_engine(xs, state, params, bs=None):
+    """(outputs, final states) of the PyTorch engine: the custom op under torch.compile, else
+    the autograd.Function (with per-step batch sizes ``bs``, a list of T ints, for lengths)."""
+    if torch.compiler.is_compiling() and bs is None:
+        result = _ENGINE_OPS[0](list(xs), list(state), list(params.values()))
+    else:
+        result = _Sequence.apply(bs, *xs, *state, *params.values())
+    return tuple(result[:_N_OUT]), tuple(result[_N_OUT : _N_OUT + _N_STATE])
 
 
 def _run_autograd(params, xs, state, bs=None):
@@ -569,15 +940,18 @@ class _NativeSequence(torch.autograd.Function):
         _xs, _states, _plist = args[:_N_IN], args[_N_IN : _N_IN + _N_STATE], args[_N_IN + _N_STATE :]
         _outputs, _finals, _saved = _native_forward(lib, _xs, _states, dict(zip(_PARAM_NAMES, _plist)), bs)
         ctx.lib, ctx.bs = lib, bs
-        ctx.save_for_backward(*_xs, *_plist, *_saved)
+        ctx.save_for_backward(*args, *_saved)
         return (*_outputs, *_finals)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, *grads):
         _t = ctx.saved_tensors
-        _n = _N_IN + len(_PARAM_NAMES)
-        _params = dict(zip(_PARAM_NAMES, _t[_N_IN:_n]))
+        _n = _N_IN + _N_STATE + len(_PARAM_NAMES)
+        if torch.is_grad_enabled():  # create_graph=True: the program's backward in recorded ops
+            if ctx.bs is not None:
+                raise NotImplementedError(f"{CELL}: double backward (create_graph=True) with lengths= or a PackedSequence is not supported; pad the batch instead")
+            return (None, None, *_differentiable_gradients(_t[:_n], None, grads[:_N_OUT], grads[_N_OUT:]))
+        _params = dict(zip(_PARAM_NAMES, _t[_N_IN + _N_STATE : _n]))
         _grads, _d_xs, _d_states = _native_backward(ctx.lib, _t[:_N_IN], _params, _t[_n:], grads[:_N_OUT], grads[_N_OUT:], ctx.bs)
         return (None, None, *_d_xs, *_d_states, *(_grads[k].to(_params[k].dtype) for k in _PARAM_NAMES))
 
@@ -781,14 +1155,18 @@ def _op_backward_fake(xs, params, saved, d_outputs, d_finals):
 
 
 def _op_setup_context(ctx, inputs, output):
-    xs, _states, params = inputs
+    xs, states, params = inputs
     ctx.n_params = len(params)
-    ctx.save_for_backward(*xs, *params, *output[_N_OUT + _N_STATE :])
+    ctx.save_for_backward(*xs, *states, *params, *output[_N_OUT + _N_STATE :])
 
 
 def _op_backward(ctx, grads):
     t = ctx.saved_tensors
-    xs, params, saved = t[:_N_IN], t[_N_IN : _N_IN + ctx.n_params], t[_N_IN + ctx.n_params :]
+    n = _N_IN + _N_STATE + ctx.n_params
+    if torch.is_grad_enabled():  # create_graph=True: the program's backward in recorded ops
+        res = _differentiable_gradients(t[:n], None, grads[:_N_OUT], grads[_N_OUT : _N_OUT + _N_STATE])
+        return list(res[:_N_IN]), list(res[_N_IN : _N_IN + _N_STATE]), list(res[_N_IN + _N_STATE :])
+    xs, params, saved = t[:_N_IN], t[_N_IN + _N_STATE : n], t[n:]
     res = _OPS[1](list(xs), list(params), list(saved), list(grads[:_N_OUT]), list(grads[_N_OUT : _N_OUT + _N_STATE]))
     return list(res[:_N_IN]), list(res[_N_IN : _N_IN + _N_STATE]), list(res[_N_IN + _N_STATE :])
 
@@ -862,7 +1240,9 @@ class _PeepholeLSTMBase(nn.Module):
             for dirs in self._names:
                 for names in dirs:
                     for name, init in INITS.items():
-                        p = self._parameters[names[name]]
+                        p = self._init_target(names[name])
+                        if p is None:
+                            continue
                         if init[0] == "default":
                             p.uniform_(-k, k)
                         elif init[0] == "fill":
@@ -881,15 +1261,43 @@ class _PeepholeLSTMBase(nn.Module):
     def extra_repr(self):
         return ", ".join(f"{a}={getattr(self, a)}" for a in SIZES.values()) + f", backend={self.backend!r}"
 
+    def _init_target(self, name):
+        """The tensor reset_parameters initialises for a param: the parameter, or the original
+        under a parametrization (None where another tool owns it, e.g. the legacy weight_norm's
+        name_g/name_v)."""
+        if nn.utils.parametrize.is_parametrized(self, name):
+            orig = self.parametrizations[name].original
+            return orig if isinstance(orig, torch.Tensor) else None
+        return self._parameters.get(name)
+
     def _params(self, layer=0, direction=0):
-        """The params of one layer and direction, by spec name."""
+        """The params of one layer and direction, by spec name, read by attribute so that
+        parametrizations (register_parametrization, weight_norm, spectral_norm, orthogonal) and
+        torch.func.functional_call apply."""
         names = self._names[layer][direction]
-        return {name: self._parameters[names[name]] for name in _PARAM_NAMES}
+        return {name: getattr(self, names[name]) for name in _PARAM_NAMES}
+    def _check_dtypes(self, xs, state, params):
+        """One dtype for inputs, states and params, as torch.nn.LSTM demands (a ValueError
+        naming both dtypes and both conversions), on every backend: never a silent cast."""
+        dtype = next(iter(params.values())).dtype if params else xs[0].dtype
+        for name, p in params.items():
+            if p.dtype != dtype:
+                raise ValueError(f"{CELL}: param '{name}' dtype ({p.dtype}) does not match the other params' ({dtype}); convert the model: model.to({dtype})")
+        for (name, _), x in zip(INPUTS, xs):
+            if x.dtype != dtype:
+                raise ValueError(f"{CELL} input '{name}' dtype ({x.dtype}) does not match weight dtype ({dtype}). Convert input: input.to({dtype}), or convert model: model.to({x.dtype})")
+        for (name, _), s in zip(STATES, state):
+            if s.dtype != dtype:
+                raise ValueError(f"{CELL} state '{name}' dtype ({s.dtype}) does not match weight dtype ({dtype}). Convert the state: state.to({dtype}), or convert model: model.to({s.dtype})")
 
     def _zero_state(self, batch, like):
         return tuple(like.new_zeros(batch, self.sizes[s]) for _, s in STATES)
 
     def _resolve_backend(self, xs, state, params=None):
+        if _functorch_active() and self.backend != "autograd":
+            # torch.func wraps tensors; the native library takes plain ones, so the program's
+            # PyTorch ops (functional rendering) run under a transform
+            return "generated"
         params = self._params() if params is None else params
         if self.backend != "auto":
             return self.backend
@@ -915,6 +1323,7 @@ class _PeepholeLSTMBase(nn.Module):
             if s.shape != (xs[0].shape[1], sizes[size]):
                 raise ValueError(f"state '{name}' must be [{xs[0].shape[1]}, {sizes[size]}], got {tuple(s.shape)}")
         params = self._params(layer, direction)
+        self._check_dtypes(xs, state, params)
         backend = self._resolve_backend(xs, state, params)
         if backend == "autograd":
             return _run_autograd(params, xs, state, bs)
@@ -922,8 +1331,7 @@ class _PeepholeLSTMBase(nn.Module):
             compiling = torch.compiler.is_compiling() and bs is None
             lib = None if compiling else _native_library(xs[0], state, params, required=backend)
             return _run_native(lib, xs, state, params, bs)
-        result = _Sequence.apply(None if bs is None else bs.tolist(), *xs, *state, *params.values())
-        return tuple(result[:_N_OUT]), tuple(result[_N_OUT:])
+        return _run_engine(xs, state, params, None if bs is None else bs.tolist())
 
 
 class PeepholeLSTMCell(_PeepholeLSTMBase):

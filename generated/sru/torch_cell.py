@@ -355,43 +355,358 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
     return _grads, _d_x, _d_state
 
 
+
+def _scatter_rows(_rows, _start, _T, _lo, _hi, _value, add=False):
+    """The per-step rows list of a timed buffer with rows _start .. _start + _T - 1 (columns
+    _lo:_hi, or all) set to (add=True: increased by) the [T*B, w] or [T, B, w] _value; new
+    tensors only, so autograd records it."""
+    _rows = list(_rows)
+    _value = _value.reshape(_T, -1, _value.shape[-1])
+    for _i in range(_T):
+        _r = _rows[_start + _i]
+        _v = _value[_i] if not add else (_r if _lo is None else _r[:, _lo:_hi]) + _value[_i]
+        _rows[_start + _i] = _v if _lo is None else torch.slice_scatter(_r, _v, 1, _lo, _hi)
+    return _rows
+
+
+def _forward_differentiable(_params, _x, _state, _bs=None):
+    """The whole sequence: outputs, final states and what the backward reads (functional ops: autograd records it).
+    ``_bs``: per-step batch sizes (a list of T ints, non-increasing; the batch sorted by length); not in the functional rendering."""
+    assert _bs is None, "the functional rendering runs full batches"
+    _T, _B, _I, _H = _setup(_params, _x)
+    _dtype, _device = _arrays(_x)[0].dtype, _arrays(_x)[0].device
+    W = _params["W"].to(_dtype)
+    W_f = _params["W_f"].to(_dtype)
+    v_f = _params["v_f"].to(_dtype)
+    b_f = _params["b_f"].to(_dtype)
+    W_r = _params["W_r"].to(_dtype)
+    v_r = _params["v_r"].to(_dtype)
+    b_r = _params["b_r"].to(_dtype)
+    W_s = _params["W_s"].to(_dtype)
+    _x_x = _arrays(_x)[0].to(_dtype)
+    _wt_W_f_W_W_r_W_s = torch.cat([W_f, W, W_r, W_s]).T
+    _state0 = _initial_state(_state, _B, _dtype, _device, (_H, ))
+    _s_c = torch.zeros((_T + 1, _B, _H), dtype=_dtype, device=_device)
+    _hg_W_f_W_W_r_W_s__x = torch.zeros((_T, _B, 4*_H), dtype=_dtype, device=_device)
+    _v_f = torch.zeros((_T, _B, _H), dtype=_dtype, device=_device)
+    _v_r = torch.zeros((_T, _B, _H), dtype=_dtype, device=_device)
+    _v_h = torch.zeros((_T, _B, _H), dtype=_dtype, device=_device)
+    _hg_W_f_W_W_r_W_s__x_rows = list(_hg_W_f_W_W_r_W_s__x.unbind(0))
+    _v_f_rows = list(_v_f.unbind(0))
+    _s_c_rows = list(_s_c.unbind(0))
+    _v_r_rows = list(_v_r.unbind(0))
+    _v_h_rows = list(_v_h.unbind(0))
+    _s_c_rows[0] = _state0[0]
+    # W_f @ x, W @ x, W_r @ x, W_s @ x
+    _hg_W_f_W_W_r_W_s__x_rows = _scatter_rows(_hg_W_f_W_W_r_W_s__x_rows, 0, _T, None, None, _x_x.reshape(_T * _B, _I) @ _wt_W_f_W_W_r_W_s, add=False)
+    for _t in range(_T):
+        # stage 0 forward
+        W_f_x = _hg_W_f_W_W_r_W_s__x_rows[_t][:, 0:_H]
+        W_r_x = _hg_W_f_W_W_r_W_s__x_rows[_t][:, 2*_H:3*_H]
+        W_s_x = _hg_W_f_W_W_r_W_s__x_rows[_t][:, 3*_H:4*_H]
+        W_x = _hg_W_f_W_W_r_W_s__x_rows[_t][:, _H:2*_H]
+        c = _s_c_rows[_t]
+        f = torch.sigmoid(W_f_x + b_f + c*v_f)  # sru.cell:14  f = sigmoid(W_f @ x + v_f * c + b_f)
+        c_next = W_x*(1 - f) + c*f  # sru.cell:15  c' = f * c + (1 - f) * (W @ x)
+        r = torch.sigmoid(W_r_x + b_r + c*v_r)  # sru.cell:16  r = sigmoid(W_r @ x + v_r * c + b_r)
+        h = W_s_x*(1 - r) + c_next*r  # sru.cell:17  h = r * c' + (1 - r) * (W_s @ x)
+        _v_f_rows[_t] = f
+        _s_c_rows[_t + 1] = c_next
+        _v_r_rows[_t] = r
+        _v_h_rows[_t] = h
+    _hg_W_f_W_W_r_W_s__x = torch.stack(_hg_W_f_W_W_r_W_s__x_rows)
+    _v_f = torch.stack(_v_f_rows)
+    _s_c = torch.stack(_s_c_rows)
+    _v_r = torch.stack(_v_r_rows)
+    _v_h = torch.stack(_v_h_rows)
+    _outputs = (_v_h,)
+    if _bs is not None:  # zeros past each sequence's end
+        _m = _active(_bs, _B, _dtype)
+        _outputs = tuple(_o * _m for _o in _outputs)
+    _final = (_s_c[_T], )
+    _saved = {"s_c": _s_c, "hg_W_f_W_W_r_W_s__x": _hg_W_f_W_W_r_W_s__x, "v_f": _v_f, "v_r": _v_r, }
+    return _outputs[0], _final[0], _saved
+
+
+def _backward_differentiable(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
+    """Gradients of the whole sequence: (d_params, d_x, d_state), in functional ops (differentiable again); ``_bs`` as in the forward."""
+    assert _bs is None, "the functional rendering runs full batches"
+    _T, _B, _I, _H = _setup(_params, _x)
+    _dtype, _device = _arrays(_x)[0].dtype, _arrays(_x)[0].device
+    W = _params["W"].to(_dtype)
+    W_f = _params["W_f"].to(_dtype)
+    v_f = _params["v_f"].to(_dtype)
+    b_f = _params["b_f"].to(_dtype)
+    W_r = _params["W_r"].to(_dtype)
+    v_r = _params["v_r"].to(_dtype)
+    b_r = _params["b_r"].to(_dtype)
+    W_s = _params["W_s"].to(_dtype)
+    _x_x = _arrays(_x)[0].to(_dtype)
+    _w_W_f_W_W_r_W_s = torch.cat([W_f, W, W_r, W_s])
+    _s_c = _saved["s_c"]
+    _hg_W_f_W_W_r_W_s__x = _saved["hg_W_f_W_W_r_W_s__x"]
+    _v_f = _saved["v_f"]
+    _v_r = _saved["v_r"]
+    _d_outputs = (_d_outputs,)
+    _dout_h = torch.zeros((_T, _B, _H), dtype=_dtype, device=_device) if _d_outputs[0] is None else _d_outputs[0].to(_dtype)
+    _d_final = (_d_final,)
+    if _bs is not None:  # outputs past a sequence's end are constant zeros
+        _m = _active(_bs, _B, _dtype)
+        _dout_h = _dout_h * _m
+    _ds_c = torch.zeros((_B, _H), dtype=_dtype, device=_device) if _d_final[0] is None else _d_final[0].to(_dtype).clone()
+    _dx_x = torch.zeros((_T, _B, _I), dtype=_dtype, device=_device)
+    _dp_v_f = torch.zeros((_T, _B, _H), dtype=_dtype, device=_device)
+    _dp_b_f = torch.zeros((_T, _B, _H), dtype=_dtype, device=_device)
+    _dp_v_r = torch.zeros((_T, _B, _H), dtype=_dtype, device=_device)
+    _dp_b_r = torch.zeros((_T, _B, _H), dtype=_dtype, device=_device)
+    _dhg_W_f_W_W_r_W_s__x = torch.zeros((_T, _B, 4*_H), dtype=_dtype, device=_device)
+    _tmp_d_h = torch.zeros((_B, _H), dtype=_dtype, device=_device)
+    _tmp_d_r = torch.zeros((_B, _H), dtype=_dtype, device=_device)
+    _tmp_d_c_next = torch.zeros((_B, _H), dtype=_dtype, device=_device)
+    _tmp_d_f = torch.zeros((_B, _H), dtype=_dtype, device=_device)
+    _dp_v_f_rows = list(_dp_v_f.unbind(0))
+    _dp_b_f_rows = list(_dp_b_f.unbind(0))
+    _dp_v_r_rows = list(_dp_v_r.unbind(0))
+    _dp_b_r_rows = list(_dp_b_r.unbind(0))
+    _dhg_W_f_W_W_r_W_s__x_rows = list(_dhg_W_f_W_W_r_W_s__x.unbind(0))
+    _dx_x_rows = list(_dx_x.unbind(0))
+    _hg_W_f_W_W_r_W_s__x_rows = list(_hg_W_f_W_W_r_W_s__x.unbind(0))
+    _s_c_rows = list(_s_c.unbind(0))
+    _dout_h_rows = list(_dout_h.unbind(0))
+    _v_r_rows = list(_v_r.unbind(0))
+    _v_f_rows = list(_v_f.unbind(0))
+    _grads = {}
+    for _t in reversed(range(_T)):
+        # stage 0 backward
+        W_s_x = _hg_W_f_W_W_r_W_s__x_rows[_t][:, 3*_H:4*_H]
+        W_x = _hg_W_f_W_W_r_W_s__x_rows[_t][:, _H:2*_H]
+        c = _s_c_rows[_t]
+        c_next = _s_c_rows[_t + 1]
+        d_c = _ds_c
+        d_h_out = _dout_h_rows[_t]
+        r = _v_r_rows[_t]
+        d_h = d_h_out  # adjoint of h
+        d_r = d_h*(-W_s_x + c_next)  # adjoint of r
+        d_c_next = d_c + d_h*r  # adjoint of c'
+        d_f = d_c_next*(-W_x + c)  # adjoint of f
+        _tmp_d_h = d_h
+        _tmp_d_r = d_r
+        _tmp_d_c_next = d_c_next
+        _tmp_d_f = d_f
+        # per-step adjoints of inputs, states, vector params, hoisted results
+        c = _s_c_rows[_t]
+        d_c_next = _tmp_d_c_next
+        d_f = _tmp_d_f
+        d_h = _tmp_d_h
+        d_r = _tmp_d_r
+        f = _v_f_rows[_t]
+        r = _v_r_rows[_t]
+        t0 = 1 - f
+        t1 = d_f*f*t0
+        t2 = 1 - r
+        t3 = d_r*r*t2
+        d_c = d_c_next*f + t1*v_f + t3*v_r  # adjoint of state c
+        d_v_f = c*t1  # adjoint of param v_f
+        d_b_f = t1  # adjoint of param b_f
+        d_v_r = c*t3  # adjoint of param v_r
+        d_b_r = t3  # adjoint of param b_r
+        d_W_f_x = d_b_f  # adjoint of hoisted projection W_f_x
+        d_W_x = d_c_next*t0  # adjoint of hoisted projection W_x
+        d_W_r_x = d_b_r  # adjoint of hoisted projection W_r_x
+        d_W_s_x = d_h*t2  # adjoint of hoisted projection W_s_x
+        _ds_c = d_c
+        _dp_v_f_rows[_t] = d_v_f
+        _dp_b_f_rows[_t] = d_b_f
+        _dp_v_r_rows[_t] = d_v_r
+        _dp_b_r_rows[_t] = d_b_r
+        _dhg_W_f_W_W_r_W_s__x_rows[_t] = torch.slice_scatter(_dhg_W_f_W_W_r_W_s__x_rows[_t], d_W_f_x, 1, 0, _H)
+        _dhg_W_f_W_W_r_W_s__x_rows[_t] = torch.slice_scatter(_dhg_W_f_W_W_r_W_s__x_rows[_t], d_W_x, 1, _H, 2*_H)
+        _dhg_W_f_W_W_r_W_s__x_rows[_t] = torch.slice_scatter(_dhg_W_f_W_W_r_W_s__x_rows[_t], d_W_r_x, 1, 2*_H, 3*_H)
+        _dhg_W_f_W_W_r_W_s__x_rows[_t] = torch.slice_scatter(_dhg_W_f_W_W_r_W_s__x_rows[_t], d_W_s_x, 1, 3*_H, 4*_H)
+    _dhg_W_f_W_W_r_W_s__x = torch.stack(_dhg_W_f_W_W_r_W_s__x_rows)
+    # dW of W_f @ x, W @ x, W_r @ x, W_s @ x: one GEMM over all T*B rows
+    _dw = _dhg_W_f_W_W_r_W_s__x.reshape(_T * _B, 4*_H).T @ _x_x.reshape(_T * _B, _I)
+    _grads["W_f"] = _dw[0:_H]
+    _grads["W"] = _dw[_H:2*_H]
+    _grads["W_r"] = _dw[2*_H:3*_H]
+    _grads["W_s"] = _dw[3*_H:4*_H]
+    _dx_x_rows = _scatter_rows(_dx_x_rows, 0, _T, None, None, _dhg_W_f_W_W_r_W_s__x.reshape(_T * _B, 4*_H) @ _w_W_f_W_W_r_W_s, add=False)
+    _dp_v_f = torch.stack(_dp_v_f_rows)
+    _sum = _dp_v_f.reshape(_T * _B, _H).sum(0)
+    _grads["v_f"] = _sum
+    _dp_b_f = torch.stack(_dp_b_f_rows)
+    _sum = _dp_b_f.reshape(_T * _B, _H).sum(0)
+    _grads["b_f"] = _sum
+    _dp_v_r = torch.stack(_dp_v_r_rows)
+    _sum = _dp_v_r.reshape(_T * _B, _H).sum(0)
+    _grads["v_r"] = _sum
+    _dp_b_r = torch.stack(_dp_b_r_rows)
+    _sum = _dp_b_r.reshape(_T * _B, _H).sum(0)
+    _grads["b_r"] = _sum
+    _dx_x = torch.stack(_dx_x_rows)
+    _grads = {"W": _grads["W"], "W_f": _grads["W_f"], "v_f": _grads["v_f"], "b_f": _grads["b_f"], "W_r": _grads["W_r"], "v_r": _grads["v_r"], "b_r": _grads["b_r"], "W_s": _grads["W_s"], }
+    _d_x = _dx_x
+    _d_state = _ds_c
+    return _grads, _d_x, _d_state
+
+
+
 _PARAM_NAMES = tuple(PARAMS)
 _N_IN = 1
 _N_STATE = 1
 _N_OUT = 1
 
 
+_SAVED_BUFFERS = ("s_c", "hg_W_f_W_W_r_W_s__x", "v_f", "v_r",)
+
+
+def _functorch_active() -> bool:
+    """Whether a torch.func transform (grad, vjp, jacrev, vmap) runs: its tensors are wrappers
+    that in-place writes into fresh buffers and the native library cannot take."""
+    return torch._C._functorch.maybe_current_level() is not None
+
+
+def _split(args):
+    """(x, state, params) in the forms _forward and _backward take, from a flat argument list."""
+    _x = args[0] if _N_IN == 1 else tuple(args[:_N_IN])
+    _state = args[_N_IN] if _N_STATE == 1 else tuple(args[_N_IN : _N_IN + _N_STATE])
+    return _x, _state, dict(zip(_PARAM_NAMES, args[_N_IN + _N_STATE :]))
+
+
+def _flat_grads(grads, d_x, d_state):
+    d_x = (d_x,) if _N_IN == 1 else d_x
+    d_state = (d_state,) if _N_STATE == 1 else d_state
+    return (*d_x, *d_state, *(grads[k] for k in _PARAM_NAMES))
+
+
+def _differentiable_gradients(args, saved, d_outputs, d_finals):
+    """Gradients of the flat (xs, states, params) in ops autograd records: the generated backward
+    rendered in functional ops (_backward_differentiable). Under create_graph=True (grad mode on
+    in a backward) the forward is recomputed the same way first, so the values the backward reads
+    are themselves functions of the inputs and params and the gradient is differentiable again;
+    under a torch.func transform without grad mode the saved values serve."""
+    _x, _state, _params = _split(args)
+    if torch.is_grad_enabled() or saved is None:
+        _, _, saved = _forward_differentiable(_params, _x, _state)
+    d_outputs = d_outputs[0] if _N_OUT == 1 else tuple(d_outputs)
+    d_finals = d_finals[0] if _N_STATE == 1 else tuple(d_finals)
+    return _flat_grads(*_backward_differentiable(_params, _x, saved, d_outputs, d_finals))
+
+
 class _Sequence(torch.autograd.Function):
-    """The whole sequence with the generated backward (not autograd over per-step ops)."""
+    """The whole sequence with the generated backward (not autograd over per-step ops).
+
+    setup_context form with generate_vmap_rule: torch.func (grad, vjp, jacrev, vmap) runs it,
+    with the functional rendering of the same program under a transform. The backward is the
+    in-place engine when nothing records it, else _backward_differentiable (double backward)."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, bs, *args):
-        """bs: per-step batch sizes (a list of T ints) or None; then inputs, states, params."""
-        _x = args[0] if _N_IN == 1 else tuple(args[:_N_IN])
-        _state = args[_N_IN] if _N_STATE == 1 else tuple(args[_N_IN : _N_IN + _N_STATE])
-        _params = dict(zip(_PARAM_NAMES, args[_N_IN + _N_STATE :]))
-        _outputs, _final, _saved = _forward(_params, _x, _state, bs)
-        ctx.bs = bs
-        ctx.saved_keys = tuple(_saved)
-        ctx.save_for_backward(*args[:_N_IN], *args[_N_IN + _N_STATE :], *_saved.values())
+    def forward(*args):
+        """args: per-step batch sizes (a list of T ints, or None), then inputs, states, params."""
+        bs, args = args[0], args[1:]
+        _x, _state, _params = _split(args)
+        if _functorch_active():
+            if bs is not None:
+                raise NotImplementedError(f"{CELL}: torch.func with lengths= or a PackedSequence is not supported; pad the batch instead")
+            _outputs, _final, _saved = _forward_differentiable(_params, _x, _state)
+        else:
+            _outputs, _final, _saved = _forward(_params, _x, _state, bs)
         _outputs = (_outputs,) if _N_OUT == 1 else _outputs
         _final = (_final,) if _N_STATE == 1 else _final
-        return (*_outputs, *_final)
+        # the saved buffers go out as extra outputs (setup_context saves them), detached: an
+        # output may be a whole saved buffer, which must stay differentiable
+        return (*_outputs, *_final, *(_saved[k].detach() for k in _SAVED_BUFFERS))
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    def setup_context(ctx, inputs, output):
+        _saved = output[_N_OUT + _N_STATE :]
+        ctx.mark_non_differentiable(*_saved)
+        ctx.bs = inputs[0]
+        ctx.save_for_backward(*inputs[1:], *_saved)
+
+    @staticmethod
     def backward(ctx, *grads):
         _tensors = ctx.saved_tensors
-        _x = _tensors[0] if _N_IN == 1 else tuple(_tensors[:_N_IN])
-        _n = _N_IN + len(_PARAM_NAMES)
-        _params = dict(zip(_PARAM_NAMES, _tensors[_N_IN:_n]))
-        _saved = dict(zip(ctx.saved_keys, _tensors[_n:]))
-        _d_outputs = grads[0] if _N_OUT == 1 else tuple(grads[:_N_OUT])
-        _d_final = grads[_N_OUT] if _N_STATE == 1 else tuple(grads[_N_OUT:])
-        _grads, _d_x, _d_state = _backward(_params, _x, _saved, _d_outputs, _d_final, ctx.bs)
-        _d_x = (_d_x,) if _N_IN == 1 else _d_x
-        _d_state = (_d_state,) if _N_STATE == 1 else _d_state
-        return (None, *_d_x, *_d_state, *(_grads[k] for k in _PARAM_NAMES))
+        _n = _N_IN + _N_STATE + len(_PARAM_NAMES)
+        _args, _saved = _tensors[:_n], dict(zip(_SAVED_BUFFERS, _tensors[_n:]))
+        _d_outputs, _d_finals = grads[:_N_OUT], grads[_N_OUT : _N_OUT + _N_STATE]
+        if torch.is_grad_enabled() or _functorch_active():
+            if ctx.bs is not None:
+                raise NotImplementedError(f"{CELL}: double backward (create_graph=True) and torch.func with lengths= or a PackedSequence are not supported; pad the batch instead")
+            return (None, *_differentiable_gradients(_args, _saved, _d_outputs, _d_finals))
+        _x, _, _params = _split(_args)
+        _d_outputs = _d_outputs[0] if _N_OUT == 1 else tuple(_d_outputs)
+        _d_finals = _d_finals[0] if _N_STATE == 1 else tuple(_d_finals)
+        return (None, *_flat_grads(*_backward(_params, _x, _saved, _d_outputs, _d_finals, ctx.bs)))
+
+
+def _engine_op_forward_impl(xs: list[torch.Tensor], states: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:
+    result = _Sequence.forward(None, *xs, *states, *params)
+    return [r.clone() for r in result[: _N_OUT + _N_STATE]] + list(result[_N_OUT + _N_STATE :])
+
+
+def _engine_op_backward_impl(args: list[torch.Tensor], saved: list[torch.Tensor], d_outputs: list[torch.Tensor], d_finals: list[torch.Tensor]) -> list[torch.Tensor]:
+    _x, _, _params = _split(args)
+    _d_outputs = d_outputs[0] if _N_OUT == 1 else tuple(d_outputs)
+    _d_finals = d_finals[0] if _N_STATE == 1 else tuple(d_finals)
+    result = _flat_grads(*_backward(_params, _x, dict(zip(_SAVED_BUFFERS, saved)), _d_outputs, _d_finals))
+    # a custom op's outputs may not alias each other or its inputs (two biases share one sum)
+    seen = {id(t) for t in (*args, *saved, *d_outputs, *d_finals) if t is not None}
+    out = []
+    for r in result:
+        out.append(r.clone() if id(r) in seen else r)
+        seen.add(id(r))
+    return out
+
+
+def _engine_op_setup_context(ctx, inputs, output):
+    xs, states, params = inputs
+    ctx.save_for_backward(*xs, *states, *params, *output[_N_OUT + _N_STATE :])
+
+
+def _engine_op_backward(ctx, grads):
+    t = ctx.saved_tensors
+    n = _N_IN + _N_STATE + len(_PARAM_NAMES)
+    d_outputs, d_finals = grads[:_N_OUT], grads[_N_OUT : _N_OUT + _N_STATE]
+    if torch.is_grad_enabled():  # create_graph=True: a backward autograd can differentiate
+        res = _differentiable_gradients(t[:n], dict(zip(_SAVED_BUFFERS, t[n:])), d_outputs, d_finals)
+    else:
+        res = _ENGINE_OPS[1](list(t[:n]), list(t[n:]), list(d_outputs), list(d_finals))
+    return list(res[:_N_IN]), list(res[_N_IN : _N_IN + _N_STATE]), list(res[_N_IN + _N_STATE :])
+
+
+def _register_engine_ops():
+    """The PyTorch engine's forward and backward as custom ops, for torch.compile and
+    torch.export (traced through their fake implementations: the engine itself on fake
+    tensors). Registered once per process and content of this file."""
+    name = "cellspec::sru_engine_e8d5bcf7ba88"
+    try:
+        fwd = torch.library.custom_op(f"{name}_forward", _engine_op_forward_impl, mutates_args=(),
+                                      schema="(Tensor[] xs, Tensor[] states, Tensor[] params) -> Tensor[]")
+        bwd = torch.library.custom_op(f"{name}_backward", _engine_op_backward_impl, mutates_args=(),
+                                      schema="(Tensor[] args, Tensor[] saved, Tensor?[] d_outputs, Tensor?[] d_finals) -> Tensor[]")
+    except RuntimeError:  # registered by an earlier import of the same generated code
+        ns = torch.ops.cellspec
+        return getattr(ns, "sru_engine_e8d5bcf7ba88_forward"), getattr(ns, "sru_engine_e8d5bcf7ba88_backward")
+    fwd.register_fake(_engine_op_forward_impl)
+    bwd.register_fake(_engine_op_backward_impl)
+    fwd.register_autograd(_engine_op_backward, setup_context=_engine_op_setup_context)
+    return fwd, bwd
+
+
+_ENGINE_OPS = _register_engine_ops()
+
+
+def _run_engine(xs, state, params, bs=None):
+    """(outputs, final states) of the PyTorch engine: the custom op under torch.compile, else
+    the autograd.Function (with per-step batch sizes ``bs``, a list of T ints, for lengths)."""
+    if torch.compiler.is_compiling() and bs is None:
+        result = _ENGINE_OPS[0](list(xs), list(state), list(params.values()))
+    else:
+        result = _Sequence.apply(bs, *xs, *state, *params.values())
+    return tuple(result[:_N_OUT]), tuple(result[_N_OUT : _N_OUT + _N_STATE])
 
 
 def _run_autograd(params, xs, state, bs=None):
@@ -473,15 +788,18 @@ class _NativeSequence(torch.autograd.Function):
         _xs, _states, _plist = args[:_N_IN], args[_N_IN : _N_IN + _N_STATE], args[_N_IN + _N_STATE :]
         _outputs, _finals, _saved = _native_forward(lib, _xs, _states, dict(zip(_PARAM_NAMES, _plist)), bs)
         ctx.lib, ctx.bs = lib, bs
-        ctx.save_for_backward(*_xs, *_plist, *_saved)
+        ctx.save_for_backward(*args, *_saved)
         return (*_outputs, *_finals)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, *grads):
         _t = ctx.saved_tensors
-        _n = _N_IN + len(_PARAM_NAMES)
-        _params = dict(zip(_PARAM_NAMES, _t[_N_IN:_n]))
+        _n = _N_IN + _N_STATE + len(_PARAM_NAMES)
+        if torch.is_grad_enabled():  # create_graph=True: the program's backward in recorded ops
+            if ctx.bs is not None:
+                raise NotImplementedError(f"{CELL}: double backward (create_graph=True) with lengths= or a PackedSequence is not supported; pad the batch instead")
+            return (None, None, *_differentiable_gradients(_t[:_n], None, grads[:_N_OUT], grads[_N_OUT:]))
+        _params = dict(zip(_PARAM_NAMES, _t[_N_IN + _N_STATE : _n]))
         _grads, _d_xs, _d_states = _native_backward(ctx.lib, _t[:_N_IN], _params, _t[_n:], grads[:_N_OUT], grads[_N_OUT:], ctx.bs)
         return (None, None, *_d_xs, *_d_states, *(_grads[k].to(_params[k].dtype) for k in _PARAM_NAMES))
 
@@ -666,14 +984,18 @@ def _op_backward_fake(xs, params, saved, d_outputs, d_finals):
 
 
 def _op_setup_context(ctx, inputs, output):
-    xs, _states, params = inputs
+    xs, states, params = inputs
     ctx.n_params = len(params)
-    ctx.save_for_backward(*xs, *params, *output[_N_OUT + _N_STATE :])
+    ctx.save_for_backward(*xs, *states, *params, *output[_N_OUT + _N_STATE :])
 
 
 def _op_backward(ctx, grads):
     t = ctx.saved_tensors
-    xs, params, saved = t[:_N_IN], t[_N_IN : _N_IN + ctx.n_params], t[_N_IN + ctx.n_params :]
+    n = _N_IN + _N_STATE + ctx.n_params
+    if torch.is_grad_enabled():  # create_graph=True: the program's backward in recorded ops
+        res = _differentiable_gradients(t[:n], None, grads[:_N_OUT], grads[_N_OUT : _N_OUT + _N_STATE])
+        return list(res[:_N_IN]), list(res[_N_IN : _N_IN + _N_STATE]), list(res[_N_IN + _N_STATE :])
+    xs, params, saved = t[:_N_IN], t[_N_IN + _N_STATE : n], t[n:]
     res = _OPS[1](list(xs), list(params), list(saved), list(grads[:_N_OUT]), list(grads[_N_OUT : _N_OUT + _N_STATE]))
     return list(res[:_N_IN]), list(res[_N_IN : _N_IN + _N_STATE]), list(res[_N_IN + _N_STATE :])
 
@@ -747,7 +1069,9 @@ class _SRUBase(nn.Module):
             for dirs in self._names:
                 for names in dirs:
                     for name, init in INITS.items():
-                        p = self._parameters[names[name]]
+                        p = self._init_target(names[name])
+                        if p is None:
+                            continue
                         if init[0] == "default":
                             p.uniform_(-k, k)
                         elif init[0] == "fill":
@@ -766,15 +1090,43 @@ class _SRUBase(nn.Module):
     def extra_repr(self):
         return ", ".join(f"{a}={getattr(self, a)}" for a in SIZES.values()) + f", backend={self.backend!r}"
 
+    def _init_target(self, name):
+        """The tensor reset_parameters initialises for a param: the parameter, or the original
+        under a parametrization (None where another tool owns it, e.g. the legacy weight_norm's
+        name_g/name_v)."""
+        if nn.utils.parametrize.is_parametrized(self, name):
+            orig = self.parametrizations[name].original
+            return orig if isinstance(orig, torch.Tensor) else None
+        return self._parameters.get(name)
+
     def _params(self, layer=0, direction=0):
-        """The params of one layer and direction, by spec name."""
+        """The params of one layer and direction, by spec name, read by attribute so that
+        parametrizations (register_parametrization, weight_norm, spectral_norm, orthogonal) and
+        torch.func.functional_call apply."""
         names = self._names[layer][direction]
-        return {name: self._parameters[names[name]] for name in _PARAM_NAMES}
+        return {name: getattr(self, names[name]) for name in _PARAM_NAMES}
+    def _check_dtypes(self, xs, state, params):
+        """One dtype for inputs, states and params, as torch.nn.LSTM demands (a ValueError
+        naming both dtypes and both conversions), on every backend: never a silent cast."""
+        dtype = next(iter(params.values())).dtype if params else xs[0].dtype
+        for name, p in params.items():
+            if p.dtype != dtype:
+                raise ValueError(f"{CELL}: param '{name}' dtype ({p.dtype}) does not match the other params' ({dtype}); convert the model: model.to({dtype})")
+        for (name, _), x in zip(INPUTS, xs):
+            if x.dtype != dtype:
+                raise ValueError(f"{CELL} input '{name}' dtype ({x.dtype}) does not match weight dtype ({dtype}). Convert input: input.to({dtype}), or convert model: model.to({x.dtype})")
+        for (name, _), s in zip(STATES, state):
+            if s.dtype != dtype:
+                raise ValueError(f"{CELL} state '{name}' dtype ({s.dtype}) does not match weight dtype ({dtype}). Convert the state: state.to({dtype}), or convert model: model.to({s.dtype})")
 
     def _zero_state(self, batch, like):
         return like.new_zeros(batch, self.sizes["H"])
 
     def _resolve_backend(self, xs, state, params=None):
+        if _functorch_active() and self.backend != "autograd":
+            # torch.func wraps tensors; the native library takes plain ones, so the program's
+            # PyTorch ops (functional rendering) run under a transform
+            return "generated"
         params = self._params() if params is None else params
         if self.backend != "auto":
             return self.backend
@@ -800,6 +1152,7 @@ class _SRUBase(nn.Module):
             if s.shape != (xs[0].shape[1], sizes[size]):
                 raise ValueError(f"state '{name}' must be [{xs[0].shape[1]}, {sizes[size]}], got {tuple(s.shape)}")
         params = self._params(layer, direction)
+        self._check_dtypes(xs, state, params)
         backend = self._resolve_backend(xs, state, params)
         if backend == "autograd":
             return _run_autograd(params, xs, state, bs)
@@ -807,8 +1160,7 @@ class _SRUBase(nn.Module):
             compiling = torch.compiler.is_compiling() and bs is None
             lib = None if compiling else _native_library(xs[0], state, params, required=backend)
             return _run_native(lib, xs, state, params, bs)
-        result = _Sequence.apply(None if bs is None else bs.tolist(), *xs, *state, *params.values())
-        return tuple(result[:_N_OUT]), tuple(result[_N_OUT:])
+        return _run_engine(xs, state, params, None if bs is None else bs.tolist())
 
 
 class SRUCell(_SRUBase):
