@@ -742,12 +742,16 @@ def _engine_op_backward_impl(args: list[torch.Tensor], saved: list[torch.Tensor]
     _d_outputs = d_outputs[0] if _N_OUT == 1 else tuple(d_outputs)
     _d_finals = d_finals[0] if _N_STATE == 1 else tuple(d_finals)
     result = _flat_grads(*_backward(_params, _x, dict(zip(_SAVED_BUFFERS, saved)), _d_outputs, _d_finals))
-    # a custom op's outputs may not alias each other or its inputs (two biases share one sum)
-    seen = {id(t) for t in (*args, *saved, *d_outputs, *d_finals) if t is not None}
+    # a custom op's outputs may not alias each other or its inputs (two biases share one sum;
+    # the matrices of a stack are row blocks of one dW)
+    def root(t):  # the tensor whose memory t is (works on fake tensors too)
+        return id(t._base if t._base is not None else t)
+
+    seen = {root(t) for t in (*args, *saved, *d_outputs, *d_finals) if t is not None}
     out = []
     for r in result:
-        out.append(r.clone() if id(r) in seen else r)
-        seen.add(id(r))
+        out.append(r.clone() if root(r) in seen else r)
+        seen.add(root(r))
     return out
 
 
