@@ -80,3 +80,25 @@ def test_first_build_says_so_once(monkeypatch, tmp_path, caplog):
         native.build_host(source, "probe")
     notes = [r.getMessage() for r in caplog.records if r.name == "cellspec" and "building" in r.getMessage()]
     assert len(notes) == 1 and "first use" in notes[0]
+
+
+def test_warm_up_runs_every_entry_point():
+    """warm_up() (for CUDA graph capture) runs forward, inference and backward once per dtype."""
+    pkg = load_module("lstm")
+    m = pkg.torch_cell.LSTM(3, 4)
+    calls = []
+    lib = pkg.torch_cell._native_library(torch.zeros(1, 1, 3), (torch.zeros(1, 4),) * 2,
+                                         dict(m.named_parameters()), required="fused")
+    orig = type(lib).__call__
+
+    def spy(self, name, dims, tensors):
+        calls.append((name, tensors[0].dtype))
+        return orig(self, name, dims, tensors)
+
+    type(lib).__call__ = spy
+    try:
+        assert m.warm_up((torch.float32, torch.float64)) == "fused"
+    finally:
+        type(lib).__call__ = orig
+    assert sorted(calls, key=str) == sorted(((n, d) for n in ("forward", "backward", "inference")
+                                             for d in (torch.float32, torch.float64)), key=str)

@@ -1108,6 +1108,27 @@ class _MGUBase(nn.Module):
             if s.dtype != dtype:
                 raise ValueError(f"{CELL} state '{name}' dtype ({s.dtype}) does not match weight dtype ({dtype}). Convert the state: state.to({dtype}), or convert model: model.to({s.dtype})")
 
+    def warm_up(self, dtypes=None):
+        """Run every entry point of the native library (forward, inference, backward) once per
+        dtype on a one-step, one-row input on the module's device, so that each kernel is loaded
+        before a CUDA graph capture (a kernel first used inside a capture loads its module
+        mid-capture, which the capture does not allow). Returns the backend it warmed."""
+        params = {k: v.detach() for k, v in self._params().items()}
+        device = next(iter(params.values())).device
+        for dtype in dtypes or (next(iter(params.values())).dtype,):
+            p = {k: v.to(dtype) for k, v in params.items()}
+            sz = self._layer_sizes[0]
+            xs = tuple(torch.zeros(1, 1, sz[s], dtype=dtype, device=device) for _, s in INPUTS)
+            states = tuple(torch.zeros(1, sz[s], dtype=dtype, device=device) for _, s in STATES)
+            backend = "cuda" if device.type == "cuda" else "fused"
+            lib = _native_library(xs[0], states, p, required=backend)
+            _, _, saved = _native_forward(lib, xs, states, p)
+            _native_backward(lib, xs, p, saved, [None] * _N_OUT, [None] * _N_STATE)
+            _native_inference(lib, xs, states, p)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return backend
+
     def _zero_state(self, batch, like):
         return like.new_zeros(batch, self.sizes["H"])
 
