@@ -597,7 +597,7 @@ class _SRUBase(nn.Module):
         self.backend = backend
         factory = {"device": device, "dtype": dtype}
         for name, shape in PARAMS.items():
-            self.register_parameter(name, nn.Parameter(torch.empty(*(self.sizes[s] for s in shape), **factory)))
+            self.register_parameter(name, nn.Parameter(torch.empty(tuple(self.sizes[s] for s in shape), **factory)))
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -625,7 +625,7 @@ class _SRUBase(nn.Module):
         return ", ".join(f"{a}={getattr(self, a)}" for a in SIZES.values()) + f", backend={self.backend!r}"
 
     def _params(self):
-        return {name: self._parameters[name] for name in _PARAM_NAMES}
+        return {name: self._parameters[name] for name in PARAMS}
 
     def _zero_state(self, batch, like):
         return like.new_zeros(batch, self.sizes["H"])

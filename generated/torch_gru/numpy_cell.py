@@ -45,7 +45,8 @@ def _sigmoid(z):
 
 def forward(params, x, state=None):
     """One step: x [B, ...] -> (output, new_state)."""
-    _outputs, _final, _ = _forward(params, _first_step(x), state)
+    _x = _first_step(x)
+    _outputs, _final, _ = _forward(params, _x, state)
     return _outputs[0], _final
 
 
@@ -53,8 +54,9 @@ def backward(params, x, state, d_output, d_new_state):
     """Gradients of one step: -> (d_params, d_x, d_state)."""
     _x = _first_step(x)
     _d_outputs = None if d_output is None else _first_step(d_output)
-    _, _, _saved = _forward(params, _x, state)
-    _d_params, _d_x, _d_state = _backward(params, _x, _saved, _d_outputs, d_new_state)
+    _p = params
+    _, _, _saved = _forward(_p, _x, state)
+    _d_params, _d_x, _d_state = _backward(_p, _x, _saved, _d_outputs, d_new_state)
     return _d_params, _d_x[0], _d_state
 
 
@@ -66,8 +68,9 @@ def forward_sequence(params, x, state=None):
 
 def backward_sequence(params, x, state, d_outputs, d_final_state):
     """Gradients over a whole sequence: -> (d_params, d_x, d_state)."""
-    _, _, _saved = _forward(params, x, state)
-    return _backward(params, x, _saved, d_outputs, d_final_state)
+    _p = params
+    _, _, _saved = _forward(_p, x, state)
+    return _backward(_p, x, _saved, d_outputs, d_final_state)
 
 
 def _first_step(a):
