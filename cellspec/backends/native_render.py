@@ -34,6 +34,7 @@ from sympy.printing.c import C99CodePrinter
 from cellspec.backends.naming import C_RESERVED, mangle
 from cellspec.backends.printers import CudaPrinter
 from cellspec.backends.render import render_template
+from cellspec.model import functions as fn_
 from cellspec.model import ops
 from cellspec.program import ir
 
@@ -74,6 +75,24 @@ class ElementFunction:
         )
 
 
+@dataclass
+class RowFunction:
+    """One pointwise block with reductions: per row, loops over units for the element parts, a
+    reduction loop per ``RowSum`` (a block-wide sum on the GPU), the row statements between them.
+
+    ``args`` are (code name, io, size) with size ``ir.ROW`` for a row scalar (one element per
+    row); ``sizes`` the size symbols its loops run over; ``body`` the C++ of one row."""
+
+    name: str
+    block: str
+    title: str
+    args: list[dict]
+    sizes: list[str]
+    body: list[str]
+    keys: dict[str, str] = field(default_factory=dict)  # code name -> program name
+    row = True
+
+
 class _SizePrinter(C99CodePrinter):
     """Sizes in the host loop: T -> n_T, H -> n_H."""
 
@@ -102,7 +121,119 @@ class _Renderer:
         self.names = mangle(list(seen), C_RESERVED)
         self.pr = CudaPrinter(self.names)
         self.functions: list[ElementFunction] = []
+        self.row_functions: list[RowFunction] = []
         self.by_block: dict[tuple[str, str], list[ElementFunction]] = {}
+
+    # ------------------------------------------------------------------ row functions
+    @staticmethod
+    def is_row_block(prog: ir.Program, blk: ir.Pointwise) -> bool:
+        """A block with a reduction or a row scalar: it runs row by row (:class:`RowFunction`)."""
+        sizes = prog.value_sizes
+        return any(st.expr.atoms(fn_.RowSum) for st in blk.statements) or any(
+            sizes.get(n) == ir.ROW for n in (*blk.reads, *(st.target for st in blk.statements))
+        )
+
+    def row_function(self, fn: ir.Function, blk: ir.Pointwise) -> RowFunction:
+        """The block as one :class:`RowFunction` (see there)."""
+        sizes = self.p.value_sizes
+        n = self.names
+        stmts = list(blk.statements)
+        defined = {st.target for st in stmts}
+        level: dict[str, str] = {r: sizes[r] for r in blk.reads}
+
+        def outer_symbols(e: sp.Expr) -> set[str]:
+            flat = e.xreplace({a: sp.S.Zero for a in e.atoms(fn_.RowSum)})
+            return {s.name for s in flat.free_symbols}
+
+        for st in stmts:
+            if st.target in sizes and not st.temp:
+                level[st.target] = sizes[st.target]
+            else:
+                elems = {level[s] for s in outer_symbols(st.expr) if level.get(s, ir.ROW) != ir.ROW}
+                level[st.target] = min(elems) if elems else ir.ROW
+        reads_of = {st.target: {s.name for s in st.expr.free_symbols} for st in stmts}
+        exported = set(blk.writes)
+
+        def needed(names: set[str]) -> list:
+            """Element statements (in order) that ``names`` need, within the block."""
+            need: set[str] = set()
+            todo = [x for x in names if x in defined and level[x] != ir.ROW]
+            while todo:
+                x = todo.pop()
+                if x in need:
+                    continue
+                need.add(x)
+                todo.extend(r for r in reads_of[x] if r in defined and level[r] != ir.ROW)
+            return [st for st in stmts if st.target in need]
+
+        def loads(names: set[str], size: str) -> list[str]:
+            return [f"        const real {n[r]} = CS_LD(_p_{n[r]}[_r * _ld_{n[r]} + _j]);"
+                    for r in sorted(names) if r in blk.reads and level[r] == size]
+
+        body: list[str] = []
+        for r in blk.reads:
+            if level[r] == ir.ROW:
+                body.append(f"    const real {n[r]} = CS_LD(_p_{n[r]}[_r * _ld_{n[r]}]);")
+        loop_sizes: list[str] = []
+        acc = 0
+        for st in stmts:
+            if level[st.target] != ir.ROW:
+                continue
+            expr = st.expr
+            for a in sorted(expr.atoms(fn_.RowSum), key=sp.default_sort_key):
+                e = a.args[0]
+                syms = {s.name for s in e.free_symbols}
+                size = next(level[s] for s in sorted(syms) if level.get(s, ir.ROW) != ir.ROW)
+                loop_sizes.append(size)
+                name = f"_acc{acc}"
+                acc += 1
+                inner = needed(syms)
+                used = syms | set().union(*(reads_of[x.target] for x in inner)) if inner else syms
+                body.append(f"    real {name} = real(0);")
+                body.append(f"    CS_SIMD_SUM({name})")
+                body.append(f"    for (int64_t _j = _j0; _j < n_{size}; _j += _dj) {{")
+                body += loads(used, size)
+                for x in inner:
+                    body.append(f"        const real {n[x.target]} = {self.pr.doprint(x.expr)};")
+                body.append(f"        {name} += {self.pr.doprint(e)};")
+                body.append("    }")
+                body.append(f"    {name} = CS_ROW_SUM({name});")
+                self.names[name] = name
+                expr = expr.xreplace({a: sp.Symbol(name)})
+            comment = f"  // {st.comment}" if st.comment else ""
+            body.append(f"    const real {n[st.target]} = {self.pr.doprint(expr)};{comment}")
+        # the element results, one loop per size
+        elem_out = [w for w in blk.writes if level[w] != ir.ROW]
+        for size in sorted({level[w] for w in elem_out}):
+            mine = [w for w in elem_out if level[w] == size]
+            inner = needed(set(mine))
+            used = set().union(*(reads_of[x.target] for x in inner))
+            loop_sizes.append(size)
+            body.append("    CS_SIMD")
+            body.append(f"    for (int64_t _j = _j0; _j < n_{size}; _j += _dj) {{")
+            body += loads(used, size)
+            for x in inner:
+                comment = f"  // {x.comment}" if x.comment else ""
+                body.append(f"        const real {n[x.target]} = {self.pr.doprint(x.expr)};{comment}")
+            for w in mine:
+                body.append(f"        CS_ST(_p_{n[w]}[_r * _ld_{n[w]} + _j], {n[w]});")
+            body.append("    }")
+        for w in blk.writes:
+            if level[w] == ir.ROW:
+                body.append(f"    if (_j0 == 0) CS_ST(_p_{n[w]}[_r * _ld_{n[w]}], {n[w]});")
+        args = [{"name": n[r], "io": "in", "size": level[r]} for r in sorted(blk.reads) if r not in exported]
+        args += [{"name": n[w], "io": "inout" if w in blk.reads else "out", "size": level[w]} for w in blk.writes]
+        rf = RowFunction(
+            name=f"{self.p.module}_{fn.name}_{blk.block}_rows",
+            block=blk.block,
+            title=f"{fn.name}: {blk.title}, row by row (reductions over the units)",
+            args=args,
+            sizes=sorted(set(loop_sizes)),
+            body=body,
+        )
+        rf.keys = {n[k]: k for k in (*blk.reads, *blk.writes)}
+        self.row_functions.append(rf)
+        return rf
 
     # ------------------------------------------------------------------ element functions
     def split(self, fn: ir.Function, blk: ir.Pointwise) -> list[ElementFunction]:
@@ -204,6 +335,15 @@ class _Renderer:
                 for o in op.body:
                     emit(o, ind + "    ")
                 lines.append(ind + "}")
+            elif isinstance(op, ir.Pointwise) and self.is_row_block(p, op):
+                rf = self.row_function(fn, op)
+                args = []
+                for a in rf.args:
+                    ptr, ld = self.ptr(fn, rf.keys[a["name"]], op.rows)
+                    args.append(f"{ptr}, {ld}")
+                lines.append(f"{ind}// {rf.title}")
+                lines.append(f"{ind}CS_ROWS({rf.name}, {rows_of(op.rows)}, "
+                             + ", ".join([*(f"n_{s}" for s in rf.sizes), *args]) + ");")
             elif isinstance(op, ir.Pointwise):
                 for ef in self.split(fn, op):
                     args = []
@@ -295,6 +435,7 @@ def render(prog: ir.Program, spec_text: str, version: str, filename: str) -> tup
         "filename": filename,
         "spec_text": spec_text,
         "functions": r.functions,
+        "row_functions": r.row_functions,
         "dtypes": CUDA_DTYPES,
         "host_dtypes": HOST_DTYPES,
         "loops": loops,

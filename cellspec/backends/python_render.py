@@ -246,11 +246,14 @@ class _CoefPrinter(PythonCodePrinter):
     """Coefficients of prepared params: a const is ``_consts["name"]``; a placeholder symbol
     is the code of a term's source."""
 
-    def __init__(self, sources: dict[str, str]):
+    def __init__(self, sources: dict[str, str], sizes: tuple[str, ...] = ()):
         super().__init__({"fully_qualified_modules": False})
         self.sources = sources
+        self.sizes = sizes
 
     def _print_Symbol(self, expr):
+        if expr.name in self.sizes:
+            return f'_sizes["{expr.name}"]'
         return self.sources.get(expr.name, f'_consts["{expr.name}"]')
 
 
@@ -275,7 +278,7 @@ def _prepare_lines(prog: ir.Program, d: Dialect) -> dict:
             else:
                 sources[name] = f'_params["{t.source}"]' + (".T" if t.transpose else "")
             expr += t.coef * sp.Symbol(name)
-        code = _CoefPrinter(sources).doprint(expr)
+        code = _CoefPrinter(sources, prog.sizes).doprint(expr)
         if len(pr.shape) == 2:
             made = f"np.ascontiguousarray({code}, dtype=_dt)" if numpy else f"({code}).contiguous()"
         else:

@@ -52,6 +52,13 @@ def snake_case(name: str) -> str:
     return re.sub(r"_+", "_", s).lower().strip("_") or "cell"
 
 
+#: the "size" of a row scalar (a reduction: one number per row), which combines with a vector of
+#: any size as a number does
+ROW = "row"
+
+#: the row reductions the front end and lowering know (their op entries say "row_reduction")
+REDUCTIONS = ("sum", "mean", "layer_norm")
+
 #: names of the matrix-expression builtins left of '@' (``transpose(W)``, ``eye``)
 MATRIX_BUILTINS = ("transpose", "eye")
 
@@ -260,6 +267,12 @@ class _Checker:
                     raise _err(f"only states take a prime; '{t.name}' is not a state", t.span)
                 if t.key in self.assigned:
                     raise _err(f"state '{t.name}' is updated twice", t.span)
+                if size == ROW:
+                    raise _err(
+                        f"{_q(t.key)} would be a row scalar (one number per row, from a reduction); a "
+                        "state is a vector: combine the row scalar with a vector",
+                        t.span,
+                    )
                 if size is not None and size != self.size_of[t.name]:
                     raise _err(
                         f"{_q(t.key)} has size {size} but state '{t.name}' has size {self.size_of[t.name]}",
@@ -279,6 +292,8 @@ class _Checker:
                 raise _err(
                     f"{_q(t.key)} is a constant; an assignment needs at least one vector", t.span
                 )
+            if size == ROW:
+                self.check_row_value(expanded)
             self.size_of[t.key] = size
             self.assigned[t.key] = order
             line = a.span.line
@@ -309,6 +324,11 @@ class _Checker:
                         )
                     if kind != "intermediate":
                         raise _err(f"output '{n.name}' is {_article(kind)}; outputs are computed names", n.span)
+                    if self.size_of.get(n.name) == ROW:
+                        raise _err(
+                            f"output '{n.name}' is a row scalar (one number per row); outputs are vectors",
+                            n.span,
+                        )
                 if n.key in outputs:
                     raise _err(f"{_q(n.key)} is listed twice in output", n.span)
                 outputs.append(n.key)
@@ -432,9 +452,7 @@ class _Checker:
         if isinstance(e, ast.BinOp):
             left = self.expr(e.left)
             right = self.expr(e.right)
-            if left is not None and right is not None and left != right:
-                raise _err(f"size mismatch: '{e.op}' of a vector of size {left} and one of size {right}", e.span)
-            return left if left is not None else right
+            return self.combine(e, f"'{e.op}'", [left, right])
         if isinstance(e, ast.Inline):
             return self.inline(e, lambda body: self.expr(body))
         if isinstance(e, ast.MatMul):
@@ -442,6 +460,9 @@ class _Checker:
             inner = self.expr(e.operand)
             if inner is None:
                 raise _err("the right side of '@' must be a vector, not a number", e.span)
+            if inner == ROW:
+                raise _err("the right side of '@' must be a vector, not a row scalar (one number per row)",
+                           e.span)
             if shape is None:  # eye alone: the identity of the operand's size
                 return inner
             if inner != shape[1]:
@@ -462,6 +483,8 @@ class _Checker:
                 want = str(lo) if lo == hi else f"{lo} to {hi}"
                 raise _err(f"{e.func}() takes {want} argument(s), got {len(e.args)}", e.span)
             op = ops.by_name(e.func)
+            if op.shape_rule == "row_reduction" and e.func in REDUCTIONS:
+                return self.reduction(e, op)
             if op.shape_rule != "elementwise":
                 raise NotImplementedError(f"the front end has no rule for {op.shape_rule!r} op {e.func}()")
             sizes = [self.expr(a) for a in e.args]
@@ -475,11 +498,61 @@ class _Checker:
                         f"scalar param '{scalar}'",
                         e.span,
                     )
-            known = {s for s in sizes if s is not None}
-            if len(known) > 1:
-                raise _err(f"size mismatch: arguments of {e.func}() have sizes {', '.join(sorted(known))}", e.span)
-            return known.pop() if known else None
+            return self.combine(e, f"{e.func}()", sizes)
         raise TypeError(e)  # pragma: no cover
+
+    def combine(self, e, what: str, sizes: list[str | None]) -> str | None:
+        """The size of an elementwise combination: vectors of one size, with numbers and row
+        scalars broadcast (a row scalar alone stays a row scalar)."""
+        known = sorted({s for s in sizes if s is not None and s != ROW})
+        if len(known) > 1:
+            if what.startswith("'"):
+                raise _err(f"size mismatch: {what} of a vector of size {known[0]} and one of size {known[1]}",
+                           e.span)
+            raise _err(f"size mismatch: arguments of {what} have sizes {', '.join(known)}", e.span)
+        if known:
+            return known[0]
+        return ROW if ROW in sizes else None
+
+    def reduction(self, e: ast.Call, op) -> str:
+        """``sum``/``mean`` (a row scalar) and ``layer_norm`` (a vector of its argument's size)."""
+        vectors = e.args if e.func != "layer_norm" else e.args[:1]
+        sizes = []
+        for i, a in enumerate(vectors):
+            size = self.expr(a)
+            if size is None or size == ROW:
+                what = "a number" if size is None else "a row scalar"
+                raise _err(f"argument {i + 1} of {e.func}() must be a vector, not {what}", e.span)
+            sizes.append(size)
+        if e.func == "layer_norm":
+            if len(e.args) == 2:
+                eps = e.args[1]
+                if not isinstance(eps, ast.Number):
+                    size = self.expr(eps)
+                    what = (f"a vector of size {size}" if size not in (None, ROW) else
+                            "a row scalar" if size == ROW else "an expression")
+                    raise _err(f"the eps of layer_norm() must be a number, not {what}", e.span)
+                if eps.value <= 0:
+                    raise _err("the eps of layer_norm() must be positive", eps.span)
+            return sizes[0]
+        return ROW
+
+    def check_row_value(self, e: ast.Expr) -> None:
+        """A named row scalar reads consts and scalar params only inside reductions (there they
+        are read per unit); outside them a row scalar has no unit to read them at."""
+        if isinstance(e, ast.Call) and e.func in REDUCTIONS:
+            return
+        if isinstance(e, ast.Name) and not e.primed:
+            kind = self.kinds.get(e.name)
+            if kind == "const" or (kind == "param" and self.params[e.name].is_scalar):
+                raise _err(
+                    f"a row scalar cannot read the {'const' if kind == 'const' else 'scalar param'} "
+                    f"'{e.name}' outside a reduction yet; scale the vectors it is combined with instead",
+                    e.span,
+                )
+            return
+        for child in _children(e):
+            self.check_row_value(child)
 
     def name(self, n: ast.Name) -> str:
         if n.primed:
@@ -619,6 +692,22 @@ def _substitute(e: ast.Expr, binding: dict[str, ast.Expr]) -> ast.Expr:
     if isinstance(e, ast.Call):
         return ast.Call(e.func, tuple(_substitute(a, binding) for a in e.args), e.span)
     return e
+
+
+def _children(e: ast.Expr) -> tuple:
+    if isinstance(e, ast.BinOp):
+        return (e.left, e.right)
+    if isinstance(e, ast.MatMul):
+        return (e.matrix, e.operand)
+    if isinstance(e, ast.Neg):
+        return (e.operand,)
+    if isinstance(e, ast.Pow):
+        return (e.base,)
+    if isinstance(e, ast.Call):
+        return e.args
+    if isinstance(e, ast.Inline):
+        return (e.body,)
+    return ()
 
 
 def _scalar_param_in(e: ast.Expr, params: dict[str, Param]) -> str | None:

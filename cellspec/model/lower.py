@@ -17,7 +17,8 @@ import sympy as sp
 
 from cellspec.errors import SpecError
 from cellspec.frontend import ast
-from cellspec.frontend.semantics import CheckedCell, Param
+from cellspec.frontend.semantics import ROW, CheckedCell, Param
+from cellspec.model import functions as fn
 from cellspec.model import ops
 
 
@@ -175,6 +176,53 @@ class _Lowerer:
             self.symbols[key] = sp.Symbol(key, real=True)
         return self.symbols[key]
 
+    # ------------------------------------------------------------------ reductions
+    def reduced(self, e: ast.Expr, func: str) -> tuple[sp.Expr, str]:
+        """A reduction's argument, lowered at its own size (consts broadcast to it)."""
+        lowered = self.lower(e)
+        if lowered.is_Number:
+            raise SpecError(f"the argument of {func}() simplifies to the constant {lowered}", e.span)
+        size = self.size_of_expr(lowered)
+        return self.broadcast(lowered, size), size
+
+    def row_value(self, preferred: str, expr: sp.Expr) -> sp.Symbol:
+        """A synthetic row scalar (a value of size ROW); identical ones are shared."""
+        existing = next((v for v in self.values if v.spec_key == "" and v.size == ROW and v.expr == expr), None)
+        if existing is None:
+            existing = Value(self.namer.fresh(preferred), "", ROW, expr, *self.current)
+            self.values.append(existing)
+            self.sym(existing.key)
+        return self.symbols[existing.key]
+
+    def mean(self, args: list[tuple[sp.Expr, str]]) -> sp.Symbol:
+        """``mean(a, b, ...)``: the sum of every unit of every argument times 1/N, N the number
+        of units (the factor is a prepared vector of each argument's size)."""
+        count = sum((sp.Symbol(s, integer=True, positive=True) for _, s in args), sp.S.Zero)
+        terms = []
+        for expr, size in args:
+            term = Term(1 / count, None)
+            key = next((p.key for p in self.prepared if p.shape == (size,) and p.terms == (term,)), None)
+            if key is None:
+                key = self.namer.fresh(f"inv_n_{size}")
+                self.prepared.append(Prepared(key, (size,), (term,), f"1/({count})", self.current[0]))
+                self.leaf(key, size, "const")
+            terms.append(fn.RowSum(expr * self.symbols[key]))
+        return self.row_value("mean", sp.Add(*terms))
+
+    def reduction(self, e: ast.Call) -> sp.Expr:
+        if e.func == "sum":
+            args = [self.reduced(a, e.func)[0] for a in e.args]
+            return self.row_value("sum", sp.Add(*(fn.RowSum(a) for a in args)))
+        if e.func == "mean":
+            return self.mean([self.reduced(a, e.func) for a in e.args])
+        # layer_norm(v, eps) = (v - mean(v)) / sqrt(mean((v - mean(v))^2) + eps)
+        v, size = self.reduced(e.args[0], e.func)
+        eps = sp.Float(e.args[1].value) if len(e.args) == 2 else sp.Float(1e-5)
+        mu = self.mean([(v, size)])
+        var = self.mean([((v - mu) ** 2, size)])
+        rstd = self.row_value("rstd", 1 / ops.by_name("sqrt").cls(var + eps))
+        return (v - mu) * rstd
+
     def broadcast(self, expr: sp.Expr, size: str) -> sp.Expr:
         """``expr`` (of a vector of ``size``) with each const and scalar param replaced by the
         prepared vector that holds it at that size."""
@@ -237,6 +285,8 @@ class _Lowerer:
             a, b = self.lower(e.left), self.lower(e.right)
             return {"+": lambda: a + b, "-": lambda: a - b, "*": lambda: a * b, "/": lambda: a / b}[e.op]()
         if isinstance(e, ast.Call):
+            if ops.by_name(e.func).shape_rule == "row_reduction":
+                return self.reduction(e)
             return ops.by_name(e.func).cls(*(self.lower(x) for x in e.args))
         if isinstance(e, ast.MatMul):
             return self.projection(e)

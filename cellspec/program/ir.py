@@ -23,8 +23,14 @@ T = sp.Symbol("T", integer=True, nonnegative=True)
 B = sp.Symbol("B", integer=True, nonnegative=True)
 
 
-def size(symbol: str) -> sp.Symbol:
-    """The SymPy symbol of a size (``H``), as used in shapes and offsets."""
+#: the size of a row scalar (one number per row: a reduction), as semantics names it
+ROW = "row"
+
+
+def size(symbol: str) -> sp.Expr:
+    """The SymPy symbol of a size (``H``), as used in shapes and offsets; 1 for a row scalar."""
+    if symbol == ROW:
+        return sp.S.One
     return sp.Symbol(symbol, integer=True, nonnegative=True)
 
 

@@ -37,7 +37,7 @@ HOSTILE_PARAM_NAMES = ["lambda", "np", "torch", "nn", "F", "math", "int", "out",
 
 # The vocabulary comes from the op table's fuzz tags (the reference interpreter below does not:
 # its math is written independently of cellspec).
-_FUNCTIONS = [o for o in ops.OPS if o.name in ops.language_functions()]
+_FUNCTIONS = [o for o in ops.OPS if o.name in ops.language_functions() and o.shape_rule == "elementwise"]
 #: one-argument functions
 UNARY = [o.name for o in _FUNCTIONS if o.max_args == 1]
 #: squashing functions: bounded output for any finite input
