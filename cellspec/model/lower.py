@@ -318,7 +318,7 @@ class _Lowerer:
             if sym.name in self.leaves:
                 return self.leaves[sym.name].size
             for v in self.values:
-                if v.key == sym.name:
+                if v.key == sym.name and v.size != ROW:  # a row scalar broadcasts
                     return v.size
             for p in self.projections:
                 if p.key == sym.name:
