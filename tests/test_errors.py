@@ -705,6 +705,46 @@ REACH = {
         "def f(v) = v\n" + cell(STEP.rstrip(), "  ⟦f⟧ = h"),
         r"intermediate 'f' has the name of the def on line 1",
     ),
+    "row scalar as a state": (
+        cell("  ⟦h'⟧ = mean(W @ x + U @ h + b)"),
+        r"h' would be a row scalar \(one number per row, from a reduction\); a state is a vector",
+    ),
+    "row scalar as an output": (
+        cell(STEP.rstrip(), "  m = mean(h')", "  output h', ⟦m⟧"),
+        r"output 'm' is a row scalar \(one number per row\); outputs are vectors",
+    ),
+    "row scalar right of @": (
+        cell("  h' = tanh(W @ x + U ⟦@⟧ sum(h) + b)"),
+        r"the right side of '@' must be a vector, not a row scalar",
+    ),
+    "layer_norm with a vector eps": (
+        cell("  h' = ⟦layer_norm⟧(W @ x + U @ h, b)"),
+        r"the eps of layer_norm\(\) must be a number, not a vector of size H",
+    ),
+    "layer_norm with a row scalar eps": (
+        cell("  h' = ⟦layer_norm⟧(W @ x + U @ h, mean(h))"),
+        r"the eps of layer_norm\(\) must be a number, not a row scalar",
+    ),
+    "layer_norm with a zero eps": (
+        cell("  h' = layer_norm(W @ x + U @ h, ⟦0⟧)"),
+        r"the eps of layer_norm\(\) must be positive",
+    ),
+    "mean of a number": (
+        cell("  h' = tanh(W @ x + U @ h + b) + ⟦mean⟧(2)"),
+        r"argument 1 of mean\(\) must be a vector, not a number",
+    ),
+    "mean of a row scalar": (
+        cell("  h' = tanh(W @ x + U @ h + b) + ⟦mean⟧(h, sum(h))"),
+        r"argument 2 of mean\(\) must be a vector, not a row scalar",
+    ),
+    "row scalar reads a const": (
+        _with_const(STEP.rstrip(), "  m = mean(h') * ⟦dt⟧"),
+        r"a row scalar cannot read the const 'dt' outside a reduction yet",
+    ),
+    "layer_norm with three arguments": (
+        cell("  h' = ⟦layer_norm⟧(h, 1e-5, 2)"),
+        r"layer_norm\(\) takes 1 to 2 argument\(s\), got 3",
+    ),
     "a def's body reads a next state": (
         "def f(v) = v * ⟦h'⟧\n" + cell(STEP.rstrip()),
         r"a def's body cannot refer to a next state",

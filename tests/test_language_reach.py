@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from cellspec.driver import compile_source
 from cellspec.errors import Source
@@ -196,3 +197,80 @@ def test_new_specs_train(compiled, spec):
         opt.step()
         losses.append(float(loss))
     assert losses[-1] < 0.7 * losses[0], losses[::8]
+
+
+# ------------------------------------------------------------------------------ reductions
+LN = """
+cell N {
+  input x[I]
+  state h[H]
+  param W[H, I], U[H, H]%s
+  h' = %s
+}
+"""
+
+
+@pytest.mark.parametrize("affine", [False, True])
+@pytest.mark.parametrize("backend", ["generated", "fused", "autograd"])
+def test_layer_norm_matches_torch(affine, backend):
+    """h' = layer_norm(W x + U h) (times a gain plus a shift, written as params) against
+    F.layer_norm with and without its affine weight, forward and gradients; a row whose units
+    are all equal (variance 0) stays finite and agrees with torch."""
+    params = ", g[H], b[H]" if affine else ""
+    body = "g * layer_norm(W @ x + U @ h, 1e-3) + b" if affine else "layer_norm(W @ x + U @ h, 1e-3)"
+    pkg, _ = _load(LN % (params, body))
+    torch.manual_seed(0)
+    m = pkg.torch_cell.N(3, 5, dtype=torch.float64, backend=backend)
+    x = torch.randn(6, 4, 3, dtype=torch.float64)
+    x[:, 0] = 0.0  # row 0: W x + U h = 0 at every step: all units equal
+    out, _ = m(x)
+    # the same in eager torch
+    p = {k: v.detach().clone().requires_grad_() for k, v in m.named_parameters()}
+    h = torch.zeros(4, 5, dtype=torch.float64)
+    ref = []
+    for t in range(6):
+        z = x[t] @ p["W"].T + h @ p["U"].T
+        h = F.layer_norm(z, (5,), p["g"] if affine else None, p["b"] if affine else None, eps=1e-3)
+        ref.append(h)
+    ref = torch.stack(ref)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    assert torch.isfinite(out).all()  # row 0 is all-equal at t = 0 (and at every t without affine)
+    if not affine:
+        assert out[:, 0].abs().max() == 0.0
+    w = torch.randn_like(out)
+    (out * w).sum().backward()
+    (ref * w).sum().backward()
+    for k, v in m.named_parameters():
+        torch.testing.assert_close(v.grad, p[k].grad, rtol=1e-10, atol=1e-12)
+
+
+def test_joint_mean_is_the_mean_of_the_concatenation():
+    pkg, _ = _load("""
+cell J {
+  input x[I]
+  state h[H]
+  param W[H, I], V[H, H]
+  a = W @ x
+  mu = mean(a, h, x)
+  var = mean((a - mu) ^ 2, (h - mu) ^ 2, (x - mu) ^ 2)
+  h' = (a - mu) / sqrt(var + 1e-5) + sum(x) * 0.1 + V @ h
+}""")
+    params = _params(pkg, {"I": 3, "H": 4})
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(3, 2, 3))
+    out, _ = pkg.numpy_cell.forward_sequence(params, x)
+    h = np.zeros((2, 4))
+    for t in range(3):
+        a = x[t] @ params["W"].T
+        cat = np.concatenate([a, h, x[t]], axis=-1)
+        mu = cat.mean(-1, keepdims=True)
+        var = cat.var(-1, keepdims=True)
+        h = (a - mu) / np.sqrt(var + 1e-5) + x[t].sum(-1, keepdims=True) * 0.1 + h @ params["V"].T
+        np.testing.assert_allclose(out[t], h, rtol=1e-12, atol=1e-13)
+
+
+def test_layer_norm_saves_row_statistics_not_vectors(compiled):
+    """The LN-LSTM keeps per-row statistics (one number per row) for its backward."""
+    prog_saved = compiled("lnlstm").torch_cell.SAVED
+    stats = [s for s in prog_saved if s.startswith(("mean", "rstd"))]
+    assert stats, prog_saved
