@@ -175,33 +175,73 @@ class _Renderer:
             if level[r] == ir.ROW:
                 body.append(f"    const real {n[r]} = CS_LD(_p_{n[r]}[_r * _ld_{n[r]}]);")
         loop_sizes: list[str] = []
-        acc = 0
-        for st in stmts:
-            if level[st.target] != ir.ROW:
-                continue
-            expr = st.expr
-            for a in sorted(expr.atoms(fn_.RowSum), key=sp.default_sort_key):
-                e = a.args[0]
-                syms = {s.name for s in e.free_symbols}
+        # Row statements in order; the reductions they need run in as few passes over the units
+        # as the dependencies allow: every pass sums, per size, all the pending reductions whose
+        # arguments read only row scalars already known, then the row statements they complete
+        # are computed.
+        row_stmts = [st for st in stmts if level[st.target] == ir.ROW]
+        row_names = {st.target for st in row_stmts}
+        known = {r for r in blk.reads if level[r] == ir.ROW}
+        acc_of: dict = {}  # RowSum atom -> accumulator name
+
+        def row_deps(names: set[str]) -> set[str]:
+            """Row scalars of the block that these names (and the element statements they
+            need) read."""
+            out = {x for x in names if x in row_names}
+            for x in needed(names):
+                out |= reads_of[x.target] & row_names
+            return out
+
+        pending = list(row_stmts)
+        while pending:
+            ready_sums = []
+            for st in pending:
+                for a in sorted(st.expr.atoms(fn_.RowSum), key=sp.default_sort_key):
+                    syms = {s.name for s in a.args[0].free_symbols}
+                    if a not in acc_of and a not in ready_sums and row_deps(syms) <= known:
+                        ready_sums.append(a)
+            by_size: dict[str, list] = {}
+            for a in ready_sums:
+                syms = {s.name for s in a.args[0].free_symbols}
                 size = next(level[s] for s in sorted(syms) if level.get(s, ir.ROW) != ir.ROW)
+                by_size.setdefault(size, []).append(a)
+            for size, sums in sorted(by_size.items()):
                 loop_sizes.append(size)
-                name = f"_acc{acc}"
-                acc += 1
+                names = [f"_acc{len(acc_of) + k}" for k in range(len(sums))]
+                syms = set().union(*({s.name for s in a.args[0].free_symbols} for a in sums))
                 inner = needed(syms)
                 used = syms | set().union(*(reads_of[x.target] for x in inner)) if inner else syms
-                body.append(f"    real {name} = real(0);")
-                body.append(f"    CS_SIMD_SUM({name})")
+                for name in names:
+                    body.append(f"    real {name} = real(0);")
+                body.append(f"    CS_SIMD_SUM({', '.join(names)})")
                 body.append(f"    for (int64_t _j = _j0; _j < n_{size}; _j += _dj) {{")
                 body += loads(used, size)
                 for x in inner:
                     body.append(f"        const real {n[x.target]} = {self.pr.doprint(x.expr)};")
-                body.append(f"        {name} += {self.pr.doprint(e)};")
+                for name, a in zip(names, sums):
+                    body.append(f"        {name} += {self.pr.doprint(a.args[0])};")
                 body.append("    }")
-                body.append(f"    {name} = CS_ROW_SUM({name});")
-                self.names[name] = name
-                expr = expr.xreplace({a: sp.Symbol(name)})
-            comment = f"  // {st.comment}" if st.comment else ""
-            body.append(f"    const real {n[st.target]} = {self.pr.doprint(expr)};{comment}")
+                for name, a in zip(names, sums):
+                    body.append(f"    {name} = CS_ROW_SUM({name});")
+                    self.names[name] = name
+                    acc_of[a] = name
+            progressed = bool(ready_sums)
+            still = []
+            for st in pending:
+                sums = st.expr.atoms(fn_.RowSum)
+                deps = {s.name for s in st.expr.free_symbols} - {
+                    s.name for a in sums for s in a.args[0].free_symbols}
+                if all(a in acc_of for a in sums) and (deps & row_names) <= known and not still:
+                    expr = st.expr.xreplace({a: sp.Symbol(acc_of[a]) for a in sums})
+                    comment = f"  // {st.comment}" if st.comment else ""
+                    body.append(f"    const real {n[st.target]} = {self.pr.doprint(expr)};{comment}")
+                    known.add(st.target)
+                    progressed = True
+                else:
+                    still.append(st)
+            pending = still
+            if not progressed:  # pragma: no cover - the block's statements are in dependency order
+                raise RuntimeError(f"{blk.block}: row statements with unmet dependencies")
         # the element results, one loop per size
         elem_out = [w for w in blk.writes if level[w] != ir.ROW]
         for size in sorted({level[w] for w in elem_out}):

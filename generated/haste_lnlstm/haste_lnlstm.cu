@@ -297,14 +297,14 @@ static void cs_add_rows_host(int64_t rows, int64_t cols, const S* src, int64_t l
 // on the GPU (one thread block per row: threads stride over the units, CS_ROW_SUM is a block-wide
 // sum through warp shuffles and shared memory, so every thread gets the row's value) and in the
 // CPU build (one OpenMP thread per row, the units in `omp simd` loops, CS_ROW_SUM the identity).
-#define CS_STR_(x) #x
+#define CS_STR_(...) #__VA_ARGS__
 #ifdef __CUDACC__
 #define CS_ROWFN __device__
 #define CS_LD(v) cs_load(v)
 #define CS_ST(p, v) cs_store(&(p), v)
 #define CS_ROW_SUM(v) cs_block_sum(v)
 #define CS_SIMD
-#define CS_SIMD_SUM(v)
+#define CS_SIMD_SUM(...)
 template <typename T>
 __device__ inline T cs_block_sum(T v)
 {
@@ -336,7 +336,7 @@ inline void cs_row_grid(int64_t rows, int64_t cols, dim3* grid, dim3* block) {
 #define CS_ST(p, v) ((p) = (v))
 #define CS_ROW_SUM(v) (v)
 #define CS_SIMD _Pragma("omp simd")
-#define CS_SIMD_SUM(v) _Pragma(CS_STR_(omp simd reduction(+:v)))
+#define CS_SIMD_SUM(...) _Pragma(CS_STR_(omp simd reduction(+:__VA_ARGS__)))
 #define CS_ROWS(fn, rows, ...) fn##_host<S>((rows), __VA_ARGS__)
 #endif
 #endif  // CELLSPEC_ROW_PRELUDE
@@ -349,78 +349,54 @@ CS_ROWFN inline void haste_lnlstm_forward_fwd0_rows_row(int64_t _r, int64_t _j0,
 {
     (void)n_H;
     real _acc0 = real(0);
-    CS_SIMD_SUM(_acc0)
+    real _acc1 = real(0);
+    real _acc2 = real(0);
+    real _acc3 = real(0);
+    CS_SIMD_SUM(_acc0, _acc1, _acc2, _acc3)
     for (int64_t _j = _j0; _j < n_H; _j += _dj) {
         const real W_f_x = CS_LD(_p_W_f_x[_r * _ld_W_f_x + _j]);
-        const real inv_n_H = CS_LD(_p_inv_n_H[_r * _ld_inv_n_H + _j]);
-        const real xf = W_f_x;
-        _acc0 += inv_n_H*xf;
-    }
-    _acc0 = CS_ROW_SUM(_acc0);
-    real _acc1 = real(0);
-    CS_SIMD_SUM(_acc1)
-    for (int64_t _j = _j0; _j < n_H; _j += _dj) {
         const real W_g_x = CS_LD(_p_W_g_x[_r * _ld_W_g_x + _j]);
-        const real inv_n_H = CS_LD(_p_inv_n_H[_r * _ld_inv_n_H + _j]);
-        const real xg = W_g_x;
-        _acc1 += inv_n_H*xg;
-    }
-    _acc1 = CS_ROW_SUM(_acc1);
-    real _acc2 = real(0);
-    CS_SIMD_SUM(_acc2)
-    for (int64_t _j = _j0; _j < n_H; _j += _dj) {
         const real W_i_x = CS_LD(_p_W_i_x[_r * _ld_W_i_x + _j]);
-        const real inv_n_H = CS_LD(_p_inv_n_H[_r * _ld_inv_n_H + _j]);
-        const real xi = W_i_x;
-        _acc2 += inv_n_H*xi;
-    }
-    _acc2 = CS_ROW_SUM(_acc2);
-    real _acc3 = real(0);
-    CS_SIMD_SUM(_acc3)
-    for (int64_t _j = _j0; _j < n_H; _j += _dj) {
         const real W_o_x = CS_LD(_p_W_o_x[_r * _ld_W_o_x + _j]);
         const real inv_n_H = CS_LD(_p_inv_n_H[_r * _ld_inv_n_H + _j]);
+        const real xi = W_i_x;
+        const real xg = W_g_x;
+        const real xf = W_f_x;
         const real xo = W_o_x;
+        _acc0 += inv_n_H*xf;
+        _acc1 += inv_n_H*xg;
+        _acc2 += inv_n_H*xi;
         _acc3 += inv_n_H*xo;
     }
+    _acc0 = CS_ROW_SUM(_acc0);
+    _acc1 = CS_ROW_SUM(_acc1);
+    _acc2 = CS_ROW_SUM(_acc2);
     _acc3 = CS_ROW_SUM(_acc3);
     const real mean = _acc0 + _acc1 + _acc2 + _acc3;  // ln_lstm_haste.cell:23  mu_x = mean(xi, xg, xf, xo)
     const real mu_x = mean;  // ln_lstm_haste.cell:23  mu_x = mean(xi, xg, xf, xo)
     real _acc4 = real(0);
-    CS_SIMD_SUM(_acc4)
+    real _acc5 = real(0);
+    real _acc6 = real(0);
+    real _acc7 = real(0);
+    CS_SIMD_SUM(_acc4, _acc5, _acc6, _acc7)
     for (int64_t _j = _j0; _j < n_H; _j += _dj) {
         const real W_f_x = CS_LD(_p_W_f_x[_r * _ld_W_f_x + _j]);
-        const real inv_n_H = CS_LD(_p_inv_n_H[_r * _ld_inv_n_H + _j]);
-        const real xf = W_f_x;
-        _acc4 += inv_n_H*((-mu_x + xf)*(-mu_x + xf));
-    }
-    _acc4 = CS_ROW_SUM(_acc4);
-    real _acc5 = real(0);
-    CS_SIMD_SUM(_acc5)
-    for (int64_t _j = _j0; _j < n_H; _j += _dj) {
         const real W_g_x = CS_LD(_p_W_g_x[_r * _ld_W_g_x + _j]);
-        const real inv_n_H = CS_LD(_p_inv_n_H[_r * _ld_inv_n_H + _j]);
-        const real xg = W_g_x;
-        _acc5 += inv_n_H*((-mu_x + xg)*(-mu_x + xg));
-    }
-    _acc5 = CS_ROW_SUM(_acc5);
-    real _acc6 = real(0);
-    CS_SIMD_SUM(_acc6)
-    for (int64_t _j = _j0; _j < n_H; _j += _dj) {
         const real W_i_x = CS_LD(_p_W_i_x[_r * _ld_W_i_x + _j]);
-        const real inv_n_H = CS_LD(_p_inv_n_H[_r * _ld_inv_n_H + _j]);
-        const real xi = W_i_x;
-        _acc6 += inv_n_H*((-mu_x + xi)*(-mu_x + xi));
-    }
-    _acc6 = CS_ROW_SUM(_acc6);
-    real _acc7 = real(0);
-    CS_SIMD_SUM(_acc7)
-    for (int64_t _j = _j0; _j < n_H; _j += _dj) {
         const real W_o_x = CS_LD(_p_W_o_x[_r * _ld_W_o_x + _j]);
         const real inv_n_H = CS_LD(_p_inv_n_H[_r * _ld_inv_n_H + _j]);
+        const real xi = W_i_x;
+        const real xg = W_g_x;
+        const real xf = W_f_x;
         const real xo = W_o_x;
+        _acc4 += inv_n_H*((-mu_x + xf)*(-mu_x + xf));
+        _acc5 += inv_n_H*((-mu_x + xg)*(-mu_x + xg));
+        _acc6 += inv_n_H*((-mu_x + xi)*(-mu_x + xi));
         _acc7 += inv_n_H*((-mu_x + xo)*(-mu_x + xo));
     }
+    _acc4 = CS_ROW_SUM(_acc4);
+    _acc5 = CS_ROW_SUM(_acc5);
+    _acc6 = CS_ROW_SUM(_acc6);
     _acc7 = CS_ROW_SUM(_acc7);
     const real mean_2 = _acc4 + _acc5 + _acc6 + _acc7;  // ln_lstm_haste.cell:24  var_x = mean((xi - mu_x) ^ 2, (xg - mu_x) ^ 2, (xf - mu_x) ^ 2, (xo - mu_x) ^ 2)
     const real var_x = mean_2;  // ln_lstm_haste.cell:24  var_x = mean((xi - mu_x) ^ 2, (xg - mu_x) ^ 2, (xf - mu_x) ^ 2, (xo - mu_x) ^ 2)
@@ -485,78 +461,54 @@ CS_ROWFN inline void haste_lnlstm_forward_fwd1_rows_row(int64_t _r, int64_t _j0,
     const real mu_x = CS_LD(_p_mu_x[_r * _ld_mu_x]);
     const real rs_x = CS_LD(_p_rs_x[_r * _ld_rs_x]);
     real _acc0 = real(0);
-    CS_SIMD_SUM(_acc0)
+    real _acc1 = real(0);
+    real _acc2 = real(0);
+    real _acc3 = real(0);
+    CS_SIMD_SUM(_acc0, _acc1, _acc2, _acc3)
     for (int64_t _j = _j0; _j < n_H; _j += _dj) {
         const real R_f_h = CS_LD(_p_R_f_h[_r * _ld_R_f_h + _j]);
-        const real inv_n_H = CS_LD(_p_inv_n_H[_r * _ld_inv_n_H + _j]);
-        const real rf = R_f_h;
-        _acc0 += inv_n_H*rf;
-    }
-    _acc0 = CS_ROW_SUM(_acc0);
-    real _acc1 = real(0);
-    CS_SIMD_SUM(_acc1)
-    for (int64_t _j = _j0; _j < n_H; _j += _dj) {
         const real R_g_h = CS_LD(_p_R_g_h[_r * _ld_R_g_h + _j]);
-        const real inv_n_H = CS_LD(_p_inv_n_H[_r * _ld_inv_n_H + _j]);
-        const real rg = R_g_h;
-        _acc1 += inv_n_H*rg;
-    }
-    _acc1 = CS_ROW_SUM(_acc1);
-    real _acc2 = real(0);
-    CS_SIMD_SUM(_acc2)
-    for (int64_t _j = _j0; _j < n_H; _j += _dj) {
         const real R_i_h = CS_LD(_p_R_i_h[_r * _ld_R_i_h + _j]);
-        const real inv_n_H = CS_LD(_p_inv_n_H[_r * _ld_inv_n_H + _j]);
-        const real ri = R_i_h;
-        _acc2 += inv_n_H*ri;
-    }
-    _acc2 = CS_ROW_SUM(_acc2);
-    real _acc3 = real(0);
-    CS_SIMD_SUM(_acc3)
-    for (int64_t _j = _j0; _j < n_H; _j += _dj) {
         const real R_o_h = CS_LD(_p_R_o_h[_r * _ld_R_o_h + _j]);
         const real inv_n_H = CS_LD(_p_inv_n_H[_r * _ld_inv_n_H + _j]);
+        const real ri = R_i_h;
+        const real rg = R_g_h;
+        const real rf = R_f_h;
         const real ro = R_o_h;
+        _acc0 += inv_n_H*rf;
+        _acc1 += inv_n_H*rg;
+        _acc2 += inv_n_H*ri;
         _acc3 += inv_n_H*ro;
     }
+    _acc0 = CS_ROW_SUM(_acc0);
+    _acc1 = CS_ROW_SUM(_acc1);
+    _acc2 = CS_ROW_SUM(_acc2);
     _acc3 = CS_ROW_SUM(_acc3);
     const real mean_3 = _acc0 + _acc1 + _acc2 + _acc3;  // ln_lstm_haste.cell:31  mu_h = mean(ri, rg, rf, ro)
     const real mu_h = mean_3;  // ln_lstm_haste.cell:31  mu_h = mean(ri, rg, rf, ro)
     real _acc4 = real(0);
-    CS_SIMD_SUM(_acc4)
+    real _acc5 = real(0);
+    real _acc6 = real(0);
+    real _acc7 = real(0);
+    CS_SIMD_SUM(_acc4, _acc5, _acc6, _acc7)
     for (int64_t _j = _j0; _j < n_H; _j += _dj) {
         const real R_f_h = CS_LD(_p_R_f_h[_r * _ld_R_f_h + _j]);
-        const real inv_n_H = CS_LD(_p_inv_n_H[_r * _ld_inv_n_H + _j]);
-        const real rf = R_f_h;
-        _acc4 += inv_n_H*((-mu_h + rf)*(-mu_h + rf));
-    }
-    _acc4 = CS_ROW_SUM(_acc4);
-    real _acc5 = real(0);
-    CS_SIMD_SUM(_acc5)
-    for (int64_t _j = _j0; _j < n_H; _j += _dj) {
         const real R_g_h = CS_LD(_p_R_g_h[_r * _ld_R_g_h + _j]);
-        const real inv_n_H = CS_LD(_p_inv_n_H[_r * _ld_inv_n_H + _j]);
-        const real rg = R_g_h;
-        _acc5 += inv_n_H*((-mu_h + rg)*(-mu_h + rg));
-    }
-    _acc5 = CS_ROW_SUM(_acc5);
-    real _acc6 = real(0);
-    CS_SIMD_SUM(_acc6)
-    for (int64_t _j = _j0; _j < n_H; _j += _dj) {
         const real R_i_h = CS_LD(_p_R_i_h[_r * _ld_R_i_h + _j]);
-        const real inv_n_H = CS_LD(_p_inv_n_H[_r * _ld_inv_n_H + _j]);
-        const real ri = R_i_h;
-        _acc6 += inv_n_H*((-mu_h + ri)*(-mu_h + ri));
-    }
-    _acc6 = CS_ROW_SUM(_acc6);
-    real _acc7 = real(0);
-    CS_SIMD_SUM(_acc7)
-    for (int64_t _j = _j0; _j < n_H; _j += _dj) {
         const real R_o_h = CS_LD(_p_R_o_h[_r * _ld_R_o_h + _j]);
         const real inv_n_H = CS_LD(_p_inv_n_H[_r * _ld_inv_n_H + _j]);
+        const real ri = R_i_h;
+        const real rg = R_g_h;
+        const real rf = R_f_h;
         const real ro = R_o_h;
+        _acc4 += inv_n_H*((-mu_h + rf)*(-mu_h + rf));
+        _acc5 += inv_n_H*((-mu_h + rg)*(-mu_h + rg));
+        _acc6 += inv_n_H*((-mu_h + ri)*(-mu_h + ri));
         _acc7 += inv_n_H*((-mu_h + ro)*(-mu_h + ro));
     }
+    _acc4 = CS_ROW_SUM(_acc4);
+    _acc5 = CS_ROW_SUM(_acc5);
+    _acc6 = CS_ROW_SUM(_acc6);
     _acc7 = CS_ROW_SUM(_acc7);
     const real mean_4 = _acc4 + _acc5 + _acc6 + _acc7;  // ln_lstm_haste.cell:32  var_h = mean((ri - mu_h) ^ 2, (rg - mu_h) ^ 2, (rf - mu_h) ^ 2, (ro - mu_h) ^ 2)
     const real var_h = mean_4;  // ln_lstm_haste.cell:32  var_h = mean((ri - mu_h) ^ 2, (rg - mu_h) ^ 2, (rf - mu_h) ^ 2, (ro - mu_h) ^ 2)
@@ -716,78 +668,54 @@ CS_ROWFN inline void haste_lnlstm_inference_fwd0_rows_row(int64_t _r, int64_t _j
 {
     (void)n_H;
     real _acc0 = real(0);
-    CS_SIMD_SUM(_acc0)
+    real _acc1 = real(0);
+    real _acc2 = real(0);
+    real _acc3 = real(0);
+    CS_SIMD_SUM(_acc0, _acc1, _acc2, _acc3)
     for (int64_t _j = _j0; _j < n_H; _j += _dj) {
         const real W_f_x = CS_LD(_p_W_f_x[_r * _ld_W_f_x + _j]);
-        const real inv_n_H = CS_LD(_p_inv_n_H[_r * _ld_inv_n_H + _j]);
-        const real xf = W_f_x;
-        _acc0 += inv_n_H*xf;
-    }
-    _acc0 = CS_ROW_SUM(_acc0);
-    real _acc1 = real(0);
-    CS_SIMD_SUM(_acc1)
-    for (int64_t _j = _j0; _j < n_H; _j += _dj) {
         const real W_g_x = CS_LD(_p_W_g_x[_r * _ld_W_g_x + _j]);
-        const real inv_n_H = CS_LD(_p_inv_n_H[_r * _ld_inv_n_H + _j]);
-        const real xg = W_g_x;
-        _acc1 += inv_n_H*xg;
-    }
-    _acc1 = CS_ROW_SUM(_acc1);
-    real _acc2 = real(0);
-    CS_SIMD_SUM(_acc2)
-    for (int64_t _j = _j0; _j < n_H; _j += _dj) {
         const real W_i_x = CS_LD(_p_W_i_x[_r * _ld_W_i_x + _j]);
-        const real inv_n_H = CS_LD(_p_inv_n_H[_r * _ld_inv_n_H + _j]);
-        const real xi = W_i_x;
-        _acc2 += inv_n_H*xi;
-    }
-    _acc2 = CS_ROW_SUM(_acc2);
-    real _acc3 = real(0);
-    CS_SIMD_SUM(_acc3)
-    for (int64_t _j = _j0; _j < n_H; _j += _dj) {
         const real W_o_x = CS_LD(_p_W_o_x[_r * _ld_W_o_x + _j]);
         const real inv_n_H = CS_LD(_p_inv_n_H[_r * _ld_inv_n_H + _j]);
+        const real xi = W_i_x;
+        const real xg = W_g_x;
+        const real xf = W_f_x;
         const real xo = W_o_x;
+        _acc0 += inv_n_H*xf;
+        _acc1 += inv_n_H*xg;
+        _acc2 += inv_n_H*xi;
         _acc3 += inv_n_H*xo;
     }
+    _acc0 = CS_ROW_SUM(_acc0);
+    _acc1 = CS_ROW_SUM(_acc1);
+    _acc2 = CS_ROW_SUM(_acc2);
     _acc3 = CS_ROW_SUM(_acc3);
     const real mean = _acc0 + _acc1 + _acc2 + _acc3;  // ln_lstm_haste.cell:23  mu_x = mean(xi, xg, xf, xo)
     const real mu_x = mean;  // ln_lstm_haste.cell:23  mu_x = mean(xi, xg, xf, xo)
     real _acc4 = real(0);
-    CS_SIMD_SUM(_acc4)
+    real _acc5 = real(0);
+    real _acc6 = real(0);
+    real _acc7 = real(0);
+    CS_SIMD_SUM(_acc4, _acc5, _acc6, _acc7)
     for (int64_t _j = _j0; _j < n_H; _j += _dj) {
         const real W_f_x = CS_LD(_p_W_f_x[_r * _ld_W_f_x + _j]);
-        const real inv_n_H = CS_LD(_p_inv_n_H[_r * _ld_inv_n_H + _j]);
-        const real xf = W_f_x;
-        _acc4 += inv_n_H*((-mu_x + xf)*(-mu_x + xf));
-    }
-    _acc4 = CS_ROW_SUM(_acc4);
-    real _acc5 = real(0);
-    CS_SIMD_SUM(_acc5)
-    for (int64_t _j = _j0; _j < n_H; _j += _dj) {
         const real W_g_x = CS_LD(_p_W_g_x[_r * _ld_W_g_x + _j]);
-        const real inv_n_H = CS_LD(_p_inv_n_H[_r * _ld_inv_n_H + _j]);
-        const real xg = W_g_x;
-        _acc5 += inv_n_H*((-mu_x + xg)*(-mu_x + xg));
-    }
-    _acc5 = CS_ROW_SUM(_acc5);
-    real _acc6 = real(0);
-    CS_SIMD_SUM(_acc6)
-    for (int64_t _j = _j0; _j < n_H; _j += _dj) {
         const real W_i_x = CS_LD(_p_W_i_x[_r * _ld_W_i_x + _j]);
-        const real inv_n_H = CS_LD(_p_inv_n_H[_r * _ld_inv_n_H + _j]);
-        const real xi = W_i_x;
-        _acc6 += inv_n_H*((-mu_x + xi)*(-mu_x + xi));
-    }
-    _acc6 = CS_ROW_SUM(_acc6);
-    real _acc7 = real(0);
-    CS_SIMD_SUM(_acc7)
-    for (int64_t _j = _j0; _j < n_H; _j += _dj) {
         const real W_o_x = CS_LD(_p_W_o_x[_r * _ld_W_o_x + _j]);
         const real inv_n_H = CS_LD(_p_inv_n_H[_r * _ld_inv_n_H + _j]);
+        const real xi = W_i_x;
+        const real xg = W_g_x;
+        const real xf = W_f_x;
         const real xo = W_o_x;
+        _acc4 += inv_n_H*((-mu_x + xf)*(-mu_x + xf));
+        _acc5 += inv_n_H*((-mu_x + xg)*(-mu_x + xg));
+        _acc6 += inv_n_H*((-mu_x + xi)*(-mu_x + xi));
         _acc7 += inv_n_H*((-mu_x + xo)*(-mu_x + xo));
     }
+    _acc4 = CS_ROW_SUM(_acc4);
+    _acc5 = CS_ROW_SUM(_acc5);
+    _acc6 = CS_ROW_SUM(_acc6);
     _acc7 = CS_ROW_SUM(_acc7);
     const real mean_2 = _acc4 + _acc5 + _acc6 + _acc7;  // ln_lstm_haste.cell:24  var_x = mean((xi - mu_x) ^ 2, (xg - mu_x) ^ 2, (xf - mu_x) ^ 2, (xo - mu_x) ^ 2)
     const real var_x = mean_2;  // ln_lstm_haste.cell:24  var_x = mean((xi - mu_x) ^ 2, (xg - mu_x) ^ 2, (xf - mu_x) ^ 2, (xo - mu_x) ^ 2)
@@ -851,78 +779,54 @@ CS_ROWFN inline void haste_lnlstm_inference_fwd1_rows_row(int64_t _r, int64_t _j
     const real mu_x = CS_LD(_p_mu_x[_r * _ld_mu_x]);
     const real rs_x = CS_LD(_p_rs_x[_r * _ld_rs_x]);
     real _acc0 = real(0);
-    CS_SIMD_SUM(_acc0)
+    real _acc1 = real(0);
+    real _acc2 = real(0);
+    real _acc3 = real(0);
+    CS_SIMD_SUM(_acc0, _acc1, _acc2, _acc3)
     for (int64_t _j = _j0; _j < n_H; _j += _dj) {
         const real R_f_h = CS_LD(_p_R_f_h[_r * _ld_R_f_h + _j]);
-        const real inv_n_H = CS_LD(_p_inv_n_H[_r * _ld_inv_n_H + _j]);
-        const real rf = R_f_h;
-        _acc0 += inv_n_H*rf;
-    }
-    _acc0 = CS_ROW_SUM(_acc0);
-    real _acc1 = real(0);
-    CS_SIMD_SUM(_acc1)
-    for (int64_t _j = _j0; _j < n_H; _j += _dj) {
         const real R_g_h = CS_LD(_p_R_g_h[_r * _ld_R_g_h + _j]);
-        const real inv_n_H = CS_LD(_p_inv_n_H[_r * _ld_inv_n_H + _j]);
-        const real rg = R_g_h;
-        _acc1 += inv_n_H*rg;
-    }
-    _acc1 = CS_ROW_SUM(_acc1);
-    real _acc2 = real(0);
-    CS_SIMD_SUM(_acc2)
-    for (int64_t _j = _j0; _j < n_H; _j += _dj) {
         const real R_i_h = CS_LD(_p_R_i_h[_r * _ld_R_i_h + _j]);
-        const real inv_n_H = CS_LD(_p_inv_n_H[_r * _ld_inv_n_H + _j]);
-        const real ri = R_i_h;
-        _acc2 += inv_n_H*ri;
-    }
-    _acc2 = CS_ROW_SUM(_acc2);
-    real _acc3 = real(0);
-    CS_SIMD_SUM(_acc3)
-    for (int64_t _j = _j0; _j < n_H; _j += _dj) {
         const real R_o_h = CS_LD(_p_R_o_h[_r * _ld_R_o_h + _j]);
         const real inv_n_H = CS_LD(_p_inv_n_H[_r * _ld_inv_n_H + _j]);
+        const real ri = R_i_h;
+        const real rg = R_g_h;
+        const real rf = R_f_h;
         const real ro = R_o_h;
+        _acc0 += inv_n_H*rf;
+        _acc1 += inv_n_H*rg;
+        _acc2 += inv_n_H*ri;
         _acc3 += inv_n_H*ro;
     }
+    _acc0 = CS_ROW_SUM(_acc0);
+    _acc1 = CS_ROW_SUM(_acc1);
+    _acc2 = CS_ROW_SUM(_acc2);
     _acc3 = CS_ROW_SUM(_acc3);
     const real mean_3 = _acc0 + _acc1 + _acc2 + _acc3;  // ln_lstm_haste.cell:31  mu_h = mean(ri, rg, rf, ro)
     const real mu_h = mean_3;  // ln_lstm_haste.cell:31  mu_h = mean(ri, rg, rf, ro)
     real _acc4 = real(0);
-    CS_SIMD_SUM(_acc4)
+    real _acc5 = real(0);
+    real _acc6 = real(0);
+    real _acc7 = real(0);
+    CS_SIMD_SUM(_acc4, _acc5, _acc6, _acc7)
     for (int64_t _j = _j0; _j < n_H; _j += _dj) {
         const real R_f_h = CS_LD(_p_R_f_h[_r * _ld_R_f_h + _j]);
-        const real inv_n_H = CS_LD(_p_inv_n_H[_r * _ld_inv_n_H + _j]);
-        const real rf = R_f_h;
-        _acc4 += inv_n_H*((-mu_h + rf)*(-mu_h + rf));
-    }
-    _acc4 = CS_ROW_SUM(_acc4);
-    real _acc5 = real(0);
-    CS_SIMD_SUM(_acc5)
-    for (int64_t _j = _j0; _j < n_H; _j += _dj) {
         const real R_g_h = CS_LD(_p_R_g_h[_r * _ld_R_g_h + _j]);
-        const real inv_n_H = CS_LD(_p_inv_n_H[_r * _ld_inv_n_H + _j]);
-        const real rg = R_g_h;
-        _acc5 += inv_n_H*((-mu_h + rg)*(-mu_h + rg));
-    }
-    _acc5 = CS_ROW_SUM(_acc5);
-    real _acc6 = real(0);
-    CS_SIMD_SUM(_acc6)
-    for (int64_t _j = _j0; _j < n_H; _j += _dj) {
         const real R_i_h = CS_LD(_p_R_i_h[_r * _ld_R_i_h + _j]);
-        const real inv_n_H = CS_LD(_p_inv_n_H[_r * _ld_inv_n_H + _j]);
-        const real ri = R_i_h;
-        _acc6 += inv_n_H*((-mu_h + ri)*(-mu_h + ri));
-    }
-    _acc6 = CS_ROW_SUM(_acc6);
-    real _acc7 = real(0);
-    CS_SIMD_SUM(_acc7)
-    for (int64_t _j = _j0; _j < n_H; _j += _dj) {
         const real R_o_h = CS_LD(_p_R_o_h[_r * _ld_R_o_h + _j]);
         const real inv_n_H = CS_LD(_p_inv_n_H[_r * _ld_inv_n_H + _j]);
+        const real ri = R_i_h;
+        const real rg = R_g_h;
+        const real rf = R_f_h;
         const real ro = R_o_h;
+        _acc4 += inv_n_H*((-mu_h + rf)*(-mu_h + rf));
+        _acc5 += inv_n_H*((-mu_h + rg)*(-mu_h + rg));
+        _acc6 += inv_n_H*((-mu_h + ri)*(-mu_h + ri));
         _acc7 += inv_n_H*((-mu_h + ro)*(-mu_h + ro));
     }
+    _acc4 = CS_ROW_SUM(_acc4);
+    _acc5 = CS_ROW_SUM(_acc5);
+    _acc6 = CS_ROW_SUM(_acc6);
     _acc7 = CS_ROW_SUM(_acc7);
     const real mean_4 = _acc4 + _acc5 + _acc6 + _acc7;  // ln_lstm_haste.cell:32  var_h = mean((ri - mu_h) ^ 2, (rg - mu_h) ^ 2, (rf - mu_h) ^ 2, (ro - mu_h) ^ 2)
     const real var_h = mean_4;  // ln_lstm_haste.cell:32  var_h = mean((ri - mu_h) ^ 2, (rg - mu_h) ^ 2, (rf - mu_h) ^ 2, (ro - mu_h) ^ 2)
@@ -1073,108 +977,12 @@ CS_ROWFN inline void haste_lnlstm_backward_bwd1_rows_row(int64_t _r, int64_t _j0
     const real rs_h = CS_LD(_p_rs_h[_r * _ld_rs_h]);
     const real rstd = CS_LD(_p_rstd[_r * _ld_rstd]);
     const real var_h = CS_LD(_p_var_h[_r * _ld_var_h]);
-    const real t13 = real(2.0)*mu_h;
     real _acc0 = real(0);
-    CS_SIMD_SUM(_acc0)
-    for (int64_t _j = _j0; _j < n_H; _j += _dj) {
-        const real beta_h = CS_LD(_p_beta_h[_r * _ld_beta_h + _j]);
-        const real c_next = CS_LD(_p_c_next[_r * _ld_c_next + _j]);
-        const real d_h = CS_LD(_p_d_h[_r * _ld_d_h + _j]);
-        const real d_h_next_out = CS_LD(_p_d_h_next_out[_r * _ld_d_h_next_out + _j]);
-        const real gamma_h = CS_LD(_p_gamma_h[_r * _ld_gamma_h + _j]);
-        const real o = CS_LD(_p_o[_r * _ld_o + _j]);
-        const real t0 = gamma_h*(c_next - mean_5);
-        const real t1 = cs_tanh(beta_h + rstd*t0);
-        const real d_h_next = d_h + d_h_next_out;
-        const real t2 = d_h_next*o*(real(1.0) - (t1*t1));
-        _acc0 += t0*t2;
-    }
-    _acc0 = CS_ROW_SUM(_acc0);
-    const real d_rstd = _acc0;  // adjoint of operand of rstd
-    const real d_mean_6 = -real(1.0)/real(2.0)*d_rstd/(cs_sqrt(mean_6 + real(1e-05))*cs_sqrt(mean_6 + real(1e-05))*cs_sqrt(mean_6 + real(1e-05)));  // adjoint of operand of mean_6
     real _acc1 = real(0);
-    CS_SIMD_SUM(_acc1)
-    for (int64_t _j = _j0; _j < n_H; _j += _dj) {
-        const real beta_h = CS_LD(_p_beta_h[_r * _ld_beta_h + _j]);
-        const real c_next = CS_LD(_p_c_next[_r * _ld_c_next + _j]);
-        const real d_h = CS_LD(_p_d_h[_r * _ld_d_h + _j]);
-        const real d_h_next_out = CS_LD(_p_d_h_next_out[_r * _ld_d_h_next_out + _j]);
-        const real gamma_h = CS_LD(_p_gamma_h[_r * _ld_gamma_h + _j]);
-        const real o = CS_LD(_p_o[_r * _ld_o + _j]);
-        const real t0 = gamma_h*(c_next - mean_5);
-        const real t1 = cs_tanh(beta_h + rstd*t0);
-        const real d_h_next = d_h + d_h_next_out;
-        const real t2 = d_h_next*o*(real(1.0) - (t1*t1));
-        const real t4 = gamma_h*rstd*t2;
-        _acc1 += -t4;
-    }
-    _acc1 = CS_ROW_SUM(_acc1);
     real _acc2 = real(0);
-    CS_SIMD_SUM(_acc2)
-    for (int64_t _j = _j0; _j < n_H; _j += _dj) {
-        const real c_next = CS_LD(_p_c_next[_r * _ld_c_next + _j]);
-        const real inv_n_H_2 = CS_LD(_p_inv_n_H_2[_r * _ld_inv_n_H_2 + _j]);
-        const real t3 = real(2.0)*c_next - real(2.0)*mean_5;
-        _acc2 += -inv_n_H_2*t3;
-    }
-    _acc2 = CS_ROW_SUM(_acc2);
-    const real d_mean_5 = _acc1 + _acc2*d_mean_6;  // adjoint of operand of mean_5
     real _acc3 = real(0);
-    CS_SIMD_SUM(_acc3)
-    for (int64_t _j = _j0; _j < n_H; _j += _dj) {
-        const real beta_h = CS_LD(_p_beta_h[_r * _ld_beta_h + _j]);
-        const real c = CS_LD(_p_c[_r * _ld_c + _j]);
-        const real c_next = CS_LD(_p_c_next[_r * _ld_c_next + _j]);
-        const real d_c = CS_LD(_p_d_c[_r * _ld_d_c + _j]);
-        const real d_h = CS_LD(_p_d_h[_r * _ld_d_h + _j]);
-        const real d_h_next_out = CS_LD(_p_d_h_next_out[_r * _ld_d_h_next_out + _j]);
-        const real f = CS_LD(_p_f[_r * _ld_f + _j]);
-        const real gamma_h = CS_LD(_p_gamma_h[_r * _ld_gamma_h + _j]);
-        const real gh_f = CS_LD(_p_gh_f[_r * _ld_gh_f + _j]);
-        const real inv_n_H_2 = CS_LD(_p_inv_n_H_2[_r * _ld_inv_n_H_2 + _j]);
-        const real o = CS_LD(_p_o[_r * _ld_o + _j]);
-        const real rf = CS_LD(_p_rf[_r * _ld_rf + _j]);
-        const real t0 = gamma_h*(c_next - mean_5);
-        const real t1 = cs_tanh(beta_h + rstd*t0);
-        const real t3 = real(2.0)*c_next - real(2.0)*mean_5;
-        const real d_h_next = d_h + d_h_next_out;
-        const real t2 = d_h_next*o*(real(1.0) - (t1*t1));
-        const real t4 = gamma_h*rstd*t2;
-        const real d_c_next = d_c + d_mean_5*inv_n_H_2 + d_mean_6*inv_n_H_2*t3 + t4;
-        const real d_f = c*d_c_next;
-        const real t5 = d_f*f*gh_f*(real(1.0) - f);
-        _acc3 += t5*(-mu_h + rf);
-    }
-    _acc3 = CS_ROW_SUM(_acc3);
     real _acc4 = real(0);
-    CS_SIMD_SUM(_acc4)
-    for (int64_t _j = _j0; _j < n_H; _j += _dj) {
-        const real beta_h = CS_LD(_p_beta_h[_r * _ld_beta_h + _j]);
-        const real c_next = CS_LD(_p_c_next[_r * _ld_c_next + _j]);
-        const real d_c = CS_LD(_p_d_c[_r * _ld_d_c + _j]);
-        const real d_h = CS_LD(_p_d_h[_r * _ld_d_h + _j]);
-        const real d_h_next_out = CS_LD(_p_d_h_next_out[_r * _ld_d_h_next_out + _j]);
-        const real g = CS_LD(_p_g[_r * _ld_g + _j]);
-        const real gamma_h = CS_LD(_p_gamma_h[_r * _ld_gamma_h + _j]);
-        const real gh_i = CS_LD(_p_gh_i[_r * _ld_gh_i + _j]);
-        const real i = CS_LD(_p_i[_r * _ld_i + _j]);
-        const real inv_n_H_2 = CS_LD(_p_inv_n_H_2[_r * _ld_inv_n_H_2 + _j]);
-        const real o = CS_LD(_p_o[_r * _ld_o + _j]);
-        const real ri = CS_LD(_p_ri[_r * _ld_ri + _j]);
-        const real t0 = gamma_h*(c_next - mean_5);
-        const real t1 = cs_tanh(beta_h + rstd*t0);
-        const real t3 = real(2.0)*c_next - real(2.0)*mean_5;
-        const real d_h_next = d_h + d_h_next_out;
-        const real t2 = d_h_next*o*(real(1.0) - (t1*t1));
-        const real t4 = gamma_h*rstd*t2;
-        const real d_c_next = d_c + d_mean_5*inv_n_H_2 + d_mean_6*inv_n_H_2*t3 + t4;
-        const real d_i = d_c_next*g;
-        const real t6 = d_i*gh_i*i*(real(1.0) - i);
-        _acc4 += t6*(-mu_h + ri);
-    }
-    _acc4 = CS_ROW_SUM(_acc4);
-    real _acc5 = real(0);
-    CS_SIMD_SUM(_acc5)
+    CS_SIMD_SUM(_acc0, _acc1, _acc2, _acc3, _acc4)
     for (int64_t _j = _j0; _j < n_H; _j += _dj) {
         const real beta_h = CS_LD(_p_beta_h[_r * _ld_beta_h + _j]);
         const real c_next = CS_LD(_p_c_next[_r * _ld_c_next + _j]);
@@ -1182,121 +990,44 @@ CS_ROWFN inline void haste_lnlstm_backward_bwd1_rows_row(int64_t _r, int64_t _j0
         const real d_h_next_out = CS_LD(_p_d_h_next_out[_r * _ld_d_h_next_out + _j]);
         const real gamma_h = CS_LD(_p_gamma_h[_r * _ld_gamma_h + _j]);
         const real gh_o = CS_LD(_p_gh_o[_r * _ld_gh_o + _j]);
+        const real inv_n_H_2 = CS_LD(_p_inv_n_H_2[_r * _ld_inv_n_H_2 + _j]);
         const real o = CS_LD(_p_o[_r * _ld_o + _j]);
         const real ro = CS_LD(_p_ro[_r * _ld_ro + _j]);
         const real t0 = gamma_h*(c_next - mean_5);
         const real t1 = cs_tanh(beta_h + rstd*t0);
-        const real d_h_next = d_h + d_h_next_out;
-        const real d_o = d_h_next*t1;
-        const real t7 = d_o*gh_o*o*(real(1.0) - o);
-        _acc5 += t7*(-mu_h + ro);
-    }
-    _acc5 = CS_ROW_SUM(_acc5);
-    real _acc6 = real(0);
-    CS_SIMD_SUM(_acc6)
-    for (int64_t _j = _j0; _j < n_H; _j += _dj) {
-        const real beta_h = CS_LD(_p_beta_h[_r * _ld_beta_h + _j]);
-        const real c_next = CS_LD(_p_c_next[_r * _ld_c_next + _j]);
-        const real d_c = CS_LD(_p_d_c[_r * _ld_d_c + _j]);
-        const real d_h = CS_LD(_p_d_h[_r * _ld_d_h + _j]);
-        const real d_h_next_out = CS_LD(_p_d_h_next_out[_r * _ld_d_h_next_out + _j]);
-        const real g = CS_LD(_p_g[_r * _ld_g + _j]);
-        const real gamma_h = CS_LD(_p_gamma_h[_r * _ld_gamma_h + _j]);
-        const real gh_g = CS_LD(_p_gh_g[_r * _ld_gh_g + _j]);
-        const real i = CS_LD(_p_i[_r * _ld_i + _j]);
-        const real inv_n_H_2 = CS_LD(_p_inv_n_H_2[_r * _ld_inv_n_H_2 + _j]);
-        const real o = CS_LD(_p_o[_r * _ld_o + _j]);
-        const real rg = CS_LD(_p_rg[_r * _ld_rg + _j]);
-        const real t0 = gamma_h*(c_next - mean_5);
-        const real t1 = cs_tanh(beta_h + rstd*t0);
         const real t3 = real(2.0)*c_next - real(2.0)*mean_5;
         const real d_h_next = d_h + d_h_next_out;
         const real t2 = d_h_next*o*(real(1.0) - (t1*t1));
         const real t4 = gamma_h*rstd*t2;
-        const real d_c_next = d_c + d_mean_5*inv_n_H_2 + d_mean_6*inv_n_H_2*t3 + t4;
-        const real d_g = d_c_next*i;
-        const real t8 = d_g*gh_g*(real(1.0) - (g*g));
-        _acc6 += t8*(-mu_h + rg);
-    }
-    _acc6 = CS_ROW_SUM(_acc6);
-    const real d_rs_h = _acc3 + _acc4 + _acc5 + _acc6;  // adjoint of rs_h
-    const real d_var_h = -real(1.0)/real(2.0)*d_rs_h/(cs_sqrt(var_h + real(1e-05))*cs_sqrt(var_h + real(1e-05))*cs_sqrt(var_h + real(1e-05)));  // adjoint of var_h
-    const real d_mean_4 = d_var_h;  // adjoint of operand of mean_4
-    real _acc7 = real(0);
-    CS_SIMD_SUM(_acc7)
-    for (int64_t _j = _j0; _j < n_H; _j += _dj) {
-        const real beta_h = CS_LD(_p_beta_h[_r * _ld_beta_h + _j]);
-        const real c_next = CS_LD(_p_c_next[_r * _ld_c_next + _j]);
-        const real d_c = CS_LD(_p_d_c[_r * _ld_d_c + _j]);
-        const real d_h = CS_LD(_p_d_h[_r * _ld_d_h + _j]);
-        const real d_h_next_out = CS_LD(_p_d_h_next_out[_r * _ld_d_h_next_out + _j]);
-        const real g = CS_LD(_p_g[_r * _ld_g + _j]);
-        const real gamma_h = CS_LD(_p_gamma_h[_r * _ld_gamma_h + _j]);
-        const real gh_i = CS_LD(_p_gh_i[_r * _ld_gh_i + _j]);
-        const real i = CS_LD(_p_i[_r * _ld_i + _j]);
-        const real inv_n_H_2 = CS_LD(_p_inv_n_H_2[_r * _ld_inv_n_H_2 + _j]);
-        const real o = CS_LD(_p_o[_r * _ld_o + _j]);
-        const real t0 = gamma_h*(c_next - mean_5);
-        const real t1 = cs_tanh(beta_h + rstd*t0);
-        const real t3 = real(2.0)*c_next - real(2.0)*mean_5;
-        const real d_h_next = d_h + d_h_next_out;
-        const real t2 = d_h_next*o*(real(1.0) - (t1*t1));
-        const real t4 = gamma_h*rstd*t2;
-        const real d_c_next = d_c + d_mean_5*inv_n_H_2 + d_mean_6*inv_n_H_2*t3 + t4;
-        const real d_i = d_c_next*g;
-        const real t6 = d_i*gh_i*i*(real(1.0) - i);
-        const real t10 = rs_h*t6;
-        _acc7 += -t10;
-    }
-    _acc7 = CS_ROW_SUM(_acc7);
-    real _acc8 = real(0);
-    CS_SIMD_SUM(_acc8)
-    for (int64_t _j = _j0; _j < n_H; _j += _dj) {
-        const real beta_h = CS_LD(_p_beta_h[_r * _ld_beta_h + _j]);
-        const real c_next = CS_LD(_p_c_next[_r * _ld_c_next + _j]);
-        const real d_h = CS_LD(_p_d_h[_r * _ld_d_h + _j]);
-        const real d_h_next_out = CS_LD(_p_d_h_next_out[_r * _ld_d_h_next_out + _j]);
-        const real gamma_h = CS_LD(_p_gamma_h[_r * _ld_gamma_h + _j]);
-        const real gh_o = CS_LD(_p_gh_o[_r * _ld_gh_o + _j]);
-        const real o = CS_LD(_p_o[_r * _ld_o + _j]);
-        const real t0 = gamma_h*(c_next - mean_5);
-        const real t1 = cs_tanh(beta_h + rstd*t0);
-        const real d_h_next = d_h + d_h_next_out;
         const real d_o = d_h_next*t1;
         const real t7 = d_o*gh_o*o*(real(1.0) - o);
         const real t11 = rs_h*t7;
-        _acc8 += -t11;
+        _acc0 += t0*t2;
+        _acc1 += -t4;
+        _acc2 += -inv_n_H_2*t3;
+        _acc3 += t7*(-mu_h + ro);
+        _acc4 += -t11;
     }
-    _acc8 = CS_ROW_SUM(_acc8);
+    _acc0 = CS_ROW_SUM(_acc0);
+    _acc1 = CS_ROW_SUM(_acc1);
+    _acc2 = CS_ROW_SUM(_acc2);
+    _acc3 = CS_ROW_SUM(_acc3);
+    _acc4 = CS_ROW_SUM(_acc4);
+    const real t13 = real(2.0)*mu_h;
+    const real d_rstd = _acc0;  // adjoint of operand of rstd
+    const real d_mean_6 = -real(1.0)/real(2.0)*d_rstd/(cs_sqrt(mean_6 + real(1e-05))*cs_sqrt(mean_6 + real(1e-05))*cs_sqrt(mean_6 + real(1e-05)));  // adjoint of operand of mean_6
+    const real d_mean_5 = _acc1 + _acc2*d_mean_6;  // adjoint of operand of mean_5
+    real _acc5 = real(0);
+    real _acc6 = real(0);
+    real _acc7 = real(0);
+    real _acc8 = real(0);
     real _acc9 = real(0);
-    CS_SIMD_SUM(_acc9)
-    for (int64_t _j = _j0; _j < n_H; _j += _dj) {
-        const real beta_h = CS_LD(_p_beta_h[_r * _ld_beta_h + _j]);
-        const real c_next = CS_LD(_p_c_next[_r * _ld_c_next + _j]);
-        const real d_c = CS_LD(_p_d_c[_r * _ld_d_c + _j]);
-        const real d_h = CS_LD(_p_d_h[_r * _ld_d_h + _j]);
-        const real d_h_next_out = CS_LD(_p_d_h_next_out[_r * _ld_d_h_next_out + _j]);
-        const real g = CS_LD(_p_g[_r * _ld_g + _j]);
-        const real gamma_h = CS_LD(_p_gamma_h[_r * _ld_gamma_h + _j]);
-        const real gh_g = CS_LD(_p_gh_g[_r * _ld_gh_g + _j]);
-        const real i = CS_LD(_p_i[_r * _ld_i + _j]);
-        const real inv_n_H_2 = CS_LD(_p_inv_n_H_2[_r * _ld_inv_n_H_2 + _j]);
-        const real o = CS_LD(_p_o[_r * _ld_o + _j]);
-        const real t0 = gamma_h*(c_next - mean_5);
-        const real t1 = cs_tanh(beta_h + rstd*t0);
-        const real t3 = real(2.0)*c_next - real(2.0)*mean_5;
-        const real d_h_next = d_h + d_h_next_out;
-        const real t2 = d_h_next*o*(real(1.0) - (t1*t1));
-        const real t4 = gamma_h*rstd*t2;
-        const real d_c_next = d_c + d_mean_5*inv_n_H_2 + d_mean_6*inv_n_H_2*t3 + t4;
-        const real d_g = d_c_next*i;
-        const real t8 = d_g*gh_g*(real(1.0) - (g*g));
-        const real t12 = rs_h*t8;
-        _acc9 += -t12;
-    }
-    _acc9 = CS_ROW_SUM(_acc9);
     real _acc10 = real(0);
-    CS_SIMD_SUM(_acc10)
+    real _acc11 = real(0);
+    real _acc12 = real(0);
+    real _acc13 = real(0);
+    real _acc14 = real(0);
+    CS_SIMD_SUM(_acc5, _acc6, _acc7, _acc8, _acc9, _acc10, _acc11, _acc12, _acc13, _acc14)
     for (int64_t _j = _j0; _j < n_H; _j += _dj) {
         const real beta_h = CS_LD(_p_beta_h[_r * _ld_beta_h + _j]);
         const real c = CS_LD(_p_c[_r * _ld_c + _j]);
@@ -1305,13 +1036,26 @@ CS_ROWFN inline void haste_lnlstm_backward_bwd1_rows_row(int64_t _r, int64_t _j0
         const real d_h = CS_LD(_p_d_h[_r * _ld_d_h + _j]);
         const real d_h_next_out = CS_LD(_p_d_h_next_out[_r * _ld_d_h_next_out + _j]);
         const real f = CS_LD(_p_f[_r * _ld_f + _j]);
+        const real g = CS_LD(_p_g[_r * _ld_g + _j]);
         const real gamma_h = CS_LD(_p_gamma_h[_r * _ld_gamma_h + _j]);
         const real gh_f = CS_LD(_p_gh_f[_r * _ld_gh_f + _j]);
+        const real gh_g = CS_LD(_p_gh_g[_r * _ld_gh_g + _j]);
+        const real gh_i = CS_LD(_p_gh_i[_r * _ld_gh_i + _j]);
+        const real i = CS_LD(_p_i[_r * _ld_i + _j]);
+        const real inv_n_H = CS_LD(_p_inv_n_H[_r * _ld_inv_n_H + _j]);
         const real inv_n_H_2 = CS_LD(_p_inv_n_H_2[_r * _ld_inv_n_H_2 + _j]);
         const real o = CS_LD(_p_o[_r * _ld_o + _j]);
+        const real rf = CS_LD(_p_rf[_r * _ld_rf + _j]);
+        const real rg = CS_LD(_p_rg[_r * _ld_rg + _j]);
+        const real ri = CS_LD(_p_ri[_r * _ld_ri + _j]);
+        const real ro = CS_LD(_p_ro[_r * _ld_ro + _j]);
         const real t0 = gamma_h*(c_next - mean_5);
         const real t1 = cs_tanh(beta_h + rstd*t0);
         const real t3 = real(2.0)*c_next - real(2.0)*mean_5;
+        const real t14 = -real(2.0)*rf + t13;
+        const real t15 = -real(2.0)*rg + t13;
+        const real t16 = -real(2.0)*ri + t13;
+        const real t17 = -real(2.0)*ro + t13;
         const real d_h_next = d_h + d_h_next_out;
         const real t2 = d_h_next*o*(real(1.0) - (t1*t1));
         const real t4 = gamma_h*rstd*t2;
@@ -1319,46 +1063,37 @@ CS_ROWFN inline void haste_lnlstm_backward_bwd1_rows_row(int64_t _r, int64_t _j0
         const real d_f = c*d_c_next;
         const real t5 = d_f*f*gh_f*(real(1.0) - f);
         const real t9 = rs_h*t5;
+        const real d_g = d_c_next*i;
+        const real t8 = d_g*gh_g*(real(1.0) - (g*g));
+        const real t12 = rs_h*t8;
+        const real d_i = d_c_next*g;
+        const real t6 = d_i*gh_i*i*(real(1.0) - i);
+        const real t10 = rs_h*t6;
+        _acc5 += t5*(-mu_h + rf);
+        _acc6 += t6*(-mu_h + ri);
+        _acc7 += t8*(-mu_h + rg);
+        _acc8 += -t10;
+        _acc9 += -t12;
         _acc10 += -t9;
-    }
-    _acc10 = CS_ROW_SUM(_acc10);
-    real _acc11 = real(0);
-    CS_SIMD_SUM(_acc11)
-    for (int64_t _j = _j0; _j < n_H; _j += _dj) {
-        const real inv_n_H = CS_LD(_p_inv_n_H[_r * _ld_inv_n_H + _j]);
-        const real rf = CS_LD(_p_rf[_r * _ld_rf + _j]);
-        const real t14 = -real(2.0)*rf + t13;
         _acc11 += inv_n_H*t14;
-    }
-    _acc11 = CS_ROW_SUM(_acc11);
-    real _acc12 = real(0);
-    CS_SIMD_SUM(_acc12)
-    for (int64_t _j = _j0; _j < n_H; _j += _dj) {
-        const real inv_n_H = CS_LD(_p_inv_n_H[_r * _ld_inv_n_H + _j]);
-        const real rg = CS_LD(_p_rg[_r * _ld_rg + _j]);
-        const real t15 = -real(2.0)*rg + t13;
         _acc12 += inv_n_H*t15;
-    }
-    _acc12 = CS_ROW_SUM(_acc12);
-    real _acc13 = real(0);
-    CS_SIMD_SUM(_acc13)
-    for (int64_t _j = _j0; _j < n_H; _j += _dj) {
-        const real inv_n_H = CS_LD(_p_inv_n_H[_r * _ld_inv_n_H + _j]);
-        const real ri = CS_LD(_p_ri[_r * _ld_ri + _j]);
-        const real t16 = -real(2.0)*ri + t13;
         _acc13 += inv_n_H*t16;
-    }
-    _acc13 = CS_ROW_SUM(_acc13);
-    real _acc14 = real(0);
-    CS_SIMD_SUM(_acc14)
-    for (int64_t _j = _j0; _j < n_H; _j += _dj) {
-        const real inv_n_H = CS_LD(_p_inv_n_H[_r * _ld_inv_n_H + _j]);
-        const real ro = CS_LD(_p_ro[_r * _ld_ro + _j]);
-        const real t17 = -real(2.0)*ro + t13;
         _acc14 += inv_n_H*t17;
     }
+    _acc5 = CS_ROW_SUM(_acc5);
+    _acc6 = CS_ROW_SUM(_acc6);
+    _acc7 = CS_ROW_SUM(_acc7);
+    _acc8 = CS_ROW_SUM(_acc8);
+    _acc9 = CS_ROW_SUM(_acc9);
+    _acc10 = CS_ROW_SUM(_acc10);
+    _acc11 = CS_ROW_SUM(_acc11);
+    _acc12 = CS_ROW_SUM(_acc12);
+    _acc13 = CS_ROW_SUM(_acc13);
     _acc14 = CS_ROW_SUM(_acc14);
-    const real d_mu_h = _acc10 + _acc7 + _acc8 + _acc9 + d_mean_4*(_acc11 + _acc12 + _acc13 + _acc14);  // adjoint of mu_h
+    const real d_rs_h = _acc3 + _acc5 + _acc6 + _acc7;  // adjoint of rs_h
+    const real d_var_h = -real(1.0)/real(2.0)*d_rs_h/(cs_sqrt(var_h + real(1e-05))*cs_sqrt(var_h + real(1e-05))*cs_sqrt(var_h + real(1e-05)));  // adjoint of var_h
+    const real d_mean_4 = d_var_h;  // adjoint of operand of mean_4
+    const real d_mu_h = _acc10 + _acc4 + _acc8 + _acc9 + d_mean_4*(_acc11 + _acc12 + _acc13 + _acc14);  // adjoint of mu_h
     const real d_mean_3 = d_mu_h;  // adjoint of operand of mean_3
     CS_SIMD
     for (int64_t _j = _j0; _j < n_H; _j += _dj) {
@@ -1469,133 +1204,84 @@ CS_ROWFN inline void haste_lnlstm_backward_bwd0_rows_row(int64_t _r, int64_t _j0
     const real mu_x = CS_LD(_p_mu_x[_r * _ld_mu_x]);
     const real rs_x = CS_LD(_p_rs_x[_r * _ld_rs_x]);
     const real var_x = CS_LD(_p_var_x[_r * _ld_var_x]);
-    const real t27 = real(2.0)*mu_x;
     real _acc0 = real(0);
-    CS_SIMD_SUM(_acc0)
+    real _acc1 = real(0);
+    real _acc2 = real(0);
+    real _acc3 = real(0);
+    real _acc4 = real(0);
+    real _acc5 = real(0);
+    real _acc6 = real(0);
+    real _acc7 = real(0);
+    CS_SIMD_SUM(_acc0, _acc1, _acc2, _acc3, _acc4, _acc5, _acc6, _acc7)
     for (int64_t _j = _j0; _j < n_H; _j += _dj) {
         const real d_f = CS_LD(_p_d_f[_r * _ld_d_f + _j]);
+        const real d_g = CS_LD(_p_d_g[_r * _ld_d_g + _j]);
+        const real d_i = CS_LD(_p_d_i[_r * _ld_d_i + _j]);
+        const real d_o = CS_LD(_p_d_o[_r * _ld_d_o + _j]);
         const real f = CS_LD(_p_f[_r * _ld_f + _j]);
+        const real g = CS_LD(_p_g[_r * _ld_g + _j]);
         const real gx_f = CS_LD(_p_gx_f[_r * _ld_gx_f + _j]);
+        const real gx_g = CS_LD(_p_gx_g[_r * _ld_gx_g + _j]);
+        const real gx_i = CS_LD(_p_gx_i[_r * _ld_gx_i + _j]);
+        const real gx_o = CS_LD(_p_gx_o[_r * _ld_gx_o + _j]);
+        const real i = CS_LD(_p_i[_r * _ld_i + _j]);
+        const real o = CS_LD(_p_o[_r * _ld_o + _j]);
         const real xf = CS_LD(_p_xf[_r * _ld_xf + _j]);
+        const real xg = CS_LD(_p_xg[_r * _ld_xg + _j]);
+        const real xi = CS_LD(_p_xi[_r * _ld_xi + _j]);
+        const real xo = CS_LD(_p_xo[_r * _ld_xo + _j]);
         const real t19_2 = d_f*f*gx_f*(real(1.0) - f);
+        const real t20 = d_i*gx_i*i*(real(1.0) - i);
+        const real t21 = d_o*gx_o*o*(real(1.0) - o);
+        const real t22 = d_g*gx_g*(real(1.0) - (g*g));
+        const real t23 = rs_x*t19_2;
+        const real t24 = rs_x*t20;
+        const real t25 = rs_x*t21;
+        const real t26 = rs_x*t22;
         _acc0 += t19_2*(-mu_x + xf);
+        _acc1 += t20*(-mu_x + xi);
+        _acc2 += t21*(-mu_x + xo);
+        _acc3 += t22*(-mu_x + xg);
+        _acc4 += -t23;
+        _acc5 += -t24;
+        _acc6 += -t25;
+        _acc7 += -t26;
     }
     _acc0 = CS_ROW_SUM(_acc0);
-    real _acc1 = real(0);
-    CS_SIMD_SUM(_acc1)
-    for (int64_t _j = _j0; _j < n_H; _j += _dj) {
-        const real d_i = CS_LD(_p_d_i[_r * _ld_d_i + _j]);
-        const real gx_i = CS_LD(_p_gx_i[_r * _ld_gx_i + _j]);
-        const real i = CS_LD(_p_i[_r * _ld_i + _j]);
-        const real xi = CS_LD(_p_xi[_r * _ld_xi + _j]);
-        const real t20 = d_i*gx_i*i*(real(1.0) - i);
-        _acc1 += t20*(-mu_x + xi);
-    }
     _acc1 = CS_ROW_SUM(_acc1);
-    real _acc2 = real(0);
-    CS_SIMD_SUM(_acc2)
-    for (int64_t _j = _j0; _j < n_H; _j += _dj) {
-        const real d_o = CS_LD(_p_d_o[_r * _ld_d_o + _j]);
-        const real gx_o = CS_LD(_p_gx_o[_r * _ld_gx_o + _j]);
-        const real o = CS_LD(_p_o[_r * _ld_o + _j]);
-        const real xo = CS_LD(_p_xo[_r * _ld_xo + _j]);
-        const real t21 = d_o*gx_o*o*(real(1.0) - o);
-        _acc2 += t21*(-mu_x + xo);
-    }
     _acc2 = CS_ROW_SUM(_acc2);
-    real _acc3 = real(0);
-    CS_SIMD_SUM(_acc3)
-    for (int64_t _j = _j0; _j < n_H; _j += _dj) {
-        const real d_g = CS_LD(_p_d_g[_r * _ld_d_g + _j]);
-        const real g = CS_LD(_p_g[_r * _ld_g + _j]);
-        const real gx_g = CS_LD(_p_gx_g[_r * _ld_gx_g + _j]);
-        const real xg = CS_LD(_p_xg[_r * _ld_xg + _j]);
-        const real t22 = d_g*gx_g*(real(1.0) - (g*g));
-        _acc3 += t22*(-mu_x + xg);
-    }
     _acc3 = CS_ROW_SUM(_acc3);
+    _acc4 = CS_ROW_SUM(_acc4);
+    _acc5 = CS_ROW_SUM(_acc5);
+    _acc6 = CS_ROW_SUM(_acc6);
+    _acc7 = CS_ROW_SUM(_acc7);
+    const real t27 = real(2.0)*mu_x;
     const real d_rs_x = _acc0 + _acc1 + _acc2 + _acc3;  // adjoint of rs_x
     const real d_var_x = -real(1.0)/real(2.0)*d_rs_x/(cs_sqrt(var_x + real(1e-05))*cs_sqrt(var_x + real(1e-05))*cs_sqrt(var_x + real(1e-05)));  // adjoint of var_x
     const real d_mean_2 = d_var_x;  // adjoint of operand of mean_2
-    real _acc4 = real(0);
-    CS_SIMD_SUM(_acc4)
-    for (int64_t _j = _j0; _j < n_H; _j += _dj) {
-        const real d_f = CS_LD(_p_d_f[_r * _ld_d_f + _j]);
-        const real f = CS_LD(_p_f[_r * _ld_f + _j]);
-        const real gx_f = CS_LD(_p_gx_f[_r * _ld_gx_f + _j]);
-        const real t19_2 = d_f*f*gx_f*(real(1.0) - f);
-        const real t23 = rs_x*t19_2;
-        _acc4 += -t23;
-    }
-    _acc4 = CS_ROW_SUM(_acc4);
-    real _acc5 = real(0);
-    CS_SIMD_SUM(_acc5)
-    for (int64_t _j = _j0; _j < n_H; _j += _dj) {
-        const real d_i = CS_LD(_p_d_i[_r * _ld_d_i + _j]);
-        const real gx_i = CS_LD(_p_gx_i[_r * _ld_gx_i + _j]);
-        const real i = CS_LD(_p_i[_r * _ld_i + _j]);
-        const real t20 = d_i*gx_i*i*(real(1.0) - i);
-        const real t24 = rs_x*t20;
-        _acc5 += -t24;
-    }
-    _acc5 = CS_ROW_SUM(_acc5);
-    real _acc6 = real(0);
-    CS_SIMD_SUM(_acc6)
-    for (int64_t _j = _j0; _j < n_H; _j += _dj) {
-        const real d_o = CS_LD(_p_d_o[_r * _ld_d_o + _j]);
-        const real gx_o = CS_LD(_p_gx_o[_r * _ld_gx_o + _j]);
-        const real o = CS_LD(_p_o[_r * _ld_o + _j]);
-        const real t21 = d_o*gx_o*o*(real(1.0) - o);
-        const real t25 = rs_x*t21;
-        _acc6 += -t25;
-    }
-    _acc6 = CS_ROW_SUM(_acc6);
-    real _acc7 = real(0);
-    CS_SIMD_SUM(_acc7)
-    for (int64_t _j = _j0; _j < n_H; _j += _dj) {
-        const real d_g = CS_LD(_p_d_g[_r * _ld_d_g + _j]);
-        const real g = CS_LD(_p_g[_r * _ld_g + _j]);
-        const real gx_g = CS_LD(_p_gx_g[_r * _ld_gx_g + _j]);
-        const real t22 = d_g*gx_g*(real(1.0) - (g*g));
-        const real t26 = rs_x*t22;
-        _acc7 += -t26;
-    }
-    _acc7 = CS_ROW_SUM(_acc7);
     real _acc8 = real(0);
-    CS_SIMD_SUM(_acc8)
+    real _acc9 = real(0);
+    real _acc10 = real(0);
+    real _acc11 = real(0);
+    CS_SIMD_SUM(_acc8, _acc9, _acc10, _acc11)
     for (int64_t _j = _j0; _j < n_H; _j += _dj) {
         const real inv_n_H = CS_LD(_p_inv_n_H[_r * _ld_inv_n_H + _j]);
         const real xf = CS_LD(_p_xf[_r * _ld_xf + _j]);
-        const real t28 = t27 - real(2.0)*xf;
-        _acc8 += inv_n_H*t28;
-    }
-    _acc8 = CS_ROW_SUM(_acc8);
-    real _acc9 = real(0);
-    CS_SIMD_SUM(_acc9)
-    for (int64_t _j = _j0; _j < n_H; _j += _dj) {
-        const real inv_n_H = CS_LD(_p_inv_n_H[_r * _ld_inv_n_H + _j]);
         const real xg = CS_LD(_p_xg[_r * _ld_xg + _j]);
-        const real t29 = t27 - real(2.0)*xg;
-        _acc9 += inv_n_H*t29;
-    }
-    _acc9 = CS_ROW_SUM(_acc9);
-    real _acc10 = real(0);
-    CS_SIMD_SUM(_acc10)
-    for (int64_t _j = _j0; _j < n_H; _j += _dj) {
-        const real inv_n_H = CS_LD(_p_inv_n_H[_r * _ld_inv_n_H + _j]);
         const real xi = CS_LD(_p_xi[_r * _ld_xi + _j]);
-        const real t30 = t27 - real(2.0)*xi;
-        _acc10 += inv_n_H*t30;
-    }
-    _acc10 = CS_ROW_SUM(_acc10);
-    real _acc11 = real(0);
-    CS_SIMD_SUM(_acc11)
-    for (int64_t _j = _j0; _j < n_H; _j += _dj) {
-        const real inv_n_H = CS_LD(_p_inv_n_H[_r * _ld_inv_n_H + _j]);
         const real xo = CS_LD(_p_xo[_r * _ld_xo + _j]);
+        const real t28 = t27 - real(2.0)*xf;
+        const real t29 = t27 - real(2.0)*xg;
+        const real t30 = t27 - real(2.0)*xi;
         const real t31 = t27 - real(2.0)*xo;
+        _acc8 += inv_n_H*t28;
+        _acc9 += inv_n_H*t29;
+        _acc10 += inv_n_H*t30;
         _acc11 += inv_n_H*t31;
     }
+    _acc8 = CS_ROW_SUM(_acc8);
+    _acc9 = CS_ROW_SUM(_acc9);
+    _acc10 = CS_ROW_SUM(_acc10);
     _acc11 = CS_ROW_SUM(_acc11);
     const real d_mu_x = _acc4 + _acc5 + _acc6 + _acc7 + d_mean_2*(_acc10 + _acc11 + _acc8 + _acc9);  // adjoint of mu_x
     const real d_mean = d_mu_x;  // adjoint of operand of mean

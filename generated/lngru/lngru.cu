@@ -276,14 +276,14 @@ static void cs_add_rows_host(int64_t rows, int64_t cols, const S* src, int64_t l
 // on the GPU (one thread block per row: threads stride over the units, CS_ROW_SUM is a block-wide
 // sum through warp shuffles and shared memory, so every thread gets the row's value) and in the
 // CPU build (one OpenMP thread per row, the units in `omp simd` loops, CS_ROW_SUM the identity).
-#define CS_STR_(x) #x
+#define CS_STR_(...) #__VA_ARGS__
 #ifdef __CUDACC__
 #define CS_ROWFN __device__
 #define CS_LD(v) cs_load(v)
 #define CS_ST(p, v) cs_store(&(p), v)
 #define CS_ROW_SUM(v) cs_block_sum(v)
 #define CS_SIMD
-#define CS_SIMD_SUM(v)
+#define CS_SIMD_SUM(...)
 template <typename T>
 __device__ inline T cs_block_sum(T v)
 {
@@ -315,7 +315,7 @@ inline void cs_row_grid(int64_t rows, int64_t cols, dim3* grid, dim3* block) {
 #define CS_ST(p, v) ((p) = (v))
 #define CS_ROW_SUM(v) (v)
 #define CS_SIMD _Pragma("omp simd")
-#define CS_SIMD_SUM(v) _Pragma(CS_STR_(omp simd reduction(+:v)))
+#define CS_SIMD_SUM(...) _Pragma(CS_STR_(omp simd reduction(+:__VA_ARGS__)))
 #define CS_ROWS(fn, rows, ...) fn##_host<S>((rows), __VA_ARGS__)
 #endif
 #endif  // CELLSPEC_ROW_PRELUDE
@@ -328,52 +328,44 @@ CS_ROWFN inline void lngru_forward_fwd0_rows_row(int64_t _r, int64_t _j0, int64_
 {
     (void)n_H;
     real _acc0 = real(0);
-    CS_SIMD_SUM(_acc0)
-    for (int64_t _j = _j0; _j < n_H; _j += _dj) {
-        const real W_r_x = CS_LD(_p_W_r_x[_r * _ld_W_r_x + _j]);
-        const real inv_n_H = CS_LD(_p_inv_n_H[_r * _ld_inv_n_H + _j]);
-        _acc0 += W_r_x*inv_n_H;
-    }
-    _acc0 = CS_ROW_SUM(_acc0);
-    const real mean = _acc0;  // ln_gru.cell:16  r = sigmoid(ln(W_r @ x, gx_r, bx_r) + ln(U_r @ h, gh_r, bh_r))
     real _acc1 = real(0);
-    CS_SIMD_SUM(_acc1)
-    for (int64_t _j = _j0; _j < n_H; _j += _dj) {
-        const real W_r_x = CS_LD(_p_W_r_x[_r * _ld_W_r_x + _j]);
-        const real inv_n_H = CS_LD(_p_inv_n_H[_r * _ld_inv_n_H + _j]);
-        _acc1 += inv_n_H*((W_r_x - mean)*(W_r_x - mean));
-    }
-    _acc1 = CS_ROW_SUM(_acc1);
-    const real mean_2 = _acc1;  // ln_gru.cell:16  r = sigmoid(ln(W_r @ x, gx_r, bx_r) + ln(U_r @ h, gh_r, bh_r))
-    const real rstd = (real(1.0)/cs_sqrt(mean_2 + real(1e-05)));  // ln_gru.cell:16  r = sigmoid(ln(W_r @ x, gx_r, bx_r) + ln(U_r @ h, gh_r, bh_r))
     real _acc2 = real(0);
-    CS_SIMD_SUM(_acc2)
+    CS_SIMD_SUM(_acc0, _acc1, _acc2)
     for (int64_t _j = _j0; _j < n_H; _j += _dj) {
+        const real W_c_x = CS_LD(_p_W_c_x[_r * _ld_W_c_x + _j]);
+        const real W_r_x = CS_LD(_p_W_r_x[_r * _ld_W_r_x + _j]);
         const real W_u_x = CS_LD(_p_W_u_x[_r * _ld_W_u_x + _j]);
         const real inv_n_H = CS_LD(_p_inv_n_H[_r * _ld_inv_n_H + _j]);
-        _acc2 += W_u_x*inv_n_H;
+        _acc0 += W_r_x*inv_n_H;
+        _acc1 += W_u_x*inv_n_H;
+        _acc2 += W_c_x*inv_n_H;
     }
+    _acc0 = CS_ROW_SUM(_acc0);
+    _acc1 = CS_ROW_SUM(_acc1);
     _acc2 = CS_ROW_SUM(_acc2);
-    const real mean_5 = _acc2;  // ln_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
+    const real mean = _acc0;  // ln_gru.cell:16  r = sigmoid(ln(W_r @ x, gx_r, bx_r) + ln(U_r @ h, gh_r, bh_r))
     real _acc3 = real(0);
     CS_SIMD_SUM(_acc3)
     for (int64_t _j = _j0; _j < n_H; _j += _dj) {
-        const real W_u_x = CS_LD(_p_W_u_x[_r * _ld_W_u_x + _j]);
+        const real W_r_x = CS_LD(_p_W_r_x[_r * _ld_W_r_x + _j]);
         const real inv_n_H = CS_LD(_p_inv_n_H[_r * _ld_inv_n_H + _j]);
-        _acc3 += inv_n_H*((W_u_x - mean_5)*(W_u_x - mean_5));
+        _acc3 += inv_n_H*((W_r_x - mean)*(W_r_x - mean));
     }
     _acc3 = CS_ROW_SUM(_acc3);
-    const real mean_6 = _acc3;  // ln_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
-    const real rstd_3 = (real(1.0)/cs_sqrt(mean_6 + real(1e-05)));  // ln_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
+    const real mean_2 = _acc3;  // ln_gru.cell:16  r = sigmoid(ln(W_r @ x, gx_r, bx_r) + ln(U_r @ h, gh_r, bh_r))
+    const real rstd = (real(1.0)/cs_sqrt(mean_2 + real(1e-05)));  // ln_gru.cell:16  r = sigmoid(ln(W_r @ x, gx_r, bx_r) + ln(U_r @ h, gh_r, bh_r))
+    const real mean_5 = _acc1;  // ln_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
     real _acc4 = real(0);
     CS_SIMD_SUM(_acc4)
     for (int64_t _j = _j0; _j < n_H; _j += _dj) {
-        const real W_c_x = CS_LD(_p_W_c_x[_r * _ld_W_c_x + _j]);
+        const real W_u_x = CS_LD(_p_W_u_x[_r * _ld_W_u_x + _j]);
         const real inv_n_H = CS_LD(_p_inv_n_H[_r * _ld_inv_n_H + _j]);
-        _acc4 += W_c_x*inv_n_H;
+        _acc4 += inv_n_H*((W_u_x - mean_5)*(W_u_x - mean_5));
     }
     _acc4 = CS_ROW_SUM(_acc4);
-    const real mean_9 = _acc4;  // ln_gru.cell:18  c = tanh(ln(W_c @ x, gx_c, bx_c) + r * ln(U_c @ h, gh_c, bh_c))
+    const real mean_6 = _acc4;  // ln_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
+    const real rstd_3 = (real(1.0)/cs_sqrt(mean_6 + real(1e-05)));  // ln_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
+    const real mean_9 = _acc2;  // ln_gru.cell:18  c = tanh(ln(W_c @ x, gx_c, bx_c) + r * ln(U_c @ h, gh_c, bh_c))
     real _acc5 = real(0);
     CS_SIMD_SUM(_acc5)
     for (int64_t _j = _j0; _j < n_H; _j += _dj) {
@@ -439,52 +431,44 @@ CS_ROWFN inline void lngru_forward_fwd1_rows_row(int64_t _r, int64_t _j0, int64_
     const real rstd_3 = CS_LD(_p_rstd_3[_r * _ld_rstd_3]);
     const real rstd_5 = CS_LD(_p_rstd_5[_r * _ld_rstd_5]);
     real _acc0 = real(0);
-    CS_SIMD_SUM(_acc0)
-    for (int64_t _j = _j0; _j < n_H; _j += _dj) {
-        const real U_r_h = CS_LD(_p_U_r_h[_r * _ld_U_r_h + _j]);
-        const real inv_n_H = CS_LD(_p_inv_n_H[_r * _ld_inv_n_H + _j]);
-        _acc0 += U_r_h*inv_n_H;
-    }
-    _acc0 = CS_ROW_SUM(_acc0);
-    const real mean_3 = _acc0;  // ln_gru.cell:16  r = sigmoid(ln(W_r @ x, gx_r, bx_r) + ln(U_r @ h, gh_r, bh_r))
     real _acc1 = real(0);
-    CS_SIMD_SUM(_acc1)
-    for (int64_t _j = _j0; _j < n_H; _j += _dj) {
-        const real U_r_h = CS_LD(_p_U_r_h[_r * _ld_U_r_h + _j]);
-        const real inv_n_H = CS_LD(_p_inv_n_H[_r * _ld_inv_n_H + _j]);
-        _acc1 += inv_n_H*((U_r_h - mean_3)*(U_r_h - mean_3));
-    }
-    _acc1 = CS_ROW_SUM(_acc1);
-    const real mean_4 = _acc1;  // ln_gru.cell:16  r = sigmoid(ln(W_r @ x, gx_r, bx_r) + ln(U_r @ h, gh_r, bh_r))
-    const real rstd_2 = (real(1.0)/cs_sqrt(mean_4 + real(1e-05)));  // ln_gru.cell:16  r = sigmoid(ln(W_r @ x, gx_r, bx_r) + ln(U_r @ h, gh_r, bh_r))
     real _acc2 = real(0);
-    CS_SIMD_SUM(_acc2)
+    CS_SIMD_SUM(_acc0, _acc1, _acc2)
     for (int64_t _j = _j0; _j < n_H; _j += _dj) {
+        const real U_c_h = CS_LD(_p_U_c_h[_r * _ld_U_c_h + _j]);
+        const real U_r_h = CS_LD(_p_U_r_h[_r * _ld_U_r_h + _j]);
         const real U_u_h = CS_LD(_p_U_u_h[_r * _ld_U_u_h + _j]);
         const real inv_n_H = CS_LD(_p_inv_n_H[_r * _ld_inv_n_H + _j]);
-        _acc2 += U_u_h*inv_n_H;
+        _acc0 += U_r_h*inv_n_H;
+        _acc1 += U_u_h*inv_n_H;
+        _acc2 += U_c_h*inv_n_H;
     }
+    _acc0 = CS_ROW_SUM(_acc0);
+    _acc1 = CS_ROW_SUM(_acc1);
     _acc2 = CS_ROW_SUM(_acc2);
-    const real mean_7 = _acc2;  // ln_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
+    const real mean_3 = _acc0;  // ln_gru.cell:16  r = sigmoid(ln(W_r @ x, gx_r, bx_r) + ln(U_r @ h, gh_r, bh_r))
     real _acc3 = real(0);
     CS_SIMD_SUM(_acc3)
     for (int64_t _j = _j0; _j < n_H; _j += _dj) {
-        const real U_u_h = CS_LD(_p_U_u_h[_r * _ld_U_u_h + _j]);
+        const real U_r_h = CS_LD(_p_U_r_h[_r * _ld_U_r_h + _j]);
         const real inv_n_H = CS_LD(_p_inv_n_H[_r * _ld_inv_n_H + _j]);
-        _acc3 += inv_n_H*((U_u_h - mean_7)*(U_u_h - mean_7));
+        _acc3 += inv_n_H*((U_r_h - mean_3)*(U_r_h - mean_3));
     }
     _acc3 = CS_ROW_SUM(_acc3);
-    const real mean_8 = _acc3;  // ln_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
-    const real rstd_4 = (real(1.0)/cs_sqrt(mean_8 + real(1e-05)));  // ln_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
+    const real mean_4 = _acc3;  // ln_gru.cell:16  r = sigmoid(ln(W_r @ x, gx_r, bx_r) + ln(U_r @ h, gh_r, bh_r))
+    const real rstd_2 = (real(1.0)/cs_sqrt(mean_4 + real(1e-05)));  // ln_gru.cell:16  r = sigmoid(ln(W_r @ x, gx_r, bx_r) + ln(U_r @ h, gh_r, bh_r))
+    const real mean_7 = _acc1;  // ln_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
     real _acc4 = real(0);
     CS_SIMD_SUM(_acc4)
     for (int64_t _j = _j0; _j < n_H; _j += _dj) {
-        const real U_c_h = CS_LD(_p_U_c_h[_r * _ld_U_c_h + _j]);
+        const real U_u_h = CS_LD(_p_U_u_h[_r * _ld_U_u_h + _j]);
         const real inv_n_H = CS_LD(_p_inv_n_H[_r * _ld_inv_n_H + _j]);
-        _acc4 += U_c_h*inv_n_H;
+        _acc4 += inv_n_H*((U_u_h - mean_7)*(U_u_h - mean_7));
     }
     _acc4 = CS_ROW_SUM(_acc4);
-    const real mean_11 = _acc4;  // ln_gru.cell:18  c = tanh(ln(W_c @ x, gx_c, bx_c) + r * ln(U_c @ h, gh_c, bh_c))
+    const real mean_8 = _acc4;  // ln_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
+    const real rstd_4 = (real(1.0)/cs_sqrt(mean_8 + real(1e-05)));  // ln_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
+    const real mean_11 = _acc2;  // ln_gru.cell:18  c = tanh(ln(W_c @ x, gx_c, bx_c) + r * ln(U_c @ h, gh_c, bh_c))
     real _acc5 = real(0);
     CS_SIMD_SUM(_acc5)
     for (int64_t _j = _j0; _j < n_H; _j += _dj) {
@@ -574,52 +558,44 @@ CS_ROWFN inline void lngru_inference_fwd0_rows_row(int64_t _r, int64_t _j0, int6
 {
     (void)n_H;
     real _acc0 = real(0);
-    CS_SIMD_SUM(_acc0)
-    for (int64_t _j = _j0; _j < n_H; _j += _dj) {
-        const real W_r_x = CS_LD(_p_W_r_x[_r * _ld_W_r_x + _j]);
-        const real inv_n_H = CS_LD(_p_inv_n_H[_r * _ld_inv_n_H + _j]);
-        _acc0 += W_r_x*inv_n_H;
-    }
-    _acc0 = CS_ROW_SUM(_acc0);
-    const real mean = _acc0;  // ln_gru.cell:16  r = sigmoid(ln(W_r @ x, gx_r, bx_r) + ln(U_r @ h, gh_r, bh_r))
     real _acc1 = real(0);
-    CS_SIMD_SUM(_acc1)
-    for (int64_t _j = _j0; _j < n_H; _j += _dj) {
-        const real W_r_x = CS_LD(_p_W_r_x[_r * _ld_W_r_x + _j]);
-        const real inv_n_H = CS_LD(_p_inv_n_H[_r * _ld_inv_n_H + _j]);
-        _acc1 += inv_n_H*((W_r_x - mean)*(W_r_x - mean));
-    }
-    _acc1 = CS_ROW_SUM(_acc1);
-    const real mean_2 = _acc1;  // ln_gru.cell:16  r = sigmoid(ln(W_r @ x, gx_r, bx_r) + ln(U_r @ h, gh_r, bh_r))
-    const real rstd = (real(1.0)/cs_sqrt(mean_2 + real(1e-05)));  // ln_gru.cell:16  r = sigmoid(ln(W_r @ x, gx_r, bx_r) + ln(U_r @ h, gh_r, bh_r))
     real _acc2 = real(0);
-    CS_SIMD_SUM(_acc2)
+    CS_SIMD_SUM(_acc0, _acc1, _acc2)
     for (int64_t _j = _j0; _j < n_H; _j += _dj) {
+        const real W_c_x = CS_LD(_p_W_c_x[_r * _ld_W_c_x + _j]);
+        const real W_r_x = CS_LD(_p_W_r_x[_r * _ld_W_r_x + _j]);
         const real W_u_x = CS_LD(_p_W_u_x[_r * _ld_W_u_x + _j]);
         const real inv_n_H = CS_LD(_p_inv_n_H[_r * _ld_inv_n_H + _j]);
-        _acc2 += W_u_x*inv_n_H;
+        _acc0 += W_r_x*inv_n_H;
+        _acc1 += W_u_x*inv_n_H;
+        _acc2 += W_c_x*inv_n_H;
     }
+    _acc0 = CS_ROW_SUM(_acc0);
+    _acc1 = CS_ROW_SUM(_acc1);
     _acc2 = CS_ROW_SUM(_acc2);
-    const real mean_5 = _acc2;  // ln_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
+    const real mean = _acc0;  // ln_gru.cell:16  r = sigmoid(ln(W_r @ x, gx_r, bx_r) + ln(U_r @ h, gh_r, bh_r))
     real _acc3 = real(0);
     CS_SIMD_SUM(_acc3)
     for (int64_t _j = _j0; _j < n_H; _j += _dj) {
-        const real W_u_x = CS_LD(_p_W_u_x[_r * _ld_W_u_x + _j]);
+        const real W_r_x = CS_LD(_p_W_r_x[_r * _ld_W_r_x + _j]);
         const real inv_n_H = CS_LD(_p_inv_n_H[_r * _ld_inv_n_H + _j]);
-        _acc3 += inv_n_H*((W_u_x - mean_5)*(W_u_x - mean_5));
+        _acc3 += inv_n_H*((W_r_x - mean)*(W_r_x - mean));
     }
     _acc3 = CS_ROW_SUM(_acc3);
-    const real mean_6 = _acc3;  // ln_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
-    const real rstd_3 = (real(1.0)/cs_sqrt(mean_6 + real(1e-05)));  // ln_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
+    const real mean_2 = _acc3;  // ln_gru.cell:16  r = sigmoid(ln(W_r @ x, gx_r, bx_r) + ln(U_r @ h, gh_r, bh_r))
+    const real rstd = (real(1.0)/cs_sqrt(mean_2 + real(1e-05)));  // ln_gru.cell:16  r = sigmoid(ln(W_r @ x, gx_r, bx_r) + ln(U_r @ h, gh_r, bh_r))
+    const real mean_5 = _acc1;  // ln_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
     real _acc4 = real(0);
     CS_SIMD_SUM(_acc4)
     for (int64_t _j = _j0; _j < n_H; _j += _dj) {
-        const real W_c_x = CS_LD(_p_W_c_x[_r * _ld_W_c_x + _j]);
+        const real W_u_x = CS_LD(_p_W_u_x[_r * _ld_W_u_x + _j]);
         const real inv_n_H = CS_LD(_p_inv_n_H[_r * _ld_inv_n_H + _j]);
-        _acc4 += W_c_x*inv_n_H;
+        _acc4 += inv_n_H*((W_u_x - mean_5)*(W_u_x - mean_5));
     }
     _acc4 = CS_ROW_SUM(_acc4);
-    const real mean_9 = _acc4;  // ln_gru.cell:18  c = tanh(ln(W_c @ x, gx_c, bx_c) + r * ln(U_c @ h, gh_c, bh_c))
+    const real mean_6 = _acc4;  // ln_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
+    const real rstd_3 = (real(1.0)/cs_sqrt(mean_6 + real(1e-05)));  // ln_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
+    const real mean_9 = _acc2;  // ln_gru.cell:18  c = tanh(ln(W_c @ x, gx_c, bx_c) + r * ln(U_c @ h, gh_c, bh_c))
     real _acc5 = real(0);
     CS_SIMD_SUM(_acc5)
     for (int64_t _j = _j0; _j < n_H; _j += _dj) {
@@ -682,52 +658,44 @@ CS_ROWFN inline void lngru_inference_fwd1_rows_row(int64_t _r, int64_t _j0, int6
     const real rstd_3 = CS_LD(_p_rstd_3[_r * _ld_rstd_3]);
     const real rstd_5 = CS_LD(_p_rstd_5[_r * _ld_rstd_5]);
     real _acc0 = real(0);
-    CS_SIMD_SUM(_acc0)
-    for (int64_t _j = _j0; _j < n_H; _j += _dj) {
-        const real U_r_h = CS_LD(_p_U_r_h[_r * _ld_U_r_h + _j]);
-        const real inv_n_H = CS_LD(_p_inv_n_H[_r * _ld_inv_n_H + _j]);
-        _acc0 += U_r_h*inv_n_H;
-    }
-    _acc0 = CS_ROW_SUM(_acc0);
-    const real mean_3 = _acc0;  // ln_gru.cell:16  r = sigmoid(ln(W_r @ x, gx_r, bx_r) + ln(U_r @ h, gh_r, bh_r))
     real _acc1 = real(0);
-    CS_SIMD_SUM(_acc1)
-    for (int64_t _j = _j0; _j < n_H; _j += _dj) {
-        const real U_r_h = CS_LD(_p_U_r_h[_r * _ld_U_r_h + _j]);
-        const real inv_n_H = CS_LD(_p_inv_n_H[_r * _ld_inv_n_H + _j]);
-        _acc1 += inv_n_H*((U_r_h - mean_3)*(U_r_h - mean_3));
-    }
-    _acc1 = CS_ROW_SUM(_acc1);
-    const real mean_4 = _acc1;  // ln_gru.cell:16  r = sigmoid(ln(W_r @ x, gx_r, bx_r) + ln(U_r @ h, gh_r, bh_r))
-    const real rstd_2 = (real(1.0)/cs_sqrt(mean_4 + real(1e-05)));  // ln_gru.cell:16  r = sigmoid(ln(W_r @ x, gx_r, bx_r) + ln(U_r @ h, gh_r, bh_r))
     real _acc2 = real(0);
-    CS_SIMD_SUM(_acc2)
+    CS_SIMD_SUM(_acc0, _acc1, _acc2)
     for (int64_t _j = _j0; _j < n_H; _j += _dj) {
+        const real U_c_h = CS_LD(_p_U_c_h[_r * _ld_U_c_h + _j]);
+        const real U_r_h = CS_LD(_p_U_r_h[_r * _ld_U_r_h + _j]);
         const real U_u_h = CS_LD(_p_U_u_h[_r * _ld_U_u_h + _j]);
         const real inv_n_H = CS_LD(_p_inv_n_H[_r * _ld_inv_n_H + _j]);
-        _acc2 += U_u_h*inv_n_H;
+        _acc0 += U_r_h*inv_n_H;
+        _acc1 += U_u_h*inv_n_H;
+        _acc2 += U_c_h*inv_n_H;
     }
+    _acc0 = CS_ROW_SUM(_acc0);
+    _acc1 = CS_ROW_SUM(_acc1);
     _acc2 = CS_ROW_SUM(_acc2);
-    const real mean_7 = _acc2;  // ln_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
+    const real mean_3 = _acc0;  // ln_gru.cell:16  r = sigmoid(ln(W_r @ x, gx_r, bx_r) + ln(U_r @ h, gh_r, bh_r))
     real _acc3 = real(0);
     CS_SIMD_SUM(_acc3)
     for (int64_t _j = _j0; _j < n_H; _j += _dj) {
-        const real U_u_h = CS_LD(_p_U_u_h[_r * _ld_U_u_h + _j]);
+        const real U_r_h = CS_LD(_p_U_r_h[_r * _ld_U_r_h + _j]);
         const real inv_n_H = CS_LD(_p_inv_n_H[_r * _ld_inv_n_H + _j]);
-        _acc3 += inv_n_H*((U_u_h - mean_7)*(U_u_h - mean_7));
+        _acc3 += inv_n_H*((U_r_h - mean_3)*(U_r_h - mean_3));
     }
     _acc3 = CS_ROW_SUM(_acc3);
-    const real mean_8 = _acc3;  // ln_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
-    const real rstd_4 = (real(1.0)/cs_sqrt(mean_8 + real(1e-05)));  // ln_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
+    const real mean_4 = _acc3;  // ln_gru.cell:16  r = sigmoid(ln(W_r @ x, gx_r, bx_r) + ln(U_r @ h, gh_r, bh_r))
+    const real rstd_2 = (real(1.0)/cs_sqrt(mean_4 + real(1e-05)));  // ln_gru.cell:16  r = sigmoid(ln(W_r @ x, gx_r, bx_r) + ln(U_r @ h, gh_r, bh_r))
+    const real mean_7 = _acc1;  // ln_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
     real _acc4 = real(0);
     CS_SIMD_SUM(_acc4)
     for (int64_t _j = _j0; _j < n_H; _j += _dj) {
-        const real U_c_h = CS_LD(_p_U_c_h[_r * _ld_U_c_h + _j]);
+        const real U_u_h = CS_LD(_p_U_u_h[_r * _ld_U_u_h + _j]);
         const real inv_n_H = CS_LD(_p_inv_n_H[_r * _ld_inv_n_H + _j]);
-        _acc4 += U_c_h*inv_n_H;
+        _acc4 += inv_n_H*((U_u_h - mean_7)*(U_u_h - mean_7));
     }
     _acc4 = CS_ROW_SUM(_acc4);
-    const real mean_11 = _acc4;  // ln_gru.cell:18  c = tanh(ln(W_c @ x, gx_c, bx_c) + r * ln(U_c @ h, gh_c, bh_c))
+    const real mean_8 = _acc4;  // ln_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
+    const real rstd_4 = (real(1.0)/cs_sqrt(mean_8 + real(1e-05)));  // ln_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
+    const real mean_11 = _acc2;  // ln_gru.cell:18  c = tanh(ln(W_c @ x, gx_c, bx_c) + r * ln(U_c @ h, gh_c, bh_c))
     real _acc5 = real(0);
     CS_SIMD_SUM(_acc5)
     for (int64_t _j = _j0; _j < n_H; _j += _dj) {
@@ -814,157 +782,73 @@ CS_ROWFN inline void lngru_backward_bwd1_rows_row(int64_t _r, int64_t _j0, int64
     const real rstd_4 = CS_LD(_p_rstd_4[_r * _ld_rstd_4]);
     const real rstd_6 = CS_LD(_p_rstd_6[_r * _ld_rstd_6]);
     real _acc0 = real(0);
-    CS_SIMD_SUM(_acc0)
+    real _acc1 = real(0);
+    real _acc2 = real(0);
+    real _acc3 = real(0);
+    real _acc4 = real(0);
+    real _acc5 = real(0);
+    real _acc6 = real(0);
+    real _acc7 = real(0);
+    real _acc8 = real(0);
+    CS_SIMD_SUM(_acc0, _acc1, _acc2, _acc3, _acc4, _acc5, _acc6, _acc7, _acc8)
     for (int64_t _j = _j0; _j < n_H; _j += _dj) {
         const real U_c_h = CS_LD(_p_U_c_h[_r * _ld_U_c_h + _j]);
+        const real U_r_h = CS_LD(_p_U_r_h[_r * _ld_U_r_h + _j]);
+        const real U_u_h = CS_LD(_p_U_u_h[_r * _ld_U_u_h + _j]);
+        const real bh_c = CS_LD(_p_bh_c[_r * _ld_bh_c + _j]);
         const real c = CS_LD(_p_c[_r * _ld_c + _j]);
         const real d_h = CS_LD(_p_d_h[_r * _ld_d_h + _j]);
         const real d_h_next_out = CS_LD(_p_d_h_next_out[_r * _ld_d_h_next_out + _j]);
         const real gh_c = CS_LD(_p_gh_c[_r * _ld_gh_c + _j]);
+        const real gh_r = CS_LD(_p_gh_r[_r * _ld_gh_r + _j]);
+        const real gh_u = CS_LD(_p_gh_u[_r * _ld_gh_u + _j]);
+        const real h = CS_LD(_p_h[_r * _ld_h + _j]);
+        const real inv_n_H = CS_LD(_p_inv_n_H[_r * _ld_inv_n_H + _j]);
         const real r = CS_LD(_p_r[_r * _ld_r + _j]);
         const real u = CS_LD(_p_u[_r * _ld_u + _j]);
         const real t0 = real(1.0) - u;
         const real t1 = gh_c*(U_c_h - mean_11);
-        const real d_h_next = d_h + d_h_next_out;
-        const real d_c = d_h_next*t0;
-        const real t2 = d_c*(real(1.0) - (c*c));
-        const real t3 = r*t2;
-        _acc0 += t1*t3;
-    }
-    _acc0 = CS_ROW_SUM(_acc0);
-    const real d_rstd_6 = _acc0;  // adjoint of operand of rstd_6
-    const real d_mean_12 = -real(1.0)/real(2.0)*d_rstd_6/(cs_sqrt(mean_12 + real(1e-05))*cs_sqrt(mean_12 + real(1e-05))*cs_sqrt(mean_12 + real(1e-05)));  // adjoint of operand of mean_12
-    real _acc1 = real(0);
-    CS_SIMD_SUM(_acc1)
-    for (int64_t _j = _j0; _j < n_H; _j += _dj) {
-        const real c = CS_LD(_p_c[_r * _ld_c + _j]);
-        const real d_h = CS_LD(_p_d_h[_r * _ld_d_h + _j]);
-        const real d_h_next_out = CS_LD(_p_d_h_next_out[_r * _ld_d_h_next_out + _j]);
-        const real gh_c = CS_LD(_p_gh_c[_r * _ld_gh_c + _j]);
-        const real r = CS_LD(_p_r[_r * _ld_r + _j]);
-        const real u = CS_LD(_p_u[_r * _ld_u + _j]);
-        const real t0 = real(1.0) - u;
+        const real t4 = real(2.0)*U_c_h - real(2.0)*mean_11;
+        const real t7 = real(2.0)*U_u_h - real(2.0)*mean_7;
+        const real t10 = real(2.0)*U_r_h - real(2.0)*mean_3;
         const real d_h_next = d_h + d_h_next_out;
         const real d_c = d_h_next*t0;
         const real t2 = d_c*(real(1.0) - (c*c));
         const real t3 = r*t2;
         const real t5 = gh_c*rstd_6*t3;
-        _acc1 += -t5;
-    }
-    _acc1 = CS_ROW_SUM(_acc1);
-    real _acc2 = real(0);
-    CS_SIMD_SUM(_acc2)
-    for (int64_t _j = _j0; _j < n_H; _j += _dj) {
-        const real U_c_h = CS_LD(_p_U_c_h[_r * _ld_U_c_h + _j]);
-        const real inv_n_H = CS_LD(_p_inv_n_H[_r * _ld_inv_n_H + _j]);
-        const real t4 = real(2.0)*U_c_h - real(2.0)*mean_11;
-        _acc2 += -inv_n_H*t4;
-    }
-    _acc2 = CS_ROW_SUM(_acc2);
-    const real d_mean_11 = _acc1 + _acc2*d_mean_12;  // adjoint of operand of mean_11
-    real _acc3 = real(0);
-    CS_SIMD_SUM(_acc3)
-    for (int64_t _j = _j0; _j < n_H; _j += _dj) {
-        const real U_u_h = CS_LD(_p_U_u_h[_r * _ld_U_u_h + _j]);
-        const real c = CS_LD(_p_c[_r * _ld_c + _j]);
-        const real d_h = CS_LD(_p_d_h[_r * _ld_d_h + _j]);
-        const real d_h_next_out = CS_LD(_p_d_h_next_out[_r * _ld_d_h_next_out + _j]);
-        const real gh_u = CS_LD(_p_gh_u[_r * _ld_gh_u + _j]);
-        const real h = CS_LD(_p_h[_r * _ld_h + _j]);
-        const real u = CS_LD(_p_u[_r * _ld_u + _j]);
-        const real t0 = real(1.0) - u;
-        const real d_h_next = d_h + d_h_next_out;
-        const real d_u = d_h_next*(-c + h);
-        const real t6 = d_u*gh_u*t0*u;
-        _acc3 += t6*(U_u_h - mean_7);
-    }
-    _acc3 = CS_ROW_SUM(_acc3);
-    const real d_rstd_4 = _acc3;  // adjoint of operand of rstd_4
-    const real d_mean_8 = -real(1.0)/real(2.0)*d_rstd_4/(cs_sqrt(mean_8 + real(1e-05))*cs_sqrt(mean_8 + real(1e-05))*cs_sqrt(mean_8 + real(1e-05)));  // adjoint of operand of mean_8
-    real _acc4 = real(0);
-    CS_SIMD_SUM(_acc4)
-    for (int64_t _j = _j0; _j < n_H; _j += _dj) {
-        const real c = CS_LD(_p_c[_r * _ld_c + _j]);
-        const real d_h = CS_LD(_p_d_h[_r * _ld_d_h + _j]);
-        const real d_h_next_out = CS_LD(_p_d_h_next_out[_r * _ld_d_h_next_out + _j]);
-        const real gh_u = CS_LD(_p_gh_u[_r * _ld_gh_u + _j]);
-        const real h = CS_LD(_p_h[_r * _ld_h + _j]);
-        const real u = CS_LD(_p_u[_r * _ld_u + _j]);
-        const real t0 = real(1.0) - u;
-        const real d_h_next = d_h + d_h_next_out;
         const real d_u = d_h_next*(-c + h);
         const real t6 = d_u*gh_u*t0*u;
         const real t8 = rstd_4*t6;
-        _acc4 += -t8;
-    }
-    _acc4 = CS_ROW_SUM(_acc4);
-    real _acc5 = real(0);
-    CS_SIMD_SUM(_acc5)
-    for (int64_t _j = _j0; _j < n_H; _j += _dj) {
-        const real U_u_h = CS_LD(_p_U_u_h[_r * _ld_U_u_h + _j]);
-        const real inv_n_H = CS_LD(_p_inv_n_H[_r * _ld_inv_n_H + _j]);
-        const real t7 = real(2.0)*U_u_h - real(2.0)*mean_7;
-        _acc5 += -inv_n_H*t7;
-    }
-    _acc5 = CS_ROW_SUM(_acc5);
-    const real d_mean_7 = _acc4 + _acc5*d_mean_8;  // adjoint of operand of mean_7
-    real _acc6 = real(0);
-    CS_SIMD_SUM(_acc6)
-    for (int64_t _j = _j0; _j < n_H; _j += _dj) {
-        const real U_c_h = CS_LD(_p_U_c_h[_r * _ld_U_c_h + _j]);
-        const real U_r_h = CS_LD(_p_U_r_h[_r * _ld_U_r_h + _j]);
-        const real bh_c = CS_LD(_p_bh_c[_r * _ld_bh_c + _j]);
-        const real c = CS_LD(_p_c[_r * _ld_c + _j]);
-        const real d_h = CS_LD(_p_d_h[_r * _ld_d_h + _j]);
-        const real d_h_next_out = CS_LD(_p_d_h_next_out[_r * _ld_d_h_next_out + _j]);
-        const real gh_c = CS_LD(_p_gh_c[_r * _ld_gh_c + _j]);
-        const real gh_r = CS_LD(_p_gh_r[_r * _ld_gh_r + _j]);
-        const real r = CS_LD(_p_r[_r * _ld_r + _j]);
-        const real u = CS_LD(_p_u[_r * _ld_u + _j]);
-        const real t0 = real(1.0) - u;
-        const real t1 = gh_c*(U_c_h - mean_11);
-        const real d_h_next = d_h + d_h_next_out;
-        const real d_c = d_h_next*t0;
-        const real t2 = d_c*(real(1.0) - (c*c));
-        const real d_r = t2*(bh_c + rstd_6*t1);
-        const real t9 = d_r*gh_r*r*(real(1.0) - r);
-        _acc6 += t9*(U_r_h - mean_3);
-    }
-    _acc6 = CS_ROW_SUM(_acc6);
-    const real d_rstd_2 = _acc6;  // adjoint of operand of rstd_2
-    const real d_mean_4 = -real(1.0)/real(2.0)*d_rstd_2/(cs_sqrt(mean_4 + real(1e-05))*cs_sqrt(mean_4 + real(1e-05))*cs_sqrt(mean_4 + real(1e-05)));  // adjoint of operand of mean_4
-    real _acc7 = real(0);
-    CS_SIMD_SUM(_acc7)
-    for (int64_t _j = _j0; _j < n_H; _j += _dj) {
-        const real U_c_h = CS_LD(_p_U_c_h[_r * _ld_U_c_h + _j]);
-        const real bh_c = CS_LD(_p_bh_c[_r * _ld_bh_c + _j]);
-        const real c = CS_LD(_p_c[_r * _ld_c + _j]);
-        const real d_h = CS_LD(_p_d_h[_r * _ld_d_h + _j]);
-        const real d_h_next_out = CS_LD(_p_d_h_next_out[_r * _ld_d_h_next_out + _j]);
-        const real gh_c = CS_LD(_p_gh_c[_r * _ld_gh_c + _j]);
-        const real gh_r = CS_LD(_p_gh_r[_r * _ld_gh_r + _j]);
-        const real r = CS_LD(_p_r[_r * _ld_r + _j]);
-        const real u = CS_LD(_p_u[_r * _ld_u + _j]);
-        const real t0 = real(1.0) - u;
-        const real t1 = gh_c*(U_c_h - mean_11);
-        const real d_h_next = d_h + d_h_next_out;
-        const real d_c = d_h_next*t0;
-        const real t2 = d_c*(real(1.0) - (c*c));
         const real d_r = t2*(bh_c + rstd_6*t1);
         const real t9 = d_r*gh_r*r*(real(1.0) - r);
         const real t11 = rstd_2*t9;
+        _acc0 += t1*t3;
+        _acc1 += -t5;
+        _acc2 += -inv_n_H*t4;
+        _acc3 += t6*(U_u_h - mean_7);
+        _acc4 += -t8;
+        _acc5 += -inv_n_H*t7;
+        _acc6 += t9*(U_r_h - mean_3);
         _acc7 += -t11;
-    }
-    _acc7 = CS_ROW_SUM(_acc7);
-    real _acc8 = real(0);
-    CS_SIMD_SUM(_acc8)
-    for (int64_t _j = _j0; _j < n_H; _j += _dj) {
-        const real U_r_h = CS_LD(_p_U_r_h[_r * _ld_U_r_h + _j]);
-        const real inv_n_H = CS_LD(_p_inv_n_H[_r * _ld_inv_n_H + _j]);
-        const real t10 = real(2.0)*U_r_h - real(2.0)*mean_3;
         _acc8 += -inv_n_H*t10;
     }
+    _acc0 = CS_ROW_SUM(_acc0);
+    _acc1 = CS_ROW_SUM(_acc1);
+    _acc2 = CS_ROW_SUM(_acc2);
+    _acc3 = CS_ROW_SUM(_acc3);
+    _acc4 = CS_ROW_SUM(_acc4);
+    _acc5 = CS_ROW_SUM(_acc5);
+    _acc6 = CS_ROW_SUM(_acc6);
+    _acc7 = CS_ROW_SUM(_acc7);
     _acc8 = CS_ROW_SUM(_acc8);
+    const real d_rstd_6 = _acc0;  // adjoint of operand of rstd_6
+    const real d_mean_12 = -real(1.0)/real(2.0)*d_rstd_6/(cs_sqrt(mean_12 + real(1e-05))*cs_sqrt(mean_12 + real(1e-05))*cs_sqrt(mean_12 + real(1e-05)));  // adjoint of operand of mean_12
+    const real d_mean_11 = _acc1 + _acc2*d_mean_12;  // adjoint of operand of mean_11
+    const real d_rstd_4 = _acc3;  // adjoint of operand of rstd_4
+    const real d_mean_8 = -real(1.0)/real(2.0)*d_rstd_4/(cs_sqrt(mean_8 + real(1e-05))*cs_sqrt(mean_8 + real(1e-05))*cs_sqrt(mean_8 + real(1e-05)));  // adjoint of operand of mean_8
+    const real d_mean_7 = _acc4 + _acc5*d_mean_8;  // adjoint of operand of mean_7
+    const real d_rstd_2 = _acc6;  // adjoint of operand of rstd_2
+    const real d_mean_4 = -real(1.0)/real(2.0)*d_rstd_2/(cs_sqrt(mean_4 + real(1e-05))*cs_sqrt(mean_4 + real(1e-05))*cs_sqrt(mean_4 + real(1e-05)));  // adjoint of operand of mean_4
     const real d_mean_3 = _acc7 + _acc8*d_mean_4;  // adjoint of operand of mean_3
     CS_SIMD
     for (int64_t _j = _j0; _j < n_H; _j += _dj) {
@@ -1058,100 +942,59 @@ CS_ROWFN inline void lngru_backward_bwd0_rows_row(int64_t _r, int64_t _j0, int64
     const real rstd_3 = CS_LD(_p_rstd_3[_r * _ld_rstd_3]);
     const real rstd_5 = CS_LD(_p_rstd_5[_r * _ld_rstd_5]);
     real _acc0 = real(0);
-    CS_SIMD_SUM(_acc0)
-    for (int64_t _j = _j0; _j < n_H; _j += _dj) {
-        const real W_c_x = CS_LD(_p_W_c_x[_r * _ld_W_c_x + _j]);
-        const real c = CS_LD(_p_c[_r * _ld_c + _j]);
-        const real d_c = CS_LD(_p_d_c[_r * _ld_d_c + _j]);
-        const real gx_c = CS_LD(_p_gx_c[_r * _ld_gx_c + _j]);
-        const real t11_2 = d_c*gx_c*(real(1.0) - (c*c));
-        _acc0 += t11_2*(W_c_x - mean_9);
-    }
-    _acc0 = CS_ROW_SUM(_acc0);
-    const real d_rstd_5 = _acc0;  // adjoint of operand of rstd_5
-    const real d_mean_10 = -real(1.0)/real(2.0)*d_rstd_5/(cs_sqrt(mean_10 + real(1e-05))*cs_sqrt(mean_10 + real(1e-05))*cs_sqrt(mean_10 + real(1e-05)));  // adjoint of operand of mean_10
     real _acc1 = real(0);
-    CS_SIMD_SUM(_acc1)
+    real _acc2 = real(0);
+    real _acc3 = real(0);
+    real _acc4 = real(0);
+    real _acc5 = real(0);
+    real _acc6 = real(0);
+    real _acc7 = real(0);
+    real _acc8 = real(0);
+    CS_SIMD_SUM(_acc0, _acc1, _acc2, _acc3, _acc4, _acc5, _acc6, _acc7, _acc8)
     for (int64_t _j = _j0; _j < n_H; _j += _dj) {
         const real W_c_x = CS_LD(_p_W_c_x[_r * _ld_W_c_x + _j]);
-        const real inv_n_H = CS_LD(_p_inv_n_H[_r * _ld_inv_n_H + _j]);
-        _acc1 += inv_n_H*(-real(2.0)*W_c_x + real(2.0)*mean_9);
-    }
-    _acc1 = CS_ROW_SUM(_acc1);
-    real _acc2 = real(0);
-    CS_SIMD_SUM(_acc2)
-    for (int64_t _j = _j0; _j < n_H; _j += _dj) {
+        const real W_r_x = CS_LD(_p_W_r_x[_r * _ld_W_r_x + _j]);
+        const real W_u_x = CS_LD(_p_W_u_x[_r * _ld_W_u_x + _j]);
         const real c = CS_LD(_p_c[_r * _ld_c + _j]);
         const real d_c = CS_LD(_p_d_c[_r * _ld_d_c + _j]);
+        const real d_r = CS_LD(_p_d_r[_r * _ld_d_r + _j]);
+        const real d_u = CS_LD(_p_d_u[_r * _ld_d_u + _j]);
         const real gx_c = CS_LD(_p_gx_c[_r * _ld_gx_c + _j]);
+        const real gx_r = CS_LD(_p_gx_r[_r * _ld_gx_r + _j]);
+        const real gx_u = CS_LD(_p_gx_u[_r * _ld_gx_u + _j]);
+        const real inv_n_H = CS_LD(_p_inv_n_H[_r * _ld_inv_n_H + _j]);
+        const real r = CS_LD(_p_r[_r * _ld_r + _j]);
+        const real u = CS_LD(_p_u[_r * _ld_u + _j]);
         const real t11_2 = d_c*gx_c*(real(1.0) - (c*c));
+        const real t12 = d_u*gx_u*u*(real(1.0) - u);
+        const real t13 = d_r*gx_r*r*(real(1.0) - r);
+        _acc0 += t11_2*(W_c_x - mean_9);
+        _acc1 += inv_n_H*(-real(2.0)*W_c_x + real(2.0)*mean_9);
         _acc2 += -rstd_5*t11_2;
-    }
-    _acc2 = CS_ROW_SUM(_acc2);
-    const real d_mean_9 = _acc1*d_mean_10 + _acc2;  // adjoint of operand of mean_9
-    real _acc3 = real(0);
-    CS_SIMD_SUM(_acc3)
-    for (int64_t _j = _j0; _j < n_H; _j += _dj) {
-        const real W_u_x = CS_LD(_p_W_u_x[_r * _ld_W_u_x + _j]);
-        const real d_u = CS_LD(_p_d_u[_r * _ld_d_u + _j]);
-        const real gx_u = CS_LD(_p_gx_u[_r * _ld_gx_u + _j]);
-        const real u = CS_LD(_p_u[_r * _ld_u + _j]);
-        const real t12 = d_u*gx_u*u*(real(1.0) - u);
         _acc3 += t12*(W_u_x - mean_5);
-    }
-    _acc3 = CS_ROW_SUM(_acc3);
-    const real d_rstd_3 = _acc3;  // adjoint of operand of rstd_3
-    const real d_mean_6 = -real(1.0)/real(2.0)*d_rstd_3/(cs_sqrt(mean_6 + real(1e-05))*cs_sqrt(mean_6 + real(1e-05))*cs_sqrt(mean_6 + real(1e-05)));  // adjoint of operand of mean_6
-    real _acc4 = real(0);
-    CS_SIMD_SUM(_acc4)
-    for (int64_t _j = _j0; _j < n_H; _j += _dj) {
-        const real W_u_x = CS_LD(_p_W_u_x[_r * _ld_W_u_x + _j]);
-        const real inv_n_H = CS_LD(_p_inv_n_H[_r * _ld_inv_n_H + _j]);
         _acc4 += inv_n_H*(-real(2.0)*W_u_x + real(2.0)*mean_5);
-    }
-    _acc4 = CS_ROW_SUM(_acc4);
-    real _acc5 = real(0);
-    CS_SIMD_SUM(_acc5)
-    for (int64_t _j = _j0; _j < n_H; _j += _dj) {
-        const real d_u = CS_LD(_p_d_u[_r * _ld_d_u + _j]);
-        const real gx_u = CS_LD(_p_gx_u[_r * _ld_gx_u + _j]);
-        const real u = CS_LD(_p_u[_r * _ld_u + _j]);
-        const real t12 = d_u*gx_u*u*(real(1.0) - u);
         _acc5 += -rstd_3*t12;
-    }
-    _acc5 = CS_ROW_SUM(_acc5);
-    const real d_mean_5 = _acc4*d_mean_6 + _acc5;  // adjoint of operand of mean_5
-    real _acc6 = real(0);
-    CS_SIMD_SUM(_acc6)
-    for (int64_t _j = _j0; _j < n_H; _j += _dj) {
-        const real W_r_x = CS_LD(_p_W_r_x[_r * _ld_W_r_x + _j]);
-        const real d_r = CS_LD(_p_d_r[_r * _ld_d_r + _j]);
-        const real gx_r = CS_LD(_p_gx_r[_r * _ld_gx_r + _j]);
-        const real r = CS_LD(_p_r[_r * _ld_r + _j]);
-        const real t13 = d_r*gx_r*r*(real(1.0) - r);
         _acc6 += t13*(W_r_x - mean);
-    }
-    _acc6 = CS_ROW_SUM(_acc6);
-    const real d_rstd = _acc6;  // adjoint of operand of rstd
-    const real d_mean_2 = -real(1.0)/real(2.0)*d_rstd/(cs_sqrt(mean_2 + real(1e-05))*cs_sqrt(mean_2 + real(1e-05))*cs_sqrt(mean_2 + real(1e-05)));  // adjoint of operand of mean_2
-    real _acc7 = real(0);
-    CS_SIMD_SUM(_acc7)
-    for (int64_t _j = _j0; _j < n_H; _j += _dj) {
-        const real W_r_x = CS_LD(_p_W_r_x[_r * _ld_W_r_x + _j]);
-        const real inv_n_H = CS_LD(_p_inv_n_H[_r * _ld_inv_n_H + _j]);
         _acc7 += inv_n_H*(-real(2.0)*W_r_x + real(2.0)*mean);
-    }
-    _acc7 = CS_ROW_SUM(_acc7);
-    real _acc8 = real(0);
-    CS_SIMD_SUM(_acc8)
-    for (int64_t _j = _j0; _j < n_H; _j += _dj) {
-        const real d_r = CS_LD(_p_d_r[_r * _ld_d_r + _j]);
-        const real gx_r = CS_LD(_p_gx_r[_r * _ld_gx_r + _j]);
-        const real r = CS_LD(_p_r[_r * _ld_r + _j]);
-        const real t13 = d_r*gx_r*r*(real(1.0) - r);
         _acc8 += -rstd*t13;
     }
+    _acc0 = CS_ROW_SUM(_acc0);
+    _acc1 = CS_ROW_SUM(_acc1);
+    _acc2 = CS_ROW_SUM(_acc2);
+    _acc3 = CS_ROW_SUM(_acc3);
+    _acc4 = CS_ROW_SUM(_acc4);
+    _acc5 = CS_ROW_SUM(_acc5);
+    _acc6 = CS_ROW_SUM(_acc6);
+    _acc7 = CS_ROW_SUM(_acc7);
     _acc8 = CS_ROW_SUM(_acc8);
+    const real d_rstd_5 = _acc0;  // adjoint of operand of rstd_5
+    const real d_mean_10 = -real(1.0)/real(2.0)*d_rstd_5/(cs_sqrt(mean_10 + real(1e-05))*cs_sqrt(mean_10 + real(1e-05))*cs_sqrt(mean_10 + real(1e-05)));  // adjoint of operand of mean_10
+    const real d_mean_9 = _acc1*d_mean_10 + _acc2;  // adjoint of operand of mean_9
+    const real d_rstd_3 = _acc3;  // adjoint of operand of rstd_3
+    const real d_mean_6 = -real(1.0)/real(2.0)*d_rstd_3/(cs_sqrt(mean_6 + real(1e-05))*cs_sqrt(mean_6 + real(1e-05))*cs_sqrt(mean_6 + real(1e-05)));  // adjoint of operand of mean_6
+    const real d_mean_5 = _acc4*d_mean_6 + _acc5;  // adjoint of operand of mean_5
+    const real d_rstd = _acc6;  // adjoint of operand of rstd
+    const real d_mean_2 = -real(1.0)/real(2.0)*d_rstd/(cs_sqrt(mean_2 + real(1e-05))*cs_sqrt(mean_2 + real(1e-05))*cs_sqrt(mean_2 + real(1e-05)));  // adjoint of operand of mean_2
     const real d_mean = _acc7*d_mean_2 + _acc8;  // adjoint of operand of mean
     if (_j0 == 0) CS_ST(_p_d_mean_10[_r * _ld_d_mean_10], d_mean_10);
     if (_j0 == 0) CS_ST(_p_d_mean_9[_r * _ld_d_mean_9], d_mean_9);

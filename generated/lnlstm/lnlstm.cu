@@ -280,14 +280,14 @@ static void cs_add_rows_host(int64_t rows, int64_t cols, const S* src, int64_t l
 // on the GPU (one thread block per row: threads stride over the units, CS_ROW_SUM is a block-wide
 // sum through warp shuffles and shared memory, so every thread gets the row's value) and in the
 // CPU build (one OpenMP thread per row, the units in `omp simd` loops, CS_ROW_SUM the identity).
-#define CS_STR_(x) #x
+#define CS_STR_(...) #__VA_ARGS__
 #ifdef __CUDACC__
 #define CS_ROWFN __device__
 #define CS_LD(v) cs_load(v)
 #define CS_ST(p, v) cs_store(&(p), v)
 #define CS_ROW_SUM(v) cs_block_sum(v)
 #define CS_SIMD
-#define CS_SIMD_SUM(v)
+#define CS_SIMD_SUM(...)
 template <typename T>
 __device__ inline T cs_block_sum(T v)
 {
@@ -319,7 +319,7 @@ inline void cs_row_grid(int64_t rows, int64_t cols, dim3* grid, dim3* block) {
 #define CS_ST(p, v) ((p) = (v))
 #define CS_ROW_SUM(v) (v)
 #define CS_SIMD _Pragma("omp simd")
-#define CS_SIMD_SUM(v) _Pragma(CS_STR_(omp simd reduction(+:v)))
+#define CS_SIMD_SUM(...) _Pragma(CS_STR_(omp simd reduction(+:__VA_ARGS__)))
 #define CS_ROWS(fn, rows, ...) fn##_host<S>((rows), __VA_ARGS__)
 #endif
 #endif  // CELLSPEC_ROW_PRELUDE
@@ -332,98 +332,78 @@ CS_ROWFN inline void lnlstm_forward_fwd0_rows_row(int64_t _r, int64_t _j0, int64
 {
     (void)n_H;
     real _acc0 = real(0);
-    CS_SIMD_SUM(_acc0)
+    real _acc1 = real(0);
+    real _acc2 = real(0);
+    real _acc3 = real(0);
+    CS_SIMD_SUM(_acc0, _acc1, _acc2, _acc3)
     for (int64_t _j = _j0; _j < n_H; _j += _dj) {
+        const real U_f_h = CS_LD(_p_U_f_h[_r * _ld_U_f_h + _j]);
         const real U_i_h = CS_LD(_p_U_i_h[_r * _ld_U_i_h + _j]);
+        const real U_j_h = CS_LD(_p_U_j_h[_r * _ld_U_j_h + _j]);
+        const real U_o_h = CS_LD(_p_U_o_h[_r * _ld_U_o_h + _j]);
+        const real W_f_x = CS_LD(_p_W_f_x[_r * _ld_W_f_x + _j]);
         const real W_i_x = CS_LD(_p_W_i_x[_r * _ld_W_i_x + _j]);
+        const real W_j_x = CS_LD(_p_W_j_x[_r * _ld_W_j_x + _j]);
+        const real W_o_x = CS_LD(_p_W_o_x[_r * _ld_W_o_x + _j]);
         const real inv_n_H = CS_LD(_p_inv_n_H[_r * _ld_inv_n_H + _j]);
         _acc0 += inv_n_H*(U_i_h + W_i_x);
+        _acc1 += inv_n_H*(U_j_h + W_j_x);
+        _acc2 += inv_n_H*(U_f_h + W_f_x);
+        _acc3 += inv_n_H*(U_o_h + W_o_x);
     }
     _acc0 = CS_ROW_SUM(_acc0);
-    const real mean = _acc0;  // ln_lstm_tf.cell:16  i = sigmoid(g_i * layer_norm(W_i @ x + U_i @ h, 1e-12) + b_i)
-    real _acc1 = real(0);
-    CS_SIMD_SUM(_acc1)
-    for (int64_t _j = _j0; _j < n_H; _j += _dj) {
-        const real U_i_h = CS_LD(_p_U_i_h[_r * _ld_U_i_h + _j]);
-        const real W_i_x = CS_LD(_p_W_i_x[_r * _ld_W_i_x + _j]);
-        const real inv_n_H = CS_LD(_p_inv_n_H[_r * _ld_inv_n_H + _j]);
-        _acc1 += inv_n_H*((U_i_h + W_i_x - mean)*(U_i_h + W_i_x - mean));
-    }
     _acc1 = CS_ROW_SUM(_acc1);
-    const real mean_2 = _acc1;  // ln_lstm_tf.cell:16  i = sigmoid(g_i * layer_norm(W_i @ x + U_i @ h, 1e-12) + b_i)
-    const real rstd = (real(1.0)/cs_sqrt(mean_2 + real(1e-12)));  // ln_lstm_tf.cell:16  i = sigmoid(g_i * layer_norm(W_i @ x + U_i @ h, 1e-12) + b_i)
-    real _acc2 = real(0);
-    CS_SIMD_SUM(_acc2)
-    for (int64_t _j = _j0; _j < n_H; _j += _dj) {
-        const real U_j_h = CS_LD(_p_U_j_h[_r * _ld_U_j_h + _j]);
-        const real W_j_x = CS_LD(_p_W_j_x[_r * _ld_W_j_x + _j]);
-        const real inv_n_H = CS_LD(_p_inv_n_H[_r * _ld_inv_n_H + _j]);
-        _acc2 += inv_n_H*(U_j_h + W_j_x);
-    }
     _acc2 = CS_ROW_SUM(_acc2);
-    const real mean_3 = _acc2;  // ln_lstm_tf.cell:17  j = tanh(g_j * layer_norm(W_j @ x + U_j @ h, 1e-12) + b_j)
-    real _acc3 = real(0);
-    CS_SIMD_SUM(_acc3)
-    for (int64_t _j = _j0; _j < n_H; _j += _dj) {
-        const real U_j_h = CS_LD(_p_U_j_h[_r * _ld_U_j_h + _j]);
-        const real W_j_x = CS_LD(_p_W_j_x[_r * _ld_W_j_x + _j]);
-        const real inv_n_H = CS_LD(_p_inv_n_H[_r * _ld_inv_n_H + _j]);
-        _acc3 += inv_n_H*((U_j_h + W_j_x - mean_3)*(U_j_h + W_j_x - mean_3));
-    }
     _acc3 = CS_ROW_SUM(_acc3);
-    const real mean_4 = _acc3;  // ln_lstm_tf.cell:17  j = tanh(g_j * layer_norm(W_j @ x + U_j @ h, 1e-12) + b_j)
-    const real rstd_2 = (real(1.0)/cs_sqrt(mean_4 + real(1e-12)));  // ln_lstm_tf.cell:17  j = tanh(g_j * layer_norm(W_j @ x + U_j @ h, 1e-12) + b_j)
+    const real mean = _acc0;  // ln_lstm_tf.cell:16  i = sigmoid(g_i * layer_norm(W_i @ x + U_i @ h, 1e-12) + b_i)
     real _acc4 = real(0);
     CS_SIMD_SUM(_acc4)
     for (int64_t _j = _j0; _j < n_H; _j += _dj) {
-        const real U_f_h = CS_LD(_p_U_f_h[_r * _ld_U_f_h + _j]);
-        const real W_f_x = CS_LD(_p_W_f_x[_r * _ld_W_f_x + _j]);
+        const real U_i_h = CS_LD(_p_U_i_h[_r * _ld_U_i_h + _j]);
+        const real W_i_x = CS_LD(_p_W_i_x[_r * _ld_W_i_x + _j]);
         const real inv_n_H = CS_LD(_p_inv_n_H[_r * _ld_inv_n_H + _j]);
-        _acc4 += inv_n_H*(U_f_h + W_f_x);
+        _acc4 += inv_n_H*((U_i_h + W_i_x - mean)*(U_i_h + W_i_x - mean));
     }
     _acc4 = CS_ROW_SUM(_acc4);
-    const real mean_5 = _acc4;  // ln_lstm_tf.cell:18  f = sigmoid(g_f * layer_norm(W_f @ x + U_f @ h, 1e-12) + b_f + 1.0)
+    const real mean_2 = _acc4;  // ln_lstm_tf.cell:16  i = sigmoid(g_i * layer_norm(W_i @ x + U_i @ h, 1e-12) + b_i)
+    const real rstd = (real(1.0)/cs_sqrt(mean_2 + real(1e-12)));  // ln_lstm_tf.cell:16  i = sigmoid(g_i * layer_norm(W_i @ x + U_i @ h, 1e-12) + b_i)
+    const real mean_3 = _acc1;  // ln_lstm_tf.cell:17  j = tanh(g_j * layer_norm(W_j @ x + U_j @ h, 1e-12) + b_j)
     real _acc5 = real(0);
     CS_SIMD_SUM(_acc5)
     for (int64_t _j = _j0; _j < n_H; _j += _dj) {
-        const real U_f_h = CS_LD(_p_U_f_h[_r * _ld_U_f_h + _j]);
-        const real W_f_x = CS_LD(_p_W_f_x[_r * _ld_W_f_x + _j]);
+        const real U_j_h = CS_LD(_p_U_j_h[_r * _ld_U_j_h + _j]);
+        const real W_j_x = CS_LD(_p_W_j_x[_r * _ld_W_j_x + _j]);
         const real inv_n_H = CS_LD(_p_inv_n_H[_r * _ld_inv_n_H + _j]);
-        _acc5 += inv_n_H*((U_f_h + W_f_x - mean_5)*(U_f_h + W_f_x - mean_5));
+        _acc5 += inv_n_H*((U_j_h + W_j_x - mean_3)*(U_j_h + W_j_x - mean_3));
     }
     _acc5 = CS_ROW_SUM(_acc5);
-    const real mean_6 = _acc5;  // ln_lstm_tf.cell:18  f = sigmoid(g_f * layer_norm(W_f @ x + U_f @ h, 1e-12) + b_f + 1.0)
-    const real rstd_3 = (real(1.0)/cs_sqrt(mean_6 + real(1e-12)));  // ln_lstm_tf.cell:18  f = sigmoid(g_f * layer_norm(W_f @ x + U_f @ h, 1e-12) + b_f + 1.0)
+    const real mean_4 = _acc5;  // ln_lstm_tf.cell:17  j = tanh(g_j * layer_norm(W_j @ x + U_j @ h, 1e-12) + b_j)
+    const real rstd_2 = (real(1.0)/cs_sqrt(mean_4 + real(1e-12)));  // ln_lstm_tf.cell:17  j = tanh(g_j * layer_norm(W_j @ x + U_j @ h, 1e-12) + b_j)
+    const real mean_5 = _acc2;  // ln_lstm_tf.cell:18  f = sigmoid(g_f * layer_norm(W_f @ x + U_f @ h, 1e-12) + b_f + 1.0)
     real _acc6 = real(0);
     CS_SIMD_SUM(_acc6)
     for (int64_t _j = _j0; _j < n_H; _j += _dj) {
-        const real U_o_h = CS_LD(_p_U_o_h[_r * _ld_U_o_h + _j]);
-        const real W_o_x = CS_LD(_p_W_o_x[_r * _ld_W_o_x + _j]);
+        const real U_f_h = CS_LD(_p_U_f_h[_r * _ld_U_f_h + _j]);
+        const real W_f_x = CS_LD(_p_W_f_x[_r * _ld_W_f_x + _j]);
         const real inv_n_H = CS_LD(_p_inv_n_H[_r * _ld_inv_n_H + _j]);
-        _acc6 += inv_n_H*(U_o_h + W_o_x);
+        _acc6 += inv_n_H*((U_f_h + W_f_x - mean_5)*(U_f_h + W_f_x - mean_5));
     }
     _acc6 = CS_ROW_SUM(_acc6);
-    const real mean_7 = _acc6;  // ln_lstm_tf.cell:19  o = sigmoid(g_o * layer_norm(W_o @ x + U_o @ h, 1e-12) + b_o)
+    const real mean_6 = _acc6;  // ln_lstm_tf.cell:18  f = sigmoid(g_f * layer_norm(W_f @ x + U_f @ h, 1e-12) + b_f + 1.0)
+    const real rstd_3 = (real(1.0)/cs_sqrt(mean_6 + real(1e-12)));  // ln_lstm_tf.cell:18  f = sigmoid(g_f * layer_norm(W_f @ x + U_f @ h, 1e-12) + b_f + 1.0)
+    const real mean_7 = _acc3;  // ln_lstm_tf.cell:19  o = sigmoid(g_o * layer_norm(W_o @ x + U_o @ h, 1e-12) + b_o)
     real _acc7 = real(0);
-    CS_SIMD_SUM(_acc7)
-    for (int64_t _j = _j0; _j < n_H; _j += _dj) {
-        const real U_o_h = CS_LD(_p_U_o_h[_r * _ld_U_o_h + _j]);
-        const real W_o_x = CS_LD(_p_W_o_x[_r * _ld_W_o_x + _j]);
-        const real inv_n_H = CS_LD(_p_inv_n_H[_r * _ld_inv_n_H + _j]);
-        _acc7 += inv_n_H*((U_o_h + W_o_x - mean_7)*(U_o_h + W_o_x - mean_7));
-    }
-    _acc7 = CS_ROW_SUM(_acc7);
-    const real mean_8 = _acc7;  // ln_lstm_tf.cell:19  o = sigmoid(g_o * layer_norm(W_o @ x + U_o @ h, 1e-12) + b_o)
-    const real rstd_4 = (real(1.0)/cs_sqrt(mean_8 + real(1e-12)));  // ln_lstm_tf.cell:19  o = sigmoid(g_o * layer_norm(W_o @ x + U_o @ h, 1e-12) + b_o)
     real _acc8 = real(0);
-    CS_SIMD_SUM(_acc8)
+    CS_SIMD_SUM(_acc7, _acc8)
     for (int64_t _j = _j0; _j < n_H; _j += _dj) {
         const real U_f_h = CS_LD(_p_U_f_h[_r * _ld_U_f_h + _j]);
         const real U_i_h = CS_LD(_p_U_i_h[_r * _ld_U_i_h + _j]);
         const real U_j_h = CS_LD(_p_U_j_h[_r * _ld_U_j_h + _j]);
+        const real U_o_h = CS_LD(_p_U_o_h[_r * _ld_U_o_h + _j]);
         const real W_f_x = CS_LD(_p_W_f_x[_r * _ld_W_f_x + _j]);
         const real W_i_x = CS_LD(_p_W_i_x[_r * _ld_W_i_x + _j]);
         const real W_j_x = CS_LD(_p_W_j_x[_r * _ld_W_j_x + _j]);
+        const real W_o_x = CS_LD(_p_W_o_x[_r * _ld_W_o_x + _j]);
         const real b_f = CS_LD(_p_b_f[_r * _ld_b_f + _j]);
         const real b_i = CS_LD(_p_b_i[_r * _ld_b_i + _j]);
         const real b_j = CS_LD(_p_b_j[_r * _ld_b_j + _j]);
@@ -435,9 +415,13 @@ CS_ROWFN inline void lnlstm_forward_fwd0_rows_row(int64_t _r, int64_t _j0, int64
         const real i = cs_sigmoid(b_i + g_i*rstd*(U_i_h + W_i_x - mean));
         const real j = cs_tanh(b_j + g_j*rstd_2*(U_j_h + W_j_x - mean_3));
         const real f = cs_sigmoid(b_f + g_f*rstd_3*(U_f_h + W_f_x - mean_5) + real(1.0));
+        _acc7 += inv_n_H*((U_o_h + W_o_x - mean_7)*(U_o_h + W_o_x - mean_7));
         _acc8 += inv_n_H*(c*f + i*j);
     }
+    _acc7 = CS_ROW_SUM(_acc7);
     _acc8 = CS_ROW_SUM(_acc8);
+    const real mean_8 = _acc7;  // ln_lstm_tf.cell:19  o = sigmoid(g_o * layer_norm(W_o @ x + U_o @ h, 1e-12) + b_o)
+    const real rstd_4 = (real(1.0)/cs_sqrt(mean_8 + real(1e-12)));  // ln_lstm_tf.cell:19  o = sigmoid(g_o * layer_norm(W_o @ x + U_o @ h, 1e-12) + b_o)
     const real mean_9 = _acc8;  // ln_lstm_tf.cell:21  c' = g_c * layer_norm(c * f + i * j, 1e-12) + b_c
     real _acc9 = real(0);
     CS_SIMD_SUM(_acc9)
@@ -553,98 +537,78 @@ CS_ROWFN inline void lnlstm_inference_fwd0_rows_row(int64_t _r, int64_t _j0, int
 {
     (void)n_H;
     real _acc0 = real(0);
-    CS_SIMD_SUM(_acc0)
+    real _acc1 = real(0);
+    real _acc2 = real(0);
+    real _acc3 = real(0);
+    CS_SIMD_SUM(_acc0, _acc1, _acc2, _acc3)
     for (int64_t _j = _j0; _j < n_H; _j += _dj) {
+        const real U_f_h = CS_LD(_p_U_f_h[_r * _ld_U_f_h + _j]);
         const real U_i_h = CS_LD(_p_U_i_h[_r * _ld_U_i_h + _j]);
+        const real U_j_h = CS_LD(_p_U_j_h[_r * _ld_U_j_h + _j]);
+        const real U_o_h = CS_LD(_p_U_o_h[_r * _ld_U_o_h + _j]);
+        const real W_f_x = CS_LD(_p_W_f_x[_r * _ld_W_f_x + _j]);
         const real W_i_x = CS_LD(_p_W_i_x[_r * _ld_W_i_x + _j]);
+        const real W_j_x = CS_LD(_p_W_j_x[_r * _ld_W_j_x + _j]);
+        const real W_o_x = CS_LD(_p_W_o_x[_r * _ld_W_o_x + _j]);
         const real inv_n_H = CS_LD(_p_inv_n_H[_r * _ld_inv_n_H + _j]);
         _acc0 += inv_n_H*(U_i_h + W_i_x);
+        _acc1 += inv_n_H*(U_j_h + W_j_x);
+        _acc2 += inv_n_H*(U_f_h + W_f_x);
+        _acc3 += inv_n_H*(U_o_h + W_o_x);
     }
     _acc0 = CS_ROW_SUM(_acc0);
-    const real mean = _acc0;  // ln_lstm_tf.cell:16  i = sigmoid(g_i * layer_norm(W_i @ x + U_i @ h, 1e-12) + b_i)
-    real _acc1 = real(0);
-    CS_SIMD_SUM(_acc1)
-    for (int64_t _j = _j0; _j < n_H; _j += _dj) {
-        const real U_i_h = CS_LD(_p_U_i_h[_r * _ld_U_i_h + _j]);
-        const real W_i_x = CS_LD(_p_W_i_x[_r * _ld_W_i_x + _j]);
-        const real inv_n_H = CS_LD(_p_inv_n_H[_r * _ld_inv_n_H + _j]);
-        _acc1 += inv_n_H*((U_i_h + W_i_x - mean)*(U_i_h + W_i_x - mean));
-    }
     _acc1 = CS_ROW_SUM(_acc1);
-    const real mean_2 = _acc1;  // ln_lstm_tf.cell:16  i = sigmoid(g_i * layer_norm(W_i @ x + U_i @ h, 1e-12) + b_i)
-    const real rstd = (real(1.0)/cs_sqrt(mean_2 + real(1e-12)));  // ln_lstm_tf.cell:16  i = sigmoid(g_i * layer_norm(W_i @ x + U_i @ h, 1e-12) + b_i)
-    real _acc2 = real(0);
-    CS_SIMD_SUM(_acc2)
-    for (int64_t _j = _j0; _j < n_H; _j += _dj) {
-        const real U_j_h = CS_LD(_p_U_j_h[_r * _ld_U_j_h + _j]);
-        const real W_j_x = CS_LD(_p_W_j_x[_r * _ld_W_j_x + _j]);
-        const real inv_n_H = CS_LD(_p_inv_n_H[_r * _ld_inv_n_H + _j]);
-        _acc2 += inv_n_H*(U_j_h + W_j_x);
-    }
     _acc2 = CS_ROW_SUM(_acc2);
-    const real mean_3 = _acc2;  // ln_lstm_tf.cell:17  j = tanh(g_j * layer_norm(W_j @ x + U_j @ h, 1e-12) + b_j)
-    real _acc3 = real(0);
-    CS_SIMD_SUM(_acc3)
-    for (int64_t _j = _j0; _j < n_H; _j += _dj) {
-        const real U_j_h = CS_LD(_p_U_j_h[_r * _ld_U_j_h + _j]);
-        const real W_j_x = CS_LD(_p_W_j_x[_r * _ld_W_j_x + _j]);
-        const real inv_n_H = CS_LD(_p_inv_n_H[_r * _ld_inv_n_H + _j]);
-        _acc3 += inv_n_H*((U_j_h + W_j_x - mean_3)*(U_j_h + W_j_x - mean_3));
-    }
     _acc3 = CS_ROW_SUM(_acc3);
-    const real mean_4 = _acc3;  // ln_lstm_tf.cell:17  j = tanh(g_j * layer_norm(W_j @ x + U_j @ h, 1e-12) + b_j)
-    const real rstd_2 = (real(1.0)/cs_sqrt(mean_4 + real(1e-12)));  // ln_lstm_tf.cell:17  j = tanh(g_j * layer_norm(W_j @ x + U_j @ h, 1e-12) + b_j)
+    const real mean = _acc0;  // ln_lstm_tf.cell:16  i = sigmoid(g_i * layer_norm(W_i @ x + U_i @ h, 1e-12) + b_i)
     real _acc4 = real(0);
     CS_SIMD_SUM(_acc4)
     for (int64_t _j = _j0; _j < n_H; _j += _dj) {
-        const real U_f_h = CS_LD(_p_U_f_h[_r * _ld_U_f_h + _j]);
-        const real W_f_x = CS_LD(_p_W_f_x[_r * _ld_W_f_x + _j]);
+        const real U_i_h = CS_LD(_p_U_i_h[_r * _ld_U_i_h + _j]);
+        const real W_i_x = CS_LD(_p_W_i_x[_r * _ld_W_i_x + _j]);
         const real inv_n_H = CS_LD(_p_inv_n_H[_r * _ld_inv_n_H + _j]);
-        _acc4 += inv_n_H*(U_f_h + W_f_x);
+        _acc4 += inv_n_H*((U_i_h + W_i_x - mean)*(U_i_h + W_i_x - mean));
     }
     _acc4 = CS_ROW_SUM(_acc4);
-    const real mean_5 = _acc4;  // ln_lstm_tf.cell:18  f = sigmoid(g_f * layer_norm(W_f @ x + U_f @ h, 1e-12) + b_f + 1.0)
+    const real mean_2 = _acc4;  // ln_lstm_tf.cell:16  i = sigmoid(g_i * layer_norm(W_i @ x + U_i @ h, 1e-12) + b_i)
+    const real rstd = (real(1.0)/cs_sqrt(mean_2 + real(1e-12)));  // ln_lstm_tf.cell:16  i = sigmoid(g_i * layer_norm(W_i @ x + U_i @ h, 1e-12) + b_i)
+    const real mean_3 = _acc1;  // ln_lstm_tf.cell:17  j = tanh(g_j * layer_norm(W_j @ x + U_j @ h, 1e-12) + b_j)
     real _acc5 = real(0);
     CS_SIMD_SUM(_acc5)
     for (int64_t _j = _j0; _j < n_H; _j += _dj) {
-        const real U_f_h = CS_LD(_p_U_f_h[_r * _ld_U_f_h + _j]);
-        const real W_f_x = CS_LD(_p_W_f_x[_r * _ld_W_f_x + _j]);
+        const real U_j_h = CS_LD(_p_U_j_h[_r * _ld_U_j_h + _j]);
+        const real W_j_x = CS_LD(_p_W_j_x[_r * _ld_W_j_x + _j]);
         const real inv_n_H = CS_LD(_p_inv_n_H[_r * _ld_inv_n_H + _j]);
-        _acc5 += inv_n_H*((U_f_h + W_f_x - mean_5)*(U_f_h + W_f_x - mean_5));
+        _acc5 += inv_n_H*((U_j_h + W_j_x - mean_3)*(U_j_h + W_j_x - mean_3));
     }
     _acc5 = CS_ROW_SUM(_acc5);
-    const real mean_6 = _acc5;  // ln_lstm_tf.cell:18  f = sigmoid(g_f * layer_norm(W_f @ x + U_f @ h, 1e-12) + b_f + 1.0)
-    const real rstd_3 = (real(1.0)/cs_sqrt(mean_6 + real(1e-12)));  // ln_lstm_tf.cell:18  f = sigmoid(g_f * layer_norm(W_f @ x + U_f @ h, 1e-12) + b_f + 1.0)
+    const real mean_4 = _acc5;  // ln_lstm_tf.cell:17  j = tanh(g_j * layer_norm(W_j @ x + U_j @ h, 1e-12) + b_j)
+    const real rstd_2 = (real(1.0)/cs_sqrt(mean_4 + real(1e-12)));  // ln_lstm_tf.cell:17  j = tanh(g_j * layer_norm(W_j @ x + U_j @ h, 1e-12) + b_j)
+    const real mean_5 = _acc2;  // ln_lstm_tf.cell:18  f = sigmoid(g_f * layer_norm(W_f @ x + U_f @ h, 1e-12) + b_f + 1.0)
     real _acc6 = real(0);
     CS_SIMD_SUM(_acc6)
     for (int64_t _j = _j0; _j < n_H; _j += _dj) {
-        const real U_o_h = CS_LD(_p_U_o_h[_r * _ld_U_o_h + _j]);
-        const real W_o_x = CS_LD(_p_W_o_x[_r * _ld_W_o_x + _j]);
+        const real U_f_h = CS_LD(_p_U_f_h[_r * _ld_U_f_h + _j]);
+        const real W_f_x = CS_LD(_p_W_f_x[_r * _ld_W_f_x + _j]);
         const real inv_n_H = CS_LD(_p_inv_n_H[_r * _ld_inv_n_H + _j]);
-        _acc6 += inv_n_H*(U_o_h + W_o_x);
+        _acc6 += inv_n_H*((U_f_h + W_f_x - mean_5)*(U_f_h + W_f_x - mean_5));
     }
     _acc6 = CS_ROW_SUM(_acc6);
-    const real mean_7 = _acc6;  // ln_lstm_tf.cell:19  o = sigmoid(g_o * layer_norm(W_o @ x + U_o @ h, 1e-12) + b_o)
+    const real mean_6 = _acc6;  // ln_lstm_tf.cell:18  f = sigmoid(g_f * layer_norm(W_f @ x + U_f @ h, 1e-12) + b_f + 1.0)
+    const real rstd_3 = (real(1.0)/cs_sqrt(mean_6 + real(1e-12)));  // ln_lstm_tf.cell:18  f = sigmoid(g_f * layer_norm(W_f @ x + U_f @ h, 1e-12) + b_f + 1.0)
+    const real mean_7 = _acc3;  // ln_lstm_tf.cell:19  o = sigmoid(g_o * layer_norm(W_o @ x + U_o @ h, 1e-12) + b_o)
     real _acc7 = real(0);
-    CS_SIMD_SUM(_acc7)
-    for (int64_t _j = _j0; _j < n_H; _j += _dj) {
-        const real U_o_h = CS_LD(_p_U_o_h[_r * _ld_U_o_h + _j]);
-        const real W_o_x = CS_LD(_p_W_o_x[_r * _ld_W_o_x + _j]);
-        const real inv_n_H = CS_LD(_p_inv_n_H[_r * _ld_inv_n_H + _j]);
-        _acc7 += inv_n_H*((U_o_h + W_o_x - mean_7)*(U_o_h + W_o_x - mean_7));
-    }
-    _acc7 = CS_ROW_SUM(_acc7);
-    const real mean_8 = _acc7;  // ln_lstm_tf.cell:19  o = sigmoid(g_o * layer_norm(W_o @ x + U_o @ h, 1e-12) + b_o)
-    const real rstd_4 = (real(1.0)/cs_sqrt(mean_8 + real(1e-12)));  // ln_lstm_tf.cell:19  o = sigmoid(g_o * layer_norm(W_o @ x + U_o @ h, 1e-12) + b_o)
     real _acc8 = real(0);
-    CS_SIMD_SUM(_acc8)
+    CS_SIMD_SUM(_acc7, _acc8)
     for (int64_t _j = _j0; _j < n_H; _j += _dj) {
         const real U_f_h = CS_LD(_p_U_f_h[_r * _ld_U_f_h + _j]);
         const real U_i_h = CS_LD(_p_U_i_h[_r * _ld_U_i_h + _j]);
         const real U_j_h = CS_LD(_p_U_j_h[_r * _ld_U_j_h + _j]);
+        const real U_o_h = CS_LD(_p_U_o_h[_r * _ld_U_o_h + _j]);
         const real W_f_x = CS_LD(_p_W_f_x[_r * _ld_W_f_x + _j]);
         const real W_i_x = CS_LD(_p_W_i_x[_r * _ld_W_i_x + _j]);
         const real W_j_x = CS_LD(_p_W_j_x[_r * _ld_W_j_x + _j]);
+        const real W_o_x = CS_LD(_p_W_o_x[_r * _ld_W_o_x + _j]);
         const real b_f = CS_LD(_p_b_f[_r * _ld_b_f + _j]);
         const real b_i = CS_LD(_p_b_i[_r * _ld_b_i + _j]);
         const real b_j = CS_LD(_p_b_j[_r * _ld_b_j + _j]);
@@ -656,9 +620,13 @@ CS_ROWFN inline void lnlstm_inference_fwd0_rows_row(int64_t _r, int64_t _j0, int
         const real i = cs_sigmoid(b_i + g_i*rstd*(U_i_h + W_i_x - mean));
         const real j = cs_tanh(b_j + g_j*rstd_2*(U_j_h + W_j_x - mean_3));
         const real f = cs_sigmoid(b_f + g_f*rstd_3*(U_f_h + W_f_x - mean_5) + real(1.0));
+        _acc7 += inv_n_H*((U_o_h + W_o_x - mean_7)*(U_o_h + W_o_x - mean_7));
         _acc8 += inv_n_H*(c*f + i*j);
     }
+    _acc7 = CS_ROW_SUM(_acc7);
     _acc8 = CS_ROW_SUM(_acc8);
+    const real mean_8 = _acc7;  // ln_lstm_tf.cell:19  o = sigmoid(g_o * layer_norm(W_o @ x + U_o @ h, 1e-12) + b_o)
+    const real rstd_4 = (real(1.0)/cs_sqrt(mean_8 + real(1e-12)));  // ln_lstm_tf.cell:19  o = sigmoid(g_o * layer_norm(W_o @ x + U_o @ h, 1e-12) + b_o)
     const real mean_9 = _acc8;  // ln_lstm_tf.cell:21  c' = g_c * layer_norm(c * f + i * j, 1e-12) + b_c
     real _acc9 = real(0);
     CS_SIMD_SUM(_acc9)
@@ -770,8 +738,24 @@ CS_ROWFN inline void lnlstm_backward_bwd0_rows_row(int64_t _r, int64_t _j0, int6
     const real rstd_4 = CS_LD(_p_rstd_4[_r * _ld_rstd_4]);
     const real rstd_5 = CS_LD(_p_rstd_5[_r * _ld_rstd_5]);
     real _acc0 = real(0);
-    CS_SIMD_SUM(_acc0)
+    real _acc1 = real(0);
+    real _acc2 = real(0);
+    real _acc3 = real(0);
+    real _acc4 = real(0);
+    real _acc5 = real(0);
+    real _acc6 = real(0);
+    real _acc7 = real(0);
+    real _acc8 = real(0);
+    CS_SIMD_SUM(_acc0, _acc1, _acc2, _acc3, _acc4, _acc5, _acc6, _acc7, _acc8)
     for (int64_t _j = _j0; _j < n_H; _j += _dj) {
+        const real U_f_h = CS_LD(_p_U_f_h[_r * _ld_U_f_h + _j]);
+        const real U_i_h = CS_LD(_p_U_i_h[_r * _ld_U_i_h + _j]);
+        const real U_j_h = CS_LD(_p_U_j_h[_r * _ld_U_j_h + _j]);
+        const real U_o_h = CS_LD(_p_U_o_h[_r * _ld_U_o_h + _j]);
+        const real W_f_x = CS_LD(_p_W_f_x[_r * _ld_W_f_x + _j]);
+        const real W_i_x = CS_LD(_p_W_i_x[_r * _ld_W_i_x + _j]);
+        const real W_j_x = CS_LD(_p_W_j_x[_r * _ld_W_j_x + _j]);
+        const real W_o_x = CS_LD(_p_W_o_x[_r * _ld_W_o_x + _j]);
         const real c = CS_LD(_p_c[_r * _ld_c + _j]);
         const real c_next = CS_LD(_p_c_next[_r * _ld_c_next + _j]);
         const real d_c = CS_LD(_p_d_c[_r * _ld_d_c + _j]);
@@ -779,103 +763,65 @@ CS_ROWFN inline void lnlstm_backward_bwd0_rows_row(int64_t _r, int64_t _j0, int6
         const real d_h_next_out = CS_LD(_p_d_h_next_out[_r * _ld_d_h_next_out + _j]);
         const real f = CS_LD(_p_f[_r * _ld_f + _j]);
         const real g_c = CS_LD(_p_g_c[_r * _ld_g_c + _j]);
+        const real g_o = CS_LD(_p_g_o[_r * _ld_g_o + _j]);
         const real i = CS_LD(_p_i[_r * _ld_i + _j]);
+        const real inv_n_H = CS_LD(_p_inv_n_H[_r * _ld_inv_n_H + _j]);
         const real j = CS_LD(_p_j[_r * _ld_j + _j]);
         const real o = CS_LD(_p_o[_r * _ld_o + _j]);
         const real t0 = cs_tanh(c_next);
         const real t1 = c*f;
         const real t2 = i*j;
         const real t3 = -mean_9 + t1 + t2;
-        const real d_h_next = d_h + d_h_next_out;
-        const real d_c_next = d_c + d_h_next*o*(real(1.0) - (t0*t0));
-        const real t4 = d_c_next*g_c;
-        _acc0 += t3*t4;
-    }
-    _acc0 = CS_ROW_SUM(_acc0);
-    const real d_rstd_5 = _acc0;  // adjoint of operand of rstd_5
-    const real d_mean_10 = -real(1.0)/real(2.0)*d_rstd_5/(cs_sqrt(mean_10 + real(1e-12))*cs_sqrt(mean_10 + real(1e-12))*cs_sqrt(mean_10 + real(1e-12)));  // adjoint of operand of mean_10
-    real _acc1 = real(0);
-    CS_SIMD_SUM(_acc1)
-    for (int64_t _j = _j0; _j < n_H; _j += _dj) {
-        const real c_next = CS_LD(_p_c_next[_r * _ld_c_next + _j]);
-        const real d_c = CS_LD(_p_d_c[_r * _ld_d_c + _j]);
-        const real d_h = CS_LD(_p_d_h[_r * _ld_d_h + _j]);
-        const real d_h_next_out = CS_LD(_p_d_h_next_out[_r * _ld_d_h_next_out + _j]);
-        const real g_c = CS_LD(_p_g_c[_r * _ld_g_c + _j]);
-        const real o = CS_LD(_p_o[_r * _ld_o + _j]);
-        const real t0 = cs_tanh(c_next);
+        const real t8 = real(2.0)*U_o_h + real(2.0)*W_o_x - real(2.0)*mean_7;
+        const real t13 = real(2.0)*U_f_h + real(2.0)*W_f_x - real(2.0)*mean_5;
+        const real t16 = real(2.0)*U_j_h + real(2.0)*W_j_x - real(2.0)*mean_3;
+        const real t19 = real(2.0)*U_i_h + real(2.0)*W_i_x - real(2.0)*mean;
         const real d_h_next = d_h + d_h_next_out;
         const real d_c_next = d_c + d_h_next*o*(real(1.0) - (t0*t0));
         const real t4 = d_c_next*g_c;
         const real t5 = rstd_5*t4;
-        _acc1 += -t5;
-    }
-    _acc1 = CS_ROW_SUM(_acc1);
-    real _acc2 = real(0);
-    CS_SIMD_SUM(_acc2)
-    for (int64_t _j = _j0; _j < n_H; _j += _dj) {
-        const real c = CS_LD(_p_c[_r * _ld_c + _j]);
-        const real f = CS_LD(_p_f[_r * _ld_f + _j]);
-        const real i = CS_LD(_p_i[_r * _ld_i + _j]);
-        const real inv_n_H = CS_LD(_p_inv_n_H[_r * _ld_inv_n_H + _j]);
-        const real j = CS_LD(_p_j[_r * _ld_j + _j]);
-        const real t1 = c*f;
-        const real t2 = i*j;
-        _acc2 += inv_n_H*(real(2.0)*mean_9 - real(2.0)*t1 - real(2.0)*t2);
-    }
-    _acc2 = CS_ROW_SUM(_acc2);
-    const real d_mean_9 = _acc1 + _acc2*d_mean_10;  // adjoint of operand of mean_9
-    real _acc3 = real(0);
-    CS_SIMD_SUM(_acc3)
-    for (int64_t _j = _j0; _j < n_H; _j += _dj) {
-        const real U_o_h = CS_LD(_p_U_o_h[_r * _ld_U_o_h + _j]);
-        const real W_o_x = CS_LD(_p_W_o_x[_r * _ld_W_o_x + _j]);
-        const real c_next = CS_LD(_p_c_next[_r * _ld_c_next + _j]);
-        const real d_h = CS_LD(_p_d_h[_r * _ld_d_h + _j]);
-        const real d_h_next_out = CS_LD(_p_d_h_next_out[_r * _ld_d_h_next_out + _j]);
-        const real g_o = CS_LD(_p_g_o[_r * _ld_g_o + _j]);
-        const real o = CS_LD(_p_o[_r * _ld_o + _j]);
-        const real t0 = cs_tanh(c_next);
-        const real d_h_next = d_h + d_h_next_out;
-        const real d_o = d_h_next*t0;
-        const real t6 = d_o*g_o*o*(real(1.0) - o);
-        _acc3 += t6*(U_o_h + W_o_x - mean_7);
-    }
-    _acc3 = CS_ROW_SUM(_acc3);
-    const real d_rstd_4 = _acc3;  // adjoint of operand of rstd_4
-    const real d_mean_8 = -real(1.0)/real(2.0)*d_rstd_4/(cs_sqrt(mean_8 + real(1e-12))*cs_sqrt(mean_8 + real(1e-12))*cs_sqrt(mean_8 + real(1e-12)));  // adjoint of operand of mean_8
-    real _acc4 = real(0);
-    CS_SIMD_SUM(_acc4)
-    for (int64_t _j = _j0; _j < n_H; _j += _dj) {
-        const real c_next = CS_LD(_p_c_next[_r * _ld_c_next + _j]);
-        const real d_h = CS_LD(_p_d_h[_r * _ld_d_h + _j]);
-        const real d_h_next_out = CS_LD(_p_d_h_next_out[_r * _ld_d_h_next_out + _j]);
-        const real g_o = CS_LD(_p_g_o[_r * _ld_g_o + _j]);
-        const real o = CS_LD(_p_o[_r * _ld_o + _j]);
-        const real t0 = cs_tanh(c_next);
-        const real d_h_next = d_h + d_h_next_out;
         const real d_o = d_h_next*t0;
         const real t6 = d_o*g_o*o*(real(1.0) - o);
         const real t7 = rstd_4*t6;
+        _acc0 += t3*t4;
+        _acc1 += -t5;
+        _acc2 += inv_n_H*(real(2.0)*mean_9 - real(2.0)*t1 - real(2.0)*t2);
+        _acc3 += t6*(U_o_h + W_o_x - mean_7);
         _acc4 += -t7;
-    }
-    _acc4 = CS_ROW_SUM(_acc4);
-    real _acc5 = real(0);
-    CS_SIMD_SUM(_acc5)
-    for (int64_t _j = _j0; _j < n_H; _j += _dj) {
-        const real U_o_h = CS_LD(_p_U_o_h[_r * _ld_U_o_h + _j]);
-        const real W_o_x = CS_LD(_p_W_o_x[_r * _ld_W_o_x + _j]);
-        const real inv_n_H = CS_LD(_p_inv_n_H[_r * _ld_inv_n_H + _j]);
-        const real t8 = real(2.0)*U_o_h + real(2.0)*W_o_x - real(2.0)*mean_7;
         _acc5 += -inv_n_H*t8;
+        _acc6 += -inv_n_H*t13;
+        _acc7 += -inv_n_H*t16;
+        _acc8 += -inv_n_H*t19;
     }
+    _acc0 = CS_ROW_SUM(_acc0);
+    _acc1 = CS_ROW_SUM(_acc1);
+    _acc2 = CS_ROW_SUM(_acc2);
+    _acc3 = CS_ROW_SUM(_acc3);
+    _acc4 = CS_ROW_SUM(_acc4);
     _acc5 = CS_ROW_SUM(_acc5);
+    _acc6 = CS_ROW_SUM(_acc6);
+    _acc7 = CS_ROW_SUM(_acc7);
+    _acc8 = CS_ROW_SUM(_acc8);
+    const real d_rstd_5 = _acc0;  // adjoint of operand of rstd_5
+    const real d_mean_10 = -real(1.0)/real(2.0)*d_rstd_5/(cs_sqrt(mean_10 + real(1e-12))*cs_sqrt(mean_10 + real(1e-12))*cs_sqrt(mean_10 + real(1e-12)));  // adjoint of operand of mean_10
+    const real d_mean_9 = _acc1 + _acc2*d_mean_10;  // adjoint of operand of mean_9
+    const real d_rstd_4 = _acc3;  // adjoint of operand of rstd_4
+    const real d_mean_8 = -real(1.0)/real(2.0)*d_rstd_4/(cs_sqrt(mean_8 + real(1e-12))*cs_sqrt(mean_8 + real(1e-12))*cs_sqrt(mean_8 + real(1e-12)));  // adjoint of operand of mean_8
     const real d_mean_7 = _acc4 + _acc5*d_mean_8;  // adjoint of operand of mean_7
-    real _acc6 = real(0);
-    CS_SIMD_SUM(_acc6)
+    real _acc9 = real(0);
+    real _acc10 = real(0);
+    real _acc11 = real(0);
+    real _acc12 = real(0);
+    real _acc13 = real(0);
+    real _acc14 = real(0);
+    CS_SIMD_SUM(_acc9, _acc10, _acc11, _acc12, _acc13, _acc14)
     for (int64_t _j = _j0; _j < n_H; _j += _dj) {
         const real U_f_h = CS_LD(_p_U_f_h[_r * _ld_U_f_h + _j]);
+        const real U_i_h = CS_LD(_p_U_i_h[_r * _ld_U_i_h + _j]);
+        const real U_j_h = CS_LD(_p_U_j_h[_r * _ld_U_j_h + _j]);
         const real W_f_x = CS_LD(_p_W_f_x[_r * _ld_W_f_x + _j]);
+        const real W_i_x = CS_LD(_p_W_i_x[_r * _ld_W_i_x + _j]);
+        const real W_j_x = CS_LD(_p_W_j_x[_r * _ld_W_j_x + _j]);
         const real c = CS_LD(_p_c[_r * _ld_c + _j]);
         const real c_next = CS_LD(_p_c_next[_r * _ld_c_next + _j]);
         const real d_c = CS_LD(_p_d_c[_r * _ld_d_c + _j]);
@@ -884,38 +830,8 @@ CS_ROWFN inline void lnlstm_backward_bwd0_rows_row(int64_t _r, int64_t _j0, int6
         const real f = CS_LD(_p_f[_r * _ld_f + _j]);
         const real g_c = CS_LD(_p_g_c[_r * _ld_g_c + _j]);
         const real g_f = CS_LD(_p_g_f[_r * _ld_g_f + _j]);
-        const real i = CS_LD(_p_i[_r * _ld_i + _j]);
-        const real inv_n_H = CS_LD(_p_inv_n_H[_r * _ld_inv_n_H + _j]);
-        const real j = CS_LD(_p_j[_r * _ld_j + _j]);
-        const real o = CS_LD(_p_o[_r * _ld_o + _j]);
-        const real t0 = cs_tanh(c_next);
-        const real t1 = c*f;
-        const real t2 = i*j;
-        const real t3 = -mean_9 + t1 + t2;
-        const real d_h_next = d_h + d_h_next_out;
-        const real d_c_next = d_c + d_h_next*o*(real(1.0) - (t0*t0));
-        const real t4 = d_c_next*g_c;
-        const real t5 = rstd_5*t4;
-        const real t10 = real(2.0)*d_mean_10*inv_n_H*t3;
-        const real t9 = d_mean_9*inv_n_H;
-        const real d_f = c*t10 + c*t5 + c*t9;
-        const real t11 = d_f*f*g_f*(real(1.0) - f);
-        _acc6 += t11*(U_f_h + W_f_x - mean_5);
-    }
-    _acc6 = CS_ROW_SUM(_acc6);
-    const real d_rstd_3 = _acc6;  // adjoint of operand of rstd_3
-    const real d_mean_6 = -real(1.0)/real(2.0)*d_rstd_3/(cs_sqrt(mean_6 + real(1e-12))*cs_sqrt(mean_6 + real(1e-12))*cs_sqrt(mean_6 + real(1e-12)));  // adjoint of operand of mean_6
-    real _acc7 = real(0);
-    CS_SIMD_SUM(_acc7)
-    for (int64_t _j = _j0; _j < n_H; _j += _dj) {
-        const real c = CS_LD(_p_c[_r * _ld_c + _j]);
-        const real c_next = CS_LD(_p_c_next[_r * _ld_c_next + _j]);
-        const real d_c = CS_LD(_p_d_c[_r * _ld_d_c + _j]);
-        const real d_h = CS_LD(_p_d_h[_r * _ld_d_h + _j]);
-        const real d_h_next_out = CS_LD(_p_d_h_next_out[_r * _ld_d_h_next_out + _j]);
-        const real f = CS_LD(_p_f[_r * _ld_f + _j]);
-        const real g_c = CS_LD(_p_g_c[_r * _ld_g_c + _j]);
-        const real g_f = CS_LD(_p_g_f[_r * _ld_g_f + _j]);
+        const real g_i = CS_LD(_p_g_i[_r * _ld_g_i + _j]);
+        const real g_j = CS_LD(_p_g_j[_r * _ld_g_j + _j]);
         const real i = CS_LD(_p_i[_r * _ld_i + _j]);
         const real inv_n_H = CS_LD(_p_inv_n_H[_r * _ld_inv_n_H + _j]);
         const real j = CS_LD(_p_j[_r * _ld_j + _j]);
@@ -933,172 +849,34 @@ CS_ROWFN inline void lnlstm_backward_bwd0_rows_row(int64_t _r, int64_t _j0, int6
         const real d_f = c*t10 + c*t5 + c*t9;
         const real t11 = d_f*f*g_f*(real(1.0) - f);
         const real t12 = rstd_3*t11;
-        _acc7 += -t12;
-    }
-    _acc7 = CS_ROW_SUM(_acc7);
-    real _acc8 = real(0);
-    CS_SIMD_SUM(_acc8)
-    for (int64_t _j = _j0; _j < n_H; _j += _dj) {
-        const real U_f_h = CS_LD(_p_U_f_h[_r * _ld_U_f_h + _j]);
-        const real W_f_x = CS_LD(_p_W_f_x[_r * _ld_W_f_x + _j]);
-        const real inv_n_H = CS_LD(_p_inv_n_H[_r * _ld_inv_n_H + _j]);
-        const real t13 = real(2.0)*U_f_h + real(2.0)*W_f_x - real(2.0)*mean_5;
-        _acc8 += -inv_n_H*t13;
-    }
-    _acc8 = CS_ROW_SUM(_acc8);
-    const real d_mean_5 = _acc7 + _acc8*d_mean_6;  // adjoint of operand of mean_5
-    real _acc9 = real(0);
-    CS_SIMD_SUM(_acc9)
-    for (int64_t _j = _j0; _j < n_H; _j += _dj) {
-        const real U_j_h = CS_LD(_p_U_j_h[_r * _ld_U_j_h + _j]);
-        const real W_j_x = CS_LD(_p_W_j_x[_r * _ld_W_j_x + _j]);
-        const real c = CS_LD(_p_c[_r * _ld_c + _j]);
-        const real c_next = CS_LD(_p_c_next[_r * _ld_c_next + _j]);
-        const real d_c = CS_LD(_p_d_c[_r * _ld_d_c + _j]);
-        const real d_h = CS_LD(_p_d_h[_r * _ld_d_h + _j]);
-        const real d_h_next_out = CS_LD(_p_d_h_next_out[_r * _ld_d_h_next_out + _j]);
-        const real f = CS_LD(_p_f[_r * _ld_f + _j]);
-        const real g_c = CS_LD(_p_g_c[_r * _ld_g_c + _j]);
-        const real g_j = CS_LD(_p_g_j[_r * _ld_g_j + _j]);
-        const real i = CS_LD(_p_i[_r * _ld_i + _j]);
-        const real inv_n_H = CS_LD(_p_inv_n_H[_r * _ld_inv_n_H + _j]);
-        const real j = CS_LD(_p_j[_r * _ld_j + _j]);
-        const real o = CS_LD(_p_o[_r * _ld_o + _j]);
-        const real t0 = cs_tanh(c_next);
-        const real t1 = c*f;
-        const real t2 = i*j;
-        const real t3 = -mean_9 + t1 + t2;
-        const real d_h_next = d_h + d_h_next_out;
-        const real d_c_next = d_c + d_h_next*o*(real(1.0) - (t0*t0));
-        const real t4 = d_c_next*g_c;
-        const real t5 = rstd_5*t4;
-        const real t10 = real(2.0)*d_mean_10*inv_n_H*t3;
-        const real t9 = d_mean_9*inv_n_H;
-        const real d_j = i*t10 + i*t5 + i*t9;
-        const real t14 = d_j*g_j*(real(1.0) - (j*j));
-        _acc9 += t14*(U_j_h + W_j_x - mean_3);
-    }
-    _acc9 = CS_ROW_SUM(_acc9);
-    const real d_rstd_2 = _acc9;  // adjoint of operand of rstd_2
-    const real d_mean_4 = -real(1.0)/real(2.0)*d_rstd_2/(cs_sqrt(mean_4 + real(1e-12))*cs_sqrt(mean_4 + real(1e-12))*cs_sqrt(mean_4 + real(1e-12)));  // adjoint of operand of mean_4
-    real _acc10 = real(0);
-    CS_SIMD_SUM(_acc10)
-    for (int64_t _j = _j0; _j < n_H; _j += _dj) {
-        const real c = CS_LD(_p_c[_r * _ld_c + _j]);
-        const real c_next = CS_LD(_p_c_next[_r * _ld_c_next + _j]);
-        const real d_c = CS_LD(_p_d_c[_r * _ld_d_c + _j]);
-        const real d_h = CS_LD(_p_d_h[_r * _ld_d_h + _j]);
-        const real d_h_next_out = CS_LD(_p_d_h_next_out[_r * _ld_d_h_next_out + _j]);
-        const real f = CS_LD(_p_f[_r * _ld_f + _j]);
-        const real g_c = CS_LD(_p_g_c[_r * _ld_g_c + _j]);
-        const real g_j = CS_LD(_p_g_j[_r * _ld_g_j + _j]);
-        const real i = CS_LD(_p_i[_r * _ld_i + _j]);
-        const real inv_n_H = CS_LD(_p_inv_n_H[_r * _ld_inv_n_H + _j]);
-        const real j = CS_LD(_p_j[_r * _ld_j + _j]);
-        const real o = CS_LD(_p_o[_r * _ld_o + _j]);
-        const real t0 = cs_tanh(c_next);
-        const real t1 = c*f;
-        const real t2 = i*j;
-        const real t3 = -mean_9 + t1 + t2;
-        const real d_h_next = d_h + d_h_next_out;
-        const real d_c_next = d_c + d_h_next*o*(real(1.0) - (t0*t0));
-        const real t4 = d_c_next*g_c;
-        const real t5 = rstd_5*t4;
-        const real t10 = real(2.0)*d_mean_10*inv_n_H*t3;
-        const real t9 = d_mean_9*inv_n_H;
         const real d_j = i*t10 + i*t5 + i*t9;
         const real t14 = d_j*g_j*(real(1.0) - (j*j));
         const real t15 = rstd_2*t14;
-        _acc10 += -t15;
-    }
-    _acc10 = CS_ROW_SUM(_acc10);
-    real _acc11 = real(0);
-    CS_SIMD_SUM(_acc11)
-    for (int64_t _j = _j0; _j < n_H; _j += _dj) {
-        const real U_j_h = CS_LD(_p_U_j_h[_r * _ld_U_j_h + _j]);
-        const real W_j_x = CS_LD(_p_W_j_x[_r * _ld_W_j_x + _j]);
-        const real inv_n_H = CS_LD(_p_inv_n_H[_r * _ld_inv_n_H + _j]);
-        const real t16 = real(2.0)*U_j_h + real(2.0)*W_j_x - real(2.0)*mean_3;
-        _acc11 += -inv_n_H*t16;
-    }
-    _acc11 = CS_ROW_SUM(_acc11);
-    const real d_mean_3 = _acc10 + _acc11*d_mean_4;  // adjoint of operand of mean_3
-    real _acc12 = real(0);
-    CS_SIMD_SUM(_acc12)
-    for (int64_t _j = _j0; _j < n_H; _j += _dj) {
-        const real U_i_h = CS_LD(_p_U_i_h[_r * _ld_U_i_h + _j]);
-        const real W_i_x = CS_LD(_p_W_i_x[_r * _ld_W_i_x + _j]);
-        const real c = CS_LD(_p_c[_r * _ld_c + _j]);
-        const real c_next = CS_LD(_p_c_next[_r * _ld_c_next + _j]);
-        const real d_c = CS_LD(_p_d_c[_r * _ld_d_c + _j]);
-        const real d_h = CS_LD(_p_d_h[_r * _ld_d_h + _j]);
-        const real d_h_next_out = CS_LD(_p_d_h_next_out[_r * _ld_d_h_next_out + _j]);
-        const real f = CS_LD(_p_f[_r * _ld_f + _j]);
-        const real g_c = CS_LD(_p_g_c[_r * _ld_g_c + _j]);
-        const real g_i = CS_LD(_p_g_i[_r * _ld_g_i + _j]);
-        const real i = CS_LD(_p_i[_r * _ld_i + _j]);
-        const real inv_n_H = CS_LD(_p_inv_n_H[_r * _ld_inv_n_H + _j]);
-        const real j = CS_LD(_p_j[_r * _ld_j + _j]);
-        const real o = CS_LD(_p_o[_r * _ld_o + _j]);
-        const real t0 = cs_tanh(c_next);
-        const real t1 = c*f;
-        const real t2 = i*j;
-        const real t3 = -mean_9 + t1 + t2;
-        const real d_h_next = d_h + d_h_next_out;
-        const real d_c_next = d_c + d_h_next*o*(real(1.0) - (t0*t0));
-        const real t4 = d_c_next*g_c;
-        const real t5 = rstd_5*t4;
-        const real t10 = real(2.0)*d_mean_10*inv_n_H*t3;
-        const real t9 = d_mean_9*inv_n_H;
-        const real d_i = j*t10 + j*t5 + j*t9;
-        const real t17 = d_i*g_i*i*(real(1.0) - i);
-        _acc12 += t17*(U_i_h + W_i_x - mean);
-    }
-    _acc12 = CS_ROW_SUM(_acc12);
-    const real d_rstd = _acc12;  // adjoint of operand of rstd
-    const real d_mean_2 = -real(1.0)/real(2.0)*d_rstd/(cs_sqrt(mean_2 + real(1e-12))*cs_sqrt(mean_2 + real(1e-12))*cs_sqrt(mean_2 + real(1e-12)));  // adjoint of operand of mean_2
-    real _acc13 = real(0);
-    CS_SIMD_SUM(_acc13)
-    for (int64_t _j = _j0; _j < n_H; _j += _dj) {
-        const real c = CS_LD(_p_c[_r * _ld_c + _j]);
-        const real c_next = CS_LD(_p_c_next[_r * _ld_c_next + _j]);
-        const real d_c = CS_LD(_p_d_c[_r * _ld_d_c + _j]);
-        const real d_h = CS_LD(_p_d_h[_r * _ld_d_h + _j]);
-        const real d_h_next_out = CS_LD(_p_d_h_next_out[_r * _ld_d_h_next_out + _j]);
-        const real f = CS_LD(_p_f[_r * _ld_f + _j]);
-        const real g_c = CS_LD(_p_g_c[_r * _ld_g_c + _j]);
-        const real g_i = CS_LD(_p_g_i[_r * _ld_g_i + _j]);
-        const real i = CS_LD(_p_i[_r * _ld_i + _j]);
-        const real inv_n_H = CS_LD(_p_inv_n_H[_r * _ld_inv_n_H + _j]);
-        const real j = CS_LD(_p_j[_r * _ld_j + _j]);
-        const real o = CS_LD(_p_o[_r * _ld_o + _j]);
-        const real t0 = cs_tanh(c_next);
-        const real t1 = c*f;
-        const real t2 = i*j;
-        const real t3 = -mean_9 + t1 + t2;
-        const real d_h_next = d_h + d_h_next_out;
-        const real d_c_next = d_c + d_h_next*o*(real(1.0) - (t0*t0));
-        const real t4 = d_c_next*g_c;
-        const real t5 = rstd_5*t4;
-        const real t10 = real(2.0)*d_mean_10*inv_n_H*t3;
-        const real t9 = d_mean_9*inv_n_H;
         const real d_i = j*t10 + j*t5 + j*t9;
         const real t17 = d_i*g_i*i*(real(1.0) - i);
         const real t18 = rstd*t17;
-        _acc13 += -t18;
+        _acc9 += t11*(U_f_h + W_f_x - mean_5);
+        _acc10 += -t12;
+        _acc11 += t14*(U_j_h + W_j_x - mean_3);
+        _acc12 += -t15;
+        _acc13 += t17*(U_i_h + W_i_x - mean);
+        _acc14 += -t18;
     }
+    _acc9 = CS_ROW_SUM(_acc9);
+    _acc10 = CS_ROW_SUM(_acc10);
+    _acc11 = CS_ROW_SUM(_acc11);
+    _acc12 = CS_ROW_SUM(_acc12);
     _acc13 = CS_ROW_SUM(_acc13);
-    real _acc14 = real(0);
-    CS_SIMD_SUM(_acc14)
-    for (int64_t _j = _j0; _j < n_H; _j += _dj) {
-        const real U_i_h = CS_LD(_p_U_i_h[_r * _ld_U_i_h + _j]);
-        const real W_i_x = CS_LD(_p_W_i_x[_r * _ld_W_i_x + _j]);
-        const real inv_n_H = CS_LD(_p_inv_n_H[_r * _ld_inv_n_H + _j]);
-        const real t19 = real(2.0)*U_i_h + real(2.0)*W_i_x - real(2.0)*mean;
-        _acc14 += -inv_n_H*t19;
-    }
     _acc14 = CS_ROW_SUM(_acc14);
-    const real d_mean = _acc13 + _acc14*d_mean_2;  // adjoint of operand of mean
+    const real d_rstd_3 = _acc9;  // adjoint of operand of rstd_3
+    const real d_mean_6 = -real(1.0)/real(2.0)*d_rstd_3/(cs_sqrt(mean_6 + real(1e-12))*cs_sqrt(mean_6 + real(1e-12))*cs_sqrt(mean_6 + real(1e-12)));  // adjoint of operand of mean_6
+    const real d_mean_5 = _acc10 + _acc6*d_mean_6;  // adjoint of operand of mean_5
+    const real d_rstd_2 = _acc11;  // adjoint of operand of rstd_2
+    const real d_mean_4 = -real(1.0)/real(2.0)*d_rstd_2/(cs_sqrt(mean_4 + real(1e-12))*cs_sqrt(mean_4 + real(1e-12))*cs_sqrt(mean_4 + real(1e-12)));  // adjoint of operand of mean_4
+    const real d_mean_3 = _acc12 + _acc7*d_mean_4;  // adjoint of operand of mean_3
+    const real d_rstd = _acc13;  // adjoint of operand of rstd
+    const real d_mean_2 = -real(1.0)/real(2.0)*d_rstd/(cs_sqrt(mean_2 + real(1e-12))*cs_sqrt(mean_2 + real(1e-12))*cs_sqrt(mean_2 + real(1e-12)));  // adjoint of operand of mean_2
+    const real d_mean = _acc14 + _acc8*d_mean_2;  // adjoint of operand of mean
     CS_SIMD
     for (int64_t _j = _j0; _j < n_H; _j += _dj) {
         const real U_f_h = CS_LD(_p_U_f_h[_r * _ld_U_f_h + _j]);
