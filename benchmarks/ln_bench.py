@@ -24,8 +24,8 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from cellspec.driver import compile_file  # noqa: E402
-from cellspec.runtime.loader import load_package  # noqa: E402
+from cellspec.driver import compile_file
+from cellspec.runtime.loader import load_package
 
 
 def _load(spec: str):

@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 
 import sympy as sp
 
-from cellspec.model import functions as fn
 from cellspec.frontend.semantics import ROW
+from cellspec.model import functions as fn
 from cellspec.model.lower import Namer
 from cellspec.model.schedule import GemmGroup, Schedule
 
