@@ -274,3 +274,18 @@ def test_layer_norm_saves_row_statistics_not_vectors(compiled):
     prog_saved = compiled("lnlstm").torch_cell.SAVED
     stats = [s for s in prog_saved if s.startswith(("mean", "rstd"))]
     assert stats, prog_saved
+
+
+def test_check_shows_non_finite_results_and_scales_float32_tolerance_by_conditioning():
+    from cellspec.verify import check
+
+    assert np.isnan(check.rel_err(np.array([1.0, np.nan]), np.array([1.0, np.nan])))
+    assert check.rel_err(np.array([1.0, np.inf]), np.array([1.0, 2.0])) == float("inf")
+    rep = check.Report("C", "c.cell", {"H": 2}, 1, 1, columns={"torch": {"out h'": float("nan")}})
+    assert " nan" in rep.table() and not rep.ok
+    # a badly conditioned problem (a large term whose float32 rounding shifts the small ones)
+    # gets a larger float32 tolerance than 2e-5; the table's tolerance row shows it
+    pkg, cc = _load(LN % (", b[H]", "tanh(W @ x + U @ h + 1000 * b) + 1000 * b"))
+    rep = check.check_cell(cc, fd=False)
+    assert rep.tolerance("np-f32") > check.TOLERANCES["np-f32"]
+    assert f"{rep.tolerance('np-f32'):.0e}" in rep.table().splitlines()[2]
