@@ -169,7 +169,7 @@ cell M {
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.parameters())
 
 
-@pytest.mark.parametrize("spec", ["co_rnn", "antisymmetric_rnn", "def_lstm"])
+@pytest.mark.parametrize("spec", ["co_rnn", "antisymmetric_rnn", "def_lstm", "lnlstm", "haste_lnlstm", "lngru", "slstm"])
 def test_new_specs_train(compiled, spec):
     """Adam steps toward the outputs of a teacher of the same cell: the loss falls (fused CPU
     kernels)."""
