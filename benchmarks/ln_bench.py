@@ -1,7 +1,7 @@
 """Layer-normalised LSTM cost (issue 9): float32 forward + backward at (T, B, H) = (64, 32, 256),
 input size = H, interleaved rounds in one process, medians reported.
 
-* ``lnlstm``   the generated LNLSTM (specs/ln_lstm_tf.cell), backend "auto" (on the CPU: the
+* ``lnlstm``   the generated LayerNormLSTM (specs/layer_norm_lstm.cell), backend "auto" (on the CPU: the
   fused kernels of its .cu file, row functions for the layer norms);
 * ``lstm``     the generated plain LSTM (specs/lstm.cell), backend "auto";
 * ``eager``    the same LN-LSTM as a user writes it in PyTorch: a Python loop over steps with
@@ -34,7 +34,7 @@ def _load(spec: str):
 
 
 def eager_ln_lstm(p: dict, x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
-    """TF's LayerNormBasicLSTMCell in plain torch ops (the params of the generated LNLSTM)."""
+    """TF's LayerNormBasicLSTMCell in plain torch ops (the params of the generated LayerNormLSTM)."""
     T, B, _ = x.shape
     H = p["U_i"].shape[0]
     h = x.new_zeros(B, H)
@@ -64,7 +64,7 @@ def main() -> None:
     ap.add_argument("--backend", default="auto")
     a = ap.parse_args()
     torch.manual_seed(0)
-    ln = _load("ln_lstm_tf.cell").torch_cell.LNLSTM(a.H, a.H, backend=a.backend)
+    ln = _load("layer_norm_lstm.cell").torch_cell.LayerNormLSTM(a.H, a.H, backend=a.backend)
     plain = _load("lstm.cell").torch_cell.LSTM(a.H, a.H, backend=a.backend)
     x = torch.randn(a.T, a.B, a.H, requires_grad=True)
     grad = torch.randn(a.T, a.B, a.H)

@@ -169,7 +169,7 @@ cell M {
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.parameters())
 
 
-@pytest.mark.parametrize("spec", ["co_rnn", "antisymmetric_rnn", "def_lstm", "lnlstm", "haste_lnlstm", "lngru", "slstm"])
+@pytest.mark.parametrize("spec", ["co_rnn", "antisymmetric_rnn", "def_lstm", "layer_norm_lstm", "haste_layer_norm_lstm", "layer_norm_gru", "slstm"])
 def test_new_specs_train(compiled, spec):
     """Adam steps toward the outputs of a teacher of the same cell: the loss falls (fused CPU
     kernels)."""
@@ -195,7 +195,7 @@ def test_new_specs_train(compiled, spec):
         loss = (out - target).pow(2).mean()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     assert losses[-1] < 0.7 * losses[0], losses[::8]
 
 
@@ -271,7 +271,7 @@ cell J {
 
 def test_layer_norm_saves_row_statistics_not_vectors(compiled):
     """The LN-LSTM keeps per-row statistics (one number per row) for its backward."""
-    prog_saved = compiled("lnlstm").torch_cell.SAVED
+    prog_saved = compiled("layer_norm_lstm").torch_cell.SAVED
     stats = [s for s in prog_saved if s.startswith(("mean", "rstd"))]
     assert stats, prog_saved
 
