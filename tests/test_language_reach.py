@@ -285,7 +285,7 @@ def test_check_shows_non_finite_results_and_scales_float32_tolerance_by_conditio
     assert " nan" in rep.table() and not rep.ok
     # a badly conditioned problem (a large term whose float32 rounding shifts the small ones)
     # gets a larger float32 tolerance than 2e-5; the table's tolerance row shows it
-    pkg, cc = _load(LN % (", b[H]", "tanh(W @ x + U @ h + 1000 * b) + 1000 * b"))
+    _, cc = _load(LN % (", b[H]", "tanh(W @ x + U @ h + 1000 * b) + 1000 * b"))
     rep = check.check_cell(cc, fd=False)
     assert rep.tolerance("np-f32") > check.TOLERANCES["np-f32"]
     assert f"{rep.tolerance('np-f32'):.0e}" in rep.table().splitlines()[2]
