@@ -154,21 +154,30 @@ class _Renderer:
         reads_of = {st.target: {s.name for s in st.expr.free_symbols} for st in stmts}
         exported = set(blk.writes)
 
+        # results of the block stored by an earlier pass over the units: later passes load them
+        # instead of computing them again (each thread reads back only its own units)
+        stored: set[str] = set()
+
         def needed(names: set[str]) -> list:
             """Element statements (in order) that ``names`` need, within the block."""
             need: set[str] = set()
-            todo = [x for x in names if x in defined and level[x] != ir.ROW]
+            todo = [x for x in names if x in defined and level[x] != ir.ROW and x not in stored]
             while todo:
                 x = todo.pop()
                 if x in need:
                     continue
                 need.add(x)
-                todo.extend(r for r in reads_of[x] if r in defined and level[r] != ir.ROW)
+                todo.extend(r for r in reads_of[x] if r in defined and level[r] != ir.ROW and r not in stored)
             return [st for st in stmts if st.target in need]
 
         def loads(names: set[str], size: str) -> list[str]:
             return [f"        const real {n[r]} = CS_LD(_p_{n[r]}[_r * _ld_{n[r]} + _j]);"
-                    for r in sorted(names) if r in blk.reads and level[r] == size]
+                    for r in sorted(names) if (r in blk.reads or r in stored) and level[r] == size]
+
+        def store_early(inner: list) -> tuple[list[str], set[str]]:
+            """Stores of the block's vector results (not also read by it) computed in a pass."""
+            out = [x.target for x in inner if x.target in exported and x.target not in blk.reads]
+            return [f"        CS_ST(_p_{n[w]}[_r * _ld_{n[w]} + _j], {n[w]});" for w in out], set(out)
 
         body: list[str] = []
         for r in blk.reads:
@@ -220,7 +229,10 @@ class _Renderer:
                     body.append(f"        const real {n[x.target]} = {self.pr.doprint(x.expr)};")
                 for name, a in zip(names, sums):
                     body.append(f"        {name} += {self.pr.doprint(a.args[0])};")
+                early, done = store_early(inner)
+                body += early
                 body.append("    }")
+                stored |= done
                 for name, a in zip(names, sums):
                     body.append(f"    {name} = CS_ROW_SUM({name});")
                     self.names[name] = name
@@ -245,7 +257,9 @@ class _Renderer:
         # the element results, one loop per size
         elem_out = [w for w in blk.writes if level[w] != ir.ROW]
         for size in sorted({level[w] for w in elem_out}):
-            mine = [w for w in elem_out if level[w] == size]
+            mine = [w for w in elem_out if level[w] == size and w not in stored]
+            if not mine:
+                continue
             inner = needed(set(mine))
             used = set().union(*(reads_of[x.target] for x in inner))
             loop_sizes.append(size)

@@ -367,6 +367,10 @@ CS_ROWFN inline void haste_layer_norm_lstm_forward_fwd0_rows_row(int64_t _r, int
         _acc1 += inv_n_H*xg;
         _acc2 += inv_n_H*xi;
         _acc3 += inv_n_H*xo;
+        CS_ST(_p_xi[_r * _ld_xi + _j], xi);
+        CS_ST(_p_xg[_r * _ld_xg + _j], xg);
+        CS_ST(_p_xf[_r * _ld_xf + _j], xf);
+        CS_ST(_p_xo[_r * _ld_xo + _j], xo);
     }
     _acc0 = CS_ROW_SUM(_acc0);
     _acc1 = CS_ROW_SUM(_acc1);
@@ -380,15 +384,11 @@ CS_ROWFN inline void haste_layer_norm_lstm_forward_fwd0_rows_row(int64_t _r, int
     real _acc7 = real(0);
     CS_SIMD_SUM(_acc4, _acc5, _acc6, _acc7)
     for (int64_t _j = _j0; _j < n_H; _j += _dj) {
-        const real W_f_x = CS_LD(_p_W_f_x[_r * _ld_W_f_x + _j]);
-        const real W_g_x = CS_LD(_p_W_g_x[_r * _ld_W_g_x + _j]);
-        const real W_i_x = CS_LD(_p_W_i_x[_r * _ld_W_i_x + _j]);
-        const real W_o_x = CS_LD(_p_W_o_x[_r * _ld_W_o_x + _j]);
         const real inv_n_H = CS_LD(_p_inv_n_H[_r * _ld_inv_n_H + _j]);
-        const real xi = W_i_x;
-        const real xg = W_g_x;
-        const real xf = W_f_x;
-        const real xo = W_o_x;
+        const real xf = CS_LD(_p_xf[_r * _ld_xf + _j]);
+        const real xg = CS_LD(_p_xg[_r * _ld_xg + _j]);
+        const real xi = CS_LD(_p_xi[_r * _ld_xi + _j]);
+        const real xo = CS_LD(_p_xo[_r * _ld_xo + _j]);
         _acc4 += inv_n_H*((-mu_x + xf)*(-mu_x + xf));
         _acc5 += inv_n_H*((-mu_x + xg)*(-mu_x + xg));
         _acc6 += inv_n_H*((-mu_x + xi)*(-mu_x + xi));
@@ -401,21 +401,6 @@ CS_ROWFN inline void haste_layer_norm_lstm_forward_fwd0_rows_row(int64_t _r, int
     const real mean_2 = _acc4 + _acc5 + _acc6 + _acc7;  // haste_layer_norm_lstm.cell:24  var_x = mean((xi - mu_x) ^ 2, (xg - mu_x) ^ 2, (xf - mu_x) ^ 2, (xo - mu_x) ^ 2)
     const real var_x = mean_2;  // haste_layer_norm_lstm.cell:24  var_x = mean((xi - mu_x) ^ 2, (xg - mu_x) ^ 2, (xf - mu_x) ^ 2, (xo - mu_x) ^ 2)
     const real rs_x = (real(1.0)/cs_sqrt(var_x + real(1e-05)));  // haste_layer_norm_lstm.cell:25  rs_x = 1 / sqrt(var_x + 1e-5)
-    CS_SIMD
-    for (int64_t _j = _j0; _j < n_H; _j += _dj) {
-        const real W_f_x = CS_LD(_p_W_f_x[_r * _ld_W_f_x + _j]);
-        const real W_g_x = CS_LD(_p_W_g_x[_r * _ld_W_g_x + _j]);
-        const real W_i_x = CS_LD(_p_W_i_x[_r * _ld_W_i_x + _j]);
-        const real W_o_x = CS_LD(_p_W_o_x[_r * _ld_W_o_x + _j]);
-        const real xi = W_i_x;  // haste_layer_norm_lstm.cell:19  xi = W_i @ x
-        const real xg = W_g_x;  // haste_layer_norm_lstm.cell:20  xg = W_g @ x
-        const real xf = W_f_x;  // haste_layer_norm_lstm.cell:21  xf = W_f @ x
-        const real xo = W_o_x;  // haste_layer_norm_lstm.cell:22  xo = W_o @ x
-        CS_ST(_p_xi[_r * _ld_xi + _j], xi);
-        CS_ST(_p_xg[_r * _ld_xg + _j], xg);
-        CS_ST(_p_xf[_r * _ld_xf + _j], xf);
-        CS_ST(_p_xo[_r * _ld_xo + _j], xo);
-    }
     if (_j0 == 0) CS_ST(_p_mu_x[_r * _ld_mu_x], mu_x);
     if (_j0 == 0) CS_ST(_p_var_x[_r * _ld_var_x], var_x);
     if (_j0 == 0) CS_ST(_p_rs_x[_r * _ld_rs_x], rs_x);
@@ -479,6 +464,10 @@ CS_ROWFN inline void haste_layer_norm_lstm_forward_fwd1_rows_row(int64_t _r, int
         _acc1 += inv_n_H*rg;
         _acc2 += inv_n_H*ri;
         _acc3 += inv_n_H*ro;
+        CS_ST(_p_ri[_r * _ld_ri + _j], ri);
+        CS_ST(_p_rg[_r * _ld_rg + _j], rg);
+        CS_ST(_p_rf[_r * _ld_rf + _j], rf);
+        CS_ST(_p_ro[_r * _ld_ro + _j], ro);
     }
     _acc0 = CS_ROW_SUM(_acc0);
     _acc1 = CS_ROW_SUM(_acc1);
@@ -492,15 +481,11 @@ CS_ROWFN inline void haste_layer_norm_lstm_forward_fwd1_rows_row(int64_t _r, int
     real _acc7 = real(0);
     CS_SIMD_SUM(_acc4, _acc5, _acc6, _acc7)
     for (int64_t _j = _j0; _j < n_H; _j += _dj) {
-        const real R_f_h = CS_LD(_p_R_f_h[_r * _ld_R_f_h + _j]);
-        const real R_g_h = CS_LD(_p_R_g_h[_r * _ld_R_g_h + _j]);
-        const real R_i_h = CS_LD(_p_R_i_h[_r * _ld_R_i_h + _j]);
-        const real R_o_h = CS_LD(_p_R_o_h[_r * _ld_R_o_h + _j]);
         const real inv_n_H = CS_LD(_p_inv_n_H[_r * _ld_inv_n_H + _j]);
-        const real ri = R_i_h;
-        const real rg = R_g_h;
-        const real rf = R_f_h;
-        const real ro = R_o_h;
+        const real rf = CS_LD(_p_rf[_r * _ld_rf + _j]);
+        const real rg = CS_LD(_p_rg[_r * _ld_rg + _j]);
+        const real ri = CS_LD(_p_ri[_r * _ld_ri + _j]);
+        const real ro = CS_LD(_p_ro[_r * _ld_ro + _j]);
         _acc4 += inv_n_H*((-mu_h + rf)*(-mu_h + rf));
         _acc5 += inv_n_H*((-mu_h + rg)*(-mu_h + rg));
         _acc6 += inv_n_H*((-mu_h + ri)*(-mu_h + ri));
@@ -516,9 +501,6 @@ CS_ROWFN inline void haste_layer_norm_lstm_forward_fwd1_rows_row(int64_t _r, int
     real _acc8 = real(0);
     CS_SIMD_SUM(_acc8)
     for (int64_t _j = _j0; _j < n_H; _j += _dj) {
-        const real R_f_h = CS_LD(_p_R_f_h[_r * _ld_R_f_h + _j]);
-        const real R_g_h = CS_LD(_p_R_g_h[_r * _ld_R_g_h + _j]);
-        const real R_i_h = CS_LD(_p_R_i_h[_r * _ld_R_i_h + _j]);
         const real b_f = CS_LD(_p_b_f[_r * _ld_b_f + _j]);
         const real b_g = CS_LD(_p_b_g[_r * _ld_b_g + _j]);
         const real b_i = CS_LD(_p_b_i[_r * _ld_b_i + _j]);
@@ -530,47 +512,29 @@ CS_ROWFN inline void haste_layer_norm_lstm_forward_fwd1_rows_row(int64_t _r, int
         const real gx_g = CS_LD(_p_gx_g[_r * _ld_gx_g + _j]);
         const real gx_i = CS_LD(_p_gx_i[_r * _ld_gx_i + _j]);
         const real inv_n_H_2 = CS_LD(_p_inv_n_H_2[_r * _ld_inv_n_H_2 + _j]);
+        const real rf = CS_LD(_p_rf[_r * _ld_rf + _j]);
+        const real rg = CS_LD(_p_rg[_r * _ld_rg + _j]);
+        const real ri = CS_LD(_p_ri[_r * _ld_ri + _j]);
         const real xf = CS_LD(_p_xf[_r * _ld_xf + _j]);
         const real xg = CS_LD(_p_xg[_r * _ld_xg + _j]);
         const real xi = CS_LD(_p_xi[_r * _ld_xi + _j]);
-        const real ri = R_i_h;
-        const real rg = R_g_h;
-        const real rf = R_f_h;
         const real i = cs_sigmoid(b_i + gh_i*rs_h*(-mu_h + ri) + gx_i*rs_x*(-mu_x + xi));
         const real g = cs_tanh(b_g + gh_g*rs_h*(-mu_h + rg) + gx_g*rs_x*(-mu_x + xg));
         const real f = cs_sigmoid(b_f + gh_f*rs_h*(-mu_h + rf) + gx_f*rs_x*(-mu_x + xf));
         const real c_next = c*f + g*i;
         _acc8 += c_next*inv_n_H_2;
+        CS_ST(_p_i[_r * _ld_i + _j], i);
+        CS_ST(_p_g[_r * _ld_g + _j], g);
+        CS_ST(_p_f[_r * _ld_f + _j], f);
+        CS_ST(_p_c_next[_r * _ld_c_next + _j], c_next);
     }
     _acc8 = CS_ROW_SUM(_acc8);
     const real mean_5 = _acc8;  // haste_layer_norm_lstm.cell:41  h' = o * tanh(gamma_h * layer_norm(c') + beta_h)
     real _acc9 = real(0);
     CS_SIMD_SUM(_acc9)
     for (int64_t _j = _j0; _j < n_H; _j += _dj) {
-        const real R_f_h = CS_LD(_p_R_f_h[_r * _ld_R_f_h + _j]);
-        const real R_g_h = CS_LD(_p_R_g_h[_r * _ld_R_g_h + _j]);
-        const real R_i_h = CS_LD(_p_R_i_h[_r * _ld_R_i_h + _j]);
-        const real b_f = CS_LD(_p_b_f[_r * _ld_b_f + _j]);
-        const real b_g = CS_LD(_p_b_g[_r * _ld_b_g + _j]);
-        const real b_i = CS_LD(_p_b_i[_r * _ld_b_i + _j]);
-        const real c = CS_LD(_p_c[_r * _ld_c + _j]);
-        const real gh_f = CS_LD(_p_gh_f[_r * _ld_gh_f + _j]);
-        const real gh_g = CS_LD(_p_gh_g[_r * _ld_gh_g + _j]);
-        const real gh_i = CS_LD(_p_gh_i[_r * _ld_gh_i + _j]);
-        const real gx_f = CS_LD(_p_gx_f[_r * _ld_gx_f + _j]);
-        const real gx_g = CS_LD(_p_gx_g[_r * _ld_gx_g + _j]);
-        const real gx_i = CS_LD(_p_gx_i[_r * _ld_gx_i + _j]);
+        const real c_next = CS_LD(_p_c_next[_r * _ld_c_next + _j]);
         const real inv_n_H_2 = CS_LD(_p_inv_n_H_2[_r * _ld_inv_n_H_2 + _j]);
-        const real xf = CS_LD(_p_xf[_r * _ld_xf + _j]);
-        const real xg = CS_LD(_p_xg[_r * _ld_xg + _j]);
-        const real xi = CS_LD(_p_xi[_r * _ld_xi + _j]);
-        const real ri = R_i_h;
-        const real rg = R_g_h;
-        const real rf = R_f_h;
-        const real i = cs_sigmoid(b_i + gh_i*rs_h*(-mu_h + ri) + gx_i*rs_x*(-mu_x + xi));
-        const real g = cs_tanh(b_g + gh_g*rs_h*(-mu_h + rg) + gx_g*rs_x*(-mu_x + xg));
-        const real f = cs_sigmoid(b_f + gh_f*rs_h*(-mu_h + rf) + gx_f*rs_x*(-mu_x + xf));
-        const real c_next = c*f + g*i;
         _acc9 += inv_n_H_2*((c_next - mean_5)*(c_next - mean_5));
     }
     _acc9 = CS_ROW_SUM(_acc9);
@@ -578,48 +542,17 @@ CS_ROWFN inline void haste_layer_norm_lstm_forward_fwd1_rows_row(int64_t _r, int
     const real rstd = (real(1.0)/cs_sqrt(mean_6 + real(1e-05)));  // haste_layer_norm_lstm.cell:41  h' = o * tanh(gamma_h * layer_norm(c') + beta_h)
     CS_SIMD
     for (int64_t _j = _j0; _j < n_H; _j += _dj) {
-        const real R_f_h = CS_LD(_p_R_f_h[_r * _ld_R_f_h + _j]);
-        const real R_g_h = CS_LD(_p_R_g_h[_r * _ld_R_g_h + _j]);
-        const real R_i_h = CS_LD(_p_R_i_h[_r * _ld_R_i_h + _j]);
-        const real R_o_h = CS_LD(_p_R_o_h[_r * _ld_R_o_h + _j]);
-        const real b_f = CS_LD(_p_b_f[_r * _ld_b_f + _j]);
-        const real b_g = CS_LD(_p_b_g[_r * _ld_b_g + _j]);
-        const real b_i = CS_LD(_p_b_i[_r * _ld_b_i + _j]);
         const real b_o = CS_LD(_p_b_o[_r * _ld_b_o + _j]);
         const real beta_h = CS_LD(_p_beta_h[_r * _ld_beta_h + _j]);
-        const real c = CS_LD(_p_c[_r * _ld_c + _j]);
+        const real c_next = CS_LD(_p_c_next[_r * _ld_c_next + _j]);
         const real gamma_h = CS_LD(_p_gamma_h[_r * _ld_gamma_h + _j]);
-        const real gh_f = CS_LD(_p_gh_f[_r * _ld_gh_f + _j]);
-        const real gh_g = CS_LD(_p_gh_g[_r * _ld_gh_g + _j]);
-        const real gh_i = CS_LD(_p_gh_i[_r * _ld_gh_i + _j]);
         const real gh_o = CS_LD(_p_gh_o[_r * _ld_gh_o + _j]);
-        const real gx_f = CS_LD(_p_gx_f[_r * _ld_gx_f + _j]);
-        const real gx_g = CS_LD(_p_gx_g[_r * _ld_gx_g + _j]);
-        const real gx_i = CS_LD(_p_gx_i[_r * _ld_gx_i + _j]);
         const real gx_o = CS_LD(_p_gx_o[_r * _ld_gx_o + _j]);
-        const real xf = CS_LD(_p_xf[_r * _ld_xf + _j]);
-        const real xg = CS_LD(_p_xg[_r * _ld_xg + _j]);
-        const real xi = CS_LD(_p_xi[_r * _ld_xi + _j]);
+        const real ro = CS_LD(_p_ro[_r * _ld_ro + _j]);
         const real xo = CS_LD(_p_xo[_r * _ld_xo + _j]);
-        const real ri = R_i_h;  // haste_layer_norm_lstm.cell:27  ri = R_i @ h
-        const real rg = R_g_h;  // haste_layer_norm_lstm.cell:28  rg = R_g @ h
-        const real rf = R_f_h;  // haste_layer_norm_lstm.cell:29  rf = R_f @ h
-        const real ro = R_o_h;  // haste_layer_norm_lstm.cell:30  ro = R_o @ h
-        const real i = cs_sigmoid(b_i + gh_i*rs_h*(-mu_h + ri) + gx_i*rs_x*(-mu_x + xi));  // haste_layer_norm_lstm.cell:35  i = sigmoid(norm(xi, mu_x, rs_x, gx_i) + norm(ri, mu_h, rs_h, gh_i) + b_i)
-        const real g = cs_tanh(b_g + gh_g*rs_h*(-mu_h + rg) + gx_g*rs_x*(-mu_x + xg));  // haste_layer_norm_lstm.cell:36  g = tanh(norm(xg, mu_x, rs_x, gx_g) + norm(rg, mu_h, rs_h, gh_g) + b_g)
-        const real f = cs_sigmoid(b_f + gh_f*rs_h*(-mu_h + rf) + gx_f*rs_x*(-mu_x + xf));  // haste_layer_norm_lstm.cell:37  f = sigmoid(norm(xf, mu_x, rs_x, gx_f) + norm(rf, mu_h, rs_h, gh_f) + b_f)
         const real o = cs_sigmoid(b_o + gh_o*rs_h*(-mu_h + ro) + gx_o*rs_x*(-mu_x + xo));  // haste_layer_norm_lstm.cell:38  o = sigmoid(norm(xo, mu_x, rs_x, gx_o) + norm(ro, mu_h, rs_h, gh_o) + b_o)
-        const real c_next = c*f + g*i;  // haste_layer_norm_lstm.cell:40  c' = f * c + i * g
         const real h_next = o*cs_tanh(beta_h + gamma_h*rstd*(c_next - mean_5));  // haste_layer_norm_lstm.cell:41  h' = o * tanh(gamma_h * layer_norm(c') + beta_h)
-        CS_ST(_p_ri[_r * _ld_ri + _j], ri);
-        CS_ST(_p_rg[_r * _ld_rg + _j], rg);
-        CS_ST(_p_rf[_r * _ld_rf + _j], rf);
-        CS_ST(_p_ro[_r * _ld_ro + _j], ro);
-        CS_ST(_p_i[_r * _ld_i + _j], i);
-        CS_ST(_p_g[_r * _ld_g + _j], g);
-        CS_ST(_p_f[_r * _ld_f + _j], f);
         CS_ST(_p_o[_r * _ld_o + _j], o);
-        CS_ST(_p_c_next[_r * _ld_c_next + _j], c_next);
         CS_ST(_p_h_next[_r * _ld_h_next + _j], h_next);
     }
     if (_j0 == 0) CS_ST(_p_mu_h[_r * _ld_mu_h], mu_h);
@@ -686,6 +619,10 @@ CS_ROWFN inline void haste_layer_norm_lstm_inference_fwd0_rows_row(int64_t _r, i
         _acc1 += inv_n_H*xg;
         _acc2 += inv_n_H*xi;
         _acc3 += inv_n_H*xo;
+        CS_ST(_p_xi[_r * _ld_xi + _j], xi);
+        CS_ST(_p_xg[_r * _ld_xg + _j], xg);
+        CS_ST(_p_xf[_r * _ld_xf + _j], xf);
+        CS_ST(_p_xo[_r * _ld_xo + _j], xo);
     }
     _acc0 = CS_ROW_SUM(_acc0);
     _acc1 = CS_ROW_SUM(_acc1);
@@ -699,15 +636,11 @@ CS_ROWFN inline void haste_layer_norm_lstm_inference_fwd0_rows_row(int64_t _r, i
     real _acc7 = real(0);
     CS_SIMD_SUM(_acc4, _acc5, _acc6, _acc7)
     for (int64_t _j = _j0; _j < n_H; _j += _dj) {
-        const real W_f_x = CS_LD(_p_W_f_x[_r * _ld_W_f_x + _j]);
-        const real W_g_x = CS_LD(_p_W_g_x[_r * _ld_W_g_x + _j]);
-        const real W_i_x = CS_LD(_p_W_i_x[_r * _ld_W_i_x + _j]);
-        const real W_o_x = CS_LD(_p_W_o_x[_r * _ld_W_o_x + _j]);
         const real inv_n_H = CS_LD(_p_inv_n_H[_r * _ld_inv_n_H + _j]);
-        const real xi = W_i_x;
-        const real xg = W_g_x;
-        const real xf = W_f_x;
-        const real xo = W_o_x;
+        const real xf = CS_LD(_p_xf[_r * _ld_xf + _j]);
+        const real xg = CS_LD(_p_xg[_r * _ld_xg + _j]);
+        const real xi = CS_LD(_p_xi[_r * _ld_xi + _j]);
+        const real xo = CS_LD(_p_xo[_r * _ld_xo + _j]);
         _acc4 += inv_n_H*((-mu_x + xf)*(-mu_x + xf));
         _acc5 += inv_n_H*((-mu_x + xg)*(-mu_x + xg));
         _acc6 += inv_n_H*((-mu_x + xi)*(-mu_x + xi));
@@ -720,21 +653,6 @@ CS_ROWFN inline void haste_layer_norm_lstm_inference_fwd0_rows_row(int64_t _r, i
     const real mean_2 = _acc4 + _acc5 + _acc6 + _acc7;  // haste_layer_norm_lstm.cell:24  var_x = mean((xi - mu_x) ^ 2, (xg - mu_x) ^ 2, (xf - mu_x) ^ 2, (xo - mu_x) ^ 2)
     const real var_x = mean_2;  // haste_layer_norm_lstm.cell:24  var_x = mean((xi - mu_x) ^ 2, (xg - mu_x) ^ 2, (xf - mu_x) ^ 2, (xo - mu_x) ^ 2)
     const real rs_x = (real(1.0)/cs_sqrt(var_x + real(1e-05)));  // haste_layer_norm_lstm.cell:25  rs_x = 1 / sqrt(var_x + 1e-5)
-    CS_SIMD
-    for (int64_t _j = _j0; _j < n_H; _j += _dj) {
-        const real W_f_x = CS_LD(_p_W_f_x[_r * _ld_W_f_x + _j]);
-        const real W_g_x = CS_LD(_p_W_g_x[_r * _ld_W_g_x + _j]);
-        const real W_i_x = CS_LD(_p_W_i_x[_r * _ld_W_i_x + _j]);
-        const real W_o_x = CS_LD(_p_W_o_x[_r * _ld_W_o_x + _j]);
-        const real xi = W_i_x;  // haste_layer_norm_lstm.cell:19  xi = W_i @ x
-        const real xg = W_g_x;  // haste_layer_norm_lstm.cell:20  xg = W_g @ x
-        const real xf = W_f_x;  // haste_layer_norm_lstm.cell:21  xf = W_f @ x
-        const real xo = W_o_x;  // haste_layer_norm_lstm.cell:22  xo = W_o @ x
-        CS_ST(_p_xi[_r * _ld_xi + _j], xi);
-        CS_ST(_p_xg[_r * _ld_xg + _j], xg);
-        CS_ST(_p_xf[_r * _ld_xf + _j], xf);
-        CS_ST(_p_xo[_r * _ld_xo + _j], xo);
-    }
     if (_j0 == 0) CS_ST(_p_mu_x[_r * _ld_mu_x], mu_x);
     if (_j0 == 0) CS_ST(_p_rs_x[_r * _ld_rs_x], rs_x);
 }
@@ -859,36 +777,15 @@ CS_ROWFN inline void haste_layer_norm_lstm_inference_fwd1_rows_row(int64_t _r, i
         const real f = cs_sigmoid(b_f + gh_f*rs_h*(-mu_h + rf) + gx_f*rs_x*(-mu_x + xf));
         const real c_next = c*f + g*i;
         _acc8 += c_next*inv_n_H_2;
+        CS_ST(_p_c_next[_r * _ld_c_next + _j], c_next);
     }
     _acc8 = CS_ROW_SUM(_acc8);
     const real mean_5 = _acc8;  // haste_layer_norm_lstm.cell:41  h' = o * tanh(gamma_h * layer_norm(c') + beta_h)
     real _acc9 = real(0);
     CS_SIMD_SUM(_acc9)
     for (int64_t _j = _j0; _j < n_H; _j += _dj) {
-        const real R_f_h = CS_LD(_p_R_f_h[_r * _ld_R_f_h + _j]);
-        const real R_g_h = CS_LD(_p_R_g_h[_r * _ld_R_g_h + _j]);
-        const real R_i_h = CS_LD(_p_R_i_h[_r * _ld_R_i_h + _j]);
-        const real b_f = CS_LD(_p_b_f[_r * _ld_b_f + _j]);
-        const real b_g = CS_LD(_p_b_g[_r * _ld_b_g + _j]);
-        const real b_i = CS_LD(_p_b_i[_r * _ld_b_i + _j]);
-        const real c = CS_LD(_p_c[_r * _ld_c + _j]);
-        const real gh_f = CS_LD(_p_gh_f[_r * _ld_gh_f + _j]);
-        const real gh_g = CS_LD(_p_gh_g[_r * _ld_gh_g + _j]);
-        const real gh_i = CS_LD(_p_gh_i[_r * _ld_gh_i + _j]);
-        const real gx_f = CS_LD(_p_gx_f[_r * _ld_gx_f + _j]);
-        const real gx_g = CS_LD(_p_gx_g[_r * _ld_gx_g + _j]);
-        const real gx_i = CS_LD(_p_gx_i[_r * _ld_gx_i + _j]);
+        const real c_next = CS_LD(_p_c_next[_r * _ld_c_next + _j]);
         const real inv_n_H_2 = CS_LD(_p_inv_n_H_2[_r * _ld_inv_n_H_2 + _j]);
-        const real xf = CS_LD(_p_xf[_r * _ld_xf + _j]);
-        const real xg = CS_LD(_p_xg[_r * _ld_xg + _j]);
-        const real xi = CS_LD(_p_xi[_r * _ld_xi + _j]);
-        const real ri = R_i_h;
-        const real rg = R_g_h;
-        const real rf = R_f_h;
-        const real i = cs_sigmoid(b_i + gh_i*rs_h*(-mu_h + ri) + gx_i*rs_x*(-mu_x + xi));
-        const real g = cs_tanh(b_g + gh_g*rs_h*(-mu_h + rg) + gx_g*rs_x*(-mu_x + xg));
-        const real f = cs_sigmoid(b_f + gh_f*rs_h*(-mu_h + rf) + gx_f*rs_x*(-mu_x + xf));
-        const real c_next = c*f + g*i;
         _acc9 += inv_n_H_2*((c_next - mean_5)*(c_next - mean_5));
     }
     _acc9 = CS_ROW_SUM(_acc9);
@@ -896,40 +793,17 @@ CS_ROWFN inline void haste_layer_norm_lstm_inference_fwd1_rows_row(int64_t _r, i
     const real rstd = (real(1.0)/cs_sqrt(mean_6 + real(1e-05)));  // haste_layer_norm_lstm.cell:41  h' = o * tanh(gamma_h * layer_norm(c') + beta_h)
     CS_SIMD
     for (int64_t _j = _j0; _j < n_H; _j += _dj) {
-        const real R_f_h = CS_LD(_p_R_f_h[_r * _ld_R_f_h + _j]);
-        const real R_g_h = CS_LD(_p_R_g_h[_r * _ld_R_g_h + _j]);
-        const real R_i_h = CS_LD(_p_R_i_h[_r * _ld_R_i_h + _j]);
         const real R_o_h = CS_LD(_p_R_o_h[_r * _ld_R_o_h + _j]);
-        const real b_f = CS_LD(_p_b_f[_r * _ld_b_f + _j]);
-        const real b_g = CS_LD(_p_b_g[_r * _ld_b_g + _j]);
-        const real b_i = CS_LD(_p_b_i[_r * _ld_b_i + _j]);
         const real b_o = CS_LD(_p_b_o[_r * _ld_b_o + _j]);
         const real beta_h = CS_LD(_p_beta_h[_r * _ld_beta_h + _j]);
-        const real c = CS_LD(_p_c[_r * _ld_c + _j]);
+        const real c_next = CS_LD(_p_c_next[_r * _ld_c_next + _j]);
         const real gamma_h = CS_LD(_p_gamma_h[_r * _ld_gamma_h + _j]);
-        const real gh_f = CS_LD(_p_gh_f[_r * _ld_gh_f + _j]);
-        const real gh_g = CS_LD(_p_gh_g[_r * _ld_gh_g + _j]);
-        const real gh_i = CS_LD(_p_gh_i[_r * _ld_gh_i + _j]);
         const real gh_o = CS_LD(_p_gh_o[_r * _ld_gh_o + _j]);
-        const real gx_f = CS_LD(_p_gx_f[_r * _ld_gx_f + _j]);
-        const real gx_g = CS_LD(_p_gx_g[_r * _ld_gx_g + _j]);
-        const real gx_i = CS_LD(_p_gx_i[_r * _ld_gx_i + _j]);
         const real gx_o = CS_LD(_p_gx_o[_r * _ld_gx_o + _j]);
-        const real xf = CS_LD(_p_xf[_r * _ld_xf + _j]);
-        const real xg = CS_LD(_p_xg[_r * _ld_xg + _j]);
-        const real xi = CS_LD(_p_xi[_r * _ld_xi + _j]);
         const real xo = CS_LD(_p_xo[_r * _ld_xo + _j]);
-        const real ri = R_i_h;  // haste_layer_norm_lstm.cell:27  ri = R_i @ h
-        const real rg = R_g_h;  // haste_layer_norm_lstm.cell:28  rg = R_g @ h
-        const real rf = R_f_h;  // haste_layer_norm_lstm.cell:29  rf = R_f @ h
         const real ro = R_o_h;  // haste_layer_norm_lstm.cell:30  ro = R_o @ h
-        const real i = cs_sigmoid(b_i + gh_i*rs_h*(-mu_h + ri) + gx_i*rs_x*(-mu_x + xi));  // haste_layer_norm_lstm.cell:35  i = sigmoid(norm(xi, mu_x, rs_x, gx_i) + norm(ri, mu_h, rs_h, gh_i) + b_i)
-        const real g = cs_tanh(b_g + gh_g*rs_h*(-mu_h + rg) + gx_g*rs_x*(-mu_x + xg));  // haste_layer_norm_lstm.cell:36  g = tanh(norm(xg, mu_x, rs_x, gx_g) + norm(rg, mu_h, rs_h, gh_g) + b_g)
-        const real f = cs_sigmoid(b_f + gh_f*rs_h*(-mu_h + rf) + gx_f*rs_x*(-mu_x + xf));  // haste_layer_norm_lstm.cell:37  f = sigmoid(norm(xf, mu_x, rs_x, gx_f) + norm(rf, mu_h, rs_h, gh_f) + b_f)
         const real o = cs_sigmoid(b_o + gh_o*rs_h*(-mu_h + ro) + gx_o*rs_x*(-mu_x + xo));  // haste_layer_norm_lstm.cell:38  o = sigmoid(norm(xo, mu_x, rs_x, gx_o) + norm(ro, mu_h, rs_h, gh_o) + b_o)
-        const real c_next = c*f + g*i;  // haste_layer_norm_lstm.cell:40  c' = f * c + i * g
         const real h_next = o*cs_tanh(beta_h + gamma_h*rstd*(c_next - mean_5));  // haste_layer_norm_lstm.cell:41  h' = o * tanh(gamma_h * layer_norm(c') + beta_h)
-        CS_ST(_p_c_next[_r * _ld_c_next + _j], c_next);
         CS_ST(_p_h_next[_r * _ld_h_next + _j], h_next);
     }
 }
@@ -1007,6 +881,8 @@ CS_ROWFN inline void haste_layer_norm_lstm_backward_bwd1_rows_row(int64_t _r, in
         _acc2 += -inv_n_H_2*t3;
         _acc3 += t7*(-mu_h + ro);
         _acc4 += -t11;
+        CS_ST(_p_d_h_next[_r * _ld_d_h_next + _j], d_h_next);
+        CS_ST(_p_d_o[_r * _ld_d_o + _j], d_o);
     }
     _acc0 = CS_ROW_SUM(_acc0);
     _acc1 = CS_ROW_SUM(_acc1);
@@ -1033,8 +909,7 @@ CS_ROWFN inline void haste_layer_norm_lstm_backward_bwd1_rows_row(int64_t _r, in
         const real c = CS_LD(_p_c[_r * _ld_c + _j]);
         const real c_next = CS_LD(_p_c_next[_r * _ld_c_next + _j]);
         const real d_c = CS_LD(_p_d_c[_r * _ld_d_c + _j]);
-        const real d_h = CS_LD(_p_d_h[_r * _ld_d_h + _j]);
-        const real d_h_next_out = CS_LD(_p_d_h_next_out[_r * _ld_d_h_next_out + _j]);
+        const real d_h_next = CS_LD(_p_d_h_next[_r * _ld_d_h_next + _j]);
         const real f = CS_LD(_p_f[_r * _ld_f + _j]);
         const real g = CS_LD(_p_g[_r * _ld_g + _j]);
         const real gamma_h = CS_LD(_p_gamma_h[_r * _ld_gamma_h + _j]);
@@ -1056,7 +931,6 @@ CS_ROWFN inline void haste_layer_norm_lstm_backward_bwd1_rows_row(int64_t _r, in
         const real t15 = -real(2.0)*rg + t13;
         const real t16 = -real(2.0)*ri + t13;
         const real t17 = -real(2.0)*ro + t13;
-        const real d_h_next = d_h + d_h_next_out;
         const real t2 = d_h_next*o*(real(1.0) - (t1*t1));
         const real t4 = gamma_h*rstd*t2;
         const real d_c_next = d_c + d_mean_5*inv_n_H_2 + d_mean_6*inv_n_H_2*t3 + t4;
@@ -1079,6 +953,10 @@ CS_ROWFN inline void haste_layer_norm_lstm_backward_bwd1_rows_row(int64_t _r, in
         _acc12 += inv_n_H*t15;
         _acc13 += inv_n_H*t16;
         _acc14 += inv_n_H*t17;
+        CS_ST(_p_d_c_next[_r * _ld_d_c_next + _j], d_c_next);
+        CS_ST(_p_d_f[_r * _ld_d_f + _j], d_f);
+        CS_ST(_p_d_g[_r * _ld_d_g + _j], d_g);
+        CS_ST(_p_d_i[_r * _ld_d_i + _j], d_i);
     }
     _acc5 = CS_ROW_SUM(_acc5);
     _acc6 = CS_ROW_SUM(_acc6);
@@ -1097,48 +975,33 @@ CS_ROWFN inline void haste_layer_norm_lstm_backward_bwd1_rows_row(int64_t _r, in
     const real d_mean_3 = d_mu_h;  // adjoint of operand of mean_3
     CS_SIMD
     for (int64_t _j = _j0; _j < n_H; _j += _dj) {
-        const real beta_h = CS_LD(_p_beta_h[_r * _ld_beta_h + _j]);
-        const real c = CS_LD(_p_c[_r * _ld_c + _j]);
-        const real c_next = CS_LD(_p_c_next[_r * _ld_c_next + _j]);
-        const real d_c = CS_LD(_p_d_c[_r * _ld_d_c + _j]);
-        const real d_h = CS_LD(_p_d_h[_r * _ld_d_h + _j]);
-        const real d_h_next_out = CS_LD(_p_d_h_next_out[_r * _ld_d_h_next_out + _j]);
+        const real d_f = CS_LD(_p_d_f[_r * _ld_d_f + _j]);
+        const real d_g = CS_LD(_p_d_g[_r * _ld_d_g + _j]);
+        const real d_i = CS_LD(_p_d_i[_r * _ld_d_i + _j]);
+        const real d_o = CS_LD(_p_d_o[_r * _ld_d_o + _j]);
         const real f = CS_LD(_p_f[_r * _ld_f + _j]);
         const real g = CS_LD(_p_g[_r * _ld_g + _j]);
-        const real gamma_h = CS_LD(_p_gamma_h[_r * _ld_gamma_h + _j]);
         const real gh_f = CS_LD(_p_gh_f[_r * _ld_gh_f + _j]);
         const real gh_g = CS_LD(_p_gh_g[_r * _ld_gh_g + _j]);
         const real gh_i = CS_LD(_p_gh_i[_r * _ld_gh_i + _j]);
         const real gh_o = CS_LD(_p_gh_o[_r * _ld_gh_o + _j]);
         const real i = CS_LD(_p_i[_r * _ld_i + _j]);
         const real inv_n_H = CS_LD(_p_inv_n_H[_r * _ld_inv_n_H + _j]);
-        const real inv_n_H_2 = CS_LD(_p_inv_n_H_2[_r * _ld_inv_n_H_2 + _j]);
         const real o = CS_LD(_p_o[_r * _ld_o + _j]);
         const real rf = CS_LD(_p_rf[_r * _ld_rf + _j]);
         const real rg = CS_LD(_p_rg[_r * _ld_rg + _j]);
         const real ri = CS_LD(_p_ri[_r * _ld_ri + _j]);
         const real ro = CS_LD(_p_ro[_r * _ld_ro + _j]);
-        const real t0 = gamma_h*(c_next - mean_5);
-        const real t1 = cs_tanh(beta_h + rstd*t0);
-        const real t3 = real(2.0)*c_next - real(2.0)*mean_5;
         const real t14 = -real(2.0)*rf + t13;
         const real t15 = -real(2.0)*rg + t13;
         const real t16 = -real(2.0)*ri + t13;
         const real t17 = -real(2.0)*ro + t13;
-        const real d_h_next = d_h + d_h_next_out;  // adjoint of h'
-        const real t2 = d_h_next*o*(real(1.0) - (t1*t1));
-        const real t4 = gamma_h*rstd*t2;
-        const real d_c_next = d_c + d_mean_5*inv_n_H_2 + d_mean_6*inv_n_H_2*t3 + t4;  // adjoint of c'
-        const real d_o = d_h_next*t1;  // adjoint of o
         const real t7 = d_o*gh_o*o*(real(1.0) - o);
         const real t11 = rs_h*t7;
-        const real d_f = c*d_c_next;  // adjoint of f
         const real t5 = d_f*f*gh_f*(real(1.0) - f);
         const real t9 = rs_h*t5;
-        const real d_g = d_c_next*i;  // adjoint of g
         const real t8 = d_g*gh_g*(real(1.0) - (g*g));
         const real t12 = rs_h*t8;
-        const real d_i = d_c_next*g;  // adjoint of i
         const real t6 = d_i*gh_i*i*(real(1.0) - i);
         const real t10 = rs_h*t6;
         const real t19 = d_mean_4*inv_n_H;
@@ -1151,12 +1014,6 @@ CS_ROWFN inline void haste_layer_norm_lstm_backward_bwd1_rows_row(int64_t _r, in
         const real d_R_g_h = d_rg;  // adjoint of R_g @ h
         const real d_R_f_h = d_rf;  // adjoint of R_f @ h
         const real d_R_o_h = d_ro;  // adjoint of R_o @ h
-        CS_ST(_p_d_h_next[_r * _ld_d_h_next + _j], d_h_next);
-        CS_ST(_p_d_c_next[_r * _ld_d_c_next + _j], d_c_next);
-        CS_ST(_p_d_o[_r * _ld_d_o + _j], d_o);
-        CS_ST(_p_d_f[_r * _ld_d_f + _j], d_f);
-        CS_ST(_p_d_g[_r * _ld_d_g + _j], d_g);
-        CS_ST(_p_d_i[_r * _ld_d_i + _j], d_i);
         CS_ST(_p_d_R_i_h[_r * _ld_d_R_i_h + _j], d_R_i_h);
         CS_ST(_p_d_R_g_h[_r * _ld_d_R_g_h + _j], d_R_g_h);
         CS_ST(_p_d_R_f_h[_r * _ld_d_R_f_h + _j], d_R_f_h);

@@ -831,6 +831,10 @@ CS_ROWFN inline void layer_norm_gru_backward_bwd1_rows_row(int64_t _r, int64_t _
         _acc6 += t9*(U_r_h - mean_3);
         _acc7 += -t11;
         _acc8 += -inv_n_H*t10;
+        CS_ST(_p_d_h_next[_r * _ld_d_h_next + _j], d_h_next);
+        CS_ST(_p_d_c[_r * _ld_d_c + _j], d_c);
+        CS_ST(_p_d_u[_r * _ld_d_u + _j], d_u);
+        CS_ST(_p_d_r[_r * _ld_d_r + _j], d_r);
     }
     _acc0 = CS_ROW_SUM(_acc0);
     _acc1 = CS_ROW_SUM(_acc1);
@@ -855,40 +859,30 @@ CS_ROWFN inline void layer_norm_gru_backward_bwd1_rows_row(int64_t _r, int64_t _
         const real U_c_h = CS_LD(_p_U_c_h[_r * _ld_U_c_h + _j]);
         const real U_r_h = CS_LD(_p_U_r_h[_r * _ld_U_r_h + _j]);
         const real U_u_h = CS_LD(_p_U_u_h[_r * _ld_U_u_h + _j]);
-        const real bh_c = CS_LD(_p_bh_c[_r * _ld_bh_c + _j]);
         const real c = CS_LD(_p_c[_r * _ld_c + _j]);
-        const real d_h = CS_LD(_p_d_h[_r * _ld_d_h + _j]);
-        const real d_h_next_out = CS_LD(_p_d_h_next_out[_r * _ld_d_h_next_out + _j]);
+        const real d_c = CS_LD(_p_d_c[_r * _ld_d_c + _j]);
+        const real d_r = CS_LD(_p_d_r[_r * _ld_d_r + _j]);
+        const real d_u = CS_LD(_p_d_u[_r * _ld_d_u + _j]);
         const real gh_c = CS_LD(_p_gh_c[_r * _ld_gh_c + _j]);
         const real gh_r = CS_LD(_p_gh_r[_r * _ld_gh_r + _j]);
         const real gh_u = CS_LD(_p_gh_u[_r * _ld_gh_u + _j]);
-        const real h = CS_LD(_p_h[_r * _ld_h + _j]);
         const real inv_n_H = CS_LD(_p_inv_n_H[_r * _ld_inv_n_H + _j]);
         const real r = CS_LD(_p_r[_r * _ld_r + _j]);
         const real u = CS_LD(_p_u[_r * _ld_u + _j]);
         const real t0 = real(1.0) - u;
-        const real t1 = gh_c*(U_c_h - mean_11);
         const real t4 = real(2.0)*U_c_h - real(2.0)*mean_11;
         const real t7 = real(2.0)*U_u_h - real(2.0)*mean_7;
         const real t10 = real(2.0)*U_r_h - real(2.0)*mean_3;
-        const real d_h_next = d_h + d_h_next_out;  // adjoint of h'
-        const real d_c = d_h_next*t0;  // adjoint of c
         const real t2 = d_c*(real(1.0) - (c*c));
         const real t3 = r*t2;
         const real t5 = gh_c*rstd_6*t3;
-        const real d_u = d_h_next*(-c + h);  // adjoint of u
         const real t6 = d_u*gh_u*t0*u;
         const real t8 = rstd_4*t6;
-        const real d_r = t2*(bh_c + rstd_6*t1);  // adjoint of r
         const real t9 = d_r*gh_r*r*(real(1.0) - r);
         const real t11 = rstd_2*t9;
         const real d_U_r_h = d_mean_3*inv_n_H + d_mean_4*inv_n_H*t10 + t11;  // adjoint of U_r @ h
         const real d_U_u_h = d_mean_7*inv_n_H + d_mean_8*inv_n_H*t7 + t8;  // adjoint of U_u @ h
         const real d_U_c_h = d_mean_11*inv_n_H + d_mean_12*inv_n_H*t4 + t5;  // adjoint of U_c @ h
-        CS_ST(_p_d_h_next[_r * _ld_d_h_next + _j], d_h_next);
-        CS_ST(_p_d_c[_r * _ld_d_c + _j], d_c);
-        CS_ST(_p_d_u[_r * _ld_d_u + _j], d_u);
-        CS_ST(_p_d_r[_r * _ld_d_r + _j], d_r);
         CS_ST(_p_d_U_r_h[_r * _ld_d_U_r_h + _j], d_U_r_h);
         CS_ST(_p_d_U_u_h[_r * _ld_d_U_u_h + _j], d_U_u_h);
         CS_ST(_p_d_U_c_h[_r * _ld_d_U_c_h + _j], d_U_c_h);

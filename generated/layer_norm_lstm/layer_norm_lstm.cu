@@ -417,6 +417,9 @@ CS_ROWFN inline void layer_norm_lstm_forward_fwd0_rows_row(int64_t _r, int64_t _
         const real f = cs_sigmoid(b_f + g_f*rstd_3*(U_f_h + W_f_x - mean_5) + real(1.0));
         _acc7 += inv_n_H*((U_o_h + W_o_x - mean_7)*(U_o_h + W_o_x - mean_7));
         _acc8 += inv_n_H*(c*f + i*j);
+        CS_ST(_p_i[_r * _ld_i + _j], i);
+        CS_ST(_p_j[_r * _ld_j + _j], j);
+        CS_ST(_p_f[_r * _ld_f + _j], f);
     }
     _acc7 = CS_ROW_SUM(_acc7);
     _acc8 = CS_ROW_SUM(_acc8);
@@ -426,23 +429,11 @@ CS_ROWFN inline void layer_norm_lstm_forward_fwd0_rows_row(int64_t _r, int64_t _
     real _acc9 = real(0);
     CS_SIMD_SUM(_acc9)
     for (int64_t _j = _j0; _j < n_H; _j += _dj) {
-        const real U_f_h = CS_LD(_p_U_f_h[_r * _ld_U_f_h + _j]);
-        const real U_i_h = CS_LD(_p_U_i_h[_r * _ld_U_i_h + _j]);
-        const real U_j_h = CS_LD(_p_U_j_h[_r * _ld_U_j_h + _j]);
-        const real W_f_x = CS_LD(_p_W_f_x[_r * _ld_W_f_x + _j]);
-        const real W_i_x = CS_LD(_p_W_i_x[_r * _ld_W_i_x + _j]);
-        const real W_j_x = CS_LD(_p_W_j_x[_r * _ld_W_j_x + _j]);
-        const real b_f = CS_LD(_p_b_f[_r * _ld_b_f + _j]);
-        const real b_i = CS_LD(_p_b_i[_r * _ld_b_i + _j]);
-        const real b_j = CS_LD(_p_b_j[_r * _ld_b_j + _j]);
         const real c = CS_LD(_p_c[_r * _ld_c + _j]);
-        const real g_f = CS_LD(_p_g_f[_r * _ld_g_f + _j]);
-        const real g_i = CS_LD(_p_g_i[_r * _ld_g_i + _j]);
-        const real g_j = CS_LD(_p_g_j[_r * _ld_g_j + _j]);
+        const real f = CS_LD(_p_f[_r * _ld_f + _j]);
+        const real i = CS_LD(_p_i[_r * _ld_i + _j]);
         const real inv_n_H = CS_LD(_p_inv_n_H[_r * _ld_inv_n_H + _j]);
-        const real i = cs_sigmoid(b_i + g_i*rstd*(U_i_h + W_i_x - mean));
-        const real j = cs_tanh(b_j + g_j*rstd_2*(U_j_h + W_j_x - mean_3));
-        const real f = cs_sigmoid(b_f + g_f*rstd_3*(U_f_h + W_f_x - mean_5) + real(1.0));
+        const real j = CS_LD(_p_j[_r * _ld_j + _j]);
         _acc9 += inv_n_H*((c*f + i*j - mean_9)*(c*f + i*j - mean_9));
     }
     _acc9 = CS_ROW_SUM(_acc9);
@@ -450,34 +441,19 @@ CS_ROWFN inline void layer_norm_lstm_forward_fwd0_rows_row(int64_t _r, int64_t _
     const real rstd_5 = (real(1.0)/cs_sqrt(mean_10 + real(1e-12)));  // layer_norm_lstm.cell:21  c' = g_c * layer_norm(c * f + i * j, 1e-12) + b_c
     CS_SIMD
     for (int64_t _j = _j0; _j < n_H; _j += _dj) {
-        const real U_f_h = CS_LD(_p_U_f_h[_r * _ld_U_f_h + _j]);
-        const real U_i_h = CS_LD(_p_U_i_h[_r * _ld_U_i_h + _j]);
-        const real U_j_h = CS_LD(_p_U_j_h[_r * _ld_U_j_h + _j]);
         const real U_o_h = CS_LD(_p_U_o_h[_r * _ld_U_o_h + _j]);
-        const real W_f_x = CS_LD(_p_W_f_x[_r * _ld_W_f_x + _j]);
-        const real W_i_x = CS_LD(_p_W_i_x[_r * _ld_W_i_x + _j]);
-        const real W_j_x = CS_LD(_p_W_j_x[_r * _ld_W_j_x + _j]);
         const real W_o_x = CS_LD(_p_W_o_x[_r * _ld_W_o_x + _j]);
         const real b_c = CS_LD(_p_b_c[_r * _ld_b_c + _j]);
-        const real b_f = CS_LD(_p_b_f[_r * _ld_b_f + _j]);
-        const real b_i = CS_LD(_p_b_i[_r * _ld_b_i + _j]);
-        const real b_j = CS_LD(_p_b_j[_r * _ld_b_j + _j]);
         const real b_o = CS_LD(_p_b_o[_r * _ld_b_o + _j]);
         const real c = CS_LD(_p_c[_r * _ld_c + _j]);
+        const real f = CS_LD(_p_f[_r * _ld_f + _j]);
         const real g_c = CS_LD(_p_g_c[_r * _ld_g_c + _j]);
-        const real g_f = CS_LD(_p_g_f[_r * _ld_g_f + _j]);
-        const real g_i = CS_LD(_p_g_i[_r * _ld_g_i + _j]);
-        const real g_j = CS_LD(_p_g_j[_r * _ld_g_j + _j]);
         const real g_o = CS_LD(_p_g_o[_r * _ld_g_o + _j]);
-        const real i = cs_sigmoid(b_i + g_i*rstd*(U_i_h + W_i_x - mean));  // layer_norm_lstm.cell:16  i = sigmoid(g_i * layer_norm(W_i @ x + U_i @ h, 1e-12) + b_i)
-        const real j = cs_tanh(b_j + g_j*rstd_2*(U_j_h + W_j_x - mean_3));  // layer_norm_lstm.cell:17  j = tanh(g_j * layer_norm(W_j @ x + U_j @ h, 1e-12) + b_j)
-        const real f = cs_sigmoid(b_f + g_f*rstd_3*(U_f_h + W_f_x - mean_5) + real(1.0));  // layer_norm_lstm.cell:18  f = sigmoid(g_f * layer_norm(W_f @ x + U_f @ h, 1e-12) + b_f + 1.0)
+        const real i = CS_LD(_p_i[_r * _ld_i + _j]);
+        const real j = CS_LD(_p_j[_r * _ld_j + _j]);
         const real o = cs_sigmoid(b_o + g_o*rstd_4*(U_o_h + W_o_x - mean_7));  // layer_norm_lstm.cell:19  o = sigmoid(g_o * layer_norm(W_o @ x + U_o @ h, 1e-12) + b_o)
         const real c_next = b_c + g_c*rstd_5*(c*f + i*j - mean_9);  // layer_norm_lstm.cell:21  c' = g_c * layer_norm(c * f + i * j, 1e-12) + b_c
         const real h_next = o*cs_tanh(c_next);  // layer_norm_lstm.cell:22  h' = tanh(c') * o
-        CS_ST(_p_i[_r * _ld_i + _j], i);
-        CS_ST(_p_j[_r * _ld_j + _j], j);
-        CS_ST(_p_f[_r * _ld_f + _j], f);
         CS_ST(_p_o[_r * _ld_o + _j], o);
         CS_ST(_p_c_next[_r * _ld_c_next + _j], c_next);
         CS_ST(_p_h_next[_r * _ld_h_next + _j], h_next);
@@ -792,6 +768,8 @@ CS_ROWFN inline void layer_norm_lstm_backward_bwd0_rows_row(int64_t _r, int64_t 
         _acc6 += -inv_n_H*t13;
         _acc7 += -inv_n_H*t16;
         _acc8 += -inv_n_H*t19;
+        CS_ST(_p_d_c_next[_r * _ld_d_c_next + _j], d_c_next);
+        CS_ST(_p_d_o[_r * _ld_d_o + _j], d_o);
     }
     _acc0 = CS_ROW_SUM(_acc0);
     _acc1 = CS_ROW_SUM(_acc1);
@@ -823,10 +801,7 @@ CS_ROWFN inline void layer_norm_lstm_backward_bwd0_rows_row(int64_t _r, int64_t 
         const real W_i_x = CS_LD(_p_W_i_x[_r * _ld_W_i_x + _j]);
         const real W_j_x = CS_LD(_p_W_j_x[_r * _ld_W_j_x + _j]);
         const real c = CS_LD(_p_c[_r * _ld_c + _j]);
-        const real c_next = CS_LD(_p_c_next[_r * _ld_c_next + _j]);
-        const real d_c = CS_LD(_p_d_c[_r * _ld_d_c + _j]);
-        const real d_h = CS_LD(_p_d_h[_r * _ld_d_h + _j]);
-        const real d_h_next_out = CS_LD(_p_d_h_next_out[_r * _ld_d_h_next_out + _j]);
+        const real d_c_next = CS_LD(_p_d_c_next[_r * _ld_d_c_next + _j]);
         const real f = CS_LD(_p_f[_r * _ld_f + _j]);
         const real g_c = CS_LD(_p_g_c[_r * _ld_g_c + _j]);
         const real g_f = CS_LD(_p_g_f[_r * _ld_g_f + _j]);
@@ -835,13 +810,9 @@ CS_ROWFN inline void layer_norm_lstm_backward_bwd0_rows_row(int64_t _r, int64_t 
         const real i = CS_LD(_p_i[_r * _ld_i + _j]);
         const real inv_n_H = CS_LD(_p_inv_n_H[_r * _ld_inv_n_H + _j]);
         const real j = CS_LD(_p_j[_r * _ld_j + _j]);
-        const real o = CS_LD(_p_o[_r * _ld_o + _j]);
-        const real t0 = cs_tanh(c_next);
         const real t1 = c*f;
         const real t2 = i*j;
         const real t3 = -mean_9 + t1 + t2;
-        const real d_h_next = d_h + d_h_next_out;
-        const real d_c_next = d_c + d_h_next*o*(real(1.0) - (t0*t0));
         const real t4 = d_c_next*g_c;
         const real t5 = rstd_5*t4;
         const real t10 = real(2.0)*d_mean_10*inv_n_H*t3;
@@ -861,6 +832,9 @@ CS_ROWFN inline void layer_norm_lstm_backward_bwd0_rows_row(int64_t _r, int64_t 
         _acc12 += -t15;
         _acc13 += t17*(U_i_h + W_i_x - mean);
         _acc14 += -t18;
+        CS_ST(_p_d_f[_r * _ld_d_f + _j], d_f);
+        CS_ST(_p_d_j[_r * _ld_d_j + _j], d_j);
+        CS_ST(_p_d_i[_r * _ld_d_i + _j], d_i);
     }
     _acc9 = CS_ROW_SUM(_acc9);
     _acc10 = CS_ROW_SUM(_acc10);
@@ -887,13 +861,11 @@ CS_ROWFN inline void layer_norm_lstm_backward_bwd0_rows_row(int64_t _r, int64_t 
         const real W_i_x = CS_LD(_p_W_i_x[_r * _ld_W_i_x + _j]);
         const real W_j_x = CS_LD(_p_W_j_x[_r * _ld_W_j_x + _j]);
         const real W_o_x = CS_LD(_p_W_o_x[_r * _ld_W_o_x + _j]);
-        const real c = CS_LD(_p_c[_r * _ld_c + _j]);
-        const real c_next = CS_LD(_p_c_next[_r * _ld_c_next + _j]);
-        const real d_c = CS_LD(_p_d_c[_r * _ld_d_c + _j]);
-        const real d_h = CS_LD(_p_d_h[_r * _ld_d_h + _j]);
-        const real d_h_next_out = CS_LD(_p_d_h_next_out[_r * _ld_d_h_next_out + _j]);
+        const real d_f = CS_LD(_p_d_f[_r * _ld_d_f + _j]);
+        const real d_i = CS_LD(_p_d_i[_r * _ld_d_i + _j]);
+        const real d_j = CS_LD(_p_d_j[_r * _ld_d_j + _j]);
+        const real d_o = CS_LD(_p_d_o[_r * _ld_d_o + _j]);
         const real f = CS_LD(_p_f[_r * _ld_f + _j]);
-        const real g_c = CS_LD(_p_g_c[_r * _ld_g_c + _j]);
         const real g_f = CS_LD(_p_g_f[_r * _ld_g_f + _j]);
         const real g_i = CS_LD(_p_g_i[_r * _ld_g_i + _j]);
         const real g_j = CS_LD(_p_g_j[_r * _ld_g_j + _j]);
@@ -902,41 +874,22 @@ CS_ROWFN inline void layer_norm_lstm_backward_bwd0_rows_row(int64_t _r, int64_t 
         const real inv_n_H = CS_LD(_p_inv_n_H[_r * _ld_inv_n_H + _j]);
         const real j = CS_LD(_p_j[_r * _ld_j + _j]);
         const real o = CS_LD(_p_o[_r * _ld_o + _j]);
-        const real t0 = cs_tanh(c_next);
-        const real t1 = c*f;
-        const real t2 = i*j;
-        const real t3 = -mean_9 + t1 + t2;
         const real t8 = real(2.0)*U_o_h + real(2.0)*W_o_x - real(2.0)*mean_7;
         const real t13 = real(2.0)*U_f_h + real(2.0)*W_f_x - real(2.0)*mean_5;
         const real t16 = real(2.0)*U_j_h + real(2.0)*W_j_x - real(2.0)*mean_3;
         const real t19 = real(2.0)*U_i_h + real(2.0)*W_i_x - real(2.0)*mean;
-        const real d_h_next = d_h + d_h_next_out;  // adjoint of h'
-        const real d_c_next = d_c + d_h_next*o*(real(1.0) - (t0*t0));  // adjoint of c'
-        const real t4 = d_c_next*g_c;
-        const real t5 = rstd_5*t4;
-        const real t10 = real(2.0)*d_mean_10*inv_n_H*t3;
-        const real t9 = d_mean_9*inv_n_H;
-        const real d_o = d_h_next*t0;  // adjoint of o
         const real t6 = d_o*g_o*o*(real(1.0) - o);
         const real t7 = rstd_4*t6;
-        const real d_f = c*t10 + c*t5 + c*t9;  // adjoint of f
         const real t11 = d_f*f*g_f*(real(1.0) - f);
         const real t12 = rstd_3*t11;
-        const real d_j = i*t10 + i*t5 + i*t9;  // adjoint of j
         const real t14 = d_j*g_j*(real(1.0) - (j*j));
         const real t15 = rstd_2*t14;
-        const real d_i = j*t10 + j*t5 + j*t9;  // adjoint of i
         const real t17 = d_i*g_i*i*(real(1.0) - i);
         const real t18 = rstd*t17;
         const real d_U_i_h = d_mean*inv_n_H + d_mean_2*inv_n_H*t19 + t18;  // adjoint of U_i @ h
         const real d_U_j_h = d_mean_3*inv_n_H + d_mean_4*inv_n_H*t16 + t15;  // adjoint of U_j @ h
         const real d_U_f_h = d_mean_5*inv_n_H + d_mean_6*inv_n_H*t13 + t12;  // adjoint of U_f @ h
         const real d_U_o_h = d_mean_7*inv_n_H + d_mean_8*inv_n_H*t8 + t7;  // adjoint of U_o @ h
-        CS_ST(_p_d_c_next[_r * _ld_d_c_next + _j], d_c_next);
-        CS_ST(_p_d_o[_r * _ld_d_o + _j], d_o);
-        CS_ST(_p_d_f[_r * _ld_d_f + _j], d_f);
-        CS_ST(_p_d_j[_r * _ld_d_j + _j], d_j);
-        CS_ST(_p_d_i[_r * _ld_d_i + _j], d_i);
         CS_ST(_p_d_U_i_h[_r * _ld_d_U_i_h + _j], d_U_i_h);
         CS_ST(_p_d_U_j_h[_r * _ld_d_U_j_h + _j], d_U_j_h);
         CS_ST(_p_d_U_f_h[_r * _ld_d_U_f_h + _j], d_U_f_h);
