@@ -5,11 +5,17 @@ from __future__ import annotations
 
 from cellspec.driver import STAGES, compile_source, front, read_source
 from cellspec.errors import SpecError
+from cellspec.frontend.semantics import ROW
+from cellspec.program.text import prepared_text
 
 
 def _schedule_text(cc) -> str:
     s = cc.schedule
     lines = [f"cell {cc.checked.name}: {len(s.stages)} per-step stage(s)"]
+    if cc.checked.consts:
+        lines.append("  consts: " + ", ".join(f"{c.name} = {c.value!r}" for c in cc.checked.consts))
+    for pr in s.model.prepared:
+        lines.append(f"  prepared before the loop: {pr.key} [{', '.join(pr.shape)}] = {prepared_text(pr)}")
     for g in s.hoisted_gemms:
         lines.append(f"  hoisted GEMM over T*B rows: {', '.join(f'{p.matrix} @ {p.operand}' for p in g.projections)}")
     for v in s.hoisted_values:
@@ -19,7 +25,8 @@ def _schedule_text(cc) -> str:
         for g in st.gemms:
             lines.append(f"    GEMM: {', '.join(f'{p.key} = {p.matrix} @ {p.operand}' for p in g.projections)}")
         for v in st.values:
-            lines.append(f"    {v.key} = {v.expr}")
+            row = "   (row scalar)" if v.size == ROW else ""
+            lines.append(f"    {v.key} = {v.expr}{row}")
     lines.append(f"  saved per step: {', '.join(cc.backward.saved) or '(nothing)'}")
     return "\n".join(lines)
 

@@ -135,6 +135,107 @@ def sru_step(p, x, c):
     return h, c_new
 
 
+def _ln(v: Tensor, eps: float) -> Tensor:
+    """Layer norm over the last axis, biased variance, no affine (torch.nn.functional.layer_norm)."""
+    return torch.nn.functional.layer_norm(v, v.shape[-1:], eps=eps)
+
+
+def layer_norm_lstm_step(p, x, state):
+    """TensorFlow's LayerNormBasicLSTMCell (Ba et al. 2016): gates i, j, f, o each normalised
+    (eps 1e-12), forget bias 1, the new cell state normalised.  Module ``layer_norm_lstm``."""
+    h, c = state
+    gate = {}
+    for g in "ijfo":
+        gate[g] = p[f"g_{g}"] * _ln(_lin(p[f"W_{g}"], x) + _lin(p[f"U_{g}"], h), 1e-12) + p[f"b_{g}"]
+    i, j, f, o = torch.sigmoid(gate["i"]), torch.tanh(gate["j"]), torch.sigmoid(gate["f"] + 1.0), torch.sigmoid(gate["o"])
+    c_new = p["g_c"] * _ln(c * f + i * j, 1e-12) + p["b_c"]
+    h_new = torch.tanh(c_new) * o
+    return h_new, (h_new, c_new)
+
+
+def haste_layer_norm_lstm_step(p, x, state):
+    """Haste's LayerNormLSTM (Ba et al. 2016): LN(Wx) and LN(Rh) each over all four gates
+    (concatenated, gain only), plus bias; LN of c' (gain, shift) before tanh; gates i, g, f, o.
+    Module ``haste_layer_norm_lstm``."""
+    h, c = state
+    gs = "igfo"
+    wx = torch.cat([_lin(p[f"W_{g}"], x) for g in gs], -1)
+    rh = torch.cat([_lin(p[f"R_{g}"], h) for g in gs], -1)
+    gx = torch.cat([p[f"gx_{g}"] for g in gs])
+    gh = torch.cat([p[f"gh_{g}"] for g in gs])
+    b = torch.cat([p[f"b_{g}"] for g in gs])
+    z = gx * _ln(wx, 1e-5) + gh * _ln(rh, 1e-5) + b
+    zi, zg, zf, zo = z.chunk(4, -1)
+    c_new = torch.sigmoid(zf) * c + torch.sigmoid(zi) * torch.tanh(zg)
+    h_new = torch.sigmoid(zo) * torch.tanh(p["gamma_h"] * _ln(c_new, 1e-5) + p["beta_h"])
+    return h_new, (h_new, c_new)
+
+
+def layer_norm_gru_step(p, x, h):
+    """GRU (Cho et al. 2014) with layer-normalised input and recurrent projections per gate, the
+    reset gate scaling the normalised recurrent candidate term.  Module ``layer_norm_gru``."""
+
+    def ln(v, g, b):
+        return p[g] * _ln(v, 1e-5) + p[b]
+
+    r = torch.sigmoid(ln(_lin(p["W_r"], x), "gx_r", "bx_r") + ln(_lin(p["U_r"], h), "gh_r", "bh_r"))
+    u = torch.sigmoid(ln(_lin(p["W_u"], x), "gx_u", "bx_u") + ln(_lin(p["U_u"], h), "gh_u", "bh_u"))
+    cand = torch.tanh(ln(_lin(p["W_c"], x), "gx_c", "bx_c") + r * ln(_lin(p["U_c"], h), "gh_c", "bh_c"))
+    h_new = u * h + (1 - u) * cand
+    return h_new, h_new
+
+
+def slstm_step(p, x, state):
+    """sLSTM of xLSTM (Beck et al. 2024, eqs. 8-17), one head, exponential input and forget
+    gates with the stabiliser state m.  Module ``slstm``; states (h, c, n, m)."""
+    h, c, n, m = state
+
+    def pre(g):
+        return _lin(p[f"W_{g}"], x) + _lin(p[f"R_{g}"], h) + p[f"b_{g}"]
+
+    z = torch.tanh(pre("z"))
+    i_log, f_log = pre("i"), pre("f")
+    o = torch.sigmoid(pre("o"))
+    m_new = torch.maximum(f_log + m, i_log)
+    i = torch.exp(i_log - m_new)
+    f = torch.exp(f_log + m - m_new)
+    c_new = f * c + i * z
+    n_new = f * n + i
+    h_new = o * (c_new / n_new)
+    return h_new, (h_new, c_new, n_new, m_new)
+
+
+def co_rnn_step(p, x, state, dt=0.042, gamma=2.7, eps=4.7):
+    """coRNN (Rusch & Mishra 2021), the authors' update order: z first, y reads the new z.
+    Module ``co_rnn``; states (y, z), output y."""
+    y, z = state
+    z_new = z + dt * (torch.tanh(_lin(p["W"], y) + _lin(p["W_z"], z) + _lin(p["V"], x) + p["b"]) - gamma * y - eps * z)
+    y_new = y + dt * z_new
+    return y_new, (y_new, z_new)
+
+
+def antisymmetric_rnn_step(p, x, h, eps=0.01, gamma=0.01):
+    """AntisymmetricRNN (Chang et al. 2019, eq. 12).  Module ``antisymmetric_rnn``."""
+    W = p["W"]
+    A = W - W.T - gamma * torch.eye(W.shape[0], dtype=W.dtype)
+    h_new = h + eps * torch.tanh(_lin(A, h) + _lin(p["V"], x) + p["b"])
+    return h_new, h_new
+
+
+def def_lstm_step(p, x, state):
+    """LSTM with one bias per gate and a trained scalar beta inside the output tanh.  Module
+    ``def_lstm``."""
+    h, c = state
+
+    def pre(g):
+        return _lin(p[f"W_{g}"], x) + _lin(p[f"U_{g}"], h) + p[f"b_{g}"]
+
+    i, f, g, o = torch.sigmoid(pre("i")), torch.sigmoid(pre("f")), torch.tanh(pre("g")), torch.sigmoid(pre("o"))
+    c_new = f * c + i * g
+    h_new = o * torch.tanh(p["beta"] * c_new)
+    return h_new, (h_new, c_new)
+
+
 # module name -> step function.  Cell names: elman=Elman, lstm=LSTM, gru=GRU, torch_gru=TorchGRU,
 # peephole_lstm=PeepholeLSTM, cifg_lstm=CifgLSTM, lstmp=LSTMP, mgu=MGU, ind_rnn=IndRNN,
 # janet=JANET, sru=SRU.
@@ -150,6 +251,13 @@ REFERENCES = {
     "ind_rnn": ind_rnn_step,
     "janet": janet_step,
     "sru": sru_step,
+    "layer_norm_lstm": layer_norm_lstm_step,
+    "haste_layer_norm_lstm": haste_layer_norm_lstm_step,
+    "layer_norm_gru": layer_norm_gru_step,
+    "slstm": slstm_step,
+    "co_rnn": co_rnn_step,
+    "antisymmetric_rnn": antisymmetric_rnn_step,
+    "def_lstm": def_lstm_step,
 }
 
 # module name -> cell name (generated classes are <Name>Cell and <Name>).
@@ -165,13 +273,23 @@ CELLS = {
     "ind_rnn": "IndRNN",
     "janet": "JANET",
     "sru": "SRU",
+    "layer_norm_lstm": "LayerNormLSTM",
+    "haste_layer_norm_lstm": "HasteLayerNormLSTM",
+    "layer_norm_gru": "LayerNormGRU",
+    "slstm": "SLSTM",
+    "co_rnn": "CoRNN",
+    "antisymmetric_rnn": "AntisymmetricRNN",
+    "def_lstm": "DefLSTM",
 }
 
 
 def state_sizes(name: str, I: int, H: int, P: int | None = None) -> list[int]:
     """Sizes of the state vectors, in declaration order."""
-    if name in ("lstm", "peephole_lstm", "cifg_lstm"):
+    if name in ("lstm", "peephole_lstm", "cifg_lstm", "layer_norm_lstm", "haste_layer_norm_lstm", "co_rnn",
+                "def_lstm"):
         return [H, H]
+    if name == "slstm":
+        return [H, H, H, H]
     if name == "lstmp":
         return [P, H]
     return [H]
@@ -243,6 +361,38 @@ def param_shapes(name: str, I: int, H: int, P: int | None = None) -> dict[str, t
             "b_r": (H,),
             "W_s": (H, I),
         }
+    if name == "layer_norm_lstm":
+        d = {}
+        for g in "ijfo":
+            d.update({f"W_{g}": (H, I), f"U_{g}": (H, H), f"g_{g}": (H,), f"b_{g}": (H,)})
+        return {**d, "g_c": (H,), "b_c": (H,)}
+    if name == "haste_layer_norm_lstm":
+        d = {f"W_{g}": (H, I) for g in "igfo"}
+        d.update({f"R_{g}": (H, H) for g in "igfo"})
+        for pre in ("b", "gx", "gh"):
+            d.update({f"{pre}_{g}": (H,) for g in "igfo"})
+        return {**d, "gamma_h": (H,), "beta_h": (H,)}
+    if name == "layer_norm_gru":
+        d = {}
+        for g in "ruc":
+            d.update({f"W_{g}": (H, I), f"U_{g}": (H, H)})
+        for g in "ruc":
+            d.update({f"gx_{g}": (H,), f"bx_{g}": (H,), f"gh_{g}": (H,), f"bh_{g}": (H,)})
+        return d
+    if name == "slstm":
+        d = {}
+        for g in "zifo":
+            d.update({f"W_{g}": (H, I), f"R_{g}": (H, H), f"b_{g}": (H,)})
+        return d
+    if name == "co_rnn":
+        return {"V": (H, I), "W": (H, H), "W_z": (H, H), "b": (H,)}
+    if name == "antisymmetric_rnn":
+        return {"W": (H, H), "V": (H, I), "b": (H,)}
+    if name == "def_lstm":
+        d = {}
+        for g in "ifgo":
+            d.update({f"W_{g}": (H, I), f"U_{g}": (H, H), f"b_{g}": (H,)})
+        return {**d, "beta": ()}
     raise KeyError(name)
 
 

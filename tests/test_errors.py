@@ -194,7 +194,7 @@ def test_name_rule(name):
 SHAPES = {
     "@ with a vector param": (
         cell("  h' = tanh(W @ x + U @ h + b + b ⟦@⟧ x)"),
-        r"the left side of '@' must be a param matrix, not the vector param 'b'",
+        r"the left side of '@' must be a param matrix or a matrix expression \(.*\), not the vector param 'b'",
     ),
     "@ with an input": (cell("  h' = tanh(W @ x + U @ h + b + x ⟦@⟧ x)"), r"not the input 'x'"),
     "@ with a state": (cell("  h' = tanh(W @ x + U @ h + b + h ⟦@⟧ h)"), r"not the state 'h'"),
@@ -202,7 +202,7 @@ SHAPES = {
     "@ with a number": (cell("  h' = tanh(W @ x + U @ h + b + 2 ⟦@⟧ h)"), r"not an expression"),
     "@ with an unknown name": (cell("  h' = tanh(W @ x + U @ h + b + V ⟦@⟧ h)"), r"not the unknown name 'V'"),
     "@ after a product groups from the left": (
-        cell("  h' = tanh(W @ x + U @ h + b) + 2 * U ⟦@⟧ h"),
+        cell("  h' = tanh(W @ x + U @ h + b) + b * U ⟦@⟧ h"),
         r"not an expression; '\*', '/' and '@' group from the left: write \.\.\. \* \(U @ \.\.\.\)",
     ),
     "@ with a number on the right": (cell("  h' = tanh(W @ x + U @ h + b + U ⟦@⟧ 2)"), r"right side of '@' must be a vector"),
@@ -234,8 +234,8 @@ def test_shape_rule(name):
 @pytest.mark.parametrize(
     "call, message",
     [
-        ("⟦tanhh⟧(W @ x + U @ h + b)", r"^unknown function 'tanhh'$"),
-        ("⟦softmax⟧(W @ x + U @ h + b)", r"^unknown function 'softmax'$"),
+        ("⟦tanhh⟧(W @ x + U @ h + b)", r"^unknown function 'tanhh'; the functions are abs, .*, tanh$"),
+        ("⟦softmax⟧(W @ x + U @ h + b)", r"^unknown function 'softmax'; the functions are .*sigmoid"),
         ("⟦tanh⟧(W @ x + U @ h + b, b)", r"tanh\(\) takes 1 argument\(s\), got 2"),
         ("⟦tanh⟧()", r"tanh\(\) takes 1 argument\(s\), got 0"),
         ("⟦max⟧(W @ x + U @ h + b)", r"max\(\) takes 2 argument\(s\), got 1"),
@@ -289,7 +289,7 @@ DECLS = {
     ),
     "param with 3 dims": (
         "cell C {\n  input x[I]\n  state h[H]\n  param ⟦W⟧[H, I, I]\n  h' = x\n}\n",
-        r"param 'W' has 3 dimensions; a param is a vector \[N\] or a matrix \[M, N\]",
+        r"param 'W' has 3 dimensions; a param is a number \(no shape\), a vector \[N\] or a matrix \[M, N\]",
     ),
     "param named like a size argument": (
         "cell C {\n  input x[I]\n  size P = proj\n  state h[P]\n  param W[P, I], ⟦proj⟧[P]\n  h' = W @ x + proj\n}\n",
@@ -602,3 +602,167 @@ def test_read_source_locates_a_bad_byte(tmp_path, prefix):
     header, line, caret = e.render().split("\n")
     assert header == f"{p}:2:16: {e.message}"
     assert line == "      # é ok, then \ufffd" and caret == "    " + " " * 15 + "^"
+
+
+# ---------------------------------------------------------------- consts, scalar params, defs, matrix expressions
+def _with_const(*lines: str, const: str = "  const dt = 0.5\n") -> str:
+    return cell(*lines, head=BODY + const)
+
+
+REACH = {
+    "const declared twice": (
+        _with_const(STEP.rstrip(), const="  const dt = 0.5, ⟦dt⟧ = 0.1\n"),
+        r"const 'dt' is declared twice",
+    ),
+    "const declared as a param too": (
+        _with_const(STEP.rstrip(), const="  const dt = 0.5\n  param ⟦dt⟧[H]\n"),
+        r"'dt' is already declared as a const",
+    ),
+    "const used as a matrix": (
+        _with_const("  h' = tanh(W @ x + dt ⟦@⟧ h + b)"),
+        r"the left side of '@' must be a param matrix or a matrix expression .*not the const 'dt'",
+    ),
+    "const assigned": (
+        _with_const(STEP.rstrip(), "  ⟦dt⟧ = h"),
+        r"'dt' is a const and cannot be assigned",
+    ),
+    "const named like a module argument": (
+        _with_const(STEP.rstrip(), const="  const ⟦training⟧ = 1\n"),
+        r"const 'training' would be a keyword argument of the generated modules and functions",
+    ),
+    "const named like a numpy_cell argument": (
+        _with_const(STEP.rstrip(), const="  const ⟦params⟧ = 1\n"),
+        r"const 'params' would be a keyword argument",
+    ),
+    "scalar param orthogonal": (
+        cell(STEP.rstrip() + " * a", head=BODY + "  param a = ⟦orthogonal⟧\n"),
+        r"'orthogonal' initialises a matrix; this param is a number",
+    ),
+    "scalar param left of @": (
+        cell("  h' = tanh(W @ x + a ⟦@⟧ h + U @ h + b)", head=BODY + "  param a\n"),
+        r"not the scalar param 'a'",
+    ),
+    "unknown function left of @": (
+        cell("  h' = tanh(W @ x + ⟦skew⟧(U) @ h + b)"),
+        r"^unknown function 'skew'; the functions are abs, .*tanh$",
+    ),
+    "function of a matrix left of @": (
+        cell("  h' = tanh(W @ x + tanh(U) ⟦@⟧ h + b)"),
+        r"must be a param matrix or a matrix expression",
+    ),
+    "matrix scaled by a vector": (
+        cell("  h' = tanh(W @ x + (b * U) ⟦@⟧ h + b)"),
+        r"must be a param matrix or a matrix expression",
+    ),
+    "matrix shapes differ": (
+        cell("  h' = tanh((W ⟦+⟧ U) @ x + b)"),
+        r"shape mismatch: '\+' of a \[H, I\] matrix and a \[H, H\] matrix",
+    ),
+    "eye added to a non-square matrix": (
+        cell("  h' = tanh((W ⟦+⟧ eye) @ x + U @ h + b)"),
+        r"eye is square but the matrix it is added to is \[H, I\]",
+    ),
+    "transpose outside @": (
+        cell("  h' = tanh(W @ x + U @ h + b) + ⟦transpose⟧(b)"),
+        r"transpose\(\) is a matrix expression; use it on the left of '@'",
+    ),
+    "transposed size mismatch": (
+        cell("  h' = tanh(transpose(W) ⟦@⟧ x + U @ h + b)"),
+        r"size mismatch: the matrix is \[I, H\] but its operand has size I",
+    ),
+    "def recursion": (
+        "def f(v) = ⟦f⟧(v) + 1\n" + cell("  h' = f(W @ x + U @ h + b)"),
+        r"def 'f' calls itself; a def cannot be recursive",
+    ),
+    "def uses a later def": (
+        "def f(v) = ⟦g⟧(v)\ndef g(v) = v\n" + cell("  h' = f(W @ x + U @ h + b)"),
+        r"unknown function 'g' in def 'f' \(a def calls built-in functions and defs above it\)",
+    ),
+    "def unknown argument": (
+        "def f(v) = v * ⟦w⟧\n" + cell("  h' = f(W @ x + U @ h + b)"),
+        r"unknown argument 'w' in def 'f'; its body may use only its arguments \(v\)",
+    ),
+    "def reusing a built-in name": (
+        "def ⟦tanh⟧(v) = v\n" + cell(STEP.rstrip()),
+        r"def 'tanh' has the name of a built-in function",
+    ),
+    "def defined twice": (
+        "def f(v) = v\ndef ⟦f⟧(v) = v\n" + cell(STEP.rstrip()),
+        r"def 'f' is defined twice \(first on line 1\)",
+    ),
+    "def argument twice": (
+        "def f(v, ⟦v⟧) = v\n" + cell(STEP.rstrip()),
+        r"argument 'v' of def 'f' is listed twice",
+    ),
+    "def called with too many arguments": (
+        "def f(v) = v\n" + cell("  h' = ⟦f⟧(W @ x, U @ h) + b"),
+        r"f\(\) takes 1 argument\(s\), got 2",
+    ),
+    "error in a def body names the call site": (
+        "def f(u, v) = u ⟦+⟧ v\n" + cell("  h' = tanh(f(W @ x, x) + U @ h + b)"),
+        r"size mismatch: '\+' of a vector of size H and one of size I \(in f\(\) called at line 6, column 13\)",
+    ),
+    "def used by a cell before it": (
+        cell("  h' = ⟦f⟧(W @ x + U @ h + b)") + "def f(v) = v\n",
+        r"unknown function 'f'",
+    ),
+    "intermediate named like a def": (
+        "def f(v) = v\n" + cell(STEP.rstrip(), "  ⟦f⟧ = h"),
+        r"intermediate 'f' has the name of the def on line 1",
+    ),
+    "row scalar as a state": (
+        cell("  ⟦h'⟧ = mean(W @ x + U @ h + b)"),
+        r"h' would be a row scalar \(one number per row, from a reduction\); a state is a vector",
+    ),
+    "row scalar as an output": (
+        cell(STEP.rstrip(), "  m = mean(h')", "  output h', ⟦m⟧"),
+        r"output 'm' is a row scalar \(one number per row\); outputs are vectors",
+    ),
+    "row scalar right of @": (
+        cell("  h' = tanh(W @ x + U ⟦@⟧ sum(h) + b)"),
+        r"the right side of '@' must be a vector, not a row scalar",
+    ),
+    "layer_norm with a vector eps": (
+        cell("  h' = ⟦layer_norm⟧(W @ x + U @ h, b)"),
+        r"the eps of layer_norm\(\) must be a number, not a vector of size H",
+    ),
+    "layer_norm with a row scalar eps": (
+        cell("  h' = ⟦layer_norm⟧(W @ x + U @ h, mean(h))"),
+        r"the eps of layer_norm\(\) must be a number, not a row scalar",
+    ),
+    "layer_norm with a zero eps": (
+        cell("  h' = layer_norm(W @ x + U @ h, ⟦0⟧)"),
+        r"the eps of layer_norm\(\) must be positive",
+    ),
+    "mean of a number": (
+        cell("  h' = tanh(W @ x + U @ h + b) + ⟦mean⟧(2)"),
+        r"argument 1 of mean\(\) must be a vector, not a number",
+    ),
+    "mean of a row scalar": (
+        cell("  h' = tanh(W @ x + U @ h + b) + ⟦mean⟧(h, sum(h))"),
+        r"argument 2 of mean\(\) must be a vector, not a row scalar",
+    ),
+    "row scalar reads a const": (
+        _with_const(STEP.rstrip(), "  m = mean(h') * ⟦dt⟧"),
+        r"a row scalar cannot read the const 'dt' outside a reduction yet",
+    ),
+    "layer_norm with three arguments": (
+        cell("  h' = ⟦layer_norm⟧(h, 1e-5, 2)"),
+        r"layer_norm\(\) takes 1 to 2 argument\(s\), got 3",
+    ),
+    "a def's body reads a next state": (
+        "def f(v) = v * ⟦h'⟧\n" + cell(STEP.rstrip()),
+        r"a def's body cannot refer to a next state",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(REACH))
+def test_reach_rule(name):
+    assert_refused(*REACH[name])
+
+
+def test_a_number_times_a_matrix_is_a_matrix_expression():
+    """``2 * U @ h`` groups as ``(2 * U) @ h``, which is 2 * (U @ h): accepted."""
+    (checked,) = front(Source("t.cell", cell("  h' = tanh(W @ x + b) + 2 * U @ h")))[1]
+    assert checked.name == "C"

@@ -28,7 +28,10 @@ N_TEXTS = int(os.environ.get("CELLSPEC_FUZZ_TEXTS", "1500"))
 TIME_BOUND = 20.0  # seconds per input: generous for a loaded CI machine (a 400k-char sum takes ~3 s)
 TOKENS = ["cell", "input", "state", "param", "size", "output", "{", "}", "[", "]", "(", ")", ",", "=",
           "+", "-", "*", "/", "@", "^", "**", "'", "h'", "x", "H", "I", "1e309", "0", "sigmoid(",
-          "#", "\n", "\t", "\r\n", "\r", "é", "∑", "\u200b", "\x00", "lambda", "__init__", "_x"]
+          "#", "\n", "\t", "\r\n", "\r", "é", "∑", "\u200b", "\x00", "lambda", "__init__", "_x",
+          # language reach: defs, consts, scalar params, reductions, matrix expressions
+          "def f(a) = a\n", "def", "const", "const k = 2\n", "param s = 1\n", "f(", "mean(", "sum(",
+          "layer_norm(", "transpose(", "eye", " - transpose(W) ", ", 1e-5)"]
 ERROR_RE = re.compile(r"^[^\n]*:\d+:\d+: [^\n]+\n    [^\n]*\n    [ \t]*\^+$")
 
 

@@ -425,17 +425,19 @@ def test_numpy_cell_matches_reference(compiled, name):
 
 @pytest.mark.parametrize("name", ALL_CELLS)
 def test_default_initialisation(compiled, name):
-    """Parameters start from U(-k, k), k = 1/sqrt(hidden_size), except those declared `= 1.0`."""
+    """Parameters start from U(-k, k), k = 1/sqrt(hidden_size), except those declared `= number`
+    (`b_r`, `b_u` of the GRU are 1.0; layer-norm gains 1.0 and shifts 0.0)."""
     pkg = compiled(name)
     torch.manual_seed(0)
     mod = make_generated(pkg, name, layer=True)
-    ones = {"gru": {"b_r", "b_u"}, "janet": {"b_f"}}.get(name, set())
+    fills = {k: v[1] for k, v in pkg.torch_cell.INITS.items() if v[0] == "fill"}
+    assert {"gru": {"b_r", "b_u"}, "janet": {"b_f"}}.get(name, set()) <= set(fills)
     k = 1 / math.sqrt(H)
     for pname, v in mod.named_parameters():
         assert isinstance(v, nn.Parameter)
         assert getattr(mod, pname) is v
-        if pname in ones:
-            assert torch.all(v == 1.0), pname
+        if pname in fills:
+            assert torch.all(v == fills[pname]), pname
         else:
             assert v.abs().max() <= k + 1e-12, pname
             assert v.std() > 0, pname

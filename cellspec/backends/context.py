@@ -112,7 +112,7 @@ def build(sched: Schedule, back: Backward, printer_cls, reserved: set[str], **pr
         computed from params and constants alone)."""
         if key not in free_memo:
             if key in m.leaves:
-                free_memo[key] = m.leaves[key].kind == "param"
+                free_memo[key] = m.leaves[key].kind in ("param", "const")
             elif key in projections:
                 free_memo[key] = batch_free(projections[key].operand)
             else:
@@ -218,6 +218,10 @@ def build(sched: Schedule, back: Backward, printer_cls, reserved: set[str], **pr
             }
             for p in cell.params
         ],
+        "spec_params": [
+            {"key": p.name, "shape": p.shape, "init": p.init} for p in (m.spec_cell or cell).params
+        ],
+        "consts": [(c.name, repr(float(c.value))) for c in (m.spec_cell or cell).consts],
         "vector_params": [leaf_info(p.name) | {"size": p.shape[0]} for p in cell.params if not p.is_matrix],
         "outputs": [
             {

@@ -34,6 +34,7 @@ from sympy.printing.c import C99CodePrinter
 from cellspec.backends.naming import C_RESERVED, mangle
 from cellspec.backends.printers import CudaPrinter
 from cellspec.backends.render import render_template
+from cellspec.model import functions as fn_
 from cellspec.model import ops
 from cellspec.program import ir
 
@@ -74,6 +75,24 @@ class ElementFunction:
         )
 
 
+@dataclass
+class RowFunction:
+    """One pointwise block with reductions: per row, loops over units for the element parts, a
+    reduction loop per ``RowSum`` (a block-wide sum on the GPU), the row statements between them.
+
+    ``args`` are (code name, io, size) with size ``ir.ROW`` for a row scalar (one element per
+    row); ``sizes`` the size symbols its loops run over; ``body`` the C++ of one row."""
+
+    name: str
+    block: str
+    title: str
+    args: list[dict]
+    sizes: list[str]
+    body: list[str]
+    keys: dict[str, str] = field(default_factory=dict)  # code name -> program name
+    row = True
+
+
 class _SizePrinter(C99CodePrinter):
     """Sizes in the host loop: T -> n_T, H -> n_H."""
 
@@ -102,7 +121,173 @@ class _Renderer:
         self.names = mangle(list(seen), C_RESERVED)
         self.pr = CudaPrinter(self.names)
         self.functions: list[ElementFunction] = []
+        self.row_functions: list[RowFunction] = []
         self.by_block: dict[tuple[str, str], list[ElementFunction]] = {}
+
+    # ------------------------------------------------------------------ row functions
+    @staticmethod
+    def is_row_block(prog: ir.Program, blk: ir.Pointwise) -> bool:
+        """A block with a reduction or a row scalar: it runs row by row (:class:`RowFunction`)."""
+        sizes = prog.value_sizes
+        return any(st.expr.atoms(fn_.RowSum) for st in blk.statements) or any(
+            sizes.get(n) == ir.ROW for n in (*blk.reads, *(st.target for st in blk.statements))
+        )
+
+    def row_function(self, fn: ir.Function, blk: ir.Pointwise) -> RowFunction:
+        """The block as one :class:`RowFunction` (see there)."""
+        sizes = self.p.value_sizes
+        n = self.names
+        stmts = list(blk.statements)
+        defined = {st.target for st in stmts}
+        level: dict[str, str] = {r: sizes[r] for r in blk.reads}
+
+        def outer_symbols(e: sp.Expr) -> set[str]:
+            flat = e.xreplace({a: sp.S.Zero for a in e.atoms(fn_.RowSum)})
+            return {s.name for s in flat.free_symbols}
+
+        for st in stmts:
+            if st.target in sizes and not st.temp:
+                level[st.target] = sizes[st.target]
+            else:
+                elems = {level[s] for s in outer_symbols(st.expr) if level.get(s, ir.ROW) != ir.ROW}
+                level[st.target] = min(elems) if elems else ir.ROW
+        reads_of = {st.target: {s.name for s in st.expr.free_symbols} for st in stmts}
+        exported = set(blk.writes)
+
+        # results of the block stored by an earlier pass over the units: later passes load them
+        # instead of computing them again (each thread reads back only its own units)
+        stored: set[str] = set()
+
+        def needed(names: set[str]) -> list:
+            """Element statements (in order) that ``names`` need, within the block."""
+            need: set[str] = set()
+            todo = [x for x in names if x in defined and level[x] != ir.ROW and x not in stored]
+            while todo:
+                x = todo.pop()
+                if x in need:
+                    continue
+                need.add(x)
+                todo.extend(r for r in reads_of[x] if r in defined and level[r] != ir.ROW and r not in stored)
+            return [st for st in stmts if st.target in need]
+
+        def loads(names: set[str], size: str) -> list[str]:
+            return [f"        const real {n[r]} = CS_LD(_p_{n[r]}[_r * _ld_{n[r]} + _j]);"
+                    for r in sorted(names) if (r in blk.reads or r in stored) and level[r] == size]
+
+        def store_early(inner: list) -> tuple[list[str], set[str]]:
+            """Stores of the block's vector results (not also read by it) computed in a pass."""
+            out = [x.target for x in inner if x.target in exported and x.target not in blk.reads]
+            return [f"        CS_ST(_p_{n[w]}[_r * _ld_{n[w]} + _j], {n[w]});" for w in out], set(out)
+
+        body: list[str] = []
+        for r in blk.reads:
+            if level[r] == ir.ROW:
+                body.append(f"    const real {n[r]} = CS_LD(_p_{n[r]}[_r * _ld_{n[r]}]);")
+        loop_sizes: list[str] = []
+        # Row statements in order; the reductions they need run in as few passes over the units
+        # as the dependencies allow: every pass sums, per size, all the pending reductions whose
+        # arguments read only row scalars already known, then the row statements they complete
+        # are computed.
+        row_stmts = [st for st in stmts if level[st.target] == ir.ROW]
+        row_names = {st.target for st in row_stmts}
+        known = {r for r in blk.reads if level[r] == ir.ROW}
+        acc_of: dict = {}  # RowSum atom -> accumulator name
+
+        def row_deps(names: set[str]) -> set[str]:
+            """Row scalars of the block that these names (and the element statements they
+            need) read."""
+            out = {x for x in names if x in row_names}
+            for x in needed(names):
+                out |= reads_of[x.target] & row_names
+            return out
+
+        pending = list(row_stmts)
+        while pending:
+            ready_sums = []
+            for st in pending:
+                for a in sorted(st.expr.atoms(fn_.RowSum), key=sp.default_sort_key):
+                    syms = {s.name for s in a.args[0].free_symbols}
+                    if a not in acc_of and a not in ready_sums and row_deps(syms) <= known:
+                        ready_sums.append(a)
+            by_size: dict[str, list] = {}
+            for a in ready_sums:
+                syms = {s.name for s in a.args[0].free_symbols}
+                size = next(level[s] for s in sorted(syms) if level.get(s, ir.ROW) != ir.ROW)
+                by_size.setdefault(size, []).append(a)
+            for size, sums in sorted(by_size.items()):
+                loop_sizes.append(size)
+                names = [f"_acc{len(acc_of) + k}" for k in range(len(sums))]
+                syms = set().union(*({s.name for s in a.args[0].free_symbols} for a in sums))
+                inner = needed(syms)
+                used = syms | set().union(*(reads_of[x.target] for x in inner)) if inner else syms
+                for name in names:
+                    body.append(f"    real {name} = real(0);")
+                body.append(f"    CS_SIMD_SUM({', '.join(names)})")
+                body.append(f"    for (int64_t _j = _j0; _j < n_{size}; _j += _dj) {{")
+                body += loads(used, size)
+                for x in inner:
+                    body.append(f"        const real {n[x.target]} = {self.pr.doprint(x.expr)};")
+                for name, a in zip(names, sums):
+                    body.append(f"        {name} += {self.pr.doprint(a.args[0])};")
+                early, done = store_early(inner)
+                body += early
+                body.append("    }")
+                stored |= done
+                for name, a in zip(names, sums):
+                    body.append(f"    {name} = CS_ROW_SUM({name});")
+                    self.names[name] = name
+                    acc_of[a] = name
+            progressed = bool(ready_sums)
+            still = []
+            for st in pending:
+                sums = st.expr.atoms(fn_.RowSum)
+                deps = {s.name for s in st.expr.free_symbols} - {
+                    s.name for a in sums for s in a.args[0].free_symbols}
+                if all(a in acc_of for a in sums) and (deps & row_names) <= known and not still:
+                    expr = st.expr.xreplace({a: sp.Symbol(acc_of[a]) for a in sums})
+                    comment = f"  // {st.comment}" if st.comment else ""
+                    body.append(f"    const real {n[st.target]} = {self.pr.doprint(expr)};{comment}")
+                    known.add(st.target)
+                    progressed = True
+                else:
+                    still.append(st)
+            pending = still
+            if not progressed:  # pragma: no cover - the block's statements are in dependency order
+                raise RuntimeError(f"{blk.block}: row statements with unmet dependencies")
+        # the element results, one loop per size
+        elem_out = [w for w in blk.writes if level[w] != ir.ROW]
+        for size in sorted({level[w] for w in elem_out}):
+            mine = [w for w in elem_out if level[w] == size and w not in stored]
+            if not mine:
+                continue
+            inner = needed(set(mine))
+            used = set().union(*(reads_of[x.target] for x in inner))
+            loop_sizes.append(size)
+            body.append("    CS_SIMD")
+            body.append(f"    for (int64_t _j = _j0; _j < n_{size}; _j += _dj) {{")
+            body += loads(used, size)
+            for x in inner:
+                comment = f"  // {x.comment}" if x.comment else ""
+                body.append(f"        const real {n[x.target]} = {self.pr.doprint(x.expr)};{comment}")
+            for w in mine:
+                body.append(f"        CS_ST(_p_{n[w]}[_r * _ld_{n[w]} + _j], {n[w]});")
+            body.append("    }")
+        for w in blk.writes:
+            if level[w] == ir.ROW:
+                body.append(f"    if (_j0 == 0) CS_ST(_p_{n[w]}[_r * _ld_{n[w]}], {n[w]});")
+        args = [{"name": n[r], "io": "in", "size": level[r]} for r in sorted(blk.reads) if r not in exported]
+        args += [{"name": n[w], "io": "inout" if w in blk.reads else "out", "size": level[w]} for w in blk.writes]
+        rf = RowFunction(
+            name=f"{self.p.module}_{fn.name}_{blk.block}_rows",
+            block=blk.block,
+            title=f"{fn.name}: {blk.title}, row by row (reductions over the units)",
+            args=args,
+            sizes=sorted(set(loop_sizes)),
+            body=body,
+        )
+        rf.keys = {n[k]: k for k in (*blk.reads, *blk.writes)}
+        self.row_functions.append(rf)
+        return rf
 
     # ------------------------------------------------------------------ element functions
     def split(self, fn: ir.Function, blk: ir.Pointwise) -> list[ElementFunction]:
@@ -218,6 +403,15 @@ class _Renderer:
                 lines.append(ind + "}")
                 for name, kind, _ in packs:
                     lines.append(f"{ind}cs_unpack(pk_{name}_{kind});")
+            elif isinstance(op, ir.Pointwise) and self.is_row_block(p, op):
+                rf = self.row_function(fn, op)
+                args = []
+                for a in rf.args:
+                    ptr, ld = self.ptr(fn, rf.keys[a["name"]], op.rows)
+                    args.append(f"{ptr}, {ld}")
+                lines.append(f"{ind}// {rf.title}")
+                lines.append(f"{ind}CS_ROWS({rf.name}, {rows_of(op.rows)}, "
+                             + ", ".join([*(f"n_{s}" for s in rf.sizes), *args]) + ");")
             elif isinstance(op, ir.Pointwise):
                 for ef in self.split(fn, op):
                     args = []
@@ -334,6 +528,7 @@ def render(prog: ir.Program, spec_text: str, version: str, filename: str) -> tup
         "filename": filename,
         "spec_text": spec_text,
         "functions": r.functions,
+        "row_functions": r.row_functions,
         "dtypes": CUDA_DTYPES,
         "host_dtypes": HOST_DTYPES,
         "loops": loops,

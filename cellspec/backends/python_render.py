@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import sympy as sp
 from sympy.printing.c import C99CodePrinter
+from sympy.printing.pycode import PythonCodePrinter
 
 from cellspec.program import ir
 
@@ -441,6 +442,75 @@ def render(prog: ir.Program, names: dict[str, str], printer, d: Dialect) -> dict
     return out
 
 
+class _CoefPrinter(PythonCodePrinter):
+    """Coefficients of prepared params: a const is ``_consts["name"]``; a placeholder symbol
+    is the code of a term's source."""
+
+    def __init__(self, sources: dict[str, str], sizes: tuple[str, ...] = ()):
+        super().__init__({"fully_qualified_modules": False})
+        self.sources = sources
+        self.sizes = sizes
+
+    def _print_Symbol(self, expr):
+        if expr.name in self.sizes:
+            return f'_sizes["{expr.name}"]'
+        return self.sources.get(expr.name, f'_consts["{expr.name}"]')
+
+
+def _prepare_lines(prog: ir.Program, d: Dialect) -> dict:
+    """``_prepare`` (spec params and consts -> engine params), ``_unprepare`` (engine gradients ->
+    spec gradients, NumPy: PyTorch differentiates ``_prepare`` with autograd) and
+    ``_spec_sizes`` (the sizes from the spec params and the inputs)."""
+    numpy = d.name == "numpy"
+    direct = [prm.key for prm in prog.params if prm.key not in {p.key for p in prog.prepared}]
+    lines = []
+    for pr in prog.prepared:
+        sources: dict[str, str] = {}
+        expr = sp.S.Zero
+        for i, t in enumerate(pr.terms):
+            name = f"_src{i}"
+            if t.source is None and len(pr.shape) == 2:
+                sources[name] = (f'np.eye(_sizes["{pr.shape[0]}"], dtype=_dt)' if numpy else
+                                 f'torch.eye(_sizes["{pr.shape[0]}"], dtype=_dt, device=_dev)')
+            elif t.source is None:
+                expr += t.coef
+                continue
+            else:
+                sources[name] = f'_params["{t.source}"]' + (".T" if t.transpose else "")
+            expr += t.coef * sp.Symbol(name)
+        code = _CoefPrinter(sources, prog.sizes).doprint(expr)
+        if len(pr.shape) == 2:
+            made = f"np.ascontiguousarray({code}, dtype=_dt)" if numpy else f"({code}).contiguous()"
+        else:
+            n = f'_sizes["{pr.shape[0]}"]'
+            made = (f"np.full(({n},), {code}, dtype=_dt)" if numpy else
+                    f"({code}) * torch.ones({n}, dtype=_dt, device=_dev)")
+        lines.append(f'_p["{pr.key}"] = {made}  # {pr.text}')
+    back = []
+    for prm in prog.spec_params:
+        start = f'_grads["{prm.key}"]' if prm.key in direct else f'np.zeros(np.shape(_params["{prm.key}"]), _dt)'
+        back.append(f'_g["{prm.key}"] = {start}')
+    for pr in prog.prepared:
+        for t in pr.terms:
+            if t.source is None or t.source not in {p.key for p in prog.spec_params}:
+                continue
+            g = f'_grads["{pr.key}"]' + (".T" if t.transpose else "")
+            if len(pr.shape) == 1:
+                g = f"{g}.sum()"
+            coef = _CoefPrinter({}).doprint(t.coef)
+            back.append(f'_g["{t.source}"] = _g["{t.source}"] + {g}' + ("" if t.coef == 1 else f" * ({coef})"))
+    sizes = []
+    for i, v in enumerate(prog.inputs):
+        sizes.append((v.size, f"_arrays(_x)[{i}].shape[-1]"))
+    for prm in prog.spec_params:
+        for k, s in enumerate(prm.shape):
+            sizes.append((s, f'np.shape(_params["{prm.key}"])[{k}]' if numpy else f'_params["{prm.key}"].shape[{k}]'))
+    seen: dict[str, str] = {}
+    for s, src in sizes:
+        seen.setdefault(s, src)
+    return {"prepare": lines, "unprepare": back, "direct": direct, "spec_sizes": list(seen.items())}
+
+
 def sequence_context(prog: ir.Program, names: dict[str, str], printer, d: Dialect) -> dict:
     """Everything ``sequence.py.j2`` needs (``seq`` in the module templates' context)."""
     ctx = render(prog, names, printer, d)
@@ -480,5 +550,9 @@ def sequence_context(prog: ir.Program, names: dict[str, str], printer, d: Dialec
         d_inputs=[f"_{prog.d_inputs[v.key]}" for v in prog.inputs],
         d_states=[f"_{prog.d_states[v.key]}" for v in prog.states],
         first_input=first,
+        engine_params=[prm.key for prm in prog.params],
+        consts=list(prog.consts),
+        prepared=bool(prog.prepared) or [prm.key for prm in prog.params] != [prm.key for prm in prog.spec_params],
+        **_prepare_lines(prog, d),
     )
     return ctx

@@ -18,6 +18,7 @@ def environment() -> jinja2.Environment:
         autoescape=False,
     )
     env.filters["format_size"] = lambda s: f"_{s}"
+    env.filters["format_n"] = lambda s: f"n_{s}"
     return env
 
 

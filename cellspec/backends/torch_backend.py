@@ -20,7 +20,7 @@ from cellspec.program.ir import Program
 
 def _batch_free(m) -> set[str]:
     """Keys of the values that no input or state reaches (constant over the batch)."""
-    batch = {k for k, leaf in m.leaves.items() if leaf.kind != "param"}
+    batch = {k for k, leaf in m.leaves.items() if leaf.kind not in ("param", "const")}
     changed = True
     while changed:
         changed = False
@@ -41,7 +41,7 @@ def _batched(m, key: str, names: dict[str, str], free: set[str]) -> str:
     if key not in free:
         return name
     size = m.size_of(key)
-    like = next((names[k] for k, leaf in m.leaves.items() if leaf.kind != "param" and leaf.size == size), None)
+    like = next((names[k] for k, leaf in m.leaves.items() if leaf.kind not in ("param", "const") and leaf.size == size), None)
     if like is not None:
         return f"(torch.zeros_like({like}) + {name})"
     first = names[m.cell.inputs[0].name]
@@ -99,7 +99,9 @@ def render(sched: Schedule, back: Backward, prog: Program, native_glue: dict | N
     ctx["ctor_pass"] = ", ".join(ctor + [f"{a}={a}" for a in extra]).replace(f"{ctor[0]}, {ctor[1]}", f"{ctor[0]}, {ctor[1]}", 1)
     ctx["ctor_doc_cell"] = ", ".join(ctor + [f"{a}=..." for a in extra])
     ctx["ctor_doc_seq"] = ", ".join(ctor + [layer] + [f"{a}=..." for a in extra])
-    ctx["inits"] = {p.name: _init_literal(p.init) for p in m.cell.params}
+    ctx["inits"] = {p.name: _init_literal(p.init) for p in (m.spec_cell or m.cell).params}
+    ctx["ctor_consts"] = "".join(f", {k}={v}" for k, v in ctx["consts"])
+    ctx["ctor_consts_pass"] = "".join(f", {k}={k}" for k, _ in ctx["consts"])
     ctx["native"] = native_glue is not None
     # custom op names: one per module and engine text (two versions may share a process)
     engine_text = "\n".join(ctx["seq"]["forward"]["lines"] + ctx["seq"]["backward"]["lines"])

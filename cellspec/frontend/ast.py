@@ -68,7 +68,17 @@ class Call:
     span: Span  # the function name
 
 
-Expr = Number | Name | BinOp | MatMul | Neg | Pow | Call
+@dataclass(frozen=True)
+class Inline:
+    """A call of a ``def``, expanded: ``body`` is the def's body with the call's arguments in
+    place of its parameters (semantic analysis makes these; the parser never does)."""
+
+    func: str
+    body: Expr
+    span: Span  # the call's function name
+
+
+Expr = Number | Name | BinOp | MatMul | Neg | Pow | Call | Inline
 
 
 # ---------------------------------------------------------------------------- declarations
@@ -113,6 +123,16 @@ class SizeDecl:
 
 
 @dataclass(frozen=True)
+class ConstDecl:
+    """``const dt = 0.042``: a named number of the cell, a keyword argument of the modules."""
+
+    name: str
+    value: float
+    text: str
+    span: Span
+
+
+@dataclass(frozen=True)
 class Assign:
     target: Name
     expr: Expr
@@ -134,11 +154,27 @@ class Cell:
     params: tuple[ParamDecl, ...] = ()
     sizes: tuple[SizeDecl, ...] = ()
     assigns: tuple[Assign, ...] = ()
+    consts: tuple[ConstDecl, ...] = ()
     outputs: tuple[Output, ...] = ()
     source_lines: dict[int, str] = field(default_factory=dict, compare=False, hash=False)
+
+
+@dataclass(frozen=True)
+class Def:
+    """``def name(a, b) = expr`` at file level; ``order`` is its position among the file's
+    cells and defs (a cell may call the defs before it)."""
+
+    name: str
+    args: tuple[Name, ...]
+    body: Expr
+    span: Span
+    order: int
 
 
 @dataclass(frozen=True)
 class SpecFile:
     source: Source
     cells: tuple[Cell, ...]
+    defs: tuple[Def, ...] = ()
+    #: position of each cell among the file's cells and defs (parallel to ``cells``)
+    cell_order: tuple[int, ...] = ()

@@ -43,11 +43,13 @@ _TERMINAL_NAMES = {
     "PARAM": "'param'",
     "SIZE": "'size'",
     "OUTPUT": "'output'",
+    "CONST": "'const'",
+    "DEF": "'def'",
     "$END": "end of file",
 }
 
 
-_STATEMENT_KEYWORDS = ("input", "state", "param", "size", "output")
+_STATEMENT_KEYWORDS = ("input", "state", "param", "size", "output", "const", "def")
 
 
 @lru_cache(maxsize=1)
@@ -188,11 +190,25 @@ class _ToAst(Transformer):
         values = tuple(v for v, _ in (a for a in args if a is not None))
         return ast.Init(str(tok), values, _span(self.source, tok))
 
+    def dims(self, c):
+        return tuple(ast.SizeRef(str(t), _span(self.source, t)) for t in c)
+
     def param_item(self, c):
+        name, dims, init = c
+        return ast.ParamDecl(str(name), dims or (), init, _span(self.source, name))
+
+    def const_item(self, c):
+        name, (value, _tok) = c
+        return ast.ConstDecl(str(name), value, repr(value), _span(self.source, name))
+
+    def const_decl(self, c):
+        return ("const", tuple(c))
+
+    def def_decl(self, c):
         name, *rest = c
-        init = rest[-1]
-        dims = tuple(ast.SizeRef(str(t), _span(self.source, t)) for t in rest[:-1])
-        return ast.ParamDecl(str(name), dims, init, _span(self.source, name))
+        body = rest[-1]
+        args = tuple(ast.Name(str(t), False, _span(self.source, t)) for t in rest[:-1] if t is not None)
+        return ast.Def(str(name), args, body, _span(self.source, name), 0)
 
     def param_decl(self, c):
         return ("param", tuple(c))
@@ -216,7 +232,8 @@ class _ToAst(Transformer):
 
     def cell(self, c):
         name, *stmts = c
-        groups: dict[str, list] = {"input": [], "state": [], "param": [], "size": [], "assign": [], "output": []}
+        groups: dict[str, list] = {"input": [], "state": [], "param": [], "size": [], "const": [], "assign": [],
+                                   "output": []}
         for kind, items in stmts:
             groups[kind].extend(items)
         return ast.Cell(
@@ -227,6 +244,7 @@ class _ToAst(Transformer):
             params=tuple(groups["param"]),
             sizes=tuple(groups["size"]),
             assigns=tuple(groups["assign"]),
+            consts=tuple(groups["const"]),
             outputs=tuple(groups["output"]),
             source_lines={i + 1: line for i, line in enumerate(self.source.lines())},
         )
@@ -265,7 +283,7 @@ def parse(source: Source) -> ast.SpecFile:
                 "write (a ^ 2) ^ 3",
                 span,
             ) from None
-        if tok.type == "$END" and not _expected(set(e.expected)):
+        if tok.type == "$END" and (_unclosed(text) or not _expected(set(e.expected))):
             raise SpecError(f"unexpected end of file{_unclosed(text)}", span) from None
         raise SpecError(f"unexpected {_describe(tok)}{_expected(set(e.expected))}", span) from None
     except lark.UnexpectedEOF as e:
@@ -279,4 +297,8 @@ def parse(source: Source) -> ast.SpecFile:
         if isinstance(e.orig_exc, SpecError):
             raise e.orig_exc from None
         raise
-    return ast.SpecFile(source, cells)
+    defs = tuple(
+        ast.Def(d.name, d.args, d.body, d.span, i) for i, d in enumerate(cells) if isinstance(d, ast.Def)
+    )
+    order = tuple(i for i, c in enumerate(cells) if isinstance(c, ast.Cell))
+    return ast.SpecFile(source, tuple(c for c in cells if isinstance(c, ast.Cell)), defs, order)

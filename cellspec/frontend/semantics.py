@@ -53,16 +53,43 @@ def snake_case(name: str) -> str:
     return re.sub(r"_+", "_", s).lower().strip("_") or "cell"
 
 
+#: the "size" of a row scalar (a reduction: one number per row), which combines with a vector of
+#: any size as a number does
+ROW = "row"
+
+#: the row reductions the front end and lowering know (their op entries say "row_reduction")
+REDUCTIONS = ("sum", "mean", "layer_norm")
+
+#: names of the matrix-expression builtins left of '@' (``transpose(W)``, ``eye``)
+MATRIX_BUILTINS = ("transpose", "eye")
+
+#: argument names of the numpy_cell functions: a const (a keyword of each) may not take one
+NUMPY_ARGUMENTS = frozenset({"params", "x", "state", "d_output", "d_new_state", "d_outputs", "d_final_state"})
+
+
 @dataclass(frozen=True)
 class Param:
     name: str
-    shape: tuple[str, ...]  # size symbols, [out, in] for matrices
+    shape: tuple[str, ...]  # size symbols, [out, in] for matrices, () for a scalar param
     init: ast.Init | None
     span: object
 
     @property
     def is_matrix(self) -> bool:
         return len(self.shape) == 2
+
+    @property
+    def is_scalar(self) -> bool:
+        return len(self.shape) == 0
+
+
+@dataclass(frozen=True)
+class Const:
+    """``const dt = 0.042``: a named number, a keyword argument of the generated code."""
+
+    name: str
+    value: float
+    span: object
 
 
 @dataclass(frozen=True)
@@ -97,9 +124,13 @@ class CheckedCell:
     outputs: list[str]  # keys of assignments (``h'`` or an intermediate)
     source_text: str = field(repr=False, default="")
     line: int = 1  # line of the 'cell' keyword's name
+    consts: list[Const] = field(default_factory=list)
 
     def param(self, name: str) -> Param:
         return next(p for p in self.params if p.name == name)
+
+    def const(self, name: str) -> Const:
+        return next(c for c in self.consts if c.name == name)
 
 
 def _err(msg: str, span) -> SpecError:
@@ -107,8 +138,9 @@ def _err(msg: str, span) -> SpecError:
 
 
 class _Checker:
-    def __init__(self, cell: ast.Cell):
+    def __init__(self, cell: ast.Cell, defs: dict[str, ast.Def] | None = None):
         self.cell = cell
+        self.defs: dict[str, ast.Def] = dict(defs or {})
         self.sizes: dict[str, str] = dict(DEFAULT_SIZES)
         self.used_sizes: set[str] = set()
         self.kinds: dict[str, str] = {}  # name -> input|state|param|intermediate
@@ -124,8 +156,10 @@ class _Checker:
                 f"{what} '{name}': names starting with '_' or containing '__' are reserved for generated code",
                 span,
             )
-        if name in ops.language_functions():
+        if name in ops.language_functions() or name in MATRIX_BUILTINS:
             raise _err(f"{what} '{name}' has the name of a built-in function", span)
+        if name in self.defs:
+            raise _err(f"{what} '{name}' has the name of the def on line {self.defs[name].span.line}", span)
         if name in self.sizes or name in ("I", "H"):
             raise _err(f"{what} '{name}' has the name of a size symbol", span)
 
@@ -180,6 +214,7 @@ class _Checker:
             decl = next(d for d in cell.sizes if d.argument == dup)
             raise _err(f"argument '{dup}' names two sizes", decl.argument_span)
 
+        consts = self.check_consts()
         inputs = []
         for v in cell.inputs:
             self.declare(v.name, "input", v.span)
@@ -204,9 +239,10 @@ class _Checker:
                     f"'{next(k for k, v in self.sizes.items() if v == p.name)}'; rename one of them",
                     p.span,
                 )
-            if len(p.dims) not in (1, 2):
+            if len(p.dims) not in (0, 1, 2):
                 raise _err(
-                    f"param '{p.name}' has {len(p.dims)} dimensions; a param is a vector [N] or a matrix [M, N]",
+                    f"param '{p.name}' has {len(p.dims)} dimensions; a param is a number (no shape), "
+                    "a vector [N] or a matrix [M, N]",
                     p.span,
                 )
             shape = tuple(self.size(d) for d in p.dims)
@@ -222,7 +258,8 @@ class _Checker:
 
         assignments = []
         for order, a in enumerate(cell.assigns):
-            size = self.expr(a.expr)
+            expanded = self.expand(a.expr, ())
+            size = self.expr(expanded)
             t = a.target
             if t.primed:
                 if t.name not in self.kinds:
@@ -231,6 +268,12 @@ class _Checker:
                     raise _err(f"only states take a prime; '{t.name}' is not a state", t.span)
                 if t.key in self.assigned:
                     raise _err(f"state '{t.name}' is updated twice", t.span)
+                if size == ROW:
+                    raise _err(
+                        f"{_q(t.key)} would be a row scalar (one number per row, from a reduction); a "
+                        "state is a vector: combine the row scalar with a vector",
+                        t.span,
+                    )
                 if size is not None and size != self.size_of[t.name]:
                     raise _err(
                         f"{_q(t.key)} has size {size} but state '{t.name}' has size {self.size_of[t.name]}",
@@ -250,11 +293,13 @@ class _Checker:
                 raise _err(
                     f"{_q(t.key)} is a constant; an assignment needs at least one vector", t.span
                 )
+            if size == ROW:
+                self.check_row_value(expanded)
             self.size_of[t.key] = size
             self.assigned[t.key] = order
             line = a.span.line
             assignments.append(
-                Assignment(t.key, size, a.expr, a.span, line, cell.source_lines.get(line, "").strip())
+                Assignment(t.key, size, expanded, a.span, line, cell.source_lines.get(line, "").strip())
             )
 
         for s in states:
@@ -280,6 +325,11 @@ class _Checker:
                         )
                     if kind != "intermediate":
                         raise _err(f"output '{n.name}' is {_article(kind)}; outputs are computed names", n.span)
+                    if self.size_of.get(n.name) == ROW:
+                        raise _err(
+                            f"output '{n.name}' is a row scalar (one number per row); outputs are vectors",
+                            n.span,
+                        )
                 if n.key in outputs:
                     raise _err(f"{_q(n.key)} is listed twice in output", n.span)
                 outputs.append(n.key)
@@ -324,7 +374,58 @@ class _Checker:
             outputs=outputs,
             source_text=cell.span.source.text,
             line=cell.span.line,
+            consts=consts,
         )
+
+    def check_consts(self) -> list[Const]:
+        """``const`` declarations: names that are keyword arguments of every generated function."""
+        out: list[Const] = []
+        for c in self.cell.consts:
+            if c.name in self.kinds and self.kinds[c.name] == "const":
+                raise _err(f"const '{c.name}' is declared twice", c.span)
+            self.declare(c.name, "const", c.span)
+            if (
+                keyword.iskeyword(c.name)
+                or c.name in PYTHON_RESERVED
+                or c.name in GENERATED_MODULE_NAMES
+                or c.name in RESERVED_ARGUMENTS
+                or c.name in MODULE_ATTRIBUTES
+                or c.name in NUMPY_ARGUMENTS
+                or c.name in self.sizes.values()
+            ):
+                raise _err(
+                    f"const '{c.name}' would be a keyword argument of the generated modules and "
+                    "functions, where that name is taken; rename it",
+                    c.span,
+                )
+            out.append(Const(c.name, c.value, c.span))
+        return out
+
+    # ------------------------------------------------------------------- defs
+    def expand(self, e: ast.Expr, stack: tuple[str, ...]) -> ast.Expr:
+        """``e`` with every call of a ``def`` replaced by an :class:`ast.Inline` of its body."""
+        if isinstance(e, ast.Call):
+            args = tuple(self.expand(a, stack) for a in e.args)
+            d = self.defs.get(e.func)
+            if d is None:
+                return ast.Call(e.func, args, e.span)
+            if e.func in stack:
+                chain = " -> ".join((*stack, e.func))
+                raise _err(f"def '{e.func}' calls itself ({chain}); a def cannot be recursive", e.span)
+            if len(args) != len(d.args):
+                raise _err(f"{e.func}() takes {len(d.args)} argument(s), got {len(args)}", e.span)
+            binding = {a.name: x for a, x in zip(d.args, args)}
+            body = self.expand(_substitute(d.body, binding), (*stack, e.func))
+            return ast.Inline(e.func, body, e.span)
+        if isinstance(e, ast.BinOp):
+            return ast.BinOp(e.op, self.expand(e.left, stack), self.expand(e.right, stack), e.span)
+        if isinstance(e, ast.MatMul):
+            return ast.MatMul(self.expand(e.matrix, stack), self.expand(e.operand, stack), e.span)
+        if isinstance(e, ast.Neg):
+            return ast.Neg(self.expand(e.operand, stack), e.span)
+        if isinstance(e, ast.Pow):
+            return ast.Pow(self.expand(e.base, stack), e.exponent, e.exponent_text, e.span)
+        return e
 
     def check_init(self, p: ast.ParamDecl, shape: tuple[str, ...]) -> None:
         init = p.init
@@ -335,7 +436,8 @@ class _Checker:
         if len(init.args) != want:
             raise _err(f"initialiser '{init.kind}' takes {want} argument(s), got {len(init.args)}", init.span)
         if init.kind == "orthogonal" and len(shape) != 2:
-            raise _err("'orthogonal' initialises a matrix; this param is a vector", init.span)
+            what = "a vector" if shape else "a number"
+            raise _err(f"'orthogonal' initialises a matrix; this param is {what}", init.span)
 
     # --------------------------------------------------------------- expressions
     def expr(self, e: ast.Expr) -> str | None:
@@ -351,49 +453,107 @@ class _Checker:
         if isinstance(e, ast.BinOp):
             left = self.expr(e.left)
             right = self.expr(e.right)
-            if left is not None and right is not None and left != right:
-                raise _err(f"size mismatch: '{e.op}' of a vector of size {left} and one of size {right}", e.span)
-            return left if left is not None else right
+            return self.combine(e, f"'{e.op}'", [left, right])
+        if isinstance(e, ast.Inline):
+            return self.inline(e, lambda body: self.expr(body))
         if isinstance(e, ast.MatMul):
-            m = e.matrix
-            if not isinstance(m, ast.Name) or m.primed or m.name not in self.params or not self.params[m.name].is_matrix:
-                what = _describe_operand(m, self.kinds, self.params)
-                hint = ""
-                if isinstance(m, ast.BinOp) and isinstance(m.right, ast.Name) and m.right.name in self.params:
-                    # a * W @ x groups as (a * W) @ x
-                    hint = f"; '*', '/' and '@' group from the left: write ... {m.op} ({m.right.name} @ ...)"
-                raise _err(f"the left side of '@' must be a param matrix, not {what}{hint}", e.span)
-            self.used_names.add(m.name)
-            p = self.params[m.name]
+            shape = self.matrix(e.matrix, e.span)
             inner = self.expr(e.operand)
             if inner is None:
                 raise _err("the right side of '@' must be a vector, not a number", e.span)
-            if inner != p.shape[1]:
+            if inner == ROW:
+                raise _err("the right side of '@' must be a vector, not a row scalar (one number per row)",
+                           e.span)
+            if shape is None:  # eye alone: the identity of the operand's size
+                return inner
+            if inner != shape[1]:
+                what = e.matrix.name if isinstance(e.matrix, ast.Name) else "the matrix"
                 raise _err(
-                    f"size mismatch: {m.name} is [{p.shape[0]}, {p.shape[1]}] but its operand has size {inner}",
+                    f"size mismatch: {what} is [{shape[0]}, {shape[1]}] but its operand has size {inner}",
                     e.span,
                 )
-            return p.shape[0]
+            return shape[0]
         if isinstance(e, ast.Call):
             arity = ops.language_functions().get(e.func)
+            if e.func == "transpose":
+                raise _err("transpose() is a matrix expression; use it on the left of '@'", e.span)
             if arity is None:
-                raise _err(f"unknown function '{e.func}'", e.span)
+                raise _err(self.unknown_function(e.func), e.span)
             lo, hi = arity
             if not lo <= len(e.args) <= hi:
                 want = str(lo) if lo == hi else f"{lo} to {hi}"
                 raise _err(f"{e.func}() takes {want} argument(s), got {len(e.args)}", e.span)
             op = ops.by_name(e.func)
+            if op.shape_rule == "row_reduction" and e.func in REDUCTIONS:
+                return self.reduction(e, op)
             if op.shape_rule != "elementwise":
                 raise NotImplementedError(f"the front end has no rule for {op.shape_rule!r} op {e.func}()")
             sizes = [self.expr(a) for a in e.args]
             for i, (kind, size) in enumerate(zip(op.arg_kinds, sizes)):
                 if kind == "number" and size is not None:
                     raise _err(f"argument {i + 1} of {e.func}() must be a number, not a vector of size {size}", e.span)
-            known = {s for s in sizes if s is not None}
-            if len(known) > 1:
-                raise _err(f"size mismatch: arguments of {e.func}() have sizes {', '.join(sorted(known))}", e.span)
-            return known.pop() if known else None
+                scalar = _scalar_param_in(e.args[i], self.params) if kind == "number" else None
+                if scalar is not None:
+                    raise _err(
+                        f"argument {i + 1} of {e.func}() must be a number or a const, not the trained "
+                        f"scalar param '{scalar}'",
+                        e.span,
+                    )
+            return self.combine(e, f"{e.func}()", sizes)
         raise TypeError(e)  # pragma: no cover
+
+    def combine(self, e, what: str, sizes: list[str | None]) -> str | None:
+        """The size of an elementwise combination: vectors of one size, with numbers and row
+        scalars broadcast (a row scalar alone stays a row scalar)."""
+        known = sorted({s for s in sizes if s is not None and s != ROW})
+        if len(known) > 1:
+            if what.startswith("'"):
+                raise _err(f"size mismatch: {what} of a vector of size {known[0]} and one of size {known[1]}",
+                           e.span)
+            raise _err(f"size mismatch: arguments of {what} have sizes {', '.join(known)}", e.span)
+        if known:
+            return known[0]
+        return ROW if ROW in sizes else None
+
+    def reduction(self, e: ast.Call, op) -> str:
+        """``sum``/``mean`` (a row scalar) and ``layer_norm`` (a vector of its argument's size)."""
+        vectors = e.args if e.func != "layer_norm" else e.args[:1]
+        sizes = []
+        for i, a in enumerate(vectors):
+            size = self.expr(a)
+            if size is None or size == ROW:
+                what = "a number" if size is None else "a row scalar"
+                raise _err(f"argument {i + 1} of {e.func}() must be a vector, not {what}", e.span)
+            sizes.append(size)
+        if e.func == "layer_norm":
+            if len(e.args) == 2:
+                eps = e.args[1]
+                if not isinstance(eps, ast.Number):
+                    size = self.expr(eps)
+                    what = (f"a vector of size {size}" if size not in (None, ROW) else
+                            "a row scalar" if size == ROW else "an expression")
+                    raise _err(f"the eps of layer_norm() must be a number, not {what}", e.span)
+                if eps.value <= 0:
+                    raise _err("the eps of layer_norm() must be positive", eps.span)
+            return sizes[0]
+        return ROW
+
+    def check_row_value(self, e: ast.Expr) -> None:
+        """A named row scalar reads consts and scalar params only inside reductions (there they
+        are read per unit); outside them a row scalar has no unit to read them at."""
+        if isinstance(e, ast.Call) and e.func in REDUCTIONS:
+            return
+        if isinstance(e, ast.Name) and not e.primed:
+            kind = self.kinds.get(e.name)
+            if kind == "const" or (kind == "param" and self.params[e.name].is_scalar):
+                raise _err(
+                    f"a row scalar cannot read the {'const' if kind == 'const' else 'scalar param'} "
+                    f"'{e.name}' outside a reduction yet; scale the vectors it is combined with instead",
+                    e.span,
+                )
+            return
+        for child in _children(e):
+            self.check_row_value(child)
 
     def name(self, n: ast.Name) -> str:
         if n.primed:
@@ -419,7 +579,94 @@ class _Checker:
         if kind == "param" and self.params[n.name].is_matrix:
             raise _err(f"'{n.name}' is a matrix; use it on the left of '@'", n.span)
         self.used_names.add(n.name)
+        if kind == "const" or (kind == "param" and self.params[n.name].is_scalar):
+            return None  # a number: broadcast like one
         return self.size_of[n.name]
+
+    def unknown_function(self, func: str) -> str:
+        known = sorted([*ops.language_functions(), *self.defs])
+        return f"unknown function '{func}'; the functions are {', '.join(known)}"
+
+    def inline(self, e: ast.Inline, check):
+        """Check the expanded body of a def's call; an error inside names the call site."""
+        try:
+            return check(e.body)
+        except SpecError as err:
+            if err.span is not None and err.span.line == e.span.line and err.span.col >= e.span.col:
+                raise  # in an argument at the call site
+            raise SpecError(
+                f"{err.message} (in {e.func}() called at line {e.span.line}, column {e.span.col})", err.span
+            ) from None
+
+    # ----------------------------------------------------------- matrix expressions
+    def matrix(self, m: ast.Expr, at) -> tuple[str, str] | None:
+        """Shape of the matrix expression left of '@' (None for ``eye`` alone, whose size the
+        operand fixes)."""
+        if isinstance(m, ast.Inline):
+            return self.inline(m, lambda body: self.matrix(body, at))
+        if isinstance(m, ast.Name) and not m.primed:
+            if m.name == "eye" and m.name not in self.kinds:
+                return None
+            p = self.params.get(m.name)
+            if p is not None and p.is_matrix:
+                self.used_names.add(m.name)
+                return p.shape
+        if isinstance(m, ast.Call):
+            if m.func == "transpose":
+                if len(m.args) != 1:
+                    raise _err(f"transpose() takes 1 argument(s), got {len(m.args)}", m.span)
+                inner = self.matrix(m.args[0], at)
+                return None if inner is None else (inner[1], inner[0])
+            if m.func not in ops.language_functions() and m.func not in self.defs:
+                raise _err(self.unknown_function(m.func), m.span)
+        if isinstance(m, ast.Neg):
+            return self.matrix(m.operand, at)
+        if isinstance(m, ast.BinOp) and m.op in "+-":
+            left, right = self.matrix(m.left, at), self.matrix(m.right, at)
+            if left is not None and right is not None and left != right:
+                raise _err(
+                    f"shape mismatch: '{m.op}' of a [{left[0]}, {left[1]}] matrix and a "
+                    f"[{right[0]}, {right[1]}] matrix",
+                    m.span,
+                )
+            shape = left or right
+            if shape is not None and shape[0] != shape[1] and (left is None or right is None):
+                raise _err(f"eye is square but the matrix it is added to is [{shape[0]}, {shape[1]}]", m.span)
+            return shape
+        if isinstance(m, ast.BinOp) and m.op in "*/":
+            if m.op == "*" and self.is_factor(m.left):
+                return self.matrix(m.right, at)
+            if self.is_factor(m.right):
+                return self.matrix(m.left, at)
+        what = _describe_operand(m, self.kinds, self.params)
+        hint = ""
+        if isinstance(m, ast.BinOp) and isinstance(m.right, ast.Name) and m.right.name in self.params:
+            # a * W @ x groups as (a * W) @ x
+            hint = f"; '*', '/' and '@' group from the left: write ... {m.op} ({m.right.name} @ ...)"
+        raise _err(
+            f"the left side of '@' must be a param matrix or a matrix expression (param matrices, "
+            f"'+', '-', numbers, consts, transpose(W), eye), not {what}{hint}",
+            at,
+        )
+
+    def is_factor(self, e: ast.Expr) -> bool:
+        """A number that scales a matrix: numbers and consts under + - * / and powers."""
+        if isinstance(e, ast.Number):
+            return True
+        if isinstance(e, ast.Name):
+            if not e.primed and self.kinds.get(e.name) == "const":
+                self.used_names.add(e.name)
+                return True
+            return False
+        if isinstance(e, ast.Neg):
+            return self.is_factor(e.operand)
+        if isinstance(e, ast.Pow):
+            return self.is_factor(e.base)
+        if isinstance(e, ast.BinOp):
+            return self.is_factor(e.left) and self.is_factor(e.right)
+        if isinstance(e, ast.Inline):
+            return self.is_factor(e.body)
+        return False
 
 
 def _q(key: str) -> str:
@@ -431,10 +678,66 @@ def _article(kind: str) -> str:
     return ("an " if kind[0] in "aeiou" else "a ") + kind
 
 
+def _substitute(e: ast.Expr, binding: dict[str, ast.Expr]) -> ast.Expr:
+    """A def's body with its parameters replaced by the call's arguments."""
+    if isinstance(e, ast.Name):
+        return binding.get(e.name, e) if not e.primed else e
+    if isinstance(e, ast.BinOp):
+        return ast.BinOp(e.op, _substitute(e.left, binding), _substitute(e.right, binding), e.span)
+    if isinstance(e, ast.MatMul):
+        return ast.MatMul(_substitute(e.matrix, binding), _substitute(e.operand, binding), e.span)
+    if isinstance(e, ast.Neg):
+        return ast.Neg(_substitute(e.operand, binding), e.span)
+    if isinstance(e, ast.Pow):
+        return ast.Pow(_substitute(e.base, binding), e.exponent, e.exponent_text, e.span)
+    if isinstance(e, ast.Call):
+        return ast.Call(e.func, tuple(_substitute(a, binding) for a in e.args), e.span)
+    return e
+
+
+def _children(e: ast.Expr) -> tuple:
+    if isinstance(e, ast.BinOp):
+        return (e.left, e.right)
+    if isinstance(e, ast.MatMul):
+        return (e.matrix, e.operand)
+    if isinstance(e, ast.Neg):
+        return (e.operand,)
+    if isinstance(e, ast.Pow):
+        return (e.base,)
+    if isinstance(e, ast.Call):
+        return e.args
+    if isinstance(e, ast.Inline):
+        return (e.body,)
+    return ()
+
+
+def _scalar_param_in(e: ast.Expr, params: dict[str, Param]) -> str | None:
+    """The name of a scalar param that ``e`` reads, if any."""
+    if isinstance(e, ast.Name):
+        p = params.get(e.name)
+        return e.name if p is not None and p.is_scalar and not e.primed else None
+    children: tuple = ()
+    if isinstance(e, ast.BinOp):
+        children = (e.left, e.right)
+    elif isinstance(e, ast.MatMul):
+        children = (e.matrix, e.operand)
+    elif isinstance(e, (ast.Neg,)):
+        children = (e.operand,)
+    elif isinstance(e, ast.Pow):
+        children = (e.base,)
+    elif isinstance(e, ast.Call):
+        children = e.args
+    elif isinstance(e, ast.Inline):
+        children = (e.body,)
+    return next((n for n in (_scalar_param_in(c, params) for c in children) if n), None)
+
+
 def _describe_operand(m: ast.Expr, kinds: dict[str, str], params: dict[str, Param]) -> str:
     if isinstance(m, ast.Name):
         kind = kinds.get(m.name)
         if kind == "param":
+            if params[m.name].is_scalar:
+                return f"the scalar param '{m.name}'"
             return f"the vector param '{m.name}'"
         if kind is None:
             return f"the unknown name '{m.name}'"
@@ -442,15 +745,71 @@ def _describe_operand(m: ast.Expr, kinds: dict[str, str], params: dict[str, Para
     return "an expression"
 
 
-def check(cell: ast.Cell) -> CheckedCell:
-    """Check one parsed cell; raise SpecError at the first problem."""
-    return _Checker(cell).run()
+def check(cell: ast.Cell, defs: dict[str, ast.Def] | None = None) -> CheckedCell:
+    """Check one parsed cell (``defs``: the file's defs it may call); raise SpecError at the
+    first problem."""
+    return _Checker(cell, defs).run()
+
+
+def check_defs(defs: tuple[ast.Def, ...]) -> None:
+    """File-level rules of ``def``: a new name, distinct identifiers as arguments, a body over
+    its arguments and functions defined before it."""
+    seen: dict[str, ast.Def] = {}
+    for d in defs:
+        if d.name in ops.language_functions() or d.name in MATRIX_BUILTINS:
+            raise _err(f"def '{d.name}' has the name of a built-in function; choose another name", d.span)
+        if "__" in d.name or d.name.startswith("_"):
+            raise _err(f"def '{d.name}': names starting with '_' or containing '__' are reserved", d.span)
+        if d.name in seen:
+            raise _err(f"def '{d.name}' is defined twice (first on line {seen[d.name].span.line})", d.span)
+        names: set[str] = set()
+        for a in d.args:
+            if a.name in names:
+                raise _err(f"argument '{a.name}' of def '{d.name}' is listed twice", a.span)
+            if a.name in ops.language_functions() or a.name in MATRIX_BUILTINS:
+                raise _err(f"argument '{a.name}' of def '{d.name}' has the name of a built-in function", a.span)
+            names.add(a.name)
+        _check_body(d, d.body, names, seen)
+        seen[d.name] = d
+
+
+def _check_body(d: ast.Def, e: ast.Expr, args: set[str], earlier: dict[str, ast.Def]) -> None:
+    if isinstance(e, ast.Name):
+        if e.primed:
+            raise _err(f"a def's body cannot refer to a next state ('{e.name}\''); pass it as an argument", e.span)
+        if e.name not in args and e.name != "eye":
+            raise _err(
+                f"unknown argument '{e.name}' in def '{d.name}'; its body may use only its arguments "
+                f"({', '.join(a.name for a in d.args) or 'none'})",
+                e.span,
+            )
+        return
+    if isinstance(e, ast.Call):
+        if e.func == d.name:
+            raise _err(f"def '{d.name}' calls itself; a def cannot be recursive", e.span)
+        if e.func not in ops.language_functions() and e.func not in earlier and e.func != "transpose":
+            known = sorted([*ops.language_functions(), *earlier])
+            raise _err(
+                f"unknown function '{e.func}' in def '{d.name}' (a def calls built-in functions and defs "
+                f"above it); the functions are {', '.join(known)}",
+                e.span,
+            )
+        for a in e.args:
+            _check_body(d, a, args, earlier)
+        return
+    for child in (getattr(e, f, None) for f in ("left", "right", "matrix", "operand", "base")):
+        if child is not None:
+            _check_body(d, child, args, earlier)
 
 
 def check_file(spec: ast.SpecFile) -> list[CheckedCell]:
     """Check every cell of a file; cell names must be distinct and modules too."""
     seen: dict[str, ast.Cell] = {}
     out = []
+    check_defs(spec.defs)
+    defs_before: dict[int, dict[str, ast.Def]] = {}
+    for cell, order in zip(spec.cells, spec.cell_order or (0,) * len(spec.cells)):
+        defs_before[id(cell)] = {d.name: d for d in spec.defs if d.order < order}
     if not spec.cells:
         raise SpecError("the file defines no cell; start one with 'cell NAME { ... }'", Span(spec.source, 1, 1))
     for cell in spec.cells:
@@ -477,5 +836,5 @@ def check_file(spec: ast.SpecFile) -> list[CheckedCell]:
         if module in seen:
             raise _err(f"cell '{cell.name}' has the same module name '{module}' as an earlier cell", cell.span)
         seen[module] = cell
-        out.append(check(cell))
+        out.append(check(cell, defs_before.get(id(cell), {})))
     return out

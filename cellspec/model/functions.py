@@ -214,3 +214,18 @@ class ClipHigh(Mask):
 
     nargs = 3
     value = staticmethod(lambda x, lo, hi: float(x > hi or lo > hi))
+
+
+class RowSum(CellFunction):
+    """The sum of a vector expression over its units: one number per row (a *row scalar*).
+
+    Lowering makes every ``sum``/``mean`` (and the statistics of ``layer_norm``) a value whose
+    expression is a sum of ``RowSum`` terms. Its argument is per unit, so the derivative of the
+    row value with respect to one unit of a vector the argument reads is the argument's own
+    derivative (``fdiff`` is 1, and the chain rule supplies the rest); with respect to a row
+    scalar the argument reads it is summed over the units (:mod:`cellspec.model.gradients`)."""
+
+    nargs = 1
+
+    def fdiff(self, argindex=1):
+        return sp.S.One

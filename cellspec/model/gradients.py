@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import sympy as sp
 
+from cellspec.frontend.semantics import ROW
 from cellspec.model import functions as fn
 from cellspec.model.lower import Namer
 from cellspec.model.schedule import GemmGroup, Schedule
@@ -59,6 +60,23 @@ class Backward:
     zero: set[str] = field(default_factory=set)  # adjoints that are identically zero
 
 
+def _row_partial(expr: sp.Expr, wrt: sp.Symbol, named: dict[sp.Expr, sp.Symbol]) -> sp.Expr:
+    """∂expr/∂wrt for a row scalar ``wrt``: a reduction ``RowSum(e)`` contributes the sum over the
+    units of ``∂e/∂wrt`` (``wrt`` is the same number for every unit it is read at)."""
+    sums = sorted(expr.atoms(fn.RowSum), key=sp.default_sort_key)
+    dummies = {s: sp.Dummy(f"rowsum{i}") for i, s in enumerate(sums)}
+    flat = expr.xreplace(dummies)
+    d = sp.diff(flat, wrt)
+    for s, dummy in dummies.items():
+        inner = sp.diff(s.args[0], wrt)
+        if inner != 0:
+            d += sp.diff(flat, dummy) * fn.RowSum(inner)
+    d = d.xreplace({dummy: s for s, dummy in dummies.items()})
+    if d != 0 and named:
+        d = d.xreplace(named)
+    return d
+
+
 def _partial(expr: sp.Expr, wrt: sp.Symbol, named: dict[sp.Expr, sp.Symbol]) -> sp.Expr:
     d = sp.diff(expr, wrt)
     if d == 0:
@@ -89,6 +107,7 @@ class _Deriver:
         self.temp_count = 0
         self._zero_gemm: set[tuple[int, str]] = set()
         self.known: dict[sp.Expr, sp.Symbol] = {}  # assigned adjoint expression -> its name
+        self.row = {v.key for v in self.m.values if v.size == ROW}  # row scalars (reductions)
 
     def new(self, preferred: str) -> str:
         key = self.namer.fresh(preferred)
@@ -109,7 +128,12 @@ class _Deriver:
     def term(self, consumer: str, wrt: str) -> sp.Expr:
         """d_consumer * ∂consumer/∂wrt, or the name of an adjoint already equal to it (the
         bias of ``f(W@x + b)`` has the adjoint of ``W@x``)."""
-        t = self.d(consumer) * _partial(self.exprs[consumer], self.sym[wrt], self.named)
+        if wrt in self.row:
+            t = self.d(consumer) * _row_partial(self.exprs[consumer], self.sym[wrt], self.named)
+            if consumer not in self.row and t != 0:  # a vector read the row scalar: sum its units
+                t = fn.RowSum(t)
+        else:
+            t = self.d(consumer) * _partial(self.exprs[consumer], self.sym[wrt], self.named)
         return self.known.get(t, t)
 
     def assign(self, key: str, total: sp.Expr, out: list[Assignment], comment: str = "") -> None:
@@ -164,6 +188,8 @@ class _Deriver:
         step_seed: dict[str, str] = {}
         leaf_keys = list(m.leaves) + [p.key for p in s.hoisted_projections] + [v.key for v in s.hoisted_values]
         for key in leaf_keys:
+            if key in m.leaves and m.leaves[key].kind == "const":
+                continue  # a const has no gradient
             total = sum((self.term(c, key) for c in step_consumers.get(key, [])), sp.S.Zero)
             for (idx, operand), gk in gemm_adjoint.items():
                 if operand == key and (idx, operand) not in self.zero_gemm():
@@ -207,7 +233,7 @@ class _Deriver:
         hoisted_leaf_block: list[Assignment] = []
         hoisted_leaf_adjoint: dict[str, str] = {}
         for key, leaf in m.leaves.items():
-            if leaf.kind == "state":
+            if leaf.kind in ("state", "const"):
                 continue
             total = sum((self.term(c, key) for c in hoisted_consumers.get(key, [])), sp.S.Zero)
             if total != 0:

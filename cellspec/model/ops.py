@@ -46,6 +46,9 @@ FUZZ_TAGS: tuple[str, ...] = ("squash", "safe", "needs-positive-domain", "needs-
 
 _V = "vector_or_number"
 
+#: most arguments of a joint reduction (``mean(a, b, ...)``)
+MAX_REDUCED = 16
+
 
 @dataclass(frozen=True)
 class OpSpec:
@@ -433,6 +436,30 @@ template <typename T> __host__ __device__ inline T cs_positive(T z) { return z >
             "c": "template <typename T> __host__ __device__ inline T cs_clip_high(T z, T lo, T hi) { return (z > hi || lo > hi) ? T(1) : T(0); }",
         },
         needs={"numpy": ("_mask",), "torch": ("_tensors",)},
+    ),
+    # ---- row reductions: one number per row. The language's sum/mean/layer_norm lower to
+    # RowSum arithmetic (model/lower.py), so they have no SymPy class of their own; RowSum is
+    # printed by the Python printers and laid out as a reduction loop by the native renderer.
+    OpSpec("sum", None, 1, MAX_REDUCED, ("vector",) * MAX_REDUCED, "row_reduction", False, {}),
+    OpSpec("mean", None, 1, MAX_REDUCED, ("vector",) * MAX_REDUCED, "row_reduction", False, {}),
+    OpSpec("layer_norm", None, 1, 2, ("vector", "number"), "row_reduction", False, {}),
+    OpSpec(
+        None,
+        fn.RowSum,
+        1,
+        1,
+        ("vector",),
+        "row_reduction",
+        False,
+        {"numpy": "_rowsum", "torch": "_rowsum"},
+        helper={
+            "numpy": '''def _rowsum(v):
+    """Sum over the units (last axis), one number per row: [..., 1]."""
+    return np.sum(v, axis=-1, keepdims=True)''',
+            "torch": '''def _rowsum(v):
+    """Sum over the units (last axis), one number per row: [..., 1]."""
+    return torch.sum(v, -1, keepdim=True)''',
+        },
     ),
 )
 

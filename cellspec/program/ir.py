@@ -23,8 +23,14 @@ T = sp.Symbol("T", integer=True, nonnegative=True)
 B = sp.Symbol("B", integer=True, nonnegative=True)
 
 
-def size(symbol: str) -> sp.Symbol:
-    """The SymPy symbol of a size (``H``), as used in shapes and offsets."""
+#: the size of a row scalar (one number per row: a reduction), as semantics names it
+ROW = "row"
+
+
+def size(symbol: str) -> sp.Expr:
+    """The SymPy symbol of a size (``H``), as used in shapes and offsets; 1 for a row scalar."""
+    if symbol == ROW:
+        return sp.S.One
     return sp.Symbol(symbol, integer=True, nonnegative=True)
 
 
@@ -267,6 +273,14 @@ class Program:
     d_inputs: dict[str, str] = field(default_factory=dict)
     #: size symbol of every name the pointwise blocks use (values, projections, adjoints)
     value_sizes: dict[str, str] = field(default_factory=dict)
+    #: the params the user trains (``params`` are the engine's: those the math reads directly,
+    #: then the prepared ones); a scalar param has shape ()
+    spec_params: tuple[Param, ...] = ()
+    #: ``const`` name -> default value: keyword arguments of every entry point
+    consts: tuple[tuple[str, float], ...] = ()
+    #: engine params formed from spec params and consts once per call, before the loop
+    #: (:class:`cellspec.model.lower.Prepared`: matrix expressions, broadcast consts and scalars)
+    prepared: tuple = ()
 
     @property
     def functions(self) -> tuple[Function, ...]:

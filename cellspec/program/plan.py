@@ -89,7 +89,7 @@ class _Planner:
         """Reads no input and no state: one row for the whole batch."""
         m = self.m
         if key in m.leaves:
-            return m.leaves[key].kind == "param"
+            return m.leaves[key].kind in ("param", "const")
         proj = next((p for p in m.projections if p.key == key), None)
         if proj is not None:
             return self.batch_free(proj.operand)
@@ -455,4 +455,7 @@ def plan(sched: Schedule, back: Backward) -> ir.Program:
         d_outputs={k: f"dout_{k}" for k in m.outputs},
         d_inputs={v.name: f"dx_{v.name}" for v in cell.inputs},
         value_sizes=dict(p.size),
+        spec_params=tuple(ir.Param(prm.name, tuple(prm.shape)) for prm in (m.spec_cell or cell).params),
+        consts=tuple((c.name, c.value) for c in (m.spec_cell or cell).consts),
+        prepared=tuple(m.prepared),
     )

@@ -55,8 +55,25 @@ def _op(fn: ir.Function, prog: ir.Program, op, indent: str) -> list[str]:
     raise TypeError(op)  # pragma: no cover
 
 
+def prepared_text(pr) -> str:
+    """``W - W^T - gamma*eye``, ``alpha (broadcast)``, ``dt (broadcast)`` for ``show``."""
+    parts = []
+    for t in pr.terms:
+        src = t.source or ("eye" if len(pr.shape) == 2 else "ones")
+        if t.transpose:
+            src = f"transpose({src})"
+        parts.append(str(sp.Mul(t.coef, sp.Symbol(src), evaluate=True)))
+    return " + ".join(parts).replace("+ -", "- ") + ("  (broadcast)" if len(pr.shape) == 1 else "")
+
+
 def render(prog: ir.Program) -> str:
     lines = [f"cell {prog.cell}: sequence program"]
+    if prog.consts:
+        lines.append("  consts (keyword arguments, default): " + ", ".join(f"{k} = {v!r}" for k, v in prog.consts))
+    if prog.prepared:
+        lines.append("  prepared params (formed once per call, before the loop; gradients go to their terms):")
+        for pr in prog.prepared:
+            lines.append(f"    {pr.key} {_dims(pr.shape)} = {prepared_text(pr)}")
     if prog.weights:
         lines.append("  weights (param matrices stacked by rows, formed once per call):")
         for w in prog.weights.values():

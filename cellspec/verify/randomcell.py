@@ -27,7 +27,7 @@ from cellspec.model import ops
 #: names cellspec generates itself (adjoints ``d_*``, next states ``*_next``, temporaries ``t0``).
 HOSTILE_NAMES = [
     "lambda", "self", "np", "torch", "nn", "F", "math", "float", "int", "out", "forward", "input_",
-    "register_buffer", "sum", "len", "print", "class", "def", "None_", "True_", "double", "real",
+    "register_buffer", "sum_", "len", "print", "class", "def_", "None_", "True_", "double", "real",
     "threadIdx", "exp_", "d_h", "h_next", "t0", "t1", "W_x", "W_in", "W_out", "x_seq", "g", "dw",
     "sizes_", "step", "backward", "state_", "params", "grads", "np_", "tanh_", "sigmoid_",
 ]
@@ -37,7 +37,7 @@ HOSTILE_PARAM_NAMES = ["lambda", "np", "torch", "nn", "F", "math", "int", "out",
 
 # The vocabulary comes from the op table's fuzz tags (the reference interpreter below does not:
 # its math is written independently of cellspec).
-_FUNCTIONS = [o for o in ops.OPS if o.name in ops.language_functions()]
+_FUNCTIONS = [o for o in ops.OPS if o.name in ops.language_functions() and o.shape_rule == "elementwise"]
 #: one-argument functions
 UNARY = [o.name for o in _FUNCTIONS if o.max_args == 1]
 #: squashing functions: bounded output for any finite input
@@ -156,6 +156,10 @@ class RandomCell:
     assigns: list[tuple[str, Node]]  # (key as in the spec: "a" or "h'", expression)
     outputs: list[str]
     features: set[str] = field(default_factory=set)
+    #: ``def``s of the file: name -> (argument names, body over them)
+    defs: dict[str, tuple[tuple[str, ...], Node]] = field(default_factory=dict)
+    #: ``const``s of the cell: name -> value (the generated code's defaults)
+    consts: dict[str, float] = field(default_factory=dict)
 
 
 class _Gen:
@@ -167,6 +171,8 @@ class _Gen:
         self.params: dict[str, tuple[str, ...]] = {}
         self.features: set[str] = set()
         self.counter = 0
+        self.consts: dict[str, str] = {}  # name -> number text
+        self.defs: dict[str, tuple[tuple[str, ...], Node]] = {}
 
     # ---------------------------------------------------------------- names
     def fresh(self, base: str, pool: list[str] | None = None) -> str:
@@ -187,9 +193,52 @@ class _Gen:
     def number(self, positive: bool = False) -> Node:
         r = self.rng
         text = r.choice(["1", "0.5", "2", "0.25", ".5", "1.", "1e-1", "3E-1", "1.5", "0.75", "2e0", "10e-1"])
+        k = r.random()
+        if k < 0.1:  # a const of the cell in the number's place (a keyword of the generated code)
+            c = self.fresh("k")
+            self.consts[c] = text
+            self.features.add("const")
+            return Node("name", (c, False), None)
+        if k < 0.16:  # a trained scalar (no shape), between 0.5 and 1.5 at the start
+            s = self.fresh("s", HOSTILE_PARAM_NAMES)
+            self.params[s] = ()
+            self.features.add("scalar-param")
+            return Node("name", (s, False), None)
         if not positive and r.random() < 0.2:
             text = "-" + text
         return num(text)
+
+    def reduction(self, size: str, depth: int) -> Node:
+        """A layer norm (a vector of ``size``), or a vector scaled by a squashed row scalar (the
+        sum or mean of one or several vectors of any sizes)."""
+        r = self.rng
+        if r.random() < 0.4:
+            self.features.add("layer_norm")
+            inner = self.bounded(size, depth - 1)
+            eps = [num(r.choice(["0.5", "1", "1e-1"]))] if r.random() < 0.8 else []
+            return call("layer_norm", inner, *eps)
+        f = r.choice(["mean", "sum"])
+        self.features.add(f)
+        args = [self.bounded(r.choice(self.all_sizes), depth - 1) for _ in range(r.choice([1, 1, 2, 3]))]
+        row = Node("call", (f, *args), "row")
+        squashed = Node("call", (r.choice(SQUASH), Node("bin", ("*", row, num("0.3")), "row")), "row")
+        return Node("bin", ("*", self.expr(size, depth - 1), squashed), size)
+
+    def use_def(self, size: str, depth: int) -> Node:
+        """A call of one of the file's defs (made on first use), expanded in place by cellspec."""
+        r = self.rng
+        if not self.defs or r.random() < 0.4:
+            f = self.fresh("f")
+            a, b = "u", "v"
+            bodies = [
+                binop("*", name(a, "arg"), call("sigmoid", name(b, "arg"))),
+                binop("+", call("tanh", name(a, "arg")), binop("/", name(b, "arg"), num("2"))),
+                binop("-", name(a, "arg"), binop("*", num("0.5"), call("softsign", name(b, "arg")))),
+            ]
+            self.defs[f] = ((a, b), r.choice(bodies))
+            self.features.add("def")
+        f = r.choice(sorted(self.defs))
+        return call(f, self.expr(size, depth - 1), self.bounded(size, depth - 1))
 
     # ------------------------------------------------------------ expressions
     def leaf(self, size: str) -> Node:
@@ -297,13 +346,17 @@ class _Gen:
         if k < 0.88:
             self.features.add("neg")
             return neg(self.expr(size, depth - 1))
-        if k < 0.95:
+        if k < 0.9:
             self.features.add("pow")
             spelling = r.choice(["^", "**"])
             if r.random() < 0.5:
                 return power(paren(self.bounded(size, depth - 1)), r.choice(["2", "3", "2.0", "1"]), spelling)
             ex = r.choice(["0.5", "-1", "1.5", "-0.5", "-2", "2"])
             return power(paren(self.positive(size, depth - 1)), ex, spelling, paren=r.random() < 0.3)
+        if k < 0.93:
+            return self.reduction(size, depth)
+        if k < 0.96:
+            return self.use_def(size, depth)
         self.features.add("paren")
         return paren(self.expr(size, depth - 1))
 
@@ -402,18 +455,24 @@ class _Gen:
             outputs = [states[0][0] + "'"]
         return RandomCell(
             self.seed, cell_name, text, dict(self.sizes), inputs, states, dict(self.params), assigns, outputs,
-            self.features,
+            self.features, dict(self.defs), {k: float(v) for k, v in self.consts.items()},
         )
 
     def render_cell(self, cell_name, inputs, states, assigns, outputs) -> str:
         r = self.rng
         ind = r.choice(["  ", "    ", "\t"])
-        lines = [f"# random cell, seed {self.seed}", f"cell {cell_name} {{"]
+        lines = [f"# random cell, seed {self.seed}"]
+        for f, (args, body) in self.defs.items():
+            lines.append(f"def {f}({', '.join(args)}) = {render(body)}")
+        lines.append(f"cell {cell_name} {{")
         for sym, arg in self.sizes.items():
             lines.append(f"{ind}size {sym} = {arg}")
+        if self.consts:
+            lines.append(ind + "const " + ", ".join(f"{k} = {v}" for k, v in self.consts.items()))
         lines.append(ind + "input " + ", ".join(f"{k}[{s}]" for k, s in inputs))
         lines.append(ind + "state " + ", ".join(f"{k}[{s}]" for k, s in states))
-        items = [f"{k}[{', '.join(s)}]" for k, s in self.params.items()]
+        items = [f"{k}[{', '.join(s)}]" if s else f"{k} = {r.choice(['0.5', '1', '1.5'])}"
+                 for k, s in self.params.items()]
         for i in range(0, len(items), 3):
             lines.append(ind + "param " + ", ".join(items[i : i + 3]))
         for key, e in assigns:
@@ -454,16 +513,22 @@ def random_cell(seed: int, hostile: bool = True) -> RandomCell:
 
 
 # ------------------------------------------------------------------ reference interpreter
-def evaluate(e: Node, env: dict, params: dict):
-    """Evaluate a tree with torch ops; ``env`` maps ``x``/``h``/``h'``/intermediates to tensors."""
+def evaluate(e: Node, env: dict, params: dict, defs: dict | None = None, consts: dict | None = None):
+    """Evaluate a tree with torch ops; ``env`` maps ``x``/``h``/``h'``/intermediates to tensors,
+    ``defs`` the file's defs (name -> (argument names, body)), ``consts`` the cell's consts."""
     import torch
     import torch.nn.functional as F
+
+    defs, consts = defs or {}, consts or {}
+    rows = next(v.shape[0] for v in env.values() if isinstance(v, torch.Tensor) and v.dim() == 2)
 
     def ev(n: Node):
         if n.op == "num":
             return float(n.args[0])
         if n.op == "name":
             key, primed = n.args
+            if not primed and key in consts:
+                return consts[key]
             return env[key + "'"] if primed else (env[key] if key in env else params[key])
         if n.op == "paren":
             return ev(n.args[0])
@@ -482,6 +547,16 @@ def evaluate(e: Node, env: dict, params: dict):
         if n.op == "call":
             f, *args = n.args
             vals = [ev(a) for a in args]
+            if f in defs:  # a def: its body with the arguments bound
+                names, body = defs[f]
+                return evaluate(body, {**env, **dict(zip(names, vals))}, params, defs, consts)
+            if f in ("sum", "mean"):  # over the units of every argument, one number per row
+                cat = torch.cat([torch.broadcast_to(torch.as_tensor(v, dtype=torch.float64),
+                                                    (rows, torch.as_tensor(v).shape[-1])) for v in vals], -1)
+                return cat.sum(-1, keepdim=True) if f == "sum" else cat.mean(-1, keepdim=True)
+            if f == "layer_norm":
+                z = torch.broadcast_to(vals[0], (rows, vals[0].shape[-1]))
+                return F.layer_norm(z, z.shape[-1:], eps=float(vals[1]) if len(vals) > 1 else 1e-5)
             t = [v if isinstance(v, torch.Tensor) else torch.tensor(v, dtype=torch.float64) for v in vals]
             fns = {
                 "sigmoid": torch.sigmoid, "tanh": torch.tanh, "relu": torch.relu, "exp": torch.exp,
@@ -510,7 +585,7 @@ def reference_sequence(rc: RandomCell, sizes: dict[str, int], params: dict, xs: 
         for (k, _), x in zip(rc.inputs, xs):
             env[k] = x[t]
         for key, e in rc.assigns:
-            v = evaluate(e, env, params)
+            v = evaluate(e, env, params, rc.defs, rc.consts)
             env[key] = torch.broadcast_to(torch.as_tensor(v, dtype=torch.float64), (xs[0].shape[1], size_of[key]))
         for i, o in enumerate(rc.outputs):
             outs[i].append(env[o])

@@ -1139,9 +1139,10 @@ def _bool_arg(name, value):
 
 
 class _CifgLSTMBase(nn.Module):
-    def __init__(self, sizes, suffixes, device=None, dtype=None, backend="auto"):
+    def __init__(self, sizes, suffixes, device=None, dtype=None, backend="auto", consts=None):
         """``sizes``: per layer, the size symbols' values; ``suffixes``: per layer, the name
-        suffix of each direction's params ("" keeps the spec names)."""
+        suffix of each direction's params ("" keeps the spec names); ``consts``: the spec's
+        constants by name (module attributes, not parameters)."""
         super().__init__()
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -1151,12 +1152,14 @@ class _CifgLSTMBase(nn.Module):
         self.backend = backend
         self._layer_sizes = [dict(sz) for sz in sizes]
         self._names = [[{name: name + sfx for name in PARAMS} for sfx in dirs] for dirs in suffixes]
+        for k, v in (consts or {}).items():
+            setattr(self, k, float(v))
         factory = {"device": device, "dtype": dtype}
         for layer, dirs in enumerate(self._names):
             for names in dirs:
                 for name, shape in PARAMS.items():
                     size = tuple(self._layer_sizes[layer][s] for s in shape)
-                    self.register_parameter(names[name], nn.Parameter(torch.empty(*size, **factory)))
+                    self.register_parameter(names[name], nn.Parameter(torch.empty(size, **factory)))
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -1201,7 +1204,7 @@ class _CifgLSTMBase(nn.Module):
         parametrizations (register_parametrization, weight_norm, spectral_norm, orthogonal) and
         torch.func.functional_call apply."""
         names = self._names[layer][direction]
-        return {name: getattr(self, names[name]) for name in _PARAM_NAMES}
+        return {name: getattr(self, names[name]) for name in PARAMS}
     def _check_dtypes(self, xs, state, params):
         """One dtype for inputs, states and params, as torch.nn.LSTM demands (a ValueError
         naming both dtypes and both conversions), on every backend: never a silent cast."""
@@ -1286,7 +1289,7 @@ class CifgLSTMCell(_CifgLSTMBase):
 
     def __init__(self, input_size, hidden_size, *, device=None, dtype=None, backend="auto"):
         sizes = {"I": _int_arg("input_size", input_size, 0), "H": _int_arg("hidden_size", hidden_size, 0)}
-        super().__init__([sizes], [[""]], device=device, dtype=dtype, backend=backend)
+        super().__init__([sizes], [[""]], device=device, dtype=dtype, backend=backend, consts={})
 
     def forward(self, x, state=None):
         xs = (x,) if _N_IN == 1 else tuple(x)
@@ -1336,7 +1339,7 @@ class CifgLSTM(_CifgLSTMBase):
             suffixes = [[""]]
         else:
             suffixes = [[f"_l{k}", f"_l{k}_reverse"][:directions] for k in range(num_layers)]
-        super().__init__(layer_sizes, suffixes, device=device, dtype=dtype, backend=backend)
+        super().__init__(layer_sizes, suffixes, device=device, dtype=dtype, backend=backend, consts={})
         self.num_layers, self.batch_first, self.bidirectional = num_layers, batch_first, bidirectional
         self.dropout = float(dropout)
 

@@ -48,7 +48,8 @@ def _sigmoid(z):
 
 def forward(params, x, state=None):
     """One step: x [B, ...] -> (output, new_state)."""
-    _outputs, _final, _ = _forward(params, _first_step(x), state)
+    _x = _first_step(x)
+    _outputs, _final, _ = _forward(params, _x, state)
     return _outputs[0], _final
 
 
@@ -56,31 +57,36 @@ def backward(params, x, state, d_output, d_new_state):
     """Gradients of one step: -> (d_params, d_x, d_state)."""
     _x = _first_step(x)
     _d_outputs = None if d_output is None else _first_step(d_output)
-    _, _, _saved = _forward(params, _x, state)
-    _d_params, _d_x, _d_state = _backward(params, _x, _saved, _d_outputs, d_new_state)
+    _p = params
+    _, _, _saved = _forward(_p, _x, state)
+    _d_params, _d_x, _d_state = _backward(_p, _x, _saved, _d_outputs, d_new_state)
     return _d_params, _d_x[0], _d_state
 
 
 def forward_sequence(params, x, state=None, lengths=None):
     """A whole sequence: x [T, B, ...] -> (outputs [T, B, ...], final_state)."""
+    _p = params
     if lengths is None:
-        _outputs, _final, _ = _inference(params, x, state)
+        _outputs, _final, _ = _inference(_p, x, state)
         return _outputs, _final
     _order, _back, _bs = _by_length(lengths, _T_of(x))
-    _outputs, _final, _ = _inference(params, _take(x, _order, 1), _take(state, _order, 0), _bs)
+    _outputs, _final, _ = _inference(_p, _take(x, _order, 1), _take(state, _order, 0), _bs)
     return _take(_outputs, _back, 1), _take(_final, _back, 0)
 
 
 def backward_sequence(params, x, state, d_outputs, d_final_state, lengths=None):
     """Gradients over a whole sequence: -> (d_params, d_x, d_state)."""
+    _p = params
     if lengths is None:
-        _, _, _saved = _forward(params, x, state)
-        return _backward(params, x, _saved, d_outputs, d_final_state)
-    _order, _back, _bs = _by_length(lengths, _T_of(x))
-    _x = _take(x, _order, 1)
-    _, _, _saved = _forward(params, _x, _take(state, _order, 0), _bs)
-    _d_params, _d_x, _d_state = _backward(params, _x, _saved, _take(d_outputs, _order, 1), _take(d_final_state, _order, 0), _bs)
-    return _d_params, _take(_d_x, _back, 1), _take(_d_state, _back, 0)
+        _, _, _saved = _forward(_p, x, state)
+        _d_params, _d_x, _d_state = _backward(_p, x, _saved, d_outputs, d_final_state)
+    else:
+        _order, _back, _bs = _by_length(lengths, _T_of(x))
+        _x = _take(x, _order, 1)
+        _, _, _saved = _forward(_p, _x, _take(state, _order, 0), _bs)
+        _d_params, _d_x, _d_state = _backward(_p, _x, _saved, _take(d_outputs, _order, 1), _take(d_final_state, _order, 0), _bs)
+        _d_x, _d_state = _take(_d_x, _back, 1), _take(_d_state, _back, 0)
+    return _d_params, _d_x, _d_state
 
 
 def _T_of(x):
