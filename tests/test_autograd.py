@@ -111,7 +111,7 @@ def _check_derivatives(module: str, layer: bool, backend: str, T: int) -> None:
     "module,backend,layer,T",
     [(m, b, True, 3) for m in ("lstm", "gru") for b in BACKENDS]
     + [(m, b, False, None) for m in ("lstm", "gru") for b in BACKENDS]
-    + [("lstm", "generated", True, 9), ("gru", "fused", True, 9)],
+    + [("gru", "generated", True, 9), ("elman", "fused", True, 9)],
 )
 def test_gradgradcheck_quick(module, backend, layer, T):
     """gradcheck and gradgradcheck: a quick subset (the whole matrix is marked slow)."""
@@ -415,6 +415,16 @@ def test_mixed_dtypes_refused_like_torch_nn(backend, layer):
         ValueError, match=r"input dtype \(torch.float32\) does not match weight dtype"
     ):
         nn.LSTM(3, 2, dtype=DT)(torch.randn(9, 2, 3))  # the behaviour matched
+
+
+@pytest.mark.parametrize("backend", ["auto", "generated", "autograd"])
+def test_autocast_is_not_a_dtype_mismatch(backend):
+    """Under torch.autocast a 16-bit input with float32 params is by design (as for torch.nn)."""
+    mod, model, sizes = build("lstm", True, backend, dtype=torch.float32)
+    xs, _ = inputs(mod, sizes, 9, dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = model(xs[0].detach().bfloat16())
+    assert torch.isfinite(out.float()).all()
 
 
 # ----------------------------------------------------------------------------- distributed
