@@ -1232,7 +1232,10 @@ class _DefLSTMBase(nn.Module):
         return {name: getattr(self, names[name]) for name in PARAMS}
     def _check_dtypes(self, xs, state, params):
         """One dtype for inputs, states and params, as torch.nn.LSTM demands (a ValueError
-        naming both dtypes and both conversions), on every backend: never a silent cast."""
+        naming both dtypes and both conversions), on every backend: never a silent cast. Under
+        torch.autocast the dtypes differ by design (the engine computes in the input's)."""
+        if torch.is_autocast_enabled(xs[0].device.type):
+            return
         dtype = next(iter(params.values())).dtype if params else xs[0].dtype
         for name, p in params.items():
             if p.dtype != dtype:
