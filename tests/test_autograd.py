@@ -282,8 +282,12 @@ def _compile_check(module: str, backend: str, T: int = 9) -> None:
     sum(o.square().sum() for o in want).backward()
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    # float32 through two engines (compiled: the PyTorch engine; eager: the native library): a
+    # layer norm with eps 1e-12 (TensorFlow's) amplifies round-off in its gradient (`cellspec
+    # check` raises its float32 tolerance there by the same conditioning rule)
+    rtol = 2e-3 if module.startswith(("layer_norm", "haste_layer_norm")) else 1e-4
     for a, p in zip(grads, model.parameters()):
-        torch.testing.assert_close(a, p.grad, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(a, p.grad, rtol=rtol, atol=1e-5)
 
 
 @pytest.mark.parametrize(
