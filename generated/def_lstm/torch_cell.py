@@ -786,26 +786,32 @@ def _engine_op_backward(ctx, grads):
     return list(res[:_N_IN]), list(res[_N_IN : _N_IN + _N_STATE]), list(res[_N_IN + _N_STATE :])
 
 
-def _register_engine_ops():
-    """The PyTorch engine's forward and backward as custom ops, for torch.compile and
-    torch.export (traced through their fake implementations: the engine itself on fake
-    tensors). Registered once per process and content of this file."""
-    name = "cellspec::def_lstm_engine_6b633c64b6f3"
+def _custom_ops(name, forward, backward, forward_schema, backward_schema, forward_fake, backward_fake,
+                autograd_backward, setup_context):
+    """A forward and a backward as PyTorch custom ops (what torch.compile and torch.export trace:
+    the fakes give shapes and strides), the backward registered as the forward's autograd
+    formula. Registered once per process and content of this file: a second import of the same
+    generated code finds them."""
     try:
-        fwd = torch.library.custom_op(f"{name}_forward", _engine_op_forward_impl, mutates_args=(),
-                                      schema="(Tensor[] xs, Tensor[] states, Tensor[] params) -> Tensor[]")
-        bwd = torch.library.custom_op(f"{name}_backward", _engine_op_backward_impl, mutates_args=(),
-                                      schema="(Tensor[] args, Tensor[] saved, Tensor?[] d_outputs, Tensor?[] d_finals) -> Tensor[]")
+        fwd = torch.library.custom_op(f"cellspec::{name}_forward", forward, mutates_args=(), schema=forward_schema)
+        bwd = torch.library.custom_op(f"cellspec::{name}_backward", backward, mutates_args=(), schema=backward_schema)
     except RuntimeError:  # registered by an earlier import of the same generated code
         ns = torch.ops.cellspec
-        return getattr(ns, "def_lstm_engine_6b633c64b6f3_forward"), getattr(ns, "def_lstm_engine_6b633c64b6f3_backward")
-    fwd.register_fake(_engine_op_forward_impl)
-    bwd.register_fake(_engine_op_backward_impl)
-    fwd.register_autograd(_engine_op_backward, setup_context=_engine_op_setup_context)
+        return getattr(ns, f"{name}_forward"), getattr(ns, f"{name}_backward")
+    fwd.register_fake(forward_fake)
+    bwd.register_fake(backward_fake)
+    fwd.register_autograd(autograd_backward, setup_context=setup_context)
     return fwd, bwd
 
 
-_ENGINE_OPS = _register_engine_ops()
+#: the PyTorch engine's forward and backward as custom ops (the engine itself is the fake:
+#: it runs on fake tensors)
+_ENGINE_OPS = _custom_ops(
+    "def_lstm_engine_6b633c64b6f3", _engine_op_forward_impl, _engine_op_backward_impl,
+    "(Tensor[] xs, Tensor[] states, Tensor[] params) -> Tensor[]",
+    "(Tensor[] args, Tensor[] saved, Tensor?[] d_outputs, Tensor?[] d_finals) -> Tensor[]",
+    _engine_op_forward_impl, _engine_op_backward_impl, _engine_op_backward, _engine_op_setup_context,
+)
 
 
 def _run_engine(xs, state, params, bs=None):
@@ -1118,22 +1124,12 @@ def _op_backward(ctx, grads):
     return list(res[:_N_IN]), list(res[_N_IN : _N_IN + _N_STATE]), list(res[_N_IN + _N_STATE :])
 
 
-def _register_ops():
-    try:
-        fwd = torch.library.custom_op(f"cellspec::{_OP}_forward", _op_forward_impl, mutates_args=(),
-                                      schema="(Tensor[] xs, Tensor[] states, Tensor[] params) -> Tensor[]")
-        bwd = torch.library.custom_op(f"cellspec::{_OP}_backward", _op_backward_impl, mutates_args=(),
-                                      schema="(Tensor[] xs, Tensor[] params, Tensor[] saved, Tensor?[] d_outputs, Tensor?[] d_finals) -> Tensor[]")
-    except RuntimeError:  # registered by an earlier import of the same generated code
-        ns = torch.ops.cellspec
-        return getattr(ns, f"{_OP}_forward"), getattr(ns, f"{_OP}_backward")
-    fwd.register_fake(_op_forward_fake)
-    bwd.register_fake(_op_backward_fake)
-    fwd.register_autograd(_op_backward, setup_context=_op_setup_context)
-    return fwd, bwd
-
-
-_OPS = _register_ops()
+_OPS = _custom_ops(
+    _OP, _op_forward_impl, _op_backward_impl,
+    "(Tensor[] xs, Tensor[] states, Tensor[] params) -> Tensor[]",
+    "(Tensor[] xs, Tensor[] params, Tensor[] saved, Tensor?[] d_outputs, Tensor?[] d_finals) -> Tensor[]",
+    _op_forward_fake, _op_backward_fake, _op_backward, _op_setup_context,
+)
 
 
 # ---------------------------------------------------------------------------------------------
