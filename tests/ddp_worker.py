@@ -16,13 +16,12 @@ DT = torch.float64
 SPECS = Path(__file__).resolve().parent.parent / "specs"
 
 
-def run(rank: int, world: int, port: int, backend: str, x, state: dict, result: str) -> None:
+def run(rank: int, world: int, init_method: str, backend: str, x, state: dict, result: str) -> None:
     """Process ``rank`` of ``world``: one SGD step of DDP(LSTM) on its part of the batch;
-    rank 0 saves the resulting state_dict to ``result``."""
+    rank 0 saves the resulting state_dict to ``result``. ``init_method``: the rendezvous (a
+    ``file://`` path: no port to race other processes for)."""
     (cc,) = compile_file(str(SPECS / "lstm.cell"))
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
-    )
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world)
     try:
         model = load_package(cc.module_name, cc.files).torch_cell.LSTM(
             3, 2, backend=backend, dtype=DT

@@ -11,7 +11,6 @@ them. Sizes are tiny and float64 so that finite differences are exact enough and
 from __future__ import annotations
 
 import copy
-import socket
 
 import pytest
 import torch
@@ -432,12 +431,6 @@ def test_autocast_is_not_a_dtype_mismatch(backend):
 
 
 # ----------------------------------------------------------------------------- distributed
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("backend", ["auto"])
 def test_ddp_two_processes_same_step_as_one(backend, tmp_path):
     """DistributedDataParallel over two CPU processes (gloo), each on half the batch, takes the
@@ -451,7 +444,7 @@ def test_ddp_two_processes_same_step_as_one(backend, tmp_path):
     result = str(tmp_path / "rank0.pt")
     mp.start_processes(
         ddp_worker.run,
-        args=(2, _free_port(), backend, x, state, result),
+        args=(2, f"file://{tmp_path / 'rendezvous'}", backend, x, state, result),
         nprocs=2,
         join=True,
         start_method="spawn",
