@@ -2081,8 +2081,11 @@ class _LayerNormGRUBase(nn.Module):
         if backend == "autograd":
             return _run_autograd(params, xs, state, bs)
         if backend in ("fused", "cuda"):
-            compiling = torch.compiler.is_compiling() and bs is None
-            lib = None if compiling else _native_library(xs[0], state, params, required=backend)
+            lib = None
+            if self.backend == "auto":  # the library _resolve_backend just checked
+                lib = _LIBRARIES.get((xs[0].device.type, xs[0].device.index))
+            if lib is None and not (torch.compiler.is_compiling() and bs is None):
+                lib = _native_library(xs[0], state, params, required=backend)  # asked for: say why if not
             return _run_native(lib, xs, state, params, bs)
         return _run_engine(xs, state, params, None if bs is None else bs.tolist())
 
