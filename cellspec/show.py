@@ -6,7 +6,7 @@ from __future__ import annotations
 from cellspec.driver import STAGES, compile_source, front, read_source
 from cellspec.errors import SpecError
 from cellspec.frontend.semantics import ROW
-from cellspec.program.text import prepared_text
+from cellspec.program.text import mask_text, prepared_text
 
 
 def _schedule_text(cc) -> str:
@@ -14,6 +14,8 @@ def _schedule_text(cc) -> str:
     lines = [f"cell {cc.checked.name}: {len(s.stages)} per-step stage(s)"]
     if cc.checked.consts:
         lines.append("  consts: " + ", ".join(f"{c.name} = {c.value!r}" for c in cc.checked.consts))
+    for mk in s.model.masks:
+        lines.append(f"  mask drawn per call: {mk.key} [T, B, {mk.size}] = {mask_text(mk)}")
     for pr in s.model.prepared:
         lines.append(f"  prepared before the loop: {pr.key} [{', '.join(pr.shape)}] = {prepared_text(pr)}")
     for g in s.hoisted_gemms:

@@ -196,6 +196,16 @@ def build(sched: Schedule, back: Backward, printer_cls, reserved: set[str], **pr
         "inputs": [
             {"key": v.name, "name": names[v.name], "size": v.size, **leaf_info(v.name)} for v in cell.inputs
         ],
+        # the user's inputs: the engine's (``inputs``) end with the random ops' masks
+        "spec_inputs": [
+            {"key": v.name, "name": names[v.name], "size": v.size} for v in (m.spec_cell or cell).inputs
+        ],
+        "masks": [
+            {"key": k.key, "size": k.size, "kind": k.kind, "line": k.line,
+             "rate": k.rate if isinstance(k.rate, str) else repr(float(k.rate)),
+             "const": isinstance(k.rate, str)}
+            for k in m.masks
+        ],
         "states": [
             {
                 "key": v.name,

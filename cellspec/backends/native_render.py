@@ -642,7 +642,7 @@ def glue_context(prog: ir.Program, grads_zero: dict, cu_text: str) -> dict:
             "allocs": allocs(bwd, saved_from),
             "buffers": list(bwd.buffers),
             "grads": grads,
-            "d_inputs": [prog.d_inputs[v.key] for v in prog.inputs],
+            "d_inputs": [prog.d_inputs.get(v.key, "None") for v in prog.inputs],  # None: a mask
             "d_states": [prog.d_states[v.key] for v in prog.states],
         },
         "native_saved": list(prog.saved),

@@ -21,4 +21,12 @@ def render(sched: Schedule, back: Backward, prog: Program) -> str:
     ctx = context.build(sched, back, NumPyPrinter, PYTHON_RESERVED)
     ctx["seq"] = python_render.sequence_context(prog, ctx["names"], NumPyPrinter(ctx["names"]), python_render.NUMPY)
     ctx["helpers"] = ops.helpers("numpy", context.printed_exprs(sched, back))
+    # where a mask's size comes from in a call: the first spec input or param of that size
+    sources: dict[str, str] = {}
+    for i, v in enumerate(ctx["spec_inputs"]):
+        sources.setdefault(v["size"], f"np.shape(_xs[{i}])[-1]")
+    for p in prog.spec_params:
+        for d, s in enumerate(p.shape):
+            sources.setdefault(s, f'np.shape(_params["{p.key}"])[{d}]')
+    ctx["mask_sizes"] = {k["size"]: sources[k["size"]] for k in ctx["masks"]}
     return render_template("numpy_cell.py.j2", ctx)

@@ -500,7 +500,7 @@ def _prepare_lines(prog: ir.Program, d: Dialect) -> dict:
             coef = _CoefPrinter({}).doprint(t.coef)
             back.append(f'_g["{t.source}"] = _g["{t.source}"] + {g}' + ("" if t.coef == 1 else f" * ({coef})"))
     sizes = []
-    for i, v in enumerate(prog.inputs):
+    for i, v in enumerate(prog.inputs[: len(prog.inputs) - len(prog.masks)]):  # not the masks: drawn later
         sizes.append((v.size, f"_arrays(_x)[{i}].shape[-1]"))
     for prm in prog.spec_params:
         for k, s in enumerate(prm.shape):
@@ -547,7 +547,7 @@ def sequence_context(prog: ir.Program, names: dict[str, str], printer, d: Dialec
         sizes=sizes,
         saved=list(prog.saved),
         saved_backward=[b for b in prog.saved if b in prog.backward.buffers],
-        d_inputs=[f"_{prog.d_inputs[v.key]}" for v in prog.inputs],
+        d_inputs=[f"_{prog.d_inputs[v.key]}" if v.key in prog.d_inputs else "None" for v in prog.inputs],
         d_states=[f"_{prog.d_states[v.key]}" for v in prog.states],
         first_input=first,
         engine_params=[prm.key for prm in prog.params],

@@ -486,6 +486,8 @@ class _Checker:
             op = ops.by_name(e.func)
             if op.shape_rule == "row_reduction" and e.func in REDUCTIONS:
                 return self.reduction(e, op)
+            if op.shape_rule == "random":
+                return self.random(e, op)
             if op.shape_rule != "elementwise":
                 raise NotImplementedError(f"the front end has no rule for {op.shape_rule!r} op {e.func}()")
             sizes = [self.expr(a) for a in e.args]
@@ -537,6 +539,39 @@ class _Checker:
                     raise _err("the eps of layer_norm() must be positive", eps.span)
             return sizes[0]
         return ROW
+
+    def random(self, e: ast.Call, op) -> str:
+        """``dropout(v, p)``, ``variational_dropout(v, p)``, ``zoneout(new, old, p)``: vectors of
+        one size, and a rate ``p`` that is a number in [0, 1] or a const (checked when the
+        layer runs)."""
+        sizes = []
+        for i, (kind, a) in enumerate(zip(op.arg_kinds, e.args)):
+            if kind == "rate":
+                self.rate(e, a, i)
+                continue
+            size = self.expr(a)
+            if size is None or size == ROW:
+                what = "a number" if size is None else "a row scalar (one number per row)"
+                raise _err(f"argument {i + 1} of {e.func}() must be a vector, not {what}", e.span)
+            sizes.append(size)
+        return self.combine(e, f"{e.func}()", sizes)
+
+    def rate(self, e: ast.Call, a: ast.Expr, i: int) -> None:
+        """The probability of a random op: a number in [0, 1] or a const's name."""
+        while isinstance(a, ast.Inline):
+            a = a.body
+        if isinstance(a, ast.Number):
+            if not 0 <= a.value <= 1:
+                raise _err(f"the rate of {e.func}() must be in [0, 1], got {a.text}", a.span)
+            return
+        if isinstance(a, ast.Name) and not a.primed and self.kinds.get(a.name) == "const":
+            self.used_names.add(a.name)
+            return
+        size = self.expr(a)
+        what = (f"a vector of size {size}" if size not in (None, ROW) else "a row scalar" if size == ROW
+                else "an expression")
+        hint = "; a trained rate is not supported" if _scalar_param_in(a, self.params) else ""
+        raise _err(f"argument {i + 1} of {e.func}() is its rate: a number or a const, not {what}{hint}", a.span)
 
     def check_row_value(self, e: ast.Expr) -> None:
         """A named row scalar reads consts and scalar params only inside reductions (there they

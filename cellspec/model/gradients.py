@@ -188,8 +188,8 @@ class _Deriver:
         step_seed: dict[str, str] = {}
         leaf_keys = list(m.leaves) + [p.key for p in s.hoisted_projections] + [v.key for v in s.hoisted_values]
         for key in leaf_keys:
-            if key in m.leaves and m.leaves[key].kind == "const":
-                continue  # a const has no gradient
+            if key in m.leaves and m.leaves[key].kind in ("const", "mask"):
+                continue  # a const or a drawn mask has no gradient
             total = sum((self.term(c, key) for c in step_consumers.get(key, [])), sp.S.Zero)
             for (idx, operand), gk in gemm_adjoint.items():
                 if operand == key and (idx, operand) not in self.zero_gemm():
@@ -233,7 +233,7 @@ class _Deriver:
         hoisted_leaf_block: list[Assignment] = []
         hoisted_leaf_adjoint: dict[str, str] = {}
         for key, leaf in m.leaves.items():
-            if leaf.kind in ("state", "const"):
+            if leaf.kind in ("state", "const", "mask"):
                 continue
             total = sum((self.term(c, key) for c in hoisted_consumers.get(key, [])), sp.S.Zero)
             if total != 0:

@@ -17,7 +17,7 @@ import sympy as sp
 
 from cellspec.errors import SpecError
 from cellspec.frontend import ast
-from cellspec.frontend.semantics import ROW, CheckedCell, Param
+from cellspec.frontend.semantics import ROW, CheckedCell, Param, Vector
 from cellspec.model import functions as fn
 from cellspec.model import ops
 
@@ -29,7 +29,7 @@ class Leaf:
 
     key: str
     size: str
-    kind: str  # "input" | "state" | "param"
+    kind: str  # "input" | "state" | "param" | "const" | "mask" (a random op's mask: no gradient)
 
 
 @dataclass
@@ -84,6 +84,24 @@ class Prepared:
     line: int
 
 
+@dataclass(frozen=True)
+class Mask:
+    """One call of a random op: a per-step input ``key`` of the engine (``[T, B, size]``) that the
+    generated layer draws once per call and the backward reads but never differentiates.
+
+    ``dropout``: ``Bernoulli(1 - p) / (1 - p)`` in training, 1 in evaluation (the value reads
+    ``v * key``); ``variational``: the same drawn once per sequence, ``[B, size]`` repeated at every
+    step; ``zoneout``: ``Bernoulli(p)`` in training, ``p`` in evaluation (the value reads
+    ``key * old + (1 - key) * new``). ``rate`` is a number or a const's name."""
+
+    key: str
+    size: str
+    kind: str  # "dropout" | "variational" | "zoneout"
+    rate: float | str
+    line: int
+    text: str
+
+
 @dataclass
 class CellModel:
     """The cell as the engine runs it. ``cell.params`` are the engine's params: the spec's vector
@@ -99,6 +117,7 @@ class CellModel:
     symbols: dict[str, sp.Symbol] = field(default_factory=dict)
     prepared: list[Prepared] = field(default_factory=list)
     spec_cell: CheckedCell | None = None
+    masks: list[Mask] = field(default_factory=list)  # the engine's last inputs, in this order
 
     def symbol(self, key: str) -> sp.Symbol:
         return self.symbols[key]
@@ -142,6 +161,7 @@ class _Lowerer:
         taken |= {c.name for c in cell.consts}
         self.namer = Namer(taken)
         self.prepared: list[Prepared] = []
+        self.masks: list[Mask] = []
         #: consts and scalar params: placeholder symbols until the size they are read at is known
         self.scalars: dict[str, sp.Symbol] = {c.name: sp.Symbol(c.name, real=True) for c in cell.consts}
         self.scalars.update({p.name: sp.Symbol(p.name, real=True) for p in cell.params if p.is_scalar})
@@ -223,6 +243,28 @@ class _Lowerer:
         rstd = self.row_value("rstd", 1 / ops.by_name("sqrt").cls(var + eps))
         return (v - mu) * rstd
 
+    def random(self, e: ast.Call) -> sp.Expr:
+        """A random op as elementwise math with a mask of its own (see :class:`Mask`)."""
+        vectors = [self.reduced(a, e.func) for a in e.args[:-1]]
+        size = vectors[0][1]
+        rate = e.args[-1]
+        while isinstance(rate, ast.Inline):
+            rate = rate.body
+        rate = rate.value if isinstance(rate, ast.Number) else rate.name
+        kind = {"dropout": "dropout", "variational_dropout": "variational", "zoneout": "zoneout"}[e.func]
+        first = e.args[-2] if kind == "zoneout" else e.args[0]  # what is masked: the old state, or v
+        while isinstance(first, ast.Inline):
+            first = first.body
+        stem = first.name if isinstance(first, ast.Name) and not first.primed else kind
+        key = self.namer.fresh(f"{'keep' if kind == 'zoneout' else 'mask'}_{stem}")
+        self.masks.append(Mask(key, size, kind, rate, *self.current))
+        self.leaf(key, size, "mask")
+        m = self.symbols[key]
+        if kind == "zoneout":
+            new, old = (self.broadcast(x, size) for x, _ in vectors)
+            return m * old + (1 - m) * new
+        return vectors[0][0] * m
+
     def broadcast(self, expr: sp.Expr, size: str) -> sp.Expr:
         """``expr`` (of a vector of ``size``) with each const and scalar param replaced by the
         prepared vector that holds it at that size."""
@@ -257,9 +299,10 @@ class _Lowerer:
         self.direct |= {p.name for p in self.cell.params if len(p.shape) == 1}
         engine = [p for p in self.cell.params if p.name in self.direct]
         engine += [Param(p.key, p.shape, None, None) for p in self.prepared]
-        cell = dataclasses.replace(self.cell, params=engine)
+        inputs = self.cell.inputs + [Vector(k.key, k.size, None) for k in self.masks]
+        cell = dataclasses.replace(self.cell, params=engine, inputs=inputs)
         return CellModel(cell, self.leaves, self.values, self.projections, next_state, outputs, self.symbols,
-                         self.prepared, self.cell)
+                         self.prepared, self.cell, self.masks)
 
     def lower(self, e: ast.Expr) -> sp.Expr:
         if isinstance(e, ast.Number):
@@ -287,6 +330,8 @@ class _Lowerer:
         if isinstance(e, ast.Call):
             if ops.by_name(e.func).shape_rule == "row_reduction":
                 return self.reduction(e)
+            if ops.by_name(e.func).shape_rule == "random":
+                return self.random(e)
             return ops.by_name(e.func).cls(*(self.lower(x) for x in e.args))
         if isinstance(e, ast.MatMul):
             return self.projection(e)

@@ -30,14 +30,16 @@ from cellspec.model import functions as fn
 
 TARGETS: tuple[str, ...] = ("numpy", "torch", "c")
 
-#: shape rules: "elementwise" (arguments broadcast to one vector size, the result has it) and
-#: "projection" (``matrix @ vector``); "row_reduction" and "random" are reserved for row
-#: reductions and random masks, which no op has yet.
+#: shape rules: "elementwise" (arguments broadcast to one vector size, the result has it),
+#: "projection" (``matrix @ vector``), "row_reduction" (one number per row: sum, mean,
+#: layer_norm) and "random" (dropout, variational_dropout, zoneout: lowering turns each call into
+#: elementwise math with a mask the generated layer draws, see model/lower.py).
 SHAPE_RULES: tuple[str, ...] = ("elementwise", "projection", "row_reduction", "random")
 
 #: argument kinds: "vector_or_number" (a vector of the call's size, or a number), "number" (a
-#: number only, e.g. an epsilon), and for ``@`` "matrix" and "vector".
-ARG_KINDS: tuple[str, ...] = ("vector_or_number", "number", "matrix", "vector")
+#: number only, e.g. an epsilon), "rate" (a number or a const: a probability), and for ``@``
+#: "matrix" and "vector".
+ARG_KINDS: tuple[str, ...] = ("vector_or_number", "number", "rate", "matrix", "vector")
 
 #: tags the random-cell generator draws its vocabulary from: "squash" (bounded output for any
 #: finite input), "safe" (bounded growth on bounded input), "needs-positive-domain" (only for
@@ -443,6 +445,12 @@ template <typename T> __host__ __device__ inline T cs_positive(T z) { return z >
     OpSpec("sum", None, 1, MAX_REDUCED, ("vector",) * MAX_REDUCED, "row_reduction", False, {}),
     OpSpec("mean", None, 1, MAX_REDUCED, ("vector",) * MAX_REDUCED, "row_reduction", False, {}),
     OpSpec("layer_norm", None, 1, 2, ("vector", "number"), "row_reduction", False, {}),
+    # ---- randomness during training: each call becomes a mask of its own (a per-step input of
+    # the engine that the layer draws, with no gradient) and elementwise math with it:
+    # dropout(v, p) -> v * m, zoneout(new, old, p) -> m * old + (1 - m) * new (model/lower.py)
+    OpSpec("dropout", None, 2, 2, ("vector", "rate"), "random", False, {}),
+    OpSpec("variational_dropout", None, 2, 2, ("vector", "rate"), "random", False, {}),
+    OpSpec("zoneout", None, 3, 3, ("vector", "vector", "rate"), "random", False, {}),
     OpSpec(
         None,
         fn.RowSum,

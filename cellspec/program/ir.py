@@ -255,7 +255,7 @@ class Program:
     module: str
     sizes: tuple[str, ...]  # size symbols, constructor order
     size_sources: dict[str, tuple]  # symbol -> ("input", i) | ("param", name, dim) | ("state", i)
-    inputs: tuple[Vector, ...]
+    inputs: tuple[Vector, ...]  # the spec's inputs, then the masks
     states: tuple[Vector, ...]  # name: key of the next-state value
     params: tuple[Param, ...]
     outputs: tuple[Vector, ...]  # name: value key
@@ -269,7 +269,7 @@ class Program:
     d_states: dict[str, str] = field(default_factory=dict)
     #: output value key -> buffer of its incoming adjoint sequence
     d_outputs: dict[str, str] = field(default_factory=dict)
-    #: input key -> buffer of its gradient
+    #: input key -> buffer of its gradient (none for a mask)
     d_inputs: dict[str, str] = field(default_factory=dict)
     #: size symbol of every name the pointwise blocks use (values, projections, adjoints)
     value_sizes: dict[str, str] = field(default_factory=dict)
@@ -281,6 +281,9 @@ class Program:
     #: engine params formed from spec params and consts once per call, before the loop
     #: (:class:`cellspec.model.lower.Prepared`: matrix expressions, broadcast consts and scalars)
     prepared: tuple = ()
+    #: the random ops' masks (:class:`cellspec.model.lower.Mask`): the last entries of
+    #: ``inputs``, drawn by the caller, never differentiated
+    masks: tuple = ()
 
     @property
     def functions(self) -> tuple[Function, ...]:

@@ -190,7 +190,7 @@ class _Planner:
         for v in self.cell.states:
             a = b.adjoint[v.name]
             tb.place(a, tb.buffer(f"ds_{v.name}", (B, size(v.size)), "d_state", "arg"), None, 0, v.size)
-        for v in self.cell.inputs:
+        for v in self.differentiated_inputs():
             tb.buffer(f"dx_{v.name}", (T, B, size(v.size)), "d_input")
             tb.place(f"grad_input:{v.name}", f"dx_{v.name}", 0, 0, v.size)
             if v.name in b.adjoint and v.name not in b.zero:
@@ -277,7 +277,7 @@ class _Planner:
         ops: list = [ir.Loop(True, tuple(body))]
 
         # after the loop: dW of every GEMM group, hoisted GEMMs' d_operand, hoisted pointwise backward
-        contributed = {v.name for v in self.cell.inputs if b.adjoint.get(v.name) in tb.slots
+        contributed = {v.name for v in self.differentiated_inputs() if b.adjoint.get(v.name) in tb.slots
                        and tb.slots[b.adjoint[v.name]].buffer == f"dx_{v.name}"}
         def dw_scratch(w: ir.Weight) -> str:
             if len(w.matrices) == 1:
@@ -330,6 +330,10 @@ class _Planner:
         return _initial_contents(fn)
 
     # ------------------------------------------------------------------ helpers
+    def differentiated_inputs(self) -> list:
+        """The inputs that get a gradient: all but the masks of random ops."""
+        return [v for v in self.cell.inputs if self.m.leaves[v.name].kind != "mask"]
+
     def block(self, tag: str, title: str, rows: str, stmts: tuple, exported: set[str], tb) -> ir.Pointwise:
         """A pointwise block: drop statements nothing exported depends on; reads are the names
         read before they are assigned in the block."""
@@ -430,7 +434,7 @@ def plan(sched: Schedule, back: Backward) -> ir.Program:
     backward, saved = save.bind_saved(forward, backward)
     inference = p.forward(set(), "inference")
     size_sources: dict[str, tuple] = {}
-    for i, v in enumerate(cell.inputs):
+    for i, v in enumerate(p.differentiated_inputs()):  # the masks come last and are drawn to these sizes
         size_sources.setdefault(v.size, ("input", i))
     for prm in cell.params:
         for d, s_ in enumerate(prm.shape):
@@ -453,9 +457,10 @@ def plan(sched: Schedule, back: Backward) -> ir.Program:
         saved=saved,
         d_states={v.name: f"ds_{v.name}" for v in cell.states},
         d_outputs={k: f"dout_{k}" for k in m.outputs},
-        d_inputs={v.name: f"dx_{v.name}" for v in cell.inputs},
+        d_inputs={v.name: f"dx_{v.name}" for v in p.differentiated_inputs()},
         value_sizes=dict(p.size),
         spec_params=tuple(ir.Param(prm.name, tuple(prm.shape)) for prm in (m.spec_cell or cell).params),
         consts=tuple((c.name, c.value) for c in (m.spec_cell or cell).consts),
         prepared=tuple(m.prepared),
+        masks=tuple(m.masks),
     )

@@ -55,6 +55,16 @@ def _op(fn: ir.Function, prog: ir.Program, op, indent: str) -> list[str]:
     raise TypeError(op)  # pragma: no cover
 
 
+def mask_text(mask) -> str:
+    """What a random op's mask holds in training and in evaluation (``cellspec show``)."""
+    p = mask.rate if isinstance(mask.rate, str) else repr(float(mask.rate))
+    if mask.kind == "zoneout":
+        return f"Bernoulli({p}) in training, {p} in evaluation  (line {mask.line}: zoneout)"
+    per = "per sequence, the same at every step" if mask.kind == "variational" else "per step"
+    what = "variational_dropout" if mask.kind == "variational" else "dropout"
+    return f"Bernoulli(1 - {p}) / (1 - {p}) {per} in training, 1 in evaluation  (line {mask.line}: {what})"
+
+
 def prepared_text(pr) -> str:
     """``W - W^T - gamma*eye``, ``alpha (broadcast)``, ``dt (broadcast)`` for ``show``."""
     parts = []
@@ -70,6 +80,10 @@ def render(prog: ir.Program) -> str:
     lines = [f"cell {prog.cell}: sequence program"]
     if prog.consts:
         lines.append("  consts (keyword arguments, default): " + ", ".join(f"{k} = {v!r}" for k, v in prog.consts))
+    if prog.masks:
+        lines.append("  masks (inputs drawn by the caller once per call; no gradient):")
+        for mk in prog.masks:
+            lines.append(f"    {mk.key} [T, B, {mk.size}] = {mask_text(mk)}")
     if prog.prepared:
         lines.append("  prepared params (formed once per call, before the loop; gradients go to their terms):")
         for pr in prog.prepared:

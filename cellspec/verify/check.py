@@ -65,9 +65,16 @@ class Problem:
     states: tuple[np.ndarray, ...]
     d_outputs: tuple[np.ndarray, ...]
     d_final: tuple[np.ndarray, ...]
+    #: fixed training-mode masks of the random ops ([T, B, size] each), fed to every backend
+    masks: dict[str, np.ndarray] = field(default_factory=dict)
 
     def pack(self, items):
         return items[0] if len(items) == 1 else tuple(items)
+
+    @property
+    def mask_kwargs(self) -> dict:
+        """Keywords of the NumPy functions that run the cell in training mode with these masks."""
+        return {"training": True, "masks": self.masks} if self.masks else {}
 
 
 @dataclass
@@ -170,13 +177,29 @@ def make_problem(pkg, T: int, B: int, seed: int = 0, sizes: dict[str, int] | Non
     params = {k: rng.normal(0, scale, [sizes[d] for d in shape]) for k, shape in np_cell.PARAMS.items()}
     xs = tuple(rng.normal(0, 1, (T, B, sizes[s])) for _, s in np_cell.INPUTS)
     states = tuple(rng.normal(0, 0.5, (B, sizes[s])) for _, s in np_cell.STATES)
-    p = Problem(pkg, sizes, params, xs, states, (), ())
-    outs, final = np_cell.forward_sequence(params, p.pack(xs), p.pack(states))
+    p = Problem(pkg, sizes, params, xs, states, (), (), draw_masks(np_cell, T, B, sizes, rng))
+    outs, final = np_cell.forward_sequence(params, p.pack(xs), p.pack(states), **p.mask_kwargs)
     outs = outs if isinstance(outs, tuple) else (outs,)
     final = final if isinstance(final, tuple) else (final,)
     p.d_outputs = tuple(rng.normal(0, 1, o.shape) for o in outs)
     p.d_final = tuple(rng.normal(0, 1, f.shape) for f in final)
     return p
+
+
+def draw_masks(np_cell, T: int, B: int, sizes: dict[str, int], rng) -> dict[str, np.ndarray]:
+    """Training-mode masks of the cell's random ops, drawn once: dropout keeps with probability
+    1 - p (0.5 where the spec's rate is a const or 0 or 1) scaled by 1 / (1 - p), the
+    variational mask the same at every step, zoneout Bernoulli(p) (p = 0.5 likewise)."""
+    masks = {}
+    for key, (kind, size, rate) in getattr(np_cell, "MASKS", {}).items():
+        p = rate if isinstance(rate, float) and 0.0 < rate < 1.0 else 0.5
+        n = sizes[size]
+        if kind == "zoneout":
+            masks[key] = (rng.random((T, B, n)) < p).astype(np.float64)
+        else:
+            keep = (rng.random((1 if kind == "variational" else T, B, n)) >= p) / (1.0 - p)
+            masks[key] = np.broadcast_to(keep, (T, B, n)).copy()
+    return masks
 
 
 def rounded_to_float32(p: Problem) -> Problem:
@@ -186,7 +209,8 @@ def rounded_to_float32(p: Problem) -> Problem:
         return np.asarray(a, np.float32).astype(np.float64)
 
     return Problem(p.pkg, p.sizes, {k: r(v) for k, v in p.params.items()}, tuple(map(r, p.xs)),
-                   tuple(map(r, p.states)), tuple(map(r, p.d_outputs)), tuple(map(r, p.d_final)))
+                   tuple(map(r, p.states)), tuple(map(r, p.d_outputs)), tuple(map(r, p.d_final)),
+                   {k: r(v) for k, v in p.masks.items()})
 
 
 def _labels(pkg) -> tuple[list[str], list[str], list[str], list[str], list[str]]:
@@ -209,9 +233,10 @@ def run_numpy(p: Problem, dtype=np.float64) -> Results:
     params = {k: cast(v) for k, v in p.params.items()}
     xs = p.pack([cast(a) for a in p.xs])
     st = p.pack([cast(a) for a in p.states])
-    outs, final = c.forward_sequence(params, xs, st)
+    outs, final = c.forward_sequence(params, xs, st, **p.mask_kwargs)
     dp, dx, ds = c.backward_sequence(
-        params, xs, st, p.pack([cast(a) for a in p.d_outputs]), p.pack([cast(a) for a in p.d_final])
+        params, xs, st, p.pack([cast(a) for a in p.d_outputs]), p.pack([cast(a) for a in p.d_final]),
+        **p.mask_kwargs,
     )
     return _collect(p, _tuple(outs), _tuple(final), dp, _tuple(dx), _tuple(ds))
 
@@ -257,6 +282,9 @@ def run_torch(p: Problem, backend: str = "generated", dtype_name: str = "float64
     with torch.no_grad():
         for k, v in p.params.items():
             layer._parameters[k].copy_(torch.as_tensor(v))
+    if p.masks:  # the fixed masks instead of the layer's draw (the layer is in training mode)
+        fixed = tuple(torch.as_tensor(p.masks[k], dtype=dtype, device=device) for k in mod.MASKS)
+        layer._masks = lambda T, B, like, layer=0: fixed
     xs = [torch.tensor(a, dtype=dtype, device=device, requires_grad=True) for a in p.xs]
     st = [torch.tensor(a, dtype=dtype, device=device, requires_grad=True) for a in p.states]
     # states in and out as torch.nn shapes them: [num_layers * num_directions = 1, B, size]
@@ -279,7 +307,7 @@ def run_fd(p: Problem) -> Results:
     c = p.pkg.numpy_cell
 
     def loss() -> float:
-        outs, final = c.forward_sequence(p.params, p.pack(p.xs), p.pack(p.states))
+        outs, final = c.forward_sequence(p.params, p.pack(p.xs), p.pack(p.states), **p.mask_kwargs)
         return sum(float((o * d).sum()) for o, d in zip(_tuple(outs), p.d_outputs)) + sum(
             float((f * d).sum()) for f, d in zip(_tuple(final), p.d_final)
         )
