@@ -234,7 +234,7 @@ def test_shape_rule(name):
 @pytest.mark.parametrize(
     "call, message",
     [
-        ("⟦tanhh⟧(W @ x + U @ h + b)", r"^unknown function 'tanhh'; the functions are abs, .*, tanh$"),
+        ("⟦tanhh⟧(W @ x + U @ h + b)", r"^unknown function 'tanhh'; the functions are abs, .*, zoneout$"),
         ("⟦softmax⟧(W @ x + U @ h + b)", r"^unknown function 'softmax'; the functions are .*sigmoid"),
         ("⟦tanh⟧(W @ x + U @ h + b, b)", r"tanh\(\) takes 1 argument\(s\), got 2"),
         ("⟦tanh⟧()", r"tanh\(\) takes 1 argument\(s\), got 0"),
@@ -244,6 +244,27 @@ def test_shape_rule(name):
 )
 def test_function_rule(call, message):
     assert_refused(cell("  h' = " + call), message)
+
+
+# ------------------------------------------------------------------------------ random ops
+RANDOM_HEAD = BODY + "  param alpha = 0.5\n  const p = 0.25\n"
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ("  h' = tanh(dropout(W @ x + U @ h + b, ⟦b⟧))", r"argument 2 of dropout\(\) is its rate: a number or a const, not a vector of size H"),
+        ("  h' = tanh(dropout(W @ x + U @ h + b, ⟦1.5⟧))", r"the rate of dropout\(\) must be in \[0, 1\], got 1.5"),
+        ("  h' = tanh(dropout(W @ x + U @ h + b, ⟦alpha⟧))", r"a number or a const, not an expression; a trained rate is not supported"),
+        ("  h' = tanh(dropout(W @ x + U @ h + b, p ⟦*⟧ 2))", r"argument 2 of dropout\(\) is its rate: a number or a const"),
+        ("  h' = ⟦dropout⟧(0.5, p)", r"argument 1 of dropout\(\) must be a vector, not a number"),
+        ("  h' = ⟦zoneout⟧(W @ x, x, p)", r"size mismatch: arguments of zoneout\(\) have sizes H, I"),
+        ("  h' = ⟦zoneout⟧(W @ x + U @ h + b, h)", r"zoneout\(\) takes 3 argument\(s\), got 2"),
+        ("  h' = h + ⟦variational_dropout⟧(sum(h), p)", r"argument 1 of variational_dropout\(\) must be a vector, not a row scalar"),
+    ],
+)
+def test_random_op_rule(line, message):
+    assert_refused(cell(line, head=RANDOM_HEAD), message)
 
 
 # ------------------------------------------------------------------------------ sizes and params

@@ -134,7 +134,12 @@ def test_front_end_and_fuzz_vocabulary_follow_the_table():
     assert randomcell.POSITIVE_DOMAIN == ["log", "sqrt"] and randomcell.BOUNDED_ARGUMENT == ["exp"]
     # the spec that tests every function on every back end calls every function of the table
     text = (TEST_SPECS / "cuda_functions.cell").read_text()
-    assert {n for n in names if re.search(rf"\b{n}\(", text)} == set(names)
+    random = {n for n in names if ops.by_name(n).shape_rule == "random"}
+    assert random == {"dropout", "variational_dropout", "zoneout"}
+    assert {n for n in names if re.search(rf"\b{n}\(", text)} == set(names) - random
+    # the random ops (whose masks the check fixes) are called by the shipped specs
+    shipped = "".join(p.read_text() for p in (TEST_SPECS.parent.parent / "specs").glob("*.cell"))
+    assert {n for n in random if re.search(rf"\b{n}\(", shipped)} == random
 
 
 def test_a_function_name_is_reserved():

@@ -96,6 +96,8 @@ class Report:
     problems: list[str] = field(default_factory=list)
     #: tolerance per column where it differs from TOLERANCES (float32 columns, by conditioning)
     tolerances: dict[str, float] = field(default_factory=dict)
+    #: the random ops' masks, fixed for every column (training mode)
+    masks: list[str] = field(default_factory=list)
 
     def tolerance(self, column: str) -> float:
         return self.tolerances.get(column, TOLERANCES[column])
@@ -127,7 +129,8 @@ class Report:
         qs = self.quantities
         width = max([len(q) for q in qs] + [8])
         sizes = " ".join(f"{k}={v}" for k, v in self.sizes.items())
-        lines = [f"{self.cell} ({self.filename})  T={self.T} B={self.B} {sizes}"]
+        lines = [f"{self.cell} ({self.filename})  T={self.T} B={self.B} {sizes}"
+                 + (f"  masks {', '.join(self.masks)} fixed (training mode)" if self.masks else "")]
         head = "  " + "quantity".ljust(width) + "".join(c.rjust(11) for c in cols)
         lines.append(head)
         tols = "  " + "tolerance".ljust(width) + "".join(
@@ -352,7 +355,7 @@ def compare(tested: Results, ref: Results, grads_only: bool = False) -> dict[str
 def check_cell(cc: CompiledCell, T: int = 4, B: int = 3, seed: int = 0, fd: bool = True) -> Report:
     pkg = load_package(cc.module_name, cc.files)
     p = make_problem(pkg, T, B, seed)
-    report = Report(cc.checked.name, cc.checked.filename, p.sizes, T, B)
+    report = Report(cc.checked.name, cc.checked.filename, p.sizes, T, B, masks=list(p.masks))
     ref = run_numpy(p)
     bad = [k for k, v in ref.values.items() if not np.all(np.isfinite(v))]
     if bad:

@@ -1527,7 +1527,7 @@ def _prepare(_params, _consts, _sizes, _like):
 
 #: the params the engines take: the spec's that the math reads directly, then those `_prepare` forms
 _PARAM_NAMES = ("W_i", "W_g", "W_f", "W_o", "R_i", "R_g", "R_f", "R_o", "b_i", "b_g", "b_f", "b_o", "gx_i", "gx_g", "gx_f", "gx_o", "gh_i", "gh_g", "gh_f", "gh_o", "gamma_h", "beta_h", "inv_n_H", "inv_n_H_2", )
-_N_IN = 1
+_N_IN = 1  # the engine's inputs
 _N_STATE = 2
 _N_OUT = 1
 
@@ -2284,7 +2284,7 @@ class HasteLayerNormLSTMCell(_HasteLayerNormLSTMBase):
         super().__init__([sizes], [[""]], device=device, dtype=dtype, backend=backend, consts={})
 
     def forward(self, x, state=None):
-        xs = (x,) if _N_IN == 1 else tuple(x)
+        xs = (x,) if len(INPUTS) == 1 else tuple(x)
         unbatched = xs[0].dim() == 1
         if unbatched:
             xs = tuple(a.unsqueeze(0) for a in xs)
@@ -2321,8 +2321,8 @@ class HasteLayerNormLSTM(_HasteLayerNormLSTMBase):
             raise TypeError(f"{CELL}: dropout must be a number, got {type(dropout).__name__} {dropout!r}")
         if not 0 <= dropout <= 1:
             raise ValueError(f"{CELL}: dropout must be in [0, 1], got {dropout}")
-        if num_layers > 1 and _N_IN > 1:
-            raise ValueError(f"{CELL}: a cell with {_N_IN} inputs ({', '.join(n for n, _ in INPUTS)}) takes num_layers=1, got {num_layers}")
+        if num_layers > 1 and len(INPUTS) > 1:
+            raise ValueError(f"{CELL}: a cell with {len(INPUTS)} inputs ({', '.join(n for n, _ in INPUTS)}) takes num_layers=1, got {num_layers}")
         directions = 2 if bidirectional else 1
         layer_sizes = [sizes]
         for _ in range(1, num_layers):
@@ -2351,7 +2351,7 @@ class HasteLayerNormLSTM(_HasteLayerNormLSTMBase):
             xs = (padded,)
             order = x.sorted_indices
         else:
-            xs = (x,) if _N_IN == 1 else tuple(x)
+            xs = (x,) if len(INPUTS) == 1 else tuple(x)
             order = None
         unbatched = xs[0].dim() == 2
         if unbatched:

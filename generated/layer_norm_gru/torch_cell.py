@@ -1356,7 +1356,7 @@ def _prepare(_params, _consts, _sizes, _like):
 
 #: the params the engines take: the spec's that the math reads directly, then those `_prepare` forms
 _PARAM_NAMES = ("W_r", "U_r", "W_u", "U_u", "W_c", "U_c", "gx_r", "bx_r", "gh_r", "bh_r", "gx_u", "bx_u", "gh_u", "bh_u", "gx_c", "bx_c", "gh_c", "bh_c", "inv_n_H", )
-_N_IN = 1
+_N_IN = 1  # the engine's inputs
 _N_STATE = 1
 _N_OUT = 1
 
@@ -2098,7 +2098,7 @@ class LayerNormGRUCell(_LayerNormGRUBase):
         super().__init__([sizes], [[""]], device=device, dtype=dtype, backend=backend, consts={})
 
     def forward(self, x, state=None):
-        xs = (x,) if _N_IN == 1 else tuple(x)
+        xs = (x,) if len(INPUTS) == 1 else tuple(x)
         unbatched = xs[0].dim() == 1
         if unbatched:
             xs = tuple(a.unsqueeze(0) for a in xs)
@@ -2135,8 +2135,8 @@ class LayerNormGRU(_LayerNormGRUBase):
             raise TypeError(f"{CELL}: dropout must be a number, got {type(dropout).__name__} {dropout!r}")
         if not 0 <= dropout <= 1:
             raise ValueError(f"{CELL}: dropout must be in [0, 1], got {dropout}")
-        if num_layers > 1 and _N_IN > 1:
-            raise ValueError(f"{CELL}: a cell with {_N_IN} inputs ({', '.join(n for n, _ in INPUTS)}) takes num_layers=1, got {num_layers}")
+        if num_layers > 1 and len(INPUTS) > 1:
+            raise ValueError(f"{CELL}: a cell with {len(INPUTS)} inputs ({', '.join(n for n, _ in INPUTS)}) takes num_layers=1, got {num_layers}")
         directions = 2 if bidirectional else 1
         layer_sizes = [sizes]
         for _ in range(1, num_layers):
@@ -2165,7 +2165,7 @@ class LayerNormGRU(_LayerNormGRUBase):
             xs = (padded,)
             order = x.sorted_indices
         else:
-            xs = (x,) if _N_IN == 1 else tuple(x)
+            xs = (x,) if len(INPUTS) == 1 else tuple(x)
             order = None
         unbatched = xs[0].dim() == 2
         if unbatched:
