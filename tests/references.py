@@ -236,6 +236,59 @@ def def_lstm_step(p, x, state):
     return h_new, (h_new, c_new)
 
 
+# ---- cells with random ops. ``masks`` (name -> [B, size] tensor of this step) gives the
+# training-mode masks as the spec names them; None is evaluation mode (each mask's expectation).
+def _lstm_gates(p, x, h):
+    i = torch.sigmoid(_lin(p["W_ii"], x) + p["b_ii"] + _lin(p["W_hi"], h) + p["b_hi"])
+    f = torch.sigmoid(_lin(p["W_if"], x) + p["b_if"] + _lin(p["W_hf"], h) + p["b_hf"])
+    g = torch.tanh(_lin(p["W_ig"], x) + p["b_ig"] + _lin(p["W_hg"], h) + p["b_hg"])
+    o = torch.sigmoid(_lin(p["W_io"], x) + p["b_io"] + _lin(p["W_ho"], h) + p["b_ho"])
+    return i, f, g, o
+
+
+def zoneout_lstm_step(p, x, state, masks=None, zoneout_h=0.05, zoneout_c=0.5):
+    """Zoneout LSTM (Krueger et al. 2017): each state keeps its old value where its Bernoulli
+    mask is 1; evaluation: p * old + (1 - p) * new; h from the un-zoned c.  Module ``zoneout_lstm``."""
+    h, c = state
+    i, f, g, o = _lstm_gates(p, x, h)
+    c_upd = f * c + i * g
+    h_upd = o * torch.tanh(c_upd)
+    keep_c = zoneout_c if masks is None else masks["keep_c"]
+    keep_h = zoneout_h if masks is None else masks["keep_h"]
+    c_new = keep_c * c + (1 - keep_c) * c_upd
+    h_new = keep_h * h + (1 - keep_h) * h_upd
+    return h_new, (h_new, c_new)
+
+
+def variational_lstm_step(p, x, state, masks=None, dropout_x=0.25, dropout_h=0.25):
+    """Variational LSTM (Gal & Ghahramani 2016): x and h dropped by masks (scaled by 1/(1-p),
+    the same at every step of a sequence); evaluation: nothing dropped.  Module ``variational_lstm``."""
+    h, c = state
+    if masks is not None:
+        x, h_in = x * masks["mask_x"], h * masks["mask_h"]
+    else:
+        h_in = h
+    i, f, g, o = _lstm_gates(p, x, h_in)
+    c_new = f * c + i * g
+    h_new = o * torch.tanh(c_new)
+    return h_new, (h_new, c_new)
+
+
+def layer_norm_basic_lstm_step(p, x, state, masks=None, recurrent_dropout=0.1):
+    """TensorFlow's LayerNormBasicLSTMCell with recurrent dropout on the candidate j (Semeniuta
+    et al. 2016); evaluation: none.  Module ``layer_norm_basic_lstm``."""
+    h, c = state
+    gate = {}
+    for g in "ijfo":
+        gate[g] = p[f"g_{g}"] * _ln(_lin(p[f"W_{g}"], x) + _lin(p[f"U_{g}"], h), 1e-12) + p[f"b_{g}"]
+    i, j, f, o = torch.sigmoid(gate["i"]), torch.tanh(gate["j"]), torch.sigmoid(gate["f"] + 1.0), torch.sigmoid(gate["o"])
+    if masks is not None:
+        j = j * masks["mask_j"]
+    c_new = p["g_c"] * _ln(c * f + i * j, 1e-12) + p["b_c"]
+    h_new = torch.tanh(c_new) * o
+    return h_new, (h_new, c_new)
+
+
 # module name -> step function.  Cell names: elman=Elman, lstm=LSTM, gru=GRU, torch_gru=TorchGRU,
 # peephole_lstm=PeepholeLSTM, cifg_lstm=CifgLSTM, lstmp=LSTMP, mgu=MGU, ind_rnn=IndRNN,
 # janet=JANET, sru=SRU.
@@ -258,6 +311,9 @@ REFERENCES = {
     "co_rnn": co_rnn_step,
     "antisymmetric_rnn": antisymmetric_rnn_step,
     "def_lstm": def_lstm_step,
+    "zoneout_lstm": zoneout_lstm_step,
+    "variational_lstm": variational_lstm_step,
+    "layer_norm_basic_lstm": layer_norm_basic_lstm_step,
 }
 
 # module name -> cell name (generated classes are <Name>Cell and <Name>).
@@ -280,13 +336,16 @@ CELLS = {
     "co_rnn": "CoRNN",
     "antisymmetric_rnn": "AntisymmetricRNN",
     "def_lstm": "DefLSTM",
+    "zoneout_lstm": "ZoneoutLSTM",
+    "variational_lstm": "VariationalLSTM",
+    "layer_norm_basic_lstm": "LayerNormBasicLSTM",
 }
 
 
 def state_sizes(name: str, I: int, H: int, P: int | None = None) -> list[int]:
     """Sizes of the state vectors, in declaration order."""
     if name in ("lstm", "peephole_lstm", "cifg_lstm", "layer_norm_lstm", "haste_layer_norm_lstm", "co_rnn",
-                "def_lstm"):
+                "def_lstm", "zoneout_lstm", "variational_lstm", "layer_norm_basic_lstm"):
         return [H, H]
     if name == "slstm":
         return [H, H, H, H]
@@ -309,7 +368,7 @@ def param_shapes(name: str, I: int, H: int, P: int | None = None) -> dict[str, t
 
     if name == "elman":
         return {"W_ih": (H, I), "W_hh": (H, H), "b_ih": (H,), "b_hh": (H,)}
-    if name == "lstm":
+    if name in ("lstm", "zoneout_lstm", "variational_lstm"):
         return gates("ifgo")
     if name == "lstmp":
         d = gates("ifgo", rec=P)
@@ -361,7 +420,7 @@ def param_shapes(name: str, I: int, H: int, P: int | None = None) -> dict[str, t
             "b_r": (H,),
             "W_s": (H, I),
         }
-    if name == "layer_norm_lstm":
+    if name in ("layer_norm_lstm", "layer_norm_basic_lstm"):
         d = {}
         for g in "ijfo":
             d.update({f"W_{g}": (H, I), f"U_{g}": (H, H), f"g_{g}": (H,), f"b_{g}": (H,)})

@@ -66,6 +66,7 @@ def test_single_step_cell_matches_numpy_step(module):
     sizes = list(mod.SIZES.items())
     kwargs = {a: p.sizes[s] for s, a in sizes[2:]}
     cell = getattr(mod, mod.CELL + "Cell")(p.sizes[sizes[0][0]], p.sizes[sizes[1][0]], **kwargs).double()
+    cell.train(not getattr(mod, "MASKS", None))  # random ops: evaluation, as numpy_cell's default
     with torch.no_grad():
         for k, v in p.params.items():
             cell._parameters[k].copy_(torch.as_tensor(v))
@@ -105,6 +106,9 @@ def test_sequence_layer_batch_first(module, batch_first):
     sizes = list(mod.SIZES.items())
     kwargs = {a: p.sizes[s] for s, a in sizes[2:]}
     layer = getattr(mod, mod.CELL)(p.sizes[sizes[0][0]], p.sizes[sizes[1][0]], batch_first=batch_first, **kwargs).double()
+    if p.masks:  # random ops: training mode with the problem's fixed masks, as run_numpy runs it
+        fixed = tuple(torch.as_tensor(p.masks[k]) for k in mod.MASKS)
+        layer._masks = lambda T, B, like, layer=0: fixed
     with torch.no_grad():
         for k, v in p.params.items():
             layer._parameters[k].copy_(torch.as_tensor(v))
@@ -117,7 +121,8 @@ def test_sequence_layer_batch_first(module, batch_first):
         assert rel_err(swap(o).detach().numpy(), ref.values[f"out {name}"]) < 1e-12
     g = torch.autograd.grad(list(outs), xt, [swap(torch.as_tensor(d)) for d in p.d_outputs])
     np_cell = pkg.numpy_cell
-    _, dx, _ = np_cell.backward_sequence(p.params, p.pack(list(p.xs)), p.pack(list(p.states)), p.pack(list(p.d_outputs)), None)
+    _, dx, _ = np_cell.backward_sequence(p.params, p.pack(list(p.xs)), p.pack(list(p.states)), p.pack(list(p.d_outputs)), None,
+                                         **p.mask_kwargs)
     dxs = dx if isinstance(dx, tuple) else (dx,)
     for a, b in zip(g, dxs):
         assert rel_err(a.numpy(), b) < 1e-9

@@ -665,7 +665,7 @@ REACH = {
     ),
     "unknown function left of @": (
         cell("  h' = tanh(W @ x + ⟦skew⟧(U) @ h + b)"),
-        r"^unknown function 'skew'; the functions are abs, .*tanh$",
+        r"^unknown function 'skew'; the functions are abs, .*zoneout$",
     ),
     "function of a matrix left of @": (
         cell("  h' = tanh(W @ x + tanh(U) ⟦@⟧ h + b)"),

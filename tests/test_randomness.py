@@ -335,3 +335,47 @@ def test_check_passes_with_fixed_masks(name):
     assert report.ok, report.table()
     assert "masks" in report.table().splitlines()[0]
     assert {"torch", "autograd", "fd", "np-f32"} <= set(report.columns)
+
+
+@pytest.mark.parametrize("name", RANDOM_SPECS)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_training_mode_matches_the_independent_reference(compiled, name, backend):
+    """The layer in training mode with given masks against the hand-written reference step
+    (tests/references.py) fed the same masks: outputs, final state and every gradient."""
+    pkg = compiled(name)
+    mod_t = pkg.torch_cell
+    torch.manual_seed(8)
+    layer = getattr(pkg, R.CELLS[name])(I, H, backend=backend).to(DT)
+    gen = torch.Generator().manual_seed(9)
+    masks = {}
+    for key, (kind, size, _) in mod_t.MASKS.items():
+        m = (torch.rand(T if kind != "variational" else 1, B, {"I": I, "H": H}[size], generator=gen, dtype=DT) < 0.4).to(DT)
+        masks[key] = (m if kind == "zoneout" else m / 0.6).expand(T, B, -1)
+    layer._masks = lambda T_, B_, like, layer=0: tuple(masks[k] for k in mod_t.MASKS)
+    params = {k: v.detach().clone().requires_grad_() for k, v in layer.named_parameters()}
+    x = torch.randn(T, B, I, dtype=DT, requires_grad=True)
+    x_r = x.detach().clone().requires_grad_()
+    y, (h, c) = layer(x)
+    state = (torch.zeros(B, H, dtype=DT), torch.zeros(B, H, dtype=DT))
+    outs = []
+    for t in range(T):
+        out, state = R.REFERENCES[name](params, x_r[t], state, masks={k: v[t] for k, v in masks.items()})
+        outs.append(out)
+    y_r = torch.stack(outs)
+    close(y, y_r, "outputs")
+    close(c[0], state[1], "final c")
+    w = torch.randn(T, B, H, dtype=DT, generator=gen)
+    ((y * w).sum() + c.sum()).backward()
+    ((y_r * w).sum() + state[1].sum()).backward()
+    close(x.grad, x_r.grad, "d x")
+    for k, v in layer.named_parameters():
+        close(v.grad, params[k].grad, f"d {k}")
+
+
+def test_compile_in_training_mode_draws_the_same_masks(compiled):
+    torch._dynamo.reset()
+    mod = compiled("zoneout_lstm").ZoneoutLSTM(I, H, zoneout_h=0.3, zoneout_c=0.3)
+    x = torch.randn(9, B, I)
+    eager, _ = run_seeded(mod, x, seed=3)
+    fast, _ = run_seeded(torch.compile(mod, fullgraph=True), x, seed=3)
+    torch.testing.assert_close(fast, eager, rtol=1e-4, atol=1e-5)

@@ -114,6 +114,8 @@ def make_generated(pkg, name, *, layer, batch_first=False, backend=None, params=
     if backend is not None:
         kw["backend"] = backend
     mod = generated_class(pkg, name, layer)(I, H, **kw).to(DT)
+    if getattr(pkg.torch_cell, "MASKS", None):  # random ops: the references' masks=None, evaluation
+        mod.eval()
     if params is not None:
         mod.load_state_dict({k: v.detach().clone() for k, v in params.items()}, strict=True)
     return mod

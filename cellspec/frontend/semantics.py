@@ -64,7 +64,8 @@ REDUCTIONS = ("sum", "mean", "layer_norm")
 MATRIX_BUILTINS = ("transpose", "eye")
 
 #: argument names of the numpy_cell functions: a const (a keyword of each) may not take one
-NUMPY_ARGUMENTS = frozenset({"params", "x", "state", "d_output", "d_new_state", "d_outputs", "d_final_state"})
+NUMPY_ARGUMENTS = frozenset({"params", "x", "state", "d_output", "d_new_state", "d_outputs", "d_final_state",
+                             "lengths", "training", "rng", "masks"})
 
 
 @dataclass(frozen=True)
