@@ -18,10 +18,18 @@ def _schedule_text(cc) -> str:
         lines.append(f"  mask drawn per call: {mk.key} [T, B, {mk.size}] = {mask_text(mk)}")
     for pr in s.model.prepared:
         lines.append(f"  prepared before the loop: {pr.key} [{', '.join(pr.shape)}] = {prepared_text(pr)}")
-    for g in s.hoisted_gemms:
-        lines.append(f"  hoisted GEMM over T*B rows: {', '.join(f'{p.matrix} @ {p.operand}' for p in g.projections)}")
-    for v in s.hoisted_values:
-        lines.append(f"  hoisted pointwise: {v.key} = {v.expr}")
+    if len(s.hoisted_levels) > 1:  # in the order they run: each level's values, then its GEMMs
+        for lv in s.hoisted_levels:
+            for v in lv.values:
+                lines.append(f"  hoisted pointwise (level {lv.index}): {v.key} = {v.expr}")
+            for g in lv.gemms:
+                lines.append(f"  hoisted GEMM over T*B rows (level {lv.index}): "
+                             f"{', '.join(f'{p.key} = {p.matrix} @ {p.operand}' for p in g.projections)}")
+    else:
+        for g in s.hoisted_gemms:
+            lines.append(f"  hoisted GEMM over T*B rows: {', '.join(f'{p.matrix} @ {p.operand}' for p in g.projections)}")
+        for v in s.hoisted_values:
+            lines.append(f"  hoisted pointwise: {v.key} = {v.expr}")
     for st in s.stages:
         lines.append(f"  stage {st.index}:")
         for g in st.gemms:

@@ -51,6 +51,16 @@ FOLD = """cell Fold {
   output h'
 }
 """
+#: hoisting over levels (issue 9): an MLP on the input, and a projection of a projection that
+#: the step also reads
+MLP = cell(
+    "  h' = tanh(W2 @ tanh(W1 @ x) + U @ h + b)\n  output h'",
+    "input x[I]\n  state h[H]\n  param W1[H, I], W2[H, H], U[H, H], b[H]",
+)
+AVG = cell(
+    "  m = avg @ (W_f @ x)\n  h' = tanh(W_f @ x - m + U @ h + b)\n  output h'",
+    "input x[I]\n  state h[H]\n  param W_f[H, I], avg[H, H], U[H, H], b[H]",
+)
 #: an input-only value that is an output, and an input-only next state: never hoisted
 OUTPUT_OPERAND = cell(
     "  a = x\n  h' = tanh(W @ sigmoid(a) + U @ h)\n  output h', a",
@@ -176,13 +186,12 @@ SCHEDULES = {
     ),
     "deep": Scheduled(
         DEEP,
-        # W @ x and W @ m hoisted (the vector param is an operand value); V @ (W @ x) is not:
-        # hoisting is one pointwise pass and one GEMM layer deep
-        [("x", ["W"]), ("W_in", ["W"])],
-        ["W_in"],
+        # W @ x and W @ m hoisted (the vector param is an operand value), and V @ (W @ x) too:
+        # its operand reads only a hoisted projection (a second hoisted level)
+        [("x", ["W"]), ("W_in", ["W"]), ("V_in", ["V"])],
+        ["W_in", "V_in"],
         [
-            ([], ["V_in"]),
-            ([("h", ["U2", "U1"]), ("V_in", ["V"])], ["a", "U3_in"]),  # stacked in spec order
+            ([("h", ["U2", "U1"])], ["a", "U3_in"]),  # stacked in spec order
             ([("U3_in", ["U3"])], ["h_next"]),
         ],
     ),
@@ -191,6 +200,12 @@ SCHEDULES = {
         [("W_in", ["W"]), ("x", ["W"])],  # W @ (x * m): its operand is computed before the loop
         ["W_in"],
         [([], ["a", "z", "p"]), ([("h", ["U"])], ["q", "h_next"])],
+    ),
+    # W2 @ tanh(W1 @ x): tanh(W1 @ x) reads a hoisted projection, so W2 @ it is hoisted too
+    "mlp": Scheduled(MLP, [("x", ["W1"]), ("W2_in", ["W2"])], ["W2_in"], [([("h", ["U"])], ["h_next"])]),
+    # avg @ (W_f @ x): hoisted although W_f @ x is also read per step
+    "avg": Scheduled(
+        AVG, [("x", ["W_f"]), ("avg_in", ["avg"])], ["avg_in"], [([], ["m"]), ([("h", ["U"])], ["h_next"])]
     ),
     "output_operand": Scheduled(
         OUTPUT_OPERAND,
@@ -235,10 +250,82 @@ def test_outputs_and_next_states_are_never_hoisted():
         assert not per_step & {v.key for v in s.hoisted_values}
 
 
+#: an output on the way: W2 @ tanh(a) with ``output a`` stays per step (and so does W3 @ of it),
+#: while W1 @ x below it is hoisted
+OUTPUT_IN_CHAIN = cell(
+    "  a = W1 @ x\n  h' = tanh(W3 @ tanh(W2 @ tanh(a)) + U @ h)\n  output h', a",
+    "input x[I]\n  state h[H]\n  param W1[H, I], W2[H, H], W3[H, H], U[H, H]",
+)
+
+
+@pytest.mark.parametrize(
+    "text,levels",
+    [
+        # level 0: W1 @ x; level 1: tanh(W1 @ x), then W2 @ it
+        (MLP, [([], [("x", ["W1"])]), (["W2_in"], [("W2_in", ["W2"])])]),
+        (AVG, [([], [("x", ["W_f"])]), (["avg_in"], [("avg_in", ["avg"])])]),
+        # W @ x and W @ m at level 0 (with the operand value m), V @ (W @ x) at level 1
+        (DEEP, [(["W_in"], [("x", ["W"]), ("W_in", ["W"])]), (["V_in"], [("V_in", ["V"])])]),
+        (OUTPUT_IN_CHAIN, [([], [("x", ["W1"])])]),
+        (GRU, [([], [("x", ["W_r", "W_u", "W_c"])])]),  # one level: as before
+    ],
+    ids=["mlp", "avg", "deep", "output_in_chain", "gru"],
+)
+def test_hoisted_levels(text, levels):
+    """Each hoisted level is its pointwise values, then its GEMM groups; a value reads leaves,
+    values of its level or before and GEMM results of earlier levels; a GEMM's operand is a leaf
+    or a value of its level."""
+    s = compile_one(text).schedule
+    got = [([v.key for v in lv.values], [(g.operand, g.matrices) for g in lv.gemms]) for lv in s.hoisted_levels]
+    assert got == levels
+    assert [lv.index for lv in s.hoisted_levels] == list(range(len(levels)))
+    for lv in s.hoisted_levels:
+        for v in lv.values:
+            for r in (x.name for x in v.expr.free_symbols):
+                k = s.hoisted_level(r)
+                is_gemm = any(p.key == r for p in s.hoisted_projections)
+                assert k is None and r in s.model.leaves or (k < lv.index if is_gemm else k <= lv.index)
+        for g in lv.gemms:
+            assert g.operand in s.model.leaves or s.hoisted_level(g.operand) == lv.index
+            assert all(s.hoisted_level(p.key) == lv.index for p in g.projections)
+
+
+@pytest.mark.parametrize("text", [MLP, AVG, DEEP], ids=["mlp", "avg", "deep"])
+def test_hoisted_levels_in_the_program(text, tmp_path):
+    """``cellspec show FILE --stage program``: every projection of these cells but the recurrent
+    ones runs over all T*B rows before the loop, level by level; the backward runs the levels in
+    reverse after the loop."""
+    from cellspec.show import show
+
+    path = tmp_path / "t.cell"
+    path.write_text(text)
+    txt = show(str(path), "program")
+    cc = compile_one(text)
+    fwd = txt[txt.index("  forward:"):txt.index("  inference:")]
+    loop = fwd[fwd.index("for t in range(T)"):]
+    per_step = [line.split("(B rows: ")[1].rstrip(")") for line in loop.splitlines() if "gemm " in line]
+    assert per_step == [", ".join(f"{p.matrix} @ {p.operand}" for p in g.projections) for g in cc.schedule.step_gemms]
+    (outer,) = {"W2", "avg", "V"} & {p.matrix for p in cc.schedule.hoisted_projections}
+    assert not any(f"{outer} @" in line for line in per_step)
+    before = fwd[:fwd.index("for t in range(T)")]
+    for p in cc.schedule.hoisted_projections:
+        assert f"{p.matrix} @ {p.operand})" in before or f"{p.matrix} @ {p.operand}," in before
+    assert "pointwise fwd_hoisted1 (all rows)" in before
+    # the hoisted GEMMs of level 1 run after its pointwise block
+    assert before.index("fwd_hoisted1") < before.index(f"{cc.schedule.hoisted_levels[1].gemms[0].matrices[0]}]^T")
+    bwd = txt[txt.index("  backward:"):]
+    after = bwd[bwd.index("for t in reversed(range(T))"):]
+    assert "pointwise bwd_hoisted1 (all rows)" in after
+    # level 1's dW comes before level 1's backward block, which comes before level 0's dW
+    lv1 = cc.schedule.hoisted_levels[1].gemms[0].matrices[0]
+    lv0 = cc.schedule.hoisted_levels[0].gemms[0].matrices[0]
+    assert after.index(f"gemm d[{lv1}] +=") < after.index("bwd_hoisted1") < after.index(f"gemm d[{lv0}] +=")
+
+
 def test_stacked_group_slices_follow_matrix_order():
     """A GEMM group's key and matrix order are the stacking order the back ends slice by."""
     s = compile_one(DEEP).schedule
-    g = s.stages[1].gemms[0]
+    g = s.stages[0].gemms[0]
     assert g.key == "U2_U1__h"
     assert [p.key for p in g.projections] == ["U2_h", "U1_h"]
 
@@ -267,9 +354,9 @@ BACKWARDS = {
     "fold": Derived(FOLD, ["p", "q"], {"a", "z", "x", "m"}, {(1, "h"): "d_h_gemm"}),
     "deep": Derived(
         DEEP,
-        ["V_in", "U3_in"],
+        ["U3_in"],  # V @ (W @ x) is hoisted: nothing of it is kept per step
         {"x", "m"},
-        {(1, "h"): "d_h_gemm", (1, "V_in"): "d_V_in_gemm", (2, "U3_in"): "d_U3_in_gemm"},
+        {(0, "h"): "d_h_gemm", (1, "U3_in"): "d_U3_in_gemm"},
     ),
     # a state the step never reads
     "unread_state": Derived(

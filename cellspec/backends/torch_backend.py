@@ -70,11 +70,12 @@ def render(sched: Schedule, back: Backward, prog: Program, native_glue: dict | N
     pr = TorchPrinter(names)
 
     eager = []
-    for v in sched.hoisted_values:
-        eager.append(context.Stmt(names[v.key], pr.doprint(v.expr), f"{m.cell.filename}:{v.line}  {v.text}"))
-    for g in sched.hoisted_gemms:
-        for p in g.projections:
-            eager.append(context.Stmt(names[p.key], f"F.linear({names[p.operand]}, {names[p.matrix]})", f"{p.matrix} @ {p.operand}"))
+    for lv in sched.hoisted_levels:  # each level's values, then its GEMMs (which may read them)
+        for v in lv.values:
+            eager.append(context.Stmt(names[v.key], pr.doprint(v.expr), f"{m.cell.filename}:{v.line}  {v.text}"))
+        for g in lv.gemms:
+            for p in g.projections:
+                eager.append(context.Stmt(names[p.key], f"F.linear({names[p.operand]}, {names[p.matrix]})", f"{p.matrix} @ {p.operand}"))
     for st in sched.stages:
         for g in st.gemms:
             for p in g.projections:

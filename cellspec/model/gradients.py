@@ -51,13 +51,16 @@ class Backward:
     gemm_adjoint: dict[tuple[int, str], str]  # (stage index, operand) -> key of d_operand from GEMM
     stages: list[BackwardStage]  # in backward order (last stage first)
     leaf_assigns: list[Assignment]  # per-step adjoints of inputs, states, vector params, hoisted results
-    hoisted_assigns: list[Assignment]  # whole-sequence adjoints of hoisted values
+    hoisted_assigns: list[Assignment]  # whole-sequence adjoints of hoisted values (every level, last first)
     hoisted_leaf_assigns: list[Assignment]  # whole-sequence contributions to inputs and vector params
     hoisted_gemm_adjoint: dict[str, str]  # operand -> key of d_operand from the hoisted GEMMs
     step_seed: dict[str, str]  # hoisted value key -> key of its per-step adjoint
     hoisted_leaf_adjoint: dict[str, str]  # leaf key -> key of its whole-sequence contribution
     saved: list[str]  # forward keys the step backward reads (values and projection results)
     zero: set[str] = field(default_factory=set)  # adjoints that are identically zero
+    # hoisted_assigns by hoisted level (index k: the adjoints of level k's values, then of the
+    # level k-1 GEMM results that hoisted work reads); run last level first, after the loop
+    hoisted_level_assigns: list[list[Assignment]] = field(default_factory=list)
 
 
 def _row_partial(expr: sp.Expr, wrt: sp.Symbol, named: dict[sp.Expr, sp.Symbol]) -> sp.Expr:
@@ -187,6 +190,11 @@ class _Deriver:
         late: list[Assignment] = []  # step seeds of hoisted next states
         step_seed: dict[str, str] = {}
         leaf_keys = list(m.leaves) + [p.key for p in s.hoisted_projections] + [v.key for v in s.hoisted_values]
+        # hoisted projections that hoisted work reads (W2 @ tanh(W1 @ x)): their adjoint is
+        # completed after the loop, so the step gives a per-step part, as for a hoisted value
+        hoisted_operands = {g.operand for g in s.hoisted_gemms}
+        read_hoisted = {p.key for p in s.hoisted_projections
+                        if hoisted_consumers.get(p.key) or p.key in hoisted_operands}
         for key in leaf_keys:
             if key in m.leaves and m.leaves[key].kind in ("const", "mask"):
                 continue  # a const or a drawn mask has no gradient
@@ -194,6 +202,11 @@ class _Deriver:
             for (idx, operand), gk in gemm_adjoint.items():
                 if operand == key and (idx, operand) not in self.zero_gemm():
                     total += self.sym[gk]
+            if key in read_hoisted:
+                if total != 0:
+                    step_seed[key] = self.new(f"d_{key}_step")
+                    leaf_block.append(Assignment(step_seed[key], total, "per-step part"))
+                continue
             if key in hoisted_keys:
                 # a hoisted value can also be an output or a next state (``a = x`` with
                 # ``W @ a`` and ``output a``): its seeds are per-step too
@@ -214,22 +227,42 @@ class _Deriver:
             stages[-1].assigns.extend(late)
         leaf_assigns = self.cse(leaf_block)
 
-        # whole-sequence backward of the hoisted values, and their contributions to leaves
+        # whole-sequence backward of the hoisted pass, level by level, last level first: a level's
+        # GEMM results have their adjoints (from the step and from later levels), so its GEMM
+        # backward gives its operands' adjoints; then its values' adjoints, and the adjoints of
+        # the previous level's GEMM results that hoisted work reads
         hoisted_gemm_adjoint = {g.operand: self.new(f"d_{g.operand}_hgemm") for g in s.hoisted_gemms}
-        for g in s.hoisted_gemms:
-            if all(p.key in self.zero for p in g.projections):
-                self.zero.add(hoisted_gemm_adjoint[g.operand])
-        hoisted_block: list[Assignment] = []
-        for v in reversed(s.hoisted_values):
-            total = sp.S.Zero
-            if v.key in step_seed:
-                total += self.sym[step_seed[v.key]]
-            for c in hoisted_consumers.get(v.key, []):
-                total += self.term(c, v.key)
-            hk = hoisted_gemm_adjoint.get(v.key)
-            if hk is not None and hk not in self.zero:
-                total += self.sym[hk]
-            self.assign(v.key, total, hoisted_block, v.spec_key or f"operand of {v.key}")
+        level_blocks: list[list[Assignment]] = [[] for _ in s.hoisted_levels]
+        for lv in reversed(s.hoisted_levels):
+            for g in lv.gemms:
+                if all(p.key in self.zero for p in g.projections):
+                    self.zero.add(hoisted_gemm_adjoint[g.operand])
+            hoisted_block = level_blocks[lv.index]
+            for v in reversed(lv.values):
+                total = sp.S.Zero
+                if v.key in step_seed:
+                    total += self.sym[step_seed[v.key]]
+                for c in hoisted_consumers.get(v.key, []):
+                    total += self.term(c, v.key)
+                hk = hoisted_gemm_adjoint.get(v.key)
+                if hk is not None and hk not in self.zero:
+                    total += self.sym[hk]
+                self.assign(v.key, total, hoisted_block, v.spec_key or f"operand of {v.key}")
+            if lv.index == 0:
+                continue
+            for g in s.hoisted_levels[lv.index - 1].gemms:
+                for p in g.projections:
+                    if p.key not in read_hoisted:
+                        continue
+                    total = sp.S.Zero
+                    if p.key in step_seed:
+                        total += self.sym[step_seed[p.key]]
+                    for c in hoisted_consumers.get(p.key, []):
+                        total += self.term(c, p.key)
+                    hk = hoisted_gemm_adjoint.get(p.key)
+                    if hk is not None and hk not in self.zero:
+                        total += self.sym[hk]
+                    self.assign(p.key, total, hoisted_block, f"{p.matrix} @ {p.operand}")
         hoisted_leaf_block: list[Assignment] = []
         hoisted_leaf_adjoint: dict[str, str] = {}
         for key, leaf in m.leaves.items():
@@ -253,19 +286,23 @@ class _Deriver:
             if key in used_names and key in readable and key not in saved and key not in in_state_sequence:
                 saved.append(key)
 
+        level_assigns = [[] for _ in level_blocks]
+        for k in reversed(range(len(level_blocks))):  # CSE in the order they run
+            level_assigns[k] = self.cse(level_blocks[k])
         return Backward(
             adjoint=self.adjoint,
             output_seed=output_seed,
             gemm_adjoint=gemm_adjoint,
             stages=stages,
             leaf_assigns=leaf_assigns,
-            hoisted_assigns=self.cse(hoisted_block),
+            hoisted_assigns=[a for blk in reversed(level_assigns) for a in blk],
             hoisted_leaf_assigns=self.cse(hoisted_leaf_block),
             hoisted_gemm_adjoint=hoisted_gemm_adjoint,
             step_seed=step_seed,
             hoisted_leaf_adjoint=hoisted_leaf_adjoint,
             saved=saved,
             zero=set(self.zero),
+            hoisted_level_assigns=level_assigns,
         )
 
     def zero_gemm(self) -> set[tuple[int, str]]:

@@ -169,14 +169,21 @@ def _names(cc) -> dict[str, str]:
             names[v.key] = name_latex(v.spec_key[:-1]) + "'"
         elif v.spec_key:
             names[v.key] = name_latex(v.spec_key)
-    for v in m.values:  # synthetic operands are shown as what they compute (in model order)
-        if v.key in synthetic:
-            names[v.key] = printer.doprint(v.expr)
-    for p in m.projections:
+    def name_projection(p) -> None:
         op = names[p.operand]
         if p.operand in synthetic and not synthetic[p.operand].expr.is_Symbol:
             op = r"\left(" + op + r"\right)"
         names[p.key] = f"{name_latex(p.matrix)} {op}"
+
+    for v in m.values:  # synthetic operands are shown as what they compute (in model order)
+        if v.key in synthetic:
+            read = {x.name for x in v.expr.free_symbols}
+            for p in m.projections:  # W2 @ tanh(W1 @ x): W1 @ x is named before tanh(...) is printed
+                if p.key in read and p.key not in names:
+                    name_projection(p)
+            names[v.key] = printer.doprint(v.expr)
+    for p in m.projections:
+        name_projection(p)
     # adjoints
     states = {st.name for st in m.cell.states}
     for key, adj in b.adjoint.items():

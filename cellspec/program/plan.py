@@ -127,19 +127,21 @@ class _Planner:
                 tb.place(p.name, tb.buffer(f"p_{p.name}", (size(p.shape[0]),), "param", "arg"), None, 0, p.shape[0])
         outputs = set(m.outputs)
         ops: list = []
-        # hoisted pointwise work and GEMMs, over all T·B rows
+        # hoisted pointwise work and GEMMs, over all T·B rows, level by level
         for v in s.hoisted_values:
             tb.place(v.key, tb.buffer(f"hv_{v.key}", (T, B, size(v.size)), "hoisted_value"), 0, 0, v.size)
-        if s.hoisted_values:
-            stmts = tuple(ir.Statement(v.key, v.expr, self.comment(v)) for v in s.hoisted_values)
-            ops.append(self.block("fwd_hoisted", "hoisted forward (all T*B rows)", "all", stmts,
-                                  {v.key for v in s.hoisted_values}, tb))
-        for g in s.hoisted_gemms:
-            w = self.weight(g)
-            buf = tb.buffer(f"hg_{self.gkey(g)}", (T, B, w.width), "hoisted_gemm")
-            for (col, sz), p in zip(w.offsets(), g.projections):
-                tb.place(p.key, buf, 0, col, sz)
-            ops.append(ir.Project(w.name, g.operand, buf, "all", self.batch_free(g.operand), self.gemm_comment(g)))
+        for lv in s.hoisted_levels:
+            if lv.values:
+                stmts = tuple(ir.Statement(v.key, v.expr, self.comment(v)) for v in lv.values)
+                ops.append(self.block(self.hoisted_tag("fwd", lv.index), self.hoisted_title("forward", lv.index),
+                                      "all", stmts, {v.key for v in lv.values}, tb))
+            for g in lv.gemms:
+                w = self.weight(g)
+                buf = tb.buffer(f"hg_{self.gkey(g)}", (T, B, w.width), "hoisted_gemm")
+                for (col, sz), p in zip(w.offsets(), g.projections):
+                    tb.place(p.key, buf, 0, col, sz)
+                ops.append(ir.Project(w.name, g.operand, buf, "all", self.batch_free(g.operand),
+                                      self.gemm_comment(g)))
         # the step
         next_values = set(m.next_state.values())
         gemm_operands = {g.operand for g in s.step_gemms} | {g.operand for g in s.hoisted_gemms}
@@ -234,12 +236,15 @@ class _Planner:
         ]
         blocks.append(("bwd_leaf", "per-step adjoints of inputs, states, vector params, hoisted results",
                        b.leaf_assigns, "step"))
-        hoisted_back = b.hoisted_assigns + b.hoisted_leaf_assigns
+        # after the loop, one block per hoisted level, the last level first (level 0 also gives
+        # the inputs' and vector params' shares)
+        levels = b.hoisted_level_assigns or [[]]
+        for k in reversed(range(len(levels))):
+            blocks.append((self.hoisted_tag("bwd", k), self.hoisted_title("backward", k),
+                           levels[k] + (b.hoisted_leaf_assigns if k == 0 else []), "all"))
         reads_by_block = [set().union(*(_free(a.expr) for a in blk)) if blk else set() for _, _, blk, _ in blocks]
-        reads_by_block.append(set().union(*(_free(a.expr) for a in hoisted_back)) if hoisted_back else set())
         made: dict[str, ir.Pointwise] = {}
-        for i, (tag, title, blk, rows) in enumerate(blocks + [("bwd_hoisted", "hoisted backward (all T*B rows)",
-                                                                hoisted_back, "all")]):
+        for i, (tag, title, blk, rows) in enumerate(blocks):
             others = set().union(*(r for j, r in enumerate(reads_by_block) if j != i))
             exported = set()
             for a in blk:
@@ -288,24 +293,26 @@ class _Planner:
             w = self.weight(g)
             ops.append(ir.WeightGrad(w.name, f"dg_{self.gkey(g)}", g.operand, self.batch_free(g.operand),
                                      self.gemm_comment(g), dw_scratch(w)))
-        for g in s.hoisted_gemms:
-            w = self.weight(g)
-            d_buf = hoisted_reuse.get(self.gkey(g), f"dhg_{self.gkey(g)}")
-            if all(p.key in b.zero or p.key not in b.adjoint for p in g.projections):
-                continue
-            ops.append(ir.WeightGrad(w.name, d_buf, g.operand, self.batch_free(g.operand), self.gemm_comment(g),
-                                     dw_scratch(w)))
-            is_input = g.operand in m.leaves and m.leaves[g.operand].kind == "input"
-            target = f"grad_input:{g.operand}" if is_input else b.hoisted_gemm_adjoint[g.operand]
-            if is_input or any(b.hoisted_gemm_adjoint[g.operand] in r for r in reads_by_block):
-                # an input's gradient: the first contribution assigns, later ones add
-                first = is_input and g.operand not in contributed
-                ops.append(ir.ProjectBack(w.name, d_buf, target, "all", self.gemm_comment(g),
-                                          accumulate=is_input and not first))
-                if is_input:
-                    contributed.add(g.operand)
-        if "bwd_hoisted" in made:
-            ops.append(made["bwd_hoisted"])
+        for lv in reversed(s.hoisted_levels or [None]):
+            for g in lv.gemms if lv else []:
+                w = self.weight(g)
+                d_buf = hoisted_reuse.get(self.gkey(g), f"dhg_{self.gkey(g)}")
+                if all(p.key in b.zero or p.key not in b.adjoint for p in g.projections):
+                    continue
+                ops.append(ir.WeightGrad(w.name, d_buf, g.operand, self.batch_free(g.operand), self.gemm_comment(g),
+                                         dw_scratch(w)))
+                is_input = g.operand in m.leaves and m.leaves[g.operand].kind == "input"
+                target = f"grad_input:{g.operand}" if is_input else b.hoisted_gemm_adjoint[g.operand]
+                if is_input or any(b.hoisted_gemm_adjoint[g.operand] in r for r in reads_by_block):
+                    # an input's gradient: the first contribution assigns, later ones add
+                    first = is_input and g.operand not in contributed
+                    ops.append(ir.ProjectBack(w.name, d_buf, target, "all", self.gemm_comment(g),
+                                              accumulate=is_input and not first))
+                    if is_input:
+                        contributed.add(g.operand)
+            tag = self.hoisted_tag("bwd", lv.index if lv else 0)
+            if tag in made:
+                ops.append(made[tag])
         for v in self.cell.inputs:
             if v.name in b.hoisted_leaf_adjoint:
                 ops.append(ir.AddRows(v.name, b.hoisted_leaf_adjoint[v.name]))
@@ -358,6 +365,16 @@ class _Planner:
                 raise RuntimeError(f"{tag}: {r} is read but lives nowhere")
         return ir.Pointwise(tag, title, rows, tuple(kept), tuple(sorted(reads)), tuple(writes))
 
+    @staticmethod
+    def hoisted_tag(direction: str, level: int) -> str:
+        """``fwd_hoisted`` / ``bwd_hoisted`` for level 0 (the only level of most cells), then
+        ``fwd_hoisted1``, ..."""
+        return f"{direction}_hoisted" + (str(level) if level else "")
+
+    @staticmethod
+    def hoisted_title(direction: str, level: int) -> str:
+        return f"hoisted {direction} (all T*B rows)" + (f", level {level}" if level else "")
+
     def comment(self, v) -> str:
         return f"{self.cell.filename}:{v.line}  {v.text}"
 
@@ -389,7 +406,15 @@ def _initial_contents(fn: ir.Function) -> ir.Function:
             for w in op.writes:
                 sl = fn.slots[w]
                 written.setdefault(sl.buffer, set()).add((sl.col, sl.size))
-    for op in fn.ops:  # an input gradient assigned in full by a GEMM after the loop
+    for op in fn.ops:
+        # a block over all T·B rows after the loop (a hoisted level's backward) writes every row,
+        # before the GEMMs after it read them
+        if isinstance(op, ir.Pointwise) and op.rows == "all":
+            for w in op.writes:
+                sl = fn.slots[w]
+                if fn.buffers[sl.buffer].role == "d_gemm":
+                    written.setdefault(sl.buffer, set()).add((sl.col, sl.size))
+        # an input gradient assigned in full by a GEMM after the loop
         if isinstance(op, ir.ProjectBack) and op.rows == "all" and not op.accumulate:
             sl = fn.slots[op.d_operand]
             if fn.buffers[sl.buffer].role == "d_input":
