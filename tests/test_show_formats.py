@@ -50,7 +50,12 @@ def test_latex_is_balanced_align_naming_every_gate_and_state(path):
         assert text.count(r"\begin{align}") == 2 and text.count(r"\end{align}") == 2
         forward = text.split(r"\end{align}")[0]
         rows = [r for r in forward.split(r"\\") if "&=" in r]
-        assert len(rows) == len(cc.checked.assignments)  # one row per line of the spec
+        # one row per line of the spec, per matrix formed before the loop and per row value
+        formed = [pr for pr in cc.model.prepared if len(pr.shape) == 2]
+        row_values = [v for v in cc.model.values if v.size == "row" and not v.spec_key]
+        assert len(rows) == len(cc.checked.assignments) + len(formed) + len(row_values)
+        for pr in formed:
+            assert re.search(r"^\s*" + re.escape(latex.name_latex(pr.key)) + r" &=", forward, re.MULTILINE)
         for key in _written_names(cc):
             shown = latex.name_latex(key[:-1]) + "'" if key.endswith("'") else latex.name_latex(key)
             assert re.search(r"^\s*" + re.escape(shown) + r" &=", forward, re.MULTILINE), (
@@ -70,10 +75,9 @@ def test_latex_is_balanced_align_naming_every_gate_and_state(path):
                 backward,
                 re.MULTILINE,
             )
-        # and every spec param the backward derives directly (a param inside a matrix expression
-        # or a const is prepared before the loop; its chain is not typeset yet)
-        spec_params = {p.name for p in cc.checked.params}
-        for p in (q for q in cc.model.cell.params if q.name in spec_params):
+        # and every trained param: those the math reads, those inside a matrix formed before the
+        # loop (their share of its gradient), scalar params (shown as themselves)
+        for p in cc.checked.params:
             assert r"\delta " + latex.name_latex(p.name) + r" &\mathrel{+}=" in backward, p.name
 
 

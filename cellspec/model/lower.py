@@ -214,7 +214,7 @@ class _Lowerer:
             self.sym(existing.key)
         return self.symbols[existing.key]
 
-    def mean(self, args: list[tuple[sp.Expr, str]]) -> sp.Symbol:
+    def mean(self, args: list[tuple[sp.Expr, str]], preferred: str = "mean") -> sp.Symbol:
         """``mean(a, b, ...)``: the sum of every unit of every argument times 1/N, N the number
         of units (the factor is a prepared vector of each argument's size)."""
         count = sum((sp.Symbol(s, integer=True, positive=True) for _, s in args), sp.S.Zero)
@@ -227,7 +227,7 @@ class _Lowerer:
                 self.prepared.append(Prepared(key, (size,), (term,), f"1/({count})", self.current[0]))
                 self.leaf(key, size, "const")
             terms.append(fn.RowSum(expr * self.symbols[key]))
-        return self.row_value("mean", sp.Add(*terms))
+        return self.row_value(preferred, sp.Add(*terms))
 
     def reduction(self, e: ast.Call) -> sp.Expr:
         if e.func == "sum":
@@ -239,7 +239,7 @@ class _Lowerer:
         v, size = self.reduced(e.args[0], e.func)
         eps = sp.Float(e.args[1].value) if len(e.args) == 2 else sp.Float(1e-5)
         mu = self.mean([(v, size)])
-        var = self.mean([((v - mu) ** 2, size)])
+        var = self.mean([((v - mu) ** 2, size)], "var")
         rstd = self.row_value("rstd", 1 / ops.by_name("sqrt").cls(var + eps))
         return (v - mu) * rstd
 

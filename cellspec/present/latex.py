@@ -19,6 +19,7 @@ from sympy.printing.conventions import split_super_sub
 from sympy.printing.latex import LatexPrinter, translate
 from sympy.printing.precedence import PRECEDENCE, precedence
 
+from cellspec.frontend.semantics import ROW
 from cellspec.model import functions as fn
 from cellspec.model.schedule import GemmGroup
 
@@ -35,6 +36,7 @@ _FUNCTIONS: dict[type, str] = {
     fn.Min: r"\min",
     fn.Max: r"\max",
     fn.Clip: r"\operatorname{clip}",
+    fn.RowSum: r"\textstyle\sum",  # over the units of a row
     # masks that only derivatives use: indicator functions
     fn.Positive: r"\mathbb{1}_{>0}",
     fn.Sign: r"\operatorname{sign}",
@@ -69,10 +71,12 @@ def _spec_name_latex(key: str) -> str:
 class CellLatexPrinter(LatexPrinter):
     """SymPy's LaTeX printer with symbols named by a table and the cell's functions typeset."""
 
-    def __init__(self, names: dict[str, str], compound: frozenset[str] = frozenset()):
+    def __init__(self, names: dict[str, str], compound: frozenset[str] = frozenset(),
+                 scalars: frozenset[str] = frozenset()):
         super().__init__({"mul_symbol": None})
         self.names = names
         self.compound = compound  # symbols shown as products (W x): parenthesised in a product
+        self.scalars = scalars  # symbols shown as numbers (a const, a scalar param): no \odot
 
     def _print_Symbol(self, expr, style="plain"):
         return self.names.get(expr.name) or name_latex(expr.name)
@@ -117,7 +121,9 @@ class CellLatexPrinter(LatexPrinter):
         def product(items) -> str:
             if not items:
                 return "1"
-            return r" \odot ".join(factor(f) for f in items)
+            lead_scalars = [factor(f) for f in items if f.is_Symbol and f.name in self.scalars]
+            vectors = [factor(f) for f in items if not (f.is_Symbol and f.name in self.scalars)]
+            return " ".join(lead_scalars + ([r" \odot ".join(vectors)] if vectors else []))
 
         def factor(f) -> str:
             if f.is_Symbol and f.name in self.compound:
@@ -164,6 +170,9 @@ def _names(cc) -> dict[str, str]:
     printer = CellLatexPrinter(names)
     for key in m.leaves:
         names[key] = name_latex(key)
+    for pr in m.prepared:  # a const or scalar param broadcast to a size is shown as itself
+        if len(pr.shape) == 1:
+            names[pr.key] = _terms_latex(pr.terms)
     for v in m.values:
         if v.spec_key.endswith("'"):
             names[v.key] = name_latex(v.spec_key[:-1]) + "'"
@@ -175,8 +184,12 @@ def _names(cc) -> dict[str, str]:
             op = r"\left(" + op + r"\right)"
         names[p.key] = f"{name_latex(p.matrix)} {op}"
 
+    printer.scalars = _scalar_names(m)
+    for v in m.values:  # a reduction's row value (mean, rstd) is a named row of its own
+        if v.key in synthetic and v.size == ROW:
+            names[v.key] = name_latex(v.key)
     for v in m.values:  # synthetic operands are shown as what they compute (in model order)
-        if v.key in synthetic:
+        if v.key in synthetic and v.size != ROW:
             read = {x.name for x in v.expr.free_symbols}
             for p in m.projections:  # W2 @ tanh(W1 @ x): W1 @ x is named before tanh(...) is printed
                 if p.key in read and p.key not in names:
@@ -209,6 +222,61 @@ def _names(cc) -> dict[str, str]:
     return names
 
 
+def _coef_latex(coef) -> str:
+    return CellLatexPrinter({}).doprint(coef) if coef.free_symbols else sp.latex(coef)
+
+
+def _terms_latex(terms) -> str:
+    """A prepared param's terms: ``W - W^\top - \gamma I``; a broadcast const or scalar shows
+    as itself; ``1/H`` (a mean's factor) as a fraction."""
+    out = []
+    for t in sorted(terms, key=lambda t: (t.source is None, t.transpose)):
+        src = "I" if t.source is None and t.transpose is not None else name_latex(t.source) if t.source else ""
+        if t.source and t.transpose:
+            src += r"^{\top}"
+        coef = t.coef
+        neg = coef.could_extract_minus_sign()
+        if neg:
+            coef = -coef
+        if t.source is None and len(terms) == 1 and not t.transpose and src == "I":
+            src = ""  # a vector of ones: just the coefficient
+        text = src if coef == 1 and src else (_coef_latex(coef) + (" " + src if src else ""))
+        out.append(("- " if neg else ("+ " if out else "")) + text)
+    return " ".join(out).strip() or "0"
+
+
+def _prepared_rows(m) -> list[tuple[str, str, str]]:
+    """Forward: the matrices formed before the loop (``W_{mat} = W - W^\top - \gamma I``)."""
+    return [(name_latex(pr.key), "=", _terms_latex(pr.terms)) for pr in m.prepared if len(pr.shape) == 2]
+
+
+def _prepared_grad_rows(m) -> list[tuple[str, str, str]]:
+    """Backward: each trained param's share of the prepared matrices' gradients."""
+    trained = {p.name for p in (m.spec_cell or m.cell).params}
+    acc: dict[str, list[str]] = {}
+    for pr in m.prepared:
+        if len(pr.shape) != 2:
+            continue
+        for t in pr.terms:
+            if t.source is None or t.source not in trained:
+                continue
+            g = r"\delta " + name_latex(pr.key)
+            if t.transpose:
+                g = r"\left(" + g + r"\right)^{\top}"
+            coef = t.coef
+            neg = coef.could_extract_minus_sign()
+            if neg:
+                coef = -coef
+            text = g if coef == 1 else _coef_latex(coef) + " " + g
+            parts = acc.setdefault(t.source, [])
+            parts.append(("- " if neg else ("+ " if parts else "")) + text)
+    return [(r"\delta " + name_latex(k), r"\mathrel{+}=", " ".join(v)) for k, v in acc.items()]
+
+
+def _scalar_names(m) -> frozenset[str]:
+    return frozenset(pr.key for pr in m.prepared if len(pr.shape) == 1)
+
+
 def _rows(rows: list[tuple[str, str, str]]) -> list[str]:
     """``lhs &op rhs \\\\`` lines (the last without the line break)."""
     out = [f"  {lhs} &{op} {rhs}" for lhs, op, rhs in rows]
@@ -236,8 +304,9 @@ def _strip_parens(text: str) -> str:
 def forward_latex(cc) -> str:
     """The forward step: one line per named value of the spec, in the order written."""
     names = _names(cc)
-    pr = CellLatexPrinter(names, frozenset(p.key for p in cc.model.projections))
-    rows = [(names[v.key], "=", pr.doprint(v.expr)) for v in cc.model.values if v.spec_key]
+    pr = CellLatexPrinter(names, frozenset(p.key for p in cc.model.projections), _scalar_names(cc.model))
+    rows = _prepared_rows(cc.model) + [(names[v.key], "=", pr.doprint(v.expr)) for v in cc.model.values
+                                       if v.spec_key or v.size == ROW]
     return "\n".join([r"\begin{align}", *_rows(rows), r"\end{align}"])
 
 
@@ -246,7 +315,7 @@ def backward_latex(cc) -> str:
     previous states, inputs and params (weights as outer products)."""
     m, s, b = cc.model, cc.schedule, cc.backward
     names = _names(cc)
-    pr = CellLatexPrinter(names, frozenset(p.key for p in cc.model.projections))
+    pr = CellLatexPrinter(names, frozenset(p.key for p in cc.model.projections), _scalar_names(m))
     params = {p.name for p in m.cell.params}
     param_adj = {b.adjoint[k] for k in params if k in b.adjoint}
     param_adj |= {adj for k, adj in b.hoisted_leaf_adjoint.items() if k in params}
@@ -300,6 +369,7 @@ def backward_latex(cc) -> str:
                     f"{_adjoint_of(p.key, names, b.adjoint)} {op}^{{\\top}}",
                 )
             )
+    rows += _prepared_grad_rows(m)
     return "\n".join([r"\begin{align}", *_rows(rows), r"\end{align}"])
 
 

@@ -32,20 +32,22 @@ __all__ = ["AntisymmetricRNN", "AntisymmetricRNNCell", "numpy_cell", "torch_cell
 #: the forward and the derived backward equations (what `cellspec show --format latex` prints)
 EQUATIONS_LATEX = r"""% AntisymmetricRNN (antisymmetric_rnn.cell): forward step; outputs h'
 \begin{align}
-  h' &= \mathit{eps}_{H} \odot \tanh\left(V x + W_{mat} h + b\right) + h
+  W_{mat} &= W - W^{\top} - \gamma I \\
+  h' &= \mathit{eps} \tanh\left(V x + W_{mat} h + b\right) + h
 \end{align}
 % AntisymmetricRNN: backward step, derived by cellspec. \delta v = dL/dv at this step;
 % \delta_{t+1} s: gradient of state s from the next step; \delta_{y} v: gradient at
 % output v from this step's loss; params accumulate (+=) over steps and batch rows.
 \begin{align}
   \delta h' &= \delta_{t+1} h + \delta_{y} h' \\
-  \delta \left(W_{mat} h\right) &= \delta h' \odot \mathit{eps}_{H} \odot \left(1 - \tanh^{2}\left(V x + W_{mat} h + b\right)\right) \\
+  \delta \left(W_{mat} h\right) &= \mathit{eps} \delta h' \odot \left(1 - \tanh^{2}\left(V x + W_{mat} h + b\right)\right) \\
   \delta h &= \left(W_{mat}^{\top} \delta \left(W_{mat} h\right)\right) + \delta h' \\
   \delta b &\mathrel{+}= \delta \left(W_{mat} h\right) \\
   \delta \left(V x\right) &= \delta \left(W_{mat} h\right) \\
   \delta x &= V^{\top} \delta \left(V x\right) \\
   \delta W_{mat} &\mathrel{+}= \delta \left(W_{mat} h\right) h^{\top} \\
-  \delta V &\mathrel{+}= \delta \left(V x\right) x^{\top}
+  \delta V &\mathrel{+}= \delta \left(V x\right) x^{\top} \\
+  \delta W &\mathrel{+}= \delta W_{mat} - \left(\delta W_{mat}\right)^{\top}
 \end{align}
 """
 

@@ -36,19 +36,19 @@ __all__ = ["CoRNN", "CoRNNCell", "numpy_cell", "torch_cell", "step", "EQUATIONS_
 #: the forward and the derived backward equations (what `cellspec show --format latex` prints)
 EQUATIONS_LATEX = r"""% CoRNN (co_rnn.cell): forward step; outputs y'
 \begin{align}
-  z' &= \mathit{dt}_{H} \odot \left(-\mathit{eps}_{H} \odot z - \gamma_{H} \odot y + \tanh\left(V x + W y + W_{z} z + b\right)\right) + z \\
-  y' &= \mathit{dt}_{H} \odot z' + y
+  z' &= \mathit{dt} \left(-\mathit{eps} z - \gamma y + \tanh\left(V x + W y + W_{z} z + b\right)\right) + z \\
+  y' &= \mathit{dt} z' + y
 \end{align}
 % CoRNN: backward step, derived by cellspec. \delta v = dL/dv at this step;
 % \delta_{t+1} s: gradient of state s from the next step; \delta_{y} v: gradient at
 % output v from this step's loss; params accumulate (+=) over steps and batch rows.
 \begin{align}
   \delta y' &= \delta_{t+1} y + \delta_{y} y' \\
-  \delta z' &= \delta y' \odot \mathit{dt}_{H} + \delta_{t+1} z \\
-  \delta \left(W y\right) &= \delta z' \odot \mathit{dt}_{H} \odot \left(1 - \tanh^{2}\left(V x + W y + W_{z} z + b\right)\right) \\
+  \delta z' &= \mathit{dt} \delta y' + \delta_{t+1} z \\
+  \delta \left(W y\right) &= \mathit{dt} \delta z' \odot \left(1 - \tanh^{2}\left(V x + W y + W_{z} z + b\right)\right) \\
   \delta \left(W_{z} z\right) &= \delta \left(W y\right) \\
-  \delta y &= \left(W^{\top} \delta \left(W y\right)\right) + \delta y' - \delta z' \odot \mathit{dt}_{H} \odot \gamma_{H} \\
-  \delta z &= \left(W_{z}^{\top} \delta \left(W_{z} z\right)\right) + \delta z' \odot \left(-\mathit{dt}_{H} \odot \mathit{eps}_{H} + 1\right) \\
+  \delta y &= \left(W^{\top} \delta \left(W y\right)\right) + \delta y' - \mathit{dt} \gamma \delta z' \\
+  \delta z &= \left(W_{z}^{\top} \delta \left(W_{z} z\right)\right) + \delta z' \odot \left(-\mathit{dt} \mathit{eps} + 1\right) \\
   \delta b &\mathrel{+}= \delta \left(W y\right) \\
   \delta \left(V x\right) &= \delta \left(W y\right) \\
   \delta x &= V^{\top} \delta \left(V x\right) \\

@@ -43,15 +43,15 @@ EQUATIONS_LATEX = r"""% DefLSTM (def_lstm.cell): forward step; outputs h'
   g &= \tanh\left(U_{g} h + W_{g} x + b_{g}\right) \\
   o &= \sigma\left(U_{o} h + W_{o} x + b_{o}\right) \\
   c' &= c \odot f + g \odot i \\
-  h' &= o \odot \tanh\left(\beta_{H} \odot c'\right)
+  h' &= o \odot \tanh\left(\beta c'\right)
 \end{align}
 % DefLSTM: backward step, derived by cellspec. \delta v = dL/dv at this step;
 % \delta_{t+1} s: gradient of state s from the next step; \delta_{y} v: gradient at
 % output v from this step's loss; params accumulate (+=) over steps and batch rows.
 \begin{align}
-  t_{0} &= \tanh\left(\beta_{H} \odot c'\right) \\
+  t_{0} &= \tanh\left(\beta c'\right) \\
   \delta h' &= \delta_{t+1} h + \delta_{y} h' \\
-  \delta c' &= \beta_{H} \odot \delta h' \odot o \odot \left(1 - t_{0}^{2}\right) + \delta_{t+1} c \\
+  \delta c' &= \beta \delta h' \odot o \odot \left(1 - t_{0}^{2}\right) + \delta_{t+1} c \\
   \delta o &= \delta h' \odot t_{0} \\
   \delta g &= \delta c' \odot i \\
   \delta f &= c \odot \delta c' \\
@@ -66,7 +66,7 @@ EQUATIONS_LATEX = r"""% DefLSTM (def_lstm.cell): forward step; outputs h'
   \delta b_{f} &\mathrel{+}= \delta \left(U_{f} h\right) \\
   \delta b_{g} &\mathrel{+}= \delta \left(U_{g} h\right) \\
   \delta b_{o} &\mathrel{+}= \delta \left(U_{o} h\right) \\
-  \delta \beta_{H} &\mathrel{+}= c' \odot \delta h' \odot o \odot \left(1 - \tanh^{2}\left(\beta_{H} \odot c'\right)\right) \\
+  \delta \beta &\mathrel{+}= c' \odot \delta h' \odot o \odot \left(1 - \tanh^{2}\left(\beta c'\right)\right) \\
   \delta \left(W_{i} x\right) &= \delta \left(U_{i} h\right) \\
   \delta \left(W_{f} x\right) &= \delta \left(U_{f} h\right) \\
   \delta \left(W_{g} x\right) &= \delta \left(U_{g} h\right) \\

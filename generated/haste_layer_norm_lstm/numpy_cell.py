@@ -59,7 +59,7 @@ STATES = (("h", "H"), ("c", "H"),)
 PARAMS = {"W_i": ("H", "I",), "W_g": ("H", "I",), "W_f": ("H", "I",), "W_o": ("H", "I",), "R_i": ("H", "H",), "R_g": ("H", "H",), "R_f": ("H", "H",), "R_o": ("H", "H",), "b_i": ("H",), "b_g": ("H",), "b_f": ("H",), "b_o": ("H",), "gx_i": ("H",), "gx_g": ("H",), "gx_f": ("H",), "gx_o": ("H",), "gh_i": ("H",), "gh_g": ("H",), "gh_f": ("H",), "gh_o": ("H",), "gamma_h": ("H",), "beta_h": ("H",)}
 OUTPUTS = ("h'",)
 #: per-step values the forward keeps for the backward (states are kept as their sequence)
-SAVED = ("xi", "xg", "xf", "xo", "mu_x", "var_x", "rs_x", "ri", "rg", "rf", "ro", "mu_h", "var_h", "rs_h", "i", "g", "f", "o", "mean_5", "mean_6", "rstd",)
+SAVED = ("xi", "xg", "xf", "xo", "mu_x", "var_x", "rs_x", "ri", "rg", "rf", "ro", "mu_h", "var_h", "rs_h", "i", "g", "f", "o", "mean_5", "var", "rstd",)
 
 
 def _sigmoid(z):
@@ -240,7 +240,7 @@ def _forward(_params, _x, _state, _bs=None):
     _v_f = np.empty((_T, _B, _H), _dtype)
     _v_o = np.empty((_T, _B, _H), _dtype)
     _v_mean_5 = np.empty((_T, _B, 1), _dtype)
-    _v_mean_6 = np.empty((_T, _B, 1), _dtype)
+    _v_var = np.empty((_T, _B, 1), _dtype)
     _v_rstd = np.empty((_T, _B, 1), _dtype)
     if _bs is not None:
         _v_xi[...] = 0
@@ -262,7 +262,7 @@ def _forward(_params, _x, _state, _bs=None):
         _v_f[...] = 0
         _v_o[...] = 0
         _v_mean_5[...] = 0
-        _v_mean_6[...] = 0
+        _v_var[...] = 0
         _v_rstd[...] = 0
     _hg_W_i_W_g_W_f_W_o__x_at0 = _steps(_hg_W_i_W_g_W_f_W_o__x, 0, _T, _bs)
     _v_xi_at0 = _steps(_v_xi, 0, _T, _bs)
@@ -288,7 +288,7 @@ def _forward(_params, _x, _state, _bs=None):
     _v_o_at0 = _steps(_v_o, 0, _T, _bs)
     _s_c_at1 = _steps(_s_c, 1, _T, _bs)
     _v_mean_5_at0 = _steps(_v_mean_5, 0, _T, _bs)
-    _v_mean_6_at0 = _steps(_v_mean_6, 0, _T, _bs)
+    _v_var_at0 = _steps(_v_var, 0, _T, _bs)
     _v_rstd_at0 = _steps(_v_rstd, 0, _T, _bs)
     _s_h_at1 = _steps(_s_h, 1, _T, _bs)
     # W_i @ x, W_g @ x, W_f @ x, W_o @ x
@@ -344,8 +344,8 @@ def _forward(_params, _x, _state, _bs=None):
         o = _sigmoid(b_o + gh_o*rs_h*(-mu_h + ro) + gx_o*rs_x*(-mu_x + xo))  # haste_layer_norm_lstm.cell:38  o = sigmoid(norm(xo, mu_x, rs_x, gx_o) + norm(ro, mu_h, rs_h, gh_o) + b_o)
         c_next = c*f + g*i  # haste_layer_norm_lstm.cell:40  c' = f * c + i * g
         mean_5 = _rowsum(c_next*inv_n_H_2)  # haste_layer_norm_lstm.cell:41  h' = o * tanh(gamma_h * layer_norm(c') + beta_h)
-        mean_6 = _rowsum(inv_n_H_2*((c_next - mean_5)*(c_next - mean_5)))  # haste_layer_norm_lstm.cell:41  h' = o * tanh(gamma_h * layer_norm(c') + beta_h)
-        rstd = (1/np.sqrt(mean_6 + 1e-05))  # haste_layer_norm_lstm.cell:41  h' = o * tanh(gamma_h * layer_norm(c') + beta_h)
+        var = _rowsum(inv_n_H_2*((c_next - mean_5)*(c_next - mean_5)))  # haste_layer_norm_lstm.cell:41  h' = o * tanh(gamma_h * layer_norm(c') + beta_h)
+        rstd = (1/np.sqrt(var + 1e-05))  # haste_layer_norm_lstm.cell:41  h' = o * tanh(gamma_h * layer_norm(c') + beta_h)
         h_next = o*np.tanh(beta_h + gamma_h*rstd*(c_next - mean_5))  # haste_layer_norm_lstm.cell:41  h' = o * tanh(gamma_h * layer_norm(c') + beta_h)
         _v_ri_at0[_t][...] = ri
         _v_rg_at0[_t][...] = rg
@@ -360,7 +360,7 @@ def _forward(_params, _x, _state, _bs=None):
         _v_o_at0[_t][...] = o
         _s_c_at1[_t][...] = c_next
         _v_mean_5_at0[_t][...] = mean_5
-        _v_mean_6_at0[_t][...] = mean_6
+        _v_var_at0[_t][...] = var
         _v_rstd_at0[_t][...] = rstd
         _s_h_at1[_t][...] = h_next
         if _bs is not None:  # ended sequences hold their state
@@ -372,7 +372,7 @@ def _forward(_params, _x, _state, _bs=None):
         _m = _active(_bs, _B, _dtype)
         _outputs = tuple(_o * _m for _o in _outputs)
     _final = (_s_h[_T], _s_c[_T], )
-    _saved = {"s_h": _s_h, "s_c": _s_c, "v_xi": _v_xi, "v_xg": _v_xg, "v_xf": _v_xf, "v_xo": _v_xo, "v_mu_x": _v_mu_x, "v_var_x": _v_var_x, "v_rs_x": _v_rs_x, "v_ri": _v_ri, "v_rg": _v_rg, "v_rf": _v_rf, "v_ro": _v_ro, "v_mu_h": _v_mu_h, "v_var_h": _v_var_h, "v_rs_h": _v_rs_h, "v_i": _v_i, "v_g": _v_g, "v_f": _v_f, "v_o": _v_o, "v_mean_5": _v_mean_5, "v_mean_6": _v_mean_6, "v_rstd": _v_rstd, }
+    _saved = {"s_h": _s_h, "s_c": _s_c, "v_xi": _v_xi, "v_xg": _v_xg, "v_xf": _v_xf, "v_xo": _v_xo, "v_mu_x": _v_mu_x, "v_var_x": _v_var_x, "v_rs_x": _v_rs_x, "v_ri": _v_ri, "v_rg": _v_rg, "v_rf": _v_rf, "v_ro": _v_ro, "v_mu_h": _v_mu_h, "v_var_h": _v_var_h, "v_rs_h": _v_rs_h, "v_i": _v_i, "v_g": _v_g, "v_f": _v_f, "v_o": _v_o, "v_mean_5": _v_mean_5, "v_var": _v_var, "v_rstd": _v_rstd, }
     return _outputs[0], _final, _saved
 
 
@@ -485,8 +485,8 @@ def _inference(_params, _x, _state, _bs=None):
         o = _sigmoid(b_o + gh_o*rs_h*(-mu_h + ro) + gx_o*rs_x*(-mu_x + xo))  # haste_layer_norm_lstm.cell:38  o = sigmoid(norm(xo, mu_x, rs_x, gx_o) + norm(ro, mu_h, rs_h, gh_o) + b_o)
         c_next = c*f + g*i  # haste_layer_norm_lstm.cell:40  c' = f * c + i * g
         mean_5 = _rowsum(c_next*inv_n_H_2)  # haste_layer_norm_lstm.cell:41  h' = o * tanh(gamma_h * layer_norm(c') + beta_h)
-        mean_6 = _rowsum(inv_n_H_2*((c_next - mean_5)*(c_next - mean_5)))  # haste_layer_norm_lstm.cell:41  h' = o * tanh(gamma_h * layer_norm(c') + beta_h)
-        rstd = (1/np.sqrt(mean_6 + 1e-05))  # haste_layer_norm_lstm.cell:41  h' = o * tanh(gamma_h * layer_norm(c') + beta_h)
+        var = _rowsum(inv_n_H_2*((c_next - mean_5)*(c_next - mean_5)))  # haste_layer_norm_lstm.cell:41  h' = o * tanh(gamma_h * layer_norm(c') + beta_h)
+        rstd = (1/np.sqrt(var + 1e-05))  # haste_layer_norm_lstm.cell:41  h' = o * tanh(gamma_h * layer_norm(c') + beta_h)
         h_next = o*np.tanh(beta_h + gamma_h*rstd*(c_next - mean_5))  # haste_layer_norm_lstm.cell:41  h' = o * tanh(gamma_h * layer_norm(c') + beta_h)
         _s_c_at1[_t][...] = c_next
         _s_h_at1[_t][...] = h_next
@@ -555,7 +555,7 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
     _v_f = _saved["v_f"]
     _v_o = _saved["v_o"]
     _v_mean_5 = _saved["v_mean_5"]
-    _v_mean_6 = _saved["v_mean_6"]
+    _v_var = _saved["v_var"]
     _v_rstd = _saved["v_rstd"]
     _d_outputs = (_d_outputs,)
     _dout_h_next = np.zeros((_T, _B, _H), _dtype) if _d_outputs[0] is None else np.asarray(_d_outputs[0], _dtype)
@@ -619,7 +619,6 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
     _v_g_at0 = _steps(_v_g, 0, _T, _bs)
     _v_i_at0 = _steps(_v_i, 0, _T, _bs)
     _v_mean_5_at0 = _steps(_v_mean_5, 0, _T, _bs)
-    _v_mean_6_at0 = _steps(_v_mean_6, 0, _T, _bs)
     _v_mu_h_at0 = _steps(_v_mu_h, 0, _T, _bs)
     _v_o_at0 = _steps(_v_o, 0, _T, _bs)
     _v_rf_at0 = _steps(_v_rf, 0, _T, _bs)
@@ -628,6 +627,7 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
     _v_ro_at0 = _steps(_v_ro, 0, _T, _bs)
     _v_rs_h_at0 = _steps(_v_rs_h, 0, _T, _bs)
     _v_rstd_at0 = _steps(_v_rstd, 0, _T, _bs)
+    _v_var_at0 = _steps(_v_var, 0, _T, _bs)
     _v_var_h_at0 = _steps(_v_var_h, 0, _T, _bs)
     _tmp_d_h_next_rows = _rows(_tmp_d_h_next, _T, _bs)
     _tmp_d_c_next_rows = _rows(_tmp_d_c_next, _T, _bs)
@@ -675,7 +675,6 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
         g = _v_g_at0[_t]
         i = _v_i_at0[_t]
         mean_5 = _v_mean_5_at0[_t]
-        mean_6 = _v_mean_6_at0[_t]
         mu_h = _v_mu_h_at0[_t]
         o = _v_o_at0[_t]
         rf = _v_rf_at0[_t]
@@ -684,6 +683,7 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
         ro = _v_ro_at0[_t]
         rs_h = _v_rs_h_at0[_t]
         rstd = _v_rstd_at0[_t]
+        var = _v_var_at0[_t]
         var_h = _v_var_h_at0[_t]
         t0 = gamma_h*(c_next - mean_5)
         t1 = np.tanh(beta_h + rstd*t0)
@@ -697,9 +697,9 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
         t2 = d_h_next*o*(1 - (t1*t1))
         t4 = gamma_h*rstd*t2
         d_rstd = _rowsum(t0*t2)  # adjoint of operand of rstd
-        d_mean_6 = -1/2*d_rstd/(np.sqrt(mean_6 + 1e-05)*np.sqrt(mean_6 + 1e-05)*np.sqrt(mean_6 + 1e-05))  # adjoint of operand of mean_6
-        d_mean_5 = d_mean_6*_rowsum(-inv_n_H_2*t3) + _rowsum(-t4)  # adjoint of operand of mean_5
-        d_c_next = d_c + d_mean_5*inv_n_H_2 + d_mean_6*inv_n_H_2*t3 + t4  # adjoint of c'
+        d_var = -1/2*d_rstd/(np.sqrt(var + 1e-05)*np.sqrt(var + 1e-05)*np.sqrt(var + 1e-05))  # adjoint of operand of var
+        d_mean_5 = d_var*_rowsum(-inv_n_H_2*t3) + _rowsum(-t4)  # adjoint of operand of mean_5
+        d_c_next = d_c + d_mean_5*inv_n_H_2 + d_var*inv_n_H_2*t3 + t4  # adjoint of c'
         d_o = d_h_next*t1  # adjoint of o
         t7 = d_o*gh_o*o*(1 - o)
         t11 = rs_h*t7

@@ -70,7 +70,7 @@ OUTPUTS = ("h'",)
 #: initial value of each param: ("fill", v), ("zeros",), ("uniform", a, b), ... or ("default",),
 #: which is U(-k, k) with k = 1/sqrt(hidden_size), as torch.nn.LSTM/GRU do
 INITS = {"W_i": ("default",), "W_g": ("default",), "W_f": ("default",), "W_o": ("default",), "R_i": ("default",), "R_g": ("default",), "R_f": ("default",), "R_o": ("default",), "b_i": ('fill', 0.0), "b_g": ('fill', 0.0), "b_f": ('fill', 0.0), "b_o": ('fill', 0.0), "gx_i": ('fill', 1.0), "gx_g": ('fill', 1.0), "gx_f": ('fill', 1.0), "gx_o": ('fill', 1.0), "gh_i": ('fill', 1.0), "gh_g": ('fill', 1.0), "gh_f": ('fill', 1.0), "gh_o": ('fill', 1.0), "gamma_h": ('fill', 1.0), "beta_h": ('fill', 0.0)}
-SAVED = ("xi", "xg", "xf", "xo", "mu_x", "var_x", "rs_x", "ri", "rg", "rf", "ro", "mu_h", "var_h", "rs_h", "i", "g", "f", "o", "mean_5", "mean_6", "rstd",)
+SAVED = ("xi", "xg", "xf", "xo", "mu_x", "var_x", "rs_x", "ri", "rg", "rf", "ro", "mu_h", "var_h", "rs_h", "i", "g", "f", "o", "mean_5", "var", "rstd",)
 BACKENDS = ("auto", "generated", "autograd", "fused", "cuda")
 
 
@@ -140,8 +140,8 @@ def step(params, x, state):
     o = torch.sigmoid(b_o + gh_o*rs_h*(-mu_h + ro) + gx_o*rs_x*(-mu_x + xo))  # haste_layer_norm_lstm.cell:38  o = sigmoid(norm(xo, mu_x, rs_x, gx_o) + norm(ro, mu_h, rs_h, gh_o) + b_o)
     c_next = c*f + g*i  # haste_layer_norm_lstm.cell:40  c' = f * c + i * g
     mean_5 = _rowsum(c_next*inv_n_H_2)  # haste_layer_norm_lstm.cell:41  h' = o * tanh(gamma_h * layer_norm(c') + beta_h)
-    mean_6 = _rowsum(inv_n_H_2*((c_next - mean_5)*(c_next - mean_5)))  # haste_layer_norm_lstm.cell:41  h' = o * tanh(gamma_h * layer_norm(c') + beta_h)
-    rstd = (1/torch.sqrt(mean_6 + 1e-05))  # haste_layer_norm_lstm.cell:41  h' = o * tanh(gamma_h * layer_norm(c') + beta_h)
+    var = _rowsum(inv_n_H_2*((c_next - mean_5)*(c_next - mean_5)))  # haste_layer_norm_lstm.cell:41  h' = o * tanh(gamma_h * layer_norm(c') + beta_h)
+    rstd = (1/torch.sqrt(var + 1e-05))  # haste_layer_norm_lstm.cell:41  h' = o * tanh(gamma_h * layer_norm(c') + beta_h)
     h_next = o*torch.tanh(beta_h + gamma_h*rstd*(c_next - mean_5))  # haste_layer_norm_lstm.cell:41  h' = o * tanh(gamma_h * layer_norm(c') + beta_h)
     return h_next, (h_next, c_next)
 
@@ -244,7 +244,7 @@ def _forward(_params, _x, _state, _bs=None):
     _v_f = torch.empty((_T, _B, _H), dtype=_dtype, device=_device)
     _v_o = torch.empty((_T, _B, _H), dtype=_dtype, device=_device)
     _v_mean_5 = torch.empty((_T, _B, 1), dtype=_dtype, device=_device)
-    _v_mean_6 = torch.empty((_T, _B, 1), dtype=_dtype, device=_device)
+    _v_var = torch.empty((_T, _B, 1), dtype=_dtype, device=_device)
     _v_rstd = torch.empty((_T, _B, 1), dtype=_dtype, device=_device)
     if _bs is not None:
         _v_xi.zero_()
@@ -266,7 +266,7 @@ def _forward(_params, _x, _state, _bs=None):
         _v_f.zero_()
         _v_o.zero_()
         _v_mean_5.zero_()
-        _v_mean_6.zero_()
+        _v_var.zero_()
         _v_rstd.zero_()
     _hg_W_i_W_g_W_f_W_o__x_at0 = _steps(_hg_W_i_W_g_W_f_W_o__x, 0, _T, _bs)
     _v_xi_at0 = _steps(_v_xi, 0, _T, _bs)
@@ -292,7 +292,7 @@ def _forward(_params, _x, _state, _bs=None):
     _v_o_at0 = _steps(_v_o, 0, _T, _bs)
     _s_c_at1 = _steps(_s_c, 1, _T, _bs)
     _v_mean_5_at0 = _steps(_v_mean_5, 0, _T, _bs)
-    _v_mean_6_at0 = _steps(_v_mean_6, 0, _T, _bs)
+    _v_var_at0 = _steps(_v_var, 0, _T, _bs)
     _v_rstd_at0 = _steps(_v_rstd, 0, _T, _bs)
     _s_h_at1 = _steps(_s_h, 1, _T, _bs)
     # W_i @ x, W_g @ x, W_f @ x, W_o @ x
@@ -348,8 +348,8 @@ def _forward(_params, _x, _state, _bs=None):
         o = torch.sigmoid(b_o + gh_o*rs_h*(-mu_h + ro) + gx_o*rs_x*(-mu_x + xo))  # haste_layer_norm_lstm.cell:38  o = sigmoid(norm(xo, mu_x, rs_x, gx_o) + norm(ro, mu_h, rs_h, gh_o) + b_o)
         c_next = c*f + g*i  # haste_layer_norm_lstm.cell:40  c' = f * c + i * g
         mean_5 = _rowsum(c_next*inv_n_H_2)  # haste_layer_norm_lstm.cell:41  h' = o * tanh(gamma_h * layer_norm(c') + beta_h)
-        mean_6 = _rowsum(inv_n_H_2*((c_next - mean_5)*(c_next - mean_5)))  # haste_layer_norm_lstm.cell:41  h' = o * tanh(gamma_h * layer_norm(c') + beta_h)
-        rstd = (1/torch.sqrt(mean_6 + 1e-05))  # haste_layer_norm_lstm.cell:41  h' = o * tanh(gamma_h * layer_norm(c') + beta_h)
+        var = _rowsum(inv_n_H_2*((c_next - mean_5)*(c_next - mean_5)))  # haste_layer_norm_lstm.cell:41  h' = o * tanh(gamma_h * layer_norm(c') + beta_h)
+        rstd = (1/torch.sqrt(var + 1e-05))  # haste_layer_norm_lstm.cell:41  h' = o * tanh(gamma_h * layer_norm(c') + beta_h)
         h_next = o*torch.tanh(beta_h + gamma_h*rstd*(c_next - mean_5))  # haste_layer_norm_lstm.cell:41  h' = o * tanh(gamma_h * layer_norm(c') + beta_h)
         _v_ri_at0[_t].copy_(ri)
         _v_rg_at0[_t].copy_(rg)
@@ -364,7 +364,7 @@ def _forward(_params, _x, _state, _bs=None):
         _v_o_at0[_t].copy_(o)
         _s_c_at1[_t].copy_(c_next)
         _v_mean_5_at0[_t].copy_(mean_5)
-        _v_mean_6_at0[_t].copy_(mean_6)
+        _v_var_at0[_t].copy_(var)
         _v_rstd_at0[_t].copy_(rstd)
         _s_h_at1[_t].copy_(h_next)
         if _bs is not None:  # ended sequences hold their state
@@ -376,7 +376,7 @@ def _forward(_params, _x, _state, _bs=None):
         _m = _active(_bs, _B, _dtype, _device)
         _outputs = tuple(_o * _m for _o in _outputs)
     _final = (_s_h[_T], _s_c[_T], )
-    _saved = {"s_h": _s_h, "s_c": _s_c, "v_xi": _v_xi, "v_xg": _v_xg, "v_xf": _v_xf, "v_xo": _v_xo, "v_mu_x": _v_mu_x, "v_var_x": _v_var_x, "v_rs_x": _v_rs_x, "v_ri": _v_ri, "v_rg": _v_rg, "v_rf": _v_rf, "v_ro": _v_ro, "v_mu_h": _v_mu_h, "v_var_h": _v_var_h, "v_rs_h": _v_rs_h, "v_i": _v_i, "v_g": _v_g, "v_f": _v_f, "v_o": _v_o, "v_mean_5": _v_mean_5, "v_mean_6": _v_mean_6, "v_rstd": _v_rstd, }
+    _saved = {"s_h": _s_h, "s_c": _s_c, "v_xi": _v_xi, "v_xg": _v_xg, "v_xf": _v_xf, "v_xo": _v_xo, "v_mu_x": _v_mu_x, "v_var_x": _v_var_x, "v_rs_x": _v_rs_x, "v_ri": _v_ri, "v_rg": _v_rg, "v_rf": _v_rf, "v_ro": _v_ro, "v_mu_h": _v_mu_h, "v_var_h": _v_var_h, "v_rs_h": _v_rs_h, "v_i": _v_i, "v_g": _v_g, "v_f": _v_f, "v_o": _v_o, "v_mean_5": _v_mean_5, "v_var": _v_var, "v_rstd": _v_rstd, }
     return _outputs[0], _final, _saved
 
 
@@ -489,8 +489,8 @@ def _inference(_params, _x, _state, _bs=None):
         o = torch.sigmoid(b_o + gh_o*rs_h*(-mu_h + ro) + gx_o*rs_x*(-mu_x + xo))  # haste_layer_norm_lstm.cell:38  o = sigmoid(norm(xo, mu_x, rs_x, gx_o) + norm(ro, mu_h, rs_h, gh_o) + b_o)
         c_next = c*f + g*i  # haste_layer_norm_lstm.cell:40  c' = f * c + i * g
         mean_5 = _rowsum(c_next*inv_n_H_2)  # haste_layer_norm_lstm.cell:41  h' = o * tanh(gamma_h * layer_norm(c') + beta_h)
-        mean_6 = _rowsum(inv_n_H_2*((c_next - mean_5)*(c_next - mean_5)))  # haste_layer_norm_lstm.cell:41  h' = o * tanh(gamma_h * layer_norm(c') + beta_h)
-        rstd = (1/torch.sqrt(mean_6 + 1e-05))  # haste_layer_norm_lstm.cell:41  h' = o * tanh(gamma_h * layer_norm(c') + beta_h)
+        var = _rowsum(inv_n_H_2*((c_next - mean_5)*(c_next - mean_5)))  # haste_layer_norm_lstm.cell:41  h' = o * tanh(gamma_h * layer_norm(c') + beta_h)
+        rstd = (1/torch.sqrt(var + 1e-05))  # haste_layer_norm_lstm.cell:41  h' = o * tanh(gamma_h * layer_norm(c') + beta_h)
         h_next = o*torch.tanh(beta_h + gamma_h*rstd*(c_next - mean_5))  # haste_layer_norm_lstm.cell:41  h' = o * tanh(gamma_h * layer_norm(c') + beta_h)
         _s_c_at1[_t].copy_(c_next)
         _s_h_at1[_t].copy_(h_next)
@@ -559,7 +559,7 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
     _v_f = _saved["v_f"]
     _v_o = _saved["v_o"]
     _v_mean_5 = _saved["v_mean_5"]
-    _v_mean_6 = _saved["v_mean_6"]
+    _v_var = _saved["v_var"]
     _v_rstd = _saved["v_rstd"]
     _d_outputs = (_d_outputs,)
     _dout_h_next = torch.zeros((_T, _B, _H), dtype=_dtype, device=_device) if _d_outputs[0] is None else _d_outputs[0].to(_dtype)
@@ -623,7 +623,6 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
     _v_g_at0 = _steps(_v_g, 0, _T, _bs)
     _v_i_at0 = _steps(_v_i, 0, _T, _bs)
     _v_mean_5_at0 = _steps(_v_mean_5, 0, _T, _bs)
-    _v_mean_6_at0 = _steps(_v_mean_6, 0, _T, _bs)
     _v_mu_h_at0 = _steps(_v_mu_h, 0, _T, _bs)
     _v_o_at0 = _steps(_v_o, 0, _T, _bs)
     _v_rf_at0 = _steps(_v_rf, 0, _T, _bs)
@@ -632,6 +631,7 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
     _v_ro_at0 = _steps(_v_ro, 0, _T, _bs)
     _v_rs_h_at0 = _steps(_v_rs_h, 0, _T, _bs)
     _v_rstd_at0 = _steps(_v_rstd, 0, _T, _bs)
+    _v_var_at0 = _steps(_v_var, 0, _T, _bs)
     _v_var_h_at0 = _steps(_v_var_h, 0, _T, _bs)
     _tmp_d_h_next_rows = _rows(_tmp_d_h_next, _T, _bs)
     _tmp_d_c_next_rows = _rows(_tmp_d_c_next, _T, _bs)
@@ -679,7 +679,6 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
         g = _v_g_at0[_t]
         i = _v_i_at0[_t]
         mean_5 = _v_mean_5_at0[_t]
-        mean_6 = _v_mean_6_at0[_t]
         mu_h = _v_mu_h_at0[_t]
         o = _v_o_at0[_t]
         rf = _v_rf_at0[_t]
@@ -688,6 +687,7 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
         ro = _v_ro_at0[_t]
         rs_h = _v_rs_h_at0[_t]
         rstd = _v_rstd_at0[_t]
+        var = _v_var_at0[_t]
         var_h = _v_var_h_at0[_t]
         t0 = gamma_h*(c_next - mean_5)
         t1 = torch.tanh(beta_h + rstd*t0)
@@ -701,9 +701,9 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
         t2 = d_h_next*o*(1 - (t1*t1))
         t4 = gamma_h*rstd*t2
         d_rstd = _rowsum(t0*t2)  # adjoint of operand of rstd
-        d_mean_6 = -1/2*d_rstd/(torch.sqrt(mean_6 + 1e-05)*torch.sqrt(mean_6 + 1e-05)*torch.sqrt(mean_6 + 1e-05))  # adjoint of operand of mean_6
-        d_mean_5 = d_mean_6*_rowsum(-inv_n_H_2*t3) + _rowsum(-t4)  # adjoint of operand of mean_5
-        d_c_next = d_c + d_mean_5*inv_n_H_2 + d_mean_6*inv_n_H_2*t3 + t4  # adjoint of c'
+        d_var = -1/2*d_rstd/(torch.sqrt(var + 1e-05)*torch.sqrt(var + 1e-05)*torch.sqrt(var + 1e-05))  # adjoint of operand of var
+        d_mean_5 = d_var*_rowsum(-inv_n_H_2*t3) + _rowsum(-t4)  # adjoint of operand of mean_5
+        d_c_next = d_c + d_mean_5*inv_n_H_2 + d_var*inv_n_H_2*t3 + t4  # adjoint of c'
         d_o = d_h_next*t1  # adjoint of o
         t7 = d_o*gh_o*o*(1 - o)
         t11 = rs_h*t7
@@ -983,7 +983,7 @@ def _forward_differentiable(_params, _x, _state, _bs=None):
     _v_f = torch.zeros((_T, _B, _H), dtype=_dtype, device=_device)
     _v_o = torch.zeros((_T, _B, _H), dtype=_dtype, device=_device)
     _v_mean_5 = torch.zeros((_T, _B, 1), dtype=_dtype, device=_device)
-    _v_mean_6 = torch.zeros((_T, _B, 1), dtype=_dtype, device=_device)
+    _v_var = torch.zeros((_T, _B, 1), dtype=_dtype, device=_device)
     _v_rstd = torch.zeros((_T, _B, 1), dtype=_dtype, device=_device)
     _hg_W_i_W_g_W_f_W_o__x_rows = list(_hg_W_i_W_g_W_f_W_o__x.unbind(0))
     _v_xi_rows = list(_v_xi.unbind(0))
@@ -1006,7 +1006,7 @@ def _forward_differentiable(_params, _x, _state, _bs=None):
     _v_o_rows = list(_v_o.unbind(0))
     _s_c_rows = list(_s_c.unbind(0))
     _v_mean_5_rows = list(_v_mean_5.unbind(0))
-    _v_mean_6_rows = list(_v_mean_6.unbind(0))
+    _v_var_rows = list(_v_var.unbind(0))
     _v_rstd_rows = list(_v_rstd.unbind(0))
     _s_h_rows = list(_s_h.unbind(0))
     _s_h_rows[0] = _state0[0]
@@ -1064,8 +1064,8 @@ def _forward_differentiable(_params, _x, _state, _bs=None):
         o = torch.sigmoid(b_o + gh_o*rs_h*(-mu_h + ro) + gx_o*rs_x*(-mu_x + xo))  # haste_layer_norm_lstm.cell:38  o = sigmoid(norm(xo, mu_x, rs_x, gx_o) + norm(ro, mu_h, rs_h, gh_o) + b_o)
         c_next = c*f + g*i  # haste_layer_norm_lstm.cell:40  c' = f * c + i * g
         mean_5 = _rowsum(c_next*inv_n_H_2)  # haste_layer_norm_lstm.cell:41  h' = o * tanh(gamma_h * layer_norm(c') + beta_h)
-        mean_6 = _rowsum(inv_n_H_2*((c_next - mean_5)*(c_next - mean_5)))  # haste_layer_norm_lstm.cell:41  h' = o * tanh(gamma_h * layer_norm(c') + beta_h)
-        rstd = (1/torch.sqrt(mean_6 + 1e-05))  # haste_layer_norm_lstm.cell:41  h' = o * tanh(gamma_h * layer_norm(c') + beta_h)
+        var = _rowsum(inv_n_H_2*((c_next - mean_5)*(c_next - mean_5)))  # haste_layer_norm_lstm.cell:41  h' = o * tanh(gamma_h * layer_norm(c') + beta_h)
+        rstd = (1/torch.sqrt(var + 1e-05))  # haste_layer_norm_lstm.cell:41  h' = o * tanh(gamma_h * layer_norm(c') + beta_h)
         h_next = o*torch.tanh(beta_h + gamma_h*rstd*(c_next - mean_5))  # haste_layer_norm_lstm.cell:41  h' = o * tanh(gamma_h * layer_norm(c') + beta_h)
         _v_ri_rows[_t] = ri
         _v_rg_rows[_t] = rg
@@ -1080,7 +1080,7 @@ def _forward_differentiable(_params, _x, _state, _bs=None):
         _v_o_rows[_t] = o
         _s_c_rows[_t + 1] = c_next
         _v_mean_5_rows[_t] = mean_5
-        _v_mean_6_rows[_t] = mean_6
+        _v_var_rows[_t] = var
         _v_rstd_rows[_t] = rstd
         _s_h_rows[_t + 1] = h_next
     _hg_W_i_W_g_W_f_W_o__x = torch.stack(_hg_W_i_W_g_W_f_W_o__x_rows)
@@ -1104,7 +1104,7 @@ def _forward_differentiable(_params, _x, _state, _bs=None):
     _v_o = torch.stack(_v_o_rows)
     _s_c = torch.stack(_s_c_rows)
     _v_mean_5 = torch.stack(_v_mean_5_rows)
-    _v_mean_6 = torch.stack(_v_mean_6_rows)
+    _v_var = torch.stack(_v_var_rows)
     _v_rstd = torch.stack(_v_rstd_rows)
     _s_h = torch.stack(_s_h_rows)
     _outputs = (_s_h[1:],)
@@ -1112,7 +1112,7 @@ def _forward_differentiable(_params, _x, _state, _bs=None):
         _m = _active(_bs, _B, _dtype)
         _outputs = tuple(_o * _m for _o in _outputs)
     _final = (_s_h[_T], _s_c[_T], )
-    _saved = {"s_h": _s_h, "s_c": _s_c, "v_xi": _v_xi, "v_xg": _v_xg, "v_xf": _v_xf, "v_xo": _v_xo, "v_mu_x": _v_mu_x, "v_var_x": _v_var_x, "v_rs_x": _v_rs_x, "v_ri": _v_ri, "v_rg": _v_rg, "v_rf": _v_rf, "v_ro": _v_ro, "v_mu_h": _v_mu_h, "v_var_h": _v_var_h, "v_rs_h": _v_rs_h, "v_i": _v_i, "v_g": _v_g, "v_f": _v_f, "v_o": _v_o, "v_mean_5": _v_mean_5, "v_mean_6": _v_mean_6, "v_rstd": _v_rstd, }
+    _saved = {"s_h": _s_h, "s_c": _s_c, "v_xi": _v_xi, "v_xg": _v_xg, "v_xf": _v_xf, "v_xo": _v_xo, "v_mu_x": _v_mu_x, "v_var_x": _v_var_x, "v_rs_x": _v_rs_x, "v_ri": _v_ri, "v_rg": _v_rg, "v_rf": _v_rf, "v_ro": _v_ro, "v_mu_h": _v_mu_h, "v_var_h": _v_var_h, "v_rs_h": _v_rs_h, "v_i": _v_i, "v_g": _v_g, "v_f": _v_f, "v_o": _v_o, "v_mean_5": _v_mean_5, "v_var": _v_var, "v_rstd": _v_rstd, }
     return _outputs[0], _final, _saved
 
 
@@ -1169,7 +1169,7 @@ def _backward_differentiable(_params, _x, _saved, _d_outputs, _d_final, _bs=None
     _v_f = _saved["v_f"]
     _v_o = _saved["v_o"]
     _v_mean_5 = _saved["v_mean_5"]
-    _v_mean_6 = _saved["v_mean_6"]
+    _v_var = _saved["v_var"]
     _v_rstd = _saved["v_rstd"]
     _d_outputs = (_d_outputs,)
     _dout_h_next = torch.zeros((_T, _B, _H), dtype=_dtype, device=_device) if _d_outputs[0] is None else _d_outputs[0].to(_dtype)
@@ -1230,7 +1230,6 @@ def _backward_differentiable(_params, _x, _saved, _d_outputs, _d_final, _bs=None
     _v_g_rows = list(_v_g.unbind(0))
     _v_i_rows = list(_v_i.unbind(0))
     _v_mean_5_rows = list(_v_mean_5.unbind(0))
-    _v_mean_6_rows = list(_v_mean_6.unbind(0))
     _v_mu_h_rows = list(_v_mu_h.unbind(0))
     _v_o_rows = list(_v_o.unbind(0))
     _v_rf_rows = list(_v_rf.unbind(0))
@@ -1239,6 +1238,7 @@ def _backward_differentiable(_params, _x, _saved, _d_outputs, _d_final, _bs=None
     _v_ro_rows = list(_v_ro.unbind(0))
     _v_rs_h_rows = list(_v_rs_h.unbind(0))
     _v_rstd_rows = list(_v_rstd.unbind(0))
+    _v_var_rows = list(_v_var.unbind(0))
     _v_var_h_rows = list(_v_var_h.unbind(0))
     _v_mu_x_rows = list(_v_mu_x.unbind(0))
     _v_rs_x_rows = list(_v_rs_x.unbind(0))
@@ -1259,7 +1259,6 @@ def _backward_differentiable(_params, _x, _saved, _d_outputs, _d_final, _bs=None
         g = _v_g_rows[_t]
         i = _v_i_rows[_t]
         mean_5 = _v_mean_5_rows[_t]
-        mean_6 = _v_mean_6_rows[_t]
         mu_h = _v_mu_h_rows[_t]
         o = _v_o_rows[_t]
         rf = _v_rf_rows[_t]
@@ -1268,6 +1267,7 @@ def _backward_differentiable(_params, _x, _saved, _d_outputs, _d_final, _bs=None
         ro = _v_ro_rows[_t]
         rs_h = _v_rs_h_rows[_t]
         rstd = _v_rstd_rows[_t]
+        var = _v_var_rows[_t]
         var_h = _v_var_h_rows[_t]
         t0 = gamma_h*(c_next - mean_5)
         t1 = torch.tanh(beta_h + rstd*t0)
@@ -1281,9 +1281,9 @@ def _backward_differentiable(_params, _x, _saved, _d_outputs, _d_final, _bs=None
         t2 = d_h_next*o*(1 - (t1*t1))
         t4 = gamma_h*rstd*t2
         d_rstd = _rowsum(t0*t2)  # adjoint of operand of rstd
-        d_mean_6 = -1/2*d_rstd/(torch.sqrt(mean_6 + 1e-05)*torch.sqrt(mean_6 + 1e-05)*torch.sqrt(mean_6 + 1e-05))  # adjoint of operand of mean_6
-        d_mean_5 = d_mean_6*_rowsum(-inv_n_H_2*t3) + _rowsum(-t4)  # adjoint of operand of mean_5
-        d_c_next = d_c + d_mean_5*inv_n_H_2 + d_mean_6*inv_n_H_2*t3 + t4  # adjoint of c'
+        d_var = -1/2*d_rstd/(torch.sqrt(var + 1e-05)*torch.sqrt(var + 1e-05)*torch.sqrt(var + 1e-05))  # adjoint of operand of var
+        d_mean_5 = d_var*_rowsum(-inv_n_H_2*t3) + _rowsum(-t4)  # adjoint of operand of mean_5
+        d_c_next = d_c + d_mean_5*inv_n_H_2 + d_var*inv_n_H_2*t3 + t4  # adjoint of c'
         d_o = d_h_next*t1  # adjoint of o
         t7 = d_o*gh_o*o*(1 - o)
         t11 = rs_h*t7
@@ -1532,7 +1532,7 @@ _N_STATE = 2
 _N_OUT = 1
 
 
-_SAVED_BUFFERS = ("s_h", "s_c", "v_xi", "v_xg", "v_xf", "v_xo", "v_mu_x", "v_var_x", "v_rs_x", "v_ri", "v_rg", "v_rf", "v_ro", "v_mu_h", "v_var_h", "v_rs_h", "v_i", "v_g", "v_f", "v_o", "v_mean_5", "v_mean_6", "v_rstd",)
+_SAVED_BUFFERS = ("s_h", "s_c", "v_xi", "v_xg", "v_xf", "v_xo", "v_mu_x", "v_var_x", "v_rs_x", "v_ri", "v_rg", "v_rf", "v_ro", "v_mu_h", "v_var_h", "v_rs_h", "v_i", "v_g", "v_f", "v_o", "v_mean_5", "v_var", "v_rstd",)
 
 
 def _functorch_active() -> bool:
@@ -1677,7 +1677,7 @@ def _custom_ops(name, forward, backward, forward_schema, backward_schema, forwar
 #: the PyTorch engine's forward and backward as custom ops (the engine itself is the fake:
 #: it runs on fake tensors)
 _ENGINE_OPS = _custom_ops(
-    "haste_layer_norm_lstm_engine_f6d0313162bf", _engine_op_forward_impl, _engine_op_backward_impl,
+    "haste_layer_norm_lstm_engine_fe1559c20ecc", _engine_op_forward_impl, _engine_op_backward_impl,
     "(Tensor[] xs, Tensor[] states, Tensor[] params) -> Tensor[]",
     "(Tensor[] args, Tensor[] saved, Tensor?[] d_outputs, Tensor?[] d_finals) -> Tensor[]",
     _engine_op_forward_impl, _engine_op_backward_impl, _engine_op_backward, _engine_op_setup_context,
@@ -1883,15 +1883,15 @@ def _native_forward(_lib, _xs, _states, _params, _bs=None):
     v_f = _empty((_T, _B, _H))
     v_o = _empty((_T, _B, _H))
     v_mean_5 = _empty((_T, _B, 1))
-    v_mean_6 = _empty((_T, _B, 1))
+    v_var = _empty((_T, _B, 1))
     v_rstd = _empty((_T, _B, 1))
     if _lib is not None:  # None: shapes only (the custom op's fake implementation)
-        _lib("forward", _dims, [x_x, s_h, s_c, p_b_i, p_b_g, p_b_f, p_b_o, p_gx_i, p_gx_g, p_gx_f, p_gx_o, p_gh_i, p_gh_g, p_gh_f, p_gh_o, p_gamma_h, p_beta_h, p_inv_n_H, p_inv_n_H_2, hg_W_i_W_g_W_f_W_o__x, v_xi, v_xg, v_xf, v_xo, v_mu_x, v_var_x, v_rs_x, g_R_i_R_g_R_f_R_o__h, v_ri, v_rg, v_rf, v_ro, v_mu_h, v_var_h, v_rs_h, v_i, v_g, v_f, v_o, v_mean_5, v_mean_6, v_rstd, _stacked(_params["W_i"], _params["W_g"], _params["W_f"], _params["W_o"]), _stacked(_params["R_i"], _params["R_g"], _params["R_f"], _params["R_o"]), _bs])
+        _lib("forward", _dims, [x_x, s_h, s_c, p_b_i, p_b_g, p_b_f, p_b_o, p_gx_i, p_gx_g, p_gx_f, p_gx_o, p_gh_i, p_gh_g, p_gh_f, p_gh_o, p_gamma_h, p_beta_h, p_inv_n_H, p_inv_n_H_2, hg_W_i_W_g_W_f_W_o__x, v_xi, v_xg, v_xf, v_xo, v_mu_x, v_var_x, v_rs_x, g_R_i_R_g_R_f_R_o__h, v_ri, v_rg, v_rf, v_ro, v_mu_h, v_var_h, v_rs_h, v_i, v_g, v_f, v_o, v_mean_5, v_var, v_rstd, _stacked(_params["W_i"], _params["W_g"], _params["W_f"], _params["W_o"]), _stacked(_params["R_i"], _params["R_g"], _params["R_f"], _params["R_o"]), _bs])
     _outputs = (s_h[1:1 + _T],)
     if _bs is not None:  # zeros past each sequence's end
         _m = _native_active(_bs, _B, _xs)
         _outputs = tuple(_o * _m for _o in _outputs)
-    return _outputs, (s_h[_T], s_c[_T],), (s_h, s_c, v_xi, v_xg, v_xf, v_xo, v_mu_x, v_var_x, v_rs_x, v_ri, v_rg, v_rf, v_ro, v_mu_h, v_var_h, v_rs_h, v_i, v_g, v_f, v_o, v_mean_5, v_mean_6, v_rstd,)
+    return _outputs, (s_h[_T], s_c[_T],), (s_h, s_c, v_xi, v_xg, v_xf, v_xo, v_mu_x, v_var_x, v_rs_x, v_ri, v_rg, v_rf, v_ro, v_mu_h, v_var_h, v_rs_h, v_i, v_g, v_f, v_o, v_mean_5, v_var, v_rstd,)
 
 
 def _native_inference(_lib, _xs, _states, _params, _bs=None):
@@ -2001,7 +2001,7 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     v_f = _saved[18]
     v_o = _saved[19]
     v_mean_5 = _saved[20]
-    v_mean_6 = _saved[21]
+    v_var = _saved[21]
     v_rstd = _saved[22]
     dout_h_next = _zeros((_T, _B, _H)) if _d_outputs[0] is None else _d_outputs[0].contiguous()
     ds_h = _zeros((_B, _H)) if _d_finals[0] is None else _d_finals[0].to(_dt, memory_format=torch.contiguous_format, copy=True)
@@ -2038,14 +2038,14 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     dw_W_i_W_g_W_f_W_o = _gempty((4*_H, _I))
     _grads = {"W_i": _gempty((_H, _I)), "W_g": _gempty((_H, _I)), "W_f": _gempty((_H, _I)), "W_o": _gempty((_H, _I)), "R_i": _gempty((_H, _H)), "R_g": _gempty((_H, _H)), "R_f": _gempty((_H, _H)), "R_o": _gempty((_H, _H)), "b_i": _gempty((_H,)), "b_g": _gempty((_H,)), "b_f": _gempty((_H,)), "b_o": _gempty((_H,)), "gx_i": _gempty((_H,)), "gx_g": _gempty((_H,)), "gx_f": _gempty((_H,)), "gx_o": _gempty((_H,)), "gh_i": _gempty((_H,)), "gh_g": _gempty((_H,)), "gh_f": _gempty((_H,)), "gh_o": _gempty((_H,)), "gamma_h": _gempty((_H,)), "beta_h": _gempty((_H,)), "inv_n_H": _gzeros((_H,)), "inv_n_H_2": _gzeros((_H,))}
     if _lib is not None:
-        _lib("backward", _dims, [x_x, s_h, s_c, p_b_i, p_b_g, p_b_f, p_b_o, p_gx_i, p_gx_g, p_gx_f, p_gx_o, p_gh_i, p_gh_g, p_gh_f, p_gh_o, p_gamma_h, p_beta_h, p_inv_n_H, p_inv_n_H_2, v_xi, v_xg, v_xf, v_xo, v_mu_x, v_var_x, v_rs_x, v_ri, v_rg, v_rf, v_ro, v_mu_h, v_var_h, v_rs_h, v_i, v_g, v_f, v_o, v_mean_5, v_mean_6, v_rstd, dout_h_next, ds_h, ds_c, dx_x, dp_b_i, dp_b_g, dp_b_f, dp_b_o, dp_gx_i, dp_gx_g, dp_gx_f, dp_gx_o, dp_gh_i, dp_gh_g, dp_gh_f, dp_gh_o, dp_gamma_h, dp_beta_h, dg_R_i_R_g_R_f_R_o__h, tmp_d_h_gemm, dhg_W_i_W_g_W_f_W_o__x, tmp_d_h_next, tmp_d_c_next, tmp_d_o, tmp_d_f, tmp_d_g, tmp_d_i, tmp_d_xo, tmp_d_xf, tmp_d_xg, tmp_d_xi, dw_R_i_R_g_R_f_R_o, dw_W_i_W_g_W_f_W_o, _stacked(_params["W_i"], _params["W_g"], _params["W_f"], _params["W_o"]), _stacked(_params["R_i"], _params["R_g"], _params["R_f"], _params["R_o"]), *_grads.values(), _bs])
+        _lib("backward", _dims, [x_x, s_h, s_c, p_b_i, p_b_g, p_b_f, p_b_o, p_gx_i, p_gx_g, p_gx_f, p_gx_o, p_gh_i, p_gh_g, p_gh_f, p_gh_o, p_gamma_h, p_beta_h, p_inv_n_H, p_inv_n_H_2, v_xi, v_xg, v_xf, v_xo, v_mu_x, v_var_x, v_rs_x, v_ri, v_rg, v_rf, v_ro, v_mu_h, v_var_h, v_rs_h, v_i, v_g, v_f, v_o, v_mean_5, v_var, v_rstd, dout_h_next, ds_h, ds_c, dx_x, dp_b_i, dp_b_g, dp_b_f, dp_b_o, dp_gx_i, dp_gx_g, dp_gx_f, dp_gx_o, dp_gh_i, dp_gh_g, dp_gh_f, dp_gh_o, dp_gamma_h, dp_beta_h, dg_R_i_R_g_R_f_R_o__h, tmp_d_h_gemm, dhg_W_i_W_g_W_f_W_o__x, tmp_d_h_next, tmp_d_c_next, tmp_d_o, tmp_d_f, tmp_d_g, tmp_d_i, tmp_d_xo, tmp_d_xf, tmp_d_xg, tmp_d_xi, dw_R_i_R_g_R_f_R_o, dw_W_i_W_g_W_f_W_o, _stacked(_params["W_i"], _params["W_g"], _params["W_f"], _params["W_o"]), _stacked(_params["R_i"], _params["R_g"], _params["R_f"], _params["R_o"]), *_grads.values(), _bs])
     return _grads, (dx_x,), (ds_h, ds_c,)
 
 
 # The same two calls as PyTorch custom ops, for torch.compile (which traces them through their
 # fake implementations: the allocations above, without the call). Registered once per process
 # and content of this file; outputs are copies (an op's outputs may not alias each other).
-_OP = "haste_layer_norm_lstm_1d8076494c1e"
+_OP = "haste_layer_norm_lstm_0a0a3477aec4"
 
 
 def _op_forward_impl(xs: list[torch.Tensor], states: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -384,7 +384,7 @@ inline void cs_row_grid(int64_t rows, int64_t cols, dim3* grid, dim3* block) {
 // layer_norm_basic_lstm_forward_fwd0_rows: forward: stage 0 forward, row by row (reductions over the units)
 // =============================================================================================
 template <typename S, typename real>
-CS_ROWFN inline void layer_norm_basic_lstm_forward_fwd0_rows_row(int64_t _r, int64_t _j0, int64_t _dj, int64_t n_H, const S* __restrict__ _p_U_f_h, int64_t _ld_U_f_h, const S* __restrict__ _p_U_i_h, int64_t _ld_U_i_h, const S* __restrict__ _p_U_j_h, int64_t _ld_U_j_h, const S* __restrict__ _p_U_o_h, int64_t _ld_U_o_h, const S* __restrict__ _p_W_f_x, int64_t _ld_W_f_x, const S* __restrict__ _p_W_i_x, int64_t _ld_W_i_x, const S* __restrict__ _p_W_j_x, int64_t _ld_W_j_x, const S* __restrict__ _p_W_o_x, int64_t _ld_W_o_x, const S* __restrict__ _p_b_c, int64_t _ld_b_c, const S* __restrict__ _p_b_f, int64_t _ld_b_f, const S* __restrict__ _p_b_i, int64_t _ld_b_i, const S* __restrict__ _p_b_j, int64_t _ld_b_j, const S* __restrict__ _p_b_o, int64_t _ld_b_o, const S* __restrict__ _p_c, int64_t _ld_c, const S* __restrict__ _p_g_c, int64_t _ld_g_c, const S* __restrict__ _p_g_f, int64_t _ld_g_f, const S* __restrict__ _p_g_i, int64_t _ld_g_i, const S* __restrict__ _p_g_j, int64_t _ld_g_j, const S* __restrict__ _p_g_o, int64_t _ld_g_o, const S* __restrict__ _p_inv_n_H, int64_t _ld_inv_n_H, const S* __restrict__ _p_mask_j, int64_t _ld_mask_j, S* __restrict__ _p_mean, int64_t _ld_mean, S* __restrict__ _p_mean_2, int64_t _ld_mean_2, S* __restrict__ _p_rstd, int64_t _ld_rstd, S* __restrict__ _p_i, int64_t _ld_i, S* __restrict__ _p_mean_3, int64_t _ld_mean_3, S* __restrict__ _p_mean_4, int64_t _ld_mean_4, S* __restrict__ _p_rstd_2, int64_t _ld_rstd_2, S* __restrict__ _p_j, int64_t _ld_j, S* __restrict__ _p_mean_5, int64_t _ld_mean_5, S* __restrict__ _p_mean_6, int64_t _ld_mean_6, S* __restrict__ _p_rstd_3, int64_t _ld_rstd_3, S* __restrict__ _p_f, int64_t _ld_f, S* __restrict__ _p_mean_7, int64_t _ld_mean_7, S* __restrict__ _p_mean_8, int64_t _ld_mean_8, S* __restrict__ _p_rstd_4, int64_t _ld_rstd_4, S* __restrict__ _p_o, int64_t _ld_o, S* __restrict__ _p_mean_9, int64_t _ld_mean_9, S* __restrict__ _p_mean_10, int64_t _ld_mean_10, S* __restrict__ _p_rstd_5, int64_t _ld_rstd_5, S* __restrict__ _p_c_next, int64_t _ld_c_next, S* __restrict__ _p_h_next, int64_t _ld_h_next)
+CS_ROWFN inline void layer_norm_basic_lstm_forward_fwd0_rows_row(int64_t _r, int64_t _j0, int64_t _dj, int64_t n_H, const S* __restrict__ _p_U_f_h, int64_t _ld_U_f_h, const S* __restrict__ _p_U_i_h, int64_t _ld_U_i_h, const S* __restrict__ _p_U_j_h, int64_t _ld_U_j_h, const S* __restrict__ _p_U_o_h, int64_t _ld_U_o_h, const S* __restrict__ _p_W_f_x, int64_t _ld_W_f_x, const S* __restrict__ _p_W_i_x, int64_t _ld_W_i_x, const S* __restrict__ _p_W_j_x, int64_t _ld_W_j_x, const S* __restrict__ _p_W_o_x, int64_t _ld_W_o_x, const S* __restrict__ _p_b_c, int64_t _ld_b_c, const S* __restrict__ _p_b_f, int64_t _ld_b_f, const S* __restrict__ _p_b_i, int64_t _ld_b_i, const S* __restrict__ _p_b_j, int64_t _ld_b_j, const S* __restrict__ _p_b_o, int64_t _ld_b_o, const S* __restrict__ _p_c, int64_t _ld_c, const S* __restrict__ _p_g_c, int64_t _ld_g_c, const S* __restrict__ _p_g_f, int64_t _ld_g_f, const S* __restrict__ _p_g_i, int64_t _ld_g_i, const S* __restrict__ _p_g_j, int64_t _ld_g_j, const S* __restrict__ _p_g_o, int64_t _ld_g_o, const S* __restrict__ _p_inv_n_H, int64_t _ld_inv_n_H, const S* __restrict__ _p_mask_j, int64_t _ld_mask_j, S* __restrict__ _p_mean, int64_t _ld_mean, S* __restrict__ _p_var, int64_t _ld_var, S* __restrict__ _p_rstd, int64_t _ld_rstd, S* __restrict__ _p_i, int64_t _ld_i, S* __restrict__ _p_mean_2, int64_t _ld_mean_2, S* __restrict__ _p_var_2, int64_t _ld_var_2, S* __restrict__ _p_rstd_2, int64_t _ld_rstd_2, S* __restrict__ _p_j, int64_t _ld_j, S* __restrict__ _p_mean_3, int64_t _ld_mean_3, S* __restrict__ _p_var_3, int64_t _ld_var_3, S* __restrict__ _p_rstd_3, int64_t _ld_rstd_3, S* __restrict__ _p_f, int64_t _ld_f, S* __restrict__ _p_mean_4, int64_t _ld_mean_4, S* __restrict__ _p_var_4, int64_t _ld_var_4, S* __restrict__ _p_rstd_4, int64_t _ld_rstd_4, S* __restrict__ _p_o, int64_t _ld_o, S* __restrict__ _p_mean_5, int64_t _ld_mean_5, S* __restrict__ _p_var_5, int64_t _ld_var_5, S* __restrict__ _p_rstd_5, int64_t _ld_rstd_5, S* __restrict__ _p_c_next, int64_t _ld_c_next, S* __restrict__ _p_h_next, int64_t _ld_h_next)
 {
     (void)n_H;
     real _acc0 = real(0);
@@ -421,33 +421,33 @@ CS_ROWFN inline void layer_norm_basic_lstm_forward_fwd0_rows_row(int64_t _r, int
         _acc4 += inv_n_H*((U_i_h + W_i_x - mean)*(U_i_h + W_i_x - mean));
     }
     _acc4 = CS_ROW_SUM(_acc4);
-    const real mean_2 = _acc4;  // layer_norm_basic_lstm.cell:19  i = sigmoid(g_i * layer_norm(W_i @ x + U_i @ h, 1e-12) + b_i)
-    const real rstd = (real(1.0)/cs_sqrt(mean_2 + real(1e-12)));  // layer_norm_basic_lstm.cell:19  i = sigmoid(g_i * layer_norm(W_i @ x + U_i @ h, 1e-12) + b_i)
-    const real mean_3 = _acc1;  // layer_norm_basic_lstm.cell:20  j = tanh(g_j * layer_norm(W_j @ x + U_j @ h, 1e-12) + b_j)
+    const real var = _acc4;  // layer_norm_basic_lstm.cell:19  i = sigmoid(g_i * layer_norm(W_i @ x + U_i @ h, 1e-12) + b_i)
+    const real rstd = (real(1.0)/cs_sqrt(var + real(1e-12)));  // layer_norm_basic_lstm.cell:19  i = sigmoid(g_i * layer_norm(W_i @ x + U_i @ h, 1e-12) + b_i)
+    const real mean_2 = _acc1;  // layer_norm_basic_lstm.cell:20  j = tanh(g_j * layer_norm(W_j @ x + U_j @ h, 1e-12) + b_j)
     real _acc5 = real(0);
     CS_SIMD_SUM(_acc5)
     for (int64_t _j = _j0; _j < n_H; _j += _dj) {
         const real U_j_h = CS_LD(_p_U_j_h[_r * _ld_U_j_h + _j]);
         const real W_j_x = CS_LD(_p_W_j_x[_r * _ld_W_j_x + _j]);
         const real inv_n_H = CS_LD(_p_inv_n_H[_r * _ld_inv_n_H + _j]);
-        _acc5 += inv_n_H*((U_j_h + W_j_x - mean_3)*(U_j_h + W_j_x - mean_3));
+        _acc5 += inv_n_H*((U_j_h + W_j_x - mean_2)*(U_j_h + W_j_x - mean_2));
     }
     _acc5 = CS_ROW_SUM(_acc5);
-    const real mean_4 = _acc5;  // layer_norm_basic_lstm.cell:20  j = tanh(g_j * layer_norm(W_j @ x + U_j @ h, 1e-12) + b_j)
-    const real rstd_2 = (real(1.0)/cs_sqrt(mean_4 + real(1e-12)));  // layer_norm_basic_lstm.cell:20  j = tanh(g_j * layer_norm(W_j @ x + U_j @ h, 1e-12) + b_j)
-    const real mean_5 = _acc2;  // layer_norm_basic_lstm.cell:21  f = sigmoid(g_f * layer_norm(W_f @ x + U_f @ h, 1e-12) + b_f + 1.0)
+    const real var_2 = _acc5;  // layer_norm_basic_lstm.cell:20  j = tanh(g_j * layer_norm(W_j @ x + U_j @ h, 1e-12) + b_j)
+    const real rstd_2 = (real(1.0)/cs_sqrt(var_2 + real(1e-12)));  // layer_norm_basic_lstm.cell:20  j = tanh(g_j * layer_norm(W_j @ x + U_j @ h, 1e-12) + b_j)
+    const real mean_3 = _acc2;  // layer_norm_basic_lstm.cell:21  f = sigmoid(g_f * layer_norm(W_f @ x + U_f @ h, 1e-12) + b_f + 1.0)
     real _acc6 = real(0);
     CS_SIMD_SUM(_acc6)
     for (int64_t _j = _j0; _j < n_H; _j += _dj) {
         const real U_f_h = CS_LD(_p_U_f_h[_r * _ld_U_f_h + _j]);
         const real W_f_x = CS_LD(_p_W_f_x[_r * _ld_W_f_x + _j]);
         const real inv_n_H = CS_LD(_p_inv_n_H[_r * _ld_inv_n_H + _j]);
-        _acc6 += inv_n_H*((U_f_h + W_f_x - mean_5)*(U_f_h + W_f_x - mean_5));
+        _acc6 += inv_n_H*((U_f_h + W_f_x - mean_3)*(U_f_h + W_f_x - mean_3));
     }
     _acc6 = CS_ROW_SUM(_acc6);
-    const real mean_6 = _acc6;  // layer_norm_basic_lstm.cell:21  f = sigmoid(g_f * layer_norm(W_f @ x + U_f @ h, 1e-12) + b_f + 1.0)
-    const real rstd_3 = (real(1.0)/cs_sqrt(mean_6 + real(1e-12)));  // layer_norm_basic_lstm.cell:21  f = sigmoid(g_f * layer_norm(W_f @ x + U_f @ h, 1e-12) + b_f + 1.0)
-    const real mean_7 = _acc3;  // layer_norm_basic_lstm.cell:22  o = sigmoid(g_o * layer_norm(W_o @ x + U_o @ h, 1e-12) + b_o)
+    const real var_3 = _acc6;  // layer_norm_basic_lstm.cell:21  f = sigmoid(g_f * layer_norm(W_f @ x + U_f @ h, 1e-12) + b_f + 1.0)
+    const real rstd_3 = (real(1.0)/cs_sqrt(var_3 + real(1e-12)));  // layer_norm_basic_lstm.cell:21  f = sigmoid(g_f * layer_norm(W_f @ x + U_f @ h, 1e-12) + b_f + 1.0)
+    const real mean_4 = _acc3;  // layer_norm_basic_lstm.cell:22  o = sigmoid(g_o * layer_norm(W_o @ x + U_o @ h, 1e-12) + b_o)
     real _acc7 = real(0);
     real _acc8 = real(0);
     CS_SIMD_SUM(_acc7, _acc8)
@@ -470,9 +470,9 @@ CS_ROWFN inline void layer_norm_basic_lstm_forward_fwd0_rows_row(int64_t _r, int
         const real inv_n_H = CS_LD(_p_inv_n_H[_r * _ld_inv_n_H + _j]);
         const real mask_j = CS_LD(_p_mask_j[_r * _ld_mask_j + _j]);
         const real i = cs_sigmoid(b_i + g_i*rstd*(U_i_h + W_i_x - mean));
-        const real j = cs_tanh(b_j + g_j*rstd_2*(U_j_h + W_j_x - mean_3));
-        const real f = cs_sigmoid(b_f + g_f*rstd_3*(U_f_h + W_f_x - mean_5) + real(1.0));
-        _acc7 += inv_n_H*((U_o_h + W_o_x - mean_7)*(U_o_h + W_o_x - mean_7));
+        const real j = cs_tanh(b_j + g_j*rstd_2*(U_j_h + W_j_x - mean_2));
+        const real f = cs_sigmoid(b_f + g_f*rstd_3*(U_f_h + W_f_x - mean_3) + real(1.0));
+        _acc7 += inv_n_H*((U_o_h + W_o_x - mean_4)*(U_o_h + W_o_x - mean_4));
         _acc8 += inv_n_H*(c*f + i*j*mask_j);
         CS_ST(_p_i[_r * _ld_i + _j], i);
         CS_ST(_p_j[_r * _ld_j + _j], j);
@@ -480,9 +480,9 @@ CS_ROWFN inline void layer_norm_basic_lstm_forward_fwd0_rows_row(int64_t _r, int
     }
     _acc7 = CS_ROW_SUM(_acc7);
     _acc8 = CS_ROW_SUM(_acc8);
-    const real mean_8 = _acc7;  // layer_norm_basic_lstm.cell:22  o = sigmoid(g_o * layer_norm(W_o @ x + U_o @ h, 1e-12) + b_o)
-    const real rstd_4 = (real(1.0)/cs_sqrt(mean_8 + real(1e-12)));  // layer_norm_basic_lstm.cell:22  o = sigmoid(g_o * layer_norm(W_o @ x + U_o @ h, 1e-12) + b_o)
-    const real mean_9 = _acc8;  // layer_norm_basic_lstm.cell:24  c' = g_c * layer_norm(c * f + i * dropout(j, recurrent_dropout), 1e-12) + b_c
+    const real var_4 = _acc7;  // layer_norm_basic_lstm.cell:22  o = sigmoid(g_o * layer_norm(W_o @ x + U_o @ h, 1e-12) + b_o)
+    const real rstd_4 = (real(1.0)/cs_sqrt(var_4 + real(1e-12)));  // layer_norm_basic_lstm.cell:22  o = sigmoid(g_o * layer_norm(W_o @ x + U_o @ h, 1e-12) + b_o)
+    const real mean_5 = _acc8;  // layer_norm_basic_lstm.cell:24  c' = g_c * layer_norm(c * f + i * dropout(j, recurrent_dropout), 1e-12) + b_c
     real _acc9 = real(0);
     CS_SIMD_SUM(_acc9)
     for (int64_t _j = _j0; _j < n_H; _j += _dj) {
@@ -492,11 +492,11 @@ CS_ROWFN inline void layer_norm_basic_lstm_forward_fwd0_rows_row(int64_t _r, int
         const real inv_n_H = CS_LD(_p_inv_n_H[_r * _ld_inv_n_H + _j]);
         const real j = CS_LD(_p_j[_r * _ld_j + _j]);
         const real mask_j = CS_LD(_p_mask_j[_r * _ld_mask_j + _j]);
-        _acc9 += inv_n_H*((c*f + i*j*mask_j - mean_9)*(c*f + i*j*mask_j - mean_9));
+        _acc9 += inv_n_H*((c*f + i*j*mask_j - mean_5)*(c*f + i*j*mask_j - mean_5));
     }
     _acc9 = CS_ROW_SUM(_acc9);
-    const real mean_10 = _acc9;  // layer_norm_basic_lstm.cell:24  c' = g_c * layer_norm(c * f + i * dropout(j, recurrent_dropout), 1e-12) + b_c
-    const real rstd_5 = (real(1.0)/cs_sqrt(mean_10 + real(1e-12)));  // layer_norm_basic_lstm.cell:24  c' = g_c * layer_norm(c * f + i * dropout(j, recurrent_dropout), 1e-12) + b_c
+    const real var_5 = _acc9;  // layer_norm_basic_lstm.cell:24  c' = g_c * layer_norm(c * f + i * dropout(j, recurrent_dropout), 1e-12) + b_c
+    const real rstd_5 = (real(1.0)/cs_sqrt(var_5 + real(1e-12)));  // layer_norm_basic_lstm.cell:24  c' = g_c * layer_norm(c * f + i * dropout(j, recurrent_dropout), 1e-12) + b_c
     CS_SIMD
     for (int64_t _j = _j0; _j < n_H; _j += _dj) {
         const real U_o_h = CS_LD(_p_U_o_h[_r * _ld_U_o_h + _j]);
@@ -510,57 +510,57 @@ CS_ROWFN inline void layer_norm_basic_lstm_forward_fwd0_rows_row(int64_t _r, int
         const real i = CS_LD(_p_i[_r * _ld_i + _j]);
         const real j = CS_LD(_p_j[_r * _ld_j + _j]);
         const real mask_j = CS_LD(_p_mask_j[_r * _ld_mask_j + _j]);
-        const real o = cs_sigmoid(b_o + g_o*rstd_4*(U_o_h + W_o_x - mean_7));  // layer_norm_basic_lstm.cell:22  o = sigmoid(g_o * layer_norm(W_o @ x + U_o @ h, 1e-12) + b_o)
-        const real c_next = b_c + g_c*rstd_5*(c*f + i*j*mask_j - mean_9);  // layer_norm_basic_lstm.cell:24  c' = g_c * layer_norm(c * f + i * dropout(j, recurrent_dropout), 1e-12) + b_c
+        const real o = cs_sigmoid(b_o + g_o*rstd_4*(U_o_h + W_o_x - mean_4));  // layer_norm_basic_lstm.cell:22  o = sigmoid(g_o * layer_norm(W_o @ x + U_o @ h, 1e-12) + b_o)
+        const real c_next = b_c + g_c*rstd_5*(c*f + i*j*mask_j - mean_5);  // layer_norm_basic_lstm.cell:24  c' = g_c * layer_norm(c * f + i * dropout(j, recurrent_dropout), 1e-12) + b_c
         const real h_next = o*cs_tanh(c_next);  // layer_norm_basic_lstm.cell:25  h' = tanh(c') * o
         CS_ST(_p_o[_r * _ld_o + _j], o);
         CS_ST(_p_c_next[_r * _ld_c_next + _j], c_next);
         CS_ST(_p_h_next[_r * _ld_h_next + _j], h_next);
     }
     if (_j0 == 0) CS_ST(_p_mean[_r * _ld_mean], mean);
-    if (_j0 == 0) CS_ST(_p_mean_2[_r * _ld_mean_2], mean_2);
+    if (_j0 == 0) CS_ST(_p_var[_r * _ld_var], var);
     if (_j0 == 0) CS_ST(_p_rstd[_r * _ld_rstd], rstd);
-    if (_j0 == 0) CS_ST(_p_mean_3[_r * _ld_mean_3], mean_3);
-    if (_j0 == 0) CS_ST(_p_mean_4[_r * _ld_mean_4], mean_4);
+    if (_j0 == 0) CS_ST(_p_mean_2[_r * _ld_mean_2], mean_2);
+    if (_j0 == 0) CS_ST(_p_var_2[_r * _ld_var_2], var_2);
     if (_j0 == 0) CS_ST(_p_rstd_2[_r * _ld_rstd_2], rstd_2);
-    if (_j0 == 0) CS_ST(_p_mean_5[_r * _ld_mean_5], mean_5);
-    if (_j0 == 0) CS_ST(_p_mean_6[_r * _ld_mean_6], mean_6);
+    if (_j0 == 0) CS_ST(_p_mean_3[_r * _ld_mean_3], mean_3);
+    if (_j0 == 0) CS_ST(_p_var_3[_r * _ld_var_3], var_3);
     if (_j0 == 0) CS_ST(_p_rstd_3[_r * _ld_rstd_3], rstd_3);
-    if (_j0 == 0) CS_ST(_p_mean_7[_r * _ld_mean_7], mean_7);
-    if (_j0 == 0) CS_ST(_p_mean_8[_r * _ld_mean_8], mean_8);
+    if (_j0 == 0) CS_ST(_p_mean_4[_r * _ld_mean_4], mean_4);
+    if (_j0 == 0) CS_ST(_p_var_4[_r * _ld_var_4], var_4);
     if (_j0 == 0) CS_ST(_p_rstd_4[_r * _ld_rstd_4], rstd_4);
-    if (_j0 == 0) CS_ST(_p_mean_9[_r * _ld_mean_9], mean_9);
-    if (_j0 == 0) CS_ST(_p_mean_10[_r * _ld_mean_10], mean_10);
+    if (_j0 == 0) CS_ST(_p_mean_5[_r * _ld_mean_5], mean_5);
+    if (_j0 == 0) CS_ST(_p_var_5[_r * _ld_var_5], var_5);
     if (_j0 == 0) CS_ST(_p_rstd_5[_r * _ld_rstd_5], rstd_5);
 }
 
 #ifdef __CUDACC__
 template <typename S>
-__global__ void layer_norm_basic_lstm_forward_fwd0_rows_kernel(int64_t _rows, int64_t n_H, const S* __restrict__ _p_U_f_h, int64_t _ld_U_f_h, const S* __restrict__ _p_U_i_h, int64_t _ld_U_i_h, const S* __restrict__ _p_U_j_h, int64_t _ld_U_j_h, const S* __restrict__ _p_U_o_h, int64_t _ld_U_o_h, const S* __restrict__ _p_W_f_x, int64_t _ld_W_f_x, const S* __restrict__ _p_W_i_x, int64_t _ld_W_i_x, const S* __restrict__ _p_W_j_x, int64_t _ld_W_j_x, const S* __restrict__ _p_W_o_x, int64_t _ld_W_o_x, const S* __restrict__ _p_b_c, int64_t _ld_b_c, const S* __restrict__ _p_b_f, int64_t _ld_b_f, const S* __restrict__ _p_b_i, int64_t _ld_b_i, const S* __restrict__ _p_b_j, int64_t _ld_b_j, const S* __restrict__ _p_b_o, int64_t _ld_b_o, const S* __restrict__ _p_c, int64_t _ld_c, const S* __restrict__ _p_g_c, int64_t _ld_g_c, const S* __restrict__ _p_g_f, int64_t _ld_g_f, const S* __restrict__ _p_g_i, int64_t _ld_g_i, const S* __restrict__ _p_g_j, int64_t _ld_g_j, const S* __restrict__ _p_g_o, int64_t _ld_g_o, const S* __restrict__ _p_inv_n_H, int64_t _ld_inv_n_H, const S* __restrict__ _p_mask_j, int64_t _ld_mask_j, S* __restrict__ _p_mean, int64_t _ld_mean, S* __restrict__ _p_mean_2, int64_t _ld_mean_2, S* __restrict__ _p_rstd, int64_t _ld_rstd, S* __restrict__ _p_i, int64_t _ld_i, S* __restrict__ _p_mean_3, int64_t _ld_mean_3, S* __restrict__ _p_mean_4, int64_t _ld_mean_4, S* __restrict__ _p_rstd_2, int64_t _ld_rstd_2, S* __restrict__ _p_j, int64_t _ld_j, S* __restrict__ _p_mean_5, int64_t _ld_mean_5, S* __restrict__ _p_mean_6, int64_t _ld_mean_6, S* __restrict__ _p_rstd_3, int64_t _ld_rstd_3, S* __restrict__ _p_f, int64_t _ld_f, S* __restrict__ _p_mean_7, int64_t _ld_mean_7, S* __restrict__ _p_mean_8, int64_t _ld_mean_8, S* __restrict__ _p_rstd_4, int64_t _ld_rstd_4, S* __restrict__ _p_o, int64_t _ld_o, S* __restrict__ _p_mean_9, int64_t _ld_mean_9, S* __restrict__ _p_mean_10, int64_t _ld_mean_10, S* __restrict__ _p_rstd_5, int64_t _ld_rstd_5, S* __restrict__ _p_c_next, int64_t _ld_c_next, S* __restrict__ _p_h_next, int64_t _ld_h_next)
+__global__ void layer_norm_basic_lstm_forward_fwd0_rows_kernel(int64_t _rows, int64_t n_H, const S* __restrict__ _p_U_f_h, int64_t _ld_U_f_h, const S* __restrict__ _p_U_i_h, int64_t _ld_U_i_h, const S* __restrict__ _p_U_j_h, int64_t _ld_U_j_h, const S* __restrict__ _p_U_o_h, int64_t _ld_U_o_h, const S* __restrict__ _p_W_f_x, int64_t _ld_W_f_x, const S* __restrict__ _p_W_i_x, int64_t _ld_W_i_x, const S* __restrict__ _p_W_j_x, int64_t _ld_W_j_x, const S* __restrict__ _p_W_o_x, int64_t _ld_W_o_x, const S* __restrict__ _p_b_c, int64_t _ld_b_c, const S* __restrict__ _p_b_f, int64_t _ld_b_f, const S* __restrict__ _p_b_i, int64_t _ld_b_i, const S* __restrict__ _p_b_j, int64_t _ld_b_j, const S* __restrict__ _p_b_o, int64_t _ld_b_o, const S* __restrict__ _p_c, int64_t _ld_c, const S* __restrict__ _p_g_c, int64_t _ld_g_c, const S* __restrict__ _p_g_f, int64_t _ld_g_f, const S* __restrict__ _p_g_i, int64_t _ld_g_i, const S* __restrict__ _p_g_j, int64_t _ld_g_j, const S* __restrict__ _p_g_o, int64_t _ld_g_o, const S* __restrict__ _p_inv_n_H, int64_t _ld_inv_n_H, const S* __restrict__ _p_mask_j, int64_t _ld_mask_j, S* __restrict__ _p_mean, int64_t _ld_mean, S* __restrict__ _p_var, int64_t _ld_var, S* __restrict__ _p_rstd, int64_t _ld_rstd, S* __restrict__ _p_i, int64_t _ld_i, S* __restrict__ _p_mean_2, int64_t _ld_mean_2, S* __restrict__ _p_var_2, int64_t _ld_var_2, S* __restrict__ _p_rstd_2, int64_t _ld_rstd_2, S* __restrict__ _p_j, int64_t _ld_j, S* __restrict__ _p_mean_3, int64_t _ld_mean_3, S* __restrict__ _p_var_3, int64_t _ld_var_3, S* __restrict__ _p_rstd_3, int64_t _ld_rstd_3, S* __restrict__ _p_f, int64_t _ld_f, S* __restrict__ _p_mean_4, int64_t _ld_mean_4, S* __restrict__ _p_var_4, int64_t _ld_var_4, S* __restrict__ _p_rstd_4, int64_t _ld_rstd_4, S* __restrict__ _p_o, int64_t _ld_o, S* __restrict__ _p_mean_5, int64_t _ld_mean_5, S* __restrict__ _p_var_5, int64_t _ld_var_5, S* __restrict__ _p_rstd_5, int64_t _ld_rstd_5, S* __restrict__ _p_c_next, int64_t _ld_c_next, S* __restrict__ _p_h_next, int64_t _ld_h_next)
 {
     typedef typename cs_math<S>::type M;
     for (int64_t _r = blockIdx.x; _r < _rows; _r += gridDim.x)
-        layer_norm_basic_lstm_forward_fwd0_rows_row<S, M>(_r, threadIdx.x, blockDim.x, n_H, _p_U_f_h, _ld_U_f_h, _p_U_i_h, _ld_U_i_h, _p_U_j_h, _ld_U_j_h, _p_U_o_h, _ld_U_o_h, _p_W_f_x, _ld_W_f_x, _p_W_i_x, _ld_W_i_x, _p_W_j_x, _ld_W_j_x, _p_W_o_x, _ld_W_o_x, _p_b_c, _ld_b_c, _p_b_f, _ld_b_f, _p_b_i, _ld_b_i, _p_b_j, _ld_b_j, _p_b_o, _ld_b_o, _p_c, _ld_c, _p_g_c, _ld_g_c, _p_g_f, _ld_g_f, _p_g_i, _ld_g_i, _p_g_j, _ld_g_j, _p_g_o, _ld_g_o, _p_inv_n_H, _ld_inv_n_H, _p_mask_j, _ld_mask_j, _p_mean, _ld_mean, _p_mean_2, _ld_mean_2, _p_rstd, _ld_rstd, _p_i, _ld_i, _p_mean_3, _ld_mean_3, _p_mean_4, _ld_mean_4, _p_rstd_2, _ld_rstd_2, _p_j, _ld_j, _p_mean_5, _ld_mean_5, _p_mean_6, _ld_mean_6, _p_rstd_3, _ld_rstd_3, _p_f, _ld_f, _p_mean_7, _ld_mean_7, _p_mean_8, _ld_mean_8, _p_rstd_4, _ld_rstd_4, _p_o, _ld_o, _p_mean_9, _ld_mean_9, _p_mean_10, _ld_mean_10, _p_rstd_5, _ld_rstd_5, _p_c_next, _ld_c_next, _p_h_next, _ld_h_next);
+        layer_norm_basic_lstm_forward_fwd0_rows_row<S, M>(_r, threadIdx.x, blockDim.x, n_H, _p_U_f_h, _ld_U_f_h, _p_U_i_h, _ld_U_i_h, _p_U_j_h, _ld_U_j_h, _p_U_o_h, _ld_U_o_h, _p_W_f_x, _ld_W_f_x, _p_W_i_x, _ld_W_i_x, _p_W_j_x, _ld_W_j_x, _p_W_o_x, _ld_W_o_x, _p_b_c, _ld_b_c, _p_b_f, _ld_b_f, _p_b_i, _ld_b_i, _p_b_j, _ld_b_j, _p_b_o, _ld_b_o, _p_c, _ld_c, _p_g_c, _ld_g_c, _p_g_f, _ld_g_f, _p_g_i, _ld_g_i, _p_g_j, _ld_g_j, _p_g_o, _ld_g_o, _p_inv_n_H, _ld_inv_n_H, _p_mask_j, _ld_mask_j, _p_mean, _ld_mean, _p_var, _ld_var, _p_rstd, _ld_rstd, _p_i, _ld_i, _p_mean_2, _ld_mean_2, _p_var_2, _ld_var_2, _p_rstd_2, _ld_rstd_2, _p_j, _ld_j, _p_mean_3, _ld_mean_3, _p_var_3, _ld_var_3, _p_rstd_3, _ld_rstd_3, _p_f, _ld_f, _p_mean_4, _ld_mean_4, _p_var_4, _ld_var_4, _p_rstd_4, _ld_rstd_4, _p_o, _ld_o, _p_mean_5, _ld_mean_5, _p_var_5, _ld_var_5, _p_rstd_5, _ld_rstd_5, _p_c_next, _ld_c_next, _p_h_next, _ld_h_next);
 }
 
 template <typename S>
-static int layer_norm_basic_lstm_forward_fwd0_rows_launch(int64_t _rows, int64_t n_H, const void* _p_U_f_h, int64_t _ld_U_f_h, const void* _p_U_i_h, int64_t _ld_U_i_h, const void* _p_U_j_h, int64_t _ld_U_j_h, const void* _p_U_o_h, int64_t _ld_U_o_h, const void* _p_W_f_x, int64_t _ld_W_f_x, const void* _p_W_i_x, int64_t _ld_W_i_x, const void* _p_W_j_x, int64_t _ld_W_j_x, const void* _p_W_o_x, int64_t _ld_W_o_x, const void* _p_b_c, int64_t _ld_b_c, const void* _p_b_f, int64_t _ld_b_f, const void* _p_b_i, int64_t _ld_b_i, const void* _p_b_j, int64_t _ld_b_j, const void* _p_b_o, int64_t _ld_b_o, const void* _p_c, int64_t _ld_c, const void* _p_g_c, int64_t _ld_g_c, const void* _p_g_f, int64_t _ld_g_f, const void* _p_g_i, int64_t _ld_g_i, const void* _p_g_j, int64_t _ld_g_j, const void* _p_g_o, int64_t _ld_g_o, const void* _p_inv_n_H, int64_t _ld_inv_n_H, const void* _p_mask_j, int64_t _ld_mask_j, void* _p_mean, int64_t _ld_mean, void* _p_mean_2, int64_t _ld_mean_2, void* _p_rstd, int64_t _ld_rstd, void* _p_i, int64_t _ld_i, void* _p_mean_3, int64_t _ld_mean_3, void* _p_mean_4, int64_t _ld_mean_4, void* _p_rstd_2, int64_t _ld_rstd_2, void* _p_j, int64_t _ld_j, void* _p_mean_5, int64_t _ld_mean_5, void* _p_mean_6, int64_t _ld_mean_6, void* _p_rstd_3, int64_t _ld_rstd_3, void* _p_f, int64_t _ld_f, void* _p_mean_7, int64_t _ld_mean_7, void* _p_mean_8, int64_t _ld_mean_8, void* _p_rstd_4, int64_t _ld_rstd_4, void* _p_o, int64_t _ld_o, void* _p_mean_9, int64_t _ld_mean_9, void* _p_mean_10, int64_t _ld_mean_10, void* _p_rstd_5, int64_t _ld_rstd_5, void* _p_c_next, int64_t _ld_c_next, void* _p_h_next, int64_t _ld_h_next, void* _stream)
+static int layer_norm_basic_lstm_forward_fwd0_rows_launch(int64_t _rows, int64_t n_H, const void* _p_U_f_h, int64_t _ld_U_f_h, const void* _p_U_i_h, int64_t _ld_U_i_h, const void* _p_U_j_h, int64_t _ld_U_j_h, const void* _p_U_o_h, int64_t _ld_U_o_h, const void* _p_W_f_x, int64_t _ld_W_f_x, const void* _p_W_i_x, int64_t _ld_W_i_x, const void* _p_W_j_x, int64_t _ld_W_j_x, const void* _p_W_o_x, int64_t _ld_W_o_x, const void* _p_b_c, int64_t _ld_b_c, const void* _p_b_f, int64_t _ld_b_f, const void* _p_b_i, int64_t _ld_b_i, const void* _p_b_j, int64_t _ld_b_j, const void* _p_b_o, int64_t _ld_b_o, const void* _p_c, int64_t _ld_c, const void* _p_g_c, int64_t _ld_g_c, const void* _p_g_f, int64_t _ld_g_f, const void* _p_g_i, int64_t _ld_g_i, const void* _p_g_j, int64_t _ld_g_j, const void* _p_g_o, int64_t _ld_g_o, const void* _p_inv_n_H, int64_t _ld_inv_n_H, const void* _p_mask_j, int64_t _ld_mask_j, void* _p_mean, int64_t _ld_mean, void* _p_var, int64_t _ld_var, void* _p_rstd, int64_t _ld_rstd, void* _p_i, int64_t _ld_i, void* _p_mean_2, int64_t _ld_mean_2, void* _p_var_2, int64_t _ld_var_2, void* _p_rstd_2, int64_t _ld_rstd_2, void* _p_j, int64_t _ld_j, void* _p_mean_3, int64_t _ld_mean_3, void* _p_var_3, int64_t _ld_var_3, void* _p_rstd_3, int64_t _ld_rstd_3, void* _p_f, int64_t _ld_f, void* _p_mean_4, int64_t _ld_mean_4, void* _p_var_4, int64_t _ld_var_4, void* _p_rstd_4, int64_t _ld_rstd_4, void* _p_o, int64_t _ld_o, void* _p_mean_5, int64_t _ld_mean_5, void* _p_var_5, int64_t _ld_var_5, void* _p_rstd_5, int64_t _ld_rstd_5, void* _p_c_next, int64_t _ld_c_next, void* _p_h_next, int64_t _ld_h_next, void* _stream)
 {
     if (_rows <= 0) return 0;
     int64_t _cols = 1;
     if (n_H > _cols) _cols = n_H;
     dim3 _grid, _block;
     cs_row_grid(_rows, _cols, &_grid, &_block);
-    layer_norm_basic_lstm_forward_fwd0_rows_kernel<S><<<_grid, _block, 0, (cudaStream_t)_stream>>>(_rows, n_H, (const S*)_p_U_f_h, _ld_U_f_h, (const S*)_p_U_i_h, _ld_U_i_h, (const S*)_p_U_j_h, _ld_U_j_h, (const S*)_p_U_o_h, _ld_U_o_h, (const S*)_p_W_f_x, _ld_W_f_x, (const S*)_p_W_i_x, _ld_W_i_x, (const S*)_p_W_j_x, _ld_W_j_x, (const S*)_p_W_o_x, _ld_W_o_x, (const S*)_p_b_c, _ld_b_c, (const S*)_p_b_f, _ld_b_f, (const S*)_p_b_i, _ld_b_i, (const S*)_p_b_j, _ld_b_j, (const S*)_p_b_o, _ld_b_o, (const S*)_p_c, _ld_c, (const S*)_p_g_c, _ld_g_c, (const S*)_p_g_f, _ld_g_f, (const S*)_p_g_i, _ld_g_i, (const S*)_p_g_j, _ld_g_j, (const S*)_p_g_o, _ld_g_o, (const S*)_p_inv_n_H, _ld_inv_n_H, (const S*)_p_mask_j, _ld_mask_j, (S*)_p_mean, _ld_mean, (S*)_p_mean_2, _ld_mean_2, (S*)_p_rstd, _ld_rstd, (S*)_p_i, _ld_i, (S*)_p_mean_3, _ld_mean_3, (S*)_p_mean_4, _ld_mean_4, (S*)_p_rstd_2, _ld_rstd_2, (S*)_p_j, _ld_j, (S*)_p_mean_5, _ld_mean_5, (S*)_p_mean_6, _ld_mean_6, (S*)_p_rstd_3, _ld_rstd_3, (S*)_p_f, _ld_f, (S*)_p_mean_7, _ld_mean_7, (S*)_p_mean_8, _ld_mean_8, (S*)_p_rstd_4, _ld_rstd_4, (S*)_p_o, _ld_o, (S*)_p_mean_9, _ld_mean_9, (S*)_p_mean_10, _ld_mean_10, (S*)_p_rstd_5, _ld_rstd_5, (S*)_p_c_next, _ld_c_next, (S*)_p_h_next, _ld_h_next);
+    layer_norm_basic_lstm_forward_fwd0_rows_kernel<S><<<_grid, _block, 0, (cudaStream_t)_stream>>>(_rows, n_H, (const S*)_p_U_f_h, _ld_U_f_h, (const S*)_p_U_i_h, _ld_U_i_h, (const S*)_p_U_j_h, _ld_U_j_h, (const S*)_p_U_o_h, _ld_U_o_h, (const S*)_p_W_f_x, _ld_W_f_x, (const S*)_p_W_i_x, _ld_W_i_x, (const S*)_p_W_j_x, _ld_W_j_x, (const S*)_p_W_o_x, _ld_W_o_x, (const S*)_p_b_c, _ld_b_c, (const S*)_p_b_f, _ld_b_f, (const S*)_p_b_i, _ld_b_i, (const S*)_p_b_j, _ld_b_j, (const S*)_p_b_o, _ld_b_o, (const S*)_p_c, _ld_c, (const S*)_p_g_c, _ld_g_c, (const S*)_p_g_f, _ld_g_f, (const S*)_p_g_i, _ld_g_i, (const S*)_p_g_j, _ld_g_j, (const S*)_p_g_o, _ld_g_o, (const S*)_p_inv_n_H, _ld_inv_n_H, (const S*)_p_mask_j, _ld_mask_j, (S*)_p_mean, _ld_mean, (S*)_p_var, _ld_var, (S*)_p_rstd, _ld_rstd, (S*)_p_i, _ld_i, (S*)_p_mean_2, _ld_mean_2, (S*)_p_var_2, _ld_var_2, (S*)_p_rstd_2, _ld_rstd_2, (S*)_p_j, _ld_j, (S*)_p_mean_3, _ld_mean_3, (S*)_p_var_3, _ld_var_3, (S*)_p_rstd_3, _ld_rstd_3, (S*)_p_f, _ld_f, (S*)_p_mean_4, _ld_mean_4, (S*)_p_var_4, _ld_var_4, (S*)_p_rstd_4, _ld_rstd_4, (S*)_p_o, _ld_o, (S*)_p_mean_5, _ld_mean_5, (S*)_p_var_5, _ld_var_5, (S*)_p_rstd_5, _ld_rstd_5, (S*)_p_c_next, _ld_c_next, (S*)_p_h_next, _ld_h_next);
     return (int)cudaGetLastError();
 }
 #else
 template <typename S>
-static inline void layer_norm_basic_lstm_forward_fwd0_rows_host(int64_t _rows, int64_t n_H, const S* __restrict__ _p_U_f_h, int64_t _ld_U_f_h, const S* __restrict__ _p_U_i_h, int64_t _ld_U_i_h, const S* __restrict__ _p_U_j_h, int64_t _ld_U_j_h, const S* __restrict__ _p_U_o_h, int64_t _ld_U_o_h, const S* __restrict__ _p_W_f_x, int64_t _ld_W_f_x, const S* __restrict__ _p_W_i_x, int64_t _ld_W_i_x, const S* __restrict__ _p_W_j_x, int64_t _ld_W_j_x, const S* __restrict__ _p_W_o_x, int64_t _ld_W_o_x, const S* __restrict__ _p_b_c, int64_t _ld_b_c, const S* __restrict__ _p_b_f, int64_t _ld_b_f, const S* __restrict__ _p_b_i, int64_t _ld_b_i, const S* __restrict__ _p_b_j, int64_t _ld_b_j, const S* __restrict__ _p_b_o, int64_t _ld_b_o, const S* __restrict__ _p_c, int64_t _ld_c, const S* __restrict__ _p_g_c, int64_t _ld_g_c, const S* __restrict__ _p_g_f, int64_t _ld_g_f, const S* __restrict__ _p_g_i, int64_t _ld_g_i, const S* __restrict__ _p_g_j, int64_t _ld_g_j, const S* __restrict__ _p_g_o, int64_t _ld_g_o, const S* __restrict__ _p_inv_n_H, int64_t _ld_inv_n_H, const S* __restrict__ _p_mask_j, int64_t _ld_mask_j, S* __restrict__ _p_mean, int64_t _ld_mean, S* __restrict__ _p_mean_2, int64_t _ld_mean_2, S* __restrict__ _p_rstd, int64_t _ld_rstd, S* __restrict__ _p_i, int64_t _ld_i, S* __restrict__ _p_mean_3, int64_t _ld_mean_3, S* __restrict__ _p_mean_4, int64_t _ld_mean_4, S* __restrict__ _p_rstd_2, int64_t _ld_rstd_2, S* __restrict__ _p_j, int64_t _ld_j, S* __restrict__ _p_mean_5, int64_t _ld_mean_5, S* __restrict__ _p_mean_6, int64_t _ld_mean_6, S* __restrict__ _p_rstd_3, int64_t _ld_rstd_3, S* __restrict__ _p_f, int64_t _ld_f, S* __restrict__ _p_mean_7, int64_t _ld_mean_7, S* __restrict__ _p_mean_8, int64_t _ld_mean_8, S* __restrict__ _p_rstd_4, int64_t _ld_rstd_4, S* __restrict__ _p_o, int64_t _ld_o, S* __restrict__ _p_mean_9, int64_t _ld_mean_9, S* __restrict__ _p_mean_10, int64_t _ld_mean_10, S* __restrict__ _p_rstd_5, int64_t _ld_rstd_5, S* __restrict__ _p_c_next, int64_t _ld_c_next, S* __restrict__ _p_h_next, int64_t _ld_h_next)
+static inline void layer_norm_basic_lstm_forward_fwd0_rows_host(int64_t _rows, int64_t n_H, const S* __restrict__ _p_U_f_h, int64_t _ld_U_f_h, const S* __restrict__ _p_U_i_h, int64_t _ld_U_i_h, const S* __restrict__ _p_U_j_h, int64_t _ld_U_j_h, const S* __restrict__ _p_U_o_h, int64_t _ld_U_o_h, const S* __restrict__ _p_W_f_x, int64_t _ld_W_f_x, const S* __restrict__ _p_W_i_x, int64_t _ld_W_i_x, const S* __restrict__ _p_W_j_x, int64_t _ld_W_j_x, const S* __restrict__ _p_W_o_x, int64_t _ld_W_o_x, const S* __restrict__ _p_b_c, int64_t _ld_b_c, const S* __restrict__ _p_b_f, int64_t _ld_b_f, const S* __restrict__ _p_b_i, int64_t _ld_b_i, const S* __restrict__ _p_b_j, int64_t _ld_b_j, const S* __restrict__ _p_b_o, int64_t _ld_b_o, const S* __restrict__ _p_c, int64_t _ld_c, const S* __restrict__ _p_g_c, int64_t _ld_g_c, const S* __restrict__ _p_g_f, int64_t _ld_g_f, const S* __restrict__ _p_g_i, int64_t _ld_g_i, const S* __restrict__ _p_g_j, int64_t _ld_g_j, const S* __restrict__ _p_g_o, int64_t _ld_g_o, const S* __restrict__ _p_inv_n_H, int64_t _ld_inv_n_H, const S* __restrict__ _p_mask_j, int64_t _ld_mask_j, S* __restrict__ _p_mean, int64_t _ld_mean, S* __restrict__ _p_var, int64_t _ld_var, S* __restrict__ _p_rstd, int64_t _ld_rstd, S* __restrict__ _p_i, int64_t _ld_i, S* __restrict__ _p_mean_2, int64_t _ld_mean_2, S* __restrict__ _p_var_2, int64_t _ld_var_2, S* __restrict__ _p_rstd_2, int64_t _ld_rstd_2, S* __restrict__ _p_j, int64_t _ld_j, S* __restrict__ _p_mean_3, int64_t _ld_mean_3, S* __restrict__ _p_var_3, int64_t _ld_var_3, S* __restrict__ _p_rstd_3, int64_t _ld_rstd_3, S* __restrict__ _p_f, int64_t _ld_f, S* __restrict__ _p_mean_4, int64_t _ld_mean_4, S* __restrict__ _p_var_4, int64_t _ld_var_4, S* __restrict__ _p_rstd_4, int64_t _ld_rstd_4, S* __restrict__ _p_o, int64_t _ld_o, S* __restrict__ _p_mean_5, int64_t _ld_mean_5, S* __restrict__ _p_var_5, int64_t _ld_var_5, S* __restrict__ _p_rstd_5, int64_t _ld_rstd_5, S* __restrict__ _p_c_next, int64_t _ld_c_next, S* __restrict__ _p_h_next, int64_t _ld_h_next)
 {
 #pragma omp parallel for schedule(static) if (_rows * (n_H) >= 2048)
     for (int64_t _r = 0; _r < _rows; ++_r)
-        layer_norm_basic_lstm_forward_fwd0_rows_row<S, S>(_r, 0, 1, n_H, _p_U_f_h, _ld_U_f_h, _p_U_i_h, _ld_U_i_h, _p_U_j_h, _ld_U_j_h, _p_U_o_h, _ld_U_o_h, _p_W_f_x, _ld_W_f_x, _p_W_i_x, _ld_W_i_x, _p_W_j_x, _ld_W_j_x, _p_W_o_x, _ld_W_o_x, _p_b_c, _ld_b_c, _p_b_f, _ld_b_f, _p_b_i, _ld_b_i, _p_b_j, _ld_b_j, _p_b_o, _ld_b_o, _p_c, _ld_c, _p_g_c, _ld_g_c, _p_g_f, _ld_g_f, _p_g_i, _ld_g_i, _p_g_j, _ld_g_j, _p_g_o, _ld_g_o, _p_inv_n_H, _ld_inv_n_H, _p_mask_j, _ld_mask_j, _p_mean, _ld_mean, _p_mean_2, _ld_mean_2, _p_rstd, _ld_rstd, _p_i, _ld_i, _p_mean_3, _ld_mean_3, _p_mean_4, _ld_mean_4, _p_rstd_2, _ld_rstd_2, _p_j, _ld_j, _p_mean_5, _ld_mean_5, _p_mean_6, _ld_mean_6, _p_rstd_3, _ld_rstd_3, _p_f, _ld_f, _p_mean_7, _ld_mean_7, _p_mean_8, _ld_mean_8, _p_rstd_4, _ld_rstd_4, _p_o, _ld_o, _p_mean_9, _ld_mean_9, _p_mean_10, _ld_mean_10, _p_rstd_5, _ld_rstd_5, _p_c_next, _ld_c_next, _p_h_next, _ld_h_next);
+        layer_norm_basic_lstm_forward_fwd0_rows_row<S, S>(_r, 0, 1, n_H, _p_U_f_h, _ld_U_f_h, _p_U_i_h, _ld_U_i_h, _p_U_j_h, _ld_U_j_h, _p_U_o_h, _ld_U_o_h, _p_W_f_x, _ld_W_f_x, _p_W_i_x, _ld_W_i_x, _p_W_j_x, _ld_W_j_x, _p_W_o_x, _ld_W_o_x, _p_b_c, _ld_b_c, _p_b_f, _ld_b_f, _p_b_i, _ld_b_i, _p_b_j, _ld_b_j, _p_b_o, _ld_b_o, _p_c, _ld_c, _p_g_c, _ld_g_c, _p_g_f, _ld_g_f, _p_g_i, _ld_g_i, _p_g_j, _ld_g_j, _p_g_o, _ld_g_o, _p_inv_n_H, _ld_inv_n_H, _p_mask_j, _ld_mask_j, _p_mean, _ld_mean, _p_var, _ld_var, _p_rstd, _ld_rstd, _p_i, _ld_i, _p_mean_2, _ld_mean_2, _p_var_2, _ld_var_2, _p_rstd_2, _ld_rstd_2, _p_j, _ld_j, _p_mean_3, _ld_mean_3, _p_var_3, _ld_var_3, _p_rstd_3, _ld_rstd_3, _p_f, _ld_f, _p_mean_4, _ld_mean_4, _p_var_4, _ld_var_4, _p_rstd_4, _ld_rstd_4, _p_o, _ld_o, _p_mean_5, _ld_mean_5, _p_var_5, _ld_var_5, _p_rstd_5, _ld_rstd_5, _p_c_next, _ld_c_next, _p_h_next, _ld_h_next);
 }
 #endif
 
@@ -605,33 +605,33 @@ CS_ROWFN inline void layer_norm_basic_lstm_inference_fwd0_rows_row(int64_t _r, i
         _acc4 += inv_n_H*((U_i_h + W_i_x - mean)*(U_i_h + W_i_x - mean));
     }
     _acc4 = CS_ROW_SUM(_acc4);
-    const real mean_2 = _acc4;  // layer_norm_basic_lstm.cell:19  i = sigmoid(g_i * layer_norm(W_i @ x + U_i @ h, 1e-12) + b_i)
-    const real rstd = (real(1.0)/cs_sqrt(mean_2 + real(1e-12)));  // layer_norm_basic_lstm.cell:19  i = sigmoid(g_i * layer_norm(W_i @ x + U_i @ h, 1e-12) + b_i)
-    const real mean_3 = _acc1;  // layer_norm_basic_lstm.cell:20  j = tanh(g_j * layer_norm(W_j @ x + U_j @ h, 1e-12) + b_j)
+    const real var = _acc4;  // layer_norm_basic_lstm.cell:19  i = sigmoid(g_i * layer_norm(W_i @ x + U_i @ h, 1e-12) + b_i)
+    const real rstd = (real(1.0)/cs_sqrt(var + real(1e-12)));  // layer_norm_basic_lstm.cell:19  i = sigmoid(g_i * layer_norm(W_i @ x + U_i @ h, 1e-12) + b_i)
+    const real mean_2 = _acc1;  // layer_norm_basic_lstm.cell:20  j = tanh(g_j * layer_norm(W_j @ x + U_j @ h, 1e-12) + b_j)
     real _acc5 = real(0);
     CS_SIMD_SUM(_acc5)
     for (int64_t _j = _j0; _j < n_H; _j += _dj) {
         const real U_j_h = CS_LD(_p_U_j_h[_r * _ld_U_j_h + _j]);
         const real W_j_x = CS_LD(_p_W_j_x[_r * _ld_W_j_x + _j]);
         const real inv_n_H = CS_LD(_p_inv_n_H[_r * _ld_inv_n_H + _j]);
-        _acc5 += inv_n_H*((U_j_h + W_j_x - mean_3)*(U_j_h + W_j_x - mean_3));
+        _acc5 += inv_n_H*((U_j_h + W_j_x - mean_2)*(U_j_h + W_j_x - mean_2));
     }
     _acc5 = CS_ROW_SUM(_acc5);
-    const real mean_4 = _acc5;  // layer_norm_basic_lstm.cell:20  j = tanh(g_j * layer_norm(W_j @ x + U_j @ h, 1e-12) + b_j)
-    const real rstd_2 = (real(1.0)/cs_sqrt(mean_4 + real(1e-12)));  // layer_norm_basic_lstm.cell:20  j = tanh(g_j * layer_norm(W_j @ x + U_j @ h, 1e-12) + b_j)
-    const real mean_5 = _acc2;  // layer_norm_basic_lstm.cell:21  f = sigmoid(g_f * layer_norm(W_f @ x + U_f @ h, 1e-12) + b_f + 1.0)
+    const real var_2 = _acc5;  // layer_norm_basic_lstm.cell:20  j = tanh(g_j * layer_norm(W_j @ x + U_j @ h, 1e-12) + b_j)
+    const real rstd_2 = (real(1.0)/cs_sqrt(var_2 + real(1e-12)));  // layer_norm_basic_lstm.cell:20  j = tanh(g_j * layer_norm(W_j @ x + U_j @ h, 1e-12) + b_j)
+    const real mean_3 = _acc2;  // layer_norm_basic_lstm.cell:21  f = sigmoid(g_f * layer_norm(W_f @ x + U_f @ h, 1e-12) + b_f + 1.0)
     real _acc6 = real(0);
     CS_SIMD_SUM(_acc6)
     for (int64_t _j = _j0; _j < n_H; _j += _dj) {
         const real U_f_h = CS_LD(_p_U_f_h[_r * _ld_U_f_h + _j]);
         const real W_f_x = CS_LD(_p_W_f_x[_r * _ld_W_f_x + _j]);
         const real inv_n_H = CS_LD(_p_inv_n_H[_r * _ld_inv_n_H + _j]);
-        _acc6 += inv_n_H*((U_f_h + W_f_x - mean_5)*(U_f_h + W_f_x - mean_5));
+        _acc6 += inv_n_H*((U_f_h + W_f_x - mean_3)*(U_f_h + W_f_x - mean_3));
     }
     _acc6 = CS_ROW_SUM(_acc6);
-    const real mean_6 = _acc6;  // layer_norm_basic_lstm.cell:21  f = sigmoid(g_f * layer_norm(W_f @ x + U_f @ h, 1e-12) + b_f + 1.0)
-    const real rstd_3 = (real(1.0)/cs_sqrt(mean_6 + real(1e-12)));  // layer_norm_basic_lstm.cell:21  f = sigmoid(g_f * layer_norm(W_f @ x + U_f @ h, 1e-12) + b_f + 1.0)
-    const real mean_7 = _acc3;  // layer_norm_basic_lstm.cell:22  o = sigmoid(g_o * layer_norm(W_o @ x + U_o @ h, 1e-12) + b_o)
+    const real var_3 = _acc6;  // layer_norm_basic_lstm.cell:21  f = sigmoid(g_f * layer_norm(W_f @ x + U_f @ h, 1e-12) + b_f + 1.0)
+    const real rstd_3 = (real(1.0)/cs_sqrt(var_3 + real(1e-12)));  // layer_norm_basic_lstm.cell:21  f = sigmoid(g_f * layer_norm(W_f @ x + U_f @ h, 1e-12) + b_f + 1.0)
+    const real mean_4 = _acc3;  // layer_norm_basic_lstm.cell:22  o = sigmoid(g_o * layer_norm(W_o @ x + U_o @ h, 1e-12) + b_o)
     real _acc7 = real(0);
     real _acc8 = real(0);
     CS_SIMD_SUM(_acc7, _acc8)
@@ -654,16 +654,16 @@ CS_ROWFN inline void layer_norm_basic_lstm_inference_fwd0_rows_row(int64_t _r, i
         const real inv_n_H = CS_LD(_p_inv_n_H[_r * _ld_inv_n_H + _j]);
         const real mask_j = CS_LD(_p_mask_j[_r * _ld_mask_j + _j]);
         const real i = cs_sigmoid(b_i + g_i*rstd*(U_i_h + W_i_x - mean));
-        const real j = cs_tanh(b_j + g_j*rstd_2*(U_j_h + W_j_x - mean_3));
-        const real f = cs_sigmoid(b_f + g_f*rstd_3*(U_f_h + W_f_x - mean_5) + real(1.0));
-        _acc7 += inv_n_H*((U_o_h + W_o_x - mean_7)*(U_o_h + W_o_x - mean_7));
+        const real j = cs_tanh(b_j + g_j*rstd_2*(U_j_h + W_j_x - mean_2));
+        const real f = cs_sigmoid(b_f + g_f*rstd_3*(U_f_h + W_f_x - mean_3) + real(1.0));
+        _acc7 += inv_n_H*((U_o_h + W_o_x - mean_4)*(U_o_h + W_o_x - mean_4));
         _acc8 += inv_n_H*(c*f + i*j*mask_j);
     }
     _acc7 = CS_ROW_SUM(_acc7);
     _acc8 = CS_ROW_SUM(_acc8);
-    const real mean_8 = _acc7;  // layer_norm_basic_lstm.cell:22  o = sigmoid(g_o * layer_norm(W_o @ x + U_o @ h, 1e-12) + b_o)
-    const real rstd_4 = (real(1.0)/cs_sqrt(mean_8 + real(1e-12)));  // layer_norm_basic_lstm.cell:22  o = sigmoid(g_o * layer_norm(W_o @ x + U_o @ h, 1e-12) + b_o)
-    const real mean_9 = _acc8;  // layer_norm_basic_lstm.cell:24  c' = g_c * layer_norm(c * f + i * dropout(j, recurrent_dropout), 1e-12) + b_c
+    const real var_4 = _acc7;  // layer_norm_basic_lstm.cell:22  o = sigmoid(g_o * layer_norm(W_o @ x + U_o @ h, 1e-12) + b_o)
+    const real rstd_4 = (real(1.0)/cs_sqrt(var_4 + real(1e-12)));  // layer_norm_basic_lstm.cell:22  o = sigmoid(g_o * layer_norm(W_o @ x + U_o @ h, 1e-12) + b_o)
+    const real mean_5 = _acc8;  // layer_norm_basic_lstm.cell:24  c' = g_c * layer_norm(c * f + i * dropout(j, recurrent_dropout), 1e-12) + b_c
     real _acc9 = real(0);
     CS_SIMD_SUM(_acc9)
     for (int64_t _j = _j0; _j < n_H; _j += _dj) {
@@ -683,13 +683,13 @@ CS_ROWFN inline void layer_norm_basic_lstm_inference_fwd0_rows_row(int64_t _r, i
         const real inv_n_H = CS_LD(_p_inv_n_H[_r * _ld_inv_n_H + _j]);
         const real mask_j = CS_LD(_p_mask_j[_r * _ld_mask_j + _j]);
         const real i = cs_sigmoid(b_i + g_i*rstd*(U_i_h + W_i_x - mean));
-        const real j = cs_tanh(b_j + g_j*rstd_2*(U_j_h + W_j_x - mean_3));
-        const real f = cs_sigmoid(b_f + g_f*rstd_3*(U_f_h + W_f_x - mean_5) + real(1.0));
-        _acc9 += inv_n_H*((c*f + i*j*mask_j - mean_9)*(c*f + i*j*mask_j - mean_9));
+        const real j = cs_tanh(b_j + g_j*rstd_2*(U_j_h + W_j_x - mean_2));
+        const real f = cs_sigmoid(b_f + g_f*rstd_3*(U_f_h + W_f_x - mean_3) + real(1.0));
+        _acc9 += inv_n_H*((c*f + i*j*mask_j - mean_5)*(c*f + i*j*mask_j - mean_5));
     }
     _acc9 = CS_ROW_SUM(_acc9);
-    const real mean_10 = _acc9;  // layer_norm_basic_lstm.cell:24  c' = g_c * layer_norm(c * f + i * dropout(j, recurrent_dropout), 1e-12) + b_c
-    const real rstd_5 = (real(1.0)/cs_sqrt(mean_10 + real(1e-12)));  // layer_norm_basic_lstm.cell:24  c' = g_c * layer_norm(c * f + i * dropout(j, recurrent_dropout), 1e-12) + b_c
+    const real var_5 = _acc9;  // layer_norm_basic_lstm.cell:24  c' = g_c * layer_norm(c * f + i * dropout(j, recurrent_dropout), 1e-12) + b_c
+    const real rstd_5 = (real(1.0)/cs_sqrt(var_5 + real(1e-12)));  // layer_norm_basic_lstm.cell:24  c' = g_c * layer_norm(c * f + i * dropout(j, recurrent_dropout), 1e-12) + b_c
     CS_SIMD
     for (int64_t _j = _j0; _j < n_H; _j += _dj) {
         const real U_f_h = CS_LD(_p_U_f_h[_r * _ld_U_f_h + _j]);
@@ -713,10 +713,10 @@ CS_ROWFN inline void layer_norm_basic_lstm_inference_fwd0_rows_row(int64_t _r, i
         const real g_o = CS_LD(_p_g_o[_r * _ld_g_o + _j]);
         const real mask_j = CS_LD(_p_mask_j[_r * _ld_mask_j + _j]);
         const real i = cs_sigmoid(b_i + g_i*rstd*(U_i_h + W_i_x - mean));  // layer_norm_basic_lstm.cell:19  i = sigmoid(g_i * layer_norm(W_i @ x + U_i @ h, 1e-12) + b_i)
-        const real j = cs_tanh(b_j + g_j*rstd_2*(U_j_h + W_j_x - mean_3));  // layer_norm_basic_lstm.cell:20  j = tanh(g_j * layer_norm(W_j @ x + U_j @ h, 1e-12) + b_j)
-        const real f = cs_sigmoid(b_f + g_f*rstd_3*(U_f_h + W_f_x - mean_5) + real(1.0));  // layer_norm_basic_lstm.cell:21  f = sigmoid(g_f * layer_norm(W_f @ x + U_f @ h, 1e-12) + b_f + 1.0)
-        const real o = cs_sigmoid(b_o + g_o*rstd_4*(U_o_h + W_o_x - mean_7));  // layer_norm_basic_lstm.cell:22  o = sigmoid(g_o * layer_norm(W_o @ x + U_o @ h, 1e-12) + b_o)
-        const real c_next = b_c + g_c*rstd_5*(c*f + i*j*mask_j - mean_9);  // layer_norm_basic_lstm.cell:24  c' = g_c * layer_norm(c * f + i * dropout(j, recurrent_dropout), 1e-12) + b_c
+        const real j = cs_tanh(b_j + g_j*rstd_2*(U_j_h + W_j_x - mean_2));  // layer_norm_basic_lstm.cell:20  j = tanh(g_j * layer_norm(W_j @ x + U_j @ h, 1e-12) + b_j)
+        const real f = cs_sigmoid(b_f + g_f*rstd_3*(U_f_h + W_f_x - mean_3) + real(1.0));  // layer_norm_basic_lstm.cell:21  f = sigmoid(g_f * layer_norm(W_f @ x + U_f @ h, 1e-12) + b_f + 1.0)
+        const real o = cs_sigmoid(b_o + g_o*rstd_4*(U_o_h + W_o_x - mean_4));  // layer_norm_basic_lstm.cell:22  o = sigmoid(g_o * layer_norm(W_o @ x + U_o @ h, 1e-12) + b_o)
+        const real c_next = b_c + g_c*rstd_5*(c*f + i*j*mask_j - mean_5);  // layer_norm_basic_lstm.cell:24  c' = g_c * layer_norm(c * f + i * dropout(j, recurrent_dropout), 1e-12) + b_c
         const real h_next = o*cs_tanh(c_next);  // layer_norm_basic_lstm.cell:25  h' = tanh(c') * o
         CS_ST(_p_c_next[_r * _ld_c_next + _j], c_next);
         CS_ST(_p_h_next[_r * _ld_h_next + _j], h_next);
@@ -757,24 +757,24 @@ static inline void layer_norm_basic_lstm_inference_fwd0_rows_host(int64_t _rows,
 // layer_norm_basic_lstm_backward_bwd0_rows: backward: stage 0 backward, row by row (reductions over the units)
 // =============================================================================================
 template <typename S, typename real>
-CS_ROWFN inline void layer_norm_basic_lstm_backward_bwd0_rows_row(int64_t _r, int64_t _j0, int64_t _dj, int64_t n_H, const S* __restrict__ _p_U_f_h, int64_t _ld_U_f_h, const S* __restrict__ _p_U_i_h, int64_t _ld_U_i_h, const S* __restrict__ _p_U_j_h, int64_t _ld_U_j_h, const S* __restrict__ _p_U_o_h, int64_t _ld_U_o_h, const S* __restrict__ _p_W_f_x, int64_t _ld_W_f_x, const S* __restrict__ _p_W_i_x, int64_t _ld_W_i_x, const S* __restrict__ _p_W_j_x, int64_t _ld_W_j_x, const S* __restrict__ _p_W_o_x, int64_t _ld_W_o_x, const S* __restrict__ _p_c, int64_t _ld_c, const S* __restrict__ _p_c_next, int64_t _ld_c_next, const S* __restrict__ _p_d_c, int64_t _ld_d_c, const S* __restrict__ _p_d_h, int64_t _ld_d_h, const S* __restrict__ _p_d_h_next_out, int64_t _ld_d_h_next_out, const S* __restrict__ _p_f, int64_t _ld_f, const S* __restrict__ _p_g_c, int64_t _ld_g_c, const S* __restrict__ _p_g_f, int64_t _ld_g_f, const S* __restrict__ _p_g_i, int64_t _ld_g_i, const S* __restrict__ _p_g_j, int64_t _ld_g_j, const S* __restrict__ _p_g_o, int64_t _ld_g_o, const S* __restrict__ _p_i, int64_t _ld_i, const S* __restrict__ _p_inv_n_H, int64_t _ld_inv_n_H, const S* __restrict__ _p_j, int64_t _ld_j, const S* __restrict__ _p_mask_j, int64_t _ld_mask_j, const S* __restrict__ _p_mean, int64_t _ld_mean, const S* __restrict__ _p_mean_10, int64_t _ld_mean_10, const S* __restrict__ _p_mean_2, int64_t _ld_mean_2, const S* __restrict__ _p_mean_3, int64_t _ld_mean_3, const S* __restrict__ _p_mean_4, int64_t _ld_mean_4, const S* __restrict__ _p_mean_5, int64_t _ld_mean_5, const S* __restrict__ _p_mean_6, int64_t _ld_mean_6, const S* __restrict__ _p_mean_7, int64_t _ld_mean_7, const S* __restrict__ _p_mean_8, int64_t _ld_mean_8, const S* __restrict__ _p_mean_9, int64_t _ld_mean_9, const S* __restrict__ _p_o, int64_t _ld_o, const S* __restrict__ _p_rstd, int64_t _ld_rstd, const S* __restrict__ _p_rstd_2, int64_t _ld_rstd_2, const S* __restrict__ _p_rstd_3, int64_t _ld_rstd_3, const S* __restrict__ _p_rstd_4, int64_t _ld_rstd_4, const S* __restrict__ _p_rstd_5, int64_t _ld_rstd_5, S* __restrict__ _p_d_c_next, int64_t _ld_d_c_next, S* __restrict__ _p_d_mean_10, int64_t _ld_d_mean_10, S* __restrict__ _p_d_mean_9, int64_t _ld_d_mean_9, S* __restrict__ _p_d_o, int64_t _ld_d_o, S* __restrict__ _p_d_mean_8, int64_t _ld_d_mean_8, S* __restrict__ _p_d_mean_7, int64_t _ld_d_mean_7, S* __restrict__ _p_d_f, int64_t _ld_d_f, S* __restrict__ _p_d_mean_6, int64_t _ld_d_mean_6, S* __restrict__ _p_d_mean_5, int64_t _ld_d_mean_5, S* __restrict__ _p_d_j, int64_t _ld_d_j, S* __restrict__ _p_d_mean_4, int64_t _ld_d_mean_4, S* __restrict__ _p_d_mean_3, int64_t _ld_d_mean_3, S* __restrict__ _p_d_i, int64_t _ld_d_i, S* __restrict__ _p_d_mean_2, int64_t _ld_d_mean_2, S* __restrict__ _p_d_mean, int64_t _ld_d_mean, S* __restrict__ _p_d_U_i_h, int64_t _ld_d_U_i_h, S* __restrict__ _p_d_U_j_h, int64_t _ld_d_U_j_h, S* __restrict__ _p_d_U_f_h, int64_t _ld_d_U_f_h, S* __restrict__ _p_d_U_o_h, int64_t _ld_d_U_o_h)
+CS_ROWFN inline void layer_norm_basic_lstm_backward_bwd0_rows_row(int64_t _r, int64_t _j0, int64_t _dj, int64_t n_H, const S* __restrict__ _p_U_f_h, int64_t _ld_U_f_h, const S* __restrict__ _p_U_i_h, int64_t _ld_U_i_h, const S* __restrict__ _p_U_j_h, int64_t _ld_U_j_h, const S* __restrict__ _p_U_o_h, int64_t _ld_U_o_h, const S* __restrict__ _p_W_f_x, int64_t _ld_W_f_x, const S* __restrict__ _p_W_i_x, int64_t _ld_W_i_x, const S* __restrict__ _p_W_j_x, int64_t _ld_W_j_x, const S* __restrict__ _p_W_o_x, int64_t _ld_W_o_x, const S* __restrict__ _p_c, int64_t _ld_c, const S* __restrict__ _p_c_next, int64_t _ld_c_next, const S* __restrict__ _p_d_c, int64_t _ld_d_c, const S* __restrict__ _p_d_h, int64_t _ld_d_h, const S* __restrict__ _p_d_h_next_out, int64_t _ld_d_h_next_out, const S* __restrict__ _p_f, int64_t _ld_f, const S* __restrict__ _p_g_c, int64_t _ld_g_c, const S* __restrict__ _p_g_f, int64_t _ld_g_f, const S* __restrict__ _p_g_i, int64_t _ld_g_i, const S* __restrict__ _p_g_j, int64_t _ld_g_j, const S* __restrict__ _p_g_o, int64_t _ld_g_o, const S* __restrict__ _p_i, int64_t _ld_i, const S* __restrict__ _p_inv_n_H, int64_t _ld_inv_n_H, const S* __restrict__ _p_j, int64_t _ld_j, const S* __restrict__ _p_mask_j, int64_t _ld_mask_j, const S* __restrict__ _p_mean, int64_t _ld_mean, const S* __restrict__ _p_mean_2, int64_t _ld_mean_2, const S* __restrict__ _p_mean_3, int64_t _ld_mean_3, const S* __restrict__ _p_mean_4, int64_t _ld_mean_4, const S* __restrict__ _p_mean_5, int64_t _ld_mean_5, const S* __restrict__ _p_o, int64_t _ld_o, const S* __restrict__ _p_rstd, int64_t _ld_rstd, const S* __restrict__ _p_rstd_2, int64_t _ld_rstd_2, const S* __restrict__ _p_rstd_3, int64_t _ld_rstd_3, const S* __restrict__ _p_rstd_4, int64_t _ld_rstd_4, const S* __restrict__ _p_rstd_5, int64_t _ld_rstd_5, const S* __restrict__ _p_var, int64_t _ld_var, const S* __restrict__ _p_var_2, int64_t _ld_var_2, const S* __restrict__ _p_var_3, int64_t _ld_var_3, const S* __restrict__ _p_var_4, int64_t _ld_var_4, const S* __restrict__ _p_var_5, int64_t _ld_var_5, S* __restrict__ _p_d_c_next, int64_t _ld_d_c_next, S* __restrict__ _p_d_var_5, int64_t _ld_d_var_5, S* __restrict__ _p_d_mean_5, int64_t _ld_d_mean_5, S* __restrict__ _p_d_o, int64_t _ld_d_o, S* __restrict__ _p_d_var_4, int64_t _ld_d_var_4, S* __restrict__ _p_d_mean_4, int64_t _ld_d_mean_4, S* __restrict__ _p_d_f, int64_t _ld_d_f, S* __restrict__ _p_d_var_3, int64_t _ld_d_var_3, S* __restrict__ _p_d_mean_3, int64_t _ld_d_mean_3, S* __restrict__ _p_d_j, int64_t _ld_d_j, S* __restrict__ _p_d_var_2, int64_t _ld_d_var_2, S* __restrict__ _p_d_mean_2, int64_t _ld_d_mean_2, S* __restrict__ _p_d_i, int64_t _ld_d_i, S* __restrict__ _p_d_var, int64_t _ld_d_var, S* __restrict__ _p_d_mean, int64_t _ld_d_mean, S* __restrict__ _p_d_U_i_h, int64_t _ld_d_U_i_h, S* __restrict__ _p_d_U_j_h, int64_t _ld_d_U_j_h, S* __restrict__ _p_d_U_f_h, int64_t _ld_d_U_f_h, S* __restrict__ _p_d_U_o_h, int64_t _ld_d_U_o_h)
 {
     (void)n_H;
     const real mean = CS_LD(_p_mean[_r * _ld_mean]);
-    const real mean_10 = CS_LD(_p_mean_10[_r * _ld_mean_10]);
     const real mean_2 = CS_LD(_p_mean_2[_r * _ld_mean_2]);
     const real mean_3 = CS_LD(_p_mean_3[_r * _ld_mean_3]);
     const real mean_4 = CS_LD(_p_mean_4[_r * _ld_mean_4]);
     const real mean_5 = CS_LD(_p_mean_5[_r * _ld_mean_5]);
-    const real mean_6 = CS_LD(_p_mean_6[_r * _ld_mean_6]);
-    const real mean_7 = CS_LD(_p_mean_7[_r * _ld_mean_7]);
-    const real mean_8 = CS_LD(_p_mean_8[_r * _ld_mean_8]);
-    const real mean_9 = CS_LD(_p_mean_9[_r * _ld_mean_9]);
     const real rstd = CS_LD(_p_rstd[_r * _ld_rstd]);
     const real rstd_2 = CS_LD(_p_rstd_2[_r * _ld_rstd_2]);
     const real rstd_3 = CS_LD(_p_rstd_3[_r * _ld_rstd_3]);
     const real rstd_4 = CS_LD(_p_rstd_4[_r * _ld_rstd_4]);
     const real rstd_5 = CS_LD(_p_rstd_5[_r * _ld_rstd_5]);
+    const real var = CS_LD(_p_var[_r * _ld_var]);
+    const real var_2 = CS_LD(_p_var_2[_r * _ld_var_2]);
+    const real var_3 = CS_LD(_p_var_3[_r * _ld_var_3]);
+    const real var_4 = CS_LD(_p_var_4[_r * _ld_var_4]);
+    const real var_5 = CS_LD(_p_var_5[_r * _ld_var_5]);
     real _acc0 = real(0);
     real _acc1 = real(0);
     real _acc2 = real(0);
@@ -811,10 +811,10 @@ CS_ROWFN inline void layer_norm_basic_lstm_backward_bwd0_rows_row(int64_t _r, in
         const real t1 = c*f;
         const real t2 = i*mask_j;
         const real t3 = j*t2;
-        const real t4 = -mean_9 + t1 + t3;
-        const real t9 = real(2.0)*U_o_h + real(2.0)*W_o_x - real(2.0)*mean_7;
-        const real t14 = real(2.0)*U_f_h + real(2.0)*W_f_x - real(2.0)*mean_5;
-        const real t17 = real(2.0)*U_j_h + real(2.0)*W_j_x - real(2.0)*mean_3;
+        const real t4 = -mean_5 + t1 + t3;
+        const real t9 = real(2.0)*U_o_h + real(2.0)*W_o_x - real(2.0)*mean_4;
+        const real t14 = real(2.0)*U_f_h + real(2.0)*W_f_x - real(2.0)*mean_3;
+        const real t17 = real(2.0)*U_j_h + real(2.0)*W_j_x - real(2.0)*mean_2;
         const real t21 = real(2.0)*U_i_h + real(2.0)*W_i_x - real(2.0)*mean;
         const real d_h_next = d_h + d_h_next_out;
         const real d_c_next = d_c + d_h_next*o*(real(1.0) - (t0*t0));
@@ -825,8 +825,8 @@ CS_ROWFN inline void layer_norm_basic_lstm_backward_bwd0_rows_row(int64_t _r, in
         const real t8 = rstd_4*t7;
         _acc0 += t4*t5;
         _acc1 += -t6;
-        _acc2 += inv_n_H*(real(2.0)*mean_9 - real(2.0)*t1 - real(2.0)*t3);
-        _acc3 += t7*(U_o_h + W_o_x - mean_7);
+        _acc2 += inv_n_H*(real(2.0)*mean_5 - real(2.0)*t1 - real(2.0)*t3);
+        _acc3 += t7*(U_o_h + W_o_x - mean_4);
         _acc4 += -t8;
         _acc5 += -inv_n_H*t9;
         _acc6 += -inv_n_H*t14;
@@ -845,11 +845,11 @@ CS_ROWFN inline void layer_norm_basic_lstm_backward_bwd0_rows_row(int64_t _r, in
     _acc7 = CS_ROW_SUM(_acc7);
     _acc8 = CS_ROW_SUM(_acc8);
     const real d_rstd_5 = _acc0;  // adjoint of operand of rstd_5
-    const real d_mean_10 = -real(1.0)/real(2.0)*d_rstd_5/(cs_sqrt(mean_10 + real(1e-12))*cs_sqrt(mean_10 + real(1e-12))*cs_sqrt(mean_10 + real(1e-12)));  // adjoint of operand of mean_10
-    const real d_mean_9 = _acc1 + _acc2*d_mean_10;  // adjoint of operand of mean_9
+    const real d_var_5 = -real(1.0)/real(2.0)*d_rstd_5/(cs_sqrt(var_5 + real(1e-12))*cs_sqrt(var_5 + real(1e-12))*cs_sqrt(var_5 + real(1e-12)));  // adjoint of operand of var_5
+    const real d_mean_5 = _acc1 + _acc2*d_var_5;  // adjoint of operand of mean_5
     const real d_rstd_4 = _acc3;  // adjoint of operand of rstd_4
-    const real d_mean_8 = -real(1.0)/real(2.0)*d_rstd_4/(cs_sqrt(mean_8 + real(1e-12))*cs_sqrt(mean_8 + real(1e-12))*cs_sqrt(mean_8 + real(1e-12)));  // adjoint of operand of mean_8
-    const real d_mean_7 = _acc4 + _acc5*d_mean_8;  // adjoint of operand of mean_7
+    const real d_var_4 = -real(1.0)/real(2.0)*d_rstd_4/(cs_sqrt(var_4 + real(1e-12))*cs_sqrt(var_4 + real(1e-12))*cs_sqrt(var_4 + real(1e-12)));  // adjoint of operand of var_4
+    const real d_mean_4 = _acc4 + _acc5*d_var_4;  // adjoint of operand of mean_4
     real _acc9 = real(0);
     real _acc10 = real(0);
     real _acc11 = real(0);
@@ -878,12 +878,12 @@ CS_ROWFN inline void layer_norm_basic_lstm_backward_bwd0_rows_row(int64_t _r, in
         const real t1 = c*f;
         const real t2 = i*mask_j;
         const real t3 = j*t2;
-        const real t4 = -mean_9 + t1 + t3;
+        const real t4 = -mean_5 + t1 + t3;
         const real t18 = j*mask_j;
         const real t5 = d_c_next*g_c;
         const real t6 = rstd_5*t5;
-        const real t11 = real(2.0)*d_mean_10*inv_n_H*t4;
-        const real t10 = d_mean_9*inv_n_H;
+        const real t11 = real(2.0)*d_var_5*inv_n_H*t4;
+        const real t10 = d_mean_5*inv_n_H;
         const real d_f = c*t10 + c*t11 + c*t6;
         const real t12 = d_f*f*g_f*(real(1.0) - f);
         const real t13 = rstd_3*t12;
@@ -893,9 +893,9 @@ CS_ROWFN inline void layer_norm_basic_lstm_backward_bwd0_rows_row(int64_t _r, in
         const real d_i = t10*t18 + t11*t18 + t18*t6;
         const real t19 = d_i*g_i*i*(real(1.0) - i);
         const real t20 = rstd*t19;
-        _acc9 += t12*(U_f_h + W_f_x - mean_5);
+        _acc9 += t12*(U_f_h + W_f_x - mean_3);
         _acc10 += -t13;
-        _acc11 += t15*(U_j_h + W_j_x - mean_3);
+        _acc11 += t15*(U_j_h + W_j_x - mean_2);
         _acc12 += -t16;
         _acc13 += t19*(U_i_h + W_i_x - mean);
         _acc14 += -t20;
@@ -910,14 +910,14 @@ CS_ROWFN inline void layer_norm_basic_lstm_backward_bwd0_rows_row(int64_t _r, in
     _acc13 = CS_ROW_SUM(_acc13);
     _acc14 = CS_ROW_SUM(_acc14);
     const real d_rstd_3 = _acc9;  // adjoint of operand of rstd_3
-    const real d_mean_6 = -real(1.0)/real(2.0)*d_rstd_3/(cs_sqrt(mean_6 + real(1e-12))*cs_sqrt(mean_6 + real(1e-12))*cs_sqrt(mean_6 + real(1e-12)));  // adjoint of operand of mean_6
-    const real d_mean_5 = _acc10 + _acc6*d_mean_6;  // adjoint of operand of mean_5
+    const real d_var_3 = -real(1.0)/real(2.0)*d_rstd_3/(cs_sqrt(var_3 + real(1e-12))*cs_sqrt(var_3 + real(1e-12))*cs_sqrt(var_3 + real(1e-12)));  // adjoint of operand of var_3
+    const real d_mean_3 = _acc10 + _acc6*d_var_3;  // adjoint of operand of mean_3
     const real d_rstd_2 = _acc11;  // adjoint of operand of rstd_2
-    const real d_mean_4 = -real(1.0)/real(2.0)*d_rstd_2/(cs_sqrt(mean_4 + real(1e-12))*cs_sqrt(mean_4 + real(1e-12))*cs_sqrt(mean_4 + real(1e-12)));  // adjoint of operand of mean_4
-    const real d_mean_3 = _acc12 + _acc7*d_mean_4;  // adjoint of operand of mean_3
+    const real d_var_2 = -real(1.0)/real(2.0)*d_rstd_2/(cs_sqrt(var_2 + real(1e-12))*cs_sqrt(var_2 + real(1e-12))*cs_sqrt(var_2 + real(1e-12)));  // adjoint of operand of var_2
+    const real d_mean_2 = _acc12 + _acc7*d_var_2;  // adjoint of operand of mean_2
     const real d_rstd = _acc13;  // adjoint of operand of rstd
-    const real d_mean_2 = -real(1.0)/real(2.0)*d_rstd/(cs_sqrt(mean_2 + real(1e-12))*cs_sqrt(mean_2 + real(1e-12))*cs_sqrt(mean_2 + real(1e-12)));  // adjoint of operand of mean_2
-    const real d_mean = _acc14 + _acc8*d_mean_2;  // adjoint of operand of mean
+    const real d_var = -real(1.0)/real(2.0)*d_rstd/(cs_sqrt(var + real(1e-12))*cs_sqrt(var + real(1e-12))*cs_sqrt(var + real(1e-12)));  // adjoint of operand of var
+    const real d_mean = _acc14 + _acc8*d_var;  // adjoint of operand of mean
     CS_SIMD
     for (int64_t _j = _j0; _j < n_H; _j += _dj) {
         const real U_f_h = CS_LD(_p_U_f_h[_r * _ld_U_f_h + _j]);
@@ -941,9 +941,9 @@ CS_ROWFN inline void layer_norm_basic_lstm_backward_bwd0_rows_row(int64_t _r, in
         const real inv_n_H = CS_LD(_p_inv_n_H[_r * _ld_inv_n_H + _j]);
         const real j = CS_LD(_p_j[_r * _ld_j + _j]);
         const real o = CS_LD(_p_o[_r * _ld_o + _j]);
-        const real t9 = real(2.0)*U_o_h + real(2.0)*W_o_x - real(2.0)*mean_7;
-        const real t14 = real(2.0)*U_f_h + real(2.0)*W_f_x - real(2.0)*mean_5;
-        const real t17 = real(2.0)*U_j_h + real(2.0)*W_j_x - real(2.0)*mean_3;
+        const real t9 = real(2.0)*U_o_h + real(2.0)*W_o_x - real(2.0)*mean_4;
+        const real t14 = real(2.0)*U_f_h + real(2.0)*W_f_x - real(2.0)*mean_3;
+        const real t17 = real(2.0)*U_j_h + real(2.0)*W_j_x - real(2.0)*mean_2;
         const real t21 = real(2.0)*U_i_h + real(2.0)*W_i_x - real(2.0)*mean;
         const real t7 = d_o*g_o*o*(real(1.0) - o);
         const real t8 = rstd_4*t7;
@@ -953,54 +953,54 @@ CS_ROWFN inline void layer_norm_basic_lstm_backward_bwd0_rows_row(int64_t _r, in
         const real t16 = rstd_2*t15;
         const real t19 = d_i*g_i*i*(real(1.0) - i);
         const real t20 = rstd*t19;
-        const real d_U_i_h = d_mean*inv_n_H + d_mean_2*inv_n_H*t21 + t20;  // adjoint of U_i @ h
-        const real d_U_j_h = d_mean_3*inv_n_H + d_mean_4*inv_n_H*t17 + t16;  // adjoint of U_j @ h
-        const real d_U_f_h = d_mean_5*inv_n_H + d_mean_6*inv_n_H*t14 + t13;  // adjoint of U_f @ h
-        const real d_U_o_h = d_mean_7*inv_n_H + d_mean_8*inv_n_H*t9 + t8;  // adjoint of U_o @ h
+        const real d_U_i_h = d_mean*inv_n_H + d_var*inv_n_H*t21 + t20;  // adjoint of U_i @ h
+        const real d_U_j_h = d_mean_2*inv_n_H + d_var_2*inv_n_H*t17 + t16;  // adjoint of U_j @ h
+        const real d_U_f_h = d_mean_3*inv_n_H + d_var_3*inv_n_H*t14 + t13;  // adjoint of U_f @ h
+        const real d_U_o_h = d_mean_4*inv_n_H + d_var_4*inv_n_H*t9 + t8;  // adjoint of U_o @ h
         CS_ST(_p_d_U_i_h[_r * _ld_d_U_i_h + _j], d_U_i_h);
         CS_ST(_p_d_U_j_h[_r * _ld_d_U_j_h + _j], d_U_j_h);
         CS_ST(_p_d_U_f_h[_r * _ld_d_U_f_h + _j], d_U_f_h);
         CS_ST(_p_d_U_o_h[_r * _ld_d_U_o_h + _j], d_U_o_h);
     }
-    if (_j0 == 0) CS_ST(_p_d_mean_10[_r * _ld_d_mean_10], d_mean_10);
-    if (_j0 == 0) CS_ST(_p_d_mean_9[_r * _ld_d_mean_9], d_mean_9);
-    if (_j0 == 0) CS_ST(_p_d_mean_8[_r * _ld_d_mean_8], d_mean_8);
-    if (_j0 == 0) CS_ST(_p_d_mean_7[_r * _ld_d_mean_7], d_mean_7);
-    if (_j0 == 0) CS_ST(_p_d_mean_6[_r * _ld_d_mean_6], d_mean_6);
+    if (_j0 == 0) CS_ST(_p_d_var_5[_r * _ld_d_var_5], d_var_5);
     if (_j0 == 0) CS_ST(_p_d_mean_5[_r * _ld_d_mean_5], d_mean_5);
+    if (_j0 == 0) CS_ST(_p_d_var_4[_r * _ld_d_var_4], d_var_4);
     if (_j0 == 0) CS_ST(_p_d_mean_4[_r * _ld_d_mean_4], d_mean_4);
+    if (_j0 == 0) CS_ST(_p_d_var_3[_r * _ld_d_var_3], d_var_3);
     if (_j0 == 0) CS_ST(_p_d_mean_3[_r * _ld_d_mean_3], d_mean_3);
+    if (_j0 == 0) CS_ST(_p_d_var_2[_r * _ld_d_var_2], d_var_2);
     if (_j0 == 0) CS_ST(_p_d_mean_2[_r * _ld_d_mean_2], d_mean_2);
+    if (_j0 == 0) CS_ST(_p_d_var[_r * _ld_d_var], d_var);
     if (_j0 == 0) CS_ST(_p_d_mean[_r * _ld_d_mean], d_mean);
 }
 
 #ifdef __CUDACC__
 template <typename S>
-__global__ void layer_norm_basic_lstm_backward_bwd0_rows_kernel(int64_t _rows, int64_t n_H, const S* __restrict__ _p_U_f_h, int64_t _ld_U_f_h, const S* __restrict__ _p_U_i_h, int64_t _ld_U_i_h, const S* __restrict__ _p_U_j_h, int64_t _ld_U_j_h, const S* __restrict__ _p_U_o_h, int64_t _ld_U_o_h, const S* __restrict__ _p_W_f_x, int64_t _ld_W_f_x, const S* __restrict__ _p_W_i_x, int64_t _ld_W_i_x, const S* __restrict__ _p_W_j_x, int64_t _ld_W_j_x, const S* __restrict__ _p_W_o_x, int64_t _ld_W_o_x, const S* __restrict__ _p_c, int64_t _ld_c, const S* __restrict__ _p_c_next, int64_t _ld_c_next, const S* __restrict__ _p_d_c, int64_t _ld_d_c, const S* __restrict__ _p_d_h, int64_t _ld_d_h, const S* __restrict__ _p_d_h_next_out, int64_t _ld_d_h_next_out, const S* __restrict__ _p_f, int64_t _ld_f, const S* __restrict__ _p_g_c, int64_t _ld_g_c, const S* __restrict__ _p_g_f, int64_t _ld_g_f, const S* __restrict__ _p_g_i, int64_t _ld_g_i, const S* __restrict__ _p_g_j, int64_t _ld_g_j, const S* __restrict__ _p_g_o, int64_t _ld_g_o, const S* __restrict__ _p_i, int64_t _ld_i, const S* __restrict__ _p_inv_n_H, int64_t _ld_inv_n_H, const S* __restrict__ _p_j, int64_t _ld_j, const S* __restrict__ _p_mask_j, int64_t _ld_mask_j, const S* __restrict__ _p_mean, int64_t _ld_mean, const S* __restrict__ _p_mean_10, int64_t _ld_mean_10, const S* __restrict__ _p_mean_2, int64_t _ld_mean_2, const S* __restrict__ _p_mean_3, int64_t _ld_mean_3, const S* __restrict__ _p_mean_4, int64_t _ld_mean_4, const S* __restrict__ _p_mean_5, int64_t _ld_mean_5, const S* __restrict__ _p_mean_6, int64_t _ld_mean_6, const S* __restrict__ _p_mean_7, int64_t _ld_mean_7, const S* __restrict__ _p_mean_8, int64_t _ld_mean_8, const S* __restrict__ _p_mean_9, int64_t _ld_mean_9, const S* __restrict__ _p_o, int64_t _ld_o, const S* __restrict__ _p_rstd, int64_t _ld_rstd, const S* __restrict__ _p_rstd_2, int64_t _ld_rstd_2, const S* __restrict__ _p_rstd_3, int64_t _ld_rstd_3, const S* __restrict__ _p_rstd_4, int64_t _ld_rstd_4, const S* __restrict__ _p_rstd_5, int64_t _ld_rstd_5, S* __restrict__ _p_d_c_next, int64_t _ld_d_c_next, S* __restrict__ _p_d_mean_10, int64_t _ld_d_mean_10, S* __restrict__ _p_d_mean_9, int64_t _ld_d_mean_9, S* __restrict__ _p_d_o, int64_t _ld_d_o, S* __restrict__ _p_d_mean_8, int64_t _ld_d_mean_8, S* __restrict__ _p_d_mean_7, int64_t _ld_d_mean_7, S* __restrict__ _p_d_f, int64_t _ld_d_f, S* __restrict__ _p_d_mean_6, int64_t _ld_d_mean_6, S* __restrict__ _p_d_mean_5, int64_t _ld_d_mean_5, S* __restrict__ _p_d_j, int64_t _ld_d_j, S* __restrict__ _p_d_mean_4, int64_t _ld_d_mean_4, S* __restrict__ _p_d_mean_3, int64_t _ld_d_mean_3, S* __restrict__ _p_d_i, int64_t _ld_d_i, S* __restrict__ _p_d_mean_2, int64_t _ld_d_mean_2, S* __restrict__ _p_d_mean, int64_t _ld_d_mean, S* __restrict__ _p_d_U_i_h, int64_t _ld_d_U_i_h, S* __restrict__ _p_d_U_j_h, int64_t _ld_d_U_j_h, S* __restrict__ _p_d_U_f_h, int64_t _ld_d_U_f_h, S* __restrict__ _p_d_U_o_h, int64_t _ld_d_U_o_h)
+__global__ void layer_norm_basic_lstm_backward_bwd0_rows_kernel(int64_t _rows, int64_t n_H, const S* __restrict__ _p_U_f_h, int64_t _ld_U_f_h, const S* __restrict__ _p_U_i_h, int64_t _ld_U_i_h, const S* __restrict__ _p_U_j_h, int64_t _ld_U_j_h, const S* __restrict__ _p_U_o_h, int64_t _ld_U_o_h, const S* __restrict__ _p_W_f_x, int64_t _ld_W_f_x, const S* __restrict__ _p_W_i_x, int64_t _ld_W_i_x, const S* __restrict__ _p_W_j_x, int64_t _ld_W_j_x, const S* __restrict__ _p_W_o_x, int64_t _ld_W_o_x, const S* __restrict__ _p_c, int64_t _ld_c, const S* __restrict__ _p_c_next, int64_t _ld_c_next, const S* __restrict__ _p_d_c, int64_t _ld_d_c, const S* __restrict__ _p_d_h, int64_t _ld_d_h, const S* __restrict__ _p_d_h_next_out, int64_t _ld_d_h_next_out, const S* __restrict__ _p_f, int64_t _ld_f, const S* __restrict__ _p_g_c, int64_t _ld_g_c, const S* __restrict__ _p_g_f, int64_t _ld_g_f, const S* __restrict__ _p_g_i, int64_t _ld_g_i, const S* __restrict__ _p_g_j, int64_t _ld_g_j, const S* __restrict__ _p_g_o, int64_t _ld_g_o, const S* __restrict__ _p_i, int64_t _ld_i, const S* __restrict__ _p_inv_n_H, int64_t _ld_inv_n_H, const S* __restrict__ _p_j, int64_t _ld_j, const S* __restrict__ _p_mask_j, int64_t _ld_mask_j, const S* __restrict__ _p_mean, int64_t _ld_mean, const S* __restrict__ _p_mean_2, int64_t _ld_mean_2, const S* __restrict__ _p_mean_3, int64_t _ld_mean_3, const S* __restrict__ _p_mean_4, int64_t _ld_mean_4, const S* __restrict__ _p_mean_5, int64_t _ld_mean_5, const S* __restrict__ _p_o, int64_t _ld_o, const S* __restrict__ _p_rstd, int64_t _ld_rstd, const S* __restrict__ _p_rstd_2, int64_t _ld_rstd_2, const S* __restrict__ _p_rstd_3, int64_t _ld_rstd_3, const S* __restrict__ _p_rstd_4, int64_t _ld_rstd_4, const S* __restrict__ _p_rstd_5, int64_t _ld_rstd_5, const S* __restrict__ _p_var, int64_t _ld_var, const S* __restrict__ _p_var_2, int64_t _ld_var_2, const S* __restrict__ _p_var_3, int64_t _ld_var_3, const S* __restrict__ _p_var_4, int64_t _ld_var_4, const S* __restrict__ _p_var_5, int64_t _ld_var_5, S* __restrict__ _p_d_c_next, int64_t _ld_d_c_next, S* __restrict__ _p_d_var_5, int64_t _ld_d_var_5, S* __restrict__ _p_d_mean_5, int64_t _ld_d_mean_5, S* __restrict__ _p_d_o, int64_t _ld_d_o, S* __restrict__ _p_d_var_4, int64_t _ld_d_var_4, S* __restrict__ _p_d_mean_4, int64_t _ld_d_mean_4, S* __restrict__ _p_d_f, int64_t _ld_d_f, S* __restrict__ _p_d_var_3, int64_t _ld_d_var_3, S* __restrict__ _p_d_mean_3, int64_t _ld_d_mean_3, S* __restrict__ _p_d_j, int64_t _ld_d_j, S* __restrict__ _p_d_var_2, int64_t _ld_d_var_2, S* __restrict__ _p_d_mean_2, int64_t _ld_d_mean_2, S* __restrict__ _p_d_i, int64_t _ld_d_i, S* __restrict__ _p_d_var, int64_t _ld_d_var, S* __restrict__ _p_d_mean, int64_t _ld_d_mean, S* __restrict__ _p_d_U_i_h, int64_t _ld_d_U_i_h, S* __restrict__ _p_d_U_j_h, int64_t _ld_d_U_j_h, S* __restrict__ _p_d_U_f_h, int64_t _ld_d_U_f_h, S* __restrict__ _p_d_U_o_h, int64_t _ld_d_U_o_h)
 {
     typedef typename cs_math<S>::type M;
     for (int64_t _r = blockIdx.x; _r < _rows; _r += gridDim.x)
-        layer_norm_basic_lstm_backward_bwd0_rows_row<S, M>(_r, threadIdx.x, blockDim.x, n_H, _p_U_f_h, _ld_U_f_h, _p_U_i_h, _ld_U_i_h, _p_U_j_h, _ld_U_j_h, _p_U_o_h, _ld_U_o_h, _p_W_f_x, _ld_W_f_x, _p_W_i_x, _ld_W_i_x, _p_W_j_x, _ld_W_j_x, _p_W_o_x, _ld_W_o_x, _p_c, _ld_c, _p_c_next, _ld_c_next, _p_d_c, _ld_d_c, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_f, _ld_f, _p_g_c, _ld_g_c, _p_g_f, _ld_g_f, _p_g_i, _ld_g_i, _p_g_j, _ld_g_j, _p_g_o, _ld_g_o, _p_i, _ld_i, _p_inv_n_H, _ld_inv_n_H, _p_j, _ld_j, _p_mask_j, _ld_mask_j, _p_mean, _ld_mean, _p_mean_10, _ld_mean_10, _p_mean_2, _ld_mean_2, _p_mean_3, _ld_mean_3, _p_mean_4, _ld_mean_4, _p_mean_5, _ld_mean_5, _p_mean_6, _ld_mean_6, _p_mean_7, _ld_mean_7, _p_mean_8, _ld_mean_8, _p_mean_9, _ld_mean_9, _p_o, _ld_o, _p_rstd, _ld_rstd, _p_rstd_2, _ld_rstd_2, _p_rstd_3, _ld_rstd_3, _p_rstd_4, _ld_rstd_4, _p_rstd_5, _ld_rstd_5, _p_d_c_next, _ld_d_c_next, _p_d_mean_10, _ld_d_mean_10, _p_d_mean_9, _ld_d_mean_9, _p_d_o, _ld_d_o, _p_d_mean_8, _ld_d_mean_8, _p_d_mean_7, _ld_d_mean_7, _p_d_f, _ld_d_f, _p_d_mean_6, _ld_d_mean_6, _p_d_mean_5, _ld_d_mean_5, _p_d_j, _ld_d_j, _p_d_mean_4, _ld_d_mean_4, _p_d_mean_3, _ld_d_mean_3, _p_d_i, _ld_d_i, _p_d_mean_2, _ld_d_mean_2, _p_d_mean, _ld_d_mean, _p_d_U_i_h, _ld_d_U_i_h, _p_d_U_j_h, _ld_d_U_j_h, _p_d_U_f_h, _ld_d_U_f_h, _p_d_U_o_h, _ld_d_U_o_h);
+        layer_norm_basic_lstm_backward_bwd0_rows_row<S, M>(_r, threadIdx.x, blockDim.x, n_H, _p_U_f_h, _ld_U_f_h, _p_U_i_h, _ld_U_i_h, _p_U_j_h, _ld_U_j_h, _p_U_o_h, _ld_U_o_h, _p_W_f_x, _ld_W_f_x, _p_W_i_x, _ld_W_i_x, _p_W_j_x, _ld_W_j_x, _p_W_o_x, _ld_W_o_x, _p_c, _ld_c, _p_c_next, _ld_c_next, _p_d_c, _ld_d_c, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_f, _ld_f, _p_g_c, _ld_g_c, _p_g_f, _ld_g_f, _p_g_i, _ld_g_i, _p_g_j, _ld_g_j, _p_g_o, _ld_g_o, _p_i, _ld_i, _p_inv_n_H, _ld_inv_n_H, _p_j, _ld_j, _p_mask_j, _ld_mask_j, _p_mean, _ld_mean, _p_mean_2, _ld_mean_2, _p_mean_3, _ld_mean_3, _p_mean_4, _ld_mean_4, _p_mean_5, _ld_mean_5, _p_o, _ld_o, _p_rstd, _ld_rstd, _p_rstd_2, _ld_rstd_2, _p_rstd_3, _ld_rstd_3, _p_rstd_4, _ld_rstd_4, _p_rstd_5, _ld_rstd_5, _p_var, _ld_var, _p_var_2, _ld_var_2, _p_var_3, _ld_var_3, _p_var_4, _ld_var_4, _p_var_5, _ld_var_5, _p_d_c_next, _ld_d_c_next, _p_d_var_5, _ld_d_var_5, _p_d_mean_5, _ld_d_mean_5, _p_d_o, _ld_d_o, _p_d_var_4, _ld_d_var_4, _p_d_mean_4, _ld_d_mean_4, _p_d_f, _ld_d_f, _p_d_var_3, _ld_d_var_3, _p_d_mean_3, _ld_d_mean_3, _p_d_j, _ld_d_j, _p_d_var_2, _ld_d_var_2, _p_d_mean_2, _ld_d_mean_2, _p_d_i, _ld_d_i, _p_d_var, _ld_d_var, _p_d_mean, _ld_d_mean, _p_d_U_i_h, _ld_d_U_i_h, _p_d_U_j_h, _ld_d_U_j_h, _p_d_U_f_h, _ld_d_U_f_h, _p_d_U_o_h, _ld_d_U_o_h);
 }
 
 template <typename S>
-static int layer_norm_basic_lstm_backward_bwd0_rows_launch(int64_t _rows, int64_t n_H, const void* _p_U_f_h, int64_t _ld_U_f_h, const void* _p_U_i_h, int64_t _ld_U_i_h, const void* _p_U_j_h, int64_t _ld_U_j_h, const void* _p_U_o_h, int64_t _ld_U_o_h, const void* _p_W_f_x, int64_t _ld_W_f_x, const void* _p_W_i_x, int64_t _ld_W_i_x, const void* _p_W_j_x, int64_t _ld_W_j_x, const void* _p_W_o_x, int64_t _ld_W_o_x, const void* _p_c, int64_t _ld_c, const void* _p_c_next, int64_t _ld_c_next, const void* _p_d_c, int64_t _ld_d_c, const void* _p_d_h, int64_t _ld_d_h, const void* _p_d_h_next_out, int64_t _ld_d_h_next_out, const void* _p_f, int64_t _ld_f, const void* _p_g_c, int64_t _ld_g_c, const void* _p_g_f, int64_t _ld_g_f, const void* _p_g_i, int64_t _ld_g_i, const void* _p_g_j, int64_t _ld_g_j, const void* _p_g_o, int64_t _ld_g_o, const void* _p_i, int64_t _ld_i, const void* _p_inv_n_H, int64_t _ld_inv_n_H, const void* _p_j, int64_t _ld_j, const void* _p_mask_j, int64_t _ld_mask_j, const void* _p_mean, int64_t _ld_mean, const void* _p_mean_10, int64_t _ld_mean_10, const void* _p_mean_2, int64_t _ld_mean_2, const void* _p_mean_3, int64_t _ld_mean_3, const void* _p_mean_4, int64_t _ld_mean_4, const void* _p_mean_5, int64_t _ld_mean_5, const void* _p_mean_6, int64_t _ld_mean_6, const void* _p_mean_7, int64_t _ld_mean_7, const void* _p_mean_8, int64_t _ld_mean_8, const void* _p_mean_9, int64_t _ld_mean_9, const void* _p_o, int64_t _ld_o, const void* _p_rstd, int64_t _ld_rstd, const void* _p_rstd_2, int64_t _ld_rstd_2, const void* _p_rstd_3, int64_t _ld_rstd_3, const void* _p_rstd_4, int64_t _ld_rstd_4, const void* _p_rstd_5, int64_t _ld_rstd_5, void* _p_d_c_next, int64_t _ld_d_c_next, void* _p_d_mean_10, int64_t _ld_d_mean_10, void* _p_d_mean_9, int64_t _ld_d_mean_9, void* _p_d_o, int64_t _ld_d_o, void* _p_d_mean_8, int64_t _ld_d_mean_8, void* _p_d_mean_7, int64_t _ld_d_mean_7, void* _p_d_f, int64_t _ld_d_f, void* _p_d_mean_6, int64_t _ld_d_mean_6, void* _p_d_mean_5, int64_t _ld_d_mean_5, void* _p_d_j, int64_t _ld_d_j, void* _p_d_mean_4, int64_t _ld_d_mean_4, void* _p_d_mean_3, int64_t _ld_d_mean_3, void* _p_d_i, int64_t _ld_d_i, void* _p_d_mean_2, int64_t _ld_d_mean_2, void* _p_d_mean, int64_t _ld_d_mean, void* _p_d_U_i_h, int64_t _ld_d_U_i_h, void* _p_d_U_j_h, int64_t _ld_d_U_j_h, void* _p_d_U_f_h, int64_t _ld_d_U_f_h, void* _p_d_U_o_h, int64_t _ld_d_U_o_h, void* _stream)
+static int layer_norm_basic_lstm_backward_bwd0_rows_launch(int64_t _rows, int64_t n_H, const void* _p_U_f_h, int64_t _ld_U_f_h, const void* _p_U_i_h, int64_t _ld_U_i_h, const void* _p_U_j_h, int64_t _ld_U_j_h, const void* _p_U_o_h, int64_t _ld_U_o_h, const void* _p_W_f_x, int64_t _ld_W_f_x, const void* _p_W_i_x, int64_t _ld_W_i_x, const void* _p_W_j_x, int64_t _ld_W_j_x, const void* _p_W_o_x, int64_t _ld_W_o_x, const void* _p_c, int64_t _ld_c, const void* _p_c_next, int64_t _ld_c_next, const void* _p_d_c, int64_t _ld_d_c, const void* _p_d_h, int64_t _ld_d_h, const void* _p_d_h_next_out, int64_t _ld_d_h_next_out, const void* _p_f, int64_t _ld_f, const void* _p_g_c, int64_t _ld_g_c, const void* _p_g_f, int64_t _ld_g_f, const void* _p_g_i, int64_t _ld_g_i, const void* _p_g_j, int64_t _ld_g_j, const void* _p_g_o, int64_t _ld_g_o, const void* _p_i, int64_t _ld_i, const void* _p_inv_n_H, int64_t _ld_inv_n_H, const void* _p_j, int64_t _ld_j, const void* _p_mask_j, int64_t _ld_mask_j, const void* _p_mean, int64_t _ld_mean, const void* _p_mean_2, int64_t _ld_mean_2, const void* _p_mean_3, int64_t _ld_mean_3, const void* _p_mean_4, int64_t _ld_mean_4, const void* _p_mean_5, int64_t _ld_mean_5, const void* _p_o, int64_t _ld_o, const void* _p_rstd, int64_t _ld_rstd, const void* _p_rstd_2, int64_t _ld_rstd_2, const void* _p_rstd_3, int64_t _ld_rstd_3, const void* _p_rstd_4, int64_t _ld_rstd_4, const void* _p_rstd_5, int64_t _ld_rstd_5, const void* _p_var, int64_t _ld_var, const void* _p_var_2, int64_t _ld_var_2, const void* _p_var_3, int64_t _ld_var_3, const void* _p_var_4, int64_t _ld_var_4, const void* _p_var_5, int64_t _ld_var_5, void* _p_d_c_next, int64_t _ld_d_c_next, void* _p_d_var_5, int64_t _ld_d_var_5, void* _p_d_mean_5, int64_t _ld_d_mean_5, void* _p_d_o, int64_t _ld_d_o, void* _p_d_var_4, int64_t _ld_d_var_4, void* _p_d_mean_4, int64_t _ld_d_mean_4, void* _p_d_f, int64_t _ld_d_f, void* _p_d_var_3, int64_t _ld_d_var_3, void* _p_d_mean_3, int64_t _ld_d_mean_3, void* _p_d_j, int64_t _ld_d_j, void* _p_d_var_2, int64_t _ld_d_var_2, void* _p_d_mean_2, int64_t _ld_d_mean_2, void* _p_d_i, int64_t _ld_d_i, void* _p_d_var, int64_t _ld_d_var, void* _p_d_mean, int64_t _ld_d_mean, void* _p_d_U_i_h, int64_t _ld_d_U_i_h, void* _p_d_U_j_h, int64_t _ld_d_U_j_h, void* _p_d_U_f_h, int64_t _ld_d_U_f_h, void* _p_d_U_o_h, int64_t _ld_d_U_o_h, void* _stream)
 {
     if (_rows <= 0) return 0;
     int64_t _cols = 1;
     if (n_H > _cols) _cols = n_H;
     dim3 _grid, _block;
     cs_row_grid(_rows, _cols, &_grid, &_block);
-    layer_norm_basic_lstm_backward_bwd0_rows_kernel<S><<<_grid, _block, 0, (cudaStream_t)_stream>>>(_rows, n_H, (const S*)_p_U_f_h, _ld_U_f_h, (const S*)_p_U_i_h, _ld_U_i_h, (const S*)_p_U_j_h, _ld_U_j_h, (const S*)_p_U_o_h, _ld_U_o_h, (const S*)_p_W_f_x, _ld_W_f_x, (const S*)_p_W_i_x, _ld_W_i_x, (const S*)_p_W_j_x, _ld_W_j_x, (const S*)_p_W_o_x, _ld_W_o_x, (const S*)_p_c, _ld_c, (const S*)_p_c_next, _ld_c_next, (const S*)_p_d_c, _ld_d_c, (const S*)_p_d_h, _ld_d_h, (const S*)_p_d_h_next_out, _ld_d_h_next_out, (const S*)_p_f, _ld_f, (const S*)_p_g_c, _ld_g_c, (const S*)_p_g_f, _ld_g_f, (const S*)_p_g_i, _ld_g_i, (const S*)_p_g_j, _ld_g_j, (const S*)_p_g_o, _ld_g_o, (const S*)_p_i, _ld_i, (const S*)_p_inv_n_H, _ld_inv_n_H, (const S*)_p_j, _ld_j, (const S*)_p_mask_j, _ld_mask_j, (const S*)_p_mean, _ld_mean, (const S*)_p_mean_10, _ld_mean_10, (const S*)_p_mean_2, _ld_mean_2, (const S*)_p_mean_3, _ld_mean_3, (const S*)_p_mean_4, _ld_mean_4, (const S*)_p_mean_5, _ld_mean_5, (const S*)_p_mean_6, _ld_mean_6, (const S*)_p_mean_7, _ld_mean_7, (const S*)_p_mean_8, _ld_mean_8, (const S*)_p_mean_9, _ld_mean_9, (const S*)_p_o, _ld_o, (const S*)_p_rstd, _ld_rstd, (const S*)_p_rstd_2, _ld_rstd_2, (const S*)_p_rstd_3, _ld_rstd_3, (const S*)_p_rstd_4, _ld_rstd_4, (const S*)_p_rstd_5, _ld_rstd_5, (S*)_p_d_c_next, _ld_d_c_next, (S*)_p_d_mean_10, _ld_d_mean_10, (S*)_p_d_mean_9, _ld_d_mean_9, (S*)_p_d_o, _ld_d_o, (S*)_p_d_mean_8, _ld_d_mean_8, (S*)_p_d_mean_7, _ld_d_mean_7, (S*)_p_d_f, _ld_d_f, (S*)_p_d_mean_6, _ld_d_mean_6, (S*)_p_d_mean_5, _ld_d_mean_5, (S*)_p_d_j, _ld_d_j, (S*)_p_d_mean_4, _ld_d_mean_4, (S*)_p_d_mean_3, _ld_d_mean_3, (S*)_p_d_i, _ld_d_i, (S*)_p_d_mean_2, _ld_d_mean_2, (S*)_p_d_mean, _ld_d_mean, (S*)_p_d_U_i_h, _ld_d_U_i_h, (S*)_p_d_U_j_h, _ld_d_U_j_h, (S*)_p_d_U_f_h, _ld_d_U_f_h, (S*)_p_d_U_o_h, _ld_d_U_o_h);
+    layer_norm_basic_lstm_backward_bwd0_rows_kernel<S><<<_grid, _block, 0, (cudaStream_t)_stream>>>(_rows, n_H, (const S*)_p_U_f_h, _ld_U_f_h, (const S*)_p_U_i_h, _ld_U_i_h, (const S*)_p_U_j_h, _ld_U_j_h, (const S*)_p_U_o_h, _ld_U_o_h, (const S*)_p_W_f_x, _ld_W_f_x, (const S*)_p_W_i_x, _ld_W_i_x, (const S*)_p_W_j_x, _ld_W_j_x, (const S*)_p_W_o_x, _ld_W_o_x, (const S*)_p_c, _ld_c, (const S*)_p_c_next, _ld_c_next, (const S*)_p_d_c, _ld_d_c, (const S*)_p_d_h, _ld_d_h, (const S*)_p_d_h_next_out, _ld_d_h_next_out, (const S*)_p_f, _ld_f, (const S*)_p_g_c, _ld_g_c, (const S*)_p_g_f, _ld_g_f, (const S*)_p_g_i, _ld_g_i, (const S*)_p_g_j, _ld_g_j, (const S*)_p_g_o, _ld_g_o, (const S*)_p_i, _ld_i, (const S*)_p_inv_n_H, _ld_inv_n_H, (const S*)_p_j, _ld_j, (const S*)_p_mask_j, _ld_mask_j, (const S*)_p_mean, _ld_mean, (const S*)_p_mean_2, _ld_mean_2, (const S*)_p_mean_3, _ld_mean_3, (const S*)_p_mean_4, _ld_mean_4, (const S*)_p_mean_5, _ld_mean_5, (const S*)_p_o, _ld_o, (const S*)_p_rstd, _ld_rstd, (const S*)_p_rstd_2, _ld_rstd_2, (const S*)_p_rstd_3, _ld_rstd_3, (const S*)_p_rstd_4, _ld_rstd_4, (const S*)_p_rstd_5, _ld_rstd_5, (const S*)_p_var, _ld_var, (const S*)_p_var_2, _ld_var_2, (const S*)_p_var_3, _ld_var_3, (const S*)_p_var_4, _ld_var_4, (const S*)_p_var_5, _ld_var_5, (S*)_p_d_c_next, _ld_d_c_next, (S*)_p_d_var_5, _ld_d_var_5, (S*)_p_d_mean_5, _ld_d_mean_5, (S*)_p_d_o, _ld_d_o, (S*)_p_d_var_4, _ld_d_var_4, (S*)_p_d_mean_4, _ld_d_mean_4, (S*)_p_d_f, _ld_d_f, (S*)_p_d_var_3, _ld_d_var_3, (S*)_p_d_mean_3, _ld_d_mean_3, (S*)_p_d_j, _ld_d_j, (S*)_p_d_var_2, _ld_d_var_2, (S*)_p_d_mean_2, _ld_d_mean_2, (S*)_p_d_i, _ld_d_i, (S*)_p_d_var, _ld_d_var, (S*)_p_d_mean, _ld_d_mean, (S*)_p_d_U_i_h, _ld_d_U_i_h, (S*)_p_d_U_j_h, _ld_d_U_j_h, (S*)_p_d_U_f_h, _ld_d_U_f_h, (S*)_p_d_U_o_h, _ld_d_U_o_h);
     return (int)cudaGetLastError();
 }
 #else
 template <typename S>
-static inline void layer_norm_basic_lstm_backward_bwd0_rows_host(int64_t _rows, int64_t n_H, const S* __restrict__ _p_U_f_h, int64_t _ld_U_f_h, const S* __restrict__ _p_U_i_h, int64_t _ld_U_i_h, const S* __restrict__ _p_U_j_h, int64_t _ld_U_j_h, const S* __restrict__ _p_U_o_h, int64_t _ld_U_o_h, const S* __restrict__ _p_W_f_x, int64_t _ld_W_f_x, const S* __restrict__ _p_W_i_x, int64_t _ld_W_i_x, const S* __restrict__ _p_W_j_x, int64_t _ld_W_j_x, const S* __restrict__ _p_W_o_x, int64_t _ld_W_o_x, const S* __restrict__ _p_c, int64_t _ld_c, const S* __restrict__ _p_c_next, int64_t _ld_c_next, const S* __restrict__ _p_d_c, int64_t _ld_d_c, const S* __restrict__ _p_d_h, int64_t _ld_d_h, const S* __restrict__ _p_d_h_next_out, int64_t _ld_d_h_next_out, const S* __restrict__ _p_f, int64_t _ld_f, const S* __restrict__ _p_g_c, int64_t _ld_g_c, const S* __restrict__ _p_g_f, int64_t _ld_g_f, const S* __restrict__ _p_g_i, int64_t _ld_g_i, const S* __restrict__ _p_g_j, int64_t _ld_g_j, const S* __restrict__ _p_g_o, int64_t _ld_g_o, const S* __restrict__ _p_i, int64_t _ld_i, const S* __restrict__ _p_inv_n_H, int64_t _ld_inv_n_H, const S* __restrict__ _p_j, int64_t _ld_j, const S* __restrict__ _p_mask_j, int64_t _ld_mask_j, const S* __restrict__ _p_mean, int64_t _ld_mean, const S* __restrict__ _p_mean_10, int64_t _ld_mean_10, const S* __restrict__ _p_mean_2, int64_t _ld_mean_2, const S* __restrict__ _p_mean_3, int64_t _ld_mean_3, const S* __restrict__ _p_mean_4, int64_t _ld_mean_4, const S* __restrict__ _p_mean_5, int64_t _ld_mean_5, const S* __restrict__ _p_mean_6, int64_t _ld_mean_6, const S* __restrict__ _p_mean_7, int64_t _ld_mean_7, const S* __restrict__ _p_mean_8, int64_t _ld_mean_8, const S* __restrict__ _p_mean_9, int64_t _ld_mean_9, const S* __restrict__ _p_o, int64_t _ld_o, const S* __restrict__ _p_rstd, int64_t _ld_rstd, const S* __restrict__ _p_rstd_2, int64_t _ld_rstd_2, const S* __restrict__ _p_rstd_3, int64_t _ld_rstd_3, const S* __restrict__ _p_rstd_4, int64_t _ld_rstd_4, const S* __restrict__ _p_rstd_5, int64_t _ld_rstd_5, S* __restrict__ _p_d_c_next, int64_t _ld_d_c_next, S* __restrict__ _p_d_mean_10, int64_t _ld_d_mean_10, S* __restrict__ _p_d_mean_9, int64_t _ld_d_mean_9, S* __restrict__ _p_d_o, int64_t _ld_d_o, S* __restrict__ _p_d_mean_8, int64_t _ld_d_mean_8, S* __restrict__ _p_d_mean_7, int64_t _ld_d_mean_7, S* __restrict__ _p_d_f, int64_t _ld_d_f, S* __restrict__ _p_d_mean_6, int64_t _ld_d_mean_6, S* __restrict__ _p_d_mean_5, int64_t _ld_d_mean_5, S* __restrict__ _p_d_j, int64_t _ld_d_j, S* __restrict__ _p_d_mean_4, int64_t _ld_d_mean_4, S* __restrict__ _p_d_mean_3, int64_t _ld_d_mean_3, S* __restrict__ _p_d_i, int64_t _ld_d_i, S* __restrict__ _p_d_mean_2, int64_t _ld_d_mean_2, S* __restrict__ _p_d_mean, int64_t _ld_d_mean, S* __restrict__ _p_d_U_i_h, int64_t _ld_d_U_i_h, S* __restrict__ _p_d_U_j_h, int64_t _ld_d_U_j_h, S* __restrict__ _p_d_U_f_h, int64_t _ld_d_U_f_h, S* __restrict__ _p_d_U_o_h, int64_t _ld_d_U_o_h)
+static inline void layer_norm_basic_lstm_backward_bwd0_rows_host(int64_t _rows, int64_t n_H, const S* __restrict__ _p_U_f_h, int64_t _ld_U_f_h, const S* __restrict__ _p_U_i_h, int64_t _ld_U_i_h, const S* __restrict__ _p_U_j_h, int64_t _ld_U_j_h, const S* __restrict__ _p_U_o_h, int64_t _ld_U_o_h, const S* __restrict__ _p_W_f_x, int64_t _ld_W_f_x, const S* __restrict__ _p_W_i_x, int64_t _ld_W_i_x, const S* __restrict__ _p_W_j_x, int64_t _ld_W_j_x, const S* __restrict__ _p_W_o_x, int64_t _ld_W_o_x, const S* __restrict__ _p_c, int64_t _ld_c, const S* __restrict__ _p_c_next, int64_t _ld_c_next, const S* __restrict__ _p_d_c, int64_t _ld_d_c, const S* __restrict__ _p_d_h, int64_t _ld_d_h, const S* __restrict__ _p_d_h_next_out, int64_t _ld_d_h_next_out, const S* __restrict__ _p_f, int64_t _ld_f, const S* __restrict__ _p_g_c, int64_t _ld_g_c, const S* __restrict__ _p_g_f, int64_t _ld_g_f, const S* __restrict__ _p_g_i, int64_t _ld_g_i, const S* __restrict__ _p_g_j, int64_t _ld_g_j, const S* __restrict__ _p_g_o, int64_t _ld_g_o, const S* __restrict__ _p_i, int64_t _ld_i, const S* __restrict__ _p_inv_n_H, int64_t _ld_inv_n_H, const S* __restrict__ _p_j, int64_t _ld_j, const S* __restrict__ _p_mask_j, int64_t _ld_mask_j, const S* __restrict__ _p_mean, int64_t _ld_mean, const S* __restrict__ _p_mean_2, int64_t _ld_mean_2, const S* __restrict__ _p_mean_3, int64_t _ld_mean_3, const S* __restrict__ _p_mean_4, int64_t _ld_mean_4, const S* __restrict__ _p_mean_5, int64_t _ld_mean_5, const S* __restrict__ _p_o, int64_t _ld_o, const S* __restrict__ _p_rstd, int64_t _ld_rstd, const S* __restrict__ _p_rstd_2, int64_t _ld_rstd_2, const S* __restrict__ _p_rstd_3, int64_t _ld_rstd_3, const S* __restrict__ _p_rstd_4, int64_t _ld_rstd_4, const S* __restrict__ _p_rstd_5, int64_t _ld_rstd_5, const S* __restrict__ _p_var, int64_t _ld_var, const S* __restrict__ _p_var_2, int64_t _ld_var_2, const S* __restrict__ _p_var_3, int64_t _ld_var_3, const S* __restrict__ _p_var_4, int64_t _ld_var_4, const S* __restrict__ _p_var_5, int64_t _ld_var_5, S* __restrict__ _p_d_c_next, int64_t _ld_d_c_next, S* __restrict__ _p_d_var_5, int64_t _ld_d_var_5, S* __restrict__ _p_d_mean_5, int64_t _ld_d_mean_5, S* __restrict__ _p_d_o, int64_t _ld_d_o, S* __restrict__ _p_d_var_4, int64_t _ld_d_var_4, S* __restrict__ _p_d_mean_4, int64_t _ld_d_mean_4, S* __restrict__ _p_d_f, int64_t _ld_d_f, S* __restrict__ _p_d_var_3, int64_t _ld_d_var_3, S* __restrict__ _p_d_mean_3, int64_t _ld_d_mean_3, S* __restrict__ _p_d_j, int64_t _ld_d_j, S* __restrict__ _p_d_var_2, int64_t _ld_d_var_2, S* __restrict__ _p_d_mean_2, int64_t _ld_d_mean_2, S* __restrict__ _p_d_i, int64_t _ld_d_i, S* __restrict__ _p_d_var, int64_t _ld_d_var, S* __restrict__ _p_d_mean, int64_t _ld_d_mean, S* __restrict__ _p_d_U_i_h, int64_t _ld_d_U_i_h, S* __restrict__ _p_d_U_j_h, int64_t _ld_d_U_j_h, S* __restrict__ _p_d_U_f_h, int64_t _ld_d_U_f_h, S* __restrict__ _p_d_U_o_h, int64_t _ld_d_U_o_h)
 {
 #pragma omp parallel for schedule(static) if (_rows * (n_H) >= 2048)
     for (int64_t _r = 0; _r < _rows; ++_r)
-        layer_norm_basic_lstm_backward_bwd0_rows_row<S, S>(_r, 0, 1, n_H, _p_U_f_h, _ld_U_f_h, _p_U_i_h, _ld_U_i_h, _p_U_j_h, _ld_U_j_h, _p_U_o_h, _ld_U_o_h, _p_W_f_x, _ld_W_f_x, _p_W_i_x, _ld_W_i_x, _p_W_j_x, _ld_W_j_x, _p_W_o_x, _ld_W_o_x, _p_c, _ld_c, _p_c_next, _ld_c_next, _p_d_c, _ld_d_c, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_f, _ld_f, _p_g_c, _ld_g_c, _p_g_f, _ld_g_f, _p_g_i, _ld_g_i, _p_g_j, _ld_g_j, _p_g_o, _ld_g_o, _p_i, _ld_i, _p_inv_n_H, _ld_inv_n_H, _p_j, _ld_j, _p_mask_j, _ld_mask_j, _p_mean, _ld_mean, _p_mean_10, _ld_mean_10, _p_mean_2, _ld_mean_2, _p_mean_3, _ld_mean_3, _p_mean_4, _ld_mean_4, _p_mean_5, _ld_mean_5, _p_mean_6, _ld_mean_6, _p_mean_7, _ld_mean_7, _p_mean_8, _ld_mean_8, _p_mean_9, _ld_mean_9, _p_o, _ld_o, _p_rstd, _ld_rstd, _p_rstd_2, _ld_rstd_2, _p_rstd_3, _ld_rstd_3, _p_rstd_4, _ld_rstd_4, _p_rstd_5, _ld_rstd_5, _p_d_c_next, _ld_d_c_next, _p_d_mean_10, _ld_d_mean_10, _p_d_mean_9, _ld_d_mean_9, _p_d_o, _ld_d_o, _p_d_mean_8, _ld_d_mean_8, _p_d_mean_7, _ld_d_mean_7, _p_d_f, _ld_d_f, _p_d_mean_6, _ld_d_mean_6, _p_d_mean_5, _ld_d_mean_5, _p_d_j, _ld_d_j, _p_d_mean_4, _ld_d_mean_4, _p_d_mean_3, _ld_d_mean_3, _p_d_i, _ld_d_i, _p_d_mean_2, _ld_d_mean_2, _p_d_mean, _ld_d_mean, _p_d_U_i_h, _ld_d_U_i_h, _p_d_U_j_h, _ld_d_U_j_h, _p_d_U_f_h, _ld_d_U_f_h, _p_d_U_o_h, _ld_d_U_o_h);
+        layer_norm_basic_lstm_backward_bwd0_rows_row<S, S>(_r, 0, 1, n_H, _p_U_f_h, _ld_U_f_h, _p_U_i_h, _ld_U_i_h, _p_U_j_h, _ld_U_j_h, _p_U_o_h, _ld_U_o_h, _p_W_f_x, _ld_W_f_x, _p_W_i_x, _ld_W_i_x, _p_W_j_x, _ld_W_j_x, _p_W_o_x, _ld_W_o_x, _p_c, _ld_c, _p_c_next, _ld_c_next, _p_d_c, _ld_d_c, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_f, _ld_f, _p_g_c, _ld_g_c, _p_g_f, _ld_g_f, _p_g_i, _ld_g_i, _p_g_j, _ld_g_j, _p_g_o, _ld_g_o, _p_i, _ld_i, _p_inv_n_H, _ld_inv_n_H, _p_j, _ld_j, _p_mask_j, _ld_mask_j, _p_mean, _ld_mean, _p_mean_2, _ld_mean_2, _p_mean_3, _ld_mean_3, _p_mean_4, _ld_mean_4, _p_mean_5, _ld_mean_5, _p_o, _ld_o, _p_rstd, _ld_rstd, _p_rstd_2, _ld_rstd_2, _p_rstd_3, _ld_rstd_3, _p_rstd_4, _ld_rstd_4, _p_rstd_5, _ld_rstd_5, _p_var, _ld_var, _p_var_2, _ld_var_2, _p_var_3, _ld_var_3, _p_var_4, _ld_var_4, _p_var_5, _ld_var_5, _p_d_c_next, _ld_d_c_next, _p_d_var_5, _ld_d_var_5, _p_d_mean_5, _ld_d_mean_5, _p_d_o, _ld_d_o, _p_d_var_4, _ld_d_var_4, _p_d_mean_4, _ld_d_mean_4, _p_d_f, _ld_d_f, _p_d_var_3, _ld_d_var_3, _p_d_mean_3, _ld_d_mean_3, _p_d_j, _ld_d_j, _p_d_var_2, _ld_d_var_2, _p_d_mean_2, _ld_d_mean_2, _p_d_i, _ld_d_i, _p_d_var, _ld_d_var, _p_d_mean, _ld_d_mean, _p_d_U_i_h, _ld_d_U_i_h, _p_d_U_j_h, _ld_d_U_j_h, _p_d_U_f_h, _ld_d_U_f_h, _p_d_U_o_h, _ld_d_U_o_h);
 }
 #endif
 
@@ -1008,24 +1008,24 @@ static inline void layer_norm_basic_lstm_backward_bwd0_rows_host(int64_t _rows, 
 // layer_norm_basic_lstm_backward_bwd_leaf_rows: backward: per-step adjoints of inputs, states, vector params, hoisted results, row by row (reductions over the units)
 // =============================================================================================
 template <typename S, typename real>
-CS_ROWFN inline void layer_norm_basic_lstm_backward_bwd_leaf_rows_row(int64_t _r, int64_t _j0, int64_t _dj, int64_t n_H, const S* __restrict__ _p_U_f_h, int64_t _ld_U_f_h, const S* __restrict__ _p_U_i_h, int64_t _ld_U_i_h, const S* __restrict__ _p_U_j_h, int64_t _ld_U_j_h, const S* __restrict__ _p_U_o_h, int64_t _ld_U_o_h, const S* __restrict__ _p_W_f_x, int64_t _ld_W_f_x, const S* __restrict__ _p_W_i_x, int64_t _ld_W_i_x, const S* __restrict__ _p_W_j_x, int64_t _ld_W_j_x, const S* __restrict__ _p_W_o_x, int64_t _ld_W_o_x, const S* __restrict__ _p_c, int64_t _ld_c, const S* __restrict__ _p_d_c_next, int64_t _ld_d_c_next, const S* __restrict__ _p_d_f, int64_t _ld_d_f, const S* __restrict__ _p_d_h_gemm, int64_t _ld_d_h_gemm, const S* __restrict__ _p_d_i, int64_t _ld_d_i, const S* __restrict__ _p_d_j, int64_t _ld_d_j, const S* __restrict__ _p_d_mean, int64_t _ld_d_mean, const S* __restrict__ _p_d_mean_10, int64_t _ld_d_mean_10, const S* __restrict__ _p_d_mean_2, int64_t _ld_d_mean_2, const S* __restrict__ _p_d_mean_3, int64_t _ld_d_mean_3, const S* __restrict__ _p_d_mean_4, int64_t _ld_d_mean_4, const S* __restrict__ _p_d_mean_5, int64_t _ld_d_mean_5, const S* __restrict__ _p_d_mean_6, int64_t _ld_d_mean_6, const S* __restrict__ _p_d_mean_7, int64_t _ld_d_mean_7, const S* __restrict__ _p_d_mean_8, int64_t _ld_d_mean_8, const S* __restrict__ _p_d_mean_9, int64_t _ld_d_mean_9, const S* __restrict__ _p_d_o, int64_t _ld_d_o, const S* __restrict__ _p_f, int64_t _ld_f, const S* __restrict__ _p_g_c, int64_t _ld_g_c, const S* __restrict__ _p_g_f, int64_t _ld_g_f, const S* __restrict__ _p_g_i, int64_t _ld_g_i, const S* __restrict__ _p_g_j, int64_t _ld_g_j, const S* __restrict__ _p_g_o, int64_t _ld_g_o, const S* __restrict__ _p_i, int64_t _ld_i, const S* __restrict__ _p_inv_n_H, int64_t _ld_inv_n_H, const S* __restrict__ _p_j, int64_t _ld_j, const S* __restrict__ _p_mask_j, int64_t _ld_mask_j, const S* __restrict__ _p_mean, int64_t _ld_mean, const S* __restrict__ _p_mean_3, int64_t _ld_mean_3, const S* __restrict__ _p_mean_5, int64_t _ld_mean_5, const S* __restrict__ _p_mean_7, int64_t _ld_mean_7, const S* __restrict__ _p_mean_9, int64_t _ld_mean_9, const S* __restrict__ _p_o, int64_t _ld_o, const S* __restrict__ _p_rstd, int64_t _ld_rstd, const S* __restrict__ _p_rstd_2, int64_t _ld_rstd_2, const S* __restrict__ _p_rstd_3, int64_t _ld_rstd_3, const S* __restrict__ _p_rstd_4, int64_t _ld_rstd_4, const S* __restrict__ _p_rstd_5, int64_t _ld_rstd_5, S* __restrict__ _p_d_h, int64_t _ld_d_h, S* __restrict__ _p_d_c, int64_t _ld_d_c, S* __restrict__ _p_d_g_i, int64_t _ld_d_g_i, S* __restrict__ _p_d_b_i, int64_t _ld_d_b_i, S* __restrict__ _p_d_g_j, int64_t _ld_d_g_j, S* __restrict__ _p_d_b_j, int64_t _ld_d_b_j, S* __restrict__ _p_d_g_f, int64_t _ld_d_g_f, S* __restrict__ _p_d_b_f, int64_t _ld_d_b_f, S* __restrict__ _p_d_g_o, int64_t _ld_d_g_o, S* __restrict__ _p_d_b_o, int64_t _ld_d_b_o, S* __restrict__ _p_d_g_c, int64_t _ld_d_g_c, S* __restrict__ _p_d_b_c, int64_t _ld_d_b_c, S* __restrict__ _p_d_W_i_x, int64_t _ld_d_W_i_x, S* __restrict__ _p_d_W_j_x, int64_t _ld_d_W_j_x, S* __restrict__ _p_d_W_f_x, int64_t _ld_d_W_f_x, S* __restrict__ _p_d_W_o_x, int64_t _ld_d_W_o_x)
+CS_ROWFN inline void layer_norm_basic_lstm_backward_bwd_leaf_rows_row(int64_t _r, int64_t _j0, int64_t _dj, int64_t n_H, const S* __restrict__ _p_U_f_h, int64_t _ld_U_f_h, const S* __restrict__ _p_U_i_h, int64_t _ld_U_i_h, const S* __restrict__ _p_U_j_h, int64_t _ld_U_j_h, const S* __restrict__ _p_U_o_h, int64_t _ld_U_o_h, const S* __restrict__ _p_W_f_x, int64_t _ld_W_f_x, const S* __restrict__ _p_W_i_x, int64_t _ld_W_i_x, const S* __restrict__ _p_W_j_x, int64_t _ld_W_j_x, const S* __restrict__ _p_W_o_x, int64_t _ld_W_o_x, const S* __restrict__ _p_c, int64_t _ld_c, const S* __restrict__ _p_d_c_next, int64_t _ld_d_c_next, const S* __restrict__ _p_d_f, int64_t _ld_d_f, const S* __restrict__ _p_d_h_gemm, int64_t _ld_d_h_gemm, const S* __restrict__ _p_d_i, int64_t _ld_d_i, const S* __restrict__ _p_d_j, int64_t _ld_d_j, const S* __restrict__ _p_d_mean, int64_t _ld_d_mean, const S* __restrict__ _p_d_mean_2, int64_t _ld_d_mean_2, const S* __restrict__ _p_d_mean_3, int64_t _ld_d_mean_3, const S* __restrict__ _p_d_mean_4, int64_t _ld_d_mean_4, const S* __restrict__ _p_d_mean_5, int64_t _ld_d_mean_5, const S* __restrict__ _p_d_o, int64_t _ld_d_o, const S* __restrict__ _p_d_var, int64_t _ld_d_var, const S* __restrict__ _p_d_var_2, int64_t _ld_d_var_2, const S* __restrict__ _p_d_var_3, int64_t _ld_d_var_3, const S* __restrict__ _p_d_var_4, int64_t _ld_d_var_4, const S* __restrict__ _p_d_var_5, int64_t _ld_d_var_5, const S* __restrict__ _p_f, int64_t _ld_f, const S* __restrict__ _p_g_c, int64_t _ld_g_c, const S* __restrict__ _p_g_f, int64_t _ld_g_f, const S* __restrict__ _p_g_i, int64_t _ld_g_i, const S* __restrict__ _p_g_j, int64_t _ld_g_j, const S* __restrict__ _p_g_o, int64_t _ld_g_o, const S* __restrict__ _p_i, int64_t _ld_i, const S* __restrict__ _p_inv_n_H, int64_t _ld_inv_n_H, const S* __restrict__ _p_j, int64_t _ld_j, const S* __restrict__ _p_mask_j, int64_t _ld_mask_j, const S* __restrict__ _p_mean, int64_t _ld_mean, const S* __restrict__ _p_mean_2, int64_t _ld_mean_2, const S* __restrict__ _p_mean_3, int64_t _ld_mean_3, const S* __restrict__ _p_mean_4, int64_t _ld_mean_4, const S* __restrict__ _p_mean_5, int64_t _ld_mean_5, const S* __restrict__ _p_o, int64_t _ld_o, const S* __restrict__ _p_rstd, int64_t _ld_rstd, const S* __restrict__ _p_rstd_2, int64_t _ld_rstd_2, const S* __restrict__ _p_rstd_3, int64_t _ld_rstd_3, const S* __restrict__ _p_rstd_4, int64_t _ld_rstd_4, const S* __restrict__ _p_rstd_5, int64_t _ld_rstd_5, S* __restrict__ _p_d_h, int64_t _ld_d_h, S* __restrict__ _p_d_c, int64_t _ld_d_c, S* __restrict__ _p_d_g_i, int64_t _ld_d_g_i, S* __restrict__ _p_d_b_i, int64_t _ld_d_b_i, S* __restrict__ _p_d_g_j, int64_t _ld_d_g_j, S* __restrict__ _p_d_b_j, int64_t _ld_d_b_j, S* __restrict__ _p_d_g_f, int64_t _ld_d_g_f, S* __restrict__ _p_d_b_f, int64_t _ld_d_b_f, S* __restrict__ _p_d_g_o, int64_t _ld_d_g_o, S* __restrict__ _p_d_b_o, int64_t _ld_d_b_o, S* __restrict__ _p_d_g_c, int64_t _ld_d_g_c, S* __restrict__ _p_d_b_c, int64_t _ld_d_b_c, S* __restrict__ _p_d_W_i_x, int64_t _ld_d_W_i_x, S* __restrict__ _p_d_W_j_x, int64_t _ld_d_W_j_x, S* __restrict__ _p_d_W_f_x, int64_t _ld_d_W_f_x, S* __restrict__ _p_d_W_o_x, int64_t _ld_d_W_o_x)
 {
     (void)n_H;
     const real d_mean = CS_LD(_p_d_mean[_r * _ld_d_mean]);
-    const real d_mean_10 = CS_LD(_p_d_mean_10[_r * _ld_d_mean_10]);
     const real d_mean_2 = CS_LD(_p_d_mean_2[_r * _ld_d_mean_2]);
     const real d_mean_3 = CS_LD(_p_d_mean_3[_r * _ld_d_mean_3]);
     const real d_mean_4 = CS_LD(_p_d_mean_4[_r * _ld_d_mean_4]);
     const real d_mean_5 = CS_LD(_p_d_mean_5[_r * _ld_d_mean_5]);
-    const real d_mean_6 = CS_LD(_p_d_mean_6[_r * _ld_d_mean_6]);
-    const real d_mean_7 = CS_LD(_p_d_mean_7[_r * _ld_d_mean_7]);
-    const real d_mean_8 = CS_LD(_p_d_mean_8[_r * _ld_d_mean_8]);
-    const real d_mean_9 = CS_LD(_p_d_mean_9[_r * _ld_d_mean_9]);
+    const real d_var = CS_LD(_p_d_var[_r * _ld_d_var]);
+    const real d_var_2 = CS_LD(_p_d_var_2[_r * _ld_d_var_2]);
+    const real d_var_3 = CS_LD(_p_d_var_3[_r * _ld_d_var_3]);
+    const real d_var_4 = CS_LD(_p_d_var_4[_r * _ld_d_var_4]);
+    const real d_var_5 = CS_LD(_p_d_var_5[_r * _ld_d_var_5]);
     const real mean = CS_LD(_p_mean[_r * _ld_mean]);
+    const real mean_2 = CS_LD(_p_mean_2[_r * _ld_mean_2]);
     const real mean_3 = CS_LD(_p_mean_3[_r * _ld_mean_3]);
+    const real mean_4 = CS_LD(_p_mean_4[_r * _ld_mean_4]);
     const real mean_5 = CS_LD(_p_mean_5[_r * _ld_mean_5]);
-    const real mean_7 = CS_LD(_p_mean_7[_r * _ld_mean_7]);
-    const real mean_9 = CS_LD(_p_mean_9[_r * _ld_mean_9]);
     const real rstd = CS_LD(_p_rstd[_r * _ld_rstd]);
     const real rstd_2 = CS_LD(_p_rstd_2[_r * _ld_rstd_2]);
     const real rstd_3 = CS_LD(_p_rstd_3[_r * _ld_rstd_3]);
@@ -1061,7 +1061,7 @@ CS_ROWFN inline void layer_norm_basic_lstm_backward_bwd_leaf_rows_row(int64_t _r
         const real o = CS_LD(_p_o[_r * _ld_o + _j]);
         const real t21_2 = f*inv_n_H;
         const real t22 = d_c_next*rstd_5;
-        const real t23 = c*f + i*j*mask_j - mean_9;
+        const real t23 = c*f + i*j*mask_j - mean_5;
         const real t24 = d_i*i*(real(1.0) - i);
         const real t25 = rstd*t24;
         const real t26 = d_j*(real(1.0) - (j*j));
@@ -1071,21 +1071,21 @@ CS_ROWFN inline void layer_norm_basic_lstm_backward_bwd_leaf_rows_row(int64_t _r
         const real t30 = d_o*o*(real(1.0) - o);
         const real t31 = rstd_4*t30;
         const real d_h = d_h_gemm;  // adjoint of state h
-        const real d_c = real(2.0)*d_mean_10*t21_2*t23 + d_mean_9*t21_2 + f*g_c*t22;  // adjoint of state c
+        const real d_c = d_mean_5*t21_2 + real(2.0)*d_var_5*t21_2*t23 + f*g_c*t22;  // adjoint of state c
         const real d_g_i = t25*(U_i_h + W_i_x - mean);  // adjoint of param g_i
         const real d_b_i = t24;  // adjoint of param b_i
-        const real d_g_j = t27*(U_j_h + W_j_x - mean_3);  // adjoint of param g_j
+        const real d_g_j = t27*(U_j_h + W_j_x - mean_2);  // adjoint of param g_j
         const real d_b_j = t26;  // adjoint of param b_j
-        const real d_g_f = t29*(U_f_h + W_f_x - mean_5);  // adjoint of param g_f
+        const real d_g_f = t29*(U_f_h + W_f_x - mean_3);  // adjoint of param g_f
         const real d_b_f = t28;  // adjoint of param b_f
-        const real d_g_o = t31*(U_o_h + W_o_x - mean_7);  // adjoint of param g_o
+        const real d_g_o = t31*(U_o_h + W_o_x - mean_4);  // adjoint of param g_o
         const real d_b_o = t30;  // adjoint of param b_o
         const real d_g_c = t22*t23;  // adjoint of param g_c
         const real d_b_c = d_c_next;  // adjoint of param b_c
-        const real d_W_i_x = d_mean*inv_n_H + d_mean_2*inv_n_H*(real(2.0)*U_i_h + real(2.0)*W_i_x - real(2.0)*mean) + g_i*t25;  // adjoint of hoisted projection W_i_x
-        const real d_W_j_x = d_mean_3*inv_n_H + d_mean_4*inv_n_H*(real(2.0)*U_j_h + real(2.0)*W_j_x - real(2.0)*mean_3) + g_j*t27;  // adjoint of hoisted projection W_j_x
-        const real d_W_f_x = d_mean_5*inv_n_H + d_mean_6*inv_n_H*(real(2.0)*U_f_h + real(2.0)*W_f_x - real(2.0)*mean_5) + g_f*t29;  // adjoint of hoisted projection W_f_x
-        const real d_W_o_x = d_mean_7*inv_n_H + d_mean_8*inv_n_H*(real(2.0)*U_o_h + real(2.0)*W_o_x - real(2.0)*mean_7) + g_o*t31;  // adjoint of hoisted projection W_o_x
+        const real d_W_i_x = d_mean*inv_n_H + d_var*inv_n_H*(real(2.0)*U_i_h + real(2.0)*W_i_x - real(2.0)*mean) + g_i*t25;  // adjoint of hoisted projection W_i_x
+        const real d_W_j_x = d_mean_2*inv_n_H + d_var_2*inv_n_H*(real(2.0)*U_j_h + real(2.0)*W_j_x - real(2.0)*mean_2) + g_j*t27;  // adjoint of hoisted projection W_j_x
+        const real d_W_f_x = d_mean_3*inv_n_H + d_var_3*inv_n_H*(real(2.0)*U_f_h + real(2.0)*W_f_x - real(2.0)*mean_3) + g_f*t29;  // adjoint of hoisted projection W_f_x
+        const real d_W_o_x = d_mean_4*inv_n_H + d_var_4*inv_n_H*(real(2.0)*U_o_h + real(2.0)*W_o_x - real(2.0)*mean_4) + g_o*t31;  // adjoint of hoisted projection W_o_x
         CS_ST(_p_d_h[_r * _ld_d_h + _j], d_h);
         CS_ST(_p_d_c[_r * _ld_d_c + _j], d_c);
         CS_ST(_p_d_g_i[_r * _ld_d_g_i + _j], d_g_i);
@@ -1107,31 +1107,31 @@ CS_ROWFN inline void layer_norm_basic_lstm_backward_bwd_leaf_rows_row(int64_t _r
 
 #ifdef __CUDACC__
 template <typename S>
-__global__ void layer_norm_basic_lstm_backward_bwd_leaf_rows_kernel(int64_t _rows, int64_t n_H, const S* __restrict__ _p_U_f_h, int64_t _ld_U_f_h, const S* __restrict__ _p_U_i_h, int64_t _ld_U_i_h, const S* __restrict__ _p_U_j_h, int64_t _ld_U_j_h, const S* __restrict__ _p_U_o_h, int64_t _ld_U_o_h, const S* __restrict__ _p_W_f_x, int64_t _ld_W_f_x, const S* __restrict__ _p_W_i_x, int64_t _ld_W_i_x, const S* __restrict__ _p_W_j_x, int64_t _ld_W_j_x, const S* __restrict__ _p_W_o_x, int64_t _ld_W_o_x, const S* __restrict__ _p_c, int64_t _ld_c, const S* __restrict__ _p_d_c_next, int64_t _ld_d_c_next, const S* __restrict__ _p_d_f, int64_t _ld_d_f, const S* __restrict__ _p_d_h_gemm, int64_t _ld_d_h_gemm, const S* __restrict__ _p_d_i, int64_t _ld_d_i, const S* __restrict__ _p_d_j, int64_t _ld_d_j, const S* __restrict__ _p_d_mean, int64_t _ld_d_mean, const S* __restrict__ _p_d_mean_10, int64_t _ld_d_mean_10, const S* __restrict__ _p_d_mean_2, int64_t _ld_d_mean_2, const S* __restrict__ _p_d_mean_3, int64_t _ld_d_mean_3, const S* __restrict__ _p_d_mean_4, int64_t _ld_d_mean_4, const S* __restrict__ _p_d_mean_5, int64_t _ld_d_mean_5, const S* __restrict__ _p_d_mean_6, int64_t _ld_d_mean_6, const S* __restrict__ _p_d_mean_7, int64_t _ld_d_mean_7, const S* __restrict__ _p_d_mean_8, int64_t _ld_d_mean_8, const S* __restrict__ _p_d_mean_9, int64_t _ld_d_mean_9, const S* __restrict__ _p_d_o, int64_t _ld_d_o, const S* __restrict__ _p_f, int64_t _ld_f, const S* __restrict__ _p_g_c, int64_t _ld_g_c, const S* __restrict__ _p_g_f, int64_t _ld_g_f, const S* __restrict__ _p_g_i, int64_t _ld_g_i, const S* __restrict__ _p_g_j, int64_t _ld_g_j, const S* __restrict__ _p_g_o, int64_t _ld_g_o, const S* __restrict__ _p_i, int64_t _ld_i, const S* __restrict__ _p_inv_n_H, int64_t _ld_inv_n_H, const S* __restrict__ _p_j, int64_t _ld_j, const S* __restrict__ _p_mask_j, int64_t _ld_mask_j, const S* __restrict__ _p_mean, int64_t _ld_mean, const S* __restrict__ _p_mean_3, int64_t _ld_mean_3, const S* __restrict__ _p_mean_5, int64_t _ld_mean_5, const S* __restrict__ _p_mean_7, int64_t _ld_mean_7, const S* __restrict__ _p_mean_9, int64_t _ld_mean_9, const S* __restrict__ _p_o, int64_t _ld_o, const S* __restrict__ _p_rstd, int64_t _ld_rstd, const S* __restrict__ _p_rstd_2, int64_t _ld_rstd_2, const S* __restrict__ _p_rstd_3, int64_t _ld_rstd_3, const S* __restrict__ _p_rstd_4, int64_t _ld_rstd_4, const S* __restrict__ _p_rstd_5, int64_t _ld_rstd_5, S* __restrict__ _p_d_h, int64_t _ld_d_h, S* __restrict__ _p_d_c, int64_t _ld_d_c, S* __restrict__ _p_d_g_i, int64_t _ld_d_g_i, S* __restrict__ _p_d_b_i, int64_t _ld_d_b_i, S* __restrict__ _p_d_g_j, int64_t _ld_d_g_j, S* __restrict__ _p_d_b_j, int64_t _ld_d_b_j, S* __restrict__ _p_d_g_f, int64_t _ld_d_g_f, S* __restrict__ _p_d_b_f, int64_t _ld_d_b_f, S* __restrict__ _p_d_g_o, int64_t _ld_d_g_o, S* __restrict__ _p_d_b_o, int64_t _ld_d_b_o, S* __restrict__ _p_d_g_c, int64_t _ld_d_g_c, S* __restrict__ _p_d_b_c, int64_t _ld_d_b_c, S* __restrict__ _p_d_W_i_x, int64_t _ld_d_W_i_x, S* __restrict__ _p_d_W_j_x, int64_t _ld_d_W_j_x, S* __restrict__ _p_d_W_f_x, int64_t _ld_d_W_f_x, S* __restrict__ _p_d_W_o_x, int64_t _ld_d_W_o_x)
+__global__ void layer_norm_basic_lstm_backward_bwd_leaf_rows_kernel(int64_t _rows, int64_t n_H, const S* __restrict__ _p_U_f_h, int64_t _ld_U_f_h, const S* __restrict__ _p_U_i_h, int64_t _ld_U_i_h, const S* __restrict__ _p_U_j_h, int64_t _ld_U_j_h, const S* __restrict__ _p_U_o_h, int64_t _ld_U_o_h, const S* __restrict__ _p_W_f_x, int64_t _ld_W_f_x, const S* __restrict__ _p_W_i_x, int64_t _ld_W_i_x, const S* __restrict__ _p_W_j_x, int64_t _ld_W_j_x, const S* __restrict__ _p_W_o_x, int64_t _ld_W_o_x, const S* __restrict__ _p_c, int64_t _ld_c, const S* __restrict__ _p_d_c_next, int64_t _ld_d_c_next, const S* __restrict__ _p_d_f, int64_t _ld_d_f, const S* __restrict__ _p_d_h_gemm, int64_t _ld_d_h_gemm, const S* __restrict__ _p_d_i, int64_t _ld_d_i, const S* __restrict__ _p_d_j, int64_t _ld_d_j, const S* __restrict__ _p_d_mean, int64_t _ld_d_mean, const S* __restrict__ _p_d_mean_2, int64_t _ld_d_mean_2, const S* __restrict__ _p_d_mean_3, int64_t _ld_d_mean_3, const S* __restrict__ _p_d_mean_4, int64_t _ld_d_mean_4, const S* __restrict__ _p_d_mean_5, int64_t _ld_d_mean_5, const S* __restrict__ _p_d_o, int64_t _ld_d_o, const S* __restrict__ _p_d_var, int64_t _ld_d_var, const S* __restrict__ _p_d_var_2, int64_t _ld_d_var_2, const S* __restrict__ _p_d_var_3, int64_t _ld_d_var_3, const S* __restrict__ _p_d_var_4, int64_t _ld_d_var_4, const S* __restrict__ _p_d_var_5, int64_t _ld_d_var_5, const S* __restrict__ _p_f, int64_t _ld_f, const S* __restrict__ _p_g_c, int64_t _ld_g_c, const S* __restrict__ _p_g_f, int64_t _ld_g_f, const S* __restrict__ _p_g_i, int64_t _ld_g_i, const S* __restrict__ _p_g_j, int64_t _ld_g_j, const S* __restrict__ _p_g_o, int64_t _ld_g_o, const S* __restrict__ _p_i, int64_t _ld_i, const S* __restrict__ _p_inv_n_H, int64_t _ld_inv_n_H, const S* __restrict__ _p_j, int64_t _ld_j, const S* __restrict__ _p_mask_j, int64_t _ld_mask_j, const S* __restrict__ _p_mean, int64_t _ld_mean, const S* __restrict__ _p_mean_2, int64_t _ld_mean_2, const S* __restrict__ _p_mean_3, int64_t _ld_mean_3, const S* __restrict__ _p_mean_4, int64_t _ld_mean_4, const S* __restrict__ _p_mean_5, int64_t _ld_mean_5, const S* __restrict__ _p_o, int64_t _ld_o, const S* __restrict__ _p_rstd, int64_t _ld_rstd, const S* __restrict__ _p_rstd_2, int64_t _ld_rstd_2, const S* __restrict__ _p_rstd_3, int64_t _ld_rstd_3, const S* __restrict__ _p_rstd_4, int64_t _ld_rstd_4, const S* __restrict__ _p_rstd_5, int64_t _ld_rstd_5, S* __restrict__ _p_d_h, int64_t _ld_d_h, S* __restrict__ _p_d_c, int64_t _ld_d_c, S* __restrict__ _p_d_g_i, int64_t _ld_d_g_i, S* __restrict__ _p_d_b_i, int64_t _ld_d_b_i, S* __restrict__ _p_d_g_j, int64_t _ld_d_g_j, S* __restrict__ _p_d_b_j, int64_t _ld_d_b_j, S* __restrict__ _p_d_g_f, int64_t _ld_d_g_f, S* __restrict__ _p_d_b_f, int64_t _ld_d_b_f, S* __restrict__ _p_d_g_o, int64_t _ld_d_g_o, S* __restrict__ _p_d_b_o, int64_t _ld_d_b_o, S* __restrict__ _p_d_g_c, int64_t _ld_d_g_c, S* __restrict__ _p_d_b_c, int64_t _ld_d_b_c, S* __restrict__ _p_d_W_i_x, int64_t _ld_d_W_i_x, S* __restrict__ _p_d_W_j_x, int64_t _ld_d_W_j_x, S* __restrict__ _p_d_W_f_x, int64_t _ld_d_W_f_x, S* __restrict__ _p_d_W_o_x, int64_t _ld_d_W_o_x)
 {
     typedef typename cs_math<S>::type M;
     for (int64_t _r = blockIdx.x; _r < _rows; _r += gridDim.x)
-        layer_norm_basic_lstm_backward_bwd_leaf_rows_row<S, M>(_r, threadIdx.x, blockDim.x, n_H, _p_U_f_h, _ld_U_f_h, _p_U_i_h, _ld_U_i_h, _p_U_j_h, _ld_U_j_h, _p_U_o_h, _ld_U_o_h, _p_W_f_x, _ld_W_f_x, _p_W_i_x, _ld_W_i_x, _p_W_j_x, _ld_W_j_x, _p_W_o_x, _ld_W_o_x, _p_c, _ld_c, _p_d_c_next, _ld_d_c_next, _p_d_f, _ld_d_f, _p_d_h_gemm, _ld_d_h_gemm, _p_d_i, _ld_d_i, _p_d_j, _ld_d_j, _p_d_mean, _ld_d_mean, _p_d_mean_10, _ld_d_mean_10, _p_d_mean_2, _ld_d_mean_2, _p_d_mean_3, _ld_d_mean_3, _p_d_mean_4, _ld_d_mean_4, _p_d_mean_5, _ld_d_mean_5, _p_d_mean_6, _ld_d_mean_6, _p_d_mean_7, _ld_d_mean_7, _p_d_mean_8, _ld_d_mean_8, _p_d_mean_9, _ld_d_mean_9, _p_d_o, _ld_d_o, _p_f, _ld_f, _p_g_c, _ld_g_c, _p_g_f, _ld_g_f, _p_g_i, _ld_g_i, _p_g_j, _ld_g_j, _p_g_o, _ld_g_o, _p_i, _ld_i, _p_inv_n_H, _ld_inv_n_H, _p_j, _ld_j, _p_mask_j, _ld_mask_j, _p_mean, _ld_mean, _p_mean_3, _ld_mean_3, _p_mean_5, _ld_mean_5, _p_mean_7, _ld_mean_7, _p_mean_9, _ld_mean_9, _p_o, _ld_o, _p_rstd, _ld_rstd, _p_rstd_2, _ld_rstd_2, _p_rstd_3, _ld_rstd_3, _p_rstd_4, _ld_rstd_4, _p_rstd_5, _ld_rstd_5, _p_d_h, _ld_d_h, _p_d_c, _ld_d_c, _p_d_g_i, _ld_d_g_i, _p_d_b_i, _ld_d_b_i, _p_d_g_j, _ld_d_g_j, _p_d_b_j, _ld_d_b_j, _p_d_g_f, _ld_d_g_f, _p_d_b_f, _ld_d_b_f, _p_d_g_o, _ld_d_g_o, _p_d_b_o, _ld_d_b_o, _p_d_g_c, _ld_d_g_c, _p_d_b_c, _ld_d_b_c, _p_d_W_i_x, _ld_d_W_i_x, _p_d_W_j_x, _ld_d_W_j_x, _p_d_W_f_x, _ld_d_W_f_x, _p_d_W_o_x, _ld_d_W_o_x);
+        layer_norm_basic_lstm_backward_bwd_leaf_rows_row<S, M>(_r, threadIdx.x, blockDim.x, n_H, _p_U_f_h, _ld_U_f_h, _p_U_i_h, _ld_U_i_h, _p_U_j_h, _ld_U_j_h, _p_U_o_h, _ld_U_o_h, _p_W_f_x, _ld_W_f_x, _p_W_i_x, _ld_W_i_x, _p_W_j_x, _ld_W_j_x, _p_W_o_x, _ld_W_o_x, _p_c, _ld_c, _p_d_c_next, _ld_d_c_next, _p_d_f, _ld_d_f, _p_d_h_gemm, _ld_d_h_gemm, _p_d_i, _ld_d_i, _p_d_j, _ld_d_j, _p_d_mean, _ld_d_mean, _p_d_mean_2, _ld_d_mean_2, _p_d_mean_3, _ld_d_mean_3, _p_d_mean_4, _ld_d_mean_4, _p_d_mean_5, _ld_d_mean_5, _p_d_o, _ld_d_o, _p_d_var, _ld_d_var, _p_d_var_2, _ld_d_var_2, _p_d_var_3, _ld_d_var_3, _p_d_var_4, _ld_d_var_4, _p_d_var_5, _ld_d_var_5, _p_f, _ld_f, _p_g_c, _ld_g_c, _p_g_f, _ld_g_f, _p_g_i, _ld_g_i, _p_g_j, _ld_g_j, _p_g_o, _ld_g_o, _p_i, _ld_i, _p_inv_n_H, _ld_inv_n_H, _p_j, _ld_j, _p_mask_j, _ld_mask_j, _p_mean, _ld_mean, _p_mean_2, _ld_mean_2, _p_mean_3, _ld_mean_3, _p_mean_4, _ld_mean_4, _p_mean_5, _ld_mean_5, _p_o, _ld_o, _p_rstd, _ld_rstd, _p_rstd_2, _ld_rstd_2, _p_rstd_3, _ld_rstd_3, _p_rstd_4, _ld_rstd_4, _p_rstd_5, _ld_rstd_5, _p_d_h, _ld_d_h, _p_d_c, _ld_d_c, _p_d_g_i, _ld_d_g_i, _p_d_b_i, _ld_d_b_i, _p_d_g_j, _ld_d_g_j, _p_d_b_j, _ld_d_b_j, _p_d_g_f, _ld_d_g_f, _p_d_b_f, _ld_d_b_f, _p_d_g_o, _ld_d_g_o, _p_d_b_o, _ld_d_b_o, _p_d_g_c, _ld_d_g_c, _p_d_b_c, _ld_d_b_c, _p_d_W_i_x, _ld_d_W_i_x, _p_d_W_j_x, _ld_d_W_j_x, _p_d_W_f_x, _ld_d_W_f_x, _p_d_W_o_x, _ld_d_W_o_x);
 }
 
 template <typename S>
-static int layer_norm_basic_lstm_backward_bwd_leaf_rows_launch(int64_t _rows, int64_t n_H, const void* _p_U_f_h, int64_t _ld_U_f_h, const void* _p_U_i_h, int64_t _ld_U_i_h, const void* _p_U_j_h, int64_t _ld_U_j_h, const void* _p_U_o_h, int64_t _ld_U_o_h, const void* _p_W_f_x, int64_t _ld_W_f_x, const void* _p_W_i_x, int64_t _ld_W_i_x, const void* _p_W_j_x, int64_t _ld_W_j_x, const void* _p_W_o_x, int64_t _ld_W_o_x, const void* _p_c, int64_t _ld_c, const void* _p_d_c_next, int64_t _ld_d_c_next, const void* _p_d_f, int64_t _ld_d_f, const void* _p_d_h_gemm, int64_t _ld_d_h_gemm, const void* _p_d_i, int64_t _ld_d_i, const void* _p_d_j, int64_t _ld_d_j, const void* _p_d_mean, int64_t _ld_d_mean, const void* _p_d_mean_10, int64_t _ld_d_mean_10, const void* _p_d_mean_2, int64_t _ld_d_mean_2, const void* _p_d_mean_3, int64_t _ld_d_mean_3, const void* _p_d_mean_4, int64_t _ld_d_mean_4, const void* _p_d_mean_5, int64_t _ld_d_mean_5, const void* _p_d_mean_6, int64_t _ld_d_mean_6, const void* _p_d_mean_7, int64_t _ld_d_mean_7, const void* _p_d_mean_8, int64_t _ld_d_mean_8, const void* _p_d_mean_9, int64_t _ld_d_mean_9, const void* _p_d_o, int64_t _ld_d_o, const void* _p_f, int64_t _ld_f, const void* _p_g_c, int64_t _ld_g_c, const void* _p_g_f, int64_t _ld_g_f, const void* _p_g_i, int64_t _ld_g_i, const void* _p_g_j, int64_t _ld_g_j, const void* _p_g_o, int64_t _ld_g_o, const void* _p_i, int64_t _ld_i, const void* _p_inv_n_H, int64_t _ld_inv_n_H, const void* _p_j, int64_t _ld_j, const void* _p_mask_j, int64_t _ld_mask_j, const void* _p_mean, int64_t _ld_mean, const void* _p_mean_3, int64_t _ld_mean_3, const void* _p_mean_5, int64_t _ld_mean_5, const void* _p_mean_7, int64_t _ld_mean_7, const void* _p_mean_9, int64_t _ld_mean_9, const void* _p_o, int64_t _ld_o, const void* _p_rstd, int64_t _ld_rstd, const void* _p_rstd_2, int64_t _ld_rstd_2, const void* _p_rstd_3, int64_t _ld_rstd_3, const void* _p_rstd_4, int64_t _ld_rstd_4, const void* _p_rstd_5, int64_t _ld_rstd_5, void* _p_d_h, int64_t _ld_d_h, void* _p_d_c, int64_t _ld_d_c, void* _p_d_g_i, int64_t _ld_d_g_i, void* _p_d_b_i, int64_t _ld_d_b_i, void* _p_d_g_j, int64_t _ld_d_g_j, void* _p_d_b_j, int64_t _ld_d_b_j, void* _p_d_g_f, int64_t _ld_d_g_f, void* _p_d_b_f, int64_t _ld_d_b_f, void* _p_d_g_o, int64_t _ld_d_g_o, void* _p_d_b_o, int64_t _ld_d_b_o, void* _p_d_g_c, int64_t _ld_d_g_c, void* _p_d_b_c, int64_t _ld_d_b_c, void* _p_d_W_i_x, int64_t _ld_d_W_i_x, void* _p_d_W_j_x, int64_t _ld_d_W_j_x, void* _p_d_W_f_x, int64_t _ld_d_W_f_x, void* _p_d_W_o_x, int64_t _ld_d_W_o_x, void* _stream)
+static int layer_norm_basic_lstm_backward_bwd_leaf_rows_launch(int64_t _rows, int64_t n_H, const void* _p_U_f_h, int64_t _ld_U_f_h, const void* _p_U_i_h, int64_t _ld_U_i_h, const void* _p_U_j_h, int64_t _ld_U_j_h, const void* _p_U_o_h, int64_t _ld_U_o_h, const void* _p_W_f_x, int64_t _ld_W_f_x, const void* _p_W_i_x, int64_t _ld_W_i_x, const void* _p_W_j_x, int64_t _ld_W_j_x, const void* _p_W_o_x, int64_t _ld_W_o_x, const void* _p_c, int64_t _ld_c, const void* _p_d_c_next, int64_t _ld_d_c_next, const void* _p_d_f, int64_t _ld_d_f, const void* _p_d_h_gemm, int64_t _ld_d_h_gemm, const void* _p_d_i, int64_t _ld_d_i, const void* _p_d_j, int64_t _ld_d_j, const void* _p_d_mean, int64_t _ld_d_mean, const void* _p_d_mean_2, int64_t _ld_d_mean_2, const void* _p_d_mean_3, int64_t _ld_d_mean_3, const void* _p_d_mean_4, int64_t _ld_d_mean_4, const void* _p_d_mean_5, int64_t _ld_d_mean_5, const void* _p_d_o, int64_t _ld_d_o, const void* _p_d_var, int64_t _ld_d_var, const void* _p_d_var_2, int64_t _ld_d_var_2, const void* _p_d_var_3, int64_t _ld_d_var_3, const void* _p_d_var_4, int64_t _ld_d_var_4, const void* _p_d_var_5, int64_t _ld_d_var_5, const void* _p_f, int64_t _ld_f, const void* _p_g_c, int64_t _ld_g_c, const void* _p_g_f, int64_t _ld_g_f, const void* _p_g_i, int64_t _ld_g_i, const void* _p_g_j, int64_t _ld_g_j, const void* _p_g_o, int64_t _ld_g_o, const void* _p_i, int64_t _ld_i, const void* _p_inv_n_H, int64_t _ld_inv_n_H, const void* _p_j, int64_t _ld_j, const void* _p_mask_j, int64_t _ld_mask_j, const void* _p_mean, int64_t _ld_mean, const void* _p_mean_2, int64_t _ld_mean_2, const void* _p_mean_3, int64_t _ld_mean_3, const void* _p_mean_4, int64_t _ld_mean_4, const void* _p_mean_5, int64_t _ld_mean_5, const void* _p_o, int64_t _ld_o, const void* _p_rstd, int64_t _ld_rstd, const void* _p_rstd_2, int64_t _ld_rstd_2, const void* _p_rstd_3, int64_t _ld_rstd_3, const void* _p_rstd_4, int64_t _ld_rstd_4, const void* _p_rstd_5, int64_t _ld_rstd_5, void* _p_d_h, int64_t _ld_d_h, void* _p_d_c, int64_t _ld_d_c, void* _p_d_g_i, int64_t _ld_d_g_i, void* _p_d_b_i, int64_t _ld_d_b_i, void* _p_d_g_j, int64_t _ld_d_g_j, void* _p_d_b_j, int64_t _ld_d_b_j, void* _p_d_g_f, int64_t _ld_d_g_f, void* _p_d_b_f, int64_t _ld_d_b_f, void* _p_d_g_o, int64_t _ld_d_g_o, void* _p_d_b_o, int64_t _ld_d_b_o, void* _p_d_g_c, int64_t _ld_d_g_c, void* _p_d_b_c, int64_t _ld_d_b_c, void* _p_d_W_i_x, int64_t _ld_d_W_i_x, void* _p_d_W_j_x, int64_t _ld_d_W_j_x, void* _p_d_W_f_x, int64_t _ld_d_W_f_x, void* _p_d_W_o_x, int64_t _ld_d_W_o_x, void* _stream)
 {
     if (_rows <= 0) return 0;
     int64_t _cols = 1;
     if (n_H > _cols) _cols = n_H;
     dim3 _grid, _block;
     cs_row_grid(_rows, _cols, &_grid, &_block);
-    layer_norm_basic_lstm_backward_bwd_leaf_rows_kernel<S><<<_grid, _block, 0, (cudaStream_t)_stream>>>(_rows, n_H, (const S*)_p_U_f_h, _ld_U_f_h, (const S*)_p_U_i_h, _ld_U_i_h, (const S*)_p_U_j_h, _ld_U_j_h, (const S*)_p_U_o_h, _ld_U_o_h, (const S*)_p_W_f_x, _ld_W_f_x, (const S*)_p_W_i_x, _ld_W_i_x, (const S*)_p_W_j_x, _ld_W_j_x, (const S*)_p_W_o_x, _ld_W_o_x, (const S*)_p_c, _ld_c, (const S*)_p_d_c_next, _ld_d_c_next, (const S*)_p_d_f, _ld_d_f, (const S*)_p_d_h_gemm, _ld_d_h_gemm, (const S*)_p_d_i, _ld_d_i, (const S*)_p_d_j, _ld_d_j, (const S*)_p_d_mean, _ld_d_mean, (const S*)_p_d_mean_10, _ld_d_mean_10, (const S*)_p_d_mean_2, _ld_d_mean_2, (const S*)_p_d_mean_3, _ld_d_mean_3, (const S*)_p_d_mean_4, _ld_d_mean_4, (const S*)_p_d_mean_5, _ld_d_mean_5, (const S*)_p_d_mean_6, _ld_d_mean_6, (const S*)_p_d_mean_7, _ld_d_mean_7, (const S*)_p_d_mean_8, _ld_d_mean_8, (const S*)_p_d_mean_9, _ld_d_mean_9, (const S*)_p_d_o, _ld_d_o, (const S*)_p_f, _ld_f, (const S*)_p_g_c, _ld_g_c, (const S*)_p_g_f, _ld_g_f, (const S*)_p_g_i, _ld_g_i, (const S*)_p_g_j, _ld_g_j, (const S*)_p_g_o, _ld_g_o, (const S*)_p_i, _ld_i, (const S*)_p_inv_n_H, _ld_inv_n_H, (const S*)_p_j, _ld_j, (const S*)_p_mask_j, _ld_mask_j, (const S*)_p_mean, _ld_mean, (const S*)_p_mean_3, _ld_mean_3, (const S*)_p_mean_5, _ld_mean_5, (const S*)_p_mean_7, _ld_mean_7, (const S*)_p_mean_9, _ld_mean_9, (const S*)_p_o, _ld_o, (const S*)_p_rstd, _ld_rstd, (const S*)_p_rstd_2, _ld_rstd_2, (const S*)_p_rstd_3, _ld_rstd_3, (const S*)_p_rstd_4, _ld_rstd_4, (const S*)_p_rstd_5, _ld_rstd_5, (S*)_p_d_h, _ld_d_h, (S*)_p_d_c, _ld_d_c, (S*)_p_d_g_i, _ld_d_g_i, (S*)_p_d_b_i, _ld_d_b_i, (S*)_p_d_g_j, _ld_d_g_j, (S*)_p_d_b_j, _ld_d_b_j, (S*)_p_d_g_f, _ld_d_g_f, (S*)_p_d_b_f, _ld_d_b_f, (S*)_p_d_g_o, _ld_d_g_o, (S*)_p_d_b_o, _ld_d_b_o, (S*)_p_d_g_c, _ld_d_g_c, (S*)_p_d_b_c, _ld_d_b_c, (S*)_p_d_W_i_x, _ld_d_W_i_x, (S*)_p_d_W_j_x, _ld_d_W_j_x, (S*)_p_d_W_f_x, _ld_d_W_f_x, (S*)_p_d_W_o_x, _ld_d_W_o_x);
+    layer_norm_basic_lstm_backward_bwd_leaf_rows_kernel<S><<<_grid, _block, 0, (cudaStream_t)_stream>>>(_rows, n_H, (const S*)_p_U_f_h, _ld_U_f_h, (const S*)_p_U_i_h, _ld_U_i_h, (const S*)_p_U_j_h, _ld_U_j_h, (const S*)_p_U_o_h, _ld_U_o_h, (const S*)_p_W_f_x, _ld_W_f_x, (const S*)_p_W_i_x, _ld_W_i_x, (const S*)_p_W_j_x, _ld_W_j_x, (const S*)_p_W_o_x, _ld_W_o_x, (const S*)_p_c, _ld_c, (const S*)_p_d_c_next, _ld_d_c_next, (const S*)_p_d_f, _ld_d_f, (const S*)_p_d_h_gemm, _ld_d_h_gemm, (const S*)_p_d_i, _ld_d_i, (const S*)_p_d_j, _ld_d_j, (const S*)_p_d_mean, _ld_d_mean, (const S*)_p_d_mean_2, _ld_d_mean_2, (const S*)_p_d_mean_3, _ld_d_mean_3, (const S*)_p_d_mean_4, _ld_d_mean_4, (const S*)_p_d_mean_5, _ld_d_mean_5, (const S*)_p_d_o, _ld_d_o, (const S*)_p_d_var, _ld_d_var, (const S*)_p_d_var_2, _ld_d_var_2, (const S*)_p_d_var_3, _ld_d_var_3, (const S*)_p_d_var_4, _ld_d_var_4, (const S*)_p_d_var_5, _ld_d_var_5, (const S*)_p_f, _ld_f, (const S*)_p_g_c, _ld_g_c, (const S*)_p_g_f, _ld_g_f, (const S*)_p_g_i, _ld_g_i, (const S*)_p_g_j, _ld_g_j, (const S*)_p_g_o, _ld_g_o, (const S*)_p_i, _ld_i, (const S*)_p_inv_n_H, _ld_inv_n_H, (const S*)_p_j, _ld_j, (const S*)_p_mask_j, _ld_mask_j, (const S*)_p_mean, _ld_mean, (const S*)_p_mean_2, _ld_mean_2, (const S*)_p_mean_3, _ld_mean_3, (const S*)_p_mean_4, _ld_mean_4, (const S*)_p_mean_5, _ld_mean_5, (const S*)_p_o, _ld_o, (const S*)_p_rstd, _ld_rstd, (const S*)_p_rstd_2, _ld_rstd_2, (const S*)_p_rstd_3, _ld_rstd_3, (const S*)_p_rstd_4, _ld_rstd_4, (const S*)_p_rstd_5, _ld_rstd_5, (S*)_p_d_h, _ld_d_h, (S*)_p_d_c, _ld_d_c, (S*)_p_d_g_i, _ld_d_g_i, (S*)_p_d_b_i, _ld_d_b_i, (S*)_p_d_g_j, _ld_d_g_j, (S*)_p_d_b_j, _ld_d_b_j, (S*)_p_d_g_f, _ld_d_g_f, (S*)_p_d_b_f, _ld_d_b_f, (S*)_p_d_g_o, _ld_d_g_o, (S*)_p_d_b_o, _ld_d_b_o, (S*)_p_d_g_c, _ld_d_g_c, (S*)_p_d_b_c, _ld_d_b_c, (S*)_p_d_W_i_x, _ld_d_W_i_x, (S*)_p_d_W_j_x, _ld_d_W_j_x, (S*)_p_d_W_f_x, _ld_d_W_f_x, (S*)_p_d_W_o_x, _ld_d_W_o_x);
     return (int)cudaGetLastError();
 }
 #else
 template <typename S>
-static inline void layer_norm_basic_lstm_backward_bwd_leaf_rows_host(int64_t _rows, int64_t n_H, const S* __restrict__ _p_U_f_h, int64_t _ld_U_f_h, const S* __restrict__ _p_U_i_h, int64_t _ld_U_i_h, const S* __restrict__ _p_U_j_h, int64_t _ld_U_j_h, const S* __restrict__ _p_U_o_h, int64_t _ld_U_o_h, const S* __restrict__ _p_W_f_x, int64_t _ld_W_f_x, const S* __restrict__ _p_W_i_x, int64_t _ld_W_i_x, const S* __restrict__ _p_W_j_x, int64_t _ld_W_j_x, const S* __restrict__ _p_W_o_x, int64_t _ld_W_o_x, const S* __restrict__ _p_c, int64_t _ld_c, const S* __restrict__ _p_d_c_next, int64_t _ld_d_c_next, const S* __restrict__ _p_d_f, int64_t _ld_d_f, const S* __restrict__ _p_d_h_gemm, int64_t _ld_d_h_gemm, const S* __restrict__ _p_d_i, int64_t _ld_d_i, const S* __restrict__ _p_d_j, int64_t _ld_d_j, const S* __restrict__ _p_d_mean, int64_t _ld_d_mean, const S* __restrict__ _p_d_mean_10, int64_t _ld_d_mean_10, const S* __restrict__ _p_d_mean_2, int64_t _ld_d_mean_2, const S* __restrict__ _p_d_mean_3, int64_t _ld_d_mean_3, const S* __restrict__ _p_d_mean_4, int64_t _ld_d_mean_4, const S* __restrict__ _p_d_mean_5, int64_t _ld_d_mean_5, const S* __restrict__ _p_d_mean_6, int64_t _ld_d_mean_6, const S* __restrict__ _p_d_mean_7, int64_t _ld_d_mean_7, const S* __restrict__ _p_d_mean_8, int64_t _ld_d_mean_8, const S* __restrict__ _p_d_mean_9, int64_t _ld_d_mean_9, const S* __restrict__ _p_d_o, int64_t _ld_d_o, const S* __restrict__ _p_f, int64_t _ld_f, const S* __restrict__ _p_g_c, int64_t _ld_g_c, const S* __restrict__ _p_g_f, int64_t _ld_g_f, const S* __restrict__ _p_g_i, int64_t _ld_g_i, const S* __restrict__ _p_g_j, int64_t _ld_g_j, const S* __restrict__ _p_g_o, int64_t _ld_g_o, const S* __restrict__ _p_i, int64_t _ld_i, const S* __restrict__ _p_inv_n_H, int64_t _ld_inv_n_H, const S* __restrict__ _p_j, int64_t _ld_j, const S* __restrict__ _p_mask_j, int64_t _ld_mask_j, const S* __restrict__ _p_mean, int64_t _ld_mean, const S* __restrict__ _p_mean_3, int64_t _ld_mean_3, const S* __restrict__ _p_mean_5, int64_t _ld_mean_5, const S* __restrict__ _p_mean_7, int64_t _ld_mean_7, const S* __restrict__ _p_mean_9, int64_t _ld_mean_9, const S* __restrict__ _p_o, int64_t _ld_o, const S* __restrict__ _p_rstd, int64_t _ld_rstd, const S* __restrict__ _p_rstd_2, int64_t _ld_rstd_2, const S* __restrict__ _p_rstd_3, int64_t _ld_rstd_3, const S* __restrict__ _p_rstd_4, int64_t _ld_rstd_4, const S* __restrict__ _p_rstd_5, int64_t _ld_rstd_5, S* __restrict__ _p_d_h, int64_t _ld_d_h, S* __restrict__ _p_d_c, int64_t _ld_d_c, S* __restrict__ _p_d_g_i, int64_t _ld_d_g_i, S* __restrict__ _p_d_b_i, int64_t _ld_d_b_i, S* __restrict__ _p_d_g_j, int64_t _ld_d_g_j, S* __restrict__ _p_d_b_j, int64_t _ld_d_b_j, S* __restrict__ _p_d_g_f, int64_t _ld_d_g_f, S* __restrict__ _p_d_b_f, int64_t _ld_d_b_f, S* __restrict__ _p_d_g_o, int64_t _ld_d_g_o, S* __restrict__ _p_d_b_o, int64_t _ld_d_b_o, S* __restrict__ _p_d_g_c, int64_t _ld_d_g_c, S* __restrict__ _p_d_b_c, int64_t _ld_d_b_c, S* __restrict__ _p_d_W_i_x, int64_t _ld_d_W_i_x, S* __restrict__ _p_d_W_j_x, int64_t _ld_d_W_j_x, S* __restrict__ _p_d_W_f_x, int64_t _ld_d_W_f_x, S* __restrict__ _p_d_W_o_x, int64_t _ld_d_W_o_x)
+static inline void layer_norm_basic_lstm_backward_bwd_leaf_rows_host(int64_t _rows, int64_t n_H, const S* __restrict__ _p_U_f_h, int64_t _ld_U_f_h, const S* __restrict__ _p_U_i_h, int64_t _ld_U_i_h, const S* __restrict__ _p_U_j_h, int64_t _ld_U_j_h, const S* __restrict__ _p_U_o_h, int64_t _ld_U_o_h, const S* __restrict__ _p_W_f_x, int64_t _ld_W_f_x, const S* __restrict__ _p_W_i_x, int64_t _ld_W_i_x, const S* __restrict__ _p_W_j_x, int64_t _ld_W_j_x, const S* __restrict__ _p_W_o_x, int64_t _ld_W_o_x, const S* __restrict__ _p_c, int64_t _ld_c, const S* __restrict__ _p_d_c_next, int64_t _ld_d_c_next, const S* __restrict__ _p_d_f, int64_t _ld_d_f, const S* __restrict__ _p_d_h_gemm, int64_t _ld_d_h_gemm, const S* __restrict__ _p_d_i, int64_t _ld_d_i, const S* __restrict__ _p_d_j, int64_t _ld_d_j, const S* __restrict__ _p_d_mean, int64_t _ld_d_mean, const S* __restrict__ _p_d_mean_2, int64_t _ld_d_mean_2, const S* __restrict__ _p_d_mean_3, int64_t _ld_d_mean_3, const S* __restrict__ _p_d_mean_4, int64_t _ld_d_mean_4, const S* __restrict__ _p_d_mean_5, int64_t _ld_d_mean_5, const S* __restrict__ _p_d_o, int64_t _ld_d_o, const S* __restrict__ _p_d_var, int64_t _ld_d_var, const S* __restrict__ _p_d_var_2, int64_t _ld_d_var_2, const S* __restrict__ _p_d_var_3, int64_t _ld_d_var_3, const S* __restrict__ _p_d_var_4, int64_t _ld_d_var_4, const S* __restrict__ _p_d_var_5, int64_t _ld_d_var_5, const S* __restrict__ _p_f, int64_t _ld_f, const S* __restrict__ _p_g_c, int64_t _ld_g_c, const S* __restrict__ _p_g_f, int64_t _ld_g_f, const S* __restrict__ _p_g_i, int64_t _ld_g_i, const S* __restrict__ _p_g_j, int64_t _ld_g_j, const S* __restrict__ _p_g_o, int64_t _ld_g_o, const S* __restrict__ _p_i, int64_t _ld_i, const S* __restrict__ _p_inv_n_H, int64_t _ld_inv_n_H, const S* __restrict__ _p_j, int64_t _ld_j, const S* __restrict__ _p_mask_j, int64_t _ld_mask_j, const S* __restrict__ _p_mean, int64_t _ld_mean, const S* __restrict__ _p_mean_2, int64_t _ld_mean_2, const S* __restrict__ _p_mean_3, int64_t _ld_mean_3, const S* __restrict__ _p_mean_4, int64_t _ld_mean_4, const S* __restrict__ _p_mean_5, int64_t _ld_mean_5, const S* __restrict__ _p_o, int64_t _ld_o, const S* __restrict__ _p_rstd, int64_t _ld_rstd, const S* __restrict__ _p_rstd_2, int64_t _ld_rstd_2, const S* __restrict__ _p_rstd_3, int64_t _ld_rstd_3, const S* __restrict__ _p_rstd_4, int64_t _ld_rstd_4, const S* __restrict__ _p_rstd_5, int64_t _ld_rstd_5, S* __restrict__ _p_d_h, int64_t _ld_d_h, S* __restrict__ _p_d_c, int64_t _ld_d_c, S* __restrict__ _p_d_g_i, int64_t _ld_d_g_i, S* __restrict__ _p_d_b_i, int64_t _ld_d_b_i, S* __restrict__ _p_d_g_j, int64_t _ld_d_g_j, S* __restrict__ _p_d_b_j, int64_t _ld_d_b_j, S* __restrict__ _p_d_g_f, int64_t _ld_d_g_f, S* __restrict__ _p_d_b_f, int64_t _ld_d_b_f, S* __restrict__ _p_d_g_o, int64_t _ld_d_g_o, S* __restrict__ _p_d_b_o, int64_t _ld_d_b_o, S* __restrict__ _p_d_g_c, int64_t _ld_d_g_c, S* __restrict__ _p_d_b_c, int64_t _ld_d_b_c, S* __restrict__ _p_d_W_i_x, int64_t _ld_d_W_i_x, S* __restrict__ _p_d_W_j_x, int64_t _ld_d_W_j_x, S* __restrict__ _p_d_W_f_x, int64_t _ld_d_W_f_x, S* __restrict__ _p_d_W_o_x, int64_t _ld_d_W_o_x)
 {
 #pragma omp parallel for schedule(static) if (_rows * (n_H) >= 2048)
     for (int64_t _r = 0; _r < _rows; ++_r)
-        layer_norm_basic_lstm_backward_bwd_leaf_rows_row<S, S>(_r, 0, 1, n_H, _p_U_f_h, _ld_U_f_h, _p_U_i_h, _ld_U_i_h, _p_U_j_h, _ld_U_j_h, _p_U_o_h, _ld_U_o_h, _p_W_f_x, _ld_W_f_x, _p_W_i_x, _ld_W_i_x, _p_W_j_x, _ld_W_j_x, _p_W_o_x, _ld_W_o_x, _p_c, _ld_c, _p_d_c_next, _ld_d_c_next, _p_d_f, _ld_d_f, _p_d_h_gemm, _ld_d_h_gemm, _p_d_i, _ld_d_i, _p_d_j, _ld_d_j, _p_d_mean, _ld_d_mean, _p_d_mean_10, _ld_d_mean_10, _p_d_mean_2, _ld_d_mean_2, _p_d_mean_3, _ld_d_mean_3, _p_d_mean_4, _ld_d_mean_4, _p_d_mean_5, _ld_d_mean_5, _p_d_mean_6, _ld_d_mean_6, _p_d_mean_7, _ld_d_mean_7, _p_d_mean_8, _ld_d_mean_8, _p_d_mean_9, _ld_d_mean_9, _p_d_o, _ld_d_o, _p_f, _ld_f, _p_g_c, _ld_g_c, _p_g_f, _ld_g_f, _p_g_i, _ld_g_i, _p_g_j, _ld_g_j, _p_g_o, _ld_g_o, _p_i, _ld_i, _p_inv_n_H, _ld_inv_n_H, _p_j, _ld_j, _p_mask_j, _ld_mask_j, _p_mean, _ld_mean, _p_mean_3, _ld_mean_3, _p_mean_5, _ld_mean_5, _p_mean_7, _ld_mean_7, _p_mean_9, _ld_mean_9, _p_o, _ld_o, _p_rstd, _ld_rstd, _p_rstd_2, _ld_rstd_2, _p_rstd_3, _ld_rstd_3, _p_rstd_4, _ld_rstd_4, _p_rstd_5, _ld_rstd_5, _p_d_h, _ld_d_h, _p_d_c, _ld_d_c, _p_d_g_i, _ld_d_g_i, _p_d_b_i, _ld_d_b_i, _p_d_g_j, _ld_d_g_j, _p_d_b_j, _ld_d_b_j, _p_d_g_f, _ld_d_g_f, _p_d_b_f, _ld_d_b_f, _p_d_g_o, _ld_d_g_o, _p_d_b_o, _ld_d_b_o, _p_d_g_c, _ld_d_g_c, _p_d_b_c, _ld_d_b_c, _p_d_W_i_x, _ld_d_W_i_x, _p_d_W_j_x, _ld_d_W_j_x, _p_d_W_f_x, _ld_d_W_f_x, _p_d_W_o_x, _ld_d_W_o_x);
+        layer_norm_basic_lstm_backward_bwd_leaf_rows_row<S, S>(_r, 0, 1, n_H, _p_U_f_h, _ld_U_f_h, _p_U_i_h, _ld_U_i_h, _p_U_j_h, _ld_U_j_h, _p_U_o_h, _ld_U_o_h, _p_W_f_x, _ld_W_f_x, _p_W_i_x, _ld_W_i_x, _p_W_j_x, _ld_W_j_x, _p_W_o_x, _ld_W_o_x, _p_c, _ld_c, _p_d_c_next, _ld_d_c_next, _p_d_f, _ld_d_f, _p_d_h_gemm, _ld_d_h_gemm, _p_d_i, _ld_d_i, _p_d_j, _ld_d_j, _p_d_mean, _ld_d_mean, _p_d_mean_2, _ld_d_mean_2, _p_d_mean_3, _ld_d_mean_3, _p_d_mean_4, _ld_d_mean_4, _p_d_mean_5, _ld_d_mean_5, _p_d_o, _ld_d_o, _p_d_var, _ld_d_var, _p_d_var_2, _ld_d_var_2, _p_d_var_3, _ld_d_var_3, _p_d_var_4, _ld_d_var_4, _p_d_var_5, _ld_d_var_5, _p_f, _ld_f, _p_g_c, _ld_g_c, _p_g_f, _ld_g_f, _p_g_i, _ld_g_i, _p_g_j, _ld_g_j, _p_g_o, _ld_g_o, _p_i, _ld_i, _p_inv_n_H, _ld_inv_n_H, _p_j, _ld_j, _p_mask_j, _ld_mask_j, _p_mean, _ld_mean, _p_mean_2, _ld_mean_2, _p_mean_3, _ld_mean_3, _p_mean_4, _ld_mean_4, _p_mean_5, _ld_mean_5, _p_o, _ld_o, _p_rstd, _ld_rstd, _p_rstd_2, _ld_rstd_2, _p_rstd_3, _ld_rstd_3, _p_rstd_4, _ld_rstd_4, _p_rstd_5, _ld_rstd_5, _p_d_h, _ld_d_h, _p_d_c, _ld_d_c, _p_d_g_i, _ld_d_g_i, _p_d_b_i, _ld_d_b_i, _p_d_g_j, _ld_d_g_j, _p_d_b_j, _ld_d_b_j, _p_d_g_f, _ld_d_g_f, _p_d_b_f, _ld_d_b_f, _p_d_g_o, _ld_d_g_o, _p_d_b_o, _ld_d_b_o, _p_d_g_c, _ld_d_g_c, _p_d_b_c, _ld_d_b_c, _p_d_W_i_x, _ld_d_W_i_x, _p_d_W_j_x, _ld_d_W_j_x, _p_d_W_f_x, _ld_d_W_f_x, _p_d_W_o_x, _ld_d_W_o_x);
 }
 #endif
 
@@ -1139,7 +1139,7 @@ static inline void layer_norm_basic_lstm_backward_bwd_leaf_rows_host(int64_t _ro
 
 // =============================================================================================
 // layer_norm_basic_lstm: the whole sequence, forward
-// ptrs: 0 x_x, 1 x_mask_j, 2 s_h, 3 s_c, 4 p_g_i, 5 p_b_i, 6 p_g_j, 7 p_b_j, 8 p_g_f, 9 p_b_f, 10 p_g_o, 11 p_b_o, 12 p_g_c, 13 p_b_c, 14 p_inv_n_H, 15 hg_W_i_W_j_W_f_W_o__x, 16 g_U_i_U_j_U_f_U_o__h, 17 v_mean, 18 v_mean_2, 19 v_rstd, 20 v_i, 21 v_mean_3, 22 v_mean_4, 23 v_rstd_2, 24 v_j, 25 v_mean_5, 26 v_mean_6, 27 v_rstd_3, 28 v_f, 29 v_mean_7, 30 v_mean_8, 31 v_rstd_4, 32 v_o, 33 v_mean_9, 34 v_mean_10, 35 v_rstd_5, 36 weight W_i_W_j_W_f_W_o, 37 weight U_i_U_j_U_f_U_o, 38 batch sizes (host, or NULL)
+// ptrs: 0 x_x, 1 x_mask_j, 2 s_h, 3 s_c, 4 p_g_i, 5 p_b_i, 6 p_g_j, 7 p_b_j, 8 p_g_f, 9 p_b_f, 10 p_g_o, 11 p_b_o, 12 p_g_c, 13 p_b_c, 14 p_inv_n_H, 15 hg_W_i_W_j_W_f_W_o__x, 16 g_U_i_U_j_U_f_U_o__h, 17 v_mean, 18 v_var, 19 v_rstd, 20 v_i, 21 v_mean_2, 22 v_var_2, 23 v_rstd_2, 24 v_j, 25 v_mean_3, 26 v_var_3, 27 v_rstd_3, 28 v_f, 29 v_mean_4, 30 v_var_4, 31 v_rstd_4, 32 v_o, 33 v_mean_5, 34 v_var_5, 35 v_rstd_5, 36 weight W_i_W_j_W_f_W_o, 37 weight U_i_U_j_U_f_U_o, 38 batch sizes (host, or NULL)
 
 // =============================================================================================
 template <typename S, typename G>
@@ -1189,40 +1189,40 @@ static int layer_norm_basic_lstm_forward_run(const int64_t* dims, void* const* p
     (void)b_g_U_i_U_j_U_f_U_o__h;
     S* b_v_mean = (S*)ptrs[17];
     (void)b_v_mean;
-    S* b_v_mean_2 = (S*)ptrs[18];
-    (void)b_v_mean_2;
+    S* b_v_var = (S*)ptrs[18];
+    (void)b_v_var;
     S* b_v_rstd = (S*)ptrs[19];
     (void)b_v_rstd;
     S* b_v_i = (S*)ptrs[20];
     (void)b_v_i;
-    S* b_v_mean_3 = (S*)ptrs[21];
-    (void)b_v_mean_3;
-    S* b_v_mean_4 = (S*)ptrs[22];
-    (void)b_v_mean_4;
+    S* b_v_mean_2 = (S*)ptrs[21];
+    (void)b_v_mean_2;
+    S* b_v_var_2 = (S*)ptrs[22];
+    (void)b_v_var_2;
     S* b_v_rstd_2 = (S*)ptrs[23];
     (void)b_v_rstd_2;
     S* b_v_j = (S*)ptrs[24];
     (void)b_v_j;
-    S* b_v_mean_5 = (S*)ptrs[25];
-    (void)b_v_mean_5;
-    S* b_v_mean_6 = (S*)ptrs[26];
-    (void)b_v_mean_6;
+    S* b_v_mean_3 = (S*)ptrs[25];
+    (void)b_v_mean_3;
+    S* b_v_var_3 = (S*)ptrs[26];
+    (void)b_v_var_3;
     S* b_v_rstd_3 = (S*)ptrs[27];
     (void)b_v_rstd_3;
     S* b_v_f = (S*)ptrs[28];
     (void)b_v_f;
-    S* b_v_mean_7 = (S*)ptrs[29];
-    (void)b_v_mean_7;
-    S* b_v_mean_8 = (S*)ptrs[30];
-    (void)b_v_mean_8;
+    S* b_v_mean_4 = (S*)ptrs[29];
+    (void)b_v_mean_4;
+    S* b_v_var_4 = (S*)ptrs[30];
+    (void)b_v_var_4;
     S* b_v_rstd_4 = (S*)ptrs[31];
     (void)b_v_rstd_4;
     S* b_v_o = (S*)ptrs[32];
     (void)b_v_o;
-    S* b_v_mean_9 = (S*)ptrs[33];
-    (void)b_v_mean_9;
-    S* b_v_mean_10 = (S*)ptrs[34];
-    (void)b_v_mean_10;
+    S* b_v_mean_5 = (S*)ptrs[33];
+    (void)b_v_mean_5;
+    S* b_v_var_5 = (S*)ptrs[34];
+    (void)b_v_var_5;
     S* b_v_rstd_5 = (S*)ptrs[35];
     (void)b_v_rstd_5;
     const S* w_W_i_W_j_W_f_W_o = (const S*)ptrs[36];
@@ -1234,23 +1234,23 @@ static int layer_norm_basic_lstm_forward_run(const int64_t* dims, void* const* p
     if (bs) {  // rows of ended sequences, which no step writes, are read over all T*B rows
         CS_ZERO(b_g_U_i_U_j_U_f_U_o__h, (n_T) * (n_B) * (4*n_H));
         CS_ZERO(b_v_mean, (n_T) * (n_B) * (1));
-        CS_ZERO(b_v_mean_2, (n_T) * (n_B) * (1));
+        CS_ZERO(b_v_var, (n_T) * (n_B) * (1));
         CS_ZERO(b_v_rstd, (n_T) * (n_B) * (1));
         CS_ZERO(b_v_i, (n_T) * (n_B) * (n_H));
-        CS_ZERO(b_v_mean_3, (n_T) * (n_B) * (1));
-        CS_ZERO(b_v_mean_4, (n_T) * (n_B) * (1));
+        CS_ZERO(b_v_mean_2, (n_T) * (n_B) * (1));
+        CS_ZERO(b_v_var_2, (n_T) * (n_B) * (1));
         CS_ZERO(b_v_rstd_2, (n_T) * (n_B) * (1));
         CS_ZERO(b_v_j, (n_T) * (n_B) * (n_H));
-        CS_ZERO(b_v_mean_5, (n_T) * (n_B) * (1));
-        CS_ZERO(b_v_mean_6, (n_T) * (n_B) * (1));
+        CS_ZERO(b_v_mean_3, (n_T) * (n_B) * (1));
+        CS_ZERO(b_v_var_3, (n_T) * (n_B) * (1));
         CS_ZERO(b_v_rstd_3, (n_T) * (n_B) * (1));
         CS_ZERO(b_v_f, (n_T) * (n_B) * (n_H));
-        CS_ZERO(b_v_mean_7, (n_T) * (n_B) * (1));
-        CS_ZERO(b_v_mean_8, (n_T) * (n_B) * (1));
+        CS_ZERO(b_v_mean_4, (n_T) * (n_B) * (1));
+        CS_ZERO(b_v_var_4, (n_T) * (n_B) * (1));
         CS_ZERO(b_v_rstd_4, (n_T) * (n_B) * (1));
         CS_ZERO(b_v_o, (n_T) * (n_B) * (n_H));
-        CS_ZERO(b_v_mean_9, (n_T) * (n_B) * (1));
-        CS_ZERO(b_v_mean_10, (n_T) * (n_B) * (1));
+        CS_ZERO(b_v_mean_5, (n_T) * (n_B) * (1));
+        CS_ZERO(b_v_var_5, (n_T) * (n_B) * (1));
         CS_ZERO(b_v_rstd_5, (n_T) * (n_B) * (1));
     }
     // hg_W_i_W_j_W_f_W_o__x = x @ [W_i, W_j, W_f, W_o]^T  (W_i @ x, W_j @ x, W_f @ x, W_o @ x)
@@ -1261,7 +1261,7 @@ static int layer_norm_basic_lstm_forward_run(const int64_t* dims, void* const* p
         // g_U_i_U_j_U_f_U_o__h = h @ [U_i, U_j, U_f, U_o]^T  (U_i @ h, U_j @ h, U_f @ h, U_o @ h)
         CS_GEMM_NT_PACKED(rows, 4*n_H, n_H, b_s_h + t * n_B * (n_H), n_H, pk_U_i_U_j_U_f_U_o_nt, b_g_U_i_U_j_U_f_U_o__h + t * n_B * (4*n_H), 4*n_H, 0);
         // forward: stage 0 forward, row by row (reductions over the units)
-        CS_ROWS(layer_norm_basic_lstm_forward_fwd0_rows, rows, n_H, b_g_U_i_U_j_U_f_U_o__h + t * n_B * (4*n_H) + 2*n_H, 4*n_H, b_g_U_i_U_j_U_f_U_o__h + t * n_B * (4*n_H), 4*n_H, b_g_U_i_U_j_U_f_U_o__h + t * n_B * (4*n_H) + n_H, 4*n_H, b_g_U_i_U_j_U_f_U_o__h + t * n_B * (4*n_H) + 3*n_H, 4*n_H, b_hg_W_i_W_j_W_f_W_o__x + t * n_B * (4*n_H) + 2*n_H, 4*n_H, b_hg_W_i_W_j_W_f_W_o__x + t * n_B * (4*n_H), 4*n_H, b_hg_W_i_W_j_W_f_W_o__x + t * n_B * (4*n_H) + n_H, 4*n_H, b_hg_W_i_W_j_W_f_W_o__x + t * n_B * (4*n_H) + 3*n_H, 4*n_H, b_p_b_c, 0, b_p_b_f, 0, b_p_b_i, 0, b_p_b_j, 0, b_p_b_o, 0, b_s_c + t * n_B * (n_H), n_H, b_p_g_c, 0, b_p_g_f, 0, b_p_g_i, 0, b_p_g_j, 0, b_p_g_o, 0, b_p_inv_n_H, 0, b_x_mask_j + t * n_B * (n_H), n_H, b_v_mean + t * n_B * (1), 1, b_v_mean_2 + t * n_B * (1), 1, b_v_rstd + t * n_B * (1), 1, b_v_i + t * n_B * (n_H), n_H, b_v_mean_3 + t * n_B * (1), 1, b_v_mean_4 + t * n_B * (1), 1, b_v_rstd_2 + t * n_B * (1), 1, b_v_j + t * n_B * (n_H), n_H, b_v_mean_5 + t * n_B * (1), 1, b_v_mean_6 + t * n_B * (1), 1, b_v_rstd_3 + t * n_B * (1), 1, b_v_f + t * n_B * (n_H), n_H, b_v_mean_7 + t * n_B * (1), 1, b_v_mean_8 + t * n_B * (1), 1, b_v_rstd_4 + t * n_B * (1), 1, b_v_o + t * n_B * (n_H), n_H, b_v_mean_9 + t * n_B * (1), 1, b_v_mean_10 + t * n_B * (1), 1, b_v_rstd_5 + t * n_B * (1), 1, b_s_c + (t + 1) * n_B * (n_H), n_H, b_s_h + (t + 1) * n_B * (n_H), n_H);
+        CS_ROWS(layer_norm_basic_lstm_forward_fwd0_rows, rows, n_H, b_g_U_i_U_j_U_f_U_o__h + t * n_B * (4*n_H) + 2*n_H, 4*n_H, b_g_U_i_U_j_U_f_U_o__h + t * n_B * (4*n_H), 4*n_H, b_g_U_i_U_j_U_f_U_o__h + t * n_B * (4*n_H) + n_H, 4*n_H, b_g_U_i_U_j_U_f_U_o__h + t * n_B * (4*n_H) + 3*n_H, 4*n_H, b_hg_W_i_W_j_W_f_W_o__x + t * n_B * (4*n_H) + 2*n_H, 4*n_H, b_hg_W_i_W_j_W_f_W_o__x + t * n_B * (4*n_H), 4*n_H, b_hg_W_i_W_j_W_f_W_o__x + t * n_B * (4*n_H) + n_H, 4*n_H, b_hg_W_i_W_j_W_f_W_o__x + t * n_B * (4*n_H) + 3*n_H, 4*n_H, b_p_b_c, 0, b_p_b_f, 0, b_p_b_i, 0, b_p_b_j, 0, b_p_b_o, 0, b_s_c + t * n_B * (n_H), n_H, b_p_g_c, 0, b_p_g_f, 0, b_p_g_i, 0, b_p_g_j, 0, b_p_g_o, 0, b_p_inv_n_H, 0, b_x_mask_j + t * n_B * (n_H), n_H, b_v_mean + t * n_B * (1), 1, b_v_var + t * n_B * (1), 1, b_v_rstd + t * n_B * (1), 1, b_v_i + t * n_B * (n_H), n_H, b_v_mean_2 + t * n_B * (1), 1, b_v_var_2 + t * n_B * (1), 1, b_v_rstd_2 + t * n_B * (1), 1, b_v_j + t * n_B * (n_H), n_H, b_v_mean_3 + t * n_B * (1), 1, b_v_var_3 + t * n_B * (1), 1, b_v_rstd_3 + t * n_B * (1), 1, b_v_f + t * n_B * (n_H), n_H, b_v_mean_4 + t * n_B * (1), 1, b_v_var_4 + t * n_B * (1), 1, b_v_rstd_4 + t * n_B * (1), 1, b_v_o + t * n_B * (n_H), n_H, b_v_mean_5 + t * n_B * (1), 1, b_v_var_5 + t * n_B * (1), 1, b_v_rstd_5 + t * n_B * (1), 1, b_s_c + (t + 1) * n_B * (n_H), n_H, b_s_h + (t + 1) * n_B * (n_H), n_H);
         // ended sequences hold their state: rows B_t.. of s_h[t + 1] = s_h[t]
         if (rows < n_B) CS_COPY(b_s_h + ((t + 1) * n_B + rows) * (n_H), b_s_h + (t * n_B + rows) * (n_H), (n_B - rows) * (n_H));
         // ended sequences hold their state: rows B_t.. of s_c[t + 1] = s_c[t]
@@ -1401,7 +1401,7 @@ extern "C" int layer_norm_basic_lstm_inference_f64(const int64_t* dims, void* co
 
 // =============================================================================================
 // layer_norm_basic_lstm: the whole sequence, backward
-// ptrs: 0 x_x, 1 x_mask_j, 2 s_h, 3 s_c, 4 p_g_i, 5 p_b_i, 6 p_g_j, 7 p_b_j, 8 p_g_f, 9 p_b_f, 10 p_g_o, 11 p_b_o, 12 p_g_c, 13 p_b_c, 14 p_inv_n_H, 15 hg_W_i_W_j_W_f_W_o__x, 16 g_U_i_U_j_U_f_U_o__h, 17 v_mean, 18 v_mean_2, 19 v_rstd, 20 v_i, 21 v_mean_3, 22 v_mean_4, 23 v_rstd_2, 24 v_j, 25 v_mean_5, 26 v_mean_6, 27 v_rstd_3, 28 v_f, 29 v_mean_7, 30 v_mean_8, 31 v_rstd_4, 32 v_o, 33 v_mean_9, 34 v_mean_10, 35 v_rstd_5, 36 dout_h_next, 37 ds_h, 38 ds_c, 39 dx_x, 40 dp_g_i, 41 dp_b_i, 42 dp_g_j, 43 dp_b_j, 44 dp_g_f, 45 dp_b_f, 46 dp_g_o, 47 dp_b_o, 48 dp_g_c, 49 dp_b_c, 50 dg_U_i_U_j_U_f_U_o__h, 51 tmp_d_h_gemm, 52 dhg_W_i_W_j_W_f_W_o__x, 53 tmp_d_c_next, 54 tmp_d_mean_10, 55 tmp_d_mean_9, 56 tmp_d_o, 57 tmp_d_mean_8, 58 tmp_d_mean_7, 59 tmp_d_f, 60 tmp_d_mean_6, 61 tmp_d_mean_5, 62 tmp_d_j, 63 tmp_d_mean_4, 64 tmp_d_mean_3, 65 tmp_d_i, 66 tmp_d_mean_2, 67 tmp_d_mean, 68 dw_U_i_U_j_U_f_U_o, 69 dw_W_i_W_j_W_f_W_o, 70 weight W_i_W_j_W_f_W_o, 71 weight U_i_U_j_U_f_U_o, 72 d W_i, 73 d U_i, 74 d g_i, 75 d b_i, 76 d W_j, 77 d U_j, 78 d g_j, 79 d b_j, 80 d W_f, 81 d U_f, 82 d g_f, 83 d b_f, 84 d W_o, 85 d U_o, 86 d g_o, 87 d b_o, 88 d g_c, 89 d b_c, 90 d inv_n_H, 91 batch sizes (host, or NULL)
+// ptrs: 0 x_x, 1 x_mask_j, 2 s_h, 3 s_c, 4 p_g_i, 5 p_b_i, 6 p_g_j, 7 p_b_j, 8 p_g_f, 9 p_b_f, 10 p_g_o, 11 p_b_o, 12 p_g_c, 13 p_b_c, 14 p_inv_n_H, 15 hg_W_i_W_j_W_f_W_o__x, 16 g_U_i_U_j_U_f_U_o__h, 17 v_mean, 18 v_var, 19 v_rstd, 20 v_i, 21 v_mean_2, 22 v_var_2, 23 v_rstd_2, 24 v_j, 25 v_mean_3, 26 v_var_3, 27 v_rstd_3, 28 v_f, 29 v_mean_4, 30 v_var_4, 31 v_rstd_4, 32 v_o, 33 v_mean_5, 34 v_var_5, 35 v_rstd_5, 36 dout_h_next, 37 ds_h, 38 ds_c, 39 dx_x, 40 dp_g_i, 41 dp_b_i, 42 dp_g_j, 43 dp_b_j, 44 dp_g_f, 45 dp_b_f, 46 dp_g_o, 47 dp_b_o, 48 dp_g_c, 49 dp_b_c, 50 dg_U_i_U_j_U_f_U_o__h, 51 tmp_d_h_gemm, 52 dhg_W_i_W_j_W_f_W_o__x, 53 tmp_d_c_next, 54 tmp_d_var_5, 55 tmp_d_mean_5, 56 tmp_d_o, 57 tmp_d_var_4, 58 tmp_d_mean_4, 59 tmp_d_f, 60 tmp_d_var_3, 61 tmp_d_mean_3, 62 tmp_d_j, 63 tmp_d_var_2, 64 tmp_d_mean_2, 65 tmp_d_i, 66 tmp_d_var, 67 tmp_d_mean, 68 dw_U_i_U_j_U_f_U_o, 69 dw_W_i_W_j_W_f_W_o, 70 weight W_i_W_j_W_f_W_o, 71 weight U_i_U_j_U_f_U_o, 72 d W_i, 73 d U_i, 74 d g_i, 75 d b_i, 76 d W_j, 77 d U_j, 78 d g_j, 79 d b_j, 80 d W_f, 81 d U_f, 82 d g_f, 83 d b_f, 84 d W_o, 85 d U_o, 86 d g_o, 87 d b_o, 88 d g_c, 89 d b_c, 90 d inv_n_H, 91 batch sizes (host, or NULL)
 
 // =============================================================================================
 template <typename S, typename G>
@@ -1451,40 +1451,40 @@ static int layer_norm_basic_lstm_backward_run(const int64_t* dims, void* const* 
     (void)b_g_U_i_U_j_U_f_U_o__h;
     S* b_v_mean = (S*)ptrs[17];
     (void)b_v_mean;
-    S* b_v_mean_2 = (S*)ptrs[18];
-    (void)b_v_mean_2;
+    S* b_v_var = (S*)ptrs[18];
+    (void)b_v_var;
     S* b_v_rstd = (S*)ptrs[19];
     (void)b_v_rstd;
     S* b_v_i = (S*)ptrs[20];
     (void)b_v_i;
-    S* b_v_mean_3 = (S*)ptrs[21];
-    (void)b_v_mean_3;
-    S* b_v_mean_4 = (S*)ptrs[22];
-    (void)b_v_mean_4;
+    S* b_v_mean_2 = (S*)ptrs[21];
+    (void)b_v_mean_2;
+    S* b_v_var_2 = (S*)ptrs[22];
+    (void)b_v_var_2;
     S* b_v_rstd_2 = (S*)ptrs[23];
     (void)b_v_rstd_2;
     S* b_v_j = (S*)ptrs[24];
     (void)b_v_j;
-    S* b_v_mean_5 = (S*)ptrs[25];
-    (void)b_v_mean_5;
-    S* b_v_mean_6 = (S*)ptrs[26];
-    (void)b_v_mean_6;
+    S* b_v_mean_3 = (S*)ptrs[25];
+    (void)b_v_mean_3;
+    S* b_v_var_3 = (S*)ptrs[26];
+    (void)b_v_var_3;
     S* b_v_rstd_3 = (S*)ptrs[27];
     (void)b_v_rstd_3;
     S* b_v_f = (S*)ptrs[28];
     (void)b_v_f;
-    S* b_v_mean_7 = (S*)ptrs[29];
-    (void)b_v_mean_7;
-    S* b_v_mean_8 = (S*)ptrs[30];
-    (void)b_v_mean_8;
+    S* b_v_mean_4 = (S*)ptrs[29];
+    (void)b_v_mean_4;
+    S* b_v_var_4 = (S*)ptrs[30];
+    (void)b_v_var_4;
     S* b_v_rstd_4 = (S*)ptrs[31];
     (void)b_v_rstd_4;
     S* b_v_o = (S*)ptrs[32];
     (void)b_v_o;
-    S* b_v_mean_9 = (S*)ptrs[33];
-    (void)b_v_mean_9;
-    S* b_v_mean_10 = (S*)ptrs[34];
-    (void)b_v_mean_10;
+    S* b_v_mean_5 = (S*)ptrs[33];
+    (void)b_v_mean_5;
+    S* b_v_var_5 = (S*)ptrs[34];
+    (void)b_v_var_5;
     S* b_v_rstd_5 = (S*)ptrs[35];
     (void)b_v_rstd_5;
     S* b_dout_h_next = (S*)ptrs[36];
@@ -1523,32 +1523,32 @@ static int layer_norm_basic_lstm_backward_run(const int64_t* dims, void* const* 
     (void)b_dhg_W_i_W_j_W_f_W_o__x;
     S* b_tmp_d_c_next = (S*)ptrs[53];
     (void)b_tmp_d_c_next;
-    S* b_tmp_d_mean_10 = (S*)ptrs[54];
-    (void)b_tmp_d_mean_10;
-    S* b_tmp_d_mean_9 = (S*)ptrs[55];
-    (void)b_tmp_d_mean_9;
+    S* b_tmp_d_var_5 = (S*)ptrs[54];
+    (void)b_tmp_d_var_5;
+    S* b_tmp_d_mean_5 = (S*)ptrs[55];
+    (void)b_tmp_d_mean_5;
     S* b_tmp_d_o = (S*)ptrs[56];
     (void)b_tmp_d_o;
-    S* b_tmp_d_mean_8 = (S*)ptrs[57];
-    (void)b_tmp_d_mean_8;
-    S* b_tmp_d_mean_7 = (S*)ptrs[58];
-    (void)b_tmp_d_mean_7;
+    S* b_tmp_d_var_4 = (S*)ptrs[57];
+    (void)b_tmp_d_var_4;
+    S* b_tmp_d_mean_4 = (S*)ptrs[58];
+    (void)b_tmp_d_mean_4;
     S* b_tmp_d_f = (S*)ptrs[59];
     (void)b_tmp_d_f;
-    S* b_tmp_d_mean_6 = (S*)ptrs[60];
-    (void)b_tmp_d_mean_6;
-    S* b_tmp_d_mean_5 = (S*)ptrs[61];
-    (void)b_tmp_d_mean_5;
+    S* b_tmp_d_var_3 = (S*)ptrs[60];
+    (void)b_tmp_d_var_3;
+    S* b_tmp_d_mean_3 = (S*)ptrs[61];
+    (void)b_tmp_d_mean_3;
     S* b_tmp_d_j = (S*)ptrs[62];
     (void)b_tmp_d_j;
-    S* b_tmp_d_mean_4 = (S*)ptrs[63];
-    (void)b_tmp_d_mean_4;
-    S* b_tmp_d_mean_3 = (S*)ptrs[64];
-    (void)b_tmp_d_mean_3;
+    S* b_tmp_d_var_2 = (S*)ptrs[63];
+    (void)b_tmp_d_var_2;
+    S* b_tmp_d_mean_2 = (S*)ptrs[64];
+    (void)b_tmp_d_mean_2;
     S* b_tmp_d_i = (S*)ptrs[65];
     (void)b_tmp_d_i;
-    S* b_tmp_d_mean_2 = (S*)ptrs[66];
-    (void)b_tmp_d_mean_2;
+    S* b_tmp_d_var = (S*)ptrs[66];
+    (void)b_tmp_d_var;
     S* b_tmp_d_mean = (S*)ptrs[67];
     (void)b_tmp_d_mean;
     G* b_dw_U_i_U_j_U_f_U_o = (G*)ptrs[68];
@@ -1617,11 +1617,11 @@ static int layer_norm_basic_lstm_backward_run(const int64_t* dims, void* const* 
     for (int64_t t = n_T - 1; t >= 0; --t) {
         const int64_t rows = bs ? bs[t] : n_B;  // variable lengths: rows 0..B_t-1 run
         // backward: stage 0 backward, row by row (reductions over the units)
-        CS_ROWS(layer_norm_basic_lstm_backward_bwd0_rows, rows, n_H, b_g_U_i_U_j_U_f_U_o__h + t * n_B * (4*n_H) + 2*n_H, 4*n_H, b_g_U_i_U_j_U_f_U_o__h + t * n_B * (4*n_H), 4*n_H, b_g_U_i_U_j_U_f_U_o__h + t * n_B * (4*n_H) + n_H, 4*n_H, b_g_U_i_U_j_U_f_U_o__h + t * n_B * (4*n_H) + 3*n_H, 4*n_H, b_hg_W_i_W_j_W_f_W_o__x + t * n_B * (4*n_H) + 2*n_H, 4*n_H, b_hg_W_i_W_j_W_f_W_o__x + t * n_B * (4*n_H), 4*n_H, b_hg_W_i_W_j_W_f_W_o__x + t * n_B * (4*n_H) + n_H, 4*n_H, b_hg_W_i_W_j_W_f_W_o__x + t * n_B * (4*n_H) + 3*n_H, 4*n_H, b_s_c + t * n_B * (n_H), n_H, b_s_c + (t + 1) * n_B * (n_H), n_H, b_ds_c, n_H, b_ds_h, n_H, b_dout_h_next + t * n_B * (n_H), n_H, b_v_f + t * n_B * (n_H), n_H, b_p_g_c, 0, b_p_g_f, 0, b_p_g_i, 0, b_p_g_j, 0, b_p_g_o, 0, b_v_i + t * n_B * (n_H), n_H, b_p_inv_n_H, 0, b_v_j + t * n_B * (n_H), n_H, b_x_mask_j + t * n_B * (n_H), n_H, b_v_mean + t * n_B * (1), 1, b_v_mean_10 + t * n_B * (1), 1, b_v_mean_2 + t * n_B * (1), 1, b_v_mean_3 + t * n_B * (1), 1, b_v_mean_4 + t * n_B * (1), 1, b_v_mean_5 + t * n_B * (1), 1, b_v_mean_6 + t * n_B * (1), 1, b_v_mean_7 + t * n_B * (1), 1, b_v_mean_8 + t * n_B * (1), 1, b_v_mean_9 + t * n_B * (1), 1, b_v_o + t * n_B * (n_H), n_H, b_v_rstd + t * n_B * (1), 1, b_v_rstd_2 + t * n_B * (1), 1, b_v_rstd_3 + t * n_B * (1), 1, b_v_rstd_4 + t * n_B * (1), 1, b_v_rstd_5 + t * n_B * (1), 1, b_tmp_d_c_next, n_H, b_tmp_d_mean_10, 1, b_tmp_d_mean_9, 1, b_tmp_d_o, n_H, b_tmp_d_mean_8, 1, b_tmp_d_mean_7, 1, b_tmp_d_f, n_H, b_tmp_d_mean_6, 1, b_tmp_d_mean_5, 1, b_tmp_d_j, n_H, b_tmp_d_mean_4, 1, b_tmp_d_mean_3, 1, b_tmp_d_i, n_H, b_tmp_d_mean_2, 1, b_tmp_d_mean, 1, b_dg_U_i_U_j_U_f_U_o__h + t * n_B * (4*n_H), 4*n_H, b_dg_U_i_U_j_U_f_U_o__h + t * n_B * (4*n_H) + n_H, 4*n_H, b_dg_U_i_U_j_U_f_U_o__h + t * n_B * (4*n_H) + 2*n_H, 4*n_H, b_dg_U_i_U_j_U_f_U_o__h + t * n_B * (4*n_H) + 3*n_H, 4*n_H);
+        CS_ROWS(layer_norm_basic_lstm_backward_bwd0_rows, rows, n_H, b_g_U_i_U_j_U_f_U_o__h + t * n_B * (4*n_H) + 2*n_H, 4*n_H, b_g_U_i_U_j_U_f_U_o__h + t * n_B * (4*n_H), 4*n_H, b_g_U_i_U_j_U_f_U_o__h + t * n_B * (4*n_H) + n_H, 4*n_H, b_g_U_i_U_j_U_f_U_o__h + t * n_B * (4*n_H) + 3*n_H, 4*n_H, b_hg_W_i_W_j_W_f_W_o__x + t * n_B * (4*n_H) + 2*n_H, 4*n_H, b_hg_W_i_W_j_W_f_W_o__x + t * n_B * (4*n_H), 4*n_H, b_hg_W_i_W_j_W_f_W_o__x + t * n_B * (4*n_H) + n_H, 4*n_H, b_hg_W_i_W_j_W_f_W_o__x + t * n_B * (4*n_H) + 3*n_H, 4*n_H, b_s_c + t * n_B * (n_H), n_H, b_s_c + (t + 1) * n_B * (n_H), n_H, b_ds_c, n_H, b_ds_h, n_H, b_dout_h_next + t * n_B * (n_H), n_H, b_v_f + t * n_B * (n_H), n_H, b_p_g_c, 0, b_p_g_f, 0, b_p_g_i, 0, b_p_g_j, 0, b_p_g_o, 0, b_v_i + t * n_B * (n_H), n_H, b_p_inv_n_H, 0, b_v_j + t * n_B * (n_H), n_H, b_x_mask_j + t * n_B * (n_H), n_H, b_v_mean + t * n_B * (1), 1, b_v_mean_2 + t * n_B * (1), 1, b_v_mean_3 + t * n_B * (1), 1, b_v_mean_4 + t * n_B * (1), 1, b_v_mean_5 + t * n_B * (1), 1, b_v_o + t * n_B * (n_H), n_H, b_v_rstd + t * n_B * (1), 1, b_v_rstd_2 + t * n_B * (1), 1, b_v_rstd_3 + t * n_B * (1), 1, b_v_rstd_4 + t * n_B * (1), 1, b_v_rstd_5 + t * n_B * (1), 1, b_v_var + t * n_B * (1), 1, b_v_var_2 + t * n_B * (1), 1, b_v_var_3 + t * n_B * (1), 1, b_v_var_4 + t * n_B * (1), 1, b_v_var_5 + t * n_B * (1), 1, b_tmp_d_c_next, n_H, b_tmp_d_var_5, 1, b_tmp_d_mean_5, 1, b_tmp_d_o, n_H, b_tmp_d_var_4, 1, b_tmp_d_mean_4, 1, b_tmp_d_f, n_H, b_tmp_d_var_3, 1, b_tmp_d_mean_3, 1, b_tmp_d_j, n_H, b_tmp_d_var_2, 1, b_tmp_d_mean_2, 1, b_tmp_d_i, n_H, b_tmp_d_var, 1, b_tmp_d_mean, 1, b_dg_U_i_U_j_U_f_U_o__h + t * n_B * (4*n_H), 4*n_H, b_dg_U_i_U_j_U_f_U_o__h + t * n_B * (4*n_H) + n_H, 4*n_H, b_dg_U_i_U_j_U_f_U_o__h + t * n_B * (4*n_H) + 2*n_H, 4*n_H, b_dg_U_i_U_j_U_f_U_o__h + t * n_B * (4*n_H) + 3*n_H, 4*n_H);
         // d_h_gemm = dg_U_i_U_j_U_f_U_o__h @ [U_i, U_j, U_f, U_o]
         CS_GEMM_NN_PACKED(rows, n_H, 4*n_H, b_dg_U_i_U_j_U_f_U_o__h + t * n_B * (4*n_H), 4*n_H, pk_U_i_U_j_U_f_U_o_nn, b_tmp_d_h_gemm, n_H, 0);
         // backward: per-step adjoints of inputs, states, vector params, hoisted results, row by row (reductions over the units)
-        CS_ROWS(layer_norm_basic_lstm_backward_bwd_leaf_rows, rows, n_H, b_g_U_i_U_j_U_f_U_o__h + t * n_B * (4*n_H) + 2*n_H, 4*n_H, b_g_U_i_U_j_U_f_U_o__h + t * n_B * (4*n_H), 4*n_H, b_g_U_i_U_j_U_f_U_o__h + t * n_B * (4*n_H) + n_H, 4*n_H, b_g_U_i_U_j_U_f_U_o__h + t * n_B * (4*n_H) + 3*n_H, 4*n_H, b_hg_W_i_W_j_W_f_W_o__x + t * n_B * (4*n_H) + 2*n_H, 4*n_H, b_hg_W_i_W_j_W_f_W_o__x + t * n_B * (4*n_H), 4*n_H, b_hg_W_i_W_j_W_f_W_o__x + t * n_B * (4*n_H) + n_H, 4*n_H, b_hg_W_i_W_j_W_f_W_o__x + t * n_B * (4*n_H) + 3*n_H, 4*n_H, b_s_c + t * n_B * (n_H), n_H, b_tmp_d_c_next, n_H, b_tmp_d_f, n_H, b_tmp_d_h_gemm, n_H, b_tmp_d_i, n_H, b_tmp_d_j, n_H, b_tmp_d_mean, 1, b_tmp_d_mean_10, 1, b_tmp_d_mean_2, 1, b_tmp_d_mean_3, 1, b_tmp_d_mean_4, 1, b_tmp_d_mean_5, 1, b_tmp_d_mean_6, 1, b_tmp_d_mean_7, 1, b_tmp_d_mean_8, 1, b_tmp_d_mean_9, 1, b_tmp_d_o, n_H, b_v_f + t * n_B * (n_H), n_H, b_p_g_c, 0, b_p_g_f, 0, b_p_g_i, 0, b_p_g_j, 0, b_p_g_o, 0, b_v_i + t * n_B * (n_H), n_H, b_p_inv_n_H, 0, b_v_j + t * n_B * (n_H), n_H, b_x_mask_j + t * n_B * (n_H), n_H, b_v_mean + t * n_B * (1), 1, b_v_mean_3 + t * n_B * (1), 1, b_v_mean_5 + t * n_B * (1), 1, b_v_mean_7 + t * n_B * (1), 1, b_v_mean_9 + t * n_B * (1), 1, b_v_o + t * n_B * (n_H), n_H, b_v_rstd + t * n_B * (1), 1, b_v_rstd_2 + t * n_B * (1), 1, b_v_rstd_3 + t * n_B * (1), 1, b_v_rstd_4 + t * n_B * (1), 1, b_v_rstd_5 + t * n_B * (1), 1, b_ds_h, n_H, b_ds_c, n_H, b_dp_g_i + t * n_B * (n_H), n_H, b_dp_b_i + t * n_B * (n_H), n_H, b_dp_g_j + t * n_B * (n_H), n_H, b_dp_b_j + t * n_B * (n_H), n_H, b_dp_g_f + t * n_B * (n_H), n_H, b_dp_b_f + t * n_B * (n_H), n_H, b_dp_g_o + t * n_B * (n_H), n_H, b_dp_b_o + t * n_B * (n_H), n_H, b_dp_g_c + t * n_B * (n_H), n_H, b_dp_b_c + t * n_B * (n_H), n_H, b_dhg_W_i_W_j_W_f_W_o__x + t * n_B * (4*n_H), 4*n_H, b_dhg_W_i_W_j_W_f_W_o__x + t * n_B * (4*n_H) + n_H, 4*n_H, b_dhg_W_i_W_j_W_f_W_o__x + t * n_B * (4*n_H) + 2*n_H, 4*n_H, b_dhg_W_i_W_j_W_f_W_o__x + t * n_B * (4*n_H) + 3*n_H, 4*n_H);
+        CS_ROWS(layer_norm_basic_lstm_backward_bwd_leaf_rows, rows, n_H, b_g_U_i_U_j_U_f_U_o__h + t * n_B * (4*n_H) + 2*n_H, 4*n_H, b_g_U_i_U_j_U_f_U_o__h + t * n_B * (4*n_H), 4*n_H, b_g_U_i_U_j_U_f_U_o__h + t * n_B * (4*n_H) + n_H, 4*n_H, b_g_U_i_U_j_U_f_U_o__h + t * n_B * (4*n_H) + 3*n_H, 4*n_H, b_hg_W_i_W_j_W_f_W_o__x + t * n_B * (4*n_H) + 2*n_H, 4*n_H, b_hg_W_i_W_j_W_f_W_o__x + t * n_B * (4*n_H), 4*n_H, b_hg_W_i_W_j_W_f_W_o__x + t * n_B * (4*n_H) + n_H, 4*n_H, b_hg_W_i_W_j_W_f_W_o__x + t * n_B * (4*n_H) + 3*n_H, 4*n_H, b_s_c + t * n_B * (n_H), n_H, b_tmp_d_c_next, n_H, b_tmp_d_f, n_H, b_tmp_d_h_gemm, n_H, b_tmp_d_i, n_H, b_tmp_d_j, n_H, b_tmp_d_mean, 1, b_tmp_d_mean_2, 1, b_tmp_d_mean_3, 1, b_tmp_d_mean_4, 1, b_tmp_d_mean_5, 1, b_tmp_d_o, n_H, b_tmp_d_var, 1, b_tmp_d_var_2, 1, b_tmp_d_var_3, 1, b_tmp_d_var_4, 1, b_tmp_d_var_5, 1, b_v_f + t * n_B * (n_H), n_H, b_p_g_c, 0, b_p_g_f, 0, b_p_g_i, 0, b_p_g_j, 0, b_p_g_o, 0, b_v_i + t * n_B * (n_H), n_H, b_p_inv_n_H, 0, b_v_j + t * n_B * (n_H), n_H, b_x_mask_j + t * n_B * (n_H), n_H, b_v_mean + t * n_B * (1), 1, b_v_mean_2 + t * n_B * (1), 1, b_v_mean_3 + t * n_B * (1), 1, b_v_mean_4 + t * n_B * (1), 1, b_v_mean_5 + t * n_B * (1), 1, b_v_o + t * n_B * (n_H), n_H, b_v_rstd + t * n_B * (1), 1, b_v_rstd_2 + t * n_B * (1), 1, b_v_rstd_3 + t * n_B * (1), 1, b_v_rstd_4 + t * n_B * (1), 1, b_v_rstd_5 + t * n_B * (1), 1, b_ds_h, n_H, b_ds_c, n_H, b_dp_g_i + t * n_B * (n_H), n_H, b_dp_b_i + t * n_B * (n_H), n_H, b_dp_g_j + t * n_B * (n_H), n_H, b_dp_b_j + t * n_B * (n_H), n_H, b_dp_g_f + t * n_B * (n_H), n_H, b_dp_b_f + t * n_B * (n_H), n_H, b_dp_g_o + t * n_B * (n_H), n_H, b_dp_b_o + t * n_B * (n_H), n_H, b_dp_g_c + t * n_B * (n_H), n_H, b_dp_b_c + t * n_B * (n_H), n_H, b_dhg_W_i_W_j_W_f_W_o__x + t * n_B * (4*n_H), 4*n_H, b_dhg_W_i_W_j_W_f_W_o__x + t * n_B * (4*n_H) + n_H, 4*n_H, b_dhg_W_i_W_j_W_f_W_o__x + t * n_B * (4*n_H) + 2*n_H, 4*n_H, b_dhg_W_i_W_j_W_f_W_o__x + t * n_B * (4*n_H) + 3*n_H, 4*n_H);
     }
     cs_unpack(pk_U_i_U_j_U_f_U_o_nn);
     // d[U_i, U_j, U_f, U_o] += dg_U_i_U_j_U_f_U_o__h^T @ h  (U_i @ h, U_j @ h, U_f @ h, U_o @ h)

@@ -60,7 +60,7 @@ CONSTS = {"recurrent_dropout": 0.1}
 #: them once per call (training mode: from torch's generator of the input's device) and hands
 #: them to the engine as its last inputs; evaluation mode passes their expectation.
 MASKS = {"mask_j": ("dropout", "H", "recurrent_dropout")}
-SAVED = ("mean", "mean_2", "rstd", "i", "mean_3", "mean_4", "rstd_2", "j", "mean_5", "mean_6", "rstd_3", "f", "mean_7", "mean_8", "rstd_4", "o", "mean_9", "mean_10", "rstd_5", "U_i_h", "U_j_h", "U_f_h", "U_o_h",)
+SAVED = ("mean", "var", "rstd", "i", "mean_2", "var_2", "rstd_2", "j", "mean_3", "var_3", "rstd_3", "f", "mean_4", "var_4", "rstd_4", "o", "mean_5", "var_5", "rstd_5", "U_i_h", "U_j_h", "U_f_h", "U_o_h",)
 BACKENDS = ("auto", "generated", "autograd", "fused", "cuda")
 
 
@@ -102,25 +102,25 @@ def step(params, x, state):
     U_f_h = F.linear(h, U_f)  # U_f @ h
     U_o_h = F.linear(h, U_o)  # U_o @ h
     mean = _rowsum(inv_n_H*(U_i_h + W_i_x))  # layer_norm_basic_lstm.cell:19  i = sigmoid(g_i * layer_norm(W_i @ x + U_i @ h, 1e-12) + b_i)
-    mean_2 = _rowsum(inv_n_H*((U_i_h + W_i_x - mean)*(U_i_h + W_i_x - mean)))  # layer_norm_basic_lstm.cell:19  i = sigmoid(g_i * layer_norm(W_i @ x + U_i @ h, 1e-12) + b_i)
-    rstd = (1/torch.sqrt(mean_2 + 1e-12))  # layer_norm_basic_lstm.cell:19  i = sigmoid(g_i * layer_norm(W_i @ x + U_i @ h, 1e-12) + b_i)
+    var = _rowsum(inv_n_H*((U_i_h + W_i_x - mean)*(U_i_h + W_i_x - mean)))  # layer_norm_basic_lstm.cell:19  i = sigmoid(g_i * layer_norm(W_i @ x + U_i @ h, 1e-12) + b_i)
+    rstd = (1/torch.sqrt(var + 1e-12))  # layer_norm_basic_lstm.cell:19  i = sigmoid(g_i * layer_norm(W_i @ x + U_i @ h, 1e-12) + b_i)
     i = torch.sigmoid(b_i + g_i*rstd*(U_i_h + W_i_x - mean))  # layer_norm_basic_lstm.cell:19  i = sigmoid(g_i * layer_norm(W_i @ x + U_i @ h, 1e-12) + b_i)
-    mean_3 = _rowsum(inv_n_H*(U_j_h + W_j_x))  # layer_norm_basic_lstm.cell:20  j = tanh(g_j * layer_norm(W_j @ x + U_j @ h, 1e-12) + b_j)
-    mean_4 = _rowsum(inv_n_H*((U_j_h + W_j_x - mean_3)*(U_j_h + W_j_x - mean_3)))  # layer_norm_basic_lstm.cell:20  j = tanh(g_j * layer_norm(W_j @ x + U_j @ h, 1e-12) + b_j)
-    rstd_2 = (1/torch.sqrt(mean_4 + 1e-12))  # layer_norm_basic_lstm.cell:20  j = tanh(g_j * layer_norm(W_j @ x + U_j @ h, 1e-12) + b_j)
-    j = torch.tanh(b_j + g_j*rstd_2*(U_j_h + W_j_x - mean_3))  # layer_norm_basic_lstm.cell:20  j = tanh(g_j * layer_norm(W_j @ x + U_j @ h, 1e-12) + b_j)
-    mean_5 = _rowsum(inv_n_H*(U_f_h + W_f_x))  # layer_norm_basic_lstm.cell:21  f = sigmoid(g_f * layer_norm(W_f @ x + U_f @ h, 1e-12) + b_f + 1.0)
-    mean_6 = _rowsum(inv_n_H*((U_f_h + W_f_x - mean_5)*(U_f_h + W_f_x - mean_5)))  # layer_norm_basic_lstm.cell:21  f = sigmoid(g_f * layer_norm(W_f @ x + U_f @ h, 1e-12) + b_f + 1.0)
-    rstd_3 = (1/torch.sqrt(mean_6 + 1e-12))  # layer_norm_basic_lstm.cell:21  f = sigmoid(g_f * layer_norm(W_f @ x + U_f @ h, 1e-12) + b_f + 1.0)
-    f = torch.sigmoid(b_f + g_f*rstd_3*(U_f_h + W_f_x - mean_5) + 1.0)  # layer_norm_basic_lstm.cell:21  f = sigmoid(g_f * layer_norm(W_f @ x + U_f @ h, 1e-12) + b_f + 1.0)
-    mean_7 = _rowsum(inv_n_H*(U_o_h + W_o_x))  # layer_norm_basic_lstm.cell:22  o = sigmoid(g_o * layer_norm(W_o @ x + U_o @ h, 1e-12) + b_o)
-    mean_8 = _rowsum(inv_n_H*((U_o_h + W_o_x - mean_7)*(U_o_h + W_o_x - mean_7)))  # layer_norm_basic_lstm.cell:22  o = sigmoid(g_o * layer_norm(W_o @ x + U_o @ h, 1e-12) + b_o)
-    rstd_4 = (1/torch.sqrt(mean_8 + 1e-12))  # layer_norm_basic_lstm.cell:22  o = sigmoid(g_o * layer_norm(W_o @ x + U_o @ h, 1e-12) + b_o)
-    o = torch.sigmoid(b_o + g_o*rstd_4*(U_o_h + W_o_x - mean_7))  # layer_norm_basic_lstm.cell:22  o = sigmoid(g_o * layer_norm(W_o @ x + U_o @ h, 1e-12) + b_o)
-    mean_9 = _rowsum(inv_n_H*(c*f + i*j*mask_j))  # layer_norm_basic_lstm.cell:24  c' = g_c * layer_norm(c * f + i * dropout(j, recurrent_dropout), 1e-12) + b_c
-    mean_10 = _rowsum(inv_n_H*((c*f + i*j*mask_j - mean_9)*(c*f + i*j*mask_j - mean_9)))  # layer_norm_basic_lstm.cell:24  c' = g_c * layer_norm(c * f + i * dropout(j, recurrent_dropout), 1e-12) + b_c
-    rstd_5 = (1/torch.sqrt(mean_10 + 1e-12))  # layer_norm_basic_lstm.cell:24  c' = g_c * layer_norm(c * f + i * dropout(j, recurrent_dropout), 1e-12) + b_c
-    c_next = b_c + g_c*rstd_5*(c*f + i*j*mask_j - mean_9)  # layer_norm_basic_lstm.cell:24  c' = g_c * layer_norm(c * f + i * dropout(j, recurrent_dropout), 1e-12) + b_c
+    mean_2 = _rowsum(inv_n_H*(U_j_h + W_j_x))  # layer_norm_basic_lstm.cell:20  j = tanh(g_j * layer_norm(W_j @ x + U_j @ h, 1e-12) + b_j)
+    var_2 = _rowsum(inv_n_H*((U_j_h + W_j_x - mean_2)*(U_j_h + W_j_x - mean_2)))  # layer_norm_basic_lstm.cell:20  j = tanh(g_j * layer_norm(W_j @ x + U_j @ h, 1e-12) + b_j)
+    rstd_2 = (1/torch.sqrt(var_2 + 1e-12))  # layer_norm_basic_lstm.cell:20  j = tanh(g_j * layer_norm(W_j @ x + U_j @ h, 1e-12) + b_j)
+    j = torch.tanh(b_j + g_j*rstd_2*(U_j_h + W_j_x - mean_2))  # layer_norm_basic_lstm.cell:20  j = tanh(g_j * layer_norm(W_j @ x + U_j @ h, 1e-12) + b_j)
+    mean_3 = _rowsum(inv_n_H*(U_f_h + W_f_x))  # layer_norm_basic_lstm.cell:21  f = sigmoid(g_f * layer_norm(W_f @ x + U_f @ h, 1e-12) + b_f + 1.0)
+    var_3 = _rowsum(inv_n_H*((U_f_h + W_f_x - mean_3)*(U_f_h + W_f_x - mean_3)))  # layer_norm_basic_lstm.cell:21  f = sigmoid(g_f * layer_norm(W_f @ x + U_f @ h, 1e-12) + b_f + 1.0)
+    rstd_3 = (1/torch.sqrt(var_3 + 1e-12))  # layer_norm_basic_lstm.cell:21  f = sigmoid(g_f * layer_norm(W_f @ x + U_f @ h, 1e-12) + b_f + 1.0)
+    f = torch.sigmoid(b_f + g_f*rstd_3*(U_f_h + W_f_x - mean_3) + 1.0)  # layer_norm_basic_lstm.cell:21  f = sigmoid(g_f * layer_norm(W_f @ x + U_f @ h, 1e-12) + b_f + 1.0)
+    mean_4 = _rowsum(inv_n_H*(U_o_h + W_o_x))  # layer_norm_basic_lstm.cell:22  o = sigmoid(g_o * layer_norm(W_o @ x + U_o @ h, 1e-12) + b_o)
+    var_4 = _rowsum(inv_n_H*((U_o_h + W_o_x - mean_4)*(U_o_h + W_o_x - mean_4)))  # layer_norm_basic_lstm.cell:22  o = sigmoid(g_o * layer_norm(W_o @ x + U_o @ h, 1e-12) + b_o)
+    rstd_4 = (1/torch.sqrt(var_4 + 1e-12))  # layer_norm_basic_lstm.cell:22  o = sigmoid(g_o * layer_norm(W_o @ x + U_o @ h, 1e-12) + b_o)
+    o = torch.sigmoid(b_o + g_o*rstd_4*(U_o_h + W_o_x - mean_4))  # layer_norm_basic_lstm.cell:22  o = sigmoid(g_o * layer_norm(W_o @ x + U_o @ h, 1e-12) + b_o)
+    mean_5 = _rowsum(inv_n_H*(c*f + i*j*mask_j))  # layer_norm_basic_lstm.cell:24  c' = g_c * layer_norm(c * f + i * dropout(j, recurrent_dropout), 1e-12) + b_c
+    var_5 = _rowsum(inv_n_H*((c*f + i*j*mask_j - mean_5)*(c*f + i*j*mask_j - mean_5)))  # layer_norm_basic_lstm.cell:24  c' = g_c * layer_norm(c * f + i * dropout(j, recurrent_dropout), 1e-12) + b_c
+    rstd_5 = (1/torch.sqrt(var_5 + 1e-12))  # layer_norm_basic_lstm.cell:24  c' = g_c * layer_norm(c * f + i * dropout(j, recurrent_dropout), 1e-12) + b_c
+    c_next = b_c + g_c*rstd_5*(c*f + i*j*mask_j - mean_5)  # layer_norm_basic_lstm.cell:24  c' = g_c * layer_norm(c * f + i * dropout(j, recurrent_dropout), 1e-12) + b_c
     h_next = o*torch.tanh(c_next)  # layer_norm_basic_lstm.cell:25  h' = tanh(c') * o
     return h_next, (h_next, c_next)
 
@@ -202,44 +202,44 @@ def _forward(_params, _x, _state, _bs=None):
     _hg_W_i_W_j_W_f_W_o__x = torch.empty((_T, _B, 4*_H), dtype=_dtype, device=_device)
     _g_U_i_U_j_U_f_U_o__h = torch.empty((_T, _B, 4*_H), dtype=_dtype, device=_device)
     _v_mean = torch.empty((_T, _B, 1), dtype=_dtype, device=_device)
-    _v_mean_2 = torch.empty((_T, _B, 1), dtype=_dtype, device=_device)
+    _v_var = torch.empty((_T, _B, 1), dtype=_dtype, device=_device)
     _v_rstd = torch.empty((_T, _B, 1), dtype=_dtype, device=_device)
     _v_i = torch.empty((_T, _B, _H), dtype=_dtype, device=_device)
-    _v_mean_3 = torch.empty((_T, _B, 1), dtype=_dtype, device=_device)
-    _v_mean_4 = torch.empty((_T, _B, 1), dtype=_dtype, device=_device)
+    _v_mean_2 = torch.empty((_T, _B, 1), dtype=_dtype, device=_device)
+    _v_var_2 = torch.empty((_T, _B, 1), dtype=_dtype, device=_device)
     _v_rstd_2 = torch.empty((_T, _B, 1), dtype=_dtype, device=_device)
     _v_j = torch.empty((_T, _B, _H), dtype=_dtype, device=_device)
-    _v_mean_5 = torch.empty((_T, _B, 1), dtype=_dtype, device=_device)
-    _v_mean_6 = torch.empty((_T, _B, 1), dtype=_dtype, device=_device)
+    _v_mean_3 = torch.empty((_T, _B, 1), dtype=_dtype, device=_device)
+    _v_var_3 = torch.empty((_T, _B, 1), dtype=_dtype, device=_device)
     _v_rstd_3 = torch.empty((_T, _B, 1), dtype=_dtype, device=_device)
     _v_f = torch.empty((_T, _B, _H), dtype=_dtype, device=_device)
-    _v_mean_7 = torch.empty((_T, _B, 1), dtype=_dtype, device=_device)
-    _v_mean_8 = torch.empty((_T, _B, 1), dtype=_dtype, device=_device)
+    _v_mean_4 = torch.empty((_T, _B, 1), dtype=_dtype, device=_device)
+    _v_var_4 = torch.empty((_T, _B, 1), dtype=_dtype, device=_device)
     _v_rstd_4 = torch.empty((_T, _B, 1), dtype=_dtype, device=_device)
     _v_o = torch.empty((_T, _B, _H), dtype=_dtype, device=_device)
-    _v_mean_9 = torch.empty((_T, _B, 1), dtype=_dtype, device=_device)
-    _v_mean_10 = torch.empty((_T, _B, 1), dtype=_dtype, device=_device)
+    _v_mean_5 = torch.empty((_T, _B, 1), dtype=_dtype, device=_device)
+    _v_var_5 = torch.empty((_T, _B, 1), dtype=_dtype, device=_device)
     _v_rstd_5 = torch.empty((_T, _B, 1), dtype=_dtype, device=_device)
     if _bs is not None:
         _g_U_i_U_j_U_f_U_o__h.zero_()
         _v_mean.zero_()
-        _v_mean_2.zero_()
+        _v_var.zero_()
         _v_rstd.zero_()
         _v_i.zero_()
-        _v_mean_3.zero_()
-        _v_mean_4.zero_()
+        _v_mean_2.zero_()
+        _v_var_2.zero_()
         _v_rstd_2.zero_()
         _v_j.zero_()
-        _v_mean_5.zero_()
-        _v_mean_6.zero_()
+        _v_mean_3.zero_()
+        _v_var_3.zero_()
         _v_rstd_3.zero_()
         _v_f.zero_()
-        _v_mean_7.zero_()
-        _v_mean_8.zero_()
+        _v_mean_4.zero_()
+        _v_var_4.zero_()
         _v_rstd_4.zero_()
         _v_o.zero_()
-        _v_mean_9.zero_()
-        _v_mean_10.zero_()
+        _v_mean_5.zero_()
+        _v_var_5.zero_()
         _v_rstd_5.zero_()
     _s_h_at0 = _steps(_s_h, 0, _T, _bs)
     _g_U_i_U_j_U_f_U_o__h_at0 = _steps(_g_U_i_U_j_U_f_U_o__h, 0, _T, _bs)
@@ -247,23 +247,23 @@ def _forward(_params, _x, _state, _bs=None):
     _s_c_at0 = _steps(_s_c, 0, _T, _bs)
     _x_mask_j_at0 = _steps(_x_mask_j, 0, _T, _bs)
     _v_mean_at0 = _steps(_v_mean, 0, _T, _bs)
-    _v_mean_2_at0 = _steps(_v_mean_2, 0, _T, _bs)
+    _v_var_at0 = _steps(_v_var, 0, _T, _bs)
     _v_rstd_at0 = _steps(_v_rstd, 0, _T, _bs)
     _v_i_at0 = _steps(_v_i, 0, _T, _bs)
-    _v_mean_3_at0 = _steps(_v_mean_3, 0, _T, _bs)
-    _v_mean_4_at0 = _steps(_v_mean_4, 0, _T, _bs)
+    _v_mean_2_at0 = _steps(_v_mean_2, 0, _T, _bs)
+    _v_var_2_at0 = _steps(_v_var_2, 0, _T, _bs)
     _v_rstd_2_at0 = _steps(_v_rstd_2, 0, _T, _bs)
     _v_j_at0 = _steps(_v_j, 0, _T, _bs)
-    _v_mean_5_at0 = _steps(_v_mean_5, 0, _T, _bs)
-    _v_mean_6_at0 = _steps(_v_mean_6, 0, _T, _bs)
+    _v_mean_3_at0 = _steps(_v_mean_3, 0, _T, _bs)
+    _v_var_3_at0 = _steps(_v_var_3, 0, _T, _bs)
     _v_rstd_3_at0 = _steps(_v_rstd_3, 0, _T, _bs)
     _v_f_at0 = _steps(_v_f, 0, _T, _bs)
-    _v_mean_7_at0 = _steps(_v_mean_7, 0, _T, _bs)
-    _v_mean_8_at0 = _steps(_v_mean_8, 0, _T, _bs)
+    _v_mean_4_at0 = _steps(_v_mean_4, 0, _T, _bs)
+    _v_var_4_at0 = _steps(_v_var_4, 0, _T, _bs)
     _v_rstd_4_at0 = _steps(_v_rstd_4, 0, _T, _bs)
     _v_o_at0 = _steps(_v_o, 0, _T, _bs)
-    _v_mean_9_at0 = _steps(_v_mean_9, 0, _T, _bs)
-    _v_mean_10_at0 = _steps(_v_mean_10, 0, _T, _bs)
+    _v_mean_5_at0 = _steps(_v_mean_5, 0, _T, _bs)
+    _v_var_5_at0 = _steps(_v_var_5, 0, _T, _bs)
     _v_rstd_5_at0 = _steps(_v_rstd_5, 0, _T, _bs)
     _s_c_at1 = _steps(_s_c, 1, _T, _bs)
     _s_h_at1 = _steps(_s_h, 1, _T, _bs)
@@ -284,44 +284,44 @@ def _forward(_params, _x, _state, _bs=None):
         c = _s_c_at0[_t]
         mask_j = _x_mask_j_at0[_t]
         mean = _rowsum(inv_n_H*(U_i_h + W_i_x))  # layer_norm_basic_lstm.cell:19  i = sigmoid(g_i * layer_norm(W_i @ x + U_i @ h, 1e-12) + b_i)
-        mean_2 = _rowsum(inv_n_H*((U_i_h + W_i_x - mean)*(U_i_h + W_i_x - mean)))  # layer_norm_basic_lstm.cell:19  i = sigmoid(g_i * layer_norm(W_i @ x + U_i @ h, 1e-12) + b_i)
-        rstd = (1/torch.sqrt(mean_2 + 1e-12))  # layer_norm_basic_lstm.cell:19  i = sigmoid(g_i * layer_norm(W_i @ x + U_i @ h, 1e-12) + b_i)
+        var = _rowsum(inv_n_H*((U_i_h + W_i_x - mean)*(U_i_h + W_i_x - mean)))  # layer_norm_basic_lstm.cell:19  i = sigmoid(g_i * layer_norm(W_i @ x + U_i @ h, 1e-12) + b_i)
+        rstd = (1/torch.sqrt(var + 1e-12))  # layer_norm_basic_lstm.cell:19  i = sigmoid(g_i * layer_norm(W_i @ x + U_i @ h, 1e-12) + b_i)
         i = torch.sigmoid(b_i + g_i*rstd*(U_i_h + W_i_x - mean))  # layer_norm_basic_lstm.cell:19  i = sigmoid(g_i * layer_norm(W_i @ x + U_i @ h, 1e-12) + b_i)
-        mean_3 = _rowsum(inv_n_H*(U_j_h + W_j_x))  # layer_norm_basic_lstm.cell:20  j = tanh(g_j * layer_norm(W_j @ x + U_j @ h, 1e-12) + b_j)
-        mean_4 = _rowsum(inv_n_H*((U_j_h + W_j_x - mean_3)*(U_j_h + W_j_x - mean_3)))  # layer_norm_basic_lstm.cell:20  j = tanh(g_j * layer_norm(W_j @ x + U_j @ h, 1e-12) + b_j)
-        rstd_2 = (1/torch.sqrt(mean_4 + 1e-12))  # layer_norm_basic_lstm.cell:20  j = tanh(g_j * layer_norm(W_j @ x + U_j @ h, 1e-12) + b_j)
-        j = torch.tanh(b_j + g_j*rstd_2*(U_j_h + W_j_x - mean_3))  # layer_norm_basic_lstm.cell:20  j = tanh(g_j * layer_norm(W_j @ x + U_j @ h, 1e-12) + b_j)
-        mean_5 = _rowsum(inv_n_H*(U_f_h + W_f_x))  # layer_norm_basic_lstm.cell:21  f = sigmoid(g_f * layer_norm(W_f @ x + U_f @ h, 1e-12) + b_f + 1.0)
-        mean_6 = _rowsum(inv_n_H*((U_f_h + W_f_x - mean_5)*(U_f_h + W_f_x - mean_5)))  # layer_norm_basic_lstm.cell:21  f = sigmoid(g_f * layer_norm(W_f @ x + U_f @ h, 1e-12) + b_f + 1.0)
-        rstd_3 = (1/torch.sqrt(mean_6 + 1e-12))  # layer_norm_basic_lstm.cell:21  f = sigmoid(g_f * layer_norm(W_f @ x + U_f @ h, 1e-12) + b_f + 1.0)
-        f = torch.sigmoid(b_f + g_f*rstd_3*(U_f_h + W_f_x - mean_5) + 1.0)  # layer_norm_basic_lstm.cell:21  f = sigmoid(g_f * layer_norm(W_f @ x + U_f @ h, 1e-12) + b_f + 1.0)
-        mean_7 = _rowsum(inv_n_H*(U_o_h + W_o_x))  # layer_norm_basic_lstm.cell:22  o = sigmoid(g_o * layer_norm(W_o @ x + U_o @ h, 1e-12) + b_o)
-        mean_8 = _rowsum(inv_n_H*((U_o_h + W_o_x - mean_7)*(U_o_h + W_o_x - mean_7)))  # layer_norm_basic_lstm.cell:22  o = sigmoid(g_o * layer_norm(W_o @ x + U_o @ h, 1e-12) + b_o)
-        rstd_4 = (1/torch.sqrt(mean_8 + 1e-12))  # layer_norm_basic_lstm.cell:22  o = sigmoid(g_o * layer_norm(W_o @ x + U_o @ h, 1e-12) + b_o)
-        o = torch.sigmoid(b_o + g_o*rstd_4*(U_o_h + W_o_x - mean_7))  # layer_norm_basic_lstm.cell:22  o = sigmoid(g_o * layer_norm(W_o @ x + U_o @ h, 1e-12) + b_o)
-        mean_9 = _rowsum(inv_n_H*(c*f + i*j*mask_j))  # layer_norm_basic_lstm.cell:24  c' = g_c * layer_norm(c * f + i * dropout(j, recurrent_dropout), 1e-12) + b_c
-        mean_10 = _rowsum(inv_n_H*((c*f + i*j*mask_j - mean_9)*(c*f + i*j*mask_j - mean_9)))  # layer_norm_basic_lstm.cell:24  c' = g_c * layer_norm(c * f + i * dropout(j, recurrent_dropout), 1e-12) + b_c
-        rstd_5 = (1/torch.sqrt(mean_10 + 1e-12))  # layer_norm_basic_lstm.cell:24  c' = g_c * layer_norm(c * f + i * dropout(j, recurrent_dropout), 1e-12) + b_c
-        c_next = b_c + g_c*rstd_5*(c*f + i*j*mask_j - mean_9)  # layer_norm_basic_lstm.cell:24  c' = g_c * layer_norm(c * f + i * dropout(j, recurrent_dropout), 1e-12) + b_c
+        mean_2 = _rowsum(inv_n_H*(U_j_h + W_j_x))  # layer_norm_basic_lstm.cell:20  j = tanh(g_j * layer_norm(W_j @ x + U_j @ h, 1e-12) + b_j)
+        var_2 = _rowsum(inv_n_H*((U_j_h + W_j_x - mean_2)*(U_j_h + W_j_x - mean_2)))  # layer_norm_basic_lstm.cell:20  j = tanh(g_j * layer_norm(W_j @ x + U_j @ h, 1e-12) + b_j)
+        rstd_2 = (1/torch.sqrt(var_2 + 1e-12))  # layer_norm_basic_lstm.cell:20  j = tanh(g_j * layer_norm(W_j @ x + U_j @ h, 1e-12) + b_j)
+        j = torch.tanh(b_j + g_j*rstd_2*(U_j_h + W_j_x - mean_2))  # layer_norm_basic_lstm.cell:20  j = tanh(g_j * layer_norm(W_j @ x + U_j @ h, 1e-12) + b_j)
+        mean_3 = _rowsum(inv_n_H*(U_f_h + W_f_x))  # layer_norm_basic_lstm.cell:21  f = sigmoid(g_f * layer_norm(W_f @ x + U_f @ h, 1e-12) + b_f + 1.0)
+        var_3 = _rowsum(inv_n_H*((U_f_h + W_f_x - mean_3)*(U_f_h + W_f_x - mean_3)))  # layer_norm_basic_lstm.cell:21  f = sigmoid(g_f * layer_norm(W_f @ x + U_f @ h, 1e-12) + b_f + 1.0)
+        rstd_3 = (1/torch.sqrt(var_3 + 1e-12))  # layer_norm_basic_lstm.cell:21  f = sigmoid(g_f * layer_norm(W_f @ x + U_f @ h, 1e-12) + b_f + 1.0)
+        f = torch.sigmoid(b_f + g_f*rstd_3*(U_f_h + W_f_x - mean_3) + 1.0)  # layer_norm_basic_lstm.cell:21  f = sigmoid(g_f * layer_norm(W_f @ x + U_f @ h, 1e-12) + b_f + 1.0)
+        mean_4 = _rowsum(inv_n_H*(U_o_h + W_o_x))  # layer_norm_basic_lstm.cell:22  o = sigmoid(g_o * layer_norm(W_o @ x + U_o @ h, 1e-12) + b_o)
+        var_4 = _rowsum(inv_n_H*((U_o_h + W_o_x - mean_4)*(U_o_h + W_o_x - mean_4)))  # layer_norm_basic_lstm.cell:22  o = sigmoid(g_o * layer_norm(W_o @ x + U_o @ h, 1e-12) + b_o)
+        rstd_4 = (1/torch.sqrt(var_4 + 1e-12))  # layer_norm_basic_lstm.cell:22  o = sigmoid(g_o * layer_norm(W_o @ x + U_o @ h, 1e-12) + b_o)
+        o = torch.sigmoid(b_o + g_o*rstd_4*(U_o_h + W_o_x - mean_4))  # layer_norm_basic_lstm.cell:22  o = sigmoid(g_o * layer_norm(W_o @ x + U_o @ h, 1e-12) + b_o)
+        mean_5 = _rowsum(inv_n_H*(c*f + i*j*mask_j))  # layer_norm_basic_lstm.cell:24  c' = g_c * layer_norm(c * f + i * dropout(j, recurrent_dropout), 1e-12) + b_c
+        var_5 = _rowsum(inv_n_H*((c*f + i*j*mask_j - mean_5)*(c*f + i*j*mask_j - mean_5)))  # layer_norm_basic_lstm.cell:24  c' = g_c * layer_norm(c * f + i * dropout(j, recurrent_dropout), 1e-12) + b_c
+        rstd_5 = (1/torch.sqrt(var_5 + 1e-12))  # layer_norm_basic_lstm.cell:24  c' = g_c * layer_norm(c * f + i * dropout(j, recurrent_dropout), 1e-12) + b_c
+        c_next = b_c + g_c*rstd_5*(c*f + i*j*mask_j - mean_5)  # layer_norm_basic_lstm.cell:24  c' = g_c * layer_norm(c * f + i * dropout(j, recurrent_dropout), 1e-12) + b_c
         h_next = o*torch.tanh(c_next)  # layer_norm_basic_lstm.cell:25  h' = tanh(c') * o
         _v_mean_at0[_t].copy_(mean)
-        _v_mean_2_at0[_t].copy_(mean_2)
+        _v_var_at0[_t].copy_(var)
         _v_rstd_at0[_t].copy_(rstd)
         _v_i_at0[_t].copy_(i)
-        _v_mean_3_at0[_t].copy_(mean_3)
-        _v_mean_4_at0[_t].copy_(mean_4)
+        _v_mean_2_at0[_t].copy_(mean_2)
+        _v_var_2_at0[_t].copy_(var_2)
         _v_rstd_2_at0[_t].copy_(rstd_2)
         _v_j_at0[_t].copy_(j)
-        _v_mean_5_at0[_t].copy_(mean_5)
-        _v_mean_6_at0[_t].copy_(mean_6)
+        _v_mean_3_at0[_t].copy_(mean_3)
+        _v_var_3_at0[_t].copy_(var_3)
         _v_rstd_3_at0[_t].copy_(rstd_3)
         _v_f_at0[_t].copy_(f)
-        _v_mean_7_at0[_t].copy_(mean_7)
-        _v_mean_8_at0[_t].copy_(mean_8)
+        _v_mean_4_at0[_t].copy_(mean_4)
+        _v_var_4_at0[_t].copy_(var_4)
         _v_rstd_4_at0[_t].copy_(rstd_4)
         _v_o_at0[_t].copy_(o)
-        _v_mean_9_at0[_t].copy_(mean_9)
-        _v_mean_10_at0[_t].copy_(mean_10)
+        _v_mean_5_at0[_t].copy_(mean_5)
+        _v_var_5_at0[_t].copy_(var_5)
         _v_rstd_5_at0[_t].copy_(rstd_5)
         _s_c_at1[_t].copy_(c_next)
         _s_h_at1[_t].copy_(h_next)
@@ -334,7 +334,7 @@ def _forward(_params, _x, _state, _bs=None):
         _m = _active(_bs, _B, _dtype, _device)
         _outputs = tuple(_o * _m for _o in _outputs)
     _final = (_s_h[_T], _s_c[_T], )
-    _saved = {"s_h": _s_h, "s_c": _s_c, "hg_W_i_W_j_W_f_W_o__x": _hg_W_i_W_j_W_f_W_o__x, "g_U_i_U_j_U_f_U_o__h": _g_U_i_U_j_U_f_U_o__h, "v_mean": _v_mean, "v_mean_2": _v_mean_2, "v_rstd": _v_rstd, "v_i": _v_i, "v_mean_3": _v_mean_3, "v_mean_4": _v_mean_4, "v_rstd_2": _v_rstd_2, "v_j": _v_j, "v_mean_5": _v_mean_5, "v_mean_6": _v_mean_6, "v_rstd_3": _v_rstd_3, "v_f": _v_f, "v_mean_7": _v_mean_7, "v_mean_8": _v_mean_8, "v_rstd_4": _v_rstd_4, "v_o": _v_o, "v_mean_9": _v_mean_9, "v_mean_10": _v_mean_10, "v_rstd_5": _v_rstd_5, }
+    _saved = {"s_h": _s_h, "s_c": _s_c, "hg_W_i_W_j_W_f_W_o__x": _hg_W_i_W_j_W_f_W_o__x, "g_U_i_U_j_U_f_U_o__h": _g_U_i_U_j_U_f_U_o__h, "v_mean": _v_mean, "v_var": _v_var, "v_rstd": _v_rstd, "v_i": _v_i, "v_mean_2": _v_mean_2, "v_var_2": _v_var_2, "v_rstd_2": _v_rstd_2, "v_j": _v_j, "v_mean_3": _v_mean_3, "v_var_3": _v_var_3, "v_rstd_3": _v_rstd_3, "v_f": _v_f, "v_mean_4": _v_mean_4, "v_var_4": _v_var_4, "v_rstd_4": _v_rstd_4, "v_o": _v_o, "v_mean_5": _v_mean_5, "v_var_5": _v_var_5, "v_rstd_5": _v_rstd_5, }
     return _outputs[0], _final, _saved
 
 
@@ -397,25 +397,25 @@ def _inference(_params, _x, _state, _bs=None):
         c = _s_c_at0[_t]
         mask_j = _x_mask_j_at0[_t]
         mean = _rowsum(inv_n_H*(U_i_h + W_i_x))  # layer_norm_basic_lstm.cell:19  i = sigmoid(g_i * layer_norm(W_i @ x + U_i @ h, 1e-12) + b_i)
-        mean_2 = _rowsum(inv_n_H*((U_i_h + W_i_x - mean)*(U_i_h + W_i_x - mean)))  # layer_norm_basic_lstm.cell:19  i = sigmoid(g_i * layer_norm(W_i @ x + U_i @ h, 1e-12) + b_i)
-        rstd = (1/torch.sqrt(mean_2 + 1e-12))  # layer_norm_basic_lstm.cell:19  i = sigmoid(g_i * layer_norm(W_i @ x + U_i @ h, 1e-12) + b_i)
+        var = _rowsum(inv_n_H*((U_i_h + W_i_x - mean)*(U_i_h + W_i_x - mean)))  # layer_norm_basic_lstm.cell:19  i = sigmoid(g_i * layer_norm(W_i @ x + U_i @ h, 1e-12) + b_i)
+        rstd = (1/torch.sqrt(var + 1e-12))  # layer_norm_basic_lstm.cell:19  i = sigmoid(g_i * layer_norm(W_i @ x + U_i @ h, 1e-12) + b_i)
         i = torch.sigmoid(b_i + g_i*rstd*(U_i_h + W_i_x - mean))  # layer_norm_basic_lstm.cell:19  i = sigmoid(g_i * layer_norm(W_i @ x + U_i @ h, 1e-12) + b_i)
-        mean_3 = _rowsum(inv_n_H*(U_j_h + W_j_x))  # layer_norm_basic_lstm.cell:20  j = tanh(g_j * layer_norm(W_j @ x + U_j @ h, 1e-12) + b_j)
-        mean_4 = _rowsum(inv_n_H*((U_j_h + W_j_x - mean_3)*(U_j_h + W_j_x - mean_3)))  # layer_norm_basic_lstm.cell:20  j = tanh(g_j * layer_norm(W_j @ x + U_j @ h, 1e-12) + b_j)
-        rstd_2 = (1/torch.sqrt(mean_4 + 1e-12))  # layer_norm_basic_lstm.cell:20  j = tanh(g_j * layer_norm(W_j @ x + U_j @ h, 1e-12) + b_j)
-        j = torch.tanh(b_j + g_j*rstd_2*(U_j_h + W_j_x - mean_3))  # layer_norm_basic_lstm.cell:20  j = tanh(g_j * layer_norm(W_j @ x + U_j @ h, 1e-12) + b_j)
-        mean_5 = _rowsum(inv_n_H*(U_f_h + W_f_x))  # layer_norm_basic_lstm.cell:21  f = sigmoid(g_f * layer_norm(W_f @ x + U_f @ h, 1e-12) + b_f + 1.0)
-        mean_6 = _rowsum(inv_n_H*((U_f_h + W_f_x - mean_5)*(U_f_h + W_f_x - mean_5)))  # layer_norm_basic_lstm.cell:21  f = sigmoid(g_f * layer_norm(W_f @ x + U_f @ h, 1e-12) + b_f + 1.0)
-        rstd_3 = (1/torch.sqrt(mean_6 + 1e-12))  # layer_norm_basic_lstm.cell:21  f = sigmoid(g_f * layer_norm(W_f @ x + U_f @ h, 1e-12) + b_f + 1.0)
-        f = torch.sigmoid(b_f + g_f*rstd_3*(U_f_h + W_f_x - mean_5) + 1.0)  # layer_norm_basic_lstm.cell:21  f = sigmoid(g_f * layer_norm(W_f @ x + U_f @ h, 1e-12) + b_f + 1.0)
-        mean_7 = _rowsum(inv_n_H*(U_o_h + W_o_x))  # layer_norm_basic_lstm.cell:22  o = sigmoid(g_o * layer_norm(W_o @ x + U_o @ h, 1e-12) + b_o)
-        mean_8 = _rowsum(inv_n_H*((U_o_h + W_o_x - mean_7)*(U_o_h + W_o_x - mean_7)))  # layer_norm_basic_lstm.cell:22  o = sigmoid(g_o * layer_norm(W_o @ x + U_o @ h, 1e-12) + b_o)
-        rstd_4 = (1/torch.sqrt(mean_8 + 1e-12))  # layer_norm_basic_lstm.cell:22  o = sigmoid(g_o * layer_norm(W_o @ x + U_o @ h, 1e-12) + b_o)
-        o = torch.sigmoid(b_o + g_o*rstd_4*(U_o_h + W_o_x - mean_7))  # layer_norm_basic_lstm.cell:22  o = sigmoid(g_o * layer_norm(W_o @ x + U_o @ h, 1e-12) + b_o)
-        mean_9 = _rowsum(inv_n_H*(c*f + i*j*mask_j))  # layer_norm_basic_lstm.cell:24  c' = g_c * layer_norm(c * f + i * dropout(j, recurrent_dropout), 1e-12) + b_c
-        mean_10 = _rowsum(inv_n_H*((c*f + i*j*mask_j - mean_9)*(c*f + i*j*mask_j - mean_9)))  # layer_norm_basic_lstm.cell:24  c' = g_c * layer_norm(c * f + i * dropout(j, recurrent_dropout), 1e-12) + b_c
-        rstd_5 = (1/torch.sqrt(mean_10 + 1e-12))  # layer_norm_basic_lstm.cell:24  c' = g_c * layer_norm(c * f + i * dropout(j, recurrent_dropout), 1e-12) + b_c
-        c_next = b_c + g_c*rstd_5*(c*f + i*j*mask_j - mean_9)  # layer_norm_basic_lstm.cell:24  c' = g_c * layer_norm(c * f + i * dropout(j, recurrent_dropout), 1e-12) + b_c
+        mean_2 = _rowsum(inv_n_H*(U_j_h + W_j_x))  # layer_norm_basic_lstm.cell:20  j = tanh(g_j * layer_norm(W_j @ x + U_j @ h, 1e-12) + b_j)
+        var_2 = _rowsum(inv_n_H*((U_j_h + W_j_x - mean_2)*(U_j_h + W_j_x - mean_2)))  # layer_norm_basic_lstm.cell:20  j = tanh(g_j * layer_norm(W_j @ x + U_j @ h, 1e-12) + b_j)
+        rstd_2 = (1/torch.sqrt(var_2 + 1e-12))  # layer_norm_basic_lstm.cell:20  j = tanh(g_j * layer_norm(W_j @ x + U_j @ h, 1e-12) + b_j)
+        j = torch.tanh(b_j + g_j*rstd_2*(U_j_h + W_j_x - mean_2))  # layer_norm_basic_lstm.cell:20  j = tanh(g_j * layer_norm(W_j @ x + U_j @ h, 1e-12) + b_j)
+        mean_3 = _rowsum(inv_n_H*(U_f_h + W_f_x))  # layer_norm_basic_lstm.cell:21  f = sigmoid(g_f * layer_norm(W_f @ x + U_f @ h, 1e-12) + b_f + 1.0)
+        var_3 = _rowsum(inv_n_H*((U_f_h + W_f_x - mean_3)*(U_f_h + W_f_x - mean_3)))  # layer_norm_basic_lstm.cell:21  f = sigmoid(g_f * layer_norm(W_f @ x + U_f @ h, 1e-12) + b_f + 1.0)
+        rstd_3 = (1/torch.sqrt(var_3 + 1e-12))  # layer_norm_basic_lstm.cell:21  f = sigmoid(g_f * layer_norm(W_f @ x + U_f @ h, 1e-12) + b_f + 1.0)
+        f = torch.sigmoid(b_f + g_f*rstd_3*(U_f_h + W_f_x - mean_3) + 1.0)  # layer_norm_basic_lstm.cell:21  f = sigmoid(g_f * layer_norm(W_f @ x + U_f @ h, 1e-12) + b_f + 1.0)
+        mean_4 = _rowsum(inv_n_H*(U_o_h + W_o_x))  # layer_norm_basic_lstm.cell:22  o = sigmoid(g_o * layer_norm(W_o @ x + U_o @ h, 1e-12) + b_o)
+        var_4 = _rowsum(inv_n_H*((U_o_h + W_o_x - mean_4)*(U_o_h + W_o_x - mean_4)))  # layer_norm_basic_lstm.cell:22  o = sigmoid(g_o * layer_norm(W_o @ x + U_o @ h, 1e-12) + b_o)
+        rstd_4 = (1/torch.sqrt(var_4 + 1e-12))  # layer_norm_basic_lstm.cell:22  o = sigmoid(g_o * layer_norm(W_o @ x + U_o @ h, 1e-12) + b_o)
+        o = torch.sigmoid(b_o + g_o*rstd_4*(U_o_h + W_o_x - mean_4))  # layer_norm_basic_lstm.cell:22  o = sigmoid(g_o * layer_norm(W_o @ x + U_o @ h, 1e-12) + b_o)
+        mean_5 = _rowsum(inv_n_H*(c*f + i*j*mask_j))  # layer_norm_basic_lstm.cell:24  c' = g_c * layer_norm(c * f + i * dropout(j, recurrent_dropout), 1e-12) + b_c
+        var_5 = _rowsum(inv_n_H*((c*f + i*j*mask_j - mean_5)*(c*f + i*j*mask_j - mean_5)))  # layer_norm_basic_lstm.cell:24  c' = g_c * layer_norm(c * f + i * dropout(j, recurrent_dropout), 1e-12) + b_c
+        rstd_5 = (1/torch.sqrt(var_5 + 1e-12))  # layer_norm_basic_lstm.cell:24  c' = g_c * layer_norm(c * f + i * dropout(j, recurrent_dropout), 1e-12) + b_c
+        c_next = b_c + g_c*rstd_5*(c*f + i*j*mask_j - mean_5)  # layer_norm_basic_lstm.cell:24  c' = g_c * layer_norm(c * f + i * dropout(j, recurrent_dropout), 1e-12) + b_c
         h_next = o*torch.tanh(c_next)  # layer_norm_basic_lstm.cell:25  h' = tanh(c') * o
         _s_c_at1[_t].copy_(c_next)
         _s_h_at1[_t].copy_(h_next)
@@ -464,23 +464,23 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
     _hg_W_i_W_j_W_f_W_o__x = _saved["hg_W_i_W_j_W_f_W_o__x"]
     _g_U_i_U_j_U_f_U_o__h = _saved["g_U_i_U_j_U_f_U_o__h"]
     _v_mean = _saved["v_mean"]
-    _v_mean_2 = _saved["v_mean_2"]
+    _v_var = _saved["v_var"]
     _v_rstd = _saved["v_rstd"]
     _v_i = _saved["v_i"]
-    _v_mean_3 = _saved["v_mean_3"]
-    _v_mean_4 = _saved["v_mean_4"]
+    _v_mean_2 = _saved["v_mean_2"]
+    _v_var_2 = _saved["v_var_2"]
     _v_rstd_2 = _saved["v_rstd_2"]
     _v_j = _saved["v_j"]
-    _v_mean_5 = _saved["v_mean_5"]
-    _v_mean_6 = _saved["v_mean_6"]
+    _v_mean_3 = _saved["v_mean_3"]
+    _v_var_3 = _saved["v_var_3"]
     _v_rstd_3 = _saved["v_rstd_3"]
     _v_f = _saved["v_f"]
-    _v_mean_7 = _saved["v_mean_7"]
-    _v_mean_8 = _saved["v_mean_8"]
+    _v_mean_4 = _saved["v_mean_4"]
+    _v_var_4 = _saved["v_var_4"]
     _v_rstd_4 = _saved["v_rstd_4"]
     _v_o = _saved["v_o"]
-    _v_mean_9 = _saved["v_mean_9"]
-    _v_mean_10 = _saved["v_mean_10"]
+    _v_mean_5 = _saved["v_mean_5"]
+    _v_var_5 = _saved["v_var_5"]
     _v_rstd_5 = _saved["v_rstd_5"]
     _d_outputs = (_d_outputs,)
     _dout_h_next = torch.zeros((_T, _B, _H), dtype=_dtype, device=_device) if _d_outputs[0] is None else _d_outputs[0].to(_dtype)
@@ -505,19 +505,19 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
     _tmp_d_h_gemm = torch.empty((_B, _H), dtype=_dtype, device=_device)
     _dhg_W_i_W_j_W_f_W_o__x = torch.empty((_T, _B, 4*_H), dtype=_dtype, device=_device)
     _tmp_d_c_next = torch.empty((_B, _H), dtype=_dtype, device=_device)
-    _tmp_d_mean_10 = torch.empty((_B, 1), dtype=_dtype, device=_device)
-    _tmp_d_mean_9 = torch.empty((_B, 1), dtype=_dtype, device=_device)
-    _tmp_d_o = torch.empty((_B, _H), dtype=_dtype, device=_device)
-    _tmp_d_mean_8 = torch.empty((_B, 1), dtype=_dtype, device=_device)
-    _tmp_d_mean_7 = torch.empty((_B, 1), dtype=_dtype, device=_device)
-    _tmp_d_f = torch.empty((_B, _H), dtype=_dtype, device=_device)
-    _tmp_d_mean_6 = torch.empty((_B, 1), dtype=_dtype, device=_device)
+    _tmp_d_var_5 = torch.empty((_B, 1), dtype=_dtype, device=_device)
     _tmp_d_mean_5 = torch.empty((_B, 1), dtype=_dtype, device=_device)
-    _tmp_d_j = torch.empty((_B, _H), dtype=_dtype, device=_device)
+    _tmp_d_o = torch.empty((_B, _H), dtype=_dtype, device=_device)
+    _tmp_d_var_4 = torch.empty((_B, 1), dtype=_dtype, device=_device)
     _tmp_d_mean_4 = torch.empty((_B, 1), dtype=_dtype, device=_device)
+    _tmp_d_f = torch.empty((_B, _H), dtype=_dtype, device=_device)
+    _tmp_d_var_3 = torch.empty((_B, 1), dtype=_dtype, device=_device)
     _tmp_d_mean_3 = torch.empty((_B, 1), dtype=_dtype, device=_device)
-    _tmp_d_i = torch.empty((_B, _H), dtype=_dtype, device=_device)
+    _tmp_d_j = torch.empty((_B, _H), dtype=_dtype, device=_device)
+    _tmp_d_var_2 = torch.empty((_B, 1), dtype=_dtype, device=_device)
     _tmp_d_mean_2 = torch.empty((_B, 1), dtype=_dtype, device=_device)
+    _tmp_d_i = torch.empty((_B, _H), dtype=_dtype, device=_device)
+    _tmp_d_var = torch.empty((_B, 1), dtype=_dtype, device=_device)
     _tmp_d_mean = torch.empty((_B, 1), dtype=_dtype, device=_device)
     if _bs is not None:
         _dg_U_i_U_j_U_f_U_o__h.zero_()
@@ -544,35 +544,35 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
     _v_j_at0 = _steps(_v_j, 0, _T, _bs)
     _x_mask_j_at0 = _steps(_x_mask_j, 0, _T, _bs)
     _v_mean_at0 = _steps(_v_mean, 0, _T, _bs)
-    _v_mean_10_at0 = _steps(_v_mean_10, 0, _T, _bs)
     _v_mean_2_at0 = _steps(_v_mean_2, 0, _T, _bs)
     _v_mean_3_at0 = _steps(_v_mean_3, 0, _T, _bs)
     _v_mean_4_at0 = _steps(_v_mean_4, 0, _T, _bs)
     _v_mean_5_at0 = _steps(_v_mean_5, 0, _T, _bs)
-    _v_mean_6_at0 = _steps(_v_mean_6, 0, _T, _bs)
-    _v_mean_7_at0 = _steps(_v_mean_7, 0, _T, _bs)
-    _v_mean_8_at0 = _steps(_v_mean_8, 0, _T, _bs)
-    _v_mean_9_at0 = _steps(_v_mean_9, 0, _T, _bs)
     _v_o_at0 = _steps(_v_o, 0, _T, _bs)
     _v_rstd_at0 = _steps(_v_rstd, 0, _T, _bs)
     _v_rstd_2_at0 = _steps(_v_rstd_2, 0, _T, _bs)
     _v_rstd_3_at0 = _steps(_v_rstd_3, 0, _T, _bs)
     _v_rstd_4_at0 = _steps(_v_rstd_4, 0, _T, _bs)
     _v_rstd_5_at0 = _steps(_v_rstd_5, 0, _T, _bs)
+    _v_var_at0 = _steps(_v_var, 0, _T, _bs)
+    _v_var_2_at0 = _steps(_v_var_2, 0, _T, _bs)
+    _v_var_3_at0 = _steps(_v_var_3, 0, _T, _bs)
+    _v_var_4_at0 = _steps(_v_var_4, 0, _T, _bs)
+    _v_var_5_at0 = _steps(_v_var_5, 0, _T, _bs)
     _tmp_d_c_next_rows = _rows(_tmp_d_c_next, _T, _bs)
-    _tmp_d_mean_10_rows = _rows(_tmp_d_mean_10, _T, _bs)
-    _tmp_d_mean_9_rows = _rows(_tmp_d_mean_9, _T, _bs)
-    _tmp_d_o_rows = _rows(_tmp_d_o, _T, _bs)
-    _tmp_d_mean_8_rows = _rows(_tmp_d_mean_8, _T, _bs)
-    _tmp_d_mean_7_rows = _rows(_tmp_d_mean_7, _T, _bs)
-    _tmp_d_f_rows = _rows(_tmp_d_f, _T, _bs)
-    _tmp_d_mean_6_rows = _rows(_tmp_d_mean_6, _T, _bs)
+    _tmp_d_var_5_rows = _rows(_tmp_d_var_5, _T, _bs)
     _tmp_d_mean_5_rows = _rows(_tmp_d_mean_5, _T, _bs)
-    _tmp_d_j_rows = _rows(_tmp_d_j, _T, _bs)
+    _tmp_d_o_rows = _rows(_tmp_d_o, _T, _bs)
+    _tmp_d_var_4_rows = _rows(_tmp_d_var_4, _T, _bs)
     _tmp_d_mean_4_rows = _rows(_tmp_d_mean_4, _T, _bs)
+    _tmp_d_f_rows = _rows(_tmp_d_f, _T, _bs)
+    _tmp_d_var_3_rows = _rows(_tmp_d_var_3, _T, _bs)
     _tmp_d_mean_3_rows = _rows(_tmp_d_mean_3, _T, _bs)
-    _tmp_d_i_rows = _rows(_tmp_d_i, _T, _bs)
+    _tmp_d_j_rows = _rows(_tmp_d_j, _T, _bs)
+    _tmp_d_var_2_rows = _rows(_tmp_d_var_2, _T, _bs)
     _tmp_d_mean_2_rows = _rows(_tmp_d_mean_2, _T, _bs)
+    _tmp_d_i_rows = _rows(_tmp_d_i, _T, _bs)
+    _tmp_d_var_rows = _rows(_tmp_d_var, _T, _bs)
     _tmp_d_mean_rows = _rows(_tmp_d_mean, _T, _bs)
     _dg_U_i_U_j_U_f_U_o__h_at0 = _steps(_dg_U_i_U_j_U_f_U_o__h, 0, _T, _bs)
     _tmp_d_h_gemm_rows = _rows(_tmp_d_h_gemm, _T, _bs)
@@ -608,29 +608,29 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
         j = _v_j_at0[_t]
         mask_j = _x_mask_j_at0[_t]
         mean = _v_mean_at0[_t]
-        mean_10 = _v_mean_10_at0[_t]
         mean_2 = _v_mean_2_at0[_t]
         mean_3 = _v_mean_3_at0[_t]
         mean_4 = _v_mean_4_at0[_t]
         mean_5 = _v_mean_5_at0[_t]
-        mean_6 = _v_mean_6_at0[_t]
-        mean_7 = _v_mean_7_at0[_t]
-        mean_8 = _v_mean_8_at0[_t]
-        mean_9 = _v_mean_9_at0[_t]
         o = _v_o_at0[_t]
         rstd = _v_rstd_at0[_t]
         rstd_2 = _v_rstd_2_at0[_t]
         rstd_3 = _v_rstd_3_at0[_t]
         rstd_4 = _v_rstd_4_at0[_t]
         rstd_5 = _v_rstd_5_at0[_t]
+        var = _v_var_at0[_t]
+        var_2 = _v_var_2_at0[_t]
+        var_3 = _v_var_3_at0[_t]
+        var_4 = _v_var_4_at0[_t]
+        var_5 = _v_var_5_at0[_t]
         t0 = torch.tanh(c_next)
         t1 = c*f
         t2 = i*mask_j
         t3 = j*t2
-        t4 = -mean_9 + t1 + t3
-        t9 = 2*U_o_h + 2*W_o_x - 2*mean_7
-        t14 = 2*U_f_h + 2*W_f_x - 2*mean_5
-        t17 = 2*U_j_h + 2*W_j_x - 2*mean_3
+        t4 = -mean_5 + t1 + t3
+        t9 = 2*U_o_h + 2*W_o_x - 2*mean_4
+        t14 = 2*U_f_h + 2*W_f_x - 2*mean_3
+        t17 = 2*U_j_h + 2*W_j_x - 2*mean_2
         t18 = j*mask_j
         t21 = 2*U_i_h + 2*W_i_x - 2*mean
         d_h_next = d_h + d_h_next_out  # adjoint of h'
@@ -638,52 +638,52 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
         t5 = d_c_next*g_c
         t6 = rstd_5*t5
         d_rstd_5 = _rowsum(t4*t5)  # adjoint of operand of rstd_5
-        d_mean_10 = -1/2*d_rstd_5/(torch.sqrt(mean_10 + 1e-12)*torch.sqrt(mean_10 + 1e-12)*torch.sqrt(mean_10 + 1e-12))  # adjoint of operand of mean_10
-        t11 = 2*d_mean_10*inv_n_H*t4
-        d_mean_9 = d_mean_10*_rowsum(inv_n_H*(2*mean_9 - 2*t1 - 2*t3)) + _rowsum(-t6)  # adjoint of operand of mean_9
-        t10 = d_mean_9*inv_n_H
+        d_var_5 = -1/2*d_rstd_5/(torch.sqrt(var_5 + 1e-12)*torch.sqrt(var_5 + 1e-12)*torch.sqrt(var_5 + 1e-12))  # adjoint of operand of var_5
+        t11 = 2*d_var_5*inv_n_H*t4
+        d_mean_5 = d_var_5*_rowsum(inv_n_H*(2*mean_5 - 2*t1 - 2*t3)) + _rowsum(-t6)  # adjoint of operand of mean_5
+        t10 = d_mean_5*inv_n_H
         d_o = d_h_next*t0  # adjoint of o
         t7 = d_o*g_o*o*(1 - o)
         t8 = rstd_4*t7
-        d_rstd_4 = _rowsum(t7*(U_o_h + W_o_x - mean_7))  # adjoint of operand of rstd_4
-        d_mean_8 = -1/2*d_rstd_4/(torch.sqrt(mean_8 + 1e-12)*torch.sqrt(mean_8 + 1e-12)*torch.sqrt(mean_8 + 1e-12))  # adjoint of operand of mean_8
-        d_mean_7 = d_mean_8*_rowsum(-inv_n_H*t9) + _rowsum(-t8)  # adjoint of operand of mean_7
+        d_rstd_4 = _rowsum(t7*(U_o_h + W_o_x - mean_4))  # adjoint of operand of rstd_4
+        d_var_4 = -1/2*d_rstd_4/(torch.sqrt(var_4 + 1e-12)*torch.sqrt(var_4 + 1e-12)*torch.sqrt(var_4 + 1e-12))  # adjoint of operand of var_4
+        d_mean_4 = d_var_4*_rowsum(-inv_n_H*t9) + _rowsum(-t8)  # adjoint of operand of mean_4
         d_f = c*t10 + c*t11 + c*t6  # adjoint of f
         t12 = d_f*f*g_f*(1 - f)
         t13 = rstd_3*t12
-        d_rstd_3 = _rowsum(t12*(U_f_h + W_f_x - mean_5))  # adjoint of operand of rstd_3
-        d_mean_6 = -1/2*d_rstd_3/(torch.sqrt(mean_6 + 1e-12)*torch.sqrt(mean_6 + 1e-12)*torch.sqrt(mean_6 + 1e-12))  # adjoint of operand of mean_6
-        d_mean_5 = d_mean_6*_rowsum(-inv_n_H*t14) + _rowsum(-t13)  # adjoint of operand of mean_5
+        d_rstd_3 = _rowsum(t12*(U_f_h + W_f_x - mean_3))  # adjoint of operand of rstd_3
+        d_var_3 = -1/2*d_rstd_3/(torch.sqrt(var_3 + 1e-12)*torch.sqrt(var_3 + 1e-12)*torch.sqrt(var_3 + 1e-12))  # adjoint of operand of var_3
+        d_mean_3 = d_var_3*_rowsum(-inv_n_H*t14) + _rowsum(-t13)  # adjoint of operand of mean_3
         d_j = t10*t2 + t11*t2 + t2*t6  # adjoint of j
         t15 = d_j*g_j*(1 - (j*j))
         t16 = rstd_2*t15
-        d_rstd_2 = _rowsum(t15*(U_j_h + W_j_x - mean_3))  # adjoint of operand of rstd_2
-        d_mean_4 = -1/2*d_rstd_2/(torch.sqrt(mean_4 + 1e-12)*torch.sqrt(mean_4 + 1e-12)*torch.sqrt(mean_4 + 1e-12))  # adjoint of operand of mean_4
-        d_mean_3 = d_mean_4*_rowsum(-inv_n_H*t17) + _rowsum(-t16)  # adjoint of operand of mean_3
+        d_rstd_2 = _rowsum(t15*(U_j_h + W_j_x - mean_2))  # adjoint of operand of rstd_2
+        d_var_2 = -1/2*d_rstd_2/(torch.sqrt(var_2 + 1e-12)*torch.sqrt(var_2 + 1e-12)*torch.sqrt(var_2 + 1e-12))  # adjoint of operand of var_2
+        d_mean_2 = d_var_2*_rowsum(-inv_n_H*t17) + _rowsum(-t16)  # adjoint of operand of mean_2
         d_i = t10*t18 + t11*t18 + t18*t6  # adjoint of i
         t19 = d_i*g_i*i*(1 - i)
         t20 = rstd*t19
         d_rstd = _rowsum(t19*(U_i_h + W_i_x - mean))  # adjoint of operand of rstd
-        d_mean_2 = -1/2*d_rstd/(torch.sqrt(mean_2 + 1e-12)*torch.sqrt(mean_2 + 1e-12)*torch.sqrt(mean_2 + 1e-12))  # adjoint of operand of mean_2
-        d_mean = d_mean_2*_rowsum(-inv_n_H*t21) + _rowsum(-t20)  # adjoint of operand of mean
-        d_U_i_h = d_mean*inv_n_H + d_mean_2*inv_n_H*t21 + t20  # adjoint of U_i @ h
-        d_U_j_h = d_mean_3*inv_n_H + d_mean_4*inv_n_H*t17 + t16  # adjoint of U_j @ h
-        d_U_f_h = d_mean_5*inv_n_H + d_mean_6*inv_n_H*t14 + t13  # adjoint of U_f @ h
-        d_U_o_h = d_mean_7*inv_n_H + d_mean_8*inv_n_H*t9 + t8  # adjoint of U_o @ h
+        d_var = -1/2*d_rstd/(torch.sqrt(var + 1e-12)*torch.sqrt(var + 1e-12)*torch.sqrt(var + 1e-12))  # adjoint of operand of var
+        d_mean = d_var*_rowsum(-inv_n_H*t21) + _rowsum(-t20)  # adjoint of operand of mean
+        d_U_i_h = d_mean*inv_n_H + d_var*inv_n_H*t21 + t20  # adjoint of U_i @ h
+        d_U_j_h = d_mean_2*inv_n_H + d_var_2*inv_n_H*t17 + t16  # adjoint of U_j @ h
+        d_U_f_h = d_mean_3*inv_n_H + d_var_3*inv_n_H*t14 + t13  # adjoint of U_f @ h
+        d_U_o_h = d_mean_4*inv_n_H + d_var_4*inv_n_H*t9 + t8  # adjoint of U_o @ h
         _tmp_d_c_next_rows[_t].copy_(d_c_next)
-        _tmp_d_mean_10_rows[_t].copy_(d_mean_10)
-        _tmp_d_mean_9_rows[_t].copy_(d_mean_9)
-        _tmp_d_o_rows[_t].copy_(d_o)
-        _tmp_d_mean_8_rows[_t].copy_(d_mean_8)
-        _tmp_d_mean_7_rows[_t].copy_(d_mean_7)
-        _tmp_d_f_rows[_t].copy_(d_f)
-        _tmp_d_mean_6_rows[_t].copy_(d_mean_6)
+        _tmp_d_var_5_rows[_t].copy_(d_var_5)
         _tmp_d_mean_5_rows[_t].copy_(d_mean_5)
-        _tmp_d_j_rows[_t].copy_(d_j)
+        _tmp_d_o_rows[_t].copy_(d_o)
+        _tmp_d_var_4_rows[_t].copy_(d_var_4)
         _tmp_d_mean_4_rows[_t].copy_(d_mean_4)
+        _tmp_d_f_rows[_t].copy_(d_f)
+        _tmp_d_var_3_rows[_t].copy_(d_var_3)
         _tmp_d_mean_3_rows[_t].copy_(d_mean_3)
-        _tmp_d_i_rows[_t].copy_(d_i)
+        _tmp_d_j_rows[_t].copy_(d_j)
+        _tmp_d_var_2_rows[_t].copy_(d_var_2)
         _tmp_d_mean_2_rows[_t].copy_(d_mean_2)
+        _tmp_d_i_rows[_t].copy_(d_i)
+        _tmp_d_var_rows[_t].copy_(d_var)
         _tmp_d_mean_rows[_t].copy_(d_mean)
         _dg_U_i_U_j_U_f_U_o__h_at0[_t][:, 0:_H].copy_(d_U_i_h)
         _dg_U_i_U_j_U_f_U_o__h_at0[_t][:, _H:2*_H].copy_(d_U_j_h)
@@ -706,25 +706,25 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
         d_i = _tmp_d_i_rows[_t]
         d_j = _tmp_d_j_rows[_t]
         d_mean = _tmp_d_mean_rows[_t]
-        d_mean_10 = _tmp_d_mean_10_rows[_t]
         d_mean_2 = _tmp_d_mean_2_rows[_t]
         d_mean_3 = _tmp_d_mean_3_rows[_t]
         d_mean_4 = _tmp_d_mean_4_rows[_t]
         d_mean_5 = _tmp_d_mean_5_rows[_t]
-        d_mean_6 = _tmp_d_mean_6_rows[_t]
-        d_mean_7 = _tmp_d_mean_7_rows[_t]
-        d_mean_8 = _tmp_d_mean_8_rows[_t]
-        d_mean_9 = _tmp_d_mean_9_rows[_t]
         d_o = _tmp_d_o_rows[_t]
+        d_var = _tmp_d_var_rows[_t]
+        d_var_2 = _tmp_d_var_2_rows[_t]
+        d_var_3 = _tmp_d_var_3_rows[_t]
+        d_var_4 = _tmp_d_var_4_rows[_t]
+        d_var_5 = _tmp_d_var_5_rows[_t]
         f = _v_f_at0[_t]
         i = _v_i_at0[_t]
         j = _v_j_at0[_t]
         mask_j = _x_mask_j_at0[_t]
         mean = _v_mean_at0[_t]
+        mean_2 = _v_mean_2_at0[_t]
         mean_3 = _v_mean_3_at0[_t]
+        mean_4 = _v_mean_4_at0[_t]
         mean_5 = _v_mean_5_at0[_t]
-        mean_7 = _v_mean_7_at0[_t]
-        mean_9 = _v_mean_9_at0[_t]
         o = _v_o_at0[_t]
         rstd = _v_rstd_at0[_t]
         rstd_2 = _v_rstd_2_at0[_t]
@@ -733,7 +733,7 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
         rstd_5 = _v_rstd_5_at0[_t]
         t21_2 = f*inv_n_H
         t22 = d_c_next*rstd_5
-        t23 = c*f + i*j*mask_j - mean_9
+        t23 = c*f + i*j*mask_j - mean_5
         t24 = d_i*i*(1 - i)
         t25 = rstd*t24
         t26 = d_j*(1 - (j*j))
@@ -743,21 +743,21 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
         t30 = d_o*o*(1 - o)
         t31 = rstd_4*t30
         d_h = d_h_gemm  # adjoint of state h
-        d_c = 2*d_mean_10*t21_2*t23 + d_mean_9*t21_2 + f*g_c*t22  # adjoint of state c
+        d_c = d_mean_5*t21_2 + 2*d_var_5*t21_2*t23 + f*g_c*t22  # adjoint of state c
         d_g_i = t25*(U_i_h + W_i_x - mean)  # adjoint of param g_i
         d_b_i = t24  # adjoint of param b_i
-        d_g_j = t27*(U_j_h + W_j_x - mean_3)  # adjoint of param g_j
+        d_g_j = t27*(U_j_h + W_j_x - mean_2)  # adjoint of param g_j
         d_b_j = t26  # adjoint of param b_j
-        d_g_f = t29*(U_f_h + W_f_x - mean_5)  # adjoint of param g_f
+        d_g_f = t29*(U_f_h + W_f_x - mean_3)  # adjoint of param g_f
         d_b_f = t28  # adjoint of param b_f
-        d_g_o = t31*(U_o_h + W_o_x - mean_7)  # adjoint of param g_o
+        d_g_o = t31*(U_o_h + W_o_x - mean_4)  # adjoint of param g_o
         d_b_o = t30  # adjoint of param b_o
         d_g_c = t22*t23  # adjoint of param g_c
         d_b_c = d_c_next  # adjoint of param b_c
-        d_W_i_x = d_mean*inv_n_H + d_mean_2*inv_n_H*(2*U_i_h + 2*W_i_x - 2*mean) + g_i*t25  # adjoint of hoisted projection W_i_x
-        d_W_j_x = d_mean_3*inv_n_H + d_mean_4*inv_n_H*(2*U_j_h + 2*W_j_x - 2*mean_3) + g_j*t27  # adjoint of hoisted projection W_j_x
-        d_W_f_x = d_mean_5*inv_n_H + d_mean_6*inv_n_H*(2*U_f_h + 2*W_f_x - 2*mean_5) + g_f*t29  # adjoint of hoisted projection W_f_x
-        d_W_o_x = d_mean_7*inv_n_H + d_mean_8*inv_n_H*(2*U_o_h + 2*W_o_x - 2*mean_7) + g_o*t31  # adjoint of hoisted projection W_o_x
+        d_W_i_x = d_mean*inv_n_H + d_var*inv_n_H*(2*U_i_h + 2*W_i_x - 2*mean) + g_i*t25  # adjoint of hoisted projection W_i_x
+        d_W_j_x = d_mean_2*inv_n_H + d_var_2*inv_n_H*(2*U_j_h + 2*W_j_x - 2*mean_2) + g_j*t27  # adjoint of hoisted projection W_j_x
+        d_W_f_x = d_mean_3*inv_n_H + d_var_3*inv_n_H*(2*U_f_h + 2*W_f_x - 2*mean_3) + g_f*t29  # adjoint of hoisted projection W_f_x
+        d_W_o_x = d_mean_4*inv_n_H + d_var_4*inv_n_H*(2*U_o_h + 2*W_o_x - 2*mean_4) + g_o*t31  # adjoint of hoisted projection W_o_x
         _ds_h_rows[_t].copy_(d_h)
         _ds_c_rows[_t].copy_(d_c)
         _dp_g_i_at0[_t].copy_(d_g_i)
@@ -863,44 +863,44 @@ def _forward_differentiable(_params, _x, _state, _bs=None):
     _hg_W_i_W_j_W_f_W_o__x = torch.zeros((_T, _B, 4*_H), dtype=_dtype, device=_device)
     _g_U_i_U_j_U_f_U_o__h = torch.zeros((_T, _B, 4*_H), dtype=_dtype, device=_device)
     _v_mean = torch.zeros((_T, _B, 1), dtype=_dtype, device=_device)
-    _v_mean_2 = torch.zeros((_T, _B, 1), dtype=_dtype, device=_device)
+    _v_var = torch.zeros((_T, _B, 1), dtype=_dtype, device=_device)
     _v_rstd = torch.zeros((_T, _B, 1), dtype=_dtype, device=_device)
     _v_i = torch.zeros((_T, _B, _H), dtype=_dtype, device=_device)
-    _v_mean_3 = torch.zeros((_T, _B, 1), dtype=_dtype, device=_device)
-    _v_mean_4 = torch.zeros((_T, _B, 1), dtype=_dtype, device=_device)
+    _v_mean_2 = torch.zeros((_T, _B, 1), dtype=_dtype, device=_device)
+    _v_var_2 = torch.zeros((_T, _B, 1), dtype=_dtype, device=_device)
     _v_rstd_2 = torch.zeros((_T, _B, 1), dtype=_dtype, device=_device)
     _v_j = torch.zeros((_T, _B, _H), dtype=_dtype, device=_device)
-    _v_mean_5 = torch.zeros((_T, _B, 1), dtype=_dtype, device=_device)
-    _v_mean_6 = torch.zeros((_T, _B, 1), dtype=_dtype, device=_device)
+    _v_mean_3 = torch.zeros((_T, _B, 1), dtype=_dtype, device=_device)
+    _v_var_3 = torch.zeros((_T, _B, 1), dtype=_dtype, device=_device)
     _v_rstd_3 = torch.zeros((_T, _B, 1), dtype=_dtype, device=_device)
     _v_f = torch.zeros((_T, _B, _H), dtype=_dtype, device=_device)
-    _v_mean_7 = torch.zeros((_T, _B, 1), dtype=_dtype, device=_device)
-    _v_mean_8 = torch.zeros((_T, _B, 1), dtype=_dtype, device=_device)
+    _v_mean_4 = torch.zeros((_T, _B, 1), dtype=_dtype, device=_device)
+    _v_var_4 = torch.zeros((_T, _B, 1), dtype=_dtype, device=_device)
     _v_rstd_4 = torch.zeros((_T, _B, 1), dtype=_dtype, device=_device)
     _v_o = torch.zeros((_T, _B, _H), dtype=_dtype, device=_device)
-    _v_mean_9 = torch.zeros((_T, _B, 1), dtype=_dtype, device=_device)
-    _v_mean_10 = torch.zeros((_T, _B, 1), dtype=_dtype, device=_device)
+    _v_mean_5 = torch.zeros((_T, _B, 1), dtype=_dtype, device=_device)
+    _v_var_5 = torch.zeros((_T, _B, 1), dtype=_dtype, device=_device)
     _v_rstd_5 = torch.zeros((_T, _B, 1), dtype=_dtype, device=_device)
     _hg_W_i_W_j_W_f_W_o__x_rows = list(_hg_W_i_W_j_W_f_W_o__x.unbind(0))
     _g_U_i_U_j_U_f_U_o__h_rows = list(_g_U_i_U_j_U_f_U_o__h.unbind(0))
     _v_mean_rows = list(_v_mean.unbind(0))
-    _v_mean_2_rows = list(_v_mean_2.unbind(0))
+    _v_var_rows = list(_v_var.unbind(0))
     _v_rstd_rows = list(_v_rstd.unbind(0))
     _v_i_rows = list(_v_i.unbind(0))
-    _v_mean_3_rows = list(_v_mean_3.unbind(0))
-    _v_mean_4_rows = list(_v_mean_4.unbind(0))
+    _v_mean_2_rows = list(_v_mean_2.unbind(0))
+    _v_var_2_rows = list(_v_var_2.unbind(0))
     _v_rstd_2_rows = list(_v_rstd_2.unbind(0))
     _v_j_rows = list(_v_j.unbind(0))
-    _v_mean_5_rows = list(_v_mean_5.unbind(0))
-    _v_mean_6_rows = list(_v_mean_6.unbind(0))
+    _v_mean_3_rows = list(_v_mean_3.unbind(0))
+    _v_var_3_rows = list(_v_var_3.unbind(0))
     _v_rstd_3_rows = list(_v_rstd_3.unbind(0))
     _v_f_rows = list(_v_f.unbind(0))
-    _v_mean_7_rows = list(_v_mean_7.unbind(0))
-    _v_mean_8_rows = list(_v_mean_8.unbind(0))
+    _v_mean_4_rows = list(_v_mean_4.unbind(0))
+    _v_var_4_rows = list(_v_var_4.unbind(0))
     _v_rstd_4_rows = list(_v_rstd_4.unbind(0))
     _v_o_rows = list(_v_o.unbind(0))
-    _v_mean_9_rows = list(_v_mean_9.unbind(0))
-    _v_mean_10_rows = list(_v_mean_10.unbind(0))
+    _v_mean_5_rows = list(_v_mean_5.unbind(0))
+    _v_var_5_rows = list(_v_var_5.unbind(0))
     _v_rstd_5_rows = list(_v_rstd_5.unbind(0))
     _s_c_rows = list(_s_c.unbind(0))
     _s_h_rows = list(_s_h.unbind(0))
@@ -924,67 +924,67 @@ def _forward_differentiable(_params, _x, _state, _bs=None):
         c = _s_c_rows[_t]
         mask_j = _x_mask_j_rows[_t]
         mean = _rowsum(inv_n_H*(U_i_h + W_i_x))  # layer_norm_basic_lstm.cell:19  i = sigmoid(g_i * layer_norm(W_i @ x + U_i @ h, 1e-12) + b_i)
-        mean_2 = _rowsum(inv_n_H*((U_i_h + W_i_x - mean)*(U_i_h + W_i_x - mean)))  # layer_norm_basic_lstm.cell:19  i = sigmoid(g_i * layer_norm(W_i @ x + U_i @ h, 1e-12) + b_i)
-        rstd = (1/torch.sqrt(mean_2 + 1e-12))  # layer_norm_basic_lstm.cell:19  i = sigmoid(g_i * layer_norm(W_i @ x + U_i @ h, 1e-12) + b_i)
+        var = _rowsum(inv_n_H*((U_i_h + W_i_x - mean)*(U_i_h + W_i_x - mean)))  # layer_norm_basic_lstm.cell:19  i = sigmoid(g_i * layer_norm(W_i @ x + U_i @ h, 1e-12) + b_i)
+        rstd = (1/torch.sqrt(var + 1e-12))  # layer_norm_basic_lstm.cell:19  i = sigmoid(g_i * layer_norm(W_i @ x + U_i @ h, 1e-12) + b_i)
         i = torch.sigmoid(b_i + g_i*rstd*(U_i_h + W_i_x - mean))  # layer_norm_basic_lstm.cell:19  i = sigmoid(g_i * layer_norm(W_i @ x + U_i @ h, 1e-12) + b_i)
-        mean_3 = _rowsum(inv_n_H*(U_j_h + W_j_x))  # layer_norm_basic_lstm.cell:20  j = tanh(g_j * layer_norm(W_j @ x + U_j @ h, 1e-12) + b_j)
-        mean_4 = _rowsum(inv_n_H*((U_j_h + W_j_x - mean_3)*(U_j_h + W_j_x - mean_3)))  # layer_norm_basic_lstm.cell:20  j = tanh(g_j * layer_norm(W_j @ x + U_j @ h, 1e-12) + b_j)
-        rstd_2 = (1/torch.sqrt(mean_4 + 1e-12))  # layer_norm_basic_lstm.cell:20  j = tanh(g_j * layer_norm(W_j @ x + U_j @ h, 1e-12) + b_j)
-        j = torch.tanh(b_j + g_j*rstd_2*(U_j_h + W_j_x - mean_3))  # layer_norm_basic_lstm.cell:20  j = tanh(g_j * layer_norm(W_j @ x + U_j @ h, 1e-12) + b_j)
-        mean_5 = _rowsum(inv_n_H*(U_f_h + W_f_x))  # layer_norm_basic_lstm.cell:21  f = sigmoid(g_f * layer_norm(W_f @ x + U_f @ h, 1e-12) + b_f + 1.0)
-        mean_6 = _rowsum(inv_n_H*((U_f_h + W_f_x - mean_5)*(U_f_h + W_f_x - mean_5)))  # layer_norm_basic_lstm.cell:21  f = sigmoid(g_f * layer_norm(W_f @ x + U_f @ h, 1e-12) + b_f + 1.0)
-        rstd_3 = (1/torch.sqrt(mean_6 + 1e-12))  # layer_norm_basic_lstm.cell:21  f = sigmoid(g_f * layer_norm(W_f @ x + U_f @ h, 1e-12) + b_f + 1.0)
-        f = torch.sigmoid(b_f + g_f*rstd_3*(U_f_h + W_f_x - mean_5) + 1.0)  # layer_norm_basic_lstm.cell:21  f = sigmoid(g_f * layer_norm(W_f @ x + U_f @ h, 1e-12) + b_f + 1.0)
-        mean_7 = _rowsum(inv_n_H*(U_o_h + W_o_x))  # layer_norm_basic_lstm.cell:22  o = sigmoid(g_o * layer_norm(W_o @ x + U_o @ h, 1e-12) + b_o)
-        mean_8 = _rowsum(inv_n_H*((U_o_h + W_o_x - mean_7)*(U_o_h + W_o_x - mean_7)))  # layer_norm_basic_lstm.cell:22  o = sigmoid(g_o * layer_norm(W_o @ x + U_o @ h, 1e-12) + b_o)
-        rstd_4 = (1/torch.sqrt(mean_8 + 1e-12))  # layer_norm_basic_lstm.cell:22  o = sigmoid(g_o * layer_norm(W_o @ x + U_o @ h, 1e-12) + b_o)
-        o = torch.sigmoid(b_o + g_o*rstd_4*(U_o_h + W_o_x - mean_7))  # layer_norm_basic_lstm.cell:22  o = sigmoid(g_o * layer_norm(W_o @ x + U_o @ h, 1e-12) + b_o)
-        mean_9 = _rowsum(inv_n_H*(c*f + i*j*mask_j))  # layer_norm_basic_lstm.cell:24  c' = g_c * layer_norm(c * f + i * dropout(j, recurrent_dropout), 1e-12) + b_c
-        mean_10 = _rowsum(inv_n_H*((c*f + i*j*mask_j - mean_9)*(c*f + i*j*mask_j - mean_9)))  # layer_norm_basic_lstm.cell:24  c' = g_c * layer_norm(c * f + i * dropout(j, recurrent_dropout), 1e-12) + b_c
-        rstd_5 = (1/torch.sqrt(mean_10 + 1e-12))  # layer_norm_basic_lstm.cell:24  c' = g_c * layer_norm(c * f + i * dropout(j, recurrent_dropout), 1e-12) + b_c
-        c_next = b_c + g_c*rstd_5*(c*f + i*j*mask_j - mean_9)  # layer_norm_basic_lstm.cell:24  c' = g_c * layer_norm(c * f + i * dropout(j, recurrent_dropout), 1e-12) + b_c
+        mean_2 = _rowsum(inv_n_H*(U_j_h + W_j_x))  # layer_norm_basic_lstm.cell:20  j = tanh(g_j * layer_norm(W_j @ x + U_j @ h, 1e-12) + b_j)
+        var_2 = _rowsum(inv_n_H*((U_j_h + W_j_x - mean_2)*(U_j_h + W_j_x - mean_2)))  # layer_norm_basic_lstm.cell:20  j = tanh(g_j * layer_norm(W_j @ x + U_j @ h, 1e-12) + b_j)
+        rstd_2 = (1/torch.sqrt(var_2 + 1e-12))  # layer_norm_basic_lstm.cell:20  j = tanh(g_j * layer_norm(W_j @ x + U_j @ h, 1e-12) + b_j)
+        j = torch.tanh(b_j + g_j*rstd_2*(U_j_h + W_j_x - mean_2))  # layer_norm_basic_lstm.cell:20  j = tanh(g_j * layer_norm(W_j @ x + U_j @ h, 1e-12) + b_j)
+        mean_3 = _rowsum(inv_n_H*(U_f_h + W_f_x))  # layer_norm_basic_lstm.cell:21  f = sigmoid(g_f * layer_norm(W_f @ x + U_f @ h, 1e-12) + b_f + 1.0)
+        var_3 = _rowsum(inv_n_H*((U_f_h + W_f_x - mean_3)*(U_f_h + W_f_x - mean_3)))  # layer_norm_basic_lstm.cell:21  f = sigmoid(g_f * layer_norm(W_f @ x + U_f @ h, 1e-12) + b_f + 1.0)
+        rstd_3 = (1/torch.sqrt(var_3 + 1e-12))  # layer_norm_basic_lstm.cell:21  f = sigmoid(g_f * layer_norm(W_f @ x + U_f @ h, 1e-12) + b_f + 1.0)
+        f = torch.sigmoid(b_f + g_f*rstd_3*(U_f_h + W_f_x - mean_3) + 1.0)  # layer_norm_basic_lstm.cell:21  f = sigmoid(g_f * layer_norm(W_f @ x + U_f @ h, 1e-12) + b_f + 1.0)
+        mean_4 = _rowsum(inv_n_H*(U_o_h + W_o_x))  # layer_norm_basic_lstm.cell:22  o = sigmoid(g_o * layer_norm(W_o @ x + U_o @ h, 1e-12) + b_o)
+        var_4 = _rowsum(inv_n_H*((U_o_h + W_o_x - mean_4)*(U_o_h + W_o_x - mean_4)))  # layer_norm_basic_lstm.cell:22  o = sigmoid(g_o * layer_norm(W_o @ x + U_o @ h, 1e-12) + b_o)
+        rstd_4 = (1/torch.sqrt(var_4 + 1e-12))  # layer_norm_basic_lstm.cell:22  o = sigmoid(g_o * layer_norm(W_o @ x + U_o @ h, 1e-12) + b_o)
+        o = torch.sigmoid(b_o + g_o*rstd_4*(U_o_h + W_o_x - mean_4))  # layer_norm_basic_lstm.cell:22  o = sigmoid(g_o * layer_norm(W_o @ x + U_o @ h, 1e-12) + b_o)
+        mean_5 = _rowsum(inv_n_H*(c*f + i*j*mask_j))  # layer_norm_basic_lstm.cell:24  c' = g_c * layer_norm(c * f + i * dropout(j, recurrent_dropout), 1e-12) + b_c
+        var_5 = _rowsum(inv_n_H*((c*f + i*j*mask_j - mean_5)*(c*f + i*j*mask_j - mean_5)))  # layer_norm_basic_lstm.cell:24  c' = g_c * layer_norm(c * f + i * dropout(j, recurrent_dropout), 1e-12) + b_c
+        rstd_5 = (1/torch.sqrt(var_5 + 1e-12))  # layer_norm_basic_lstm.cell:24  c' = g_c * layer_norm(c * f + i * dropout(j, recurrent_dropout), 1e-12) + b_c
+        c_next = b_c + g_c*rstd_5*(c*f + i*j*mask_j - mean_5)  # layer_norm_basic_lstm.cell:24  c' = g_c * layer_norm(c * f + i * dropout(j, recurrent_dropout), 1e-12) + b_c
         h_next = o*torch.tanh(c_next)  # layer_norm_basic_lstm.cell:25  h' = tanh(c') * o
         _v_mean_rows[_t] = mean
-        _v_mean_2_rows[_t] = mean_2
+        _v_var_rows[_t] = var
         _v_rstd_rows[_t] = rstd
         _v_i_rows[_t] = i
-        _v_mean_3_rows[_t] = mean_3
-        _v_mean_4_rows[_t] = mean_4
+        _v_mean_2_rows[_t] = mean_2
+        _v_var_2_rows[_t] = var_2
         _v_rstd_2_rows[_t] = rstd_2
         _v_j_rows[_t] = j
-        _v_mean_5_rows[_t] = mean_5
-        _v_mean_6_rows[_t] = mean_6
+        _v_mean_3_rows[_t] = mean_3
+        _v_var_3_rows[_t] = var_3
         _v_rstd_3_rows[_t] = rstd_3
         _v_f_rows[_t] = f
-        _v_mean_7_rows[_t] = mean_7
-        _v_mean_8_rows[_t] = mean_8
+        _v_mean_4_rows[_t] = mean_4
+        _v_var_4_rows[_t] = var_4
         _v_rstd_4_rows[_t] = rstd_4
         _v_o_rows[_t] = o
-        _v_mean_9_rows[_t] = mean_9
-        _v_mean_10_rows[_t] = mean_10
+        _v_mean_5_rows[_t] = mean_5
+        _v_var_5_rows[_t] = var_5
         _v_rstd_5_rows[_t] = rstd_5
         _s_c_rows[_t + 1] = c_next
         _s_h_rows[_t + 1] = h_next
     _hg_W_i_W_j_W_f_W_o__x = torch.stack(_hg_W_i_W_j_W_f_W_o__x_rows)
     _g_U_i_U_j_U_f_U_o__h = torch.stack(_g_U_i_U_j_U_f_U_o__h_rows)
     _v_mean = torch.stack(_v_mean_rows)
-    _v_mean_2 = torch.stack(_v_mean_2_rows)
+    _v_var = torch.stack(_v_var_rows)
     _v_rstd = torch.stack(_v_rstd_rows)
     _v_i = torch.stack(_v_i_rows)
-    _v_mean_3 = torch.stack(_v_mean_3_rows)
-    _v_mean_4 = torch.stack(_v_mean_4_rows)
+    _v_mean_2 = torch.stack(_v_mean_2_rows)
+    _v_var_2 = torch.stack(_v_var_2_rows)
     _v_rstd_2 = torch.stack(_v_rstd_2_rows)
     _v_j = torch.stack(_v_j_rows)
-    _v_mean_5 = torch.stack(_v_mean_5_rows)
-    _v_mean_6 = torch.stack(_v_mean_6_rows)
+    _v_mean_3 = torch.stack(_v_mean_3_rows)
+    _v_var_3 = torch.stack(_v_var_3_rows)
     _v_rstd_3 = torch.stack(_v_rstd_3_rows)
     _v_f = torch.stack(_v_f_rows)
-    _v_mean_7 = torch.stack(_v_mean_7_rows)
-    _v_mean_8 = torch.stack(_v_mean_8_rows)
+    _v_mean_4 = torch.stack(_v_mean_4_rows)
+    _v_var_4 = torch.stack(_v_var_4_rows)
     _v_rstd_4 = torch.stack(_v_rstd_4_rows)
     _v_o = torch.stack(_v_o_rows)
-    _v_mean_9 = torch.stack(_v_mean_9_rows)
-    _v_mean_10 = torch.stack(_v_mean_10_rows)
+    _v_mean_5 = torch.stack(_v_mean_5_rows)
+    _v_var_5 = torch.stack(_v_var_5_rows)
     _v_rstd_5 = torch.stack(_v_rstd_5_rows)
     _s_c = torch.stack(_s_c_rows)
     _s_h = torch.stack(_s_h_rows)
@@ -993,7 +993,7 @@ def _forward_differentiable(_params, _x, _state, _bs=None):
         _m = _active(_bs, _B, _dtype)
         _outputs = tuple(_o * _m for _o in _outputs)
     _final = (_s_h[_T], _s_c[_T], )
-    _saved = {"s_h": _s_h, "s_c": _s_c, "hg_W_i_W_j_W_f_W_o__x": _hg_W_i_W_j_W_f_W_o__x, "g_U_i_U_j_U_f_U_o__h": _g_U_i_U_j_U_f_U_o__h, "v_mean": _v_mean, "v_mean_2": _v_mean_2, "v_rstd": _v_rstd, "v_i": _v_i, "v_mean_3": _v_mean_3, "v_mean_4": _v_mean_4, "v_rstd_2": _v_rstd_2, "v_j": _v_j, "v_mean_5": _v_mean_5, "v_mean_6": _v_mean_6, "v_rstd_3": _v_rstd_3, "v_f": _v_f, "v_mean_7": _v_mean_7, "v_mean_8": _v_mean_8, "v_rstd_4": _v_rstd_4, "v_o": _v_o, "v_mean_9": _v_mean_9, "v_mean_10": _v_mean_10, "v_rstd_5": _v_rstd_5, }
+    _saved = {"s_h": _s_h, "s_c": _s_c, "hg_W_i_W_j_W_f_W_o__x": _hg_W_i_W_j_W_f_W_o__x, "g_U_i_U_j_U_f_U_o__h": _g_U_i_U_j_U_f_U_o__h, "v_mean": _v_mean, "v_var": _v_var, "v_rstd": _v_rstd, "v_i": _v_i, "v_mean_2": _v_mean_2, "v_var_2": _v_var_2, "v_rstd_2": _v_rstd_2, "v_j": _v_j, "v_mean_3": _v_mean_3, "v_var_3": _v_var_3, "v_rstd_3": _v_rstd_3, "v_f": _v_f, "v_mean_4": _v_mean_4, "v_var_4": _v_var_4, "v_rstd_4": _v_rstd_4, "v_o": _v_o, "v_mean_5": _v_mean_5, "v_var_5": _v_var_5, "v_rstd_5": _v_rstd_5, }
     return _outputs[0], _final, _saved
 
 
@@ -1030,23 +1030,23 @@ def _backward_differentiable(_params, _x, _saved, _d_outputs, _d_final, _bs=None
     _hg_W_i_W_j_W_f_W_o__x = _saved["hg_W_i_W_j_W_f_W_o__x"]
     _g_U_i_U_j_U_f_U_o__h = _saved["g_U_i_U_j_U_f_U_o__h"]
     _v_mean = _saved["v_mean"]
-    _v_mean_2 = _saved["v_mean_2"]
+    _v_var = _saved["v_var"]
     _v_rstd = _saved["v_rstd"]
     _v_i = _saved["v_i"]
-    _v_mean_3 = _saved["v_mean_3"]
-    _v_mean_4 = _saved["v_mean_4"]
+    _v_mean_2 = _saved["v_mean_2"]
+    _v_var_2 = _saved["v_var_2"]
     _v_rstd_2 = _saved["v_rstd_2"]
     _v_j = _saved["v_j"]
-    _v_mean_5 = _saved["v_mean_5"]
-    _v_mean_6 = _saved["v_mean_6"]
+    _v_mean_3 = _saved["v_mean_3"]
+    _v_var_3 = _saved["v_var_3"]
     _v_rstd_3 = _saved["v_rstd_3"]
     _v_f = _saved["v_f"]
-    _v_mean_7 = _saved["v_mean_7"]
-    _v_mean_8 = _saved["v_mean_8"]
+    _v_mean_4 = _saved["v_mean_4"]
+    _v_var_4 = _saved["v_var_4"]
     _v_rstd_4 = _saved["v_rstd_4"]
     _v_o = _saved["v_o"]
-    _v_mean_9 = _saved["v_mean_9"]
-    _v_mean_10 = _saved["v_mean_10"]
+    _v_mean_5 = _saved["v_mean_5"]
+    _v_var_5 = _saved["v_var_5"]
     _v_rstd_5 = _saved["v_rstd_5"]
     _d_outputs = (_d_outputs,)
     _dout_h_next = torch.zeros((_T, _B, _H), dtype=_dtype, device=_device) if _d_outputs[0] is None else _d_outputs[0].to(_dtype)
@@ -1071,19 +1071,19 @@ def _backward_differentiable(_params, _x, _saved, _d_outputs, _d_final, _bs=None
     _tmp_d_h_gemm = torch.zeros((_B, _H), dtype=_dtype, device=_device)
     _dhg_W_i_W_j_W_f_W_o__x = torch.zeros((_T, _B, 4*_H), dtype=_dtype, device=_device)
     _tmp_d_c_next = torch.zeros((_B, _H), dtype=_dtype, device=_device)
-    _tmp_d_mean_10 = torch.zeros((_B, 1), dtype=_dtype, device=_device)
-    _tmp_d_mean_9 = torch.zeros((_B, 1), dtype=_dtype, device=_device)
-    _tmp_d_o = torch.zeros((_B, _H), dtype=_dtype, device=_device)
-    _tmp_d_mean_8 = torch.zeros((_B, 1), dtype=_dtype, device=_device)
-    _tmp_d_mean_7 = torch.zeros((_B, 1), dtype=_dtype, device=_device)
-    _tmp_d_f = torch.zeros((_B, _H), dtype=_dtype, device=_device)
-    _tmp_d_mean_6 = torch.zeros((_B, 1), dtype=_dtype, device=_device)
+    _tmp_d_var_5 = torch.zeros((_B, 1), dtype=_dtype, device=_device)
     _tmp_d_mean_5 = torch.zeros((_B, 1), dtype=_dtype, device=_device)
-    _tmp_d_j = torch.zeros((_B, _H), dtype=_dtype, device=_device)
+    _tmp_d_o = torch.zeros((_B, _H), dtype=_dtype, device=_device)
+    _tmp_d_var_4 = torch.zeros((_B, 1), dtype=_dtype, device=_device)
     _tmp_d_mean_4 = torch.zeros((_B, 1), dtype=_dtype, device=_device)
+    _tmp_d_f = torch.zeros((_B, _H), dtype=_dtype, device=_device)
+    _tmp_d_var_3 = torch.zeros((_B, 1), dtype=_dtype, device=_device)
     _tmp_d_mean_3 = torch.zeros((_B, 1), dtype=_dtype, device=_device)
-    _tmp_d_i = torch.zeros((_B, _H), dtype=_dtype, device=_device)
+    _tmp_d_j = torch.zeros((_B, _H), dtype=_dtype, device=_device)
+    _tmp_d_var_2 = torch.zeros((_B, 1), dtype=_dtype, device=_device)
     _tmp_d_mean_2 = torch.zeros((_B, 1), dtype=_dtype, device=_device)
+    _tmp_d_i = torch.zeros((_B, _H), dtype=_dtype, device=_device)
+    _tmp_d_var = torch.zeros((_B, 1), dtype=_dtype, device=_device)
     _tmp_d_mean = torch.zeros((_B, 1), dtype=_dtype, device=_device)
     _dg_U_i_U_j_U_f_U_o__h_rows = list(_dg_U_i_U_j_U_f_U_o__h.unbind(0))
     _dp_g_i_rows = list(_dp_g_i.unbind(0))
@@ -1107,21 +1107,21 @@ def _backward_differentiable(_params, _x, _saved, _d_outputs, _d_final, _bs=None
     _v_j_rows = list(_v_j.unbind(0))
     _x_mask_j_rows = list(_x_mask_j.unbind(0))
     _v_mean_rows = list(_v_mean.unbind(0))
-    _v_mean_10_rows = list(_v_mean_10.unbind(0))
     _v_mean_2_rows = list(_v_mean_2.unbind(0))
     _v_mean_3_rows = list(_v_mean_3.unbind(0))
     _v_mean_4_rows = list(_v_mean_4.unbind(0))
     _v_mean_5_rows = list(_v_mean_5.unbind(0))
-    _v_mean_6_rows = list(_v_mean_6.unbind(0))
-    _v_mean_7_rows = list(_v_mean_7.unbind(0))
-    _v_mean_8_rows = list(_v_mean_8.unbind(0))
-    _v_mean_9_rows = list(_v_mean_9.unbind(0))
     _v_o_rows = list(_v_o.unbind(0))
     _v_rstd_rows = list(_v_rstd.unbind(0))
     _v_rstd_2_rows = list(_v_rstd_2.unbind(0))
     _v_rstd_3_rows = list(_v_rstd_3.unbind(0))
     _v_rstd_4_rows = list(_v_rstd_4.unbind(0))
     _v_rstd_5_rows = list(_v_rstd_5.unbind(0))
+    _v_var_rows = list(_v_var.unbind(0))
+    _v_var_2_rows = list(_v_var_2.unbind(0))
+    _v_var_3_rows = list(_v_var_3.unbind(0))
+    _v_var_4_rows = list(_v_var_4.unbind(0))
+    _v_var_5_rows = list(_v_var_5.unbind(0))
     _grads = {}
     for _t in reversed(range(_T)):
         # stage 0 backward
@@ -1143,29 +1143,29 @@ def _backward_differentiable(_params, _x, _saved, _d_outputs, _d_final, _bs=None
         j = _v_j_rows[_t]
         mask_j = _x_mask_j_rows[_t]
         mean = _v_mean_rows[_t]
-        mean_10 = _v_mean_10_rows[_t]
         mean_2 = _v_mean_2_rows[_t]
         mean_3 = _v_mean_3_rows[_t]
         mean_4 = _v_mean_4_rows[_t]
         mean_5 = _v_mean_5_rows[_t]
-        mean_6 = _v_mean_6_rows[_t]
-        mean_7 = _v_mean_7_rows[_t]
-        mean_8 = _v_mean_8_rows[_t]
-        mean_9 = _v_mean_9_rows[_t]
         o = _v_o_rows[_t]
         rstd = _v_rstd_rows[_t]
         rstd_2 = _v_rstd_2_rows[_t]
         rstd_3 = _v_rstd_3_rows[_t]
         rstd_4 = _v_rstd_4_rows[_t]
         rstd_5 = _v_rstd_5_rows[_t]
+        var = _v_var_rows[_t]
+        var_2 = _v_var_2_rows[_t]
+        var_3 = _v_var_3_rows[_t]
+        var_4 = _v_var_4_rows[_t]
+        var_5 = _v_var_5_rows[_t]
         t0 = torch.tanh(c_next)
         t1 = c*f
         t2 = i*mask_j
         t3 = j*t2
-        t4 = -mean_9 + t1 + t3
-        t9 = 2*U_o_h + 2*W_o_x - 2*mean_7
-        t14 = 2*U_f_h + 2*W_f_x - 2*mean_5
-        t17 = 2*U_j_h + 2*W_j_x - 2*mean_3
+        t4 = -mean_5 + t1 + t3
+        t9 = 2*U_o_h + 2*W_o_x - 2*mean_4
+        t14 = 2*U_f_h + 2*W_f_x - 2*mean_3
+        t17 = 2*U_j_h + 2*W_j_x - 2*mean_2
         t18 = j*mask_j
         t21 = 2*U_i_h + 2*W_i_x - 2*mean
         d_h_next = d_h + d_h_next_out  # adjoint of h'
@@ -1173,52 +1173,52 @@ def _backward_differentiable(_params, _x, _saved, _d_outputs, _d_final, _bs=None
         t5 = d_c_next*g_c
         t6 = rstd_5*t5
         d_rstd_5 = _rowsum(t4*t5)  # adjoint of operand of rstd_5
-        d_mean_10 = -1/2*d_rstd_5/(torch.sqrt(mean_10 + 1e-12)*torch.sqrt(mean_10 + 1e-12)*torch.sqrt(mean_10 + 1e-12))  # adjoint of operand of mean_10
-        t11 = 2*d_mean_10*inv_n_H*t4
-        d_mean_9 = d_mean_10*_rowsum(inv_n_H*(2*mean_9 - 2*t1 - 2*t3)) + _rowsum(-t6)  # adjoint of operand of mean_9
-        t10 = d_mean_9*inv_n_H
+        d_var_5 = -1/2*d_rstd_5/(torch.sqrt(var_5 + 1e-12)*torch.sqrt(var_5 + 1e-12)*torch.sqrt(var_5 + 1e-12))  # adjoint of operand of var_5
+        t11 = 2*d_var_5*inv_n_H*t4
+        d_mean_5 = d_var_5*_rowsum(inv_n_H*(2*mean_5 - 2*t1 - 2*t3)) + _rowsum(-t6)  # adjoint of operand of mean_5
+        t10 = d_mean_5*inv_n_H
         d_o = d_h_next*t0  # adjoint of o
         t7 = d_o*g_o*o*(1 - o)
         t8 = rstd_4*t7
-        d_rstd_4 = _rowsum(t7*(U_o_h + W_o_x - mean_7))  # adjoint of operand of rstd_4
-        d_mean_8 = -1/2*d_rstd_4/(torch.sqrt(mean_8 + 1e-12)*torch.sqrt(mean_8 + 1e-12)*torch.sqrt(mean_8 + 1e-12))  # adjoint of operand of mean_8
-        d_mean_7 = d_mean_8*_rowsum(-inv_n_H*t9) + _rowsum(-t8)  # adjoint of operand of mean_7
+        d_rstd_4 = _rowsum(t7*(U_o_h + W_o_x - mean_4))  # adjoint of operand of rstd_4
+        d_var_4 = -1/2*d_rstd_4/(torch.sqrt(var_4 + 1e-12)*torch.sqrt(var_4 + 1e-12)*torch.sqrt(var_4 + 1e-12))  # adjoint of operand of var_4
+        d_mean_4 = d_var_4*_rowsum(-inv_n_H*t9) + _rowsum(-t8)  # adjoint of operand of mean_4
         d_f = c*t10 + c*t11 + c*t6  # adjoint of f
         t12 = d_f*f*g_f*(1 - f)
         t13 = rstd_3*t12
-        d_rstd_3 = _rowsum(t12*(U_f_h + W_f_x - mean_5))  # adjoint of operand of rstd_3
-        d_mean_6 = -1/2*d_rstd_3/(torch.sqrt(mean_6 + 1e-12)*torch.sqrt(mean_6 + 1e-12)*torch.sqrt(mean_6 + 1e-12))  # adjoint of operand of mean_6
-        d_mean_5 = d_mean_6*_rowsum(-inv_n_H*t14) + _rowsum(-t13)  # adjoint of operand of mean_5
+        d_rstd_3 = _rowsum(t12*(U_f_h + W_f_x - mean_3))  # adjoint of operand of rstd_3
+        d_var_3 = -1/2*d_rstd_3/(torch.sqrt(var_3 + 1e-12)*torch.sqrt(var_3 + 1e-12)*torch.sqrt(var_3 + 1e-12))  # adjoint of operand of var_3
+        d_mean_3 = d_var_3*_rowsum(-inv_n_H*t14) + _rowsum(-t13)  # adjoint of operand of mean_3
         d_j = t10*t2 + t11*t2 + t2*t6  # adjoint of j
         t15 = d_j*g_j*(1 - (j*j))
         t16 = rstd_2*t15
-        d_rstd_2 = _rowsum(t15*(U_j_h + W_j_x - mean_3))  # adjoint of operand of rstd_2
-        d_mean_4 = -1/2*d_rstd_2/(torch.sqrt(mean_4 + 1e-12)*torch.sqrt(mean_4 + 1e-12)*torch.sqrt(mean_4 + 1e-12))  # adjoint of operand of mean_4
-        d_mean_3 = d_mean_4*_rowsum(-inv_n_H*t17) + _rowsum(-t16)  # adjoint of operand of mean_3
+        d_rstd_2 = _rowsum(t15*(U_j_h + W_j_x - mean_2))  # adjoint of operand of rstd_2
+        d_var_2 = -1/2*d_rstd_2/(torch.sqrt(var_2 + 1e-12)*torch.sqrt(var_2 + 1e-12)*torch.sqrt(var_2 + 1e-12))  # adjoint of operand of var_2
+        d_mean_2 = d_var_2*_rowsum(-inv_n_H*t17) + _rowsum(-t16)  # adjoint of operand of mean_2
         d_i = t10*t18 + t11*t18 + t18*t6  # adjoint of i
         t19 = d_i*g_i*i*(1 - i)
         t20 = rstd*t19
         d_rstd = _rowsum(t19*(U_i_h + W_i_x - mean))  # adjoint of operand of rstd
-        d_mean_2 = -1/2*d_rstd/(torch.sqrt(mean_2 + 1e-12)*torch.sqrt(mean_2 + 1e-12)*torch.sqrt(mean_2 + 1e-12))  # adjoint of operand of mean_2
-        d_mean = d_mean_2*_rowsum(-inv_n_H*t21) + _rowsum(-t20)  # adjoint of operand of mean
-        d_U_i_h = d_mean*inv_n_H + d_mean_2*inv_n_H*t21 + t20  # adjoint of U_i @ h
-        d_U_j_h = d_mean_3*inv_n_H + d_mean_4*inv_n_H*t17 + t16  # adjoint of U_j @ h
-        d_U_f_h = d_mean_5*inv_n_H + d_mean_6*inv_n_H*t14 + t13  # adjoint of U_f @ h
-        d_U_o_h = d_mean_7*inv_n_H + d_mean_8*inv_n_H*t9 + t8  # adjoint of U_o @ h
+        d_var = -1/2*d_rstd/(torch.sqrt(var + 1e-12)*torch.sqrt(var + 1e-12)*torch.sqrt(var + 1e-12))  # adjoint of operand of var
+        d_mean = d_var*_rowsum(-inv_n_H*t21) + _rowsum(-t20)  # adjoint of operand of mean
+        d_U_i_h = d_mean*inv_n_H + d_var*inv_n_H*t21 + t20  # adjoint of U_i @ h
+        d_U_j_h = d_mean_2*inv_n_H + d_var_2*inv_n_H*t17 + t16  # adjoint of U_j @ h
+        d_U_f_h = d_mean_3*inv_n_H + d_var_3*inv_n_H*t14 + t13  # adjoint of U_f @ h
+        d_U_o_h = d_mean_4*inv_n_H + d_var_4*inv_n_H*t9 + t8  # adjoint of U_o @ h
         _tmp_d_c_next = d_c_next
-        _tmp_d_mean_10 = d_mean_10
-        _tmp_d_mean_9 = d_mean_9
-        _tmp_d_o = d_o
-        _tmp_d_mean_8 = d_mean_8
-        _tmp_d_mean_7 = d_mean_7
-        _tmp_d_f = d_f
-        _tmp_d_mean_6 = d_mean_6
+        _tmp_d_var_5 = d_var_5
         _tmp_d_mean_5 = d_mean_5
-        _tmp_d_j = d_j
+        _tmp_d_o = d_o
+        _tmp_d_var_4 = d_var_4
         _tmp_d_mean_4 = d_mean_4
+        _tmp_d_f = d_f
+        _tmp_d_var_3 = d_var_3
         _tmp_d_mean_3 = d_mean_3
-        _tmp_d_i = d_i
+        _tmp_d_j = d_j
+        _tmp_d_var_2 = d_var_2
         _tmp_d_mean_2 = d_mean_2
+        _tmp_d_i = d_i
+        _tmp_d_var = d_var
         _tmp_d_mean = d_mean
         _dg_U_i_U_j_U_f_U_o__h_rows[_t] = torch.slice_scatter(_dg_U_i_U_j_U_f_U_o__h_rows[_t], d_U_i_h, 1, 0, _H)
         _dg_U_i_U_j_U_f_U_o__h_rows[_t] = torch.slice_scatter(_dg_U_i_U_j_U_f_U_o__h_rows[_t], d_U_j_h, 1, _H, 2*_H)
@@ -1241,25 +1241,25 @@ def _backward_differentiable(_params, _x, _saved, _d_outputs, _d_final, _bs=None
         d_i = _tmp_d_i
         d_j = _tmp_d_j
         d_mean = _tmp_d_mean
-        d_mean_10 = _tmp_d_mean_10
         d_mean_2 = _tmp_d_mean_2
         d_mean_3 = _tmp_d_mean_3
         d_mean_4 = _tmp_d_mean_4
         d_mean_5 = _tmp_d_mean_5
-        d_mean_6 = _tmp_d_mean_6
-        d_mean_7 = _tmp_d_mean_7
-        d_mean_8 = _tmp_d_mean_8
-        d_mean_9 = _tmp_d_mean_9
         d_o = _tmp_d_o
+        d_var = _tmp_d_var
+        d_var_2 = _tmp_d_var_2
+        d_var_3 = _tmp_d_var_3
+        d_var_4 = _tmp_d_var_4
+        d_var_5 = _tmp_d_var_5
         f = _v_f_rows[_t]
         i = _v_i_rows[_t]
         j = _v_j_rows[_t]
         mask_j = _x_mask_j_rows[_t]
         mean = _v_mean_rows[_t]
+        mean_2 = _v_mean_2_rows[_t]
         mean_3 = _v_mean_3_rows[_t]
+        mean_4 = _v_mean_4_rows[_t]
         mean_5 = _v_mean_5_rows[_t]
-        mean_7 = _v_mean_7_rows[_t]
-        mean_9 = _v_mean_9_rows[_t]
         o = _v_o_rows[_t]
         rstd = _v_rstd_rows[_t]
         rstd_2 = _v_rstd_2_rows[_t]
@@ -1268,7 +1268,7 @@ def _backward_differentiable(_params, _x, _saved, _d_outputs, _d_final, _bs=None
         rstd_5 = _v_rstd_5_rows[_t]
         t21_2 = f*inv_n_H
         t22 = d_c_next*rstd_5
-        t23 = c*f + i*j*mask_j - mean_9
+        t23 = c*f + i*j*mask_j - mean_5
         t24 = d_i*i*(1 - i)
         t25 = rstd*t24
         t26 = d_j*(1 - (j*j))
@@ -1278,21 +1278,21 @@ def _backward_differentiable(_params, _x, _saved, _d_outputs, _d_final, _bs=None
         t30 = d_o*o*(1 - o)
         t31 = rstd_4*t30
         d_h = d_h_gemm  # adjoint of state h
-        d_c = 2*d_mean_10*t21_2*t23 + d_mean_9*t21_2 + f*g_c*t22  # adjoint of state c
+        d_c = d_mean_5*t21_2 + 2*d_var_5*t21_2*t23 + f*g_c*t22  # adjoint of state c
         d_g_i = t25*(U_i_h + W_i_x - mean)  # adjoint of param g_i
         d_b_i = t24  # adjoint of param b_i
-        d_g_j = t27*(U_j_h + W_j_x - mean_3)  # adjoint of param g_j
+        d_g_j = t27*(U_j_h + W_j_x - mean_2)  # adjoint of param g_j
         d_b_j = t26  # adjoint of param b_j
-        d_g_f = t29*(U_f_h + W_f_x - mean_5)  # adjoint of param g_f
+        d_g_f = t29*(U_f_h + W_f_x - mean_3)  # adjoint of param g_f
         d_b_f = t28  # adjoint of param b_f
-        d_g_o = t31*(U_o_h + W_o_x - mean_7)  # adjoint of param g_o
+        d_g_o = t31*(U_o_h + W_o_x - mean_4)  # adjoint of param g_o
         d_b_o = t30  # adjoint of param b_o
         d_g_c = t22*t23  # adjoint of param g_c
         d_b_c = d_c_next  # adjoint of param b_c
-        d_W_i_x = d_mean*inv_n_H + d_mean_2*inv_n_H*(2*U_i_h + 2*W_i_x - 2*mean) + g_i*t25  # adjoint of hoisted projection W_i_x
-        d_W_j_x = d_mean_3*inv_n_H + d_mean_4*inv_n_H*(2*U_j_h + 2*W_j_x - 2*mean_3) + g_j*t27  # adjoint of hoisted projection W_j_x
-        d_W_f_x = d_mean_5*inv_n_H + d_mean_6*inv_n_H*(2*U_f_h + 2*W_f_x - 2*mean_5) + g_f*t29  # adjoint of hoisted projection W_f_x
-        d_W_o_x = d_mean_7*inv_n_H + d_mean_8*inv_n_H*(2*U_o_h + 2*W_o_x - 2*mean_7) + g_o*t31  # adjoint of hoisted projection W_o_x
+        d_W_i_x = d_mean*inv_n_H + d_var*inv_n_H*(2*U_i_h + 2*W_i_x - 2*mean) + g_i*t25  # adjoint of hoisted projection W_i_x
+        d_W_j_x = d_mean_2*inv_n_H + d_var_2*inv_n_H*(2*U_j_h + 2*W_j_x - 2*mean_2) + g_j*t27  # adjoint of hoisted projection W_j_x
+        d_W_f_x = d_mean_3*inv_n_H + d_var_3*inv_n_H*(2*U_f_h + 2*W_f_x - 2*mean_3) + g_f*t29  # adjoint of hoisted projection W_f_x
+        d_W_o_x = d_mean_4*inv_n_H + d_var_4*inv_n_H*(2*U_o_h + 2*W_o_x - 2*mean_4) + g_o*t31  # adjoint of hoisted projection W_o_x
         _ds_h = d_h
         _ds_c = d_c
         _dp_g_i_rows[_t] = d_g_i
@@ -1384,7 +1384,7 @@ _N_STATE = 2
 _N_OUT = 1
 
 
-_SAVED_BUFFERS = ("s_h", "s_c", "hg_W_i_W_j_W_f_W_o__x", "g_U_i_U_j_U_f_U_o__h", "v_mean", "v_mean_2", "v_rstd", "v_i", "v_mean_3", "v_mean_4", "v_rstd_2", "v_j", "v_mean_5", "v_mean_6", "v_rstd_3", "v_f", "v_mean_7", "v_mean_8", "v_rstd_4", "v_o", "v_mean_9", "v_mean_10", "v_rstd_5",)
+_SAVED_BUFFERS = ("s_h", "s_c", "hg_W_i_W_j_W_f_W_o__x", "g_U_i_U_j_U_f_U_o__h", "v_mean", "v_var", "v_rstd", "v_i", "v_mean_2", "v_var_2", "v_rstd_2", "v_j", "v_mean_3", "v_var_3", "v_rstd_3", "v_f", "v_mean_4", "v_var_4", "v_rstd_4", "v_o", "v_mean_5", "v_var_5", "v_rstd_5",)
 
 
 def _functorch_active() -> bool:
@@ -1530,7 +1530,7 @@ def _custom_ops(name, forward, backward, forward_schema, backward_schema, forwar
 #: the PyTorch engine's forward and backward as custom ops (the engine itself is the fake:
 #: it runs on fake tensors)
 _ENGINE_OPS = _custom_ops(
-    "layer_norm_basic_lstm_engine_4fef67041afd", _engine_op_forward_impl, _engine_op_backward_impl,
+    "layer_norm_basic_lstm_engine_825daac53615", _engine_op_forward_impl, _engine_op_backward_impl,
     "(Tensor[] xs, Tensor[] states, Tensor[] params) -> Tensor[]",
     "(Tensor[] args, Tensor[] saved, Tensor?[] d_outputs, Tensor?[] d_finals) -> Tensor[]",
     _engine_op_forward_impl, _engine_op_backward_impl, _engine_op_backward, _engine_op_setup_context,
@@ -1714,31 +1714,31 @@ def _native_forward(_lib, _xs, _states, _params, _bs=None):
     hg_W_i_W_j_W_f_W_o__x = _empty((_T, _B, 4*_H))
     g_U_i_U_j_U_f_U_o__h = _empty((_T, _B, 4*_H))
     v_mean = _empty((_T, _B, 1))
-    v_mean_2 = _empty((_T, _B, 1))
+    v_var = _empty((_T, _B, 1))
     v_rstd = _empty((_T, _B, 1))
     v_i = _empty((_T, _B, _H))
-    v_mean_3 = _empty((_T, _B, 1))
-    v_mean_4 = _empty((_T, _B, 1))
+    v_mean_2 = _empty((_T, _B, 1))
+    v_var_2 = _empty((_T, _B, 1))
     v_rstd_2 = _empty((_T, _B, 1))
     v_j = _empty((_T, _B, _H))
-    v_mean_5 = _empty((_T, _B, 1))
-    v_mean_6 = _empty((_T, _B, 1))
+    v_mean_3 = _empty((_T, _B, 1))
+    v_var_3 = _empty((_T, _B, 1))
     v_rstd_3 = _empty((_T, _B, 1))
     v_f = _empty((_T, _B, _H))
-    v_mean_7 = _empty((_T, _B, 1))
-    v_mean_8 = _empty((_T, _B, 1))
+    v_mean_4 = _empty((_T, _B, 1))
+    v_var_4 = _empty((_T, _B, 1))
     v_rstd_4 = _empty((_T, _B, 1))
     v_o = _empty((_T, _B, _H))
-    v_mean_9 = _empty((_T, _B, 1))
-    v_mean_10 = _empty((_T, _B, 1))
+    v_mean_5 = _empty((_T, _B, 1))
+    v_var_5 = _empty((_T, _B, 1))
     v_rstd_5 = _empty((_T, _B, 1))
     if _lib is not None:  # None: shapes only (the custom op's fake implementation)
-        _lib("forward", _dims, [x_x, x_mask_j, s_h, s_c, p_g_i, p_b_i, p_g_j, p_b_j, p_g_f, p_b_f, p_g_o, p_b_o, p_g_c, p_b_c, p_inv_n_H, hg_W_i_W_j_W_f_W_o__x, g_U_i_U_j_U_f_U_o__h, v_mean, v_mean_2, v_rstd, v_i, v_mean_3, v_mean_4, v_rstd_2, v_j, v_mean_5, v_mean_6, v_rstd_3, v_f, v_mean_7, v_mean_8, v_rstd_4, v_o, v_mean_9, v_mean_10, v_rstd_5, _stacked(_params["W_i"], _params["W_j"], _params["W_f"], _params["W_o"]), _stacked(_params["U_i"], _params["U_j"], _params["U_f"], _params["U_o"]), _bs])
+        _lib("forward", _dims, [x_x, x_mask_j, s_h, s_c, p_g_i, p_b_i, p_g_j, p_b_j, p_g_f, p_b_f, p_g_o, p_b_o, p_g_c, p_b_c, p_inv_n_H, hg_W_i_W_j_W_f_W_o__x, g_U_i_U_j_U_f_U_o__h, v_mean, v_var, v_rstd, v_i, v_mean_2, v_var_2, v_rstd_2, v_j, v_mean_3, v_var_3, v_rstd_3, v_f, v_mean_4, v_var_4, v_rstd_4, v_o, v_mean_5, v_var_5, v_rstd_5, _stacked(_params["W_i"], _params["W_j"], _params["W_f"], _params["W_o"]), _stacked(_params["U_i"], _params["U_j"], _params["U_f"], _params["U_o"]), _bs])
     _outputs = (s_h[1:1 + _T],)
     if _bs is not None:  # zeros past each sequence's end
         _m = _native_active(_bs, _B, _xs)
         _outputs = tuple(_o * _m for _o in _outputs)
-    return _outputs, (s_h[_T], s_c[_T],), (s_h, s_c, hg_W_i_W_j_W_f_W_o__x, g_U_i_U_j_U_f_U_o__h, v_mean, v_mean_2, v_rstd, v_i, v_mean_3, v_mean_4, v_rstd_2, v_j, v_mean_5, v_mean_6, v_rstd_3, v_f, v_mean_7, v_mean_8, v_rstd_4, v_o, v_mean_9, v_mean_10, v_rstd_5,)
+    return _outputs, (s_h[_T], s_c[_T],), (s_h, s_c, hg_W_i_W_j_W_f_W_o__x, g_U_i_U_j_U_f_U_o__h, v_mean, v_var, v_rstd, v_i, v_mean_2, v_var_2, v_rstd_2, v_j, v_mean_3, v_var_3, v_rstd_3, v_f, v_mean_4, v_var_4, v_rstd_4, v_o, v_mean_5, v_var_5, v_rstd_5,)
 
 
 def _native_inference(_lib, _xs, _states, _params, _bs=None):
@@ -1818,23 +1818,23 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     hg_W_i_W_j_W_f_W_o__x = _saved[2]
     g_U_i_U_j_U_f_U_o__h = _saved[3]
     v_mean = _saved[4]
-    v_mean_2 = _saved[5]
+    v_var = _saved[5]
     v_rstd = _saved[6]
     v_i = _saved[7]
-    v_mean_3 = _saved[8]
-    v_mean_4 = _saved[9]
+    v_mean_2 = _saved[8]
+    v_var_2 = _saved[9]
     v_rstd_2 = _saved[10]
     v_j = _saved[11]
-    v_mean_5 = _saved[12]
-    v_mean_6 = _saved[13]
+    v_mean_3 = _saved[12]
+    v_var_3 = _saved[13]
     v_rstd_3 = _saved[14]
     v_f = _saved[15]
-    v_mean_7 = _saved[16]
-    v_mean_8 = _saved[17]
+    v_mean_4 = _saved[16]
+    v_var_4 = _saved[17]
     v_rstd_4 = _saved[18]
     v_o = _saved[19]
-    v_mean_9 = _saved[20]
-    v_mean_10 = _saved[21]
+    v_mean_5 = _saved[20]
+    v_var_5 = _saved[21]
     v_rstd_5 = _saved[22]
     dout_h_next = _zeros((_T, _B, _H)) if _d_outputs[0] is None else _d_outputs[0].contiguous()
     ds_h = _zeros((_B, _H)) if _d_finals[0] is None else _d_finals[0].to(_dt, memory_format=torch.contiguous_format, copy=True)
@@ -1854,32 +1854,32 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     tmp_d_h_gemm = _empty((_B, _H))
     dhg_W_i_W_j_W_f_W_o__x = _empty((_T, _B, 4*_H))
     tmp_d_c_next = _empty((_B, _H))
-    tmp_d_mean_10 = _empty((_B, 1))
-    tmp_d_mean_9 = _empty((_B, 1))
-    tmp_d_o = _empty((_B, _H))
-    tmp_d_mean_8 = _empty((_B, 1))
-    tmp_d_mean_7 = _empty((_B, 1))
-    tmp_d_f = _empty((_B, _H))
-    tmp_d_mean_6 = _empty((_B, 1))
+    tmp_d_var_5 = _empty((_B, 1))
     tmp_d_mean_5 = _empty((_B, 1))
-    tmp_d_j = _empty((_B, _H))
+    tmp_d_o = _empty((_B, _H))
+    tmp_d_var_4 = _empty((_B, 1))
     tmp_d_mean_4 = _empty((_B, 1))
+    tmp_d_f = _empty((_B, _H))
+    tmp_d_var_3 = _empty((_B, 1))
     tmp_d_mean_3 = _empty((_B, 1))
-    tmp_d_i = _empty((_B, _H))
+    tmp_d_j = _empty((_B, _H))
+    tmp_d_var_2 = _empty((_B, 1))
     tmp_d_mean_2 = _empty((_B, 1))
+    tmp_d_i = _empty((_B, _H))
+    tmp_d_var = _empty((_B, 1))
     tmp_d_mean = _empty((_B, 1))
     dw_U_i_U_j_U_f_U_o = _gempty((4*_H, _H))
     dw_W_i_W_j_W_f_W_o = _gempty((4*_H, _I))
     _grads = {"W_i": _gempty((_H, _I)), "U_i": _gempty((_H, _H)), "g_i": _gempty((_H,)), "b_i": _gempty((_H,)), "W_j": _gempty((_H, _I)), "U_j": _gempty((_H, _H)), "g_j": _gempty((_H,)), "b_j": _gempty((_H,)), "W_f": _gempty((_H, _I)), "U_f": _gempty((_H, _H)), "g_f": _gempty((_H,)), "b_f": _gempty((_H,)), "W_o": _gempty((_H, _I)), "U_o": _gempty((_H, _H)), "g_o": _gempty((_H,)), "b_o": _gempty((_H,)), "g_c": _gempty((_H,)), "b_c": _gempty((_H,)), "inv_n_H": _gzeros((_H,))}
     if _lib is not None:
-        _lib("backward", _dims, [x_x, x_mask_j, s_h, s_c, p_g_i, p_b_i, p_g_j, p_b_j, p_g_f, p_b_f, p_g_o, p_b_o, p_g_c, p_b_c, p_inv_n_H, hg_W_i_W_j_W_f_W_o__x, g_U_i_U_j_U_f_U_o__h, v_mean, v_mean_2, v_rstd, v_i, v_mean_3, v_mean_4, v_rstd_2, v_j, v_mean_5, v_mean_6, v_rstd_3, v_f, v_mean_7, v_mean_8, v_rstd_4, v_o, v_mean_9, v_mean_10, v_rstd_5, dout_h_next, ds_h, ds_c, dx_x, dp_g_i, dp_b_i, dp_g_j, dp_b_j, dp_g_f, dp_b_f, dp_g_o, dp_b_o, dp_g_c, dp_b_c, dg_U_i_U_j_U_f_U_o__h, tmp_d_h_gemm, dhg_W_i_W_j_W_f_W_o__x, tmp_d_c_next, tmp_d_mean_10, tmp_d_mean_9, tmp_d_o, tmp_d_mean_8, tmp_d_mean_7, tmp_d_f, tmp_d_mean_6, tmp_d_mean_5, tmp_d_j, tmp_d_mean_4, tmp_d_mean_3, tmp_d_i, tmp_d_mean_2, tmp_d_mean, dw_U_i_U_j_U_f_U_o, dw_W_i_W_j_W_f_W_o, _stacked(_params["W_i"], _params["W_j"], _params["W_f"], _params["W_o"]), _stacked(_params["U_i"], _params["U_j"], _params["U_f"], _params["U_o"]), *_grads.values(), _bs])
+        _lib("backward", _dims, [x_x, x_mask_j, s_h, s_c, p_g_i, p_b_i, p_g_j, p_b_j, p_g_f, p_b_f, p_g_o, p_b_o, p_g_c, p_b_c, p_inv_n_H, hg_W_i_W_j_W_f_W_o__x, g_U_i_U_j_U_f_U_o__h, v_mean, v_var, v_rstd, v_i, v_mean_2, v_var_2, v_rstd_2, v_j, v_mean_3, v_var_3, v_rstd_3, v_f, v_mean_4, v_var_4, v_rstd_4, v_o, v_mean_5, v_var_5, v_rstd_5, dout_h_next, ds_h, ds_c, dx_x, dp_g_i, dp_b_i, dp_g_j, dp_b_j, dp_g_f, dp_b_f, dp_g_o, dp_b_o, dp_g_c, dp_b_c, dg_U_i_U_j_U_f_U_o__h, tmp_d_h_gemm, dhg_W_i_W_j_W_f_W_o__x, tmp_d_c_next, tmp_d_var_5, tmp_d_mean_5, tmp_d_o, tmp_d_var_4, tmp_d_mean_4, tmp_d_f, tmp_d_var_3, tmp_d_mean_3, tmp_d_j, tmp_d_var_2, tmp_d_mean_2, tmp_d_i, tmp_d_var, tmp_d_mean, dw_U_i_U_j_U_f_U_o, dw_W_i_W_j_W_f_W_o, _stacked(_params["W_i"], _params["W_j"], _params["W_f"], _params["W_o"]), _stacked(_params["U_i"], _params["U_j"], _params["U_f"], _params["U_o"]), *_grads.values(), _bs])
     return _grads, (dx_x, None,), (ds_h, ds_c,)
 
 
 # The same two calls as PyTorch custom ops, for torch.compile (which traces them through their
 # fake implementations: the allocations above, without the call). Registered once per process
 # and content of this file; outputs are copies (an op's outputs may not alias each other).
-_OP = "layer_norm_basic_lstm_959f24b78efe"
+_OP = "layer_norm_basic_lstm_db050af944f4"
 
 
 def _op_forward_impl(xs: list[torch.Tensor], states: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -379,7 +379,7 @@ inline void cs_row_grid(int64_t rows, int64_t cols, dim3* grid, dim3* block) {
 // layer_norm_gru_forward_fwd0_rows: forward: stage 0 forward, row by row (reductions over the units)
 // =============================================================================================
 template <typename S, typename real>
-CS_ROWFN inline void layer_norm_gru_forward_fwd0_rows_row(int64_t _r, int64_t _j0, int64_t _dj, int64_t n_H, const S* __restrict__ _p_W_c_x, int64_t _ld_W_c_x, const S* __restrict__ _p_W_r_x, int64_t _ld_W_r_x, const S* __restrict__ _p_W_u_x, int64_t _ld_W_u_x, const S* __restrict__ _p_inv_n_H, int64_t _ld_inv_n_H, S* __restrict__ _p_mean, int64_t _ld_mean, S* __restrict__ _p_mean_2, int64_t _ld_mean_2, S* __restrict__ _p_rstd, int64_t _ld_rstd, S* __restrict__ _p_mean_5, int64_t _ld_mean_5, S* __restrict__ _p_mean_6, int64_t _ld_mean_6, S* __restrict__ _p_rstd_3, int64_t _ld_rstd_3, S* __restrict__ _p_mean_9, int64_t _ld_mean_9, S* __restrict__ _p_mean_10, int64_t _ld_mean_10, S* __restrict__ _p_rstd_5, int64_t _ld_rstd_5)
+CS_ROWFN inline void layer_norm_gru_forward_fwd0_rows_row(int64_t _r, int64_t _j0, int64_t _dj, int64_t n_H, const S* __restrict__ _p_W_c_x, int64_t _ld_W_c_x, const S* __restrict__ _p_W_r_x, int64_t _ld_W_r_x, const S* __restrict__ _p_W_u_x, int64_t _ld_W_u_x, const S* __restrict__ _p_inv_n_H, int64_t _ld_inv_n_H, S* __restrict__ _p_mean, int64_t _ld_mean, S* __restrict__ _p_var, int64_t _ld_var, S* __restrict__ _p_rstd, int64_t _ld_rstd, S* __restrict__ _p_mean_3, int64_t _ld_mean_3, S* __restrict__ _p_var_3, int64_t _ld_var_3, S* __restrict__ _p_rstd_3, int64_t _ld_rstd_3, S* __restrict__ _p_mean_5, int64_t _ld_mean_5, S* __restrict__ _p_var_5, int64_t _ld_var_5, S* __restrict__ _p_rstd_5, int64_t _ld_rstd_5)
 {
     (void)n_H;
     real _acc0 = real(0);
@@ -407,68 +407,68 @@ CS_ROWFN inline void layer_norm_gru_forward_fwd0_rows_row(int64_t _r, int64_t _j
         _acc3 += inv_n_H*((W_r_x - mean)*(W_r_x - mean));
     }
     _acc3 = CS_ROW_SUM(_acc3);
-    const real mean_2 = _acc3;  // layer_norm_gru.cell:16  r = sigmoid(ln(W_r @ x, gx_r, bx_r) + ln(U_r @ h, gh_r, bh_r))
-    const real rstd = (real(1.0)/cs_sqrt(mean_2 + real(1e-05)));  // layer_norm_gru.cell:16  r = sigmoid(ln(W_r @ x, gx_r, bx_r) + ln(U_r @ h, gh_r, bh_r))
-    const real mean_5 = _acc1;  // layer_norm_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
+    const real var = _acc3;  // layer_norm_gru.cell:16  r = sigmoid(ln(W_r @ x, gx_r, bx_r) + ln(U_r @ h, gh_r, bh_r))
+    const real rstd = (real(1.0)/cs_sqrt(var + real(1e-05)));  // layer_norm_gru.cell:16  r = sigmoid(ln(W_r @ x, gx_r, bx_r) + ln(U_r @ h, gh_r, bh_r))
+    const real mean_3 = _acc1;  // layer_norm_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
     real _acc4 = real(0);
     CS_SIMD_SUM(_acc4)
     for (int64_t _j = _j0; _j < n_H; _j += _dj) {
         const real W_u_x = CS_LD(_p_W_u_x[_r * _ld_W_u_x + _j]);
         const real inv_n_H = CS_LD(_p_inv_n_H[_r * _ld_inv_n_H + _j]);
-        _acc4 += inv_n_H*((W_u_x - mean_5)*(W_u_x - mean_5));
+        _acc4 += inv_n_H*((W_u_x - mean_3)*(W_u_x - mean_3));
     }
     _acc4 = CS_ROW_SUM(_acc4);
-    const real mean_6 = _acc4;  // layer_norm_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
-    const real rstd_3 = (real(1.0)/cs_sqrt(mean_6 + real(1e-05)));  // layer_norm_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
-    const real mean_9 = _acc2;  // layer_norm_gru.cell:18  c = tanh(ln(W_c @ x, gx_c, bx_c) + r * ln(U_c @ h, gh_c, bh_c))
+    const real var_3 = _acc4;  // layer_norm_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
+    const real rstd_3 = (real(1.0)/cs_sqrt(var_3 + real(1e-05)));  // layer_norm_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
+    const real mean_5 = _acc2;  // layer_norm_gru.cell:18  c = tanh(ln(W_c @ x, gx_c, bx_c) + r * ln(U_c @ h, gh_c, bh_c))
     real _acc5 = real(0);
     CS_SIMD_SUM(_acc5)
     for (int64_t _j = _j0; _j < n_H; _j += _dj) {
         const real W_c_x = CS_LD(_p_W_c_x[_r * _ld_W_c_x + _j]);
         const real inv_n_H = CS_LD(_p_inv_n_H[_r * _ld_inv_n_H + _j]);
-        _acc5 += inv_n_H*((W_c_x - mean_9)*(W_c_x - mean_9));
+        _acc5 += inv_n_H*((W_c_x - mean_5)*(W_c_x - mean_5));
     }
     _acc5 = CS_ROW_SUM(_acc5);
-    const real mean_10 = _acc5;  // layer_norm_gru.cell:18  c = tanh(ln(W_c @ x, gx_c, bx_c) + r * ln(U_c @ h, gh_c, bh_c))
-    const real rstd_5 = (real(1.0)/cs_sqrt(mean_10 + real(1e-05)));  // layer_norm_gru.cell:18  c = tanh(ln(W_c @ x, gx_c, bx_c) + r * ln(U_c @ h, gh_c, bh_c))
+    const real var_5 = _acc5;  // layer_norm_gru.cell:18  c = tanh(ln(W_c @ x, gx_c, bx_c) + r * ln(U_c @ h, gh_c, bh_c))
+    const real rstd_5 = (real(1.0)/cs_sqrt(var_5 + real(1e-05)));  // layer_norm_gru.cell:18  c = tanh(ln(W_c @ x, gx_c, bx_c) + r * ln(U_c @ h, gh_c, bh_c))
     if (_j0 == 0) CS_ST(_p_mean[_r * _ld_mean], mean);
-    if (_j0 == 0) CS_ST(_p_mean_2[_r * _ld_mean_2], mean_2);
+    if (_j0 == 0) CS_ST(_p_var[_r * _ld_var], var);
     if (_j0 == 0) CS_ST(_p_rstd[_r * _ld_rstd], rstd);
-    if (_j0 == 0) CS_ST(_p_mean_5[_r * _ld_mean_5], mean_5);
-    if (_j0 == 0) CS_ST(_p_mean_6[_r * _ld_mean_6], mean_6);
+    if (_j0 == 0) CS_ST(_p_mean_3[_r * _ld_mean_3], mean_3);
+    if (_j0 == 0) CS_ST(_p_var_3[_r * _ld_var_3], var_3);
     if (_j0 == 0) CS_ST(_p_rstd_3[_r * _ld_rstd_3], rstd_3);
-    if (_j0 == 0) CS_ST(_p_mean_9[_r * _ld_mean_9], mean_9);
-    if (_j0 == 0) CS_ST(_p_mean_10[_r * _ld_mean_10], mean_10);
+    if (_j0 == 0) CS_ST(_p_mean_5[_r * _ld_mean_5], mean_5);
+    if (_j0 == 0) CS_ST(_p_var_5[_r * _ld_var_5], var_5);
     if (_j0 == 0) CS_ST(_p_rstd_5[_r * _ld_rstd_5], rstd_5);
 }
 
 #ifdef __CUDACC__
 template <typename S>
-__global__ void layer_norm_gru_forward_fwd0_rows_kernel(int64_t _rows, int64_t n_H, const S* __restrict__ _p_W_c_x, int64_t _ld_W_c_x, const S* __restrict__ _p_W_r_x, int64_t _ld_W_r_x, const S* __restrict__ _p_W_u_x, int64_t _ld_W_u_x, const S* __restrict__ _p_inv_n_H, int64_t _ld_inv_n_H, S* __restrict__ _p_mean, int64_t _ld_mean, S* __restrict__ _p_mean_2, int64_t _ld_mean_2, S* __restrict__ _p_rstd, int64_t _ld_rstd, S* __restrict__ _p_mean_5, int64_t _ld_mean_5, S* __restrict__ _p_mean_6, int64_t _ld_mean_6, S* __restrict__ _p_rstd_3, int64_t _ld_rstd_3, S* __restrict__ _p_mean_9, int64_t _ld_mean_9, S* __restrict__ _p_mean_10, int64_t _ld_mean_10, S* __restrict__ _p_rstd_5, int64_t _ld_rstd_5)
+__global__ void layer_norm_gru_forward_fwd0_rows_kernel(int64_t _rows, int64_t n_H, const S* __restrict__ _p_W_c_x, int64_t _ld_W_c_x, const S* __restrict__ _p_W_r_x, int64_t _ld_W_r_x, const S* __restrict__ _p_W_u_x, int64_t _ld_W_u_x, const S* __restrict__ _p_inv_n_H, int64_t _ld_inv_n_H, S* __restrict__ _p_mean, int64_t _ld_mean, S* __restrict__ _p_var, int64_t _ld_var, S* __restrict__ _p_rstd, int64_t _ld_rstd, S* __restrict__ _p_mean_3, int64_t _ld_mean_3, S* __restrict__ _p_var_3, int64_t _ld_var_3, S* __restrict__ _p_rstd_3, int64_t _ld_rstd_3, S* __restrict__ _p_mean_5, int64_t _ld_mean_5, S* __restrict__ _p_var_5, int64_t _ld_var_5, S* __restrict__ _p_rstd_5, int64_t _ld_rstd_5)
 {
     typedef typename cs_math<S>::type M;
     for (int64_t _r = blockIdx.x; _r < _rows; _r += gridDim.x)
-        layer_norm_gru_forward_fwd0_rows_row<S, M>(_r, threadIdx.x, blockDim.x, n_H, _p_W_c_x, _ld_W_c_x, _p_W_r_x, _ld_W_r_x, _p_W_u_x, _ld_W_u_x, _p_inv_n_H, _ld_inv_n_H, _p_mean, _ld_mean, _p_mean_2, _ld_mean_2, _p_rstd, _ld_rstd, _p_mean_5, _ld_mean_5, _p_mean_6, _ld_mean_6, _p_rstd_3, _ld_rstd_3, _p_mean_9, _ld_mean_9, _p_mean_10, _ld_mean_10, _p_rstd_5, _ld_rstd_5);
+        layer_norm_gru_forward_fwd0_rows_row<S, M>(_r, threadIdx.x, blockDim.x, n_H, _p_W_c_x, _ld_W_c_x, _p_W_r_x, _ld_W_r_x, _p_W_u_x, _ld_W_u_x, _p_inv_n_H, _ld_inv_n_H, _p_mean, _ld_mean, _p_var, _ld_var, _p_rstd, _ld_rstd, _p_mean_3, _ld_mean_3, _p_var_3, _ld_var_3, _p_rstd_3, _ld_rstd_3, _p_mean_5, _ld_mean_5, _p_var_5, _ld_var_5, _p_rstd_5, _ld_rstd_5);
 }
 
 template <typename S>
-static int layer_norm_gru_forward_fwd0_rows_launch(int64_t _rows, int64_t n_H, const void* _p_W_c_x, int64_t _ld_W_c_x, const void* _p_W_r_x, int64_t _ld_W_r_x, const void* _p_W_u_x, int64_t _ld_W_u_x, const void* _p_inv_n_H, int64_t _ld_inv_n_H, void* _p_mean, int64_t _ld_mean, void* _p_mean_2, int64_t _ld_mean_2, void* _p_rstd, int64_t _ld_rstd, void* _p_mean_5, int64_t _ld_mean_5, void* _p_mean_6, int64_t _ld_mean_6, void* _p_rstd_3, int64_t _ld_rstd_3, void* _p_mean_9, int64_t _ld_mean_9, void* _p_mean_10, int64_t _ld_mean_10, void* _p_rstd_5, int64_t _ld_rstd_5, void* _stream)
+static int layer_norm_gru_forward_fwd0_rows_launch(int64_t _rows, int64_t n_H, const void* _p_W_c_x, int64_t _ld_W_c_x, const void* _p_W_r_x, int64_t _ld_W_r_x, const void* _p_W_u_x, int64_t _ld_W_u_x, const void* _p_inv_n_H, int64_t _ld_inv_n_H, void* _p_mean, int64_t _ld_mean, void* _p_var, int64_t _ld_var, void* _p_rstd, int64_t _ld_rstd, void* _p_mean_3, int64_t _ld_mean_3, void* _p_var_3, int64_t _ld_var_3, void* _p_rstd_3, int64_t _ld_rstd_3, void* _p_mean_5, int64_t _ld_mean_5, void* _p_var_5, int64_t _ld_var_5, void* _p_rstd_5, int64_t _ld_rstd_5, void* _stream)
 {
     if (_rows <= 0) return 0;
     int64_t _cols = 1;
     if (n_H > _cols) _cols = n_H;
     dim3 _grid, _block;
     cs_row_grid(_rows, _cols, &_grid, &_block);
-    layer_norm_gru_forward_fwd0_rows_kernel<S><<<_grid, _block, 0, (cudaStream_t)_stream>>>(_rows, n_H, (const S*)_p_W_c_x, _ld_W_c_x, (const S*)_p_W_r_x, _ld_W_r_x, (const S*)_p_W_u_x, _ld_W_u_x, (const S*)_p_inv_n_H, _ld_inv_n_H, (S*)_p_mean, _ld_mean, (S*)_p_mean_2, _ld_mean_2, (S*)_p_rstd, _ld_rstd, (S*)_p_mean_5, _ld_mean_5, (S*)_p_mean_6, _ld_mean_6, (S*)_p_rstd_3, _ld_rstd_3, (S*)_p_mean_9, _ld_mean_9, (S*)_p_mean_10, _ld_mean_10, (S*)_p_rstd_5, _ld_rstd_5);
+    layer_norm_gru_forward_fwd0_rows_kernel<S><<<_grid, _block, 0, (cudaStream_t)_stream>>>(_rows, n_H, (const S*)_p_W_c_x, _ld_W_c_x, (const S*)_p_W_r_x, _ld_W_r_x, (const S*)_p_W_u_x, _ld_W_u_x, (const S*)_p_inv_n_H, _ld_inv_n_H, (S*)_p_mean, _ld_mean, (S*)_p_var, _ld_var, (S*)_p_rstd, _ld_rstd, (S*)_p_mean_3, _ld_mean_3, (S*)_p_var_3, _ld_var_3, (S*)_p_rstd_3, _ld_rstd_3, (S*)_p_mean_5, _ld_mean_5, (S*)_p_var_5, _ld_var_5, (S*)_p_rstd_5, _ld_rstd_5);
     return (int)cudaGetLastError();
 }
 #else
 template <typename S>
-static inline void layer_norm_gru_forward_fwd0_rows_host(int64_t _rows, int64_t n_H, const S* __restrict__ _p_W_c_x, int64_t _ld_W_c_x, const S* __restrict__ _p_W_r_x, int64_t _ld_W_r_x, const S* __restrict__ _p_W_u_x, int64_t _ld_W_u_x, const S* __restrict__ _p_inv_n_H, int64_t _ld_inv_n_H, S* __restrict__ _p_mean, int64_t _ld_mean, S* __restrict__ _p_mean_2, int64_t _ld_mean_2, S* __restrict__ _p_rstd, int64_t _ld_rstd, S* __restrict__ _p_mean_5, int64_t _ld_mean_5, S* __restrict__ _p_mean_6, int64_t _ld_mean_6, S* __restrict__ _p_rstd_3, int64_t _ld_rstd_3, S* __restrict__ _p_mean_9, int64_t _ld_mean_9, S* __restrict__ _p_mean_10, int64_t _ld_mean_10, S* __restrict__ _p_rstd_5, int64_t _ld_rstd_5)
+static inline void layer_norm_gru_forward_fwd0_rows_host(int64_t _rows, int64_t n_H, const S* __restrict__ _p_W_c_x, int64_t _ld_W_c_x, const S* __restrict__ _p_W_r_x, int64_t _ld_W_r_x, const S* __restrict__ _p_W_u_x, int64_t _ld_W_u_x, const S* __restrict__ _p_inv_n_H, int64_t _ld_inv_n_H, S* __restrict__ _p_mean, int64_t _ld_mean, S* __restrict__ _p_var, int64_t _ld_var, S* __restrict__ _p_rstd, int64_t _ld_rstd, S* __restrict__ _p_mean_3, int64_t _ld_mean_3, S* __restrict__ _p_var_3, int64_t _ld_var_3, S* __restrict__ _p_rstd_3, int64_t _ld_rstd_3, S* __restrict__ _p_mean_5, int64_t _ld_mean_5, S* __restrict__ _p_var_5, int64_t _ld_var_5, S* __restrict__ _p_rstd_5, int64_t _ld_rstd_5)
 {
 #pragma omp parallel for schedule(static) if (_rows * (n_H) >= 2048)
     for (int64_t _r = 0; _r < _rows; ++_r)
-        layer_norm_gru_forward_fwd0_rows_row<S, S>(_r, 0, 1, n_H, _p_W_c_x, _ld_W_c_x, _p_W_r_x, _ld_W_r_x, _p_W_u_x, _ld_W_u_x, _p_inv_n_H, _ld_inv_n_H, _p_mean, _ld_mean, _p_mean_2, _ld_mean_2, _p_rstd, _ld_rstd, _p_mean_5, _ld_mean_5, _p_mean_6, _ld_mean_6, _p_rstd_3, _ld_rstd_3, _p_mean_9, _ld_mean_9, _p_mean_10, _ld_mean_10, _p_rstd_5, _ld_rstd_5);
+        layer_norm_gru_forward_fwd0_rows_row<S, S>(_r, 0, 1, n_H, _p_W_c_x, _ld_W_c_x, _p_W_r_x, _ld_W_r_x, _p_W_u_x, _ld_W_u_x, _p_inv_n_H, _ld_inv_n_H, _p_mean, _ld_mean, _p_var, _ld_var, _p_rstd, _ld_rstd, _p_mean_3, _ld_mean_3, _p_var_3, _ld_var_3, _p_rstd_3, _ld_rstd_3, _p_mean_5, _ld_mean_5, _p_var_5, _ld_var_5, _p_rstd_5, _ld_rstd_5);
 }
 #endif
 
@@ -476,12 +476,12 @@ static inline void layer_norm_gru_forward_fwd0_rows_host(int64_t _rows, int64_t 
 // layer_norm_gru_forward_fwd1_rows: forward: stage 1 forward, row by row (reductions over the units)
 // =============================================================================================
 template <typename S, typename real>
-CS_ROWFN inline void layer_norm_gru_forward_fwd1_rows_row(int64_t _r, int64_t _j0, int64_t _dj, int64_t n_H, const S* __restrict__ _p_U_c_h, int64_t _ld_U_c_h, const S* __restrict__ _p_U_r_h, int64_t _ld_U_r_h, const S* __restrict__ _p_U_u_h, int64_t _ld_U_u_h, const S* __restrict__ _p_W_c_x, int64_t _ld_W_c_x, const S* __restrict__ _p_W_r_x, int64_t _ld_W_r_x, const S* __restrict__ _p_W_u_x, int64_t _ld_W_u_x, const S* __restrict__ _p_bh_c, int64_t _ld_bh_c, const S* __restrict__ _p_bh_r, int64_t _ld_bh_r, const S* __restrict__ _p_bh_u, int64_t _ld_bh_u, const S* __restrict__ _p_bx_c, int64_t _ld_bx_c, const S* __restrict__ _p_bx_r, int64_t _ld_bx_r, const S* __restrict__ _p_bx_u, int64_t _ld_bx_u, const S* __restrict__ _p_gh_c, int64_t _ld_gh_c, const S* __restrict__ _p_gh_r, int64_t _ld_gh_r, const S* __restrict__ _p_gh_u, int64_t _ld_gh_u, const S* __restrict__ _p_gx_c, int64_t _ld_gx_c, const S* __restrict__ _p_gx_r, int64_t _ld_gx_r, const S* __restrict__ _p_gx_u, int64_t _ld_gx_u, const S* __restrict__ _p_h, int64_t _ld_h, const S* __restrict__ _p_inv_n_H, int64_t _ld_inv_n_H, const S* __restrict__ _p_mean, int64_t _ld_mean, const S* __restrict__ _p_mean_5, int64_t _ld_mean_5, const S* __restrict__ _p_mean_9, int64_t _ld_mean_9, const S* __restrict__ _p_rstd, int64_t _ld_rstd, const S* __restrict__ _p_rstd_3, int64_t _ld_rstd_3, const S* __restrict__ _p_rstd_5, int64_t _ld_rstd_5, S* __restrict__ _p_mean_3, int64_t _ld_mean_3, S* __restrict__ _p_mean_4, int64_t _ld_mean_4, S* __restrict__ _p_rstd_2, int64_t _ld_rstd_2, S* __restrict__ _p_r, int64_t _ld_r, S* __restrict__ _p_mean_7, int64_t _ld_mean_7, S* __restrict__ _p_mean_8, int64_t _ld_mean_8, S* __restrict__ _p_rstd_4, int64_t _ld_rstd_4, S* __restrict__ _p_u, int64_t _ld_u, S* __restrict__ _p_mean_11, int64_t _ld_mean_11, S* __restrict__ _p_mean_12, int64_t _ld_mean_12, S* __restrict__ _p_rstd_6, int64_t _ld_rstd_6, S* __restrict__ _p_c, int64_t _ld_c, S* __restrict__ _p_h_next, int64_t _ld_h_next)
+CS_ROWFN inline void layer_norm_gru_forward_fwd1_rows_row(int64_t _r, int64_t _j0, int64_t _dj, int64_t n_H, const S* __restrict__ _p_U_c_h, int64_t _ld_U_c_h, const S* __restrict__ _p_U_r_h, int64_t _ld_U_r_h, const S* __restrict__ _p_U_u_h, int64_t _ld_U_u_h, const S* __restrict__ _p_W_c_x, int64_t _ld_W_c_x, const S* __restrict__ _p_W_r_x, int64_t _ld_W_r_x, const S* __restrict__ _p_W_u_x, int64_t _ld_W_u_x, const S* __restrict__ _p_bh_c, int64_t _ld_bh_c, const S* __restrict__ _p_bh_r, int64_t _ld_bh_r, const S* __restrict__ _p_bh_u, int64_t _ld_bh_u, const S* __restrict__ _p_bx_c, int64_t _ld_bx_c, const S* __restrict__ _p_bx_r, int64_t _ld_bx_r, const S* __restrict__ _p_bx_u, int64_t _ld_bx_u, const S* __restrict__ _p_gh_c, int64_t _ld_gh_c, const S* __restrict__ _p_gh_r, int64_t _ld_gh_r, const S* __restrict__ _p_gh_u, int64_t _ld_gh_u, const S* __restrict__ _p_gx_c, int64_t _ld_gx_c, const S* __restrict__ _p_gx_r, int64_t _ld_gx_r, const S* __restrict__ _p_gx_u, int64_t _ld_gx_u, const S* __restrict__ _p_h, int64_t _ld_h, const S* __restrict__ _p_inv_n_H, int64_t _ld_inv_n_H, const S* __restrict__ _p_mean, int64_t _ld_mean, const S* __restrict__ _p_mean_3, int64_t _ld_mean_3, const S* __restrict__ _p_mean_5, int64_t _ld_mean_5, const S* __restrict__ _p_rstd, int64_t _ld_rstd, const S* __restrict__ _p_rstd_3, int64_t _ld_rstd_3, const S* __restrict__ _p_rstd_5, int64_t _ld_rstd_5, S* __restrict__ _p_mean_2, int64_t _ld_mean_2, S* __restrict__ _p_var_2, int64_t _ld_var_2, S* __restrict__ _p_rstd_2, int64_t _ld_rstd_2, S* __restrict__ _p_r, int64_t _ld_r, S* __restrict__ _p_mean_4, int64_t _ld_mean_4, S* __restrict__ _p_var_4, int64_t _ld_var_4, S* __restrict__ _p_rstd_4, int64_t _ld_rstd_4, S* __restrict__ _p_u, int64_t _ld_u, S* __restrict__ _p_mean_6, int64_t _ld_mean_6, S* __restrict__ _p_var_6, int64_t _ld_var_6, S* __restrict__ _p_rstd_6, int64_t _ld_rstd_6, S* __restrict__ _p_c, int64_t _ld_c, S* __restrict__ _p_h_next, int64_t _ld_h_next)
 {
     (void)n_H;
     const real mean = CS_LD(_p_mean[_r * _ld_mean]);
+    const real mean_3 = CS_LD(_p_mean_3[_r * _ld_mean_3]);
     const real mean_5 = CS_LD(_p_mean_5[_r * _ld_mean_5]);
-    const real mean_9 = CS_LD(_p_mean_9[_r * _ld_mean_9]);
     const real rstd = CS_LD(_p_rstd[_r * _ld_rstd]);
     const real rstd_3 = CS_LD(_p_rstd_3[_r * _ld_rstd_3]);
     const real rstd_5 = CS_LD(_p_rstd_5[_r * _ld_rstd_5]);
@@ -501,39 +501,39 @@ CS_ROWFN inline void layer_norm_gru_forward_fwd1_rows_row(int64_t _r, int64_t _j
     _acc0 = CS_ROW_SUM(_acc0);
     _acc1 = CS_ROW_SUM(_acc1);
     _acc2 = CS_ROW_SUM(_acc2);
-    const real mean_3 = _acc0;  // layer_norm_gru.cell:16  r = sigmoid(ln(W_r @ x, gx_r, bx_r) + ln(U_r @ h, gh_r, bh_r))
+    const real mean_2 = _acc0;  // layer_norm_gru.cell:16  r = sigmoid(ln(W_r @ x, gx_r, bx_r) + ln(U_r @ h, gh_r, bh_r))
     real _acc3 = real(0);
     CS_SIMD_SUM(_acc3)
     for (int64_t _j = _j0; _j < n_H; _j += _dj) {
         const real U_r_h = CS_LD(_p_U_r_h[_r * _ld_U_r_h + _j]);
         const real inv_n_H = CS_LD(_p_inv_n_H[_r * _ld_inv_n_H + _j]);
-        _acc3 += inv_n_H*((U_r_h - mean_3)*(U_r_h - mean_3));
+        _acc3 += inv_n_H*((U_r_h - mean_2)*(U_r_h - mean_2));
     }
     _acc3 = CS_ROW_SUM(_acc3);
-    const real mean_4 = _acc3;  // layer_norm_gru.cell:16  r = sigmoid(ln(W_r @ x, gx_r, bx_r) + ln(U_r @ h, gh_r, bh_r))
-    const real rstd_2 = (real(1.0)/cs_sqrt(mean_4 + real(1e-05)));  // layer_norm_gru.cell:16  r = sigmoid(ln(W_r @ x, gx_r, bx_r) + ln(U_r @ h, gh_r, bh_r))
-    const real mean_7 = _acc1;  // layer_norm_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
+    const real var_2 = _acc3;  // layer_norm_gru.cell:16  r = sigmoid(ln(W_r @ x, gx_r, bx_r) + ln(U_r @ h, gh_r, bh_r))
+    const real rstd_2 = (real(1.0)/cs_sqrt(var_2 + real(1e-05)));  // layer_norm_gru.cell:16  r = sigmoid(ln(W_r @ x, gx_r, bx_r) + ln(U_r @ h, gh_r, bh_r))
+    const real mean_4 = _acc1;  // layer_norm_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
     real _acc4 = real(0);
     CS_SIMD_SUM(_acc4)
     for (int64_t _j = _j0; _j < n_H; _j += _dj) {
         const real U_u_h = CS_LD(_p_U_u_h[_r * _ld_U_u_h + _j]);
         const real inv_n_H = CS_LD(_p_inv_n_H[_r * _ld_inv_n_H + _j]);
-        _acc4 += inv_n_H*((U_u_h - mean_7)*(U_u_h - mean_7));
+        _acc4 += inv_n_H*((U_u_h - mean_4)*(U_u_h - mean_4));
     }
     _acc4 = CS_ROW_SUM(_acc4);
-    const real mean_8 = _acc4;  // layer_norm_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
-    const real rstd_4 = (real(1.0)/cs_sqrt(mean_8 + real(1e-05)));  // layer_norm_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
-    const real mean_11 = _acc2;  // layer_norm_gru.cell:18  c = tanh(ln(W_c @ x, gx_c, bx_c) + r * ln(U_c @ h, gh_c, bh_c))
+    const real var_4 = _acc4;  // layer_norm_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
+    const real rstd_4 = (real(1.0)/cs_sqrt(var_4 + real(1e-05)));  // layer_norm_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
+    const real mean_6 = _acc2;  // layer_norm_gru.cell:18  c = tanh(ln(W_c @ x, gx_c, bx_c) + r * ln(U_c @ h, gh_c, bh_c))
     real _acc5 = real(0);
     CS_SIMD_SUM(_acc5)
     for (int64_t _j = _j0; _j < n_H; _j += _dj) {
         const real U_c_h = CS_LD(_p_U_c_h[_r * _ld_U_c_h + _j]);
         const real inv_n_H = CS_LD(_p_inv_n_H[_r * _ld_inv_n_H + _j]);
-        _acc5 += inv_n_H*((U_c_h - mean_11)*(U_c_h - mean_11));
+        _acc5 += inv_n_H*((U_c_h - mean_6)*(U_c_h - mean_6));
     }
     _acc5 = CS_ROW_SUM(_acc5);
-    const real mean_12 = _acc5;  // layer_norm_gru.cell:18  c = tanh(ln(W_c @ x, gx_c, bx_c) + r * ln(U_c @ h, gh_c, bh_c))
-    const real rstd_6 = (real(1.0)/cs_sqrt(mean_12 + real(1e-05)));  // layer_norm_gru.cell:18  c = tanh(ln(W_c @ x, gx_c, bx_c) + r * ln(U_c @ h, gh_c, bh_c))
+    const real var_6 = _acc5;  // layer_norm_gru.cell:18  c = tanh(ln(W_c @ x, gx_c, bx_c) + r * ln(U_c @ h, gh_c, bh_c))
+    const real rstd_6 = (real(1.0)/cs_sqrt(var_6 + real(1e-05)));  // layer_norm_gru.cell:18  c = tanh(ln(W_c @ x, gx_c, bx_c) + r * ln(U_c @ h, gh_c, bh_c))
     CS_SIMD
     for (int64_t _j = _j0; _j < n_H; _j += _dj) {
         const real U_c_h = CS_LD(_p_U_c_h[_r * _ld_U_c_h + _j]);
@@ -555,53 +555,53 @@ CS_ROWFN inline void layer_norm_gru_forward_fwd1_rows_row(int64_t _r, int64_t _j
         const real gx_r = CS_LD(_p_gx_r[_r * _ld_gx_r + _j]);
         const real gx_u = CS_LD(_p_gx_u[_r * _ld_gx_u + _j]);
         const real h = CS_LD(_p_h[_r * _ld_h + _j]);
-        const real r = cs_sigmoid(bh_r + bx_r + gh_r*rstd_2*(U_r_h - mean_3) + gx_r*rstd*(W_r_x - mean));  // layer_norm_gru.cell:16  r = sigmoid(ln(W_r @ x, gx_r, bx_r) + ln(U_r @ h, gh_r, bh_r))
-        const real u = cs_sigmoid(bh_u + bx_u + gh_u*rstd_4*(U_u_h - mean_7) + gx_u*rstd_3*(W_u_x - mean_5));  // layer_norm_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
-        const real c = cs_tanh(bx_c + gx_c*rstd_5*(W_c_x - mean_9) + r*(bh_c + gh_c*rstd_6*(U_c_h - mean_11)));  // layer_norm_gru.cell:18  c = tanh(ln(W_c @ x, gx_c, bx_c) + r * ln(U_c @ h, gh_c, bh_c))
+        const real r = cs_sigmoid(bh_r + bx_r + gh_r*rstd_2*(U_r_h - mean_2) + gx_r*rstd*(W_r_x - mean));  // layer_norm_gru.cell:16  r = sigmoid(ln(W_r @ x, gx_r, bx_r) + ln(U_r @ h, gh_r, bh_r))
+        const real u = cs_sigmoid(bh_u + bx_u + gh_u*rstd_4*(U_u_h - mean_4) + gx_u*rstd_3*(W_u_x - mean_3));  // layer_norm_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
+        const real c = cs_tanh(bx_c + gx_c*rstd_5*(W_c_x - mean_5) + r*(bh_c + gh_c*rstd_6*(U_c_h - mean_6)));  // layer_norm_gru.cell:18  c = tanh(ln(W_c @ x, gx_c, bx_c) + r * ln(U_c @ h, gh_c, bh_c))
         const real h_next = c*(real(1.0) - u) + h*u;  // layer_norm_gru.cell:19  h' = u * h + (1 - u) * c
         CS_ST(_p_r[_r * _ld_r + _j], r);
         CS_ST(_p_u[_r * _ld_u + _j], u);
         CS_ST(_p_c[_r * _ld_c + _j], c);
         CS_ST(_p_h_next[_r * _ld_h_next + _j], h_next);
     }
-    if (_j0 == 0) CS_ST(_p_mean_3[_r * _ld_mean_3], mean_3);
-    if (_j0 == 0) CS_ST(_p_mean_4[_r * _ld_mean_4], mean_4);
+    if (_j0 == 0) CS_ST(_p_mean_2[_r * _ld_mean_2], mean_2);
+    if (_j0 == 0) CS_ST(_p_var_2[_r * _ld_var_2], var_2);
     if (_j0 == 0) CS_ST(_p_rstd_2[_r * _ld_rstd_2], rstd_2);
-    if (_j0 == 0) CS_ST(_p_mean_7[_r * _ld_mean_7], mean_7);
-    if (_j0 == 0) CS_ST(_p_mean_8[_r * _ld_mean_8], mean_8);
+    if (_j0 == 0) CS_ST(_p_mean_4[_r * _ld_mean_4], mean_4);
+    if (_j0 == 0) CS_ST(_p_var_4[_r * _ld_var_4], var_4);
     if (_j0 == 0) CS_ST(_p_rstd_4[_r * _ld_rstd_4], rstd_4);
-    if (_j0 == 0) CS_ST(_p_mean_11[_r * _ld_mean_11], mean_11);
-    if (_j0 == 0) CS_ST(_p_mean_12[_r * _ld_mean_12], mean_12);
+    if (_j0 == 0) CS_ST(_p_mean_6[_r * _ld_mean_6], mean_6);
+    if (_j0 == 0) CS_ST(_p_var_6[_r * _ld_var_6], var_6);
     if (_j0 == 0) CS_ST(_p_rstd_6[_r * _ld_rstd_6], rstd_6);
 }
 
 #ifdef __CUDACC__
 template <typename S>
-__global__ void layer_norm_gru_forward_fwd1_rows_kernel(int64_t _rows, int64_t n_H, const S* __restrict__ _p_U_c_h, int64_t _ld_U_c_h, const S* __restrict__ _p_U_r_h, int64_t _ld_U_r_h, const S* __restrict__ _p_U_u_h, int64_t _ld_U_u_h, const S* __restrict__ _p_W_c_x, int64_t _ld_W_c_x, const S* __restrict__ _p_W_r_x, int64_t _ld_W_r_x, const S* __restrict__ _p_W_u_x, int64_t _ld_W_u_x, const S* __restrict__ _p_bh_c, int64_t _ld_bh_c, const S* __restrict__ _p_bh_r, int64_t _ld_bh_r, const S* __restrict__ _p_bh_u, int64_t _ld_bh_u, const S* __restrict__ _p_bx_c, int64_t _ld_bx_c, const S* __restrict__ _p_bx_r, int64_t _ld_bx_r, const S* __restrict__ _p_bx_u, int64_t _ld_bx_u, const S* __restrict__ _p_gh_c, int64_t _ld_gh_c, const S* __restrict__ _p_gh_r, int64_t _ld_gh_r, const S* __restrict__ _p_gh_u, int64_t _ld_gh_u, const S* __restrict__ _p_gx_c, int64_t _ld_gx_c, const S* __restrict__ _p_gx_r, int64_t _ld_gx_r, const S* __restrict__ _p_gx_u, int64_t _ld_gx_u, const S* __restrict__ _p_h, int64_t _ld_h, const S* __restrict__ _p_inv_n_H, int64_t _ld_inv_n_H, const S* __restrict__ _p_mean, int64_t _ld_mean, const S* __restrict__ _p_mean_5, int64_t _ld_mean_5, const S* __restrict__ _p_mean_9, int64_t _ld_mean_9, const S* __restrict__ _p_rstd, int64_t _ld_rstd, const S* __restrict__ _p_rstd_3, int64_t _ld_rstd_3, const S* __restrict__ _p_rstd_5, int64_t _ld_rstd_5, S* __restrict__ _p_mean_3, int64_t _ld_mean_3, S* __restrict__ _p_mean_4, int64_t _ld_mean_4, S* __restrict__ _p_rstd_2, int64_t _ld_rstd_2, S* __restrict__ _p_r, int64_t _ld_r, S* __restrict__ _p_mean_7, int64_t _ld_mean_7, S* __restrict__ _p_mean_8, int64_t _ld_mean_8, S* __restrict__ _p_rstd_4, int64_t _ld_rstd_4, S* __restrict__ _p_u, int64_t _ld_u, S* __restrict__ _p_mean_11, int64_t _ld_mean_11, S* __restrict__ _p_mean_12, int64_t _ld_mean_12, S* __restrict__ _p_rstd_6, int64_t _ld_rstd_6, S* __restrict__ _p_c, int64_t _ld_c, S* __restrict__ _p_h_next, int64_t _ld_h_next)
+__global__ void layer_norm_gru_forward_fwd1_rows_kernel(int64_t _rows, int64_t n_H, const S* __restrict__ _p_U_c_h, int64_t _ld_U_c_h, const S* __restrict__ _p_U_r_h, int64_t _ld_U_r_h, const S* __restrict__ _p_U_u_h, int64_t _ld_U_u_h, const S* __restrict__ _p_W_c_x, int64_t _ld_W_c_x, const S* __restrict__ _p_W_r_x, int64_t _ld_W_r_x, const S* __restrict__ _p_W_u_x, int64_t _ld_W_u_x, const S* __restrict__ _p_bh_c, int64_t _ld_bh_c, const S* __restrict__ _p_bh_r, int64_t _ld_bh_r, const S* __restrict__ _p_bh_u, int64_t _ld_bh_u, const S* __restrict__ _p_bx_c, int64_t _ld_bx_c, const S* __restrict__ _p_bx_r, int64_t _ld_bx_r, const S* __restrict__ _p_bx_u, int64_t _ld_bx_u, const S* __restrict__ _p_gh_c, int64_t _ld_gh_c, const S* __restrict__ _p_gh_r, int64_t _ld_gh_r, const S* __restrict__ _p_gh_u, int64_t _ld_gh_u, const S* __restrict__ _p_gx_c, int64_t _ld_gx_c, const S* __restrict__ _p_gx_r, int64_t _ld_gx_r, const S* __restrict__ _p_gx_u, int64_t _ld_gx_u, const S* __restrict__ _p_h, int64_t _ld_h, const S* __restrict__ _p_inv_n_H, int64_t _ld_inv_n_H, const S* __restrict__ _p_mean, int64_t _ld_mean, const S* __restrict__ _p_mean_3, int64_t _ld_mean_3, const S* __restrict__ _p_mean_5, int64_t _ld_mean_5, const S* __restrict__ _p_rstd, int64_t _ld_rstd, const S* __restrict__ _p_rstd_3, int64_t _ld_rstd_3, const S* __restrict__ _p_rstd_5, int64_t _ld_rstd_5, S* __restrict__ _p_mean_2, int64_t _ld_mean_2, S* __restrict__ _p_var_2, int64_t _ld_var_2, S* __restrict__ _p_rstd_2, int64_t _ld_rstd_2, S* __restrict__ _p_r, int64_t _ld_r, S* __restrict__ _p_mean_4, int64_t _ld_mean_4, S* __restrict__ _p_var_4, int64_t _ld_var_4, S* __restrict__ _p_rstd_4, int64_t _ld_rstd_4, S* __restrict__ _p_u, int64_t _ld_u, S* __restrict__ _p_mean_6, int64_t _ld_mean_6, S* __restrict__ _p_var_6, int64_t _ld_var_6, S* __restrict__ _p_rstd_6, int64_t _ld_rstd_6, S* __restrict__ _p_c, int64_t _ld_c, S* __restrict__ _p_h_next, int64_t _ld_h_next)
 {
     typedef typename cs_math<S>::type M;
     for (int64_t _r = blockIdx.x; _r < _rows; _r += gridDim.x)
-        layer_norm_gru_forward_fwd1_rows_row<S, M>(_r, threadIdx.x, blockDim.x, n_H, _p_U_c_h, _ld_U_c_h, _p_U_r_h, _ld_U_r_h, _p_U_u_h, _ld_U_u_h, _p_W_c_x, _ld_W_c_x, _p_W_r_x, _ld_W_r_x, _p_W_u_x, _ld_W_u_x, _p_bh_c, _ld_bh_c, _p_bh_r, _ld_bh_r, _p_bh_u, _ld_bh_u, _p_bx_c, _ld_bx_c, _p_bx_r, _ld_bx_r, _p_bx_u, _ld_bx_u, _p_gh_c, _ld_gh_c, _p_gh_r, _ld_gh_r, _p_gh_u, _ld_gh_u, _p_gx_c, _ld_gx_c, _p_gx_r, _ld_gx_r, _p_gx_u, _ld_gx_u, _p_h, _ld_h, _p_inv_n_H, _ld_inv_n_H, _p_mean, _ld_mean, _p_mean_5, _ld_mean_5, _p_mean_9, _ld_mean_9, _p_rstd, _ld_rstd, _p_rstd_3, _ld_rstd_3, _p_rstd_5, _ld_rstd_5, _p_mean_3, _ld_mean_3, _p_mean_4, _ld_mean_4, _p_rstd_2, _ld_rstd_2, _p_r, _ld_r, _p_mean_7, _ld_mean_7, _p_mean_8, _ld_mean_8, _p_rstd_4, _ld_rstd_4, _p_u, _ld_u, _p_mean_11, _ld_mean_11, _p_mean_12, _ld_mean_12, _p_rstd_6, _ld_rstd_6, _p_c, _ld_c, _p_h_next, _ld_h_next);
+        layer_norm_gru_forward_fwd1_rows_row<S, M>(_r, threadIdx.x, blockDim.x, n_H, _p_U_c_h, _ld_U_c_h, _p_U_r_h, _ld_U_r_h, _p_U_u_h, _ld_U_u_h, _p_W_c_x, _ld_W_c_x, _p_W_r_x, _ld_W_r_x, _p_W_u_x, _ld_W_u_x, _p_bh_c, _ld_bh_c, _p_bh_r, _ld_bh_r, _p_bh_u, _ld_bh_u, _p_bx_c, _ld_bx_c, _p_bx_r, _ld_bx_r, _p_bx_u, _ld_bx_u, _p_gh_c, _ld_gh_c, _p_gh_r, _ld_gh_r, _p_gh_u, _ld_gh_u, _p_gx_c, _ld_gx_c, _p_gx_r, _ld_gx_r, _p_gx_u, _ld_gx_u, _p_h, _ld_h, _p_inv_n_H, _ld_inv_n_H, _p_mean, _ld_mean, _p_mean_3, _ld_mean_3, _p_mean_5, _ld_mean_5, _p_rstd, _ld_rstd, _p_rstd_3, _ld_rstd_3, _p_rstd_5, _ld_rstd_5, _p_mean_2, _ld_mean_2, _p_var_2, _ld_var_2, _p_rstd_2, _ld_rstd_2, _p_r, _ld_r, _p_mean_4, _ld_mean_4, _p_var_4, _ld_var_4, _p_rstd_4, _ld_rstd_4, _p_u, _ld_u, _p_mean_6, _ld_mean_6, _p_var_6, _ld_var_6, _p_rstd_6, _ld_rstd_6, _p_c, _ld_c, _p_h_next, _ld_h_next);
 }
 
 template <typename S>
-static int layer_norm_gru_forward_fwd1_rows_launch(int64_t _rows, int64_t n_H, const void* _p_U_c_h, int64_t _ld_U_c_h, const void* _p_U_r_h, int64_t _ld_U_r_h, const void* _p_U_u_h, int64_t _ld_U_u_h, const void* _p_W_c_x, int64_t _ld_W_c_x, const void* _p_W_r_x, int64_t _ld_W_r_x, const void* _p_W_u_x, int64_t _ld_W_u_x, const void* _p_bh_c, int64_t _ld_bh_c, const void* _p_bh_r, int64_t _ld_bh_r, const void* _p_bh_u, int64_t _ld_bh_u, const void* _p_bx_c, int64_t _ld_bx_c, const void* _p_bx_r, int64_t _ld_bx_r, const void* _p_bx_u, int64_t _ld_bx_u, const void* _p_gh_c, int64_t _ld_gh_c, const void* _p_gh_r, int64_t _ld_gh_r, const void* _p_gh_u, int64_t _ld_gh_u, const void* _p_gx_c, int64_t _ld_gx_c, const void* _p_gx_r, int64_t _ld_gx_r, const void* _p_gx_u, int64_t _ld_gx_u, const void* _p_h, int64_t _ld_h, const void* _p_inv_n_H, int64_t _ld_inv_n_H, const void* _p_mean, int64_t _ld_mean, const void* _p_mean_5, int64_t _ld_mean_5, const void* _p_mean_9, int64_t _ld_mean_9, const void* _p_rstd, int64_t _ld_rstd, const void* _p_rstd_3, int64_t _ld_rstd_3, const void* _p_rstd_5, int64_t _ld_rstd_5, void* _p_mean_3, int64_t _ld_mean_3, void* _p_mean_4, int64_t _ld_mean_4, void* _p_rstd_2, int64_t _ld_rstd_2, void* _p_r, int64_t _ld_r, void* _p_mean_7, int64_t _ld_mean_7, void* _p_mean_8, int64_t _ld_mean_8, void* _p_rstd_4, int64_t _ld_rstd_4, void* _p_u, int64_t _ld_u, void* _p_mean_11, int64_t _ld_mean_11, void* _p_mean_12, int64_t _ld_mean_12, void* _p_rstd_6, int64_t _ld_rstd_6, void* _p_c, int64_t _ld_c, void* _p_h_next, int64_t _ld_h_next, void* _stream)
+static int layer_norm_gru_forward_fwd1_rows_launch(int64_t _rows, int64_t n_H, const void* _p_U_c_h, int64_t _ld_U_c_h, const void* _p_U_r_h, int64_t _ld_U_r_h, const void* _p_U_u_h, int64_t _ld_U_u_h, const void* _p_W_c_x, int64_t _ld_W_c_x, const void* _p_W_r_x, int64_t _ld_W_r_x, const void* _p_W_u_x, int64_t _ld_W_u_x, const void* _p_bh_c, int64_t _ld_bh_c, const void* _p_bh_r, int64_t _ld_bh_r, const void* _p_bh_u, int64_t _ld_bh_u, const void* _p_bx_c, int64_t _ld_bx_c, const void* _p_bx_r, int64_t _ld_bx_r, const void* _p_bx_u, int64_t _ld_bx_u, const void* _p_gh_c, int64_t _ld_gh_c, const void* _p_gh_r, int64_t _ld_gh_r, const void* _p_gh_u, int64_t _ld_gh_u, const void* _p_gx_c, int64_t _ld_gx_c, const void* _p_gx_r, int64_t _ld_gx_r, const void* _p_gx_u, int64_t _ld_gx_u, const void* _p_h, int64_t _ld_h, const void* _p_inv_n_H, int64_t _ld_inv_n_H, const void* _p_mean, int64_t _ld_mean, const void* _p_mean_3, int64_t _ld_mean_3, const void* _p_mean_5, int64_t _ld_mean_5, const void* _p_rstd, int64_t _ld_rstd, const void* _p_rstd_3, int64_t _ld_rstd_3, const void* _p_rstd_5, int64_t _ld_rstd_5, void* _p_mean_2, int64_t _ld_mean_2, void* _p_var_2, int64_t _ld_var_2, void* _p_rstd_2, int64_t _ld_rstd_2, void* _p_r, int64_t _ld_r, void* _p_mean_4, int64_t _ld_mean_4, void* _p_var_4, int64_t _ld_var_4, void* _p_rstd_4, int64_t _ld_rstd_4, void* _p_u, int64_t _ld_u, void* _p_mean_6, int64_t _ld_mean_6, void* _p_var_6, int64_t _ld_var_6, void* _p_rstd_6, int64_t _ld_rstd_6, void* _p_c, int64_t _ld_c, void* _p_h_next, int64_t _ld_h_next, void* _stream)
 {
     if (_rows <= 0) return 0;
     int64_t _cols = 1;
     if (n_H > _cols) _cols = n_H;
     dim3 _grid, _block;
     cs_row_grid(_rows, _cols, &_grid, &_block);
-    layer_norm_gru_forward_fwd1_rows_kernel<S><<<_grid, _block, 0, (cudaStream_t)_stream>>>(_rows, n_H, (const S*)_p_U_c_h, _ld_U_c_h, (const S*)_p_U_r_h, _ld_U_r_h, (const S*)_p_U_u_h, _ld_U_u_h, (const S*)_p_W_c_x, _ld_W_c_x, (const S*)_p_W_r_x, _ld_W_r_x, (const S*)_p_W_u_x, _ld_W_u_x, (const S*)_p_bh_c, _ld_bh_c, (const S*)_p_bh_r, _ld_bh_r, (const S*)_p_bh_u, _ld_bh_u, (const S*)_p_bx_c, _ld_bx_c, (const S*)_p_bx_r, _ld_bx_r, (const S*)_p_bx_u, _ld_bx_u, (const S*)_p_gh_c, _ld_gh_c, (const S*)_p_gh_r, _ld_gh_r, (const S*)_p_gh_u, _ld_gh_u, (const S*)_p_gx_c, _ld_gx_c, (const S*)_p_gx_r, _ld_gx_r, (const S*)_p_gx_u, _ld_gx_u, (const S*)_p_h, _ld_h, (const S*)_p_inv_n_H, _ld_inv_n_H, (const S*)_p_mean, _ld_mean, (const S*)_p_mean_5, _ld_mean_5, (const S*)_p_mean_9, _ld_mean_9, (const S*)_p_rstd, _ld_rstd, (const S*)_p_rstd_3, _ld_rstd_3, (const S*)_p_rstd_5, _ld_rstd_5, (S*)_p_mean_3, _ld_mean_3, (S*)_p_mean_4, _ld_mean_4, (S*)_p_rstd_2, _ld_rstd_2, (S*)_p_r, _ld_r, (S*)_p_mean_7, _ld_mean_7, (S*)_p_mean_8, _ld_mean_8, (S*)_p_rstd_4, _ld_rstd_4, (S*)_p_u, _ld_u, (S*)_p_mean_11, _ld_mean_11, (S*)_p_mean_12, _ld_mean_12, (S*)_p_rstd_6, _ld_rstd_6, (S*)_p_c, _ld_c, (S*)_p_h_next, _ld_h_next);
+    layer_norm_gru_forward_fwd1_rows_kernel<S><<<_grid, _block, 0, (cudaStream_t)_stream>>>(_rows, n_H, (const S*)_p_U_c_h, _ld_U_c_h, (const S*)_p_U_r_h, _ld_U_r_h, (const S*)_p_U_u_h, _ld_U_u_h, (const S*)_p_W_c_x, _ld_W_c_x, (const S*)_p_W_r_x, _ld_W_r_x, (const S*)_p_W_u_x, _ld_W_u_x, (const S*)_p_bh_c, _ld_bh_c, (const S*)_p_bh_r, _ld_bh_r, (const S*)_p_bh_u, _ld_bh_u, (const S*)_p_bx_c, _ld_bx_c, (const S*)_p_bx_r, _ld_bx_r, (const S*)_p_bx_u, _ld_bx_u, (const S*)_p_gh_c, _ld_gh_c, (const S*)_p_gh_r, _ld_gh_r, (const S*)_p_gh_u, _ld_gh_u, (const S*)_p_gx_c, _ld_gx_c, (const S*)_p_gx_r, _ld_gx_r, (const S*)_p_gx_u, _ld_gx_u, (const S*)_p_h, _ld_h, (const S*)_p_inv_n_H, _ld_inv_n_H, (const S*)_p_mean, _ld_mean, (const S*)_p_mean_3, _ld_mean_3, (const S*)_p_mean_5, _ld_mean_5, (const S*)_p_rstd, _ld_rstd, (const S*)_p_rstd_3, _ld_rstd_3, (const S*)_p_rstd_5, _ld_rstd_5, (S*)_p_mean_2, _ld_mean_2, (S*)_p_var_2, _ld_var_2, (S*)_p_rstd_2, _ld_rstd_2, (S*)_p_r, _ld_r, (S*)_p_mean_4, _ld_mean_4, (S*)_p_var_4, _ld_var_4, (S*)_p_rstd_4, _ld_rstd_4, (S*)_p_u, _ld_u, (S*)_p_mean_6, _ld_mean_6, (S*)_p_var_6, _ld_var_6, (S*)_p_rstd_6, _ld_rstd_6, (S*)_p_c, _ld_c, (S*)_p_h_next, _ld_h_next);
     return (int)cudaGetLastError();
 }
 #else
 template <typename S>
-static inline void layer_norm_gru_forward_fwd1_rows_host(int64_t _rows, int64_t n_H, const S* __restrict__ _p_U_c_h, int64_t _ld_U_c_h, const S* __restrict__ _p_U_r_h, int64_t _ld_U_r_h, const S* __restrict__ _p_U_u_h, int64_t _ld_U_u_h, const S* __restrict__ _p_W_c_x, int64_t _ld_W_c_x, const S* __restrict__ _p_W_r_x, int64_t _ld_W_r_x, const S* __restrict__ _p_W_u_x, int64_t _ld_W_u_x, const S* __restrict__ _p_bh_c, int64_t _ld_bh_c, const S* __restrict__ _p_bh_r, int64_t _ld_bh_r, const S* __restrict__ _p_bh_u, int64_t _ld_bh_u, const S* __restrict__ _p_bx_c, int64_t _ld_bx_c, const S* __restrict__ _p_bx_r, int64_t _ld_bx_r, const S* __restrict__ _p_bx_u, int64_t _ld_bx_u, const S* __restrict__ _p_gh_c, int64_t _ld_gh_c, const S* __restrict__ _p_gh_r, int64_t _ld_gh_r, const S* __restrict__ _p_gh_u, int64_t _ld_gh_u, const S* __restrict__ _p_gx_c, int64_t _ld_gx_c, const S* __restrict__ _p_gx_r, int64_t _ld_gx_r, const S* __restrict__ _p_gx_u, int64_t _ld_gx_u, const S* __restrict__ _p_h, int64_t _ld_h, const S* __restrict__ _p_inv_n_H, int64_t _ld_inv_n_H, const S* __restrict__ _p_mean, int64_t _ld_mean, const S* __restrict__ _p_mean_5, int64_t _ld_mean_5, const S* __restrict__ _p_mean_9, int64_t _ld_mean_9, const S* __restrict__ _p_rstd, int64_t _ld_rstd, const S* __restrict__ _p_rstd_3, int64_t _ld_rstd_3, const S* __restrict__ _p_rstd_5, int64_t _ld_rstd_5, S* __restrict__ _p_mean_3, int64_t _ld_mean_3, S* __restrict__ _p_mean_4, int64_t _ld_mean_4, S* __restrict__ _p_rstd_2, int64_t _ld_rstd_2, S* __restrict__ _p_r, int64_t _ld_r, S* __restrict__ _p_mean_7, int64_t _ld_mean_7, S* __restrict__ _p_mean_8, int64_t _ld_mean_8, S* __restrict__ _p_rstd_4, int64_t _ld_rstd_4, S* __restrict__ _p_u, int64_t _ld_u, S* __restrict__ _p_mean_11, int64_t _ld_mean_11, S* __restrict__ _p_mean_12, int64_t _ld_mean_12, S* __restrict__ _p_rstd_6, int64_t _ld_rstd_6, S* __restrict__ _p_c, int64_t _ld_c, S* __restrict__ _p_h_next, int64_t _ld_h_next)
+static inline void layer_norm_gru_forward_fwd1_rows_host(int64_t _rows, int64_t n_H, const S* __restrict__ _p_U_c_h, int64_t _ld_U_c_h, const S* __restrict__ _p_U_r_h, int64_t _ld_U_r_h, const S* __restrict__ _p_U_u_h, int64_t _ld_U_u_h, const S* __restrict__ _p_W_c_x, int64_t _ld_W_c_x, const S* __restrict__ _p_W_r_x, int64_t _ld_W_r_x, const S* __restrict__ _p_W_u_x, int64_t _ld_W_u_x, const S* __restrict__ _p_bh_c, int64_t _ld_bh_c, const S* __restrict__ _p_bh_r, int64_t _ld_bh_r, const S* __restrict__ _p_bh_u, int64_t _ld_bh_u, const S* __restrict__ _p_bx_c, int64_t _ld_bx_c, const S* __restrict__ _p_bx_r, int64_t _ld_bx_r, const S* __restrict__ _p_bx_u, int64_t _ld_bx_u, const S* __restrict__ _p_gh_c, int64_t _ld_gh_c, const S* __restrict__ _p_gh_r, int64_t _ld_gh_r, const S* __restrict__ _p_gh_u, int64_t _ld_gh_u, const S* __restrict__ _p_gx_c, int64_t _ld_gx_c, const S* __restrict__ _p_gx_r, int64_t _ld_gx_r, const S* __restrict__ _p_gx_u, int64_t _ld_gx_u, const S* __restrict__ _p_h, int64_t _ld_h, const S* __restrict__ _p_inv_n_H, int64_t _ld_inv_n_H, const S* __restrict__ _p_mean, int64_t _ld_mean, const S* __restrict__ _p_mean_3, int64_t _ld_mean_3, const S* __restrict__ _p_mean_5, int64_t _ld_mean_5, const S* __restrict__ _p_rstd, int64_t _ld_rstd, const S* __restrict__ _p_rstd_3, int64_t _ld_rstd_3, const S* __restrict__ _p_rstd_5, int64_t _ld_rstd_5, S* __restrict__ _p_mean_2, int64_t _ld_mean_2, S* __restrict__ _p_var_2, int64_t _ld_var_2, S* __restrict__ _p_rstd_2, int64_t _ld_rstd_2, S* __restrict__ _p_r, int64_t _ld_r, S* __restrict__ _p_mean_4, int64_t _ld_mean_4, S* __restrict__ _p_var_4, int64_t _ld_var_4, S* __restrict__ _p_rstd_4, int64_t _ld_rstd_4, S* __restrict__ _p_u, int64_t _ld_u, S* __restrict__ _p_mean_6, int64_t _ld_mean_6, S* __restrict__ _p_var_6, int64_t _ld_var_6, S* __restrict__ _p_rstd_6, int64_t _ld_rstd_6, S* __restrict__ _p_c, int64_t _ld_c, S* __restrict__ _p_h_next, int64_t _ld_h_next)
 {
 #pragma omp parallel for schedule(static) if (_rows * (n_H) >= 2048)
     for (int64_t _r = 0; _r < _rows; ++_r)
-        layer_norm_gru_forward_fwd1_rows_row<S, S>(_r, 0, 1, n_H, _p_U_c_h, _ld_U_c_h, _p_U_r_h, _ld_U_r_h, _p_U_u_h, _ld_U_u_h, _p_W_c_x, _ld_W_c_x, _p_W_r_x, _ld_W_r_x, _p_W_u_x, _ld_W_u_x, _p_bh_c, _ld_bh_c, _p_bh_r, _ld_bh_r, _p_bh_u, _ld_bh_u, _p_bx_c, _ld_bx_c, _p_bx_r, _ld_bx_r, _p_bx_u, _ld_bx_u, _p_gh_c, _ld_gh_c, _p_gh_r, _ld_gh_r, _p_gh_u, _ld_gh_u, _p_gx_c, _ld_gx_c, _p_gx_r, _ld_gx_r, _p_gx_u, _ld_gx_u, _p_h, _ld_h, _p_inv_n_H, _ld_inv_n_H, _p_mean, _ld_mean, _p_mean_5, _ld_mean_5, _p_mean_9, _ld_mean_9, _p_rstd, _ld_rstd, _p_rstd_3, _ld_rstd_3, _p_rstd_5, _ld_rstd_5, _p_mean_3, _ld_mean_3, _p_mean_4, _ld_mean_4, _p_rstd_2, _ld_rstd_2, _p_r, _ld_r, _p_mean_7, _ld_mean_7, _p_mean_8, _ld_mean_8, _p_rstd_4, _ld_rstd_4, _p_u, _ld_u, _p_mean_11, _ld_mean_11, _p_mean_12, _ld_mean_12, _p_rstd_6, _ld_rstd_6, _p_c, _ld_c, _p_h_next, _ld_h_next);
+        layer_norm_gru_forward_fwd1_rows_row<S, S>(_r, 0, 1, n_H, _p_U_c_h, _ld_U_c_h, _p_U_r_h, _ld_U_r_h, _p_U_u_h, _ld_U_u_h, _p_W_c_x, _ld_W_c_x, _p_W_r_x, _ld_W_r_x, _p_W_u_x, _ld_W_u_x, _p_bh_c, _ld_bh_c, _p_bh_r, _ld_bh_r, _p_bh_u, _ld_bh_u, _p_bx_c, _ld_bx_c, _p_bx_r, _ld_bx_r, _p_bx_u, _ld_bx_u, _p_gh_c, _ld_gh_c, _p_gh_r, _ld_gh_r, _p_gh_u, _ld_gh_u, _p_gx_c, _ld_gx_c, _p_gx_r, _ld_gx_r, _p_gx_u, _ld_gx_u, _p_h, _ld_h, _p_inv_n_H, _ld_inv_n_H, _p_mean, _ld_mean, _p_mean_3, _ld_mean_3, _p_mean_5, _ld_mean_5, _p_rstd, _ld_rstd, _p_rstd_3, _ld_rstd_3, _p_rstd_5, _ld_rstd_5, _p_mean_2, _ld_mean_2, _p_var_2, _ld_var_2, _p_rstd_2, _ld_rstd_2, _p_r, _ld_r, _p_mean_4, _ld_mean_4, _p_var_4, _ld_var_4, _p_rstd_4, _ld_rstd_4, _p_u, _ld_u, _p_mean_6, _ld_mean_6, _p_var_6, _ld_var_6, _p_rstd_6, _ld_rstd_6, _p_c, _ld_c, _p_h_next, _ld_h_next);
 }
 #endif
 
@@ -609,7 +609,7 @@ static inline void layer_norm_gru_forward_fwd1_rows_host(int64_t _rows, int64_t 
 // layer_norm_gru_inference_fwd0_rows: inference: stage 0 forward, row by row (reductions over the units)
 // =============================================================================================
 template <typename S, typename real>
-CS_ROWFN inline void layer_norm_gru_inference_fwd0_rows_row(int64_t _r, int64_t _j0, int64_t _dj, int64_t n_H, const S* __restrict__ _p_W_c_x, int64_t _ld_W_c_x, const S* __restrict__ _p_W_r_x, int64_t _ld_W_r_x, const S* __restrict__ _p_W_u_x, int64_t _ld_W_u_x, const S* __restrict__ _p_inv_n_H, int64_t _ld_inv_n_H, S* __restrict__ _p_mean, int64_t _ld_mean, S* __restrict__ _p_rstd, int64_t _ld_rstd, S* __restrict__ _p_mean_5, int64_t _ld_mean_5, S* __restrict__ _p_rstd_3, int64_t _ld_rstd_3, S* __restrict__ _p_mean_9, int64_t _ld_mean_9, S* __restrict__ _p_rstd_5, int64_t _ld_rstd_5)
+CS_ROWFN inline void layer_norm_gru_inference_fwd0_rows_row(int64_t _r, int64_t _j0, int64_t _dj, int64_t n_H, const S* __restrict__ _p_W_c_x, int64_t _ld_W_c_x, const S* __restrict__ _p_W_r_x, int64_t _ld_W_r_x, const S* __restrict__ _p_W_u_x, int64_t _ld_W_u_x, const S* __restrict__ _p_inv_n_H, int64_t _ld_inv_n_H, S* __restrict__ _p_mean, int64_t _ld_mean, S* __restrict__ _p_rstd, int64_t _ld_rstd, S* __restrict__ _p_mean_3, int64_t _ld_mean_3, S* __restrict__ _p_rstd_3, int64_t _ld_rstd_3, S* __restrict__ _p_mean_5, int64_t _ld_mean_5, S* __restrict__ _p_rstd_5, int64_t _ld_rstd_5)
 {
     (void)n_H;
     real _acc0 = real(0);
@@ -637,65 +637,65 @@ CS_ROWFN inline void layer_norm_gru_inference_fwd0_rows_row(int64_t _r, int64_t 
         _acc3 += inv_n_H*((W_r_x - mean)*(W_r_x - mean));
     }
     _acc3 = CS_ROW_SUM(_acc3);
-    const real mean_2 = _acc3;  // layer_norm_gru.cell:16  r = sigmoid(ln(W_r @ x, gx_r, bx_r) + ln(U_r @ h, gh_r, bh_r))
-    const real rstd = (real(1.0)/cs_sqrt(mean_2 + real(1e-05)));  // layer_norm_gru.cell:16  r = sigmoid(ln(W_r @ x, gx_r, bx_r) + ln(U_r @ h, gh_r, bh_r))
-    const real mean_5 = _acc1;  // layer_norm_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
+    const real var = _acc3;  // layer_norm_gru.cell:16  r = sigmoid(ln(W_r @ x, gx_r, bx_r) + ln(U_r @ h, gh_r, bh_r))
+    const real rstd = (real(1.0)/cs_sqrt(var + real(1e-05)));  // layer_norm_gru.cell:16  r = sigmoid(ln(W_r @ x, gx_r, bx_r) + ln(U_r @ h, gh_r, bh_r))
+    const real mean_3 = _acc1;  // layer_norm_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
     real _acc4 = real(0);
     CS_SIMD_SUM(_acc4)
     for (int64_t _j = _j0; _j < n_H; _j += _dj) {
         const real W_u_x = CS_LD(_p_W_u_x[_r * _ld_W_u_x + _j]);
         const real inv_n_H = CS_LD(_p_inv_n_H[_r * _ld_inv_n_H + _j]);
-        _acc4 += inv_n_H*((W_u_x - mean_5)*(W_u_x - mean_5));
+        _acc4 += inv_n_H*((W_u_x - mean_3)*(W_u_x - mean_3));
     }
     _acc4 = CS_ROW_SUM(_acc4);
-    const real mean_6 = _acc4;  // layer_norm_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
-    const real rstd_3 = (real(1.0)/cs_sqrt(mean_6 + real(1e-05)));  // layer_norm_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
-    const real mean_9 = _acc2;  // layer_norm_gru.cell:18  c = tanh(ln(W_c @ x, gx_c, bx_c) + r * ln(U_c @ h, gh_c, bh_c))
+    const real var_3 = _acc4;  // layer_norm_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
+    const real rstd_3 = (real(1.0)/cs_sqrt(var_3 + real(1e-05)));  // layer_norm_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
+    const real mean_5 = _acc2;  // layer_norm_gru.cell:18  c = tanh(ln(W_c @ x, gx_c, bx_c) + r * ln(U_c @ h, gh_c, bh_c))
     real _acc5 = real(0);
     CS_SIMD_SUM(_acc5)
     for (int64_t _j = _j0; _j < n_H; _j += _dj) {
         const real W_c_x = CS_LD(_p_W_c_x[_r * _ld_W_c_x + _j]);
         const real inv_n_H = CS_LD(_p_inv_n_H[_r * _ld_inv_n_H + _j]);
-        _acc5 += inv_n_H*((W_c_x - mean_9)*(W_c_x - mean_9));
+        _acc5 += inv_n_H*((W_c_x - mean_5)*(W_c_x - mean_5));
     }
     _acc5 = CS_ROW_SUM(_acc5);
-    const real mean_10 = _acc5;  // layer_norm_gru.cell:18  c = tanh(ln(W_c @ x, gx_c, bx_c) + r * ln(U_c @ h, gh_c, bh_c))
-    const real rstd_5 = (real(1.0)/cs_sqrt(mean_10 + real(1e-05)));  // layer_norm_gru.cell:18  c = tanh(ln(W_c @ x, gx_c, bx_c) + r * ln(U_c @ h, gh_c, bh_c))
+    const real var_5 = _acc5;  // layer_norm_gru.cell:18  c = tanh(ln(W_c @ x, gx_c, bx_c) + r * ln(U_c @ h, gh_c, bh_c))
+    const real rstd_5 = (real(1.0)/cs_sqrt(var_5 + real(1e-05)));  // layer_norm_gru.cell:18  c = tanh(ln(W_c @ x, gx_c, bx_c) + r * ln(U_c @ h, gh_c, bh_c))
     if (_j0 == 0) CS_ST(_p_mean[_r * _ld_mean], mean);
     if (_j0 == 0) CS_ST(_p_rstd[_r * _ld_rstd], rstd);
-    if (_j0 == 0) CS_ST(_p_mean_5[_r * _ld_mean_5], mean_5);
+    if (_j0 == 0) CS_ST(_p_mean_3[_r * _ld_mean_3], mean_3);
     if (_j0 == 0) CS_ST(_p_rstd_3[_r * _ld_rstd_3], rstd_3);
-    if (_j0 == 0) CS_ST(_p_mean_9[_r * _ld_mean_9], mean_9);
+    if (_j0 == 0) CS_ST(_p_mean_5[_r * _ld_mean_5], mean_5);
     if (_j0 == 0) CS_ST(_p_rstd_5[_r * _ld_rstd_5], rstd_5);
 }
 
 #ifdef __CUDACC__
 template <typename S>
-__global__ void layer_norm_gru_inference_fwd0_rows_kernel(int64_t _rows, int64_t n_H, const S* __restrict__ _p_W_c_x, int64_t _ld_W_c_x, const S* __restrict__ _p_W_r_x, int64_t _ld_W_r_x, const S* __restrict__ _p_W_u_x, int64_t _ld_W_u_x, const S* __restrict__ _p_inv_n_H, int64_t _ld_inv_n_H, S* __restrict__ _p_mean, int64_t _ld_mean, S* __restrict__ _p_rstd, int64_t _ld_rstd, S* __restrict__ _p_mean_5, int64_t _ld_mean_5, S* __restrict__ _p_rstd_3, int64_t _ld_rstd_3, S* __restrict__ _p_mean_9, int64_t _ld_mean_9, S* __restrict__ _p_rstd_5, int64_t _ld_rstd_5)
+__global__ void layer_norm_gru_inference_fwd0_rows_kernel(int64_t _rows, int64_t n_H, const S* __restrict__ _p_W_c_x, int64_t _ld_W_c_x, const S* __restrict__ _p_W_r_x, int64_t _ld_W_r_x, const S* __restrict__ _p_W_u_x, int64_t _ld_W_u_x, const S* __restrict__ _p_inv_n_H, int64_t _ld_inv_n_H, S* __restrict__ _p_mean, int64_t _ld_mean, S* __restrict__ _p_rstd, int64_t _ld_rstd, S* __restrict__ _p_mean_3, int64_t _ld_mean_3, S* __restrict__ _p_rstd_3, int64_t _ld_rstd_3, S* __restrict__ _p_mean_5, int64_t _ld_mean_5, S* __restrict__ _p_rstd_5, int64_t _ld_rstd_5)
 {
     typedef typename cs_math<S>::type M;
     for (int64_t _r = blockIdx.x; _r < _rows; _r += gridDim.x)
-        layer_norm_gru_inference_fwd0_rows_row<S, M>(_r, threadIdx.x, blockDim.x, n_H, _p_W_c_x, _ld_W_c_x, _p_W_r_x, _ld_W_r_x, _p_W_u_x, _ld_W_u_x, _p_inv_n_H, _ld_inv_n_H, _p_mean, _ld_mean, _p_rstd, _ld_rstd, _p_mean_5, _ld_mean_5, _p_rstd_3, _ld_rstd_3, _p_mean_9, _ld_mean_9, _p_rstd_5, _ld_rstd_5);
+        layer_norm_gru_inference_fwd0_rows_row<S, M>(_r, threadIdx.x, blockDim.x, n_H, _p_W_c_x, _ld_W_c_x, _p_W_r_x, _ld_W_r_x, _p_W_u_x, _ld_W_u_x, _p_inv_n_H, _ld_inv_n_H, _p_mean, _ld_mean, _p_rstd, _ld_rstd, _p_mean_3, _ld_mean_3, _p_rstd_3, _ld_rstd_3, _p_mean_5, _ld_mean_5, _p_rstd_5, _ld_rstd_5);
 }
 
 template <typename S>
-static int layer_norm_gru_inference_fwd0_rows_launch(int64_t _rows, int64_t n_H, const void* _p_W_c_x, int64_t _ld_W_c_x, const void* _p_W_r_x, int64_t _ld_W_r_x, const void* _p_W_u_x, int64_t _ld_W_u_x, const void* _p_inv_n_H, int64_t _ld_inv_n_H, void* _p_mean, int64_t _ld_mean, void* _p_rstd, int64_t _ld_rstd, void* _p_mean_5, int64_t _ld_mean_5, void* _p_rstd_3, int64_t _ld_rstd_3, void* _p_mean_9, int64_t _ld_mean_9, void* _p_rstd_5, int64_t _ld_rstd_5, void* _stream)
+static int layer_norm_gru_inference_fwd0_rows_launch(int64_t _rows, int64_t n_H, const void* _p_W_c_x, int64_t _ld_W_c_x, const void* _p_W_r_x, int64_t _ld_W_r_x, const void* _p_W_u_x, int64_t _ld_W_u_x, const void* _p_inv_n_H, int64_t _ld_inv_n_H, void* _p_mean, int64_t _ld_mean, void* _p_rstd, int64_t _ld_rstd, void* _p_mean_3, int64_t _ld_mean_3, void* _p_rstd_3, int64_t _ld_rstd_3, void* _p_mean_5, int64_t _ld_mean_5, void* _p_rstd_5, int64_t _ld_rstd_5, void* _stream)
 {
     if (_rows <= 0) return 0;
     int64_t _cols = 1;
     if (n_H > _cols) _cols = n_H;
     dim3 _grid, _block;
     cs_row_grid(_rows, _cols, &_grid, &_block);
-    layer_norm_gru_inference_fwd0_rows_kernel<S><<<_grid, _block, 0, (cudaStream_t)_stream>>>(_rows, n_H, (const S*)_p_W_c_x, _ld_W_c_x, (const S*)_p_W_r_x, _ld_W_r_x, (const S*)_p_W_u_x, _ld_W_u_x, (const S*)_p_inv_n_H, _ld_inv_n_H, (S*)_p_mean, _ld_mean, (S*)_p_rstd, _ld_rstd, (S*)_p_mean_5, _ld_mean_5, (S*)_p_rstd_3, _ld_rstd_3, (S*)_p_mean_9, _ld_mean_9, (S*)_p_rstd_5, _ld_rstd_5);
+    layer_norm_gru_inference_fwd0_rows_kernel<S><<<_grid, _block, 0, (cudaStream_t)_stream>>>(_rows, n_H, (const S*)_p_W_c_x, _ld_W_c_x, (const S*)_p_W_r_x, _ld_W_r_x, (const S*)_p_W_u_x, _ld_W_u_x, (const S*)_p_inv_n_H, _ld_inv_n_H, (S*)_p_mean, _ld_mean, (S*)_p_rstd, _ld_rstd, (S*)_p_mean_3, _ld_mean_3, (S*)_p_rstd_3, _ld_rstd_3, (S*)_p_mean_5, _ld_mean_5, (S*)_p_rstd_5, _ld_rstd_5);
     return (int)cudaGetLastError();
 }
 #else
 template <typename S>
-static inline void layer_norm_gru_inference_fwd0_rows_host(int64_t _rows, int64_t n_H, const S* __restrict__ _p_W_c_x, int64_t _ld_W_c_x, const S* __restrict__ _p_W_r_x, int64_t _ld_W_r_x, const S* __restrict__ _p_W_u_x, int64_t _ld_W_u_x, const S* __restrict__ _p_inv_n_H, int64_t _ld_inv_n_H, S* __restrict__ _p_mean, int64_t _ld_mean, S* __restrict__ _p_rstd, int64_t _ld_rstd, S* __restrict__ _p_mean_5, int64_t _ld_mean_5, S* __restrict__ _p_rstd_3, int64_t _ld_rstd_3, S* __restrict__ _p_mean_9, int64_t _ld_mean_9, S* __restrict__ _p_rstd_5, int64_t _ld_rstd_5)
+static inline void layer_norm_gru_inference_fwd0_rows_host(int64_t _rows, int64_t n_H, const S* __restrict__ _p_W_c_x, int64_t _ld_W_c_x, const S* __restrict__ _p_W_r_x, int64_t _ld_W_r_x, const S* __restrict__ _p_W_u_x, int64_t _ld_W_u_x, const S* __restrict__ _p_inv_n_H, int64_t _ld_inv_n_H, S* __restrict__ _p_mean, int64_t _ld_mean, S* __restrict__ _p_rstd, int64_t _ld_rstd, S* __restrict__ _p_mean_3, int64_t _ld_mean_3, S* __restrict__ _p_rstd_3, int64_t _ld_rstd_3, S* __restrict__ _p_mean_5, int64_t _ld_mean_5, S* __restrict__ _p_rstd_5, int64_t _ld_rstd_5)
 {
 #pragma omp parallel for schedule(static) if (_rows * (n_H) >= 2048)
     for (int64_t _r = 0; _r < _rows; ++_r)
-        layer_norm_gru_inference_fwd0_rows_row<S, S>(_r, 0, 1, n_H, _p_W_c_x, _ld_W_c_x, _p_W_r_x, _ld_W_r_x, _p_W_u_x, _ld_W_u_x, _p_inv_n_H, _ld_inv_n_H, _p_mean, _ld_mean, _p_rstd, _ld_rstd, _p_mean_5, _ld_mean_5, _p_rstd_3, _ld_rstd_3, _p_mean_9, _ld_mean_9, _p_rstd_5, _ld_rstd_5);
+        layer_norm_gru_inference_fwd0_rows_row<S, S>(_r, 0, 1, n_H, _p_W_c_x, _ld_W_c_x, _p_W_r_x, _ld_W_r_x, _p_W_u_x, _ld_W_u_x, _p_inv_n_H, _ld_inv_n_H, _p_mean, _ld_mean, _p_rstd, _ld_rstd, _p_mean_3, _ld_mean_3, _p_rstd_3, _ld_rstd_3, _p_mean_5, _ld_mean_5, _p_rstd_5, _ld_rstd_5);
 }
 #endif
 
@@ -703,12 +703,12 @@ static inline void layer_norm_gru_inference_fwd0_rows_host(int64_t _rows, int64_
 // layer_norm_gru_inference_fwd1_rows: inference: stage 1 forward, row by row (reductions over the units)
 // =============================================================================================
 template <typename S, typename real>
-CS_ROWFN inline void layer_norm_gru_inference_fwd1_rows_row(int64_t _r, int64_t _j0, int64_t _dj, int64_t n_H, const S* __restrict__ _p_U_c_h, int64_t _ld_U_c_h, const S* __restrict__ _p_U_r_h, int64_t _ld_U_r_h, const S* __restrict__ _p_U_u_h, int64_t _ld_U_u_h, const S* __restrict__ _p_W_c_x, int64_t _ld_W_c_x, const S* __restrict__ _p_W_r_x, int64_t _ld_W_r_x, const S* __restrict__ _p_W_u_x, int64_t _ld_W_u_x, const S* __restrict__ _p_bh_c, int64_t _ld_bh_c, const S* __restrict__ _p_bh_r, int64_t _ld_bh_r, const S* __restrict__ _p_bh_u, int64_t _ld_bh_u, const S* __restrict__ _p_bx_c, int64_t _ld_bx_c, const S* __restrict__ _p_bx_r, int64_t _ld_bx_r, const S* __restrict__ _p_bx_u, int64_t _ld_bx_u, const S* __restrict__ _p_gh_c, int64_t _ld_gh_c, const S* __restrict__ _p_gh_r, int64_t _ld_gh_r, const S* __restrict__ _p_gh_u, int64_t _ld_gh_u, const S* __restrict__ _p_gx_c, int64_t _ld_gx_c, const S* __restrict__ _p_gx_r, int64_t _ld_gx_r, const S* __restrict__ _p_gx_u, int64_t _ld_gx_u, const S* __restrict__ _p_h, int64_t _ld_h, const S* __restrict__ _p_inv_n_H, int64_t _ld_inv_n_H, const S* __restrict__ _p_mean, int64_t _ld_mean, const S* __restrict__ _p_mean_5, int64_t _ld_mean_5, const S* __restrict__ _p_mean_9, int64_t _ld_mean_9, const S* __restrict__ _p_rstd, int64_t _ld_rstd, const S* __restrict__ _p_rstd_3, int64_t _ld_rstd_3, const S* __restrict__ _p_rstd_5, int64_t _ld_rstd_5, S* __restrict__ _p_h_next, int64_t _ld_h_next)
+CS_ROWFN inline void layer_norm_gru_inference_fwd1_rows_row(int64_t _r, int64_t _j0, int64_t _dj, int64_t n_H, const S* __restrict__ _p_U_c_h, int64_t _ld_U_c_h, const S* __restrict__ _p_U_r_h, int64_t _ld_U_r_h, const S* __restrict__ _p_U_u_h, int64_t _ld_U_u_h, const S* __restrict__ _p_W_c_x, int64_t _ld_W_c_x, const S* __restrict__ _p_W_r_x, int64_t _ld_W_r_x, const S* __restrict__ _p_W_u_x, int64_t _ld_W_u_x, const S* __restrict__ _p_bh_c, int64_t _ld_bh_c, const S* __restrict__ _p_bh_r, int64_t _ld_bh_r, const S* __restrict__ _p_bh_u, int64_t _ld_bh_u, const S* __restrict__ _p_bx_c, int64_t _ld_bx_c, const S* __restrict__ _p_bx_r, int64_t _ld_bx_r, const S* __restrict__ _p_bx_u, int64_t _ld_bx_u, const S* __restrict__ _p_gh_c, int64_t _ld_gh_c, const S* __restrict__ _p_gh_r, int64_t _ld_gh_r, const S* __restrict__ _p_gh_u, int64_t _ld_gh_u, const S* __restrict__ _p_gx_c, int64_t _ld_gx_c, const S* __restrict__ _p_gx_r, int64_t _ld_gx_r, const S* __restrict__ _p_gx_u, int64_t _ld_gx_u, const S* __restrict__ _p_h, int64_t _ld_h, const S* __restrict__ _p_inv_n_H, int64_t _ld_inv_n_H, const S* __restrict__ _p_mean, int64_t _ld_mean, const S* __restrict__ _p_mean_3, int64_t _ld_mean_3, const S* __restrict__ _p_mean_5, int64_t _ld_mean_5, const S* __restrict__ _p_rstd, int64_t _ld_rstd, const S* __restrict__ _p_rstd_3, int64_t _ld_rstd_3, const S* __restrict__ _p_rstd_5, int64_t _ld_rstd_5, S* __restrict__ _p_h_next, int64_t _ld_h_next)
 {
     (void)n_H;
     const real mean = CS_LD(_p_mean[_r * _ld_mean]);
+    const real mean_3 = CS_LD(_p_mean_3[_r * _ld_mean_3]);
     const real mean_5 = CS_LD(_p_mean_5[_r * _ld_mean_5]);
-    const real mean_9 = CS_LD(_p_mean_9[_r * _ld_mean_9]);
     const real rstd = CS_LD(_p_rstd[_r * _ld_rstd]);
     const real rstd_3 = CS_LD(_p_rstd_3[_r * _ld_rstd_3]);
     const real rstd_5 = CS_LD(_p_rstd_5[_r * _ld_rstd_5]);
@@ -728,39 +728,39 @@ CS_ROWFN inline void layer_norm_gru_inference_fwd1_rows_row(int64_t _r, int64_t 
     _acc0 = CS_ROW_SUM(_acc0);
     _acc1 = CS_ROW_SUM(_acc1);
     _acc2 = CS_ROW_SUM(_acc2);
-    const real mean_3 = _acc0;  // layer_norm_gru.cell:16  r = sigmoid(ln(W_r @ x, gx_r, bx_r) + ln(U_r @ h, gh_r, bh_r))
+    const real mean_2 = _acc0;  // layer_norm_gru.cell:16  r = sigmoid(ln(W_r @ x, gx_r, bx_r) + ln(U_r @ h, gh_r, bh_r))
     real _acc3 = real(0);
     CS_SIMD_SUM(_acc3)
     for (int64_t _j = _j0; _j < n_H; _j += _dj) {
         const real U_r_h = CS_LD(_p_U_r_h[_r * _ld_U_r_h + _j]);
         const real inv_n_H = CS_LD(_p_inv_n_H[_r * _ld_inv_n_H + _j]);
-        _acc3 += inv_n_H*((U_r_h - mean_3)*(U_r_h - mean_3));
+        _acc3 += inv_n_H*((U_r_h - mean_2)*(U_r_h - mean_2));
     }
     _acc3 = CS_ROW_SUM(_acc3);
-    const real mean_4 = _acc3;  // layer_norm_gru.cell:16  r = sigmoid(ln(W_r @ x, gx_r, bx_r) + ln(U_r @ h, gh_r, bh_r))
-    const real rstd_2 = (real(1.0)/cs_sqrt(mean_4 + real(1e-05)));  // layer_norm_gru.cell:16  r = sigmoid(ln(W_r @ x, gx_r, bx_r) + ln(U_r @ h, gh_r, bh_r))
-    const real mean_7 = _acc1;  // layer_norm_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
+    const real var_2 = _acc3;  // layer_norm_gru.cell:16  r = sigmoid(ln(W_r @ x, gx_r, bx_r) + ln(U_r @ h, gh_r, bh_r))
+    const real rstd_2 = (real(1.0)/cs_sqrt(var_2 + real(1e-05)));  // layer_norm_gru.cell:16  r = sigmoid(ln(W_r @ x, gx_r, bx_r) + ln(U_r @ h, gh_r, bh_r))
+    const real mean_4 = _acc1;  // layer_norm_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
     real _acc4 = real(0);
     CS_SIMD_SUM(_acc4)
     for (int64_t _j = _j0; _j < n_H; _j += _dj) {
         const real U_u_h = CS_LD(_p_U_u_h[_r * _ld_U_u_h + _j]);
         const real inv_n_H = CS_LD(_p_inv_n_H[_r * _ld_inv_n_H + _j]);
-        _acc4 += inv_n_H*((U_u_h - mean_7)*(U_u_h - mean_7));
+        _acc4 += inv_n_H*((U_u_h - mean_4)*(U_u_h - mean_4));
     }
     _acc4 = CS_ROW_SUM(_acc4);
-    const real mean_8 = _acc4;  // layer_norm_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
-    const real rstd_4 = (real(1.0)/cs_sqrt(mean_8 + real(1e-05)));  // layer_norm_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
-    const real mean_11 = _acc2;  // layer_norm_gru.cell:18  c = tanh(ln(W_c @ x, gx_c, bx_c) + r * ln(U_c @ h, gh_c, bh_c))
+    const real var_4 = _acc4;  // layer_norm_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
+    const real rstd_4 = (real(1.0)/cs_sqrt(var_4 + real(1e-05)));  // layer_norm_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
+    const real mean_6 = _acc2;  // layer_norm_gru.cell:18  c = tanh(ln(W_c @ x, gx_c, bx_c) + r * ln(U_c @ h, gh_c, bh_c))
     real _acc5 = real(0);
     CS_SIMD_SUM(_acc5)
     for (int64_t _j = _j0; _j < n_H; _j += _dj) {
         const real U_c_h = CS_LD(_p_U_c_h[_r * _ld_U_c_h + _j]);
         const real inv_n_H = CS_LD(_p_inv_n_H[_r * _ld_inv_n_H + _j]);
-        _acc5 += inv_n_H*((U_c_h - mean_11)*(U_c_h - mean_11));
+        _acc5 += inv_n_H*((U_c_h - mean_6)*(U_c_h - mean_6));
     }
     _acc5 = CS_ROW_SUM(_acc5);
-    const real mean_12 = _acc5;  // layer_norm_gru.cell:18  c = tanh(ln(W_c @ x, gx_c, bx_c) + r * ln(U_c @ h, gh_c, bh_c))
-    const real rstd_6 = (real(1.0)/cs_sqrt(mean_12 + real(1e-05)));  // layer_norm_gru.cell:18  c = tanh(ln(W_c @ x, gx_c, bx_c) + r * ln(U_c @ h, gh_c, bh_c))
+    const real var_6 = _acc5;  // layer_norm_gru.cell:18  c = tanh(ln(W_c @ x, gx_c, bx_c) + r * ln(U_c @ h, gh_c, bh_c))
+    const real rstd_6 = (real(1.0)/cs_sqrt(var_6 + real(1e-05)));  // layer_norm_gru.cell:18  c = tanh(ln(W_c @ x, gx_c, bx_c) + r * ln(U_c @ h, gh_c, bh_c))
     CS_SIMD
     for (int64_t _j = _j0; _j < n_H; _j += _dj) {
         const real U_c_h = CS_LD(_p_U_c_h[_r * _ld_U_c_h + _j]);
@@ -782,9 +782,9 @@ CS_ROWFN inline void layer_norm_gru_inference_fwd1_rows_row(int64_t _r, int64_t 
         const real gx_r = CS_LD(_p_gx_r[_r * _ld_gx_r + _j]);
         const real gx_u = CS_LD(_p_gx_u[_r * _ld_gx_u + _j]);
         const real h = CS_LD(_p_h[_r * _ld_h + _j]);
-        const real r = cs_sigmoid(bh_r + bx_r + gh_r*rstd_2*(U_r_h - mean_3) + gx_r*rstd*(W_r_x - mean));  // layer_norm_gru.cell:16  r = sigmoid(ln(W_r @ x, gx_r, bx_r) + ln(U_r @ h, gh_r, bh_r))
-        const real u = cs_sigmoid(bh_u + bx_u + gh_u*rstd_4*(U_u_h - mean_7) + gx_u*rstd_3*(W_u_x - mean_5));  // layer_norm_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
-        const real c = cs_tanh(bx_c + gx_c*rstd_5*(W_c_x - mean_9) + r*(bh_c + gh_c*rstd_6*(U_c_h - mean_11)));  // layer_norm_gru.cell:18  c = tanh(ln(W_c @ x, gx_c, bx_c) + r * ln(U_c @ h, gh_c, bh_c))
+        const real r = cs_sigmoid(bh_r + bx_r + gh_r*rstd_2*(U_r_h - mean_2) + gx_r*rstd*(W_r_x - mean));  // layer_norm_gru.cell:16  r = sigmoid(ln(W_r @ x, gx_r, bx_r) + ln(U_r @ h, gh_r, bh_r))
+        const real u = cs_sigmoid(bh_u + bx_u + gh_u*rstd_4*(U_u_h - mean_4) + gx_u*rstd_3*(W_u_x - mean_3));  // layer_norm_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
+        const real c = cs_tanh(bx_c + gx_c*rstd_5*(W_c_x - mean_5) + r*(bh_c + gh_c*rstd_6*(U_c_h - mean_6)));  // layer_norm_gru.cell:18  c = tanh(ln(W_c @ x, gx_c, bx_c) + r * ln(U_c @ h, gh_c, bh_c))
         const real h_next = c*(real(1.0) - u) + h*u;  // layer_norm_gru.cell:19  h' = u * h + (1 - u) * c
         CS_ST(_p_h_next[_r * _ld_h_next + _j], h_next);
     }
@@ -792,31 +792,31 @@ CS_ROWFN inline void layer_norm_gru_inference_fwd1_rows_row(int64_t _r, int64_t 
 
 #ifdef __CUDACC__
 template <typename S>
-__global__ void layer_norm_gru_inference_fwd1_rows_kernel(int64_t _rows, int64_t n_H, const S* __restrict__ _p_U_c_h, int64_t _ld_U_c_h, const S* __restrict__ _p_U_r_h, int64_t _ld_U_r_h, const S* __restrict__ _p_U_u_h, int64_t _ld_U_u_h, const S* __restrict__ _p_W_c_x, int64_t _ld_W_c_x, const S* __restrict__ _p_W_r_x, int64_t _ld_W_r_x, const S* __restrict__ _p_W_u_x, int64_t _ld_W_u_x, const S* __restrict__ _p_bh_c, int64_t _ld_bh_c, const S* __restrict__ _p_bh_r, int64_t _ld_bh_r, const S* __restrict__ _p_bh_u, int64_t _ld_bh_u, const S* __restrict__ _p_bx_c, int64_t _ld_bx_c, const S* __restrict__ _p_bx_r, int64_t _ld_bx_r, const S* __restrict__ _p_bx_u, int64_t _ld_bx_u, const S* __restrict__ _p_gh_c, int64_t _ld_gh_c, const S* __restrict__ _p_gh_r, int64_t _ld_gh_r, const S* __restrict__ _p_gh_u, int64_t _ld_gh_u, const S* __restrict__ _p_gx_c, int64_t _ld_gx_c, const S* __restrict__ _p_gx_r, int64_t _ld_gx_r, const S* __restrict__ _p_gx_u, int64_t _ld_gx_u, const S* __restrict__ _p_h, int64_t _ld_h, const S* __restrict__ _p_inv_n_H, int64_t _ld_inv_n_H, const S* __restrict__ _p_mean, int64_t _ld_mean, const S* __restrict__ _p_mean_5, int64_t _ld_mean_5, const S* __restrict__ _p_mean_9, int64_t _ld_mean_9, const S* __restrict__ _p_rstd, int64_t _ld_rstd, const S* __restrict__ _p_rstd_3, int64_t _ld_rstd_3, const S* __restrict__ _p_rstd_5, int64_t _ld_rstd_5, S* __restrict__ _p_h_next, int64_t _ld_h_next)
+__global__ void layer_norm_gru_inference_fwd1_rows_kernel(int64_t _rows, int64_t n_H, const S* __restrict__ _p_U_c_h, int64_t _ld_U_c_h, const S* __restrict__ _p_U_r_h, int64_t _ld_U_r_h, const S* __restrict__ _p_U_u_h, int64_t _ld_U_u_h, const S* __restrict__ _p_W_c_x, int64_t _ld_W_c_x, const S* __restrict__ _p_W_r_x, int64_t _ld_W_r_x, const S* __restrict__ _p_W_u_x, int64_t _ld_W_u_x, const S* __restrict__ _p_bh_c, int64_t _ld_bh_c, const S* __restrict__ _p_bh_r, int64_t _ld_bh_r, const S* __restrict__ _p_bh_u, int64_t _ld_bh_u, const S* __restrict__ _p_bx_c, int64_t _ld_bx_c, const S* __restrict__ _p_bx_r, int64_t _ld_bx_r, const S* __restrict__ _p_bx_u, int64_t _ld_bx_u, const S* __restrict__ _p_gh_c, int64_t _ld_gh_c, const S* __restrict__ _p_gh_r, int64_t _ld_gh_r, const S* __restrict__ _p_gh_u, int64_t _ld_gh_u, const S* __restrict__ _p_gx_c, int64_t _ld_gx_c, const S* __restrict__ _p_gx_r, int64_t _ld_gx_r, const S* __restrict__ _p_gx_u, int64_t _ld_gx_u, const S* __restrict__ _p_h, int64_t _ld_h, const S* __restrict__ _p_inv_n_H, int64_t _ld_inv_n_H, const S* __restrict__ _p_mean, int64_t _ld_mean, const S* __restrict__ _p_mean_3, int64_t _ld_mean_3, const S* __restrict__ _p_mean_5, int64_t _ld_mean_5, const S* __restrict__ _p_rstd, int64_t _ld_rstd, const S* __restrict__ _p_rstd_3, int64_t _ld_rstd_3, const S* __restrict__ _p_rstd_5, int64_t _ld_rstd_5, S* __restrict__ _p_h_next, int64_t _ld_h_next)
 {
     typedef typename cs_math<S>::type M;
     for (int64_t _r = blockIdx.x; _r < _rows; _r += gridDim.x)
-        layer_norm_gru_inference_fwd1_rows_row<S, M>(_r, threadIdx.x, blockDim.x, n_H, _p_U_c_h, _ld_U_c_h, _p_U_r_h, _ld_U_r_h, _p_U_u_h, _ld_U_u_h, _p_W_c_x, _ld_W_c_x, _p_W_r_x, _ld_W_r_x, _p_W_u_x, _ld_W_u_x, _p_bh_c, _ld_bh_c, _p_bh_r, _ld_bh_r, _p_bh_u, _ld_bh_u, _p_bx_c, _ld_bx_c, _p_bx_r, _ld_bx_r, _p_bx_u, _ld_bx_u, _p_gh_c, _ld_gh_c, _p_gh_r, _ld_gh_r, _p_gh_u, _ld_gh_u, _p_gx_c, _ld_gx_c, _p_gx_r, _ld_gx_r, _p_gx_u, _ld_gx_u, _p_h, _ld_h, _p_inv_n_H, _ld_inv_n_H, _p_mean, _ld_mean, _p_mean_5, _ld_mean_5, _p_mean_9, _ld_mean_9, _p_rstd, _ld_rstd, _p_rstd_3, _ld_rstd_3, _p_rstd_5, _ld_rstd_5, _p_h_next, _ld_h_next);
+        layer_norm_gru_inference_fwd1_rows_row<S, M>(_r, threadIdx.x, blockDim.x, n_H, _p_U_c_h, _ld_U_c_h, _p_U_r_h, _ld_U_r_h, _p_U_u_h, _ld_U_u_h, _p_W_c_x, _ld_W_c_x, _p_W_r_x, _ld_W_r_x, _p_W_u_x, _ld_W_u_x, _p_bh_c, _ld_bh_c, _p_bh_r, _ld_bh_r, _p_bh_u, _ld_bh_u, _p_bx_c, _ld_bx_c, _p_bx_r, _ld_bx_r, _p_bx_u, _ld_bx_u, _p_gh_c, _ld_gh_c, _p_gh_r, _ld_gh_r, _p_gh_u, _ld_gh_u, _p_gx_c, _ld_gx_c, _p_gx_r, _ld_gx_r, _p_gx_u, _ld_gx_u, _p_h, _ld_h, _p_inv_n_H, _ld_inv_n_H, _p_mean, _ld_mean, _p_mean_3, _ld_mean_3, _p_mean_5, _ld_mean_5, _p_rstd, _ld_rstd, _p_rstd_3, _ld_rstd_3, _p_rstd_5, _ld_rstd_5, _p_h_next, _ld_h_next);
 }
 
 template <typename S>
-static int layer_norm_gru_inference_fwd1_rows_launch(int64_t _rows, int64_t n_H, const void* _p_U_c_h, int64_t _ld_U_c_h, const void* _p_U_r_h, int64_t _ld_U_r_h, const void* _p_U_u_h, int64_t _ld_U_u_h, const void* _p_W_c_x, int64_t _ld_W_c_x, const void* _p_W_r_x, int64_t _ld_W_r_x, const void* _p_W_u_x, int64_t _ld_W_u_x, const void* _p_bh_c, int64_t _ld_bh_c, const void* _p_bh_r, int64_t _ld_bh_r, const void* _p_bh_u, int64_t _ld_bh_u, const void* _p_bx_c, int64_t _ld_bx_c, const void* _p_bx_r, int64_t _ld_bx_r, const void* _p_bx_u, int64_t _ld_bx_u, const void* _p_gh_c, int64_t _ld_gh_c, const void* _p_gh_r, int64_t _ld_gh_r, const void* _p_gh_u, int64_t _ld_gh_u, const void* _p_gx_c, int64_t _ld_gx_c, const void* _p_gx_r, int64_t _ld_gx_r, const void* _p_gx_u, int64_t _ld_gx_u, const void* _p_h, int64_t _ld_h, const void* _p_inv_n_H, int64_t _ld_inv_n_H, const void* _p_mean, int64_t _ld_mean, const void* _p_mean_5, int64_t _ld_mean_5, const void* _p_mean_9, int64_t _ld_mean_9, const void* _p_rstd, int64_t _ld_rstd, const void* _p_rstd_3, int64_t _ld_rstd_3, const void* _p_rstd_5, int64_t _ld_rstd_5, void* _p_h_next, int64_t _ld_h_next, void* _stream)
+static int layer_norm_gru_inference_fwd1_rows_launch(int64_t _rows, int64_t n_H, const void* _p_U_c_h, int64_t _ld_U_c_h, const void* _p_U_r_h, int64_t _ld_U_r_h, const void* _p_U_u_h, int64_t _ld_U_u_h, const void* _p_W_c_x, int64_t _ld_W_c_x, const void* _p_W_r_x, int64_t _ld_W_r_x, const void* _p_W_u_x, int64_t _ld_W_u_x, const void* _p_bh_c, int64_t _ld_bh_c, const void* _p_bh_r, int64_t _ld_bh_r, const void* _p_bh_u, int64_t _ld_bh_u, const void* _p_bx_c, int64_t _ld_bx_c, const void* _p_bx_r, int64_t _ld_bx_r, const void* _p_bx_u, int64_t _ld_bx_u, const void* _p_gh_c, int64_t _ld_gh_c, const void* _p_gh_r, int64_t _ld_gh_r, const void* _p_gh_u, int64_t _ld_gh_u, const void* _p_gx_c, int64_t _ld_gx_c, const void* _p_gx_r, int64_t _ld_gx_r, const void* _p_gx_u, int64_t _ld_gx_u, const void* _p_h, int64_t _ld_h, const void* _p_inv_n_H, int64_t _ld_inv_n_H, const void* _p_mean, int64_t _ld_mean, const void* _p_mean_3, int64_t _ld_mean_3, const void* _p_mean_5, int64_t _ld_mean_5, const void* _p_rstd, int64_t _ld_rstd, const void* _p_rstd_3, int64_t _ld_rstd_3, const void* _p_rstd_5, int64_t _ld_rstd_5, void* _p_h_next, int64_t _ld_h_next, void* _stream)
 {
     if (_rows <= 0) return 0;
     int64_t _cols = 1;
     if (n_H > _cols) _cols = n_H;
     dim3 _grid, _block;
     cs_row_grid(_rows, _cols, &_grid, &_block);
-    layer_norm_gru_inference_fwd1_rows_kernel<S><<<_grid, _block, 0, (cudaStream_t)_stream>>>(_rows, n_H, (const S*)_p_U_c_h, _ld_U_c_h, (const S*)_p_U_r_h, _ld_U_r_h, (const S*)_p_U_u_h, _ld_U_u_h, (const S*)_p_W_c_x, _ld_W_c_x, (const S*)_p_W_r_x, _ld_W_r_x, (const S*)_p_W_u_x, _ld_W_u_x, (const S*)_p_bh_c, _ld_bh_c, (const S*)_p_bh_r, _ld_bh_r, (const S*)_p_bh_u, _ld_bh_u, (const S*)_p_bx_c, _ld_bx_c, (const S*)_p_bx_r, _ld_bx_r, (const S*)_p_bx_u, _ld_bx_u, (const S*)_p_gh_c, _ld_gh_c, (const S*)_p_gh_r, _ld_gh_r, (const S*)_p_gh_u, _ld_gh_u, (const S*)_p_gx_c, _ld_gx_c, (const S*)_p_gx_r, _ld_gx_r, (const S*)_p_gx_u, _ld_gx_u, (const S*)_p_h, _ld_h, (const S*)_p_inv_n_H, _ld_inv_n_H, (const S*)_p_mean, _ld_mean, (const S*)_p_mean_5, _ld_mean_5, (const S*)_p_mean_9, _ld_mean_9, (const S*)_p_rstd, _ld_rstd, (const S*)_p_rstd_3, _ld_rstd_3, (const S*)_p_rstd_5, _ld_rstd_5, (S*)_p_h_next, _ld_h_next);
+    layer_norm_gru_inference_fwd1_rows_kernel<S><<<_grid, _block, 0, (cudaStream_t)_stream>>>(_rows, n_H, (const S*)_p_U_c_h, _ld_U_c_h, (const S*)_p_U_r_h, _ld_U_r_h, (const S*)_p_U_u_h, _ld_U_u_h, (const S*)_p_W_c_x, _ld_W_c_x, (const S*)_p_W_r_x, _ld_W_r_x, (const S*)_p_W_u_x, _ld_W_u_x, (const S*)_p_bh_c, _ld_bh_c, (const S*)_p_bh_r, _ld_bh_r, (const S*)_p_bh_u, _ld_bh_u, (const S*)_p_bx_c, _ld_bx_c, (const S*)_p_bx_r, _ld_bx_r, (const S*)_p_bx_u, _ld_bx_u, (const S*)_p_gh_c, _ld_gh_c, (const S*)_p_gh_r, _ld_gh_r, (const S*)_p_gh_u, _ld_gh_u, (const S*)_p_gx_c, _ld_gx_c, (const S*)_p_gx_r, _ld_gx_r, (const S*)_p_gx_u, _ld_gx_u, (const S*)_p_h, _ld_h, (const S*)_p_inv_n_H, _ld_inv_n_H, (const S*)_p_mean, _ld_mean, (const S*)_p_mean_3, _ld_mean_3, (const S*)_p_mean_5, _ld_mean_5, (const S*)_p_rstd, _ld_rstd, (const S*)_p_rstd_3, _ld_rstd_3, (const S*)_p_rstd_5, _ld_rstd_5, (S*)_p_h_next, _ld_h_next);
     return (int)cudaGetLastError();
 }
 #else
 template <typename S>
-static inline void layer_norm_gru_inference_fwd1_rows_host(int64_t _rows, int64_t n_H, const S* __restrict__ _p_U_c_h, int64_t _ld_U_c_h, const S* __restrict__ _p_U_r_h, int64_t _ld_U_r_h, const S* __restrict__ _p_U_u_h, int64_t _ld_U_u_h, const S* __restrict__ _p_W_c_x, int64_t _ld_W_c_x, const S* __restrict__ _p_W_r_x, int64_t _ld_W_r_x, const S* __restrict__ _p_W_u_x, int64_t _ld_W_u_x, const S* __restrict__ _p_bh_c, int64_t _ld_bh_c, const S* __restrict__ _p_bh_r, int64_t _ld_bh_r, const S* __restrict__ _p_bh_u, int64_t _ld_bh_u, const S* __restrict__ _p_bx_c, int64_t _ld_bx_c, const S* __restrict__ _p_bx_r, int64_t _ld_bx_r, const S* __restrict__ _p_bx_u, int64_t _ld_bx_u, const S* __restrict__ _p_gh_c, int64_t _ld_gh_c, const S* __restrict__ _p_gh_r, int64_t _ld_gh_r, const S* __restrict__ _p_gh_u, int64_t _ld_gh_u, const S* __restrict__ _p_gx_c, int64_t _ld_gx_c, const S* __restrict__ _p_gx_r, int64_t _ld_gx_r, const S* __restrict__ _p_gx_u, int64_t _ld_gx_u, const S* __restrict__ _p_h, int64_t _ld_h, const S* __restrict__ _p_inv_n_H, int64_t _ld_inv_n_H, const S* __restrict__ _p_mean, int64_t _ld_mean, const S* __restrict__ _p_mean_5, int64_t _ld_mean_5, const S* __restrict__ _p_mean_9, int64_t _ld_mean_9, const S* __restrict__ _p_rstd, int64_t _ld_rstd, const S* __restrict__ _p_rstd_3, int64_t _ld_rstd_3, const S* __restrict__ _p_rstd_5, int64_t _ld_rstd_5, S* __restrict__ _p_h_next, int64_t _ld_h_next)
+static inline void layer_norm_gru_inference_fwd1_rows_host(int64_t _rows, int64_t n_H, const S* __restrict__ _p_U_c_h, int64_t _ld_U_c_h, const S* __restrict__ _p_U_r_h, int64_t _ld_U_r_h, const S* __restrict__ _p_U_u_h, int64_t _ld_U_u_h, const S* __restrict__ _p_W_c_x, int64_t _ld_W_c_x, const S* __restrict__ _p_W_r_x, int64_t _ld_W_r_x, const S* __restrict__ _p_W_u_x, int64_t _ld_W_u_x, const S* __restrict__ _p_bh_c, int64_t _ld_bh_c, const S* __restrict__ _p_bh_r, int64_t _ld_bh_r, const S* __restrict__ _p_bh_u, int64_t _ld_bh_u, const S* __restrict__ _p_bx_c, int64_t _ld_bx_c, const S* __restrict__ _p_bx_r, int64_t _ld_bx_r, const S* __restrict__ _p_bx_u, int64_t _ld_bx_u, const S* __restrict__ _p_gh_c, int64_t _ld_gh_c, const S* __restrict__ _p_gh_r, int64_t _ld_gh_r, const S* __restrict__ _p_gh_u, int64_t _ld_gh_u, const S* __restrict__ _p_gx_c, int64_t _ld_gx_c, const S* __restrict__ _p_gx_r, int64_t _ld_gx_r, const S* __restrict__ _p_gx_u, int64_t _ld_gx_u, const S* __restrict__ _p_h, int64_t _ld_h, const S* __restrict__ _p_inv_n_H, int64_t _ld_inv_n_H, const S* __restrict__ _p_mean, int64_t _ld_mean, const S* __restrict__ _p_mean_3, int64_t _ld_mean_3, const S* __restrict__ _p_mean_5, int64_t _ld_mean_5, const S* __restrict__ _p_rstd, int64_t _ld_rstd, const S* __restrict__ _p_rstd_3, int64_t _ld_rstd_3, const S* __restrict__ _p_rstd_5, int64_t _ld_rstd_5, S* __restrict__ _p_h_next, int64_t _ld_h_next)
 {
 #pragma omp parallel for schedule(static) if (_rows * (n_H) >= 2048)
     for (int64_t _r = 0; _r < _rows; ++_r)
-        layer_norm_gru_inference_fwd1_rows_row<S, S>(_r, 0, 1, n_H, _p_U_c_h, _ld_U_c_h, _p_U_r_h, _ld_U_r_h, _p_U_u_h, _ld_U_u_h, _p_W_c_x, _ld_W_c_x, _p_W_r_x, _ld_W_r_x, _p_W_u_x, _ld_W_u_x, _p_bh_c, _ld_bh_c, _p_bh_r, _ld_bh_r, _p_bh_u, _ld_bh_u, _p_bx_c, _ld_bx_c, _p_bx_r, _ld_bx_r, _p_bx_u, _ld_bx_u, _p_gh_c, _ld_gh_c, _p_gh_r, _ld_gh_r, _p_gh_u, _ld_gh_u, _p_gx_c, _ld_gx_c, _p_gx_r, _ld_gx_r, _p_gx_u, _ld_gx_u, _p_h, _ld_h, _p_inv_n_H, _ld_inv_n_H, _p_mean, _ld_mean, _p_mean_5, _ld_mean_5, _p_mean_9, _ld_mean_9, _p_rstd, _ld_rstd, _p_rstd_3, _ld_rstd_3, _p_rstd_5, _ld_rstd_5, _p_h_next, _ld_h_next);
+        layer_norm_gru_inference_fwd1_rows_row<S, S>(_r, 0, 1, n_H, _p_U_c_h, _ld_U_c_h, _p_U_r_h, _ld_U_r_h, _p_U_u_h, _ld_U_u_h, _p_W_c_x, _ld_W_c_x, _p_W_r_x, _ld_W_r_x, _p_W_u_x, _ld_W_u_x, _p_bh_c, _ld_bh_c, _p_bh_r, _ld_bh_r, _p_bh_u, _ld_bh_u, _p_bx_c, _ld_bx_c, _p_bx_r, _ld_bx_r, _p_bx_u, _ld_bx_u, _p_gh_c, _ld_gh_c, _p_gh_r, _ld_gh_r, _p_gh_u, _ld_gh_u, _p_gx_c, _ld_gx_c, _p_gx_r, _ld_gx_r, _p_gx_u, _ld_gx_u, _p_h, _ld_h, _p_inv_n_H, _ld_inv_n_H, _p_mean, _ld_mean, _p_mean_3, _ld_mean_3, _p_mean_5, _ld_mean_5, _p_rstd, _ld_rstd, _p_rstd_3, _ld_rstd_3, _p_rstd_5, _ld_rstd_5, _p_h_next, _ld_h_next);
 }
 #endif
 
@@ -824,18 +824,18 @@ static inline void layer_norm_gru_inference_fwd1_rows_host(int64_t _rows, int64_
 // layer_norm_gru_backward_bwd1_rows: backward: stage 1 backward, row by row (reductions over the units)
 // =============================================================================================
 template <typename S, typename real>
-CS_ROWFN inline void layer_norm_gru_backward_bwd1_rows_row(int64_t _r, int64_t _j0, int64_t _dj, int64_t n_H, const S* __restrict__ _p_U_c_h, int64_t _ld_U_c_h, const S* __restrict__ _p_U_r_h, int64_t _ld_U_r_h, const S* __restrict__ _p_U_u_h, int64_t _ld_U_u_h, const S* __restrict__ _p_bh_c, int64_t _ld_bh_c, const S* __restrict__ _p_c, int64_t _ld_c, const S* __restrict__ _p_d_h, int64_t _ld_d_h, const S* __restrict__ _p_d_h_next_out, int64_t _ld_d_h_next_out, const S* __restrict__ _p_gh_c, int64_t _ld_gh_c, const S* __restrict__ _p_gh_r, int64_t _ld_gh_r, const S* __restrict__ _p_gh_u, int64_t _ld_gh_u, const S* __restrict__ _p_h, int64_t _ld_h, const S* __restrict__ _p_inv_n_H, int64_t _ld_inv_n_H, const S* __restrict__ _p_mean_11, int64_t _ld_mean_11, const S* __restrict__ _p_mean_12, int64_t _ld_mean_12, const S* __restrict__ _p_mean_3, int64_t _ld_mean_3, const S* __restrict__ _p_mean_4, int64_t _ld_mean_4, const S* __restrict__ _p_mean_7, int64_t _ld_mean_7, const S* __restrict__ _p_mean_8, int64_t _ld_mean_8, const S* __restrict__ _p_r, int64_t _ld_r, const S* __restrict__ _p_rstd_2, int64_t _ld_rstd_2, const S* __restrict__ _p_rstd_4, int64_t _ld_rstd_4, const S* __restrict__ _p_rstd_6, int64_t _ld_rstd_6, const S* __restrict__ _p_u, int64_t _ld_u, S* __restrict__ _p_d_h_next, int64_t _ld_d_h_next, S* __restrict__ _p_d_c, int64_t _ld_d_c, S* __restrict__ _p_d_u, int64_t _ld_d_u, S* __restrict__ _p_d_r, int64_t _ld_d_r, S* __restrict__ _p_d_U_r_h, int64_t _ld_d_U_r_h, S* __restrict__ _p_d_U_u_h, int64_t _ld_d_U_u_h, S* __restrict__ _p_d_U_c_h, int64_t _ld_d_U_c_h)
+CS_ROWFN inline void layer_norm_gru_backward_bwd1_rows_row(int64_t _r, int64_t _j0, int64_t _dj, int64_t n_H, const S* __restrict__ _p_U_c_h, int64_t _ld_U_c_h, const S* __restrict__ _p_U_r_h, int64_t _ld_U_r_h, const S* __restrict__ _p_U_u_h, int64_t _ld_U_u_h, const S* __restrict__ _p_bh_c, int64_t _ld_bh_c, const S* __restrict__ _p_c, int64_t _ld_c, const S* __restrict__ _p_d_h, int64_t _ld_d_h, const S* __restrict__ _p_d_h_next_out, int64_t _ld_d_h_next_out, const S* __restrict__ _p_gh_c, int64_t _ld_gh_c, const S* __restrict__ _p_gh_r, int64_t _ld_gh_r, const S* __restrict__ _p_gh_u, int64_t _ld_gh_u, const S* __restrict__ _p_h, int64_t _ld_h, const S* __restrict__ _p_inv_n_H, int64_t _ld_inv_n_H, const S* __restrict__ _p_mean_2, int64_t _ld_mean_2, const S* __restrict__ _p_mean_4, int64_t _ld_mean_4, const S* __restrict__ _p_mean_6, int64_t _ld_mean_6, const S* __restrict__ _p_r, int64_t _ld_r, const S* __restrict__ _p_rstd_2, int64_t _ld_rstd_2, const S* __restrict__ _p_rstd_4, int64_t _ld_rstd_4, const S* __restrict__ _p_rstd_6, int64_t _ld_rstd_6, const S* __restrict__ _p_u, int64_t _ld_u, const S* __restrict__ _p_var_2, int64_t _ld_var_2, const S* __restrict__ _p_var_4, int64_t _ld_var_4, const S* __restrict__ _p_var_6, int64_t _ld_var_6, S* __restrict__ _p_d_h_next, int64_t _ld_d_h_next, S* __restrict__ _p_d_c, int64_t _ld_d_c, S* __restrict__ _p_d_u, int64_t _ld_d_u, S* __restrict__ _p_d_r, int64_t _ld_d_r, S* __restrict__ _p_d_U_r_h, int64_t _ld_d_U_r_h, S* __restrict__ _p_d_U_u_h, int64_t _ld_d_U_u_h, S* __restrict__ _p_d_U_c_h, int64_t _ld_d_U_c_h)
 {
     (void)n_H;
-    const real mean_11 = CS_LD(_p_mean_11[_r * _ld_mean_11]);
-    const real mean_12 = CS_LD(_p_mean_12[_r * _ld_mean_12]);
-    const real mean_3 = CS_LD(_p_mean_3[_r * _ld_mean_3]);
+    const real mean_2 = CS_LD(_p_mean_2[_r * _ld_mean_2]);
     const real mean_4 = CS_LD(_p_mean_4[_r * _ld_mean_4]);
-    const real mean_7 = CS_LD(_p_mean_7[_r * _ld_mean_7]);
-    const real mean_8 = CS_LD(_p_mean_8[_r * _ld_mean_8]);
+    const real mean_6 = CS_LD(_p_mean_6[_r * _ld_mean_6]);
     const real rstd_2 = CS_LD(_p_rstd_2[_r * _ld_rstd_2]);
     const real rstd_4 = CS_LD(_p_rstd_4[_r * _ld_rstd_4]);
     const real rstd_6 = CS_LD(_p_rstd_6[_r * _ld_rstd_6]);
+    const real var_2 = CS_LD(_p_var_2[_r * _ld_var_2]);
+    const real var_4 = CS_LD(_p_var_4[_r * _ld_var_4]);
+    const real var_6 = CS_LD(_p_var_6[_r * _ld_var_6]);
     real _acc0 = real(0);
     real _acc1 = real(0);
     real _acc2 = real(0);
@@ -862,10 +862,10 @@ CS_ROWFN inline void layer_norm_gru_backward_bwd1_rows_row(int64_t _r, int64_t _
         const real r = CS_LD(_p_r[_r * _ld_r + _j]);
         const real u = CS_LD(_p_u[_r * _ld_u + _j]);
         const real t0 = real(1.0) - u;
-        const real t1 = gh_c*(U_c_h - mean_11);
-        const real t4 = real(2.0)*U_c_h - real(2.0)*mean_11;
-        const real t7 = real(2.0)*U_u_h - real(2.0)*mean_7;
-        const real t10 = real(2.0)*U_r_h - real(2.0)*mean_3;
+        const real t1 = gh_c*(U_c_h - mean_6);
+        const real t4 = real(2.0)*U_c_h - real(2.0)*mean_6;
+        const real t7 = real(2.0)*U_u_h - real(2.0)*mean_4;
+        const real t10 = real(2.0)*U_r_h - real(2.0)*mean_2;
         const real d_h_next = d_h + d_h_next_out;
         const real d_c = d_h_next*t0;
         const real t2 = d_c*(real(1.0) - (c*c));
@@ -880,10 +880,10 @@ CS_ROWFN inline void layer_norm_gru_backward_bwd1_rows_row(int64_t _r, int64_t _
         _acc0 += t1*t3;
         _acc1 += -t5;
         _acc2 += -inv_n_H*t4;
-        _acc3 += t6*(U_u_h - mean_7);
+        _acc3 += t6*(U_u_h - mean_4);
         _acc4 += -t8;
         _acc5 += -inv_n_H*t7;
-        _acc6 += t9*(U_r_h - mean_3);
+        _acc6 += t9*(U_r_h - mean_2);
         _acc7 += -t11;
         _acc8 += -inv_n_H*t10;
         CS_ST(_p_d_h_next[_r * _ld_d_h_next + _j], d_h_next);
@@ -901,14 +901,14 @@ CS_ROWFN inline void layer_norm_gru_backward_bwd1_rows_row(int64_t _r, int64_t _
     _acc7 = CS_ROW_SUM(_acc7);
     _acc8 = CS_ROW_SUM(_acc8);
     const real d_rstd_6 = _acc0;  // adjoint of operand of rstd_6
-    const real d_mean_12 = -real(1.0)/real(2.0)*d_rstd_6/(cs_sqrt(mean_12 + real(1e-05))*cs_sqrt(mean_12 + real(1e-05))*cs_sqrt(mean_12 + real(1e-05)));  // adjoint of operand of mean_12
-    const real d_mean_11 = _acc1 + _acc2*d_mean_12;  // adjoint of operand of mean_11
+    const real d_var_6 = -real(1.0)/real(2.0)*d_rstd_6/(cs_sqrt(var_6 + real(1e-05))*cs_sqrt(var_6 + real(1e-05))*cs_sqrt(var_6 + real(1e-05)));  // adjoint of operand of var_6
+    const real d_mean_6 = _acc1 + _acc2*d_var_6;  // adjoint of operand of mean_6
     const real d_rstd_4 = _acc3;  // adjoint of operand of rstd_4
-    const real d_mean_8 = -real(1.0)/real(2.0)*d_rstd_4/(cs_sqrt(mean_8 + real(1e-05))*cs_sqrt(mean_8 + real(1e-05))*cs_sqrt(mean_8 + real(1e-05)));  // adjoint of operand of mean_8
-    const real d_mean_7 = _acc4 + _acc5*d_mean_8;  // adjoint of operand of mean_7
+    const real d_var_4 = -real(1.0)/real(2.0)*d_rstd_4/(cs_sqrt(var_4 + real(1e-05))*cs_sqrt(var_4 + real(1e-05))*cs_sqrt(var_4 + real(1e-05)));  // adjoint of operand of var_4
+    const real d_mean_4 = _acc4 + _acc5*d_var_4;  // adjoint of operand of mean_4
     const real d_rstd_2 = _acc6;  // adjoint of operand of rstd_2
-    const real d_mean_4 = -real(1.0)/real(2.0)*d_rstd_2/(cs_sqrt(mean_4 + real(1e-05))*cs_sqrt(mean_4 + real(1e-05))*cs_sqrt(mean_4 + real(1e-05)));  // adjoint of operand of mean_4
-    const real d_mean_3 = _acc7 + _acc8*d_mean_4;  // adjoint of operand of mean_3
+    const real d_var_2 = -real(1.0)/real(2.0)*d_rstd_2/(cs_sqrt(var_2 + real(1e-05))*cs_sqrt(var_2 + real(1e-05))*cs_sqrt(var_2 + real(1e-05)));  // adjoint of operand of var_2
+    const real d_mean_2 = _acc7 + _acc8*d_var_2;  // adjoint of operand of mean_2
     CS_SIMD
     for (int64_t _j = _j0; _j < n_H; _j += _dj) {
         const real U_c_h = CS_LD(_p_U_c_h[_r * _ld_U_c_h + _j]);
@@ -925,9 +925,9 @@ CS_ROWFN inline void layer_norm_gru_backward_bwd1_rows_row(int64_t _r, int64_t _
         const real r = CS_LD(_p_r[_r * _ld_r + _j]);
         const real u = CS_LD(_p_u[_r * _ld_u + _j]);
         const real t0 = real(1.0) - u;
-        const real t4 = real(2.0)*U_c_h - real(2.0)*mean_11;
-        const real t7 = real(2.0)*U_u_h - real(2.0)*mean_7;
-        const real t10 = real(2.0)*U_r_h - real(2.0)*mean_3;
+        const real t4 = real(2.0)*U_c_h - real(2.0)*mean_6;
+        const real t7 = real(2.0)*U_u_h - real(2.0)*mean_4;
+        const real t10 = real(2.0)*U_r_h - real(2.0)*mean_2;
         const real t2 = d_c*(real(1.0) - (c*c));
         const real t3 = r*t2;
         const real t5 = gh_c*rstd_6*t3;
@@ -935,9 +935,9 @@ CS_ROWFN inline void layer_norm_gru_backward_bwd1_rows_row(int64_t _r, int64_t _
         const real t8 = rstd_4*t6;
         const real t9 = d_r*gh_r*r*(real(1.0) - r);
         const real t11 = rstd_2*t9;
-        const real d_U_r_h = d_mean_3*inv_n_H + d_mean_4*inv_n_H*t10 + t11;  // adjoint of U_r @ h
-        const real d_U_u_h = d_mean_7*inv_n_H + d_mean_8*inv_n_H*t7 + t8;  // adjoint of U_u @ h
-        const real d_U_c_h = d_mean_11*inv_n_H + d_mean_12*inv_n_H*t4 + t5;  // adjoint of U_c @ h
+        const real d_U_r_h = d_mean_2*inv_n_H + d_var_2*inv_n_H*t10 + t11;  // adjoint of U_r @ h
+        const real d_U_u_h = d_mean_4*inv_n_H + d_var_4*inv_n_H*t7 + t8;  // adjoint of U_u @ h
+        const real d_U_c_h = d_mean_6*inv_n_H + d_var_6*inv_n_H*t4 + t5;  // adjoint of U_c @ h
         CS_ST(_p_d_U_r_h[_r * _ld_d_U_r_h + _j], d_U_r_h);
         CS_ST(_p_d_U_u_h[_r * _ld_d_U_u_h + _j], d_U_u_h);
         CS_ST(_p_d_U_c_h[_r * _ld_d_U_c_h + _j], d_U_c_h);
@@ -946,31 +946,31 @@ CS_ROWFN inline void layer_norm_gru_backward_bwd1_rows_row(int64_t _r, int64_t _
 
 #ifdef __CUDACC__
 template <typename S>
-__global__ void layer_norm_gru_backward_bwd1_rows_kernel(int64_t _rows, int64_t n_H, const S* __restrict__ _p_U_c_h, int64_t _ld_U_c_h, const S* __restrict__ _p_U_r_h, int64_t _ld_U_r_h, const S* __restrict__ _p_U_u_h, int64_t _ld_U_u_h, const S* __restrict__ _p_bh_c, int64_t _ld_bh_c, const S* __restrict__ _p_c, int64_t _ld_c, const S* __restrict__ _p_d_h, int64_t _ld_d_h, const S* __restrict__ _p_d_h_next_out, int64_t _ld_d_h_next_out, const S* __restrict__ _p_gh_c, int64_t _ld_gh_c, const S* __restrict__ _p_gh_r, int64_t _ld_gh_r, const S* __restrict__ _p_gh_u, int64_t _ld_gh_u, const S* __restrict__ _p_h, int64_t _ld_h, const S* __restrict__ _p_inv_n_H, int64_t _ld_inv_n_H, const S* __restrict__ _p_mean_11, int64_t _ld_mean_11, const S* __restrict__ _p_mean_12, int64_t _ld_mean_12, const S* __restrict__ _p_mean_3, int64_t _ld_mean_3, const S* __restrict__ _p_mean_4, int64_t _ld_mean_4, const S* __restrict__ _p_mean_7, int64_t _ld_mean_7, const S* __restrict__ _p_mean_8, int64_t _ld_mean_8, const S* __restrict__ _p_r, int64_t _ld_r, const S* __restrict__ _p_rstd_2, int64_t _ld_rstd_2, const S* __restrict__ _p_rstd_4, int64_t _ld_rstd_4, const S* __restrict__ _p_rstd_6, int64_t _ld_rstd_6, const S* __restrict__ _p_u, int64_t _ld_u, S* __restrict__ _p_d_h_next, int64_t _ld_d_h_next, S* __restrict__ _p_d_c, int64_t _ld_d_c, S* __restrict__ _p_d_u, int64_t _ld_d_u, S* __restrict__ _p_d_r, int64_t _ld_d_r, S* __restrict__ _p_d_U_r_h, int64_t _ld_d_U_r_h, S* __restrict__ _p_d_U_u_h, int64_t _ld_d_U_u_h, S* __restrict__ _p_d_U_c_h, int64_t _ld_d_U_c_h)
+__global__ void layer_norm_gru_backward_bwd1_rows_kernel(int64_t _rows, int64_t n_H, const S* __restrict__ _p_U_c_h, int64_t _ld_U_c_h, const S* __restrict__ _p_U_r_h, int64_t _ld_U_r_h, const S* __restrict__ _p_U_u_h, int64_t _ld_U_u_h, const S* __restrict__ _p_bh_c, int64_t _ld_bh_c, const S* __restrict__ _p_c, int64_t _ld_c, const S* __restrict__ _p_d_h, int64_t _ld_d_h, const S* __restrict__ _p_d_h_next_out, int64_t _ld_d_h_next_out, const S* __restrict__ _p_gh_c, int64_t _ld_gh_c, const S* __restrict__ _p_gh_r, int64_t _ld_gh_r, const S* __restrict__ _p_gh_u, int64_t _ld_gh_u, const S* __restrict__ _p_h, int64_t _ld_h, const S* __restrict__ _p_inv_n_H, int64_t _ld_inv_n_H, const S* __restrict__ _p_mean_2, int64_t _ld_mean_2, const S* __restrict__ _p_mean_4, int64_t _ld_mean_4, const S* __restrict__ _p_mean_6, int64_t _ld_mean_6, const S* __restrict__ _p_r, int64_t _ld_r, const S* __restrict__ _p_rstd_2, int64_t _ld_rstd_2, const S* __restrict__ _p_rstd_4, int64_t _ld_rstd_4, const S* __restrict__ _p_rstd_6, int64_t _ld_rstd_6, const S* __restrict__ _p_u, int64_t _ld_u, const S* __restrict__ _p_var_2, int64_t _ld_var_2, const S* __restrict__ _p_var_4, int64_t _ld_var_4, const S* __restrict__ _p_var_6, int64_t _ld_var_6, S* __restrict__ _p_d_h_next, int64_t _ld_d_h_next, S* __restrict__ _p_d_c, int64_t _ld_d_c, S* __restrict__ _p_d_u, int64_t _ld_d_u, S* __restrict__ _p_d_r, int64_t _ld_d_r, S* __restrict__ _p_d_U_r_h, int64_t _ld_d_U_r_h, S* __restrict__ _p_d_U_u_h, int64_t _ld_d_U_u_h, S* __restrict__ _p_d_U_c_h, int64_t _ld_d_U_c_h)
 {
     typedef typename cs_math<S>::type M;
     for (int64_t _r = blockIdx.x; _r < _rows; _r += gridDim.x)
-        layer_norm_gru_backward_bwd1_rows_row<S, M>(_r, threadIdx.x, blockDim.x, n_H, _p_U_c_h, _ld_U_c_h, _p_U_r_h, _ld_U_r_h, _p_U_u_h, _ld_U_u_h, _p_bh_c, _ld_bh_c, _p_c, _ld_c, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_gh_c, _ld_gh_c, _p_gh_r, _ld_gh_r, _p_gh_u, _ld_gh_u, _p_h, _ld_h, _p_inv_n_H, _ld_inv_n_H, _p_mean_11, _ld_mean_11, _p_mean_12, _ld_mean_12, _p_mean_3, _ld_mean_3, _p_mean_4, _ld_mean_4, _p_mean_7, _ld_mean_7, _p_mean_8, _ld_mean_8, _p_r, _ld_r, _p_rstd_2, _ld_rstd_2, _p_rstd_4, _ld_rstd_4, _p_rstd_6, _ld_rstd_6, _p_u, _ld_u, _p_d_h_next, _ld_d_h_next, _p_d_c, _ld_d_c, _p_d_u, _ld_d_u, _p_d_r, _ld_d_r, _p_d_U_r_h, _ld_d_U_r_h, _p_d_U_u_h, _ld_d_U_u_h, _p_d_U_c_h, _ld_d_U_c_h);
+        layer_norm_gru_backward_bwd1_rows_row<S, M>(_r, threadIdx.x, blockDim.x, n_H, _p_U_c_h, _ld_U_c_h, _p_U_r_h, _ld_U_r_h, _p_U_u_h, _ld_U_u_h, _p_bh_c, _ld_bh_c, _p_c, _ld_c, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_gh_c, _ld_gh_c, _p_gh_r, _ld_gh_r, _p_gh_u, _ld_gh_u, _p_h, _ld_h, _p_inv_n_H, _ld_inv_n_H, _p_mean_2, _ld_mean_2, _p_mean_4, _ld_mean_4, _p_mean_6, _ld_mean_6, _p_r, _ld_r, _p_rstd_2, _ld_rstd_2, _p_rstd_4, _ld_rstd_4, _p_rstd_6, _ld_rstd_6, _p_u, _ld_u, _p_var_2, _ld_var_2, _p_var_4, _ld_var_4, _p_var_6, _ld_var_6, _p_d_h_next, _ld_d_h_next, _p_d_c, _ld_d_c, _p_d_u, _ld_d_u, _p_d_r, _ld_d_r, _p_d_U_r_h, _ld_d_U_r_h, _p_d_U_u_h, _ld_d_U_u_h, _p_d_U_c_h, _ld_d_U_c_h);
 }
 
 template <typename S>
-static int layer_norm_gru_backward_bwd1_rows_launch(int64_t _rows, int64_t n_H, const void* _p_U_c_h, int64_t _ld_U_c_h, const void* _p_U_r_h, int64_t _ld_U_r_h, const void* _p_U_u_h, int64_t _ld_U_u_h, const void* _p_bh_c, int64_t _ld_bh_c, const void* _p_c, int64_t _ld_c, const void* _p_d_h, int64_t _ld_d_h, const void* _p_d_h_next_out, int64_t _ld_d_h_next_out, const void* _p_gh_c, int64_t _ld_gh_c, const void* _p_gh_r, int64_t _ld_gh_r, const void* _p_gh_u, int64_t _ld_gh_u, const void* _p_h, int64_t _ld_h, const void* _p_inv_n_H, int64_t _ld_inv_n_H, const void* _p_mean_11, int64_t _ld_mean_11, const void* _p_mean_12, int64_t _ld_mean_12, const void* _p_mean_3, int64_t _ld_mean_3, const void* _p_mean_4, int64_t _ld_mean_4, const void* _p_mean_7, int64_t _ld_mean_7, const void* _p_mean_8, int64_t _ld_mean_8, const void* _p_r, int64_t _ld_r, const void* _p_rstd_2, int64_t _ld_rstd_2, const void* _p_rstd_4, int64_t _ld_rstd_4, const void* _p_rstd_6, int64_t _ld_rstd_6, const void* _p_u, int64_t _ld_u, void* _p_d_h_next, int64_t _ld_d_h_next, void* _p_d_c, int64_t _ld_d_c, void* _p_d_u, int64_t _ld_d_u, void* _p_d_r, int64_t _ld_d_r, void* _p_d_U_r_h, int64_t _ld_d_U_r_h, void* _p_d_U_u_h, int64_t _ld_d_U_u_h, void* _p_d_U_c_h, int64_t _ld_d_U_c_h, void* _stream)
+static int layer_norm_gru_backward_bwd1_rows_launch(int64_t _rows, int64_t n_H, const void* _p_U_c_h, int64_t _ld_U_c_h, const void* _p_U_r_h, int64_t _ld_U_r_h, const void* _p_U_u_h, int64_t _ld_U_u_h, const void* _p_bh_c, int64_t _ld_bh_c, const void* _p_c, int64_t _ld_c, const void* _p_d_h, int64_t _ld_d_h, const void* _p_d_h_next_out, int64_t _ld_d_h_next_out, const void* _p_gh_c, int64_t _ld_gh_c, const void* _p_gh_r, int64_t _ld_gh_r, const void* _p_gh_u, int64_t _ld_gh_u, const void* _p_h, int64_t _ld_h, const void* _p_inv_n_H, int64_t _ld_inv_n_H, const void* _p_mean_2, int64_t _ld_mean_2, const void* _p_mean_4, int64_t _ld_mean_4, const void* _p_mean_6, int64_t _ld_mean_6, const void* _p_r, int64_t _ld_r, const void* _p_rstd_2, int64_t _ld_rstd_2, const void* _p_rstd_4, int64_t _ld_rstd_4, const void* _p_rstd_6, int64_t _ld_rstd_6, const void* _p_u, int64_t _ld_u, const void* _p_var_2, int64_t _ld_var_2, const void* _p_var_4, int64_t _ld_var_4, const void* _p_var_6, int64_t _ld_var_6, void* _p_d_h_next, int64_t _ld_d_h_next, void* _p_d_c, int64_t _ld_d_c, void* _p_d_u, int64_t _ld_d_u, void* _p_d_r, int64_t _ld_d_r, void* _p_d_U_r_h, int64_t _ld_d_U_r_h, void* _p_d_U_u_h, int64_t _ld_d_U_u_h, void* _p_d_U_c_h, int64_t _ld_d_U_c_h, void* _stream)
 {
     if (_rows <= 0) return 0;
     int64_t _cols = 1;
     if (n_H > _cols) _cols = n_H;
     dim3 _grid, _block;
     cs_row_grid(_rows, _cols, &_grid, &_block);
-    layer_norm_gru_backward_bwd1_rows_kernel<S><<<_grid, _block, 0, (cudaStream_t)_stream>>>(_rows, n_H, (const S*)_p_U_c_h, _ld_U_c_h, (const S*)_p_U_r_h, _ld_U_r_h, (const S*)_p_U_u_h, _ld_U_u_h, (const S*)_p_bh_c, _ld_bh_c, (const S*)_p_c, _ld_c, (const S*)_p_d_h, _ld_d_h, (const S*)_p_d_h_next_out, _ld_d_h_next_out, (const S*)_p_gh_c, _ld_gh_c, (const S*)_p_gh_r, _ld_gh_r, (const S*)_p_gh_u, _ld_gh_u, (const S*)_p_h, _ld_h, (const S*)_p_inv_n_H, _ld_inv_n_H, (const S*)_p_mean_11, _ld_mean_11, (const S*)_p_mean_12, _ld_mean_12, (const S*)_p_mean_3, _ld_mean_3, (const S*)_p_mean_4, _ld_mean_4, (const S*)_p_mean_7, _ld_mean_7, (const S*)_p_mean_8, _ld_mean_8, (const S*)_p_r, _ld_r, (const S*)_p_rstd_2, _ld_rstd_2, (const S*)_p_rstd_4, _ld_rstd_4, (const S*)_p_rstd_6, _ld_rstd_6, (const S*)_p_u, _ld_u, (S*)_p_d_h_next, _ld_d_h_next, (S*)_p_d_c, _ld_d_c, (S*)_p_d_u, _ld_d_u, (S*)_p_d_r, _ld_d_r, (S*)_p_d_U_r_h, _ld_d_U_r_h, (S*)_p_d_U_u_h, _ld_d_U_u_h, (S*)_p_d_U_c_h, _ld_d_U_c_h);
+    layer_norm_gru_backward_bwd1_rows_kernel<S><<<_grid, _block, 0, (cudaStream_t)_stream>>>(_rows, n_H, (const S*)_p_U_c_h, _ld_U_c_h, (const S*)_p_U_r_h, _ld_U_r_h, (const S*)_p_U_u_h, _ld_U_u_h, (const S*)_p_bh_c, _ld_bh_c, (const S*)_p_c, _ld_c, (const S*)_p_d_h, _ld_d_h, (const S*)_p_d_h_next_out, _ld_d_h_next_out, (const S*)_p_gh_c, _ld_gh_c, (const S*)_p_gh_r, _ld_gh_r, (const S*)_p_gh_u, _ld_gh_u, (const S*)_p_h, _ld_h, (const S*)_p_inv_n_H, _ld_inv_n_H, (const S*)_p_mean_2, _ld_mean_2, (const S*)_p_mean_4, _ld_mean_4, (const S*)_p_mean_6, _ld_mean_6, (const S*)_p_r, _ld_r, (const S*)_p_rstd_2, _ld_rstd_2, (const S*)_p_rstd_4, _ld_rstd_4, (const S*)_p_rstd_6, _ld_rstd_6, (const S*)_p_u, _ld_u, (const S*)_p_var_2, _ld_var_2, (const S*)_p_var_4, _ld_var_4, (const S*)_p_var_6, _ld_var_6, (S*)_p_d_h_next, _ld_d_h_next, (S*)_p_d_c, _ld_d_c, (S*)_p_d_u, _ld_d_u, (S*)_p_d_r, _ld_d_r, (S*)_p_d_U_r_h, _ld_d_U_r_h, (S*)_p_d_U_u_h, _ld_d_U_u_h, (S*)_p_d_U_c_h, _ld_d_U_c_h);
     return (int)cudaGetLastError();
 }
 #else
 template <typename S>
-static inline void layer_norm_gru_backward_bwd1_rows_host(int64_t _rows, int64_t n_H, const S* __restrict__ _p_U_c_h, int64_t _ld_U_c_h, const S* __restrict__ _p_U_r_h, int64_t _ld_U_r_h, const S* __restrict__ _p_U_u_h, int64_t _ld_U_u_h, const S* __restrict__ _p_bh_c, int64_t _ld_bh_c, const S* __restrict__ _p_c, int64_t _ld_c, const S* __restrict__ _p_d_h, int64_t _ld_d_h, const S* __restrict__ _p_d_h_next_out, int64_t _ld_d_h_next_out, const S* __restrict__ _p_gh_c, int64_t _ld_gh_c, const S* __restrict__ _p_gh_r, int64_t _ld_gh_r, const S* __restrict__ _p_gh_u, int64_t _ld_gh_u, const S* __restrict__ _p_h, int64_t _ld_h, const S* __restrict__ _p_inv_n_H, int64_t _ld_inv_n_H, const S* __restrict__ _p_mean_11, int64_t _ld_mean_11, const S* __restrict__ _p_mean_12, int64_t _ld_mean_12, const S* __restrict__ _p_mean_3, int64_t _ld_mean_3, const S* __restrict__ _p_mean_4, int64_t _ld_mean_4, const S* __restrict__ _p_mean_7, int64_t _ld_mean_7, const S* __restrict__ _p_mean_8, int64_t _ld_mean_8, const S* __restrict__ _p_r, int64_t _ld_r, const S* __restrict__ _p_rstd_2, int64_t _ld_rstd_2, const S* __restrict__ _p_rstd_4, int64_t _ld_rstd_4, const S* __restrict__ _p_rstd_6, int64_t _ld_rstd_6, const S* __restrict__ _p_u, int64_t _ld_u, S* __restrict__ _p_d_h_next, int64_t _ld_d_h_next, S* __restrict__ _p_d_c, int64_t _ld_d_c, S* __restrict__ _p_d_u, int64_t _ld_d_u, S* __restrict__ _p_d_r, int64_t _ld_d_r, S* __restrict__ _p_d_U_r_h, int64_t _ld_d_U_r_h, S* __restrict__ _p_d_U_u_h, int64_t _ld_d_U_u_h, S* __restrict__ _p_d_U_c_h, int64_t _ld_d_U_c_h)
+static inline void layer_norm_gru_backward_bwd1_rows_host(int64_t _rows, int64_t n_H, const S* __restrict__ _p_U_c_h, int64_t _ld_U_c_h, const S* __restrict__ _p_U_r_h, int64_t _ld_U_r_h, const S* __restrict__ _p_U_u_h, int64_t _ld_U_u_h, const S* __restrict__ _p_bh_c, int64_t _ld_bh_c, const S* __restrict__ _p_c, int64_t _ld_c, const S* __restrict__ _p_d_h, int64_t _ld_d_h, const S* __restrict__ _p_d_h_next_out, int64_t _ld_d_h_next_out, const S* __restrict__ _p_gh_c, int64_t _ld_gh_c, const S* __restrict__ _p_gh_r, int64_t _ld_gh_r, const S* __restrict__ _p_gh_u, int64_t _ld_gh_u, const S* __restrict__ _p_h, int64_t _ld_h, const S* __restrict__ _p_inv_n_H, int64_t _ld_inv_n_H, const S* __restrict__ _p_mean_2, int64_t _ld_mean_2, const S* __restrict__ _p_mean_4, int64_t _ld_mean_4, const S* __restrict__ _p_mean_6, int64_t _ld_mean_6, const S* __restrict__ _p_r, int64_t _ld_r, const S* __restrict__ _p_rstd_2, int64_t _ld_rstd_2, const S* __restrict__ _p_rstd_4, int64_t _ld_rstd_4, const S* __restrict__ _p_rstd_6, int64_t _ld_rstd_6, const S* __restrict__ _p_u, int64_t _ld_u, const S* __restrict__ _p_var_2, int64_t _ld_var_2, const S* __restrict__ _p_var_4, int64_t _ld_var_4, const S* __restrict__ _p_var_6, int64_t _ld_var_6, S* __restrict__ _p_d_h_next, int64_t _ld_d_h_next, S* __restrict__ _p_d_c, int64_t _ld_d_c, S* __restrict__ _p_d_u, int64_t _ld_d_u, S* __restrict__ _p_d_r, int64_t _ld_d_r, S* __restrict__ _p_d_U_r_h, int64_t _ld_d_U_r_h, S* __restrict__ _p_d_U_u_h, int64_t _ld_d_U_u_h, S* __restrict__ _p_d_U_c_h, int64_t _ld_d_U_c_h)
 {
 #pragma omp parallel for schedule(static) if (_rows * (n_H) >= 2048)
     for (int64_t _r = 0; _r < _rows; ++_r)
-        layer_norm_gru_backward_bwd1_rows_row<S, S>(_r, 0, 1, n_H, _p_U_c_h, _ld_U_c_h, _p_U_r_h, _ld_U_r_h, _p_U_u_h, _ld_U_u_h, _p_bh_c, _ld_bh_c, _p_c, _ld_c, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_gh_c, _ld_gh_c, _p_gh_r, _ld_gh_r, _p_gh_u, _ld_gh_u, _p_h, _ld_h, _p_inv_n_H, _ld_inv_n_H, _p_mean_11, _ld_mean_11, _p_mean_12, _ld_mean_12, _p_mean_3, _ld_mean_3, _p_mean_4, _ld_mean_4, _p_mean_7, _ld_mean_7, _p_mean_8, _ld_mean_8, _p_r, _ld_r, _p_rstd_2, _ld_rstd_2, _p_rstd_4, _ld_rstd_4, _p_rstd_6, _ld_rstd_6, _p_u, _ld_u, _p_d_h_next, _ld_d_h_next, _p_d_c, _ld_d_c, _p_d_u, _ld_d_u, _p_d_r, _ld_d_r, _p_d_U_r_h, _ld_d_U_r_h, _p_d_U_u_h, _ld_d_U_u_h, _p_d_U_c_h, _ld_d_U_c_h);
+        layer_norm_gru_backward_bwd1_rows_row<S, S>(_r, 0, 1, n_H, _p_U_c_h, _ld_U_c_h, _p_U_r_h, _ld_U_r_h, _p_U_u_h, _ld_U_u_h, _p_bh_c, _ld_bh_c, _p_c, _ld_c, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_gh_c, _ld_gh_c, _p_gh_r, _ld_gh_r, _p_gh_u, _ld_gh_u, _p_h, _ld_h, _p_inv_n_H, _ld_inv_n_H, _p_mean_2, _ld_mean_2, _p_mean_4, _ld_mean_4, _p_mean_6, _ld_mean_6, _p_r, _ld_r, _p_rstd_2, _ld_rstd_2, _p_rstd_4, _ld_rstd_4, _p_rstd_6, _ld_rstd_6, _p_u, _ld_u, _p_var_2, _ld_var_2, _p_var_4, _ld_var_4, _p_var_6, _ld_var_6, _p_d_h_next, _ld_d_h_next, _p_d_c, _ld_d_c, _p_d_u, _ld_d_u, _p_d_r, _ld_d_r, _p_d_U_r_h, _ld_d_U_r_h, _p_d_U_u_h, _ld_d_U_u_h, _p_d_U_c_h, _ld_d_U_c_h);
 }
 #endif
 
@@ -978,18 +978,18 @@ static inline void layer_norm_gru_backward_bwd1_rows_host(int64_t _rows, int64_t
 // layer_norm_gru_backward_bwd0_rows: backward: stage 0 backward, row by row (reductions over the units)
 // =============================================================================================
 template <typename S, typename real>
-CS_ROWFN inline void layer_norm_gru_backward_bwd0_rows_row(int64_t _r, int64_t _j0, int64_t _dj, int64_t n_H, const S* __restrict__ _p_W_c_x, int64_t _ld_W_c_x, const S* __restrict__ _p_W_r_x, int64_t _ld_W_r_x, const S* __restrict__ _p_W_u_x, int64_t _ld_W_u_x, const S* __restrict__ _p_c, int64_t _ld_c, const S* __restrict__ _p_d_c, int64_t _ld_d_c, const S* __restrict__ _p_d_r, int64_t _ld_d_r, const S* __restrict__ _p_d_u, int64_t _ld_d_u, const S* __restrict__ _p_gx_c, int64_t _ld_gx_c, const S* __restrict__ _p_gx_r, int64_t _ld_gx_r, const S* __restrict__ _p_gx_u, int64_t _ld_gx_u, const S* __restrict__ _p_inv_n_H, int64_t _ld_inv_n_H, const S* __restrict__ _p_mean, int64_t _ld_mean, const S* __restrict__ _p_mean_10, int64_t _ld_mean_10, const S* __restrict__ _p_mean_2, int64_t _ld_mean_2, const S* __restrict__ _p_mean_5, int64_t _ld_mean_5, const S* __restrict__ _p_mean_6, int64_t _ld_mean_6, const S* __restrict__ _p_mean_9, int64_t _ld_mean_9, const S* __restrict__ _p_r, int64_t _ld_r, const S* __restrict__ _p_rstd, int64_t _ld_rstd, const S* __restrict__ _p_rstd_3, int64_t _ld_rstd_3, const S* __restrict__ _p_rstd_5, int64_t _ld_rstd_5, const S* __restrict__ _p_u, int64_t _ld_u, S* __restrict__ _p_d_mean_10, int64_t _ld_d_mean_10, S* __restrict__ _p_d_mean_9, int64_t _ld_d_mean_9, S* __restrict__ _p_d_mean_6, int64_t _ld_d_mean_6, S* __restrict__ _p_d_mean_5, int64_t _ld_d_mean_5, S* __restrict__ _p_d_mean_2, int64_t _ld_d_mean_2, S* __restrict__ _p_d_mean, int64_t _ld_d_mean)
+CS_ROWFN inline void layer_norm_gru_backward_bwd0_rows_row(int64_t _r, int64_t _j0, int64_t _dj, int64_t n_H, const S* __restrict__ _p_W_c_x, int64_t _ld_W_c_x, const S* __restrict__ _p_W_r_x, int64_t _ld_W_r_x, const S* __restrict__ _p_W_u_x, int64_t _ld_W_u_x, const S* __restrict__ _p_c, int64_t _ld_c, const S* __restrict__ _p_d_c, int64_t _ld_d_c, const S* __restrict__ _p_d_r, int64_t _ld_d_r, const S* __restrict__ _p_d_u, int64_t _ld_d_u, const S* __restrict__ _p_gx_c, int64_t _ld_gx_c, const S* __restrict__ _p_gx_r, int64_t _ld_gx_r, const S* __restrict__ _p_gx_u, int64_t _ld_gx_u, const S* __restrict__ _p_inv_n_H, int64_t _ld_inv_n_H, const S* __restrict__ _p_mean, int64_t _ld_mean, const S* __restrict__ _p_mean_3, int64_t _ld_mean_3, const S* __restrict__ _p_mean_5, int64_t _ld_mean_5, const S* __restrict__ _p_r, int64_t _ld_r, const S* __restrict__ _p_rstd, int64_t _ld_rstd, const S* __restrict__ _p_rstd_3, int64_t _ld_rstd_3, const S* __restrict__ _p_rstd_5, int64_t _ld_rstd_5, const S* __restrict__ _p_u, int64_t _ld_u, const S* __restrict__ _p_var, int64_t _ld_var, const S* __restrict__ _p_var_3, int64_t _ld_var_3, const S* __restrict__ _p_var_5, int64_t _ld_var_5, S* __restrict__ _p_d_var_5, int64_t _ld_d_var_5, S* __restrict__ _p_d_mean_5, int64_t _ld_d_mean_5, S* __restrict__ _p_d_var_3, int64_t _ld_d_var_3, S* __restrict__ _p_d_mean_3, int64_t _ld_d_mean_3, S* __restrict__ _p_d_var, int64_t _ld_d_var, S* __restrict__ _p_d_mean, int64_t _ld_d_mean)
 {
     (void)n_H;
     const real mean = CS_LD(_p_mean[_r * _ld_mean]);
-    const real mean_10 = CS_LD(_p_mean_10[_r * _ld_mean_10]);
-    const real mean_2 = CS_LD(_p_mean_2[_r * _ld_mean_2]);
+    const real mean_3 = CS_LD(_p_mean_3[_r * _ld_mean_3]);
     const real mean_5 = CS_LD(_p_mean_5[_r * _ld_mean_5]);
-    const real mean_6 = CS_LD(_p_mean_6[_r * _ld_mean_6]);
-    const real mean_9 = CS_LD(_p_mean_9[_r * _ld_mean_9]);
     const real rstd = CS_LD(_p_rstd[_r * _ld_rstd]);
     const real rstd_3 = CS_LD(_p_rstd_3[_r * _ld_rstd_3]);
     const real rstd_5 = CS_LD(_p_rstd_5[_r * _ld_rstd_5]);
+    const real var = CS_LD(_p_var[_r * _ld_var]);
+    const real var_3 = CS_LD(_p_var_3[_r * _ld_var_3]);
+    const real var_5 = CS_LD(_p_var_5[_r * _ld_var_5]);
     real _acc0 = real(0);
     real _acc1 = real(0);
     real _acc2 = real(0);
@@ -1017,11 +1017,11 @@ CS_ROWFN inline void layer_norm_gru_backward_bwd0_rows_row(int64_t _r, int64_t _
         const real t11_2 = d_c*gx_c*(real(1.0) - (c*c));
         const real t12 = d_u*gx_u*u*(real(1.0) - u);
         const real t13 = d_r*gx_r*r*(real(1.0) - r);
-        _acc0 += t11_2*(W_c_x - mean_9);
-        _acc1 += inv_n_H*(-real(2.0)*W_c_x + real(2.0)*mean_9);
+        _acc0 += t11_2*(W_c_x - mean_5);
+        _acc1 += inv_n_H*(-real(2.0)*W_c_x + real(2.0)*mean_5);
         _acc2 += -rstd_5*t11_2;
-        _acc3 += t12*(W_u_x - mean_5);
-        _acc4 += inv_n_H*(-real(2.0)*W_u_x + real(2.0)*mean_5);
+        _acc3 += t12*(W_u_x - mean_3);
+        _acc4 += inv_n_H*(-real(2.0)*W_u_x + real(2.0)*mean_3);
         _acc5 += -rstd_3*t12;
         _acc6 += t13*(W_r_x - mean);
         _acc7 += inv_n_H*(-real(2.0)*W_r_x + real(2.0)*mean);
@@ -1037,49 +1037,49 @@ CS_ROWFN inline void layer_norm_gru_backward_bwd0_rows_row(int64_t _r, int64_t _
     _acc7 = CS_ROW_SUM(_acc7);
     _acc8 = CS_ROW_SUM(_acc8);
     const real d_rstd_5 = _acc0;  // adjoint of operand of rstd_5
-    const real d_mean_10 = -real(1.0)/real(2.0)*d_rstd_5/(cs_sqrt(mean_10 + real(1e-05))*cs_sqrt(mean_10 + real(1e-05))*cs_sqrt(mean_10 + real(1e-05)));  // adjoint of operand of mean_10
-    const real d_mean_9 = _acc1*d_mean_10 + _acc2;  // adjoint of operand of mean_9
+    const real d_var_5 = -real(1.0)/real(2.0)*d_rstd_5/(cs_sqrt(var_5 + real(1e-05))*cs_sqrt(var_5 + real(1e-05))*cs_sqrt(var_5 + real(1e-05)));  // adjoint of operand of var_5
+    const real d_mean_5 = _acc1*d_var_5 + _acc2;  // adjoint of operand of mean_5
     const real d_rstd_3 = _acc3;  // adjoint of operand of rstd_3
-    const real d_mean_6 = -real(1.0)/real(2.0)*d_rstd_3/(cs_sqrt(mean_6 + real(1e-05))*cs_sqrt(mean_6 + real(1e-05))*cs_sqrt(mean_6 + real(1e-05)));  // adjoint of operand of mean_6
-    const real d_mean_5 = _acc4*d_mean_6 + _acc5;  // adjoint of operand of mean_5
+    const real d_var_3 = -real(1.0)/real(2.0)*d_rstd_3/(cs_sqrt(var_3 + real(1e-05))*cs_sqrt(var_3 + real(1e-05))*cs_sqrt(var_3 + real(1e-05)));  // adjoint of operand of var_3
+    const real d_mean_3 = _acc4*d_var_3 + _acc5;  // adjoint of operand of mean_3
     const real d_rstd = _acc6;  // adjoint of operand of rstd
-    const real d_mean_2 = -real(1.0)/real(2.0)*d_rstd/(cs_sqrt(mean_2 + real(1e-05))*cs_sqrt(mean_2 + real(1e-05))*cs_sqrt(mean_2 + real(1e-05)));  // adjoint of operand of mean_2
-    const real d_mean = _acc7*d_mean_2 + _acc8;  // adjoint of operand of mean
-    if (_j0 == 0) CS_ST(_p_d_mean_10[_r * _ld_d_mean_10], d_mean_10);
-    if (_j0 == 0) CS_ST(_p_d_mean_9[_r * _ld_d_mean_9], d_mean_9);
-    if (_j0 == 0) CS_ST(_p_d_mean_6[_r * _ld_d_mean_6], d_mean_6);
+    const real d_var = -real(1.0)/real(2.0)*d_rstd/(cs_sqrt(var + real(1e-05))*cs_sqrt(var + real(1e-05))*cs_sqrt(var + real(1e-05)));  // adjoint of operand of var
+    const real d_mean = _acc7*d_var + _acc8;  // adjoint of operand of mean
+    if (_j0 == 0) CS_ST(_p_d_var_5[_r * _ld_d_var_5], d_var_5);
     if (_j0 == 0) CS_ST(_p_d_mean_5[_r * _ld_d_mean_5], d_mean_5);
-    if (_j0 == 0) CS_ST(_p_d_mean_2[_r * _ld_d_mean_2], d_mean_2);
+    if (_j0 == 0) CS_ST(_p_d_var_3[_r * _ld_d_var_3], d_var_3);
+    if (_j0 == 0) CS_ST(_p_d_mean_3[_r * _ld_d_mean_3], d_mean_3);
+    if (_j0 == 0) CS_ST(_p_d_var[_r * _ld_d_var], d_var);
     if (_j0 == 0) CS_ST(_p_d_mean[_r * _ld_d_mean], d_mean);
 }
 
 #ifdef __CUDACC__
 template <typename S>
-__global__ void layer_norm_gru_backward_bwd0_rows_kernel(int64_t _rows, int64_t n_H, const S* __restrict__ _p_W_c_x, int64_t _ld_W_c_x, const S* __restrict__ _p_W_r_x, int64_t _ld_W_r_x, const S* __restrict__ _p_W_u_x, int64_t _ld_W_u_x, const S* __restrict__ _p_c, int64_t _ld_c, const S* __restrict__ _p_d_c, int64_t _ld_d_c, const S* __restrict__ _p_d_r, int64_t _ld_d_r, const S* __restrict__ _p_d_u, int64_t _ld_d_u, const S* __restrict__ _p_gx_c, int64_t _ld_gx_c, const S* __restrict__ _p_gx_r, int64_t _ld_gx_r, const S* __restrict__ _p_gx_u, int64_t _ld_gx_u, const S* __restrict__ _p_inv_n_H, int64_t _ld_inv_n_H, const S* __restrict__ _p_mean, int64_t _ld_mean, const S* __restrict__ _p_mean_10, int64_t _ld_mean_10, const S* __restrict__ _p_mean_2, int64_t _ld_mean_2, const S* __restrict__ _p_mean_5, int64_t _ld_mean_5, const S* __restrict__ _p_mean_6, int64_t _ld_mean_6, const S* __restrict__ _p_mean_9, int64_t _ld_mean_9, const S* __restrict__ _p_r, int64_t _ld_r, const S* __restrict__ _p_rstd, int64_t _ld_rstd, const S* __restrict__ _p_rstd_3, int64_t _ld_rstd_3, const S* __restrict__ _p_rstd_5, int64_t _ld_rstd_5, const S* __restrict__ _p_u, int64_t _ld_u, S* __restrict__ _p_d_mean_10, int64_t _ld_d_mean_10, S* __restrict__ _p_d_mean_9, int64_t _ld_d_mean_9, S* __restrict__ _p_d_mean_6, int64_t _ld_d_mean_6, S* __restrict__ _p_d_mean_5, int64_t _ld_d_mean_5, S* __restrict__ _p_d_mean_2, int64_t _ld_d_mean_2, S* __restrict__ _p_d_mean, int64_t _ld_d_mean)
+__global__ void layer_norm_gru_backward_bwd0_rows_kernel(int64_t _rows, int64_t n_H, const S* __restrict__ _p_W_c_x, int64_t _ld_W_c_x, const S* __restrict__ _p_W_r_x, int64_t _ld_W_r_x, const S* __restrict__ _p_W_u_x, int64_t _ld_W_u_x, const S* __restrict__ _p_c, int64_t _ld_c, const S* __restrict__ _p_d_c, int64_t _ld_d_c, const S* __restrict__ _p_d_r, int64_t _ld_d_r, const S* __restrict__ _p_d_u, int64_t _ld_d_u, const S* __restrict__ _p_gx_c, int64_t _ld_gx_c, const S* __restrict__ _p_gx_r, int64_t _ld_gx_r, const S* __restrict__ _p_gx_u, int64_t _ld_gx_u, const S* __restrict__ _p_inv_n_H, int64_t _ld_inv_n_H, const S* __restrict__ _p_mean, int64_t _ld_mean, const S* __restrict__ _p_mean_3, int64_t _ld_mean_3, const S* __restrict__ _p_mean_5, int64_t _ld_mean_5, const S* __restrict__ _p_r, int64_t _ld_r, const S* __restrict__ _p_rstd, int64_t _ld_rstd, const S* __restrict__ _p_rstd_3, int64_t _ld_rstd_3, const S* __restrict__ _p_rstd_5, int64_t _ld_rstd_5, const S* __restrict__ _p_u, int64_t _ld_u, const S* __restrict__ _p_var, int64_t _ld_var, const S* __restrict__ _p_var_3, int64_t _ld_var_3, const S* __restrict__ _p_var_5, int64_t _ld_var_5, S* __restrict__ _p_d_var_5, int64_t _ld_d_var_5, S* __restrict__ _p_d_mean_5, int64_t _ld_d_mean_5, S* __restrict__ _p_d_var_3, int64_t _ld_d_var_3, S* __restrict__ _p_d_mean_3, int64_t _ld_d_mean_3, S* __restrict__ _p_d_var, int64_t _ld_d_var, S* __restrict__ _p_d_mean, int64_t _ld_d_mean)
 {
     typedef typename cs_math<S>::type M;
     for (int64_t _r = blockIdx.x; _r < _rows; _r += gridDim.x)
-        layer_norm_gru_backward_bwd0_rows_row<S, M>(_r, threadIdx.x, blockDim.x, n_H, _p_W_c_x, _ld_W_c_x, _p_W_r_x, _ld_W_r_x, _p_W_u_x, _ld_W_u_x, _p_c, _ld_c, _p_d_c, _ld_d_c, _p_d_r, _ld_d_r, _p_d_u, _ld_d_u, _p_gx_c, _ld_gx_c, _p_gx_r, _ld_gx_r, _p_gx_u, _ld_gx_u, _p_inv_n_H, _ld_inv_n_H, _p_mean, _ld_mean, _p_mean_10, _ld_mean_10, _p_mean_2, _ld_mean_2, _p_mean_5, _ld_mean_5, _p_mean_6, _ld_mean_6, _p_mean_9, _ld_mean_9, _p_r, _ld_r, _p_rstd, _ld_rstd, _p_rstd_3, _ld_rstd_3, _p_rstd_5, _ld_rstd_5, _p_u, _ld_u, _p_d_mean_10, _ld_d_mean_10, _p_d_mean_9, _ld_d_mean_9, _p_d_mean_6, _ld_d_mean_6, _p_d_mean_5, _ld_d_mean_5, _p_d_mean_2, _ld_d_mean_2, _p_d_mean, _ld_d_mean);
+        layer_norm_gru_backward_bwd0_rows_row<S, M>(_r, threadIdx.x, blockDim.x, n_H, _p_W_c_x, _ld_W_c_x, _p_W_r_x, _ld_W_r_x, _p_W_u_x, _ld_W_u_x, _p_c, _ld_c, _p_d_c, _ld_d_c, _p_d_r, _ld_d_r, _p_d_u, _ld_d_u, _p_gx_c, _ld_gx_c, _p_gx_r, _ld_gx_r, _p_gx_u, _ld_gx_u, _p_inv_n_H, _ld_inv_n_H, _p_mean, _ld_mean, _p_mean_3, _ld_mean_3, _p_mean_5, _ld_mean_5, _p_r, _ld_r, _p_rstd, _ld_rstd, _p_rstd_3, _ld_rstd_3, _p_rstd_5, _ld_rstd_5, _p_u, _ld_u, _p_var, _ld_var, _p_var_3, _ld_var_3, _p_var_5, _ld_var_5, _p_d_var_5, _ld_d_var_5, _p_d_mean_5, _ld_d_mean_5, _p_d_var_3, _ld_d_var_3, _p_d_mean_3, _ld_d_mean_3, _p_d_var, _ld_d_var, _p_d_mean, _ld_d_mean);
 }
 
 template <typename S>
-static int layer_norm_gru_backward_bwd0_rows_launch(int64_t _rows, int64_t n_H, const void* _p_W_c_x, int64_t _ld_W_c_x, const void* _p_W_r_x, int64_t _ld_W_r_x, const void* _p_W_u_x, int64_t _ld_W_u_x, const void* _p_c, int64_t _ld_c, const void* _p_d_c, int64_t _ld_d_c, const void* _p_d_r, int64_t _ld_d_r, const void* _p_d_u, int64_t _ld_d_u, const void* _p_gx_c, int64_t _ld_gx_c, const void* _p_gx_r, int64_t _ld_gx_r, const void* _p_gx_u, int64_t _ld_gx_u, const void* _p_inv_n_H, int64_t _ld_inv_n_H, const void* _p_mean, int64_t _ld_mean, const void* _p_mean_10, int64_t _ld_mean_10, const void* _p_mean_2, int64_t _ld_mean_2, const void* _p_mean_5, int64_t _ld_mean_5, const void* _p_mean_6, int64_t _ld_mean_6, const void* _p_mean_9, int64_t _ld_mean_9, const void* _p_r, int64_t _ld_r, const void* _p_rstd, int64_t _ld_rstd, const void* _p_rstd_3, int64_t _ld_rstd_3, const void* _p_rstd_5, int64_t _ld_rstd_5, const void* _p_u, int64_t _ld_u, void* _p_d_mean_10, int64_t _ld_d_mean_10, void* _p_d_mean_9, int64_t _ld_d_mean_9, void* _p_d_mean_6, int64_t _ld_d_mean_6, void* _p_d_mean_5, int64_t _ld_d_mean_5, void* _p_d_mean_2, int64_t _ld_d_mean_2, void* _p_d_mean, int64_t _ld_d_mean, void* _stream)
+static int layer_norm_gru_backward_bwd0_rows_launch(int64_t _rows, int64_t n_H, const void* _p_W_c_x, int64_t _ld_W_c_x, const void* _p_W_r_x, int64_t _ld_W_r_x, const void* _p_W_u_x, int64_t _ld_W_u_x, const void* _p_c, int64_t _ld_c, const void* _p_d_c, int64_t _ld_d_c, const void* _p_d_r, int64_t _ld_d_r, const void* _p_d_u, int64_t _ld_d_u, const void* _p_gx_c, int64_t _ld_gx_c, const void* _p_gx_r, int64_t _ld_gx_r, const void* _p_gx_u, int64_t _ld_gx_u, const void* _p_inv_n_H, int64_t _ld_inv_n_H, const void* _p_mean, int64_t _ld_mean, const void* _p_mean_3, int64_t _ld_mean_3, const void* _p_mean_5, int64_t _ld_mean_5, const void* _p_r, int64_t _ld_r, const void* _p_rstd, int64_t _ld_rstd, const void* _p_rstd_3, int64_t _ld_rstd_3, const void* _p_rstd_5, int64_t _ld_rstd_5, const void* _p_u, int64_t _ld_u, const void* _p_var, int64_t _ld_var, const void* _p_var_3, int64_t _ld_var_3, const void* _p_var_5, int64_t _ld_var_5, void* _p_d_var_5, int64_t _ld_d_var_5, void* _p_d_mean_5, int64_t _ld_d_mean_5, void* _p_d_var_3, int64_t _ld_d_var_3, void* _p_d_mean_3, int64_t _ld_d_mean_3, void* _p_d_var, int64_t _ld_d_var, void* _p_d_mean, int64_t _ld_d_mean, void* _stream)
 {
     if (_rows <= 0) return 0;
     int64_t _cols = 1;
     if (n_H > _cols) _cols = n_H;
     dim3 _grid, _block;
     cs_row_grid(_rows, _cols, &_grid, &_block);
-    layer_norm_gru_backward_bwd0_rows_kernel<S><<<_grid, _block, 0, (cudaStream_t)_stream>>>(_rows, n_H, (const S*)_p_W_c_x, _ld_W_c_x, (const S*)_p_W_r_x, _ld_W_r_x, (const S*)_p_W_u_x, _ld_W_u_x, (const S*)_p_c, _ld_c, (const S*)_p_d_c, _ld_d_c, (const S*)_p_d_r, _ld_d_r, (const S*)_p_d_u, _ld_d_u, (const S*)_p_gx_c, _ld_gx_c, (const S*)_p_gx_r, _ld_gx_r, (const S*)_p_gx_u, _ld_gx_u, (const S*)_p_inv_n_H, _ld_inv_n_H, (const S*)_p_mean, _ld_mean, (const S*)_p_mean_10, _ld_mean_10, (const S*)_p_mean_2, _ld_mean_2, (const S*)_p_mean_5, _ld_mean_5, (const S*)_p_mean_6, _ld_mean_6, (const S*)_p_mean_9, _ld_mean_9, (const S*)_p_r, _ld_r, (const S*)_p_rstd, _ld_rstd, (const S*)_p_rstd_3, _ld_rstd_3, (const S*)_p_rstd_5, _ld_rstd_5, (const S*)_p_u, _ld_u, (S*)_p_d_mean_10, _ld_d_mean_10, (S*)_p_d_mean_9, _ld_d_mean_9, (S*)_p_d_mean_6, _ld_d_mean_6, (S*)_p_d_mean_5, _ld_d_mean_5, (S*)_p_d_mean_2, _ld_d_mean_2, (S*)_p_d_mean, _ld_d_mean);
+    layer_norm_gru_backward_bwd0_rows_kernel<S><<<_grid, _block, 0, (cudaStream_t)_stream>>>(_rows, n_H, (const S*)_p_W_c_x, _ld_W_c_x, (const S*)_p_W_r_x, _ld_W_r_x, (const S*)_p_W_u_x, _ld_W_u_x, (const S*)_p_c, _ld_c, (const S*)_p_d_c, _ld_d_c, (const S*)_p_d_r, _ld_d_r, (const S*)_p_d_u, _ld_d_u, (const S*)_p_gx_c, _ld_gx_c, (const S*)_p_gx_r, _ld_gx_r, (const S*)_p_gx_u, _ld_gx_u, (const S*)_p_inv_n_H, _ld_inv_n_H, (const S*)_p_mean, _ld_mean, (const S*)_p_mean_3, _ld_mean_3, (const S*)_p_mean_5, _ld_mean_5, (const S*)_p_r, _ld_r, (const S*)_p_rstd, _ld_rstd, (const S*)_p_rstd_3, _ld_rstd_3, (const S*)_p_rstd_5, _ld_rstd_5, (const S*)_p_u, _ld_u, (const S*)_p_var, _ld_var, (const S*)_p_var_3, _ld_var_3, (const S*)_p_var_5, _ld_var_5, (S*)_p_d_var_5, _ld_d_var_5, (S*)_p_d_mean_5, _ld_d_mean_5, (S*)_p_d_var_3, _ld_d_var_3, (S*)_p_d_mean_3, _ld_d_mean_3, (S*)_p_d_var, _ld_d_var, (S*)_p_d_mean, _ld_d_mean);
     return (int)cudaGetLastError();
 }
 #else
 template <typename S>
-static inline void layer_norm_gru_backward_bwd0_rows_host(int64_t _rows, int64_t n_H, const S* __restrict__ _p_W_c_x, int64_t _ld_W_c_x, const S* __restrict__ _p_W_r_x, int64_t _ld_W_r_x, const S* __restrict__ _p_W_u_x, int64_t _ld_W_u_x, const S* __restrict__ _p_c, int64_t _ld_c, const S* __restrict__ _p_d_c, int64_t _ld_d_c, const S* __restrict__ _p_d_r, int64_t _ld_d_r, const S* __restrict__ _p_d_u, int64_t _ld_d_u, const S* __restrict__ _p_gx_c, int64_t _ld_gx_c, const S* __restrict__ _p_gx_r, int64_t _ld_gx_r, const S* __restrict__ _p_gx_u, int64_t _ld_gx_u, const S* __restrict__ _p_inv_n_H, int64_t _ld_inv_n_H, const S* __restrict__ _p_mean, int64_t _ld_mean, const S* __restrict__ _p_mean_10, int64_t _ld_mean_10, const S* __restrict__ _p_mean_2, int64_t _ld_mean_2, const S* __restrict__ _p_mean_5, int64_t _ld_mean_5, const S* __restrict__ _p_mean_6, int64_t _ld_mean_6, const S* __restrict__ _p_mean_9, int64_t _ld_mean_9, const S* __restrict__ _p_r, int64_t _ld_r, const S* __restrict__ _p_rstd, int64_t _ld_rstd, const S* __restrict__ _p_rstd_3, int64_t _ld_rstd_3, const S* __restrict__ _p_rstd_5, int64_t _ld_rstd_5, const S* __restrict__ _p_u, int64_t _ld_u, S* __restrict__ _p_d_mean_10, int64_t _ld_d_mean_10, S* __restrict__ _p_d_mean_9, int64_t _ld_d_mean_9, S* __restrict__ _p_d_mean_6, int64_t _ld_d_mean_6, S* __restrict__ _p_d_mean_5, int64_t _ld_d_mean_5, S* __restrict__ _p_d_mean_2, int64_t _ld_d_mean_2, S* __restrict__ _p_d_mean, int64_t _ld_d_mean)
+static inline void layer_norm_gru_backward_bwd0_rows_host(int64_t _rows, int64_t n_H, const S* __restrict__ _p_W_c_x, int64_t _ld_W_c_x, const S* __restrict__ _p_W_r_x, int64_t _ld_W_r_x, const S* __restrict__ _p_W_u_x, int64_t _ld_W_u_x, const S* __restrict__ _p_c, int64_t _ld_c, const S* __restrict__ _p_d_c, int64_t _ld_d_c, const S* __restrict__ _p_d_r, int64_t _ld_d_r, const S* __restrict__ _p_d_u, int64_t _ld_d_u, const S* __restrict__ _p_gx_c, int64_t _ld_gx_c, const S* __restrict__ _p_gx_r, int64_t _ld_gx_r, const S* __restrict__ _p_gx_u, int64_t _ld_gx_u, const S* __restrict__ _p_inv_n_H, int64_t _ld_inv_n_H, const S* __restrict__ _p_mean, int64_t _ld_mean, const S* __restrict__ _p_mean_3, int64_t _ld_mean_3, const S* __restrict__ _p_mean_5, int64_t _ld_mean_5, const S* __restrict__ _p_r, int64_t _ld_r, const S* __restrict__ _p_rstd, int64_t _ld_rstd, const S* __restrict__ _p_rstd_3, int64_t _ld_rstd_3, const S* __restrict__ _p_rstd_5, int64_t _ld_rstd_5, const S* __restrict__ _p_u, int64_t _ld_u, const S* __restrict__ _p_var, int64_t _ld_var, const S* __restrict__ _p_var_3, int64_t _ld_var_3, const S* __restrict__ _p_var_5, int64_t _ld_var_5, S* __restrict__ _p_d_var_5, int64_t _ld_d_var_5, S* __restrict__ _p_d_mean_5, int64_t _ld_d_mean_5, S* __restrict__ _p_d_var_3, int64_t _ld_d_var_3, S* __restrict__ _p_d_mean_3, int64_t _ld_d_mean_3, S* __restrict__ _p_d_var, int64_t _ld_d_var, S* __restrict__ _p_d_mean, int64_t _ld_d_mean)
 {
 #pragma omp parallel for schedule(static) if (_rows * (n_H) >= 2048)
     for (int64_t _r = 0; _r < _rows; ++_r)
-        layer_norm_gru_backward_bwd0_rows_row<S, S>(_r, 0, 1, n_H, _p_W_c_x, _ld_W_c_x, _p_W_r_x, _ld_W_r_x, _p_W_u_x, _ld_W_u_x, _p_c, _ld_c, _p_d_c, _ld_d_c, _p_d_r, _ld_d_r, _p_d_u, _ld_d_u, _p_gx_c, _ld_gx_c, _p_gx_r, _ld_gx_r, _p_gx_u, _ld_gx_u, _p_inv_n_H, _ld_inv_n_H, _p_mean, _ld_mean, _p_mean_10, _ld_mean_10, _p_mean_2, _ld_mean_2, _p_mean_5, _ld_mean_5, _p_mean_6, _ld_mean_6, _p_mean_9, _ld_mean_9, _p_r, _ld_r, _p_rstd, _ld_rstd, _p_rstd_3, _ld_rstd_3, _p_rstd_5, _ld_rstd_5, _p_u, _ld_u, _p_d_mean_10, _ld_d_mean_10, _p_d_mean_9, _ld_d_mean_9, _p_d_mean_6, _ld_d_mean_6, _p_d_mean_5, _ld_d_mean_5, _p_d_mean_2, _ld_d_mean_2, _p_d_mean, _ld_d_mean);
+        layer_norm_gru_backward_bwd0_rows_row<S, S>(_r, 0, 1, n_H, _p_W_c_x, _ld_W_c_x, _p_W_r_x, _ld_W_r_x, _p_W_u_x, _ld_W_u_x, _p_c, _ld_c, _p_d_c, _ld_d_c, _p_d_r, _ld_d_r, _p_d_u, _ld_d_u, _p_gx_c, _ld_gx_c, _p_gx_r, _ld_gx_r, _p_gx_u, _ld_gx_u, _p_inv_n_H, _ld_inv_n_H, _p_mean, _ld_mean, _p_mean_3, _ld_mean_3, _p_mean_5, _ld_mean_5, _p_r, _ld_r, _p_rstd, _ld_rstd, _p_rstd_3, _ld_rstd_3, _p_rstd_5, _ld_rstd_5, _p_u, _ld_u, _p_var, _ld_var, _p_var_3, _ld_var_3, _p_var_5, _ld_var_5, _p_d_var_5, _ld_d_var_5, _p_d_mean_5, _ld_d_mean_5, _p_d_var_3, _ld_d_var_3, _p_d_mean_3, _ld_d_mean_3, _p_d_var, _ld_d_var, _p_d_mean, _ld_d_mean);
 }
 #endif
 
@@ -1087,21 +1087,21 @@ static inline void layer_norm_gru_backward_bwd0_rows_host(int64_t _rows, int64_t
 // layer_norm_gru_backward_bwd_leaf_rows: backward: per-step adjoints of inputs, states, vector params, hoisted results, row by row (reductions over the units)
 // =============================================================================================
 template <typename S, typename real>
-CS_ROWFN inline void layer_norm_gru_backward_bwd_leaf_rows_row(int64_t _r, int64_t _j0, int64_t _dj, int64_t n_H, const S* __restrict__ _p_U_c_h, int64_t _ld_U_c_h, const S* __restrict__ _p_U_r_h, int64_t _ld_U_r_h, const S* __restrict__ _p_U_u_h, int64_t _ld_U_u_h, const S* __restrict__ _p_W_c_x, int64_t _ld_W_c_x, const S* __restrict__ _p_W_r_x, int64_t _ld_W_r_x, const S* __restrict__ _p_W_u_x, int64_t _ld_W_u_x, const S* __restrict__ _p_c, int64_t _ld_c, const S* __restrict__ _p_d_c, int64_t _ld_d_c, const S* __restrict__ _p_d_h_gemm, int64_t _ld_d_h_gemm, const S* __restrict__ _p_d_h_next, int64_t _ld_d_h_next, const S* __restrict__ _p_d_mean, int64_t _ld_d_mean, const S* __restrict__ _p_d_mean_10, int64_t _ld_d_mean_10, const S* __restrict__ _p_d_mean_2, int64_t _ld_d_mean_2, const S* __restrict__ _p_d_mean_5, int64_t _ld_d_mean_5, const S* __restrict__ _p_d_mean_6, int64_t _ld_d_mean_6, const S* __restrict__ _p_d_mean_9, int64_t _ld_d_mean_9, const S* __restrict__ _p_d_r, int64_t _ld_d_r, const S* __restrict__ _p_d_u, int64_t _ld_d_u, const S* __restrict__ _p_gx_c, int64_t _ld_gx_c, const S* __restrict__ _p_gx_r, int64_t _ld_gx_r, const S* __restrict__ _p_gx_u, int64_t _ld_gx_u, const S* __restrict__ _p_inv_n_H, int64_t _ld_inv_n_H, const S* __restrict__ _p_mean, int64_t _ld_mean, const S* __restrict__ _p_mean_11, int64_t _ld_mean_11, const S* __restrict__ _p_mean_3, int64_t _ld_mean_3, const S* __restrict__ _p_mean_5, int64_t _ld_mean_5, const S* __restrict__ _p_mean_7, int64_t _ld_mean_7, const S* __restrict__ _p_mean_9, int64_t _ld_mean_9, const S* __restrict__ _p_r, int64_t _ld_r, const S* __restrict__ _p_rstd, int64_t _ld_rstd, const S* __restrict__ _p_rstd_2, int64_t _ld_rstd_2, const S* __restrict__ _p_rstd_3, int64_t _ld_rstd_3, const S* __restrict__ _p_rstd_4, int64_t _ld_rstd_4, const S* __restrict__ _p_rstd_5, int64_t _ld_rstd_5, const S* __restrict__ _p_rstd_6, int64_t _ld_rstd_6, const S* __restrict__ _p_u, int64_t _ld_u, S* __restrict__ _p_d_h, int64_t _ld_d_h, S* __restrict__ _p_d_gx_r, int64_t _ld_d_gx_r, S* __restrict__ _p_d_bx_r, int64_t _ld_d_bx_r, S* __restrict__ _p_d_gh_r, int64_t _ld_d_gh_r, S* __restrict__ _p_d_bh_r, int64_t _ld_d_bh_r, S* __restrict__ _p_d_gx_u, int64_t _ld_d_gx_u, S* __restrict__ _p_d_bx_u, int64_t _ld_d_bx_u, S* __restrict__ _p_d_gh_u, int64_t _ld_d_gh_u, S* __restrict__ _p_d_bh_u, int64_t _ld_d_bh_u, S* __restrict__ _p_d_gx_c, int64_t _ld_d_gx_c, S* __restrict__ _p_d_bx_c, int64_t _ld_d_bx_c, S* __restrict__ _p_d_gh_c, int64_t _ld_d_gh_c, S* __restrict__ _p_d_bh_c, int64_t _ld_d_bh_c, S* __restrict__ _p_d_W_r_x, int64_t _ld_d_W_r_x, S* __restrict__ _p_d_W_u_x, int64_t _ld_d_W_u_x, S* __restrict__ _p_d_W_c_x, int64_t _ld_d_W_c_x)
+CS_ROWFN inline void layer_norm_gru_backward_bwd_leaf_rows_row(int64_t _r, int64_t _j0, int64_t _dj, int64_t n_H, const S* __restrict__ _p_U_c_h, int64_t _ld_U_c_h, const S* __restrict__ _p_U_r_h, int64_t _ld_U_r_h, const S* __restrict__ _p_U_u_h, int64_t _ld_U_u_h, const S* __restrict__ _p_W_c_x, int64_t _ld_W_c_x, const S* __restrict__ _p_W_r_x, int64_t _ld_W_r_x, const S* __restrict__ _p_W_u_x, int64_t _ld_W_u_x, const S* __restrict__ _p_c, int64_t _ld_c, const S* __restrict__ _p_d_c, int64_t _ld_d_c, const S* __restrict__ _p_d_h_gemm, int64_t _ld_d_h_gemm, const S* __restrict__ _p_d_h_next, int64_t _ld_d_h_next, const S* __restrict__ _p_d_mean, int64_t _ld_d_mean, const S* __restrict__ _p_d_mean_3, int64_t _ld_d_mean_3, const S* __restrict__ _p_d_mean_5, int64_t _ld_d_mean_5, const S* __restrict__ _p_d_r, int64_t _ld_d_r, const S* __restrict__ _p_d_u, int64_t _ld_d_u, const S* __restrict__ _p_d_var, int64_t _ld_d_var, const S* __restrict__ _p_d_var_3, int64_t _ld_d_var_3, const S* __restrict__ _p_d_var_5, int64_t _ld_d_var_5, const S* __restrict__ _p_gx_c, int64_t _ld_gx_c, const S* __restrict__ _p_gx_r, int64_t _ld_gx_r, const S* __restrict__ _p_gx_u, int64_t _ld_gx_u, const S* __restrict__ _p_inv_n_H, int64_t _ld_inv_n_H, const S* __restrict__ _p_mean, int64_t _ld_mean, const S* __restrict__ _p_mean_2, int64_t _ld_mean_2, const S* __restrict__ _p_mean_3, int64_t _ld_mean_3, const S* __restrict__ _p_mean_4, int64_t _ld_mean_4, const S* __restrict__ _p_mean_5, int64_t _ld_mean_5, const S* __restrict__ _p_mean_6, int64_t _ld_mean_6, const S* __restrict__ _p_r, int64_t _ld_r, const S* __restrict__ _p_rstd, int64_t _ld_rstd, const S* __restrict__ _p_rstd_2, int64_t _ld_rstd_2, const S* __restrict__ _p_rstd_3, int64_t _ld_rstd_3, const S* __restrict__ _p_rstd_4, int64_t _ld_rstd_4, const S* __restrict__ _p_rstd_5, int64_t _ld_rstd_5, const S* __restrict__ _p_rstd_6, int64_t _ld_rstd_6, const S* __restrict__ _p_u, int64_t _ld_u, S* __restrict__ _p_d_h, int64_t _ld_d_h, S* __restrict__ _p_d_gx_r, int64_t _ld_d_gx_r, S* __restrict__ _p_d_bx_r, int64_t _ld_d_bx_r, S* __restrict__ _p_d_gh_r, int64_t _ld_d_gh_r, S* __restrict__ _p_d_bh_r, int64_t _ld_d_bh_r, S* __restrict__ _p_d_gx_u, int64_t _ld_d_gx_u, S* __restrict__ _p_d_bx_u, int64_t _ld_d_bx_u, S* __restrict__ _p_d_gh_u, int64_t _ld_d_gh_u, S* __restrict__ _p_d_bh_u, int64_t _ld_d_bh_u, S* __restrict__ _p_d_gx_c, int64_t _ld_d_gx_c, S* __restrict__ _p_d_bx_c, int64_t _ld_d_bx_c, S* __restrict__ _p_d_gh_c, int64_t _ld_d_gh_c, S* __restrict__ _p_d_bh_c, int64_t _ld_d_bh_c, S* __restrict__ _p_d_W_r_x, int64_t _ld_d_W_r_x, S* __restrict__ _p_d_W_u_x, int64_t _ld_d_W_u_x, S* __restrict__ _p_d_W_c_x, int64_t _ld_d_W_c_x)
 {
     (void)n_H;
     const real d_mean = CS_LD(_p_d_mean[_r * _ld_d_mean]);
-    const real d_mean_10 = CS_LD(_p_d_mean_10[_r * _ld_d_mean_10]);
-    const real d_mean_2 = CS_LD(_p_d_mean_2[_r * _ld_d_mean_2]);
+    const real d_mean_3 = CS_LD(_p_d_mean_3[_r * _ld_d_mean_3]);
     const real d_mean_5 = CS_LD(_p_d_mean_5[_r * _ld_d_mean_5]);
-    const real d_mean_6 = CS_LD(_p_d_mean_6[_r * _ld_d_mean_6]);
-    const real d_mean_9 = CS_LD(_p_d_mean_9[_r * _ld_d_mean_9]);
+    const real d_var = CS_LD(_p_d_var[_r * _ld_d_var]);
+    const real d_var_3 = CS_LD(_p_d_var_3[_r * _ld_d_var_3]);
+    const real d_var_5 = CS_LD(_p_d_var_5[_r * _ld_d_var_5]);
     const real mean = CS_LD(_p_mean[_r * _ld_mean]);
-    const real mean_11 = CS_LD(_p_mean_11[_r * _ld_mean_11]);
+    const real mean_2 = CS_LD(_p_mean_2[_r * _ld_mean_2]);
     const real mean_3 = CS_LD(_p_mean_3[_r * _ld_mean_3]);
+    const real mean_4 = CS_LD(_p_mean_4[_r * _ld_mean_4]);
     const real mean_5 = CS_LD(_p_mean_5[_r * _ld_mean_5]);
-    const real mean_7 = CS_LD(_p_mean_7[_r * _ld_mean_7]);
-    const real mean_9 = CS_LD(_p_mean_9[_r * _ld_mean_9]);
+    const real mean_6 = CS_LD(_p_mean_6[_r * _ld_mean_6]);
     const real rstd = CS_LD(_p_rstd[_r * _ld_rstd]);
     const real rstd_2 = CS_LD(_p_rstd_2[_r * _ld_rstd_2]);
     const real rstd_3 = CS_LD(_p_rstd_3[_r * _ld_rstd_3]);
@@ -1138,19 +1138,19 @@ CS_ROWFN inline void layer_norm_gru_backward_bwd_leaf_rows_row(int64_t _r, int64
         const real d_h = d_h_gemm + d_h_next*u;  // adjoint of state h
         const real d_gx_r = t14*(W_r_x - mean);  // adjoint of param gx_r
         const real d_bx_r = t13_2;  // adjoint of param bx_r
-        const real d_gh_r = rstd_2*t13_2*(U_r_h - mean_3);  // adjoint of param gh_r
+        const real d_gh_r = rstd_2*t13_2*(U_r_h - mean_2);  // adjoint of param gh_r
         const real d_bh_r = d_bx_r;  // adjoint of param bh_r
-        const real d_gx_u = t16*(W_u_x - mean_5);  // adjoint of param gx_u
+        const real d_gx_u = t16*(W_u_x - mean_3);  // adjoint of param gx_u
         const real d_bx_u = t15;  // adjoint of param bx_u
-        const real d_gh_u = rstd_4*t15*(U_u_h - mean_7);  // adjoint of param gh_u
+        const real d_gh_u = rstd_4*t15*(U_u_h - mean_4);  // adjoint of param gh_u
         const real d_bh_u = d_bx_u;  // adjoint of param bh_u
-        const real d_gx_c = t18*(W_c_x - mean_9);  // adjoint of param gx_c
+        const real d_gx_c = t18*(W_c_x - mean_5);  // adjoint of param gx_c
         const real d_bx_c = t17;  // adjoint of param bx_c
-        const real d_gh_c = rstd_6*t19*(U_c_h - mean_11);  // adjoint of param gh_c
+        const real d_gh_c = rstd_6*t19*(U_c_h - mean_6);  // adjoint of param gh_c
         const real d_bh_c = t19;  // adjoint of param bh_c
-        const real d_W_r_x = d_mean*inv_n_H + d_mean_2*inv_n_H*(real(2.0)*W_r_x - real(2.0)*mean) + gx_r*t14;  // adjoint of hoisted projection W_r_x
-        const real d_W_u_x = d_mean_5*inv_n_H + d_mean_6*inv_n_H*(real(2.0)*W_u_x - real(2.0)*mean_5) + gx_u*t16;  // adjoint of hoisted projection W_u_x
-        const real d_W_c_x = d_mean_10*inv_n_H*(real(2.0)*W_c_x - real(2.0)*mean_9) + d_mean_9*inv_n_H + gx_c*t18;  // adjoint of hoisted projection W_c_x
+        const real d_W_r_x = d_mean*inv_n_H + d_var*inv_n_H*(real(2.0)*W_r_x - real(2.0)*mean) + gx_r*t14;  // adjoint of hoisted projection W_r_x
+        const real d_W_u_x = d_mean_3*inv_n_H + d_var_3*inv_n_H*(real(2.0)*W_u_x - real(2.0)*mean_3) + gx_u*t16;  // adjoint of hoisted projection W_u_x
+        const real d_W_c_x = d_mean_5*inv_n_H + d_var_5*inv_n_H*(real(2.0)*W_c_x - real(2.0)*mean_5) + gx_c*t18;  // adjoint of hoisted projection W_c_x
         CS_ST(_p_d_h[_r * _ld_d_h + _j], d_h);
         CS_ST(_p_d_gx_r[_r * _ld_d_gx_r + _j], d_gx_r);
         CS_ST(_p_d_bx_r[_r * _ld_d_bx_r + _j], d_bx_r);
@@ -1172,31 +1172,31 @@ CS_ROWFN inline void layer_norm_gru_backward_bwd_leaf_rows_row(int64_t _r, int64
 
 #ifdef __CUDACC__
 template <typename S>
-__global__ void layer_norm_gru_backward_bwd_leaf_rows_kernel(int64_t _rows, int64_t n_H, const S* __restrict__ _p_U_c_h, int64_t _ld_U_c_h, const S* __restrict__ _p_U_r_h, int64_t _ld_U_r_h, const S* __restrict__ _p_U_u_h, int64_t _ld_U_u_h, const S* __restrict__ _p_W_c_x, int64_t _ld_W_c_x, const S* __restrict__ _p_W_r_x, int64_t _ld_W_r_x, const S* __restrict__ _p_W_u_x, int64_t _ld_W_u_x, const S* __restrict__ _p_c, int64_t _ld_c, const S* __restrict__ _p_d_c, int64_t _ld_d_c, const S* __restrict__ _p_d_h_gemm, int64_t _ld_d_h_gemm, const S* __restrict__ _p_d_h_next, int64_t _ld_d_h_next, const S* __restrict__ _p_d_mean, int64_t _ld_d_mean, const S* __restrict__ _p_d_mean_10, int64_t _ld_d_mean_10, const S* __restrict__ _p_d_mean_2, int64_t _ld_d_mean_2, const S* __restrict__ _p_d_mean_5, int64_t _ld_d_mean_5, const S* __restrict__ _p_d_mean_6, int64_t _ld_d_mean_6, const S* __restrict__ _p_d_mean_9, int64_t _ld_d_mean_9, const S* __restrict__ _p_d_r, int64_t _ld_d_r, const S* __restrict__ _p_d_u, int64_t _ld_d_u, const S* __restrict__ _p_gx_c, int64_t _ld_gx_c, const S* __restrict__ _p_gx_r, int64_t _ld_gx_r, const S* __restrict__ _p_gx_u, int64_t _ld_gx_u, const S* __restrict__ _p_inv_n_H, int64_t _ld_inv_n_H, const S* __restrict__ _p_mean, int64_t _ld_mean, const S* __restrict__ _p_mean_11, int64_t _ld_mean_11, const S* __restrict__ _p_mean_3, int64_t _ld_mean_3, const S* __restrict__ _p_mean_5, int64_t _ld_mean_5, const S* __restrict__ _p_mean_7, int64_t _ld_mean_7, const S* __restrict__ _p_mean_9, int64_t _ld_mean_9, const S* __restrict__ _p_r, int64_t _ld_r, const S* __restrict__ _p_rstd, int64_t _ld_rstd, const S* __restrict__ _p_rstd_2, int64_t _ld_rstd_2, const S* __restrict__ _p_rstd_3, int64_t _ld_rstd_3, const S* __restrict__ _p_rstd_4, int64_t _ld_rstd_4, const S* __restrict__ _p_rstd_5, int64_t _ld_rstd_5, const S* __restrict__ _p_rstd_6, int64_t _ld_rstd_6, const S* __restrict__ _p_u, int64_t _ld_u, S* __restrict__ _p_d_h, int64_t _ld_d_h, S* __restrict__ _p_d_gx_r, int64_t _ld_d_gx_r, S* __restrict__ _p_d_bx_r, int64_t _ld_d_bx_r, S* __restrict__ _p_d_gh_r, int64_t _ld_d_gh_r, S* __restrict__ _p_d_bh_r, int64_t _ld_d_bh_r, S* __restrict__ _p_d_gx_u, int64_t _ld_d_gx_u, S* __restrict__ _p_d_bx_u, int64_t _ld_d_bx_u, S* __restrict__ _p_d_gh_u, int64_t _ld_d_gh_u, S* __restrict__ _p_d_bh_u, int64_t _ld_d_bh_u, S* __restrict__ _p_d_gx_c, int64_t _ld_d_gx_c, S* __restrict__ _p_d_bx_c, int64_t _ld_d_bx_c, S* __restrict__ _p_d_gh_c, int64_t _ld_d_gh_c, S* __restrict__ _p_d_bh_c, int64_t _ld_d_bh_c, S* __restrict__ _p_d_W_r_x, int64_t _ld_d_W_r_x, S* __restrict__ _p_d_W_u_x, int64_t _ld_d_W_u_x, S* __restrict__ _p_d_W_c_x, int64_t _ld_d_W_c_x)
+__global__ void layer_norm_gru_backward_bwd_leaf_rows_kernel(int64_t _rows, int64_t n_H, const S* __restrict__ _p_U_c_h, int64_t _ld_U_c_h, const S* __restrict__ _p_U_r_h, int64_t _ld_U_r_h, const S* __restrict__ _p_U_u_h, int64_t _ld_U_u_h, const S* __restrict__ _p_W_c_x, int64_t _ld_W_c_x, const S* __restrict__ _p_W_r_x, int64_t _ld_W_r_x, const S* __restrict__ _p_W_u_x, int64_t _ld_W_u_x, const S* __restrict__ _p_c, int64_t _ld_c, const S* __restrict__ _p_d_c, int64_t _ld_d_c, const S* __restrict__ _p_d_h_gemm, int64_t _ld_d_h_gemm, const S* __restrict__ _p_d_h_next, int64_t _ld_d_h_next, const S* __restrict__ _p_d_mean, int64_t _ld_d_mean, const S* __restrict__ _p_d_mean_3, int64_t _ld_d_mean_3, const S* __restrict__ _p_d_mean_5, int64_t _ld_d_mean_5, const S* __restrict__ _p_d_r, int64_t _ld_d_r, const S* __restrict__ _p_d_u, int64_t _ld_d_u, const S* __restrict__ _p_d_var, int64_t _ld_d_var, const S* __restrict__ _p_d_var_3, int64_t _ld_d_var_3, const S* __restrict__ _p_d_var_5, int64_t _ld_d_var_5, const S* __restrict__ _p_gx_c, int64_t _ld_gx_c, const S* __restrict__ _p_gx_r, int64_t _ld_gx_r, const S* __restrict__ _p_gx_u, int64_t _ld_gx_u, const S* __restrict__ _p_inv_n_H, int64_t _ld_inv_n_H, const S* __restrict__ _p_mean, int64_t _ld_mean, const S* __restrict__ _p_mean_2, int64_t _ld_mean_2, const S* __restrict__ _p_mean_3, int64_t _ld_mean_3, const S* __restrict__ _p_mean_4, int64_t _ld_mean_4, const S* __restrict__ _p_mean_5, int64_t _ld_mean_5, const S* __restrict__ _p_mean_6, int64_t _ld_mean_6, const S* __restrict__ _p_r, int64_t _ld_r, const S* __restrict__ _p_rstd, int64_t _ld_rstd, const S* __restrict__ _p_rstd_2, int64_t _ld_rstd_2, const S* __restrict__ _p_rstd_3, int64_t _ld_rstd_3, const S* __restrict__ _p_rstd_4, int64_t _ld_rstd_4, const S* __restrict__ _p_rstd_5, int64_t _ld_rstd_5, const S* __restrict__ _p_rstd_6, int64_t _ld_rstd_6, const S* __restrict__ _p_u, int64_t _ld_u, S* __restrict__ _p_d_h, int64_t _ld_d_h, S* __restrict__ _p_d_gx_r, int64_t _ld_d_gx_r, S* __restrict__ _p_d_bx_r, int64_t _ld_d_bx_r, S* __restrict__ _p_d_gh_r, int64_t _ld_d_gh_r, S* __restrict__ _p_d_bh_r, int64_t _ld_d_bh_r, S* __restrict__ _p_d_gx_u, int64_t _ld_d_gx_u, S* __restrict__ _p_d_bx_u, int64_t _ld_d_bx_u, S* __restrict__ _p_d_gh_u, int64_t _ld_d_gh_u, S* __restrict__ _p_d_bh_u, int64_t _ld_d_bh_u, S* __restrict__ _p_d_gx_c, int64_t _ld_d_gx_c, S* __restrict__ _p_d_bx_c, int64_t _ld_d_bx_c, S* __restrict__ _p_d_gh_c, int64_t _ld_d_gh_c, S* __restrict__ _p_d_bh_c, int64_t _ld_d_bh_c, S* __restrict__ _p_d_W_r_x, int64_t _ld_d_W_r_x, S* __restrict__ _p_d_W_u_x, int64_t _ld_d_W_u_x, S* __restrict__ _p_d_W_c_x, int64_t _ld_d_W_c_x)
 {
     typedef typename cs_math<S>::type M;
     for (int64_t _r = blockIdx.x; _r < _rows; _r += gridDim.x)
-        layer_norm_gru_backward_bwd_leaf_rows_row<S, M>(_r, threadIdx.x, blockDim.x, n_H, _p_U_c_h, _ld_U_c_h, _p_U_r_h, _ld_U_r_h, _p_U_u_h, _ld_U_u_h, _p_W_c_x, _ld_W_c_x, _p_W_r_x, _ld_W_r_x, _p_W_u_x, _ld_W_u_x, _p_c, _ld_c, _p_d_c, _ld_d_c, _p_d_h_gemm, _ld_d_h_gemm, _p_d_h_next, _ld_d_h_next, _p_d_mean, _ld_d_mean, _p_d_mean_10, _ld_d_mean_10, _p_d_mean_2, _ld_d_mean_2, _p_d_mean_5, _ld_d_mean_5, _p_d_mean_6, _ld_d_mean_6, _p_d_mean_9, _ld_d_mean_9, _p_d_r, _ld_d_r, _p_d_u, _ld_d_u, _p_gx_c, _ld_gx_c, _p_gx_r, _ld_gx_r, _p_gx_u, _ld_gx_u, _p_inv_n_H, _ld_inv_n_H, _p_mean, _ld_mean, _p_mean_11, _ld_mean_11, _p_mean_3, _ld_mean_3, _p_mean_5, _ld_mean_5, _p_mean_7, _ld_mean_7, _p_mean_9, _ld_mean_9, _p_r, _ld_r, _p_rstd, _ld_rstd, _p_rstd_2, _ld_rstd_2, _p_rstd_3, _ld_rstd_3, _p_rstd_4, _ld_rstd_4, _p_rstd_5, _ld_rstd_5, _p_rstd_6, _ld_rstd_6, _p_u, _ld_u, _p_d_h, _ld_d_h, _p_d_gx_r, _ld_d_gx_r, _p_d_bx_r, _ld_d_bx_r, _p_d_gh_r, _ld_d_gh_r, _p_d_bh_r, _ld_d_bh_r, _p_d_gx_u, _ld_d_gx_u, _p_d_bx_u, _ld_d_bx_u, _p_d_gh_u, _ld_d_gh_u, _p_d_bh_u, _ld_d_bh_u, _p_d_gx_c, _ld_d_gx_c, _p_d_bx_c, _ld_d_bx_c, _p_d_gh_c, _ld_d_gh_c, _p_d_bh_c, _ld_d_bh_c, _p_d_W_r_x, _ld_d_W_r_x, _p_d_W_u_x, _ld_d_W_u_x, _p_d_W_c_x, _ld_d_W_c_x);
+        layer_norm_gru_backward_bwd_leaf_rows_row<S, M>(_r, threadIdx.x, blockDim.x, n_H, _p_U_c_h, _ld_U_c_h, _p_U_r_h, _ld_U_r_h, _p_U_u_h, _ld_U_u_h, _p_W_c_x, _ld_W_c_x, _p_W_r_x, _ld_W_r_x, _p_W_u_x, _ld_W_u_x, _p_c, _ld_c, _p_d_c, _ld_d_c, _p_d_h_gemm, _ld_d_h_gemm, _p_d_h_next, _ld_d_h_next, _p_d_mean, _ld_d_mean, _p_d_mean_3, _ld_d_mean_3, _p_d_mean_5, _ld_d_mean_5, _p_d_r, _ld_d_r, _p_d_u, _ld_d_u, _p_d_var, _ld_d_var, _p_d_var_3, _ld_d_var_3, _p_d_var_5, _ld_d_var_5, _p_gx_c, _ld_gx_c, _p_gx_r, _ld_gx_r, _p_gx_u, _ld_gx_u, _p_inv_n_H, _ld_inv_n_H, _p_mean, _ld_mean, _p_mean_2, _ld_mean_2, _p_mean_3, _ld_mean_3, _p_mean_4, _ld_mean_4, _p_mean_5, _ld_mean_5, _p_mean_6, _ld_mean_6, _p_r, _ld_r, _p_rstd, _ld_rstd, _p_rstd_2, _ld_rstd_2, _p_rstd_3, _ld_rstd_3, _p_rstd_4, _ld_rstd_4, _p_rstd_5, _ld_rstd_5, _p_rstd_6, _ld_rstd_6, _p_u, _ld_u, _p_d_h, _ld_d_h, _p_d_gx_r, _ld_d_gx_r, _p_d_bx_r, _ld_d_bx_r, _p_d_gh_r, _ld_d_gh_r, _p_d_bh_r, _ld_d_bh_r, _p_d_gx_u, _ld_d_gx_u, _p_d_bx_u, _ld_d_bx_u, _p_d_gh_u, _ld_d_gh_u, _p_d_bh_u, _ld_d_bh_u, _p_d_gx_c, _ld_d_gx_c, _p_d_bx_c, _ld_d_bx_c, _p_d_gh_c, _ld_d_gh_c, _p_d_bh_c, _ld_d_bh_c, _p_d_W_r_x, _ld_d_W_r_x, _p_d_W_u_x, _ld_d_W_u_x, _p_d_W_c_x, _ld_d_W_c_x);
 }
 
 template <typename S>
-static int layer_norm_gru_backward_bwd_leaf_rows_launch(int64_t _rows, int64_t n_H, const void* _p_U_c_h, int64_t _ld_U_c_h, const void* _p_U_r_h, int64_t _ld_U_r_h, const void* _p_U_u_h, int64_t _ld_U_u_h, const void* _p_W_c_x, int64_t _ld_W_c_x, const void* _p_W_r_x, int64_t _ld_W_r_x, const void* _p_W_u_x, int64_t _ld_W_u_x, const void* _p_c, int64_t _ld_c, const void* _p_d_c, int64_t _ld_d_c, const void* _p_d_h_gemm, int64_t _ld_d_h_gemm, const void* _p_d_h_next, int64_t _ld_d_h_next, const void* _p_d_mean, int64_t _ld_d_mean, const void* _p_d_mean_10, int64_t _ld_d_mean_10, const void* _p_d_mean_2, int64_t _ld_d_mean_2, const void* _p_d_mean_5, int64_t _ld_d_mean_5, const void* _p_d_mean_6, int64_t _ld_d_mean_6, const void* _p_d_mean_9, int64_t _ld_d_mean_9, const void* _p_d_r, int64_t _ld_d_r, const void* _p_d_u, int64_t _ld_d_u, const void* _p_gx_c, int64_t _ld_gx_c, const void* _p_gx_r, int64_t _ld_gx_r, const void* _p_gx_u, int64_t _ld_gx_u, const void* _p_inv_n_H, int64_t _ld_inv_n_H, const void* _p_mean, int64_t _ld_mean, const void* _p_mean_11, int64_t _ld_mean_11, const void* _p_mean_3, int64_t _ld_mean_3, const void* _p_mean_5, int64_t _ld_mean_5, const void* _p_mean_7, int64_t _ld_mean_7, const void* _p_mean_9, int64_t _ld_mean_9, const void* _p_r, int64_t _ld_r, const void* _p_rstd, int64_t _ld_rstd, const void* _p_rstd_2, int64_t _ld_rstd_2, const void* _p_rstd_3, int64_t _ld_rstd_3, const void* _p_rstd_4, int64_t _ld_rstd_4, const void* _p_rstd_5, int64_t _ld_rstd_5, const void* _p_rstd_6, int64_t _ld_rstd_6, const void* _p_u, int64_t _ld_u, void* _p_d_h, int64_t _ld_d_h, void* _p_d_gx_r, int64_t _ld_d_gx_r, void* _p_d_bx_r, int64_t _ld_d_bx_r, void* _p_d_gh_r, int64_t _ld_d_gh_r, void* _p_d_bh_r, int64_t _ld_d_bh_r, void* _p_d_gx_u, int64_t _ld_d_gx_u, void* _p_d_bx_u, int64_t _ld_d_bx_u, void* _p_d_gh_u, int64_t _ld_d_gh_u, void* _p_d_bh_u, int64_t _ld_d_bh_u, void* _p_d_gx_c, int64_t _ld_d_gx_c, void* _p_d_bx_c, int64_t _ld_d_bx_c, void* _p_d_gh_c, int64_t _ld_d_gh_c, void* _p_d_bh_c, int64_t _ld_d_bh_c, void* _p_d_W_r_x, int64_t _ld_d_W_r_x, void* _p_d_W_u_x, int64_t _ld_d_W_u_x, void* _p_d_W_c_x, int64_t _ld_d_W_c_x, void* _stream)
+static int layer_norm_gru_backward_bwd_leaf_rows_launch(int64_t _rows, int64_t n_H, const void* _p_U_c_h, int64_t _ld_U_c_h, const void* _p_U_r_h, int64_t _ld_U_r_h, const void* _p_U_u_h, int64_t _ld_U_u_h, const void* _p_W_c_x, int64_t _ld_W_c_x, const void* _p_W_r_x, int64_t _ld_W_r_x, const void* _p_W_u_x, int64_t _ld_W_u_x, const void* _p_c, int64_t _ld_c, const void* _p_d_c, int64_t _ld_d_c, const void* _p_d_h_gemm, int64_t _ld_d_h_gemm, const void* _p_d_h_next, int64_t _ld_d_h_next, const void* _p_d_mean, int64_t _ld_d_mean, const void* _p_d_mean_3, int64_t _ld_d_mean_3, const void* _p_d_mean_5, int64_t _ld_d_mean_5, const void* _p_d_r, int64_t _ld_d_r, const void* _p_d_u, int64_t _ld_d_u, const void* _p_d_var, int64_t _ld_d_var, const void* _p_d_var_3, int64_t _ld_d_var_3, const void* _p_d_var_5, int64_t _ld_d_var_5, const void* _p_gx_c, int64_t _ld_gx_c, const void* _p_gx_r, int64_t _ld_gx_r, const void* _p_gx_u, int64_t _ld_gx_u, const void* _p_inv_n_H, int64_t _ld_inv_n_H, const void* _p_mean, int64_t _ld_mean, const void* _p_mean_2, int64_t _ld_mean_2, const void* _p_mean_3, int64_t _ld_mean_3, const void* _p_mean_4, int64_t _ld_mean_4, const void* _p_mean_5, int64_t _ld_mean_5, const void* _p_mean_6, int64_t _ld_mean_6, const void* _p_r, int64_t _ld_r, const void* _p_rstd, int64_t _ld_rstd, const void* _p_rstd_2, int64_t _ld_rstd_2, const void* _p_rstd_3, int64_t _ld_rstd_3, const void* _p_rstd_4, int64_t _ld_rstd_4, const void* _p_rstd_5, int64_t _ld_rstd_5, const void* _p_rstd_6, int64_t _ld_rstd_6, const void* _p_u, int64_t _ld_u, void* _p_d_h, int64_t _ld_d_h, void* _p_d_gx_r, int64_t _ld_d_gx_r, void* _p_d_bx_r, int64_t _ld_d_bx_r, void* _p_d_gh_r, int64_t _ld_d_gh_r, void* _p_d_bh_r, int64_t _ld_d_bh_r, void* _p_d_gx_u, int64_t _ld_d_gx_u, void* _p_d_bx_u, int64_t _ld_d_bx_u, void* _p_d_gh_u, int64_t _ld_d_gh_u, void* _p_d_bh_u, int64_t _ld_d_bh_u, void* _p_d_gx_c, int64_t _ld_d_gx_c, void* _p_d_bx_c, int64_t _ld_d_bx_c, void* _p_d_gh_c, int64_t _ld_d_gh_c, void* _p_d_bh_c, int64_t _ld_d_bh_c, void* _p_d_W_r_x, int64_t _ld_d_W_r_x, void* _p_d_W_u_x, int64_t _ld_d_W_u_x, void* _p_d_W_c_x, int64_t _ld_d_W_c_x, void* _stream)
 {
     if (_rows <= 0) return 0;
     int64_t _cols = 1;
     if (n_H > _cols) _cols = n_H;
     dim3 _grid, _block;
     cs_row_grid(_rows, _cols, &_grid, &_block);
-    layer_norm_gru_backward_bwd_leaf_rows_kernel<S><<<_grid, _block, 0, (cudaStream_t)_stream>>>(_rows, n_H, (const S*)_p_U_c_h, _ld_U_c_h, (const S*)_p_U_r_h, _ld_U_r_h, (const S*)_p_U_u_h, _ld_U_u_h, (const S*)_p_W_c_x, _ld_W_c_x, (const S*)_p_W_r_x, _ld_W_r_x, (const S*)_p_W_u_x, _ld_W_u_x, (const S*)_p_c, _ld_c, (const S*)_p_d_c, _ld_d_c, (const S*)_p_d_h_gemm, _ld_d_h_gemm, (const S*)_p_d_h_next, _ld_d_h_next, (const S*)_p_d_mean, _ld_d_mean, (const S*)_p_d_mean_10, _ld_d_mean_10, (const S*)_p_d_mean_2, _ld_d_mean_2, (const S*)_p_d_mean_5, _ld_d_mean_5, (const S*)_p_d_mean_6, _ld_d_mean_6, (const S*)_p_d_mean_9, _ld_d_mean_9, (const S*)_p_d_r, _ld_d_r, (const S*)_p_d_u, _ld_d_u, (const S*)_p_gx_c, _ld_gx_c, (const S*)_p_gx_r, _ld_gx_r, (const S*)_p_gx_u, _ld_gx_u, (const S*)_p_inv_n_H, _ld_inv_n_H, (const S*)_p_mean, _ld_mean, (const S*)_p_mean_11, _ld_mean_11, (const S*)_p_mean_3, _ld_mean_3, (const S*)_p_mean_5, _ld_mean_5, (const S*)_p_mean_7, _ld_mean_7, (const S*)_p_mean_9, _ld_mean_9, (const S*)_p_r, _ld_r, (const S*)_p_rstd, _ld_rstd, (const S*)_p_rstd_2, _ld_rstd_2, (const S*)_p_rstd_3, _ld_rstd_3, (const S*)_p_rstd_4, _ld_rstd_4, (const S*)_p_rstd_5, _ld_rstd_5, (const S*)_p_rstd_6, _ld_rstd_6, (const S*)_p_u, _ld_u, (S*)_p_d_h, _ld_d_h, (S*)_p_d_gx_r, _ld_d_gx_r, (S*)_p_d_bx_r, _ld_d_bx_r, (S*)_p_d_gh_r, _ld_d_gh_r, (S*)_p_d_bh_r, _ld_d_bh_r, (S*)_p_d_gx_u, _ld_d_gx_u, (S*)_p_d_bx_u, _ld_d_bx_u, (S*)_p_d_gh_u, _ld_d_gh_u, (S*)_p_d_bh_u, _ld_d_bh_u, (S*)_p_d_gx_c, _ld_d_gx_c, (S*)_p_d_bx_c, _ld_d_bx_c, (S*)_p_d_gh_c, _ld_d_gh_c, (S*)_p_d_bh_c, _ld_d_bh_c, (S*)_p_d_W_r_x, _ld_d_W_r_x, (S*)_p_d_W_u_x, _ld_d_W_u_x, (S*)_p_d_W_c_x, _ld_d_W_c_x);
+    layer_norm_gru_backward_bwd_leaf_rows_kernel<S><<<_grid, _block, 0, (cudaStream_t)_stream>>>(_rows, n_H, (const S*)_p_U_c_h, _ld_U_c_h, (const S*)_p_U_r_h, _ld_U_r_h, (const S*)_p_U_u_h, _ld_U_u_h, (const S*)_p_W_c_x, _ld_W_c_x, (const S*)_p_W_r_x, _ld_W_r_x, (const S*)_p_W_u_x, _ld_W_u_x, (const S*)_p_c, _ld_c, (const S*)_p_d_c, _ld_d_c, (const S*)_p_d_h_gemm, _ld_d_h_gemm, (const S*)_p_d_h_next, _ld_d_h_next, (const S*)_p_d_mean, _ld_d_mean, (const S*)_p_d_mean_3, _ld_d_mean_3, (const S*)_p_d_mean_5, _ld_d_mean_5, (const S*)_p_d_r, _ld_d_r, (const S*)_p_d_u, _ld_d_u, (const S*)_p_d_var, _ld_d_var, (const S*)_p_d_var_3, _ld_d_var_3, (const S*)_p_d_var_5, _ld_d_var_5, (const S*)_p_gx_c, _ld_gx_c, (const S*)_p_gx_r, _ld_gx_r, (const S*)_p_gx_u, _ld_gx_u, (const S*)_p_inv_n_H, _ld_inv_n_H, (const S*)_p_mean, _ld_mean, (const S*)_p_mean_2, _ld_mean_2, (const S*)_p_mean_3, _ld_mean_3, (const S*)_p_mean_4, _ld_mean_4, (const S*)_p_mean_5, _ld_mean_5, (const S*)_p_mean_6, _ld_mean_6, (const S*)_p_r, _ld_r, (const S*)_p_rstd, _ld_rstd, (const S*)_p_rstd_2, _ld_rstd_2, (const S*)_p_rstd_3, _ld_rstd_3, (const S*)_p_rstd_4, _ld_rstd_4, (const S*)_p_rstd_5, _ld_rstd_5, (const S*)_p_rstd_6, _ld_rstd_6, (const S*)_p_u, _ld_u, (S*)_p_d_h, _ld_d_h, (S*)_p_d_gx_r, _ld_d_gx_r, (S*)_p_d_bx_r, _ld_d_bx_r, (S*)_p_d_gh_r, _ld_d_gh_r, (S*)_p_d_bh_r, _ld_d_bh_r, (S*)_p_d_gx_u, _ld_d_gx_u, (S*)_p_d_bx_u, _ld_d_bx_u, (S*)_p_d_gh_u, _ld_d_gh_u, (S*)_p_d_bh_u, _ld_d_bh_u, (S*)_p_d_gx_c, _ld_d_gx_c, (S*)_p_d_bx_c, _ld_d_bx_c, (S*)_p_d_gh_c, _ld_d_gh_c, (S*)_p_d_bh_c, _ld_d_bh_c, (S*)_p_d_W_r_x, _ld_d_W_r_x, (S*)_p_d_W_u_x, _ld_d_W_u_x, (S*)_p_d_W_c_x, _ld_d_W_c_x);
     return (int)cudaGetLastError();
 }
 #else
 template <typename S>
-static inline void layer_norm_gru_backward_bwd_leaf_rows_host(int64_t _rows, int64_t n_H, const S* __restrict__ _p_U_c_h, int64_t _ld_U_c_h, const S* __restrict__ _p_U_r_h, int64_t _ld_U_r_h, const S* __restrict__ _p_U_u_h, int64_t _ld_U_u_h, const S* __restrict__ _p_W_c_x, int64_t _ld_W_c_x, const S* __restrict__ _p_W_r_x, int64_t _ld_W_r_x, const S* __restrict__ _p_W_u_x, int64_t _ld_W_u_x, const S* __restrict__ _p_c, int64_t _ld_c, const S* __restrict__ _p_d_c, int64_t _ld_d_c, const S* __restrict__ _p_d_h_gemm, int64_t _ld_d_h_gemm, const S* __restrict__ _p_d_h_next, int64_t _ld_d_h_next, const S* __restrict__ _p_d_mean, int64_t _ld_d_mean, const S* __restrict__ _p_d_mean_10, int64_t _ld_d_mean_10, const S* __restrict__ _p_d_mean_2, int64_t _ld_d_mean_2, const S* __restrict__ _p_d_mean_5, int64_t _ld_d_mean_5, const S* __restrict__ _p_d_mean_6, int64_t _ld_d_mean_6, const S* __restrict__ _p_d_mean_9, int64_t _ld_d_mean_9, const S* __restrict__ _p_d_r, int64_t _ld_d_r, const S* __restrict__ _p_d_u, int64_t _ld_d_u, const S* __restrict__ _p_gx_c, int64_t _ld_gx_c, const S* __restrict__ _p_gx_r, int64_t _ld_gx_r, const S* __restrict__ _p_gx_u, int64_t _ld_gx_u, const S* __restrict__ _p_inv_n_H, int64_t _ld_inv_n_H, const S* __restrict__ _p_mean, int64_t _ld_mean, const S* __restrict__ _p_mean_11, int64_t _ld_mean_11, const S* __restrict__ _p_mean_3, int64_t _ld_mean_3, const S* __restrict__ _p_mean_5, int64_t _ld_mean_5, const S* __restrict__ _p_mean_7, int64_t _ld_mean_7, const S* __restrict__ _p_mean_9, int64_t _ld_mean_9, const S* __restrict__ _p_r, int64_t _ld_r, const S* __restrict__ _p_rstd, int64_t _ld_rstd, const S* __restrict__ _p_rstd_2, int64_t _ld_rstd_2, const S* __restrict__ _p_rstd_3, int64_t _ld_rstd_3, const S* __restrict__ _p_rstd_4, int64_t _ld_rstd_4, const S* __restrict__ _p_rstd_5, int64_t _ld_rstd_5, const S* __restrict__ _p_rstd_6, int64_t _ld_rstd_6, const S* __restrict__ _p_u, int64_t _ld_u, S* __restrict__ _p_d_h, int64_t _ld_d_h, S* __restrict__ _p_d_gx_r, int64_t _ld_d_gx_r, S* __restrict__ _p_d_bx_r, int64_t _ld_d_bx_r, S* __restrict__ _p_d_gh_r, int64_t _ld_d_gh_r, S* __restrict__ _p_d_bh_r, int64_t _ld_d_bh_r, S* __restrict__ _p_d_gx_u, int64_t _ld_d_gx_u, S* __restrict__ _p_d_bx_u, int64_t _ld_d_bx_u, S* __restrict__ _p_d_gh_u, int64_t _ld_d_gh_u, S* __restrict__ _p_d_bh_u, int64_t _ld_d_bh_u, S* __restrict__ _p_d_gx_c, int64_t _ld_d_gx_c, S* __restrict__ _p_d_bx_c, int64_t _ld_d_bx_c, S* __restrict__ _p_d_gh_c, int64_t _ld_d_gh_c, S* __restrict__ _p_d_bh_c, int64_t _ld_d_bh_c, S* __restrict__ _p_d_W_r_x, int64_t _ld_d_W_r_x, S* __restrict__ _p_d_W_u_x, int64_t _ld_d_W_u_x, S* __restrict__ _p_d_W_c_x, int64_t _ld_d_W_c_x)
+static inline void layer_norm_gru_backward_bwd_leaf_rows_host(int64_t _rows, int64_t n_H, const S* __restrict__ _p_U_c_h, int64_t _ld_U_c_h, const S* __restrict__ _p_U_r_h, int64_t _ld_U_r_h, const S* __restrict__ _p_U_u_h, int64_t _ld_U_u_h, const S* __restrict__ _p_W_c_x, int64_t _ld_W_c_x, const S* __restrict__ _p_W_r_x, int64_t _ld_W_r_x, const S* __restrict__ _p_W_u_x, int64_t _ld_W_u_x, const S* __restrict__ _p_c, int64_t _ld_c, const S* __restrict__ _p_d_c, int64_t _ld_d_c, const S* __restrict__ _p_d_h_gemm, int64_t _ld_d_h_gemm, const S* __restrict__ _p_d_h_next, int64_t _ld_d_h_next, const S* __restrict__ _p_d_mean, int64_t _ld_d_mean, const S* __restrict__ _p_d_mean_3, int64_t _ld_d_mean_3, const S* __restrict__ _p_d_mean_5, int64_t _ld_d_mean_5, const S* __restrict__ _p_d_r, int64_t _ld_d_r, const S* __restrict__ _p_d_u, int64_t _ld_d_u, const S* __restrict__ _p_d_var, int64_t _ld_d_var, const S* __restrict__ _p_d_var_3, int64_t _ld_d_var_3, const S* __restrict__ _p_d_var_5, int64_t _ld_d_var_5, const S* __restrict__ _p_gx_c, int64_t _ld_gx_c, const S* __restrict__ _p_gx_r, int64_t _ld_gx_r, const S* __restrict__ _p_gx_u, int64_t _ld_gx_u, const S* __restrict__ _p_inv_n_H, int64_t _ld_inv_n_H, const S* __restrict__ _p_mean, int64_t _ld_mean, const S* __restrict__ _p_mean_2, int64_t _ld_mean_2, const S* __restrict__ _p_mean_3, int64_t _ld_mean_3, const S* __restrict__ _p_mean_4, int64_t _ld_mean_4, const S* __restrict__ _p_mean_5, int64_t _ld_mean_5, const S* __restrict__ _p_mean_6, int64_t _ld_mean_6, const S* __restrict__ _p_r, int64_t _ld_r, const S* __restrict__ _p_rstd, int64_t _ld_rstd, const S* __restrict__ _p_rstd_2, int64_t _ld_rstd_2, const S* __restrict__ _p_rstd_3, int64_t _ld_rstd_3, const S* __restrict__ _p_rstd_4, int64_t _ld_rstd_4, const S* __restrict__ _p_rstd_5, int64_t _ld_rstd_5, const S* __restrict__ _p_rstd_6, int64_t _ld_rstd_6, const S* __restrict__ _p_u, int64_t _ld_u, S* __restrict__ _p_d_h, int64_t _ld_d_h, S* __restrict__ _p_d_gx_r, int64_t _ld_d_gx_r, S* __restrict__ _p_d_bx_r, int64_t _ld_d_bx_r, S* __restrict__ _p_d_gh_r, int64_t _ld_d_gh_r, S* __restrict__ _p_d_bh_r, int64_t _ld_d_bh_r, S* __restrict__ _p_d_gx_u, int64_t _ld_d_gx_u, S* __restrict__ _p_d_bx_u, int64_t _ld_d_bx_u, S* __restrict__ _p_d_gh_u, int64_t _ld_d_gh_u, S* __restrict__ _p_d_bh_u, int64_t _ld_d_bh_u, S* __restrict__ _p_d_gx_c, int64_t _ld_d_gx_c, S* __restrict__ _p_d_bx_c, int64_t _ld_d_bx_c, S* __restrict__ _p_d_gh_c, int64_t _ld_d_gh_c, S* __restrict__ _p_d_bh_c, int64_t _ld_d_bh_c, S* __restrict__ _p_d_W_r_x, int64_t _ld_d_W_r_x, S* __restrict__ _p_d_W_u_x, int64_t _ld_d_W_u_x, S* __restrict__ _p_d_W_c_x, int64_t _ld_d_W_c_x)
 {
 #pragma omp parallel for schedule(static) if (_rows * (n_H) >= 2048)
     for (int64_t _r = 0; _r < _rows; ++_r)
-        layer_norm_gru_backward_bwd_leaf_rows_row<S, S>(_r, 0, 1, n_H, _p_U_c_h, _ld_U_c_h, _p_U_r_h, _ld_U_r_h, _p_U_u_h, _ld_U_u_h, _p_W_c_x, _ld_W_c_x, _p_W_r_x, _ld_W_r_x, _p_W_u_x, _ld_W_u_x, _p_c, _ld_c, _p_d_c, _ld_d_c, _p_d_h_gemm, _ld_d_h_gemm, _p_d_h_next, _ld_d_h_next, _p_d_mean, _ld_d_mean, _p_d_mean_10, _ld_d_mean_10, _p_d_mean_2, _ld_d_mean_2, _p_d_mean_5, _ld_d_mean_5, _p_d_mean_6, _ld_d_mean_6, _p_d_mean_9, _ld_d_mean_9, _p_d_r, _ld_d_r, _p_d_u, _ld_d_u, _p_gx_c, _ld_gx_c, _p_gx_r, _ld_gx_r, _p_gx_u, _ld_gx_u, _p_inv_n_H, _ld_inv_n_H, _p_mean, _ld_mean, _p_mean_11, _ld_mean_11, _p_mean_3, _ld_mean_3, _p_mean_5, _ld_mean_5, _p_mean_7, _ld_mean_7, _p_mean_9, _ld_mean_9, _p_r, _ld_r, _p_rstd, _ld_rstd, _p_rstd_2, _ld_rstd_2, _p_rstd_3, _ld_rstd_3, _p_rstd_4, _ld_rstd_4, _p_rstd_5, _ld_rstd_5, _p_rstd_6, _ld_rstd_6, _p_u, _ld_u, _p_d_h, _ld_d_h, _p_d_gx_r, _ld_d_gx_r, _p_d_bx_r, _ld_d_bx_r, _p_d_gh_r, _ld_d_gh_r, _p_d_bh_r, _ld_d_bh_r, _p_d_gx_u, _ld_d_gx_u, _p_d_bx_u, _ld_d_bx_u, _p_d_gh_u, _ld_d_gh_u, _p_d_bh_u, _ld_d_bh_u, _p_d_gx_c, _ld_d_gx_c, _p_d_bx_c, _ld_d_bx_c, _p_d_gh_c, _ld_d_gh_c, _p_d_bh_c, _ld_d_bh_c, _p_d_W_r_x, _ld_d_W_r_x, _p_d_W_u_x, _ld_d_W_u_x, _p_d_W_c_x, _ld_d_W_c_x);
+        layer_norm_gru_backward_bwd_leaf_rows_row<S, S>(_r, 0, 1, n_H, _p_U_c_h, _ld_U_c_h, _p_U_r_h, _ld_U_r_h, _p_U_u_h, _ld_U_u_h, _p_W_c_x, _ld_W_c_x, _p_W_r_x, _ld_W_r_x, _p_W_u_x, _ld_W_u_x, _p_c, _ld_c, _p_d_c, _ld_d_c, _p_d_h_gemm, _ld_d_h_gemm, _p_d_h_next, _ld_d_h_next, _p_d_mean, _ld_d_mean, _p_d_mean_3, _ld_d_mean_3, _p_d_mean_5, _ld_d_mean_5, _p_d_r, _ld_d_r, _p_d_u, _ld_d_u, _p_d_var, _ld_d_var, _p_d_var_3, _ld_d_var_3, _p_d_var_5, _ld_d_var_5, _p_gx_c, _ld_gx_c, _p_gx_r, _ld_gx_r, _p_gx_u, _ld_gx_u, _p_inv_n_H, _ld_inv_n_H, _p_mean, _ld_mean, _p_mean_2, _ld_mean_2, _p_mean_3, _ld_mean_3, _p_mean_4, _ld_mean_4, _p_mean_5, _ld_mean_5, _p_mean_6, _ld_mean_6, _p_r, _ld_r, _p_rstd, _ld_rstd, _p_rstd_2, _ld_rstd_2, _p_rstd_3, _ld_rstd_3, _p_rstd_4, _ld_rstd_4, _p_rstd_5, _ld_rstd_5, _p_rstd_6, _ld_rstd_6, _p_u, _ld_u, _p_d_h, _ld_d_h, _p_d_gx_r, _ld_d_gx_r, _p_d_bx_r, _ld_d_bx_r, _p_d_gh_r, _ld_d_gh_r, _p_d_bh_r, _ld_d_bh_r, _p_d_gx_u, _ld_d_gx_u, _p_d_bx_u, _ld_d_bx_u, _p_d_gh_u, _ld_d_gh_u, _p_d_bh_u, _ld_d_bh_u, _p_d_gx_c, _ld_d_gx_c, _p_d_bx_c, _ld_d_bx_c, _p_d_gh_c, _ld_d_gh_c, _p_d_bh_c, _ld_d_bh_c, _p_d_W_r_x, _ld_d_W_r_x, _p_d_W_u_x, _ld_d_W_u_x, _p_d_W_c_x, _ld_d_W_c_x);
 }
 #endif
 
@@ -1204,7 +1204,7 @@ static inline void layer_norm_gru_backward_bwd_leaf_rows_host(int64_t _rows, int
 
 // =============================================================================================
 // layer_norm_gru: the whole sequence, forward
-// ptrs: 0 x_x, 1 s_h, 2 p_gx_r, 3 p_bx_r, 4 p_gh_r, 5 p_bh_r, 6 p_gx_u, 7 p_bx_u, 8 p_gh_u, 9 p_bh_u, 10 p_gx_c, 11 p_bx_c, 12 p_gh_c, 13 p_bh_c, 14 p_inv_n_H, 15 hg_W_r_W_u_W_c__x, 16 v_mean, 17 v_mean_2, 18 v_rstd, 19 v_mean_5, 20 v_mean_6, 21 v_rstd_3, 22 v_mean_9, 23 v_mean_10, 24 v_rstd_5, 25 g_U_r_U_u_U_c__h, 26 v_mean_3, 27 v_mean_4, 28 v_rstd_2, 29 v_r, 30 v_mean_7, 31 v_mean_8, 32 v_rstd_4, 33 v_u, 34 v_mean_11, 35 v_mean_12, 36 v_rstd_6, 37 v_c, 38 weight W_r_W_u_W_c, 39 weight U_r_U_u_U_c, 40 batch sizes (host, or NULL)
+// ptrs: 0 x_x, 1 s_h, 2 p_gx_r, 3 p_bx_r, 4 p_gh_r, 5 p_bh_r, 6 p_gx_u, 7 p_bx_u, 8 p_gh_u, 9 p_bh_u, 10 p_gx_c, 11 p_bx_c, 12 p_gh_c, 13 p_bh_c, 14 p_inv_n_H, 15 hg_W_r_W_u_W_c__x, 16 v_mean, 17 v_var, 18 v_rstd, 19 v_mean_3, 20 v_var_3, 21 v_rstd_3, 22 v_mean_5, 23 v_var_5, 24 v_rstd_5, 25 g_U_r_U_u_U_c__h, 26 v_mean_2, 27 v_var_2, 28 v_rstd_2, 29 v_r, 30 v_mean_4, 31 v_var_4, 32 v_rstd_4, 33 v_u, 34 v_mean_6, 35 v_var_6, 36 v_rstd_6, 37 v_c, 38 weight W_r_W_u_W_c, 39 weight U_r_U_u_U_c, 40 batch sizes (host, or NULL)
 
 // =============================================================================================
 template <typename S, typename G>
@@ -1252,44 +1252,44 @@ static int layer_norm_gru_forward_run(const int64_t* dims, void* const* ptrs, co
     (void)b_hg_W_r_W_u_W_c__x;
     S* b_v_mean = (S*)ptrs[16];
     (void)b_v_mean;
-    S* b_v_mean_2 = (S*)ptrs[17];
-    (void)b_v_mean_2;
+    S* b_v_var = (S*)ptrs[17];
+    (void)b_v_var;
     S* b_v_rstd = (S*)ptrs[18];
     (void)b_v_rstd;
-    S* b_v_mean_5 = (S*)ptrs[19];
-    (void)b_v_mean_5;
-    S* b_v_mean_6 = (S*)ptrs[20];
-    (void)b_v_mean_6;
+    S* b_v_mean_3 = (S*)ptrs[19];
+    (void)b_v_mean_3;
+    S* b_v_var_3 = (S*)ptrs[20];
+    (void)b_v_var_3;
     S* b_v_rstd_3 = (S*)ptrs[21];
     (void)b_v_rstd_3;
-    S* b_v_mean_9 = (S*)ptrs[22];
-    (void)b_v_mean_9;
-    S* b_v_mean_10 = (S*)ptrs[23];
-    (void)b_v_mean_10;
+    S* b_v_mean_5 = (S*)ptrs[22];
+    (void)b_v_mean_5;
+    S* b_v_var_5 = (S*)ptrs[23];
+    (void)b_v_var_5;
     S* b_v_rstd_5 = (S*)ptrs[24];
     (void)b_v_rstd_5;
     S* b_g_U_r_U_u_U_c__h = (S*)ptrs[25];
     (void)b_g_U_r_U_u_U_c__h;
-    S* b_v_mean_3 = (S*)ptrs[26];
-    (void)b_v_mean_3;
-    S* b_v_mean_4 = (S*)ptrs[27];
-    (void)b_v_mean_4;
+    S* b_v_mean_2 = (S*)ptrs[26];
+    (void)b_v_mean_2;
+    S* b_v_var_2 = (S*)ptrs[27];
+    (void)b_v_var_2;
     S* b_v_rstd_2 = (S*)ptrs[28];
     (void)b_v_rstd_2;
     S* b_v_r = (S*)ptrs[29];
     (void)b_v_r;
-    S* b_v_mean_7 = (S*)ptrs[30];
-    (void)b_v_mean_7;
-    S* b_v_mean_8 = (S*)ptrs[31];
-    (void)b_v_mean_8;
+    S* b_v_mean_4 = (S*)ptrs[30];
+    (void)b_v_mean_4;
+    S* b_v_var_4 = (S*)ptrs[31];
+    (void)b_v_var_4;
     S* b_v_rstd_4 = (S*)ptrs[32];
     (void)b_v_rstd_4;
     S* b_v_u = (S*)ptrs[33];
     (void)b_v_u;
-    S* b_v_mean_11 = (S*)ptrs[34];
-    (void)b_v_mean_11;
-    S* b_v_mean_12 = (S*)ptrs[35];
-    (void)b_v_mean_12;
+    S* b_v_mean_6 = (S*)ptrs[34];
+    (void)b_v_mean_6;
+    S* b_v_var_6 = (S*)ptrs[35];
+    (void)b_v_var_6;
     S* b_v_rstd_6 = (S*)ptrs[36];
     (void)b_v_rstd_6;
     S* b_v_c = (S*)ptrs[37];
@@ -1302,25 +1302,25 @@ static int layer_norm_gru_forward_run(const int64_t* dims, void* const* ptrs, co
     (void)ctx;
     if (bs) {  // rows of ended sequences, which no step writes, are read over all T*B rows
         CS_ZERO(b_v_mean, (n_T) * (n_B) * (1));
-        CS_ZERO(b_v_mean_2, (n_T) * (n_B) * (1));
+        CS_ZERO(b_v_var, (n_T) * (n_B) * (1));
         CS_ZERO(b_v_rstd, (n_T) * (n_B) * (1));
-        CS_ZERO(b_v_mean_5, (n_T) * (n_B) * (1));
-        CS_ZERO(b_v_mean_6, (n_T) * (n_B) * (1));
+        CS_ZERO(b_v_mean_3, (n_T) * (n_B) * (1));
+        CS_ZERO(b_v_var_3, (n_T) * (n_B) * (1));
         CS_ZERO(b_v_rstd_3, (n_T) * (n_B) * (1));
-        CS_ZERO(b_v_mean_9, (n_T) * (n_B) * (1));
-        CS_ZERO(b_v_mean_10, (n_T) * (n_B) * (1));
+        CS_ZERO(b_v_mean_5, (n_T) * (n_B) * (1));
+        CS_ZERO(b_v_var_5, (n_T) * (n_B) * (1));
         CS_ZERO(b_v_rstd_5, (n_T) * (n_B) * (1));
         CS_ZERO(b_g_U_r_U_u_U_c__h, (n_T) * (n_B) * (3*n_H));
-        CS_ZERO(b_v_mean_3, (n_T) * (n_B) * (1));
-        CS_ZERO(b_v_mean_4, (n_T) * (n_B) * (1));
+        CS_ZERO(b_v_mean_2, (n_T) * (n_B) * (1));
+        CS_ZERO(b_v_var_2, (n_T) * (n_B) * (1));
         CS_ZERO(b_v_rstd_2, (n_T) * (n_B) * (1));
         CS_ZERO(b_v_r, (n_T) * (n_B) * (n_H));
-        CS_ZERO(b_v_mean_7, (n_T) * (n_B) * (1));
-        CS_ZERO(b_v_mean_8, (n_T) * (n_B) * (1));
+        CS_ZERO(b_v_mean_4, (n_T) * (n_B) * (1));
+        CS_ZERO(b_v_var_4, (n_T) * (n_B) * (1));
         CS_ZERO(b_v_rstd_4, (n_T) * (n_B) * (1));
         CS_ZERO(b_v_u, (n_T) * (n_B) * (n_H));
-        CS_ZERO(b_v_mean_11, (n_T) * (n_B) * (1));
-        CS_ZERO(b_v_mean_12, (n_T) * (n_B) * (1));
+        CS_ZERO(b_v_mean_6, (n_T) * (n_B) * (1));
+        CS_ZERO(b_v_var_6, (n_T) * (n_B) * (1));
         CS_ZERO(b_v_rstd_6, (n_T) * (n_B) * (1));
         CS_ZERO(b_v_c, (n_T) * (n_B) * (n_H));
     }
@@ -1330,11 +1330,11 @@ static int layer_norm_gru_forward_run(const int64_t* dims, void* const* ptrs, co
     for (int64_t t = 0; t < n_T; ++t) {
         const int64_t rows = bs ? bs[t] : n_B;  // variable lengths: rows 0..B_t-1 run
         // forward: stage 0 forward, row by row (reductions over the units)
-        CS_ROWS(layer_norm_gru_forward_fwd0_rows, rows, n_H, b_hg_W_r_W_u_W_c__x + t * n_B * (3*n_H) + 2*n_H, 3*n_H, b_hg_W_r_W_u_W_c__x + t * n_B * (3*n_H), 3*n_H, b_hg_W_r_W_u_W_c__x + t * n_B * (3*n_H) + n_H, 3*n_H, b_p_inv_n_H, 0, b_v_mean + t * n_B * (1), 1, b_v_mean_2 + t * n_B * (1), 1, b_v_rstd + t * n_B * (1), 1, b_v_mean_5 + t * n_B * (1), 1, b_v_mean_6 + t * n_B * (1), 1, b_v_rstd_3 + t * n_B * (1), 1, b_v_mean_9 + t * n_B * (1), 1, b_v_mean_10 + t * n_B * (1), 1, b_v_rstd_5 + t * n_B * (1), 1);
+        CS_ROWS(layer_norm_gru_forward_fwd0_rows, rows, n_H, b_hg_W_r_W_u_W_c__x + t * n_B * (3*n_H) + 2*n_H, 3*n_H, b_hg_W_r_W_u_W_c__x + t * n_B * (3*n_H), 3*n_H, b_hg_W_r_W_u_W_c__x + t * n_B * (3*n_H) + n_H, 3*n_H, b_p_inv_n_H, 0, b_v_mean + t * n_B * (1), 1, b_v_var + t * n_B * (1), 1, b_v_rstd + t * n_B * (1), 1, b_v_mean_3 + t * n_B * (1), 1, b_v_var_3 + t * n_B * (1), 1, b_v_rstd_3 + t * n_B * (1), 1, b_v_mean_5 + t * n_B * (1), 1, b_v_var_5 + t * n_B * (1), 1, b_v_rstd_5 + t * n_B * (1), 1);
         // g_U_r_U_u_U_c__h = h @ [U_r, U_u, U_c]^T  (U_r @ h, U_u @ h, U_c @ h)
         CS_GEMM_NT_PACKED(rows, 3*n_H, n_H, b_s_h + t * n_B * (n_H), n_H, pk_U_r_U_u_U_c_nt, b_g_U_r_U_u_U_c__h + t * n_B * (3*n_H), 3*n_H, 0);
         // forward: stage 1 forward, row by row (reductions over the units)
-        CS_ROWS(layer_norm_gru_forward_fwd1_rows, rows, n_H, b_g_U_r_U_u_U_c__h + t * n_B * (3*n_H) + 2*n_H, 3*n_H, b_g_U_r_U_u_U_c__h + t * n_B * (3*n_H), 3*n_H, b_g_U_r_U_u_U_c__h + t * n_B * (3*n_H) + n_H, 3*n_H, b_hg_W_r_W_u_W_c__x + t * n_B * (3*n_H) + 2*n_H, 3*n_H, b_hg_W_r_W_u_W_c__x + t * n_B * (3*n_H), 3*n_H, b_hg_W_r_W_u_W_c__x + t * n_B * (3*n_H) + n_H, 3*n_H, b_p_bh_c, 0, b_p_bh_r, 0, b_p_bh_u, 0, b_p_bx_c, 0, b_p_bx_r, 0, b_p_bx_u, 0, b_p_gh_c, 0, b_p_gh_r, 0, b_p_gh_u, 0, b_p_gx_c, 0, b_p_gx_r, 0, b_p_gx_u, 0, b_s_h + t * n_B * (n_H), n_H, b_p_inv_n_H, 0, b_v_mean + t * n_B * (1), 1, b_v_mean_5 + t * n_B * (1), 1, b_v_mean_9 + t * n_B * (1), 1, b_v_rstd + t * n_B * (1), 1, b_v_rstd_3 + t * n_B * (1), 1, b_v_rstd_5 + t * n_B * (1), 1, b_v_mean_3 + t * n_B * (1), 1, b_v_mean_4 + t * n_B * (1), 1, b_v_rstd_2 + t * n_B * (1), 1, b_v_r + t * n_B * (n_H), n_H, b_v_mean_7 + t * n_B * (1), 1, b_v_mean_8 + t * n_B * (1), 1, b_v_rstd_4 + t * n_B * (1), 1, b_v_u + t * n_B * (n_H), n_H, b_v_mean_11 + t * n_B * (1), 1, b_v_mean_12 + t * n_B * (1), 1, b_v_rstd_6 + t * n_B * (1), 1, b_v_c + t * n_B * (n_H), n_H, b_s_h + (t + 1) * n_B * (n_H), n_H);
+        CS_ROWS(layer_norm_gru_forward_fwd1_rows, rows, n_H, b_g_U_r_U_u_U_c__h + t * n_B * (3*n_H) + 2*n_H, 3*n_H, b_g_U_r_U_u_U_c__h + t * n_B * (3*n_H), 3*n_H, b_g_U_r_U_u_U_c__h + t * n_B * (3*n_H) + n_H, 3*n_H, b_hg_W_r_W_u_W_c__x + t * n_B * (3*n_H) + 2*n_H, 3*n_H, b_hg_W_r_W_u_W_c__x + t * n_B * (3*n_H), 3*n_H, b_hg_W_r_W_u_W_c__x + t * n_B * (3*n_H) + n_H, 3*n_H, b_p_bh_c, 0, b_p_bh_r, 0, b_p_bh_u, 0, b_p_bx_c, 0, b_p_bx_r, 0, b_p_bx_u, 0, b_p_gh_c, 0, b_p_gh_r, 0, b_p_gh_u, 0, b_p_gx_c, 0, b_p_gx_r, 0, b_p_gx_u, 0, b_s_h + t * n_B * (n_H), n_H, b_p_inv_n_H, 0, b_v_mean + t * n_B * (1), 1, b_v_mean_3 + t * n_B * (1), 1, b_v_mean_5 + t * n_B * (1), 1, b_v_rstd + t * n_B * (1), 1, b_v_rstd_3 + t * n_B * (1), 1, b_v_rstd_5 + t * n_B * (1), 1, b_v_mean_2 + t * n_B * (1), 1, b_v_var_2 + t * n_B * (1), 1, b_v_rstd_2 + t * n_B * (1), 1, b_v_r + t * n_B * (n_H), n_H, b_v_mean_4 + t * n_B * (1), 1, b_v_var_4 + t * n_B * (1), 1, b_v_rstd_4 + t * n_B * (1), 1, b_v_u + t * n_B * (n_H), n_H, b_v_mean_6 + t * n_B * (1), 1, b_v_var_6 + t * n_B * (1), 1, b_v_rstd_6 + t * n_B * (1), 1, b_v_c + t * n_B * (n_H), n_H, b_s_h + (t + 1) * n_B * (n_H), n_H);
         // ended sequences hold their state: rows B_t.. of s_h[t + 1] = s_h[t]
         if (rows < n_B) CS_COPY(b_s_h + ((t + 1) * n_B + rows) * (n_H), b_s_h + (t * n_B + rows) * (n_H), (n_B - rows) * (n_H));
     }
@@ -1371,7 +1371,7 @@ extern "C" int layer_norm_gru_forward_f64(const int64_t* dims, void* const* ptrs
 
 // =============================================================================================
 // layer_norm_gru: the whole sequence, inference
-// ptrs: 0 x_x, 1 s_h, 2 p_gx_r, 3 p_bx_r, 4 p_gh_r, 5 p_bh_r, 6 p_gx_u, 7 p_bx_u, 8 p_gh_u, 9 p_bh_u, 10 p_gx_c, 11 p_bx_c, 12 p_gh_c, 13 p_bh_c, 14 p_inv_n_H, 15 hg_W_r_W_u_W_c__x, 16 tmp_mean, 17 tmp_rstd, 18 tmp_mean_5, 19 tmp_rstd_3, 20 tmp_mean_9, 21 tmp_rstd_5, 22 g_U_r_U_u_U_c__h, 23 weight W_r_W_u_W_c, 24 weight U_r_U_u_U_c, 25 batch sizes (host, or NULL)
+// ptrs: 0 x_x, 1 s_h, 2 p_gx_r, 3 p_bx_r, 4 p_gh_r, 5 p_bh_r, 6 p_gx_u, 7 p_bx_u, 8 p_gh_u, 9 p_bh_u, 10 p_gx_c, 11 p_bx_c, 12 p_gh_c, 13 p_bh_c, 14 p_inv_n_H, 15 hg_W_r_W_u_W_c__x, 16 tmp_mean, 17 tmp_rstd, 18 tmp_mean_3, 19 tmp_rstd_3, 20 tmp_mean_5, 21 tmp_rstd_5, 22 g_U_r_U_u_U_c__h, 23 weight W_r_W_u_W_c, 24 weight U_r_U_u_U_c, 25 batch sizes (host, or NULL)
 
 // =============================================================================================
 template <typename S, typename G>
@@ -1421,12 +1421,12 @@ static int layer_norm_gru_inference_run(const int64_t* dims, void* const* ptrs, 
     (void)b_tmp_mean;
     S* b_tmp_rstd = (S*)ptrs[17];
     (void)b_tmp_rstd;
-    S* b_tmp_mean_5 = (S*)ptrs[18];
-    (void)b_tmp_mean_5;
+    S* b_tmp_mean_3 = (S*)ptrs[18];
+    (void)b_tmp_mean_3;
     S* b_tmp_rstd_3 = (S*)ptrs[19];
     (void)b_tmp_rstd_3;
-    S* b_tmp_mean_9 = (S*)ptrs[20];
-    (void)b_tmp_mean_9;
+    S* b_tmp_mean_5 = (S*)ptrs[20];
+    (void)b_tmp_mean_5;
     S* b_tmp_rstd_5 = (S*)ptrs[21];
     (void)b_tmp_rstd_5;
     S* b_g_U_r_U_u_U_c__h = (S*)ptrs[22];
@@ -1443,11 +1443,11 @@ static int layer_norm_gru_inference_run(const int64_t* dims, void* const* ptrs, 
     for (int64_t t = 0; t < n_T; ++t) {
         const int64_t rows = bs ? bs[t] : n_B;  // variable lengths: rows 0..B_t-1 run
         // inference: stage 0 forward, row by row (reductions over the units)
-        CS_ROWS(layer_norm_gru_inference_fwd0_rows, rows, n_H, b_hg_W_r_W_u_W_c__x + t * n_B * (3*n_H) + 2*n_H, 3*n_H, b_hg_W_r_W_u_W_c__x + t * n_B * (3*n_H), 3*n_H, b_hg_W_r_W_u_W_c__x + t * n_B * (3*n_H) + n_H, 3*n_H, b_p_inv_n_H, 0, b_tmp_mean, 1, b_tmp_rstd, 1, b_tmp_mean_5, 1, b_tmp_rstd_3, 1, b_tmp_mean_9, 1, b_tmp_rstd_5, 1);
+        CS_ROWS(layer_norm_gru_inference_fwd0_rows, rows, n_H, b_hg_W_r_W_u_W_c__x + t * n_B * (3*n_H) + 2*n_H, 3*n_H, b_hg_W_r_W_u_W_c__x + t * n_B * (3*n_H), 3*n_H, b_hg_W_r_W_u_W_c__x + t * n_B * (3*n_H) + n_H, 3*n_H, b_p_inv_n_H, 0, b_tmp_mean, 1, b_tmp_rstd, 1, b_tmp_mean_3, 1, b_tmp_rstd_3, 1, b_tmp_mean_5, 1, b_tmp_rstd_5, 1);
         // g_U_r_U_u_U_c__h = h @ [U_r, U_u, U_c]^T  (U_r @ h, U_u @ h, U_c @ h)
         CS_GEMM_NT_PACKED(rows, 3*n_H, n_H, b_s_h + t * n_B * (n_H), n_H, pk_U_r_U_u_U_c_nt, b_g_U_r_U_u_U_c__h, 3*n_H, 0);
         // inference: stage 1 forward, row by row (reductions over the units)
-        CS_ROWS(layer_norm_gru_inference_fwd1_rows, rows, n_H, b_g_U_r_U_u_U_c__h + 2*n_H, 3*n_H, b_g_U_r_U_u_U_c__h, 3*n_H, b_g_U_r_U_u_U_c__h + n_H, 3*n_H, b_hg_W_r_W_u_W_c__x + t * n_B * (3*n_H) + 2*n_H, 3*n_H, b_hg_W_r_W_u_W_c__x + t * n_B * (3*n_H), 3*n_H, b_hg_W_r_W_u_W_c__x + t * n_B * (3*n_H) + n_H, 3*n_H, b_p_bh_c, 0, b_p_bh_r, 0, b_p_bh_u, 0, b_p_bx_c, 0, b_p_bx_r, 0, b_p_bx_u, 0, b_p_gh_c, 0, b_p_gh_r, 0, b_p_gh_u, 0, b_p_gx_c, 0, b_p_gx_r, 0, b_p_gx_u, 0, b_s_h + t * n_B * (n_H), n_H, b_p_inv_n_H, 0, b_tmp_mean, 1, b_tmp_mean_5, 1, b_tmp_mean_9, 1, b_tmp_rstd, 1, b_tmp_rstd_3, 1, b_tmp_rstd_5, 1, b_s_h + (t + 1) * n_B * (n_H), n_H);
+        CS_ROWS(layer_norm_gru_inference_fwd1_rows, rows, n_H, b_g_U_r_U_u_U_c__h + 2*n_H, 3*n_H, b_g_U_r_U_u_U_c__h, 3*n_H, b_g_U_r_U_u_U_c__h + n_H, 3*n_H, b_hg_W_r_W_u_W_c__x + t * n_B * (3*n_H) + 2*n_H, 3*n_H, b_hg_W_r_W_u_W_c__x + t * n_B * (3*n_H), 3*n_H, b_hg_W_r_W_u_W_c__x + t * n_B * (3*n_H) + n_H, 3*n_H, b_p_bh_c, 0, b_p_bh_r, 0, b_p_bh_u, 0, b_p_bx_c, 0, b_p_bx_r, 0, b_p_bx_u, 0, b_p_gh_c, 0, b_p_gh_r, 0, b_p_gh_u, 0, b_p_gx_c, 0, b_p_gx_r, 0, b_p_gx_u, 0, b_s_h + t * n_B * (n_H), n_H, b_p_inv_n_H, 0, b_tmp_mean, 1, b_tmp_mean_3, 1, b_tmp_mean_5, 1, b_tmp_rstd, 1, b_tmp_rstd_3, 1, b_tmp_rstd_5, 1, b_s_h + (t + 1) * n_B * (n_H), n_H);
         // ended sequences hold their state: rows B_t.. of s_h[t + 1] = s_h[t]
         if (rows < n_B) CS_COPY(b_s_h + ((t + 1) * n_B + rows) * (n_H), b_s_h + (t * n_B + rows) * (n_H), (n_B - rows) * (n_H));
     }
@@ -1484,7 +1484,7 @@ extern "C" int layer_norm_gru_inference_f64(const int64_t* dims, void* const* pt
 
 // =============================================================================================
 // layer_norm_gru: the whole sequence, backward
-// ptrs: 0 x_x, 1 s_h, 2 p_gx_r, 3 p_bx_r, 4 p_gh_r, 5 p_bh_r, 6 p_gx_u, 7 p_bx_u, 8 p_gh_u, 9 p_bh_u, 10 p_gx_c, 11 p_bx_c, 12 p_gh_c, 13 p_bh_c, 14 p_inv_n_H, 15 hg_W_r_W_u_W_c__x, 16 v_mean, 17 v_mean_2, 18 v_rstd, 19 v_mean_5, 20 v_mean_6, 21 v_rstd_3, 22 v_mean_9, 23 v_mean_10, 24 v_rstd_5, 25 g_U_r_U_u_U_c__h, 26 v_mean_3, 27 v_mean_4, 28 v_rstd_2, 29 v_r, 30 v_mean_7, 31 v_mean_8, 32 v_rstd_4, 33 v_u, 34 v_mean_11, 35 v_mean_12, 36 v_rstd_6, 37 v_c, 38 dout_h_next, 39 ds_h, 40 dx_x, 41 dp_gx_r, 42 dp_bx_r, 43 dp_gh_r, 44 dp_bh_r, 45 dp_gx_u, 46 dp_bx_u, 47 dp_gh_u, 48 dp_bh_u, 49 dp_gx_c, 50 dp_bx_c, 51 dp_gh_c, 52 dp_bh_c, 53 dg_U_r_U_u_U_c__h, 54 tmp_d_h_gemm, 55 dhg_W_r_W_u_W_c__x, 56 tmp_d_h_next, 57 tmp_d_c, 58 tmp_d_u, 59 tmp_d_r, 60 tmp_d_mean_10, 61 tmp_d_mean_9, 62 tmp_d_mean_6, 63 tmp_d_mean_5, 64 tmp_d_mean_2, 65 tmp_d_mean, 66 dw_U_r_U_u_U_c, 67 dw_W_r_W_u_W_c, 68 weight W_r_W_u_W_c, 69 weight U_r_U_u_U_c, 70 d W_r, 71 d U_r, 72 d W_u, 73 d U_u, 74 d W_c, 75 d U_c, 76 d gx_r, 77 d bx_r, 78 d gh_r, 79 d bh_r, 80 d gx_u, 81 d bx_u, 82 d gh_u, 83 d bh_u, 84 d gx_c, 85 d bx_c, 86 d gh_c, 87 d bh_c, 88 d inv_n_H, 89 batch sizes (host, or NULL)
+// ptrs: 0 x_x, 1 s_h, 2 p_gx_r, 3 p_bx_r, 4 p_gh_r, 5 p_bh_r, 6 p_gx_u, 7 p_bx_u, 8 p_gh_u, 9 p_bh_u, 10 p_gx_c, 11 p_bx_c, 12 p_gh_c, 13 p_bh_c, 14 p_inv_n_H, 15 hg_W_r_W_u_W_c__x, 16 v_mean, 17 v_var, 18 v_rstd, 19 v_mean_3, 20 v_var_3, 21 v_rstd_3, 22 v_mean_5, 23 v_var_5, 24 v_rstd_5, 25 g_U_r_U_u_U_c__h, 26 v_mean_2, 27 v_var_2, 28 v_rstd_2, 29 v_r, 30 v_mean_4, 31 v_var_4, 32 v_rstd_4, 33 v_u, 34 v_mean_6, 35 v_var_6, 36 v_rstd_6, 37 v_c, 38 dout_h_next, 39 ds_h, 40 dx_x, 41 dp_gx_r, 42 dp_bx_r, 43 dp_gh_r, 44 dp_bh_r, 45 dp_gx_u, 46 dp_bx_u, 47 dp_gh_u, 48 dp_bh_u, 49 dp_gx_c, 50 dp_bx_c, 51 dp_gh_c, 52 dp_bh_c, 53 dg_U_r_U_u_U_c__h, 54 tmp_d_h_gemm, 55 dhg_W_r_W_u_W_c__x, 56 tmp_d_h_next, 57 tmp_d_c, 58 tmp_d_u, 59 tmp_d_r, 60 tmp_d_var_5, 61 tmp_d_mean_5, 62 tmp_d_var_3, 63 tmp_d_mean_3, 64 tmp_d_var, 65 tmp_d_mean, 66 dw_U_r_U_u_U_c, 67 dw_W_r_W_u_W_c, 68 weight W_r_W_u_W_c, 69 weight U_r_U_u_U_c, 70 d W_r, 71 d U_r, 72 d W_u, 73 d U_u, 74 d W_c, 75 d U_c, 76 d gx_r, 77 d bx_r, 78 d gh_r, 79 d bh_r, 80 d gx_u, 81 d bx_u, 82 d gh_u, 83 d bh_u, 84 d gx_c, 85 d bx_c, 86 d gh_c, 87 d bh_c, 88 d inv_n_H, 89 batch sizes (host, or NULL)
 
 // =============================================================================================
 template <typename S, typename G>
@@ -1532,44 +1532,44 @@ static int layer_norm_gru_backward_run(const int64_t* dims, void* const* ptrs, c
     (void)b_hg_W_r_W_u_W_c__x;
     S* b_v_mean = (S*)ptrs[16];
     (void)b_v_mean;
-    S* b_v_mean_2 = (S*)ptrs[17];
-    (void)b_v_mean_2;
+    S* b_v_var = (S*)ptrs[17];
+    (void)b_v_var;
     S* b_v_rstd = (S*)ptrs[18];
     (void)b_v_rstd;
-    S* b_v_mean_5 = (S*)ptrs[19];
-    (void)b_v_mean_5;
-    S* b_v_mean_6 = (S*)ptrs[20];
-    (void)b_v_mean_6;
+    S* b_v_mean_3 = (S*)ptrs[19];
+    (void)b_v_mean_3;
+    S* b_v_var_3 = (S*)ptrs[20];
+    (void)b_v_var_3;
     S* b_v_rstd_3 = (S*)ptrs[21];
     (void)b_v_rstd_3;
-    S* b_v_mean_9 = (S*)ptrs[22];
-    (void)b_v_mean_9;
-    S* b_v_mean_10 = (S*)ptrs[23];
-    (void)b_v_mean_10;
+    S* b_v_mean_5 = (S*)ptrs[22];
+    (void)b_v_mean_5;
+    S* b_v_var_5 = (S*)ptrs[23];
+    (void)b_v_var_5;
     S* b_v_rstd_5 = (S*)ptrs[24];
     (void)b_v_rstd_5;
     S* b_g_U_r_U_u_U_c__h = (S*)ptrs[25];
     (void)b_g_U_r_U_u_U_c__h;
-    S* b_v_mean_3 = (S*)ptrs[26];
-    (void)b_v_mean_3;
-    S* b_v_mean_4 = (S*)ptrs[27];
-    (void)b_v_mean_4;
+    S* b_v_mean_2 = (S*)ptrs[26];
+    (void)b_v_mean_2;
+    S* b_v_var_2 = (S*)ptrs[27];
+    (void)b_v_var_2;
     S* b_v_rstd_2 = (S*)ptrs[28];
     (void)b_v_rstd_2;
     S* b_v_r = (S*)ptrs[29];
     (void)b_v_r;
-    S* b_v_mean_7 = (S*)ptrs[30];
-    (void)b_v_mean_7;
-    S* b_v_mean_8 = (S*)ptrs[31];
-    (void)b_v_mean_8;
+    S* b_v_mean_4 = (S*)ptrs[30];
+    (void)b_v_mean_4;
+    S* b_v_var_4 = (S*)ptrs[31];
+    (void)b_v_var_4;
     S* b_v_rstd_4 = (S*)ptrs[32];
     (void)b_v_rstd_4;
     S* b_v_u = (S*)ptrs[33];
     (void)b_v_u;
-    S* b_v_mean_11 = (S*)ptrs[34];
-    (void)b_v_mean_11;
-    S* b_v_mean_12 = (S*)ptrs[35];
-    (void)b_v_mean_12;
+    S* b_v_mean_6 = (S*)ptrs[34];
+    (void)b_v_mean_6;
+    S* b_v_var_6 = (S*)ptrs[35];
+    (void)b_v_var_6;
     S* b_v_rstd_6 = (S*)ptrs[36];
     (void)b_v_rstd_6;
     S* b_v_c = (S*)ptrs[37];
@@ -1618,16 +1618,16 @@ static int layer_norm_gru_backward_run(const int64_t* dims, void* const* ptrs, c
     (void)b_tmp_d_u;
     S* b_tmp_d_r = (S*)ptrs[59];
     (void)b_tmp_d_r;
-    S* b_tmp_d_mean_10 = (S*)ptrs[60];
-    (void)b_tmp_d_mean_10;
-    S* b_tmp_d_mean_9 = (S*)ptrs[61];
-    (void)b_tmp_d_mean_9;
-    S* b_tmp_d_mean_6 = (S*)ptrs[62];
-    (void)b_tmp_d_mean_6;
-    S* b_tmp_d_mean_5 = (S*)ptrs[63];
+    S* b_tmp_d_var_5 = (S*)ptrs[60];
+    (void)b_tmp_d_var_5;
+    S* b_tmp_d_mean_5 = (S*)ptrs[61];
     (void)b_tmp_d_mean_5;
-    S* b_tmp_d_mean_2 = (S*)ptrs[64];
-    (void)b_tmp_d_mean_2;
+    S* b_tmp_d_var_3 = (S*)ptrs[62];
+    (void)b_tmp_d_var_3;
+    S* b_tmp_d_mean_3 = (S*)ptrs[63];
+    (void)b_tmp_d_mean_3;
+    S* b_tmp_d_var = (S*)ptrs[64];
+    (void)b_tmp_d_var;
     S* b_tmp_d_mean = (S*)ptrs[65];
     (void)b_tmp_d_mean;
     G* b_dw_U_r_U_u_U_c = (G*)ptrs[66];
@@ -1698,13 +1698,13 @@ static int layer_norm_gru_backward_run(const int64_t* dims, void* const* ptrs, c
     for (int64_t t = n_T - 1; t >= 0; --t) {
         const int64_t rows = bs ? bs[t] : n_B;  // variable lengths: rows 0..B_t-1 run
         // backward: stage 1 backward, row by row (reductions over the units)
-        CS_ROWS(layer_norm_gru_backward_bwd1_rows, rows, n_H, b_g_U_r_U_u_U_c__h + t * n_B * (3*n_H) + 2*n_H, 3*n_H, b_g_U_r_U_u_U_c__h + t * n_B * (3*n_H), 3*n_H, b_g_U_r_U_u_U_c__h + t * n_B * (3*n_H) + n_H, 3*n_H, b_p_bh_c, 0, b_v_c + t * n_B * (n_H), n_H, b_ds_h, n_H, b_dout_h_next + t * n_B * (n_H), n_H, b_p_gh_c, 0, b_p_gh_r, 0, b_p_gh_u, 0, b_s_h + t * n_B * (n_H), n_H, b_p_inv_n_H, 0, b_v_mean_11 + t * n_B * (1), 1, b_v_mean_12 + t * n_B * (1), 1, b_v_mean_3 + t * n_B * (1), 1, b_v_mean_4 + t * n_B * (1), 1, b_v_mean_7 + t * n_B * (1), 1, b_v_mean_8 + t * n_B * (1), 1, b_v_r + t * n_B * (n_H), n_H, b_v_rstd_2 + t * n_B * (1), 1, b_v_rstd_4 + t * n_B * (1), 1, b_v_rstd_6 + t * n_B * (1), 1, b_v_u + t * n_B * (n_H), n_H, b_tmp_d_h_next, n_H, b_tmp_d_c, n_H, b_tmp_d_u, n_H, b_tmp_d_r, n_H, b_dg_U_r_U_u_U_c__h + t * n_B * (3*n_H), 3*n_H, b_dg_U_r_U_u_U_c__h + t * n_B * (3*n_H) + n_H, 3*n_H, b_dg_U_r_U_u_U_c__h + t * n_B * (3*n_H) + 2*n_H, 3*n_H);
+        CS_ROWS(layer_norm_gru_backward_bwd1_rows, rows, n_H, b_g_U_r_U_u_U_c__h + t * n_B * (3*n_H) + 2*n_H, 3*n_H, b_g_U_r_U_u_U_c__h + t * n_B * (3*n_H), 3*n_H, b_g_U_r_U_u_U_c__h + t * n_B * (3*n_H) + n_H, 3*n_H, b_p_bh_c, 0, b_v_c + t * n_B * (n_H), n_H, b_ds_h, n_H, b_dout_h_next + t * n_B * (n_H), n_H, b_p_gh_c, 0, b_p_gh_r, 0, b_p_gh_u, 0, b_s_h + t * n_B * (n_H), n_H, b_p_inv_n_H, 0, b_v_mean_2 + t * n_B * (1), 1, b_v_mean_4 + t * n_B * (1), 1, b_v_mean_6 + t * n_B * (1), 1, b_v_r + t * n_B * (n_H), n_H, b_v_rstd_2 + t * n_B * (1), 1, b_v_rstd_4 + t * n_B * (1), 1, b_v_rstd_6 + t * n_B * (1), 1, b_v_u + t * n_B * (n_H), n_H, b_v_var_2 + t * n_B * (1), 1, b_v_var_4 + t * n_B * (1), 1, b_v_var_6 + t * n_B * (1), 1, b_tmp_d_h_next, n_H, b_tmp_d_c, n_H, b_tmp_d_u, n_H, b_tmp_d_r, n_H, b_dg_U_r_U_u_U_c__h + t * n_B * (3*n_H), 3*n_H, b_dg_U_r_U_u_U_c__h + t * n_B * (3*n_H) + n_H, 3*n_H, b_dg_U_r_U_u_U_c__h + t * n_B * (3*n_H) + 2*n_H, 3*n_H);
         // d_h_gemm = dg_U_r_U_u_U_c__h @ [U_r, U_u, U_c]
         CS_GEMM_NN_PACKED(rows, n_H, 3*n_H, b_dg_U_r_U_u_U_c__h + t * n_B * (3*n_H), 3*n_H, pk_U_r_U_u_U_c_nn, b_tmp_d_h_gemm, n_H, 0);
         // backward: stage 0 backward, row by row (reductions over the units)
-        CS_ROWS(layer_norm_gru_backward_bwd0_rows, rows, n_H, b_hg_W_r_W_u_W_c__x + t * n_B * (3*n_H) + 2*n_H, 3*n_H, b_hg_W_r_W_u_W_c__x + t * n_B * (3*n_H), 3*n_H, b_hg_W_r_W_u_W_c__x + t * n_B * (3*n_H) + n_H, 3*n_H, b_v_c + t * n_B * (n_H), n_H, b_tmp_d_c, n_H, b_tmp_d_r, n_H, b_tmp_d_u, n_H, b_p_gx_c, 0, b_p_gx_r, 0, b_p_gx_u, 0, b_p_inv_n_H, 0, b_v_mean + t * n_B * (1), 1, b_v_mean_10 + t * n_B * (1), 1, b_v_mean_2 + t * n_B * (1), 1, b_v_mean_5 + t * n_B * (1), 1, b_v_mean_6 + t * n_B * (1), 1, b_v_mean_9 + t * n_B * (1), 1, b_v_r + t * n_B * (n_H), n_H, b_v_rstd + t * n_B * (1), 1, b_v_rstd_3 + t * n_B * (1), 1, b_v_rstd_5 + t * n_B * (1), 1, b_v_u + t * n_B * (n_H), n_H, b_tmp_d_mean_10, 1, b_tmp_d_mean_9, 1, b_tmp_d_mean_6, 1, b_tmp_d_mean_5, 1, b_tmp_d_mean_2, 1, b_tmp_d_mean, 1);
+        CS_ROWS(layer_norm_gru_backward_bwd0_rows, rows, n_H, b_hg_W_r_W_u_W_c__x + t * n_B * (3*n_H) + 2*n_H, 3*n_H, b_hg_W_r_W_u_W_c__x + t * n_B * (3*n_H), 3*n_H, b_hg_W_r_W_u_W_c__x + t * n_B * (3*n_H) + n_H, 3*n_H, b_v_c + t * n_B * (n_H), n_H, b_tmp_d_c, n_H, b_tmp_d_r, n_H, b_tmp_d_u, n_H, b_p_gx_c, 0, b_p_gx_r, 0, b_p_gx_u, 0, b_p_inv_n_H, 0, b_v_mean + t * n_B * (1), 1, b_v_mean_3 + t * n_B * (1), 1, b_v_mean_5 + t * n_B * (1), 1, b_v_r + t * n_B * (n_H), n_H, b_v_rstd + t * n_B * (1), 1, b_v_rstd_3 + t * n_B * (1), 1, b_v_rstd_5 + t * n_B * (1), 1, b_v_u + t * n_B * (n_H), n_H, b_v_var + t * n_B * (1), 1, b_v_var_3 + t * n_B * (1), 1, b_v_var_5 + t * n_B * (1), 1, b_tmp_d_var_5, 1, b_tmp_d_mean_5, 1, b_tmp_d_var_3, 1, b_tmp_d_mean_3, 1, b_tmp_d_var, 1, b_tmp_d_mean, 1);
         // backward: per-step adjoints of inputs, states, vector params, hoisted results, row by row (reductions over the units)
-        CS_ROWS(layer_norm_gru_backward_bwd_leaf_rows, rows, n_H, b_g_U_r_U_u_U_c__h + t * n_B * (3*n_H) + 2*n_H, 3*n_H, b_g_U_r_U_u_U_c__h + t * n_B * (3*n_H), 3*n_H, b_g_U_r_U_u_U_c__h + t * n_B * (3*n_H) + n_H, 3*n_H, b_hg_W_r_W_u_W_c__x + t * n_B * (3*n_H) + 2*n_H, 3*n_H, b_hg_W_r_W_u_W_c__x + t * n_B * (3*n_H), 3*n_H, b_hg_W_r_W_u_W_c__x + t * n_B * (3*n_H) + n_H, 3*n_H, b_v_c + t * n_B * (n_H), n_H, b_tmp_d_c, n_H, b_tmp_d_h_gemm, n_H, b_tmp_d_h_next, n_H, b_tmp_d_mean, 1, b_tmp_d_mean_10, 1, b_tmp_d_mean_2, 1, b_tmp_d_mean_5, 1, b_tmp_d_mean_6, 1, b_tmp_d_mean_9, 1, b_tmp_d_r, n_H, b_tmp_d_u, n_H, b_p_gx_c, 0, b_p_gx_r, 0, b_p_gx_u, 0, b_p_inv_n_H, 0, b_v_mean + t * n_B * (1), 1, b_v_mean_11 + t * n_B * (1), 1, b_v_mean_3 + t * n_B * (1), 1, b_v_mean_5 + t * n_B * (1), 1, b_v_mean_7 + t * n_B * (1), 1, b_v_mean_9 + t * n_B * (1), 1, b_v_r + t * n_B * (n_H), n_H, b_v_rstd + t * n_B * (1), 1, b_v_rstd_2 + t * n_B * (1), 1, b_v_rstd_3 + t * n_B * (1), 1, b_v_rstd_4 + t * n_B * (1), 1, b_v_rstd_5 + t * n_B * (1), 1, b_v_rstd_6 + t * n_B * (1), 1, b_v_u + t * n_B * (n_H), n_H, b_ds_h, n_H, b_dp_gx_r + t * n_B * (n_H), n_H, b_dp_bx_r + t * n_B * (n_H), n_H, b_dp_gh_r + t * n_B * (n_H), n_H, b_dp_bh_r + t * n_B * (n_H), n_H, b_dp_gx_u + t * n_B * (n_H), n_H, b_dp_bx_u + t * n_B * (n_H), n_H, b_dp_gh_u + t * n_B * (n_H), n_H, b_dp_bh_u + t * n_B * (n_H), n_H, b_dp_gx_c + t * n_B * (n_H), n_H, b_dp_bx_c + t * n_B * (n_H), n_H, b_dp_gh_c + t * n_B * (n_H), n_H, b_dp_bh_c + t * n_B * (n_H), n_H, b_dhg_W_r_W_u_W_c__x + t * n_B * (3*n_H), 3*n_H, b_dhg_W_r_W_u_W_c__x + t * n_B * (3*n_H) + n_H, 3*n_H, b_dhg_W_r_W_u_W_c__x + t * n_B * (3*n_H) + 2*n_H, 3*n_H);
+        CS_ROWS(layer_norm_gru_backward_bwd_leaf_rows, rows, n_H, b_g_U_r_U_u_U_c__h + t * n_B * (3*n_H) + 2*n_H, 3*n_H, b_g_U_r_U_u_U_c__h + t * n_B * (3*n_H), 3*n_H, b_g_U_r_U_u_U_c__h + t * n_B * (3*n_H) + n_H, 3*n_H, b_hg_W_r_W_u_W_c__x + t * n_B * (3*n_H) + 2*n_H, 3*n_H, b_hg_W_r_W_u_W_c__x + t * n_B * (3*n_H), 3*n_H, b_hg_W_r_W_u_W_c__x + t * n_B * (3*n_H) + n_H, 3*n_H, b_v_c + t * n_B * (n_H), n_H, b_tmp_d_c, n_H, b_tmp_d_h_gemm, n_H, b_tmp_d_h_next, n_H, b_tmp_d_mean, 1, b_tmp_d_mean_3, 1, b_tmp_d_mean_5, 1, b_tmp_d_r, n_H, b_tmp_d_u, n_H, b_tmp_d_var, 1, b_tmp_d_var_3, 1, b_tmp_d_var_5, 1, b_p_gx_c, 0, b_p_gx_r, 0, b_p_gx_u, 0, b_p_inv_n_H, 0, b_v_mean + t * n_B * (1), 1, b_v_mean_2 + t * n_B * (1), 1, b_v_mean_3 + t * n_B * (1), 1, b_v_mean_4 + t * n_B * (1), 1, b_v_mean_5 + t * n_B * (1), 1, b_v_mean_6 + t * n_B * (1), 1, b_v_r + t * n_B * (n_H), n_H, b_v_rstd + t * n_B * (1), 1, b_v_rstd_2 + t * n_B * (1), 1, b_v_rstd_3 + t * n_B * (1), 1, b_v_rstd_4 + t * n_B * (1), 1, b_v_rstd_5 + t * n_B * (1), 1, b_v_rstd_6 + t * n_B * (1), 1, b_v_u + t * n_B * (n_H), n_H, b_ds_h, n_H, b_dp_gx_r + t * n_B * (n_H), n_H, b_dp_bx_r + t * n_B * (n_H), n_H, b_dp_gh_r + t * n_B * (n_H), n_H, b_dp_bh_r + t * n_B * (n_H), n_H, b_dp_gx_u + t * n_B * (n_H), n_H, b_dp_bx_u + t * n_B * (n_H), n_H, b_dp_gh_u + t * n_B * (n_H), n_H, b_dp_bh_u + t * n_B * (n_H), n_H, b_dp_gx_c + t * n_B * (n_H), n_H, b_dp_bx_c + t * n_B * (n_H), n_H, b_dp_gh_c + t * n_B * (n_H), n_H, b_dp_bh_c + t * n_B * (n_H), n_H, b_dhg_W_r_W_u_W_c__x + t * n_B * (3*n_H), 3*n_H, b_dhg_W_r_W_u_W_c__x + t * n_B * (3*n_H) + n_H, 3*n_H, b_dhg_W_r_W_u_W_c__x + t * n_B * (3*n_H) + 2*n_H, 3*n_H);
     }
     cs_unpack(pk_U_r_U_u_U_c_nn);
     // d[U_r, U_u, U_c] += dg_U_r_U_u_U_c__h^T @ h  (U_r @ h, U_u @ h, U_c @ h)

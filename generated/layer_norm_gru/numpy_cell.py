@@ -38,7 +38,7 @@ STATES = (("h", "H"),)
 PARAMS = {"W_r": ("H", "I",), "U_r": ("H", "H",), "W_u": ("H", "I",), "U_u": ("H", "H",), "W_c": ("H", "I",), "U_c": ("H", "H",), "gx_r": ("H",), "bx_r": ("H",), "gh_r": ("H",), "bh_r": ("H",), "gx_u": ("H",), "bx_u": ("H",), "gh_u": ("H",), "bh_u": ("H",), "gx_c": ("H",), "bx_c": ("H",), "gh_c": ("H",), "bh_c": ("H",)}
 OUTPUTS = ("h'",)
 #: per-step values the forward keeps for the backward (states are kept as their sequence)
-SAVED = ("mean", "mean_2", "rstd", "mean_5", "mean_6", "rstd_3", "mean_9", "mean_10", "rstd_5", "mean_3", "mean_4", "rstd_2", "r", "mean_7", "mean_8", "rstd_4", "u", "mean_11", "mean_12", "rstd_6", "c", "U_r_h", "U_u_h", "U_c_h",)
+SAVED = ("mean", "var", "rstd", "mean_3", "var_3", "rstd_3", "mean_5", "var_5", "rstd_5", "mean_2", "var_2", "rstd_2", "r", "mean_4", "var_4", "rstd_4", "u", "mean_6", "var_6", "rstd_6", "c", "U_r_h", "U_u_h", "U_c_h",)
 
 
 def _sigmoid(z):
@@ -193,72 +193,72 @@ def _forward(_params, _x, _state, _bs=None):
     _s_h[0] = _state0[0]
     _hg_W_r_W_u_W_c__x = np.empty((_T, _B, 3*_H), _dtype)
     _v_mean = np.empty((_T, _B, 1), _dtype)
-    _v_mean_2 = np.empty((_T, _B, 1), _dtype)
+    _v_var = np.empty((_T, _B, 1), _dtype)
     _v_rstd = np.empty((_T, _B, 1), _dtype)
-    _v_mean_5 = np.empty((_T, _B, 1), _dtype)
-    _v_mean_6 = np.empty((_T, _B, 1), _dtype)
+    _v_mean_3 = np.empty((_T, _B, 1), _dtype)
+    _v_var_3 = np.empty((_T, _B, 1), _dtype)
     _v_rstd_3 = np.empty((_T, _B, 1), _dtype)
-    _v_mean_9 = np.empty((_T, _B, 1), _dtype)
-    _v_mean_10 = np.empty((_T, _B, 1), _dtype)
+    _v_mean_5 = np.empty((_T, _B, 1), _dtype)
+    _v_var_5 = np.empty((_T, _B, 1), _dtype)
     _v_rstd_5 = np.empty((_T, _B, 1), _dtype)
     _g_U_r_U_u_U_c__h = np.empty((_T, _B, 3*_H), _dtype)
-    _v_mean_3 = np.empty((_T, _B, 1), _dtype)
-    _v_mean_4 = np.empty((_T, _B, 1), _dtype)
+    _v_mean_2 = np.empty((_T, _B, 1), _dtype)
+    _v_var_2 = np.empty((_T, _B, 1), _dtype)
     _v_rstd_2 = np.empty((_T, _B, 1), _dtype)
     _v_r = np.empty((_T, _B, _H), _dtype)
-    _v_mean_7 = np.empty((_T, _B, 1), _dtype)
-    _v_mean_8 = np.empty((_T, _B, 1), _dtype)
+    _v_mean_4 = np.empty((_T, _B, 1), _dtype)
+    _v_var_4 = np.empty((_T, _B, 1), _dtype)
     _v_rstd_4 = np.empty((_T, _B, 1), _dtype)
     _v_u = np.empty((_T, _B, _H), _dtype)
-    _v_mean_11 = np.empty((_T, _B, 1), _dtype)
-    _v_mean_12 = np.empty((_T, _B, 1), _dtype)
+    _v_mean_6 = np.empty((_T, _B, 1), _dtype)
+    _v_var_6 = np.empty((_T, _B, 1), _dtype)
     _v_rstd_6 = np.empty((_T, _B, 1), _dtype)
     _v_c = np.empty((_T, _B, _H), _dtype)
     if _bs is not None:
         _v_mean[...] = 0
-        _v_mean_2[...] = 0
+        _v_var[...] = 0
         _v_rstd[...] = 0
-        _v_mean_5[...] = 0
-        _v_mean_6[...] = 0
+        _v_mean_3[...] = 0
+        _v_var_3[...] = 0
         _v_rstd_3[...] = 0
-        _v_mean_9[...] = 0
-        _v_mean_10[...] = 0
+        _v_mean_5[...] = 0
+        _v_var_5[...] = 0
         _v_rstd_5[...] = 0
         _g_U_r_U_u_U_c__h[...] = 0
-        _v_mean_3[...] = 0
-        _v_mean_4[...] = 0
+        _v_mean_2[...] = 0
+        _v_var_2[...] = 0
         _v_rstd_2[...] = 0
         _v_r[...] = 0
-        _v_mean_7[...] = 0
-        _v_mean_8[...] = 0
+        _v_mean_4[...] = 0
+        _v_var_4[...] = 0
         _v_rstd_4[...] = 0
         _v_u[...] = 0
-        _v_mean_11[...] = 0
-        _v_mean_12[...] = 0
+        _v_mean_6[...] = 0
+        _v_var_6[...] = 0
         _v_rstd_6[...] = 0
         _v_c[...] = 0
     _hg_W_r_W_u_W_c__x_at0 = _steps(_hg_W_r_W_u_W_c__x, 0, _T, _bs)
     _v_mean_at0 = _steps(_v_mean, 0, _T, _bs)
-    _v_mean_2_at0 = _steps(_v_mean_2, 0, _T, _bs)
+    _v_var_at0 = _steps(_v_var, 0, _T, _bs)
     _v_rstd_at0 = _steps(_v_rstd, 0, _T, _bs)
-    _v_mean_5_at0 = _steps(_v_mean_5, 0, _T, _bs)
-    _v_mean_6_at0 = _steps(_v_mean_6, 0, _T, _bs)
+    _v_mean_3_at0 = _steps(_v_mean_3, 0, _T, _bs)
+    _v_var_3_at0 = _steps(_v_var_3, 0, _T, _bs)
     _v_rstd_3_at0 = _steps(_v_rstd_3, 0, _T, _bs)
-    _v_mean_9_at0 = _steps(_v_mean_9, 0, _T, _bs)
-    _v_mean_10_at0 = _steps(_v_mean_10, 0, _T, _bs)
+    _v_mean_5_at0 = _steps(_v_mean_5, 0, _T, _bs)
+    _v_var_5_at0 = _steps(_v_var_5, 0, _T, _bs)
     _v_rstd_5_at0 = _steps(_v_rstd_5, 0, _T, _bs)
     _s_h_at0 = _steps(_s_h, 0, _T, _bs)
     _g_U_r_U_u_U_c__h_at0 = _steps(_g_U_r_U_u_U_c__h, 0, _T, _bs)
-    _v_mean_3_at0 = _steps(_v_mean_3, 0, _T, _bs)
-    _v_mean_4_at0 = _steps(_v_mean_4, 0, _T, _bs)
+    _v_mean_2_at0 = _steps(_v_mean_2, 0, _T, _bs)
+    _v_var_2_at0 = _steps(_v_var_2, 0, _T, _bs)
     _v_rstd_2_at0 = _steps(_v_rstd_2, 0, _T, _bs)
     _v_r_at0 = _steps(_v_r, 0, _T, _bs)
-    _v_mean_7_at0 = _steps(_v_mean_7, 0, _T, _bs)
-    _v_mean_8_at0 = _steps(_v_mean_8, 0, _T, _bs)
+    _v_mean_4_at0 = _steps(_v_mean_4, 0, _T, _bs)
+    _v_var_4_at0 = _steps(_v_var_4, 0, _T, _bs)
     _v_rstd_4_at0 = _steps(_v_rstd_4, 0, _T, _bs)
     _v_u_at0 = _steps(_v_u, 0, _T, _bs)
-    _v_mean_11_at0 = _steps(_v_mean_11, 0, _T, _bs)
-    _v_mean_12_at0 = _steps(_v_mean_12, 0, _T, _bs)
+    _v_mean_6_at0 = _steps(_v_mean_6, 0, _T, _bs)
+    _v_var_6_at0 = _steps(_v_var_6, 0, _T, _bs)
     _v_rstd_6_at0 = _steps(_v_rstd_6, 0, _T, _bs)
     _v_c_at0 = _steps(_v_c, 0, _T, _bs)
     _s_h_at1 = _steps(_s_h, 1, _T, _bs)
@@ -270,22 +270,22 @@ def _forward(_params, _x, _state, _bs=None):
         W_r_x = _hg_W_r_W_u_W_c__x_at0[_t][:, 0:_H]
         W_u_x = _hg_W_r_W_u_W_c__x_at0[_t][:, _H:2*_H]
         mean = _rowsum(W_r_x*inv_n_H)  # layer_norm_gru.cell:16  r = sigmoid(ln(W_r @ x, gx_r, bx_r) + ln(U_r @ h, gh_r, bh_r))
-        mean_2 = _rowsum(inv_n_H*((W_r_x - mean)*(W_r_x - mean)))  # layer_norm_gru.cell:16  r = sigmoid(ln(W_r @ x, gx_r, bx_r) + ln(U_r @ h, gh_r, bh_r))
-        rstd = (1/np.sqrt(mean_2 + 1e-05))  # layer_norm_gru.cell:16  r = sigmoid(ln(W_r @ x, gx_r, bx_r) + ln(U_r @ h, gh_r, bh_r))
-        mean_5 = _rowsum(W_u_x*inv_n_H)  # layer_norm_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
-        mean_6 = _rowsum(inv_n_H*((W_u_x - mean_5)*(W_u_x - mean_5)))  # layer_norm_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
-        rstd_3 = (1/np.sqrt(mean_6 + 1e-05))  # layer_norm_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
-        mean_9 = _rowsum(W_c_x*inv_n_H)  # layer_norm_gru.cell:18  c = tanh(ln(W_c @ x, gx_c, bx_c) + r * ln(U_c @ h, gh_c, bh_c))
-        mean_10 = _rowsum(inv_n_H*((W_c_x - mean_9)*(W_c_x - mean_9)))  # layer_norm_gru.cell:18  c = tanh(ln(W_c @ x, gx_c, bx_c) + r * ln(U_c @ h, gh_c, bh_c))
-        rstd_5 = (1/np.sqrt(mean_10 + 1e-05))  # layer_norm_gru.cell:18  c = tanh(ln(W_c @ x, gx_c, bx_c) + r * ln(U_c @ h, gh_c, bh_c))
+        var = _rowsum(inv_n_H*((W_r_x - mean)*(W_r_x - mean)))  # layer_norm_gru.cell:16  r = sigmoid(ln(W_r @ x, gx_r, bx_r) + ln(U_r @ h, gh_r, bh_r))
+        rstd = (1/np.sqrt(var + 1e-05))  # layer_norm_gru.cell:16  r = sigmoid(ln(W_r @ x, gx_r, bx_r) + ln(U_r @ h, gh_r, bh_r))
+        mean_3 = _rowsum(W_u_x*inv_n_H)  # layer_norm_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
+        var_3 = _rowsum(inv_n_H*((W_u_x - mean_3)*(W_u_x - mean_3)))  # layer_norm_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
+        rstd_3 = (1/np.sqrt(var_3 + 1e-05))  # layer_norm_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
+        mean_5 = _rowsum(W_c_x*inv_n_H)  # layer_norm_gru.cell:18  c = tanh(ln(W_c @ x, gx_c, bx_c) + r * ln(U_c @ h, gh_c, bh_c))
+        var_5 = _rowsum(inv_n_H*((W_c_x - mean_5)*(W_c_x - mean_5)))  # layer_norm_gru.cell:18  c = tanh(ln(W_c @ x, gx_c, bx_c) + r * ln(U_c @ h, gh_c, bh_c))
+        rstd_5 = (1/np.sqrt(var_5 + 1e-05))  # layer_norm_gru.cell:18  c = tanh(ln(W_c @ x, gx_c, bx_c) + r * ln(U_c @ h, gh_c, bh_c))
         _v_mean_at0[_t][...] = mean
-        _v_mean_2_at0[_t][...] = mean_2
+        _v_var_at0[_t][...] = var
         _v_rstd_at0[_t][...] = rstd
-        _v_mean_5_at0[_t][...] = mean_5
-        _v_mean_6_at0[_t][...] = mean_6
+        _v_mean_3_at0[_t][...] = mean_3
+        _v_var_3_at0[_t][...] = var_3
         _v_rstd_3_at0[_t][...] = rstd_3
-        _v_mean_9_at0[_t][...] = mean_9
-        _v_mean_10_at0[_t][...] = mean_10
+        _v_mean_5_at0[_t][...] = mean_5
+        _v_var_5_at0[_t][...] = var_5
         _v_rstd_5_at0[_t][...] = rstd_5
         # U_r @ h, U_u @ h, U_c @ h
         np.matmul(_s_h_at0[_t], _wt_U_r_U_u_U_c, out=_g_U_r_U_u_U_c__h_at0[_t])
@@ -298,34 +298,34 @@ def _forward(_params, _x, _state, _bs=None):
         W_u_x = _hg_W_r_W_u_W_c__x_at0[_t][:, _H:2*_H]
         h = _s_h_at0[_t]
         mean = _v_mean_at0[_t]
+        mean_3 = _v_mean_3_at0[_t]
         mean_5 = _v_mean_5_at0[_t]
-        mean_9 = _v_mean_9_at0[_t]
         rstd = _v_rstd_at0[_t]
         rstd_3 = _v_rstd_3_at0[_t]
         rstd_5 = _v_rstd_5_at0[_t]
-        mean_3 = _rowsum(U_r_h*inv_n_H)  # layer_norm_gru.cell:16  r = sigmoid(ln(W_r @ x, gx_r, bx_r) + ln(U_r @ h, gh_r, bh_r))
-        mean_4 = _rowsum(inv_n_H*((U_r_h - mean_3)*(U_r_h - mean_3)))  # layer_norm_gru.cell:16  r = sigmoid(ln(W_r @ x, gx_r, bx_r) + ln(U_r @ h, gh_r, bh_r))
-        rstd_2 = (1/np.sqrt(mean_4 + 1e-05))  # layer_norm_gru.cell:16  r = sigmoid(ln(W_r @ x, gx_r, bx_r) + ln(U_r @ h, gh_r, bh_r))
-        r = _sigmoid(bh_r + bx_r + gh_r*rstd_2*(U_r_h - mean_3) + gx_r*rstd*(W_r_x - mean))  # layer_norm_gru.cell:16  r = sigmoid(ln(W_r @ x, gx_r, bx_r) + ln(U_r @ h, gh_r, bh_r))
-        mean_7 = _rowsum(U_u_h*inv_n_H)  # layer_norm_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
-        mean_8 = _rowsum(inv_n_H*((U_u_h - mean_7)*(U_u_h - mean_7)))  # layer_norm_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
-        rstd_4 = (1/np.sqrt(mean_8 + 1e-05))  # layer_norm_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
-        u = _sigmoid(bh_u + bx_u + gh_u*rstd_4*(U_u_h - mean_7) + gx_u*rstd_3*(W_u_x - mean_5))  # layer_norm_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
-        mean_11 = _rowsum(U_c_h*inv_n_H)  # layer_norm_gru.cell:18  c = tanh(ln(W_c @ x, gx_c, bx_c) + r * ln(U_c @ h, gh_c, bh_c))
-        mean_12 = _rowsum(inv_n_H*((U_c_h - mean_11)*(U_c_h - mean_11)))  # layer_norm_gru.cell:18  c = tanh(ln(W_c @ x, gx_c, bx_c) + r * ln(U_c @ h, gh_c, bh_c))
-        rstd_6 = (1/np.sqrt(mean_12 + 1e-05))  # layer_norm_gru.cell:18  c = tanh(ln(W_c @ x, gx_c, bx_c) + r * ln(U_c @ h, gh_c, bh_c))
-        c = np.tanh(bx_c + gx_c*rstd_5*(W_c_x - mean_9) + r*(bh_c + gh_c*rstd_6*(U_c_h - mean_11)))  # layer_norm_gru.cell:18  c = tanh(ln(W_c @ x, gx_c, bx_c) + r * ln(U_c @ h, gh_c, bh_c))
+        mean_2 = _rowsum(U_r_h*inv_n_H)  # layer_norm_gru.cell:16  r = sigmoid(ln(W_r @ x, gx_r, bx_r) + ln(U_r @ h, gh_r, bh_r))
+        var_2 = _rowsum(inv_n_H*((U_r_h - mean_2)*(U_r_h - mean_2)))  # layer_norm_gru.cell:16  r = sigmoid(ln(W_r @ x, gx_r, bx_r) + ln(U_r @ h, gh_r, bh_r))
+        rstd_2 = (1/np.sqrt(var_2 + 1e-05))  # layer_norm_gru.cell:16  r = sigmoid(ln(W_r @ x, gx_r, bx_r) + ln(U_r @ h, gh_r, bh_r))
+        r = _sigmoid(bh_r + bx_r + gh_r*rstd_2*(U_r_h - mean_2) + gx_r*rstd*(W_r_x - mean))  # layer_norm_gru.cell:16  r = sigmoid(ln(W_r @ x, gx_r, bx_r) + ln(U_r @ h, gh_r, bh_r))
+        mean_4 = _rowsum(U_u_h*inv_n_H)  # layer_norm_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
+        var_4 = _rowsum(inv_n_H*((U_u_h - mean_4)*(U_u_h - mean_4)))  # layer_norm_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
+        rstd_4 = (1/np.sqrt(var_4 + 1e-05))  # layer_norm_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
+        u = _sigmoid(bh_u + bx_u + gh_u*rstd_4*(U_u_h - mean_4) + gx_u*rstd_3*(W_u_x - mean_3))  # layer_norm_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
+        mean_6 = _rowsum(U_c_h*inv_n_H)  # layer_norm_gru.cell:18  c = tanh(ln(W_c @ x, gx_c, bx_c) + r * ln(U_c @ h, gh_c, bh_c))
+        var_6 = _rowsum(inv_n_H*((U_c_h - mean_6)*(U_c_h - mean_6)))  # layer_norm_gru.cell:18  c = tanh(ln(W_c @ x, gx_c, bx_c) + r * ln(U_c @ h, gh_c, bh_c))
+        rstd_6 = (1/np.sqrt(var_6 + 1e-05))  # layer_norm_gru.cell:18  c = tanh(ln(W_c @ x, gx_c, bx_c) + r * ln(U_c @ h, gh_c, bh_c))
+        c = np.tanh(bx_c + gx_c*rstd_5*(W_c_x - mean_5) + r*(bh_c + gh_c*rstd_6*(U_c_h - mean_6)))  # layer_norm_gru.cell:18  c = tanh(ln(W_c @ x, gx_c, bx_c) + r * ln(U_c @ h, gh_c, bh_c))
         h_next = c*(1 - u) + h*u  # layer_norm_gru.cell:19  h' = u * h + (1 - u) * c
-        _v_mean_3_at0[_t][...] = mean_3
-        _v_mean_4_at0[_t][...] = mean_4
+        _v_mean_2_at0[_t][...] = mean_2
+        _v_var_2_at0[_t][...] = var_2
         _v_rstd_2_at0[_t][...] = rstd_2
         _v_r_at0[_t][...] = r
-        _v_mean_7_at0[_t][...] = mean_7
-        _v_mean_8_at0[_t][...] = mean_8
+        _v_mean_4_at0[_t][...] = mean_4
+        _v_var_4_at0[_t][...] = var_4
         _v_rstd_4_at0[_t][...] = rstd_4
         _v_u_at0[_t][...] = u
-        _v_mean_11_at0[_t][...] = mean_11
-        _v_mean_12_at0[_t][...] = mean_12
+        _v_mean_6_at0[_t][...] = mean_6
+        _v_var_6_at0[_t][...] = var_6
         _v_rstd_6_at0[_t][...] = rstd_6
         _v_c_at0[_t][...] = c
         _s_h_at1[_t][...] = h_next
@@ -336,7 +336,7 @@ def _forward(_params, _x, _state, _bs=None):
         _m = _active(_bs, _B, _dtype)
         _outputs = tuple(_o * _m for _o in _outputs)
     _final = (_s_h[_T], )
-    _saved = {"s_h": _s_h, "hg_W_r_W_u_W_c__x": _hg_W_r_W_u_W_c__x, "v_mean": _v_mean, "v_mean_2": _v_mean_2, "v_rstd": _v_rstd, "v_mean_5": _v_mean_5, "v_mean_6": _v_mean_6, "v_rstd_3": _v_rstd_3, "v_mean_9": _v_mean_9, "v_mean_10": _v_mean_10, "v_rstd_5": _v_rstd_5, "g_U_r_U_u_U_c__h": _g_U_r_U_u_U_c__h, "v_mean_3": _v_mean_3, "v_mean_4": _v_mean_4, "v_rstd_2": _v_rstd_2, "v_r": _v_r, "v_mean_7": _v_mean_7, "v_mean_8": _v_mean_8, "v_rstd_4": _v_rstd_4, "v_u": _v_u, "v_mean_11": _v_mean_11, "v_mean_12": _v_mean_12, "v_rstd_6": _v_rstd_6, "v_c": _v_c, }
+    _saved = {"s_h": _s_h, "hg_W_r_W_u_W_c__x": _hg_W_r_W_u_W_c__x, "v_mean": _v_mean, "v_var": _v_var, "v_rstd": _v_rstd, "v_mean_3": _v_mean_3, "v_var_3": _v_var_3, "v_rstd_3": _v_rstd_3, "v_mean_5": _v_mean_5, "v_var_5": _v_var_5, "v_rstd_5": _v_rstd_5, "g_U_r_U_u_U_c__h": _g_U_r_U_u_U_c__h, "v_mean_2": _v_mean_2, "v_var_2": _v_var_2, "v_rstd_2": _v_rstd_2, "v_r": _v_r, "v_mean_4": _v_mean_4, "v_var_4": _v_var_4, "v_rstd_4": _v_rstd_4, "v_u": _v_u, "v_mean_6": _v_mean_6, "v_var_6": _v_var_6, "v_rstd_6": _v_rstd_6, "v_c": _v_c, }
     return _outputs[0], _final[0], _saved
 
 
@@ -373,17 +373,17 @@ def _inference(_params, _x, _state, _bs=None):
     _hg_W_r_W_u_W_c__x = np.empty((_T, _B, 3*_H), _dtype)
     _tmp_mean = np.empty((_B, 1), _dtype)
     _tmp_rstd = np.empty((_B, 1), _dtype)
-    _tmp_mean_5 = np.empty((_B, 1), _dtype)
+    _tmp_mean_3 = np.empty((_B, 1), _dtype)
     _tmp_rstd_3 = np.empty((_B, 1), _dtype)
-    _tmp_mean_9 = np.empty((_B, 1), _dtype)
+    _tmp_mean_5 = np.empty((_B, 1), _dtype)
     _tmp_rstd_5 = np.empty((_B, 1), _dtype)
     _g_U_r_U_u_U_c__h = np.empty((_B, 3*_H), _dtype)
     _hg_W_r_W_u_W_c__x_at0 = _steps(_hg_W_r_W_u_W_c__x, 0, _T, _bs)
     _tmp_mean_rows = _rows(_tmp_mean, _T, _bs)
     _tmp_rstd_rows = _rows(_tmp_rstd, _T, _bs)
-    _tmp_mean_5_rows = _rows(_tmp_mean_5, _T, _bs)
+    _tmp_mean_3_rows = _rows(_tmp_mean_3, _T, _bs)
     _tmp_rstd_3_rows = _rows(_tmp_rstd_3, _T, _bs)
-    _tmp_mean_9_rows = _rows(_tmp_mean_9, _T, _bs)
+    _tmp_mean_5_rows = _rows(_tmp_mean_5, _T, _bs)
     _tmp_rstd_5_rows = _rows(_tmp_rstd_5, _T, _bs)
     _s_h_at0 = _steps(_s_h, 0, _T, _bs)
     _g_U_r_U_u_U_c__h_rows = _rows(_g_U_r_U_u_U_c__h, _T, _bs)
@@ -396,19 +396,19 @@ def _inference(_params, _x, _state, _bs=None):
         W_r_x = _hg_W_r_W_u_W_c__x_at0[_t][:, 0:_H]
         W_u_x = _hg_W_r_W_u_W_c__x_at0[_t][:, _H:2*_H]
         mean = _rowsum(W_r_x*inv_n_H)  # layer_norm_gru.cell:16  r = sigmoid(ln(W_r @ x, gx_r, bx_r) + ln(U_r @ h, gh_r, bh_r))
-        mean_2 = _rowsum(inv_n_H*((W_r_x - mean)*(W_r_x - mean)))  # layer_norm_gru.cell:16  r = sigmoid(ln(W_r @ x, gx_r, bx_r) + ln(U_r @ h, gh_r, bh_r))
-        rstd = (1/np.sqrt(mean_2 + 1e-05))  # layer_norm_gru.cell:16  r = sigmoid(ln(W_r @ x, gx_r, bx_r) + ln(U_r @ h, gh_r, bh_r))
-        mean_5 = _rowsum(W_u_x*inv_n_H)  # layer_norm_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
-        mean_6 = _rowsum(inv_n_H*((W_u_x - mean_5)*(W_u_x - mean_5)))  # layer_norm_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
-        rstd_3 = (1/np.sqrt(mean_6 + 1e-05))  # layer_norm_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
-        mean_9 = _rowsum(W_c_x*inv_n_H)  # layer_norm_gru.cell:18  c = tanh(ln(W_c @ x, gx_c, bx_c) + r * ln(U_c @ h, gh_c, bh_c))
-        mean_10 = _rowsum(inv_n_H*((W_c_x - mean_9)*(W_c_x - mean_9)))  # layer_norm_gru.cell:18  c = tanh(ln(W_c @ x, gx_c, bx_c) + r * ln(U_c @ h, gh_c, bh_c))
-        rstd_5 = (1/np.sqrt(mean_10 + 1e-05))  # layer_norm_gru.cell:18  c = tanh(ln(W_c @ x, gx_c, bx_c) + r * ln(U_c @ h, gh_c, bh_c))
+        var = _rowsum(inv_n_H*((W_r_x - mean)*(W_r_x - mean)))  # layer_norm_gru.cell:16  r = sigmoid(ln(W_r @ x, gx_r, bx_r) + ln(U_r @ h, gh_r, bh_r))
+        rstd = (1/np.sqrt(var + 1e-05))  # layer_norm_gru.cell:16  r = sigmoid(ln(W_r @ x, gx_r, bx_r) + ln(U_r @ h, gh_r, bh_r))
+        mean_3 = _rowsum(W_u_x*inv_n_H)  # layer_norm_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
+        var_3 = _rowsum(inv_n_H*((W_u_x - mean_3)*(W_u_x - mean_3)))  # layer_norm_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
+        rstd_3 = (1/np.sqrt(var_3 + 1e-05))  # layer_norm_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
+        mean_5 = _rowsum(W_c_x*inv_n_H)  # layer_norm_gru.cell:18  c = tanh(ln(W_c @ x, gx_c, bx_c) + r * ln(U_c @ h, gh_c, bh_c))
+        var_5 = _rowsum(inv_n_H*((W_c_x - mean_5)*(W_c_x - mean_5)))  # layer_norm_gru.cell:18  c = tanh(ln(W_c @ x, gx_c, bx_c) + r * ln(U_c @ h, gh_c, bh_c))
+        rstd_5 = (1/np.sqrt(var_5 + 1e-05))  # layer_norm_gru.cell:18  c = tanh(ln(W_c @ x, gx_c, bx_c) + r * ln(U_c @ h, gh_c, bh_c))
         _tmp_mean_rows[_t][...] = mean
         _tmp_rstd_rows[_t][...] = rstd
-        _tmp_mean_5_rows[_t][...] = mean_5
+        _tmp_mean_3_rows[_t][...] = mean_3
         _tmp_rstd_3_rows[_t][...] = rstd_3
-        _tmp_mean_9_rows[_t][...] = mean_9
+        _tmp_mean_5_rows[_t][...] = mean_5
         _tmp_rstd_5_rows[_t][...] = rstd_5
         # U_r @ h, U_u @ h, U_c @ h
         np.matmul(_s_h_at0[_t], _wt_U_r_U_u_U_c, out=_g_U_r_U_u_U_c__h_rows[_t])
@@ -421,23 +421,23 @@ def _inference(_params, _x, _state, _bs=None):
         W_u_x = _hg_W_r_W_u_W_c__x_at0[_t][:, _H:2*_H]
         h = _s_h_at0[_t]
         mean = _tmp_mean_rows[_t]
+        mean_3 = _tmp_mean_3_rows[_t]
         mean_5 = _tmp_mean_5_rows[_t]
-        mean_9 = _tmp_mean_9_rows[_t]
         rstd = _tmp_rstd_rows[_t]
         rstd_3 = _tmp_rstd_3_rows[_t]
         rstd_5 = _tmp_rstd_5_rows[_t]
-        mean_3 = _rowsum(U_r_h*inv_n_H)  # layer_norm_gru.cell:16  r = sigmoid(ln(W_r @ x, gx_r, bx_r) + ln(U_r @ h, gh_r, bh_r))
-        mean_4 = _rowsum(inv_n_H*((U_r_h - mean_3)*(U_r_h - mean_3)))  # layer_norm_gru.cell:16  r = sigmoid(ln(W_r @ x, gx_r, bx_r) + ln(U_r @ h, gh_r, bh_r))
-        rstd_2 = (1/np.sqrt(mean_4 + 1e-05))  # layer_norm_gru.cell:16  r = sigmoid(ln(W_r @ x, gx_r, bx_r) + ln(U_r @ h, gh_r, bh_r))
-        r = _sigmoid(bh_r + bx_r + gh_r*rstd_2*(U_r_h - mean_3) + gx_r*rstd*(W_r_x - mean))  # layer_norm_gru.cell:16  r = sigmoid(ln(W_r @ x, gx_r, bx_r) + ln(U_r @ h, gh_r, bh_r))
-        mean_7 = _rowsum(U_u_h*inv_n_H)  # layer_norm_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
-        mean_8 = _rowsum(inv_n_H*((U_u_h - mean_7)*(U_u_h - mean_7)))  # layer_norm_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
-        rstd_4 = (1/np.sqrt(mean_8 + 1e-05))  # layer_norm_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
-        u = _sigmoid(bh_u + bx_u + gh_u*rstd_4*(U_u_h - mean_7) + gx_u*rstd_3*(W_u_x - mean_5))  # layer_norm_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
-        mean_11 = _rowsum(U_c_h*inv_n_H)  # layer_norm_gru.cell:18  c = tanh(ln(W_c @ x, gx_c, bx_c) + r * ln(U_c @ h, gh_c, bh_c))
-        mean_12 = _rowsum(inv_n_H*((U_c_h - mean_11)*(U_c_h - mean_11)))  # layer_norm_gru.cell:18  c = tanh(ln(W_c @ x, gx_c, bx_c) + r * ln(U_c @ h, gh_c, bh_c))
-        rstd_6 = (1/np.sqrt(mean_12 + 1e-05))  # layer_norm_gru.cell:18  c = tanh(ln(W_c @ x, gx_c, bx_c) + r * ln(U_c @ h, gh_c, bh_c))
-        c = np.tanh(bx_c + gx_c*rstd_5*(W_c_x - mean_9) + r*(bh_c + gh_c*rstd_6*(U_c_h - mean_11)))  # layer_norm_gru.cell:18  c = tanh(ln(W_c @ x, gx_c, bx_c) + r * ln(U_c @ h, gh_c, bh_c))
+        mean_2 = _rowsum(U_r_h*inv_n_H)  # layer_norm_gru.cell:16  r = sigmoid(ln(W_r @ x, gx_r, bx_r) + ln(U_r @ h, gh_r, bh_r))
+        var_2 = _rowsum(inv_n_H*((U_r_h - mean_2)*(U_r_h - mean_2)))  # layer_norm_gru.cell:16  r = sigmoid(ln(W_r @ x, gx_r, bx_r) + ln(U_r @ h, gh_r, bh_r))
+        rstd_2 = (1/np.sqrt(var_2 + 1e-05))  # layer_norm_gru.cell:16  r = sigmoid(ln(W_r @ x, gx_r, bx_r) + ln(U_r @ h, gh_r, bh_r))
+        r = _sigmoid(bh_r + bx_r + gh_r*rstd_2*(U_r_h - mean_2) + gx_r*rstd*(W_r_x - mean))  # layer_norm_gru.cell:16  r = sigmoid(ln(W_r @ x, gx_r, bx_r) + ln(U_r @ h, gh_r, bh_r))
+        mean_4 = _rowsum(U_u_h*inv_n_H)  # layer_norm_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
+        var_4 = _rowsum(inv_n_H*((U_u_h - mean_4)*(U_u_h - mean_4)))  # layer_norm_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
+        rstd_4 = (1/np.sqrt(var_4 + 1e-05))  # layer_norm_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
+        u = _sigmoid(bh_u + bx_u + gh_u*rstd_4*(U_u_h - mean_4) + gx_u*rstd_3*(W_u_x - mean_3))  # layer_norm_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
+        mean_6 = _rowsum(U_c_h*inv_n_H)  # layer_norm_gru.cell:18  c = tanh(ln(W_c @ x, gx_c, bx_c) + r * ln(U_c @ h, gh_c, bh_c))
+        var_6 = _rowsum(inv_n_H*((U_c_h - mean_6)*(U_c_h - mean_6)))  # layer_norm_gru.cell:18  c = tanh(ln(W_c @ x, gx_c, bx_c) + r * ln(U_c @ h, gh_c, bh_c))
+        rstd_6 = (1/np.sqrt(var_6 + 1e-05))  # layer_norm_gru.cell:18  c = tanh(ln(W_c @ x, gx_c, bx_c) + r * ln(U_c @ h, gh_c, bh_c))
+        c = np.tanh(bx_c + gx_c*rstd_5*(W_c_x - mean_5) + r*(bh_c + gh_c*rstd_6*(U_c_h - mean_6)))  # layer_norm_gru.cell:18  c = tanh(ln(W_c @ x, gx_c, bx_c) + r * ln(U_c @ h, gh_c, bh_c))
         h_next = c*(1 - u) + h*u  # layer_norm_gru.cell:19  h' = u * h + (1 - u) * c
         _s_h_at1[_t][...] = h_next
         if _bs is not None:  # ended sequences hold their state
@@ -480,25 +480,25 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
     _s_h = _saved["s_h"]
     _hg_W_r_W_u_W_c__x = _saved["hg_W_r_W_u_W_c__x"]
     _v_mean = _saved["v_mean"]
-    _v_mean_2 = _saved["v_mean_2"]
+    _v_var = _saved["v_var"]
     _v_rstd = _saved["v_rstd"]
-    _v_mean_5 = _saved["v_mean_5"]
-    _v_mean_6 = _saved["v_mean_6"]
+    _v_mean_3 = _saved["v_mean_3"]
+    _v_var_3 = _saved["v_var_3"]
     _v_rstd_3 = _saved["v_rstd_3"]
-    _v_mean_9 = _saved["v_mean_9"]
-    _v_mean_10 = _saved["v_mean_10"]
+    _v_mean_5 = _saved["v_mean_5"]
+    _v_var_5 = _saved["v_var_5"]
     _v_rstd_5 = _saved["v_rstd_5"]
     _g_U_r_U_u_U_c__h = _saved["g_U_r_U_u_U_c__h"]
-    _v_mean_3 = _saved["v_mean_3"]
-    _v_mean_4 = _saved["v_mean_4"]
+    _v_mean_2 = _saved["v_mean_2"]
+    _v_var_2 = _saved["v_var_2"]
     _v_rstd_2 = _saved["v_rstd_2"]
     _v_r = _saved["v_r"]
-    _v_mean_7 = _saved["v_mean_7"]
-    _v_mean_8 = _saved["v_mean_8"]
+    _v_mean_4 = _saved["v_mean_4"]
+    _v_var_4 = _saved["v_var_4"]
     _v_rstd_4 = _saved["v_rstd_4"]
     _v_u = _saved["v_u"]
-    _v_mean_11 = _saved["v_mean_11"]
-    _v_mean_12 = _saved["v_mean_12"]
+    _v_mean_6 = _saved["v_mean_6"]
+    _v_var_6 = _saved["v_var_6"]
     _v_rstd_6 = _saved["v_rstd_6"]
     _v_c = _saved["v_c"]
     _d_outputs = (_d_outputs,)
@@ -528,11 +528,11 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
     _tmp_d_c = np.empty((_B, _H), _dtype)
     _tmp_d_u = np.empty((_B, _H), _dtype)
     _tmp_d_r = np.empty((_B, _H), _dtype)
-    _tmp_d_mean_10 = np.empty((_B, 1), _dtype)
-    _tmp_d_mean_9 = np.empty((_B, 1), _dtype)
-    _tmp_d_mean_6 = np.empty((_B, 1), _dtype)
+    _tmp_d_var_5 = np.empty((_B, 1), _dtype)
     _tmp_d_mean_5 = np.empty((_B, 1), _dtype)
-    _tmp_d_mean_2 = np.empty((_B, 1), _dtype)
+    _tmp_d_var_3 = np.empty((_B, 1), _dtype)
+    _tmp_d_mean_3 = np.empty((_B, 1), _dtype)
+    _tmp_d_var = np.empty((_B, 1), _dtype)
     _tmp_d_mean = np.empty((_B, 1), _dtype)
     if _bs is not None:
         _dg_U_r_U_u_U_c__h[...] = 0
@@ -554,17 +554,17 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
     _ds_h_rows = _rows(_ds_h, _T, _bs)
     _dout_h_next_at0 = _steps(_dout_h_next, 0, _T, _bs)
     _s_h_at0 = _steps(_s_h, 0, _T, _bs)
-    _v_mean_11_at0 = _steps(_v_mean_11, 0, _T, _bs)
-    _v_mean_12_at0 = _steps(_v_mean_12, 0, _T, _bs)
-    _v_mean_3_at0 = _steps(_v_mean_3, 0, _T, _bs)
+    _v_mean_2_at0 = _steps(_v_mean_2, 0, _T, _bs)
     _v_mean_4_at0 = _steps(_v_mean_4, 0, _T, _bs)
-    _v_mean_7_at0 = _steps(_v_mean_7, 0, _T, _bs)
-    _v_mean_8_at0 = _steps(_v_mean_8, 0, _T, _bs)
+    _v_mean_6_at0 = _steps(_v_mean_6, 0, _T, _bs)
     _v_r_at0 = _steps(_v_r, 0, _T, _bs)
     _v_rstd_2_at0 = _steps(_v_rstd_2, 0, _T, _bs)
     _v_rstd_4_at0 = _steps(_v_rstd_4, 0, _T, _bs)
     _v_rstd_6_at0 = _steps(_v_rstd_6, 0, _T, _bs)
     _v_u_at0 = _steps(_v_u, 0, _T, _bs)
+    _v_var_2_at0 = _steps(_v_var_2, 0, _T, _bs)
+    _v_var_4_at0 = _steps(_v_var_4, 0, _T, _bs)
+    _v_var_6_at0 = _steps(_v_var_6, 0, _T, _bs)
     _tmp_d_h_next_rows = _rows(_tmp_d_h_next, _T, _bs)
     _tmp_d_c_rows = _rows(_tmp_d_c, _T, _bs)
     _tmp_d_u_rows = _rows(_tmp_d_u, _T, _bs)
@@ -573,19 +573,19 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
     _tmp_d_h_gemm_rows = _rows(_tmp_d_h_gemm, _T, _bs)
     _hg_W_r_W_u_W_c__x_at0 = _steps(_hg_W_r_W_u_W_c__x, 0, _T, _bs)
     _v_mean_at0 = _steps(_v_mean, 0, _T, _bs)
-    _v_mean_10_at0 = _steps(_v_mean_10, 0, _T, _bs)
-    _v_mean_2_at0 = _steps(_v_mean_2, 0, _T, _bs)
+    _v_mean_3_at0 = _steps(_v_mean_3, 0, _T, _bs)
     _v_mean_5_at0 = _steps(_v_mean_5, 0, _T, _bs)
-    _v_mean_6_at0 = _steps(_v_mean_6, 0, _T, _bs)
-    _v_mean_9_at0 = _steps(_v_mean_9, 0, _T, _bs)
     _v_rstd_at0 = _steps(_v_rstd, 0, _T, _bs)
     _v_rstd_3_at0 = _steps(_v_rstd_3, 0, _T, _bs)
     _v_rstd_5_at0 = _steps(_v_rstd_5, 0, _T, _bs)
-    _tmp_d_mean_10_rows = _rows(_tmp_d_mean_10, _T, _bs)
-    _tmp_d_mean_9_rows = _rows(_tmp_d_mean_9, _T, _bs)
-    _tmp_d_mean_6_rows = _rows(_tmp_d_mean_6, _T, _bs)
+    _v_var_at0 = _steps(_v_var, 0, _T, _bs)
+    _v_var_3_at0 = _steps(_v_var_3, 0, _T, _bs)
+    _v_var_5_at0 = _steps(_v_var_5, 0, _T, _bs)
+    _tmp_d_var_5_rows = _rows(_tmp_d_var_5, _T, _bs)
     _tmp_d_mean_5_rows = _rows(_tmp_d_mean_5, _T, _bs)
-    _tmp_d_mean_2_rows = _rows(_tmp_d_mean_2, _T, _bs)
+    _tmp_d_var_3_rows = _rows(_tmp_d_var_3, _T, _bs)
+    _tmp_d_mean_3_rows = _rows(_tmp_d_mean_3, _T, _bs)
+    _tmp_d_var_rows = _rows(_tmp_d_var, _T, _bs)
     _tmp_d_mean_rows = _rows(_tmp_d_mean, _T, _bs)
     _dp_gx_r_at0 = _steps(_dp_gx_r, 0, _T, _bs)
     _dp_bx_r_at0 = _steps(_dp_bx_r, 0, _T, _bs)
@@ -610,45 +610,45 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
         d_h = _ds_h_rows[_t]
         d_h_next_out = _dout_h_next_at0[_t]
         h = _s_h_at0[_t]
-        mean_11 = _v_mean_11_at0[_t]
-        mean_12 = _v_mean_12_at0[_t]
-        mean_3 = _v_mean_3_at0[_t]
+        mean_2 = _v_mean_2_at0[_t]
         mean_4 = _v_mean_4_at0[_t]
-        mean_7 = _v_mean_7_at0[_t]
-        mean_8 = _v_mean_8_at0[_t]
+        mean_6 = _v_mean_6_at0[_t]
         r = _v_r_at0[_t]
         rstd_2 = _v_rstd_2_at0[_t]
         rstd_4 = _v_rstd_4_at0[_t]
         rstd_6 = _v_rstd_6_at0[_t]
         u = _v_u_at0[_t]
+        var_2 = _v_var_2_at0[_t]
+        var_4 = _v_var_4_at0[_t]
+        var_6 = _v_var_6_at0[_t]
         t0 = 1 - u
-        t1 = gh_c*(U_c_h - mean_11)
-        t4 = 2*U_c_h - 2*mean_11
-        t7 = 2*U_u_h - 2*mean_7
-        t10 = 2*U_r_h - 2*mean_3
+        t1 = gh_c*(U_c_h - mean_6)
+        t4 = 2*U_c_h - 2*mean_6
+        t7 = 2*U_u_h - 2*mean_4
+        t10 = 2*U_r_h - 2*mean_2
         d_h_next = d_h + d_h_next_out  # adjoint of h'
         d_c = d_h_next*t0  # adjoint of c
         t2 = d_c*(1 - (c*c))
         t3 = r*t2
         t5 = gh_c*rstd_6*t3
         d_rstd_6 = _rowsum(t1*t3)  # adjoint of operand of rstd_6
-        d_mean_12 = -1/2*d_rstd_6/(np.sqrt(mean_12 + 1e-05)*np.sqrt(mean_12 + 1e-05)*np.sqrt(mean_12 + 1e-05))  # adjoint of operand of mean_12
-        d_mean_11 = d_mean_12*_rowsum(-inv_n_H*t4) + _rowsum(-t5)  # adjoint of operand of mean_11
+        d_var_6 = -1/2*d_rstd_6/(np.sqrt(var_6 + 1e-05)*np.sqrt(var_6 + 1e-05)*np.sqrt(var_6 + 1e-05))  # adjoint of operand of var_6
+        d_mean_6 = d_var_6*_rowsum(-inv_n_H*t4) + _rowsum(-t5)  # adjoint of operand of mean_6
         d_u = d_h_next*(-c + h)  # adjoint of u
         t6 = d_u*gh_u*t0*u
         t8 = rstd_4*t6
-        d_rstd_4 = _rowsum(t6*(U_u_h - mean_7))  # adjoint of operand of rstd_4
-        d_mean_8 = -1/2*d_rstd_4/(np.sqrt(mean_8 + 1e-05)*np.sqrt(mean_8 + 1e-05)*np.sqrt(mean_8 + 1e-05))  # adjoint of operand of mean_8
-        d_mean_7 = d_mean_8*_rowsum(-inv_n_H*t7) + _rowsum(-t8)  # adjoint of operand of mean_7
+        d_rstd_4 = _rowsum(t6*(U_u_h - mean_4))  # adjoint of operand of rstd_4
+        d_var_4 = -1/2*d_rstd_4/(np.sqrt(var_4 + 1e-05)*np.sqrt(var_4 + 1e-05)*np.sqrt(var_4 + 1e-05))  # adjoint of operand of var_4
+        d_mean_4 = d_var_4*_rowsum(-inv_n_H*t7) + _rowsum(-t8)  # adjoint of operand of mean_4
         d_r = t2*(bh_c + rstd_6*t1)  # adjoint of r
         t9 = d_r*gh_r*r*(1 - r)
         t11 = rstd_2*t9
-        d_rstd_2 = _rowsum(t9*(U_r_h - mean_3))  # adjoint of operand of rstd_2
-        d_mean_4 = -1/2*d_rstd_2/(np.sqrt(mean_4 + 1e-05)*np.sqrt(mean_4 + 1e-05)*np.sqrt(mean_4 + 1e-05))  # adjoint of operand of mean_4
-        d_mean_3 = d_mean_4*_rowsum(-inv_n_H*t10) + _rowsum(-t11)  # adjoint of operand of mean_3
-        d_U_r_h = d_mean_3*inv_n_H + d_mean_4*inv_n_H*t10 + t11  # adjoint of U_r @ h
-        d_U_u_h = d_mean_7*inv_n_H + d_mean_8*inv_n_H*t7 + t8  # adjoint of U_u @ h
-        d_U_c_h = d_mean_11*inv_n_H + d_mean_12*inv_n_H*t4 + t5  # adjoint of U_c @ h
+        d_rstd_2 = _rowsum(t9*(U_r_h - mean_2))  # adjoint of operand of rstd_2
+        d_var_2 = -1/2*d_rstd_2/(np.sqrt(var_2 + 1e-05)*np.sqrt(var_2 + 1e-05)*np.sqrt(var_2 + 1e-05))  # adjoint of operand of var_2
+        d_mean_2 = d_var_2*_rowsum(-inv_n_H*t10) + _rowsum(-t11)  # adjoint of operand of mean_2
+        d_U_r_h = d_mean_2*inv_n_H + d_var_2*inv_n_H*t10 + t11  # adjoint of U_r @ h
+        d_U_u_h = d_mean_4*inv_n_H + d_var_4*inv_n_H*t7 + t8  # adjoint of U_u @ h
+        d_U_c_h = d_mean_6*inv_n_H + d_var_6*inv_n_H*t4 + t5  # adjoint of U_c @ h
         _tmp_d_h_next_rows[_t][...] = d_h_next
         _tmp_d_c_rows[_t][...] = d_c
         _tmp_d_u_rows[_t][...] = d_u
@@ -666,33 +666,33 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
         d_r = _tmp_d_r_rows[_t]
         d_u = _tmp_d_u_rows[_t]
         mean = _v_mean_at0[_t]
-        mean_10 = _v_mean_10_at0[_t]
-        mean_2 = _v_mean_2_at0[_t]
+        mean_3 = _v_mean_3_at0[_t]
         mean_5 = _v_mean_5_at0[_t]
-        mean_6 = _v_mean_6_at0[_t]
-        mean_9 = _v_mean_9_at0[_t]
         r = _v_r_at0[_t]
         rstd = _v_rstd_at0[_t]
         rstd_3 = _v_rstd_3_at0[_t]
         rstd_5 = _v_rstd_5_at0[_t]
         u = _v_u_at0[_t]
+        var = _v_var_at0[_t]
+        var_3 = _v_var_3_at0[_t]
+        var_5 = _v_var_5_at0[_t]
         t11_2 = d_c*gx_c*(1 - (c*c))
         t12 = d_u*gx_u*u*(1 - u)
         t13 = d_r*gx_r*r*(1 - r)
-        d_rstd_5 = _rowsum(t11_2*(W_c_x - mean_9))  # adjoint of operand of rstd_5
-        d_mean_10 = -1/2*d_rstd_5/(np.sqrt(mean_10 + 1e-05)*np.sqrt(mean_10 + 1e-05)*np.sqrt(mean_10 + 1e-05))  # adjoint of operand of mean_10
-        d_mean_9 = d_mean_10*_rowsum(inv_n_H*(-2*W_c_x + 2*mean_9)) + _rowsum(-rstd_5*t11_2)  # adjoint of operand of mean_9
-        d_rstd_3 = _rowsum(t12*(W_u_x - mean_5))  # adjoint of operand of rstd_3
-        d_mean_6 = -1/2*d_rstd_3/(np.sqrt(mean_6 + 1e-05)*np.sqrt(mean_6 + 1e-05)*np.sqrt(mean_6 + 1e-05))  # adjoint of operand of mean_6
-        d_mean_5 = d_mean_6*_rowsum(inv_n_H*(-2*W_u_x + 2*mean_5)) + _rowsum(-rstd_3*t12)  # adjoint of operand of mean_5
+        d_rstd_5 = _rowsum(t11_2*(W_c_x - mean_5))  # adjoint of operand of rstd_5
+        d_var_5 = -1/2*d_rstd_5/(np.sqrt(var_5 + 1e-05)*np.sqrt(var_5 + 1e-05)*np.sqrt(var_5 + 1e-05))  # adjoint of operand of var_5
+        d_mean_5 = d_var_5*_rowsum(inv_n_H*(-2*W_c_x + 2*mean_5)) + _rowsum(-rstd_5*t11_2)  # adjoint of operand of mean_5
+        d_rstd_3 = _rowsum(t12*(W_u_x - mean_3))  # adjoint of operand of rstd_3
+        d_var_3 = -1/2*d_rstd_3/(np.sqrt(var_3 + 1e-05)*np.sqrt(var_3 + 1e-05)*np.sqrt(var_3 + 1e-05))  # adjoint of operand of var_3
+        d_mean_3 = d_var_3*_rowsum(inv_n_H*(-2*W_u_x + 2*mean_3)) + _rowsum(-rstd_3*t12)  # adjoint of operand of mean_3
         d_rstd = _rowsum(t13*(W_r_x - mean))  # adjoint of operand of rstd
-        d_mean_2 = -1/2*d_rstd/(np.sqrt(mean_2 + 1e-05)*np.sqrt(mean_2 + 1e-05)*np.sqrt(mean_2 + 1e-05))  # adjoint of operand of mean_2
-        d_mean = d_mean_2*_rowsum(inv_n_H*(-2*W_r_x + 2*mean)) + _rowsum(-rstd*t13)  # adjoint of operand of mean
-        _tmp_d_mean_10_rows[_t][...] = d_mean_10
-        _tmp_d_mean_9_rows[_t][...] = d_mean_9
-        _tmp_d_mean_6_rows[_t][...] = d_mean_6
+        d_var = -1/2*d_rstd/(np.sqrt(var + 1e-05)*np.sqrt(var + 1e-05)*np.sqrt(var + 1e-05))  # adjoint of operand of var
+        d_mean = d_var*_rowsum(inv_n_H*(-2*W_r_x + 2*mean)) + _rowsum(-rstd*t13)  # adjoint of operand of mean
+        _tmp_d_var_5_rows[_t][...] = d_var_5
         _tmp_d_mean_5_rows[_t][...] = d_mean_5
-        _tmp_d_mean_2_rows[_t][...] = d_mean_2
+        _tmp_d_var_3_rows[_t][...] = d_var_3
+        _tmp_d_mean_3_rows[_t][...] = d_mean_3
+        _tmp_d_var_rows[_t][...] = d_var
         _tmp_d_mean_rows[_t][...] = d_mean
         # per-step adjoints of inputs, states, vector params, hoisted results
         U_c_h = _g_U_r_U_u_U_c__h_at0[_t][:, 2*_H:3*_H]
@@ -706,19 +706,19 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
         d_h_gemm = _tmp_d_h_gemm_rows[_t]
         d_h_next = _tmp_d_h_next_rows[_t]
         d_mean = _tmp_d_mean_rows[_t]
-        d_mean_10 = _tmp_d_mean_10_rows[_t]
-        d_mean_2 = _tmp_d_mean_2_rows[_t]
+        d_mean_3 = _tmp_d_mean_3_rows[_t]
         d_mean_5 = _tmp_d_mean_5_rows[_t]
-        d_mean_6 = _tmp_d_mean_6_rows[_t]
-        d_mean_9 = _tmp_d_mean_9_rows[_t]
         d_r = _tmp_d_r_rows[_t]
         d_u = _tmp_d_u_rows[_t]
+        d_var = _tmp_d_var_rows[_t]
+        d_var_3 = _tmp_d_var_3_rows[_t]
+        d_var_5 = _tmp_d_var_5_rows[_t]
         mean = _v_mean_at0[_t]
-        mean_11 = _v_mean_11_at0[_t]
+        mean_2 = _v_mean_2_at0[_t]
         mean_3 = _v_mean_3_at0[_t]
+        mean_4 = _v_mean_4_at0[_t]
         mean_5 = _v_mean_5_at0[_t]
-        mean_7 = _v_mean_7_at0[_t]
-        mean_9 = _v_mean_9_at0[_t]
+        mean_6 = _v_mean_6_at0[_t]
         r = _v_r_at0[_t]
         rstd = _v_rstd_at0[_t]
         rstd_2 = _v_rstd_2_at0[_t]
@@ -737,19 +737,19 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
         d_h = d_h_gemm + d_h_next*u  # adjoint of state h
         d_gx_r = t14*(W_r_x - mean)  # adjoint of param gx_r
         d_bx_r = t13_2  # adjoint of param bx_r
-        d_gh_r = rstd_2*t13_2*(U_r_h - mean_3)  # adjoint of param gh_r
+        d_gh_r = rstd_2*t13_2*(U_r_h - mean_2)  # adjoint of param gh_r
         d_bh_r = d_bx_r  # adjoint of param bh_r
-        d_gx_u = t16*(W_u_x - mean_5)  # adjoint of param gx_u
+        d_gx_u = t16*(W_u_x - mean_3)  # adjoint of param gx_u
         d_bx_u = t15  # adjoint of param bx_u
-        d_gh_u = rstd_4*t15*(U_u_h - mean_7)  # adjoint of param gh_u
+        d_gh_u = rstd_4*t15*(U_u_h - mean_4)  # adjoint of param gh_u
         d_bh_u = d_bx_u  # adjoint of param bh_u
-        d_gx_c = t18*(W_c_x - mean_9)  # adjoint of param gx_c
+        d_gx_c = t18*(W_c_x - mean_5)  # adjoint of param gx_c
         d_bx_c = t17  # adjoint of param bx_c
-        d_gh_c = rstd_6*t19*(U_c_h - mean_11)  # adjoint of param gh_c
+        d_gh_c = rstd_6*t19*(U_c_h - mean_6)  # adjoint of param gh_c
         d_bh_c = t19  # adjoint of param bh_c
-        d_W_r_x = d_mean*inv_n_H + d_mean_2*inv_n_H*(2*W_r_x - 2*mean) + gx_r*t14  # adjoint of hoisted projection W_r_x
-        d_W_u_x = d_mean_5*inv_n_H + d_mean_6*inv_n_H*(2*W_u_x - 2*mean_5) + gx_u*t16  # adjoint of hoisted projection W_u_x
-        d_W_c_x = d_mean_10*inv_n_H*(2*W_c_x - 2*mean_9) + d_mean_9*inv_n_H + gx_c*t18  # adjoint of hoisted projection W_c_x
+        d_W_r_x = d_mean*inv_n_H + d_var*inv_n_H*(2*W_r_x - 2*mean) + gx_r*t14  # adjoint of hoisted projection W_r_x
+        d_W_u_x = d_mean_3*inv_n_H + d_var_3*inv_n_H*(2*W_u_x - 2*mean_3) + gx_u*t16  # adjoint of hoisted projection W_u_x
+        d_W_c_x = d_mean_5*inv_n_H + d_var_5*inv_n_H*(2*W_c_x - 2*mean_5) + gx_c*t18  # adjoint of hoisted projection W_c_x
         _ds_h_rows[_t][...] = d_h
         _dp_gx_r_at0[_t][...] = d_gx_r
         _dp_bx_r_at0[_t][...] = d_bx_r

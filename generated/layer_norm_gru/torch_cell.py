@@ -49,7 +49,7 @@ OUTPUTS = ("h'",)
 #: initial value of each param: ("fill", v), ("zeros",), ("uniform", a, b), ... or ("default",),
 #: which is U(-k, k) with k = 1/sqrt(hidden_size), as torch.nn.LSTM/GRU do
 INITS = {"W_r": ("default",), "U_r": ("default",), "W_u": ("default",), "U_u": ("default",), "W_c": ("default",), "U_c": ("default",), "gx_r": ('fill', 1.0), "bx_r": ('fill', 0.0), "gh_r": ('fill', 1.0), "bh_r": ('fill', 0.0), "gx_u": ('fill', 1.0), "bx_u": ('fill', 0.0), "gh_u": ('fill', 1.0), "bh_u": ('fill', 0.0), "gx_c": ('fill', 1.0), "bx_c": ('fill', 0.0), "gh_c": ('fill', 1.0), "bh_c": ('fill', 0.0)}
-SAVED = ("mean", "mean_2", "rstd", "mean_5", "mean_6", "rstd_3", "mean_9", "mean_10", "rstd_5", "mean_3", "mean_4", "rstd_2", "r", "mean_7", "mean_8", "rstd_4", "u", "mean_11", "mean_12", "rstd_6", "c", "U_r_h", "U_u_h", "U_c_h",)
+SAVED = ("mean", "var", "rstd", "mean_3", "var_3", "rstd_3", "mean_5", "var_5", "rstd_5", "mean_2", "var_2", "rstd_2", "r", "mean_4", "var_4", "rstd_4", "u", "mean_6", "var_6", "rstd_6", "c", "U_r_h", "U_u_h", "U_c_h",)
 BACKENDS = ("auto", "generated", "autograd", "fused", "cuda")
 
 
@@ -86,29 +86,29 @@ def step(params, x, state):
     W_u_x = F.linear(x, W_u)  # W_u @ x
     W_c_x = F.linear(x, W_c)  # W_c @ x
     mean = _rowsum(W_r_x*inv_n_H)  # layer_norm_gru.cell:16  r = sigmoid(ln(W_r @ x, gx_r, bx_r) + ln(U_r @ h, gh_r, bh_r))
-    mean_2 = _rowsum(inv_n_H*((W_r_x - mean)*(W_r_x - mean)))  # layer_norm_gru.cell:16  r = sigmoid(ln(W_r @ x, gx_r, bx_r) + ln(U_r @ h, gh_r, bh_r))
-    rstd = (1/torch.sqrt(mean_2 + 1e-05))  # layer_norm_gru.cell:16  r = sigmoid(ln(W_r @ x, gx_r, bx_r) + ln(U_r @ h, gh_r, bh_r))
-    mean_5 = _rowsum(W_u_x*inv_n_H)  # layer_norm_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
-    mean_6 = _rowsum(inv_n_H*((W_u_x - mean_5)*(W_u_x - mean_5)))  # layer_norm_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
-    rstd_3 = (1/torch.sqrt(mean_6 + 1e-05))  # layer_norm_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
-    mean_9 = _rowsum(W_c_x*inv_n_H)  # layer_norm_gru.cell:18  c = tanh(ln(W_c @ x, gx_c, bx_c) + r * ln(U_c @ h, gh_c, bh_c))
-    mean_10 = _rowsum(inv_n_H*((W_c_x - mean_9)*(W_c_x - mean_9)))  # layer_norm_gru.cell:18  c = tanh(ln(W_c @ x, gx_c, bx_c) + r * ln(U_c @ h, gh_c, bh_c))
-    rstd_5 = (1/torch.sqrt(mean_10 + 1e-05))  # layer_norm_gru.cell:18  c = tanh(ln(W_c @ x, gx_c, bx_c) + r * ln(U_c @ h, gh_c, bh_c))
+    var = _rowsum(inv_n_H*((W_r_x - mean)*(W_r_x - mean)))  # layer_norm_gru.cell:16  r = sigmoid(ln(W_r @ x, gx_r, bx_r) + ln(U_r @ h, gh_r, bh_r))
+    rstd = (1/torch.sqrt(var + 1e-05))  # layer_norm_gru.cell:16  r = sigmoid(ln(W_r @ x, gx_r, bx_r) + ln(U_r @ h, gh_r, bh_r))
+    mean_3 = _rowsum(W_u_x*inv_n_H)  # layer_norm_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
+    var_3 = _rowsum(inv_n_H*((W_u_x - mean_3)*(W_u_x - mean_3)))  # layer_norm_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
+    rstd_3 = (1/torch.sqrt(var_3 + 1e-05))  # layer_norm_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
+    mean_5 = _rowsum(W_c_x*inv_n_H)  # layer_norm_gru.cell:18  c = tanh(ln(W_c @ x, gx_c, bx_c) + r * ln(U_c @ h, gh_c, bh_c))
+    var_5 = _rowsum(inv_n_H*((W_c_x - mean_5)*(W_c_x - mean_5)))  # layer_norm_gru.cell:18  c = tanh(ln(W_c @ x, gx_c, bx_c) + r * ln(U_c @ h, gh_c, bh_c))
+    rstd_5 = (1/torch.sqrt(var_5 + 1e-05))  # layer_norm_gru.cell:18  c = tanh(ln(W_c @ x, gx_c, bx_c) + r * ln(U_c @ h, gh_c, bh_c))
     U_r_h = F.linear(h, U_r)  # U_r @ h
     U_u_h = F.linear(h, U_u)  # U_u @ h
     U_c_h = F.linear(h, U_c)  # U_c @ h
-    mean_3 = _rowsum(U_r_h*inv_n_H)  # layer_norm_gru.cell:16  r = sigmoid(ln(W_r @ x, gx_r, bx_r) + ln(U_r @ h, gh_r, bh_r))
-    mean_4 = _rowsum(inv_n_H*((U_r_h - mean_3)*(U_r_h - mean_3)))  # layer_norm_gru.cell:16  r = sigmoid(ln(W_r @ x, gx_r, bx_r) + ln(U_r @ h, gh_r, bh_r))
-    rstd_2 = (1/torch.sqrt(mean_4 + 1e-05))  # layer_norm_gru.cell:16  r = sigmoid(ln(W_r @ x, gx_r, bx_r) + ln(U_r @ h, gh_r, bh_r))
-    r = torch.sigmoid(bh_r + bx_r + gh_r*rstd_2*(U_r_h - mean_3) + gx_r*rstd*(W_r_x - mean))  # layer_norm_gru.cell:16  r = sigmoid(ln(W_r @ x, gx_r, bx_r) + ln(U_r @ h, gh_r, bh_r))
-    mean_7 = _rowsum(U_u_h*inv_n_H)  # layer_norm_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
-    mean_8 = _rowsum(inv_n_H*((U_u_h - mean_7)*(U_u_h - mean_7)))  # layer_norm_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
-    rstd_4 = (1/torch.sqrt(mean_8 + 1e-05))  # layer_norm_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
-    u = torch.sigmoid(bh_u + bx_u + gh_u*rstd_4*(U_u_h - mean_7) + gx_u*rstd_3*(W_u_x - mean_5))  # layer_norm_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
-    mean_11 = _rowsum(U_c_h*inv_n_H)  # layer_norm_gru.cell:18  c = tanh(ln(W_c @ x, gx_c, bx_c) + r * ln(U_c @ h, gh_c, bh_c))
-    mean_12 = _rowsum(inv_n_H*((U_c_h - mean_11)*(U_c_h - mean_11)))  # layer_norm_gru.cell:18  c = tanh(ln(W_c @ x, gx_c, bx_c) + r * ln(U_c @ h, gh_c, bh_c))
-    rstd_6 = (1/torch.sqrt(mean_12 + 1e-05))  # layer_norm_gru.cell:18  c = tanh(ln(W_c @ x, gx_c, bx_c) + r * ln(U_c @ h, gh_c, bh_c))
-    c = torch.tanh(bx_c + gx_c*rstd_5*(W_c_x - mean_9) + r*(bh_c + gh_c*rstd_6*(U_c_h - mean_11)))  # layer_norm_gru.cell:18  c = tanh(ln(W_c @ x, gx_c, bx_c) + r * ln(U_c @ h, gh_c, bh_c))
+    mean_2 = _rowsum(U_r_h*inv_n_H)  # layer_norm_gru.cell:16  r = sigmoid(ln(W_r @ x, gx_r, bx_r) + ln(U_r @ h, gh_r, bh_r))
+    var_2 = _rowsum(inv_n_H*((U_r_h - mean_2)*(U_r_h - mean_2)))  # layer_norm_gru.cell:16  r = sigmoid(ln(W_r @ x, gx_r, bx_r) + ln(U_r @ h, gh_r, bh_r))
+    rstd_2 = (1/torch.sqrt(var_2 + 1e-05))  # layer_norm_gru.cell:16  r = sigmoid(ln(W_r @ x, gx_r, bx_r) + ln(U_r @ h, gh_r, bh_r))
+    r = torch.sigmoid(bh_r + bx_r + gh_r*rstd_2*(U_r_h - mean_2) + gx_r*rstd*(W_r_x - mean))  # layer_norm_gru.cell:16  r = sigmoid(ln(W_r @ x, gx_r, bx_r) + ln(U_r @ h, gh_r, bh_r))
+    mean_4 = _rowsum(U_u_h*inv_n_H)  # layer_norm_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
+    var_4 = _rowsum(inv_n_H*((U_u_h - mean_4)*(U_u_h - mean_4)))  # layer_norm_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
+    rstd_4 = (1/torch.sqrt(var_4 + 1e-05))  # layer_norm_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
+    u = torch.sigmoid(bh_u + bx_u + gh_u*rstd_4*(U_u_h - mean_4) + gx_u*rstd_3*(W_u_x - mean_3))  # layer_norm_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
+    mean_6 = _rowsum(U_c_h*inv_n_H)  # layer_norm_gru.cell:18  c = tanh(ln(W_c @ x, gx_c, bx_c) + r * ln(U_c @ h, gh_c, bh_c))
+    var_6 = _rowsum(inv_n_H*((U_c_h - mean_6)*(U_c_h - mean_6)))  # layer_norm_gru.cell:18  c = tanh(ln(W_c @ x, gx_c, bx_c) + r * ln(U_c @ h, gh_c, bh_c))
+    rstd_6 = (1/torch.sqrt(var_6 + 1e-05))  # layer_norm_gru.cell:18  c = tanh(ln(W_c @ x, gx_c, bx_c) + r * ln(U_c @ h, gh_c, bh_c))
+    c = torch.tanh(bx_c + gx_c*rstd_5*(W_c_x - mean_5) + r*(bh_c + gh_c*rstd_6*(U_c_h - mean_6)))  # layer_norm_gru.cell:18  c = tanh(ln(W_c @ x, gx_c, bx_c) + r * ln(U_c @ h, gh_c, bh_c))
     h_next = c*(1 - u) + h*u  # layer_norm_gru.cell:19  h' = u * h + (1 - u) * c
     return h_next, h_next
 
@@ -185,72 +185,72 @@ def _forward(_params, _x, _state, _bs=None):
     _s_h[0] = _state0[0]
     _hg_W_r_W_u_W_c__x = torch.empty((_T, _B, 3*_H), dtype=_dtype, device=_device)
     _v_mean = torch.empty((_T, _B, 1), dtype=_dtype, device=_device)
-    _v_mean_2 = torch.empty((_T, _B, 1), dtype=_dtype, device=_device)
+    _v_var = torch.empty((_T, _B, 1), dtype=_dtype, device=_device)
     _v_rstd = torch.empty((_T, _B, 1), dtype=_dtype, device=_device)
-    _v_mean_5 = torch.empty((_T, _B, 1), dtype=_dtype, device=_device)
-    _v_mean_6 = torch.empty((_T, _B, 1), dtype=_dtype, device=_device)
+    _v_mean_3 = torch.empty((_T, _B, 1), dtype=_dtype, device=_device)
+    _v_var_3 = torch.empty((_T, _B, 1), dtype=_dtype, device=_device)
     _v_rstd_3 = torch.empty((_T, _B, 1), dtype=_dtype, device=_device)
-    _v_mean_9 = torch.empty((_T, _B, 1), dtype=_dtype, device=_device)
-    _v_mean_10 = torch.empty((_T, _B, 1), dtype=_dtype, device=_device)
+    _v_mean_5 = torch.empty((_T, _B, 1), dtype=_dtype, device=_device)
+    _v_var_5 = torch.empty((_T, _B, 1), dtype=_dtype, device=_device)
     _v_rstd_5 = torch.empty((_T, _B, 1), dtype=_dtype, device=_device)
     _g_U_r_U_u_U_c__h = torch.empty((_T, _B, 3*_H), dtype=_dtype, device=_device)
-    _v_mean_3 = torch.empty((_T, _B, 1), dtype=_dtype, device=_device)
-    _v_mean_4 = torch.empty((_T, _B, 1), dtype=_dtype, device=_device)
+    _v_mean_2 = torch.empty((_T, _B, 1), dtype=_dtype, device=_device)
+    _v_var_2 = torch.empty((_T, _B, 1), dtype=_dtype, device=_device)
     _v_rstd_2 = torch.empty((_T, _B, 1), dtype=_dtype, device=_device)
     _v_r = torch.empty((_T, _B, _H), dtype=_dtype, device=_device)
-    _v_mean_7 = torch.empty((_T, _B, 1), dtype=_dtype, device=_device)
-    _v_mean_8 = torch.empty((_T, _B, 1), dtype=_dtype, device=_device)
+    _v_mean_4 = torch.empty((_T, _B, 1), dtype=_dtype, device=_device)
+    _v_var_4 = torch.empty((_T, _B, 1), dtype=_dtype, device=_device)
     _v_rstd_4 = torch.empty((_T, _B, 1), dtype=_dtype, device=_device)
     _v_u = torch.empty((_T, _B, _H), dtype=_dtype, device=_device)
-    _v_mean_11 = torch.empty((_T, _B, 1), dtype=_dtype, device=_device)
-    _v_mean_12 = torch.empty((_T, _B, 1), dtype=_dtype, device=_device)
+    _v_mean_6 = torch.empty((_T, _B, 1), dtype=_dtype, device=_device)
+    _v_var_6 = torch.empty((_T, _B, 1), dtype=_dtype, device=_device)
     _v_rstd_6 = torch.empty((_T, _B, 1), dtype=_dtype, device=_device)
     _v_c = torch.empty((_T, _B, _H), dtype=_dtype, device=_device)
     if _bs is not None:
         _v_mean.zero_()
-        _v_mean_2.zero_()
+        _v_var.zero_()
         _v_rstd.zero_()
-        _v_mean_5.zero_()
-        _v_mean_6.zero_()
+        _v_mean_3.zero_()
+        _v_var_3.zero_()
         _v_rstd_3.zero_()
-        _v_mean_9.zero_()
-        _v_mean_10.zero_()
+        _v_mean_5.zero_()
+        _v_var_5.zero_()
         _v_rstd_5.zero_()
         _g_U_r_U_u_U_c__h.zero_()
-        _v_mean_3.zero_()
-        _v_mean_4.zero_()
+        _v_mean_2.zero_()
+        _v_var_2.zero_()
         _v_rstd_2.zero_()
         _v_r.zero_()
-        _v_mean_7.zero_()
-        _v_mean_8.zero_()
+        _v_mean_4.zero_()
+        _v_var_4.zero_()
         _v_rstd_4.zero_()
         _v_u.zero_()
-        _v_mean_11.zero_()
-        _v_mean_12.zero_()
+        _v_mean_6.zero_()
+        _v_var_6.zero_()
         _v_rstd_6.zero_()
         _v_c.zero_()
     _hg_W_r_W_u_W_c__x_at0 = _steps(_hg_W_r_W_u_W_c__x, 0, _T, _bs)
     _v_mean_at0 = _steps(_v_mean, 0, _T, _bs)
-    _v_mean_2_at0 = _steps(_v_mean_2, 0, _T, _bs)
+    _v_var_at0 = _steps(_v_var, 0, _T, _bs)
     _v_rstd_at0 = _steps(_v_rstd, 0, _T, _bs)
-    _v_mean_5_at0 = _steps(_v_mean_5, 0, _T, _bs)
-    _v_mean_6_at0 = _steps(_v_mean_6, 0, _T, _bs)
+    _v_mean_3_at0 = _steps(_v_mean_3, 0, _T, _bs)
+    _v_var_3_at0 = _steps(_v_var_3, 0, _T, _bs)
     _v_rstd_3_at0 = _steps(_v_rstd_3, 0, _T, _bs)
-    _v_mean_9_at0 = _steps(_v_mean_9, 0, _T, _bs)
-    _v_mean_10_at0 = _steps(_v_mean_10, 0, _T, _bs)
+    _v_mean_5_at0 = _steps(_v_mean_5, 0, _T, _bs)
+    _v_var_5_at0 = _steps(_v_var_5, 0, _T, _bs)
     _v_rstd_5_at0 = _steps(_v_rstd_5, 0, _T, _bs)
     _s_h_at0 = _steps(_s_h, 0, _T, _bs)
     _g_U_r_U_u_U_c__h_at0 = _steps(_g_U_r_U_u_U_c__h, 0, _T, _bs)
-    _v_mean_3_at0 = _steps(_v_mean_3, 0, _T, _bs)
-    _v_mean_4_at0 = _steps(_v_mean_4, 0, _T, _bs)
+    _v_mean_2_at0 = _steps(_v_mean_2, 0, _T, _bs)
+    _v_var_2_at0 = _steps(_v_var_2, 0, _T, _bs)
     _v_rstd_2_at0 = _steps(_v_rstd_2, 0, _T, _bs)
     _v_r_at0 = _steps(_v_r, 0, _T, _bs)
-    _v_mean_7_at0 = _steps(_v_mean_7, 0, _T, _bs)
-    _v_mean_8_at0 = _steps(_v_mean_8, 0, _T, _bs)
+    _v_mean_4_at0 = _steps(_v_mean_4, 0, _T, _bs)
+    _v_var_4_at0 = _steps(_v_var_4, 0, _T, _bs)
     _v_rstd_4_at0 = _steps(_v_rstd_4, 0, _T, _bs)
     _v_u_at0 = _steps(_v_u, 0, _T, _bs)
-    _v_mean_11_at0 = _steps(_v_mean_11, 0, _T, _bs)
-    _v_mean_12_at0 = _steps(_v_mean_12, 0, _T, _bs)
+    _v_mean_6_at0 = _steps(_v_mean_6, 0, _T, _bs)
+    _v_var_6_at0 = _steps(_v_var_6, 0, _T, _bs)
     _v_rstd_6_at0 = _steps(_v_rstd_6, 0, _T, _bs)
     _v_c_at0 = _steps(_v_c, 0, _T, _bs)
     _s_h_at1 = _steps(_s_h, 1, _T, _bs)
@@ -262,22 +262,22 @@ def _forward(_params, _x, _state, _bs=None):
         W_r_x = _hg_W_r_W_u_W_c__x_at0[_t][:, 0:_H]
         W_u_x = _hg_W_r_W_u_W_c__x_at0[_t][:, _H:2*_H]
         mean = _rowsum(W_r_x*inv_n_H)  # layer_norm_gru.cell:16  r = sigmoid(ln(W_r @ x, gx_r, bx_r) + ln(U_r @ h, gh_r, bh_r))
-        mean_2 = _rowsum(inv_n_H*((W_r_x - mean)*(W_r_x - mean)))  # layer_norm_gru.cell:16  r = sigmoid(ln(W_r @ x, gx_r, bx_r) + ln(U_r @ h, gh_r, bh_r))
-        rstd = (1/torch.sqrt(mean_2 + 1e-05))  # layer_norm_gru.cell:16  r = sigmoid(ln(W_r @ x, gx_r, bx_r) + ln(U_r @ h, gh_r, bh_r))
-        mean_5 = _rowsum(W_u_x*inv_n_H)  # layer_norm_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
-        mean_6 = _rowsum(inv_n_H*((W_u_x - mean_5)*(W_u_x - mean_5)))  # layer_norm_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
-        rstd_3 = (1/torch.sqrt(mean_6 + 1e-05))  # layer_norm_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
-        mean_9 = _rowsum(W_c_x*inv_n_H)  # layer_norm_gru.cell:18  c = tanh(ln(W_c @ x, gx_c, bx_c) + r * ln(U_c @ h, gh_c, bh_c))
-        mean_10 = _rowsum(inv_n_H*((W_c_x - mean_9)*(W_c_x - mean_9)))  # layer_norm_gru.cell:18  c = tanh(ln(W_c @ x, gx_c, bx_c) + r * ln(U_c @ h, gh_c, bh_c))
-        rstd_5 = (1/torch.sqrt(mean_10 + 1e-05))  # layer_norm_gru.cell:18  c = tanh(ln(W_c @ x, gx_c, bx_c) + r * ln(U_c @ h, gh_c, bh_c))
+        var = _rowsum(inv_n_H*((W_r_x - mean)*(W_r_x - mean)))  # layer_norm_gru.cell:16  r = sigmoid(ln(W_r @ x, gx_r, bx_r) + ln(U_r @ h, gh_r, bh_r))
+        rstd = (1/torch.sqrt(var + 1e-05))  # layer_norm_gru.cell:16  r = sigmoid(ln(W_r @ x, gx_r, bx_r) + ln(U_r @ h, gh_r, bh_r))
+        mean_3 = _rowsum(W_u_x*inv_n_H)  # layer_norm_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
+        var_3 = _rowsum(inv_n_H*((W_u_x - mean_3)*(W_u_x - mean_3)))  # layer_norm_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
+        rstd_3 = (1/torch.sqrt(var_3 + 1e-05))  # layer_norm_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
+        mean_5 = _rowsum(W_c_x*inv_n_H)  # layer_norm_gru.cell:18  c = tanh(ln(W_c @ x, gx_c, bx_c) + r * ln(U_c @ h, gh_c, bh_c))
+        var_5 = _rowsum(inv_n_H*((W_c_x - mean_5)*(W_c_x - mean_5)))  # layer_norm_gru.cell:18  c = tanh(ln(W_c @ x, gx_c, bx_c) + r * ln(U_c @ h, gh_c, bh_c))
+        rstd_5 = (1/torch.sqrt(var_5 + 1e-05))  # layer_norm_gru.cell:18  c = tanh(ln(W_c @ x, gx_c, bx_c) + r * ln(U_c @ h, gh_c, bh_c))
         _v_mean_at0[_t].copy_(mean)
-        _v_mean_2_at0[_t].copy_(mean_2)
+        _v_var_at0[_t].copy_(var)
         _v_rstd_at0[_t].copy_(rstd)
-        _v_mean_5_at0[_t].copy_(mean_5)
-        _v_mean_6_at0[_t].copy_(mean_6)
+        _v_mean_3_at0[_t].copy_(mean_3)
+        _v_var_3_at0[_t].copy_(var_3)
         _v_rstd_3_at0[_t].copy_(rstd_3)
-        _v_mean_9_at0[_t].copy_(mean_9)
-        _v_mean_10_at0[_t].copy_(mean_10)
+        _v_mean_5_at0[_t].copy_(mean_5)
+        _v_var_5_at0[_t].copy_(var_5)
         _v_rstd_5_at0[_t].copy_(rstd_5)
         # U_r @ h, U_u @ h, U_c @ h
         torch.mm(_s_h_at0[_t], _wt_U_r_U_u_U_c, out=_g_U_r_U_u_U_c__h_at0[_t])
@@ -290,34 +290,34 @@ def _forward(_params, _x, _state, _bs=None):
         W_u_x = _hg_W_r_W_u_W_c__x_at0[_t][:, _H:2*_H]
         h = _s_h_at0[_t]
         mean = _v_mean_at0[_t]
+        mean_3 = _v_mean_3_at0[_t]
         mean_5 = _v_mean_5_at0[_t]
-        mean_9 = _v_mean_9_at0[_t]
         rstd = _v_rstd_at0[_t]
         rstd_3 = _v_rstd_3_at0[_t]
         rstd_5 = _v_rstd_5_at0[_t]
-        mean_3 = _rowsum(U_r_h*inv_n_H)  # layer_norm_gru.cell:16  r = sigmoid(ln(W_r @ x, gx_r, bx_r) + ln(U_r @ h, gh_r, bh_r))
-        mean_4 = _rowsum(inv_n_H*((U_r_h - mean_3)*(U_r_h - mean_3)))  # layer_norm_gru.cell:16  r = sigmoid(ln(W_r @ x, gx_r, bx_r) + ln(U_r @ h, gh_r, bh_r))
-        rstd_2 = (1/torch.sqrt(mean_4 + 1e-05))  # layer_norm_gru.cell:16  r = sigmoid(ln(W_r @ x, gx_r, bx_r) + ln(U_r @ h, gh_r, bh_r))
-        r = torch.sigmoid(bh_r + bx_r + gh_r*rstd_2*(U_r_h - mean_3) + gx_r*rstd*(W_r_x - mean))  # layer_norm_gru.cell:16  r = sigmoid(ln(W_r @ x, gx_r, bx_r) + ln(U_r @ h, gh_r, bh_r))
-        mean_7 = _rowsum(U_u_h*inv_n_H)  # layer_norm_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
-        mean_8 = _rowsum(inv_n_H*((U_u_h - mean_7)*(U_u_h - mean_7)))  # layer_norm_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
-        rstd_4 = (1/torch.sqrt(mean_8 + 1e-05))  # layer_norm_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
-        u = torch.sigmoid(bh_u + bx_u + gh_u*rstd_4*(U_u_h - mean_7) + gx_u*rstd_3*(W_u_x - mean_5))  # layer_norm_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
-        mean_11 = _rowsum(U_c_h*inv_n_H)  # layer_norm_gru.cell:18  c = tanh(ln(W_c @ x, gx_c, bx_c) + r * ln(U_c @ h, gh_c, bh_c))
-        mean_12 = _rowsum(inv_n_H*((U_c_h - mean_11)*(U_c_h - mean_11)))  # layer_norm_gru.cell:18  c = tanh(ln(W_c @ x, gx_c, bx_c) + r * ln(U_c @ h, gh_c, bh_c))
-        rstd_6 = (1/torch.sqrt(mean_12 + 1e-05))  # layer_norm_gru.cell:18  c = tanh(ln(W_c @ x, gx_c, bx_c) + r * ln(U_c @ h, gh_c, bh_c))
-        c = torch.tanh(bx_c + gx_c*rstd_5*(W_c_x - mean_9) + r*(bh_c + gh_c*rstd_6*(U_c_h - mean_11)))  # layer_norm_gru.cell:18  c = tanh(ln(W_c @ x, gx_c, bx_c) + r * ln(U_c @ h, gh_c, bh_c))
+        mean_2 = _rowsum(U_r_h*inv_n_H)  # layer_norm_gru.cell:16  r = sigmoid(ln(W_r @ x, gx_r, bx_r) + ln(U_r @ h, gh_r, bh_r))
+        var_2 = _rowsum(inv_n_H*((U_r_h - mean_2)*(U_r_h - mean_2)))  # layer_norm_gru.cell:16  r = sigmoid(ln(W_r @ x, gx_r, bx_r) + ln(U_r @ h, gh_r, bh_r))
+        rstd_2 = (1/torch.sqrt(var_2 + 1e-05))  # layer_norm_gru.cell:16  r = sigmoid(ln(W_r @ x, gx_r, bx_r) + ln(U_r @ h, gh_r, bh_r))
+        r = torch.sigmoid(bh_r + bx_r + gh_r*rstd_2*(U_r_h - mean_2) + gx_r*rstd*(W_r_x - mean))  # layer_norm_gru.cell:16  r = sigmoid(ln(W_r @ x, gx_r, bx_r) + ln(U_r @ h, gh_r, bh_r))
+        mean_4 = _rowsum(U_u_h*inv_n_H)  # layer_norm_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
+        var_4 = _rowsum(inv_n_H*((U_u_h - mean_4)*(U_u_h - mean_4)))  # layer_norm_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
+        rstd_4 = (1/torch.sqrt(var_4 + 1e-05))  # layer_norm_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
+        u = torch.sigmoid(bh_u + bx_u + gh_u*rstd_4*(U_u_h - mean_4) + gx_u*rstd_3*(W_u_x - mean_3))  # layer_norm_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
+        mean_6 = _rowsum(U_c_h*inv_n_H)  # layer_norm_gru.cell:18  c = tanh(ln(W_c @ x, gx_c, bx_c) + r * ln(U_c @ h, gh_c, bh_c))
+        var_6 = _rowsum(inv_n_H*((U_c_h - mean_6)*(U_c_h - mean_6)))  # layer_norm_gru.cell:18  c = tanh(ln(W_c @ x, gx_c, bx_c) + r * ln(U_c @ h, gh_c, bh_c))
+        rstd_6 = (1/torch.sqrt(var_6 + 1e-05))  # layer_norm_gru.cell:18  c = tanh(ln(W_c @ x, gx_c, bx_c) + r * ln(U_c @ h, gh_c, bh_c))
+        c = torch.tanh(bx_c + gx_c*rstd_5*(W_c_x - mean_5) + r*(bh_c + gh_c*rstd_6*(U_c_h - mean_6)))  # layer_norm_gru.cell:18  c = tanh(ln(W_c @ x, gx_c, bx_c) + r * ln(U_c @ h, gh_c, bh_c))
         h_next = c*(1 - u) + h*u  # layer_norm_gru.cell:19  h' = u * h + (1 - u) * c
-        _v_mean_3_at0[_t].copy_(mean_3)
-        _v_mean_4_at0[_t].copy_(mean_4)
+        _v_mean_2_at0[_t].copy_(mean_2)
+        _v_var_2_at0[_t].copy_(var_2)
         _v_rstd_2_at0[_t].copy_(rstd_2)
         _v_r_at0[_t].copy_(r)
-        _v_mean_7_at0[_t].copy_(mean_7)
-        _v_mean_8_at0[_t].copy_(mean_8)
+        _v_mean_4_at0[_t].copy_(mean_4)
+        _v_var_4_at0[_t].copy_(var_4)
         _v_rstd_4_at0[_t].copy_(rstd_4)
         _v_u_at0[_t].copy_(u)
-        _v_mean_11_at0[_t].copy_(mean_11)
-        _v_mean_12_at0[_t].copy_(mean_12)
+        _v_mean_6_at0[_t].copy_(mean_6)
+        _v_var_6_at0[_t].copy_(var_6)
         _v_rstd_6_at0[_t].copy_(rstd_6)
         _v_c_at0[_t].copy_(c)
         _s_h_at1[_t].copy_(h_next)
@@ -328,7 +328,7 @@ def _forward(_params, _x, _state, _bs=None):
         _m = _active(_bs, _B, _dtype, _device)
         _outputs = tuple(_o * _m for _o in _outputs)
     _final = (_s_h[_T], )
-    _saved = {"s_h": _s_h, "hg_W_r_W_u_W_c__x": _hg_W_r_W_u_W_c__x, "v_mean": _v_mean, "v_mean_2": _v_mean_2, "v_rstd": _v_rstd, "v_mean_5": _v_mean_5, "v_mean_6": _v_mean_6, "v_rstd_3": _v_rstd_3, "v_mean_9": _v_mean_9, "v_mean_10": _v_mean_10, "v_rstd_5": _v_rstd_5, "g_U_r_U_u_U_c__h": _g_U_r_U_u_U_c__h, "v_mean_3": _v_mean_3, "v_mean_4": _v_mean_4, "v_rstd_2": _v_rstd_2, "v_r": _v_r, "v_mean_7": _v_mean_7, "v_mean_8": _v_mean_8, "v_rstd_4": _v_rstd_4, "v_u": _v_u, "v_mean_11": _v_mean_11, "v_mean_12": _v_mean_12, "v_rstd_6": _v_rstd_6, "v_c": _v_c, }
+    _saved = {"s_h": _s_h, "hg_W_r_W_u_W_c__x": _hg_W_r_W_u_W_c__x, "v_mean": _v_mean, "v_var": _v_var, "v_rstd": _v_rstd, "v_mean_3": _v_mean_3, "v_var_3": _v_var_3, "v_rstd_3": _v_rstd_3, "v_mean_5": _v_mean_5, "v_var_5": _v_var_5, "v_rstd_5": _v_rstd_5, "g_U_r_U_u_U_c__h": _g_U_r_U_u_U_c__h, "v_mean_2": _v_mean_2, "v_var_2": _v_var_2, "v_rstd_2": _v_rstd_2, "v_r": _v_r, "v_mean_4": _v_mean_4, "v_var_4": _v_var_4, "v_rstd_4": _v_rstd_4, "v_u": _v_u, "v_mean_6": _v_mean_6, "v_var_6": _v_var_6, "v_rstd_6": _v_rstd_6, "v_c": _v_c, }
     return _outputs[0], _final[0], _saved
 
 
@@ -365,17 +365,17 @@ def _inference(_params, _x, _state, _bs=None):
     _hg_W_r_W_u_W_c__x = torch.empty((_T, _B, 3*_H), dtype=_dtype, device=_device)
     _tmp_mean = torch.empty((_B, 1), dtype=_dtype, device=_device)
     _tmp_rstd = torch.empty((_B, 1), dtype=_dtype, device=_device)
-    _tmp_mean_5 = torch.empty((_B, 1), dtype=_dtype, device=_device)
+    _tmp_mean_3 = torch.empty((_B, 1), dtype=_dtype, device=_device)
     _tmp_rstd_3 = torch.empty((_B, 1), dtype=_dtype, device=_device)
-    _tmp_mean_9 = torch.empty((_B, 1), dtype=_dtype, device=_device)
+    _tmp_mean_5 = torch.empty((_B, 1), dtype=_dtype, device=_device)
     _tmp_rstd_5 = torch.empty((_B, 1), dtype=_dtype, device=_device)
     _g_U_r_U_u_U_c__h = torch.empty((_B, 3*_H), dtype=_dtype, device=_device)
     _hg_W_r_W_u_W_c__x_at0 = _steps(_hg_W_r_W_u_W_c__x, 0, _T, _bs)
     _tmp_mean_rows = _rows(_tmp_mean, _T, _bs)
     _tmp_rstd_rows = _rows(_tmp_rstd, _T, _bs)
-    _tmp_mean_5_rows = _rows(_tmp_mean_5, _T, _bs)
+    _tmp_mean_3_rows = _rows(_tmp_mean_3, _T, _bs)
     _tmp_rstd_3_rows = _rows(_tmp_rstd_3, _T, _bs)
-    _tmp_mean_9_rows = _rows(_tmp_mean_9, _T, _bs)
+    _tmp_mean_5_rows = _rows(_tmp_mean_5, _T, _bs)
     _tmp_rstd_5_rows = _rows(_tmp_rstd_5, _T, _bs)
     _s_h_at0 = _steps(_s_h, 0, _T, _bs)
     _g_U_r_U_u_U_c__h_rows = _rows(_g_U_r_U_u_U_c__h, _T, _bs)
@@ -388,19 +388,19 @@ def _inference(_params, _x, _state, _bs=None):
         W_r_x = _hg_W_r_W_u_W_c__x_at0[_t][:, 0:_H]
         W_u_x = _hg_W_r_W_u_W_c__x_at0[_t][:, _H:2*_H]
         mean = _rowsum(W_r_x*inv_n_H)  # layer_norm_gru.cell:16  r = sigmoid(ln(W_r @ x, gx_r, bx_r) + ln(U_r @ h, gh_r, bh_r))
-        mean_2 = _rowsum(inv_n_H*((W_r_x - mean)*(W_r_x - mean)))  # layer_norm_gru.cell:16  r = sigmoid(ln(W_r @ x, gx_r, bx_r) + ln(U_r @ h, gh_r, bh_r))
-        rstd = (1/torch.sqrt(mean_2 + 1e-05))  # layer_norm_gru.cell:16  r = sigmoid(ln(W_r @ x, gx_r, bx_r) + ln(U_r @ h, gh_r, bh_r))
-        mean_5 = _rowsum(W_u_x*inv_n_H)  # layer_norm_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
-        mean_6 = _rowsum(inv_n_H*((W_u_x - mean_5)*(W_u_x - mean_5)))  # layer_norm_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
-        rstd_3 = (1/torch.sqrt(mean_6 + 1e-05))  # layer_norm_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
-        mean_9 = _rowsum(W_c_x*inv_n_H)  # layer_norm_gru.cell:18  c = tanh(ln(W_c @ x, gx_c, bx_c) + r * ln(U_c @ h, gh_c, bh_c))
-        mean_10 = _rowsum(inv_n_H*((W_c_x - mean_9)*(W_c_x - mean_9)))  # layer_norm_gru.cell:18  c = tanh(ln(W_c @ x, gx_c, bx_c) + r * ln(U_c @ h, gh_c, bh_c))
-        rstd_5 = (1/torch.sqrt(mean_10 + 1e-05))  # layer_norm_gru.cell:18  c = tanh(ln(W_c @ x, gx_c, bx_c) + r * ln(U_c @ h, gh_c, bh_c))
+        var = _rowsum(inv_n_H*((W_r_x - mean)*(W_r_x - mean)))  # layer_norm_gru.cell:16  r = sigmoid(ln(W_r @ x, gx_r, bx_r) + ln(U_r @ h, gh_r, bh_r))
+        rstd = (1/torch.sqrt(var + 1e-05))  # layer_norm_gru.cell:16  r = sigmoid(ln(W_r @ x, gx_r, bx_r) + ln(U_r @ h, gh_r, bh_r))
+        mean_3 = _rowsum(W_u_x*inv_n_H)  # layer_norm_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
+        var_3 = _rowsum(inv_n_H*((W_u_x - mean_3)*(W_u_x - mean_3)))  # layer_norm_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
+        rstd_3 = (1/torch.sqrt(var_3 + 1e-05))  # layer_norm_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
+        mean_5 = _rowsum(W_c_x*inv_n_H)  # layer_norm_gru.cell:18  c = tanh(ln(W_c @ x, gx_c, bx_c) + r * ln(U_c @ h, gh_c, bh_c))
+        var_5 = _rowsum(inv_n_H*((W_c_x - mean_5)*(W_c_x - mean_5)))  # layer_norm_gru.cell:18  c = tanh(ln(W_c @ x, gx_c, bx_c) + r * ln(U_c @ h, gh_c, bh_c))
+        rstd_5 = (1/torch.sqrt(var_5 + 1e-05))  # layer_norm_gru.cell:18  c = tanh(ln(W_c @ x, gx_c, bx_c) + r * ln(U_c @ h, gh_c, bh_c))
         _tmp_mean_rows[_t].copy_(mean)
         _tmp_rstd_rows[_t].copy_(rstd)
-        _tmp_mean_5_rows[_t].copy_(mean_5)
+        _tmp_mean_3_rows[_t].copy_(mean_3)
         _tmp_rstd_3_rows[_t].copy_(rstd_3)
-        _tmp_mean_9_rows[_t].copy_(mean_9)
+        _tmp_mean_5_rows[_t].copy_(mean_5)
         _tmp_rstd_5_rows[_t].copy_(rstd_5)
         # U_r @ h, U_u @ h, U_c @ h
         torch.mm(_s_h_at0[_t], _wt_U_r_U_u_U_c, out=_g_U_r_U_u_U_c__h_rows[_t])
@@ -413,23 +413,23 @@ def _inference(_params, _x, _state, _bs=None):
         W_u_x = _hg_W_r_W_u_W_c__x_at0[_t][:, _H:2*_H]
         h = _s_h_at0[_t]
         mean = _tmp_mean_rows[_t]
+        mean_3 = _tmp_mean_3_rows[_t]
         mean_5 = _tmp_mean_5_rows[_t]
-        mean_9 = _tmp_mean_9_rows[_t]
         rstd = _tmp_rstd_rows[_t]
         rstd_3 = _tmp_rstd_3_rows[_t]
         rstd_5 = _tmp_rstd_5_rows[_t]
-        mean_3 = _rowsum(U_r_h*inv_n_H)  # layer_norm_gru.cell:16  r = sigmoid(ln(W_r @ x, gx_r, bx_r) + ln(U_r @ h, gh_r, bh_r))
-        mean_4 = _rowsum(inv_n_H*((U_r_h - mean_3)*(U_r_h - mean_3)))  # layer_norm_gru.cell:16  r = sigmoid(ln(W_r @ x, gx_r, bx_r) + ln(U_r @ h, gh_r, bh_r))
-        rstd_2 = (1/torch.sqrt(mean_4 + 1e-05))  # layer_norm_gru.cell:16  r = sigmoid(ln(W_r @ x, gx_r, bx_r) + ln(U_r @ h, gh_r, bh_r))
-        r = torch.sigmoid(bh_r + bx_r + gh_r*rstd_2*(U_r_h - mean_3) + gx_r*rstd*(W_r_x - mean))  # layer_norm_gru.cell:16  r = sigmoid(ln(W_r @ x, gx_r, bx_r) + ln(U_r @ h, gh_r, bh_r))
-        mean_7 = _rowsum(U_u_h*inv_n_H)  # layer_norm_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
-        mean_8 = _rowsum(inv_n_H*((U_u_h - mean_7)*(U_u_h - mean_7)))  # layer_norm_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
-        rstd_4 = (1/torch.sqrt(mean_8 + 1e-05))  # layer_norm_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
-        u = torch.sigmoid(bh_u + bx_u + gh_u*rstd_4*(U_u_h - mean_7) + gx_u*rstd_3*(W_u_x - mean_5))  # layer_norm_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
-        mean_11 = _rowsum(U_c_h*inv_n_H)  # layer_norm_gru.cell:18  c = tanh(ln(W_c @ x, gx_c, bx_c) + r * ln(U_c @ h, gh_c, bh_c))
-        mean_12 = _rowsum(inv_n_H*((U_c_h - mean_11)*(U_c_h - mean_11)))  # layer_norm_gru.cell:18  c = tanh(ln(W_c @ x, gx_c, bx_c) + r * ln(U_c @ h, gh_c, bh_c))
-        rstd_6 = (1/torch.sqrt(mean_12 + 1e-05))  # layer_norm_gru.cell:18  c = tanh(ln(W_c @ x, gx_c, bx_c) + r * ln(U_c @ h, gh_c, bh_c))
-        c = torch.tanh(bx_c + gx_c*rstd_5*(W_c_x - mean_9) + r*(bh_c + gh_c*rstd_6*(U_c_h - mean_11)))  # layer_norm_gru.cell:18  c = tanh(ln(W_c @ x, gx_c, bx_c) + r * ln(U_c @ h, gh_c, bh_c))
+        mean_2 = _rowsum(U_r_h*inv_n_H)  # layer_norm_gru.cell:16  r = sigmoid(ln(W_r @ x, gx_r, bx_r) + ln(U_r @ h, gh_r, bh_r))
+        var_2 = _rowsum(inv_n_H*((U_r_h - mean_2)*(U_r_h - mean_2)))  # layer_norm_gru.cell:16  r = sigmoid(ln(W_r @ x, gx_r, bx_r) + ln(U_r @ h, gh_r, bh_r))
+        rstd_2 = (1/torch.sqrt(var_2 + 1e-05))  # layer_norm_gru.cell:16  r = sigmoid(ln(W_r @ x, gx_r, bx_r) + ln(U_r @ h, gh_r, bh_r))
+        r = torch.sigmoid(bh_r + bx_r + gh_r*rstd_2*(U_r_h - mean_2) + gx_r*rstd*(W_r_x - mean))  # layer_norm_gru.cell:16  r = sigmoid(ln(W_r @ x, gx_r, bx_r) + ln(U_r @ h, gh_r, bh_r))
+        mean_4 = _rowsum(U_u_h*inv_n_H)  # layer_norm_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
+        var_4 = _rowsum(inv_n_H*((U_u_h - mean_4)*(U_u_h - mean_4)))  # layer_norm_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
+        rstd_4 = (1/torch.sqrt(var_4 + 1e-05))  # layer_norm_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
+        u = torch.sigmoid(bh_u + bx_u + gh_u*rstd_4*(U_u_h - mean_4) + gx_u*rstd_3*(W_u_x - mean_3))  # layer_norm_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
+        mean_6 = _rowsum(U_c_h*inv_n_H)  # layer_norm_gru.cell:18  c = tanh(ln(W_c @ x, gx_c, bx_c) + r * ln(U_c @ h, gh_c, bh_c))
+        var_6 = _rowsum(inv_n_H*((U_c_h - mean_6)*(U_c_h - mean_6)))  # layer_norm_gru.cell:18  c = tanh(ln(W_c @ x, gx_c, bx_c) + r * ln(U_c @ h, gh_c, bh_c))
+        rstd_6 = (1/torch.sqrt(var_6 + 1e-05))  # layer_norm_gru.cell:18  c = tanh(ln(W_c @ x, gx_c, bx_c) + r * ln(U_c @ h, gh_c, bh_c))
+        c = torch.tanh(bx_c + gx_c*rstd_5*(W_c_x - mean_5) + r*(bh_c + gh_c*rstd_6*(U_c_h - mean_6)))  # layer_norm_gru.cell:18  c = tanh(ln(W_c @ x, gx_c, bx_c) + r * ln(U_c @ h, gh_c, bh_c))
         h_next = c*(1 - u) + h*u  # layer_norm_gru.cell:19  h' = u * h + (1 - u) * c
         _s_h_at1[_t].copy_(h_next)
         if _bs is not None:  # ended sequences hold their state
@@ -472,25 +472,25 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
     _s_h = _saved["s_h"]
     _hg_W_r_W_u_W_c__x = _saved["hg_W_r_W_u_W_c__x"]
     _v_mean = _saved["v_mean"]
-    _v_mean_2 = _saved["v_mean_2"]
+    _v_var = _saved["v_var"]
     _v_rstd = _saved["v_rstd"]
-    _v_mean_5 = _saved["v_mean_5"]
-    _v_mean_6 = _saved["v_mean_6"]
+    _v_mean_3 = _saved["v_mean_3"]
+    _v_var_3 = _saved["v_var_3"]
     _v_rstd_3 = _saved["v_rstd_3"]
-    _v_mean_9 = _saved["v_mean_9"]
-    _v_mean_10 = _saved["v_mean_10"]
+    _v_mean_5 = _saved["v_mean_5"]
+    _v_var_5 = _saved["v_var_5"]
     _v_rstd_5 = _saved["v_rstd_5"]
     _g_U_r_U_u_U_c__h = _saved["g_U_r_U_u_U_c__h"]
-    _v_mean_3 = _saved["v_mean_3"]
-    _v_mean_4 = _saved["v_mean_4"]
+    _v_mean_2 = _saved["v_mean_2"]
+    _v_var_2 = _saved["v_var_2"]
     _v_rstd_2 = _saved["v_rstd_2"]
     _v_r = _saved["v_r"]
-    _v_mean_7 = _saved["v_mean_7"]
-    _v_mean_8 = _saved["v_mean_8"]
+    _v_mean_4 = _saved["v_mean_4"]
+    _v_var_4 = _saved["v_var_4"]
     _v_rstd_4 = _saved["v_rstd_4"]
     _v_u = _saved["v_u"]
-    _v_mean_11 = _saved["v_mean_11"]
-    _v_mean_12 = _saved["v_mean_12"]
+    _v_mean_6 = _saved["v_mean_6"]
+    _v_var_6 = _saved["v_var_6"]
     _v_rstd_6 = _saved["v_rstd_6"]
     _v_c = _saved["v_c"]
     _d_outputs = (_d_outputs,)
@@ -520,11 +520,11 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
     _tmp_d_c = torch.empty((_B, _H), dtype=_dtype, device=_device)
     _tmp_d_u = torch.empty((_B, _H), dtype=_dtype, device=_device)
     _tmp_d_r = torch.empty((_B, _H), dtype=_dtype, device=_device)
-    _tmp_d_mean_10 = torch.empty((_B, 1), dtype=_dtype, device=_device)
-    _tmp_d_mean_9 = torch.empty((_B, 1), dtype=_dtype, device=_device)
-    _tmp_d_mean_6 = torch.empty((_B, 1), dtype=_dtype, device=_device)
+    _tmp_d_var_5 = torch.empty((_B, 1), dtype=_dtype, device=_device)
     _tmp_d_mean_5 = torch.empty((_B, 1), dtype=_dtype, device=_device)
-    _tmp_d_mean_2 = torch.empty((_B, 1), dtype=_dtype, device=_device)
+    _tmp_d_var_3 = torch.empty((_B, 1), dtype=_dtype, device=_device)
+    _tmp_d_mean_3 = torch.empty((_B, 1), dtype=_dtype, device=_device)
+    _tmp_d_var = torch.empty((_B, 1), dtype=_dtype, device=_device)
     _tmp_d_mean = torch.empty((_B, 1), dtype=_dtype, device=_device)
     if _bs is not None:
         _dg_U_r_U_u_U_c__h.zero_()
@@ -546,17 +546,17 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
     _ds_h_rows = _rows(_ds_h, _T, _bs)
     _dout_h_next_at0 = _steps(_dout_h_next, 0, _T, _bs)
     _s_h_at0 = _steps(_s_h, 0, _T, _bs)
-    _v_mean_11_at0 = _steps(_v_mean_11, 0, _T, _bs)
-    _v_mean_12_at0 = _steps(_v_mean_12, 0, _T, _bs)
-    _v_mean_3_at0 = _steps(_v_mean_3, 0, _T, _bs)
+    _v_mean_2_at0 = _steps(_v_mean_2, 0, _T, _bs)
     _v_mean_4_at0 = _steps(_v_mean_4, 0, _T, _bs)
-    _v_mean_7_at0 = _steps(_v_mean_7, 0, _T, _bs)
-    _v_mean_8_at0 = _steps(_v_mean_8, 0, _T, _bs)
+    _v_mean_6_at0 = _steps(_v_mean_6, 0, _T, _bs)
     _v_r_at0 = _steps(_v_r, 0, _T, _bs)
     _v_rstd_2_at0 = _steps(_v_rstd_2, 0, _T, _bs)
     _v_rstd_4_at0 = _steps(_v_rstd_4, 0, _T, _bs)
     _v_rstd_6_at0 = _steps(_v_rstd_6, 0, _T, _bs)
     _v_u_at0 = _steps(_v_u, 0, _T, _bs)
+    _v_var_2_at0 = _steps(_v_var_2, 0, _T, _bs)
+    _v_var_4_at0 = _steps(_v_var_4, 0, _T, _bs)
+    _v_var_6_at0 = _steps(_v_var_6, 0, _T, _bs)
     _tmp_d_h_next_rows = _rows(_tmp_d_h_next, _T, _bs)
     _tmp_d_c_rows = _rows(_tmp_d_c, _T, _bs)
     _tmp_d_u_rows = _rows(_tmp_d_u, _T, _bs)
@@ -565,19 +565,19 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
     _tmp_d_h_gemm_rows = _rows(_tmp_d_h_gemm, _T, _bs)
     _hg_W_r_W_u_W_c__x_at0 = _steps(_hg_W_r_W_u_W_c__x, 0, _T, _bs)
     _v_mean_at0 = _steps(_v_mean, 0, _T, _bs)
-    _v_mean_10_at0 = _steps(_v_mean_10, 0, _T, _bs)
-    _v_mean_2_at0 = _steps(_v_mean_2, 0, _T, _bs)
+    _v_mean_3_at0 = _steps(_v_mean_3, 0, _T, _bs)
     _v_mean_5_at0 = _steps(_v_mean_5, 0, _T, _bs)
-    _v_mean_6_at0 = _steps(_v_mean_6, 0, _T, _bs)
-    _v_mean_9_at0 = _steps(_v_mean_9, 0, _T, _bs)
     _v_rstd_at0 = _steps(_v_rstd, 0, _T, _bs)
     _v_rstd_3_at0 = _steps(_v_rstd_3, 0, _T, _bs)
     _v_rstd_5_at0 = _steps(_v_rstd_5, 0, _T, _bs)
-    _tmp_d_mean_10_rows = _rows(_tmp_d_mean_10, _T, _bs)
-    _tmp_d_mean_9_rows = _rows(_tmp_d_mean_9, _T, _bs)
-    _tmp_d_mean_6_rows = _rows(_tmp_d_mean_6, _T, _bs)
+    _v_var_at0 = _steps(_v_var, 0, _T, _bs)
+    _v_var_3_at0 = _steps(_v_var_3, 0, _T, _bs)
+    _v_var_5_at0 = _steps(_v_var_5, 0, _T, _bs)
+    _tmp_d_var_5_rows = _rows(_tmp_d_var_5, _T, _bs)
     _tmp_d_mean_5_rows = _rows(_tmp_d_mean_5, _T, _bs)
-    _tmp_d_mean_2_rows = _rows(_tmp_d_mean_2, _T, _bs)
+    _tmp_d_var_3_rows = _rows(_tmp_d_var_3, _T, _bs)
+    _tmp_d_mean_3_rows = _rows(_tmp_d_mean_3, _T, _bs)
+    _tmp_d_var_rows = _rows(_tmp_d_var, _T, _bs)
     _tmp_d_mean_rows = _rows(_tmp_d_mean, _T, _bs)
     _dp_gx_r_at0 = _steps(_dp_gx_r, 0, _T, _bs)
     _dp_bx_r_at0 = _steps(_dp_bx_r, 0, _T, _bs)
@@ -602,45 +602,45 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
         d_h = _ds_h_rows[_t]
         d_h_next_out = _dout_h_next_at0[_t]
         h = _s_h_at0[_t]
-        mean_11 = _v_mean_11_at0[_t]
-        mean_12 = _v_mean_12_at0[_t]
-        mean_3 = _v_mean_3_at0[_t]
+        mean_2 = _v_mean_2_at0[_t]
         mean_4 = _v_mean_4_at0[_t]
-        mean_7 = _v_mean_7_at0[_t]
-        mean_8 = _v_mean_8_at0[_t]
+        mean_6 = _v_mean_6_at0[_t]
         r = _v_r_at0[_t]
         rstd_2 = _v_rstd_2_at0[_t]
         rstd_4 = _v_rstd_4_at0[_t]
         rstd_6 = _v_rstd_6_at0[_t]
         u = _v_u_at0[_t]
+        var_2 = _v_var_2_at0[_t]
+        var_4 = _v_var_4_at0[_t]
+        var_6 = _v_var_6_at0[_t]
         t0 = 1 - u
-        t1 = gh_c*(U_c_h - mean_11)
-        t4 = 2*U_c_h - 2*mean_11
-        t7 = 2*U_u_h - 2*mean_7
-        t10 = 2*U_r_h - 2*mean_3
+        t1 = gh_c*(U_c_h - mean_6)
+        t4 = 2*U_c_h - 2*mean_6
+        t7 = 2*U_u_h - 2*mean_4
+        t10 = 2*U_r_h - 2*mean_2
         d_h_next = d_h + d_h_next_out  # adjoint of h'
         d_c = d_h_next*t0  # adjoint of c
         t2 = d_c*(1 - (c*c))
         t3 = r*t2
         t5 = gh_c*rstd_6*t3
         d_rstd_6 = _rowsum(t1*t3)  # adjoint of operand of rstd_6
-        d_mean_12 = -1/2*d_rstd_6/(torch.sqrt(mean_12 + 1e-05)*torch.sqrt(mean_12 + 1e-05)*torch.sqrt(mean_12 + 1e-05))  # adjoint of operand of mean_12
-        d_mean_11 = d_mean_12*_rowsum(-inv_n_H*t4) + _rowsum(-t5)  # adjoint of operand of mean_11
+        d_var_6 = -1/2*d_rstd_6/(torch.sqrt(var_6 + 1e-05)*torch.sqrt(var_6 + 1e-05)*torch.sqrt(var_6 + 1e-05))  # adjoint of operand of var_6
+        d_mean_6 = d_var_6*_rowsum(-inv_n_H*t4) + _rowsum(-t5)  # adjoint of operand of mean_6
         d_u = d_h_next*(-c + h)  # adjoint of u
         t6 = d_u*gh_u*t0*u
         t8 = rstd_4*t6
-        d_rstd_4 = _rowsum(t6*(U_u_h - mean_7))  # adjoint of operand of rstd_4
-        d_mean_8 = -1/2*d_rstd_4/(torch.sqrt(mean_8 + 1e-05)*torch.sqrt(mean_8 + 1e-05)*torch.sqrt(mean_8 + 1e-05))  # adjoint of operand of mean_8
-        d_mean_7 = d_mean_8*_rowsum(-inv_n_H*t7) + _rowsum(-t8)  # adjoint of operand of mean_7
+        d_rstd_4 = _rowsum(t6*(U_u_h - mean_4))  # adjoint of operand of rstd_4
+        d_var_4 = -1/2*d_rstd_4/(torch.sqrt(var_4 + 1e-05)*torch.sqrt(var_4 + 1e-05)*torch.sqrt(var_4 + 1e-05))  # adjoint of operand of var_4
+        d_mean_4 = d_var_4*_rowsum(-inv_n_H*t7) + _rowsum(-t8)  # adjoint of operand of mean_4
         d_r = t2*(bh_c + rstd_6*t1)  # adjoint of r
         t9 = d_r*gh_r*r*(1 - r)
         t11 = rstd_2*t9
-        d_rstd_2 = _rowsum(t9*(U_r_h - mean_3))  # adjoint of operand of rstd_2
-        d_mean_4 = -1/2*d_rstd_2/(torch.sqrt(mean_4 + 1e-05)*torch.sqrt(mean_4 + 1e-05)*torch.sqrt(mean_4 + 1e-05))  # adjoint of operand of mean_4
-        d_mean_3 = d_mean_4*_rowsum(-inv_n_H*t10) + _rowsum(-t11)  # adjoint of operand of mean_3
-        d_U_r_h = d_mean_3*inv_n_H + d_mean_4*inv_n_H*t10 + t11  # adjoint of U_r @ h
-        d_U_u_h = d_mean_7*inv_n_H + d_mean_8*inv_n_H*t7 + t8  # adjoint of U_u @ h
-        d_U_c_h = d_mean_11*inv_n_H + d_mean_12*inv_n_H*t4 + t5  # adjoint of U_c @ h
+        d_rstd_2 = _rowsum(t9*(U_r_h - mean_2))  # adjoint of operand of rstd_2
+        d_var_2 = -1/2*d_rstd_2/(torch.sqrt(var_2 + 1e-05)*torch.sqrt(var_2 + 1e-05)*torch.sqrt(var_2 + 1e-05))  # adjoint of operand of var_2
+        d_mean_2 = d_var_2*_rowsum(-inv_n_H*t10) + _rowsum(-t11)  # adjoint of operand of mean_2
+        d_U_r_h = d_mean_2*inv_n_H + d_var_2*inv_n_H*t10 + t11  # adjoint of U_r @ h
+        d_U_u_h = d_mean_4*inv_n_H + d_var_4*inv_n_H*t7 + t8  # adjoint of U_u @ h
+        d_U_c_h = d_mean_6*inv_n_H + d_var_6*inv_n_H*t4 + t5  # adjoint of U_c @ h
         _tmp_d_h_next_rows[_t].copy_(d_h_next)
         _tmp_d_c_rows[_t].copy_(d_c)
         _tmp_d_u_rows[_t].copy_(d_u)
@@ -658,33 +658,33 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
         d_r = _tmp_d_r_rows[_t]
         d_u = _tmp_d_u_rows[_t]
         mean = _v_mean_at0[_t]
-        mean_10 = _v_mean_10_at0[_t]
-        mean_2 = _v_mean_2_at0[_t]
+        mean_3 = _v_mean_3_at0[_t]
         mean_5 = _v_mean_5_at0[_t]
-        mean_6 = _v_mean_6_at0[_t]
-        mean_9 = _v_mean_9_at0[_t]
         r = _v_r_at0[_t]
         rstd = _v_rstd_at0[_t]
         rstd_3 = _v_rstd_3_at0[_t]
         rstd_5 = _v_rstd_5_at0[_t]
         u = _v_u_at0[_t]
+        var = _v_var_at0[_t]
+        var_3 = _v_var_3_at0[_t]
+        var_5 = _v_var_5_at0[_t]
         t11_2 = d_c*gx_c*(1 - (c*c))
         t12 = d_u*gx_u*u*(1 - u)
         t13 = d_r*gx_r*r*(1 - r)
-        d_rstd_5 = _rowsum(t11_2*(W_c_x - mean_9))  # adjoint of operand of rstd_5
-        d_mean_10 = -1/2*d_rstd_5/(torch.sqrt(mean_10 + 1e-05)*torch.sqrt(mean_10 + 1e-05)*torch.sqrt(mean_10 + 1e-05))  # adjoint of operand of mean_10
-        d_mean_9 = d_mean_10*_rowsum(inv_n_H*(-2*W_c_x + 2*mean_9)) + _rowsum(-rstd_5*t11_2)  # adjoint of operand of mean_9
-        d_rstd_3 = _rowsum(t12*(W_u_x - mean_5))  # adjoint of operand of rstd_3
-        d_mean_6 = -1/2*d_rstd_3/(torch.sqrt(mean_6 + 1e-05)*torch.sqrt(mean_6 + 1e-05)*torch.sqrt(mean_6 + 1e-05))  # adjoint of operand of mean_6
-        d_mean_5 = d_mean_6*_rowsum(inv_n_H*(-2*W_u_x + 2*mean_5)) + _rowsum(-rstd_3*t12)  # adjoint of operand of mean_5
+        d_rstd_5 = _rowsum(t11_2*(W_c_x - mean_5))  # adjoint of operand of rstd_5
+        d_var_5 = -1/2*d_rstd_5/(torch.sqrt(var_5 + 1e-05)*torch.sqrt(var_5 + 1e-05)*torch.sqrt(var_5 + 1e-05))  # adjoint of operand of var_5
+        d_mean_5 = d_var_5*_rowsum(inv_n_H*(-2*W_c_x + 2*mean_5)) + _rowsum(-rstd_5*t11_2)  # adjoint of operand of mean_5
+        d_rstd_3 = _rowsum(t12*(W_u_x - mean_3))  # adjoint of operand of rstd_3
+        d_var_3 = -1/2*d_rstd_3/(torch.sqrt(var_3 + 1e-05)*torch.sqrt(var_3 + 1e-05)*torch.sqrt(var_3 + 1e-05))  # adjoint of operand of var_3
+        d_mean_3 = d_var_3*_rowsum(inv_n_H*(-2*W_u_x + 2*mean_3)) + _rowsum(-rstd_3*t12)  # adjoint of operand of mean_3
         d_rstd = _rowsum(t13*(W_r_x - mean))  # adjoint of operand of rstd
-        d_mean_2 = -1/2*d_rstd/(torch.sqrt(mean_2 + 1e-05)*torch.sqrt(mean_2 + 1e-05)*torch.sqrt(mean_2 + 1e-05))  # adjoint of operand of mean_2
-        d_mean = d_mean_2*_rowsum(inv_n_H*(-2*W_r_x + 2*mean)) + _rowsum(-rstd*t13)  # adjoint of operand of mean
-        _tmp_d_mean_10_rows[_t].copy_(d_mean_10)
-        _tmp_d_mean_9_rows[_t].copy_(d_mean_9)
-        _tmp_d_mean_6_rows[_t].copy_(d_mean_6)
+        d_var = -1/2*d_rstd/(torch.sqrt(var + 1e-05)*torch.sqrt(var + 1e-05)*torch.sqrt(var + 1e-05))  # adjoint of operand of var
+        d_mean = d_var*_rowsum(inv_n_H*(-2*W_r_x + 2*mean)) + _rowsum(-rstd*t13)  # adjoint of operand of mean
+        _tmp_d_var_5_rows[_t].copy_(d_var_5)
         _tmp_d_mean_5_rows[_t].copy_(d_mean_5)
-        _tmp_d_mean_2_rows[_t].copy_(d_mean_2)
+        _tmp_d_var_3_rows[_t].copy_(d_var_3)
+        _tmp_d_mean_3_rows[_t].copy_(d_mean_3)
+        _tmp_d_var_rows[_t].copy_(d_var)
         _tmp_d_mean_rows[_t].copy_(d_mean)
         # per-step adjoints of inputs, states, vector params, hoisted results
         U_c_h = _g_U_r_U_u_U_c__h_at0[_t][:, 2*_H:3*_H]
@@ -698,19 +698,19 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
         d_h_gemm = _tmp_d_h_gemm_rows[_t]
         d_h_next = _tmp_d_h_next_rows[_t]
         d_mean = _tmp_d_mean_rows[_t]
-        d_mean_10 = _tmp_d_mean_10_rows[_t]
-        d_mean_2 = _tmp_d_mean_2_rows[_t]
+        d_mean_3 = _tmp_d_mean_3_rows[_t]
         d_mean_5 = _tmp_d_mean_5_rows[_t]
-        d_mean_6 = _tmp_d_mean_6_rows[_t]
-        d_mean_9 = _tmp_d_mean_9_rows[_t]
         d_r = _tmp_d_r_rows[_t]
         d_u = _tmp_d_u_rows[_t]
+        d_var = _tmp_d_var_rows[_t]
+        d_var_3 = _tmp_d_var_3_rows[_t]
+        d_var_5 = _tmp_d_var_5_rows[_t]
         mean = _v_mean_at0[_t]
-        mean_11 = _v_mean_11_at0[_t]
+        mean_2 = _v_mean_2_at0[_t]
         mean_3 = _v_mean_3_at0[_t]
+        mean_4 = _v_mean_4_at0[_t]
         mean_5 = _v_mean_5_at0[_t]
-        mean_7 = _v_mean_7_at0[_t]
-        mean_9 = _v_mean_9_at0[_t]
+        mean_6 = _v_mean_6_at0[_t]
         r = _v_r_at0[_t]
         rstd = _v_rstd_at0[_t]
         rstd_2 = _v_rstd_2_at0[_t]
@@ -729,19 +729,19 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
         d_h = d_h_gemm + d_h_next*u  # adjoint of state h
         d_gx_r = t14*(W_r_x - mean)  # adjoint of param gx_r
         d_bx_r = t13_2  # adjoint of param bx_r
-        d_gh_r = rstd_2*t13_2*(U_r_h - mean_3)  # adjoint of param gh_r
+        d_gh_r = rstd_2*t13_2*(U_r_h - mean_2)  # adjoint of param gh_r
         d_bh_r = d_bx_r  # adjoint of param bh_r
-        d_gx_u = t16*(W_u_x - mean_5)  # adjoint of param gx_u
+        d_gx_u = t16*(W_u_x - mean_3)  # adjoint of param gx_u
         d_bx_u = t15  # adjoint of param bx_u
-        d_gh_u = rstd_4*t15*(U_u_h - mean_7)  # adjoint of param gh_u
+        d_gh_u = rstd_4*t15*(U_u_h - mean_4)  # adjoint of param gh_u
         d_bh_u = d_bx_u  # adjoint of param bh_u
-        d_gx_c = t18*(W_c_x - mean_9)  # adjoint of param gx_c
+        d_gx_c = t18*(W_c_x - mean_5)  # adjoint of param gx_c
         d_bx_c = t17  # adjoint of param bx_c
-        d_gh_c = rstd_6*t19*(U_c_h - mean_11)  # adjoint of param gh_c
+        d_gh_c = rstd_6*t19*(U_c_h - mean_6)  # adjoint of param gh_c
         d_bh_c = t19  # adjoint of param bh_c
-        d_W_r_x = d_mean*inv_n_H + d_mean_2*inv_n_H*(2*W_r_x - 2*mean) + gx_r*t14  # adjoint of hoisted projection W_r_x
-        d_W_u_x = d_mean_5*inv_n_H + d_mean_6*inv_n_H*(2*W_u_x - 2*mean_5) + gx_u*t16  # adjoint of hoisted projection W_u_x
-        d_W_c_x = d_mean_10*inv_n_H*(2*W_c_x - 2*mean_9) + d_mean_9*inv_n_H + gx_c*t18  # adjoint of hoisted projection W_c_x
+        d_W_r_x = d_mean*inv_n_H + d_var*inv_n_H*(2*W_r_x - 2*mean) + gx_r*t14  # adjoint of hoisted projection W_r_x
+        d_W_u_x = d_mean_3*inv_n_H + d_var_3*inv_n_H*(2*W_u_x - 2*mean_3) + gx_u*t16  # adjoint of hoisted projection W_u_x
+        d_W_c_x = d_mean_5*inv_n_H + d_var_5*inv_n_H*(2*W_c_x - 2*mean_5) + gx_c*t18  # adjoint of hoisted projection W_c_x
         _ds_h_rows[_t].copy_(d_h)
         _dp_gx_r_at0[_t].copy_(d_gx_r)
         _dp_bx_r_at0[_t].copy_(d_bx_r)
@@ -846,48 +846,48 @@ def _forward_differentiable(_params, _x, _state, _bs=None):
     _s_h = torch.zeros((_T + 1, _B, _H), dtype=_dtype, device=_device)
     _hg_W_r_W_u_W_c__x = torch.zeros((_T, _B, 3*_H), dtype=_dtype, device=_device)
     _v_mean = torch.zeros((_T, _B, 1), dtype=_dtype, device=_device)
-    _v_mean_2 = torch.zeros((_T, _B, 1), dtype=_dtype, device=_device)
+    _v_var = torch.zeros((_T, _B, 1), dtype=_dtype, device=_device)
     _v_rstd = torch.zeros((_T, _B, 1), dtype=_dtype, device=_device)
-    _v_mean_5 = torch.zeros((_T, _B, 1), dtype=_dtype, device=_device)
-    _v_mean_6 = torch.zeros((_T, _B, 1), dtype=_dtype, device=_device)
+    _v_mean_3 = torch.zeros((_T, _B, 1), dtype=_dtype, device=_device)
+    _v_var_3 = torch.zeros((_T, _B, 1), dtype=_dtype, device=_device)
     _v_rstd_3 = torch.zeros((_T, _B, 1), dtype=_dtype, device=_device)
-    _v_mean_9 = torch.zeros((_T, _B, 1), dtype=_dtype, device=_device)
-    _v_mean_10 = torch.zeros((_T, _B, 1), dtype=_dtype, device=_device)
+    _v_mean_5 = torch.zeros((_T, _B, 1), dtype=_dtype, device=_device)
+    _v_var_5 = torch.zeros((_T, _B, 1), dtype=_dtype, device=_device)
     _v_rstd_5 = torch.zeros((_T, _B, 1), dtype=_dtype, device=_device)
     _g_U_r_U_u_U_c__h = torch.zeros((_T, _B, 3*_H), dtype=_dtype, device=_device)
-    _v_mean_3 = torch.zeros((_T, _B, 1), dtype=_dtype, device=_device)
-    _v_mean_4 = torch.zeros((_T, _B, 1), dtype=_dtype, device=_device)
+    _v_mean_2 = torch.zeros((_T, _B, 1), dtype=_dtype, device=_device)
+    _v_var_2 = torch.zeros((_T, _B, 1), dtype=_dtype, device=_device)
     _v_rstd_2 = torch.zeros((_T, _B, 1), dtype=_dtype, device=_device)
     _v_r = torch.zeros((_T, _B, _H), dtype=_dtype, device=_device)
-    _v_mean_7 = torch.zeros((_T, _B, 1), dtype=_dtype, device=_device)
-    _v_mean_8 = torch.zeros((_T, _B, 1), dtype=_dtype, device=_device)
+    _v_mean_4 = torch.zeros((_T, _B, 1), dtype=_dtype, device=_device)
+    _v_var_4 = torch.zeros((_T, _B, 1), dtype=_dtype, device=_device)
     _v_rstd_4 = torch.zeros((_T, _B, 1), dtype=_dtype, device=_device)
     _v_u = torch.zeros((_T, _B, _H), dtype=_dtype, device=_device)
-    _v_mean_11 = torch.zeros((_T, _B, 1), dtype=_dtype, device=_device)
-    _v_mean_12 = torch.zeros((_T, _B, 1), dtype=_dtype, device=_device)
+    _v_mean_6 = torch.zeros((_T, _B, 1), dtype=_dtype, device=_device)
+    _v_var_6 = torch.zeros((_T, _B, 1), dtype=_dtype, device=_device)
     _v_rstd_6 = torch.zeros((_T, _B, 1), dtype=_dtype, device=_device)
     _v_c = torch.zeros((_T, _B, _H), dtype=_dtype, device=_device)
     _hg_W_r_W_u_W_c__x_rows = list(_hg_W_r_W_u_W_c__x.unbind(0))
     _v_mean_rows = list(_v_mean.unbind(0))
-    _v_mean_2_rows = list(_v_mean_2.unbind(0))
+    _v_var_rows = list(_v_var.unbind(0))
     _v_rstd_rows = list(_v_rstd.unbind(0))
-    _v_mean_5_rows = list(_v_mean_5.unbind(0))
-    _v_mean_6_rows = list(_v_mean_6.unbind(0))
+    _v_mean_3_rows = list(_v_mean_3.unbind(0))
+    _v_var_3_rows = list(_v_var_3.unbind(0))
     _v_rstd_3_rows = list(_v_rstd_3.unbind(0))
-    _v_mean_9_rows = list(_v_mean_9.unbind(0))
-    _v_mean_10_rows = list(_v_mean_10.unbind(0))
+    _v_mean_5_rows = list(_v_mean_5.unbind(0))
+    _v_var_5_rows = list(_v_var_5.unbind(0))
     _v_rstd_5_rows = list(_v_rstd_5.unbind(0))
     _g_U_r_U_u_U_c__h_rows = list(_g_U_r_U_u_U_c__h.unbind(0))
-    _v_mean_3_rows = list(_v_mean_3.unbind(0))
-    _v_mean_4_rows = list(_v_mean_4.unbind(0))
+    _v_mean_2_rows = list(_v_mean_2.unbind(0))
+    _v_var_2_rows = list(_v_var_2.unbind(0))
     _v_rstd_2_rows = list(_v_rstd_2.unbind(0))
     _v_r_rows = list(_v_r.unbind(0))
-    _v_mean_7_rows = list(_v_mean_7.unbind(0))
-    _v_mean_8_rows = list(_v_mean_8.unbind(0))
+    _v_mean_4_rows = list(_v_mean_4.unbind(0))
+    _v_var_4_rows = list(_v_var_4.unbind(0))
     _v_rstd_4_rows = list(_v_rstd_4.unbind(0))
     _v_u_rows = list(_v_u.unbind(0))
-    _v_mean_11_rows = list(_v_mean_11.unbind(0))
-    _v_mean_12_rows = list(_v_mean_12.unbind(0))
+    _v_mean_6_rows = list(_v_mean_6.unbind(0))
+    _v_var_6_rows = list(_v_var_6.unbind(0))
     _v_rstd_6_rows = list(_v_rstd_6.unbind(0))
     _v_c_rows = list(_v_c.unbind(0))
     _s_h_rows = list(_s_h.unbind(0))
@@ -900,22 +900,22 @@ def _forward_differentiable(_params, _x, _state, _bs=None):
         W_r_x = _hg_W_r_W_u_W_c__x_rows[_t][:, 0:_H]
         W_u_x = _hg_W_r_W_u_W_c__x_rows[_t][:, _H:2*_H]
         mean = _rowsum(W_r_x*inv_n_H)  # layer_norm_gru.cell:16  r = sigmoid(ln(W_r @ x, gx_r, bx_r) + ln(U_r @ h, gh_r, bh_r))
-        mean_2 = _rowsum(inv_n_H*((W_r_x - mean)*(W_r_x - mean)))  # layer_norm_gru.cell:16  r = sigmoid(ln(W_r @ x, gx_r, bx_r) + ln(U_r @ h, gh_r, bh_r))
-        rstd = (1/torch.sqrt(mean_2 + 1e-05))  # layer_norm_gru.cell:16  r = sigmoid(ln(W_r @ x, gx_r, bx_r) + ln(U_r @ h, gh_r, bh_r))
-        mean_5 = _rowsum(W_u_x*inv_n_H)  # layer_norm_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
-        mean_6 = _rowsum(inv_n_H*((W_u_x - mean_5)*(W_u_x - mean_5)))  # layer_norm_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
-        rstd_3 = (1/torch.sqrt(mean_6 + 1e-05))  # layer_norm_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
-        mean_9 = _rowsum(W_c_x*inv_n_H)  # layer_norm_gru.cell:18  c = tanh(ln(W_c @ x, gx_c, bx_c) + r * ln(U_c @ h, gh_c, bh_c))
-        mean_10 = _rowsum(inv_n_H*((W_c_x - mean_9)*(W_c_x - mean_9)))  # layer_norm_gru.cell:18  c = tanh(ln(W_c @ x, gx_c, bx_c) + r * ln(U_c @ h, gh_c, bh_c))
-        rstd_5 = (1/torch.sqrt(mean_10 + 1e-05))  # layer_norm_gru.cell:18  c = tanh(ln(W_c @ x, gx_c, bx_c) + r * ln(U_c @ h, gh_c, bh_c))
+        var = _rowsum(inv_n_H*((W_r_x - mean)*(W_r_x - mean)))  # layer_norm_gru.cell:16  r = sigmoid(ln(W_r @ x, gx_r, bx_r) + ln(U_r @ h, gh_r, bh_r))
+        rstd = (1/torch.sqrt(var + 1e-05))  # layer_norm_gru.cell:16  r = sigmoid(ln(W_r @ x, gx_r, bx_r) + ln(U_r @ h, gh_r, bh_r))
+        mean_3 = _rowsum(W_u_x*inv_n_H)  # layer_norm_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
+        var_3 = _rowsum(inv_n_H*((W_u_x - mean_3)*(W_u_x - mean_3)))  # layer_norm_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
+        rstd_3 = (1/torch.sqrt(var_3 + 1e-05))  # layer_norm_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
+        mean_5 = _rowsum(W_c_x*inv_n_H)  # layer_norm_gru.cell:18  c = tanh(ln(W_c @ x, gx_c, bx_c) + r * ln(U_c @ h, gh_c, bh_c))
+        var_5 = _rowsum(inv_n_H*((W_c_x - mean_5)*(W_c_x - mean_5)))  # layer_norm_gru.cell:18  c = tanh(ln(W_c @ x, gx_c, bx_c) + r * ln(U_c @ h, gh_c, bh_c))
+        rstd_5 = (1/torch.sqrt(var_5 + 1e-05))  # layer_norm_gru.cell:18  c = tanh(ln(W_c @ x, gx_c, bx_c) + r * ln(U_c @ h, gh_c, bh_c))
         _v_mean_rows[_t] = mean
-        _v_mean_2_rows[_t] = mean_2
+        _v_var_rows[_t] = var
         _v_rstd_rows[_t] = rstd
-        _v_mean_5_rows[_t] = mean_5
-        _v_mean_6_rows[_t] = mean_6
+        _v_mean_3_rows[_t] = mean_3
+        _v_var_3_rows[_t] = var_3
         _v_rstd_3_rows[_t] = rstd_3
-        _v_mean_9_rows[_t] = mean_9
-        _v_mean_10_rows[_t] = mean_10
+        _v_mean_5_rows[_t] = mean_5
+        _v_var_5_rows[_t] = var_5
         _v_rstd_5_rows[_t] = rstd_5
         # U_r @ h, U_u @ h, U_c @ h
         _g_U_r_U_u_U_c__h_rows[_t] = _s_h_rows[_t] @ _wt_U_r_U_u_U_c
@@ -928,58 +928,58 @@ def _forward_differentiable(_params, _x, _state, _bs=None):
         W_u_x = _hg_W_r_W_u_W_c__x_rows[_t][:, _H:2*_H]
         h = _s_h_rows[_t]
         mean = _v_mean_rows[_t]
+        mean_3 = _v_mean_3_rows[_t]
         mean_5 = _v_mean_5_rows[_t]
-        mean_9 = _v_mean_9_rows[_t]
         rstd = _v_rstd_rows[_t]
         rstd_3 = _v_rstd_3_rows[_t]
         rstd_5 = _v_rstd_5_rows[_t]
-        mean_3 = _rowsum(U_r_h*inv_n_H)  # layer_norm_gru.cell:16  r = sigmoid(ln(W_r @ x, gx_r, bx_r) + ln(U_r @ h, gh_r, bh_r))
-        mean_4 = _rowsum(inv_n_H*((U_r_h - mean_3)*(U_r_h - mean_3)))  # layer_norm_gru.cell:16  r = sigmoid(ln(W_r @ x, gx_r, bx_r) + ln(U_r @ h, gh_r, bh_r))
-        rstd_2 = (1/torch.sqrt(mean_4 + 1e-05))  # layer_norm_gru.cell:16  r = sigmoid(ln(W_r @ x, gx_r, bx_r) + ln(U_r @ h, gh_r, bh_r))
-        r = torch.sigmoid(bh_r + bx_r + gh_r*rstd_2*(U_r_h - mean_3) + gx_r*rstd*(W_r_x - mean))  # layer_norm_gru.cell:16  r = sigmoid(ln(W_r @ x, gx_r, bx_r) + ln(U_r @ h, gh_r, bh_r))
-        mean_7 = _rowsum(U_u_h*inv_n_H)  # layer_norm_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
-        mean_8 = _rowsum(inv_n_H*((U_u_h - mean_7)*(U_u_h - mean_7)))  # layer_norm_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
-        rstd_4 = (1/torch.sqrt(mean_8 + 1e-05))  # layer_norm_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
-        u = torch.sigmoid(bh_u + bx_u + gh_u*rstd_4*(U_u_h - mean_7) + gx_u*rstd_3*(W_u_x - mean_5))  # layer_norm_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
-        mean_11 = _rowsum(U_c_h*inv_n_H)  # layer_norm_gru.cell:18  c = tanh(ln(W_c @ x, gx_c, bx_c) + r * ln(U_c @ h, gh_c, bh_c))
-        mean_12 = _rowsum(inv_n_H*((U_c_h - mean_11)*(U_c_h - mean_11)))  # layer_norm_gru.cell:18  c = tanh(ln(W_c @ x, gx_c, bx_c) + r * ln(U_c @ h, gh_c, bh_c))
-        rstd_6 = (1/torch.sqrt(mean_12 + 1e-05))  # layer_norm_gru.cell:18  c = tanh(ln(W_c @ x, gx_c, bx_c) + r * ln(U_c @ h, gh_c, bh_c))
-        c = torch.tanh(bx_c + gx_c*rstd_5*(W_c_x - mean_9) + r*(bh_c + gh_c*rstd_6*(U_c_h - mean_11)))  # layer_norm_gru.cell:18  c = tanh(ln(W_c @ x, gx_c, bx_c) + r * ln(U_c @ h, gh_c, bh_c))
+        mean_2 = _rowsum(U_r_h*inv_n_H)  # layer_norm_gru.cell:16  r = sigmoid(ln(W_r @ x, gx_r, bx_r) + ln(U_r @ h, gh_r, bh_r))
+        var_2 = _rowsum(inv_n_H*((U_r_h - mean_2)*(U_r_h - mean_2)))  # layer_norm_gru.cell:16  r = sigmoid(ln(W_r @ x, gx_r, bx_r) + ln(U_r @ h, gh_r, bh_r))
+        rstd_2 = (1/torch.sqrt(var_2 + 1e-05))  # layer_norm_gru.cell:16  r = sigmoid(ln(W_r @ x, gx_r, bx_r) + ln(U_r @ h, gh_r, bh_r))
+        r = torch.sigmoid(bh_r + bx_r + gh_r*rstd_2*(U_r_h - mean_2) + gx_r*rstd*(W_r_x - mean))  # layer_norm_gru.cell:16  r = sigmoid(ln(W_r @ x, gx_r, bx_r) + ln(U_r @ h, gh_r, bh_r))
+        mean_4 = _rowsum(U_u_h*inv_n_H)  # layer_norm_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
+        var_4 = _rowsum(inv_n_H*((U_u_h - mean_4)*(U_u_h - mean_4)))  # layer_norm_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
+        rstd_4 = (1/torch.sqrt(var_4 + 1e-05))  # layer_norm_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
+        u = torch.sigmoid(bh_u + bx_u + gh_u*rstd_4*(U_u_h - mean_4) + gx_u*rstd_3*(W_u_x - mean_3))  # layer_norm_gru.cell:17  u = sigmoid(ln(W_u @ x, gx_u, bx_u) + ln(U_u @ h, gh_u, bh_u))
+        mean_6 = _rowsum(U_c_h*inv_n_H)  # layer_norm_gru.cell:18  c = tanh(ln(W_c @ x, gx_c, bx_c) + r * ln(U_c @ h, gh_c, bh_c))
+        var_6 = _rowsum(inv_n_H*((U_c_h - mean_6)*(U_c_h - mean_6)))  # layer_norm_gru.cell:18  c = tanh(ln(W_c @ x, gx_c, bx_c) + r * ln(U_c @ h, gh_c, bh_c))
+        rstd_6 = (1/torch.sqrt(var_6 + 1e-05))  # layer_norm_gru.cell:18  c = tanh(ln(W_c @ x, gx_c, bx_c) + r * ln(U_c @ h, gh_c, bh_c))
+        c = torch.tanh(bx_c + gx_c*rstd_5*(W_c_x - mean_5) + r*(bh_c + gh_c*rstd_6*(U_c_h - mean_6)))  # layer_norm_gru.cell:18  c = tanh(ln(W_c @ x, gx_c, bx_c) + r * ln(U_c @ h, gh_c, bh_c))
         h_next = c*(1 - u) + h*u  # layer_norm_gru.cell:19  h' = u * h + (1 - u) * c
-        _v_mean_3_rows[_t] = mean_3
-        _v_mean_4_rows[_t] = mean_4
+        _v_mean_2_rows[_t] = mean_2
+        _v_var_2_rows[_t] = var_2
         _v_rstd_2_rows[_t] = rstd_2
         _v_r_rows[_t] = r
-        _v_mean_7_rows[_t] = mean_7
-        _v_mean_8_rows[_t] = mean_8
+        _v_mean_4_rows[_t] = mean_4
+        _v_var_4_rows[_t] = var_4
         _v_rstd_4_rows[_t] = rstd_4
         _v_u_rows[_t] = u
-        _v_mean_11_rows[_t] = mean_11
-        _v_mean_12_rows[_t] = mean_12
+        _v_mean_6_rows[_t] = mean_6
+        _v_var_6_rows[_t] = var_6
         _v_rstd_6_rows[_t] = rstd_6
         _v_c_rows[_t] = c
         _s_h_rows[_t + 1] = h_next
     _hg_W_r_W_u_W_c__x = torch.stack(_hg_W_r_W_u_W_c__x_rows)
     _v_mean = torch.stack(_v_mean_rows)
-    _v_mean_2 = torch.stack(_v_mean_2_rows)
+    _v_var = torch.stack(_v_var_rows)
     _v_rstd = torch.stack(_v_rstd_rows)
-    _v_mean_5 = torch.stack(_v_mean_5_rows)
-    _v_mean_6 = torch.stack(_v_mean_6_rows)
+    _v_mean_3 = torch.stack(_v_mean_3_rows)
+    _v_var_3 = torch.stack(_v_var_3_rows)
     _v_rstd_3 = torch.stack(_v_rstd_3_rows)
-    _v_mean_9 = torch.stack(_v_mean_9_rows)
-    _v_mean_10 = torch.stack(_v_mean_10_rows)
+    _v_mean_5 = torch.stack(_v_mean_5_rows)
+    _v_var_5 = torch.stack(_v_var_5_rows)
     _v_rstd_5 = torch.stack(_v_rstd_5_rows)
     _g_U_r_U_u_U_c__h = torch.stack(_g_U_r_U_u_U_c__h_rows)
-    _v_mean_3 = torch.stack(_v_mean_3_rows)
-    _v_mean_4 = torch.stack(_v_mean_4_rows)
+    _v_mean_2 = torch.stack(_v_mean_2_rows)
+    _v_var_2 = torch.stack(_v_var_2_rows)
     _v_rstd_2 = torch.stack(_v_rstd_2_rows)
     _v_r = torch.stack(_v_r_rows)
-    _v_mean_7 = torch.stack(_v_mean_7_rows)
-    _v_mean_8 = torch.stack(_v_mean_8_rows)
+    _v_mean_4 = torch.stack(_v_mean_4_rows)
+    _v_var_4 = torch.stack(_v_var_4_rows)
     _v_rstd_4 = torch.stack(_v_rstd_4_rows)
     _v_u = torch.stack(_v_u_rows)
-    _v_mean_11 = torch.stack(_v_mean_11_rows)
-    _v_mean_12 = torch.stack(_v_mean_12_rows)
+    _v_mean_6 = torch.stack(_v_mean_6_rows)
+    _v_var_6 = torch.stack(_v_var_6_rows)
     _v_rstd_6 = torch.stack(_v_rstd_6_rows)
     _v_c = torch.stack(_v_c_rows)
     _s_h = torch.stack(_s_h_rows)
@@ -988,7 +988,7 @@ def _forward_differentiable(_params, _x, _state, _bs=None):
         _m = _active(_bs, _B, _dtype)
         _outputs = tuple(_o * _m for _o in _outputs)
     _final = (_s_h[_T], )
-    _saved = {"s_h": _s_h, "hg_W_r_W_u_W_c__x": _hg_W_r_W_u_W_c__x, "v_mean": _v_mean, "v_mean_2": _v_mean_2, "v_rstd": _v_rstd, "v_mean_5": _v_mean_5, "v_mean_6": _v_mean_6, "v_rstd_3": _v_rstd_3, "v_mean_9": _v_mean_9, "v_mean_10": _v_mean_10, "v_rstd_5": _v_rstd_5, "g_U_r_U_u_U_c__h": _g_U_r_U_u_U_c__h, "v_mean_3": _v_mean_3, "v_mean_4": _v_mean_4, "v_rstd_2": _v_rstd_2, "v_r": _v_r, "v_mean_7": _v_mean_7, "v_mean_8": _v_mean_8, "v_rstd_4": _v_rstd_4, "v_u": _v_u, "v_mean_11": _v_mean_11, "v_mean_12": _v_mean_12, "v_rstd_6": _v_rstd_6, "v_c": _v_c, }
+    _saved = {"s_h": _s_h, "hg_W_r_W_u_W_c__x": _hg_W_r_W_u_W_c__x, "v_mean": _v_mean, "v_var": _v_var, "v_rstd": _v_rstd, "v_mean_3": _v_mean_3, "v_var_3": _v_var_3, "v_rstd_3": _v_rstd_3, "v_mean_5": _v_mean_5, "v_var_5": _v_var_5, "v_rstd_5": _v_rstd_5, "g_U_r_U_u_U_c__h": _g_U_r_U_u_U_c__h, "v_mean_2": _v_mean_2, "v_var_2": _v_var_2, "v_rstd_2": _v_rstd_2, "v_r": _v_r, "v_mean_4": _v_mean_4, "v_var_4": _v_var_4, "v_rstd_4": _v_rstd_4, "v_u": _v_u, "v_mean_6": _v_mean_6, "v_var_6": _v_var_6, "v_rstd_6": _v_rstd_6, "v_c": _v_c, }
     return _outputs[0], _final[0], _saved
 
 
@@ -1022,25 +1022,25 @@ def _backward_differentiable(_params, _x, _saved, _d_outputs, _d_final, _bs=None
     _s_h = _saved["s_h"]
     _hg_W_r_W_u_W_c__x = _saved["hg_W_r_W_u_W_c__x"]
     _v_mean = _saved["v_mean"]
-    _v_mean_2 = _saved["v_mean_2"]
+    _v_var = _saved["v_var"]
     _v_rstd = _saved["v_rstd"]
-    _v_mean_5 = _saved["v_mean_5"]
-    _v_mean_6 = _saved["v_mean_6"]
+    _v_mean_3 = _saved["v_mean_3"]
+    _v_var_3 = _saved["v_var_3"]
     _v_rstd_3 = _saved["v_rstd_3"]
-    _v_mean_9 = _saved["v_mean_9"]
-    _v_mean_10 = _saved["v_mean_10"]
+    _v_mean_5 = _saved["v_mean_5"]
+    _v_var_5 = _saved["v_var_5"]
     _v_rstd_5 = _saved["v_rstd_5"]
     _g_U_r_U_u_U_c__h = _saved["g_U_r_U_u_U_c__h"]
-    _v_mean_3 = _saved["v_mean_3"]
-    _v_mean_4 = _saved["v_mean_4"]
+    _v_mean_2 = _saved["v_mean_2"]
+    _v_var_2 = _saved["v_var_2"]
     _v_rstd_2 = _saved["v_rstd_2"]
     _v_r = _saved["v_r"]
-    _v_mean_7 = _saved["v_mean_7"]
-    _v_mean_8 = _saved["v_mean_8"]
+    _v_mean_4 = _saved["v_mean_4"]
+    _v_var_4 = _saved["v_var_4"]
     _v_rstd_4 = _saved["v_rstd_4"]
     _v_u = _saved["v_u"]
-    _v_mean_11 = _saved["v_mean_11"]
-    _v_mean_12 = _saved["v_mean_12"]
+    _v_mean_6 = _saved["v_mean_6"]
+    _v_var_6 = _saved["v_var_6"]
     _v_rstd_6 = _saved["v_rstd_6"]
     _v_c = _saved["v_c"]
     _d_outputs = (_d_outputs,)
@@ -1070,11 +1070,11 @@ def _backward_differentiable(_params, _x, _saved, _d_outputs, _d_final, _bs=None
     _tmp_d_c = torch.zeros((_B, _H), dtype=_dtype, device=_device)
     _tmp_d_u = torch.zeros((_B, _H), dtype=_dtype, device=_device)
     _tmp_d_r = torch.zeros((_B, _H), dtype=_dtype, device=_device)
-    _tmp_d_mean_10 = torch.zeros((_B, 1), dtype=_dtype, device=_device)
-    _tmp_d_mean_9 = torch.zeros((_B, 1), dtype=_dtype, device=_device)
-    _tmp_d_mean_6 = torch.zeros((_B, 1), dtype=_dtype, device=_device)
+    _tmp_d_var_5 = torch.zeros((_B, 1), dtype=_dtype, device=_device)
     _tmp_d_mean_5 = torch.zeros((_B, 1), dtype=_dtype, device=_device)
-    _tmp_d_mean_2 = torch.zeros((_B, 1), dtype=_dtype, device=_device)
+    _tmp_d_var_3 = torch.zeros((_B, 1), dtype=_dtype, device=_device)
+    _tmp_d_mean_3 = torch.zeros((_B, 1), dtype=_dtype, device=_device)
+    _tmp_d_var = torch.zeros((_B, 1), dtype=_dtype, device=_device)
     _tmp_d_mean = torch.zeros((_B, 1), dtype=_dtype, device=_device)
     _dg_U_r_U_u_U_c__h_rows = list(_dg_U_r_U_u_U_c__h.unbind(0))
     _dp_gx_r_rows = list(_dp_gx_r.unbind(0))
@@ -1095,27 +1095,27 @@ def _backward_differentiable(_params, _x, _saved, _d_outputs, _d_final, _bs=None
     _v_c_rows = list(_v_c.unbind(0))
     _dout_h_next_rows = list(_dout_h_next.unbind(0))
     _s_h_rows = list(_s_h.unbind(0))
-    _v_mean_11_rows = list(_v_mean_11.unbind(0))
-    _v_mean_12_rows = list(_v_mean_12.unbind(0))
-    _v_mean_3_rows = list(_v_mean_3.unbind(0))
+    _v_mean_2_rows = list(_v_mean_2.unbind(0))
     _v_mean_4_rows = list(_v_mean_4.unbind(0))
-    _v_mean_7_rows = list(_v_mean_7.unbind(0))
-    _v_mean_8_rows = list(_v_mean_8.unbind(0))
+    _v_mean_6_rows = list(_v_mean_6.unbind(0))
     _v_r_rows = list(_v_r.unbind(0))
     _v_rstd_2_rows = list(_v_rstd_2.unbind(0))
     _v_rstd_4_rows = list(_v_rstd_4.unbind(0))
     _v_rstd_6_rows = list(_v_rstd_6.unbind(0))
     _v_u_rows = list(_v_u.unbind(0))
+    _v_var_2_rows = list(_v_var_2.unbind(0))
+    _v_var_4_rows = list(_v_var_4.unbind(0))
+    _v_var_6_rows = list(_v_var_6.unbind(0))
     _hg_W_r_W_u_W_c__x_rows = list(_hg_W_r_W_u_W_c__x.unbind(0))
     _v_mean_rows = list(_v_mean.unbind(0))
-    _v_mean_10_rows = list(_v_mean_10.unbind(0))
-    _v_mean_2_rows = list(_v_mean_2.unbind(0))
+    _v_mean_3_rows = list(_v_mean_3.unbind(0))
     _v_mean_5_rows = list(_v_mean_5.unbind(0))
-    _v_mean_6_rows = list(_v_mean_6.unbind(0))
-    _v_mean_9_rows = list(_v_mean_9.unbind(0))
     _v_rstd_rows = list(_v_rstd.unbind(0))
     _v_rstd_3_rows = list(_v_rstd_3.unbind(0))
     _v_rstd_5_rows = list(_v_rstd_5.unbind(0))
+    _v_var_rows = list(_v_var.unbind(0))
+    _v_var_3_rows = list(_v_var_3.unbind(0))
+    _v_var_5_rows = list(_v_var_5.unbind(0))
     _grads = {}
     for _t in reversed(range(_T)):
         # stage 1 backward
@@ -1126,45 +1126,45 @@ def _backward_differentiable(_params, _x, _saved, _d_outputs, _d_final, _bs=None
         d_h = _ds_h
         d_h_next_out = _dout_h_next_rows[_t]
         h = _s_h_rows[_t]
-        mean_11 = _v_mean_11_rows[_t]
-        mean_12 = _v_mean_12_rows[_t]
-        mean_3 = _v_mean_3_rows[_t]
+        mean_2 = _v_mean_2_rows[_t]
         mean_4 = _v_mean_4_rows[_t]
-        mean_7 = _v_mean_7_rows[_t]
-        mean_8 = _v_mean_8_rows[_t]
+        mean_6 = _v_mean_6_rows[_t]
         r = _v_r_rows[_t]
         rstd_2 = _v_rstd_2_rows[_t]
         rstd_4 = _v_rstd_4_rows[_t]
         rstd_6 = _v_rstd_6_rows[_t]
         u = _v_u_rows[_t]
+        var_2 = _v_var_2_rows[_t]
+        var_4 = _v_var_4_rows[_t]
+        var_6 = _v_var_6_rows[_t]
         t0 = 1 - u
-        t1 = gh_c*(U_c_h - mean_11)
-        t4 = 2*U_c_h - 2*mean_11
-        t7 = 2*U_u_h - 2*mean_7
-        t10 = 2*U_r_h - 2*mean_3
+        t1 = gh_c*(U_c_h - mean_6)
+        t4 = 2*U_c_h - 2*mean_6
+        t7 = 2*U_u_h - 2*mean_4
+        t10 = 2*U_r_h - 2*mean_2
         d_h_next = d_h + d_h_next_out  # adjoint of h'
         d_c = d_h_next*t0  # adjoint of c
         t2 = d_c*(1 - (c*c))
         t3 = r*t2
         t5 = gh_c*rstd_6*t3
         d_rstd_6 = _rowsum(t1*t3)  # adjoint of operand of rstd_6
-        d_mean_12 = -1/2*d_rstd_6/(torch.sqrt(mean_12 + 1e-05)*torch.sqrt(mean_12 + 1e-05)*torch.sqrt(mean_12 + 1e-05))  # adjoint of operand of mean_12
-        d_mean_11 = d_mean_12*_rowsum(-inv_n_H*t4) + _rowsum(-t5)  # adjoint of operand of mean_11
+        d_var_6 = -1/2*d_rstd_6/(torch.sqrt(var_6 + 1e-05)*torch.sqrt(var_6 + 1e-05)*torch.sqrt(var_6 + 1e-05))  # adjoint of operand of var_6
+        d_mean_6 = d_var_6*_rowsum(-inv_n_H*t4) + _rowsum(-t5)  # adjoint of operand of mean_6
         d_u = d_h_next*(-c + h)  # adjoint of u
         t6 = d_u*gh_u*t0*u
         t8 = rstd_4*t6
-        d_rstd_4 = _rowsum(t6*(U_u_h - mean_7))  # adjoint of operand of rstd_4
-        d_mean_8 = -1/2*d_rstd_4/(torch.sqrt(mean_8 + 1e-05)*torch.sqrt(mean_8 + 1e-05)*torch.sqrt(mean_8 + 1e-05))  # adjoint of operand of mean_8
-        d_mean_7 = d_mean_8*_rowsum(-inv_n_H*t7) + _rowsum(-t8)  # adjoint of operand of mean_7
+        d_rstd_4 = _rowsum(t6*(U_u_h - mean_4))  # adjoint of operand of rstd_4
+        d_var_4 = -1/2*d_rstd_4/(torch.sqrt(var_4 + 1e-05)*torch.sqrt(var_4 + 1e-05)*torch.sqrt(var_4 + 1e-05))  # adjoint of operand of var_4
+        d_mean_4 = d_var_4*_rowsum(-inv_n_H*t7) + _rowsum(-t8)  # adjoint of operand of mean_4
         d_r = t2*(bh_c + rstd_6*t1)  # adjoint of r
         t9 = d_r*gh_r*r*(1 - r)
         t11 = rstd_2*t9
-        d_rstd_2 = _rowsum(t9*(U_r_h - mean_3))  # adjoint of operand of rstd_2
-        d_mean_4 = -1/2*d_rstd_2/(torch.sqrt(mean_4 + 1e-05)*torch.sqrt(mean_4 + 1e-05)*torch.sqrt(mean_4 + 1e-05))  # adjoint of operand of mean_4
-        d_mean_3 = d_mean_4*_rowsum(-inv_n_H*t10) + _rowsum(-t11)  # adjoint of operand of mean_3
-        d_U_r_h = d_mean_3*inv_n_H + d_mean_4*inv_n_H*t10 + t11  # adjoint of U_r @ h
-        d_U_u_h = d_mean_7*inv_n_H + d_mean_8*inv_n_H*t7 + t8  # adjoint of U_u @ h
-        d_U_c_h = d_mean_11*inv_n_H + d_mean_12*inv_n_H*t4 + t5  # adjoint of U_c @ h
+        d_rstd_2 = _rowsum(t9*(U_r_h - mean_2))  # adjoint of operand of rstd_2
+        d_var_2 = -1/2*d_rstd_2/(torch.sqrt(var_2 + 1e-05)*torch.sqrt(var_2 + 1e-05)*torch.sqrt(var_2 + 1e-05))  # adjoint of operand of var_2
+        d_mean_2 = d_var_2*_rowsum(-inv_n_H*t10) + _rowsum(-t11)  # adjoint of operand of mean_2
+        d_U_r_h = d_mean_2*inv_n_H + d_var_2*inv_n_H*t10 + t11  # adjoint of U_r @ h
+        d_U_u_h = d_mean_4*inv_n_H + d_var_4*inv_n_H*t7 + t8  # adjoint of U_u @ h
+        d_U_c_h = d_mean_6*inv_n_H + d_var_6*inv_n_H*t4 + t5  # adjoint of U_c @ h
         _tmp_d_h_next = d_h_next
         _tmp_d_c = d_c
         _tmp_d_u = d_u
@@ -1182,33 +1182,33 @@ def _backward_differentiable(_params, _x, _saved, _d_outputs, _d_final, _bs=None
         d_r = _tmp_d_r
         d_u = _tmp_d_u
         mean = _v_mean_rows[_t]
-        mean_10 = _v_mean_10_rows[_t]
-        mean_2 = _v_mean_2_rows[_t]
+        mean_3 = _v_mean_3_rows[_t]
         mean_5 = _v_mean_5_rows[_t]
-        mean_6 = _v_mean_6_rows[_t]
-        mean_9 = _v_mean_9_rows[_t]
         r = _v_r_rows[_t]
         rstd = _v_rstd_rows[_t]
         rstd_3 = _v_rstd_3_rows[_t]
         rstd_5 = _v_rstd_5_rows[_t]
         u = _v_u_rows[_t]
+        var = _v_var_rows[_t]
+        var_3 = _v_var_3_rows[_t]
+        var_5 = _v_var_5_rows[_t]
         t11_2 = d_c*gx_c*(1 - (c*c))
         t12 = d_u*gx_u*u*(1 - u)
         t13 = d_r*gx_r*r*(1 - r)
-        d_rstd_5 = _rowsum(t11_2*(W_c_x - mean_9))  # adjoint of operand of rstd_5
-        d_mean_10 = -1/2*d_rstd_5/(torch.sqrt(mean_10 + 1e-05)*torch.sqrt(mean_10 + 1e-05)*torch.sqrt(mean_10 + 1e-05))  # adjoint of operand of mean_10
-        d_mean_9 = d_mean_10*_rowsum(inv_n_H*(-2*W_c_x + 2*mean_9)) + _rowsum(-rstd_5*t11_2)  # adjoint of operand of mean_9
-        d_rstd_3 = _rowsum(t12*(W_u_x - mean_5))  # adjoint of operand of rstd_3
-        d_mean_6 = -1/2*d_rstd_3/(torch.sqrt(mean_6 + 1e-05)*torch.sqrt(mean_6 + 1e-05)*torch.sqrt(mean_6 + 1e-05))  # adjoint of operand of mean_6
-        d_mean_5 = d_mean_6*_rowsum(inv_n_H*(-2*W_u_x + 2*mean_5)) + _rowsum(-rstd_3*t12)  # adjoint of operand of mean_5
+        d_rstd_5 = _rowsum(t11_2*(W_c_x - mean_5))  # adjoint of operand of rstd_5
+        d_var_5 = -1/2*d_rstd_5/(torch.sqrt(var_5 + 1e-05)*torch.sqrt(var_5 + 1e-05)*torch.sqrt(var_5 + 1e-05))  # adjoint of operand of var_5
+        d_mean_5 = d_var_5*_rowsum(inv_n_H*(-2*W_c_x + 2*mean_5)) + _rowsum(-rstd_5*t11_2)  # adjoint of operand of mean_5
+        d_rstd_3 = _rowsum(t12*(W_u_x - mean_3))  # adjoint of operand of rstd_3
+        d_var_3 = -1/2*d_rstd_3/(torch.sqrt(var_3 + 1e-05)*torch.sqrt(var_3 + 1e-05)*torch.sqrt(var_3 + 1e-05))  # adjoint of operand of var_3
+        d_mean_3 = d_var_3*_rowsum(inv_n_H*(-2*W_u_x + 2*mean_3)) + _rowsum(-rstd_3*t12)  # adjoint of operand of mean_3
         d_rstd = _rowsum(t13*(W_r_x - mean))  # adjoint of operand of rstd
-        d_mean_2 = -1/2*d_rstd/(torch.sqrt(mean_2 + 1e-05)*torch.sqrt(mean_2 + 1e-05)*torch.sqrt(mean_2 + 1e-05))  # adjoint of operand of mean_2
-        d_mean = d_mean_2*_rowsum(inv_n_H*(-2*W_r_x + 2*mean)) + _rowsum(-rstd*t13)  # adjoint of operand of mean
-        _tmp_d_mean_10 = d_mean_10
-        _tmp_d_mean_9 = d_mean_9
-        _tmp_d_mean_6 = d_mean_6
+        d_var = -1/2*d_rstd/(torch.sqrt(var + 1e-05)*torch.sqrt(var + 1e-05)*torch.sqrt(var + 1e-05))  # adjoint of operand of var
+        d_mean = d_var*_rowsum(inv_n_H*(-2*W_r_x + 2*mean)) + _rowsum(-rstd*t13)  # adjoint of operand of mean
+        _tmp_d_var_5 = d_var_5
         _tmp_d_mean_5 = d_mean_5
-        _tmp_d_mean_2 = d_mean_2
+        _tmp_d_var_3 = d_var_3
+        _tmp_d_mean_3 = d_mean_3
+        _tmp_d_var = d_var
         _tmp_d_mean = d_mean
         # per-step adjoints of inputs, states, vector params, hoisted results
         U_c_h = _g_U_r_U_u_U_c__h_rows[_t][:, 2*_H:3*_H]
@@ -1222,19 +1222,19 @@ def _backward_differentiable(_params, _x, _saved, _d_outputs, _d_final, _bs=None
         d_h_gemm = _tmp_d_h_gemm
         d_h_next = _tmp_d_h_next
         d_mean = _tmp_d_mean
-        d_mean_10 = _tmp_d_mean_10
-        d_mean_2 = _tmp_d_mean_2
+        d_mean_3 = _tmp_d_mean_3
         d_mean_5 = _tmp_d_mean_5
-        d_mean_6 = _tmp_d_mean_6
-        d_mean_9 = _tmp_d_mean_9
         d_r = _tmp_d_r
         d_u = _tmp_d_u
+        d_var = _tmp_d_var
+        d_var_3 = _tmp_d_var_3
+        d_var_5 = _tmp_d_var_5
         mean = _v_mean_rows[_t]
-        mean_11 = _v_mean_11_rows[_t]
+        mean_2 = _v_mean_2_rows[_t]
         mean_3 = _v_mean_3_rows[_t]
+        mean_4 = _v_mean_4_rows[_t]
         mean_5 = _v_mean_5_rows[_t]
-        mean_7 = _v_mean_7_rows[_t]
-        mean_9 = _v_mean_9_rows[_t]
+        mean_6 = _v_mean_6_rows[_t]
         r = _v_r_rows[_t]
         rstd = _v_rstd_rows[_t]
         rstd_2 = _v_rstd_2_rows[_t]
@@ -1253,19 +1253,19 @@ def _backward_differentiable(_params, _x, _saved, _d_outputs, _d_final, _bs=None
         d_h = d_h_gemm + d_h_next*u  # adjoint of state h
         d_gx_r = t14*(W_r_x - mean)  # adjoint of param gx_r
         d_bx_r = t13_2  # adjoint of param bx_r
-        d_gh_r = rstd_2*t13_2*(U_r_h - mean_3)  # adjoint of param gh_r
+        d_gh_r = rstd_2*t13_2*(U_r_h - mean_2)  # adjoint of param gh_r
         d_bh_r = d_bx_r  # adjoint of param bh_r
-        d_gx_u = t16*(W_u_x - mean_5)  # adjoint of param gx_u
+        d_gx_u = t16*(W_u_x - mean_3)  # adjoint of param gx_u
         d_bx_u = t15  # adjoint of param bx_u
-        d_gh_u = rstd_4*t15*(U_u_h - mean_7)  # adjoint of param gh_u
+        d_gh_u = rstd_4*t15*(U_u_h - mean_4)  # adjoint of param gh_u
         d_bh_u = d_bx_u  # adjoint of param bh_u
-        d_gx_c = t18*(W_c_x - mean_9)  # adjoint of param gx_c
+        d_gx_c = t18*(W_c_x - mean_5)  # adjoint of param gx_c
         d_bx_c = t17  # adjoint of param bx_c
-        d_gh_c = rstd_6*t19*(U_c_h - mean_11)  # adjoint of param gh_c
+        d_gh_c = rstd_6*t19*(U_c_h - mean_6)  # adjoint of param gh_c
         d_bh_c = t19  # adjoint of param bh_c
-        d_W_r_x = d_mean*inv_n_H + d_mean_2*inv_n_H*(2*W_r_x - 2*mean) + gx_r*t14  # adjoint of hoisted projection W_r_x
-        d_W_u_x = d_mean_5*inv_n_H + d_mean_6*inv_n_H*(2*W_u_x - 2*mean_5) + gx_u*t16  # adjoint of hoisted projection W_u_x
-        d_W_c_x = d_mean_10*inv_n_H*(2*W_c_x - 2*mean_9) + d_mean_9*inv_n_H + gx_c*t18  # adjoint of hoisted projection W_c_x
+        d_W_r_x = d_mean*inv_n_H + d_var*inv_n_H*(2*W_r_x - 2*mean) + gx_r*t14  # adjoint of hoisted projection W_r_x
+        d_W_u_x = d_mean_3*inv_n_H + d_var_3*inv_n_H*(2*W_u_x - 2*mean_3) + gx_u*t16  # adjoint of hoisted projection W_u_x
+        d_W_c_x = d_mean_5*inv_n_H + d_var_5*inv_n_H*(2*W_c_x - 2*mean_5) + gx_c*t18  # adjoint of hoisted projection W_c_x
         _ds_h = d_h
         _dp_gx_r_rows[_t] = d_gx_r
         _dp_bx_r_rows[_t] = d_bx_r
@@ -1361,7 +1361,7 @@ _N_STATE = 1
 _N_OUT = 1
 
 
-_SAVED_BUFFERS = ("s_h", "hg_W_r_W_u_W_c__x", "v_mean", "v_mean_2", "v_rstd", "v_mean_5", "v_mean_6", "v_rstd_3", "v_mean_9", "v_mean_10", "v_rstd_5", "g_U_r_U_u_U_c__h", "v_mean_3", "v_mean_4", "v_rstd_2", "v_r", "v_mean_7", "v_mean_8", "v_rstd_4", "v_u", "v_mean_11", "v_mean_12", "v_rstd_6", "v_c",)
+_SAVED_BUFFERS = ("s_h", "hg_W_r_W_u_W_c__x", "v_mean", "v_var", "v_rstd", "v_mean_3", "v_var_3", "v_rstd_3", "v_mean_5", "v_var_5", "v_rstd_5", "g_U_r_U_u_U_c__h", "v_mean_2", "v_var_2", "v_rstd_2", "v_r", "v_mean_4", "v_var_4", "v_rstd_4", "v_u", "v_mean_6", "v_var_6", "v_rstd_6", "v_c",)
 
 
 def _functorch_active() -> bool:
@@ -1506,7 +1506,7 @@ def _custom_ops(name, forward, backward, forward_schema, backward_schema, forwar
 #: the PyTorch engine's forward and backward as custom ops (the engine itself is the fake:
 #: it runs on fake tensors)
 _ENGINE_OPS = _custom_ops(
-    "layer_norm_gru_engine_6ff98dcf17ce", _engine_op_forward_impl, _engine_op_backward_impl,
+    "layer_norm_gru_engine_2bc2f5b6bbbd", _engine_op_forward_impl, _engine_op_backward_impl,
     "(Tensor[] xs, Tensor[] states, Tensor[] params) -> Tensor[]",
     "(Tensor[] args, Tensor[] saved, Tensor?[] d_outputs, Tensor?[] d_finals) -> Tensor[]",
     _engine_op_forward_impl, _engine_op_backward_impl, _engine_op_backward, _engine_op_setup_context,
@@ -1688,34 +1688,34 @@ def _native_forward(_lib, _xs, _states, _params, _bs=None):
     p_inv_n_H = _params["inv_n_H"].contiguous()
     hg_W_r_W_u_W_c__x = _empty((_T, _B, 3*_H))
     v_mean = _empty((_T, _B, 1))
-    v_mean_2 = _empty((_T, _B, 1))
+    v_var = _empty((_T, _B, 1))
     v_rstd = _empty((_T, _B, 1))
-    v_mean_5 = _empty((_T, _B, 1))
-    v_mean_6 = _empty((_T, _B, 1))
+    v_mean_3 = _empty((_T, _B, 1))
+    v_var_3 = _empty((_T, _B, 1))
     v_rstd_3 = _empty((_T, _B, 1))
-    v_mean_9 = _empty((_T, _B, 1))
-    v_mean_10 = _empty((_T, _B, 1))
+    v_mean_5 = _empty((_T, _B, 1))
+    v_var_5 = _empty((_T, _B, 1))
     v_rstd_5 = _empty((_T, _B, 1))
     g_U_r_U_u_U_c__h = _empty((_T, _B, 3*_H))
-    v_mean_3 = _empty((_T, _B, 1))
-    v_mean_4 = _empty((_T, _B, 1))
+    v_mean_2 = _empty((_T, _B, 1))
+    v_var_2 = _empty((_T, _B, 1))
     v_rstd_2 = _empty((_T, _B, 1))
     v_r = _empty((_T, _B, _H))
-    v_mean_7 = _empty((_T, _B, 1))
-    v_mean_8 = _empty((_T, _B, 1))
+    v_mean_4 = _empty((_T, _B, 1))
+    v_var_4 = _empty((_T, _B, 1))
     v_rstd_4 = _empty((_T, _B, 1))
     v_u = _empty((_T, _B, _H))
-    v_mean_11 = _empty((_T, _B, 1))
-    v_mean_12 = _empty((_T, _B, 1))
+    v_mean_6 = _empty((_T, _B, 1))
+    v_var_6 = _empty((_T, _B, 1))
     v_rstd_6 = _empty((_T, _B, 1))
     v_c = _empty((_T, _B, _H))
     if _lib is not None:  # None: shapes only (the custom op's fake implementation)
-        _lib("forward", _dims, [x_x, s_h, p_gx_r, p_bx_r, p_gh_r, p_bh_r, p_gx_u, p_bx_u, p_gh_u, p_bh_u, p_gx_c, p_bx_c, p_gh_c, p_bh_c, p_inv_n_H, hg_W_r_W_u_W_c__x, v_mean, v_mean_2, v_rstd, v_mean_5, v_mean_6, v_rstd_3, v_mean_9, v_mean_10, v_rstd_5, g_U_r_U_u_U_c__h, v_mean_3, v_mean_4, v_rstd_2, v_r, v_mean_7, v_mean_8, v_rstd_4, v_u, v_mean_11, v_mean_12, v_rstd_6, v_c, _stacked(_params["W_r"], _params["W_u"], _params["W_c"]), _stacked(_params["U_r"], _params["U_u"], _params["U_c"]), _bs])
+        _lib("forward", _dims, [x_x, s_h, p_gx_r, p_bx_r, p_gh_r, p_bh_r, p_gx_u, p_bx_u, p_gh_u, p_bh_u, p_gx_c, p_bx_c, p_gh_c, p_bh_c, p_inv_n_H, hg_W_r_W_u_W_c__x, v_mean, v_var, v_rstd, v_mean_3, v_var_3, v_rstd_3, v_mean_5, v_var_5, v_rstd_5, g_U_r_U_u_U_c__h, v_mean_2, v_var_2, v_rstd_2, v_r, v_mean_4, v_var_4, v_rstd_4, v_u, v_mean_6, v_var_6, v_rstd_6, v_c, _stacked(_params["W_r"], _params["W_u"], _params["W_c"]), _stacked(_params["U_r"], _params["U_u"], _params["U_c"]), _bs])
     _outputs = (s_h[1:1 + _T],)
     if _bs is not None:  # zeros past each sequence's end
         _m = _native_active(_bs, _B, _xs)
         _outputs = tuple(_o * _m for _o in _outputs)
-    return _outputs, (s_h[_T],), (s_h, hg_W_r_W_u_W_c__x, v_mean, v_mean_2, v_rstd, v_mean_5, v_mean_6, v_rstd_3, v_mean_9, v_mean_10, v_rstd_5, g_U_r_U_u_U_c__h, v_mean_3, v_mean_4, v_rstd_2, v_r, v_mean_7, v_mean_8, v_rstd_4, v_u, v_mean_11, v_mean_12, v_rstd_6, v_c,)
+    return _outputs, (s_h[_T],), (s_h, hg_W_r_W_u_W_c__x, v_mean, v_var, v_rstd, v_mean_3, v_var_3, v_rstd_3, v_mean_5, v_var_5, v_rstd_5, g_U_r_U_u_U_c__h, v_mean_2, v_var_2, v_rstd_2, v_r, v_mean_4, v_var_4, v_rstd_4, v_u, v_mean_6, v_var_6, v_rstd_6, v_c,)
 
 
 def _native_inference(_lib, _xs, _states, _params, _bs=None):
@@ -1746,13 +1746,13 @@ def _native_inference(_lib, _xs, _states, _params, _bs=None):
     hg_W_r_W_u_W_c__x = _empty((_T, _B, 3*_H))
     tmp_mean = _empty((_B, 1))
     tmp_rstd = _empty((_B, 1))
-    tmp_mean_5 = _empty((_B, 1))
+    tmp_mean_3 = _empty((_B, 1))
     tmp_rstd_3 = _empty((_B, 1))
-    tmp_mean_9 = _empty((_B, 1))
+    tmp_mean_5 = _empty((_B, 1))
     tmp_rstd_5 = _empty((_B, 1))
     g_U_r_U_u_U_c__h = _empty((_B, 3*_H))
     if _lib is not None:  # None: shapes only (the custom op's fake implementation)
-        _lib("inference", _dims, [x_x, s_h, p_gx_r, p_bx_r, p_gh_r, p_bh_r, p_gx_u, p_bx_u, p_gh_u, p_bh_u, p_gx_c, p_bx_c, p_gh_c, p_bh_c, p_inv_n_H, hg_W_r_W_u_W_c__x, tmp_mean, tmp_rstd, tmp_mean_5, tmp_rstd_3, tmp_mean_9, tmp_rstd_5, g_U_r_U_u_U_c__h, _stacked(_params["W_r"], _params["W_u"], _params["W_c"]), _stacked(_params["U_r"], _params["U_u"], _params["U_c"]), _bs])
+        _lib("inference", _dims, [x_x, s_h, p_gx_r, p_bx_r, p_gh_r, p_bh_r, p_gx_u, p_bx_u, p_gh_u, p_bh_u, p_gx_c, p_bx_c, p_gh_c, p_bh_c, p_inv_n_H, hg_W_r_W_u_W_c__x, tmp_mean, tmp_rstd, tmp_mean_3, tmp_rstd_3, tmp_mean_5, tmp_rstd_5, g_U_r_U_u_U_c__h, _stacked(_params["W_r"], _params["W_u"], _params["W_c"]), _stacked(_params["U_r"], _params["U_u"], _params["U_c"]), _bs])
     _outputs = (s_h[1:1 + _T],)
     if _bs is not None:  # zeros past each sequence's end
         _m = _native_active(_bs, _B, _xs)
@@ -1799,25 +1799,25 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     p_inv_n_H = _params["inv_n_H"].contiguous()
     hg_W_r_W_u_W_c__x = _saved[1]
     v_mean = _saved[2]
-    v_mean_2 = _saved[3]
+    v_var = _saved[3]
     v_rstd = _saved[4]
-    v_mean_5 = _saved[5]
-    v_mean_6 = _saved[6]
+    v_mean_3 = _saved[5]
+    v_var_3 = _saved[6]
     v_rstd_3 = _saved[7]
-    v_mean_9 = _saved[8]
-    v_mean_10 = _saved[9]
+    v_mean_5 = _saved[8]
+    v_var_5 = _saved[9]
     v_rstd_5 = _saved[10]
     g_U_r_U_u_U_c__h = _saved[11]
-    v_mean_3 = _saved[12]
-    v_mean_4 = _saved[13]
+    v_mean_2 = _saved[12]
+    v_var_2 = _saved[13]
     v_rstd_2 = _saved[14]
     v_r = _saved[15]
-    v_mean_7 = _saved[16]
-    v_mean_8 = _saved[17]
+    v_mean_4 = _saved[16]
+    v_var_4 = _saved[17]
     v_rstd_4 = _saved[18]
     v_u = _saved[19]
-    v_mean_11 = _saved[20]
-    v_mean_12 = _saved[21]
+    v_mean_6 = _saved[20]
+    v_var_6 = _saved[21]
     v_rstd_6 = _saved[22]
     v_c = _saved[23]
     dout_h_next = _zeros((_T, _B, _H)) if _d_outputs[0] is None else _d_outputs[0].contiguous()
@@ -1842,24 +1842,24 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     tmp_d_c = _empty((_B, _H))
     tmp_d_u = _empty((_B, _H))
     tmp_d_r = _empty((_B, _H))
-    tmp_d_mean_10 = _empty((_B, 1))
-    tmp_d_mean_9 = _empty((_B, 1))
-    tmp_d_mean_6 = _empty((_B, 1))
+    tmp_d_var_5 = _empty((_B, 1))
     tmp_d_mean_5 = _empty((_B, 1))
-    tmp_d_mean_2 = _empty((_B, 1))
+    tmp_d_var_3 = _empty((_B, 1))
+    tmp_d_mean_3 = _empty((_B, 1))
+    tmp_d_var = _empty((_B, 1))
     tmp_d_mean = _empty((_B, 1))
     dw_U_r_U_u_U_c = _gempty((3*_H, _H))
     dw_W_r_W_u_W_c = _gempty((3*_H, _I))
     _grads = {"W_r": _gempty((_H, _I)), "U_r": _gempty((_H, _H)), "W_u": _gempty((_H, _I)), "U_u": _gempty((_H, _H)), "W_c": _gempty((_H, _I)), "U_c": _gempty((_H, _H)), "gx_r": _gempty((_H,)), "bx_r": _gempty((_H,)), "gh_r": _gempty((_H,)), "bh_r": _gempty((_H,)), "gx_u": _gempty((_H,)), "bx_u": _gempty((_H,)), "gh_u": _gempty((_H,)), "bh_u": _gempty((_H,)), "gx_c": _gempty((_H,)), "bx_c": _gempty((_H,)), "gh_c": _gempty((_H,)), "bh_c": _gempty((_H,)), "inv_n_H": _gzeros((_H,))}
     if _lib is not None:
-        _lib("backward", _dims, [x_x, s_h, p_gx_r, p_bx_r, p_gh_r, p_bh_r, p_gx_u, p_bx_u, p_gh_u, p_bh_u, p_gx_c, p_bx_c, p_gh_c, p_bh_c, p_inv_n_H, hg_W_r_W_u_W_c__x, v_mean, v_mean_2, v_rstd, v_mean_5, v_mean_6, v_rstd_3, v_mean_9, v_mean_10, v_rstd_5, g_U_r_U_u_U_c__h, v_mean_3, v_mean_4, v_rstd_2, v_r, v_mean_7, v_mean_8, v_rstd_4, v_u, v_mean_11, v_mean_12, v_rstd_6, v_c, dout_h_next, ds_h, dx_x, dp_gx_r, dp_bx_r, dp_gh_r, dp_bh_r, dp_gx_u, dp_bx_u, dp_gh_u, dp_bh_u, dp_gx_c, dp_bx_c, dp_gh_c, dp_bh_c, dg_U_r_U_u_U_c__h, tmp_d_h_gemm, dhg_W_r_W_u_W_c__x, tmp_d_h_next, tmp_d_c, tmp_d_u, tmp_d_r, tmp_d_mean_10, tmp_d_mean_9, tmp_d_mean_6, tmp_d_mean_5, tmp_d_mean_2, tmp_d_mean, dw_U_r_U_u_U_c, dw_W_r_W_u_W_c, _stacked(_params["W_r"], _params["W_u"], _params["W_c"]), _stacked(_params["U_r"], _params["U_u"], _params["U_c"]), *_grads.values(), _bs])
+        _lib("backward", _dims, [x_x, s_h, p_gx_r, p_bx_r, p_gh_r, p_bh_r, p_gx_u, p_bx_u, p_gh_u, p_bh_u, p_gx_c, p_bx_c, p_gh_c, p_bh_c, p_inv_n_H, hg_W_r_W_u_W_c__x, v_mean, v_var, v_rstd, v_mean_3, v_var_3, v_rstd_3, v_mean_5, v_var_5, v_rstd_5, g_U_r_U_u_U_c__h, v_mean_2, v_var_2, v_rstd_2, v_r, v_mean_4, v_var_4, v_rstd_4, v_u, v_mean_6, v_var_6, v_rstd_6, v_c, dout_h_next, ds_h, dx_x, dp_gx_r, dp_bx_r, dp_gh_r, dp_bh_r, dp_gx_u, dp_bx_u, dp_gh_u, dp_bh_u, dp_gx_c, dp_bx_c, dp_gh_c, dp_bh_c, dg_U_r_U_u_U_c__h, tmp_d_h_gemm, dhg_W_r_W_u_W_c__x, tmp_d_h_next, tmp_d_c, tmp_d_u, tmp_d_r, tmp_d_var_5, tmp_d_mean_5, tmp_d_var_3, tmp_d_mean_3, tmp_d_var, tmp_d_mean, dw_U_r_U_u_U_c, dw_W_r_W_u_W_c, _stacked(_params["W_r"], _params["W_u"], _params["W_c"]), _stacked(_params["U_r"], _params["U_u"], _params["U_c"]), *_grads.values(), _bs])
     return _grads, (dx_x,), (ds_h,)
 
 
 # The same two calls as PyTorch custom ops, for torch.compile (which traces them through their
 # fake implementations: the allocations above, without the call). Registered once per process
 # and content of this file; outputs are copies (an op's outputs may not alias each other).
-_OP = "layer_norm_gru_1ee55ad35f2e"
+_OP = "layer_norm_gru_66ba347c0611"
 
 
 def _op_forward_impl(xs: list[torch.Tensor], states: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -42,7 +42,7 @@ STATES = (("h", "H"), ("c", "H"),)
 PARAMS = {"W_i": ("H", "I",), "U_i": ("H", "H",), "g_i": ("H",), "b_i": ("H",), "W_j": ("H", "I",), "U_j": ("H", "H",), "g_j": ("H",), "b_j": ("H",), "W_f": ("H", "I",), "U_f": ("H", "H",), "g_f": ("H",), "b_f": ("H",), "W_o": ("H", "I",), "U_o": ("H", "H",), "g_o": ("H",), "b_o": ("H",), "g_c": ("H",), "b_c": ("H",)}
 OUTPUTS = ("h'",)
 #: per-step values the forward keeps for the backward (states are kept as their sequence)
-SAVED = ("mean", "mean_2", "rstd", "i", "mean_3", "mean_4", "rstd_2", "j", "mean_5", "mean_6", "rstd_3", "f", "mean_7", "mean_8", "rstd_4", "o", "mean_9", "mean_10", "rstd_5", "U_i_h", "U_j_h", "U_f_h", "U_o_h",)
+SAVED = ("mean", "var", "rstd", "i", "mean_2", "var_2", "rstd_2", "j", "mean_3", "var_3", "rstd_3", "f", "mean_4", "var_4", "rstd_4", "o", "mean_5", "var_5", "rstd_5", "U_i_h", "U_j_h", "U_f_h", "U_o_h",)
 
 
 def _sigmoid(z):
@@ -200,67 +200,67 @@ def _forward(_params, _x, _state, _bs=None):
     _hg_W_i_W_j_W_f_W_o__x = np.empty((_T, _B, 4*_H), _dtype)
     _g_U_i_U_j_U_f_U_o__h = np.empty((_T, _B, 4*_H), _dtype)
     _v_mean = np.empty((_T, _B, 1), _dtype)
-    _v_mean_2 = np.empty((_T, _B, 1), _dtype)
+    _v_var = np.empty((_T, _B, 1), _dtype)
     _v_rstd = np.empty((_T, _B, 1), _dtype)
     _v_i = np.empty((_T, _B, _H), _dtype)
-    _v_mean_3 = np.empty((_T, _B, 1), _dtype)
-    _v_mean_4 = np.empty((_T, _B, 1), _dtype)
+    _v_mean_2 = np.empty((_T, _B, 1), _dtype)
+    _v_var_2 = np.empty((_T, _B, 1), _dtype)
     _v_rstd_2 = np.empty((_T, _B, 1), _dtype)
     _v_j = np.empty((_T, _B, _H), _dtype)
-    _v_mean_5 = np.empty((_T, _B, 1), _dtype)
-    _v_mean_6 = np.empty((_T, _B, 1), _dtype)
+    _v_mean_3 = np.empty((_T, _B, 1), _dtype)
+    _v_var_3 = np.empty((_T, _B, 1), _dtype)
     _v_rstd_3 = np.empty((_T, _B, 1), _dtype)
     _v_f = np.empty((_T, _B, _H), _dtype)
-    _v_mean_7 = np.empty((_T, _B, 1), _dtype)
-    _v_mean_8 = np.empty((_T, _B, 1), _dtype)
+    _v_mean_4 = np.empty((_T, _B, 1), _dtype)
+    _v_var_4 = np.empty((_T, _B, 1), _dtype)
     _v_rstd_4 = np.empty((_T, _B, 1), _dtype)
     _v_o = np.empty((_T, _B, _H), _dtype)
-    _v_mean_9 = np.empty((_T, _B, 1), _dtype)
-    _v_mean_10 = np.empty((_T, _B, 1), _dtype)
+    _v_mean_5 = np.empty((_T, _B, 1), _dtype)
+    _v_var_5 = np.empty((_T, _B, 1), _dtype)
     _v_rstd_5 = np.empty((_T, _B, 1), _dtype)
     if _bs is not None:
         _g_U_i_U_j_U_f_U_o__h[...] = 0
         _v_mean[...] = 0
-        _v_mean_2[...] = 0
+        _v_var[...] = 0
         _v_rstd[...] = 0
         _v_i[...] = 0
-        _v_mean_3[...] = 0
-        _v_mean_4[...] = 0
+        _v_mean_2[...] = 0
+        _v_var_2[...] = 0
         _v_rstd_2[...] = 0
         _v_j[...] = 0
-        _v_mean_5[...] = 0
-        _v_mean_6[...] = 0
+        _v_mean_3[...] = 0
+        _v_var_3[...] = 0
         _v_rstd_3[...] = 0
         _v_f[...] = 0
-        _v_mean_7[...] = 0
-        _v_mean_8[...] = 0
+        _v_mean_4[...] = 0
+        _v_var_4[...] = 0
         _v_rstd_4[...] = 0
         _v_o[...] = 0
-        _v_mean_9[...] = 0
-        _v_mean_10[...] = 0
+        _v_mean_5[...] = 0
+        _v_var_5[...] = 0
         _v_rstd_5[...] = 0
     _s_h_at0 = _steps(_s_h, 0, _T, _bs)
     _g_U_i_U_j_U_f_U_o__h_at0 = _steps(_g_U_i_U_j_U_f_U_o__h, 0, _T, _bs)
     _hg_W_i_W_j_W_f_W_o__x_at0 = _steps(_hg_W_i_W_j_W_f_W_o__x, 0, _T, _bs)
     _s_c_at0 = _steps(_s_c, 0, _T, _bs)
     _v_mean_at0 = _steps(_v_mean, 0, _T, _bs)
-    _v_mean_2_at0 = _steps(_v_mean_2, 0, _T, _bs)
+    _v_var_at0 = _steps(_v_var, 0, _T, _bs)
     _v_rstd_at0 = _steps(_v_rstd, 0, _T, _bs)
     _v_i_at0 = _steps(_v_i, 0, _T, _bs)
-    _v_mean_3_at0 = _steps(_v_mean_3, 0, _T, _bs)
-    _v_mean_4_at0 = _steps(_v_mean_4, 0, _T, _bs)
+    _v_mean_2_at0 = _steps(_v_mean_2, 0, _T, _bs)
+    _v_var_2_at0 = _steps(_v_var_2, 0, _T, _bs)
     _v_rstd_2_at0 = _steps(_v_rstd_2, 0, _T, _bs)
     _v_j_at0 = _steps(_v_j, 0, _T, _bs)
-    _v_mean_5_at0 = _steps(_v_mean_5, 0, _T, _bs)
-    _v_mean_6_at0 = _steps(_v_mean_6, 0, _T, _bs)
+    _v_mean_3_at0 = _steps(_v_mean_3, 0, _T, _bs)
+    _v_var_3_at0 = _steps(_v_var_3, 0, _T, _bs)
     _v_rstd_3_at0 = _steps(_v_rstd_3, 0, _T, _bs)
     _v_f_at0 = _steps(_v_f, 0, _T, _bs)
-    _v_mean_7_at0 = _steps(_v_mean_7, 0, _T, _bs)
-    _v_mean_8_at0 = _steps(_v_mean_8, 0, _T, _bs)
+    _v_mean_4_at0 = _steps(_v_mean_4, 0, _T, _bs)
+    _v_var_4_at0 = _steps(_v_var_4, 0, _T, _bs)
     _v_rstd_4_at0 = _steps(_v_rstd_4, 0, _T, _bs)
     _v_o_at0 = _steps(_v_o, 0, _T, _bs)
-    _v_mean_9_at0 = _steps(_v_mean_9, 0, _T, _bs)
-    _v_mean_10_at0 = _steps(_v_mean_10, 0, _T, _bs)
+    _v_mean_5_at0 = _steps(_v_mean_5, 0, _T, _bs)
+    _v_var_5_at0 = _steps(_v_var_5, 0, _T, _bs)
     _v_rstd_5_at0 = _steps(_v_rstd_5, 0, _T, _bs)
     _s_c_at1 = _steps(_s_c, 1, _T, _bs)
     _s_h_at1 = _steps(_s_h, 1, _T, _bs)
@@ -280,44 +280,44 @@ def _forward(_params, _x, _state, _bs=None):
         W_o_x = _hg_W_i_W_j_W_f_W_o__x_at0[_t][:, 3*_H:4*_H]
         c = _s_c_at0[_t]
         mean = _rowsum(inv_n_H*(U_i_h + W_i_x))  # layer_norm_lstm.cell:16  i = sigmoid(g_i * layer_norm(W_i @ x + U_i @ h, 1e-12) + b_i)
-        mean_2 = _rowsum(inv_n_H*((U_i_h + W_i_x - mean)*(U_i_h + W_i_x - mean)))  # layer_norm_lstm.cell:16  i = sigmoid(g_i * layer_norm(W_i @ x + U_i @ h, 1e-12) + b_i)
-        rstd = (1/np.sqrt(mean_2 + 1e-12))  # layer_norm_lstm.cell:16  i = sigmoid(g_i * layer_norm(W_i @ x + U_i @ h, 1e-12) + b_i)
+        var = _rowsum(inv_n_H*((U_i_h + W_i_x - mean)*(U_i_h + W_i_x - mean)))  # layer_norm_lstm.cell:16  i = sigmoid(g_i * layer_norm(W_i @ x + U_i @ h, 1e-12) + b_i)
+        rstd = (1/np.sqrt(var + 1e-12))  # layer_norm_lstm.cell:16  i = sigmoid(g_i * layer_norm(W_i @ x + U_i @ h, 1e-12) + b_i)
         i = _sigmoid(b_i + g_i*rstd*(U_i_h + W_i_x - mean))  # layer_norm_lstm.cell:16  i = sigmoid(g_i * layer_norm(W_i @ x + U_i @ h, 1e-12) + b_i)
-        mean_3 = _rowsum(inv_n_H*(U_j_h + W_j_x))  # layer_norm_lstm.cell:17  j = tanh(g_j * layer_norm(W_j @ x + U_j @ h, 1e-12) + b_j)
-        mean_4 = _rowsum(inv_n_H*((U_j_h + W_j_x - mean_3)*(U_j_h + W_j_x - mean_3)))  # layer_norm_lstm.cell:17  j = tanh(g_j * layer_norm(W_j @ x + U_j @ h, 1e-12) + b_j)
-        rstd_2 = (1/np.sqrt(mean_4 + 1e-12))  # layer_norm_lstm.cell:17  j = tanh(g_j * layer_norm(W_j @ x + U_j @ h, 1e-12) + b_j)
-        j = np.tanh(b_j + g_j*rstd_2*(U_j_h + W_j_x - mean_3))  # layer_norm_lstm.cell:17  j = tanh(g_j * layer_norm(W_j @ x + U_j @ h, 1e-12) + b_j)
-        mean_5 = _rowsum(inv_n_H*(U_f_h + W_f_x))  # layer_norm_lstm.cell:18  f = sigmoid(g_f * layer_norm(W_f @ x + U_f @ h, 1e-12) + b_f + 1.0)
-        mean_6 = _rowsum(inv_n_H*((U_f_h + W_f_x - mean_5)*(U_f_h + W_f_x - mean_5)))  # layer_norm_lstm.cell:18  f = sigmoid(g_f * layer_norm(W_f @ x + U_f @ h, 1e-12) + b_f + 1.0)
-        rstd_3 = (1/np.sqrt(mean_6 + 1e-12))  # layer_norm_lstm.cell:18  f = sigmoid(g_f * layer_norm(W_f @ x + U_f @ h, 1e-12) + b_f + 1.0)
-        f = _sigmoid(b_f + g_f*rstd_3*(U_f_h + W_f_x - mean_5) + 1.0)  # layer_norm_lstm.cell:18  f = sigmoid(g_f * layer_norm(W_f @ x + U_f @ h, 1e-12) + b_f + 1.0)
-        mean_7 = _rowsum(inv_n_H*(U_o_h + W_o_x))  # layer_norm_lstm.cell:19  o = sigmoid(g_o * layer_norm(W_o @ x + U_o @ h, 1e-12) + b_o)
-        mean_8 = _rowsum(inv_n_H*((U_o_h + W_o_x - mean_7)*(U_o_h + W_o_x - mean_7)))  # layer_norm_lstm.cell:19  o = sigmoid(g_o * layer_norm(W_o @ x + U_o @ h, 1e-12) + b_o)
-        rstd_4 = (1/np.sqrt(mean_8 + 1e-12))  # layer_norm_lstm.cell:19  o = sigmoid(g_o * layer_norm(W_o @ x + U_o @ h, 1e-12) + b_o)
-        o = _sigmoid(b_o + g_o*rstd_4*(U_o_h + W_o_x - mean_7))  # layer_norm_lstm.cell:19  o = sigmoid(g_o * layer_norm(W_o @ x + U_o @ h, 1e-12) + b_o)
-        mean_9 = _rowsum(inv_n_H*(c*f + i*j))  # layer_norm_lstm.cell:21  c' = g_c * layer_norm(c * f + i * j, 1e-12) + b_c
-        mean_10 = _rowsum(inv_n_H*((c*f + i*j - mean_9)*(c*f + i*j - mean_9)))  # layer_norm_lstm.cell:21  c' = g_c * layer_norm(c * f + i * j, 1e-12) + b_c
-        rstd_5 = (1/np.sqrt(mean_10 + 1e-12))  # layer_norm_lstm.cell:21  c' = g_c * layer_norm(c * f + i * j, 1e-12) + b_c
-        c_next = b_c + g_c*rstd_5*(c*f + i*j - mean_9)  # layer_norm_lstm.cell:21  c' = g_c * layer_norm(c * f + i * j, 1e-12) + b_c
+        mean_2 = _rowsum(inv_n_H*(U_j_h + W_j_x))  # layer_norm_lstm.cell:17  j = tanh(g_j * layer_norm(W_j @ x + U_j @ h, 1e-12) + b_j)
+        var_2 = _rowsum(inv_n_H*((U_j_h + W_j_x - mean_2)*(U_j_h + W_j_x - mean_2)))  # layer_norm_lstm.cell:17  j = tanh(g_j * layer_norm(W_j @ x + U_j @ h, 1e-12) + b_j)
+        rstd_2 = (1/np.sqrt(var_2 + 1e-12))  # layer_norm_lstm.cell:17  j = tanh(g_j * layer_norm(W_j @ x + U_j @ h, 1e-12) + b_j)
+        j = np.tanh(b_j + g_j*rstd_2*(U_j_h + W_j_x - mean_2))  # layer_norm_lstm.cell:17  j = tanh(g_j * layer_norm(W_j @ x + U_j @ h, 1e-12) + b_j)
+        mean_3 = _rowsum(inv_n_H*(U_f_h + W_f_x))  # layer_norm_lstm.cell:18  f = sigmoid(g_f * layer_norm(W_f @ x + U_f @ h, 1e-12) + b_f + 1.0)
+        var_3 = _rowsum(inv_n_H*((U_f_h + W_f_x - mean_3)*(U_f_h + W_f_x - mean_3)))  # layer_norm_lstm.cell:18  f = sigmoid(g_f * layer_norm(W_f @ x + U_f @ h, 1e-12) + b_f + 1.0)
+        rstd_3 = (1/np.sqrt(var_3 + 1e-12))  # layer_norm_lstm.cell:18  f = sigmoid(g_f * layer_norm(W_f @ x + U_f @ h, 1e-12) + b_f + 1.0)
+        f = _sigmoid(b_f + g_f*rstd_3*(U_f_h + W_f_x - mean_3) + 1.0)  # layer_norm_lstm.cell:18  f = sigmoid(g_f * layer_norm(W_f @ x + U_f @ h, 1e-12) + b_f + 1.0)
+        mean_4 = _rowsum(inv_n_H*(U_o_h + W_o_x))  # layer_norm_lstm.cell:19  o = sigmoid(g_o * layer_norm(W_o @ x + U_o @ h, 1e-12) + b_o)
+        var_4 = _rowsum(inv_n_H*((U_o_h + W_o_x - mean_4)*(U_o_h + W_o_x - mean_4)))  # layer_norm_lstm.cell:19  o = sigmoid(g_o * layer_norm(W_o @ x + U_o @ h, 1e-12) + b_o)
+        rstd_4 = (1/np.sqrt(var_4 + 1e-12))  # layer_norm_lstm.cell:19  o = sigmoid(g_o * layer_norm(W_o @ x + U_o @ h, 1e-12) + b_o)
+        o = _sigmoid(b_o + g_o*rstd_4*(U_o_h + W_o_x - mean_4))  # layer_norm_lstm.cell:19  o = sigmoid(g_o * layer_norm(W_o @ x + U_o @ h, 1e-12) + b_o)
+        mean_5 = _rowsum(inv_n_H*(c*f + i*j))  # layer_norm_lstm.cell:21  c' = g_c * layer_norm(c * f + i * j, 1e-12) + b_c
+        var_5 = _rowsum(inv_n_H*((c*f + i*j - mean_5)*(c*f + i*j - mean_5)))  # layer_norm_lstm.cell:21  c' = g_c * layer_norm(c * f + i * j, 1e-12) + b_c
+        rstd_5 = (1/np.sqrt(var_5 + 1e-12))  # layer_norm_lstm.cell:21  c' = g_c * layer_norm(c * f + i * j, 1e-12) + b_c
+        c_next = b_c + g_c*rstd_5*(c*f + i*j - mean_5)  # layer_norm_lstm.cell:21  c' = g_c * layer_norm(c * f + i * j, 1e-12) + b_c
         h_next = o*np.tanh(c_next)  # layer_norm_lstm.cell:22  h' = tanh(c') * o
         _v_mean_at0[_t][...] = mean
-        _v_mean_2_at0[_t][...] = mean_2
+        _v_var_at0[_t][...] = var
         _v_rstd_at0[_t][...] = rstd
         _v_i_at0[_t][...] = i
-        _v_mean_3_at0[_t][...] = mean_3
-        _v_mean_4_at0[_t][...] = mean_4
+        _v_mean_2_at0[_t][...] = mean_2
+        _v_var_2_at0[_t][...] = var_2
         _v_rstd_2_at0[_t][...] = rstd_2
         _v_j_at0[_t][...] = j
-        _v_mean_5_at0[_t][...] = mean_5
-        _v_mean_6_at0[_t][...] = mean_6
+        _v_mean_3_at0[_t][...] = mean_3
+        _v_var_3_at0[_t][...] = var_3
         _v_rstd_3_at0[_t][...] = rstd_3
         _v_f_at0[_t][...] = f
-        _v_mean_7_at0[_t][...] = mean_7
-        _v_mean_8_at0[_t][...] = mean_8
+        _v_mean_4_at0[_t][...] = mean_4
+        _v_var_4_at0[_t][...] = var_4
         _v_rstd_4_at0[_t][...] = rstd_4
         _v_o_at0[_t][...] = o
-        _v_mean_9_at0[_t][...] = mean_9
-        _v_mean_10_at0[_t][...] = mean_10
+        _v_mean_5_at0[_t][...] = mean_5
+        _v_var_5_at0[_t][...] = var_5
         _v_rstd_5_at0[_t][...] = rstd_5
         _s_c_at1[_t][...] = c_next
         _s_h_at1[_t][...] = h_next
@@ -330,7 +330,7 @@ def _forward(_params, _x, _state, _bs=None):
         _m = _active(_bs, _B, _dtype)
         _outputs = tuple(_o * _m for _o in _outputs)
     _final = (_s_h[_T], _s_c[_T], )
-    _saved = {"s_h": _s_h, "s_c": _s_c, "hg_W_i_W_j_W_f_W_o__x": _hg_W_i_W_j_W_f_W_o__x, "g_U_i_U_j_U_f_U_o__h": _g_U_i_U_j_U_f_U_o__h, "v_mean": _v_mean, "v_mean_2": _v_mean_2, "v_rstd": _v_rstd, "v_i": _v_i, "v_mean_3": _v_mean_3, "v_mean_4": _v_mean_4, "v_rstd_2": _v_rstd_2, "v_j": _v_j, "v_mean_5": _v_mean_5, "v_mean_6": _v_mean_6, "v_rstd_3": _v_rstd_3, "v_f": _v_f, "v_mean_7": _v_mean_7, "v_mean_8": _v_mean_8, "v_rstd_4": _v_rstd_4, "v_o": _v_o, "v_mean_9": _v_mean_9, "v_mean_10": _v_mean_10, "v_rstd_5": _v_rstd_5, }
+    _saved = {"s_h": _s_h, "s_c": _s_c, "hg_W_i_W_j_W_f_W_o__x": _hg_W_i_W_j_W_f_W_o__x, "g_U_i_U_j_U_f_U_o__h": _g_U_i_U_j_U_f_U_o__h, "v_mean": _v_mean, "v_var": _v_var, "v_rstd": _v_rstd, "v_i": _v_i, "v_mean_2": _v_mean_2, "v_var_2": _v_var_2, "v_rstd_2": _v_rstd_2, "v_j": _v_j, "v_mean_3": _v_mean_3, "v_var_3": _v_var_3, "v_rstd_3": _v_rstd_3, "v_f": _v_f, "v_mean_4": _v_mean_4, "v_var_4": _v_var_4, "v_rstd_4": _v_rstd_4, "v_o": _v_o, "v_mean_5": _v_mean_5, "v_var_5": _v_var_5, "v_rstd_5": _v_rstd_5, }
     return _outputs[0], _final, _saved
 
 
@@ -390,25 +390,25 @@ def _inference(_params, _x, _state, _bs=None):
         W_o_x = _hg_W_i_W_j_W_f_W_o__x_at0[_t][:, 3*_H:4*_H]
         c = _s_c_at0[_t]
         mean = _rowsum(inv_n_H*(U_i_h + W_i_x))  # layer_norm_lstm.cell:16  i = sigmoid(g_i * layer_norm(W_i @ x + U_i @ h, 1e-12) + b_i)
-        mean_2 = _rowsum(inv_n_H*((U_i_h + W_i_x - mean)*(U_i_h + W_i_x - mean)))  # layer_norm_lstm.cell:16  i = sigmoid(g_i * layer_norm(W_i @ x + U_i @ h, 1e-12) + b_i)
-        rstd = (1/np.sqrt(mean_2 + 1e-12))  # layer_norm_lstm.cell:16  i = sigmoid(g_i * layer_norm(W_i @ x + U_i @ h, 1e-12) + b_i)
+        var = _rowsum(inv_n_H*((U_i_h + W_i_x - mean)*(U_i_h + W_i_x - mean)))  # layer_norm_lstm.cell:16  i = sigmoid(g_i * layer_norm(W_i @ x + U_i @ h, 1e-12) + b_i)
+        rstd = (1/np.sqrt(var + 1e-12))  # layer_norm_lstm.cell:16  i = sigmoid(g_i * layer_norm(W_i @ x + U_i @ h, 1e-12) + b_i)
         i = _sigmoid(b_i + g_i*rstd*(U_i_h + W_i_x - mean))  # layer_norm_lstm.cell:16  i = sigmoid(g_i * layer_norm(W_i @ x + U_i @ h, 1e-12) + b_i)
-        mean_3 = _rowsum(inv_n_H*(U_j_h + W_j_x))  # layer_norm_lstm.cell:17  j = tanh(g_j * layer_norm(W_j @ x + U_j @ h, 1e-12) + b_j)
-        mean_4 = _rowsum(inv_n_H*((U_j_h + W_j_x - mean_3)*(U_j_h + W_j_x - mean_3)))  # layer_norm_lstm.cell:17  j = tanh(g_j * layer_norm(W_j @ x + U_j @ h, 1e-12) + b_j)
-        rstd_2 = (1/np.sqrt(mean_4 + 1e-12))  # layer_norm_lstm.cell:17  j = tanh(g_j * layer_norm(W_j @ x + U_j @ h, 1e-12) + b_j)
-        j = np.tanh(b_j + g_j*rstd_2*(U_j_h + W_j_x - mean_3))  # layer_norm_lstm.cell:17  j = tanh(g_j * layer_norm(W_j @ x + U_j @ h, 1e-12) + b_j)
-        mean_5 = _rowsum(inv_n_H*(U_f_h + W_f_x))  # layer_norm_lstm.cell:18  f = sigmoid(g_f * layer_norm(W_f @ x + U_f @ h, 1e-12) + b_f + 1.0)
-        mean_6 = _rowsum(inv_n_H*((U_f_h + W_f_x - mean_5)*(U_f_h + W_f_x - mean_5)))  # layer_norm_lstm.cell:18  f = sigmoid(g_f * layer_norm(W_f @ x + U_f @ h, 1e-12) + b_f + 1.0)
-        rstd_3 = (1/np.sqrt(mean_6 + 1e-12))  # layer_norm_lstm.cell:18  f = sigmoid(g_f * layer_norm(W_f @ x + U_f @ h, 1e-12) + b_f + 1.0)
-        f = _sigmoid(b_f + g_f*rstd_3*(U_f_h + W_f_x - mean_5) + 1.0)  # layer_norm_lstm.cell:18  f = sigmoid(g_f * layer_norm(W_f @ x + U_f @ h, 1e-12) + b_f + 1.0)
-        mean_7 = _rowsum(inv_n_H*(U_o_h + W_o_x))  # layer_norm_lstm.cell:19  o = sigmoid(g_o * layer_norm(W_o @ x + U_o @ h, 1e-12) + b_o)
-        mean_8 = _rowsum(inv_n_H*((U_o_h + W_o_x - mean_7)*(U_o_h + W_o_x - mean_7)))  # layer_norm_lstm.cell:19  o = sigmoid(g_o * layer_norm(W_o @ x + U_o @ h, 1e-12) + b_o)
-        rstd_4 = (1/np.sqrt(mean_8 + 1e-12))  # layer_norm_lstm.cell:19  o = sigmoid(g_o * layer_norm(W_o @ x + U_o @ h, 1e-12) + b_o)
-        o = _sigmoid(b_o + g_o*rstd_4*(U_o_h + W_o_x - mean_7))  # layer_norm_lstm.cell:19  o = sigmoid(g_o * layer_norm(W_o @ x + U_o @ h, 1e-12) + b_o)
-        mean_9 = _rowsum(inv_n_H*(c*f + i*j))  # layer_norm_lstm.cell:21  c' = g_c * layer_norm(c * f + i * j, 1e-12) + b_c
-        mean_10 = _rowsum(inv_n_H*((c*f + i*j - mean_9)*(c*f + i*j - mean_9)))  # layer_norm_lstm.cell:21  c' = g_c * layer_norm(c * f + i * j, 1e-12) + b_c
-        rstd_5 = (1/np.sqrt(mean_10 + 1e-12))  # layer_norm_lstm.cell:21  c' = g_c * layer_norm(c * f + i * j, 1e-12) + b_c
-        c_next = b_c + g_c*rstd_5*(c*f + i*j - mean_9)  # layer_norm_lstm.cell:21  c' = g_c * layer_norm(c * f + i * j, 1e-12) + b_c
+        mean_2 = _rowsum(inv_n_H*(U_j_h + W_j_x))  # layer_norm_lstm.cell:17  j = tanh(g_j * layer_norm(W_j @ x + U_j @ h, 1e-12) + b_j)
+        var_2 = _rowsum(inv_n_H*((U_j_h + W_j_x - mean_2)*(U_j_h + W_j_x - mean_2)))  # layer_norm_lstm.cell:17  j = tanh(g_j * layer_norm(W_j @ x + U_j @ h, 1e-12) + b_j)
+        rstd_2 = (1/np.sqrt(var_2 + 1e-12))  # layer_norm_lstm.cell:17  j = tanh(g_j * layer_norm(W_j @ x + U_j @ h, 1e-12) + b_j)
+        j = np.tanh(b_j + g_j*rstd_2*(U_j_h + W_j_x - mean_2))  # layer_norm_lstm.cell:17  j = tanh(g_j * layer_norm(W_j @ x + U_j @ h, 1e-12) + b_j)
+        mean_3 = _rowsum(inv_n_H*(U_f_h + W_f_x))  # layer_norm_lstm.cell:18  f = sigmoid(g_f * layer_norm(W_f @ x + U_f @ h, 1e-12) + b_f + 1.0)
+        var_3 = _rowsum(inv_n_H*((U_f_h + W_f_x - mean_3)*(U_f_h + W_f_x - mean_3)))  # layer_norm_lstm.cell:18  f = sigmoid(g_f * layer_norm(W_f @ x + U_f @ h, 1e-12) + b_f + 1.0)
+        rstd_3 = (1/np.sqrt(var_3 + 1e-12))  # layer_norm_lstm.cell:18  f = sigmoid(g_f * layer_norm(W_f @ x + U_f @ h, 1e-12) + b_f + 1.0)
+        f = _sigmoid(b_f + g_f*rstd_3*(U_f_h + W_f_x - mean_3) + 1.0)  # layer_norm_lstm.cell:18  f = sigmoid(g_f * layer_norm(W_f @ x + U_f @ h, 1e-12) + b_f + 1.0)
+        mean_4 = _rowsum(inv_n_H*(U_o_h + W_o_x))  # layer_norm_lstm.cell:19  o = sigmoid(g_o * layer_norm(W_o @ x + U_o @ h, 1e-12) + b_o)
+        var_4 = _rowsum(inv_n_H*((U_o_h + W_o_x - mean_4)*(U_o_h + W_o_x - mean_4)))  # layer_norm_lstm.cell:19  o = sigmoid(g_o * layer_norm(W_o @ x + U_o @ h, 1e-12) + b_o)
+        rstd_4 = (1/np.sqrt(var_4 + 1e-12))  # layer_norm_lstm.cell:19  o = sigmoid(g_o * layer_norm(W_o @ x + U_o @ h, 1e-12) + b_o)
+        o = _sigmoid(b_o + g_o*rstd_4*(U_o_h + W_o_x - mean_4))  # layer_norm_lstm.cell:19  o = sigmoid(g_o * layer_norm(W_o @ x + U_o @ h, 1e-12) + b_o)
+        mean_5 = _rowsum(inv_n_H*(c*f + i*j))  # layer_norm_lstm.cell:21  c' = g_c * layer_norm(c * f + i * j, 1e-12) + b_c
+        var_5 = _rowsum(inv_n_H*((c*f + i*j - mean_5)*(c*f + i*j - mean_5)))  # layer_norm_lstm.cell:21  c' = g_c * layer_norm(c * f + i * j, 1e-12) + b_c
+        rstd_5 = (1/np.sqrt(var_5 + 1e-12))  # layer_norm_lstm.cell:21  c' = g_c * layer_norm(c * f + i * j, 1e-12) + b_c
+        c_next = b_c + g_c*rstd_5*(c*f + i*j - mean_5)  # layer_norm_lstm.cell:21  c' = g_c * layer_norm(c * f + i * j, 1e-12) + b_c
         h_next = o*np.tanh(c_next)  # layer_norm_lstm.cell:22  h' = tanh(c') * o
         _s_c_at1[_t][...] = c_next
         _s_h_at1[_t][...] = h_next
@@ -456,23 +456,23 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
     _hg_W_i_W_j_W_f_W_o__x = _saved["hg_W_i_W_j_W_f_W_o__x"]
     _g_U_i_U_j_U_f_U_o__h = _saved["g_U_i_U_j_U_f_U_o__h"]
     _v_mean = _saved["v_mean"]
-    _v_mean_2 = _saved["v_mean_2"]
+    _v_var = _saved["v_var"]
     _v_rstd = _saved["v_rstd"]
     _v_i = _saved["v_i"]
-    _v_mean_3 = _saved["v_mean_3"]
-    _v_mean_4 = _saved["v_mean_4"]
+    _v_mean_2 = _saved["v_mean_2"]
+    _v_var_2 = _saved["v_var_2"]
     _v_rstd_2 = _saved["v_rstd_2"]
     _v_j = _saved["v_j"]
-    _v_mean_5 = _saved["v_mean_5"]
-    _v_mean_6 = _saved["v_mean_6"]
+    _v_mean_3 = _saved["v_mean_3"]
+    _v_var_3 = _saved["v_var_3"]
     _v_rstd_3 = _saved["v_rstd_3"]
     _v_f = _saved["v_f"]
-    _v_mean_7 = _saved["v_mean_7"]
-    _v_mean_8 = _saved["v_mean_8"]
+    _v_mean_4 = _saved["v_mean_4"]
+    _v_var_4 = _saved["v_var_4"]
     _v_rstd_4 = _saved["v_rstd_4"]
     _v_o = _saved["v_o"]
-    _v_mean_9 = _saved["v_mean_9"]
-    _v_mean_10 = _saved["v_mean_10"]
+    _v_mean_5 = _saved["v_mean_5"]
+    _v_var_5 = _saved["v_var_5"]
     _v_rstd_5 = _saved["v_rstd_5"]
     _d_outputs = (_d_outputs,)
     _dout_h_next = np.zeros((_T, _B, _H), _dtype) if _d_outputs[0] is None else np.asarray(_d_outputs[0], _dtype)
@@ -497,19 +497,19 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
     _tmp_d_h_gemm = np.empty((_B, _H), _dtype)
     _dhg_W_i_W_j_W_f_W_o__x = np.empty((_T, _B, 4*_H), _dtype)
     _tmp_d_c_next = np.empty((_B, _H), _dtype)
-    _tmp_d_mean_10 = np.empty((_B, 1), _dtype)
-    _tmp_d_mean_9 = np.empty((_B, 1), _dtype)
-    _tmp_d_o = np.empty((_B, _H), _dtype)
-    _tmp_d_mean_8 = np.empty((_B, 1), _dtype)
-    _tmp_d_mean_7 = np.empty((_B, 1), _dtype)
-    _tmp_d_f = np.empty((_B, _H), _dtype)
-    _tmp_d_mean_6 = np.empty((_B, 1), _dtype)
+    _tmp_d_var_5 = np.empty((_B, 1), _dtype)
     _tmp_d_mean_5 = np.empty((_B, 1), _dtype)
-    _tmp_d_j = np.empty((_B, _H), _dtype)
+    _tmp_d_o = np.empty((_B, _H), _dtype)
+    _tmp_d_var_4 = np.empty((_B, 1), _dtype)
     _tmp_d_mean_4 = np.empty((_B, 1), _dtype)
+    _tmp_d_f = np.empty((_B, _H), _dtype)
+    _tmp_d_var_3 = np.empty((_B, 1), _dtype)
     _tmp_d_mean_3 = np.empty((_B, 1), _dtype)
-    _tmp_d_i = np.empty((_B, _H), _dtype)
+    _tmp_d_j = np.empty((_B, _H), _dtype)
+    _tmp_d_var_2 = np.empty((_B, 1), _dtype)
     _tmp_d_mean_2 = np.empty((_B, 1), _dtype)
+    _tmp_d_i = np.empty((_B, _H), _dtype)
+    _tmp_d_var = np.empty((_B, 1), _dtype)
     _tmp_d_mean = np.empty((_B, 1), _dtype)
     if _bs is not None:
         _dg_U_i_U_j_U_f_U_o__h[...] = 0
@@ -535,35 +535,35 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
     _v_i_at0 = _steps(_v_i, 0, _T, _bs)
     _v_j_at0 = _steps(_v_j, 0, _T, _bs)
     _v_mean_at0 = _steps(_v_mean, 0, _T, _bs)
-    _v_mean_10_at0 = _steps(_v_mean_10, 0, _T, _bs)
     _v_mean_2_at0 = _steps(_v_mean_2, 0, _T, _bs)
     _v_mean_3_at0 = _steps(_v_mean_3, 0, _T, _bs)
     _v_mean_4_at0 = _steps(_v_mean_4, 0, _T, _bs)
     _v_mean_5_at0 = _steps(_v_mean_5, 0, _T, _bs)
-    _v_mean_6_at0 = _steps(_v_mean_6, 0, _T, _bs)
-    _v_mean_7_at0 = _steps(_v_mean_7, 0, _T, _bs)
-    _v_mean_8_at0 = _steps(_v_mean_8, 0, _T, _bs)
-    _v_mean_9_at0 = _steps(_v_mean_9, 0, _T, _bs)
     _v_o_at0 = _steps(_v_o, 0, _T, _bs)
     _v_rstd_at0 = _steps(_v_rstd, 0, _T, _bs)
     _v_rstd_2_at0 = _steps(_v_rstd_2, 0, _T, _bs)
     _v_rstd_3_at0 = _steps(_v_rstd_3, 0, _T, _bs)
     _v_rstd_4_at0 = _steps(_v_rstd_4, 0, _T, _bs)
     _v_rstd_5_at0 = _steps(_v_rstd_5, 0, _T, _bs)
+    _v_var_at0 = _steps(_v_var, 0, _T, _bs)
+    _v_var_2_at0 = _steps(_v_var_2, 0, _T, _bs)
+    _v_var_3_at0 = _steps(_v_var_3, 0, _T, _bs)
+    _v_var_4_at0 = _steps(_v_var_4, 0, _T, _bs)
+    _v_var_5_at0 = _steps(_v_var_5, 0, _T, _bs)
     _tmp_d_c_next_rows = _rows(_tmp_d_c_next, _T, _bs)
-    _tmp_d_mean_10_rows = _rows(_tmp_d_mean_10, _T, _bs)
-    _tmp_d_mean_9_rows = _rows(_tmp_d_mean_9, _T, _bs)
-    _tmp_d_o_rows = _rows(_tmp_d_o, _T, _bs)
-    _tmp_d_mean_8_rows = _rows(_tmp_d_mean_8, _T, _bs)
-    _tmp_d_mean_7_rows = _rows(_tmp_d_mean_7, _T, _bs)
-    _tmp_d_f_rows = _rows(_tmp_d_f, _T, _bs)
-    _tmp_d_mean_6_rows = _rows(_tmp_d_mean_6, _T, _bs)
+    _tmp_d_var_5_rows = _rows(_tmp_d_var_5, _T, _bs)
     _tmp_d_mean_5_rows = _rows(_tmp_d_mean_5, _T, _bs)
-    _tmp_d_j_rows = _rows(_tmp_d_j, _T, _bs)
+    _tmp_d_o_rows = _rows(_tmp_d_o, _T, _bs)
+    _tmp_d_var_4_rows = _rows(_tmp_d_var_4, _T, _bs)
     _tmp_d_mean_4_rows = _rows(_tmp_d_mean_4, _T, _bs)
+    _tmp_d_f_rows = _rows(_tmp_d_f, _T, _bs)
+    _tmp_d_var_3_rows = _rows(_tmp_d_var_3, _T, _bs)
     _tmp_d_mean_3_rows = _rows(_tmp_d_mean_3, _T, _bs)
-    _tmp_d_i_rows = _rows(_tmp_d_i, _T, _bs)
+    _tmp_d_j_rows = _rows(_tmp_d_j, _T, _bs)
+    _tmp_d_var_2_rows = _rows(_tmp_d_var_2, _T, _bs)
     _tmp_d_mean_2_rows = _rows(_tmp_d_mean_2, _T, _bs)
+    _tmp_d_i_rows = _rows(_tmp_d_i, _T, _bs)
+    _tmp_d_var_rows = _rows(_tmp_d_var, _T, _bs)
     _tmp_d_mean_rows = _rows(_tmp_d_mean, _T, _bs)
     _dg_U_i_U_j_U_f_U_o__h_at0 = _steps(_dg_U_i_U_j_U_f_U_o__h, 0, _T, _bs)
     _tmp_d_h_gemm_rows = _rows(_tmp_d_h_gemm, _T, _bs)
@@ -598,80 +598,80 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
         i = _v_i_at0[_t]
         j = _v_j_at0[_t]
         mean = _v_mean_at0[_t]
-        mean_10 = _v_mean_10_at0[_t]
         mean_2 = _v_mean_2_at0[_t]
         mean_3 = _v_mean_3_at0[_t]
         mean_4 = _v_mean_4_at0[_t]
         mean_5 = _v_mean_5_at0[_t]
-        mean_6 = _v_mean_6_at0[_t]
-        mean_7 = _v_mean_7_at0[_t]
-        mean_8 = _v_mean_8_at0[_t]
-        mean_9 = _v_mean_9_at0[_t]
         o = _v_o_at0[_t]
         rstd = _v_rstd_at0[_t]
         rstd_2 = _v_rstd_2_at0[_t]
         rstd_3 = _v_rstd_3_at0[_t]
         rstd_4 = _v_rstd_4_at0[_t]
         rstd_5 = _v_rstd_5_at0[_t]
+        var = _v_var_at0[_t]
+        var_2 = _v_var_2_at0[_t]
+        var_3 = _v_var_3_at0[_t]
+        var_4 = _v_var_4_at0[_t]
+        var_5 = _v_var_5_at0[_t]
         t0 = np.tanh(c_next)
         t1 = c*f
         t2 = i*j
-        t3 = -mean_9 + t1 + t2
-        t8 = 2*U_o_h + 2*W_o_x - 2*mean_7
-        t13 = 2*U_f_h + 2*W_f_x - 2*mean_5
-        t16 = 2*U_j_h + 2*W_j_x - 2*mean_3
+        t3 = -mean_5 + t1 + t2
+        t8 = 2*U_o_h + 2*W_o_x - 2*mean_4
+        t13 = 2*U_f_h + 2*W_f_x - 2*mean_3
+        t16 = 2*U_j_h + 2*W_j_x - 2*mean_2
         t19 = 2*U_i_h + 2*W_i_x - 2*mean
         d_h_next = d_h + d_h_next_out  # adjoint of h'
         d_c_next = d_c + d_h_next*o*(1 - (t0*t0))  # adjoint of c'
         t4 = d_c_next*g_c
         t5 = rstd_5*t4
         d_rstd_5 = _rowsum(t3*t4)  # adjoint of operand of rstd_5
-        d_mean_10 = -1/2*d_rstd_5/(np.sqrt(mean_10 + 1e-12)*np.sqrt(mean_10 + 1e-12)*np.sqrt(mean_10 + 1e-12))  # adjoint of operand of mean_10
-        t10 = 2*d_mean_10*inv_n_H*t3
-        d_mean_9 = d_mean_10*_rowsum(inv_n_H*(2*mean_9 - 2*t1 - 2*t2)) + _rowsum(-t5)  # adjoint of operand of mean_9
-        t9 = d_mean_9*inv_n_H
+        d_var_5 = -1/2*d_rstd_5/(np.sqrt(var_5 + 1e-12)*np.sqrt(var_5 + 1e-12)*np.sqrt(var_5 + 1e-12))  # adjoint of operand of var_5
+        t10 = 2*d_var_5*inv_n_H*t3
+        d_mean_5 = d_var_5*_rowsum(inv_n_H*(2*mean_5 - 2*t1 - 2*t2)) + _rowsum(-t5)  # adjoint of operand of mean_5
+        t9 = d_mean_5*inv_n_H
         d_o = d_h_next*t0  # adjoint of o
         t6 = d_o*g_o*o*(1 - o)
         t7 = rstd_4*t6
-        d_rstd_4 = _rowsum(t6*(U_o_h + W_o_x - mean_7))  # adjoint of operand of rstd_4
-        d_mean_8 = -1/2*d_rstd_4/(np.sqrt(mean_8 + 1e-12)*np.sqrt(mean_8 + 1e-12)*np.sqrt(mean_8 + 1e-12))  # adjoint of operand of mean_8
-        d_mean_7 = d_mean_8*_rowsum(-inv_n_H*t8) + _rowsum(-t7)  # adjoint of operand of mean_7
+        d_rstd_4 = _rowsum(t6*(U_o_h + W_o_x - mean_4))  # adjoint of operand of rstd_4
+        d_var_4 = -1/2*d_rstd_4/(np.sqrt(var_4 + 1e-12)*np.sqrt(var_4 + 1e-12)*np.sqrt(var_4 + 1e-12))  # adjoint of operand of var_4
+        d_mean_4 = d_var_4*_rowsum(-inv_n_H*t8) + _rowsum(-t7)  # adjoint of operand of mean_4
         d_f = c*t10 + c*t5 + c*t9  # adjoint of f
         t11 = d_f*f*g_f*(1 - f)
         t12 = rstd_3*t11
-        d_rstd_3 = _rowsum(t11*(U_f_h + W_f_x - mean_5))  # adjoint of operand of rstd_3
-        d_mean_6 = -1/2*d_rstd_3/(np.sqrt(mean_6 + 1e-12)*np.sqrt(mean_6 + 1e-12)*np.sqrt(mean_6 + 1e-12))  # adjoint of operand of mean_6
-        d_mean_5 = d_mean_6*_rowsum(-inv_n_H*t13) + _rowsum(-t12)  # adjoint of operand of mean_5
+        d_rstd_3 = _rowsum(t11*(U_f_h + W_f_x - mean_3))  # adjoint of operand of rstd_3
+        d_var_3 = -1/2*d_rstd_3/(np.sqrt(var_3 + 1e-12)*np.sqrt(var_3 + 1e-12)*np.sqrt(var_3 + 1e-12))  # adjoint of operand of var_3
+        d_mean_3 = d_var_3*_rowsum(-inv_n_H*t13) + _rowsum(-t12)  # adjoint of operand of mean_3
         d_j = i*t10 + i*t5 + i*t9  # adjoint of j
         t14 = d_j*g_j*(1 - (j*j))
         t15 = rstd_2*t14
-        d_rstd_2 = _rowsum(t14*(U_j_h + W_j_x - mean_3))  # adjoint of operand of rstd_2
-        d_mean_4 = -1/2*d_rstd_2/(np.sqrt(mean_4 + 1e-12)*np.sqrt(mean_4 + 1e-12)*np.sqrt(mean_4 + 1e-12))  # adjoint of operand of mean_4
-        d_mean_3 = d_mean_4*_rowsum(-inv_n_H*t16) + _rowsum(-t15)  # adjoint of operand of mean_3
+        d_rstd_2 = _rowsum(t14*(U_j_h + W_j_x - mean_2))  # adjoint of operand of rstd_2
+        d_var_2 = -1/2*d_rstd_2/(np.sqrt(var_2 + 1e-12)*np.sqrt(var_2 + 1e-12)*np.sqrt(var_2 + 1e-12))  # adjoint of operand of var_2
+        d_mean_2 = d_var_2*_rowsum(-inv_n_H*t16) + _rowsum(-t15)  # adjoint of operand of mean_2
         d_i = j*t10 + j*t5 + j*t9  # adjoint of i
         t17 = d_i*g_i*i*(1 - i)
         t18 = rstd*t17
         d_rstd = _rowsum(t17*(U_i_h + W_i_x - mean))  # adjoint of operand of rstd
-        d_mean_2 = -1/2*d_rstd/(np.sqrt(mean_2 + 1e-12)*np.sqrt(mean_2 + 1e-12)*np.sqrt(mean_2 + 1e-12))  # adjoint of operand of mean_2
-        d_mean = d_mean_2*_rowsum(-inv_n_H*t19) + _rowsum(-t18)  # adjoint of operand of mean
-        d_U_i_h = d_mean*inv_n_H + d_mean_2*inv_n_H*t19 + t18  # adjoint of U_i @ h
-        d_U_j_h = d_mean_3*inv_n_H + d_mean_4*inv_n_H*t16 + t15  # adjoint of U_j @ h
-        d_U_f_h = d_mean_5*inv_n_H + d_mean_6*inv_n_H*t13 + t12  # adjoint of U_f @ h
-        d_U_o_h = d_mean_7*inv_n_H + d_mean_8*inv_n_H*t8 + t7  # adjoint of U_o @ h
+        d_var = -1/2*d_rstd/(np.sqrt(var + 1e-12)*np.sqrt(var + 1e-12)*np.sqrt(var + 1e-12))  # adjoint of operand of var
+        d_mean = d_var*_rowsum(-inv_n_H*t19) + _rowsum(-t18)  # adjoint of operand of mean
+        d_U_i_h = d_mean*inv_n_H + d_var*inv_n_H*t19 + t18  # adjoint of U_i @ h
+        d_U_j_h = d_mean_2*inv_n_H + d_var_2*inv_n_H*t16 + t15  # adjoint of U_j @ h
+        d_U_f_h = d_mean_3*inv_n_H + d_var_3*inv_n_H*t13 + t12  # adjoint of U_f @ h
+        d_U_o_h = d_mean_4*inv_n_H + d_var_4*inv_n_H*t8 + t7  # adjoint of U_o @ h
         _tmp_d_c_next_rows[_t][...] = d_c_next
-        _tmp_d_mean_10_rows[_t][...] = d_mean_10
-        _tmp_d_mean_9_rows[_t][...] = d_mean_9
-        _tmp_d_o_rows[_t][...] = d_o
-        _tmp_d_mean_8_rows[_t][...] = d_mean_8
-        _tmp_d_mean_7_rows[_t][...] = d_mean_7
-        _tmp_d_f_rows[_t][...] = d_f
-        _tmp_d_mean_6_rows[_t][...] = d_mean_6
+        _tmp_d_var_5_rows[_t][...] = d_var_5
         _tmp_d_mean_5_rows[_t][...] = d_mean_5
-        _tmp_d_j_rows[_t][...] = d_j
+        _tmp_d_o_rows[_t][...] = d_o
+        _tmp_d_var_4_rows[_t][...] = d_var_4
         _tmp_d_mean_4_rows[_t][...] = d_mean_4
+        _tmp_d_f_rows[_t][...] = d_f
+        _tmp_d_var_3_rows[_t][...] = d_var_3
         _tmp_d_mean_3_rows[_t][...] = d_mean_3
-        _tmp_d_i_rows[_t][...] = d_i
+        _tmp_d_j_rows[_t][...] = d_j
+        _tmp_d_var_2_rows[_t][...] = d_var_2
         _tmp_d_mean_2_rows[_t][...] = d_mean_2
+        _tmp_d_i_rows[_t][...] = d_i
+        _tmp_d_var_rows[_t][...] = d_var
         _tmp_d_mean_rows[_t][...] = d_mean
         _dg_U_i_U_j_U_f_U_o__h_at0[_t][:, 0:_H][...] = d_U_i_h
         _dg_U_i_U_j_U_f_U_o__h_at0[_t][:, _H:2*_H][...] = d_U_j_h
@@ -694,24 +694,24 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
         d_i = _tmp_d_i_rows[_t]
         d_j = _tmp_d_j_rows[_t]
         d_mean = _tmp_d_mean_rows[_t]
-        d_mean_10 = _tmp_d_mean_10_rows[_t]
         d_mean_2 = _tmp_d_mean_2_rows[_t]
         d_mean_3 = _tmp_d_mean_3_rows[_t]
         d_mean_4 = _tmp_d_mean_4_rows[_t]
         d_mean_5 = _tmp_d_mean_5_rows[_t]
-        d_mean_6 = _tmp_d_mean_6_rows[_t]
-        d_mean_7 = _tmp_d_mean_7_rows[_t]
-        d_mean_8 = _tmp_d_mean_8_rows[_t]
-        d_mean_9 = _tmp_d_mean_9_rows[_t]
         d_o = _tmp_d_o_rows[_t]
+        d_var = _tmp_d_var_rows[_t]
+        d_var_2 = _tmp_d_var_2_rows[_t]
+        d_var_3 = _tmp_d_var_3_rows[_t]
+        d_var_4 = _tmp_d_var_4_rows[_t]
+        d_var_5 = _tmp_d_var_5_rows[_t]
         f = _v_f_at0[_t]
         i = _v_i_at0[_t]
         j = _v_j_at0[_t]
         mean = _v_mean_at0[_t]
+        mean_2 = _v_mean_2_at0[_t]
         mean_3 = _v_mean_3_at0[_t]
+        mean_4 = _v_mean_4_at0[_t]
         mean_5 = _v_mean_5_at0[_t]
-        mean_7 = _v_mean_7_at0[_t]
-        mean_9 = _v_mean_9_at0[_t]
         o = _v_o_at0[_t]
         rstd = _v_rstd_at0[_t]
         rstd_2 = _v_rstd_2_at0[_t]
@@ -720,7 +720,7 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
         rstd_5 = _v_rstd_5_at0[_t]
         t19_2 = f*inv_n_H
         t20 = d_c_next*rstd_5
-        t21 = c*f + i*j - mean_9
+        t21 = c*f + i*j - mean_5
         t22 = d_i*i*(1 - i)
         t23 = rstd*t22
         t24 = d_j*(1 - (j*j))
@@ -730,21 +730,21 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
         t28 = d_o*o*(1 - o)
         t29 = rstd_4*t28
         d_h = d_h_gemm  # adjoint of state h
-        d_c = 2*d_mean_10*t19_2*t21 + d_mean_9*t19_2 + f*g_c*t20  # adjoint of state c
+        d_c = d_mean_5*t19_2 + 2*d_var_5*t19_2*t21 + f*g_c*t20  # adjoint of state c
         d_g_i = t23*(U_i_h + W_i_x - mean)  # adjoint of param g_i
         d_b_i = t22  # adjoint of param b_i
-        d_g_j = t25*(U_j_h + W_j_x - mean_3)  # adjoint of param g_j
+        d_g_j = t25*(U_j_h + W_j_x - mean_2)  # adjoint of param g_j
         d_b_j = t24  # adjoint of param b_j
-        d_g_f = t27*(U_f_h + W_f_x - mean_5)  # adjoint of param g_f
+        d_g_f = t27*(U_f_h + W_f_x - mean_3)  # adjoint of param g_f
         d_b_f = t26  # adjoint of param b_f
-        d_g_o = t29*(U_o_h + W_o_x - mean_7)  # adjoint of param g_o
+        d_g_o = t29*(U_o_h + W_o_x - mean_4)  # adjoint of param g_o
         d_b_o = t28  # adjoint of param b_o
         d_g_c = t20*t21  # adjoint of param g_c
         d_b_c = d_c_next  # adjoint of param b_c
-        d_W_i_x = d_mean*inv_n_H + d_mean_2*inv_n_H*(2*U_i_h + 2*W_i_x - 2*mean) + g_i*t23  # adjoint of hoisted projection W_i_x
-        d_W_j_x = d_mean_3*inv_n_H + d_mean_4*inv_n_H*(2*U_j_h + 2*W_j_x - 2*mean_3) + g_j*t25  # adjoint of hoisted projection W_j_x
-        d_W_f_x = d_mean_5*inv_n_H + d_mean_6*inv_n_H*(2*U_f_h + 2*W_f_x - 2*mean_5) + g_f*t27  # adjoint of hoisted projection W_f_x
-        d_W_o_x = d_mean_7*inv_n_H + d_mean_8*inv_n_H*(2*U_o_h + 2*W_o_x - 2*mean_7) + g_o*t29  # adjoint of hoisted projection W_o_x
+        d_W_i_x = d_mean*inv_n_H + d_var*inv_n_H*(2*U_i_h + 2*W_i_x - 2*mean) + g_i*t23  # adjoint of hoisted projection W_i_x
+        d_W_j_x = d_mean_2*inv_n_H + d_var_2*inv_n_H*(2*U_j_h + 2*W_j_x - 2*mean_2) + g_j*t25  # adjoint of hoisted projection W_j_x
+        d_W_f_x = d_mean_3*inv_n_H + d_var_3*inv_n_H*(2*U_f_h + 2*W_f_x - 2*mean_3) + g_f*t27  # adjoint of hoisted projection W_f_x
+        d_W_o_x = d_mean_4*inv_n_H + d_var_4*inv_n_H*(2*U_o_h + 2*W_o_x - 2*mean_4) + g_o*t29  # adjoint of hoisted projection W_o_x
         _ds_h_rows[_t][...] = d_h
         _ds_c_rows[_t][...] = d_c
         _dp_g_i_at0[_t][...] = d_g_i
