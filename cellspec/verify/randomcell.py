@@ -173,6 +173,9 @@ class _Gen:
         self.counter = 0
         self.consts: dict[str, str] = {}  # name -> number text
         self.defs: dict[str, tuple[tuple[str, ...], Node]] = {}
+        #: the random ops (dropout, variational_dropout, zoneout) draw from their own generator, so
+        #: that adding them left the rest of every seed's cell as it was
+        self.random_ops = random.Random(seed * 7919 + 17)
 
     # ---------------------------------------------------------------- names
     def fresh(self, base: str, pool: list[str] | None = None) -> str:
@@ -249,7 +252,29 @@ class _Gen:
             p = self.fresh("b", HOSTILE_PARAM_NAMES)
             self.params[p] = (size,)
             return name(p, size)
-        return r.choice(cands)
+        return self.randomised(r.choice(cands))
+
+    def randomised(self, leaf: Node) -> Node:
+        """Sometimes a random op around a leaf: dropout, variational dropout, or zoneout between it
+        and another vector of its size (its mask is fixed by the check; see evaluate)."""
+        q = self.random_ops
+        if q.random() >= 0.08:
+            return leaf
+        if q.random() < 0.25:
+            rate = f"rate{len(self.consts) + 1}"
+            while rate in self.taken:
+                rate += "_"
+            self.taken.add(rate)
+            self.consts[rate] = q.choice(["0.25", "0.5"])
+            rate_node = Node("name", (rate, False), None)
+        else:
+            rate_node = num(q.choice(["0.25", "0.5", "0", "0.1"]))
+        kind = q.choice(["dropout", "variational_dropout", "zoneout"])
+        others = [n for n in self.readable if n.size == leaf.size]
+        self.features.add(kind)
+        if kind == "zoneout":
+            return Node("call", ("zoneout", leaf, q.choice(others), rate_node), leaf.size)
+        return Node("call", (kind, leaf, rate_node), leaf.size)
 
     def projection(self, size: str, depth: int) -> Node:
         """``W @ operand`` with W [size, n]; the operand is a name or a compound expression."""
@@ -513,9 +538,12 @@ def random_cell(seed: int, hostile: bool = True) -> RandomCell:
 
 
 # ------------------------------------------------------------------ reference interpreter
-def evaluate(e: Node, env: dict, params: dict, defs: dict | None = None, consts: dict | None = None):
+def evaluate(e: Node, env: dict, params: dict, defs: dict | None = None, consts: dict | None = None,
+             masks=None):
     """Evaluate a tree with torch ops; ``env`` maps ``x``/``h``/``h'``/intermediates to tensors,
-    ``defs`` the file's defs (name -> (argument names, body)), ``consts`` the cell's consts."""
+    ``defs`` the file's defs (name -> (argument names, body)), ``consts`` the cell's consts,
+    ``masks`` an iterator over this step's masks of the random ops, in the order the spec calls
+    them (innermost first, left to right: the order their arguments are evaluated in)."""
     import torch
     import torch.nn.functional as F
 
@@ -549,7 +577,12 @@ def evaluate(e: Node, env: dict, params: dict, defs: dict | None = None, consts:
             vals = [ev(a) for a in args]
             if f in defs:  # a def: its body with the arguments bound
                 names, body = defs[f]
-                return evaluate(body, {**env, **dict(zip(names, vals))}, params, defs, consts)
+                return evaluate(body, {**env, **dict(zip(names, vals))}, params, defs, consts, masks)
+            if f in ("dropout", "variational_dropout"):  # the mask as drawn (already scaled)
+                return vals[0] * next(masks)
+            if f == "zoneout":
+                m = next(masks)
+                return m * vals[1] + (1 - m) * vals[0]
             if f in ("sum", "mean"):  # over the units of every argument, one number per row
                 cat = torch.cat([torch.broadcast_to(torch.as_tensor(v, dtype=torch.float64),
                                                     (rows, torch.as_tensor(v).shape[-1])) for v in vals], -1)
@@ -572,8 +605,10 @@ def evaluate(e: Node, env: dict, params: dict, defs: dict | None = None, consts:
     return ev(e)
 
 
-def reference_sequence(rc: RandomCell, sizes: dict[str, int], params: dict, xs: tuple, states: tuple):
-    """Run the cell over a sequence with the interpreter: (outputs tuple [T,B,*], finals tuple)."""
+def reference_sequence(rc: RandomCell, sizes: dict[str, int], params: dict, xs: tuple, states: tuple,
+                       masks: tuple = ()):
+    """Run the cell over a sequence with the interpreter: (outputs tuple [T,B,*], finals tuple);
+    ``masks``: the random ops' masks, [T, B, n] each, in the order the spec calls them."""
     import torch
 
     T = xs[0].shape[0]
@@ -584,8 +619,9 @@ def reference_sequence(rc: RandomCell, sizes: dict[str, int], params: dict, xs: 
         env = dict(st)
         for (k, _), x in zip(rc.inputs, xs):
             env[k] = x[t]
+        step_masks = iter([torch.as_tensor(m[t]) for m in masks])
         for key, e in rc.assigns:
-            v = evaluate(e, env, params, rc.defs, rc.consts)
+            v = evaluate(e, env, params, rc.defs, rc.consts, step_masks)
             env[key] = torch.broadcast_to(torch.as_tensor(v, dtype=torch.float64), (xs[0].shape[1], size_of[key]))
         for i, o in enumerate(rc.outputs):
             outs[i].append(env[o])
@@ -610,7 +646,7 @@ def run_reference(rc: RandomCell, p) -> object:
     params = {k: t(v) for k, v in p.params.items()}
     xs = tuple(t(a) for a in p.xs)
     st = tuple(t(a) for a in p.states)
-    outs, finals = reference_sequence(rc, p.sizes, params, xs, st)
+    outs, finals = reference_sequence(rc, p.sizes, params, xs, st, tuple(p.masks.values()))
     seeds = [torch.as_tensor(a) for a in p.d_outputs + p.d_final]
     leaves = list(params.values()) + list(xs) + list(st)
     # an output no input, state or param reaches (a constant) does not require grad
