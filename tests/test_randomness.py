@@ -379,3 +379,23 @@ def test_compile_in_training_mode_draws_the_same_masks(compiled):
     eager, _ = run_seeded(mod, x, seed=3)
     fast, _ = run_seeded(torch.compile(mod, fullgraph=True), x, seed=3)
     torch.testing.assert_close(fast, eager, rtol=1e-4, atol=1e-5)
+
+
+def test_torch_func_in_training_mode(compiled):
+    """torch.func: grad works; vmap over parameter sets needs a randomness flag, as for any random
+    op: "same" draws one set of masks for every member, "different" one per member."""
+    from torch.func import functional_call, grad, vmap
+
+    mod = compiled("zoneout_lstm").ZoneoutLSTM(3, 4, zoneout_h=0.5, zoneout_c=0.5).to(DT)
+    x = torch.randn(6, 2, 3, dtype=DT)
+    params = {k: v.detach() for k, v in mod.named_parameters()}
+    stacked = {k: torch.stack([v, v]) for k, v in params.items()}
+    run = lambda p: functional_call(mod, p, (x,))[0]  # noqa: E731
+    with pytest.raises(RuntimeError, match="randomness"):
+        vmap(run)(stacked)
+    same = vmap(run, randomness="same")(stacked)
+    assert torch.equal(same[0], same[1])  # identical params, identical masks
+    different = vmap(run, randomness="different")(stacked)
+    assert not torch.equal(different[0], different[1])
+    g = grad(lambda p: run(p).sum())(params)
+    assert set(g) == set(params)

@@ -1272,13 +1272,22 @@ def _draw_mask(kind, p, T, B, n, training, like):
     if kind == "zoneout":
         if not training or p in (0.0, 1.0):
             return like.new_full((), p).expand(T, B, n)
-        return like.new_empty(T, B, n).bernoulli_(p)
+        return _bernoulli(like, (T, B, n), p)
     if not training or p == 0.0:
         return like.new_ones(()).expand(T, B, n)
     if p == 1.0:
         return like.new_zeros(()).expand(T, B, n)
     rows = 1 if kind == "variational" else T
-    return like.new_empty(rows, B, n).bernoulli_(1.0 - p).div_(1.0 - p).expand(T, B, n)
+    return _bernoulli(like, (rows, B, n), 1.0 - p).div_(1.0 - p).expand(T, B, n)
+
+
+def _bernoulli(like, shape, p):
+    """0/1 with probability p of a 1, from torch's generator of like's device: in place (what
+    torch.compile traces to the same draws as eager), or out of place under a torch.func transform
+    (so that vmap(..., randomness="different") draws per member)."""
+    if _functorch_active():
+        return torch.bernoulli(like.new_full(shape, p))
+    return like.new_empty(shape).bernoulli_(p)
 
 
 def _int_arg(name, value, minimum):
