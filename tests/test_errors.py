@@ -261,6 +261,7 @@ RANDOM_HEAD = BODY + "  param alpha = 0.5\n  const p = 0.25\n"
         ("  h' = ⟦zoneout⟧(W @ x, x, p)", r"size mismatch: arguments of zoneout\(\) have sizes H, I"),
         ("  h' = ⟦zoneout⟧(W @ x + U @ h + b, h)", r"zoneout\(\) takes 3 argument\(s\), got 2"),
         ("  h' = h + ⟦variational_dropout⟧(sum(h), p)", r"argument 1 of variational_dropout\(\) must be a vector, not a row scalar"),
+        ("  const q = 1.5\n  h' = tanh(dropout(W @ x + U @ h + b, ⟦q⟧))", r"the rate of dropout\(\) must be in \[0, 1\]; const 'q' defaults to 1.5"),
     ],
 )
 def test_random_op_rule(line, message):

@@ -216,6 +216,7 @@ class _Checker:
             raise _err(f"argument '{dup}' names two sizes", decl.argument_span)
 
         consts = self.check_consts()
+        self.const_values = {c.name: c.value for c in consts}
         inputs = []
         for v in cell.inputs:
             self.declare(v.name, "input", v.span)
@@ -567,6 +568,9 @@ class _Checker:
             return
         if isinstance(a, ast.Name) and not a.primed and self.kinds.get(a.name) == "const":
             self.used_names.add(a.name)
+            value = self.const_values.get(a.name)
+            if value is not None and not 0 <= value <= 1:
+                raise _err(f"the rate of {e.func}() must be in [0, 1]; const '{a.name}' defaults to {value!r}", a.span)
             return
         size = self.expr(a)
         what = (f"a vector of size {size}" if size not in (None, ROW) else "a row scalar" if size == ROW
