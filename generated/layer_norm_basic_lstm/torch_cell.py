@@ -70,7 +70,8 @@ def _rowsum(v):
 
 
 def step(params, x, state):
-    """One step in plain, differentiable torch ops: x [B, ...] -> (output, new_state).    x is the tuple of the inputs, then the masks (MASKS) of the step."""
+    """One step in plain, differentiable torch ops: x [B, ...] -> (output, new_state).
+    x is the tuple of the inputs, then the masks (MASKS) of the step: [B, size] each."""
     _params, _x, _state = params, x, state  # spec names (a param `params`, a state `state`) may rebind these
     W_i = _params["W_i"]
     U_i = _params["U_i"]

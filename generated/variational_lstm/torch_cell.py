@@ -66,7 +66,8 @@ BACKENDS = ("auto", "generated", "autograd", "fused", "cuda")
 
 
 def step(params, x, state):
-    """One step in plain, differentiable torch ops: x [B, ...] -> (output, new_state).    x is the tuple of the inputs, then the masks (MASKS) of the step."""
+    """One step in plain, differentiable torch ops: x [B, ...] -> (output, new_state).
+    x is the tuple of the inputs, then the masks (MASKS) of the step: [B, size] each."""
     _params, _x, _state = params, x, state  # spec names (a param `params`, a state `state`) may rebind these
     W_ii = _params["W_ii"]
     W_hi = _params["W_hi"]
