@@ -98,8 +98,9 @@ def render(sched: Schedule, back: Backward, prog: Program, native_glue: dict | N
     layer = "num_layers=1, *, batch_first=False, dropout=0.0, bidirectional=False"
     ctx["ctor_args_seq"] = ", ".join(ctor) + f", {layer}" + (", " + ", ".join(extra) if extra else "")
     ctx["ctor_pass"] = ", ".join(ctor + [f"{a}={a}" for a in extra]).replace(f"{ctor[0]}, {ctor[1]}", f"{ctor[0]}, {ctor[1]}", 1)
-    ctx["ctor_doc_cell"] = ", ".join(ctor + [f"{a}=..." for a in extra])
-    ctx["ctor_doc_seq"] = ", ".join(ctor + [layer] + [f"{a}=..." for a in extra])
+    consts_doc = [f"{k}={v}" for k, v in ctx["consts"]]
+    ctx["ctor_doc_cell"] = ", ".join(ctor + [f"{a}=..." for a in extra] + consts_doc)
+    ctx["ctor_doc_seq"] = ", ".join(ctor + [layer] + [f"{a}=..." for a in extra] + consts_doc)
     ctx["inits"] = {p.name: _init_literal(p.init) for p in (m.spec_cell or m.cell).params}
     ctx["ctor_consts"] = "".join(f", {k}={v}" for k, v in ctx["consts"])
     ctx["ctor_consts_pass"] = "".join(f", {k}={k}" for k, _ in ctx["consts"])

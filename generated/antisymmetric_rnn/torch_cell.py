@@ -12,9 +12,9 @@ Do not edit: regenerate with `cellspec compile`.
       h' = h + eps * tanh((W - transpose(W) - gamma * eye) @ h + V @ x + b)
     }
 
-    AntisymmetricRNNCell(input_size, hidden_size)
+    AntisymmetricRNNCell(input_size, hidden_size, eps=0.01, gamma=0.01)
         forward(x, state=None) -> (output, new_state)       x: [B, I] or [I]
-    AntisymmetricRNN(input_size, hidden_size, num_layers=1, *, batch_first=False, dropout=0.0, bidirectional=False)
+    AntisymmetricRNN(input_size, hidden_size, num_layers=1, *, batch_first=False, dropout=0.0, bidirectional=False, eps=0.01, gamma=0.01)
         forward(x, state=None, lengths=None) -> (outputs, final_state)
             x: [T, B, I] ([B, T, I] if batch_first), [T, I] or a PackedSequence;
             states [num_layers * num_directions, B, size]

@@ -14,9 +14,9 @@ Do not edit: regenerate with `cellspec compile`.
       output y'
     }
 
-    CoRNNCell(input_size, hidden_size)
+    CoRNNCell(input_size, hidden_size, dt=0.042, gamma=2.7, eps=4.7)
         forward(x, state=None) -> (output, new_state)       x: [B, I] or [I]
-    CoRNN(input_size, hidden_size, num_layers=1, *, batch_first=False, dropout=0.0, bidirectional=False)
+    CoRNN(input_size, hidden_size, num_layers=1, *, batch_first=False, dropout=0.0, bidirectional=False, dt=0.042, gamma=2.7, eps=4.7)
         forward(x, state=None, lengths=None) -> (outputs, final_state)
             x: [T, B, I] ([B, T, I] if batch_first), [T, I] or a PackedSequence;
             states [num_layers * num_directions, B, size]

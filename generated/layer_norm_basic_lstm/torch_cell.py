@@ -23,9 +23,9 @@ Do not edit: regenerate with `cellspec compile`.
       output h'
     }
 
-    LayerNormBasicLSTMCell(input_size, hidden_size)
+    LayerNormBasicLSTMCell(input_size, hidden_size, recurrent_dropout=0.1)
         forward(x, state=None) -> (output, new_state)       x: [B, I] or [I]
-    LayerNormBasicLSTM(input_size, hidden_size, num_layers=1, *, batch_first=False, dropout=0.0, bidirectional=False)
+    LayerNormBasicLSTM(input_size, hidden_size, num_layers=1, *, batch_first=False, dropout=0.0, bidirectional=False, recurrent_dropout=0.1)
         forward(x, state=None, lengths=None) -> (outputs, final_state)
             x: [T, B, I] ([B, T, I] if batch_first), [T, I] or a PackedSequence;
             states [num_layers * num_directions, B, size]
@@ -36,6 +36,10 @@ torch ops and lets autograd differentiate it (the reference the generated backwa
 against). backend="auto" (the default) picks the fused kernels of the .cu file next to this one
 where they run (CUDA tensors; float32/float64 CPU sequences of 8 or more steps where a C++
 compiler builds them) and the engine below otherwise.
+
+Randomness: the masks of mask_j (MASKS) are drawn once per call in training
+mode from torch's generator of the input's device (torch.manual_seed repeats a run), and are
+their expectation in evaluation mode (.eval()); gradients are exact for the masks drawn.
 """
 
 import logging

@@ -24,9 +24,9 @@ Do not edit: regenerate with `cellspec compile`.
       output h'
     }
 
-    VariationalLSTMCell(input_size, hidden_size)
+    VariationalLSTMCell(input_size, hidden_size, dropout_x=0.25, dropout_h=0.25)
         forward(x, state=None) -> (output, new_state)       x: [B, I] or [I]
-    VariationalLSTM(input_size, hidden_size, num_layers=1, *, batch_first=False, dropout=0.0, bidirectional=False)
+    VariationalLSTM(input_size, hidden_size, num_layers=1, *, batch_first=False, dropout=0.0, bidirectional=False, dropout_x=0.25, dropout_h=0.25)
         forward(x, state=None, lengths=None) -> (outputs, final_state)
             x: [T, B, I] ([B, T, I] if batch_first), [T, I] or a PackedSequence;
             states [num_layers * num_directions, B, size]
@@ -37,6 +37,10 @@ torch ops and lets autograd differentiate it (the reference the generated backwa
 against). backend="auto" (the default) picks the fused kernels of the .cu file next to this one
 where they run (CUDA tensors; float32/float64 CPU sequences of 8 or more steps where a C++
 compiler builds them) and the engine below otherwise.
+
+Randomness: the masks of mask_x, mask_h (MASKS) are drawn once per call in training
+mode from torch's generator of the input's device (torch.manual_seed repeats a run), and are
+their expectation in evaluation mode (.eval()); gradients are exact for the masks drawn.
 """
 
 import logging
