@@ -788,3 +788,23 @@ def test_a_number_times_a_matrix_is_a_matrix_expression():
     """``2 * U @ h`` groups as ``(2 * U) @ h``, which is 2 * (U @ h): accepted."""
     (checked,) = front(Source("t.cell", cell("  h' = tanh(W @ x + b) + 2 * U @ h")))[1]
     assert checked.name == "C"
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "  h' = tanh(W @ x + U ⟦@⟧ softsign(h - h) + b)",  # fuzz seed 481: no vector left after simplification
+        "  h' = tanh(W @ x + U ⟦@⟧ (h * 0) + b)",
+    ],
+)
+def test_operand_that_simplifies_to_a_constant(line):
+    """An operand of '@' that SymPy simplifies to a number is refused at the '@', with the
+    documented message (it used to surface as an error with no position)."""
+    from cellspec.driver import compile_source
+
+    text, ln, col, length = locate(cell(line))
+    with pytest.raises(SpecError) as info:
+        compile_source(Source("t.cell", text), ("numpy",))
+    e = info.value
+    assert re.search(r"^the operand of '@' simplifies to the constant 0(\.0)?; write the constant's projection", e.message)
+    assert (e.line, e.col, e.span.length) == (ln, col, length), e.render()

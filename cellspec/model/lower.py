@@ -426,7 +426,15 @@ class _Lowerer:
 
     def projection(self, e: ast.MatMul) -> sp.Symbol:
         lowered = self.lower(e.operand)
-        matrix, param = self.matrix(e, self.size_of_expr(lowered))
+        try:
+            in_size = self.size_of_expr(lowered)
+        except SpecError:  # W @ softsign(h - h): no vector left after simplification
+            raise SpecError(
+                f"the operand of '@' simplifies to the constant {lowered}; "
+                f"write the constant's projection another way (e.g. as a param vector)",
+                e.span,
+            ) from None
+        matrix, param = self.matrix(e, in_size)
         operand_expr = self.broadcast(lowered, param.shape[1])
         if operand_expr.is_Number:
             raise SpecError(
