@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import compiled_cells, load_module, spec_paths
 
+from cellspec.runtime import native
 from cellspec.verify.check import (
     TOLERANCES,
     compare,
@@ -205,3 +206,45 @@ def test_empty_sequences_numpy(shape):
     assert out.shape == (T, B, 4) and h.shape == (B, 4)
     grads, dx, dh = pkg.numpy_cell.backward_sequence(params, np.zeros((T, B, 3)), None, None, None)
     assert dx.shape == (T, B, 3) and all(not g.any() for g in grads.values())
+
+
+def test_weight_stacks_are_one_block_of_memory():
+    """flatten_parameters: each weight stack the native library multiplies by (STACKS) lies in one
+    block, at construction and after .double(), so the library takes it as a view; the params stay
+    the same Parameter objects (an optimizer made before .to() still updates them), and a
+    parametrized param leaves its stack to be concatenated per call, with the same numbers."""
+    pkg = load_module("lstm")
+    mod = pkg.torch_cell
+    assert mod.STACKS == (("W_ii", "W_if", "W_ig", "W_io"), ("W_hi", "W_hf", "W_hg", "W_ho"))
+    layer = pkg.LSTM(3, 5, 2, bidirectional=True)
+
+    def one_block(m, sfx):
+        for stack in mod.STACKS:
+            ps = [getattr(m, k + sfx) for k in stack]
+            assert mod._stacked(*ps).data_ptr() == ps[0].data_ptr(), (stack, sfx)
+
+    for sfx in ("_l0", "_l0_reverse", "_l1", "_l1_reverse"):
+        one_block(layer, sfx)
+    before = {k: id(v) for k, v in layer.named_parameters()}
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    layer = layer.double()
+    assert {k: id(v) for k, v in layer.named_parameters()} == before
+    one_block(layer, "_l1_reverse")
+    x = torch.randn(6, 2, 3, dtype=torch.float64)
+    w = layer.W_ig_l0.detach().clone()
+    layer(x)[0].sum().backward()
+    opt.step()
+    assert not torch.equal(w, layer.W_ig_l0)  # the optimizer made before .double() updates it
+    one_block(layer, "_l0")
+    # a parametrization on one matrix: its stack is concatenated per call, same numbers
+    single = pkg.LSTM(3, 5, backend="fused" if native.which_cxx() else "generated").double()
+    ref = pkg.LSTM(3, 5, backend="autograd").double()
+    ref.load_state_dict(single.state_dict())
+    torch.nn.utils.parametrize.register_parametrization(single, "W_if", _Identity())
+    torch.nn.utils.parametrize.register_parametrization(ref, "W_if", _Identity())
+    torch.testing.assert_close(single(x)[0], ref(x)[0], rtol=1e-10, atol=1e-12)
+
+
+class _Identity(torch.nn.Module):
+    def forward(self, w):
+        return w * 1.0

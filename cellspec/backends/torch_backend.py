@@ -105,6 +105,11 @@ def render(sched: Schedule, back: Backward, prog: Program, native_glue: dict | N
     ctx["ctor_consts"] = "".join(f", {k}={v}" for k, v in ctx["consts"])
     ctx["ctor_consts_pass"] = "".join(f", {k}={k}" for k, _ in ctx["consts"])
     ctx["native"] = native_glue is not None
+    # the spec param matrices the native library multiplies by as one stack (rows one after
+    # another): the modules lay each stack out in one block, so the library takes it as a view
+    spec_names = {p.name for p in (m.spec_cell or m.cell).params}
+    ctx["stacks"] = [list(w.matrices) for w in prog.weights.values()
+                     if len(w.matrices) > 1 and set(w.matrices) <= spec_names] if native_glue else []
     # custom op names: one per module and engine text (two versions may share a process)
     engine_text = "\n".join(ctx["seq"]["forward"]["lines"] + ctx["seq"]["backward"]["lines"])
     ctx["engine_op"] = f"{prog.module}_engine_{hashlib.sha256(engine_text.encode()).hexdigest()[:12]}"

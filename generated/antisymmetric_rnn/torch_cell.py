@@ -1090,7 +1090,7 @@ class AntisymmetricRNN(_AntisymmetricRNNBase):
                                        f"dropout={self.dropout}, bidirectional={self.bidirectional}")
 
     def flatten_parameters(self):
-        """Nothing to do (torch.nn.LSTM's cuDNN weight layout); here for drop-in use."""
+        """Nothing to do (no weight stack to lay out; torch.nn.LSTM's cuDNN layout); here for drop-in use."""
 
     def forward(self, x, state=None, lengths=None):
         packed = isinstance(x, nn.utils.rnn.PackedSequence)

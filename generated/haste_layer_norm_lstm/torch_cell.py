@@ -70,6 +70,9 @@ OUTPUTS = ("h'",)
 #: initial value of each param: ("fill", v), ("zeros",), ("uniform", a, b), ... or ("default",),
 #: which is U(-k, k) with k = 1/sqrt(hidden_size), as torch.nn.LSTM/GRU do
 INITS = {"W_i": ("default",), "W_g": ("default",), "W_f": ("default",), "W_o": ("default",), "R_i": ("default",), "R_g": ("default",), "R_f": ("default",), "R_o": ("default",), "b_i": ('fill', 0.0), "b_g": ('fill', 0.0), "b_f": ('fill', 0.0), "b_o": ('fill', 0.0), "gx_i": ('fill', 1.0), "gx_g": ('fill', 1.0), "gx_f": ('fill', 1.0), "gx_o": ('fill', 1.0), "gh_i": ('fill', 1.0), "gh_g": ('fill', 1.0), "gh_f": ('fill', 1.0), "gh_o": ('fill', 1.0), "gamma_h": ('fill', 1.0), "beta_h": ('fill', 0.0)}
+#: spec param matrices the native library multiplies by as one stack (rows one after another);
+#: the modules keep each stack in one block of memory (flatten_parameters)
+STACKS = (("W_i", "W_g", "W_f", "W_o"), ("R_i", "R_g", "R_f", "R_o"),)
 SAVED = ("xi", "xg", "xf", "xo", "mu_x", "var_x", "rs_x", "ri", "rg", "rf", "ro", "mu_h", "var_h", "rs_h", "i", "g", "f", "o", "mean_5", "var", "rstd",)
 BACKENDS = ("auto", "generated", "autograd", "fused", "cuda")
 
@@ -2142,6 +2145,7 @@ class _HasteLayerNormLSTMBase(nn.Module):
                 for name, shape in PARAMS.items():
                     size = tuple(self._layer_sizes[layer][s] for s in shape)
                     self.register_parameter(names[name], nn.Parameter(torch.empty(size, **factory)))
+        self.flatten_parameters()
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -2171,6 +2175,32 @@ class _HasteLayerNormLSTMBase(nn.Module):
 
     def extra_repr(self):
         return ", ".join(f"{a}={getattr(self, a)}" for a in SIZES.values()) + f", backend={self.backend!r}"
+
+    def flatten_parameters(self):
+        """Lay the params of each weight stack (STACKS) one after another in one block of memory,
+        so that the native library multiplies by the stack as a view instead of concatenating it
+        at every call (as torch.nn's cuDNN layers keep their weights). Runs at construction and
+        after .to()/.double()/.cuda(); the params stay the same Parameter objects, and a param a
+        parametrization owns is left alone (then the stack is concatenated per call)."""
+        with torch.no_grad():
+            for dirs in self._names:
+                for names in dirs:
+                    for stack in STACKS:
+                        ps = [self._parameters.get(names[k]) for k in stack]
+                        if any(p is None for p in ps) or len({(p.dtype, p.device, p.shape[1:]) for p in ps}) > 1:
+                            continue
+                        if _stacked(*ps).data_ptr() == ps[0].data_ptr() and ps[0].is_contiguous():
+                            continue  # already one block
+                        block = torch.cat([p.detach() for p in ps])
+                        row = 0
+                        for p in ps:
+                            p.data = block[row : row + p.shape[0]]
+                            row += p.shape[0]
+
+    def _apply(self, fn, *args, **kwargs):
+        result = super()._apply(fn, *args, **kwargs)
+        self.flatten_parameters()
+        return result
 
     def _init_target(self, name):
         """The tensor reset_parameters initialises for a param: the parameter, or the original
@@ -2338,9 +2368,6 @@ class HasteLayerNormLSTM(_HasteLayerNormLSTMBase):
     def extra_repr(self):
         return super().extra_repr() + (f", num_layers={self.num_layers}, batch_first={self.batch_first}, "
                                        f"dropout={self.dropout}, bidirectional={self.bidirectional}")
-
-    def flatten_parameters(self):
-        """Nothing to do (torch.nn.LSTM's cuDNN weight layout); here for drop-in use."""
 
     def forward(self, x, state=None, lengths=None):
         packed = isinstance(x, nn.utils.rnn.PackedSequence)

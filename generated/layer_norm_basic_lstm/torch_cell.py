@@ -64,6 +64,9 @@ CONSTS = {"recurrent_dropout": 0.1}
 #: them once per call (training mode: from torch's generator of the input's device) and hands
 #: them to the engine as its last inputs; evaluation mode passes their expectation.
 MASKS = {"mask_j": ("dropout", "H", "recurrent_dropout")}
+#: spec param matrices the native library multiplies by as one stack (rows one after another);
+#: the modules keep each stack in one block of memory (flatten_parameters)
+STACKS = (("W_i", "W_j", "W_f", "W_o"), ("U_i", "U_j", "U_f", "U_o"),)
 SAVED = ("mean", "var", "rstd", "i", "mean_2", "var_2", "rstd_2", "j", "mean_3", "var_3", "rstd_3", "f", "mean_4", "var_4", "rstd_4", "o", "mean_5", "var_5", "rstd_5", "U_i_h", "U_j_h", "U_f_h", "U_o_h",)
 BACKENDS = ("auto", "generated", "autograd", "fused", "cuda")
 
@@ -2012,6 +2015,7 @@ class _LayerNormBasicLSTMBase(nn.Module):
                 for name, shape in PARAMS.items():
                     size = tuple(self._layer_sizes[layer][s] for s in shape)
                     self.register_parameter(names[name], nn.Parameter(torch.empty(size, **factory)))
+        self.flatten_parameters()
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -2041,6 +2045,32 @@ class _LayerNormBasicLSTMBase(nn.Module):
 
     def extra_repr(self):
         return ", ".join(f"{a}={getattr(self, a)}" for a in (*SIZES.values(), *CONSTS)) + f", backend={self.backend!r}"
+
+    def flatten_parameters(self):
+        """Lay the params of each weight stack (STACKS) one after another in one block of memory,
+        so that the native library multiplies by the stack as a view instead of concatenating it
+        at every call (as torch.nn's cuDNN layers keep their weights). Runs at construction and
+        after .to()/.double()/.cuda(); the params stay the same Parameter objects, and a param a
+        parametrization owns is left alone (then the stack is concatenated per call)."""
+        with torch.no_grad():
+            for dirs in self._names:
+                for names in dirs:
+                    for stack in STACKS:
+                        ps = [self._parameters.get(names[k]) for k in stack]
+                        if any(p is None for p in ps) or len({(p.dtype, p.device, p.shape[1:]) for p in ps}) > 1:
+                            continue
+                        if _stacked(*ps).data_ptr() == ps[0].data_ptr() and ps[0].is_contiguous():
+                            continue  # already one block
+                        block = torch.cat([p.detach() for p in ps])
+                        row = 0
+                        for p in ps:
+                            p.data = block[row : row + p.shape[0]]
+                            row += p.shape[0]
+
+    def _apply(self, fn, *args, **kwargs):
+        result = super()._apply(fn, *args, **kwargs)
+        self.flatten_parameters()
+        return result
 
     def _init_target(self, name):
         """The tensor reset_parameters initialises for a param: the parameter, or the original
@@ -2217,9 +2247,6 @@ class LayerNormBasicLSTM(_LayerNormBasicLSTMBase):
     def extra_repr(self):
         return super().extra_repr() + (f", num_layers={self.num_layers}, batch_first={self.batch_first}, "
                                        f"dropout={self.dropout}, bidirectional={self.bidirectional}")
-
-    def flatten_parameters(self):
-        """Nothing to do (torch.nn.LSTM's cuDNN weight layout); here for drop-in use."""
 
     def forward(self, x, state=None, lengths=None):
         packed = isinstance(x, nn.utils.rnn.PackedSequence)

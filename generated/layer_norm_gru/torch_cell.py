@@ -49,6 +49,9 @@ OUTPUTS = ("h'",)
 #: initial value of each param: ("fill", v), ("zeros",), ("uniform", a, b), ... or ("default",),
 #: which is U(-k, k) with k = 1/sqrt(hidden_size), as torch.nn.LSTM/GRU do
 INITS = {"W_r": ("default",), "U_r": ("default",), "W_u": ("default",), "U_u": ("default",), "W_c": ("default",), "U_c": ("default",), "gx_r": ('fill', 1.0), "bx_r": ('fill', 0.0), "gh_r": ('fill', 1.0), "bh_r": ('fill', 0.0), "gx_u": ('fill', 1.0), "bx_u": ('fill', 0.0), "gh_u": ('fill', 1.0), "bh_u": ('fill', 0.0), "gx_c": ('fill', 1.0), "bx_c": ('fill', 0.0), "gh_c": ('fill', 1.0), "bh_c": ('fill', 0.0)}
+#: spec param matrices the native library multiplies by as one stack (rows one after another);
+#: the modules keep each stack in one block of memory (flatten_parameters)
+STACKS = (("W_r", "W_u", "W_c"), ("U_r", "U_u", "U_c"),)
 SAVED = ("mean", "var", "rstd", "mean_3", "var_3", "rstd_3", "mean_5", "var_5", "rstd_5", "mean_2", "var_2", "rstd_2", "r", "mean_4", "var_4", "rstd_4", "u", "mean_6", "var_6", "rstd_6", "c", "U_r_h", "U_u_h", "U_c_h",)
 BACKENDS = ("auto", "generated", "autograd", "fused", "cuda")
 
@@ -1956,6 +1959,7 @@ class _LayerNormGRUBase(nn.Module):
                 for name, shape in PARAMS.items():
                     size = tuple(self._layer_sizes[layer][s] for s in shape)
                     self.register_parameter(names[name], nn.Parameter(torch.empty(size, **factory)))
+        self.flatten_parameters()
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -1985,6 +1989,32 @@ class _LayerNormGRUBase(nn.Module):
 
     def extra_repr(self):
         return ", ".join(f"{a}={getattr(self, a)}" for a in SIZES.values()) + f", backend={self.backend!r}"
+
+    def flatten_parameters(self):
+        """Lay the params of each weight stack (STACKS) one after another in one block of memory,
+        so that the native library multiplies by the stack as a view instead of concatenating it
+        at every call (as torch.nn's cuDNN layers keep their weights). Runs at construction and
+        after .to()/.double()/.cuda(); the params stay the same Parameter objects, and a param a
+        parametrization owns is left alone (then the stack is concatenated per call)."""
+        with torch.no_grad():
+            for dirs in self._names:
+                for names in dirs:
+                    for stack in STACKS:
+                        ps = [self._parameters.get(names[k]) for k in stack]
+                        if any(p is None for p in ps) or len({(p.dtype, p.device, p.shape[1:]) for p in ps}) > 1:
+                            continue
+                        if _stacked(*ps).data_ptr() == ps[0].data_ptr() and ps[0].is_contiguous():
+                            continue  # already one block
+                        block = torch.cat([p.detach() for p in ps])
+                        row = 0
+                        for p in ps:
+                            p.data = block[row : row + p.shape[0]]
+                            row += p.shape[0]
+
+    def _apply(self, fn, *args, **kwargs):
+        result = super()._apply(fn, *args, **kwargs)
+        self.flatten_parameters()
+        return result
 
     def _init_target(self, name):
         """The tensor reset_parameters initialises for a param: the parameter, or the original
@@ -2152,9 +2182,6 @@ class LayerNormGRU(_LayerNormGRUBase):
     def extra_repr(self):
         return super().extra_repr() + (f", num_layers={self.num_layers}, batch_first={self.batch_first}, "
                                        f"dropout={self.dropout}, bidirectional={self.bidirectional}")
-
-    def flatten_parameters(self):
-        """Nothing to do (torch.nn.LSTM's cuDNN weight layout); here for drop-in use."""
 
     def forward(self, x, state=None, lengths=None):
         packed = isinstance(x, nn.utils.rnn.PackedSequence)

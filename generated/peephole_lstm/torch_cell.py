@@ -51,6 +51,9 @@ OUTPUTS = ("h'",)
 #: initial value of each param: ("fill", v), ("zeros",), ("uniform", a, b), ... or ("default",),
 #: which is U(-k, k) with k = 1/sqrt(hidden_size), as torch.nn.LSTM/GRU do
 INITS = {"W_ii": ("default",), "W_hi": ("default",), "p_i": ("default",), "b_i": ("default",), "W_if": ("default",), "W_hf": ("default",), "p_f": ("default",), "b_f": ("default",), "W_ig": ("default",), "W_hg": ("default",), "b_g": ("default",), "W_io": ("default",), "W_ho": ("default",), "p_o": ("default",), "b_o": ("default",)}
+#: spec param matrices the native library multiplies by as one stack (rows one after another);
+#: the modules keep each stack in one block of memory (flatten_parameters)
+STACKS = (("W_ii", "W_if", "W_ig", "W_io"), ("W_hi", "W_hf", "W_hg", "W_ho"),)
 SAVED = ("i", "f", "g", "o",)
 BACKENDS = ("auto", "generated", "autograd", "fused", "cuda")
 
@@ -1234,6 +1237,7 @@ class _PeepholeLSTMBase(nn.Module):
                 for name, shape in PARAMS.items():
                     size = tuple(self._layer_sizes[layer][s] for s in shape)
                     self.register_parameter(names[name], nn.Parameter(torch.empty(size, **factory)))
+        self.flatten_parameters()
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -1263,6 +1267,32 @@ class _PeepholeLSTMBase(nn.Module):
 
     def extra_repr(self):
         return ", ".join(f"{a}={getattr(self, a)}" for a in SIZES.values()) + f", backend={self.backend!r}"
+
+    def flatten_parameters(self):
+        """Lay the params of each weight stack (STACKS) one after another in one block of memory,
+        so that the native library multiplies by the stack as a view instead of concatenating it
+        at every call (as torch.nn's cuDNN layers keep their weights). Runs at construction and
+        after .to()/.double()/.cuda(); the params stay the same Parameter objects, and a param a
+        parametrization owns is left alone (then the stack is concatenated per call)."""
+        with torch.no_grad():
+            for dirs in self._names:
+                for names in dirs:
+                    for stack in STACKS:
+                        ps = [self._parameters.get(names[k]) for k in stack]
+                        if any(p is None for p in ps) or len({(p.dtype, p.device, p.shape[1:]) for p in ps}) > 1:
+                            continue
+                        if _stacked(*ps).data_ptr() == ps[0].data_ptr() and ps[0].is_contiguous():
+                            continue  # already one block
+                        block = torch.cat([p.detach() for p in ps])
+                        row = 0
+                        for p in ps:
+                            p.data = block[row : row + p.shape[0]]
+                            row += p.shape[0]
+
+    def _apply(self, fn, *args, **kwargs):
+        result = super()._apply(fn, *args, **kwargs)
+        self.flatten_parameters()
+        return result
 
     def _init_target(self, name):
         """The tensor reset_parameters initialises for a param: the parameter, or the original
@@ -1426,9 +1456,6 @@ class PeepholeLSTM(_PeepholeLSTMBase):
     def extra_repr(self):
         return super().extra_repr() + (f", num_layers={self.num_layers}, batch_first={self.batch_first}, "
                                        f"dropout={self.dropout}, bidirectional={self.bidirectional}")
-
-    def flatten_parameters(self):
-        """Nothing to do (torch.nn.LSTM's cuDNN weight layout); here for drop-in use."""
 
     def forward(self, x, state=None, lengths=None):
         packed = isinstance(x, nn.utils.rnn.PackedSequence)
