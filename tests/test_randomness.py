@@ -428,3 +428,18 @@ def test_variable_lengths_with_masks_agree_on_every_backend(compiled, name, cls)
             close(a, b_, f"{backend} {what}")
         for a, b_ in zip(r[4], first[4]):
             close(a, b_, f"{backend} d param")
+
+
+def test_show_presents_the_masks():
+    """cellspec show: the schedule and the program list the masks; the diagram draws them as
+    nodes feeding what reads them; the LaTeX names them."""
+    from cellspec.present import diagram, latex
+    from cellspec.program import text as program_text
+
+    cc = compile_file(str(SPECS / "zoneout_lstm.cell"))[0]
+    prog = program_text.render(cc.program)
+    assert "keep_c [T, B, H] = Bernoulli(zoneout_c) in training, zoneout_c in evaluation" in prog
+    dot = diagram.to_dot(cc)
+    assert '"leaf_keep_c" -> "value_c_next"' in dot and '"leaf_keep_h" -> "value_h_next"' in dot
+    assert "random mask" in diagram.to_svg(cc)
+    assert r"\mathit{keep}_{c}" in latex.cell_latex(cc)

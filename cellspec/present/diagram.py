@@ -32,6 +32,7 @@ _STYLE = {
     "operand": ("#f3f4f6", "#4b5563"),
     "next": ("#bbf7d0", "#15803d"),
     "output": ("#f3e8ff", "#7e22ce"),
+    "mask": ("#fce7f3", "#be185d"),
 }
 
 #: short names of the functions, for node labels
@@ -145,6 +146,12 @@ def build_graph(cc) -> Graph:
                 )
             )
             producer[key] = nid
+    for mk in m.masks:  # a random op's mask: drawn per call, read like an input
+        nid = f"leaf_{mk.key}"
+        what = {"dropout": "dropout", "variational": "variational dropout", "zoneout": "zoneout"}[mk.kind]
+        nodes.append(Node(nid, "mask", (mk.key, f"{what} p={mk.rate} [{mk.size}]"), 0,
+                          f"mask {mk.key}[{mk.size}]: {what}, rate {mk.rate} (line {mk.line})"))
+        producer[mk.key] = nid
     vector_params = {k for k, leaf in m.leaves.items() if leaf.kind == "param"}
 
     def reads(expr: sp.Expr) -> list[str]:
@@ -495,6 +502,8 @@ def to_svg(cc) -> str:
         ("next", "next state"),
         ("output", "output"),
     ]
+    if any(n.kind == "mask" for n in g.nodes):
+        legend.insert(2, ("mask", "random mask"))
     for kind, text in legend:
         fill, stroke = _STYLE[kind]
         out.append(
