@@ -260,8 +260,8 @@ class _Lowerer:
         self.masks.append(Mask(key, size, kind, rate, *self.current))
         self.leaf(key, size, "mask")
         m = self.symbols[key]
-        if kind == "zoneout":
-            new, old = (self.broadcast(x, size) for x, _ in vectors)
+        if kind == "zoneout":  # both of one size (semantics), each broadcast by reduced()
+            (new, _), (old, _) = vectors
             return m * old + (1 - m) * new
         return vectors[0][0] * m
 

@@ -172,7 +172,7 @@ def _names(cc) -> dict[str, str]:
         names[key] = name_latex(key)
     for pr in m.prepared:  # a const or scalar param broadcast to a size is shown as itself
         if len(pr.shape) == 1:
-            names[pr.key] = _terms_latex(pr.terms)
+            names[pr.key] = _terms_latex(pr)
     for v in m.values:
         if v.spec_key.endswith("'"):
             names[v.key] = name_latex(v.spec_key[:-1]) + "'"
@@ -226,51 +226,47 @@ def _coef_latex(coef) -> str:
     return CellLatexPrinter({}).doprint(coef) if coef.free_symbols else sp.latex(coef)
 
 
-def _terms_latex(terms) -> str:
-    """A prepared param's terms: ``W - W^\top - \gamma I``; a broadcast const or scalar shows
-    as itself; ``1/H`` (a mean's factor) as a fraction."""
+def _signed_sum(items) -> str:
+    """``coef * text`` terms as one sum (``W - W^\top - \gamma I``); an empty text is the bare
+    coefficient."""
     out = []
-    for t in sorted(terms, key=lambda t: (t.source is None, t.transpose)):
-        src = "I" if t.source is None and t.transpose is not None else name_latex(t.source) if t.source else ""
-        if t.source and t.transpose:
-            src += r"^{\top}"
-        coef = t.coef
+    for coef, text in items:
         neg = coef.could_extract_minus_sign()
-        if neg:
-            coef = -coef
-        if t.source is None and len(terms) == 1 and not t.transpose and src == "I":
-            src = ""  # a vector of ones: just the coefficient
-        text = src if coef == 1 and src else (_coef_latex(coef) + (" " + src if src else ""))
-        out.append(("- " if neg else ("+ " if out else "")) + text)
-    return " ".join(out).strip() or "0"
+        coef = -coef if neg else coef
+        body = text if coef == 1 and text else _coef_latex(coef) + (" " + text if text else "")
+        out.append(("- " if neg else ("+ " if out else "")) + body)
+    return " ".join(out) or "0"
+
+
+def _terms_latex(pr) -> str:
+    """A prepared param: a matrix as its terms (``W - W^\top - \gamma I``); a broadcast const or
+    scalar as itself; ``1/H`` (a mean's factor) as a fraction."""
+    def source(t) -> str:
+        if t.source is None:
+            return "I" if len(pr.shape) == 2 else ""  # the identity, or a vector of ones
+        return name_latex(t.source) + (r"^{\top}" if t.transpose else "")
+
+    terms = sorted(pr.terms, key=lambda t: (t.source is None, t.transpose))
+    return _signed_sum((t.coef, source(t)) for t in terms)
 
 
 def _prepared_rows(m) -> list[tuple[str, str, str]]:
     """Forward: the matrices formed before the loop (``W_{mat} = W - W^\top - \gamma I``)."""
-    return [(name_latex(pr.key), "=", _terms_latex(pr.terms)) for pr in m.prepared if len(pr.shape) == 2]
+    return [(name_latex(pr.key), "=", _terms_latex(pr)) for pr in m.prepared if len(pr.shape) == 2]
 
 
 def _prepared_grad_rows(m) -> list[tuple[str, str, str]]:
     """Backward: each trained param's share of the prepared matrices' gradients."""
     trained = {p.name for p in (m.spec_cell or m.cell).params}
-    acc: dict[str, list[str]] = {}
+    acc: dict[str, list] = {}
     for pr in m.prepared:
         if len(pr.shape) != 2:
             continue
         for t in pr.terms:
-            if t.source is None or t.source not in trained:
-                continue
-            g = r"\delta " + name_latex(pr.key)
-            if t.transpose:
-                g = r"\left(" + g + r"\right)^{\top}"
-            coef = t.coef
-            neg = coef.could_extract_minus_sign()
-            if neg:
-                coef = -coef
-            text = g if coef == 1 else _coef_latex(coef) + " " + g
-            parts = acc.setdefault(t.source, [])
-            parts.append(("- " if neg else ("+ " if parts else "")) + text)
-    return [(r"\delta " + name_latex(k), r"\mathrel{+}=", " ".join(v)) for k, v in acc.items()]
+            if t.source in trained:
+                g = r"\delta " + name_latex(pr.key)
+                acc.setdefault(t.source, []).append((t.coef, r"\left(" + g + r"\right)^{\top}" if t.transpose else g))
+    return [(r"\delta " + name_latex(k), r"\mathrel{+}=", _signed_sum(v)) for k, v in acc.items()]
 
 
 def _scalar_names(m) -> frozenset[str]:

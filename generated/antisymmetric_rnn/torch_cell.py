@@ -675,16 +675,24 @@ def _run_native(lib, xs, state, params, bs=None):
     return outputs, finals
 
 
-def _stacked(*mats):
-    """Param matrices stacked by rows: a view where they already lie one after another in memory
-    (the modules allocate each stack's params in one block), else a copy."""
+def _one_block(mats):
+    """Whether param matrices lie one after another in memory (flatten_parameters lays out each
+    stack so)."""
     first = mats[0]
     step = first.shape[1] * first.element_size()
     at = first.data_ptr()
     for m in mats:
         if m.data_ptr() != at or not m.is_contiguous() or m.shape[1] != first.shape[1] or m.dtype != first.dtype:
-            return torch.cat(mats)
+            return False
         at += m.shape[0] * step
+    return True
+
+
+def _stacked(*mats):
+    """Param matrices stacked by rows: a view where they are one block already, else a copy."""
+    if not _one_block(mats):
+        return torch.cat(mats)
+    first = mats[0]
     return first.as_strided((sum(m.shape[0] for m in mats), first.shape[1]), (first.shape[1], 1))
 
 

@@ -938,16 +938,24 @@ def _run_native(lib, xs, state, params, bs=None):
     return outputs, finals
 
 
-def _stacked(*mats):
-    """Param matrices stacked by rows: a view where they already lie one after another in memory
-    (the modules allocate each stack's params in one block), else a copy."""
+def _one_block(mats):
+    """Whether param matrices lie one after another in memory (flatten_parameters lays out each
+    stack so)."""
     first = mats[0]
     step = first.shape[1] * first.element_size()
     at = first.data_ptr()
     for m in mats:
         if m.data_ptr() != at or not m.is_contiguous() or m.shape[1] != first.shape[1] or m.dtype != first.dtype:
-            return torch.cat(mats)
+            return False
         at += m.shape[0] * step
+    return True
+
+
+def _stacked(*mats):
+    """Param matrices stacked by rows: a view where they are one block already, else a copy."""
+    if not _one_block(mats):
+        return torch.cat(mats)
+    first = mats[0]
     return first.as_strided((sum(m.shape[0] for m in mats), first.shape[1]), (first.shape[1], 1))
 
 
@@ -1224,8 +1232,8 @@ class _DefLSTMBase(nn.Module):
                         ps = [self._parameters.get(names[k]) for k in stack]
                         if any(p is None for p in ps) or len({(p.dtype, p.device, p.shape[1:]) for p in ps}) > 1:
                             continue
-                        if _stacked(*ps).data_ptr() == ps[0].data_ptr() and ps[0].is_contiguous():
-                            continue  # already one block
+                        if _one_block(ps):
+                            continue
                         block = torch.cat([p.detach() for p in ps])
                         row = 0
                         for p in ps:

@@ -126,15 +126,14 @@ def _masks(_params, _xs, training, rng, masks, recurrent_dropout):
     """The masks of one call (MASKS, in order) for the inputs _xs ([T, B, size] each)."""
     _T, _B = np.shape(_xs[0])[0], np.shape(_xs[0])[1]
     _dt = np.result_type(*_xs, *_params.values())
+    _each = (  # name, kind, rate, units
+        ("mask_j", "dropout", recurrent_dropout, np.shape(_params["W_i"])[0]),
+    )
     if masks is not None:
-        return tuple(np.broadcast_to(np.asarray(masks[_k], _dt), (_T, _B, _n)) for _k, _n in (
-            ("mask_j", np.shape(_params["W_i"])[0]),
-        ))
+        return tuple(np.broadcast_to(np.asarray(masks[_k], _dt), (_T, _B, _n)) for _k, _, _, _n in _each)
     if training and rng is None:
         rng = np.random.default_rng()
-    return (
-        _draw_mask("dropout", recurrent_dropout, _T, _B, np.shape(_params["W_i"])[0], training, rng, _dt),
-    )
+    return tuple(_draw_mask(_kind, _p, _T, _B, _n, training, rng, _dt) for _, _kind, _p, _n in _each)
 
 
 def _draw_mask(kind, p, T, B, n, training, rng, dt):

@@ -122,17 +122,15 @@ def _masks(_params, _xs, training, rng, masks, dropout_x, dropout_h):
     """The masks of one call (MASKS, in order) for the inputs _xs ([T, B, size] each)."""
     _T, _B = np.shape(_xs[0])[0], np.shape(_xs[0])[1]
     _dt = np.result_type(*_xs, *_params.values())
+    _each = (  # name, kind, rate, units
+        ("mask_x", "variational", dropout_x, np.shape(_xs[0])[-1]),
+        ("mask_h", "variational", dropout_h, np.shape(_params["W_ii"])[0]),
+    )
     if masks is not None:
-        return tuple(np.broadcast_to(np.asarray(masks[_k], _dt), (_T, _B, _n)) for _k, _n in (
-            ("mask_x", np.shape(_xs[0])[-1]),
-            ("mask_h", np.shape(_params["W_ii"])[0]),
-        ))
+        return tuple(np.broadcast_to(np.asarray(masks[_k], _dt), (_T, _B, _n)) for _k, _, _, _n in _each)
     if training and rng is None:
         rng = np.random.default_rng()
-    return (
-        _draw_mask("variational", dropout_x, _T, _B, np.shape(_xs[0])[-1], training, rng, _dt),
-        _draw_mask("variational", dropout_h, _T, _B, np.shape(_params["W_ii"])[0], training, rng, _dt),
-    )
+    return tuple(_draw_mask(_kind, _p, _T, _B, _n, training, rng, _dt) for _, _kind, _p, _n in _each)
 
 
 def _draw_mask(kind, p, T, B, n, training, rng, dt):
