@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from cellspec.driver import compile_file  # noqa: E402
+from cellspec.runtime.kernels import set_own_gemm  # noqa: E402
 from cellspec.runtime.loader import load_package  # noqa: E402
 
 REFERENCE = {"lstm": torch.nn.LSTM, "torch_gru": torch.nn.GRU}
@@ -103,6 +104,15 @@ def case(spec: str, T: int, B: int, H: int, rounds: int) -> dict:
 
         fns[f"{name}/train"] = train
         fns[f"{name}/infer"] = infer
+    for kind in ("train", "infer"):  # the fused layer with MKL's SGEMM for the per-step products too
+        def blas(f=fns[f"fused/{kind}"]):
+            set_own_gemm(False)
+            try:
+                f()
+            finally:
+                set_own_gemm(True)
+
+        fns[f"fused-blas/{kind}"] = blas
     if (T, B, H) == (64, 32, 256):
         fns.update(floor_fns(T, B, H, 4 if spec == "lstm" else 3))
     if (T, B, H) == (16, 1, 128):
@@ -143,12 +153,14 @@ def main() -> None:
                 if "eager/train" in r:
                     extra = f"eager loop / fused train {r['eager/train'] / r['fused/train']:.2f}x"
                 row = (f"| {spec} | {T}, {B}, {H} | {threads} | {r['fused/train'] / ref_t:.2f} | "
-                       f"{r['fused/infer'] / ref_i:.2f} | {r['generated/train'] / ref_t:.2f} | "
+                       f"{r['fused/infer'] / ref_i:.2f} | {r['fused-blas/train'] / ref_t:.2f} | "
+                       f"{r['fused-blas/infer'] / ref_i:.2f} | {r['generated/train'] / ref_t:.2f} | "
                        f"{r['generated/infer'] / ref_i:.2f} | {ref_t * 1e3:.2f} / {ref_i * 1e3:.2f} | {extra} |")
                 print(row, flush=True)
                 rows.append(row)
-    head = ("| spec | T, B, H | threads | fused train | fused infer | generated train | generated infer | "
-            "torch.nn train / infer (ms) | other |\n|---|---|---|---|---|---|---|---|---|")
+    head = ("| spec | T, B, H | threads | fused train | fused infer | fused, BLAS steps train | "
+            "fused, BLAS steps infer | generated train | generated infer | "
+            "torch.nn train / infer (ms) | other |\n|---|---|---|---|---|---|---|---|---|---|---|")
     text = ("# The generated LSTM and GRU against torch.nn (CPU, float32)\n\n"
             f"`python benchmarks/native_bench.py {' '.join(sys.argv[1:])}` — ratios to torch.nn of the best of "
             f"{args.rounds} interleaved rounds (< 1: faster than torch.nn). Machine: {os.cpu_count()} cores, "

@@ -251,7 +251,7 @@ def _terms_latex(pr) -> str:
 
 
 def _prepared_rows(m) -> list[tuple[str, str, str]]:
-    """Forward: the matrices formed before the loop (``W_{mat} = W - W^\top - \gamma I``)."""
+    r"""Forward: the matrices formed before the loop (``W_{mat} = W - W^\top - \gamma I``)."""
     return [(name_latex(pr.key), "=", _terms_latex(pr)) for pr in m.prepared if len(pr.shape) == 2]
 
 

@@ -35,7 +35,7 @@ class KernelError(RuntimeError):
 
 class _HostCtx(ctypes.Structure):
     _fields_ = [("sgemm", ctypes.c_void_p), ("dgemm", ctypes.c_void_p), ("pack_size", ctypes.c_void_p),
-                ("pack", ctypes.c_void_p), ("compute", ctypes.c_void_p)]
+                ("pack", ctypes.c_void_p), ("compute", ctypes.c_void_p), ("own", ctypes.c_int)]
 
 
 class _CudaCtx(ctypes.Structure):
@@ -77,6 +77,20 @@ def host_blas() -> tuple[int, int, int | None, int | None, int | None]:
 
 
 @functools.cache
+def host_ctx() -> _HostCtx:
+    """The context every CPU library call gets: the BLAS addresses of :func:`host_blas` and
+    ``own`` = 1 where the float products by a per-step weight may run the library's own AVX-512
+    GEMM (the library checks the CPU itself); ``CELLSPEC_OWN_GEMM=0`` or :func:`set_own_gemm`
+    keeps the BLAS throughout (for measuring one against the other)."""
+    return _HostCtx(*host_blas(), 0 if os.environ.get("CELLSPEC_OWN_GEMM", "1") == "0" else 1)
+
+
+def set_own_gemm(on: bool) -> None:
+    """Turn the own per-step GEMM on or off for every later CPU call in this process."""
+    host_ctx().own = 1 if on else 0
+
+
+@functools.cache
 def cublas_gemm() -> int:
     """Address of ``cublasGemmEx`` in the cuBLAS that torch loaded."""
     torch.cuda.current_blas_handle()  # makes torch load cuBLAS
@@ -96,12 +110,18 @@ class Library:
         self.lib, self.module, self.device_type = lib, module, device_type
         self._fns: dict[tuple[str, torch.dtype], ctypes._CFuncPtr] = {}
         if device_type == "cpu":
-            self._ctx = _HostCtx(*host_blas())
+            self._ctx = host_ctx()
         else:
             self._ctx = None
             err = getattr(lib, f"{module}_cuda_error_string")
             err.argtypes, err.restype = [ctypes.c_int], ctypes.c_char_p
             self._err = err
+
+    def own_gemm(self) -> bool:
+        """Whether this CPU build runs its float per-step products with its own AVX-512 GEMM
+        (when :func:`host_ctx` allows it): compiled for x86-64 and the CPU has AVX-512."""
+        fn = getattr(self.lib, f"{self.module}_own_gemm", None)
+        return self.device_type == "cpu" and fn is not None and fn() == 1
 
     def function(self, name: str, dtype: torch.dtype):
         fn = self._fns.get((name, dtype))

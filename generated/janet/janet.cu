@@ -221,7 +221,8 @@ typedef void (*cs_pack_fn)(const char*, const char*, const int*, const int*, con
 typedef void (*cs_compute_fn)(const char*, const char*, const int*, const int*, const int*, const float*, const int*, const float*,
                               const int*, const float*, float*, const int*);
 // ?gemm_ and, where the BLAS has them (MKL), the packed-matrix API for float (NULL otherwise)
-struct cs_ctx { cs_sgemm_fn sgemm; cs_dgemm_fn dgemm; cs_pack_size_fn pack_size; cs_pack_fn pack; cs_compute_fn compute; };
+// own = 1: float products by a per-step weight run cellspec's own GEMM below where the CPU has AVX-512
+struct cs_ctx { cs_sgemm_fn sgemm; cs_dgemm_fn dgemm; cs_pack_size_fn pack_size; cs_pack_fn pack; cs_compute_fn compute; int own; };
 static inline void cs_blas(const cs_ctx* c, const char* ta, const char* tb, const int* m, const int* n, const int* k,
                            const float* al, const float* a, const int* lda, const float* b, const int* ldb,
                            const float* be, float* o, const int* ldc) { c->sgemm(ta, tb, m, n, k, al, a, lda, b, ldb, be, o, ldc); }
@@ -243,17 +244,116 @@ static int cs_gemm(const cs_ctx* c, int ta, int tb, int64_t m, int64_t n, int64_
     cs_blas(c, &tB, &tA, &im, &in, &ik, &one, b, &ilda, a, &ildb, beta ? &one : &zero, out, &ildc);
     return 0;
 }
-// A weight every step multiplies by, packed once per call into the BLAS's internal layout (MKL's
-// sgemm_pack): the per-step GEMM then skips re-packing it, which for a small batch is most of its
-// time. ta = 1: the step computes a @ wᵀ (the column-major call's first operand is w transposed);
-// ta = 0: a @ w. Double, or a BLAS without the API: the plain matrix.
-template <typename S> struct cs_packed { const S* w; int64_t ld; void* packed; int64_t rows; };
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define CS_OWN_GEMM 1
+#include <immintrin.h>
+// cellspec's own GEMM for the products by a weight every step multiplies by (float, AVX-512).
+// MKL's SGEMM takes a code path without AVX-512 on some CPUs (measured on AMD Zen 4: 55-85 GFLOP/s
+// for a [32, 256] x [256, 1024] step where this kernel gets ~105); see docs/performance.md.
+// The weight is packed once per call into panels of 32 output columns (k x 32 floats each, zero
+// past n); a tile of MR rows x 32 columns keeps 2 * MR accumulators in registers and reads one
+// panel row (two vectors) and MR broadcasts of `a` per k. Threads split the panels.
+static bool cs_avx512(void) { static const bool ok = __builtin_cpu_supports("avx512f"); return ok; }
+static void cs_own_pack(int ta, int64_t n, int64_t k, const float* w, int64_t ldw, float* out)
+{
+#pragma omp parallel for schedule(static) if (n * k >= 65536)
+    for (int64_t p = 0; p < n; p += 32) {
+        float* o = out + p * k;
+        const int64_t width = n - p < 32 ? n - p : 32;
+        if (width < 32) memset(o, 0, (size_t)(k * 32) * sizeof(float));
+        if (ta) {  // w is [n, k]: the product is a @ wᵀ
+            for (int64_t j = 0; j < width; ++j)
+                for (int64_t kk = 0; kk < k; ++kk) o[kk * 32 + j] = w[(p + j) * ldw + kk];
+        } else {  // w is [k, n]: the product is a @ w
+            for (int64_t kk = 0; kk < k; ++kk)
+                for (int64_t j = 0; j < width; ++j) o[kk * 32 + j] = w[kk * ldw + p + j];
+        }
+    }
+}
+// MR rows of the product against one panel; for one to three rows the k loop runs U independent
+// accumulator sets (an FMA's latency, not its throughput, would bound a single chain)
+template <int MR>
+__attribute__((target("avx512f"))) static inline void cs_own_tile(int64_t k, const float* a, int64_t lda, const float* b,
+                                                                  float* c, int64_t ldc, __mmask16 m0, __mmask16 m1, int beta)
+{
+    constexpr int U = MR == 1 ? 4 : (MR < 4 ? 2 : 1);
+    __m512 lo[U][MR], hi[U][MR];
+    for (int u = 0; u < U; ++u)
+        for (int i = 0; i < MR; ++i) { lo[u][i] = _mm512_setzero_ps(); hi[u][i] = _mm512_setzero_ps(); }
+    int64_t kk = 0;
+    for (; kk + U <= k; kk += U)
+        for (int u = 0; u < U; ++u) {
+            const __m512 b0 = _mm512_load_ps(b + (kk + u) * 32), b1 = _mm512_load_ps(b + (kk + u) * 32 + 16);
+            for (int i = 0; i < MR; ++i) {
+                const __m512 av = _mm512_set1_ps(a[i * lda + kk + u]);
+                lo[u][i] = _mm512_fmadd_ps(av, b0, lo[u][i]);
+                hi[u][i] = _mm512_fmadd_ps(av, b1, hi[u][i]);
+            }
+        }
+    for (; kk < k; ++kk) {
+        const __m512 b0 = _mm512_load_ps(b + kk * 32), b1 = _mm512_load_ps(b + kk * 32 + 16);
+        for (int i = 0; i < MR; ++i) {
+            const __m512 av = _mm512_set1_ps(a[i * lda + kk]);
+            lo[0][i] = _mm512_fmadd_ps(av, b0, lo[0][i]);
+            hi[0][i] = _mm512_fmadd_ps(av, b1, hi[0][i]);
+        }
+    }
+    for (int i = 0; i < MR; ++i) {
+        for (int u = 1; u < U; ++u) { lo[0][i] = _mm512_add_ps(lo[0][i], lo[u][i]); hi[0][i] = _mm512_add_ps(hi[0][i], hi[u][i]); }
+        float* ci = c + i * ldc;
+        if (beta) {
+            lo[0][i] = _mm512_add_ps(lo[0][i], _mm512_maskz_loadu_ps(m0, ci));
+            hi[0][i] = _mm512_add_ps(hi[0][i], _mm512_maskz_loadu_ps(m1, ci + 16));
+        }
+        _mm512_mask_storeu_ps(ci, m0, lo[0][i]);
+        _mm512_mask_storeu_ps(ci + 16, m1, hi[0][i]);
+    }
+}
+// out[m, n] (+)= a[m, k] times the packed weight
+__attribute__((target("avx512f"))) static void cs_own_gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
+                                                           const float* packed, float* out, int64_t ldc, int beta)
+{
+    const int64_t panels = (n + 31) / 32;
+#pragma omp parallel for schedule(static) if (m * n * k >= 262144)
+    for (int64_t q = 0; q < panels; ++q) {
+        const int64_t p = q * 32, width = n - p < 32 ? n - p : 32;
+        const __mmask16 m0 = width >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << width) - 1);
+        const __mmask16 m1 = width >= 32 ? (__mmask16)0xffff : (width > 16 ? (__mmask16)((1u << (width - 16)) - 1) : (__mmask16)0);
+        const float* b = packed + p * k;
+        int64_t i = 0;
+        for (; i + 12 <= m; i += 12) cs_own_tile<12>(k, a + i * lda, lda, b, out + i * ldc + p, ldc, m0, m1, beta);
+        switch (m - i) {
+#define CS_TILE_(r) case r: cs_own_tile<r>(k, a + i * lda, lda, b, out + i * ldc + p, ldc, m0, m1, beta); break;
+            CS_TILE_(1) CS_TILE_(2) CS_TILE_(3) CS_TILE_(4) CS_TILE_(5) CS_TILE_(6)
+            CS_TILE_(7) CS_TILE_(8) CS_TILE_(9) CS_TILE_(10) CS_TILE_(11)
+#undef CS_TILE_
+            default: break;
+        }
+    }
+}
+#endif
+// A weight every step multiplies by, packed once per call: into cellspec's own layout (float,
+// AVX-512, ctx->own), else into the BLAS's internal layout (MKL's sgemm_pack). The per-step GEMM
+// then skips re-packing it, which for a small batch is most of its time. ta = 1: the step computes
+// a @ wᵀ; ta = 0: a @ w. Double, or a BLAS without the packed API: the plain matrix.
+template <typename S> struct cs_packed { const S* w; int64_t ld; void* packed; int64_t rows; float* own; };
 template <typename S>
-static cs_packed<S> cs_pack(const cs_ctx*, int, int64_t m, int64_t, int64_t, const S* w, int64_t ldw) { return {w, ldw, 0, m}; }
+static cs_packed<S> cs_pack(const cs_ctx*, int, int64_t m, int64_t, int64_t, const S* w, int64_t ldw) { return {w, ldw, 0, m, 0}; }
 static cs_packed<float> cs_pack(const cs_ctx* c, int ta, int64_t m, int64_t n, int64_t k, const float* w, int64_t ldw)
 {
-    cs_packed<float> p = {w, ldw, 0, m};
-    if (!c->pack_size || !c->pack || !c->compute || m <= 0 || n <= 0 || k <= 0) return p;
+    cs_packed<float> p = {w, ldw, 0, m, 0};
+    if (m <= 0 || n <= 0 || k <= 0) return p;
+#ifdef CS_OWN_GEMM
+    if (c->own && cs_avx512()) {
+        void* mem = 0;
+        if (posix_memalign(&mem, 64, (size_t)(((n + 31) / 32) * 32 * k) * sizeof(float)) == 0) {
+            p.own = (float*)mem;
+            cs_own_pack(ta, n, k, w, ldw, p.own);
+            return p;
+        }
+    }
+#endif
+    if (!c->pack_size || !c->pack || !c->compute) return p;
     const int im = (int)n, in = (int)m, ik = (int)k, ild = (int)ldw;
     const char id = 'A', tr = ta ? 'T' : 'N';
     const float one = 1.0f;
@@ -261,7 +361,7 @@ static cs_packed<float> cs_pack(const cs_ctx* c, int ta, int64_t m, int64_t n, i
     if (p.packed) c->pack(&id, &tr, &im, &in, &ik, &one, w, &ild, (float*)p.packed);
     return p;
 }
-template <typename S> static void cs_unpack(cs_packed<S>& p) { free(p.packed); p.packed = 0; }
+template <typename S> static void cs_unpack(cs_packed<S>& p) { free(p.packed); p.packed = 0; free(p.own); p.own = 0; }
 template <typename S>
 static int cs_gemm_packed(const cs_ctx* c, int ta, int64_t m, int64_t n, int64_t k, const S* a, int64_t lda,
                           const cs_packed<S>& w, S* out, int64_t ldc, int beta)
@@ -271,6 +371,12 @@ static int cs_gemm_packed(const cs_ctx* c, int ta, int64_t m, int64_t n, int64_t
 static int cs_gemm_packed(const cs_ctx* c, int ta, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
                           const cs_packed<float>& w, float* out, int64_t ldc, int beta)
 {
+#ifdef CS_OWN_GEMM
+    if (w.own) {  // any number of rows (a step with fewer under variable lengths too)
+        if (m > 0) cs_own_gemm(m, n, k, a, lda, w.own, out, ldc, beta);
+        return 0;
+    }
+#endif
     // packed for B rows: a step with fewer (variable lengths) multiplies by the plain matrix
     if (!w.packed || m != w.rows || m <= 0 || n <= 0 || k <= 0) return cs_gemm<float, float>(c, 0, ta, m, n, k, a, lda, w.w, w.ld, out, ldc, beta);
     const char tP = 'P', tN = 'N';
