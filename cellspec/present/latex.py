@@ -227,7 +227,7 @@ def _coef_latex(coef) -> str:
 
 
 def _signed_sum(items) -> str:
-    """``coef * text`` terms as one sum (``W - W^\top - \gamma I``); an empty text is the bare
+    r"""``coef * text`` terms as one sum (``W - W^\top - \gamma I``); an empty text is the bare
     coefficient."""
     out = []
     for coef, text in items:
@@ -239,7 +239,7 @@ def _signed_sum(items) -> str:
 
 
 def _terms_latex(pr) -> str:
-    """A prepared param: a matrix as its terms (``W - W^\top - \gamma I``); a broadcast const or
+    r"""A prepared param: a matrix as its terms (``W - W^\top - \gamma I``); a broadcast const or
     scalar as itself; ``1/H`` (a mean's factor) as a fraction."""
     def source(t) -> str:
         if t.source is None:

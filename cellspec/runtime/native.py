@@ -43,6 +43,9 @@ SIMD_FLAGS = ("-DCELLSPEC_SIMD_MATH", "-fno-math-errno", "-fno-trapping-math")
 #: with AVX2 and FMA on this CPU: 8-wide float / 4-wide double vectors; FMA contraction stays off
 #: so that the arithmetic is the plain build's, operation for operation.
 AVX2_FLAGS = ("-mavx2", "-mfma", "-ffp-contract=off")
+#: with AVX-512 (F and DQ) as well: 16-wide float / 8-wide double vectors and libmvec's AVX-512
+#: variants (measured on AMD Zen 4: the LSTM's pointwise step 5.5 -> 3.5 ns per element).
+AVX512_FLAGS = AVX2_FLAGS + ("-mavx512f", "-mavx512dq", "-mprefer-vector-width=512")
 SIMD_LIBS = ("-lmvec", "-lm")
 
 
@@ -197,19 +200,34 @@ def _cpu_flags() -> set[str]:
 
 @functools.cache
 def host_simd_flags(cxx: str) -> tuple[str, ...] | None:
-    """Extra flags for the vectorised host build with this compiler, or None where it does not
-    apply (not GCC, not x86-64 Linux, no libmvec, or CELLSPEC_HOST_SIMD=0)."""
+    """The extra flags :func:`build_host` uses with this compiler (the widest vectorised build
+    whose probe builds here), or None for the plain build (not GCC, not x86-64 Linux, no
+    libmvec, or CELLSPEC_HOST_SIMD=0)."""
+    options = host_simd_options(cxx)
+    return next((o for o in options if _simd_works(cxx, o)), None)
+
+
+@functools.cache
+def host_simd_options(cxx: str) -> tuple[tuple[str, ...], ...]:
+    """The vectorised host builds this compiler and CPU allow, widest first (AVX-512, AVX2,
+    SSE2); empty where none applies. :func:`build_host` takes the first whose probe builds."""
     if os.environ.get("CELLSPEC_HOST_SIMD", "1") == "0":
-        return None
+        return ()
     if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
-        return None
+        return ()
     version = compiler_version(cxx)
     if "clang" in version.lower() or not ("GCC" in version or "g++" in version or "Free Software Foundation" in version):
-        return None
+        return ()
     if ctypes.util.find_library("mvec") is None:
-        return None
+        return ()
     cpu = _cpu_flags()
-    return SIMD_FLAGS + (AVX2_FLAGS if {"avx2", "fma"} <= cpu else ())
+    options = []
+    if {"avx2", "fma", "avx512f", "avx512dq"} <= cpu:
+        options.append(SIMD_FLAGS + AVX512_FLAGS)
+    if {"avx2", "fma"} <= cpu:
+        options.append(SIMD_FLAGS + AVX2_FLAGS)
+    options.append(SIMD_FLAGS)
+    return tuple(options)
 
 
 @functools.cache
@@ -232,12 +250,13 @@ def _simd_works(cxx: str, flags: tuple[str, ...]) -> bool:
 
 def build_host(source: str, name: str) -> Path:
     """The CPU build of a generated .cu file (path of the shared library): vectorised math
-    (libmvec) where :func:`host_simd_flags` applies, else the plain ``-O3 -fopenmp`` build."""
+    (libmvec) with the widest of :func:`host_simd_options` whose probe builds, else the plain
+    ``-O3 -fopenmp`` build."""
     cxx = which_cxx()
     if cxx is not None:
-        extra = host_simd_flags(cxx)
-        if extra is not None and _simd_works(cxx, extra):
-            return _compile("host-so", cxx, HOST_FLAGS + extra, source, name, f"C++ build of {name}.cu", SIMD_LIBS)
+        for extra in host_simd_options(cxx):
+            if _simd_works(cxx, extra):
+                return _compile("host-so", cxx, HOST_FLAGS + extra, source, name, f"C++ build of {name}.cu", SIMD_LIBS)
         return _compile("host-so", cxx, HOST_FLAGS, source, name, f"C++ build of {name}.cu")
     nvcc = which_nvcc()
     if nvcc is not None:  # host code only, through nvcc's host compiler

@@ -232,19 +232,9 @@ static inline void cs_blas(const cs_ctx* c, const char* ta, const char* tb, cons
                            const double* al, const double* a, const int* lda, const double* b, const int* ldb,
                            const double* be, double* o, const int* ldc) { c->dgemm(ta, tb, m, n, k, al, a, lda, b, ldb, be, o, ldc); }
 template <typename S, typename C>
-static int cs_gemm(const cs_ctx* c, int ta, int tb, int64_t m, int64_t n, int64_t k, const S* a, int64_t lda,
-                   const S* b, int64_t ldb, C* out, int64_t ldc, int beta)
+static bool cs_own_route(const cs_ctx*, int, int, int64_t, int64_t, int64_t, const S*, int64_t, const S*, int64_t, C*, int64_t, int)
 {
-    if (m <= 0 || n <= 0) return 0;
-    if (k <= 0) {
-        if (!beta) for (int64_t r = 0; r < m; ++r) memset(out + r * ldc, 0, n * sizeof(C));
-        return 0;
-    }
-    const char tA = ta ? 'T' : 'N', tB = tb ? 'T' : 'N';
-    const int im = (int)n, in = (int)m, ik = (int)k, ilda = (int)(ldb > 0 ? ldb : 1), ildb = (int)(lda > 0 ? lda : 1), ildc = (int)ldc;
-    const S one = S(1), zero = S(0);
-    cs_blas(c, &tB, &tA, &im, &in, &ik, &one, b, &ilda, a, &ildb, beta ? &one : &zero, out, &ildc);
-    return 0;
+    return false;
 }
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define CS_OWN_GEMM 1
@@ -311,29 +301,67 @@ __attribute__((target("avx512f"))) static inline void cs_own_tile(int64_t k, con
         _mm512_mask_storeu_ps(ci + 16, m1, hi[0][i]);
     }
 }
-// out[m, n] (+)= a[m, k] times the packed weight
+// out[m, n] (+)= a[m, k] times the packed weight. Blocks of rows whose slice of `a` stays in L2
+// (~256 KiB) run one after another; inside a block the threads split the panels.
 __attribute__((target("avx512f"))) static void cs_own_gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
                                                            const float* packed, float* out, int64_t ldc, int beta)
 {
     const int64_t panels = (n + 31) / 32;
-#pragma omp parallel for schedule(static) if (m * n * k >= 262144)
-    for (int64_t q = 0; q < panels; ++q) {
-        const int64_t p = q * 32, width = n - p < 32 ? n - p : 32;
-        const __mmask16 m0 = width >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << width) - 1);
-        const __mmask16 m1 = width >= 32 ? (__mmask16)0xffff : (width > 16 ? (__mmask16)((1u << (width - 16)) - 1) : (__mmask16)0);
-        const float* b = packed + p * k;
-        int64_t i = 0;
-        for (; i + 12 <= m; i += 12) cs_own_tile<12>(k, a + i * lda, lda, b, out + i * ldc + p, ldc, m0, m1, beta);
-        switch (m - i) {
-#define CS_TILE_(r) case r: cs_own_tile<r>(k, a + i * lda, lda, b, out + i * ldc + p, ldc, m0, m1, beta); break;
-            CS_TILE_(1) CS_TILE_(2) CS_TILE_(3) CS_TILE_(4) CS_TILE_(5) CS_TILE_(6)
-            CS_TILE_(7) CS_TILE_(8) CS_TILE_(9) CS_TILE_(10) CS_TILE_(11)
+    int64_t mc = k > 0 ? ((65536 / k) / 12) * 12 : m;
+    if (mc < 48) mc = 48;
+    for (int64_t i0 = 0; i0 < m; i0 += mc) {
+        const int64_t rows = m - i0 < mc ? m - i0 : mc;
+        const float* ab = a + i0 * lda;
+        float* cb = out + i0 * ldc;
+#pragma omp parallel for schedule(static) if (rows * n * k >= 262144)
+        for (int64_t q = 0; q < panels; ++q) {
+            const int64_t p = q * 32, width = n - p < 32 ? n - p : 32;
+            const __mmask16 m0 = width >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << width) - 1);
+            const __mmask16 m1 = width >= 32 ? (__mmask16)0xffff : (width > 16 ? (__mmask16)((1u << (width - 16)) - 1) : (__mmask16)0);
+            const float* b = packed + p * k;
+            int64_t i = 0;
+            for (; i + 12 <= rows; i += 12) cs_own_tile<12>(k, ab + i * lda, lda, b, cb + i * ldc + p, ldc, m0, m1, beta);
+            switch (rows - i) {
+#define CS_TILE_(r) case r: cs_own_tile<r>(k, ab + i * lda, lda, b, cb + i * ldc + p, ldc, m0, m1, beta); break;
+                CS_TILE_(1) CS_TILE_(2) CS_TILE_(3) CS_TILE_(4) CS_TILE_(5) CS_TILE_(6)
+                CS_TILE_(7) CS_TILE_(8) CS_TILE_(9) CS_TILE_(10) CS_TILE_(11)
 #undef CS_TILE_
-            default: break;
+                default: break;
+            }
         }
     }
 }
+// A plain product a @ op(b) with many rows (the hoisted products by a weight, dx = dg @ W after the
+// loop) through the own kernel too: op(b) packed for this call (cost ~ n * k, against m * n * k).
+// Products whose left side is transposed (the weight gradients) stay with the BLAS.
+static bool cs_own_route(const cs_ctx* c, int ta, int tb, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
+                         const float* b, int64_t ldb, float* out, int64_t ldc, int beta)
+{
+    if (!c->own || ta || m < 256 || k <= 0 || !cs_avx512()) return false;
+    void* mem = 0;
+    if (posix_memalign(&mem, 64, (size_t)(((n + 31) / 32) * 32 * k) * sizeof(float)) != 0) return false;
+    cs_own_pack(tb, n, k, b, ldb, (float*)mem);
+    cs_own_gemm(m, n, k, a, lda, (float*)mem, out, ldc, beta);
+    free(mem);
+    return true;
+}
 #endif
+template <typename S, typename C>
+static int cs_gemm(const cs_ctx* c, int ta, int tb, int64_t m, int64_t n, int64_t k, const S* a, int64_t lda,
+                   const S* b, int64_t ldb, C* out, int64_t ldc, int beta)
+{
+    if (m <= 0 || n <= 0) return 0;
+    if (k <= 0) {
+        if (!beta) for (int64_t r = 0; r < m; ++r) memset(out + r * ldc, 0, n * sizeof(C));
+        return 0;
+    }
+    if (cs_own_route(c, ta, tb, m, n, k, a, lda, b, ldb, out, ldc, beta)) return 0;
+    const char tA = ta ? 'T' : 'N', tB = tb ? 'T' : 'N';
+    const int im = (int)n, in = (int)m, ik = (int)k, ilda = (int)(ldb > 0 ? ldb : 1), ildb = (int)(lda > 0 ? lda : 1), ildc = (int)ldc;
+    const S one = S(1), zero = S(0);
+    cs_blas(c, &tB, &tA, &im, &in, &ik, &one, b, &ilda, a, &ildb, beta ? &one : &zero, out, &ildc);
+    return 0;
+}
 // A weight every step multiplies by, packed once per call: into cellspec's own layout (float,
 // AVX-512, ctx->own), else into the BLAS's internal layout (MKL's sgemm_pack). The per-step GEMM
 // then skips re-packing it, which for a small batch is most of its time. ta = 1: the step computes
@@ -528,7 +556,7 @@ extern "C" int torch_gru_forward_fwd0_H_cuda_bf16(int64_t _rows, int64_t _cols, 
 template <typename real>
 static inline void torch_gru_forward_fwd0_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_W_hn_h, int64_t _ld_W_hn_h, const real* __restrict__ _p_W_hr_h, int64_t _ld_W_hr_h, const real* __restrict__ _p_W_hz_h, int64_t _ld_W_hz_h, const real* __restrict__ _p_W_in_x, int64_t _ld_W_in_x, const real* __restrict__ _p_W_ir_x, int64_t _ld_W_ir_x, const real* __restrict__ _p_W_iz_x, int64_t _ld_W_iz_x, const real* __restrict__ _p_b_hn, int64_t _ld_b_hn, const real* __restrict__ _p_b_hr, int64_t _ld_b_hr, const real* __restrict__ _p_b_hz, int64_t _ld_b_hz, const real* __restrict__ _p_b_in, int64_t _ld_b_in, const real* __restrict__ _p_b_ir, int64_t _ld_b_ir, const real* __restrict__ _p_b_iz, int64_t _ld_b_iz, const real* __restrict__ _p_h, int64_t _ld_h, real* __restrict__ _p_r, int64_t _ld_r, real* __restrict__ _p_z, int64_t _ld_z, real* __restrict__ _p_n, int64_t _ld_n, real* __restrict__ _p_h_next, int64_t _ld_h_next)
 {
-#pragma omp parallel for schedule(static) if (_rows * _cols >= 16384)
+#pragma omp parallel for schedule(static) if (_rows * _cols >= 2048)
     for (int64_t _r = 0; _r < _rows; ++_r) {
 #pragma omp simd
         for (int64_t _j = 0; _j < _cols; ++_j) {
@@ -655,7 +683,7 @@ extern "C" int torch_gru_inference_fwd0_H_cuda_bf16(int64_t _rows, int64_t _cols
 template <typename real>
 static inline void torch_gru_inference_fwd0_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_W_hn_h, int64_t _ld_W_hn_h, const real* __restrict__ _p_W_hr_h, int64_t _ld_W_hr_h, const real* __restrict__ _p_W_hz_h, int64_t _ld_W_hz_h, const real* __restrict__ _p_W_in_x, int64_t _ld_W_in_x, const real* __restrict__ _p_W_ir_x, int64_t _ld_W_ir_x, const real* __restrict__ _p_W_iz_x, int64_t _ld_W_iz_x, const real* __restrict__ _p_b_hn, int64_t _ld_b_hn, const real* __restrict__ _p_b_hr, int64_t _ld_b_hr, const real* __restrict__ _p_b_hz, int64_t _ld_b_hz, const real* __restrict__ _p_b_in, int64_t _ld_b_in, const real* __restrict__ _p_b_ir, int64_t _ld_b_ir, const real* __restrict__ _p_b_iz, int64_t _ld_b_iz, const real* __restrict__ _p_h, int64_t _ld_h, real* __restrict__ _p_h_next, int64_t _ld_h_next)
 {
-#pragma omp parallel for schedule(static) if (_rows * _cols >= 16384)
+#pragma omp parallel for schedule(static) if (_rows * _cols >= 2048)
     for (int64_t _r = 0; _r < _rows; ++_r) {
 #pragma omp simd
         for (int64_t _j = 0; _j < _cols; ++_j) {
@@ -786,7 +814,7 @@ extern "C" int torch_gru_backward_bwd0_H_cuda_bf16(int64_t _rows, int64_t _cols,
 template <typename real>
 static inline void torch_gru_backward_bwd0_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_W_hn_h, int64_t _ld_W_hn_h, const real* __restrict__ _p_b_hn, int64_t _ld_b_hn, const real* __restrict__ _p_d_h, int64_t _ld_d_h, const real* __restrict__ _p_d_h_next_out, int64_t _ld_d_h_next_out, const real* __restrict__ _p_h, int64_t _ld_h, const real* __restrict__ _p_n, int64_t _ld_n, const real* __restrict__ _p_r, int64_t _ld_r, const real* __restrict__ _p_z, int64_t _ld_z, real* __restrict__ _p_d_h_next, int64_t _ld_d_h_next, real* __restrict__ _p_d_n, int64_t _ld_d_n, real* __restrict__ _p_d_W_hr_h, int64_t _ld_d_W_hr_h, real* __restrict__ _p_d_W_hz_h, int64_t _ld_d_W_hz_h, real* __restrict__ _p_d_W_hn_h, int64_t _ld_d_W_hn_h)
 {
-#pragma omp parallel for schedule(static) if (_rows * _cols >= 16384)
+#pragma omp parallel for schedule(static) if (_rows * _cols >= 2048)
     for (int64_t _r = 0; _r < _rows; ++_r) {
 #pragma omp simd
         for (int64_t _j = 0; _j < _cols; ++_j) {
@@ -912,7 +940,7 @@ extern "C" int torch_gru_backward_bwd_leaf_H_cuda_bf16(int64_t _rows, int64_t _c
 template <typename real>
 static inline void torch_gru_backward_bwd_leaf_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_d_W_hr_h, int64_t _ld_d_W_hr_h, const real* __restrict__ _p_d_W_hz_h, int64_t _ld_d_W_hz_h, const real* __restrict__ _p_d_h_gemm, int64_t _ld_d_h_gemm, const real* __restrict__ _p_d_h_next, int64_t _ld_d_h_next, const real* __restrict__ _p_d_n, int64_t _ld_d_n, const real* __restrict__ _p_n, int64_t _ld_n, const real* __restrict__ _p_z, int64_t _ld_z, real* __restrict__ _p_d_h, int64_t _ld_d_h, real* __restrict__ _p_d_b_in, int64_t _ld_d_b_in, real* __restrict__ _p_d_W_ir_x, int64_t _ld_d_W_ir_x, real* __restrict__ _p_d_W_iz_x, int64_t _ld_d_W_iz_x, real* __restrict__ _p_d_W_in_x, int64_t _ld_d_W_in_x)
 {
-#pragma omp parallel for schedule(static) if (_rows * _cols >= 16384)
+#pragma omp parallel for schedule(static) if (_rows * _cols >= 2048)
     for (int64_t _r = 0; _r < _rows; ++_r) {
 #pragma omp simd
         for (int64_t _j = 0; _j < _cols; ++_j) {
@@ -1299,4 +1327,14 @@ extern "C" int torch_gru_backward_f64(const int64_t* dims, void* const* ptrs, co
 
 #ifdef __CUDACC__
 extern "C" const char* torch_gru_cuda_error_string(int code) { return code >= 1000 ? "cuBLAS error (1000 + cublasStatus_t)" : cudaGetErrorString((cudaError_t)code); }
+#else
+// 1 where the float per-step products run cellspec's own AVX-512 GEMM (given ctx->own), else 0
+extern "C" int torch_gru_own_gemm(void)
+{
+#ifdef CS_OWN_GEMM
+    return cs_avx512() ? 1 : 0;
+#else
+    return 0;
+#endif
+}
 #endif
