@@ -145,3 +145,35 @@ def test_own_gemm_agrees_with_blas(module, batch, hidden):
         torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5)
     # and the own path is really different code: same values, not the same bits everywhere
     assert any(not torch.equal(a, b) for a, b in zip(results[True], results[False])) or hidden < 8
+
+
+@pytest.mark.skipif(not HAVE_CXX, reason="no C++ compiler")
+@pytest.mark.parametrize("module", ["lstm", "layer_norm_lstm"])
+def test_workspace_never_leaks_into_results(module):
+    """The scratch buffers kept between native calls (the module's workspace) are never part of
+    what a call returns or saves: a second call, forward and backward, leaves the first call's
+    outputs, states and gradients as they were, and a call after release_workspace() agrees."""
+    pkg = load_module(module)
+    tc = pkg.torch_cell
+    cls = getattr(tc, tc.CELL)
+    torch.manual_seed(1)
+    m = cls(6, 9, backend="fused")
+    T = max(8, tc.MIN_NATIVE_STEPS)
+    x1, x2 = torch.randn(T, 3, 6), torch.randn(T, 3, 6)
+    first = _run(m, x1)
+    kept = [t.clone() for t in first]
+    with torch.no_grad():
+        inf1 = m(x1)[0]
+    inf1_kept = inf1.clone()
+    _run(m, x2)
+    with torch.no_grad():
+        m(x2)
+    for a, b in zip(first, kept):
+        assert torch.equal(a, b)
+    assert torch.equal(inf1, inf1_kept)
+    assert getattr(tc._WORKSPACE, "buffers", None), "the native path keeps its scratch buffers"
+    tc.release_workspace()
+    assert not tc._WORKSPACE.buffers
+    again = _run(m, x1)
+    for a, b in zip(again, kept):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

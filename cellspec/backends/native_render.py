@@ -571,6 +571,13 @@ def _view(fn: ir.Function, name: str) -> str:
     return f"{sl.buffer}{t}{cols}"
 
 
+#: buffers no call returns: they live in the module's workspace between calls (the glue's
+#: ``_workspace``) unless the forward saves them for the backward; a zero-initialised one is
+#: zeroed by the library (CS_ZERO), as a fresh one is
+SCRATCH_ROLES = frozenset({"hoisted_value", "hoisted_gemm", "scratch", "d_gemm", "d_param_rows", "grad_scratch",
+                           "d_hoisted_operand", "step_seed", "hoisted_leaf"})
+
+
 def glue_context(prog: ir.Program, grads_zero: dict, cu_text: str) -> dict:
     """Records for ``native_glue.py.j2``."""
     sizes = []
@@ -602,6 +609,9 @@ def glue_context(prog: ir.Program, grads_zero: dict, cu_text: str) -> dict:
                 i = [f"ds_{v.key}" for v in prog.states].index(b.name)
                 out.append(f"{b.name} = _zeros({_shape(b)}) if _d_finals[{i}] is None else "
                            f"_d_finals[{i}].to(_dt, memory_format=torch.contiguous_format, copy=True)")
+            elif b.role in SCRATCH_ROLES and b.name not in prog.saved and b.init != "arg":
+                scratch = "_gscratch" if b.role == "grad_scratch" else "_scratch"
+                out.append(f'{b.name} = {scratch}("{b.name}", {_shape(b)})')
             elif b.role == "grad_scratch":
                 out.append(f"{b.name} = _gempty({_shape(b)})")
             else:

@@ -29,6 +29,7 @@ compiler builds them) and the engine below otherwise.
 
 import logging
 import math
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -696,6 +697,37 @@ def _stacked(*mats):
     return first.as_strided((sum(m.shape[0] for m in mats), first.shape[1]), (first.shape[1], 1))
 
 
+# Scratch buffers of the native calls (the hoisted GEMM outputs, per-step scratch, the backward's
+# adjoints; never what a call returns or saves) are kept between calls, per thread, on the CPU:
+# a fresh multi-MiB buffer costs a page fault per 4 KiB on first touch, every call. Each is kept
+# up to WORKSPACE_MAX_BYTES; release_workspace() frees them. Other devices: torch's allocator.
+WORKSPACE_MAX_BYTES = 64 << 20
+_WORKSPACE = threading.local()
+
+
+def _workspace(fn, name, shape, dtype, device):
+    """A scratch buffer of ``shape`` for the call ``fn``: the same memory on every call in this
+    thread (CPU), else a fresh one."""
+    if device.type != "cpu":
+        return torch.empty(shape, dtype=dtype, device=device)
+    n = math.prod(shape)
+    if n * dtype.itemsize > WORKSPACE_MAX_BYTES:
+        return torch.empty(shape, dtype=dtype, device=device)
+    kept = getattr(_WORKSPACE, "buffers", None)
+    if kept is None:
+        kept = _WORKSPACE.buffers = {}
+    buf = kept.get((fn, name))
+    if buf is None or buf.dtype != dtype or buf.numel() < n:
+        buf = kept[(fn, name)] = torch.empty(n, dtype=dtype)
+    return buf[:n].view(shape)
+
+
+def release_workspace():
+    """Free the scratch buffers this thread keeps between native calls (they come back, at their
+    first-touch cost, on the next call)."""
+    _WORKSPACE.buffers = {}
+
+
 def _native_sizes(_xs, _params):
     """(T, B, sizes...) of a call, as the native library takes them."""
     _T, _B = _xs[0].shape[0], _xs[0].shape[1]
@@ -718,6 +750,9 @@ def _native_forward(_lib, _xs, _states, _params, _bs=None):
 
     def _empty(shape):
         return torch.empty(shape, dtype=_dt, device=_dev)
+
+    def _scratch(name, shape):
+        return _workspace("forward", name, shape, _dt, _dev)
 
     x_x = _xs[0].contiguous()
     s_h = _empty((_T + 1, _B, _H))
@@ -743,6 +778,9 @@ def _native_inference(_lib, _xs, _states, _params, _bs=None):
 
     def _empty(shape):
         return torch.empty(shape, dtype=_dt, device=_dev)
+
+    def _scratch(name, shape):
+        return _workspace("inference", name, shape, _dt, _dev)
 
     x_x = _xs[0].contiguous()
     s_h = _empty((_T + 1, _B, _H))
@@ -779,6 +817,12 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     def _gzeros(shape):
         return torch.zeros(shape, dtype=_gdt, device=_dev)
 
+    def _scratch(name, shape):
+        return _workspace("backward", name, shape, _dt, _dev)
+
+    def _gscratch(name, shape):
+        return _workspace("backward", name, shape, _gdt, _dev)
+
     if _bs is not None:  # outputs past a sequence's end are constant zeros
         _m = _native_active(_bs, _B, _xs)
         _d_outputs = tuple(None if _d is None else _d * _m for _d in _d_outputs)
@@ -791,9 +835,9 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     dout_h_next = _zeros((_T, _B, _H)) if _d_outputs[0] is None else _d_outputs[0].contiguous()
     ds_h = _zeros((_B, _H)) if _d_finals[0] is None else _d_finals[0].to(_dt, memory_format=torch.contiguous_format, copy=True)
     dx_x = _empty((_T, _B, _I))
-    dg_W_mat__h = _empty((_T, _B, _H))
-    tmp_d_h_gemm = _empty((_B, _H))
-    tmp_d_h_next = _empty((_B, _H))
+    dg_W_mat__h = _scratch("dg_W_mat__h", (_T, _B, _H))
+    tmp_d_h_gemm = _scratch("tmp_d_h_gemm", (_B, _H))
+    tmp_d_h_next = _scratch("tmp_d_h_next", (_B, _H))
     _grads = {"V": _gempty((_H, _I)), "b": _gempty((_H,)), "W_mat": _gempty((_H, _H)), "eps_H": _gzeros((_H,))}
     if _lib is not None:
         _lib("backward", _dims, [x_x, s_h, p_b, p_eps_H, hg_V__x, g_W_mat__h, dout_h_next, ds_h, dx_x, dg_W_mat__h, tmp_d_h_gemm, tmp_d_h_next, _params["V"].contiguous(), _params["W_mat"].contiguous(), *_grads.values(), _bs])

@@ -34,6 +34,7 @@ compiler builds them) and the engine below otherwise.
 
 import logging
 import math
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -912,6 +913,37 @@ def _stacked(*mats):
     return first.as_strided((sum(m.shape[0] for m in mats), first.shape[1]), (first.shape[1], 1))
 
 
+# Scratch buffers of the native calls (the hoisted GEMM outputs, per-step scratch, the backward's
+# adjoints; never what a call returns or saves) are kept between calls, per thread, on the CPU:
+# a fresh multi-MiB buffer costs a page fault per 4 KiB on first touch, every call. Each is kept
+# up to WORKSPACE_MAX_BYTES; release_workspace() frees them. Other devices: torch's allocator.
+WORKSPACE_MAX_BYTES = 64 << 20
+_WORKSPACE = threading.local()
+
+
+def _workspace(fn, name, shape, dtype, device):
+    """A scratch buffer of ``shape`` for the call ``fn``: the same memory on every call in this
+    thread (CPU), else a fresh one."""
+    if device.type != "cpu":
+        return torch.empty(shape, dtype=dtype, device=device)
+    n = math.prod(shape)
+    if n * dtype.itemsize > WORKSPACE_MAX_BYTES:
+        return torch.empty(shape, dtype=dtype, device=device)
+    kept = getattr(_WORKSPACE, "buffers", None)
+    if kept is None:
+        kept = _WORKSPACE.buffers = {}
+    buf = kept.get((fn, name))
+    if buf is None or buf.dtype != dtype or buf.numel() < n:
+        buf = kept[(fn, name)] = torch.empty(n, dtype=dtype)
+    return buf[:n].view(shape)
+
+
+def release_workspace():
+    """Free the scratch buffers this thread keeps between native calls (they come back, at their
+    first-touch cost, on the next call)."""
+    _WORKSPACE.buffers = {}
+
+
 def _native_sizes(_xs, _params):
     """(T, B, sizes...) of a call, as the native library takes them."""
     _T, _B = _xs[0].shape[0], _xs[0].shape[1]
@@ -935,18 +967,21 @@ def _native_forward(_lib, _xs, _states, _params, _bs=None):
     def _empty(shape):
         return torch.empty(shape, dtype=_dt, device=_dev)
 
+    def _scratch(name, shape):
+        return _workspace("forward", name, shape, _dt, _dev)
+
     x_x = _xs[0].contiguous()
     s_h = _empty((_T + 1, _B, _H))
     s_h[0].copy_(_states[0])
     p_b_r = _params["b_r"].contiguous()
     p_b_u = _params["b_u"].contiguous()
     p_b_c = _params["b_c"].contiguous()
-    hg_W_r_W_u_W_c__x = _empty((_T, _B, 3*_H))
-    g_U_r_U_u__h = _empty((_B, 2*_H))
+    hg_W_r_W_u_W_c__x = _scratch("hg_W_r_W_u_W_c__x", (_T, _B, 3*_H))
+    g_U_r_U_u__h = _scratch("g_U_r_U_u__h", (_B, 2*_H))
     v_r = _empty((_T, _B, _H))
     v_u = _empty((_T, _B, _H))
     v_U_c_in = _empty((_T, _B, _H))
-    g_U_c__U_c_in = _empty((_B, _H))
+    g_U_c__U_c_in = _scratch("g_U_c__U_c_in", (_B, _H))
     v_c = _empty((_T, _B, _H))
     if _lib is not None:  # None: shapes only (the custom op's fake implementation)
         _lib("forward", _dims, [x_x, s_h, p_b_r, p_b_u, p_b_c, hg_W_r_W_u_W_c__x, g_U_r_U_u__h, v_r, v_u, v_U_c_in, g_U_c__U_c_in, v_c, _stacked(_params["W_r"], _params["W_u"], _params["W_c"]), _stacked(_params["U_r"], _params["U_u"]), _params["U_c"].contiguous(), _bs])
@@ -966,17 +1001,20 @@ def _native_inference(_lib, _xs, _states, _params, _bs=None):
     def _empty(shape):
         return torch.empty(shape, dtype=_dt, device=_dev)
 
+    def _scratch(name, shape):
+        return _workspace("inference", name, shape, _dt, _dev)
+
     x_x = _xs[0].contiguous()
     s_h = _empty((_T + 1, _B, _H))
     s_h[0].copy_(_states[0])
     p_b_r = _params["b_r"].contiguous()
     p_b_u = _params["b_u"].contiguous()
     p_b_c = _params["b_c"].contiguous()
-    hg_W_r_W_u_W_c__x = _empty((_T, _B, 3*_H))
-    g_U_r_U_u__h = _empty((_B, 2*_H))
-    tmp_u = _empty((_B, _H))
-    tmp_U_c_in = _empty((_B, _H))
-    g_U_c__U_c_in = _empty((_B, _H))
+    hg_W_r_W_u_W_c__x = _scratch("hg_W_r_W_u_W_c__x", (_T, _B, 3*_H))
+    g_U_r_U_u__h = _scratch("g_U_r_U_u__h", (_B, 2*_H))
+    tmp_u = _scratch("tmp_u", (_B, _H))
+    tmp_U_c_in = _scratch("tmp_U_c_in", (_B, _H))
+    g_U_c__U_c_in = _scratch("g_U_c__U_c_in", (_B, _H))
     if _lib is not None:  # None: shapes only (the custom op's fake implementation)
         _lib("inference", _dims, [x_x, s_h, p_b_r, p_b_u, p_b_c, hg_W_r_W_u_W_c__x, g_U_r_U_u__h, tmp_u, tmp_U_c_in, g_U_c__U_c_in, _stacked(_params["W_r"], _params["W_u"], _params["W_c"]), _stacked(_params["U_r"], _params["U_u"]), _params["U_c"].contiguous(), _bs])
     _outputs = (s_h[1:1 + _T],)
@@ -1005,6 +1043,12 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     def _gzeros(shape):
         return torch.zeros(shape, dtype=_gdt, device=_dev)
 
+    def _scratch(name, shape):
+        return _workspace("backward", name, shape, _dt, _dev)
+
+    def _gscratch(name, shape):
+        return _workspace("backward", name, shape, _gdt, _dev)
+
     if _bs is not None:  # outputs past a sequence's end are constant zeros
         _m = _native_active(_bs, _B, _xs)
         _d_outputs = tuple(None if _d is None else _d * _m for _d in _d_outputs)
@@ -1020,15 +1064,15 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     dout_h_next = _zeros((_T, _B, _H)) if _d_outputs[0] is None else _d_outputs[0].contiguous()
     ds_h = _zeros((_B, _H)) if _d_finals[0] is None else _d_finals[0].to(_dt, memory_format=torch.contiguous_format, copy=True)
     dx_x = _empty((_T, _B, _I))
-    dg_U_r_U_u__h = _empty((_T, _B, 2*_H))
-    tmp_d_h_gemm = _empty((_B, _H))
-    dg_U_c__U_c_in = _empty((_T, _B, _H))
-    tmp_d_U_c_in_gemm = _empty((_B, _H))
-    dhg_W_r_W_u_W_c__x = _empty((_T, _B, 3*_H))
-    tmp_d_h_next = _empty((_B, _H))
-    tmp_d_U_c_in = _empty((_B, _H))
-    dw_U_r_U_u = _gempty((2*_H, _H))
-    dw_W_r_W_u_W_c = _gempty((3*_H, _I))
+    dg_U_r_U_u__h = _scratch("dg_U_r_U_u__h", (_T, _B, 2*_H))
+    tmp_d_h_gemm = _scratch("tmp_d_h_gemm", (_B, _H))
+    dg_U_c__U_c_in = _scratch("dg_U_c__U_c_in", (_T, _B, _H))
+    tmp_d_U_c_in_gemm = _scratch("tmp_d_U_c_in_gemm", (_B, _H))
+    dhg_W_r_W_u_W_c__x = _scratch("dhg_W_r_W_u_W_c__x", (_T, _B, 3*_H))
+    tmp_d_h_next = _scratch("tmp_d_h_next", (_B, _H))
+    tmp_d_U_c_in = _scratch("tmp_d_U_c_in", (_B, _H))
+    dw_U_r_U_u = _gscratch("dw_U_r_U_u", (2*_H, _H))
+    dw_W_r_W_u_W_c = _gscratch("dw_W_r_W_u_W_c", (3*_H, _I))
     _grads = {"W_r": _gempty((_H, _I)), "U_r": _gempty((_H, _H)), "b_r": _gempty((_H,)), "W_u": _gempty((_H, _I)), "U_u": _gempty((_H, _H)), "b_u": _gempty((_H,)), "W_c": _gempty((_H, _I)), "U_c": _gempty((_H, _H)), "b_c": _gempty((_H,))}
     if _lib is not None:
         _lib("backward", _dims, [x_x, s_h, p_b_r, p_b_u, p_b_c, v_r, v_u, v_U_c_in, v_c, dout_h_next, ds_h, dx_x, dg_U_r_U_u__h, tmp_d_h_gemm, dg_U_c__U_c_in, tmp_d_U_c_in_gemm, dhg_W_r_W_u_W_c__x, tmp_d_h_next, tmp_d_U_c_in, dw_U_r_U_u, dw_W_r_W_u_W_c, _stacked(_params["W_r"], _params["W_u"], _params["W_c"]), _stacked(_params["U_r"], _params["U_u"]), _params["U_c"].contiguous(), *_grads.values(), _bs])

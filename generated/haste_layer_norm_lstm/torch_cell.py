@@ -56,6 +56,7 @@ compiler builds them) and the engine below otherwise.
 
 import logging
 import math
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -1829,6 +1830,37 @@ def _stacked(*mats):
     return first.as_strided((sum(m.shape[0] for m in mats), first.shape[1]), (first.shape[1], 1))
 
 
+# Scratch buffers of the native calls (the hoisted GEMM outputs, per-step scratch, the backward's
+# adjoints; never what a call returns or saves) are kept between calls, per thread, on the CPU:
+# a fresh multi-MiB buffer costs a page fault per 4 KiB on first touch, every call. Each is kept
+# up to WORKSPACE_MAX_BYTES; release_workspace() frees them. Other devices: torch's allocator.
+WORKSPACE_MAX_BYTES = 64 << 20
+_WORKSPACE = threading.local()
+
+
+def _workspace(fn, name, shape, dtype, device):
+    """A scratch buffer of ``shape`` for the call ``fn``: the same memory on every call in this
+    thread (CPU), else a fresh one."""
+    if device.type != "cpu":
+        return torch.empty(shape, dtype=dtype, device=device)
+    n = math.prod(shape)
+    if n * dtype.itemsize > WORKSPACE_MAX_BYTES:
+        return torch.empty(shape, dtype=dtype, device=device)
+    kept = getattr(_WORKSPACE, "buffers", None)
+    if kept is None:
+        kept = _WORKSPACE.buffers = {}
+    buf = kept.get((fn, name))
+    if buf is None or buf.dtype != dtype or buf.numel() < n:
+        buf = kept[(fn, name)] = torch.empty(n, dtype=dtype)
+    return buf[:n].view(shape)
+
+
+def release_workspace():
+    """Free the scratch buffers this thread keeps between native calls (they come back, at their
+    first-touch cost, on the next call)."""
+    _WORKSPACE.buffers = {}
+
+
 def _native_sizes(_xs, _params):
     """(T, B, sizes...) of a call, as the native library takes them."""
     _T, _B = _xs[0].shape[0], _xs[0].shape[1]
@@ -1852,6 +1884,9 @@ def _native_forward(_lib, _xs, _states, _params, _bs=None):
     def _empty(shape):
         return torch.empty(shape, dtype=_dt, device=_dev)
 
+    def _scratch(name, shape):
+        return _workspace("forward", name, shape, _dt, _dev)
+
     x_x = _xs[0].contiguous()
     s_h = _empty((_T + 1, _B, _H))
     s_h[0].copy_(_states[0])
@@ -1873,7 +1908,7 @@ def _native_forward(_lib, _xs, _states, _params, _bs=None):
     p_beta_h = _params["beta_h"].contiguous()
     p_inv_n_H = _params["inv_n_H"].contiguous()
     p_inv_n_H_2 = _params["inv_n_H_2"].contiguous()
-    hg_W_i_W_g_W_f_W_o__x = _empty((_T, _B, 4*_H))
+    hg_W_i_W_g_W_f_W_o__x = _scratch("hg_W_i_W_g_W_f_W_o__x", (_T, _B, 4*_H))
     v_xi = _empty((_T, _B, _H))
     v_xg = _empty((_T, _B, _H))
     v_xf = _empty((_T, _B, _H))
@@ -1881,7 +1916,7 @@ def _native_forward(_lib, _xs, _states, _params, _bs=None):
     v_mu_x = _empty((_T, _B, 1))
     v_var_x = _empty((_T, _B, 1))
     v_rs_x = _empty((_T, _B, 1))
-    g_R_i_R_g_R_f_R_o__h = _empty((_B, 4*_H))
+    g_R_i_R_g_R_f_R_o__h = _scratch("g_R_i_R_g_R_f_R_o__h", (_B, 4*_H))
     v_ri = _empty((_T, _B, _H))
     v_rg = _empty((_T, _B, _H))
     v_rf = _empty((_T, _B, _H))
@@ -1914,6 +1949,9 @@ def _native_inference(_lib, _xs, _states, _params, _bs=None):
     def _empty(shape):
         return torch.empty(shape, dtype=_dt, device=_dev)
 
+    def _scratch(name, shape):
+        return _workspace("inference", name, shape, _dt, _dev)
+
     x_x = _xs[0].contiguous()
     s_h = _empty((_T + 1, _B, _H))
     s_h[0].copy_(_states[0])
@@ -1935,14 +1973,14 @@ def _native_inference(_lib, _xs, _states, _params, _bs=None):
     p_beta_h = _params["beta_h"].contiguous()
     p_inv_n_H = _params["inv_n_H"].contiguous()
     p_inv_n_H_2 = _params["inv_n_H_2"].contiguous()
-    hg_W_i_W_g_W_f_W_o__x = _empty((_T, _B, 4*_H))
-    tmp_xi = _empty((_B, _H))
-    tmp_xg = _empty((_B, _H))
-    tmp_xf = _empty((_B, _H))
-    tmp_xo = _empty((_B, _H))
-    tmp_mu_x = _empty((_B, 1))
-    tmp_rs_x = _empty((_B, 1))
-    g_R_i_R_g_R_f_R_o__h = _empty((_B, 4*_H))
+    hg_W_i_W_g_W_f_W_o__x = _scratch("hg_W_i_W_g_W_f_W_o__x", (_T, _B, 4*_H))
+    tmp_xi = _scratch("tmp_xi", (_B, _H))
+    tmp_xg = _scratch("tmp_xg", (_B, _H))
+    tmp_xf = _scratch("tmp_xf", (_B, _H))
+    tmp_xo = _scratch("tmp_xo", (_B, _H))
+    tmp_mu_x = _scratch("tmp_mu_x", (_B, 1))
+    tmp_rs_x = _scratch("tmp_rs_x", (_B, 1))
+    g_R_i_R_g_R_f_R_o__h = _scratch("g_R_i_R_g_R_f_R_o__h", (_B, 4*_H))
     if _lib is not None:  # None: shapes only (the custom op's fake implementation)
         _lib("inference", _dims, [x_x, s_h, s_c, p_b_i, p_b_g, p_b_f, p_b_o, p_gx_i, p_gx_g, p_gx_f, p_gx_o, p_gh_i, p_gh_g, p_gh_f, p_gh_o, p_gamma_h, p_beta_h, p_inv_n_H, p_inv_n_H_2, hg_W_i_W_g_W_f_W_o__x, tmp_xi, tmp_xg, tmp_xf, tmp_xo, tmp_mu_x, tmp_rs_x, g_R_i_R_g_R_f_R_o__h, _stacked(_params["W_i"], _params["W_g"], _params["W_f"], _params["W_o"]), _stacked(_params["R_i"], _params["R_g"], _params["R_f"], _params["R_o"]), _bs])
     _outputs = (s_h[1:1 + _T],)
@@ -1970,6 +2008,12 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
 
     def _gzeros(shape):
         return torch.zeros(shape, dtype=_gdt, device=_dev)
+
+    def _scratch(name, shape):
+        return _workspace("backward", name, shape, _dt, _dev)
+
+    def _gscratch(name, shape):
+        return _workspace("backward", name, shape, _gdt, _dev)
 
     if _bs is not None:  # outputs past a sequence's end are constant zeros
         _m = _native_active(_bs, _B, _xs)
@@ -2018,35 +2062,35 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     ds_h = _zeros((_B, _H)) if _d_finals[0] is None else _d_finals[0].to(_dt, memory_format=torch.contiguous_format, copy=True)
     ds_c = _zeros((_B, _H)) if _d_finals[1] is None else _d_finals[1].to(_dt, memory_format=torch.contiguous_format, copy=True)
     dx_x = _empty((_T, _B, _I))
-    dp_b_i = _empty((_T, _B, _H))
-    dp_b_g = _empty((_T, _B, _H))
-    dp_b_f = _empty((_T, _B, _H))
-    dp_b_o = _empty((_T, _B, _H))
-    dp_gx_i = _empty((_T, _B, _H))
-    dp_gx_g = _empty((_T, _B, _H))
-    dp_gx_f = _empty((_T, _B, _H))
-    dp_gx_o = _empty((_T, _B, _H))
-    dp_gh_i = _empty((_T, _B, _H))
-    dp_gh_g = _empty((_T, _B, _H))
-    dp_gh_f = _empty((_T, _B, _H))
-    dp_gh_o = _empty((_T, _B, _H))
-    dp_gamma_h = _empty((_T, _B, _H))
-    dp_beta_h = _empty((_T, _B, _H))
-    dg_R_i_R_g_R_f_R_o__h = _empty((_T, _B, 4*_H))
-    tmp_d_h_gemm = _empty((_B, _H))
-    dhg_W_i_W_g_W_f_W_o__x = _empty((_T, _B, 4*_H))
-    tmp_d_h_next = _empty((_B, _H))
-    tmp_d_c_next = _empty((_B, _H))
-    tmp_d_o = _empty((_B, _H))
-    tmp_d_f = _empty((_B, _H))
-    tmp_d_g = _empty((_B, _H))
-    tmp_d_i = _empty((_B, _H))
-    tmp_d_xo = _empty((_B, _H))
-    tmp_d_xf = _empty((_B, _H))
-    tmp_d_xg = _empty((_B, _H))
-    tmp_d_xi = _empty((_B, _H))
-    dw_R_i_R_g_R_f_R_o = _gempty((4*_H, _H))
-    dw_W_i_W_g_W_f_W_o = _gempty((4*_H, _I))
+    dp_b_i = _scratch("dp_b_i", (_T, _B, _H))
+    dp_b_g = _scratch("dp_b_g", (_T, _B, _H))
+    dp_b_f = _scratch("dp_b_f", (_T, _B, _H))
+    dp_b_o = _scratch("dp_b_o", (_T, _B, _H))
+    dp_gx_i = _scratch("dp_gx_i", (_T, _B, _H))
+    dp_gx_g = _scratch("dp_gx_g", (_T, _B, _H))
+    dp_gx_f = _scratch("dp_gx_f", (_T, _B, _H))
+    dp_gx_o = _scratch("dp_gx_o", (_T, _B, _H))
+    dp_gh_i = _scratch("dp_gh_i", (_T, _B, _H))
+    dp_gh_g = _scratch("dp_gh_g", (_T, _B, _H))
+    dp_gh_f = _scratch("dp_gh_f", (_T, _B, _H))
+    dp_gh_o = _scratch("dp_gh_o", (_T, _B, _H))
+    dp_gamma_h = _scratch("dp_gamma_h", (_T, _B, _H))
+    dp_beta_h = _scratch("dp_beta_h", (_T, _B, _H))
+    dg_R_i_R_g_R_f_R_o__h = _scratch("dg_R_i_R_g_R_f_R_o__h", (_T, _B, 4*_H))
+    tmp_d_h_gemm = _scratch("tmp_d_h_gemm", (_B, _H))
+    dhg_W_i_W_g_W_f_W_o__x = _scratch("dhg_W_i_W_g_W_f_W_o__x", (_T, _B, 4*_H))
+    tmp_d_h_next = _scratch("tmp_d_h_next", (_B, _H))
+    tmp_d_c_next = _scratch("tmp_d_c_next", (_B, _H))
+    tmp_d_o = _scratch("tmp_d_o", (_B, _H))
+    tmp_d_f = _scratch("tmp_d_f", (_B, _H))
+    tmp_d_g = _scratch("tmp_d_g", (_B, _H))
+    tmp_d_i = _scratch("tmp_d_i", (_B, _H))
+    tmp_d_xo = _scratch("tmp_d_xo", (_B, _H))
+    tmp_d_xf = _scratch("tmp_d_xf", (_B, _H))
+    tmp_d_xg = _scratch("tmp_d_xg", (_B, _H))
+    tmp_d_xi = _scratch("tmp_d_xi", (_B, _H))
+    dw_R_i_R_g_R_f_R_o = _gscratch("dw_R_i_R_g_R_f_R_o", (4*_H, _H))
+    dw_W_i_W_g_W_f_W_o = _gscratch("dw_W_i_W_g_W_f_W_o", (4*_H, _I))
     _grads = {"W_i": _gempty((_H, _I)), "W_g": _gempty((_H, _I)), "W_f": _gempty((_H, _I)), "W_o": _gempty((_H, _I)), "R_i": _gempty((_H, _H)), "R_g": _gempty((_H, _H)), "R_f": _gempty((_H, _H)), "R_o": _gempty((_H, _H)), "b_i": _gempty((_H,)), "b_g": _gempty((_H,)), "b_f": _gempty((_H,)), "b_o": _gempty((_H,)), "gx_i": _gempty((_H,)), "gx_g": _gempty((_H,)), "gx_f": _gempty((_H,)), "gx_o": _gempty((_H,)), "gh_i": _gempty((_H,)), "gh_g": _gempty((_H,)), "gh_f": _gempty((_H,)), "gh_o": _gempty((_H,)), "gamma_h": _gempty((_H,)), "beta_h": _gempty((_H,)), "inv_n_H": _gzeros((_H,)), "inv_n_H_2": _gzeros((_H,))}
     if _lib is not None:
         _lib("backward", _dims, [x_x, s_h, s_c, p_b_i, p_b_g, p_b_f, p_b_o, p_gx_i, p_gx_g, p_gx_f, p_gx_o, p_gh_i, p_gh_g, p_gh_f, p_gh_o, p_gamma_h, p_beta_h, p_inv_n_H, p_inv_n_H_2, v_xi, v_xg, v_xf, v_xo, v_mu_x, v_var_x, v_rs_x, v_ri, v_rg, v_rf, v_ro, v_mu_h, v_var_h, v_rs_h, v_i, v_g, v_f, v_o, v_mean_5, v_var, v_rstd, dout_h_next, ds_h, ds_c, dx_x, dp_b_i, dp_b_g, dp_b_f, dp_b_o, dp_gx_i, dp_gx_g, dp_gx_f, dp_gx_o, dp_gh_i, dp_gh_g, dp_gh_f, dp_gh_o, dp_gamma_h, dp_beta_h, dg_R_i_R_g_R_f_R_o__h, tmp_d_h_gemm, dhg_W_i_W_g_W_f_W_o__x, tmp_d_h_next, tmp_d_c_next, tmp_d_o, tmp_d_f, tmp_d_g, tmp_d_i, tmp_d_xo, tmp_d_xf, tmp_d_xg, tmp_d_xi, dw_R_i_R_g_R_f_R_o, dw_W_i_W_g_W_f_W_o, _stacked(_params["W_i"], _params["W_g"], _params["W_f"], _params["W_o"]), _stacked(_params["R_i"], _params["R_g"], _params["R_f"], _params["R_o"]), *_grads.values(), _bs])

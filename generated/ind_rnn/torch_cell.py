@@ -29,6 +29,7 @@ compiler builds them) and the engine below otherwise.
 
 import logging
 import math
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -664,6 +665,37 @@ def _stacked(*mats):
     return first.as_strided((sum(m.shape[0] for m in mats), first.shape[1]), (first.shape[1], 1))
 
 
+# Scratch buffers of the native calls (the hoisted GEMM outputs, per-step scratch, the backward's
+# adjoints; never what a call returns or saves) are kept between calls, per thread, on the CPU:
+# a fresh multi-MiB buffer costs a page fault per 4 KiB on first touch, every call. Each is kept
+# up to WORKSPACE_MAX_BYTES; release_workspace() frees them. Other devices: torch's allocator.
+WORKSPACE_MAX_BYTES = 64 << 20
+_WORKSPACE = threading.local()
+
+
+def _workspace(fn, name, shape, dtype, device):
+    """A scratch buffer of ``shape`` for the call ``fn``: the same memory on every call in this
+    thread (CPU), else a fresh one."""
+    if device.type != "cpu":
+        return torch.empty(shape, dtype=dtype, device=device)
+    n = math.prod(shape)
+    if n * dtype.itemsize > WORKSPACE_MAX_BYTES:
+        return torch.empty(shape, dtype=dtype, device=device)
+    kept = getattr(_WORKSPACE, "buffers", None)
+    if kept is None:
+        kept = _WORKSPACE.buffers = {}
+    buf = kept.get((fn, name))
+    if buf is None or buf.dtype != dtype or buf.numel() < n:
+        buf = kept[(fn, name)] = torch.empty(n, dtype=dtype)
+    return buf[:n].view(shape)
+
+
+def release_workspace():
+    """Free the scratch buffers this thread keeps between native calls (they come back, at their
+    first-touch cost, on the next call)."""
+    _WORKSPACE.buffers = {}
+
+
 def _native_sizes(_xs, _params):
     """(T, B, sizes...) of a call, as the native library takes them."""
     _T, _B = _xs[0].shape[0], _xs[0].shape[1]
@@ -686,6 +718,9 @@ def _native_forward(_lib, _xs, _states, _params, _bs=None):
 
     def _empty(shape):
         return torch.empty(shape, dtype=_dt, device=_dev)
+
+    def _scratch(name, shape):
+        return _workspace("forward", name, shape, _dt, _dev)
 
     x_x = _xs[0].contiguous()
     s_h = _empty((_T + 1, _B, _H))
@@ -710,6 +745,9 @@ def _native_inference(_lib, _xs, _states, _params, _bs=None):
 
     def _empty(shape):
         return torch.empty(shape, dtype=_dt, device=_dev)
+
+    def _scratch(name, shape):
+        return _workspace("inference", name, shape, _dt, _dev)
 
     x_x = _xs[0].contiguous()
     s_h = _empty((_T + 1, _B, _H))
@@ -745,6 +783,12 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     def _gzeros(shape):
         return torch.zeros(shape, dtype=_gdt, device=_dev)
 
+    def _scratch(name, shape):
+        return _workspace("backward", name, shape, _dt, _dev)
+
+    def _gscratch(name, shape):
+        return _workspace("backward", name, shape, _gdt, _dev)
+
     if _bs is not None:  # outputs past a sequence's end are constant zeros
         _m = _native_active(_bs, _B, _xs)
         _d_outputs = tuple(None if _d is None else _d * _m for _d in _d_outputs)
@@ -756,10 +800,10 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     dout_h_next = _zeros((_T, _B, _H)) if _d_outputs[0] is None else _d_outputs[0].contiguous()
     ds_h = _zeros((_B, _H)) if _d_finals[0] is None else _d_finals[0].to(_dt, memory_format=torch.contiguous_format, copy=True)
     dx_x = _empty((_T, _B, _I))
-    dp_u = _empty((_T, _B, _H))
-    dp_b = _empty((_T, _B, _H))
-    dhg_W__x = _empty((_T, _B, _H))
-    tmp_d_h_next = _empty((_B, _H))
+    dp_u = _scratch("dp_u", (_T, _B, _H))
+    dp_b = _scratch("dp_b", (_T, _B, _H))
+    dhg_W__x = _scratch("dhg_W__x", (_T, _B, _H))
+    tmp_d_h_next = _scratch("tmp_d_h_next", (_B, _H))
     _grads = {"W": _gempty((_H, _I)), "u": _gempty((_H,)), "b": _gempty((_H,))}
     if _lib is not None:
         _lib("backward", _dims, [x_x, s_h, p_u, p_b, hg_W__x, dout_h_next, ds_h, dx_x, dp_u, dp_b, dhg_W__x, tmp_d_h_next, _params["W"].contiguous(), *_grads.values(), _bs])

@@ -35,6 +35,7 @@ compiler builds them) and the engine below otherwise.
 
 import logging
 import math
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -1658,6 +1659,37 @@ def _stacked(*mats):
     return first.as_strided((sum(m.shape[0] for m in mats), first.shape[1]), (first.shape[1], 1))
 
 
+# Scratch buffers of the native calls (the hoisted GEMM outputs, per-step scratch, the backward's
+# adjoints; never what a call returns or saves) are kept between calls, per thread, on the CPU:
+# a fresh multi-MiB buffer costs a page fault per 4 KiB on first touch, every call. Each is kept
+# up to WORKSPACE_MAX_BYTES; release_workspace() frees them. Other devices: torch's allocator.
+WORKSPACE_MAX_BYTES = 64 << 20
+_WORKSPACE = threading.local()
+
+
+def _workspace(fn, name, shape, dtype, device):
+    """A scratch buffer of ``shape`` for the call ``fn``: the same memory on every call in this
+    thread (CPU), else a fresh one."""
+    if device.type != "cpu":
+        return torch.empty(shape, dtype=dtype, device=device)
+    n = math.prod(shape)
+    if n * dtype.itemsize > WORKSPACE_MAX_BYTES:
+        return torch.empty(shape, dtype=dtype, device=device)
+    kept = getattr(_WORKSPACE, "buffers", None)
+    if kept is None:
+        kept = _WORKSPACE.buffers = {}
+    buf = kept.get((fn, name))
+    if buf is None or buf.dtype != dtype or buf.numel() < n:
+        buf = kept[(fn, name)] = torch.empty(n, dtype=dtype)
+    return buf[:n].view(shape)
+
+
+def release_workspace():
+    """Free the scratch buffers this thread keeps between native calls (they come back, at their
+    first-touch cost, on the next call)."""
+    _WORKSPACE.buffers = {}
+
+
 def _native_sizes(_xs, _params):
     """(T, B, sizes...) of a call, as the native library takes them."""
     _T, _B = _xs[0].shape[0], _xs[0].shape[1]
@@ -1680,6 +1712,9 @@ def _native_forward(_lib, _xs, _states, _params, _bs=None):
 
     def _empty(shape):
         return torch.empty(shape, dtype=_dt, device=_dev)
+
+    def _scratch(name, shape):
+        return _workspace("forward", name, shape, _dt, _dev)
 
     x_x = _xs[0].contiguous()
     s_h = _empty((_T + 1, _B, _H))
@@ -1738,6 +1773,9 @@ def _native_inference(_lib, _xs, _states, _params, _bs=None):
     def _empty(shape):
         return torch.empty(shape, dtype=_dt, device=_dev)
 
+    def _scratch(name, shape):
+        return _workspace("inference", name, shape, _dt, _dev)
+
     x_x = _xs[0].contiguous()
     s_h = _empty((_T + 1, _B, _H))
     s_h[0].copy_(_states[0])
@@ -1755,12 +1793,12 @@ def _native_inference(_lib, _xs, _states, _params, _bs=None):
     p_bh_c = _params["bh_c"].contiguous()
     p_inv_n_H = _params["inv_n_H"].contiguous()
     hg_W_r_W_u_W_c__x = _empty((_T, _B, 3*_H))
-    tmp_mean = _empty((_B, 1))
-    tmp_rstd = _empty((_B, 1))
-    tmp_mean_3 = _empty((_B, 1))
-    tmp_rstd_3 = _empty((_B, 1))
-    tmp_mean_5 = _empty((_B, 1))
-    tmp_rstd_5 = _empty((_B, 1))
+    tmp_mean = _scratch("tmp_mean", (_B, 1))
+    tmp_rstd = _scratch("tmp_rstd", (_B, 1))
+    tmp_mean_3 = _scratch("tmp_mean_3", (_B, 1))
+    tmp_rstd_3 = _scratch("tmp_rstd_3", (_B, 1))
+    tmp_mean_5 = _scratch("tmp_mean_5", (_B, 1))
+    tmp_rstd_5 = _scratch("tmp_rstd_5", (_B, 1))
     g_U_r_U_u_U_c__h = _empty((_B, 3*_H))
     if _lib is not None:  # None: shapes only (the custom op's fake implementation)
         _lib("inference", _dims, [x_x, s_h, p_gx_r, p_bx_r, p_gh_r, p_bh_r, p_gx_u, p_bx_u, p_gh_u, p_bh_u, p_gx_c, p_bx_c, p_gh_c, p_bh_c, p_inv_n_H, hg_W_r_W_u_W_c__x, tmp_mean, tmp_rstd, tmp_mean_3, tmp_rstd_3, tmp_mean_5, tmp_rstd_5, g_U_r_U_u_U_c__h, _stacked(_params["W_r"], _params["W_u"], _params["W_c"]), _stacked(_params["U_r"], _params["U_u"], _params["U_c"]), _bs])
@@ -1789,6 +1827,12 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
 
     def _gzeros(shape):
         return torch.zeros(shape, dtype=_gdt, device=_dev)
+
+    def _scratch(name, shape):
+        return _workspace("backward", name, shape, _dt, _dev)
+
+    def _gscratch(name, shape):
+        return _workspace("backward", name, shape, _gdt, _dev)
 
     if _bs is not None:  # outputs past a sequence's end are constant zeros
         _m = _native_active(_bs, _B, _xs)
@@ -1834,33 +1878,33 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     dout_h_next = _zeros((_T, _B, _H)) if _d_outputs[0] is None else _d_outputs[0].contiguous()
     ds_h = _zeros((_B, _H)) if _d_finals[0] is None else _d_finals[0].to(_dt, memory_format=torch.contiguous_format, copy=True)
     dx_x = _empty((_T, _B, _I))
-    dp_gx_r = _empty((_T, _B, _H))
-    dp_bx_r = _empty((_T, _B, _H))
-    dp_gh_r = _empty((_T, _B, _H))
-    dp_bh_r = _empty((_T, _B, _H))
-    dp_gx_u = _empty((_T, _B, _H))
-    dp_bx_u = _empty((_T, _B, _H))
-    dp_gh_u = _empty((_T, _B, _H))
-    dp_bh_u = _empty((_T, _B, _H))
-    dp_gx_c = _empty((_T, _B, _H))
-    dp_bx_c = _empty((_T, _B, _H))
-    dp_gh_c = _empty((_T, _B, _H))
-    dp_bh_c = _empty((_T, _B, _H))
-    dg_U_r_U_u_U_c__h = _empty((_T, _B, 3*_H))
-    tmp_d_h_gemm = _empty((_B, _H))
-    dhg_W_r_W_u_W_c__x = _empty((_T, _B, 3*_H))
-    tmp_d_h_next = _empty((_B, _H))
-    tmp_d_c = _empty((_B, _H))
-    tmp_d_u = _empty((_B, _H))
-    tmp_d_r = _empty((_B, _H))
-    tmp_d_var_5 = _empty((_B, 1))
-    tmp_d_mean_5 = _empty((_B, 1))
-    tmp_d_var_3 = _empty((_B, 1))
-    tmp_d_mean_3 = _empty((_B, 1))
-    tmp_d_var = _empty((_B, 1))
-    tmp_d_mean = _empty((_B, 1))
-    dw_U_r_U_u_U_c = _gempty((3*_H, _H))
-    dw_W_r_W_u_W_c = _gempty((3*_H, _I))
+    dp_gx_r = _scratch("dp_gx_r", (_T, _B, _H))
+    dp_bx_r = _scratch("dp_bx_r", (_T, _B, _H))
+    dp_gh_r = _scratch("dp_gh_r", (_T, _B, _H))
+    dp_bh_r = _scratch("dp_bh_r", (_T, _B, _H))
+    dp_gx_u = _scratch("dp_gx_u", (_T, _B, _H))
+    dp_bx_u = _scratch("dp_bx_u", (_T, _B, _H))
+    dp_gh_u = _scratch("dp_gh_u", (_T, _B, _H))
+    dp_bh_u = _scratch("dp_bh_u", (_T, _B, _H))
+    dp_gx_c = _scratch("dp_gx_c", (_T, _B, _H))
+    dp_bx_c = _scratch("dp_bx_c", (_T, _B, _H))
+    dp_gh_c = _scratch("dp_gh_c", (_T, _B, _H))
+    dp_bh_c = _scratch("dp_bh_c", (_T, _B, _H))
+    dg_U_r_U_u_U_c__h = _scratch("dg_U_r_U_u_U_c__h", (_T, _B, 3*_H))
+    tmp_d_h_gemm = _scratch("tmp_d_h_gemm", (_B, _H))
+    dhg_W_r_W_u_W_c__x = _scratch("dhg_W_r_W_u_W_c__x", (_T, _B, 3*_H))
+    tmp_d_h_next = _scratch("tmp_d_h_next", (_B, _H))
+    tmp_d_c = _scratch("tmp_d_c", (_B, _H))
+    tmp_d_u = _scratch("tmp_d_u", (_B, _H))
+    tmp_d_r = _scratch("tmp_d_r", (_B, _H))
+    tmp_d_var_5 = _scratch("tmp_d_var_5", (_B, 1))
+    tmp_d_mean_5 = _scratch("tmp_d_mean_5", (_B, 1))
+    tmp_d_var_3 = _scratch("tmp_d_var_3", (_B, 1))
+    tmp_d_mean_3 = _scratch("tmp_d_mean_3", (_B, 1))
+    tmp_d_var = _scratch("tmp_d_var", (_B, 1))
+    tmp_d_mean = _scratch("tmp_d_mean", (_B, 1))
+    dw_U_r_U_u_U_c = _gscratch("dw_U_r_U_u_U_c", (3*_H, _H))
+    dw_W_r_W_u_W_c = _gscratch("dw_W_r_W_u_W_c", (3*_H, _I))
     _grads = {"W_r": _gempty((_H, _I)), "U_r": _gempty((_H, _H)), "W_u": _gempty((_H, _I)), "U_u": _gempty((_H, _H)), "W_c": _gempty((_H, _I)), "U_c": _gempty((_H, _H)), "gx_r": _gempty((_H,)), "bx_r": _gempty((_H,)), "gh_r": _gempty((_H,)), "bh_r": _gempty((_H,)), "gx_u": _gempty((_H,)), "bx_u": _gempty((_H,)), "gh_u": _gempty((_H,)), "bh_u": _gempty((_H,)), "gx_c": _gempty((_H,)), "bx_c": _gempty((_H,)), "gh_c": _gempty((_H,)), "bh_c": _gempty((_H,)), "inv_n_H": _gzeros((_H,))}
     if _lib is not None:
         _lib("backward", _dims, [x_x, s_h, p_gx_r, p_bx_r, p_gh_r, p_bh_r, p_gx_u, p_bx_u, p_gh_u, p_bh_u, p_gx_c, p_bx_c, p_gh_c, p_bh_c, p_inv_n_H, hg_W_r_W_u_W_c__x, v_mean, v_var, v_rstd, v_mean_3, v_var_3, v_rstd_3, v_mean_5, v_var_5, v_rstd_5, g_U_r_U_u_U_c__h, v_mean_2, v_var_2, v_rstd_2, v_r, v_mean_4, v_var_4, v_rstd_4, v_u, v_mean_6, v_var_6, v_rstd_6, v_c, dout_h_next, ds_h, dx_x, dp_gx_r, dp_bx_r, dp_gh_r, dp_bh_r, dp_gx_u, dp_bx_u, dp_gh_u, dp_bh_u, dp_gx_c, dp_bx_c, dp_gh_c, dp_bh_c, dg_U_r_U_u_U_c__h, tmp_d_h_gemm, dhg_W_r_W_u_W_c__x, tmp_d_h_next, tmp_d_c, tmp_d_u, tmp_d_r, tmp_d_var_5, tmp_d_mean_5, tmp_d_var_3, tmp_d_mean_3, tmp_d_var, tmp_d_mean, dw_U_r_U_u_U_c, dw_W_r_W_u_W_c, _stacked(_params["W_r"], _params["W_u"], _params["W_c"]), _stacked(_params["U_r"], _params["U_u"], _params["U_c"]), *_grads.values(), _bs])

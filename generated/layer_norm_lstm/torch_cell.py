@@ -39,6 +39,7 @@ compiler builds them) and the engine below otherwise.
 
 import logging
 import math
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -1652,6 +1653,37 @@ def _stacked(*mats):
     return first.as_strided((sum(m.shape[0] for m in mats), first.shape[1]), (first.shape[1], 1))
 
 
+# Scratch buffers of the native calls (the hoisted GEMM outputs, per-step scratch, the backward's
+# adjoints; never what a call returns or saves) are kept between calls, per thread, on the CPU:
+# a fresh multi-MiB buffer costs a page fault per 4 KiB on first touch, every call. Each is kept
+# up to WORKSPACE_MAX_BYTES; release_workspace() frees them. Other devices: torch's allocator.
+WORKSPACE_MAX_BYTES = 64 << 20
+_WORKSPACE = threading.local()
+
+
+def _workspace(fn, name, shape, dtype, device):
+    """A scratch buffer of ``shape`` for the call ``fn``: the same memory on every call in this
+    thread (CPU), else a fresh one."""
+    if device.type != "cpu":
+        return torch.empty(shape, dtype=dtype, device=device)
+    n = math.prod(shape)
+    if n * dtype.itemsize > WORKSPACE_MAX_BYTES:
+        return torch.empty(shape, dtype=dtype, device=device)
+    kept = getattr(_WORKSPACE, "buffers", None)
+    if kept is None:
+        kept = _WORKSPACE.buffers = {}
+    buf = kept.get((fn, name))
+    if buf is None or buf.dtype != dtype or buf.numel() < n:
+        buf = kept[(fn, name)] = torch.empty(n, dtype=dtype)
+    return buf[:n].view(shape)
+
+
+def release_workspace():
+    """Free the scratch buffers this thread keeps between native calls (they come back, at their
+    first-touch cost, on the next call)."""
+    _WORKSPACE.buffers = {}
+
+
 def _native_sizes(_xs, _params):
     """(T, B, sizes...) of a call, as the native library takes them."""
     _T, _B = _xs[0].shape[0], _xs[0].shape[1]
@@ -1674,6 +1706,9 @@ def _native_forward(_lib, _xs, _states, _params, _bs=None):
 
     def _empty(shape):
         return torch.empty(shape, dtype=_dt, device=_dev)
+
+    def _scratch(name, shape):
+        return _workspace("forward", name, shape, _dt, _dev)
 
     x_x = _xs[0].contiguous()
     s_h = _empty((_T + 1, _B, _H))
@@ -1730,6 +1765,9 @@ def _native_inference(_lib, _xs, _states, _params, _bs=None):
     def _empty(shape):
         return torch.empty(shape, dtype=_dt, device=_dev)
 
+    def _scratch(name, shape):
+        return _workspace("inference", name, shape, _dt, _dev)
+
     x_x = _xs[0].contiguous()
     s_h = _empty((_T + 1, _B, _H))
     s_h[0].copy_(_states[0])
@@ -1776,6 +1814,12 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     def _gzeros(shape):
         return torch.zeros(shape, dtype=_gdt, device=_dev)
 
+    def _scratch(name, shape):
+        return _workspace("backward", name, shape, _dt, _dev)
+
+    def _gscratch(name, shape):
+        return _workspace("backward", name, shape, _gdt, _dev)
+
     if _bs is not None:  # outputs past a sequence's end are constant zeros
         _m = _native_active(_bs, _B, _xs)
         _d_outputs = tuple(None if _d is None else _d * _m for _d in _d_outputs)
@@ -1818,36 +1862,36 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     ds_h = _zeros((_B, _H)) if _d_finals[0] is None else _d_finals[0].to(_dt, memory_format=torch.contiguous_format, copy=True)
     ds_c = _zeros((_B, _H)) if _d_finals[1] is None else _d_finals[1].to(_dt, memory_format=torch.contiguous_format, copy=True)
     dx_x = _empty((_T, _B, _I))
-    dp_g_i = _empty((_T, _B, _H))
-    dp_b_i = _empty((_T, _B, _H))
-    dp_g_j = _empty((_T, _B, _H))
-    dp_b_j = _empty((_T, _B, _H))
-    dp_g_f = _empty((_T, _B, _H))
-    dp_b_f = _empty((_T, _B, _H))
-    dp_g_o = _empty((_T, _B, _H))
-    dp_b_o = _empty((_T, _B, _H))
-    dp_g_c = _empty((_T, _B, _H))
-    dp_b_c = _empty((_T, _B, _H))
-    dg_U_i_U_j_U_f_U_o__h = _empty((_T, _B, 4*_H))
-    tmp_d_h_gemm = _empty((_B, _H))
-    dhg_W_i_W_j_W_f_W_o__x = _empty((_T, _B, 4*_H))
-    tmp_d_c_next = _empty((_B, _H))
-    tmp_d_var_5 = _empty((_B, 1))
-    tmp_d_mean_5 = _empty((_B, 1))
-    tmp_d_o = _empty((_B, _H))
-    tmp_d_var_4 = _empty((_B, 1))
-    tmp_d_mean_4 = _empty((_B, 1))
-    tmp_d_f = _empty((_B, _H))
-    tmp_d_var_3 = _empty((_B, 1))
-    tmp_d_mean_3 = _empty((_B, 1))
-    tmp_d_j = _empty((_B, _H))
-    tmp_d_var_2 = _empty((_B, 1))
-    tmp_d_mean_2 = _empty((_B, 1))
-    tmp_d_i = _empty((_B, _H))
-    tmp_d_var = _empty((_B, 1))
-    tmp_d_mean = _empty((_B, 1))
-    dw_U_i_U_j_U_f_U_o = _gempty((4*_H, _H))
-    dw_W_i_W_j_W_f_W_o = _gempty((4*_H, _I))
+    dp_g_i = _scratch("dp_g_i", (_T, _B, _H))
+    dp_b_i = _scratch("dp_b_i", (_T, _B, _H))
+    dp_g_j = _scratch("dp_g_j", (_T, _B, _H))
+    dp_b_j = _scratch("dp_b_j", (_T, _B, _H))
+    dp_g_f = _scratch("dp_g_f", (_T, _B, _H))
+    dp_b_f = _scratch("dp_b_f", (_T, _B, _H))
+    dp_g_o = _scratch("dp_g_o", (_T, _B, _H))
+    dp_b_o = _scratch("dp_b_o", (_T, _B, _H))
+    dp_g_c = _scratch("dp_g_c", (_T, _B, _H))
+    dp_b_c = _scratch("dp_b_c", (_T, _B, _H))
+    dg_U_i_U_j_U_f_U_o__h = _scratch("dg_U_i_U_j_U_f_U_o__h", (_T, _B, 4*_H))
+    tmp_d_h_gemm = _scratch("tmp_d_h_gemm", (_B, _H))
+    dhg_W_i_W_j_W_f_W_o__x = _scratch("dhg_W_i_W_j_W_f_W_o__x", (_T, _B, 4*_H))
+    tmp_d_c_next = _scratch("tmp_d_c_next", (_B, _H))
+    tmp_d_var_5 = _scratch("tmp_d_var_5", (_B, 1))
+    tmp_d_mean_5 = _scratch("tmp_d_mean_5", (_B, 1))
+    tmp_d_o = _scratch("tmp_d_o", (_B, _H))
+    tmp_d_var_4 = _scratch("tmp_d_var_4", (_B, 1))
+    tmp_d_mean_4 = _scratch("tmp_d_mean_4", (_B, 1))
+    tmp_d_f = _scratch("tmp_d_f", (_B, _H))
+    tmp_d_var_3 = _scratch("tmp_d_var_3", (_B, 1))
+    tmp_d_mean_3 = _scratch("tmp_d_mean_3", (_B, 1))
+    tmp_d_j = _scratch("tmp_d_j", (_B, _H))
+    tmp_d_var_2 = _scratch("tmp_d_var_2", (_B, 1))
+    tmp_d_mean_2 = _scratch("tmp_d_mean_2", (_B, 1))
+    tmp_d_i = _scratch("tmp_d_i", (_B, _H))
+    tmp_d_var = _scratch("tmp_d_var", (_B, 1))
+    tmp_d_mean = _scratch("tmp_d_mean", (_B, 1))
+    dw_U_i_U_j_U_f_U_o = _gscratch("dw_U_i_U_j_U_f_U_o", (4*_H, _H))
+    dw_W_i_W_j_W_f_W_o = _gscratch("dw_W_i_W_j_W_f_W_o", (4*_H, _I))
     _grads = {"W_i": _gempty((_H, _I)), "U_i": _gempty((_H, _H)), "g_i": _gempty((_H,)), "b_i": _gempty((_H,)), "W_j": _gempty((_H, _I)), "U_j": _gempty((_H, _H)), "g_j": _gempty((_H,)), "b_j": _gempty((_H,)), "W_f": _gempty((_H, _I)), "U_f": _gempty((_H, _H)), "g_f": _gempty((_H,)), "b_f": _gempty((_H,)), "W_o": _gempty((_H, _I)), "U_o": _gempty((_H, _H)), "g_o": _gempty((_H,)), "b_o": _gempty((_H,)), "g_c": _gempty((_H,)), "b_c": _gempty((_H,)), "inv_n_H": _gzeros((_H,))}
     if _lib is not None:
         _lib("backward", _dims, [x_x, s_h, s_c, p_g_i, p_b_i, p_g_j, p_b_j, p_g_f, p_b_f, p_g_o, p_b_o, p_g_c, p_b_c, p_inv_n_H, hg_W_i_W_j_W_f_W_o__x, g_U_i_U_j_U_f_U_o__h, v_mean, v_var, v_rstd, v_i, v_mean_2, v_var_2, v_rstd_2, v_j, v_mean_3, v_var_3, v_rstd_3, v_f, v_mean_4, v_var_4, v_rstd_4, v_o, v_mean_5, v_var_5, v_rstd_5, dout_h_next, ds_h, ds_c, dx_x, dp_g_i, dp_b_i, dp_g_j, dp_b_j, dp_g_f, dp_b_f, dp_g_o, dp_b_o, dp_g_c, dp_b_c, dg_U_i_U_j_U_f_U_o__h, tmp_d_h_gemm, dhg_W_i_W_j_W_f_W_o__x, tmp_d_c_next, tmp_d_var_5, tmp_d_mean_5, tmp_d_o, tmp_d_var_4, tmp_d_mean_4, tmp_d_f, tmp_d_var_3, tmp_d_mean_3, tmp_d_j, tmp_d_var_2, tmp_d_mean_2, tmp_d_i, tmp_d_var, tmp_d_mean, dw_U_i_U_j_U_f_U_o, dw_W_i_W_j_W_f_W_o, _stacked(_params["W_i"], _params["W_j"], _params["W_f"], _params["W_o"]), _stacked(_params["U_i"], _params["U_j"], _params["U_f"], _params["U_o"]), *_grads.values(), _bs])

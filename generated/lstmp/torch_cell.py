@@ -40,6 +40,7 @@ compiler builds them) and the engine below otherwise.
 
 import logging
 import math
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -1018,6 +1019,37 @@ def _stacked(*mats):
     return first.as_strided((sum(m.shape[0] for m in mats), first.shape[1]), (first.shape[1], 1))
 
 
+# Scratch buffers of the native calls (the hoisted GEMM outputs, per-step scratch, the backward's
+# adjoints; never what a call returns or saves) are kept between calls, per thread, on the CPU:
+# a fresh multi-MiB buffer costs a page fault per 4 KiB on first touch, every call. Each is kept
+# up to WORKSPACE_MAX_BYTES; release_workspace() frees them. Other devices: torch's allocator.
+WORKSPACE_MAX_BYTES = 64 << 20
+_WORKSPACE = threading.local()
+
+
+def _workspace(fn, name, shape, dtype, device):
+    """A scratch buffer of ``shape`` for the call ``fn``: the same memory on every call in this
+    thread (CPU), else a fresh one."""
+    if device.type != "cpu":
+        return torch.empty(shape, dtype=dtype, device=device)
+    n = math.prod(shape)
+    if n * dtype.itemsize > WORKSPACE_MAX_BYTES:
+        return torch.empty(shape, dtype=dtype, device=device)
+    kept = getattr(_WORKSPACE, "buffers", None)
+    if kept is None:
+        kept = _WORKSPACE.buffers = {}
+    buf = kept.get((fn, name))
+    if buf is None or buf.dtype != dtype or buf.numel() < n:
+        buf = kept[(fn, name)] = torch.empty(n, dtype=dtype)
+    return buf[:n].view(shape)
+
+
+def release_workspace():
+    """Free the scratch buffers this thread keeps between native calls (they come back, at their
+    first-touch cost, on the next call)."""
+    _WORKSPACE.buffers = {}
+
+
 def _native_sizes(_xs, _params):
     """(T, B, sizes...) of a call, as the native library takes them."""
     _T, _B = _xs[0].shape[0], _xs[0].shape[1]
@@ -1042,6 +1074,9 @@ def _native_forward(_lib, _xs, _states, _params, _bs=None):
     def _empty(shape):
         return torch.empty(shape, dtype=_dt, device=_dev)
 
+    def _scratch(name, shape):
+        return _workspace("forward", name, shape, _dt, _dev)
+
     x_x = _xs[0].contiguous()
     s_h = _empty((_T + 1, _B, _P))
     s_h[0].copy_(_states[0])
@@ -1055,14 +1090,14 @@ def _native_forward(_lib, _xs, _states, _params, _bs=None):
     p_b_hg = _params["b_hg"].contiguous()
     p_b_io = _params["b_io"].contiguous()
     p_b_ho = _params["b_ho"].contiguous()
-    hg_W_ii_W_if_W_ig_W_io__x = _empty((_T, _B, 4*_H))
-    g_W_hi_W_hf_W_hg_W_ho__h = _empty((_B, 4*_H))
+    hg_W_ii_W_if_W_ig_W_io__x = _scratch("hg_W_ii_W_if_W_ig_W_io__x", (_T, _B, 4*_H))
+    g_W_hi_W_hf_W_hg_W_ho__h = _scratch("g_W_hi_W_hf_W_hg_W_ho__h", (_B, 4*_H))
     v_i = _empty((_T, _B, _H))
     v_f = _empty((_T, _B, _H))
     v_g = _empty((_T, _B, _H))
     v_o = _empty((_T, _B, _H))
     v_W_hr_in = _empty((_T, _B, _H))
-    g_W_hr__W_hr_in = _empty((_B, _P))
+    g_W_hr__W_hr_in = _scratch("g_W_hr__W_hr_in", (_B, _P))
     if _lib is not None:  # None: shapes only (the custom op's fake implementation)
         _lib("forward", _dims, [x_x, s_h, s_c, p_b_ii, p_b_hi, p_b_if, p_b_hf, p_b_ig, p_b_hg, p_b_io, p_b_ho, hg_W_ii_W_if_W_ig_W_io__x, g_W_hi_W_hf_W_hg_W_ho__h, v_i, v_f, v_g, v_o, v_W_hr_in, g_W_hr__W_hr_in, _stacked(_params["W_ii"], _params["W_if"], _params["W_ig"], _params["W_io"]), _stacked(_params["W_hi"], _params["W_hf"], _params["W_hg"], _params["W_ho"]), _params["W_hr"].contiguous(), _bs])
     _outputs = (s_h[1:1 + _T],)
@@ -1081,6 +1116,9 @@ def _native_inference(_lib, _xs, _states, _params, _bs=None):
     def _empty(shape):
         return torch.empty(shape, dtype=_dt, device=_dev)
 
+    def _scratch(name, shape):
+        return _workspace("inference", name, shape, _dt, _dev)
+
     x_x = _xs[0].contiguous()
     s_h = _empty((_T + 1, _B, _P))
     s_h[0].copy_(_states[0])
@@ -1094,10 +1132,10 @@ def _native_inference(_lib, _xs, _states, _params, _bs=None):
     p_b_hg = _params["b_hg"].contiguous()
     p_b_io = _params["b_io"].contiguous()
     p_b_ho = _params["b_ho"].contiguous()
-    hg_W_ii_W_if_W_ig_W_io__x = _empty((_T, _B, 4*_H))
-    g_W_hi_W_hf_W_hg_W_ho__h = _empty((_B, 4*_H))
-    tmp_W_hr_in = _empty((_B, _H))
-    g_W_hr__W_hr_in = _empty((_B, _P))
+    hg_W_ii_W_if_W_ig_W_io__x = _scratch("hg_W_ii_W_if_W_ig_W_io__x", (_T, _B, 4*_H))
+    g_W_hi_W_hf_W_hg_W_ho__h = _scratch("g_W_hi_W_hf_W_hg_W_ho__h", (_B, 4*_H))
+    tmp_W_hr_in = _scratch("tmp_W_hr_in", (_B, _H))
+    g_W_hr__W_hr_in = _scratch("g_W_hr__W_hr_in", (_B, _P))
     if _lib is not None:  # None: shapes only (the custom op's fake implementation)
         _lib("inference", _dims, [x_x, s_h, s_c, p_b_ii, p_b_hi, p_b_if, p_b_hf, p_b_ig, p_b_hg, p_b_io, p_b_ho, hg_W_ii_W_if_W_ig_W_io__x, g_W_hi_W_hf_W_hg_W_ho__h, tmp_W_hr_in, g_W_hr__W_hr_in, _stacked(_params["W_ii"], _params["W_if"], _params["W_ig"], _params["W_io"]), _stacked(_params["W_hi"], _params["W_hf"], _params["W_hg"], _params["W_ho"]), _params["W_hr"].contiguous(), _bs])
     _outputs = (s_h[1:1 + _T],)
@@ -1126,6 +1164,12 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     def _gzeros(shape):
         return torch.zeros(shape, dtype=_gdt, device=_dev)
 
+    def _scratch(name, shape):
+        return _workspace("backward", name, shape, _dt, _dev)
+
+    def _gscratch(name, shape):
+        return _workspace("backward", name, shape, _gdt, _dev)
+
     if _bs is not None:  # outputs past a sequence's end are constant zeros
         _m = _native_active(_bs, _B, _xs)
         _d_outputs = tuple(None if _d is None else _d * _m for _d in _d_outputs)
@@ -1149,17 +1193,17 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     ds_h = _zeros((_B, _P)) if _d_finals[0] is None else _d_finals[0].to(_dt, memory_format=torch.contiguous_format, copy=True)
     ds_c = _zeros((_B, _H)) if _d_finals[1] is None else _d_finals[1].to(_dt, memory_format=torch.contiguous_format, copy=True)
     dx_x = _empty((_T, _B, _I))
-    dg_W_hi_W_hf_W_hg_W_ho__h = _empty((_T, _B, 4*_H))
-    tmp_d_h_gemm = _empty((_B, _P))
-    dg_W_hr__W_hr_in = _empty((_T, _B, _P))
-    tmp_d_W_hr_in_gemm = _empty((_B, _H))
-    tmp_d_c_next = _empty((_B, _H))
-    dw_W_hi_W_hf_W_hg_W_ho = _gempty((4*_H, _P))
-    dw_W_ii_W_if_W_ig_W_io = _gempty((4*_H, _I))
-    sum_d_b_ii = _gempty((_H,))
-    sum_d_b_if = _gempty((_H,))
-    sum_d_b_ig = _gempty((_H,))
-    sum_d_b_io = _gempty((_H,))
+    dg_W_hi_W_hf_W_hg_W_ho__h = _scratch("dg_W_hi_W_hf_W_hg_W_ho__h", (_T, _B, 4*_H))
+    tmp_d_h_gemm = _scratch("tmp_d_h_gemm", (_B, _P))
+    dg_W_hr__W_hr_in = _scratch("dg_W_hr__W_hr_in", (_T, _B, _P))
+    tmp_d_W_hr_in_gemm = _scratch("tmp_d_W_hr_in_gemm", (_B, _H))
+    tmp_d_c_next = _scratch("tmp_d_c_next", (_B, _H))
+    dw_W_hi_W_hf_W_hg_W_ho = _gscratch("dw_W_hi_W_hf_W_hg_W_ho", (4*_H, _P))
+    dw_W_ii_W_if_W_ig_W_io = _gscratch("dw_W_ii_W_if_W_ig_W_io", (4*_H, _I))
+    sum_d_b_ii = _gscratch("sum_d_b_ii", (_H,))
+    sum_d_b_if = _gscratch("sum_d_b_if", (_H,))
+    sum_d_b_ig = _gscratch("sum_d_b_ig", (_H,))
+    sum_d_b_io = _gscratch("sum_d_b_io", (_H,))
     _grads = {"W_ii": _gempty((_H, _I)), "W_hi": _gempty((_H, _P)), "b_ii": _gempty((_H,)), "b_hi": _gempty((_H,)), "W_if": _gempty((_H, _I)), "W_hf": _gempty((_H, _P)), "b_if": _gempty((_H,)), "b_hf": _gempty((_H,)), "W_ig": _gempty((_H, _I)), "W_hg": _gempty((_H, _P)), "b_ig": _gempty((_H,)), "b_hg": _gempty((_H,)), "W_io": _gempty((_H, _I)), "W_ho": _gempty((_H, _P)), "b_io": _gempty((_H,)), "b_ho": _gempty((_H,)), "W_hr": _gempty((_P, _H))}
     if _lib is not None:
         _lib("backward", _dims, [x_x, s_h, s_c, p_b_ii, p_b_hi, p_b_if, p_b_hf, p_b_ig, p_b_hg, p_b_io, p_b_ho, v_i, v_f, v_g, v_o, v_W_hr_in, dout_h_next, ds_h, ds_c, dx_x, dg_W_hi_W_hf_W_hg_W_ho__h, tmp_d_h_gemm, dg_W_hr__W_hr_in, tmp_d_W_hr_in_gemm, tmp_d_c_next, dw_W_hi_W_hf_W_hg_W_ho, dw_W_ii_W_if_W_ig_W_io, sum_d_b_ii, sum_d_b_if, sum_d_b_ig, sum_d_b_io, _stacked(_params["W_ii"], _params["W_if"], _params["W_ig"], _params["W_io"]), _stacked(_params["W_hi"], _params["W_hf"], _params["W_hg"], _params["W_ho"]), _params["W_hr"].contiguous(), *_grads.values(), _bs])

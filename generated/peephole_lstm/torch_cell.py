@@ -37,6 +37,7 @@ compiler builds them) and the engine below otherwise.
 
 import logging
 import math
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -1006,6 +1007,37 @@ def _stacked(*mats):
     return first.as_strided((sum(m.shape[0] for m in mats), first.shape[1]), (first.shape[1], 1))
 
 
+# Scratch buffers of the native calls (the hoisted GEMM outputs, per-step scratch, the backward's
+# adjoints; never what a call returns or saves) are kept between calls, per thread, on the CPU:
+# a fresh multi-MiB buffer costs a page fault per 4 KiB on first touch, every call. Each is kept
+# up to WORKSPACE_MAX_BYTES; release_workspace() frees them. Other devices: torch's allocator.
+WORKSPACE_MAX_BYTES = 64 << 20
+_WORKSPACE = threading.local()
+
+
+def _workspace(fn, name, shape, dtype, device):
+    """A scratch buffer of ``shape`` for the call ``fn``: the same memory on every call in this
+    thread (CPU), else a fresh one."""
+    if device.type != "cpu":
+        return torch.empty(shape, dtype=dtype, device=device)
+    n = math.prod(shape)
+    if n * dtype.itemsize > WORKSPACE_MAX_BYTES:
+        return torch.empty(shape, dtype=dtype, device=device)
+    kept = getattr(_WORKSPACE, "buffers", None)
+    if kept is None:
+        kept = _WORKSPACE.buffers = {}
+    buf = kept.get((fn, name))
+    if buf is None or buf.dtype != dtype or buf.numel() < n:
+        buf = kept[(fn, name)] = torch.empty(n, dtype=dtype)
+    return buf[:n].view(shape)
+
+
+def release_workspace():
+    """Free the scratch buffers this thread keeps between native calls (they come back, at their
+    first-touch cost, on the next call)."""
+    _WORKSPACE.buffers = {}
+
+
 def _native_sizes(_xs, _params):
     """(T, B, sizes...) of a call, as the native library takes them."""
     _T, _B = _xs[0].shape[0], _xs[0].shape[1]
@@ -1029,6 +1061,9 @@ def _native_forward(_lib, _xs, _states, _params, _bs=None):
     def _empty(shape):
         return torch.empty(shape, dtype=_dt, device=_dev)
 
+    def _scratch(name, shape):
+        return _workspace("forward", name, shape, _dt, _dev)
+
     x_x = _xs[0].contiguous()
     s_h = _empty((_T + 1, _B, _H))
     s_h[0].copy_(_states[0])
@@ -1041,8 +1076,8 @@ def _native_forward(_lib, _xs, _states, _params, _bs=None):
     p_b_g = _params["b_g"].contiguous()
     p_p_o = _params["p_o"].contiguous()
     p_b_o = _params["b_o"].contiguous()
-    hg_W_ii_W_if_W_ig_W_io__x = _empty((_T, _B, 4*_H))
-    g_W_hi_W_hf_W_hg_W_ho__h = _empty((_B, 4*_H))
+    hg_W_ii_W_if_W_ig_W_io__x = _scratch("hg_W_ii_W_if_W_ig_W_io__x", (_T, _B, 4*_H))
+    g_W_hi_W_hf_W_hg_W_ho__h = _scratch("g_W_hi_W_hf_W_hg_W_ho__h", (_B, 4*_H))
     v_i = _empty((_T, _B, _H))
     v_f = _empty((_T, _B, _H))
     v_g = _empty((_T, _B, _H))
@@ -1065,6 +1100,9 @@ def _native_inference(_lib, _xs, _states, _params, _bs=None):
     def _empty(shape):
         return torch.empty(shape, dtype=_dt, device=_dev)
 
+    def _scratch(name, shape):
+        return _workspace("inference", name, shape, _dt, _dev)
+
     x_x = _xs[0].contiguous()
     s_h = _empty((_T + 1, _B, _H))
     s_h[0].copy_(_states[0])
@@ -1077,8 +1115,8 @@ def _native_inference(_lib, _xs, _states, _params, _bs=None):
     p_b_g = _params["b_g"].contiguous()
     p_p_o = _params["p_o"].contiguous()
     p_b_o = _params["b_o"].contiguous()
-    hg_W_ii_W_if_W_ig_W_io__x = _empty((_T, _B, 4*_H))
-    g_W_hi_W_hf_W_hg_W_ho__h = _empty((_B, 4*_H))
+    hg_W_ii_W_if_W_ig_W_io__x = _scratch("hg_W_ii_W_if_W_ig_W_io__x", (_T, _B, 4*_H))
+    g_W_hi_W_hf_W_hg_W_ho__h = _scratch("g_W_hi_W_hf_W_hg_W_ho__h", (_B, 4*_H))
     if _lib is not None:  # None: shapes only (the custom op's fake implementation)
         _lib("inference", _dims, [x_x, s_h, s_c, p_p_i, p_b_i, p_p_f, p_b_f, p_b_g, p_p_o, p_b_o, hg_W_ii_W_if_W_ig_W_io__x, g_W_hi_W_hf_W_hg_W_ho__h, _stacked(_params["W_ii"], _params["W_if"], _params["W_ig"], _params["W_io"]), _stacked(_params["W_hi"], _params["W_hf"], _params["W_hg"], _params["W_ho"]), _bs])
     _outputs = (s_h[1:1 + _T],)
@@ -1107,6 +1145,12 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     def _gzeros(shape):
         return torch.zeros(shape, dtype=_gdt, device=_dev)
 
+    def _scratch(name, shape):
+        return _workspace("backward", name, shape, _dt, _dev)
+
+    def _gscratch(name, shape):
+        return _workspace("backward", name, shape, _gdt, _dev)
+
     if _bs is not None:  # outputs past a sequence's end are constant zeros
         _m = _native_active(_bs, _B, _xs)
         _d_outputs = tuple(None if _d is None else _d * _m for _d in _d_outputs)
@@ -1128,17 +1172,17 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     ds_h = _zeros((_B, _H)) if _d_finals[0] is None else _d_finals[0].to(_dt, memory_format=torch.contiguous_format, copy=True)
     ds_c = _zeros((_B, _H)) if _d_finals[1] is None else _d_finals[1].to(_dt, memory_format=torch.contiguous_format, copy=True)
     dx_x = _empty((_T, _B, _I))
-    dp_p_i = _empty((_T, _B, _H))
-    dp_p_f = _empty((_T, _B, _H))
-    dp_p_o = _empty((_T, _B, _H))
-    dg_W_hi_W_hf_W_hg_W_ho__h = _empty((_T, _B, 4*_H))
-    tmp_d_h_gemm = _empty((_B, _H))
-    tmp_d_o = _empty((_B, _H))
-    tmp_d_c_next = _empty((_B, _H))
-    tmp_d_f = _empty((_B, _H))
-    tmp_d_i = _empty((_B, _H))
-    dw_W_hi_W_hf_W_hg_W_ho = _gempty((4*_H, _H))
-    dw_W_ii_W_if_W_ig_W_io = _gempty((4*_H, _I))
+    dp_p_i = _scratch("dp_p_i", (_T, _B, _H))
+    dp_p_f = _scratch("dp_p_f", (_T, _B, _H))
+    dp_p_o = _scratch("dp_p_o", (_T, _B, _H))
+    dg_W_hi_W_hf_W_hg_W_ho__h = _scratch("dg_W_hi_W_hf_W_hg_W_ho__h", (_T, _B, 4*_H))
+    tmp_d_h_gemm = _scratch("tmp_d_h_gemm", (_B, _H))
+    tmp_d_o = _scratch("tmp_d_o", (_B, _H))
+    tmp_d_c_next = _scratch("tmp_d_c_next", (_B, _H))
+    tmp_d_f = _scratch("tmp_d_f", (_B, _H))
+    tmp_d_i = _scratch("tmp_d_i", (_B, _H))
+    dw_W_hi_W_hf_W_hg_W_ho = _gscratch("dw_W_hi_W_hf_W_hg_W_ho", (4*_H, _H))
+    dw_W_ii_W_if_W_ig_W_io = _gscratch("dw_W_ii_W_if_W_ig_W_io", (4*_H, _I))
     _grads = {"W_ii": _gempty((_H, _I)), "W_hi": _gempty((_H, _H)), "p_i": _gempty((_H,)), "b_i": _gempty((_H,)), "W_if": _gempty((_H, _I)), "W_hf": _gempty((_H, _H)), "p_f": _gempty((_H,)), "b_f": _gempty((_H,)), "W_ig": _gempty((_H, _I)), "W_hg": _gempty((_H, _H)), "b_g": _gempty((_H,)), "W_io": _gempty((_H, _I)), "W_ho": _gempty((_H, _H)), "p_o": _gempty((_H,)), "b_o": _gempty((_H,))}
     if _lib is not None:
         _lib("backward", _dims, [x_x, s_h, s_c, p_p_i, p_b_i, p_p_f, p_b_f, p_b_g, p_p_o, p_b_o, v_i, v_f, v_g, v_o, dout_h_next, ds_h, ds_c, dx_x, dp_p_i, dp_p_f, dp_p_o, dg_W_hi_W_hf_W_hg_W_ho__h, tmp_d_h_gemm, tmp_d_o, tmp_d_c_next, tmp_d_f, tmp_d_i, dw_W_hi_W_hf_W_hg_W_ho, dw_W_ii_W_if_W_ig_W_io, _stacked(_params["W_ii"], _params["W_if"], _params["W_ig"], _params["W_io"]), _stacked(_params["W_hi"], _params["W_hf"], _params["W_hg"], _params["W_ho"]), *_grads.values(), _bs])

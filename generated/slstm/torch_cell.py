@@ -42,6 +42,7 @@ compiler builds them) and the engine below otherwise.
 
 import logging
 import math
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -1095,6 +1096,37 @@ def _stacked(*mats):
     return first.as_strided((sum(m.shape[0] for m in mats), first.shape[1]), (first.shape[1], 1))
 
 
+# Scratch buffers of the native calls (the hoisted GEMM outputs, per-step scratch, the backward's
+# adjoints; never what a call returns or saves) are kept between calls, per thread, on the CPU:
+# a fresh multi-MiB buffer costs a page fault per 4 KiB on first touch, every call. Each is kept
+# up to WORKSPACE_MAX_BYTES; release_workspace() frees them. Other devices: torch's allocator.
+WORKSPACE_MAX_BYTES = 64 << 20
+_WORKSPACE = threading.local()
+
+
+def _workspace(fn, name, shape, dtype, device):
+    """A scratch buffer of ``shape`` for the call ``fn``: the same memory on every call in this
+    thread (CPU), else a fresh one."""
+    if device.type != "cpu":
+        return torch.empty(shape, dtype=dtype, device=device)
+    n = math.prod(shape)
+    if n * dtype.itemsize > WORKSPACE_MAX_BYTES:
+        return torch.empty(shape, dtype=dtype, device=device)
+    kept = getattr(_WORKSPACE, "buffers", None)
+    if kept is None:
+        kept = _WORKSPACE.buffers = {}
+    buf = kept.get((fn, name))
+    if buf is None or buf.dtype != dtype or buf.numel() < n:
+        buf = kept[(fn, name)] = torch.empty(n, dtype=dtype)
+    return buf[:n].view(shape)
+
+
+def release_workspace():
+    """Free the scratch buffers this thread keeps between native calls (they come back, at their
+    first-touch cost, on the next call)."""
+    _WORKSPACE.buffers = {}
+
+
 def _native_sizes(_xs, _params):
     """(T, B, sizes...) of a call, as the native library takes them."""
     _T, _B = _xs[0].shape[0], _xs[0].shape[1]
@@ -1118,6 +1150,9 @@ def _native_forward(_lib, _xs, _states, _params, _bs=None):
     def _empty(shape):
         return torch.empty(shape, dtype=_dt, device=_dev)
 
+    def _scratch(name, shape):
+        return _workspace("forward", name, shape, _dt, _dev)
+
     x_x = _xs[0].contiguous()
     s_h = _empty((_T + 1, _B, _H))
     s_h[0].copy_(_states[0])
@@ -1131,8 +1166,8 @@ def _native_forward(_lib, _xs, _states, _params, _bs=None):
     p_b_i = _params["b_i"].contiguous()
     p_b_f = _params["b_f"].contiguous()
     p_b_o = _params["b_o"].contiguous()
-    hg_W_z_W_i_W_f_W_o__x = _empty((_T, _B, 4*_H))
-    g_R_z_R_i_R_f_R_o__h = _empty((_B, 4*_H))
+    hg_W_z_W_i_W_f_W_o__x = _scratch("hg_W_z_W_i_W_f_W_o__x", (_T, _B, 4*_H))
+    g_R_z_R_i_R_f_R_o__h = _scratch("g_R_z_R_i_R_f_R_o__h", (_B, 4*_H))
     v_z = _empty((_T, _B, _H))
     v_it = _empty((_T, _B, _H))
     v_ft = _empty((_T, _B, _H))
@@ -1157,6 +1192,9 @@ def _native_inference(_lib, _xs, _states, _params, _bs=None):
     def _empty(shape):
         return torch.empty(shape, dtype=_dt, device=_dev)
 
+    def _scratch(name, shape):
+        return _workspace("inference", name, shape, _dt, _dev)
+
     x_x = _xs[0].contiguous()
     s_h = _empty((_T + 1, _B, _H))
     s_h[0].copy_(_states[0])
@@ -1170,8 +1208,8 @@ def _native_inference(_lib, _xs, _states, _params, _bs=None):
     p_b_i = _params["b_i"].contiguous()
     p_b_f = _params["b_f"].contiguous()
     p_b_o = _params["b_o"].contiguous()
-    hg_W_z_W_i_W_f_W_o__x = _empty((_T, _B, 4*_H))
-    g_R_z_R_i_R_f_R_o__h = _empty((_B, 4*_H))
+    hg_W_z_W_i_W_f_W_o__x = _scratch("hg_W_z_W_i_W_f_W_o__x", (_T, _B, 4*_H))
+    g_R_z_R_i_R_f_R_o__h = _scratch("g_R_z_R_i_R_f_R_o__h", (_B, 4*_H))
     if _lib is not None:  # None: shapes only (the custom op's fake implementation)
         _lib("inference", _dims, [x_x, s_h, s_c, s_n, s_m, p_b_z, p_b_i, p_b_f, p_b_o, hg_W_z_W_i_W_f_W_o__x, g_R_z_R_i_R_f_R_o__h, _stacked(_params["W_z"], _params["W_i"], _params["W_f"], _params["W_o"]), _stacked(_params["R_z"], _params["R_i"], _params["R_f"], _params["R_o"]), _bs])
     _outputs = (s_h[1:1 + _T],)
@@ -1200,6 +1238,12 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     def _gzeros(shape):
         return torch.zeros(shape, dtype=_gdt, device=_dev)
 
+    def _scratch(name, shape):
+        return _workspace("backward", name, shape, _dt, _dev)
+
+    def _gscratch(name, shape):
+        return _workspace("backward", name, shape, _gdt, _dev)
+
     if _bs is not None:  # outputs past a sequence's end are constant zeros
         _m = _native_active(_bs, _B, _xs)
         _d_outputs = tuple(None if _d is None else _d * _m for _d in _d_outputs)
@@ -1224,14 +1268,14 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     ds_n = _zeros((_B, _H)) if _d_finals[2] is None else _d_finals[2].to(_dt, memory_format=torch.contiguous_format, copy=True)
     ds_m = _zeros((_B, _H)) if _d_finals[3] is None else _d_finals[3].to(_dt, memory_format=torch.contiguous_format, copy=True)
     dx_x = _empty((_T, _B, _I))
-    dg_R_z_R_i_R_f_R_o__h = _empty((_T, _B, 4*_H))
-    tmp_d_h_gemm = _empty((_B, _H))
-    tmp_d_n_next = _empty((_B, _H))
-    tmp_d_c_next = _empty((_B, _H))
-    tmp_d_f = _empty((_B, _H))
-    tmp_d_m_next = _empty((_B, _H))
-    dw_R_z_R_i_R_f_R_o = _gempty((4*_H, _H))
-    dw_W_z_W_i_W_f_W_o = _gempty((4*_H, _I))
+    dg_R_z_R_i_R_f_R_o__h = _scratch("dg_R_z_R_i_R_f_R_o__h", (_T, _B, 4*_H))
+    tmp_d_h_gemm = _scratch("tmp_d_h_gemm", (_B, _H))
+    tmp_d_n_next = _scratch("tmp_d_n_next", (_B, _H))
+    tmp_d_c_next = _scratch("tmp_d_c_next", (_B, _H))
+    tmp_d_f = _scratch("tmp_d_f", (_B, _H))
+    tmp_d_m_next = _scratch("tmp_d_m_next", (_B, _H))
+    dw_R_z_R_i_R_f_R_o = _gscratch("dw_R_z_R_i_R_f_R_o", (4*_H, _H))
+    dw_W_z_W_i_W_f_W_o = _gscratch("dw_W_z_W_i_W_f_W_o", (4*_H, _I))
     _grads = {"W_z": _gempty((_H, _I)), "R_z": _gempty((_H, _H)), "b_z": _gempty((_H,)), "W_i": _gempty((_H, _I)), "R_i": _gempty((_H, _H)), "b_i": _gempty((_H,)), "W_f": _gempty((_H, _I)), "R_f": _gempty((_H, _H)), "b_f": _gempty((_H,)), "W_o": _gempty((_H, _I)), "R_o": _gempty((_H, _H)), "b_o": _gempty((_H,))}
     if _lib is not None:
         _lib("backward", _dims, [x_x, s_h, s_c, s_n, s_m, p_b_z, p_b_i, p_b_f, p_b_o, v_z, v_it, v_ft, v_o, v_i, v_f, dout_h_next, ds_h, ds_c, ds_n, ds_m, dx_x, dg_R_z_R_i_R_f_R_o__h, tmp_d_h_gemm, tmp_d_n_next, tmp_d_c_next, tmp_d_f, tmp_d_m_next, dw_R_z_R_i_R_f_R_o, dw_W_z_W_i_W_f_W_o, _stacked(_params["W_z"], _params["W_i"], _params["W_f"], _params["W_o"]), _stacked(_params["R_z"], _params["R_i"], _params["R_f"], _params["R_o"]), *_grads.values(), _bs])

@@ -34,6 +34,7 @@ compiler builds them) and the engine below otherwise.
 
 import logging
 import math
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -889,6 +890,37 @@ def _stacked(*mats):
     return first.as_strided((sum(m.shape[0] for m in mats), first.shape[1]), (first.shape[1], 1))
 
 
+# Scratch buffers of the native calls (the hoisted GEMM outputs, per-step scratch, the backward's
+# adjoints; never what a call returns or saves) are kept between calls, per thread, on the CPU:
+# a fresh multi-MiB buffer costs a page fault per 4 KiB on first touch, every call. Each is kept
+# up to WORKSPACE_MAX_BYTES; release_workspace() frees them. Other devices: torch's allocator.
+WORKSPACE_MAX_BYTES = 64 << 20
+_WORKSPACE = threading.local()
+
+
+def _workspace(fn, name, shape, dtype, device):
+    """A scratch buffer of ``shape`` for the call ``fn``: the same memory on every call in this
+    thread (CPU), else a fresh one."""
+    if device.type != "cpu":
+        return torch.empty(shape, dtype=dtype, device=device)
+    n = math.prod(shape)
+    if n * dtype.itemsize > WORKSPACE_MAX_BYTES:
+        return torch.empty(shape, dtype=dtype, device=device)
+    kept = getattr(_WORKSPACE, "buffers", None)
+    if kept is None:
+        kept = _WORKSPACE.buffers = {}
+    buf = kept.get((fn, name))
+    if buf is None or buf.dtype != dtype or buf.numel() < n:
+        buf = kept[(fn, name)] = torch.empty(n, dtype=dtype)
+    return buf[:n].view(shape)
+
+
+def release_workspace():
+    """Free the scratch buffers this thread keeps between native calls (they come back, at their
+    first-touch cost, on the next call)."""
+    _WORKSPACE.buffers = {}
+
+
 def _native_sizes(_xs, _params):
     """(T, B, sizes...) of a call, as the native library takes them."""
     _T, _B = _xs[0].shape[0], _xs[0].shape[1]
@@ -912,6 +944,9 @@ def _native_forward(_lib, _xs, _states, _params, _bs=None):
     def _empty(shape):
         return torch.empty(shape, dtype=_dt, device=_dev)
 
+    def _scratch(name, shape):
+        return _workspace("forward", name, shape, _dt, _dev)
+
     x_x = _xs[0].contiguous()
     s_h = _empty((_T + 1, _B, _H))
     s_h[0].copy_(_states[0])
@@ -921,7 +956,7 @@ def _native_forward(_lib, _xs, _states, _params, _bs=None):
     p_b_hz = _params["b_hz"].contiguous()
     p_b_in = _params["b_in"].contiguous()
     p_b_hn = _params["b_hn"].contiguous()
-    hg_W_ir_W_iz_W_in__x = _empty((_T, _B, 3*_H))
+    hg_W_ir_W_iz_W_in__x = _scratch("hg_W_ir_W_iz_W_in__x", (_T, _B, 3*_H))
     g_W_hr_W_hz_W_hn__h = _empty((_T, _B, 3*_H))
     v_r = _empty((_T, _B, _H))
     v_z = _empty((_T, _B, _H))
@@ -944,6 +979,9 @@ def _native_inference(_lib, _xs, _states, _params, _bs=None):
     def _empty(shape):
         return torch.empty(shape, dtype=_dt, device=_dev)
 
+    def _scratch(name, shape):
+        return _workspace("inference", name, shape, _dt, _dev)
+
     x_x = _xs[0].contiguous()
     s_h = _empty((_T + 1, _B, _H))
     s_h[0].copy_(_states[0])
@@ -953,7 +991,7 @@ def _native_inference(_lib, _xs, _states, _params, _bs=None):
     p_b_hz = _params["b_hz"].contiguous()
     p_b_in = _params["b_in"].contiguous()
     p_b_hn = _params["b_hn"].contiguous()
-    hg_W_ir_W_iz_W_in__x = _empty((_T, _B, 3*_H))
+    hg_W_ir_W_iz_W_in__x = _scratch("hg_W_ir_W_iz_W_in__x", (_T, _B, 3*_H))
     g_W_hr_W_hz_W_hn__h = _empty((_B, 3*_H))
     if _lib is not None:  # None: shapes only (the custom op's fake implementation)
         _lib("inference", _dims, [x_x, s_h, p_b_ir, p_b_hr, p_b_iz, p_b_hz, p_b_in, p_b_hn, hg_W_ir_W_iz_W_in__x, g_W_hr_W_hz_W_hn__h, _stacked(_params["W_ir"], _params["W_iz"], _params["W_in"]), _stacked(_params["W_hr"], _params["W_hz"], _params["W_hn"]), _bs])
@@ -983,6 +1021,12 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     def _gzeros(shape):
         return torch.zeros(shape, dtype=_gdt, device=_dev)
 
+    def _scratch(name, shape):
+        return _workspace("backward", name, shape, _dt, _dev)
+
+    def _gscratch(name, shape):
+        return _workspace("backward", name, shape, _gdt, _dev)
+
     if _bs is not None:  # outputs past a sequence's end are constant zeros
         _m = _native_active(_bs, _B, _xs)
         _d_outputs = tuple(None if _d is None else _d * _m for _d in _d_outputs)
@@ -1001,16 +1045,16 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     dout_h_next = _zeros((_T, _B, _H)) if _d_outputs[0] is None else _d_outputs[0].contiguous()
     ds_h = _zeros((_B, _H)) if _d_finals[0] is None else _d_finals[0].to(_dt, memory_format=torch.contiguous_format, copy=True)
     dx_x = _empty((_T, _B, _I))
-    dp_b_in = _empty((_T, _B, _H))
-    dg_W_hr_W_hz_W_hn__h = _empty((_T, _B, 3*_H))
-    tmp_d_h_gemm = _empty((_B, _H))
-    dhg_W_ir_W_iz_W_in__x = _empty((_T, _B, 3*_H))
-    tmp_d_h_next = _empty((_B, _H))
-    tmp_d_n = _empty((_B, _H))
-    dw_W_hr_W_hz_W_hn = _gempty((3*_H, _H))
-    dw_W_ir_W_iz_W_in = _gempty((3*_H, _I))
-    sum_d_b_ir = _gempty((_H,))
-    sum_d_b_iz = _gempty((_H,))
+    dp_b_in = _scratch("dp_b_in", (_T, _B, _H))
+    dg_W_hr_W_hz_W_hn__h = _scratch("dg_W_hr_W_hz_W_hn__h", (_T, _B, 3*_H))
+    tmp_d_h_gemm = _scratch("tmp_d_h_gemm", (_B, _H))
+    dhg_W_ir_W_iz_W_in__x = _scratch("dhg_W_ir_W_iz_W_in__x", (_T, _B, 3*_H))
+    tmp_d_h_next = _scratch("tmp_d_h_next", (_B, _H))
+    tmp_d_n = _scratch("tmp_d_n", (_B, _H))
+    dw_W_hr_W_hz_W_hn = _gscratch("dw_W_hr_W_hz_W_hn", (3*_H, _H))
+    dw_W_ir_W_iz_W_in = _gscratch("dw_W_ir_W_iz_W_in", (3*_H, _I))
+    sum_d_b_ir = _gscratch("sum_d_b_ir", (_H,))
+    sum_d_b_iz = _gscratch("sum_d_b_iz", (_H,))
     _grads = {"W_ir": _gempty((_H, _I)), "W_hr": _gempty((_H, _H)), "b_ir": _gempty((_H,)), "b_hr": _gempty((_H,)), "W_iz": _gempty((_H, _I)), "W_hz": _gempty((_H, _H)), "b_iz": _gempty((_H,)), "b_hz": _gempty((_H,)), "W_in": _gempty((_H, _I)), "W_hn": _gempty((_H, _H)), "b_in": _gempty((_H,)), "b_hn": _gempty((_H,))}
     if _lib is not None:
         _lib("backward", _dims, [x_x, s_h, p_b_ir, p_b_hr, p_b_iz, p_b_hz, p_b_in, p_b_hn, g_W_hr_W_hz_W_hn__h, v_r, v_z, v_n, dout_h_next, ds_h, dx_x, dp_b_in, dg_W_hr_W_hz_W_hn__h, tmp_d_h_gemm, dhg_W_ir_W_iz_W_in__x, tmp_d_h_next, tmp_d_n, dw_W_hr_W_hz_W_hn, dw_W_ir_W_iz_W_in, sum_d_b_ir, sum_d_b_iz, _stacked(_params["W_ir"], _params["W_iz"], _params["W_in"]), _stacked(_params["W_hr"], _params["W_hz"], _params["W_hn"]), *_grads.values(), _bs])
