@@ -1361,4 +1361,14 @@ extern "C" int lstm_backward_f64(const int64_t* dims, void* const* ptrs, const v
 
 #ifdef __CUDACC__
 extern "C" const char* lstm_cuda_error_string(int code) { return code >= 1000 ? "cuBLAS error (1000 + cublasStatus_t)" : cudaGetErrorString((cudaError_t)code); }
+#else
+// 1 where the float per-step products run cellspec's own AVX-512 GEMM (given ctx->own), else 0
+extern "C" int lstm_own_gemm(void)
+{
+#ifdef CS_OWN_GEMM
+    return cs_avx512() ? 1 : 0;
+#else
+    return 0;
+#endif
+}
 #endif
