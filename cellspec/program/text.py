@@ -47,17 +47,17 @@ def _op(fn: ir.Function, prog: ir.Program, op, indent: str) -> list[str]:
     if isinstance(op, ir.Project):
         w = prog.weights[op.weight]
         b = " (one row, broadcast)" if op.broadcast else ""
-        return [f"{indent}gemm {op.out} = {_stacked(op.operands, op.stacked)}{b} @ [{', '.join(w.matrices)}]^T   "
-                f"({_rows(rows, op.operands)}: {op.comment})"]
+        return [(f"{indent}gemm {op.out} = {_stacked(op.operands, op.stacked)}{b} @ [{', '.join(w.matrices)}]^T   "
+                 f"({_rows(rows, op.operands)}: {op.comment})")]
     if isinstance(op, ir.ProjectBack):
         w = prog.weights[op.weight]
         eq = "+=" if op.accumulate else "="
-        return [f"{indent}gemm {_stacked(op.d_operands, op.stacked)} {eq} {op.d_out} @ [{', '.join(w.matrices)}]   "
-                f"({_rows(rows, op.d_operands)})"]
+        return [(f"{indent}gemm {_stacked(op.d_operands, op.stacked)} {eq} {op.d_out} @ [{', '.join(w.matrices)}]   "
+                 f"({_rows(rows, op.d_operands)})")]
     if isinstance(op, ir.WeightGrad):
         w = prog.weights[op.weight]
-        return [f"{indent}gemm d[{', '.join(w.matrices)}] += {op.d_out}^T @ {_stacked(op.operands, op.stacked)}   "
-                f"({_rows('T*B rows', op.operands)}: {op.comment})"]
+        return [(f"{indent}gemm d[{', '.join(w.matrices)}] += {op.d_out}^T @ {_stacked(op.operands, op.stacked)}   "
+                 f"({_rows('T*B rows', op.operands)}: {op.comment})")]
     if isinstance(op, ir.Stack):
         dest = ", ".join(_where(fn, t) for t in op.targets)
         return [f"{indent}copy {', '.join(op.sources)} -> {dest}   ({rows}: {op.comment})"]
