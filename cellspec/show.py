@@ -48,7 +48,11 @@ def _backward_text(cc) -> str:
         lines.append(f"  stage {st.index} backward:")
         lines += [f"    {a.target} = {a.expr}" for a in st.assigns]
         for g in st.gemms:
-            lines.append(f"    GEMM: d_{g.operand} += [{', '.join('d_' + p.key for p in g.projections)}] @ [{', '.join(g.matrices)}]")
+            d_ops = "; ".join(f"d_{o}" for o in g.operands)
+            d_ps = "; ".join(", ".join("d_" + p.key for p in g.of(o)) for o in g.operands)
+            if len(g.operands) > 1:
+                d_ops, d_ps = f"[{d_ops}]", f"[{d_ps}]"
+            lines.append(f"    GEMM: {d_ops} += [{d_ps}] @ [{', '.join(g.matrices)}]")
     lines.append("  leaves:")
     lines += [f"    {a.target} = {a.expr}" for a in b.leaf_assigns]
     if b.hoisted_assigns or b.hoisted_leaf_assigns:

@@ -197,7 +197,8 @@ SCHEDULES = {
     ),
     "fold": Scheduled(
         FOLD,
-        [("W_in", ["W"]), ("x", ["W"])],  # W @ (x * m): its operand is computed before the loop
+        # W @ (x * m): its operand is computed before the loop; with W @ x one GEMM (rows stacked)
+        [("W_in", "x", ["W"])],
         ["W_in"],
         [([], ["a", "z", "p"]), ([("h", ["U"])], ["q", "h_next"])],
     ),
@@ -226,10 +227,10 @@ SCHEDULES = {
 def test_schedule(name):
     case = SCHEDULES[name]
     s = compile_one(case.text).schedule
-    assert [(g.operand, g.matrices) for g in s.hoisted_gemms] == case.hoisted_gemms
+    assert [(*g.operands, g.matrices) for g in s.hoisted_gemms] == case.hoisted_gemms
     assert [v.key for v in s.hoisted_values] == case.hoisted_values
     got = [
-        ([(g.operand, g.matrices) for g in st.gemms], [v.key for v in st.values]) for st in s.stages
+        ([(*g.operands, g.matrices) for g in st.gemms], [v.key for v in st.values]) for st in s.stages
     ]
     assert got == case.stages
     assert [st.index for st in s.stages] == list(range(len(case.stages)))
@@ -276,7 +277,7 @@ def test_hoisted_levels(text, levels):
     values of its level or before and GEMM results of earlier levels; a GEMM's operand is a leaf
     or a value of its level."""
     s = compile_one(text).schedule
-    got = [([v.key for v in lv.values], [(g.operand, g.matrices) for g in lv.gemms]) for lv in s.hoisted_levels]
+    got = [([v.key for v in lv.values], [(*g.operands, g.matrices) for g in lv.gemms]) for lv in s.hoisted_levels]
     assert got == levels
     assert [lv.index for lv in s.hoisted_levels] == list(range(len(levels)))
     for lv in s.hoisted_levels:
@@ -286,7 +287,7 @@ def test_hoisted_levels(text, levels):
                 is_gemm = any(p.key == r for p in s.hoisted_projections)
                 assert k is None and r in s.model.leaves or (k < lv.index if is_gemm else k <= lv.index)
         for g in lv.gemms:
-            assert g.operand in s.model.leaves or s.hoisted_level(g.operand) == lv.index
+            assert all(o in s.model.leaves or s.hoisted_level(o) == lv.index for o in g.operands)
             assert all(s.hoisted_level(p.key) == lv.index for p in g.projections)
 
 

@@ -72,6 +72,12 @@ def _offsets(sizes: list[str]) -> list[tuple[str, str]]:
     return out
 
 
+def _per_operand(g: GemmGroup) -> list[GemmGroup]:
+    """A group as one group per operand (the one-step records: a row-stacked GEMM is the
+    sequence program's business)."""
+    return [GemmGroup([o], g.of(o)) for o in g.operands]
+
+
 def _total(sizes: list[str]) -> str:
     return _offsets(sizes)[-1][1] if sizes else "0"
 
@@ -126,17 +132,17 @@ def build(sched: Schedule, back: Backward, printer_cls, reserved: set[str], **pr
             for p, (a, b) in zip(g.projections, offs)
         ]
         comment = ", ".join(f"{p.matrix} @ {p.operand}" for p in g.projections)
-        gkey = "_".join(p.matrix for p in g.projections) + "__" + g.operand
+        gkey = g.key
         return Gemm(
             key=mangle([gkey], reserved)[gkey],
-            operand=names[g.operand],
-            operand_kind=kind(g.operand),
+            operand=names[g.operands[0]],
+            operand_kind=kind(g.operands[0]),
             operand_size=f"_{g.projections[0].in_size}",
             slices=slices,
             width=_total([p.out_size for p in g.projections]),
             d_operand=names[d_operand] if d_operand else "",
             comment=comment,
-            batch_free=batch_free(g.operand),
+            batch_free=batch_free(g.operands[0]),
         )
 
     stage_ctx = []
@@ -145,7 +151,7 @@ def build(sched: Schedule, back: Backward, printer_cls, reserved: set[str], **pr
             Stmt(names[v.key], code(v.expr), f"{cell.filename}:{v.line}  {v.text}")
             for v in st.values
         ]
-        gemms = [gemm(g, back.gemm_adjoint[(st.index, g.operand)]) for g in st.gemms]
+        gemms = [gemm(one, back.gemm_adjoint[(st.index, one.operands[0])]) for g in st.gemms for one in _per_operand(g)]
         stage_ctx.append(StageCtx(st.index, gemms, vals))
     back_stages = []
     for bs in back.stages:
@@ -158,7 +164,8 @@ def build(sched: Schedule, back: Backward, printer_cls, reserved: set[str], **pr
 
     # per-step leaf adjoints, each with where it goes
     leaf_stmts = stmts(back.leaf_assigns)
-    hoisted_gemms = [gemm(g, back.hoisted_gemm_adjoint[g.operand]) for g in sched.hoisted_gemms]
+    hoisted_gemms = [gemm(one, back.hoisted_gemm_adjoint[one.operands[0]])
+                     for g in sched.hoisted_gemms for one in _per_operand(g)]
 
     def leaf_info(key: str) -> dict:
         return {

@@ -378,8 +378,14 @@ class _Renderer:
         lines: list[str] = []
         grads_written: set[str] = set()
 
-        def rows_of(r: str) -> str:
-            return "rows" if r == "step" else "n_T * n_B"  # rows: B_t, the active rows of step t
+        def rows_of(r: str, k: int = 1) -> str:
+            """rows: B_t, the active rows of step t; a row-stacked GEMM runs k rows per row of
+            its buffers (they hold the k operands side by side: see ir.Project)."""
+            n = "rows" if r == "step" else "n_T * n_B"
+            return n if k == 1 else f"{k} * {n}"
+
+        def stacked_ptr(name: str, r: str) -> str:
+            return self.buf_ptr(fn, name, r)[0]
 
         def emit(op, ind: str) -> None:
             if isinstance(op, ir.Loop):
@@ -390,7 +396,8 @@ class _Renderer:
                         kind = "nt" if isinstance(o, ir.Project) else "nn"
                         if (w.name, kind) not in [(x, y) for x, y, _ in packs]:
                             n, k = (cexpr(w.width), f"n_{w.inner}") if kind == "nt" else (f"n_{w.inner}", cexpr(w.width))
-                            packs.append((w.name, kind, f"cs_pack(ctx, {1 if kind == 'nt' else 0}, n_B, {n}, {k}, "
+                            m = "n_B" if not o.stacked else f"{len(o.operands if kind == 'nt' else o.d_operands)} * n_B"
+                            packs.append((w.name, kind, f"cs_pack(ctx, {1 if kind == 'nt' else 0}, {m}, {n}, {k}, "
                                                         f"w_{w.name}, n_{w.inner})"))
                 for name, kind, call in packs:
                     lines.append(f"{ind}cs_packed<S> pk_{name}_{kind} = {call};")
@@ -422,34 +429,63 @@ class _Renderer:
                     lines.append(f"{ind}CS_PW({ef.name}, {rows_of(op.rows)}, n_{ef.size}, " + ", ".join(args) + ");")
             elif isinstance(op, ir.Project):
                 w = p.weights[op.weight]
-                a, lda = self.ptr(fn, op.operand, op.rows)
-                c, ldc = self.buf_ptr(fn, op.out, op.rows)
-                lines.append(f"{ind}// {op.out} = {op.operand} @ [{', '.join(w.matrices)}]^T  ({op.comment})")
-                if op.rows == "step":  # the weight packed once before the loop
-                    lines.append(f"{ind}CS_GEMM_NT_PACKED(rows, {cexpr(w.width)}, n_{w.inner}, {a}, {lda}, "
-                                 f"pk_{w.name}_nt, {c}, {ldc}, 0);")
+                k = len(op.operands)
+                if op.stacked:  # [k * rows, inner] rows of the operands side by side: one GEMM
+                    a, lda = stacked_ptr(op.stacked, op.rows), f"n_{w.inner}"
+                    c, ldc = stacked_ptr(op.out, op.rows), cexpr(w.width)
+                    what = f"[{'; '.join(op.operands)}] (rows stacked, side by side in {op.stacked})"
                 else:
-                    lines.append(f"{ind}CS_GEMM_NT({rows_of(op.rows)}, {cexpr(w.width)}, n_{w.inner}, {a}, {lda}, "
+                    a, lda = self.ptr(fn, op.operands[0], op.rows)
+                    c, ldc = self.buf_ptr(fn, op.out, op.rows)
+                    what = op.operands[0]
+                lines.append(f"{ind}// {op.out} = {what} @ [{', '.join(w.matrices)}]^T  ({op.comment})")
+                if op.rows == "step":  # the weight packed once before the loop
+                    lines.append(f"{ind}CS_GEMM_NT_PACKED({rows_of(op.rows, k)}, {cexpr(w.width)}, n_{w.inner}, {a}, "
+                                 f"{lda}, pk_{w.name}_nt, {c}, {ldc}, 0);")
+                else:
+                    lines.append(f"{ind}CS_GEMM_NT({rows_of(op.rows, k)}, {cexpr(w.width)}, n_{w.inner}, {a}, {lda}, "
                                  f"w_{w.name}, n_{w.inner}, {c}, {ldc}, 0);")
             elif isinstance(op, ir.ProjectBack):
                 w = p.weights[op.weight]
-                g, ldg = self.buf_ptr(fn, op.d_out, op.rows)
-                c, ldc = self.ptr(fn, op.d_operand, op.rows)
-                beta = 1 if op.accumulate else 0
-                lines.append(f"{ind}// {op.d_operand} {'+=' if op.accumulate else '='} {op.d_out} @ [{', '.join(w.matrices)}]")
-                if op.rows == "step":
-                    lines.append(f"{ind}CS_GEMM_NN_PACKED(rows, n_{w.inner}, {cexpr(w.width)}, {g}, {ldg}, "
-                                 f"pk_{w.name}_nn, {c}, {ldc}, {beta});")
+                k = len(op.d_operands)
+                if op.stacked:
+                    g, ldg = stacked_ptr(op.d_out, op.rows), cexpr(w.width)
+                    c, ldc = stacked_ptr(op.stacked, op.rows), f"n_{w.inner}"
+                    what = f"[{'; '.join(op.d_operands)}] (side by side in {op.stacked})"
                 else:
-                    lines.append(f"{ind}CS_GEMM_NN({rows_of(op.rows)}, n_{w.inner}, {cexpr(w.width)}, {g}, {ldg}, "
+                    g, ldg = self.buf_ptr(fn, op.d_out, op.rows)
+                    c, ldc = self.ptr(fn, op.d_operands[0], op.rows)
+                    what = op.d_operands[0]
+                beta = 1 if op.accumulate else 0
+                lines.append(f"{ind}// {what} {'+=' if op.accumulate else '='} {op.d_out} @ [{', '.join(w.matrices)}]")
+                if op.rows == "step":
+                    lines.append(f"{ind}CS_GEMM_NN_PACKED({rows_of(op.rows, k)}, n_{w.inner}, {cexpr(w.width)}, {g}, "
+                                 f"{ldg}, pk_{w.name}_nn, {c}, {ldc}, {beta});")
+                else:
+                    lines.append(f"{ind}CS_GEMM_NN({rows_of(op.rows, k)}, n_{w.inner}, {cexpr(w.width)}, {g}, {ldg}, "
                                  f"w_{w.name}, n_{w.inner}, {c}, {ldc}, {beta});")
+            elif isinstance(op, ir.Stack):
+                lines.append(f"{ind}// {op.comment}")
+                for src, tgt in zip(op.sources, op.targets):
+                    s_ptr, s_ld = self.ptr(fn, src, op.rows)
+                    t_ptr, t_ld = self.ptr(fn, tgt, op.rows)
+                    lines.append(f"{ind}CS_COPY_ROWS({rows_of(op.rows)}, n_{fn.slots[tgt].size}, {s_ptr}, {s_ld}, "
+                                 f"{t_ptr}, {t_ld});")
             elif isinstance(op, ir.WeightGrad):
                 w = p.weights[op.weight]
-                g, ldg = self.buf_ptr(fn, op.d_out, "all")
-                x, ldx = self.ptr(fn, op.operand, "all")
-                lines.append(f"{ind}// d[{', '.join(w.matrices)}] += {op.d_out}^T @ {op.operand}  ({op.comment})")
+                k = len(op.operands)
+                if op.stacked:  # every operand's rows: k * T * B rows of [k * rows, inner]
+                    g, ldg = stacked_ptr(op.d_out, "all"), cexpr(w.width)
+                    x, ldx = stacked_ptr(op.stacked, "all"), f"n_{w.inner}"
+                    what = f"[{'; '.join(op.operands)}] (side by side in {op.stacked})"
+                else:
+                    g, ldg = self.buf_ptr(fn, op.d_out, "all")
+                    x, ldx = self.ptr(fn, op.operands[0], "all")
+                    what = op.operands[0]
+                inner_rows = rows_of("all", k)
+                lines.append(f"{ind}// d[{', '.join(w.matrices)}] += {op.d_out}^T @ {what}  ({op.comment})")
                 if op.scratch:  # the stack's dW in one GEMM, then a block per matrix
-                    lines.append(f"{ind}CS_GEMM_TN({cexpr(w.width)}, n_{w.inner}, n_T * n_B, {g}, {ldg}, {x}, {ldx}, "
+                    lines.append(f"{ind}CS_GEMM_TN({cexpr(w.width)}, n_{w.inner}, {inner_rows}, {g}, {ldg}, {x}, {ldx}, "
                                  f"b_{op.scratch}, n_{w.inner}, 0);")
                 for (col, sz), mat in zip(w.offsets(), w.matrices):
                     beta = 1 if mat in grads_written else 0
@@ -459,7 +495,7 @@ class _Renderer:
                         lines.append(f"{ind}CS_ADD(n_{sz} * n_{w.inner}, {block}, g_{mat}, {beta});")
                         continue
                     gcol = f"{g} + {cexpr(col)}" if col != 0 else g
-                    lines.append(f"{ind}CS_GEMM_TN(n_{sz}, n_{w.inner}, n_T * n_B, {gcol}, {ldg}, {x}, {ldx}, "
+                    lines.append(f"{ind}CS_GEMM_TN(n_{sz}, n_{w.inner}, {inner_rows}, {gcol}, {ldg}, {x}, {ldx}, "
                                  f"g_{mat}, n_{w.inner}, {beta});")
             elif isinstance(op, ir.RowSum):
                 src, ld = self.ptr(fn, op.source, "all")
@@ -529,6 +565,8 @@ def render(prog: ir.Program, spec_text: str, version: str, filename: str) -> tup
         "spec_text": spec_text,
         "functions": r.functions,
         "row_functions": r.row_functions,
+        "stack_copies": any(isinstance(o, ir.Stack) for fn in prog.functions
+                            for op in fn.ops for o in (op.body if isinstance(op, ir.Loop) else (op,))),
         "dtypes": CUDA_DTYPES,
         "host_dtypes": HOST_DTYPES,
         "loops": loops,

@@ -170,6 +170,23 @@ class _Function:
             return b
         return f"{b}[..., {pysize(sl.col)}:{pysize(sl.col + ir.size(sl.size))}]"
 
+    def stacked_rows(self, name: str, rows: str, width) -> str:
+        """A buffer holding k blocks side by side (a row-stacked GEMM's operands, results or
+        adjoints: ``[rows, k * width]``) as the ``[k * rows, width]`` matrix the GEMM runs on
+        (a view: the buffer is dense)."""
+        buf = self.fn.buffers[name]
+        if rows == "step":
+            return f"{self.rows_view(name, 0)}.reshape(-1, {pysize(width)})"
+        if buf.timed:
+            return f"{self.whole(name)}.reshape(-1, {pysize(width)})"
+        return f"{self.buf(name)}.reshape(-1, {pysize(width)})"
+
+    def operand_rows(self, op, rows: str) -> str:
+        """The operand matrix of a Project: one slot, or the row-stacked operands' buffer."""
+        if not op.stacked:
+            return self.step_view(op.operands[0]) if rows == "step" else self.all_view(op.operands[0])
+        return self.stacked_rows(op.stacked, rows, ir.size(self.p.weights[op.weight].inner))
+
     def buffer_rows(self, name: str, rows: str) -> str:
         buf = self.fn.buffers[name]
         if rows == "step":
@@ -201,21 +218,37 @@ class _Function:
                 L.append(f"{ind}{d.copy_into.format(view(w), n[w])}")
         elif isinstance(op, ir.Project):
             w = self.p.weights[op.weight]
-            a = self.step_view(op.operand) if op.rows == "step" else self.all_view(op.operand)
-            out = self.buffer_rows(op.out, op.rows)
-            L.append(f"{ind}# {op.comment}")
+            a = self.operand_rows(op, op.rows)
+            out = self.stacked_rows(op.out, op.rows, w.width) if op.stacked else self.buffer_rows(op.out, op.rows)
+            L.append(f"{ind}# {op.comment}{_stack_note(op.operands)}")
             L.append(f"{ind}{d.mm_into.format(a, f'_wt_{w.name}', out)}")
         elif isinstance(op, ir.ProjectBack):
             w = self.p.weights[op.weight]
-            g = self.buffer_rows(op.d_out, op.rows)
-            c = self.step_view(op.d_operand) if op.rows == "step" else self.all_view(op.d_operand)
+            if op.stacked:
+                g = self.stacked_rows(op.d_out, op.rows, w.width)
+                c = self.stacked_rows(op.stacked, op.rows, ir.size(w.inner))
+                L.append(f"{ind}# [{'; '.join(op.d_operands)}] from one GEMM ({op.comment})")
+            else:
+                g = self.buffer_rows(op.d_out, op.rows)
+                c = self.step_view(op.d_operands[0]) if op.rows == "step" else self.all_view(op.d_operands[0])
             fmt = d.mm_add_into if op.accumulate else d.mm_into
             L.append(f"{ind}{fmt.format(g, f'_w_{w.name}', c)}")
+        elif isinstance(op, ir.Stack):
+            view = self.step_view if op.rows == "step" else (lambda k: self.all_view(k, flat=False))
+            L.append(f"{ind}# {op.comment}")
+            for src, tgt in zip(op.sources, op.targets):
+                L.append(f"{ind}{d.copy_into.format(view(tgt), view(src))}")
         elif isinstance(op, ir.WeightGrad):
             w = self.p.weights[op.weight]
-            g = self.buffer_rows(op.d_out, "all")
-            x = self.all_view(op.operand)
-            L.append(f"{ind}# dW of {op.comment}: one GEMM over all T*B rows")
+            if op.stacked:
+                g = self.stacked_rows(op.d_out, "all", w.width)
+                x = self.stacked_rows(op.stacked, "all", ir.size(w.inner))
+                L.append(f"{ind}# dW of {op.comment}: one GEMM over all {len(op.operands)}*T*B rows "
+                         f"[{'; '.join(op.operands)}]")
+            else:
+                g = self.buffer_rows(op.d_out, "all")
+                x = self.all_view(op.operands[0])
+                L.append(f"{ind}# dW of {op.comment}: one GEMM over all T*B rows")
             if len(w.matrices) == 1:
                 self.grad(ind, w.matrices[0], f"{g}.T @ {x}")
             else:
@@ -309,15 +342,32 @@ class _FunctionalFunction(_Function):
                 self.assign(ind, self.fn.slots[w], op.rows, n[w])
         elif isinstance(op, ir.Project):
             w = self.p.weights[op.weight]
-            a = self.step_view(op.operand) if op.rows == "step" else self.all_view(op.operand)
+            a = self.operand_rows(op, op.rows)
             buf = self.fn.buffers[op.out]
             whole = ir.Slot(op.out, 0 if buf.timed else None, sp.S.Zero, "")
-            L.append(f"{ind}# {op.comment}")
-            self.assign(ind, whole, op.rows, f"{a} @ _wt_{w.name}", full=True)
+            L.append(f"{ind}# {op.comment}{_stack_note(op.operands)}")
+            value = f"{a} @ _wt_{w.name}"
+            if op.stacked:  # [k * rows, width] back to the buffer's [rows, k * width]
+                value = f"({value}).reshape(-1, {pysize(buf.shape[-1])})"
+            self.assign(ind, whole, op.rows, value, full=True)
         elif isinstance(op, ir.ProjectBack):
             w = self.p.weights[op.weight]
-            g = self.buffer_rows(op.d_out, op.rows)
-            self.assign(ind, self.fn.slots[op.d_operand], op.rows, f"{g} @ _w_{w.name}", add=op.accumulate)
+            if op.stacked:
+                buf = self.fn.buffers[op.stacked]
+                g = self.stacked_rows(op.d_out, op.rows, w.width)
+                whole = ir.Slot(op.stacked, 0 if buf.timed else None, sp.S.Zero, "")
+                L.append(f"{ind}# [{'; '.join(op.d_operands)}] from one GEMM ({op.comment})")
+                self.assign(ind, whole, op.rows, f"({g} @ _w_{w.name}).reshape(-1, {pysize(buf.shape[-1])})",
+                            full=True)
+            else:
+                g = self.buffer_rows(op.d_out, op.rows)
+                self.assign(ind, self.fn.slots[op.d_operands[0]], op.rows, f"{g} @ _w_{w.name}",
+                            add=op.accumulate)
+        elif isinstance(op, ir.Stack):
+            view = self.step_view if op.rows == "step" else (lambda k: self.all_view(k, flat=False))
+            L.append(f"{ind}# {op.comment}")
+            for src, tgt in zip(op.sources, op.targets):
+                self.assign(ind, self.fn.slots[tgt], op.rows, view(src))
         elif isinstance(op, ir.AddRows):
             src = self.all_view(op.source, flat=False)
             self.assign(ind, self.fn.slots[f"grad_input:{op.input}"], "all", src, add=True)
@@ -365,6 +415,13 @@ class _FunctionalFunction(_Function):
             self.lines.append(f'{ind}_grads["{param}"] = {value}')
 
 
+def _stack_note(operands: tuple[str, ...]) -> str:
+    """The comment of a row-stacked GEMM: its operands, one block of rows each."""
+    if len(operands) == 1:
+        return ""
+    return f": rows stacked, [{'; '.join(operands)}] (row r * {len(operands)} + j is operand j's row r)"
+
+
 def _written_buffers(fn: ir.Function) -> list[str]:
     """Buffers a function's ops write, in first-write order."""
     out: list[str] = []
@@ -383,7 +440,9 @@ def _written_buffers(fn: ir.Function) -> list[str]:
             elif isinstance(op, ir.Project):
                 add(op.out)
             elif isinstance(op, ir.ProjectBack):
-                add(fn.slots[op.d_operand].buffer)
+                add(op.stacked or fn.slots[op.d_operands[0]].buffer)
+            elif isinstance(op, ir.Stack):
+                add(op.buffer)
             elif isinstance(op, ir.AddRows):
                 add(fn.slots[f"grad_input:{op.input}"].buffer)
             elif isinstance(op, ir.Zero):

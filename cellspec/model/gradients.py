@@ -157,7 +157,8 @@ class _Deriver:
         gemm_adjoint: dict[tuple[int, str], str] = {}
         for st in s.stages:
             for g in st.gemms:
-                gemm_adjoint[(st.index, g.operand)] = self.new(f"d_{g.operand}_gemm")
+                for operand in g.operands:
+                    gemm_adjoint[(st.index, operand)] = self.new(f"d_{operand}_gemm")
         for st in m.cell.states:  # the carried state adjoints exist from the start
             self.adj(st.name)
 
@@ -181,8 +182,9 @@ class _Deriver:
                     total = sum((self.term(c, p.key) for c in step_consumers.get(p.key, [])), sp.S.Zero)
                     self.assign(p.key, total, block, f"{p.matrix} @ {p.operand}")
             for g in st.gemms:
-                if all(p.key in self.zero for p in g.projections):
-                    self._zero_gemm.add((st.index, g.operand))
+                for operand in g.operands:  # d_operand = Σ over its projections (row block of the GEMM)
+                    if all(p.key in self.zero for p in g.of(operand)):
+                        self._zero_gemm.add((st.index, operand))
             stages.append(BackwardStage(st.index, self.cse(block), st.gemms))
 
         # per-step adjoints of leaves: inputs, previous states, vector params, hoisted results
@@ -192,7 +194,7 @@ class _Deriver:
         leaf_keys = list(m.leaves) + [p.key for p in s.hoisted_projections] + [v.key for v in s.hoisted_values]
         # hoisted projections that hoisted work reads (W2 @ tanh(W1 @ x)): their adjoint is
         # completed after the loop, so the step gives a per-step part, as for a hoisted value
-        hoisted_operands = {g.operand for g in s.hoisted_gemms}
+        hoisted_operands = {o for g in s.hoisted_gemms for o in g.operands}
         read_hoisted = {p.key for p in s.hoisted_projections
                         if hoisted_consumers.get(p.key) or p.key in hoisted_operands}
         for key in leaf_keys:
@@ -231,12 +233,13 @@ class _Deriver:
         # GEMM results have their adjoints (from the step and from later levels), so its GEMM
         # backward gives its operands' adjoints; then its values' adjoints, and the adjoints of
         # the previous level's GEMM results that hoisted work reads
-        hoisted_gemm_adjoint = {g.operand: self.new(f"d_{g.operand}_hgemm") for g in s.hoisted_gemms}
+        hoisted_gemm_adjoint = {o: self.new(f"d_{o}_hgemm") for g in s.hoisted_gemms for o in g.operands}
         level_blocks: list[list[Assignment]] = [[] for _ in s.hoisted_levels]
         for lv in reversed(s.hoisted_levels):
             for g in lv.gemms:
-                if all(p.key in self.zero for p in g.projections):
-                    self.zero.add(hoisted_gemm_adjoint[g.operand])
+                for operand in g.operands:
+                    if all(p.key in self.zero for p in g.of(operand)):
+                        self.zero.add(hoisted_gemm_adjoint[operand])
             hoisted_block = level_blocks[lv.index]
             for v in reversed(lv.values):
                 total = sp.S.Zero
@@ -279,8 +282,9 @@ class _Deriver:
         used = set().union(*(a.expr.free_symbols for a in blocks)) if blocks else set()
         used_names = {x.name for x in used}
         for g in s.step_gemms:
-            if g.operand in readable:
-                used_names.add(g.operand)
+            for operand in g.operands:
+                if operand in readable:
+                    used_names.add(operand)
         in_state_sequence = set(m.next_state.values())  # kept as the [T+1, B, size] state sequence
         for key in [v.key for v in s.step_values] + [p.key for g in s.step_gemms for p in g.projections]:
             if key in used_names and key in readable and key not in saved and key not in in_state_sequence:

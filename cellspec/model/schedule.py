@@ -17,7 +17,9 @@ leaves. The operand may itself read hoisted projections (``W2 @ tanh(W1 @ x)``,
 its pointwise values (which read leaves, values of levels <= k and GEMM results of levels < k)
 and then its GEMM groups (whose operands are leaves or level-k values). Projections of one
 stage (or level) that share an operand form one :class:`GemmGroup`, a single GEMM against the
-stacked matrices (TensorFlow's ``_linear([x, h], 2 * units)``).
+stacked matrices (TensorFlow's ``_linear([x, h], 2 * units)``); operands of one stage (or level)
+multiplied by the same stack of matrices are stacked by rows into the same group
+(``[h; c] @ Wᵀ``: one GEMM with k times the rows, see :class:`GemmGroup`).
 """
 
 from __future__ import annotations
@@ -29,18 +31,29 @@ from cellspec.model.lower import CellModel, Projection, Value
 
 @dataclass
 class GemmGroup:
-    """Projections sharing one operand: ``operand @ concat(matrices).T`` in one GEMM."""
+    """Projections computed by one GEMM: every operand times every matrix of one stack.
 
-    operand: str
+    One operand and several matrices is *column stacking* (``h @ [W_i, W_f]ᵀ``: the projections
+    sharing an operand). Several operands multiplied by the same stack is *row stacking*
+    (``[h; c] @ Wᵀ``: one GEMM with k times the rows; its result's row blocks are the
+    individual projections). ``projections`` are operand-major: operand 0's projections in
+    stack order, then operand 1's, ..."""
+
+    operands: list[str]
     projections: list[Projection]
 
     @property
     def key(self) -> str:
-        return "_".join(p.matrix for p in self.projections) + "__" + self.operand
+        return "_".join(self.matrices) + "__" + "__".join(self.operands)
 
     @property
     def matrices(self) -> list[str]:
-        return [p.matrix for p in self.projections]
+        """The stack (the matrices of one operand's projections, the same for every operand)."""
+        return [p.matrix for p in self.of(self.operands[0])]
+
+    def of(self, operand: str) -> list[Projection]:
+        """The projections of one operand, in stack order."""
+        return [p for p in self.projections if p.operand == operand]
 
 
 @dataclass
@@ -100,11 +113,27 @@ class Schedule:
         )
 
 
-def _group(projections: list[Projection]) -> list[GemmGroup]:
-    groups: dict[str, GemmGroup] = {}
+def _group(projections: list[Projection], batch_free) -> list[GemmGroup]:
+    """One group per operand (its projections stacked by columns), then the groups with the same
+    stack of matrices merged into one (their operands stacked by rows). An operand with no batch
+    rows (``batch_free``: it reads params alone, one row broadcast to the batch) is never stacked
+    by rows: it is a single row, not a block of B."""
+    by_operand: dict[str, list[Projection]] = {}
     for p in projections:
-        groups.setdefault(p.operand, GemmGroup(p.operand, [])).projections.append(p)
-    return list(groups.values())
+        by_operand.setdefault(p.operand, []).append(p)
+    groups: list[GemmGroup] = []
+    for operand, ps in by_operand.items():
+        mats = sorted(p.matrix for p in ps)
+        same = None
+        if not batch_free(operand):
+            same = next((g for g in groups if sorted(g.matrices) == mats and not batch_free(g.operands[0])), None)
+        if same is None:
+            groups.append(GemmGroup([operand], list(ps)))
+        else:  # stacked by rows: in the group's stack order
+            order = {m: i for i, m in enumerate(same.matrices)}
+            same.operands.append(operand)
+            same.projections.extend(sorted(ps, key=lambda p: order[p.matrix]))
+    return groups
 
 
 def schedule(model: CellModel) -> Schedule:
@@ -196,10 +225,18 @@ def schedule(model: CellModel) -> Schedule:
     for p in model.projections:
         p.stage = -1 if p.key in hoisted_proj else depth[p.key]
 
+    def batch_free(key: str) -> bool:
+        """Reads no input, state or mask: one row for the whole batch."""
+        if key in model.leaves:
+            return model.leaves[key].kind in ("param", "const")
+        if key in projs:
+            return batch_free(projs[key].operand)
+        return all(batch_free(r) for r in reads[key])
+
     n = max([depth[k] for k in depth] + [0])
     stages = []
     for k in range(n + 1):
-        gemms = _group([p for p in model.projections if p.stage == k])
+        gemms = _group([p for p in model.projections if p.stage == k], batch_free)
         vals = [v for v in model.values if v.stage == k]
         if gemms or vals:
             stages.append(Stage(len(stages), gemms, vals))
@@ -212,7 +249,7 @@ def schedule(model: CellModel) -> Schedule:
         levels.append(HoistedLevel(
             k,
             [v for v in model.values if v.stage == -1 and level[v.key] == k],
-            _group([p for p in model.projections if p.stage == -1 and level[p.key] == k]),
+            _group([p for p in model.projections if p.stage == -1 and level[p.key] == k], batch_free),
         ))
     return Schedule(
         model=model,

@@ -180,11 +180,14 @@ def build_graph(cc) -> Graph:
 
     def add_group(g, band: int, tag: str) -> None:
         nid = f"gemm_{tag}_{g.key}"
-        mats = ", ".join(p.matrix for p in g.projections)
-        if g.operand in m.leaves or g.operand in spec_name:
-            operand = spec_name.get(g.operand, g.operand)
-        else:  # a synthetic operand (U @ (r * h)): show what it computes
-            operand = _clip(short_names[g.operand])
+        mats = ", ".join(g.matrices)
+
+        def shown(o: str) -> str:
+            if o in m.leaves or o in spec_name:
+                return spec_name.get(o, o)
+            return _clip(short_names[o])  # a synthetic operand (U @ (r * h)): what it computes
+
+        operand = shown(g.operands[0]) if len(g.operands) == 1 else "[" + "; ".join(map(shown, g.operands)) + "]"
         lines = ("GEMM", f"[{mats}] @ {operand}")
         title = "; ".join(f"{p.key} = {p.matrix} @ {p.operand}" for p in g.projections)
         nodes.append(Node(nid, "gemm", lines, band, title))
@@ -215,7 +218,8 @@ def build_graph(cc) -> Graph:
             if g in s.hoisted_gemms
             else f"s{next(st.index for st in s.stages if g in st.gemms)}"
         )
-        edges.append((producer[g.operand], f"gemm_{tag}_{g.key}"))
+        for o in g.operands:
+            edges.append((producer[o], f"gemm_{tag}_{g.key}"))
     for v in list(s.hoisted_values) + [v for st in s.stages for v in st.values]:
         for r in reads(v.expr):
             if r in producer and (producer[r], f"value_{v.key}") not in edges:

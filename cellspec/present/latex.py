@@ -154,11 +154,11 @@ def _adjoint_of(key: str, names: dict[str, str], adjoint: dict[str, str]) -> str
     return r"\delta\left(" + names[key] + r"\right)"
 
 
-def _group_latex(g: GemmGroup, names: dict[str, str], adjoint: dict[str, str]) -> str:
-    """The GEMM backward of a group: Σ_p W_pᵀ δ(W_p v)."""
+def _group_latex(g: GemmGroup, operand: str, names: dict[str, str], adjoint: dict[str, str]) -> str:
+    """The GEMM backward of a group for one of its operands v: Σ_p W_pᵀ δ(W_p v)."""
     return " + ".join(
         f"{name_latex(p.matrix)}^{{\\top}} {_adjoint_of(p.key, names, adjoint)}"
-        for p in g.projections
+        for p in g.of(operand)
     )
 
 
@@ -212,13 +212,15 @@ def _names(cc) -> dict[str, str]:
         names[adj] = r"\delta " + names[key]
     for st in s.stages:
         for g in st.gemms:
-            adj = b.gemm_adjoint.get((st.index, g.operand))
-            if adj:
-                names[adj] = r"\left(" + _group_latex(g, names, b.adjoint) + r"\right)"
+            for o in g.operands:
+                adj = b.gemm_adjoint.get((st.index, o))
+                if adj:
+                    names[adj] = r"\left(" + _group_latex(g, o, names, b.adjoint) + r"\right)"
     for g in s.hoisted_gemms:
-        adj = b.hoisted_gemm_adjoint.get(g.operand)
-        if adj:
-            names[adj] = r"\left(" + _group_latex(g, names, b.adjoint) + r"\right)"
+        for o in g.operands:
+            adj = b.hoisted_gemm_adjoint.get(o)
+            if adj:
+                names[adj] = r"\left(" + _group_latex(g, o, names, b.adjoint) + r"\right)"
     return names
 
 
@@ -341,14 +343,15 @@ def backward_latex(cc) -> str:
     # above gave the input a share, else added to it
     shown = {r[0] for r in rows}
     for g in s.hoisted_gemms:
-        leaf = m.leaves.get(g.operand)
-        if leaf is None or leaf.kind != "input":
-            continue
-        target = r"\delta " + names[g.operand]
-        rows.append(
-            (target, r"\mathrel{+}=" if target in shown else "=", _group_latex(g, names, b.adjoint))
-        )
-        shown.add(target)
+        for o in g.operands:
+            leaf = m.leaves.get(o)
+            if leaf is None or leaf.kind != "input":
+                continue
+            target = r"\delta " + names[o]
+            rows.append(
+                (target, r"\mathrel{+}=" if target in shown else "=", _group_latex(g, o, names, b.adjoint))
+            )
+            shown.add(target)
     # weight gradients: one outer product per projection, summed over steps and batch rows
     groups = [g for st in s.stages for g in st.gemms] + list(s.hoisted_gemms)
     for g in groups:

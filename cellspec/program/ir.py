@@ -116,42 +116,70 @@ class Weight:
 @dataclass(frozen=True)
 class Project:
     """``out = operand @ weightᵀ``: rows of one step, or all T·B rows (a hoisted GEMM).
-    ``broadcast``: the operand is one row for the whole batch (it reads params alone)."""
+    ``broadcast``: the operand is one row for the whole batch (it reads params alone).
+
+    Several ``operands`` (row stacking: the same stack of matrices on k operands of one stage)
+    are one GEMM with k times the rows: ``stacked`` is the buffer that holds them as adjacent
+    column blocks, ``[rows, k·inner]``, which read row-major is the plain ``[k·rows, inner]``
+    matrix ``[a; b]`` interleaved by row (row ``r·k + j`` is operand j's row r); ``out`` is then
+    ``[rows, k·width]`` the same way, projection ``(j, i)`` at column ``j·width + offset_i``.
+    Interleaving keeps the first B_t rows of every operand (variable lengths) the first
+    ``k·B_t`` rows of the GEMM: one GEMM at every step."""
 
     weight: str
-    operand: str
-    out: str  # buffer (its columns are the stacked projections, in weight order)
+    operands: tuple[str, ...]
+    out: str  # buffer (its columns are the stacked projections, in weight order, per operand)
     rows: str
     broadcast: bool = False
     comment: str = ""
+    stacked: str = ""  # with several operands: the buffer holding them side by side
 
 
 @dataclass(frozen=True)
 class ProjectBack:
     """``d_operand = d_out @ weight`` (rows of one step, or all rows), written to the slot of
-    ``d_operand``."""
+    ``d_operand``; with several operands (a row-stacked GEMM) one GEMM writes all of them, as
+    adjacent column blocks of the buffer ``stacked`` (see :class:`Project`)."""
 
     weight: str
     d_out: str  # buffer of the adjoints of the stacked projections
-    d_operand: str
+    d_operands: tuple[str, ...]
     rows: str
     comment: str = ""
     accumulate: bool = False  # += into the slot (an input's gradient), else =
+    stacked: str = ""
 
 
 @dataclass(frozen=True)
 class WeightGrad:
     """``grad(matrix) += d_out[:, block]ᵀ @ operand`` over all T·B rows, for every matrix of
-    the weight: dW is never a per-step GEMM."""
+    the weight: dW is never a per-step GEMM. With several operands (a row-stacked GEMM) it is
+    one GEMM over all k·T·B rows of ``stacked`` (the operands side by side, see
+    :class:`Project`): the sum over every operand's rows."""
 
     weight: str
     d_out: str
-    operand: str
+    operands: tuple[str, ...]
     broadcast: bool = False
     comment: str = ""
     #: a [Σ out, inner] buffer: the whole stack's dW in one GEMM, then split per matrix (one GEMM
     #: reads the operand once; a GEMM per matrix would read it once per matrix)
     scratch: str = ""
+    stacked: str = ""
+
+
+@dataclass(frozen=True)
+class Stack:
+    """Copy each ``sources`` slot into its column block (the slot ``targets``) of a row-stacked
+    GEMM's operand buffer, before the GEMM (rows of one step, or all T·B rows). Only for
+    operands the planner cannot lay out there itself: a caller's input, a state (its own
+    ``[T + 1, B, n]`` sequence), a GEMM result, an output."""
+
+    buffer: str
+    sources: tuple[str, ...]
+    targets: tuple[str, ...]
+    rows: str
+    comment: str = ""
 
 
 @dataclass(frozen=True)
@@ -204,7 +232,7 @@ class Loop:
     body: tuple
 
 
-Op = Pointwise | Project | ProjectBack | WeightGrad | RowSum | AddRows | Zero | Hold | Loop
+Op = Pointwise | Project | ProjectBack | WeightGrad | Stack | RowSum | AddRows | Zero | Hold | Loop
 
 
 @dataclass(frozen=True)

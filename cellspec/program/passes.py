@@ -45,10 +45,10 @@ def resolve_aliases(planner, tb) -> dict[str, str]:
             continue
         bufs = {src[d].buffer for d in ds}
         w = planner.weight(g)
-        if len(bufs) != 1 or any(src[d].col != col for d, (col, _) in zip(ds, w.offsets())):
+        if len(bufs) != 1 or any(src[d].col != col for d, (_, col, _) in zip(ds, planner.columns(g))):
             continue
         buf = bufs.pop()
-        if sp.expand(tb.buffers[buf].shape[-1] - w.width) != 0:
+        if sp.expand(tb.buffers[buf].shape[-1] - len(g.operands) * w.width) != 0:
             continue
         reuse[planner.gkey(g)] = buf
         for d in ds:

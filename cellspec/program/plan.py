@@ -73,9 +73,9 @@ class _Planner:
 
     # ------------------------------------------------------------------ GEMM groups
     def weight(self, g: GemmGroup) -> ir.Weight:
-        name = "_".join(p.matrix for p in g.projections)
-        w = ir.Weight(name, tuple(p.matrix for p in g.projections), tuple(p.out_size for p in g.projections),
-                      g.projections[0].in_size)
+        mine = g.of(g.operands[0])  # the stack: every operand of a group has the same one
+        name = "_".join(p.matrix for p in mine)
+        w = ir.Weight(name, tuple(p.matrix for p in mine), tuple(p.out_size for p in mine), mine[0].in_size)
         if name in self.weights and self.weights[name] != w:  # pragma: no cover - matrix order is fixed
             raise RuntimeError(f"two stacks named {name}")
         self.weights[name] = w
@@ -83,7 +83,59 @@ class _Planner:
 
     @staticmethod
     def gkey(g: GemmGroup) -> str:
-        return "_".join(p.matrix for p in g.projections) + "__" + g.operand
+        return g.key
+
+    def columns(self, g: GemmGroup) -> list[tuple]:
+        """(projection, first column, size symbol) of every projection of a group in its result
+        buffer: operand j's block starts at ``j * width`` (see :class:`ir.Project`)."""
+        w = self.weight(g)
+        out = []
+        for j, operand in enumerate(g.operands):
+            for (col, sz), p in zip(w.offsets(), g.of(operand)):
+                out.append((p, j * w.width + col, sz))
+        return out
+
+    def placeable(self, key: str) -> bool:
+        """A value the planner lays out itself, so it can live in a row-stacked GEMM's operand
+        buffer: one a pointwise block computes (per step or hoisted), neither a next state (its
+        state sequence) nor an output (a result buffer of its own). Everything else (an input,
+        a previous state, a GEMM result) is copied there (:class:`ir.Stack`)."""
+        m = self.m
+        return (any(v.key == key for v in m.values) and key not in m.outputs
+                and key not in m.next_state.values())
+
+    def why_copied(self, key: str) -> str:
+        m = self.m
+        if key in m.leaves:
+            return {"input": "a caller's input", "state": "a state sequence", "mask": "a drawn mask"}.get(
+                m.leaves[key].kind, "a param")
+        if key in m.next_state.values():
+            return "a state sequence"
+        if key in m.outputs:
+            return "an output"
+        return "a GEMM result"
+
+    def stack_comment(self, g: GemmGroup, copied: list[str]) -> str:
+        why = ", ".join(f"{o}: {self.why_copied(o)}" for o in copied)
+        return (f"[{'; '.join(g.operands)}] for one GEMM: copy {', '.join(copied)} into the stacked operand "
+                f"({why}, not laid out by the planner)")
+
+    def stack_operands(self, tb, g: GemmGroup, buf: str, timed: bool, rows: str, suffix: str) -> ir.Stack | None:
+        """Place a row-stacked group's operands side by side in ``buf`` (the placeable ones live
+        there; call before anything else places them) and return the copy of the others."""
+        k_in = g.projections[0].in_size
+        copied = []
+        for j, o in enumerate(g.operands):
+            col = j * size(k_in)
+            if self.placeable(o) and o not in tb.slots:
+                tb.place(o, buf, 0 if timed else None, col, k_in)
+            else:
+                copied.append(o)
+                tb.place(f"{o}:{suffix}", buf, 0 if timed else None, col, k_in)
+        if not copied:
+            return None
+        return ir.Stack(buf, tuple(copied), tuple(f"{o}:{suffix}" for o in copied), rows,
+                        self.stack_comment(g, copied))
 
     def batch_free(self, key: str) -> bool:
         """Reads no input and no state: one row for the whole batch."""
@@ -127,9 +179,28 @@ class _Planner:
                 tb.place(p.name, tb.buffer(f"p_{p.name}", (size(p.shape[0]),), "param", "arg"), None, 0, p.shape[0])
         outputs = set(m.outputs)
         ops: list = []
+        # row-stacked groups: their operands side by side in one buffer (placed first, so that
+        # the blocks computing them write there); the others are copied in before the GEMM
+        copies: dict[str, ir.Stack | None] = {}
+        for lv in s.hoisted_levels:
+            for g in lv.gemms:
+                if len(g.operands) > 1:
+                    placed = any(self.placeable(o) for o in g.operands)
+                    w_in = len(g.operands) * size(g.projections[0].in_size)
+                    buf = tb.buffer(f"hst_{self.gkey(g)}", (T, B, w_in), "hoisted_value" if placed else "stacked")
+                    copies[self.gkey(g)] = self.stack_operands(tb, g, buf, True, "all", "stacked")
+        for st in s.stages:
+            for g in st.gemms:
+                if len(g.operands) > 1:
+                    timed = any(o in keep and self.placeable(o) for o in g.operands)
+                    w_in = len(g.operands) * size(g.projections[0].in_size)
+                    buf = tb.buffer(f"st_{self.gkey(g)}", (T, B, w_in) if timed else (B, w_in),
+                                    "saved" if timed else "scratch")
+                    copies[self.gkey(g)] = self.stack_operands(tb, g, buf, timed, "step", "stacked")
         # hoisted pointwise work and GEMMs, over all T·B rows, level by level
         for v in s.hoisted_values:
-            tb.place(v.key, tb.buffer(f"hv_{v.key}", (T, B, size(v.size)), "hoisted_value"), 0, 0, v.size)
+            if v.key not in tb.slots:  # not already an operand side by side with others
+                tb.place(v.key, tb.buffer(f"hv_{v.key}", (T, B, size(v.size)), "hoisted_value"), 0, 0, v.size)
         for lv in s.hoisted_levels:
             if lv.values:
                 stmts = tuple(ir.Statement(v.key, v.expr, self.comment(v)) for v in lv.values)
@@ -137,25 +208,38 @@ class _Planner:
                                       "all", stmts, {v.key for v in lv.values}, tb))
             for g in lv.gemms:
                 w = self.weight(g)
-                buf = tb.buffer(f"hg_{self.gkey(g)}", (T, B, w.width), "hoisted_gemm")
-                for (col, sz), p in zip(w.offsets(), g.projections):
+                k = len(g.operands)
+                buf = tb.buffer(f"hg_{self.gkey(g)}", (T, B, k * w.width), "hoisted_gemm")
+                for p, col, sz in self.columns(g):
                     tb.place(p.key, buf, 0, col, sz)
-                ops.append(ir.Project(w.name, g.operand, buf, "all", self.batch_free(g.operand),
-                                      self.gemm_comment(g)))
+                stacked = ""
+                if k > 1:
+                    stacked = f"hst_{self.gkey(g)}"
+                    if copies[self.gkey(g)] is not None:
+                        ops.append(copies[self.gkey(g)])
+                ops.append(ir.Project(w.name, tuple(g.operands), buf, "all", self.batch_free(g.operands[0]),
+                                      self.gemm_comment(g), stacked))
         # the step
         next_values = set(m.next_state.values())
-        gemm_operands = {g.operand for g in s.step_gemms} | {g.operand for g in s.hoisted_gemms}
+        gemm_operands = {o for g in s.step_gemms + s.hoisted_gemms for o in g.operands}
         sinks = next_values | outputs | keep | gemm_operands
         body: list = []
         for st in s.stages:
             for g in st.gemms:
                 w = self.weight(g)
+                k = len(g.operands)
                 timed = any(p.key in keep for p in g.projections)
-                buf = tb.buffer(f"g_{self.gkey(g)}", (T, B, w.width) if timed else (B, w.width),
+                buf = tb.buffer(f"g_{self.gkey(g)}", (T, B, k * w.width) if timed else (B, k * w.width),
                                 "saved" if timed else "scratch")
-                for (col, sz), p in zip(w.offsets(), g.projections):
+                for p, col, sz in self.columns(g):
                     tb.place(p.key, buf, 0 if timed else None, col, sz)
-                body.append(ir.Project(w.name, g.operand, buf, "step", self.batch_free(g.operand), self.gemm_comment(g)))
+                stacked = ""
+                if k > 1:
+                    stacked = f"st_{self.gkey(g)}"
+                    if copies[self.gkey(g)] is not None:
+                        body.append(copies[self.gkey(g)])
+                body.append(ir.Project(w.name, tuple(g.operands), buf, "step", self.batch_free(g.operands[0]),
+                                       self.gemm_comment(g), stacked))
             mine = {v.key for v in st.values}
             exported = set()
             for v in st.values:
@@ -163,7 +247,7 @@ class _Planner:
                 if v.key in sinks or read_elsewhere:
                     exported.add(v.key)
             for v in st.values:
-                if v.key not in exported or v.key in next_values:
+                if v.key not in exported or v.key in next_values or v.key in tb.slots:
                     continue
                 if v.key in keep or v.key in outputs:
                     role = "output" if v.key in outputs else "saved"
@@ -183,7 +267,7 @@ class _Planner:
         # forward buffers the backward may read: bound as arguments (the save pass keeps the read ones)
         for key, slot in fwd.slots.items():
             fb = fwd.buffers[slot.buffer]
-            if fb.role in ("scratch",):
+            if fb.role in ("scratch", "stacked"):  # a forward copy is not kept: the backward copies again
                 continue
             tb.buffer(fb.name, fb.shape, fb.role, "arg")
             tb.place(key, fb.name, slot.time, slot.col, slot.size)
@@ -204,23 +288,39 @@ class _Planner:
         for st in s.stages:
             for g in st.gemms:
                 w = self.weight(g)
-                buf = tb.buffer(f"dg_{self.gkey(g)}", (T, B, w.width), "d_gemm")
-                for (col, sz), p in zip(w.offsets(), g.projections):
+                k = len(g.operands)
+                buf = tb.buffer(f"dg_{self.gkey(g)}", (T, B, k * w.width), "d_gemm")
+                for p, col, sz in self.columns(g):
                     if p.key in b.adjoint:
                         tb.place(b.adjoint[p.key], buf, 0, col, sz)
-                d_op = b.gemm_adjoint[(st.index, g.operand)]
-                tb.place(d_op, tb.buffer(f"tmp_{d_op}", (B, size(m.size_of(g.operand))), "scratch"), None, 0,
-                         m.size_of(g.operand))
+                k_in = g.projections[0].in_size
+                if k == 1:
+                    d_op = b.gemm_adjoint[(st.index, g.operands[0])]
+                    tb.place(d_op, tb.buffer(f"tmp_{d_op}", (B, size(k_in)), "scratch"), None, 0, k_in)
+                    continue
+                # a row-stacked GEMM's operand adjoints come out of one GEMM, side by side
+                d_buf = tb.buffer(f"tmp_d_{self.gkey(g)}", (B, k * size(k_in)), "scratch")
+                for j, o in enumerate(g.operands):
+                    tb.place(b.gemm_adjoint[(st.index, o)], d_buf, None, j * size(k_in), k_in)
         for g in s.hoisted_gemms:
             w = self.weight(g)
-            buf = tb.buffer(f"dhg_{self.gkey(g)}", (T, B, w.width), "d_gemm")
-            for (col, sz), p in zip(w.offsets(), g.projections):
+            k = len(g.operands)
+            buf = tb.buffer(f"dhg_{self.gkey(g)}", (T, B, k * w.width), "d_gemm")
+            for p, col, sz in self.columns(g):
                 if p.key in b.adjoint:
                     tb.place(b.adjoint[p.key], buf, 0, col, sz)
-            d_op = b.hoisted_gemm_adjoint[g.operand]
-            sz = m.size_of(g.operand)
-            if not (g.operand in m.leaves and m.leaves[g.operand].kind == "input"):
-                tb.place(d_op, tb.buffer(f"hgd_{g.operand}", (T, B, size(sz)), "d_hoisted_operand"), 0, 0, sz)
+            sz = g.projections[0].in_size
+            if k == 1:
+                o = g.operands[0]
+                if not self.is_input(o):
+                    tb.place(b.hoisted_gemm_adjoint[o], tb.buffer(f"hgd_{o}", (T, B, size(sz)), "d_hoisted_operand"),
+                             0, 0, sz)
+                continue
+            # a row-stacked GEMM: every operand's adjoint (an input's too, added to its gradient
+            # after) side by side in one buffer, from one GEMM
+            d_buf = tb.buffer(f"hgd_{self.gkey(g)}", (T, B, k * size(sz)), "d_hoisted_operand")
+            for j, o in enumerate(g.operands):
+                tb.place(b.hoisted_gemm_adjoint[o], d_buf, 0, j * size(sz), sz)
         for k, a in b.step_seed.items():
             tb.place(a, tb.buffer(f"seed_{k}", (T, B, size(m.size_of(k))), "step_seed"), 0, 0, m.size_of(k))
         for k, a in b.hoisted_leaf_adjoint.items():
@@ -270,10 +370,11 @@ class _Planner:
                 body.append(made[f"bwd{bs.index}"])
             st = next(x for x in s.stages if x.index == bs.index)
             for g in st.gemms:
-                d_op = b.gemm_adjoint[(bs.index, g.operand)]
-                if any(d_op in r for r in reads_by_block):
-                    body.append(ir.ProjectBack(self.weight(g).name, f"dg_{self.gkey(g)}", d_op, "step",
-                                               self.gemm_comment(g)))
+                d_ops = tuple(b.gemm_adjoint[(bs.index, o)] for o in g.operands)
+                if any(d in r for d in d_ops for r in reads_by_block):
+                    stacked = f"tmp_d_{self.gkey(g)}" if len(d_ops) > 1 else ""
+                    body.append(ir.ProjectBack(self.weight(g).name, f"dg_{self.gkey(g)}", d_ops, "step",
+                                               self.gemm_comment(g), stacked=stacked))
         if "bwd_leaf" in made:
             body.append(made["bwd_leaf"])
         for v in self.cell.states:
@@ -289,27 +390,57 @@ class _Planner:
                 return ""
             return tb.buffer(f"dw_{w.name}", (w.width, size(w.inner)), "grad_scratch")
 
-        for g in s.step_gemms:
+        def weight_grad(g: GemmGroup, d_buf: str, fwd_stacked: str) -> None:
+            """dW of a group: one GEMM over all its rows. A row-stacked group reads its operands
+            side by side: the forward's buffer when the backward has it over the whole sequence,
+            else a copy made here (the operands' own buffers are whole sequences too)."""
             w = self.weight(g)
-            ops.append(ir.WeightGrad(w.name, f"dg_{self.gkey(g)}", g.operand, self.batch_free(g.operand),
-                                     self.gemm_comment(g), dw_scratch(w)))
+            stacked = ""
+            if len(g.operands) > 1:
+                fb = tb.buffers.get(fwd_stacked)
+                if fb is not None and fb.timed:
+                    stacked = fwd_stacked
+                else:
+                    k_in = g.projections[0].in_size
+                    stacked = tb.buffer(f"bst_{self.gkey(g)}", (T, B, len(g.operands) * size(k_in)), "stacked")
+                    for j, o in enumerate(g.operands):
+                        tb.place(f"{o}:restacked", stacked, 0, j * size(k_in), k_in)
+                    ops.append(ir.Stack(stacked, tuple(g.operands), tuple(f"{o}:restacked" for o in g.operands),
+                                        "all", f"[{'; '.join(g.operands)}] over the whole sequence for the dW GEMM"))
+            ops.append(ir.WeightGrad(w.name, d_buf, tuple(g.operands), self.batch_free(g.operands[0]),
+                                     self.gemm_comment(g), dw_scratch(w), stacked))
+
+        for g in s.step_gemms:
+            weight_grad(g, f"dg_{self.gkey(g)}", f"st_{self.gkey(g)}")
         for lv in reversed(s.hoisted_levels or [None]):
             for g in lv.gemms if lv else []:
                 w = self.weight(g)
                 d_buf = hoisted_reuse.get(self.gkey(g), f"dhg_{self.gkey(g)}")
                 if all(p.key in b.zero or p.key not in b.adjoint for p in g.projections):
                     continue
-                ops.append(ir.WeightGrad(w.name, d_buf, g.operand, self.batch_free(g.operand), self.gemm_comment(g),
-                                         dw_scratch(w)))
-                is_input = g.operand in m.leaves and m.leaves[g.operand].kind == "input"
-                target = f"grad_input:{g.operand}" if is_input else b.hoisted_gemm_adjoint[g.operand]
-                if is_input or any(b.hoisted_gemm_adjoint[g.operand] in r for r in reads_by_block):
+                weight_grad(g, d_buf, f"hst_{self.gkey(g)}")
+                if len(g.operands) > 1:
+                    # one GEMM gives every operand's adjoint, side by side; an input's is then
+                    # added to its gradient
+                    d_ops = tuple(b.hoisted_gemm_adjoint[o] for o in g.operands)
+                    inputs = [o for o in g.operands if self.is_input(o)]
+                    if inputs or any(d in r for d in d_ops for r in reads_by_block):
+                        ops.append(ir.ProjectBack(w.name, d_buf, d_ops, "all", self.gemm_comment(g),
+                                                  stacked=f"hgd_{self.gkey(g)}"))
+                    for o in inputs:
+                        ops.append(ir.AddRows(o, b.hoisted_gemm_adjoint[o]))
+                        contributed.add(o)
+                    continue
+                operand = g.operands[0]
+                is_input = self.is_input(operand)
+                target = f"grad_input:{operand}" if is_input else b.hoisted_gemm_adjoint[operand]
+                if is_input or any(b.hoisted_gemm_adjoint[operand] in r for r in reads_by_block):
                     # an input's gradient: the first contribution assigns, later ones add
-                    first = is_input and g.operand not in contributed
-                    ops.append(ir.ProjectBack(w.name, d_buf, target, "all", self.gemm_comment(g),
+                    first = is_input and operand not in contributed
+                    ops.append(ir.ProjectBack(w.name, d_buf, (target,), "all", self.gemm_comment(g),
                                               accumulate=is_input and not first))
                     if is_input:
-                        contributed.add(g.operand)
+                        contributed.add(operand)
             tag = self.hoisted_tag("bwd", lv.index if lv else 0)
             if tag in made:
                 ops.append(made[tag])
@@ -337,6 +468,9 @@ class _Planner:
         return _initial_contents(fn)
 
     # ------------------------------------------------------------------ helpers
+    def is_input(self, key: str) -> bool:
+        return key in self.m.leaves and self.m.leaves[key].kind == "input"
+
     def differentiated_inputs(self) -> list:
         """The inputs that get a gradient: all but the masks of random ops."""
         return [v for v in self.cell.inputs if self.m.leaves[v.name].kind != "mask"]
@@ -415,8 +549,8 @@ def _initial_contents(fn: ir.Function) -> ir.Function:
                 if fn.buffers[sl.buffer].role == "d_gemm":
                     written.setdefault(sl.buffer, set()).add((sl.col, sl.size))
         # an input gradient assigned in full by a GEMM after the loop
-        if isinstance(op, ir.ProjectBack) and op.rows == "all" and not op.accumulate:
-            sl = fn.slots[op.d_operand]
+        if isinstance(op, ir.ProjectBack) and op.rows == "all" and not op.accumulate and not op.stacked:
+            sl = fn.slots[op.d_operands[0]]
             if fn.buffers[sl.buffer].role == "d_input":
                 written.setdefault(sl.buffer, set()).add((sl.col, sl.size))
     buffers = dict(fn.buffers)
@@ -440,7 +574,9 @@ def _zero_when_packed(fn: ir.Function) -> ir.Function:
         elif isinstance(op, ir.Project):
             names = [op.out]
         elif isinstance(op, ir.ProjectBack):
-            names = [fn.slots[op.d_operand].buffer]
+            names = [op.stacked or fn.slots[op.d_operands[0]].buffer]
+        elif isinstance(op, ir.Stack):
+            names = [op.buffer]
         else:
             continue
         for n in names:

@@ -36,16 +36,29 @@ def referenced(fn: ir.Function) -> set[str]:
                 for n in o.reads + o.writes:
                     slot(n)
             elif isinstance(o, ir.Project):
-                slot(o.operand)
+                if o.stacked:
+                    out.add(o.stacked)
+                else:
+                    slot(o.operands[0])
                 out.add(o.out)
             elif isinstance(o, ir.ProjectBack):
                 out.add(o.d_out)
-                slot(o.d_operand)
+                if o.stacked:
+                    out.add(o.stacked)
+                else:
+                    slot(o.d_operands[0])
             elif isinstance(o, ir.WeightGrad):
                 out.add(o.d_out)
-                slot(o.operand)
+                if o.stacked:
+                    out.add(o.stacked)
+                else:
+                    slot(o.operands[0])
                 if o.scratch:
                     out.add(o.scratch)
+            elif isinstance(o, ir.Stack):
+                out.add(o.buffer)
+                for n in o.sources:
+                    slot(n)
             elif isinstance(o, ir.RowSum):
                 slot(o.source)
                 if o.scratch:

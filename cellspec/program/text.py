@@ -21,6 +21,17 @@ def _where(fn: ir.Function, name: str) -> str:
     return f"{sl.buffer}[{t}]{cols}"
 
 
+def _stacked(names: tuple[str, ...], buffer: str) -> str:
+    """One operand as itself; a row-stacked GEMM's operands as ``[h; c] (in st_W__h__c)``."""
+    if len(names) == 1:
+        return names[0]
+    return f"[{'; '.join(names)}] (side by side in {buffer})"
+
+
+def _rows(rows: str, names: tuple[str, ...]) -> str:
+    return rows if len(names) == 1 else f"{len(names)} x {rows}, one GEMM"
+
+
 def _op(fn: ir.Function, prog: ir.Program, op, indent: str) -> list[str]:
     if isinstance(op, ir.Loop):
         head = f"{indent}for t in {'reversed(range(T))' if op.reverse else 'range(T)'}:"
@@ -36,14 +47,20 @@ def _op(fn: ir.Function, prog: ir.Program, op, indent: str) -> list[str]:
     if isinstance(op, ir.Project):
         w = prog.weights[op.weight]
         b = " (one row, broadcast)" if op.broadcast else ""
-        return [f"{indent}gemm {op.out} = {op.operand}{b} @ [{', '.join(w.matrices)}]^T   ({rows}: {op.comment})"]
+        return [(f"{indent}gemm {op.out} = {_stacked(op.operands, op.stacked)}{b} @ [{', '.join(w.matrices)}]^T   "
+                 f"({_rows(rows, op.operands)}: {op.comment})")]
     if isinstance(op, ir.ProjectBack):
         w = prog.weights[op.weight]
         eq = "+=" if op.accumulate else "="
-        return [f"{indent}gemm {op.d_operand} {eq} {op.d_out} @ [{', '.join(w.matrices)}]   ({rows})"]
+        return [(f"{indent}gemm {_stacked(op.d_operands, op.stacked)} {eq} {op.d_out} @ [{', '.join(w.matrices)}]   "
+                 f"({_rows(rows, op.d_operands)})")]
     if isinstance(op, ir.WeightGrad):
         w = prog.weights[op.weight]
-        return [f"{indent}gemm d[{', '.join(w.matrices)}] += {op.d_out}^T @ {op.operand}   (T*B rows: {op.comment})"]
+        return [(f"{indent}gemm d[{', '.join(w.matrices)}] += {op.d_out}^T @ {_stacked(op.operands, op.stacked)}   "
+                 f"({_rows('T*B rows', op.operands)}: {op.comment})")]
+    if isinstance(op, ir.Stack):
+        dest = ", ".join(_where(fn, t) for t in op.targets)
+        return [f"{indent}copy {', '.join(op.sources)} -> {dest}   ({rows}: {op.comment})"]
     if isinstance(op, ir.RowSum):
         return [f"{indent}d[{', '.join(op.param)}] += sum over T*B rows of {op.source} ({_where(fn, op.source)})"]
     if isinstance(op, ir.AddRows):
