@@ -1085,8 +1085,8 @@ def _native_forward(_lib, _xs, _states, _params, _bs=None):
     def _empty(shape):
         return torch.empty(shape, dtype=_dt, device=_dev)
 
-    def _scratch(name, shape):
-        return _workspace("forward", name, shape, _dt, _dev)
+    def _scratch(name, shape):  # shapes only (_lib None, fake tensors): a fresh one
+        return _empty(shape) if _lib is None else _workspace("forward", name, shape, _dt, _dev)
 
     x_x = _xs[0].contiguous()
     x_keep_c = _xs[1].contiguous()
@@ -1128,8 +1128,8 @@ def _native_inference(_lib, _xs, _states, _params, _bs=None):
     def _empty(shape):
         return torch.empty(shape, dtype=_dt, device=_dev)
 
-    def _scratch(name, shape):
-        return _workspace("inference", name, shape, _dt, _dev)
+    def _scratch(name, shape):  # shapes only (_lib None, fake tensors): a fresh one
+        return _empty(shape) if _lib is None else _workspace("inference", name, shape, _dt, _dev)
 
     x_x = _xs[0].contiguous()
     x_keep_c = _xs[1].contiguous()
@@ -1176,11 +1176,11 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     def _gzeros(shape):
         return torch.zeros(shape, dtype=_gdt, device=_dev)
 
-    def _scratch(name, shape):
-        return _workspace("backward", name, shape, _dt, _dev)
+    def _scratch(name, shape):  # shapes only (_lib None, fake tensors): a fresh one
+        return _empty(shape) if _lib is None else _workspace("backward", name, shape, _dt, _dev)
 
     def _gscratch(name, shape):
-        return _workspace("backward", name, shape, _gdt, _dev)
+        return _gempty(shape) if _lib is None else _workspace("backward", name, shape, _gdt, _dev)
 
     if _bs is not None:  # outputs past a sequence's end are constant zeros
         _m = _native_active(_bs, _B, _xs)
