@@ -7,7 +7,7 @@ input size = H, interleaved rounds in one process, medians reported.
 * ``eager``    the same LN-LSTM as a user writes it in PyTorch: a Python loop over steps with
   ``F.layer_norm`` on each gate and on the cell state, differentiated by autograd.
 
-Usage: ``python benchmarks/ln_bench.py [--T 64 --B 32 --H 256 --rounds 7 --backend auto]``
+Usage: ``python benchmarks/ln_bench.py [--T 64 --B 32 --H 256 --rounds 7 --backend auto --threads N]``
 """
 
 from __future__ import annotations
@@ -62,7 +62,10 @@ def main() -> None:
     ap.add_argument("--H", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--backend", default="auto")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     ln = _load("layer_norm_lstm.cell").torch_cell.LayerNormLSTM(a.H, a.H, backend=a.backend)
     plain = _load("lstm.cell").torch_cell.LSTM(a.H, a.H, backend=a.backend)
