@@ -177,3 +177,50 @@ def test_workspace_never_leaks_into_results(module):
     again = _run(m, x1)
     for a, b in zip(again, kept):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_host_simd_options_widest_first(monkeypatch):
+    """AVX-512 first where the CPU has it, then AVX2, then the plain vector-math flags; a CPU
+    without AVX-512 never gets its flags."""
+    cxx = native.which_cxx()
+    if cxx is None or not native.host_simd_options(cxx):
+        pytest.skip("no vectorised host build here (not GCC on x86-64 Linux with libmvec)")
+    for flags, expect in [
+        ({"avx2", "fma", "avx512f", "avx512dq"}, [native.AVX512_FLAGS, native.AVX2_FLAGS, ()]),
+        ({"avx2", "fma"}, [native.AVX2_FLAGS, ()]),
+        (set(), [()]),
+    ]:
+        monkeypatch.setattr(native, "_cpu_flags", lambda flags=flags: flags)
+        native.host_simd_options.cache_clear()
+        try:
+            got = native.host_simd_options(cxx)
+        finally:
+            native.host_simd_options.cache_clear()
+        assert got == tuple(native.SIMD_FLAGS + f for f in expect)
+
+
+@pytest.mark.skipif(not HAVE_CXX, reason="no C++ compiler")
+def test_avx2_build_agrees_with_default(monkeypatch):
+    """The AVX2 build (what a CPU without AVX-512 gets, and without the own GEMM) runs the LSTM to
+    the default build's results: forward, every gradient."""
+    cxx = native.which_cxx()
+    if not any(o == native.SIMD_FLAGS + native.AVX512_FLAGS for o in native.host_simd_options(cxx)):
+        pytest.skip("the default build here is not the AVX-512 one")
+    pkg = load_module("lstm")
+    cls = getattr(pkg.torch_cell, pkg.torch_cell.CELL)
+    torch.manual_seed(3)
+    m = cls(5, 19)
+    x = torch.randn(9, 4, 5)
+    default = _run(m, x)
+    cu = next(p for p in Path(pkg.torch_cell.__file__).parent.glob("*.cu"))
+    monkeypatch.setattr(native, "host_simd_options", lambda cxx: (native.SIMD_FLAGS + native.AVX2_FLAGS,))
+    kernels.set_own_gemm(False)
+    try:
+        so = native.build_host(cu.read_text(), cu.stem)
+        lib = kernels.Library(native.load_library(str(so)), cu.stem, "cpu")
+        monkeypatch.setattr(pkg.torch_cell, "_LIBRARIES", {("cpu", None): lib})
+        avx2 = _run(m, x)
+    finally:
+        kernels.set_own_gemm(True)
+    for a, b in zip(default, avx2):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
