@@ -57,6 +57,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <math.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #ifdef __CUDACC__
 #include <cuda_runtime.h>
@@ -69,6 +72,17 @@
 
 #ifndef CELLSPEC_CUDA_PRELUDE
 #define CELLSPEC_CUDA_PRELUDE
+// Whether a CPU loop forks threads: with work enough, and more than one thread to fork (a team
+// of one still costs a fork per call: ~1.5% of the LSTM's inference at (512, 8, 128)).
+static inline int cs_par(int64_t work, int64_t min_work)
+{
+#ifdef _OPENMP
+    return work >= min_work && omp_get_max_threads() > 1;
+#else
+    (void)work; (void)min_work;
+    return 0;
+#endif
+}
 #if !defined(__CUDACC__) && defined(CELLSPEC_SIMD_MATH) && defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__GLIBC__)
 // CPU build with -DCELLSPEC_SIMD_MATH (and -fno-math-errno -lmvec, as cellspec.runtime.native
 // builds it): glibc's libmvec has vector versions of these functions (same accuracy class, same
@@ -270,7 +284,7 @@ static bool cs_own_route(const cs_ctx*, int, int, int64_t, int64_t, int64_t, con
 static bool cs_avx512(void) { static const bool ok = __builtin_cpu_supports("avx512f"); return ok; }
 static void cs_own_pack(int ta, int64_t n, int64_t k, const float* w, int64_t ldw, float* out)
 {
-#pragma omp parallel for schedule(static) if (n * k >= 65536)
+#pragma omp parallel for schedule(static) if (cs_par(n * k, 65536))
     for (int64_t p = 0; p < n; p += 32) {
         float* o = out + p * k;
         const int64_t width = n - p < 32 ? n - p : 32;
@@ -335,7 +349,7 @@ __attribute__((target("avx512f"))) static void cs_own_gemm(int64_t m, int64_t n,
         const int64_t rows = m - i0 < mc ? m - i0 : mc;
         const float* ab = a + i0 * lda;
         float* cb = out + i0 * ldc;
-#pragma omp parallel for schedule(static) if (rows * n * k >= 262144)
+#pragma omp parallel for schedule(static) if (cs_par(rows * n * k, 262144))
         for (int64_t q = 0; q < panels; ++q) {
             const int64_t p = q * 32, width = n - p < 32 ? n - p : 32;
             const __mmask16 m0 = width >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << width) - 1);
@@ -440,7 +454,7 @@ static int cs_gemm_packed(const cs_ctx* c, int ta, int64_t m, int64_t n, int64_t
 template <typename S, typename G>
 static void cs_rowsum_host(int64_t rows, int64_t cols, const S* src, int64_t ld, G* dst, int beta)
 {
-#pragma omp parallel for schedule(static) if (rows * cols >= 65536)
+#pragma omp parallel for schedule(static) if (cs_par(rows * cols, 65536))
     for (int64_t j0 = 0; j0 < cols; j0 += 64) {
         const int64_t w = cols - j0 < 64 ? cols - j0 : 64;
         G acc[64];
@@ -461,7 +475,7 @@ static void cs_add_host(int64_t n, const G* src, G* dst, int beta)
 template <typename S>
 static void cs_add_rows_host(int64_t rows, int64_t cols, const S* src, int64_t ld, S* dst, int64_t ldd)
 {
-#pragma omp parallel for schedule(static) if (rows * cols >= 65536)
+#pragma omp parallel for schedule(static) if (cs_par(rows * cols, 65536))
     for (int64_t r = 0; r < rows; ++r) {
 #pragma omp simd
         for (int64_t j = 0; j < cols; ++j) dst[r * ldd + j] += src[r * ld + j];
@@ -619,7 +633,7 @@ static int haste_layer_norm_lstm_forward_fwd0_rows_launch(int64_t _rows, int64_t
 template <typename S>
 static inline void haste_layer_norm_lstm_forward_fwd0_rows_host(int64_t _rows, int64_t n_H, const S* __restrict__ _p_W_f_x, int64_t _ld_W_f_x, const S* __restrict__ _p_W_g_x, int64_t _ld_W_g_x, const S* __restrict__ _p_W_i_x, int64_t _ld_W_i_x, const S* __restrict__ _p_W_o_x, int64_t _ld_W_o_x, const S* __restrict__ _p_inv_n_H, int64_t _ld_inv_n_H, S* __restrict__ _p_xi, int64_t _ld_xi, S* __restrict__ _p_xg, int64_t _ld_xg, S* __restrict__ _p_xf, int64_t _ld_xf, S* __restrict__ _p_xo, int64_t _ld_xo, S* __restrict__ _p_mu_x, int64_t _ld_mu_x, S* __restrict__ _p_var_x, int64_t _ld_var_x, S* __restrict__ _p_rs_x, int64_t _ld_rs_x)
 {
-#pragma omp parallel for schedule(static) if (_rows * (n_H) >= 2048)
+#pragma omp parallel for schedule(static) if (cs_par(_rows * (n_H), 2048))
     for (int64_t _r = 0; _r < _rows; ++_r)
         haste_layer_norm_lstm_forward_fwd0_rows_row<S, S>(_r, 0, 1, n_H, _p_W_f_x, _ld_W_f_x, _p_W_g_x, _ld_W_g_x, _p_W_i_x, _ld_W_i_x, _p_W_o_x, _ld_W_o_x, _p_inv_n_H, _ld_inv_n_H, _p_xi, _ld_xi, _p_xg, _ld_xg, _p_xf, _ld_xf, _p_xo, _ld_xo, _p_mu_x, _ld_mu_x, _p_var_x, _ld_var_x, _p_rs_x, _ld_rs_x);
 }
@@ -776,7 +790,7 @@ static int haste_layer_norm_lstm_forward_fwd1_rows_launch(int64_t _rows, int64_t
 template <typename S>
 static inline void haste_layer_norm_lstm_forward_fwd1_rows_host(int64_t _rows, int64_t n_H, const S* __restrict__ _p_R_f_h, int64_t _ld_R_f_h, const S* __restrict__ _p_R_g_h, int64_t _ld_R_g_h, const S* __restrict__ _p_R_i_h, int64_t _ld_R_i_h, const S* __restrict__ _p_R_o_h, int64_t _ld_R_o_h, const S* __restrict__ _p_b_f, int64_t _ld_b_f, const S* __restrict__ _p_b_g, int64_t _ld_b_g, const S* __restrict__ _p_b_i, int64_t _ld_b_i, const S* __restrict__ _p_b_o, int64_t _ld_b_o, const S* __restrict__ _p_beta_h, int64_t _ld_beta_h, const S* __restrict__ _p_c, int64_t _ld_c, const S* __restrict__ _p_gamma_h, int64_t _ld_gamma_h, const S* __restrict__ _p_gh_f, int64_t _ld_gh_f, const S* __restrict__ _p_gh_g, int64_t _ld_gh_g, const S* __restrict__ _p_gh_i, int64_t _ld_gh_i, const S* __restrict__ _p_gh_o, int64_t _ld_gh_o, const S* __restrict__ _p_gx_f, int64_t _ld_gx_f, const S* __restrict__ _p_gx_g, int64_t _ld_gx_g, const S* __restrict__ _p_gx_i, int64_t _ld_gx_i, const S* __restrict__ _p_gx_o, int64_t _ld_gx_o, const S* __restrict__ _p_inv_n_H, int64_t _ld_inv_n_H, const S* __restrict__ _p_inv_n_H_2, int64_t _ld_inv_n_H_2, const S* __restrict__ _p_mu_x, int64_t _ld_mu_x, const S* __restrict__ _p_rs_x, int64_t _ld_rs_x, const S* __restrict__ _p_xf, int64_t _ld_xf, const S* __restrict__ _p_xg, int64_t _ld_xg, const S* __restrict__ _p_xi, int64_t _ld_xi, const S* __restrict__ _p_xo, int64_t _ld_xo, S* __restrict__ _p_ri, int64_t _ld_ri, S* __restrict__ _p_rg, int64_t _ld_rg, S* __restrict__ _p_rf, int64_t _ld_rf, S* __restrict__ _p_ro, int64_t _ld_ro, S* __restrict__ _p_mu_h, int64_t _ld_mu_h, S* __restrict__ _p_var_h, int64_t _ld_var_h, S* __restrict__ _p_rs_h, int64_t _ld_rs_h, S* __restrict__ _p_i, int64_t _ld_i, S* __restrict__ _p_g, int64_t _ld_g, S* __restrict__ _p_f, int64_t _ld_f, S* __restrict__ _p_o, int64_t _ld_o, S* __restrict__ _p_c_next, int64_t _ld_c_next, S* __restrict__ _p_mean_5, int64_t _ld_mean_5, S* __restrict__ _p_var, int64_t _ld_var, S* __restrict__ _p_rstd, int64_t _ld_rstd, S* __restrict__ _p_h_next, int64_t _ld_h_next)
 {
-#pragma omp parallel for schedule(static) if (_rows * (n_H) >= 2048)
+#pragma omp parallel for schedule(static) if (cs_par(_rows * (n_H), 2048))
     for (int64_t _r = 0; _r < _rows; ++_r)
         haste_layer_norm_lstm_forward_fwd1_rows_row<S, S>(_r, 0, 1, n_H, _p_R_f_h, _ld_R_f_h, _p_R_g_h, _ld_R_g_h, _p_R_i_h, _ld_R_i_h, _p_R_o_h, _ld_R_o_h, _p_b_f, _ld_b_f, _p_b_g, _ld_b_g, _p_b_i, _ld_b_i, _p_b_o, _ld_b_o, _p_beta_h, _ld_beta_h, _p_c, _ld_c, _p_gamma_h, _ld_gamma_h, _p_gh_f, _ld_gh_f, _p_gh_g, _ld_gh_g, _p_gh_i, _ld_gh_i, _p_gh_o, _ld_gh_o, _p_gx_f, _ld_gx_f, _p_gx_g, _ld_gx_g, _p_gx_i, _ld_gx_i, _p_gx_o, _ld_gx_o, _p_inv_n_H, _ld_inv_n_H, _p_inv_n_H_2, _ld_inv_n_H_2, _p_mu_x, _ld_mu_x, _p_rs_x, _ld_rs_x, _p_xf, _ld_xf, _p_xg, _ld_xg, _p_xi, _ld_xi, _p_xo, _ld_xo, _p_ri, _ld_ri, _p_rg, _ld_rg, _p_rf, _ld_rf, _p_ro, _ld_ro, _p_mu_h, _ld_mu_h, _p_var_h, _ld_var_h, _p_rs_h, _ld_rs_h, _p_i, _ld_i, _p_g, _ld_g, _p_f, _ld_f, _p_o, _ld_o, _p_c_next, _ld_c_next, _p_mean_5, _ld_mean_5, _p_var, _ld_var, _p_rstd, _ld_rstd, _p_h_next, _ld_h_next);
 }
@@ -870,7 +884,7 @@ static int haste_layer_norm_lstm_inference_fwd0_rows_launch(int64_t _rows, int64
 template <typename S>
 static inline void haste_layer_norm_lstm_inference_fwd0_rows_host(int64_t _rows, int64_t n_H, const S* __restrict__ _p_W_f_x, int64_t _ld_W_f_x, const S* __restrict__ _p_W_g_x, int64_t _ld_W_g_x, const S* __restrict__ _p_W_i_x, int64_t _ld_W_i_x, const S* __restrict__ _p_W_o_x, int64_t _ld_W_o_x, const S* __restrict__ _p_inv_n_H, int64_t _ld_inv_n_H, S* __restrict__ _p_xi, int64_t _ld_xi, S* __restrict__ _p_xg, int64_t _ld_xg, S* __restrict__ _p_xf, int64_t _ld_xf, S* __restrict__ _p_xo, int64_t _ld_xo, S* __restrict__ _p_mu_x, int64_t _ld_mu_x, S* __restrict__ _p_rs_x, int64_t _ld_rs_x)
 {
-#pragma omp parallel for schedule(static) if (_rows * (n_H) >= 2048)
+#pragma omp parallel for schedule(static) if (cs_par(_rows * (n_H), 2048))
     for (int64_t _r = 0; _r < _rows; ++_r)
         haste_layer_norm_lstm_inference_fwd0_rows_row<S, S>(_r, 0, 1, n_H, _p_W_f_x, _ld_W_f_x, _p_W_g_x, _ld_W_g_x, _p_W_i_x, _ld_W_i_x, _p_W_o_x, _ld_W_o_x, _p_inv_n_H, _ld_inv_n_H, _p_xi, _ld_xi, _p_xg, _ld_xg, _p_xf, _ld_xf, _p_xo, _ld_xo, _p_mu_x, _ld_mu_x, _p_rs_x, _ld_rs_x);
 }
@@ -1021,7 +1035,7 @@ static int haste_layer_norm_lstm_inference_fwd1_rows_launch(int64_t _rows, int64
 template <typename S>
 static inline void haste_layer_norm_lstm_inference_fwd1_rows_host(int64_t _rows, int64_t n_H, const S* __restrict__ _p_R_f_h, int64_t _ld_R_f_h, const S* __restrict__ _p_R_g_h, int64_t _ld_R_g_h, const S* __restrict__ _p_R_i_h, int64_t _ld_R_i_h, const S* __restrict__ _p_R_o_h, int64_t _ld_R_o_h, const S* __restrict__ _p_b_f, int64_t _ld_b_f, const S* __restrict__ _p_b_g, int64_t _ld_b_g, const S* __restrict__ _p_b_i, int64_t _ld_b_i, const S* __restrict__ _p_b_o, int64_t _ld_b_o, const S* __restrict__ _p_beta_h, int64_t _ld_beta_h, const S* __restrict__ _p_c, int64_t _ld_c, const S* __restrict__ _p_gamma_h, int64_t _ld_gamma_h, const S* __restrict__ _p_gh_f, int64_t _ld_gh_f, const S* __restrict__ _p_gh_g, int64_t _ld_gh_g, const S* __restrict__ _p_gh_i, int64_t _ld_gh_i, const S* __restrict__ _p_gh_o, int64_t _ld_gh_o, const S* __restrict__ _p_gx_f, int64_t _ld_gx_f, const S* __restrict__ _p_gx_g, int64_t _ld_gx_g, const S* __restrict__ _p_gx_i, int64_t _ld_gx_i, const S* __restrict__ _p_gx_o, int64_t _ld_gx_o, const S* __restrict__ _p_inv_n_H, int64_t _ld_inv_n_H, const S* __restrict__ _p_inv_n_H_2, int64_t _ld_inv_n_H_2, const S* __restrict__ _p_mu_x, int64_t _ld_mu_x, const S* __restrict__ _p_rs_x, int64_t _ld_rs_x, const S* __restrict__ _p_xf, int64_t _ld_xf, const S* __restrict__ _p_xg, int64_t _ld_xg, const S* __restrict__ _p_xi, int64_t _ld_xi, const S* __restrict__ _p_xo, int64_t _ld_xo, S* __restrict__ _p_c_next, int64_t _ld_c_next, S* __restrict__ _p_h_next, int64_t _ld_h_next)
 {
-#pragma omp parallel for schedule(static) if (_rows * (n_H) >= 2048)
+#pragma omp parallel for schedule(static) if (cs_par(_rows * (n_H), 2048))
     for (int64_t _r = 0; _r < _rows; ++_r)
         haste_layer_norm_lstm_inference_fwd1_rows_row<S, S>(_r, 0, 1, n_H, _p_R_f_h, _ld_R_f_h, _p_R_g_h, _ld_R_g_h, _p_R_i_h, _ld_R_i_h, _p_R_o_h, _ld_R_o_h, _p_b_f, _ld_b_f, _p_b_g, _ld_b_g, _p_b_i, _ld_b_i, _p_b_o, _ld_b_o, _p_beta_h, _ld_beta_h, _p_c, _ld_c, _p_gamma_h, _ld_gamma_h, _p_gh_f, _ld_gh_f, _p_gh_g, _ld_gh_g, _p_gh_i, _ld_gh_i, _p_gh_o, _ld_gh_o, _p_gx_f, _ld_gx_f, _p_gx_g, _ld_gx_g, _p_gx_i, _ld_gx_i, _p_gx_o, _ld_gx_o, _p_inv_n_H, _ld_inv_n_H, _p_inv_n_H_2, _ld_inv_n_H_2, _p_mu_x, _ld_mu_x, _p_rs_x, _ld_rs_x, _p_xf, _ld_xf, _p_xg, _ld_xg, _p_xi, _ld_xi, _p_xo, _ld_xo, _p_c_next, _ld_c_next, _p_h_next, _ld_h_next);
 }
@@ -1234,7 +1248,7 @@ static int haste_layer_norm_lstm_backward_bwd1_rows_launch(int64_t _rows, int64_
 template <typename S>
 static inline void haste_layer_norm_lstm_backward_bwd1_rows_host(int64_t _rows, int64_t n_H, const S* __restrict__ _p_beta_h, int64_t _ld_beta_h, const S* __restrict__ _p_c, int64_t _ld_c, const S* __restrict__ _p_c_next, int64_t _ld_c_next, const S* __restrict__ _p_d_c, int64_t _ld_d_c, const S* __restrict__ _p_d_h, int64_t _ld_d_h, const S* __restrict__ _p_d_h_next_out, int64_t _ld_d_h_next_out, const S* __restrict__ _p_f, int64_t _ld_f, const S* __restrict__ _p_g, int64_t _ld_g, const S* __restrict__ _p_gamma_h, int64_t _ld_gamma_h, const S* __restrict__ _p_gh_f, int64_t _ld_gh_f, const S* __restrict__ _p_gh_g, int64_t _ld_gh_g, const S* __restrict__ _p_gh_i, int64_t _ld_gh_i, const S* __restrict__ _p_gh_o, int64_t _ld_gh_o, const S* __restrict__ _p_i, int64_t _ld_i, const S* __restrict__ _p_inv_n_H, int64_t _ld_inv_n_H, const S* __restrict__ _p_inv_n_H_2, int64_t _ld_inv_n_H_2, const S* __restrict__ _p_mean_5, int64_t _ld_mean_5, const S* __restrict__ _p_mu_h, int64_t _ld_mu_h, const S* __restrict__ _p_o, int64_t _ld_o, const S* __restrict__ _p_rf, int64_t _ld_rf, const S* __restrict__ _p_rg, int64_t _ld_rg, const S* __restrict__ _p_ri, int64_t _ld_ri, const S* __restrict__ _p_ro, int64_t _ld_ro, const S* __restrict__ _p_rs_h, int64_t _ld_rs_h, const S* __restrict__ _p_rstd, int64_t _ld_rstd, const S* __restrict__ _p_var, int64_t _ld_var, const S* __restrict__ _p_var_h, int64_t _ld_var_h, S* __restrict__ _p_d_h_next, int64_t _ld_d_h_next, S* __restrict__ _p_d_c_next, int64_t _ld_d_c_next, S* __restrict__ _p_d_o, int64_t _ld_d_o, S* __restrict__ _p_d_f, int64_t _ld_d_f, S* __restrict__ _p_d_g, int64_t _ld_d_g, S* __restrict__ _p_d_i, int64_t _ld_d_i, S* __restrict__ _p_d_R_i_h, int64_t _ld_d_R_i_h, S* __restrict__ _p_d_R_g_h, int64_t _ld_d_R_g_h, S* __restrict__ _p_d_R_f_h, int64_t _ld_d_R_f_h, S* __restrict__ _p_d_R_o_h, int64_t _ld_d_R_o_h)
 {
-#pragma omp parallel for schedule(static) if (_rows * (n_H) >= 2048)
+#pragma omp parallel for schedule(static) if (cs_par(_rows * (n_H), 2048))
     for (int64_t _r = 0; _r < _rows; ++_r)
         haste_layer_norm_lstm_backward_bwd1_rows_row<S, S>(_r, 0, 1, n_H, _p_beta_h, _ld_beta_h, _p_c, _ld_c, _p_c_next, _ld_c_next, _p_d_c, _ld_d_c, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_f, _ld_f, _p_g, _ld_g, _p_gamma_h, _ld_gamma_h, _p_gh_f, _ld_gh_f, _p_gh_g, _ld_gh_g, _p_gh_i, _ld_gh_i, _p_gh_o, _ld_gh_o, _p_i, _ld_i, _p_inv_n_H, _ld_inv_n_H, _p_inv_n_H_2, _ld_inv_n_H_2, _p_mean_5, _ld_mean_5, _p_mu_h, _ld_mu_h, _p_o, _ld_o, _p_rf, _ld_rf, _p_rg, _ld_rg, _p_ri, _ld_ri, _p_ro, _ld_ro, _p_rs_h, _ld_rs_h, _p_rstd, _ld_rstd, _p_var, _ld_var, _p_var_h, _ld_var_h, _p_d_h_next, _ld_d_h_next, _p_d_c_next, _ld_d_c_next, _p_d_o, _ld_d_o, _p_d_f, _ld_d_f, _p_d_g, _ld_d_g, _p_d_i, _ld_d_i, _p_d_R_i_h, _ld_d_R_i_h, _p_d_R_g_h, _ld_d_R_g_h, _p_d_R_f_h, _ld_d_R_f_h, _p_d_R_o_h, _ld_d_R_o_h);
 }
@@ -1399,7 +1413,7 @@ static int haste_layer_norm_lstm_backward_bwd0_rows_launch(int64_t _rows, int64_
 template <typename S>
 static inline void haste_layer_norm_lstm_backward_bwd0_rows_host(int64_t _rows, int64_t n_H, const S* __restrict__ _p_d_f, int64_t _ld_d_f, const S* __restrict__ _p_d_g, int64_t _ld_d_g, const S* __restrict__ _p_d_i, int64_t _ld_d_i, const S* __restrict__ _p_d_o, int64_t _ld_d_o, const S* __restrict__ _p_f, int64_t _ld_f, const S* __restrict__ _p_g, int64_t _ld_g, const S* __restrict__ _p_gx_f, int64_t _ld_gx_f, const S* __restrict__ _p_gx_g, int64_t _ld_gx_g, const S* __restrict__ _p_gx_i, int64_t _ld_gx_i, const S* __restrict__ _p_gx_o, int64_t _ld_gx_o, const S* __restrict__ _p_i, int64_t _ld_i, const S* __restrict__ _p_inv_n_H, int64_t _ld_inv_n_H, const S* __restrict__ _p_mu_x, int64_t _ld_mu_x, const S* __restrict__ _p_o, int64_t _ld_o, const S* __restrict__ _p_rs_x, int64_t _ld_rs_x, const S* __restrict__ _p_var_x, int64_t _ld_var_x, const S* __restrict__ _p_xf, int64_t _ld_xf, const S* __restrict__ _p_xg, int64_t _ld_xg, const S* __restrict__ _p_xi, int64_t _ld_xi, const S* __restrict__ _p_xo, int64_t _ld_xo, S* __restrict__ _p_d_xo, int64_t _ld_d_xo, S* __restrict__ _p_d_xf, int64_t _ld_d_xf, S* __restrict__ _p_d_xg, int64_t _ld_d_xg, S* __restrict__ _p_d_xi, int64_t _ld_d_xi)
 {
-#pragma omp parallel for schedule(static) if (_rows * (n_H) >= 2048)
+#pragma omp parallel for schedule(static) if (cs_par(_rows * (n_H), 2048))
     for (int64_t _r = 0; _r < _rows; ++_r)
         haste_layer_norm_lstm_backward_bwd0_rows_row<S, S>(_r, 0, 1, n_H, _p_d_f, _ld_d_f, _p_d_g, _ld_d_g, _p_d_i, _ld_d_i, _p_d_o, _ld_d_o, _p_f, _ld_f, _p_g, _ld_g, _p_gx_f, _ld_gx_f, _p_gx_g, _ld_gx_g, _p_gx_i, _ld_gx_i, _p_gx_o, _ld_gx_o, _p_i, _ld_i, _p_inv_n_H, _ld_inv_n_H, _p_mu_x, _ld_mu_x, _p_o, _ld_o, _p_rs_x, _ld_rs_x, _p_var_x, _ld_var_x, _p_xf, _ld_xf, _p_xg, _ld_xg, _p_xi, _ld_xi, _p_xo, _ld_xo, _p_d_xo, _ld_d_xo, _p_d_xf, _ld_d_xf, _p_d_xg, _ld_d_xg, _p_d_xi, _ld_d_xi);
 }
@@ -1519,7 +1533,7 @@ static int haste_layer_norm_lstm_backward_bwd_leaf_rows_launch(int64_t _rows, in
 template <typename S>
 static inline void haste_layer_norm_lstm_backward_bwd_leaf_rows_host(int64_t _rows, int64_t n_H, const S* __restrict__ _p_beta_h, int64_t _ld_beta_h, const S* __restrict__ _p_c_next, int64_t _ld_c_next, const S* __restrict__ _p_d_c_next, int64_t _ld_d_c_next, const S* __restrict__ _p_d_f, int64_t _ld_d_f, const S* __restrict__ _p_d_g, int64_t _ld_d_g, const S* __restrict__ _p_d_h_gemm, int64_t _ld_d_h_gemm, const S* __restrict__ _p_d_h_next, int64_t _ld_d_h_next, const S* __restrict__ _p_d_i, int64_t _ld_d_i, const S* __restrict__ _p_d_o, int64_t _ld_d_o, const S* __restrict__ _p_d_xf, int64_t _ld_d_xf, const S* __restrict__ _p_d_xg, int64_t _ld_d_xg, const S* __restrict__ _p_d_xi, int64_t _ld_d_xi, const S* __restrict__ _p_d_xo, int64_t _ld_d_xo, const S* __restrict__ _p_f, int64_t _ld_f, const S* __restrict__ _p_g, int64_t _ld_g, const S* __restrict__ _p_gamma_h, int64_t _ld_gamma_h, const S* __restrict__ _p_i, int64_t _ld_i, const S* __restrict__ _p_mean_5, int64_t _ld_mean_5, const S* __restrict__ _p_mu_h, int64_t _ld_mu_h, const S* __restrict__ _p_mu_x, int64_t _ld_mu_x, const S* __restrict__ _p_o, int64_t _ld_o, const S* __restrict__ _p_rf, int64_t _ld_rf, const S* __restrict__ _p_rg, int64_t _ld_rg, const S* __restrict__ _p_ri, int64_t _ld_ri, const S* __restrict__ _p_ro, int64_t _ld_ro, const S* __restrict__ _p_rs_h, int64_t _ld_rs_h, const S* __restrict__ _p_rs_x, int64_t _ld_rs_x, const S* __restrict__ _p_rstd, int64_t _ld_rstd, const S* __restrict__ _p_xf, int64_t _ld_xf, const S* __restrict__ _p_xg, int64_t _ld_xg, const S* __restrict__ _p_xi, int64_t _ld_xi, const S* __restrict__ _p_xo, int64_t _ld_xo, S* __restrict__ _p_d_h, int64_t _ld_d_h, S* __restrict__ _p_d_c, int64_t _ld_d_c, S* __restrict__ _p_d_b_i, int64_t _ld_d_b_i, S* __restrict__ _p_d_b_g, int64_t _ld_d_b_g, S* __restrict__ _p_d_b_f, int64_t _ld_d_b_f, S* __restrict__ _p_d_b_o, int64_t _ld_d_b_o, S* __restrict__ _p_d_gx_i, int64_t _ld_d_gx_i, S* __restrict__ _p_d_gx_g, int64_t _ld_d_gx_g, S* __restrict__ _p_d_gx_f, int64_t _ld_d_gx_f, S* __restrict__ _p_d_gx_o, int64_t _ld_d_gx_o, S* __restrict__ _p_d_gh_i, int64_t _ld_d_gh_i, S* __restrict__ _p_d_gh_g, int64_t _ld_d_gh_g, S* __restrict__ _p_d_gh_f, int64_t _ld_d_gh_f, S* __restrict__ _p_d_gh_o, int64_t _ld_d_gh_o, S* __restrict__ _p_d_gamma_h, int64_t _ld_d_gamma_h, S* __restrict__ _p_d_beta_h, int64_t _ld_d_beta_h, S* __restrict__ _p_d_W_i_x, int64_t _ld_d_W_i_x, S* __restrict__ _p_d_W_g_x, int64_t _ld_d_W_g_x, S* __restrict__ _p_d_W_f_x, int64_t _ld_d_W_f_x, S* __restrict__ _p_d_W_o_x, int64_t _ld_d_W_o_x)
 {
-#pragma omp parallel for schedule(static) if (_rows * (n_H) >= 2048)
+#pragma omp parallel for schedule(static) if (cs_par(_rows * (n_H), 2048))
     for (int64_t _r = 0; _r < _rows; ++_r)
         haste_layer_norm_lstm_backward_bwd_leaf_rows_row<S, S>(_r, 0, 1, n_H, _p_beta_h, _ld_beta_h, _p_c_next, _ld_c_next, _p_d_c_next, _ld_d_c_next, _p_d_f, _ld_d_f, _p_d_g, _ld_d_g, _p_d_h_gemm, _ld_d_h_gemm, _p_d_h_next, _ld_d_h_next, _p_d_i, _ld_d_i, _p_d_o, _ld_d_o, _p_d_xf, _ld_d_xf, _p_d_xg, _ld_d_xg, _p_d_xi, _ld_d_xi, _p_d_xo, _ld_d_xo, _p_f, _ld_f, _p_g, _ld_g, _p_gamma_h, _ld_gamma_h, _p_i, _ld_i, _p_mean_5, _ld_mean_5, _p_mu_h, _ld_mu_h, _p_mu_x, _ld_mu_x, _p_o, _ld_o, _p_rf, _ld_rf, _p_rg, _ld_rg, _p_ri, _ld_ri, _p_ro, _ld_ro, _p_rs_h, _ld_rs_h, _p_rs_x, _ld_rs_x, _p_rstd, _ld_rstd, _p_xf, _ld_xf, _p_xg, _ld_xg, _p_xi, _ld_xi, _p_xo, _ld_xo, _p_d_h, _ld_d_h, _p_d_c, _ld_d_c, _p_d_b_i, _ld_d_b_i, _p_d_b_g, _ld_d_b_g, _p_d_b_f, _ld_d_b_f, _p_d_b_o, _ld_d_b_o, _p_d_gx_i, _ld_d_gx_i, _p_d_gx_g, _ld_d_gx_g, _p_d_gx_f, _ld_d_gx_f, _p_d_gx_o, _ld_d_gx_o, _p_d_gh_i, _ld_d_gh_i, _p_d_gh_g, _ld_d_gh_g, _p_d_gh_f, _ld_d_gh_f, _p_d_gh_o, _ld_d_gh_o, _p_d_gamma_h, _ld_d_gamma_h, _p_d_beta_h, _ld_d_beta_h, _p_d_W_i_x, _ld_d_W_i_x, _p_d_W_g_x, _ld_d_W_g_x, _p_d_W_f_x, _ld_d_W_f_x, _p_d_W_o_x, _ld_d_W_o_x);
 }

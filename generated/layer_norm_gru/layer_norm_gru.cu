@@ -36,6 +36,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <math.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #ifdef __CUDACC__
 #include <cuda_runtime.h>
@@ -48,6 +51,17 @@
 
 #ifndef CELLSPEC_CUDA_PRELUDE
 #define CELLSPEC_CUDA_PRELUDE
+// Whether a CPU loop forks threads: with work enough, and more than one thread to fork (a team
+// of one still costs a fork per call: ~1.5% of the LSTM's inference at (512, 8, 128)).
+static inline int cs_par(int64_t work, int64_t min_work)
+{
+#ifdef _OPENMP
+    return work >= min_work && omp_get_max_threads() > 1;
+#else
+    (void)work; (void)min_work;
+    return 0;
+#endif
+}
 #if !defined(__CUDACC__) && defined(CELLSPEC_SIMD_MATH) && defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__GLIBC__)
 // CPU build with -DCELLSPEC_SIMD_MATH (and -fno-math-errno -lmvec, as cellspec.runtime.native
 // builds it): glibc's libmvec has vector versions of these functions (same accuracy class, same
@@ -249,7 +263,7 @@ static bool cs_own_route(const cs_ctx*, int, int, int64_t, int64_t, int64_t, con
 static bool cs_avx512(void) { static const bool ok = __builtin_cpu_supports("avx512f"); return ok; }
 static void cs_own_pack(int ta, int64_t n, int64_t k, const float* w, int64_t ldw, float* out)
 {
-#pragma omp parallel for schedule(static) if (n * k >= 65536)
+#pragma omp parallel for schedule(static) if (cs_par(n * k, 65536))
     for (int64_t p = 0; p < n; p += 32) {
         float* o = out + p * k;
         const int64_t width = n - p < 32 ? n - p : 32;
@@ -314,7 +328,7 @@ __attribute__((target("avx512f"))) static void cs_own_gemm(int64_t m, int64_t n,
         const int64_t rows = m - i0 < mc ? m - i0 : mc;
         const float* ab = a + i0 * lda;
         float* cb = out + i0 * ldc;
-#pragma omp parallel for schedule(static) if (rows * n * k >= 262144)
+#pragma omp parallel for schedule(static) if (cs_par(rows * n * k, 262144))
         for (int64_t q = 0; q < panels; ++q) {
             const int64_t p = q * 32, width = n - p < 32 ? n - p : 32;
             const __mmask16 m0 = width >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << width) - 1);
@@ -419,7 +433,7 @@ static int cs_gemm_packed(const cs_ctx* c, int ta, int64_t m, int64_t n, int64_t
 template <typename S, typename G>
 static void cs_rowsum_host(int64_t rows, int64_t cols, const S* src, int64_t ld, G* dst, int beta)
 {
-#pragma omp parallel for schedule(static) if (rows * cols >= 65536)
+#pragma omp parallel for schedule(static) if (cs_par(rows * cols, 65536))
     for (int64_t j0 = 0; j0 < cols; j0 += 64) {
         const int64_t w = cols - j0 < 64 ? cols - j0 : 64;
         G acc[64];
@@ -440,7 +454,7 @@ static void cs_add_host(int64_t n, const G* src, G* dst, int beta)
 template <typename S>
 static void cs_add_rows_host(int64_t rows, int64_t cols, const S* src, int64_t ld, S* dst, int64_t ldd)
 {
-#pragma omp parallel for schedule(static) if (rows * cols >= 65536)
+#pragma omp parallel for schedule(static) if (cs_par(rows * cols, 65536))
     for (int64_t r = 0; r < rows; ++r) {
 #pragma omp simd
         for (int64_t j = 0; j < cols; ++j) dst[r * ldd + j] += src[r * ld + j];
@@ -600,7 +614,7 @@ static int layer_norm_gru_forward_fwd0_rows_launch(int64_t _rows, int64_t n_H, c
 template <typename S>
 static inline void layer_norm_gru_forward_fwd0_rows_host(int64_t _rows, int64_t n_H, const S* __restrict__ _p_W_c_x, int64_t _ld_W_c_x, const S* __restrict__ _p_W_r_x, int64_t _ld_W_r_x, const S* __restrict__ _p_W_u_x, int64_t _ld_W_u_x, const S* __restrict__ _p_inv_n_H, int64_t _ld_inv_n_H, S* __restrict__ _p_mean, int64_t _ld_mean, S* __restrict__ _p_var, int64_t _ld_var, S* __restrict__ _p_rstd, int64_t _ld_rstd, S* __restrict__ _p_mean_3, int64_t _ld_mean_3, S* __restrict__ _p_var_3, int64_t _ld_var_3, S* __restrict__ _p_rstd_3, int64_t _ld_rstd_3, S* __restrict__ _p_mean_5, int64_t _ld_mean_5, S* __restrict__ _p_var_5, int64_t _ld_var_5, S* __restrict__ _p_rstd_5, int64_t _ld_rstd_5)
 {
-#pragma omp parallel for schedule(static) if (_rows * (n_H) >= 2048)
+#pragma omp parallel for schedule(static) if (cs_par(_rows * (n_H), 2048))
     for (int64_t _r = 0; _r < _rows; ++_r)
         layer_norm_gru_forward_fwd0_rows_row<S, S>(_r, 0, 1, n_H, _p_W_c_x, _ld_W_c_x, _p_W_r_x, _ld_W_r_x, _p_W_u_x, _ld_W_u_x, _p_inv_n_H, _ld_inv_n_H, _p_mean, _ld_mean, _p_var, _ld_var, _p_rstd, _ld_rstd, _p_mean_3, _ld_mean_3, _p_var_3, _ld_var_3, _p_rstd_3, _ld_rstd_3, _p_mean_5, _ld_mean_5, _p_var_5, _ld_var_5, _p_rstd_5, _ld_rstd_5);
 }
@@ -733,7 +747,7 @@ static int layer_norm_gru_forward_fwd1_rows_launch(int64_t _rows, int64_t n_H, c
 template <typename S>
 static inline void layer_norm_gru_forward_fwd1_rows_host(int64_t _rows, int64_t n_H, const S* __restrict__ _p_U_c_h, int64_t _ld_U_c_h, const S* __restrict__ _p_U_r_h, int64_t _ld_U_r_h, const S* __restrict__ _p_U_u_h, int64_t _ld_U_u_h, const S* __restrict__ _p_W_c_x, int64_t _ld_W_c_x, const S* __restrict__ _p_W_r_x, int64_t _ld_W_r_x, const S* __restrict__ _p_W_u_x, int64_t _ld_W_u_x, const S* __restrict__ _p_bh_c, int64_t _ld_bh_c, const S* __restrict__ _p_bh_r, int64_t _ld_bh_r, const S* __restrict__ _p_bh_u, int64_t _ld_bh_u, const S* __restrict__ _p_bx_c, int64_t _ld_bx_c, const S* __restrict__ _p_bx_r, int64_t _ld_bx_r, const S* __restrict__ _p_bx_u, int64_t _ld_bx_u, const S* __restrict__ _p_gh_c, int64_t _ld_gh_c, const S* __restrict__ _p_gh_r, int64_t _ld_gh_r, const S* __restrict__ _p_gh_u, int64_t _ld_gh_u, const S* __restrict__ _p_gx_c, int64_t _ld_gx_c, const S* __restrict__ _p_gx_r, int64_t _ld_gx_r, const S* __restrict__ _p_gx_u, int64_t _ld_gx_u, const S* __restrict__ _p_h, int64_t _ld_h, const S* __restrict__ _p_inv_n_H, int64_t _ld_inv_n_H, const S* __restrict__ _p_mean, int64_t _ld_mean, const S* __restrict__ _p_mean_3, int64_t _ld_mean_3, const S* __restrict__ _p_mean_5, int64_t _ld_mean_5, const S* __restrict__ _p_rstd, int64_t _ld_rstd, const S* __restrict__ _p_rstd_3, int64_t _ld_rstd_3, const S* __restrict__ _p_rstd_5, int64_t _ld_rstd_5, S* __restrict__ _p_mean_2, int64_t _ld_mean_2, S* __restrict__ _p_var_2, int64_t _ld_var_2, S* __restrict__ _p_rstd_2, int64_t _ld_rstd_2, S* __restrict__ _p_r, int64_t _ld_r, S* __restrict__ _p_mean_4, int64_t _ld_mean_4, S* __restrict__ _p_var_4, int64_t _ld_var_4, S* __restrict__ _p_rstd_4, int64_t _ld_rstd_4, S* __restrict__ _p_u, int64_t _ld_u, S* __restrict__ _p_mean_6, int64_t _ld_mean_6, S* __restrict__ _p_var_6, int64_t _ld_var_6, S* __restrict__ _p_rstd_6, int64_t _ld_rstd_6, S* __restrict__ _p_c, int64_t _ld_c, S* __restrict__ _p_h_next, int64_t _ld_h_next)
 {
-#pragma omp parallel for schedule(static) if (_rows * (n_H) >= 2048)
+#pragma omp parallel for schedule(static) if (cs_par(_rows * (n_H), 2048))
     for (int64_t _r = 0; _r < _rows; ++_r)
         layer_norm_gru_forward_fwd1_rows_row<S, S>(_r, 0, 1, n_H, _p_U_c_h, _ld_U_c_h, _p_U_r_h, _ld_U_r_h, _p_U_u_h, _ld_U_u_h, _p_W_c_x, _ld_W_c_x, _p_W_r_x, _ld_W_r_x, _p_W_u_x, _ld_W_u_x, _p_bh_c, _ld_bh_c, _p_bh_r, _ld_bh_r, _p_bh_u, _ld_bh_u, _p_bx_c, _ld_bx_c, _p_bx_r, _ld_bx_r, _p_bx_u, _ld_bx_u, _p_gh_c, _ld_gh_c, _p_gh_r, _ld_gh_r, _p_gh_u, _ld_gh_u, _p_gx_c, _ld_gx_c, _p_gx_r, _ld_gx_r, _p_gx_u, _ld_gx_u, _p_h, _ld_h, _p_inv_n_H, _ld_inv_n_H, _p_mean, _ld_mean, _p_mean_3, _ld_mean_3, _p_mean_5, _ld_mean_5, _p_rstd, _ld_rstd, _p_rstd_3, _ld_rstd_3, _p_rstd_5, _ld_rstd_5, _p_mean_2, _ld_mean_2, _p_var_2, _ld_var_2, _p_rstd_2, _ld_rstd_2, _p_r, _ld_r, _p_mean_4, _ld_mean_4, _p_var_4, _ld_var_4, _p_rstd_4, _ld_rstd_4, _p_u, _ld_u, _p_mean_6, _ld_mean_6, _p_var_6, _ld_var_6, _p_rstd_6, _ld_rstd_6, _p_c, _ld_c, _p_h_next, _ld_h_next);
 }
@@ -827,7 +841,7 @@ static int layer_norm_gru_inference_fwd0_rows_launch(int64_t _rows, int64_t n_H,
 template <typename S>
 static inline void layer_norm_gru_inference_fwd0_rows_host(int64_t _rows, int64_t n_H, const S* __restrict__ _p_W_c_x, int64_t _ld_W_c_x, const S* __restrict__ _p_W_r_x, int64_t _ld_W_r_x, const S* __restrict__ _p_W_u_x, int64_t _ld_W_u_x, const S* __restrict__ _p_inv_n_H, int64_t _ld_inv_n_H, S* __restrict__ _p_mean, int64_t _ld_mean, S* __restrict__ _p_rstd, int64_t _ld_rstd, S* __restrict__ _p_mean_3, int64_t _ld_mean_3, S* __restrict__ _p_rstd_3, int64_t _ld_rstd_3, S* __restrict__ _p_mean_5, int64_t _ld_mean_5, S* __restrict__ _p_rstd_5, int64_t _ld_rstd_5)
 {
-#pragma omp parallel for schedule(static) if (_rows * (n_H) >= 2048)
+#pragma omp parallel for schedule(static) if (cs_par(_rows * (n_H), 2048))
     for (int64_t _r = 0; _r < _rows; ++_r)
         layer_norm_gru_inference_fwd0_rows_row<S, S>(_r, 0, 1, n_H, _p_W_c_x, _ld_W_c_x, _p_W_r_x, _ld_W_r_x, _p_W_u_x, _ld_W_u_x, _p_inv_n_H, _ld_inv_n_H, _p_mean, _ld_mean, _p_rstd, _ld_rstd, _p_mean_3, _ld_mean_3, _p_rstd_3, _ld_rstd_3, _p_mean_5, _ld_mean_5, _p_rstd_5, _ld_rstd_5);
 }
@@ -948,7 +962,7 @@ static int layer_norm_gru_inference_fwd1_rows_launch(int64_t _rows, int64_t n_H,
 template <typename S>
 static inline void layer_norm_gru_inference_fwd1_rows_host(int64_t _rows, int64_t n_H, const S* __restrict__ _p_U_c_h, int64_t _ld_U_c_h, const S* __restrict__ _p_U_r_h, int64_t _ld_U_r_h, const S* __restrict__ _p_U_u_h, int64_t _ld_U_u_h, const S* __restrict__ _p_W_c_x, int64_t _ld_W_c_x, const S* __restrict__ _p_W_r_x, int64_t _ld_W_r_x, const S* __restrict__ _p_W_u_x, int64_t _ld_W_u_x, const S* __restrict__ _p_bh_c, int64_t _ld_bh_c, const S* __restrict__ _p_bh_r, int64_t _ld_bh_r, const S* __restrict__ _p_bh_u, int64_t _ld_bh_u, const S* __restrict__ _p_bx_c, int64_t _ld_bx_c, const S* __restrict__ _p_bx_r, int64_t _ld_bx_r, const S* __restrict__ _p_bx_u, int64_t _ld_bx_u, const S* __restrict__ _p_gh_c, int64_t _ld_gh_c, const S* __restrict__ _p_gh_r, int64_t _ld_gh_r, const S* __restrict__ _p_gh_u, int64_t _ld_gh_u, const S* __restrict__ _p_gx_c, int64_t _ld_gx_c, const S* __restrict__ _p_gx_r, int64_t _ld_gx_r, const S* __restrict__ _p_gx_u, int64_t _ld_gx_u, const S* __restrict__ _p_h, int64_t _ld_h, const S* __restrict__ _p_inv_n_H, int64_t _ld_inv_n_H, const S* __restrict__ _p_mean, int64_t _ld_mean, const S* __restrict__ _p_mean_3, int64_t _ld_mean_3, const S* __restrict__ _p_mean_5, int64_t _ld_mean_5, const S* __restrict__ _p_rstd, int64_t _ld_rstd, const S* __restrict__ _p_rstd_3, int64_t _ld_rstd_3, const S* __restrict__ _p_rstd_5, int64_t _ld_rstd_5, S* __restrict__ _p_h_next, int64_t _ld_h_next)
 {
-#pragma omp parallel for schedule(static) if (_rows * (n_H) >= 2048)
+#pragma omp parallel for schedule(static) if (cs_par(_rows * (n_H), 2048))
     for (int64_t _r = 0; _r < _rows; ++_r)
         layer_norm_gru_inference_fwd1_rows_row<S, S>(_r, 0, 1, n_H, _p_U_c_h, _ld_U_c_h, _p_U_r_h, _ld_U_r_h, _p_U_u_h, _ld_U_u_h, _p_W_c_x, _ld_W_c_x, _p_W_r_x, _ld_W_r_x, _p_W_u_x, _ld_W_u_x, _p_bh_c, _ld_bh_c, _p_bh_r, _ld_bh_r, _p_bh_u, _ld_bh_u, _p_bx_c, _ld_bx_c, _p_bx_r, _ld_bx_r, _p_bx_u, _ld_bx_u, _p_gh_c, _ld_gh_c, _p_gh_r, _ld_gh_r, _p_gh_u, _ld_gh_u, _p_gx_c, _ld_gx_c, _p_gx_r, _ld_gx_r, _p_gx_u, _ld_gx_u, _p_h, _ld_h, _p_inv_n_H, _ld_inv_n_H, _p_mean, _ld_mean, _p_mean_3, _ld_mean_3, _p_mean_5, _ld_mean_5, _p_rstd, _ld_rstd, _p_rstd_3, _ld_rstd_3, _p_rstd_5, _ld_rstd_5, _p_h_next, _ld_h_next);
 }
@@ -1102,7 +1116,7 @@ static int layer_norm_gru_backward_bwd1_rows_launch(int64_t _rows, int64_t n_H, 
 template <typename S>
 static inline void layer_norm_gru_backward_bwd1_rows_host(int64_t _rows, int64_t n_H, const S* __restrict__ _p_U_c_h, int64_t _ld_U_c_h, const S* __restrict__ _p_U_r_h, int64_t _ld_U_r_h, const S* __restrict__ _p_U_u_h, int64_t _ld_U_u_h, const S* __restrict__ _p_bh_c, int64_t _ld_bh_c, const S* __restrict__ _p_c, int64_t _ld_c, const S* __restrict__ _p_d_h, int64_t _ld_d_h, const S* __restrict__ _p_d_h_next_out, int64_t _ld_d_h_next_out, const S* __restrict__ _p_gh_c, int64_t _ld_gh_c, const S* __restrict__ _p_gh_r, int64_t _ld_gh_r, const S* __restrict__ _p_gh_u, int64_t _ld_gh_u, const S* __restrict__ _p_h, int64_t _ld_h, const S* __restrict__ _p_inv_n_H, int64_t _ld_inv_n_H, const S* __restrict__ _p_mean_2, int64_t _ld_mean_2, const S* __restrict__ _p_mean_4, int64_t _ld_mean_4, const S* __restrict__ _p_mean_6, int64_t _ld_mean_6, const S* __restrict__ _p_r, int64_t _ld_r, const S* __restrict__ _p_rstd_2, int64_t _ld_rstd_2, const S* __restrict__ _p_rstd_4, int64_t _ld_rstd_4, const S* __restrict__ _p_rstd_6, int64_t _ld_rstd_6, const S* __restrict__ _p_u, int64_t _ld_u, const S* __restrict__ _p_var_2, int64_t _ld_var_2, const S* __restrict__ _p_var_4, int64_t _ld_var_4, const S* __restrict__ _p_var_6, int64_t _ld_var_6, S* __restrict__ _p_d_h_next, int64_t _ld_d_h_next, S* __restrict__ _p_d_c, int64_t _ld_d_c, S* __restrict__ _p_d_u, int64_t _ld_d_u, S* __restrict__ _p_d_r, int64_t _ld_d_r, S* __restrict__ _p_d_U_r_h, int64_t _ld_d_U_r_h, S* __restrict__ _p_d_U_u_h, int64_t _ld_d_U_u_h, S* __restrict__ _p_d_U_c_h, int64_t _ld_d_U_c_h)
 {
-#pragma omp parallel for schedule(static) if (_rows * (n_H) >= 2048)
+#pragma omp parallel for schedule(static) if (cs_par(_rows * (n_H), 2048))
     for (int64_t _r = 0; _r < _rows; ++_r)
         layer_norm_gru_backward_bwd1_rows_row<S, S>(_r, 0, 1, n_H, _p_U_c_h, _ld_U_c_h, _p_U_r_h, _ld_U_r_h, _p_U_u_h, _ld_U_u_h, _p_bh_c, _ld_bh_c, _p_c, _ld_c, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_gh_c, _ld_gh_c, _p_gh_r, _ld_gh_r, _p_gh_u, _ld_gh_u, _p_h, _ld_h, _p_inv_n_H, _ld_inv_n_H, _p_mean_2, _ld_mean_2, _p_mean_4, _ld_mean_4, _p_mean_6, _ld_mean_6, _p_r, _ld_r, _p_rstd_2, _ld_rstd_2, _p_rstd_4, _ld_rstd_4, _p_rstd_6, _ld_rstd_6, _p_u, _ld_u, _p_var_2, _ld_var_2, _p_var_4, _ld_var_4, _p_var_6, _ld_var_6, _p_d_h_next, _ld_d_h_next, _p_d_c, _ld_d_c, _p_d_u, _ld_d_u, _p_d_r, _ld_d_r, _p_d_U_r_h, _ld_d_U_r_h, _p_d_U_u_h, _ld_d_U_u_h, _p_d_U_c_h, _ld_d_U_c_h);
 }
@@ -1211,7 +1225,7 @@ static int layer_norm_gru_backward_bwd0_rows_launch(int64_t _rows, int64_t n_H, 
 template <typename S>
 static inline void layer_norm_gru_backward_bwd0_rows_host(int64_t _rows, int64_t n_H, const S* __restrict__ _p_W_c_x, int64_t _ld_W_c_x, const S* __restrict__ _p_W_r_x, int64_t _ld_W_r_x, const S* __restrict__ _p_W_u_x, int64_t _ld_W_u_x, const S* __restrict__ _p_c, int64_t _ld_c, const S* __restrict__ _p_d_c, int64_t _ld_d_c, const S* __restrict__ _p_d_r, int64_t _ld_d_r, const S* __restrict__ _p_d_u, int64_t _ld_d_u, const S* __restrict__ _p_gx_c, int64_t _ld_gx_c, const S* __restrict__ _p_gx_r, int64_t _ld_gx_r, const S* __restrict__ _p_gx_u, int64_t _ld_gx_u, const S* __restrict__ _p_inv_n_H, int64_t _ld_inv_n_H, const S* __restrict__ _p_mean, int64_t _ld_mean, const S* __restrict__ _p_mean_3, int64_t _ld_mean_3, const S* __restrict__ _p_mean_5, int64_t _ld_mean_5, const S* __restrict__ _p_r, int64_t _ld_r, const S* __restrict__ _p_rstd, int64_t _ld_rstd, const S* __restrict__ _p_rstd_3, int64_t _ld_rstd_3, const S* __restrict__ _p_rstd_5, int64_t _ld_rstd_5, const S* __restrict__ _p_u, int64_t _ld_u, const S* __restrict__ _p_var, int64_t _ld_var, const S* __restrict__ _p_var_3, int64_t _ld_var_3, const S* __restrict__ _p_var_5, int64_t _ld_var_5, S* __restrict__ _p_d_var_5, int64_t _ld_d_var_5, S* __restrict__ _p_d_mean_5, int64_t _ld_d_mean_5, S* __restrict__ _p_d_var_3, int64_t _ld_d_var_3, S* __restrict__ _p_d_mean_3, int64_t _ld_d_mean_3, S* __restrict__ _p_d_var, int64_t _ld_d_var, S* __restrict__ _p_d_mean, int64_t _ld_d_mean)
 {
-#pragma omp parallel for schedule(static) if (_rows * (n_H) >= 2048)
+#pragma omp parallel for schedule(static) if (cs_par(_rows * (n_H), 2048))
     for (int64_t _r = 0; _r < _rows; ++_r)
         layer_norm_gru_backward_bwd0_rows_row<S, S>(_r, 0, 1, n_H, _p_W_c_x, _ld_W_c_x, _p_W_r_x, _ld_W_r_x, _p_W_u_x, _ld_W_u_x, _p_c, _ld_c, _p_d_c, _ld_d_c, _p_d_r, _ld_d_r, _p_d_u, _ld_d_u, _p_gx_c, _ld_gx_c, _p_gx_r, _ld_gx_r, _p_gx_u, _ld_gx_u, _p_inv_n_H, _ld_inv_n_H, _p_mean, _ld_mean, _p_mean_3, _ld_mean_3, _p_mean_5, _ld_mean_5, _p_r, _ld_r, _p_rstd, _ld_rstd, _p_rstd_3, _ld_rstd_3, _p_rstd_5, _ld_rstd_5, _p_u, _ld_u, _p_var, _ld_var, _p_var_3, _ld_var_3, _p_var_5, _ld_var_5, _p_d_var_5, _ld_d_var_5, _p_d_mean_5, _ld_d_mean_5, _p_d_var_3, _ld_d_var_3, _p_d_mean_3, _ld_d_mean_3, _p_d_var, _ld_d_var, _p_d_mean, _ld_d_mean);
 }
@@ -1328,7 +1342,7 @@ static int layer_norm_gru_backward_bwd_leaf_rows_launch(int64_t _rows, int64_t n
 template <typename S>
 static inline void layer_norm_gru_backward_bwd_leaf_rows_host(int64_t _rows, int64_t n_H, const S* __restrict__ _p_U_c_h, int64_t _ld_U_c_h, const S* __restrict__ _p_U_r_h, int64_t _ld_U_r_h, const S* __restrict__ _p_U_u_h, int64_t _ld_U_u_h, const S* __restrict__ _p_W_c_x, int64_t _ld_W_c_x, const S* __restrict__ _p_W_r_x, int64_t _ld_W_r_x, const S* __restrict__ _p_W_u_x, int64_t _ld_W_u_x, const S* __restrict__ _p_c, int64_t _ld_c, const S* __restrict__ _p_d_c, int64_t _ld_d_c, const S* __restrict__ _p_d_h_gemm, int64_t _ld_d_h_gemm, const S* __restrict__ _p_d_h_next, int64_t _ld_d_h_next, const S* __restrict__ _p_d_mean, int64_t _ld_d_mean, const S* __restrict__ _p_d_mean_3, int64_t _ld_d_mean_3, const S* __restrict__ _p_d_mean_5, int64_t _ld_d_mean_5, const S* __restrict__ _p_d_r, int64_t _ld_d_r, const S* __restrict__ _p_d_u, int64_t _ld_d_u, const S* __restrict__ _p_d_var, int64_t _ld_d_var, const S* __restrict__ _p_d_var_3, int64_t _ld_d_var_3, const S* __restrict__ _p_d_var_5, int64_t _ld_d_var_5, const S* __restrict__ _p_gx_c, int64_t _ld_gx_c, const S* __restrict__ _p_gx_r, int64_t _ld_gx_r, const S* __restrict__ _p_gx_u, int64_t _ld_gx_u, const S* __restrict__ _p_inv_n_H, int64_t _ld_inv_n_H, const S* __restrict__ _p_mean, int64_t _ld_mean, const S* __restrict__ _p_mean_2, int64_t _ld_mean_2, const S* __restrict__ _p_mean_3, int64_t _ld_mean_3, const S* __restrict__ _p_mean_4, int64_t _ld_mean_4, const S* __restrict__ _p_mean_5, int64_t _ld_mean_5, const S* __restrict__ _p_mean_6, int64_t _ld_mean_6, const S* __restrict__ _p_r, int64_t _ld_r, const S* __restrict__ _p_rstd, int64_t _ld_rstd, const S* __restrict__ _p_rstd_2, int64_t _ld_rstd_2, const S* __restrict__ _p_rstd_3, int64_t _ld_rstd_3, const S* __restrict__ _p_rstd_4, int64_t _ld_rstd_4, const S* __restrict__ _p_rstd_5, int64_t _ld_rstd_5, const S* __restrict__ _p_rstd_6, int64_t _ld_rstd_6, const S* __restrict__ _p_u, int64_t _ld_u, S* __restrict__ _p_d_h, int64_t _ld_d_h, S* __restrict__ _p_d_gx_r, int64_t _ld_d_gx_r, S* __restrict__ _p_d_bx_r, int64_t _ld_d_bx_r, S* __restrict__ _p_d_gh_r, int64_t _ld_d_gh_r, S* __restrict__ _p_d_bh_r, int64_t _ld_d_bh_r, S* __restrict__ _p_d_gx_u, int64_t _ld_d_gx_u, S* __restrict__ _p_d_bx_u, int64_t _ld_d_bx_u, S* __restrict__ _p_d_gh_u, int64_t _ld_d_gh_u, S* __restrict__ _p_d_bh_u, int64_t _ld_d_bh_u, S* __restrict__ _p_d_gx_c, int64_t _ld_d_gx_c, S* __restrict__ _p_d_bx_c, int64_t _ld_d_bx_c, S* __restrict__ _p_d_gh_c, int64_t _ld_d_gh_c, S* __restrict__ _p_d_bh_c, int64_t _ld_d_bh_c, S* __restrict__ _p_d_W_r_x, int64_t _ld_d_W_r_x, S* __restrict__ _p_d_W_u_x, int64_t _ld_d_W_u_x, S* __restrict__ _p_d_W_c_x, int64_t _ld_d_W_c_x)
 {
-#pragma omp parallel for schedule(static) if (_rows * (n_H) >= 2048)
+#pragma omp parallel for schedule(static) if (cs_par(_rows * (n_H), 2048))
     for (int64_t _r = 0; _r < _rows; ++_r)
         layer_norm_gru_backward_bwd_leaf_rows_row<S, S>(_r, 0, 1, n_H, _p_U_c_h, _ld_U_c_h, _p_U_r_h, _ld_U_r_h, _p_U_u_h, _ld_U_u_h, _p_W_c_x, _ld_W_c_x, _p_W_r_x, _ld_W_r_x, _p_W_u_x, _ld_W_u_x, _p_c, _ld_c, _p_d_c, _ld_d_c, _p_d_h_gemm, _ld_d_h_gemm, _p_d_h_next, _ld_d_h_next, _p_d_mean, _ld_d_mean, _p_d_mean_3, _ld_d_mean_3, _p_d_mean_5, _ld_d_mean_5, _p_d_r, _ld_d_r, _p_d_u, _ld_d_u, _p_d_var, _ld_d_var, _p_d_var_3, _ld_d_var_3, _p_d_var_5, _ld_d_var_5, _p_gx_c, _ld_gx_c, _p_gx_r, _ld_gx_r, _p_gx_u, _ld_gx_u, _p_inv_n_H, _ld_inv_n_H, _p_mean, _ld_mean, _p_mean_2, _ld_mean_2, _p_mean_3, _ld_mean_3, _p_mean_4, _ld_mean_4, _p_mean_5, _ld_mean_5, _p_mean_6, _ld_mean_6, _p_r, _ld_r, _p_rstd, _ld_rstd, _p_rstd_2, _ld_rstd_2, _p_rstd_3, _ld_rstd_3, _p_rstd_4, _ld_rstd_4, _p_rstd_5, _ld_rstd_5, _p_rstd_6, _ld_rstd_6, _p_u, _ld_u, _p_d_h, _ld_d_h, _p_d_gx_r, _ld_d_gx_r, _p_d_bx_r, _ld_d_bx_r, _p_d_gh_r, _ld_d_gh_r, _p_d_bh_r, _ld_d_bh_r, _p_d_gx_u, _ld_d_gx_u, _p_d_bx_u, _ld_d_bx_u, _p_d_gh_u, _ld_d_gh_u, _p_d_bh_u, _ld_d_bh_u, _p_d_gx_c, _ld_d_gx_c, _p_d_bx_c, _ld_d_bx_c, _p_d_gh_c, _ld_d_gh_c, _p_d_bh_c, _ld_d_bh_c, _p_d_W_r_x, _ld_d_W_r_x, _p_d_W_u_x, _ld_d_W_u_x, _p_d_W_c_x, _ld_d_W_c_x);
 }

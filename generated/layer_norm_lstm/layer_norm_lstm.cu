@@ -40,6 +40,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <math.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #ifdef __CUDACC__
 #include <cuda_runtime.h>
@@ -52,6 +55,17 @@
 
 #ifndef CELLSPEC_CUDA_PRELUDE
 #define CELLSPEC_CUDA_PRELUDE
+// Whether a CPU loop forks threads: with work enough, and more than one thread to fork (a team
+// of one still costs a fork per call: ~1.5% of the LSTM's inference at (512, 8, 128)).
+static inline int cs_par(int64_t work, int64_t min_work)
+{
+#ifdef _OPENMP
+    return work >= min_work && omp_get_max_threads() > 1;
+#else
+    (void)work; (void)min_work;
+    return 0;
+#endif
+}
 #if !defined(__CUDACC__) && defined(CELLSPEC_SIMD_MATH) && defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__GLIBC__)
 // CPU build with -DCELLSPEC_SIMD_MATH (and -fno-math-errno -lmvec, as cellspec.runtime.native
 // builds it): glibc's libmvec has vector versions of these functions (same accuracy class, same
@@ -253,7 +267,7 @@ static bool cs_own_route(const cs_ctx*, int, int, int64_t, int64_t, int64_t, con
 static bool cs_avx512(void) { static const bool ok = __builtin_cpu_supports("avx512f"); return ok; }
 static void cs_own_pack(int ta, int64_t n, int64_t k, const float* w, int64_t ldw, float* out)
 {
-#pragma omp parallel for schedule(static) if (n * k >= 65536)
+#pragma omp parallel for schedule(static) if (cs_par(n * k, 65536))
     for (int64_t p = 0; p < n; p += 32) {
         float* o = out + p * k;
         const int64_t width = n - p < 32 ? n - p : 32;
@@ -318,7 +332,7 @@ __attribute__((target("avx512f"))) static void cs_own_gemm(int64_t m, int64_t n,
         const int64_t rows = m - i0 < mc ? m - i0 : mc;
         const float* ab = a + i0 * lda;
         float* cb = out + i0 * ldc;
-#pragma omp parallel for schedule(static) if (rows * n * k >= 262144)
+#pragma omp parallel for schedule(static) if (cs_par(rows * n * k, 262144))
         for (int64_t q = 0; q < panels; ++q) {
             const int64_t p = q * 32, width = n - p < 32 ? n - p : 32;
             const __mmask16 m0 = width >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << width) - 1);
@@ -423,7 +437,7 @@ static int cs_gemm_packed(const cs_ctx* c, int ta, int64_t m, int64_t n, int64_t
 template <typename S, typename G>
 static void cs_rowsum_host(int64_t rows, int64_t cols, const S* src, int64_t ld, G* dst, int beta)
 {
-#pragma omp parallel for schedule(static) if (rows * cols >= 65536)
+#pragma omp parallel for schedule(static) if (cs_par(rows * cols, 65536))
     for (int64_t j0 = 0; j0 < cols; j0 += 64) {
         const int64_t w = cols - j0 < 64 ? cols - j0 : 64;
         G acc[64];
@@ -444,7 +458,7 @@ static void cs_add_host(int64_t n, const G* src, G* dst, int beta)
 template <typename S>
 static void cs_add_rows_host(int64_t rows, int64_t cols, const S* src, int64_t ld, S* dst, int64_t ldd)
 {
-#pragma omp parallel for schedule(static) if (rows * cols >= 65536)
+#pragma omp parallel for schedule(static) if (cs_par(rows * cols, 65536))
     for (int64_t r = 0; r < rows; ++r) {
 #pragma omp simd
         for (int64_t j = 0; j < cols; ++j) dst[r * ldd + j] += src[r * ld + j];
@@ -688,7 +702,7 @@ static int layer_norm_lstm_forward_fwd0_rows_launch(int64_t _rows, int64_t n_H, 
 template <typename S>
 static inline void layer_norm_lstm_forward_fwd0_rows_host(int64_t _rows, int64_t n_H, const S* __restrict__ _p_U_f_h, int64_t _ld_U_f_h, const S* __restrict__ _p_U_i_h, int64_t _ld_U_i_h, const S* __restrict__ _p_U_j_h, int64_t _ld_U_j_h, const S* __restrict__ _p_U_o_h, int64_t _ld_U_o_h, const S* __restrict__ _p_W_f_x, int64_t _ld_W_f_x, const S* __restrict__ _p_W_i_x, int64_t _ld_W_i_x, const S* __restrict__ _p_W_j_x, int64_t _ld_W_j_x, const S* __restrict__ _p_W_o_x, int64_t _ld_W_o_x, const S* __restrict__ _p_b_c, int64_t _ld_b_c, const S* __restrict__ _p_b_f, int64_t _ld_b_f, const S* __restrict__ _p_b_i, int64_t _ld_b_i, const S* __restrict__ _p_b_j, int64_t _ld_b_j, const S* __restrict__ _p_b_o, int64_t _ld_b_o, const S* __restrict__ _p_c, int64_t _ld_c, const S* __restrict__ _p_g_c, int64_t _ld_g_c, const S* __restrict__ _p_g_f, int64_t _ld_g_f, const S* __restrict__ _p_g_i, int64_t _ld_g_i, const S* __restrict__ _p_g_j, int64_t _ld_g_j, const S* __restrict__ _p_g_o, int64_t _ld_g_o, const S* __restrict__ _p_inv_n_H, int64_t _ld_inv_n_H, S* __restrict__ _p_mean, int64_t _ld_mean, S* __restrict__ _p_var, int64_t _ld_var, S* __restrict__ _p_rstd, int64_t _ld_rstd, S* __restrict__ _p_i, int64_t _ld_i, S* __restrict__ _p_mean_2, int64_t _ld_mean_2, S* __restrict__ _p_var_2, int64_t _ld_var_2, S* __restrict__ _p_rstd_2, int64_t _ld_rstd_2, S* __restrict__ _p_j, int64_t _ld_j, S* __restrict__ _p_mean_3, int64_t _ld_mean_3, S* __restrict__ _p_var_3, int64_t _ld_var_3, S* __restrict__ _p_rstd_3, int64_t _ld_rstd_3, S* __restrict__ _p_f, int64_t _ld_f, S* __restrict__ _p_mean_4, int64_t _ld_mean_4, S* __restrict__ _p_var_4, int64_t _ld_var_4, S* __restrict__ _p_rstd_4, int64_t _ld_rstd_4, S* __restrict__ _p_o, int64_t _ld_o, S* __restrict__ _p_mean_5, int64_t _ld_mean_5, S* __restrict__ _p_var_5, int64_t _ld_var_5, S* __restrict__ _p_rstd_5, int64_t _ld_rstd_5, S* __restrict__ _p_c_next, int64_t _ld_c_next, S* __restrict__ _p_h_next, int64_t _ld_h_next)
 {
-#pragma omp parallel for schedule(static) if (_rows * (n_H) >= 2048)
+#pragma omp parallel for schedule(static) if (cs_par(_rows * (n_H), 2048))
     for (int64_t _r = 0; _r < _rows; ++_r)
         layer_norm_lstm_forward_fwd0_rows_row<S, S>(_r, 0, 1, n_H, _p_U_f_h, _ld_U_f_h, _p_U_i_h, _ld_U_i_h, _p_U_j_h, _ld_U_j_h, _p_U_o_h, _ld_U_o_h, _p_W_f_x, _ld_W_f_x, _p_W_i_x, _ld_W_i_x, _p_W_j_x, _ld_W_j_x, _p_W_o_x, _ld_W_o_x, _p_b_c, _ld_b_c, _p_b_f, _ld_b_f, _p_b_i, _ld_b_i, _p_b_j, _ld_b_j, _p_b_o, _ld_b_o, _p_c, _ld_c, _p_g_c, _ld_g_c, _p_g_f, _ld_g_f, _p_g_i, _ld_g_i, _p_g_j, _ld_g_j, _p_g_o, _ld_g_o, _p_inv_n_H, _ld_inv_n_H, _p_mean, _ld_mean, _p_var, _ld_var, _p_rstd, _ld_rstd, _p_i, _ld_i, _p_mean_2, _ld_mean_2, _p_var_2, _ld_var_2, _p_rstd_2, _ld_rstd_2, _p_j, _ld_j, _p_mean_3, _ld_mean_3, _p_var_3, _ld_var_3, _p_rstd_3, _ld_rstd_3, _p_f, _ld_f, _p_mean_4, _ld_mean_4, _p_var_4, _ld_var_4, _p_rstd_4, _ld_rstd_4, _p_o, _ld_o, _p_mean_5, _ld_mean_5, _p_var_5, _ld_var_5, _p_rstd_5, _ld_rstd_5, _p_c_next, _ld_c_next, _p_h_next, _ld_h_next);
 }
@@ -874,7 +888,7 @@ static int layer_norm_lstm_inference_fwd0_rows_launch(int64_t _rows, int64_t n_H
 template <typename S>
 static inline void layer_norm_lstm_inference_fwd0_rows_host(int64_t _rows, int64_t n_H, const S* __restrict__ _p_U_f_h, int64_t _ld_U_f_h, const S* __restrict__ _p_U_i_h, int64_t _ld_U_i_h, const S* __restrict__ _p_U_j_h, int64_t _ld_U_j_h, const S* __restrict__ _p_U_o_h, int64_t _ld_U_o_h, const S* __restrict__ _p_W_f_x, int64_t _ld_W_f_x, const S* __restrict__ _p_W_i_x, int64_t _ld_W_i_x, const S* __restrict__ _p_W_j_x, int64_t _ld_W_j_x, const S* __restrict__ _p_W_o_x, int64_t _ld_W_o_x, const S* __restrict__ _p_b_c, int64_t _ld_b_c, const S* __restrict__ _p_b_f, int64_t _ld_b_f, const S* __restrict__ _p_b_i, int64_t _ld_b_i, const S* __restrict__ _p_b_j, int64_t _ld_b_j, const S* __restrict__ _p_b_o, int64_t _ld_b_o, const S* __restrict__ _p_c, int64_t _ld_c, const S* __restrict__ _p_g_c, int64_t _ld_g_c, const S* __restrict__ _p_g_f, int64_t _ld_g_f, const S* __restrict__ _p_g_i, int64_t _ld_g_i, const S* __restrict__ _p_g_j, int64_t _ld_g_j, const S* __restrict__ _p_g_o, int64_t _ld_g_o, const S* __restrict__ _p_inv_n_H, int64_t _ld_inv_n_H, S* __restrict__ _p_c_next, int64_t _ld_c_next, S* __restrict__ _p_h_next, int64_t _ld_h_next)
 {
-#pragma omp parallel for schedule(static) if (_rows * (n_H) >= 2048)
+#pragma omp parallel for schedule(static) if (cs_par(_rows * (n_H), 2048))
     for (int64_t _r = 0; _r < _rows; ++_r)
         layer_norm_lstm_inference_fwd0_rows_row<S, S>(_r, 0, 1, n_H, _p_U_f_h, _ld_U_f_h, _p_U_i_h, _ld_U_i_h, _p_U_j_h, _ld_U_j_h, _p_U_o_h, _ld_U_o_h, _p_W_f_x, _ld_W_f_x, _p_W_i_x, _ld_W_i_x, _p_W_j_x, _ld_W_j_x, _p_W_o_x, _ld_W_o_x, _p_b_c, _ld_b_c, _p_b_f, _ld_b_f, _p_b_i, _ld_b_i, _p_b_j, _ld_b_j, _p_b_o, _ld_b_o, _p_c, _ld_c, _p_g_c, _ld_g_c, _p_g_f, _ld_g_f, _p_g_i, _ld_g_i, _p_g_j, _ld_g_j, _p_g_o, _ld_g_o, _p_inv_n_H, _ld_inv_n_H, _p_c_next, _ld_c_next, _p_h_next, _ld_h_next);
 }
@@ -1120,7 +1134,7 @@ static int layer_norm_lstm_backward_bwd0_rows_launch(int64_t _rows, int64_t n_H,
 template <typename S>
 static inline void layer_norm_lstm_backward_bwd0_rows_host(int64_t _rows, int64_t n_H, const S* __restrict__ _p_U_f_h, int64_t _ld_U_f_h, const S* __restrict__ _p_U_i_h, int64_t _ld_U_i_h, const S* __restrict__ _p_U_j_h, int64_t _ld_U_j_h, const S* __restrict__ _p_U_o_h, int64_t _ld_U_o_h, const S* __restrict__ _p_W_f_x, int64_t _ld_W_f_x, const S* __restrict__ _p_W_i_x, int64_t _ld_W_i_x, const S* __restrict__ _p_W_j_x, int64_t _ld_W_j_x, const S* __restrict__ _p_W_o_x, int64_t _ld_W_o_x, const S* __restrict__ _p_c, int64_t _ld_c, const S* __restrict__ _p_c_next, int64_t _ld_c_next, const S* __restrict__ _p_d_c, int64_t _ld_d_c, const S* __restrict__ _p_d_h, int64_t _ld_d_h, const S* __restrict__ _p_d_h_next_out, int64_t _ld_d_h_next_out, const S* __restrict__ _p_f, int64_t _ld_f, const S* __restrict__ _p_g_c, int64_t _ld_g_c, const S* __restrict__ _p_g_f, int64_t _ld_g_f, const S* __restrict__ _p_g_i, int64_t _ld_g_i, const S* __restrict__ _p_g_j, int64_t _ld_g_j, const S* __restrict__ _p_g_o, int64_t _ld_g_o, const S* __restrict__ _p_i, int64_t _ld_i, const S* __restrict__ _p_inv_n_H, int64_t _ld_inv_n_H, const S* __restrict__ _p_j, int64_t _ld_j, const S* __restrict__ _p_mean, int64_t _ld_mean, const S* __restrict__ _p_mean_2, int64_t _ld_mean_2, const S* __restrict__ _p_mean_3, int64_t _ld_mean_3, const S* __restrict__ _p_mean_4, int64_t _ld_mean_4, const S* __restrict__ _p_mean_5, int64_t _ld_mean_5, const S* __restrict__ _p_o, int64_t _ld_o, const S* __restrict__ _p_rstd, int64_t _ld_rstd, const S* __restrict__ _p_rstd_2, int64_t _ld_rstd_2, const S* __restrict__ _p_rstd_3, int64_t _ld_rstd_3, const S* __restrict__ _p_rstd_4, int64_t _ld_rstd_4, const S* __restrict__ _p_rstd_5, int64_t _ld_rstd_5, const S* __restrict__ _p_var, int64_t _ld_var, const S* __restrict__ _p_var_2, int64_t _ld_var_2, const S* __restrict__ _p_var_3, int64_t _ld_var_3, const S* __restrict__ _p_var_4, int64_t _ld_var_4, const S* __restrict__ _p_var_5, int64_t _ld_var_5, S* __restrict__ _p_d_c_next, int64_t _ld_d_c_next, S* __restrict__ _p_d_var_5, int64_t _ld_d_var_5, S* __restrict__ _p_d_mean_5, int64_t _ld_d_mean_5, S* __restrict__ _p_d_o, int64_t _ld_d_o, S* __restrict__ _p_d_var_4, int64_t _ld_d_var_4, S* __restrict__ _p_d_mean_4, int64_t _ld_d_mean_4, S* __restrict__ _p_d_f, int64_t _ld_d_f, S* __restrict__ _p_d_var_3, int64_t _ld_d_var_3, S* __restrict__ _p_d_mean_3, int64_t _ld_d_mean_3, S* __restrict__ _p_d_j, int64_t _ld_d_j, S* __restrict__ _p_d_var_2, int64_t _ld_d_var_2, S* __restrict__ _p_d_mean_2, int64_t _ld_d_mean_2, S* __restrict__ _p_d_i, int64_t _ld_d_i, S* __restrict__ _p_d_var, int64_t _ld_d_var, S* __restrict__ _p_d_mean, int64_t _ld_d_mean, S* __restrict__ _p_d_U_i_h, int64_t _ld_d_U_i_h, S* __restrict__ _p_d_U_j_h, int64_t _ld_d_U_j_h, S* __restrict__ _p_d_U_f_h, int64_t _ld_d_U_f_h, S* __restrict__ _p_d_U_o_h, int64_t _ld_d_U_o_h)
 {
-#pragma omp parallel for schedule(static) if (_rows * (n_H) >= 2048)
+#pragma omp parallel for schedule(static) if (cs_par(_rows * (n_H), 2048))
     for (int64_t _r = 0; _r < _rows; ++_r)
         layer_norm_lstm_backward_bwd0_rows_row<S, S>(_r, 0, 1, n_H, _p_U_f_h, _ld_U_f_h, _p_U_i_h, _ld_U_i_h, _p_U_j_h, _ld_U_j_h, _p_U_o_h, _ld_U_o_h, _p_W_f_x, _ld_W_f_x, _p_W_i_x, _ld_W_i_x, _p_W_j_x, _ld_W_j_x, _p_W_o_x, _ld_W_o_x, _p_c, _ld_c, _p_c_next, _ld_c_next, _p_d_c, _ld_d_c, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_f, _ld_f, _p_g_c, _ld_g_c, _p_g_f, _ld_g_f, _p_g_i, _ld_g_i, _p_g_j, _ld_g_j, _p_g_o, _ld_g_o, _p_i, _ld_i, _p_inv_n_H, _ld_inv_n_H, _p_j, _ld_j, _p_mean, _ld_mean, _p_mean_2, _ld_mean_2, _p_mean_3, _ld_mean_3, _p_mean_4, _ld_mean_4, _p_mean_5, _ld_mean_5, _p_o, _ld_o, _p_rstd, _ld_rstd, _p_rstd_2, _ld_rstd_2, _p_rstd_3, _ld_rstd_3, _p_rstd_4, _ld_rstd_4, _p_rstd_5, _ld_rstd_5, _p_var, _ld_var, _p_var_2, _ld_var_2, _p_var_3, _ld_var_3, _p_var_4, _ld_var_4, _p_var_5, _ld_var_5, _p_d_c_next, _ld_d_c_next, _p_d_var_5, _ld_d_var_5, _p_d_mean_5, _ld_d_mean_5, _p_d_o, _ld_d_o, _p_d_var_4, _ld_d_var_4, _p_d_mean_4, _ld_d_mean_4, _p_d_f, _ld_d_f, _p_d_var_3, _ld_d_var_3, _p_d_mean_3, _ld_d_mean_3, _p_d_j, _ld_d_j, _p_d_var_2, _ld_d_var_2, _p_d_mean_2, _ld_d_mean_2, _p_d_i, _ld_d_i, _p_d_var, _ld_d_var, _p_d_mean, _ld_d_mean, _p_d_U_i_h, _ld_d_U_i_h, _p_d_U_j_h, _ld_d_U_j_h, _p_d_U_f_h, _ld_d_U_f_h, _p_d_U_o_h, _ld_d_U_o_h);
 }
@@ -1250,7 +1264,7 @@ static int layer_norm_lstm_backward_bwd_leaf_rows_launch(int64_t _rows, int64_t 
 template <typename S>
 static inline void layer_norm_lstm_backward_bwd_leaf_rows_host(int64_t _rows, int64_t n_H, const S* __restrict__ _p_U_f_h, int64_t _ld_U_f_h, const S* __restrict__ _p_U_i_h, int64_t _ld_U_i_h, const S* __restrict__ _p_U_j_h, int64_t _ld_U_j_h, const S* __restrict__ _p_U_o_h, int64_t _ld_U_o_h, const S* __restrict__ _p_W_f_x, int64_t _ld_W_f_x, const S* __restrict__ _p_W_i_x, int64_t _ld_W_i_x, const S* __restrict__ _p_W_j_x, int64_t _ld_W_j_x, const S* __restrict__ _p_W_o_x, int64_t _ld_W_o_x, const S* __restrict__ _p_c, int64_t _ld_c, const S* __restrict__ _p_d_c_next, int64_t _ld_d_c_next, const S* __restrict__ _p_d_f, int64_t _ld_d_f, const S* __restrict__ _p_d_h_gemm, int64_t _ld_d_h_gemm, const S* __restrict__ _p_d_i, int64_t _ld_d_i, const S* __restrict__ _p_d_j, int64_t _ld_d_j, const S* __restrict__ _p_d_mean, int64_t _ld_d_mean, const S* __restrict__ _p_d_mean_2, int64_t _ld_d_mean_2, const S* __restrict__ _p_d_mean_3, int64_t _ld_d_mean_3, const S* __restrict__ _p_d_mean_4, int64_t _ld_d_mean_4, const S* __restrict__ _p_d_mean_5, int64_t _ld_d_mean_5, const S* __restrict__ _p_d_o, int64_t _ld_d_o, const S* __restrict__ _p_d_var, int64_t _ld_d_var, const S* __restrict__ _p_d_var_2, int64_t _ld_d_var_2, const S* __restrict__ _p_d_var_3, int64_t _ld_d_var_3, const S* __restrict__ _p_d_var_4, int64_t _ld_d_var_4, const S* __restrict__ _p_d_var_5, int64_t _ld_d_var_5, const S* __restrict__ _p_f, int64_t _ld_f, const S* __restrict__ _p_g_c, int64_t _ld_g_c, const S* __restrict__ _p_g_f, int64_t _ld_g_f, const S* __restrict__ _p_g_i, int64_t _ld_g_i, const S* __restrict__ _p_g_j, int64_t _ld_g_j, const S* __restrict__ _p_g_o, int64_t _ld_g_o, const S* __restrict__ _p_i, int64_t _ld_i, const S* __restrict__ _p_inv_n_H, int64_t _ld_inv_n_H, const S* __restrict__ _p_j, int64_t _ld_j, const S* __restrict__ _p_mean, int64_t _ld_mean, const S* __restrict__ _p_mean_2, int64_t _ld_mean_2, const S* __restrict__ _p_mean_3, int64_t _ld_mean_3, const S* __restrict__ _p_mean_4, int64_t _ld_mean_4, const S* __restrict__ _p_mean_5, int64_t _ld_mean_5, const S* __restrict__ _p_o, int64_t _ld_o, const S* __restrict__ _p_rstd, int64_t _ld_rstd, const S* __restrict__ _p_rstd_2, int64_t _ld_rstd_2, const S* __restrict__ _p_rstd_3, int64_t _ld_rstd_3, const S* __restrict__ _p_rstd_4, int64_t _ld_rstd_4, const S* __restrict__ _p_rstd_5, int64_t _ld_rstd_5, S* __restrict__ _p_d_h, int64_t _ld_d_h, S* __restrict__ _p_d_c, int64_t _ld_d_c, S* __restrict__ _p_d_g_i, int64_t _ld_d_g_i, S* __restrict__ _p_d_b_i, int64_t _ld_d_b_i, S* __restrict__ _p_d_g_j, int64_t _ld_d_g_j, S* __restrict__ _p_d_b_j, int64_t _ld_d_b_j, S* __restrict__ _p_d_g_f, int64_t _ld_d_g_f, S* __restrict__ _p_d_b_f, int64_t _ld_d_b_f, S* __restrict__ _p_d_g_o, int64_t _ld_d_g_o, S* __restrict__ _p_d_b_o, int64_t _ld_d_b_o, S* __restrict__ _p_d_g_c, int64_t _ld_d_g_c, S* __restrict__ _p_d_b_c, int64_t _ld_d_b_c, S* __restrict__ _p_d_W_i_x, int64_t _ld_d_W_i_x, S* __restrict__ _p_d_W_j_x, int64_t _ld_d_W_j_x, S* __restrict__ _p_d_W_f_x, int64_t _ld_d_W_f_x, S* __restrict__ _p_d_W_o_x, int64_t _ld_d_W_o_x)
 {
-#pragma omp parallel for schedule(static) if (_rows * (n_H) >= 2048)
+#pragma omp parallel for schedule(static) if (cs_par(_rows * (n_H), 2048))
     for (int64_t _r = 0; _r < _rows; ++_r)
         layer_norm_lstm_backward_bwd_leaf_rows_row<S, S>(_r, 0, 1, n_H, _p_U_f_h, _ld_U_f_h, _p_U_i_h, _ld_U_i_h, _p_U_j_h, _ld_U_j_h, _p_U_o_h, _ld_U_o_h, _p_W_f_x, _ld_W_f_x, _p_W_i_x, _ld_W_i_x, _p_W_j_x, _ld_W_j_x, _p_W_o_x, _ld_W_o_x, _p_c, _ld_c, _p_d_c_next, _ld_d_c_next, _p_d_f, _ld_d_f, _p_d_h_gemm, _ld_d_h_gemm, _p_d_i, _ld_d_i, _p_d_j, _ld_d_j, _p_d_mean, _ld_d_mean, _p_d_mean_2, _ld_d_mean_2, _p_d_mean_3, _ld_d_mean_3, _p_d_mean_4, _ld_d_mean_4, _p_d_mean_5, _ld_d_mean_5, _p_d_o, _ld_d_o, _p_d_var, _ld_d_var, _p_d_var_2, _ld_d_var_2, _p_d_var_3, _ld_d_var_3, _p_d_var_4, _ld_d_var_4, _p_d_var_5, _ld_d_var_5, _p_f, _ld_f, _p_g_c, _ld_g_c, _p_g_f, _ld_g_f, _p_g_i, _ld_g_i, _p_g_j, _ld_g_j, _p_g_o, _ld_g_o, _p_i, _ld_i, _p_inv_n_H, _ld_inv_n_H, _p_j, _ld_j, _p_mean, _ld_mean, _p_mean_2, _ld_mean_2, _p_mean_3, _ld_mean_3, _p_mean_4, _ld_mean_4, _p_mean_5, _ld_mean_5, _p_o, _ld_o, _p_rstd, _ld_rstd, _p_rstd_2, _ld_rstd_2, _p_rstd_3, _ld_rstd_3, _p_rstd_4, _ld_rstd_4, _p_rstd_5, _ld_rstd_5, _p_d_h, _ld_d_h, _p_d_c, _ld_d_c, _p_d_g_i, _ld_d_g_i, _p_d_b_i, _ld_d_b_i, _p_d_g_j, _ld_d_g_j, _p_d_b_j, _ld_d_b_j, _p_d_g_f, _ld_d_g_f, _p_d_b_f, _ld_d_b_f, _p_d_g_o, _ld_d_g_o, _p_d_b_o, _ld_d_b_o, _p_d_g_c, _ld_d_g_c, _p_d_b_c, _ld_d_b_c, _p_d_W_i_x, _ld_d_W_i_x, _p_d_W_j_x, _ld_d_W_j_x, _p_d_W_f_x, _ld_d_W_f_x, _p_d_W_o_x, _ld_d_W_o_x);
 }
