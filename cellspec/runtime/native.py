@@ -198,7 +198,6 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
-@functools.cache
 def host_simd_flags(cxx: str) -> tuple[str, ...] | None:
     """The extra flags :func:`build_host` uses with this compiler (the widest vectorised build
     whose probe builds here), or None for the plain build (not GCC, not x86-64 Linux, no
@@ -210,7 +209,7 @@ def host_simd_flags(cxx: str) -> tuple[str, ...] | None:
 @functools.cache
 def host_simd_options(cxx: str) -> tuple[tuple[str, ...], ...]:
     """The vectorised host builds this compiler and CPU allow, widest first (AVX-512, AVX2,
-    SSE2); empty where none applies. :func:`build_host` takes the first whose probe builds."""
+    SSE2); empty where none applies. :func:`host_simd_flags` takes the first whose probe builds."""
     if os.environ.get("CELLSPEC_HOST_SIMD", "1") == "0":
         return ()
     if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
@@ -250,13 +249,12 @@ def _simd_works(cxx: str, flags: tuple[str, ...]) -> bool:
 
 def build_host(source: str, name: str) -> Path:
     """The CPU build of a generated .cu file (path of the shared library): vectorised math
-    (libmvec) with the widest of :func:`host_simd_options` whose probe builds, else the plain
-    ``-O3 -fopenmp`` build."""
+    (libmvec) with :func:`host_simd_flags`, else the plain ``-O3 -fopenmp`` build."""
     cxx = which_cxx()
     if cxx is not None:
-        for extra in host_simd_options(cxx):
-            if _simd_works(cxx, extra):
-                return _compile("host-so", cxx, HOST_FLAGS + extra, source, name, f"C++ build of {name}.cu", SIMD_LIBS)
+        extra = host_simd_flags(cxx)
+        if extra is not None:
+            return _compile("host-so", cxx, HOST_FLAGS + extra, source, name, f"C++ build of {name}.cu", SIMD_LIBS)
         return _compile("host-so", cxx, HOST_FLAGS, source, name, f"C++ build of {name}.cu")
     nvcc = which_nvcc()
     if nvcc is not None:  # host code only, through nvcc's host compiler
