@@ -314,10 +314,14 @@ def _compile_check(module: str, backend: str, T: int = 9) -> None:
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     # float32 through two engines (compiled: the PyTorch engine; eager: the native library): a
     # layer norm with eps 1e-12 (TensorFlow's) amplifies round-off in its gradient (`cellspec
-    # check` raises its float32 tolerance there by the same conditioning rule)
-    rtol = 2e-3 if module.startswith(("layer_norm", "haste_layer_norm")) else 1e-4
+    # check` raises its float32 tolerance there by the same conditioning rule). With H = 2 a
+    # gradient whose exact value is ~5e-6 (W_o) is round-off of the order of 1e-4 in either engine,
+    # so there the absolute tolerance is relative to the largest gradient of the layer.
+    rtol, atol = 1e-4, 1e-5
+    if module.startswith(("layer_norm", "haste_layer_norm")):
+        rtol, atol = 2e-3, 1e-4 * max(p.grad.abs().max().item() for p in model.parameters())
     for a, p in zip(grads, model.parameters()):
-        torch.testing.assert_close(a, p.grad, rtol=rtol, atol=1e-5)
+        torch.testing.assert_close(a, p.grad, rtol=rtol, atol=max(atol, 1e-5))
 
 
 @pytest.mark.parametrize(

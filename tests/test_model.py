@@ -294,8 +294,8 @@ def test_hoisted_levels(text, levels):
 @pytest.mark.parametrize("text", [MLP, AVG, DEEP], ids=["mlp", "avg", "deep"])
 def test_hoisted_levels_in_the_program(text, tmp_path):
     """``cellspec show FILE --stage program``: every projection of these cells but the recurrent
-    ones runs over all T*B rows before the loop, level by level; the backward runs the levels in
-    reverse after the loop."""
+    ones runs over all T*B rows ahead of the steps (before the loop, or as the loop's ops ahead of
+    each chunk of steps), level by level; the backward runs the levels in reverse after the loop."""
     from cellspec.show import show
 
     path = tmp_path / "t.cell"
@@ -304,11 +304,12 @@ def test_hoisted_levels_in_the_program(text, tmp_path):
     cc = compile_one(text)
     fwd = txt[txt.index("  forward:"):txt.index("  inference:")]
     loop = fwd[fwd.index("for t in range(T)"):]
-    per_step = [line.split("(B rows: ")[1].rstrip(")") for line in loop.splitlines() if "gemm " in line]
+    per_step = [line.split("(B rows: ")[1].rstrip(")") for line in loop.splitlines() if "gemm " in line and "(B rows: " in line]
     assert per_step == [", ".join(f"{p.matrix} @ {p.operand}" for p in g.projections) for g in cc.schedule.step_gemms]
     (outer,) = {"W2", "avg", "V"} & {p.matrix for p in cc.schedule.hoisted_projections}
     assert not any(f"{outer} @" in line for line in per_step)
-    before = fwd[:fwd.index("for t in range(T)")]
+    before = fwd[:fwd.rindex("\n", 0, fwd.index("(B rows: "))]  # up to the first per-step GEMM
+    assert all("T*B rows" in line for line in before.splitlines() if line.strip().startswith("gemm "))
     for p in cc.schedule.hoisted_projections:
         assert f"{p.matrix} @ {p.operand})" in before or f"{p.matrix} @ {p.operand}," in before
     assert "pointwise fwd_hoisted1 (all rows)" in before

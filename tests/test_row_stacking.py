@@ -27,7 +27,7 @@ def _cell(name: str):
 
 
 def _ops(fn: ir.Function) -> list:
-    return [o for op in fn.ops for o in (op.body if isinstance(op, ir.Loop) else (op,))]
+    return fn.flat()
 
 
 def test_schedule_stacks_operands_by_rows():

@@ -26,7 +26,7 @@ program order, then the stacked weights, then (backward) the gradient of every p
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import sympy as sp
 from sympy.printing.c import C99CodePrinter
@@ -358,7 +358,7 @@ class _Renderer:
         width = cexpr(buf.shape[-1])
         parts = []
         if buf.timed:
-            t = "t" if rows == "step" else ""
+            t = {"step": "t", "chunk": "tc"}.get(rows, "")
             time = " + ".join(x for x in (t, str(sl.time) if sl.time else "") if x) or "0"
             if time != "0":
                 parts.append(f"({time}) * n_B * ({width})" if "+" in time else f"{time} * n_B * ({width})")
@@ -369,8 +369,9 @@ class _Renderer:
     def buf_ptr(self, fn: ir.Function, name: str, rows: str) -> tuple[str, str]:
         buf = fn.buffers[name]
         width = cexpr(buf.shape[-1])
-        if buf.timed and rows == "step":
-            return f"b_{name} + t * n_B * ({width})", width
+        if buf.timed and rows in ("step", "chunk"):
+            t = "t" if rows == "step" else "tc"
+            return f"b_{name} + {t} * n_B * ({width})", width
         return f"b_{name}", width
 
     def host_loop(self, fn: ir.Function) -> dict:
@@ -381,7 +382,7 @@ class _Renderer:
         def rows_of(r: str, k: int = 1) -> str:
             """rows: B_t, the active rows of step t; a row-stacked GEMM runs k rows per row of
             its buffers (they hold the k operands side by side: see ir.Project)."""
-            n = "rows" if r == "step" else "n_T * n_B"
+            n = {"step": "rows", "chunk": "n_c * n_B"}.get(r, "n_T * n_B")
             return n if k == 1 else f"{k} * {n}"
 
         def stacked_ptr(name: str, r: str) -> str:
@@ -389,14 +390,28 @@ class _Renderer:
 
         def emit(op, ind: str) -> None:
             if isinstance(op, ir.Loop):
-                packs = []  # the weights every step multiplies by: packed once per call
-                for o in op.body:
-                    if isinstance(o, (ir.Project, ir.ProjectBack)) and o.rows == "step":
+                # the ops ahead of the steps run on the rows of a chunk of n_ch steps, just before
+                # them (a chunk's results are still in cache when its steps read them)
+                ahead = [replace(o, rows="chunk") for o in op.ahead]
+                if ahead:
+                    per_step = []  # floats a chunk's ops write per row of a step
+                    for o in ahead:
+                        if isinstance(o, ir.Project):
+                            per_step.append(cexpr(fn.buffers[o.out].shape[-1]))
+                        elif isinstance(o, ir.Pointwise):
+                            per_step += [cexpr(ir.size(fn.slots[w].size)) for w in o.writes]
+                    lines.append(f"{ind}// steps per chunk of the work ahead of them (all T on a GPU)")
+                    lines.append(f"{ind}const int64_t n_ch = cs_chunk(n_T, n_B * ({' + '.join(per_step) or '1'}));")
+                packs = []  # the weights every step (or chunk) multiplies by: packed once per call
+                for o in (*ahead, *op.body):
+                    if isinstance(o, (ir.Project, ir.ProjectBack)) and o.rows in ("step", "chunk"):
                         w = p.weights[o.weight]
                         kind = "nt" if isinstance(o, ir.Project) else "nn"
                         if (w.name, kind) not in [(x, y) for x, y, _ in packs]:
                             n, k = (cexpr(w.width), f"n_{w.inner}") if kind == "nt" else (f"n_{w.inner}", cexpr(w.width))
-                            m = "n_B" if not o.stacked else f"{len(o.operands if kind == 'nt' else o.d_operands)} * n_B"
+                            k_op = len(o.operands if kind == "nt" else o.d_operands)
+                            m = "n_B" if o.rows == "step" else "n_ch * n_B"  # the rows it is packed for
+                            m = m if k_op == 1 else f"{k_op} * {m}"
                             packs.append((w.name, kind, f"cs_pack(ctx, {1 if kind == 'nt' else 0}, {m}, {n}, {k}, "
                                                         f"w_{w.name}, n_{w.inner})"))
                 for name, kind, call in packs:
@@ -405,6 +420,15 @@ class _Renderer:
                         else "for (int64_t t = 0; t < n_T; ++t) {")
                 lines.append(ind + head)
                 lines.append(ind + "    const int64_t rows = bs ? bs[t] : n_B;  // variable lengths: rows 0..B_t-1 run")
+                if ahead:
+                    first = "(n_T - 1 - t) % n_ch == 0" if op.reverse else "t % n_ch == 0"
+                    lines.append(f"{ind}    if ({first}) {{  // a chunk starts: steps tc .. tc + n_c - 1 (all B rows)")
+                    lines.append(f"{ind}        const int64_t n_c = {'t + 1' if op.reverse else 'n_T - t'} < n_ch ? "
+                                 f"{'t + 1' if op.reverse else 'n_T - t'} : n_ch;")
+                    lines.append(f"{ind}        const int64_t tc = {'t - n_c + 1' if op.reverse else 't'};")
+                    for o in ahead:
+                        emit(o, ind + "        ")
+                    lines.append(f"{ind}    }}")
                 for o in op.body:
                     emit(o, ind + "    ")
                 lines.append(ind + "}")
@@ -439,7 +463,7 @@ class _Renderer:
                     c, ldc = self.buf_ptr(fn, op.out, op.rows)
                     what = op.operands[0]
                 lines.append(f"{ind}// {op.out} = {what} @ [{', '.join(w.matrices)}]^T  ({op.comment})")
-                if op.rows == "step":  # the weight packed once before the loop
+                if op.rows in ("step", "chunk"):  # the weight packed once before the loop
                     lines.append(f"{ind}CS_GEMM_NT_PACKED({rows_of(op.rows, k)}, {cexpr(w.width)}, n_{w.inner}, {a}, "
                                  f"{lda}, pk_{w.name}_nt, {c}, {ldc}, 0);")
                 else:
@@ -458,7 +482,7 @@ class _Renderer:
                     what = op.d_operands[0]
                 beta = 1 if op.accumulate else 0
                 lines.append(f"{ind}// {what} {'+=' if op.accumulate else '='} {op.d_out} @ [{', '.join(w.matrices)}]")
-                if op.rows == "step":
+                if op.rows in ("step", "chunk"):
                     lines.append(f"{ind}CS_GEMM_NN_PACKED({rows_of(op.rows, k)}, n_{w.inner}, {cexpr(w.width)}, {g}, "
                                  f"{ldg}, pk_{w.name}_nn, {c}, {ldc}, {beta});")
                 else:
@@ -565,8 +589,7 @@ def render(prog: ir.Program, spec_text: str, version: str, filename: str) -> tup
         "spec_text": spec_text,
         "functions": r.functions,
         "row_functions": r.row_functions,
-        "stack_copies": any(isinstance(o, ir.Stack) for fn in prog.functions
-                            for op in fn.ops for o in (op.body if isinstance(op, ir.Loop) else (op,))),
+        "stack_copies": any(isinstance(o, ir.Stack) for fn in prog.functions for o in fn.flat()),
         "dtypes": CUDA_DTYPES,
         "host_dtypes": HOST_DTYPES,
         "loops": loops,

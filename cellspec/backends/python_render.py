@@ -199,6 +199,8 @@ class _Function:
     def emit(self, op, ind: str) -> None:
         L, d = self.lines, self.d
         if isinstance(op, ir.Loop):
+            for o in op.ahead:  # one chunk of all T steps: before the loop
+                self.emit(o, ind)
             L.append(f"{ind}for _t in {'reversed(range(_T))' if op.reverse else 'range(_T)'}:")
             self.in_loop = True
             for o in op.body:
@@ -325,6 +327,8 @@ class _FunctionalFunction(_Function):
         L = self.lines
         self.ind = ind
         if isinstance(op, ir.Loop):
+            for o in op.ahead:  # one chunk of all T steps: before the loop
+                self.emit(o, ind)
             L.append(f"{ind}for _t in {'reversed(range(_T))' if op.reverse else 'range(_T)'}:")
             for o in op.body:
                 self.emit(o, ind + "    ")
@@ -433,6 +437,7 @@ def _written_buffers(fn: ir.Function) -> list[str]:
     def walk(ops) -> None:
         for op in ops:
             if isinstance(op, ir.Loop):
+                walk(op.ahead)
                 walk(op.body)
             elif isinstance(op, ir.Pointwise):
                 for w in op.writes:

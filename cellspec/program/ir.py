@@ -230,6 +230,12 @@ class Loop:
 
     reverse: bool
     body: tuple
+    #: ops over all T·B rows that only the steps and later ops read, each row computed from the
+    #: same row of its inputs (the hoisted projections and pointwise levels of a forward). An
+    #: engine may run them in **chunks of steps**, each chunk just before its steps, so that a
+    #: chunk's rows are still in cache when its steps read them (the native CPU loop does); one
+    #: chunk of all T steps is running them before the loop (the Python engines, CUDA).
+    ahead: tuple = ()
 
 
 Op = Pointwise | Project | ProjectBack | WeightGrad | Stack | RowSum | AddRows | Zero | Hold | Loop
@@ -250,14 +256,17 @@ class Function:
     def loop(self) -> Loop:
         return next(op for op in self.ops if isinstance(op, Loop))
 
-    def pointwise(self) -> list[Pointwise]:
-        """Every pointwise block, in program order (loop bodies included)."""
+    def flat(self) -> list:
+        """Every op but the loop itself, in program order: a loop's ops ahead of its steps, then
+        its body."""
         out = []
         for op in self.ops:
-            for o in op.body if isinstance(op, Loop) else (op,):
-                if isinstance(o, Pointwise):
-                    out.append(o)
+            out.extend((*op.ahead, *op.body) if isinstance(op, Loop) else (op,))
         return out
+
+    def pointwise(self) -> list[Pointwise]:
+        """Every pointwise block, in program order (loop bodies included)."""
+        return [o for o in self.flat() if isinstance(o, Pointwise)]
 
 
 @dataclass(frozen=True)

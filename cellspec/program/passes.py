@@ -6,12 +6,18 @@ adjoint of the projection) is not written again. Its slot becomes the original's
 reductions after the loop (a vector param's row sum, a hoisted GEMM's dW and d_operand) read
 the original; a hoisted GEMM group all of whose adjoints are such names reads the recurrent
 group's adjoint buffer as it is (no copy at all).
+
+:func:`run_ahead`: a forward's hoisted work (projections and pointwise levels over all T·B rows)
+becomes the loop's ``ahead`` ops, which an engine may run in chunks of steps just before the
+steps that read them: the native CPU loop then reads a chunk's hoisted rows from cache, not
+from memory (LSTM (64, 32, 256) inference, one thread: 1.20x -> 1.10x torch.nn).
 """
 
 from __future__ import annotations
 
 import sympy as sp
 
+from cellspec.program import ir
 from cellspec.program.ir import T
 
 
@@ -59,3 +65,38 @@ def resolve_aliases(planner, tb) -> dict[str, str]:
         if not any(sl.buffer == name for sl in tb.slots.values()):
             tb.buffers.pop(name, None)
     return reuse
+
+
+def run_ahead(fn: ir.Function) -> ir.Function:
+    """Move the ops over all T·B rows before a forward loop into its ``ahead`` ops.
+
+    Each of them computes row r from row r of its inputs (a hoisted GEMM, a hoisted pointwise
+    level, a row-stacking copy), so it may run a few steps at a time. What stays before the loop:
+    a projection of one broadcast row (params alone: no rows to split), every other op, and any
+    op whose result something that stays reads."""
+    from cellspec.program.save import referenced
+
+    loop = fn.loop()
+    if loop.reverse:
+        return fn
+    at = fn.ops.index(loop)
+    before = list(fn.ops[:at])
+    stays = [True] * len(before)
+    needed: set[str] = set()  # buffers an op that stays before the loop reads (or writes)
+    for i in reversed(range(len(before))):
+        op = before[i]
+        eligible = (isinstance(op, (ir.Project, ir.Pointwise, ir.Stack)) and op.rows == "all"
+                    and not getattr(op, "broadcast", False))
+        if eligible:
+            writes = ({op.out} if isinstance(op, ir.Project) else {op.buffer} if isinstance(op, ir.Stack)
+                      else {fn.slots[w].buffer for w in op.writes})
+            if not writes & needed:
+                stays[i] = False
+                continue
+        needed |= referenced(ir.Function(fn.name, fn.buffers, fn.slots, (op,)))
+    ahead = tuple(op for op, st in zip(before, stays) if not st)
+    if not ahead:
+        return fn
+    kept = tuple(op for op, st in zip(before, stays) if st)
+    new_loop = ir.Loop(loop.reverse, loop.body, (*loop.ahead, *ahead))
+    return ir.Function(fn.name, fn.buffers, fn.slots, (*kept, new_loop, *fn.ops[at + 1:]), fn.zero_when_packed)

@@ -20,7 +20,9 @@ It decides, once for every back end:
 * **what is saved** (:mod:`cellspec.program.save`): the training forward keeps exactly the
   buffers the backward reads; the inference forward keeps nothing it does not return;
 * **initial contents**: a buffer is zero-filled only where some element is read before the
-  program writes it.
+  program writes it;
+* **work ahead of the steps** (:func:`cellspec.program.passes.run_ahead`): a forward's hoisted
+  ops become the loop's ``ahead`` ops, which an engine may run in chunks of steps.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import sympy as sp
 
 from cellspec.model.gradients import Assignment, Backward
 from cellspec.model.schedule import GemmGroup, Schedule
-from cellspec.program import ir, save
+from cellspec.program import ir, passes, save
 from cellspec.program.ir import B, T, size
 
 
@@ -612,8 +614,8 @@ def plan(sched: Schedule, back: Backward) -> ir.Program:
         params=tuple(ir.Param(prm.name, tuple(prm.shape)) for prm in cell.params),
         outputs=tuple(ir.Vector(m.value(k).spec_key, k, m.value(k).size) for k in m.outputs),
         weights=dict(p.weights),
-        forward=_zero_when_packed(forward),
-        inference=_zero_when_packed(inference),
+        forward=passes.run_ahead(_zero_when_packed(forward)),
+        inference=passes.run_ahead(_zero_when_packed(inference)),
         backward=_zero_when_packed(backward),
         saved=saved,
         d_states={v.name: f"ds_{v.name}" for v in cell.states},

@@ -30,43 +30,42 @@ def referenced(fn: ir.Function) -> set[str]:
     def slot(name: str) -> None:
         out.add(fn.slots[name].buffer)
 
-    for op in fn.ops:
-        for o in op.body if isinstance(op, ir.Loop) else (op,):
-            if isinstance(o, ir.Pointwise):
-                for n in o.reads + o.writes:
-                    slot(n)
-            elif isinstance(o, ir.Project):
-                if o.stacked:
-                    out.add(o.stacked)
-                else:
-                    slot(o.operands[0])
-                out.add(o.out)
-            elif isinstance(o, ir.ProjectBack):
-                out.add(o.d_out)
-                if o.stacked:
-                    out.add(o.stacked)
-                else:
-                    slot(o.d_operands[0])
-            elif isinstance(o, ir.WeightGrad):
-                out.add(o.d_out)
-                if o.stacked:
-                    out.add(o.stacked)
-                else:
-                    slot(o.operands[0])
-                if o.scratch:
-                    out.add(o.scratch)
-            elif isinstance(o, ir.Stack):
-                out.add(o.buffer)
-                for n in o.sources:
-                    slot(n)
-            elif isinstance(o, ir.RowSum):
-                slot(o.source)
-                if o.scratch:
-                    out.add(o.scratch)
-            elif isinstance(o, ir.AddRows):
-                slot(o.source)
-            elif isinstance(o, (ir.Zero, ir.Hold)):
-                out.add(o.buffer)
+    for o in fn.flat():
+        if isinstance(o, ir.Pointwise):
+            for n in o.reads + o.writes:
+                slot(n)
+        elif isinstance(o, ir.Project):
+            if o.stacked:
+                out.add(o.stacked)
+            else:
+                slot(o.operands[0])
+            out.add(o.out)
+        elif isinstance(o, ir.ProjectBack):
+            out.add(o.d_out)
+            if o.stacked:
+                out.add(o.stacked)
+            else:
+                slot(o.d_operands[0])
+        elif isinstance(o, ir.WeightGrad):
+            out.add(o.d_out)
+            if o.stacked:
+                out.add(o.stacked)
+            else:
+                slot(o.operands[0])
+            if o.scratch:
+                out.add(o.scratch)
+        elif isinstance(o, ir.Stack):
+            out.add(o.buffer)
+            for n in o.sources:
+                slot(n)
+        elif isinstance(o, ir.RowSum):
+            slot(o.source)
+            if o.scratch:
+                out.add(o.scratch)
+        elif isinstance(o, ir.AddRows):
+            slot(o.source)
+        elif isinstance(o, (ir.Zero, ir.Hold)):
+            out.add(o.buffer)
     return out
 
 

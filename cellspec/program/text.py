@@ -35,7 +35,11 @@ def _rows(rows: str, names: tuple[str, ...]) -> str:
 def _op(fn: ir.Function, prog: ir.Program, op, indent: str) -> list[str]:
     if isinstance(op, ir.Loop):
         head = f"{indent}for t in {'reversed(range(T))' if op.reverse else 'range(T)'}:"
-        return [head] + [line for o in op.body for line in _op(fn, prog, o, indent + "  ")]
+        ahead = []
+        if op.ahead:
+            ahead.append(f"{indent}  ahead of each chunk of steps, on the chunk's rows (one chunk of T steps: before the loop):")
+            ahead += [line for o in op.ahead for line in _op(fn, prog, o, indent + "    ")]
+        return [head] + ahead + [line for o in op.body for line in _op(fn, prog, o, indent + "  ")]
     if isinstance(op, ir.Pointwise):
         lines = [f"{indent}pointwise {op.block} ({op.rows} rows): reads {', '.join(op.reads) or '-'}"]
         for st in op.statements:

@@ -158,6 +158,9 @@ inline void cs_grid(int64_t rows, int64_t cols, dim3* grid, dim3* block) {
 // Cᵀ = op(B)ᵀ op(A)ᵀ, so the BLAS call swaps the operands.
 // ---------------------------------------------------------------------------------------------
 #ifdef __CUDACC__
+// steps per chunk of the work ahead of the steps (the hoisted GEMMs and levels): on a GPU one
+// chunk of all T steps (one large GEMM)
+static inline int64_t cs_chunk(int64_t n_T, int64_t) { return n_T > 0 ? n_T : 1; }
 typedef int (*cs_gemmex_fn)(void*, int, int, int, int, int, const void*, const void*, int, int,
                             const void*, int, int, const void*, void*, int, int, int, int);
 // cublasGemmEx and the handle of the caller (torch's, bound to its current stream), and that stream
@@ -224,6 +227,15 @@ template <typename S> static void cs_unpack(cs_packed<S>&) {}
 #define CS_ZERO(p, count) CS_CHECK((int)cudaMemsetAsync((p), 0, (size_t)(count) * sizeof(*(p)), (cudaStream_t)ctx->stream))
 #define CS_COPY(dst, src, count) CS_CHECK((int)cudaMemcpyAsync((dst), (src), (size_t)(count) * sizeof(*(dst)), cudaMemcpyDeviceToDevice, (cudaStream_t)ctx->stream))
 #else
+// steps per chunk of the work ahead of the steps (the hoisted GEMMs and levels): as many as
+// write ~256 KiB (64 Ki floats), which are still in L2 when the steps read them. One chunk of
+// all T steps wrote [T, B, w] through to L3 or memory and read it back from there (LSTM
+// (64, 32, 256) inference, one thread: 1.20x -> 1.10x torch.nn; docs/performance.md).
+static inline int64_t cs_chunk(int64_t n_T, int64_t floats_per_step)
+{
+    const int64_t c = 65536 / (floats_per_step > 0 ? floats_per_step : 1);
+    return c < 1 ? 1 : (c > n_T ? (n_T > 0 ? n_T : 1) : c);
+}
 // CPU: the Fortran-ABI ?gemm_ of a BLAS already loaded in the process (MKL's, exported by
 // torch's own library), found by the caller at run time and passed in: no link-time BLAS.
 typedef void (*cs_sgemm_fn)(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
@@ -275,11 +287,14 @@ static void cs_own_pack(int ta, int64_t n, int64_t k, const float* w, int64_t ld
     }
 }
 // MR rows of the product against one panel; for one to three rows the k loop runs U independent
-// accumulator sets (an FMA's latency, not its throughput, would bound a single chain)
-template <int MR>
+// accumulator sets (an FMA's latency, not its throughput, would bound a single chain). Row i of
+// `a` at k is a[i * lda + k] (rows of a row-major matrix), or with SLIVER a[k * 12 + i] (a
+// transposed operand packed 12 rows at a time: cs_own_gemm_tn).
+template <int MR, bool SLIVER = false>
 __attribute__((target("avx512f"))) static inline void cs_own_tile(int64_t k, const float* a, int64_t lda, const float* b,
                                                                   float* c, int64_t ldc, __mmask16 m0, __mmask16 m1, int beta)
 {
+#define CS_A_(i, kk) (SLIVER ? a[(kk) * 12 + (i)] : a[(i) * lda + (kk)])
     constexpr int U = MR == 1 ? 4 : (MR < 4 ? 2 : 1);
     __m512 lo[U][MR], hi[U][MR];
     for (int u = 0; u < U; ++u)
@@ -289,7 +304,7 @@ __attribute__((target("avx512f"))) static inline void cs_own_tile(int64_t k, con
         for (int u = 0; u < U; ++u) {
             const __m512 b0 = _mm512_load_ps(b + (kk + u) * 32), b1 = _mm512_load_ps(b + (kk + u) * 32 + 16);
             for (int i = 0; i < MR; ++i) {
-                const __m512 av = _mm512_set1_ps(a[i * lda + kk + u]);
+                const __m512 av = _mm512_set1_ps(CS_A_(i, kk + u));
                 lo[u][i] = _mm512_fmadd_ps(av, b0, lo[u][i]);
                 hi[u][i] = _mm512_fmadd_ps(av, b1, hi[u][i]);
             }
@@ -297,7 +312,7 @@ __attribute__((target("avx512f"))) static inline void cs_own_tile(int64_t k, con
     for (; kk < k; ++kk) {
         const __m512 b0 = _mm512_load_ps(b + kk * 32), b1 = _mm512_load_ps(b + kk * 32 + 16);
         for (int i = 0; i < MR; ++i) {
-            const __m512 av = _mm512_set1_ps(a[i * lda + kk]);
+            const __m512 av = _mm512_set1_ps(CS_A_(i, kk));
             lo[0][i] = _mm512_fmadd_ps(av, b0, lo[0][i]);
             hi[0][i] = _mm512_fmadd_ps(av, b1, hi[0][i]);
         }
@@ -312,6 +327,7 @@ __attribute__((target("avx512f"))) static inline void cs_own_tile(int64_t k, con
         _mm512_mask_storeu_ps(ci, m0, lo[0][i]);
         _mm512_mask_storeu_ps(ci + 16, m1, hi[0][i]);
     }
+#undef CS_A_
 }
 // out[m, n] (+)= a[m, k] times the packed weight. Blocks of rows whose slice of `a` stays in L2
 // (~256 KiB) run one after another; inside a block the threads split the panels.
@@ -343,13 +359,74 @@ __attribute__((target("avx512f"))) static void cs_own_gemm(int64_t m, int64_t n,
         }
     }
 }
+// out[m, n] (+)= aᵀ @ b with a [k, m] and b [k, n] row-major: the weight gradients dW = dgᵀ @ x,
+// whose k is all T·B rows. Blocked for the caches: k in blocks of kc rows whose packed b (every
+// panel, kc x n) stays in L2; per block, a's columns in blocks of 96 packed into slivers of 12
+// (kc x 12, contiguous: a transposed operand read straight would touch a new page per k). MKL's
+// SGEMM takes ~75 GFLOP/s on Zen 4 for these; this ~100 (docs/performance.md). Threads split the
+// blocks of a's columns (each packs its own slivers).
+__attribute__((target("avx512f"))) static bool cs_own_gemm_tn(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
+                                                              const float* b, int64_t ldb, float* out, int64_t ldc, int beta)
+{
+    const int64_t panels = (n + 31) / 32, slivers = (m + 11) / 12, mc = 8;  // mc: slivers per block
+    int64_t kc = 98304 / (panels * 32);  // packed b block ~384 KiB
+    kc = kc < 128 ? 128 : (kc > 512 ? 512 : (kc / 4) * 4);
+    if (kc > k) kc = k;
+    // the packed b block and every sliver of a's k-block, allocated before anything is written
+    // (a failure leaves `out` to the BLAS untouched)
+    void* mem = 0;
+    if (posix_memalign(&mem, 64, (size_t)((panels * 32 + slivers * 12) * kc) * sizeof(float)) != 0) return false;
+    float* pb = (float*)mem;
+    float* pa = pb + panels * 32 * kc;
+    const int64_t blocks = (slivers + mc - 1) / mc;
+    for (int64_t k0 = 0; k0 < k; k0 += kc) {
+        const int64_t kb = k - k0 < kc ? k - k0 : kc;
+        cs_own_pack(0, n, kb, b + k0 * ldb, ldb, pb);
+        // a's rows k0 .. k0 + kb, read once in order, into slivers of 12 columns (kb x 12 each)
+#pragma omp parallel for schedule(static) if (cs_par(m * kb, 65536))
+        for (int64_t kk = 0; kk < kb; ++kk) {
+            const float* src = a + (k0 + kk) * lda;
+            for (int64_t s0 = 0; s0 < slivers; ++s0) {
+                const int64_t w = m - s0 * 12 < 12 ? m - s0 * 12 : 12;
+                const __mmask16 mw = (__mmask16)((1u << w) - 1);
+                _mm512_mask_storeu_ps(pa + (s0 * kb + kk) * 12, (__mmask16)0xfff, _mm512_maskz_loadu_ps(mw, src + s0 * 12));
+            }
+        }
+        const int acc = beta || k0 > 0;
+#pragma omp parallel for schedule(static) if (cs_par(m * n * kb, 262144))
+        for (int64_t ib = 0; ib < blocks; ++ib) {  // a block of slivers against every panel
+            const int64_t s_end = (ib + 1) * mc < slivers ? (ib + 1) * mc : slivers;
+            for (int64_t q = 0; q < panels; ++q) {
+                const int64_t p = q * 32, width = n - p < 32 ? n - p : 32;
+                const __mmask16 m0 = width >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << width) - 1);
+                const __mmask16 m1 = width >= 32 ? (__mmask16)0xffff : (width > 16 ? (__mmask16)((1u << (width - 16)) - 1) : (__mmask16)0);
+                const float* bp = pb + p * kb;
+                for (int64_t s0 = ib * mc; s0 < s_end; ++s0) {
+                    const float* sl = pa + s0 * kb * 12;
+                    float* c = out + s0 * 12 * ldc + p;
+                    switch (m - s0 * 12 < 12 ? m - s0 * 12 : 12) {
+#define CS_TILE_(r) case r: cs_own_tile<r, true>(kb, sl, 0, bp, c, ldc, m0, m1, acc); break;
+                        CS_TILE_(1) CS_TILE_(2) CS_TILE_(3) CS_TILE_(4) CS_TILE_(5) CS_TILE_(6)
+                        CS_TILE_(7) CS_TILE_(8) CS_TILE_(9) CS_TILE_(10) CS_TILE_(11) CS_TILE_(12)
+#undef CS_TILE_
+                        default: break;
+                    }
+                }
+            }
+        }
+    }
+    free(mem);
+    return true;
+}
 // A plain product a @ op(b) with many rows (the hoisted products by a weight, dx = dg @ W after the
 // loop) through the own kernel too: op(b) packed for this call (cost ~ n * k, against m * n * k).
 // Products whose left side is transposed (the weight gradients) stay with the BLAS.
 static bool cs_own_route(const cs_ctx* c, int ta, int tb, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
                          const float* b, int64_t ldb, float* out, int64_t ldc, int beta)
 {
-    if (!c->own || ta || m < 256 || k <= 0 || !cs_avx512()) return false;
+    if (!c->own || k <= 0 || !cs_avx512()) return false;
+    if (ta) return !tb && k >= 256 && cs_own_gemm_tn(m, n, k, a, lda, b, ldb, out, ldc, beta);
+    if (m < 256) return false;
     void* mem = 0;
     if (posix_memalign(&mem, 64, (size_t)(((n + 31) / 32) * 32 * k) * sizeof(float)) != 0) return false;
     cs_own_pack(tb, n, k, b, ldb, (float*)mem);
@@ -924,11 +1001,18 @@ static int janet_forward_run(const int64_t* dims, void* const* ptrs, const cs_ct
         CS_ZERO(b_v_s, (n_T) * (n_B) * (n_H));
         CS_ZERO(b_v_c_tilde, (n_T) * (n_B) * (n_H));
     }
-    // hg_W_f_W_c__x = x @ [W_f, W_c]^T  (W_f @ x, W_c @ x)
-    CS_GEMM_NT(n_T * n_B, 2*n_H, n_I, b_x_x, n_I, w_W_f_W_c, n_I, b_hg_W_f_W_c__x, 2*n_H, 0);
+    // steps per chunk of the work ahead of them (all T on a GPU)
+    const int64_t n_ch = cs_chunk(n_T, n_B * (2*n_H));
+    cs_packed<S> pk_W_f_W_c_nt = cs_pack(ctx, 1, n_ch * n_B, 2*n_H, n_I, w_W_f_W_c, n_I);
     cs_packed<S> pk_U_f_U_c_nt = cs_pack(ctx, 1, n_B, 2*n_H, n_H, w_U_f_U_c, n_H);
     for (int64_t t = 0; t < n_T; ++t) {
         const int64_t rows = bs ? bs[t] : n_B;  // variable lengths: rows 0..B_t-1 run
+        if (t % n_ch == 0) {  // a chunk starts: steps tc .. tc + n_c - 1 (all B rows)
+            const int64_t n_c = n_T - t < n_ch ? n_T - t : n_ch;
+            const int64_t tc = t;
+            // hg_W_f_W_c__x = x @ [W_f, W_c]^T  (W_f @ x, W_c @ x)
+            CS_GEMM_NT_PACKED(n_c * n_B, 2*n_H, n_I, b_x_x + tc * n_B * (n_I), n_I, pk_W_f_W_c_nt, b_hg_W_f_W_c__x + tc * n_B * (2*n_H), 2*n_H, 0);
+        }
         // g_U_f_U_c__h = h @ [U_f, U_c]^T  (U_f @ h, U_c @ h)
         CS_GEMM_NT_PACKED(rows, 2*n_H, n_H, b_s_h + t * n_B * (n_H), n_H, pk_U_f_U_c_nt, b_g_U_f_U_c__h, 2*n_H, 0);
         // forward: stage 0 forward, units of size H
@@ -936,6 +1020,7 @@ static int janet_forward_run(const int64_t* dims, void* const* ptrs, const cs_ct
         // ended sequences hold their state: rows B_t.. of s_h[t + 1] = s_h[t]
         if (rows < n_B) CS_COPY(b_s_h + ((t + 1) * n_B + rows) * (n_H), b_s_h + (t * n_B + rows) * (n_H), (n_B - rows) * (n_H));
     }
+    cs_unpack(pk_W_f_W_c_nt);
     cs_unpack(pk_U_f_U_c_nt);
     return 0;
 }
@@ -1001,11 +1086,18 @@ static int janet_inference_run(const int64_t* dims, void* const* ptrs, const cs_
     (void)w_U_f_U_c;
     const int64_t* bs = (const int64_t*)ptrs[8];
     (void)ctx;
-    // hg_W_f_W_c__x = x @ [W_f, W_c]^T  (W_f @ x, W_c @ x)
-    CS_GEMM_NT(n_T * n_B, 2*n_H, n_I, b_x_x, n_I, w_W_f_W_c, n_I, b_hg_W_f_W_c__x, 2*n_H, 0);
+    // steps per chunk of the work ahead of them (all T on a GPU)
+    const int64_t n_ch = cs_chunk(n_T, n_B * (2*n_H));
+    cs_packed<S> pk_W_f_W_c_nt = cs_pack(ctx, 1, n_ch * n_B, 2*n_H, n_I, w_W_f_W_c, n_I);
     cs_packed<S> pk_U_f_U_c_nt = cs_pack(ctx, 1, n_B, 2*n_H, n_H, w_U_f_U_c, n_H);
     for (int64_t t = 0; t < n_T; ++t) {
         const int64_t rows = bs ? bs[t] : n_B;  // variable lengths: rows 0..B_t-1 run
+        if (t % n_ch == 0) {  // a chunk starts: steps tc .. tc + n_c - 1 (all B rows)
+            const int64_t n_c = n_T - t < n_ch ? n_T - t : n_ch;
+            const int64_t tc = t;
+            // hg_W_f_W_c__x = x @ [W_f, W_c]^T  (W_f @ x, W_c @ x)
+            CS_GEMM_NT_PACKED(n_c * n_B, 2*n_H, n_I, b_x_x + tc * n_B * (n_I), n_I, pk_W_f_W_c_nt, b_hg_W_f_W_c__x + tc * n_B * (2*n_H), 2*n_H, 0);
+        }
         // g_U_f_U_c__h = h @ [U_f, U_c]^T  (U_f @ h, U_c @ h)
         CS_GEMM_NT_PACKED(rows, 2*n_H, n_H, b_s_h + t * n_B * (n_H), n_H, pk_U_f_U_c_nt, b_g_U_f_U_c__h, 2*n_H, 0);
         // inference: stage 0 forward, units of size H
@@ -1013,6 +1105,7 @@ static int janet_inference_run(const int64_t* dims, void* const* ptrs, const cs_
         // ended sequences hold their state: rows B_t.. of s_h[t + 1] = s_h[t]
         if (rows < n_B) CS_COPY(b_s_h + ((t + 1) * n_B + rows) * (n_H), b_s_h + (t * n_B + rows) * (n_H), (n_B - rows) * (n_H));
     }
+    cs_unpack(pk_W_f_W_c_nt);
     cs_unpack(pk_U_f_U_c_nt);
     return 0;
 }
