@@ -395,13 +395,16 @@ class _Renderer:
                 ahead = [replace(o, rows="chunk") for o in op.ahead]
                 if ahead:
                     per_step = []  # floats a chunk's ops write per row of a step
+                    weights = []  # floats of the weights its GEMMs multiply by
                     for o in ahead:
                         if isinstance(o, ir.Project):
                             per_step.append(cexpr(fn.buffers[o.out].shape[-1]))
+                            weights.append(f"n_{p.weights[o.weight].inner} * ({cexpr(p.weights[o.weight].width)})")
                         elif isinstance(o, ir.Pointwise):
                             per_step += [cexpr(ir.size(fn.slots[w].size)) for w in o.writes]
                     lines.append(f"{ind}// steps per chunk of the work ahead of them (all T on a GPU)")
-                    lines.append(f"{ind}const int64_t n_ch = cs_chunk(n_T, n_B * ({' + '.join(per_step) or '1'}));")
+                    lines.append(f"{ind}const int64_t n_ch = cs_chunk(n_T, n_B, n_B * ({' + '.join(per_step) or '1'}), "
+                                 f"{' + '.join(weights) or '0'});")
                 packs = []  # the weights every step (or chunk) multiplies by: packed once per call
                 for o in (*ahead, *op.body):
                     if isinstance(o, (ir.Project, ir.ProjectBack)) and o.rows in ("step", "chunk"):
@@ -412,7 +415,8 @@ class _Renderer:
                             k_op = len(o.operands if kind == "nt" else o.d_operands)
                             m = "n_B" if o.rows == "step" else "n_ch * n_B"  # the rows it is packed for
                             m = m if k_op == 1 else f"{k_op} * {m}"
-                            packs.append((w.name, kind, f"cs_pack(ctx, {1 if kind == 'nt' else 0}, {m}, {n}, {k}, "
+                            call = "cs_pack(ctx, " if o.rows == "step" else "cs_pack_if(n_ch < n_T, ctx, "
+                            packs.append((w.name, kind, f"{call}{1 if kind == 'nt' else 0}, {m}, {n}, {k}, "
                                                         f"w_{w.name}, n_{w.inner})"))
                 for name, kind, call in packs:
                     lines.append(f"{ind}cs_packed<S> pk_{name}_{kind} = {call};")

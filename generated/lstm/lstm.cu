@@ -166,7 +166,7 @@ inline void cs_grid(int64_t rows, int64_t cols, dim3* grid, dim3* block) {
 #ifdef __CUDACC__
 // steps per chunk of the work ahead of the steps (the hoisted GEMMs and levels): on a GPU one
 // chunk of all T steps (one large GEMM)
-static inline int64_t cs_chunk(int64_t n_T, int64_t) { return n_T > 0 ? n_T : 1; }
+static inline int64_t cs_chunk(int64_t n_T, int64_t, int64_t, int64_t) { return n_T > 0 ? n_T : 1; }
 typedef int (*cs_gemmex_fn)(void*, int, int, int, int, int, const void*, const void*, int, int,
                             const void*, int, int, const void*, void*, int, int, int, int);
 // cublasGemmEx and the handle of the caller (torch's, bound to its current stream), and that stream
@@ -220,6 +220,8 @@ template <typename S> struct cs_packed { const S* w; int64_t ld; };
 template <typename S>
 static cs_packed<S> cs_pack(const cs_ctx*, int, int64_t, int64_t, int64_t, const S* w, int64_t ldw) { return {w, ldw}; }
 template <typename S> static void cs_unpack(cs_packed<S>&) {}
+template <typename S>
+static cs_packed<S> cs_pack_if(bool, const cs_ctx* c, int ta, int64_t m, int64_t n, int64_t k, const S* w, int64_t ldw) { return cs_pack(c, ta, m, n, k, w, ldw); }
 #define CS_CHECK(call) do { int _e = (call); if (_e) return _e; } while (0)
 #define CS_PW(fn, rows, cols, ...) CS_CHECK(fn##_launch<S>((rows), (cols), __VA_ARGS__, ctx->stream))
 #define CS_GEMM_NT(m, n, k, a, lda, b, ldb, c, ldc, beta) CS_CHECK((cs_gemm<S, S>(ctx, 0, 1, m, n, k, a, lda, b, ldb, c, ldc, beta)))
@@ -234,12 +236,15 @@ template <typename S> static void cs_unpack(cs_packed<S>&) {}
 #define CS_COPY(dst, src, count) CS_CHECK((int)cudaMemcpyAsync((dst), (src), (size_t)(count) * sizeof(*(dst)), cudaMemcpyDeviceToDevice, (cudaStream_t)ctx->stream))
 #else
 // steps per chunk of the work ahead of the steps (the hoisted GEMMs and levels): as many as
-// write ~256 KiB (64 Ki floats), which are still in L2 when the steps read them. One chunk of
-// all T steps wrote [T, B, w] through to L3 or memory and read it back from there (LSTM
-// (64, 32, 256) inference, one thread: 1.20x -> 1.10x torch.nn; docs/performance.md).
-static inline int64_t cs_chunk(int64_t n_T, int64_t floats_per_step)
+// write ~256 KiB (64 Ki floats per row of B rows: floats_per_step / n_B), which are still in L2
+// when the steps read them; with weights of more than 1 MiB (which stream from L3 once per
+// chunk) at least 256 rows. One chunk of all T steps wrote [T, B, w] through to L3 or memory
+// and read it back from there (LSTM (64, 32, 256) inference, one thread: 1.20x -> 1.10x
+// torch.nn; (256, 64, 512): 4 steps of 64 rows 1.03x, 1 step 1.19x; docs/performance.md).
+static inline int64_t cs_chunk(int64_t n_T, int64_t n_B, int64_t floats_per_step, int64_t weight_floats)
 {
-    const int64_t c = 65536 / (floats_per_step > 0 ? floats_per_step : 1);
+    int64_t c = 65536 / (floats_per_step > 0 ? floats_per_step : 1);
+    if (weight_floats > 262144 && n_B > 0 && c * n_B < 256) c = (256 + n_B - 1) / n_B;
     return c < 1 ? 1 : (c > n_T ? (n_T > 0 ? n_T : 1) : c);
 }
 // CPU: the Fortran-ABI ?gemm_ of a BLAS already loaded in the process (MKL's, exported by
@@ -276,16 +281,43 @@ static bool cs_own_route(const cs_ctx*, int, int, int64_t, int64_t, int64_t, con
 // past n); a tile of MR rows x 32 columns keeps 2 * MR accumulators in registers and reads one
 // panel row (two vectors) and MR broadcasts of `a` per k. Threads split the panels.
 static bool cs_avx512(void) { static const bool ok = __builtin_cpu_supports("avx512f"); return ok; }
-static void cs_own_pack(int ta, int64_t n, int64_t k, const float* w, int64_t ldw, float* out)
+// dst[i * ldd + j] = src[j * lds + i] for a 16 x 16 block (unpack, then 128-bit lane shuffles)
+__attribute__((target("avx512f"))) static inline void cs_transpose16(const float* src, int64_t lds, float* dst, int64_t ldd)
+{
+    __m512 r[16], t[16];
+    for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * lds);
+    for (int i = 0; i < 16; i += 2) { t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]); t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]); }
+    for (int i = 0; i < 16; i += 4) {
+        r[i] = _mm512_shuffle_ps(t[i], t[i + 2], 0x44); r[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], 0xEE);
+        r[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0x44); r[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+    }
+    for (int i = 0; i < 4; ++i) {
+        t[i] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0x88); t[i + 4] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0xDD);
+        t[i + 8] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0x88); t[i + 12] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0xDD);
+    }
+    for (int i = 0; i < 4; ++i) {
+        r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88); r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xDD);
+        r[i + 4] = _mm512_shuffle_f32x4(t[i + 4], t[i + 12], 0x88); r[i + 12] = _mm512_shuffle_f32x4(t[i + 4], t[i + 12], 0xDD);
+    }
+    for (int i = 0; i < 16; ++i) _mm512_storeu_ps(dst + i * ldd, r[i]);
+}
+__attribute__((target("avx512f"))) static void cs_own_pack(int ta, int64_t n, int64_t k, const float* w, int64_t ldw, float* out)
 {
 #pragma omp parallel for schedule(static) if (cs_par(n * k, 65536))
     for (int64_t p = 0; p < n; p += 32) {
         float* o = out + p * k;
         const int64_t width = n - p < 32 ? n - p : 32;
         if (width < 32) memset(o, 0, (size_t)(k * 32) * sizeof(float));
-        if (ta) {  // w is [n, k]: the product is a @ wᵀ
+        if (ta) {  // w is [n, k]: the product is a @ wᵀ; full panels by 16 x 16 blocks (4x faster
+                   // than element by element: 7 against 26 us for the [512, 128] weight of a step)
+            int64_t k0 = 0;
+            if (width == 32)
+                for (; k0 + 16 <= k; k0 += 16) {
+                    cs_transpose16(w + p * ldw + k0, ldw, o + k0 * 32, 32);
+                    cs_transpose16(w + (p + 16) * ldw + k0, ldw, o + k0 * 32 + 16, 32);
+                }
             for (int64_t j = 0; j < width; ++j)
-                for (int64_t kk = 0; kk < k; ++kk) o[kk * 32 + j] = w[(p + j) * ldw + kk];
+                for (int64_t kk = k0; kk < k; ++kk) o[kk * 32 + j] = w[(p + j) * ldw + kk];
         } else {  // w is [k, n]: the product is a @ w
             for (int64_t kk = 0; kk < k; ++kk)
                 for (int64_t j = 0; j < width; ++j) o[kk * 32 + j] = w[kk * ldw + p + j];
@@ -487,6 +519,15 @@ static cs_packed<float> cs_pack(const cs_ctx* c, int ta, int64_t m, int64_t n, i
     return p;
 }
 template <typename S> static void cs_unpack(cs_packed<S>& p) { free(p.packed); p.packed = 0; free(p.own); p.own = 0; }
+// packed only where more than one product reads it (the work ahead of the steps in one chunk:
+// a single product, which packing would only slow down)
+template <typename S>
+static cs_packed<S> cs_pack_if(bool worth, const cs_ctx* c, int ta, int64_t m, int64_t n, int64_t k, const S* w, int64_t ldw)
+{
+    if (worth) return cs_pack(c, ta, m, n, k, w, ldw);
+    cs_packed<S> p = {w, ldw, 0, m, 0};
+    return p;
+}
 template <typename S>
 static int cs_gemm_packed(const cs_ctx* c, int ta, int64_t m, int64_t n, int64_t k, const S* a, int64_t lda,
                           const cs_packed<S>& w, S* out, int64_t ldc, int beta)
@@ -1157,8 +1198,8 @@ static int lstm_forward_run(const int64_t* dims, void* const* ptrs, const cs_ctx
         CS_ZERO(b_v_o, (n_T) * (n_B) * (n_H));
     }
     // steps per chunk of the work ahead of them (all T on a GPU)
-    const int64_t n_ch = cs_chunk(n_T, n_B * (4*n_H));
-    cs_packed<S> pk_W_ii_W_if_W_ig_W_io_nt = cs_pack(ctx, 1, n_ch * n_B, 4*n_H, n_I, w_W_ii_W_if_W_ig_W_io, n_I);
+    const int64_t n_ch = cs_chunk(n_T, n_B, n_B * (4*n_H), n_I * (4*n_H));
+    cs_packed<S> pk_W_ii_W_if_W_ig_W_io_nt = cs_pack_if(n_ch < n_T, ctx, 1, n_ch * n_B, 4*n_H, n_I, w_W_ii_W_if_W_ig_W_io, n_I);
     cs_packed<S> pk_W_hi_W_hf_W_hg_W_ho_nt = cs_pack(ctx, 1, n_B, 4*n_H, n_H, w_W_hi_W_hf_W_hg_W_ho, n_H);
     for (int64_t t = 0; t < n_T; ++t) {
         const int64_t rows = bs ? bs[t] : n_B;  // variable lengths: rows 0..B_t-1 run
@@ -1258,8 +1299,8 @@ static int lstm_inference_run(const int64_t* dims, void* const* ptrs, const cs_c
     const int64_t* bs = (const int64_t*)ptrs[15];
     (void)ctx;
     // steps per chunk of the work ahead of them (all T on a GPU)
-    const int64_t n_ch = cs_chunk(n_T, n_B * (4*n_H));
-    cs_packed<S> pk_W_ii_W_if_W_ig_W_io_nt = cs_pack(ctx, 1, n_ch * n_B, 4*n_H, n_I, w_W_ii_W_if_W_ig_W_io, n_I);
+    const int64_t n_ch = cs_chunk(n_T, n_B, n_B * (4*n_H), n_I * (4*n_H));
+    cs_packed<S> pk_W_ii_W_if_W_ig_W_io_nt = cs_pack_if(n_ch < n_T, ctx, 1, n_ch * n_B, 4*n_H, n_I, w_W_ii_W_if_W_ig_W_io, n_I);
     cs_packed<S> pk_W_hi_W_hf_W_hg_W_ho_nt = cs_pack(ctx, 1, n_B, 4*n_H, n_H, w_W_hi_W_hf_W_hg_W_ho, n_H);
     for (int64_t t = 0; t < n_T; ++t) {
         const int64_t rows = bs ? bs[t] : n_B;  // variable lengths: rows 0..B_t-1 run
