@@ -11,8 +11,9 @@ for ``torch.nn`` (oneDNN's fused LSTM; a C++ loop for the GRU), the generated la
 also the GEMMs alone (the floor no engine with these GEMMs can beat) and at (16, 1, 128) an eager
 loop of the cell's ``step`` in torch ops, differentiated by autograd (what a user would write).
 
-Timing: the variants take turns, ``--rounds`` times, and each keeps its best time (the machine is
-shared: the minimum is the least disturbed run). The table gives ratios to torch.nn (< 1: the
+Timing: the variants take turns, ``--rounds`` times, and each keeps its best time per call (the
+machine is shared: the minimum is the least disturbed run); a turn times back-to-back calls for
+~20 ms (one call of a large shape), so small shapes are timed warm. The table gives ratios to torch.nn (< 1: the
 generated layer is faster).
 
     python benchmarks/native_bench.py                       # writes benchmarks/results/native_bench.md
@@ -40,15 +41,25 @@ REFERENCE = {"lstm": torch.nn.LSTM, "torch_gru": torch.nn.GRU}
 SHAPES = [(64, 32, 256), (256, 64, 512), (512, 8, 128), (16, 1, 128)]
 
 
-def best_of(fns: dict, rounds: int) -> dict:
-    for f in fns.values():  # warm-up (builds, first-touch pages)
+def best_of(fns: dict, rounds: int, sample: float = 0.02) -> dict:
+    """The best time per call of each variant over ``rounds`` interleaved rounds. A round times
+    enough back-to-back calls to take ~``sample`` seconds (at least one): a sub-millisecond call
+    is measured warm, as in a training loop that calls the layer again and again, and above the
+    timer's and the scheduler's noise (one call of 0.3 ms after the other variants had run was
+    both cold and +-30% from run to run)."""
+    reps = {}
+    for k, f in fns.items():  # warm-up (builds, first-touch pages), then a call timed alone
         f()
+        t0 = time.perf_counter()
+        f()
+        reps[k] = max(1, int(sample / max(time.perf_counter() - t0, 1e-6)))
     best = {k: float("inf") for k in fns}
     for _ in range(rounds):
         for k, f in fns.items():
             t0 = time.perf_counter()
-            f()
-            best[k] = min(best[k], time.perf_counter() - t0)
+            for _ in range(reps[k]):
+                f()
+            best[k] = min(best[k], (time.perf_counter() - t0) / reps[k])
     return best
 
 

@@ -1,0 +1,103 @@
+"""One spec's generated layer at an earlier commit against the current one, and torch.nn, in one
+process (the machine's speed drifts by 10-25% between runs: only a same-process comparison says
+what a change bought).
+
+The earlier version is the committed ``generated/<spec>/`` of ``--base`` (``git show``), loaded
+as a package of its own name next to the current ``generated/<spec>/``; both build their native
+library (cached by source). The variants take turns, ``--rounds`` times; each turn times
+back-to-back calls for ~``--sample`` seconds and the best time per call is kept.
+
+    python benchmarks/version_ab.py --base 7ed51c9                   # LSTM, 4 shapes, 1 thread
+    python benchmarks/version_ab.py --base 7ed51c9 --spec torch_gru --threads 2 --shapes 64x32x256
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+REFERENCE = {"lstm": torch.nn.LSTM, "torch_gru": torch.nn.GRU}
+SHAPES = ["64x32x256", "256x64x512", "512x8x128", "16x1x128"]
+
+
+def export(commit: str, spec: str, dest: Path) -> None:
+    """generated/<spec>/ at ``commit`` into ``dest`` (a package directory)."""
+    names = subprocess.run(["git", "ls-tree", "--name-only", f"{commit}:generated/{spec}"], cwd=ROOT,
+                           check=True, capture_output=True, text=True).stdout.split()
+    dest.mkdir(parents=True)
+    for name in names:
+        blob = subprocess.run(["git", "show", f"{commit}:generated/{spec}/{name}"], cwd=ROOT, check=True,
+                              capture_output=True).stdout
+        (dest / name).write_bytes(blob)
+
+
+def layer(pkg, H: int):
+    tc = pkg.torch_cell
+    return getattr(tc, tc.CELL)(H, H, backend="fused")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--base", required=True, help="the earlier commit")
+    ap.add_argument("--spec", default="lstm", choices=sorted(REFERENCE))
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--shapes", nargs="*", default=SHAPES)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--sample", type=float, default=0.05)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    tmp = Path(tempfile.mkdtemp(prefix="cellspec-ab-"))
+    export(args.base, args.spec, tmp / f"base_{args.spec}")
+    sys.path.insert(0, str(tmp))
+    sys.path.insert(0, str(ROOT / "generated"))
+    base = importlib.import_module(f"base_{args.spec}")
+    now = importlib.import_module(args.spec)
+    print(f"{args.spec}, {args.threads} thread(s): best time per call, ratio to torch.nn "
+          f"(base = {args.base}, now = the working tree's generated/{args.spec})")
+    print("| T, B, H | kind | torch.nn (ms) | base | now | now / base |")
+    print("|---|---|---|---|---|---|")
+    for shape in args.shapes:
+        T, B, H = (int(v) for v in shape.split("x"))
+        torch.manual_seed(0)
+        mods = {"torch.nn": REFERENCE[args.spec](H, H), "base": layer(base, H), "now": layer(now, H)}
+        x = torch.randn(T, B, H, requires_grad=True)
+        d = torch.randn(T, B, H)
+        for kind in ("train", "infer"):
+            def call(m, kind=kind):
+                if kind == "infer":
+                    with torch.no_grad():
+                        m(x.detach())
+                else:
+                    out, _ = m(x)
+                    out.backward(d)
+
+            reps = {}
+            for k, m in mods.items():
+                call(m)
+                t0 = time.perf_counter()
+                call(m)
+                reps[k] = max(1, int(args.sample / max(time.perf_counter() - t0, 1e-6)))
+            best = {k: float("inf") for k in mods}
+            for _ in range(args.rounds):
+                for k, m in mods.items():
+                    t0 = time.perf_counter()
+                    for _ in range(reps[k]):
+                        call(m)
+                    best[k] = min(best[k], (time.perf_counter() - t0) / reps[k])
+            ref = best["torch.nn"]
+            print(f"| {T}, {B}, {H} | {kind} | {ref * 1e3:.2f} | {best['base'] / ref:.2f} | {best['now'] / ref:.2f} | "
+                  f"{best['now'] / best['base']:.3f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
