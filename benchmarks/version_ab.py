@@ -4,8 +4,9 @@ what a change bought).
 
 The earlier version is the committed ``generated/<spec>/`` of ``--base`` (``git show``), loaded
 as a package of its own name next to the current ``generated/<spec>/``; both build their native
-library (cached by source). The variants take turns, ``--rounds`` times; each turn times
-back-to-back calls for ~``--sample`` seconds and the best time per call is kept.
+library (cached by source). Timing is ``native_bench.best_of``: the variants take turns,
+``--rounds`` times; each turn times back-to-back calls for ~``--sample`` seconds and the best
+time per call is kept.
 
     python benchmarks/version_ab.py --base 7ed51c9                   # LSTM, 4 shapes, 1 thread
     python benchmarks/version_ab.py --base 7ed51c9 --spec torch_gru --threads 2 --shapes 64x32x256
@@ -18,13 +19,13 @@ import importlib
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+from native_bench import best_of  # noqa: E402  (this folder: the same timing as the table of record)
 
 REFERENCE = {"lstm": torch.nn.LSTM, "torch_gru": torch.nn.GRU}
 SHAPES = ["64x32x256", "256x64x512", "512x8x128", "16x1x128"]
@@ -81,19 +82,7 @@ def main() -> None:
                     out, _ = m(x)
                     out.backward(d)
 
-            reps = {}
-            for k, m in mods.items():
-                call(m)
-                t0 = time.perf_counter()
-                call(m)
-                reps[k] = max(1, int(args.sample / max(time.perf_counter() - t0, 1e-6)))
-            best = {k: float("inf") for k in mods}
-            for _ in range(args.rounds):
-                for k, m in mods.items():
-                    t0 = time.perf_counter()
-                    for _ in range(reps[k]):
-                        call(m)
-                    best[k] = min(best[k], (time.perf_counter() - t0) / reps[k])
+            best = best_of({k: (lambda m=m: call(m)) for k, m in mods.items()}, args.rounds, args.sample)
             ref = best["torch.nn"]
             print(f"| {T}, {B}, {H} | {kind} | {ref * 1e3:.2f} | {best['base'] / ref:.2f} | {best['now'] / ref:.2f} | "
                   f"{best['now'] / best['base']:.3f} |", flush=True)

@@ -104,6 +104,10 @@ def cexpr(e) -> str:
     return _SizePrinter().doprint(sp.sympify(e))
 
 
+#: the C variable of the first step a rows kind is at: one step (t), the first of a chunk (tc)
+_STEP_VAR = {"step": "t", "chunk": "tc"}
+
+
 class _Renderer:
     def __init__(self, prog: ir.Program):
         self.p = prog
@@ -358,7 +362,7 @@ class _Renderer:
         width = cexpr(buf.shape[-1])
         parts = []
         if buf.timed:
-            t = {"step": "t", "chunk": "tc"}.get(rows, "")
+            t = _STEP_VAR.get(rows, "")
             time = " + ".join(x for x in (t, str(sl.time) if sl.time else "") if x) or "0"
             if time != "0":
                 parts.append(f"({time}) * n_B * ({width})" if "+" in time else f"{time} * n_B * ({width})")
@@ -369,9 +373,8 @@ class _Renderer:
     def buf_ptr(self, fn: ir.Function, name: str, rows: str) -> tuple[str, str]:
         buf = fn.buffers[name]
         width = cexpr(buf.shape[-1])
-        if buf.timed and rows in ("step", "chunk"):
-            t = "t" if rows == "step" else "tc"
-            return f"b_{name} + {t} * n_B * ({width})", width
+        if buf.timed and rows in _STEP_VAR:
+            return f"b_{name} + {_STEP_VAR[rows]} * n_B * ({width})", width
         return f"b_{name}", width
 
     def host_loop(self, fn: ir.Function) -> dict:
@@ -393,6 +396,7 @@ class _Renderer:
                 # the ops ahead of the steps run on the rows of a chunk of n_ch steps, just before
                 # them (a chunk's results are still in cache when its steps read them)
                 ahead = [replace(o, rows="chunk") for o in op.ahead]
+                assert not (ahead and op.reverse), "ops ahead of the steps belong to a forward loop"
                 if ahead:
                     per_step = []  # floats a chunk's ops write per row of a step
                     weights = []  # floats of the weights its GEMMs multiply by
@@ -424,12 +428,10 @@ class _Renderer:
                         else "for (int64_t t = 0; t < n_T; ++t) {")
                 lines.append(ind + head)
                 lines.append(ind + "    const int64_t rows = bs ? bs[t] : n_B;  // variable lengths: rows 0..B_t-1 run")
-                if ahead:
-                    first = "(n_T - 1 - t) % n_ch == 0" if op.reverse else "t % n_ch == 0"
-                    lines.append(f"{ind}    if ({first}) {{  // a chunk starts: steps tc .. tc + n_c - 1 (all B rows)")
-                    lines.append(f"{ind}        const int64_t n_c = {'t + 1' if op.reverse else 'n_T - t'} < n_ch ? "
-                                 f"{'t + 1' if op.reverse else 'n_T - t'} : n_ch;")
-                    lines.append(f"{ind}        const int64_t tc = {'t - n_c + 1' if op.reverse else 't'};")
+                if ahead:  # forward loops only (passes.run_ahead)
+                    lines.append(f"{ind}    if (t % n_ch == 0) {{  // a chunk starts: steps tc .. tc + n_c - 1 (all B rows)")
+                    lines.append(f"{ind}        const int64_t n_c = n_T - t < n_ch ? n_T - t : n_ch;")
+                    lines.append(f"{ind}        const int64_t tc = t;")
                     for o in ahead:
                         emit(o, ind + "        ")
                     lines.append(f"{ind}    }}")

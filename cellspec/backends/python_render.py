@@ -429,31 +429,10 @@ def _stack_note(operands: tuple[str, ...]) -> str:
 def _written_buffers(fn: ir.Function) -> list[str]:
     """Buffers a function's ops write, in first-write order."""
     out: list[str] = []
-
-    def add(name: str) -> None:
-        if name not in out:
-            out.append(name)
-
-    def walk(ops) -> None:
-        for op in ops:
-            if isinstance(op, ir.Loop):
-                walk(op.ahead)
-                walk(op.body)
-            elif isinstance(op, ir.Pointwise):
-                for w in op.writes:
-                    add(fn.slots[w].buffer)
-            elif isinstance(op, ir.Project):
-                add(op.out)
-            elif isinstance(op, ir.ProjectBack):
-                add(op.stacked or fn.slots[op.d_operands[0]].buffer)
-            elif isinstance(op, ir.Stack):
-                add(op.buffer)
-            elif isinstance(op, ir.AddRows):
-                add(fn.slots[f"grad_input:{op.input}"].buffer)
-            elif isinstance(op, ir.Zero):
-                add(op.buffer)
-
-    walk(fn.ops)
+    for op in fn.flat():
+        for name in fn.written_by(op):
+            if name not in out:
+                out.append(name)
     return out
 
 

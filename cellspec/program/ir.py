@@ -264,6 +264,23 @@ class Function:
             out.extend((*op.ahead, *op.body) if isinstance(op, Loop) else (op,))
         return out
 
+    def written_by(self, op) -> list[str]:
+        """The buffers one op (not a loop) writes, as the rows it runs on see them (a weight
+        gradient's writes are the param gradients, not buffers of the function)."""
+        if isinstance(op, Pointwise):
+            return [self.slots[w].buffer for w in op.writes]
+        if isinstance(op, Project):
+            return [op.out]
+        if isinstance(op, ProjectBack):
+            return [op.stacked or self.slots[op.d_operands[0]].buffer]
+        if isinstance(op, Stack):
+            return [op.buffer]
+        if isinstance(op, AddRows):
+            return [self.slots[f"grad_input:{op.input}"].buffer]
+        if isinstance(op, Zero):
+            return [op.buffer]
+        return []
+
     def pointwise(self) -> list[Pointwise]:
         """Every pointwise block, in program order (loop bodies included)."""
         return [o for o in self.flat() if isinstance(o, Pointwise)]

@@ -19,6 +19,7 @@ import sympy as sp
 
 from cellspec.program import ir
 from cellspec.program.ir import T
+from cellspec.program.save import op_buffers
 
 
 def resolve_aliases(planner, tb) -> dict[str, str]:
@@ -74,8 +75,6 @@ def run_ahead(fn: ir.Function) -> ir.Function:
     level, a row-stacking copy), so it may run a few steps at a time. What stays before the loop:
     a projection of one broadcast row (params alone: no rows to split), every other op, and any
     op whose result something that stays reads."""
-    from cellspec.program.save import referenced
-
     loop = fn.loop()
     if loop.reverse:
         return fn
@@ -87,13 +86,10 @@ def run_ahead(fn: ir.Function) -> ir.Function:
         op = before[i]
         eligible = (isinstance(op, (ir.Project, ir.Pointwise, ir.Stack)) and op.rows == "all"
                     and not getattr(op, "broadcast", False))
-        if eligible:
-            writes = ({op.out} if isinstance(op, ir.Project) else {op.buffer} if isinstance(op, ir.Stack)
-                      else {fn.slots[w].buffer for w in op.writes})
-            if not writes & needed:
-                stays[i] = False
-                continue
-        needed |= referenced(ir.Function(fn.name, fn.buffers, fn.slots, (op,)))
+        if eligible and not set(fn.written_by(op)) & needed:
+            stays[i] = False
+            continue
+        needed |= op_buffers(fn, op)
     ahead = tuple(op for op, st in zip(before, stays) if not st)
     if not ahead:
         return fn

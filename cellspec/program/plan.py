@@ -571,17 +571,7 @@ def _zero_when_packed(fn: ir.Function) -> ir.Function:
     the loop) must hold zeros in the rows of ended sequences, which no step writes."""
     written: list[str] = []
     for op in fn.loop().body:
-        if isinstance(op, ir.Pointwise):
-            names = [fn.slots[w].buffer for w in op.writes]
-        elif isinstance(op, ir.Project):
-            names = [op.out]
-        elif isinstance(op, ir.ProjectBack):
-            names = [op.stacked or fn.slots[op.d_operands[0]].buffer]
-        elif isinstance(op, ir.Stack):
-            names = [op.buffer]
-        else:
-            continue
-        for n in names:
+        for n in fn.written_by(op):
             b = fn.buffers[n]
             if b.timed and b.role != "state" and b.init == "empty" and n not in written:
                 written.append(n)

@@ -23,50 +23,54 @@ def kept_per_step(sched: Schedule, back: Backward) -> set[str]:
     return set(back.saved)
 
 
-def referenced(fn: ir.Function) -> set[str]:
-    """Buffers an op of fn reads or writes."""
+def op_buffers(fn: ir.Function, o) -> set[str]:
+    """Buffers one op (not a loop) reads or writes."""
     out: set[str] = set()
 
     def slot(name: str) -> None:
         out.add(fn.slots[name].buffer)
 
-    for o in fn.flat():
-        if isinstance(o, ir.Pointwise):
-            for n in o.reads + o.writes:
-                slot(n)
-        elif isinstance(o, ir.Project):
-            if o.stacked:
-                out.add(o.stacked)
-            else:
-                slot(o.operands[0])
-            out.add(o.out)
-        elif isinstance(o, ir.ProjectBack):
-            out.add(o.d_out)
-            if o.stacked:
-                out.add(o.stacked)
-            else:
-                slot(o.d_operands[0])
-        elif isinstance(o, ir.WeightGrad):
-            out.add(o.d_out)
-            if o.stacked:
-                out.add(o.stacked)
-            else:
-                slot(o.operands[0])
-            if o.scratch:
-                out.add(o.scratch)
-        elif isinstance(o, ir.Stack):
-            out.add(o.buffer)
-            for n in o.sources:
-                slot(n)
-        elif isinstance(o, ir.RowSum):
-            slot(o.source)
-            if o.scratch:
-                out.add(o.scratch)
-        elif isinstance(o, ir.AddRows):
-            slot(o.source)
-        elif isinstance(o, (ir.Zero, ir.Hold)):
-            out.add(o.buffer)
+    if isinstance(o, ir.Pointwise):
+        for n in o.reads + o.writes:
+            slot(n)
+    elif isinstance(o, ir.Project):
+        if o.stacked:
+            out.add(o.stacked)
+        else:
+            slot(o.operands[0])
+        out.add(o.out)
+    elif isinstance(o, ir.ProjectBack):
+        out.add(o.d_out)
+        if o.stacked:
+            out.add(o.stacked)
+        else:
+            slot(o.d_operands[0])
+    elif isinstance(o, ir.WeightGrad):
+        out.add(o.d_out)
+        if o.stacked:
+            out.add(o.stacked)
+        else:
+            slot(o.operands[0])
+        if o.scratch:
+            out.add(o.scratch)
+    elif isinstance(o, ir.Stack):
+        out.add(o.buffer)
+        for n in o.sources:
+            slot(n)
+    elif isinstance(o, ir.RowSum):
+        slot(o.source)
+        if o.scratch:
+            out.add(o.scratch)
+    elif isinstance(o, ir.AddRows):
+        slot(o.source)
+    elif isinstance(o, (ir.Zero, ir.Hold)):
+        out.add(o.buffer)
     return out
+
+
+def referenced(fn: ir.Function) -> set[str]:
+    """Buffers an op of fn reads or writes."""
+    return set().union(*(op_buffers(fn, o) for o in fn.flat()))
 
 
 def bind_saved(forward: ir.Function, backward: ir.Function) -> tuple[ir.Function, tuple[str, ...]]:

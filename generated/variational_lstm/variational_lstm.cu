@@ -370,6 +370,25 @@ __attribute__((target("avx512f"))) static inline void cs_own_tile(int64_t k, con
     }
 #undef CS_A_
 }
+// r (1 .. 12) rows of the product against one panel: cs_own_tile<r>
+template <bool SLIVER>
+__attribute__((target("avx512f"))) static inline void cs_own_rows(int64_t r, int64_t k, const float* a, int64_t lda, const float* b,
+                                                                  float* c, int64_t ldc, __mmask16 m0, __mmask16 m1, int beta)
+{
+    switch (r) {
+#define CS_TILE_(n) case n: cs_own_tile<n, SLIVER>(k, a, lda, b, c, ldc, m0, m1, beta); break;
+        CS_TILE_(1) CS_TILE_(2) CS_TILE_(3) CS_TILE_(4) CS_TILE_(5) CS_TILE_(6)
+        CS_TILE_(7) CS_TILE_(8) CS_TILE_(9) CS_TILE_(10) CS_TILE_(11) CS_TILE_(12)
+#undef CS_TILE_
+        default: break;
+    }
+}
+// the store masks of a panel's two 16-column halves, for its first `width` (<= 32) columns
+static inline void cs_own_masks(int64_t width, __mmask16* m0, __mmask16* m1)
+{
+    *m0 = width >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << width) - 1);
+    *m1 = width >= 32 ? (__mmask16)0xffff : (width > 16 ? (__mmask16)((1u << (width - 16)) - 1) : (__mmask16)0);
+}
 // out[m, n] (+)= a[m, k] times the packed weight. Blocks of rows whose slice of `a` stays in L2
 // (~256 KiB) run one after another; inside a block the threads split the panels.
 __attribute__((target("avx512f"))) static void cs_own_gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
@@ -384,19 +403,12 @@ __attribute__((target("avx512f"))) static void cs_own_gemm(int64_t m, int64_t n,
         float* cb = out + i0 * ldc;
 #pragma omp parallel for schedule(static) if (cs_par(rows * n * k, 262144))
         for (int64_t q = 0; q < panels; ++q) {
-            const int64_t p = q * 32, width = n - p < 32 ? n - p : 32;
-            const __mmask16 m0 = width >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << width) - 1);
-            const __mmask16 m1 = width >= 32 ? (__mmask16)0xffff : (width > 16 ? (__mmask16)((1u << (width - 16)) - 1) : (__mmask16)0);
+            const int64_t p = q * 32;
+            __mmask16 m0, m1;
+            cs_own_masks(n - p < 32 ? n - p : 32, &m0, &m1);
             const float* b = packed + p * k;
-            int64_t i = 0;
-            for (; i + 12 <= rows; i += 12) cs_own_tile<12>(k, ab + i * lda, lda, b, cb + i * ldc + p, ldc, m0, m1, beta);
-            switch (rows - i) {
-#define CS_TILE_(r) case r: cs_own_tile<r>(k, ab + i * lda, lda, b, cb + i * ldc + p, ldc, m0, m1, beta); break;
-                CS_TILE_(1) CS_TILE_(2) CS_TILE_(3) CS_TILE_(4) CS_TILE_(5) CS_TILE_(6)
-                CS_TILE_(7) CS_TILE_(8) CS_TILE_(9) CS_TILE_(10) CS_TILE_(11)
-#undef CS_TILE_
-                default: break;
-            }
+            for (int64_t i = 0; i < rows; i += 12)
+                cs_own_rows<false>(rows - i < 12 ? rows - i : 12, k, ab + i * lda, lda, b, cb + i * ldc + p, ldc, m0, m1, beta);
         }
     }
 }
@@ -438,21 +450,13 @@ __attribute__((target("avx512f"))) static bool cs_own_gemm_tn(int64_t m, int64_t
         for (int64_t ib = 0; ib < blocks; ++ib) {  // a block of slivers against every panel
             const int64_t s_end = (ib + 1) * mc < slivers ? (ib + 1) * mc : slivers;
             for (int64_t q = 0; q < panels; ++q) {
-                const int64_t p = q * 32, width = n - p < 32 ? n - p : 32;
-                const __mmask16 m0 = width >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << width) - 1);
-                const __mmask16 m1 = width >= 32 ? (__mmask16)0xffff : (width > 16 ? (__mmask16)((1u << (width - 16)) - 1) : (__mmask16)0);
+                const int64_t p = q * 32;
+                __mmask16 m0, m1;
+                cs_own_masks(n - p < 32 ? n - p : 32, &m0, &m1);
                 const float* bp = pb + p * kb;
-                for (int64_t s0 = ib * mc; s0 < s_end; ++s0) {
-                    const float* sl = pa + s0 * kb * 12;
-                    float* c = out + s0 * 12 * ldc + p;
-                    switch (m - s0 * 12 < 12 ? m - s0 * 12 : 12) {
-#define CS_TILE_(r) case r: cs_own_tile<r, true>(kb, sl, 0, bp, c, ldc, m0, m1, acc); break;
-                        CS_TILE_(1) CS_TILE_(2) CS_TILE_(3) CS_TILE_(4) CS_TILE_(5) CS_TILE_(6)
-                        CS_TILE_(7) CS_TILE_(8) CS_TILE_(9) CS_TILE_(10) CS_TILE_(11) CS_TILE_(12)
-#undef CS_TILE_
-                        default: break;
-                    }
-                }
+                for (int64_t s0 = ib * mc; s0 < s_end; ++s0)
+                    cs_own_rows<true>(m - s0 * 12 < 12 ? m - s0 * 12 : 12, kb, pa + s0 * kb * 12, 0, bp,
+                                      out + s0 * 12 * ldc + p, ldc, m0, m1, acc);
             }
         }
     }
