@@ -10,7 +10,7 @@ import pytest
 import sympy as sp
 from conftest import SPECS
 
-from cellspec.driver import CompiledCell, compile_source
+from cellspec.driver import CompiledCell, compile_source, read_source
 from cellspec.errors import Source
 from cellspec.model import functions as fn
 
@@ -322,6 +322,32 @@ def test_hoisted_levels_in_the_program(text, tmp_path):
     lv1 = cc.schedule.hoisted_levels[1].gemms[0].matrices[0]
     lv0 = cc.schedule.hoisted_levels[0].gemms[0].matrices[0]
     assert after.index(f"gemm d[{lv1}] +=") < after.index("bwd_hoisted1") < after.index(f"gemm d[{lv0}] +=")
+
+
+@pytest.mark.parametrize("spec", sorted(p.stem for p in SPECS.glob("*.cell")))
+def test_ring_holds_only_what_the_loop_reads(spec):
+    """ir.Loop.ring (passes.run_ahead): the results of the work ahead of the steps that a
+    native loop keeps one chunk of steps of. Each is a hoisted value or product that no op
+    outside the loop touches, that the forward does not save, and that every slot reads at its
+    own step; an LSTM's input product is one in both loops, and a hoisted product the forward
+    saves for the backward (the antisymmetric RNN's) is one in inference only."""
+    from cellspec.program.save import op_buffers
+
+    (cc,) = compile_source(read_source(SPECS / f"{spec}.cell"), ())
+    prog = cc.program
+    for fn in (prog.forward, prog.inference):
+        loop = fn.loop()
+        written = {b for o in loop.ahead for b in fn.written_by(o)}
+        outside = set().union(*(op_buffers(fn, o) for o in fn.ops if o is not loop))
+        for name in loop.ring:
+            assert name in written and name not in outside
+            assert fn.buffers[name].role in ("hoisted_gemm", "hoisted_value")
+            assert fn.name == "inference" or name not in prog.saved
+            assert all(sl.time in (0, None) for sl in fn.slots.values() if sl.buffer == name)
+    if spec == "lstm":
+        assert prog.forward.loop().ring == prog.inference.loop().ring == ("hg_W_ii_W_if_W_ig_W_io__x",)
+    if spec == "antisymmetric_rnn":
+        assert prog.forward.loop().ring == () and prog.inference.loop().ring == ("hg_V__x",)
 
 
 def test_stacked_group_slices_follow_matrix_order():

@@ -106,6 +106,8 @@ def cexpr(e) -> str:
 
 #: the C variable of the first step a rows kind is at: one step (t), the first of a chunk (tc)
 _STEP_VAR = {"step": "t", "chunk": "tc"}
+#: the same in a ring of one chunk of steps (ir.Loop.ring): a chunk is written from its start
+_RING_STEP_VAR = {"step": "(t % n_ch)", "chunk": ""}
 
 
 class _Renderer:
@@ -362,7 +364,7 @@ class _Renderer:
         width = cexpr(buf.shape[-1])
         parts = []
         if buf.timed:
-            t = _STEP_VAR.get(rows, "")
+            t = self.step_var(fn, buf.name).get(rows, "")
             time = " + ".join(x for x in (t, str(sl.time) if sl.time else "") if x) or "0"
             if time != "0":
                 parts.append(f"({time}) * n_B * ({width})" if "+" in time else f"{time} * n_B * ({width})")
@@ -373,9 +375,16 @@ class _Renderer:
     def buf_ptr(self, fn: ir.Function, name: str, rows: str) -> tuple[str, str]:
         buf = fn.buffers[name]
         width = cexpr(buf.shape[-1])
-        if buf.timed and rows in _STEP_VAR:
-            return f"b_{name} + {_STEP_VAR[rows]} * n_B * ({width})", width
+        t = self.step_var(fn, name).get(rows, "") if buf.timed else ""
+        if t:
+            return f"b_{name} + {t} * n_B * ({width})", width
         return f"b_{name}", width
+
+    @staticmethod
+    def step_var(fn: ir.Function, name: str) -> dict[str, str]:
+        """Where a timed buffer's rows of a step or chunk start (a ring holds one chunk)."""
+        loop = fn.loop()
+        return _RING_STEP_VAR if loop is not None and name in loop.ring else _STEP_VAR
 
     def host_loop(self, fn: ir.Function) -> dict:
         p = self.p
@@ -398,17 +407,9 @@ class _Renderer:
                 ahead = [replace(o, rows="chunk") for o in op.ahead]
                 assert not (ahead and op.reverse), "ops ahead of the steps belong to a forward loop"
                 if ahead:
-                    per_step = []  # floats a chunk's ops write per row of a step
-                    weights = []  # floats of the weights its GEMMs multiply by
-                    for o in ahead:
-                        if isinstance(o, ir.Project):
-                            per_step.append(cexpr(fn.buffers[o.out].shape[-1]))
-                            weights.append(f"n_{p.weights[o.weight].inner} * ({cexpr(p.weights[o.weight].width)})")
-                        elif isinstance(o, ir.Pointwise):
-                            per_step += [cexpr(ir.size(fn.slots[w].size)) for w in o.writes]
-                    lines.append(f"{ind}// steps per chunk of the work ahead of them (all T on a GPU)")
-                    lines.append(f"{ind}const int64_t n_ch = cs_chunk(n_T, n_B, n_B * ({' + '.join(per_step) or '1'}), "
-                                 f"{' + '.join(weights) or '0'});")
+                    ring = f"; {', '.join(op.ring)} hold{'s' if len(op.ring) == 1 else ''} one chunk" if op.ring else ""
+                    lines.append(f"{ind}// steps per chunk of the work ahead of them, from the caller (all T on a GPU){ring}")
+                    lines.append(f"{ind}const int64_t n_ch = dims[{2 + len(p.sizes)}] < 1 ? 1 : dims[{2 + len(p.sizes)}];")
                 packs = []  # the weights every step (or chunk) multiplies by: packed once per call
                 for o in (*ahead, *op.body):
                     if isinstance(o, (ir.Project, ir.ProjectBack)) and o.rows in ("step", "chunk"):
@@ -645,6 +646,24 @@ SCRATCH_ROLES = frozenset({"hoisted_value", "hoisted_gemm", "scratch", "d_gemm",
                            "d_hoisted_operand", "step_seed", "hoisted_leaf"})
 
 
+def chunk_work(prog: ir.Program, fn: ir.Function) -> tuple[sp.Expr, sp.Expr] | None:
+    """What the ops ahead of a forward's steps write per row of a step (floats) and the floats of
+    the weights their GEMMs multiply by: what the library's chunk of steps is sized by
+    (``Library.chunk_steps``). None: no ops ahead."""
+    ahead = fn.loop().ahead
+    if not ahead:
+        return None
+    per_row, weights = sp.Integer(0), sp.Integer(0)
+    for o in ahead:
+        if isinstance(o, ir.Project):
+            w = prog.weights[o.weight]
+            per_row += fn.buffers[o.out].shape[-1]
+            weights += ir.size(w.inner) * w.width
+        elif isinstance(o, ir.Pointwise):
+            per_row += sum((ir.size(fn.slots[n].size) for n in o.writes), sp.Integer(0))
+    return (per_row if per_row != 0 else sp.Integer(1)), weights
+
+
 def glue_context(prog: ir.Program, grads_zero: dict, cu_text: str) -> dict:
     """Records for ``native_glue.py.j2``."""
     sizes = []
@@ -659,8 +678,15 @@ def glue_context(prog: ir.Program, grads_zero: dict, cu_text: str) -> dict:
 
     def allocs(fn: ir.Function, saved_from: dict[str, int] | None) -> list[str]:
         out = []
+        ring = fn.loop().ring
+        work = chunk_work(prog, fn)
+        if work:  # the library runs the ahead ops n_ch steps at a time (all T on a GPU)
+            out.append(f"_n_ch = _T if _lib is None else _lib.chunk_steps(_T, _B, _B * ({pyexpr(work[0])}), "
+                       f"{pyexpr(work[1])})")
         for b in fn.buffers.values():
-            if b.role == "input":
+            if b.name in ring:  # one chunk of steps (ir.Loop.ring)
+                out.append(f'{b.name} = _scratch("{b.name}", ({", ".join(["_n_ch", *(pyexpr(d) for d in b.shape[1:])])}))')
+            elif b.role == "input":
                 out.append(f"{b.name} = _xs[{inputs[b.name[2:]]}].contiguous()")
             elif b.role == "param":
                 out.append(f'{b.name} = _params["{b.name[2:]}"].contiguous()')
@@ -697,6 +723,7 @@ def glue_context(prog: ir.Program, grads_zero: dict, cu_text: str) -> dict:
         finals = [f"s_{v.key}[_T]" for v in prog.states]
         funcs.append({
             "name": fn.name,
+            "dims": "_dims + (_n_ch,)" if chunk_work(prog, fn) else "_dims",
             "allocs": allocs(fn, None),
             "buffers": list(fn.buffers),
             "outputs": outs,

@@ -236,6 +236,11 @@ class Loop:
     #: chunk's rows are still in cache when its steps read them (the native CPU loop does); one
     #: chunk of all T steps is running them before the loop (the Python engines, CUDA).
     ahead: tuple = ()
+    #: buffers of the ahead ops' results that only this loop reads, each row at its own step
+    #: (scratch, not saved): an engine that runs chunks may keep one chunk of steps of them, a
+    #: ring that every chunk overwrites, instead of T (the native CPU loop does: its chunk of
+    #: [T, B, 4H] stays in L2 where T steps of it would go through to memory)
+    ring: tuple[str, ...] = ()
 
 
 Op = Pointwise | Project | ProjectBack | WeightGrad | Stack | RowSum | AddRows | Zero | Hold | Loop

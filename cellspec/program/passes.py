@@ -68,13 +68,17 @@ def resolve_aliases(planner, tb) -> dict[str, str]:
     return reuse
 
 
-def run_ahead(fn: ir.Function) -> ir.Function:
+def run_ahead(fn: ir.Function, saved: tuple[str, ...] = ()) -> ir.Function:
     """Move the ops over all T·B rows before a forward loop into its ``ahead`` ops.
 
     Each of them computes row r from row r of its inputs (a hoisted GEMM, a hoisted pointwise
     level, a row-stacking copy), so it may run a few steps at a time. What stays before the loop:
     a projection of one broadcast row (params alone: no rows to split), every other op, and any
-    op whose result something that stays reads."""
+    op whose result something that stays reads.
+
+    The loop's ``ring``: the hoisted values and products the ahead ops write that nothing
+    outside the loop touches, that are not in ``saved`` (what the function keeps for a
+    backward) and that every op reads at its own step (no slot at another time)."""
     loop = fn.loop()
     if loop.reverse:
         return fn
@@ -94,5 +98,14 @@ def run_ahead(fn: ir.Function) -> ir.Function:
     if not ahead:
         return fn
     kept = tuple(op for op, st in zip(before, stays) if st)
-    new_loop = ir.Loop(loop.reverse, loop.body, (*loop.ahead, *ahead))
+    outside = set().union(*(op_buffers(fn, op) for op in (*kept, *fn.ops[at + 1:])))
+    ring = []
+    for op in ahead:
+        for name in fn.written_by(op):
+            buf = fn.buffers[name]
+            if (buf.timed and buf.role in ("hoisted_gemm", "hoisted_value") and name not in saved and name not in outside and name not in ring
+                    and name not in fn.zero_when_packed
+                    and all(sl.time in (0, None) for sl in fn.slots.values() if sl.buffer == name)):
+                ring.append(name)
+    new_loop = ir.Loop(loop.reverse, loop.body, (*loop.ahead, *ahead), (*loop.ring, *ring))
     return ir.Function(fn.name, fn.buffers, fn.slots, (*kept, new_loop, *fn.ops[at + 1:]), fn.zero_when_packed)

@@ -604,7 +604,7 @@ def plan(sched: Schedule, back: Backward) -> ir.Program:
         params=tuple(ir.Param(prm.name, tuple(prm.shape)) for prm in cell.params),
         outputs=tuple(ir.Vector(m.value(k).spec_key, k, m.value(k).size) for k in m.outputs),
         weights=dict(p.weights),
-        forward=passes.run_ahead(_zero_when_packed(forward)),
+        forward=passes.run_ahead(_zero_when_packed(forward), saved),
         inference=passes.run_ahead(_zero_when_packed(inference)),
         backward=_zero_when_packed(backward),
         saved=saved,

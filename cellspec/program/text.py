@@ -38,6 +38,8 @@ def _op(fn: ir.Function, prog: ir.Program, op, indent: str) -> list[str]:
         ahead = []
         if op.ahead:
             ahead.append(f"{indent}  ahead of each chunk of steps, on the chunk's rows (one chunk of T steps: before the loop):")
+            if op.ring:
+                ahead.append(f"{indent}  ({', '.join(op.ring)}: one chunk of steps, which each chunk overwrites, where chunks run)")
             ahead += [line for o in op.ahead for line in _op(fn, prog, o, indent + "    ")]
         return [head] + ahead + [line for o in op.body for line in _op(fn, prog, o, indent + "  ")]
     if isinstance(op, ir.Pointwise):

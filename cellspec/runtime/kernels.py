@@ -123,6 +123,21 @@ class Library:
         fn = getattr(self.lib, f"{self.module}_own_gemm", None)
         return self.device_type == "cpu" and fn is not None and fn() == 1
 
+    def chunk_steps(self, T: int, B: int, floats_per_step: int, weight_floats: int) -> int:
+        """Steps per chunk of the work ahead of a forward's steps (the hoisted GEMMs and levels,
+        ``ir.Loop.ahead``): the library runs them a chunk at a time, just before the chunk's
+        steps, and keeps one chunk of their results (``ir.Loop.ring``). On the CPU as many steps
+        as write ~256 KiB (64 Ki floats; ``floats_per_step`` is per step of all B rows), which
+        are still in L2 when the steps read them; with weights of more than 1 MiB (streamed from
+        L3 once per chunk) at least 256 rows. On a GPU one chunk of all T steps (one large GEMM).
+        Measured: docs/performance.md (stops 17 and 18)."""
+        if self.device_type != "cpu":
+            return max(T, 1)
+        c = 65536 // max(floats_per_step, 1)
+        if weight_floats > 262144 and B > 0 and c * B < 256:
+            c = -(-256 // B)
+        return max(1, min(c, T))
+
     def function(self, name: str, dtype: torch.dtype):
         fn = self._fns.get((name, dtype))
         if fn is None:

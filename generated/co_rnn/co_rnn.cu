@@ -58,6 +58,19 @@ static inline int cs_par(int64_t work, int64_t min_work)
     return 0;
 #endif
 }
+// for r in 0 .. rows: body(r), split over the threads when par (cs_par). A loop that does not
+// fork enters no OpenMP region: GCC compiles `parallel for if (0)` to a call into the OpenMP
+// runtime all the same (a team of one), and the steps' loops run a few per step.
+template <typename F>
+static inline void cs_for_rows(int64_t rows, int par, const F& body)
+{
+    if (par) {
+#pragma omp parallel for schedule(static)
+        for (int64_t r = 0; r < rows; ++r) body(r);
+    } else {
+        for (int64_t r = 0; r < rows; ++r) body(r);
+    }
+}
 #if !defined(__CUDACC__) && defined(CELLSPEC_SIMD_MATH) && defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__GLIBC__)
 // CPU build with -DCELLSPEC_SIMD_MATH (and -fno-math-errno -lmvec, as cellspec.runtime.native
 // builds it): glibc's libmvec has vector versions of these functions (same accuracy class, same
@@ -157,9 +170,6 @@ inline void cs_grid(int64_t rows, int64_t cols, dim3* grid, dim3* block) {
 // Cᵀ = op(B)ᵀ op(A)ᵀ, so the BLAS call swaps the operands.
 // ---------------------------------------------------------------------------------------------
 #ifdef __CUDACC__
-// steps per chunk of the work ahead of the steps (the hoisted GEMMs and levels): on a GPU one
-// chunk of all T steps (one large GEMM)
-static inline int64_t cs_chunk(int64_t n_T, int64_t, int64_t, int64_t) { return n_T > 0 ? n_T : 1; }
 typedef int (*cs_gemmex_fn)(void*, int, int, int, int, int, const void*, const void*, int, int,
                             const void*, int, int, const void*, void*, int, int, int, int);
 // cublasGemmEx and the handle of the caller (torch's, bound to its current stream), and that stream
@@ -228,18 +238,6 @@ static cs_packed<S> cs_pack_if(bool, const cs_ctx* c, int ta, int64_t m, int64_t
 #define CS_ZERO(p, count) CS_CHECK((int)cudaMemsetAsync((p), 0, (size_t)(count) * sizeof(*(p)), (cudaStream_t)ctx->stream))
 #define CS_COPY(dst, src, count) CS_CHECK((int)cudaMemcpyAsync((dst), (src), (size_t)(count) * sizeof(*(dst)), cudaMemcpyDeviceToDevice, (cudaStream_t)ctx->stream))
 #else
-// steps per chunk of the work ahead of the steps (the hoisted GEMMs and levels): as many as
-// write ~256 KiB (64 Ki floats per row of B rows: floats_per_step / n_B), which are still in L2
-// when the steps read them; with weights of more than 1 MiB (which stream from L3 once per
-// chunk) at least 256 rows. One chunk of all T steps wrote [T, B, w] through to L3 or memory
-// and read it back from there (LSTM (64, 32, 256) inference, one thread: 1.20x -> 1.10x
-// torch.nn; (256, 64, 512): 4 steps of 64 rows 1.03x, 1 step 1.19x; docs/performance.md).
-static inline int64_t cs_chunk(int64_t n_T, int64_t n_B, int64_t floats_per_step, int64_t weight_floats)
-{
-    int64_t c = 65536 / (floats_per_step > 0 ? floats_per_step : 1);
-    if (weight_floats > 262144 && n_B > 0 && c * n_B < 256) c = (256 + n_B - 1) / n_B;
-    return c < 1 ? 1 : (c > n_T ? (n_T > 0 ? n_T : 1) : c);
-}
 // CPU: the Fortran-ABI ?gemm_ of a BLAS already loaded in the process (MKL's, exported by
 // torch's own library), found by the caller at run time and passed in: no link-time BLAS.
 typedef void (*cs_sgemm_fn)(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
@@ -379,8 +377,19 @@ static inline void cs_own_masks(int64_t width, __mmask16* m0, __mmask16* m1)
     *m0 = width >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << width) - 1);
     *m1 = width >= 32 ? (__mmask16)0xffff : (width > 16 ? (__mmask16)((1u << (width - 16)) - 1) : (__mmask16)0);
 }
+// rows x 32 columns of the product: panel q against every row of a
+__attribute__((target("avx512f"))) static inline void cs_own_panel(int64_t q, int64_t rows, int64_t n, int64_t k, const float* a,
+                                                                   int64_t lda, const float* packed, float* out, int64_t ldc, int beta)
+{
+    const int64_t p = q * 32;
+    __mmask16 m0, m1;
+    cs_own_masks(n - p < 32 ? n - p : 32, &m0, &m1);
+    for (int64_t i = 0; i < rows; i += 12)
+        cs_own_rows<false>(rows - i < 12 ? rows - i : 12, k, a + i * lda, lda, packed + p * k, out + i * ldc + p, ldc, m0, m1, beta);
+}
 // out[m, n] (+)= a[m, k] times the packed weight. Blocks of rows whose slice of `a` stays in L2
-// (~256 KiB) run one after another; inside a block the threads split the panels.
+// (~256 KiB) run one after another; inside a block the threads split the panels (one thread: no
+// OpenMP region at all, as in cs_for_rows).
 __attribute__((target("avx512f"))) static void cs_own_gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
                                                            const float* packed, float* out, int64_t ldc, int beta)
 {
@@ -391,14 +400,11 @@ __attribute__((target("avx512f"))) static void cs_own_gemm(int64_t m, int64_t n,
         const int64_t rows = m - i0 < mc ? m - i0 : mc;
         const float* ab = a + i0 * lda;
         float* cb = out + i0 * ldc;
-#pragma omp parallel for schedule(static) if (cs_par(rows * n * k, 262144))
-        for (int64_t q = 0; q < panels; ++q) {
-            const int64_t p = q * 32;
-            __mmask16 m0, m1;
-            cs_own_masks(n - p < 32 ? n - p : 32, &m0, &m1);
-            const float* b = packed + p * k;
-            for (int64_t i = 0; i < rows; i += 12)
-                cs_own_rows<false>(rows - i < 12 ? rows - i : 12, k, ab + i * lda, lda, b, cb + i * ldc + p, ldc, m0, m1, beta);
+        if (cs_par(rows * n * k, 262144)) {
+#pragma omp parallel for schedule(static)
+            for (int64_t q = 0; q < panels; ++q) cs_own_panel(q, rows, n, k, ab, lda, packed, cb, ldc, beta);
+        } else {
+            for (int64_t q = 0; q < panels; ++q) cs_own_panel(q, rows, n, k, ab, lda, packed, cb, ldc, beta);
         }
     }
 }
@@ -671,8 +677,7 @@ extern "C" int co_rnn_forward_fwd0_H_cuda_bf16(int64_t _rows, int64_t _cols, con
 template <typename real>
 static inline void co_rnn_forward_fwd0_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_V_x, int64_t _ld_V_x, const real* __restrict__ _p_W_y, int64_t _ld_W_y, const real* __restrict__ _p_W_z_z, int64_t _ld_W_z_z, const real* __restrict__ _p_b, int64_t _ld_b, const real* __restrict__ _p_dt_H, int64_t _ld_dt_H, const real* __restrict__ _p_eps_H, int64_t _ld_eps_H, const real* __restrict__ _p_gamma_H, int64_t _ld_gamma_H, const real* __restrict__ _p_y, int64_t _ld_y, const real* __restrict__ _p_z, int64_t _ld_z, real* __restrict__ _p_z_next, int64_t _ld_z_next, real* __restrict__ _p_y_next, int64_t _ld_y_next)
 {
-#pragma omp parallel for schedule(static) if (cs_par(_rows * _cols, 1024))
-    for (int64_t _r = 0; _r < _rows; ++_r) {
+    cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
 #pragma omp simd
         for (int64_t _j = 0; _j < _cols; ++_j) {
             real V_x = _p_V_x[_r * _ld_V_x + _j];
@@ -690,7 +695,7 @@ static inline void co_rnn_forward_fwd0_H_host(int64_t _rows, int64_t _cols, cons
             _p_z_next[_r * _ld_z_next + _j] = z_next;
             _p_y_next[_r * _ld_y_next + _j] = y_next;
         }
-    }
+    });
 }
 
 extern "C" void co_rnn_forward_fwd0_H_f32(int64_t _rows, int64_t _cols, const float* _p_V_x, int64_t _ld_V_x, const float* _p_W_y, int64_t _ld_W_y, const float* _p_W_z_z, int64_t _ld_W_z_z, const float* _p_b, int64_t _ld_b, const float* _p_dt_H, int64_t _ld_dt_H, const float* _p_eps_H, int64_t _ld_eps_H, const float* _p_gamma_H, int64_t _ld_gamma_H, const float* _p_y, int64_t _ld_y, const float* _p_z, int64_t _ld_z, float* _p_z_next, int64_t _ld_z_next, float* _p_y_next, int64_t _ld_y_next)
@@ -781,8 +786,7 @@ extern "C" int co_rnn_inference_fwd0_H_cuda_bf16(int64_t _rows, int64_t _cols, c
 template <typename real>
 static inline void co_rnn_inference_fwd0_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_V_x, int64_t _ld_V_x, const real* __restrict__ _p_W_y, int64_t _ld_W_y, const real* __restrict__ _p_W_z_z, int64_t _ld_W_z_z, const real* __restrict__ _p_b, int64_t _ld_b, const real* __restrict__ _p_dt_H, int64_t _ld_dt_H, const real* __restrict__ _p_eps_H, int64_t _ld_eps_H, const real* __restrict__ _p_gamma_H, int64_t _ld_gamma_H, const real* __restrict__ _p_y, int64_t _ld_y, const real* __restrict__ _p_z, int64_t _ld_z, real* __restrict__ _p_z_next, int64_t _ld_z_next, real* __restrict__ _p_y_next, int64_t _ld_y_next)
 {
-#pragma omp parallel for schedule(static) if (cs_par(_rows * _cols, 1024))
-    for (int64_t _r = 0; _r < _rows; ++_r) {
+    cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
 #pragma omp simd
         for (int64_t _j = 0; _j < _cols; ++_j) {
             real V_x = _p_V_x[_r * _ld_V_x + _j];
@@ -800,7 +804,7 @@ static inline void co_rnn_inference_fwd0_H_host(int64_t _rows, int64_t _cols, co
             _p_z_next[_r * _ld_z_next + _j] = z_next;
             _p_y_next[_r * _ld_y_next + _j] = y_next;
         }
-    }
+    });
 }
 
 extern "C" void co_rnn_inference_fwd0_H_f32(int64_t _rows, int64_t _cols, const float* _p_V_x, int64_t _ld_V_x, const float* _p_W_y, int64_t _ld_W_y, const float* _p_W_z_z, int64_t _ld_W_z_z, const float* _p_b, int64_t _ld_b, const float* _p_dt_H, int64_t _ld_dt_H, const float* _p_eps_H, int64_t _ld_eps_H, const float* _p_gamma_H, int64_t _ld_gamma_H, const float* _p_y, int64_t _ld_y, const float* _p_z, int64_t _ld_z, float* _p_z_next, int64_t _ld_z_next, float* _p_y_next, int64_t _ld_y_next)
@@ -899,8 +903,7 @@ extern "C" int co_rnn_backward_bwd0_H_cuda_bf16(int64_t _rows, int64_t _cols, co
 template <typename real>
 static inline void co_rnn_backward_bwd0_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_V_x, int64_t _ld_V_x, const real* __restrict__ _p_W_y, int64_t _ld_W_y, const real* __restrict__ _p_W_z_z, int64_t _ld_W_z_z, const real* __restrict__ _p_b, int64_t _ld_b, const real* __restrict__ _p_d_y, int64_t _ld_d_y, const real* __restrict__ _p_d_y_next_out, int64_t _ld_d_y_next_out, const real* __restrict__ _p_d_z, int64_t _ld_d_z, const real* __restrict__ _p_dt_H, int64_t _ld_dt_H, real* __restrict__ _p_d_y_next, int64_t _ld_d_y_next, real* __restrict__ _p_d_z_next, int64_t _ld_d_z_next, real* __restrict__ _p_d_W_y, int64_t _ld_d_W_y, real* __restrict__ _p_d_W_z_z, int64_t _ld_d_W_z_z)
 {
-#pragma omp parallel for schedule(static) if (cs_par(_rows * _cols, 1024))
-    for (int64_t _r = 0; _r < _rows; ++_r) {
+    cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
 #pragma omp simd
         for (int64_t _j = 0; _j < _cols; ++_j) {
             real V_x = _p_V_x[_r * _ld_V_x + _j];
@@ -921,7 +924,7 @@ static inline void co_rnn_backward_bwd0_H_host(int64_t _rows, int64_t _cols, con
             _p_d_W_y[_r * _ld_d_W_y + _j] = d_W_y;
             _p_d_W_z_z[_r * _ld_d_W_z_z + _j] = d_W_z_z;
         }
-    }
+    });
 }
 
 extern "C" void co_rnn_backward_bwd0_H_f32(int64_t _rows, int64_t _cols, const float* _p_V_x, int64_t _ld_V_x, const float* _p_W_y, int64_t _ld_W_y, const float* _p_W_z_z, int64_t _ld_W_z_z, const float* _p_b, int64_t _ld_b, const float* _p_d_y, int64_t _ld_d_y, const float* _p_d_y_next_out, int64_t _ld_d_y_next_out, const float* _p_d_z, int64_t _ld_d_z, const float* _p_dt_H, int64_t _ld_dt_H, float* _p_d_y_next, int64_t _ld_d_y_next, float* _p_d_z_next, int64_t _ld_d_z_next, float* _p_d_W_y, int64_t _ld_d_W_y, float* _p_d_W_z_z, int64_t _ld_d_W_z_z)
@@ -1008,8 +1011,7 @@ extern "C" int co_rnn_backward_bwd_leaf_H_cuda_bf16(int64_t _rows, int64_t _cols
 template <typename real>
 static inline void co_rnn_backward_bwd_leaf_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_d_y_gemm, int64_t _ld_d_y_gemm, const real* __restrict__ _p_d_y_next, int64_t _ld_d_y_next, const real* __restrict__ _p_d_z_gemm, int64_t _ld_d_z_gemm, const real* __restrict__ _p_d_z_next, int64_t _ld_d_z_next, const real* __restrict__ _p_dt_H, int64_t _ld_dt_H, const real* __restrict__ _p_eps_H, int64_t _ld_eps_H, const real* __restrict__ _p_gamma_H, int64_t _ld_gamma_H, real* __restrict__ _p_d_y, int64_t _ld_d_y, real* __restrict__ _p_d_z, int64_t _ld_d_z)
 {
-#pragma omp parallel for schedule(static) if (cs_par(_rows * _cols, 1024))
-    for (int64_t _r = 0; _r < _rows; ++_r) {
+    cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
 #pragma omp simd
         for (int64_t _j = 0; _j < _cols; ++_j) {
             real d_y_gemm = _p_d_y_gemm[_r * _ld_d_y_gemm + _j];
@@ -1025,7 +1027,7 @@ static inline void co_rnn_backward_bwd_leaf_H_host(int64_t _rows, int64_t _cols,
             _p_d_y[_r * _ld_d_y + _j] = d_y;
             _p_d_z[_r * _ld_d_z + _j] = d_z;
         }
-    }
+    });
 }
 
 extern "C" void co_rnn_backward_bwd_leaf_H_f32(int64_t _rows, int64_t _cols, const float* _p_d_y_gemm, int64_t _ld_d_y_gemm, const float* _p_d_y_next, int64_t _ld_d_y_next, const float* _p_d_z_gemm, int64_t _ld_d_z_gemm, const float* _p_d_z_next, int64_t _ld_d_z_next, const float* _p_dt_H, int64_t _ld_dt_H, const float* _p_eps_H, int64_t _ld_eps_H, const float* _p_gamma_H, int64_t _ld_gamma_H, float* _p_d_y, int64_t _ld_d_y, float* _p_d_z, int64_t _ld_d_z)
@@ -1087,8 +1089,8 @@ static int co_rnn_forward_run(const int64_t* dims, void* const* ptrs, const cs_c
         CS_ZERO(b_g_W__y, (n_T) * (n_B) * (n_H));
         CS_ZERO(b_g_W_z__z, (n_T) * (n_B) * (n_H));
     }
-    // steps per chunk of the work ahead of them (all T on a GPU)
-    const int64_t n_ch = cs_chunk(n_T, n_B, n_B * (n_H), n_I * (n_H));
+    // steps per chunk of the work ahead of them, from the caller (all T on a GPU)
+    const int64_t n_ch = dims[4] < 1 ? 1 : dims[4];
     cs_packed<S> pk_V_nt = cs_pack_if(n_ch < n_T, ctx, 1, n_ch * n_B, n_H, n_I, w_V, n_I);
     cs_packed<S> pk_W_nt = cs_pack(ctx, 1, n_B, n_H, n_H, w_W, n_H);
     cs_packed<S> pk_W_z_nt = cs_pack(ctx, 1, n_B, n_H, n_H, w_W_z, n_H);
@@ -1188,8 +1190,8 @@ static int co_rnn_inference_run(const int64_t* dims, void* const* ptrs, const cs
     (void)w_W_z;
     const int64_t* bs = (const int64_t*)ptrs[13];
     (void)ctx;
-    // steps per chunk of the work ahead of them (all T on a GPU)
-    const int64_t n_ch = cs_chunk(n_T, n_B, n_B * (n_H), n_I * (n_H));
+    // steps per chunk of the work ahead of them, from the caller (all T on a GPU); hg_V__x holds one chunk
+    const int64_t n_ch = dims[4] < 1 ? 1 : dims[4];
     cs_packed<S> pk_V_nt = cs_pack_if(n_ch < n_T, ctx, 1, n_ch * n_B, n_H, n_I, w_V, n_I);
     cs_packed<S> pk_W_nt = cs_pack(ctx, 1, n_B, n_H, n_H, w_W, n_H);
     cs_packed<S> pk_W_z_nt = cs_pack(ctx, 1, n_B, n_H, n_H, w_W_z, n_H);
@@ -1199,14 +1201,14 @@ static int co_rnn_inference_run(const int64_t* dims, void* const* ptrs, const cs
             const int64_t n_c = n_T - t < n_ch ? n_T - t : n_ch;
             const int64_t tc = t;
             // hg_V__x = x @ [V]^T  (V @ x)
-            CS_GEMM_NT_PACKED(n_c * n_B, n_H, n_I, b_x_x + tc * n_B * (n_I), n_I, pk_V_nt, b_hg_V__x + tc * n_B * (n_H), n_H, 0);
+            CS_GEMM_NT_PACKED(n_c * n_B, n_H, n_I, b_x_x + tc * n_B * (n_I), n_I, pk_V_nt, b_hg_V__x, n_H, 0);
         }
         // g_W__y = y @ [W]^T  (W @ y)
         CS_GEMM_NT_PACKED(rows, n_H, n_H, b_s_y + t * n_B * (n_H), n_H, pk_W_nt, b_g_W__y, n_H, 0);
         // g_W_z__z = z @ [W_z]^T  (W_z @ z)
         CS_GEMM_NT_PACKED(rows, n_H, n_H, b_s_z + t * n_B * (n_H), n_H, pk_W_z_nt, b_g_W_z__z, n_H, 0);
         // inference: stage 0 forward, units of size H
-        CS_PW(co_rnn_inference_fwd0_H, rows, n_H, b_hg_V__x + t * n_B * (n_H), n_H, b_g_W__y, n_H, b_g_W_z__z, n_H, b_p_b, 0, b_p_dt_H, 0, b_p_eps_H, 0, b_p_gamma_H, 0, b_s_y + t * n_B * (n_H), n_H, b_s_z + t * n_B * (n_H), n_H, b_s_z + (t + 1) * n_B * (n_H), n_H, b_s_y + (t + 1) * n_B * (n_H), n_H);
+        CS_PW(co_rnn_inference_fwd0_H, rows, n_H, b_hg_V__x + (t % n_ch) * n_B * (n_H), n_H, b_g_W__y, n_H, b_g_W_z__z, n_H, b_p_b, 0, b_p_dt_H, 0, b_p_eps_H, 0, b_p_gamma_H, 0, b_s_y + t * n_B * (n_H), n_H, b_s_z + t * n_B * (n_H), n_H, b_s_z + (t + 1) * n_B * (n_H), n_H, b_s_y + (t + 1) * n_B * (n_H), n_H);
         // ended sequences hold their state: rows B_t.. of s_y[t + 1] = s_y[t]
         if (rows < n_B) CS_COPY(b_s_y + ((t + 1) * n_B + rows) * (n_H), b_s_y + (t * n_B + rows) * (n_H), (n_B - rows) * (n_H));
         // ended sequences hold their state: rows B_t.. of s_z[t + 1] = s_z[t]

@@ -66,6 +66,19 @@ static inline int cs_par(int64_t work, int64_t min_work)
     return 0;
 #endif
 }
+// for r in 0 .. rows: body(r), split over the threads when par (cs_par). A loop that does not
+// fork enters no OpenMP region: GCC compiles `parallel for if (0)` to a call into the OpenMP
+// runtime all the same (a team of one), and the steps' loops run a few per step.
+template <typename F>
+static inline void cs_for_rows(int64_t rows, int par, const F& body)
+{
+    if (par) {
+#pragma omp parallel for schedule(static)
+        for (int64_t r = 0; r < rows; ++r) body(r);
+    } else {
+        for (int64_t r = 0; r < rows; ++r) body(r);
+    }
+}
 #if !defined(__CUDACC__) && defined(CELLSPEC_SIMD_MATH) && defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__GLIBC__)
 // CPU build with -DCELLSPEC_SIMD_MATH (and -fno-math-errno -lmvec, as cellspec.runtime.native
 // builds it): glibc's libmvec has vector versions of these functions (same accuracy class, same
@@ -165,9 +178,6 @@ inline void cs_grid(int64_t rows, int64_t cols, dim3* grid, dim3* block) {
 // Cᵀ = op(B)ᵀ op(A)ᵀ, so the BLAS call swaps the operands.
 // ---------------------------------------------------------------------------------------------
 #ifdef __CUDACC__
-// steps per chunk of the work ahead of the steps (the hoisted GEMMs and levels): on a GPU one
-// chunk of all T steps (one large GEMM)
-static inline int64_t cs_chunk(int64_t n_T, int64_t, int64_t, int64_t) { return n_T > 0 ? n_T : 1; }
 typedef int (*cs_gemmex_fn)(void*, int, int, int, int, int, const void*, const void*, int, int,
                             const void*, int, int, const void*, void*, int, int, int, int);
 // cublasGemmEx and the handle of the caller (torch's, bound to its current stream), and that stream
@@ -236,18 +246,6 @@ static cs_packed<S> cs_pack_if(bool, const cs_ctx* c, int ta, int64_t m, int64_t
 #define CS_ZERO(p, count) CS_CHECK((int)cudaMemsetAsync((p), 0, (size_t)(count) * sizeof(*(p)), (cudaStream_t)ctx->stream))
 #define CS_COPY(dst, src, count) CS_CHECK((int)cudaMemcpyAsync((dst), (src), (size_t)(count) * sizeof(*(dst)), cudaMemcpyDeviceToDevice, (cudaStream_t)ctx->stream))
 #else
-// steps per chunk of the work ahead of the steps (the hoisted GEMMs and levels): as many as
-// write ~256 KiB (64 Ki floats per row of B rows: floats_per_step / n_B), which are still in L2
-// when the steps read them; with weights of more than 1 MiB (which stream from L3 once per
-// chunk) at least 256 rows. One chunk of all T steps wrote [T, B, w] through to L3 or memory
-// and read it back from there (LSTM (64, 32, 256) inference, one thread: 1.20x -> 1.10x
-// torch.nn; (256, 64, 512): 4 steps of 64 rows 1.03x, 1 step 1.19x; docs/performance.md).
-static inline int64_t cs_chunk(int64_t n_T, int64_t n_B, int64_t floats_per_step, int64_t weight_floats)
-{
-    int64_t c = 65536 / (floats_per_step > 0 ? floats_per_step : 1);
-    if (weight_floats > 262144 && n_B > 0 && c * n_B < 256) c = (256 + n_B - 1) / n_B;
-    return c < 1 ? 1 : (c > n_T ? (n_T > 0 ? n_T : 1) : c);
-}
 // CPU: the Fortran-ABI ?gemm_ of a BLAS already loaded in the process (MKL's, exported by
 // torch's own library), found by the caller at run time and passed in: no link-time BLAS.
 typedef void (*cs_sgemm_fn)(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
@@ -387,8 +385,19 @@ static inline void cs_own_masks(int64_t width, __mmask16* m0, __mmask16* m1)
     *m0 = width >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << width) - 1);
     *m1 = width >= 32 ? (__mmask16)0xffff : (width > 16 ? (__mmask16)((1u << (width - 16)) - 1) : (__mmask16)0);
 }
+// rows x 32 columns of the product: panel q against every row of a
+__attribute__((target("avx512f"))) static inline void cs_own_panel(int64_t q, int64_t rows, int64_t n, int64_t k, const float* a,
+                                                                   int64_t lda, const float* packed, float* out, int64_t ldc, int beta)
+{
+    const int64_t p = q * 32;
+    __mmask16 m0, m1;
+    cs_own_masks(n - p < 32 ? n - p : 32, &m0, &m1);
+    for (int64_t i = 0; i < rows; i += 12)
+        cs_own_rows<false>(rows - i < 12 ? rows - i : 12, k, a + i * lda, lda, packed + p * k, out + i * ldc + p, ldc, m0, m1, beta);
+}
 // out[m, n] (+)= a[m, k] times the packed weight. Blocks of rows whose slice of `a` stays in L2
-// (~256 KiB) run one after another; inside a block the threads split the panels.
+// (~256 KiB) run one after another; inside a block the threads split the panels (one thread: no
+// OpenMP region at all, as in cs_for_rows).
 __attribute__((target("avx512f"))) static void cs_own_gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
                                                            const float* packed, float* out, int64_t ldc, int beta)
 {
@@ -399,14 +408,11 @@ __attribute__((target("avx512f"))) static void cs_own_gemm(int64_t m, int64_t n,
         const int64_t rows = m - i0 < mc ? m - i0 : mc;
         const float* ab = a + i0 * lda;
         float* cb = out + i0 * ldc;
-#pragma omp parallel for schedule(static) if (cs_par(rows * n * k, 262144))
-        for (int64_t q = 0; q < panels; ++q) {
-            const int64_t p = q * 32;
-            __mmask16 m0, m1;
-            cs_own_masks(n - p < 32 ? n - p : 32, &m0, &m1);
-            const float* b = packed + p * k;
-            for (int64_t i = 0; i < rows; i += 12)
-                cs_own_rows<false>(rows - i < 12 ? rows - i : 12, k, ab + i * lda, lda, b, cb + i * ldc + p, ldc, m0, m1, beta);
+        if (cs_par(rows * n * k, 262144)) {
+#pragma omp parallel for schedule(static)
+            for (int64_t q = 0; q < panels; ++q) cs_own_panel(q, rows, n, k, ab, lda, packed, cb, ldc, beta);
+        } else {
+            for (int64_t q = 0; q < panels; ++q) cs_own_panel(q, rows, n, k, ab, lda, packed, cb, ldc, beta);
         }
     }
 }
@@ -709,8 +715,7 @@ extern "C" int def_lstm_forward_fwd0_H_cuda_bf16(int64_t _rows, int64_t _cols, c
 template <typename real>
 static inline void def_lstm_forward_fwd0_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_U_f_h, int64_t _ld_U_f_h, const real* __restrict__ _p_U_g_h, int64_t _ld_U_g_h, const real* __restrict__ _p_U_i_h, int64_t _ld_U_i_h, const real* __restrict__ _p_U_o_h, int64_t _ld_U_o_h, const real* __restrict__ _p_W_f_x, int64_t _ld_W_f_x, const real* __restrict__ _p_W_g_x, int64_t _ld_W_g_x, const real* __restrict__ _p_W_i_x, int64_t _ld_W_i_x, const real* __restrict__ _p_W_o_x, int64_t _ld_W_o_x, const real* __restrict__ _p_b_f, int64_t _ld_b_f, const real* __restrict__ _p_b_g, int64_t _ld_b_g, const real* __restrict__ _p_b_i, int64_t _ld_b_i, const real* __restrict__ _p_b_o, int64_t _ld_b_o, const real* __restrict__ _p_beta_H, int64_t _ld_beta_H, const real* __restrict__ _p_c, int64_t _ld_c, real* __restrict__ _p_i, int64_t _ld_i, real* __restrict__ _p_f, int64_t _ld_f, real* __restrict__ _p_g, int64_t _ld_g, real* __restrict__ _p_o, int64_t _ld_o, real* __restrict__ _p_c_next, int64_t _ld_c_next, real* __restrict__ _p_h_next, int64_t _ld_h_next)
 {
-#pragma omp parallel for schedule(static) if (cs_par(_rows * _cols, 1024))
-    for (int64_t _r = 0; _r < _rows; ++_r) {
+    cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
 #pragma omp simd
         for (int64_t _j = 0; _j < _cols; ++_j) {
             real U_f_h = _p_U_f_h[_r * _ld_U_f_h + _j];
@@ -741,7 +746,7 @@ static inline void def_lstm_forward_fwd0_H_host(int64_t _rows, int64_t _cols, co
             _p_c_next[_r * _ld_c_next + _j] = c_next;
             _p_h_next[_r * _ld_h_next + _j] = h_next;
         }
-    }
+    });
 }
 
 extern "C" void def_lstm_forward_fwd0_H_f32(int64_t _rows, int64_t _cols, const float* _p_U_f_h, int64_t _ld_U_f_h, const float* _p_U_g_h, int64_t _ld_U_g_h, const float* _p_U_i_h, int64_t _ld_U_i_h, const float* _p_U_o_h, int64_t _ld_U_o_h, const float* _p_W_f_x, int64_t _ld_W_f_x, const float* _p_W_g_x, int64_t _ld_W_g_x, const float* _p_W_i_x, int64_t _ld_W_i_x, const float* _p_W_o_x, int64_t _ld_W_o_x, const float* _p_b_f, int64_t _ld_b_f, const float* _p_b_g, int64_t _ld_b_g, const float* _p_b_i, int64_t _ld_b_i, const float* _p_b_o, int64_t _ld_b_o, const float* _p_beta_H, int64_t _ld_beta_H, const float* _p_c, int64_t _ld_c, float* _p_i, int64_t _ld_i, float* _p_f, int64_t _ld_f, float* _p_g, int64_t _ld_g, float* _p_o, int64_t _ld_o, float* _p_c_next, int64_t _ld_c_next, float* _p_h_next, int64_t _ld_h_next)
@@ -850,8 +855,7 @@ extern "C" int def_lstm_inference_fwd0_H_cuda_bf16(int64_t _rows, int64_t _cols,
 template <typename real>
 static inline void def_lstm_inference_fwd0_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_U_f_h, int64_t _ld_U_f_h, const real* __restrict__ _p_U_g_h, int64_t _ld_U_g_h, const real* __restrict__ _p_U_i_h, int64_t _ld_U_i_h, const real* __restrict__ _p_U_o_h, int64_t _ld_U_o_h, const real* __restrict__ _p_W_f_x, int64_t _ld_W_f_x, const real* __restrict__ _p_W_g_x, int64_t _ld_W_g_x, const real* __restrict__ _p_W_i_x, int64_t _ld_W_i_x, const real* __restrict__ _p_W_o_x, int64_t _ld_W_o_x, const real* __restrict__ _p_b_f, int64_t _ld_b_f, const real* __restrict__ _p_b_g, int64_t _ld_b_g, const real* __restrict__ _p_b_i, int64_t _ld_b_i, const real* __restrict__ _p_b_o, int64_t _ld_b_o, const real* __restrict__ _p_beta_H, int64_t _ld_beta_H, const real* __restrict__ _p_c, int64_t _ld_c, real* __restrict__ _p_c_next, int64_t _ld_c_next, real* __restrict__ _p_h_next, int64_t _ld_h_next)
 {
-#pragma omp parallel for schedule(static) if (cs_par(_rows * _cols, 1024))
-    for (int64_t _r = 0; _r < _rows; ++_r) {
+    cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
 #pragma omp simd
         for (int64_t _j = 0; _j < _cols; ++_j) {
             real U_f_h = _p_U_f_h[_r * _ld_U_f_h + _j];
@@ -874,7 +878,7 @@ static inline void def_lstm_inference_fwd0_H_host(int64_t _rows, int64_t _cols, 
             _p_c_next[_r * _ld_c_next + _j] = c_next;
             _p_h_next[_r * _ld_h_next + _j] = h_next;
         }
-    }
+    });
 }
 
 extern "C" void def_lstm_inference_fwd0_H_f32(int64_t _rows, int64_t _cols, const float* _p_U_f_h, int64_t _ld_U_f_h, const float* _p_U_g_h, int64_t _ld_U_g_h, const float* _p_U_i_h, int64_t _ld_U_i_h, const float* _p_U_o_h, int64_t _ld_U_o_h, const float* _p_W_f_x, int64_t _ld_W_f_x, const float* _p_W_g_x, int64_t _ld_W_g_x, const float* _p_W_i_x, int64_t _ld_W_i_x, const float* _p_W_o_x, int64_t _ld_W_o_x, const float* _p_b_f, int64_t _ld_b_f, const float* _p_b_g, int64_t _ld_b_g, const float* _p_b_i, int64_t _ld_b_i, const float* _p_b_o, int64_t _ld_b_o, const float* _p_beta_H, int64_t _ld_beta_H, const float* _p_c, int64_t _ld_c, float* _p_c_next, int64_t _ld_c_next, float* _p_h_next, int64_t _ld_h_next)
@@ -996,8 +1000,7 @@ extern "C" int def_lstm_backward_bwd0_H_cuda_bf16(int64_t _rows, int64_t _cols, 
 template <typename real>
 static inline void def_lstm_backward_bwd0_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_beta_H, int64_t _ld_beta_H, const real* __restrict__ _p_c, int64_t _ld_c, const real* __restrict__ _p_c_next, int64_t _ld_c_next, const real* __restrict__ _p_d_c, int64_t _ld_d_c, const real* __restrict__ _p_d_h, int64_t _ld_d_h, const real* __restrict__ _p_d_h_next_out, int64_t _ld_d_h_next_out, const real* __restrict__ _p_f, int64_t _ld_f, const real* __restrict__ _p_g, int64_t _ld_g, const real* __restrict__ _p_i, int64_t _ld_i, const real* __restrict__ _p_o, int64_t _ld_o, real* __restrict__ _p_d_h_next, int64_t _ld_d_h_next, real* __restrict__ _p_d_c_next, int64_t _ld_d_c_next, real* __restrict__ _p_d_U_i_h, int64_t _ld_d_U_i_h, real* __restrict__ _p_d_U_f_h, int64_t _ld_d_U_f_h, real* __restrict__ _p_d_U_g_h, int64_t _ld_d_U_g_h, real* __restrict__ _p_d_U_o_h, int64_t _ld_d_U_o_h)
 {
-#pragma omp parallel for schedule(static) if (cs_par(_rows * _cols, 1024))
-    for (int64_t _r = 0; _r < _rows; ++_r) {
+    cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
 #pragma omp simd
         for (int64_t _j = 0; _j < _cols; ++_j) {
             real beta_H = _p_beta_H[_r * _ld_beta_H + _j];
@@ -1024,7 +1027,7 @@ static inline void def_lstm_backward_bwd0_H_host(int64_t _rows, int64_t _cols, c
             _p_d_U_g_h[_r * _ld_d_U_g_h + _j] = d_U_g_h;
             _p_d_U_o_h[_r * _ld_d_U_o_h + _j] = d_U_o_h;
         }
-    }
+    });
 }
 
 extern "C" void def_lstm_backward_bwd0_H_f32(int64_t _rows, int64_t _cols, const float* _p_beta_H, int64_t _ld_beta_H, const float* _p_c, int64_t _ld_c, const float* _p_c_next, int64_t _ld_c_next, const float* _p_d_c, int64_t _ld_d_c, const float* _p_d_h, int64_t _ld_d_h, const float* _p_d_h_next_out, int64_t _ld_d_h_next_out, const float* _p_f, int64_t _ld_f, const float* _p_g, int64_t _ld_g, const float* _p_i, int64_t _ld_i, const float* _p_o, int64_t _ld_o, float* _p_d_h_next, int64_t _ld_d_h_next, float* _p_d_c_next, int64_t _ld_d_c_next, float* _p_d_U_i_h, int64_t _ld_d_U_i_h, float* _p_d_U_f_h, int64_t _ld_d_U_f_h, float* _p_d_U_g_h, int64_t _ld_d_U_g_h, float* _p_d_U_o_h, int64_t _ld_d_U_o_h)
@@ -1116,8 +1119,7 @@ extern "C" int def_lstm_backward_bwd_leaf_H_cuda_bf16(int64_t _rows, int64_t _co
 template <typename real>
 static inline void def_lstm_backward_bwd_leaf_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_beta_H, int64_t _ld_beta_H, const real* __restrict__ _p_c_next, int64_t _ld_c_next, const real* __restrict__ _p_d_c_next, int64_t _ld_d_c_next, const real* __restrict__ _p_d_h_gemm, int64_t _ld_d_h_gemm, const real* __restrict__ _p_d_h_next, int64_t _ld_d_h_next, const real* __restrict__ _p_f, int64_t _ld_f, const real* __restrict__ _p_o, int64_t _ld_o, real* __restrict__ _p_d_h, int64_t _ld_d_h, real* __restrict__ _p_d_c, int64_t _ld_d_c, real* __restrict__ _p_d_beta_H, int64_t _ld_d_beta_H)
 {
-#pragma omp parallel for schedule(static) if (cs_par(_rows * _cols, 1024))
-    for (int64_t _r = 0; _r < _rows; ++_r) {
+    cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
 #pragma omp simd
         for (int64_t _j = 0; _j < _cols; ++_j) {
             real beta_H = _p_beta_H[_r * _ld_beta_H + _j];
@@ -1135,7 +1137,7 @@ static inline void def_lstm_backward_bwd_leaf_H_host(int64_t _rows, int64_t _col
             _p_d_c[_r * _ld_d_c + _j] = d_c;
             _p_d_beta_H[_r * _ld_d_beta_H + _j] = d_beta_H;
         }
-    }
+    });
 }
 
 extern "C" void def_lstm_backward_bwd_leaf_H_f32(int64_t _rows, int64_t _cols, const float* _p_beta_H, int64_t _ld_beta_H, const float* _p_c_next, int64_t _ld_c_next, const float* _p_d_c_next, int64_t _ld_d_c_next, const float* _p_d_h_gemm, int64_t _ld_d_h_gemm, const float* _p_d_h_next, int64_t _ld_d_h_next, const float* _p_f, int64_t _ld_f, const float* _p_o, int64_t _ld_o, float* _p_d_h, int64_t _ld_d_h, float* _p_d_c, int64_t _ld_d_c, float* _p_d_beta_H, int64_t _ld_d_beta_H)
@@ -1205,8 +1207,8 @@ static int def_lstm_forward_run(const int64_t* dims, void* const* ptrs, const cs
         CS_ZERO(b_v_g, (n_T) * (n_B) * (n_H));
         CS_ZERO(b_v_o, (n_T) * (n_B) * (n_H));
     }
-    // steps per chunk of the work ahead of them (all T on a GPU)
-    const int64_t n_ch = cs_chunk(n_T, n_B, n_B * (4*n_H), n_I * (4*n_H));
+    // steps per chunk of the work ahead of them, from the caller (all T on a GPU); hg_W_i_W_f_W_g_W_o__x holds one chunk
+    const int64_t n_ch = dims[4] < 1 ? 1 : dims[4];
     cs_packed<S> pk_W_i_W_f_W_g_W_o_nt = cs_pack_if(n_ch < n_T, ctx, 1, n_ch * n_B, 4*n_H, n_I, w_W_i_W_f_W_g_W_o, n_I);
     cs_packed<S> pk_U_i_U_f_U_g_U_o_nt = cs_pack(ctx, 1, n_B, 4*n_H, n_H, w_U_i_U_f_U_g_U_o, n_H);
     for (int64_t t = 0; t < n_T; ++t) {
@@ -1215,12 +1217,12 @@ static int def_lstm_forward_run(const int64_t* dims, void* const* ptrs, const cs
             const int64_t n_c = n_T - t < n_ch ? n_T - t : n_ch;
             const int64_t tc = t;
             // hg_W_i_W_f_W_g_W_o__x = x @ [W_i, W_f, W_g, W_o]^T  (W_i @ x, W_f @ x, W_g @ x, W_o @ x)
-            CS_GEMM_NT_PACKED(n_c * n_B, 4*n_H, n_I, b_x_x + tc * n_B * (n_I), n_I, pk_W_i_W_f_W_g_W_o_nt, b_hg_W_i_W_f_W_g_W_o__x + tc * n_B * (4*n_H), 4*n_H, 0);
+            CS_GEMM_NT_PACKED(n_c * n_B, 4*n_H, n_I, b_x_x + tc * n_B * (n_I), n_I, pk_W_i_W_f_W_g_W_o_nt, b_hg_W_i_W_f_W_g_W_o__x, 4*n_H, 0);
         }
         // g_U_i_U_f_U_g_U_o__h = h @ [U_i, U_f, U_g, U_o]^T  (U_i @ h, U_f @ h, U_g @ h, U_o @ h)
         CS_GEMM_NT_PACKED(rows, 4*n_H, n_H, b_s_h + t * n_B * (n_H), n_H, pk_U_i_U_f_U_g_U_o_nt, b_g_U_i_U_f_U_g_U_o__h, 4*n_H, 0);
         // forward: stage 0 forward, units of size H
-        CS_PW(def_lstm_forward_fwd0_H, rows, n_H, b_g_U_i_U_f_U_g_U_o__h + n_H, 4*n_H, b_g_U_i_U_f_U_g_U_o__h + 2*n_H, 4*n_H, b_g_U_i_U_f_U_g_U_o__h, 4*n_H, b_g_U_i_U_f_U_g_U_o__h + 3*n_H, 4*n_H, b_hg_W_i_W_f_W_g_W_o__x + t * n_B * (4*n_H) + n_H, 4*n_H, b_hg_W_i_W_f_W_g_W_o__x + t * n_B * (4*n_H) + 2*n_H, 4*n_H, b_hg_W_i_W_f_W_g_W_o__x + t * n_B * (4*n_H), 4*n_H, b_hg_W_i_W_f_W_g_W_o__x + t * n_B * (4*n_H) + 3*n_H, 4*n_H, b_p_b_f, 0, b_p_b_g, 0, b_p_b_i, 0, b_p_b_o, 0, b_p_beta_H, 0, b_s_c + t * n_B * (n_H), n_H, b_v_i + t * n_B * (n_H), n_H, b_v_f + t * n_B * (n_H), n_H, b_v_g + t * n_B * (n_H), n_H, b_v_o + t * n_B * (n_H), n_H, b_s_c + (t + 1) * n_B * (n_H), n_H, b_s_h + (t + 1) * n_B * (n_H), n_H);
+        CS_PW(def_lstm_forward_fwd0_H, rows, n_H, b_g_U_i_U_f_U_g_U_o__h + n_H, 4*n_H, b_g_U_i_U_f_U_g_U_o__h + 2*n_H, 4*n_H, b_g_U_i_U_f_U_g_U_o__h, 4*n_H, b_g_U_i_U_f_U_g_U_o__h + 3*n_H, 4*n_H, b_hg_W_i_W_f_W_g_W_o__x + (t % n_ch) * n_B * (4*n_H) + n_H, 4*n_H, b_hg_W_i_W_f_W_g_W_o__x + (t % n_ch) * n_B * (4*n_H) + 2*n_H, 4*n_H, b_hg_W_i_W_f_W_g_W_o__x + (t % n_ch) * n_B * (4*n_H), 4*n_H, b_hg_W_i_W_f_W_g_W_o__x + (t % n_ch) * n_B * (4*n_H) + 3*n_H, 4*n_H, b_p_b_f, 0, b_p_b_g, 0, b_p_b_i, 0, b_p_b_o, 0, b_p_beta_H, 0, b_s_c + t * n_B * (n_H), n_H, b_v_i + t * n_B * (n_H), n_H, b_v_f + t * n_B * (n_H), n_H, b_v_g + t * n_B * (n_H), n_H, b_v_o + t * n_B * (n_H), n_H, b_s_c + (t + 1) * n_B * (n_H), n_H, b_s_h + (t + 1) * n_B * (n_H), n_H);
         // ended sequences hold their state: rows B_t.. of s_h[t + 1] = s_h[t]
         if (rows < n_B) CS_COPY(b_s_h + ((t + 1) * n_B + rows) * (n_H), b_s_h + (t * n_B + rows) * (n_H), (n_B - rows) * (n_H));
         // ended sequences hold their state: rows B_t.. of s_c[t + 1] = s_c[t]
@@ -1300,8 +1302,8 @@ static int def_lstm_inference_run(const int64_t* dims, void* const* ptrs, const 
     (void)w_U_i_U_f_U_g_U_o;
     const int64_t* bs = (const int64_t*)ptrs[12];
     (void)ctx;
-    // steps per chunk of the work ahead of them (all T on a GPU)
-    const int64_t n_ch = cs_chunk(n_T, n_B, n_B * (4*n_H), n_I * (4*n_H));
+    // steps per chunk of the work ahead of them, from the caller (all T on a GPU); hg_W_i_W_f_W_g_W_o__x holds one chunk
+    const int64_t n_ch = dims[4] < 1 ? 1 : dims[4];
     cs_packed<S> pk_W_i_W_f_W_g_W_o_nt = cs_pack_if(n_ch < n_T, ctx, 1, n_ch * n_B, 4*n_H, n_I, w_W_i_W_f_W_g_W_o, n_I);
     cs_packed<S> pk_U_i_U_f_U_g_U_o_nt = cs_pack(ctx, 1, n_B, 4*n_H, n_H, w_U_i_U_f_U_g_U_o, n_H);
     for (int64_t t = 0; t < n_T; ++t) {
@@ -1310,12 +1312,12 @@ static int def_lstm_inference_run(const int64_t* dims, void* const* ptrs, const 
             const int64_t n_c = n_T - t < n_ch ? n_T - t : n_ch;
             const int64_t tc = t;
             // hg_W_i_W_f_W_g_W_o__x = x @ [W_i, W_f, W_g, W_o]^T  (W_i @ x, W_f @ x, W_g @ x, W_o @ x)
-            CS_GEMM_NT_PACKED(n_c * n_B, 4*n_H, n_I, b_x_x + tc * n_B * (n_I), n_I, pk_W_i_W_f_W_g_W_o_nt, b_hg_W_i_W_f_W_g_W_o__x + tc * n_B * (4*n_H), 4*n_H, 0);
+            CS_GEMM_NT_PACKED(n_c * n_B, 4*n_H, n_I, b_x_x + tc * n_B * (n_I), n_I, pk_W_i_W_f_W_g_W_o_nt, b_hg_W_i_W_f_W_g_W_o__x, 4*n_H, 0);
         }
         // g_U_i_U_f_U_g_U_o__h = h @ [U_i, U_f, U_g, U_o]^T  (U_i @ h, U_f @ h, U_g @ h, U_o @ h)
         CS_GEMM_NT_PACKED(rows, 4*n_H, n_H, b_s_h + t * n_B * (n_H), n_H, pk_U_i_U_f_U_g_U_o_nt, b_g_U_i_U_f_U_g_U_o__h, 4*n_H, 0);
         // inference: stage 0 forward, units of size H
-        CS_PW(def_lstm_inference_fwd0_H, rows, n_H, b_g_U_i_U_f_U_g_U_o__h + n_H, 4*n_H, b_g_U_i_U_f_U_g_U_o__h + 2*n_H, 4*n_H, b_g_U_i_U_f_U_g_U_o__h, 4*n_H, b_g_U_i_U_f_U_g_U_o__h + 3*n_H, 4*n_H, b_hg_W_i_W_f_W_g_W_o__x + t * n_B * (4*n_H) + n_H, 4*n_H, b_hg_W_i_W_f_W_g_W_o__x + t * n_B * (4*n_H) + 2*n_H, 4*n_H, b_hg_W_i_W_f_W_g_W_o__x + t * n_B * (4*n_H), 4*n_H, b_hg_W_i_W_f_W_g_W_o__x + t * n_B * (4*n_H) + 3*n_H, 4*n_H, b_p_b_f, 0, b_p_b_g, 0, b_p_b_i, 0, b_p_b_o, 0, b_p_beta_H, 0, b_s_c + t * n_B * (n_H), n_H, b_s_c + (t + 1) * n_B * (n_H), n_H, b_s_h + (t + 1) * n_B * (n_H), n_H);
+        CS_PW(def_lstm_inference_fwd0_H, rows, n_H, b_g_U_i_U_f_U_g_U_o__h + n_H, 4*n_H, b_g_U_i_U_f_U_g_U_o__h + 2*n_H, 4*n_H, b_g_U_i_U_f_U_g_U_o__h, 4*n_H, b_g_U_i_U_f_U_g_U_o__h + 3*n_H, 4*n_H, b_hg_W_i_W_f_W_g_W_o__x + (t % n_ch) * n_B * (4*n_H) + n_H, 4*n_H, b_hg_W_i_W_f_W_g_W_o__x + (t % n_ch) * n_B * (4*n_H) + 2*n_H, 4*n_H, b_hg_W_i_W_f_W_g_W_o__x + (t % n_ch) * n_B * (4*n_H), 4*n_H, b_hg_W_i_W_f_W_g_W_o__x + (t % n_ch) * n_B * (4*n_H) + 3*n_H, 4*n_H, b_p_b_f, 0, b_p_b_g, 0, b_p_b_i, 0, b_p_b_o, 0, b_p_beta_H, 0, b_s_c + t * n_B * (n_H), n_H, b_s_c + (t + 1) * n_B * (n_H), n_H, b_s_h + (t + 1) * n_B * (n_H), n_H);
         // ended sequences hold their state: rows B_t.. of s_h[t + 1] = s_h[t]
         if (rows < n_B) CS_COPY(b_s_h + ((t + 1) * n_B + rows) * (n_H), b_s_h + (t * n_B + rows) * (n_H), (n_B - rows) * (n_H));
         // ended sequences hold their state: rows B_t.. of s_c[t + 1] = s_c[t]

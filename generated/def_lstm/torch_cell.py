@@ -1017,6 +1017,7 @@ def _native_forward(_lib, _xs, _states, _params, _bs=None):
     def _scratch(name, shape):  # shapes only (_lib None, fake tensors): a fresh one
         return _empty(shape) if _lib is None else _workspace("forward", name, shape, _dt, _dev)
 
+    _n_ch = _T if _lib is None else _lib.chunk_steps(_T, _B, _B * (4*_H), 4*_H*_I)
     x_x = _xs[0].contiguous()
     s_h = _empty((_T + 1, _B, _H))
     s_h[0].copy_(_states[0])
@@ -1027,14 +1028,14 @@ def _native_forward(_lib, _xs, _states, _params, _bs=None):
     p_b_g = _params["b_g"].contiguous()
     p_b_o = _params["b_o"].contiguous()
     p_beta_H = _params["beta_H"].contiguous()
-    hg_W_i_W_f_W_g_W_o__x = _scratch("hg_W_i_W_f_W_g_W_o__x", (_T, _B, 4*_H))
+    hg_W_i_W_f_W_g_W_o__x = _scratch("hg_W_i_W_f_W_g_W_o__x", (_n_ch, _B, 4*_H))
     g_U_i_U_f_U_g_U_o__h = _scratch("g_U_i_U_f_U_g_U_o__h", (_B, 4*_H))
     v_i = _empty((_T, _B, _H))
     v_f = _empty((_T, _B, _H))
     v_g = _empty((_T, _B, _H))
     v_o = _empty((_T, _B, _H))
     if _lib is not None:  # None: shapes only (the custom op's fake implementation)
-        _lib("forward", _dims, [x_x, s_h, s_c, p_b_i, p_b_f, p_b_g, p_b_o, p_beta_H, hg_W_i_W_f_W_g_W_o__x, g_U_i_U_f_U_g_U_o__h, v_i, v_f, v_g, v_o, _stacked(_params["W_i"], _params["W_f"], _params["W_g"], _params["W_o"]), _stacked(_params["U_i"], _params["U_f"], _params["U_g"], _params["U_o"]), _bs])
+        _lib("forward", _dims + (_n_ch,), [x_x, s_h, s_c, p_b_i, p_b_f, p_b_g, p_b_o, p_beta_H, hg_W_i_W_f_W_g_W_o__x, g_U_i_U_f_U_g_U_o__h, v_i, v_f, v_g, v_o, _stacked(_params["W_i"], _params["W_f"], _params["W_g"], _params["W_o"]), _stacked(_params["U_i"], _params["U_f"], _params["U_g"], _params["U_o"]), _bs])
     _outputs = (s_h[1:1 + _T],)
     if _bs is not None:  # zeros past each sequence's end
         _m = _native_active(_bs, _B, _xs)
@@ -1054,6 +1055,7 @@ def _native_inference(_lib, _xs, _states, _params, _bs=None):
     def _scratch(name, shape):  # shapes only (_lib None, fake tensors): a fresh one
         return _empty(shape) if _lib is None else _workspace("inference", name, shape, _dt, _dev)
 
+    _n_ch = _T if _lib is None else _lib.chunk_steps(_T, _B, _B * (4*_H), 4*_H*_I)
     x_x = _xs[0].contiguous()
     s_h = _empty((_T + 1, _B, _H))
     s_h[0].copy_(_states[0])
@@ -1064,10 +1066,10 @@ def _native_inference(_lib, _xs, _states, _params, _bs=None):
     p_b_g = _params["b_g"].contiguous()
     p_b_o = _params["b_o"].contiguous()
     p_beta_H = _params["beta_H"].contiguous()
-    hg_W_i_W_f_W_g_W_o__x = _scratch("hg_W_i_W_f_W_g_W_o__x", (_T, _B, 4*_H))
+    hg_W_i_W_f_W_g_W_o__x = _scratch("hg_W_i_W_f_W_g_W_o__x", (_n_ch, _B, 4*_H))
     g_U_i_U_f_U_g_U_o__h = _scratch("g_U_i_U_f_U_g_U_o__h", (_B, 4*_H))
     if _lib is not None:  # None: shapes only (the custom op's fake implementation)
-        _lib("inference", _dims, [x_x, s_h, s_c, p_b_i, p_b_f, p_b_g, p_b_o, p_beta_H, hg_W_i_W_f_W_g_W_o__x, g_U_i_U_f_U_g_U_o__h, _stacked(_params["W_i"], _params["W_f"], _params["W_g"], _params["W_o"]), _stacked(_params["U_i"], _params["U_f"], _params["U_g"], _params["U_o"]), _bs])
+        _lib("inference", _dims + (_n_ch,), [x_x, s_h, s_c, p_b_i, p_b_f, p_b_g, p_b_o, p_beta_H, hg_W_i_W_f_W_g_W_o__x, g_U_i_U_f_U_g_U_o__h, _stacked(_params["W_i"], _params["W_f"], _params["W_g"], _params["W_o"]), _stacked(_params["U_i"], _params["U_f"], _params["U_g"], _params["U_o"]), _bs])
     _outputs = (s_h[1:1 + _T],)
     if _bs is not None:  # zeros past each sequence's end
         _m = _native_active(_bs, _B, _xs)
@@ -1135,7 +1137,7 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
 # The same two calls as PyTorch custom ops, for torch.compile (which traces them through their
 # fake implementations: the allocations above, without the call). Registered once per process
 # and content of this file; outputs are copies (an op's outputs may not alias each other).
-_OP = "def_lstm_ebbda13e607c"
+_OP = "def_lstm_5473106cfa2a"
 
 
 def _op_forward_impl(xs: list[torch.Tensor], states: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -715,15 +715,16 @@ def _native_forward(_lib, _xs, _states, _params, _bs=None):
     def _scratch(name, shape):  # shapes only (_lib None, fake tensors): a fresh one
         return _empty(shape) if _lib is None else _workspace("forward", name, shape, _dt, _dev)
 
+    _n_ch = _T if _lib is None else _lib.chunk_steps(_T, _B, _B * (_H), _H*_I)
     x_x = _xs[0].contiguous()
     s_h = _empty((_T + 1, _B, _H))
     s_h[0].copy_(_states[0])
     p_b_ih = _params["b_ih"].contiguous()
     p_b_hh = _params["b_hh"].contiguous()
-    hg_W_ih__x = _scratch("hg_W_ih__x", (_T, _B, _H))
+    hg_W_ih__x = _scratch("hg_W_ih__x", (_n_ch, _B, _H))
     g_W_hh__h = _scratch("g_W_hh__h", (_B, _H))
     if _lib is not None:  # None: shapes only (the custom op's fake implementation)
-        _lib("forward", _dims, [x_x, s_h, p_b_ih, p_b_hh, hg_W_ih__x, g_W_hh__h, _params["W_ih"].contiguous(), _params["W_hh"].contiguous(), _bs])
+        _lib("forward", _dims + (_n_ch,), [x_x, s_h, p_b_ih, p_b_hh, hg_W_ih__x, g_W_hh__h, _params["W_ih"].contiguous(), _params["W_hh"].contiguous(), _bs])
     _outputs = (s_h[1:1 + _T],)
     if _bs is not None:  # zeros past each sequence's end
         _m = _native_active(_bs, _B, _xs)
@@ -743,15 +744,16 @@ def _native_inference(_lib, _xs, _states, _params, _bs=None):
     def _scratch(name, shape):  # shapes only (_lib None, fake tensors): a fresh one
         return _empty(shape) if _lib is None else _workspace("inference", name, shape, _dt, _dev)
 
+    _n_ch = _T if _lib is None else _lib.chunk_steps(_T, _B, _B * (_H), _H*_I)
     x_x = _xs[0].contiguous()
     s_h = _empty((_T + 1, _B, _H))
     s_h[0].copy_(_states[0])
     p_b_ih = _params["b_ih"].contiguous()
     p_b_hh = _params["b_hh"].contiguous()
-    hg_W_ih__x = _scratch("hg_W_ih__x", (_T, _B, _H))
+    hg_W_ih__x = _scratch("hg_W_ih__x", (_n_ch, _B, _H))
     g_W_hh__h = _scratch("g_W_hh__h", (_B, _H))
     if _lib is not None:  # None: shapes only (the custom op's fake implementation)
-        _lib("inference", _dims, [x_x, s_h, p_b_ih, p_b_hh, hg_W_ih__x, g_W_hh__h, _params["W_ih"].contiguous(), _params["W_hh"].contiguous(), _bs])
+        _lib("inference", _dims + (_n_ch,), [x_x, s_h, p_b_ih, p_b_hh, hg_W_ih__x, g_W_hh__h, _params["W_ih"].contiguous(), _params["W_hh"].contiguous(), _bs])
     _outputs = (s_h[1:1 + _T],)
     if _bs is not None:  # zeros past each sequence's end
         _m = _native_active(_bs, _B, _xs)
@@ -806,7 +808,7 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
 # The same two calls as PyTorch custom ops, for torch.compile (which traces them through their
 # fake implementations: the allocations above, without the call). Registered once per process
 # and content of this file; outputs are copies (an op's outputs may not alias each other).
-_OP = "elman_f240cde05de2"
+_OP = "elman_b1e420e641fb"
 
 
 def _op_forward_impl(xs: list[torch.Tensor], states: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -970,13 +970,14 @@ def _native_forward(_lib, _xs, _states, _params, _bs=None):
     def _scratch(name, shape):  # shapes only (_lib None, fake tensors): a fresh one
         return _empty(shape) if _lib is None else _workspace("forward", name, shape, _dt, _dev)
 
+    _n_ch = _T if _lib is None else _lib.chunk_steps(_T, _B, _B * (3*_H), 3*_H*_I)
     x_x = _xs[0].contiguous()
     s_h = _empty((_T + 1, _B, _H))
     s_h[0].copy_(_states[0])
     p_b_r = _params["b_r"].contiguous()
     p_b_u = _params["b_u"].contiguous()
     p_b_c = _params["b_c"].contiguous()
-    hg_W_r_W_u_W_c__x = _scratch("hg_W_r_W_u_W_c__x", (_T, _B, 3*_H))
+    hg_W_r_W_u_W_c__x = _scratch("hg_W_r_W_u_W_c__x", (_n_ch, _B, 3*_H))
     g_U_r_U_u__h = _scratch("g_U_r_U_u__h", (_B, 2*_H))
     v_r = _empty((_T, _B, _H))
     v_u = _empty((_T, _B, _H))
@@ -984,7 +985,7 @@ def _native_forward(_lib, _xs, _states, _params, _bs=None):
     g_U_c__U_c_in = _scratch("g_U_c__U_c_in", (_B, _H))
     v_c = _empty((_T, _B, _H))
     if _lib is not None:  # None: shapes only (the custom op's fake implementation)
-        _lib("forward", _dims, [x_x, s_h, p_b_r, p_b_u, p_b_c, hg_W_r_W_u_W_c__x, g_U_r_U_u__h, v_r, v_u, v_U_c_in, g_U_c__U_c_in, v_c, _stacked(_params["W_r"], _params["W_u"], _params["W_c"]), _stacked(_params["U_r"], _params["U_u"]), _params["U_c"].contiguous(), _bs])
+        _lib("forward", _dims + (_n_ch,), [x_x, s_h, p_b_r, p_b_u, p_b_c, hg_W_r_W_u_W_c__x, g_U_r_U_u__h, v_r, v_u, v_U_c_in, g_U_c__U_c_in, v_c, _stacked(_params["W_r"], _params["W_u"], _params["W_c"]), _stacked(_params["U_r"], _params["U_u"]), _params["U_c"].contiguous(), _bs])
     _outputs = (s_h[1:1 + _T],)
     if _bs is not None:  # zeros past each sequence's end
         _m = _native_active(_bs, _B, _xs)
@@ -1004,19 +1005,20 @@ def _native_inference(_lib, _xs, _states, _params, _bs=None):
     def _scratch(name, shape):  # shapes only (_lib None, fake tensors): a fresh one
         return _empty(shape) if _lib is None else _workspace("inference", name, shape, _dt, _dev)
 
+    _n_ch = _T if _lib is None else _lib.chunk_steps(_T, _B, _B * (3*_H), 3*_H*_I)
     x_x = _xs[0].contiguous()
     s_h = _empty((_T + 1, _B, _H))
     s_h[0].copy_(_states[0])
     p_b_r = _params["b_r"].contiguous()
     p_b_u = _params["b_u"].contiguous()
     p_b_c = _params["b_c"].contiguous()
-    hg_W_r_W_u_W_c__x = _scratch("hg_W_r_W_u_W_c__x", (_T, _B, 3*_H))
+    hg_W_r_W_u_W_c__x = _scratch("hg_W_r_W_u_W_c__x", (_n_ch, _B, 3*_H))
     g_U_r_U_u__h = _scratch("g_U_r_U_u__h", (_B, 2*_H))
     tmp_u = _scratch("tmp_u", (_B, _H))
     tmp_U_c_in = _scratch("tmp_U_c_in", (_B, _H))
     g_U_c__U_c_in = _scratch("g_U_c__U_c_in", (_B, _H))
     if _lib is not None:  # None: shapes only (the custom op's fake implementation)
-        _lib("inference", _dims, [x_x, s_h, p_b_r, p_b_u, p_b_c, hg_W_r_W_u_W_c__x, g_U_r_U_u__h, tmp_u, tmp_U_c_in, g_U_c__U_c_in, _stacked(_params["W_r"], _params["W_u"], _params["W_c"]), _stacked(_params["U_r"], _params["U_u"]), _params["U_c"].contiguous(), _bs])
+        _lib("inference", _dims + (_n_ch,), [x_x, s_h, p_b_r, p_b_u, p_b_c, hg_W_r_W_u_W_c__x, g_U_r_U_u__h, tmp_u, tmp_U_c_in, g_U_c__U_c_in, _stacked(_params["W_r"], _params["W_u"], _params["W_c"]), _stacked(_params["U_r"], _params["U_u"]), _params["U_c"].contiguous(), _bs])
     _outputs = (s_h[1:1 + _T],)
     if _bs is not None:  # zeros past each sequence's end
         _m = _native_active(_bs, _B, _xs)
@@ -1082,7 +1084,7 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
 # The same two calls as PyTorch custom ops, for torch.compile (which traces them through their
 # fake implementations: the allocations above, without the call). Registered once per process
 # and content of this file; outputs are copies (an op's outputs may not alias each other).
-_OP = "gru_b60dde4dbc2a"
+_OP = "gru_d418eef6526e"
 
 
 def _op_forward_impl(xs: list[torch.Tensor], states: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -1887,6 +1887,7 @@ def _native_forward(_lib, _xs, _states, _params, _bs=None):
     def _scratch(name, shape):  # shapes only (_lib None, fake tensors): a fresh one
         return _empty(shape) if _lib is None else _workspace("forward", name, shape, _dt, _dev)
 
+    _n_ch = _T if _lib is None else _lib.chunk_steps(_T, _B, _B * (4*_H), 4*_H*_I)
     x_x = _xs[0].contiguous()
     s_h = _empty((_T + 1, _B, _H))
     s_h[0].copy_(_states[0])
@@ -1908,7 +1909,7 @@ def _native_forward(_lib, _xs, _states, _params, _bs=None):
     p_beta_h = _params["beta_h"].contiguous()
     p_inv_n_H = _params["inv_n_H"].contiguous()
     p_inv_n_H_2 = _params["inv_n_H_2"].contiguous()
-    hg_W_i_W_g_W_f_W_o__x = _scratch("hg_W_i_W_g_W_f_W_o__x", (_T, _B, 4*_H))
+    hg_W_i_W_g_W_f_W_o__x = _scratch("hg_W_i_W_g_W_f_W_o__x", (_n_ch, _B, 4*_H))
     v_xi = _empty((_T, _B, _H))
     v_xg = _empty((_T, _B, _H))
     v_xf = _empty((_T, _B, _H))
@@ -1932,7 +1933,7 @@ def _native_forward(_lib, _xs, _states, _params, _bs=None):
     v_var = _empty((_T, _B, 1))
     v_rstd = _empty((_T, _B, 1))
     if _lib is not None:  # None: shapes only (the custom op's fake implementation)
-        _lib("forward", _dims, [x_x, s_h, s_c, p_b_i, p_b_g, p_b_f, p_b_o, p_gx_i, p_gx_g, p_gx_f, p_gx_o, p_gh_i, p_gh_g, p_gh_f, p_gh_o, p_gamma_h, p_beta_h, p_inv_n_H, p_inv_n_H_2, hg_W_i_W_g_W_f_W_o__x, v_xi, v_xg, v_xf, v_xo, v_mu_x, v_var_x, v_rs_x, g_R_i_R_g_R_f_R_o__h, v_ri, v_rg, v_rf, v_ro, v_mu_h, v_var_h, v_rs_h, v_i, v_g, v_f, v_o, v_mean_5, v_var, v_rstd, _stacked(_params["W_i"], _params["W_g"], _params["W_f"], _params["W_o"]), _stacked(_params["R_i"], _params["R_g"], _params["R_f"], _params["R_o"]), _bs])
+        _lib("forward", _dims + (_n_ch,), [x_x, s_h, s_c, p_b_i, p_b_g, p_b_f, p_b_o, p_gx_i, p_gx_g, p_gx_f, p_gx_o, p_gh_i, p_gh_g, p_gh_f, p_gh_o, p_gamma_h, p_beta_h, p_inv_n_H, p_inv_n_H_2, hg_W_i_W_g_W_f_W_o__x, v_xi, v_xg, v_xf, v_xo, v_mu_x, v_var_x, v_rs_x, g_R_i_R_g_R_f_R_o__h, v_ri, v_rg, v_rf, v_ro, v_mu_h, v_var_h, v_rs_h, v_i, v_g, v_f, v_o, v_mean_5, v_var, v_rstd, _stacked(_params["W_i"], _params["W_g"], _params["W_f"], _params["W_o"]), _stacked(_params["R_i"], _params["R_g"], _params["R_f"], _params["R_o"]), _bs])
     _outputs = (s_h[1:1 + _T],)
     if _bs is not None:  # zeros past each sequence's end
         _m = _native_active(_bs, _B, _xs)
@@ -1952,6 +1953,7 @@ def _native_inference(_lib, _xs, _states, _params, _bs=None):
     def _scratch(name, shape):  # shapes only (_lib None, fake tensors): a fresh one
         return _empty(shape) if _lib is None else _workspace("inference", name, shape, _dt, _dev)
 
+    _n_ch = _T if _lib is None else _lib.chunk_steps(_T, _B, _B * (4*_H), 4*_H*_I)
     x_x = _xs[0].contiguous()
     s_h = _empty((_T + 1, _B, _H))
     s_h[0].copy_(_states[0])
@@ -1973,7 +1975,7 @@ def _native_inference(_lib, _xs, _states, _params, _bs=None):
     p_beta_h = _params["beta_h"].contiguous()
     p_inv_n_H = _params["inv_n_H"].contiguous()
     p_inv_n_H_2 = _params["inv_n_H_2"].contiguous()
-    hg_W_i_W_g_W_f_W_o__x = _scratch("hg_W_i_W_g_W_f_W_o__x", (_T, _B, 4*_H))
+    hg_W_i_W_g_W_f_W_o__x = _scratch("hg_W_i_W_g_W_f_W_o__x", (_n_ch, _B, 4*_H))
     tmp_xi = _scratch("tmp_xi", (_B, _H))
     tmp_xg = _scratch("tmp_xg", (_B, _H))
     tmp_xf = _scratch("tmp_xf", (_B, _H))
@@ -1982,7 +1984,7 @@ def _native_inference(_lib, _xs, _states, _params, _bs=None):
     tmp_rs_x = _scratch("tmp_rs_x", (_B, 1))
     g_R_i_R_g_R_f_R_o__h = _scratch("g_R_i_R_g_R_f_R_o__h", (_B, 4*_H))
     if _lib is not None:  # None: shapes only (the custom op's fake implementation)
-        _lib("inference", _dims, [x_x, s_h, s_c, p_b_i, p_b_g, p_b_f, p_b_o, p_gx_i, p_gx_g, p_gx_f, p_gx_o, p_gh_i, p_gh_g, p_gh_f, p_gh_o, p_gamma_h, p_beta_h, p_inv_n_H, p_inv_n_H_2, hg_W_i_W_g_W_f_W_o__x, tmp_xi, tmp_xg, tmp_xf, tmp_xo, tmp_mu_x, tmp_rs_x, g_R_i_R_g_R_f_R_o__h, _stacked(_params["W_i"], _params["W_g"], _params["W_f"], _params["W_o"]), _stacked(_params["R_i"], _params["R_g"], _params["R_f"], _params["R_o"]), _bs])
+        _lib("inference", _dims + (_n_ch,), [x_x, s_h, s_c, p_b_i, p_b_g, p_b_f, p_b_o, p_gx_i, p_gx_g, p_gx_f, p_gx_o, p_gh_i, p_gh_g, p_gh_f, p_gh_o, p_gamma_h, p_beta_h, p_inv_n_H, p_inv_n_H_2, hg_W_i_W_g_W_f_W_o__x, tmp_xi, tmp_xg, tmp_xf, tmp_xo, tmp_mu_x, tmp_rs_x, g_R_i_R_g_R_f_R_o__h, _stacked(_params["W_i"], _params["W_g"], _params["W_f"], _params["W_o"]), _stacked(_params["R_i"], _params["R_g"], _params["R_f"], _params["R_o"]), _bs])
     _outputs = (s_h[1:1 + _T],)
     if _bs is not None:  # zeros past each sequence's end
         _m = _native_active(_bs, _B, _xs)
@@ -2100,7 +2102,7 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
 # The same two calls as PyTorch custom ops, for torch.compile (which traces them through their
 # fake implementations: the allocations above, without the call). Registered once per process
 # and content of this file; outputs are copies (an op's outputs may not alias each other).
-_OP = "haste_layer_norm_lstm_f4acacdb76cc"
+_OP = "haste_layer_norm_lstm_d6107f712056"
 
 
 def _op_forward_impl(xs: list[torch.Tensor], states: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -56,6 +56,19 @@ static inline int cs_par(int64_t work, int64_t min_work)
     return 0;
 #endif
 }
+// for r in 0 .. rows: body(r), split over the threads when par (cs_par). A loop that does not
+// fork enters no OpenMP region: GCC compiles `parallel for if (0)` to a call into the OpenMP
+// runtime all the same (a team of one), and the steps' loops run a few per step.
+template <typename F>
+static inline void cs_for_rows(int64_t rows, int par, const F& body)
+{
+    if (par) {
+#pragma omp parallel for schedule(static)
+        for (int64_t r = 0; r < rows; ++r) body(r);
+    } else {
+        for (int64_t r = 0; r < rows; ++r) body(r);
+    }
+}
 #if !defined(__CUDACC__) && defined(CELLSPEC_SIMD_MATH) && defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__GLIBC__)
 // CPU build with -DCELLSPEC_SIMD_MATH (and -fno-math-errno -lmvec, as cellspec.runtime.native
 // builds it): glibc's libmvec has vector versions of these functions (same accuracy class, same
@@ -155,9 +168,6 @@ inline void cs_grid(int64_t rows, int64_t cols, dim3* grid, dim3* block) {
 // Cᵀ = op(B)ᵀ op(A)ᵀ, so the BLAS call swaps the operands.
 // ---------------------------------------------------------------------------------------------
 #ifdef __CUDACC__
-// steps per chunk of the work ahead of the steps (the hoisted GEMMs and levels): on a GPU one
-// chunk of all T steps (one large GEMM)
-static inline int64_t cs_chunk(int64_t n_T, int64_t, int64_t, int64_t) { return n_T > 0 ? n_T : 1; }
 typedef int (*cs_gemmex_fn)(void*, int, int, int, int, int, const void*, const void*, int, int,
                             const void*, int, int, const void*, void*, int, int, int, int);
 // cublasGemmEx and the handle of the caller (torch's, bound to its current stream), and that stream
@@ -226,18 +236,6 @@ static cs_packed<S> cs_pack_if(bool, const cs_ctx* c, int ta, int64_t m, int64_t
 #define CS_ZERO(p, count) CS_CHECK((int)cudaMemsetAsync((p), 0, (size_t)(count) * sizeof(*(p)), (cudaStream_t)ctx->stream))
 #define CS_COPY(dst, src, count) CS_CHECK((int)cudaMemcpyAsync((dst), (src), (size_t)(count) * sizeof(*(dst)), cudaMemcpyDeviceToDevice, (cudaStream_t)ctx->stream))
 #else
-// steps per chunk of the work ahead of the steps (the hoisted GEMMs and levels): as many as
-// write ~256 KiB (64 Ki floats per row of B rows: floats_per_step / n_B), which are still in L2
-// when the steps read them; with weights of more than 1 MiB (which stream from L3 once per
-// chunk) at least 256 rows. One chunk of all T steps wrote [T, B, w] through to L3 or memory
-// and read it back from there (LSTM (64, 32, 256) inference, one thread: 1.20x -> 1.10x
-// torch.nn; (256, 64, 512): 4 steps of 64 rows 1.03x, 1 step 1.19x; docs/performance.md).
-static inline int64_t cs_chunk(int64_t n_T, int64_t n_B, int64_t floats_per_step, int64_t weight_floats)
-{
-    int64_t c = 65536 / (floats_per_step > 0 ? floats_per_step : 1);
-    if (weight_floats > 262144 && n_B > 0 && c * n_B < 256) c = (256 + n_B - 1) / n_B;
-    return c < 1 ? 1 : (c > n_T ? (n_T > 0 ? n_T : 1) : c);
-}
 // CPU: the Fortran-ABI ?gemm_ of a BLAS already loaded in the process (MKL's, exported by
 // torch's own library), found by the caller at run time and passed in: no link-time BLAS.
 typedef void (*cs_sgemm_fn)(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
@@ -377,8 +375,19 @@ static inline void cs_own_masks(int64_t width, __mmask16* m0, __mmask16* m1)
     *m0 = width >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << width) - 1);
     *m1 = width >= 32 ? (__mmask16)0xffff : (width > 16 ? (__mmask16)((1u << (width - 16)) - 1) : (__mmask16)0);
 }
+// rows x 32 columns of the product: panel q against every row of a
+__attribute__((target("avx512f"))) static inline void cs_own_panel(int64_t q, int64_t rows, int64_t n, int64_t k, const float* a,
+                                                                   int64_t lda, const float* packed, float* out, int64_t ldc, int beta)
+{
+    const int64_t p = q * 32;
+    __mmask16 m0, m1;
+    cs_own_masks(n - p < 32 ? n - p : 32, &m0, &m1);
+    for (int64_t i = 0; i < rows; i += 12)
+        cs_own_rows<false>(rows - i < 12 ? rows - i : 12, k, a + i * lda, lda, packed + p * k, out + i * ldc + p, ldc, m0, m1, beta);
+}
 // out[m, n] (+)= a[m, k] times the packed weight. Blocks of rows whose slice of `a` stays in L2
-// (~256 KiB) run one after another; inside a block the threads split the panels.
+// (~256 KiB) run one after another; inside a block the threads split the panels (one thread: no
+// OpenMP region at all, as in cs_for_rows).
 __attribute__((target("avx512f"))) static void cs_own_gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
                                                            const float* packed, float* out, int64_t ldc, int beta)
 {
@@ -389,14 +398,11 @@ __attribute__((target("avx512f"))) static void cs_own_gemm(int64_t m, int64_t n,
         const int64_t rows = m - i0 < mc ? m - i0 : mc;
         const float* ab = a + i0 * lda;
         float* cb = out + i0 * ldc;
-#pragma omp parallel for schedule(static) if (cs_par(rows * n * k, 262144))
-        for (int64_t q = 0; q < panels; ++q) {
-            const int64_t p = q * 32;
-            __mmask16 m0, m1;
-            cs_own_masks(n - p < 32 ? n - p : 32, &m0, &m1);
-            const float* b = packed + p * k;
-            for (int64_t i = 0; i < rows; i += 12)
-                cs_own_rows<false>(rows - i < 12 ? rows - i : 12, k, ab + i * lda, lda, b, cb + i * ldc + p, ldc, m0, m1, beta);
+        if (cs_par(rows * n * k, 262144)) {
+#pragma omp parallel for schedule(static)
+            for (int64_t q = 0; q < panels; ++q) cs_own_panel(q, rows, n, k, ab, lda, packed, cb, ldc, beta);
+        } else {
+            for (int64_t q = 0; q < panels; ++q) cs_own_panel(q, rows, n, k, ab, lda, packed, cb, ldc, beta);
         }
     }
 }
@@ -654,8 +660,7 @@ extern "C" int ind_rnn_forward_fwd0_H_cuda_bf16(int64_t _rows, int64_t _cols, co
 template <typename real>
 static inline void ind_rnn_forward_fwd0_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_W_x, int64_t _ld_W_x, const real* __restrict__ _p_b, int64_t _ld_b, const real* __restrict__ _p_h, int64_t _ld_h, const real* __restrict__ _p_u, int64_t _ld_u, real* __restrict__ _p_h_next, int64_t _ld_h_next)
 {
-#pragma omp parallel for schedule(static) if (cs_par(_rows * _cols, 1024))
-    for (int64_t _r = 0; _r < _rows; ++_r) {
+    cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
 #pragma omp simd
         for (int64_t _j = 0; _j < _cols; ++_j) {
             real W_x = _p_W_x[_r * _ld_W_x + _j];
@@ -666,7 +671,7 @@ static inline void ind_rnn_forward_fwd0_H_host(int64_t _rows, int64_t _cols, con
             ind_rnn_forward_fwd0_H<real>(W_x, b, h, u, h_next);
             _p_h_next[_r * _ld_h_next + _j] = h_next;
         }
-    }
+    });
 }
 
 extern "C" void ind_rnn_forward_fwd0_H_f32(int64_t _rows, int64_t _cols, const float* _p_W_x, int64_t _ld_W_x, const float* _p_b, int64_t _ld_b, const float* _p_h, int64_t _ld_h, const float* _p_u, int64_t _ld_u, float* _p_h_next, int64_t _ld_h_next)
@@ -742,8 +747,7 @@ extern "C" int ind_rnn_inference_fwd0_H_cuda_bf16(int64_t _rows, int64_t _cols, 
 template <typename real>
 static inline void ind_rnn_inference_fwd0_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_W_x, int64_t _ld_W_x, const real* __restrict__ _p_b, int64_t _ld_b, const real* __restrict__ _p_h, int64_t _ld_h, const real* __restrict__ _p_u, int64_t _ld_u, real* __restrict__ _p_h_next, int64_t _ld_h_next)
 {
-#pragma omp parallel for schedule(static) if (cs_par(_rows * _cols, 1024))
-    for (int64_t _r = 0; _r < _rows; ++_r) {
+    cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
 #pragma omp simd
         for (int64_t _j = 0; _j < _cols; ++_j) {
             real W_x = _p_W_x[_r * _ld_W_x + _j];
@@ -754,7 +758,7 @@ static inline void ind_rnn_inference_fwd0_H_host(int64_t _rows, int64_t _cols, c
             ind_rnn_inference_fwd0_H<real>(W_x, b, h, u, h_next);
             _p_h_next[_r * _ld_h_next + _j] = h_next;
         }
-    }
+    });
 }
 
 extern "C" void ind_rnn_inference_fwd0_H_f32(int64_t _rows, int64_t _cols, const float* _p_W_x, int64_t _ld_W_x, const float* _p_b, int64_t _ld_b, const float* _p_h, int64_t _ld_h, const float* _p_u, int64_t _ld_u, float* _p_h_next, int64_t _ld_h_next)
@@ -826,8 +830,7 @@ extern "C" int ind_rnn_backward_bwd0_H_cuda_bf16(int64_t _rows, int64_t _cols, c
 template <typename real>
 static inline void ind_rnn_backward_bwd0_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_d_h, int64_t _ld_d_h, const real* __restrict__ _p_d_h_next_out, int64_t _ld_d_h_next_out, real* __restrict__ _p_d_h_next, int64_t _ld_d_h_next)
 {
-#pragma omp parallel for schedule(static) if (cs_par(_rows * _cols, 1024))
-    for (int64_t _r = 0; _r < _rows; ++_r) {
+    cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
 #pragma omp simd
         for (int64_t _j = 0; _j < _cols; ++_j) {
             real d_h = _p_d_h[_r * _ld_d_h + _j];
@@ -836,7 +839,7 @@ static inline void ind_rnn_backward_bwd0_H_host(int64_t _rows, int64_t _cols, co
             ind_rnn_backward_bwd0_H<real>(d_h, d_h_next_out, d_h_next);
             _p_d_h_next[_r * _ld_d_h_next + _j] = d_h_next;
         }
-    }
+    });
 }
 
 extern "C" void ind_rnn_backward_bwd0_H_f32(int64_t _rows, int64_t _cols, const float* _p_d_h, int64_t _ld_d_h, const float* _p_d_h_next_out, int64_t _ld_d_h_next_out, float* _p_d_h_next, int64_t _ld_d_h_next)
@@ -930,8 +933,7 @@ extern "C" int ind_rnn_backward_bwd_leaf_H_cuda_bf16(int64_t _rows, int64_t _col
 template <typename real>
 static inline void ind_rnn_backward_bwd_leaf_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_W_x, int64_t _ld_W_x, const real* __restrict__ _p_b, int64_t _ld_b, const real* __restrict__ _p_d_h_next, int64_t _ld_d_h_next, const real* __restrict__ _p_h, int64_t _ld_h, const real* __restrict__ _p_u, int64_t _ld_u, real* __restrict__ _p_d_h, int64_t _ld_d_h, real* __restrict__ _p_d_u, int64_t _ld_d_u, real* __restrict__ _p_d_b, int64_t _ld_d_b, real* __restrict__ _p_d_W_x, int64_t _ld_d_W_x)
 {
-#pragma omp parallel for schedule(static) if (cs_par(_rows * _cols, 1024))
-    for (int64_t _r = 0; _r < _rows; ++_r) {
+    cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
 #pragma omp simd
         for (int64_t _j = 0; _j < _cols; ++_j) {
             real W_x = _p_W_x[_r * _ld_W_x + _j];
@@ -949,7 +951,7 @@ static inline void ind_rnn_backward_bwd_leaf_H_host(int64_t _rows, int64_t _cols
             _p_d_b[_r * _ld_d_b + _j] = d_b;
             _p_d_W_x[_r * _ld_d_W_x + _j] = d_W_x;
         }
-    }
+    });
 }
 
 extern "C" void ind_rnn_backward_bwd_leaf_H_f32(int64_t _rows, int64_t _cols, const float* _p_W_x, int64_t _ld_W_x, const float* _p_b, int64_t _ld_b, const float* _p_d_h_next, int64_t _ld_d_h_next, const float* _p_h, int64_t _ld_h, const float* _p_u, int64_t _ld_u, float* _p_d_h, int64_t _ld_d_h, float* _p_d_u, int64_t _ld_d_u, float* _p_d_b, int64_t _ld_d_b, float* _p_d_W_x, int64_t _ld_d_W_x)
@@ -993,8 +995,8 @@ static int ind_rnn_forward_run(const int64_t* dims, void* const* ptrs, const cs_
     (void)w_W;
     const int64_t* bs = (const int64_t*)ptrs[6];
     (void)ctx;
-    // steps per chunk of the work ahead of them (all T on a GPU)
-    const int64_t n_ch = cs_chunk(n_T, n_B, n_B * (n_H), n_I * (n_H));
+    // steps per chunk of the work ahead of them, from the caller (all T on a GPU)
+    const int64_t n_ch = dims[4] < 1 ? 1 : dims[4];
     cs_packed<S> pk_W_nt = cs_pack_if(n_ch < n_T, ctx, 1, n_ch * n_B, n_H, n_I, w_W, n_I);
     for (int64_t t = 0; t < n_T; ++t) {
         const int64_t rows = bs ? bs[t] : n_B;  // variable lengths: rows 0..B_t-1 run
@@ -1070,8 +1072,8 @@ static int ind_rnn_inference_run(const int64_t* dims, void* const* ptrs, const c
     (void)w_W;
     const int64_t* bs = (const int64_t*)ptrs[6];
     (void)ctx;
-    // steps per chunk of the work ahead of them (all T on a GPU)
-    const int64_t n_ch = cs_chunk(n_T, n_B, n_B * (n_H), n_I * (n_H));
+    // steps per chunk of the work ahead of them, from the caller (all T on a GPU); hg_W__x holds one chunk
+    const int64_t n_ch = dims[4] < 1 ? 1 : dims[4];
     cs_packed<S> pk_W_nt = cs_pack_if(n_ch < n_T, ctx, 1, n_ch * n_B, n_H, n_I, w_W, n_I);
     for (int64_t t = 0; t < n_T; ++t) {
         const int64_t rows = bs ? bs[t] : n_B;  // variable lengths: rows 0..B_t-1 run
@@ -1079,10 +1081,10 @@ static int ind_rnn_inference_run(const int64_t* dims, void* const* ptrs, const c
             const int64_t n_c = n_T - t < n_ch ? n_T - t : n_ch;
             const int64_t tc = t;
             // hg_W__x = x @ [W]^T  (W @ x)
-            CS_GEMM_NT_PACKED(n_c * n_B, n_H, n_I, b_x_x + tc * n_B * (n_I), n_I, pk_W_nt, b_hg_W__x + tc * n_B * (n_H), n_H, 0);
+            CS_GEMM_NT_PACKED(n_c * n_B, n_H, n_I, b_x_x + tc * n_B * (n_I), n_I, pk_W_nt, b_hg_W__x, n_H, 0);
         }
         // inference: stage 0 forward, units of size H
-        CS_PW(ind_rnn_inference_fwd0_H, rows, n_H, b_hg_W__x + t * n_B * (n_H), n_H, b_p_b, 0, b_s_h + t * n_B * (n_H), n_H, b_p_u, 0, b_s_h + (t + 1) * n_B * (n_H), n_H);
+        CS_PW(ind_rnn_inference_fwd0_H, rows, n_H, b_hg_W__x + (t % n_ch) * n_B * (n_H), n_H, b_p_b, 0, b_s_h + t * n_B * (n_H), n_H, b_p_u, 0, b_s_h + (t + 1) * n_B * (n_H), n_H);
         // ended sequences hold their state: rows B_t.. of s_h[t + 1] = s_h[t]
         if (rows < n_B) CS_COPY(b_s_h + ((t + 1) * n_B + rows) * (n_H), b_s_h + (t * n_B + rows) * (n_H), (n_B - rows) * (n_H));
     }

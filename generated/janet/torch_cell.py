@@ -813,17 +813,18 @@ def _native_forward(_lib, _xs, _states, _params, _bs=None):
     def _scratch(name, shape):  # shapes only (_lib None, fake tensors): a fresh one
         return _empty(shape) if _lib is None else _workspace("forward", name, shape, _dt, _dev)
 
+    _n_ch = _T if _lib is None else _lib.chunk_steps(_T, _B, _B * (2*_H), 2*_H*_I)
     x_x = _xs[0].contiguous()
     s_h = _empty((_T + 1, _B, _H))
     s_h[0].copy_(_states[0])
     p_b_f = _params["b_f"].contiguous()
     p_b_c = _params["b_c"].contiguous()
-    hg_W_f_W_c__x = _scratch("hg_W_f_W_c__x", (_T, _B, 2*_H))
+    hg_W_f_W_c__x = _scratch("hg_W_f_W_c__x", (_n_ch, _B, 2*_H))
     g_U_f_U_c__h = _scratch("g_U_f_U_c__h", (_B, 2*_H))
     v_s = _empty((_T, _B, _H))
     v_c_tilde = _empty((_T, _B, _H))
     if _lib is not None:  # None: shapes only (the custom op's fake implementation)
-        _lib("forward", _dims, [x_x, s_h, p_b_f, p_b_c, hg_W_f_W_c__x, g_U_f_U_c__h, v_s, v_c_tilde, _stacked(_params["W_f"], _params["W_c"]), _stacked(_params["U_f"], _params["U_c"]), _bs])
+        _lib("forward", _dims + (_n_ch,), [x_x, s_h, p_b_f, p_b_c, hg_W_f_W_c__x, g_U_f_U_c__h, v_s, v_c_tilde, _stacked(_params["W_f"], _params["W_c"]), _stacked(_params["U_f"], _params["U_c"]), _bs])
     _outputs = (s_h[1:1 + _T],)
     if _bs is not None:  # zeros past each sequence's end
         _m = _native_active(_bs, _B, _xs)
@@ -843,15 +844,16 @@ def _native_inference(_lib, _xs, _states, _params, _bs=None):
     def _scratch(name, shape):  # shapes only (_lib None, fake tensors): a fresh one
         return _empty(shape) if _lib is None else _workspace("inference", name, shape, _dt, _dev)
 
+    _n_ch = _T if _lib is None else _lib.chunk_steps(_T, _B, _B * (2*_H), 2*_H*_I)
     x_x = _xs[0].contiguous()
     s_h = _empty((_T + 1, _B, _H))
     s_h[0].copy_(_states[0])
     p_b_f = _params["b_f"].contiguous()
     p_b_c = _params["b_c"].contiguous()
-    hg_W_f_W_c__x = _scratch("hg_W_f_W_c__x", (_T, _B, 2*_H))
+    hg_W_f_W_c__x = _scratch("hg_W_f_W_c__x", (_n_ch, _B, 2*_H))
     g_U_f_U_c__h = _scratch("g_U_f_U_c__h", (_B, 2*_H))
     if _lib is not None:  # None: shapes only (the custom op's fake implementation)
-        _lib("inference", _dims, [x_x, s_h, p_b_f, p_b_c, hg_W_f_W_c__x, g_U_f_U_c__h, _stacked(_params["W_f"], _params["W_c"]), _stacked(_params["U_f"], _params["U_c"]), _bs])
+        _lib("inference", _dims + (_n_ch,), [x_x, s_h, p_b_f, p_b_c, hg_W_f_W_c__x, g_U_f_U_c__h, _stacked(_params["W_f"], _params["W_c"]), _stacked(_params["U_f"], _params["U_c"]), _bs])
     _outputs = (s_h[1:1 + _T],)
     if _bs is not None:  # zeros past each sequence's end
         _m = _native_active(_bs, _B, _xs)
@@ -910,7 +912,7 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
 # The same two calls as PyTorch custom ops, for torch.compile (which traces them through their
 # fake implementations: the allocations above, without the call). Registered once per process
 # and content of this file; outputs are copies (an op's outputs may not alias each other).
-_OP = "janet_3fff993b3d2d"
+_OP = "janet_1d54a6eda65b"
 
 
 def _op_forward_impl(xs: list[torch.Tensor], states: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -1745,6 +1745,7 @@ def _native_forward(_lib, _xs, _states, _params, _bs=None):
     def _scratch(name, shape):  # shapes only (_lib None, fake tensors): a fresh one
         return _empty(shape) if _lib is None else _workspace("forward", name, shape, _dt, _dev)
 
+    _n_ch = _T if _lib is None else _lib.chunk_steps(_T, _B, _B * (4*_H), 4*_H*_I)
     x_x = _xs[0].contiguous()
     x_mask_j = _xs[1].contiguous()
     s_h = _empty((_T + 1, _B, _H))
@@ -1784,7 +1785,7 @@ def _native_forward(_lib, _xs, _states, _params, _bs=None):
     v_var_5 = _empty((_T, _B, 1))
     v_rstd_5 = _empty((_T, _B, 1))
     if _lib is not None:  # None: shapes only (the custom op's fake implementation)
-        _lib("forward", _dims, [x_x, x_mask_j, s_h, s_c, p_g_i, p_b_i, p_g_j, p_b_j, p_g_f, p_b_f, p_g_o, p_b_o, p_g_c, p_b_c, p_inv_n_H, hg_W_i_W_j_W_f_W_o__x, g_U_i_U_j_U_f_U_o__h, v_mean, v_var, v_rstd, v_i, v_mean_2, v_var_2, v_rstd_2, v_j, v_mean_3, v_var_3, v_rstd_3, v_f, v_mean_4, v_var_4, v_rstd_4, v_o, v_mean_5, v_var_5, v_rstd_5, _stacked(_params["W_i"], _params["W_j"], _params["W_f"], _params["W_o"]), _stacked(_params["U_i"], _params["U_j"], _params["U_f"], _params["U_o"]), _bs])
+        _lib("forward", _dims + (_n_ch,), [x_x, x_mask_j, s_h, s_c, p_g_i, p_b_i, p_g_j, p_b_j, p_g_f, p_b_f, p_g_o, p_b_o, p_g_c, p_b_c, p_inv_n_H, hg_W_i_W_j_W_f_W_o__x, g_U_i_U_j_U_f_U_o__h, v_mean, v_var, v_rstd, v_i, v_mean_2, v_var_2, v_rstd_2, v_j, v_mean_3, v_var_3, v_rstd_3, v_f, v_mean_4, v_var_4, v_rstd_4, v_o, v_mean_5, v_var_5, v_rstd_5, _stacked(_params["W_i"], _params["W_j"], _params["W_f"], _params["W_o"]), _stacked(_params["U_i"], _params["U_j"], _params["U_f"], _params["U_o"]), _bs])
     _outputs = (s_h[1:1 + _T],)
     if _bs is not None:  # zeros past each sequence's end
         _m = _native_active(_bs, _B, _xs)
@@ -1804,6 +1805,7 @@ def _native_inference(_lib, _xs, _states, _params, _bs=None):
     def _scratch(name, shape):  # shapes only (_lib None, fake tensors): a fresh one
         return _empty(shape) if _lib is None else _workspace("inference", name, shape, _dt, _dev)
 
+    _n_ch = _T if _lib is None else _lib.chunk_steps(_T, _B, _B * (4*_H), 4*_H*_I)
     x_x = _xs[0].contiguous()
     x_mask_j = _xs[1].contiguous()
     s_h = _empty((_T + 1, _B, _H))
@@ -1821,10 +1823,10 @@ def _native_inference(_lib, _xs, _states, _params, _bs=None):
     p_g_c = _params["g_c"].contiguous()
     p_b_c = _params["b_c"].contiguous()
     p_inv_n_H = _params["inv_n_H"].contiguous()
-    hg_W_i_W_j_W_f_W_o__x = _empty((_T, _B, 4*_H))
+    hg_W_i_W_j_W_f_W_o__x = _scratch("hg_W_i_W_j_W_f_W_o__x", (_n_ch, _B, 4*_H))
     g_U_i_U_j_U_f_U_o__h = _empty((_B, 4*_H))
     if _lib is not None:  # None: shapes only (the custom op's fake implementation)
-        _lib("inference", _dims, [x_x, x_mask_j, s_h, s_c, p_g_i, p_b_i, p_g_j, p_b_j, p_g_f, p_b_f, p_g_o, p_b_o, p_g_c, p_b_c, p_inv_n_H, hg_W_i_W_j_W_f_W_o__x, g_U_i_U_j_U_f_U_o__h, _stacked(_params["W_i"], _params["W_j"], _params["W_f"], _params["W_o"]), _stacked(_params["U_i"], _params["U_j"], _params["U_f"], _params["U_o"]), _bs])
+        _lib("inference", _dims + (_n_ch,), [x_x, x_mask_j, s_h, s_c, p_g_i, p_b_i, p_g_j, p_b_j, p_g_f, p_b_f, p_g_o, p_b_o, p_g_c, p_b_c, p_inv_n_H, hg_W_i_W_j_W_f_W_o__x, g_U_i_U_j_U_f_U_o__h, _stacked(_params["W_i"], _params["W_j"], _params["W_f"], _params["W_o"]), _stacked(_params["U_i"], _params["U_j"], _params["U_f"], _params["U_o"]), _bs])
     _outputs = (s_h[1:1 + _T],)
     if _bs is not None:  # zeros past each sequence's end
         _m = _native_active(_bs, _B, _xs)
@@ -1939,7 +1941,7 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
 # The same two calls as PyTorch custom ops, for torch.compile (which traces them through their
 # fake implementations: the allocations above, without the call). Registered once per process
 # and content of this file; outputs are copies (an op's outputs may not alias each other).
-_OP = "layer_norm_basic_lstm_515be9f90577"
+_OP = "layer_norm_basic_lstm_94452e179804"
 
 
 def _op_forward_impl(xs: list[torch.Tensor], states: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:

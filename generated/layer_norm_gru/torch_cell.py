@@ -1716,6 +1716,7 @@ def _native_forward(_lib, _xs, _states, _params, _bs=None):
     def _scratch(name, shape):  # shapes only (_lib None, fake tensors): a fresh one
         return _empty(shape) if _lib is None else _workspace("forward", name, shape, _dt, _dev)
 
+    _n_ch = _T if _lib is None else _lib.chunk_steps(_T, _B, _B * (3*_H), 3*_H*_I)
     x_x = _xs[0].contiguous()
     s_h = _empty((_T + 1, _B, _H))
     s_h[0].copy_(_states[0])
@@ -1756,7 +1757,7 @@ def _native_forward(_lib, _xs, _states, _params, _bs=None):
     v_rstd_6 = _empty((_T, _B, 1))
     v_c = _empty((_T, _B, _H))
     if _lib is not None:  # None: shapes only (the custom op's fake implementation)
-        _lib("forward", _dims, [x_x, s_h, p_gx_r, p_bx_r, p_gh_r, p_bh_r, p_gx_u, p_bx_u, p_gh_u, p_bh_u, p_gx_c, p_bx_c, p_gh_c, p_bh_c, p_inv_n_H, hg_W_r_W_u_W_c__x, v_mean, v_var, v_rstd, v_mean_3, v_var_3, v_rstd_3, v_mean_5, v_var_5, v_rstd_5, g_U_r_U_u_U_c__h, v_mean_2, v_var_2, v_rstd_2, v_r, v_mean_4, v_var_4, v_rstd_4, v_u, v_mean_6, v_var_6, v_rstd_6, v_c, _stacked(_params["W_r"], _params["W_u"], _params["W_c"]), _stacked(_params["U_r"], _params["U_u"], _params["U_c"]), _bs])
+        _lib("forward", _dims + (_n_ch,), [x_x, s_h, p_gx_r, p_bx_r, p_gh_r, p_bh_r, p_gx_u, p_bx_u, p_gh_u, p_bh_u, p_gx_c, p_bx_c, p_gh_c, p_bh_c, p_inv_n_H, hg_W_r_W_u_W_c__x, v_mean, v_var, v_rstd, v_mean_3, v_var_3, v_rstd_3, v_mean_5, v_var_5, v_rstd_5, g_U_r_U_u_U_c__h, v_mean_2, v_var_2, v_rstd_2, v_r, v_mean_4, v_var_4, v_rstd_4, v_u, v_mean_6, v_var_6, v_rstd_6, v_c, _stacked(_params["W_r"], _params["W_u"], _params["W_c"]), _stacked(_params["U_r"], _params["U_u"], _params["U_c"]), _bs])
     _outputs = (s_h[1:1 + _T],)
     if _bs is not None:  # zeros past each sequence's end
         _m = _native_active(_bs, _B, _xs)
@@ -1776,6 +1777,7 @@ def _native_inference(_lib, _xs, _states, _params, _bs=None):
     def _scratch(name, shape):  # shapes only (_lib None, fake tensors): a fresh one
         return _empty(shape) if _lib is None else _workspace("inference", name, shape, _dt, _dev)
 
+    _n_ch = _T if _lib is None else _lib.chunk_steps(_T, _B, _B * (3*_H), 3*_H*_I)
     x_x = _xs[0].contiguous()
     s_h = _empty((_T + 1, _B, _H))
     s_h[0].copy_(_states[0])
@@ -1792,7 +1794,7 @@ def _native_inference(_lib, _xs, _states, _params, _bs=None):
     p_gh_c = _params["gh_c"].contiguous()
     p_bh_c = _params["bh_c"].contiguous()
     p_inv_n_H = _params["inv_n_H"].contiguous()
-    hg_W_r_W_u_W_c__x = _empty((_T, _B, 3*_H))
+    hg_W_r_W_u_W_c__x = _scratch("hg_W_r_W_u_W_c__x", (_n_ch, _B, 3*_H))
     tmp_mean = _scratch("tmp_mean", (_B, 1))
     tmp_rstd = _scratch("tmp_rstd", (_B, 1))
     tmp_mean_3 = _scratch("tmp_mean_3", (_B, 1))
@@ -1801,7 +1803,7 @@ def _native_inference(_lib, _xs, _states, _params, _bs=None):
     tmp_rstd_5 = _scratch("tmp_rstd_5", (_B, 1))
     g_U_r_U_u_U_c__h = _empty((_B, 3*_H))
     if _lib is not None:  # None: shapes only (the custom op's fake implementation)
-        _lib("inference", _dims, [x_x, s_h, p_gx_r, p_bx_r, p_gh_r, p_bh_r, p_gx_u, p_bx_u, p_gh_u, p_bh_u, p_gx_c, p_bx_c, p_gh_c, p_bh_c, p_inv_n_H, hg_W_r_W_u_W_c__x, tmp_mean, tmp_rstd, tmp_mean_3, tmp_rstd_3, tmp_mean_5, tmp_rstd_5, g_U_r_U_u_U_c__h, _stacked(_params["W_r"], _params["W_u"], _params["W_c"]), _stacked(_params["U_r"], _params["U_u"], _params["U_c"]), _bs])
+        _lib("inference", _dims + (_n_ch,), [x_x, s_h, p_gx_r, p_bx_r, p_gh_r, p_bh_r, p_gx_u, p_bx_u, p_gh_u, p_bh_u, p_gx_c, p_bx_c, p_gh_c, p_bh_c, p_inv_n_H, hg_W_r_W_u_W_c__x, tmp_mean, tmp_rstd, tmp_mean_3, tmp_rstd_3, tmp_mean_5, tmp_rstd_5, g_U_r_U_u_U_c__h, _stacked(_params["W_r"], _params["W_u"], _params["W_c"]), _stacked(_params["U_r"], _params["U_u"], _params["U_c"]), _bs])
     _outputs = (s_h[1:1 + _T],)
     if _bs is not None:  # zeros past each sequence's end
         _m = _native_active(_bs, _B, _xs)
@@ -1914,7 +1916,7 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
 # The same two calls as PyTorch custom ops, for torch.compile (which traces them through their
 # fake implementations: the allocations above, without the call). Registered once per process
 # and content of this file; outputs are copies (an op's outputs may not alias each other).
-_OP = "layer_norm_gru_d2bcc5bed27e"
+_OP = "layer_norm_gru_523d2d89f841"
 
 
 def _op_forward_impl(xs: list[torch.Tensor], states: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:

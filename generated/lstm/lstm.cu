@@ -65,6 +65,19 @@ static inline int cs_par(int64_t work, int64_t min_work)
     return 0;
 #endif
 }
+// for r in 0 .. rows: body(r), split over the threads when par (cs_par). A loop that does not
+// fork enters no OpenMP region: GCC compiles `parallel for if (0)` to a call into the OpenMP
+// runtime all the same (a team of one), and the steps' loops run a few per step.
+template <typename F>
+static inline void cs_for_rows(int64_t rows, int par, const F& body)
+{
+    if (par) {
+#pragma omp parallel for schedule(static)
+        for (int64_t r = 0; r < rows; ++r) body(r);
+    } else {
+        for (int64_t r = 0; r < rows; ++r) body(r);
+    }
+}
 #if !defined(__CUDACC__) && defined(CELLSPEC_SIMD_MATH) && defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__GLIBC__)
 // CPU build with -DCELLSPEC_SIMD_MATH (and -fno-math-errno -lmvec, as cellspec.runtime.native
 // builds it): glibc's libmvec has vector versions of these functions (same accuracy class, same
@@ -164,9 +177,6 @@ inline void cs_grid(int64_t rows, int64_t cols, dim3* grid, dim3* block) {
 // Cᵀ = op(B)ᵀ op(A)ᵀ, so the BLAS call swaps the operands.
 // ---------------------------------------------------------------------------------------------
 #ifdef __CUDACC__
-// steps per chunk of the work ahead of the steps (the hoisted GEMMs and levels): on a GPU one
-// chunk of all T steps (one large GEMM)
-static inline int64_t cs_chunk(int64_t n_T, int64_t, int64_t, int64_t) { return n_T > 0 ? n_T : 1; }
 typedef int (*cs_gemmex_fn)(void*, int, int, int, int, int, const void*, const void*, int, int,
                             const void*, int, int, const void*, void*, int, int, int, int);
 // cublasGemmEx and the handle of the caller (torch's, bound to its current stream), and that stream
@@ -235,18 +245,6 @@ static cs_packed<S> cs_pack_if(bool, const cs_ctx* c, int ta, int64_t m, int64_t
 #define CS_ZERO(p, count) CS_CHECK((int)cudaMemsetAsync((p), 0, (size_t)(count) * sizeof(*(p)), (cudaStream_t)ctx->stream))
 #define CS_COPY(dst, src, count) CS_CHECK((int)cudaMemcpyAsync((dst), (src), (size_t)(count) * sizeof(*(dst)), cudaMemcpyDeviceToDevice, (cudaStream_t)ctx->stream))
 #else
-// steps per chunk of the work ahead of the steps (the hoisted GEMMs and levels): as many as
-// write ~256 KiB (64 Ki floats per row of B rows: floats_per_step / n_B), which are still in L2
-// when the steps read them; with weights of more than 1 MiB (which stream from L3 once per
-// chunk) at least 256 rows. One chunk of all T steps wrote [T, B, w] through to L3 or memory
-// and read it back from there (LSTM (64, 32, 256) inference, one thread: 1.20x -> 1.10x
-// torch.nn; (256, 64, 512): 4 steps of 64 rows 1.03x, 1 step 1.19x; docs/performance.md).
-static inline int64_t cs_chunk(int64_t n_T, int64_t n_B, int64_t floats_per_step, int64_t weight_floats)
-{
-    int64_t c = 65536 / (floats_per_step > 0 ? floats_per_step : 1);
-    if (weight_floats > 262144 && n_B > 0 && c * n_B < 256) c = (256 + n_B - 1) / n_B;
-    return c < 1 ? 1 : (c > n_T ? (n_T > 0 ? n_T : 1) : c);
-}
 // CPU: the Fortran-ABI ?gemm_ of a BLAS already loaded in the process (MKL's, exported by
 // torch's own library), found by the caller at run time and passed in: no link-time BLAS.
 typedef void (*cs_sgemm_fn)(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
@@ -386,8 +384,19 @@ static inline void cs_own_masks(int64_t width, __mmask16* m0, __mmask16* m1)
     *m0 = width >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << width) - 1);
     *m1 = width >= 32 ? (__mmask16)0xffff : (width > 16 ? (__mmask16)((1u << (width - 16)) - 1) : (__mmask16)0);
 }
+// rows x 32 columns of the product: panel q against every row of a
+__attribute__((target("avx512f"))) static inline void cs_own_panel(int64_t q, int64_t rows, int64_t n, int64_t k, const float* a,
+                                                                   int64_t lda, const float* packed, float* out, int64_t ldc, int beta)
+{
+    const int64_t p = q * 32;
+    __mmask16 m0, m1;
+    cs_own_masks(n - p < 32 ? n - p : 32, &m0, &m1);
+    for (int64_t i = 0; i < rows; i += 12)
+        cs_own_rows<false>(rows - i < 12 ? rows - i : 12, k, a + i * lda, lda, packed + p * k, out + i * ldc + p, ldc, m0, m1, beta);
+}
 // out[m, n] (+)= a[m, k] times the packed weight. Blocks of rows whose slice of `a` stays in L2
-// (~256 KiB) run one after another; inside a block the threads split the panels.
+// (~256 KiB) run one after another; inside a block the threads split the panels (one thread: no
+// OpenMP region at all, as in cs_for_rows).
 __attribute__((target("avx512f"))) static void cs_own_gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
                                                            const float* packed, float* out, int64_t ldc, int beta)
 {
@@ -398,14 +407,11 @@ __attribute__((target("avx512f"))) static void cs_own_gemm(int64_t m, int64_t n,
         const int64_t rows = m - i0 < mc ? m - i0 : mc;
         const float* ab = a + i0 * lda;
         float* cb = out + i0 * ldc;
-#pragma omp parallel for schedule(static) if (cs_par(rows * n * k, 262144))
-        for (int64_t q = 0; q < panels; ++q) {
-            const int64_t p = q * 32;
-            __mmask16 m0, m1;
-            cs_own_masks(n - p < 32 ? n - p : 32, &m0, &m1);
-            const float* b = packed + p * k;
-            for (int64_t i = 0; i < rows; i += 12)
-                cs_own_rows<false>(rows - i < 12 ? rows - i : 12, k, ab + i * lda, lda, b, cb + i * ldc + p, ldc, m0, m1, beta);
+        if (cs_par(rows * n * k, 262144)) {
+#pragma omp parallel for schedule(static)
+            for (int64_t q = 0; q < panels; ++q) cs_own_panel(q, rows, n, k, ab, lda, packed, cb, ldc, beta);
+        } else {
+            for (int64_t q = 0; q < panels; ++q) cs_own_panel(q, rows, n, k, ab, lda, packed, cb, ldc, beta);
         }
     }
 }
@@ -714,8 +720,7 @@ extern "C" int lstm_forward_fwd0_H_cuda_bf16(int64_t _rows, int64_t _cols, const
 template <typename real>
 static inline void lstm_forward_fwd0_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_W_hf_h, int64_t _ld_W_hf_h, const real* __restrict__ _p_W_hg_h, int64_t _ld_W_hg_h, const real* __restrict__ _p_W_hi_h, int64_t _ld_W_hi_h, const real* __restrict__ _p_W_ho_h, int64_t _ld_W_ho_h, const real* __restrict__ _p_W_if_x, int64_t _ld_W_if_x, const real* __restrict__ _p_W_ig_x, int64_t _ld_W_ig_x, const real* __restrict__ _p_W_ii_x, int64_t _ld_W_ii_x, const real* __restrict__ _p_W_io_x, int64_t _ld_W_io_x, const real* __restrict__ _p_b_hf, int64_t _ld_b_hf, const real* __restrict__ _p_b_hg, int64_t _ld_b_hg, const real* __restrict__ _p_b_hi, int64_t _ld_b_hi, const real* __restrict__ _p_b_ho, int64_t _ld_b_ho, const real* __restrict__ _p_b_if, int64_t _ld_b_if, const real* __restrict__ _p_b_ig, int64_t _ld_b_ig, const real* __restrict__ _p_b_ii, int64_t _ld_b_ii, const real* __restrict__ _p_b_io, int64_t _ld_b_io, const real* __restrict__ _p_c, int64_t _ld_c, real* __restrict__ _p_i, int64_t _ld_i, real* __restrict__ _p_f, int64_t _ld_f, real* __restrict__ _p_g, int64_t _ld_g, real* __restrict__ _p_o, int64_t _ld_o, real* __restrict__ _p_c_next, int64_t _ld_c_next, real* __restrict__ _p_h_next, int64_t _ld_h_next)
 {
-#pragma omp parallel for schedule(static) if (cs_par(_rows * _cols, 1024))
-    for (int64_t _r = 0; _r < _rows; ++_r) {
+    cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
 #pragma omp simd
         for (int64_t _j = 0; _j < _cols; ++_j) {
             real W_hf_h = _p_W_hf_h[_r * _ld_W_hf_h + _j];
@@ -749,7 +754,7 @@ static inline void lstm_forward_fwd0_H_host(int64_t _rows, int64_t _cols, const 
             _p_c_next[_r * _ld_c_next + _j] = c_next;
             _p_h_next[_r * _ld_h_next + _j] = h_next;
         }
-    }
+    });
 }
 
 extern "C" void lstm_forward_fwd0_H_f32(int64_t _rows, int64_t _cols, const float* _p_W_hf_h, int64_t _ld_W_hf_h, const float* _p_W_hg_h, int64_t _ld_W_hg_h, const float* _p_W_hi_h, int64_t _ld_W_hi_h, const float* _p_W_ho_h, int64_t _ld_W_ho_h, const float* _p_W_if_x, int64_t _ld_W_if_x, const float* _p_W_ig_x, int64_t _ld_W_ig_x, const float* _p_W_ii_x, int64_t _ld_W_ii_x, const float* _p_W_io_x, int64_t _ld_W_io_x, const float* _p_b_hf, int64_t _ld_b_hf, const float* _p_b_hg, int64_t _ld_b_hg, const float* _p_b_hi, int64_t _ld_b_hi, const float* _p_b_ho, int64_t _ld_b_ho, const float* _p_b_if, int64_t _ld_b_if, const float* _p_b_ig, int64_t _ld_b_ig, const float* _p_b_ii, int64_t _ld_b_ii, const float* _p_b_io, int64_t _ld_b_io, const float* _p_c, int64_t _ld_c, float* _p_i, int64_t _ld_i, float* _p_f, int64_t _ld_f, float* _p_g, int64_t _ld_g, float* _p_o, int64_t _ld_o, float* _p_c_next, int64_t _ld_c_next, float* _p_h_next, int64_t _ld_h_next)
@@ -864,8 +869,7 @@ extern "C" int lstm_inference_fwd0_H_cuda_bf16(int64_t _rows, int64_t _cols, con
 template <typename real>
 static inline void lstm_inference_fwd0_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_W_hf_h, int64_t _ld_W_hf_h, const real* __restrict__ _p_W_hg_h, int64_t _ld_W_hg_h, const real* __restrict__ _p_W_hi_h, int64_t _ld_W_hi_h, const real* __restrict__ _p_W_ho_h, int64_t _ld_W_ho_h, const real* __restrict__ _p_W_if_x, int64_t _ld_W_if_x, const real* __restrict__ _p_W_ig_x, int64_t _ld_W_ig_x, const real* __restrict__ _p_W_ii_x, int64_t _ld_W_ii_x, const real* __restrict__ _p_W_io_x, int64_t _ld_W_io_x, const real* __restrict__ _p_b_hf, int64_t _ld_b_hf, const real* __restrict__ _p_b_hg, int64_t _ld_b_hg, const real* __restrict__ _p_b_hi, int64_t _ld_b_hi, const real* __restrict__ _p_b_ho, int64_t _ld_b_ho, const real* __restrict__ _p_b_if, int64_t _ld_b_if, const real* __restrict__ _p_b_ig, int64_t _ld_b_ig, const real* __restrict__ _p_b_ii, int64_t _ld_b_ii, const real* __restrict__ _p_b_io, int64_t _ld_b_io, const real* __restrict__ _p_c, int64_t _ld_c, real* __restrict__ _p_c_next, int64_t _ld_c_next, real* __restrict__ _p_h_next, int64_t _ld_h_next)
 {
-#pragma omp parallel for schedule(static) if (cs_par(_rows * _cols, 1024))
-    for (int64_t _r = 0; _r < _rows; ++_r) {
+    cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
 #pragma omp simd
         for (int64_t _j = 0; _j < _cols; ++_j) {
             real W_hf_h = _p_W_hf_h[_r * _ld_W_hf_h + _j];
@@ -891,7 +895,7 @@ static inline void lstm_inference_fwd0_H_host(int64_t _rows, int64_t _cols, cons
             _p_c_next[_r * _ld_c_next + _j] = c_next;
             _p_h_next[_r * _ld_h_next + _j] = h_next;
         }
-    }
+    });
 }
 
 extern "C" void lstm_inference_fwd0_H_f32(int64_t _rows, int64_t _cols, const float* _p_W_hf_h, int64_t _ld_W_hf_h, const float* _p_W_hg_h, int64_t _ld_W_hg_h, const float* _p_W_hi_h, int64_t _ld_W_hi_h, const float* _p_W_ho_h, int64_t _ld_W_ho_h, const float* _p_W_if_x, int64_t _ld_W_if_x, const float* _p_W_ig_x, int64_t _ld_W_ig_x, const float* _p_W_ii_x, int64_t _ld_W_ii_x, const float* _p_W_io_x, int64_t _ld_W_io_x, const float* _p_b_hf, int64_t _ld_b_hf, const float* _p_b_hg, int64_t _ld_b_hg, const float* _p_b_hi, int64_t _ld_b_hi, const float* _p_b_ho, int64_t _ld_b_ho, const float* _p_b_if, int64_t _ld_b_if, const float* _p_b_ig, int64_t _ld_b_ig, const float* _p_b_ii, int64_t _ld_b_ii, const float* _p_b_io, int64_t _ld_b_io, const float* _p_c, int64_t _ld_c, float* _p_c_next, int64_t _ld_c_next, float* _p_h_next, int64_t _ld_h_next)
@@ -1008,8 +1012,7 @@ extern "C" int lstm_backward_bwd0_H_cuda_bf16(int64_t _rows, int64_t _cols, cons
 template <typename real>
 static inline void lstm_backward_bwd0_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_c, int64_t _ld_c, const real* __restrict__ _p_c_next, int64_t _ld_c_next, const real* __restrict__ _p_d_c, int64_t _ld_d_c, const real* __restrict__ _p_d_h, int64_t _ld_d_h, const real* __restrict__ _p_d_h_next_out, int64_t _ld_d_h_next_out, const real* __restrict__ _p_f, int64_t _ld_f, const real* __restrict__ _p_g, int64_t _ld_g, const real* __restrict__ _p_i, int64_t _ld_i, const real* __restrict__ _p_o, int64_t _ld_o, real* __restrict__ _p_d_c_next, int64_t _ld_d_c_next, real* __restrict__ _p_d_W_hi_h, int64_t _ld_d_W_hi_h, real* __restrict__ _p_d_W_hf_h, int64_t _ld_d_W_hf_h, real* __restrict__ _p_d_W_hg_h, int64_t _ld_d_W_hg_h, real* __restrict__ _p_d_W_ho_h, int64_t _ld_d_W_ho_h)
 {
-#pragma omp parallel for schedule(static) if (cs_par(_rows * _cols, 1024))
-    for (int64_t _r = 0; _r < _rows; ++_r) {
+    cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
 #pragma omp simd
         for (int64_t _j = 0; _j < _cols; ++_j) {
             real c = _p_c[_r * _ld_c + _j];
@@ -1033,7 +1036,7 @@ static inline void lstm_backward_bwd0_H_host(int64_t _rows, int64_t _cols, const
             _p_d_W_hg_h[_r * _ld_d_W_hg_h + _j] = d_W_hg_h;
             _p_d_W_ho_h[_r * _ld_d_W_ho_h + _j] = d_W_ho_h;
         }
-    }
+    });
 }
 
 extern "C" void lstm_backward_bwd0_H_f32(int64_t _rows, int64_t _cols, const float* _p_c, int64_t _ld_c, const float* _p_c_next, int64_t _ld_c_next, const float* _p_d_c, int64_t _ld_d_c, const float* _p_d_h, int64_t _ld_d_h, const float* _p_d_h_next_out, int64_t _ld_d_h_next_out, const float* _p_f, int64_t _ld_f, const float* _p_g, int64_t _ld_g, const float* _p_i, int64_t _ld_i, const float* _p_o, int64_t _ld_o, float* _p_d_c_next, int64_t _ld_d_c_next, float* _p_d_W_hi_h, int64_t _ld_d_W_hi_h, float* _p_d_W_hf_h, int64_t _ld_d_W_hf_h, float* _p_d_W_hg_h, int64_t _ld_d_W_hg_h, float* _p_d_W_ho_h, int64_t _ld_d_W_ho_h)
@@ -1112,8 +1115,7 @@ extern "C" int lstm_backward_bwd_leaf_H_cuda_bf16(int64_t _rows, int64_t _cols, 
 template <typename real>
 static inline void lstm_backward_bwd_leaf_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_d_c_next, int64_t _ld_d_c_next, const real* __restrict__ _p_d_h_gemm, int64_t _ld_d_h_gemm, const real* __restrict__ _p_f, int64_t _ld_f, real* __restrict__ _p_d_h, int64_t _ld_d_h, real* __restrict__ _p_d_c, int64_t _ld_d_c)
 {
-#pragma omp parallel for schedule(static) if (cs_par(_rows * _cols, 1024))
-    for (int64_t _r = 0; _r < _rows; ++_r) {
+    cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
 #pragma omp simd
         for (int64_t _j = 0; _j < _cols; ++_j) {
             real d_c_next = _p_d_c_next[_r * _ld_d_c_next + _j];
@@ -1125,7 +1127,7 @@ static inline void lstm_backward_bwd_leaf_H_host(int64_t _rows, int64_t _cols, c
             _p_d_h[_r * _ld_d_h + _j] = d_h;
             _p_d_c[_r * _ld_d_c + _j] = d_c;
         }
-    }
+    });
 }
 
 extern "C" void lstm_backward_bwd_leaf_H_f32(int64_t _rows, int64_t _cols, const float* _p_d_c_next, int64_t _ld_d_c_next, const float* _p_d_h_gemm, int64_t _ld_d_h_gemm, const float* _p_f, int64_t _ld_f, float* _p_d_h, int64_t _ld_d_h, float* _p_d_c, int64_t _ld_d_c)
@@ -1201,8 +1203,8 @@ static int lstm_forward_run(const int64_t* dims, void* const* ptrs, const cs_ctx
         CS_ZERO(b_v_g, (n_T) * (n_B) * (n_H));
         CS_ZERO(b_v_o, (n_T) * (n_B) * (n_H));
     }
-    // steps per chunk of the work ahead of them (all T on a GPU)
-    const int64_t n_ch = cs_chunk(n_T, n_B, n_B * (4*n_H), n_I * (4*n_H));
+    // steps per chunk of the work ahead of them, from the caller (all T on a GPU); hg_W_ii_W_if_W_ig_W_io__x holds one chunk
+    const int64_t n_ch = dims[4] < 1 ? 1 : dims[4];
     cs_packed<S> pk_W_ii_W_if_W_ig_W_io_nt = cs_pack_if(n_ch < n_T, ctx, 1, n_ch * n_B, 4*n_H, n_I, w_W_ii_W_if_W_ig_W_io, n_I);
     cs_packed<S> pk_W_hi_W_hf_W_hg_W_ho_nt = cs_pack(ctx, 1, n_B, 4*n_H, n_H, w_W_hi_W_hf_W_hg_W_ho, n_H);
     for (int64_t t = 0; t < n_T; ++t) {
@@ -1211,12 +1213,12 @@ static int lstm_forward_run(const int64_t* dims, void* const* ptrs, const cs_ctx
             const int64_t n_c = n_T - t < n_ch ? n_T - t : n_ch;
             const int64_t tc = t;
             // hg_W_ii_W_if_W_ig_W_io__x = x @ [W_ii, W_if, W_ig, W_io]^T  (W_ii @ x, W_if @ x, W_ig @ x, W_io @ x)
-            CS_GEMM_NT_PACKED(n_c * n_B, 4*n_H, n_I, b_x_x + tc * n_B * (n_I), n_I, pk_W_ii_W_if_W_ig_W_io_nt, b_hg_W_ii_W_if_W_ig_W_io__x + tc * n_B * (4*n_H), 4*n_H, 0);
+            CS_GEMM_NT_PACKED(n_c * n_B, 4*n_H, n_I, b_x_x + tc * n_B * (n_I), n_I, pk_W_ii_W_if_W_ig_W_io_nt, b_hg_W_ii_W_if_W_ig_W_io__x, 4*n_H, 0);
         }
         // g_W_hi_W_hf_W_hg_W_ho__h = h @ [W_hi, W_hf, W_hg, W_ho]^T  (W_hi @ h, W_hf @ h, W_hg @ h, W_ho @ h)
         CS_GEMM_NT_PACKED(rows, 4*n_H, n_H, b_s_h + t * n_B * (n_H), n_H, pk_W_hi_W_hf_W_hg_W_ho_nt, b_g_W_hi_W_hf_W_hg_W_ho__h, 4*n_H, 0);
         // forward: stage 0 forward, units of size H
-        CS_PW(lstm_forward_fwd0_H, rows, n_H, b_g_W_hi_W_hf_W_hg_W_ho__h + n_H, 4*n_H, b_g_W_hi_W_hf_W_hg_W_ho__h + 2*n_H, 4*n_H, b_g_W_hi_W_hf_W_hg_W_ho__h, 4*n_H, b_g_W_hi_W_hf_W_hg_W_ho__h + 3*n_H, 4*n_H, b_hg_W_ii_W_if_W_ig_W_io__x + t * n_B * (4*n_H) + n_H, 4*n_H, b_hg_W_ii_W_if_W_ig_W_io__x + t * n_B * (4*n_H) + 2*n_H, 4*n_H, b_hg_W_ii_W_if_W_ig_W_io__x + t * n_B * (4*n_H), 4*n_H, b_hg_W_ii_W_if_W_ig_W_io__x + t * n_B * (4*n_H) + 3*n_H, 4*n_H, b_p_b_hf, 0, b_p_b_hg, 0, b_p_b_hi, 0, b_p_b_ho, 0, b_p_b_if, 0, b_p_b_ig, 0, b_p_b_ii, 0, b_p_b_io, 0, b_s_c + t * n_B * (n_H), n_H, b_v_i + t * n_B * (n_H), n_H, b_v_f + t * n_B * (n_H), n_H, b_v_g + t * n_B * (n_H), n_H, b_v_o + t * n_B * (n_H), n_H, b_s_c + (t + 1) * n_B * (n_H), n_H, b_s_h + (t + 1) * n_B * (n_H), n_H);
+        CS_PW(lstm_forward_fwd0_H, rows, n_H, b_g_W_hi_W_hf_W_hg_W_ho__h + n_H, 4*n_H, b_g_W_hi_W_hf_W_hg_W_ho__h + 2*n_H, 4*n_H, b_g_W_hi_W_hf_W_hg_W_ho__h, 4*n_H, b_g_W_hi_W_hf_W_hg_W_ho__h + 3*n_H, 4*n_H, b_hg_W_ii_W_if_W_ig_W_io__x + (t % n_ch) * n_B * (4*n_H) + n_H, 4*n_H, b_hg_W_ii_W_if_W_ig_W_io__x + (t % n_ch) * n_B * (4*n_H) + 2*n_H, 4*n_H, b_hg_W_ii_W_if_W_ig_W_io__x + (t % n_ch) * n_B * (4*n_H), 4*n_H, b_hg_W_ii_W_if_W_ig_W_io__x + (t % n_ch) * n_B * (4*n_H) + 3*n_H, 4*n_H, b_p_b_hf, 0, b_p_b_hg, 0, b_p_b_hi, 0, b_p_b_ho, 0, b_p_b_if, 0, b_p_b_ig, 0, b_p_b_ii, 0, b_p_b_io, 0, b_s_c + t * n_B * (n_H), n_H, b_v_i + t * n_B * (n_H), n_H, b_v_f + t * n_B * (n_H), n_H, b_v_g + t * n_B * (n_H), n_H, b_v_o + t * n_B * (n_H), n_H, b_s_c + (t + 1) * n_B * (n_H), n_H, b_s_h + (t + 1) * n_B * (n_H), n_H);
         // ended sequences hold their state: rows B_t.. of s_h[t + 1] = s_h[t]
         if (rows < n_B) CS_COPY(b_s_h + ((t + 1) * n_B + rows) * (n_H), b_s_h + (t * n_B + rows) * (n_H), (n_B - rows) * (n_H));
         // ended sequences hold their state: rows B_t.. of s_c[t + 1] = s_c[t]
@@ -1302,8 +1304,8 @@ static int lstm_inference_run(const int64_t* dims, void* const* ptrs, const cs_c
     (void)w_W_hi_W_hf_W_hg_W_ho;
     const int64_t* bs = (const int64_t*)ptrs[15];
     (void)ctx;
-    // steps per chunk of the work ahead of them (all T on a GPU)
-    const int64_t n_ch = cs_chunk(n_T, n_B, n_B * (4*n_H), n_I * (4*n_H));
+    // steps per chunk of the work ahead of them, from the caller (all T on a GPU); hg_W_ii_W_if_W_ig_W_io__x holds one chunk
+    const int64_t n_ch = dims[4] < 1 ? 1 : dims[4];
     cs_packed<S> pk_W_ii_W_if_W_ig_W_io_nt = cs_pack_if(n_ch < n_T, ctx, 1, n_ch * n_B, 4*n_H, n_I, w_W_ii_W_if_W_ig_W_io, n_I);
     cs_packed<S> pk_W_hi_W_hf_W_hg_W_ho_nt = cs_pack(ctx, 1, n_B, 4*n_H, n_H, w_W_hi_W_hf_W_hg_W_ho, n_H);
     for (int64_t t = 0; t < n_T; ++t) {
@@ -1312,12 +1314,12 @@ static int lstm_inference_run(const int64_t* dims, void* const* ptrs, const cs_c
             const int64_t n_c = n_T - t < n_ch ? n_T - t : n_ch;
             const int64_t tc = t;
             // hg_W_ii_W_if_W_ig_W_io__x = x @ [W_ii, W_if, W_ig, W_io]^T  (W_ii @ x, W_if @ x, W_ig @ x, W_io @ x)
-            CS_GEMM_NT_PACKED(n_c * n_B, 4*n_H, n_I, b_x_x + tc * n_B * (n_I), n_I, pk_W_ii_W_if_W_ig_W_io_nt, b_hg_W_ii_W_if_W_ig_W_io__x + tc * n_B * (4*n_H), 4*n_H, 0);
+            CS_GEMM_NT_PACKED(n_c * n_B, 4*n_H, n_I, b_x_x + tc * n_B * (n_I), n_I, pk_W_ii_W_if_W_ig_W_io_nt, b_hg_W_ii_W_if_W_ig_W_io__x, 4*n_H, 0);
         }
         // g_W_hi_W_hf_W_hg_W_ho__h = h @ [W_hi, W_hf, W_hg, W_ho]^T  (W_hi @ h, W_hf @ h, W_hg @ h, W_ho @ h)
         CS_GEMM_NT_PACKED(rows, 4*n_H, n_H, b_s_h + t * n_B * (n_H), n_H, pk_W_hi_W_hf_W_hg_W_ho_nt, b_g_W_hi_W_hf_W_hg_W_ho__h, 4*n_H, 0);
         // inference: stage 0 forward, units of size H
-        CS_PW(lstm_inference_fwd0_H, rows, n_H, b_g_W_hi_W_hf_W_hg_W_ho__h + n_H, 4*n_H, b_g_W_hi_W_hf_W_hg_W_ho__h + 2*n_H, 4*n_H, b_g_W_hi_W_hf_W_hg_W_ho__h, 4*n_H, b_g_W_hi_W_hf_W_hg_W_ho__h + 3*n_H, 4*n_H, b_hg_W_ii_W_if_W_ig_W_io__x + t * n_B * (4*n_H) + n_H, 4*n_H, b_hg_W_ii_W_if_W_ig_W_io__x + t * n_B * (4*n_H) + 2*n_H, 4*n_H, b_hg_W_ii_W_if_W_ig_W_io__x + t * n_B * (4*n_H), 4*n_H, b_hg_W_ii_W_if_W_ig_W_io__x + t * n_B * (4*n_H) + 3*n_H, 4*n_H, b_p_b_hf, 0, b_p_b_hg, 0, b_p_b_hi, 0, b_p_b_ho, 0, b_p_b_if, 0, b_p_b_ig, 0, b_p_b_ii, 0, b_p_b_io, 0, b_s_c + t * n_B * (n_H), n_H, b_s_c + (t + 1) * n_B * (n_H), n_H, b_s_h + (t + 1) * n_B * (n_H), n_H);
+        CS_PW(lstm_inference_fwd0_H, rows, n_H, b_g_W_hi_W_hf_W_hg_W_ho__h + n_H, 4*n_H, b_g_W_hi_W_hf_W_hg_W_ho__h + 2*n_H, 4*n_H, b_g_W_hi_W_hf_W_hg_W_ho__h, 4*n_H, b_g_W_hi_W_hf_W_hg_W_ho__h + 3*n_H, 4*n_H, b_hg_W_ii_W_if_W_ig_W_io__x + (t % n_ch) * n_B * (4*n_H) + n_H, 4*n_H, b_hg_W_ii_W_if_W_ig_W_io__x + (t % n_ch) * n_B * (4*n_H) + 2*n_H, 4*n_H, b_hg_W_ii_W_if_W_ig_W_io__x + (t % n_ch) * n_B * (4*n_H), 4*n_H, b_hg_W_ii_W_if_W_ig_W_io__x + (t % n_ch) * n_B * (4*n_H) + 3*n_H, 4*n_H, b_p_b_hf, 0, b_p_b_hg, 0, b_p_b_hi, 0, b_p_b_ho, 0, b_p_b_if, 0, b_p_b_ig, 0, b_p_b_ii, 0, b_p_b_io, 0, b_s_c + t * n_B * (n_H), n_H, b_s_c + (t + 1) * n_B * (n_H), n_H, b_s_h + (t + 1) * n_B * (n_H), n_H);
         // ended sequences hold their state: rows B_t.. of s_h[t + 1] = s_h[t]
         if (rows < n_B) CS_COPY(b_s_h + ((t + 1) * n_B + rows) * (n_H), b_s_h + (t * n_B + rows) * (n_H), (n_B - rows) * (n_H));
         // ended sequences hold their state: rows B_t.. of s_c[t + 1] = s_c[t]

@@ -1002,6 +1002,7 @@ def _native_forward(_lib, _xs, _states, _params, _bs=None):
     def _scratch(name, shape):  # shapes only (_lib None, fake tensors): a fresh one
         return _empty(shape) if _lib is None else _workspace("forward", name, shape, _dt, _dev)
 
+    _n_ch = _T if _lib is None else _lib.chunk_steps(_T, _B, _B * (4*_H), 4*_H*_I)
     x_x = _xs[0].contiguous()
     s_h = _empty((_T + 1, _B, _H))
     s_h[0].copy_(_states[0])
@@ -1015,14 +1016,14 @@ def _native_forward(_lib, _xs, _states, _params, _bs=None):
     p_b_hg = _params["b_hg"].contiguous()
     p_b_io = _params["b_io"].contiguous()
     p_b_ho = _params["b_ho"].contiguous()
-    hg_W_ii_W_if_W_ig_W_io__x = _scratch("hg_W_ii_W_if_W_ig_W_io__x", (_T, _B, 4*_H))
+    hg_W_ii_W_if_W_ig_W_io__x = _scratch("hg_W_ii_W_if_W_ig_W_io__x", (_n_ch, _B, 4*_H))
     g_W_hi_W_hf_W_hg_W_ho__h = _scratch("g_W_hi_W_hf_W_hg_W_ho__h", (_B, 4*_H))
     v_i = _empty((_T, _B, _H))
     v_f = _empty((_T, _B, _H))
     v_g = _empty((_T, _B, _H))
     v_o = _empty((_T, _B, _H))
     if _lib is not None:  # None: shapes only (the custom op's fake implementation)
-        _lib("forward", _dims, [x_x, s_h, s_c, p_b_ii, p_b_hi, p_b_if, p_b_hf, p_b_ig, p_b_hg, p_b_io, p_b_ho, hg_W_ii_W_if_W_ig_W_io__x, g_W_hi_W_hf_W_hg_W_ho__h, v_i, v_f, v_g, v_o, _stacked(_params["W_ii"], _params["W_if"], _params["W_ig"], _params["W_io"]), _stacked(_params["W_hi"], _params["W_hf"], _params["W_hg"], _params["W_ho"]), _bs])
+        _lib("forward", _dims + (_n_ch,), [x_x, s_h, s_c, p_b_ii, p_b_hi, p_b_if, p_b_hf, p_b_ig, p_b_hg, p_b_io, p_b_ho, hg_W_ii_W_if_W_ig_W_io__x, g_W_hi_W_hf_W_hg_W_ho__h, v_i, v_f, v_g, v_o, _stacked(_params["W_ii"], _params["W_if"], _params["W_ig"], _params["W_io"]), _stacked(_params["W_hi"], _params["W_hf"], _params["W_hg"], _params["W_ho"]), _bs])
     _outputs = (s_h[1:1 + _T],)
     if _bs is not None:  # zeros past each sequence's end
         _m = _native_active(_bs, _B, _xs)
@@ -1042,6 +1043,7 @@ def _native_inference(_lib, _xs, _states, _params, _bs=None):
     def _scratch(name, shape):  # shapes only (_lib None, fake tensors): a fresh one
         return _empty(shape) if _lib is None else _workspace("inference", name, shape, _dt, _dev)
 
+    _n_ch = _T if _lib is None else _lib.chunk_steps(_T, _B, _B * (4*_H), 4*_H*_I)
     x_x = _xs[0].contiguous()
     s_h = _empty((_T + 1, _B, _H))
     s_h[0].copy_(_states[0])
@@ -1055,10 +1057,10 @@ def _native_inference(_lib, _xs, _states, _params, _bs=None):
     p_b_hg = _params["b_hg"].contiguous()
     p_b_io = _params["b_io"].contiguous()
     p_b_ho = _params["b_ho"].contiguous()
-    hg_W_ii_W_if_W_ig_W_io__x = _scratch("hg_W_ii_W_if_W_ig_W_io__x", (_T, _B, 4*_H))
+    hg_W_ii_W_if_W_ig_W_io__x = _scratch("hg_W_ii_W_if_W_ig_W_io__x", (_n_ch, _B, 4*_H))
     g_W_hi_W_hf_W_hg_W_ho__h = _scratch("g_W_hi_W_hf_W_hg_W_ho__h", (_B, 4*_H))
     if _lib is not None:  # None: shapes only (the custom op's fake implementation)
-        _lib("inference", _dims, [x_x, s_h, s_c, p_b_ii, p_b_hi, p_b_if, p_b_hf, p_b_ig, p_b_hg, p_b_io, p_b_ho, hg_W_ii_W_if_W_ig_W_io__x, g_W_hi_W_hf_W_hg_W_ho__h, _stacked(_params["W_ii"], _params["W_if"], _params["W_ig"], _params["W_io"]), _stacked(_params["W_hi"], _params["W_hf"], _params["W_hg"], _params["W_ho"]), _bs])
+        _lib("inference", _dims + (_n_ch,), [x_x, s_h, s_c, p_b_ii, p_b_hi, p_b_if, p_b_hf, p_b_ig, p_b_hg, p_b_io, p_b_ho, hg_W_ii_W_if_W_ig_W_io__x, g_W_hi_W_hf_W_hg_W_ho__h, _stacked(_params["W_ii"], _params["W_if"], _params["W_ig"], _params["W_io"]), _stacked(_params["W_hi"], _params["W_hf"], _params["W_hg"], _params["W_ho"]), _bs])
     _outputs = (s_h[1:1 + _T],)
     if _bs is not None:  # zeros past each sequence's end
         _m = _native_active(_bs, _B, _xs)
@@ -1131,7 +1133,7 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
 # The same two calls as PyTorch custom ops, for torch.compile (which traces them through their
 # fake implementations: the allocations above, without the call). Registered once per process
 # and content of this file; outputs are copies (an op's outputs may not alias each other).
-_OP = "lstm_6674b8605436"
+_OP = "lstm_1601ba44c424"
 
 
 def _op_forward_impl(xs: list[torch.Tensor], states: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:

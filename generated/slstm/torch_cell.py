@@ -1153,6 +1153,7 @@ def _native_forward(_lib, _xs, _states, _params, _bs=None):
     def _scratch(name, shape):  # shapes only (_lib None, fake tensors): a fresh one
         return _empty(shape) if _lib is None else _workspace("forward", name, shape, _dt, _dev)
 
+    _n_ch = _T if _lib is None else _lib.chunk_steps(_T, _B, _B * (4*_H), 4*_H*_I)
     x_x = _xs[0].contiguous()
     s_h = _empty((_T + 1, _B, _H))
     s_h[0].copy_(_states[0])
@@ -1166,7 +1167,7 @@ def _native_forward(_lib, _xs, _states, _params, _bs=None):
     p_b_i = _params["b_i"].contiguous()
     p_b_f = _params["b_f"].contiguous()
     p_b_o = _params["b_o"].contiguous()
-    hg_W_z_W_i_W_f_W_o__x = _scratch("hg_W_z_W_i_W_f_W_o__x", (_T, _B, 4*_H))
+    hg_W_z_W_i_W_f_W_o__x = _scratch("hg_W_z_W_i_W_f_W_o__x", (_n_ch, _B, 4*_H))
     g_R_z_R_i_R_f_R_o__h = _scratch("g_R_z_R_i_R_f_R_o__h", (_B, 4*_H))
     v_z = _empty((_T, _B, _H))
     v_it = _empty((_T, _B, _H))
@@ -1175,7 +1176,7 @@ def _native_forward(_lib, _xs, _states, _params, _bs=None):
     v_i = _empty((_T, _B, _H))
     v_f = _empty((_T, _B, _H))
     if _lib is not None:  # None: shapes only (the custom op's fake implementation)
-        _lib("forward", _dims, [x_x, s_h, s_c, s_n, s_m, p_b_z, p_b_i, p_b_f, p_b_o, hg_W_z_W_i_W_f_W_o__x, g_R_z_R_i_R_f_R_o__h, v_z, v_it, v_ft, v_o, v_i, v_f, _stacked(_params["W_z"], _params["W_i"], _params["W_f"], _params["W_o"]), _stacked(_params["R_z"], _params["R_i"], _params["R_f"], _params["R_o"]), _bs])
+        _lib("forward", _dims + (_n_ch,), [x_x, s_h, s_c, s_n, s_m, p_b_z, p_b_i, p_b_f, p_b_o, hg_W_z_W_i_W_f_W_o__x, g_R_z_R_i_R_f_R_o__h, v_z, v_it, v_ft, v_o, v_i, v_f, _stacked(_params["W_z"], _params["W_i"], _params["W_f"], _params["W_o"]), _stacked(_params["R_z"], _params["R_i"], _params["R_f"], _params["R_o"]), _bs])
     _outputs = (s_h[1:1 + _T],)
     if _bs is not None:  # zeros past each sequence's end
         _m = _native_active(_bs, _B, _xs)
@@ -1195,6 +1196,7 @@ def _native_inference(_lib, _xs, _states, _params, _bs=None):
     def _scratch(name, shape):  # shapes only (_lib None, fake tensors): a fresh one
         return _empty(shape) if _lib is None else _workspace("inference", name, shape, _dt, _dev)
 
+    _n_ch = _T if _lib is None else _lib.chunk_steps(_T, _B, _B * (4*_H), 4*_H*_I)
     x_x = _xs[0].contiguous()
     s_h = _empty((_T + 1, _B, _H))
     s_h[0].copy_(_states[0])
@@ -1208,10 +1210,10 @@ def _native_inference(_lib, _xs, _states, _params, _bs=None):
     p_b_i = _params["b_i"].contiguous()
     p_b_f = _params["b_f"].contiguous()
     p_b_o = _params["b_o"].contiguous()
-    hg_W_z_W_i_W_f_W_o__x = _scratch("hg_W_z_W_i_W_f_W_o__x", (_T, _B, 4*_H))
+    hg_W_z_W_i_W_f_W_o__x = _scratch("hg_W_z_W_i_W_f_W_o__x", (_n_ch, _B, 4*_H))
     g_R_z_R_i_R_f_R_o__h = _scratch("g_R_z_R_i_R_f_R_o__h", (_B, 4*_H))
     if _lib is not None:  # None: shapes only (the custom op's fake implementation)
-        _lib("inference", _dims, [x_x, s_h, s_c, s_n, s_m, p_b_z, p_b_i, p_b_f, p_b_o, hg_W_z_W_i_W_f_W_o__x, g_R_z_R_i_R_f_R_o__h, _stacked(_params["W_z"], _params["W_i"], _params["W_f"], _params["W_o"]), _stacked(_params["R_z"], _params["R_i"], _params["R_f"], _params["R_o"]), _bs])
+        _lib("inference", _dims + (_n_ch,), [x_x, s_h, s_c, s_n, s_m, p_b_z, p_b_i, p_b_f, p_b_o, hg_W_z_W_i_W_f_W_o__x, g_R_z_R_i_R_f_R_o__h, _stacked(_params["W_z"], _params["W_i"], _params["W_f"], _params["W_o"]), _stacked(_params["R_z"], _params["R_i"], _params["R_f"], _params["R_o"]), _bs])
     _outputs = (s_h[1:1 + _T],)
     if _bs is not None:  # zeros past each sequence's end
         _m = _native_active(_bs, _B, _xs)
@@ -1285,7 +1287,7 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
 # The same two calls as PyTorch custom ops, for torch.compile (which traces them through their
 # fake implementations: the allocations above, without the call). Registered once per process
 # and content of this file; outputs are copies (an op's outputs may not alias each other).
-_OP = "slstm_12e804d93f5c"
+_OP = "slstm_20b7dfce3fdc"
 
 
 def _op_forward_impl(xs: list[torch.Tensor], states: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -912,6 +912,7 @@ def _native_forward(_lib, _xs, _states, _params, _bs=None):
     def _scratch(name, shape):  # shapes only (_lib None, fake tensors): a fresh one
         return _empty(shape) if _lib is None else _workspace("forward", name, shape, _dt, _dev)
 
+    _n_ch = _T if _lib is None else _lib.chunk_steps(_T, _B, _B * (4*_H), 4*_H*_I)
     x_x = _xs[0].contiguous()
     s_c = _empty((_T + 1, _B, _H))
     s_c[0].copy_(_states[0])
@@ -924,7 +925,7 @@ def _native_forward(_lib, _xs, _states, _params, _bs=None):
     v_r = _empty((_T, _B, _H))
     v_h = _empty((_T, _B, _H))
     if _lib is not None:  # None: shapes only (the custom op's fake implementation)
-        _lib("forward", _dims, [x_x, s_c, p_v_f, p_b_f, p_v_r, p_b_r, hg_W_f_W_W_r_W_s__x, v_f, v_r, v_h, _stacked(_params["W_f"], _params["W"], _params["W_r"], _params["W_s"]), _bs])
+        _lib("forward", _dims + (_n_ch,), [x_x, s_c, p_v_f, p_b_f, p_v_r, p_b_r, hg_W_f_W_W_r_W_s__x, v_f, v_r, v_h, _stacked(_params["W_f"], _params["W"], _params["W_r"], _params["W_s"]), _bs])
     _outputs = (v_h,)
     if _bs is not None:  # zeros past each sequence's end
         _m = _native_active(_bs, _B, _xs)
@@ -944,6 +945,7 @@ def _native_inference(_lib, _xs, _states, _params, _bs=None):
     def _scratch(name, shape):  # shapes only (_lib None, fake tensors): a fresh one
         return _empty(shape) if _lib is None else _workspace("inference", name, shape, _dt, _dev)
 
+    _n_ch = _T if _lib is None else _lib.chunk_steps(_T, _B, _B * (4*_H), 4*_H*_I)
     x_x = _xs[0].contiguous()
     s_c = _empty((_T + 1, _B, _H))
     s_c[0].copy_(_states[0])
@@ -951,10 +953,10 @@ def _native_inference(_lib, _xs, _states, _params, _bs=None):
     p_b_f = _params["b_f"].contiguous()
     p_v_r = _params["v_r"].contiguous()
     p_b_r = _params["b_r"].contiguous()
-    hg_W_f_W_W_r_W_s__x = _empty((_T, _B, 4*_H))
+    hg_W_f_W_W_r_W_s__x = _scratch("hg_W_f_W_W_r_W_s__x", (_n_ch, _B, 4*_H))
     v_h = _empty((_T, _B, _H))
     if _lib is not None:  # None: shapes only (the custom op's fake implementation)
-        _lib("inference", _dims, [x_x, s_c, p_v_f, p_b_f, p_v_r, p_b_r, hg_W_f_W_W_r_W_s__x, v_h, _stacked(_params["W_f"], _params["W"], _params["W_r"], _params["W_s"]), _bs])
+        _lib("inference", _dims + (_n_ch,), [x_x, s_c, p_v_f, p_b_f, p_v_r, p_b_r, hg_W_f_W_W_r_W_s__x, v_h, _stacked(_params["W_f"], _params["W"], _params["W_r"], _params["W_s"]), _bs])
     _outputs = (v_h,)
     if _bs is not None:  # zeros past each sequence's end
         _m = _native_active(_bs, _B, _xs)
@@ -1021,7 +1023,7 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
 # The same two calls as PyTorch custom ops, for torch.compile (which traces them through their
 # fake implementations: the allocations above, without the call). Registered once per process
 # and content of this file; outputs are copies (an op's outputs may not alias each other).
-_OP = "sru_dbf06a3f0005"
+_OP = "sru_7826b64bc315"
 
 
 def _op_forward_impl(xs: list[torch.Tensor], states: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -947,6 +947,7 @@ def _native_forward(_lib, _xs, _states, _params, _bs=None):
     def _scratch(name, shape):  # shapes only (_lib None, fake tensors): a fresh one
         return _empty(shape) if _lib is None else _workspace("forward", name, shape, _dt, _dev)
 
+    _n_ch = _T if _lib is None else _lib.chunk_steps(_T, _B, _B * (3*_H), 3*_H*_I)
     x_x = _xs[0].contiguous()
     s_h = _empty((_T + 1, _B, _H))
     s_h[0].copy_(_states[0])
@@ -956,13 +957,13 @@ def _native_forward(_lib, _xs, _states, _params, _bs=None):
     p_b_hz = _params["b_hz"].contiguous()
     p_b_in = _params["b_in"].contiguous()
     p_b_hn = _params["b_hn"].contiguous()
-    hg_W_ir_W_iz_W_in__x = _scratch("hg_W_ir_W_iz_W_in__x", (_T, _B, 3*_H))
+    hg_W_ir_W_iz_W_in__x = _scratch("hg_W_ir_W_iz_W_in__x", (_n_ch, _B, 3*_H))
     g_W_hr_W_hz_W_hn__h = _empty((_T, _B, 3*_H))
     v_r = _empty((_T, _B, _H))
     v_z = _empty((_T, _B, _H))
     v_n = _empty((_T, _B, _H))
     if _lib is not None:  # None: shapes only (the custom op's fake implementation)
-        _lib("forward", _dims, [x_x, s_h, p_b_ir, p_b_hr, p_b_iz, p_b_hz, p_b_in, p_b_hn, hg_W_ir_W_iz_W_in__x, g_W_hr_W_hz_W_hn__h, v_r, v_z, v_n, _stacked(_params["W_ir"], _params["W_iz"], _params["W_in"]), _stacked(_params["W_hr"], _params["W_hz"], _params["W_hn"]), _bs])
+        _lib("forward", _dims + (_n_ch,), [x_x, s_h, p_b_ir, p_b_hr, p_b_iz, p_b_hz, p_b_in, p_b_hn, hg_W_ir_W_iz_W_in__x, g_W_hr_W_hz_W_hn__h, v_r, v_z, v_n, _stacked(_params["W_ir"], _params["W_iz"], _params["W_in"]), _stacked(_params["W_hr"], _params["W_hz"], _params["W_hn"]), _bs])
     _outputs = (s_h[1:1 + _T],)
     if _bs is not None:  # zeros past each sequence's end
         _m = _native_active(_bs, _B, _xs)
@@ -982,6 +983,7 @@ def _native_inference(_lib, _xs, _states, _params, _bs=None):
     def _scratch(name, shape):  # shapes only (_lib None, fake tensors): a fresh one
         return _empty(shape) if _lib is None else _workspace("inference", name, shape, _dt, _dev)
 
+    _n_ch = _T if _lib is None else _lib.chunk_steps(_T, _B, _B * (3*_H), 3*_H*_I)
     x_x = _xs[0].contiguous()
     s_h = _empty((_T + 1, _B, _H))
     s_h[0].copy_(_states[0])
@@ -991,10 +993,10 @@ def _native_inference(_lib, _xs, _states, _params, _bs=None):
     p_b_hz = _params["b_hz"].contiguous()
     p_b_in = _params["b_in"].contiguous()
     p_b_hn = _params["b_hn"].contiguous()
-    hg_W_ir_W_iz_W_in__x = _scratch("hg_W_ir_W_iz_W_in__x", (_T, _B, 3*_H))
+    hg_W_ir_W_iz_W_in__x = _scratch("hg_W_ir_W_iz_W_in__x", (_n_ch, _B, 3*_H))
     g_W_hr_W_hz_W_hn__h = _empty((_B, 3*_H))
     if _lib is not None:  # None: shapes only (the custom op's fake implementation)
-        _lib("inference", _dims, [x_x, s_h, p_b_ir, p_b_hr, p_b_iz, p_b_hz, p_b_in, p_b_hn, hg_W_ir_W_iz_W_in__x, g_W_hr_W_hz_W_hn__h, _stacked(_params["W_ir"], _params["W_iz"], _params["W_in"]), _stacked(_params["W_hr"], _params["W_hz"], _params["W_hn"]), _bs])
+        _lib("inference", _dims + (_n_ch,), [x_x, s_h, p_b_ir, p_b_hr, p_b_iz, p_b_hz, p_b_in, p_b_hn, hg_W_ir_W_iz_W_in__x, g_W_hr_W_hz_W_hn__h, _stacked(_params["W_ir"], _params["W_iz"], _params["W_in"]), _stacked(_params["W_hr"], _params["W_hz"], _params["W_hn"]), _bs])
     _outputs = (s_h[1:1 + _T],)
     if _bs is not None:  # zeros past each sequence's end
         _m = _native_active(_bs, _B, _xs)
@@ -1064,7 +1066,7 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
 # The same two calls as PyTorch custom ops, for torch.compile (which traces them through their
 # fake implementations: the allocations above, without the call). Registered once per process
 # and content of this file; outputs are copies (an op's outputs may not alias each other).
-_OP = "torch_gru_77cb44c60224"
+_OP = "torch_gru_11762a97d6e3"
 
 
 def _op_forward_impl(xs: list[torch.Tensor], states: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -1116,6 +1116,7 @@ def _native_forward(_lib, _xs, _states, _params, _bs=None):
     def _scratch(name, shape):  # shapes only (_lib None, fake tensors): a fresh one
         return _empty(shape) if _lib is None else _workspace("forward", name, shape, _dt, _dev)
 
+    _n_ch = _T if _lib is None else _lib.chunk_steps(_T, _B, _B * (4*_H + _I), 4*_H*_I)
     x_x = _xs[0].contiguous()
     x_mask_x = _xs[1].contiguous()
     x_mask_h = _xs[2].contiguous()
@@ -1132,7 +1133,7 @@ def _native_forward(_lib, _xs, _states, _params, _bs=None):
     p_b_io = _params["b_io"].contiguous()
     p_b_ho = _params["b_ho"].contiguous()
     hv_xd = _empty((_T, _B, _I))
-    hg_W_ii_W_if_W_ig_W_io__xd = _scratch("hg_W_ii_W_if_W_ig_W_io__xd", (_T, _B, 4*_H))
+    hg_W_ii_W_if_W_ig_W_io__xd = _scratch("hg_W_ii_W_if_W_ig_W_io__xd", (_n_ch, _B, 4*_H))
     v_hd = _empty((_T, _B, _H))
     g_W_hi_W_hf_W_hg_W_ho__hd = _scratch("g_W_hi_W_hf_W_hg_W_ho__hd", (_B, 4*_H))
     v_i = _empty((_T, _B, _H))
@@ -1140,7 +1141,7 @@ def _native_forward(_lib, _xs, _states, _params, _bs=None):
     v_g = _empty((_T, _B, _H))
     v_o = _empty((_T, _B, _H))
     if _lib is not None:  # None: shapes only (the custom op's fake implementation)
-        _lib("forward", _dims, [x_x, x_mask_x, x_mask_h, s_h, s_c, p_b_ii, p_b_hi, p_b_if, p_b_hf, p_b_ig, p_b_hg, p_b_io, p_b_ho, hv_xd, hg_W_ii_W_if_W_ig_W_io__xd, v_hd, g_W_hi_W_hf_W_hg_W_ho__hd, v_i, v_f, v_g, v_o, _stacked(_params["W_ii"], _params["W_if"], _params["W_ig"], _params["W_io"]), _stacked(_params["W_hi"], _params["W_hf"], _params["W_hg"], _params["W_ho"]), _bs])
+        _lib("forward", _dims + (_n_ch,), [x_x, x_mask_x, x_mask_h, s_h, s_c, p_b_ii, p_b_hi, p_b_if, p_b_hf, p_b_ig, p_b_hg, p_b_io, p_b_ho, hv_xd, hg_W_ii_W_if_W_ig_W_io__xd, v_hd, g_W_hi_W_hf_W_hg_W_ho__hd, v_i, v_f, v_g, v_o, _stacked(_params["W_ii"], _params["W_if"], _params["W_ig"], _params["W_io"]), _stacked(_params["W_hi"], _params["W_hf"], _params["W_hg"], _params["W_ho"]), _bs])
     _outputs = (s_h[1:1 + _T],)
     if _bs is not None:  # zeros past each sequence's end
         _m = _native_active(_bs, _B, _xs)
@@ -1160,6 +1161,7 @@ def _native_inference(_lib, _xs, _states, _params, _bs=None):
     def _scratch(name, shape):  # shapes only (_lib None, fake tensors): a fresh one
         return _empty(shape) if _lib is None else _workspace("inference", name, shape, _dt, _dev)
 
+    _n_ch = _T if _lib is None else _lib.chunk_steps(_T, _B, _B * (4*_H + _I), 4*_H*_I)
     x_x = _xs[0].contiguous()
     x_mask_x = _xs[1].contiguous()
     x_mask_h = _xs[2].contiguous()
@@ -1175,12 +1177,12 @@ def _native_inference(_lib, _xs, _states, _params, _bs=None):
     p_b_hg = _params["b_hg"].contiguous()
     p_b_io = _params["b_io"].contiguous()
     p_b_ho = _params["b_ho"].contiguous()
-    hv_xd = _empty((_T, _B, _I))
-    hg_W_ii_W_if_W_ig_W_io__xd = _scratch("hg_W_ii_W_if_W_ig_W_io__xd", (_T, _B, 4*_H))
+    hv_xd = _scratch("hv_xd", (_n_ch, _B, _I))
+    hg_W_ii_W_if_W_ig_W_io__xd = _scratch("hg_W_ii_W_if_W_ig_W_io__xd", (_n_ch, _B, 4*_H))
     tmp_hd = _scratch("tmp_hd", (_B, _H))
     g_W_hi_W_hf_W_hg_W_ho__hd = _scratch("g_W_hi_W_hf_W_hg_W_ho__hd", (_B, 4*_H))
     if _lib is not None:  # None: shapes only (the custom op's fake implementation)
-        _lib("inference", _dims, [x_x, x_mask_x, x_mask_h, s_h, s_c, p_b_ii, p_b_hi, p_b_if, p_b_hf, p_b_ig, p_b_hg, p_b_io, p_b_ho, hv_xd, hg_W_ii_W_if_W_ig_W_io__xd, tmp_hd, g_W_hi_W_hf_W_hg_W_ho__hd, _stacked(_params["W_ii"], _params["W_if"], _params["W_ig"], _params["W_io"]), _stacked(_params["W_hi"], _params["W_hf"], _params["W_hg"], _params["W_ho"]), _bs])
+        _lib("inference", _dims + (_n_ch,), [x_x, x_mask_x, x_mask_h, s_h, s_c, p_b_ii, p_b_hi, p_b_if, p_b_hf, p_b_ig, p_b_hg, p_b_io, p_b_ho, hv_xd, hg_W_ii_W_if_W_ig_W_io__xd, tmp_hd, g_W_hi_W_hf_W_hg_W_ho__hd, _stacked(_params["W_ii"], _params["W_if"], _params["W_ig"], _params["W_io"]), _stacked(_params["W_hi"], _params["W_hf"], _params["W_hg"], _params["W_ho"]), _bs])
     _outputs = (s_h[1:1 + _T],)
     if _bs is not None:  # zeros past each sequence's end
         _m = _native_active(_bs, _B, _xs)
@@ -1259,7 +1261,7 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
 # The same two calls as PyTorch custom ops, for torch.compile (which traces them through their
 # fake implementations: the allocations above, without the call). Registered once per process
 # and content of this file; outputs are copies (an op's outputs may not alias each other).
-_OP = "variational_lstm_8dbe89f72e1a"
+_OP = "variational_lstm_5e28ccd00b0e"
 
 
 def _op_forward_impl(xs: list[torch.Tensor], states: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:
