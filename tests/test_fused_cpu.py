@@ -45,24 +45,32 @@ def test_auto_is_fused_and_agrees(module, dtype):
 
 
 @pytest.mark.skipif(not HAVE_CXX, reason="no C++ compiler")
-@pytest.mark.parametrize("module", ["lstm", "antisymmetric_rnn", "sru"])
-def test_chunks_of_steps_agree(module):
+@pytest.mark.parametrize("module", ["lstm", "antisymmetric_rnn", "sru", "slstm"])
+def test_chunks_of_steps_agree(module, monkeypatch):
     """40 steps of 29 rows: the library runs the work ahead of the steps in several chunks
-    (Library.chunk_steps < T, so the test would not exercise them otherwise), each overwriting
+    (Library.chunk_steps < T: checked, the test would not exercise them otherwise), each overwriting
     the one chunk of the ring buffers (ir.Loop.ring; in the forward too for the LSTM, in
-    inference only where the forward saves the hoisted product): outputs, inference and every
-    gradient agree with the PyTorch engine in float64, with and without variable lengths."""
+    inference only where the forward saves the hoisted product), and inference keeping two steps
+    of the states no output shows (Function.last_only: the LSTM's c, the sLSTM's c, n and m):
+    outputs, final states, inference and every gradient agree with the PyTorch engine in
+    float64, with and without variable lengths."""
     pkg = load_module(module)
     tc = pkg.torch_cell
     cls = getattr(tc, tc.CELL)
     torch.manual_seed(3)
-    m = cls(6, 37, dtype=torch.float64, backend="fused")
+    m = cls(6, 64, dtype=torch.float64, backend="fused")
     T, B = 40, 29
     x = torch.randn(T, B, 6, dtype=torch.float64)
     lengths = torch.randint(1, T + 1, (B,))
     lengths[0] = T
     lib = tc._native_library(x, (), dict(m.named_parameters()), required="fused")
-    assert 1 < lib.chunk_steps(T, B, B * 4 * 37, 4 * 37 * 6) < T
+    chunks = []
+
+    def chunk_steps(*args, real=lib.chunk_steps):
+        chunks.append(real(*args))
+        return chunks[-1]
+
+    monkeypatch.setattr(lib, "chunk_steps", chunk_steps)
 
     def results():
         plain = _run(m, x)
@@ -71,10 +79,12 @@ def test_chunks_of_steps_agree(module):
         out, _ = m(xp, lengths=lengths)
         out.square().sum().backward()
         with torch.no_grad():
-            infer = [m(x)[0], m(x, lengths=lengths)[0]]
+            infer = [*m(x), *m(x, lengths=lengths)]
+        infer = [t for v in infer for t in (v if isinstance(v, tuple) else (v,))]
         return plain + [out.detach(), xp.grad, *[p.grad.clone() for p in m.parameters()]] + infer
 
     fused = results()
+    assert chunks and all(1 < c < T for c in chunks)  # several chunks, forward and inference
     m.backend = "generated"
     ref = results()
     for a, b in zip(fused, ref):

@@ -327,7 +327,8 @@ def test_hoisted_levels_in_the_program(text, tmp_path):
 @pytest.mark.parametrize("spec", sorted(p.stem for p in SPECS.glob("*.cell")))
 def test_ring_holds_only_what_the_loop_reads(spec):
     """ir.Loop.ring (passes.run_ahead): the results of the work ahead of the steps that a
-    native loop keeps one chunk of steps of. Each is a hoisted value or product that no op
+    native loop keeps one chunk of steps of; and Function.last_only: the state sequences of
+    which inference keeps two steps. Each is a hoisted value or product that no op
     outside the loop touches, that the forward does not save, and that every slot reads at its
     own step; an LSTM's input product is one in both loops, and a hoisted product the forward
     saves for the backward (the antisymmetric RNN's) is one in inference only."""
@@ -344,8 +345,16 @@ def test_ring_holds_only_what_the_loop_reads(spec):
             assert fn.buffers[name].role in ("hoisted_gemm", "hoisted_value")
             assert fn.name == "inference" or name not in prog.saved
             assert all(sl.time in (0, None) for sl in fn.slots.values() if sl.buffer == name)
+    # Function.last_only (passes.keep_last): inference's state sequences no output views
+    out_buffers = {prog.inference.slots[v.name].buffer for v in prog.outputs}
+    assert prog.forward.last_only == prog.backward.last_only == ()
+    for name in prog.inference.last_only:
+        assert prog.inference.buffers[name].role == "state" and name not in out_buffers
     if spec == "lstm":
         assert prog.forward.loop().ring == prog.inference.loop().ring == ("hg_W_ii_W_if_W_ig_W_io__x",)
+        assert prog.inference.last_only == ("s_c",)  # h is the output: its sequence is returned
+    if spec == "torch_gru":
+        assert prog.inference.last_only == ()
     if spec == "antisymmetric_rnn":
         assert prog.forward.loop().ring == () and prog.inference.loop().ring == ("hg_V__x",)
 

@@ -366,8 +366,11 @@ class _Renderer:
         if buf.timed:
             t = self.step_var(fn, buf.name).get(rows, "")
             time = " + ".join(x for x in (t, str(sl.time) if sl.time else "") if x) or "0"
+            if buf.name in fn.last_only:  # two steps kept: t and t + 1 alternate
+                assert rows == "step", (buf.name, rows)
+                time = f"({time}) % 2" if "+" in time else f"{time} % 2"
             if time != "0":
-                parts.append(f"({time}) * n_B * ({width})" if "+" in time else f"{time} * n_B * ({width})")
+                parts.append(f"({time}) * n_B * ({width})" if ("+" in time or time.endswith("% 2")) else f"{time} * n_B * ({width})")
         if sl.col != 0:
             parts.append(cexpr(sl.col))
         return f"b_{buf.name}" + "".join(f" + {x}" for x in parts), width
@@ -555,9 +558,10 @@ class _Renderer:
             elif isinstance(op, ir.Hold):
                 w = cexpr(fn.buffers[op.buffer].shape[-1])
                 b = f"b_{op.buffer}"
+                now, nxt = ("t % 2", "(t + 1) % 2") if op.buffer in fn.last_only else ("t", "t + 1")
                 lines.append(f"{ind}// ended sequences hold their state: rows B_t.. of {op.buffer}[t + 1] = {op.buffer}[t]")
-                lines.append(f"{ind}if (rows < n_B) CS_COPY({b} + ((t + 1) * n_B + rows) * ({w}), "
-                             f"{b} + (t * n_B + rows) * ({w}), (n_B - rows) * ({w}));")
+                lines.append(f"{ind}if (rows < n_B) CS_COPY({b} + (({nxt}) * n_B + rows) * ({w}), "
+                             f"{b} + (({now}) * n_B + rows) * ({w}), (n_B - rows) * ({w}));")
             else:  # pragma: no cover
                 raise TypeError(op)
 
@@ -693,7 +697,10 @@ def glue_context(prog: ir.Program, grads_zero: dict, cu_text: str) -> dict:
             elif saved_from is not None and b.name in saved_from:
                 out.append(f"{b.name} = _saved[{saved_from[b.name]}]")
             elif b.role == "state":
-                out.append(f"{b.name} = _empty({_shape(b)})")
+                if b.name in fn.last_only:  # steps t and t + 1 only (ir.Function.last_only)
+                    out.append(f'{b.name} = _scratch("{b.name}", ({", ".join(["2", *(pyexpr(d) for d in b.shape[1:])])}))')
+                else:
+                    out.append(f"{b.name} = _empty({_shape(b)})")
                 out.append(f"{b.name}[0].copy_(_states[{states[b.name]}])")
             elif b.role == "d_output":
                 i = [f"dout_{v.name}" for v in prog.outputs].index(b.name)
@@ -720,7 +727,7 @@ def glue_context(prog: ir.Program, grads_zero: dict, cu_text: str) -> dict:
     funcs = []
     for fn in (prog.forward, prog.inference):
         outs = [_view(fn, v.name) for v in prog.outputs]
-        finals = [f"s_{v.key}[_T]" for v in prog.states]
+        finals = [f"s_{v.key}[_T % 2].clone()" if f"s_{v.key}" in fn.last_only else f"s_{v.key}[_T]" for v in prog.states]
         funcs.append({
             "name": fn.name,
             "dims": "_dims + (_n_ch,)" if chunk_work(prog, fn) else "_dims",

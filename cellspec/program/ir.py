@@ -257,6 +257,9 @@ class Function:
     ops: tuple
     #: timed buffers the loop writes row-wise: zero-filled first when called with batch sizes
     zero_when_packed: tuple[str, ...] = ()
+    #: state sequences of which a call returns only the final step (inference: not an output, not
+    #: kept): an engine may keep two steps of them, t and t + 1 (the native loop does)
+    last_only: tuple[str, ...] = ()
 
     def loop(self) -> Loop:
         return next(op for op in self.ops if isinstance(op, Loop))

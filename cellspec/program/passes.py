@@ -15,6 +15,8 @@ from memory (LSTM (64, 32, 256) inference, one thread: 1.20x -> 1.10x torch.nn).
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import sympy as sp
 
 from cellspec.program import ir
@@ -108,4 +110,19 @@ def run_ahead(fn: ir.Function, saved: tuple[str, ...] = ()) -> ir.Function:
                     and all(sl.time in (0, None) for sl in fn.slots.values() if sl.buffer == name)):
                 ring.append(name)
     new_loop = ir.Loop(loop.reverse, loop.body, (*loop.ahead, *ahead), (*loop.ring, *ring))
-    return ir.Function(fn.name, fn.buffers, fn.slots, (*kept, new_loop, *fn.ops[at + 1:]), fn.zero_when_packed)
+    return replace(fn, ops=(*kept, new_loop, *fn.ops[at + 1:]))
+
+
+def keep_last(fn: ir.Function, outputs: tuple[str, ...]) -> ir.Function:
+    """``Function.last_only``: the state sequences of a function that keeps nothing (inference)
+    whose steps no output views (``outputs``: the slots of the function's outputs) and no op
+    outside the loop or ahead of its steps touches, each read and written by the steps at t and
+    t + 1 only."""
+    loop = fn.loop()
+    seen = {fn.slots[n].buffer for n in outputs}
+    for op in (*(o for o in fn.ops if o is not loop), *loop.ahead):
+        seen |= op_buffers(fn, op)
+    last = tuple(b.name for b in fn.buffers.values()
+                 if b.role == "state" and b.timed and b.name not in seen
+                 and all(sl.time in (0, 1) for sl in fn.slots.values() if sl.buffer == b.name))
+    return replace(fn, last_only=last) if last else fn

@@ -125,5 +125,7 @@ def render(prog: ir.Program) -> str:
             lines += _op(fn, prog, op, "      ")
         if fn.zero_when_packed:
             lines.append(f"    with lengths (step ops on rows 0..B_t-1): zero-filled {', '.join(fn.zero_when_packed)}")
+        if fn.last_only:
+            lines.append(f"    only the final step returned: {', '.join(fn.last_only)} (steps t and t + 1 are enough)")
     lines.append(f"  saved for the backward: {', '.join(prog.saved) or '(nothing)'}")
     return "\n".join(lines)

@@ -1109,9 +1109,9 @@ static int co_rnn_forward_run(const int64_t* dims, void* const* ptrs, const cs_c
         // forward: stage 0 forward, units of size H
         CS_PW(co_rnn_forward_fwd0_H, rows, n_H, b_hg_V__x + t * n_B * (n_H), n_H, b_g_W__y + t * n_B * (n_H), n_H, b_g_W_z__z + t * n_B * (n_H), n_H, b_p_b, 0, b_p_dt_H, 0, b_p_eps_H, 0, b_p_gamma_H, 0, b_s_y + t * n_B * (n_H), n_H, b_s_z + t * n_B * (n_H), n_H, b_s_z + (t + 1) * n_B * (n_H), n_H, b_s_y + (t + 1) * n_B * (n_H), n_H);
         // ended sequences hold their state: rows B_t.. of s_y[t + 1] = s_y[t]
-        if (rows < n_B) CS_COPY(b_s_y + ((t + 1) * n_B + rows) * (n_H), b_s_y + (t * n_B + rows) * (n_H), (n_B - rows) * (n_H));
+        if (rows < n_B) CS_COPY(b_s_y + ((t + 1) * n_B + rows) * (n_H), b_s_y + ((t) * n_B + rows) * (n_H), (n_B - rows) * (n_H));
         // ended sequences hold their state: rows B_t.. of s_z[t + 1] = s_z[t]
-        if (rows < n_B) CS_COPY(b_s_z + ((t + 1) * n_B + rows) * (n_H), b_s_z + (t * n_B + rows) * (n_H), (n_B - rows) * (n_H));
+        if (rows < n_B) CS_COPY(b_s_z + ((t + 1) * n_B + rows) * (n_H), b_s_z + ((t) * n_B + rows) * (n_H), (n_B - rows) * (n_H));
     }
     cs_unpack(pk_V_nt);
     cs_unpack(pk_W_nt);
@@ -1206,13 +1206,13 @@ static int co_rnn_inference_run(const int64_t* dims, void* const* ptrs, const cs
         // g_W__y = y @ [W]^T  (W @ y)
         CS_GEMM_NT_PACKED(rows, n_H, n_H, b_s_y + t * n_B * (n_H), n_H, pk_W_nt, b_g_W__y, n_H, 0);
         // g_W_z__z = z @ [W_z]^T  (W_z @ z)
-        CS_GEMM_NT_PACKED(rows, n_H, n_H, b_s_z + t * n_B * (n_H), n_H, pk_W_z_nt, b_g_W_z__z, n_H, 0);
+        CS_GEMM_NT_PACKED(rows, n_H, n_H, b_s_z + (t % 2) * n_B * (n_H), n_H, pk_W_z_nt, b_g_W_z__z, n_H, 0);
         // inference: stage 0 forward, units of size H
-        CS_PW(co_rnn_inference_fwd0_H, rows, n_H, b_hg_V__x + (t % n_ch) * n_B * (n_H), n_H, b_g_W__y, n_H, b_g_W_z__z, n_H, b_p_b, 0, b_p_dt_H, 0, b_p_eps_H, 0, b_p_gamma_H, 0, b_s_y + t * n_B * (n_H), n_H, b_s_z + t * n_B * (n_H), n_H, b_s_z + (t + 1) * n_B * (n_H), n_H, b_s_y + (t + 1) * n_B * (n_H), n_H);
+        CS_PW(co_rnn_inference_fwd0_H, rows, n_H, b_hg_V__x + (t % n_ch) * n_B * (n_H), n_H, b_g_W__y, n_H, b_g_W_z__z, n_H, b_p_b, 0, b_p_dt_H, 0, b_p_eps_H, 0, b_p_gamma_H, 0, b_s_y + t * n_B * (n_H), n_H, b_s_z + (t % 2) * n_B * (n_H), n_H, b_s_z + ((t + 1) % 2) * n_B * (n_H), n_H, b_s_y + (t + 1) * n_B * (n_H), n_H);
         // ended sequences hold their state: rows B_t.. of s_y[t + 1] = s_y[t]
-        if (rows < n_B) CS_COPY(b_s_y + ((t + 1) * n_B + rows) * (n_H), b_s_y + (t * n_B + rows) * (n_H), (n_B - rows) * (n_H));
+        if (rows < n_B) CS_COPY(b_s_y + ((t + 1) * n_B + rows) * (n_H), b_s_y + ((t) * n_B + rows) * (n_H), (n_B - rows) * (n_H));
         // ended sequences hold their state: rows B_t.. of s_z[t + 1] = s_z[t]
-        if (rows < n_B) CS_COPY(b_s_z + ((t + 1) * n_B + rows) * (n_H), b_s_z + (t * n_B + rows) * (n_H), (n_B - rows) * (n_H));
+        if (rows < n_B) CS_COPY(b_s_z + (((t + 1) % 2) * n_B + rows) * (n_H), b_s_z + ((t % 2) * n_B + rows) * (n_H), (n_B - rows) * (n_H));
     }
     cs_unpack(pk_V_nt);
     cs_unpack(pk_W_nt);

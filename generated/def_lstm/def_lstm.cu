@@ -1224,9 +1224,9 @@ static int def_lstm_forward_run(const int64_t* dims, void* const* ptrs, const cs
         // forward: stage 0 forward, units of size H
         CS_PW(def_lstm_forward_fwd0_H, rows, n_H, b_g_U_i_U_f_U_g_U_o__h + n_H, 4*n_H, b_g_U_i_U_f_U_g_U_o__h + 2*n_H, 4*n_H, b_g_U_i_U_f_U_g_U_o__h, 4*n_H, b_g_U_i_U_f_U_g_U_o__h + 3*n_H, 4*n_H, b_hg_W_i_W_f_W_g_W_o__x + (t % n_ch) * n_B * (4*n_H) + n_H, 4*n_H, b_hg_W_i_W_f_W_g_W_o__x + (t % n_ch) * n_B * (4*n_H) + 2*n_H, 4*n_H, b_hg_W_i_W_f_W_g_W_o__x + (t % n_ch) * n_B * (4*n_H), 4*n_H, b_hg_W_i_W_f_W_g_W_o__x + (t % n_ch) * n_B * (4*n_H) + 3*n_H, 4*n_H, b_p_b_f, 0, b_p_b_g, 0, b_p_b_i, 0, b_p_b_o, 0, b_p_beta_H, 0, b_s_c + t * n_B * (n_H), n_H, b_v_i + t * n_B * (n_H), n_H, b_v_f + t * n_B * (n_H), n_H, b_v_g + t * n_B * (n_H), n_H, b_v_o + t * n_B * (n_H), n_H, b_s_c + (t + 1) * n_B * (n_H), n_H, b_s_h + (t + 1) * n_B * (n_H), n_H);
         // ended sequences hold their state: rows B_t.. of s_h[t + 1] = s_h[t]
-        if (rows < n_B) CS_COPY(b_s_h + ((t + 1) * n_B + rows) * (n_H), b_s_h + (t * n_B + rows) * (n_H), (n_B - rows) * (n_H));
+        if (rows < n_B) CS_COPY(b_s_h + ((t + 1) * n_B + rows) * (n_H), b_s_h + ((t) * n_B + rows) * (n_H), (n_B - rows) * (n_H));
         // ended sequences hold their state: rows B_t.. of s_c[t + 1] = s_c[t]
-        if (rows < n_B) CS_COPY(b_s_c + ((t + 1) * n_B + rows) * (n_H), b_s_c + (t * n_B + rows) * (n_H), (n_B - rows) * (n_H));
+        if (rows < n_B) CS_COPY(b_s_c + ((t + 1) * n_B + rows) * (n_H), b_s_c + ((t) * n_B + rows) * (n_H), (n_B - rows) * (n_H));
     }
     cs_unpack(pk_W_i_W_f_W_g_W_o_nt);
     cs_unpack(pk_U_i_U_f_U_g_U_o_nt);
@@ -1317,11 +1317,11 @@ static int def_lstm_inference_run(const int64_t* dims, void* const* ptrs, const 
         // g_U_i_U_f_U_g_U_o__h = h @ [U_i, U_f, U_g, U_o]^T  (U_i @ h, U_f @ h, U_g @ h, U_o @ h)
         CS_GEMM_NT_PACKED(rows, 4*n_H, n_H, b_s_h + t * n_B * (n_H), n_H, pk_U_i_U_f_U_g_U_o_nt, b_g_U_i_U_f_U_g_U_o__h, 4*n_H, 0);
         // inference: stage 0 forward, units of size H
-        CS_PW(def_lstm_inference_fwd0_H, rows, n_H, b_g_U_i_U_f_U_g_U_o__h + n_H, 4*n_H, b_g_U_i_U_f_U_g_U_o__h + 2*n_H, 4*n_H, b_g_U_i_U_f_U_g_U_o__h, 4*n_H, b_g_U_i_U_f_U_g_U_o__h + 3*n_H, 4*n_H, b_hg_W_i_W_f_W_g_W_o__x + (t % n_ch) * n_B * (4*n_H) + n_H, 4*n_H, b_hg_W_i_W_f_W_g_W_o__x + (t % n_ch) * n_B * (4*n_H) + 2*n_H, 4*n_H, b_hg_W_i_W_f_W_g_W_o__x + (t % n_ch) * n_B * (4*n_H), 4*n_H, b_hg_W_i_W_f_W_g_W_o__x + (t % n_ch) * n_B * (4*n_H) + 3*n_H, 4*n_H, b_p_b_f, 0, b_p_b_g, 0, b_p_b_i, 0, b_p_b_o, 0, b_p_beta_H, 0, b_s_c + t * n_B * (n_H), n_H, b_s_c + (t + 1) * n_B * (n_H), n_H, b_s_h + (t + 1) * n_B * (n_H), n_H);
+        CS_PW(def_lstm_inference_fwd0_H, rows, n_H, b_g_U_i_U_f_U_g_U_o__h + n_H, 4*n_H, b_g_U_i_U_f_U_g_U_o__h + 2*n_H, 4*n_H, b_g_U_i_U_f_U_g_U_o__h, 4*n_H, b_g_U_i_U_f_U_g_U_o__h + 3*n_H, 4*n_H, b_hg_W_i_W_f_W_g_W_o__x + (t % n_ch) * n_B * (4*n_H) + n_H, 4*n_H, b_hg_W_i_W_f_W_g_W_o__x + (t % n_ch) * n_B * (4*n_H) + 2*n_H, 4*n_H, b_hg_W_i_W_f_W_g_W_o__x + (t % n_ch) * n_B * (4*n_H), 4*n_H, b_hg_W_i_W_f_W_g_W_o__x + (t % n_ch) * n_B * (4*n_H) + 3*n_H, 4*n_H, b_p_b_f, 0, b_p_b_g, 0, b_p_b_i, 0, b_p_b_o, 0, b_p_beta_H, 0, b_s_c + (t % 2) * n_B * (n_H), n_H, b_s_c + ((t + 1) % 2) * n_B * (n_H), n_H, b_s_h + (t + 1) * n_B * (n_H), n_H);
         // ended sequences hold their state: rows B_t.. of s_h[t + 1] = s_h[t]
-        if (rows < n_B) CS_COPY(b_s_h + ((t + 1) * n_B + rows) * (n_H), b_s_h + (t * n_B + rows) * (n_H), (n_B - rows) * (n_H));
+        if (rows < n_B) CS_COPY(b_s_h + ((t + 1) * n_B + rows) * (n_H), b_s_h + ((t) * n_B + rows) * (n_H), (n_B - rows) * (n_H));
         // ended sequences hold their state: rows B_t.. of s_c[t + 1] = s_c[t]
-        if (rows < n_B) CS_COPY(b_s_c + ((t + 1) * n_B + rows) * (n_H), b_s_c + (t * n_B + rows) * (n_H), (n_B - rows) * (n_H));
+        if (rows < n_B) CS_COPY(b_s_c + (((t + 1) % 2) * n_B + rows) * (n_H), b_s_c + ((t % 2) * n_B + rows) * (n_H), (n_B - rows) * (n_H));
     }
     cs_unpack(pk_W_i_W_f_W_g_W_o_nt);
     cs_unpack(pk_U_i_U_f_U_g_U_o_nt);

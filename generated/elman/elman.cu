@@ -988,7 +988,7 @@ static int elman_forward_run(const int64_t* dims, void* const* ptrs, const cs_ct
         // forward: stage 0 forward, units of size H
         CS_PW(elman_forward_fwd0_H, rows, n_H, b_g_W_hh__h, n_H, b_hg_W_ih__x + (t % n_ch) * n_B * (n_H), n_H, b_p_b_hh, 0, b_p_b_ih, 0, b_s_h + (t + 1) * n_B * (n_H), n_H);
         // ended sequences hold their state: rows B_t.. of s_h[t + 1] = s_h[t]
-        if (rows < n_B) CS_COPY(b_s_h + ((t + 1) * n_B + rows) * (n_H), b_s_h + (t * n_B + rows) * (n_H), (n_B - rows) * (n_H));
+        if (rows < n_B) CS_COPY(b_s_h + ((t + 1) * n_B + rows) * (n_H), b_s_h + ((t) * n_B + rows) * (n_H), (n_B - rows) * (n_H));
     }
     cs_unpack(pk_W_ih_nt);
     cs_unpack(pk_W_hh_nt);
@@ -1073,7 +1073,7 @@ static int elman_inference_run(const int64_t* dims, void* const* ptrs, const cs_
         // inference: stage 0 forward, units of size H
         CS_PW(elman_inference_fwd0_H, rows, n_H, b_g_W_hh__h, n_H, b_hg_W_ih__x + (t % n_ch) * n_B * (n_H), n_H, b_p_b_hh, 0, b_p_b_ih, 0, b_s_h + (t + 1) * n_B * (n_H), n_H);
         // ended sequences hold their state: rows B_t.. of s_h[t + 1] = s_h[t]
-        if (rows < n_B) CS_COPY(b_s_h + ((t + 1) * n_B + rows) * (n_H), b_s_h + (t * n_B + rows) * (n_H), (n_B - rows) * (n_H));
+        if (rows < n_B) CS_COPY(b_s_h + ((t + 1) * n_B + rows) * (n_H), b_s_h + ((t) * n_B + rows) * (n_H), (n_B - rows) * (n_H));
     }
     cs_unpack(pk_W_ih_nt);
     cs_unpack(pk_W_hh_nt);

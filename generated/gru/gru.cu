@@ -1410,7 +1410,7 @@ static int gru_forward_run(const int64_t* dims, void* const* ptrs, const cs_ctx*
         // forward: stage 1 forward, units of size H
         CS_PW(gru_forward_fwd1_H, rows, n_H, b_g_U_c__U_c_in, n_H, b_hg_W_r_W_u_W_c__x + (t % n_ch) * n_B * (3*n_H) + 2*n_H, 3*n_H, b_p_b_c, 0, b_s_h + t * n_B * (n_H), n_H, b_v_u + t * n_B * (n_H), n_H, b_v_c + t * n_B * (n_H), n_H, b_s_h + (t + 1) * n_B * (n_H), n_H);
         // ended sequences hold their state: rows B_t.. of s_h[t + 1] = s_h[t]
-        if (rows < n_B) CS_COPY(b_s_h + ((t + 1) * n_B + rows) * (n_H), b_s_h + (t * n_B + rows) * (n_H), (n_B - rows) * (n_H));
+        if (rows < n_B) CS_COPY(b_s_h + ((t + 1) * n_B + rows) * (n_H), b_s_h + ((t) * n_B + rows) * (n_H), (n_B - rows) * (n_H));
     }
     cs_unpack(pk_W_r_W_u_W_c_nt);
     cs_unpack(pk_U_r_U_u_nt);
@@ -1511,7 +1511,7 @@ static int gru_inference_run(const int64_t* dims, void* const* ptrs, const cs_ct
         // inference: stage 1 forward, units of size H
         CS_PW(gru_inference_fwd1_H, rows, n_H, b_g_U_c__U_c_in, n_H, b_hg_W_r_W_u_W_c__x + (t % n_ch) * n_B * (3*n_H) + 2*n_H, 3*n_H, b_p_b_c, 0, b_s_h + t * n_B * (n_H), n_H, b_tmp_u, n_H, b_s_h + (t + 1) * n_B * (n_H), n_H);
         // ended sequences hold their state: rows B_t.. of s_h[t + 1] = s_h[t]
-        if (rows < n_B) CS_COPY(b_s_h + ((t + 1) * n_B + rows) * (n_H), b_s_h + (t * n_B + rows) * (n_H), (n_B - rows) * (n_H));
+        if (rows < n_B) CS_COPY(b_s_h + ((t + 1) * n_B + rows) * (n_H), b_s_h + ((t) * n_B + rows) * (n_H), (n_B - rows) * (n_H));
     }
     cs_unpack(pk_W_r_W_u_W_c_nt);
     cs_unpack(pk_U_r_U_u_nt);

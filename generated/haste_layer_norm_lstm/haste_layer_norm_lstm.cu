@@ -1817,9 +1817,9 @@ static int haste_layer_norm_lstm_forward_run(const int64_t* dims, void* const* p
         // forward: stage 1 forward, row by row (reductions over the units)
         CS_ROWS(haste_layer_norm_lstm_forward_fwd1_rows, rows, n_H, b_g_R_i_R_g_R_f_R_o__h + 2*n_H, 4*n_H, b_g_R_i_R_g_R_f_R_o__h + n_H, 4*n_H, b_g_R_i_R_g_R_f_R_o__h, 4*n_H, b_g_R_i_R_g_R_f_R_o__h + 3*n_H, 4*n_H, b_p_b_f, 0, b_p_b_g, 0, b_p_b_i, 0, b_p_b_o, 0, b_p_beta_h, 0, b_s_c + t * n_B * (n_H), n_H, b_p_gamma_h, 0, b_p_gh_f, 0, b_p_gh_g, 0, b_p_gh_i, 0, b_p_gh_o, 0, b_p_gx_f, 0, b_p_gx_g, 0, b_p_gx_i, 0, b_p_gx_o, 0, b_p_inv_n_H, 0, b_p_inv_n_H_2, 0, b_v_mu_x + t * n_B * (1), 1, b_v_rs_x + t * n_B * (1), 1, b_v_xf + t * n_B * (n_H), n_H, b_v_xg + t * n_B * (n_H), n_H, b_v_xi + t * n_B * (n_H), n_H, b_v_xo + t * n_B * (n_H), n_H, b_v_ri + t * n_B * (n_H), n_H, b_v_rg + t * n_B * (n_H), n_H, b_v_rf + t * n_B * (n_H), n_H, b_v_ro + t * n_B * (n_H), n_H, b_v_mu_h + t * n_B * (1), 1, b_v_var_h + t * n_B * (1), 1, b_v_rs_h + t * n_B * (1), 1, b_v_i + t * n_B * (n_H), n_H, b_v_g + t * n_B * (n_H), n_H, b_v_f + t * n_B * (n_H), n_H, b_v_o + t * n_B * (n_H), n_H, b_s_c + (t + 1) * n_B * (n_H), n_H, b_v_mean_5 + t * n_B * (1), 1, b_v_var + t * n_B * (1), 1, b_v_rstd + t * n_B * (1), 1, b_s_h + (t + 1) * n_B * (n_H), n_H);
         // ended sequences hold their state: rows B_t.. of s_h[t + 1] = s_h[t]
-        if (rows < n_B) CS_COPY(b_s_h + ((t + 1) * n_B + rows) * (n_H), b_s_h + (t * n_B + rows) * (n_H), (n_B - rows) * (n_H));
+        if (rows < n_B) CS_COPY(b_s_h + ((t + 1) * n_B + rows) * (n_H), b_s_h + ((t) * n_B + rows) * (n_H), (n_B - rows) * (n_H));
         // ended sequences hold their state: rows B_t.. of s_c[t + 1] = s_c[t]
-        if (rows < n_B) CS_COPY(b_s_c + ((t + 1) * n_B + rows) * (n_H), b_s_c + (t * n_B + rows) * (n_H), (n_B - rows) * (n_H));
+        if (rows < n_B) CS_COPY(b_s_c + ((t + 1) * n_B + rows) * (n_H), b_s_c + ((t) * n_B + rows) * (n_H), (n_B - rows) * (n_H));
     }
     cs_unpack(pk_W_i_W_g_W_f_W_o_nt);
     cs_unpack(pk_R_i_R_g_R_f_R_o_nt);
@@ -1946,11 +1946,11 @@ static int haste_layer_norm_lstm_inference_run(const int64_t* dims, void* const*
         // g_R_i_R_g_R_f_R_o__h = h @ [R_i, R_g, R_f, R_o]^T  (R_i @ h, R_g @ h, R_f @ h, R_o @ h)
         CS_GEMM_NT_PACKED(rows, 4*n_H, n_H, b_s_h + t * n_B * (n_H), n_H, pk_R_i_R_g_R_f_R_o_nt, b_g_R_i_R_g_R_f_R_o__h, 4*n_H, 0);
         // inference: stage 1 forward, row by row (reductions over the units)
-        CS_ROWS(haste_layer_norm_lstm_inference_fwd1_rows, rows, n_H, b_g_R_i_R_g_R_f_R_o__h + 2*n_H, 4*n_H, b_g_R_i_R_g_R_f_R_o__h + n_H, 4*n_H, b_g_R_i_R_g_R_f_R_o__h, 4*n_H, b_g_R_i_R_g_R_f_R_o__h + 3*n_H, 4*n_H, b_p_b_f, 0, b_p_b_g, 0, b_p_b_i, 0, b_p_b_o, 0, b_p_beta_h, 0, b_s_c + t * n_B * (n_H), n_H, b_p_gamma_h, 0, b_p_gh_f, 0, b_p_gh_g, 0, b_p_gh_i, 0, b_p_gh_o, 0, b_p_gx_f, 0, b_p_gx_g, 0, b_p_gx_i, 0, b_p_gx_o, 0, b_p_inv_n_H, 0, b_p_inv_n_H_2, 0, b_tmp_mu_x, 1, b_tmp_rs_x, 1, b_tmp_xf, n_H, b_tmp_xg, n_H, b_tmp_xi, n_H, b_tmp_xo, n_H, b_s_c + (t + 1) * n_B * (n_H), n_H, b_s_h + (t + 1) * n_B * (n_H), n_H);
+        CS_ROWS(haste_layer_norm_lstm_inference_fwd1_rows, rows, n_H, b_g_R_i_R_g_R_f_R_o__h + 2*n_H, 4*n_H, b_g_R_i_R_g_R_f_R_o__h + n_H, 4*n_H, b_g_R_i_R_g_R_f_R_o__h, 4*n_H, b_g_R_i_R_g_R_f_R_o__h + 3*n_H, 4*n_H, b_p_b_f, 0, b_p_b_g, 0, b_p_b_i, 0, b_p_b_o, 0, b_p_beta_h, 0, b_s_c + (t % 2) * n_B * (n_H), n_H, b_p_gamma_h, 0, b_p_gh_f, 0, b_p_gh_g, 0, b_p_gh_i, 0, b_p_gh_o, 0, b_p_gx_f, 0, b_p_gx_g, 0, b_p_gx_i, 0, b_p_gx_o, 0, b_p_inv_n_H, 0, b_p_inv_n_H_2, 0, b_tmp_mu_x, 1, b_tmp_rs_x, 1, b_tmp_xf, n_H, b_tmp_xg, n_H, b_tmp_xi, n_H, b_tmp_xo, n_H, b_s_c + ((t + 1) % 2) * n_B * (n_H), n_H, b_s_h + (t + 1) * n_B * (n_H), n_H);
         // ended sequences hold their state: rows B_t.. of s_h[t + 1] = s_h[t]
-        if (rows < n_B) CS_COPY(b_s_h + ((t + 1) * n_B + rows) * (n_H), b_s_h + (t * n_B + rows) * (n_H), (n_B - rows) * (n_H));
+        if (rows < n_B) CS_COPY(b_s_h + ((t + 1) * n_B + rows) * (n_H), b_s_h + ((t) * n_B + rows) * (n_H), (n_B - rows) * (n_H));
         // ended sequences hold their state: rows B_t.. of s_c[t + 1] = s_c[t]
-        if (rows < n_B) CS_COPY(b_s_c + ((t + 1) * n_B + rows) * (n_H), b_s_c + (t * n_B + rows) * (n_H), (n_B - rows) * (n_H));
+        if (rows < n_B) CS_COPY(b_s_c + (((t + 1) % 2) * n_B + rows) * (n_H), b_s_c + ((t % 2) * n_B + rows) * (n_H), (n_B - rows) * (n_H));
     }
     cs_unpack(pk_W_i_W_g_W_f_W_o_nt);
     cs_unpack(pk_R_i_R_g_R_f_R_o_nt);

@@ -1009,7 +1009,7 @@ static int ind_rnn_forward_run(const int64_t* dims, void* const* ptrs, const cs_
         // forward: stage 0 forward, units of size H
         CS_PW(ind_rnn_forward_fwd0_H, rows, n_H, b_hg_W__x + t * n_B * (n_H), n_H, b_p_b, 0, b_s_h + t * n_B * (n_H), n_H, b_p_u, 0, b_s_h + (t + 1) * n_B * (n_H), n_H);
         // ended sequences hold their state: rows B_t.. of s_h[t + 1] = s_h[t]
-        if (rows < n_B) CS_COPY(b_s_h + ((t + 1) * n_B + rows) * (n_H), b_s_h + (t * n_B + rows) * (n_H), (n_B - rows) * (n_H));
+        if (rows < n_B) CS_COPY(b_s_h + ((t + 1) * n_B + rows) * (n_H), b_s_h + ((t) * n_B + rows) * (n_H), (n_B - rows) * (n_H));
     }
     cs_unpack(pk_W_nt);
     return 0;
@@ -1086,7 +1086,7 @@ static int ind_rnn_inference_run(const int64_t* dims, void* const* ptrs, const c
         // inference: stage 0 forward, units of size H
         CS_PW(ind_rnn_inference_fwd0_H, rows, n_H, b_hg_W__x + (t % n_ch) * n_B * (n_H), n_H, b_p_b, 0, b_s_h + t * n_B * (n_H), n_H, b_p_u, 0, b_s_h + (t + 1) * n_B * (n_H), n_H);
         // ended sequences hold their state: rows B_t.. of s_h[t + 1] = s_h[t]
-        if (rows < n_B) CS_COPY(b_s_h + ((t + 1) * n_B + rows) * (n_H), b_s_h + (t * n_B + rows) * (n_H), (n_B - rows) * (n_H));
+        if (rows < n_B) CS_COPY(b_s_h + ((t + 1) * n_B + rows) * (n_H), b_s_h + ((t) * n_B + rows) * (n_H), (n_B - rows) * (n_H));
     }
     cs_unpack(pk_W_nt);
     return 0;

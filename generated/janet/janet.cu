@@ -1065,7 +1065,7 @@ static int janet_forward_run(const int64_t* dims, void* const* ptrs, const cs_ct
         // forward: stage 0 forward, units of size H
         CS_PW(janet_forward_fwd0_H, rows, n_H, b_g_U_f_U_c__h + n_H, 2*n_H, b_g_U_f_U_c__h, 2*n_H, b_hg_W_f_W_c__x + (t % n_ch) * n_B * (2*n_H) + n_H, 2*n_H, b_hg_W_f_W_c__x + (t % n_ch) * n_B * (2*n_H), 2*n_H, b_p_b_c, 0, b_p_b_f, 0, b_s_h + t * n_B * (n_H), n_H, b_v_s + t * n_B * (n_H), n_H, b_v_c_tilde + t * n_B * (n_H), n_H, b_s_h + (t + 1) * n_B * (n_H), n_H);
         // ended sequences hold their state: rows B_t.. of s_h[t + 1] = s_h[t]
-        if (rows < n_B) CS_COPY(b_s_h + ((t + 1) * n_B + rows) * (n_H), b_s_h + (t * n_B + rows) * (n_H), (n_B - rows) * (n_H));
+        if (rows < n_B) CS_COPY(b_s_h + ((t + 1) * n_B + rows) * (n_H), b_s_h + ((t) * n_B + rows) * (n_H), (n_B - rows) * (n_H));
     }
     cs_unpack(pk_W_f_W_c_nt);
     cs_unpack(pk_U_f_U_c_nt);
@@ -1150,7 +1150,7 @@ static int janet_inference_run(const int64_t* dims, void* const* ptrs, const cs_
         // inference: stage 0 forward, units of size H
         CS_PW(janet_inference_fwd0_H, rows, n_H, b_g_U_f_U_c__h + n_H, 2*n_H, b_g_U_f_U_c__h, 2*n_H, b_hg_W_f_W_c__x + (t % n_ch) * n_B * (2*n_H) + n_H, 2*n_H, b_hg_W_f_W_c__x + (t % n_ch) * n_B * (2*n_H), 2*n_H, b_p_b_c, 0, b_p_b_f, 0, b_s_h + t * n_B * (n_H), n_H, b_s_h + (t + 1) * n_B * (n_H), n_H);
         // ended sequences hold their state: rows B_t.. of s_h[t + 1] = s_h[t]
-        if (rows < n_B) CS_COPY(b_s_h + ((t + 1) * n_B + rows) * (n_H), b_s_h + (t * n_B + rows) * (n_H), (n_B - rows) * (n_H));
+        if (rows < n_B) CS_COPY(b_s_h + ((t + 1) * n_B + rows) * (n_H), b_s_h + ((t) * n_B + rows) * (n_H), (n_B - rows) * (n_H));
     }
     cs_unpack(pk_W_f_W_c_nt);
     cs_unpack(pk_U_f_U_c_nt);

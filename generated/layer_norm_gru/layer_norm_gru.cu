@@ -1619,7 +1619,7 @@ static int layer_norm_gru_forward_run(const int64_t* dims, void* const* ptrs, co
         // forward: stage 1 forward, row by row (reductions over the units)
         CS_ROWS(layer_norm_gru_forward_fwd1_rows, rows, n_H, b_g_U_r_U_u_U_c__h + t * n_B * (3*n_H) + 2*n_H, 3*n_H, b_g_U_r_U_u_U_c__h + t * n_B * (3*n_H), 3*n_H, b_g_U_r_U_u_U_c__h + t * n_B * (3*n_H) + n_H, 3*n_H, b_hg_W_r_W_u_W_c__x + t * n_B * (3*n_H) + 2*n_H, 3*n_H, b_hg_W_r_W_u_W_c__x + t * n_B * (3*n_H), 3*n_H, b_hg_W_r_W_u_W_c__x + t * n_B * (3*n_H) + n_H, 3*n_H, b_p_bh_c, 0, b_p_bh_r, 0, b_p_bh_u, 0, b_p_bx_c, 0, b_p_bx_r, 0, b_p_bx_u, 0, b_p_gh_c, 0, b_p_gh_r, 0, b_p_gh_u, 0, b_p_gx_c, 0, b_p_gx_r, 0, b_p_gx_u, 0, b_s_h + t * n_B * (n_H), n_H, b_p_inv_n_H, 0, b_v_mean + t * n_B * (1), 1, b_v_mean_3 + t * n_B * (1), 1, b_v_mean_5 + t * n_B * (1), 1, b_v_rstd + t * n_B * (1), 1, b_v_rstd_3 + t * n_B * (1), 1, b_v_rstd_5 + t * n_B * (1), 1, b_v_mean_2 + t * n_B * (1), 1, b_v_var_2 + t * n_B * (1), 1, b_v_rstd_2 + t * n_B * (1), 1, b_v_r + t * n_B * (n_H), n_H, b_v_mean_4 + t * n_B * (1), 1, b_v_var_4 + t * n_B * (1), 1, b_v_rstd_4 + t * n_B * (1), 1, b_v_u + t * n_B * (n_H), n_H, b_v_mean_6 + t * n_B * (1), 1, b_v_var_6 + t * n_B * (1), 1, b_v_rstd_6 + t * n_B * (1), 1, b_v_c + t * n_B * (n_H), n_H, b_s_h + (t + 1) * n_B * (n_H), n_H);
         // ended sequences hold their state: rows B_t.. of s_h[t + 1] = s_h[t]
-        if (rows < n_B) CS_COPY(b_s_h + ((t + 1) * n_B + rows) * (n_H), b_s_h + (t * n_B + rows) * (n_H), (n_B - rows) * (n_H));
+        if (rows < n_B) CS_COPY(b_s_h + ((t + 1) * n_B + rows) * (n_H), b_s_h + ((t) * n_B + rows) * (n_H), (n_B - rows) * (n_H));
     }
     cs_unpack(pk_W_r_W_u_W_c_nt);
     cs_unpack(pk_U_r_U_u_U_c_nt);
@@ -1740,7 +1740,7 @@ static int layer_norm_gru_inference_run(const int64_t* dims, void* const* ptrs, 
         // inference: stage 1 forward, row by row (reductions over the units)
         CS_ROWS(layer_norm_gru_inference_fwd1_rows, rows, n_H, b_g_U_r_U_u_U_c__h + 2*n_H, 3*n_H, b_g_U_r_U_u_U_c__h, 3*n_H, b_g_U_r_U_u_U_c__h + n_H, 3*n_H, b_hg_W_r_W_u_W_c__x + (t % n_ch) * n_B * (3*n_H) + 2*n_H, 3*n_H, b_hg_W_r_W_u_W_c__x + (t % n_ch) * n_B * (3*n_H), 3*n_H, b_hg_W_r_W_u_W_c__x + (t % n_ch) * n_B * (3*n_H) + n_H, 3*n_H, b_p_bh_c, 0, b_p_bh_r, 0, b_p_bh_u, 0, b_p_bx_c, 0, b_p_bx_r, 0, b_p_bx_u, 0, b_p_gh_c, 0, b_p_gh_r, 0, b_p_gh_u, 0, b_p_gx_c, 0, b_p_gx_r, 0, b_p_gx_u, 0, b_s_h + t * n_B * (n_H), n_H, b_p_inv_n_H, 0, b_tmp_mean, 1, b_tmp_mean_3, 1, b_tmp_mean_5, 1, b_tmp_rstd, 1, b_tmp_rstd_3, 1, b_tmp_rstd_5, 1, b_s_h + (t + 1) * n_B * (n_H), n_H);
         // ended sequences hold their state: rows B_t.. of s_h[t + 1] = s_h[t]
-        if (rows < n_B) CS_COPY(b_s_h + ((t + 1) * n_B + rows) * (n_H), b_s_h + (t * n_B + rows) * (n_H), (n_B - rows) * (n_H));
+        if (rows < n_B) CS_COPY(b_s_h + ((t + 1) * n_B + rows) * (n_H), b_s_h + ((t) * n_B + rows) * (n_H), (n_B - rows) * (n_H));
     }
     cs_unpack(pk_W_r_W_u_W_c_nt);
     cs_unpack(pk_U_r_U_u_U_c_nt);

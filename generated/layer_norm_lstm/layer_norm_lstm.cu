@@ -1531,9 +1531,9 @@ static int layer_norm_lstm_forward_run(const int64_t* dims, void* const* ptrs, c
         // forward: stage 0 forward, row by row (reductions over the units)
         CS_ROWS(layer_norm_lstm_forward_fwd0_rows, rows, n_H, b_g_U_i_U_j_U_f_U_o__h + t * n_B * (4*n_H) + 2*n_H, 4*n_H, b_g_U_i_U_j_U_f_U_o__h + t * n_B * (4*n_H), 4*n_H, b_g_U_i_U_j_U_f_U_o__h + t * n_B * (4*n_H) + n_H, 4*n_H, b_g_U_i_U_j_U_f_U_o__h + t * n_B * (4*n_H) + 3*n_H, 4*n_H, b_hg_W_i_W_j_W_f_W_o__x + t * n_B * (4*n_H) + 2*n_H, 4*n_H, b_hg_W_i_W_j_W_f_W_o__x + t * n_B * (4*n_H), 4*n_H, b_hg_W_i_W_j_W_f_W_o__x + t * n_B * (4*n_H) + n_H, 4*n_H, b_hg_W_i_W_j_W_f_W_o__x + t * n_B * (4*n_H) + 3*n_H, 4*n_H, b_p_b_c, 0, b_p_b_f, 0, b_p_b_i, 0, b_p_b_j, 0, b_p_b_o, 0, b_s_c + t * n_B * (n_H), n_H, b_p_g_c, 0, b_p_g_f, 0, b_p_g_i, 0, b_p_g_j, 0, b_p_g_o, 0, b_p_inv_n_H, 0, b_v_mean + t * n_B * (1), 1, b_v_var + t * n_B * (1), 1, b_v_rstd + t * n_B * (1), 1, b_v_i + t * n_B * (n_H), n_H, b_v_mean_2 + t * n_B * (1), 1, b_v_var_2 + t * n_B * (1), 1, b_v_rstd_2 + t * n_B * (1), 1, b_v_j + t * n_B * (n_H), n_H, b_v_mean_3 + t * n_B * (1), 1, b_v_var_3 + t * n_B * (1), 1, b_v_rstd_3 + t * n_B * (1), 1, b_v_f + t * n_B * (n_H), n_H, b_v_mean_4 + t * n_B * (1), 1, b_v_var_4 + t * n_B * (1), 1, b_v_rstd_4 + t * n_B * (1), 1, b_v_o + t * n_B * (n_H), n_H, b_v_mean_5 + t * n_B * (1), 1, b_v_var_5 + t * n_B * (1), 1, b_v_rstd_5 + t * n_B * (1), 1, b_s_c + (t + 1) * n_B * (n_H), n_H, b_s_h + (t + 1) * n_B * (n_H), n_H);
         // ended sequences hold their state: rows B_t.. of s_h[t + 1] = s_h[t]
-        if (rows < n_B) CS_COPY(b_s_h + ((t + 1) * n_B + rows) * (n_H), b_s_h + (t * n_B + rows) * (n_H), (n_B - rows) * (n_H));
+        if (rows < n_B) CS_COPY(b_s_h + ((t + 1) * n_B + rows) * (n_H), b_s_h + ((t) * n_B + rows) * (n_H), (n_B - rows) * (n_H));
         // ended sequences hold their state: rows B_t.. of s_c[t + 1] = s_c[t]
-        if (rows < n_B) CS_COPY(b_s_c + ((t + 1) * n_B + rows) * (n_H), b_s_c + (t * n_B + rows) * (n_H), (n_B - rows) * (n_H));
+        if (rows < n_B) CS_COPY(b_s_c + ((t + 1) * n_B + rows) * (n_H), b_s_c + ((t) * n_B + rows) * (n_H), (n_B - rows) * (n_H));
     }
     cs_unpack(pk_W_i_W_j_W_f_W_o_nt);
     cs_unpack(pk_U_i_U_j_U_f_U_o_nt);
@@ -1636,11 +1636,11 @@ static int layer_norm_lstm_inference_run(const int64_t* dims, void* const* ptrs,
         // g_U_i_U_j_U_f_U_o__h = h @ [U_i, U_j, U_f, U_o]^T  (U_i @ h, U_j @ h, U_f @ h, U_o @ h)
         CS_GEMM_NT_PACKED(rows, 4*n_H, n_H, b_s_h + t * n_B * (n_H), n_H, pk_U_i_U_j_U_f_U_o_nt, b_g_U_i_U_j_U_f_U_o__h, 4*n_H, 0);
         // inference: stage 0 forward, row by row (reductions over the units)
-        CS_ROWS(layer_norm_lstm_inference_fwd0_rows, rows, n_H, b_g_U_i_U_j_U_f_U_o__h + 2*n_H, 4*n_H, b_g_U_i_U_j_U_f_U_o__h, 4*n_H, b_g_U_i_U_j_U_f_U_o__h + n_H, 4*n_H, b_g_U_i_U_j_U_f_U_o__h + 3*n_H, 4*n_H, b_hg_W_i_W_j_W_f_W_o__x + (t % n_ch) * n_B * (4*n_H) + 2*n_H, 4*n_H, b_hg_W_i_W_j_W_f_W_o__x + (t % n_ch) * n_B * (4*n_H), 4*n_H, b_hg_W_i_W_j_W_f_W_o__x + (t % n_ch) * n_B * (4*n_H) + n_H, 4*n_H, b_hg_W_i_W_j_W_f_W_o__x + (t % n_ch) * n_B * (4*n_H) + 3*n_H, 4*n_H, b_p_b_c, 0, b_p_b_f, 0, b_p_b_i, 0, b_p_b_j, 0, b_p_b_o, 0, b_s_c + t * n_B * (n_H), n_H, b_p_g_c, 0, b_p_g_f, 0, b_p_g_i, 0, b_p_g_j, 0, b_p_g_o, 0, b_p_inv_n_H, 0, b_s_c + (t + 1) * n_B * (n_H), n_H, b_s_h + (t + 1) * n_B * (n_H), n_H);
+        CS_ROWS(layer_norm_lstm_inference_fwd0_rows, rows, n_H, b_g_U_i_U_j_U_f_U_o__h + 2*n_H, 4*n_H, b_g_U_i_U_j_U_f_U_o__h, 4*n_H, b_g_U_i_U_j_U_f_U_o__h + n_H, 4*n_H, b_g_U_i_U_j_U_f_U_o__h + 3*n_H, 4*n_H, b_hg_W_i_W_j_W_f_W_o__x + (t % n_ch) * n_B * (4*n_H) + 2*n_H, 4*n_H, b_hg_W_i_W_j_W_f_W_o__x + (t % n_ch) * n_B * (4*n_H), 4*n_H, b_hg_W_i_W_j_W_f_W_o__x + (t % n_ch) * n_B * (4*n_H) + n_H, 4*n_H, b_hg_W_i_W_j_W_f_W_o__x + (t % n_ch) * n_B * (4*n_H) + 3*n_H, 4*n_H, b_p_b_c, 0, b_p_b_f, 0, b_p_b_i, 0, b_p_b_j, 0, b_p_b_o, 0, b_s_c + (t % 2) * n_B * (n_H), n_H, b_p_g_c, 0, b_p_g_f, 0, b_p_g_i, 0, b_p_g_j, 0, b_p_g_o, 0, b_p_inv_n_H, 0, b_s_c + ((t + 1) % 2) * n_B * (n_H), n_H, b_s_h + (t + 1) * n_B * (n_H), n_H);
         // ended sequences hold their state: rows B_t.. of s_h[t + 1] = s_h[t]
-        if (rows < n_B) CS_COPY(b_s_h + ((t + 1) * n_B + rows) * (n_H), b_s_h + (t * n_B + rows) * (n_H), (n_B - rows) * (n_H));
+        if (rows < n_B) CS_COPY(b_s_h + ((t + 1) * n_B + rows) * (n_H), b_s_h + ((t) * n_B + rows) * (n_H), (n_B - rows) * (n_H));
         // ended sequences hold their state: rows B_t.. of s_c[t + 1] = s_c[t]
-        if (rows < n_B) CS_COPY(b_s_c + ((t + 1) * n_B + rows) * (n_H), b_s_c + (t * n_B + rows) * (n_H), (n_B - rows) * (n_H));
+        if (rows < n_B) CS_COPY(b_s_c + (((t + 1) % 2) * n_B + rows) * (n_H), b_s_c + ((t % 2) * n_B + rows) * (n_H), (n_B - rows) * (n_H));
     }
     cs_unpack(pk_W_i_W_j_W_f_W_o_nt);
     cs_unpack(pk_U_i_U_j_U_f_U_o_nt);

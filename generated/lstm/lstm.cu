@@ -1220,9 +1220,9 @@ static int lstm_forward_run(const int64_t* dims, void* const* ptrs, const cs_ctx
         // forward: stage 0 forward, units of size H
         CS_PW(lstm_forward_fwd0_H, rows, n_H, b_g_W_hi_W_hf_W_hg_W_ho__h + n_H, 4*n_H, b_g_W_hi_W_hf_W_hg_W_ho__h + 2*n_H, 4*n_H, b_g_W_hi_W_hf_W_hg_W_ho__h, 4*n_H, b_g_W_hi_W_hf_W_hg_W_ho__h + 3*n_H, 4*n_H, b_hg_W_ii_W_if_W_ig_W_io__x + (t % n_ch) * n_B * (4*n_H) + n_H, 4*n_H, b_hg_W_ii_W_if_W_ig_W_io__x + (t % n_ch) * n_B * (4*n_H) + 2*n_H, 4*n_H, b_hg_W_ii_W_if_W_ig_W_io__x + (t % n_ch) * n_B * (4*n_H), 4*n_H, b_hg_W_ii_W_if_W_ig_W_io__x + (t % n_ch) * n_B * (4*n_H) + 3*n_H, 4*n_H, b_p_b_hf, 0, b_p_b_hg, 0, b_p_b_hi, 0, b_p_b_ho, 0, b_p_b_if, 0, b_p_b_ig, 0, b_p_b_ii, 0, b_p_b_io, 0, b_s_c + t * n_B * (n_H), n_H, b_v_i + t * n_B * (n_H), n_H, b_v_f + t * n_B * (n_H), n_H, b_v_g + t * n_B * (n_H), n_H, b_v_o + t * n_B * (n_H), n_H, b_s_c + (t + 1) * n_B * (n_H), n_H, b_s_h + (t + 1) * n_B * (n_H), n_H);
         // ended sequences hold their state: rows B_t.. of s_h[t + 1] = s_h[t]
-        if (rows < n_B) CS_COPY(b_s_h + ((t + 1) * n_B + rows) * (n_H), b_s_h + (t * n_B + rows) * (n_H), (n_B - rows) * (n_H));
+        if (rows < n_B) CS_COPY(b_s_h + ((t + 1) * n_B + rows) * (n_H), b_s_h + ((t) * n_B + rows) * (n_H), (n_B - rows) * (n_H));
         // ended sequences hold their state: rows B_t.. of s_c[t + 1] = s_c[t]
-        if (rows < n_B) CS_COPY(b_s_c + ((t + 1) * n_B + rows) * (n_H), b_s_c + (t * n_B + rows) * (n_H), (n_B - rows) * (n_H));
+        if (rows < n_B) CS_COPY(b_s_c + ((t + 1) * n_B + rows) * (n_H), b_s_c + ((t) * n_B + rows) * (n_H), (n_B - rows) * (n_H));
     }
     cs_unpack(pk_W_ii_W_if_W_ig_W_io_nt);
     cs_unpack(pk_W_hi_W_hf_W_hg_W_ho_nt);
@@ -1319,11 +1319,11 @@ static int lstm_inference_run(const int64_t* dims, void* const* ptrs, const cs_c
         // g_W_hi_W_hf_W_hg_W_ho__h = h @ [W_hi, W_hf, W_hg, W_ho]^T  (W_hi @ h, W_hf @ h, W_hg @ h, W_ho @ h)
         CS_GEMM_NT_PACKED(rows, 4*n_H, n_H, b_s_h + t * n_B * (n_H), n_H, pk_W_hi_W_hf_W_hg_W_ho_nt, b_g_W_hi_W_hf_W_hg_W_ho__h, 4*n_H, 0);
         // inference: stage 0 forward, units of size H
-        CS_PW(lstm_inference_fwd0_H, rows, n_H, b_g_W_hi_W_hf_W_hg_W_ho__h + n_H, 4*n_H, b_g_W_hi_W_hf_W_hg_W_ho__h + 2*n_H, 4*n_H, b_g_W_hi_W_hf_W_hg_W_ho__h, 4*n_H, b_g_W_hi_W_hf_W_hg_W_ho__h + 3*n_H, 4*n_H, b_hg_W_ii_W_if_W_ig_W_io__x + (t % n_ch) * n_B * (4*n_H) + n_H, 4*n_H, b_hg_W_ii_W_if_W_ig_W_io__x + (t % n_ch) * n_B * (4*n_H) + 2*n_H, 4*n_H, b_hg_W_ii_W_if_W_ig_W_io__x + (t % n_ch) * n_B * (4*n_H), 4*n_H, b_hg_W_ii_W_if_W_ig_W_io__x + (t % n_ch) * n_B * (4*n_H) + 3*n_H, 4*n_H, b_p_b_hf, 0, b_p_b_hg, 0, b_p_b_hi, 0, b_p_b_ho, 0, b_p_b_if, 0, b_p_b_ig, 0, b_p_b_ii, 0, b_p_b_io, 0, b_s_c + t * n_B * (n_H), n_H, b_s_c + (t + 1) * n_B * (n_H), n_H, b_s_h + (t + 1) * n_B * (n_H), n_H);
+        CS_PW(lstm_inference_fwd0_H, rows, n_H, b_g_W_hi_W_hf_W_hg_W_ho__h + n_H, 4*n_H, b_g_W_hi_W_hf_W_hg_W_ho__h + 2*n_H, 4*n_H, b_g_W_hi_W_hf_W_hg_W_ho__h, 4*n_H, b_g_W_hi_W_hf_W_hg_W_ho__h + 3*n_H, 4*n_H, b_hg_W_ii_W_if_W_ig_W_io__x + (t % n_ch) * n_B * (4*n_H) + n_H, 4*n_H, b_hg_W_ii_W_if_W_ig_W_io__x + (t % n_ch) * n_B * (4*n_H) + 2*n_H, 4*n_H, b_hg_W_ii_W_if_W_ig_W_io__x + (t % n_ch) * n_B * (4*n_H), 4*n_H, b_hg_W_ii_W_if_W_ig_W_io__x + (t % n_ch) * n_B * (4*n_H) + 3*n_H, 4*n_H, b_p_b_hf, 0, b_p_b_hg, 0, b_p_b_hi, 0, b_p_b_ho, 0, b_p_b_if, 0, b_p_b_ig, 0, b_p_b_ii, 0, b_p_b_io, 0, b_s_c + (t % 2) * n_B * (n_H), n_H, b_s_c + ((t + 1) % 2) * n_B * (n_H), n_H, b_s_h + (t + 1) * n_B * (n_H), n_H);
         // ended sequences hold their state: rows B_t.. of s_h[t + 1] = s_h[t]
-        if (rows < n_B) CS_COPY(b_s_h + ((t + 1) * n_B + rows) * (n_H), b_s_h + (t * n_B + rows) * (n_H), (n_B - rows) * (n_H));
+        if (rows < n_B) CS_COPY(b_s_h + ((t + 1) * n_B + rows) * (n_H), b_s_h + ((t) * n_B + rows) * (n_H), (n_B - rows) * (n_H));
         // ended sequences hold their state: rows B_t.. of s_c[t + 1] = s_c[t]
-        if (rows < n_B) CS_COPY(b_s_c + ((t + 1) * n_B + rows) * (n_H), b_s_c + (t * n_B + rows) * (n_H), (n_B - rows) * (n_H));
+        if (rows < n_B) CS_COPY(b_s_c + (((t + 1) % 2) * n_B + rows) * (n_H), b_s_c + ((t % 2) * n_B + rows) * (n_H), (n_B - rows) * (n_H));
     }
     cs_unpack(pk_W_ii_W_if_W_ig_W_io_nt);
     cs_unpack(pk_W_hi_W_hf_W_hg_W_ho_nt);

@@ -905,7 +905,7 @@ class _NativeSequence(torch.autograd.Function):
             return (None, None, *_differentiable_gradients(_t[:_n], None, grads[:_N_OUT], grads[_N_OUT:]))
         _params = dict(zip(_PARAM_NAMES, _t[_N_IN + _N_STATE : _n]))
         _grads, _d_xs, _d_states = _native_backward(ctx.lib, _t[:_N_IN], _params, _t[_n:], grads[:_N_OUT], grads[_N_OUT:], ctx.bs)
-        return (None, None, *_d_xs, *_d_states, *(_grads[k].to(_params[k].dtype) for k in _PARAM_NAMES))
+        return (None, None, *_d_xs, *_d_states, *(_g if _g.dtype == _params[k].dtype else _g.to(_params[k].dtype) for k, _g in ((k, _grads[k]) for k in _PARAM_NAMES)))
 
 
 def _run_native(lib, xs, state, params, bs=None):
@@ -955,19 +955,24 @@ _WORKSPACE = threading.local()
 
 def _workspace(fn, name, shape, dtype, device):
     """A scratch buffer of ``shape`` for the call ``fn``: the same memory on every call in this
-    thread (CPU), else a fresh one."""
+    thread (CPU), else a fresh one. The view of the last shape asked for is kept too: a call of
+    the same sizes gets it back without a tensor op."""
     if device.type != "cpu":
-        return torch.empty(shape, dtype=dtype, device=device)
-    n = math.prod(shape)
-    if n * dtype.itemsize > WORKSPACE_MAX_BYTES:
         return torch.empty(shape, dtype=dtype, device=device)
     kept = getattr(_WORKSPACE, "buffers", None)
     if kept is None:
         kept = _WORKSPACE.buffers = {}
-    buf = kept.get((fn, name))
+    buf, view = kept.get((fn, name), (None, None))
+    if view is not None and view.dtype == dtype and view.shape == shape:
+        return view
+    n = math.prod(shape)
+    if n * dtype.itemsize > WORKSPACE_MAX_BYTES:
+        return torch.empty(shape, dtype=dtype, device=device)
     if buf is None or buf.dtype != dtype or buf.numel() < n:
-        buf = kept[(fn, name)] = torch.empty(n, dtype=dtype)
-    return buf[:n].view(shape)
+        buf = torch.empty(n, dtype=dtype)
+    view = buf[:n].view(shape)
+    kept[(fn, name)] = (buf, view)
+    return view
 
 
 def release_workspace():
@@ -1047,7 +1052,7 @@ def _native_inference(_lib, _xs, _states, _params, _bs=None):
     x_x = _xs[0].contiguous()
     s_h = _empty((_T + 1, _B, _H))
     s_h[0].copy_(_states[0])
-    s_c = _empty((_T + 1, _B, _H))
+    s_c = _scratch("s_c", (2, _B, _H))
     s_c[0].copy_(_states[1])
     p_b_ii = _params["b_ii"].contiguous()
     p_b_hi = _params["b_hi"].contiguous()
@@ -1065,7 +1070,7 @@ def _native_inference(_lib, _xs, _states, _params, _bs=None):
     if _bs is not None:  # zeros past each sequence's end
         _m = _native_active(_bs, _B, _xs)
         _outputs = tuple(_o * _m for _o in _outputs)
-    return _outputs, (s_h[_T], s_c[_T],), ()
+    return _outputs, (s_h[_T], s_c[_T % 2].clone(),), ()
 
 
 def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None):
@@ -1133,7 +1138,7 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
 # The same two calls as PyTorch custom ops, for torch.compile (which traces them through their
 # fake implementations: the allocations above, without the call). Registered once per process
 # and content of this file; outputs are copies (an op's outputs may not alias each other).
-_OP = "lstm_1601ba44c424"
+_OP = "lstm_408022c1baa3"
 
 
 def _op_forward_impl(xs: list[torch.Tensor], states: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -1351,7 +1351,7 @@ static int mgu_forward_run(const int64_t* dims, void* const* ptrs, const cs_ctx*
         // forward: stage 1 forward, units of size H
         CS_PW(mgu_forward_fwd1_H, rows, n_H, b_g_U_h__U_h_in, n_H, b_hg_W_f_W_h__x + (t % n_ch) * n_B * (2*n_H) + n_H, 2*n_H, b_p_b_h, 0, b_v_f + t * n_B * (n_H), n_H, b_s_h + t * n_B * (n_H), n_H, b_v_h_tilde + t * n_B * (n_H), n_H, b_s_h + (t + 1) * n_B * (n_H), n_H);
         // ended sequences hold their state: rows B_t.. of s_h[t + 1] = s_h[t]
-        if (rows < n_B) CS_COPY(b_s_h + ((t + 1) * n_B + rows) * (n_H), b_s_h + (t * n_B + rows) * (n_H), (n_B - rows) * (n_H));
+        if (rows < n_B) CS_COPY(b_s_h + ((t + 1) * n_B + rows) * (n_H), b_s_h + ((t) * n_B + rows) * (n_H), (n_B - rows) * (n_H));
     }
     cs_unpack(pk_W_f_W_h_nt);
     cs_unpack(pk_U_f_nt);
@@ -1450,7 +1450,7 @@ static int mgu_inference_run(const int64_t* dims, void* const* ptrs, const cs_ct
         // inference: stage 1 forward, units of size H
         CS_PW(mgu_inference_fwd1_H, rows, n_H, b_g_U_h__U_h_in, n_H, b_hg_W_f_W_h__x + (t % n_ch) * n_B * (2*n_H) + n_H, 2*n_H, b_p_b_h, 0, b_tmp_f, n_H, b_s_h + t * n_B * (n_H), n_H, b_s_h + (t + 1) * n_B * (n_H), n_H);
         // ended sequences hold their state: rows B_t.. of s_h[t + 1] = s_h[t]
-        if (rows < n_B) CS_COPY(b_s_h + ((t + 1) * n_B + rows) * (n_H), b_s_h + (t * n_B + rows) * (n_H), (n_B - rows) * (n_H));
+        if (rows < n_B) CS_COPY(b_s_h + ((t + 1) * n_B + rows) * (n_H), b_s_h + ((t) * n_B + rows) * (n_H), (n_B - rows) * (n_H));
     }
     cs_unpack(pk_W_f_W_h_nt);
     cs_unpack(pk_U_f_nt);

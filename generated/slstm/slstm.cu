@@ -1339,13 +1339,13 @@ static int slstm_forward_run(const int64_t* dims, void* const* ptrs, const cs_ct
         // forward: stage 0 forward, units of size H
         CS_PW(slstm_forward_fwd0_H, rows, n_H, b_g_R_z_R_i_R_f_R_o__h + 2*n_H, 4*n_H, b_g_R_z_R_i_R_f_R_o__h + n_H, 4*n_H, b_g_R_z_R_i_R_f_R_o__h + 3*n_H, 4*n_H, b_g_R_z_R_i_R_f_R_o__h, 4*n_H, b_hg_W_z_W_i_W_f_W_o__x + (t % n_ch) * n_B * (4*n_H) + 2*n_H, 4*n_H, b_hg_W_z_W_i_W_f_W_o__x + (t % n_ch) * n_B * (4*n_H) + n_H, 4*n_H, b_hg_W_z_W_i_W_f_W_o__x + (t % n_ch) * n_B * (4*n_H) + 3*n_H, 4*n_H, b_hg_W_z_W_i_W_f_W_o__x + (t % n_ch) * n_B * (4*n_H), 4*n_H, b_p_b_f, 0, b_p_b_i, 0, b_p_b_o, 0, b_p_b_z, 0, b_s_c + t * n_B * (n_H), n_H, b_s_m + t * n_B * (n_H), n_H, b_s_n + t * n_B * (n_H), n_H, b_v_z + t * n_B * (n_H), n_H, b_v_it + t * n_B * (n_H), n_H, b_v_ft + t * n_B * (n_H), n_H, b_v_o + t * n_B * (n_H), n_H, b_s_m + (t + 1) * n_B * (n_H), n_H, b_v_i + t * n_B * (n_H), n_H, b_v_f + t * n_B * (n_H), n_H, b_s_c + (t + 1) * n_B * (n_H), n_H, b_s_n + (t + 1) * n_B * (n_H), n_H, b_s_h + (t + 1) * n_B * (n_H), n_H);
         // ended sequences hold their state: rows B_t.. of s_h[t + 1] = s_h[t]
-        if (rows < n_B) CS_COPY(b_s_h + ((t + 1) * n_B + rows) * (n_H), b_s_h + (t * n_B + rows) * (n_H), (n_B - rows) * (n_H));
+        if (rows < n_B) CS_COPY(b_s_h + ((t + 1) * n_B + rows) * (n_H), b_s_h + ((t) * n_B + rows) * (n_H), (n_B - rows) * (n_H));
         // ended sequences hold their state: rows B_t.. of s_c[t + 1] = s_c[t]
-        if (rows < n_B) CS_COPY(b_s_c + ((t + 1) * n_B + rows) * (n_H), b_s_c + (t * n_B + rows) * (n_H), (n_B - rows) * (n_H));
+        if (rows < n_B) CS_COPY(b_s_c + ((t + 1) * n_B + rows) * (n_H), b_s_c + ((t) * n_B + rows) * (n_H), (n_B - rows) * (n_H));
         // ended sequences hold their state: rows B_t.. of s_n[t + 1] = s_n[t]
-        if (rows < n_B) CS_COPY(b_s_n + ((t + 1) * n_B + rows) * (n_H), b_s_n + (t * n_B + rows) * (n_H), (n_B - rows) * (n_H));
+        if (rows < n_B) CS_COPY(b_s_n + ((t + 1) * n_B + rows) * (n_H), b_s_n + ((t) * n_B + rows) * (n_H), (n_B - rows) * (n_H));
         // ended sequences hold their state: rows B_t.. of s_m[t + 1] = s_m[t]
-        if (rows < n_B) CS_COPY(b_s_m + ((t + 1) * n_B + rows) * (n_H), b_s_m + (t * n_B + rows) * (n_H), (n_B - rows) * (n_H));
+        if (rows < n_B) CS_COPY(b_s_m + ((t + 1) * n_B + rows) * (n_H), b_s_m + ((t) * n_B + rows) * (n_H), (n_B - rows) * (n_H));
     }
     cs_unpack(pk_W_z_W_i_W_f_W_o_nt);
     cs_unpack(pk_R_z_R_i_R_f_R_o_nt);
@@ -1438,15 +1438,15 @@ static int slstm_inference_run(const int64_t* dims, void* const* ptrs, const cs_
         // g_R_z_R_i_R_f_R_o__h = h @ [R_z, R_i, R_f, R_o]^T  (R_z @ h, R_i @ h, R_f @ h, R_o @ h)
         CS_GEMM_NT_PACKED(rows, 4*n_H, n_H, b_s_h + t * n_B * (n_H), n_H, pk_R_z_R_i_R_f_R_o_nt, b_g_R_z_R_i_R_f_R_o__h, 4*n_H, 0);
         // inference: stage 0 forward, units of size H
-        CS_PW(slstm_inference_fwd0_H, rows, n_H, b_g_R_z_R_i_R_f_R_o__h + 2*n_H, 4*n_H, b_g_R_z_R_i_R_f_R_o__h + n_H, 4*n_H, b_g_R_z_R_i_R_f_R_o__h + 3*n_H, 4*n_H, b_g_R_z_R_i_R_f_R_o__h, 4*n_H, b_hg_W_z_W_i_W_f_W_o__x + (t % n_ch) * n_B * (4*n_H) + 2*n_H, 4*n_H, b_hg_W_z_W_i_W_f_W_o__x + (t % n_ch) * n_B * (4*n_H) + n_H, 4*n_H, b_hg_W_z_W_i_W_f_W_o__x + (t % n_ch) * n_B * (4*n_H) + 3*n_H, 4*n_H, b_hg_W_z_W_i_W_f_W_o__x + (t % n_ch) * n_B * (4*n_H), 4*n_H, b_p_b_f, 0, b_p_b_i, 0, b_p_b_o, 0, b_p_b_z, 0, b_s_c + t * n_B * (n_H), n_H, b_s_m + t * n_B * (n_H), n_H, b_s_n + t * n_B * (n_H), n_H, b_s_m + (t + 1) * n_B * (n_H), n_H, b_s_c + (t + 1) * n_B * (n_H), n_H, b_s_n + (t + 1) * n_B * (n_H), n_H, b_s_h + (t + 1) * n_B * (n_H), n_H);
+        CS_PW(slstm_inference_fwd0_H, rows, n_H, b_g_R_z_R_i_R_f_R_o__h + 2*n_H, 4*n_H, b_g_R_z_R_i_R_f_R_o__h + n_H, 4*n_H, b_g_R_z_R_i_R_f_R_o__h + 3*n_H, 4*n_H, b_g_R_z_R_i_R_f_R_o__h, 4*n_H, b_hg_W_z_W_i_W_f_W_o__x + (t % n_ch) * n_B * (4*n_H) + 2*n_H, 4*n_H, b_hg_W_z_W_i_W_f_W_o__x + (t % n_ch) * n_B * (4*n_H) + n_H, 4*n_H, b_hg_W_z_W_i_W_f_W_o__x + (t % n_ch) * n_B * (4*n_H) + 3*n_H, 4*n_H, b_hg_W_z_W_i_W_f_W_o__x + (t % n_ch) * n_B * (4*n_H), 4*n_H, b_p_b_f, 0, b_p_b_i, 0, b_p_b_o, 0, b_p_b_z, 0, b_s_c + (t % 2) * n_B * (n_H), n_H, b_s_m + (t % 2) * n_B * (n_H), n_H, b_s_n + (t % 2) * n_B * (n_H), n_H, b_s_m + ((t + 1) % 2) * n_B * (n_H), n_H, b_s_c + ((t + 1) % 2) * n_B * (n_H), n_H, b_s_n + ((t + 1) % 2) * n_B * (n_H), n_H, b_s_h + (t + 1) * n_B * (n_H), n_H);
         // ended sequences hold their state: rows B_t.. of s_h[t + 1] = s_h[t]
-        if (rows < n_B) CS_COPY(b_s_h + ((t + 1) * n_B + rows) * (n_H), b_s_h + (t * n_B + rows) * (n_H), (n_B - rows) * (n_H));
+        if (rows < n_B) CS_COPY(b_s_h + ((t + 1) * n_B + rows) * (n_H), b_s_h + ((t) * n_B + rows) * (n_H), (n_B - rows) * (n_H));
         // ended sequences hold their state: rows B_t.. of s_c[t + 1] = s_c[t]
-        if (rows < n_B) CS_COPY(b_s_c + ((t + 1) * n_B + rows) * (n_H), b_s_c + (t * n_B + rows) * (n_H), (n_B - rows) * (n_H));
+        if (rows < n_B) CS_COPY(b_s_c + (((t + 1) % 2) * n_B + rows) * (n_H), b_s_c + ((t % 2) * n_B + rows) * (n_H), (n_B - rows) * (n_H));
         // ended sequences hold their state: rows B_t.. of s_n[t + 1] = s_n[t]
-        if (rows < n_B) CS_COPY(b_s_n + ((t + 1) * n_B + rows) * (n_H), b_s_n + (t * n_B + rows) * (n_H), (n_B - rows) * (n_H));
+        if (rows < n_B) CS_COPY(b_s_n + (((t + 1) % 2) * n_B + rows) * (n_H), b_s_n + ((t % 2) * n_B + rows) * (n_H), (n_B - rows) * (n_H));
         // ended sequences hold their state: rows B_t.. of s_m[t + 1] = s_m[t]
-        if (rows < n_B) CS_COPY(b_s_m + ((t + 1) * n_B + rows) * (n_H), b_s_m + (t * n_B + rows) * (n_H), (n_B - rows) * (n_H));
+        if (rows < n_B) CS_COPY(b_s_m + (((t + 1) % 2) * n_B + rows) * (n_H), b_s_m + ((t % 2) * n_B + rows) * (n_H), (n_B - rows) * (n_H));
     }
     cs_unpack(pk_W_z_W_i_W_f_W_o_nt);
     cs_unpack(pk_R_z_R_i_R_f_R_o_nt);

@@ -1178,7 +1178,7 @@ static int sru_forward_run(const int64_t* dims, void* const* ptrs, const cs_ctx*
         // forward: stage 0 forward, units of size H
         CS_PW(sru_forward_fwd0_H, rows, n_H, b_hg_W_f_W_W_r_W_s__x + t * n_B * (4*n_H), 4*n_H, b_hg_W_f_W_W_r_W_s__x + t * n_B * (4*n_H) + 2*n_H, 4*n_H, b_hg_W_f_W_W_r_W_s__x + t * n_B * (4*n_H) + 3*n_H, 4*n_H, b_hg_W_f_W_W_r_W_s__x + t * n_B * (4*n_H) + n_H, 4*n_H, b_p_b_f, 0, b_p_b_r, 0, b_s_c + t * n_B * (n_H), n_H, b_p_v_f, 0, b_p_v_r, 0, b_v_f + t * n_B * (n_H), n_H, b_s_c + (t + 1) * n_B * (n_H), n_H, b_v_r + t * n_B * (n_H), n_H, b_v_h + t * n_B * (n_H), n_H);
         // ended sequences hold their state: rows B_t.. of s_c[t + 1] = s_c[t]
-        if (rows < n_B) CS_COPY(b_s_c + ((t + 1) * n_B + rows) * (n_H), b_s_c + (t * n_B + rows) * (n_H), (n_B - rows) * (n_H));
+        if (rows < n_B) CS_COPY(b_s_c + ((t + 1) * n_B + rows) * (n_H), b_s_c + ((t) * n_B + rows) * (n_H), (n_B - rows) * (n_H));
     }
     cs_unpack(pk_W_f_W_W_r_W_s_nt);
     return 0;
@@ -1262,9 +1262,9 @@ static int sru_inference_run(const int64_t* dims, void* const* ptrs, const cs_ct
             CS_GEMM_NT_PACKED(n_c * n_B, 4*n_H, n_I, b_x_x + tc * n_B * (n_I), n_I, pk_W_f_W_W_r_W_s_nt, b_hg_W_f_W_W_r_W_s__x, 4*n_H, 0);
         }
         // inference: stage 0 forward, units of size H
-        CS_PW(sru_inference_fwd0_H, rows, n_H, b_hg_W_f_W_W_r_W_s__x + (t % n_ch) * n_B * (4*n_H), 4*n_H, b_hg_W_f_W_W_r_W_s__x + (t % n_ch) * n_B * (4*n_H) + 2*n_H, 4*n_H, b_hg_W_f_W_W_r_W_s__x + (t % n_ch) * n_B * (4*n_H) + 3*n_H, 4*n_H, b_hg_W_f_W_W_r_W_s__x + (t % n_ch) * n_B * (4*n_H) + n_H, 4*n_H, b_p_b_f, 0, b_p_b_r, 0, b_s_c + t * n_B * (n_H), n_H, b_p_v_f, 0, b_p_v_r, 0, b_s_c + (t + 1) * n_B * (n_H), n_H, b_v_h + t * n_B * (n_H), n_H);
+        CS_PW(sru_inference_fwd0_H, rows, n_H, b_hg_W_f_W_W_r_W_s__x + (t % n_ch) * n_B * (4*n_H), 4*n_H, b_hg_W_f_W_W_r_W_s__x + (t % n_ch) * n_B * (4*n_H) + 2*n_H, 4*n_H, b_hg_W_f_W_W_r_W_s__x + (t % n_ch) * n_B * (4*n_H) + 3*n_H, 4*n_H, b_hg_W_f_W_W_r_W_s__x + (t % n_ch) * n_B * (4*n_H) + n_H, 4*n_H, b_p_b_f, 0, b_p_b_r, 0, b_s_c + (t % 2) * n_B * (n_H), n_H, b_p_v_f, 0, b_p_v_r, 0, b_s_c + ((t + 1) % 2) * n_B * (n_H), n_H, b_v_h + t * n_B * (n_H), n_H);
         // ended sequences hold their state: rows B_t.. of s_c[t + 1] = s_c[t]
-        if (rows < n_B) CS_COPY(b_s_c + ((t + 1) * n_B + rows) * (n_H), b_s_c + (t * n_B + rows) * (n_H), (n_B - rows) * (n_H));
+        if (rows < n_B) CS_COPY(b_s_c + (((t + 1) % 2) * n_B + rows) * (n_H), b_s_c + ((t % 2) * n_B + rows) * (n_H), (n_B - rows) * (n_H));
     }
     cs_unpack(pk_W_f_W_W_r_W_s_nt);
     return 0;

@@ -1186,7 +1186,7 @@ static int torch_gru_forward_run(const int64_t* dims, void* const* ptrs, const c
         // forward: stage 0 forward, units of size H
         CS_PW(torch_gru_forward_fwd0_H, rows, n_H, b_g_W_hr_W_hz_W_hn__h + t * n_B * (3*n_H) + 2*n_H, 3*n_H, b_g_W_hr_W_hz_W_hn__h + t * n_B * (3*n_H), 3*n_H, b_g_W_hr_W_hz_W_hn__h + t * n_B * (3*n_H) + n_H, 3*n_H, b_hg_W_ir_W_iz_W_in__x + (t % n_ch) * n_B * (3*n_H) + 2*n_H, 3*n_H, b_hg_W_ir_W_iz_W_in__x + (t % n_ch) * n_B * (3*n_H), 3*n_H, b_hg_W_ir_W_iz_W_in__x + (t % n_ch) * n_B * (3*n_H) + n_H, 3*n_H, b_p_b_hn, 0, b_p_b_hr, 0, b_p_b_hz, 0, b_p_b_in, 0, b_p_b_ir, 0, b_p_b_iz, 0, b_s_h + t * n_B * (n_H), n_H, b_v_r + t * n_B * (n_H), n_H, b_v_z + t * n_B * (n_H), n_H, b_v_n + t * n_B * (n_H), n_H, b_s_h + (t + 1) * n_B * (n_H), n_H);
         // ended sequences hold their state: rows B_t.. of s_h[t + 1] = s_h[t]
-        if (rows < n_B) CS_COPY(b_s_h + ((t + 1) * n_B + rows) * (n_H), b_s_h + (t * n_B + rows) * (n_H), (n_B - rows) * (n_H));
+        if (rows < n_B) CS_COPY(b_s_h + ((t + 1) * n_B + rows) * (n_H), b_s_h + ((t) * n_B + rows) * (n_H), (n_B - rows) * (n_H));
     }
     cs_unpack(pk_W_ir_W_iz_W_in_nt);
     cs_unpack(pk_W_hr_W_hz_W_hn_nt);
@@ -1279,7 +1279,7 @@ static int torch_gru_inference_run(const int64_t* dims, void* const* ptrs, const
         // inference: stage 0 forward, units of size H
         CS_PW(torch_gru_inference_fwd0_H, rows, n_H, b_g_W_hr_W_hz_W_hn__h + 2*n_H, 3*n_H, b_g_W_hr_W_hz_W_hn__h, 3*n_H, b_g_W_hr_W_hz_W_hn__h + n_H, 3*n_H, b_hg_W_ir_W_iz_W_in__x + (t % n_ch) * n_B * (3*n_H) + 2*n_H, 3*n_H, b_hg_W_ir_W_iz_W_in__x + (t % n_ch) * n_B * (3*n_H), 3*n_H, b_hg_W_ir_W_iz_W_in__x + (t % n_ch) * n_B * (3*n_H) + n_H, 3*n_H, b_p_b_hn, 0, b_p_b_hr, 0, b_p_b_hz, 0, b_p_b_in, 0, b_p_b_ir, 0, b_p_b_iz, 0, b_s_h + t * n_B * (n_H), n_H, b_s_h + (t + 1) * n_B * (n_H), n_H);
         // ended sequences hold their state: rows B_t.. of s_h[t + 1] = s_h[t]
-        if (rows < n_B) CS_COPY(b_s_h + ((t + 1) * n_B + rows) * (n_H), b_s_h + (t * n_B + rows) * (n_H), (n_B - rows) * (n_H));
+        if (rows < n_B) CS_COPY(b_s_h + ((t + 1) * n_B + rows) * (n_H), b_s_h + ((t) * n_B + rows) * (n_H), (n_B - rows) * (n_H));
     }
     cs_unpack(pk_W_ir_W_iz_W_in_nt);
     cs_unpack(pk_W_hr_W_hz_W_hn_nt);
