@@ -126,3 +126,14 @@ def keep_last(fn: ir.Function, outputs: tuple[str, ...]) -> ir.Function:
                  if b.role == "state" and b.timed and b.name not in seen
                  and all(sl.time in (0, 1) for sl in fn.slots.values() if sl.buffer == b.name))
     return replace(fn, last_only=last) if last else fn
+
+
+def drop_unread_params(fn: ir.Function) -> ir.Function:
+    """Without the param buffers no op of the function reads (a backward does not read the
+    biases: the saved gate values hold them): nothing to prepare or pass for them per call."""
+    used = set().union(*(op_buffers(fn, op) for op in fn.flat()))
+    drop = {n for n, b in fn.buffers.items() if b.role == "param" and n not in used}
+    if not drop:
+        return fn
+    return replace(fn, buffers={n: b for n, b in fn.buffers.items() if n not in drop},
+                   slots={k: sl for k, sl in fn.slots.items() if sl.buffer not in drop})

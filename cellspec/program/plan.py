@@ -607,7 +607,7 @@ def plan(sched: Schedule, back: Backward) -> ir.Program:
         forward=passes.run_ahead(_zero_when_packed(forward), saved),
         inference=passes.keep_last(passes.run_ahead(_zero_when_packed(inference)),
                                    tuple(m.outputs)),
-        backward=_zero_when_packed(backward),
+        backward=passes.drop_unread_params(_zero_when_packed(backward)),
         saved=saved,
         d_states={v.name: f"ds_{v.name}" for v in cell.states},
         d_outputs={k: f"dout_{k}" for k in m.outputs},

@@ -1356,7 +1356,7 @@ extern "C" int cifg_lstm_inference_f64(const int64_t* dims, void* const* ptrs, c
 
 // =============================================================================================
 // cifg_lstm: the whole sequence, backward
-// ptrs: 0 x_x, 1 s_h, 2 s_c, 3 p_p_i, 4 p_b_i, 5 p_b_g, 6 p_p_o, 7 p_b_o, 8 v_i, 9 v_f, 10 v_g, 11 v_o, 12 dout_h_next, 13 ds_h, 14 ds_c, 15 dx_x, 16 dp_p_i, 17 dp_p_o, 18 dg_W_hi_W_hg_W_ho__h, 19 tmp_d_h_gemm, 20 tmp_d_o, 21 tmp_d_c_next, 22 tmp_d_i, 23 dw_W_hi_W_hg_W_ho, 24 dw_W_ii_W_ig_W_io, 25 weight W_ii_W_ig_W_io, 26 weight W_hi_W_hg_W_ho, 27 d W_ii, 28 d W_hi, 29 d p_i, 30 d b_i, 31 d W_ig, 32 d W_hg, 33 d b_g, 34 d W_io, 35 d W_ho, 36 d p_o, 37 d b_o, 38 batch sizes (host, or NULL)
+// ptrs: 0 x_x, 1 s_h, 2 s_c, 3 p_p_i, 4 p_p_o, 5 v_i, 6 v_f, 7 v_g, 8 v_o, 9 dout_h_next, 10 ds_h, 11 ds_c, 12 dx_x, 13 dp_p_i, 14 dp_p_o, 15 dg_W_hi_W_hg_W_ho__h, 16 tmp_d_h_gemm, 17 tmp_d_o, 18 tmp_d_c_next, 19 tmp_d_i, 20 dw_W_hi_W_hg_W_ho, 21 dw_W_ii_W_ig_W_io, 22 weight W_ii_W_ig_W_io, 23 weight W_hi_W_hg_W_ho, 24 d W_ii, 25 d W_hi, 26 d p_i, 27 d b_i, 28 d W_ig, 29 d W_hg, 30 d b_g, 31 d W_io, 32 d W_ho, 33 d p_o, 34 d b_o, 35 batch sizes (host, or NULL)
 
 // =============================================================================================
 template <typename S, typename G>
@@ -1378,75 +1378,69 @@ static int cifg_lstm_backward_run(const int64_t* dims, void* const* ptrs, const 
     (void)b_s_c;
     S* b_p_p_i = (S*)ptrs[3];
     (void)b_p_p_i;
-    S* b_p_b_i = (S*)ptrs[4];
-    (void)b_p_b_i;
-    S* b_p_b_g = (S*)ptrs[5];
-    (void)b_p_b_g;
-    S* b_p_p_o = (S*)ptrs[6];
+    S* b_p_p_o = (S*)ptrs[4];
     (void)b_p_p_o;
-    S* b_p_b_o = (S*)ptrs[7];
-    (void)b_p_b_o;
-    S* b_v_i = (S*)ptrs[8];
+    S* b_v_i = (S*)ptrs[5];
     (void)b_v_i;
-    S* b_v_f = (S*)ptrs[9];
+    S* b_v_f = (S*)ptrs[6];
     (void)b_v_f;
-    S* b_v_g = (S*)ptrs[10];
+    S* b_v_g = (S*)ptrs[7];
     (void)b_v_g;
-    S* b_v_o = (S*)ptrs[11];
+    S* b_v_o = (S*)ptrs[8];
     (void)b_v_o;
-    S* b_dout_h_next = (S*)ptrs[12];
+    S* b_dout_h_next = (S*)ptrs[9];
     (void)b_dout_h_next;
-    S* b_ds_h = (S*)ptrs[13];
+    S* b_ds_h = (S*)ptrs[10];
     (void)b_ds_h;
-    S* b_ds_c = (S*)ptrs[14];
+    S* b_ds_c = (S*)ptrs[11];
     (void)b_ds_c;
-    S* b_dx_x = (S*)ptrs[15];
+    S* b_dx_x = (S*)ptrs[12];
     (void)b_dx_x;
-    S* b_dp_p_i = (S*)ptrs[16];
+    S* b_dp_p_i = (S*)ptrs[13];
     (void)b_dp_p_i;
-    S* b_dp_p_o = (S*)ptrs[17];
+    S* b_dp_p_o = (S*)ptrs[14];
     (void)b_dp_p_o;
-    S* b_dg_W_hi_W_hg_W_ho__h = (S*)ptrs[18];
+    S* b_dg_W_hi_W_hg_W_ho__h = (S*)ptrs[15];
     (void)b_dg_W_hi_W_hg_W_ho__h;
-    S* b_tmp_d_h_gemm = (S*)ptrs[19];
+    S* b_tmp_d_h_gemm = (S*)ptrs[16];
     (void)b_tmp_d_h_gemm;
-    S* b_tmp_d_o = (S*)ptrs[20];
+    S* b_tmp_d_o = (S*)ptrs[17];
     (void)b_tmp_d_o;
-    S* b_tmp_d_c_next = (S*)ptrs[21];
+    S* b_tmp_d_c_next = (S*)ptrs[18];
     (void)b_tmp_d_c_next;
-    S* b_tmp_d_i = (S*)ptrs[22];
+    S* b_tmp_d_i = (S*)ptrs[19];
     (void)b_tmp_d_i;
-    G* b_dw_W_hi_W_hg_W_ho = (G*)ptrs[23];
+    G* b_dw_W_hi_W_hg_W_ho = (G*)ptrs[20];
     (void)b_dw_W_hi_W_hg_W_ho;
-    G* b_dw_W_ii_W_ig_W_io = (G*)ptrs[24];
+    G* b_dw_W_ii_W_ig_W_io = (G*)ptrs[21];
     (void)b_dw_W_ii_W_ig_W_io;
-    const S* w_W_ii_W_ig_W_io = (const S*)ptrs[25];
+    const S* w_W_ii_W_ig_W_io = (const S*)ptrs[22];
     (void)w_W_ii_W_ig_W_io;
-    const S* w_W_hi_W_hg_W_ho = (const S*)ptrs[26];
+    const S* w_W_hi_W_hg_W_ho = (const S*)ptrs[23];
     (void)w_W_hi_W_hg_W_ho;
-    G* g_W_ii = (G*)ptrs[27];
+    G* g_W_ii = (G*)ptrs[24];
     (void)g_W_ii;
-    G* g_W_hi = (G*)ptrs[28];
+    G* g_W_hi = (G*)ptrs[25];
     (void)g_W_hi;
-    G* g_p_i = (G*)ptrs[29];
+    G* g_p_i = (G*)ptrs[26];
     (void)g_p_i;
-    G* g_b_i = (G*)ptrs[30];
+    G* g_b_i = (G*)ptrs[27];
     (void)g_b_i;
-    G* g_W_ig = (G*)ptrs[31];
+    G* g_W_ig = (G*)ptrs[28];
     (void)g_W_ig;
-    G* g_W_hg = (G*)ptrs[32];
+    G* g_W_hg = (G*)ptrs[29];
     (void)g_W_hg;
-    G* g_b_g = (G*)ptrs[33];
+    G* g_b_g = (G*)ptrs[30];
     (void)g_b_g;
-    G* g_W_io = (G*)ptrs[34];
+    G* g_W_io = (G*)ptrs[31];
     (void)g_W_io;
-    G* g_W_ho = (G*)ptrs[35];
+    G* g_W_ho = (G*)ptrs[32];
     (void)g_W_ho;
-    G* g_p_o = (G*)ptrs[36];
+    G* g_p_o = (G*)ptrs[33];
     (void)g_p_o;
-    G* g_b_o = (G*)ptrs[37];
+    G* g_b_o = (G*)ptrs[34];
     (void)g_b_o;
-    const int64_t* bs = (const int64_t*)ptrs[38];
+    const int64_t* bs = (const int64_t*)ptrs[35];
     (void)ctx;
     if (bs) {  // rows of ended sequences, which no step writes, are read over all T*B rows
         CS_ZERO(b_dg_W_hi_W_hg_W_ho__h, (n_T) * (n_B) * (3*n_H));

@@ -1091,10 +1091,7 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     s_h = _saved[0]
     s_c = _saved[1]
     p_p_i = _params["p_i"].contiguous()
-    p_b_i = _params["b_i"].contiguous()
-    p_b_g = _params["b_g"].contiguous()
     p_p_o = _params["p_o"].contiguous()
-    p_b_o = _params["b_o"].contiguous()
     v_i = _saved[2]
     v_f = _saved[3]
     v_g = _saved[4]
@@ -1114,14 +1111,14 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     dw_W_ii_W_ig_W_io = _gscratch("dw_W_ii_W_ig_W_io", (3*_H, _I))
     _grads = {"W_ii": _gempty((_H, _I)), "W_hi": _gempty((_H, _H)), "p_i": _gempty((_H,)), "b_i": _gempty((_H,)), "W_ig": _gempty((_H, _I)), "W_hg": _gempty((_H, _H)), "b_g": _gempty((_H,)), "W_io": _gempty((_H, _I)), "W_ho": _gempty((_H, _H)), "p_o": _gempty((_H,)), "b_o": _gempty((_H,))}
     if _lib is not None:
-        _lib("backward", _dims, [x_x, s_h, s_c, p_p_i, p_b_i, p_b_g, p_p_o, p_b_o, v_i, v_f, v_g, v_o, dout_h_next, ds_h, ds_c, dx_x, dp_p_i, dp_p_o, dg_W_hi_W_hg_W_ho__h, tmp_d_h_gemm, tmp_d_o, tmp_d_c_next, tmp_d_i, dw_W_hi_W_hg_W_ho, dw_W_ii_W_ig_W_io, _stacked(_params["W_ii"], _params["W_ig"], _params["W_io"]), _stacked(_params["W_hi"], _params["W_hg"], _params["W_ho"]), *_grads.values(), _bs])
+        _lib("backward", _dims, [x_x, s_h, s_c, p_p_i, p_p_o, v_i, v_f, v_g, v_o, dout_h_next, ds_h, ds_c, dx_x, dp_p_i, dp_p_o, dg_W_hi_W_hg_W_ho__h, tmp_d_h_gemm, tmp_d_o, tmp_d_c_next, tmp_d_i, dw_W_hi_W_hg_W_ho, dw_W_ii_W_ig_W_io, _stacked(_params["W_ii"], _params["W_ig"], _params["W_io"]), _stacked(_params["W_hi"], _params["W_hg"], _params["W_ho"]), *_grads.values(), _bs])
     return _grads, (dx_x,), (ds_h, ds_c,)
 
 
 # The same two calls as PyTorch custom ops, for torch.compile (which traces them through their
 # fake implementations: the allocations above, without the call). Registered once per process
 # and content of this file; outputs are copies (an op's outputs may not alias each other).
-_OP = "cifg_lstm_3468f7488926"
+_OP = "cifg_lstm_f580513b63d0"
 
 
 def _op_forward_impl(xs: list[torch.Tensor], states: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:

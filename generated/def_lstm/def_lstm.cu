@@ -1358,7 +1358,7 @@ extern "C" int def_lstm_inference_f64(const int64_t* dims, void* const* ptrs, co
 
 // =============================================================================================
 // def_lstm: the whole sequence, backward
-// ptrs: 0 x_x, 1 s_h, 2 s_c, 3 p_b_i, 4 p_b_f, 5 p_b_g, 6 p_b_o, 7 p_beta_H, 8 v_i, 9 v_f, 10 v_g, 11 v_o, 12 dout_h_next, 13 ds_h, 14 ds_c, 15 dx_x, 16 dp_beta_H, 17 dg_U_i_U_f_U_g_U_o__h, 18 tmp_d_h_gemm, 19 tmp_d_h_next, 20 tmp_d_c_next, 21 dw_U_i_U_f_U_g_U_o, 22 dw_W_i_W_f_W_g_W_o, 23 weight W_i_W_f_W_g_W_o, 24 weight U_i_U_f_U_g_U_o, 25 d W_i, 26 d U_i, 27 d b_i, 28 d W_f, 29 d U_f, 30 d b_f, 31 d W_g, 32 d U_g, 33 d b_g, 34 d W_o, 35 d U_o, 36 d b_o, 37 d beta_H, 38 batch sizes (host, or NULL)
+// ptrs: 0 x_x, 1 s_h, 2 s_c, 3 p_beta_H, 4 v_i, 5 v_f, 6 v_g, 7 v_o, 8 dout_h_next, 9 ds_h, 10 ds_c, 11 dx_x, 12 dp_beta_H, 13 dg_U_i_U_f_U_g_U_o__h, 14 tmp_d_h_gemm, 15 tmp_d_h_next, 16 tmp_d_c_next, 17 dw_U_i_U_f_U_g_U_o, 18 dw_W_i_W_f_W_g_W_o, 19 weight W_i_W_f_W_g_W_o, 20 weight U_i_U_f_U_g_U_o, 21 d W_i, 22 d U_i, 23 d b_i, 24 d W_f, 25 d U_f, 26 d b_f, 27 d W_g, 28 d U_g, 29 d b_g, 30 d W_o, 31 d U_o, 32 d b_o, 33 d beta_H, 34 batch sizes (host, or NULL)
 
 // =============================================================================================
 template <typename S, typename G>
@@ -1378,77 +1378,69 @@ static int def_lstm_backward_run(const int64_t* dims, void* const* ptrs, const c
     (void)b_s_h;
     S* b_s_c = (S*)ptrs[2];
     (void)b_s_c;
-    S* b_p_b_i = (S*)ptrs[3];
-    (void)b_p_b_i;
-    S* b_p_b_f = (S*)ptrs[4];
-    (void)b_p_b_f;
-    S* b_p_b_g = (S*)ptrs[5];
-    (void)b_p_b_g;
-    S* b_p_b_o = (S*)ptrs[6];
-    (void)b_p_b_o;
-    S* b_p_beta_H = (S*)ptrs[7];
+    S* b_p_beta_H = (S*)ptrs[3];
     (void)b_p_beta_H;
-    S* b_v_i = (S*)ptrs[8];
+    S* b_v_i = (S*)ptrs[4];
     (void)b_v_i;
-    S* b_v_f = (S*)ptrs[9];
+    S* b_v_f = (S*)ptrs[5];
     (void)b_v_f;
-    S* b_v_g = (S*)ptrs[10];
+    S* b_v_g = (S*)ptrs[6];
     (void)b_v_g;
-    S* b_v_o = (S*)ptrs[11];
+    S* b_v_o = (S*)ptrs[7];
     (void)b_v_o;
-    S* b_dout_h_next = (S*)ptrs[12];
+    S* b_dout_h_next = (S*)ptrs[8];
     (void)b_dout_h_next;
-    S* b_ds_h = (S*)ptrs[13];
+    S* b_ds_h = (S*)ptrs[9];
     (void)b_ds_h;
-    S* b_ds_c = (S*)ptrs[14];
+    S* b_ds_c = (S*)ptrs[10];
     (void)b_ds_c;
-    S* b_dx_x = (S*)ptrs[15];
+    S* b_dx_x = (S*)ptrs[11];
     (void)b_dx_x;
-    S* b_dp_beta_H = (S*)ptrs[16];
+    S* b_dp_beta_H = (S*)ptrs[12];
     (void)b_dp_beta_H;
-    S* b_dg_U_i_U_f_U_g_U_o__h = (S*)ptrs[17];
+    S* b_dg_U_i_U_f_U_g_U_o__h = (S*)ptrs[13];
     (void)b_dg_U_i_U_f_U_g_U_o__h;
-    S* b_tmp_d_h_gemm = (S*)ptrs[18];
+    S* b_tmp_d_h_gemm = (S*)ptrs[14];
     (void)b_tmp_d_h_gemm;
-    S* b_tmp_d_h_next = (S*)ptrs[19];
+    S* b_tmp_d_h_next = (S*)ptrs[15];
     (void)b_tmp_d_h_next;
-    S* b_tmp_d_c_next = (S*)ptrs[20];
+    S* b_tmp_d_c_next = (S*)ptrs[16];
     (void)b_tmp_d_c_next;
-    G* b_dw_U_i_U_f_U_g_U_o = (G*)ptrs[21];
+    G* b_dw_U_i_U_f_U_g_U_o = (G*)ptrs[17];
     (void)b_dw_U_i_U_f_U_g_U_o;
-    G* b_dw_W_i_W_f_W_g_W_o = (G*)ptrs[22];
+    G* b_dw_W_i_W_f_W_g_W_o = (G*)ptrs[18];
     (void)b_dw_W_i_W_f_W_g_W_o;
-    const S* w_W_i_W_f_W_g_W_o = (const S*)ptrs[23];
+    const S* w_W_i_W_f_W_g_W_o = (const S*)ptrs[19];
     (void)w_W_i_W_f_W_g_W_o;
-    const S* w_U_i_U_f_U_g_U_o = (const S*)ptrs[24];
+    const S* w_U_i_U_f_U_g_U_o = (const S*)ptrs[20];
     (void)w_U_i_U_f_U_g_U_o;
-    G* g_W_i = (G*)ptrs[25];
+    G* g_W_i = (G*)ptrs[21];
     (void)g_W_i;
-    G* g_U_i = (G*)ptrs[26];
+    G* g_U_i = (G*)ptrs[22];
     (void)g_U_i;
-    G* g_b_i = (G*)ptrs[27];
+    G* g_b_i = (G*)ptrs[23];
     (void)g_b_i;
-    G* g_W_f = (G*)ptrs[28];
+    G* g_W_f = (G*)ptrs[24];
     (void)g_W_f;
-    G* g_U_f = (G*)ptrs[29];
+    G* g_U_f = (G*)ptrs[25];
     (void)g_U_f;
-    G* g_b_f = (G*)ptrs[30];
+    G* g_b_f = (G*)ptrs[26];
     (void)g_b_f;
-    G* g_W_g = (G*)ptrs[31];
+    G* g_W_g = (G*)ptrs[27];
     (void)g_W_g;
-    G* g_U_g = (G*)ptrs[32];
+    G* g_U_g = (G*)ptrs[28];
     (void)g_U_g;
-    G* g_b_g = (G*)ptrs[33];
+    G* g_b_g = (G*)ptrs[29];
     (void)g_b_g;
-    G* g_W_o = (G*)ptrs[34];
+    G* g_W_o = (G*)ptrs[30];
     (void)g_W_o;
-    G* g_U_o = (G*)ptrs[35];
+    G* g_U_o = (G*)ptrs[31];
     (void)g_U_o;
-    G* g_b_o = (G*)ptrs[36];
+    G* g_b_o = (G*)ptrs[32];
     (void)g_b_o;
-    G* g_beta_H = (G*)ptrs[37];
+    G* g_beta_H = (G*)ptrs[33];
     (void)g_beta_H;
-    const int64_t* bs = (const int64_t*)ptrs[38];
+    const int64_t* bs = (const int64_t*)ptrs[34];
     (void)ctx;
     if (bs) {  // rows of ended sequences, which no step writes, are read over all T*B rows
         CS_ZERO(b_dg_U_i_U_f_U_g_U_o__h, (n_T) * (n_B) * (4*n_H));

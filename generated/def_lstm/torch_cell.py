@@ -1113,10 +1113,6 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     x_x = _xs[0].contiguous()
     s_h = _saved[0]
     s_c = _saved[1]
-    p_b_i = _params["b_i"].contiguous()
-    p_b_f = _params["b_f"].contiguous()
-    p_b_g = _params["b_g"].contiguous()
-    p_b_o = _params["b_o"].contiguous()
     p_beta_H = _params["beta_H"].contiguous()
     v_i = _saved[2]
     v_f = _saved[3]
@@ -1135,14 +1131,14 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     dw_W_i_W_f_W_g_W_o = _gscratch("dw_W_i_W_f_W_g_W_o", (4*_H, _I))
     _grads = {"W_i": _gempty((_H, _I)), "U_i": _gempty((_H, _H)), "b_i": _gempty((_H,)), "W_f": _gempty((_H, _I)), "U_f": _gempty((_H, _H)), "b_f": _gempty((_H,)), "W_g": _gempty((_H, _I)), "U_g": _gempty((_H, _H)), "b_g": _gempty((_H,)), "W_o": _gempty((_H, _I)), "U_o": _gempty((_H, _H)), "b_o": _gempty((_H,)), "beta_H": _gempty((_H,))}
     if _lib is not None:
-        _lib("backward", _dims, [x_x, s_h, s_c, p_b_i, p_b_f, p_b_g, p_b_o, p_beta_H, v_i, v_f, v_g, v_o, dout_h_next, ds_h, ds_c, dx_x, dp_beta_H, dg_U_i_U_f_U_g_U_o__h, tmp_d_h_gemm, tmp_d_h_next, tmp_d_c_next, dw_U_i_U_f_U_g_U_o, dw_W_i_W_f_W_g_W_o, _stacked(_params["W_i"], _params["W_f"], _params["W_g"], _params["W_o"]), _stacked(_params["U_i"], _params["U_f"], _params["U_g"], _params["U_o"]), *_grads.values(), _bs])
+        _lib("backward", _dims, [x_x, s_h, s_c, p_beta_H, v_i, v_f, v_g, v_o, dout_h_next, ds_h, ds_c, dx_x, dp_beta_H, dg_U_i_U_f_U_g_U_o__h, tmp_d_h_gemm, tmp_d_h_next, tmp_d_c_next, dw_U_i_U_f_U_g_U_o, dw_W_i_W_f_W_g_W_o, _stacked(_params["W_i"], _params["W_f"], _params["W_g"], _params["W_o"]), _stacked(_params["U_i"], _params["U_f"], _params["U_g"], _params["U_o"]), *_grads.values(), _bs])
     return _grads, (dx_x,), (ds_h, ds_c,)
 
 
 # The same two calls as PyTorch custom ops, for torch.compile (which traces them through their
 # fake implementations: the allocations above, without the call). Registered once per process
 # and content of this file; outputs are copies (an op's outputs may not alias each other).
-_OP = "def_lstm_ff8ed0c62804"
+_OP = "def_lstm_7a85f2b75454"
 
 
 def _op_forward_impl(xs: list[torch.Tensor], states: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:

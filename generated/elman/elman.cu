@@ -1110,7 +1110,7 @@ extern "C" int elman_inference_f64(const int64_t* dims, void* const* ptrs, const
 
 // =============================================================================================
 // elman: the whole sequence, backward
-// ptrs: 0 x_x, 1 s_h, 2 p_b_ih, 3 p_b_hh, 4 dout_h_next, 5 ds_h, 6 dx_x, 7 dg_W_hh__h, 8 tmp_d_h_gemm, 9 sum_d_b_ih, 10 weight W_ih, 11 weight W_hh, 12 d W_ih, 13 d W_hh, 14 d b_ih, 15 d b_hh, 16 batch sizes (host, or NULL)
+// ptrs: 0 x_x, 1 s_h, 2 dout_h_next, 3 ds_h, 4 dx_x, 5 dg_W_hh__h, 6 tmp_d_h_gemm, 7 sum_d_b_ih, 8 weight W_ih, 9 weight W_hh, 10 d W_ih, 11 d W_hh, 12 d b_ih, 13 d b_hh, 14 batch sizes (host, or NULL)
 
 // =============================================================================================
 template <typename S, typename G>
@@ -1128,35 +1128,31 @@ static int elman_backward_run(const int64_t* dims, void* const* ptrs, const cs_c
     (void)b_x_x;
     S* b_s_h = (S*)ptrs[1];
     (void)b_s_h;
-    S* b_p_b_ih = (S*)ptrs[2];
-    (void)b_p_b_ih;
-    S* b_p_b_hh = (S*)ptrs[3];
-    (void)b_p_b_hh;
-    S* b_dout_h_next = (S*)ptrs[4];
+    S* b_dout_h_next = (S*)ptrs[2];
     (void)b_dout_h_next;
-    S* b_ds_h = (S*)ptrs[5];
+    S* b_ds_h = (S*)ptrs[3];
     (void)b_ds_h;
-    S* b_dx_x = (S*)ptrs[6];
+    S* b_dx_x = (S*)ptrs[4];
     (void)b_dx_x;
-    S* b_dg_W_hh__h = (S*)ptrs[7];
+    S* b_dg_W_hh__h = (S*)ptrs[5];
     (void)b_dg_W_hh__h;
-    S* b_tmp_d_h_gemm = (S*)ptrs[8];
+    S* b_tmp_d_h_gemm = (S*)ptrs[6];
     (void)b_tmp_d_h_gemm;
-    G* b_sum_d_b_ih = (G*)ptrs[9];
+    G* b_sum_d_b_ih = (G*)ptrs[7];
     (void)b_sum_d_b_ih;
-    const S* w_W_ih = (const S*)ptrs[10];
+    const S* w_W_ih = (const S*)ptrs[8];
     (void)w_W_ih;
-    const S* w_W_hh = (const S*)ptrs[11];
+    const S* w_W_hh = (const S*)ptrs[9];
     (void)w_W_hh;
-    G* g_W_ih = (G*)ptrs[12];
+    G* g_W_ih = (G*)ptrs[10];
     (void)g_W_ih;
-    G* g_W_hh = (G*)ptrs[13];
+    G* g_W_hh = (G*)ptrs[11];
     (void)g_W_hh;
-    G* g_b_ih = (G*)ptrs[14];
+    G* g_b_ih = (G*)ptrs[12];
     (void)g_b_ih;
-    G* g_b_hh = (G*)ptrs[15];
+    G* g_b_hh = (G*)ptrs[13];
     (void)g_b_hh;
-    const int64_t* bs = (const int64_t*)ptrs[16];
+    const int64_t* bs = (const int64_t*)ptrs[14];
     (void)ctx;
     if (bs) {  // rows of ended sequences, which no step writes, are read over all T*B rows
         CS_ZERO(b_dg_W_hh__h, (n_T) * (n_B) * (n_H));

@@ -796,8 +796,6 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
         _d_outputs = tuple(None if _d is None else _d * _m for _d in _d_outputs)
     x_x = _xs[0].contiguous()
     s_h = _saved[0]
-    p_b_ih = _params["b_ih"].contiguous()
-    p_b_hh = _params["b_hh"].contiguous()
     dout_h_next = _zeros((_T, _B, _H)) if _d_outputs[0] is None else _d_outputs[0].contiguous()
     ds_h = _zeros((_B, _H)) if _d_finals[0] is None else _d_finals[0].to(_dt, memory_format=torch.contiguous_format, copy=True)
     dx_x = _empty((_T, _B, _I))
@@ -806,14 +804,14 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     sum_d_b_ih = _gscratch("sum_d_b_ih", (_H,))
     _grads = {"W_ih": _gempty((_H, _I)), "W_hh": _gempty((_H, _H)), "b_ih": _gempty((_H,)), "b_hh": _gempty((_H,))}
     if _lib is not None:
-        _lib("backward", _dims, [x_x, s_h, p_b_ih, p_b_hh, dout_h_next, ds_h, dx_x, dg_W_hh__h, tmp_d_h_gemm, sum_d_b_ih, _params["W_ih"].contiguous(), _params["W_hh"].contiguous(), *_grads.values(), _bs])
+        _lib("backward", _dims, [x_x, s_h, dout_h_next, ds_h, dx_x, dg_W_hh__h, tmp_d_h_gemm, sum_d_b_ih, _params["W_ih"].contiguous(), _params["W_hh"].contiguous(), *_grads.values(), _bs])
     return _grads, (dx_x,), (ds_h,)
 
 
 # The same two calls as PyTorch custom ops, for torch.compile (which traces them through their
 # fake implementations: the allocations above, without the call). Registered once per process
 # and content of this file; outputs are copies (an op's outputs may not alias each other).
-_OP = "elman_627c7fffc3bf"
+_OP = "elman_b82215bc1eea"
 
 
 def _op_forward_impl(xs: list[torch.Tensor], states: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:

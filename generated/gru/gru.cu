@@ -1549,7 +1549,7 @@ extern "C" int gru_inference_f64(const int64_t* dims, void* const* ptrs, const v
 
 // =============================================================================================
 // gru: the whole sequence, backward
-// ptrs: 0 x_x, 1 s_h, 2 p_b_r, 3 p_b_u, 4 p_b_c, 5 v_r, 6 v_u, 7 v_U_c_in, 8 v_c, 9 dout_h_next, 10 ds_h, 11 dx_x, 12 dg_U_r_U_u__h, 13 tmp_d_h_gemm, 14 dg_U_c__U_c_in, 15 tmp_d_U_c_in_gemm, 16 dhg_W_r_W_u_W_c__x, 17 tmp_d_h_next, 18 tmp_d_U_c_in, 19 dw_U_r_U_u, 20 dw_W_r_W_u_W_c, 21 weight W_r_W_u_W_c, 22 weight U_r_U_u, 23 weight U_c, 24 d W_r, 25 d U_r, 26 d b_r, 27 d W_u, 28 d U_u, 29 d b_u, 30 d W_c, 31 d U_c, 32 d b_c, 33 batch sizes (host, or NULL)
+// ptrs: 0 x_x, 1 s_h, 2 v_r, 3 v_u, 4 v_U_c_in, 5 v_c, 6 dout_h_next, 7 ds_h, 8 dx_x, 9 dg_U_r_U_u__h, 10 tmp_d_h_gemm, 11 dg_U_c__U_c_in, 12 tmp_d_U_c_in_gemm, 13 dhg_W_r_W_u_W_c__x, 14 tmp_d_h_next, 15 tmp_d_U_c_in, 16 dw_U_r_U_u, 17 dw_W_r_W_u_W_c, 18 weight W_r_W_u_W_c, 19 weight U_r_U_u, 20 weight U_c, 21 d W_r, 22 d U_r, 23 d b_r, 24 d W_u, 25 d U_u, 26 d b_u, 27 d W_c, 28 d U_c, 29 d b_c, 30 batch sizes (host, or NULL)
 
 // =============================================================================================
 template <typename S, typename G>
@@ -1567,69 +1567,63 @@ static int gru_backward_run(const int64_t* dims, void* const* ptrs, const cs_ctx
     (void)b_x_x;
     S* b_s_h = (S*)ptrs[1];
     (void)b_s_h;
-    S* b_p_b_r = (S*)ptrs[2];
-    (void)b_p_b_r;
-    S* b_p_b_u = (S*)ptrs[3];
-    (void)b_p_b_u;
-    S* b_p_b_c = (S*)ptrs[4];
-    (void)b_p_b_c;
-    S* b_v_r = (S*)ptrs[5];
+    S* b_v_r = (S*)ptrs[2];
     (void)b_v_r;
-    S* b_v_u = (S*)ptrs[6];
+    S* b_v_u = (S*)ptrs[3];
     (void)b_v_u;
-    S* b_v_U_c_in = (S*)ptrs[7];
+    S* b_v_U_c_in = (S*)ptrs[4];
     (void)b_v_U_c_in;
-    S* b_v_c = (S*)ptrs[8];
+    S* b_v_c = (S*)ptrs[5];
     (void)b_v_c;
-    S* b_dout_h_next = (S*)ptrs[9];
+    S* b_dout_h_next = (S*)ptrs[6];
     (void)b_dout_h_next;
-    S* b_ds_h = (S*)ptrs[10];
+    S* b_ds_h = (S*)ptrs[7];
     (void)b_ds_h;
-    S* b_dx_x = (S*)ptrs[11];
+    S* b_dx_x = (S*)ptrs[8];
     (void)b_dx_x;
-    S* b_dg_U_r_U_u__h = (S*)ptrs[12];
+    S* b_dg_U_r_U_u__h = (S*)ptrs[9];
     (void)b_dg_U_r_U_u__h;
-    S* b_tmp_d_h_gemm = (S*)ptrs[13];
+    S* b_tmp_d_h_gemm = (S*)ptrs[10];
     (void)b_tmp_d_h_gemm;
-    S* b_dg_U_c__U_c_in = (S*)ptrs[14];
+    S* b_dg_U_c__U_c_in = (S*)ptrs[11];
     (void)b_dg_U_c__U_c_in;
-    S* b_tmp_d_U_c_in_gemm = (S*)ptrs[15];
+    S* b_tmp_d_U_c_in_gemm = (S*)ptrs[12];
     (void)b_tmp_d_U_c_in_gemm;
-    S* b_dhg_W_r_W_u_W_c__x = (S*)ptrs[16];
+    S* b_dhg_W_r_W_u_W_c__x = (S*)ptrs[13];
     (void)b_dhg_W_r_W_u_W_c__x;
-    S* b_tmp_d_h_next = (S*)ptrs[17];
+    S* b_tmp_d_h_next = (S*)ptrs[14];
     (void)b_tmp_d_h_next;
-    S* b_tmp_d_U_c_in = (S*)ptrs[18];
+    S* b_tmp_d_U_c_in = (S*)ptrs[15];
     (void)b_tmp_d_U_c_in;
-    G* b_dw_U_r_U_u = (G*)ptrs[19];
+    G* b_dw_U_r_U_u = (G*)ptrs[16];
     (void)b_dw_U_r_U_u;
-    G* b_dw_W_r_W_u_W_c = (G*)ptrs[20];
+    G* b_dw_W_r_W_u_W_c = (G*)ptrs[17];
     (void)b_dw_W_r_W_u_W_c;
-    const S* w_W_r_W_u_W_c = (const S*)ptrs[21];
+    const S* w_W_r_W_u_W_c = (const S*)ptrs[18];
     (void)w_W_r_W_u_W_c;
-    const S* w_U_r_U_u = (const S*)ptrs[22];
+    const S* w_U_r_U_u = (const S*)ptrs[19];
     (void)w_U_r_U_u;
-    const S* w_U_c = (const S*)ptrs[23];
+    const S* w_U_c = (const S*)ptrs[20];
     (void)w_U_c;
-    G* g_W_r = (G*)ptrs[24];
+    G* g_W_r = (G*)ptrs[21];
     (void)g_W_r;
-    G* g_U_r = (G*)ptrs[25];
+    G* g_U_r = (G*)ptrs[22];
     (void)g_U_r;
-    G* g_b_r = (G*)ptrs[26];
+    G* g_b_r = (G*)ptrs[23];
     (void)g_b_r;
-    G* g_W_u = (G*)ptrs[27];
+    G* g_W_u = (G*)ptrs[24];
     (void)g_W_u;
-    G* g_U_u = (G*)ptrs[28];
+    G* g_U_u = (G*)ptrs[25];
     (void)g_U_u;
-    G* g_b_u = (G*)ptrs[29];
+    G* g_b_u = (G*)ptrs[26];
     (void)g_b_u;
-    G* g_W_c = (G*)ptrs[30];
+    G* g_W_c = (G*)ptrs[27];
     (void)g_W_c;
-    G* g_U_c = (G*)ptrs[31];
+    G* g_U_c = (G*)ptrs[28];
     (void)g_U_c;
-    G* g_b_c = (G*)ptrs[32];
+    G* g_b_c = (G*)ptrs[29];
     (void)g_b_c;
-    const int64_t* bs = (const int64_t*)ptrs[33];
+    const int64_t* bs = (const int64_t*)ptrs[30];
     (void)ctx;
     if (bs) {  // rows of ended sequences, which no step writes, are read over all T*B rows
         CS_ZERO(b_dg_U_c__U_c_in, (n_T) * (n_B) * (n_H));

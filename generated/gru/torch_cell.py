@@ -1061,9 +1061,6 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
         _d_outputs = tuple(None if _d is None else _d * _m for _d in _d_outputs)
     x_x = _xs[0].contiguous()
     s_h = _saved[0]
-    p_b_r = _params["b_r"].contiguous()
-    p_b_u = _params["b_u"].contiguous()
-    p_b_c = _params["b_c"].contiguous()
     v_r = _saved[1]
     v_u = _saved[2]
     v_U_c_in = _saved[3]
@@ -1082,14 +1079,14 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     dw_W_r_W_u_W_c = _gscratch("dw_W_r_W_u_W_c", (3*_H, _I))
     _grads = {"W_r": _gempty((_H, _I)), "U_r": _gempty((_H, _H)), "b_r": _gempty((_H,)), "W_u": _gempty((_H, _I)), "U_u": _gempty((_H, _H)), "b_u": _gempty((_H,)), "W_c": _gempty((_H, _I)), "U_c": _gempty((_H, _H)), "b_c": _gempty((_H,))}
     if _lib is not None:
-        _lib("backward", _dims, [x_x, s_h, p_b_r, p_b_u, p_b_c, v_r, v_u, v_U_c_in, v_c, dout_h_next, ds_h, dx_x, dg_U_r_U_u__h, tmp_d_h_gemm, dg_U_c__U_c_in, tmp_d_U_c_in_gemm, dhg_W_r_W_u_W_c__x, tmp_d_h_next, tmp_d_U_c_in, dw_U_r_U_u, dw_W_r_W_u_W_c, _stacked(_params["W_r"], _params["W_u"], _params["W_c"]), _stacked(_params["U_r"], _params["U_u"]), _params["U_c"].contiguous(), *_grads.values(), _bs])
+        _lib("backward", _dims, [x_x, s_h, v_r, v_u, v_U_c_in, v_c, dout_h_next, ds_h, dx_x, dg_U_r_U_u__h, tmp_d_h_gemm, dg_U_c__U_c_in, tmp_d_U_c_in_gemm, dhg_W_r_W_u_W_c__x, tmp_d_h_next, tmp_d_U_c_in, dw_U_r_U_u, dw_W_r_W_u_W_c, _stacked(_params["W_r"], _params["W_u"], _params["W_c"]), _stacked(_params["U_r"], _params["U_u"]), _params["U_c"].contiguous(), *_grads.values(), _bs])
     return _grads, (dx_x,), (ds_h,)
 
 
 # The same two calls as PyTorch custom ops, for torch.compile (which traces them through their
 # fake implementations: the allocations above, without the call). Registered once per process
 # and content of this file; outputs are copies (an op's outputs may not alias each other).
-_OP = "gru_f8acf01c2e6e"
+_OP = "gru_16ba392c67e2"
 
 
 def _op_forward_impl(xs: list[torch.Tensor], states: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -2028,10 +2028,6 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     x_x = _xs[0].contiguous()
     s_h = _saved[0]
     s_c = _saved[1]
-    p_b_i = _params["b_i"].contiguous()
-    p_b_g = _params["b_g"].contiguous()
-    p_b_f = _params["b_f"].contiguous()
-    p_b_o = _params["b_o"].contiguous()
     p_gx_i = _params["gx_i"].contiguous()
     p_gx_g = _params["gx_g"].contiguous()
     p_gx_f = _params["gx_f"].contiguous()
@@ -2100,14 +2096,14 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     dw_W_i_W_g_W_f_W_o = _gscratch("dw_W_i_W_g_W_f_W_o", (4*_H, _I))
     _grads = {"W_i": _gempty((_H, _I)), "W_g": _gempty((_H, _I)), "W_f": _gempty((_H, _I)), "W_o": _gempty((_H, _I)), "R_i": _gempty((_H, _H)), "R_g": _gempty((_H, _H)), "R_f": _gempty((_H, _H)), "R_o": _gempty((_H, _H)), "b_i": _gempty((_H,)), "b_g": _gempty((_H,)), "b_f": _gempty((_H,)), "b_o": _gempty((_H,)), "gx_i": _gempty((_H,)), "gx_g": _gempty((_H,)), "gx_f": _gempty((_H,)), "gx_o": _gempty((_H,)), "gh_i": _gempty((_H,)), "gh_g": _gempty((_H,)), "gh_f": _gempty((_H,)), "gh_o": _gempty((_H,)), "gamma_h": _gempty((_H,)), "beta_h": _gempty((_H,)), "inv_n_H": _gzeros((_H,)), "inv_n_H_2": _gzeros((_H,))}
     if _lib is not None:
-        _lib("backward", _dims, [x_x, s_h, s_c, p_b_i, p_b_g, p_b_f, p_b_o, p_gx_i, p_gx_g, p_gx_f, p_gx_o, p_gh_i, p_gh_g, p_gh_f, p_gh_o, p_gamma_h, p_beta_h, p_inv_n_H, p_inv_n_H_2, v_xi, v_xg, v_xf, v_xo, v_mu_x, v_var_x, v_rs_x, v_ri, v_rg, v_rf, v_ro, v_mu_h, v_var_h, v_rs_h, v_i, v_g, v_f, v_o, v_mean_5, v_var, v_rstd, dout_h_next, ds_h, ds_c, dx_x, dp_b_i, dp_b_g, dp_b_f, dp_b_o, dp_gx_i, dp_gx_g, dp_gx_f, dp_gx_o, dp_gh_i, dp_gh_g, dp_gh_f, dp_gh_o, dp_gamma_h, dp_beta_h, dg_R_i_R_g_R_f_R_o__h, tmp_d_h_gemm, dhg_W_i_W_g_W_f_W_o__x, tmp_d_h_next, tmp_d_c_next, tmp_d_o, tmp_d_f, tmp_d_g, tmp_d_i, tmp_d_xo, tmp_d_xf, tmp_d_xg, tmp_d_xi, dw_R_i_R_g_R_f_R_o, dw_W_i_W_g_W_f_W_o, _stacked(_params["W_i"], _params["W_g"], _params["W_f"], _params["W_o"]), _stacked(_params["R_i"], _params["R_g"], _params["R_f"], _params["R_o"]), *_grads.values(), _bs])
+        _lib("backward", _dims, [x_x, s_h, s_c, p_gx_i, p_gx_g, p_gx_f, p_gx_o, p_gh_i, p_gh_g, p_gh_f, p_gh_o, p_gamma_h, p_beta_h, p_inv_n_H, p_inv_n_H_2, v_xi, v_xg, v_xf, v_xo, v_mu_x, v_var_x, v_rs_x, v_ri, v_rg, v_rf, v_ro, v_mu_h, v_var_h, v_rs_h, v_i, v_g, v_f, v_o, v_mean_5, v_var, v_rstd, dout_h_next, ds_h, ds_c, dx_x, dp_b_i, dp_b_g, dp_b_f, dp_b_o, dp_gx_i, dp_gx_g, dp_gx_f, dp_gx_o, dp_gh_i, dp_gh_g, dp_gh_f, dp_gh_o, dp_gamma_h, dp_beta_h, dg_R_i_R_g_R_f_R_o__h, tmp_d_h_gemm, dhg_W_i_W_g_W_f_W_o__x, tmp_d_h_next, tmp_d_c_next, tmp_d_o, tmp_d_f, tmp_d_g, tmp_d_i, tmp_d_xo, tmp_d_xf, tmp_d_xg, tmp_d_xi, dw_R_i_R_g_R_f_R_o, dw_W_i_W_g_W_f_W_o, _stacked(_params["W_i"], _params["W_g"], _params["W_f"], _params["W_o"]), _stacked(_params["R_i"], _params["R_g"], _params["R_f"], _params["R_o"]), *_grads.values(), _bs])
     return _grads, (dx_x,), (ds_h, ds_c,)
 
 
 # The same two calls as PyTorch custom ops, for torch.compile (which traces them through their
 # fake implementations: the allocations above, without the call). Registered once per process
 # and content of this file; outputs are copies (an op's outputs may not alias each other).
-_OP = "haste_layer_norm_lstm_f804f299784d"
+_OP = "haste_layer_norm_lstm_4e3c390365fd"
 
 
 def _op_forward_impl(xs: list[torch.Tensor], states: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:

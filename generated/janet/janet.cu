@@ -1187,7 +1187,7 @@ extern "C" int janet_inference_f64(const int64_t* dims, void* const* ptrs, const
 
 // =============================================================================================
 // janet: the whole sequence, backward
-// ptrs: 0 x_x, 1 s_h, 2 p_b_f, 3 p_b_c, 4 v_s, 5 v_c_tilde, 6 dout_h_next, 7 ds_h, 8 dx_x, 9 dg_U_f_U_c__h, 10 tmp_d_h_gemm, 11 tmp_d_h_next, 12 dw_U_f_U_c, 13 dw_W_f_W_c, 14 weight W_f_W_c, 15 weight U_f_U_c, 16 d W_f, 17 d U_f, 18 d b_f, 19 d W_c, 20 d U_c, 21 d b_c, 22 batch sizes (host, or NULL)
+// ptrs: 0 x_x, 1 s_h, 2 v_s, 3 v_c_tilde, 4 dout_h_next, 5 ds_h, 6 dx_x, 7 dg_U_f_U_c__h, 8 tmp_d_h_gemm, 9 tmp_d_h_next, 10 dw_U_f_U_c, 11 dw_W_f_W_c, 12 weight W_f_W_c, 13 weight U_f_U_c, 14 d W_f, 15 d U_f, 16 d b_f, 17 d W_c, 18 d U_c, 19 d b_c, 20 batch sizes (host, or NULL)
 
 // =============================================================================================
 template <typename S, typename G>
@@ -1205,47 +1205,43 @@ static int janet_backward_run(const int64_t* dims, void* const* ptrs, const cs_c
     (void)b_x_x;
     S* b_s_h = (S*)ptrs[1];
     (void)b_s_h;
-    S* b_p_b_f = (S*)ptrs[2];
-    (void)b_p_b_f;
-    S* b_p_b_c = (S*)ptrs[3];
-    (void)b_p_b_c;
-    S* b_v_s = (S*)ptrs[4];
+    S* b_v_s = (S*)ptrs[2];
     (void)b_v_s;
-    S* b_v_c_tilde = (S*)ptrs[5];
+    S* b_v_c_tilde = (S*)ptrs[3];
     (void)b_v_c_tilde;
-    S* b_dout_h_next = (S*)ptrs[6];
+    S* b_dout_h_next = (S*)ptrs[4];
     (void)b_dout_h_next;
-    S* b_ds_h = (S*)ptrs[7];
+    S* b_ds_h = (S*)ptrs[5];
     (void)b_ds_h;
-    S* b_dx_x = (S*)ptrs[8];
+    S* b_dx_x = (S*)ptrs[6];
     (void)b_dx_x;
-    S* b_dg_U_f_U_c__h = (S*)ptrs[9];
+    S* b_dg_U_f_U_c__h = (S*)ptrs[7];
     (void)b_dg_U_f_U_c__h;
-    S* b_tmp_d_h_gemm = (S*)ptrs[10];
+    S* b_tmp_d_h_gemm = (S*)ptrs[8];
     (void)b_tmp_d_h_gemm;
-    S* b_tmp_d_h_next = (S*)ptrs[11];
+    S* b_tmp_d_h_next = (S*)ptrs[9];
     (void)b_tmp_d_h_next;
-    G* b_dw_U_f_U_c = (G*)ptrs[12];
+    G* b_dw_U_f_U_c = (G*)ptrs[10];
     (void)b_dw_U_f_U_c;
-    G* b_dw_W_f_W_c = (G*)ptrs[13];
+    G* b_dw_W_f_W_c = (G*)ptrs[11];
     (void)b_dw_W_f_W_c;
-    const S* w_W_f_W_c = (const S*)ptrs[14];
+    const S* w_W_f_W_c = (const S*)ptrs[12];
     (void)w_W_f_W_c;
-    const S* w_U_f_U_c = (const S*)ptrs[15];
+    const S* w_U_f_U_c = (const S*)ptrs[13];
     (void)w_U_f_U_c;
-    G* g_W_f = (G*)ptrs[16];
+    G* g_W_f = (G*)ptrs[14];
     (void)g_W_f;
-    G* g_U_f = (G*)ptrs[17];
+    G* g_U_f = (G*)ptrs[15];
     (void)g_U_f;
-    G* g_b_f = (G*)ptrs[18];
+    G* g_b_f = (G*)ptrs[16];
     (void)g_b_f;
-    G* g_W_c = (G*)ptrs[19];
+    G* g_W_c = (G*)ptrs[17];
     (void)g_W_c;
-    G* g_U_c = (G*)ptrs[20];
+    G* g_U_c = (G*)ptrs[18];
     (void)g_U_c;
-    G* g_b_c = (G*)ptrs[21];
+    G* g_b_c = (G*)ptrs[19];
     (void)g_b_c;
-    const int64_t* bs = (const int64_t*)ptrs[22];
+    const int64_t* bs = (const int64_t*)ptrs[20];
     (void)ctx;
     if (bs) {  // rows of ended sequences, which no step writes, are read over all T*B rows
         CS_ZERO(b_dg_U_f_U_c__h, (n_T) * (n_B) * (2*n_H));

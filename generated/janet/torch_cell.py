@@ -896,8 +896,6 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
         _d_outputs = tuple(None if _d is None else _d * _m for _d in _d_outputs)
     x_x = _xs[0].contiguous()
     s_h = _saved[0]
-    p_b_f = _params["b_f"].contiguous()
-    p_b_c = _params["b_c"].contiguous()
     v_s = _saved[1]
     v_c_tilde = _saved[2]
     dout_h_next = _zeros((_T, _B, _H)) if _d_outputs[0] is None else _d_outputs[0].contiguous()
@@ -910,14 +908,14 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     dw_W_f_W_c = _gscratch("dw_W_f_W_c", (2*_H, _I))
     _grads = {"W_f": _gempty((_H, _I)), "U_f": _gempty((_H, _H)), "b_f": _gempty((_H,)), "W_c": _gempty((_H, _I)), "U_c": _gempty((_H, _H)), "b_c": _gempty((_H,))}
     if _lib is not None:
-        _lib("backward", _dims, [x_x, s_h, p_b_f, p_b_c, v_s, v_c_tilde, dout_h_next, ds_h, dx_x, dg_U_f_U_c__h, tmp_d_h_gemm, tmp_d_h_next, dw_U_f_U_c, dw_W_f_W_c, _stacked(_params["W_f"], _params["W_c"]), _stacked(_params["U_f"], _params["U_c"]), *_grads.values(), _bs])
+        _lib("backward", _dims, [x_x, s_h, v_s, v_c_tilde, dout_h_next, ds_h, dx_x, dg_U_f_U_c__h, tmp_d_h_gemm, tmp_d_h_next, dw_U_f_U_c, dw_W_f_W_c, _stacked(_params["W_f"], _params["W_c"]), _stacked(_params["U_f"], _params["U_c"]), *_grads.values(), _bs])
     return _grads, (dx_x,), (ds_h,)
 
 
 # The same two calls as PyTorch custom ops, for torch.compile (which traces them through their
 # fake implementations: the allocations above, without the call). Registered once per process
 # and content of this file; outputs are copies (an op's outputs may not alias each other).
-_OP = "janet_7a6e32fa3f72"
+_OP = "janet_7fb1dd82be1e"
 
 
 def _op_forward_impl(xs: list[torch.Tensor], states: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:

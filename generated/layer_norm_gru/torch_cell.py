@@ -1847,15 +1847,10 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     x_x = _xs[0].contiguous()
     s_h = _saved[0]
     p_gx_r = _params["gx_r"].contiguous()
-    p_bx_r = _params["bx_r"].contiguous()
     p_gh_r = _params["gh_r"].contiguous()
-    p_bh_r = _params["bh_r"].contiguous()
     p_gx_u = _params["gx_u"].contiguous()
-    p_bx_u = _params["bx_u"].contiguous()
     p_gh_u = _params["gh_u"].contiguous()
-    p_bh_u = _params["bh_u"].contiguous()
     p_gx_c = _params["gx_c"].contiguous()
-    p_bx_c = _params["bx_c"].contiguous()
     p_gh_c = _params["gh_c"].contiguous()
     p_bh_c = _params["bh_c"].contiguous()
     p_inv_n_H = _params["inv_n_H"].contiguous()
@@ -1914,14 +1909,14 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     dw_W_r_W_u_W_c = _gscratch("dw_W_r_W_u_W_c", (3*_H, _I))
     _grads = {"W_r": _gempty((_H, _I)), "U_r": _gempty((_H, _H)), "W_u": _gempty((_H, _I)), "U_u": _gempty((_H, _H)), "W_c": _gempty((_H, _I)), "U_c": _gempty((_H, _H)), "gx_r": _gempty((_H,)), "bx_r": _gempty((_H,)), "gh_r": _gempty((_H,)), "bh_r": _gempty((_H,)), "gx_u": _gempty((_H,)), "bx_u": _gempty((_H,)), "gh_u": _gempty((_H,)), "bh_u": _gempty((_H,)), "gx_c": _gempty((_H,)), "bx_c": _gempty((_H,)), "gh_c": _gempty((_H,)), "bh_c": _gempty((_H,)), "inv_n_H": _gzeros((_H,))}
     if _lib is not None:
-        _lib("backward", _dims, [x_x, s_h, p_gx_r, p_bx_r, p_gh_r, p_bh_r, p_gx_u, p_bx_u, p_gh_u, p_bh_u, p_gx_c, p_bx_c, p_gh_c, p_bh_c, p_inv_n_H, hg_W_r_W_u_W_c__x, v_mean, v_var, v_rstd, v_mean_3, v_var_3, v_rstd_3, v_mean_5, v_var_5, v_rstd_5, g_U_r_U_u_U_c__h, v_mean_2, v_var_2, v_rstd_2, v_r, v_mean_4, v_var_4, v_rstd_4, v_u, v_mean_6, v_var_6, v_rstd_6, v_c, dout_h_next, ds_h, dx_x, dp_gx_r, dp_bx_r, dp_gh_r, dp_bh_r, dp_gx_u, dp_bx_u, dp_gh_u, dp_bh_u, dp_gx_c, dp_bx_c, dp_gh_c, dp_bh_c, dg_U_r_U_u_U_c__h, tmp_d_h_gemm, dhg_W_r_W_u_W_c__x, tmp_d_h_next, tmp_d_c, tmp_d_u, tmp_d_r, tmp_d_var_5, tmp_d_mean_5, tmp_d_var_3, tmp_d_mean_3, tmp_d_var, tmp_d_mean, dw_U_r_U_u_U_c, dw_W_r_W_u_W_c, _stacked(_params["W_r"], _params["W_u"], _params["W_c"]), _stacked(_params["U_r"], _params["U_u"], _params["U_c"]), *_grads.values(), _bs])
+        _lib("backward", _dims, [x_x, s_h, p_gx_r, p_gh_r, p_gx_u, p_gh_u, p_gx_c, p_gh_c, p_bh_c, p_inv_n_H, hg_W_r_W_u_W_c__x, v_mean, v_var, v_rstd, v_mean_3, v_var_3, v_rstd_3, v_mean_5, v_var_5, v_rstd_5, g_U_r_U_u_U_c__h, v_mean_2, v_var_2, v_rstd_2, v_r, v_mean_4, v_var_4, v_rstd_4, v_u, v_mean_6, v_var_6, v_rstd_6, v_c, dout_h_next, ds_h, dx_x, dp_gx_r, dp_bx_r, dp_gh_r, dp_bh_r, dp_gx_u, dp_bx_u, dp_gh_u, dp_bh_u, dp_gx_c, dp_bx_c, dp_gh_c, dp_bh_c, dg_U_r_U_u_U_c__h, tmp_d_h_gemm, dhg_W_r_W_u_W_c__x, tmp_d_h_next, tmp_d_c, tmp_d_u, tmp_d_r, tmp_d_var_5, tmp_d_mean_5, tmp_d_var_3, tmp_d_mean_3, tmp_d_var, tmp_d_mean, dw_U_r_U_u_U_c, dw_W_r_W_u_W_c, _stacked(_params["W_r"], _params["W_u"], _params["W_c"]), _stacked(_params["U_r"], _params["U_u"], _params["U_c"]), *_grads.values(), _bs])
     return _grads, (dx_x,), (ds_h,)
 
 
 # The same two calls as PyTorch custom ops, for torch.compile (which traces them through their
 # fake implementations: the allocations above, without the call). Registered once per process
 # and content of this file; outputs are copies (an op's outputs may not alias each other).
-_OP = "layer_norm_gru_f62a04be48c8"
+_OP = "layer_norm_gru_84800255f028"
 
 
 def _op_forward_impl(xs: list[torch.Tensor], states: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:

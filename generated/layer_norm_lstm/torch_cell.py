@@ -1834,15 +1834,10 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     s_h = _saved[0]
     s_c = _saved[1]
     p_g_i = _params["g_i"].contiguous()
-    p_b_i = _params["b_i"].contiguous()
     p_g_j = _params["g_j"].contiguous()
-    p_b_j = _params["b_j"].contiguous()
     p_g_f = _params["g_f"].contiguous()
-    p_b_f = _params["b_f"].contiguous()
     p_g_o = _params["g_o"].contiguous()
-    p_b_o = _params["b_o"].contiguous()
     p_g_c = _params["g_c"].contiguous()
-    p_b_c = _params["b_c"].contiguous()
     p_inv_n_H = _params["inv_n_H"].contiguous()
     hg_W_i_W_j_W_f_W_o__x = _saved[2]
     g_U_i_U_j_U_f_U_o__h = _saved[3]
@@ -1901,14 +1896,14 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     dw_W_i_W_j_W_f_W_o = _gscratch("dw_W_i_W_j_W_f_W_o", (4*_H, _I))
     _grads = {"W_i": _gempty((_H, _I)), "U_i": _gempty((_H, _H)), "g_i": _gempty((_H,)), "b_i": _gempty((_H,)), "W_j": _gempty((_H, _I)), "U_j": _gempty((_H, _H)), "g_j": _gempty((_H,)), "b_j": _gempty((_H,)), "W_f": _gempty((_H, _I)), "U_f": _gempty((_H, _H)), "g_f": _gempty((_H,)), "b_f": _gempty((_H,)), "W_o": _gempty((_H, _I)), "U_o": _gempty((_H, _H)), "g_o": _gempty((_H,)), "b_o": _gempty((_H,)), "g_c": _gempty((_H,)), "b_c": _gempty((_H,)), "inv_n_H": _gzeros((_H,))}
     if _lib is not None:
-        _lib("backward", _dims, [x_x, s_h, s_c, p_g_i, p_b_i, p_g_j, p_b_j, p_g_f, p_b_f, p_g_o, p_b_o, p_g_c, p_b_c, p_inv_n_H, hg_W_i_W_j_W_f_W_o__x, g_U_i_U_j_U_f_U_o__h, v_mean, v_var, v_rstd, v_i, v_mean_2, v_var_2, v_rstd_2, v_j, v_mean_3, v_var_3, v_rstd_3, v_f, v_mean_4, v_var_4, v_rstd_4, v_o, v_mean_5, v_var_5, v_rstd_5, dout_h_next, ds_h, ds_c, dx_x, dp_g_i, dp_b_i, dp_g_j, dp_b_j, dp_g_f, dp_b_f, dp_g_o, dp_b_o, dp_g_c, dp_b_c, dg_U_i_U_j_U_f_U_o__h, tmp_d_h_gemm, dhg_W_i_W_j_W_f_W_o__x, tmp_d_c_next, tmp_d_var_5, tmp_d_mean_5, tmp_d_o, tmp_d_var_4, tmp_d_mean_4, tmp_d_f, tmp_d_var_3, tmp_d_mean_3, tmp_d_j, tmp_d_var_2, tmp_d_mean_2, tmp_d_i, tmp_d_var, tmp_d_mean, dw_U_i_U_j_U_f_U_o, dw_W_i_W_j_W_f_W_o, _stacked(_params["W_i"], _params["W_j"], _params["W_f"], _params["W_o"]), _stacked(_params["U_i"], _params["U_j"], _params["U_f"], _params["U_o"]), *_grads.values(), _bs])
+        _lib("backward", _dims, [x_x, s_h, s_c, p_g_i, p_g_j, p_g_f, p_g_o, p_g_c, p_inv_n_H, hg_W_i_W_j_W_f_W_o__x, g_U_i_U_j_U_f_U_o__h, v_mean, v_var, v_rstd, v_i, v_mean_2, v_var_2, v_rstd_2, v_j, v_mean_3, v_var_3, v_rstd_3, v_f, v_mean_4, v_var_4, v_rstd_4, v_o, v_mean_5, v_var_5, v_rstd_5, dout_h_next, ds_h, ds_c, dx_x, dp_g_i, dp_b_i, dp_g_j, dp_b_j, dp_g_f, dp_b_f, dp_g_o, dp_b_o, dp_g_c, dp_b_c, dg_U_i_U_j_U_f_U_o__h, tmp_d_h_gemm, dhg_W_i_W_j_W_f_W_o__x, tmp_d_c_next, tmp_d_var_5, tmp_d_mean_5, tmp_d_o, tmp_d_var_4, tmp_d_mean_4, tmp_d_f, tmp_d_var_3, tmp_d_mean_3, tmp_d_j, tmp_d_var_2, tmp_d_mean_2, tmp_d_i, tmp_d_var, tmp_d_mean, dw_U_i_U_j_U_f_U_o, dw_W_i_W_j_W_f_W_o, _stacked(_params["W_i"], _params["W_j"], _params["W_f"], _params["W_o"]), _stacked(_params["U_i"], _params["U_j"], _params["U_f"], _params["U_o"]), *_grads.values(), _bs])
     return _grads, (dx_x,), (ds_h, ds_c,)
 
 
 # The same two calls as PyTorch custom ops, for torch.compile (which traces them through their
 # fake implementations: the allocations above, without the call). Registered once per process
 # and content of this file; outputs are copies (an op's outputs may not alias each other).
-_OP = "layer_norm_lstm_78e6e9f84bc7"
+_OP = "layer_norm_lstm_84dfd5949fd2"
 
 
 def _op_forward_impl(xs: list[torch.Tensor], states: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:

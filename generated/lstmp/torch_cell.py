@@ -1183,14 +1183,6 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     x_x = _xs[0].contiguous()
     s_h = _saved[0]
     s_c = _saved[1]
-    p_b_ii = _params["b_ii"].contiguous()
-    p_b_hi = _params["b_hi"].contiguous()
-    p_b_if = _params["b_if"].contiguous()
-    p_b_hf = _params["b_hf"].contiguous()
-    p_b_ig = _params["b_ig"].contiguous()
-    p_b_hg = _params["b_hg"].contiguous()
-    p_b_io = _params["b_io"].contiguous()
-    p_b_ho = _params["b_ho"].contiguous()
     v_i = _saved[2]
     v_f = _saved[3]
     v_g = _saved[4]
@@ -1213,14 +1205,14 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     sum_d_b_io = _gscratch("sum_d_b_io", (_H,))
     _grads = {"W_ii": _gempty((_H, _I)), "W_hi": _gempty((_H, _P)), "b_ii": _gempty((_H,)), "b_hi": _gempty((_H,)), "W_if": _gempty((_H, _I)), "W_hf": _gempty((_H, _P)), "b_if": _gempty((_H,)), "b_hf": _gempty((_H,)), "W_ig": _gempty((_H, _I)), "W_hg": _gempty((_H, _P)), "b_ig": _gempty((_H,)), "b_hg": _gempty((_H,)), "W_io": _gempty((_H, _I)), "W_ho": _gempty((_H, _P)), "b_io": _gempty((_H,)), "b_ho": _gempty((_H,)), "W_hr": _gempty((_P, _H))}
     if _lib is not None:
-        _lib("backward", _dims, [x_x, s_h, s_c, p_b_ii, p_b_hi, p_b_if, p_b_hf, p_b_ig, p_b_hg, p_b_io, p_b_ho, v_i, v_f, v_g, v_o, v_W_hr_in, dout_h_next, ds_h, ds_c, dx_x, dg_W_hi_W_hf_W_hg_W_ho__h, tmp_d_h_gemm, dg_W_hr__W_hr_in, tmp_d_W_hr_in_gemm, tmp_d_c_next, dw_W_hi_W_hf_W_hg_W_ho, dw_W_ii_W_if_W_ig_W_io, sum_d_b_ii, sum_d_b_if, sum_d_b_ig, sum_d_b_io, _stacked(_params["W_ii"], _params["W_if"], _params["W_ig"], _params["W_io"]), _stacked(_params["W_hi"], _params["W_hf"], _params["W_hg"], _params["W_ho"]), _params["W_hr"].contiguous(), *_grads.values(), _bs])
+        _lib("backward", _dims, [x_x, s_h, s_c, v_i, v_f, v_g, v_o, v_W_hr_in, dout_h_next, ds_h, ds_c, dx_x, dg_W_hi_W_hf_W_hg_W_ho__h, tmp_d_h_gemm, dg_W_hr__W_hr_in, tmp_d_W_hr_in_gemm, tmp_d_c_next, dw_W_hi_W_hf_W_hg_W_ho, dw_W_ii_W_if_W_ig_W_io, sum_d_b_ii, sum_d_b_if, sum_d_b_ig, sum_d_b_io, _stacked(_params["W_ii"], _params["W_if"], _params["W_ig"], _params["W_io"]), _stacked(_params["W_hi"], _params["W_hf"], _params["W_hg"], _params["W_ho"]), _params["W_hr"].contiguous(), *_grads.values(), _bs])
     return _grads, (dx_x,), (ds_h, ds_c,)
 
 
 # The same two calls as PyTorch custom ops, for torch.compile (which traces them through their
 # fake implementations: the allocations above, without the call). Registered once per process
 # and content of this file; outputs are copies (an op's outputs may not alias each other).
-_OP = "lstmp_61884dff5631"
+_OP = "lstmp_33ae229cdcf3"
 
 
 def _op_forward_impl(xs: list[torch.Tensor], states: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -1488,7 +1488,7 @@ extern "C" int mgu_inference_f64(const int64_t* dims, void* const* ptrs, const v
 
 // =============================================================================================
 // mgu: the whole sequence, backward
-// ptrs: 0 x_x, 1 s_h, 2 p_b_f, 3 p_b_h, 4 v_f, 5 v_U_h_in, 6 v_h_tilde, 7 dout_h_next, 8 ds_h, 9 dx_x, 10 dg_U_f__h, 11 tmp_d_h_gemm, 12 dg_U_h__U_h_in, 13 tmp_d_U_h_in_gemm, 14 dhg_W_f_W_h__x, 15 tmp_d_h_next, 16 tmp_d_U_h_in, 17 dw_W_f_W_h, 18 weight W_f_W_h, 19 weight U_f, 20 weight U_h, 21 d W_f, 22 d U_f, 23 d b_f, 24 d W_h, 25 d U_h, 26 d b_h, 27 batch sizes (host, or NULL)
+// ptrs: 0 x_x, 1 s_h, 2 v_f, 3 v_U_h_in, 4 v_h_tilde, 5 dout_h_next, 6 ds_h, 7 dx_x, 8 dg_U_f__h, 9 tmp_d_h_gemm, 10 dg_U_h__U_h_in, 11 tmp_d_U_h_in_gemm, 12 dhg_W_f_W_h__x, 13 tmp_d_h_next, 14 tmp_d_U_h_in, 15 dw_W_f_W_h, 16 weight W_f_W_h, 17 weight U_f, 18 weight U_h, 19 d W_f, 20 d U_f, 21 d b_f, 22 d W_h, 23 d U_h, 24 d b_h, 25 batch sizes (host, or NULL)
 
 // =============================================================================================
 template <typename S, typename G>
@@ -1506,57 +1506,53 @@ static int mgu_backward_run(const int64_t* dims, void* const* ptrs, const cs_ctx
     (void)b_x_x;
     S* b_s_h = (S*)ptrs[1];
     (void)b_s_h;
-    S* b_p_b_f = (S*)ptrs[2];
-    (void)b_p_b_f;
-    S* b_p_b_h = (S*)ptrs[3];
-    (void)b_p_b_h;
-    S* b_v_f = (S*)ptrs[4];
+    S* b_v_f = (S*)ptrs[2];
     (void)b_v_f;
-    S* b_v_U_h_in = (S*)ptrs[5];
+    S* b_v_U_h_in = (S*)ptrs[3];
     (void)b_v_U_h_in;
-    S* b_v_h_tilde = (S*)ptrs[6];
+    S* b_v_h_tilde = (S*)ptrs[4];
     (void)b_v_h_tilde;
-    S* b_dout_h_next = (S*)ptrs[7];
+    S* b_dout_h_next = (S*)ptrs[5];
     (void)b_dout_h_next;
-    S* b_ds_h = (S*)ptrs[8];
+    S* b_ds_h = (S*)ptrs[6];
     (void)b_ds_h;
-    S* b_dx_x = (S*)ptrs[9];
+    S* b_dx_x = (S*)ptrs[7];
     (void)b_dx_x;
-    S* b_dg_U_f__h = (S*)ptrs[10];
+    S* b_dg_U_f__h = (S*)ptrs[8];
     (void)b_dg_U_f__h;
-    S* b_tmp_d_h_gemm = (S*)ptrs[11];
+    S* b_tmp_d_h_gemm = (S*)ptrs[9];
     (void)b_tmp_d_h_gemm;
-    S* b_dg_U_h__U_h_in = (S*)ptrs[12];
+    S* b_dg_U_h__U_h_in = (S*)ptrs[10];
     (void)b_dg_U_h__U_h_in;
-    S* b_tmp_d_U_h_in_gemm = (S*)ptrs[13];
+    S* b_tmp_d_U_h_in_gemm = (S*)ptrs[11];
     (void)b_tmp_d_U_h_in_gemm;
-    S* b_dhg_W_f_W_h__x = (S*)ptrs[14];
+    S* b_dhg_W_f_W_h__x = (S*)ptrs[12];
     (void)b_dhg_W_f_W_h__x;
-    S* b_tmp_d_h_next = (S*)ptrs[15];
+    S* b_tmp_d_h_next = (S*)ptrs[13];
     (void)b_tmp_d_h_next;
-    S* b_tmp_d_U_h_in = (S*)ptrs[16];
+    S* b_tmp_d_U_h_in = (S*)ptrs[14];
     (void)b_tmp_d_U_h_in;
-    G* b_dw_W_f_W_h = (G*)ptrs[17];
+    G* b_dw_W_f_W_h = (G*)ptrs[15];
     (void)b_dw_W_f_W_h;
-    const S* w_W_f_W_h = (const S*)ptrs[18];
+    const S* w_W_f_W_h = (const S*)ptrs[16];
     (void)w_W_f_W_h;
-    const S* w_U_f = (const S*)ptrs[19];
+    const S* w_U_f = (const S*)ptrs[17];
     (void)w_U_f;
-    const S* w_U_h = (const S*)ptrs[20];
+    const S* w_U_h = (const S*)ptrs[18];
     (void)w_U_h;
-    G* g_W_f = (G*)ptrs[21];
+    G* g_W_f = (G*)ptrs[19];
     (void)g_W_f;
-    G* g_U_f = (G*)ptrs[22];
+    G* g_U_f = (G*)ptrs[20];
     (void)g_U_f;
-    G* g_b_f = (G*)ptrs[23];
+    G* g_b_f = (G*)ptrs[21];
     (void)g_b_f;
-    G* g_W_h = (G*)ptrs[24];
+    G* g_W_h = (G*)ptrs[22];
     (void)g_W_h;
-    G* g_U_h = (G*)ptrs[25];
+    G* g_U_h = (G*)ptrs[23];
     (void)g_U_h;
-    G* g_b_h = (G*)ptrs[26];
+    G* g_b_h = (G*)ptrs[24];
     (void)g_b_h;
-    const int64_t* bs = (const int64_t*)ptrs[27];
+    const int64_t* bs = (const int64_t*)ptrs[25];
     (void)ctx;
     if (bs) {  // rows of ended sequences, which no step writes, are read over all T*B rows
         CS_ZERO(b_dg_U_h__U_h_in, (n_T) * (n_B) * (n_H));

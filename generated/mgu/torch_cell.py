@@ -988,8 +988,6 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
         _d_outputs = tuple(None if _d is None else _d * _m for _d in _d_outputs)
     x_x = _xs[0].contiguous()
     s_h = _saved[0]
-    p_b_f = _params["b_f"].contiguous()
-    p_b_h = _params["b_h"].contiguous()
     v_f = _saved[1]
     v_U_h_in = _saved[2]
     v_h_tilde = _saved[3]
@@ -1006,14 +1004,14 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     dw_W_f_W_h = _gscratch("dw_W_f_W_h", (2*_H, _I))
     _grads = {"W_f": _gempty((_H, _I)), "U_f": _gempty((_H, _H)), "b_f": _gempty((_H,)), "W_h": _gempty((_H, _I)), "U_h": _gempty((_H, _H)), "b_h": _gempty((_H,))}
     if _lib is not None:
-        _lib("backward", _dims, [x_x, s_h, p_b_f, p_b_h, v_f, v_U_h_in, v_h_tilde, dout_h_next, ds_h, dx_x, dg_U_f__h, tmp_d_h_gemm, dg_U_h__U_h_in, tmp_d_U_h_in_gemm, dhg_W_f_W_h__x, tmp_d_h_next, tmp_d_U_h_in, dw_W_f_W_h, _stacked(_params["W_f"], _params["W_h"]), _params["U_f"].contiguous(), _params["U_h"].contiguous(), *_grads.values(), _bs])
+        _lib("backward", _dims, [x_x, s_h, v_f, v_U_h_in, v_h_tilde, dout_h_next, ds_h, dx_x, dg_U_f__h, tmp_d_h_gemm, dg_U_h__U_h_in, tmp_d_U_h_in_gemm, dhg_W_f_W_h__x, tmp_d_h_next, tmp_d_U_h_in, dw_W_f_W_h, _stacked(_params["W_f"], _params["W_h"]), _params["U_f"].contiguous(), _params["U_h"].contiguous(), *_grads.values(), _bs])
     return _grads, (dx_x,), (ds_h,)
 
 
 # The same two calls as PyTorch custom ops, for torch.compile (which traces them through their
 # fake implementations: the allocations above, without the call). Registered once per process
 # and content of this file; outputs are copies (an op's outputs may not alias each other).
-_OP = "mgu_11d092554431"
+_OP = "mgu_a9d5d60564ea"
 
 
 def _op_forward_impl(xs: list[torch.Tensor], states: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -1259,10 +1259,6 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     s_c = _saved[1]
     s_n = _saved[2]
     s_m = _saved[3]
-    p_b_z = _params["b_z"].contiguous()
-    p_b_i = _params["b_i"].contiguous()
-    p_b_f = _params["b_f"].contiguous()
-    p_b_o = _params["b_o"].contiguous()
     v_z = _saved[4]
     v_it = _saved[5]
     v_ft = _saved[6]
@@ -1285,14 +1281,14 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     dw_W_z_W_i_W_f_W_o = _gscratch("dw_W_z_W_i_W_f_W_o", (4*_H, _I))
     _grads = {"W_z": _gempty((_H, _I)), "R_z": _gempty((_H, _H)), "b_z": _gempty((_H,)), "W_i": _gempty((_H, _I)), "R_i": _gempty((_H, _H)), "b_i": _gempty((_H,)), "W_f": _gempty((_H, _I)), "R_f": _gempty((_H, _H)), "b_f": _gempty((_H,)), "W_o": _gempty((_H, _I)), "R_o": _gempty((_H, _H)), "b_o": _gempty((_H,))}
     if _lib is not None:
-        _lib("backward", _dims, [x_x, s_h, s_c, s_n, s_m, p_b_z, p_b_i, p_b_f, p_b_o, v_z, v_it, v_ft, v_o, v_i, v_f, dout_h_next, ds_h, ds_c, ds_n, ds_m, dx_x, dg_R_z_R_i_R_f_R_o__h, tmp_d_h_gemm, tmp_d_n_next, tmp_d_c_next, tmp_d_f, tmp_d_m_next, dw_R_z_R_i_R_f_R_o, dw_W_z_W_i_W_f_W_o, _stacked(_params["W_z"], _params["W_i"], _params["W_f"], _params["W_o"]), _stacked(_params["R_z"], _params["R_i"], _params["R_f"], _params["R_o"]), *_grads.values(), _bs])
+        _lib("backward", _dims, [x_x, s_h, s_c, s_n, s_m, v_z, v_it, v_ft, v_o, v_i, v_f, dout_h_next, ds_h, ds_c, ds_n, ds_m, dx_x, dg_R_z_R_i_R_f_R_o__h, tmp_d_h_gemm, tmp_d_n_next, tmp_d_c_next, tmp_d_f, tmp_d_m_next, dw_R_z_R_i_R_f_R_o, dw_W_z_W_i_W_f_W_o, _stacked(_params["W_z"], _params["W_i"], _params["W_f"], _params["W_o"]), _stacked(_params["R_z"], _params["R_i"], _params["R_f"], _params["R_o"]), *_grads.values(), _bs])
     return _grads, (dx_x,), (ds_h, ds_c, ds_n, ds_m,)
 
 
 # The same two calls as PyTorch custom ops, for torch.compile (which traces them through their
 # fake implementations: the allocations above, without the call). Registered once per process
 # and content of this file; outputs are copies (an op's outputs may not alias each other).
-_OP = "slstm_4b17b9dad98b"
+_OP = "slstm_3e84bc0a363c"
 
 
 def _op_forward_impl(xs: list[torch.Tensor], states: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -1300,7 +1300,7 @@ extern "C" int sru_inference_f64(const int64_t* dims, void* const* ptrs, const v
 
 // =============================================================================================
 // sru: the whole sequence, backward
-// ptrs: 0 x_x, 1 s_c, 2 p_v_f, 3 p_b_f, 4 p_v_r, 5 p_b_r, 6 hg_W_f_W_W_r_W_s__x, 7 v_f, 8 v_r, 9 dout_h, 10 ds_c, 11 dx_x, 12 dp_v_f, 13 dp_b_f, 14 dp_v_r, 15 dp_b_r, 16 dhg_W_f_W_W_r_W_s__x, 17 tmp_d_h, 18 tmp_d_r, 19 tmp_d_c_next, 20 tmp_d_f, 21 dw_W_f_W_W_r_W_s, 22 weight W_f_W_W_r_W_s, 23 d W, 24 d W_f, 25 d v_f, 26 d b_f, 27 d W_r, 28 d v_r, 29 d b_r, 30 d W_s, 31 batch sizes (host, or NULL)
+// ptrs: 0 x_x, 1 s_c, 2 p_v_f, 3 p_v_r, 4 hg_W_f_W_W_r_W_s__x, 5 v_f, 6 v_r, 7 dout_h, 8 ds_c, 9 dx_x, 10 dp_v_f, 11 dp_b_f, 12 dp_v_r, 13 dp_b_r, 14 dhg_W_f_W_W_r_W_s__x, 15 tmp_d_h, 16 tmp_d_r, 17 tmp_d_c_next, 18 tmp_d_f, 19 dw_W_f_W_W_r_W_s, 20 weight W_f_W_W_r_W_s, 21 d W, 22 d W_f, 23 d v_f, 24 d b_f, 25 d W_r, 26 d v_r, 27 d b_r, 28 d W_s, 29 batch sizes (host, or NULL)
 
 // =============================================================================================
 template <typename S, typename G>
@@ -1320,63 +1320,59 @@ static int sru_backward_run(const int64_t* dims, void* const* ptrs, const cs_ctx
     (void)b_s_c;
     S* b_p_v_f = (S*)ptrs[2];
     (void)b_p_v_f;
-    S* b_p_b_f = (S*)ptrs[3];
-    (void)b_p_b_f;
-    S* b_p_v_r = (S*)ptrs[4];
+    S* b_p_v_r = (S*)ptrs[3];
     (void)b_p_v_r;
-    S* b_p_b_r = (S*)ptrs[5];
-    (void)b_p_b_r;
-    S* b_hg_W_f_W_W_r_W_s__x = (S*)ptrs[6];
+    S* b_hg_W_f_W_W_r_W_s__x = (S*)ptrs[4];
     (void)b_hg_W_f_W_W_r_W_s__x;
-    S* b_v_f = (S*)ptrs[7];
+    S* b_v_f = (S*)ptrs[5];
     (void)b_v_f;
-    S* b_v_r = (S*)ptrs[8];
+    S* b_v_r = (S*)ptrs[6];
     (void)b_v_r;
-    S* b_dout_h = (S*)ptrs[9];
+    S* b_dout_h = (S*)ptrs[7];
     (void)b_dout_h;
-    S* b_ds_c = (S*)ptrs[10];
+    S* b_ds_c = (S*)ptrs[8];
     (void)b_ds_c;
-    S* b_dx_x = (S*)ptrs[11];
+    S* b_dx_x = (S*)ptrs[9];
     (void)b_dx_x;
-    S* b_dp_v_f = (S*)ptrs[12];
+    S* b_dp_v_f = (S*)ptrs[10];
     (void)b_dp_v_f;
-    S* b_dp_b_f = (S*)ptrs[13];
+    S* b_dp_b_f = (S*)ptrs[11];
     (void)b_dp_b_f;
-    S* b_dp_v_r = (S*)ptrs[14];
+    S* b_dp_v_r = (S*)ptrs[12];
     (void)b_dp_v_r;
-    S* b_dp_b_r = (S*)ptrs[15];
+    S* b_dp_b_r = (S*)ptrs[13];
     (void)b_dp_b_r;
-    S* b_dhg_W_f_W_W_r_W_s__x = (S*)ptrs[16];
+    S* b_dhg_W_f_W_W_r_W_s__x = (S*)ptrs[14];
     (void)b_dhg_W_f_W_W_r_W_s__x;
-    S* b_tmp_d_h = (S*)ptrs[17];
+    S* b_tmp_d_h = (S*)ptrs[15];
     (void)b_tmp_d_h;
-    S* b_tmp_d_r = (S*)ptrs[18];
+    S* b_tmp_d_r = (S*)ptrs[16];
     (void)b_tmp_d_r;
-    S* b_tmp_d_c_next = (S*)ptrs[19];
+    S* b_tmp_d_c_next = (S*)ptrs[17];
     (void)b_tmp_d_c_next;
-    S* b_tmp_d_f = (S*)ptrs[20];
+    S* b_tmp_d_f = (S*)ptrs[18];
     (void)b_tmp_d_f;
-    G* b_dw_W_f_W_W_r_W_s = (G*)ptrs[21];
+    G* b_dw_W_f_W_W_r_W_s = (G*)ptrs[19];
     (void)b_dw_W_f_W_W_r_W_s;
-    const S* w_W_f_W_W_r_W_s = (const S*)ptrs[22];
+    const S* w_W_f_W_W_r_W_s = (const S*)ptrs[20];
     (void)w_W_f_W_W_r_W_s;
-    G* g_W = (G*)ptrs[23];
+    G* g_W = (G*)ptrs[21];
     (void)g_W;
-    G* g_W_f = (G*)ptrs[24];
+    G* g_W_f = (G*)ptrs[22];
     (void)g_W_f;
-    G* g_v_f = (G*)ptrs[25];
+    G* g_v_f = (G*)ptrs[23];
     (void)g_v_f;
-    G* g_b_f = (G*)ptrs[26];
+    G* g_b_f = (G*)ptrs[24];
     (void)g_b_f;
-    G* g_W_r = (G*)ptrs[27];
+    G* g_W_r = (G*)ptrs[25];
     (void)g_W_r;
-    G* g_v_r = (G*)ptrs[28];
+    G* g_v_r = (G*)ptrs[26];
     (void)g_v_r;
-    G* g_b_r = (G*)ptrs[29];
+    G* g_b_r = (G*)ptrs[27];
     (void)g_b_r;
-    G* g_W_s = (G*)ptrs[30];
+    G* g_W_s = (G*)ptrs[28];
     (void)g_W_s;
-    const int64_t* bs = (const int64_t*)ptrs[31];
+    const int64_t* bs = (const int64_t*)ptrs[29];
     (void)ctx;
     if (bs) {  // rows of ended sequences, which no step writes, are read over all T*B rows
         CS_ZERO(b_dp_v_f, (n_T) * (n_B) * (n_H));

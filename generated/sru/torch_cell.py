@@ -1000,9 +1000,7 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     x_x = _xs[0].contiguous()
     s_c = _saved[0]
     p_v_f = _params["v_f"].contiguous()
-    p_b_f = _params["b_f"].contiguous()
     p_v_r = _params["v_r"].contiguous()
-    p_b_r = _params["b_r"].contiguous()
     hg_W_f_W_W_r_W_s__x = _saved[1]
     v_f = _saved[2]
     v_r = _saved[3]
@@ -1021,14 +1019,14 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     dw_W_f_W_W_r_W_s = _gscratch("dw_W_f_W_W_r_W_s", (4*_H, _I))
     _grads = {"W": _gempty((_H, _I)), "W_f": _gempty((_H, _I)), "v_f": _gempty((_H,)), "b_f": _gempty((_H,)), "W_r": _gempty((_H, _I)), "v_r": _gempty((_H,)), "b_r": _gempty((_H,)), "W_s": _gempty((_H, _I))}
     if _lib is not None:
-        _lib("backward", _dims, [x_x, s_c, p_v_f, p_b_f, p_v_r, p_b_r, hg_W_f_W_W_r_W_s__x, v_f, v_r, dout_h, ds_c, dx_x, dp_v_f, dp_b_f, dp_v_r, dp_b_r, dhg_W_f_W_W_r_W_s__x, tmp_d_h, tmp_d_r, tmp_d_c_next, tmp_d_f, dw_W_f_W_W_r_W_s, _stacked(_params["W_f"], _params["W"], _params["W_r"], _params["W_s"]), *_grads.values(), _bs])
+        _lib("backward", _dims, [x_x, s_c, p_v_f, p_v_r, hg_W_f_W_W_r_W_s__x, v_f, v_r, dout_h, ds_c, dx_x, dp_v_f, dp_b_f, dp_v_r, dp_b_r, dhg_W_f_W_W_r_W_s__x, tmp_d_h, tmp_d_r, tmp_d_c_next, tmp_d_f, dw_W_f_W_W_r_W_s, _stacked(_params["W_f"], _params["W"], _params["W_r"], _params["W_s"]), *_grads.values(), _bs])
     return _grads, (dx_x,), (ds_c,)
 
 
 # The same two calls as PyTorch custom ops, for torch.compile (which traces them through their
 # fake implementations: the allocations above, without the call). Registered once per process
 # and content of this file; outputs are copies (an op's outputs may not alias each other).
-_OP = "sru_c062b8bda89a"
+_OP = "sru_9fef783350a9"
 
 
 def _op_forward_impl(xs: list[torch.Tensor], states: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:

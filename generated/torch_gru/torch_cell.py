@@ -1039,11 +1039,6 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
         _d_outputs = tuple(None if _d is None else _d * _m for _d in _d_outputs)
     x_x = _xs[0].contiguous()
     s_h = _saved[0]
-    p_b_ir = _params["b_ir"].contiguous()
-    p_b_hr = _params["b_hr"].contiguous()
-    p_b_iz = _params["b_iz"].contiguous()
-    p_b_hz = _params["b_hz"].contiguous()
-    p_b_in = _params["b_in"].contiguous()
     p_b_hn = _params["b_hn"].contiguous()
     g_W_hr_W_hz_W_hn__h = _saved[1]
     v_r = _saved[2]
@@ -1064,14 +1059,14 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     sum_d_b_iz = _gscratch("sum_d_b_iz", (_H,))
     _grads = {"W_ir": _gempty((_H, _I)), "W_hr": _gempty((_H, _H)), "b_ir": _gempty((_H,)), "b_hr": _gempty((_H,)), "W_iz": _gempty((_H, _I)), "W_hz": _gempty((_H, _H)), "b_iz": _gempty((_H,)), "b_hz": _gempty((_H,)), "W_in": _gempty((_H, _I)), "W_hn": _gempty((_H, _H)), "b_in": _gempty((_H,)), "b_hn": _gempty((_H,))}
     if _lib is not None:
-        _lib("backward", _dims, [x_x, s_h, p_b_ir, p_b_hr, p_b_iz, p_b_hz, p_b_in, p_b_hn, g_W_hr_W_hz_W_hn__h, v_r, v_z, v_n, dout_h_next, ds_h, dx_x, dp_b_in, dg_W_hr_W_hz_W_hn__h, tmp_d_h_gemm, dhg_W_ir_W_iz_W_in__x, tmp_d_h_next, tmp_d_n, dw_W_hr_W_hz_W_hn, dw_W_ir_W_iz_W_in, sum_d_b_ir, sum_d_b_iz, _stacked(_params["W_ir"], _params["W_iz"], _params["W_in"]), _stacked(_params["W_hr"], _params["W_hz"], _params["W_hn"]), *_grads.values(), _bs])
+        _lib("backward", _dims, [x_x, s_h, p_b_hn, g_W_hr_W_hz_W_hn__h, v_r, v_z, v_n, dout_h_next, ds_h, dx_x, dp_b_in, dg_W_hr_W_hz_W_hn__h, tmp_d_h_gemm, dhg_W_ir_W_iz_W_in__x, tmp_d_h_next, tmp_d_n, dw_W_hr_W_hz_W_hn, dw_W_ir_W_iz_W_in, sum_d_b_ir, sum_d_b_iz, _stacked(_params["W_ir"], _params["W_iz"], _params["W_in"]), _stacked(_params["W_hr"], _params["W_hz"], _params["W_hn"]), *_grads.values(), _bs])
     return _grads, (dx_x,), (ds_h,)
 
 
 # The same two calls as PyTorch custom ops, for torch.compile (which traces them through their
 # fake implementations: the allocations above, without the call). Registered once per process
 # and content of this file; outputs are copies (an op's outputs may not alias each other).
-_OP = "torch_gru_1b874082be26"
+_OP = "torch_gru_6cebf5106deb"
 
 
 def _op_forward_impl(xs: list[torch.Tensor], states: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:
