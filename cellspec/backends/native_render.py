@@ -386,8 +386,7 @@ class _Renderer:
     @staticmethod
     def step_var(fn: ir.Function, name: str) -> dict[str, str]:
         """Where a timed buffer's rows of a step or chunk start (a ring holds one chunk)."""
-        loop = fn.loop()
-        return _RING_STEP_VAR if loop is not None and name in loop.ring else _STEP_VAR
+        return _RING_STEP_VAR if name in fn.loop().ring else _STEP_VAR
 
     def host_loop(self, fn: ir.Function) -> dict:
         p = self.p

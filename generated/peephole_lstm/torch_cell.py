@@ -967,7 +967,7 @@ class _NativeSequence(torch.autograd.Function):
             return (None, None, *_differentiable_gradients(_t[:_n], None, grads[:_N_OUT], grads[_N_OUT:]))
         _params = dict(zip(_PARAM_NAMES, _t[_N_IN + _N_STATE : _n]))
         _grads, _d_xs, _d_states = _native_backward(ctx.lib, _t[:_N_IN], _params, _t[_n:], grads[:_N_OUT], grads[_N_OUT:], ctx.bs)
-        return (None, None, *_d_xs, *_d_states, *(_g if _g.dtype == _params[k].dtype else _g.to(_params[k].dtype) for k, _g in ((k, _grads[k]) for k in _PARAM_NAMES)))
+        return (None, None, *_d_xs, *_d_states, *(_grads[k] if _grads[k].dtype == _params[k].dtype else _grads[k].to(_params[k].dtype) for k in _PARAM_NAMES))
 
 
 def _run_native(lib, xs, state, params, bs=None):
