@@ -2084,11 +2084,17 @@ class _LayerNormGRUBase(nn.Module):
         return _prepare(self._params(layer, direction), {}, self._layer_sizes[layer], like)
 
     def _params(self, layer=0, direction=0):
-        """The params of one layer and direction, by spec name, read by attribute so that
-        parametrizations (register_parametrization, weight_norm, spectral_norm, orthogonal) and
-        torch.func.functional_call apply."""
-        names = self._names[layer][direction]
-        return {name: getattr(self, names[name]) for name in PARAMS}
+        """The params of one layer and direction, by spec name, as attribute access gives them:
+        from ``_parameters`` (where torch.func.functional_call swaps its tensors in) without
+        going through nn.Module.__getattr__ once per param, else by attribute (a parametrization
+        (register_parametrization, weight_norm, spectral_norm, orthogonal) moves the param out of
+        ``_parameters`` and computes it in a property)."""
+        names, own = self._names[layer][direction], self._parameters
+        out = {}
+        for name in PARAMS:
+            n = names[name]
+            out[name] = own[n] if n in own else getattr(self, n)
+        return out
     def _check_dtypes(self, xs, state, params):
         """One dtype for inputs, states and params, as torch.nn.LSTM demands (a ValueError
         naming both dtypes and both conversions), on every backend: never a silent cast. Under
