@@ -107,7 +107,7 @@ def cexpr(e) -> str:
 #: the C variable of the first step a rows kind is at: one step (t), the first of a chunk (tc)
 _STEP_VAR = {"step": "t", "chunk": "tc"}
 #: the same in a ring of one chunk of steps (ir.Loop.ring): a chunk is written from its start
-_RING_STEP_VAR = {"step": "(t % n_ch)", "chunk": ""}
+_RING_STEP_VAR = {"step": "t % n_ch", "chunk": ""}
 
 
 class _Renderer:
@@ -364,13 +364,10 @@ class _Renderer:
         width = cexpr(buf.shape[-1])
         parts = []
         if buf.timed:
-            t = self.step_var(fn, buf.name).get(rows, "")
-            time = " + ".join(x for x in (t, str(sl.time) if sl.time else "") if x) or "0"
-            if buf.name in fn.last_only:  # two steps kept: t and t + 1 alternate
-                assert rows == "step", (buf.name, rows)
-                time = f"({time}) % 2" if "+" in time else f"{time} % 2"
+            assert buf.name not in fn.last_only or rows == "step", (buf.name, rows)
+            time = self.step_index(fn, buf.name, self.step_var(fn, buf.name).get(rows, ""), sl.time)
             if time != "0":
-                parts.append(f"({time}) * n_B * ({width})" if ("+" in time or time.endswith("% 2")) else f"{time} * n_B * ({width})")
+                parts.append(f"{time} * n_B * ({width})")
         if sl.col != 0:
             parts.append(cexpr(sl.col))
         return f"b_{buf.name}" + "".join(f" + {x}" for x in parts), width
@@ -378,10 +375,19 @@ class _Renderer:
     def buf_ptr(self, fn: ir.Function, name: str, rows: str) -> tuple[str, str]:
         buf = fn.buffers[name]
         width = cexpr(buf.shape[-1])
-        t = self.step_var(fn, name).get(rows, "") if buf.timed else ""
-        if t:
+        t = self.step_index(fn, name, self.step_var(fn, name).get(rows, ""), None) if buf.timed else "0"
+        if t != "0":
             return f"b_{name} + {t} * n_B * ({width})", width
         return f"b_{name}", width
+
+    @staticmethod
+    def step_index(fn: ir.Function, name: str, t: str, offset: int | None) -> str:
+        """The C index of a timed buffer's step t + offset ("0" for none), parenthesised where it
+        is not one term; modulo 2 for a state of which two steps are kept (Function.last_only)."""
+        time = " + ".join(x for x in (t, str(offset) if offset else "") if x) or "0"
+        if name in fn.last_only:
+            time = f"({time}) % 2" if "+" in time else f"{time} % 2"
+        return f"({time})" if " " in time else time
 
     @staticmethod
     def step_var(fn: ir.Function, name: str) -> dict[str, str]:
@@ -557,10 +563,10 @@ class _Renderer:
             elif isinstance(op, ir.Hold):
                 w = cexpr(fn.buffers[op.buffer].shape[-1])
                 b = f"b_{op.buffer}"
-                now, nxt = ("t % 2", "(t + 1) % 2") if op.buffer in fn.last_only else ("t", "t + 1")
+                now, nxt = (self.step_index(fn, op.buffer, "t", k) for k in (0, 1))
                 lines.append(f"{ind}// ended sequences hold their state: rows B_t.. of {op.buffer}[t + 1] = {op.buffer}[t]")
-                lines.append(f"{ind}if (rows < n_B) CS_COPY({b} + (({nxt}) * n_B + rows) * ({w}), "
-                             f"{b} + (({now}) * n_B + rows) * ({w}), (n_B - rows) * ({w}));")
+                lines.append(f"{ind}if (rows < n_B) CS_COPY({b} + ({nxt} * n_B + rows) * ({w}), "
+                             f"{b} + ({now} * n_B + rows) * ({w}), (n_B - rows) * ({w}));")
             else:  # pragma: no cover
                 raise TypeError(op)
 
@@ -624,8 +630,12 @@ def pyexpr(e) -> str:
     return _PySizePrinter().doprint(sp.sympify(e))
 
 
-def _shape(buf: ir.Buffer) -> str:
+def _shape(buf: ir.Buffer, steps: str = "") -> str:
+    """The buffer's shape in the glue; ``steps``: its first (time) axis instead (a ring of a
+    chunk, the two steps kept of a state)."""
     dims = [pyexpr(d) for d in buf.shape]
+    if steps:
+        dims[0] = steps
     return "(" + ", ".join(dims) + ("," if len(dims) == 1 else "") + ")"
 
 
@@ -688,7 +698,7 @@ def glue_context(prog: ir.Program, grads_zero: dict, cu_text: str) -> dict:
                        f"{pyexpr(work[1])})")
         for b in fn.buffers.values():
             if b.name in ring:  # one chunk of steps (ir.Loop.ring)
-                out.append(f'{b.name} = _scratch("{b.name}", ({", ".join(["_n_ch", *(pyexpr(d) for d in b.shape[1:])])}))')
+                out.append(f'{b.name} = _scratch("{b.name}", {_shape(b, "_n_ch")})')
             elif b.role == "input":
                 out.append(f"{b.name} = _xs[{inputs[b.name[2:]]}].contiguous()")
             elif b.role == "param":
@@ -697,7 +707,7 @@ def glue_context(prog: ir.Program, grads_zero: dict, cu_text: str) -> dict:
                 out.append(f"{b.name} = _saved[{saved_from[b.name]}]")
             elif b.role == "state":
                 if b.name in fn.last_only:  # steps t and t + 1 only (ir.Function.last_only)
-                    out.append(f'{b.name} = _scratch("{b.name}", ({", ".join(["2", *(pyexpr(d) for d in b.shape[1:])])}))')
+                    out.append(f'{b.name} = _scratch("{b.name}", {_shape(b, "2")})')
                 else:
                     out.append(f"{b.name} = _empty({_shape(b)})")
                 out.append(f"{b.name}[0].copy_(_states[{states[b.name]}])")
@@ -729,7 +739,7 @@ def glue_context(prog: ir.Program, grads_zero: dict, cu_text: str) -> dict:
         finals = [f"s_{v.key}[_T % 2].clone()" if f"s_{v.key}" in fn.last_only else f"s_{v.key}[_T]" for v in prog.states]
         funcs.append({
             "name": fn.name,
-            "dims": "_dims + (_n_ch,)" if chunk_work(prog, fn) else "_dims",
+            "dims": "_dims + (_n_ch,)" if fn.loop().ahead else "_dims",  # _n_ch: allocs, from chunk_work
             "allocs": allocs(fn, None),
             "buffers": list(fn.buffers),
             "outputs": outs,

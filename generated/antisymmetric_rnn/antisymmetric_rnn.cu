@@ -56,17 +56,17 @@ static inline int cs_par(int64_t work, int64_t min_work)
     return 0;
 #endif
 }
-// for r in 0 .. rows: body(r), split over the threads when par (cs_par). A loop that does not
-// fork enters no OpenMP region: GCC compiles `parallel for if (0)` to a call into the OpenMP
-// runtime all the same (a team of one), and the steps' loops run a few per step.
+// for i in 0 .. n: body(i), split over the threads when par (cs_par). A loop that does not fork
+// enters no OpenMP region: GCC compiles `parallel for if (0)` to a call into the OpenMP runtime
+// all the same (a team of one), and the steps' loops run a few per step.
 template <typename F>
-static inline void cs_for_rows(int64_t rows, int par, const F& body)
+static inline void cs_for(int64_t n, int par, const F& body)
 {
     if (par) {
 #pragma omp parallel for schedule(static)
-        for (int64_t r = 0; r < rows; ++r) body(r);
+        for (int64_t i = 0; i < n; ++i) body(i);
     } else {
-        for (int64_t r = 0; r < rows; ++r) body(r);
+        for (int64_t i = 0; i < n; ++i) body(i);
     }
 }
 #if !defined(__CUDACC__) && defined(CELLSPEC_SIMD_MATH) && defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__GLIBC__)
@@ -386,8 +386,7 @@ __attribute__((target("avx512f"))) static inline void cs_own_panel(int64_t q, in
         cs_own_rows<false>(rows - i < 12 ? rows - i : 12, k, a + i * lda, lda, packed + p * k, out + i * ldc + p, ldc, m0, m1, beta);
 }
 // out[m, n] (+)= a[m, k] times the packed weight. Blocks of rows whose slice of `a` stays in L2
-// (~256 KiB) run one after another; inside a block the threads split the panels (one thread: no
-// OpenMP region at all, as in cs_for_rows).
+// (~256 KiB) run one after another; inside a block the threads split the panels (cs_for).
 __attribute__((target("avx512f"))) static void cs_own_gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
                                                            const float* packed, float* out, int64_t ldc, int beta)
 {
@@ -398,12 +397,8 @@ __attribute__((target("avx512f"))) static void cs_own_gemm(int64_t m, int64_t n,
         const int64_t rows = m - i0 < mc ? m - i0 : mc;
         const float* ab = a + i0 * lda;
         float* cb = out + i0 * ldc;
-        if (cs_par(rows * n * k, 262144)) {
-#pragma omp parallel for schedule(static)
-            for (int64_t q = 0; q < panels; ++q) cs_own_panel(q, rows, n, k, ab, lda, packed, cb, ldc, beta);
-        } else {
-            for (int64_t q = 0; q < panels; ++q) cs_own_panel(q, rows, n, k, ab, lda, packed, cb, ldc, beta);
-        }
+        cs_for(panels, cs_par(rows * n * k, 262144),
+               [&](int64_t q) { cs_own_panel(q, rows, n, k, ab, lda, packed, cb, ldc, beta); });
     }
 }
 // out[m, n] (+)= aᵀ @ b with a [k, m] and b [k, n] row-major: the weight gradients dW = dgᵀ @ x,
@@ -663,7 +658,7 @@ extern "C" int antisymmetric_rnn_forward_fwd0_H_cuda_bf16(int64_t _rows, int64_t
 template <typename real>
 static inline void antisymmetric_rnn_forward_fwd0_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_V_x, int64_t _ld_V_x, const real* __restrict__ _p_W_mat_h, int64_t _ld_W_mat_h, const real* __restrict__ _p_b, int64_t _ld_b, const real* __restrict__ _p_eps_H, int64_t _ld_eps_H, const real* __restrict__ _p_h, int64_t _ld_h, real* __restrict__ _p_h_next, int64_t _ld_h_next)
 {
-    cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
+    cs_for(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
 #pragma omp simd
         for (int64_t _j = 0; _j < _cols; ++_j) {
             real V_x = _p_V_x[_r * _ld_V_x + _j];
@@ -753,7 +748,7 @@ extern "C" int antisymmetric_rnn_inference_fwd0_H_cuda_bf16(int64_t _rows, int64
 template <typename real>
 static inline void antisymmetric_rnn_inference_fwd0_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_V_x, int64_t _ld_V_x, const real* __restrict__ _p_W_mat_h, int64_t _ld_W_mat_h, const real* __restrict__ _p_b, int64_t _ld_b, const real* __restrict__ _p_eps_H, int64_t _ld_eps_H, const real* __restrict__ _p_h, int64_t _ld_h, real* __restrict__ _p_h_next, int64_t _ld_h_next)
 {
-    cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
+    cs_for(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
 #pragma omp simd
         for (int64_t _j = 0; _j < _cols; ++_j) {
             real V_x = _p_V_x[_r * _ld_V_x + _j];
@@ -850,7 +845,7 @@ extern "C" int antisymmetric_rnn_backward_bwd0_H_cuda_bf16(int64_t _rows, int64_
 template <typename real>
 static inline void antisymmetric_rnn_backward_bwd0_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_V_x, int64_t _ld_V_x, const real* __restrict__ _p_W_mat_h, int64_t _ld_W_mat_h, const real* __restrict__ _p_b, int64_t _ld_b, const real* __restrict__ _p_d_h, int64_t _ld_d_h, const real* __restrict__ _p_d_h_next_out, int64_t _ld_d_h_next_out, const real* __restrict__ _p_eps_H, int64_t _ld_eps_H, real* __restrict__ _p_d_h_next, int64_t _ld_d_h_next, real* __restrict__ _p_d_W_mat_h, int64_t _ld_d_W_mat_h)
 {
-    cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
+    cs_for(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
 #pragma omp simd
         for (int64_t _j = 0; _j < _cols; ++_j) {
             real V_x = _p_V_x[_r * _ld_V_x + _j];
@@ -937,7 +932,7 @@ extern "C" int antisymmetric_rnn_backward_bwd_leaf_H_cuda_bf16(int64_t _rows, in
 template <typename real>
 static inline void antisymmetric_rnn_backward_bwd_leaf_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_d_h_gemm, int64_t _ld_d_h_gemm, const real* __restrict__ _p_d_h_next, int64_t _ld_d_h_next, real* __restrict__ _p_d_h, int64_t _ld_d_h)
 {
-    cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
+    cs_for(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
 #pragma omp simd
         for (int64_t _j = 0; _j < _cols; ++_j) {
             real d_h_gemm = _p_d_h_gemm[_r * _ld_d_h_gemm + _j];
@@ -1014,7 +1009,7 @@ static int antisymmetric_rnn_forward_run(const int64_t* dims, void* const* ptrs,
         // forward: stage 0 forward, units of size H
         CS_PW(antisymmetric_rnn_forward_fwd0_H, rows, n_H, b_hg_V__x + t * n_B * (n_H), n_H, b_g_W_mat__h + t * n_B * (n_H), n_H, b_p_b, 0, b_p_eps_H, 0, b_s_h + t * n_B * (n_H), n_H, b_s_h + (t + 1) * n_B * (n_H), n_H);
         // ended sequences hold their state: rows B_t.. of s_h[t + 1] = s_h[t]
-        if (rows < n_B) CS_COPY(b_s_h + ((t + 1) * n_B + rows) * (n_H), b_s_h + ((t) * n_B + rows) * (n_H), (n_B - rows) * (n_H));
+        if (rows < n_B) CS_COPY(b_s_h + ((t + 1) * n_B + rows) * (n_H), b_s_h + (t * n_B + rows) * (n_H), (n_B - rows) * (n_H));
     }
     cs_unpack(pk_V_nt);
     cs_unpack(pk_W_mat_nt);
@@ -1099,7 +1094,7 @@ static int antisymmetric_rnn_inference_run(const int64_t* dims, void* const* ptr
         // inference: stage 0 forward, units of size H
         CS_PW(antisymmetric_rnn_inference_fwd0_H, rows, n_H, b_hg_V__x + (t % n_ch) * n_B * (n_H), n_H, b_g_W_mat__h, n_H, b_p_b, 0, b_p_eps_H, 0, b_s_h + t * n_B * (n_H), n_H, b_s_h + (t + 1) * n_B * (n_H), n_H);
         // ended sequences hold their state: rows B_t.. of s_h[t + 1] = s_h[t]
-        if (rows < n_B) CS_COPY(b_s_h + ((t + 1) * n_B + rows) * (n_H), b_s_h + ((t) * n_B + rows) * (n_H), (n_B - rows) * (n_H));
+        if (rows < n_B) CS_COPY(b_s_h + ((t + 1) * n_B + rows) * (n_H), b_s_h + (t * n_B + rows) * (n_H), (n_B - rows) * (n_H));
     }
     cs_unpack(pk_V_nt);
     cs_unpack(pk_W_mat_nt);

@@ -66,17 +66,17 @@ static inline int cs_par(int64_t work, int64_t min_work)
     return 0;
 #endif
 }
-// for r in 0 .. rows: body(r), split over the threads when par (cs_par). A loop that does not
-// fork enters no OpenMP region: GCC compiles `parallel for if (0)` to a call into the OpenMP
-// runtime all the same (a team of one), and the steps' loops run a few per step.
+// for i in 0 .. n: body(i), split over the threads when par (cs_par). A loop that does not fork
+// enters no OpenMP region: GCC compiles `parallel for if (0)` to a call into the OpenMP runtime
+// all the same (a team of one), and the steps' loops run a few per step.
 template <typename F>
-static inline void cs_for_rows(int64_t rows, int par, const F& body)
+static inline void cs_for(int64_t n, int par, const F& body)
 {
     if (par) {
 #pragma omp parallel for schedule(static)
-        for (int64_t r = 0; r < rows; ++r) body(r);
+        for (int64_t i = 0; i < n; ++i) body(i);
     } else {
-        for (int64_t r = 0; r < rows; ++r) body(r);
+        for (int64_t i = 0; i < n; ++i) body(i);
     }
 }
 #if !defined(__CUDACC__) && defined(CELLSPEC_SIMD_MATH) && defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__GLIBC__)
@@ -396,8 +396,7 @@ __attribute__((target("avx512f"))) static inline void cs_own_panel(int64_t q, in
         cs_own_rows<false>(rows - i < 12 ? rows - i : 12, k, a + i * lda, lda, packed + p * k, out + i * ldc + p, ldc, m0, m1, beta);
 }
 // out[m, n] (+)= a[m, k] times the packed weight. Blocks of rows whose slice of `a` stays in L2
-// (~256 KiB) run one after another; inside a block the threads split the panels (one thread: no
-// OpenMP region at all, as in cs_for_rows).
+// (~256 KiB) run one after another; inside a block the threads split the panels (cs_for).
 __attribute__((target("avx512f"))) static void cs_own_gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
                                                            const float* packed, float* out, int64_t ldc, int beta)
 {
@@ -408,12 +407,8 @@ __attribute__((target("avx512f"))) static void cs_own_gemm(int64_t m, int64_t n,
         const int64_t rows = m - i0 < mc ? m - i0 : mc;
         const float* ab = a + i0 * lda;
         float* cb = out + i0 * ldc;
-        if (cs_par(rows * n * k, 262144)) {
-#pragma omp parallel for schedule(static)
-            for (int64_t q = 0; q < panels; ++q) cs_own_panel(q, rows, n, k, ab, lda, packed, cb, ldc, beta);
-        } else {
-            for (int64_t q = 0; q < panels; ++q) cs_own_panel(q, rows, n, k, ab, lda, packed, cb, ldc, beta);
-        }
+        cs_for(panels, cs_par(rows * n * k, 262144),
+               [&](int64_t q) { cs_own_panel(q, rows, n, k, ab, lda, packed, cb, ldc, beta); });
     }
 }
 // out[m, n] (+)= aᵀ @ b with a [k, m] and b [k, n] row-major: the weight gradients dW = dgᵀ @ x,
@@ -716,7 +711,7 @@ extern "C" int def_lstm_forward_fwd0_H_cuda_bf16(int64_t _rows, int64_t _cols, c
 template <typename real>
 static inline void def_lstm_forward_fwd0_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_U_f_h, int64_t _ld_U_f_h, const real* __restrict__ _p_U_g_h, int64_t _ld_U_g_h, const real* __restrict__ _p_U_i_h, int64_t _ld_U_i_h, const real* __restrict__ _p_U_o_h, int64_t _ld_U_o_h, const real* __restrict__ _p_W_f_x, int64_t _ld_W_f_x, const real* __restrict__ _p_W_g_x, int64_t _ld_W_g_x, const real* __restrict__ _p_W_i_x, int64_t _ld_W_i_x, const real* __restrict__ _p_W_o_x, int64_t _ld_W_o_x, const real* __restrict__ _p_b_f, int64_t _ld_b_f, const real* __restrict__ _p_b_g, int64_t _ld_b_g, const real* __restrict__ _p_b_i, int64_t _ld_b_i, const real* __restrict__ _p_b_o, int64_t _ld_b_o, const real* __restrict__ _p_beta_H, int64_t _ld_beta_H, const real* __restrict__ _p_c, int64_t _ld_c, real* __restrict__ _p_i, int64_t _ld_i, real* __restrict__ _p_f, int64_t _ld_f, real* __restrict__ _p_g, int64_t _ld_g, real* __restrict__ _p_o, int64_t _ld_o, real* __restrict__ _p_c_next, int64_t _ld_c_next, real* __restrict__ _p_h_next, int64_t _ld_h_next)
 {
-    cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
+    cs_for(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
 #pragma omp simd
         for (int64_t _j = 0; _j < _cols; ++_j) {
             real U_f_h = _p_U_f_h[_r * _ld_U_f_h + _j];
@@ -856,7 +851,7 @@ extern "C" int def_lstm_inference_fwd0_H_cuda_bf16(int64_t _rows, int64_t _cols,
 template <typename real>
 static inline void def_lstm_inference_fwd0_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_U_f_h, int64_t _ld_U_f_h, const real* __restrict__ _p_U_g_h, int64_t _ld_U_g_h, const real* __restrict__ _p_U_i_h, int64_t _ld_U_i_h, const real* __restrict__ _p_U_o_h, int64_t _ld_U_o_h, const real* __restrict__ _p_W_f_x, int64_t _ld_W_f_x, const real* __restrict__ _p_W_g_x, int64_t _ld_W_g_x, const real* __restrict__ _p_W_i_x, int64_t _ld_W_i_x, const real* __restrict__ _p_W_o_x, int64_t _ld_W_o_x, const real* __restrict__ _p_b_f, int64_t _ld_b_f, const real* __restrict__ _p_b_g, int64_t _ld_b_g, const real* __restrict__ _p_b_i, int64_t _ld_b_i, const real* __restrict__ _p_b_o, int64_t _ld_b_o, const real* __restrict__ _p_beta_H, int64_t _ld_beta_H, const real* __restrict__ _p_c, int64_t _ld_c, real* __restrict__ _p_c_next, int64_t _ld_c_next, real* __restrict__ _p_h_next, int64_t _ld_h_next)
 {
-    cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
+    cs_for(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
 #pragma omp simd
         for (int64_t _j = 0; _j < _cols; ++_j) {
             real U_f_h = _p_U_f_h[_r * _ld_U_f_h + _j];
@@ -1001,7 +996,7 @@ extern "C" int def_lstm_backward_bwd0_H_cuda_bf16(int64_t _rows, int64_t _cols, 
 template <typename real>
 static inline void def_lstm_backward_bwd0_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_beta_H, int64_t _ld_beta_H, const real* __restrict__ _p_c, int64_t _ld_c, const real* __restrict__ _p_c_next, int64_t _ld_c_next, const real* __restrict__ _p_d_c, int64_t _ld_d_c, const real* __restrict__ _p_d_h, int64_t _ld_d_h, const real* __restrict__ _p_d_h_next_out, int64_t _ld_d_h_next_out, const real* __restrict__ _p_f, int64_t _ld_f, const real* __restrict__ _p_g, int64_t _ld_g, const real* __restrict__ _p_i, int64_t _ld_i, const real* __restrict__ _p_o, int64_t _ld_o, real* __restrict__ _p_d_h_next, int64_t _ld_d_h_next, real* __restrict__ _p_d_c_next, int64_t _ld_d_c_next, real* __restrict__ _p_d_U_i_h, int64_t _ld_d_U_i_h, real* __restrict__ _p_d_U_f_h, int64_t _ld_d_U_f_h, real* __restrict__ _p_d_U_g_h, int64_t _ld_d_U_g_h, real* __restrict__ _p_d_U_o_h, int64_t _ld_d_U_o_h)
 {
-    cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
+    cs_for(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
 #pragma omp simd
         for (int64_t _j = 0; _j < _cols; ++_j) {
             real beta_H = _p_beta_H[_r * _ld_beta_H + _j];
@@ -1120,7 +1115,7 @@ extern "C" int def_lstm_backward_bwd_leaf_H_cuda_bf16(int64_t _rows, int64_t _co
 template <typename real>
 static inline void def_lstm_backward_bwd_leaf_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_beta_H, int64_t _ld_beta_H, const real* __restrict__ _p_c_next, int64_t _ld_c_next, const real* __restrict__ _p_d_c_next, int64_t _ld_d_c_next, const real* __restrict__ _p_d_h_gemm, int64_t _ld_d_h_gemm, const real* __restrict__ _p_d_h_next, int64_t _ld_d_h_next, const real* __restrict__ _p_f, int64_t _ld_f, const real* __restrict__ _p_o, int64_t _ld_o, real* __restrict__ _p_d_h, int64_t _ld_d_h, real* __restrict__ _p_d_c, int64_t _ld_d_c, real* __restrict__ _p_d_beta_H, int64_t _ld_d_beta_H)
 {
-    cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
+    cs_for(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
 #pragma omp simd
         for (int64_t _j = 0; _j < _cols; ++_j) {
             real beta_H = _p_beta_H[_r * _ld_beta_H + _j];
@@ -1225,9 +1220,9 @@ static int def_lstm_forward_run(const int64_t* dims, void* const* ptrs, const cs
         // forward: stage 0 forward, units of size H
         CS_PW(def_lstm_forward_fwd0_H, rows, n_H, b_g_U_i_U_f_U_g_U_o__h + n_H, 4*n_H, b_g_U_i_U_f_U_g_U_o__h + 2*n_H, 4*n_H, b_g_U_i_U_f_U_g_U_o__h, 4*n_H, b_g_U_i_U_f_U_g_U_o__h + 3*n_H, 4*n_H, b_hg_W_i_W_f_W_g_W_o__x + (t % n_ch) * n_B * (4*n_H) + n_H, 4*n_H, b_hg_W_i_W_f_W_g_W_o__x + (t % n_ch) * n_B * (4*n_H) + 2*n_H, 4*n_H, b_hg_W_i_W_f_W_g_W_o__x + (t % n_ch) * n_B * (4*n_H), 4*n_H, b_hg_W_i_W_f_W_g_W_o__x + (t % n_ch) * n_B * (4*n_H) + 3*n_H, 4*n_H, b_p_b_f, 0, b_p_b_g, 0, b_p_b_i, 0, b_p_b_o, 0, b_p_beta_H, 0, b_s_c + t * n_B * (n_H), n_H, b_v_i + t * n_B * (n_H), n_H, b_v_f + t * n_B * (n_H), n_H, b_v_g + t * n_B * (n_H), n_H, b_v_o + t * n_B * (n_H), n_H, b_s_c + (t + 1) * n_B * (n_H), n_H, b_s_h + (t + 1) * n_B * (n_H), n_H);
         // ended sequences hold their state: rows B_t.. of s_h[t + 1] = s_h[t]
-        if (rows < n_B) CS_COPY(b_s_h + ((t + 1) * n_B + rows) * (n_H), b_s_h + ((t) * n_B + rows) * (n_H), (n_B - rows) * (n_H));
+        if (rows < n_B) CS_COPY(b_s_h + ((t + 1) * n_B + rows) * (n_H), b_s_h + (t * n_B + rows) * (n_H), (n_B - rows) * (n_H));
         // ended sequences hold their state: rows B_t.. of s_c[t + 1] = s_c[t]
-        if (rows < n_B) CS_COPY(b_s_c + ((t + 1) * n_B + rows) * (n_H), b_s_c + ((t) * n_B + rows) * (n_H), (n_B - rows) * (n_H));
+        if (rows < n_B) CS_COPY(b_s_c + ((t + 1) * n_B + rows) * (n_H), b_s_c + (t * n_B + rows) * (n_H), (n_B - rows) * (n_H));
     }
     cs_unpack(pk_W_i_W_f_W_g_W_o_nt);
     cs_unpack(pk_U_i_U_f_U_g_U_o_nt);
@@ -1320,7 +1315,7 @@ static int def_lstm_inference_run(const int64_t* dims, void* const* ptrs, const 
         // inference: stage 0 forward, units of size H
         CS_PW(def_lstm_inference_fwd0_H, rows, n_H, b_g_U_i_U_f_U_g_U_o__h + n_H, 4*n_H, b_g_U_i_U_f_U_g_U_o__h + 2*n_H, 4*n_H, b_g_U_i_U_f_U_g_U_o__h, 4*n_H, b_g_U_i_U_f_U_g_U_o__h + 3*n_H, 4*n_H, b_hg_W_i_W_f_W_g_W_o__x + (t % n_ch) * n_B * (4*n_H) + n_H, 4*n_H, b_hg_W_i_W_f_W_g_W_o__x + (t % n_ch) * n_B * (4*n_H) + 2*n_H, 4*n_H, b_hg_W_i_W_f_W_g_W_o__x + (t % n_ch) * n_B * (4*n_H), 4*n_H, b_hg_W_i_W_f_W_g_W_o__x + (t % n_ch) * n_B * (4*n_H) + 3*n_H, 4*n_H, b_p_b_f, 0, b_p_b_g, 0, b_p_b_i, 0, b_p_b_o, 0, b_p_beta_H, 0, b_s_c + (t % 2) * n_B * (n_H), n_H, b_s_c + ((t + 1) % 2) * n_B * (n_H), n_H, b_s_h + (t + 1) * n_B * (n_H), n_H);
         // ended sequences hold their state: rows B_t.. of s_h[t + 1] = s_h[t]
-        if (rows < n_B) CS_COPY(b_s_h + ((t + 1) * n_B + rows) * (n_H), b_s_h + ((t) * n_B + rows) * (n_H), (n_B - rows) * (n_H));
+        if (rows < n_B) CS_COPY(b_s_h + ((t + 1) * n_B + rows) * (n_H), b_s_h + (t * n_B + rows) * (n_H), (n_B - rows) * (n_H));
         // ended sequences hold their state: rows B_t.. of s_c[t + 1] = s_c[t]
         if (rows < n_B) CS_COPY(b_s_c + (((t + 1) % 2) * n_B + rows) * (n_H), b_s_c + ((t % 2) * n_B + rows) * (n_H), (n_B - rows) * (n_H));
     }

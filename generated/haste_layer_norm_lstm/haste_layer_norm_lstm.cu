@@ -83,17 +83,17 @@ static inline int cs_par(int64_t work, int64_t min_work)
     return 0;
 #endif
 }
-// for r in 0 .. rows: body(r), split over the threads when par (cs_par). A loop that does not
-// fork enters no OpenMP region: GCC compiles `parallel for if (0)` to a call into the OpenMP
-// runtime all the same (a team of one), and the steps' loops run a few per step.
+// for i in 0 .. n: body(i), split over the threads when par (cs_par). A loop that does not fork
+// enters no OpenMP region: GCC compiles `parallel for if (0)` to a call into the OpenMP runtime
+// all the same (a team of one), and the steps' loops run a few per step.
 template <typename F>
-static inline void cs_for_rows(int64_t rows, int par, const F& body)
+static inline void cs_for(int64_t n, int par, const F& body)
 {
     if (par) {
 #pragma omp parallel for schedule(static)
-        for (int64_t r = 0; r < rows; ++r) body(r);
+        for (int64_t i = 0; i < n; ++i) body(i);
     } else {
-        for (int64_t r = 0; r < rows; ++r) body(r);
+        for (int64_t i = 0; i < n; ++i) body(i);
     }
 }
 #if !defined(__CUDACC__) && defined(CELLSPEC_SIMD_MATH) && defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__GLIBC__)
@@ -413,8 +413,7 @@ __attribute__((target("avx512f"))) static inline void cs_own_panel(int64_t q, in
         cs_own_rows<false>(rows - i < 12 ? rows - i : 12, k, a + i * lda, lda, packed + p * k, out + i * ldc + p, ldc, m0, m1, beta);
 }
 // out[m, n] (+)= a[m, k] times the packed weight. Blocks of rows whose slice of `a` stays in L2
-// (~256 KiB) run one after another; inside a block the threads split the panels (one thread: no
-// OpenMP region at all, as in cs_for_rows).
+// (~256 KiB) run one after another; inside a block the threads split the panels (cs_for).
 __attribute__((target("avx512f"))) static void cs_own_gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
                                                            const float* packed, float* out, int64_t ldc, int beta)
 {
@@ -425,12 +424,8 @@ __attribute__((target("avx512f"))) static void cs_own_gemm(int64_t m, int64_t n,
         const int64_t rows = m - i0 < mc ? m - i0 : mc;
         const float* ab = a + i0 * lda;
         float* cb = out + i0 * ldc;
-        if (cs_par(rows * n * k, 262144)) {
-#pragma omp parallel for schedule(static)
-            for (int64_t q = 0; q < panels; ++q) cs_own_panel(q, rows, n, k, ab, lda, packed, cb, ldc, beta);
-        } else {
-            for (int64_t q = 0; q < panels; ++q) cs_own_panel(q, rows, n, k, ab, lda, packed, cb, ldc, beta);
-        }
+        cs_for(panels, cs_par(rows * n * k, 262144),
+               [&](int64_t q) { cs_own_panel(q, rows, n, k, ab, lda, packed, cb, ldc, beta); });
     }
 }
 // out[m, n] (+)= aᵀ @ b with a [k, m] and b [k, n] row-major: the weight gradients dW = dgᵀ @ x,
@@ -762,7 +757,7 @@ static int haste_layer_norm_lstm_forward_fwd0_rows_launch(int64_t _rows, int64_t
 template <typename S>
 static inline void haste_layer_norm_lstm_forward_fwd0_rows_host(int64_t _rows, int64_t n_H, const S* __restrict__ _p_W_f_x, int64_t _ld_W_f_x, const S* __restrict__ _p_W_g_x, int64_t _ld_W_g_x, const S* __restrict__ _p_W_i_x, int64_t _ld_W_i_x, const S* __restrict__ _p_W_o_x, int64_t _ld_W_o_x, const S* __restrict__ _p_inv_n_H, int64_t _ld_inv_n_H, S* __restrict__ _p_xi, int64_t _ld_xi, S* __restrict__ _p_xg, int64_t _ld_xg, S* __restrict__ _p_xf, int64_t _ld_xf, S* __restrict__ _p_xo, int64_t _ld_xo, S* __restrict__ _p_mu_x, int64_t _ld_mu_x, S* __restrict__ _p_var_x, int64_t _ld_var_x, S* __restrict__ _p_rs_x, int64_t _ld_rs_x)
 {
-    cs_for_rows(_rows, cs_par(_rows * (n_H), 2048), [&](int64_t _r) {
+    cs_for(_rows, cs_par(_rows * (n_H), 2048), [&](int64_t _r) {
         haste_layer_norm_lstm_forward_fwd0_rows_row<S, S>(_r, 0, 1, n_H, _p_W_f_x, _ld_W_f_x, _p_W_g_x, _ld_W_g_x, _p_W_i_x, _ld_W_i_x, _p_W_o_x, _ld_W_o_x, _p_inv_n_H, _ld_inv_n_H, _p_xi, _ld_xi, _p_xg, _ld_xg, _p_xf, _ld_xf, _p_xo, _ld_xo, _p_mu_x, _ld_mu_x, _p_var_x, _ld_var_x, _p_rs_x, _ld_rs_x);
     });
 }
@@ -919,7 +914,7 @@ static int haste_layer_norm_lstm_forward_fwd1_rows_launch(int64_t _rows, int64_t
 template <typename S>
 static inline void haste_layer_norm_lstm_forward_fwd1_rows_host(int64_t _rows, int64_t n_H, const S* __restrict__ _p_R_f_h, int64_t _ld_R_f_h, const S* __restrict__ _p_R_g_h, int64_t _ld_R_g_h, const S* __restrict__ _p_R_i_h, int64_t _ld_R_i_h, const S* __restrict__ _p_R_o_h, int64_t _ld_R_o_h, const S* __restrict__ _p_b_f, int64_t _ld_b_f, const S* __restrict__ _p_b_g, int64_t _ld_b_g, const S* __restrict__ _p_b_i, int64_t _ld_b_i, const S* __restrict__ _p_b_o, int64_t _ld_b_o, const S* __restrict__ _p_beta_h, int64_t _ld_beta_h, const S* __restrict__ _p_c, int64_t _ld_c, const S* __restrict__ _p_gamma_h, int64_t _ld_gamma_h, const S* __restrict__ _p_gh_f, int64_t _ld_gh_f, const S* __restrict__ _p_gh_g, int64_t _ld_gh_g, const S* __restrict__ _p_gh_i, int64_t _ld_gh_i, const S* __restrict__ _p_gh_o, int64_t _ld_gh_o, const S* __restrict__ _p_gx_f, int64_t _ld_gx_f, const S* __restrict__ _p_gx_g, int64_t _ld_gx_g, const S* __restrict__ _p_gx_i, int64_t _ld_gx_i, const S* __restrict__ _p_gx_o, int64_t _ld_gx_o, const S* __restrict__ _p_inv_n_H, int64_t _ld_inv_n_H, const S* __restrict__ _p_inv_n_H_2, int64_t _ld_inv_n_H_2, const S* __restrict__ _p_mu_x, int64_t _ld_mu_x, const S* __restrict__ _p_rs_x, int64_t _ld_rs_x, const S* __restrict__ _p_xf, int64_t _ld_xf, const S* __restrict__ _p_xg, int64_t _ld_xg, const S* __restrict__ _p_xi, int64_t _ld_xi, const S* __restrict__ _p_xo, int64_t _ld_xo, S* __restrict__ _p_ri, int64_t _ld_ri, S* __restrict__ _p_rg, int64_t _ld_rg, S* __restrict__ _p_rf, int64_t _ld_rf, S* __restrict__ _p_ro, int64_t _ld_ro, S* __restrict__ _p_mu_h, int64_t _ld_mu_h, S* __restrict__ _p_var_h, int64_t _ld_var_h, S* __restrict__ _p_rs_h, int64_t _ld_rs_h, S* __restrict__ _p_i, int64_t _ld_i, S* __restrict__ _p_g, int64_t _ld_g, S* __restrict__ _p_f, int64_t _ld_f, S* __restrict__ _p_o, int64_t _ld_o, S* __restrict__ _p_c_next, int64_t _ld_c_next, S* __restrict__ _p_mean_5, int64_t _ld_mean_5, S* __restrict__ _p_var, int64_t _ld_var, S* __restrict__ _p_rstd, int64_t _ld_rstd, S* __restrict__ _p_h_next, int64_t _ld_h_next)
 {
-    cs_for_rows(_rows, cs_par(_rows * (n_H), 2048), [&](int64_t _r) {
+    cs_for(_rows, cs_par(_rows * (n_H), 2048), [&](int64_t _r) {
         haste_layer_norm_lstm_forward_fwd1_rows_row<S, S>(_r, 0, 1, n_H, _p_R_f_h, _ld_R_f_h, _p_R_g_h, _ld_R_g_h, _p_R_i_h, _ld_R_i_h, _p_R_o_h, _ld_R_o_h, _p_b_f, _ld_b_f, _p_b_g, _ld_b_g, _p_b_i, _ld_b_i, _p_b_o, _ld_b_o, _p_beta_h, _ld_beta_h, _p_c, _ld_c, _p_gamma_h, _ld_gamma_h, _p_gh_f, _ld_gh_f, _p_gh_g, _ld_gh_g, _p_gh_i, _ld_gh_i, _p_gh_o, _ld_gh_o, _p_gx_f, _ld_gx_f, _p_gx_g, _ld_gx_g, _p_gx_i, _ld_gx_i, _p_gx_o, _ld_gx_o, _p_inv_n_H, _ld_inv_n_H, _p_inv_n_H_2, _ld_inv_n_H_2, _p_mu_x, _ld_mu_x, _p_rs_x, _ld_rs_x, _p_xf, _ld_xf, _p_xg, _ld_xg, _p_xi, _ld_xi, _p_xo, _ld_xo, _p_ri, _ld_ri, _p_rg, _ld_rg, _p_rf, _ld_rf, _p_ro, _ld_ro, _p_mu_h, _ld_mu_h, _p_var_h, _ld_var_h, _p_rs_h, _ld_rs_h, _p_i, _ld_i, _p_g, _ld_g, _p_f, _ld_f, _p_o, _ld_o, _p_c_next, _ld_c_next, _p_mean_5, _ld_mean_5, _p_var, _ld_var, _p_rstd, _ld_rstd, _p_h_next, _ld_h_next);
     });
 }
@@ -1013,7 +1008,7 @@ static int haste_layer_norm_lstm_inference_fwd0_rows_launch(int64_t _rows, int64
 template <typename S>
 static inline void haste_layer_norm_lstm_inference_fwd0_rows_host(int64_t _rows, int64_t n_H, const S* __restrict__ _p_W_f_x, int64_t _ld_W_f_x, const S* __restrict__ _p_W_g_x, int64_t _ld_W_g_x, const S* __restrict__ _p_W_i_x, int64_t _ld_W_i_x, const S* __restrict__ _p_W_o_x, int64_t _ld_W_o_x, const S* __restrict__ _p_inv_n_H, int64_t _ld_inv_n_H, S* __restrict__ _p_xi, int64_t _ld_xi, S* __restrict__ _p_xg, int64_t _ld_xg, S* __restrict__ _p_xf, int64_t _ld_xf, S* __restrict__ _p_xo, int64_t _ld_xo, S* __restrict__ _p_mu_x, int64_t _ld_mu_x, S* __restrict__ _p_rs_x, int64_t _ld_rs_x)
 {
-    cs_for_rows(_rows, cs_par(_rows * (n_H), 2048), [&](int64_t _r) {
+    cs_for(_rows, cs_par(_rows * (n_H), 2048), [&](int64_t _r) {
         haste_layer_norm_lstm_inference_fwd0_rows_row<S, S>(_r, 0, 1, n_H, _p_W_f_x, _ld_W_f_x, _p_W_g_x, _ld_W_g_x, _p_W_i_x, _ld_W_i_x, _p_W_o_x, _ld_W_o_x, _p_inv_n_H, _ld_inv_n_H, _p_xi, _ld_xi, _p_xg, _ld_xg, _p_xf, _ld_xf, _p_xo, _ld_xo, _p_mu_x, _ld_mu_x, _p_rs_x, _ld_rs_x);
     });
 }
@@ -1164,7 +1159,7 @@ static int haste_layer_norm_lstm_inference_fwd1_rows_launch(int64_t _rows, int64
 template <typename S>
 static inline void haste_layer_norm_lstm_inference_fwd1_rows_host(int64_t _rows, int64_t n_H, const S* __restrict__ _p_R_f_h, int64_t _ld_R_f_h, const S* __restrict__ _p_R_g_h, int64_t _ld_R_g_h, const S* __restrict__ _p_R_i_h, int64_t _ld_R_i_h, const S* __restrict__ _p_R_o_h, int64_t _ld_R_o_h, const S* __restrict__ _p_b_f, int64_t _ld_b_f, const S* __restrict__ _p_b_g, int64_t _ld_b_g, const S* __restrict__ _p_b_i, int64_t _ld_b_i, const S* __restrict__ _p_b_o, int64_t _ld_b_o, const S* __restrict__ _p_beta_h, int64_t _ld_beta_h, const S* __restrict__ _p_c, int64_t _ld_c, const S* __restrict__ _p_gamma_h, int64_t _ld_gamma_h, const S* __restrict__ _p_gh_f, int64_t _ld_gh_f, const S* __restrict__ _p_gh_g, int64_t _ld_gh_g, const S* __restrict__ _p_gh_i, int64_t _ld_gh_i, const S* __restrict__ _p_gh_o, int64_t _ld_gh_o, const S* __restrict__ _p_gx_f, int64_t _ld_gx_f, const S* __restrict__ _p_gx_g, int64_t _ld_gx_g, const S* __restrict__ _p_gx_i, int64_t _ld_gx_i, const S* __restrict__ _p_gx_o, int64_t _ld_gx_o, const S* __restrict__ _p_inv_n_H, int64_t _ld_inv_n_H, const S* __restrict__ _p_inv_n_H_2, int64_t _ld_inv_n_H_2, const S* __restrict__ _p_mu_x, int64_t _ld_mu_x, const S* __restrict__ _p_rs_x, int64_t _ld_rs_x, const S* __restrict__ _p_xf, int64_t _ld_xf, const S* __restrict__ _p_xg, int64_t _ld_xg, const S* __restrict__ _p_xi, int64_t _ld_xi, const S* __restrict__ _p_xo, int64_t _ld_xo, S* __restrict__ _p_c_next, int64_t _ld_c_next, S* __restrict__ _p_h_next, int64_t _ld_h_next)
 {
-    cs_for_rows(_rows, cs_par(_rows * (n_H), 2048), [&](int64_t _r) {
+    cs_for(_rows, cs_par(_rows * (n_H), 2048), [&](int64_t _r) {
         haste_layer_norm_lstm_inference_fwd1_rows_row<S, S>(_r, 0, 1, n_H, _p_R_f_h, _ld_R_f_h, _p_R_g_h, _ld_R_g_h, _p_R_i_h, _ld_R_i_h, _p_R_o_h, _ld_R_o_h, _p_b_f, _ld_b_f, _p_b_g, _ld_b_g, _p_b_i, _ld_b_i, _p_b_o, _ld_b_o, _p_beta_h, _ld_beta_h, _p_c, _ld_c, _p_gamma_h, _ld_gamma_h, _p_gh_f, _ld_gh_f, _p_gh_g, _ld_gh_g, _p_gh_i, _ld_gh_i, _p_gh_o, _ld_gh_o, _p_gx_f, _ld_gx_f, _p_gx_g, _ld_gx_g, _p_gx_i, _ld_gx_i, _p_gx_o, _ld_gx_o, _p_inv_n_H, _ld_inv_n_H, _p_inv_n_H_2, _ld_inv_n_H_2, _p_mu_x, _ld_mu_x, _p_rs_x, _ld_rs_x, _p_xf, _ld_xf, _p_xg, _ld_xg, _p_xi, _ld_xi, _p_xo, _ld_xo, _p_c_next, _ld_c_next, _p_h_next, _ld_h_next);
     });
 }
@@ -1377,7 +1372,7 @@ static int haste_layer_norm_lstm_backward_bwd1_rows_launch(int64_t _rows, int64_
 template <typename S>
 static inline void haste_layer_norm_lstm_backward_bwd1_rows_host(int64_t _rows, int64_t n_H, const S* __restrict__ _p_beta_h, int64_t _ld_beta_h, const S* __restrict__ _p_c, int64_t _ld_c, const S* __restrict__ _p_c_next, int64_t _ld_c_next, const S* __restrict__ _p_d_c, int64_t _ld_d_c, const S* __restrict__ _p_d_h, int64_t _ld_d_h, const S* __restrict__ _p_d_h_next_out, int64_t _ld_d_h_next_out, const S* __restrict__ _p_f, int64_t _ld_f, const S* __restrict__ _p_g, int64_t _ld_g, const S* __restrict__ _p_gamma_h, int64_t _ld_gamma_h, const S* __restrict__ _p_gh_f, int64_t _ld_gh_f, const S* __restrict__ _p_gh_g, int64_t _ld_gh_g, const S* __restrict__ _p_gh_i, int64_t _ld_gh_i, const S* __restrict__ _p_gh_o, int64_t _ld_gh_o, const S* __restrict__ _p_i, int64_t _ld_i, const S* __restrict__ _p_inv_n_H, int64_t _ld_inv_n_H, const S* __restrict__ _p_inv_n_H_2, int64_t _ld_inv_n_H_2, const S* __restrict__ _p_mean_5, int64_t _ld_mean_5, const S* __restrict__ _p_mu_h, int64_t _ld_mu_h, const S* __restrict__ _p_o, int64_t _ld_o, const S* __restrict__ _p_rf, int64_t _ld_rf, const S* __restrict__ _p_rg, int64_t _ld_rg, const S* __restrict__ _p_ri, int64_t _ld_ri, const S* __restrict__ _p_ro, int64_t _ld_ro, const S* __restrict__ _p_rs_h, int64_t _ld_rs_h, const S* __restrict__ _p_rstd, int64_t _ld_rstd, const S* __restrict__ _p_var, int64_t _ld_var, const S* __restrict__ _p_var_h, int64_t _ld_var_h, S* __restrict__ _p_d_h_next, int64_t _ld_d_h_next, S* __restrict__ _p_d_c_next, int64_t _ld_d_c_next, S* __restrict__ _p_d_o, int64_t _ld_d_o, S* __restrict__ _p_d_f, int64_t _ld_d_f, S* __restrict__ _p_d_g, int64_t _ld_d_g, S* __restrict__ _p_d_i, int64_t _ld_d_i, S* __restrict__ _p_d_R_i_h, int64_t _ld_d_R_i_h, S* __restrict__ _p_d_R_g_h, int64_t _ld_d_R_g_h, S* __restrict__ _p_d_R_f_h, int64_t _ld_d_R_f_h, S* __restrict__ _p_d_R_o_h, int64_t _ld_d_R_o_h)
 {
-    cs_for_rows(_rows, cs_par(_rows * (n_H), 2048), [&](int64_t _r) {
+    cs_for(_rows, cs_par(_rows * (n_H), 2048), [&](int64_t _r) {
         haste_layer_norm_lstm_backward_bwd1_rows_row<S, S>(_r, 0, 1, n_H, _p_beta_h, _ld_beta_h, _p_c, _ld_c, _p_c_next, _ld_c_next, _p_d_c, _ld_d_c, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_f, _ld_f, _p_g, _ld_g, _p_gamma_h, _ld_gamma_h, _p_gh_f, _ld_gh_f, _p_gh_g, _ld_gh_g, _p_gh_i, _ld_gh_i, _p_gh_o, _ld_gh_o, _p_i, _ld_i, _p_inv_n_H, _ld_inv_n_H, _p_inv_n_H_2, _ld_inv_n_H_2, _p_mean_5, _ld_mean_5, _p_mu_h, _ld_mu_h, _p_o, _ld_o, _p_rf, _ld_rf, _p_rg, _ld_rg, _p_ri, _ld_ri, _p_ro, _ld_ro, _p_rs_h, _ld_rs_h, _p_rstd, _ld_rstd, _p_var, _ld_var, _p_var_h, _ld_var_h, _p_d_h_next, _ld_d_h_next, _p_d_c_next, _ld_d_c_next, _p_d_o, _ld_d_o, _p_d_f, _ld_d_f, _p_d_g, _ld_d_g, _p_d_i, _ld_d_i, _p_d_R_i_h, _ld_d_R_i_h, _p_d_R_g_h, _ld_d_R_g_h, _p_d_R_f_h, _ld_d_R_f_h, _p_d_R_o_h, _ld_d_R_o_h);
     });
 }
@@ -1542,7 +1537,7 @@ static int haste_layer_norm_lstm_backward_bwd0_rows_launch(int64_t _rows, int64_
 template <typename S>
 static inline void haste_layer_norm_lstm_backward_bwd0_rows_host(int64_t _rows, int64_t n_H, const S* __restrict__ _p_d_f, int64_t _ld_d_f, const S* __restrict__ _p_d_g, int64_t _ld_d_g, const S* __restrict__ _p_d_i, int64_t _ld_d_i, const S* __restrict__ _p_d_o, int64_t _ld_d_o, const S* __restrict__ _p_f, int64_t _ld_f, const S* __restrict__ _p_g, int64_t _ld_g, const S* __restrict__ _p_gx_f, int64_t _ld_gx_f, const S* __restrict__ _p_gx_g, int64_t _ld_gx_g, const S* __restrict__ _p_gx_i, int64_t _ld_gx_i, const S* __restrict__ _p_gx_o, int64_t _ld_gx_o, const S* __restrict__ _p_i, int64_t _ld_i, const S* __restrict__ _p_inv_n_H, int64_t _ld_inv_n_H, const S* __restrict__ _p_mu_x, int64_t _ld_mu_x, const S* __restrict__ _p_o, int64_t _ld_o, const S* __restrict__ _p_rs_x, int64_t _ld_rs_x, const S* __restrict__ _p_var_x, int64_t _ld_var_x, const S* __restrict__ _p_xf, int64_t _ld_xf, const S* __restrict__ _p_xg, int64_t _ld_xg, const S* __restrict__ _p_xi, int64_t _ld_xi, const S* __restrict__ _p_xo, int64_t _ld_xo, S* __restrict__ _p_d_xo, int64_t _ld_d_xo, S* __restrict__ _p_d_xf, int64_t _ld_d_xf, S* __restrict__ _p_d_xg, int64_t _ld_d_xg, S* __restrict__ _p_d_xi, int64_t _ld_d_xi)
 {
-    cs_for_rows(_rows, cs_par(_rows * (n_H), 2048), [&](int64_t _r) {
+    cs_for(_rows, cs_par(_rows * (n_H), 2048), [&](int64_t _r) {
         haste_layer_norm_lstm_backward_bwd0_rows_row<S, S>(_r, 0, 1, n_H, _p_d_f, _ld_d_f, _p_d_g, _ld_d_g, _p_d_i, _ld_d_i, _p_d_o, _ld_d_o, _p_f, _ld_f, _p_g, _ld_g, _p_gx_f, _ld_gx_f, _p_gx_g, _ld_gx_g, _p_gx_i, _ld_gx_i, _p_gx_o, _ld_gx_o, _p_i, _ld_i, _p_inv_n_H, _ld_inv_n_H, _p_mu_x, _ld_mu_x, _p_o, _ld_o, _p_rs_x, _ld_rs_x, _p_var_x, _ld_var_x, _p_xf, _ld_xf, _p_xg, _ld_xg, _p_xi, _ld_xi, _p_xo, _ld_xo, _p_d_xo, _ld_d_xo, _p_d_xf, _ld_d_xf, _p_d_xg, _ld_d_xg, _p_d_xi, _ld_d_xi);
     });
 }
@@ -1662,7 +1657,7 @@ static int haste_layer_norm_lstm_backward_bwd_leaf_rows_launch(int64_t _rows, in
 template <typename S>
 static inline void haste_layer_norm_lstm_backward_bwd_leaf_rows_host(int64_t _rows, int64_t n_H, const S* __restrict__ _p_beta_h, int64_t _ld_beta_h, const S* __restrict__ _p_c_next, int64_t _ld_c_next, const S* __restrict__ _p_d_c_next, int64_t _ld_d_c_next, const S* __restrict__ _p_d_f, int64_t _ld_d_f, const S* __restrict__ _p_d_g, int64_t _ld_d_g, const S* __restrict__ _p_d_h_gemm, int64_t _ld_d_h_gemm, const S* __restrict__ _p_d_h_next, int64_t _ld_d_h_next, const S* __restrict__ _p_d_i, int64_t _ld_d_i, const S* __restrict__ _p_d_o, int64_t _ld_d_o, const S* __restrict__ _p_d_xf, int64_t _ld_d_xf, const S* __restrict__ _p_d_xg, int64_t _ld_d_xg, const S* __restrict__ _p_d_xi, int64_t _ld_d_xi, const S* __restrict__ _p_d_xo, int64_t _ld_d_xo, const S* __restrict__ _p_f, int64_t _ld_f, const S* __restrict__ _p_g, int64_t _ld_g, const S* __restrict__ _p_gamma_h, int64_t _ld_gamma_h, const S* __restrict__ _p_i, int64_t _ld_i, const S* __restrict__ _p_mean_5, int64_t _ld_mean_5, const S* __restrict__ _p_mu_h, int64_t _ld_mu_h, const S* __restrict__ _p_mu_x, int64_t _ld_mu_x, const S* __restrict__ _p_o, int64_t _ld_o, const S* __restrict__ _p_rf, int64_t _ld_rf, const S* __restrict__ _p_rg, int64_t _ld_rg, const S* __restrict__ _p_ri, int64_t _ld_ri, const S* __restrict__ _p_ro, int64_t _ld_ro, const S* __restrict__ _p_rs_h, int64_t _ld_rs_h, const S* __restrict__ _p_rs_x, int64_t _ld_rs_x, const S* __restrict__ _p_rstd, int64_t _ld_rstd, const S* __restrict__ _p_xf, int64_t _ld_xf, const S* __restrict__ _p_xg, int64_t _ld_xg, const S* __restrict__ _p_xi, int64_t _ld_xi, const S* __restrict__ _p_xo, int64_t _ld_xo, S* __restrict__ _p_d_h, int64_t _ld_d_h, S* __restrict__ _p_d_c, int64_t _ld_d_c, S* __restrict__ _p_d_b_i, int64_t _ld_d_b_i, S* __restrict__ _p_d_b_g, int64_t _ld_d_b_g, S* __restrict__ _p_d_b_f, int64_t _ld_d_b_f, S* __restrict__ _p_d_b_o, int64_t _ld_d_b_o, S* __restrict__ _p_d_gx_i, int64_t _ld_d_gx_i, S* __restrict__ _p_d_gx_g, int64_t _ld_d_gx_g, S* __restrict__ _p_d_gx_f, int64_t _ld_d_gx_f, S* __restrict__ _p_d_gx_o, int64_t _ld_d_gx_o, S* __restrict__ _p_d_gh_i, int64_t _ld_d_gh_i, S* __restrict__ _p_d_gh_g, int64_t _ld_d_gh_g, S* __restrict__ _p_d_gh_f, int64_t _ld_d_gh_f, S* __restrict__ _p_d_gh_o, int64_t _ld_d_gh_o, S* __restrict__ _p_d_gamma_h, int64_t _ld_d_gamma_h, S* __restrict__ _p_d_beta_h, int64_t _ld_d_beta_h, S* __restrict__ _p_d_W_i_x, int64_t _ld_d_W_i_x, S* __restrict__ _p_d_W_g_x, int64_t _ld_d_W_g_x, S* __restrict__ _p_d_W_f_x, int64_t _ld_d_W_f_x, S* __restrict__ _p_d_W_o_x, int64_t _ld_d_W_o_x)
 {
-    cs_for_rows(_rows, cs_par(_rows * (n_H), 2048), [&](int64_t _r) {
+    cs_for(_rows, cs_par(_rows * (n_H), 2048), [&](int64_t _r) {
         haste_layer_norm_lstm_backward_bwd_leaf_rows_row<S, S>(_r, 0, 1, n_H, _p_beta_h, _ld_beta_h, _p_c_next, _ld_c_next, _p_d_c_next, _ld_d_c_next, _p_d_f, _ld_d_f, _p_d_g, _ld_d_g, _p_d_h_gemm, _ld_d_h_gemm, _p_d_h_next, _ld_d_h_next, _p_d_i, _ld_d_i, _p_d_o, _ld_d_o, _p_d_xf, _ld_d_xf, _p_d_xg, _ld_d_xg, _p_d_xi, _ld_d_xi, _p_d_xo, _ld_d_xo, _p_f, _ld_f, _p_g, _ld_g, _p_gamma_h, _ld_gamma_h, _p_i, _ld_i, _p_mean_5, _ld_mean_5, _p_mu_h, _ld_mu_h, _p_mu_x, _ld_mu_x, _p_o, _ld_o, _p_rf, _ld_rf, _p_rg, _ld_rg, _p_ri, _ld_ri, _p_ro, _ld_ro, _p_rs_h, _ld_rs_h, _p_rs_x, _ld_rs_x, _p_rstd, _ld_rstd, _p_xf, _ld_xf, _p_xg, _ld_xg, _p_xi, _ld_xi, _p_xo, _ld_xo, _p_d_h, _ld_d_h, _p_d_c, _ld_d_c, _p_d_b_i, _ld_d_b_i, _p_d_b_g, _ld_d_b_g, _p_d_b_f, _ld_d_b_f, _p_d_b_o, _ld_d_b_o, _p_d_gx_i, _ld_d_gx_i, _p_d_gx_g, _ld_d_gx_g, _p_d_gx_f, _ld_d_gx_f, _p_d_gx_o, _ld_d_gx_o, _p_d_gh_i, _ld_d_gh_i, _p_d_gh_g, _ld_d_gh_g, _p_d_gh_f, _ld_d_gh_f, _p_d_gh_o, _ld_d_gh_o, _p_d_gamma_h, _ld_d_gamma_h, _p_d_beta_h, _ld_d_beta_h, _p_d_W_i_x, _ld_d_W_i_x, _p_d_W_g_x, _ld_d_W_g_x, _p_d_W_f_x, _ld_d_W_f_x, _p_d_W_o_x, _ld_d_W_o_x);
     });
 }
@@ -1818,9 +1813,9 @@ static int haste_layer_norm_lstm_forward_run(const int64_t* dims, void* const* p
         // forward: stage 1 forward, row by row (reductions over the units)
         CS_ROWS(haste_layer_norm_lstm_forward_fwd1_rows, rows, n_H, b_g_R_i_R_g_R_f_R_o__h + 2*n_H, 4*n_H, b_g_R_i_R_g_R_f_R_o__h + n_H, 4*n_H, b_g_R_i_R_g_R_f_R_o__h, 4*n_H, b_g_R_i_R_g_R_f_R_o__h + 3*n_H, 4*n_H, b_p_b_f, 0, b_p_b_g, 0, b_p_b_i, 0, b_p_b_o, 0, b_p_beta_h, 0, b_s_c + t * n_B * (n_H), n_H, b_p_gamma_h, 0, b_p_gh_f, 0, b_p_gh_g, 0, b_p_gh_i, 0, b_p_gh_o, 0, b_p_gx_f, 0, b_p_gx_g, 0, b_p_gx_i, 0, b_p_gx_o, 0, b_p_inv_n_H, 0, b_p_inv_n_H_2, 0, b_v_mu_x + t * n_B * (1), 1, b_v_rs_x + t * n_B * (1), 1, b_v_xf + t * n_B * (n_H), n_H, b_v_xg + t * n_B * (n_H), n_H, b_v_xi + t * n_B * (n_H), n_H, b_v_xo + t * n_B * (n_H), n_H, b_v_ri + t * n_B * (n_H), n_H, b_v_rg + t * n_B * (n_H), n_H, b_v_rf + t * n_B * (n_H), n_H, b_v_ro + t * n_B * (n_H), n_H, b_v_mu_h + t * n_B * (1), 1, b_v_var_h + t * n_B * (1), 1, b_v_rs_h + t * n_B * (1), 1, b_v_i + t * n_B * (n_H), n_H, b_v_g + t * n_B * (n_H), n_H, b_v_f + t * n_B * (n_H), n_H, b_v_o + t * n_B * (n_H), n_H, b_s_c + (t + 1) * n_B * (n_H), n_H, b_v_mean_5 + t * n_B * (1), 1, b_v_var + t * n_B * (1), 1, b_v_rstd + t * n_B * (1), 1, b_s_h + (t + 1) * n_B * (n_H), n_H);
         // ended sequences hold their state: rows B_t.. of s_h[t + 1] = s_h[t]
-        if (rows < n_B) CS_COPY(b_s_h + ((t + 1) * n_B + rows) * (n_H), b_s_h + ((t) * n_B + rows) * (n_H), (n_B - rows) * (n_H));
+        if (rows < n_B) CS_COPY(b_s_h + ((t + 1) * n_B + rows) * (n_H), b_s_h + (t * n_B + rows) * (n_H), (n_B - rows) * (n_H));
         // ended sequences hold their state: rows B_t.. of s_c[t + 1] = s_c[t]
-        if (rows < n_B) CS_COPY(b_s_c + ((t + 1) * n_B + rows) * (n_H), b_s_c + ((t) * n_B + rows) * (n_H), (n_B - rows) * (n_H));
+        if (rows < n_B) CS_COPY(b_s_c + ((t + 1) * n_B + rows) * (n_H), b_s_c + (t * n_B + rows) * (n_H), (n_B - rows) * (n_H));
     }
     cs_unpack(pk_W_i_W_g_W_f_W_o_nt);
     cs_unpack(pk_R_i_R_g_R_f_R_o_nt);
@@ -1949,7 +1944,7 @@ static int haste_layer_norm_lstm_inference_run(const int64_t* dims, void* const*
         // inference: stage 1 forward, row by row (reductions over the units)
         CS_ROWS(haste_layer_norm_lstm_inference_fwd1_rows, rows, n_H, b_g_R_i_R_g_R_f_R_o__h + 2*n_H, 4*n_H, b_g_R_i_R_g_R_f_R_o__h + n_H, 4*n_H, b_g_R_i_R_g_R_f_R_o__h, 4*n_H, b_g_R_i_R_g_R_f_R_o__h + 3*n_H, 4*n_H, b_p_b_f, 0, b_p_b_g, 0, b_p_b_i, 0, b_p_b_o, 0, b_p_beta_h, 0, b_s_c + (t % 2) * n_B * (n_H), n_H, b_p_gamma_h, 0, b_p_gh_f, 0, b_p_gh_g, 0, b_p_gh_i, 0, b_p_gh_o, 0, b_p_gx_f, 0, b_p_gx_g, 0, b_p_gx_i, 0, b_p_gx_o, 0, b_p_inv_n_H, 0, b_p_inv_n_H_2, 0, b_tmp_mu_x, 1, b_tmp_rs_x, 1, b_tmp_xf, n_H, b_tmp_xg, n_H, b_tmp_xi, n_H, b_tmp_xo, n_H, b_s_c + ((t + 1) % 2) * n_B * (n_H), n_H, b_s_h + (t + 1) * n_B * (n_H), n_H);
         // ended sequences hold their state: rows B_t.. of s_h[t + 1] = s_h[t]
-        if (rows < n_B) CS_COPY(b_s_h + ((t + 1) * n_B + rows) * (n_H), b_s_h + ((t) * n_B + rows) * (n_H), (n_B - rows) * (n_H));
+        if (rows < n_B) CS_COPY(b_s_h + ((t + 1) * n_B + rows) * (n_H), b_s_h + (t * n_B + rows) * (n_H), (n_B - rows) * (n_H));
         // ended sequences hold their state: rows B_t.. of s_c[t + 1] = s_c[t]
         if (rows < n_B) CS_COPY(b_s_c + (((t + 1) % 2) * n_B + rows) * (n_H), b_s_c + ((t % 2) * n_B + rows) * (n_H), (n_B - rows) * (n_H));
     }

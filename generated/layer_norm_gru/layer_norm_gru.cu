@@ -62,17 +62,17 @@ static inline int cs_par(int64_t work, int64_t min_work)
     return 0;
 #endif
 }
-// for r in 0 .. rows: body(r), split over the threads when par (cs_par). A loop that does not
-// fork enters no OpenMP region: GCC compiles `parallel for if (0)` to a call into the OpenMP
-// runtime all the same (a team of one), and the steps' loops run a few per step.
+// for i in 0 .. n: body(i), split over the threads when par (cs_par). A loop that does not fork
+// enters no OpenMP region: GCC compiles `parallel for if (0)` to a call into the OpenMP runtime
+// all the same (a team of one), and the steps' loops run a few per step.
 template <typename F>
-static inline void cs_for_rows(int64_t rows, int par, const F& body)
+static inline void cs_for(int64_t n, int par, const F& body)
 {
     if (par) {
 #pragma omp parallel for schedule(static)
-        for (int64_t r = 0; r < rows; ++r) body(r);
+        for (int64_t i = 0; i < n; ++i) body(i);
     } else {
-        for (int64_t r = 0; r < rows; ++r) body(r);
+        for (int64_t i = 0; i < n; ++i) body(i);
     }
 }
 #if !defined(__CUDACC__) && defined(CELLSPEC_SIMD_MATH) && defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__GLIBC__)
@@ -392,8 +392,7 @@ __attribute__((target("avx512f"))) static inline void cs_own_panel(int64_t q, in
         cs_own_rows<false>(rows - i < 12 ? rows - i : 12, k, a + i * lda, lda, packed + p * k, out + i * ldc + p, ldc, m0, m1, beta);
 }
 // out[m, n] (+)= a[m, k] times the packed weight. Blocks of rows whose slice of `a` stays in L2
-// (~256 KiB) run one after another; inside a block the threads split the panels (one thread: no
-// OpenMP region at all, as in cs_for_rows).
+// (~256 KiB) run one after another; inside a block the threads split the panels (cs_for).
 __attribute__((target("avx512f"))) static void cs_own_gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
                                                            const float* packed, float* out, int64_t ldc, int beta)
 {
@@ -404,12 +403,8 @@ __attribute__((target("avx512f"))) static void cs_own_gemm(int64_t m, int64_t n,
         const int64_t rows = m - i0 < mc ? m - i0 : mc;
         const float* ab = a + i0 * lda;
         float* cb = out + i0 * ldc;
-        if (cs_par(rows * n * k, 262144)) {
-#pragma omp parallel for schedule(static)
-            for (int64_t q = 0; q < panels; ++q) cs_own_panel(q, rows, n, k, ab, lda, packed, cb, ldc, beta);
-        } else {
-            for (int64_t q = 0; q < panels; ++q) cs_own_panel(q, rows, n, k, ab, lda, packed, cb, ldc, beta);
-        }
+        cs_for(panels, cs_par(rows * n * k, 262144),
+               [&](int64_t q) { cs_own_panel(q, rows, n, k, ab, lda, packed, cb, ldc, beta); });
     }
 }
 // out[m, n] (+)= aᵀ @ b with a [k, m] and b [k, n] row-major: the weight gradients dW = dgᵀ @ x,
@@ -743,7 +738,7 @@ static int layer_norm_gru_forward_fwd0_rows_launch(int64_t _rows, int64_t n_H, c
 template <typename S>
 static inline void layer_norm_gru_forward_fwd0_rows_host(int64_t _rows, int64_t n_H, const S* __restrict__ _p_W_c_x, int64_t _ld_W_c_x, const S* __restrict__ _p_W_r_x, int64_t _ld_W_r_x, const S* __restrict__ _p_W_u_x, int64_t _ld_W_u_x, const S* __restrict__ _p_inv_n_H, int64_t _ld_inv_n_H, S* __restrict__ _p_mean, int64_t _ld_mean, S* __restrict__ _p_var, int64_t _ld_var, S* __restrict__ _p_rstd, int64_t _ld_rstd, S* __restrict__ _p_mean_3, int64_t _ld_mean_3, S* __restrict__ _p_var_3, int64_t _ld_var_3, S* __restrict__ _p_rstd_3, int64_t _ld_rstd_3, S* __restrict__ _p_mean_5, int64_t _ld_mean_5, S* __restrict__ _p_var_5, int64_t _ld_var_5, S* __restrict__ _p_rstd_5, int64_t _ld_rstd_5)
 {
-    cs_for_rows(_rows, cs_par(_rows * (n_H), 2048), [&](int64_t _r) {
+    cs_for(_rows, cs_par(_rows * (n_H), 2048), [&](int64_t _r) {
         layer_norm_gru_forward_fwd0_rows_row<S, S>(_r, 0, 1, n_H, _p_W_c_x, _ld_W_c_x, _p_W_r_x, _ld_W_r_x, _p_W_u_x, _ld_W_u_x, _p_inv_n_H, _ld_inv_n_H, _p_mean, _ld_mean, _p_var, _ld_var, _p_rstd, _ld_rstd, _p_mean_3, _ld_mean_3, _p_var_3, _ld_var_3, _p_rstd_3, _ld_rstd_3, _p_mean_5, _ld_mean_5, _p_var_5, _ld_var_5, _p_rstd_5, _ld_rstd_5);
     });
 }
@@ -876,7 +871,7 @@ static int layer_norm_gru_forward_fwd1_rows_launch(int64_t _rows, int64_t n_H, c
 template <typename S>
 static inline void layer_norm_gru_forward_fwd1_rows_host(int64_t _rows, int64_t n_H, const S* __restrict__ _p_U_c_h, int64_t _ld_U_c_h, const S* __restrict__ _p_U_r_h, int64_t _ld_U_r_h, const S* __restrict__ _p_U_u_h, int64_t _ld_U_u_h, const S* __restrict__ _p_W_c_x, int64_t _ld_W_c_x, const S* __restrict__ _p_W_r_x, int64_t _ld_W_r_x, const S* __restrict__ _p_W_u_x, int64_t _ld_W_u_x, const S* __restrict__ _p_bh_c, int64_t _ld_bh_c, const S* __restrict__ _p_bh_r, int64_t _ld_bh_r, const S* __restrict__ _p_bh_u, int64_t _ld_bh_u, const S* __restrict__ _p_bx_c, int64_t _ld_bx_c, const S* __restrict__ _p_bx_r, int64_t _ld_bx_r, const S* __restrict__ _p_bx_u, int64_t _ld_bx_u, const S* __restrict__ _p_gh_c, int64_t _ld_gh_c, const S* __restrict__ _p_gh_r, int64_t _ld_gh_r, const S* __restrict__ _p_gh_u, int64_t _ld_gh_u, const S* __restrict__ _p_gx_c, int64_t _ld_gx_c, const S* __restrict__ _p_gx_r, int64_t _ld_gx_r, const S* __restrict__ _p_gx_u, int64_t _ld_gx_u, const S* __restrict__ _p_h, int64_t _ld_h, const S* __restrict__ _p_inv_n_H, int64_t _ld_inv_n_H, const S* __restrict__ _p_mean, int64_t _ld_mean, const S* __restrict__ _p_mean_3, int64_t _ld_mean_3, const S* __restrict__ _p_mean_5, int64_t _ld_mean_5, const S* __restrict__ _p_rstd, int64_t _ld_rstd, const S* __restrict__ _p_rstd_3, int64_t _ld_rstd_3, const S* __restrict__ _p_rstd_5, int64_t _ld_rstd_5, S* __restrict__ _p_mean_2, int64_t _ld_mean_2, S* __restrict__ _p_var_2, int64_t _ld_var_2, S* __restrict__ _p_rstd_2, int64_t _ld_rstd_2, S* __restrict__ _p_r, int64_t _ld_r, S* __restrict__ _p_mean_4, int64_t _ld_mean_4, S* __restrict__ _p_var_4, int64_t _ld_var_4, S* __restrict__ _p_rstd_4, int64_t _ld_rstd_4, S* __restrict__ _p_u, int64_t _ld_u, S* __restrict__ _p_mean_6, int64_t _ld_mean_6, S* __restrict__ _p_var_6, int64_t _ld_var_6, S* __restrict__ _p_rstd_6, int64_t _ld_rstd_6, S* __restrict__ _p_c, int64_t _ld_c, S* __restrict__ _p_h_next, int64_t _ld_h_next)
 {
-    cs_for_rows(_rows, cs_par(_rows * (n_H), 2048), [&](int64_t _r) {
+    cs_for(_rows, cs_par(_rows * (n_H), 2048), [&](int64_t _r) {
         layer_norm_gru_forward_fwd1_rows_row<S, S>(_r, 0, 1, n_H, _p_U_c_h, _ld_U_c_h, _p_U_r_h, _ld_U_r_h, _p_U_u_h, _ld_U_u_h, _p_W_c_x, _ld_W_c_x, _p_W_r_x, _ld_W_r_x, _p_W_u_x, _ld_W_u_x, _p_bh_c, _ld_bh_c, _p_bh_r, _ld_bh_r, _p_bh_u, _ld_bh_u, _p_bx_c, _ld_bx_c, _p_bx_r, _ld_bx_r, _p_bx_u, _ld_bx_u, _p_gh_c, _ld_gh_c, _p_gh_r, _ld_gh_r, _p_gh_u, _ld_gh_u, _p_gx_c, _ld_gx_c, _p_gx_r, _ld_gx_r, _p_gx_u, _ld_gx_u, _p_h, _ld_h, _p_inv_n_H, _ld_inv_n_H, _p_mean, _ld_mean, _p_mean_3, _ld_mean_3, _p_mean_5, _ld_mean_5, _p_rstd, _ld_rstd, _p_rstd_3, _ld_rstd_3, _p_rstd_5, _ld_rstd_5, _p_mean_2, _ld_mean_2, _p_var_2, _ld_var_2, _p_rstd_2, _ld_rstd_2, _p_r, _ld_r, _p_mean_4, _ld_mean_4, _p_var_4, _ld_var_4, _p_rstd_4, _ld_rstd_4, _p_u, _ld_u, _p_mean_6, _ld_mean_6, _p_var_6, _ld_var_6, _p_rstd_6, _ld_rstd_6, _p_c, _ld_c, _p_h_next, _ld_h_next);
     });
 }
@@ -970,7 +965,7 @@ static int layer_norm_gru_inference_fwd0_rows_launch(int64_t _rows, int64_t n_H,
 template <typename S>
 static inline void layer_norm_gru_inference_fwd0_rows_host(int64_t _rows, int64_t n_H, const S* __restrict__ _p_W_c_x, int64_t _ld_W_c_x, const S* __restrict__ _p_W_r_x, int64_t _ld_W_r_x, const S* __restrict__ _p_W_u_x, int64_t _ld_W_u_x, const S* __restrict__ _p_inv_n_H, int64_t _ld_inv_n_H, S* __restrict__ _p_mean, int64_t _ld_mean, S* __restrict__ _p_rstd, int64_t _ld_rstd, S* __restrict__ _p_mean_3, int64_t _ld_mean_3, S* __restrict__ _p_rstd_3, int64_t _ld_rstd_3, S* __restrict__ _p_mean_5, int64_t _ld_mean_5, S* __restrict__ _p_rstd_5, int64_t _ld_rstd_5)
 {
-    cs_for_rows(_rows, cs_par(_rows * (n_H), 2048), [&](int64_t _r) {
+    cs_for(_rows, cs_par(_rows * (n_H), 2048), [&](int64_t _r) {
         layer_norm_gru_inference_fwd0_rows_row<S, S>(_r, 0, 1, n_H, _p_W_c_x, _ld_W_c_x, _p_W_r_x, _ld_W_r_x, _p_W_u_x, _ld_W_u_x, _p_inv_n_H, _ld_inv_n_H, _p_mean, _ld_mean, _p_rstd, _ld_rstd, _p_mean_3, _ld_mean_3, _p_rstd_3, _ld_rstd_3, _p_mean_5, _ld_mean_5, _p_rstd_5, _ld_rstd_5);
     });
 }
@@ -1091,7 +1086,7 @@ static int layer_norm_gru_inference_fwd1_rows_launch(int64_t _rows, int64_t n_H,
 template <typename S>
 static inline void layer_norm_gru_inference_fwd1_rows_host(int64_t _rows, int64_t n_H, const S* __restrict__ _p_U_c_h, int64_t _ld_U_c_h, const S* __restrict__ _p_U_r_h, int64_t _ld_U_r_h, const S* __restrict__ _p_U_u_h, int64_t _ld_U_u_h, const S* __restrict__ _p_W_c_x, int64_t _ld_W_c_x, const S* __restrict__ _p_W_r_x, int64_t _ld_W_r_x, const S* __restrict__ _p_W_u_x, int64_t _ld_W_u_x, const S* __restrict__ _p_bh_c, int64_t _ld_bh_c, const S* __restrict__ _p_bh_r, int64_t _ld_bh_r, const S* __restrict__ _p_bh_u, int64_t _ld_bh_u, const S* __restrict__ _p_bx_c, int64_t _ld_bx_c, const S* __restrict__ _p_bx_r, int64_t _ld_bx_r, const S* __restrict__ _p_bx_u, int64_t _ld_bx_u, const S* __restrict__ _p_gh_c, int64_t _ld_gh_c, const S* __restrict__ _p_gh_r, int64_t _ld_gh_r, const S* __restrict__ _p_gh_u, int64_t _ld_gh_u, const S* __restrict__ _p_gx_c, int64_t _ld_gx_c, const S* __restrict__ _p_gx_r, int64_t _ld_gx_r, const S* __restrict__ _p_gx_u, int64_t _ld_gx_u, const S* __restrict__ _p_h, int64_t _ld_h, const S* __restrict__ _p_inv_n_H, int64_t _ld_inv_n_H, const S* __restrict__ _p_mean, int64_t _ld_mean, const S* __restrict__ _p_mean_3, int64_t _ld_mean_3, const S* __restrict__ _p_mean_5, int64_t _ld_mean_5, const S* __restrict__ _p_rstd, int64_t _ld_rstd, const S* __restrict__ _p_rstd_3, int64_t _ld_rstd_3, const S* __restrict__ _p_rstd_5, int64_t _ld_rstd_5, S* __restrict__ _p_h_next, int64_t _ld_h_next)
 {
-    cs_for_rows(_rows, cs_par(_rows * (n_H), 2048), [&](int64_t _r) {
+    cs_for(_rows, cs_par(_rows * (n_H), 2048), [&](int64_t _r) {
         layer_norm_gru_inference_fwd1_rows_row<S, S>(_r, 0, 1, n_H, _p_U_c_h, _ld_U_c_h, _p_U_r_h, _ld_U_r_h, _p_U_u_h, _ld_U_u_h, _p_W_c_x, _ld_W_c_x, _p_W_r_x, _ld_W_r_x, _p_W_u_x, _ld_W_u_x, _p_bh_c, _ld_bh_c, _p_bh_r, _ld_bh_r, _p_bh_u, _ld_bh_u, _p_bx_c, _ld_bx_c, _p_bx_r, _ld_bx_r, _p_bx_u, _ld_bx_u, _p_gh_c, _ld_gh_c, _p_gh_r, _ld_gh_r, _p_gh_u, _ld_gh_u, _p_gx_c, _ld_gx_c, _p_gx_r, _ld_gx_r, _p_gx_u, _ld_gx_u, _p_h, _ld_h, _p_inv_n_H, _ld_inv_n_H, _p_mean, _ld_mean, _p_mean_3, _ld_mean_3, _p_mean_5, _ld_mean_5, _p_rstd, _ld_rstd, _p_rstd_3, _ld_rstd_3, _p_rstd_5, _ld_rstd_5, _p_h_next, _ld_h_next);
     });
 }
@@ -1245,7 +1240,7 @@ static int layer_norm_gru_backward_bwd1_rows_launch(int64_t _rows, int64_t n_H, 
 template <typename S>
 static inline void layer_norm_gru_backward_bwd1_rows_host(int64_t _rows, int64_t n_H, const S* __restrict__ _p_U_c_h, int64_t _ld_U_c_h, const S* __restrict__ _p_U_r_h, int64_t _ld_U_r_h, const S* __restrict__ _p_U_u_h, int64_t _ld_U_u_h, const S* __restrict__ _p_bh_c, int64_t _ld_bh_c, const S* __restrict__ _p_c, int64_t _ld_c, const S* __restrict__ _p_d_h, int64_t _ld_d_h, const S* __restrict__ _p_d_h_next_out, int64_t _ld_d_h_next_out, const S* __restrict__ _p_gh_c, int64_t _ld_gh_c, const S* __restrict__ _p_gh_r, int64_t _ld_gh_r, const S* __restrict__ _p_gh_u, int64_t _ld_gh_u, const S* __restrict__ _p_h, int64_t _ld_h, const S* __restrict__ _p_inv_n_H, int64_t _ld_inv_n_H, const S* __restrict__ _p_mean_2, int64_t _ld_mean_2, const S* __restrict__ _p_mean_4, int64_t _ld_mean_4, const S* __restrict__ _p_mean_6, int64_t _ld_mean_6, const S* __restrict__ _p_r, int64_t _ld_r, const S* __restrict__ _p_rstd_2, int64_t _ld_rstd_2, const S* __restrict__ _p_rstd_4, int64_t _ld_rstd_4, const S* __restrict__ _p_rstd_6, int64_t _ld_rstd_6, const S* __restrict__ _p_u, int64_t _ld_u, const S* __restrict__ _p_var_2, int64_t _ld_var_2, const S* __restrict__ _p_var_4, int64_t _ld_var_4, const S* __restrict__ _p_var_6, int64_t _ld_var_6, S* __restrict__ _p_d_h_next, int64_t _ld_d_h_next, S* __restrict__ _p_d_c, int64_t _ld_d_c, S* __restrict__ _p_d_u, int64_t _ld_d_u, S* __restrict__ _p_d_r, int64_t _ld_d_r, S* __restrict__ _p_d_U_r_h, int64_t _ld_d_U_r_h, S* __restrict__ _p_d_U_u_h, int64_t _ld_d_U_u_h, S* __restrict__ _p_d_U_c_h, int64_t _ld_d_U_c_h)
 {
-    cs_for_rows(_rows, cs_par(_rows * (n_H), 2048), [&](int64_t _r) {
+    cs_for(_rows, cs_par(_rows * (n_H), 2048), [&](int64_t _r) {
         layer_norm_gru_backward_bwd1_rows_row<S, S>(_r, 0, 1, n_H, _p_U_c_h, _ld_U_c_h, _p_U_r_h, _ld_U_r_h, _p_U_u_h, _ld_U_u_h, _p_bh_c, _ld_bh_c, _p_c, _ld_c, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_gh_c, _ld_gh_c, _p_gh_r, _ld_gh_r, _p_gh_u, _ld_gh_u, _p_h, _ld_h, _p_inv_n_H, _ld_inv_n_H, _p_mean_2, _ld_mean_2, _p_mean_4, _ld_mean_4, _p_mean_6, _ld_mean_6, _p_r, _ld_r, _p_rstd_2, _ld_rstd_2, _p_rstd_4, _ld_rstd_4, _p_rstd_6, _ld_rstd_6, _p_u, _ld_u, _p_var_2, _ld_var_2, _p_var_4, _ld_var_4, _p_var_6, _ld_var_6, _p_d_h_next, _ld_d_h_next, _p_d_c, _ld_d_c, _p_d_u, _ld_d_u, _p_d_r, _ld_d_r, _p_d_U_r_h, _ld_d_U_r_h, _p_d_U_u_h, _ld_d_U_u_h, _p_d_U_c_h, _ld_d_U_c_h);
     });
 }
@@ -1354,7 +1349,7 @@ static int layer_norm_gru_backward_bwd0_rows_launch(int64_t _rows, int64_t n_H, 
 template <typename S>
 static inline void layer_norm_gru_backward_bwd0_rows_host(int64_t _rows, int64_t n_H, const S* __restrict__ _p_W_c_x, int64_t _ld_W_c_x, const S* __restrict__ _p_W_r_x, int64_t _ld_W_r_x, const S* __restrict__ _p_W_u_x, int64_t _ld_W_u_x, const S* __restrict__ _p_c, int64_t _ld_c, const S* __restrict__ _p_d_c, int64_t _ld_d_c, const S* __restrict__ _p_d_r, int64_t _ld_d_r, const S* __restrict__ _p_d_u, int64_t _ld_d_u, const S* __restrict__ _p_gx_c, int64_t _ld_gx_c, const S* __restrict__ _p_gx_r, int64_t _ld_gx_r, const S* __restrict__ _p_gx_u, int64_t _ld_gx_u, const S* __restrict__ _p_inv_n_H, int64_t _ld_inv_n_H, const S* __restrict__ _p_mean, int64_t _ld_mean, const S* __restrict__ _p_mean_3, int64_t _ld_mean_3, const S* __restrict__ _p_mean_5, int64_t _ld_mean_5, const S* __restrict__ _p_r, int64_t _ld_r, const S* __restrict__ _p_rstd, int64_t _ld_rstd, const S* __restrict__ _p_rstd_3, int64_t _ld_rstd_3, const S* __restrict__ _p_rstd_5, int64_t _ld_rstd_5, const S* __restrict__ _p_u, int64_t _ld_u, const S* __restrict__ _p_var, int64_t _ld_var, const S* __restrict__ _p_var_3, int64_t _ld_var_3, const S* __restrict__ _p_var_5, int64_t _ld_var_5, S* __restrict__ _p_d_var_5, int64_t _ld_d_var_5, S* __restrict__ _p_d_mean_5, int64_t _ld_d_mean_5, S* __restrict__ _p_d_var_3, int64_t _ld_d_var_3, S* __restrict__ _p_d_mean_3, int64_t _ld_d_mean_3, S* __restrict__ _p_d_var, int64_t _ld_d_var, S* __restrict__ _p_d_mean, int64_t _ld_d_mean)
 {
-    cs_for_rows(_rows, cs_par(_rows * (n_H), 2048), [&](int64_t _r) {
+    cs_for(_rows, cs_par(_rows * (n_H), 2048), [&](int64_t _r) {
         layer_norm_gru_backward_bwd0_rows_row<S, S>(_r, 0, 1, n_H, _p_W_c_x, _ld_W_c_x, _p_W_r_x, _ld_W_r_x, _p_W_u_x, _ld_W_u_x, _p_c, _ld_c, _p_d_c, _ld_d_c, _p_d_r, _ld_d_r, _p_d_u, _ld_d_u, _p_gx_c, _ld_gx_c, _p_gx_r, _ld_gx_r, _p_gx_u, _ld_gx_u, _p_inv_n_H, _ld_inv_n_H, _p_mean, _ld_mean, _p_mean_3, _ld_mean_3, _p_mean_5, _ld_mean_5, _p_r, _ld_r, _p_rstd, _ld_rstd, _p_rstd_3, _ld_rstd_3, _p_rstd_5, _ld_rstd_5, _p_u, _ld_u, _p_var, _ld_var, _p_var_3, _ld_var_3, _p_var_5, _ld_var_5, _p_d_var_5, _ld_d_var_5, _p_d_mean_5, _ld_d_mean_5, _p_d_var_3, _ld_d_var_3, _p_d_mean_3, _ld_d_mean_3, _p_d_var, _ld_d_var, _p_d_mean, _ld_d_mean);
     });
 }
@@ -1471,7 +1466,7 @@ static int layer_norm_gru_backward_bwd_leaf_rows_launch(int64_t _rows, int64_t n
 template <typename S>
 static inline void layer_norm_gru_backward_bwd_leaf_rows_host(int64_t _rows, int64_t n_H, const S* __restrict__ _p_U_c_h, int64_t _ld_U_c_h, const S* __restrict__ _p_U_r_h, int64_t _ld_U_r_h, const S* __restrict__ _p_U_u_h, int64_t _ld_U_u_h, const S* __restrict__ _p_W_c_x, int64_t _ld_W_c_x, const S* __restrict__ _p_W_r_x, int64_t _ld_W_r_x, const S* __restrict__ _p_W_u_x, int64_t _ld_W_u_x, const S* __restrict__ _p_c, int64_t _ld_c, const S* __restrict__ _p_d_c, int64_t _ld_d_c, const S* __restrict__ _p_d_h_gemm, int64_t _ld_d_h_gemm, const S* __restrict__ _p_d_h_next, int64_t _ld_d_h_next, const S* __restrict__ _p_d_mean, int64_t _ld_d_mean, const S* __restrict__ _p_d_mean_3, int64_t _ld_d_mean_3, const S* __restrict__ _p_d_mean_5, int64_t _ld_d_mean_5, const S* __restrict__ _p_d_r, int64_t _ld_d_r, const S* __restrict__ _p_d_u, int64_t _ld_d_u, const S* __restrict__ _p_d_var, int64_t _ld_d_var, const S* __restrict__ _p_d_var_3, int64_t _ld_d_var_3, const S* __restrict__ _p_d_var_5, int64_t _ld_d_var_5, const S* __restrict__ _p_gx_c, int64_t _ld_gx_c, const S* __restrict__ _p_gx_r, int64_t _ld_gx_r, const S* __restrict__ _p_gx_u, int64_t _ld_gx_u, const S* __restrict__ _p_inv_n_H, int64_t _ld_inv_n_H, const S* __restrict__ _p_mean, int64_t _ld_mean, const S* __restrict__ _p_mean_2, int64_t _ld_mean_2, const S* __restrict__ _p_mean_3, int64_t _ld_mean_3, const S* __restrict__ _p_mean_4, int64_t _ld_mean_4, const S* __restrict__ _p_mean_5, int64_t _ld_mean_5, const S* __restrict__ _p_mean_6, int64_t _ld_mean_6, const S* __restrict__ _p_r, int64_t _ld_r, const S* __restrict__ _p_rstd, int64_t _ld_rstd, const S* __restrict__ _p_rstd_2, int64_t _ld_rstd_2, const S* __restrict__ _p_rstd_3, int64_t _ld_rstd_3, const S* __restrict__ _p_rstd_4, int64_t _ld_rstd_4, const S* __restrict__ _p_rstd_5, int64_t _ld_rstd_5, const S* __restrict__ _p_rstd_6, int64_t _ld_rstd_6, const S* __restrict__ _p_u, int64_t _ld_u, S* __restrict__ _p_d_h, int64_t _ld_d_h, S* __restrict__ _p_d_gx_r, int64_t _ld_d_gx_r, S* __restrict__ _p_d_bx_r, int64_t _ld_d_bx_r, S* __restrict__ _p_d_gh_r, int64_t _ld_d_gh_r, S* __restrict__ _p_d_bh_r, int64_t _ld_d_bh_r, S* __restrict__ _p_d_gx_u, int64_t _ld_d_gx_u, S* __restrict__ _p_d_bx_u, int64_t _ld_d_bx_u, S* __restrict__ _p_d_gh_u, int64_t _ld_d_gh_u, S* __restrict__ _p_d_bh_u, int64_t _ld_d_bh_u, S* __restrict__ _p_d_gx_c, int64_t _ld_d_gx_c, S* __restrict__ _p_d_bx_c, int64_t _ld_d_bx_c, S* __restrict__ _p_d_gh_c, int64_t _ld_d_gh_c, S* __restrict__ _p_d_bh_c, int64_t _ld_d_bh_c, S* __restrict__ _p_d_W_r_x, int64_t _ld_d_W_r_x, S* __restrict__ _p_d_W_u_x, int64_t _ld_d_W_u_x, S* __restrict__ _p_d_W_c_x, int64_t _ld_d_W_c_x)
 {
-    cs_for_rows(_rows, cs_par(_rows * (n_H), 2048), [&](int64_t _r) {
+    cs_for(_rows, cs_par(_rows * (n_H), 2048), [&](int64_t _r) {
         layer_norm_gru_backward_bwd_leaf_rows_row<S, S>(_r, 0, 1, n_H, _p_U_c_h, _ld_U_c_h, _p_U_r_h, _ld_U_r_h, _p_U_u_h, _ld_U_u_h, _p_W_c_x, _ld_W_c_x, _p_W_r_x, _ld_W_r_x, _p_W_u_x, _ld_W_u_x, _p_c, _ld_c, _p_d_c, _ld_d_c, _p_d_h_gemm, _ld_d_h_gemm, _p_d_h_next, _ld_d_h_next, _p_d_mean, _ld_d_mean, _p_d_mean_3, _ld_d_mean_3, _p_d_mean_5, _ld_d_mean_5, _p_d_r, _ld_d_r, _p_d_u, _ld_d_u, _p_d_var, _ld_d_var, _p_d_var_3, _ld_d_var_3, _p_d_var_5, _ld_d_var_5, _p_gx_c, _ld_gx_c, _p_gx_r, _ld_gx_r, _p_gx_u, _ld_gx_u, _p_inv_n_H, _ld_inv_n_H, _p_mean, _ld_mean, _p_mean_2, _ld_mean_2, _p_mean_3, _ld_mean_3, _p_mean_4, _ld_mean_4, _p_mean_5, _ld_mean_5, _p_mean_6, _ld_mean_6, _p_r, _ld_r, _p_rstd, _ld_rstd, _p_rstd_2, _ld_rstd_2, _p_rstd_3, _ld_rstd_3, _p_rstd_4, _ld_rstd_4, _p_rstd_5, _ld_rstd_5, _p_rstd_6, _ld_rstd_6, _p_u, _ld_u, _p_d_h, _ld_d_h, _p_d_gx_r, _ld_d_gx_r, _p_d_bx_r, _ld_d_bx_r, _p_d_gh_r, _ld_d_gh_r, _p_d_bh_r, _ld_d_bh_r, _p_d_gx_u, _ld_d_gx_u, _p_d_bx_u, _ld_d_bx_u, _p_d_gh_u, _ld_d_gh_u, _p_d_bh_u, _ld_d_bh_u, _p_d_gx_c, _ld_d_gx_c, _p_d_bx_c, _ld_d_bx_c, _p_d_gh_c, _ld_d_gh_c, _p_d_bh_c, _ld_d_bh_c, _p_d_W_r_x, _ld_d_W_r_x, _p_d_W_u_x, _ld_d_W_u_x, _p_d_W_c_x, _ld_d_W_c_x);
     });
 }
@@ -1620,7 +1615,7 @@ static int layer_norm_gru_forward_run(const int64_t* dims, void* const* ptrs, co
         // forward: stage 1 forward, row by row (reductions over the units)
         CS_ROWS(layer_norm_gru_forward_fwd1_rows, rows, n_H, b_g_U_r_U_u_U_c__h + t * n_B * (3*n_H) + 2*n_H, 3*n_H, b_g_U_r_U_u_U_c__h + t * n_B * (3*n_H), 3*n_H, b_g_U_r_U_u_U_c__h + t * n_B * (3*n_H) + n_H, 3*n_H, b_hg_W_r_W_u_W_c__x + t * n_B * (3*n_H) + 2*n_H, 3*n_H, b_hg_W_r_W_u_W_c__x + t * n_B * (3*n_H), 3*n_H, b_hg_W_r_W_u_W_c__x + t * n_B * (3*n_H) + n_H, 3*n_H, b_p_bh_c, 0, b_p_bh_r, 0, b_p_bh_u, 0, b_p_bx_c, 0, b_p_bx_r, 0, b_p_bx_u, 0, b_p_gh_c, 0, b_p_gh_r, 0, b_p_gh_u, 0, b_p_gx_c, 0, b_p_gx_r, 0, b_p_gx_u, 0, b_s_h + t * n_B * (n_H), n_H, b_p_inv_n_H, 0, b_v_mean + t * n_B * (1), 1, b_v_mean_3 + t * n_B * (1), 1, b_v_mean_5 + t * n_B * (1), 1, b_v_rstd + t * n_B * (1), 1, b_v_rstd_3 + t * n_B * (1), 1, b_v_rstd_5 + t * n_B * (1), 1, b_v_mean_2 + t * n_B * (1), 1, b_v_var_2 + t * n_B * (1), 1, b_v_rstd_2 + t * n_B * (1), 1, b_v_r + t * n_B * (n_H), n_H, b_v_mean_4 + t * n_B * (1), 1, b_v_var_4 + t * n_B * (1), 1, b_v_rstd_4 + t * n_B * (1), 1, b_v_u + t * n_B * (n_H), n_H, b_v_mean_6 + t * n_B * (1), 1, b_v_var_6 + t * n_B * (1), 1, b_v_rstd_6 + t * n_B * (1), 1, b_v_c + t * n_B * (n_H), n_H, b_s_h + (t + 1) * n_B * (n_H), n_H);
         // ended sequences hold their state: rows B_t.. of s_h[t + 1] = s_h[t]
-        if (rows < n_B) CS_COPY(b_s_h + ((t + 1) * n_B + rows) * (n_H), b_s_h + ((t) * n_B + rows) * (n_H), (n_B - rows) * (n_H));
+        if (rows < n_B) CS_COPY(b_s_h + ((t + 1) * n_B + rows) * (n_H), b_s_h + (t * n_B + rows) * (n_H), (n_B - rows) * (n_H));
     }
     cs_unpack(pk_W_r_W_u_W_c_nt);
     cs_unpack(pk_U_r_U_u_U_c_nt);
@@ -1741,7 +1736,7 @@ static int layer_norm_gru_inference_run(const int64_t* dims, void* const* ptrs, 
         // inference: stage 1 forward, row by row (reductions over the units)
         CS_ROWS(layer_norm_gru_inference_fwd1_rows, rows, n_H, b_g_U_r_U_u_U_c__h + 2*n_H, 3*n_H, b_g_U_r_U_u_U_c__h, 3*n_H, b_g_U_r_U_u_U_c__h + n_H, 3*n_H, b_hg_W_r_W_u_W_c__x + (t % n_ch) * n_B * (3*n_H) + 2*n_H, 3*n_H, b_hg_W_r_W_u_W_c__x + (t % n_ch) * n_B * (3*n_H), 3*n_H, b_hg_W_r_W_u_W_c__x + (t % n_ch) * n_B * (3*n_H) + n_H, 3*n_H, b_p_bh_c, 0, b_p_bh_r, 0, b_p_bh_u, 0, b_p_bx_c, 0, b_p_bx_r, 0, b_p_bx_u, 0, b_p_gh_c, 0, b_p_gh_r, 0, b_p_gh_u, 0, b_p_gx_c, 0, b_p_gx_r, 0, b_p_gx_u, 0, b_s_h + t * n_B * (n_H), n_H, b_p_inv_n_H, 0, b_tmp_mean, 1, b_tmp_mean_3, 1, b_tmp_mean_5, 1, b_tmp_rstd, 1, b_tmp_rstd_3, 1, b_tmp_rstd_5, 1, b_s_h + (t + 1) * n_B * (n_H), n_H);
         // ended sequences hold their state: rows B_t.. of s_h[t + 1] = s_h[t]
-        if (rows < n_B) CS_COPY(b_s_h + ((t + 1) * n_B + rows) * (n_H), b_s_h + ((t) * n_B + rows) * (n_H), (n_B - rows) * (n_H));
+        if (rows < n_B) CS_COPY(b_s_h + ((t + 1) * n_B + rows) * (n_H), b_s_h + (t * n_B + rows) * (n_H), (n_B - rows) * (n_H));
     }
     cs_unpack(pk_W_r_W_u_W_c_nt);
     cs_unpack(pk_U_r_U_u_U_c_nt);

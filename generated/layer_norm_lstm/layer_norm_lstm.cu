@@ -66,17 +66,17 @@ static inline int cs_par(int64_t work, int64_t min_work)
     return 0;
 #endif
 }
-// for r in 0 .. rows: body(r), split over the threads when par (cs_par). A loop that does not
-// fork enters no OpenMP region: GCC compiles `parallel for if (0)` to a call into the OpenMP
-// runtime all the same (a team of one), and the steps' loops run a few per step.
+// for i in 0 .. n: body(i), split over the threads when par (cs_par). A loop that does not fork
+// enters no OpenMP region: GCC compiles `parallel for if (0)` to a call into the OpenMP runtime
+// all the same (a team of one), and the steps' loops run a few per step.
 template <typename F>
-static inline void cs_for_rows(int64_t rows, int par, const F& body)
+static inline void cs_for(int64_t n, int par, const F& body)
 {
     if (par) {
 #pragma omp parallel for schedule(static)
-        for (int64_t r = 0; r < rows; ++r) body(r);
+        for (int64_t i = 0; i < n; ++i) body(i);
     } else {
-        for (int64_t r = 0; r < rows; ++r) body(r);
+        for (int64_t i = 0; i < n; ++i) body(i);
     }
 }
 #if !defined(__CUDACC__) && defined(CELLSPEC_SIMD_MATH) && defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__GLIBC__)
@@ -396,8 +396,7 @@ __attribute__((target("avx512f"))) static inline void cs_own_panel(int64_t q, in
         cs_own_rows<false>(rows - i < 12 ? rows - i : 12, k, a + i * lda, lda, packed + p * k, out + i * ldc + p, ldc, m0, m1, beta);
 }
 // out[m, n] (+)= a[m, k] times the packed weight. Blocks of rows whose slice of `a` stays in L2
-// (~256 KiB) run one after another; inside a block the threads split the panels (one thread: no
-// OpenMP region at all, as in cs_for_rows).
+// (~256 KiB) run one after another; inside a block the threads split the panels (cs_for).
 __attribute__((target("avx512f"))) static void cs_own_gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
                                                            const float* packed, float* out, int64_t ldc, int beta)
 {
@@ -408,12 +407,8 @@ __attribute__((target("avx512f"))) static void cs_own_gemm(int64_t m, int64_t n,
         const int64_t rows = m - i0 < mc ? m - i0 : mc;
         const float* ab = a + i0 * lda;
         float* cb = out + i0 * ldc;
-        if (cs_par(rows * n * k, 262144)) {
-#pragma omp parallel for schedule(static)
-            for (int64_t q = 0; q < panels; ++q) cs_own_panel(q, rows, n, k, ab, lda, packed, cb, ldc, beta);
-        } else {
-            for (int64_t q = 0; q < panels; ++q) cs_own_panel(q, rows, n, k, ab, lda, packed, cb, ldc, beta);
-        }
+        cs_for(panels, cs_par(rows * n * k, 262144),
+               [&](int64_t q) { cs_own_panel(q, rows, n, k, ab, lda, packed, cb, ldc, beta); });
     }
 }
 // out[m, n] (+)= aᵀ @ b with a [k, m] and b [k, n] row-major: the weight gradients dW = dgᵀ @ x,
@@ -831,7 +826,7 @@ static int layer_norm_lstm_forward_fwd0_rows_launch(int64_t _rows, int64_t n_H, 
 template <typename S>
 static inline void layer_norm_lstm_forward_fwd0_rows_host(int64_t _rows, int64_t n_H, const S* __restrict__ _p_U_f_h, int64_t _ld_U_f_h, const S* __restrict__ _p_U_i_h, int64_t _ld_U_i_h, const S* __restrict__ _p_U_j_h, int64_t _ld_U_j_h, const S* __restrict__ _p_U_o_h, int64_t _ld_U_o_h, const S* __restrict__ _p_W_f_x, int64_t _ld_W_f_x, const S* __restrict__ _p_W_i_x, int64_t _ld_W_i_x, const S* __restrict__ _p_W_j_x, int64_t _ld_W_j_x, const S* __restrict__ _p_W_o_x, int64_t _ld_W_o_x, const S* __restrict__ _p_b_c, int64_t _ld_b_c, const S* __restrict__ _p_b_f, int64_t _ld_b_f, const S* __restrict__ _p_b_i, int64_t _ld_b_i, const S* __restrict__ _p_b_j, int64_t _ld_b_j, const S* __restrict__ _p_b_o, int64_t _ld_b_o, const S* __restrict__ _p_c, int64_t _ld_c, const S* __restrict__ _p_g_c, int64_t _ld_g_c, const S* __restrict__ _p_g_f, int64_t _ld_g_f, const S* __restrict__ _p_g_i, int64_t _ld_g_i, const S* __restrict__ _p_g_j, int64_t _ld_g_j, const S* __restrict__ _p_g_o, int64_t _ld_g_o, const S* __restrict__ _p_inv_n_H, int64_t _ld_inv_n_H, S* __restrict__ _p_mean, int64_t _ld_mean, S* __restrict__ _p_var, int64_t _ld_var, S* __restrict__ _p_rstd, int64_t _ld_rstd, S* __restrict__ _p_i, int64_t _ld_i, S* __restrict__ _p_mean_2, int64_t _ld_mean_2, S* __restrict__ _p_var_2, int64_t _ld_var_2, S* __restrict__ _p_rstd_2, int64_t _ld_rstd_2, S* __restrict__ _p_j, int64_t _ld_j, S* __restrict__ _p_mean_3, int64_t _ld_mean_3, S* __restrict__ _p_var_3, int64_t _ld_var_3, S* __restrict__ _p_rstd_3, int64_t _ld_rstd_3, S* __restrict__ _p_f, int64_t _ld_f, S* __restrict__ _p_mean_4, int64_t _ld_mean_4, S* __restrict__ _p_var_4, int64_t _ld_var_4, S* __restrict__ _p_rstd_4, int64_t _ld_rstd_4, S* __restrict__ _p_o, int64_t _ld_o, S* __restrict__ _p_mean_5, int64_t _ld_mean_5, S* __restrict__ _p_var_5, int64_t _ld_var_5, S* __restrict__ _p_rstd_5, int64_t _ld_rstd_5, S* __restrict__ _p_c_next, int64_t _ld_c_next, S* __restrict__ _p_h_next, int64_t _ld_h_next)
 {
-    cs_for_rows(_rows, cs_par(_rows * (n_H), 2048), [&](int64_t _r) {
+    cs_for(_rows, cs_par(_rows * (n_H), 2048), [&](int64_t _r) {
         layer_norm_lstm_forward_fwd0_rows_row<S, S>(_r, 0, 1, n_H, _p_U_f_h, _ld_U_f_h, _p_U_i_h, _ld_U_i_h, _p_U_j_h, _ld_U_j_h, _p_U_o_h, _ld_U_o_h, _p_W_f_x, _ld_W_f_x, _p_W_i_x, _ld_W_i_x, _p_W_j_x, _ld_W_j_x, _p_W_o_x, _ld_W_o_x, _p_b_c, _ld_b_c, _p_b_f, _ld_b_f, _p_b_i, _ld_b_i, _p_b_j, _ld_b_j, _p_b_o, _ld_b_o, _p_c, _ld_c, _p_g_c, _ld_g_c, _p_g_f, _ld_g_f, _p_g_i, _ld_g_i, _p_g_j, _ld_g_j, _p_g_o, _ld_g_o, _p_inv_n_H, _ld_inv_n_H, _p_mean, _ld_mean, _p_var, _ld_var, _p_rstd, _ld_rstd, _p_i, _ld_i, _p_mean_2, _ld_mean_2, _p_var_2, _ld_var_2, _p_rstd_2, _ld_rstd_2, _p_j, _ld_j, _p_mean_3, _ld_mean_3, _p_var_3, _ld_var_3, _p_rstd_3, _ld_rstd_3, _p_f, _ld_f, _p_mean_4, _ld_mean_4, _p_var_4, _ld_var_4, _p_rstd_4, _ld_rstd_4, _p_o, _ld_o, _p_mean_5, _ld_mean_5, _p_var_5, _ld_var_5, _p_rstd_5, _ld_rstd_5, _p_c_next, _ld_c_next, _p_h_next, _ld_h_next);
     });
 }
@@ -1017,7 +1012,7 @@ static int layer_norm_lstm_inference_fwd0_rows_launch(int64_t _rows, int64_t n_H
 template <typename S>
 static inline void layer_norm_lstm_inference_fwd0_rows_host(int64_t _rows, int64_t n_H, const S* __restrict__ _p_U_f_h, int64_t _ld_U_f_h, const S* __restrict__ _p_U_i_h, int64_t _ld_U_i_h, const S* __restrict__ _p_U_j_h, int64_t _ld_U_j_h, const S* __restrict__ _p_U_o_h, int64_t _ld_U_o_h, const S* __restrict__ _p_W_f_x, int64_t _ld_W_f_x, const S* __restrict__ _p_W_i_x, int64_t _ld_W_i_x, const S* __restrict__ _p_W_j_x, int64_t _ld_W_j_x, const S* __restrict__ _p_W_o_x, int64_t _ld_W_o_x, const S* __restrict__ _p_b_c, int64_t _ld_b_c, const S* __restrict__ _p_b_f, int64_t _ld_b_f, const S* __restrict__ _p_b_i, int64_t _ld_b_i, const S* __restrict__ _p_b_j, int64_t _ld_b_j, const S* __restrict__ _p_b_o, int64_t _ld_b_o, const S* __restrict__ _p_c, int64_t _ld_c, const S* __restrict__ _p_g_c, int64_t _ld_g_c, const S* __restrict__ _p_g_f, int64_t _ld_g_f, const S* __restrict__ _p_g_i, int64_t _ld_g_i, const S* __restrict__ _p_g_j, int64_t _ld_g_j, const S* __restrict__ _p_g_o, int64_t _ld_g_o, const S* __restrict__ _p_inv_n_H, int64_t _ld_inv_n_H, S* __restrict__ _p_c_next, int64_t _ld_c_next, S* __restrict__ _p_h_next, int64_t _ld_h_next)
 {
-    cs_for_rows(_rows, cs_par(_rows * (n_H), 2048), [&](int64_t _r) {
+    cs_for(_rows, cs_par(_rows * (n_H), 2048), [&](int64_t _r) {
         layer_norm_lstm_inference_fwd0_rows_row<S, S>(_r, 0, 1, n_H, _p_U_f_h, _ld_U_f_h, _p_U_i_h, _ld_U_i_h, _p_U_j_h, _ld_U_j_h, _p_U_o_h, _ld_U_o_h, _p_W_f_x, _ld_W_f_x, _p_W_i_x, _ld_W_i_x, _p_W_j_x, _ld_W_j_x, _p_W_o_x, _ld_W_o_x, _p_b_c, _ld_b_c, _p_b_f, _ld_b_f, _p_b_i, _ld_b_i, _p_b_j, _ld_b_j, _p_b_o, _ld_b_o, _p_c, _ld_c, _p_g_c, _ld_g_c, _p_g_f, _ld_g_f, _p_g_i, _ld_g_i, _p_g_j, _ld_g_j, _p_g_o, _ld_g_o, _p_inv_n_H, _ld_inv_n_H, _p_c_next, _ld_c_next, _p_h_next, _ld_h_next);
     });
 }
@@ -1263,7 +1258,7 @@ static int layer_norm_lstm_backward_bwd0_rows_launch(int64_t _rows, int64_t n_H,
 template <typename S>
 static inline void layer_norm_lstm_backward_bwd0_rows_host(int64_t _rows, int64_t n_H, const S* __restrict__ _p_U_f_h, int64_t _ld_U_f_h, const S* __restrict__ _p_U_i_h, int64_t _ld_U_i_h, const S* __restrict__ _p_U_j_h, int64_t _ld_U_j_h, const S* __restrict__ _p_U_o_h, int64_t _ld_U_o_h, const S* __restrict__ _p_W_f_x, int64_t _ld_W_f_x, const S* __restrict__ _p_W_i_x, int64_t _ld_W_i_x, const S* __restrict__ _p_W_j_x, int64_t _ld_W_j_x, const S* __restrict__ _p_W_o_x, int64_t _ld_W_o_x, const S* __restrict__ _p_c, int64_t _ld_c, const S* __restrict__ _p_c_next, int64_t _ld_c_next, const S* __restrict__ _p_d_c, int64_t _ld_d_c, const S* __restrict__ _p_d_h, int64_t _ld_d_h, const S* __restrict__ _p_d_h_next_out, int64_t _ld_d_h_next_out, const S* __restrict__ _p_f, int64_t _ld_f, const S* __restrict__ _p_g_c, int64_t _ld_g_c, const S* __restrict__ _p_g_f, int64_t _ld_g_f, const S* __restrict__ _p_g_i, int64_t _ld_g_i, const S* __restrict__ _p_g_j, int64_t _ld_g_j, const S* __restrict__ _p_g_o, int64_t _ld_g_o, const S* __restrict__ _p_i, int64_t _ld_i, const S* __restrict__ _p_inv_n_H, int64_t _ld_inv_n_H, const S* __restrict__ _p_j, int64_t _ld_j, const S* __restrict__ _p_mean, int64_t _ld_mean, const S* __restrict__ _p_mean_2, int64_t _ld_mean_2, const S* __restrict__ _p_mean_3, int64_t _ld_mean_3, const S* __restrict__ _p_mean_4, int64_t _ld_mean_4, const S* __restrict__ _p_mean_5, int64_t _ld_mean_5, const S* __restrict__ _p_o, int64_t _ld_o, const S* __restrict__ _p_rstd, int64_t _ld_rstd, const S* __restrict__ _p_rstd_2, int64_t _ld_rstd_2, const S* __restrict__ _p_rstd_3, int64_t _ld_rstd_3, const S* __restrict__ _p_rstd_4, int64_t _ld_rstd_4, const S* __restrict__ _p_rstd_5, int64_t _ld_rstd_5, const S* __restrict__ _p_var, int64_t _ld_var, const S* __restrict__ _p_var_2, int64_t _ld_var_2, const S* __restrict__ _p_var_3, int64_t _ld_var_3, const S* __restrict__ _p_var_4, int64_t _ld_var_4, const S* __restrict__ _p_var_5, int64_t _ld_var_5, S* __restrict__ _p_d_c_next, int64_t _ld_d_c_next, S* __restrict__ _p_d_var_5, int64_t _ld_d_var_5, S* __restrict__ _p_d_mean_5, int64_t _ld_d_mean_5, S* __restrict__ _p_d_o, int64_t _ld_d_o, S* __restrict__ _p_d_var_4, int64_t _ld_d_var_4, S* __restrict__ _p_d_mean_4, int64_t _ld_d_mean_4, S* __restrict__ _p_d_f, int64_t _ld_d_f, S* __restrict__ _p_d_var_3, int64_t _ld_d_var_3, S* __restrict__ _p_d_mean_3, int64_t _ld_d_mean_3, S* __restrict__ _p_d_j, int64_t _ld_d_j, S* __restrict__ _p_d_var_2, int64_t _ld_d_var_2, S* __restrict__ _p_d_mean_2, int64_t _ld_d_mean_2, S* __restrict__ _p_d_i, int64_t _ld_d_i, S* __restrict__ _p_d_var, int64_t _ld_d_var, S* __restrict__ _p_d_mean, int64_t _ld_d_mean, S* __restrict__ _p_d_U_i_h, int64_t _ld_d_U_i_h, S* __restrict__ _p_d_U_j_h, int64_t _ld_d_U_j_h, S* __restrict__ _p_d_U_f_h, int64_t _ld_d_U_f_h, S* __restrict__ _p_d_U_o_h, int64_t _ld_d_U_o_h)
 {
-    cs_for_rows(_rows, cs_par(_rows * (n_H), 2048), [&](int64_t _r) {
+    cs_for(_rows, cs_par(_rows * (n_H), 2048), [&](int64_t _r) {
         layer_norm_lstm_backward_bwd0_rows_row<S, S>(_r, 0, 1, n_H, _p_U_f_h, _ld_U_f_h, _p_U_i_h, _ld_U_i_h, _p_U_j_h, _ld_U_j_h, _p_U_o_h, _ld_U_o_h, _p_W_f_x, _ld_W_f_x, _p_W_i_x, _ld_W_i_x, _p_W_j_x, _ld_W_j_x, _p_W_o_x, _ld_W_o_x, _p_c, _ld_c, _p_c_next, _ld_c_next, _p_d_c, _ld_d_c, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_f, _ld_f, _p_g_c, _ld_g_c, _p_g_f, _ld_g_f, _p_g_i, _ld_g_i, _p_g_j, _ld_g_j, _p_g_o, _ld_g_o, _p_i, _ld_i, _p_inv_n_H, _ld_inv_n_H, _p_j, _ld_j, _p_mean, _ld_mean, _p_mean_2, _ld_mean_2, _p_mean_3, _ld_mean_3, _p_mean_4, _ld_mean_4, _p_mean_5, _ld_mean_5, _p_o, _ld_o, _p_rstd, _ld_rstd, _p_rstd_2, _ld_rstd_2, _p_rstd_3, _ld_rstd_3, _p_rstd_4, _ld_rstd_4, _p_rstd_5, _ld_rstd_5, _p_var, _ld_var, _p_var_2, _ld_var_2, _p_var_3, _ld_var_3, _p_var_4, _ld_var_4, _p_var_5, _ld_var_5, _p_d_c_next, _ld_d_c_next, _p_d_var_5, _ld_d_var_5, _p_d_mean_5, _ld_d_mean_5, _p_d_o, _ld_d_o, _p_d_var_4, _ld_d_var_4, _p_d_mean_4, _ld_d_mean_4, _p_d_f, _ld_d_f, _p_d_var_3, _ld_d_var_3, _p_d_mean_3, _ld_d_mean_3, _p_d_j, _ld_d_j, _p_d_var_2, _ld_d_var_2, _p_d_mean_2, _ld_d_mean_2, _p_d_i, _ld_d_i, _p_d_var, _ld_d_var, _p_d_mean, _ld_d_mean, _p_d_U_i_h, _ld_d_U_i_h, _p_d_U_j_h, _ld_d_U_j_h, _p_d_U_f_h, _ld_d_U_f_h, _p_d_U_o_h, _ld_d_U_o_h);
     });
 }
@@ -1393,7 +1388,7 @@ static int layer_norm_lstm_backward_bwd_leaf_rows_launch(int64_t _rows, int64_t 
 template <typename S>
 static inline void layer_norm_lstm_backward_bwd_leaf_rows_host(int64_t _rows, int64_t n_H, const S* __restrict__ _p_U_f_h, int64_t _ld_U_f_h, const S* __restrict__ _p_U_i_h, int64_t _ld_U_i_h, const S* __restrict__ _p_U_j_h, int64_t _ld_U_j_h, const S* __restrict__ _p_U_o_h, int64_t _ld_U_o_h, const S* __restrict__ _p_W_f_x, int64_t _ld_W_f_x, const S* __restrict__ _p_W_i_x, int64_t _ld_W_i_x, const S* __restrict__ _p_W_j_x, int64_t _ld_W_j_x, const S* __restrict__ _p_W_o_x, int64_t _ld_W_o_x, const S* __restrict__ _p_c, int64_t _ld_c, const S* __restrict__ _p_d_c_next, int64_t _ld_d_c_next, const S* __restrict__ _p_d_f, int64_t _ld_d_f, const S* __restrict__ _p_d_h_gemm, int64_t _ld_d_h_gemm, const S* __restrict__ _p_d_i, int64_t _ld_d_i, const S* __restrict__ _p_d_j, int64_t _ld_d_j, const S* __restrict__ _p_d_mean, int64_t _ld_d_mean, const S* __restrict__ _p_d_mean_2, int64_t _ld_d_mean_2, const S* __restrict__ _p_d_mean_3, int64_t _ld_d_mean_3, const S* __restrict__ _p_d_mean_4, int64_t _ld_d_mean_4, const S* __restrict__ _p_d_mean_5, int64_t _ld_d_mean_5, const S* __restrict__ _p_d_o, int64_t _ld_d_o, const S* __restrict__ _p_d_var, int64_t _ld_d_var, const S* __restrict__ _p_d_var_2, int64_t _ld_d_var_2, const S* __restrict__ _p_d_var_3, int64_t _ld_d_var_3, const S* __restrict__ _p_d_var_4, int64_t _ld_d_var_4, const S* __restrict__ _p_d_var_5, int64_t _ld_d_var_5, const S* __restrict__ _p_f, int64_t _ld_f, const S* __restrict__ _p_g_c, int64_t _ld_g_c, const S* __restrict__ _p_g_f, int64_t _ld_g_f, const S* __restrict__ _p_g_i, int64_t _ld_g_i, const S* __restrict__ _p_g_j, int64_t _ld_g_j, const S* __restrict__ _p_g_o, int64_t _ld_g_o, const S* __restrict__ _p_i, int64_t _ld_i, const S* __restrict__ _p_inv_n_H, int64_t _ld_inv_n_H, const S* __restrict__ _p_j, int64_t _ld_j, const S* __restrict__ _p_mean, int64_t _ld_mean, const S* __restrict__ _p_mean_2, int64_t _ld_mean_2, const S* __restrict__ _p_mean_3, int64_t _ld_mean_3, const S* __restrict__ _p_mean_4, int64_t _ld_mean_4, const S* __restrict__ _p_mean_5, int64_t _ld_mean_5, const S* __restrict__ _p_o, int64_t _ld_o, const S* __restrict__ _p_rstd, int64_t _ld_rstd, const S* __restrict__ _p_rstd_2, int64_t _ld_rstd_2, const S* __restrict__ _p_rstd_3, int64_t _ld_rstd_3, const S* __restrict__ _p_rstd_4, int64_t _ld_rstd_4, const S* __restrict__ _p_rstd_5, int64_t _ld_rstd_5, S* __restrict__ _p_d_h, int64_t _ld_d_h, S* __restrict__ _p_d_c, int64_t _ld_d_c, S* __restrict__ _p_d_g_i, int64_t _ld_d_g_i, S* __restrict__ _p_d_b_i, int64_t _ld_d_b_i, S* __restrict__ _p_d_g_j, int64_t _ld_d_g_j, S* __restrict__ _p_d_b_j, int64_t _ld_d_b_j, S* __restrict__ _p_d_g_f, int64_t _ld_d_g_f, S* __restrict__ _p_d_b_f, int64_t _ld_d_b_f, S* __restrict__ _p_d_g_o, int64_t _ld_d_g_o, S* __restrict__ _p_d_b_o, int64_t _ld_d_b_o, S* __restrict__ _p_d_g_c, int64_t _ld_d_g_c, S* __restrict__ _p_d_b_c, int64_t _ld_d_b_c, S* __restrict__ _p_d_W_i_x, int64_t _ld_d_W_i_x, S* __restrict__ _p_d_W_j_x, int64_t _ld_d_W_j_x, S* __restrict__ _p_d_W_f_x, int64_t _ld_d_W_f_x, S* __restrict__ _p_d_W_o_x, int64_t _ld_d_W_o_x)
 {
-    cs_for_rows(_rows, cs_par(_rows * (n_H), 2048), [&](int64_t _r) {
+    cs_for(_rows, cs_par(_rows * (n_H), 2048), [&](int64_t _r) {
         layer_norm_lstm_backward_bwd_leaf_rows_row<S, S>(_r, 0, 1, n_H, _p_U_f_h, _ld_U_f_h, _p_U_i_h, _ld_U_i_h, _p_U_j_h, _ld_U_j_h, _p_U_o_h, _ld_U_o_h, _p_W_f_x, _ld_W_f_x, _p_W_i_x, _ld_W_i_x, _p_W_j_x, _ld_W_j_x, _p_W_o_x, _ld_W_o_x, _p_c, _ld_c, _p_d_c_next, _ld_d_c_next, _p_d_f, _ld_d_f, _p_d_h_gemm, _ld_d_h_gemm, _p_d_i, _ld_d_i, _p_d_j, _ld_d_j, _p_d_mean, _ld_d_mean, _p_d_mean_2, _ld_d_mean_2, _p_d_mean_3, _ld_d_mean_3, _p_d_mean_4, _ld_d_mean_4, _p_d_mean_5, _ld_d_mean_5, _p_d_o, _ld_d_o, _p_d_var, _ld_d_var, _p_d_var_2, _ld_d_var_2, _p_d_var_3, _ld_d_var_3, _p_d_var_4, _ld_d_var_4, _p_d_var_5, _ld_d_var_5, _p_f, _ld_f, _p_g_c, _ld_g_c, _p_g_f, _ld_g_f, _p_g_i, _ld_g_i, _p_g_j, _ld_g_j, _p_g_o, _ld_g_o, _p_i, _ld_i, _p_inv_n_H, _ld_inv_n_H, _p_j, _ld_j, _p_mean, _ld_mean, _p_mean_2, _ld_mean_2, _p_mean_3, _ld_mean_3, _p_mean_4, _ld_mean_4, _p_mean_5, _ld_mean_5, _p_o, _ld_o, _p_rstd, _ld_rstd, _p_rstd_2, _ld_rstd_2, _p_rstd_3, _ld_rstd_3, _p_rstd_4, _ld_rstd_4, _p_rstd_5, _ld_rstd_5, _p_d_h, _ld_d_h, _p_d_c, _ld_d_c, _p_d_g_i, _ld_d_g_i, _p_d_b_i, _ld_d_b_i, _p_d_g_j, _ld_d_g_j, _p_d_b_j, _ld_d_b_j, _p_d_g_f, _ld_d_g_f, _p_d_b_f, _ld_d_b_f, _p_d_g_o, _ld_d_g_o, _p_d_b_o, _ld_d_b_o, _p_d_g_c, _ld_d_g_c, _p_d_b_c, _ld_d_b_c, _p_d_W_i_x, _ld_d_W_i_x, _p_d_W_j_x, _ld_d_W_j_x, _p_d_W_f_x, _ld_d_W_f_x, _p_d_W_o_x, _ld_d_W_o_x);
     });
 }
@@ -1532,9 +1527,9 @@ static int layer_norm_lstm_forward_run(const int64_t* dims, void* const* ptrs, c
         // forward: stage 0 forward, row by row (reductions over the units)
         CS_ROWS(layer_norm_lstm_forward_fwd0_rows, rows, n_H, b_g_U_i_U_j_U_f_U_o__h + t * n_B * (4*n_H) + 2*n_H, 4*n_H, b_g_U_i_U_j_U_f_U_o__h + t * n_B * (4*n_H), 4*n_H, b_g_U_i_U_j_U_f_U_o__h + t * n_B * (4*n_H) + n_H, 4*n_H, b_g_U_i_U_j_U_f_U_o__h + t * n_B * (4*n_H) + 3*n_H, 4*n_H, b_hg_W_i_W_j_W_f_W_o__x + t * n_B * (4*n_H) + 2*n_H, 4*n_H, b_hg_W_i_W_j_W_f_W_o__x + t * n_B * (4*n_H), 4*n_H, b_hg_W_i_W_j_W_f_W_o__x + t * n_B * (4*n_H) + n_H, 4*n_H, b_hg_W_i_W_j_W_f_W_o__x + t * n_B * (4*n_H) + 3*n_H, 4*n_H, b_p_b_c, 0, b_p_b_f, 0, b_p_b_i, 0, b_p_b_j, 0, b_p_b_o, 0, b_s_c + t * n_B * (n_H), n_H, b_p_g_c, 0, b_p_g_f, 0, b_p_g_i, 0, b_p_g_j, 0, b_p_g_o, 0, b_p_inv_n_H, 0, b_v_mean + t * n_B * (1), 1, b_v_var + t * n_B * (1), 1, b_v_rstd + t * n_B * (1), 1, b_v_i + t * n_B * (n_H), n_H, b_v_mean_2 + t * n_B * (1), 1, b_v_var_2 + t * n_B * (1), 1, b_v_rstd_2 + t * n_B * (1), 1, b_v_j + t * n_B * (n_H), n_H, b_v_mean_3 + t * n_B * (1), 1, b_v_var_3 + t * n_B * (1), 1, b_v_rstd_3 + t * n_B * (1), 1, b_v_f + t * n_B * (n_H), n_H, b_v_mean_4 + t * n_B * (1), 1, b_v_var_4 + t * n_B * (1), 1, b_v_rstd_4 + t * n_B * (1), 1, b_v_o + t * n_B * (n_H), n_H, b_v_mean_5 + t * n_B * (1), 1, b_v_var_5 + t * n_B * (1), 1, b_v_rstd_5 + t * n_B * (1), 1, b_s_c + (t + 1) * n_B * (n_H), n_H, b_s_h + (t + 1) * n_B * (n_H), n_H);
         // ended sequences hold their state: rows B_t.. of s_h[t + 1] = s_h[t]
-        if (rows < n_B) CS_COPY(b_s_h + ((t + 1) * n_B + rows) * (n_H), b_s_h + ((t) * n_B + rows) * (n_H), (n_B - rows) * (n_H));
+        if (rows < n_B) CS_COPY(b_s_h + ((t + 1) * n_B + rows) * (n_H), b_s_h + (t * n_B + rows) * (n_H), (n_B - rows) * (n_H));
         // ended sequences hold their state: rows B_t.. of s_c[t + 1] = s_c[t]
-        if (rows < n_B) CS_COPY(b_s_c + ((t + 1) * n_B + rows) * (n_H), b_s_c + ((t) * n_B + rows) * (n_H), (n_B - rows) * (n_H));
+        if (rows < n_B) CS_COPY(b_s_c + ((t + 1) * n_B + rows) * (n_H), b_s_c + (t * n_B + rows) * (n_H), (n_B - rows) * (n_H));
     }
     cs_unpack(pk_W_i_W_j_W_f_W_o_nt);
     cs_unpack(pk_U_i_U_j_U_f_U_o_nt);
@@ -1639,7 +1634,7 @@ static int layer_norm_lstm_inference_run(const int64_t* dims, void* const* ptrs,
         // inference: stage 0 forward, row by row (reductions over the units)
         CS_ROWS(layer_norm_lstm_inference_fwd0_rows, rows, n_H, b_g_U_i_U_j_U_f_U_o__h + 2*n_H, 4*n_H, b_g_U_i_U_j_U_f_U_o__h, 4*n_H, b_g_U_i_U_j_U_f_U_o__h + n_H, 4*n_H, b_g_U_i_U_j_U_f_U_o__h + 3*n_H, 4*n_H, b_hg_W_i_W_j_W_f_W_o__x + (t % n_ch) * n_B * (4*n_H) + 2*n_H, 4*n_H, b_hg_W_i_W_j_W_f_W_o__x + (t % n_ch) * n_B * (4*n_H), 4*n_H, b_hg_W_i_W_j_W_f_W_o__x + (t % n_ch) * n_B * (4*n_H) + n_H, 4*n_H, b_hg_W_i_W_j_W_f_W_o__x + (t % n_ch) * n_B * (4*n_H) + 3*n_H, 4*n_H, b_p_b_c, 0, b_p_b_f, 0, b_p_b_i, 0, b_p_b_j, 0, b_p_b_o, 0, b_s_c + (t % 2) * n_B * (n_H), n_H, b_p_g_c, 0, b_p_g_f, 0, b_p_g_i, 0, b_p_g_j, 0, b_p_g_o, 0, b_p_inv_n_H, 0, b_s_c + ((t + 1) % 2) * n_B * (n_H), n_H, b_s_h + (t + 1) * n_B * (n_H), n_H);
         // ended sequences hold their state: rows B_t.. of s_h[t + 1] = s_h[t]
-        if (rows < n_B) CS_COPY(b_s_h + ((t + 1) * n_B + rows) * (n_H), b_s_h + ((t) * n_B + rows) * (n_H), (n_B - rows) * (n_H));
+        if (rows < n_B) CS_COPY(b_s_h + ((t + 1) * n_B + rows) * (n_H), b_s_h + (t * n_B + rows) * (n_H), (n_B - rows) * (n_H));
         // ended sequences hold their state: rows B_t.. of s_c[t + 1] = s_c[t]
         if (rows < n_B) CS_COPY(b_s_c + (((t + 1) % 2) * n_B + rows) * (n_H), b_s_c + ((t % 2) * n_B + rows) * (n_H), (n_B - rows) * (n_H));
     }

@@ -67,17 +67,17 @@ static inline int cs_par(int64_t work, int64_t min_work)
     return 0;
 #endif
 }
-// for r in 0 .. rows: body(r), split over the threads when par (cs_par). A loop that does not
-// fork enters no OpenMP region: GCC compiles `parallel for if (0)` to a call into the OpenMP
-// runtime all the same (a team of one), and the steps' loops run a few per step.
+// for i in 0 .. n: body(i), split over the threads when par (cs_par). A loop that does not fork
+// enters no OpenMP region: GCC compiles `parallel for if (0)` to a call into the OpenMP runtime
+// all the same (a team of one), and the steps' loops run a few per step.
 template <typename F>
-static inline void cs_for_rows(int64_t rows, int par, const F& body)
+static inline void cs_for(int64_t n, int par, const F& body)
 {
     if (par) {
 #pragma omp parallel for schedule(static)
-        for (int64_t r = 0; r < rows; ++r) body(r);
+        for (int64_t i = 0; i < n; ++i) body(i);
     } else {
-        for (int64_t r = 0; r < rows; ++r) body(r);
+        for (int64_t i = 0; i < n; ++i) body(i);
     }
 }
 #if !defined(__CUDACC__) && defined(CELLSPEC_SIMD_MATH) && defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__GLIBC__)
@@ -397,8 +397,7 @@ __attribute__((target("avx512f"))) static inline void cs_own_panel(int64_t q, in
         cs_own_rows<false>(rows - i < 12 ? rows - i : 12, k, a + i * lda, lda, packed + p * k, out + i * ldc + p, ldc, m0, m1, beta);
 }
 // out[m, n] (+)= a[m, k] times the packed weight. Blocks of rows whose slice of `a` stays in L2
-// (~256 KiB) run one after another; inside a block the threads split the panels (one thread: no
-// OpenMP region at all, as in cs_for_rows).
+// (~256 KiB) run one after another; inside a block the threads split the panels (cs_for).
 __attribute__((target("avx512f"))) static void cs_own_gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
                                                            const float* packed, float* out, int64_t ldc, int beta)
 {
@@ -409,12 +408,8 @@ __attribute__((target("avx512f"))) static void cs_own_gemm(int64_t m, int64_t n,
         const int64_t rows = m - i0 < mc ? m - i0 : mc;
         const float* ab = a + i0 * lda;
         float* cb = out + i0 * ldc;
-        if (cs_par(rows * n * k, 262144)) {
-#pragma omp parallel for schedule(static)
-            for (int64_t q = 0; q < panels; ++q) cs_own_panel(q, rows, n, k, ab, lda, packed, cb, ldc, beta);
-        } else {
-            for (int64_t q = 0; q < panels; ++q) cs_own_panel(q, rows, n, k, ab, lda, packed, cb, ldc, beta);
-        }
+        cs_for(panels, cs_par(rows * n * k, 262144),
+               [&](int64_t q) { cs_own_panel(q, rows, n, k, ab, lda, packed, cb, ldc, beta); });
     }
 }
 // out[m, n] (+)= aᵀ @ b with a [k, m] and b [k, n] row-major: the weight gradients dW = dgᵀ @ x,
@@ -723,7 +718,7 @@ extern "C" int lstmp_forward_fwd0_H_cuda_bf16(int64_t _rows, int64_t _cols, cons
 template <typename real>
 static inline void lstmp_forward_fwd0_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_W_hf_h, int64_t _ld_W_hf_h, const real* __restrict__ _p_W_hg_h, int64_t _ld_W_hg_h, const real* __restrict__ _p_W_hi_h, int64_t _ld_W_hi_h, const real* __restrict__ _p_W_ho_h, int64_t _ld_W_ho_h, const real* __restrict__ _p_W_if_x, int64_t _ld_W_if_x, const real* __restrict__ _p_W_ig_x, int64_t _ld_W_ig_x, const real* __restrict__ _p_W_ii_x, int64_t _ld_W_ii_x, const real* __restrict__ _p_W_io_x, int64_t _ld_W_io_x, const real* __restrict__ _p_b_hf, int64_t _ld_b_hf, const real* __restrict__ _p_b_hg, int64_t _ld_b_hg, const real* __restrict__ _p_b_hi, int64_t _ld_b_hi, const real* __restrict__ _p_b_ho, int64_t _ld_b_ho, const real* __restrict__ _p_b_if, int64_t _ld_b_if, const real* __restrict__ _p_b_ig, int64_t _ld_b_ig, const real* __restrict__ _p_b_ii, int64_t _ld_b_ii, const real* __restrict__ _p_b_io, int64_t _ld_b_io, const real* __restrict__ _p_c, int64_t _ld_c, real* __restrict__ _p_i, int64_t _ld_i, real* __restrict__ _p_f, int64_t _ld_f, real* __restrict__ _p_g, int64_t _ld_g, real* __restrict__ _p_o, int64_t _ld_o, real* __restrict__ _p_c_next, int64_t _ld_c_next, real* __restrict__ _p_W_hr_in, int64_t _ld_W_hr_in)
 {
-    cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
+    cs_for(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
 #pragma omp simd
         for (int64_t _j = 0; _j < _cols; ++_j) {
             real W_hf_h = _p_W_hf_h[_r * _ld_W_hf_h + _j];
@@ -827,7 +822,7 @@ extern "C" int lstmp_forward_fwd1_P_cuda_bf16(int64_t _rows, int64_t _cols, cons
 template <typename real>
 static inline void lstmp_forward_fwd1_P_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_W_hr_out, int64_t _ld_W_hr_out, real* __restrict__ _p_h_next, int64_t _ld_h_next)
 {
-    cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
+    cs_for(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
 #pragma omp simd
         for (int64_t _j = 0; _j < _cols; ++_j) {
             real W_hr_out = _p_W_hr_out[_r * _ld_W_hr_out + _j];
@@ -950,7 +945,7 @@ extern "C" int lstmp_inference_fwd0_H_cuda_bf16(int64_t _rows, int64_t _cols, co
 template <typename real>
 static inline void lstmp_inference_fwd0_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_W_hf_h, int64_t _ld_W_hf_h, const real* __restrict__ _p_W_hg_h, int64_t _ld_W_hg_h, const real* __restrict__ _p_W_hi_h, int64_t _ld_W_hi_h, const real* __restrict__ _p_W_ho_h, int64_t _ld_W_ho_h, const real* __restrict__ _p_W_if_x, int64_t _ld_W_if_x, const real* __restrict__ _p_W_ig_x, int64_t _ld_W_ig_x, const real* __restrict__ _p_W_ii_x, int64_t _ld_W_ii_x, const real* __restrict__ _p_W_io_x, int64_t _ld_W_io_x, const real* __restrict__ _p_b_hf, int64_t _ld_b_hf, const real* __restrict__ _p_b_hg, int64_t _ld_b_hg, const real* __restrict__ _p_b_hi, int64_t _ld_b_hi, const real* __restrict__ _p_b_ho, int64_t _ld_b_ho, const real* __restrict__ _p_b_if, int64_t _ld_b_if, const real* __restrict__ _p_b_ig, int64_t _ld_b_ig, const real* __restrict__ _p_b_ii, int64_t _ld_b_ii, const real* __restrict__ _p_b_io, int64_t _ld_b_io, const real* __restrict__ _p_c, int64_t _ld_c, real* __restrict__ _p_c_next, int64_t _ld_c_next, real* __restrict__ _p_W_hr_in, int64_t _ld_W_hr_in)
 {
-    cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
+    cs_for(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
 #pragma omp simd
         for (int64_t _j = 0; _j < _cols; ++_j) {
             real W_hf_h = _p_W_hf_h[_r * _ld_W_hf_h + _j];
@@ -1046,7 +1041,7 @@ extern "C" int lstmp_inference_fwd1_P_cuda_bf16(int64_t _rows, int64_t _cols, co
 template <typename real>
 static inline void lstmp_inference_fwd1_P_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_W_hr_out, int64_t _ld_W_hr_out, real* __restrict__ _p_h_next, int64_t _ld_h_next)
 {
-    cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
+    cs_for(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
 #pragma omp simd
         for (int64_t _j = 0; _j < _cols; ++_j) {
             real W_hr_out = _p_W_hr_out[_r * _ld_W_hr_out + _j];
@@ -1128,7 +1123,7 @@ extern "C" int lstmp_backward_bwd1_P_cuda_bf16(int64_t _rows, int64_t _cols, con
 template <typename real>
 static inline void lstmp_backward_bwd1_P_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_d_h, int64_t _ld_d_h, const real* __restrict__ _p_d_h_next_out, int64_t _ld_d_h_next_out, real* __restrict__ _p_d_W_hr_out, int64_t _ld_d_W_hr_out)
 {
-    cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
+    cs_for(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
 #pragma omp simd
         for (int64_t _j = 0; _j < _cols; ++_j) {
             real d_h = _p_d_h[_r * _ld_d_h + _j];
@@ -1252,7 +1247,7 @@ extern "C" int lstmp_backward_bwd0_H_cuda_bf16(int64_t _rows, int64_t _cols, con
 template <typename real>
 static inline void lstmp_backward_bwd0_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_c, int64_t _ld_c, const real* __restrict__ _p_c_next, int64_t _ld_c_next, const real* __restrict__ _p_d_W_hr_in_gemm, int64_t _ld_d_W_hr_in_gemm, const real* __restrict__ _p_d_c, int64_t _ld_d_c, const real* __restrict__ _p_f, int64_t _ld_f, const real* __restrict__ _p_g, int64_t _ld_g, const real* __restrict__ _p_i, int64_t _ld_i, const real* __restrict__ _p_o, int64_t _ld_o, real* __restrict__ _p_d_c_next, int64_t _ld_d_c_next, real* __restrict__ _p_d_W_hi_h, int64_t _ld_d_W_hi_h, real* __restrict__ _p_d_W_hf_h, int64_t _ld_d_W_hf_h, real* __restrict__ _p_d_W_hg_h, int64_t _ld_d_W_hg_h, real* __restrict__ _p_d_W_ho_h, int64_t _ld_d_W_ho_h)
 {
-    cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
+    cs_for(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
 #pragma omp simd
         for (int64_t _j = 0; _j < _cols; ++_j) {
             real c = _p_c[_r * _ld_c + _j];
@@ -1347,7 +1342,7 @@ extern "C" int lstmp_backward_bwd_leaf_H_cuda_bf16(int64_t _rows, int64_t _cols,
 template <typename real>
 static inline void lstmp_backward_bwd_leaf_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_d_c_next, int64_t _ld_d_c_next, const real* __restrict__ _p_f, int64_t _ld_f, real* __restrict__ _p_d_c, int64_t _ld_d_c)
 {
-    cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
+    cs_for(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
 #pragma omp simd
         for (int64_t _j = 0; _j < _cols; ++_j) {
             real d_c_next = _p_d_c_next[_r * _ld_d_c_next + _j];
@@ -1426,7 +1421,7 @@ extern "C" int lstmp_backward_bwd_leaf_P_cuda_bf16(int64_t _rows, int64_t _cols,
 template <typename real>
 static inline void lstmp_backward_bwd_leaf_P_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_d_h_gemm, int64_t _ld_d_h_gemm, real* __restrict__ _p_d_h, int64_t _ld_d_h)
 {
-    cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
+    cs_for(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
 #pragma omp simd
         for (int64_t _j = 0; _j < _cols; ++_j) {
             real d_h_gemm = _p_d_h_gemm[_r * _ld_d_h_gemm + _j];
@@ -1541,9 +1536,9 @@ static int lstmp_forward_run(const int64_t* dims, void* const* ptrs, const cs_ct
         // forward: stage 1 forward, units of size P
         CS_PW(lstmp_forward_fwd1_P, rows, n_P, b_g_W_hr__W_hr_in, n_P, b_s_h + (t + 1) * n_B * (n_P), n_P);
         // ended sequences hold their state: rows B_t.. of s_h[t + 1] = s_h[t]
-        if (rows < n_B) CS_COPY(b_s_h + ((t + 1) * n_B + rows) * (n_P), b_s_h + ((t) * n_B + rows) * (n_P), (n_B - rows) * (n_P));
+        if (rows < n_B) CS_COPY(b_s_h + ((t + 1) * n_B + rows) * (n_P), b_s_h + (t * n_B + rows) * (n_P), (n_B - rows) * (n_P));
         // ended sequences hold their state: rows B_t.. of s_c[t + 1] = s_c[t]
-        if (rows < n_B) CS_COPY(b_s_c + ((t + 1) * n_B + rows) * (n_H), b_s_c + ((t) * n_B + rows) * (n_H), (n_B - rows) * (n_H));
+        if (rows < n_B) CS_COPY(b_s_c + ((t + 1) * n_B + rows) * (n_H), b_s_c + (t * n_B + rows) * (n_H), (n_B - rows) * (n_H));
     }
     cs_unpack(pk_W_ii_W_if_W_ig_W_io_nt);
     cs_unpack(pk_W_hi_W_hf_W_hg_W_ho_nt);
@@ -1656,7 +1651,7 @@ static int lstmp_inference_run(const int64_t* dims, void* const* ptrs, const cs_
         // inference: stage 1 forward, units of size P
         CS_PW(lstmp_inference_fwd1_P, rows, n_P, b_g_W_hr__W_hr_in, n_P, b_s_h + (t + 1) * n_B * (n_P), n_P);
         // ended sequences hold their state: rows B_t.. of s_h[t + 1] = s_h[t]
-        if (rows < n_B) CS_COPY(b_s_h + ((t + 1) * n_B + rows) * (n_P), b_s_h + ((t) * n_B + rows) * (n_P), (n_B - rows) * (n_P));
+        if (rows < n_B) CS_COPY(b_s_h + ((t + 1) * n_B + rows) * (n_P), b_s_h + (t * n_B + rows) * (n_P), (n_B - rows) * (n_P));
         // ended sequences hold their state: rows B_t.. of s_c[t + 1] = s_c[t]
         if (rows < n_B) CS_COPY(b_s_c + (((t + 1) % 2) * n_B + rows) * (n_H), b_s_c + ((t % 2) * n_B + rows) * (n_H), (n_B - rows) * (n_H));
     }

@@ -69,17 +69,17 @@ static inline int cs_par(int64_t work, int64_t min_work)
     return 0;
 #endif
 }
-// for r in 0 .. rows: body(r), split over the threads when par (cs_par). A loop that does not
-// fork enters no OpenMP region: GCC compiles `parallel for if (0)` to a call into the OpenMP
-// runtime all the same (a team of one), and the steps' loops run a few per step.
+// for i in 0 .. n: body(i), split over the threads when par (cs_par). A loop that does not fork
+// enters no OpenMP region: GCC compiles `parallel for if (0)` to a call into the OpenMP runtime
+// all the same (a team of one), and the steps' loops run a few per step.
 template <typename F>
-static inline void cs_for_rows(int64_t rows, int par, const F& body)
+static inline void cs_for(int64_t n, int par, const F& body)
 {
     if (par) {
 #pragma omp parallel for schedule(static)
-        for (int64_t r = 0; r < rows; ++r) body(r);
+        for (int64_t i = 0; i < n; ++i) body(i);
     } else {
-        for (int64_t r = 0; r < rows; ++r) body(r);
+        for (int64_t i = 0; i < n; ++i) body(i);
     }
 }
 #if !defined(__CUDACC__) && defined(CELLSPEC_SIMD_MATH) && defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__GLIBC__)
@@ -399,8 +399,7 @@ __attribute__((target("avx512f"))) static inline void cs_own_panel(int64_t q, in
         cs_own_rows<false>(rows - i < 12 ? rows - i : 12, k, a + i * lda, lda, packed + p * k, out + i * ldc + p, ldc, m0, m1, beta);
 }
 // out[m, n] (+)= a[m, k] times the packed weight. Blocks of rows whose slice of `a` stays in L2
-// (~256 KiB) run one after another; inside a block the threads split the panels (one thread: no
-// OpenMP region at all, as in cs_for_rows).
+// (~256 KiB) run one after another; inside a block the threads split the panels (cs_for).
 __attribute__((target("avx512f"))) static void cs_own_gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
                                                            const float* packed, float* out, int64_t ldc, int beta)
 {
@@ -411,12 +410,8 @@ __attribute__((target("avx512f"))) static void cs_own_gemm(int64_t m, int64_t n,
         const int64_t rows = m - i0 < mc ? m - i0 : mc;
         const float* ab = a + i0 * lda;
         float* cb = out + i0 * ldc;
-        if (cs_par(rows * n * k, 262144)) {
-#pragma omp parallel for schedule(static)
-            for (int64_t q = 0; q < panels; ++q) cs_own_panel(q, rows, n, k, ab, lda, packed, cb, ldc, beta);
-        } else {
-            for (int64_t q = 0; q < panels; ++q) cs_own_panel(q, rows, n, k, ab, lda, packed, cb, ldc, beta);
-        }
+        cs_for(panels, cs_par(rows * n * k, 262144),
+               [&](int64_t q) { cs_own_panel(q, rows, n, k, ab, lda, packed, cb, ldc, beta); });
     }
 }
 // out[m, n] (+)= aᵀ @ b with a [k, m] and b [k, n] row-major: the weight gradients dW = dgᵀ @ x,
@@ -741,7 +736,7 @@ extern "C" int slstm_forward_fwd0_H_cuda_bf16(int64_t _rows, int64_t _cols, cons
 template <typename real>
 static inline void slstm_forward_fwd0_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_R_f_h, int64_t _ld_R_f_h, const real* __restrict__ _p_R_i_h, int64_t _ld_R_i_h, const real* __restrict__ _p_R_o_h, int64_t _ld_R_o_h, const real* __restrict__ _p_R_z_h, int64_t _ld_R_z_h, const real* __restrict__ _p_W_f_x, int64_t _ld_W_f_x, const real* __restrict__ _p_W_i_x, int64_t _ld_W_i_x, const real* __restrict__ _p_W_o_x, int64_t _ld_W_o_x, const real* __restrict__ _p_W_z_x, int64_t _ld_W_z_x, const real* __restrict__ _p_b_f, int64_t _ld_b_f, const real* __restrict__ _p_b_i, int64_t _ld_b_i, const real* __restrict__ _p_b_o, int64_t _ld_b_o, const real* __restrict__ _p_b_z, int64_t _ld_b_z, const real* __restrict__ _p_c, int64_t _ld_c, const real* __restrict__ _p_m, int64_t _ld_m, const real* __restrict__ _p_n, int64_t _ld_n, real* __restrict__ _p_z, int64_t _ld_z, real* __restrict__ _p_it, int64_t _ld_it, real* __restrict__ _p_ft, int64_t _ld_ft, real* __restrict__ _p_o, int64_t _ld_o, real* __restrict__ _p_m_next, int64_t _ld_m_next, real* __restrict__ _p_i, int64_t _ld_i, real* __restrict__ _p_f, int64_t _ld_f, real* __restrict__ _p_c_next, int64_t _ld_c_next, real* __restrict__ _p_n_next, int64_t _ld_n_next, real* __restrict__ _p_h_next, int64_t _ld_h_next)
 {
-    cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
+    cs_for(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
 #pragma omp simd
         for (int64_t _j = 0; _j < _cols; ++_j) {
             real R_f_h = _p_R_f_h[_r * _ld_R_f_h + _j];
@@ -906,7 +901,7 @@ extern "C" int slstm_inference_fwd0_H_cuda_bf16(int64_t _rows, int64_t _cols, co
 template <typename real>
 static inline void slstm_inference_fwd0_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_R_f_h, int64_t _ld_R_f_h, const real* __restrict__ _p_R_i_h, int64_t _ld_R_i_h, const real* __restrict__ _p_R_o_h, int64_t _ld_R_o_h, const real* __restrict__ _p_R_z_h, int64_t _ld_R_z_h, const real* __restrict__ _p_W_f_x, int64_t _ld_W_f_x, const real* __restrict__ _p_W_i_x, int64_t _ld_W_i_x, const real* __restrict__ _p_W_o_x, int64_t _ld_W_o_x, const real* __restrict__ _p_W_z_x, int64_t _ld_W_z_x, const real* __restrict__ _p_b_f, int64_t _ld_b_f, const real* __restrict__ _p_b_i, int64_t _ld_b_i, const real* __restrict__ _p_b_o, int64_t _ld_b_o, const real* __restrict__ _p_b_z, int64_t _ld_b_z, const real* __restrict__ _p_c, int64_t _ld_c, const real* __restrict__ _p_m, int64_t _ld_m, const real* __restrict__ _p_n, int64_t _ld_n, real* __restrict__ _p_m_next, int64_t _ld_m_next, real* __restrict__ _p_c_next, int64_t _ld_c_next, real* __restrict__ _p_n_next, int64_t _ld_n_next, real* __restrict__ _p_h_next, int64_t _ld_h_next)
 {
-    cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
+    cs_for(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
 #pragma omp simd
         for (int64_t _j = 0; _j < _cols; ++_j) {
             real R_f_h = _p_R_f_h[_r * _ld_R_f_h + _j];
@@ -1085,7 +1080,7 @@ extern "C" int slstm_backward_bwd0_H_cuda_bf16(int64_t _rows, int64_t _cols, con
 template <typename real>
 static inline void slstm_backward_bwd0_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_c, int64_t _ld_c, const real* __restrict__ _p_c_next, int64_t _ld_c_next, const real* __restrict__ _p_d_c, int64_t _ld_d_c, const real* __restrict__ _p_d_h, int64_t _ld_d_h, const real* __restrict__ _p_d_h_next_out, int64_t _ld_d_h_next_out, const real* __restrict__ _p_d_m, int64_t _ld_d_m, const real* __restrict__ _p_d_n, int64_t _ld_d_n, const real* __restrict__ _p_f, int64_t _ld_f, const real* __restrict__ _p_ft, int64_t _ld_ft, const real* __restrict__ _p_i, int64_t _ld_i, const real* __restrict__ _p_it, int64_t _ld_it, const real* __restrict__ _p_m, int64_t _ld_m, const real* __restrict__ _p_n, int64_t _ld_n, const real* __restrict__ _p_n_next, int64_t _ld_n_next, const real* __restrict__ _p_o, int64_t _ld_o, const real* __restrict__ _p_z, int64_t _ld_z, real* __restrict__ _p_d_n_next, int64_t _ld_d_n_next, real* __restrict__ _p_d_c_next, int64_t _ld_d_c_next, real* __restrict__ _p_d_f, int64_t _ld_d_f, real* __restrict__ _p_d_m_next, int64_t _ld_d_m_next, real* __restrict__ _p_d_R_z_h, int64_t _ld_d_R_z_h, real* __restrict__ _p_d_R_i_h, int64_t _ld_d_R_i_h, real* __restrict__ _p_d_R_f_h, int64_t _ld_d_R_f_h, real* __restrict__ _p_d_R_o_h, int64_t _ld_d_R_o_h)
 {
-    cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
+    cs_for(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
 #pragma omp simd
         for (int64_t _j = 0; _j < _cols; ++_j) {
             real c = _p_c[_r * _ld_c + _j];
@@ -1223,7 +1218,7 @@ extern "C" int slstm_backward_bwd_leaf_H_cuda_bf16(int64_t _rows, int64_t _cols,
 template <typename real>
 static inline void slstm_backward_bwd_leaf_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_d_c_next, int64_t _ld_d_c_next, const real* __restrict__ _p_d_f, int64_t _ld_d_f, const real* __restrict__ _p_d_h_gemm, int64_t _ld_d_h_gemm, const real* __restrict__ _p_d_m_next, int64_t _ld_d_m_next, const real* __restrict__ _p_d_n_next, int64_t _ld_d_n_next, const real* __restrict__ _p_f, int64_t _ld_f, const real* __restrict__ _p_ft, int64_t _ld_ft, const real* __restrict__ _p_it, int64_t _ld_it, const real* __restrict__ _p_m, int64_t _ld_m, real* __restrict__ _p_d_h, int64_t _ld_d_h, real* __restrict__ _p_d_c, int64_t _ld_d_c, real* __restrict__ _p_d_n, int64_t _ld_d_n, real* __restrict__ _p_d_m, int64_t _ld_d_m)
 {
-    cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
+    cs_for(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
 #pragma omp simd
         for (int64_t _j = 0; _j < _cols; ++_j) {
             real d_c_next = _p_d_c_next[_r * _ld_d_c_next + _j];
@@ -1340,13 +1335,13 @@ static int slstm_forward_run(const int64_t* dims, void* const* ptrs, const cs_ct
         // forward: stage 0 forward, units of size H
         CS_PW(slstm_forward_fwd0_H, rows, n_H, b_g_R_z_R_i_R_f_R_o__h + 2*n_H, 4*n_H, b_g_R_z_R_i_R_f_R_o__h + n_H, 4*n_H, b_g_R_z_R_i_R_f_R_o__h + 3*n_H, 4*n_H, b_g_R_z_R_i_R_f_R_o__h, 4*n_H, b_hg_W_z_W_i_W_f_W_o__x + (t % n_ch) * n_B * (4*n_H) + 2*n_H, 4*n_H, b_hg_W_z_W_i_W_f_W_o__x + (t % n_ch) * n_B * (4*n_H) + n_H, 4*n_H, b_hg_W_z_W_i_W_f_W_o__x + (t % n_ch) * n_B * (4*n_H) + 3*n_H, 4*n_H, b_hg_W_z_W_i_W_f_W_o__x + (t % n_ch) * n_B * (4*n_H), 4*n_H, b_p_b_f, 0, b_p_b_i, 0, b_p_b_o, 0, b_p_b_z, 0, b_s_c + t * n_B * (n_H), n_H, b_s_m + t * n_B * (n_H), n_H, b_s_n + t * n_B * (n_H), n_H, b_v_z + t * n_B * (n_H), n_H, b_v_it + t * n_B * (n_H), n_H, b_v_ft + t * n_B * (n_H), n_H, b_v_o + t * n_B * (n_H), n_H, b_s_m + (t + 1) * n_B * (n_H), n_H, b_v_i + t * n_B * (n_H), n_H, b_v_f + t * n_B * (n_H), n_H, b_s_c + (t + 1) * n_B * (n_H), n_H, b_s_n + (t + 1) * n_B * (n_H), n_H, b_s_h + (t + 1) * n_B * (n_H), n_H);
         // ended sequences hold their state: rows B_t.. of s_h[t + 1] = s_h[t]
-        if (rows < n_B) CS_COPY(b_s_h + ((t + 1) * n_B + rows) * (n_H), b_s_h + ((t) * n_B + rows) * (n_H), (n_B - rows) * (n_H));
+        if (rows < n_B) CS_COPY(b_s_h + ((t + 1) * n_B + rows) * (n_H), b_s_h + (t * n_B + rows) * (n_H), (n_B - rows) * (n_H));
         // ended sequences hold their state: rows B_t.. of s_c[t + 1] = s_c[t]
-        if (rows < n_B) CS_COPY(b_s_c + ((t + 1) * n_B + rows) * (n_H), b_s_c + ((t) * n_B + rows) * (n_H), (n_B - rows) * (n_H));
+        if (rows < n_B) CS_COPY(b_s_c + ((t + 1) * n_B + rows) * (n_H), b_s_c + (t * n_B + rows) * (n_H), (n_B - rows) * (n_H));
         // ended sequences hold their state: rows B_t.. of s_n[t + 1] = s_n[t]
-        if (rows < n_B) CS_COPY(b_s_n + ((t + 1) * n_B + rows) * (n_H), b_s_n + ((t) * n_B + rows) * (n_H), (n_B - rows) * (n_H));
+        if (rows < n_B) CS_COPY(b_s_n + ((t + 1) * n_B + rows) * (n_H), b_s_n + (t * n_B + rows) * (n_H), (n_B - rows) * (n_H));
         // ended sequences hold their state: rows B_t.. of s_m[t + 1] = s_m[t]
-        if (rows < n_B) CS_COPY(b_s_m + ((t + 1) * n_B + rows) * (n_H), b_s_m + ((t) * n_B + rows) * (n_H), (n_B - rows) * (n_H));
+        if (rows < n_B) CS_COPY(b_s_m + ((t + 1) * n_B + rows) * (n_H), b_s_m + (t * n_B + rows) * (n_H), (n_B - rows) * (n_H));
     }
     cs_unpack(pk_W_z_W_i_W_f_W_o_nt);
     cs_unpack(pk_R_z_R_i_R_f_R_o_nt);
@@ -1441,7 +1436,7 @@ static int slstm_inference_run(const int64_t* dims, void* const* ptrs, const cs_
         // inference: stage 0 forward, units of size H
         CS_PW(slstm_inference_fwd0_H, rows, n_H, b_g_R_z_R_i_R_f_R_o__h + 2*n_H, 4*n_H, b_g_R_z_R_i_R_f_R_o__h + n_H, 4*n_H, b_g_R_z_R_i_R_f_R_o__h + 3*n_H, 4*n_H, b_g_R_z_R_i_R_f_R_o__h, 4*n_H, b_hg_W_z_W_i_W_f_W_o__x + (t % n_ch) * n_B * (4*n_H) + 2*n_H, 4*n_H, b_hg_W_z_W_i_W_f_W_o__x + (t % n_ch) * n_B * (4*n_H) + n_H, 4*n_H, b_hg_W_z_W_i_W_f_W_o__x + (t % n_ch) * n_B * (4*n_H) + 3*n_H, 4*n_H, b_hg_W_z_W_i_W_f_W_o__x + (t % n_ch) * n_B * (4*n_H), 4*n_H, b_p_b_f, 0, b_p_b_i, 0, b_p_b_o, 0, b_p_b_z, 0, b_s_c + (t % 2) * n_B * (n_H), n_H, b_s_m + (t % 2) * n_B * (n_H), n_H, b_s_n + (t % 2) * n_B * (n_H), n_H, b_s_m + ((t + 1) % 2) * n_B * (n_H), n_H, b_s_c + ((t + 1) % 2) * n_B * (n_H), n_H, b_s_n + ((t + 1) % 2) * n_B * (n_H), n_H, b_s_h + (t + 1) * n_B * (n_H), n_H);
         // ended sequences hold their state: rows B_t.. of s_h[t + 1] = s_h[t]
-        if (rows < n_B) CS_COPY(b_s_h + ((t + 1) * n_B + rows) * (n_H), b_s_h + ((t) * n_B + rows) * (n_H), (n_B - rows) * (n_H));
+        if (rows < n_B) CS_COPY(b_s_h + ((t + 1) * n_B + rows) * (n_H), b_s_h + (t * n_B + rows) * (n_H), (n_B - rows) * (n_H));
         // ended sequences hold their state: rows B_t.. of s_c[t + 1] = s_c[t]
         if (rows < n_B) CS_COPY(b_s_c + (((t + 1) % 2) * n_B + rows) * (n_H), b_s_c + ((t % 2) * n_B + rows) * (n_H), (n_B - rows) * (n_H));
         // ended sequences hold their state: rows B_t.. of s_n[t + 1] = s_n[t]

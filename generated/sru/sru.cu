@@ -62,17 +62,17 @@ static inline int cs_par(int64_t work, int64_t min_work)
     return 0;
 #endif
 }
-// for r in 0 .. rows: body(r), split over the threads when par (cs_par). A loop that does not
-// fork enters no OpenMP region: GCC compiles `parallel for if (0)` to a call into the OpenMP
-// runtime all the same (a team of one), and the steps' loops run a few per step.
+// for i in 0 .. n: body(i), split over the threads when par (cs_par). A loop that does not fork
+// enters no OpenMP region: GCC compiles `parallel for if (0)` to a call into the OpenMP runtime
+// all the same (a team of one), and the steps' loops run a few per step.
 template <typename F>
-static inline void cs_for_rows(int64_t rows, int par, const F& body)
+static inline void cs_for(int64_t n, int par, const F& body)
 {
     if (par) {
 #pragma omp parallel for schedule(static)
-        for (int64_t r = 0; r < rows; ++r) body(r);
+        for (int64_t i = 0; i < n; ++i) body(i);
     } else {
-        for (int64_t r = 0; r < rows; ++r) body(r);
+        for (int64_t i = 0; i < n; ++i) body(i);
     }
 }
 #if !defined(__CUDACC__) && defined(CELLSPEC_SIMD_MATH) && defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__GLIBC__)
@@ -392,8 +392,7 @@ __attribute__((target("avx512f"))) static inline void cs_own_panel(int64_t q, in
         cs_own_rows<false>(rows - i < 12 ? rows - i : 12, k, a + i * lda, lda, packed + p * k, out + i * ldc + p, ldc, m0, m1, beta);
 }
 // out[m, n] (+)= a[m, k] times the packed weight. Blocks of rows whose slice of `a` stays in L2
-// (~256 KiB) run one after another; inside a block the threads split the panels (one thread: no
-// OpenMP region at all, as in cs_for_rows).
+// (~256 KiB) run one after another; inside a block the threads split the panels (cs_for).
 __attribute__((target("avx512f"))) static void cs_own_gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
                                                            const float* packed, float* out, int64_t ldc, int beta)
 {
@@ -404,12 +403,8 @@ __attribute__((target("avx512f"))) static void cs_own_gemm(int64_t m, int64_t n,
         const int64_t rows = m - i0 < mc ? m - i0 : mc;
         const float* ab = a + i0 * lda;
         float* cb = out + i0 * ldc;
-        if (cs_par(rows * n * k, 262144)) {
-#pragma omp parallel for schedule(static)
-            for (int64_t q = 0; q < panels; ++q) cs_own_panel(q, rows, n, k, ab, lda, packed, cb, ldc, beta);
-        } else {
-            for (int64_t q = 0; q < panels; ++q) cs_own_panel(q, rows, n, k, ab, lda, packed, cb, ldc, beta);
-        }
+        cs_for(panels, cs_par(rows * n * k, 262144),
+               [&](int64_t q) { cs_own_panel(q, rows, n, k, ab, lda, packed, cb, ldc, beta); });
     }
 }
 // out[m, n] (+)= aᵀ @ b with a [k, m] and b [k, n] row-major: the weight gradients dW = dgᵀ @ x,
@@ -692,7 +687,7 @@ extern "C" int sru_forward_fwd0_H_cuda_bf16(int64_t _rows, int64_t _cols, const 
 template <typename real>
 static inline void sru_forward_fwd0_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_W_f_x, int64_t _ld_W_f_x, const real* __restrict__ _p_W_r_x, int64_t _ld_W_r_x, const real* __restrict__ _p_W_s_x, int64_t _ld_W_s_x, const real* __restrict__ _p_W_x, int64_t _ld_W_x, const real* __restrict__ _p_b_f, int64_t _ld_b_f, const real* __restrict__ _p_b_r, int64_t _ld_b_r, const real* __restrict__ _p_c, int64_t _ld_c, const real* __restrict__ _p_v_f, int64_t _ld_v_f, const real* __restrict__ _p_v_r, int64_t _ld_v_r, real* __restrict__ _p_f, int64_t _ld_f, real* __restrict__ _p_c_next, int64_t _ld_c_next, real* __restrict__ _p_r, int64_t _ld_r, real* __restrict__ _p_h, int64_t _ld_h)
 {
-    cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
+    cs_for(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
 #pragma omp simd
         for (int64_t _j = 0; _j < _cols; ++_j) {
             real W_f_x = _p_W_f_x[_r * _ld_W_f_x + _j];
@@ -809,7 +804,7 @@ extern "C" int sru_inference_fwd0_H_cuda_bf16(int64_t _rows, int64_t _cols, cons
 template <typename real>
 static inline void sru_inference_fwd0_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_W_f_x, int64_t _ld_W_f_x, const real* __restrict__ _p_W_r_x, int64_t _ld_W_r_x, const real* __restrict__ _p_W_s_x, int64_t _ld_W_s_x, const real* __restrict__ _p_W_x, int64_t _ld_W_x, const real* __restrict__ _p_b_f, int64_t _ld_b_f, const real* __restrict__ _p_b_r, int64_t _ld_b_r, const real* __restrict__ _p_c, int64_t _ld_c, const real* __restrict__ _p_v_f, int64_t _ld_v_f, const real* __restrict__ _p_v_r, int64_t _ld_v_r, real* __restrict__ _p_c_next, int64_t _ld_c_next, real* __restrict__ _p_h, int64_t _ld_h)
 {
-    cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
+    cs_for(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
 #pragma omp simd
         for (int64_t _j = 0; _j < _cols; ++_j) {
             real W_f_x = _p_W_f_x[_r * _ld_W_f_x + _j];
@@ -924,7 +919,7 @@ extern "C" int sru_backward_bwd0_H_cuda_bf16(int64_t _rows, int64_t _cols, const
 template <typename real>
 static inline void sru_backward_bwd0_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_W_s_x, int64_t _ld_W_s_x, const real* __restrict__ _p_W_x, int64_t _ld_W_x, const real* __restrict__ _p_c, int64_t _ld_c, const real* __restrict__ _p_c_next, int64_t _ld_c_next, const real* __restrict__ _p_d_c, int64_t _ld_d_c, const real* __restrict__ _p_d_h_out, int64_t _ld_d_h_out, const real* __restrict__ _p_r, int64_t _ld_r, real* __restrict__ _p_d_h, int64_t _ld_d_h, real* __restrict__ _p_d_r, int64_t _ld_d_r, real* __restrict__ _p_d_c_next, int64_t _ld_d_c_next, real* __restrict__ _p_d_f, int64_t _ld_d_f)
 {
-    cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
+    cs_for(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
 #pragma omp simd
         for (int64_t _j = 0; _j < _cols; ++_j) {
             real W_s_x = _p_W_s_x[_r * _ld_W_s_x + _j];
@@ -1074,7 +1069,7 @@ extern "C" int sru_backward_bwd_leaf_H_cuda_bf16(int64_t _rows, int64_t _cols, c
 template <typename real>
 static inline void sru_backward_bwd_leaf_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_c, int64_t _ld_c, const real* __restrict__ _p_d_c_next, int64_t _ld_d_c_next, const real* __restrict__ _p_d_f, int64_t _ld_d_f, const real* __restrict__ _p_d_h, int64_t _ld_d_h, const real* __restrict__ _p_d_r, int64_t _ld_d_r, const real* __restrict__ _p_f, int64_t _ld_f, const real* __restrict__ _p_r, int64_t _ld_r, const real* __restrict__ _p_v_f, int64_t _ld_v_f, const real* __restrict__ _p_v_r, int64_t _ld_v_r, real* __restrict__ _p_d_c, int64_t _ld_d_c, real* __restrict__ _p_d_v_f, int64_t _ld_d_v_f, real* __restrict__ _p_d_b_f, int64_t _ld_d_b_f, real* __restrict__ _p_d_v_r, int64_t _ld_d_v_r, real* __restrict__ _p_d_b_r, int64_t _ld_d_b_r, real* __restrict__ _p_d_W_f_x, int64_t _ld_d_W_f_x, real* __restrict__ _p_d_W_x, int64_t _ld_d_W_x, real* __restrict__ _p_d_W_r_x, int64_t _ld_d_W_r_x, real* __restrict__ _p_d_W_s_x, int64_t _ld_d_W_s_x)
 {
-    cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
+    cs_for(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
 #pragma omp simd
         for (int64_t _j = 0; _j < _cols; ++_j) {
             real c = _p_c[_r * _ld_c + _j];
@@ -1179,7 +1174,7 @@ static int sru_forward_run(const int64_t* dims, void* const* ptrs, const cs_ctx*
         // forward: stage 0 forward, units of size H
         CS_PW(sru_forward_fwd0_H, rows, n_H, b_hg_W_f_W_W_r_W_s__x + t * n_B * (4*n_H), 4*n_H, b_hg_W_f_W_W_r_W_s__x + t * n_B * (4*n_H) + 2*n_H, 4*n_H, b_hg_W_f_W_W_r_W_s__x + t * n_B * (4*n_H) + 3*n_H, 4*n_H, b_hg_W_f_W_W_r_W_s__x + t * n_B * (4*n_H) + n_H, 4*n_H, b_p_b_f, 0, b_p_b_r, 0, b_s_c + t * n_B * (n_H), n_H, b_p_v_f, 0, b_p_v_r, 0, b_v_f + t * n_B * (n_H), n_H, b_s_c + (t + 1) * n_B * (n_H), n_H, b_v_r + t * n_B * (n_H), n_H, b_v_h + t * n_B * (n_H), n_H);
         // ended sequences hold their state: rows B_t.. of s_c[t + 1] = s_c[t]
-        if (rows < n_B) CS_COPY(b_s_c + ((t + 1) * n_B + rows) * (n_H), b_s_c + ((t) * n_B + rows) * (n_H), (n_B - rows) * (n_H));
+        if (rows < n_B) CS_COPY(b_s_c + ((t + 1) * n_B + rows) * (n_H), b_s_c + (t * n_B + rows) * (n_H), (n_B - rows) * (n_H));
     }
     cs_unpack(pk_W_f_W_W_r_W_s_nt);
     return 0;

@@ -61,17 +61,17 @@ static inline int cs_par(int64_t work, int64_t min_work)
     return 0;
 #endif
 }
-// for r in 0 .. rows: body(r), split over the threads when par (cs_par). A loop that does not
-// fork enters no OpenMP region: GCC compiles `parallel for if (0)` to a call into the OpenMP
-// runtime all the same (a team of one), and the steps' loops run a few per step.
+// for i in 0 .. n: body(i), split over the threads when par (cs_par). A loop that does not fork
+// enters no OpenMP region: GCC compiles `parallel for if (0)` to a call into the OpenMP runtime
+// all the same (a team of one), and the steps' loops run a few per step.
 template <typename F>
-static inline void cs_for_rows(int64_t rows, int par, const F& body)
+static inline void cs_for(int64_t n, int par, const F& body)
 {
     if (par) {
 #pragma omp parallel for schedule(static)
-        for (int64_t r = 0; r < rows; ++r) body(r);
+        for (int64_t i = 0; i < n; ++i) body(i);
     } else {
-        for (int64_t r = 0; r < rows; ++r) body(r);
+        for (int64_t i = 0; i < n; ++i) body(i);
     }
 }
 #if !defined(__CUDACC__) && defined(CELLSPEC_SIMD_MATH) && defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__GLIBC__)
@@ -391,8 +391,7 @@ __attribute__((target("avx512f"))) static inline void cs_own_panel(int64_t q, in
         cs_own_rows<false>(rows - i < 12 ? rows - i : 12, k, a + i * lda, lda, packed + p * k, out + i * ldc + p, ldc, m0, m1, beta);
 }
 // out[m, n] (+)= a[m, k] times the packed weight. Blocks of rows whose slice of `a` stays in L2
-// (~256 KiB) run one after another; inside a block the threads split the panels (one thread: no
-// OpenMP region at all, as in cs_for_rows).
+// (~256 KiB) run one after another; inside a block the threads split the panels (cs_for).
 __attribute__((target("avx512f"))) static void cs_own_gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
                                                            const float* packed, float* out, int64_t ldc, int beta)
 {
@@ -403,12 +402,8 @@ __attribute__((target("avx512f"))) static void cs_own_gemm(int64_t m, int64_t n,
         const int64_t rows = m - i0 < mc ? m - i0 : mc;
         const float* ab = a + i0 * lda;
         float* cb = out + i0 * ldc;
-        if (cs_par(rows * n * k, 262144)) {
-#pragma omp parallel for schedule(static)
-            for (int64_t q = 0; q < panels; ++q) cs_own_panel(q, rows, n, k, ab, lda, packed, cb, ldc, beta);
-        } else {
-            for (int64_t q = 0; q < panels; ++q) cs_own_panel(q, rows, n, k, ab, lda, packed, cb, ldc, beta);
-        }
+        cs_for(panels, cs_par(rows * n * k, 262144),
+               [&](int64_t q) { cs_own_panel(q, rows, n, k, ab, lda, packed, cb, ldc, beta); });
     }
 }
 // out[m, n] (+)= aᵀ @ b with a [k, m] and b [k, n] row-major: the weight gradients dW = dgᵀ @ x,
@@ -699,7 +694,7 @@ extern "C" int torch_gru_forward_fwd0_H_cuda_bf16(int64_t _rows, int64_t _cols, 
 template <typename real>
 static inline void torch_gru_forward_fwd0_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_W_hn_h, int64_t _ld_W_hn_h, const real* __restrict__ _p_W_hr_h, int64_t _ld_W_hr_h, const real* __restrict__ _p_W_hz_h, int64_t _ld_W_hz_h, const real* __restrict__ _p_W_in_x, int64_t _ld_W_in_x, const real* __restrict__ _p_W_ir_x, int64_t _ld_W_ir_x, const real* __restrict__ _p_W_iz_x, int64_t _ld_W_iz_x, const real* __restrict__ _p_b_hn, int64_t _ld_b_hn, const real* __restrict__ _p_b_hr, int64_t _ld_b_hr, const real* __restrict__ _p_b_hz, int64_t _ld_b_hz, const real* __restrict__ _p_b_in, int64_t _ld_b_in, const real* __restrict__ _p_b_ir, int64_t _ld_b_ir, const real* __restrict__ _p_b_iz, int64_t _ld_b_iz, const real* __restrict__ _p_h, int64_t _ld_h, real* __restrict__ _p_r, int64_t _ld_r, real* __restrict__ _p_z, int64_t _ld_z, real* __restrict__ _p_n, int64_t _ld_n, real* __restrict__ _p_h_next, int64_t _ld_h_next)
 {
-    cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
+    cs_for(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
 #pragma omp simd
         for (int64_t _j = 0; _j < _cols; ++_j) {
             real W_hn_h = _p_W_hn_h[_r * _ld_W_hn_h + _j];
@@ -825,7 +820,7 @@ extern "C" int torch_gru_inference_fwd0_H_cuda_bf16(int64_t _rows, int64_t _cols
 template <typename real>
 static inline void torch_gru_inference_fwd0_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_W_hn_h, int64_t _ld_W_hn_h, const real* __restrict__ _p_W_hr_h, int64_t _ld_W_hr_h, const real* __restrict__ _p_W_hz_h, int64_t _ld_W_hz_h, const real* __restrict__ _p_W_in_x, int64_t _ld_W_in_x, const real* __restrict__ _p_W_ir_x, int64_t _ld_W_ir_x, const real* __restrict__ _p_W_iz_x, int64_t _ld_W_iz_x, const real* __restrict__ _p_b_hn, int64_t _ld_b_hn, const real* __restrict__ _p_b_hr, int64_t _ld_b_hr, const real* __restrict__ _p_b_hz, int64_t _ld_b_hz, const real* __restrict__ _p_b_in, int64_t _ld_b_in, const real* __restrict__ _p_b_ir, int64_t _ld_b_ir, const real* __restrict__ _p_b_iz, int64_t _ld_b_iz, const real* __restrict__ _p_h, int64_t _ld_h, real* __restrict__ _p_h_next, int64_t _ld_h_next)
 {
-    cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
+    cs_for(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
 #pragma omp simd
         for (int64_t _j = 0; _j < _cols; ++_j) {
             real W_hn_h = _p_W_hn_h[_r * _ld_W_hn_h + _j];
@@ -955,7 +950,7 @@ extern "C" int torch_gru_backward_bwd0_H_cuda_bf16(int64_t _rows, int64_t _cols,
 template <typename real>
 static inline void torch_gru_backward_bwd0_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_W_hn_h, int64_t _ld_W_hn_h, const real* __restrict__ _p_b_hn, int64_t _ld_b_hn, const real* __restrict__ _p_d_h, int64_t _ld_d_h, const real* __restrict__ _p_d_h_next_out, int64_t _ld_d_h_next_out, const real* __restrict__ _p_h, int64_t _ld_h, const real* __restrict__ _p_n, int64_t _ld_n, const real* __restrict__ _p_r, int64_t _ld_r, const real* __restrict__ _p_z, int64_t _ld_z, real* __restrict__ _p_d_h_next, int64_t _ld_d_h_next, real* __restrict__ _p_d_n, int64_t _ld_d_n, real* __restrict__ _p_d_W_hr_h, int64_t _ld_d_W_hr_h, real* __restrict__ _p_d_W_hz_h, int64_t _ld_d_W_hz_h, real* __restrict__ _p_d_W_hn_h, int64_t _ld_d_W_hn_h)
 {
-    cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
+    cs_for(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
 #pragma omp simd
         for (int64_t _j = 0; _j < _cols; ++_j) {
             real W_hn_h = _p_W_hn_h[_r * _ld_W_hn_h + _j];
@@ -1080,7 +1075,7 @@ extern "C" int torch_gru_backward_bwd_leaf_H_cuda_bf16(int64_t _rows, int64_t _c
 template <typename real>
 static inline void torch_gru_backward_bwd_leaf_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_d_W_hr_h, int64_t _ld_d_W_hr_h, const real* __restrict__ _p_d_W_hz_h, int64_t _ld_d_W_hz_h, const real* __restrict__ _p_d_h_gemm, int64_t _ld_d_h_gemm, const real* __restrict__ _p_d_h_next, int64_t _ld_d_h_next, const real* __restrict__ _p_d_n, int64_t _ld_d_n, const real* __restrict__ _p_n, int64_t _ld_n, const real* __restrict__ _p_z, int64_t _ld_z, real* __restrict__ _p_d_h, int64_t _ld_d_h, real* __restrict__ _p_d_b_in, int64_t _ld_d_b_in, real* __restrict__ _p_d_W_ir_x, int64_t _ld_d_W_ir_x, real* __restrict__ _p_d_W_iz_x, int64_t _ld_d_W_iz_x, real* __restrict__ _p_d_W_in_x, int64_t _ld_d_W_in_x)
 {
-    cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
+    cs_for(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
 #pragma omp simd
         for (int64_t _j = 0; _j < _cols; ++_j) {
             real d_W_hr_h = _p_d_W_hr_h[_r * _ld_d_W_hr_h + _j];
@@ -1187,7 +1182,7 @@ static int torch_gru_forward_run(const int64_t* dims, void* const* ptrs, const c
         // forward: stage 0 forward, units of size H
         CS_PW(torch_gru_forward_fwd0_H, rows, n_H, b_g_W_hr_W_hz_W_hn__h + t * n_B * (3*n_H) + 2*n_H, 3*n_H, b_g_W_hr_W_hz_W_hn__h + t * n_B * (3*n_H), 3*n_H, b_g_W_hr_W_hz_W_hn__h + t * n_B * (3*n_H) + n_H, 3*n_H, b_hg_W_ir_W_iz_W_in__x + (t % n_ch) * n_B * (3*n_H) + 2*n_H, 3*n_H, b_hg_W_ir_W_iz_W_in__x + (t % n_ch) * n_B * (3*n_H), 3*n_H, b_hg_W_ir_W_iz_W_in__x + (t % n_ch) * n_B * (3*n_H) + n_H, 3*n_H, b_p_b_hn, 0, b_p_b_hr, 0, b_p_b_hz, 0, b_p_b_in, 0, b_p_b_ir, 0, b_p_b_iz, 0, b_s_h + t * n_B * (n_H), n_H, b_v_r + t * n_B * (n_H), n_H, b_v_z + t * n_B * (n_H), n_H, b_v_n + t * n_B * (n_H), n_H, b_s_h + (t + 1) * n_B * (n_H), n_H);
         // ended sequences hold their state: rows B_t.. of s_h[t + 1] = s_h[t]
-        if (rows < n_B) CS_COPY(b_s_h + ((t + 1) * n_B + rows) * (n_H), b_s_h + ((t) * n_B + rows) * (n_H), (n_B - rows) * (n_H));
+        if (rows < n_B) CS_COPY(b_s_h + ((t + 1) * n_B + rows) * (n_H), b_s_h + (t * n_B + rows) * (n_H), (n_B - rows) * (n_H));
     }
     cs_unpack(pk_W_ir_W_iz_W_in_nt);
     cs_unpack(pk_W_hr_W_hz_W_hn_nt);
@@ -1280,7 +1275,7 @@ static int torch_gru_inference_run(const int64_t* dims, void* const* ptrs, const
         // inference: stage 0 forward, units of size H
         CS_PW(torch_gru_inference_fwd0_H, rows, n_H, b_g_W_hr_W_hz_W_hn__h + 2*n_H, 3*n_H, b_g_W_hr_W_hz_W_hn__h, 3*n_H, b_g_W_hr_W_hz_W_hn__h + n_H, 3*n_H, b_hg_W_ir_W_iz_W_in__x + (t % n_ch) * n_B * (3*n_H) + 2*n_H, 3*n_H, b_hg_W_ir_W_iz_W_in__x + (t % n_ch) * n_B * (3*n_H), 3*n_H, b_hg_W_ir_W_iz_W_in__x + (t % n_ch) * n_B * (3*n_H) + n_H, 3*n_H, b_p_b_hn, 0, b_p_b_hr, 0, b_p_b_hz, 0, b_p_b_in, 0, b_p_b_ir, 0, b_p_b_iz, 0, b_s_h + t * n_B * (n_H), n_H, b_s_h + (t + 1) * n_B * (n_H), n_H);
         // ended sequences hold their state: rows B_t.. of s_h[t + 1] = s_h[t]
-        if (rows < n_B) CS_COPY(b_s_h + ((t + 1) * n_B + rows) * (n_H), b_s_h + ((t) * n_B + rows) * (n_H), (n_B - rows) * (n_H));
+        if (rows < n_B) CS_COPY(b_s_h + ((t + 1) * n_B + rows) * (n_H), b_s_h + (t * n_B + rows) * (n_H), (n_B - rows) * (n_H));
     }
     cs_unpack(pk_W_ir_W_iz_W_in_nt);
     cs_unpack(pk_W_hr_W_hz_W_hn_nt);
