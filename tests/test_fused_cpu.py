@@ -231,6 +231,58 @@ def test_workspace_never_leaks_into_results(module):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+@pytest.mark.skipif(not HAVE_CXX, reason="no C++ compiler")
+def test_result_pool_reuses_only_unreferenced_buffers(monkeypatch):
+    """The buffers a native call returns or saves come from a per-thread pool (``_pooled``): a
+    later call gets one back only once nothing references it. Held as an output, a view, a
+    detached alias, a NumPy array or a graph not yet differentiated, it keeps its values while
+    later calls run (each of those later calls agrees with the PyTorch engine); dropped, its
+    memory is what the next call returns (the pool is in use: this test fails if it is not)."""
+    pkg = load_module("lstm")
+    tc = pkg.torch_cell
+    if not tc._CAN_POOL:
+        pytest.skip("this torch lacks the reference counts the pool checks")
+    monkeypatch.setattr(tc, "POOL_MIN_BYTES", 0)  # pool the small buffers of this test too
+    tc.release_workspace()
+    cls = getattr(tc, tc.CELL)
+    torch.manual_seed(4)
+    m = cls(6, 9, backend="fused")
+    ref = cls(6, 9, backend="generated")
+    ref.load_state_dict(m.state_dict())
+    xs = [torch.randn(7, 3, 6, requires_grad=True) for _ in range(6)]
+
+    def fwd(module, x):
+        return module(x)[0]
+
+    held = {
+        "output": fwd(m, xs[0]),
+        "view": fwd(m, xs[1])[2:],
+        "detached": fwd(m, xs[2]).detach(),
+        "numpy": fwd(m, xs[3]).detach().numpy(),
+    }
+    pending = fwd(m, xs[4])  # its graph keeps the saved buffers until backward
+    kept = {k: torch.as_tensor(v).detach().clone() for k, v in held.items()}  # (a clone with a graph keeps it)
+    later = [fwd(m, xs[5]) for _ in range(3)]
+    for out in later:
+        torch.testing.assert_close(out, fwd(ref, xs[5]), rtol=1e-5, atol=1e-6)
+    for k, v in held.items():
+        assert torch.equal(torch.as_tensor(v), kept[k]), f"a held {k} was overwritten"
+    pending.square().sum().backward()
+    grad = xs[4].grad.clone()
+    xs[4].grad = None
+    fwd(ref, xs[4]).square().sum().backward()
+    torch.testing.assert_close(grad, xs[4].grad, rtol=1e-5, atol=1e-6)
+
+    del held, later, pending, out
+    first = fwd(m, xs[0])
+    ptr = first.data_ptr()
+    del first
+    again = fwd(m, xs[1])
+    assert again.data_ptr() == ptr, "a dropped output's memory is reused by the next call"
+    tc.release_workspace()
+    assert not tc._WORKSPACE.pool
+
+
 def test_host_simd_options_widest_first(monkeypatch):
     """AVX-512 first where the CPU has it, then AVX2, then the plain vector-math flags; a CPU
     without AVX-512 never gets its flags."""

@@ -709,7 +709,7 @@ def glue_context(prog: ir.Program, grads_zero: dict, cu_text: str) -> dict:
                 if b.name in fn.last_only:  # steps t and t + 1 only (ir.Function.last_only)
                     out.append(f'{b.name} = _scratch("{b.name}", {_shape(b, "2")})')
                 else:
-                    out.append(f"{b.name} = _empty({_shape(b)})")
+                    out.append(f'{b.name} = _fresh("{b.name}", {_shape(b)})')
                 out.append(f"{b.name}[0].copy_(_states[{states[b.name]}])")
             elif b.role == "d_output":
                 i = [f"dout_{v.name}" for v in prog.outputs].index(b.name)
@@ -724,7 +724,7 @@ def glue_context(prog: ir.Program, grads_zero: dict, cu_text: str) -> dict:
             elif b.role == "grad_scratch":
                 out.append(f"{b.name} = _gempty({_shape(b)})")
             else:
-                out.append(f"{b.name} = _empty({_shape(b)})")
+                out.append(f'{b.name} = _fresh("{b.name}", {_shape(b)})')
         return out
 
     weights = []

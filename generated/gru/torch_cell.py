@@ -34,6 +34,7 @@ compiler builds them) and the engine below otherwise.
 
 import logging
 import math
+import sys
 import threading
 
 import torch
@@ -943,10 +944,54 @@ def _workspace(fn, name, shape, dtype, device):
     return view
 
 
+# What a native call returns or keeps for its backward (the state sequences, the saved values,
+# dx) cannot be scratch: it outlives the call. On the CPU each such buffer of at least
+# POOL_MIN_BYTES comes from a per-thread pool instead of a fresh allocation: a buffer an earlier
+# call allocated, once nothing but the pool references it (its output dropped, its graph freed),
+# already mapped in memory (a fresh one costs a page fault per 4 KiB on first touch, and glibc
+# returns large blocks to the system when they are freed: measured, docs/performance.md stop 19).
+# Up to POOL_KEEP buffers per name and call are kept (a training loop still holds the previous
+# output while the next forward runs), each up to WORKSPACE_MAX_BYTES. Where this torch lacks the
+# reference counts the check needs, every such buffer is fresh.
+POOL_MIN_BYTES = 1 << 20
+POOL_KEEP = 2
+_CAN_POOL = hasattr(torch._C, "_storage_Use_Count") and hasattr(torch.Tensor, "_use_count")
+
+
+def _unreferenced(buf):
+    """Whether nothing but the pool's list references ``buf`` (a tensor the pool allocated): no
+    other Python reference to it (the list, the caller's loop variable, this argument and
+    getrefcount's own: 4), no other owner of it in C++ (autograd's saved tensors, DLPack), no other
+    tensor on its memory (a view, a detached alias)."""
+    return (sys.getrefcount(buf) == 4 and buf._use_count() == 1
+            and torch._C._storage_Use_Count(buf.untyped_storage()._cdata) == 2)  # 2: with the temporary storage object
+
+
+def _pooled(fn, name, shape, dtype, device):
+    """A buffer of ``shape`` for a result of the call ``fn`` that no one else references: on the
+    CPU from this thread's pool where one is free, else a fresh one (kept in the pool while it
+    has room)."""
+    n = math.prod(shape)
+    if device.type != "cpu" or not _CAN_POOL or n * dtype.itemsize < POOL_MIN_BYTES or n * dtype.itemsize > WORKSPACE_MAX_BYTES:
+        return torch.empty(shape, dtype=dtype, device=device)
+    pool = getattr(_WORKSPACE, "pool", None)
+    if pool is None:
+        pool = _WORKSPACE.pool = {}
+    kept = pool.setdefault((fn, name), [])
+    for buf in kept:
+        if buf.dtype == dtype and buf.numel() >= n and _unreferenced(buf):
+            return buf[:n].view(shape)
+    buf = torch.empty(n, dtype=dtype)
+    if len(kept) < POOL_KEEP:
+        kept.append(buf)
+    return buf.view(shape)
+
+
 def release_workspace():
-    """Free the scratch buffers this thread keeps between native calls (they come back, at their
-    first-touch cost, on the next call)."""
+    """Free the scratch buffers and the pool of result buffers this thread keeps between native
+    calls (they come back, at their first-touch cost, on the next calls)."""
     _WORKSPACE.buffers = {}
+    _WORKSPACE.pool = {}
 
 
 def _native_sizes(_xs, _params):
@@ -975,20 +1020,23 @@ def _native_forward(_lib, _xs, _states, _params, _bs=None):
     def _scratch(name, shape):  # shapes only (_lib None, fake tensors): a fresh one
         return _empty(shape) if _lib is None else _workspace("forward", name, shape, _dt, _dev)
 
+    def _fresh(name, shape):  # what the call returns or saves: from the pool (CPU) or new
+        return _empty(shape) if _lib is None else _pooled("forward", name, shape, _dt, _dev)
+
     _n_ch = _T if _lib is None else _lib.chunk_steps(_T, _B, _B * (3*_H), 3*_H*_I)
     x_x = _xs[0].contiguous()
-    s_h = _empty((_T + 1, _B, _H))
+    s_h = _fresh("s_h", (_T + 1, _B, _H))
     s_h[0].copy_(_states[0])
     p_b_r = _params["b_r"].contiguous()
     p_b_u = _params["b_u"].contiguous()
     p_b_c = _params["b_c"].contiguous()
     hg_W_r_W_u_W_c__x = _scratch("hg_W_r_W_u_W_c__x", (_n_ch, _B, 3*_H))
     g_U_r_U_u__h = _scratch("g_U_r_U_u__h", (_B, 2*_H))
-    v_r = _empty((_T, _B, _H))
-    v_u = _empty((_T, _B, _H))
-    v_U_c_in = _empty((_T, _B, _H))
+    v_r = _fresh("v_r", (_T, _B, _H))
+    v_u = _fresh("v_u", (_T, _B, _H))
+    v_U_c_in = _fresh("v_U_c_in", (_T, _B, _H))
     g_U_c__U_c_in = _scratch("g_U_c__U_c_in", (_B, _H))
-    v_c = _empty((_T, _B, _H))
+    v_c = _fresh("v_c", (_T, _B, _H))
     if _lib is not None:  # None: shapes only (the custom op's fake implementation)
         _lib("forward", _dims + (_n_ch,), [x_x, s_h, p_b_r, p_b_u, p_b_c, hg_W_r_W_u_W_c__x, g_U_r_U_u__h, v_r, v_u, v_U_c_in, g_U_c__U_c_in, v_c, _stacked(_params["W_r"], _params["W_u"], _params["W_c"]), _stacked(_params["U_r"], _params["U_u"]), _params["U_c"].contiguous(), _bs])
     _outputs = (s_h[1:1 + _T],)
@@ -1010,9 +1058,12 @@ def _native_inference(_lib, _xs, _states, _params, _bs=None):
     def _scratch(name, shape):  # shapes only (_lib None, fake tensors): a fresh one
         return _empty(shape) if _lib is None else _workspace("inference", name, shape, _dt, _dev)
 
+    def _fresh(name, shape):  # what the call returns or saves: from the pool (CPU) or new
+        return _empty(shape) if _lib is None else _pooled("inference", name, shape, _dt, _dev)
+
     _n_ch = _T if _lib is None else _lib.chunk_steps(_T, _B, _B * (3*_H), 3*_H*_I)
     x_x = _xs[0].contiguous()
-    s_h = _empty((_T + 1, _B, _H))
+    s_h = _fresh("s_h", (_T + 1, _B, _H))
     s_h[0].copy_(_states[0])
     p_b_r = _params["b_r"].contiguous()
     p_b_u = _params["b_u"].contiguous()
@@ -1056,6 +1107,9 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     def _gscratch(name, shape):
         return _gempty(shape) if _lib is None else _workspace("backward", name, shape, _gdt, _dev)
 
+    def _fresh(name, shape):  # what the call returns: from the pool (CPU) or new
+        return _empty(shape) if _lib is None else _pooled("backward", name, shape, _dt, _dev)
+
     if _bs is not None:  # outputs past a sequence's end are constant zeros
         _m = _native_active(_bs, _B, _xs)
         _d_outputs = tuple(None if _d is None else _d * _m for _d in _d_outputs)
@@ -1067,7 +1121,7 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     v_c = _saved[4]
     dout_h_next = _zeros((_T, _B, _H)) if _d_outputs[0] is None else _d_outputs[0].contiguous()
     ds_h = _zeros((_B, _H)) if _d_finals[0] is None else _d_finals[0].to(_dt, memory_format=torch.contiguous_format, copy=True)
-    dx_x = _empty((_T, _B, _I))
+    dx_x = _fresh("dx_x", (_T, _B, _I))
     dg_U_r_U_u__h = _scratch("dg_U_r_U_u__h", (_T, _B, 2*_H))
     tmp_d_h_gemm = _scratch("tmp_d_h_gemm", (_B, _H))
     dg_U_c__U_c_in = _scratch("dg_U_c__U_c_in", (_T, _B, _H))
@@ -1086,7 +1140,7 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
 # The same two calls as PyTorch custom ops, for torch.compile (which traces them through their
 # fake implementations: the allocations above, without the call). Registered once per process
 # and content of this file; outputs are copies (an op's outputs may not alias each other).
-_OP = "gru_d97757e3a435"
+_OP = "gru_72f1c1cab815"
 
 
 def _op_forward_impl(xs: list[torch.Tensor], states: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -42,6 +42,7 @@ compiler builds them) and the engine below otherwise.
 
 import logging
 import math
+import sys
 import threading
 
 import torch
@@ -1126,10 +1127,54 @@ def _workspace(fn, name, shape, dtype, device):
     return view
 
 
+# What a native call returns or keeps for its backward (the state sequences, the saved values,
+# dx) cannot be scratch: it outlives the call. On the CPU each such buffer of at least
+# POOL_MIN_BYTES comes from a per-thread pool instead of a fresh allocation: a buffer an earlier
+# call allocated, once nothing but the pool references it (its output dropped, its graph freed),
+# already mapped in memory (a fresh one costs a page fault per 4 KiB on first touch, and glibc
+# returns large blocks to the system when they are freed: measured, docs/performance.md stop 19).
+# Up to POOL_KEEP buffers per name and call are kept (a training loop still holds the previous
+# output while the next forward runs), each up to WORKSPACE_MAX_BYTES. Where this torch lacks the
+# reference counts the check needs, every such buffer is fresh.
+POOL_MIN_BYTES = 1 << 20
+POOL_KEEP = 2
+_CAN_POOL = hasattr(torch._C, "_storage_Use_Count") and hasattr(torch.Tensor, "_use_count")
+
+
+def _unreferenced(buf):
+    """Whether nothing but the pool's list references ``buf`` (a tensor the pool allocated): no
+    other Python reference to it (the list, the caller's loop variable, this argument and
+    getrefcount's own: 4), no other owner of it in C++ (autograd's saved tensors, DLPack), no other
+    tensor on its memory (a view, a detached alias)."""
+    return (sys.getrefcount(buf) == 4 and buf._use_count() == 1
+            and torch._C._storage_Use_Count(buf.untyped_storage()._cdata) == 2)  # 2: with the temporary storage object
+
+
+def _pooled(fn, name, shape, dtype, device):
+    """A buffer of ``shape`` for a result of the call ``fn`` that no one else references: on the
+    CPU from this thread's pool where one is free, else a fresh one (kept in the pool while it
+    has room)."""
+    n = math.prod(shape)
+    if device.type != "cpu" or not _CAN_POOL or n * dtype.itemsize < POOL_MIN_BYTES or n * dtype.itemsize > WORKSPACE_MAX_BYTES:
+        return torch.empty(shape, dtype=dtype, device=device)
+    pool = getattr(_WORKSPACE, "pool", None)
+    if pool is None:
+        pool = _WORKSPACE.pool = {}
+    kept = pool.setdefault((fn, name), [])
+    for buf in kept:
+        if buf.dtype == dtype and buf.numel() >= n and _unreferenced(buf):
+            return buf[:n].view(shape)
+    buf = torch.empty(n, dtype=dtype)
+    if len(kept) < POOL_KEEP:
+        kept.append(buf)
+    return buf.view(shape)
+
+
 def release_workspace():
-    """Free the scratch buffers this thread keeps between native calls (they come back, at their
-    first-touch cost, on the next call)."""
+    """Free the scratch buffers and the pool of result buffers this thread keeps between native
+    calls (they come back, at their first-touch cost, on the next calls)."""
     _WORKSPACE.buffers = {}
+    _WORKSPACE.pool = {}
 
 
 def _native_sizes(_xs, _params):
@@ -1158,15 +1203,18 @@ def _native_forward(_lib, _xs, _states, _params, _bs=None):
     def _scratch(name, shape):  # shapes only (_lib None, fake tensors): a fresh one
         return _empty(shape) if _lib is None else _workspace("forward", name, shape, _dt, _dev)
 
+    def _fresh(name, shape):  # what the call returns or saves: from the pool (CPU) or new
+        return _empty(shape) if _lib is None else _pooled("forward", name, shape, _dt, _dev)
+
     _n_ch = _T if _lib is None else _lib.chunk_steps(_T, _B, _B * (4*_H), 4*_H*_I)
     x_x = _xs[0].contiguous()
-    s_h = _empty((_T + 1, _B, _H))
+    s_h = _fresh("s_h", (_T + 1, _B, _H))
     s_h[0].copy_(_states[0])
-    s_c = _empty((_T + 1, _B, _H))
+    s_c = _fresh("s_c", (_T + 1, _B, _H))
     s_c[0].copy_(_states[1])
-    s_n = _empty((_T + 1, _B, _H))
+    s_n = _fresh("s_n", (_T + 1, _B, _H))
     s_n[0].copy_(_states[2])
-    s_m = _empty((_T + 1, _B, _H))
+    s_m = _fresh("s_m", (_T + 1, _B, _H))
     s_m[0].copy_(_states[3])
     p_b_z = _params["b_z"].contiguous()
     p_b_i = _params["b_i"].contiguous()
@@ -1174,12 +1222,12 @@ def _native_forward(_lib, _xs, _states, _params, _bs=None):
     p_b_o = _params["b_o"].contiguous()
     hg_W_z_W_i_W_f_W_o__x = _scratch("hg_W_z_W_i_W_f_W_o__x", (_n_ch, _B, 4*_H))
     g_R_z_R_i_R_f_R_o__h = _scratch("g_R_z_R_i_R_f_R_o__h", (_B, 4*_H))
-    v_z = _empty((_T, _B, _H))
-    v_it = _empty((_T, _B, _H))
-    v_ft = _empty((_T, _B, _H))
-    v_o = _empty((_T, _B, _H))
-    v_i = _empty((_T, _B, _H))
-    v_f = _empty((_T, _B, _H))
+    v_z = _fresh("v_z", (_T, _B, _H))
+    v_it = _fresh("v_it", (_T, _B, _H))
+    v_ft = _fresh("v_ft", (_T, _B, _H))
+    v_o = _fresh("v_o", (_T, _B, _H))
+    v_i = _fresh("v_i", (_T, _B, _H))
+    v_f = _fresh("v_f", (_T, _B, _H))
     if _lib is not None:  # None: shapes only (the custom op's fake implementation)
         _lib("forward", _dims + (_n_ch,), [x_x, s_h, s_c, s_n, s_m, p_b_z, p_b_i, p_b_f, p_b_o, hg_W_z_W_i_W_f_W_o__x, g_R_z_R_i_R_f_R_o__h, v_z, v_it, v_ft, v_o, v_i, v_f, _stacked(_params["W_z"], _params["W_i"], _params["W_f"], _params["W_o"]), _stacked(_params["R_z"], _params["R_i"], _params["R_f"], _params["R_o"]), _bs])
     _outputs = (s_h[1:1 + _T],)
@@ -1201,9 +1249,12 @@ def _native_inference(_lib, _xs, _states, _params, _bs=None):
     def _scratch(name, shape):  # shapes only (_lib None, fake tensors): a fresh one
         return _empty(shape) if _lib is None else _workspace("inference", name, shape, _dt, _dev)
 
+    def _fresh(name, shape):  # what the call returns or saves: from the pool (CPU) or new
+        return _empty(shape) if _lib is None else _pooled("inference", name, shape, _dt, _dev)
+
     _n_ch = _T if _lib is None else _lib.chunk_steps(_T, _B, _B * (4*_H), 4*_H*_I)
     x_x = _xs[0].contiguous()
-    s_h = _empty((_T + 1, _B, _H))
+    s_h = _fresh("s_h", (_T + 1, _B, _H))
     s_h[0].copy_(_states[0])
     s_c = _scratch("s_c", (2, _B, _H))
     s_c[0].copy_(_states[1])
@@ -1251,6 +1302,9 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     def _gscratch(name, shape):
         return _gempty(shape) if _lib is None else _workspace("backward", name, shape, _gdt, _dev)
 
+    def _fresh(name, shape):  # what the call returns: from the pool (CPU) or new
+        return _empty(shape) if _lib is None else _pooled("backward", name, shape, _dt, _dev)
+
     if _bs is not None:  # outputs past a sequence's end are constant zeros
         _m = _native_active(_bs, _B, _xs)
         _d_outputs = tuple(None if _d is None else _d * _m for _d in _d_outputs)
@@ -1270,7 +1324,7 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     ds_c = _zeros((_B, _H)) if _d_finals[1] is None else _d_finals[1].to(_dt, memory_format=torch.contiguous_format, copy=True)
     ds_n = _zeros((_B, _H)) if _d_finals[2] is None else _d_finals[2].to(_dt, memory_format=torch.contiguous_format, copy=True)
     ds_m = _zeros((_B, _H)) if _d_finals[3] is None else _d_finals[3].to(_dt, memory_format=torch.contiguous_format, copy=True)
-    dx_x = _empty((_T, _B, _I))
+    dx_x = _fresh("dx_x", (_T, _B, _I))
     dg_R_z_R_i_R_f_R_o__h = _scratch("dg_R_z_R_i_R_f_R_o__h", (_T, _B, 4*_H))
     tmp_d_h_gemm = _scratch("tmp_d_h_gemm", (_B, _H))
     tmp_d_n_next = _scratch("tmp_d_n_next", (_B, _H))
@@ -1288,7 +1342,7 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
 # The same two calls as PyTorch custom ops, for torch.compile (which traces them through their
 # fake implementations: the allocations above, without the call). Registered once per process
 # and content of this file; outputs are copies (an op's outputs may not alias each other).
-_OP = "slstm_793e4b9487b4"
+_OP = "slstm_5f61abaf1330"
 
 
 def _op_forward_impl(xs: list[torch.Tensor], states: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:
