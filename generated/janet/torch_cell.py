@@ -761,7 +761,7 @@ def _stacked(*mats):
 # adjoints; never what a call returns or saves) are kept between calls, per thread, on the CPU:
 # a fresh multi-MiB buffer costs a page fault per 4 KiB on first touch, every call. Each is kept
 # up to WORKSPACE_MAX_BYTES; release_workspace() frees them. Other devices: torch's allocator.
-WORKSPACE_MAX_BYTES = 64 << 20
+WORKSPACE_MAX_BYTES = 256 << 20
 _WORKSPACE = threading.local()
 
 
