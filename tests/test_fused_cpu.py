@@ -237,7 +237,8 @@ def test_result_pool_reuses_only_unreferenced_buffers(monkeypatch):
     later call gets one back only once nothing references it. Held as an output, a view, a
     detached alias, a NumPy array or a graph not yet differentiated, it keeps its values while
     later calls run (each of those later calls agrees with the PyTorch engine); dropped, its
-    memory is what the next call returns (the pool is in use: this test fails if it is not)."""
+    memory is what the next call returns (the pool is in use: this test fails if it is not), also
+    after a call larger than every buffer kept."""
     pkg = load_module("lstm")
     tc = pkg.torch_cell
     if not tc._CAN_POOL:
@@ -279,6 +280,13 @@ def test_result_pool_reuses_only_unreferenced_buffers(monkeypatch):
     del first
     again = fwd(m, xs[1])
     assert again.data_ptr() == ptr, "a dropped output's memory is reused by the next call"
+    del again
+    longer = torch.randn(11, 3, 6)  # larger than every pooled buffer: replaces a free one
+    ptr = fwd(m, longer).data_ptr()
+    pooled = tc._WORKSPACE.pool[("forward", "s_h")]
+    assert any(b.data_ptr() <= ptr < b.data_ptr() + b.numel() * b.element_size() for b in pooled), \
+        "a larger buffer is kept in place of a smaller one"
+    assert fwd(m, longer).data_ptr() == ptr
     tc.release_workspace()
     assert not tc._WORKSPACE.pool
 

@@ -735,7 +735,8 @@ def _workspace(fn, name, shape, dtype, device):
 # already mapped in memory (a fresh one costs a page fault per 4 KiB on first touch, and glibc
 # returns large blocks to the system when they are freed: measured, docs/performance.md stop 19).
 # Up to POOL_KEEP buffers per name and call are kept (a training loop still holds the previous
-# output while the next forward runs), each up to WORKSPACE_MAX_BYTES. Where this torch lacks the
+# output while the next forward runs), each up to WORKSPACE_MAX_BYTES; a larger call replaces a
+# free smaller one. Where this torch lacks the
 # reference counts the check needs, every such buffer is fresh.
 POOL_MIN_BYTES = 1 << 20
 POOL_KEEP = 2
@@ -762,11 +763,17 @@ def _pooled(fn, name, shape, dtype, device):
     if pool is None:
         pool = _WORKSPACE.pool = {}
     kept = pool.setdefault((fn, name), [])
-    for buf in kept:
-        if buf.dtype == dtype and buf.numel() >= n and _unreferenced(buf):
-            return buf[:n].view(shape)
+    spare = None  # a free buffer too small or of another dtype: the new one replaces it
+    for i in range(len(kept)):  # (not enumerate: its tuple may hold a reference to the buffer)
+        buf = kept[i]
+        if _unreferenced(buf):
+            if buf.dtype == dtype and buf.numel() >= n:
+                return buf[:n].view(shape)
+            spare = i
     buf = torch.empty(n, dtype=dtype)
-    if len(kept) < POOL_KEEP:
+    if spare is not None:
+        kept[spare] = buf
+    elif len(kept) < POOL_KEEP:
         kept.append(buf)
     return buf.view(shape)
 
