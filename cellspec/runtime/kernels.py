@@ -155,11 +155,12 @@ class Library:
             self._fns[(name, dtype)] = fn
         return fn
 
-    def __call__(self, name: str, dims: tuple[int, ...], tensors: list[torch.Tensor]) -> None:
+    def __call__(self, name: str, dims: tuple[int, ...], tensors: list[torch.Tensor | int | None]) -> None:
         dtype = tensors[0].dtype
         fn = self.function(name, dtype)
-        # None: a NULL pointer (the optional batch sizes, a host array even for the CUDA build)
-        ptrs = (ctypes.c_void_p * len(tensors))(*[None if t is None else t.data_ptr() for t in tensors])
+        # None: a NULL pointer (the optional batch sizes, a host array even for the CUDA build); an
+        # int: an address already (a weight stack that lies in one block: the glue's _stacked)
+        ptrs = (ctypes.c_void_p * len(tensors))(*[t if t is None or t.__class__ is int else t.data_ptr() for t in tensors])
         dims_arr = (ctypes.c_int64 * len(dims))(*dims)
         if self.device_type == "cpu":
             rc = fn(dims_arr, ptrs, ctypes.byref(self._ctx))

@@ -1669,24 +1669,22 @@ def _run_native(lib, xs, state, params, bs=None):
 
 
 def _one_block(mats):
-    """Whether param matrices lie one after another in memory (flatten_parameters lays out each
-    stack so)."""
-    first = mats[0]
-    step = first.shape[1] * first.element_size()
-    at = first.data_ptr()
+    """Whether param matrices of one dtype (the callers check it) lie one after another in memory
+    (flatten_parameters lays out each stack so)."""
+    cols = mats[0].shape[1]
+    step = cols * mats[0].element_size()
+    at = mats[0].data_ptr()
     for m in mats:
-        if m.data_ptr() != at or not m.is_contiguous() or m.shape[1] != first.shape[1] or m.dtype != first.dtype:
+        if m.data_ptr() != at or not m.is_contiguous() or m.shape[1] != cols:
             return False
         at += m.shape[0] * step
     return True
 
 
 def _stacked(*mats):
-    """Param matrices stacked by rows: a view where they are one block already, else a copy."""
-    if not _one_block(mats):
-        return torch.cat(mats)
-    first = mats[0]
-    return first.as_strided((sum(m.shape[0] for m in mats), first.shape[1]), (first.shape[1], 1))
+    """Param matrices stacked by rows, as the native library takes a weight: the address of the
+    first where they are one block already (no tensor op), else a copy."""
+    return mats[0].data_ptr() if _one_block(mats) else torch.cat(mats)
 
 
 # Scratch buffers of the native calls (the hoisted GEMM outputs, per-step scratch, the backward's
