@@ -477,13 +477,22 @@ def test_ddp_two_processes_same_step_as_one(backend, tmp_path):
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     x = torch.randn(9, 4, 3, dtype=DT)
     result = str(tmp_path / "rank0.pt")
-    mp.start_processes(
-        ddp_worker.run,
-        args=(2, f"file://{tmp_path / 'rendezvous'}", backend, x, state, result),
-        nprocs=2,
-        join=True,
-        start_method="spawn",
-    )
+    for attempt in range(2):
+        try:
+            mp.start_processes(
+                ddp_worker.run,
+                args=(2, f"file://{tmp_path / f'rendezvous{attempt}'}", backend, x, state, result),
+                nprocs=2,
+                join=True,
+                start_method="spawn",
+            )
+            break
+        except mp.ProcessExitedException as e:
+            # Once in CI (stop 19) a worker died by SIGABRT ("terminate called without an active
+            # exception", gloo's teardown) and passed on every rerun: a worker killed by a signal
+            # gets one more try; a Python error in a worker, or a second crash, fails the test.
+            if attempt or e.signal_name is None:
+                raise
     got = torch.load(result)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     out, _ = model(x)
