@@ -29,7 +29,6 @@ compiler builds them) and the engine below otherwise.
 
 import logging
 import math
-import sys
 import threading
 
 import torch
@@ -710,12 +709,13 @@ _CAN_POOL = hasattr(torch._C, "_storage_Use_Count") and hasattr(torch.Tensor, "_
 
 
 def _unreferenced(buf):
-    """Whether nothing but the pool's list references ``buf`` (a tensor the pool allocated): no
-    other Python reference to it (the list, the caller's loop variable, this argument and
-    getrefcount's own: 4), no other owner of it in C++ (autograd's saved tensors, DLPack), no other
-    tensor on its memory (a view, a detached alias)."""
-    return (sys.getrefcount(buf) == 4 and buf._use_count() == 1
-            and torch._C._storage_Use_Count(buf.untyped_storage()._cdata) == 2)  # 2: with the temporary storage object
+    """Whether nothing but the pool references ``buf`` (a tensor the pool allocated and never hands
+    out itself: callers get views of it, so whatever holds a result holds its memory through
+    another tensor): no owner of it but its Python object (autograd's saved tensors and a view's
+    base hold the tensor), no other tensor or storage object on its memory (a result, a view, a
+    detached alias, a NumPy array's tensor). Reference counts of C++ objects only: what Python's
+    own refcount reports differs between interpreter versions."""
+    return buf._use_count() == 1 and torch._C._storage_Use_Count(buf.untyped_storage()._cdata) == 2  # 2: with the temporary storage object
 
 
 def _pooled(fn, name, shape, dtype, device):
@@ -730,8 +730,7 @@ def _pooled(fn, name, shape, dtype, device):
         pool = _WORKSPACE.pool = {}
     kept = pool.setdefault((fn, name), [])
     spare = None  # a free buffer too small or of another dtype: the new one replaces it
-    for i in range(len(kept)):  # (not enumerate: its tuple may hold a reference to the buffer)
-        buf = kept[i]
+    for i, buf in enumerate(kept):
         if _unreferenced(buf):
             if buf.dtype == dtype and buf.numel() >= n:
                 return buf[:n].view(shape)
