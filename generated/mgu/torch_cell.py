@@ -849,15 +849,23 @@ WORKSPACE_MAX_BYTES = 256 << 20
 _WORKSPACE = threading.local()
 
 
+def _kept(kind):
+    """This thread's dict ``kind`` ("buffers": the workspace, "pool": the result pool), made on
+    first use."""
+    kept = getattr(_WORKSPACE, kind, None)
+    if kept is None:
+        kept = {}
+        setattr(_WORKSPACE, kind, kept)
+    return kept
+
+
 def _workspace(fn, name, shape, dtype, device):
     """A scratch buffer of ``shape`` for the call ``fn``: the same memory on every call in this
     thread (CPU), else a fresh one. The view of the last shape asked for is kept too: a call of
     the same sizes gets it back without a tensor op."""
     if device.type != "cpu":
         return torch.empty(shape, dtype=dtype, device=device)
-    kept = getattr(_WORKSPACE, "buffers", None)
-    if kept is None:
-        kept = _WORKSPACE.buffers = {}
+    kept = _kept("buffers")
     buf, view = kept.get((fn, name), (None, None))
     if view is not None and view.dtype == dtype and view.shape == shape:
         return view
@@ -879,8 +887,8 @@ def _workspace(fn, name, shape, dtype, device):
 # returns large blocks to the system when they are freed: measured, docs/performance.md stop 19).
 # Up to POOL_KEEP buffers per name and call are kept (a training loop still holds the previous
 # output while the next forward runs), each up to WORKSPACE_MAX_BYTES; a larger call replaces a
-# free smaller one. Where this torch lacks the
-# reference counts the check needs, every such buffer is fresh.
+# free smaller one. Where this torch lacks the reference counts the check needs, every such
+# buffer is fresh.
 POOL_MIN_BYTES = 1 << 20
 POOL_KEEP = 2
 _CAN_POOL = hasattr(torch._C, "_storage_Use_Count") and hasattr(torch.Tensor, "_use_count")
@@ -903,10 +911,7 @@ def _pooled(fn, name, shape, dtype, device):
     n = math.prod(shape)
     if device.type != "cpu" or not _CAN_POOL or n * dtype.itemsize < POOL_MIN_BYTES or n * dtype.itemsize > WORKSPACE_MAX_BYTES:
         return torch.empty(shape, dtype=dtype, device=device)
-    pool = getattr(_WORKSPACE, "pool", None)
-    if pool is None:
-        pool = _WORKSPACE.pool = {}
-    kept = pool.setdefault((fn, name), [])
+    kept = _kept("pool").setdefault((fn, name), [])
     spare = None  # a free buffer too small or of another dtype: the new one replaces it
     for i, buf in enumerate(kept):
         if _unreferenced(buf):
