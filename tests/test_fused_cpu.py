@@ -336,3 +336,84 @@ def test_avx2_build_agrees_with_default(monkeypatch):
         kernels.set_own_gemm(True)
     for a, b in zip(default, avx2):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+_KEPT_SCRATCH_CHECK = r"""
+#include "lstm.cu"
+#include <stdio.h>
+#include <thread>
+static int fails = 0;
+#define CHECK(c) do { if (!(c)) { printf("failed: %s (line %d)\n", #c, __LINE__); ++fails; } } while (0)
+static int kept_count() { int n = 0; for (int i = 0; i < CS_KEPT; ++i) n += cs_kept.p[i] != 0; return n; }
+int main()
+{
+    void* a = cs_take(1000);
+    CHECK(a && ((uintptr_t)a % 64) == 0);
+    memset(a, 1, 1000);
+    cs_give(a);
+    CHECK(kept_count() == 1);
+    CHECK(cs_take(500) == a);  // a kept block large enough comes back
+    CHECK(kept_count() == 0);
+    cs_give(a);
+    void* big = cs_take(5000);  // none large enough kept: a new one
+    CHECK(big && big != a);
+    cs_give(big);
+    CHECK(cs_take(800) == a);  // the smallest that fits
+    cs_give(a);
+    void* blocks[CS_KEPT + 1];
+    cs_kept.release();
+    CHECK(kept_count() == 0);
+    for (int i = 0; i <= CS_KEPT; ++i) blocks[i] = cs_take(1024 * (size_t)(i + 1));
+    for (int i = 0; i <= CS_KEPT; ++i) cs_give(blocks[i]);
+    CHECK(kept_count() == CS_KEPT);  // the largest CS_KEPT are kept, the smallest freed
+    for (int i = 0; i < CS_KEPT; ++i) CHECK(cs_kept.p[i] != blocks[0]);
+    CHECK(cs_take(1024) == blocks[1]);
+    cs_give(blocks[1]);
+    void* huge = cs_take(CS_KEPT_MAX + 1);  // never written: address space only
+    CHECK(huge != 0);
+    cs_give(huge);
+    for (int i = 0; i < CS_KEPT; ++i) CHECK(cs_kept.p[i] != huge);  // too large to keep
+    std::thread([] { CHECK(kept_count() == 0); void* b = cs_take(64); cs_give(b); CHECK(kept_count() == 1); }).join();
+    CHECK(kept_count() == CS_KEPT);  // another thread's blocks are its own
+    cs_kept.release();
+    CHECK(kept_count() == 0);
+    printf(fails ? "FAILED\n" : "ok\n");
+    return fails != 0;
+}
+"""
+
+
+@pytest.mark.skipif(not HAVE_CXX, reason="no C++ compiler")
+def test_kept_scratch_blocks(tmp_path):
+    """The packed-operand scratch a CPU build keeps between calls (``cs_take``/``cs_give`` in the
+    generated ``.cu``): a given block comes back for a request it fits (the smallest that does),
+    each thread keeps its own, at most CS_KEPT of them (the largest), none over CS_KEPT_MAX, and
+    ``release`` frees them; through the module, ``release_workspace()`` reaches the library."""
+    import subprocess
+
+    cu = Path(__file__).resolve().parent.parent / "generated" / "lstm" / "lstm.cu"
+    (tmp_path / "lstm.cu").write_text(cu.read_text())
+    (tmp_path / "check.cpp").write_text(_KEPT_SCRATCH_CHECK)
+    exe = tmp_path / "check"
+    build = subprocess.run([native.which_cxx(), "-x", "c++", "-O1", "-fopenmp", "-pthread", str(tmp_path / "check.cpp"),
+                            "-o", str(exe)], capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr[-2000:]
+    run = subprocess.run([str(exe)], capture_output=True, text=True)
+    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stdout + run.stderr
+
+    pkg = load_module("lstm")
+    tc = pkg.torch_cell
+    m = getattr(tc, tc.CELL)(6, 9, backend="fused")
+    x = torch.randn(8, 3, 6)
+    first = _run(m, x)
+    lib = tc._LIBRARIES[("cpu", None)]
+    calls = []
+    real = lib.release_scratch
+    lib.release_scratch = lambda: (calls.append(1), real())
+    try:
+        tc.release_workspace()
+    finally:
+        del lib.release_scratch
+    assert calls == [1]
+    for a, b in zip(_run(m, x), first):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -123,6 +123,14 @@ class Library:
         fn = getattr(self.lib, f"{self.module}_own_gemm", None)
         return self.device_type == "cpu" and fn is not None and fn() == 1
 
+    def release_scratch(self) -> None:
+        """Free the packed-operand scratch the CPU build keeps between calls for the calling
+        thread (``cs_take`` in the generated ``.cu``; a build without it keeps none)."""
+        fn = getattr(self.lib, f"{self.module}_release_scratch", None) if self.device_type == "cpu" else None
+        if fn is not None:
+            fn.argtypes, fn.restype = [], None
+            fn()
+
     def chunk_steps(self, T: int, B: int, floats_per_step: int, weight_floats: int) -> int:
         """Steps per chunk of the work ahead of a forward's steps (the hoisted GEMMs and levels,
         ``ir.Loop.ahead``): the library runs them a chunk at a time, just before the chunk's

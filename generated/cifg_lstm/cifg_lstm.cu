@@ -253,6 +253,54 @@ typedef size_t (*cs_pack_size_fn)(const char*, const int*, const int*, const int
 typedef void (*cs_pack_fn)(const char*, const char*, const int*, const int*, const int*, const float*, const float*, const int*, float*);
 typedef void (*cs_compute_fn)(const char*, const char*, const int*, const int*, const int*, const float*, const int*, const float*,
                               const int*, const float*, float*, const int*);
+// Scratch of the packed operands (weights packed once per call, the weight-gradient GEMM's packed
+// blocks), kept between calls by the thread that freed it: a fresh block of a MiB or more is
+// mapped page by page on its first touch, and glibc gives it back to the system when it is freed,
+// so every call paid a page fault and a zeroed page per 4 KiB (~4% of the LSTM's inference at
+// (64, 32, 256), in the kernel). cs_take returns a 64-byte aligned block of at least `bytes` (a
+// kept one if one is large enough, else a new one; NULL if none can be had); cs_give keeps it
+// for the next call (up to CS_KEPT blocks of at most CS_KEPT_MAX bytes, the largest), or frees it.
+// The thread's blocks are freed when it ends, or by <module>_release_scratch().
+#define CS_KEPT 4
+#define CS_KEPT_MAX ((size_t)256 << 20)
+struct cs_kept_blocks {
+    void* p[CS_KEPT] = {};
+    size_t n[CS_KEPT] = {};
+    void release() { for (int i = 0; i < CS_KEPT; ++i) { if (p[i]) free((char*)p[i] - 64); p[i] = 0; n[i] = 0; } }
+    ~cs_kept_blocks() { release(); }
+};
+static thread_local cs_kept_blocks cs_kept;
+static void* cs_take(size_t bytes)
+{
+    int best = -1;
+    for (int i = 0; i < CS_KEPT; ++i)
+        if (cs_kept.p[i] && cs_kept.n[i] >= bytes && (best < 0 || cs_kept.n[i] < cs_kept.n[best])) best = i;
+    if (best >= 0) {
+        void* r = cs_kept.p[best];
+        cs_kept.p[best] = 0;
+        cs_kept.n[best] = 0;
+        return r;
+    }
+    void* mem = 0;  // 64 bytes of header (the block's size) keep the block 64-byte aligned
+    if (posix_memalign(&mem, 64, bytes + 64) != 0) return 0;
+    *(size_t*)mem = bytes;
+    return (char*)mem + 64;
+}
+static void cs_give(void* block)
+{
+    if (!block) return;
+    void* mem = (char*)block - 64;
+    const size_t bytes = *(size_t*)mem;
+    int slot = 0;  // an empty slot, else the one of the smallest kept block
+    for (int i = 0; i < CS_KEPT; ++i) {
+        if (!cs_kept.p[i]) { slot = i; break; }
+        if (cs_kept.n[i] < cs_kept.n[slot]) slot = i;
+    }
+    if (bytes > CS_KEPT_MAX || (cs_kept.p[slot] && cs_kept.n[slot] >= bytes)) { free(mem); return; }
+    if (cs_kept.p[slot]) free((char*)cs_kept.p[slot] - 64);
+    cs_kept.p[slot] = block;
+    cs_kept.n[slot] = bytes;
+}
 // ?gemm_ and, where the BLAS has them (MKL), the packed-matrix API for float (NULL otherwise)
 // own = 1: float products by a per-step weight run cellspec's own GEMM below where the CPU has AVX-512
 struct cs_ctx { cs_sgemm_fn sgemm; cs_dgemm_fn dgemm; cs_pack_size_fn pack_size; cs_pack_fn pack; cs_compute_fn compute; int own; };
@@ -424,8 +472,8 @@ __attribute__((target("avx512f"))) static bool cs_own_gemm_tn(int64_t m, int64_t
     if (kc > k) kc = k;
     // the packed b block and every sliver of a's k-block, allocated before anything is written
     // (a failure leaves `out` to the BLAS untouched)
-    void* mem = 0;
-    if (posix_memalign(&mem, 64, (size_t)((panels * 32 + slivers * 12) * kc) * sizeof(float)) != 0) return false;
+    void* mem = cs_take((size_t)((panels * 32 + slivers * 12) * kc) * sizeof(float));
+    if (!mem) return false;
     float* pb = (float*)mem;
     float* pa = pb + panels * 32 * kc;
     const int64_t blocks = (slivers + mc - 1) / mc;
@@ -454,7 +502,7 @@ __attribute__((target("avx512f"))) static bool cs_own_gemm_tn(int64_t m, int64_t
                                   out + s0 * 12 * ldc + p, ldc, m0, m1, acc);
         }
     }
-    free(mem);
+    cs_give(mem);
     return true;
 }
 // A plain product a @ op(b) of at least 16 rows (the hoisted products by a weight, dx = dg @ W
@@ -467,11 +515,11 @@ static bool cs_own_route(const cs_ctx* c, int ta, int tb, int64_t m, int64_t n, 
     if (!c->own || k <= 0 || !cs_avx512()) return false;
     if (ta) return !tb && k >= 256 && cs_own_gemm_tn(m, n, k, a, lda, b, ldb, out, ldc, beta);
     if (m < 16) return false;
-    void* mem = 0;
-    if (posix_memalign(&mem, 64, (size_t)(((n + 31) / 32) * 32 * k) * sizeof(float)) != 0) return false;
+    void* mem = cs_take((size_t)(((n + 31) / 32) * 32 * k) * sizeof(float));
+    if (!mem) return false;
     cs_own_pack(tb, n, k, b, ldb, (float*)mem);
     cs_own_gemm(m, n, k, a, lda, (float*)mem, out, ldc, beta);
-    free(mem);
+    cs_give(mem);
     return true;
 }
 #endif
@@ -504,8 +552,8 @@ static cs_packed<float> cs_pack(const cs_ctx* c, int ta, int64_t m, int64_t n, i
     if (m <= 0 || n <= 0 || k <= 0) return p;
 #ifdef CS_OWN_GEMM
     if (c->own && cs_avx512()) {
-        void* mem = 0;
-        if (posix_memalign(&mem, 64, (size_t)(((n + 31) / 32) * 32 * k) * sizeof(float)) == 0) {
+        void* mem = cs_take((size_t)(((n + 31) / 32) * 32 * k) * sizeof(float));
+        if (mem) {
             p.own = (float*)mem;
             cs_own_pack(ta, n, k, w, ldw, p.own);
             return p;
@@ -516,11 +564,11 @@ static cs_packed<float> cs_pack(const cs_ctx* c, int ta, int64_t m, int64_t n, i
     const int im = (int)n, in = (int)m, ik = (int)k, ild = (int)ldw;
     const char id = 'A', tr = ta ? 'T' : 'N';
     const float one = 1.0f;
-    p.packed = malloc(c->pack_size(&id, &im, &in, &ik));
+    p.packed = cs_take(c->pack_size(&id, &im, &in, &ik));
     if (p.packed) c->pack(&id, &tr, &im, &in, &ik, &one, w, &ild, (float*)p.packed);
     return p;
 }
-template <typename S> static void cs_unpack(cs_packed<S>& p) { free(p.packed); p.packed = 0; free(p.own); p.own = 0; }
+template <typename S> static void cs_unpack(cs_packed<S>& p) { cs_give(p.packed); p.packed = 0; cs_give(p.own); p.own = 0; }
 // packed only where more than one product reads it (the work ahead of the steps in one chunk:
 // a single product, which packing would only slow down)
 template <typename S>
@@ -1506,6 +1554,8 @@ extern "C" int cifg_lstm_backward_f64(const int64_t* dims, void* const* ptrs, co
 #ifdef __CUDACC__
 extern "C" const char* cifg_lstm_cuda_error_string(int code) { return code >= 1000 ? "cuBLAS error (1000 + cublasStatus_t)" : cudaGetErrorString((cudaError_t)code); }
 #else
+// frees the packed-operand scratch the calling thread keeps between calls (cs_take)
+extern "C" void cifg_lstm_release_scratch(void) { cs_kept.release(); }
 // 1 where the float per-step products run cellspec's own AVX-512 GEMM (given ctx->own), else 0
 extern "C" int cifg_lstm_own_gemm(void)
 {

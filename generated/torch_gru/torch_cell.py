@@ -975,9 +975,13 @@ def _pooled(fn, name, shape, dtype, device):
 
 def release_workspace():
     """Free the scratch buffers and the pool of result buffers this thread keeps between native
-    calls (they come back, at their first-touch cost, on the next calls)."""
+    calls, and the packed weights the library keeps for it (they come back, at their first-touch
+    cost, on the next calls)."""
     _WORKSPACE.buffers = {}
     _WORKSPACE.pool = {}
+    for lib in _LIBRARIES.values():
+        if not isinstance(lib, Exception):
+            lib.release_scratch()
 
 
 def _native_sizes(_xs, _params):
@@ -1129,7 +1133,7 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
 # The same two calls as PyTorch custom ops, for torch.compile (which traces them through their
 # fake implementations: the allocations above, without the call). Registered once per process
 # and content of this file; outputs are copies (an op's outputs may not alias each other).
-_OP = "torch_gru_e0b20763800c"
+_OP = "torch_gru_2341cd15ac68"
 
 
 def _op_forward_impl(xs: list[torch.Tensor], states: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:
