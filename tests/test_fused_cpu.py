@@ -91,6 +91,64 @@ def test_chunks_of_steps_agree(module, monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.skipif(not HAVE_CXX, reason="no C++ compiler")
+@pytest.mark.parametrize("module", ["lstm", "torch_gru", "layer_norm_lstm", "slstm", "antisymmetric_rnn", "cifg_lstm"])
+def test_loop_team_agrees_with_fork_per_op(module):
+    """With two threads, every time loop run as one team of threads (``set_loop_team(2)`` forces
+    it at this small size; each op's work shared by ``cs_for``, the held states' copies by one
+    thread, ``cs_once``) gives exactly the results of a fork per op (``set_loop_team(0)``):
+    outputs, final states, every gradient and inference, with and without variable lengths, in
+    several chunks of steps; and the team did run (``Library.team_loops``)."""
+    pkg = load_module(module)
+    tc = pkg.torch_cell
+    cls = getattr(tc, tc.CELL)
+    torch.manual_seed(5)
+    m = cls(6, 64, backend="fused")  # float32: a team needs the own GEMM (and at H = 64 the work ahead runs in chunks, packed)
+    T, B = 80, 7
+    x = torch.randn(T, B, 6)
+    lengths = torch.randint(1, T + 1, (B,))
+    lengths[0] = T
+    lib = tc._native_library(x, (), dict(m.named_parameters()), required="fused")
+    if not lib.own_gemm():
+        pytest.skip("no own GEMM on this CPU (AVX-512): no loop runs as a team")
+
+    def results():
+        m.zero_grad()
+        plain = _run(m, x)
+        m.zero_grad()
+        xp = x.detach().requires_grad_(True)
+        out, _ = m(xp, lengths=lengths)
+        out.square().sum().backward()
+        with torch.no_grad():
+            infer = [*m(x), *m(x, lengths=lengths)]
+        infer = [t for v in infer for t in (v if isinstance(v, tuple) else (v,))]
+        return plain + [out.detach(), xp.grad, *[p.grad.clone() for p in m.parameters()]] + infer
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        kernels.set_loop_team(0)
+        before = lib.team_loops()
+        off = results()
+        assert lib.team_loops() == before
+        kernels.set_loop_team(2)
+        on = results()
+        ran = lib.team_loops() - before
+    finally:
+        kernels.set_loop_team(1)
+        torch.set_num_threads(threads)
+    # two forwards, two backwards, two inferences; the antisymmetric RNN's forwards run the work
+    # ahead of the steps in one chunk (not packed: no team)
+    assert ran >= (2 if module == "antisymmetric_rnn" else 6), f"{ran} loops ran as a team"
+    assert len(on) == len(off)
+    for a, b in zip(on, off):
+        if module == "layer_norm_lstm":  # its row sums vectorise differently where cs_for's team
+            # loop inlines them: rounding only (both are as close to float64 as each other)
+            assert (a - b).abs().max() <= 1e-4 * b.abs().max()
+        else:
+            assert torch.equal(a, b)
+
+
 def test_auto_without_compiler_falls_back_quietly(monkeypatch, caplog):
     pkg = load_module("elman")
     m = pkg.torch_cell.Elman(4, 6)

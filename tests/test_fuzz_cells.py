@@ -15,9 +15,11 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from cellspec.driver import compile_file
 from cellspec.errors import SpecError
+from cellspec.runtime import kernels
 from cellspec.runtime import native as native_build
 from cellspec.verify.check import check_cell
 from cellspec.verify.randomcell import differential, random_cell
@@ -45,6 +47,20 @@ def test_regression_spec(path):
 
 @pytest.mark.slow
 def test_random_cells_agree_across_backends():
+    """Random cells through every back end (see ``differential``); the native CPU path's float32
+    time loops run as one team of two threads wherever the loop allows it (``set_loop_team(2)``:
+    its Zero and copy ops once, every other op shared)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    kernels.set_loop_team(2)
+    try:
+        _random_cells_agree()
+    finally:
+        kernels.set_loop_team(1)
+        torch.set_num_threads(threads)
+
+
+def _random_cells_agree():
     t0 = time.perf_counter()
     failures: dict[int, list[str]] = {}
     refused = 0

@@ -433,6 +433,19 @@ class _Renderer:
                                                         f"w_{w.name}, n_{w.inner})"))
                 for name, kind, call in packs:
                     lines.append(f"{ind}cs_packed<S> pk_{name}_{kind} = {call};")
+                # one team of threads for all steps where a step's GEMM would fork (CS_TEAM_OK)
+                step_gemms = [o for o in op.body if isinstance(o, (ir.Project, ir.ProjectBack)) and o.rows == "step"]
+                if step_gemms:
+                    o = step_gemms[0]
+                    w = p.weights[o.weight]
+                    k_op = len(o.operands if isinstance(o, ir.Project) else o.d_operands)
+                    work = f"{k_op if k_op > 1 else ''}{' * ' if k_op > 1 else ''}n_B * ({cexpr(w.width)}) * n_{w.inner}"
+                    own = " && ".join(f"CS_PACKED_OWN(pk_{name}_{kind})" for name, kind, _ in packs)
+                    lines.append(f"{ind}// the steps as one team of threads where a step's GEMM would fork: each op's work shared, "
+                                 "a barrier after it (cs_for)")
+                    lines.append(f"{ind}CS_TEAM_BEGIN(CS_TEAM_OK({work}, {own}))")
+                else:
+                    lines.append(f"{ind}CS_TEAM_BEGIN(0)")
                 head = ("for (int64_t t = n_T - 1; t >= 0; --t) {" if op.reverse
                         else "for (int64_t t = 0; t < n_T; ++t) {")
                 lines.append(ind + head)
@@ -447,6 +460,7 @@ class _Renderer:
                 for o in op.body:
                     emit(o, ind + "    ")
                 lines.append(ind + "}")
+                lines.append(ind + "CS_TEAM_END")
                 for name, kind, _ in packs:
                     lines.append(f"{ind}cs_unpack(pk_{name}_{kind});")
             elif isinstance(op, ir.Pointwise) and self.is_row_block(p, op):

@@ -35,7 +35,7 @@ class KernelError(RuntimeError):
 
 class _HostCtx(ctypes.Structure):
     _fields_ = [("sgemm", ctypes.c_void_p), ("dgemm", ctypes.c_void_p), ("pack_size", ctypes.c_void_p),
-                ("pack", ctypes.c_void_p), ("compute", ctypes.c_void_p), ("own", ctypes.c_int)]
+                ("pack", ctypes.c_void_p), ("compute", ctypes.c_void_p), ("own", ctypes.c_int), ("team", ctypes.c_int)]
 
 
 class _CudaCtx(ctypes.Structure):
@@ -81,13 +81,26 @@ def host_ctx() -> _HostCtx:
     """The context every CPU library call gets: the BLAS addresses of :func:`host_blas` and
     ``own`` = 1 where the float products by a per-step weight may run the library's own AVX-512
     GEMM (the library checks the CPU itself); ``CELLSPEC_OWN_GEMM=0`` or :func:`set_own_gemm`
-    keeps the BLAS throughout (for measuring one against the other)."""
-    return _HostCtx(*host_blas(), 0 if os.environ.get("CELLSPEC_OWN_GEMM", "1") == "0" else 1)
+    keeps the BLAS throughout (for measuring one against the other). ``team``: whether a time loop
+    runs as one team of threads for all its steps instead of forking per op: 1 where a step's
+    GEMM would fork (the library decides), 0 never (``CELLSPEC_LOOP_TEAM=0``), 2 wherever it can
+    (``CELLSPEC_LOOP_TEAM=2``: tests run small shapes through it); :func:`set_loop_team`."""
+    team = {"0": 0, "2": 2}.get(os.environ.get("CELLSPEC_LOOP_TEAM", "1"), 1)
+    return _HostCtx(*host_blas(), 0 if os.environ.get("CELLSPEC_OWN_GEMM", "1") == "0" else 1, team)
 
 
 def set_own_gemm(on: bool) -> None:
     """Turn the own per-step GEMM on or off for every later CPU call in this process."""
     host_ctx().own = 1 if on else 0
+
+
+def set_loop_team(mode: int) -> None:
+    """How every later CPU call in this process runs its time loops' threads (``host_ctx``'s
+    ``team``): 0 a fork per op, 1 one team per loop where a step's GEMM would fork, 2 one team
+    per loop wherever the loop allows it."""
+    if mode not in (0, 1, 2):
+        raise ValueError(f"loop team mode is 0, 1 or 2, not {mode!r}")
+    host_ctx().team = mode
 
 
 @functools.cache
@@ -122,6 +135,15 @@ class Library:
         (when :func:`host_ctx` allows it): compiled for x86-64 and the CPU has AVX-512."""
         fn = getattr(self.lib, f"{self.module}_own_gemm", None)
         return self.device_type == "cpu" and fn is not None and fn() == 1
+
+    def team_loops(self) -> int:
+        """How many time loops this CPU build has run as one team of threads in this process
+        (``host_ctx``'s ``team``); 0 for a build without them."""
+        fn = getattr(self.lib, f"{self.module}_team_loops", None) if self.device_type == "cpu" else None
+        if fn is None:
+            return 0
+        fn.argtypes, fn.restype = [], ctypes.c_long
+        return int(fn())
 
     def release_scratch(self) -> None:
         """Free the packed-operand scratch the CPU build keeps between calls for the calling

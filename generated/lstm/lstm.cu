@@ -65,12 +65,23 @@ static inline int cs_par(int64_t work, int64_t min_work)
     return 0;
 #endif
 }
+// 1 in each thread of a team that runs a whole time loop (CS_TEAM_BEGIN .. CS_TEAM_END): every
+// thread runs every step, and each op shares its work among them (cs_for, cs_once).
+static thread_local int cs_team = 0;
 // for i in 0 .. n: body(i), split over the threads when par (cs_par). A loop that does not fork
 // enters no OpenMP region: GCC compiles `parallel for if (0)` to a call into the OpenMP runtime
-// all the same (a team of one), and the steps' loops run a few per step.
+// all the same (a team of one), and the steps' loops run a few per step. Inside a loop's team
+// the iterations are shared among its threads, a barrier after them, whatever par says.
 template <typename F>
 static inline void cs_for(int64_t n, int par, const F& body)
 {
+#ifdef _OPENMP
+    if (cs_team) {
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < n; ++i) body(i);
+        return;
+    }
+#endif
     if (par) {
 #pragma omp parallel for schedule(static)
         for (int64_t i = 0; i < n; ++i) body(i);
@@ -244,6 +255,11 @@ static cs_packed<S> cs_pack_if(bool, const cs_ctx* c, int ta, int64_t m, int64_t
 #define CS_ADD_ROWS(rows, cols, src, ld, dst, ldd) do { if ((rows) > 0 && (cols) > 0) { dim3 _g, _b; cs_grid(rows, cols, &_g, &_b); cs_add_rows_kernel<S><<<_g, _b, 0, (cudaStream_t)ctx->stream>>>(rows, cols, src, ld, dst, ldd); CS_CHECK((int)cudaGetLastError()); } } while (0)
 #define CS_ZERO(p, count) CS_CHECK((int)cudaMemsetAsync((p), 0, (size_t)(count) * sizeof(*(p)), (cudaStream_t)ctx->stream))
 #define CS_COPY(dst, src, count) CS_CHECK((int)cudaMemcpyAsync((dst), (src), (size_t)(count) * sizeof(*(dst)), cudaMemcpyDeviceToDevice, (cudaStream_t)ctx->stream))
+// a GPU's time loop is one host thread launching kernels
+#define CS_TEAM_OK(work, own) 0
+#define CS_PACKED_OWN(pk) 0
+#define CS_TEAM_BEGIN(on) { (void)(on);
+#define CS_TEAM_END }
 #else
 // CPU: the Fortran-ABI ?gemm_ of a BLAS already loaded in the process (MKL's, exported by
 // torch's own library), found by the caller at run time and passed in: no link-time BLAS.
@@ -305,7 +321,8 @@ static void cs_give(void* block)
 }
 // ?gemm_ and, where the BLAS has them (MKL), the packed-matrix API for float (NULL otherwise)
 // own = 1: float products by a per-step weight run cellspec's own GEMM below where the CPU has AVX-512
-struct cs_ctx { cs_sgemm_fn sgemm; cs_dgemm_fn dgemm; cs_pack_size_fn pack_size; cs_pack_fn pack; cs_compute_fn compute; int own; };
+// team: a time loop runs as one team of threads (CS_TEAM_BEGIN) 0 never, 1 where it pays, 2 wherever it can
+struct cs_ctx { cs_sgemm_fn sgemm; cs_dgemm_fn dgemm; cs_pack_size_fn pack_size; cs_pack_fn pack; cs_compute_fn compute; int own; int team; };
 static inline void cs_blas(const cs_ctx* c, const char* ta, const char* tb, const int* m, const int* n, const int* k,
                            const float* al, const float* a, const int* lda, const float* b, const int* ldb,
                            const float* be, float* o, const int* ldc) { c->sgemm(ta, tb, m, n, k, al, a, lda, b, ldb, be, o, ldc); }
@@ -642,8 +659,46 @@ static void cs_add_rows_host(int64_t rows, int64_t cols, const S* src, int64_t l
 #define CS_ROWSUM(rows, cols, src, ld, dst, beta) cs_rowsum_host<S, G>(rows, cols, src, ld, dst, beta)
 #define CS_ADD(n, src, dst, beta) cs_add_host<G>(n, src, dst, beta)
 #define CS_ADD_ROWS(rows, cols, src, ld, dst, ldd) cs_add_rows_host<S>(rows, cols, src, ld, dst, ldd)
-#define CS_ZERO(p, count) memset((p), 0, (size_t)(count) * sizeof(*(p)))
-#define CS_COPY(dst, src, count) memcpy((dst), (src), (size_t)(count) * sizeof(*(dst)))
+// f() once: inside a loop's team by one of its threads, the others waiting for it
+template <typename F>
+static inline void cs_once(const F& f)
+{
+#ifdef _OPENMP
+    if (cs_team) {
+#pragma omp single
+        f();
+        return;
+    }
+#endif
+    f();
+}
+#define CS_ZERO(p, count) cs_once([&] { memset((p), 0, (size_t)(count) * sizeof(*(p))); })
+#define CS_COPY(dst, src, count) cs_once([&] { memcpy((dst), (src), (size_t)(count) * sizeof(*(dst))); })
+// A time loop as one team of threads: with two threads a parallel region costs ~0.7 us here and a
+// barrier inside one ~0.3 us, and a step of a small batch runs a GEMM and an element function of
+// a few us each, so forking per op cost 5-10% of the LSTM's inference at (512, 8, 128)
+// (docs/performance.md, stop 20). Only where a step's GEMM would fork anyway (cs_par), outside
+// any parallel region, and where every GEMM of the loop runs the own kernel on a weight packed
+// before the loop (a BLAS call, or a product that packs its operand per call, would run once
+// per thread of the team). ctx->team: 0 never, 2 wherever it can (tests; cellspec.runtime.kernels).
+static inline int cs_team_worth(const cs_ctx* c, int64_t step_gemm_work, int all_own)
+{
+#ifdef _OPENMP
+    if (!all_own || c->team == 0 || omp_in_parallel() || omp_get_max_threads() < 2) return 0;
+    return c->team == 2 || cs_par(step_gemm_work, 262144);
+#else
+    (void)c; (void)step_gemm_work; (void)all_own;
+    return 0;
+#endif
+}
+#define CS_TEAM_OK(work, own) cs_team_worth(ctx, (work), (own))
+#define CS_PACKED_OWN(pk) ((pk).own != 0)
+#define CS_TEAM_BEGIN(on) { const int cs_team_on_ = (on); auto cs_steps_ = [&]() {
+#ifdef _OPENMP
+#define CS_TEAM_END }; if (cs_team_on_) { _Pragma("omp parallel") { cs_team = 1; cs_steps_(); cs_team = 0; } } else cs_steps_(); }
+#else
+#define CS_TEAM_END }; (void)cs_team_on_; cs_steps_(); }
+#endif
 #endif
 #endif  // CELLSPEC_LOOP_PRELUDE
 
@@ -1249,6 +1304,8 @@ static int lstm_forward_run(const int64_t* dims, void* const* ptrs, const cs_ctx
     const int64_t n_ch = dims[4] < 1 ? 1 : dims[4];
     cs_packed<S> pk_W_ii_W_if_W_ig_W_io_nt = cs_pack_if(n_ch < n_T, ctx, 1, n_ch * n_B, 4*n_H, n_I, w_W_ii_W_if_W_ig_W_io, n_I);
     cs_packed<S> pk_W_hi_W_hf_W_hg_W_ho_nt = cs_pack(ctx, 1, n_B, 4*n_H, n_H, w_W_hi_W_hf_W_hg_W_ho, n_H);
+    // the steps as one team of threads where a step's GEMM would fork: each op's work shared, a barrier after it (cs_for)
+    CS_TEAM_BEGIN(CS_TEAM_OK(n_B * (4*n_H) * n_H, CS_PACKED_OWN(pk_W_ii_W_if_W_ig_W_io_nt) && CS_PACKED_OWN(pk_W_hi_W_hf_W_hg_W_ho_nt)))
     for (int64_t t = 0; t < n_T; ++t) {
         const int64_t rows = bs ? bs[t] : n_B;  // variable lengths: rows 0..B_t-1 run
         if (t % n_ch == 0) {  // a chunk starts: steps tc .. tc + n_c - 1 (all B rows)
@@ -1266,6 +1323,7 @@ static int lstm_forward_run(const int64_t* dims, void* const* ptrs, const cs_ctx
         // ended sequences hold their state: rows B_t.. of s_c[t + 1] = s_c[t]
         if (rows < n_B) CS_COPY(b_s_c + ((t + 1) * n_B + rows) * (n_H), b_s_c + (t * n_B + rows) * (n_H), (n_B - rows) * (n_H));
     }
+    CS_TEAM_END
     cs_unpack(pk_W_ii_W_if_W_ig_W_io_nt);
     cs_unpack(pk_W_hi_W_hf_W_hg_W_ho_nt);
     return 0;
@@ -1350,6 +1408,8 @@ static int lstm_inference_run(const int64_t* dims, void* const* ptrs, const cs_c
     const int64_t n_ch = dims[4] < 1 ? 1 : dims[4];
     cs_packed<S> pk_W_ii_W_if_W_ig_W_io_nt = cs_pack_if(n_ch < n_T, ctx, 1, n_ch * n_B, 4*n_H, n_I, w_W_ii_W_if_W_ig_W_io, n_I);
     cs_packed<S> pk_W_hi_W_hf_W_hg_W_ho_nt = cs_pack(ctx, 1, n_B, 4*n_H, n_H, w_W_hi_W_hf_W_hg_W_ho, n_H);
+    // the steps as one team of threads where a step's GEMM would fork: each op's work shared, a barrier after it (cs_for)
+    CS_TEAM_BEGIN(CS_TEAM_OK(n_B * (4*n_H) * n_H, CS_PACKED_OWN(pk_W_ii_W_if_W_ig_W_io_nt) && CS_PACKED_OWN(pk_W_hi_W_hf_W_hg_W_ho_nt)))
     for (int64_t t = 0; t < n_T; ++t) {
         const int64_t rows = bs ? bs[t] : n_B;  // variable lengths: rows 0..B_t-1 run
         if (t % n_ch == 0) {  // a chunk starts: steps tc .. tc + n_c - 1 (all B rows)
@@ -1367,6 +1427,7 @@ static int lstm_inference_run(const int64_t* dims, void* const* ptrs, const cs_c
         // ended sequences hold their state: rows B_t.. of s_c[t + 1] = s_c[t]
         if (rows < n_B) CS_COPY(b_s_c + (((t + 1) % 2) * n_B + rows) * (n_H), b_s_c + ((t % 2) * n_B + rows) * (n_H), (n_B - rows) * (n_H));
     }
+    CS_TEAM_END
     cs_unpack(pk_W_ii_W_if_W_ig_W_io_nt);
     cs_unpack(pk_W_hi_W_hf_W_hg_W_ho_nt);
     return 0;
@@ -1497,6 +1558,8 @@ static int lstm_backward_run(const int64_t* dims, void* const* ptrs, const cs_ct
         CS_ZERO(b_dg_W_hi_W_hf_W_hg_W_ho__h, (n_T) * (n_B) * (4*n_H));
     }
     cs_packed<S> pk_W_hi_W_hf_W_hg_W_ho_nn = cs_pack(ctx, 0, n_B, n_H, 4*n_H, w_W_hi_W_hf_W_hg_W_ho, n_H);
+    // the steps as one team of threads where a step's GEMM would fork: each op's work shared, a barrier after it (cs_for)
+    CS_TEAM_BEGIN(CS_TEAM_OK(n_B * (4*n_H) * n_H, CS_PACKED_OWN(pk_W_hi_W_hf_W_hg_W_ho_nn)))
     for (int64_t t = n_T - 1; t >= 0; --t) {
         const int64_t rows = bs ? bs[t] : n_B;  // variable lengths: rows 0..B_t-1 run
         // backward: stage 0 backward, units of size H
@@ -1506,6 +1569,7 @@ static int lstm_backward_run(const int64_t* dims, void* const* ptrs, const cs_ct
         // backward: per-step adjoints of inputs, states, vector params, hoisted results, units of size H
         CS_PW(lstm_backward_bwd_leaf_H, rows, n_H, b_tmp_d_c_next, n_H, b_tmp_d_h_gemm, n_H, b_v_f + t * n_B * (n_H), n_H, b_ds_h, n_H, b_ds_c, n_H);
     }
+    CS_TEAM_END
     cs_unpack(pk_W_hi_W_hf_W_hg_W_ho_nn);
     // d[W_hi, W_hf, W_hg, W_ho] += dg_W_hi_W_hf_W_hg_W_ho__h^T @ h  (W_hi @ h, W_hf @ h, W_hg @ h, W_ho @ h)
     CS_GEMM_TN(4*n_H, n_H, n_T * n_B, b_dg_W_hi_W_hf_W_hg_W_ho__h, 4*n_H, b_s_h, n_H, b_dw_W_hi_W_hf_W_hg_W_ho, n_H, 0);
