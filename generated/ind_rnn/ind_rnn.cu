@@ -684,9 +684,14 @@ static inline int cs_team_worth(const cs_ctx* c, int64_t step_gemm_work, int all
 }
 #define CS_TEAM_OK(work, own) cs_team_worth(ctx, (work), (own))
 #define CS_PACKED_OWN(pk) ((pk).own != 0)
+static long cs_team_loops = 0;  // loops run as a team in this process (<module>_team_loops)
 #define CS_TEAM_BEGIN(on) { const int cs_team_on_ = (on); auto cs_steps_ = [&]() {
 #ifdef _OPENMP
-#define CS_TEAM_END }; if (cs_team_on_) { _Pragma("omp parallel") { cs_team = 1; cs_steps_(); cs_team = 0; } } else cs_steps_(); }
+#define CS_TEAM_END }; \
+    if (cs_team_on_) { \
+        __atomic_add_fetch(&cs_team_loops, 1, __ATOMIC_RELAXED); \
+        _Pragma("omp parallel") { cs_team = 1; cs_steps_(); cs_team = 0; } \
+    } else cs_steps_(); }
 #else
 #define CS_TEAM_END }; (void)cs_team_on_; cs_steps_(); }
 #endif
@@ -1325,6 +1330,8 @@ extern "C" int ind_rnn_backward_f64(const int64_t* dims, void* const* ptrs, cons
 #ifdef __CUDACC__
 extern "C" const char* ind_rnn_cuda_error_string(int code) { return code >= 1000 ? "cuBLAS error (1000 + cublasStatus_t)" : cudaGetErrorString((cudaError_t)code); }
 #else
+// how many time loops this process ran as one team of threads (CS_TEAM_BEGIN)
+extern "C" long ind_rnn_team_loops(void) { return __atomic_load_n(&cs_team_loops, __ATOMIC_RELAXED); }
 // frees the packed-operand scratch the calling thread keeps between calls (cs_take)
 extern "C" void ind_rnn_release_scratch(void) { cs_kept.release(); }
 // 1 where the float per-step products run cellspec's own AVX-512 GEMM (given ctx->own), else 0
