@@ -44,6 +44,20 @@ def test_auto_is_fused_and_agrees(module, dtype):
         torch.testing.assert_close(a, b, rtol=tol, atol=tol)
 
 
+def _every_result(m, x, lengths):
+    """``_run``'s results; then with ``lengths``: the output, x's and every param's gradient;
+    then inference without and with ``lengths``."""
+    plain = _run(m, x)
+    m.zero_grad()
+    xp = x.detach().requires_grad_(True)
+    out, _ = m(xp, lengths=lengths)
+    out.square().sum().backward()
+    with torch.no_grad():
+        infer = [*m(x), *m(x, lengths=lengths)]
+    infer = [t for v in infer for t in (v if isinstance(v, tuple) else (v,))]
+    return plain + [out.detach(), xp.grad, *[p.grad.clone() for p in m.parameters()]] + infer
+
+
 @pytest.mark.skipif(not HAVE_CXX, reason="no C++ compiler")
 @pytest.mark.parametrize("module", ["lstm", "antisymmetric_rnn", "sru", "slstm"])
 def test_chunks_of_steps_agree(module, monkeypatch):
@@ -72,21 +86,10 @@ def test_chunks_of_steps_agree(module, monkeypatch):
 
     monkeypatch.setattr(lib, "chunk_steps", chunk_steps)
 
-    def results():
-        plain = _run(m, x)
-        m.zero_grad()
-        xp = x.detach().requires_grad_(True)
-        out, _ = m(xp, lengths=lengths)
-        out.square().sum().backward()
-        with torch.no_grad():
-            infer = [*m(x), *m(x, lengths=lengths)]
-        infer = [t for v in infer for t in (v if isinstance(v, tuple) else (v,))]
-        return plain + [out.detach(), xp.grad, *[p.grad.clone() for p in m.parameters()]] + infer
-
-    fused = results()
+    fused = _every_result(m, x, lengths)
     assert chunks and all(1 < c < T for c in chunks)  # several chunks, forward and inference
     m.backend = "generated"
-    ref = results()
+    ref = _every_result(m, x, lengths)
     for a, b in zip(fused, ref):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
@@ -112,27 +115,15 @@ def test_loop_team_agrees_with_fork_per_op(module):
     if not lib.own_gemm():
         pytest.skip("no own GEMM on this CPU (AVX-512): no loop runs as a team")
 
-    def results():
-        m.zero_grad()
-        plain = _run(m, x)
-        m.zero_grad()
-        xp = x.detach().requires_grad_(True)
-        out, _ = m(xp, lengths=lengths)
-        out.square().sum().backward()
-        with torch.no_grad():
-            infer = [*m(x), *m(x, lengths=lengths)]
-        infer = [t for v in infer for t in (v if isinstance(v, tuple) else (v,))]
-        return plain + [out.detach(), xp.grad, *[p.grad.clone() for p in m.parameters()]] + infer
-
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
         kernels.set_loop_team(0)
         before = lib.team_loops()
-        off = results()
+        off = _every_result(m, x, lengths)
         assert lib.team_loops() == before
         kernels.set_loop_team(2)
-        on = results()
+        on = _every_result(m, x, lengths)
         ran = lib.team_loops() - before
     finally:
         kernels.set_loop_team(1)
