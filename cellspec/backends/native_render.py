@@ -419,27 +419,25 @@ class _Renderer:
                     lines.append(f"{ind}// steps per chunk of the work ahead of them, from the caller (all T on a GPU){ring}")
                     lines.append(f"{ind}const int64_t n_ch = dims[{2 + len(p.sizes)}] < 1 ? 1 : dims[{2 + len(p.sizes)}];")
                 packs = []  # the weights every step (or chunk) multiplies by: packed once per call
+                work = None  # the multiply-adds of the first per-step GEMM (whether a team pays)
                 for o in (*ahead, *op.body):
                     if isinstance(o, (ir.Project, ir.ProjectBack)) and o.rows in ("step", "chunk"):
                         w = p.weights[o.weight]
                         kind = "nt" if isinstance(o, ir.Project) else "nn"
+                        k_op = len(o.operands if kind == "nt" else o.d_operands)
+                        m = "n_B" if o.rows == "step" else "n_ch * n_B"  # the rows it is packed for
+                        m = m if k_op == 1 else f"{k_op} * {m}"
+                        if o.rows == "step" and work is None:
+                            work = f"{m} * ({cexpr(w.width)}) * n_{w.inner}"
                         if (w.name, kind) not in [(x, y) for x, y, _ in packs]:
                             n, k = (cexpr(w.width), f"n_{w.inner}") if kind == "nt" else (f"n_{w.inner}", cexpr(w.width))
-                            k_op = len(o.operands if kind == "nt" else o.d_operands)
-                            m = "n_B" if o.rows == "step" else "n_ch * n_B"  # the rows it is packed for
-                            m = m if k_op == 1 else f"{k_op} * {m}"
                             call = "cs_pack(ctx, " if o.rows == "step" else "cs_pack_if(n_ch < n_T, ctx, "
                             packs.append((w.name, kind, f"{call}{1 if kind == 'nt' else 0}, {m}, {n}, {k}, "
                                                         f"w_{w.name}, n_{w.inner})"))
                 for name, kind, call in packs:
                     lines.append(f"{ind}cs_packed<S> pk_{name}_{kind} = {call};")
                 # one team of threads for all steps where a step's GEMM would fork (CS_TEAM_OK)
-                step_gemms = [o for o in op.body if isinstance(o, (ir.Project, ir.ProjectBack)) and o.rows == "step"]
-                if step_gemms:
-                    o = step_gemms[0]
-                    w = p.weights[o.weight]
-                    k_op = len(o.operands if isinstance(o, ir.Project) else o.d_operands)
-                    work = f"{k_op if k_op > 1 else ''}{' * ' if k_op > 1 else ''}n_B * ({cexpr(w.width)}) * n_{w.inner}"
+                if work is not None:
                     own = " && ".join(f"CS_PACKED_OWN(pk_{name}_{kind})" for name, kind, _ in packs)
                     lines.append(f"{ind}// the steps as one team of threads where a step's GEMM would fork: each op's work shared, "
                                  "a barrier after it (cs_for)")
