@@ -451,15 +451,19 @@ static inline void cs_own_masks(int64_t width, __mmask16* m0, __mmask16* m1)
     *m0 = width >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << width) - 1);
     *m1 = width >= 32 ? (__mmask16)0xffff : (width > 16 ? (__mmask16)((1u << (width - 16)) - 1) : (__mmask16)0);
 }
-// rows x 32 columns of the product: panel q against every row of a
+// rows x 32 columns of the product: panel q against every row of a, CS_OWN_MR rows at a time.
+// Tiles of 8 rows (16 accumulators) ran the step's [32, 256] x [256, 1024] and the hoisted
+// product's [64, ...] 3-4% faster than tiles of 12 (24 accumulators), though 12 read the panel
+// fewer times: one core, interleaved runs, best of 30 (docs/performance.md, stop 21).
+#define CS_OWN_MR 8
 __attribute__((target("avx512f"))) static inline void cs_own_panel(int64_t q, int64_t rows, int64_t n, int64_t k, const float* a,
                                                                    int64_t lda, const float* packed, float* out, int64_t ldc, int beta)
 {
     const int64_t p = q * 32;
     __mmask16 m0, m1;
     cs_own_masks(n - p < 32 ? n - p : 32, &m0, &m1);
-    for (int64_t i = 0; i < rows; i += 12)
-        cs_own_rows<false>(rows - i < 12 ? rows - i : 12, k, a + i * lda, lda, packed + p * k, out + i * ldc + p, ldc, m0, m1, beta);
+    for (int64_t i = 0; i < rows; i += CS_OWN_MR)
+        cs_own_rows<false>(rows - i < CS_OWN_MR ? rows - i : CS_OWN_MR, k, a + i * lda, lda, packed + p * k, out + i * ldc + p, ldc, m0, m1, beta);
 }
 // out[m, n] (+)= a[m, k] times the packed weight. Blocks of rows whose slice of `a` stays in L2
 // (~256 KiB) run one after another; inside a block the threads split the panels (cs_for).
@@ -467,7 +471,7 @@ __attribute__((target("avx512f"))) static void cs_own_gemm(int64_t m, int64_t n,
                                                            const float* packed, float* out, int64_t ldc, int beta)
 {
     const int64_t panels = (n + 31) / 32;
-    int64_t mc = k > 0 ? ((65536 / k) / 12) * 12 : m;
+    int64_t mc = k > 0 ? ((65536 / k) / CS_OWN_MR) * CS_OWN_MR : m;
     if (mc < 48) mc = 48;
     for (int64_t i0 = 0; i0 < m; i0 += mc) {
         const int64_t rows = m - i0 < mc ? m - i0 : mc;
