@@ -528,12 +528,14 @@ __attribute__((target("avx512f"))) static bool cs_own_gemm_tn(int64_t m, int64_t
 // A plain product a @ op(b) of at least 16 rows (the hoisted products by a weight, dx = dg @ W
 // after the loop) through the own kernel too: op(b) packed for this call (cost ~ n * k, against
 // m * n * k: [16, 128] x [128, 512] took MKL 35-43 us on Zen 4, packing 7 us and the kernel 21).
-// Weight gradients (left side transposed) from k = 256 rows: cs_own_gemm_tn.
+// Weight gradients (left side transposed) from k = 16 rows: cs_own_gemm_tn ([512, k]ᵀ x [k, 128]
+// against MKL through torch.mm, one core: 28 against 33 us at k = 16, 90 against 119 at 64, 170
+// against 227 at 128; two cores 19 against 31 at 16; below 16 within a few us either way).
 static bool cs_own_route(const cs_ctx* c, int ta, int tb, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
                          const float* b, int64_t ldb, float* out, int64_t ldc, int beta)
 {
     if (!c->own || k <= 0 || !cs_avx512()) return false;
-    if (ta) return !tb && k >= 256 && cs_own_gemm_tn(m, n, k, a, lda, b, ldb, out, ldc, beta);
+    if (ta) return !tb && k >= 16 && cs_own_gemm_tn(m, n, k, a, lda, b, ldb, out, ldc, beta);
     if (m < 16) return false;
     void* mem = cs_take((size_t)(((n + 31) / 32) * 32 * k) * sizeof(float));
     if (!mem) return false;
