@@ -708,9 +708,12 @@ def glue_context(prog: ir.Program, grads_zero: dict, cu_text: str) -> dict:
         if work:  # the library runs the ahead ops n_ch steps at a time (all T on a GPU)
             out.append(f"_n_ch = _T if _lib is None else _lib.chunk_steps(_T, _B, _B * ({pyexpr(work[0])}), "
                        f"{pyexpr(work[1])})")
+        # the call's scratch buffers, all from one workspace lookup per dtype (_scratch, _gscratch)
+        scratch: dict[str, list[tuple[str, str]]] = {"_scratch": [], "_gscratch": []}
+        head = len(out)
         for b in fn.buffers.values():
             if b.name in ring:  # one chunk of steps (ir.Loop.ring)
-                out.append(f'{b.name} = _scratch("{b.name}", {_shape(b, "_n_ch")})')
+                scratch["_scratch"].append((b.name, _shape(b, "_n_ch")))
             elif b.role == "input":
                 out.append(f"{b.name} = _xs[{inputs[b.name[2:]]}].contiguous()")
             elif b.role == "param":
@@ -719,7 +722,7 @@ def glue_context(prog: ir.Program, grads_zero: dict, cu_text: str) -> dict:
                 out.append(f"{b.name} = _saved[{saved_from[b.name]}]")
             elif b.role == "state":
                 if b.name in fn.last_only:  # steps t and t + 1 only (ir.Function.last_only)
-                    out.append(f'{b.name} = _scratch("{b.name}", {_shape(b, "2")})')
+                    scratch["_scratch"].append((b.name, _shape(b, "2")))
                 else:
                     out.append(f'{b.name} = _fresh("{b.name}", {_shape(b)})')
                 out.append(f"{b.name}[0].copy_(_states[{states[b.name]}])")
@@ -731,13 +734,14 @@ def glue_context(prog: ir.Program, grads_zero: dict, cu_text: str) -> dict:
                 out.append(f"{b.name} = _zeros({_shape(b)}) if _d_finals[{i}] is None else "
                            f"_d_finals[{i}].to(_dt, memory_format=torch.contiguous_format, copy=True)")
             elif b.role in SCRATCH_ROLES and b.name not in prog.saved and b.init != "arg":
-                scratch = "_gscratch" if b.role == "grad_scratch" else "_scratch"
-                out.append(f'{b.name} = {scratch}("{b.name}", {_shape(b)})')
+                scratch["_gscratch" if b.role == "grad_scratch" else "_scratch"].append((b.name, _shape(b)))
             elif b.role == "grad_scratch":
                 out.append(f"{b.name} = _gempty({_shape(b)})")
             else:
                 out.append(f'{b.name} = _fresh("{b.name}", {_shape(b)})')
-        return out
+        lines = [f"{', '.join(n for n, _ in bufs)}{',' if len(bufs) == 1 else ''} = {fn_name}({', '.join(sh for _, sh in bufs)})"
+                 for fn_name, bufs in scratch.items() if bufs]
+        return out[:head] + lines + out[head:]
 
     weights = []
     for w in prog.weights.values():

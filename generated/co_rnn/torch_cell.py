@@ -818,8 +818,9 @@ def _stacked(*mats):
 
 # Scratch buffers of the native calls (the hoisted GEMM outputs, per-step scratch, the backward's
 # adjoints; never what a call returns or saves) are kept between calls, per thread, on the CPU:
-# a fresh multi-MiB buffer costs a page fault per 4 KiB on first touch, every call. Each is kept
-# up to WORKSPACE_MAX_BYTES; release_workspace() frees them. Other devices: torch's allocator.
+# a fresh multi-MiB buffer costs a page fault per 4 KiB on first touch, every call. A call's
+# scratch of one dtype is one block (views at 64-byte boundaries), kept up to WORKSPACE_MAX_BYTES;
+# release_workspace() frees them. Other devices: torch's allocator.
 WORKSPACE_MAX_BYTES = 256 << 20
 _WORKSPACE = threading.local()
 
@@ -834,24 +835,29 @@ def _kept(kind):
     return kept
 
 
-def _workspace(fn, name, shape, dtype, device):
-    """A scratch buffer of ``shape`` for the call ``fn``: the same memory on every call in this
-    thread (CPU), else a fresh one. The view of the last shape asked for is kept too: a call of
-    the same sizes gets it back without a tensor op."""
+def _workspace(fn, shapes, dtype, device):
+    """Scratch buffers of ``shapes`` (one tensor each) for the call ``fn``: views of one block
+    that is the same memory on every call in this thread (CPU), else fresh tensors. The views of
+    the last shapes asked for are kept too: a call of the same sizes gets them back in one dict
+    lookup, without a tensor op."""
     if device.type != "cpu":
-        return torch.empty(shape, dtype=dtype, device=device)
+        return tuple(torch.empty(s, dtype=dtype, device=device) for s in shapes)
     kept = _kept("buffers")
-    buf, view = kept.get((fn, name), (None, None))
-    if view is not None and view.dtype == dtype and view.shape == shape:
-        return view
-    n = math.prod(shape)
-    if n * dtype.itemsize > WORKSPACE_MAX_BYTES:
-        return torch.empty(shape, dtype=dtype, device=device)
-    if buf is None or buf.dtype != dtype or buf.numel() < n:
-        buf = torch.empty(n, dtype=dtype)
-    view = buf[:n].view(shape)
-    kept[(fn, name)] = (buf, view)
-    return view
+    block, key, views = kept.get(fn, (None, None, None))
+    if key == (shapes, dtype):
+        return views
+    counts = [math.prod(s) for s in shapes]
+    starts, total = [], 0
+    for n in counts:  # each view at a 64-byte boundary, as a tensor of its own would be
+        starts.append(total)
+        total += -(-n * dtype.itemsize // 64) * 64 // dtype.itemsize
+    if total * dtype.itemsize > WORKSPACE_MAX_BYTES:
+        return tuple(torch.empty(s, dtype=dtype, device=device) for s in shapes)
+    if block is None or block.dtype != dtype or block.numel() < total:
+        block = torch.empty(total, dtype=dtype)
+    views = tuple(block[a:a + n].view(s) for a, n, s in zip(starts, counts, shapes))
+    kept[fn] = (block, (shapes, dtype), views)
+    return views
 
 
 # What a native call returns or keeps for its backward (the state sequences, the saved values,
@@ -935,8 +941,8 @@ def _native_forward(_lib, _xs, _states, _params, _bs=None):
     def _empty(shape):
         return torch.empty(shape, dtype=_dt, device=_dev)
 
-    def _scratch(name, shape):  # shapes only (_lib None, fake tensors): a fresh one
-        return _empty(shape) if _lib is None else _workspace("forward", name, shape, _dt, _dev)
+    def _scratch(*shapes):  # shapes only (_lib None, fake tensors): fresh ones
+        return tuple(map(_empty, shapes)) if _lib is None else _workspace("forward", shapes, _dt, _dev)
 
     def _fresh(name, shape):  # what the call returns or saves: from the pool (CPU) or new
         return _empty(shape) if _lib is None else _pooled("forward", name, shape, _dt, _dev)
@@ -972,23 +978,22 @@ def _native_inference(_lib, _xs, _states, _params, _bs=None):
     def _empty(shape):
         return torch.empty(shape, dtype=_dt, device=_dev)
 
-    def _scratch(name, shape):  # shapes only (_lib None, fake tensors): a fresh one
-        return _empty(shape) if _lib is None else _workspace("inference", name, shape, _dt, _dev)
+    def _scratch(*shapes):  # shapes only (_lib None, fake tensors): fresh ones
+        return tuple(map(_empty, shapes)) if _lib is None else _workspace("inference", shapes, _dt, _dev)
 
     def _fresh(name, shape):  # what the call returns or saves: from the pool (CPU) or new
         return _empty(shape) if _lib is None else _pooled("inference", name, shape, _dt, _dev)
 
     _n_ch = _T if _lib is None else _lib.chunk_steps(_T, _B, _B * (_H), _H*_I)
+    s_z, hg_V__x = _scratch((2, _B, _H), (_n_ch, _B, _H))
     x_x = _xs[0].contiguous()
     s_y = _fresh("s_y", (_T + 1, _B, _H))
     s_y[0].copy_(_states[0])
-    s_z = _scratch("s_z", (2, _B, _H))
     s_z[0].copy_(_states[1])
     p_b = _params["b"].contiguous()
     p_dt_H = _params["dt_H"].contiguous()
     p_eps_H = _params["eps_H"].contiguous()
     p_gamma_H = _params["gamma_H"].contiguous()
-    hg_V__x = _scratch("hg_V__x", (_n_ch, _B, _H))
     g_W__y = _fresh("g_W__y", (_B, _H))
     g_W_z__z = _fresh("g_W_z__z", (_B, _H))
     if _lib is not None:  # None: shapes only (the custom op's fake implementation)
@@ -1019,11 +1024,11 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     def _gzeros(shape):
         return torch.zeros(shape, dtype=_gdt, device=_dev)
 
-    def _scratch(name, shape):  # shapes only (_lib None, fake tensors): a fresh one
-        return _empty(shape) if _lib is None else _workspace("backward", name, shape, _dt, _dev)
+    def _scratch(*shapes):  # shapes only (_lib None, fake tensors): fresh ones
+        return tuple(map(_empty, shapes)) if _lib is None else _workspace("backward", shapes, _dt, _dev)
 
-    def _gscratch(name, shape):
-        return _gempty(shape) if _lib is None else _workspace("backward", name, shape, _gdt, _dev)
+    def _gscratch(*shapes):  # in the gradients' dtype
+        return tuple(map(_gempty, shapes)) if _lib is None else _workspace("backward/grad", shapes, _gdt, _dev)
 
     def _fresh(name, shape):  # what the call returns: from the pool (CPU) or new
         return _empty(shape) if _lib is None else _pooled("backward", name, shape, _dt, _dev)
@@ -1031,6 +1036,7 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     if _bs is not None:  # outputs past a sequence's end are constant zeros
         _m = _native_active(_bs, _B, _xs)
         _d_outputs = tuple(None if _d is None else _d * _m for _d in _d_outputs)
+    dg_W__y, tmp_d_y_gemm, dg_W_z__z, tmp_d_z_gemm, tmp_d_y_next, tmp_d_z_next = _scratch((_T, _B, _H), (_B, _H), (_T, _B, _H), (_B, _H), (_B, _H), (_B, _H))
     x_x = _xs[0].contiguous()
     s_y = _saved[0]
     s_z = _saved[1]
@@ -1045,12 +1051,6 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     ds_y = _zeros((_B, _H)) if _d_finals[0] is None else _d_finals[0].to(_dt, memory_format=torch.contiguous_format, copy=True)
     ds_z = _zeros((_B, _H)) if _d_finals[1] is None else _d_finals[1].to(_dt, memory_format=torch.contiguous_format, copy=True)
     dx_x = _fresh("dx_x", (_T, _B, _I))
-    dg_W__y = _scratch("dg_W__y", (_T, _B, _H))
-    tmp_d_y_gemm = _scratch("tmp_d_y_gemm", (_B, _H))
-    dg_W_z__z = _scratch("dg_W_z__z", (_T, _B, _H))
-    tmp_d_z_gemm = _scratch("tmp_d_z_gemm", (_B, _H))
-    tmp_d_y_next = _scratch("tmp_d_y_next", (_B, _H))
-    tmp_d_z_next = _scratch("tmp_d_z_next", (_B, _H))
     _grads = {"V": _gempty((_H, _I)), "W": _gempty((_H, _H)), "W_z": _gempty((_H, _H)), "b": _gempty((_H,)), "dt_H": _gzeros((_H,)), "eps_H": _gzeros((_H,)), "gamma_H": _gzeros((_H,))}
     if _lib is not None:
         _lib("backward", _dims, [x_x, s_y, s_z, p_b, p_dt_H, p_eps_H, p_gamma_H, hg_V__x, g_W__y, g_W_z__z, dout_y_next, ds_y, ds_z, dx_x, dg_W__y, tmp_d_y_gemm, dg_W_z__z, tmp_d_z_gemm, tmp_d_y_next, tmp_d_z_next, _params["V"].contiguous(), _params["W"].contiguous(), _params["W_z"].contiguous(), *_grads.values(), _bs])

@@ -1830,8 +1830,9 @@ def _stacked(*mats):
 
 # Scratch buffers of the native calls (the hoisted GEMM outputs, per-step scratch, the backward's
 # adjoints; never what a call returns or saves) are kept between calls, per thread, on the CPU:
-# a fresh multi-MiB buffer costs a page fault per 4 KiB on first touch, every call. Each is kept
-# up to WORKSPACE_MAX_BYTES; release_workspace() frees them. Other devices: torch's allocator.
+# a fresh multi-MiB buffer costs a page fault per 4 KiB on first touch, every call. A call's
+# scratch of one dtype is one block (views at 64-byte boundaries), kept up to WORKSPACE_MAX_BYTES;
+# release_workspace() frees them. Other devices: torch's allocator.
 WORKSPACE_MAX_BYTES = 256 << 20
 _WORKSPACE = threading.local()
 
@@ -1846,24 +1847,29 @@ def _kept(kind):
     return kept
 
 
-def _workspace(fn, name, shape, dtype, device):
-    """A scratch buffer of ``shape`` for the call ``fn``: the same memory on every call in this
-    thread (CPU), else a fresh one. The view of the last shape asked for is kept too: a call of
-    the same sizes gets it back without a tensor op."""
+def _workspace(fn, shapes, dtype, device):
+    """Scratch buffers of ``shapes`` (one tensor each) for the call ``fn``: views of one block
+    that is the same memory on every call in this thread (CPU), else fresh tensors. The views of
+    the last shapes asked for are kept too: a call of the same sizes gets them back in one dict
+    lookup, without a tensor op."""
     if device.type != "cpu":
-        return torch.empty(shape, dtype=dtype, device=device)
+        return tuple(torch.empty(s, dtype=dtype, device=device) for s in shapes)
     kept = _kept("buffers")
-    buf, view = kept.get((fn, name), (None, None))
-    if view is not None and view.dtype == dtype and view.shape == shape:
-        return view
-    n = math.prod(shape)
-    if n * dtype.itemsize > WORKSPACE_MAX_BYTES:
-        return torch.empty(shape, dtype=dtype, device=device)
-    if buf is None or buf.dtype != dtype or buf.numel() < n:
-        buf = torch.empty(n, dtype=dtype)
-    view = buf[:n].view(shape)
-    kept[(fn, name)] = (buf, view)
-    return view
+    block, key, views = kept.get(fn, (None, None, None))
+    if key == (shapes, dtype):
+        return views
+    counts = [math.prod(s) for s in shapes]
+    starts, total = [], 0
+    for n in counts:  # each view at a 64-byte boundary, as a tensor of its own would be
+        starts.append(total)
+        total += -(-n * dtype.itemsize // 64) * 64 // dtype.itemsize
+    if total * dtype.itemsize > WORKSPACE_MAX_BYTES:
+        return tuple(torch.empty(s, dtype=dtype, device=device) for s in shapes)
+    if block is None or block.dtype != dtype or block.numel() < total:
+        block = torch.empty(total, dtype=dtype)
+    views = tuple(block[a:a + n].view(s) for a, n, s in zip(starts, counts, shapes))
+    kept[fn] = (block, (shapes, dtype), views)
+    return views
 
 
 # What a native call returns or keeps for its backward (the state sequences, the saved values,
@@ -1947,13 +1953,14 @@ def _native_forward(_lib, _xs, _states, _params, _bs=None):
     def _empty(shape):
         return torch.empty(shape, dtype=_dt, device=_dev)
 
-    def _scratch(name, shape):  # shapes only (_lib None, fake tensors): a fresh one
-        return _empty(shape) if _lib is None else _workspace("forward", name, shape, _dt, _dev)
+    def _scratch(*shapes):  # shapes only (_lib None, fake tensors): fresh ones
+        return tuple(map(_empty, shapes)) if _lib is None else _workspace("forward", shapes, _dt, _dev)
 
     def _fresh(name, shape):  # what the call returns or saves: from the pool (CPU) or new
         return _empty(shape) if _lib is None else _pooled("forward", name, shape, _dt, _dev)
 
     _n_ch = _T if _lib is None else _lib.chunk_steps(_T, _B, _B * (4*_H), 4*_H*_I)
+    hg_W_i_W_g_W_f_W_o__x, g_R_i_R_g_R_f_R_o__h = _scratch((_n_ch, _B, 4*_H), (_B, 4*_H))
     x_x = _xs[0].contiguous()
     s_h = _fresh("s_h", (_T + 1, _B, _H))
     s_h[0].copy_(_states[0])
@@ -1975,7 +1982,6 @@ def _native_forward(_lib, _xs, _states, _params, _bs=None):
     p_beta_h = _params["beta_h"].contiguous()
     p_inv_n_H = _params["inv_n_H"].contiguous()
     p_inv_n_H_2 = _params["inv_n_H_2"].contiguous()
-    hg_W_i_W_g_W_f_W_o__x = _scratch("hg_W_i_W_g_W_f_W_o__x", (_n_ch, _B, 4*_H))
     v_xi = _fresh("v_xi", (_T, _B, _H))
     v_xg = _fresh("v_xg", (_T, _B, _H))
     v_xf = _fresh("v_xf", (_T, _B, _H))
@@ -1983,7 +1989,6 @@ def _native_forward(_lib, _xs, _states, _params, _bs=None):
     v_mu_x = _fresh("v_mu_x", (_T, _B, 1))
     v_var_x = _fresh("v_var_x", (_T, _B, 1))
     v_rs_x = _fresh("v_rs_x", (_T, _B, 1))
-    g_R_i_R_g_R_f_R_o__h = _scratch("g_R_i_R_g_R_f_R_o__h", (_B, 4*_H))
     v_ri = _fresh("v_ri", (_T, _B, _H))
     v_rg = _fresh("v_rg", (_T, _B, _H))
     v_rf = _fresh("v_rf", (_T, _B, _H))
@@ -2016,17 +2021,17 @@ def _native_inference(_lib, _xs, _states, _params, _bs=None):
     def _empty(shape):
         return torch.empty(shape, dtype=_dt, device=_dev)
 
-    def _scratch(name, shape):  # shapes only (_lib None, fake tensors): a fresh one
-        return _empty(shape) if _lib is None else _workspace("inference", name, shape, _dt, _dev)
+    def _scratch(*shapes):  # shapes only (_lib None, fake tensors): fresh ones
+        return tuple(map(_empty, shapes)) if _lib is None else _workspace("inference", shapes, _dt, _dev)
 
     def _fresh(name, shape):  # what the call returns or saves: from the pool (CPU) or new
         return _empty(shape) if _lib is None else _pooled("inference", name, shape, _dt, _dev)
 
     _n_ch = _T if _lib is None else _lib.chunk_steps(_T, _B, _B * (4*_H), 4*_H*_I)
+    s_c, hg_W_i_W_g_W_f_W_o__x, tmp_xi, tmp_xg, tmp_xf, tmp_xo, tmp_mu_x, tmp_rs_x, g_R_i_R_g_R_f_R_o__h = _scratch((2, _B, _H), (_n_ch, _B, 4*_H), (_B, _H), (_B, _H), (_B, _H), (_B, _H), (_B, 1), (_B, 1), (_B, 4*_H))
     x_x = _xs[0].contiguous()
     s_h = _fresh("s_h", (_T + 1, _B, _H))
     s_h[0].copy_(_states[0])
-    s_c = _scratch("s_c", (2, _B, _H))
     s_c[0].copy_(_states[1])
     p_b_i = _params["b_i"].contiguous()
     p_b_g = _params["b_g"].contiguous()
@@ -2044,14 +2049,6 @@ def _native_inference(_lib, _xs, _states, _params, _bs=None):
     p_beta_h = _params["beta_h"].contiguous()
     p_inv_n_H = _params["inv_n_H"].contiguous()
     p_inv_n_H_2 = _params["inv_n_H_2"].contiguous()
-    hg_W_i_W_g_W_f_W_o__x = _scratch("hg_W_i_W_g_W_f_W_o__x", (_n_ch, _B, 4*_H))
-    tmp_xi = _scratch("tmp_xi", (_B, _H))
-    tmp_xg = _scratch("tmp_xg", (_B, _H))
-    tmp_xf = _scratch("tmp_xf", (_B, _H))
-    tmp_xo = _scratch("tmp_xo", (_B, _H))
-    tmp_mu_x = _scratch("tmp_mu_x", (_B, 1))
-    tmp_rs_x = _scratch("tmp_rs_x", (_B, 1))
-    g_R_i_R_g_R_f_R_o__h = _scratch("g_R_i_R_g_R_f_R_o__h", (_B, 4*_H))
     if _lib is not None:  # None: shapes only (the custom op's fake implementation)
         _lib("inference", _dims + (_n_ch,), [x_x, s_h, s_c, p_b_i, p_b_g, p_b_f, p_b_o, p_gx_i, p_gx_g, p_gx_f, p_gx_o, p_gh_i, p_gh_g, p_gh_f, p_gh_o, p_gamma_h, p_beta_h, p_inv_n_H, p_inv_n_H_2, hg_W_i_W_g_W_f_W_o__x, tmp_xi, tmp_xg, tmp_xf, tmp_xo, tmp_mu_x, tmp_rs_x, g_R_i_R_g_R_f_R_o__h, _stacked(_params["W_i"], _params["W_g"], _params["W_f"], _params["W_o"]), _stacked(_params["R_i"], _params["R_g"], _params["R_f"], _params["R_o"]), _bs])
     _outputs = (s_h[1:1 + _T],)
@@ -2080,11 +2077,11 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     def _gzeros(shape):
         return torch.zeros(shape, dtype=_gdt, device=_dev)
 
-    def _scratch(name, shape):  # shapes only (_lib None, fake tensors): a fresh one
-        return _empty(shape) if _lib is None else _workspace("backward", name, shape, _dt, _dev)
+    def _scratch(*shapes):  # shapes only (_lib None, fake tensors): fresh ones
+        return tuple(map(_empty, shapes)) if _lib is None else _workspace("backward", shapes, _dt, _dev)
 
-    def _gscratch(name, shape):
-        return _gempty(shape) if _lib is None else _workspace("backward", name, shape, _gdt, _dev)
+    def _gscratch(*shapes):  # in the gradients' dtype
+        return tuple(map(_gempty, shapes)) if _lib is None else _workspace("backward/grad", shapes, _gdt, _dev)
 
     def _fresh(name, shape):  # what the call returns: from the pool (CPU) or new
         return _empty(shape) if _lib is None else _pooled("backward", name, shape, _dt, _dev)
@@ -2092,6 +2089,8 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     if _bs is not None:  # outputs past a sequence's end are constant zeros
         _m = _native_active(_bs, _B, _xs)
         _d_outputs = tuple(None if _d is None else _d * _m for _d in _d_outputs)
+    dp_b_i, dp_b_g, dp_b_f, dp_b_o, dp_gx_i, dp_gx_g, dp_gx_f, dp_gx_o, dp_gh_i, dp_gh_g, dp_gh_f, dp_gh_o, dp_gamma_h, dp_beta_h, dg_R_i_R_g_R_f_R_o__h, tmp_d_h_gemm, dhg_W_i_W_g_W_f_W_o__x, tmp_d_h_next, tmp_d_c_next, tmp_d_o, tmp_d_f, tmp_d_g, tmp_d_i, tmp_d_xo, tmp_d_xf, tmp_d_xg, tmp_d_xi = _scratch((_T, _B, _H), (_T, _B, _H), (_T, _B, _H), (_T, _B, _H), (_T, _B, _H), (_T, _B, _H), (_T, _B, _H), (_T, _B, _H), (_T, _B, _H), (_T, _B, _H), (_T, _B, _H), (_T, _B, _H), (_T, _B, _H), (_T, _B, _H), (_T, _B, 4*_H), (_B, _H), (_T, _B, 4*_H), (_B, _H), (_B, _H), (_B, _H), (_B, _H), (_B, _H), (_B, _H), (_B, _H), (_B, _H), (_B, _H), (_B, _H))
+    dw_R_i_R_g_R_f_R_o, dw_W_i_W_g_W_f_W_o = _gscratch((4*_H, _H), (4*_H, _I))
     x_x = _xs[0].contiguous()
     s_h = _saved[0]
     s_c = _saved[1]
@@ -2132,35 +2131,6 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     ds_h = _zeros((_B, _H)) if _d_finals[0] is None else _d_finals[0].to(_dt, memory_format=torch.contiguous_format, copy=True)
     ds_c = _zeros((_B, _H)) if _d_finals[1] is None else _d_finals[1].to(_dt, memory_format=torch.contiguous_format, copy=True)
     dx_x = _fresh("dx_x", (_T, _B, _I))
-    dp_b_i = _scratch("dp_b_i", (_T, _B, _H))
-    dp_b_g = _scratch("dp_b_g", (_T, _B, _H))
-    dp_b_f = _scratch("dp_b_f", (_T, _B, _H))
-    dp_b_o = _scratch("dp_b_o", (_T, _B, _H))
-    dp_gx_i = _scratch("dp_gx_i", (_T, _B, _H))
-    dp_gx_g = _scratch("dp_gx_g", (_T, _B, _H))
-    dp_gx_f = _scratch("dp_gx_f", (_T, _B, _H))
-    dp_gx_o = _scratch("dp_gx_o", (_T, _B, _H))
-    dp_gh_i = _scratch("dp_gh_i", (_T, _B, _H))
-    dp_gh_g = _scratch("dp_gh_g", (_T, _B, _H))
-    dp_gh_f = _scratch("dp_gh_f", (_T, _B, _H))
-    dp_gh_o = _scratch("dp_gh_o", (_T, _B, _H))
-    dp_gamma_h = _scratch("dp_gamma_h", (_T, _B, _H))
-    dp_beta_h = _scratch("dp_beta_h", (_T, _B, _H))
-    dg_R_i_R_g_R_f_R_o__h = _scratch("dg_R_i_R_g_R_f_R_o__h", (_T, _B, 4*_H))
-    tmp_d_h_gemm = _scratch("tmp_d_h_gemm", (_B, _H))
-    dhg_W_i_W_g_W_f_W_o__x = _scratch("dhg_W_i_W_g_W_f_W_o__x", (_T, _B, 4*_H))
-    tmp_d_h_next = _scratch("tmp_d_h_next", (_B, _H))
-    tmp_d_c_next = _scratch("tmp_d_c_next", (_B, _H))
-    tmp_d_o = _scratch("tmp_d_o", (_B, _H))
-    tmp_d_f = _scratch("tmp_d_f", (_B, _H))
-    tmp_d_g = _scratch("tmp_d_g", (_B, _H))
-    tmp_d_i = _scratch("tmp_d_i", (_B, _H))
-    tmp_d_xo = _scratch("tmp_d_xo", (_B, _H))
-    tmp_d_xf = _scratch("tmp_d_xf", (_B, _H))
-    tmp_d_xg = _scratch("tmp_d_xg", (_B, _H))
-    tmp_d_xi = _scratch("tmp_d_xi", (_B, _H))
-    dw_R_i_R_g_R_f_R_o = _gscratch("dw_R_i_R_g_R_f_R_o", (4*_H, _H))
-    dw_W_i_W_g_W_f_W_o = _gscratch("dw_W_i_W_g_W_f_W_o", (4*_H, _I))
     _grads = {"W_i": _gempty((_H, _I)), "W_g": _gempty((_H, _I)), "W_f": _gempty((_H, _I)), "W_o": _gempty((_H, _I)), "R_i": _gempty((_H, _H)), "R_g": _gempty((_H, _H)), "R_f": _gempty((_H, _H)), "R_o": _gempty((_H, _H)), "b_i": _gempty((_H,)), "b_g": _gempty((_H,)), "b_f": _gempty((_H,)), "b_o": _gempty((_H,)), "gx_i": _gempty((_H,)), "gx_g": _gempty((_H,)), "gx_f": _gempty((_H,)), "gx_o": _gempty((_H,)), "gh_i": _gempty((_H,)), "gh_g": _gempty((_H,)), "gh_f": _gempty((_H,)), "gh_o": _gempty((_H,)), "gamma_h": _gempty((_H,)), "beta_h": _gempty((_H,)), "inv_n_H": _gzeros((_H,)), "inv_n_H_2": _gzeros((_H,))}
     if _lib is not None:
         _lib("backward", _dims, [x_x, s_h, s_c, p_gx_i, p_gx_g, p_gx_f, p_gx_o, p_gh_i, p_gh_g, p_gh_f, p_gh_o, p_gamma_h, p_beta_h, p_inv_n_H, p_inv_n_H_2, v_xi, v_xg, v_xf, v_xo, v_mu_x, v_var_x, v_rs_x, v_ri, v_rg, v_rf, v_ro, v_mu_h, v_var_h, v_rs_h, v_i, v_g, v_f, v_o, v_mean_5, v_var, v_rstd, dout_h_next, ds_h, ds_c, dx_x, dp_b_i, dp_b_g, dp_b_f, dp_b_o, dp_gx_i, dp_gx_g, dp_gx_f, dp_gx_o, dp_gh_i, dp_gh_g, dp_gh_f, dp_gh_o, dp_gamma_h, dp_beta_h, dg_R_i_R_g_R_f_R_o__h, tmp_d_h_gemm, dhg_W_i_W_g_W_f_W_o__x, tmp_d_h_next, tmp_d_c_next, tmp_d_o, tmp_d_f, tmp_d_g, tmp_d_i, tmp_d_xo, tmp_d_xf, tmp_d_xg, tmp_d_xi, dw_R_i_R_g_R_f_R_o, dw_W_i_W_g_W_f_W_o, _stacked(_params["W_i"], _params["W_g"], _params["W_f"], _params["W_o"]), _stacked(_params["R_i"], _params["R_g"], _params["R_f"], _params["R_o"]), *_grads.values(), _bs])

@@ -1659,8 +1659,9 @@ def _stacked(*mats):
 
 # Scratch buffers of the native calls (the hoisted GEMM outputs, per-step scratch, the backward's
 # adjoints; never what a call returns or saves) are kept between calls, per thread, on the CPU:
-# a fresh multi-MiB buffer costs a page fault per 4 KiB on first touch, every call. Each is kept
-# up to WORKSPACE_MAX_BYTES; release_workspace() frees them. Other devices: torch's allocator.
+# a fresh multi-MiB buffer costs a page fault per 4 KiB on first touch, every call. A call's
+# scratch of one dtype is one block (views at 64-byte boundaries), kept up to WORKSPACE_MAX_BYTES;
+# release_workspace() frees them. Other devices: torch's allocator.
 WORKSPACE_MAX_BYTES = 256 << 20
 _WORKSPACE = threading.local()
 
@@ -1675,24 +1676,29 @@ def _kept(kind):
     return kept
 
 
-def _workspace(fn, name, shape, dtype, device):
-    """A scratch buffer of ``shape`` for the call ``fn``: the same memory on every call in this
-    thread (CPU), else a fresh one. The view of the last shape asked for is kept too: a call of
-    the same sizes gets it back without a tensor op."""
+def _workspace(fn, shapes, dtype, device):
+    """Scratch buffers of ``shapes`` (one tensor each) for the call ``fn``: views of one block
+    that is the same memory on every call in this thread (CPU), else fresh tensors. The views of
+    the last shapes asked for are kept too: a call of the same sizes gets them back in one dict
+    lookup, without a tensor op."""
     if device.type != "cpu":
-        return torch.empty(shape, dtype=dtype, device=device)
+        return tuple(torch.empty(s, dtype=dtype, device=device) for s in shapes)
     kept = _kept("buffers")
-    buf, view = kept.get((fn, name), (None, None))
-    if view is not None and view.dtype == dtype and view.shape == shape:
-        return view
-    n = math.prod(shape)
-    if n * dtype.itemsize > WORKSPACE_MAX_BYTES:
-        return torch.empty(shape, dtype=dtype, device=device)
-    if buf is None or buf.dtype != dtype or buf.numel() < n:
-        buf = torch.empty(n, dtype=dtype)
-    view = buf[:n].view(shape)
-    kept[(fn, name)] = (buf, view)
-    return view
+    block, key, views = kept.get(fn, (None, None, None))
+    if key == (shapes, dtype):
+        return views
+    counts = [math.prod(s) for s in shapes]
+    starts, total = [], 0
+    for n in counts:  # each view at a 64-byte boundary, as a tensor of its own would be
+        starts.append(total)
+        total += -(-n * dtype.itemsize // 64) * 64 // dtype.itemsize
+    if total * dtype.itemsize > WORKSPACE_MAX_BYTES:
+        return tuple(torch.empty(s, dtype=dtype, device=device) for s in shapes)
+    if block is None or block.dtype != dtype or block.numel() < total:
+        block = torch.empty(total, dtype=dtype)
+    views = tuple(block[a:a + n].view(s) for a, n, s in zip(starts, counts, shapes))
+    kept[fn] = (block, (shapes, dtype), views)
+    return views
 
 
 # What a native call returns or keeps for its backward (the state sequences, the saved values,
@@ -1776,8 +1782,8 @@ def _native_forward(_lib, _xs, _states, _params, _bs=None):
     def _empty(shape):
         return torch.empty(shape, dtype=_dt, device=_dev)
 
-    def _scratch(name, shape):  # shapes only (_lib None, fake tensors): a fresh one
-        return _empty(shape) if _lib is None else _workspace("forward", name, shape, _dt, _dev)
+    def _scratch(*shapes):  # shapes only (_lib None, fake tensors): fresh ones
+        return tuple(map(_empty, shapes)) if _lib is None else _workspace("forward", shapes, _dt, _dev)
 
     def _fresh(name, shape):  # what the call returns or saves: from the pool (CPU) or new
         return _empty(shape) if _lib is None else _pooled("forward", name, shape, _dt, _dev)
@@ -1840,13 +1846,14 @@ def _native_inference(_lib, _xs, _states, _params, _bs=None):
     def _empty(shape):
         return torch.empty(shape, dtype=_dt, device=_dev)
 
-    def _scratch(name, shape):  # shapes only (_lib None, fake tensors): a fresh one
-        return _empty(shape) if _lib is None else _workspace("inference", name, shape, _dt, _dev)
+    def _scratch(*shapes):  # shapes only (_lib None, fake tensors): fresh ones
+        return tuple(map(_empty, shapes)) if _lib is None else _workspace("inference", shapes, _dt, _dev)
 
     def _fresh(name, shape):  # what the call returns or saves: from the pool (CPU) or new
         return _empty(shape) if _lib is None else _pooled("inference", name, shape, _dt, _dev)
 
     _n_ch = _T if _lib is None else _lib.chunk_steps(_T, _B, _B * (3*_H), 3*_H*_I)
+    hg_W_r_W_u_W_c__x, tmp_mean, tmp_rstd, tmp_mean_3, tmp_rstd_3, tmp_mean_5, tmp_rstd_5 = _scratch((_n_ch, _B, 3*_H), (_B, 1), (_B, 1), (_B, 1), (_B, 1), (_B, 1), (_B, 1))
     x_x = _xs[0].contiguous()
     s_h = _fresh("s_h", (_T + 1, _B, _H))
     s_h[0].copy_(_states[0])
@@ -1863,13 +1870,6 @@ def _native_inference(_lib, _xs, _states, _params, _bs=None):
     p_gh_c = _params["gh_c"].contiguous()
     p_bh_c = _params["bh_c"].contiguous()
     p_inv_n_H = _params["inv_n_H"].contiguous()
-    hg_W_r_W_u_W_c__x = _scratch("hg_W_r_W_u_W_c__x", (_n_ch, _B, 3*_H))
-    tmp_mean = _scratch("tmp_mean", (_B, 1))
-    tmp_rstd = _scratch("tmp_rstd", (_B, 1))
-    tmp_mean_3 = _scratch("tmp_mean_3", (_B, 1))
-    tmp_rstd_3 = _scratch("tmp_rstd_3", (_B, 1))
-    tmp_mean_5 = _scratch("tmp_mean_5", (_B, 1))
-    tmp_rstd_5 = _scratch("tmp_rstd_5", (_B, 1))
     g_U_r_U_u_U_c__h = _fresh("g_U_r_U_u_U_c__h", (_B, 3*_H))
     if _lib is not None:  # None: shapes only (the custom op's fake implementation)
         _lib("inference", _dims + (_n_ch,), [x_x, s_h, p_gx_r, p_bx_r, p_gh_r, p_bh_r, p_gx_u, p_bx_u, p_gh_u, p_bh_u, p_gx_c, p_bx_c, p_gh_c, p_bh_c, p_inv_n_H, hg_W_r_W_u_W_c__x, tmp_mean, tmp_rstd, tmp_mean_3, tmp_rstd_3, tmp_mean_5, tmp_rstd_5, g_U_r_U_u_U_c__h, _stacked(_params["W_r"], _params["W_u"], _params["W_c"]), _stacked(_params["U_r"], _params["U_u"], _params["U_c"]), _bs])
@@ -1899,11 +1899,11 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     def _gzeros(shape):
         return torch.zeros(shape, dtype=_gdt, device=_dev)
 
-    def _scratch(name, shape):  # shapes only (_lib None, fake tensors): a fresh one
-        return _empty(shape) if _lib is None else _workspace("backward", name, shape, _dt, _dev)
+    def _scratch(*shapes):  # shapes only (_lib None, fake tensors): fresh ones
+        return tuple(map(_empty, shapes)) if _lib is None else _workspace("backward", shapes, _dt, _dev)
 
-    def _gscratch(name, shape):
-        return _gempty(shape) if _lib is None else _workspace("backward", name, shape, _gdt, _dev)
+    def _gscratch(*shapes):  # in the gradients' dtype
+        return tuple(map(_gempty, shapes)) if _lib is None else _workspace("backward/grad", shapes, _gdt, _dev)
 
     def _fresh(name, shape):  # what the call returns: from the pool (CPU) or new
         return _empty(shape) if _lib is None else _pooled("backward", name, shape, _dt, _dev)
@@ -1911,6 +1911,8 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     if _bs is not None:  # outputs past a sequence's end are constant zeros
         _m = _native_active(_bs, _B, _xs)
         _d_outputs = tuple(None if _d is None else _d * _m for _d in _d_outputs)
+    dp_gx_r, dp_bx_r, dp_gh_r, dp_bh_r, dp_gx_u, dp_bx_u, dp_gh_u, dp_bh_u, dp_gx_c, dp_bx_c, dp_gh_c, dp_bh_c, dg_U_r_U_u_U_c__h, tmp_d_h_gemm, dhg_W_r_W_u_W_c__x, tmp_d_h_next, tmp_d_c, tmp_d_u, tmp_d_r, tmp_d_var_5, tmp_d_mean_5, tmp_d_var_3, tmp_d_mean_3, tmp_d_var, tmp_d_mean = _scratch((_T, _B, _H), (_T, _B, _H), (_T, _B, _H), (_T, _B, _H), (_T, _B, _H), (_T, _B, _H), (_T, _B, _H), (_T, _B, _H), (_T, _B, _H), (_T, _B, _H), (_T, _B, _H), (_T, _B, _H), (_T, _B, 3*_H), (_B, _H), (_T, _B, 3*_H), (_B, _H), (_B, _H), (_B, _H), (_B, _H), (_B, 1), (_B, 1), (_B, 1), (_B, 1), (_B, 1), (_B, 1))
+    dw_U_r_U_u_U_c, dw_W_r_W_u_W_c = _gscratch((3*_H, _H), (3*_H, _I))
     x_x = _xs[0].contiguous()
     s_h = _saved[0]
     p_gx_r = _params["gx_r"].contiguous()
@@ -1947,33 +1949,6 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     dout_h_next = _zeros((_T, _B, _H)) if _d_outputs[0] is None else _d_outputs[0].contiguous()
     ds_h = _zeros((_B, _H)) if _d_finals[0] is None else _d_finals[0].to(_dt, memory_format=torch.contiguous_format, copy=True)
     dx_x = _fresh("dx_x", (_T, _B, _I))
-    dp_gx_r = _scratch("dp_gx_r", (_T, _B, _H))
-    dp_bx_r = _scratch("dp_bx_r", (_T, _B, _H))
-    dp_gh_r = _scratch("dp_gh_r", (_T, _B, _H))
-    dp_bh_r = _scratch("dp_bh_r", (_T, _B, _H))
-    dp_gx_u = _scratch("dp_gx_u", (_T, _B, _H))
-    dp_bx_u = _scratch("dp_bx_u", (_T, _B, _H))
-    dp_gh_u = _scratch("dp_gh_u", (_T, _B, _H))
-    dp_bh_u = _scratch("dp_bh_u", (_T, _B, _H))
-    dp_gx_c = _scratch("dp_gx_c", (_T, _B, _H))
-    dp_bx_c = _scratch("dp_bx_c", (_T, _B, _H))
-    dp_gh_c = _scratch("dp_gh_c", (_T, _B, _H))
-    dp_bh_c = _scratch("dp_bh_c", (_T, _B, _H))
-    dg_U_r_U_u_U_c__h = _scratch("dg_U_r_U_u_U_c__h", (_T, _B, 3*_H))
-    tmp_d_h_gemm = _scratch("tmp_d_h_gemm", (_B, _H))
-    dhg_W_r_W_u_W_c__x = _scratch("dhg_W_r_W_u_W_c__x", (_T, _B, 3*_H))
-    tmp_d_h_next = _scratch("tmp_d_h_next", (_B, _H))
-    tmp_d_c = _scratch("tmp_d_c", (_B, _H))
-    tmp_d_u = _scratch("tmp_d_u", (_B, _H))
-    tmp_d_r = _scratch("tmp_d_r", (_B, _H))
-    tmp_d_var_5 = _scratch("tmp_d_var_5", (_B, 1))
-    tmp_d_mean_5 = _scratch("tmp_d_mean_5", (_B, 1))
-    tmp_d_var_3 = _scratch("tmp_d_var_3", (_B, 1))
-    tmp_d_mean_3 = _scratch("tmp_d_mean_3", (_B, 1))
-    tmp_d_var = _scratch("tmp_d_var", (_B, 1))
-    tmp_d_mean = _scratch("tmp_d_mean", (_B, 1))
-    dw_U_r_U_u_U_c = _gscratch("dw_U_r_U_u_U_c", (3*_H, _H))
-    dw_W_r_W_u_W_c = _gscratch("dw_W_r_W_u_W_c", (3*_H, _I))
     _grads = {"W_r": _gempty((_H, _I)), "U_r": _gempty((_H, _H)), "W_u": _gempty((_H, _I)), "U_u": _gempty((_H, _H)), "W_c": _gempty((_H, _I)), "U_c": _gempty((_H, _H)), "gx_r": _gempty((_H,)), "bx_r": _gempty((_H,)), "gh_r": _gempty((_H,)), "bh_r": _gempty((_H,)), "gx_u": _gempty((_H,)), "bx_u": _gempty((_H,)), "gh_u": _gempty((_H,)), "bh_u": _gempty((_H,)), "gx_c": _gempty((_H,)), "bx_c": _gempty((_H,)), "gh_c": _gempty((_H,)), "bh_c": _gempty((_H,)), "inv_n_H": _gzeros((_H,))}
     if _lib is not None:
         _lib("backward", _dims, [x_x, s_h, p_gx_r, p_gh_r, p_gx_u, p_gh_u, p_gx_c, p_gh_c, p_bh_c, p_inv_n_H, hg_W_r_W_u_W_c__x, v_mean, v_var, v_rstd, v_mean_3, v_var_3, v_rstd_3, v_mean_5, v_var_5, v_rstd_5, g_U_r_U_u_U_c__h, v_mean_2, v_var_2, v_rstd_2, v_r, v_mean_4, v_var_4, v_rstd_4, v_u, v_mean_6, v_var_6, v_rstd_6, v_c, dout_h_next, ds_h, dx_x, dp_gx_r, dp_bx_r, dp_gh_r, dp_bh_r, dp_gx_u, dp_bx_u, dp_gh_u, dp_bh_u, dp_gx_c, dp_bx_c, dp_gh_c, dp_bh_c, dg_U_r_U_u_U_c__h, tmp_d_h_gemm, dhg_W_r_W_u_W_c__x, tmp_d_h_next, tmp_d_c, tmp_d_u, tmp_d_r, tmp_d_var_5, tmp_d_mean_5, tmp_d_var_3, tmp_d_mean_3, tmp_d_var, tmp_d_mean, dw_U_r_U_u_U_c, dw_W_r_W_u_W_c, _stacked(_params["W_r"], _params["W_u"], _params["W_c"]), _stacked(_params["U_r"], _params["U_u"], _params["U_c"]), *_grads.values(), _bs])

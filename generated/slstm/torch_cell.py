@@ -1096,8 +1096,9 @@ def _stacked(*mats):
 
 # Scratch buffers of the native calls (the hoisted GEMM outputs, per-step scratch, the backward's
 # adjoints; never what a call returns or saves) are kept between calls, per thread, on the CPU:
-# a fresh multi-MiB buffer costs a page fault per 4 KiB on first touch, every call. Each is kept
-# up to WORKSPACE_MAX_BYTES; release_workspace() frees them. Other devices: torch's allocator.
+# a fresh multi-MiB buffer costs a page fault per 4 KiB on first touch, every call. A call's
+# scratch of one dtype is one block (views at 64-byte boundaries), kept up to WORKSPACE_MAX_BYTES;
+# release_workspace() frees them. Other devices: torch's allocator.
 WORKSPACE_MAX_BYTES = 256 << 20
 _WORKSPACE = threading.local()
 
@@ -1112,24 +1113,29 @@ def _kept(kind):
     return kept
 
 
-def _workspace(fn, name, shape, dtype, device):
-    """A scratch buffer of ``shape`` for the call ``fn``: the same memory on every call in this
-    thread (CPU), else a fresh one. The view of the last shape asked for is kept too: a call of
-    the same sizes gets it back without a tensor op."""
+def _workspace(fn, shapes, dtype, device):
+    """Scratch buffers of ``shapes`` (one tensor each) for the call ``fn``: views of one block
+    that is the same memory on every call in this thread (CPU), else fresh tensors. The views of
+    the last shapes asked for are kept too: a call of the same sizes gets them back in one dict
+    lookup, without a tensor op."""
     if device.type != "cpu":
-        return torch.empty(shape, dtype=dtype, device=device)
+        return tuple(torch.empty(s, dtype=dtype, device=device) for s in shapes)
     kept = _kept("buffers")
-    buf, view = kept.get((fn, name), (None, None))
-    if view is not None and view.dtype == dtype and view.shape == shape:
-        return view
-    n = math.prod(shape)
-    if n * dtype.itemsize > WORKSPACE_MAX_BYTES:
-        return torch.empty(shape, dtype=dtype, device=device)
-    if buf is None or buf.dtype != dtype or buf.numel() < n:
-        buf = torch.empty(n, dtype=dtype)
-    view = buf[:n].view(shape)
-    kept[(fn, name)] = (buf, view)
-    return view
+    block, key, views = kept.get(fn, (None, None, None))
+    if key == (shapes, dtype):
+        return views
+    counts = [math.prod(s) for s in shapes]
+    starts, total = [], 0
+    for n in counts:  # each view at a 64-byte boundary, as a tensor of its own would be
+        starts.append(total)
+        total += -(-n * dtype.itemsize // 64) * 64 // dtype.itemsize
+    if total * dtype.itemsize > WORKSPACE_MAX_BYTES:
+        return tuple(torch.empty(s, dtype=dtype, device=device) for s in shapes)
+    if block is None or block.dtype != dtype or block.numel() < total:
+        block = torch.empty(total, dtype=dtype)
+    views = tuple(block[a:a + n].view(s) for a, n, s in zip(starts, counts, shapes))
+    kept[fn] = (block, (shapes, dtype), views)
+    return views
 
 
 # What a native call returns or keeps for its backward (the state sequences, the saved values,
@@ -1213,13 +1219,14 @@ def _native_forward(_lib, _xs, _states, _params, _bs=None):
     def _empty(shape):
         return torch.empty(shape, dtype=_dt, device=_dev)
 
-    def _scratch(name, shape):  # shapes only (_lib None, fake tensors): a fresh one
-        return _empty(shape) if _lib is None else _workspace("forward", name, shape, _dt, _dev)
+    def _scratch(*shapes):  # shapes only (_lib None, fake tensors): fresh ones
+        return tuple(map(_empty, shapes)) if _lib is None else _workspace("forward", shapes, _dt, _dev)
 
     def _fresh(name, shape):  # what the call returns or saves: from the pool (CPU) or new
         return _empty(shape) if _lib is None else _pooled("forward", name, shape, _dt, _dev)
 
     _n_ch = _T if _lib is None else _lib.chunk_steps(_T, _B, _B * (4*_H), 4*_H*_I)
+    hg_W_z_W_i_W_f_W_o__x, g_R_z_R_i_R_f_R_o__h = _scratch((_n_ch, _B, 4*_H), (_B, 4*_H))
     x_x = _xs[0].contiguous()
     s_h = _fresh("s_h", (_T + 1, _B, _H))
     s_h[0].copy_(_states[0])
@@ -1233,8 +1240,6 @@ def _native_forward(_lib, _xs, _states, _params, _bs=None):
     p_b_i = _params["b_i"].contiguous()
     p_b_f = _params["b_f"].contiguous()
     p_b_o = _params["b_o"].contiguous()
-    hg_W_z_W_i_W_f_W_o__x = _scratch("hg_W_z_W_i_W_f_W_o__x", (_n_ch, _B, 4*_H))
-    g_R_z_R_i_R_f_R_o__h = _scratch("g_R_z_R_i_R_f_R_o__h", (_B, 4*_H))
     v_z = _fresh("v_z", (_T, _B, _H))
     v_it = _fresh("v_it", (_T, _B, _H))
     v_ft = _fresh("v_ft", (_T, _B, _H))
@@ -1259,28 +1264,24 @@ def _native_inference(_lib, _xs, _states, _params, _bs=None):
     def _empty(shape):
         return torch.empty(shape, dtype=_dt, device=_dev)
 
-    def _scratch(name, shape):  # shapes only (_lib None, fake tensors): a fresh one
-        return _empty(shape) if _lib is None else _workspace("inference", name, shape, _dt, _dev)
+    def _scratch(*shapes):  # shapes only (_lib None, fake tensors): fresh ones
+        return tuple(map(_empty, shapes)) if _lib is None else _workspace("inference", shapes, _dt, _dev)
 
     def _fresh(name, shape):  # what the call returns or saves: from the pool (CPU) or new
         return _empty(shape) if _lib is None else _pooled("inference", name, shape, _dt, _dev)
 
     _n_ch = _T if _lib is None else _lib.chunk_steps(_T, _B, _B * (4*_H), 4*_H*_I)
+    s_c, s_n, s_m, hg_W_z_W_i_W_f_W_o__x, g_R_z_R_i_R_f_R_o__h = _scratch((2, _B, _H), (2, _B, _H), (2, _B, _H), (_n_ch, _B, 4*_H), (_B, 4*_H))
     x_x = _xs[0].contiguous()
     s_h = _fresh("s_h", (_T + 1, _B, _H))
     s_h[0].copy_(_states[0])
-    s_c = _scratch("s_c", (2, _B, _H))
     s_c[0].copy_(_states[1])
-    s_n = _scratch("s_n", (2, _B, _H))
     s_n[0].copy_(_states[2])
-    s_m = _scratch("s_m", (2, _B, _H))
     s_m[0].copy_(_states[3])
     p_b_z = _params["b_z"].contiguous()
     p_b_i = _params["b_i"].contiguous()
     p_b_f = _params["b_f"].contiguous()
     p_b_o = _params["b_o"].contiguous()
-    hg_W_z_W_i_W_f_W_o__x = _scratch("hg_W_z_W_i_W_f_W_o__x", (_n_ch, _B, 4*_H))
-    g_R_z_R_i_R_f_R_o__h = _scratch("g_R_z_R_i_R_f_R_o__h", (_B, 4*_H))
     if _lib is not None:  # None: shapes only (the custom op's fake implementation)
         _lib("inference", _dims + (_n_ch,), [x_x, s_h, s_c, s_n, s_m, p_b_z, p_b_i, p_b_f, p_b_o, hg_W_z_W_i_W_f_W_o__x, g_R_z_R_i_R_f_R_o__h, _stacked(_params["W_z"], _params["W_i"], _params["W_f"], _params["W_o"]), _stacked(_params["R_z"], _params["R_i"], _params["R_f"], _params["R_o"]), _bs])
     _outputs = (s_h[1:1 + _T],)
@@ -1309,11 +1310,11 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     def _gzeros(shape):
         return torch.zeros(shape, dtype=_gdt, device=_dev)
 
-    def _scratch(name, shape):  # shapes only (_lib None, fake tensors): a fresh one
-        return _empty(shape) if _lib is None else _workspace("backward", name, shape, _dt, _dev)
+    def _scratch(*shapes):  # shapes only (_lib None, fake tensors): fresh ones
+        return tuple(map(_empty, shapes)) if _lib is None else _workspace("backward", shapes, _dt, _dev)
 
-    def _gscratch(name, shape):
-        return _gempty(shape) if _lib is None else _workspace("backward", name, shape, _gdt, _dev)
+    def _gscratch(*shapes):  # in the gradients' dtype
+        return tuple(map(_gempty, shapes)) if _lib is None else _workspace("backward/grad", shapes, _gdt, _dev)
 
     def _fresh(name, shape):  # what the call returns: from the pool (CPU) or new
         return _empty(shape) if _lib is None else _pooled("backward", name, shape, _dt, _dev)
@@ -1321,6 +1322,8 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     if _bs is not None:  # outputs past a sequence's end are constant zeros
         _m = _native_active(_bs, _B, _xs)
         _d_outputs = tuple(None if _d is None else _d * _m for _d in _d_outputs)
+    dg_R_z_R_i_R_f_R_o__h, tmp_d_h_gemm, tmp_d_n_next, tmp_d_c_next, tmp_d_f, tmp_d_m_next = _scratch((_T, _B, 4*_H), (_B, _H), (_B, _H), (_B, _H), (_B, _H), (_B, _H))
+    dw_R_z_R_i_R_f_R_o, dw_W_z_W_i_W_f_W_o = _gscratch((4*_H, _H), (4*_H, _I))
     x_x = _xs[0].contiguous()
     s_h = _saved[0]
     s_c = _saved[1]
@@ -1338,14 +1341,6 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     ds_n = _zeros((_B, _H)) if _d_finals[2] is None else _d_finals[2].to(_dt, memory_format=torch.contiguous_format, copy=True)
     ds_m = _zeros((_B, _H)) if _d_finals[3] is None else _d_finals[3].to(_dt, memory_format=torch.contiguous_format, copy=True)
     dx_x = _fresh("dx_x", (_T, _B, _I))
-    dg_R_z_R_i_R_f_R_o__h = _scratch("dg_R_z_R_i_R_f_R_o__h", (_T, _B, 4*_H))
-    tmp_d_h_gemm = _scratch("tmp_d_h_gemm", (_B, _H))
-    tmp_d_n_next = _scratch("tmp_d_n_next", (_B, _H))
-    tmp_d_c_next = _scratch("tmp_d_c_next", (_B, _H))
-    tmp_d_f = _scratch("tmp_d_f", (_B, _H))
-    tmp_d_m_next = _scratch("tmp_d_m_next", (_B, _H))
-    dw_R_z_R_i_R_f_R_o = _gscratch("dw_R_z_R_i_R_f_R_o", (4*_H, _H))
-    dw_W_z_W_i_W_f_W_o = _gscratch("dw_W_z_W_i_W_f_W_o", (4*_H, _I))
     _grads = {"W_z": _gempty((_H, _I)), "R_z": _gempty((_H, _H)), "b_z": _gempty((_H,)), "W_i": _gempty((_H, _I)), "R_i": _gempty((_H, _H)), "b_i": _gempty((_H,)), "W_f": _gempty((_H, _I)), "R_f": _gempty((_H, _H)), "b_f": _gempty((_H,)), "W_o": _gempty((_H, _I)), "R_o": _gempty((_H, _H)), "b_o": _gempty((_H,))}
     if _lib is not None:
         _lib("backward", _dims, [x_x, s_h, s_c, s_n, s_m, v_z, v_it, v_ft, v_o, v_i, v_f, dout_h_next, ds_h, ds_c, ds_n, ds_m, dx_x, dg_R_z_R_i_R_f_R_o__h, tmp_d_h_gemm, tmp_d_n_next, tmp_d_c_next, tmp_d_f, tmp_d_m_next, dw_R_z_R_i_R_f_R_o, dw_W_z_W_i_W_f_W_o, _stacked(_params["W_z"], _params["W_i"], _params["W_f"], _params["W_o"]), _stacked(_params["R_z"], _params["R_i"], _params["R_f"], _params["R_o"]), *_grads.values(), _bs])

@@ -1059,8 +1059,9 @@ def _stacked(*mats):
 
 # Scratch buffers of the native calls (the hoisted GEMM outputs, per-step scratch, the backward's
 # adjoints; never what a call returns or saves) are kept between calls, per thread, on the CPU:
-# a fresh multi-MiB buffer costs a page fault per 4 KiB on first touch, every call. Each is kept
-# up to WORKSPACE_MAX_BYTES; release_workspace() frees them. Other devices: torch's allocator.
+# a fresh multi-MiB buffer costs a page fault per 4 KiB on first touch, every call. A call's
+# scratch of one dtype is one block (views at 64-byte boundaries), kept up to WORKSPACE_MAX_BYTES;
+# release_workspace() frees them. Other devices: torch's allocator.
 WORKSPACE_MAX_BYTES = 256 << 20
 _WORKSPACE = threading.local()
 
@@ -1075,24 +1076,29 @@ def _kept(kind):
     return kept
 
 
-def _workspace(fn, name, shape, dtype, device):
-    """A scratch buffer of ``shape`` for the call ``fn``: the same memory on every call in this
-    thread (CPU), else a fresh one. The view of the last shape asked for is kept too: a call of
-    the same sizes gets it back without a tensor op."""
+def _workspace(fn, shapes, dtype, device):
+    """Scratch buffers of ``shapes`` (one tensor each) for the call ``fn``: views of one block
+    that is the same memory on every call in this thread (CPU), else fresh tensors. The views of
+    the last shapes asked for are kept too: a call of the same sizes gets them back in one dict
+    lookup, without a tensor op."""
     if device.type != "cpu":
-        return torch.empty(shape, dtype=dtype, device=device)
+        return tuple(torch.empty(s, dtype=dtype, device=device) for s in shapes)
     kept = _kept("buffers")
-    buf, view = kept.get((fn, name), (None, None))
-    if view is not None and view.dtype == dtype and view.shape == shape:
-        return view
-    n = math.prod(shape)
-    if n * dtype.itemsize > WORKSPACE_MAX_BYTES:
-        return torch.empty(shape, dtype=dtype, device=device)
-    if buf is None or buf.dtype != dtype or buf.numel() < n:
-        buf = torch.empty(n, dtype=dtype)
-    view = buf[:n].view(shape)
-    kept[(fn, name)] = (buf, view)
-    return view
+    block, key, views = kept.get(fn, (None, None, None))
+    if key == (shapes, dtype):
+        return views
+    counts = [math.prod(s) for s in shapes]
+    starts, total = [], 0
+    for n in counts:  # each view at a 64-byte boundary, as a tensor of its own would be
+        starts.append(total)
+        total += -(-n * dtype.itemsize // 64) * 64 // dtype.itemsize
+    if total * dtype.itemsize > WORKSPACE_MAX_BYTES:
+        return tuple(torch.empty(s, dtype=dtype, device=device) for s in shapes)
+    if block is None or block.dtype != dtype or block.numel() < total:
+        block = torch.empty(total, dtype=dtype)
+    views = tuple(block[a:a + n].view(s) for a, n, s in zip(starts, counts, shapes))
+    kept[fn] = (block, (shapes, dtype), views)
+    return views
 
 
 # What a native call returns or keeps for its backward (the state sequences, the saved values,
@@ -1176,13 +1182,14 @@ def _native_forward(_lib, _xs, _states, _params, _bs=None):
     def _empty(shape):
         return torch.empty(shape, dtype=_dt, device=_dev)
 
-    def _scratch(name, shape):  # shapes only (_lib None, fake tensors): a fresh one
-        return _empty(shape) if _lib is None else _workspace("forward", name, shape, _dt, _dev)
+    def _scratch(*shapes):  # shapes only (_lib None, fake tensors): fresh ones
+        return tuple(map(_empty, shapes)) if _lib is None else _workspace("forward", shapes, _dt, _dev)
 
     def _fresh(name, shape):  # what the call returns or saves: from the pool (CPU) or new
         return _empty(shape) if _lib is None else _pooled("forward", name, shape, _dt, _dev)
 
     _n_ch = _T if _lib is None else _lib.chunk_steps(_T, _B, _B * (4*_H + _I), 4*_H*_I)
+    hg_W_ii_W_if_W_ig_W_io__xd, g_W_hi_W_hf_W_hg_W_ho__hd = _scratch((_n_ch, _B, 4*_H), (_B, 4*_H))
     x_x = _xs[0].contiguous()
     x_mask_x = _xs[1].contiguous()
     x_mask_h = _xs[2].contiguous()
@@ -1199,9 +1206,7 @@ def _native_forward(_lib, _xs, _states, _params, _bs=None):
     p_b_io = _params["b_io"].contiguous()
     p_b_ho = _params["b_ho"].contiguous()
     hv_xd = _fresh("hv_xd", (_T, _B, _I))
-    hg_W_ii_W_if_W_ig_W_io__xd = _scratch("hg_W_ii_W_if_W_ig_W_io__xd", (_n_ch, _B, 4*_H))
     v_hd = _fresh("v_hd", (_T, _B, _H))
-    g_W_hi_W_hf_W_hg_W_ho__hd = _scratch("g_W_hi_W_hf_W_hg_W_ho__hd", (_B, 4*_H))
     v_i = _fresh("v_i", (_T, _B, _H))
     v_f = _fresh("v_f", (_T, _B, _H))
     v_g = _fresh("v_g", (_T, _B, _H))
@@ -1224,19 +1229,19 @@ def _native_inference(_lib, _xs, _states, _params, _bs=None):
     def _empty(shape):
         return torch.empty(shape, dtype=_dt, device=_dev)
 
-    def _scratch(name, shape):  # shapes only (_lib None, fake tensors): a fresh one
-        return _empty(shape) if _lib is None else _workspace("inference", name, shape, _dt, _dev)
+    def _scratch(*shapes):  # shapes only (_lib None, fake tensors): fresh ones
+        return tuple(map(_empty, shapes)) if _lib is None else _workspace("inference", shapes, _dt, _dev)
 
     def _fresh(name, shape):  # what the call returns or saves: from the pool (CPU) or new
         return _empty(shape) if _lib is None else _pooled("inference", name, shape, _dt, _dev)
 
     _n_ch = _T if _lib is None else _lib.chunk_steps(_T, _B, _B * (4*_H + _I), 4*_H*_I)
+    s_c, hv_xd, hg_W_ii_W_if_W_ig_W_io__xd, tmp_hd, g_W_hi_W_hf_W_hg_W_ho__hd = _scratch((2, _B, _H), (_n_ch, _B, _I), (_n_ch, _B, 4*_H), (_B, _H), (_B, 4*_H))
     x_x = _xs[0].contiguous()
     x_mask_x = _xs[1].contiguous()
     x_mask_h = _xs[2].contiguous()
     s_h = _fresh("s_h", (_T + 1, _B, _H))
     s_h[0].copy_(_states[0])
-    s_c = _scratch("s_c", (2, _B, _H))
     s_c[0].copy_(_states[1])
     p_b_ii = _params["b_ii"].contiguous()
     p_b_hi = _params["b_hi"].contiguous()
@@ -1246,10 +1251,6 @@ def _native_inference(_lib, _xs, _states, _params, _bs=None):
     p_b_hg = _params["b_hg"].contiguous()
     p_b_io = _params["b_io"].contiguous()
     p_b_ho = _params["b_ho"].contiguous()
-    hv_xd = _scratch("hv_xd", (_n_ch, _B, _I))
-    hg_W_ii_W_if_W_ig_W_io__xd = _scratch("hg_W_ii_W_if_W_ig_W_io__xd", (_n_ch, _B, 4*_H))
-    tmp_hd = _scratch("tmp_hd", (_B, _H))
-    g_W_hi_W_hf_W_hg_W_ho__hd = _scratch("g_W_hi_W_hf_W_hg_W_ho__hd", (_B, 4*_H))
     if _lib is not None:  # None: shapes only (the custom op's fake implementation)
         _lib("inference", _dims + (_n_ch,), [x_x, x_mask_x, x_mask_h, s_h, s_c, p_b_ii, p_b_hi, p_b_if, p_b_hf, p_b_ig, p_b_hg, p_b_io, p_b_ho, hv_xd, hg_W_ii_W_if_W_ig_W_io__xd, tmp_hd, g_W_hi_W_hf_W_hg_W_ho__hd, _stacked(_params["W_ii"], _params["W_if"], _params["W_ig"], _params["W_io"]), _stacked(_params["W_hi"], _params["W_hf"], _params["W_hg"], _params["W_ho"]), _bs])
     _outputs = (s_h[1:1 + _T],)
@@ -1278,11 +1279,11 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     def _gzeros(shape):
         return torch.zeros(shape, dtype=_gdt, device=_dev)
 
-    def _scratch(name, shape):  # shapes only (_lib None, fake tensors): a fresh one
-        return _empty(shape) if _lib is None else _workspace("backward", name, shape, _dt, _dev)
+    def _scratch(*shapes):  # shapes only (_lib None, fake tensors): fresh ones
+        return tuple(map(_empty, shapes)) if _lib is None else _workspace("backward", shapes, _dt, _dev)
 
-    def _gscratch(name, shape):
-        return _gempty(shape) if _lib is None else _workspace("backward", name, shape, _gdt, _dev)
+    def _gscratch(*shapes):  # in the gradients' dtype
+        return tuple(map(_gempty, shapes)) if _lib is None else _workspace("backward/grad", shapes, _gdt, _dev)
 
     def _fresh(name, shape):  # what the call returns: from the pool (CPU) or new
         return _empty(shape) if _lib is None else _pooled("backward", name, shape, _dt, _dev)
@@ -1290,6 +1291,8 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     if _bs is not None:  # outputs past a sequence's end are constant zeros
         _m = _native_active(_bs, _B, _xs)
         _d_outputs = tuple(None if _d is None else _d * _m for _d in _d_outputs)
+    dg_W_hi_W_hf_W_hg_W_ho__hd, tmp_d_hd_gemm, hgd_xd, hl_x, tmp_d_c_next, tmp_d_hd = _scratch((_T, _B, 4*_H), (_B, _H), (_T, _B, _I), (_T, _B, _I), (_B, _H), (_B, _H))
+    dw_W_hi_W_hf_W_hg_W_ho, dw_W_ii_W_if_W_ig_W_io, sum_d_b_ii, sum_d_b_if, sum_d_b_ig, sum_d_b_io = _gscratch((4*_H, _H), (4*_H, _I), (_H,), (_H,), (_H,), (_H,))
     x_x = _xs[0].contiguous()
     x_mask_x = _xs[1].contiguous()
     x_mask_h = _xs[2].contiguous()
@@ -1304,18 +1307,6 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     ds_h = _zeros((_B, _H)) if _d_finals[0] is None else _d_finals[0].to(_dt, memory_format=torch.contiguous_format, copy=True)
     ds_c = _zeros((_B, _H)) if _d_finals[1] is None else _d_finals[1].to(_dt, memory_format=torch.contiguous_format, copy=True)
     dx_x = _fresh("dx_x", (_T, _B, _I))
-    dg_W_hi_W_hf_W_hg_W_ho__hd = _scratch("dg_W_hi_W_hf_W_hg_W_ho__hd", (_T, _B, 4*_H))
-    tmp_d_hd_gemm = _scratch("tmp_d_hd_gemm", (_B, _H))
-    hgd_xd = _scratch("hgd_xd", (_T, _B, _I))
-    hl_x = _scratch("hl_x", (_T, _B, _I))
-    tmp_d_c_next = _scratch("tmp_d_c_next", (_B, _H))
-    tmp_d_hd = _scratch("tmp_d_hd", (_B, _H))
-    dw_W_hi_W_hf_W_hg_W_ho = _gscratch("dw_W_hi_W_hf_W_hg_W_ho", (4*_H, _H))
-    dw_W_ii_W_if_W_ig_W_io = _gscratch("dw_W_ii_W_if_W_ig_W_io", (4*_H, _I))
-    sum_d_b_ii = _gscratch("sum_d_b_ii", (_H,))
-    sum_d_b_if = _gscratch("sum_d_b_if", (_H,))
-    sum_d_b_ig = _gscratch("sum_d_b_ig", (_H,))
-    sum_d_b_io = _gscratch("sum_d_b_io", (_H,))
     _grads = {"W_ii": _gempty((_H, _I)), "W_hi": _gempty((_H, _H)), "b_ii": _gempty((_H,)), "b_hi": _gempty((_H,)), "W_if": _gempty((_H, _I)), "W_hf": _gempty((_H, _H)), "b_if": _gempty((_H,)), "b_hf": _gempty((_H,)), "W_ig": _gempty((_H, _I)), "W_hg": _gempty((_H, _H)), "b_ig": _gempty((_H,)), "b_hg": _gempty((_H,)), "W_io": _gempty((_H, _I)), "W_ho": _gempty((_H, _H)), "b_io": _gempty((_H,)), "b_ho": _gempty((_H,))}
     if _lib is not None:
         _lib("backward", _dims, [x_x, x_mask_x, x_mask_h, s_c, hv_xd, v_hd, v_i, v_f, v_g, v_o, dout_h_next, ds_h, ds_c, dx_x, dg_W_hi_W_hf_W_hg_W_ho__hd, tmp_d_hd_gemm, hgd_xd, hl_x, tmp_d_c_next, tmp_d_hd, dw_W_hi_W_hf_W_hg_W_ho, dw_W_ii_W_if_W_ig_W_io, sum_d_b_ii, sum_d_b_if, sum_d_b_ig, sum_d_b_io, _stacked(_params["W_ii"], _params["W_if"], _params["W_ig"], _params["W_io"]), _stacked(_params["W_hi"], _params["W_hf"], _params["W_hg"], _params["W_ho"]), *_grads.values(), _bs])
