@@ -1,11 +1,13 @@
 """A time loop as one team of threads against a fork per op, in one process (the same library).
 
 The native CPU library runs a loop inside one OpenMP parallel region where a step's GEMM would
-fork (``kernels.set_loop_team(1)``, the default), or forks and joins a team for every op
-(``set_loop_team(0)``). For each spec, shape and kind (``train``: forward + backward, ``infer``:
-the forward under ``torch.no_grad()``), the variants take turns (``native_bench.best_of``) and the
-table gives their times as ratios to torch.nn and to each other. One thread never forks: run it
-with two (the default).
+fork (``kernels.set_loop_team(1)``, the default: each thread on its own rows of the batch where
+that pays, else each op's work shared), with each op's work shared always (``set_loop_team(3)``,
+the default until stop 21), or forks and joins a team for every op (``set_loop_team(0)``). For
+each spec, shape and kind (``train``: forward + backward, ``infer``: the forward under
+``torch.no_grad()``), the variants take turns (``native_bench.best_of``) and the table gives
+their times as ratios to torch.nn and to each other. One thread never forks: run it with two
+(the default).
 
     python benchmarks/loop_team.py                               # LSTM and GRU, 2 threads
     python benchmarks/loop_team.py --specs lstm --shapes 512x8x128
@@ -60,20 +62,23 @@ def main() -> None:
                         out.backward(d)
 
                 try:
-                    best = best_of({"team": lambda: call(m, 1), "fork": lambda: call(m, 0),
-                                    "torch.nn": lambda: call(ref)}, args.rounds, 0.05)
+                    best = best_of({"team": lambda: call(m, 1), "shared": lambda: call(m, 3),
+                                    "fork": lambda: call(m, 0), "torch.nn": lambda: call(ref)}, args.rounds, 0.05)
                 finally:
                     kernels.set_loop_team(1)
                 ref_t = best["torch.nn"]
                 row = (f"| {spec} | {T}, {B}, {H} | {kind} | {ref_t * 1e3:.2f} | {best['fork'] / ref_t:.3f} | "
-                       f"{best['team'] / ref_t:.3f} | {best['team'] / best['fork']:.3f} |")
+                       f"{best['shared'] / ref_t:.3f} | {best['team'] / ref_t:.3f} | {best['shared'] / best['fork']:.3f} | "
+                       f"{best['team'] / best['shared']:.3f} |")
                 print(row, flush=True)
                 rows.append(row)
     text = ("# A time loop as one team of threads against a fork per op (CPU, float32)\n\n"
             f"`python benchmarks/loop_team.py {' '.join(sys.argv[1:])}` — {args.threads} threads, best of "
             f"{args.rounds} interleaved rounds, one process.\n\n"
-            "| spec | T, B, H | kind | torch.nn (ms) | fork per op / torch.nn | team / torch.nn | team / fork |\n"
-            "|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
+            "team: the default (rows of their own where that pays); shared: a team, each op's work shared.\n\n"
+            "| spec | T, B, H | kind | torch.nn (ms) | fork per op / torch.nn | shared / torch.nn | team / torch.nn "
+            "| shared / fork | team / shared |\n"
+            "|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
     Path(args.out).write_text(text)
     print(f"wrote {args.out}")
 

@@ -97,11 +97,15 @@ def test_chunks_of_steps_agree(module, monkeypatch):
 @pytest.mark.skipif(not HAVE_CXX, reason="no C++ compiler")
 @pytest.mark.parametrize("module", ["lstm", "torch_gru", "layer_norm_lstm", "slstm", "antisymmetric_rnn", "cifg_lstm"])
 def test_loop_team_agrees_with_fork_per_op(module):
-    """With two threads, every time loop run as one team of threads (``set_loop_team(2)`` forces
+    """With two threads, every time loop run as one team of threads (``set_loop_team(3)`` forces
     it at this small size; each op's work shared by ``cs_for``, the held states' copies by one
     thread, ``cs_once``) gives exactly the results of a fork per op (``set_loop_team(0)``):
     outputs, final states, every gradient and inference, with and without variable lengths, in
-    several chunks of steps; and the team did run (``Library.team_loops``)."""
+    several chunks of steps; and the team did run (``Library.team_loops``). With each thread
+    running the steps on its own rows of the batch (``set_loop_team(2)``: rows 0-3 and 4-6 of
+    7, ``Library.split_loops``) the results are the same up to rounding: a thread's 3 rows are
+    one tile of the own GEMM's kernel that sums over k in two halves, where the shared loop's
+    7 rows sum in one."""
     pkg = load_module(module)
     tc = pkg.torch_cell
     cls = getattr(tc, tc.CELL)
@@ -119,22 +123,65 @@ def test_loop_team_agrees_with_fork_per_op(module):
     torch.set_num_threads(2)
     try:
         kernels.set_loop_team(0)
-        before = lib.team_loops()
+        before, split_before = lib.team_loops(), lib.split_loops()
         off = _every_result(m, x, lengths)
         assert lib.team_loops() == before
-        kernels.set_loop_team(2)
-        on = _every_result(m, x, lengths)
+        kernels.set_loop_team(3)
+        shared = _every_result(m, x, lengths)
         ran = lib.team_loops() - before
+        assert lib.split_loops() == split_before, "set_loop_team(3) shares each op's work"
+        kernels.set_loop_team(2)
+        split = _every_result(m, x, lengths)
+        split_ran = lib.split_loops() - split_before
     finally:
         kernels.set_loop_team(1)
         torch.set_num_threads(threads)
     # two forwards, two backwards, two inferences; the antisymmetric RNN's forwards run the work
     # ahead of the steps in one chunk (not packed: no team)
     assert ran >= (2 if module == "antisymmetric_rnn" else 6), f"{ran} loops ran as a team"
-    assert len(on) == len(off)
-    for a, b in zip(on, off):
+    assert split_ran >= (2 if module == "antisymmetric_rnn" else 6), f"{split_ran} loops ran on rows of their own"
+    assert len(shared) == len(off) == len(split)
+    for a, b, c in zip(shared, off, split):
         if module == "layer_norm_lstm":  # its row sums vectorise differently where cs_for's team
             # loop inlines them: rounding only (both are as close to float64 as each other)
+            assert (a - b).abs().max() <= 1e-4 * b.abs().max()
+        else:
+            assert torch.equal(a, b)
+        assert (c - b).abs().max() <= 1e-4 * b.abs().max() + 1e-6  # 1e-6: sums that cancel to ~1e-6 (a bias's gradient)
+
+
+@pytest.mark.skipif(not HAVE_CXX, reason="no C++ compiler")
+@pytest.mark.parametrize("module", ["lstm", "torch_gru", "layer_norm_lstm"])
+def test_rows_of_their_own_exact_in_whole_tiles(module):
+    """Where the library chooses it (``set_loop_team(1)``, two threads, 8 rows, small weights),
+    a team's threads run the steps on rows of their own (4 each: ``Library.split_loops``
+    counts the loops), and the results are those of a fork per op to the bit: every tile of the
+    own GEMM's kernel has 4 rows or more either way, and sums over k in the same order."""
+    pkg = load_module(module)
+    tc = pkg.torch_cell
+    cls = getattr(tc, tc.CELL)
+    torch.manual_seed(6)
+    m = cls(5, 128, backend="fused")  # H = 128: a step's GEMM forks at 8 rows (the team pays)
+    T, B = 24, 8
+    x = torch.randn(T, B, 5)
+    lib = tc._native_library(x, (), dict(m.named_parameters()), required="fused")
+    if not lib.own_gemm():
+        pytest.skip("no own GEMM on this CPU (AVX-512): no loop runs as a team")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        kernels.set_loop_team(0)
+        off = _every_result(m, x, None)
+        before = lib.split_loops()
+        kernels.set_loop_team(1)
+        on = _every_result(m, x, None)
+        ran = lib.split_loops() - before
+    finally:
+        kernels.set_loop_team(1)
+        torch.set_num_threads(threads)
+    assert ran >= 3, f"{ran} loops ran on rows of their own"  # forward, backward, inference at least
+    for a, b in zip(on, off):
+        if module == "layer_norm_lstm":  # its row sums vectorise differently in the team's loop (above)
             assert (a - b).abs().max() <= 1e-4 * b.abs().max()
         else:
             assert torch.equal(a, b)

@@ -420,6 +420,7 @@ class _Renderer:
                     lines.append(f"{ind}const int64_t n_ch = dims[{2 + len(p.sizes)}] < 1 ? 1 : dims[{2 + len(p.sizes)}];")
                 packs = []  # the weights every step (or chunk) multiplies by: packed once per call
                 work = None  # the multiply-adds of the first per-step GEMM (whether a team pays)
+                step_weights = []  # the floats of every weight a step multiplies by
                 for o in (*ahead, *op.body):
                     if isinstance(o, (ir.Project, ir.ProjectBack)) and o.rows in ("step", "chunk"):
                         w = p.weights[o.weight]
@@ -429,6 +430,8 @@ class _Renderer:
                         m = m if k_op == 1 else f"{k_op} * {m}"
                         if o.rows == "step" and work is None:
                             work = f"{m} * ({cexpr(w.width)}) * n_{w.inner}"
+                        if o.rows == "step":
+                            step_weights.append(f"({cexpr(w.width)}) * n_{w.inner}")
                         if (w.name, kind) not in [(x, y) for x, y, _ in packs]:
                             n, k = (cexpr(w.width), f"n_{w.inner}") if kind == "nt" else (f"n_{w.inner}", cexpr(w.width))
                             call = "cs_pack(ctx, " if o.rows == "step" else "cs_pack_if(n_ch < n_T, ctx, "
@@ -437,10 +440,21 @@ class _Renderer:
                 for name, kind, call in packs:
                     lines.append(f"{ind}cs_packed<S> pk_{name}_{kind} = {call};")
                 # one team of threads for all steps where a step's GEMM would fork (CS_TEAM_OK)
+                # a team's threads may run the steps on rows of their own (CS_SPLIT_ROWS) where every
+                # op of a step is row by row: no row-stacked GEMM, no copy into a stacked operand
+                split = work is not None and all(
+                    isinstance(o, (ir.Pointwise, ir.Zero, ir.Hold))
+                    or (isinstance(o, (ir.Project, ir.ProjectBack)) and o.rows == "step" and not o.stacked)
+                    for o in op.body)
                 if work is not None:
                     own = " && ".join(f"CS_PACKED_OWN(pk_{name}_{kind})" for name, kind, _ in packs)
-                    lines.append(f"{ind}// the steps as one team of threads where a step's GEMM would fork: each op's work shared, "
-                                 "a barrier after it (cs_for)")
+                    if split:
+                        lines.append(f"{ind}const int split_rows = CS_SPLIT_OK(n_B, {' + '.join(step_weights)});")
+                        lines.append(f"{ind}// the steps as one team of threads where a step's GEMM would fork: each thread runs the steps "
+                                     "on its own rows of the batch (split_rows), else each op's work shared, a barrier after it (cs_for)")
+                    else:
+                        lines.append(f"{ind}// the steps as one team of threads where a step's GEMM would fork: each op's work shared, "
+                                     "a barrier after it (cs_for)")
                     lines.append(f"{ind}CS_TEAM_BEGIN(CS_TEAM_OK({work}, {own}))")
                 else:
                     lines.append(f"{ind}CS_TEAM_BEGIN(0)")
@@ -450,14 +464,20 @@ class _Renderer:
                 lines.append(ind + "    const int64_t rows = bs ? bs[t] : n_B;  // variable lengths: rows 0..B_t-1 run")
                 if ahead:  # forward loops only (passes.run_ahead)
                     lines.append(f"{ind}    if (t % n_ch == 0) {{  // a chunk starts: steps tc .. tc + n_c - 1 (all B rows)")
+                    if split:
+                        lines.append(f"{ind}        CS_SPLIT_PAUSE();  // the team shares the chunk's work, once every thread is done with the last chunk")
                     lines.append(f"{ind}        const int64_t n_c = n_T - t < n_ch ? n_T - t : n_ch;")
                     lines.append(f"{ind}        const int64_t tc = t;")
                     for o in ahead:
                         emit(o, ind + "        ")
                     lines.append(f"{ind}    }}")
+                if split:
+                    lines.append(f"{ind}    CS_SPLIT_ROWS(split_rows, n_B);")
                 for o in op.body:
                     emit(o, ind + "    ")
                 lines.append(ind + "}")
+                if split:
+                    lines.append(ind + "CS_SPLIT_DONE();")
                 lines.append(ind + "CS_TEAM_END")
                 for name, kind, _ in packs:
                     lines.append(f"{ind}cs_unpack(pk_{name}_{kind});")
@@ -571,14 +591,13 @@ class _Renderer:
                 lines.append(f"{ind}CS_ADD_ROWS(n_T * n_B, n_{sz}, {src}, {ld}, {dst}, {ldd});")
             elif isinstance(op, ir.Zero):  # inside the loop: a [B, n] carried adjoint, active rows
                 buf = fn.buffers[op.buffer]
-                lines.append(f"{ind}CS_ZERO(b_{op.buffer}, rows * ({cexpr(buf.shape[-1])}));")
+                lines.append(f"{ind}CS_ZERO_ROWS(b_{op.buffer}, rows, {cexpr(buf.shape[-1])});")
             elif isinstance(op, ir.Hold):
                 w = cexpr(fn.buffers[op.buffer].shape[-1])
                 b = f"b_{op.buffer}"
                 now, nxt = (self.step_index(fn, op.buffer, "t", k) for k in (0, 1))
                 lines.append(f"{ind}// ended sequences hold their state: rows B_t.. of {op.buffer}[t + 1] = {op.buffer}[t]")
-                lines.append(f"{ind}if (rows < n_B) CS_COPY({b} + ({nxt} * n_B + rows) * ({w}), "
-                             f"{b} + ({now} * n_B + rows) * ({w}), (n_B - rows) * ({w}));")
+                lines.append(f"{ind}CS_HOLD_ROWS({b} + {nxt} * n_B * ({w}), {b} + {now} * n_B * ({w}), rows, n_B, {w});")
             else:  # pragma: no cover
                 raise TypeError(op)
 

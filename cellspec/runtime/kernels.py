@@ -83,9 +83,12 @@ def host_ctx() -> _HostCtx:
     GEMM (the library checks the CPU itself); ``CELLSPEC_OWN_GEMM=0`` or :func:`set_own_gemm`
     keeps the BLAS throughout (for measuring one against the other). ``team``: whether a time loop
     runs as one team of threads for all its steps instead of forking per op: 1 where a step's
-    GEMM would fork (the library decides), 0 never (``CELLSPEC_LOOP_TEAM=0``), 2 wherever it can
-    (``CELLSPEC_LOOP_TEAM=2``: tests run small shapes through it); :func:`set_loop_team`."""
-    team = {"0": 0, "2": 2}.get(os.environ.get("CELLSPEC_LOOP_TEAM", "1"), 1)
+    GEMM would fork (the library decides, and whether each thread runs the steps on its own rows
+    of the batch or the threads share each op's work), 0 never (``CELLSPEC_LOOP_TEAM=0``), 2
+    wherever it can, on rows of their own wherever every thread gets one (``CELLSPEC_LOOP_TEAM=2``:
+    tests run small shapes through it), 3 wherever it can, each op's work shared
+    (``CELLSPEC_LOOP_TEAM=3``); :func:`set_loop_team`."""
+    team = {"0": 0, "2": 2, "3": 3}.get(os.environ.get("CELLSPEC_LOOP_TEAM", "1"), 1)
     return _HostCtx(*host_blas(), 0 if os.environ.get("CELLSPEC_OWN_GEMM", "1") == "0" else 1, team)
 
 
@@ -96,10 +99,12 @@ def set_own_gemm(on: bool) -> None:
 
 def set_loop_team(mode: int) -> None:
     """How every later CPU call in this process runs its time loops' threads (``host_ctx``'s
-    ``team``): 0 a fork per op, 1 one team per loop where a step's GEMM would fork, 2 one team
-    per loop wherever the loop allows it."""
-    if mode not in (0, 1, 2):
-        raise ValueError(f"loop team mode is 0, 1 or 2, not {mode!r}")
+    ``team``): 0 a fork per op, 1 one team per loop where a step's GEMM would fork (its threads
+    on rows of their own where that pays), 2 one team per loop wherever the loop allows it (on
+    rows of their own wherever every thread gets a row), 3 one team per loop wherever the loop
+    allows it, each op's work shared."""
+    if mode not in (0, 1, 2, 3):
+        raise ValueError(f"loop team mode is 0, 1, 2 or 3, not {mode!r}")
     host_ctx().team = mode
 
 
@@ -140,6 +145,15 @@ class Library:
         """How many time loops this CPU build has run as one team of threads in this process
         (``host_ctx``'s ``team``); 0 for a build without them."""
         fn = getattr(self.lib, f"{self.module}_team_loops", None) if self.device_type == "cpu" else None
+        if fn is None:
+            return 0
+        fn.argtypes, fn.restype = [], ctypes.c_long
+        return int(fn())
+
+    def split_loops(self) -> int:
+        """How many of those team loops ran their steps on each thread's own rows of the batch
+        (``CS_SPLIT_ROWS`` in the generated ``.cu``); 0 for a build without them."""
+        fn = getattr(self.lib, f"{self.module}_split_loops", None) if self.device_type == "cpu" else None
         if fn is None:
             return 0
         fn.argtypes, fn.restype = [], ctypes.c_long

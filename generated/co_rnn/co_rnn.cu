@@ -47,11 +47,17 @@
 
 #ifndef CELLSPEC_CUDA_PRELUDE
 #define CELLSPEC_CUDA_PRELUDE
+// 1 in a thread of a loop's team while it runs the steps on its own rows of the batch, rows
+// cs_r0 .. cs_r1 - 1 (CS_SPLIT_ROWS): every op of a step then runs on those rows alone, without
+// forking or sharing (cs_par says no, cs_for_rows and the per-step GEMMs take the rows).
+static thread_local int cs_split = 0, cs_split_loops_counted = 0;
+static thread_local int64_t cs_r0 = 0, cs_r1 = 0;
 // Whether a CPU loop forks threads: with work enough, and more than one thread to fork (a team
 // of one still costs a fork per call: ~1.5% of the LSTM's inference at (512, 8, 128)).
 static inline int cs_par(int64_t work, int64_t min_work)
 {
 #ifdef _OPENMP
+    if (cs_split) return 0;
     return work >= min_work && omp_get_max_threads() > 1;
 #else
     (void)work; (void)min_work;
@@ -81,6 +87,18 @@ static inline void cs_for(int64_t n, int par, const F& body)
     } else {
         for (int64_t i = 0; i < n; ++i) body(i);
     }
+}
+// for r in 0 .. n over the rows of a batch: cs_for, but a thread that runs its own rows of a
+// step (cs_split) runs those of 0 .. n that are its own.
+template <typename F>
+static inline void cs_for_rows(int64_t n, int par, const F& body)
+{
+    if (cs_split) {
+        const int64_t end = n < cs_r1 ? n : cs_r1;
+        for (int64_t r = cs_r0; r < end; ++r) body(r);
+        return;
+    }
+    cs_for(n, par, body);
 }
 #if !defined(__CUDACC__) && defined(CELLSPEC_SIMD_MATH) && defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__GLIBC__)
 // CPU build with -DCELLSPEC_SIMD_MATH (and -fno-math-errno -lmvec, as cellspec.runtime.native
@@ -253,6 +271,12 @@ static cs_packed<S> cs_pack_if(bool, const cs_ctx* c, int ta, int64_t m, int64_t
 #define CS_PACKED_OWN(pk) 0
 #define CS_TEAM_BEGIN(on) { (void)(on);
 #define CS_TEAM_END }
+#define CS_SPLIT_OK(rows, weight_floats) 0
+#define CS_SPLIT_ROWS(on, n) (void)(on)
+#define CS_SPLIT_PAUSE()
+#define CS_SPLIT_DONE()
+#define CS_ZERO_ROWS(p, rows, w) CS_ZERO(p, (rows) * (w))
+#define CS_HOLD_ROWS(dst, src, rows, n, w) do { if ((rows) < (n)) CS_COPY((dst) + (rows) * (w), (src) + (rows) * (w), ((n) - (rows)) * (w)); } while (0)
 #else
 // CPU: the Fortran-ABI ?gemm_ of a BLAS already loaded in the process (MKL's, exported by
 // torch's own library), found by the caller at run time and passed in: no link-time BLAS.
@@ -596,15 +620,29 @@ static cs_packed<S> cs_pack_if(bool worth, const cs_ctx* c, int ta, int64_t m, i
     cs_packed<S> p = {w, ldw, 0, m, 0};
     return p;
 }
+// a thread that runs its own rows of a step (cs_split): rows cs_r0 .. of the product's m
+template <typename S>
+static inline bool cs_own_rows_of(int64_t* m, const S** a, int64_t lda, S** out, int64_t ldc)
+{
+    if (!cs_split) return true;
+    const int64_t end = *m < cs_r1 ? *m : cs_r1;
+    if (end <= cs_r0) return false;
+    *a += cs_r0 * lda;
+    *out += cs_r0 * ldc;
+    *m = end - cs_r0;
+    return true;
+}
 template <typename S>
 static int cs_gemm_packed(const cs_ctx* c, int ta, int64_t m, int64_t n, int64_t k, const S* a, int64_t lda,
                           const cs_packed<S>& w, S* out, int64_t ldc, int beta)
 {
+    if (!cs_own_rows_of(&m, &a, lda, &out, ldc)) return 0;
     return cs_gemm<S, S>(c, 0, ta, m, n, k, a, lda, w.w, w.ld, out, ldc, beta);
 }
 static int cs_gemm_packed(const cs_ctx* c, int ta, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
                           const cs_packed<float>& w, float* out, int64_t ldc, int beta)
 {
+    if (!cs_own_rows_of(&m, &a, lda, &out, ldc)) return 0;
 #ifdef CS_OWN_GEMM
     if (w.own) {  // any number of rows (a step with fewer under variable lengths too)
         if (m > 0) cs_own_gemm(m, n, k, a, lda, w.own, out, ldc, beta);
@@ -679,12 +717,12 @@ static inline void cs_once(const F& f)
 // (docs/performance.md, stop 20). Only where a step's GEMM would fork anyway (cs_par), outside
 // any parallel region, and where every GEMM of the loop runs the own kernel on a weight packed
 // before the loop (a BLAS call, or a product that packs its operand per call, would run once
-// per thread of the team). ctx->team: 0 never, 2 wherever it can (tests; cellspec.runtime.kernels).
+// per thread of the team). ctx->team: 0 never, 2 and 3 wherever it can (tests; cellspec.runtime.kernels).
 static inline int cs_team_worth(const cs_ctx* c, int64_t step_gemm_work, int all_own)
 {
 #ifdef _OPENMP
     if (!all_own || c->team == 0 || omp_in_parallel() || omp_get_max_threads() < 2) return 0;
-    return c->team == 2 || cs_par(step_gemm_work, 262144);
+    return c->team >= 2 || cs_par(step_gemm_work, 262144);
 #else
     (void)c; (void)step_gemm_work; (void)all_own;
     return 0;
@@ -692,13 +730,96 @@ static inline int cs_team_worth(const cs_ctx* c, int64_t step_gemm_work, int all
 }
 #define CS_TEAM_OK(work, own) cs_team_worth(ctx, (work), (own))
 #define CS_PACKED_OWN(pk) ((pk).own != 0)
+// A loop's team may instead run every step on each thread's own rows of the batch: the rows of a
+// step are independent (its GEMMs and element functions read and write row r of each buffer
+// only), so a thread runs its rows through the step's ops, no barrier between them; the work
+// ahead of a chunk of steps stays shared, after a barrier (CS_SPLIT_PAUSE). Each thread then reads
+// every step's whole weights, so only where they stay in a core's L2 (<= 1 MiB of floats) and
+// each thread gets 4 rows or more (whole tiles of the own GEMM's kernel; a thread's rows are a
+// multiple of 4). (512, 8, 128), two threads, the LSTM's inference: 0.89-0.97 of each op's work
+// shared (docs/performance.md, stop 22). ctx->team 2: wherever there are rows for every thread
+// (tests); 3: never (a team wherever it can, every op's work shared: tests, comparisons).
+static inline int cs_split_worth(const cs_ctx* c, int64_t rows, int64_t weight_floats)
+{
+#ifdef _OPENMP
+    const int nt = omp_get_max_threads();
+    if (c->team == 0 || c->team == 3 || nt < 2) return 0;
+    if (c->team == 2) return rows >= nt;
+    return rows >= 4 * nt && weight_floats <= 262144;
+#else
+    (void)c; (void)rows; (void)weight_floats;
+    return 0;
+#endif
+}
+static long cs_split_loops = 0;  // loops whose team ran steps on rows of their own (<module>_split_loops)
+// in a thread of a loop's team (on: cs_split_worth): from here it runs the steps on its own rows
+static inline void cs_split_rows(int on, int64_t n)
+{
+#ifdef _OPENMP
+    if (!on || !cs_team) return;  // no team, or this thread runs its rows already
+    const int nt = omp_get_num_threads(), id = omp_get_thread_num();
+    if (id == 0 && !cs_split_loops_counted) {
+        __atomic_add_fetch(&cs_split_loops, 1, __ATOMIC_RELAXED);
+        cs_split_loops_counted = 1;
+    }
+    const int64_t per = ((n + nt - 1) / nt + 3) / 4 * 4;
+    cs_r0 = id * per < n ? id * per : n;
+    cs_r1 = cs_r0 + per < n ? cs_r0 + per : n;
+    cs_team = 0;
+    cs_split = 1;
+#else
+    (void)on; (void)n;
+#endif
+}
+// back to sharing each op's work (the team's threads wait for each other first: `barrier`)
+static inline void cs_split_end(int barrier)
+{
+#ifdef _OPENMP
+    if (!cs_split) return;
+    if (barrier) {
+#pragma omp barrier
+    }
+    cs_split = 0;
+    cs_team = 1;
+#else
+    (void)barrier;
+#endif
+}
+#define CS_SPLIT_OK(rows, weight_floats) cs_split_worth(ctx, (rows), (weight_floats))
+#define CS_SPLIT_ROWS(on, n) cs_split_rows((on), (n))
+#define CS_SPLIT_PAUSE() cs_split_end(1)
+#define CS_SPLIT_DONE() cs_split_end(0)
+// rows 0 .. rows - 1 of p (w per row) = 0: the thread's own of them where it runs its rows
+template <typename T>
+static inline void cs_zero_rows(T* p, int64_t rows, int64_t w)
+{
+    if (cs_split) {
+        const int64_t end = rows < cs_r1 ? rows : cs_r1;
+        if (end > cs_r0) memset(p + cs_r0 * w, 0, (size_t)((end - cs_r0) * w) * sizeof(T));
+        return;
+    }
+    cs_once([&] { memset(p, 0, (size_t)(rows * w) * sizeof(T)); });
+}
+// rows `rows` .. n - 1 of dst = those of src (ended sequences hold their state)
+template <typename T>
+static inline void cs_hold_rows(T* dst, const T* src, int64_t rows, int64_t n, int64_t w)
+{
+    if (cs_split) {
+        const int64_t lo = rows > cs_r0 ? rows : cs_r0;
+        if (lo < cs_r1) memcpy(dst + lo * w, src + lo * w, (size_t)((cs_r1 - lo) * w) * sizeof(T));
+        return;
+    }
+    if (rows < n) cs_once([&] { memcpy(dst + rows * w, src + rows * w, (size_t)((n - rows) * w) * sizeof(T)); });
+}
+#define CS_ZERO_ROWS(p, rows, w) cs_zero_rows((p), (rows), (w))
+#define CS_HOLD_ROWS(dst, src, rows, n, w) cs_hold_rows((dst), (src), (rows), (n), (w))
 static long cs_team_loops = 0;  // loops run as a team in this process (<module>_team_loops)
 #define CS_TEAM_BEGIN(on) { const int cs_team_on_ = (on); auto cs_steps_ = [&]() {
 #ifdef _OPENMP
 #define CS_TEAM_END }; \
     if (cs_team_on_) { \
         __atomic_add_fetch(&cs_team_loops, 1, __ATOMIC_RELAXED); \
-        _Pragma("omp parallel") { cs_team = 1; cs_steps_(); cs_team = 0; } \
+        _Pragma("omp parallel") { cs_team = 1; cs_steps_(); cs_team = 0; cs_split_loops_counted = 0; } \
     } else cs_steps_(); }
 #else
 #define CS_TEAM_END }; (void)cs_team_on_; cs_steps_(); }
@@ -785,7 +906,7 @@ extern "C" int co_rnn_forward_fwd0_H_cuda_bf16(int64_t _rows, int64_t _cols, con
 template <typename real>
 static inline void co_rnn_forward_fwd0_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_V_x, int64_t _ld_V_x, const real* __restrict__ _p_W_y, int64_t _ld_W_y, const real* __restrict__ _p_W_z_z, int64_t _ld_W_z_z, const real* __restrict__ _p_b, int64_t _ld_b, const real* __restrict__ _p_dt_H, int64_t _ld_dt_H, const real* __restrict__ _p_eps_H, int64_t _ld_eps_H, const real* __restrict__ _p_gamma_H, int64_t _ld_gamma_H, const real* __restrict__ _p_y, int64_t _ld_y, const real* __restrict__ _p_z, int64_t _ld_z, real* __restrict__ _p_z_next, int64_t _ld_z_next, real* __restrict__ _p_y_next, int64_t _ld_y_next)
 {
-    cs_for(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
+    cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
 #pragma omp simd
         for (int64_t _j = 0; _j < _cols; ++_j) {
             real V_x = _p_V_x[_r * _ld_V_x + _j];
@@ -894,7 +1015,7 @@ extern "C" int co_rnn_inference_fwd0_H_cuda_bf16(int64_t _rows, int64_t _cols, c
 template <typename real>
 static inline void co_rnn_inference_fwd0_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_V_x, int64_t _ld_V_x, const real* __restrict__ _p_W_y, int64_t _ld_W_y, const real* __restrict__ _p_W_z_z, int64_t _ld_W_z_z, const real* __restrict__ _p_b, int64_t _ld_b, const real* __restrict__ _p_dt_H, int64_t _ld_dt_H, const real* __restrict__ _p_eps_H, int64_t _ld_eps_H, const real* __restrict__ _p_gamma_H, int64_t _ld_gamma_H, const real* __restrict__ _p_y, int64_t _ld_y, const real* __restrict__ _p_z, int64_t _ld_z, real* __restrict__ _p_z_next, int64_t _ld_z_next, real* __restrict__ _p_y_next, int64_t _ld_y_next)
 {
-    cs_for(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
+    cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
 #pragma omp simd
         for (int64_t _j = 0; _j < _cols; ++_j) {
             real V_x = _p_V_x[_r * _ld_V_x + _j];
@@ -1011,7 +1132,7 @@ extern "C" int co_rnn_backward_bwd0_H_cuda_bf16(int64_t _rows, int64_t _cols, co
 template <typename real>
 static inline void co_rnn_backward_bwd0_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_V_x, int64_t _ld_V_x, const real* __restrict__ _p_W_y, int64_t _ld_W_y, const real* __restrict__ _p_W_z_z, int64_t _ld_W_z_z, const real* __restrict__ _p_b, int64_t _ld_b, const real* __restrict__ _p_d_y, int64_t _ld_d_y, const real* __restrict__ _p_d_y_next_out, int64_t _ld_d_y_next_out, const real* __restrict__ _p_d_z, int64_t _ld_d_z, const real* __restrict__ _p_dt_H, int64_t _ld_dt_H, real* __restrict__ _p_d_y_next, int64_t _ld_d_y_next, real* __restrict__ _p_d_z_next, int64_t _ld_d_z_next, real* __restrict__ _p_d_W_y, int64_t _ld_d_W_y, real* __restrict__ _p_d_W_z_z, int64_t _ld_d_W_z_z)
 {
-    cs_for(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
+    cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
 #pragma omp simd
         for (int64_t _j = 0; _j < _cols; ++_j) {
             real V_x = _p_V_x[_r * _ld_V_x + _j];
@@ -1119,7 +1240,7 @@ extern "C" int co_rnn_backward_bwd_leaf_H_cuda_bf16(int64_t _rows, int64_t _cols
 template <typename real>
 static inline void co_rnn_backward_bwd_leaf_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_d_y_gemm, int64_t _ld_d_y_gemm, const real* __restrict__ _p_d_y_next, int64_t _ld_d_y_next, const real* __restrict__ _p_d_z_gemm, int64_t _ld_d_z_gemm, const real* __restrict__ _p_d_z_next, int64_t _ld_d_z_next, const real* __restrict__ _p_dt_H, int64_t _ld_dt_H, const real* __restrict__ _p_eps_H, int64_t _ld_eps_H, const real* __restrict__ _p_gamma_H, int64_t _ld_gamma_H, real* __restrict__ _p_d_y, int64_t _ld_d_y, real* __restrict__ _p_d_z, int64_t _ld_d_z)
 {
-    cs_for(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
+    cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
 #pragma omp simd
         for (int64_t _j = 0; _j < _cols; ++_j) {
             real d_y_gemm = _p_d_y_gemm[_r * _ld_d_y_gemm + _j];
@@ -1202,16 +1323,19 @@ static int co_rnn_forward_run(const int64_t* dims, void* const* ptrs, const cs_c
     cs_packed<S> pk_V_nt = cs_pack_if(n_ch < n_T, ctx, 1, n_ch * n_B, n_H, n_I, w_V, n_I);
     cs_packed<S> pk_W_nt = cs_pack(ctx, 1, n_B, n_H, n_H, w_W, n_H);
     cs_packed<S> pk_W_z_nt = cs_pack(ctx, 1, n_B, n_H, n_H, w_W_z, n_H);
-    // the steps as one team of threads where a step's GEMM would fork: each op's work shared, a barrier after it (cs_for)
+    const int split_rows = CS_SPLIT_OK(n_B, (n_H) * n_H + (n_H) * n_H);
+    // the steps as one team of threads where a step's GEMM would fork: each thread runs the steps on its own rows of the batch (split_rows), else each op's work shared, a barrier after it (cs_for)
     CS_TEAM_BEGIN(CS_TEAM_OK(n_B * (n_H) * n_H, CS_PACKED_OWN(pk_V_nt) && CS_PACKED_OWN(pk_W_nt) && CS_PACKED_OWN(pk_W_z_nt)))
     for (int64_t t = 0; t < n_T; ++t) {
         const int64_t rows = bs ? bs[t] : n_B;  // variable lengths: rows 0..B_t-1 run
         if (t % n_ch == 0) {  // a chunk starts: steps tc .. tc + n_c - 1 (all B rows)
+            CS_SPLIT_PAUSE();  // the team shares the chunk's work, once every thread is done with the last chunk
             const int64_t n_c = n_T - t < n_ch ? n_T - t : n_ch;
             const int64_t tc = t;
             // hg_V__x = x @ [V]^T  (V @ x)
             CS_GEMM_NT_PACKED(n_c * n_B, n_H, n_I, b_x_x + tc * n_B * (n_I), n_I, pk_V_nt, b_hg_V__x + tc * n_B * (n_H), n_H, 0);
         }
+        CS_SPLIT_ROWS(split_rows, n_B);
         // g_W__y = y @ [W]^T  (W @ y)
         CS_GEMM_NT_PACKED(rows, n_H, n_H, b_s_y + t * n_B * (n_H), n_H, pk_W_nt, b_g_W__y + t * n_B * (n_H), n_H, 0);
         // g_W_z__z = z @ [W_z]^T  (W_z @ z)
@@ -1219,10 +1343,11 @@ static int co_rnn_forward_run(const int64_t* dims, void* const* ptrs, const cs_c
         // forward: stage 0 forward, units of size H
         CS_PW(co_rnn_forward_fwd0_H, rows, n_H, b_hg_V__x + t * n_B * (n_H), n_H, b_g_W__y + t * n_B * (n_H), n_H, b_g_W_z__z + t * n_B * (n_H), n_H, b_p_b, 0, b_p_dt_H, 0, b_p_eps_H, 0, b_p_gamma_H, 0, b_s_y + t * n_B * (n_H), n_H, b_s_z + t * n_B * (n_H), n_H, b_s_z + (t + 1) * n_B * (n_H), n_H, b_s_y + (t + 1) * n_B * (n_H), n_H);
         // ended sequences hold their state: rows B_t.. of s_y[t + 1] = s_y[t]
-        if (rows < n_B) CS_COPY(b_s_y + ((t + 1) * n_B + rows) * (n_H), b_s_y + (t * n_B + rows) * (n_H), (n_B - rows) * (n_H));
+        CS_HOLD_ROWS(b_s_y + (t + 1) * n_B * (n_H), b_s_y + t * n_B * (n_H), rows, n_B, n_H);
         // ended sequences hold their state: rows B_t.. of s_z[t + 1] = s_z[t]
-        if (rows < n_B) CS_COPY(b_s_z + ((t + 1) * n_B + rows) * (n_H), b_s_z + (t * n_B + rows) * (n_H), (n_B - rows) * (n_H));
+        CS_HOLD_ROWS(b_s_z + (t + 1) * n_B * (n_H), b_s_z + t * n_B * (n_H), rows, n_B, n_H);
     }
+    CS_SPLIT_DONE();
     CS_TEAM_END
     cs_unpack(pk_V_nt);
     cs_unpack(pk_W_nt);
@@ -1306,16 +1431,19 @@ static int co_rnn_inference_run(const int64_t* dims, void* const* ptrs, const cs
     cs_packed<S> pk_V_nt = cs_pack_if(n_ch < n_T, ctx, 1, n_ch * n_B, n_H, n_I, w_V, n_I);
     cs_packed<S> pk_W_nt = cs_pack(ctx, 1, n_B, n_H, n_H, w_W, n_H);
     cs_packed<S> pk_W_z_nt = cs_pack(ctx, 1, n_B, n_H, n_H, w_W_z, n_H);
-    // the steps as one team of threads where a step's GEMM would fork: each op's work shared, a barrier after it (cs_for)
+    const int split_rows = CS_SPLIT_OK(n_B, (n_H) * n_H + (n_H) * n_H);
+    // the steps as one team of threads where a step's GEMM would fork: each thread runs the steps on its own rows of the batch (split_rows), else each op's work shared, a barrier after it (cs_for)
     CS_TEAM_BEGIN(CS_TEAM_OK(n_B * (n_H) * n_H, CS_PACKED_OWN(pk_V_nt) && CS_PACKED_OWN(pk_W_nt) && CS_PACKED_OWN(pk_W_z_nt)))
     for (int64_t t = 0; t < n_T; ++t) {
         const int64_t rows = bs ? bs[t] : n_B;  // variable lengths: rows 0..B_t-1 run
         if (t % n_ch == 0) {  // a chunk starts: steps tc .. tc + n_c - 1 (all B rows)
+            CS_SPLIT_PAUSE();  // the team shares the chunk's work, once every thread is done with the last chunk
             const int64_t n_c = n_T - t < n_ch ? n_T - t : n_ch;
             const int64_t tc = t;
             // hg_V__x = x @ [V]^T  (V @ x)
             CS_GEMM_NT_PACKED(n_c * n_B, n_H, n_I, b_x_x + tc * n_B * (n_I), n_I, pk_V_nt, b_hg_V__x, n_H, 0);
         }
+        CS_SPLIT_ROWS(split_rows, n_B);
         // g_W__y = y @ [W]^T  (W @ y)
         CS_GEMM_NT_PACKED(rows, n_H, n_H, b_s_y + t * n_B * (n_H), n_H, pk_W_nt, b_g_W__y, n_H, 0);
         // g_W_z__z = z @ [W_z]^T  (W_z @ z)
@@ -1323,10 +1451,11 @@ static int co_rnn_inference_run(const int64_t* dims, void* const* ptrs, const cs
         // inference: stage 0 forward, units of size H
         CS_PW(co_rnn_inference_fwd0_H, rows, n_H, b_hg_V__x + (t % n_ch) * n_B * (n_H), n_H, b_g_W__y, n_H, b_g_W_z__z, n_H, b_p_b, 0, b_p_dt_H, 0, b_p_eps_H, 0, b_p_gamma_H, 0, b_s_y + t * n_B * (n_H), n_H, b_s_z + (t % 2) * n_B * (n_H), n_H, b_s_z + ((t + 1) % 2) * n_B * (n_H), n_H, b_s_y + (t + 1) * n_B * (n_H), n_H);
         // ended sequences hold their state: rows B_t.. of s_y[t + 1] = s_y[t]
-        if (rows < n_B) CS_COPY(b_s_y + ((t + 1) * n_B + rows) * (n_H), b_s_y + (t * n_B + rows) * (n_H), (n_B - rows) * (n_H));
+        CS_HOLD_ROWS(b_s_y + (t + 1) * n_B * (n_H), b_s_y + t * n_B * (n_H), rows, n_B, n_H);
         // ended sequences hold their state: rows B_t.. of s_z[t + 1] = s_z[t]
-        if (rows < n_B) CS_COPY(b_s_z + (((t + 1) % 2) * n_B + rows) * (n_H), b_s_z + ((t % 2) * n_B + rows) * (n_H), (n_B - rows) * (n_H));
+        CS_HOLD_ROWS(b_s_z + ((t + 1) % 2) * n_B * (n_H), b_s_z + (t % 2) * n_B * (n_H), rows, n_B, n_H);
     }
+    CS_SPLIT_DONE();
     CS_TEAM_END
     cs_unpack(pk_V_nt);
     cs_unpack(pk_W_nt);
@@ -1445,10 +1574,12 @@ static int co_rnn_backward_run(const int64_t* dims, void* const* ptrs, const cs_
     }
     cs_packed<S> pk_W_nn = cs_pack(ctx, 0, n_B, n_H, n_H, w_W, n_H);
     cs_packed<S> pk_W_z_nn = cs_pack(ctx, 0, n_B, n_H, n_H, w_W_z, n_H);
-    // the steps as one team of threads where a step's GEMM would fork: each op's work shared, a barrier after it (cs_for)
+    const int split_rows = CS_SPLIT_OK(n_B, (n_H) * n_H + (n_H) * n_H);
+    // the steps as one team of threads where a step's GEMM would fork: each thread runs the steps on its own rows of the batch (split_rows), else each op's work shared, a barrier after it (cs_for)
     CS_TEAM_BEGIN(CS_TEAM_OK(n_B * (n_H) * n_H, CS_PACKED_OWN(pk_W_nn) && CS_PACKED_OWN(pk_W_z_nn)))
     for (int64_t t = n_T - 1; t >= 0; --t) {
         const int64_t rows = bs ? bs[t] : n_B;  // variable lengths: rows 0..B_t-1 run
+        CS_SPLIT_ROWS(split_rows, n_B);
         // backward: stage 0 backward, units of size H
         CS_PW(co_rnn_backward_bwd0_H, rows, n_H, b_hg_V__x + t * n_B * (n_H), n_H, b_g_W__y + t * n_B * (n_H), n_H, b_g_W_z__z + t * n_B * (n_H), n_H, b_p_b, 0, b_ds_y, n_H, b_dout_y_next + t * n_B * (n_H), n_H, b_ds_z, n_H, b_p_dt_H, 0, b_tmp_d_y_next, n_H, b_tmp_d_z_next, n_H, b_dg_W__y + t * n_B * (n_H), n_H, b_dg_W_z__z + t * n_B * (n_H), n_H);
         // d_y_gemm = dg_W__y @ [W]
@@ -1458,6 +1589,7 @@ static int co_rnn_backward_run(const int64_t* dims, void* const* ptrs, const cs_
         // backward: per-step adjoints of inputs, states, vector params, hoisted results, units of size H
         CS_PW(co_rnn_backward_bwd_leaf_H, rows, n_H, b_tmp_d_y_gemm, n_H, b_tmp_d_y_next, n_H, b_tmp_d_z_gemm, n_H, b_tmp_d_z_next, n_H, b_p_dt_H, 0, b_p_eps_H, 0, b_p_gamma_H, 0, b_ds_y, n_H, b_ds_z, n_H);
     }
+    CS_SPLIT_DONE();
     CS_TEAM_END
     cs_unpack(pk_W_nn);
     cs_unpack(pk_W_z_nn);
@@ -1506,6 +1638,8 @@ extern "C" const char* co_rnn_cuda_error_string(int code) { return code >= 1000 
 #else
 // how many time loops this process ran as one team of threads (CS_TEAM_BEGIN)
 extern "C" long co_rnn_team_loops(void) { return __atomic_load_n(&cs_team_loops, __ATOMIC_RELAXED); }
+// how many of those ran their steps on each thread's own rows of the batch (CS_SPLIT_ROWS)
+extern "C" long co_rnn_split_loops(void) { return __atomic_load_n(&cs_split_loops, __ATOMIC_RELAXED); }
 // frees the packed-operand scratch the calling thread keeps between calls (cs_take)
 extern "C" void co_rnn_release_scratch(void) { cs_kept.release(); }
 // 1 where the float per-step products run cellspec's own AVX-512 GEMM (given ctx->own), else 0

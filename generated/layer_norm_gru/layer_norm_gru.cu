@@ -51,11 +51,17 @@
 
 #ifndef CELLSPEC_CUDA_PRELUDE
 #define CELLSPEC_CUDA_PRELUDE
+// 1 in a thread of a loop's team while it runs the steps on its own rows of the batch, rows
+// cs_r0 .. cs_r1 - 1 (CS_SPLIT_ROWS): every op of a step then runs on those rows alone, without
+// forking or sharing (cs_par says no, cs_for_rows and the per-step GEMMs take the rows).
+static thread_local int cs_split = 0, cs_split_loops_counted = 0;
+static thread_local int64_t cs_r0 = 0, cs_r1 = 0;
 // Whether a CPU loop forks threads: with work enough, and more than one thread to fork (a team
 // of one still costs a fork per call: ~1.5% of the LSTM's inference at (512, 8, 128)).
 static inline int cs_par(int64_t work, int64_t min_work)
 {
 #ifdef _OPENMP
+    if (cs_split) return 0;
     return work >= min_work && omp_get_max_threads() > 1;
 #else
     (void)work; (void)min_work;
@@ -85,6 +91,18 @@ static inline void cs_for(int64_t n, int par, const F& body)
     } else {
         for (int64_t i = 0; i < n; ++i) body(i);
     }
+}
+// for r in 0 .. n over the rows of a batch: cs_for, but a thread that runs its own rows of a
+// step (cs_split) runs those of 0 .. n that are its own.
+template <typename F>
+static inline void cs_for_rows(int64_t n, int par, const F& body)
+{
+    if (cs_split) {
+        const int64_t end = n < cs_r1 ? n : cs_r1;
+        for (int64_t r = cs_r0; r < end; ++r) body(r);
+        return;
+    }
+    cs_for(n, par, body);
 }
 #if !defined(__CUDACC__) && defined(CELLSPEC_SIMD_MATH) && defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__GLIBC__)
 // CPU build with -DCELLSPEC_SIMD_MATH (and -fno-math-errno -lmvec, as cellspec.runtime.native
@@ -257,6 +275,12 @@ static cs_packed<S> cs_pack_if(bool, const cs_ctx* c, int ta, int64_t m, int64_t
 #define CS_PACKED_OWN(pk) 0
 #define CS_TEAM_BEGIN(on) { (void)(on);
 #define CS_TEAM_END }
+#define CS_SPLIT_OK(rows, weight_floats) 0
+#define CS_SPLIT_ROWS(on, n) (void)(on)
+#define CS_SPLIT_PAUSE()
+#define CS_SPLIT_DONE()
+#define CS_ZERO_ROWS(p, rows, w) CS_ZERO(p, (rows) * (w))
+#define CS_HOLD_ROWS(dst, src, rows, n, w) do { if ((rows) < (n)) CS_COPY((dst) + (rows) * (w), (src) + (rows) * (w), ((n) - (rows)) * (w)); } while (0)
 #else
 // CPU: the Fortran-ABI ?gemm_ of a BLAS already loaded in the process (MKL's, exported by
 // torch's own library), found by the caller at run time and passed in: no link-time BLAS.
@@ -600,15 +624,29 @@ static cs_packed<S> cs_pack_if(bool worth, const cs_ctx* c, int ta, int64_t m, i
     cs_packed<S> p = {w, ldw, 0, m, 0};
     return p;
 }
+// a thread that runs its own rows of a step (cs_split): rows cs_r0 .. of the product's m
+template <typename S>
+static inline bool cs_own_rows_of(int64_t* m, const S** a, int64_t lda, S** out, int64_t ldc)
+{
+    if (!cs_split) return true;
+    const int64_t end = *m < cs_r1 ? *m : cs_r1;
+    if (end <= cs_r0) return false;
+    *a += cs_r0 * lda;
+    *out += cs_r0 * ldc;
+    *m = end - cs_r0;
+    return true;
+}
 template <typename S>
 static int cs_gemm_packed(const cs_ctx* c, int ta, int64_t m, int64_t n, int64_t k, const S* a, int64_t lda,
                           const cs_packed<S>& w, S* out, int64_t ldc, int beta)
 {
+    if (!cs_own_rows_of(&m, &a, lda, &out, ldc)) return 0;
     return cs_gemm<S, S>(c, 0, ta, m, n, k, a, lda, w.w, w.ld, out, ldc, beta);
 }
 static int cs_gemm_packed(const cs_ctx* c, int ta, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
                           const cs_packed<float>& w, float* out, int64_t ldc, int beta)
 {
+    if (!cs_own_rows_of(&m, &a, lda, &out, ldc)) return 0;
 #ifdef CS_OWN_GEMM
     if (w.own) {  // any number of rows (a step with fewer under variable lengths too)
         if (m > 0) cs_own_gemm(m, n, k, a, lda, w.own, out, ldc, beta);
@@ -683,12 +721,12 @@ static inline void cs_once(const F& f)
 // (docs/performance.md, stop 20). Only where a step's GEMM would fork anyway (cs_par), outside
 // any parallel region, and where every GEMM of the loop runs the own kernel on a weight packed
 // before the loop (a BLAS call, or a product that packs its operand per call, would run once
-// per thread of the team). ctx->team: 0 never, 2 wherever it can (tests; cellspec.runtime.kernels).
+// per thread of the team). ctx->team: 0 never, 2 and 3 wherever it can (tests; cellspec.runtime.kernels).
 static inline int cs_team_worth(const cs_ctx* c, int64_t step_gemm_work, int all_own)
 {
 #ifdef _OPENMP
     if (!all_own || c->team == 0 || omp_in_parallel() || omp_get_max_threads() < 2) return 0;
-    return c->team == 2 || cs_par(step_gemm_work, 262144);
+    return c->team >= 2 || cs_par(step_gemm_work, 262144);
 #else
     (void)c; (void)step_gemm_work; (void)all_own;
     return 0;
@@ -696,13 +734,96 @@ static inline int cs_team_worth(const cs_ctx* c, int64_t step_gemm_work, int all
 }
 #define CS_TEAM_OK(work, own) cs_team_worth(ctx, (work), (own))
 #define CS_PACKED_OWN(pk) ((pk).own != 0)
+// A loop's team may instead run every step on each thread's own rows of the batch: the rows of a
+// step are independent (its GEMMs and element functions read and write row r of each buffer
+// only), so a thread runs its rows through the step's ops, no barrier between them; the work
+// ahead of a chunk of steps stays shared, after a barrier (CS_SPLIT_PAUSE). Each thread then reads
+// every step's whole weights, so only where they stay in a core's L2 (<= 1 MiB of floats) and
+// each thread gets 4 rows or more (whole tiles of the own GEMM's kernel; a thread's rows are a
+// multiple of 4). (512, 8, 128), two threads, the LSTM's inference: 0.89-0.97 of each op's work
+// shared (docs/performance.md, stop 22). ctx->team 2: wherever there are rows for every thread
+// (tests); 3: never (a team wherever it can, every op's work shared: tests, comparisons).
+static inline int cs_split_worth(const cs_ctx* c, int64_t rows, int64_t weight_floats)
+{
+#ifdef _OPENMP
+    const int nt = omp_get_max_threads();
+    if (c->team == 0 || c->team == 3 || nt < 2) return 0;
+    if (c->team == 2) return rows >= nt;
+    return rows >= 4 * nt && weight_floats <= 262144;
+#else
+    (void)c; (void)rows; (void)weight_floats;
+    return 0;
+#endif
+}
+static long cs_split_loops = 0;  // loops whose team ran steps on rows of their own (<module>_split_loops)
+// in a thread of a loop's team (on: cs_split_worth): from here it runs the steps on its own rows
+static inline void cs_split_rows(int on, int64_t n)
+{
+#ifdef _OPENMP
+    if (!on || !cs_team) return;  // no team, or this thread runs its rows already
+    const int nt = omp_get_num_threads(), id = omp_get_thread_num();
+    if (id == 0 && !cs_split_loops_counted) {
+        __atomic_add_fetch(&cs_split_loops, 1, __ATOMIC_RELAXED);
+        cs_split_loops_counted = 1;
+    }
+    const int64_t per = ((n + nt - 1) / nt + 3) / 4 * 4;
+    cs_r0 = id * per < n ? id * per : n;
+    cs_r1 = cs_r0 + per < n ? cs_r0 + per : n;
+    cs_team = 0;
+    cs_split = 1;
+#else
+    (void)on; (void)n;
+#endif
+}
+// back to sharing each op's work (the team's threads wait for each other first: `barrier`)
+static inline void cs_split_end(int barrier)
+{
+#ifdef _OPENMP
+    if (!cs_split) return;
+    if (barrier) {
+#pragma omp barrier
+    }
+    cs_split = 0;
+    cs_team = 1;
+#else
+    (void)barrier;
+#endif
+}
+#define CS_SPLIT_OK(rows, weight_floats) cs_split_worth(ctx, (rows), (weight_floats))
+#define CS_SPLIT_ROWS(on, n) cs_split_rows((on), (n))
+#define CS_SPLIT_PAUSE() cs_split_end(1)
+#define CS_SPLIT_DONE() cs_split_end(0)
+// rows 0 .. rows - 1 of p (w per row) = 0: the thread's own of them where it runs its rows
+template <typename T>
+static inline void cs_zero_rows(T* p, int64_t rows, int64_t w)
+{
+    if (cs_split) {
+        const int64_t end = rows < cs_r1 ? rows : cs_r1;
+        if (end > cs_r0) memset(p + cs_r0 * w, 0, (size_t)((end - cs_r0) * w) * sizeof(T));
+        return;
+    }
+    cs_once([&] { memset(p, 0, (size_t)(rows * w) * sizeof(T)); });
+}
+// rows `rows` .. n - 1 of dst = those of src (ended sequences hold their state)
+template <typename T>
+static inline void cs_hold_rows(T* dst, const T* src, int64_t rows, int64_t n, int64_t w)
+{
+    if (cs_split) {
+        const int64_t lo = rows > cs_r0 ? rows : cs_r0;
+        if (lo < cs_r1) memcpy(dst + lo * w, src + lo * w, (size_t)((cs_r1 - lo) * w) * sizeof(T));
+        return;
+    }
+    if (rows < n) cs_once([&] { memcpy(dst + rows * w, src + rows * w, (size_t)((n - rows) * w) * sizeof(T)); });
+}
+#define CS_ZERO_ROWS(p, rows, w) cs_zero_rows((p), (rows), (w))
+#define CS_HOLD_ROWS(dst, src, rows, n, w) cs_hold_rows((dst), (src), (rows), (n), (w))
 static long cs_team_loops = 0;  // loops run as a team in this process (<module>_team_loops)
 #define CS_TEAM_BEGIN(on) { const int cs_team_on_ = (on); auto cs_steps_ = [&]() {
 #ifdef _OPENMP
 #define CS_TEAM_END }; \
     if (cs_team_on_) { \
         __atomic_add_fetch(&cs_team_loops, 1, __ATOMIC_RELAXED); \
-        _Pragma("omp parallel") { cs_team = 1; cs_steps_(); cs_team = 0; } \
+        _Pragma("omp parallel") { cs_team = 1; cs_steps_(); cs_team = 0; cs_split_loops_counted = 0; } \
     } else cs_steps_(); }
 #else
 #define CS_TEAM_END }; (void)cs_team_on_; cs_steps_(); }
@@ -850,7 +971,7 @@ static int layer_norm_gru_forward_fwd0_rows_launch(int64_t _rows, int64_t n_H, c
 template <typename S>
 static inline void layer_norm_gru_forward_fwd0_rows_host(int64_t _rows, int64_t n_H, const S* __restrict__ _p_W_c_x, int64_t _ld_W_c_x, const S* __restrict__ _p_W_r_x, int64_t _ld_W_r_x, const S* __restrict__ _p_W_u_x, int64_t _ld_W_u_x, const S* __restrict__ _p_inv_n_H, int64_t _ld_inv_n_H, S* __restrict__ _p_mean, int64_t _ld_mean, S* __restrict__ _p_var, int64_t _ld_var, S* __restrict__ _p_rstd, int64_t _ld_rstd, S* __restrict__ _p_mean_3, int64_t _ld_mean_3, S* __restrict__ _p_var_3, int64_t _ld_var_3, S* __restrict__ _p_rstd_3, int64_t _ld_rstd_3, S* __restrict__ _p_mean_5, int64_t _ld_mean_5, S* __restrict__ _p_var_5, int64_t _ld_var_5, S* __restrict__ _p_rstd_5, int64_t _ld_rstd_5)
 {
-    cs_for(_rows, cs_par(_rows * (n_H), 2048), [&](int64_t _r) {
+    cs_for_rows(_rows, cs_par(_rows * (n_H), 2048), [&](int64_t _r) {
         layer_norm_gru_forward_fwd0_rows_row<S, S>(_r, 0, 1, n_H, _p_W_c_x, _ld_W_c_x, _p_W_r_x, _ld_W_r_x, _p_W_u_x, _ld_W_u_x, _p_inv_n_H, _ld_inv_n_H, _p_mean, _ld_mean, _p_var, _ld_var, _p_rstd, _ld_rstd, _p_mean_3, _ld_mean_3, _p_var_3, _ld_var_3, _p_rstd_3, _ld_rstd_3, _p_mean_5, _ld_mean_5, _p_var_5, _ld_var_5, _p_rstd_5, _ld_rstd_5);
     });
 }
@@ -983,7 +1104,7 @@ static int layer_norm_gru_forward_fwd1_rows_launch(int64_t _rows, int64_t n_H, c
 template <typename S>
 static inline void layer_norm_gru_forward_fwd1_rows_host(int64_t _rows, int64_t n_H, const S* __restrict__ _p_U_c_h, int64_t _ld_U_c_h, const S* __restrict__ _p_U_r_h, int64_t _ld_U_r_h, const S* __restrict__ _p_U_u_h, int64_t _ld_U_u_h, const S* __restrict__ _p_W_c_x, int64_t _ld_W_c_x, const S* __restrict__ _p_W_r_x, int64_t _ld_W_r_x, const S* __restrict__ _p_W_u_x, int64_t _ld_W_u_x, const S* __restrict__ _p_bh_c, int64_t _ld_bh_c, const S* __restrict__ _p_bh_r, int64_t _ld_bh_r, const S* __restrict__ _p_bh_u, int64_t _ld_bh_u, const S* __restrict__ _p_bx_c, int64_t _ld_bx_c, const S* __restrict__ _p_bx_r, int64_t _ld_bx_r, const S* __restrict__ _p_bx_u, int64_t _ld_bx_u, const S* __restrict__ _p_gh_c, int64_t _ld_gh_c, const S* __restrict__ _p_gh_r, int64_t _ld_gh_r, const S* __restrict__ _p_gh_u, int64_t _ld_gh_u, const S* __restrict__ _p_gx_c, int64_t _ld_gx_c, const S* __restrict__ _p_gx_r, int64_t _ld_gx_r, const S* __restrict__ _p_gx_u, int64_t _ld_gx_u, const S* __restrict__ _p_h, int64_t _ld_h, const S* __restrict__ _p_inv_n_H, int64_t _ld_inv_n_H, const S* __restrict__ _p_mean, int64_t _ld_mean, const S* __restrict__ _p_mean_3, int64_t _ld_mean_3, const S* __restrict__ _p_mean_5, int64_t _ld_mean_5, const S* __restrict__ _p_rstd, int64_t _ld_rstd, const S* __restrict__ _p_rstd_3, int64_t _ld_rstd_3, const S* __restrict__ _p_rstd_5, int64_t _ld_rstd_5, S* __restrict__ _p_mean_2, int64_t _ld_mean_2, S* __restrict__ _p_var_2, int64_t _ld_var_2, S* __restrict__ _p_rstd_2, int64_t _ld_rstd_2, S* __restrict__ _p_r, int64_t _ld_r, S* __restrict__ _p_mean_4, int64_t _ld_mean_4, S* __restrict__ _p_var_4, int64_t _ld_var_4, S* __restrict__ _p_rstd_4, int64_t _ld_rstd_4, S* __restrict__ _p_u, int64_t _ld_u, S* __restrict__ _p_mean_6, int64_t _ld_mean_6, S* __restrict__ _p_var_6, int64_t _ld_var_6, S* __restrict__ _p_rstd_6, int64_t _ld_rstd_6, S* __restrict__ _p_c, int64_t _ld_c, S* __restrict__ _p_h_next, int64_t _ld_h_next)
 {
-    cs_for(_rows, cs_par(_rows * (n_H), 2048), [&](int64_t _r) {
+    cs_for_rows(_rows, cs_par(_rows * (n_H), 2048), [&](int64_t _r) {
         layer_norm_gru_forward_fwd1_rows_row<S, S>(_r, 0, 1, n_H, _p_U_c_h, _ld_U_c_h, _p_U_r_h, _ld_U_r_h, _p_U_u_h, _ld_U_u_h, _p_W_c_x, _ld_W_c_x, _p_W_r_x, _ld_W_r_x, _p_W_u_x, _ld_W_u_x, _p_bh_c, _ld_bh_c, _p_bh_r, _ld_bh_r, _p_bh_u, _ld_bh_u, _p_bx_c, _ld_bx_c, _p_bx_r, _ld_bx_r, _p_bx_u, _ld_bx_u, _p_gh_c, _ld_gh_c, _p_gh_r, _ld_gh_r, _p_gh_u, _ld_gh_u, _p_gx_c, _ld_gx_c, _p_gx_r, _ld_gx_r, _p_gx_u, _ld_gx_u, _p_h, _ld_h, _p_inv_n_H, _ld_inv_n_H, _p_mean, _ld_mean, _p_mean_3, _ld_mean_3, _p_mean_5, _ld_mean_5, _p_rstd, _ld_rstd, _p_rstd_3, _ld_rstd_3, _p_rstd_5, _ld_rstd_5, _p_mean_2, _ld_mean_2, _p_var_2, _ld_var_2, _p_rstd_2, _ld_rstd_2, _p_r, _ld_r, _p_mean_4, _ld_mean_4, _p_var_4, _ld_var_4, _p_rstd_4, _ld_rstd_4, _p_u, _ld_u, _p_mean_6, _ld_mean_6, _p_var_6, _ld_var_6, _p_rstd_6, _ld_rstd_6, _p_c, _ld_c, _p_h_next, _ld_h_next);
     });
 }
@@ -1077,7 +1198,7 @@ static int layer_norm_gru_inference_fwd0_rows_launch(int64_t _rows, int64_t n_H,
 template <typename S>
 static inline void layer_norm_gru_inference_fwd0_rows_host(int64_t _rows, int64_t n_H, const S* __restrict__ _p_W_c_x, int64_t _ld_W_c_x, const S* __restrict__ _p_W_r_x, int64_t _ld_W_r_x, const S* __restrict__ _p_W_u_x, int64_t _ld_W_u_x, const S* __restrict__ _p_inv_n_H, int64_t _ld_inv_n_H, S* __restrict__ _p_mean, int64_t _ld_mean, S* __restrict__ _p_rstd, int64_t _ld_rstd, S* __restrict__ _p_mean_3, int64_t _ld_mean_3, S* __restrict__ _p_rstd_3, int64_t _ld_rstd_3, S* __restrict__ _p_mean_5, int64_t _ld_mean_5, S* __restrict__ _p_rstd_5, int64_t _ld_rstd_5)
 {
-    cs_for(_rows, cs_par(_rows * (n_H), 2048), [&](int64_t _r) {
+    cs_for_rows(_rows, cs_par(_rows * (n_H), 2048), [&](int64_t _r) {
         layer_norm_gru_inference_fwd0_rows_row<S, S>(_r, 0, 1, n_H, _p_W_c_x, _ld_W_c_x, _p_W_r_x, _ld_W_r_x, _p_W_u_x, _ld_W_u_x, _p_inv_n_H, _ld_inv_n_H, _p_mean, _ld_mean, _p_rstd, _ld_rstd, _p_mean_3, _ld_mean_3, _p_rstd_3, _ld_rstd_3, _p_mean_5, _ld_mean_5, _p_rstd_5, _ld_rstd_5);
     });
 }
@@ -1198,7 +1319,7 @@ static int layer_norm_gru_inference_fwd1_rows_launch(int64_t _rows, int64_t n_H,
 template <typename S>
 static inline void layer_norm_gru_inference_fwd1_rows_host(int64_t _rows, int64_t n_H, const S* __restrict__ _p_U_c_h, int64_t _ld_U_c_h, const S* __restrict__ _p_U_r_h, int64_t _ld_U_r_h, const S* __restrict__ _p_U_u_h, int64_t _ld_U_u_h, const S* __restrict__ _p_W_c_x, int64_t _ld_W_c_x, const S* __restrict__ _p_W_r_x, int64_t _ld_W_r_x, const S* __restrict__ _p_W_u_x, int64_t _ld_W_u_x, const S* __restrict__ _p_bh_c, int64_t _ld_bh_c, const S* __restrict__ _p_bh_r, int64_t _ld_bh_r, const S* __restrict__ _p_bh_u, int64_t _ld_bh_u, const S* __restrict__ _p_bx_c, int64_t _ld_bx_c, const S* __restrict__ _p_bx_r, int64_t _ld_bx_r, const S* __restrict__ _p_bx_u, int64_t _ld_bx_u, const S* __restrict__ _p_gh_c, int64_t _ld_gh_c, const S* __restrict__ _p_gh_r, int64_t _ld_gh_r, const S* __restrict__ _p_gh_u, int64_t _ld_gh_u, const S* __restrict__ _p_gx_c, int64_t _ld_gx_c, const S* __restrict__ _p_gx_r, int64_t _ld_gx_r, const S* __restrict__ _p_gx_u, int64_t _ld_gx_u, const S* __restrict__ _p_h, int64_t _ld_h, const S* __restrict__ _p_inv_n_H, int64_t _ld_inv_n_H, const S* __restrict__ _p_mean, int64_t _ld_mean, const S* __restrict__ _p_mean_3, int64_t _ld_mean_3, const S* __restrict__ _p_mean_5, int64_t _ld_mean_5, const S* __restrict__ _p_rstd, int64_t _ld_rstd, const S* __restrict__ _p_rstd_3, int64_t _ld_rstd_3, const S* __restrict__ _p_rstd_5, int64_t _ld_rstd_5, S* __restrict__ _p_h_next, int64_t _ld_h_next)
 {
-    cs_for(_rows, cs_par(_rows * (n_H), 2048), [&](int64_t _r) {
+    cs_for_rows(_rows, cs_par(_rows * (n_H), 2048), [&](int64_t _r) {
         layer_norm_gru_inference_fwd1_rows_row<S, S>(_r, 0, 1, n_H, _p_U_c_h, _ld_U_c_h, _p_U_r_h, _ld_U_r_h, _p_U_u_h, _ld_U_u_h, _p_W_c_x, _ld_W_c_x, _p_W_r_x, _ld_W_r_x, _p_W_u_x, _ld_W_u_x, _p_bh_c, _ld_bh_c, _p_bh_r, _ld_bh_r, _p_bh_u, _ld_bh_u, _p_bx_c, _ld_bx_c, _p_bx_r, _ld_bx_r, _p_bx_u, _ld_bx_u, _p_gh_c, _ld_gh_c, _p_gh_r, _ld_gh_r, _p_gh_u, _ld_gh_u, _p_gx_c, _ld_gx_c, _p_gx_r, _ld_gx_r, _p_gx_u, _ld_gx_u, _p_h, _ld_h, _p_inv_n_H, _ld_inv_n_H, _p_mean, _ld_mean, _p_mean_3, _ld_mean_3, _p_mean_5, _ld_mean_5, _p_rstd, _ld_rstd, _p_rstd_3, _ld_rstd_3, _p_rstd_5, _ld_rstd_5, _p_h_next, _ld_h_next);
     });
 }
@@ -1352,7 +1473,7 @@ static int layer_norm_gru_backward_bwd1_rows_launch(int64_t _rows, int64_t n_H, 
 template <typename S>
 static inline void layer_norm_gru_backward_bwd1_rows_host(int64_t _rows, int64_t n_H, const S* __restrict__ _p_U_c_h, int64_t _ld_U_c_h, const S* __restrict__ _p_U_r_h, int64_t _ld_U_r_h, const S* __restrict__ _p_U_u_h, int64_t _ld_U_u_h, const S* __restrict__ _p_bh_c, int64_t _ld_bh_c, const S* __restrict__ _p_c, int64_t _ld_c, const S* __restrict__ _p_d_h, int64_t _ld_d_h, const S* __restrict__ _p_d_h_next_out, int64_t _ld_d_h_next_out, const S* __restrict__ _p_gh_c, int64_t _ld_gh_c, const S* __restrict__ _p_gh_r, int64_t _ld_gh_r, const S* __restrict__ _p_gh_u, int64_t _ld_gh_u, const S* __restrict__ _p_h, int64_t _ld_h, const S* __restrict__ _p_inv_n_H, int64_t _ld_inv_n_H, const S* __restrict__ _p_mean_2, int64_t _ld_mean_2, const S* __restrict__ _p_mean_4, int64_t _ld_mean_4, const S* __restrict__ _p_mean_6, int64_t _ld_mean_6, const S* __restrict__ _p_r, int64_t _ld_r, const S* __restrict__ _p_rstd_2, int64_t _ld_rstd_2, const S* __restrict__ _p_rstd_4, int64_t _ld_rstd_4, const S* __restrict__ _p_rstd_6, int64_t _ld_rstd_6, const S* __restrict__ _p_u, int64_t _ld_u, const S* __restrict__ _p_var_2, int64_t _ld_var_2, const S* __restrict__ _p_var_4, int64_t _ld_var_4, const S* __restrict__ _p_var_6, int64_t _ld_var_6, S* __restrict__ _p_d_h_next, int64_t _ld_d_h_next, S* __restrict__ _p_d_c, int64_t _ld_d_c, S* __restrict__ _p_d_u, int64_t _ld_d_u, S* __restrict__ _p_d_r, int64_t _ld_d_r, S* __restrict__ _p_d_U_r_h, int64_t _ld_d_U_r_h, S* __restrict__ _p_d_U_u_h, int64_t _ld_d_U_u_h, S* __restrict__ _p_d_U_c_h, int64_t _ld_d_U_c_h)
 {
-    cs_for(_rows, cs_par(_rows * (n_H), 2048), [&](int64_t _r) {
+    cs_for_rows(_rows, cs_par(_rows * (n_H), 2048), [&](int64_t _r) {
         layer_norm_gru_backward_bwd1_rows_row<S, S>(_r, 0, 1, n_H, _p_U_c_h, _ld_U_c_h, _p_U_r_h, _ld_U_r_h, _p_U_u_h, _ld_U_u_h, _p_bh_c, _ld_bh_c, _p_c, _ld_c, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_gh_c, _ld_gh_c, _p_gh_r, _ld_gh_r, _p_gh_u, _ld_gh_u, _p_h, _ld_h, _p_inv_n_H, _ld_inv_n_H, _p_mean_2, _ld_mean_2, _p_mean_4, _ld_mean_4, _p_mean_6, _ld_mean_6, _p_r, _ld_r, _p_rstd_2, _ld_rstd_2, _p_rstd_4, _ld_rstd_4, _p_rstd_6, _ld_rstd_6, _p_u, _ld_u, _p_var_2, _ld_var_2, _p_var_4, _ld_var_4, _p_var_6, _ld_var_6, _p_d_h_next, _ld_d_h_next, _p_d_c, _ld_d_c, _p_d_u, _ld_d_u, _p_d_r, _ld_d_r, _p_d_U_r_h, _ld_d_U_r_h, _p_d_U_u_h, _ld_d_U_u_h, _p_d_U_c_h, _ld_d_U_c_h);
     });
 }
@@ -1461,7 +1582,7 @@ static int layer_norm_gru_backward_bwd0_rows_launch(int64_t _rows, int64_t n_H, 
 template <typename S>
 static inline void layer_norm_gru_backward_bwd0_rows_host(int64_t _rows, int64_t n_H, const S* __restrict__ _p_W_c_x, int64_t _ld_W_c_x, const S* __restrict__ _p_W_r_x, int64_t _ld_W_r_x, const S* __restrict__ _p_W_u_x, int64_t _ld_W_u_x, const S* __restrict__ _p_c, int64_t _ld_c, const S* __restrict__ _p_d_c, int64_t _ld_d_c, const S* __restrict__ _p_d_r, int64_t _ld_d_r, const S* __restrict__ _p_d_u, int64_t _ld_d_u, const S* __restrict__ _p_gx_c, int64_t _ld_gx_c, const S* __restrict__ _p_gx_r, int64_t _ld_gx_r, const S* __restrict__ _p_gx_u, int64_t _ld_gx_u, const S* __restrict__ _p_inv_n_H, int64_t _ld_inv_n_H, const S* __restrict__ _p_mean, int64_t _ld_mean, const S* __restrict__ _p_mean_3, int64_t _ld_mean_3, const S* __restrict__ _p_mean_5, int64_t _ld_mean_5, const S* __restrict__ _p_r, int64_t _ld_r, const S* __restrict__ _p_rstd, int64_t _ld_rstd, const S* __restrict__ _p_rstd_3, int64_t _ld_rstd_3, const S* __restrict__ _p_rstd_5, int64_t _ld_rstd_5, const S* __restrict__ _p_u, int64_t _ld_u, const S* __restrict__ _p_var, int64_t _ld_var, const S* __restrict__ _p_var_3, int64_t _ld_var_3, const S* __restrict__ _p_var_5, int64_t _ld_var_5, S* __restrict__ _p_d_var_5, int64_t _ld_d_var_5, S* __restrict__ _p_d_mean_5, int64_t _ld_d_mean_5, S* __restrict__ _p_d_var_3, int64_t _ld_d_var_3, S* __restrict__ _p_d_mean_3, int64_t _ld_d_mean_3, S* __restrict__ _p_d_var, int64_t _ld_d_var, S* __restrict__ _p_d_mean, int64_t _ld_d_mean)
 {
-    cs_for(_rows, cs_par(_rows * (n_H), 2048), [&](int64_t _r) {
+    cs_for_rows(_rows, cs_par(_rows * (n_H), 2048), [&](int64_t _r) {
         layer_norm_gru_backward_bwd0_rows_row<S, S>(_r, 0, 1, n_H, _p_W_c_x, _ld_W_c_x, _p_W_r_x, _ld_W_r_x, _p_W_u_x, _ld_W_u_x, _p_c, _ld_c, _p_d_c, _ld_d_c, _p_d_r, _ld_d_r, _p_d_u, _ld_d_u, _p_gx_c, _ld_gx_c, _p_gx_r, _ld_gx_r, _p_gx_u, _ld_gx_u, _p_inv_n_H, _ld_inv_n_H, _p_mean, _ld_mean, _p_mean_3, _ld_mean_3, _p_mean_5, _ld_mean_5, _p_r, _ld_r, _p_rstd, _ld_rstd, _p_rstd_3, _ld_rstd_3, _p_rstd_5, _ld_rstd_5, _p_u, _ld_u, _p_var, _ld_var, _p_var_3, _ld_var_3, _p_var_5, _ld_var_5, _p_d_var_5, _ld_d_var_5, _p_d_mean_5, _ld_d_mean_5, _p_d_var_3, _ld_d_var_3, _p_d_mean_3, _ld_d_mean_3, _p_d_var, _ld_d_var, _p_d_mean, _ld_d_mean);
     });
 }
@@ -1578,7 +1699,7 @@ static int layer_norm_gru_backward_bwd_leaf_rows_launch(int64_t _rows, int64_t n
 template <typename S>
 static inline void layer_norm_gru_backward_bwd_leaf_rows_host(int64_t _rows, int64_t n_H, const S* __restrict__ _p_U_c_h, int64_t _ld_U_c_h, const S* __restrict__ _p_U_r_h, int64_t _ld_U_r_h, const S* __restrict__ _p_U_u_h, int64_t _ld_U_u_h, const S* __restrict__ _p_W_c_x, int64_t _ld_W_c_x, const S* __restrict__ _p_W_r_x, int64_t _ld_W_r_x, const S* __restrict__ _p_W_u_x, int64_t _ld_W_u_x, const S* __restrict__ _p_c, int64_t _ld_c, const S* __restrict__ _p_d_c, int64_t _ld_d_c, const S* __restrict__ _p_d_h_gemm, int64_t _ld_d_h_gemm, const S* __restrict__ _p_d_h_next, int64_t _ld_d_h_next, const S* __restrict__ _p_d_mean, int64_t _ld_d_mean, const S* __restrict__ _p_d_mean_3, int64_t _ld_d_mean_3, const S* __restrict__ _p_d_mean_5, int64_t _ld_d_mean_5, const S* __restrict__ _p_d_r, int64_t _ld_d_r, const S* __restrict__ _p_d_u, int64_t _ld_d_u, const S* __restrict__ _p_d_var, int64_t _ld_d_var, const S* __restrict__ _p_d_var_3, int64_t _ld_d_var_3, const S* __restrict__ _p_d_var_5, int64_t _ld_d_var_5, const S* __restrict__ _p_gx_c, int64_t _ld_gx_c, const S* __restrict__ _p_gx_r, int64_t _ld_gx_r, const S* __restrict__ _p_gx_u, int64_t _ld_gx_u, const S* __restrict__ _p_inv_n_H, int64_t _ld_inv_n_H, const S* __restrict__ _p_mean, int64_t _ld_mean, const S* __restrict__ _p_mean_2, int64_t _ld_mean_2, const S* __restrict__ _p_mean_3, int64_t _ld_mean_3, const S* __restrict__ _p_mean_4, int64_t _ld_mean_4, const S* __restrict__ _p_mean_5, int64_t _ld_mean_5, const S* __restrict__ _p_mean_6, int64_t _ld_mean_6, const S* __restrict__ _p_r, int64_t _ld_r, const S* __restrict__ _p_rstd, int64_t _ld_rstd, const S* __restrict__ _p_rstd_2, int64_t _ld_rstd_2, const S* __restrict__ _p_rstd_3, int64_t _ld_rstd_3, const S* __restrict__ _p_rstd_4, int64_t _ld_rstd_4, const S* __restrict__ _p_rstd_5, int64_t _ld_rstd_5, const S* __restrict__ _p_rstd_6, int64_t _ld_rstd_6, const S* __restrict__ _p_u, int64_t _ld_u, S* __restrict__ _p_d_h, int64_t _ld_d_h, S* __restrict__ _p_d_gx_r, int64_t _ld_d_gx_r, S* __restrict__ _p_d_bx_r, int64_t _ld_d_bx_r, S* __restrict__ _p_d_gh_r, int64_t _ld_d_gh_r, S* __restrict__ _p_d_bh_r, int64_t _ld_d_bh_r, S* __restrict__ _p_d_gx_u, int64_t _ld_d_gx_u, S* __restrict__ _p_d_bx_u, int64_t _ld_d_bx_u, S* __restrict__ _p_d_gh_u, int64_t _ld_d_gh_u, S* __restrict__ _p_d_bh_u, int64_t _ld_d_bh_u, S* __restrict__ _p_d_gx_c, int64_t _ld_d_gx_c, S* __restrict__ _p_d_bx_c, int64_t _ld_d_bx_c, S* __restrict__ _p_d_gh_c, int64_t _ld_d_gh_c, S* __restrict__ _p_d_bh_c, int64_t _ld_d_bh_c, S* __restrict__ _p_d_W_r_x, int64_t _ld_d_W_r_x, S* __restrict__ _p_d_W_u_x, int64_t _ld_d_W_u_x, S* __restrict__ _p_d_W_c_x, int64_t _ld_d_W_c_x)
 {
-    cs_for(_rows, cs_par(_rows * (n_H), 2048), [&](int64_t _r) {
+    cs_for_rows(_rows, cs_par(_rows * (n_H), 2048), [&](int64_t _r) {
         layer_norm_gru_backward_bwd_leaf_rows_row<S, S>(_r, 0, 1, n_H, _p_U_c_h, _ld_U_c_h, _p_U_r_h, _ld_U_r_h, _p_U_u_h, _ld_U_u_h, _p_W_c_x, _ld_W_c_x, _p_W_r_x, _ld_W_r_x, _p_W_u_x, _ld_W_u_x, _p_c, _ld_c, _p_d_c, _ld_d_c, _p_d_h_gemm, _ld_d_h_gemm, _p_d_h_next, _ld_d_h_next, _p_d_mean, _ld_d_mean, _p_d_mean_3, _ld_d_mean_3, _p_d_mean_5, _ld_d_mean_5, _p_d_r, _ld_d_r, _p_d_u, _ld_d_u, _p_d_var, _ld_d_var, _p_d_var_3, _ld_d_var_3, _p_d_var_5, _ld_d_var_5, _p_gx_c, _ld_gx_c, _p_gx_r, _ld_gx_r, _p_gx_u, _ld_gx_u, _p_inv_n_H, _ld_inv_n_H, _p_mean, _ld_mean, _p_mean_2, _ld_mean_2, _p_mean_3, _ld_mean_3, _p_mean_4, _ld_mean_4, _p_mean_5, _ld_mean_5, _p_mean_6, _ld_mean_6, _p_r, _ld_r, _p_rstd, _ld_rstd, _p_rstd_2, _ld_rstd_2, _p_rstd_3, _ld_rstd_3, _p_rstd_4, _ld_rstd_4, _p_rstd_5, _ld_rstd_5, _p_rstd_6, _ld_rstd_6, _p_u, _ld_u, _p_d_h, _ld_d_h, _p_d_gx_r, _ld_d_gx_r, _p_d_bx_r, _ld_d_bx_r, _p_d_gh_r, _ld_d_gh_r, _p_d_bh_r, _ld_d_bh_r, _p_d_gx_u, _ld_d_gx_u, _p_d_bx_u, _ld_d_bx_u, _p_d_gh_u, _ld_d_gh_u, _p_d_bh_u, _ld_d_bh_u, _p_d_gx_c, _ld_d_gx_c, _p_d_bx_c, _ld_d_bx_c, _p_d_gh_c, _ld_d_gh_c, _p_d_bh_c, _ld_d_bh_c, _p_d_W_r_x, _ld_d_W_r_x, _p_d_W_u_x, _ld_d_W_u_x, _p_d_W_c_x, _ld_d_W_c_x);
     });
 }
@@ -1712,16 +1833,19 @@ static int layer_norm_gru_forward_run(const int64_t* dims, void* const* ptrs, co
     const int64_t n_ch = dims[4] < 1 ? 1 : dims[4];
     cs_packed<S> pk_W_r_W_u_W_c_nt = cs_pack_if(n_ch < n_T, ctx, 1, n_ch * n_B, 3*n_H, n_I, w_W_r_W_u_W_c, n_I);
     cs_packed<S> pk_U_r_U_u_U_c_nt = cs_pack(ctx, 1, n_B, 3*n_H, n_H, w_U_r_U_u_U_c, n_H);
-    // the steps as one team of threads where a step's GEMM would fork: each op's work shared, a barrier after it (cs_for)
+    const int split_rows = CS_SPLIT_OK(n_B, (3*n_H) * n_H);
+    // the steps as one team of threads where a step's GEMM would fork: each thread runs the steps on its own rows of the batch (split_rows), else each op's work shared, a barrier after it (cs_for)
     CS_TEAM_BEGIN(CS_TEAM_OK(n_B * (3*n_H) * n_H, CS_PACKED_OWN(pk_W_r_W_u_W_c_nt) && CS_PACKED_OWN(pk_U_r_U_u_U_c_nt)))
     for (int64_t t = 0; t < n_T; ++t) {
         const int64_t rows = bs ? bs[t] : n_B;  // variable lengths: rows 0..B_t-1 run
         if (t % n_ch == 0) {  // a chunk starts: steps tc .. tc + n_c - 1 (all B rows)
+            CS_SPLIT_PAUSE();  // the team shares the chunk's work, once every thread is done with the last chunk
             const int64_t n_c = n_T - t < n_ch ? n_T - t : n_ch;
             const int64_t tc = t;
             // hg_W_r_W_u_W_c__x = x @ [W_r, W_u, W_c]^T  (W_r @ x, W_u @ x, W_c @ x)
             CS_GEMM_NT_PACKED(n_c * n_B, 3*n_H, n_I, b_x_x + tc * n_B * (n_I), n_I, pk_W_r_W_u_W_c_nt, b_hg_W_r_W_u_W_c__x + tc * n_B * (3*n_H), 3*n_H, 0);
         }
+        CS_SPLIT_ROWS(split_rows, n_B);
         // forward: stage 0 forward, row by row (reductions over the units)
         CS_ROWS(layer_norm_gru_forward_fwd0_rows, rows, n_H, b_hg_W_r_W_u_W_c__x + t * n_B * (3*n_H) + 2*n_H, 3*n_H, b_hg_W_r_W_u_W_c__x + t * n_B * (3*n_H), 3*n_H, b_hg_W_r_W_u_W_c__x + t * n_B * (3*n_H) + n_H, 3*n_H, b_p_inv_n_H, 0, b_v_mean + t * n_B * (1), 1, b_v_var + t * n_B * (1), 1, b_v_rstd + t * n_B * (1), 1, b_v_mean_3 + t * n_B * (1), 1, b_v_var_3 + t * n_B * (1), 1, b_v_rstd_3 + t * n_B * (1), 1, b_v_mean_5 + t * n_B * (1), 1, b_v_var_5 + t * n_B * (1), 1, b_v_rstd_5 + t * n_B * (1), 1);
         // g_U_r_U_u_U_c__h = h @ [U_r, U_u, U_c]^T  (U_r @ h, U_u @ h, U_c @ h)
@@ -1729,8 +1853,9 @@ static int layer_norm_gru_forward_run(const int64_t* dims, void* const* ptrs, co
         // forward: stage 1 forward, row by row (reductions over the units)
         CS_ROWS(layer_norm_gru_forward_fwd1_rows, rows, n_H, b_g_U_r_U_u_U_c__h + t * n_B * (3*n_H) + 2*n_H, 3*n_H, b_g_U_r_U_u_U_c__h + t * n_B * (3*n_H), 3*n_H, b_g_U_r_U_u_U_c__h + t * n_B * (3*n_H) + n_H, 3*n_H, b_hg_W_r_W_u_W_c__x + t * n_B * (3*n_H) + 2*n_H, 3*n_H, b_hg_W_r_W_u_W_c__x + t * n_B * (3*n_H), 3*n_H, b_hg_W_r_W_u_W_c__x + t * n_B * (3*n_H) + n_H, 3*n_H, b_p_bh_c, 0, b_p_bh_r, 0, b_p_bh_u, 0, b_p_bx_c, 0, b_p_bx_r, 0, b_p_bx_u, 0, b_p_gh_c, 0, b_p_gh_r, 0, b_p_gh_u, 0, b_p_gx_c, 0, b_p_gx_r, 0, b_p_gx_u, 0, b_s_h + t * n_B * (n_H), n_H, b_p_inv_n_H, 0, b_v_mean + t * n_B * (1), 1, b_v_mean_3 + t * n_B * (1), 1, b_v_mean_5 + t * n_B * (1), 1, b_v_rstd + t * n_B * (1), 1, b_v_rstd_3 + t * n_B * (1), 1, b_v_rstd_5 + t * n_B * (1), 1, b_v_mean_2 + t * n_B * (1), 1, b_v_var_2 + t * n_B * (1), 1, b_v_rstd_2 + t * n_B * (1), 1, b_v_r + t * n_B * (n_H), n_H, b_v_mean_4 + t * n_B * (1), 1, b_v_var_4 + t * n_B * (1), 1, b_v_rstd_4 + t * n_B * (1), 1, b_v_u + t * n_B * (n_H), n_H, b_v_mean_6 + t * n_B * (1), 1, b_v_var_6 + t * n_B * (1), 1, b_v_rstd_6 + t * n_B * (1), 1, b_v_c + t * n_B * (n_H), n_H, b_s_h + (t + 1) * n_B * (n_H), n_H);
         // ended sequences hold their state: rows B_t.. of s_h[t + 1] = s_h[t]
-        if (rows < n_B) CS_COPY(b_s_h + ((t + 1) * n_B + rows) * (n_H), b_s_h + (t * n_B + rows) * (n_H), (n_B - rows) * (n_H));
+        CS_HOLD_ROWS(b_s_h + (t + 1) * n_B * (n_H), b_s_h + t * n_B * (n_H), rows, n_B, n_H);
     }
+    CS_SPLIT_DONE();
     CS_TEAM_END
     cs_unpack(pk_W_r_W_u_W_c_nt);
     cs_unpack(pk_U_r_U_u_U_c_nt);
@@ -1836,16 +1961,19 @@ static int layer_norm_gru_inference_run(const int64_t* dims, void* const* ptrs, 
     const int64_t n_ch = dims[4] < 1 ? 1 : dims[4];
     cs_packed<S> pk_W_r_W_u_W_c_nt = cs_pack_if(n_ch < n_T, ctx, 1, n_ch * n_B, 3*n_H, n_I, w_W_r_W_u_W_c, n_I);
     cs_packed<S> pk_U_r_U_u_U_c_nt = cs_pack(ctx, 1, n_B, 3*n_H, n_H, w_U_r_U_u_U_c, n_H);
-    // the steps as one team of threads where a step's GEMM would fork: each op's work shared, a barrier after it (cs_for)
+    const int split_rows = CS_SPLIT_OK(n_B, (3*n_H) * n_H);
+    // the steps as one team of threads where a step's GEMM would fork: each thread runs the steps on its own rows of the batch (split_rows), else each op's work shared, a barrier after it (cs_for)
     CS_TEAM_BEGIN(CS_TEAM_OK(n_B * (3*n_H) * n_H, CS_PACKED_OWN(pk_W_r_W_u_W_c_nt) && CS_PACKED_OWN(pk_U_r_U_u_U_c_nt)))
     for (int64_t t = 0; t < n_T; ++t) {
         const int64_t rows = bs ? bs[t] : n_B;  // variable lengths: rows 0..B_t-1 run
         if (t % n_ch == 0) {  // a chunk starts: steps tc .. tc + n_c - 1 (all B rows)
+            CS_SPLIT_PAUSE();  // the team shares the chunk's work, once every thread is done with the last chunk
             const int64_t n_c = n_T - t < n_ch ? n_T - t : n_ch;
             const int64_t tc = t;
             // hg_W_r_W_u_W_c__x = x @ [W_r, W_u, W_c]^T  (W_r @ x, W_u @ x, W_c @ x)
             CS_GEMM_NT_PACKED(n_c * n_B, 3*n_H, n_I, b_x_x + tc * n_B * (n_I), n_I, pk_W_r_W_u_W_c_nt, b_hg_W_r_W_u_W_c__x, 3*n_H, 0);
         }
+        CS_SPLIT_ROWS(split_rows, n_B);
         // inference: stage 0 forward, row by row (reductions over the units)
         CS_ROWS(layer_norm_gru_inference_fwd0_rows, rows, n_H, b_hg_W_r_W_u_W_c__x + (t % n_ch) * n_B * (3*n_H) + 2*n_H, 3*n_H, b_hg_W_r_W_u_W_c__x + (t % n_ch) * n_B * (3*n_H), 3*n_H, b_hg_W_r_W_u_W_c__x + (t % n_ch) * n_B * (3*n_H) + n_H, 3*n_H, b_p_inv_n_H, 0, b_tmp_mean, 1, b_tmp_rstd, 1, b_tmp_mean_3, 1, b_tmp_rstd_3, 1, b_tmp_mean_5, 1, b_tmp_rstd_5, 1);
         // g_U_r_U_u_U_c__h = h @ [U_r, U_u, U_c]^T  (U_r @ h, U_u @ h, U_c @ h)
@@ -1853,8 +1981,9 @@ static int layer_norm_gru_inference_run(const int64_t* dims, void* const* ptrs, 
         // inference: stage 1 forward, row by row (reductions over the units)
         CS_ROWS(layer_norm_gru_inference_fwd1_rows, rows, n_H, b_g_U_r_U_u_U_c__h + 2*n_H, 3*n_H, b_g_U_r_U_u_U_c__h, 3*n_H, b_g_U_r_U_u_U_c__h + n_H, 3*n_H, b_hg_W_r_W_u_W_c__x + (t % n_ch) * n_B * (3*n_H) + 2*n_H, 3*n_H, b_hg_W_r_W_u_W_c__x + (t % n_ch) * n_B * (3*n_H), 3*n_H, b_hg_W_r_W_u_W_c__x + (t % n_ch) * n_B * (3*n_H) + n_H, 3*n_H, b_p_bh_c, 0, b_p_bh_r, 0, b_p_bh_u, 0, b_p_bx_c, 0, b_p_bx_r, 0, b_p_bx_u, 0, b_p_gh_c, 0, b_p_gh_r, 0, b_p_gh_u, 0, b_p_gx_c, 0, b_p_gx_r, 0, b_p_gx_u, 0, b_s_h + t * n_B * (n_H), n_H, b_p_inv_n_H, 0, b_tmp_mean, 1, b_tmp_mean_3, 1, b_tmp_mean_5, 1, b_tmp_rstd, 1, b_tmp_rstd_3, 1, b_tmp_rstd_5, 1, b_s_h + (t + 1) * n_B * (n_H), n_H);
         // ended sequences hold their state: rows B_t.. of s_h[t + 1] = s_h[t]
-        if (rows < n_B) CS_COPY(b_s_h + ((t + 1) * n_B + rows) * (n_H), b_s_h + (t * n_B + rows) * (n_H), (n_B - rows) * (n_H));
+        CS_HOLD_ROWS(b_s_h + (t + 1) * n_B * (n_H), b_s_h + t * n_B * (n_H), rows, n_B, n_H);
     }
+    CS_SPLIT_DONE();
     CS_TEAM_END
     cs_unpack(pk_W_r_W_u_W_c_nt);
     cs_unpack(pk_U_r_U_u_U_c_nt);
@@ -2091,10 +2220,12 @@ static int layer_norm_gru_backward_run(const int64_t* dims, void* const* ptrs, c
         CS_ZERO(b_dhg_W_r_W_u_W_c__x, (n_T) * (n_B) * (3*n_H));
     }
     cs_packed<S> pk_U_r_U_u_U_c_nn = cs_pack(ctx, 0, n_B, n_H, 3*n_H, w_U_r_U_u_U_c, n_H);
-    // the steps as one team of threads where a step's GEMM would fork: each op's work shared, a barrier after it (cs_for)
+    const int split_rows = CS_SPLIT_OK(n_B, (3*n_H) * n_H);
+    // the steps as one team of threads where a step's GEMM would fork: each thread runs the steps on its own rows of the batch (split_rows), else each op's work shared, a barrier after it (cs_for)
     CS_TEAM_BEGIN(CS_TEAM_OK(n_B * (3*n_H) * n_H, CS_PACKED_OWN(pk_U_r_U_u_U_c_nn)))
     for (int64_t t = n_T - 1; t >= 0; --t) {
         const int64_t rows = bs ? bs[t] : n_B;  // variable lengths: rows 0..B_t-1 run
+        CS_SPLIT_ROWS(split_rows, n_B);
         // backward: stage 1 backward, row by row (reductions over the units)
         CS_ROWS(layer_norm_gru_backward_bwd1_rows, rows, n_H, b_g_U_r_U_u_U_c__h + t * n_B * (3*n_H) + 2*n_H, 3*n_H, b_g_U_r_U_u_U_c__h + t * n_B * (3*n_H), 3*n_H, b_g_U_r_U_u_U_c__h + t * n_B * (3*n_H) + n_H, 3*n_H, b_p_bh_c, 0, b_v_c + t * n_B * (n_H), n_H, b_ds_h, n_H, b_dout_h_next + t * n_B * (n_H), n_H, b_p_gh_c, 0, b_p_gh_r, 0, b_p_gh_u, 0, b_s_h + t * n_B * (n_H), n_H, b_p_inv_n_H, 0, b_v_mean_2 + t * n_B * (1), 1, b_v_mean_4 + t * n_B * (1), 1, b_v_mean_6 + t * n_B * (1), 1, b_v_r + t * n_B * (n_H), n_H, b_v_rstd_2 + t * n_B * (1), 1, b_v_rstd_4 + t * n_B * (1), 1, b_v_rstd_6 + t * n_B * (1), 1, b_v_u + t * n_B * (n_H), n_H, b_v_var_2 + t * n_B * (1), 1, b_v_var_4 + t * n_B * (1), 1, b_v_var_6 + t * n_B * (1), 1, b_tmp_d_h_next, n_H, b_tmp_d_c, n_H, b_tmp_d_u, n_H, b_tmp_d_r, n_H, b_dg_U_r_U_u_U_c__h + t * n_B * (3*n_H), 3*n_H, b_dg_U_r_U_u_U_c__h + t * n_B * (3*n_H) + n_H, 3*n_H, b_dg_U_r_U_u_U_c__h + t * n_B * (3*n_H) + 2*n_H, 3*n_H);
         // d_h_gemm = dg_U_r_U_u_U_c__h @ [U_r, U_u, U_c]
@@ -2104,6 +2235,7 @@ static int layer_norm_gru_backward_run(const int64_t* dims, void* const* ptrs, c
         // backward: per-step adjoints of inputs, states, vector params, hoisted results, row by row (reductions over the units)
         CS_ROWS(layer_norm_gru_backward_bwd_leaf_rows, rows, n_H, b_g_U_r_U_u_U_c__h + t * n_B * (3*n_H) + 2*n_H, 3*n_H, b_g_U_r_U_u_U_c__h + t * n_B * (3*n_H), 3*n_H, b_g_U_r_U_u_U_c__h + t * n_B * (3*n_H) + n_H, 3*n_H, b_hg_W_r_W_u_W_c__x + t * n_B * (3*n_H) + 2*n_H, 3*n_H, b_hg_W_r_W_u_W_c__x + t * n_B * (3*n_H), 3*n_H, b_hg_W_r_W_u_W_c__x + t * n_B * (3*n_H) + n_H, 3*n_H, b_v_c + t * n_B * (n_H), n_H, b_tmp_d_c, n_H, b_tmp_d_h_gemm, n_H, b_tmp_d_h_next, n_H, b_tmp_d_mean, 1, b_tmp_d_mean_3, 1, b_tmp_d_mean_5, 1, b_tmp_d_r, n_H, b_tmp_d_u, n_H, b_tmp_d_var, 1, b_tmp_d_var_3, 1, b_tmp_d_var_5, 1, b_p_gx_c, 0, b_p_gx_r, 0, b_p_gx_u, 0, b_p_inv_n_H, 0, b_v_mean + t * n_B * (1), 1, b_v_mean_2 + t * n_B * (1), 1, b_v_mean_3 + t * n_B * (1), 1, b_v_mean_4 + t * n_B * (1), 1, b_v_mean_5 + t * n_B * (1), 1, b_v_mean_6 + t * n_B * (1), 1, b_v_r + t * n_B * (n_H), n_H, b_v_rstd + t * n_B * (1), 1, b_v_rstd_2 + t * n_B * (1), 1, b_v_rstd_3 + t * n_B * (1), 1, b_v_rstd_4 + t * n_B * (1), 1, b_v_rstd_5 + t * n_B * (1), 1, b_v_rstd_6 + t * n_B * (1), 1, b_v_u + t * n_B * (n_H), n_H, b_ds_h, n_H, b_dp_gx_r + t * n_B * (n_H), n_H, b_dp_bx_r + t * n_B * (n_H), n_H, b_dp_gh_r + t * n_B * (n_H), n_H, b_dp_bh_r + t * n_B * (n_H), n_H, b_dp_gx_u + t * n_B * (n_H), n_H, b_dp_bx_u + t * n_B * (n_H), n_H, b_dp_gh_u + t * n_B * (n_H), n_H, b_dp_bh_u + t * n_B * (n_H), n_H, b_dp_gx_c + t * n_B * (n_H), n_H, b_dp_bx_c + t * n_B * (n_H), n_H, b_dp_gh_c + t * n_B * (n_H), n_H, b_dp_bh_c + t * n_B * (n_H), n_H, b_dhg_W_r_W_u_W_c__x + t * n_B * (3*n_H), 3*n_H, b_dhg_W_r_W_u_W_c__x + t * n_B * (3*n_H) + n_H, 3*n_H, b_dhg_W_r_W_u_W_c__x + t * n_B * (3*n_H) + 2*n_H, 3*n_H);
     }
+    CS_SPLIT_DONE();
     CS_TEAM_END
     cs_unpack(pk_U_r_U_u_U_c_nn);
     // d[U_r, U_u, U_c] += dg_U_r_U_u_U_c__h^T @ h  (U_r @ h, U_u @ h, U_c @ h)
@@ -2177,6 +2309,8 @@ extern "C" const char* layer_norm_gru_cuda_error_string(int code) { return code 
 #else
 // how many time loops this process ran as one team of threads (CS_TEAM_BEGIN)
 extern "C" long layer_norm_gru_team_loops(void) { return __atomic_load_n(&cs_team_loops, __ATOMIC_RELAXED); }
+// how many of those ran their steps on each thread's own rows of the batch (CS_SPLIT_ROWS)
+extern "C" long layer_norm_gru_split_loops(void) { return __atomic_load_n(&cs_split_loops, __ATOMIC_RELAXED); }
 // frees the packed-operand scratch the calling thread keeps between calls (cs_take)
 extern "C" void layer_norm_gru_release_scratch(void) { cs_kept.release(); }
 // 1 where the float per-step products run cellspec's own AVX-512 GEMM (given ctx->own), else 0

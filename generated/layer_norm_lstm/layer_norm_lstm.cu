@@ -55,11 +55,17 @@
 
 #ifndef CELLSPEC_CUDA_PRELUDE
 #define CELLSPEC_CUDA_PRELUDE
+// 1 in a thread of a loop's team while it runs the steps on its own rows of the batch, rows
+// cs_r0 .. cs_r1 - 1 (CS_SPLIT_ROWS): every op of a step then runs on those rows alone, without
+// forking or sharing (cs_par says no, cs_for_rows and the per-step GEMMs take the rows).
+static thread_local int cs_split = 0, cs_split_loops_counted = 0;
+static thread_local int64_t cs_r0 = 0, cs_r1 = 0;
 // Whether a CPU loop forks threads: with work enough, and more than one thread to fork (a team
 // of one still costs a fork per call: ~1.5% of the LSTM's inference at (512, 8, 128)).
 static inline int cs_par(int64_t work, int64_t min_work)
 {
 #ifdef _OPENMP
+    if (cs_split) return 0;
     return work >= min_work && omp_get_max_threads() > 1;
 #else
     (void)work; (void)min_work;
@@ -89,6 +95,18 @@ static inline void cs_for(int64_t n, int par, const F& body)
     } else {
         for (int64_t i = 0; i < n; ++i) body(i);
     }
+}
+// for r in 0 .. n over the rows of a batch: cs_for, but a thread that runs its own rows of a
+// step (cs_split) runs those of 0 .. n that are its own.
+template <typename F>
+static inline void cs_for_rows(int64_t n, int par, const F& body)
+{
+    if (cs_split) {
+        const int64_t end = n < cs_r1 ? n : cs_r1;
+        for (int64_t r = cs_r0; r < end; ++r) body(r);
+        return;
+    }
+    cs_for(n, par, body);
 }
 #if !defined(__CUDACC__) && defined(CELLSPEC_SIMD_MATH) && defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__GLIBC__)
 // CPU build with -DCELLSPEC_SIMD_MATH (and -fno-math-errno -lmvec, as cellspec.runtime.native
@@ -261,6 +279,12 @@ static cs_packed<S> cs_pack_if(bool, const cs_ctx* c, int ta, int64_t m, int64_t
 #define CS_PACKED_OWN(pk) 0
 #define CS_TEAM_BEGIN(on) { (void)(on);
 #define CS_TEAM_END }
+#define CS_SPLIT_OK(rows, weight_floats) 0
+#define CS_SPLIT_ROWS(on, n) (void)(on)
+#define CS_SPLIT_PAUSE()
+#define CS_SPLIT_DONE()
+#define CS_ZERO_ROWS(p, rows, w) CS_ZERO(p, (rows) * (w))
+#define CS_HOLD_ROWS(dst, src, rows, n, w) do { if ((rows) < (n)) CS_COPY((dst) + (rows) * (w), (src) + (rows) * (w), ((n) - (rows)) * (w)); } while (0)
 #else
 // CPU: the Fortran-ABI ?gemm_ of a BLAS already loaded in the process (MKL's, exported by
 // torch's own library), found by the caller at run time and passed in: no link-time BLAS.
@@ -604,15 +628,29 @@ static cs_packed<S> cs_pack_if(bool worth, const cs_ctx* c, int ta, int64_t m, i
     cs_packed<S> p = {w, ldw, 0, m, 0};
     return p;
 }
+// a thread that runs its own rows of a step (cs_split): rows cs_r0 .. of the product's m
+template <typename S>
+static inline bool cs_own_rows_of(int64_t* m, const S** a, int64_t lda, S** out, int64_t ldc)
+{
+    if (!cs_split) return true;
+    const int64_t end = *m < cs_r1 ? *m : cs_r1;
+    if (end <= cs_r0) return false;
+    *a += cs_r0 * lda;
+    *out += cs_r0 * ldc;
+    *m = end - cs_r0;
+    return true;
+}
 template <typename S>
 static int cs_gemm_packed(const cs_ctx* c, int ta, int64_t m, int64_t n, int64_t k, const S* a, int64_t lda,
                           const cs_packed<S>& w, S* out, int64_t ldc, int beta)
 {
+    if (!cs_own_rows_of(&m, &a, lda, &out, ldc)) return 0;
     return cs_gemm<S, S>(c, 0, ta, m, n, k, a, lda, w.w, w.ld, out, ldc, beta);
 }
 static int cs_gemm_packed(const cs_ctx* c, int ta, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
                           const cs_packed<float>& w, float* out, int64_t ldc, int beta)
 {
+    if (!cs_own_rows_of(&m, &a, lda, &out, ldc)) return 0;
 #ifdef CS_OWN_GEMM
     if (w.own) {  // any number of rows (a step with fewer under variable lengths too)
         if (m > 0) cs_own_gemm(m, n, k, a, lda, w.own, out, ldc, beta);
@@ -687,12 +725,12 @@ static inline void cs_once(const F& f)
 // (docs/performance.md, stop 20). Only where a step's GEMM would fork anyway (cs_par), outside
 // any parallel region, and where every GEMM of the loop runs the own kernel on a weight packed
 // before the loop (a BLAS call, or a product that packs its operand per call, would run once
-// per thread of the team). ctx->team: 0 never, 2 wherever it can (tests; cellspec.runtime.kernels).
+// per thread of the team). ctx->team: 0 never, 2 and 3 wherever it can (tests; cellspec.runtime.kernels).
 static inline int cs_team_worth(const cs_ctx* c, int64_t step_gemm_work, int all_own)
 {
 #ifdef _OPENMP
     if (!all_own || c->team == 0 || omp_in_parallel() || omp_get_max_threads() < 2) return 0;
-    return c->team == 2 || cs_par(step_gemm_work, 262144);
+    return c->team >= 2 || cs_par(step_gemm_work, 262144);
 #else
     (void)c; (void)step_gemm_work; (void)all_own;
     return 0;
@@ -700,13 +738,96 @@ static inline int cs_team_worth(const cs_ctx* c, int64_t step_gemm_work, int all
 }
 #define CS_TEAM_OK(work, own) cs_team_worth(ctx, (work), (own))
 #define CS_PACKED_OWN(pk) ((pk).own != 0)
+// A loop's team may instead run every step on each thread's own rows of the batch: the rows of a
+// step are independent (its GEMMs and element functions read and write row r of each buffer
+// only), so a thread runs its rows through the step's ops, no barrier between them; the work
+// ahead of a chunk of steps stays shared, after a barrier (CS_SPLIT_PAUSE). Each thread then reads
+// every step's whole weights, so only where they stay in a core's L2 (<= 1 MiB of floats) and
+// each thread gets 4 rows or more (whole tiles of the own GEMM's kernel; a thread's rows are a
+// multiple of 4). (512, 8, 128), two threads, the LSTM's inference: 0.89-0.97 of each op's work
+// shared (docs/performance.md, stop 22). ctx->team 2: wherever there are rows for every thread
+// (tests); 3: never (a team wherever it can, every op's work shared: tests, comparisons).
+static inline int cs_split_worth(const cs_ctx* c, int64_t rows, int64_t weight_floats)
+{
+#ifdef _OPENMP
+    const int nt = omp_get_max_threads();
+    if (c->team == 0 || c->team == 3 || nt < 2) return 0;
+    if (c->team == 2) return rows >= nt;
+    return rows >= 4 * nt && weight_floats <= 262144;
+#else
+    (void)c; (void)rows; (void)weight_floats;
+    return 0;
+#endif
+}
+static long cs_split_loops = 0;  // loops whose team ran steps on rows of their own (<module>_split_loops)
+// in a thread of a loop's team (on: cs_split_worth): from here it runs the steps on its own rows
+static inline void cs_split_rows(int on, int64_t n)
+{
+#ifdef _OPENMP
+    if (!on || !cs_team) return;  // no team, or this thread runs its rows already
+    const int nt = omp_get_num_threads(), id = omp_get_thread_num();
+    if (id == 0 && !cs_split_loops_counted) {
+        __atomic_add_fetch(&cs_split_loops, 1, __ATOMIC_RELAXED);
+        cs_split_loops_counted = 1;
+    }
+    const int64_t per = ((n + nt - 1) / nt + 3) / 4 * 4;
+    cs_r0 = id * per < n ? id * per : n;
+    cs_r1 = cs_r0 + per < n ? cs_r0 + per : n;
+    cs_team = 0;
+    cs_split = 1;
+#else
+    (void)on; (void)n;
+#endif
+}
+// back to sharing each op's work (the team's threads wait for each other first: `barrier`)
+static inline void cs_split_end(int barrier)
+{
+#ifdef _OPENMP
+    if (!cs_split) return;
+    if (barrier) {
+#pragma omp barrier
+    }
+    cs_split = 0;
+    cs_team = 1;
+#else
+    (void)barrier;
+#endif
+}
+#define CS_SPLIT_OK(rows, weight_floats) cs_split_worth(ctx, (rows), (weight_floats))
+#define CS_SPLIT_ROWS(on, n) cs_split_rows((on), (n))
+#define CS_SPLIT_PAUSE() cs_split_end(1)
+#define CS_SPLIT_DONE() cs_split_end(0)
+// rows 0 .. rows - 1 of p (w per row) = 0: the thread's own of them where it runs its rows
+template <typename T>
+static inline void cs_zero_rows(T* p, int64_t rows, int64_t w)
+{
+    if (cs_split) {
+        const int64_t end = rows < cs_r1 ? rows : cs_r1;
+        if (end > cs_r0) memset(p + cs_r0 * w, 0, (size_t)((end - cs_r0) * w) * sizeof(T));
+        return;
+    }
+    cs_once([&] { memset(p, 0, (size_t)(rows * w) * sizeof(T)); });
+}
+// rows `rows` .. n - 1 of dst = those of src (ended sequences hold their state)
+template <typename T>
+static inline void cs_hold_rows(T* dst, const T* src, int64_t rows, int64_t n, int64_t w)
+{
+    if (cs_split) {
+        const int64_t lo = rows > cs_r0 ? rows : cs_r0;
+        if (lo < cs_r1) memcpy(dst + lo * w, src + lo * w, (size_t)((cs_r1 - lo) * w) * sizeof(T));
+        return;
+    }
+    if (rows < n) cs_once([&] { memcpy(dst + rows * w, src + rows * w, (size_t)((n - rows) * w) * sizeof(T)); });
+}
+#define CS_ZERO_ROWS(p, rows, w) cs_zero_rows((p), (rows), (w))
+#define CS_HOLD_ROWS(dst, src, rows, n, w) cs_hold_rows((dst), (src), (rows), (n), (w))
 static long cs_team_loops = 0;  // loops run as a team in this process (<module>_team_loops)
 #define CS_TEAM_BEGIN(on) { const int cs_team_on_ = (on); auto cs_steps_ = [&]() {
 #ifdef _OPENMP
 #define CS_TEAM_END }; \
     if (cs_team_on_) { \
         __atomic_add_fetch(&cs_team_loops, 1, __ATOMIC_RELAXED); \
-        _Pragma("omp parallel") { cs_team = 1; cs_steps_(); cs_team = 0; } \
+        _Pragma("omp parallel") { cs_team = 1; cs_steps_(); cs_team = 0; cs_split_loops_counted = 0; } \
     } else cs_steps_(); }
 #else
 #define CS_TEAM_END }; (void)cs_team_on_; cs_steps_(); }
@@ -938,7 +1059,7 @@ static int layer_norm_lstm_forward_fwd0_rows_launch(int64_t _rows, int64_t n_H, 
 template <typename S>
 static inline void layer_norm_lstm_forward_fwd0_rows_host(int64_t _rows, int64_t n_H, const S* __restrict__ _p_U_f_h, int64_t _ld_U_f_h, const S* __restrict__ _p_U_i_h, int64_t _ld_U_i_h, const S* __restrict__ _p_U_j_h, int64_t _ld_U_j_h, const S* __restrict__ _p_U_o_h, int64_t _ld_U_o_h, const S* __restrict__ _p_W_f_x, int64_t _ld_W_f_x, const S* __restrict__ _p_W_i_x, int64_t _ld_W_i_x, const S* __restrict__ _p_W_j_x, int64_t _ld_W_j_x, const S* __restrict__ _p_W_o_x, int64_t _ld_W_o_x, const S* __restrict__ _p_b_c, int64_t _ld_b_c, const S* __restrict__ _p_b_f, int64_t _ld_b_f, const S* __restrict__ _p_b_i, int64_t _ld_b_i, const S* __restrict__ _p_b_j, int64_t _ld_b_j, const S* __restrict__ _p_b_o, int64_t _ld_b_o, const S* __restrict__ _p_c, int64_t _ld_c, const S* __restrict__ _p_g_c, int64_t _ld_g_c, const S* __restrict__ _p_g_f, int64_t _ld_g_f, const S* __restrict__ _p_g_i, int64_t _ld_g_i, const S* __restrict__ _p_g_j, int64_t _ld_g_j, const S* __restrict__ _p_g_o, int64_t _ld_g_o, const S* __restrict__ _p_inv_n_H, int64_t _ld_inv_n_H, S* __restrict__ _p_mean, int64_t _ld_mean, S* __restrict__ _p_var, int64_t _ld_var, S* __restrict__ _p_rstd, int64_t _ld_rstd, S* __restrict__ _p_i, int64_t _ld_i, S* __restrict__ _p_mean_2, int64_t _ld_mean_2, S* __restrict__ _p_var_2, int64_t _ld_var_2, S* __restrict__ _p_rstd_2, int64_t _ld_rstd_2, S* __restrict__ _p_j, int64_t _ld_j, S* __restrict__ _p_mean_3, int64_t _ld_mean_3, S* __restrict__ _p_var_3, int64_t _ld_var_3, S* __restrict__ _p_rstd_3, int64_t _ld_rstd_3, S* __restrict__ _p_f, int64_t _ld_f, S* __restrict__ _p_mean_4, int64_t _ld_mean_4, S* __restrict__ _p_var_4, int64_t _ld_var_4, S* __restrict__ _p_rstd_4, int64_t _ld_rstd_4, S* __restrict__ _p_o, int64_t _ld_o, S* __restrict__ _p_mean_5, int64_t _ld_mean_5, S* __restrict__ _p_var_5, int64_t _ld_var_5, S* __restrict__ _p_rstd_5, int64_t _ld_rstd_5, S* __restrict__ _p_c_next, int64_t _ld_c_next, S* __restrict__ _p_h_next, int64_t _ld_h_next)
 {
-    cs_for(_rows, cs_par(_rows * (n_H), 2048), [&](int64_t _r) {
+    cs_for_rows(_rows, cs_par(_rows * (n_H), 2048), [&](int64_t _r) {
         layer_norm_lstm_forward_fwd0_rows_row<S, S>(_r, 0, 1, n_H, _p_U_f_h, _ld_U_f_h, _p_U_i_h, _ld_U_i_h, _p_U_j_h, _ld_U_j_h, _p_U_o_h, _ld_U_o_h, _p_W_f_x, _ld_W_f_x, _p_W_i_x, _ld_W_i_x, _p_W_j_x, _ld_W_j_x, _p_W_o_x, _ld_W_o_x, _p_b_c, _ld_b_c, _p_b_f, _ld_b_f, _p_b_i, _ld_b_i, _p_b_j, _ld_b_j, _p_b_o, _ld_b_o, _p_c, _ld_c, _p_g_c, _ld_g_c, _p_g_f, _ld_g_f, _p_g_i, _ld_g_i, _p_g_j, _ld_g_j, _p_g_o, _ld_g_o, _p_inv_n_H, _ld_inv_n_H, _p_mean, _ld_mean, _p_var, _ld_var, _p_rstd, _ld_rstd, _p_i, _ld_i, _p_mean_2, _ld_mean_2, _p_var_2, _ld_var_2, _p_rstd_2, _ld_rstd_2, _p_j, _ld_j, _p_mean_3, _ld_mean_3, _p_var_3, _ld_var_3, _p_rstd_3, _ld_rstd_3, _p_f, _ld_f, _p_mean_4, _ld_mean_4, _p_var_4, _ld_var_4, _p_rstd_4, _ld_rstd_4, _p_o, _ld_o, _p_mean_5, _ld_mean_5, _p_var_5, _ld_var_5, _p_rstd_5, _ld_rstd_5, _p_c_next, _ld_c_next, _p_h_next, _ld_h_next);
     });
 }
@@ -1124,7 +1245,7 @@ static int layer_norm_lstm_inference_fwd0_rows_launch(int64_t _rows, int64_t n_H
 template <typename S>
 static inline void layer_norm_lstm_inference_fwd0_rows_host(int64_t _rows, int64_t n_H, const S* __restrict__ _p_U_f_h, int64_t _ld_U_f_h, const S* __restrict__ _p_U_i_h, int64_t _ld_U_i_h, const S* __restrict__ _p_U_j_h, int64_t _ld_U_j_h, const S* __restrict__ _p_U_o_h, int64_t _ld_U_o_h, const S* __restrict__ _p_W_f_x, int64_t _ld_W_f_x, const S* __restrict__ _p_W_i_x, int64_t _ld_W_i_x, const S* __restrict__ _p_W_j_x, int64_t _ld_W_j_x, const S* __restrict__ _p_W_o_x, int64_t _ld_W_o_x, const S* __restrict__ _p_b_c, int64_t _ld_b_c, const S* __restrict__ _p_b_f, int64_t _ld_b_f, const S* __restrict__ _p_b_i, int64_t _ld_b_i, const S* __restrict__ _p_b_j, int64_t _ld_b_j, const S* __restrict__ _p_b_o, int64_t _ld_b_o, const S* __restrict__ _p_c, int64_t _ld_c, const S* __restrict__ _p_g_c, int64_t _ld_g_c, const S* __restrict__ _p_g_f, int64_t _ld_g_f, const S* __restrict__ _p_g_i, int64_t _ld_g_i, const S* __restrict__ _p_g_j, int64_t _ld_g_j, const S* __restrict__ _p_g_o, int64_t _ld_g_o, const S* __restrict__ _p_inv_n_H, int64_t _ld_inv_n_H, S* __restrict__ _p_c_next, int64_t _ld_c_next, S* __restrict__ _p_h_next, int64_t _ld_h_next)
 {
-    cs_for(_rows, cs_par(_rows * (n_H), 2048), [&](int64_t _r) {
+    cs_for_rows(_rows, cs_par(_rows * (n_H), 2048), [&](int64_t _r) {
         layer_norm_lstm_inference_fwd0_rows_row<S, S>(_r, 0, 1, n_H, _p_U_f_h, _ld_U_f_h, _p_U_i_h, _ld_U_i_h, _p_U_j_h, _ld_U_j_h, _p_U_o_h, _ld_U_o_h, _p_W_f_x, _ld_W_f_x, _p_W_i_x, _ld_W_i_x, _p_W_j_x, _ld_W_j_x, _p_W_o_x, _ld_W_o_x, _p_b_c, _ld_b_c, _p_b_f, _ld_b_f, _p_b_i, _ld_b_i, _p_b_j, _ld_b_j, _p_b_o, _ld_b_o, _p_c, _ld_c, _p_g_c, _ld_g_c, _p_g_f, _ld_g_f, _p_g_i, _ld_g_i, _p_g_j, _ld_g_j, _p_g_o, _ld_g_o, _p_inv_n_H, _ld_inv_n_H, _p_c_next, _ld_c_next, _p_h_next, _ld_h_next);
     });
 }
@@ -1370,7 +1491,7 @@ static int layer_norm_lstm_backward_bwd0_rows_launch(int64_t _rows, int64_t n_H,
 template <typename S>
 static inline void layer_norm_lstm_backward_bwd0_rows_host(int64_t _rows, int64_t n_H, const S* __restrict__ _p_U_f_h, int64_t _ld_U_f_h, const S* __restrict__ _p_U_i_h, int64_t _ld_U_i_h, const S* __restrict__ _p_U_j_h, int64_t _ld_U_j_h, const S* __restrict__ _p_U_o_h, int64_t _ld_U_o_h, const S* __restrict__ _p_W_f_x, int64_t _ld_W_f_x, const S* __restrict__ _p_W_i_x, int64_t _ld_W_i_x, const S* __restrict__ _p_W_j_x, int64_t _ld_W_j_x, const S* __restrict__ _p_W_o_x, int64_t _ld_W_o_x, const S* __restrict__ _p_c, int64_t _ld_c, const S* __restrict__ _p_c_next, int64_t _ld_c_next, const S* __restrict__ _p_d_c, int64_t _ld_d_c, const S* __restrict__ _p_d_h, int64_t _ld_d_h, const S* __restrict__ _p_d_h_next_out, int64_t _ld_d_h_next_out, const S* __restrict__ _p_f, int64_t _ld_f, const S* __restrict__ _p_g_c, int64_t _ld_g_c, const S* __restrict__ _p_g_f, int64_t _ld_g_f, const S* __restrict__ _p_g_i, int64_t _ld_g_i, const S* __restrict__ _p_g_j, int64_t _ld_g_j, const S* __restrict__ _p_g_o, int64_t _ld_g_o, const S* __restrict__ _p_i, int64_t _ld_i, const S* __restrict__ _p_inv_n_H, int64_t _ld_inv_n_H, const S* __restrict__ _p_j, int64_t _ld_j, const S* __restrict__ _p_mean, int64_t _ld_mean, const S* __restrict__ _p_mean_2, int64_t _ld_mean_2, const S* __restrict__ _p_mean_3, int64_t _ld_mean_3, const S* __restrict__ _p_mean_4, int64_t _ld_mean_4, const S* __restrict__ _p_mean_5, int64_t _ld_mean_5, const S* __restrict__ _p_o, int64_t _ld_o, const S* __restrict__ _p_rstd, int64_t _ld_rstd, const S* __restrict__ _p_rstd_2, int64_t _ld_rstd_2, const S* __restrict__ _p_rstd_3, int64_t _ld_rstd_3, const S* __restrict__ _p_rstd_4, int64_t _ld_rstd_4, const S* __restrict__ _p_rstd_5, int64_t _ld_rstd_5, const S* __restrict__ _p_var, int64_t _ld_var, const S* __restrict__ _p_var_2, int64_t _ld_var_2, const S* __restrict__ _p_var_3, int64_t _ld_var_3, const S* __restrict__ _p_var_4, int64_t _ld_var_4, const S* __restrict__ _p_var_5, int64_t _ld_var_5, S* __restrict__ _p_d_c_next, int64_t _ld_d_c_next, S* __restrict__ _p_d_var_5, int64_t _ld_d_var_5, S* __restrict__ _p_d_mean_5, int64_t _ld_d_mean_5, S* __restrict__ _p_d_o, int64_t _ld_d_o, S* __restrict__ _p_d_var_4, int64_t _ld_d_var_4, S* __restrict__ _p_d_mean_4, int64_t _ld_d_mean_4, S* __restrict__ _p_d_f, int64_t _ld_d_f, S* __restrict__ _p_d_var_3, int64_t _ld_d_var_3, S* __restrict__ _p_d_mean_3, int64_t _ld_d_mean_3, S* __restrict__ _p_d_j, int64_t _ld_d_j, S* __restrict__ _p_d_var_2, int64_t _ld_d_var_2, S* __restrict__ _p_d_mean_2, int64_t _ld_d_mean_2, S* __restrict__ _p_d_i, int64_t _ld_d_i, S* __restrict__ _p_d_var, int64_t _ld_d_var, S* __restrict__ _p_d_mean, int64_t _ld_d_mean, S* __restrict__ _p_d_U_i_h, int64_t _ld_d_U_i_h, S* __restrict__ _p_d_U_j_h, int64_t _ld_d_U_j_h, S* __restrict__ _p_d_U_f_h, int64_t _ld_d_U_f_h, S* __restrict__ _p_d_U_o_h, int64_t _ld_d_U_o_h)
 {
-    cs_for(_rows, cs_par(_rows * (n_H), 2048), [&](int64_t _r) {
+    cs_for_rows(_rows, cs_par(_rows * (n_H), 2048), [&](int64_t _r) {
         layer_norm_lstm_backward_bwd0_rows_row<S, S>(_r, 0, 1, n_H, _p_U_f_h, _ld_U_f_h, _p_U_i_h, _ld_U_i_h, _p_U_j_h, _ld_U_j_h, _p_U_o_h, _ld_U_o_h, _p_W_f_x, _ld_W_f_x, _p_W_i_x, _ld_W_i_x, _p_W_j_x, _ld_W_j_x, _p_W_o_x, _ld_W_o_x, _p_c, _ld_c, _p_c_next, _ld_c_next, _p_d_c, _ld_d_c, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_f, _ld_f, _p_g_c, _ld_g_c, _p_g_f, _ld_g_f, _p_g_i, _ld_g_i, _p_g_j, _ld_g_j, _p_g_o, _ld_g_o, _p_i, _ld_i, _p_inv_n_H, _ld_inv_n_H, _p_j, _ld_j, _p_mean, _ld_mean, _p_mean_2, _ld_mean_2, _p_mean_3, _ld_mean_3, _p_mean_4, _ld_mean_4, _p_mean_5, _ld_mean_5, _p_o, _ld_o, _p_rstd, _ld_rstd, _p_rstd_2, _ld_rstd_2, _p_rstd_3, _ld_rstd_3, _p_rstd_4, _ld_rstd_4, _p_rstd_5, _ld_rstd_5, _p_var, _ld_var, _p_var_2, _ld_var_2, _p_var_3, _ld_var_3, _p_var_4, _ld_var_4, _p_var_5, _ld_var_5, _p_d_c_next, _ld_d_c_next, _p_d_var_5, _ld_d_var_5, _p_d_mean_5, _ld_d_mean_5, _p_d_o, _ld_d_o, _p_d_var_4, _ld_d_var_4, _p_d_mean_4, _ld_d_mean_4, _p_d_f, _ld_d_f, _p_d_var_3, _ld_d_var_3, _p_d_mean_3, _ld_d_mean_3, _p_d_j, _ld_d_j, _p_d_var_2, _ld_d_var_2, _p_d_mean_2, _ld_d_mean_2, _p_d_i, _ld_d_i, _p_d_var, _ld_d_var, _p_d_mean, _ld_d_mean, _p_d_U_i_h, _ld_d_U_i_h, _p_d_U_j_h, _ld_d_U_j_h, _p_d_U_f_h, _ld_d_U_f_h, _p_d_U_o_h, _ld_d_U_o_h);
     });
 }
@@ -1500,7 +1621,7 @@ static int layer_norm_lstm_backward_bwd_leaf_rows_launch(int64_t _rows, int64_t 
 template <typename S>
 static inline void layer_norm_lstm_backward_bwd_leaf_rows_host(int64_t _rows, int64_t n_H, const S* __restrict__ _p_U_f_h, int64_t _ld_U_f_h, const S* __restrict__ _p_U_i_h, int64_t _ld_U_i_h, const S* __restrict__ _p_U_j_h, int64_t _ld_U_j_h, const S* __restrict__ _p_U_o_h, int64_t _ld_U_o_h, const S* __restrict__ _p_W_f_x, int64_t _ld_W_f_x, const S* __restrict__ _p_W_i_x, int64_t _ld_W_i_x, const S* __restrict__ _p_W_j_x, int64_t _ld_W_j_x, const S* __restrict__ _p_W_o_x, int64_t _ld_W_o_x, const S* __restrict__ _p_c, int64_t _ld_c, const S* __restrict__ _p_d_c_next, int64_t _ld_d_c_next, const S* __restrict__ _p_d_f, int64_t _ld_d_f, const S* __restrict__ _p_d_h_gemm, int64_t _ld_d_h_gemm, const S* __restrict__ _p_d_i, int64_t _ld_d_i, const S* __restrict__ _p_d_j, int64_t _ld_d_j, const S* __restrict__ _p_d_mean, int64_t _ld_d_mean, const S* __restrict__ _p_d_mean_2, int64_t _ld_d_mean_2, const S* __restrict__ _p_d_mean_3, int64_t _ld_d_mean_3, const S* __restrict__ _p_d_mean_4, int64_t _ld_d_mean_4, const S* __restrict__ _p_d_mean_5, int64_t _ld_d_mean_5, const S* __restrict__ _p_d_o, int64_t _ld_d_o, const S* __restrict__ _p_d_var, int64_t _ld_d_var, const S* __restrict__ _p_d_var_2, int64_t _ld_d_var_2, const S* __restrict__ _p_d_var_3, int64_t _ld_d_var_3, const S* __restrict__ _p_d_var_4, int64_t _ld_d_var_4, const S* __restrict__ _p_d_var_5, int64_t _ld_d_var_5, const S* __restrict__ _p_f, int64_t _ld_f, const S* __restrict__ _p_g_c, int64_t _ld_g_c, const S* __restrict__ _p_g_f, int64_t _ld_g_f, const S* __restrict__ _p_g_i, int64_t _ld_g_i, const S* __restrict__ _p_g_j, int64_t _ld_g_j, const S* __restrict__ _p_g_o, int64_t _ld_g_o, const S* __restrict__ _p_i, int64_t _ld_i, const S* __restrict__ _p_inv_n_H, int64_t _ld_inv_n_H, const S* __restrict__ _p_j, int64_t _ld_j, const S* __restrict__ _p_mean, int64_t _ld_mean, const S* __restrict__ _p_mean_2, int64_t _ld_mean_2, const S* __restrict__ _p_mean_3, int64_t _ld_mean_3, const S* __restrict__ _p_mean_4, int64_t _ld_mean_4, const S* __restrict__ _p_mean_5, int64_t _ld_mean_5, const S* __restrict__ _p_o, int64_t _ld_o, const S* __restrict__ _p_rstd, int64_t _ld_rstd, const S* __restrict__ _p_rstd_2, int64_t _ld_rstd_2, const S* __restrict__ _p_rstd_3, int64_t _ld_rstd_3, const S* __restrict__ _p_rstd_4, int64_t _ld_rstd_4, const S* __restrict__ _p_rstd_5, int64_t _ld_rstd_5, S* __restrict__ _p_d_h, int64_t _ld_d_h, S* __restrict__ _p_d_c, int64_t _ld_d_c, S* __restrict__ _p_d_g_i, int64_t _ld_d_g_i, S* __restrict__ _p_d_b_i, int64_t _ld_d_b_i, S* __restrict__ _p_d_g_j, int64_t _ld_d_g_j, S* __restrict__ _p_d_b_j, int64_t _ld_d_b_j, S* __restrict__ _p_d_g_f, int64_t _ld_d_g_f, S* __restrict__ _p_d_b_f, int64_t _ld_d_b_f, S* __restrict__ _p_d_g_o, int64_t _ld_d_g_o, S* __restrict__ _p_d_b_o, int64_t _ld_d_b_o, S* __restrict__ _p_d_g_c, int64_t _ld_d_g_c, S* __restrict__ _p_d_b_c, int64_t _ld_d_b_c, S* __restrict__ _p_d_W_i_x, int64_t _ld_d_W_i_x, S* __restrict__ _p_d_W_j_x, int64_t _ld_d_W_j_x, S* __restrict__ _p_d_W_f_x, int64_t _ld_d_W_f_x, S* __restrict__ _p_d_W_o_x, int64_t _ld_d_W_o_x)
 {
-    cs_for(_rows, cs_par(_rows * (n_H), 2048), [&](int64_t _r) {
+    cs_for_rows(_rows, cs_par(_rows * (n_H), 2048), [&](int64_t _r) {
         layer_norm_lstm_backward_bwd_leaf_rows_row<S, S>(_r, 0, 1, n_H, _p_U_f_h, _ld_U_f_h, _p_U_i_h, _ld_U_i_h, _p_U_j_h, _ld_U_j_h, _p_U_o_h, _ld_U_o_h, _p_W_f_x, _ld_W_f_x, _p_W_i_x, _ld_W_i_x, _p_W_j_x, _ld_W_j_x, _p_W_o_x, _ld_W_o_x, _p_c, _ld_c, _p_d_c_next, _ld_d_c_next, _p_d_f, _ld_d_f, _p_d_h_gemm, _ld_d_h_gemm, _p_d_i, _ld_d_i, _p_d_j, _ld_d_j, _p_d_mean, _ld_d_mean, _p_d_mean_2, _ld_d_mean_2, _p_d_mean_3, _ld_d_mean_3, _p_d_mean_4, _ld_d_mean_4, _p_d_mean_5, _ld_d_mean_5, _p_d_o, _ld_d_o, _p_d_var, _ld_d_var, _p_d_var_2, _ld_d_var_2, _p_d_var_3, _ld_d_var_3, _p_d_var_4, _ld_d_var_4, _p_d_var_5, _ld_d_var_5, _p_f, _ld_f, _p_g_c, _ld_g_c, _p_g_f, _ld_g_f, _p_g_i, _ld_g_i, _p_g_j, _ld_g_j, _p_g_o, _ld_g_o, _p_i, _ld_i, _p_inv_n_H, _ld_inv_n_H, _p_j, _ld_j, _p_mean, _ld_mean, _p_mean_2, _ld_mean_2, _p_mean_3, _ld_mean_3, _p_mean_4, _ld_mean_4, _p_mean_5, _ld_mean_5, _p_o, _ld_o, _p_rstd, _ld_rstd, _p_rstd_2, _ld_rstd_2, _p_rstd_3, _ld_rstd_3, _p_rstd_4, _ld_rstd_4, _p_rstd_5, _ld_rstd_5, _p_d_h, _ld_d_h, _p_d_c, _ld_d_c, _p_d_g_i, _ld_d_g_i, _p_d_b_i, _ld_d_b_i, _p_d_g_j, _ld_d_g_j, _p_d_b_j, _ld_d_b_j, _p_d_g_f, _ld_d_g_f, _p_d_b_f, _ld_d_b_f, _p_d_g_o, _ld_d_g_o, _p_d_b_o, _ld_d_b_o, _p_d_g_c, _ld_d_g_c, _p_d_b_c, _ld_d_b_c, _p_d_W_i_x, _ld_d_W_i_x, _p_d_W_j_x, _ld_d_W_j_x, _p_d_W_f_x, _ld_d_W_f_x, _p_d_W_o_x, _ld_d_W_o_x);
     });
 }
@@ -1626,25 +1747,29 @@ static int layer_norm_lstm_forward_run(const int64_t* dims, void* const* ptrs, c
     const int64_t n_ch = dims[4] < 1 ? 1 : dims[4];
     cs_packed<S> pk_W_i_W_j_W_f_W_o_nt = cs_pack_if(n_ch < n_T, ctx, 1, n_ch * n_B, 4*n_H, n_I, w_W_i_W_j_W_f_W_o, n_I);
     cs_packed<S> pk_U_i_U_j_U_f_U_o_nt = cs_pack(ctx, 1, n_B, 4*n_H, n_H, w_U_i_U_j_U_f_U_o, n_H);
-    // the steps as one team of threads where a step's GEMM would fork: each op's work shared, a barrier after it (cs_for)
+    const int split_rows = CS_SPLIT_OK(n_B, (4*n_H) * n_H);
+    // the steps as one team of threads where a step's GEMM would fork: each thread runs the steps on its own rows of the batch (split_rows), else each op's work shared, a barrier after it (cs_for)
     CS_TEAM_BEGIN(CS_TEAM_OK(n_B * (4*n_H) * n_H, CS_PACKED_OWN(pk_W_i_W_j_W_f_W_o_nt) && CS_PACKED_OWN(pk_U_i_U_j_U_f_U_o_nt)))
     for (int64_t t = 0; t < n_T; ++t) {
         const int64_t rows = bs ? bs[t] : n_B;  // variable lengths: rows 0..B_t-1 run
         if (t % n_ch == 0) {  // a chunk starts: steps tc .. tc + n_c - 1 (all B rows)
+            CS_SPLIT_PAUSE();  // the team shares the chunk's work, once every thread is done with the last chunk
             const int64_t n_c = n_T - t < n_ch ? n_T - t : n_ch;
             const int64_t tc = t;
             // hg_W_i_W_j_W_f_W_o__x = x @ [W_i, W_j, W_f, W_o]^T  (W_i @ x, W_j @ x, W_f @ x, W_o @ x)
             CS_GEMM_NT_PACKED(n_c * n_B, 4*n_H, n_I, b_x_x + tc * n_B * (n_I), n_I, pk_W_i_W_j_W_f_W_o_nt, b_hg_W_i_W_j_W_f_W_o__x + tc * n_B * (4*n_H), 4*n_H, 0);
         }
+        CS_SPLIT_ROWS(split_rows, n_B);
         // g_U_i_U_j_U_f_U_o__h = h @ [U_i, U_j, U_f, U_o]^T  (U_i @ h, U_j @ h, U_f @ h, U_o @ h)
         CS_GEMM_NT_PACKED(rows, 4*n_H, n_H, b_s_h + t * n_B * (n_H), n_H, pk_U_i_U_j_U_f_U_o_nt, b_g_U_i_U_j_U_f_U_o__h + t * n_B * (4*n_H), 4*n_H, 0);
         // forward: stage 0 forward, row by row (reductions over the units)
         CS_ROWS(layer_norm_lstm_forward_fwd0_rows, rows, n_H, b_g_U_i_U_j_U_f_U_o__h + t * n_B * (4*n_H) + 2*n_H, 4*n_H, b_g_U_i_U_j_U_f_U_o__h + t * n_B * (4*n_H), 4*n_H, b_g_U_i_U_j_U_f_U_o__h + t * n_B * (4*n_H) + n_H, 4*n_H, b_g_U_i_U_j_U_f_U_o__h + t * n_B * (4*n_H) + 3*n_H, 4*n_H, b_hg_W_i_W_j_W_f_W_o__x + t * n_B * (4*n_H) + 2*n_H, 4*n_H, b_hg_W_i_W_j_W_f_W_o__x + t * n_B * (4*n_H), 4*n_H, b_hg_W_i_W_j_W_f_W_o__x + t * n_B * (4*n_H) + n_H, 4*n_H, b_hg_W_i_W_j_W_f_W_o__x + t * n_B * (4*n_H) + 3*n_H, 4*n_H, b_p_b_c, 0, b_p_b_f, 0, b_p_b_i, 0, b_p_b_j, 0, b_p_b_o, 0, b_s_c + t * n_B * (n_H), n_H, b_p_g_c, 0, b_p_g_f, 0, b_p_g_i, 0, b_p_g_j, 0, b_p_g_o, 0, b_p_inv_n_H, 0, b_v_mean + t * n_B * (1), 1, b_v_var + t * n_B * (1), 1, b_v_rstd + t * n_B * (1), 1, b_v_i + t * n_B * (n_H), n_H, b_v_mean_2 + t * n_B * (1), 1, b_v_var_2 + t * n_B * (1), 1, b_v_rstd_2 + t * n_B * (1), 1, b_v_j + t * n_B * (n_H), n_H, b_v_mean_3 + t * n_B * (1), 1, b_v_var_3 + t * n_B * (1), 1, b_v_rstd_3 + t * n_B * (1), 1, b_v_f + t * n_B * (n_H), n_H, b_v_mean_4 + t * n_B * (1), 1, b_v_var_4 + t * n_B * (1), 1, b_v_rstd_4 + t * n_B * (1), 1, b_v_o + t * n_B * (n_H), n_H, b_v_mean_5 + t * n_B * (1), 1, b_v_var_5 + t * n_B * (1), 1, b_v_rstd_5 + t * n_B * (1), 1, b_s_c + (t + 1) * n_B * (n_H), n_H, b_s_h + (t + 1) * n_B * (n_H), n_H);
         // ended sequences hold their state: rows B_t.. of s_h[t + 1] = s_h[t]
-        if (rows < n_B) CS_COPY(b_s_h + ((t + 1) * n_B + rows) * (n_H), b_s_h + (t * n_B + rows) * (n_H), (n_B - rows) * (n_H));
+        CS_HOLD_ROWS(b_s_h + (t + 1) * n_B * (n_H), b_s_h + t * n_B * (n_H), rows, n_B, n_H);
         // ended sequences hold their state: rows B_t.. of s_c[t + 1] = s_c[t]
-        if (rows < n_B) CS_COPY(b_s_c + ((t + 1) * n_B + rows) * (n_H), b_s_c + (t * n_B + rows) * (n_H), (n_B - rows) * (n_H));
+        CS_HOLD_ROWS(b_s_c + (t + 1) * n_B * (n_H), b_s_c + t * n_B * (n_H), rows, n_B, n_H);
     }
+    CS_SPLIT_DONE();
     CS_TEAM_END
     cs_unpack(pk_W_i_W_j_W_f_W_o_nt);
     cs_unpack(pk_U_i_U_j_U_f_U_o_nt);
@@ -1736,25 +1861,29 @@ static int layer_norm_lstm_inference_run(const int64_t* dims, void* const* ptrs,
     const int64_t n_ch = dims[4] < 1 ? 1 : dims[4];
     cs_packed<S> pk_W_i_W_j_W_f_W_o_nt = cs_pack_if(n_ch < n_T, ctx, 1, n_ch * n_B, 4*n_H, n_I, w_W_i_W_j_W_f_W_o, n_I);
     cs_packed<S> pk_U_i_U_j_U_f_U_o_nt = cs_pack(ctx, 1, n_B, 4*n_H, n_H, w_U_i_U_j_U_f_U_o, n_H);
-    // the steps as one team of threads where a step's GEMM would fork: each op's work shared, a barrier after it (cs_for)
+    const int split_rows = CS_SPLIT_OK(n_B, (4*n_H) * n_H);
+    // the steps as one team of threads where a step's GEMM would fork: each thread runs the steps on its own rows of the batch (split_rows), else each op's work shared, a barrier after it (cs_for)
     CS_TEAM_BEGIN(CS_TEAM_OK(n_B * (4*n_H) * n_H, CS_PACKED_OWN(pk_W_i_W_j_W_f_W_o_nt) && CS_PACKED_OWN(pk_U_i_U_j_U_f_U_o_nt)))
     for (int64_t t = 0; t < n_T; ++t) {
         const int64_t rows = bs ? bs[t] : n_B;  // variable lengths: rows 0..B_t-1 run
         if (t % n_ch == 0) {  // a chunk starts: steps tc .. tc + n_c - 1 (all B rows)
+            CS_SPLIT_PAUSE();  // the team shares the chunk's work, once every thread is done with the last chunk
             const int64_t n_c = n_T - t < n_ch ? n_T - t : n_ch;
             const int64_t tc = t;
             // hg_W_i_W_j_W_f_W_o__x = x @ [W_i, W_j, W_f, W_o]^T  (W_i @ x, W_j @ x, W_f @ x, W_o @ x)
             CS_GEMM_NT_PACKED(n_c * n_B, 4*n_H, n_I, b_x_x + tc * n_B * (n_I), n_I, pk_W_i_W_j_W_f_W_o_nt, b_hg_W_i_W_j_W_f_W_o__x, 4*n_H, 0);
         }
+        CS_SPLIT_ROWS(split_rows, n_B);
         // g_U_i_U_j_U_f_U_o__h = h @ [U_i, U_j, U_f, U_o]^T  (U_i @ h, U_j @ h, U_f @ h, U_o @ h)
         CS_GEMM_NT_PACKED(rows, 4*n_H, n_H, b_s_h + t * n_B * (n_H), n_H, pk_U_i_U_j_U_f_U_o_nt, b_g_U_i_U_j_U_f_U_o__h, 4*n_H, 0);
         // inference: stage 0 forward, row by row (reductions over the units)
         CS_ROWS(layer_norm_lstm_inference_fwd0_rows, rows, n_H, b_g_U_i_U_j_U_f_U_o__h + 2*n_H, 4*n_H, b_g_U_i_U_j_U_f_U_o__h, 4*n_H, b_g_U_i_U_j_U_f_U_o__h + n_H, 4*n_H, b_g_U_i_U_j_U_f_U_o__h + 3*n_H, 4*n_H, b_hg_W_i_W_j_W_f_W_o__x + (t % n_ch) * n_B * (4*n_H) + 2*n_H, 4*n_H, b_hg_W_i_W_j_W_f_W_o__x + (t % n_ch) * n_B * (4*n_H), 4*n_H, b_hg_W_i_W_j_W_f_W_o__x + (t % n_ch) * n_B * (4*n_H) + n_H, 4*n_H, b_hg_W_i_W_j_W_f_W_o__x + (t % n_ch) * n_B * (4*n_H) + 3*n_H, 4*n_H, b_p_b_c, 0, b_p_b_f, 0, b_p_b_i, 0, b_p_b_j, 0, b_p_b_o, 0, b_s_c + (t % 2) * n_B * (n_H), n_H, b_p_g_c, 0, b_p_g_f, 0, b_p_g_i, 0, b_p_g_j, 0, b_p_g_o, 0, b_p_inv_n_H, 0, b_s_c + ((t + 1) % 2) * n_B * (n_H), n_H, b_s_h + (t + 1) * n_B * (n_H), n_H);
         // ended sequences hold their state: rows B_t.. of s_h[t + 1] = s_h[t]
-        if (rows < n_B) CS_COPY(b_s_h + ((t + 1) * n_B + rows) * (n_H), b_s_h + (t * n_B + rows) * (n_H), (n_B - rows) * (n_H));
+        CS_HOLD_ROWS(b_s_h + (t + 1) * n_B * (n_H), b_s_h + t * n_B * (n_H), rows, n_B, n_H);
         // ended sequences hold their state: rows B_t.. of s_c[t + 1] = s_c[t]
-        if (rows < n_B) CS_COPY(b_s_c + (((t + 1) % 2) * n_B + rows) * (n_H), b_s_c + ((t % 2) * n_B + rows) * (n_H), (n_B - rows) * (n_H));
+        CS_HOLD_ROWS(b_s_c + ((t + 1) % 2) * n_B * (n_H), b_s_c + (t % 2) * n_B * (n_H), rows, n_B, n_H);
     }
+    CS_SPLIT_DONE();
     CS_TEAM_END
     cs_unpack(pk_W_i_W_j_W_f_W_o_nt);
     cs_unpack(pk_U_i_U_j_U_f_U_o_nt);
@@ -1991,10 +2120,12 @@ static int layer_norm_lstm_backward_run(const int64_t* dims, void* const* ptrs, 
         CS_ZERO(b_dhg_W_i_W_j_W_f_W_o__x, (n_T) * (n_B) * (4*n_H));
     }
     cs_packed<S> pk_U_i_U_j_U_f_U_o_nn = cs_pack(ctx, 0, n_B, n_H, 4*n_H, w_U_i_U_j_U_f_U_o, n_H);
-    // the steps as one team of threads where a step's GEMM would fork: each op's work shared, a barrier after it (cs_for)
+    const int split_rows = CS_SPLIT_OK(n_B, (4*n_H) * n_H);
+    // the steps as one team of threads where a step's GEMM would fork: each thread runs the steps on its own rows of the batch (split_rows), else each op's work shared, a barrier after it (cs_for)
     CS_TEAM_BEGIN(CS_TEAM_OK(n_B * (4*n_H) * n_H, CS_PACKED_OWN(pk_U_i_U_j_U_f_U_o_nn)))
     for (int64_t t = n_T - 1; t >= 0; --t) {
         const int64_t rows = bs ? bs[t] : n_B;  // variable lengths: rows 0..B_t-1 run
+        CS_SPLIT_ROWS(split_rows, n_B);
         // backward: stage 0 backward, row by row (reductions over the units)
         CS_ROWS(layer_norm_lstm_backward_bwd0_rows, rows, n_H, b_g_U_i_U_j_U_f_U_o__h + t * n_B * (4*n_H) + 2*n_H, 4*n_H, b_g_U_i_U_j_U_f_U_o__h + t * n_B * (4*n_H), 4*n_H, b_g_U_i_U_j_U_f_U_o__h + t * n_B * (4*n_H) + n_H, 4*n_H, b_g_U_i_U_j_U_f_U_o__h + t * n_B * (4*n_H) + 3*n_H, 4*n_H, b_hg_W_i_W_j_W_f_W_o__x + t * n_B * (4*n_H) + 2*n_H, 4*n_H, b_hg_W_i_W_j_W_f_W_o__x + t * n_B * (4*n_H), 4*n_H, b_hg_W_i_W_j_W_f_W_o__x + t * n_B * (4*n_H) + n_H, 4*n_H, b_hg_W_i_W_j_W_f_W_o__x + t * n_B * (4*n_H) + 3*n_H, 4*n_H, b_s_c + t * n_B * (n_H), n_H, b_s_c + (t + 1) * n_B * (n_H), n_H, b_ds_c, n_H, b_ds_h, n_H, b_dout_h_next + t * n_B * (n_H), n_H, b_v_f + t * n_B * (n_H), n_H, b_p_g_c, 0, b_p_g_f, 0, b_p_g_i, 0, b_p_g_j, 0, b_p_g_o, 0, b_v_i + t * n_B * (n_H), n_H, b_p_inv_n_H, 0, b_v_j + t * n_B * (n_H), n_H, b_v_mean + t * n_B * (1), 1, b_v_mean_2 + t * n_B * (1), 1, b_v_mean_3 + t * n_B * (1), 1, b_v_mean_4 + t * n_B * (1), 1, b_v_mean_5 + t * n_B * (1), 1, b_v_o + t * n_B * (n_H), n_H, b_v_rstd + t * n_B * (1), 1, b_v_rstd_2 + t * n_B * (1), 1, b_v_rstd_3 + t * n_B * (1), 1, b_v_rstd_4 + t * n_B * (1), 1, b_v_rstd_5 + t * n_B * (1), 1, b_v_var + t * n_B * (1), 1, b_v_var_2 + t * n_B * (1), 1, b_v_var_3 + t * n_B * (1), 1, b_v_var_4 + t * n_B * (1), 1, b_v_var_5 + t * n_B * (1), 1, b_tmp_d_c_next, n_H, b_tmp_d_var_5, 1, b_tmp_d_mean_5, 1, b_tmp_d_o, n_H, b_tmp_d_var_4, 1, b_tmp_d_mean_4, 1, b_tmp_d_f, n_H, b_tmp_d_var_3, 1, b_tmp_d_mean_3, 1, b_tmp_d_j, n_H, b_tmp_d_var_2, 1, b_tmp_d_mean_2, 1, b_tmp_d_i, n_H, b_tmp_d_var, 1, b_tmp_d_mean, 1, b_dg_U_i_U_j_U_f_U_o__h + t * n_B * (4*n_H), 4*n_H, b_dg_U_i_U_j_U_f_U_o__h + t * n_B * (4*n_H) + n_H, 4*n_H, b_dg_U_i_U_j_U_f_U_o__h + t * n_B * (4*n_H) + 2*n_H, 4*n_H, b_dg_U_i_U_j_U_f_U_o__h + t * n_B * (4*n_H) + 3*n_H, 4*n_H);
         // d_h_gemm = dg_U_i_U_j_U_f_U_o__h @ [U_i, U_j, U_f, U_o]
@@ -2002,6 +2133,7 @@ static int layer_norm_lstm_backward_run(const int64_t* dims, void* const* ptrs, 
         // backward: per-step adjoints of inputs, states, vector params, hoisted results, row by row (reductions over the units)
         CS_ROWS(layer_norm_lstm_backward_bwd_leaf_rows, rows, n_H, b_g_U_i_U_j_U_f_U_o__h + t * n_B * (4*n_H) + 2*n_H, 4*n_H, b_g_U_i_U_j_U_f_U_o__h + t * n_B * (4*n_H), 4*n_H, b_g_U_i_U_j_U_f_U_o__h + t * n_B * (4*n_H) + n_H, 4*n_H, b_g_U_i_U_j_U_f_U_o__h + t * n_B * (4*n_H) + 3*n_H, 4*n_H, b_hg_W_i_W_j_W_f_W_o__x + t * n_B * (4*n_H) + 2*n_H, 4*n_H, b_hg_W_i_W_j_W_f_W_o__x + t * n_B * (4*n_H), 4*n_H, b_hg_W_i_W_j_W_f_W_o__x + t * n_B * (4*n_H) + n_H, 4*n_H, b_hg_W_i_W_j_W_f_W_o__x + t * n_B * (4*n_H) + 3*n_H, 4*n_H, b_s_c + t * n_B * (n_H), n_H, b_tmp_d_c_next, n_H, b_tmp_d_f, n_H, b_tmp_d_h_gemm, n_H, b_tmp_d_i, n_H, b_tmp_d_j, n_H, b_tmp_d_mean, 1, b_tmp_d_mean_2, 1, b_tmp_d_mean_3, 1, b_tmp_d_mean_4, 1, b_tmp_d_mean_5, 1, b_tmp_d_o, n_H, b_tmp_d_var, 1, b_tmp_d_var_2, 1, b_tmp_d_var_3, 1, b_tmp_d_var_4, 1, b_tmp_d_var_5, 1, b_v_f + t * n_B * (n_H), n_H, b_p_g_c, 0, b_p_g_f, 0, b_p_g_i, 0, b_p_g_j, 0, b_p_g_o, 0, b_v_i + t * n_B * (n_H), n_H, b_p_inv_n_H, 0, b_v_j + t * n_B * (n_H), n_H, b_v_mean + t * n_B * (1), 1, b_v_mean_2 + t * n_B * (1), 1, b_v_mean_3 + t * n_B * (1), 1, b_v_mean_4 + t * n_B * (1), 1, b_v_mean_5 + t * n_B * (1), 1, b_v_o + t * n_B * (n_H), n_H, b_v_rstd + t * n_B * (1), 1, b_v_rstd_2 + t * n_B * (1), 1, b_v_rstd_3 + t * n_B * (1), 1, b_v_rstd_4 + t * n_B * (1), 1, b_v_rstd_5 + t * n_B * (1), 1, b_ds_h, n_H, b_ds_c, n_H, b_dp_g_i + t * n_B * (n_H), n_H, b_dp_b_i + t * n_B * (n_H), n_H, b_dp_g_j + t * n_B * (n_H), n_H, b_dp_b_j + t * n_B * (n_H), n_H, b_dp_g_f + t * n_B * (n_H), n_H, b_dp_b_f + t * n_B * (n_H), n_H, b_dp_g_o + t * n_B * (n_H), n_H, b_dp_b_o + t * n_B * (n_H), n_H, b_dp_g_c + t * n_B * (n_H), n_H, b_dp_b_c + t * n_B * (n_H), n_H, b_dhg_W_i_W_j_W_f_W_o__x + t * n_B * (4*n_H), 4*n_H, b_dhg_W_i_W_j_W_f_W_o__x + t * n_B * (4*n_H) + n_H, 4*n_H, b_dhg_W_i_W_j_W_f_W_o__x + t * n_B * (4*n_H) + 2*n_H, 4*n_H, b_dhg_W_i_W_j_W_f_W_o__x + t * n_B * (4*n_H) + 3*n_H, 4*n_H);
     }
+    CS_SPLIT_DONE();
     CS_TEAM_END
     cs_unpack(pk_U_i_U_j_U_f_U_o_nn);
     // d[U_i, U_j, U_f, U_o] += dg_U_i_U_j_U_f_U_o__h^T @ h  (U_i @ h, U_j @ h, U_f @ h, U_o @ h)
@@ -2073,6 +2205,8 @@ extern "C" const char* layer_norm_lstm_cuda_error_string(int code) { return code
 #else
 // how many time loops this process ran as one team of threads (CS_TEAM_BEGIN)
 extern "C" long layer_norm_lstm_team_loops(void) { return __atomic_load_n(&cs_team_loops, __ATOMIC_RELAXED); }
+// how many of those ran their steps on each thread's own rows of the batch (CS_SPLIT_ROWS)
+extern "C" long layer_norm_lstm_split_loops(void) { return __atomic_load_n(&cs_split_loops, __ATOMIC_RELAXED); }
 // frees the packed-operand scratch the calling thread keeps between calls (cs_take)
 extern "C" void layer_norm_lstm_release_scratch(void) { cs_kept.release(); }
 // 1 where the float per-step products run cellspec's own AVX-512 GEMM (given ctx->own), else 0
