@@ -3,6 +3,7 @@ agreeing with the pure-torch engine; the torch engine, silently, where no compil
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from pathlib import Path
 
@@ -94,6 +95,19 @@ def test_chunks_of_steps_agree(module, monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
+@contextlib.contextmanager
+def _two_threads():
+    """Two threads for torch and the native library; after, the thread count as it was and the
+    loops' team mode back to the default (``set_loop_team(1)``)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        yield
+    finally:
+        kernels.set_loop_team(1)
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.skipif(not HAVE_CXX, reason="no C++ compiler")
 @pytest.mark.parametrize("module", ["lstm", "torch_gru", "layer_norm_lstm", "slstm", "antisymmetric_rnn", "cifg_lstm"])
 def test_loop_team_agrees_with_fork_per_op(module):
@@ -119,9 +133,7 @@ def test_loop_team_agrees_with_fork_per_op(module):
     if not lib.own_gemm():
         pytest.skip("no own GEMM on this CPU (AVX-512): no loop runs as a team")
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
+    with _two_threads():
         kernels.set_loop_team(0)
         before, split_before = lib.team_loops(), lib.split_loops()
         off = _every_result(m, x, lengths)
@@ -133,9 +145,6 @@ def test_loop_team_agrees_with_fork_per_op(module):
         kernels.set_loop_team(2)
         split = _every_result(m, x, lengths)
         split_ran = lib.split_loops() - split_before
-    finally:
-        kernels.set_loop_team(1)
-        torch.set_num_threads(threads)
     # two forwards, two backwards, two inferences; the antisymmetric RNN's forwards run the work
     # ahead of the steps in one chunk (not packed: no team)
     assert ran >= (2 if module == "antisymmetric_rnn" else 6), f"{ran} loops ran as a team"
@@ -167,18 +176,13 @@ def test_rows_of_their_own_exact_in_whole_tiles(module):
     lib = tc._native_library(x, (), dict(m.named_parameters()), required="fused")
     if not lib.own_gemm():
         pytest.skip("no own GEMM on this CPU (AVX-512): no loop runs as a team")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
+    with _two_threads():
         kernels.set_loop_team(0)
         off = _every_result(m, x, None)
         before = lib.split_loops()
         kernels.set_loop_team(1)
         on = _every_result(m, x, None)
         ran = lib.split_loops() - before
-    finally:
-        kernels.set_loop_team(1)
-        torch.set_num_threads(threads)
     assert ran >= 3, f"{ran} loops ran on rows of their own"  # forward, backward, inference at least
     for a, b in zip(on, off):
         if module == "layer_norm_lstm":  # its row sums vectorise differently in the team's loop (above)
