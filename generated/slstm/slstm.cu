@@ -746,8 +746,8 @@ static inline int cs_team_worth(const cs_ctx* c, int64_t step_gemm_work, int all
 // only), so a thread runs its rows through the step's ops, no barrier between them; the work
 // ahead of a chunk of steps stays shared, after a barrier (CS_SPLIT_PAUSE). Each thread then reads
 // every step's whole weights, so only where they stay in a core's L2 (<= 1 MiB of floats) and
-// each thread gets 4 rows or more (whole tiles of the own GEMM's kernel; a thread's rows are a
-// multiple of 4). (512, 8, 128), two threads, the LSTM's inference: 0.89-0.97 of each op's work
+// each thread gets 4 rows or more (the batch in even shares; tiles of the own GEMM's kernel of 4
+// rows or more). (512, 8, 128), two threads, the LSTM's inference: 0.89-0.97 of each op's work
 // shared (docs/performance.md, stop 22). ctx->team 2: wherever there are rows for every thread
 // (tests); 3: never (a team wherever it can, every op's work shared: tests, comparisons).
 static inline int cs_split_worth(const cs_ctx* c, int64_t rows, int64_t weight_floats)
@@ -773,7 +773,7 @@ static inline void cs_split_rows(int on, int64_t n)
         __atomic_add_fetch(&cs_split_loops, 1, __ATOMIC_RELAXED);
         cs_split_loops_counted = 1;
     }
-    const int64_t per = ((n + nt - 1) / nt + 3) / 4 * 4;
+    const int64_t per = (n + nt - 1) / nt;  // even shares (9 rows: 5 and 4, not 8 and 1)
     cs_r0 = id * per < n ? id * per : n;
     cs_r1 = cs_r0 + per < n ? cs_r0 + per : n;
     cs_team = 0;
