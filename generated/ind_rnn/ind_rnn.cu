@@ -732,10 +732,11 @@ static inline int cs_team_worth(const cs_ctx* c, int64_t step_gemm_work, int all
 // step are independent (its GEMMs and element functions read and write row r of each buffer
 // only), so a thread runs its rows through the step's ops, no barrier between them; the work
 // ahead of a chunk of steps stays shared, after a barrier (CS_SPLIT_PAUSE). Each thread then reads
-// every step's whole weights, so only where they stay in a core's L2 (<= 1 MiB of floats) and
-// each thread gets 4 rows or more (the batch in even shares; tiles of the own GEMM's kernel of 4
-// rows or more). (512, 8, 128), two threads, the LSTM's inference: 0.89-0.97 of each op's work
-// shared (docs/performance.md, stop 22). ctx->team 2: wherever there are rows for every thread
+// every step's whole weights, so only where they stay in the L3 cache (<= 16 MiB of floats: half
+// of this machine's; with 16 MiB and 4 rows a thread it was as fast as sharing each op) and each
+// thread gets 4 rows or more (the batch in even shares; tiles of the own GEMM's kernel of 4 rows
+// or more). Two threads, the LSTM against each op's work shared: 0.82-0.89 at (512, 8, 128),
+// 0.91-0.95 at (64, 32, 256), 0.91-1.00 at (256, 64, 512) (docs/performance.md, stop 22). ctx->team 2: wherever there are rows for every thread
 // (tests); 3: never (a team wherever it can, every op's work shared: tests, comparisons).
 static inline int cs_split_worth(const cs_ctx* c, int64_t rows, int64_t weight_floats)
 {
@@ -743,7 +744,7 @@ static inline int cs_split_worth(const cs_ctx* c, int64_t rows, int64_t weight_f
     const int nt = omp_get_max_threads();
     if (c->team == 0 || c->team == 3 || nt < 2) return 0;
     if (c->team == 2) return rows >= nt;
-    return rows >= 4 * nt && weight_floats <= 262144;
+    return rows >= 4 * nt && weight_floats <= ((int64_t)4 << 20);
 #else
     (void)c; (void)rows; (void)weight_floats;
     return 0;
