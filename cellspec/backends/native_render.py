@@ -448,13 +448,11 @@ class _Renderer:
                     for o in op.body)
                 if work is not None:
                     own = " && ".join(f"CS_PACKED_OWN(pk_{name}_{kind})" for name, kind, _ in packs)
+                    how = "each op's work shared, a barrier after it (cs_for)"
                     if split:
                         lines.append(f"{ind}const int split_rows = CS_SPLIT_OK(n_B, {' + '.join(step_weights)});")
-                        lines.append(f"{ind}// the steps as one team of threads where a step's GEMM would fork: each thread runs the steps "
-                                     "on its own rows of the batch (split_rows), else each op's work shared, a barrier after it (cs_for)")
-                    else:
-                        lines.append(f"{ind}// the steps as one team of threads where a step's GEMM would fork: each op's work shared, "
-                                     "a barrier after it (cs_for)")
+                        how = f"each thread runs the steps on its own rows of the batch (split_rows), else {how}"
+                    lines.append(f"{ind}// the steps as one team of threads where a step's GEMM would fork: {how}")
                     lines.append(f"{ind}CS_TEAM_BEGIN(CS_TEAM_OK({work}, {own}))")
                 else:
                     lines.append(f"{ind}CS_TEAM_BEGIN(0)")

@@ -141,23 +141,23 @@ class Library:
         fn = getattr(self.lib, f"{self.module}_own_gemm", None)
         return self.device_type == "cpu" and fn is not None and fn() == 1
 
-    def team_loops(self) -> int:
-        """How many time loops this CPU build has run as one team of threads in this process
-        (``host_ctx``'s ``team``); 0 for a build without them."""
-        fn = getattr(self.lib, f"{self.module}_team_loops", None) if self.device_type == "cpu" else None
+    def _loop_count(self, name: str) -> int:
+        """The CPU build's counter ``<module>_<name>``; 0 for a build without it."""
+        fn = getattr(self.lib, f"{self.module}_{name}", None) if self.device_type == "cpu" else None
         if fn is None:
             return 0
         fn.argtypes, fn.restype = [], ctypes.c_long
         return int(fn())
 
+    def team_loops(self) -> int:
+        """How many time loops this CPU build has run as one team of threads in this process
+        (``host_ctx``'s ``team``); 0 for a build without them."""
+        return self._loop_count("team_loops")
+
     def split_loops(self) -> int:
         """How many of those team loops ran their steps on each thread's own rows of the batch
         (``CS_SPLIT_ROWS`` in the generated ``.cu``); 0 for a build without them."""
-        fn = getattr(self.lib, f"{self.module}_split_loops", None) if self.device_type == "cpu" else None
-        if fn is None:
-            return 0
-        fn.argtypes, fn.restype = [], ctypes.c_long
-        return int(fn())
+        return self._loop_count("split_loops")
 
     def release_scratch(self) -> None:
         """Free the packed-operand scratch the CPU build keeps between calls for the calling

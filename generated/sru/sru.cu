@@ -54,7 +54,7 @@
 // 1 in a thread of a loop's team while it runs the steps on its own rows of the batch, rows
 // cs_r0 .. cs_r1 - 1 (CS_SPLIT_ROWS): every op of a step then runs on those rows alone, without
 // forking or sharing (cs_par says no, cs_for_rows and the per-step GEMMs take the rows).
-static thread_local int cs_split = 0, cs_split_loops_counted = 0;
+static thread_local int cs_split = 0;
 static thread_local int64_t cs_r0 = 0, cs_r1 = 0;
 // Whether a CPU loop forks threads: with work enough, and more than one thread to fork (a team
 // of one still costs a fork per call: ~1.5% of the LSTM's inference at (512, 8, 128)).
@@ -742,8 +742,9 @@ static inline int cs_team_worth(const cs_ctx* c, int64_t step_gemm_work, int all
 // of this machine's; with 16 MiB and 4 rows a thread it was as fast as sharing each op) and each
 // thread gets 4 rows or more (the batch in even shares; tiles of the own GEMM's kernel of 4 rows
 // or more). Two threads, the LSTM against each op's work shared: 0.82-0.89 at (512, 8, 128),
-// 0.91-0.95 at (64, 32, 256), 0.91-1.00 at (256, 64, 512) (docs/performance.md, stop 22). ctx->team 2: wherever there are rows for every thread
-// (tests); 3: never (a team wherever it can, every op's work shared: tests, comparisons).
+// 0.91-0.95 at (64, 32, 256), 0.91-1.00 at (256, 64, 512) (docs/performance.md, stop 22).
+// ctx->team 2: wherever there are rows for every thread (tests); 3: never (a team wherever it
+// can, every op's work shared: tests, comparisons).
 static inline int cs_split_worth(const cs_ctx* c, int64_t rows, int64_t weight_floats)
 {
 #ifdef _OPENMP
@@ -763,10 +764,6 @@ static inline void cs_split_rows(int on, int64_t n)
 #ifdef _OPENMP
     if (!on || !cs_team) return;  // no team, or this thread runs its rows already
     const int nt = omp_get_num_threads(), id = omp_get_thread_num();
-    if (id == 0 && !cs_split_loops_counted) {
-        __atomic_add_fetch(&cs_split_loops, 1, __ATOMIC_RELAXED);
-        cs_split_loops_counted = 1;
-    }
     const int64_t per = (n + nt - 1) / nt;  // even shares (9 rows: 5 and 4, not 8 and 1)
     cs_r0 = id * per < n ? id * per : n;
     cs_r1 = cs_r0 + per < n ? cs_r0 + per : n;
@@ -776,18 +773,21 @@ static inline void cs_split_rows(int on, int64_t n)
     (void)on; (void)n;
 #endif
 }
-// back to sharing each op's work (the team's threads wait for each other first: `barrier`)
-static inline void cs_split_end(int barrier)
+// back to sharing each op's work: before a chunk's shared work (`pause`: the team's threads wait
+// for each other first), or at the loop's end (counted once per loop: a loop that split ends split)
+static inline void cs_split_end(int pause)
 {
 #ifdef _OPENMP
     if (!cs_split) return;
-    if (barrier) {
+    if (pause) {
 #pragma omp barrier
+    } else if (omp_get_thread_num() == 0) {
+        __atomic_add_fetch(&cs_split_loops, 1, __ATOMIC_RELAXED);
     }
     cs_split = 0;
     cs_team = 1;
 #else
-    (void)barrier;
+    (void)pause;
 #endif
 }
 #define CS_SPLIT_OK(rows, weight_floats) cs_split_worth(ctx, (rows), (weight_floats))
@@ -824,7 +824,7 @@ static long cs_team_loops = 0;  // loops run as a team in this process (<module>
 #define CS_TEAM_END }; \
     if (cs_team_on_) { \
         __atomic_add_fetch(&cs_team_loops, 1, __ATOMIC_RELAXED); \
-        _Pragma("omp parallel") { cs_team = 1; cs_steps_(); cs_team = 0; cs_split_loops_counted = 0; } \
+        _Pragma("omp parallel") { cs_team = 1; cs_steps_(); cs_team = 0; } \
     } else cs_steps_(); }
 #else
 #define CS_TEAM_END }; (void)cs_team_on_; cs_steps_(); }
