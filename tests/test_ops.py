@@ -486,3 +486,18 @@ def test_bad_entries_are_refused_loudly():
         with pytest.raises(ValueError, match=message), ops.extended(*entries):
             pass
     assert ops.OPS[-1].cls is not Cube  # the table is back as it was
+
+
+def test_simd_ok_only_for_math_with_vector_overloads():
+    """An element function runs on cs_v16 (16 floats, the AVX-512 host build) only where every
+    node of its math has an overload there: arithmetic, powers the C printer writes as products,
+    and the ops with a ``simd`` source (each of which must overload its C spelling)."""
+    z, c = sp.symbols("z c")
+    assert ops.simd_ok([fn.Sigmoid(z) * c + fn.Tanh(c) ** 2, fn.Exp(-z) / (1 + z)])
+    assert not ops.simd_ok([fn.Relu(z)])  # no vector overload: the omp simd loop
+    assert not ops.simd_ok([z ** sp.Rational(3, 2)])  # cs_pow
+    assert not ops.simd_ok([z ** 5])
+    for o in ops.OPS:
+        if o.simd is not None:
+            assert f"cs_v16 {o.spell['c']}(cs_v16" in o.simd
+    assert "#ifdef CS_V16" in ops.c_prelude()

@@ -64,6 +64,7 @@ class ElementFunction:
     inouts: list[str]
     lines: list[Line] = field(default_factory=list)
     keys: dict[str, str] = field(default_factory=dict)  # code name -> program name
+    simd: bool = False  # its math has cs_v16 overloads (ops.simd_ok): 16 units at a time on AVX-512
 
     @property
     def args(self) -> list[dict]:
@@ -348,6 +349,7 @@ class _Renderer:
                 kind = "out" if st.target in writes else "local"
                 ef.lines.append(Line(n[st.target], self.pr.doprint(st.expr), st.comment, kind))
             ef.keys = {n[k]: k for k in reads | set(writes)}
+            ef.simd = ops.simd_ok(st.expr for st in mine)
             out.append(ef)
         self.by_block[key] = out
         self.functions.extend(out)

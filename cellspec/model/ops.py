@@ -68,6 +68,7 @@ class OpSpec:
     needs: dict[str, tuple[str, ...]] = field(default_factory=dict)  # target -> helpers it calls
     torch_out: str | None = None  # torch function with an ``out=`` variant computing the op
     fuzz: frozenset[str] = frozenset()  # see FUZZ_TAGS
+    simd: str | None = None  # C++ overload of spell["c"] on cs_v16 (16 floats, AVX-512 host build)
 
     def __post_init__(self) -> None:
         if self.shape_rule not in SHAPE_RULES:
@@ -82,6 +83,8 @@ class OpSpec:
             raise ValueError(
                 f"op {self.name or self.cls}: unknown fuzz tags {set(self.fuzz) - set(FUZZ_TAGS)}"
             )
+        if self.simd is not None and f"cs_v16 {self.spell['c']}(cs_v16" not in self.simd:
+            raise ValueError(f"op {self.name or self.cls}: the simd source does not overload {self.spell['c']}")
         for target, source in self.helper.items():
             if f"{self.spell[target]}(" not in source:
                 raise ValueError(
@@ -160,6 +163,12 @@ template <typename T> __host__ __device__ inline T cs_sigmoid(T z) {
 }""",
         },
         needs={"c": ("cs_exp", "cs_abs")},
+        simd="""// the same on 16 floats: e = exp(-|z|), then one division, 1 / (1 + e) or e / (1 + e)
+inline cs_v16 cs_sigmoid(cs_v16 z) {
+    const __m512 e = cs_v16_exp(_mm512_or_ps(z.v, _mm512_set1_ps(-0.0f)));
+    const __mmask16 pos = _mm512_cmp_ps_mask(z.v, _mm512_setzero_ps(), _CMP_GE_OQ);
+    return _mm512_div_ps(_mm512_mask_blend_ps(pos, e, _mm512_set1_ps(1.0f)), _mm512_add_ps(_mm512_set1_ps(1.0f), e));
+}""",
         torch_out="torch.sigmoid",
         fuzz=frozenset({"squash", "safe"}),
     ),
@@ -168,6 +177,22 @@ template <typename T> __host__ __device__ inline T cs_sigmoid(T z) {
         fn.Tanh,
         {"numpy": "np.tanh", "torch": "torch.tanh", "c": "cs_tanh"},
         helper={"c": _c_overloads("cs_tanh", "tanhf", "tanh")},
+        simd="""// tanh on 16 floats: Cephes's odd polynomial below |z| = 0.625, (1 - e) / (1 + e) with
+// e = exp(-2|z|) above (no cancellation there), the sign of z
+inline cs_v16 cs_tanh(cs_v16 z) {
+    const __m512 sign = _mm512_set1_ps(-0.0f), one = _mm512_set1_ps(1.0f);
+    const __m512 a = _mm512_andnot_ps(sign, z.v), s = _mm512_mul_ps(a, a);
+    const __m512 e = cs_v16_exp(_mm512_mul_ps(a, _mm512_set1_ps(-2.0f)));
+    const __m512 large = _mm512_div_ps(_mm512_sub_ps(one, e), _mm512_add_ps(one, e));
+    __m512 p = _mm512_set1_ps(-5.70498872745e-3f);
+    p = _mm512_fmadd_ps(p, s, _mm512_set1_ps(2.06390887954e-2f));
+    p = _mm512_fmadd_ps(p, s, _mm512_set1_ps(-5.37397155531e-2f));
+    p = _mm512_fmadd_ps(p, s, _mm512_set1_ps(1.33314422036e-1f));
+    p = _mm512_fmadd_ps(p, s, _mm512_set1_ps(-3.33332819422e-1f));
+    const __m512 small = _mm512_fmadd_ps(_mm512_mul_ps(p, s), a, a);
+    const __mmask16 lt = _mm512_cmp_ps_mask(a, _mm512_set1_ps(0.625f), _CMP_LT_OQ);
+    return _mm512_or_ps(_mm512_mask_blend_ps(lt, large, small), _mm512_and_ps(z.v, sign));
+}""",
         torch_out="torch.tanh",
         fuzz=frozenset({"squash", "safe"}),
     ),
@@ -194,6 +219,7 @@ template <typename T> __host__ __device__ inline T cs_sigmoid(T z) {
         return np.exp(z)''',
             "c": _c_overloads("cs_exp", "expf", "exp"),
         },
+        simd="inline cs_v16 cs_exp(cs_v16 z) { return cs_v16_exp(z.v); }",
         torch_out="torch.exp",
         fuzz=frozenset({"needs-bounded-argument"}),
     ),
@@ -588,9 +614,28 @@ def helpers(target: str, exprs: Iterable[sp.Expr]) -> list[str]:
 
 
 def c_prelude() -> str:
-    """Every C helper (each after those it calls), for the ``.cu`` prelude."""
+    """Every C helper (each after those it calls), for the ``.cu`` prelude; then, for the AVX-512
+    host build (``CS_V16``), the ops' overloads on 16 floats."""
     roots = [o.spell["c"] for o in OPS if "c" in o.helper] + list(SUPPORT["c"])
-    return "\n".join(_closure("c", roots))
+    simd = [o.simd for o in OPS if o.simd is not None]
+    return "\n".join(_closure("c", roots) + ["#ifdef CS_V16"] + simd + ["#endif  // CS_V16"])
+
+
+def simd_ok(exprs: Iterable[sp.Expr]) -> bool:
+    """Whether C code printing these expressions runs on ``cs_v16``: only symbols, numbers, sums,
+    products, integer powers the printer writes as products (|n| <= 4) and ops with a ``simd``
+    overload."""
+    for e in exprs:
+        for node in sp.preorder_traversal(sp.sympify(e)):
+            if isinstance(node, sp.Function):
+                if of(node).simd is None:
+                    return False
+            elif isinstance(node, sp.Pow):
+                if not (node.exp.is_Integer and 1 <= abs(int(node.exp)) <= 4):
+                    return False
+            elif not isinstance(node, (sp.Symbol, sp.Number, sp.Add, sp.Mul)):
+                return False
+    return True
 
 
 @contextlib.contextmanager

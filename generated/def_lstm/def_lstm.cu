@@ -128,6 +128,44 @@ __attribute__((__simd__("notinbranch"))) double log1p(double) __THROW;
 #endif
 }
 #endif
+#if !defined(__CUDACC__) && defined(CELLSPEC_SIMD_MATH) && defined(__AVX512F__) && defined(__GNUC__) && __cplusplus >= 201703L
+// The AVX-512 host build (cellspec.runtime.native's default where the CPU has it) runs an element
+// function whose math has overloads on cs_v16 (ops.simd_ok: +, -, *, /, small integer powers and
+// the op table's `simd` entries) on 16 floats at a time, in registers: the `omp simd` loop calls
+// libmvec per function, which spills every live vector around each call. exp: Cephes's
+// reduction and polynomial, times 2^n by vscalefps (overflow to inf, gradual underflow exact).
+#define CS_V16 1
+#include <immintrin.h>
+struct cs_v16 {
+    __m512 v;
+    cs_v16() {}
+    cs_v16(__m512 x) : v(x) {}
+    cs_v16(float x) : v(_mm512_set1_ps(x)) {}
+};
+inline cs_v16 operator+(cs_v16 a, cs_v16 b) { return _mm512_add_ps(a.v, b.v); }
+inline cs_v16 operator-(cs_v16 a, cs_v16 b) { return _mm512_sub_ps(a.v, b.v); }
+inline cs_v16 operator*(cs_v16 a, cs_v16 b) { return _mm512_mul_ps(a.v, b.v); }
+inline cs_v16 operator/(cs_v16 a, cs_v16 b) { return _mm512_div_ps(a.v, b.v); }
+inline cs_v16 operator-(cs_v16 a) { return _mm512_xor_ps(a.v, _mm512_set1_ps(-0.0f)); }
+// the first n (<= 16) lanes
+inline __mmask16 cs_v16_mask(int64_t n) { return n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << n) - 1); }
+inline __m512 cs_v16_exp(__m512 x)
+{
+    x = _mm512_min_ps(_mm512_set1_ps(89.0f), _mm512_max_ps(_mm512_set1_ps(-104.0f), x));  // NaN passes
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(p, n);
+}
+#endif
 // ---------------------------------------------------------------------------------------------
 // Elementwise functions with the semantics of the NumPy back end (stable sigmoid and softplus;
 // min/max/clip propagate NaN; derivative masks follow PyTorch at kinks), from the op table
@@ -177,6 +215,31 @@ template <typename T> __host__ __device__ inline T cs_clip_low(T z, T lo, T hi) 
 template <typename T> __host__ __device__ inline T cs_clip_high(T z, T lo, T hi) { return (z > hi || lo > hi) ? T(1) : T(0); }
 __host__ __device__ inline float cs_pow(float a, float b) { return powf(a, b); }
 __host__ __device__ inline double cs_pow(double a, double b) { return pow(a, b); }
+#ifdef CS_V16
+// the same on 16 floats: e = exp(-|z|), then one division, 1 / (1 + e) or e / (1 + e)
+inline cs_v16 cs_sigmoid(cs_v16 z) {
+    const __m512 e = cs_v16_exp(_mm512_or_ps(z.v, _mm512_set1_ps(-0.0f)));
+    const __mmask16 pos = _mm512_cmp_ps_mask(z.v, _mm512_setzero_ps(), _CMP_GE_OQ);
+    return _mm512_div_ps(_mm512_mask_blend_ps(pos, e, _mm512_set1_ps(1.0f)), _mm512_add_ps(_mm512_set1_ps(1.0f), e));
+}
+// tanh on 16 floats: Cephes's odd polynomial below |z| = 0.625, (1 - e) / (1 + e) with
+// e = exp(-2|z|) above (no cancellation there), the sign of z
+inline cs_v16 cs_tanh(cs_v16 z) {
+    const __m512 sign = _mm512_set1_ps(-0.0f), one = _mm512_set1_ps(1.0f);
+    const __m512 a = _mm512_andnot_ps(sign, z.v), s = _mm512_mul_ps(a, a);
+    const __m512 e = cs_v16_exp(_mm512_mul_ps(a, _mm512_set1_ps(-2.0f)));
+    const __m512 large = _mm512_div_ps(_mm512_sub_ps(one, e), _mm512_add_ps(one, e));
+    __m512 p = _mm512_set1_ps(-5.70498872745e-3f);
+    p = _mm512_fmadd_ps(p, s, _mm512_set1_ps(2.06390887954e-2f));
+    p = _mm512_fmadd_ps(p, s, _mm512_set1_ps(-5.37397155531e-2f));
+    p = _mm512_fmadd_ps(p, s, _mm512_set1_ps(1.33314422036e-1f));
+    p = _mm512_fmadd_ps(p, s, _mm512_set1_ps(-3.33332819422e-1f));
+    const __m512 small = _mm512_fmadd_ps(_mm512_mul_ps(p, s), a, a);
+    const __mmask16 lt = _mm512_cmp_ps_mask(a, _mm512_set1_ps(0.625f), _CMP_LT_OQ);
+    return _mm512_or_ps(_mm512_mask_blend_ps(lt, large, small), _mm512_and_ps(z.v, sign));
+}
+inline cs_v16 cs_exp(cs_v16 z) { return cs_v16_exp(z.v); }
+#endif  // CS_V16
 
 #ifdef __CUDACC__
 // Storage <-> math type: 16-bit storage computes in float.
@@ -945,6 +1008,43 @@ extern "C" int def_lstm_forward_fwd0_H_cuda_bf16(int64_t _rows, int64_t _cols, c
 template <typename real>
 static inline void def_lstm_forward_fwd0_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_U_f_h, int64_t _ld_U_f_h, const real* __restrict__ _p_U_g_h, int64_t _ld_U_g_h, const real* __restrict__ _p_U_i_h, int64_t _ld_U_i_h, const real* __restrict__ _p_U_o_h, int64_t _ld_U_o_h, const real* __restrict__ _p_W_f_x, int64_t _ld_W_f_x, const real* __restrict__ _p_W_g_x, int64_t _ld_W_g_x, const real* __restrict__ _p_W_i_x, int64_t _ld_W_i_x, const real* __restrict__ _p_W_o_x, int64_t _ld_W_o_x, const real* __restrict__ _p_b_f, int64_t _ld_b_f, const real* __restrict__ _p_b_g, int64_t _ld_b_g, const real* __restrict__ _p_b_i, int64_t _ld_b_i, const real* __restrict__ _p_b_o, int64_t _ld_b_o, const real* __restrict__ _p_beta_H, int64_t _ld_beta_H, const real* __restrict__ _p_c, int64_t _ld_c, real* __restrict__ _p_i, int64_t _ld_i, real* __restrict__ _p_f, int64_t _ld_f, real* __restrict__ _p_g, int64_t _ld_g, real* __restrict__ _p_o, int64_t _ld_o, real* __restrict__ _p_c_next, int64_t _ld_c_next, real* __restrict__ _p_h_next, int64_t _ld_h_next)
 {
+#ifdef CS_V16
+    if constexpr (sizeof(real) == sizeof(float)) {  // 16 units at a time (CS_V16)
+        cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
+            for (int64_t _j = 0; _j < _cols; _j += 16) {
+                const __mmask16 _m = cs_v16_mask(_cols - _j);
+                cs_v16 U_f_h = _mm512_maskz_loadu_ps(_m, &_p_U_f_h[_r * _ld_U_f_h + _j]);
+                cs_v16 U_g_h = _mm512_maskz_loadu_ps(_m, &_p_U_g_h[_r * _ld_U_g_h + _j]);
+                cs_v16 U_i_h = _mm512_maskz_loadu_ps(_m, &_p_U_i_h[_r * _ld_U_i_h + _j]);
+                cs_v16 U_o_h = _mm512_maskz_loadu_ps(_m, &_p_U_o_h[_r * _ld_U_o_h + _j]);
+                cs_v16 W_f_x = _mm512_maskz_loadu_ps(_m, &_p_W_f_x[_r * _ld_W_f_x + _j]);
+                cs_v16 W_g_x = _mm512_maskz_loadu_ps(_m, &_p_W_g_x[_r * _ld_W_g_x + _j]);
+                cs_v16 W_i_x = _mm512_maskz_loadu_ps(_m, &_p_W_i_x[_r * _ld_W_i_x + _j]);
+                cs_v16 W_o_x = _mm512_maskz_loadu_ps(_m, &_p_W_o_x[_r * _ld_W_o_x + _j]);
+                cs_v16 b_f = _mm512_maskz_loadu_ps(_m, &_p_b_f[_r * _ld_b_f + _j]);
+                cs_v16 b_g = _mm512_maskz_loadu_ps(_m, &_p_b_g[_r * _ld_b_g + _j]);
+                cs_v16 b_i = _mm512_maskz_loadu_ps(_m, &_p_b_i[_r * _ld_b_i + _j]);
+                cs_v16 b_o = _mm512_maskz_loadu_ps(_m, &_p_b_o[_r * _ld_b_o + _j]);
+                cs_v16 beta_H = _mm512_maskz_loadu_ps(_m, &_p_beta_H[_r * _ld_beta_H + _j]);
+                cs_v16 c = _mm512_maskz_loadu_ps(_m, &_p_c[_r * _ld_c + _j]);
+                cs_v16 i;
+                cs_v16 f;
+                cs_v16 g;
+                cs_v16 o;
+                cs_v16 c_next;
+                cs_v16 h_next;
+                def_lstm_forward_fwd0_H<cs_v16>(U_f_h, U_g_h, U_i_h, U_o_h, W_f_x, W_g_x, W_i_x, W_o_x, b_f, b_g, b_i, b_o, beta_H, c, i, f, g, o, c_next, h_next);
+                _mm512_mask_storeu_ps(&_p_i[_r * _ld_i + _j], _m, i.v);
+                _mm512_mask_storeu_ps(&_p_f[_r * _ld_f + _j], _m, f.v);
+                _mm512_mask_storeu_ps(&_p_g[_r * _ld_g + _j], _m, g.v);
+                _mm512_mask_storeu_ps(&_p_o[_r * _ld_o + _j], _m, o.v);
+                _mm512_mask_storeu_ps(&_p_c_next[_r * _ld_c_next + _j], _m, c_next.v);
+                _mm512_mask_storeu_ps(&_p_h_next[_r * _ld_h_next + _j], _m, h_next.v);
+            }
+        });
+        return;
+    }
+#endif
     cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
 #pragma omp simd
         for (int64_t _j = 0; _j < _cols; ++_j) {
@@ -1085,6 +1185,35 @@ extern "C" int def_lstm_inference_fwd0_H_cuda_bf16(int64_t _rows, int64_t _cols,
 template <typename real>
 static inline void def_lstm_inference_fwd0_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_U_f_h, int64_t _ld_U_f_h, const real* __restrict__ _p_U_g_h, int64_t _ld_U_g_h, const real* __restrict__ _p_U_i_h, int64_t _ld_U_i_h, const real* __restrict__ _p_U_o_h, int64_t _ld_U_o_h, const real* __restrict__ _p_W_f_x, int64_t _ld_W_f_x, const real* __restrict__ _p_W_g_x, int64_t _ld_W_g_x, const real* __restrict__ _p_W_i_x, int64_t _ld_W_i_x, const real* __restrict__ _p_W_o_x, int64_t _ld_W_o_x, const real* __restrict__ _p_b_f, int64_t _ld_b_f, const real* __restrict__ _p_b_g, int64_t _ld_b_g, const real* __restrict__ _p_b_i, int64_t _ld_b_i, const real* __restrict__ _p_b_o, int64_t _ld_b_o, const real* __restrict__ _p_beta_H, int64_t _ld_beta_H, const real* __restrict__ _p_c, int64_t _ld_c, real* __restrict__ _p_c_next, int64_t _ld_c_next, real* __restrict__ _p_h_next, int64_t _ld_h_next)
 {
+#ifdef CS_V16
+    if constexpr (sizeof(real) == sizeof(float)) {  // 16 units at a time (CS_V16)
+        cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
+            for (int64_t _j = 0; _j < _cols; _j += 16) {
+                const __mmask16 _m = cs_v16_mask(_cols - _j);
+                cs_v16 U_f_h = _mm512_maskz_loadu_ps(_m, &_p_U_f_h[_r * _ld_U_f_h + _j]);
+                cs_v16 U_g_h = _mm512_maskz_loadu_ps(_m, &_p_U_g_h[_r * _ld_U_g_h + _j]);
+                cs_v16 U_i_h = _mm512_maskz_loadu_ps(_m, &_p_U_i_h[_r * _ld_U_i_h + _j]);
+                cs_v16 U_o_h = _mm512_maskz_loadu_ps(_m, &_p_U_o_h[_r * _ld_U_o_h + _j]);
+                cs_v16 W_f_x = _mm512_maskz_loadu_ps(_m, &_p_W_f_x[_r * _ld_W_f_x + _j]);
+                cs_v16 W_g_x = _mm512_maskz_loadu_ps(_m, &_p_W_g_x[_r * _ld_W_g_x + _j]);
+                cs_v16 W_i_x = _mm512_maskz_loadu_ps(_m, &_p_W_i_x[_r * _ld_W_i_x + _j]);
+                cs_v16 W_o_x = _mm512_maskz_loadu_ps(_m, &_p_W_o_x[_r * _ld_W_o_x + _j]);
+                cs_v16 b_f = _mm512_maskz_loadu_ps(_m, &_p_b_f[_r * _ld_b_f + _j]);
+                cs_v16 b_g = _mm512_maskz_loadu_ps(_m, &_p_b_g[_r * _ld_b_g + _j]);
+                cs_v16 b_i = _mm512_maskz_loadu_ps(_m, &_p_b_i[_r * _ld_b_i + _j]);
+                cs_v16 b_o = _mm512_maskz_loadu_ps(_m, &_p_b_o[_r * _ld_b_o + _j]);
+                cs_v16 beta_H = _mm512_maskz_loadu_ps(_m, &_p_beta_H[_r * _ld_beta_H + _j]);
+                cs_v16 c = _mm512_maskz_loadu_ps(_m, &_p_c[_r * _ld_c + _j]);
+                cs_v16 c_next;
+                cs_v16 h_next;
+                def_lstm_inference_fwd0_H<cs_v16>(U_f_h, U_g_h, U_i_h, U_o_h, W_f_x, W_g_x, W_i_x, W_o_x, b_f, b_g, b_i, b_o, beta_H, c, c_next, h_next);
+                _mm512_mask_storeu_ps(&_p_c_next[_r * _ld_c_next + _j], _m, c_next.v);
+                _mm512_mask_storeu_ps(&_p_h_next[_r * _ld_h_next + _j], _m, h_next.v);
+            }
+        });
+        return;
+    }
+#endif
     cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
 #pragma omp simd
         for (int64_t _j = 0; _j < _cols; ++_j) {
@@ -1230,6 +1359,39 @@ extern "C" int def_lstm_backward_bwd0_H_cuda_bf16(int64_t _rows, int64_t _cols, 
 template <typename real>
 static inline void def_lstm_backward_bwd0_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_beta_H, int64_t _ld_beta_H, const real* __restrict__ _p_c, int64_t _ld_c, const real* __restrict__ _p_c_next, int64_t _ld_c_next, const real* __restrict__ _p_d_c, int64_t _ld_d_c, const real* __restrict__ _p_d_h, int64_t _ld_d_h, const real* __restrict__ _p_d_h_next_out, int64_t _ld_d_h_next_out, const real* __restrict__ _p_f, int64_t _ld_f, const real* __restrict__ _p_g, int64_t _ld_g, const real* __restrict__ _p_i, int64_t _ld_i, const real* __restrict__ _p_o, int64_t _ld_o, real* __restrict__ _p_d_h_next, int64_t _ld_d_h_next, real* __restrict__ _p_d_c_next, int64_t _ld_d_c_next, real* __restrict__ _p_d_U_i_h, int64_t _ld_d_U_i_h, real* __restrict__ _p_d_U_f_h, int64_t _ld_d_U_f_h, real* __restrict__ _p_d_U_g_h, int64_t _ld_d_U_g_h, real* __restrict__ _p_d_U_o_h, int64_t _ld_d_U_o_h)
 {
+#ifdef CS_V16
+    if constexpr (sizeof(real) == sizeof(float)) {  // 16 units at a time (CS_V16)
+        cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
+            for (int64_t _j = 0; _j < _cols; _j += 16) {
+                const __mmask16 _m = cs_v16_mask(_cols - _j);
+                cs_v16 beta_H = _mm512_maskz_loadu_ps(_m, &_p_beta_H[_r * _ld_beta_H + _j]);
+                cs_v16 c = _mm512_maskz_loadu_ps(_m, &_p_c[_r * _ld_c + _j]);
+                cs_v16 c_next = _mm512_maskz_loadu_ps(_m, &_p_c_next[_r * _ld_c_next + _j]);
+                cs_v16 d_c = _mm512_maskz_loadu_ps(_m, &_p_d_c[_r * _ld_d_c + _j]);
+                cs_v16 d_h = _mm512_maskz_loadu_ps(_m, &_p_d_h[_r * _ld_d_h + _j]);
+                cs_v16 d_h_next_out = _mm512_maskz_loadu_ps(_m, &_p_d_h_next_out[_r * _ld_d_h_next_out + _j]);
+                cs_v16 f = _mm512_maskz_loadu_ps(_m, &_p_f[_r * _ld_f + _j]);
+                cs_v16 g = _mm512_maskz_loadu_ps(_m, &_p_g[_r * _ld_g + _j]);
+                cs_v16 i = _mm512_maskz_loadu_ps(_m, &_p_i[_r * _ld_i + _j]);
+                cs_v16 o = _mm512_maskz_loadu_ps(_m, &_p_o[_r * _ld_o + _j]);
+                cs_v16 d_h_next;
+                cs_v16 d_c_next;
+                cs_v16 d_U_i_h;
+                cs_v16 d_U_f_h;
+                cs_v16 d_U_g_h;
+                cs_v16 d_U_o_h;
+                def_lstm_backward_bwd0_H<cs_v16>(beta_H, c, c_next, d_c, d_h, d_h_next_out, f, g, i, o, d_h_next, d_c_next, d_U_i_h, d_U_f_h, d_U_g_h, d_U_o_h);
+                _mm512_mask_storeu_ps(&_p_d_h_next[_r * _ld_d_h_next + _j], _m, d_h_next.v);
+                _mm512_mask_storeu_ps(&_p_d_c_next[_r * _ld_d_c_next + _j], _m, d_c_next.v);
+                _mm512_mask_storeu_ps(&_p_d_U_i_h[_r * _ld_d_U_i_h + _j], _m, d_U_i_h.v);
+                _mm512_mask_storeu_ps(&_p_d_U_f_h[_r * _ld_d_U_f_h + _j], _m, d_U_f_h.v);
+                _mm512_mask_storeu_ps(&_p_d_U_g_h[_r * _ld_d_U_g_h + _j], _m, d_U_g_h.v);
+                _mm512_mask_storeu_ps(&_p_d_U_o_h[_r * _ld_d_U_o_h + _j], _m, d_U_o_h.v);
+            }
+        });
+        return;
+    }
+#endif
     cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
 #pragma omp simd
         for (int64_t _j = 0; _j < _cols; ++_j) {
@@ -1349,6 +1511,30 @@ extern "C" int def_lstm_backward_bwd_leaf_H_cuda_bf16(int64_t _rows, int64_t _co
 template <typename real>
 static inline void def_lstm_backward_bwd_leaf_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_beta_H, int64_t _ld_beta_H, const real* __restrict__ _p_c_next, int64_t _ld_c_next, const real* __restrict__ _p_d_c_next, int64_t _ld_d_c_next, const real* __restrict__ _p_d_h_gemm, int64_t _ld_d_h_gemm, const real* __restrict__ _p_d_h_next, int64_t _ld_d_h_next, const real* __restrict__ _p_f, int64_t _ld_f, const real* __restrict__ _p_o, int64_t _ld_o, real* __restrict__ _p_d_h, int64_t _ld_d_h, real* __restrict__ _p_d_c, int64_t _ld_d_c, real* __restrict__ _p_d_beta_H, int64_t _ld_d_beta_H)
 {
+#ifdef CS_V16
+    if constexpr (sizeof(real) == sizeof(float)) {  // 16 units at a time (CS_V16)
+        cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
+            for (int64_t _j = 0; _j < _cols; _j += 16) {
+                const __mmask16 _m = cs_v16_mask(_cols - _j);
+                cs_v16 beta_H = _mm512_maskz_loadu_ps(_m, &_p_beta_H[_r * _ld_beta_H + _j]);
+                cs_v16 c_next = _mm512_maskz_loadu_ps(_m, &_p_c_next[_r * _ld_c_next + _j]);
+                cs_v16 d_c_next = _mm512_maskz_loadu_ps(_m, &_p_d_c_next[_r * _ld_d_c_next + _j]);
+                cs_v16 d_h_gemm = _mm512_maskz_loadu_ps(_m, &_p_d_h_gemm[_r * _ld_d_h_gemm + _j]);
+                cs_v16 d_h_next = _mm512_maskz_loadu_ps(_m, &_p_d_h_next[_r * _ld_d_h_next + _j]);
+                cs_v16 f = _mm512_maskz_loadu_ps(_m, &_p_f[_r * _ld_f + _j]);
+                cs_v16 o = _mm512_maskz_loadu_ps(_m, &_p_o[_r * _ld_o + _j]);
+                cs_v16 d_h;
+                cs_v16 d_c;
+                cs_v16 d_beta_H;
+                def_lstm_backward_bwd_leaf_H<cs_v16>(beta_H, c_next, d_c_next, d_h_gemm, d_h_next, f, o, d_h, d_c, d_beta_H);
+                _mm512_mask_storeu_ps(&_p_d_h[_r * _ld_d_h + _j], _m, d_h.v);
+                _mm512_mask_storeu_ps(&_p_d_c[_r * _ld_d_c + _j], _m, d_c.v);
+                _mm512_mask_storeu_ps(&_p_d_beta_H[_r * _ld_d_beta_H + _j], _m, d_beta_H.v);
+            }
+        });
+        return;
+    }
+#endif
     cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
 #pragma omp simd
         for (int64_t _j = 0; _j < _cols; ++_j) {

@@ -128,6 +128,44 @@ __attribute__((__simd__("notinbranch"))) double log1p(double) __THROW;
 #endif
 }
 #endif
+#if !defined(__CUDACC__) && defined(CELLSPEC_SIMD_MATH) && defined(__AVX512F__) && defined(__GNUC__) && __cplusplus >= 201703L
+// The AVX-512 host build (cellspec.runtime.native's default where the CPU has it) runs an element
+// function whose math has overloads on cs_v16 (ops.simd_ok: +, -, *, /, small integer powers and
+// the op table's `simd` entries) on 16 floats at a time, in registers: the `omp simd` loop calls
+// libmvec per function, which spills every live vector around each call. exp: Cephes's
+// reduction and polynomial, times 2^n by vscalefps (overflow to inf, gradual underflow exact).
+#define CS_V16 1
+#include <immintrin.h>
+struct cs_v16 {
+    __m512 v;
+    cs_v16() {}
+    cs_v16(__m512 x) : v(x) {}
+    cs_v16(float x) : v(_mm512_set1_ps(x)) {}
+};
+inline cs_v16 operator+(cs_v16 a, cs_v16 b) { return _mm512_add_ps(a.v, b.v); }
+inline cs_v16 operator-(cs_v16 a, cs_v16 b) { return _mm512_sub_ps(a.v, b.v); }
+inline cs_v16 operator*(cs_v16 a, cs_v16 b) { return _mm512_mul_ps(a.v, b.v); }
+inline cs_v16 operator/(cs_v16 a, cs_v16 b) { return _mm512_div_ps(a.v, b.v); }
+inline cs_v16 operator-(cs_v16 a) { return _mm512_xor_ps(a.v, _mm512_set1_ps(-0.0f)); }
+// the first n (<= 16) lanes
+inline __mmask16 cs_v16_mask(int64_t n) { return n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << n) - 1); }
+inline __m512 cs_v16_exp(__m512 x)
+{
+    x = _mm512_min_ps(_mm512_set1_ps(89.0f), _mm512_max_ps(_mm512_set1_ps(-104.0f), x));  // NaN passes
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(p, n);
+}
+#endif
 // ---------------------------------------------------------------------------------------------
 // Elementwise functions with the semantics of the NumPy back end (stable sigmoid and softplus;
 // min/max/clip propagate NaN; derivative masks follow PyTorch at kinks), from the op table
@@ -177,6 +215,31 @@ template <typename T> __host__ __device__ inline T cs_clip_low(T z, T lo, T hi) 
 template <typename T> __host__ __device__ inline T cs_clip_high(T z, T lo, T hi) { return (z > hi || lo > hi) ? T(1) : T(0); }
 __host__ __device__ inline float cs_pow(float a, float b) { return powf(a, b); }
 __host__ __device__ inline double cs_pow(double a, double b) { return pow(a, b); }
+#ifdef CS_V16
+// the same on 16 floats: e = exp(-|z|), then one division, 1 / (1 + e) or e / (1 + e)
+inline cs_v16 cs_sigmoid(cs_v16 z) {
+    const __m512 e = cs_v16_exp(_mm512_or_ps(z.v, _mm512_set1_ps(-0.0f)));
+    const __mmask16 pos = _mm512_cmp_ps_mask(z.v, _mm512_setzero_ps(), _CMP_GE_OQ);
+    return _mm512_div_ps(_mm512_mask_blend_ps(pos, e, _mm512_set1_ps(1.0f)), _mm512_add_ps(_mm512_set1_ps(1.0f), e));
+}
+// tanh on 16 floats: Cephes's odd polynomial below |z| = 0.625, (1 - e) / (1 + e) with
+// e = exp(-2|z|) above (no cancellation there), the sign of z
+inline cs_v16 cs_tanh(cs_v16 z) {
+    const __m512 sign = _mm512_set1_ps(-0.0f), one = _mm512_set1_ps(1.0f);
+    const __m512 a = _mm512_andnot_ps(sign, z.v), s = _mm512_mul_ps(a, a);
+    const __m512 e = cs_v16_exp(_mm512_mul_ps(a, _mm512_set1_ps(-2.0f)));
+    const __m512 large = _mm512_div_ps(_mm512_sub_ps(one, e), _mm512_add_ps(one, e));
+    __m512 p = _mm512_set1_ps(-5.70498872745e-3f);
+    p = _mm512_fmadd_ps(p, s, _mm512_set1_ps(2.06390887954e-2f));
+    p = _mm512_fmadd_ps(p, s, _mm512_set1_ps(-5.37397155531e-2f));
+    p = _mm512_fmadd_ps(p, s, _mm512_set1_ps(1.33314422036e-1f));
+    p = _mm512_fmadd_ps(p, s, _mm512_set1_ps(-3.33332819422e-1f));
+    const __m512 small = _mm512_fmadd_ps(_mm512_mul_ps(p, s), a, a);
+    const __mmask16 lt = _mm512_cmp_ps_mask(a, _mm512_set1_ps(0.625f), _CMP_LT_OQ);
+    return _mm512_or_ps(_mm512_mask_blend_ps(lt, large, small), _mm512_and_ps(z.v, sign));
+}
+inline cs_v16 cs_exp(cs_v16 z) { return cs_v16_exp(z.v); }
+#endif  // CS_V16
 
 #ifdef __CUDACC__
 // Storage <-> math type: 16-bit storage computes in float.
