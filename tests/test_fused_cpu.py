@@ -4,6 +4,7 @@ agreeing with the pure-torch engine; the torch engine, silently, where no compil
 from __future__ import annotations
 
 import contextlib
+import re
 import subprocess
 import warnings
 from pathlib import Path
@@ -411,6 +412,25 @@ def test_host_simd_options_widest_first(monkeypatch):
         finally:
             native.host_simd_options.cache_clear()
         assert got == tuple(native.SIMD_FLAGS + f for f in expect)
+
+
+def _vector_paths(spec):
+    """{element function: whether its host loop has the cs_v16 path} of a shipped spec's .cu."""
+    from cellspec.driver import compile_file
+
+    files = compile_file(ROOT / "specs" / f"{spec}.cell")[0].files
+    cu = next(text for name, text in files.items() if str(name).endswith(".cu"))
+    found = re.finditer(r"static inline void (\w+)_host\(int64_t _rows, int64_t _cols[^\n]*\n\{\n(#ifdef CS_V16)?", cu)
+    return {m.group(1): m.group(2) is not None for m in found}
+
+
+def test_vector_path_only_where_every_function_has_an_overload():
+    """The element functions of the LSTM (arithmetic, sigmoid, tanh) all get the 16-float path;
+    IndRNN's forward (relu, no vector overload) keeps the omp simd loop only."""
+    lstm = _vector_paths("lstm")
+    assert lstm and all(lstm.values())
+    ind = _vector_paths("ind_rnn")
+    assert ind["ind_rnn_forward_fwd0_H"] is False and ind["ind_rnn_inference_fwd0_H"] is False
 
 
 _ULP_PROGRAM = r"""
