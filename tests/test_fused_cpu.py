@@ -414,23 +414,26 @@ def test_host_simd_options_widest_first(monkeypatch):
         assert got == tuple(native.SIMD_FLAGS + f for f in expect)
 
 
-def _vector_paths(spec):
-    """{element function: whether its host loop has the cs_v16 path} of a shipped spec's .cu."""
+def _vector_paths(path):
+    """{element function: whether its host loop has the cs_v16 path} of a spec's .cu."""
     from cellspec.driver import compile_file
 
-    files = compile_file(ROOT / "specs" / f"{spec}.cell")[0].files
+    files = compile_file(path)[0].files
     cu = next(text for name, text in files.items() if str(name).endswith(".cu"))
     found = re.finditer(r"static inline void (\w+)_host\(int64_t _rows, int64_t _cols[^\n]*\n\{\n(#ifdef CS_V16)?", cu)
     return {m.group(1): m.group(2) is not None for m in found}
 
 
 def test_vector_path_only_where_every_function_has_an_overload():
-    """The element functions of the LSTM (arithmetic, sigmoid, tanh) all get the 16-float path;
-    IndRNN's forward (relu, no vector overload) keeps the omp simd loop only."""
-    lstm = _vector_paths("lstm")
-    assert lstm and all(lstm.values())
-    ind = _vector_paths("ind_rnn")
-    assert ind["ind_rnn_forward_fwd0_H"] is False and ind["ind_rnn_inference_fwd0_H"] is False
+    """Every element function of the 21 shipped specs gets the 16-float path (their math is
+    arithmetic and ops with vector overloads); one that calls softplus or log (no overload) keeps
+    the omp simd loop only."""
+    shipped = {}
+    for path in sorted((ROOT / "specs").glob("*.cell")):
+        shipped.update(_vector_paths(path))
+    assert len(shipped) > 50 and all(shipped.values()), [k for k, v in shipped.items() if not v]
+    mixed = _vector_paths(ROOT / "tests" / "specs" / "everything.cell")
+    assert True in mixed.values() and False in mixed.values()
 
 
 _ULP_PROGRAM = r"""
@@ -466,6 +469,64 @@ int main() {
     }
 }
 """
+
+
+_EXACT_PROGRAM = r"""
+#include "GENERATED"
+#include <cstdio>
+#include <cstring>
+#include <cmath>
+#include <vector>
+// the same bits, or NaN both
+static bool same(float a, float b) { return (std::isnan(a) && std::isnan(b)) || memcmp(&a, &b, 4) == 0; }
+template <typename S, typename V>
+static int check(const char* name, const std::vector<float>& a, const std::vector<float>& b, const std::vector<float>& c, S scalar, V vector) {
+    int bad = 0;
+    for (size_t i = 0; i < a.size(); i += 16) {
+        float out[16];
+        _mm512_storeu_ps(out, vector(cs_v16(_mm512_loadu_ps(&a[i])), cs_v16(_mm512_loadu_ps(&b[i])), cs_v16(_mm512_loadu_ps(&c[i]))).v);
+        for (int j = 0; j < 16; ++j)
+            if (!same(out[j], scalar(a[i + j], b[i + j], c[i + j]))) ++bad;
+    }
+    printf("%s %d\n", name, bad);
+    return bad;
+}
+int main() {
+    const float v[] = {0.0f, -0.0f, 1.0f, -1.0f, 0.5f, -3.0f, 3.0f, 2.9999998f, 6.0f, -6.0f, INFINITY, -INFINITY,
+                       NAN, 1e-45f, -1e-45f, 1e30f, -2.5f};
+    const int n = sizeof(v) / sizeof(v[0]);
+    std::vector<float> a, b, c;  // every triple of the values, padded to 16 lanes
+    for (int i = 0; i < n; ++i) for (int j = 0; j < n; ++j) for (int k = 0; k < n; ++k) { a.push_back(v[i]); b.push_back(v[j]); c.push_back(v[k]); }
+    while (a.size() % 16) { a.push_back(0.0f); b.push_back(0.0f); c.push_back(0.0f); }
+#define U_(f) check(#f, a, b, c, [](float x, float, float) { return f(x); }, [](cs_v16 x, cs_v16, cs_v16) { return f(x); })
+#define B_(f) check(#f, a, b, c, [](float x, float y, float) { return f(x, y); }, [](cs_v16 x, cs_v16 y, cs_v16) { return f(x, y); })
+#define T_(f) check(#f, a, b, c, [](float x, float y, float z) { return f(x, y, z); }, [](cs_v16 x, cs_v16 y, cs_v16 z) { return f(x, y, z); })
+    U_(cs_relu); U_(cs_sqrt); U_(cs_softsign); U_(cs_abs); U_(cs_hard_sigmoid); U_(cs_positive); U_(cs_sign);
+    U_(cs_inside_open3); B_(cs_min); B_(cs_max); B_(cs_less_tie); T_(cs_clip); T_(cs_clip_pass); T_(cs_clip_low);
+    T_(cs_clip_high);
+}
+"""
+
+
+@pytest.mark.skipif(not HAVE_CXX, reason="no C++ compiler")
+def test_vector_overloads_of_exact_ops_equal_the_scalar_ones(tmp_path):
+    """relu, sqrt, softsign, abs, hard_sigmoid, min, max, clip and the derivative masks on 16
+    floats (cs_v16) give the scalar helpers' results bit for bit, NaN where they give NaN and the
+    sign of a zero kept, over every triple of 17 values (zeros of both signs, infinities, NaN, a
+    subnormal, the kinks at 0, +-3 and 6)."""
+    cxx = native.which_cxx()
+    options = [o for o in native.host_simd_options(cxx) if o == native.SIMD_FLAGS + native.AVX512_FLAGS]
+    if not options:
+        pytest.skip("no AVX-512 host build here")
+    src = tmp_path / "exact.cpp"
+    src.write_text(_EXACT_PROGRAM.replace("GENERATED", str(ROOT / "generated" / "lstm" / "lstm.cu")))
+    exe = tmp_path / "exact"
+    subprocess.run([cxx, "-O2", "-fopenmp", *options[0], str(src), "-o", str(exe), *native.SIMD_LIBS],
+                   check=True, capture_output=True, timeout=300)
+    out = subprocess.run([str(exe)], check=True, capture_output=True, text=True, timeout=300).stdout.split()
+    counts = dict(zip(out[::2], (int(v) for v in out[1::2])))
+    assert len(counts) == 15
+    assert counts == {k: 0 for k in counts}, counts
 
 
 @pytest.mark.skipif(not HAVE_CXX, reason="no C++ compiler")

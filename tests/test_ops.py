@@ -494,7 +494,8 @@ def test_simd_ok_only_for_math_with_vector_overloads():
     and the ops with a ``simd`` source (each of which must overload its C spelling)."""
     z, c = sp.symbols("z c")
     assert ops.simd_ok([fn.Sigmoid(z) * c + fn.Tanh(c) ** 2, fn.Exp(-z) / (1 + z)])
-    assert not ops.simd_ok([fn.Relu(z)])  # no vector overload: the omp simd loop
+    assert ops.simd_ok([fn.Relu(z) * fn.Positive(z), fn.Max(z, c)])
+    assert not ops.simd_ok([fn.Softplus(z)])  # no vector overload: the omp simd loop
     assert not ops.simd_ok([z ** sp.Rational(3, 2)])  # cs_pow
     assert not ops.simd_ok([z ** 5])
     for o in ops.OPS:

@@ -205,6 +205,7 @@ inline cs_v16 cs_tanh(cs_v16 z) {
     return np.maximum(z, 0)""",
             "c": "template <typename T> __host__ __device__ inline T cs_relu(T z) { return cs_max(z, T(0)); }",
         },
+        simd="inline cs_v16 cs_relu(cs_v16 z) { return cs_v16_max(z, 0.0f); }",
         needs={"c": ("cs_max",)},
         fuzz=frozenset({"safe"}),
     ),
@@ -236,6 +237,7 @@ inline cs_v16 cs_tanh(cs_v16 z) {
         fn.Sqrt,
         {"numpy": "np.sqrt", "torch": "torch.sqrt", "c": "cs_sqrt"},
         helper={"c": _c_overloads("cs_sqrt", "sqrtf", "sqrt")},
+        simd="inline cs_v16 cs_sqrt(cs_v16 z) { return _mm512_sqrt_ps(z.v); }",
         torch_out="torch.sqrt",
         fuzz=frozenset({"needs-positive-domain"}),
     ),
@@ -264,6 +266,7 @@ template <typename T> __host__ __device__ inline T cs_softplus(T z) {
     return z / (1 + np.abs(z))""",
             "c": "template <typename T> __host__ __device__ inline T cs_softsign(T z) { return z / (T(1) + cs_abs(z)); }",
         },
+        simd="inline cs_v16 cs_softsign(cs_v16 z) { return z / (cs_v16(1.0f) + cs_v16(_mm512_andnot_ps(_mm512_set1_ps(-0.0f), z.v))); }",
         needs={"c": ("cs_abs",)},
         fuzz=frozenset({"squash", "safe"}),
     ),
@@ -272,6 +275,7 @@ template <typename T> __host__ __device__ inline T cs_softplus(T z) {
         fn.Abs,
         {"numpy": "np.abs", "torch": "torch.abs", "c": "cs_abs"},
         helper={"c": _c_overloads("cs_abs", "fabsf", "fabs")},
+        simd="inline cs_v16 cs_abs(cs_v16 z) { return _mm512_andnot_ps(_mm512_set1_ps(-0.0f), z.v); }",
         torch_out="torch.abs",
         fuzz=frozenset({"safe"}),
     ),
@@ -290,6 +294,7 @@ template <typename T> __host__ __device__ inline T cs_softplus(T z) {
             "c": """// PyTorch's hardsigmoid: clip(z / 6 + 1/2, 0, 1)
 template <typename T> __host__ __device__ inline T cs_hard_sigmoid(T z) { return cs_clip(z / T(6) + T(0.5), T(0), T(1)); }""",
         },
+        simd="inline cs_v16 cs_hard_sigmoid(cs_v16 z) { return cs_v16_min(cs_v16_max(z / cs_v16(6.0f) + cs_v16(0.5f), 0.0f), 1.0f); }",
         needs={"c": ("cs_clip",)},
         fuzz=frozenset({"squash", "safe"}),
     ),
@@ -311,6 +316,7 @@ template <typename T> __host__ __device__ inline T cs_hard_sigmoid(T z) { return
 }""",
         },
         needs={"torch": ("_tensors",)},
+        simd="inline cs_v16 cs_min(cs_v16 a, cs_v16 b) { return cs_v16_min(a, b); }",
     ),
     OpSpec(
         "max",
@@ -330,6 +336,7 @@ template <typename T> __host__ __device__ inline T cs_hard_sigmoid(T z) { return
 }""",
         },
         needs={"torch": ("_tensors",)},
+        simd="inline cs_v16 cs_max(cs_v16 a, cs_v16 b) { return cs_v16_max(a, b); }",
     ),
     OpSpec(
         "clip",
@@ -355,6 +362,7 @@ template <typename T> __host__ __device__ inline T cs_hard_sigmoid(T z) { return
 template <typename T> __host__ __device__ inline T cs_clip(T z, T lo, T hi) { return cs_min(cs_max(z, lo), hi); }""",
         },
         needs={"torch": ("_tensors",), "c": ("cs_min", "cs_max")},
+        simd="inline cs_v16 cs_clip(cs_v16 z, cs_v16 lo, cs_v16 hi) { return cs_v16_min(cs_v16_max(z, lo), hi); }",
     ),
     OpSpec(
         "@",
@@ -382,6 +390,7 @@ template <typename T> __host__ __device__ inline T cs_clip(T z, T lo, T hi) { re
             "c": """// derivative masks: 1 or 0 (or 1/2 for ties) in the math type
 template <typename T> __host__ __device__ inline T cs_positive(T z) { return z > T(0) ? T(1) : T(0); }""",
         },
+        simd="inline cs_v16 cs_positive(cs_v16 z) { return cs_v16_ones(_mm512_cmp_ps_mask(z.v, _mm512_setzero_ps(), _CMP_GT_OQ)); }",
         needs={"numpy": ("_mask",)},
     ),
     _derivative_mask(
@@ -390,6 +399,10 @@ template <typename T> __host__ __device__ inline T cs_positive(T z) { return z >
         helper={
             "c": "template <typename T> __host__ __device__ inline T cs_sign(T z) { return z > T(0) ? T(1) : (z < T(0) ? T(-1) : z); }",
         },
+        simd="""inline cs_v16 cs_sign(cs_v16 z) {
+    const __m512 r = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(z.v, _mm512_setzero_ps(), _CMP_LT_OQ), z.v, _mm512_set1_ps(-1.0f));
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(z.v, _mm512_setzero_ps(), _CMP_GT_OQ), r, _mm512_set1_ps(1.0f));
+}""",
     ),
     _derivative_mask(
         fn.InsideOpen3,
@@ -403,6 +416,9 @@ template <typename T> __host__ __device__ inline T cs_positive(T z) { return z >
     return ((z > -3) & (z < 3)).to(z.dtype)''',
             "c": "template <typename T> __host__ __device__ inline T cs_inside_open3(T z) { return (z > T(-3) && z < T(3)) ? T(1) : T(0); }",
         },
+        simd="""inline cs_v16 cs_inside_open3(cs_v16 z) {
+    return cs_v16_ones(_mm512_cmp_ps_mask(z.v, _mm512_set1_ps(-3.0f), _CMP_GT_OQ) & _mm512_cmp_ps_mask(z.v, _mm512_set1_ps(3.0f), _CMP_LT_OQ));
+}""",
         needs={"numpy": ("_mask",)},
     ),
     _derivative_mask(
@@ -418,6 +434,10 @@ template <typename T> __host__ __device__ inline T cs_positive(T z) { return z >
     return (a < b).to(a.dtype) + 0.5 * (a == b).to(a.dtype)''',
             "c": "template <typename T> __host__ __device__ inline T cs_less_tie(T a, T b) { return a < b ? T(1) : (a == b ? T(0.5) : T(0)); }",
         },
+        simd="""inline cs_v16 cs_less_tie(cs_v16 a, cs_v16 b) {
+    const __m512 tie = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(a.v, b.v, _CMP_EQ_OQ), _mm512_set1_ps(0.5f));
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(a.v, b.v, _CMP_LT_OQ), tie, _mm512_set1_ps(1.0f));
+}""",
         needs={"numpy": ("_mask",), "torch": ("_tensors",)},
     ),
     _derivative_mask(
@@ -433,6 +453,9 @@ template <typename T> __host__ __device__ inline T cs_positive(T z) { return z >
     return ((z >= lo) & (z <= hi)).to(z.dtype)''',
             "c": "template <typename T> __host__ __device__ inline T cs_clip_pass(T z, T lo, T hi) { return (z >= lo && z <= hi) ? T(1) : T(0); }",
         },
+        simd="""inline cs_v16 cs_clip_pass(cs_v16 z, cs_v16 lo, cs_v16 hi) {
+    return cs_v16_ones(_mm512_cmp_ps_mask(z.v, lo.v, _CMP_GE_OQ) & _mm512_cmp_ps_mask(z.v, hi.v, _CMP_LE_OQ));
+}""",
         needs={"numpy": ("_mask",), "torch": ("_tensors",)},
     ),
     _derivative_mask(
@@ -448,6 +471,9 @@ template <typename T> __host__ __device__ inline T cs_positive(T z) { return z >
     return ((z < lo) & (lo < hi)).to(z.dtype)''',
             "c": "template <typename T> __host__ __device__ inline T cs_clip_low(T z, T lo, T hi) { return (z < lo && lo < hi) ? T(1) : T(0); }",
         },
+        simd="""inline cs_v16 cs_clip_low(cs_v16 z, cs_v16 lo, cs_v16 hi) {
+    return cs_v16_ones(_mm512_cmp_ps_mask(z.v, lo.v, _CMP_LT_OQ) & _mm512_cmp_ps_mask(lo.v, hi.v, _CMP_LT_OQ));
+}""",
         needs={"numpy": ("_mask",), "torch": ("_tensors",)},
     ),
     _derivative_mask(
@@ -463,6 +489,9 @@ template <typename T> __host__ __device__ inline T cs_positive(T z) { return z >
     return ((z > hi) | (lo > hi)).to(z.dtype)''',
             "c": "template <typename T> __host__ __device__ inline T cs_clip_high(T z, T lo, T hi) { return (z > hi || lo > hi) ? T(1) : T(0); }",
         },
+        simd="""inline cs_v16 cs_clip_high(cs_v16 z, cs_v16 lo, cs_v16 hi) {
+    return cs_v16_ones(_mm512_cmp_ps_mask(z.v, hi.v, _CMP_GT_OQ) | _mm512_cmp_ps_mask(lo.v, hi.v, _CMP_GT_OQ));
+}""",
         needs={"numpy": ("_mask",), "torch": ("_tensors",)},
     ),
     # ---- row reductions: one number per row. The language's sum/mean/layer_norm lower to

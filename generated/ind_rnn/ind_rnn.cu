@@ -139,6 +139,16 @@ inline cs_v16 operator/(cs_v16 a, cs_v16 b) { return _mm512_div_ps(a.v, b.v); }
 inline cs_v16 operator-(cs_v16 a) { return _mm512_xor_ps(a.v, _mm512_set1_ps(-0.0f)); }
 // the first n (<= 16) lanes
 inline __mmask16 cs_v16_mask(int64_t n) { return n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << n) - 1); }
+// cs_max / cs_min lane by lane: a + b where either is NaN, else b where the comparison says, else a
+inline cs_v16 cs_v16_pick(__mmask16 take_b, __m512 a, __m512 b)
+{
+    const __mmask16 nan = _mm512_cmp_ps_mask(a, b, _CMP_UNORD_Q);
+    return _mm512_mask_blend_ps(nan, _mm512_mask_blend_ps(take_b, a, b), _mm512_add_ps(a, b));
+}
+inline cs_v16 cs_v16_max(cs_v16 a, cs_v16 b) { return cs_v16_pick(_mm512_cmp_ps_mask(b.v, a.v, _CMP_GT_OQ), a.v, b.v); }
+inline cs_v16 cs_v16_min(cs_v16 a, cs_v16 b) { return cs_v16_pick(_mm512_cmp_ps_mask(b.v, a.v, _CMP_LT_OQ), a.v, b.v); }
+// a derivative mask: 1 where m, else 0
+inline cs_v16 cs_v16_ones(__mmask16 m) { return _mm512_maskz_mov_ps(m, _mm512_set1_ps(1.0f)); }
 inline __m512 cs_v16_exp(__m512 x)
 {
     x = _mm512_min_ps(_mm512_set1_ps(89.0f), _mm512_max_ps(_mm512_set1_ps(-104.0f), x));  // NaN passes
@@ -228,7 +238,36 @@ inline cs_v16 cs_tanh(cs_v16 z) {
     const __mmask16 lt = _mm512_cmp_ps_mask(a, _mm512_set1_ps(0.625f), _CMP_LT_OQ);
     return _mm512_or_ps(_mm512_mask_blend_ps(lt, large, small), _mm512_and_ps(z.v, sign));
 }
+inline cs_v16 cs_relu(cs_v16 z) { return cs_v16_max(z, 0.0f); }
 inline cs_v16 cs_exp(cs_v16 z) { return cs_v16_exp(z.v); }
+inline cs_v16 cs_sqrt(cs_v16 z) { return _mm512_sqrt_ps(z.v); }
+inline cs_v16 cs_softsign(cs_v16 z) { return z / (cs_v16(1.0f) + cs_v16(_mm512_andnot_ps(_mm512_set1_ps(-0.0f), z.v))); }
+inline cs_v16 cs_abs(cs_v16 z) { return _mm512_andnot_ps(_mm512_set1_ps(-0.0f), z.v); }
+inline cs_v16 cs_hard_sigmoid(cs_v16 z) { return cs_v16_min(cs_v16_max(z / cs_v16(6.0f) + cs_v16(0.5f), 0.0f), 1.0f); }
+inline cs_v16 cs_min(cs_v16 a, cs_v16 b) { return cs_v16_min(a, b); }
+inline cs_v16 cs_max(cs_v16 a, cs_v16 b) { return cs_v16_max(a, b); }
+inline cs_v16 cs_clip(cs_v16 z, cs_v16 lo, cs_v16 hi) { return cs_v16_min(cs_v16_max(z, lo), hi); }
+inline cs_v16 cs_positive(cs_v16 z) { return cs_v16_ones(_mm512_cmp_ps_mask(z.v, _mm512_setzero_ps(), _CMP_GT_OQ)); }
+inline cs_v16 cs_sign(cs_v16 z) {
+    const __m512 r = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(z.v, _mm512_setzero_ps(), _CMP_LT_OQ), z.v, _mm512_set1_ps(-1.0f));
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(z.v, _mm512_setzero_ps(), _CMP_GT_OQ), r, _mm512_set1_ps(1.0f));
+}
+inline cs_v16 cs_inside_open3(cs_v16 z) {
+    return cs_v16_ones(_mm512_cmp_ps_mask(z.v, _mm512_set1_ps(-3.0f), _CMP_GT_OQ) & _mm512_cmp_ps_mask(z.v, _mm512_set1_ps(3.0f), _CMP_LT_OQ));
+}
+inline cs_v16 cs_less_tie(cs_v16 a, cs_v16 b) {
+    const __m512 tie = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(a.v, b.v, _CMP_EQ_OQ), _mm512_set1_ps(0.5f));
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(a.v, b.v, _CMP_LT_OQ), tie, _mm512_set1_ps(1.0f));
+}
+inline cs_v16 cs_clip_pass(cs_v16 z, cs_v16 lo, cs_v16 hi) {
+    return cs_v16_ones(_mm512_cmp_ps_mask(z.v, lo.v, _CMP_GE_OQ) & _mm512_cmp_ps_mask(z.v, hi.v, _CMP_LE_OQ));
+}
+inline cs_v16 cs_clip_low(cs_v16 z, cs_v16 lo, cs_v16 hi) {
+    return cs_v16_ones(_mm512_cmp_ps_mask(z.v, lo.v, _CMP_LT_OQ) & _mm512_cmp_ps_mask(lo.v, hi.v, _CMP_LT_OQ));
+}
+inline cs_v16 cs_clip_high(cs_v16 z, cs_v16 lo, cs_v16 hi) {
+    return cs_v16_ones(_mm512_cmp_ps_mask(z.v, hi.v, _CMP_GT_OQ) | _mm512_cmp_ps_mask(lo.v, hi.v, _CMP_GT_OQ));
+}
 #endif  // CS_V16
 
 #ifdef __CUDACC__
@@ -953,6 +992,23 @@ extern "C" int ind_rnn_forward_fwd0_H_cuda_bf16(int64_t _rows, int64_t _cols, co
 template <typename real>
 static inline void ind_rnn_forward_fwd0_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_W_x, int64_t _ld_W_x, const real* __restrict__ _p_b, int64_t _ld_b, const real* __restrict__ _p_h, int64_t _ld_h, const real* __restrict__ _p_u, int64_t _ld_u, real* __restrict__ _p_h_next, int64_t _ld_h_next)
 {
+#ifdef CS_V16
+    if constexpr (sizeof(real) == sizeof(float)) {  // 16 units at a time (CS_V16)
+        cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
+            for (int64_t _j = 0; _j < _cols; _j += 16) {
+                const __mmask16 _m = cs_v16_mask(_cols - _j);
+                cs_v16 W_x = _mm512_maskz_loadu_ps(_m, &_p_W_x[_r * _ld_W_x + _j]);
+                cs_v16 b = _mm512_maskz_loadu_ps(_m, &_p_b[_r * _ld_b + _j]);
+                cs_v16 h = _mm512_maskz_loadu_ps(_m, &_p_h[_r * _ld_h + _j]);
+                cs_v16 u = _mm512_maskz_loadu_ps(_m, &_p_u[_r * _ld_u + _j]);
+                cs_v16 h_next;
+                ind_rnn_forward_fwd0_H<cs_v16>(W_x, b, h, u, h_next);
+                _mm512_mask_storeu_ps(&_p_h_next[_r * _ld_h_next + _j], _m, h_next.v);
+            }
+        });
+        return;
+    }
+#endif
     cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
 #pragma omp simd
         for (int64_t _j = 0; _j < _cols; ++_j) {
@@ -1040,6 +1096,23 @@ extern "C" int ind_rnn_inference_fwd0_H_cuda_bf16(int64_t _rows, int64_t _cols, 
 template <typename real>
 static inline void ind_rnn_inference_fwd0_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_W_x, int64_t _ld_W_x, const real* __restrict__ _p_b, int64_t _ld_b, const real* __restrict__ _p_h, int64_t _ld_h, const real* __restrict__ _p_u, int64_t _ld_u, real* __restrict__ _p_h_next, int64_t _ld_h_next)
 {
+#ifdef CS_V16
+    if constexpr (sizeof(real) == sizeof(float)) {  // 16 units at a time (CS_V16)
+        cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
+            for (int64_t _j = 0; _j < _cols; _j += 16) {
+                const __mmask16 _m = cs_v16_mask(_cols - _j);
+                cs_v16 W_x = _mm512_maskz_loadu_ps(_m, &_p_W_x[_r * _ld_W_x + _j]);
+                cs_v16 b = _mm512_maskz_loadu_ps(_m, &_p_b[_r * _ld_b + _j]);
+                cs_v16 h = _mm512_maskz_loadu_ps(_m, &_p_h[_r * _ld_h + _j]);
+                cs_v16 u = _mm512_maskz_loadu_ps(_m, &_p_u[_r * _ld_u + _j]);
+                cs_v16 h_next;
+                ind_rnn_inference_fwd0_H<cs_v16>(W_x, b, h, u, h_next);
+                _mm512_mask_storeu_ps(&_p_h_next[_r * _ld_h_next + _j], _m, h_next.v);
+            }
+        });
+        return;
+    }
+#endif
     cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
 #pragma omp simd
         for (int64_t _j = 0; _j < _cols; ++_j) {
@@ -1241,6 +1314,30 @@ extern "C" int ind_rnn_backward_bwd_leaf_H_cuda_bf16(int64_t _rows, int64_t _col
 template <typename real>
 static inline void ind_rnn_backward_bwd_leaf_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_W_x, int64_t _ld_W_x, const real* __restrict__ _p_b, int64_t _ld_b, const real* __restrict__ _p_d_h_next, int64_t _ld_d_h_next, const real* __restrict__ _p_h, int64_t _ld_h, const real* __restrict__ _p_u, int64_t _ld_u, real* __restrict__ _p_d_h, int64_t _ld_d_h, real* __restrict__ _p_d_u, int64_t _ld_d_u, real* __restrict__ _p_d_b, int64_t _ld_d_b, real* __restrict__ _p_d_W_x, int64_t _ld_d_W_x)
 {
+#ifdef CS_V16
+    if constexpr (sizeof(real) == sizeof(float)) {  // 16 units at a time (CS_V16)
+        cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
+            for (int64_t _j = 0; _j < _cols; _j += 16) {
+                const __mmask16 _m = cs_v16_mask(_cols - _j);
+                cs_v16 W_x = _mm512_maskz_loadu_ps(_m, &_p_W_x[_r * _ld_W_x + _j]);
+                cs_v16 b = _mm512_maskz_loadu_ps(_m, &_p_b[_r * _ld_b + _j]);
+                cs_v16 d_h_next = _mm512_maskz_loadu_ps(_m, &_p_d_h_next[_r * _ld_d_h_next + _j]);
+                cs_v16 h = _mm512_maskz_loadu_ps(_m, &_p_h[_r * _ld_h + _j]);
+                cs_v16 u = _mm512_maskz_loadu_ps(_m, &_p_u[_r * _ld_u + _j]);
+                cs_v16 d_h;
+                cs_v16 d_u;
+                cs_v16 d_b;
+                cs_v16 d_W_x;
+                ind_rnn_backward_bwd_leaf_H<cs_v16>(W_x, b, d_h_next, h, u, d_h, d_u, d_b, d_W_x);
+                _mm512_mask_storeu_ps(&_p_d_h[_r * _ld_d_h + _j], _m, d_h.v);
+                _mm512_mask_storeu_ps(&_p_d_u[_r * _ld_d_u + _j], _m, d_u.v);
+                _mm512_mask_storeu_ps(&_p_d_b[_r * _ld_d_b + _j], _m, d_b.v);
+                _mm512_mask_storeu_ps(&_p_d_W_x[_r * _ld_d_W_x + _j], _m, d_W_x.v);
+            }
+        });
+        return;
+    }
+#endif
     cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
 #pragma omp simd
         for (int64_t _j = 0; _j < _cols; ++_j) {

@@ -147,6 +147,16 @@ inline cs_v16 operator/(cs_v16 a, cs_v16 b) { return _mm512_div_ps(a.v, b.v); }
 inline cs_v16 operator-(cs_v16 a) { return _mm512_xor_ps(a.v, _mm512_set1_ps(-0.0f)); }
 // the first n (<= 16) lanes
 inline __mmask16 cs_v16_mask(int64_t n) { return n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << n) - 1); }
+// cs_max / cs_min lane by lane: a + b where either is NaN, else b where the comparison says, else a
+inline cs_v16 cs_v16_pick(__mmask16 take_b, __m512 a, __m512 b)
+{
+    const __mmask16 nan = _mm512_cmp_ps_mask(a, b, _CMP_UNORD_Q);
+    return _mm512_mask_blend_ps(nan, _mm512_mask_blend_ps(take_b, a, b), _mm512_add_ps(a, b));
+}
+inline cs_v16 cs_v16_max(cs_v16 a, cs_v16 b) { return cs_v16_pick(_mm512_cmp_ps_mask(b.v, a.v, _CMP_GT_OQ), a.v, b.v); }
+inline cs_v16 cs_v16_min(cs_v16 a, cs_v16 b) { return cs_v16_pick(_mm512_cmp_ps_mask(b.v, a.v, _CMP_LT_OQ), a.v, b.v); }
+// a derivative mask: 1 where m, else 0
+inline cs_v16 cs_v16_ones(__mmask16 m) { return _mm512_maskz_mov_ps(m, _mm512_set1_ps(1.0f)); }
 inline __m512 cs_v16_exp(__m512 x)
 {
     x = _mm512_min_ps(_mm512_set1_ps(89.0f), _mm512_max_ps(_mm512_set1_ps(-104.0f), x));  // NaN passes
@@ -236,7 +246,36 @@ inline cs_v16 cs_tanh(cs_v16 z) {
     const __mmask16 lt = _mm512_cmp_ps_mask(a, _mm512_set1_ps(0.625f), _CMP_LT_OQ);
     return _mm512_or_ps(_mm512_mask_blend_ps(lt, large, small), _mm512_and_ps(z.v, sign));
 }
+inline cs_v16 cs_relu(cs_v16 z) { return cs_v16_max(z, 0.0f); }
 inline cs_v16 cs_exp(cs_v16 z) { return cs_v16_exp(z.v); }
+inline cs_v16 cs_sqrt(cs_v16 z) { return _mm512_sqrt_ps(z.v); }
+inline cs_v16 cs_softsign(cs_v16 z) { return z / (cs_v16(1.0f) + cs_v16(_mm512_andnot_ps(_mm512_set1_ps(-0.0f), z.v))); }
+inline cs_v16 cs_abs(cs_v16 z) { return _mm512_andnot_ps(_mm512_set1_ps(-0.0f), z.v); }
+inline cs_v16 cs_hard_sigmoid(cs_v16 z) { return cs_v16_min(cs_v16_max(z / cs_v16(6.0f) + cs_v16(0.5f), 0.0f), 1.0f); }
+inline cs_v16 cs_min(cs_v16 a, cs_v16 b) { return cs_v16_min(a, b); }
+inline cs_v16 cs_max(cs_v16 a, cs_v16 b) { return cs_v16_max(a, b); }
+inline cs_v16 cs_clip(cs_v16 z, cs_v16 lo, cs_v16 hi) { return cs_v16_min(cs_v16_max(z, lo), hi); }
+inline cs_v16 cs_positive(cs_v16 z) { return cs_v16_ones(_mm512_cmp_ps_mask(z.v, _mm512_setzero_ps(), _CMP_GT_OQ)); }
+inline cs_v16 cs_sign(cs_v16 z) {
+    const __m512 r = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(z.v, _mm512_setzero_ps(), _CMP_LT_OQ), z.v, _mm512_set1_ps(-1.0f));
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(z.v, _mm512_setzero_ps(), _CMP_GT_OQ), r, _mm512_set1_ps(1.0f));
+}
+inline cs_v16 cs_inside_open3(cs_v16 z) {
+    return cs_v16_ones(_mm512_cmp_ps_mask(z.v, _mm512_set1_ps(-3.0f), _CMP_GT_OQ) & _mm512_cmp_ps_mask(z.v, _mm512_set1_ps(3.0f), _CMP_LT_OQ));
+}
+inline cs_v16 cs_less_tie(cs_v16 a, cs_v16 b) {
+    const __m512 tie = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(a.v, b.v, _CMP_EQ_OQ), _mm512_set1_ps(0.5f));
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(a.v, b.v, _CMP_LT_OQ), tie, _mm512_set1_ps(1.0f));
+}
+inline cs_v16 cs_clip_pass(cs_v16 z, cs_v16 lo, cs_v16 hi) {
+    return cs_v16_ones(_mm512_cmp_ps_mask(z.v, lo.v, _CMP_GE_OQ) & _mm512_cmp_ps_mask(z.v, hi.v, _CMP_LE_OQ));
+}
+inline cs_v16 cs_clip_low(cs_v16 z, cs_v16 lo, cs_v16 hi) {
+    return cs_v16_ones(_mm512_cmp_ps_mask(z.v, lo.v, _CMP_LT_OQ) & _mm512_cmp_ps_mask(lo.v, hi.v, _CMP_LT_OQ));
+}
+inline cs_v16 cs_clip_high(cs_v16 z, cs_v16 lo, cs_v16 hi) {
+    return cs_v16_ones(_mm512_cmp_ps_mask(z.v, hi.v, _CMP_GT_OQ) | _mm512_cmp_ps_mask(lo.v, hi.v, _CMP_GT_OQ));
+}
 #endif  // CS_V16
 
 #ifdef __CUDACC__

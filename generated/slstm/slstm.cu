@@ -152,6 +152,16 @@ inline cs_v16 operator/(cs_v16 a, cs_v16 b) { return _mm512_div_ps(a.v, b.v); }
 inline cs_v16 operator-(cs_v16 a) { return _mm512_xor_ps(a.v, _mm512_set1_ps(-0.0f)); }
 // the first n (<= 16) lanes
 inline __mmask16 cs_v16_mask(int64_t n) { return n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << n) - 1); }
+// cs_max / cs_min lane by lane: a + b where either is NaN, else b where the comparison says, else a
+inline cs_v16 cs_v16_pick(__mmask16 take_b, __m512 a, __m512 b)
+{
+    const __mmask16 nan = _mm512_cmp_ps_mask(a, b, _CMP_UNORD_Q);
+    return _mm512_mask_blend_ps(nan, _mm512_mask_blend_ps(take_b, a, b), _mm512_add_ps(a, b));
+}
+inline cs_v16 cs_v16_max(cs_v16 a, cs_v16 b) { return cs_v16_pick(_mm512_cmp_ps_mask(b.v, a.v, _CMP_GT_OQ), a.v, b.v); }
+inline cs_v16 cs_v16_min(cs_v16 a, cs_v16 b) { return cs_v16_pick(_mm512_cmp_ps_mask(b.v, a.v, _CMP_LT_OQ), a.v, b.v); }
+// a derivative mask: 1 where m, else 0
+inline cs_v16 cs_v16_ones(__mmask16 m) { return _mm512_maskz_mov_ps(m, _mm512_set1_ps(1.0f)); }
 inline __m512 cs_v16_exp(__m512 x)
 {
     x = _mm512_min_ps(_mm512_set1_ps(89.0f), _mm512_max_ps(_mm512_set1_ps(-104.0f), x));  // NaN passes
@@ -241,7 +251,36 @@ inline cs_v16 cs_tanh(cs_v16 z) {
     const __mmask16 lt = _mm512_cmp_ps_mask(a, _mm512_set1_ps(0.625f), _CMP_LT_OQ);
     return _mm512_or_ps(_mm512_mask_blend_ps(lt, large, small), _mm512_and_ps(z.v, sign));
 }
+inline cs_v16 cs_relu(cs_v16 z) { return cs_v16_max(z, 0.0f); }
 inline cs_v16 cs_exp(cs_v16 z) { return cs_v16_exp(z.v); }
+inline cs_v16 cs_sqrt(cs_v16 z) { return _mm512_sqrt_ps(z.v); }
+inline cs_v16 cs_softsign(cs_v16 z) { return z / (cs_v16(1.0f) + cs_v16(_mm512_andnot_ps(_mm512_set1_ps(-0.0f), z.v))); }
+inline cs_v16 cs_abs(cs_v16 z) { return _mm512_andnot_ps(_mm512_set1_ps(-0.0f), z.v); }
+inline cs_v16 cs_hard_sigmoid(cs_v16 z) { return cs_v16_min(cs_v16_max(z / cs_v16(6.0f) + cs_v16(0.5f), 0.0f), 1.0f); }
+inline cs_v16 cs_min(cs_v16 a, cs_v16 b) { return cs_v16_min(a, b); }
+inline cs_v16 cs_max(cs_v16 a, cs_v16 b) { return cs_v16_max(a, b); }
+inline cs_v16 cs_clip(cs_v16 z, cs_v16 lo, cs_v16 hi) { return cs_v16_min(cs_v16_max(z, lo), hi); }
+inline cs_v16 cs_positive(cs_v16 z) { return cs_v16_ones(_mm512_cmp_ps_mask(z.v, _mm512_setzero_ps(), _CMP_GT_OQ)); }
+inline cs_v16 cs_sign(cs_v16 z) {
+    const __m512 r = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(z.v, _mm512_setzero_ps(), _CMP_LT_OQ), z.v, _mm512_set1_ps(-1.0f));
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(z.v, _mm512_setzero_ps(), _CMP_GT_OQ), r, _mm512_set1_ps(1.0f));
+}
+inline cs_v16 cs_inside_open3(cs_v16 z) {
+    return cs_v16_ones(_mm512_cmp_ps_mask(z.v, _mm512_set1_ps(-3.0f), _CMP_GT_OQ) & _mm512_cmp_ps_mask(z.v, _mm512_set1_ps(3.0f), _CMP_LT_OQ));
+}
+inline cs_v16 cs_less_tie(cs_v16 a, cs_v16 b) {
+    const __m512 tie = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(a.v, b.v, _CMP_EQ_OQ), _mm512_set1_ps(0.5f));
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(a.v, b.v, _CMP_LT_OQ), tie, _mm512_set1_ps(1.0f));
+}
+inline cs_v16 cs_clip_pass(cs_v16 z, cs_v16 lo, cs_v16 hi) {
+    return cs_v16_ones(_mm512_cmp_ps_mask(z.v, lo.v, _CMP_GE_OQ) & _mm512_cmp_ps_mask(z.v, hi.v, _CMP_LE_OQ));
+}
+inline cs_v16 cs_clip_low(cs_v16 z, cs_v16 lo, cs_v16 hi) {
+    return cs_v16_ones(_mm512_cmp_ps_mask(z.v, lo.v, _CMP_LT_OQ) & _mm512_cmp_ps_mask(lo.v, hi.v, _CMP_LT_OQ));
+}
+inline cs_v16 cs_clip_high(cs_v16 z, cs_v16 lo, cs_v16 hi) {
+    return cs_v16_ones(_mm512_cmp_ps_mask(z.v, hi.v, _CMP_GT_OQ) | _mm512_cmp_ps_mask(lo.v, hi.v, _CMP_GT_OQ));
+}
 #endif  // CS_V16
 
 #ifdef __CUDACC__
@@ -1033,6 +1072,52 @@ extern "C" int slstm_forward_fwd0_H_cuda_bf16(int64_t _rows, int64_t _cols, cons
 template <typename real>
 static inline void slstm_forward_fwd0_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_R_f_h, int64_t _ld_R_f_h, const real* __restrict__ _p_R_i_h, int64_t _ld_R_i_h, const real* __restrict__ _p_R_o_h, int64_t _ld_R_o_h, const real* __restrict__ _p_R_z_h, int64_t _ld_R_z_h, const real* __restrict__ _p_W_f_x, int64_t _ld_W_f_x, const real* __restrict__ _p_W_i_x, int64_t _ld_W_i_x, const real* __restrict__ _p_W_o_x, int64_t _ld_W_o_x, const real* __restrict__ _p_W_z_x, int64_t _ld_W_z_x, const real* __restrict__ _p_b_f, int64_t _ld_b_f, const real* __restrict__ _p_b_i, int64_t _ld_b_i, const real* __restrict__ _p_b_o, int64_t _ld_b_o, const real* __restrict__ _p_b_z, int64_t _ld_b_z, const real* __restrict__ _p_c, int64_t _ld_c, const real* __restrict__ _p_m, int64_t _ld_m, const real* __restrict__ _p_n, int64_t _ld_n, real* __restrict__ _p_z, int64_t _ld_z, real* __restrict__ _p_it, int64_t _ld_it, real* __restrict__ _p_ft, int64_t _ld_ft, real* __restrict__ _p_o, int64_t _ld_o, real* __restrict__ _p_m_next, int64_t _ld_m_next, real* __restrict__ _p_i, int64_t _ld_i, real* __restrict__ _p_f, int64_t _ld_f, real* __restrict__ _p_c_next, int64_t _ld_c_next, real* __restrict__ _p_n_next, int64_t _ld_n_next, real* __restrict__ _p_h_next, int64_t _ld_h_next)
 {
+#ifdef CS_V16
+    if constexpr (sizeof(real) == sizeof(float)) {  // 16 units at a time (CS_V16)
+        cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
+            for (int64_t _j = 0; _j < _cols; _j += 16) {
+                const __mmask16 _m = cs_v16_mask(_cols - _j);
+                cs_v16 R_f_h = _mm512_maskz_loadu_ps(_m, &_p_R_f_h[_r * _ld_R_f_h + _j]);
+                cs_v16 R_i_h = _mm512_maskz_loadu_ps(_m, &_p_R_i_h[_r * _ld_R_i_h + _j]);
+                cs_v16 R_o_h = _mm512_maskz_loadu_ps(_m, &_p_R_o_h[_r * _ld_R_o_h + _j]);
+                cs_v16 R_z_h = _mm512_maskz_loadu_ps(_m, &_p_R_z_h[_r * _ld_R_z_h + _j]);
+                cs_v16 W_f_x = _mm512_maskz_loadu_ps(_m, &_p_W_f_x[_r * _ld_W_f_x + _j]);
+                cs_v16 W_i_x = _mm512_maskz_loadu_ps(_m, &_p_W_i_x[_r * _ld_W_i_x + _j]);
+                cs_v16 W_o_x = _mm512_maskz_loadu_ps(_m, &_p_W_o_x[_r * _ld_W_o_x + _j]);
+                cs_v16 W_z_x = _mm512_maskz_loadu_ps(_m, &_p_W_z_x[_r * _ld_W_z_x + _j]);
+                cs_v16 b_f = _mm512_maskz_loadu_ps(_m, &_p_b_f[_r * _ld_b_f + _j]);
+                cs_v16 b_i = _mm512_maskz_loadu_ps(_m, &_p_b_i[_r * _ld_b_i + _j]);
+                cs_v16 b_o = _mm512_maskz_loadu_ps(_m, &_p_b_o[_r * _ld_b_o + _j]);
+                cs_v16 b_z = _mm512_maskz_loadu_ps(_m, &_p_b_z[_r * _ld_b_z + _j]);
+                cs_v16 c = _mm512_maskz_loadu_ps(_m, &_p_c[_r * _ld_c + _j]);
+                cs_v16 m = _mm512_maskz_loadu_ps(_m, &_p_m[_r * _ld_m + _j]);
+                cs_v16 n = _mm512_maskz_loadu_ps(_m, &_p_n[_r * _ld_n + _j]);
+                cs_v16 z;
+                cs_v16 it;
+                cs_v16 ft;
+                cs_v16 o;
+                cs_v16 m_next;
+                cs_v16 i;
+                cs_v16 f;
+                cs_v16 c_next;
+                cs_v16 n_next;
+                cs_v16 h_next;
+                slstm_forward_fwd0_H<cs_v16>(R_f_h, R_i_h, R_o_h, R_z_h, W_f_x, W_i_x, W_o_x, W_z_x, b_f, b_i, b_o, b_z, c, m, n, z, it, ft, o, m_next, i, f, c_next, n_next, h_next);
+                _mm512_mask_storeu_ps(&_p_z[_r * _ld_z + _j], _m, z.v);
+                _mm512_mask_storeu_ps(&_p_it[_r * _ld_it + _j], _m, it.v);
+                _mm512_mask_storeu_ps(&_p_ft[_r * _ld_ft + _j], _m, ft.v);
+                _mm512_mask_storeu_ps(&_p_o[_r * _ld_o + _j], _m, o.v);
+                _mm512_mask_storeu_ps(&_p_m_next[_r * _ld_m_next + _j], _m, m_next.v);
+                _mm512_mask_storeu_ps(&_p_i[_r * _ld_i + _j], _m, i.v);
+                _mm512_mask_storeu_ps(&_p_f[_r * _ld_f + _j], _m, f.v);
+                _mm512_mask_storeu_ps(&_p_c_next[_r * _ld_c_next + _j], _m, c_next.v);
+                _mm512_mask_storeu_ps(&_p_n_next[_r * _ld_n_next + _j], _m, n_next.v);
+                _mm512_mask_storeu_ps(&_p_h_next[_r * _ld_h_next + _j], _m, h_next.v);
+            }
+        });
+        return;
+    }
+#endif
     cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
 #pragma omp simd
         for (int64_t _j = 0; _j < _cols; ++_j) {
@@ -1198,6 +1283,40 @@ extern "C" int slstm_inference_fwd0_H_cuda_bf16(int64_t _rows, int64_t _cols, co
 template <typename real>
 static inline void slstm_inference_fwd0_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_R_f_h, int64_t _ld_R_f_h, const real* __restrict__ _p_R_i_h, int64_t _ld_R_i_h, const real* __restrict__ _p_R_o_h, int64_t _ld_R_o_h, const real* __restrict__ _p_R_z_h, int64_t _ld_R_z_h, const real* __restrict__ _p_W_f_x, int64_t _ld_W_f_x, const real* __restrict__ _p_W_i_x, int64_t _ld_W_i_x, const real* __restrict__ _p_W_o_x, int64_t _ld_W_o_x, const real* __restrict__ _p_W_z_x, int64_t _ld_W_z_x, const real* __restrict__ _p_b_f, int64_t _ld_b_f, const real* __restrict__ _p_b_i, int64_t _ld_b_i, const real* __restrict__ _p_b_o, int64_t _ld_b_o, const real* __restrict__ _p_b_z, int64_t _ld_b_z, const real* __restrict__ _p_c, int64_t _ld_c, const real* __restrict__ _p_m, int64_t _ld_m, const real* __restrict__ _p_n, int64_t _ld_n, real* __restrict__ _p_m_next, int64_t _ld_m_next, real* __restrict__ _p_c_next, int64_t _ld_c_next, real* __restrict__ _p_n_next, int64_t _ld_n_next, real* __restrict__ _p_h_next, int64_t _ld_h_next)
 {
+#ifdef CS_V16
+    if constexpr (sizeof(real) == sizeof(float)) {  // 16 units at a time (CS_V16)
+        cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
+            for (int64_t _j = 0; _j < _cols; _j += 16) {
+                const __mmask16 _m = cs_v16_mask(_cols - _j);
+                cs_v16 R_f_h = _mm512_maskz_loadu_ps(_m, &_p_R_f_h[_r * _ld_R_f_h + _j]);
+                cs_v16 R_i_h = _mm512_maskz_loadu_ps(_m, &_p_R_i_h[_r * _ld_R_i_h + _j]);
+                cs_v16 R_o_h = _mm512_maskz_loadu_ps(_m, &_p_R_o_h[_r * _ld_R_o_h + _j]);
+                cs_v16 R_z_h = _mm512_maskz_loadu_ps(_m, &_p_R_z_h[_r * _ld_R_z_h + _j]);
+                cs_v16 W_f_x = _mm512_maskz_loadu_ps(_m, &_p_W_f_x[_r * _ld_W_f_x + _j]);
+                cs_v16 W_i_x = _mm512_maskz_loadu_ps(_m, &_p_W_i_x[_r * _ld_W_i_x + _j]);
+                cs_v16 W_o_x = _mm512_maskz_loadu_ps(_m, &_p_W_o_x[_r * _ld_W_o_x + _j]);
+                cs_v16 W_z_x = _mm512_maskz_loadu_ps(_m, &_p_W_z_x[_r * _ld_W_z_x + _j]);
+                cs_v16 b_f = _mm512_maskz_loadu_ps(_m, &_p_b_f[_r * _ld_b_f + _j]);
+                cs_v16 b_i = _mm512_maskz_loadu_ps(_m, &_p_b_i[_r * _ld_b_i + _j]);
+                cs_v16 b_o = _mm512_maskz_loadu_ps(_m, &_p_b_o[_r * _ld_b_o + _j]);
+                cs_v16 b_z = _mm512_maskz_loadu_ps(_m, &_p_b_z[_r * _ld_b_z + _j]);
+                cs_v16 c = _mm512_maskz_loadu_ps(_m, &_p_c[_r * _ld_c + _j]);
+                cs_v16 m = _mm512_maskz_loadu_ps(_m, &_p_m[_r * _ld_m + _j]);
+                cs_v16 n = _mm512_maskz_loadu_ps(_m, &_p_n[_r * _ld_n + _j]);
+                cs_v16 m_next;
+                cs_v16 c_next;
+                cs_v16 n_next;
+                cs_v16 h_next;
+                slstm_inference_fwd0_H<cs_v16>(R_f_h, R_i_h, R_o_h, R_z_h, W_f_x, W_i_x, W_o_x, W_z_x, b_f, b_i, b_o, b_z, c, m, n, m_next, c_next, n_next, h_next);
+                _mm512_mask_storeu_ps(&_p_m_next[_r * _ld_m_next + _j], _m, m_next.v);
+                _mm512_mask_storeu_ps(&_p_c_next[_r * _ld_c_next + _j], _m, c_next.v);
+                _mm512_mask_storeu_ps(&_p_n_next[_r * _ld_n_next + _j], _m, n_next.v);
+                _mm512_mask_storeu_ps(&_p_h_next[_r * _ld_h_next + _j], _m, h_next.v);
+            }
+        });
+        return;
+    }
+#endif
     cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
 #pragma omp simd
         for (int64_t _j = 0; _j < _cols; ++_j) {
@@ -1377,6 +1496,49 @@ extern "C" int slstm_backward_bwd0_H_cuda_bf16(int64_t _rows, int64_t _cols, con
 template <typename real>
 static inline void slstm_backward_bwd0_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_c, int64_t _ld_c, const real* __restrict__ _p_c_next, int64_t _ld_c_next, const real* __restrict__ _p_d_c, int64_t _ld_d_c, const real* __restrict__ _p_d_h, int64_t _ld_d_h, const real* __restrict__ _p_d_h_next_out, int64_t _ld_d_h_next_out, const real* __restrict__ _p_d_m, int64_t _ld_d_m, const real* __restrict__ _p_d_n, int64_t _ld_d_n, const real* __restrict__ _p_f, int64_t _ld_f, const real* __restrict__ _p_ft, int64_t _ld_ft, const real* __restrict__ _p_i, int64_t _ld_i, const real* __restrict__ _p_it, int64_t _ld_it, const real* __restrict__ _p_m, int64_t _ld_m, const real* __restrict__ _p_n, int64_t _ld_n, const real* __restrict__ _p_n_next, int64_t _ld_n_next, const real* __restrict__ _p_o, int64_t _ld_o, const real* __restrict__ _p_z, int64_t _ld_z, real* __restrict__ _p_d_n_next, int64_t _ld_d_n_next, real* __restrict__ _p_d_c_next, int64_t _ld_d_c_next, real* __restrict__ _p_d_f, int64_t _ld_d_f, real* __restrict__ _p_d_m_next, int64_t _ld_d_m_next, real* __restrict__ _p_d_R_z_h, int64_t _ld_d_R_z_h, real* __restrict__ _p_d_R_i_h, int64_t _ld_d_R_i_h, real* __restrict__ _p_d_R_f_h, int64_t _ld_d_R_f_h, real* __restrict__ _p_d_R_o_h, int64_t _ld_d_R_o_h)
 {
+#ifdef CS_V16
+    if constexpr (sizeof(real) == sizeof(float)) {  // 16 units at a time (CS_V16)
+        cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
+            for (int64_t _j = 0; _j < _cols; _j += 16) {
+                const __mmask16 _m = cs_v16_mask(_cols - _j);
+                cs_v16 c = _mm512_maskz_loadu_ps(_m, &_p_c[_r * _ld_c + _j]);
+                cs_v16 c_next = _mm512_maskz_loadu_ps(_m, &_p_c_next[_r * _ld_c_next + _j]);
+                cs_v16 d_c = _mm512_maskz_loadu_ps(_m, &_p_d_c[_r * _ld_d_c + _j]);
+                cs_v16 d_h = _mm512_maskz_loadu_ps(_m, &_p_d_h[_r * _ld_d_h + _j]);
+                cs_v16 d_h_next_out = _mm512_maskz_loadu_ps(_m, &_p_d_h_next_out[_r * _ld_d_h_next_out + _j]);
+                cs_v16 d_m = _mm512_maskz_loadu_ps(_m, &_p_d_m[_r * _ld_d_m + _j]);
+                cs_v16 d_n = _mm512_maskz_loadu_ps(_m, &_p_d_n[_r * _ld_d_n + _j]);
+                cs_v16 f = _mm512_maskz_loadu_ps(_m, &_p_f[_r * _ld_f + _j]);
+                cs_v16 ft = _mm512_maskz_loadu_ps(_m, &_p_ft[_r * _ld_ft + _j]);
+                cs_v16 i = _mm512_maskz_loadu_ps(_m, &_p_i[_r * _ld_i + _j]);
+                cs_v16 it = _mm512_maskz_loadu_ps(_m, &_p_it[_r * _ld_it + _j]);
+                cs_v16 m = _mm512_maskz_loadu_ps(_m, &_p_m[_r * _ld_m + _j]);
+                cs_v16 n = _mm512_maskz_loadu_ps(_m, &_p_n[_r * _ld_n + _j]);
+                cs_v16 n_next = _mm512_maskz_loadu_ps(_m, &_p_n_next[_r * _ld_n_next + _j]);
+                cs_v16 o = _mm512_maskz_loadu_ps(_m, &_p_o[_r * _ld_o + _j]);
+                cs_v16 z = _mm512_maskz_loadu_ps(_m, &_p_z[_r * _ld_z + _j]);
+                cs_v16 d_n_next;
+                cs_v16 d_c_next;
+                cs_v16 d_f;
+                cs_v16 d_m_next;
+                cs_v16 d_R_z_h;
+                cs_v16 d_R_i_h;
+                cs_v16 d_R_f_h;
+                cs_v16 d_R_o_h;
+                slstm_backward_bwd0_H<cs_v16>(c, c_next, d_c, d_h, d_h_next_out, d_m, d_n, f, ft, i, it, m, n, n_next, o, z, d_n_next, d_c_next, d_f, d_m_next, d_R_z_h, d_R_i_h, d_R_f_h, d_R_o_h);
+                _mm512_mask_storeu_ps(&_p_d_n_next[_r * _ld_d_n_next + _j], _m, d_n_next.v);
+                _mm512_mask_storeu_ps(&_p_d_c_next[_r * _ld_d_c_next + _j], _m, d_c_next.v);
+                _mm512_mask_storeu_ps(&_p_d_f[_r * _ld_d_f + _j], _m, d_f.v);
+                _mm512_mask_storeu_ps(&_p_d_m_next[_r * _ld_d_m_next + _j], _m, d_m_next.v);
+                _mm512_mask_storeu_ps(&_p_d_R_z_h[_r * _ld_d_R_z_h + _j], _m, d_R_z_h.v);
+                _mm512_mask_storeu_ps(&_p_d_R_i_h[_r * _ld_d_R_i_h + _j], _m, d_R_i_h.v);
+                _mm512_mask_storeu_ps(&_p_d_R_f_h[_r * _ld_d_R_f_h + _j], _m, d_R_f_h.v);
+                _mm512_mask_storeu_ps(&_p_d_R_o_h[_r * _ld_d_R_o_h + _j], _m, d_R_o_h.v);
+            }
+        });
+        return;
+    }
+#endif
     cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
 #pragma omp simd
         for (int64_t _j = 0; _j < _cols; ++_j) {
@@ -1515,6 +1677,34 @@ extern "C" int slstm_backward_bwd_leaf_H_cuda_bf16(int64_t _rows, int64_t _cols,
 template <typename real>
 static inline void slstm_backward_bwd_leaf_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_d_c_next, int64_t _ld_d_c_next, const real* __restrict__ _p_d_f, int64_t _ld_d_f, const real* __restrict__ _p_d_h_gemm, int64_t _ld_d_h_gemm, const real* __restrict__ _p_d_m_next, int64_t _ld_d_m_next, const real* __restrict__ _p_d_n_next, int64_t _ld_d_n_next, const real* __restrict__ _p_f, int64_t _ld_f, const real* __restrict__ _p_ft, int64_t _ld_ft, const real* __restrict__ _p_it, int64_t _ld_it, const real* __restrict__ _p_m, int64_t _ld_m, real* __restrict__ _p_d_h, int64_t _ld_d_h, real* __restrict__ _p_d_c, int64_t _ld_d_c, real* __restrict__ _p_d_n, int64_t _ld_d_n, real* __restrict__ _p_d_m, int64_t _ld_d_m)
 {
+#ifdef CS_V16
+    if constexpr (sizeof(real) == sizeof(float)) {  // 16 units at a time (CS_V16)
+        cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
+            for (int64_t _j = 0; _j < _cols; _j += 16) {
+                const __mmask16 _m = cs_v16_mask(_cols - _j);
+                cs_v16 d_c_next = _mm512_maskz_loadu_ps(_m, &_p_d_c_next[_r * _ld_d_c_next + _j]);
+                cs_v16 d_f = _mm512_maskz_loadu_ps(_m, &_p_d_f[_r * _ld_d_f + _j]);
+                cs_v16 d_h_gemm = _mm512_maskz_loadu_ps(_m, &_p_d_h_gemm[_r * _ld_d_h_gemm + _j]);
+                cs_v16 d_m_next = _mm512_maskz_loadu_ps(_m, &_p_d_m_next[_r * _ld_d_m_next + _j]);
+                cs_v16 d_n_next = _mm512_maskz_loadu_ps(_m, &_p_d_n_next[_r * _ld_d_n_next + _j]);
+                cs_v16 f = _mm512_maskz_loadu_ps(_m, &_p_f[_r * _ld_f + _j]);
+                cs_v16 ft = _mm512_maskz_loadu_ps(_m, &_p_ft[_r * _ld_ft + _j]);
+                cs_v16 it = _mm512_maskz_loadu_ps(_m, &_p_it[_r * _ld_it + _j]);
+                cs_v16 m = _mm512_maskz_loadu_ps(_m, &_p_m[_r * _ld_m + _j]);
+                cs_v16 d_h;
+                cs_v16 d_c;
+                cs_v16 d_n;
+                cs_v16 d_m;
+                slstm_backward_bwd_leaf_H<cs_v16>(d_c_next, d_f, d_h_gemm, d_m_next, d_n_next, f, ft, it, m, d_h, d_c, d_n, d_m);
+                _mm512_mask_storeu_ps(&_p_d_h[_r * _ld_d_h + _j], _m, d_h.v);
+                _mm512_mask_storeu_ps(&_p_d_c[_r * _ld_d_c + _j], _m, d_c.v);
+                _mm512_mask_storeu_ps(&_p_d_n[_r * _ld_d_n + _j], _m, d_n.v);
+                _mm512_mask_storeu_ps(&_p_d_m[_r * _ld_d_m + _j], _m, d_m.v);
+            }
+        });
+        return;
+    }
+#endif
     cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
 #pragma omp simd
         for (int64_t _j = 0; _j < _cols; ++_j) {
