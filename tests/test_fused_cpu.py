@@ -424,16 +424,16 @@ def _vector_paths(path):
     return {m.group(1): m.group(2) is not None for m in found}
 
 
-def test_vector_path_only_where_every_function_has_an_overload():
-    """Every element function of the 21 shipped specs gets the 16-float path (their math is
-    arithmetic and ops with vector overloads); one that calls softplus or log (no overload) keeps
-    the omp simd loop only."""
-    shipped = {}
-    for path in sorted((ROOT / "specs").glob("*.cell")):
-        shipped.update(_vector_paths(path))
-    assert len(shipped) > 50 and all(shipped.values()), [k for k, v in shipped.items() if not v]
-    mixed = _vector_paths(ROOT / "tests" / "specs" / "everything.cell")
-    assert True in mixed.values() and False in mixed.values()
+def test_vector_path_where_it_replaces_libm_calls():
+    """An element function takes the 16-float path where the omp simd loop would call libmvec
+    (sigmoid, tanh, exp) and every op it calls has a vector overload: the LSTM's forward and
+    inference step and its backward step (tanh of the cell), not its last backward function
+    (arithmetic only) nor IndRNN's (relu); sLSTM's exp of a difference of maxima does."""
+    assert _vector_paths(ROOT / "specs" / "lstm.cell") == {
+        "lstm_forward_fwd0_H": True, "lstm_inference_fwd0_H": True,
+        "lstm_backward_bwd0_H": True, "lstm_backward_bwd_leaf_H": False}
+    assert not any(_vector_paths(ROOT / "specs" / "ind_rnn.cell").values())
+    assert _vector_paths(ROOT / "specs" / "slstm.cell")["slstm_inference_fwd0_H"]
 
 
 _ULP_PROGRAM = r"""

@@ -496,6 +496,9 @@ def test_simd_ok_only_for_math_with_vector_overloads():
     assert ops.simd_ok([fn.Sigmoid(z) * c + fn.Tanh(c) ** 2, fn.Exp(-z) / (1 + z)])
     assert ops.simd_ok([fn.Relu(z) * fn.Positive(z), fn.Max(z, c)])
     assert not ops.simd_ok([fn.Softplus(z)])  # no vector overload: the omp simd loop
+    assert ops.vector_pays([fn.Max(z, c) * fn.Exp(z)])  # exp: a libmvec call in the omp simd loop
+    assert not ops.vector_pays([fn.Relu(z) * c])  # no call to save
+    assert not ops.vector_pays([fn.Softplus(z)])
     assert not ops.simd_ok([z ** sp.Rational(3, 2)])  # cs_pow
     assert not ops.simd_ok([z ** 5])
     for o in ops.OPS:

@@ -64,7 +64,7 @@ class ElementFunction:
     inouts: list[str]
     lines: list[Line] = field(default_factory=list)
     keys: dict[str, str] = field(default_factory=dict)  # code name -> program name
-    simd: bool = False  # its math has cs_v16 overloads (ops.simd_ok): 16 units at a time on AVX-512
+    simd: bool = False  # ops.vector_pays: 16 units at a time on cs_v16 in the AVX-512 host build
 
     @property
     def args(self) -> list[dict]:
@@ -349,7 +349,7 @@ class _Renderer:
                 kind = "out" if st.target in writes else "local"
                 ef.lines.append(Line(n[st.target], self.pr.doprint(st.expr), st.comment, kind))
             ef.keys = {n[k]: k for k in reads | set(writes)}
-            ef.simd = ops.simd_ok(st.expr for st in mine)
+            ef.simd = ops.vector_pays([st.expr for st in mine])
             out.append(ef)
         self.by_block[key] = out
         self.functions.extend(out)

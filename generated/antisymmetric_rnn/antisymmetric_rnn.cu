@@ -1325,21 +1325,6 @@ extern "C" int antisymmetric_rnn_backward_bwd_leaf_H_cuda_bf16(int64_t _rows, in
 template <typename real>
 static inline void antisymmetric_rnn_backward_bwd_leaf_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_d_h_gemm, int64_t _ld_d_h_gemm, const real* __restrict__ _p_d_h_next, int64_t _ld_d_h_next, real* __restrict__ _p_d_h, int64_t _ld_d_h)
 {
-#ifdef CS_V16
-    if constexpr (sizeof(real) == sizeof(float)) {  // 16 units at a time (CS_V16)
-        cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
-            for (int64_t _j = 0; _j < _cols; _j += 16) {
-                const __mmask16 _m = cs_v16_mask(_cols - _j);
-                cs_v16 d_h_gemm = _mm512_maskz_loadu_ps(_m, &_p_d_h_gemm[_r * _ld_d_h_gemm + _j]);
-                cs_v16 d_h_next = _mm512_maskz_loadu_ps(_m, &_p_d_h_next[_r * _ld_d_h_next + _j]);
-                cs_v16 d_h;
-                antisymmetric_rnn_backward_bwd_leaf_H<cs_v16>(d_h_gemm, d_h_next, d_h);
-                _mm512_mask_storeu_ps(&_p_d_h[_r * _ld_d_h + _j], _m, d_h.v);
-            }
-        });
-        return;
-    }
-#endif
     cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
 #pragma omp simd
         for (int64_t _j = 0; _j < _cols; ++_j) {

@@ -1538,35 +1538,6 @@ extern "C" int cifg_lstm_backward_bwd_leaf_H_cuda_bf16(int64_t _rows, int64_t _c
 template <typename real>
 static inline void cifg_lstm_backward_bwd_leaf_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_c, int64_t _ld_c, const real* __restrict__ _p_c_next, int64_t _ld_c_next, const real* __restrict__ _p_d_c_next, int64_t _ld_d_c_next, const real* __restrict__ _p_d_h_gemm, int64_t _ld_d_h_gemm, const real* __restrict__ _p_d_i, int64_t _ld_d_i, const real* __restrict__ _p_d_o, int64_t _ld_d_o, const real* __restrict__ _p_f, int64_t _ld_f, const real* __restrict__ _p_i, int64_t _ld_i, const real* __restrict__ _p_o, int64_t _ld_o, const real* __restrict__ _p_p_i, int64_t _ld_p_i, real* __restrict__ _p_d_h, int64_t _ld_d_h, real* __restrict__ _p_d_c, int64_t _ld_d_c, real* __restrict__ _p_d_p_i, int64_t _ld_d_p_i, real* __restrict__ _p_d_p_o, int64_t _ld_d_p_o)
 {
-#ifdef CS_V16
-    if constexpr (sizeof(real) == sizeof(float)) {  // 16 units at a time (CS_V16)
-        cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
-            for (int64_t _j = 0; _j < _cols; _j += 16) {
-                const __mmask16 _m = cs_v16_mask(_cols - _j);
-                cs_v16 c = _mm512_maskz_loadu_ps(_m, &_p_c[_r * _ld_c + _j]);
-                cs_v16 c_next = _mm512_maskz_loadu_ps(_m, &_p_c_next[_r * _ld_c_next + _j]);
-                cs_v16 d_c_next = _mm512_maskz_loadu_ps(_m, &_p_d_c_next[_r * _ld_d_c_next + _j]);
-                cs_v16 d_h_gemm = _mm512_maskz_loadu_ps(_m, &_p_d_h_gemm[_r * _ld_d_h_gemm + _j]);
-                cs_v16 d_i = _mm512_maskz_loadu_ps(_m, &_p_d_i[_r * _ld_d_i + _j]);
-                cs_v16 d_o = _mm512_maskz_loadu_ps(_m, &_p_d_o[_r * _ld_d_o + _j]);
-                cs_v16 f = _mm512_maskz_loadu_ps(_m, &_p_f[_r * _ld_f + _j]);
-                cs_v16 i = _mm512_maskz_loadu_ps(_m, &_p_i[_r * _ld_i + _j]);
-                cs_v16 o = _mm512_maskz_loadu_ps(_m, &_p_o[_r * _ld_o + _j]);
-                cs_v16 p_i = _mm512_maskz_loadu_ps(_m, &_p_p_i[_r * _ld_p_i + _j]);
-                cs_v16 d_h;
-                cs_v16 d_c;
-                cs_v16 d_p_i;
-                cs_v16 d_p_o;
-                cifg_lstm_backward_bwd_leaf_H<cs_v16>(c, c_next, d_c_next, d_h_gemm, d_i, d_o, f, i, o, p_i, d_h, d_c, d_p_i, d_p_o);
-                _mm512_mask_storeu_ps(&_p_d_h[_r * _ld_d_h + _j], _m, d_h.v);
-                _mm512_mask_storeu_ps(&_p_d_c[_r * _ld_d_c + _j], _m, d_c.v);
-                _mm512_mask_storeu_ps(&_p_d_p_i[_r * _ld_d_p_i + _j], _m, d_p_i.v);
-                _mm512_mask_storeu_ps(&_p_d_p_o[_r * _ld_d_p_o + _j], _m, d_p_o.v);
-            }
-        });
-        return;
-    }
-#endif
     cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
 #pragma omp simd
         for (int64_t _j = 0; _j < _cols; ++_j) {

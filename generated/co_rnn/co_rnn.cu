@@ -1418,28 +1418,6 @@ extern "C" int co_rnn_backward_bwd_leaf_H_cuda_bf16(int64_t _rows, int64_t _cols
 template <typename real>
 static inline void co_rnn_backward_bwd_leaf_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_d_y_gemm, int64_t _ld_d_y_gemm, const real* __restrict__ _p_d_y_next, int64_t _ld_d_y_next, const real* __restrict__ _p_d_z_gemm, int64_t _ld_d_z_gemm, const real* __restrict__ _p_d_z_next, int64_t _ld_d_z_next, const real* __restrict__ _p_dt_H, int64_t _ld_dt_H, const real* __restrict__ _p_eps_H, int64_t _ld_eps_H, const real* __restrict__ _p_gamma_H, int64_t _ld_gamma_H, real* __restrict__ _p_d_y, int64_t _ld_d_y, real* __restrict__ _p_d_z, int64_t _ld_d_z)
 {
-#ifdef CS_V16
-    if constexpr (sizeof(real) == sizeof(float)) {  // 16 units at a time (CS_V16)
-        cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
-            for (int64_t _j = 0; _j < _cols; _j += 16) {
-                const __mmask16 _m = cs_v16_mask(_cols - _j);
-                cs_v16 d_y_gemm = _mm512_maskz_loadu_ps(_m, &_p_d_y_gemm[_r * _ld_d_y_gemm + _j]);
-                cs_v16 d_y_next = _mm512_maskz_loadu_ps(_m, &_p_d_y_next[_r * _ld_d_y_next + _j]);
-                cs_v16 d_z_gemm = _mm512_maskz_loadu_ps(_m, &_p_d_z_gemm[_r * _ld_d_z_gemm + _j]);
-                cs_v16 d_z_next = _mm512_maskz_loadu_ps(_m, &_p_d_z_next[_r * _ld_d_z_next + _j]);
-                cs_v16 dt_H = _mm512_maskz_loadu_ps(_m, &_p_dt_H[_r * _ld_dt_H + _j]);
-                cs_v16 eps_H = _mm512_maskz_loadu_ps(_m, &_p_eps_H[_r * _ld_eps_H + _j]);
-                cs_v16 gamma_H = _mm512_maskz_loadu_ps(_m, &_p_gamma_H[_r * _ld_gamma_H + _j]);
-                cs_v16 d_y;
-                cs_v16 d_z;
-                co_rnn_backward_bwd_leaf_H<cs_v16>(d_y_gemm, d_y_next, d_z_gemm, d_z_next, dt_H, eps_H, gamma_H, d_y, d_z);
-                _mm512_mask_storeu_ps(&_p_d_y[_r * _ld_d_y + _j], _m, d_y.v);
-                _mm512_mask_storeu_ps(&_p_d_z[_r * _ld_d_z + _j], _m, d_z.v);
-            }
-        });
-        return;
-    }
-#endif
     cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
 #pragma omp simd
         for (int64_t _j = 0; _j < _cols; ++_j) {

@@ -1201,22 +1201,6 @@ extern "C" int elman_backward_bwd0_H_cuda_bf16(int64_t _rows, int64_t _cols, con
 template <typename real>
 static inline void elman_backward_bwd0_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_d_h, int64_t _ld_d_h, const real* __restrict__ _p_d_h_next_out, int64_t _ld_d_h_next_out, const real* __restrict__ _p_h_next, int64_t _ld_h_next, real* __restrict__ _p_d_W_hh_h, int64_t _ld_d_W_hh_h)
 {
-#ifdef CS_V16
-    if constexpr (sizeof(real) == sizeof(float)) {  // 16 units at a time (CS_V16)
-        cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
-            for (int64_t _j = 0; _j < _cols; _j += 16) {
-                const __mmask16 _m = cs_v16_mask(_cols - _j);
-                cs_v16 d_h = _mm512_maskz_loadu_ps(_m, &_p_d_h[_r * _ld_d_h + _j]);
-                cs_v16 d_h_next_out = _mm512_maskz_loadu_ps(_m, &_p_d_h_next_out[_r * _ld_d_h_next_out + _j]);
-                cs_v16 h_next = _mm512_maskz_loadu_ps(_m, &_p_h_next[_r * _ld_h_next + _j]);
-                cs_v16 d_W_hh_h;
-                elman_backward_bwd0_H<cs_v16>(d_h, d_h_next_out, h_next, d_W_hh_h);
-                _mm512_mask_storeu_ps(&_p_d_W_hh_h[_r * _ld_d_W_hh_h + _j], _m, d_W_hh_h.v);
-            }
-        });
-        return;
-    }
-#endif
     cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
 #pragma omp simd
         for (int64_t _j = 0; _j < _cols; ++_j) {
@@ -1297,20 +1281,6 @@ extern "C" int elman_backward_bwd_leaf_H_cuda_bf16(int64_t _rows, int64_t _cols,
 template <typename real>
 static inline void elman_backward_bwd_leaf_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_d_h_gemm, int64_t _ld_d_h_gemm, real* __restrict__ _p_d_h, int64_t _ld_d_h)
 {
-#ifdef CS_V16
-    if constexpr (sizeof(real) == sizeof(float)) {  // 16 units at a time (CS_V16)
-        cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
-            for (int64_t _j = 0; _j < _cols; _j += 16) {
-                const __mmask16 _m = cs_v16_mask(_cols - _j);
-                cs_v16 d_h_gemm = _mm512_maskz_loadu_ps(_m, &_p_d_h_gemm[_r * _ld_d_h_gemm + _j]);
-                cs_v16 d_h;
-                elman_backward_bwd_leaf_H<cs_v16>(d_h_gemm, d_h);
-                _mm512_mask_storeu_ps(&_p_d_h[_r * _ld_d_h + _j], _m, d_h.v);
-            }
-        });
-        return;
-    }
-#endif
     cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
 #pragma omp simd
         for (int64_t _j = 0; _j < _cols; ++_j) {

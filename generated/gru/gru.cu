@@ -1492,25 +1492,6 @@ extern "C" int gru_backward_bwd1_H_cuda_bf16(int64_t _rows, int64_t _cols, const
 template <typename real>
 static inline void gru_backward_bwd1_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_c, int64_t _ld_c, const real* __restrict__ _p_d_h, int64_t _ld_d_h, const real* __restrict__ _p_d_h_next_out, int64_t _ld_d_h_next_out, const real* __restrict__ _p_u, int64_t _ld_u, real* __restrict__ _p_d_h_next, int64_t _ld_d_h_next, real* __restrict__ _p_d_U_c_out, int64_t _ld_d_U_c_out)
 {
-#ifdef CS_V16
-    if constexpr (sizeof(real) == sizeof(float)) {  // 16 units at a time (CS_V16)
-        cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
-            for (int64_t _j = 0; _j < _cols; _j += 16) {
-                const __mmask16 _m = cs_v16_mask(_cols - _j);
-                cs_v16 c = _mm512_maskz_loadu_ps(_m, &_p_c[_r * _ld_c + _j]);
-                cs_v16 d_h = _mm512_maskz_loadu_ps(_m, &_p_d_h[_r * _ld_d_h + _j]);
-                cs_v16 d_h_next_out = _mm512_maskz_loadu_ps(_m, &_p_d_h_next_out[_r * _ld_d_h_next_out + _j]);
-                cs_v16 u = _mm512_maskz_loadu_ps(_m, &_p_u[_r * _ld_u + _j]);
-                cs_v16 d_h_next;
-                cs_v16 d_U_c_out;
-                gru_backward_bwd1_H<cs_v16>(c, d_h, d_h_next_out, u, d_h_next, d_U_c_out);
-                _mm512_mask_storeu_ps(&_p_d_h_next[_r * _ld_d_h_next + _j], _m, d_h_next.v);
-                _mm512_mask_storeu_ps(&_p_d_U_c_out[_r * _ld_d_U_c_out + _j], _m, d_U_c_out.v);
-            }
-        });
-        return;
-    }
-#endif
     cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
 #pragma omp simd
         for (int64_t _j = 0; _j < _cols; ++_j) {
@@ -1618,29 +1599,6 @@ extern "C" int gru_backward_bwd0_H_cuda_bf16(int64_t _rows, int64_t _cols, const
 template <typename real>
 static inline void gru_backward_bwd0_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_c, int64_t _ld_c, const real* __restrict__ _p_d_U_c_in_gemm, int64_t _ld_d_U_c_in_gemm, const real* __restrict__ _p_d_h_next, int64_t _ld_d_h_next, const real* __restrict__ _p_h, int64_t _ld_h, const real* __restrict__ _p_r, int64_t _ld_r, const real* __restrict__ _p_u, int64_t _ld_u, real* __restrict__ _p_d_U_c_in, int64_t _ld_d_U_c_in, real* __restrict__ _p_d_U_r_h, int64_t _ld_d_U_r_h, real* __restrict__ _p_d_U_u_h, int64_t _ld_d_U_u_h)
 {
-#ifdef CS_V16
-    if constexpr (sizeof(real) == sizeof(float)) {  // 16 units at a time (CS_V16)
-        cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
-            for (int64_t _j = 0; _j < _cols; _j += 16) {
-                const __mmask16 _m = cs_v16_mask(_cols - _j);
-                cs_v16 c = _mm512_maskz_loadu_ps(_m, &_p_c[_r * _ld_c + _j]);
-                cs_v16 d_U_c_in_gemm = _mm512_maskz_loadu_ps(_m, &_p_d_U_c_in_gemm[_r * _ld_d_U_c_in_gemm + _j]);
-                cs_v16 d_h_next = _mm512_maskz_loadu_ps(_m, &_p_d_h_next[_r * _ld_d_h_next + _j]);
-                cs_v16 h = _mm512_maskz_loadu_ps(_m, &_p_h[_r * _ld_h + _j]);
-                cs_v16 r = _mm512_maskz_loadu_ps(_m, &_p_r[_r * _ld_r + _j]);
-                cs_v16 u = _mm512_maskz_loadu_ps(_m, &_p_u[_r * _ld_u + _j]);
-                cs_v16 d_U_c_in;
-                cs_v16 d_U_r_h;
-                cs_v16 d_U_u_h;
-                gru_backward_bwd0_H<cs_v16>(c, d_U_c_in_gemm, d_h_next, h, r, u, d_U_c_in, d_U_r_h, d_U_u_h);
-                _mm512_mask_storeu_ps(&_p_d_U_c_in[_r * _ld_d_U_c_in + _j], _m, d_U_c_in.v);
-                _mm512_mask_storeu_ps(&_p_d_U_r_h[_r * _ld_d_U_r_h + _j], _m, d_U_r_h.v);
-                _mm512_mask_storeu_ps(&_p_d_U_u_h[_r * _ld_d_U_u_h + _j], _m, d_U_u_h.v);
-            }
-        });
-        return;
-    }
-#endif
     cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
 #pragma omp simd
         for (int64_t _j = 0; _j < _cols; ++_j) {
@@ -1757,33 +1715,6 @@ extern "C" int gru_backward_bwd_leaf_H_cuda_bf16(int64_t _rows, int64_t _cols, c
 template <typename real>
 static inline void gru_backward_bwd_leaf_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_d_U_c_in, int64_t _ld_d_U_c_in, const real* __restrict__ _p_d_U_c_out, int64_t _ld_d_U_c_out, const real* __restrict__ _p_d_U_r_h, int64_t _ld_d_U_r_h, const real* __restrict__ _p_d_U_u_h, int64_t _ld_d_U_u_h, const real* __restrict__ _p_d_h_gemm, int64_t _ld_d_h_gemm, const real* __restrict__ _p_d_h_next, int64_t _ld_d_h_next, const real* __restrict__ _p_r, int64_t _ld_r, const real* __restrict__ _p_u, int64_t _ld_u, real* __restrict__ _p_d_h, int64_t _ld_d_h, real* __restrict__ _p_d_W_r_x, int64_t _ld_d_W_r_x, real* __restrict__ _p_d_W_u_x, int64_t _ld_d_W_u_x, real* __restrict__ _p_d_W_c_x, int64_t _ld_d_W_c_x)
 {
-#ifdef CS_V16
-    if constexpr (sizeof(real) == sizeof(float)) {  // 16 units at a time (CS_V16)
-        cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
-            for (int64_t _j = 0; _j < _cols; _j += 16) {
-                const __mmask16 _m = cs_v16_mask(_cols - _j);
-                cs_v16 d_U_c_in = _mm512_maskz_loadu_ps(_m, &_p_d_U_c_in[_r * _ld_d_U_c_in + _j]);
-                cs_v16 d_U_c_out = _mm512_maskz_loadu_ps(_m, &_p_d_U_c_out[_r * _ld_d_U_c_out + _j]);
-                cs_v16 d_U_r_h = _mm512_maskz_loadu_ps(_m, &_p_d_U_r_h[_r * _ld_d_U_r_h + _j]);
-                cs_v16 d_U_u_h = _mm512_maskz_loadu_ps(_m, &_p_d_U_u_h[_r * _ld_d_U_u_h + _j]);
-                cs_v16 d_h_gemm = _mm512_maskz_loadu_ps(_m, &_p_d_h_gemm[_r * _ld_d_h_gemm + _j]);
-                cs_v16 d_h_next = _mm512_maskz_loadu_ps(_m, &_p_d_h_next[_r * _ld_d_h_next + _j]);
-                cs_v16 r = _mm512_maskz_loadu_ps(_m, &_p_r[_r * _ld_r + _j]);
-                cs_v16 u = _mm512_maskz_loadu_ps(_m, &_p_u[_r * _ld_u + _j]);
-                cs_v16 d_h;
-                cs_v16 d_W_r_x;
-                cs_v16 d_W_u_x;
-                cs_v16 d_W_c_x;
-                gru_backward_bwd_leaf_H<cs_v16>(d_U_c_in, d_U_c_out, d_U_r_h, d_U_u_h, d_h_gemm, d_h_next, r, u, d_h, d_W_r_x, d_W_u_x, d_W_c_x);
-                _mm512_mask_storeu_ps(&_p_d_h[_r * _ld_d_h + _j], _m, d_h.v);
-                _mm512_mask_storeu_ps(&_p_d_W_r_x[_r * _ld_d_W_r_x + _j], _m, d_W_r_x.v);
-                _mm512_mask_storeu_ps(&_p_d_W_u_x[_r * _ld_d_W_u_x + _j], _m, d_W_u_x.v);
-                _mm512_mask_storeu_ps(&_p_d_W_c_x[_r * _ld_d_W_c_x + _j], _m, d_W_c_x.v);
-            }
-        });
-        return;
-    }
-#endif
     cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
 #pragma omp simd
         for (int64_t _j = 0; _j < _cols; ++_j) {

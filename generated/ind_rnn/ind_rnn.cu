@@ -992,23 +992,6 @@ extern "C" int ind_rnn_forward_fwd0_H_cuda_bf16(int64_t _rows, int64_t _cols, co
 template <typename real>
 static inline void ind_rnn_forward_fwd0_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_W_x, int64_t _ld_W_x, const real* __restrict__ _p_b, int64_t _ld_b, const real* __restrict__ _p_h, int64_t _ld_h, const real* __restrict__ _p_u, int64_t _ld_u, real* __restrict__ _p_h_next, int64_t _ld_h_next)
 {
-#ifdef CS_V16
-    if constexpr (sizeof(real) == sizeof(float)) {  // 16 units at a time (CS_V16)
-        cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
-            for (int64_t _j = 0; _j < _cols; _j += 16) {
-                const __mmask16 _m = cs_v16_mask(_cols - _j);
-                cs_v16 W_x = _mm512_maskz_loadu_ps(_m, &_p_W_x[_r * _ld_W_x + _j]);
-                cs_v16 b = _mm512_maskz_loadu_ps(_m, &_p_b[_r * _ld_b + _j]);
-                cs_v16 h = _mm512_maskz_loadu_ps(_m, &_p_h[_r * _ld_h + _j]);
-                cs_v16 u = _mm512_maskz_loadu_ps(_m, &_p_u[_r * _ld_u + _j]);
-                cs_v16 h_next;
-                ind_rnn_forward_fwd0_H<cs_v16>(W_x, b, h, u, h_next);
-                _mm512_mask_storeu_ps(&_p_h_next[_r * _ld_h_next + _j], _m, h_next.v);
-            }
-        });
-        return;
-    }
-#endif
     cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
 #pragma omp simd
         for (int64_t _j = 0; _j < _cols; ++_j) {
@@ -1096,23 +1079,6 @@ extern "C" int ind_rnn_inference_fwd0_H_cuda_bf16(int64_t _rows, int64_t _cols, 
 template <typename real>
 static inline void ind_rnn_inference_fwd0_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_W_x, int64_t _ld_W_x, const real* __restrict__ _p_b, int64_t _ld_b, const real* __restrict__ _p_h, int64_t _ld_h, const real* __restrict__ _p_u, int64_t _ld_u, real* __restrict__ _p_h_next, int64_t _ld_h_next)
 {
-#ifdef CS_V16
-    if constexpr (sizeof(real) == sizeof(float)) {  // 16 units at a time (CS_V16)
-        cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
-            for (int64_t _j = 0; _j < _cols; _j += 16) {
-                const __mmask16 _m = cs_v16_mask(_cols - _j);
-                cs_v16 W_x = _mm512_maskz_loadu_ps(_m, &_p_W_x[_r * _ld_W_x + _j]);
-                cs_v16 b = _mm512_maskz_loadu_ps(_m, &_p_b[_r * _ld_b + _j]);
-                cs_v16 h = _mm512_maskz_loadu_ps(_m, &_p_h[_r * _ld_h + _j]);
-                cs_v16 u = _mm512_maskz_loadu_ps(_m, &_p_u[_r * _ld_u + _j]);
-                cs_v16 h_next;
-                ind_rnn_inference_fwd0_H<cs_v16>(W_x, b, h, u, h_next);
-                _mm512_mask_storeu_ps(&_p_h_next[_r * _ld_h_next + _j], _m, h_next.v);
-            }
-        });
-        return;
-    }
-#endif
     cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
 #pragma omp simd
         for (int64_t _j = 0; _j < _cols; ++_j) {
@@ -1196,21 +1162,6 @@ extern "C" int ind_rnn_backward_bwd0_H_cuda_bf16(int64_t _rows, int64_t _cols, c
 template <typename real>
 static inline void ind_rnn_backward_bwd0_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_d_h, int64_t _ld_d_h, const real* __restrict__ _p_d_h_next_out, int64_t _ld_d_h_next_out, real* __restrict__ _p_d_h_next, int64_t _ld_d_h_next)
 {
-#ifdef CS_V16
-    if constexpr (sizeof(real) == sizeof(float)) {  // 16 units at a time (CS_V16)
-        cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
-            for (int64_t _j = 0; _j < _cols; _j += 16) {
-                const __mmask16 _m = cs_v16_mask(_cols - _j);
-                cs_v16 d_h = _mm512_maskz_loadu_ps(_m, &_p_d_h[_r * _ld_d_h + _j]);
-                cs_v16 d_h_next_out = _mm512_maskz_loadu_ps(_m, &_p_d_h_next_out[_r * _ld_d_h_next_out + _j]);
-                cs_v16 d_h_next;
-                ind_rnn_backward_bwd0_H<cs_v16>(d_h, d_h_next_out, d_h_next);
-                _mm512_mask_storeu_ps(&_p_d_h_next[_r * _ld_d_h_next + _j], _m, d_h_next.v);
-            }
-        });
-        return;
-    }
-#endif
     cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
 #pragma omp simd
         for (int64_t _j = 0; _j < _cols; ++_j) {
@@ -1314,30 +1265,6 @@ extern "C" int ind_rnn_backward_bwd_leaf_H_cuda_bf16(int64_t _rows, int64_t _col
 template <typename real>
 static inline void ind_rnn_backward_bwd_leaf_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_W_x, int64_t _ld_W_x, const real* __restrict__ _p_b, int64_t _ld_b, const real* __restrict__ _p_d_h_next, int64_t _ld_d_h_next, const real* __restrict__ _p_h, int64_t _ld_h, const real* __restrict__ _p_u, int64_t _ld_u, real* __restrict__ _p_d_h, int64_t _ld_d_h, real* __restrict__ _p_d_u, int64_t _ld_d_u, real* __restrict__ _p_d_b, int64_t _ld_d_b, real* __restrict__ _p_d_W_x, int64_t _ld_d_W_x)
 {
-#ifdef CS_V16
-    if constexpr (sizeof(real) == sizeof(float)) {  // 16 units at a time (CS_V16)
-        cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
-            for (int64_t _j = 0; _j < _cols; _j += 16) {
-                const __mmask16 _m = cs_v16_mask(_cols - _j);
-                cs_v16 W_x = _mm512_maskz_loadu_ps(_m, &_p_W_x[_r * _ld_W_x + _j]);
-                cs_v16 b = _mm512_maskz_loadu_ps(_m, &_p_b[_r * _ld_b + _j]);
-                cs_v16 d_h_next = _mm512_maskz_loadu_ps(_m, &_p_d_h_next[_r * _ld_d_h_next + _j]);
-                cs_v16 h = _mm512_maskz_loadu_ps(_m, &_p_h[_r * _ld_h + _j]);
-                cs_v16 u = _mm512_maskz_loadu_ps(_m, &_p_u[_r * _ld_u + _j]);
-                cs_v16 d_h;
-                cs_v16 d_u;
-                cs_v16 d_b;
-                cs_v16 d_W_x;
-                ind_rnn_backward_bwd_leaf_H<cs_v16>(W_x, b, d_h_next, h, u, d_h, d_u, d_b, d_W_x);
-                _mm512_mask_storeu_ps(&_p_d_h[_r * _ld_d_h + _j], _m, d_h.v);
-                _mm512_mask_storeu_ps(&_p_d_u[_r * _ld_d_u + _j], _m, d_u.v);
-                _mm512_mask_storeu_ps(&_p_d_b[_r * _ld_d_b + _j], _m, d_b.v);
-                _mm512_mask_storeu_ps(&_p_d_W_x[_r * _ld_d_W_x + _j], _m, d_W_x.v);
-            }
-        });
-        return;
-    }
-#endif
     cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
 #pragma omp simd
         for (int64_t _j = 0; _j < _cols; ++_j) {

@@ -1198,20 +1198,6 @@ extern "C" int lstmp_forward_fwd1_P_cuda_bf16(int64_t _rows, int64_t _cols, cons
 template <typename real>
 static inline void lstmp_forward_fwd1_P_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_W_hr_out, int64_t _ld_W_hr_out, real* __restrict__ _p_h_next, int64_t _ld_h_next)
 {
-#ifdef CS_V16
-    if constexpr (sizeof(real) == sizeof(float)) {  // 16 units at a time (CS_V16)
-        cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
-            for (int64_t _j = 0; _j < _cols; _j += 16) {
-                const __mmask16 _m = cs_v16_mask(_cols - _j);
-                cs_v16 W_hr_out = _mm512_maskz_loadu_ps(_m, &_p_W_hr_out[_r * _ld_W_hr_out + _j]);
-                cs_v16 h_next;
-                lstmp_forward_fwd1_P<cs_v16>(W_hr_out, h_next);
-                _mm512_mask_storeu_ps(&_p_h_next[_r * _ld_h_next + _j], _m, h_next.v);
-            }
-        });
-        return;
-    }
-#endif
     cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
 #pragma omp simd
         for (int64_t _j = 0; _j < _cols; ++_j) {
@@ -1463,20 +1449,6 @@ extern "C" int lstmp_inference_fwd1_P_cuda_bf16(int64_t _rows, int64_t _cols, co
 template <typename real>
 static inline void lstmp_inference_fwd1_P_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_W_hr_out, int64_t _ld_W_hr_out, real* __restrict__ _p_h_next, int64_t _ld_h_next)
 {
-#ifdef CS_V16
-    if constexpr (sizeof(real) == sizeof(float)) {  // 16 units at a time (CS_V16)
-        cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
-            for (int64_t _j = 0; _j < _cols; _j += 16) {
-                const __mmask16 _m = cs_v16_mask(_cols - _j);
-                cs_v16 W_hr_out = _mm512_maskz_loadu_ps(_m, &_p_W_hr_out[_r * _ld_W_hr_out + _j]);
-                cs_v16 h_next;
-                lstmp_inference_fwd1_P<cs_v16>(W_hr_out, h_next);
-                _mm512_mask_storeu_ps(&_p_h_next[_r * _ld_h_next + _j], _m, h_next.v);
-            }
-        });
-        return;
-    }
-#endif
     cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
 #pragma omp simd
         for (int64_t _j = 0; _j < _cols; ++_j) {
@@ -1559,21 +1531,6 @@ extern "C" int lstmp_backward_bwd1_P_cuda_bf16(int64_t _rows, int64_t _cols, con
 template <typename real>
 static inline void lstmp_backward_bwd1_P_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_d_h, int64_t _ld_d_h, const real* __restrict__ _p_d_h_next_out, int64_t _ld_d_h_next_out, real* __restrict__ _p_d_W_hr_out, int64_t _ld_d_W_hr_out)
 {
-#ifdef CS_V16
-    if constexpr (sizeof(real) == sizeof(float)) {  // 16 units at a time (CS_V16)
-        cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
-            for (int64_t _j = 0; _j < _cols; _j += 16) {
-                const __mmask16 _m = cs_v16_mask(_cols - _j);
-                cs_v16 d_h = _mm512_maskz_loadu_ps(_m, &_p_d_h[_r * _ld_d_h + _j]);
-                cs_v16 d_h_next_out = _mm512_maskz_loadu_ps(_m, &_p_d_h_next_out[_r * _ld_d_h_next_out + _j]);
-                cs_v16 d_W_hr_out;
-                lstmp_backward_bwd1_P<cs_v16>(d_h, d_h_next_out, d_W_hr_out);
-                _mm512_mask_storeu_ps(&_p_d_W_hr_out[_r * _ld_d_W_hr_out + _j], _m, d_W_hr_out.v);
-            }
-        });
-        return;
-    }
-#endif
     cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
 #pragma omp simd
         for (int64_t _j = 0; _j < _cols; ++_j) {
@@ -1822,21 +1779,6 @@ extern "C" int lstmp_backward_bwd_leaf_H_cuda_bf16(int64_t _rows, int64_t _cols,
 template <typename real>
 static inline void lstmp_backward_bwd_leaf_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_d_c_next, int64_t _ld_d_c_next, const real* __restrict__ _p_f, int64_t _ld_f, real* __restrict__ _p_d_c, int64_t _ld_d_c)
 {
-#ifdef CS_V16
-    if constexpr (sizeof(real) == sizeof(float)) {  // 16 units at a time (CS_V16)
-        cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
-            for (int64_t _j = 0; _j < _cols; _j += 16) {
-                const __mmask16 _m = cs_v16_mask(_cols - _j);
-                cs_v16 d_c_next = _mm512_maskz_loadu_ps(_m, &_p_d_c_next[_r * _ld_d_c_next + _j]);
-                cs_v16 f = _mm512_maskz_loadu_ps(_m, &_p_f[_r * _ld_f + _j]);
-                cs_v16 d_c;
-                lstmp_backward_bwd_leaf_H<cs_v16>(d_c_next, f, d_c);
-                _mm512_mask_storeu_ps(&_p_d_c[_r * _ld_d_c + _j], _m, d_c.v);
-            }
-        });
-        return;
-    }
-#endif
     cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
 #pragma omp simd
         for (int64_t _j = 0; _j < _cols; ++_j) {
@@ -1916,20 +1858,6 @@ extern "C" int lstmp_backward_bwd_leaf_P_cuda_bf16(int64_t _rows, int64_t _cols,
 template <typename real>
 static inline void lstmp_backward_bwd_leaf_P_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_d_h_gemm, int64_t _ld_d_h_gemm, real* __restrict__ _p_d_h, int64_t _ld_d_h)
 {
-#ifdef CS_V16
-    if constexpr (sizeof(real) == sizeof(float)) {  // 16 units at a time (CS_V16)
-        cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
-            for (int64_t _j = 0; _j < _cols; _j += 16) {
-                const __mmask16 _m = cs_v16_mask(_cols - _j);
-                cs_v16 d_h_gemm = _mm512_maskz_loadu_ps(_m, &_p_d_h_gemm[_r * _ld_d_h_gemm + _j]);
-                cs_v16 d_h;
-                lstmp_backward_bwd_leaf_P<cs_v16>(d_h_gemm, d_h);
-                _mm512_mask_storeu_ps(&_p_d_h[_r * _ld_d_h + _j], _m, d_h.v);
-            }
-        });
-        return;
-    }
-#endif
     cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
 #pragma omp simd
         for (int64_t _j = 0; _j < _cols; ++_j) {

@@ -1455,25 +1455,6 @@ extern "C" int mgu_backward_bwd1_H_cuda_bf16(int64_t _rows, int64_t _cols, const
 template <typename real>
 static inline void mgu_backward_bwd1_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_d_h, int64_t _ld_d_h, const real* __restrict__ _p_d_h_next_out, int64_t _ld_d_h_next_out, const real* __restrict__ _p_f, int64_t _ld_f, const real* __restrict__ _p_h_tilde, int64_t _ld_h_tilde, real* __restrict__ _p_d_h_next, int64_t _ld_d_h_next, real* __restrict__ _p_d_U_h_out, int64_t _ld_d_U_h_out)
 {
-#ifdef CS_V16
-    if constexpr (sizeof(real) == sizeof(float)) {  // 16 units at a time (CS_V16)
-        cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
-            for (int64_t _j = 0; _j < _cols; _j += 16) {
-                const __mmask16 _m = cs_v16_mask(_cols - _j);
-                cs_v16 d_h = _mm512_maskz_loadu_ps(_m, &_p_d_h[_r * _ld_d_h + _j]);
-                cs_v16 d_h_next_out = _mm512_maskz_loadu_ps(_m, &_p_d_h_next_out[_r * _ld_d_h_next_out + _j]);
-                cs_v16 f = _mm512_maskz_loadu_ps(_m, &_p_f[_r * _ld_f + _j]);
-                cs_v16 h_tilde = _mm512_maskz_loadu_ps(_m, &_p_h_tilde[_r * _ld_h_tilde + _j]);
-                cs_v16 d_h_next;
-                cs_v16 d_U_h_out;
-                mgu_backward_bwd1_H<cs_v16>(d_h, d_h_next_out, f, h_tilde, d_h_next, d_U_h_out);
-                _mm512_mask_storeu_ps(&_p_d_h_next[_r * _ld_d_h_next + _j], _m, d_h_next.v);
-                _mm512_mask_storeu_ps(&_p_d_U_h_out[_r * _ld_d_U_h_out + _j], _m, d_U_h_out.v);
-            }
-        });
-        return;
-    }
-#endif
     cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
 #pragma omp simd
         for (int64_t _j = 0; _j < _cols; ++_j) {
@@ -1572,26 +1553,6 @@ extern "C" int mgu_backward_bwd0_H_cuda_bf16(int64_t _rows, int64_t _cols, const
 template <typename real>
 static inline void mgu_backward_bwd0_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_d_U_h_in_gemm, int64_t _ld_d_U_h_in_gemm, const real* __restrict__ _p_d_h_next, int64_t _ld_d_h_next, const real* __restrict__ _p_f, int64_t _ld_f, const real* __restrict__ _p_h, int64_t _ld_h, const real* __restrict__ _p_h_tilde, int64_t _ld_h_tilde, real* __restrict__ _p_d_U_h_in, int64_t _ld_d_U_h_in, real* __restrict__ _p_d_U_f_h, int64_t _ld_d_U_f_h)
 {
-#ifdef CS_V16
-    if constexpr (sizeof(real) == sizeof(float)) {  // 16 units at a time (CS_V16)
-        cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
-            for (int64_t _j = 0; _j < _cols; _j += 16) {
-                const __mmask16 _m = cs_v16_mask(_cols - _j);
-                cs_v16 d_U_h_in_gemm = _mm512_maskz_loadu_ps(_m, &_p_d_U_h_in_gemm[_r * _ld_d_U_h_in_gemm + _j]);
-                cs_v16 d_h_next = _mm512_maskz_loadu_ps(_m, &_p_d_h_next[_r * _ld_d_h_next + _j]);
-                cs_v16 f = _mm512_maskz_loadu_ps(_m, &_p_f[_r * _ld_f + _j]);
-                cs_v16 h = _mm512_maskz_loadu_ps(_m, &_p_h[_r * _ld_h + _j]);
-                cs_v16 h_tilde = _mm512_maskz_loadu_ps(_m, &_p_h_tilde[_r * _ld_h_tilde + _j]);
-                cs_v16 d_U_h_in;
-                cs_v16 d_U_f_h;
-                mgu_backward_bwd0_H<cs_v16>(d_U_h_in_gemm, d_h_next, f, h, h_tilde, d_U_h_in, d_U_f_h);
-                _mm512_mask_storeu_ps(&_p_d_U_h_in[_r * _ld_d_U_h_in + _j], _m, d_U_h_in.v);
-                _mm512_mask_storeu_ps(&_p_d_U_f_h[_r * _ld_d_U_f_h + _j], _m, d_U_f_h.v);
-            }
-        });
-        return;
-    }
-#endif
     cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
 #pragma omp simd
         for (int64_t _j = 0; _j < _cols; ++_j) {
@@ -1696,29 +1657,6 @@ extern "C" int mgu_backward_bwd_leaf_H_cuda_bf16(int64_t _rows, int64_t _cols, c
 template <typename real>
 static inline void mgu_backward_bwd_leaf_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_d_U_f_h, int64_t _ld_d_U_f_h, const real* __restrict__ _p_d_U_h_in, int64_t _ld_d_U_h_in, const real* __restrict__ _p_d_U_h_out, int64_t _ld_d_U_h_out, const real* __restrict__ _p_d_h_gemm, int64_t _ld_d_h_gemm, const real* __restrict__ _p_d_h_next, int64_t _ld_d_h_next, const real* __restrict__ _p_f, int64_t _ld_f, real* __restrict__ _p_d_h, int64_t _ld_d_h, real* __restrict__ _p_d_W_f_x, int64_t _ld_d_W_f_x, real* __restrict__ _p_d_W_h_x, int64_t _ld_d_W_h_x)
 {
-#ifdef CS_V16
-    if constexpr (sizeof(real) == sizeof(float)) {  // 16 units at a time (CS_V16)
-        cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
-            for (int64_t _j = 0; _j < _cols; _j += 16) {
-                const __mmask16 _m = cs_v16_mask(_cols - _j);
-                cs_v16 d_U_f_h = _mm512_maskz_loadu_ps(_m, &_p_d_U_f_h[_r * _ld_d_U_f_h + _j]);
-                cs_v16 d_U_h_in = _mm512_maskz_loadu_ps(_m, &_p_d_U_h_in[_r * _ld_d_U_h_in + _j]);
-                cs_v16 d_U_h_out = _mm512_maskz_loadu_ps(_m, &_p_d_U_h_out[_r * _ld_d_U_h_out + _j]);
-                cs_v16 d_h_gemm = _mm512_maskz_loadu_ps(_m, &_p_d_h_gemm[_r * _ld_d_h_gemm + _j]);
-                cs_v16 d_h_next = _mm512_maskz_loadu_ps(_m, &_p_d_h_next[_r * _ld_d_h_next + _j]);
-                cs_v16 f = _mm512_maskz_loadu_ps(_m, &_p_f[_r * _ld_f + _j]);
-                cs_v16 d_h;
-                cs_v16 d_W_f_x;
-                cs_v16 d_W_h_x;
-                mgu_backward_bwd_leaf_H<cs_v16>(d_U_f_h, d_U_h_in, d_U_h_out, d_h_gemm, d_h_next, f, d_h, d_W_f_x, d_W_h_x);
-                _mm512_mask_storeu_ps(&_p_d_h[_r * _ld_d_h + _j], _m, d_h.v);
-                _mm512_mask_storeu_ps(&_p_d_W_f_x[_r * _ld_d_W_f_x + _j], _m, d_W_f_x.v);
-                _mm512_mask_storeu_ps(&_p_d_W_h_x[_r * _ld_d_W_h_x + _j], _m, d_W_h_x.v);
-            }
-        });
-        return;
-    }
-#endif
     cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
 #pragma omp simd
         for (int64_t _j = 0; _j < _cols; ++_j) {

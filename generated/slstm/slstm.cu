@@ -1496,49 +1496,6 @@ extern "C" int slstm_backward_bwd0_H_cuda_bf16(int64_t _rows, int64_t _cols, con
 template <typename real>
 static inline void slstm_backward_bwd0_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_c, int64_t _ld_c, const real* __restrict__ _p_c_next, int64_t _ld_c_next, const real* __restrict__ _p_d_c, int64_t _ld_d_c, const real* __restrict__ _p_d_h, int64_t _ld_d_h, const real* __restrict__ _p_d_h_next_out, int64_t _ld_d_h_next_out, const real* __restrict__ _p_d_m, int64_t _ld_d_m, const real* __restrict__ _p_d_n, int64_t _ld_d_n, const real* __restrict__ _p_f, int64_t _ld_f, const real* __restrict__ _p_ft, int64_t _ld_ft, const real* __restrict__ _p_i, int64_t _ld_i, const real* __restrict__ _p_it, int64_t _ld_it, const real* __restrict__ _p_m, int64_t _ld_m, const real* __restrict__ _p_n, int64_t _ld_n, const real* __restrict__ _p_n_next, int64_t _ld_n_next, const real* __restrict__ _p_o, int64_t _ld_o, const real* __restrict__ _p_z, int64_t _ld_z, real* __restrict__ _p_d_n_next, int64_t _ld_d_n_next, real* __restrict__ _p_d_c_next, int64_t _ld_d_c_next, real* __restrict__ _p_d_f, int64_t _ld_d_f, real* __restrict__ _p_d_m_next, int64_t _ld_d_m_next, real* __restrict__ _p_d_R_z_h, int64_t _ld_d_R_z_h, real* __restrict__ _p_d_R_i_h, int64_t _ld_d_R_i_h, real* __restrict__ _p_d_R_f_h, int64_t _ld_d_R_f_h, real* __restrict__ _p_d_R_o_h, int64_t _ld_d_R_o_h)
 {
-#ifdef CS_V16
-    if constexpr (sizeof(real) == sizeof(float)) {  // 16 units at a time (CS_V16)
-        cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
-            for (int64_t _j = 0; _j < _cols; _j += 16) {
-                const __mmask16 _m = cs_v16_mask(_cols - _j);
-                cs_v16 c = _mm512_maskz_loadu_ps(_m, &_p_c[_r * _ld_c + _j]);
-                cs_v16 c_next = _mm512_maskz_loadu_ps(_m, &_p_c_next[_r * _ld_c_next + _j]);
-                cs_v16 d_c = _mm512_maskz_loadu_ps(_m, &_p_d_c[_r * _ld_d_c + _j]);
-                cs_v16 d_h = _mm512_maskz_loadu_ps(_m, &_p_d_h[_r * _ld_d_h + _j]);
-                cs_v16 d_h_next_out = _mm512_maskz_loadu_ps(_m, &_p_d_h_next_out[_r * _ld_d_h_next_out + _j]);
-                cs_v16 d_m = _mm512_maskz_loadu_ps(_m, &_p_d_m[_r * _ld_d_m + _j]);
-                cs_v16 d_n = _mm512_maskz_loadu_ps(_m, &_p_d_n[_r * _ld_d_n + _j]);
-                cs_v16 f = _mm512_maskz_loadu_ps(_m, &_p_f[_r * _ld_f + _j]);
-                cs_v16 ft = _mm512_maskz_loadu_ps(_m, &_p_ft[_r * _ld_ft + _j]);
-                cs_v16 i = _mm512_maskz_loadu_ps(_m, &_p_i[_r * _ld_i + _j]);
-                cs_v16 it = _mm512_maskz_loadu_ps(_m, &_p_it[_r * _ld_it + _j]);
-                cs_v16 m = _mm512_maskz_loadu_ps(_m, &_p_m[_r * _ld_m + _j]);
-                cs_v16 n = _mm512_maskz_loadu_ps(_m, &_p_n[_r * _ld_n + _j]);
-                cs_v16 n_next = _mm512_maskz_loadu_ps(_m, &_p_n_next[_r * _ld_n_next + _j]);
-                cs_v16 o = _mm512_maskz_loadu_ps(_m, &_p_o[_r * _ld_o + _j]);
-                cs_v16 z = _mm512_maskz_loadu_ps(_m, &_p_z[_r * _ld_z + _j]);
-                cs_v16 d_n_next;
-                cs_v16 d_c_next;
-                cs_v16 d_f;
-                cs_v16 d_m_next;
-                cs_v16 d_R_z_h;
-                cs_v16 d_R_i_h;
-                cs_v16 d_R_f_h;
-                cs_v16 d_R_o_h;
-                slstm_backward_bwd0_H<cs_v16>(c, c_next, d_c, d_h, d_h_next_out, d_m, d_n, f, ft, i, it, m, n, n_next, o, z, d_n_next, d_c_next, d_f, d_m_next, d_R_z_h, d_R_i_h, d_R_f_h, d_R_o_h);
-                _mm512_mask_storeu_ps(&_p_d_n_next[_r * _ld_d_n_next + _j], _m, d_n_next.v);
-                _mm512_mask_storeu_ps(&_p_d_c_next[_r * _ld_d_c_next + _j], _m, d_c_next.v);
-                _mm512_mask_storeu_ps(&_p_d_f[_r * _ld_d_f + _j], _m, d_f.v);
-                _mm512_mask_storeu_ps(&_p_d_m_next[_r * _ld_d_m_next + _j], _m, d_m_next.v);
-                _mm512_mask_storeu_ps(&_p_d_R_z_h[_r * _ld_d_R_z_h + _j], _m, d_R_z_h.v);
-                _mm512_mask_storeu_ps(&_p_d_R_i_h[_r * _ld_d_R_i_h + _j], _m, d_R_i_h.v);
-                _mm512_mask_storeu_ps(&_p_d_R_f_h[_r * _ld_d_R_f_h + _j], _m, d_R_f_h.v);
-                _mm512_mask_storeu_ps(&_p_d_R_o_h[_r * _ld_d_R_o_h + _j], _m, d_R_o_h.v);
-            }
-        });
-        return;
-    }
-#endif
     cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
 #pragma omp simd
         for (int64_t _j = 0; _j < _cols; ++_j) {
@@ -1677,34 +1634,6 @@ extern "C" int slstm_backward_bwd_leaf_H_cuda_bf16(int64_t _rows, int64_t _cols,
 template <typename real>
 static inline void slstm_backward_bwd_leaf_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_d_c_next, int64_t _ld_d_c_next, const real* __restrict__ _p_d_f, int64_t _ld_d_f, const real* __restrict__ _p_d_h_gemm, int64_t _ld_d_h_gemm, const real* __restrict__ _p_d_m_next, int64_t _ld_d_m_next, const real* __restrict__ _p_d_n_next, int64_t _ld_d_n_next, const real* __restrict__ _p_f, int64_t _ld_f, const real* __restrict__ _p_ft, int64_t _ld_ft, const real* __restrict__ _p_it, int64_t _ld_it, const real* __restrict__ _p_m, int64_t _ld_m, real* __restrict__ _p_d_h, int64_t _ld_d_h, real* __restrict__ _p_d_c, int64_t _ld_d_c, real* __restrict__ _p_d_n, int64_t _ld_d_n, real* __restrict__ _p_d_m, int64_t _ld_d_m)
 {
-#ifdef CS_V16
-    if constexpr (sizeof(real) == sizeof(float)) {  // 16 units at a time (CS_V16)
-        cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
-            for (int64_t _j = 0; _j < _cols; _j += 16) {
-                const __mmask16 _m = cs_v16_mask(_cols - _j);
-                cs_v16 d_c_next = _mm512_maskz_loadu_ps(_m, &_p_d_c_next[_r * _ld_d_c_next + _j]);
-                cs_v16 d_f = _mm512_maskz_loadu_ps(_m, &_p_d_f[_r * _ld_d_f + _j]);
-                cs_v16 d_h_gemm = _mm512_maskz_loadu_ps(_m, &_p_d_h_gemm[_r * _ld_d_h_gemm + _j]);
-                cs_v16 d_m_next = _mm512_maskz_loadu_ps(_m, &_p_d_m_next[_r * _ld_d_m_next + _j]);
-                cs_v16 d_n_next = _mm512_maskz_loadu_ps(_m, &_p_d_n_next[_r * _ld_d_n_next + _j]);
-                cs_v16 f = _mm512_maskz_loadu_ps(_m, &_p_f[_r * _ld_f + _j]);
-                cs_v16 ft = _mm512_maskz_loadu_ps(_m, &_p_ft[_r * _ld_ft + _j]);
-                cs_v16 it = _mm512_maskz_loadu_ps(_m, &_p_it[_r * _ld_it + _j]);
-                cs_v16 m = _mm512_maskz_loadu_ps(_m, &_p_m[_r * _ld_m + _j]);
-                cs_v16 d_h;
-                cs_v16 d_c;
-                cs_v16 d_n;
-                cs_v16 d_m;
-                slstm_backward_bwd_leaf_H<cs_v16>(d_c_next, d_f, d_h_gemm, d_m_next, d_n_next, f, ft, it, m, d_h, d_c, d_n, d_m);
-                _mm512_mask_storeu_ps(&_p_d_h[_r * _ld_d_h + _j], _m, d_h.v);
-                _mm512_mask_storeu_ps(&_p_d_c[_r * _ld_d_c + _j], _m, d_c.v);
-                _mm512_mask_storeu_ps(&_p_d_n[_r * _ld_d_n + _j], _m, d_n.v);
-                _mm512_mask_storeu_ps(&_p_d_m[_r * _ld_d_m + _j], _m, d_m.v);
-            }
-        });
-        return;
-    }
-#endif
     cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
 #pragma omp simd
         for (int64_t _j = 0; _j < _cols; ++_j) {

@@ -1307,32 +1307,6 @@ extern "C" int sru_backward_bwd0_H_cuda_bf16(int64_t _rows, int64_t _cols, const
 template <typename real>
 static inline void sru_backward_bwd0_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_W_s_x, int64_t _ld_W_s_x, const real* __restrict__ _p_W_x, int64_t _ld_W_x, const real* __restrict__ _p_c, int64_t _ld_c, const real* __restrict__ _p_c_next, int64_t _ld_c_next, const real* __restrict__ _p_d_c, int64_t _ld_d_c, const real* __restrict__ _p_d_h_out, int64_t _ld_d_h_out, const real* __restrict__ _p_r, int64_t _ld_r, real* __restrict__ _p_d_h, int64_t _ld_d_h, real* __restrict__ _p_d_r, int64_t _ld_d_r, real* __restrict__ _p_d_c_next, int64_t _ld_d_c_next, real* __restrict__ _p_d_f, int64_t _ld_d_f)
 {
-#ifdef CS_V16
-    if constexpr (sizeof(real) == sizeof(float)) {  // 16 units at a time (CS_V16)
-        cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
-            for (int64_t _j = 0; _j < _cols; _j += 16) {
-                const __mmask16 _m = cs_v16_mask(_cols - _j);
-                cs_v16 W_s_x = _mm512_maskz_loadu_ps(_m, &_p_W_s_x[_r * _ld_W_s_x + _j]);
-                cs_v16 W_x = _mm512_maskz_loadu_ps(_m, &_p_W_x[_r * _ld_W_x + _j]);
-                cs_v16 c = _mm512_maskz_loadu_ps(_m, &_p_c[_r * _ld_c + _j]);
-                cs_v16 c_next = _mm512_maskz_loadu_ps(_m, &_p_c_next[_r * _ld_c_next + _j]);
-                cs_v16 d_c = _mm512_maskz_loadu_ps(_m, &_p_d_c[_r * _ld_d_c + _j]);
-                cs_v16 d_h_out = _mm512_maskz_loadu_ps(_m, &_p_d_h_out[_r * _ld_d_h_out + _j]);
-                cs_v16 r = _mm512_maskz_loadu_ps(_m, &_p_r[_r * _ld_r + _j]);
-                cs_v16 d_h;
-                cs_v16 d_r;
-                cs_v16 d_c_next;
-                cs_v16 d_f;
-                sru_backward_bwd0_H<cs_v16>(W_s_x, W_x, c, c_next, d_c, d_h_out, r, d_h, d_r, d_c_next, d_f);
-                _mm512_mask_storeu_ps(&_p_d_h[_r * _ld_d_h + _j], _m, d_h.v);
-                _mm512_mask_storeu_ps(&_p_d_r[_r * _ld_d_r + _j], _m, d_r.v);
-                _mm512_mask_storeu_ps(&_p_d_c_next[_r * _ld_d_c_next + _j], _m, d_c_next.v);
-                _mm512_mask_storeu_ps(&_p_d_f[_r * _ld_d_f + _j], _m, d_f.v);
-            }
-        });
-        return;
-    }
-#endif
     cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
 #pragma omp simd
         for (int64_t _j = 0; _j < _cols; ++_j) {
@@ -1483,44 +1457,6 @@ extern "C" int sru_backward_bwd_leaf_H_cuda_bf16(int64_t _rows, int64_t _cols, c
 template <typename real>
 static inline void sru_backward_bwd_leaf_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_c, int64_t _ld_c, const real* __restrict__ _p_d_c_next, int64_t _ld_d_c_next, const real* __restrict__ _p_d_f, int64_t _ld_d_f, const real* __restrict__ _p_d_h, int64_t _ld_d_h, const real* __restrict__ _p_d_r, int64_t _ld_d_r, const real* __restrict__ _p_f, int64_t _ld_f, const real* __restrict__ _p_r, int64_t _ld_r, const real* __restrict__ _p_v_f, int64_t _ld_v_f, const real* __restrict__ _p_v_r, int64_t _ld_v_r, real* __restrict__ _p_d_c, int64_t _ld_d_c, real* __restrict__ _p_d_v_f, int64_t _ld_d_v_f, real* __restrict__ _p_d_b_f, int64_t _ld_d_b_f, real* __restrict__ _p_d_v_r, int64_t _ld_d_v_r, real* __restrict__ _p_d_b_r, int64_t _ld_d_b_r, real* __restrict__ _p_d_W_f_x, int64_t _ld_d_W_f_x, real* __restrict__ _p_d_W_x, int64_t _ld_d_W_x, real* __restrict__ _p_d_W_r_x, int64_t _ld_d_W_r_x, real* __restrict__ _p_d_W_s_x, int64_t _ld_d_W_s_x)
 {
-#ifdef CS_V16
-    if constexpr (sizeof(real) == sizeof(float)) {  // 16 units at a time (CS_V16)
-        cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
-            for (int64_t _j = 0; _j < _cols; _j += 16) {
-                const __mmask16 _m = cs_v16_mask(_cols - _j);
-                cs_v16 c = _mm512_maskz_loadu_ps(_m, &_p_c[_r * _ld_c + _j]);
-                cs_v16 d_c_next = _mm512_maskz_loadu_ps(_m, &_p_d_c_next[_r * _ld_d_c_next + _j]);
-                cs_v16 d_f = _mm512_maskz_loadu_ps(_m, &_p_d_f[_r * _ld_d_f + _j]);
-                cs_v16 d_h = _mm512_maskz_loadu_ps(_m, &_p_d_h[_r * _ld_d_h + _j]);
-                cs_v16 d_r = _mm512_maskz_loadu_ps(_m, &_p_d_r[_r * _ld_d_r + _j]);
-                cs_v16 f = _mm512_maskz_loadu_ps(_m, &_p_f[_r * _ld_f + _j]);
-                cs_v16 r = _mm512_maskz_loadu_ps(_m, &_p_r[_r * _ld_r + _j]);
-                cs_v16 v_f = _mm512_maskz_loadu_ps(_m, &_p_v_f[_r * _ld_v_f + _j]);
-                cs_v16 v_r = _mm512_maskz_loadu_ps(_m, &_p_v_r[_r * _ld_v_r + _j]);
-                cs_v16 d_c;
-                cs_v16 d_v_f;
-                cs_v16 d_b_f;
-                cs_v16 d_v_r;
-                cs_v16 d_b_r;
-                cs_v16 d_W_f_x;
-                cs_v16 d_W_x;
-                cs_v16 d_W_r_x;
-                cs_v16 d_W_s_x;
-                sru_backward_bwd_leaf_H<cs_v16>(c, d_c_next, d_f, d_h, d_r, f, r, v_f, v_r, d_c, d_v_f, d_b_f, d_v_r, d_b_r, d_W_f_x, d_W_x, d_W_r_x, d_W_s_x);
-                _mm512_mask_storeu_ps(&_p_d_c[_r * _ld_d_c + _j], _m, d_c.v);
-                _mm512_mask_storeu_ps(&_p_d_v_f[_r * _ld_d_v_f + _j], _m, d_v_f.v);
-                _mm512_mask_storeu_ps(&_p_d_b_f[_r * _ld_d_b_f + _j], _m, d_b_f.v);
-                _mm512_mask_storeu_ps(&_p_d_v_r[_r * _ld_d_v_r + _j], _m, d_v_r.v);
-                _mm512_mask_storeu_ps(&_p_d_b_r[_r * _ld_d_b_r + _j], _m, d_b_r.v);
-                _mm512_mask_storeu_ps(&_p_d_W_f_x[_r * _ld_d_W_f_x + _j], _m, d_W_f_x.v);
-                _mm512_mask_storeu_ps(&_p_d_W_x[_r * _ld_d_W_x + _j], _m, d_W_x.v);
-                _mm512_mask_storeu_ps(&_p_d_W_r_x[_r * _ld_d_W_r_x + _j], _m, d_W_r_x.v);
-                _mm512_mask_storeu_ps(&_p_d_W_s_x[_r * _ld_d_W_s_x + _j], _m, d_W_s_x.v);
-            }
-        });
-        return;
-    }
-#endif
     cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
 #pragma omp simd
         for (int64_t _j = 0; _j < _cols; ++_j) {

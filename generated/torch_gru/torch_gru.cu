@@ -1344,35 +1344,6 @@ extern "C" int torch_gru_backward_bwd0_H_cuda_bf16(int64_t _rows, int64_t _cols,
 template <typename real>
 static inline void torch_gru_backward_bwd0_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_W_hn_h, int64_t _ld_W_hn_h, const real* __restrict__ _p_b_hn, int64_t _ld_b_hn, const real* __restrict__ _p_d_h, int64_t _ld_d_h, const real* __restrict__ _p_d_h_next_out, int64_t _ld_d_h_next_out, const real* __restrict__ _p_h, int64_t _ld_h, const real* __restrict__ _p_n, int64_t _ld_n, const real* __restrict__ _p_r, int64_t _ld_r, const real* __restrict__ _p_z, int64_t _ld_z, real* __restrict__ _p_d_h_next, int64_t _ld_d_h_next, real* __restrict__ _p_d_n, int64_t _ld_d_n, real* __restrict__ _p_d_W_hr_h, int64_t _ld_d_W_hr_h, real* __restrict__ _p_d_W_hz_h, int64_t _ld_d_W_hz_h, real* __restrict__ _p_d_W_hn_h, int64_t _ld_d_W_hn_h)
 {
-#ifdef CS_V16
-    if constexpr (sizeof(real) == sizeof(float)) {  // 16 units at a time (CS_V16)
-        cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
-            for (int64_t _j = 0; _j < _cols; _j += 16) {
-                const __mmask16 _m = cs_v16_mask(_cols - _j);
-                cs_v16 W_hn_h = _mm512_maskz_loadu_ps(_m, &_p_W_hn_h[_r * _ld_W_hn_h + _j]);
-                cs_v16 b_hn = _mm512_maskz_loadu_ps(_m, &_p_b_hn[_r * _ld_b_hn + _j]);
-                cs_v16 d_h = _mm512_maskz_loadu_ps(_m, &_p_d_h[_r * _ld_d_h + _j]);
-                cs_v16 d_h_next_out = _mm512_maskz_loadu_ps(_m, &_p_d_h_next_out[_r * _ld_d_h_next_out + _j]);
-                cs_v16 h = _mm512_maskz_loadu_ps(_m, &_p_h[_r * _ld_h + _j]);
-                cs_v16 n = _mm512_maskz_loadu_ps(_m, &_p_n[_r * _ld_n + _j]);
-                cs_v16 r = _mm512_maskz_loadu_ps(_m, &_p_r[_r * _ld_r + _j]);
-                cs_v16 z = _mm512_maskz_loadu_ps(_m, &_p_z[_r * _ld_z + _j]);
-                cs_v16 d_h_next;
-                cs_v16 d_n;
-                cs_v16 d_W_hr_h;
-                cs_v16 d_W_hz_h;
-                cs_v16 d_W_hn_h;
-                torch_gru_backward_bwd0_H<cs_v16>(W_hn_h, b_hn, d_h, d_h_next_out, h, n, r, z, d_h_next, d_n, d_W_hr_h, d_W_hz_h, d_W_hn_h);
-                _mm512_mask_storeu_ps(&_p_d_h_next[_r * _ld_d_h_next + _j], _m, d_h_next.v);
-                _mm512_mask_storeu_ps(&_p_d_n[_r * _ld_d_n + _j], _m, d_n.v);
-                _mm512_mask_storeu_ps(&_p_d_W_hr_h[_r * _ld_d_W_hr_h + _j], _m, d_W_hr_h.v);
-                _mm512_mask_storeu_ps(&_p_d_W_hz_h[_r * _ld_d_W_hz_h + _j], _m, d_W_hz_h.v);
-                _mm512_mask_storeu_ps(&_p_d_W_hn_h[_r * _ld_d_W_hn_h + _j], _m, d_W_hn_h.v);
-            }
-        });
-        return;
-    }
-#endif
     cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
 #pragma omp simd
         for (int64_t _j = 0; _j < _cols; ++_j) {
@@ -1498,34 +1469,6 @@ extern "C" int torch_gru_backward_bwd_leaf_H_cuda_bf16(int64_t _rows, int64_t _c
 template <typename real>
 static inline void torch_gru_backward_bwd_leaf_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_d_W_hr_h, int64_t _ld_d_W_hr_h, const real* __restrict__ _p_d_W_hz_h, int64_t _ld_d_W_hz_h, const real* __restrict__ _p_d_h_gemm, int64_t _ld_d_h_gemm, const real* __restrict__ _p_d_h_next, int64_t _ld_d_h_next, const real* __restrict__ _p_d_n, int64_t _ld_d_n, const real* __restrict__ _p_n, int64_t _ld_n, const real* __restrict__ _p_z, int64_t _ld_z, real* __restrict__ _p_d_h, int64_t _ld_d_h, real* __restrict__ _p_d_b_in, int64_t _ld_d_b_in, real* __restrict__ _p_d_W_ir_x, int64_t _ld_d_W_ir_x, real* __restrict__ _p_d_W_iz_x, int64_t _ld_d_W_iz_x, real* __restrict__ _p_d_W_in_x, int64_t _ld_d_W_in_x)
 {
-#ifdef CS_V16
-    if constexpr (sizeof(real) == sizeof(float)) {  // 16 units at a time (CS_V16)
-        cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
-            for (int64_t _j = 0; _j < _cols; _j += 16) {
-                const __mmask16 _m = cs_v16_mask(_cols - _j);
-                cs_v16 d_W_hr_h = _mm512_maskz_loadu_ps(_m, &_p_d_W_hr_h[_r * _ld_d_W_hr_h + _j]);
-                cs_v16 d_W_hz_h = _mm512_maskz_loadu_ps(_m, &_p_d_W_hz_h[_r * _ld_d_W_hz_h + _j]);
-                cs_v16 d_h_gemm = _mm512_maskz_loadu_ps(_m, &_p_d_h_gemm[_r * _ld_d_h_gemm + _j]);
-                cs_v16 d_h_next = _mm512_maskz_loadu_ps(_m, &_p_d_h_next[_r * _ld_d_h_next + _j]);
-                cs_v16 d_n = _mm512_maskz_loadu_ps(_m, &_p_d_n[_r * _ld_d_n + _j]);
-                cs_v16 n = _mm512_maskz_loadu_ps(_m, &_p_n[_r * _ld_n + _j]);
-                cs_v16 z = _mm512_maskz_loadu_ps(_m, &_p_z[_r * _ld_z + _j]);
-                cs_v16 d_h;
-                cs_v16 d_b_in;
-                cs_v16 d_W_ir_x;
-                cs_v16 d_W_iz_x;
-                cs_v16 d_W_in_x;
-                torch_gru_backward_bwd_leaf_H<cs_v16>(d_W_hr_h, d_W_hz_h, d_h_gemm, d_h_next, d_n, n, z, d_h, d_b_in, d_W_ir_x, d_W_iz_x, d_W_in_x);
-                _mm512_mask_storeu_ps(&_p_d_h[_r * _ld_d_h + _j], _m, d_h.v);
-                _mm512_mask_storeu_ps(&_p_d_b_in[_r * _ld_d_b_in + _j], _m, d_b_in.v);
-                _mm512_mask_storeu_ps(&_p_d_W_ir_x[_r * _ld_d_W_ir_x + _j], _m, d_W_ir_x.v);
-                _mm512_mask_storeu_ps(&_p_d_W_iz_x[_r * _ld_d_W_iz_x + _j], _m, d_W_iz_x.v);
-                _mm512_mask_storeu_ps(&_p_d_W_in_x[_r * _ld_d_W_in_x + _j], _m, d_W_in_x.v);
-            }
-        });
-        return;
-    }
-#endif
     cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
 #pragma omp simd
         for (int64_t _j = 0; _j < _cols; ++_j) {

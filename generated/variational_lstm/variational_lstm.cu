@@ -1000,21 +1000,6 @@ extern "C" int variational_lstm_forward_fwd_hoisted_I_cuda_bf16(int64_t _rows, i
 template <typename real>
 static inline void variational_lstm_forward_fwd_hoisted_I_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_mask_x, int64_t _ld_mask_x, const real* __restrict__ _p_x, int64_t _ld_x, real* __restrict__ _p_xd, int64_t _ld_xd)
 {
-#ifdef CS_V16
-    if constexpr (sizeof(real) == sizeof(float)) {  // 16 units at a time (CS_V16)
-        cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
-            for (int64_t _j = 0; _j < _cols; _j += 16) {
-                const __mmask16 _m = cs_v16_mask(_cols - _j);
-                cs_v16 mask_x = _mm512_maskz_loadu_ps(_m, &_p_mask_x[_r * _ld_mask_x + _j]);
-                cs_v16 x = _mm512_maskz_loadu_ps(_m, &_p_x[_r * _ld_x + _j]);
-                cs_v16 xd;
-                variational_lstm_forward_fwd_hoisted_I<cs_v16>(mask_x, x, xd);
-                _mm512_mask_storeu_ps(&_p_xd[_r * _ld_xd + _j], _m, xd.v);
-            }
-        });
-        return;
-    }
-#endif
     cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
 #pragma omp simd
         for (int64_t _j = 0; _j < _cols; ++_j) {
@@ -1096,21 +1081,6 @@ extern "C" int variational_lstm_forward_fwd0_H_cuda_bf16(int64_t _rows, int64_t 
 template <typename real>
 static inline void variational_lstm_forward_fwd0_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_h, int64_t _ld_h, const real* __restrict__ _p_mask_h, int64_t _ld_mask_h, real* __restrict__ _p_hd, int64_t _ld_hd)
 {
-#ifdef CS_V16
-    if constexpr (sizeof(real) == sizeof(float)) {  // 16 units at a time (CS_V16)
-        cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
-            for (int64_t _j = 0; _j < _cols; _j += 16) {
-                const __mmask16 _m = cs_v16_mask(_cols - _j);
-                cs_v16 h = _mm512_maskz_loadu_ps(_m, &_p_h[_r * _ld_h + _j]);
-                cs_v16 mask_h = _mm512_maskz_loadu_ps(_m, &_p_mask_h[_r * _ld_mask_h + _j]);
-                cs_v16 hd;
-                variational_lstm_forward_fwd0_H<cs_v16>(h, mask_h, hd);
-                _mm512_mask_storeu_ps(&_p_hd[_r * _ld_hd + _j], _m, hd.v);
-            }
-        });
-        return;
-    }
-#endif
     cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
 #pragma omp simd
         for (int64_t _j = 0; _j < _cols; ++_j) {
@@ -1393,21 +1363,6 @@ extern "C" int variational_lstm_inference_fwd_hoisted_I_cuda_bf16(int64_t _rows,
 template <typename real>
 static inline void variational_lstm_inference_fwd_hoisted_I_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_mask_x, int64_t _ld_mask_x, const real* __restrict__ _p_x, int64_t _ld_x, real* __restrict__ _p_xd, int64_t _ld_xd)
 {
-#ifdef CS_V16
-    if constexpr (sizeof(real) == sizeof(float)) {  // 16 units at a time (CS_V16)
-        cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
-            for (int64_t _j = 0; _j < _cols; _j += 16) {
-                const __mmask16 _m = cs_v16_mask(_cols - _j);
-                cs_v16 mask_x = _mm512_maskz_loadu_ps(_m, &_p_mask_x[_r * _ld_mask_x + _j]);
-                cs_v16 x = _mm512_maskz_loadu_ps(_m, &_p_x[_r * _ld_x + _j]);
-                cs_v16 xd;
-                variational_lstm_inference_fwd_hoisted_I<cs_v16>(mask_x, x, xd);
-                _mm512_mask_storeu_ps(&_p_xd[_r * _ld_xd + _j], _m, xd.v);
-            }
-        });
-        return;
-    }
-#endif
     cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
 #pragma omp simd
         for (int64_t _j = 0; _j < _cols; ++_j) {
@@ -1489,21 +1444,6 @@ extern "C" int variational_lstm_inference_fwd0_H_cuda_bf16(int64_t _rows, int64_
 template <typename real>
 static inline void variational_lstm_inference_fwd0_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_h, int64_t _ld_h, const real* __restrict__ _p_mask_h, int64_t _ld_mask_h, real* __restrict__ _p_hd, int64_t _ld_hd)
 {
-#ifdef CS_V16
-    if constexpr (sizeof(real) == sizeof(float)) {  // 16 units at a time (CS_V16)
-        cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
-            for (int64_t _j = 0; _j < _cols; _j += 16) {
-                const __mmask16 _m = cs_v16_mask(_cols - _j);
-                cs_v16 h = _mm512_maskz_loadu_ps(_m, &_p_h[_r * _ld_h + _j]);
-                cs_v16 mask_h = _mm512_maskz_loadu_ps(_m, &_p_mask_h[_r * _ld_mask_h + _j]);
-                cs_v16 hd;
-                variational_lstm_inference_fwd0_H<cs_v16>(h, mask_h, hd);
-                _mm512_mask_storeu_ps(&_p_hd[_r * _ld_hd + _j], _m, hd.v);
-            }
-        });
-        return;
-    }
-#endif
     cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
 #pragma omp simd
         for (int64_t _j = 0; _j < _cols; ++_j) {
@@ -1927,20 +1867,6 @@ extern "C" int variational_lstm_backward_bwd0_H_cuda_bf16(int64_t _rows, int64_t
 template <typename real>
 static inline void variational_lstm_backward_bwd0_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_d_hd_gemm, int64_t _ld_d_hd_gemm, real* __restrict__ _p_d_hd, int64_t _ld_d_hd)
 {
-#ifdef CS_V16
-    if constexpr (sizeof(real) == sizeof(float)) {  // 16 units at a time (CS_V16)
-        cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
-            for (int64_t _j = 0; _j < _cols; _j += 16) {
-                const __mmask16 _m = cs_v16_mask(_cols - _j);
-                cs_v16 d_hd_gemm = _mm512_maskz_loadu_ps(_m, &_p_d_hd_gemm[_r * _ld_d_hd_gemm + _j]);
-                cs_v16 d_hd;
-                variational_lstm_backward_bwd0_H<cs_v16>(d_hd_gemm, d_hd);
-                _mm512_mask_storeu_ps(&_p_d_hd[_r * _ld_d_hd + _j], _m, d_hd.v);
-            }
-        });
-        return;
-    }
-#endif
     cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
 #pragma omp simd
         for (int64_t _j = 0; _j < _cols; ++_j) {
@@ -2030,25 +1956,6 @@ extern "C" int variational_lstm_backward_bwd_leaf_H_cuda_bf16(int64_t _rows, int
 template <typename real>
 static inline void variational_lstm_backward_bwd_leaf_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_d_c_next, int64_t _ld_d_c_next, const real* __restrict__ _p_d_hd, int64_t _ld_d_hd, const real* __restrict__ _p_f, int64_t _ld_f, const real* __restrict__ _p_mask_h, int64_t _ld_mask_h, real* __restrict__ _p_d_h, int64_t _ld_d_h, real* __restrict__ _p_d_c, int64_t _ld_d_c)
 {
-#ifdef CS_V16
-    if constexpr (sizeof(real) == sizeof(float)) {  // 16 units at a time (CS_V16)
-        cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
-            for (int64_t _j = 0; _j < _cols; _j += 16) {
-                const __mmask16 _m = cs_v16_mask(_cols - _j);
-                cs_v16 d_c_next = _mm512_maskz_loadu_ps(_m, &_p_d_c_next[_r * _ld_d_c_next + _j]);
-                cs_v16 d_hd = _mm512_maskz_loadu_ps(_m, &_p_d_hd[_r * _ld_d_hd + _j]);
-                cs_v16 f = _mm512_maskz_loadu_ps(_m, &_p_f[_r * _ld_f + _j]);
-                cs_v16 mask_h = _mm512_maskz_loadu_ps(_m, &_p_mask_h[_r * _ld_mask_h + _j]);
-                cs_v16 d_h;
-                cs_v16 d_c;
-                variational_lstm_backward_bwd_leaf_H<cs_v16>(d_c_next, d_hd, f, mask_h, d_h, d_c);
-                _mm512_mask_storeu_ps(&_p_d_h[_r * _ld_d_h + _j], _m, d_h.v);
-                _mm512_mask_storeu_ps(&_p_d_c[_r * _ld_d_c + _j], _m, d_c.v);
-            }
-        });
-        return;
-    }
-#endif
     cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
 #pragma omp simd
         for (int64_t _j = 0; _j < _cols; ++_j) {
@@ -2136,21 +2043,6 @@ extern "C" int variational_lstm_backward_bwd_hoisted_I_cuda_bf16(int64_t _rows, 
 template <typename real>
 static inline void variational_lstm_backward_bwd_hoisted_I_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_d_xd_hgemm, int64_t _ld_d_xd_hgemm, const real* __restrict__ _p_mask_x, int64_t _ld_mask_x, real* __restrict__ _p_d_x_hoisted, int64_t _ld_d_x_hoisted)
 {
-#ifdef CS_V16
-    if constexpr (sizeof(real) == sizeof(float)) {  // 16 units at a time (CS_V16)
-        cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
-            for (int64_t _j = 0; _j < _cols; _j += 16) {
-                const __mmask16 _m = cs_v16_mask(_cols - _j);
-                cs_v16 d_xd_hgemm = _mm512_maskz_loadu_ps(_m, &_p_d_xd_hgemm[_r * _ld_d_xd_hgemm + _j]);
-                cs_v16 mask_x = _mm512_maskz_loadu_ps(_m, &_p_mask_x[_r * _ld_mask_x + _j]);
-                cs_v16 d_x_hoisted;
-                variational_lstm_backward_bwd_hoisted_I<cs_v16>(d_xd_hgemm, mask_x, d_x_hoisted);
-                _mm512_mask_storeu_ps(&_p_d_x_hoisted[_r * _ld_d_x_hoisted + _j], _m, d_x_hoisted.v);
-            }
-        });
-        return;
-    }
-#endif
     cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
 #pragma omp simd
         for (int64_t _j = 0; _j < _cols; ++_j) {

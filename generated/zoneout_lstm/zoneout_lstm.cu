@@ -1619,28 +1619,6 @@ extern "C" int zoneout_lstm_backward_bwd_leaf_H_cuda_bf16(int64_t _rows, int64_t
 template <typename real>
 static inline void zoneout_lstm_backward_bwd_leaf_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_d_c_new, int64_t _ld_d_c_new, const real* __restrict__ _p_d_c_next, int64_t _ld_d_c_next, const real* __restrict__ _p_d_h_gemm, int64_t _ld_d_h_gemm, const real* __restrict__ _p_d_h_next, int64_t _ld_d_h_next, const real* __restrict__ _p_f, int64_t _ld_f, const real* __restrict__ _p_keep_c, int64_t _ld_keep_c, const real* __restrict__ _p_keep_h, int64_t _ld_keep_h, real* __restrict__ _p_d_h, int64_t _ld_d_h, real* __restrict__ _p_d_c, int64_t _ld_d_c)
 {
-#ifdef CS_V16
-    if constexpr (sizeof(real) == sizeof(float)) {  // 16 units at a time (CS_V16)
-        cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
-            for (int64_t _j = 0; _j < _cols; _j += 16) {
-                const __mmask16 _m = cs_v16_mask(_cols - _j);
-                cs_v16 d_c_new = _mm512_maskz_loadu_ps(_m, &_p_d_c_new[_r * _ld_d_c_new + _j]);
-                cs_v16 d_c_next = _mm512_maskz_loadu_ps(_m, &_p_d_c_next[_r * _ld_d_c_next + _j]);
-                cs_v16 d_h_gemm = _mm512_maskz_loadu_ps(_m, &_p_d_h_gemm[_r * _ld_d_h_gemm + _j]);
-                cs_v16 d_h_next = _mm512_maskz_loadu_ps(_m, &_p_d_h_next[_r * _ld_d_h_next + _j]);
-                cs_v16 f = _mm512_maskz_loadu_ps(_m, &_p_f[_r * _ld_f + _j]);
-                cs_v16 keep_c = _mm512_maskz_loadu_ps(_m, &_p_keep_c[_r * _ld_keep_c + _j]);
-                cs_v16 keep_h = _mm512_maskz_loadu_ps(_m, &_p_keep_h[_r * _ld_keep_h + _j]);
-                cs_v16 d_h;
-                cs_v16 d_c;
-                zoneout_lstm_backward_bwd_leaf_H<cs_v16>(d_c_new, d_c_next, d_h_gemm, d_h_next, f, keep_c, keep_h, d_h, d_c);
-                _mm512_mask_storeu_ps(&_p_d_h[_r * _ld_d_h + _j], _m, d_h.v);
-                _mm512_mask_storeu_ps(&_p_d_c[_r * _ld_d_c + _j], _m, d_c.v);
-            }
-        });
-        return;
-    }
-#endif
     cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
 #pragma omp simd
         for (int64_t _j = 0; _j < _cols; ++_j) {
