@@ -436,6 +436,22 @@ def test_vector_path_where_it_replaces_libm_calls():
     assert _vector_paths(ROOT / "specs" / "slstm.cell")["slstm_inference_fwd0_H"]
 
 
+def _run_avx512_program(tmp_path, program):
+    """Build a C++ program that includes the generated LSTM's .cu (its prelude: cs_v16 and the
+    op table's overloads) with the AVX-512 host build's flags, run it, return its stdout; skip
+    where this machine has no AVX-512 host build."""
+    cxx = native.which_cxx()
+    options = [o for o in native.host_simd_options(cxx) if o == native.SIMD_FLAGS + native.AVX512_FLAGS]
+    if not options:
+        pytest.skip("no AVX-512 host build here")
+    src = tmp_path / "program.cpp"
+    src.write_text(program.replace("GENERATED", str(ROOT / "generated" / "lstm" / "lstm.cu")))
+    exe = tmp_path / "program"
+    subprocess.run([cxx, "-O2", "-fopenmp", *options[0], str(src), "-o", str(exe), *native.SIMD_LIBS],
+                   check=True, capture_output=True, timeout=300)
+    return subprocess.run([str(exe)], check=True, capture_output=True, text=True, timeout=300).stdout
+
+
 _ULP_PROGRAM = r"""
 #include "GENERATED"
 #include <cstdio>
@@ -514,16 +530,7 @@ def test_vector_overloads_of_exact_ops_equal_the_scalar_ones(tmp_path):
     floats (cs_v16) give the scalar helpers' results bit for bit, NaN where they give NaN and the
     sign of a zero kept, over every triple of 17 values (zeros of both signs, infinities, NaN, a
     subnormal, the kinks at 0, +-3 and 6)."""
-    cxx = native.which_cxx()
-    options = [o for o in native.host_simd_options(cxx) if o == native.SIMD_FLAGS + native.AVX512_FLAGS]
-    if not options:
-        pytest.skip("no AVX-512 host build here")
-    src = tmp_path / "exact.cpp"
-    src.write_text(_EXACT_PROGRAM.replace("GENERATED", str(ROOT / "generated" / "lstm" / "lstm.cu")))
-    exe = tmp_path / "exact"
-    subprocess.run([cxx, "-O2", "-fopenmp", *options[0], str(src), "-o", str(exe), *native.SIMD_LIBS],
-                   check=True, capture_output=True, timeout=300)
-    out = subprocess.run([str(exe)], check=True, capture_output=True, text=True, timeout=300).stdout.split()
+    out = _run_avx512_program(tmp_path, _EXACT_PROGRAM).split()
     counts = dict(zip(out[::2], (int(v) for v in out[1::2])))
     assert len(counts) == 15
     assert counts == {k: 0 for k in counts}, counts
@@ -535,17 +542,7 @@ def test_vector_math_within_two_ulp(tmp_path):
     only such math run on): within 2 ulp of the float64 result over every 97th float (and 0, -0,
     infinities, NaN, subnormals, the edges of exp's range), NaN exactly where float64 has it, the
     sign of a zero kept (libmvec's functions, which the other builds call: <= 4 ulp)."""
-    cxx = native.which_cxx()
-    options = [o for o in native.host_simd_options(cxx) if o == native.SIMD_FLAGS + native.AVX512_FLAGS]
-    if not options:
-        pytest.skip("no AVX-512 host build here")
-    src = tmp_path / "ulp.cpp"
-    src.write_text(_ULP_PROGRAM.replace("GENERATED", str(ROOT / "generated" / "lstm" / "lstm.cu")))
-    exe = tmp_path / "ulp"
-    subprocess.run([cxx, "-O2", "-fopenmp", *options[0], str(src), "-o", str(exe), *native.SIMD_LIBS],
-                   check=True, capture_output=True, timeout=300)
-    rows = [tuple(int(v) for v in line.split()) for line in subprocess.run(
-        [str(exe)], check=True, capture_output=True, text=True, timeout=300).stdout.split("\n") if line]
+    rows = [tuple(int(v) for v in line.split()) for line in _run_avx512_program(tmp_path, _ULP_PROGRAM).split("\n") if line]
     assert len(rows) == 3
     for name, (ulp, mismatches) in zip(("exp", "tanh", "sigmoid"), rows):
         assert mismatches == 0, f"{name}: NaN or signed zero where float64 has none"
