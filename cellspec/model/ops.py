@@ -184,7 +184,7 @@ inline cs_v16 cs_sigmoid(cs_v16 z) {
 // e = exp(-2|z|) above (no cancellation there), the sign of z
 inline cs_v16 cs_tanh(cs_v16 z) {
     const __m512 sign = _mm512_set1_ps(-0.0f), one = _mm512_set1_ps(1.0f);
-    const __m512 a = _mm512_andnot_ps(sign, z.v), s = _mm512_mul_ps(a, a);
+    const __m512 a = cs_v16_abs(z.v), s = _mm512_mul_ps(a, a);
     const __m512 e = cs_v16_exp(_mm512_mul_ps(a, _mm512_set1_ps(-2.0f)));
     const __m512 large = _mm512_div_ps(_mm512_sub_ps(one, e), _mm512_add_ps(one, e));
     __m512 p = _mm512_set1_ps(-5.70498872745e-3f);
@@ -272,7 +272,7 @@ template <typename T> __host__ __device__ inline T cs_softplus(T z) {
     return z / (1 + np.abs(z))""",
             "c": "template <typename T> __host__ __device__ inline T cs_softsign(T z) { return z / (T(1) + cs_abs(z)); }",
         },
-        simd="inline cs_v16 cs_softsign(cs_v16 z) { return z / (cs_v16(1.0f) + cs_v16(_mm512_andnot_ps(_mm512_set1_ps(-0.0f), z.v))); }",
+        simd="inline cs_v16 cs_softsign(cs_v16 z) { return z / (cs_v16(1.0f) + cs_v16_abs(z.v)); }",
         needs={"c": ("cs_abs",)},
         fuzz=frozenset({"squash", "safe"}),
     ),
@@ -281,7 +281,7 @@ template <typename T> __host__ __device__ inline T cs_softplus(T z) {
         fn.Abs,
         {"numpy": "np.abs", "torch": "torch.abs", "c": "cs_abs"},
         helper={"c": _c_overloads("cs_abs", "fabsf", "fabs")},
-        simd="inline cs_v16 cs_abs(cs_v16 z) { return _mm512_andnot_ps(_mm512_set1_ps(-0.0f), z.v); }",
+        simd="inline cs_v16 cs_abs(cs_v16 z) { return cs_v16_abs(z.v); }",
         torch_out="torch.abs",
         fuzz=frozenset({"safe"}),
     ),

@@ -61,6 +61,13 @@
 // forking or sharing (cs_par says no, cs_for_rows and the per-step GEMMs take the rows).
 static thread_local int cs_split = 0;
 static thread_local int64_t cs_r0 = 0, cs_r1 = 0;
+// rows lo .. hi - 1 that are the thread's own (cs_split): *b .. *e - 1; false where none are
+static inline bool cs_own_span(int64_t lo, int64_t hi, int64_t* b, int64_t* e)
+{
+    *b = lo > cs_r0 ? lo : cs_r0;
+    *e = hi < cs_r1 ? hi : cs_r1;
+    return *b < *e;
+}
 // Whether a CPU loop forks threads: with work enough, and more than one thread to fork (a team
 // of one still costs a fork per call: ~1.5% of the LSTM's inference at (512, 8, 128)).
 static inline int cs_par(int64_t work, int64_t min_work)
@@ -102,9 +109,10 @@ static inline void cs_for(int64_t n, int par, const F& body)
 template <typename F>
 static inline void cs_for_rows(int64_t n, int par, const F& body)
 {
+    int64_t b, e;
     if (cs_split) {
-        const int64_t end = n < cs_r1 ? n : cs_r1;
-        for (int64_t r = cs_r0; r < end; ++r) body(r);
+        if (cs_own_span(0, n, &b, &e))
+            for (int64_t r = b; r < e; ++r) body(r);
         return;
     }
     cs_for(n, par, body);
@@ -148,6 +156,7 @@ inline cs_v16 operator-(cs_v16 a, cs_v16 b) { return _mm512_sub_ps(a.v, b.v); }
 inline cs_v16 operator*(cs_v16 a, cs_v16 b) { return _mm512_mul_ps(a.v, b.v); }
 inline cs_v16 operator/(cs_v16 a, cs_v16 b) { return _mm512_div_ps(a.v, b.v); }
 inline cs_v16 operator-(cs_v16 a) { return _mm512_xor_ps(a.v, _mm512_set1_ps(-0.0f)); }
+inline __m512 cs_v16_abs(__m512 x) { return _mm512_andnot_ps(_mm512_set1_ps(-0.0f), x); }
 // the first n (<= 16) lanes
 inline __mmask16 cs_v16_mask(int64_t n) { return n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << n) - 1); }
 // cs_max / cs_min lane by lane: a + b where either is NaN, else b where the comparison says, else a
@@ -237,7 +246,7 @@ inline cs_v16 cs_sigmoid(cs_v16 z) {
 // e = exp(-2|z|) above (no cancellation there), the sign of z
 inline cs_v16 cs_tanh(cs_v16 z) {
     const __m512 sign = _mm512_set1_ps(-0.0f), one = _mm512_set1_ps(1.0f);
-    const __m512 a = _mm512_andnot_ps(sign, z.v), s = _mm512_mul_ps(a, a);
+    const __m512 a = cs_v16_abs(z.v), s = _mm512_mul_ps(a, a);
     const __m512 e = cs_v16_exp(_mm512_mul_ps(a, _mm512_set1_ps(-2.0f)));
     const __m512 large = _mm512_div_ps(_mm512_sub_ps(one, e), _mm512_add_ps(one, e));
     __m512 p = _mm512_set1_ps(-5.70498872745e-3f);
@@ -252,8 +261,8 @@ inline cs_v16 cs_tanh(cs_v16 z) {
 inline cs_v16 cs_relu(cs_v16 z) { return cs_v16_max(z, 0.0f); }
 inline cs_v16 cs_exp(cs_v16 z) { return cs_v16_exp(z.v); }
 inline cs_v16 cs_sqrt(cs_v16 z) { return _mm512_sqrt_ps(z.v); }
-inline cs_v16 cs_softsign(cs_v16 z) { return z / (cs_v16(1.0f) + cs_v16(_mm512_andnot_ps(_mm512_set1_ps(-0.0f), z.v))); }
-inline cs_v16 cs_abs(cs_v16 z) { return _mm512_andnot_ps(_mm512_set1_ps(-0.0f), z.v); }
+inline cs_v16 cs_softsign(cs_v16 z) { return z / (cs_v16(1.0f) + cs_v16_abs(z.v)); }
+inline cs_v16 cs_abs(cs_v16 z) { return cs_v16_abs(z.v); }
 inline cs_v16 cs_hard_sigmoid(cs_v16 z) { return cs_v16_min(cs_v16_max(z / cs_v16(6.0f) + cs_v16(0.5f), 0.0f), 1.0f); }
 inline cs_v16 cs_min(cs_v16 a, cs_v16 b) { return cs_v16_min(a, b); }
 inline cs_v16 cs_max(cs_v16 a, cs_v16 b) { return cs_v16_max(a, b); }
@@ -735,12 +744,12 @@ static cs_packed<S> cs_pack_if(bool worth, const cs_ctx* c, int ta, int64_t m, i
 template <typename S>
 static inline bool cs_own_rows_of(int64_t* m, const S** a, int64_t lda, S** out, int64_t ldc)
 {
+    int64_t b, e;
     if (!cs_split) return true;
-    const int64_t end = *m < cs_r1 ? *m : cs_r1;
-    if (end <= cs_r0) return false;
-    *a += cs_r0 * lda;
-    *out += cs_r0 * ldc;
-    *m = end - cs_r0;
+    if (!cs_own_span(0, *m, &b, &e)) return false;
+    *a += b * lda;
+    *out += b * ldc;
+    *m = e - b;
     return true;
 }
 template <typename S>
@@ -905,9 +914,9 @@ static inline void cs_split_end(int pause)
 template <typename T>
 static inline void cs_zero_rows(T* p, int64_t rows, int64_t w)
 {
+    int64_t b, e;
     if (cs_split) {
-        const int64_t end = rows < cs_r1 ? rows : cs_r1;
-        if (end > cs_r0) memset(p + cs_r0 * w, 0, (size_t)((end - cs_r0) * w) * sizeof(T));
+        if (cs_own_span(0, rows, &b, &e)) memset(p + b * w, 0, (size_t)((e - b) * w) * sizeof(T));
         return;
     }
     cs_once([&] { memset(p, 0, (size_t)(rows * w) * sizeof(T)); });
@@ -916,9 +925,9 @@ static inline void cs_zero_rows(T* p, int64_t rows, int64_t w)
 template <typename T>
 static inline void cs_hold_rows(T* dst, const T* src, int64_t rows, int64_t n, int64_t w)
 {
+    int64_t b, e;
     if (cs_split) {
-        const int64_t lo = rows > cs_r0 ? rows : cs_r0;
-        if (lo < cs_r1) memcpy(dst + lo * w, src + lo * w, (size_t)((cs_r1 - lo) * w) * sizeof(T));
+        if (cs_own_span(rows, n, &b, &e)) memcpy(dst + b * w, src + b * w, (size_t)((e - b) * w) * sizeof(T));
         return;
     }
     if (rows < n) cs_once([&] { memcpy(dst + rows * w, src + rows * w, (size_t)((n - rows) * w) * sizeof(T)); });
