@@ -1051,7 +1051,9 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     ds_y = _zeros((_B, _H)) if _d_finals[0] is None else _d_finals[0].to(_dt, memory_format=torch.contiguous_format, copy=True)
     ds_z = _zeros((_B, _H)) if _d_finals[1] is None else _d_finals[1].to(_dt, memory_format=torch.contiguous_format, copy=True)
     dx_x = _fresh("dx_x", (_T, _B, _I))
-    _grads = {"V": _gempty((_H, _I)), "W": _gempty((_H, _H)), "W_z": _gempty((_H, _H)), "b": _gempty((_H,)), "dt_H": _gzeros((_H,)), "eps_H": _gzeros((_H,)), "gamma_H": _gzeros((_H,))}
+    _grads_0 = _gempty((2, _H, _H)).unbind(0)
+    _grads_1 = _gzeros((3, _H)).unbind(0)
+    _grads = {"V": _gempty((_H, _I)), "W": _grads_0[0], "W_z": _grads_0[1], "b": _gempty((_H,)), "dt_H": _grads_1[0], "eps_H": _grads_1[1], "gamma_H": _grads_1[2]}
     if _lib is not None:
         _lib("backward", _dims, [x_x, s_y, s_z, p_b, p_dt_H, p_eps_H, p_gamma_H, hg_V__x, g_W__y, g_W_z__z, dout_y_next, ds_y, ds_z, dx_x, dg_W__y, tmp_d_y_gemm, dg_W_z__z, tmp_d_z_gemm, tmp_d_y_next, tmp_d_z_next, _params["V"].contiguous(), _params["W"].contiguous(), _params["W_z"].contiguous(), *_grads.values(), _bs])
     return _grads, (dx_x,), (ds_y, ds_z,)
@@ -1060,7 +1062,7 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
 # The same two calls as PyTorch custom ops, for torch.compile (which traces them through their
 # fake implementations: the allocations above, without the call). Registered once per process
 # and content of this file; outputs are copies (an op's outputs may not alias each other).
-_OP = "co_rnn_6fb9547369e0"
+_OP = "co_rnn_1832c04b9f0a"
 
 
 def _op_forward_impl(xs: list[torch.Tensor], states: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -1078,13 +1080,13 @@ def _op_backward_impl(xs: list[torch.Tensor], params: list[torch.Tensor], saved:
     p = dict(zip(_PARAM_NAMES, params))
     lib = None if xs[0].device.type == "meta" else _native_library(xs[0], (), p, required="cuda" if xs[0].is_cuda else "fused")
     grads, d_xs, d_states = _native_backward(lib, tuple(xs), p, tuple(saved), tuple(d_outputs), tuple(d_finals))
-    return [*d_xs, *d_states, *(grads[k].to(p[k].dtype) for k in _PARAM_NAMES)]
+    return [*d_xs, *d_states, *(grads[k].to(p[k].dtype, copy=True) for k in _PARAM_NAMES)]  # copies: the grads share blocks
 
 
 def _op_backward_fake(xs, params, saved, d_outputs, d_finals):
     p = dict(zip(_PARAM_NAMES, params))
     grads, d_xs, d_states = _native_backward(None, tuple(xs), p, tuple(saved), tuple(d_outputs), tuple(d_finals))
-    return [*d_xs, *d_states, *(grads[k].to(p[k].dtype) for k in _PARAM_NAMES)]
+    return [*d_xs, *d_states, *(grads[k].to(p[k].dtype, copy=True) for k in _PARAM_NAMES)]  # copies: the grads share blocks
 
 
 def _op_setup_context(ctx, inputs, output):

@@ -1181,7 +1181,6 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
         _m = _native_active(_bs, _B, _xs)
         _d_outputs = tuple(None if _d is None else _d * _m for _d in _d_outputs)
     dp_beta_H, dg_U_i_U_f_U_g_U_o__h, tmp_d_h_gemm, tmp_d_h_next, tmp_d_c_next = _scratch((_T, _B, _H), (_T, _B, 4*_H), (_B, _H), (_B, _H), (_B, _H))
-    dw_U_i_U_f_U_g_U_o, dw_W_i_W_f_W_g_W_o = _gscratch((4*_H, _H), (4*_H, _I))
     x_x = _xs[0].contiguous()
     s_h = _saved[0]
     s_c = _saved[1]
@@ -1194,7 +1193,12 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     ds_h = _zeros((_B, _H)) if _d_finals[0] is None else _d_finals[0].to(_dt, memory_format=torch.contiguous_format, copy=True)
     ds_c = _zeros((_B, _H)) if _d_finals[1] is None else _d_finals[1].to(_dt, memory_format=torch.contiguous_format, copy=True)
     dx_x = _fresh("dx_x", (_T, _B, _I))
-    _grads = {"W_i": _gempty((_H, _I)), "U_i": _gempty((_H, _H)), "b_i": _gempty((_H,)), "W_f": _gempty((_H, _I)), "U_f": _gempty((_H, _H)), "b_f": _gempty((_H,)), "W_g": _gempty((_H, _I)), "U_g": _gempty((_H, _H)), "b_g": _gempty((_H,)), "W_o": _gempty((_H, _I)), "U_o": _gempty((_H, _H)), "b_o": _gempty((_H,)), "beta_H": _gempty((_H,))}
+    dw_U_i_U_f_U_g_U_o = _gempty((4*_H, _H))
+    _rows_dw_U_i_U_f_U_g_U_o = dw_U_i_U_f_U_g_U_o.split(_H)
+    dw_W_i_W_f_W_g_W_o = _gempty((4*_H, _I))
+    _rows_dw_W_i_W_f_W_g_W_o = dw_W_i_W_f_W_g_W_o.split(_H)
+    _grads_0 = _gempty((5, _H)).unbind(0)
+    _grads = {"W_i": _rows_dw_W_i_W_f_W_g_W_o[0], "U_i": _rows_dw_U_i_U_f_U_g_U_o[0], "b_i": _grads_0[0], "W_f": _rows_dw_W_i_W_f_W_g_W_o[1], "U_f": _rows_dw_U_i_U_f_U_g_U_o[1], "b_f": _grads_0[1], "W_g": _rows_dw_W_i_W_f_W_g_W_o[2], "U_g": _rows_dw_U_i_U_f_U_g_U_o[2], "b_g": _grads_0[2], "W_o": _rows_dw_W_i_W_f_W_g_W_o[3], "U_o": _rows_dw_U_i_U_f_U_g_U_o[3], "b_o": _grads_0[3], "beta_H": _grads_0[4]}
     if _lib is not None:
         _lib("backward", _dims, [x_x, s_h, s_c, p_beta_H, v_i, v_f, v_g, v_o, dout_h_next, ds_h, ds_c, dx_x, dp_beta_H, dg_U_i_U_f_U_g_U_o__h, tmp_d_h_gemm, tmp_d_h_next, tmp_d_c_next, dw_U_i_U_f_U_g_U_o, dw_W_i_W_f_W_g_W_o, _stacked(_params["W_i"], _params["W_f"], _params["W_g"], _params["W_o"]), _stacked(_params["U_i"], _params["U_f"], _params["U_g"], _params["U_o"]), *_grads.values(), _bs])
     return _grads, (dx_x,), (ds_h, ds_c,)
@@ -1203,7 +1207,7 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
 # The same two calls as PyTorch custom ops, for torch.compile (which traces them through their
 # fake implementations: the allocations above, without the call). Registered once per process
 # and content of this file; outputs are copies (an op's outputs may not alias each other).
-_OP = "def_lstm_8b8252b191ed"
+_OP = "def_lstm_337fb0849d6b"
 
 
 def _op_forward_impl(xs: list[torch.Tensor], states: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -1221,13 +1225,13 @@ def _op_backward_impl(xs: list[torch.Tensor], params: list[torch.Tensor], saved:
     p = dict(zip(_PARAM_NAMES, params))
     lib = None if xs[0].device.type == "meta" else _native_library(xs[0], (), p, required="cuda" if xs[0].is_cuda else "fused")
     grads, d_xs, d_states = _native_backward(lib, tuple(xs), p, tuple(saved), tuple(d_outputs), tuple(d_finals))
-    return [*d_xs, *d_states, *(grads[k].to(p[k].dtype) for k in _PARAM_NAMES)]
+    return [*d_xs, *d_states, *(grads[k].to(p[k].dtype, copy=True) for k in _PARAM_NAMES)]  # copies: the grads share blocks
 
 
 def _op_backward_fake(xs, params, saved, d_outputs, d_finals):
     p = dict(zip(_PARAM_NAMES, params))
     grads, d_xs, d_states = _native_backward(None, tuple(xs), p, tuple(saved), tuple(d_outputs), tuple(d_finals))
-    return [*d_xs, *d_states, *(grads[k].to(p[k].dtype) for k in _PARAM_NAMES)]
+    return [*d_xs, *d_states, *(grads[k].to(p[k].dtype, copy=True) for k in _PARAM_NAMES)]  # copies: the grads share blocks
 
 
 def _op_setup_context(ctx, inputs, output):

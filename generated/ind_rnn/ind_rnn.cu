@@ -371,7 +371,7 @@ static cs_packed<S> cs_pack_if(bool, const cs_ctx* c, int ta, int64_t m, int64_t
 #define CS_GEMM_NT_PACKED(m, n, k, a, lda, pk, c, ldc, beta) CS_GEMM_NT(m, n, k, a, lda, (pk).w, (pk).ld, c, ldc, beta)
 #define CS_GEMM_NN_PACKED(m, n, k, a, lda, pk, c, ldc, beta) CS_GEMM_NN(m, n, k, a, lda, (pk).w, (pk).ld, c, ldc, beta)
 #define CS_ROWSUM(rows, cols, src, ld, dst, beta) do { if ((cols) > 0) { cs_rowsum_kernel<S, G><<<(unsigned)(((cols) + 127) / 128), 128, 0, (cudaStream_t)ctx->stream>>>(rows, cols, src, ld, dst, beta); CS_CHECK((int)cudaGetLastError()); } } while (0)
-#define CS_ADD(n, src, dst, beta) do { if ((n) > 0) { cs_add_kernel<G><<<(unsigned)(((n) + 127) / 128), 128, 0, (cudaStream_t)ctx->stream>>>(n, src, dst, beta); CS_CHECK((int)cudaGetLastError()); } } while (0)
+#define CS_ADD(n, src, dst, beta) do { if ((n) > 0 && ((const void*)(src) != (const void*)(dst) || (beta))) { cs_add_kernel<G><<<(unsigned)(((n) + 127) / 128), 128, 0, (cudaStream_t)ctx->stream>>>(n, src, dst, beta); CS_CHECK((int)cudaGetLastError()); } } while (0)
 #define CS_ADD_ROWS(rows, cols, src, ld, dst, ldd) do { if ((rows) > 0 && (cols) > 0) { dim3 _g, _b; cs_grid(rows, cols, &_g, &_b); cs_add_rows_kernel<S><<<_g, _b, 0, (cudaStream_t)ctx->stream>>>(rows, cols, src, ld, dst, ldd); CS_CHECK((int)cudaGetLastError()); } } while (0)
 #define CS_ZERO(p, count) CS_CHECK((int)cudaMemsetAsync((p), 0, (size_t)(count) * sizeof(*(p)), (cudaStream_t)ctx->stream))
 #define CS_COPY(dst, src, count) CS_CHECK((int)cudaMemcpyAsync((dst), (src), (size_t)(count) * sizeof(*(dst)), cudaMemcpyDeviceToDevice, (cudaStream_t)ctx->stream))
@@ -785,6 +785,7 @@ static void cs_rowsum_host(int64_t rows, int64_t cols, const S* src, int64_t ld,
 template <typename G>
 static void cs_add_host(int64_t n, const G* src, G* dst, int beta)
 {
+    if (src == dst && !beta) return;  // a grad that is already its rows of the dW block (the glue's)
     for (int64_t j = 0; j < n; ++j) dst[j] = beta ? dst[j] + src[j] : src[j];
 }
 template <typename S>

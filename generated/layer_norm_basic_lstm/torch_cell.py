@@ -1940,7 +1940,6 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
         _m = _native_active(_bs, _B, _xs)
         _d_outputs = tuple(None if _d is None else _d * _m for _d in _d_outputs)
     dp_g_i, dp_b_i, dp_g_j, dp_b_j, dp_g_f, dp_b_f, dp_g_o, dp_b_o, dp_g_c, dp_b_c, dg_U_i_U_j_U_f_U_o__h, tmp_d_h_gemm, dhg_W_i_W_j_W_f_W_o__x, tmp_d_c_next, tmp_d_var_5, tmp_d_mean_5, tmp_d_o, tmp_d_var_4, tmp_d_mean_4, tmp_d_f, tmp_d_var_3, tmp_d_mean_3, tmp_d_j, tmp_d_var_2, tmp_d_mean_2, tmp_d_i, tmp_d_var, tmp_d_mean = _scratch((_T, _B, _H), (_T, _B, _H), (_T, _B, _H), (_T, _B, _H), (_T, _B, _H), (_T, _B, _H), (_T, _B, _H), (_T, _B, _H), (_T, _B, _H), (_T, _B, _H), (_T, _B, 4*_H), (_B, _H), (_T, _B, 4*_H), (_B, _H), (_B, 1), (_B, 1), (_B, _H), (_B, 1), (_B, 1), (_B, _H), (_B, 1), (_B, 1), (_B, _H), (_B, 1), (_B, 1), (_B, _H), (_B, 1), (_B, 1))
-    dw_U_i_U_j_U_f_U_o, dw_W_i_W_j_W_f_W_o = _gscratch((4*_H, _H), (4*_H, _I))
     x_x = _xs[0].contiguous()
     x_mask_j = _xs[1].contiguous()
     s_h = _saved[0]
@@ -1976,7 +1975,12 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     ds_h = _zeros((_B, _H)) if _d_finals[0] is None else _d_finals[0].to(_dt, memory_format=torch.contiguous_format, copy=True)
     ds_c = _zeros((_B, _H)) if _d_finals[1] is None else _d_finals[1].to(_dt, memory_format=torch.contiguous_format, copy=True)
     dx_x = _fresh("dx_x", (_T, _B, _I))
-    _grads = {"W_i": _gempty((_H, _I)), "U_i": _gempty((_H, _H)), "g_i": _gempty((_H,)), "b_i": _gempty((_H,)), "W_j": _gempty((_H, _I)), "U_j": _gempty((_H, _H)), "g_j": _gempty((_H,)), "b_j": _gempty((_H,)), "W_f": _gempty((_H, _I)), "U_f": _gempty((_H, _H)), "g_f": _gempty((_H,)), "b_f": _gempty((_H,)), "W_o": _gempty((_H, _I)), "U_o": _gempty((_H, _H)), "g_o": _gempty((_H,)), "b_o": _gempty((_H,)), "g_c": _gempty((_H,)), "b_c": _gempty((_H,)), "inv_n_H": _gzeros((_H,))}
+    dw_U_i_U_j_U_f_U_o = _gempty((4*_H, _H))
+    _rows_dw_U_i_U_j_U_f_U_o = dw_U_i_U_j_U_f_U_o.split(_H)
+    dw_W_i_W_j_W_f_W_o = _gempty((4*_H, _I))
+    _rows_dw_W_i_W_j_W_f_W_o = dw_W_i_W_j_W_f_W_o.split(_H)
+    _grads_0 = _gempty((10, _H)).unbind(0)
+    _grads = {"W_i": _rows_dw_W_i_W_j_W_f_W_o[0], "U_i": _rows_dw_U_i_U_j_U_f_U_o[0], "g_i": _grads_0[0], "b_i": _grads_0[1], "W_j": _rows_dw_W_i_W_j_W_f_W_o[1], "U_j": _rows_dw_U_i_U_j_U_f_U_o[1], "g_j": _grads_0[2], "b_j": _grads_0[3], "W_f": _rows_dw_W_i_W_j_W_f_W_o[2], "U_f": _rows_dw_U_i_U_j_U_f_U_o[2], "g_f": _grads_0[4], "b_f": _grads_0[5], "W_o": _rows_dw_W_i_W_j_W_f_W_o[3], "U_o": _rows_dw_U_i_U_j_U_f_U_o[3], "g_o": _grads_0[6], "b_o": _grads_0[7], "g_c": _grads_0[8], "b_c": _grads_0[9], "inv_n_H": _gzeros((_H,))}
     if _lib is not None:
         _lib("backward", _dims, [x_x, x_mask_j, s_h, s_c, p_g_i, p_g_j, p_g_f, p_g_o, p_g_c, p_inv_n_H, hg_W_i_W_j_W_f_W_o__x, g_U_i_U_j_U_f_U_o__h, v_mean, v_var, v_rstd, v_i, v_mean_2, v_var_2, v_rstd_2, v_j, v_mean_3, v_var_3, v_rstd_3, v_f, v_mean_4, v_var_4, v_rstd_4, v_o, v_mean_5, v_var_5, v_rstd_5, dout_h_next, ds_h, ds_c, dx_x, dp_g_i, dp_b_i, dp_g_j, dp_b_j, dp_g_f, dp_b_f, dp_g_o, dp_b_o, dp_g_c, dp_b_c, dg_U_i_U_j_U_f_U_o__h, tmp_d_h_gemm, dhg_W_i_W_j_W_f_W_o__x, tmp_d_c_next, tmp_d_var_5, tmp_d_mean_5, tmp_d_o, tmp_d_var_4, tmp_d_mean_4, tmp_d_f, tmp_d_var_3, tmp_d_mean_3, tmp_d_j, tmp_d_var_2, tmp_d_mean_2, tmp_d_i, tmp_d_var, tmp_d_mean, dw_U_i_U_j_U_f_U_o, dw_W_i_W_j_W_f_W_o, _stacked(_params["W_i"], _params["W_j"], _params["W_f"], _params["W_o"]), _stacked(_params["U_i"], _params["U_j"], _params["U_f"], _params["U_o"]), *_grads.values(), _bs])
     return _grads, (dx_x, None,), (ds_h, ds_c,)
@@ -1985,7 +1989,7 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
 # The same two calls as PyTorch custom ops, for torch.compile (which traces them through their
 # fake implementations: the allocations above, without the call). Registered once per process
 # and content of this file; outputs are copies (an op's outputs may not alias each other).
-_OP = "layer_norm_basic_lstm_29fe58cfcb8a"
+_OP = "layer_norm_basic_lstm_9d3d3b5f523f"
 
 
 def _op_forward_impl(xs: list[torch.Tensor], states: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -2004,14 +2008,14 @@ def _op_backward_impl(xs: list[torch.Tensor], params: list[torch.Tensor], saved:
     lib = None if xs[0].device.type == "meta" else _native_library(xs[0], (), p, required="cuda" if xs[0].is_cuda else "fused")
     grads, d_xs, d_states = _native_backward(lib, tuple(xs), p, tuple(saved), tuple(d_outputs), tuple(d_finals))
     d_xs = [torch.zeros_like(x) if d is None else d for d, x in zip(d_xs, xs)]  # a mask has no gradient
-    return [*d_xs, *d_states, *(grads[k].to(p[k].dtype) for k in _PARAM_NAMES)]
+    return [*d_xs, *d_states, *(grads[k].to(p[k].dtype, copy=True) for k in _PARAM_NAMES)]  # copies: the grads share blocks
 
 
 def _op_backward_fake(xs, params, saved, d_outputs, d_finals):
     p = dict(zip(_PARAM_NAMES, params))
     grads, d_xs, d_states = _native_backward(None, tuple(xs), p, tuple(saved), tuple(d_outputs), tuple(d_finals))
     d_xs = [torch.zeros_like(x) if d is None else d for d, x in zip(d_xs, xs)]  # a mask has no gradient
-    return [*d_xs, *d_states, *(grads[k].to(p[k].dtype) for k in _PARAM_NAMES)]
+    return [*d_xs, *d_states, *(grads[k].to(p[k].dtype, copy=True) for k in _PARAM_NAMES)]  # copies: the grads share blocks
 
 
 def _op_setup_context(ctx, inputs, output):

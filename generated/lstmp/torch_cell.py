@@ -1248,7 +1248,7 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
         _m = _native_active(_bs, _B, _xs)
         _d_outputs = tuple(None if _d is None else _d * _m for _d in _d_outputs)
     dg_W_hi_W_hf_W_hg_W_ho__h, tmp_d_h_gemm, dg_W_hr__W_hr_in, tmp_d_W_hr_in_gemm, tmp_d_c_next = _scratch((_T, _B, 4*_H), (_B, _P), (_T, _B, _P), (_B, _H), (_B, _H))
-    dw_W_hi_W_hf_W_hg_W_ho, dw_W_ii_W_if_W_ig_W_io, sum_d_b_ii, sum_d_b_if, sum_d_b_ig, sum_d_b_io = _gscratch((4*_H, _P), (4*_H, _I), (_H,), (_H,), (_H,), (_H,))
+    sum_d_b_ii, sum_d_b_if, sum_d_b_ig, sum_d_b_io = _gscratch((_H,), (_H,), (_H,), (_H,))
     x_x = _xs[0].contiguous()
     s_h = _saved[0]
     s_c = _saved[1]
@@ -1261,7 +1261,12 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     ds_h = _zeros((_B, _P)) if _d_finals[0] is None else _d_finals[0].to(_dt, memory_format=torch.contiguous_format, copy=True)
     ds_c = _zeros((_B, _H)) if _d_finals[1] is None else _d_finals[1].to(_dt, memory_format=torch.contiguous_format, copy=True)
     dx_x = _fresh("dx_x", (_T, _B, _I))
-    _grads = {"W_ii": _gempty((_H, _I)), "W_hi": _gempty((_H, _P)), "b_ii": _gempty((_H,)), "b_hi": _gempty((_H,)), "W_if": _gempty((_H, _I)), "W_hf": _gempty((_H, _P)), "b_if": _gempty((_H,)), "b_hf": _gempty((_H,)), "W_ig": _gempty((_H, _I)), "W_hg": _gempty((_H, _P)), "b_ig": _gempty((_H,)), "b_hg": _gempty((_H,)), "W_io": _gempty((_H, _I)), "W_ho": _gempty((_H, _P)), "b_io": _gempty((_H,)), "b_ho": _gempty((_H,)), "W_hr": _gempty((_P, _H))}
+    dw_W_hi_W_hf_W_hg_W_ho = _gempty((4*_H, _P))
+    _rows_dw_W_hi_W_hf_W_hg_W_ho = dw_W_hi_W_hf_W_hg_W_ho.split(_H)
+    dw_W_ii_W_if_W_ig_W_io = _gempty((4*_H, _I))
+    _rows_dw_W_ii_W_if_W_ig_W_io = dw_W_ii_W_if_W_ig_W_io.split(_H)
+    _grads_0 = _gempty((8, _H)).unbind(0)
+    _grads = {"W_ii": _rows_dw_W_ii_W_if_W_ig_W_io[0], "W_hi": _rows_dw_W_hi_W_hf_W_hg_W_ho[0], "b_ii": _grads_0[0], "b_hi": _grads_0[1], "W_if": _rows_dw_W_ii_W_if_W_ig_W_io[1], "W_hf": _rows_dw_W_hi_W_hf_W_hg_W_ho[1], "b_if": _grads_0[2], "b_hf": _grads_0[3], "W_ig": _rows_dw_W_ii_W_if_W_ig_W_io[2], "W_hg": _rows_dw_W_hi_W_hf_W_hg_W_ho[2], "b_ig": _grads_0[4], "b_hg": _grads_0[5], "W_io": _rows_dw_W_ii_W_if_W_ig_W_io[3], "W_ho": _rows_dw_W_hi_W_hf_W_hg_W_ho[3], "b_io": _grads_0[6], "b_ho": _grads_0[7], "W_hr": _gempty((_P, _H))}
     if _lib is not None:
         _lib("backward", _dims, [x_x, s_h, s_c, v_i, v_f, v_g, v_o, v_W_hr_in, dout_h_next, ds_h, ds_c, dx_x, dg_W_hi_W_hf_W_hg_W_ho__h, tmp_d_h_gemm, dg_W_hr__W_hr_in, tmp_d_W_hr_in_gemm, tmp_d_c_next, dw_W_hi_W_hf_W_hg_W_ho, dw_W_ii_W_if_W_ig_W_io, sum_d_b_ii, sum_d_b_if, sum_d_b_ig, sum_d_b_io, _stacked(_params["W_ii"], _params["W_if"], _params["W_ig"], _params["W_io"]), _stacked(_params["W_hi"], _params["W_hf"], _params["W_hg"], _params["W_ho"]), _params["W_hr"].contiguous(), *_grads.values(), _bs])
     return _grads, (dx_x,), (ds_h, ds_c,)
@@ -1270,7 +1275,7 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
 # The same two calls as PyTorch custom ops, for torch.compile (which traces them through their
 # fake implementations: the allocations above, without the call). Registered once per process
 # and content of this file; outputs are copies (an op's outputs may not alias each other).
-_OP = "lstmp_cbfbd44cc16e"
+_OP = "lstmp_3e75bdb4c003"
 
 
 def _op_forward_impl(xs: list[torch.Tensor], states: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -1288,13 +1293,13 @@ def _op_backward_impl(xs: list[torch.Tensor], params: list[torch.Tensor], saved:
     p = dict(zip(_PARAM_NAMES, params))
     lib = None if xs[0].device.type == "meta" else _native_library(xs[0], (), p, required="cuda" if xs[0].is_cuda else "fused")
     grads, d_xs, d_states = _native_backward(lib, tuple(xs), p, tuple(saved), tuple(d_outputs), tuple(d_finals))
-    return [*d_xs, *d_states, *(grads[k].to(p[k].dtype) for k in _PARAM_NAMES)]
+    return [*d_xs, *d_states, *(grads[k].to(p[k].dtype, copy=True) for k in _PARAM_NAMES)]  # copies: the grads share blocks
 
 
 def _op_backward_fake(xs, params, saved, d_outputs, d_finals):
     p = dict(zip(_PARAM_NAMES, params))
     grads, d_xs, d_states = _native_backward(None, tuple(xs), p, tuple(saved), tuple(d_outputs), tuple(d_finals))
-    return [*d_xs, *d_states, *(grads[k].to(p[k].dtype) for k in _PARAM_NAMES)]
+    return [*d_xs, *d_states, *(grads[k].to(p[k].dtype, copy=True) for k in _PARAM_NAMES)]  # copies: the grads share blocks
 
 
 def _op_setup_context(ctx, inputs, output):

@@ -1054,7 +1054,6 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
         _m = _native_active(_bs, _B, _xs)
         _d_outputs = tuple(None if _d is None else _d * _m for _d in _d_outputs)
     dg_U_f__h, tmp_d_h_gemm, dg_U_h__U_h_in, tmp_d_U_h_in_gemm, dhg_W_f_W_h__x, tmp_d_h_next, tmp_d_U_h_in = _scratch((_T, _B, _H), (_B, _H), (_T, _B, _H), (_B, _H), (_T, _B, 2*_H), (_B, _H), (_B, _H))
-    dw_W_f_W_h, = _gscratch((2*_H, _I))
     x_x = _xs[0].contiguous()
     s_h = _saved[0]
     v_f = _saved[1]
@@ -1063,7 +1062,11 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     dout_h_next = _zeros((_T, _B, _H)) if _d_outputs[0] is None else _d_outputs[0].contiguous()
     ds_h = _zeros((_B, _H)) if _d_finals[0] is None else _d_finals[0].to(_dt, memory_format=torch.contiguous_format, copy=True)
     dx_x = _fresh("dx_x", (_T, _B, _I))
-    _grads = {"W_f": _gempty((_H, _I)), "U_f": _gempty((_H, _H)), "b_f": _gempty((_H,)), "W_h": _gempty((_H, _I)), "U_h": _gempty((_H, _H)), "b_h": _gempty((_H,))}
+    dw_W_f_W_h = _gempty((2*_H, _I))
+    _rows_dw_W_f_W_h = dw_W_f_W_h.split(_H)
+    _grads_0 = _gempty((2, _H, _H)).unbind(0)
+    _grads_1 = _gempty((2, _H)).unbind(0)
+    _grads = {"W_f": _rows_dw_W_f_W_h[0], "U_f": _grads_0[0], "b_f": _grads_1[0], "W_h": _rows_dw_W_f_W_h[1], "U_h": _grads_0[1], "b_h": _grads_1[1]}
     if _lib is not None:
         _lib("backward", _dims, [x_x, s_h, v_f, v_U_h_in, v_h_tilde, dout_h_next, ds_h, dx_x, dg_U_f__h, tmp_d_h_gemm, dg_U_h__U_h_in, tmp_d_U_h_in_gemm, dhg_W_f_W_h__x, tmp_d_h_next, tmp_d_U_h_in, dw_W_f_W_h, _stacked(_params["W_f"], _params["W_h"]), _params["U_f"].contiguous(), _params["U_h"].contiguous(), *_grads.values(), _bs])
     return _grads, (dx_x,), (ds_h,)
@@ -1072,7 +1075,7 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
 # The same two calls as PyTorch custom ops, for torch.compile (which traces them through their
 # fake implementations: the allocations above, without the call). Registered once per process
 # and content of this file; outputs are copies (an op's outputs may not alias each other).
-_OP = "mgu_834a641b9a19"
+_OP = "mgu_dd0b5e980019"
 
 
 def _op_forward_impl(xs: list[torch.Tensor], states: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -1090,13 +1093,13 @@ def _op_backward_impl(xs: list[torch.Tensor], params: list[torch.Tensor], saved:
     p = dict(zip(_PARAM_NAMES, params))
     lib = None if xs[0].device.type == "meta" else _native_library(xs[0], (), p, required="cuda" if xs[0].is_cuda else "fused")
     grads, d_xs, d_states = _native_backward(lib, tuple(xs), p, tuple(saved), tuple(d_outputs), tuple(d_finals))
-    return [*d_xs, *d_states, *(grads[k].to(p[k].dtype) for k in _PARAM_NAMES)]
+    return [*d_xs, *d_states, *(grads[k].to(p[k].dtype, copy=True) for k in _PARAM_NAMES)]  # copies: the grads share blocks
 
 
 def _op_backward_fake(xs, params, saved, d_outputs, d_finals):
     p = dict(zip(_PARAM_NAMES, params))
     grads, d_xs, d_states = _native_backward(None, tuple(xs), p, tuple(saved), tuple(d_outputs), tuple(d_finals))
-    return [*d_xs, *d_states, *(grads[k].to(p[k].dtype) for k in _PARAM_NAMES)]
+    return [*d_xs, *d_states, *(grads[k].to(p[k].dtype, copy=True) for k in _PARAM_NAMES)]  # copies: the grads share blocks
 
 
 def _op_setup_context(ctx, inputs, output):

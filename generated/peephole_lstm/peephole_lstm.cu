@@ -379,7 +379,7 @@ static cs_packed<S> cs_pack_if(bool, const cs_ctx* c, int ta, int64_t m, int64_t
 #define CS_GEMM_NT_PACKED(m, n, k, a, lda, pk, c, ldc, beta) CS_GEMM_NT(m, n, k, a, lda, (pk).w, (pk).ld, c, ldc, beta)
 #define CS_GEMM_NN_PACKED(m, n, k, a, lda, pk, c, ldc, beta) CS_GEMM_NN(m, n, k, a, lda, (pk).w, (pk).ld, c, ldc, beta)
 #define CS_ROWSUM(rows, cols, src, ld, dst, beta) do { if ((cols) > 0) { cs_rowsum_kernel<S, G><<<(unsigned)(((cols) + 127) / 128), 128, 0, (cudaStream_t)ctx->stream>>>(rows, cols, src, ld, dst, beta); CS_CHECK((int)cudaGetLastError()); } } while (0)
-#define CS_ADD(n, src, dst, beta) do { if ((n) > 0) { cs_add_kernel<G><<<(unsigned)(((n) + 127) / 128), 128, 0, (cudaStream_t)ctx->stream>>>(n, src, dst, beta); CS_CHECK((int)cudaGetLastError()); } } while (0)
+#define CS_ADD(n, src, dst, beta) do { if ((n) > 0 && ((const void*)(src) != (const void*)(dst) || (beta))) { cs_add_kernel<G><<<(unsigned)(((n) + 127) / 128), 128, 0, (cudaStream_t)ctx->stream>>>(n, src, dst, beta); CS_CHECK((int)cudaGetLastError()); } } while (0)
 #define CS_ADD_ROWS(rows, cols, src, ld, dst, ldd) do { if ((rows) > 0 && (cols) > 0) { dim3 _g, _b; cs_grid(rows, cols, &_g, &_b); cs_add_rows_kernel<S><<<_g, _b, 0, (cudaStream_t)ctx->stream>>>(rows, cols, src, ld, dst, ldd); CS_CHECK((int)cudaGetLastError()); } } while (0)
 #define CS_ZERO(p, count) CS_CHECK((int)cudaMemsetAsync((p), 0, (size_t)(count) * sizeof(*(p)), (cudaStream_t)ctx->stream))
 #define CS_COPY(dst, src, count) CS_CHECK((int)cudaMemcpyAsync((dst), (src), (size_t)(count) * sizeof(*(dst)), cudaMemcpyDeviceToDevice, (cudaStream_t)ctx->stream))
@@ -793,6 +793,7 @@ static void cs_rowsum_host(int64_t rows, int64_t cols, const S* src, int64_t ld,
 template <typename G>
 static void cs_add_host(int64_t n, const G* src, G* dst, int beta)
 {
+    if (src == dst && !beta) return;  // a grad that is already its rows of the dW block (the glue's)
     for (int64_t j = 0; j < n; ++j) dst[j] = beta ? dst[j] + src[j] : src[j];
 }
 template <typename S>
@@ -2003,12 +2004,14 @@ static int peephole_lstm_backward_run(const int64_t* dims, void* const* ptrs, co
     CS_TEAM_END
     cs_unpack(pk_W_hi_W_hf_W_hg_W_ho_nn);
     // d[W_hi, W_hf, W_hg, W_ho] += dg_W_hi_W_hf_W_hg_W_ho__h^T @ h  (W_hi @ h, W_hf @ h, W_hg @ h, W_ho @ h)
+    // the glue passes the grads of W_hi, W_hf, W_hg, W_ho as rows of b_dw_W_hi_W_hf_W_hg_W_ho: the copies below are then no-ops
     CS_GEMM_TN(4*n_H, n_H, n_T * n_B, b_dg_W_hi_W_hf_W_hg_W_ho__h, 4*n_H, b_s_h, n_H, b_dw_W_hi_W_hf_W_hg_W_ho, n_H, 0);
     CS_ADD(n_H * n_H, b_dw_W_hi_W_hf_W_hg_W_ho, g_W_hi, 0);
     CS_ADD(n_H * n_H, b_dw_W_hi_W_hf_W_hg_W_ho + (n_H) * n_H, g_W_hf, 0);
     CS_ADD(n_H * n_H, b_dw_W_hi_W_hf_W_hg_W_ho + (2*n_H) * n_H, g_W_hg, 0);
     CS_ADD(n_H * n_H, b_dw_W_hi_W_hf_W_hg_W_ho + (3*n_H) * n_H, g_W_ho, 0);
     // d[W_ii, W_if, W_ig, W_io] += dg_W_hi_W_hf_W_hg_W_ho__h^T @ x  (W_ii @ x, W_if @ x, W_ig @ x, W_io @ x)
+    // the glue passes the grads of W_ii, W_if, W_ig, W_io as rows of b_dw_W_ii_W_if_W_ig_W_io: the copies below are then no-ops
     CS_GEMM_TN(4*n_H, n_I, n_T * n_B, b_dg_W_hi_W_hf_W_hg_W_ho__h, 4*n_H, b_x_x, n_I, b_dw_W_ii_W_if_W_ig_W_io, n_I, 0);
     CS_ADD(n_H * n_I, b_dw_W_ii_W_if_W_ig_W_io, g_W_ii, 0);
     CS_ADD(n_H * n_I, b_dw_W_ii_W_if_W_ig_W_io + (n_H) * n_I, g_W_if, 0);

@@ -1232,7 +1232,6 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
         _m = _native_active(_bs, _B, _xs)
         _d_outputs = tuple(None if _d is None else _d * _m for _d in _d_outputs)
     dp_p_i, dp_p_f, dp_p_o, dg_W_hi_W_hf_W_hg_W_ho__h, tmp_d_h_gemm, tmp_d_o, tmp_d_c_next, tmp_d_f, tmp_d_i = _scratch((_T, _B, _H), (_T, _B, _H), (_T, _B, _H), (_T, _B, 4*_H), (_B, _H), (_B, _H), (_B, _H), (_B, _H), (_B, _H))
-    dw_W_hi_W_hf_W_hg_W_ho, dw_W_ii_W_if_W_ig_W_io = _gscratch((4*_H, _H), (4*_H, _I))
     x_x = _xs[0].contiguous()
     s_h = _saved[0]
     s_c = _saved[1]
@@ -1247,7 +1246,12 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     ds_h = _zeros((_B, _H)) if _d_finals[0] is None else _d_finals[0].to(_dt, memory_format=torch.contiguous_format, copy=True)
     ds_c = _zeros((_B, _H)) if _d_finals[1] is None else _d_finals[1].to(_dt, memory_format=torch.contiguous_format, copy=True)
     dx_x = _fresh("dx_x", (_T, _B, _I))
-    _grads = {"W_ii": _gempty((_H, _I)), "W_hi": _gempty((_H, _H)), "p_i": _gempty((_H,)), "b_i": _gempty((_H,)), "W_if": _gempty((_H, _I)), "W_hf": _gempty((_H, _H)), "p_f": _gempty((_H,)), "b_f": _gempty((_H,)), "W_ig": _gempty((_H, _I)), "W_hg": _gempty((_H, _H)), "b_g": _gempty((_H,)), "W_io": _gempty((_H, _I)), "W_ho": _gempty((_H, _H)), "p_o": _gempty((_H,)), "b_o": _gempty((_H,))}
+    dw_W_hi_W_hf_W_hg_W_ho = _gempty((4*_H, _H))
+    _rows_dw_W_hi_W_hf_W_hg_W_ho = dw_W_hi_W_hf_W_hg_W_ho.split(_H)
+    dw_W_ii_W_if_W_ig_W_io = _gempty((4*_H, _I))
+    _rows_dw_W_ii_W_if_W_ig_W_io = dw_W_ii_W_if_W_ig_W_io.split(_H)
+    _grads_0 = _gempty((7, _H)).unbind(0)
+    _grads = {"W_ii": _rows_dw_W_ii_W_if_W_ig_W_io[0], "W_hi": _rows_dw_W_hi_W_hf_W_hg_W_ho[0], "p_i": _grads_0[0], "b_i": _grads_0[1], "W_if": _rows_dw_W_ii_W_if_W_ig_W_io[1], "W_hf": _rows_dw_W_hi_W_hf_W_hg_W_ho[1], "p_f": _grads_0[2], "b_f": _grads_0[3], "W_ig": _rows_dw_W_ii_W_if_W_ig_W_io[2], "W_hg": _rows_dw_W_hi_W_hf_W_hg_W_ho[2], "b_g": _grads_0[4], "W_io": _rows_dw_W_ii_W_if_W_ig_W_io[3], "W_ho": _rows_dw_W_hi_W_hf_W_hg_W_ho[3], "p_o": _grads_0[5], "b_o": _grads_0[6]}
     if _lib is not None:
         _lib("backward", _dims, [x_x, s_h, s_c, p_p_i, p_p_f, p_p_o, v_i, v_f, v_g, v_o, dout_h_next, ds_h, ds_c, dx_x, dp_p_i, dp_p_f, dp_p_o, dg_W_hi_W_hf_W_hg_W_ho__h, tmp_d_h_gemm, tmp_d_o, tmp_d_c_next, tmp_d_f, tmp_d_i, dw_W_hi_W_hf_W_hg_W_ho, dw_W_ii_W_if_W_ig_W_io, _stacked(_params["W_ii"], _params["W_if"], _params["W_ig"], _params["W_io"]), _stacked(_params["W_hi"], _params["W_hf"], _params["W_hg"], _params["W_ho"]), *_grads.values(), _bs])
     return _grads, (dx_x,), (ds_h, ds_c,)
@@ -1256,7 +1260,7 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
 # The same two calls as PyTorch custom ops, for torch.compile (which traces them through their
 # fake implementations: the allocations above, without the call). Registered once per process
 # and content of this file; outputs are copies (an op's outputs may not alias each other).
-_OP = "peephole_lstm_1f42c145845d"
+_OP = "peephole_lstm_ea866c8f52cf"
 
 
 def _op_forward_impl(xs: list[torch.Tensor], states: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -1274,13 +1278,13 @@ def _op_backward_impl(xs: list[torch.Tensor], params: list[torch.Tensor], saved:
     p = dict(zip(_PARAM_NAMES, params))
     lib = None if xs[0].device.type == "meta" else _native_library(xs[0], (), p, required="cuda" if xs[0].is_cuda else "fused")
     grads, d_xs, d_states = _native_backward(lib, tuple(xs), p, tuple(saved), tuple(d_outputs), tuple(d_finals))
-    return [*d_xs, *d_states, *(grads[k].to(p[k].dtype) for k in _PARAM_NAMES)]
+    return [*d_xs, *d_states, *(grads[k].to(p[k].dtype, copy=True) for k in _PARAM_NAMES)]  # copies: the grads share blocks
 
 
 def _op_backward_fake(xs, params, saved, d_outputs, d_finals):
     p = dict(zip(_PARAM_NAMES, params))
     grads, d_xs, d_states = _native_backward(None, tuple(xs), p, tuple(saved), tuple(d_outputs), tuple(d_finals))
-    return [*d_xs, *d_states, *(grads[k].to(p[k].dtype) for k in _PARAM_NAMES)]
+    return [*d_xs, *d_states, *(grads[k].to(p[k].dtype, copy=True) for k in _PARAM_NAMES)]  # copies: the grads share blocks
 
 
 def _op_setup_context(ctx, inputs, output):

@@ -1323,7 +1323,6 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
         _m = _native_active(_bs, _B, _xs)
         _d_outputs = tuple(None if _d is None else _d * _m for _d in _d_outputs)
     dg_R_z_R_i_R_f_R_o__h, tmp_d_h_gemm, tmp_d_n_next, tmp_d_c_next, tmp_d_f, tmp_d_m_next = _scratch((_T, _B, 4*_H), (_B, _H), (_B, _H), (_B, _H), (_B, _H), (_B, _H))
-    dw_R_z_R_i_R_f_R_o, dw_W_z_W_i_W_f_W_o = _gscratch((4*_H, _H), (4*_H, _I))
     x_x = _xs[0].contiguous()
     s_h = _saved[0]
     s_c = _saved[1]
@@ -1341,7 +1340,12 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     ds_n = _zeros((_B, _H)) if _d_finals[2] is None else _d_finals[2].to(_dt, memory_format=torch.contiguous_format, copy=True)
     ds_m = _zeros((_B, _H)) if _d_finals[3] is None else _d_finals[3].to(_dt, memory_format=torch.contiguous_format, copy=True)
     dx_x = _fresh("dx_x", (_T, _B, _I))
-    _grads = {"W_z": _gempty((_H, _I)), "R_z": _gempty((_H, _H)), "b_z": _gempty((_H,)), "W_i": _gempty((_H, _I)), "R_i": _gempty((_H, _H)), "b_i": _gempty((_H,)), "W_f": _gempty((_H, _I)), "R_f": _gempty((_H, _H)), "b_f": _gempty((_H,)), "W_o": _gempty((_H, _I)), "R_o": _gempty((_H, _H)), "b_o": _gempty((_H,))}
+    dw_R_z_R_i_R_f_R_o = _gempty((4*_H, _H))
+    _rows_dw_R_z_R_i_R_f_R_o = dw_R_z_R_i_R_f_R_o.split(_H)
+    dw_W_z_W_i_W_f_W_o = _gempty((4*_H, _I))
+    _rows_dw_W_z_W_i_W_f_W_o = dw_W_z_W_i_W_f_W_o.split(_H)
+    _grads_0 = _gempty((4, _H)).unbind(0)
+    _grads = {"W_z": _rows_dw_W_z_W_i_W_f_W_o[0], "R_z": _rows_dw_R_z_R_i_R_f_R_o[0], "b_z": _grads_0[0], "W_i": _rows_dw_W_z_W_i_W_f_W_o[1], "R_i": _rows_dw_R_z_R_i_R_f_R_o[1], "b_i": _grads_0[1], "W_f": _rows_dw_W_z_W_i_W_f_W_o[2], "R_f": _rows_dw_R_z_R_i_R_f_R_o[2], "b_f": _grads_0[2], "W_o": _rows_dw_W_z_W_i_W_f_W_o[3], "R_o": _rows_dw_R_z_R_i_R_f_R_o[3], "b_o": _grads_0[3]}
     if _lib is not None:
         _lib("backward", _dims, [x_x, s_h, s_c, s_n, s_m, v_z, v_it, v_ft, v_o, v_i, v_f, dout_h_next, ds_h, ds_c, ds_n, ds_m, dx_x, dg_R_z_R_i_R_f_R_o__h, tmp_d_h_gemm, tmp_d_n_next, tmp_d_c_next, tmp_d_f, tmp_d_m_next, dw_R_z_R_i_R_f_R_o, dw_W_z_W_i_W_f_W_o, _stacked(_params["W_z"], _params["W_i"], _params["W_f"], _params["W_o"]), _stacked(_params["R_z"], _params["R_i"], _params["R_f"], _params["R_o"]), *_grads.values(), _bs])
     return _grads, (dx_x,), (ds_h, ds_c, ds_n, ds_m,)
@@ -1350,7 +1354,7 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
 # The same two calls as PyTorch custom ops, for torch.compile (which traces them through their
 # fake implementations: the allocations above, without the call). Registered once per process
 # and content of this file; outputs are copies (an op's outputs may not alias each other).
-_OP = "slstm_e91b8dbb35c7"
+_OP = "slstm_0f22161e9cd5"
 
 
 def _op_forward_impl(xs: list[torch.Tensor], states: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -1368,13 +1372,13 @@ def _op_backward_impl(xs: list[torch.Tensor], params: list[torch.Tensor], saved:
     p = dict(zip(_PARAM_NAMES, params))
     lib = None if xs[0].device.type == "meta" else _native_library(xs[0], (), p, required="cuda" if xs[0].is_cuda else "fused")
     grads, d_xs, d_states = _native_backward(lib, tuple(xs), p, tuple(saved), tuple(d_outputs), tuple(d_finals))
-    return [*d_xs, *d_states, *(grads[k].to(p[k].dtype) for k in _PARAM_NAMES)]
+    return [*d_xs, *d_states, *(grads[k].to(p[k].dtype, copy=True) for k in _PARAM_NAMES)]  # copies: the grads share blocks
 
 
 def _op_backward_fake(xs, params, saved, d_outputs, d_finals):
     p = dict(zip(_PARAM_NAMES, params))
     grads, d_xs, d_states = _native_backward(None, tuple(xs), p, tuple(saved), tuple(d_outputs), tuple(d_finals))
-    return [*d_xs, *d_states, *(grads[k].to(p[k].dtype) for k in _PARAM_NAMES)]
+    return [*d_xs, *d_states, *(grads[k].to(p[k].dtype, copy=True) for k in _PARAM_NAMES)]  # copies: the grads share blocks
 
 
 def _op_setup_context(ctx, inputs, output):

@@ -377,7 +377,7 @@ static cs_packed<S> cs_pack_if(bool, const cs_ctx* c, int ta, int64_t m, int64_t
 #define CS_GEMM_NT_PACKED(m, n, k, a, lda, pk, c, ldc, beta) CS_GEMM_NT(m, n, k, a, lda, (pk).w, (pk).ld, c, ldc, beta)
 #define CS_GEMM_NN_PACKED(m, n, k, a, lda, pk, c, ldc, beta) CS_GEMM_NN(m, n, k, a, lda, (pk).w, (pk).ld, c, ldc, beta)
 #define CS_ROWSUM(rows, cols, src, ld, dst, beta) do { if ((cols) > 0) { cs_rowsum_kernel<S, G><<<(unsigned)(((cols) + 127) / 128), 128, 0, (cudaStream_t)ctx->stream>>>(rows, cols, src, ld, dst, beta); CS_CHECK((int)cudaGetLastError()); } } while (0)
-#define CS_ADD(n, src, dst, beta) do { if ((n) > 0) { cs_add_kernel<G><<<(unsigned)(((n) + 127) / 128), 128, 0, (cudaStream_t)ctx->stream>>>(n, src, dst, beta); CS_CHECK((int)cudaGetLastError()); } } while (0)
+#define CS_ADD(n, src, dst, beta) do { if ((n) > 0 && ((const void*)(src) != (const void*)(dst) || (beta))) { cs_add_kernel<G><<<(unsigned)(((n) + 127) / 128), 128, 0, (cudaStream_t)ctx->stream>>>(n, src, dst, beta); CS_CHECK((int)cudaGetLastError()); } } while (0)
 #define CS_ADD_ROWS(rows, cols, src, ld, dst, ldd) do { if ((rows) > 0 && (cols) > 0) { dim3 _g, _b; cs_grid(rows, cols, &_g, &_b); cs_add_rows_kernel<S><<<_g, _b, 0, (cudaStream_t)ctx->stream>>>(rows, cols, src, ld, dst, ldd); CS_CHECK((int)cudaGetLastError()); } } while (0)
 #define CS_ZERO(p, count) CS_CHECK((int)cudaMemsetAsync((p), 0, (size_t)(count) * sizeof(*(p)), (cudaStream_t)ctx->stream))
 #define CS_COPY(dst, src, count) CS_CHECK((int)cudaMemcpyAsync((dst), (src), (size_t)(count) * sizeof(*(dst)), cudaMemcpyDeviceToDevice, (cudaStream_t)ctx->stream))
@@ -791,6 +791,7 @@ static void cs_rowsum_host(int64_t rows, int64_t cols, const S* src, int64_t ld,
 template <typename G>
 static void cs_add_host(int64_t n, const G* src, G* dst, int beta)
 {
+    if (src == dst && !beta) return;  // a grad that is already its rows of the dW block (the glue's)
     for (int64_t j = 0; j < n; ++j) dst[j] = beta ? dst[j] + src[j] : src[j];
 }
 template <typename S>
@@ -1787,6 +1788,7 @@ static int sru_backward_run(const int64_t* dims, void* const* ptrs, const cs_ctx
     }
     CS_TEAM_END
     // d[W_f, W, W_r, W_s] += dhg_W_f_W_W_r_W_s__x^T @ x  (W_f @ x, W @ x, W_r @ x, W_s @ x)
+    // the glue passes the grads of W_f, W, W_r, W_s as rows of b_dw_W_f_W_W_r_W_s: the copies below are then no-ops
     CS_GEMM_TN(4*n_H, n_I, n_T * n_B, b_dhg_W_f_W_W_r_W_s__x, 4*n_H, b_x_x, n_I, b_dw_W_f_W_W_r_W_s, n_I, 0);
     CS_ADD(n_H * n_I, b_dw_W_f_W_W_r_W_s, g_W_f, 0);
     CS_ADD(n_H * n_I, b_dw_W_f_W_W_r_W_s + (n_H) * n_I, g_W, 0);

@@ -1070,7 +1070,6 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
         _m = _native_active(_bs, _B, _xs)
         _d_outputs = tuple(None if _d is None else _d * _m for _d in _d_outputs)
     dp_v_f, dp_b_f, dp_v_r, dp_b_r, dhg_W_f_W_W_r_W_s__x, tmp_d_h, tmp_d_r, tmp_d_c_next, tmp_d_f = _scratch((_T, _B, _H), (_T, _B, _H), (_T, _B, _H), (_T, _B, _H), (_T, _B, 4*_H), (_B, _H), (_B, _H), (_B, _H), (_B, _H))
-    dw_W_f_W_W_r_W_s, = _gscratch((4*_H, _I))
     x_x = _xs[0].contiguous()
     s_c = _saved[0]
     p_v_f = _params["v_f"].contiguous()
@@ -1081,7 +1080,10 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     dout_h = _zeros((_T, _B, _H)) if _d_outputs[0] is None else _d_outputs[0].contiguous()
     ds_c = _zeros((_B, _H)) if _d_finals[0] is None else _d_finals[0].to(_dt, memory_format=torch.contiguous_format, copy=True)
     dx_x = _fresh("dx_x", (_T, _B, _I))
-    _grads = {"W": _gempty((_H, _I)), "W_f": _gempty((_H, _I)), "v_f": _gempty((_H,)), "b_f": _gempty((_H,)), "W_r": _gempty((_H, _I)), "v_r": _gempty((_H,)), "b_r": _gempty((_H,)), "W_s": _gempty((_H, _I))}
+    dw_W_f_W_W_r_W_s = _gempty((4*_H, _I))
+    _rows_dw_W_f_W_W_r_W_s = dw_W_f_W_W_r_W_s.split(_H)
+    _grads_0 = _gempty((4, _H)).unbind(0)
+    _grads = {"W": _rows_dw_W_f_W_W_r_W_s[1], "W_f": _rows_dw_W_f_W_W_r_W_s[0], "v_f": _grads_0[0], "b_f": _grads_0[1], "W_r": _rows_dw_W_f_W_W_r_W_s[2], "v_r": _grads_0[2], "b_r": _grads_0[3], "W_s": _rows_dw_W_f_W_W_r_W_s[3]}
     if _lib is not None:
         _lib("backward", _dims, [x_x, s_c, p_v_f, p_v_r, hg_W_f_W_W_r_W_s__x, v_f, v_r, dout_h, ds_c, dx_x, dp_v_f, dp_b_f, dp_v_r, dp_b_r, dhg_W_f_W_W_r_W_s__x, tmp_d_h, tmp_d_r, tmp_d_c_next, tmp_d_f, dw_W_f_W_W_r_W_s, _stacked(_params["W_f"], _params["W"], _params["W_r"], _params["W_s"]), *_grads.values(), _bs])
     return _grads, (dx_x,), (ds_c,)
@@ -1090,7 +1092,7 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
 # The same two calls as PyTorch custom ops, for torch.compile (which traces them through their
 # fake implementations: the allocations above, without the call). Registered once per process
 # and content of this file; outputs are copies (an op's outputs may not alias each other).
-_OP = "sru_a1a20f27dfb1"
+_OP = "sru_2156d90aa5da"
 
 
 def _op_forward_impl(xs: list[torch.Tensor], states: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -1108,13 +1110,13 @@ def _op_backward_impl(xs: list[torch.Tensor], params: list[torch.Tensor], saved:
     p = dict(zip(_PARAM_NAMES, params))
     lib = None if xs[0].device.type == "meta" else _native_library(xs[0], (), p, required="cuda" if xs[0].is_cuda else "fused")
     grads, d_xs, d_states = _native_backward(lib, tuple(xs), p, tuple(saved), tuple(d_outputs), tuple(d_finals))
-    return [*d_xs, *d_states, *(grads[k].to(p[k].dtype) for k in _PARAM_NAMES)]
+    return [*d_xs, *d_states, *(grads[k].to(p[k].dtype, copy=True) for k in _PARAM_NAMES)]  # copies: the grads share blocks
 
 
 def _op_backward_fake(xs, params, saved, d_outputs, d_finals):
     p = dict(zip(_PARAM_NAMES, params))
     grads, d_xs, d_states = _native_backward(None, tuple(xs), p, tuple(saved), tuple(d_outputs), tuple(d_finals))
-    return [*d_xs, *d_states, *(grads[k].to(p[k].dtype) for k in _PARAM_NAMES)]
+    return [*d_xs, *d_states, *(grads[k].to(p[k].dtype, copy=True) for k in _PARAM_NAMES)]  # copies: the grads share blocks
 
 
 def _op_setup_context(ctx, inputs, output):

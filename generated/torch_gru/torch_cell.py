@@ -1111,7 +1111,7 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
         _m = _native_active(_bs, _B, _xs)
         _d_outputs = tuple(None if _d is None else _d * _m for _d in _d_outputs)
     dp_b_in, dg_W_hr_W_hz_W_hn__h, tmp_d_h_gemm, dhg_W_ir_W_iz_W_in__x, tmp_d_h_next, tmp_d_n = _scratch((_T, _B, _H), (_T, _B, 3*_H), (_B, _H), (_T, _B, 3*_H), (_B, _H), (_B, _H))
-    dw_W_hr_W_hz_W_hn, dw_W_ir_W_iz_W_in, sum_d_b_ir, sum_d_b_iz = _gscratch((3*_H, _H), (3*_H, _I), (_H,), (_H,))
+    sum_d_b_ir, sum_d_b_iz = _gscratch((_H,), (_H,))
     x_x = _xs[0].contiguous()
     s_h = _saved[0]
     p_b_hn = _params["b_hn"].contiguous()
@@ -1122,7 +1122,12 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     dout_h_next = _zeros((_T, _B, _H)) if _d_outputs[0] is None else _d_outputs[0].contiguous()
     ds_h = _zeros((_B, _H)) if _d_finals[0] is None else _d_finals[0].to(_dt, memory_format=torch.contiguous_format, copy=True)
     dx_x = _fresh("dx_x", (_T, _B, _I))
-    _grads = {"W_ir": _gempty((_H, _I)), "W_hr": _gempty((_H, _H)), "b_ir": _gempty((_H,)), "b_hr": _gempty((_H,)), "W_iz": _gempty((_H, _I)), "W_hz": _gempty((_H, _H)), "b_iz": _gempty((_H,)), "b_hz": _gempty((_H,)), "W_in": _gempty((_H, _I)), "W_hn": _gempty((_H, _H)), "b_in": _gempty((_H,)), "b_hn": _gempty((_H,))}
+    dw_W_hr_W_hz_W_hn = _gempty((3*_H, _H))
+    _rows_dw_W_hr_W_hz_W_hn = dw_W_hr_W_hz_W_hn.split(_H)
+    dw_W_ir_W_iz_W_in = _gempty((3*_H, _I))
+    _rows_dw_W_ir_W_iz_W_in = dw_W_ir_W_iz_W_in.split(_H)
+    _grads_0 = _gempty((6, _H)).unbind(0)
+    _grads = {"W_ir": _rows_dw_W_ir_W_iz_W_in[0], "W_hr": _rows_dw_W_hr_W_hz_W_hn[0], "b_ir": _grads_0[0], "b_hr": _grads_0[1], "W_iz": _rows_dw_W_ir_W_iz_W_in[1], "W_hz": _rows_dw_W_hr_W_hz_W_hn[1], "b_iz": _grads_0[2], "b_hz": _grads_0[3], "W_in": _rows_dw_W_ir_W_iz_W_in[2], "W_hn": _rows_dw_W_hr_W_hz_W_hn[2], "b_in": _grads_0[4], "b_hn": _grads_0[5]}
     if _lib is not None:
         _lib("backward", _dims, [x_x, s_h, p_b_hn, g_W_hr_W_hz_W_hn__h, v_r, v_z, v_n, dout_h_next, ds_h, dx_x, dp_b_in, dg_W_hr_W_hz_W_hn__h, tmp_d_h_gemm, dhg_W_ir_W_iz_W_in__x, tmp_d_h_next, tmp_d_n, dw_W_hr_W_hz_W_hn, dw_W_ir_W_iz_W_in, sum_d_b_ir, sum_d_b_iz, _stacked(_params["W_ir"], _params["W_iz"], _params["W_in"]), _stacked(_params["W_hr"], _params["W_hz"], _params["W_hn"]), *_grads.values(), _bs])
     return _grads, (dx_x,), (ds_h,)
@@ -1131,7 +1136,7 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
 # The same two calls as PyTorch custom ops, for torch.compile (which traces them through their
 # fake implementations: the allocations above, without the call). Registered once per process
 # and content of this file; outputs are copies (an op's outputs may not alias each other).
-_OP = "torch_gru_3b2bd1ba606d"
+_OP = "torch_gru_f4c1702c57fc"
 
 
 def _op_forward_impl(xs: list[torch.Tensor], states: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -1149,13 +1154,13 @@ def _op_backward_impl(xs: list[torch.Tensor], params: list[torch.Tensor], saved:
     p = dict(zip(_PARAM_NAMES, params))
     lib = None if xs[0].device.type == "meta" else _native_library(xs[0], (), p, required="cuda" if xs[0].is_cuda else "fused")
     grads, d_xs, d_states = _native_backward(lib, tuple(xs), p, tuple(saved), tuple(d_outputs), tuple(d_finals))
-    return [*d_xs, *d_states, *(grads[k].to(p[k].dtype) for k in _PARAM_NAMES)]
+    return [*d_xs, *d_states, *(grads[k].to(p[k].dtype, copy=True) for k in _PARAM_NAMES)]  # copies: the grads share blocks
 
 
 def _op_backward_fake(xs, params, saved, d_outputs, d_finals):
     p = dict(zip(_PARAM_NAMES, params))
     grads, d_xs, d_states = _native_backward(None, tuple(xs), p, tuple(saved), tuple(d_outputs), tuple(d_finals))
-    return [*d_xs, *d_states, *(grads[k].to(p[k].dtype) for k in _PARAM_NAMES)]
+    return [*d_xs, *d_states, *(grads[k].to(p[k].dtype, copy=True) for k in _PARAM_NAMES)]  # copies: the grads share blocks
 
 
 def _op_setup_context(ctx, inputs, output):

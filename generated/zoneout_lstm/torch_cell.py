@@ -1263,7 +1263,7 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
         _m = _native_active(_bs, _B, _xs)
         _d_outputs = tuple(None if _d is None else _d * _m for _d in _d_outputs)
     dg_W_hi_W_hf_W_hg_W_ho__h, tmp_d_h_gemm, tmp_d_h_next, tmp_d_c_next, tmp_d_c_new = _scratch((_T, _B, 4*_H), (_B, _H), (_B, _H), (_B, _H), (_B, _H))
-    dw_W_hi_W_hf_W_hg_W_ho, dw_W_ii_W_if_W_ig_W_io, sum_d_b_ii, sum_d_b_if, sum_d_b_ig, sum_d_b_io = _gscratch((4*_H, _H), (4*_H, _I), (_H,), (_H,), (_H,), (_H,))
+    sum_d_b_ii, sum_d_b_if, sum_d_b_ig, sum_d_b_io = _gscratch((_H,), (_H,), (_H,), (_H,))
     x_x = _xs[0].contiguous()
     x_keep_c = _xs[1].contiguous()
     x_keep_h = _xs[2].contiguous()
@@ -1278,7 +1278,12 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     ds_h = _zeros((_B, _H)) if _d_finals[0] is None else _d_finals[0].to(_dt, memory_format=torch.contiguous_format, copy=True)
     ds_c = _zeros((_B, _H)) if _d_finals[1] is None else _d_finals[1].to(_dt, memory_format=torch.contiguous_format, copy=True)
     dx_x = _fresh("dx_x", (_T, _B, _I))
-    _grads = {"W_ii": _gempty((_H, _I)), "W_hi": _gempty((_H, _H)), "b_ii": _gempty((_H,)), "b_hi": _gempty((_H,)), "W_if": _gempty((_H, _I)), "W_hf": _gempty((_H, _H)), "b_if": _gempty((_H,)), "b_hf": _gempty((_H,)), "W_ig": _gempty((_H, _I)), "W_hg": _gempty((_H, _H)), "b_ig": _gempty((_H,)), "b_hg": _gempty((_H,)), "W_io": _gempty((_H, _I)), "W_ho": _gempty((_H, _H)), "b_io": _gempty((_H,)), "b_ho": _gempty((_H,))}
+    dw_W_hi_W_hf_W_hg_W_ho = _gempty((4*_H, _H))
+    _rows_dw_W_hi_W_hf_W_hg_W_ho = dw_W_hi_W_hf_W_hg_W_ho.split(_H)
+    dw_W_ii_W_if_W_ig_W_io = _gempty((4*_H, _I))
+    _rows_dw_W_ii_W_if_W_ig_W_io = dw_W_ii_W_if_W_ig_W_io.split(_H)
+    _grads_0 = _gempty((8, _H)).unbind(0)
+    _grads = {"W_ii": _rows_dw_W_ii_W_if_W_ig_W_io[0], "W_hi": _rows_dw_W_hi_W_hf_W_hg_W_ho[0], "b_ii": _grads_0[0], "b_hi": _grads_0[1], "W_if": _rows_dw_W_ii_W_if_W_ig_W_io[1], "W_hf": _rows_dw_W_hi_W_hf_W_hg_W_ho[1], "b_if": _grads_0[2], "b_hf": _grads_0[3], "W_ig": _rows_dw_W_ii_W_if_W_ig_W_io[2], "W_hg": _rows_dw_W_hi_W_hf_W_hg_W_ho[2], "b_ig": _grads_0[4], "b_hg": _grads_0[5], "W_io": _rows_dw_W_ii_W_if_W_ig_W_io[3], "W_ho": _rows_dw_W_hi_W_hf_W_hg_W_ho[3], "b_io": _grads_0[6], "b_ho": _grads_0[7]}
     if _lib is not None:
         _lib("backward", _dims, [x_x, x_keep_c, x_keep_h, s_h, s_c, v_i, v_f, v_g, v_o, v_c_new, dout_h_next, ds_h, ds_c, dx_x, dg_W_hi_W_hf_W_hg_W_ho__h, tmp_d_h_gemm, tmp_d_h_next, tmp_d_c_next, tmp_d_c_new, dw_W_hi_W_hf_W_hg_W_ho, dw_W_ii_W_if_W_ig_W_io, sum_d_b_ii, sum_d_b_if, sum_d_b_ig, sum_d_b_io, _stacked(_params["W_ii"], _params["W_if"], _params["W_ig"], _params["W_io"]), _stacked(_params["W_hi"], _params["W_hf"], _params["W_hg"], _params["W_ho"]), *_grads.values(), _bs])
     return _grads, (dx_x, None, None,), (ds_h, ds_c,)
@@ -1287,7 +1292,7 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
 # The same two calls as PyTorch custom ops, for torch.compile (which traces them through their
 # fake implementations: the allocations above, without the call). Registered once per process
 # and content of this file; outputs are copies (an op's outputs may not alias each other).
-_OP = "zoneout_lstm_6fab55ce3146"
+_OP = "zoneout_lstm_bc77c60e0278"
 
 
 def _op_forward_impl(xs: list[torch.Tensor], states: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -1306,14 +1311,14 @@ def _op_backward_impl(xs: list[torch.Tensor], params: list[torch.Tensor], saved:
     lib = None if xs[0].device.type == "meta" else _native_library(xs[0], (), p, required="cuda" if xs[0].is_cuda else "fused")
     grads, d_xs, d_states = _native_backward(lib, tuple(xs), p, tuple(saved), tuple(d_outputs), tuple(d_finals))
     d_xs = [torch.zeros_like(x) if d is None else d for d, x in zip(d_xs, xs)]  # a mask has no gradient
-    return [*d_xs, *d_states, *(grads[k].to(p[k].dtype) for k in _PARAM_NAMES)]
+    return [*d_xs, *d_states, *(grads[k].to(p[k].dtype, copy=True) for k in _PARAM_NAMES)]  # copies: the grads share blocks
 
 
 def _op_backward_fake(xs, params, saved, d_outputs, d_finals):
     p = dict(zip(_PARAM_NAMES, params))
     grads, d_xs, d_states = _native_backward(None, tuple(xs), p, tuple(saved), tuple(d_outputs), tuple(d_finals))
     d_xs = [torch.zeros_like(x) if d is None else d for d, x in zip(d_xs, xs)]  # a mask has no gradient
-    return [*d_xs, *d_states, *(grads[k].to(p[k].dtype) for k in _PARAM_NAMES)]
+    return [*d_xs, *d_states, *(grads[k].to(p[k].dtype, copy=True) for k in _PARAM_NAMES)]  # copies: the grads share blocks
 
 
 def _op_setup_context(ctx, inputs, output):
