@@ -262,7 +262,7 @@ def _own_gemm_library(pkg):
 
 @pytest.mark.skipif(not HAVE_CXX, reason="no C++ compiler")
 @pytest.mark.parametrize("module", ["lstm", "torch_gru"])
-@pytest.mark.parametrize("batch, hidden, steps", [(1, 5, 8), (13, 37, 8), (29, 64, 8), (29, 37, 40)])
+@pytest.mark.parametrize("batch, hidden, steps", [(1, 5, 8), (13, 37, 8), (29, 64, 8), (29, 37, 40), (33, 21, 8)])
 def test_own_gemm_agrees_with_blas(module, batch, hidden, steps):
     """The float products by the library's own AVX-512 GEMM (every tile height 1..12, partial
     32-column panels, fewer rows per step under variable lengths; with H = 64 the step's GEMM
@@ -282,7 +282,7 @@ def test_own_gemm_agrees_with_blas(module, batch, hidden, steps):
     lengths = torch.randint(1, T + 1, (batch,))
     lengths[0] = T
     results = {}
-    for own in (True, False):
+    for own in ("always", False):  # "always": batches of 32 rows and more too on any CPU (cs_for_batch)
         kernels.set_own_gemm(own)
         try:
             plain = _run(m, x)
@@ -296,10 +296,10 @@ def test_own_gemm_agrees_with_blas(module, batch, hidden, steps):
         finally:
             kernels.set_own_gemm(True)
         results[own] = plain + varlen + infer
-    for a, b in zip(results[True], results[False]):
+    for a, b in zip(results["always"], results[False]):
         torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5)
     # and the own path is really different code: same values, not the same bits everywhere
-    assert any(not torch.equal(a, b) for a, b in zip(results[True], results[False])) or hidden < 8
+    assert any(not torch.equal(a, b) for a, b in zip(results["always"], results[False])) or hidden < 8
 
 
 @pytest.mark.skipif(not HAVE_CXX, reason="no C++ compiler")
@@ -655,3 +655,61 @@ def test_kept_scratch_blocks(tmp_path):
     assert calls == [1]
     for a, b in zip(_run(m, x), first):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not HAVE_CXX, reason="no C++ compiler")
+def test_param_grads_are_rows_of_their_dw_block():
+    """A weight stack's dW GEMM writes its matrices' gradients in place (the glue allocates them
+    as the rows of its scratch: the split copies become no-ops) only where it gives each matrix
+    its first contribution. GradBlocks: [W_c, W_a] on h comes first and is such a block; the
+    stack [W_a, W_b, W_c, W_d] on x then adds to W_a and W_c, so its scratch stays a buffer of
+    its own. The gradients, accumulated over two backward calls, are the PyTorch engine's."""
+    from conftest import TEST_SPECS, compiled_cells
+
+    from cellspec.backends import native_render
+
+    cc = compiled_cells(str(TEST_SPECS / "grad_blocks.cell"))[0]
+    _, glue = native_render.render(cc.program, "", "0", "grad_blocks.cell")
+    assert glue["backward"]["grads_block"] == {"dw_W_c_W_a": "W_c_W_a"}
+    pkg = load_module(cc.module_name)
+    cls = getattr(pkg.torch_cell, pkg.torch_cell.CELL)
+    torch.manual_seed(4)
+    fused = cls(6, 6, backend="fused").double()  # x[H]: input_size = hidden_size
+    engine = cls(6, 6, backend="generated").double()
+    engine.load_state_dict(fused.state_dict())
+    x = torch.randn(12, 3, 6, dtype=torch.float64)
+    for m in (fused, engine):
+        for _ in range(2):
+            out, _ = m(x)
+            out.square().sum().backward()
+    for (name, p), q in zip(fused.named_parameters(), engine.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, msg=name)
+    storage = {n: p.grad.untyped_storage().data_ptr() for n, p in fused.named_parameters()}
+    assert storage["W_c"] == storage["W_a"]  # rows of one block (the first backward's, kept as .grad)
+    assert storage["W_b"] != storage["W_c"]
+
+
+@pytest.mark.skipif(not HAVE_CXX, reason="no C++ compiler")
+@pytest.mark.parametrize("batch", [8, 33])
+def test_own_gemm_chosen_by_cpu_and_batch(batch):
+    """By default (``set_own_gemm(True)``) a call runs the own GEMM on AMD CPUs, and elsewhere
+    for batches under 32 rows, MKL's from 32 (``cs_for_batch``): its results are, to the bit,
+    those of the forced choice."""
+    pkg = load_module("lstm")
+    lib = _own_gemm_library(pkg)
+    if not lib.own_gemm():
+        pytest.skip("this CPU build has no own GEMM (not x86-64 with AVX-512)")
+    torch.manual_seed(batch)
+    m = pkg.torch_cell.LSTM(37, 128, backend="fused")
+    x = torch.randn(40, batch, 37)  # (with H = 64 at batch 8 MKL and the own kernel agree to the bit)
+    results = {}
+    for own in (True, "always", False):
+        kernels.set_own_gemm(own)
+        try:
+            results[own] = _run(m, x)
+        finally:
+            kernels.set_own_gemm(True)
+    amd = "AuthenticAMD" in Path("/proc/cpuinfo").read_text()
+    expected = results["always" if amd or batch < 32 else False]
+    assert all(torch.equal(a, b) for a, b in zip(results[True], expected))
+    assert not all(torch.equal(a, b) for a, b in zip(results["always"], results[False]))  # they differ: the choice shows

@@ -79,9 +79,11 @@ def host_blas() -> tuple[int, int, int | None, int | None, int | None]:
 @functools.cache
 def host_ctx() -> _HostCtx:
     """The context every CPU library call gets: the BLAS addresses of :func:`host_blas` and
-    ``own`` = 1 where the float products by a per-step weight may run the library's own AVX-512
-    GEMM (the library checks the CPU itself); ``CELLSPEC_OWN_GEMM=0`` or :func:`set_own_gemm`
-    keeps the BLAS throughout (for measuring one against the other). ``team``: whether a time loop
+    ``own`` = 1 where the float products may run the library's own AVX-512 GEMM, the library
+    choosing per call by the CPU and the batch (every call on AMD, batches under 32 rows
+    elsewhere: ``cs_for_batch``); ``CELLSPEC_OWN_GEMM=0`` or :func:`set_own_gemm` keeps the BLAS
+    throughout, ``CELLSPEC_OWN_GEMM=2`` the own GEMM wherever the CPU has AVX-512 (for measuring
+    one against the other). ``team``: whether a time loop
     runs as one team of threads for all its steps instead of forking per op: 1 where a step's
     GEMM would fork (the library decides, and whether each thread runs the steps on its own rows
     of the batch or the threads share each op's work), 0 never (``CELLSPEC_LOOP_TEAM=0``), 2
@@ -89,12 +91,14 @@ def host_ctx() -> _HostCtx:
     tests run small shapes through it), 3 wherever it can, each op's work shared
     (``CELLSPEC_LOOP_TEAM=3``); :func:`set_loop_team`."""
     team = {"0": 0, "2": 2, "3": 3}.get(os.environ.get("CELLSPEC_LOOP_TEAM", "1"), 1)
-    return _HostCtx(*host_blas(), 0 if os.environ.get("CELLSPEC_OWN_GEMM", "1") == "0" else 1, team)
+    own = {"0": 0, "2": 2}.get(os.environ.get("CELLSPEC_OWN_GEMM", "1"), 1)
+    return _HostCtx(*host_blas(), own, team)
 
 
-def set_own_gemm(on: bool) -> None:
-    """Turn the own per-step GEMM on or off for every later CPU call in this process."""
-    host_ctx().own = 1 if on else 0
+def set_own_gemm(on: bool | str) -> None:
+    """For every later CPU call in this process: the own GEMM where the library chooses it
+    (True), never (False), or wherever the CPU has AVX-512 (``"always"``)."""
+    host_ctx().own = 2 if on == "always" else (1 if on else 0)
 
 
 def set_loop_team(mode: int) -> None:

@@ -323,6 +323,7 @@ typedef int (*cs_gemmex_fn)(void*, int, int, int, int, int, const void*, const v
                             const void*, int, int, const void*, void*, int, int, int, int);
 // cublasGemmEx and the handle of the caller (torch's, bound to its current stream), and that stream
 struct cs_ctx { cs_gemmex_fn gemm; void* handle; void* stream; };
+static inline const cs_ctx* cs_for_batch(const cs_ctx* c, cs_ctx*, int64_t) { return c; }
 template <typename S> struct cs_cuda_type;  // cudaDataType, cublasComputeType, scale type
 template <> struct cs_cuda_type<float> { enum { data = 0, compute = 68 }; typedef float scale; };
 template <> struct cs_cuda_type<double> { enum { data = 1, compute = 70 }; typedef double scale; };
@@ -460,6 +461,18 @@ static void cs_give(void* block)
 // own = 1: float products by a per-step weight run cellspec's own GEMM below where the CPU has AVX-512
 // team: a time loop runs as one team of threads (CS_TEAM_BEGIN) 0 never, 1 where it pays, 2 wherever it can
 struct cs_ctx { cs_sgemm_fn sgemm; cs_dgemm_fn dgemm; cs_pack_size_fn pack_size; cs_pack_fn pack; cs_compute_fn compute; int own; int team; };
+// Whether a call's float products run the own kernel (ctx->own: 0 never, 2 always; 1 by the CPU
+// and the batch: always on AMD, whose MKL runs its generic code path there; elsewhere (Intel,
+// whose MKL runs its AVX-512 kernels) for a batch of fewer than 32 rows, MKL from 32: measured,
+// docs/performance.md, stop 24). Each call resolves it once, into a copy of the context.
+static inline const cs_ctx* cs_for_batch(const cs_ctx* c, cs_ctx* call, int64_t batch)
+{
+    if (c->own != 1) return c;
+    static const bool amd = __builtin_cpu_is("amd");
+    *call = *c;
+    call->own = amd || batch < 32 ? 2 : 0;
+    return call;
+}
 static inline void cs_blas(const cs_ctx* c, const char* ta, const char* tb, const int* m, const int* n, const int* k,
                            const float* al, const float* a, const int* lda, const float* b, const int* ldb,
                            const float* be, float* o, const int* ldc) { c->sgemm(ta, tb, m, n, k, al, a, lda, b, ldb, be, o, ldc); }
@@ -1675,6 +1688,8 @@ static int zoneout_lstm_forward_run(const int64_t* dims, void* const* ptrs, cons
     (void)n_I;
     const int64_t n_H = dims[3];
     (void)n_H;
+    cs_ctx cs_call;  // the context with this call's choice of GEMM (cs_for_batch)
+    ctx = cs_for_batch(ctx, &cs_call, n_B);
     S* b_x_x = (S*)ptrs[0];
     (void)b_x_x;
     S* b_x_keep_c = (S*)ptrs[1];
@@ -1804,6 +1819,8 @@ static int zoneout_lstm_inference_run(const int64_t* dims, void* const* ptrs, co
     (void)n_I;
     const int64_t n_H = dims[3];
     (void)n_H;
+    cs_ctx cs_call;  // the context with this call's choice of GEMM (cs_for_batch)
+    ctx = cs_for_batch(ctx, &cs_call, n_B);
     S* b_x_x = (S*)ptrs[0];
     (void)b_x_x;
     S* b_x_keep_c = (S*)ptrs[1];
@@ -1916,6 +1933,8 @@ static int zoneout_lstm_backward_run(const int64_t* dims, void* const* ptrs, con
     (void)n_I;
     const int64_t n_H = dims[3];
     (void)n_H;
+    cs_ctx cs_call;  // the context with this call's choice of GEMM (cs_for_batch)
+    ctx = cs_for_batch(ctx, &cs_call, n_B);
     S* b_x_x = (S*)ptrs[0];
     (void)b_x_x;
     S* b_x_keep_c = (S*)ptrs[1];
