@@ -680,6 +680,50 @@ __attribute__((target("avx512f"))) static bool cs_own_gemm_tn(int64_t m, int64_t
     cs_give(mem);
     return true;
 }
+// One row (a batch of one): out[0, :n] (+)= a[0, :k] @ op(w) straight from the row-major weight,
+// which a step reads once either way, so packing it (a read and a write of it per call: ~45 us of
+// a 0.7 ms LSTM training call at (16, 1, 128)) buys nothing. ta = 1 (w [n, k], a @ wᵀ): 16 rows of
+// w at a time, a dot product each in 16-float vectors, the 16 sums reduced at the end; ta = 0
+// (w [k, n], a @ w): w's rows scaled by a and summed, 128 columns at a time.
+template <int R>
+__attribute__((target("avx512f"))) static inline void cs_own_dots(int64_t k, const float* a, const float* w, int64_t ldw, float* out, int beta)
+{
+    __m512 acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+    for (int64_t kk = 0; kk < k; kk += 16) {
+        const __mmask16 mk = k - kk >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (k - kk)) - 1);
+        const __m512 av = _mm512_maskz_loadu_ps(mk, a + kk);
+        for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, w + r * ldw + kk), av, acc[r]);
+    }
+    for (int r = 0; r < R; ++r) {
+        const float v = _mm512_reduce_add_ps(acc[r]);
+        out[r] = beta ? out[r] + v : v;
+    }
+}
+__attribute__((target("avx512f"))) static void cs_own_gemv(int ta, int64_t n, int64_t k, const float* a, const float* w, int64_t ldw, float* out, int beta)
+{
+    if (ta) {
+        int64_t j = 0;
+        for (; j + 16 <= n; j += 16) cs_own_dots<16>(k, a, w + j * ldw, ldw, out + j, beta);
+        for (; j < n; ++j) cs_own_dots<1>(k, a, w + j * ldw, ldw, out + j, beta);
+        return;
+    }
+    for (int64_t j0 = 0; j0 < n; j0 += 128) {
+        __m512 acc[8];
+        __mmask16 mj[8];
+        for (int v = 0; v < 8; ++v) {
+            const int64_t left = n - j0 - v * 16;
+            mj[v] = left >= 16 ? (__mmask16)0xffff : (left > 0 ? (__mmask16)((1u << left) - 1) : (__mmask16)0);
+            acc[v] = beta ? _mm512_maskz_loadu_ps(mj[v], out + j0 + v * 16) : _mm512_setzero_ps();
+        }
+        for (int64_t kk = 0; kk < k; ++kk) {
+            const __m512 av = _mm512_set1_ps(a[kk]);
+            const float* row = w + kk * ldw + j0;
+            for (int v = 0; v < 8; ++v) acc[v] = _mm512_fmadd_ps(av, _mm512_maskz_loadu_ps(mj[v], row + v * 16), acc[v]);
+        }
+        for (int v = 0; v < 8; ++v) _mm512_mask_storeu_ps(out + j0 + v * 16, mj[v], acc[v]);
+    }
+}
 // A plain product a @ op(b) of at least 16 rows (the hoisted products by a weight, dx = dg @ W
 // after the loop) through the own kernel too: op(b) packed for this call (cost ~ n * k, against
 // m * n * k: [16, 128] x [128, 512] took MKL 35-43 us on Zen 4, packing 7 us and the kernel 21).
@@ -720,15 +764,20 @@ static int cs_gemm(const cs_ctx* c, int ta, int tb, int64_t m, int64_t n, int64_
 // AVX-512, ctx->own), else into the BLAS's internal layout (MKL's sgemm_pack). The per-step GEMM
 // then skips re-packing it, which for a small batch is most of its time. ta = 1: the step computes
 // a @ wᵀ; ta = 0: a @ w. Double, or a BLAS without the packed API: the plain matrix.
-template <typename S> struct cs_packed { const S* w; int64_t ld; void* packed; int64_t rows; float* own; };
+// gemv: a batch of one, multiplied by the plain matrix with cs_own_gemv (no packing).
+template <typename S> struct cs_packed { const S* w; int64_t ld; void* packed; int64_t rows; float* own; int gemv; };
 template <typename S>
-static cs_packed<S> cs_pack(const cs_ctx*, int, int64_t m, int64_t, int64_t, const S* w, int64_t ldw) { return {w, ldw, 0, m, 0}; }
+static cs_packed<S> cs_pack(const cs_ctx*, int, int64_t m, int64_t, int64_t, const S* w, int64_t ldw) { return {w, ldw, 0, m, 0, 0}; }
 static cs_packed<float> cs_pack(const cs_ctx* c, int ta, int64_t m, int64_t n, int64_t k, const float* w, int64_t ldw)
 {
-    cs_packed<float> p = {w, ldw, 0, m, 0};
+    cs_packed<float> p = {w, ldw, 0, m, 0, 0};
     if (m <= 0 || n <= 0 || k <= 0) return p;
 #ifdef CS_OWN_GEMM
     if (c->own && cs_avx512()) {
+        if (m == 1 && !cs_par(n * k, 262144)) {  // one row, on one thread (cs_own_gemm would not fork)
+            p.gemv = 1;
+            return p;
+        }
         void* mem = cs_take((size_t)(((n + 31) / 32) * 32 * k) * sizeof(float));
         if (mem) {
             p.own = (float*)mem;
@@ -752,7 +801,7 @@ template <typename S>
 static cs_packed<S> cs_pack_if(bool worth, const cs_ctx* c, int ta, int64_t m, int64_t n, int64_t k, const S* w, int64_t ldw)
 {
     if (worth) return cs_pack(c, ta, m, n, k, w, ldw);
-    cs_packed<S> p = {w, ldw, 0, m, 0};
+    cs_packed<S> p = {w, ldw, 0, m, 0, 0};
     return p;
 }
 // a thread that runs its own rows of a step (cs_split): rows cs_r0 .. of the product's m
@@ -779,6 +828,10 @@ static int cs_gemm_packed(const cs_ctx* c, int ta, int64_t m, int64_t n, int64_t
 {
     if (!cs_own_rows_of(&m, &a, lda, &out, ldc)) return 0;
 #ifdef CS_OWN_GEMM
+    if (w.gemv) {  // a batch of one (none in a step past every sequence's end)
+        if (m > 0) cs_own_gemv(ta, n, k, a, w.w, w.ld, out, beta);
+        return 0;
+    }
     if (w.own) {  // any number of rows (a step with fewer under variable lengths too)
         if (m > 0) cs_own_gemm(m, n, k, a, lda, w.own, out, ldc, beta);
         return 0;
