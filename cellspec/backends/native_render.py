@@ -637,8 +637,9 @@ class _Renderer:
 
 
 def render(prog: ir.Program, spec_text: str, version: str, filename: str) -> tuple[str, dict]:
-    """The ``.cu`` source of a program, and the glue context (which param gradients the host
-    loop never writes, so the caller zero-fills them)."""
+    """The ``.cu`` source of a program, and what its host loops found for the glue (which param
+    gradients they never write, so the caller zero-fills them; which dW scratch may be the rows
+    of its grads)."""
     r = _Renderer(prog)
     loops = [r.host_loop(fn) for fn in prog.functions]
     ctx = {
@@ -721,8 +722,9 @@ def chunk_work(prog: ir.Program, fn: ir.Function) -> tuple[sp.Expr, sp.Expr] | N
     return (per_row if per_row != 0 else sp.Integer(1)), weights
 
 
-def glue_context(prog: ir.Program, grads_zero: dict, cu_text: str) -> dict:
-    """Records for ``native_glue.py.j2``."""
+def glue_context(prog: ir.Program, host: dict, cu_text: str) -> dict:
+    """Records for ``native_glue.py.j2``; ``host``: what :func:`render`'s host loops found, per
+    function (the grads they never write, the dW scratch that may be its grads' own block)."""
     sizes = []
     for s in prog.sizes:
         src = prog.size_sources[s]
@@ -733,7 +735,7 @@ def glue_context(prog: ir.Program, grads_zero: dict, cu_text: str) -> dict:
     inputs = {v.key: i for i, v in enumerate(prog.inputs)}
     states = {f"s_{v.key}": i for i, v in enumerate(prog.states)}
 
-    blocks = grads_zero.get("backward", {}).get("grads_block", {})
+    blocks = host.get("backward", {}).get("grads_block", {})
 
     def allocs(fn: ir.Function, saved_from: dict[str, int] | None) -> list[str]:
         out = []
@@ -810,7 +812,7 @@ def glue_context(prog: ir.Program, grads_zero: dict, cu_text: str) -> dict:
     groups: dict[tuple[tuple[str, ...], bool], list[str]] = {}
     for prm in prog.params:
         if prm.key not in in_block:
-            zero = prm.key in grads_zero.get("backward", {}).get("grads_zero", [])
+            zero = prm.key in host.get("backward", {}).get("grads_zero", [])
             groups.setdefault((tuple(prm.shape), zero), []).append(prm.key)
     grad_groups, where = [], dict(in_block)
     for (shape, zero), keys in groups.items():
