@@ -562,7 +562,7 @@ class _Renderer:
                     what = op.operands[0]
                 inner_rows = rows_of("all", k)
                 lines.append(f"{ind}// d[{', '.join(w.matrices)}] += {op.d_out}^T @ {what}  ({op.comment})")
-                if op.scratch and fn.name == "backward" and dw_writers[op.scratch] == 1 and all(
+                if op.scratch and dw_writers[op.scratch] == 1 and all(
                         m not in grads_written and shapes.get(m) == (o, w.inner) for m, o in zip(w.matrices, w.outs)):
                     grads_block[op.scratch] = op.weight
                     lines.append(f"{ind}// the glue passes the grads of {', '.join(w.matrices)} as rows of b_{op.scratch}: "
@@ -736,6 +736,7 @@ def glue_context(prog: ir.Program, host: dict, cu_text: str) -> dict:
     states = {f"s_{v.key}": i for i, v in enumerate(prog.states)}
 
     blocks = host.get("backward", {}).get("grads_block", {})
+    zeroed = set(host.get("backward", {}).get("grads_zero", ()))
 
     def allocs(fn: ir.Function, saved_from: dict[str, int] | None) -> list[str]:
         out = []
@@ -812,8 +813,7 @@ def glue_context(prog: ir.Program, host: dict, cu_text: str) -> dict:
     groups: dict[tuple[tuple[str, ...], bool], list[str]] = {}
     for prm in prog.params:
         if prm.key not in in_block:
-            zero = prm.key in host.get("backward", {}).get("grads_zero", [])
-            groups.setdefault((tuple(prm.shape), zero), []).append(prm.key)
+            groups.setdefault((tuple(prm.shape), prm.key in zeroed), []).append(prm.key)
     grad_groups, where = [], dict(in_block)
     for (shape, zero), keys in groups.items():
         if len(keys) == 1:

@@ -593,11 +593,13 @@ __attribute__((target("avx512f"))) static inline void cs_own_rows(int64_t r, int
         default: break;
     }
 }
+// the first n lanes of a 16-float vector (none for n <= 0, all from 16)
+static inline __mmask16 cs_lanes(int64_t n) { return n >= 16 ? (__mmask16)0xffff : (n > 0 ? (__mmask16)((1u << n) - 1) : (__mmask16)0); }
 // the store masks of a panel's two 16-column halves, for its first `width` (<= 32) columns
 static inline void cs_own_masks(int64_t width, __mmask16* m0, __mmask16* m1)
 {
-    *m0 = width >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << width) - 1);
-    *m1 = width >= 32 ? (__mmask16)0xffff : (width > 16 ? (__mmask16)((1u << (width - 16)) - 1) : (__mmask16)0);
+    *m0 = cs_lanes(width);
+    *m1 = cs_lanes(width - 16);
 }
 // rows x 32 columns of the product: panel q against every row of a, CS_OWN_MR rows at a time.
 // Tiles of 8 rows (16 accumulators) ran the step's [32, 256] x [256, 1024] and the hoisted
@@ -659,7 +661,7 @@ __attribute__((target("avx512f"))) static bool cs_own_gemm_tn(int64_t m, int64_t
             const float* src = a + (k0 + kk) * lda;
             for (int64_t s0 = 0; s0 < slivers; ++s0) {
                 const int64_t w = m - s0 * 12 < 12 ? m - s0 * 12 : 12;
-                const __mmask16 mw = (__mmask16)((1u << w) - 1);
+                const __mmask16 mw = cs_lanes(w);
                 _mm512_mask_storeu_ps(pa + (s0 * kb + kk) * 12, (__mmask16)0xfff, _mm512_maskz_loadu_ps(mw, src + s0 * 12));
             }
         }
@@ -689,7 +691,7 @@ __attribute__((target("avx512f"))) static inline void cs_own_dots(int64_t k, con
     __m512 acc[R];
     for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
     for (int64_t kk = 0; kk < k; kk += 16) {
-        const __mmask16 mk = k - kk >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (k - kk)) - 1);
+        const __mmask16 mk = cs_lanes(k - kk);
         const __m512 av = _mm512_maskz_loadu_ps(mk, a + kk);
         for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, w + r * ldw + kk), av, acc[r]);
     }
@@ -710,8 +712,7 @@ __attribute__((target("avx512f"))) static void cs_own_gemv(int ta, int64_t n, in
         __m512 acc[8];
         __mmask16 mj[8];
         for (int v = 0; v < 8; ++v) {
-            const int64_t left = n - j0 - v * 16;
-            mj[v] = left >= 16 ? (__mmask16)0xffff : (left > 0 ? (__mmask16)((1u << left) - 1) : (__mmask16)0);
+            mj[v] = cs_lanes(n - j0 - v * 16);
             acc[v] = beta ? _mm512_maskz_loadu_ps(mj[v], out + j0 + v * 16) : _mm512_setzero_ps();
         }
         for (int64_t kk = 0; kk < k; ++kk) {
