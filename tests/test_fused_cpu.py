@@ -462,16 +462,15 @@ static int64_t ordered(float f) { int32_t i; memcpy(&i, &f, 4); return i < 0 ? (
 static double ref(int k, double x) { return k == 0 ? exp(x) : k == 1 ? tanh(x) : (x >= 0 ? 1 / (1 + exp(-x)) : exp(x) / (1 + exp(x))); }
 static cs_v16 run(int k, cs_v16 v) { return k == 0 ? cs_exp(v) : k == 1 ? cs_tanh(v) : cs_sigmoid(v); }
 int main() {
-    const float special[16] = {0.0f, -0.0f, INFINITY, -INFINITY, NAN, 1e-45f, -1e-45f, 88.72f, 88.73f,
-                               -87.3f, -103.9f, -104.5f, 0.625f, -0.625f, 9.1f, -9.1f};
+    const float special[32] = {0.0f, -0.0f, INFINITY, -INFINITY, NAN, 1e-45f, -1e-45f, 88.72f, 88.73f,
+                               -87.3f, -103.9f, -104.5f, 0.625f, -0.625f, 9.1f, -9.1f,
+                               // the edges of tanh's table: its intervals, where it saturates, past its end
+                               0.62499994f, 0.74999994f, 0.75f, 1.0f, 2.0f, 7.9999995f, 8.0f, 9.0109129f,
+                               9.01091385f, -9.01091385f, 9.9999990f, 10.0f, 1e30f, -1e30f, 3.4e38f, -3.4e38f};
     for (int k = 0; k < 3; ++k) {
         int64_t worst = 0, nan = 0;
-        float in[16], out[16];
-        for (uint64_t b = 0, n = 0; b < (1ull << 32) + 16 * 97; b += 97) {  // every 97th float, then the special ones
-            uint32_t u = (uint32_t)b;
-            if (b < (1ull << 32)) memcpy(&in[n], &u, 4); else in[n] = special[n];
-            if (++n < 16) continue;
-            n = 0;
+        auto check = [&](const float* in) {  // 16 inputs
+            float out[16];
             _mm512_storeu_ps(out, run(k, _mm512_loadu_ps(in)).v);
             for (int i = 0; i < 16; ++i) {
                 const float e = (float)ref(k, (double)in[i]);
@@ -480,7 +479,17 @@ int main() {
                 if (d > worst || -d > worst) worst = d < 0 ? -d : d;
                 if (e == 0.0f && out[i] == 0.0f && std::signbit(e) != std::signbit(out[i])) ++nan;
             }
+        };
+        float in[16];
+        for (uint64_t b = 0, n = 0; b < (1ull << 32); b += 97) {  // every 97th float (the last few dropped)
+            const uint32_t u = (uint32_t)b;
+            memcpy(&in[n], &u, 4);
+            if (++n < 16) continue;
+            n = 0;
+            check(in);
         }
+        check(special);  // every special value (a loop that appended them to the samples dropped 14)
+        check(special + 16);
         printf("%lld %lld\n", (long long)worst, (long long)nan);
     }
 }

@@ -171,11 +171,12 @@ inline cs_v16 cs_v16_max(cs_v16 a, cs_v16 b) { return cs_v16_pick(_mm512_cmp_ps_
 inline cs_v16 cs_v16_min(cs_v16 a, cs_v16 b) { return cs_v16_pick(_mm512_cmp_ps_mask(b.v, a.v, _CMP_LT_OQ), a.v, b.v); }
 // a derivative mask: 1 where m, else 0
 inline cs_v16 cs_v16_ones(__mmask16 m) { return _mm512_maskz_mov_ps(m, _mm512_set1_ps(1.0f)); }
-inline __m512 cs_v16_exp(__m512 x)
+// exp of x in [-104, 89] (or NaN): n = round(x log2 e) by adding and subtracting 1.5 * 2^23 (one
+// uop less than vrndscaleps after a product, the same n but at exact ties of the product)
+inline __m512 cs_v16_exp_core(__m512 x)
 {
-    x = _mm512_min_ps(_mm512_set1_ps(89.0f), _mm512_max_ps(_mm512_set1_ps(-104.0f), x));  // NaN passes
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 shift = _mm512_set1_ps(12582912.0f);
+    const __m512 n = _mm512_sub_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), shift), shift);
     __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
     r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
     __m512 p = _mm512_set1_ps(1.9875691500e-4f);
@@ -187,6 +188,12 @@ inline __m512 cs_v16_exp(__m512 x)
     p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
     return _mm512_scalef_ps(p, n);
 }
+inline __m512 cs_v16_exp(__m512 x)
+{
+    return cs_v16_exp_core(_mm512_min_ps(_mm512_set1_ps(89.0f), _mm512_max_ps(_mm512_set1_ps(-104.0f), x)));  // NaN passes
+}
+// exp of x <= 0 (or NaN): no upper bound to clamp to (sigmoid's exp(-|z|))
+inline __m512 cs_v16_exp_neg(__m512 x) { return cs_v16_exp_core(_mm512_max_ps(_mm512_set1_ps(-104.0f), x)); }
 #endif
 // ---------------------------------------------------------------------------------------------
 // Elementwise functions with the semantics of the NumPy back end (stable sigmoid and softplus;
@@ -240,25 +247,46 @@ __host__ __device__ inline double cs_pow(double a, double b) { return pow(a, b);
 #ifdef CS_V16
 // the same on 16 floats: e = exp(-|z|), then one division, 1 / (1 + e) or e / (1 + e)
 inline cs_v16 cs_sigmoid(cs_v16 z) {
-    const __m512 e = cs_v16_exp(_mm512_or_ps(z.v, _mm512_set1_ps(-0.0f)));
+    const __m512 e = cs_v16_exp_neg(_mm512_or_ps(z.v, _mm512_set1_ps(-0.0f)));
     const __mmask16 pos = _mm512_cmp_ps_mask(z.v, _mm512_setzero_ps(), _CMP_GE_OQ);
     return _mm512_div_ps(_mm512_mask_blend_ps(pos, e, _mm512_set1_ps(1.0f)), _mm512_add_ps(_mm512_set1_ps(1.0f), e));
 }
-// tanh on 16 floats: Cephes's odd polynomial below |z| = 0.625, (1 - e) / (1 + e) with
-// e = exp(-2|z|) above (no cancellation there), the sign of z
+// tanh on 16 floats: Cephes's odd polynomial below |z| = 0.625; above, a degree-5 polynomial in
+// t = |z| - mid on each of 16 quarter-octaves [0.625, 0.75), ..., [8, 10), picked by the exponent and
+// the top two mantissa bits of |z| (one vpermps per coefficient), and 1 from 9.0109139 (where tanh
+// rounds to 1); the sign of z. No exp and no division (the exp-based form took ~0.2 ns more per unit
+// of the LSTM's element function). Table: python benchmarks/fit_tanh_table.py (<= 1.07 ulp).
+alignas(64) static const float cs_tanh_tab[7][16] = {
+    {0.6875f, 0.8125f, 0.9375f, 1.125f, 1.375f, 1.625f, 1.875f, 2.25f, 2.75f, 3.25f, 3.75f, 4.5f, 5.5f, 6.5f, 7.5f, 9.0f},
+    {0.596373558f, 0.670967102f, 0.734071493f, 0.809301078f, 0.879826725f, 0.925346255f, 0.954045236f, 0.978026092f, 0.991859734f, 0.996997654f, 0.998894453f, 0.999753177f, 0.999966621f, 0.99999547f, 0.999999404f, 0.99999994f},
+    {0.644338608f, 0.549803197f, 0.461138994f, 0.345031768f, 0.225904971f, 0.143734366f, 0.0897976384f, 0.043464914f, 0.0162142925f, 0.00599571783f, 0.00220989343f, 0.000493536005f, 6.68071298e-05f, 9.04162334e-06f, 1.22365543e-06f, 6.10875546e-08f},
+    {-0.384266406f, -0.368899882f, -0.338509142f, -0.279237121f, -0.198758736f, -0.133004621f, -0.0856711045f, -0.0425082408f, -0.0160811003f, -0.00597717939f, -0.00220723939f, -0.000492609572f, -6.66951673e-05f, -9.02671763e-06f, -1.22164272e-06f, -5.85736011e-08f},
+    {0.0143862478f, 0.0642516762f, 0.0947768092f, 0.110976212f, 0.0995720699f, 0.0751642808f, 0.0518018305f, 0.02708783f, 0.0105461106f, 0.00396090234f, 0.00146825553f, 0.000328297843f, 4.4467386e-05f, 6.01868624e-06f, 8.14553061e-07f, 5.08996258e-08f},
+    {0.119441099f, 0.0798982009f, 0.0433629788f, 0.00370061747f, -0.0210951548f, -0.0251212381f, -0.0208489299f, -0.0123903118f, -0.00515112886f, -0.00197949936f, -0.000739873154f, -0.000172551066f, -2.3398492e-05f, -3.16748901e-06f, -4.28688566e-07f, -1.32617684e-09f},
+    {-0.061518047f, -0.0626643747f, -0.0530744679f, -0.0321104601f, -0.00955475867f, 0.00137856428f, 0.00459587295f, 0.00397614716f, 0.0019167451f, 0.000771511346f, 0.000293064397f, 6.87046122e-05f, 9.33461433e-06f, 1.26397106e-06f, 1.71072173e-07f, 2.27187815e-08f},
+};
 inline cs_v16 cs_tanh(cs_v16 z) {
-    const __m512 sign = _mm512_set1_ps(-0.0f), one = _mm512_set1_ps(1.0f);
     const __m512 a = cs_v16_abs(z.v), s = _mm512_mul_ps(a, a);
-    const __m512 e = cs_v16_exp(_mm512_mul_ps(a, _mm512_set1_ps(-2.0f)));
-    const __m512 large = _mm512_div_ps(_mm512_sub_ps(one, e), _mm512_add_ps(one, e));
-    __m512 p = _mm512_set1_ps(-5.70498872745e-3f);
-    p = _mm512_fmadd_ps(p, s, _mm512_set1_ps(2.06390887954e-2f));
-    p = _mm512_fmadd_ps(p, s, _mm512_set1_ps(-5.37397155531e-2f));
-    p = _mm512_fmadd_ps(p, s, _mm512_set1_ps(1.33314422036e-1f));
-    p = _mm512_fmadd_ps(p, s, _mm512_set1_ps(-3.33332819422e-1f));
-    const __m512 small = _mm512_fmadd_ps(_mm512_mul_ps(p, s), a, a);
+    const __m512i q = _mm512_sub_epi32(_mm512_srli_epi32(_mm512_castps_si512(a), 21), _mm512_set1_epi32(0x3F200000 >> 21));  // 0.625's bits
+#define CS_TAB_(j) _mm512_permutexvar_ps(q, _mm512_load_ps(cs_tanh_tab[j]))
+    const __m512 t = _mm512_sub_ps(a, CS_TAB_(0));  // exact: a and mid within a factor of 2
+    __m512 p = CS_TAB_(6);
+    p = _mm512_fmadd_ps(p, t, CS_TAB_(5));
+    p = _mm512_fmadd_ps(p, t, CS_TAB_(4));
+    p = _mm512_fmadd_ps(p, t, CS_TAB_(3));
+    p = _mm512_fmadd_ps(p, t, CS_TAB_(2));
+    p = _mm512_fmadd_ps(p, t, CS_TAB_(1));
+#undef CS_TAB_
+    // |z| >= 10 (and infinity) wraps around the table; NaN stays NaN through t
+    const __m512 large = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(a, _mm512_set1_ps(9.01091385f), _CMP_GE_OQ), p, _mm512_set1_ps(1.0f));
+    __m512 r = _mm512_set1_ps(-5.70498872745e-3f);
+    r = _mm512_fmadd_ps(r, s, _mm512_set1_ps(2.06390887954e-2f));
+    r = _mm512_fmadd_ps(r, s, _mm512_set1_ps(-5.37397155531e-2f));
+    r = _mm512_fmadd_ps(r, s, _mm512_set1_ps(1.33314422036e-1f));
+    r = _mm512_fmadd_ps(r, s, _mm512_set1_ps(-3.33332819422e-1f));
+    const __m512 small = _mm512_fmadd_ps(_mm512_mul_ps(r, s), a, a);
     const __mmask16 lt = _mm512_cmp_ps_mask(a, _mm512_set1_ps(0.625f), _CMP_LT_OQ);
-    return _mm512_or_ps(_mm512_mask_blend_ps(lt, large, small), _mm512_and_ps(z.v, sign));
+    return _mm512_or_ps(_mm512_mask_blend_ps(lt, large, small), _mm512_and_ps(z.v, _mm512_set1_ps(-0.0f)));
 }
 inline cs_v16 cs_relu(cs_v16 z) { return cs_v16_max(z, 0.0f); }
 inline cs_v16 cs_exp(cs_v16 z) { return cs_v16_exp(z.v); }
