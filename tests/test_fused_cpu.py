@@ -699,6 +699,25 @@ def test_param_grads_are_rows_of_their_dw_block():
 
 
 @pytest.mark.skipif(not HAVE_CXX, reason="no C++ compiler")
+def test_chunk_steps_by_rows_weights_and_l2(monkeypatch):
+    """Steps per chunk of the hoisted work: ~64 Ki floats of results; at least 256 rows where the
+    chunk's weight is over 1 MiB, or where it and the steps' weights fit in a core's L2 together
+    (the LSTM at (64, 32, 256): 2 steps with a 1 MiB L2, 8 with 2 MiB); never more than T; all T
+    for a module generated before the steps' weights were passed, as before."""
+    lib = _own_gemm_library(load_module("lstm"))
+    lstm = lambda T, B, H: lib.chunk_steps(T, B, B * 4 * H, 4 * H * H, 4 * H * H)  # noqa: E731
+    for l2, expected in ((1 << 20, 2), (2 << 20, 8)):
+        monkeypatch.setattr(kernels, "l2_bytes", lambda l2=l2: l2)
+        assert lstm(64, 32, 256) == expected
+        assert lstm(256, 64, 512) == 4  # 4 MiB weights: 256 rows either way
+        assert lstm(16, 1, 128) == 16  # 128 steps would write 64 Ki floats: T
+    assert lstm(512, 8, 128) == 32  # 512 KiB of weights in a 2 MiB L2: 256 rows, not 16
+    monkeypatch.setattr(kernels, "l2_bytes", lambda: 256 << 10)
+    assert lstm(512, 8, 128) == 16
+    assert lib.chunk_steps(64, 32, 32 * 1024, 1 << 18) == 2  # no steps' weights given: the old rule
+
+
+@pytest.mark.skipif(not HAVE_CXX, reason="no C++ compiler")
 @pytest.mark.parametrize("batch", [8, 33])
 def test_own_gemm_chosen_by_cpu_and_batch(batch):
     """By default (``set_own_gemm(True)``) a call runs the own GEMM on AMD CPUs, and elsewhere

@@ -704,22 +704,28 @@ SCRATCH_ROLES = frozenset({"hoisted_value", "hoisted_gemm", "scratch", "d_gemm",
                            "d_hoisted_operand", "step_seed", "hoisted_leaf"})
 
 
-def chunk_work(prog: ir.Program, fn: ir.Function) -> tuple[sp.Expr, sp.Expr] | None:
-    """What the ops ahead of a forward's steps write per row of a step (floats) and the floats of
-    the weights their GEMMs multiply by: what the library's chunk of steps is sized by
-    (``Library.chunk_steps``). None: no ops ahead."""
-    ahead = fn.loop().ahead
-    if not ahead:
+def chunk_work(prog: ir.Program, fn: ir.Function) -> tuple[sp.Expr, sp.Expr, sp.Expr] | None:
+    """What the ops ahead of a forward's steps write per row of a step (floats), the floats of
+    the weights their GEMMs multiply by, and those of the weights the steps' GEMMs multiply by:
+    what the library's chunk of steps is sized by (``Library.chunk_steps``). None: no ops ahead."""
+    loop = fn.loop()
+    if not loop.ahead:
         return None
-    per_row, weights = sp.Integer(0), sp.Integer(0)
-    for o in ahead:
+
+    def weight_floats(ops) -> sp.Expr:
+        total = sp.Integer(0)
+        for name in dict.fromkeys(o.weight for o in ops if isinstance(o, ir.Project)):
+            w = prog.weights[name]
+            total += ir.size(w.inner) * w.width
+        return total
+
+    per_row = sp.Integer(0)
+    for o in loop.ahead:
         if isinstance(o, ir.Project):
-            w = prog.weights[o.weight]
             per_row += fn.buffers[o.out].shape[-1]
-            weights += ir.size(w.inner) * w.width
         elif isinstance(o, ir.Pointwise):
             per_row += sum((ir.size(fn.slots[n].size) for n in o.writes), sp.Integer(0))
-    return (per_row if per_row != 0 else sp.Integer(1)), weights
+    return (per_row if per_row != 0 else sp.Integer(1)), weight_floats(loop.ahead), weight_floats(loop.body)
 
 
 def glue_context(prog: ir.Program, host: dict, cu_text: str) -> dict:
@@ -744,7 +750,7 @@ def glue_context(prog: ir.Program, host: dict, cu_text: str) -> dict:
         work = chunk_work(prog, fn)
         if work:  # the library runs the ahead ops n_ch steps at a time (all T on a GPU)
             out.append(f"_n_ch = _T if _lib is None else _lib.chunk_steps(_T, _B, _B * ({pyexpr(work[0])}), "
-                       f"{pyexpr(work[1])})")
+                       f"{pyexpr(work[1])}, {pyexpr(work[2])})")
         # the call's scratch buffers, all from one workspace lookup per dtype (_scratch, _gscratch)
         scratch: dict[str, list[tuple[str, str]]] = {"_scratch": [], "_gscratch": []}
         head = len(out)

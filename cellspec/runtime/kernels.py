@@ -33,6 +33,21 @@ class KernelError(RuntimeError):
     """The native library cannot be built, loaded or run here; the message says why."""
 
 
+@functools.cache
+def l2_bytes() -> int:
+    """The size of one core's L2 cache (Linux sysfs), else 1 MiB."""
+    base = Path("/sys/devices/system/cpu/cpu0/cache")
+    try:
+        for index in sorted(base.glob("index*")):
+            if (index / "level").read_text().strip() == "2" and (index / "type").read_text().strip() in ("Unified", "Data"):
+                text = (index / "size").read_text().strip().upper()
+                scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+                return int(text.rstrip("KMG")) * scale
+    except (OSError, ValueError):
+        pass
+    return 1 << 20
+
+
 class _HostCtx(ctypes.Structure):
     _fields_ = [("sgemm", ctypes.c_void_p), ("dgemm", ctypes.c_void_p), ("pack_size", ctypes.c_void_p),
                 ("pack", ctypes.c_void_p), ("compute", ctypes.c_void_p), ("own", ctypes.c_int), ("team", ctypes.c_int)]
@@ -171,18 +186,24 @@ class Library:
             fn.argtypes, fn.restype = [], None
             fn()
 
-    def chunk_steps(self, T: int, B: int, floats_per_step: int, weight_floats: int) -> int:
+    def chunk_steps(self, T: int, B: int, floats_per_step: int, weight_floats: int,
+                    step_weight_floats: int | None = None) -> int:
         """Steps per chunk of the work ahead of a forward's steps (the hoisted GEMMs and levels,
         ``ir.Loop.ahead``): the library runs them a chunk at a time, just before the chunk's
         steps, and keeps one chunk of their results (``ir.Loop.ring``). On the CPU as many steps
         as write ~256 KiB (64 Ki floats; ``floats_per_step`` is per step of all B rows), which
-        are still in L2 when the steps read them; with weights of more than 1 MiB (streamed from
-        L3 once per chunk) at least 256 rows. On a GPU one chunk of all T steps (one large GEMM).
-        Measured: docs/performance.md (stops 17 and 18)."""
+        are still in L2 when the steps read them; at least 256 rows where the chunk's weights
+        (``weight_floats``) are more than 1 MiB (streamed from L3 once per chunk), or where they
+        and the steps' weights (``step_weight_floats``) together fit in a core's L2 (each
+        chunk's product then evicts part of the steps' weight and the steps part of its own:
+        fewer chunks, fewer refills; modules generated before stop 25 do not pass the latter).
+        On a GPU one chunk of all T steps (one large GEMM).
+        Measured: docs/performance.md (stops 17, 18 and 25)."""
         if self.device_type != "cpu":
             return max(T, 1)
         c = 65536 // max(floats_per_step, 1)
-        if weight_floats > 262144 and B > 0 and c * B < 256:
+        fits = step_weight_floats is not None and 0 < 4 * (weight_floats + step_weight_floats) <= l2_bytes()
+        if B > 0 and c * B < 256 and (weight_floats > 262144 or fits):
             c = -(-256 // B)
         return max(1, min(c, T))
 

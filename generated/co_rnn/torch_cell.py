@@ -947,7 +947,7 @@ def _native_forward(_lib, _xs, _states, _params, _bs=None):
     def _fresh(name, shape):  # what the call returns or saves: from the pool (CPU) or new
         return _empty(shape) if _lib is None else _pooled("forward", name, shape, _dt, _dev)
 
-    _n_ch = _T if _lib is None else _lib.chunk_steps(_T, _B, _B * (_H), _H*_I)
+    _n_ch = _T if _lib is None else _lib.chunk_steps(_T, _B, _B * (_H), _H*_I, 2*pow(_H, 2))
     x_x = _xs[0].contiguous()
     s_y = _fresh("s_y", (_T + 1, _B, _H))
     s_y[0].copy_(_states[0])
@@ -984,7 +984,7 @@ def _native_inference(_lib, _xs, _states, _params, _bs=None):
     def _fresh(name, shape):  # what the call returns or saves: from the pool (CPU) or new
         return _empty(shape) if _lib is None else _pooled("inference", name, shape, _dt, _dev)
 
-    _n_ch = _T if _lib is None else _lib.chunk_steps(_T, _B, _B * (_H), _H*_I)
+    _n_ch = _T if _lib is None else _lib.chunk_steps(_T, _B, _B * (_H), _H*_I, 2*pow(_H, 2))
     s_z, hg_V__x = _scratch((2, _B, _H), (_n_ch, _B, _H))
     x_x = _xs[0].contiguous()
     s_y = _fresh("s_y", (_T + 1, _B, _H))

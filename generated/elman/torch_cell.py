@@ -787,7 +787,7 @@ def _native_forward(_lib, _xs, _states, _params, _bs=None):
     def _fresh(name, shape):  # what the call returns or saves: from the pool (CPU) or new
         return _empty(shape) if _lib is None else _pooled("forward", name, shape, _dt, _dev)
 
-    _n_ch = _T if _lib is None else _lib.chunk_steps(_T, _B, _B * (_H), _H*_I)
+    _n_ch = _T if _lib is None else _lib.chunk_steps(_T, _B, _B * (_H), _H*_I, pow(_H, 2))
     hg_W_ih__x, g_W_hh__h = _scratch((_n_ch, _B, _H), (_B, _H))
     x_x = _xs[0].contiguous()
     s_h = _fresh("s_h", (_T + 1, _B, _H))
@@ -818,7 +818,7 @@ def _native_inference(_lib, _xs, _states, _params, _bs=None):
     def _fresh(name, shape):  # what the call returns or saves: from the pool (CPU) or new
         return _empty(shape) if _lib is None else _pooled("inference", name, shape, _dt, _dev)
 
-    _n_ch = _T if _lib is None else _lib.chunk_steps(_T, _B, _B * (_H), _H*_I)
+    _n_ch = _T if _lib is None else _lib.chunk_steps(_T, _B, _B * (_H), _H*_I, pow(_H, 2))
     hg_W_ih__x, g_W_hh__h = _scratch((_n_ch, _B, _H), (_B, _H))
     x_x = _xs[0].contiguous()
     s_h = _fresh("s_h", (_T + 1, _B, _H))

@@ -1042,7 +1042,7 @@ def _native_forward(_lib, _xs, _states, _params, _bs=None):
     def _fresh(name, shape):  # what the call returns or saves: from the pool (CPU) or new
         return _empty(shape) if _lib is None else _pooled("forward", name, shape, _dt, _dev)
 
-    _n_ch = _T if _lib is None else _lib.chunk_steps(_T, _B, _B * (3*_H), 3*_H*_I)
+    _n_ch = _T if _lib is None else _lib.chunk_steps(_T, _B, _B * (3*_H), 3*_H*_I, 3*pow(_H, 2))
     hg_W_r_W_u_W_c__x, g_U_r_U_u__h, g_U_c__U_c_in = _scratch((_n_ch, _B, 3*_H), (_B, 2*_H), (_B, _H))
     x_x = _xs[0].contiguous()
     s_h = _fresh("s_h", (_T + 1, _B, _H))
@@ -1078,7 +1078,7 @@ def _native_inference(_lib, _xs, _states, _params, _bs=None):
     def _fresh(name, shape):  # what the call returns or saves: from the pool (CPU) or new
         return _empty(shape) if _lib is None else _pooled("inference", name, shape, _dt, _dev)
 
-    _n_ch = _T if _lib is None else _lib.chunk_steps(_T, _B, _B * (3*_H), 3*_H*_I)
+    _n_ch = _T if _lib is None else _lib.chunk_steps(_T, _B, _B * (3*_H), 3*_H*_I, 3*pow(_H, 2))
     hg_W_r_W_u_W_c__x, g_U_r_U_u__h, tmp_u, tmp_U_c_in, g_U_c__U_c_in = _scratch((_n_ch, _B, 3*_H), (_B, 2*_H), (_B, _H), (_B, _H), (_B, _H))
     x_x = _xs[0].contiguous()
     s_h = _fresh("s_h", (_T + 1, _B, _H))

@@ -1959,7 +1959,7 @@ def _native_forward(_lib, _xs, _states, _params, _bs=None):
     def _fresh(name, shape):  # what the call returns or saves: from the pool (CPU) or new
         return _empty(shape) if _lib is None else _pooled("forward", name, shape, _dt, _dev)
 
-    _n_ch = _T if _lib is None else _lib.chunk_steps(_T, _B, _B * (4*_H), 4*_H*_I)
+    _n_ch = _T if _lib is None else _lib.chunk_steps(_T, _B, _B * (4*_H), 4*_H*_I, 4*pow(_H, 2))
     hg_W_i_W_g_W_f_W_o__x, g_R_i_R_g_R_f_R_o__h = _scratch((_n_ch, _B, 4*_H), (_B, 4*_H))
     x_x = _xs[0].contiguous()
     s_h = _fresh("s_h", (_T + 1, _B, _H))
@@ -2027,7 +2027,7 @@ def _native_inference(_lib, _xs, _states, _params, _bs=None):
     def _fresh(name, shape):  # what the call returns or saves: from the pool (CPU) or new
         return _empty(shape) if _lib is None else _pooled("inference", name, shape, _dt, _dev)
 
-    _n_ch = _T if _lib is None else _lib.chunk_steps(_T, _B, _B * (4*_H), 4*_H*_I)
+    _n_ch = _T if _lib is None else _lib.chunk_steps(_T, _B, _B * (4*_H), 4*_H*_I, 4*pow(_H, 2))
     s_c, hg_W_i_W_g_W_f_W_o__x, tmp_xi, tmp_xg, tmp_xf, tmp_xo, tmp_mu_x, tmp_rs_x, g_R_i_R_g_R_f_R_o__h = _scratch((2, _B, _H), (_n_ch, _B, 4*_H), (_B, _H), (_B, _H), (_B, _H), (_B, _H), (_B, 1), (_B, 1), (_B, 4*_H))
     x_x = _xs[0].contiguous()
     s_h = _fresh("s_h", (_T + 1, _B, _H))

@@ -1788,7 +1788,7 @@ def _native_forward(_lib, _xs, _states, _params, _bs=None):
     def _fresh(name, shape):  # what the call returns or saves: from the pool (CPU) or new
         return _empty(shape) if _lib is None else _pooled("forward", name, shape, _dt, _dev)
 
-    _n_ch = _T if _lib is None else _lib.chunk_steps(_T, _B, _B * (3*_H), 3*_H*_I)
+    _n_ch = _T if _lib is None else _lib.chunk_steps(_T, _B, _B * (3*_H), 3*_H*_I, 3*pow(_H, 2))
     x_x = _xs[0].contiguous()
     s_h = _fresh("s_h", (_T + 1, _B, _H))
     s_h[0].copy_(_states[0])
@@ -1852,7 +1852,7 @@ def _native_inference(_lib, _xs, _states, _params, _bs=None):
     def _fresh(name, shape):  # what the call returns or saves: from the pool (CPU) or new
         return _empty(shape) if _lib is None else _pooled("inference", name, shape, _dt, _dev)
 
-    _n_ch = _T if _lib is None else _lib.chunk_steps(_T, _B, _B * (3*_H), 3*_H*_I)
+    _n_ch = _T if _lib is None else _lib.chunk_steps(_T, _B, _B * (3*_H), 3*_H*_I, 3*pow(_H, 2))
     hg_W_r_W_u_W_c__x, tmp_mean, tmp_rstd, tmp_mean_3, tmp_rstd_3, tmp_mean_5, tmp_rstd_5 = _scratch((_n_ch, _B, 3*_H), (_B, 1), (_B, 1), (_B, 1), (_B, 1), (_B, 1), (_B, 1))
     x_x = _xs[0].contiguous()
     s_h = _fresh("s_h", (_T + 1, _B, _H))
