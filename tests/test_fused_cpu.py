@@ -718,11 +718,14 @@ def test_chunk_steps_by_rows_weights_and_l2(monkeypatch):
 
 
 @pytest.mark.skipif(not HAVE_CXX, reason="no C++ compiler")
+@pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("batch", [8, 33])
-def test_own_gemm_chosen_by_cpu_and_batch(batch):
-    """By default (``set_own_gemm(True)``) a call runs the own GEMM on AMD CPUs, and elsewhere
-    for batches under 32 rows, MKL's from 32 (``cs_for_batch``): its results are, to the bit,
-    those of the forced choice."""
+def test_own_gemm_chosen_by_cpu_batch_and_loop(batch, threads):
+    """By default (``set_own_gemm(True)``) a call runs the own GEMM on AMD CPUs, and elsewhere for
+    batches under 32 rows, MKL's from 32 but in a forward or inference with two threads or more
+    and at most 1 MiB of step weights (there it runs as a team; ``cs_for_batch``): each
+    function's results are, to the bit, those of its forced choice (the training step's: forced
+    for the forward, then for the backward)."""
     pkg = load_module("lstm")
     lib = _own_gemm_library(pkg)
     if not lib.own_gemm():
@@ -730,14 +733,34 @@ def test_own_gemm_chosen_by_cpu_and_batch(batch):
     torch.manual_seed(batch)
     m = pkg.torch_cell.LSTM(37, 128, backend="fused")
     x = torch.randn(40, batch, 37)  # (with H = 64 at batch 8 MKL and the own kernel agree to the bit)
-    results = {}
-    for own in (True, "always", False):
-        kernels.set_own_gemm(own)
+
+    def run(forward, backward):
+        m.zero_grad()
+        xg = x.clone().requires_grad_(True)
         try:
-            results[own] = _run(m, x)
+            kernels.set_own_gemm(forward)
+            with torch.no_grad():
+                infer = m(x)[0]
+            out, (h, c) = m(xg)
+            kernels.set_own_gemm(backward)
+            (out.square().sum() + h.sum() + c.sum()).backward()
         finally:
             kernels.set_own_gemm(True)
+        return [infer, out.detach(), xg.grad, *[p.grad.clone() for p in m.parameters()]]
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        auto = run(True, True)
+        forced = {(f, b): run(f, b) for f in ("always", False) for b in ("always", False)}
+    finally:
+        torch.set_num_threads(saved)
     amd = "AuthenticAMD" in Path("/proc/cpuinfo").read_text()
-    expected = results["always" if amd or batch < 32 else False]
-    assert all(torch.equal(a, b) for a, b in zip(results[True], expected))
-    assert not all(torch.equal(a, b) for a, b in zip(results["always"], results[False]))  # they differ: the choice shows
+    own = amd or batch < 32
+    expected = forced["always" if own or threads > 1 else False, "always" if own else False]
+    assert all(torch.equal(a, b) for a, b in zip(auto, expected))
+    pairs = [((False, False), ("always", "always"))]  # the choices show
+    if batch > 32:  # (at batch 8 the forwards agree to the bit: only the backward's choice shows)
+        pairs.append(((False, False), ("always", False)))
+    for one, other in pairs:
+        assert not all(torch.equal(a, b) for a, b in zip(forced[one], forced[other]))

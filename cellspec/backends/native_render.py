@@ -407,6 +407,7 @@ class _Renderer:
         dw_writers = Counter(o.scratch for o in fn.flat() if isinstance(o, ir.WeightGrad) and o.scratch)
         grads_block: dict[str, str] = {}  # scratch -> weight
         shapes = {prm.key: tuple(prm.shape) for prm in p.params}
+        forward_weights: list[str] = []  # the floats of the weights a forward loop's steps multiply by
 
         def rows_of(r: str, k: int = 1) -> str:
             """rows: B_t, the active rows of step t; a row-stacked GEMM runs k rows per row of
@@ -448,6 +449,8 @@ class _Renderer:
                                                         f"w_{w.name}, n_{w.inner})"))
                 for name, kind, call in packs:
                     lines.append(f"{ind}cs_packed<S> pk_{name}_{kind} = {call};")
+                if step_weights and not op.reverse and not forward_weights:
+                    forward_weights.append(" + ".join(step_weights))
                 # one team of threads for all steps where a step's GEMM would fork (CS_TEAM_OK)
                 # a team's threads may run the steps on rows of their own (CS_SPLIT_ROWS) where every
                 # op of a step is row by row: no row-stacked GEMM, no copy into a stacked operand
@@ -633,6 +636,7 @@ class _Renderer:
             "lines": lines,
             "grads_zero": params_zero,
             "grads_block": grads_block,
+            "forward_weights": forward_weights[0] if forward_weights else "0",
         }
 
 

@@ -346,7 +346,7 @@ typedef int (*cs_gemmex_fn)(void*, int, int, int, int, int, const void*, const v
                             const void*, int, int, const void*, void*, int, int, int, int);
 // cublasGemmEx and the handle of the caller (torch's, bound to its current stream), and that stream
 struct cs_ctx { cs_gemmex_fn gemm; void* handle; void* stream; };
-static inline const cs_ctx* cs_for_batch(const cs_ctx* c, cs_ctx*, int64_t) { return c; }
+static inline const cs_ctx* cs_for_batch(const cs_ctx* c, cs_ctx*, int64_t, int64_t) { return c; }
 template <typename S> struct cs_cuda_type;  // cudaDataType, cublasComputeType, scale type
 template <> struct cs_cuda_type<float> { enum { data = 0, compute = 68 }; typedef float scale; };
 template <> struct cs_cuda_type<double> { enum { data = 1, compute = 70 }; typedef double scale; };
@@ -486,14 +486,24 @@ static void cs_give(void* block)
 struct cs_ctx { cs_sgemm_fn sgemm; cs_dgemm_fn dgemm; cs_pack_size_fn pack_size; cs_pack_fn pack; cs_compute_fn compute; int own; int team; };
 // Whether a call's float products run the own kernel (ctx->own: 0 never, 2 always; 1 by the CPU
 // and the batch: always on AMD, whose MKL runs its generic code path there; elsewhere (Intel,
-// whose MKL runs its AVX-512 kernels) for a batch of fewer than 32 rows, MKL from 32: measured,
-// docs/performance.md, stop 24). Each call resolves it once, into a copy of the context.
-static inline const cs_ctx* cs_for_batch(const cs_ctx* c, cs_ctx* call, int64_t batch)
+// whose MKL runs its AVX-512 kernels) for a batch of fewer than 32 rows, MKL from 32; and from 32
+// rows too in a forward or inference whose steps multiply by at most 1 MiB of weights
+// (`forward_weights` floats; 0: a backward) where it would run as a team of threads (two or more,
+// outside a parallel region), which a loop of MKL calls cannot: one fork per op instead. Measured,
+// docs/performance.md, stops 24 and 25). Each call resolves it once, into a copy of the context.
+static inline const cs_ctx* cs_for_batch(const cs_ctx* c, cs_ctx* call, int64_t batch, int64_t forward_weights)
 {
     if (c->own != 1) return c;
     static const bool amd = __builtin_cpu_is("amd");
     *call = *c;
-    call->own = amd || batch < 32 ? 2 : 0;
+    bool team = false;
+#ifdef _OPENMP
+    team = c->team != 0 && forward_weights > 0 && forward_weights <= 262144 && omp_get_max_threads() >= 2 && !omp_in_parallel()
+           && cs_par(batch * forward_weights, 262144);  // cs_team_worth's test of a step's GEMM
+#else
+    (void)forward_weights;
+#endif
+    call->own = amd || batch < 32 || team ? 2 : 0;
     return call;
 }
 static inline void cs_blas(const cs_ctx* c, const char* ta, const char* tb, const int* m, const int* n, const int* k,
@@ -818,10 +828,15 @@ static cs_packed<float> cs_pack(const cs_ctx* c, int ta, int64_t m, int64_t n, i
 }
 template <typename S> static void cs_unpack(cs_packed<S>& p) { cs_give(p.packed); p.packed = 0; cs_give(p.own); p.own = 0; }
 // packed only where more than one product reads it (the work ahead of the steps in one chunk:
-// a single product, which packing would only slow down)
+// a single product, which packing would only slow down), or where the own kernel would pack it
+// for that product all the same (cs_own_route, from 16 rows): packed before the loop, the loop can
+// run as a team (CS_TEAM_OK: every weight packed for the own kernel)
 template <typename S>
 static cs_packed<S> cs_pack_if(bool worth, const cs_ctx* c, int ta, int64_t m, int64_t n, int64_t k, const S* w, int64_t ldw)
 {
+#ifdef CS_OWN_GEMM
+    if (sizeof(S) == sizeof(float) && c->own && m >= 16 && k > 0 && cs_avx512()) worth = true;
+#endif
     if (worth) return cs_pack(c, ta, m, n, k, w, ldw);
     cs_packed<S> p = {w, ldw, 0, m, 0, 0};
     return p;
@@ -1932,7 +1947,7 @@ static int layer_norm_gru_forward_run(const int64_t* dims, void* const* ptrs, co
     const int64_t n_H = dims[3];
     (void)n_H;
     cs_ctx cs_call;  // the context with this call's choice of GEMM (cs_for_batch)
-    ctx = cs_for_batch(ctx, &cs_call, n_B);
+    ctx = cs_for_batch(ctx, &cs_call, n_B, (3*n_H) * n_H);
     S* b_x_x = (S*)ptrs[0];
     (void)b_x_x;
     S* b_s_h = (S*)ptrs[1];
@@ -2116,7 +2131,7 @@ static int layer_norm_gru_inference_run(const int64_t* dims, void* const* ptrs, 
     const int64_t n_H = dims[3];
     (void)n_H;
     cs_ctx cs_call;  // the context with this call's choice of GEMM (cs_for_batch)
-    ctx = cs_for_batch(ctx, &cs_call, n_B);
+    ctx = cs_for_batch(ctx, &cs_call, n_B, (3*n_H) * n_H);
     S* b_x_x = (S*)ptrs[0];
     (void)b_x_x;
     S* b_s_h = (S*)ptrs[1];
@@ -2246,7 +2261,7 @@ static int layer_norm_gru_backward_run(const int64_t* dims, void* const* ptrs, c
     const int64_t n_H = dims[3];
     (void)n_H;
     cs_ctx cs_call;  // the context with this call's choice of GEMM (cs_for_batch)
-    ctx = cs_for_batch(ctx, &cs_call, n_B);
+    ctx = cs_for_batch(ctx, &cs_call, n_B, 0);
     S* b_x_x = (S*)ptrs[0];
     (void)b_x_x;
     S* b_s_h = (S*)ptrs[1];
