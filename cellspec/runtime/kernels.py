@@ -95,8 +95,9 @@ def host_blas() -> tuple[int, int, int | None, int | None, int | None]:
 def host_ctx() -> _HostCtx:
     """The context every CPU library call gets: the BLAS addresses of :func:`host_blas` and
     ``own`` = 1 where the float products may run the library's own AVX-512 GEMM, the library
-    choosing per call by the CPU and the batch (every call on AMD, batches under 32 rows
-    elsewhere: ``cs_for_batch``); ``CELLSPEC_OWN_GEMM=0`` or :func:`set_own_gemm` keeps the BLAS
+    choosing per call by the CPU, the batch and the loop (every call on AMD, elsewhere batches
+    under 32 rows and forwards that run as a team with at most 1 MiB of step weights:
+    ``cs_for_batch``); ``CELLSPEC_OWN_GEMM=0`` or :func:`set_own_gemm` keeps the BLAS
     throughout, ``CELLSPEC_OWN_GEMM=2`` the own GEMM wherever the CPU has AVX-512 (for measuring
     one against the other). ``team``: whether a time loop
     runs as one team of threads for all its steps instead of forking per op: 1 where a step's
