@@ -505,3 +505,28 @@ def test_simd_ok_only_for_math_with_vector_overloads():
         if o.simd is not None:
             assert f"cs_v16 {o.spell['c']}(cs_v16" in o.simd
     assert "#ifdef CS_V16" in ops.c_prelude()
+
+
+def test_vector_tanh_table_within_its_documented_error():
+    """The table of the AVX-512 tanh (its ``simd`` entry), read back from the op table and
+    evaluated as the C++ does over every float of its 16 intervals (``benchmarks/fit_tanh_table.py``,
+    which made it): within 1.1 units of the float spacing of float64's tanh, as documented; and
+    the table's layout is the script's (the mid of each interval first)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "fit_tanh_table.py"
+    spec = importlib.util.spec_from_file_location("fit_tanh_table", path)
+    fit = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fit)
+    source = next(o.simd for o in ops.OPS if o.simd and "cs_tanh_tab" in o.simd)
+    body = source[source.index("cs_tanh_tab[7][16] = {"):source.index("};")]
+    rows = [[np.float32(v.rstrip("f")) for v in row.split(",")] for row in re.findall(r"\{([^{}]+)\}", body)]
+    assert len(rows) == 7 and all(len(r) == 16 for r in rows)
+    mids, coefs = np.array(rows[0], dtype=np.float32), np.array(rows[1:], dtype=np.float32).T
+    assert list(mids) == [np.float32((lo + hi) / 2) for lo, hi in fit.intervals()]
+    errors = fit.errors(mids, coefs)
+    assert max(errors) <= 1.1, errors
+    worse = coefs.copy()
+    worse[3, 0] = np.nextafter(np.nextafter(worse[3, 0], np.float32(2)), np.float32(2))  # 2 ulp off c0
+    assert fit.errors(mids, worse)[3] > 1.1  # the check sees a coefficient two ulp off
