@@ -716,12 +716,9 @@ def chunk_work(prog: ir.Program, fn: ir.Function) -> tuple[sp.Expr, sp.Expr, sp.
     if not loop.ahead:
         return None
 
-    def weight_floats(ops) -> sp.Expr:
-        total = sp.Integer(0)
-        for name in dict.fromkeys(o.weight for o in ops if isinstance(o, ir.Project)):
-            w = prog.weights[name]
-            total += ir.size(w.inner) * w.width
-        return total
+    def weight_floats(ops) -> sp.Expr:  # per product, as the host loop's split test counts them
+        return sum((ir.size(prog.weights[o.weight].inner) * prog.weights[o.weight].width
+                    for o in ops if isinstance(o, ir.Project)), sp.Integer(0))
 
     per_row = sp.Integer(0)
     for o in loop.ahead:

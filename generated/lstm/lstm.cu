@@ -487,6 +487,23 @@ static void cs_give(void* block)
 // own = 1: float products by a per-step weight run cellspec's own GEMM below where the CPU has AVX-512
 // team: a time loop runs as one team of threads (CS_TEAM_BEGIN) 0 never, 1 where it pays, 2 wherever it can
 struct cs_ctx { cs_sgemm_fn sgemm; cs_dgemm_fn dgemm; cs_pack_size_fn pack_size; cs_pack_fn pack; cs_compute_fn compute; int own; int team; };
+// A time loop as one team of threads: with two threads a parallel region costs ~0.7 us here and a
+// barrier inside one ~0.3 us, and a step of a small batch runs a GEMM and an element function of
+// a few us each, so forking per op cost 5-10% of the LSTM's inference at (512, 8, 128)
+// (docs/performance.md, stop 20). Only where a step's GEMM would fork anyway (cs_par), outside
+// any parallel region, and where every GEMM of the loop runs the own kernel on a weight packed
+// before the loop (a BLAS call, or a product that packs its operand per call, would run once
+// per thread of the team). ctx->team: 0 never, 2 and 3 wherever it can (tests; cellspec.runtime.kernels).
+static inline int cs_team_worth(const cs_ctx* c, int64_t step_gemm_work, int all_own)
+{
+#ifdef _OPENMP
+    if (!all_own || c->team == 0 || omp_in_parallel() || omp_get_max_threads() < 2) return 0;
+    return c->team >= 2 || cs_par(step_gemm_work, 262144);
+#else
+    (void)c; (void)step_gemm_work; (void)all_own;
+    return 0;
+#endif
+}
 // Whether a call's float products run the own kernel (ctx->own: 0 never, 2 always; 1 by the CPU
 // and the batch: always on AMD, whose MKL runs its generic code path there; elsewhere (Intel,
 // whose MKL runs its AVX-512 kernels) for a batch of fewer than 32 rows, MKL from 32; and from 32
@@ -499,13 +516,7 @@ static inline const cs_ctx* cs_for_batch(const cs_ctx* c, cs_ctx* call, int64_t 
     if (c->own != 1) return c;
     static const bool amd = __builtin_cpu_is("amd");
     *call = *c;
-    bool team = false;
-#ifdef _OPENMP
-    team = c->team != 0 && forward_weights > 0 && forward_weights <= 262144 && omp_get_max_threads() >= 2 && !omp_in_parallel()
-           && cs_par(batch * forward_weights, 262144);  // cs_team_worth's test of a step's GEMM
-#else
-    (void)forward_weights;
-#endif
+    const bool team = forward_weights > 0 && forward_weights <= 262144 && cs_team_worth(c, batch * forward_weights, 1);
     call->own = amd || batch < 32 || team ? 2 : 0;
     return call;
 }
@@ -777,12 +788,13 @@ __attribute__((target("avx512f"))) static void cs_own_gemv(int ta, int64_t n, in
 // Weight gradients (left side transposed) from k = 16 rows: cs_own_gemm_tn ([512, k]ᵀ x [k, 128]
 // against MKL through torch.mm, one core: 28 against 33 us at k = 16, 90 against 119 at 64, 170
 // against 227 at 128; two cores 19 against 31 at 16; below 16 within a few us either way).
+// Whether the own kernel runs a plain (untransposed) float product of m rows (packing op(b) for it).
+static inline bool cs_own_plain(const cs_ctx* c, int64_t m, int64_t k) { return c->own && k > 0 && m >= 16 && cs_avx512(); }
 static bool cs_own_route(const cs_ctx* c, int ta, int tb, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
                          const float* b, int64_t ldb, float* out, int64_t ldc, int beta)
 {
-    if (!c->own || k <= 0 || !cs_avx512()) return false;
-    if (ta) return !tb && k >= 16 && cs_own_gemm_tn(m, n, k, a, lda, b, ldb, out, ldc, beta);
-    if (m < 16) return false;
+    if (ta) return c->own && !tb && k >= 16 && cs_avx512() && cs_own_gemm_tn(m, n, k, a, lda, b, ldb, out, ldc, beta);
+    if (!cs_own_plain(c, m, k)) return false;
     void* mem = cs_take((size_t)(((n + 31) / 32) * 32 * k) * sizeof(float));
     if (!mem) return false;
     cs_own_pack(tb, n, k, b, ldb, (float*)mem);
@@ -850,7 +862,7 @@ template <typename S>
 static cs_packed<S> cs_pack_if(bool worth, const cs_ctx* c, int ta, int64_t m, int64_t n, int64_t k, const S* w, int64_t ldw)
 {
 #ifdef CS_OWN_GEMM
-    if (sizeof(S) == sizeof(float) && c->own && m >= 16 && k > 0 && cs_avx512()) worth = true;
+    if (sizeof(S) == sizeof(float) && cs_own_plain(c, m, k)) worth = true;
 #endif
     if (worth) return cs_pack(c, ta, m, n, k, w, ldw);
     cs_packed<S> p = {w, ldw, 0, m, 0, 0};
@@ -952,23 +964,6 @@ static inline void cs_once(const F& f)
 }
 #define CS_ZERO(p, count) cs_once([&] { memset((p), 0, (size_t)(count) * sizeof(*(p))); })
 #define CS_COPY(dst, src, count) cs_once([&] { memcpy((dst), (src), (size_t)(count) * sizeof(*(dst))); })
-// A time loop as one team of threads: with two threads a parallel region costs ~0.7 us here and a
-// barrier inside one ~0.3 us, and a step of a small batch runs a GEMM and an element function of
-// a few us each, so forking per op cost 5-10% of the LSTM's inference at (512, 8, 128)
-// (docs/performance.md, stop 20). Only where a step's GEMM would fork anyway (cs_par), outside
-// any parallel region, and where every GEMM of the loop runs the own kernel on a weight packed
-// before the loop (a BLAS call, or a product that packs its operand per call, would run once
-// per thread of the team). ctx->team: 0 never, 2 and 3 wherever it can (tests; cellspec.runtime.kernels).
-static inline int cs_team_worth(const cs_ctx* c, int64_t step_gemm_work, int all_own)
-{
-#ifdef _OPENMP
-    if (!all_own || c->team == 0 || omp_in_parallel() || omp_get_max_threads() < 2) return 0;
-    return c->team >= 2 || cs_par(step_gemm_work, 262144);
-#else
-    (void)c; (void)step_gemm_work; (void)all_own;
-    return 0;
-#endif
-}
 #define CS_TEAM_OK(work, own) cs_team_worth(ctx, (work), (own))
 #define CS_PACKED_OWN(pk) ((pk).own != 0)
 // A loop's team may instead run every step on each thread's own rows of the batch: the rows of a
