@@ -552,6 +552,10 @@ class _Renderer:
                     t_ptr, t_ld = self.ptr(fn, tgt, op.rows)
                     lines.append(f"{ind}CS_COPY_ROWS({rows_of(op.rows)}, n_{fn.slots[tgt].size}, {s_ptr}, {s_ld}, "
                                  f"{t_ptr}, {t_ld});")
+            elif isinstance(op, ir.WeightGrad) and id(op) in wg_runs:
+                emit_weight_grads(wg_runs[id(op)], ind)
+            elif isinstance(op, ir.WeightGrad) and id(op) in wg_done:
+                pass  # one pass over its adjoint with the first of its run
             elif isinstance(op, ir.WeightGrad):
                 w = p.weights[op.weight]
                 k = len(op.operands)
@@ -586,14 +590,18 @@ class _Renderer:
             elif isinstance(op, ir.RowSum):
                 src, ld = self.ptr(fn, op.source, "all")
                 sz = fn.slots[op.source].size
+                wg = summed.get(id(op))  # its column sums from the dW pass
+                rowsum = f"CS_COLSUM(wg_{wg}, " if wg else "CS_ROWSUM("
+                how = (f" (column sums of {fn.slots[op.source].buffer} from its dW pass where the own kernel ran it)"
+                       if wg else "")
                 if len(op.param) == 1:
                     beta = 1 if op.param[0] in grads_written else 0
                     grads_written.add(op.param[0])
-                    lines.append(f"{ind}// d[{op.param[0]}] += sum over rows of {op.source}")
-                    lines.append(f"{ind}CS_ROWSUM(n_T * n_B, n_{sz}, {src}, {ld}, g_{op.param[0]}, {beta});")
+                    lines.append(f"{ind}// d[{op.param[0]}] += sum over rows of {op.source}{how}")
+                    lines.append(f"{ind}{rowsum}n_T * n_B, n_{sz}, {src}, {ld}, g_{op.param[0]}, {beta});")
                 else:
-                    lines.append(f"{ind}// d[{', '.join(op.param)}] += sum over rows of {op.source} (summed once)")
-                    lines.append(f"{ind}CS_ROWSUM(n_T * n_B, n_{sz}, {src}, {ld}, b_{op.scratch}, 0);")
+                    lines.append(f"{ind}// d[{', '.join(op.param)}] += sum over rows of {op.source} (summed once){how}")
+                    lines.append(f"{ind}{rowsum}n_T * n_B, n_{sz}, {src}, {ld}, b_{op.scratch}, 0);")
                     for prm in op.param:
                         beta = 1 if prm in grads_written else 0
                         grads_written.add(prm)
@@ -623,6 +631,67 @@ class _Renderer:
         packed_zero = []
         for name in fn.zero_when_packed:
             packed_zero.append((name, " * ".join(f"({cexpr(d)})" for d in fn.buffers[name].shape)))
+        # Weight gradients after the loop: a run of WeightGrads into dW scratch that read one
+        # adjoint (an LSTM's dW_hh and dW_ih both read dg) is one pass over it (CS_WEIGHT_GRADS),
+        # which also gives its column sums to the RowSums over it that follow (CS_COLSUM).
+        wg_runs: dict[int, list] = {}
+        wg_done: set[int] = set()
+        summed: dict[int, str] = {}  # a RowSum -> the run whose column sums it reads
+        top = list(fn.ops)
+        i = 0
+        while i < len(top):
+            o = top[i]
+            if isinstance(o, ir.WeightGrad) and o.scratch and not o.stacked:
+                run = [o]
+                while (i + len(run) < len(top) and isinstance(top[i + len(run)], ir.WeightGrad)
+                       and top[i + len(run)].scratch and not top[i + len(run)].stacked
+                       and top[i + len(run)].d_out == o.d_out):
+                    run.append(top[i + len(run)])
+                wg_runs[id(o)] = run
+                wg_done.update(id(x) for x in run[1:])
+                i += len(run)
+                continue
+            i += 1
+        run_name: dict[int, str] = {}  # a run's variable (wg_<name>): its adjoint, numbered past the first
+        latest: dict[str, str] = {}  # adjoint -> the last run over it so far
+        for o in top:
+            if isinstance(o, ir.WeightGrad) and id(o) in wg_runs:
+                n_runs = sum(1 for v in run_name.values() if v == o.d_out or v.startswith(f"{o.d_out}_"))
+                run_name[id(o)] = latest[o.d_out] = o.d_out if n_runs == 0 else f"{o.d_out}_{n_runs}"
+            elif isinstance(o, ir.RowSum) and fn.slots[o.source].buffer in latest:
+                summed[id(o)] = latest[fn.slots[o.source].buffer]
+
+        def emit_weight_grads(run: list, ind: str) -> None:
+            d_out = run[0].d_out
+            g, ldg = self.buf_ptr(fn, d_out, "all")
+            rhs = []
+            adds = []
+            for op in run:
+                w = p.weights[op.weight]
+                assert sp.expand(w.width - p.weights[run[0].weight].width) == 0, "one adjoint, one width"
+                x, ldx = self.ptr(fn, op.operands[0], "all")
+                lines.append(f"{ind}// d[{', '.join(w.matrices)}] += {d_out}^T @ {op.operands[0]}  ({op.comment})")
+                if dw_writers[op.scratch] == 1 and all(
+                        m not in grads_written and shapes.get(m) == (o, w.inner) for m, o in zip(w.matrices, w.outs)):
+                    grads_block[op.scratch] = op.weight
+                    lines.append(f"{ind}// the glue passes the grads of {', '.join(w.matrices)} as rows of b_{op.scratch}: "
+                                 "the copies below are then no-ops")
+                rhs.append(f"{{{x}, {ldx}, n_{w.inner}, b_{op.scratch}, n_{w.inner}}}")
+                for (col, sz), mat in zip(w.offsets(), w.matrices):
+                    beta = 1 if mat in grads_written else 0
+                    grads_written.add(mat)
+                    block = f"b_{op.scratch} + ({cexpr(col)}) * n_{w.inner}" if col != 0 else f"b_{op.scratch}"
+                    adds.append(f"{ind}CS_ADD(n_{sz} * n_{w.inner}, {block}, g_{mat}, {beta});")
+            what = "one pass over it for all of them" if len(run) > 1 else "its pass"
+            name = run_name[id(run[0])]
+            sums = name in summed.values()
+            if len(run) > 1 or sums:
+                lines.append(f"{ind}// {what}" + (", with its column sums (the bias gradients below)" if sums else ""))
+            w = p.weights[run[0].weight]
+            lines.append(f"{ind}CS_WEIGHT_GRADS(wg_{name}, {cexpr(w.width)}, n_T * n_B, {g}, {ldg}, {int(sums)}, "
+                         + ", ".join(rhs) + ");")
+            lines.extend(adds)
+
         for op in fn.ops:
             emit(op, "    ")
         params_zero = [prm.key for prm in p.params if prm.key not in grads_written] if fn.name == "backward" else []

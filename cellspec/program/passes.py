@@ -54,6 +54,28 @@ def resolve_aliases(planner, tb) -> dict[str, str]:
             dropped.add(tb.slots[d].buffer)
             tb.slots[d] = src[d]
             tb.aliased.add(d)
+    # the other way round: a hoisted product's adjoint that is another name of a vector param's
+    # (``d_W_in_x = d_b_in`` in torch.nn's GRU): the param's rows are computed straight into the
+    # product's block of the adjoint buffer, which the reduction after the loop then reads
+    param_rows = {b.adjoint[p.name]: p.name for p in m.cell.params
+                  if not p.is_matrix and p.name in b.adjoint and p.name not in b.zero}
+    moved: set[str] = set()
+    for a in b.leaf_assigns:
+        if a.temp or not isinstance(a.expr, sp.Symbol) or a.target in tb.aliased:
+            continue
+        d, sl = a.expr.name, tb.slots.get(a.target)
+        if d not in param_rows or d in moved or sl is None or sl.time != 0:
+            continue
+        buf = tb.buffers[sl.buffer]
+        if not (buf.name.startswith("dhg_") and buf.role == "d_gemm" and buf.timed and buf.shape[0] == T):
+            continue  # (a step product's adjoint is read inside the loop, maybe before the param's rows are)
+        own = tb.slots.get(d)
+        if own is None or own.buffer != f"dp_{param_rows[d]}" or sp.expand(ir.size(own.size) - ir.size(sl.size)) != 0:
+            continue
+        dropped.add(own.buffer)
+        tb.slots[d] = sl
+        tb.aliased.add(a.target)
+        moved.add(d)
     for g in planner.s.hoisted_gemms:
         ds = [b.adjoint.get(p.key) for p in g.projections]
         if any(d is None or d not in src for d in ds):

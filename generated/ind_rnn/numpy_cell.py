@@ -251,12 +251,10 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
     _ds_h = np.zeros((_B, _H), _dtype) if _d_final[0] is None else np.array(np.asarray(_d_final[0], _dtype), copy=True)
     _dx_x = np.empty((_T, _B, _I), _dtype)
     _dp_u = np.empty((_T, _B, _H), _dtype)
-    _dp_b = np.empty((_T, _B, _H), _dtype)
     _dhg_W__x = np.empty((_T, _B, _H), _dtype)
     _tmp_d_h_next = np.empty((_B, _H), _dtype)
     if _bs is not None:
         _dp_u[...] = 0
-        _dp_b[...] = 0
         _dhg_W__x[...] = 0
     _ds_h_rows = _rows(_ds_h, _T, _bs)
     _dout_h_next_at0 = _steps(_dout_h_next, 0, _T, _bs)
@@ -264,7 +262,6 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
     _hg_W__x_at0 = _steps(_hg_W__x, 0, _T, _bs)
     _s_h_at0 = _steps(_s_h, 0, _T, _bs)
     _dp_u_at0 = _steps(_dp_u, 0, _T, _bs)
-    _dp_b_at0 = _steps(_dp_b, 0, _T, _bs)
     _dhg_W__x_at0 = _steps(_dhg_W__x, 0, _T, _bs)
     _grads = {}
     for _t in reversed(range(_T)):
@@ -281,17 +278,15 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
         d_h = t0*u  # adjoint of state h
         d_u = h*t0  # adjoint of param u
         d_b = t0  # adjoint of param b
-        d_W_x = d_b  # adjoint of hoisted projection W_x
         _ds_h_rows[_t][...] = d_h
         _dp_u_at0[_t][...] = d_u
-        _dp_b_at0[_t][...] = d_b
-        _dhg_W__x_at0[_t][...] = d_W_x
+        _dhg_W__x_at0[_t][...] = d_b
     # dW of W @ x: one GEMM over all T*B rows
     _grads["W"] = _dhg_W__x.reshape(_T * _B, _H).T @ _x_x.reshape(_T * _B, _I)
     np.matmul(_dhg_W__x.reshape(_T * _B, _H), _w_W, out=_dx_x.reshape(_T * _B, _I))
     _sum = _dp_u.reshape(_T * _B, _H).sum(0)
     _grads["u"] = _sum
-    _sum = _dp_b.reshape(_T * _B, _H).sum(0)
+    _sum = _dhg_W__x.reshape(_T * _B, _H).sum(0)
     _grads["b"] = _sum
     _grads = {"W": _grads["W"], "u": _grads["u"], "b": _grads["b"], }
     _d_x = _dx_x

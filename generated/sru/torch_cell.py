@@ -260,9 +260,7 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
     _ds_c = torch.zeros((_B, _H), dtype=_dtype, device=_device) if _d_final[0] is None else _d_final[0].to(_dtype).clone()
     _dx_x = torch.empty((_T, _B, _I), dtype=_dtype, device=_device)
     _dp_v_f = torch.empty((_T, _B, _H), dtype=_dtype, device=_device)
-    _dp_b_f = torch.empty((_T, _B, _H), dtype=_dtype, device=_device)
     _dp_v_r = torch.empty((_T, _B, _H), dtype=_dtype, device=_device)
-    _dp_b_r = torch.empty((_T, _B, _H), dtype=_dtype, device=_device)
     _dhg_W_f_W_W_r_W_s__x = torch.empty((_T, _B, 4*_H), dtype=_dtype, device=_device)
     _tmp_d_h = torch.empty((_B, _H), dtype=_dtype, device=_device)
     _tmp_d_r = torch.empty((_B, _H), dtype=_dtype, device=_device)
@@ -270,10 +268,8 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
     _tmp_d_f = torch.empty((_B, _H), dtype=_dtype, device=_device)
     if _bs is not None:
         _dp_v_f.zero_()
-        _dp_b_f.zero_()
-        _dp_v_r.zero_()
-        _dp_b_r.zero_()
         _dhg_W_f_W_W_r_W_s__x.zero_()
+        _dp_v_r.zero_()
     _hg_W_f_W_W_r_W_s__x_at0 = _steps(_hg_W_f_W_W_r_W_s__x, 0, _T, _bs)
     _s_c_at0 = _steps(_s_c, 0, _T, _bs)
     _s_c_at1 = _steps(_s_c, 1, _T, _bs)
@@ -286,10 +282,8 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
     _tmp_d_f_rows = _rows(_tmp_d_f, _T, _bs)
     _v_f_at0 = _steps(_v_f, 0, _T, _bs)
     _dp_v_f_at0 = _steps(_dp_v_f, 0, _T, _bs)
-    _dp_b_f_at0 = _steps(_dp_b_f, 0, _T, _bs)
-    _dp_v_r_at0 = _steps(_dp_v_r, 0, _T, _bs)
-    _dp_b_r_at0 = _steps(_dp_b_r, 0, _T, _bs)
     _dhg_W_f_W_W_r_W_s__x_at0 = _steps(_dhg_W_f_W_W_r_W_s__x, 0, _T, _bs)
+    _dp_v_r_at0 = _steps(_dp_v_r, 0, _T, _bs)
     _grads = {}
     for _t in reversed(range(_T)):
         # stage 0 backward
@@ -325,18 +319,14 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
         d_b_f = t1  # adjoint of param b_f
         d_v_r = c*t3  # adjoint of param v_r
         d_b_r = t3  # adjoint of param b_r
-        d_W_f_x = d_b_f  # adjoint of hoisted projection W_f_x
         d_W_x = d_c_next*t0  # adjoint of hoisted projection W_x
-        d_W_r_x = d_b_r  # adjoint of hoisted projection W_r_x
         d_W_s_x = d_h*t2  # adjoint of hoisted projection W_s_x
         _ds_c_rows[_t].copy_(d_c)
         _dp_v_f_at0[_t].copy_(d_v_f)
-        _dp_b_f_at0[_t].copy_(d_b_f)
+        _dhg_W_f_W_W_r_W_s__x_at0[_t][:, 0:_H].copy_(d_b_f)
         _dp_v_r_at0[_t].copy_(d_v_r)
-        _dp_b_r_at0[_t].copy_(d_b_r)
-        _dhg_W_f_W_W_r_W_s__x_at0[_t][:, 0:_H].copy_(d_W_f_x)
+        _dhg_W_f_W_W_r_W_s__x_at0[_t][:, 2*_H:3*_H].copy_(d_b_r)
         _dhg_W_f_W_W_r_W_s__x_at0[_t][:, _H:2*_H].copy_(d_W_x)
-        _dhg_W_f_W_W_r_W_s__x_at0[_t][:, 2*_H:3*_H].copy_(d_W_r_x)
         _dhg_W_f_W_W_r_W_s__x_at0[_t][:, 3*_H:4*_H].copy_(d_W_s_x)
     # dW of W_f @ x, W @ x, W_r @ x, W_s @ x: one GEMM over all T*B rows
     _dw = _dhg_W_f_W_W_r_W_s__x.reshape(_T * _B, 4*_H).T @ _x_x.reshape(_T * _B, _I)
@@ -347,11 +337,11 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
     torch.mm(_dhg_W_f_W_W_r_W_s__x.reshape(_T * _B, 4*_H), _w_W_f_W_W_r_W_s, out=_dx_x.reshape(_T * _B, _I))
     _sum = _dp_v_f.reshape(_T * _B, _H).sum(0)
     _grads["v_f"] = _sum
-    _sum = _dp_b_f.reshape(_T * _B, _H).sum(0)
+    _sum = _dhg_W_f_W_W_r_W_s__x.reshape(_T * _B, 4*_H)[:, 0:_H].sum(0)
     _grads["b_f"] = _sum
     _sum = _dp_v_r.reshape(_T * _B, _H).sum(0)
     _grads["v_r"] = _sum
-    _sum = _dp_b_r.reshape(_T * _B, _H).sum(0)
+    _sum = _dhg_W_f_W_W_r_W_s__x.reshape(_T * _B, 4*_H)[:, 2*_H:3*_H].sum(0)
     _grads["b_r"] = _sum
     _grads = {"W": _grads["W"], "W_f": _grads["W_f"], "v_f": _grads["v_f"], "b_f": _grads["b_f"], "W_r": _grads["W_r"], "v_r": _grads["v_r"], "b_r": _grads["b_r"], "W_s": _grads["W_s"], }
     _d_x = _dx_x
@@ -460,19 +450,15 @@ def _backward_differentiable(_params, _x, _saved, _d_outputs, _d_final, _bs=None
     _ds_c = torch.zeros((_B, _H), dtype=_dtype, device=_device) if _d_final[0] is None else _d_final[0].to(_dtype).clone()
     _dx_x = torch.zeros((_T, _B, _I), dtype=_dtype, device=_device)
     _dp_v_f = torch.zeros((_T, _B, _H), dtype=_dtype, device=_device)
-    _dp_b_f = torch.zeros((_T, _B, _H), dtype=_dtype, device=_device)
     _dp_v_r = torch.zeros((_T, _B, _H), dtype=_dtype, device=_device)
-    _dp_b_r = torch.zeros((_T, _B, _H), dtype=_dtype, device=_device)
     _dhg_W_f_W_W_r_W_s__x = torch.zeros((_T, _B, 4*_H), dtype=_dtype, device=_device)
     _tmp_d_h = torch.zeros((_B, _H), dtype=_dtype, device=_device)
     _tmp_d_r = torch.zeros((_B, _H), dtype=_dtype, device=_device)
     _tmp_d_c_next = torch.zeros((_B, _H), dtype=_dtype, device=_device)
     _tmp_d_f = torch.zeros((_B, _H), dtype=_dtype, device=_device)
     _dp_v_f_rows = list(_dp_v_f.unbind(0))
-    _dp_b_f_rows = list(_dp_b_f.unbind(0))
-    _dp_v_r_rows = list(_dp_v_r.unbind(0))
-    _dp_b_r_rows = list(_dp_b_r.unbind(0))
     _dhg_W_f_W_W_r_W_s__x_rows = list(_dhg_W_f_W_W_r_W_s__x.unbind(0))
+    _dp_v_r_rows = list(_dp_v_r.unbind(0))
     _dx_x_rows = list(_dx_x.unbind(0))
     _hg_W_f_W_W_r_W_s__x_rows = list(_hg_W_f_W_W_r_W_s__x.unbind(0))
     _s_c_rows = list(_s_c.unbind(0))
@@ -514,18 +500,14 @@ def _backward_differentiable(_params, _x, _saved, _d_outputs, _d_final, _bs=None
         d_b_f = t1  # adjoint of param b_f
         d_v_r = c*t3  # adjoint of param v_r
         d_b_r = t3  # adjoint of param b_r
-        d_W_f_x = d_b_f  # adjoint of hoisted projection W_f_x
         d_W_x = d_c_next*t0  # adjoint of hoisted projection W_x
-        d_W_r_x = d_b_r  # adjoint of hoisted projection W_r_x
         d_W_s_x = d_h*t2  # adjoint of hoisted projection W_s_x
         _ds_c = d_c
         _dp_v_f_rows[_t] = d_v_f
-        _dp_b_f_rows[_t] = d_b_f
+        _dhg_W_f_W_W_r_W_s__x_rows[_t] = torch.slice_scatter(_dhg_W_f_W_W_r_W_s__x_rows[_t], d_b_f, 1, 0, _H)
         _dp_v_r_rows[_t] = d_v_r
-        _dp_b_r_rows[_t] = d_b_r
-        _dhg_W_f_W_W_r_W_s__x_rows[_t] = torch.slice_scatter(_dhg_W_f_W_W_r_W_s__x_rows[_t], d_W_f_x, 1, 0, _H)
+        _dhg_W_f_W_W_r_W_s__x_rows[_t] = torch.slice_scatter(_dhg_W_f_W_W_r_W_s__x_rows[_t], d_b_r, 1, 2*_H, 3*_H)
         _dhg_W_f_W_W_r_W_s__x_rows[_t] = torch.slice_scatter(_dhg_W_f_W_W_r_W_s__x_rows[_t], d_W_x, 1, _H, 2*_H)
-        _dhg_W_f_W_W_r_W_s__x_rows[_t] = torch.slice_scatter(_dhg_W_f_W_W_r_W_s__x_rows[_t], d_W_r_x, 1, 2*_H, 3*_H)
         _dhg_W_f_W_W_r_W_s__x_rows[_t] = torch.slice_scatter(_dhg_W_f_W_W_r_W_s__x_rows[_t], d_W_s_x, 1, 3*_H, 4*_H)
     _dhg_W_f_W_W_r_W_s__x = torch.stack(_dhg_W_f_W_W_r_W_s__x_rows)
     # dW of W_f @ x, W @ x, W_r @ x, W_s @ x: one GEMM over all T*B rows
@@ -538,14 +520,12 @@ def _backward_differentiable(_params, _x, _saved, _d_outputs, _d_final, _bs=None
     _dp_v_f = torch.stack(_dp_v_f_rows)
     _sum = _dp_v_f.reshape(_T * _B, _H).sum(0)
     _grads["v_f"] = _sum
-    _dp_b_f = torch.stack(_dp_b_f_rows)
-    _sum = _dp_b_f.reshape(_T * _B, _H).sum(0)
+    _sum = _dhg_W_f_W_W_r_W_s__x.reshape(_T * _B, 4*_H)[:, 0:_H].sum(0)
     _grads["b_f"] = _sum
     _dp_v_r = torch.stack(_dp_v_r_rows)
     _sum = _dp_v_r.reshape(_T * _B, _H).sum(0)
     _grads["v_r"] = _sum
-    _dp_b_r = torch.stack(_dp_b_r_rows)
-    _sum = _dp_b_r.reshape(_T * _B, _H).sum(0)
+    _sum = _dhg_W_f_W_W_r_W_s__x.reshape(_T * _B, 4*_H)[:, 2*_H:3*_H].sum(0)
     _grads["b_r"] = _sum
     _dx_x = torch.stack(_dx_x_rows)
     _grads = {"W": _grads["W"], "W_f": _grads["W_f"], "v_f": _grads["v_f"], "b_f": _grads["b_f"], "W_r": _grads["W_r"], "v_r": _grads["v_r"], "b_r": _grads["b_r"], "W_s": _grads["W_s"], }
@@ -706,7 +686,7 @@ def _custom_ops(name, forward, backward, forward_schema, backward_schema, forwar
 #: the PyTorch engine's forward and backward as custom ops (the engine itself is the fake:
 #: it runs on fake tensors)
 _ENGINE_OPS = _custom_ops(
-    "sru_engine_e8d5bcf7ba88", _engine_op_forward_impl, _engine_op_backward_impl,
+    "sru_engine_75ee11e692ac", _engine_op_forward_impl, _engine_op_backward_impl,
     "(Tensor[] xs, Tensor[] states, Tensor[] params) -> Tensor[]",
     "(Tensor[] args, Tensor[] saved, Tensor?[] d_outputs, Tensor?[] d_finals) -> Tensor[]",
     _engine_op_forward_impl, _engine_op_backward_impl, _engine_op_backward, _engine_op_setup_context,
@@ -1069,7 +1049,7 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     if _bs is not None:  # outputs past a sequence's end are constant zeros
         _m = _native_active(_bs, _B, _xs)
         _d_outputs = tuple(None if _d is None else _d * _m for _d in _d_outputs)
-    dp_v_f, dp_b_f, dp_v_r, dp_b_r, dhg_W_f_W_W_r_W_s__x, tmp_d_h, tmp_d_r, tmp_d_c_next, tmp_d_f = _scratch((_T, _B, _H), (_T, _B, _H), (_T, _B, _H), (_T, _B, _H), (_T, _B, 4*_H), (_B, _H), (_B, _H), (_B, _H), (_B, _H))
+    dp_v_f, dp_v_r, dhg_W_f_W_W_r_W_s__x, tmp_d_h, tmp_d_r, tmp_d_c_next, tmp_d_f = _scratch((_T, _B, _H), (_T, _B, _H), (_T, _B, 4*_H), (_B, _H), (_B, _H), (_B, _H), (_B, _H))
     x_x = _xs[0].contiguous()
     s_c = _saved[0]
     p_v_f = _params["v_f"].contiguous()
@@ -1085,14 +1065,14 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     _grads_0 = _gempty((4, _H)).unbind(0)
     _grads = {"W": _rows_dw_W_f_W_W_r_W_s[1], "W_f": _rows_dw_W_f_W_W_r_W_s[0], "v_f": _grads_0[0], "b_f": _grads_0[1], "W_r": _rows_dw_W_f_W_W_r_W_s[2], "v_r": _grads_0[2], "b_r": _grads_0[3], "W_s": _rows_dw_W_f_W_W_r_W_s[3]}
     if _lib is not None:
-        _lib("backward", _dims, [x_x, s_c, p_v_f, p_v_r, hg_W_f_W_W_r_W_s__x, v_f, v_r, dout_h, ds_c, dx_x, dp_v_f, dp_b_f, dp_v_r, dp_b_r, dhg_W_f_W_W_r_W_s__x, tmp_d_h, tmp_d_r, tmp_d_c_next, tmp_d_f, dw_W_f_W_W_r_W_s, _stacked(_params["W_f"], _params["W"], _params["W_r"], _params["W_s"]), *_grads.values(), _bs])
+        _lib("backward", _dims, [x_x, s_c, p_v_f, p_v_r, hg_W_f_W_W_r_W_s__x, v_f, v_r, dout_h, ds_c, dx_x, dp_v_f, dp_v_r, dhg_W_f_W_W_r_W_s__x, tmp_d_h, tmp_d_r, tmp_d_c_next, tmp_d_f, dw_W_f_W_W_r_W_s, _stacked(_params["W_f"], _params["W"], _params["W_r"], _params["W_s"]), *_grads.values(), _bs])
     return _grads, (dx_x,), (ds_c,)
 
 
 # The same two calls as PyTorch custom ops, for torch.compile (which traces them through their
 # fake implementations: the allocations above, without the call). Registered once per process
 # and content of this file; outputs are copies (an op's outputs may not alias each other).
-_OP = "sru_845e1c7b9457"
+_OP = "sru_bd6bd4a0cffd"
 
 
 def _op_forward_impl(xs: list[torch.Tensor], states: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:

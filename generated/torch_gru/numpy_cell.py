@@ -317,7 +317,6 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
         _dout_h_next = _dout_h_next * _m
     _ds_h = np.zeros((_B, _H), _dtype) if _d_final[0] is None else np.array(np.asarray(_d_final[0], _dtype), copy=True)
     _dx_x = np.empty((_T, _B, _I), _dtype)
-    _dp_b_in = np.empty((_T, _B, _H), _dtype)
     _dg_W_hr_W_hz_W_hn__h = np.empty((_T, _B, 3*_H), _dtype)
     _tmp_d_h_gemm = np.empty((_B, _H), _dtype)
     _dhg_W_ir_W_iz_W_in__x = np.empty((_T, _B, 3*_H), _dtype)
@@ -325,7 +324,6 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
     _tmp_d_n = np.empty((_B, _H), _dtype)
     if _bs is not None:
         _dg_W_hr_W_hz_W_hn__h[...] = 0
-        _dp_b_in[...] = 0
         _dhg_W_ir_W_iz_W_in__x[...] = 0
     _g_W_hr_W_hz_W_hn__h_at0 = _steps(_g_W_hr_W_hz_W_hn__h, 0, _T, _bs)
     _ds_h_rows = _rows(_ds_h, _T, _bs)
@@ -338,7 +336,6 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
     _tmp_d_n_rows = _rows(_tmp_d_n, _T, _bs)
     _dg_W_hr_W_hz_W_hn__h_at0 = _steps(_dg_W_hr_W_hz_W_hn__h, 0, _T, _bs)
     _tmp_d_h_gemm_rows = _rows(_tmp_d_h_gemm, _T, _bs)
-    _dp_b_in_at0 = _steps(_dp_b_in, 0, _T, _bs)
     _dhg_W_ir_W_iz_W_in__x_at0 = _steps(_dhg_W_ir_W_iz_W_in__x, 0, _T, _bs)
     _grads = {}
     for _t in reversed(range(_T)):
@@ -377,12 +374,10 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
         d_b_in = d_n*(1 - (n*n))  # adjoint of param b_in
         d_W_ir_x = d_W_hr_h  # adjoint of hoisted projection W_ir_x
         d_W_iz_x = d_W_hz_h  # adjoint of hoisted projection W_iz_x
-        d_W_in_x = d_b_in  # adjoint of hoisted projection W_in_x
         _ds_h_rows[_t][...] = d_h
-        _dp_b_in_at0[_t][...] = d_b_in
+        _dhg_W_ir_W_iz_W_in__x_at0[_t][:, 2*_H:3*_H][...] = d_b_in
         _dhg_W_ir_W_iz_W_in__x_at0[_t][:, 0:_H][...] = d_W_ir_x
         _dhg_W_ir_W_iz_W_in__x_at0[_t][:, _H:2*_H][...] = d_W_iz_x
-        _dhg_W_ir_W_iz_W_in__x_at0[_t][:, 2*_H:3*_H][...] = d_W_in_x
     # dW of W_hr @ h, W_hz @ h, W_hn @ h: one GEMM over all T*B rows
     _dw = _dg_W_hr_W_hz_W_hn__h.reshape(_T * _B, 3*_H).T @ _s_h[:_T].reshape(_T * _B, _H)
     _grads["W_hr"] = _dw[0:_H]
@@ -400,7 +395,7 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
     _sum = _dg_W_hr_W_hz_W_hn__h.reshape(_T * _B, 3*_H)[:, _H:2*_H].sum(0)
     _grads["b_iz"] = _sum
     _grads["b_hz"] = _sum
-    _sum = _dp_b_in.reshape(_T * _B, _H).sum(0)
+    _sum = _dhg_W_ir_W_iz_W_in__x.reshape(_T * _B, 3*_H)[:, 2*_H:3*_H].sum(0)
     _grads["b_in"] = _sum
     _sum = _dg_W_hr_W_hz_W_hn__h.reshape(_T * _B, 3*_H)[:, 2*_H:3*_H].sum(0)
     _grads["b_hn"] = _sum
