@@ -765,3 +765,55 @@ def test_own_gemm_chosen_by_cpu_batch_and_loop(batch, threads):
         pairs += [((False, False), ("always", False)), ((False, False), (False, "weight_grads"))]
     for one, other in pairs:
         assert not all(torch.equal(a, b) for a, b in zip(forced[one], forced[other]))
+
+
+@pytest.mark.skipif(not HAVE_CXX, reason="no C++ compiler")
+@pytest.mark.parametrize("module", ["lstm", "torch_gru"])
+@pytest.mark.parametrize("steps, batch", [(41, 3), (200, 3)])
+def test_weight_grads_in_one_pass_with_the_bias_sums(module, steps, batch):
+    """cs_own_weight_grads (``set_own_gemm("weight_grads")``: MKL for the products, the own
+    kernel for the weight gradients): every dW of one adjoint from one pack of it (the LSTM's
+    W_hh and W_ih share dg; the GRU's two adjoints differ), its column sums from the same pass.
+    4H = 148 columns (12 slivers and 4 columns), T·B = 123 rows (a tail of 3 after the rows taken
+    four at a time) or 600 (two k-blocks), variable lengths (rows of zeros). The bias gradients
+    are, to the bit, the row sums of the BLAS path (the pass sums each column in row order, as
+    cs_rowsum_host does); the weight gradients agree to float rounding."""
+    pkg = load_module(module)
+    lib = _own_gemm_library(pkg)
+    if not lib.own_gemm():
+        pytest.skip("this CPU build has no own GEMM (not x86-64 with AVX-512)")
+    cu = next(Path(pkg.torch_cell.__file__).parent.glob("*.cu")).read_text()
+    passes = re.findall(r"^ +CS_WEIGHT_GRADS\((\w+), .*$", cu, re.M)
+    assert len(passes) == (1 if module == "lstm" else 2)
+    if module == "lstm":  # both stacks' dW from one pass over dg, which gives the biases their sums
+        (line,) = [ln for ln in cu.splitlines() if ln.strip().startswith("CS_WEIGHT_GRADS(wg_dg_")]
+        assert line.count("{b_") == 2 and ", 1, {" in line
+    assert len(re.findall(r"^ +CS_COLSUM\(", cu, re.M)) == 4 and not re.search(r"^ +CS_ROWSUM\(", cu, re.M)
+    cls = getattr(pkg.torch_cell, pkg.torch_cell.CELL)
+    torch.manual_seed(steps)
+    m = cls(7, 37, backend="fused")
+    x = torch.randn(steps, batch, 7)
+    lengths = torch.tensor([steps, steps - 5, 9])
+    results = {}
+    for own in ("weight_grads", False):
+        kernels.set_own_gemm(own)
+        try:
+            plain = _run(m, x)
+            m.zero_grad()
+            xp = x.detach().requires_grad_(True)
+            out, _ = m(xp, lengths=lengths)
+            out.square().sum().backward()
+            varlen = [xp.grad, *[p.grad.clone() for p in m.parameters()]]
+        finally:
+            kernels.set_own_gemm(True)
+        results[own] = (plain, varlen)
+    names = [n for n, _ in m.named_parameters()]
+    n_out = len(results[False][0]) - len(names)
+    for (a_plain, a_var), (b_plain, b_var) in [(results["weight_grads"], results[False])]:
+        for got, want, skip in ((a_plain, b_plain, n_out), (a_var, b_var, 1)):
+            torch.testing.assert_close(got[:skip], want[:skip], rtol=0, atol=0)  # the same products before
+            for name, g, w in zip(names, got[skip:], want[skip:]):
+                if g.dim() == 1:
+                    assert torch.equal(g, w), name
+                else:
+                    torch.testing.assert_close(g, w, rtol=2e-5, atol=2e-5)

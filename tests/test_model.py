@@ -13,6 +13,7 @@ from conftest import SPECS
 from cellspec.driver import CompiledCell, compile_source, read_source
 from cellspec.errors import Source
 from cellspec.model import functions as fn
+from cellspec.program import ir
 
 
 def compile_one(text: str) -> CompiledCell:
@@ -478,3 +479,26 @@ def test_output_and_state_seeds():
     assert b.output_seed == {"c_next": "d_c_next_out", "h_next": "d_h_next_out"}
     # the state h is never read by the step: its adjoint is zero, but h' still gets its seeds
     assert "h" in b.zero and "h_next" not in b.zero
+
+
+def test_param_rows_computed_into_the_hoisted_products_adjoint():
+    """passes.resolve_aliases, the other way round: torch.nn's GRU has ``d_W_in_x = d_b_in`` (the
+    input product's adjoint is another name of the bias's), so ``d_b_in`` is computed straight
+    into the n block of the input product's adjoint buffer, which its reduction after the loop
+    reads: no [T, B, H] rows of its own, the copy statement not stored. A bias whose adjoint is
+    a step product's (read inside the loop) is left alone, and an LSTM's biases keep reading the
+    step product's adjoint (the alias of the first kind)."""
+    (cc,) = compile_source(read_source(SPECS / "torch_gru.cell"), ())
+    bwd = cc.program.backward
+    d_b_in, d_in_x = cc.backward.adjoint["b_in"], cc.backward.adjoint["W_in_x"]
+    assert "dp_b_in" not in bwd.buffers
+    assert bwd.slots[d_b_in] == bwd.slots[d_in_x]
+    assert bwd.slots[d_b_in].buffer == "dhg_W_ir_W_iz_W_in__x"
+    leaf = next(o for o in bwd.flat() if isinstance(o, ir.Pointwise) and o.block == "bwd_leaf")
+    assert d_b_in in leaf.writes and d_in_x not in leaf.writes
+    (rs,) = [o for o in bwd.flat() if isinstance(o, ir.RowSum) and o.param == ("b_in",)]
+    assert bwd.slots[rs.source].buffer == "dhg_W_ir_W_iz_W_in__x"
+    # b_hn's adjoint (r * t1) is its own value, not an alias: it keeps the step product's block
+    assert bwd.slots[cc.backward.adjoint["b_hn"]].buffer != "dhg_W_ir_W_iz_W_in__x"
+    (lstm,) = compile_source(read_source(SPECS / "lstm.cell"), ())
+    assert not any(name.startswith("dp_") for name in lstm.program.backward.buffers)
