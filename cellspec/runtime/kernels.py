@@ -100,8 +100,9 @@ def host_ctx() -> _HostCtx:
     ``cs_for_batch``); ``CELLSPEC_OWN_GEMM=0`` or :func:`set_own_gemm` keeps the BLAS
     throughout, ``CELLSPEC_OWN_GEMM=2`` the own GEMM wherever the CPU has AVX-512,
     ``CELLSPEC_OWN_GEMM=3`` the BLAS for the products by a weight and the own kernel for the
-    weight gradients (what the library chooses where it picks the BLAS: one pass over an adjoint
-    for all its dW and its column sums) (for measuring one against the other). ``team``: whether a time loop
+    weight gradients (what the library chooses where it picks the BLAS on one thread, for weight
+    gradients of at most 1 Mi floats: one pass over an adjoint for all its dW and its column
+    sums) (for measuring one against the other). ``team``: whether a time loop
     runs as one team of threads for all its steps instead of forking per op: 1 where a step's
     GEMM would fork (the library decides, and whether each thread runs the steps on its own rows
     of the batch or the threads share each op's work), 0 never (``CELLSPEC_LOOP_TEAM=0``), 2

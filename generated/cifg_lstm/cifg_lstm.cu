@@ -518,16 +518,24 @@ static inline bool cs_own_products(const cs_ctx* c) { return c->own == 1 || c->o
 // rows too in a forward or inference whose steps multiply by at most 1 MiB of weights
 // (`forward_weights` floats; 0: a backward) where it would run as a team of threads (two or more,
 // outside a parallel region), which a loop of MKL calls cannot: one fork per op instead. Measured,
-// docs/performance.md, stops 24 and 25). Where MKL runs the products (3), the weight gradients
-// still run the own kernel (cs_own_weight_grads: one pass over an adjoint for all its dW and its
-// column sums; stop 26). Each call resolves it once, into a copy of the context.
+// docs/performance.md, stops 24 and 25). Where MKL runs the products on one thread (3), the
+// weight gradients of at most 1 Mi floats still run the own kernel (cs_own_weight_grads: one pass
+// over an adjoint for all its dW and its column sums; stop 26: the LSTM's at (64, 32, 256) 11.0
+// against 11.6 ms; MKL's were ahead with two threads, 181 against 193 ms for the two of
+// (256, 64, 512), and at that size with one, 360 against 369). Each call resolves it once, into
+// a copy of the context.
 static inline const cs_ctx* cs_for_batch(const cs_ctx* c, cs_ctx* call, int64_t batch, int64_t forward_weights)
 {
     if (c->own != 1) return c;
     static const bool amd = __builtin_cpu_is("amd");
     *call = *c;
     const bool team = forward_weights > 0 && forward_weights <= 262144 && cs_team_worth(c, batch * forward_weights, 1);
-    call->own = amd || batch < 32 || team ? 2 : 3;
+#ifdef _OPENMP
+    const bool one_thread = omp_get_max_threads() == 1 || omp_in_parallel();
+#else
+    const bool one_thread = true;
+#endif
+    call->own = amd || batch < 32 || team ? 2 : (one_thread ? 3 : 0);
     return call;
 }
 static inline void cs_blas(const cs_ctx* c, const char* ta, const char* tb, const int* m, const int* n, const int* k,
@@ -842,15 +850,19 @@ __attribute__((target("avx512f"))) static void cs_own_gemv(int ta, int64_t n, in
 // against MKL through torch.mm, one core: 28 against 33 us at k = 16, 90 against 119 at 64, 170
 // against 227 at 128; two cores 19 against 31 at 16; below 16 within a few us either way).
 // Whether the own kernel runs a plain (untransposed) float product of m rows (packing op(b) for it).
-// Whether the weight gradients (a transposed float operand, k rows) run cs_own_weight_grads.
-static inline bool cs_own_tn(const cs_ctx* c, int64_t k) { return c->own != 0 && k >= 16 && cs_avx512(); }
+// Whether the weight gradients (a transposed float operand, k rows; m x cols of them) run
+// cs_own_weight_grads: always where own = 2 (and 1), where own = 3 up to 1 Mi floats (cs_for_batch)
+static inline bool cs_own_tn(const cs_ctx* c, int64_t k, int64_t m, int64_t cols)
+{
+    return c->own != 0 && k >= 16 && cs_avx512() && (c->own != 3 || m * cols <= ((int64_t)1 << 20));
+}
 static inline bool cs_own_plain(const cs_ctx* c, int64_t m, int64_t k) { return cs_own_products(c) && k > 0 && m >= 16 && cs_avx512(); }
 static bool cs_own_route(const cs_ctx* c, int ta, int tb, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
                          const float* b, int64_t ldb, float* out, int64_t ldc, int beta)
 {
     if (ta) {
         const cs_rhs<float, float> r = {b, ldb, n, out, ldc};
-        return cs_own_tn(c, k) && !tb && cs_own_weight_grads(m, k, a, lda, 1, &r, beta, 0);
+        return cs_own_tn(c, k, m, n) && !tb && cs_own_weight_grads(m, k, a, lda, 1, &r, beta, 0);
     }
     if (!cs_own_plain(c, m, k)) return false;
     void* mem = cs_take((size_t)(((n + 31) / 32) * 32 * k) * sizeof(float));
@@ -1006,7 +1018,9 @@ static void cs_weight_grads(const cs_ctx* c, cs_wgrads<S, G>* wg, int64_t m, int
     wg->a = a;
     wg->sums = 0;
 #ifdef CS_OWN_GEMM
-    if (sizeof(S) == sizeof(float) && sizeof(G) == sizeof(float) && m > 0 && cs_own_tn(c, k)) {
+    int64_t cols = 0;
+    for (int j = 0; j < n; ++j) cols += rhs[j].n;
+    if (sizeof(S) == sizeof(float) && sizeof(G) == sizeof(float) && m > 0 && cs_own_tn(c, k, m, cols)) {
         float* sums = want_sums ? (float*)cs_take((size_t)m * sizeof(float)) : 0;
         if (sums) memset(sums, 0, (size_t)m * sizeof(float));
         if ((sums || !want_sums) &&
