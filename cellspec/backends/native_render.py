@@ -569,21 +569,15 @@ class _Renderer:
                     what = op.operands[0]
                 inner_rows = rows_of("all", k)
                 lines.append(f"{ind}// d[{', '.join(w.matrices)}] += {op.d_out}^T @ {what}  ({op.comment})")
-                if op.scratch and dw_writers[op.scratch] == 1 and all(
-                        m not in grads_written and shapes.get(m) == (o, w.inner) for m, o in zip(w.matrices, w.outs)):
-                    grads_block[op.scratch] = op.weight
-                    lines.append(f"{ind}// the glue passes the grads of {', '.join(w.matrices)} as rows of b_{op.scratch}: "
-                                 "the copies below are then no-ops")
                 if op.scratch:  # the stack's dW in one GEMM, then a block per matrix
+                    note_grads_block(op, ind)
                     lines.append(f"{ind}CS_GEMM_TN({cexpr(w.width)}, n_{w.inner}, {inner_rows}, {g}, {ldg}, {x}, {ldx}, "
                                  f"b_{op.scratch}, n_{w.inner}, 0);")
+                    lines.extend(scratch_adds(op, ind))
+                    return
                 for (col, sz), mat in zip(w.offsets(), w.matrices):
                     beta = 1 if mat in grads_written else 0
                     grads_written.add(mat)
-                    if op.scratch:
-                        block = f"b_{op.scratch} + ({cexpr(col)}) * n_{w.inner}" if col != 0 else f"b_{op.scratch}"
-                        lines.append(f"{ind}CS_ADD(n_{sz} * n_{w.inner}, {block}, g_{mat}, {beta});")
-                        continue
                     gcol = f"{g} + {cexpr(col)}" if col != 0 else g
                     lines.append(f"{ind}CS_GEMM_TN(n_{sz}, n_{w.inner}, {inner_rows}, {gcol}, {ldg}, {x}, {ldx}, "
                                  f"g_{mat}, n_{w.inner}, {beta});")
@@ -634,32 +628,47 @@ class _Renderer:
         # Weight gradients after the loop: a run of WeightGrads into dW scratch that read one
         # adjoint (an LSTM's dW_hh and dW_ih both read dg) is one pass over it (CS_WEIGHT_GRADS),
         # which also gives its column sums to the RowSums over it that follow (CS_COLSUM).
-        wg_runs: dict[int, list] = {}
-        wg_done: set[int] = set()
+        wg_runs: dict[int, list] = {}  # the first WeightGrad of a run -> the run
+        wg_done: set[int] = set()  # the others
+        run_name: dict[int, str] = {}  # a run's variable (wg_<name>): its adjoint, numbered past the first
         summed: dict[int, str] = {}  # a RowSum -> the run whose column sums it reads
+        runs_over: Counter = Counter()  # adjoint -> runs over it so far
+        latest: dict[str, str] = {}  # adjoint -> the last run over it so far
         top = list(fn.ops)
-        i = 0
-        while i < len(top):
-            o = top[i]
-            if isinstance(o, ir.WeightGrad) and o.scratch and not o.stacked:
+        for i, o in enumerate(top):
+            if isinstance(o, ir.WeightGrad) and o.scratch and not o.stacked and id(o) not in wg_done:
                 run = [o]
-                while (i + len(run) < len(top) and isinstance(top[i + len(run)], ir.WeightGrad)
-                       and top[i + len(run)].scratch and not top[i + len(run)].stacked
-                       and top[i + len(run)].d_out == o.d_out):
-                    run.append(top[i + len(run)])
+                for nxt in top[i + 1:]:
+                    if not (isinstance(nxt, ir.WeightGrad) and nxt.scratch and not nxt.stacked and nxt.d_out == o.d_out):
+                        break
+                    run.append(nxt)
                 wg_runs[id(o)] = run
                 wg_done.update(id(x) for x in run[1:])
-                i += len(run)
-                continue
-            i += 1
-        run_name: dict[int, str] = {}  # a run's variable (wg_<name>): its adjoint, numbered past the first
-        latest: dict[str, str] = {}  # adjoint -> the last run over it so far
-        for o in top:
-            if isinstance(o, ir.WeightGrad) and id(o) in wg_runs:
-                n_runs = sum(1 for v in run_name.values() if v == o.d_out or v.startswith(f"{o.d_out}_"))
-                run_name[id(o)] = latest[o.d_out] = o.d_out if n_runs == 0 else f"{o.d_out}_{n_runs}"
+                n = runs_over[o.d_out]
+                runs_over[o.d_out] += 1
+                run_name[id(o)] = latest[o.d_out] = o.d_out if n == 0 else f"{o.d_out}_{n}"
             elif isinstance(o, ir.RowSum) and fn.slots[o.source].buffer in latest:
                 summed[id(o)] = latest[fn.slots[o.source].buffer]
+
+        def note_grads_block(op: ir.WeightGrad, ind: str) -> None:
+            """A stack's dW scratch that may be its grads' own block (see dw_writers)."""
+            w = p.weights[op.weight]
+            if dw_writers[op.scratch] == 1 and all(
+                    m not in grads_written and shapes.get(m) == (o, w.inner) for m, o in zip(w.matrices, w.outs)):
+                grads_block[op.scratch] = op.weight
+                lines.append(f"{ind}// the glue passes the grads of {', '.join(w.matrices)} as rows of b_{op.scratch}: "
+                             "the copies below are then no-ops")
+
+        def scratch_adds(op: ir.WeightGrad, ind: str) -> list[str]:
+            """Each matrix's block of the stack's dW scratch, added to (or assigned) its grad."""
+            w = p.weights[op.weight]
+            adds = []
+            for (col, sz), mat in zip(w.offsets(), w.matrices):
+                beta = 1 if mat in grads_written else 0
+                grads_written.add(mat)
+                block = f"b_{op.scratch} + ({cexpr(col)}) * n_{w.inner}" if col != 0 else f"b_{op.scratch}"
+                adds.append(f"{ind}CS_ADD(n_{sz} * n_{w.inner}, {block}, g_{mat}, {beta});")
+            return adds
 
         def emit_weight_grads(run: list, ind: str) -> None:
             d_out = run[0].d_out
@@ -671,17 +680,9 @@ class _Renderer:
                 assert sp.expand(w.width - p.weights[run[0].weight].width) == 0, "one adjoint, one width"
                 x, ldx = self.ptr(fn, op.operands[0], "all")
                 lines.append(f"{ind}// d[{', '.join(w.matrices)}] += {d_out}^T @ {op.operands[0]}  ({op.comment})")
-                if dw_writers[op.scratch] == 1 and all(
-                        m not in grads_written and shapes.get(m) == (o, w.inner) for m, o in zip(w.matrices, w.outs)):
-                    grads_block[op.scratch] = op.weight
-                    lines.append(f"{ind}// the glue passes the grads of {', '.join(w.matrices)} as rows of b_{op.scratch}: "
-                                 "the copies below are then no-ops")
+                note_grads_block(op, ind)
                 rhs.append(f"{{{x}, {ldx}, n_{w.inner}, b_{op.scratch}, n_{w.inner}}}")
-                for (col, sz), mat in zip(w.offsets(), w.matrices):
-                    beta = 1 if mat in grads_written else 0
-                    grads_written.add(mat)
-                    block = f"b_{op.scratch} + ({cexpr(col)}) * n_{w.inner}" if col != 0 else f"b_{op.scratch}"
-                    adds.append(f"{ind}CS_ADD(n_{sz} * n_{w.inner}, {block}, g_{mat}, {beta});")
+                adds += scratch_adds(op, ind)
             what = "one pass over it for all of them" if len(run) > 1 else "its pass"
             name = run_name[id(run[0])]
             sums = name in summed.values()

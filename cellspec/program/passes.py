@@ -59,6 +59,7 @@ def resolve_aliases(planner, tb) -> dict[str, str]:
     # product's block of the adjoint buffer, which the reduction after the loop then reads
     param_rows = {b.adjoint[p.name]: p.name for p in m.cell.params
                   if not p.is_matrix and p.name in b.adjoint and p.name not in b.zero}
+    hoisted_adjoints = {f"dhg_{planner.gkey(g)}" for g in planner.s.hoisted_gemms}
     moved: set[str] = set()
     for a in b.leaf_assigns:
         if a.temp or not isinstance(a.expr, sp.Symbol) or a.target in tb.aliased:
@@ -66,8 +67,7 @@ def resolve_aliases(planner, tb) -> dict[str, str]:
         d, sl = a.expr.name, tb.slots.get(a.target)
         if d not in param_rows or d in moved or sl is None or sl.time != 0:
             continue
-        buf = tb.buffers[sl.buffer]
-        if not (buf.name.startswith("dhg_") and buf.role == "d_gemm" and buf.timed and buf.shape[0] == T):
+        if sl.buffer not in hoisted_adjoints:
             continue  # (a step product's adjoint is read inside the loop, maybe before the param's rows are)
         own = tb.slots.get(d)
         if own is None or own.buffer != f"dp_{param_rows[d]}" or sp.expand(ir.size(own.size) - ir.size(sl.size)) != 0:

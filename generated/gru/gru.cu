@@ -848,13 +848,13 @@ __attribute__((target("avx512f"))) static void cs_own_gemv(int ta, int64_t n, in
 // Weight gradients (left side transposed) from k = 16 rows: cs_own_weight_grads ([512, k]ᵀ x [k, 128]
 // against MKL through torch.mm, one core: 28 against 33 us at k = 16, 90 against 119 at 64, 170
 // against 227 at 128; two cores 19 against 31 at 16; below 16 within a few us either way).
-// Whether the own kernel runs a plain (untransposed) float product of m rows (packing op(b) for it).
 // Whether the weight gradients (a transposed float operand, k rows; m x cols of them) run
 // cs_own_weight_grads: always where own = 2 (and 1), where own = 3 up to 1 Mi floats (cs_for_batch)
 static inline bool cs_own_tn(const cs_ctx* c, int64_t k, int64_t m, int64_t cols)
 {
     return c->own != 0 && k >= 16 && cs_avx512() && (c->own != 3 || m * cols <= ((int64_t)1 << 20));
 }
+// Whether the own kernel runs a plain (untransposed) float product of m rows (packing op(b) for it).
 static inline bool cs_own_plain(const cs_ctx* c, int64_t m, int64_t k) { return cs_own_products(c) && k > 0 && m >= 16 && cs_avx512(); }
 static bool cs_own_route(const cs_ctx* c, int ta, int tb, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
                          const float* b, int64_t ldb, float* out, int64_t ldc, int beta)
