@@ -434,11 +434,12 @@ def _vector_paths(path):
 def test_vector_path_where_it_replaces_libm_calls():
     """An element function takes the 16-float path where the omp simd loop would call libmvec
     (sigmoid, tanh, exp) and every op it calls has a vector overload: the LSTM's forward and
-    inference step and its backward step (tanh of the cell), not its last backward function
+    inference step and its backward step (tanh of the cell), not torch.nn GRU's backward step
     (arithmetic only) nor IndRNN's (relu); sLSTM's exp of a difference of maxima does."""
     assert _vector_paths(ROOT / "specs" / "lstm.cell") == {
-        "lstm_forward_fwd0_H": True, "lstm_inference_fwd0_H": True,
-        "lstm_backward_bwd0_H": True, "lstm_backward_bwd_leaf_H": False}
+        "lstm_forward_fwd0_H": True, "lstm_inference_fwd0_H": True, "lstm_backward_bwd0_H": True}
+    assert _vector_paths(ROOT / "specs" / "torch_gru.cell") == {
+        "torch_gru_forward_fwd0_H": True, "torch_gru_inference_fwd0_H": True, "torch_gru_backward_bwd0_H": False}
     assert not any(_vector_paths(ROOT / "specs" / "ind_rnn.cell").values())
     assert _vector_paths(ROOT / "specs" / "slstm.cell")["slstm_inference_fwd0_H"]
 

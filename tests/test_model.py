@@ -494,11 +494,84 @@ def test_param_rows_computed_into_the_hoisted_products_adjoint():
     assert "dp_b_in" not in bwd.buffers
     assert bwd.slots[d_b_in] == bwd.slots[d_in_x]
     assert bwd.slots[d_b_in].buffer == "dhg_W_ir_W_iz_W_in__x"
-    leaf = next(o for o in bwd.flat() if isinstance(o, ir.Pointwise) and o.block == "bwd_leaf")
-    assert d_b_in in leaf.writes and d_in_x not in leaf.writes
+    step = next(o for o in bwd.flat() if isinstance(o, ir.Pointwise) and o.block == "bwd0")
+    assert d_b_in in step.writes and d_in_x not in step.writes
     (rs,) = [o for o in bwd.flat() if isinstance(o, ir.RowSum) and o.param == ("b_in",)]
     assert bwd.slots[rs.source].buffer == "dhg_W_ir_W_iz_W_in__x"
     # b_hn's adjoint (r * t1) is its own value, not an alias: it keeps the step product's block
     assert bwd.slots[cc.backward.adjoint["b_hn"]].buffer != "dhg_W_ir_W_iz_W_in__x"
     (lstm,) = compile_source(read_source(SPECS / "lstm.cell"), ())
     assert not any(name.startswith("dp_") for name in lstm.program.backward.buffers)
+
+
+def test_leaf_work_moves_before_the_step_product_and_the_product_adds_into_the_state_adjoint():
+    """passes.fold_leaf on the shipped cells: what does not need the step's recurrent product is
+    computed in the block before it, and the product goes straight into the state adjoint's
+    buffer, added (``+=``) to the rest where there is one. torch.nn's GRU: ``d_h = d_h_gemm +
+    d_h_next*z`` becomes ``d_h_direct = d_h_next*z`` in ``ds_h``, then the GEMM ``+=`` there; its
+    ``d_b_in`` is the block's ``t1``, not computed again; no block after the product, no per-step
+    scratch for ``d_n``, ``d_h_next`` or the product. The LSTM: the GEMM writes ``ds_h``
+    (``d_h = d_h_gemm``), and ``d_c`` comes from the block that reads the incoming one, under a
+    name of its own in the same buffer. A layer-norm GRU, whose recurrent product is an earlier
+    stage's: its last block assigns ``d_h`` as before (it does not read the incoming one)."""
+    def parts(spec):
+        (cc,) = compile_source(read_source(SPECS / spec), ())
+        bwd = cc.program.backward
+        blocks = {o.block: o for o in bwd.flat() if isinstance(o, ir.Pointwise)}
+        backs = [o for o in bwd.loop().body if isinstance(o, ir.ProjectBack)]
+        return bwd, blocks, backs
+
+    bwd, blocks, (pb,) = parts("torch_gru.cell")
+    assert "bwd_leaf" not in blocks
+    assert pb.accumulate and bwd.slots[pb.d_operands[0]] == bwd.slots["d_h_direct"] == bwd.slots["d_h"]
+    assert bwd.loop().body[-1] is pb
+    stmts = {st.target: st.expr for st in blocks["bwd0"].statements}
+    assert str(stmts["d_h_direct"]) == "d_h_next*z" and str(stmts["d_b_in"]) == "t1"
+    assert "d_h_direct" in blocks["bwd0"].writes
+    assert not any(n.startswith("tmp_") for n in bwd.buffers)
+
+    bwd, blocks, (pb,) = parts("lstm.cell")
+    assert "bwd_leaf" not in blocks and not pb.accumulate
+    assert bwd.slots[pb.d_operands[0]].buffer == "ds_h"
+    assert "d_c" in blocks["bwd0"].reads and bwd.slots["d_c_prev"].buffer == "ds_c"
+    assert blocks["bwd0"].writes[-1] == "d_c_prev"  # the state adjoints last
+
+    bwd, blocks, backs = parts("layer_norm_gru.cell")
+    assert "bwd_leaf" not in blocks and not any(pb.accumulate for pb in backs)
+    assert "d_h" in blocks["bwd0"].writes and "d_h" not in blocks["bwd0"].reads
+
+
+def test_fold_leaf_keeps_what_reads_the_product():
+    """passes.fold_leaf on statements of its own: a statement that reads the step product's
+    adjoint stays after it, and so does what reads it; a temporary that a staying statement
+    reads stays (temporaries are not stored between blocks), and with it what reads it; a state
+    adjoint whose product is read by another statement is not folded into the GEMM."""
+    from types import SimpleNamespace
+
+    from cellspec.model.gradients import Assignment
+    from cellspec.program import passes
+    from cellspec.program.plan import _Planner
+
+    S = sp.Symbol
+    planner = SimpleNamespace(
+        b=SimpleNamespace(adjoint={"h": "d_h"}, zero=set()),
+        cell=SimpleNamespace(states=[SimpleNamespace(name="h")]),
+        size={k: "H" for k in ("d_h", "g", "a", "t", "u", "v", "w")})
+    tb = _Planner._Table()
+    tb.place("d_h", tb.buffer("ds_h", ("B", "H"), "d_state", "arg"), None, 0, "H")
+    tb.place("g", tb.buffer("tmp_g", ("B", "H"), "scratch"), None, 0, "H")
+    leaf = [Assignment("t", S("a") * 2, temp=True),           # read by u (stays) and v (moves)
+            Assignment("u", S("g") * S("t")),                   # reads the product: stays
+            Assignment("v", S("t") + 1),                         # reads t, which stays: stays
+            Assignment("w", S("a") + 1),                         # moves
+            Assignment("d_h", S("g") + S("a"))]                 # g is read by u too: not folded
+    stage, kept, into = passes.fold_leaf(planner, tb, [Assignment("a", S("x") * 3)], leaf, {"g": True})
+    assert [a.target for a in kept] == ["t", "u", "v", "d_h"]
+    assert [a.target for a in stage] == ["a", "w"] and into == {}
+    assert tb.slots["g"].buffer == "tmp_g"
+
+    leaf = [Assignment("d_h", S("g") + S("a") * S("d_h_in"))]
+    stage, kept, into = passes.fold_leaf(planner, tb, [Assignment("a", S("x") * 3)], leaf, {"g": True})
+    assert kept == [] and into == {"g": True}
+    assert stage[-1] == Assignment("d_h_direct", S("a") * S("d_h_in"), stage[-1].comment)
+    assert tb.slots["g"] == tb.slots["d_h"] == tb.slots["d_h_direct"] and "tmp_g" not in tb.buffers

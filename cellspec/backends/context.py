@@ -82,7 +82,9 @@ def _total(sizes: list[str]) -> str:
     return _offsets(sizes)[-1][1] if sizes else "0"
 
 
-def build(sched: Schedule, back: Backward, printer_cls, reserved: set[str], **printer_kw) -> dict:
+def build(sched: Schedule, back: Backward, printer_cls, reserved: set[str], prog=None, **printer_kw) -> dict:
+    """The template context of one cell; with ``prog`` (its sequence program) the names of what
+    only the program computes (a planner pass's new statements) too."""
     m = sched.model
     cell = m.cell
     keys: list[str] = list(m.leaves) + [p.name for p in cell.params] + [v.key for v in m.values]
@@ -91,6 +93,8 @@ def build(sched: Schedule, back: Backward, printer_cls, reserved: set[str], **pr
     keys += sorted(set(back.gemm_adjoint.values()) | set(back.hoisted_gemm_adjoint.values()) | set(back.step_seed.values()))
     temps = [a.target for blk in [*(s.assigns for s in back.stages), back.leaf_assigns, back.hoisted_assigns, back.hoisted_leaf_assigns] for a in blk]
     keys += [t for t in temps if t not in keys]
+    if prog is not None:
+        keys += [st.target for fn in prog.functions for blk in fn.pointwise() for st in blk.statements]
     seen: list[str] = []
     for k in keys:
         if k not in seen:

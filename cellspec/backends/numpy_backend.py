@@ -18,7 +18,7 @@ from cellspec.model.schedule import Schedule
 from cellspec.program.ir import Program
 
 def render(sched: Schedule, back: Backward, prog: Program) -> str:
-    ctx = context.build(sched, back, NumPyPrinter, PYTHON_RESERVED)
+    ctx = context.build(sched, back, NumPyPrinter, PYTHON_RESERVED, prog)
     ctx["seq"] = python_render.sequence_context(prog, ctx["names"], NumPyPrinter(ctx["names"]), python_render.NUMPY)
     ctx["helpers"] = ops.helpers("numpy", context.printed_exprs(sched, back))
     # where a mask's size comes from in a call: the first spec input or param of that size

@@ -59,7 +59,7 @@ def render(sched: Schedule, back: Backward, prog: Program, native_glue: dict | N
     """``torch_cell.py`` and ``__init__.py``; with ``native_glue`` (the native renderer's glue
     context) the modules also run the ``.cu`` file's native library (``backend="fused"`` on the
     CPU, ``"cuda"`` on the GPU)."""
-    ctx = context.build(sched, back, TorchPrinter, PYTHON_RESERVED)
+    ctx = context.build(sched, back, TorchPrinter, PYTHON_RESERVED, prog)
     ctx["seq"] = python_render.sequence_context(prog, ctx["names"], TorchPrinter(ctx["names"]), python_render.TORCH)
     # the same program in functional ops: the backward under create_graph=True and torch.func
     ctx["seq_differentiable"] = python_render.sequence_context(

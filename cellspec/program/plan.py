@@ -332,12 +332,22 @@ class _Planner:
 
         hoisted_reuse = resolve_aliases(self, tb)
 
+        # the leaf's work that does not need the last stage's step products, before them
+        stage_assigns = {bs.index: list(bs.assigns) for bs in b.stages}
+        leaf_assigns, into_state = list(b.leaf_assigns), {}
+        if b.stages:
+            last = b.stages[-1].index
+            products = {b.gemm_adjoint[(last, o)]: len(g.operands) == 1
+                        for g in next(x for x in s.stages if x.index == last).gemms for o in g.operands}
+            stage_assigns[last], leaf_assigns, into_state = passes.fold_leaf(
+                self, tb, stage_assigns[last], leaf_assigns, products)
+
         # per-step blocks: a non-temporary target is exported if it has a slot or another block reads it
         blocks: list[tuple[str, str, list[Assignment], str]] = [
-            (f"bwd{bs.index}", f"stage {bs.index} backward", bs.assigns, "step") for bs in b.stages
+            (f"bwd{bs.index}", f"stage {bs.index} backward", stage_assigns[bs.index], "step") for bs in b.stages
         ]
         blocks.append(("bwd_leaf", "per-step adjoints of inputs, states, vector params, hoisted results",
-                       b.leaf_assigns, "step"))
+                       leaf_assigns, "step"))
         # after the loop, one block per hoisted level, the last level first (level 0 also gives
         # the inputs' and vector params' shares)
         levels = b.hoisted_level_assigns or [[]]
@@ -373,10 +383,10 @@ class _Planner:
             st = next(x for x in s.stages if x.index == bs.index)
             for g in st.gemms:
                 d_ops = tuple(b.gemm_adjoint[(bs.index, o)] for o in g.operands)
-                if any(d in r for d in d_ops for r in reads_by_block):
+                if any(d in r for d in d_ops for r in reads_by_block) or d_ops[0] in into_state:
                     stacked = f"tmp_d_{self.gkey(g)}" if len(d_ops) > 1 else ""
                     body.append(ir.ProjectBack(self.weight(g).name, f"dg_{self.gkey(g)}", d_ops, "step",
-                                               self.gemm_comment(g), stacked=stacked))
+                                               self.gemm_comment(g), into_state.get(d_ops[0], False), stacked))
         if "bwd_leaf" in made:
             body.append(made["bwd_leaf"])
         for v in self.cell.states:

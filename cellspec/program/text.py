@@ -58,8 +58,11 @@ def _op(fn: ir.Function, prog: ir.Program, op, indent: str) -> list[str]:
     if isinstance(op, ir.ProjectBack):
         w = prog.weights[op.weight]
         eq = "+=" if op.accumulate else "="
+        dest = ""
+        if not op.stacked and fn.buffers[fn.slots[op.d_operands[0]].buffer].role == "d_state":
+            dest = f"   => {_where(fn, op.d_operands[0])}"  # straight into a state's adjoint
         return [(f"{indent}gemm {_stacked(op.d_operands, op.stacked)} {eq} {op.d_out} @ [{', '.join(w.matrices)}]   "
-                 f"({_rows(rows, op.d_operands)})")]
+                 f"({_rows(rows, op.d_operands)}){dest}")]
     if isinstance(op, ir.WeightGrad):
         w = prog.weights[op.weight]
         return [(f"{indent}gemm d[{', '.join(w.matrices)}] += {op.d_out}^T @ {_stacked(op.operands, op.stacked)}   "

@@ -1391,18 +1391,20 @@ __host__ __device__ inline void antisymmetric_rnn_backward_bwd0_H(
     real d_h,
     real d_h_next_out,
     real eps_H,
-    real& d_h_next,  // out
-    real& d_W_mat_h)  // out
+    real& d_W_mat_h,  // out
+    real& d_h_direct)  // out
 {
     // adjoint of h'
-    d_h_next = d_h + d_h_next_out;
+    const real d_h_next = d_h + d_h_next_out;
     // adjoint of W_mat @ h
     d_W_mat_h = d_h_next*eps_H*(real(1.0) - (cs_tanh(V_x + W_mat_h + b)*cs_tanh(V_x + W_mat_h + b)));
+    // adjoint of state h, less the recurrent product's share (the GEMM adds it)
+    d_h_direct = d_h_next;
 }
 
 #ifdef __CUDACC__
 template <typename S>
-__global__ void antisymmetric_rnn_backward_bwd0_H_kernel(int64_t _rows, int64_t _cols, const S* __restrict__ _p_V_x, int64_t _ld_V_x, const S* __restrict__ _p_W_mat_h, int64_t _ld_W_mat_h, const S* __restrict__ _p_b, int64_t _ld_b, const S* __restrict__ _p_d_h, int64_t _ld_d_h, const S* __restrict__ _p_d_h_next_out, int64_t _ld_d_h_next_out, const S* __restrict__ _p_eps_H, int64_t _ld_eps_H, S* __restrict__ _p_d_h_next, int64_t _ld_d_h_next, S* __restrict__ _p_d_W_mat_h, int64_t _ld_d_W_mat_h)
+__global__ void antisymmetric_rnn_backward_bwd0_H_kernel(int64_t _rows, int64_t _cols, const S* __restrict__ _p_V_x, int64_t _ld_V_x, const S* __restrict__ _p_W_mat_h, int64_t _ld_W_mat_h, const S* __restrict__ _p_b, int64_t _ld_b, const S* __restrict__ _p_d_h, int64_t _ld_d_h, const S* __restrict__ _p_d_h_next_out, int64_t _ld_d_h_next_out, const S* __restrict__ _p_eps_H, int64_t _ld_eps_H, S* __restrict__ _p_d_W_mat_h, int64_t _ld_d_W_mat_h, S* __restrict__ _p_d_h_direct, int64_t _ld_d_h_direct)
 {
     typedef typename cs_math<S>::type M;
     const int64_t _j = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
@@ -1414,44 +1416,44 @@ __global__ void antisymmetric_rnn_backward_bwd0_H_kernel(int64_t _rows, int64_t 
         M d_h = cs_load(_p_d_h[_r * _ld_d_h + _j]);
         M d_h_next_out = cs_load(_p_d_h_next_out[_r * _ld_d_h_next_out + _j]);
         M eps_H = cs_load(_p_eps_H[_r * _ld_eps_H + _j]);
-        M d_h_next;
         M d_W_mat_h;
-        antisymmetric_rnn_backward_bwd0_H<M>(V_x, W_mat_h, b, d_h, d_h_next_out, eps_H, d_h_next, d_W_mat_h);
-        cs_store(&_p_d_h_next[_r * _ld_d_h_next + _j], d_h_next);
+        M d_h_direct;
+        antisymmetric_rnn_backward_bwd0_H<M>(V_x, W_mat_h, b, d_h, d_h_next_out, eps_H, d_W_mat_h, d_h_direct);
         cs_store(&_p_d_W_mat_h[_r * _ld_d_W_mat_h + _j], d_W_mat_h);
+        cs_store(&_p_d_h_direct[_r * _ld_d_h_direct + _j], d_h_direct);
     }
 }
 
 template <typename S>
-static int antisymmetric_rnn_backward_bwd0_H_launch(int64_t _rows, int64_t _cols, const void* _p_V_x, int64_t _ld_V_x, const void* _p_W_mat_h, int64_t _ld_W_mat_h, const void* _p_b, int64_t _ld_b, const void* _p_d_h, int64_t _ld_d_h, const void* _p_d_h_next_out, int64_t _ld_d_h_next_out, const void* _p_eps_H, int64_t _ld_eps_H, void* _p_d_h_next, int64_t _ld_d_h_next, void* _p_d_W_mat_h, int64_t _ld_d_W_mat_h, void* _stream)
+static int antisymmetric_rnn_backward_bwd0_H_launch(int64_t _rows, int64_t _cols, const void* _p_V_x, int64_t _ld_V_x, const void* _p_W_mat_h, int64_t _ld_W_mat_h, const void* _p_b, int64_t _ld_b, const void* _p_d_h, int64_t _ld_d_h, const void* _p_d_h_next_out, int64_t _ld_d_h_next_out, const void* _p_eps_H, int64_t _ld_eps_H, void* _p_d_W_mat_h, int64_t _ld_d_W_mat_h, void* _p_d_h_direct, int64_t _ld_d_h_direct, void* _stream)
 {
     if (_rows <= 0 || _cols <= 0) return 0;
     dim3 _grid, _block;
     cs_grid(_rows, _cols, &_grid, &_block);
-    antisymmetric_rnn_backward_bwd0_H_kernel<S><<<_grid, _block, 0, (cudaStream_t)_stream>>>(_rows, _cols, (const S*)_p_V_x, _ld_V_x, (const S*)_p_W_mat_h, _ld_W_mat_h, (const S*)_p_b, _ld_b, (const S*)_p_d_h, _ld_d_h, (const S*)_p_d_h_next_out, _ld_d_h_next_out, (const S*)_p_eps_H, _ld_eps_H, (S*)_p_d_h_next, _ld_d_h_next, (S*)_p_d_W_mat_h, _ld_d_W_mat_h);
+    antisymmetric_rnn_backward_bwd0_H_kernel<S><<<_grid, _block, 0, (cudaStream_t)_stream>>>(_rows, _cols, (const S*)_p_V_x, _ld_V_x, (const S*)_p_W_mat_h, _ld_W_mat_h, (const S*)_p_b, _ld_b, (const S*)_p_d_h, _ld_d_h, (const S*)_p_d_h_next_out, _ld_d_h_next_out, (const S*)_p_eps_H, _ld_eps_H, (S*)_p_d_W_mat_h, _ld_d_W_mat_h, (S*)_p_d_h_direct, _ld_d_h_direct);
     return (int)cudaGetLastError();
 }
 
-extern "C" int antisymmetric_rnn_backward_bwd0_H_cuda_f32(int64_t _rows, int64_t _cols, const void* _p_V_x, int64_t _ld_V_x, const void* _p_W_mat_h, int64_t _ld_W_mat_h, const void* _p_b, int64_t _ld_b, const void* _p_d_h, int64_t _ld_d_h, const void* _p_d_h_next_out, int64_t _ld_d_h_next_out, const void* _p_eps_H, int64_t _ld_eps_H, void* _p_d_h_next, int64_t _ld_d_h_next, void* _p_d_W_mat_h, int64_t _ld_d_W_mat_h, void* _stream)
+extern "C" int antisymmetric_rnn_backward_bwd0_H_cuda_f32(int64_t _rows, int64_t _cols, const void* _p_V_x, int64_t _ld_V_x, const void* _p_W_mat_h, int64_t _ld_W_mat_h, const void* _p_b, int64_t _ld_b, const void* _p_d_h, int64_t _ld_d_h, const void* _p_d_h_next_out, int64_t _ld_d_h_next_out, const void* _p_eps_H, int64_t _ld_eps_H, void* _p_d_W_mat_h, int64_t _ld_d_W_mat_h, void* _p_d_h_direct, int64_t _ld_d_h_direct, void* _stream)
 {
-    return antisymmetric_rnn_backward_bwd0_H_launch<float>(_rows, _cols, _p_V_x, _ld_V_x, _p_W_mat_h, _ld_W_mat_h, _p_b, _ld_b, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_eps_H, _ld_eps_H, _p_d_h_next, _ld_d_h_next, _p_d_W_mat_h, _ld_d_W_mat_h, _stream);
+    return antisymmetric_rnn_backward_bwd0_H_launch<float>(_rows, _cols, _p_V_x, _ld_V_x, _p_W_mat_h, _ld_W_mat_h, _p_b, _ld_b, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_eps_H, _ld_eps_H, _p_d_W_mat_h, _ld_d_W_mat_h, _p_d_h_direct, _ld_d_h_direct, _stream);
 }
-extern "C" int antisymmetric_rnn_backward_bwd0_H_cuda_f64(int64_t _rows, int64_t _cols, const void* _p_V_x, int64_t _ld_V_x, const void* _p_W_mat_h, int64_t _ld_W_mat_h, const void* _p_b, int64_t _ld_b, const void* _p_d_h, int64_t _ld_d_h, const void* _p_d_h_next_out, int64_t _ld_d_h_next_out, const void* _p_eps_H, int64_t _ld_eps_H, void* _p_d_h_next, int64_t _ld_d_h_next, void* _p_d_W_mat_h, int64_t _ld_d_W_mat_h, void* _stream)
+extern "C" int antisymmetric_rnn_backward_bwd0_H_cuda_f64(int64_t _rows, int64_t _cols, const void* _p_V_x, int64_t _ld_V_x, const void* _p_W_mat_h, int64_t _ld_W_mat_h, const void* _p_b, int64_t _ld_b, const void* _p_d_h, int64_t _ld_d_h, const void* _p_d_h_next_out, int64_t _ld_d_h_next_out, const void* _p_eps_H, int64_t _ld_eps_H, void* _p_d_W_mat_h, int64_t _ld_d_W_mat_h, void* _p_d_h_direct, int64_t _ld_d_h_direct, void* _stream)
 {
-    return antisymmetric_rnn_backward_bwd0_H_launch<double>(_rows, _cols, _p_V_x, _ld_V_x, _p_W_mat_h, _ld_W_mat_h, _p_b, _ld_b, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_eps_H, _ld_eps_H, _p_d_h_next, _ld_d_h_next, _p_d_W_mat_h, _ld_d_W_mat_h, _stream);
+    return antisymmetric_rnn_backward_bwd0_H_launch<double>(_rows, _cols, _p_V_x, _ld_V_x, _p_W_mat_h, _ld_W_mat_h, _p_b, _ld_b, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_eps_H, _ld_eps_H, _p_d_W_mat_h, _ld_d_W_mat_h, _p_d_h_direct, _ld_d_h_direct, _stream);
 }
-extern "C" int antisymmetric_rnn_backward_bwd0_H_cuda_f16(int64_t _rows, int64_t _cols, const void* _p_V_x, int64_t _ld_V_x, const void* _p_W_mat_h, int64_t _ld_W_mat_h, const void* _p_b, int64_t _ld_b, const void* _p_d_h, int64_t _ld_d_h, const void* _p_d_h_next_out, int64_t _ld_d_h_next_out, const void* _p_eps_H, int64_t _ld_eps_H, void* _p_d_h_next, int64_t _ld_d_h_next, void* _p_d_W_mat_h, int64_t _ld_d_W_mat_h, void* _stream)
+extern "C" int antisymmetric_rnn_backward_bwd0_H_cuda_f16(int64_t _rows, int64_t _cols, const void* _p_V_x, int64_t _ld_V_x, const void* _p_W_mat_h, int64_t _ld_W_mat_h, const void* _p_b, int64_t _ld_b, const void* _p_d_h, int64_t _ld_d_h, const void* _p_d_h_next_out, int64_t _ld_d_h_next_out, const void* _p_eps_H, int64_t _ld_eps_H, void* _p_d_W_mat_h, int64_t _ld_d_W_mat_h, void* _p_d_h_direct, int64_t _ld_d_h_direct, void* _stream)
 {
-    return antisymmetric_rnn_backward_bwd0_H_launch<__half>(_rows, _cols, _p_V_x, _ld_V_x, _p_W_mat_h, _ld_W_mat_h, _p_b, _ld_b, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_eps_H, _ld_eps_H, _p_d_h_next, _ld_d_h_next, _p_d_W_mat_h, _ld_d_W_mat_h, _stream);
+    return antisymmetric_rnn_backward_bwd0_H_launch<__half>(_rows, _cols, _p_V_x, _ld_V_x, _p_W_mat_h, _ld_W_mat_h, _p_b, _ld_b, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_eps_H, _ld_eps_H, _p_d_W_mat_h, _ld_d_W_mat_h, _p_d_h_direct, _ld_d_h_direct, _stream);
 }
-extern "C" int antisymmetric_rnn_backward_bwd0_H_cuda_bf16(int64_t _rows, int64_t _cols, const void* _p_V_x, int64_t _ld_V_x, const void* _p_W_mat_h, int64_t _ld_W_mat_h, const void* _p_b, int64_t _ld_b, const void* _p_d_h, int64_t _ld_d_h, const void* _p_d_h_next_out, int64_t _ld_d_h_next_out, const void* _p_eps_H, int64_t _ld_eps_H, void* _p_d_h_next, int64_t _ld_d_h_next, void* _p_d_W_mat_h, int64_t _ld_d_W_mat_h, void* _stream)
+extern "C" int antisymmetric_rnn_backward_bwd0_H_cuda_bf16(int64_t _rows, int64_t _cols, const void* _p_V_x, int64_t _ld_V_x, const void* _p_W_mat_h, int64_t _ld_W_mat_h, const void* _p_b, int64_t _ld_b, const void* _p_d_h, int64_t _ld_d_h, const void* _p_d_h_next_out, int64_t _ld_d_h_next_out, const void* _p_eps_H, int64_t _ld_eps_H, void* _p_d_W_mat_h, int64_t _ld_d_W_mat_h, void* _p_d_h_direct, int64_t _ld_d_h_direct, void* _stream)
 {
-    return antisymmetric_rnn_backward_bwd0_H_launch<__nv_bfloat16>(_rows, _cols, _p_V_x, _ld_V_x, _p_W_mat_h, _ld_W_mat_h, _p_b, _ld_b, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_eps_H, _ld_eps_H, _p_d_h_next, _ld_d_h_next, _p_d_W_mat_h, _ld_d_W_mat_h, _stream);
+    return antisymmetric_rnn_backward_bwd0_H_launch<__nv_bfloat16>(_rows, _cols, _p_V_x, _ld_V_x, _p_W_mat_h, _ld_W_mat_h, _p_b, _ld_b, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_eps_H, _ld_eps_H, _p_d_W_mat_h, _ld_d_W_mat_h, _p_d_h_direct, _ld_d_h_direct, _stream);
 }
 #endif  // __CUDACC__
 
 template <typename real>
-static inline void antisymmetric_rnn_backward_bwd0_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_V_x, int64_t _ld_V_x, const real* __restrict__ _p_W_mat_h, int64_t _ld_W_mat_h, const real* __restrict__ _p_b, int64_t _ld_b, const real* __restrict__ _p_d_h, int64_t _ld_d_h, const real* __restrict__ _p_d_h_next_out, int64_t _ld_d_h_next_out, const real* __restrict__ _p_eps_H, int64_t _ld_eps_H, real* __restrict__ _p_d_h_next, int64_t _ld_d_h_next, real* __restrict__ _p_d_W_mat_h, int64_t _ld_d_W_mat_h)
+static inline void antisymmetric_rnn_backward_bwd0_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_V_x, int64_t _ld_V_x, const real* __restrict__ _p_W_mat_h, int64_t _ld_W_mat_h, const real* __restrict__ _p_b, int64_t _ld_b, const real* __restrict__ _p_d_h, int64_t _ld_d_h, const real* __restrict__ _p_d_h_next_out, int64_t _ld_d_h_next_out, const real* __restrict__ _p_eps_H, int64_t _ld_eps_H, real* __restrict__ _p_d_W_mat_h, int64_t _ld_d_W_mat_h, real* __restrict__ _p_d_h_direct, int64_t _ld_d_h_direct)
 {
 #ifdef CS_V16
     if constexpr (sizeof(real) == sizeof(float)) {  // 16 units at a time (CS_V16)
@@ -1464,11 +1466,11 @@ static inline void antisymmetric_rnn_backward_bwd0_H_host(int64_t _rows, int64_t
                 cs_v16 d_h = _mm512_maskz_loadu_ps(_m, &_p_d_h[_r * _ld_d_h + _j]);
                 cs_v16 d_h_next_out = _mm512_maskz_loadu_ps(_m, &_p_d_h_next_out[_r * _ld_d_h_next_out + _j]);
                 cs_v16 eps_H = _mm512_maskz_loadu_ps(_m, &_p_eps_H[_r * _ld_eps_H + _j]);
-                cs_v16 d_h_next;
                 cs_v16 d_W_mat_h;
-                antisymmetric_rnn_backward_bwd0_H<cs_v16>(V_x, W_mat_h, b, d_h, d_h_next_out, eps_H, d_h_next, d_W_mat_h);
-                _mm512_mask_storeu_ps(&_p_d_h_next[_r * _ld_d_h_next + _j], _m, d_h_next.v);
+                cs_v16 d_h_direct;
+                antisymmetric_rnn_backward_bwd0_H<cs_v16>(V_x, W_mat_h, b, d_h, d_h_next_out, eps_H, d_W_mat_h, d_h_direct);
                 _mm512_mask_storeu_ps(&_p_d_W_mat_h[_r * _ld_d_W_mat_h + _j], _m, d_W_mat_h.v);
+                _mm512_mask_storeu_ps(&_p_d_h_direct[_r * _ld_d_h_direct + _j], _m, d_h_direct.v);
             }
         });
         return;
@@ -1483,103 +1485,22 @@ static inline void antisymmetric_rnn_backward_bwd0_H_host(int64_t _rows, int64_t
             real d_h = _p_d_h[_r * _ld_d_h + _j];
             real d_h_next_out = _p_d_h_next_out[_r * _ld_d_h_next_out + _j];
             real eps_H = _p_eps_H[_r * _ld_eps_H + _j];
-            real d_h_next;
             real d_W_mat_h;
-            antisymmetric_rnn_backward_bwd0_H<real>(V_x, W_mat_h, b, d_h, d_h_next_out, eps_H, d_h_next, d_W_mat_h);
-            _p_d_h_next[_r * _ld_d_h_next + _j] = d_h_next;
+            real d_h_direct;
+            antisymmetric_rnn_backward_bwd0_H<real>(V_x, W_mat_h, b, d_h, d_h_next_out, eps_H, d_W_mat_h, d_h_direct);
             _p_d_W_mat_h[_r * _ld_d_W_mat_h + _j] = d_W_mat_h;
+            _p_d_h_direct[_r * _ld_d_h_direct + _j] = d_h_direct;
         }
     });
 }
 
-extern "C" void antisymmetric_rnn_backward_bwd0_H_f32(int64_t _rows, int64_t _cols, const float* _p_V_x, int64_t _ld_V_x, const float* _p_W_mat_h, int64_t _ld_W_mat_h, const float* _p_b, int64_t _ld_b, const float* _p_d_h, int64_t _ld_d_h, const float* _p_d_h_next_out, int64_t _ld_d_h_next_out, const float* _p_eps_H, int64_t _ld_eps_H, float* _p_d_h_next, int64_t _ld_d_h_next, float* _p_d_W_mat_h, int64_t _ld_d_W_mat_h)
+extern "C" void antisymmetric_rnn_backward_bwd0_H_f32(int64_t _rows, int64_t _cols, const float* _p_V_x, int64_t _ld_V_x, const float* _p_W_mat_h, int64_t _ld_W_mat_h, const float* _p_b, int64_t _ld_b, const float* _p_d_h, int64_t _ld_d_h, const float* _p_d_h_next_out, int64_t _ld_d_h_next_out, const float* _p_eps_H, int64_t _ld_eps_H, float* _p_d_W_mat_h, int64_t _ld_d_W_mat_h, float* _p_d_h_direct, int64_t _ld_d_h_direct)
 {
-    antisymmetric_rnn_backward_bwd0_H_host<float>(_rows, _cols, _p_V_x, _ld_V_x, _p_W_mat_h, _ld_W_mat_h, _p_b, _ld_b, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_eps_H, _ld_eps_H, _p_d_h_next, _ld_d_h_next, _p_d_W_mat_h, _ld_d_W_mat_h);
+    antisymmetric_rnn_backward_bwd0_H_host<float>(_rows, _cols, _p_V_x, _ld_V_x, _p_W_mat_h, _ld_W_mat_h, _p_b, _ld_b, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_eps_H, _ld_eps_H, _p_d_W_mat_h, _ld_d_W_mat_h, _p_d_h_direct, _ld_d_h_direct);
 }
-extern "C" void antisymmetric_rnn_backward_bwd0_H_f64(int64_t _rows, int64_t _cols, const double* _p_V_x, int64_t _ld_V_x, const double* _p_W_mat_h, int64_t _ld_W_mat_h, const double* _p_b, int64_t _ld_b, const double* _p_d_h, int64_t _ld_d_h, const double* _p_d_h_next_out, int64_t _ld_d_h_next_out, const double* _p_eps_H, int64_t _ld_eps_H, double* _p_d_h_next, int64_t _ld_d_h_next, double* _p_d_W_mat_h, int64_t _ld_d_W_mat_h)
+extern "C" void antisymmetric_rnn_backward_bwd0_H_f64(int64_t _rows, int64_t _cols, const double* _p_V_x, int64_t _ld_V_x, const double* _p_W_mat_h, int64_t _ld_W_mat_h, const double* _p_b, int64_t _ld_b, const double* _p_d_h, int64_t _ld_d_h, const double* _p_d_h_next_out, int64_t _ld_d_h_next_out, const double* _p_eps_H, int64_t _ld_eps_H, double* _p_d_W_mat_h, int64_t _ld_d_W_mat_h, double* _p_d_h_direct, int64_t _ld_d_h_direct)
 {
-    antisymmetric_rnn_backward_bwd0_H_host<double>(_rows, _cols, _p_V_x, _ld_V_x, _p_W_mat_h, _ld_W_mat_h, _p_b, _ld_b, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_eps_H, _ld_eps_H, _p_d_h_next, _ld_d_h_next, _p_d_W_mat_h, _ld_d_W_mat_h);
-}
-
-// =============================================================================================
-// antisymmetric_rnn_backward_bwd_leaf_H: backward: per-step adjoints of inputs, states, vector params, hoisted results, units of size H
-// =============================================================================================
-template <typename real>
-__host__ __device__ inline void antisymmetric_rnn_backward_bwd_leaf_H(
-    real d_h_gemm,
-    real d_h_next,
-    real& d_h)  // out
-{
-    // adjoint of state h
-    d_h = d_h_gemm + d_h_next;
-}
-
-#ifdef __CUDACC__
-template <typename S>
-__global__ void antisymmetric_rnn_backward_bwd_leaf_H_kernel(int64_t _rows, int64_t _cols, const S* __restrict__ _p_d_h_gemm, int64_t _ld_d_h_gemm, const S* __restrict__ _p_d_h_next, int64_t _ld_d_h_next, S* __restrict__ _p_d_h, int64_t _ld_d_h)
-{
-    typedef typename cs_math<S>::type M;
-    const int64_t _j = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (_j >= _cols) return;
-    for (int64_t _r = blockIdx.y; _r < _rows; _r += gridDim.y) {
-        M d_h_gemm = cs_load(_p_d_h_gemm[_r * _ld_d_h_gemm + _j]);
-        M d_h_next = cs_load(_p_d_h_next[_r * _ld_d_h_next + _j]);
-        M d_h;
-        antisymmetric_rnn_backward_bwd_leaf_H<M>(d_h_gemm, d_h_next, d_h);
-        cs_store(&_p_d_h[_r * _ld_d_h + _j], d_h);
-    }
-}
-
-template <typename S>
-static int antisymmetric_rnn_backward_bwd_leaf_H_launch(int64_t _rows, int64_t _cols, const void* _p_d_h_gemm, int64_t _ld_d_h_gemm, const void* _p_d_h_next, int64_t _ld_d_h_next, void* _p_d_h, int64_t _ld_d_h, void* _stream)
-{
-    if (_rows <= 0 || _cols <= 0) return 0;
-    dim3 _grid, _block;
-    cs_grid(_rows, _cols, &_grid, &_block);
-    antisymmetric_rnn_backward_bwd_leaf_H_kernel<S><<<_grid, _block, 0, (cudaStream_t)_stream>>>(_rows, _cols, (const S*)_p_d_h_gemm, _ld_d_h_gemm, (const S*)_p_d_h_next, _ld_d_h_next, (S*)_p_d_h, _ld_d_h);
-    return (int)cudaGetLastError();
-}
-
-extern "C" int antisymmetric_rnn_backward_bwd_leaf_H_cuda_f32(int64_t _rows, int64_t _cols, const void* _p_d_h_gemm, int64_t _ld_d_h_gemm, const void* _p_d_h_next, int64_t _ld_d_h_next, void* _p_d_h, int64_t _ld_d_h, void* _stream)
-{
-    return antisymmetric_rnn_backward_bwd_leaf_H_launch<float>(_rows, _cols, _p_d_h_gemm, _ld_d_h_gemm, _p_d_h_next, _ld_d_h_next, _p_d_h, _ld_d_h, _stream);
-}
-extern "C" int antisymmetric_rnn_backward_bwd_leaf_H_cuda_f64(int64_t _rows, int64_t _cols, const void* _p_d_h_gemm, int64_t _ld_d_h_gemm, const void* _p_d_h_next, int64_t _ld_d_h_next, void* _p_d_h, int64_t _ld_d_h, void* _stream)
-{
-    return antisymmetric_rnn_backward_bwd_leaf_H_launch<double>(_rows, _cols, _p_d_h_gemm, _ld_d_h_gemm, _p_d_h_next, _ld_d_h_next, _p_d_h, _ld_d_h, _stream);
-}
-extern "C" int antisymmetric_rnn_backward_bwd_leaf_H_cuda_f16(int64_t _rows, int64_t _cols, const void* _p_d_h_gemm, int64_t _ld_d_h_gemm, const void* _p_d_h_next, int64_t _ld_d_h_next, void* _p_d_h, int64_t _ld_d_h, void* _stream)
-{
-    return antisymmetric_rnn_backward_bwd_leaf_H_launch<__half>(_rows, _cols, _p_d_h_gemm, _ld_d_h_gemm, _p_d_h_next, _ld_d_h_next, _p_d_h, _ld_d_h, _stream);
-}
-extern "C" int antisymmetric_rnn_backward_bwd_leaf_H_cuda_bf16(int64_t _rows, int64_t _cols, const void* _p_d_h_gemm, int64_t _ld_d_h_gemm, const void* _p_d_h_next, int64_t _ld_d_h_next, void* _p_d_h, int64_t _ld_d_h, void* _stream)
-{
-    return antisymmetric_rnn_backward_bwd_leaf_H_launch<__nv_bfloat16>(_rows, _cols, _p_d_h_gemm, _ld_d_h_gemm, _p_d_h_next, _ld_d_h_next, _p_d_h, _ld_d_h, _stream);
-}
-#endif  // __CUDACC__
-
-template <typename real>
-static inline void antisymmetric_rnn_backward_bwd_leaf_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_d_h_gemm, int64_t _ld_d_h_gemm, const real* __restrict__ _p_d_h_next, int64_t _ld_d_h_next, real* __restrict__ _p_d_h, int64_t _ld_d_h)
-{
-    cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
-#pragma omp simd
-        for (int64_t _j = 0; _j < _cols; ++_j) {
-            real d_h_gemm = _p_d_h_gemm[_r * _ld_d_h_gemm + _j];
-            real d_h_next = _p_d_h_next[_r * _ld_d_h_next + _j];
-            real d_h;
-            antisymmetric_rnn_backward_bwd_leaf_H<real>(d_h_gemm, d_h_next, d_h);
-            _p_d_h[_r * _ld_d_h + _j] = d_h;
-        }
-    });
-}
-
-extern "C" void antisymmetric_rnn_backward_bwd_leaf_H_f32(int64_t _rows, int64_t _cols, const float* _p_d_h_gemm, int64_t _ld_d_h_gemm, const float* _p_d_h_next, int64_t _ld_d_h_next, float* _p_d_h, int64_t _ld_d_h)
-{
-    antisymmetric_rnn_backward_bwd_leaf_H_host<float>(_rows, _cols, _p_d_h_gemm, _ld_d_h_gemm, _p_d_h_next, _ld_d_h_next, _p_d_h, _ld_d_h);
-}
-extern "C" void antisymmetric_rnn_backward_bwd_leaf_H_f64(int64_t _rows, int64_t _cols, const double* _p_d_h_gemm, int64_t _ld_d_h_gemm, const double* _p_d_h_next, int64_t _ld_d_h_next, double* _p_d_h, int64_t _ld_d_h)
-{
-    antisymmetric_rnn_backward_bwd_leaf_H_host<double>(_rows, _cols, _p_d_h_gemm, _ld_d_h_gemm, _p_d_h_next, _ld_d_h_next, _p_d_h, _ld_d_h);
+    antisymmetric_rnn_backward_bwd0_H_host<double>(_rows, _cols, _p_V_x, _ld_V_x, _p_W_mat_h, _ld_W_mat_h, _p_b, _ld_b, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_eps_H, _ld_eps_H, _p_d_W_mat_h, _ld_d_W_mat_h, _p_d_h_direct, _ld_d_h_direct);
 }
 
 
@@ -1777,7 +1698,7 @@ extern "C" int antisymmetric_rnn_inference_f64(const int64_t* dims, void* const*
 
 // =============================================================================================
 // antisymmetric_rnn: the whole sequence, backward
-// ptrs: 0 x_x, 1 s_h, 2 p_b, 3 p_eps_H, 4 hg_V__x, 5 g_W_mat__h, 6 dout_h_next, 7 ds_h, 8 dx_x, 9 dg_W_mat__h, 10 tmp_d_h_gemm, 11 tmp_d_h_next, 12 weight V, 13 weight W_mat, 14 d V, 15 d b, 16 d W_mat, 17 d eps_H, 18 batch sizes (host, or NULL)
+// ptrs: 0 x_x, 1 s_h, 2 p_b, 3 p_eps_H, 4 hg_V__x, 5 g_W_mat__h, 6 dout_h_next, 7 ds_h, 8 dx_x, 9 dg_W_mat__h, 10 weight V, 11 weight W_mat, 12 d V, 13 d b, 14 d W_mat, 15 d eps_H, 16 batch sizes (host, or NULL)
 
 // =============================================================================================
 template <typename S, typename G>
@@ -1813,23 +1734,19 @@ static int antisymmetric_rnn_backward_run(const int64_t* dims, void* const* ptrs
     (void)b_dx_x;
     S* b_dg_W_mat__h = (S*)ptrs[9];
     (void)b_dg_W_mat__h;
-    S* b_tmp_d_h_gemm = (S*)ptrs[10];
-    (void)b_tmp_d_h_gemm;
-    S* b_tmp_d_h_next = (S*)ptrs[11];
-    (void)b_tmp_d_h_next;
-    const S* w_V = (const S*)ptrs[12];
+    const S* w_V = (const S*)ptrs[10];
     (void)w_V;
-    const S* w_W_mat = (const S*)ptrs[13];
+    const S* w_W_mat = (const S*)ptrs[11];
     (void)w_W_mat;
-    G* g_V = (G*)ptrs[14];
+    G* g_V = (G*)ptrs[12];
     (void)g_V;
-    G* g_b = (G*)ptrs[15];
+    G* g_b = (G*)ptrs[13];
     (void)g_b;
-    G* g_W_mat = (G*)ptrs[16];
+    G* g_W_mat = (G*)ptrs[14];
     (void)g_W_mat;
-    G* g_eps_H = (G*)ptrs[17];
+    G* g_eps_H = (G*)ptrs[15];
     (void)g_eps_H;
-    const int64_t* bs = (const int64_t*)ptrs[18];
+    const int64_t* bs = (const int64_t*)ptrs[16];
     (void)ctx;
     if (bs) {  // rows of ended sequences, which no step writes, are read over all T*B rows
         CS_ZERO(b_dg_W_mat__h, (n_T) * (n_B) * (n_H));
@@ -1842,11 +1759,9 @@ static int antisymmetric_rnn_backward_run(const int64_t* dims, void* const* ptrs
         const int64_t rows = bs ? bs[t] : n_B;  // variable lengths: rows 0..B_t-1 run
         CS_SPLIT_ROWS(split_rows, n_B);
         // backward: stage 0 backward, units of size H
-        CS_PW(antisymmetric_rnn_backward_bwd0_H, rows, n_H, b_hg_V__x + t * n_B * (n_H), n_H, b_g_W_mat__h + t * n_B * (n_H), n_H, b_p_b, 0, b_ds_h, n_H, b_dout_h_next + t * n_B * (n_H), n_H, b_p_eps_H, 0, b_tmp_d_h_next, n_H, b_dg_W_mat__h + t * n_B * (n_H), n_H);
-        // d_h_gemm = dg_W_mat__h @ [W_mat]
-        CS_GEMM_NN_PACKED(rows, n_H, n_H, b_dg_W_mat__h + t * n_B * (n_H), n_H, pk_W_mat_nn, b_tmp_d_h_gemm, n_H, 0);
-        // backward: per-step adjoints of inputs, states, vector params, hoisted results, units of size H
-        CS_PW(antisymmetric_rnn_backward_bwd_leaf_H, rows, n_H, b_tmp_d_h_gemm, n_H, b_tmp_d_h_next, n_H, b_ds_h, n_H);
+        CS_PW(antisymmetric_rnn_backward_bwd0_H, rows, n_H, b_hg_V__x + t * n_B * (n_H), n_H, b_g_W_mat__h + t * n_B * (n_H), n_H, b_p_b, 0, b_ds_h, n_H, b_dout_h_next + t * n_B * (n_H), n_H, b_p_eps_H, 0, b_dg_W_mat__h + t * n_B * (n_H), n_H, b_ds_h, n_H);
+        // d_h_gemm += dg_W_mat__h @ [W_mat]
+        CS_GEMM_NN_PACKED(rows, n_H, n_H, b_dg_W_mat__h + t * n_B * (n_H), n_H, pk_W_mat_nn, b_ds_h, n_H, 1);
     }
     CS_SPLIT_DONE();
     CS_TEAM_END

@@ -258,17 +258,13 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
     _ds_h = np.zeros((_B, _H), _dtype) if _d_final[0] is None else np.array(np.asarray(_d_final[0], _dtype), copy=True)
     _dx_x = np.empty((_T, _B, _I), _dtype)
     _dg_W_mat__h = np.empty((_T, _B, _H), _dtype)
-    _tmp_d_h_gemm = np.empty((_B, _H), _dtype)
-    _tmp_d_h_next = np.empty((_B, _H), _dtype)
     if _bs is not None:
         _dg_W_mat__h[...] = 0
     _hg_V__x_at0 = _steps(_hg_V__x, 0, _T, _bs)
     _g_W_mat__h_at0 = _steps(_g_W_mat__h, 0, _T, _bs)
     _ds_h_rows = _rows(_ds_h, _T, _bs)
     _dout_h_next_at0 = _steps(_dout_h_next, 0, _T, _bs)
-    _tmp_d_h_next_rows = _rows(_tmp_d_h_next, _T, _bs)
     _dg_W_mat__h_at0 = _steps(_dg_W_mat__h, 0, _T, _bs)
-    _tmp_d_h_gemm_rows = _rows(_tmp_d_h_gemm, _T, _bs)
     _grads = {}
     for _t in reversed(range(_T)):
         # stage 0 backward
@@ -278,14 +274,10 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
         d_h_next_out = _dout_h_next_at0[_t]
         d_h_next = d_h + d_h_next_out  # adjoint of h'
         d_W_mat_h = d_h_next*eps_H*(1 - (np.tanh(V_x + W_mat_h + b)*np.tanh(V_x + W_mat_h + b)))  # adjoint of W_mat @ h
-        _tmp_d_h_next_rows[_t][...] = d_h_next
+        d_h_direct = d_h_next  # adjoint of state h, less the recurrent product's share (the GEMM adds it)
         _dg_W_mat__h_at0[_t][...] = d_W_mat_h
-        np.matmul(_dg_W_mat__h_at0[_t], _w_W_mat, out=_tmp_d_h_gemm_rows[_t])
-        # per-step adjoints of inputs, states, vector params, hoisted results
-        d_h_gemm = _tmp_d_h_gemm_rows[_t]
-        d_h_next = _tmp_d_h_next_rows[_t]
-        d_h = d_h_gemm + d_h_next  # adjoint of state h
-        _ds_h_rows[_t][...] = d_h
+        _ds_h_rows[_t][...] = d_h_direct
+        _ds_h_rows[_t][...] += _dg_W_mat__h_at0[_t] @ _w_W_mat
     # dW of W_mat @ h: one GEMM over all T*B rows
     _grads["W_mat"] = _dg_W_mat__h.reshape(_T * _B, _H).T @ _s_h[:_T].reshape(_T * _B, _H)
     # dW of V @ x: one GEMM over all T*B rows

@@ -216,17 +216,13 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
     _ds_h = torch.zeros((_B, _H), dtype=_dtype, device=_device) if _d_final[0] is None else _d_final[0].to(_dtype).clone()
     _dx_x = torch.empty((_T, _B, _I), dtype=_dtype, device=_device)
     _dg_W_mat__h = torch.empty((_T, _B, _H), dtype=_dtype, device=_device)
-    _tmp_d_h_gemm = torch.empty((_B, _H), dtype=_dtype, device=_device)
-    _tmp_d_h_next = torch.empty((_B, _H), dtype=_dtype, device=_device)
     if _bs is not None:
         _dg_W_mat__h.zero_()
     _hg_V__x_at0 = _steps(_hg_V__x, 0, _T, _bs)
     _g_W_mat__h_at0 = _steps(_g_W_mat__h, 0, _T, _bs)
     _ds_h_rows = _rows(_ds_h, _T, _bs)
     _dout_h_next_at0 = _steps(_dout_h_next, 0, _T, _bs)
-    _tmp_d_h_next_rows = _rows(_tmp_d_h_next, _T, _bs)
     _dg_W_mat__h_at0 = _steps(_dg_W_mat__h, 0, _T, _bs)
-    _tmp_d_h_gemm_rows = _rows(_tmp_d_h_gemm, _T, _bs)
     _grads = {}
     for _t in reversed(range(_T)):
         # stage 0 backward
@@ -236,14 +232,10 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
         d_h_next_out = _dout_h_next_at0[_t]
         d_h_next = d_h + d_h_next_out  # adjoint of h'
         d_W_mat_h = d_h_next*eps_H*(1 - (torch.tanh(V_x + W_mat_h + b)*torch.tanh(V_x + W_mat_h + b)))  # adjoint of W_mat @ h
-        _tmp_d_h_next_rows[_t].copy_(d_h_next)
+        d_h_direct = d_h_next  # adjoint of state h, less the recurrent product's share (the GEMM adds it)
         _dg_W_mat__h_at0[_t].copy_(d_W_mat_h)
-        torch.mm(_dg_W_mat__h_at0[_t], _w_W_mat, out=_tmp_d_h_gemm_rows[_t])
-        # per-step adjoints of inputs, states, vector params, hoisted results
-        d_h_gemm = _tmp_d_h_gemm_rows[_t]
-        d_h_next = _tmp_d_h_next_rows[_t]
-        d_h = d_h_gemm + d_h_next  # adjoint of state h
-        _ds_h_rows[_t].copy_(d_h)
+        _ds_h_rows[_t].copy_(d_h_direct)
+        _ds_h_rows[_t].addmm_(_dg_W_mat__h_at0[_t], _w_W_mat)
     # dW of W_mat @ h: one GEMM over all T*B rows
     _grads["W_mat"] = _dg_W_mat__h.reshape(_T * _B, _H).T @ _s_h[:_T].reshape(_T * _B, _H)
     # dW of V @ x: one GEMM over all T*B rows
@@ -340,8 +332,6 @@ def _backward_differentiable(_params, _x, _saved, _d_outputs, _d_final, _bs=None
     _ds_h = torch.zeros((_B, _H), dtype=_dtype, device=_device) if _d_final[0] is None else _d_final[0].to(_dtype).clone()
     _dx_x = torch.zeros((_T, _B, _I), dtype=_dtype, device=_device)
     _dg_W_mat__h = torch.zeros((_T, _B, _H), dtype=_dtype, device=_device)
-    _tmp_d_h_gemm = torch.zeros((_B, _H), dtype=_dtype, device=_device)
-    _tmp_d_h_next = torch.zeros((_B, _H), dtype=_dtype, device=_device)
     _dg_W_mat__h_rows = list(_dg_W_mat__h.unbind(0))
     _dx_x_rows = list(_dx_x.unbind(0))
     _hg_V__x_rows = list(_hg_V__x.unbind(0))
@@ -356,14 +346,10 @@ def _backward_differentiable(_params, _x, _saved, _d_outputs, _d_final, _bs=None
         d_h_next_out = _dout_h_next_rows[_t]
         d_h_next = d_h + d_h_next_out  # adjoint of h'
         d_W_mat_h = d_h_next*eps_H*(1 - (torch.tanh(V_x + W_mat_h + b)*torch.tanh(V_x + W_mat_h + b)))  # adjoint of W_mat @ h
-        _tmp_d_h_next = d_h_next
+        d_h_direct = d_h_next  # adjoint of state h, less the recurrent product's share (the GEMM adds it)
         _dg_W_mat__h_rows[_t] = d_W_mat_h
-        _tmp_d_h_gemm = _dg_W_mat__h_rows[_t] @ _w_W_mat
-        # per-step adjoints of inputs, states, vector params, hoisted results
-        d_h_gemm = _tmp_d_h_gemm
-        d_h_next = _tmp_d_h_next
-        d_h = d_h_gemm + d_h_next  # adjoint of state h
-        _ds_h = d_h
+        _ds_h = d_h_direct
+        _ds_h = _ds_h + _dg_W_mat__h_rows[_t] @ _w_W_mat
     _dg_W_mat__h = torch.stack(_dg_W_mat__h_rows)
     # dW of W_mat @ h: one GEMM over all T*B rows
     _grads["W_mat"] = _dg_W_mat__h.reshape(_T * _B, _H).T @ _s_h[:_T].reshape(_T * _B, _H)
@@ -548,7 +534,7 @@ def _custom_ops(name, forward, backward, forward_schema, backward_schema, forwar
 #: the PyTorch engine's forward and backward as custom ops (the engine itself is the fake:
 #: it runs on fake tensors)
 _ENGINE_OPS = _custom_ops(
-    "antisymmetric_rnn_engine_e2b1dd2017a0", _engine_op_forward_impl, _engine_op_backward_impl,
+    "antisymmetric_rnn_engine_75397c7c2a1f", _engine_op_forward_impl, _engine_op_backward_impl,
     "(Tensor[] xs, Tensor[] states, Tensor[] params) -> Tensor[]",
     "(Tensor[] args, Tensor[] saved, Tensor?[] d_outputs, Tensor?[] d_finals) -> Tensor[]",
     _engine_op_forward_impl, _engine_op_backward_impl, _engine_op_backward, _engine_op_setup_context,
@@ -906,7 +892,7 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     if _bs is not None:  # outputs past a sequence's end are constant zeros
         _m = _native_active(_bs, _B, _xs)
         _d_outputs = tuple(None if _d is None else _d * _m for _d in _d_outputs)
-    dg_W_mat__h, tmp_d_h_gemm, tmp_d_h_next = _scratch((_T, _B, _H), (_B, _H), (_B, _H))
+    dg_W_mat__h, = _scratch((_T, _B, _H))
     x_x = _xs[0].contiguous()
     s_h = _saved[0]
     p_b = _params["b"].contiguous()
@@ -918,14 +904,14 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     dx_x = _fresh("dx_x", (_T, _B, _I))
     _grads = {"V": _gempty((_H, _I)), "b": _gempty((_H,)), "W_mat": _gempty((_H, _H)), "eps_H": _gzeros((_H,))}
     if _lib is not None:
-        _lib("backward", _dims, [x_x, s_h, p_b, p_eps_H, hg_V__x, g_W_mat__h, dout_h_next, ds_h, dx_x, dg_W_mat__h, tmp_d_h_gemm, tmp_d_h_next, _params["V"].contiguous(), _params["W_mat"].contiguous(), *_grads.values(), _bs])
+        _lib("backward", _dims, [x_x, s_h, p_b, p_eps_H, hg_V__x, g_W_mat__h, dout_h_next, ds_h, dx_x, dg_W_mat__h, _params["V"].contiguous(), _params["W_mat"].contiguous(), *_grads.values(), _bs])
     return _grads, (dx_x,), (ds_h,)
 
 
 # The same two calls as PyTorch custom ops, for torch.compile (which traces them through their
 # fake implementations: the allocations above, without the call). Registered once per process
 # and content of this file; outputs are copies (an op's outputs may not alias each other).
-_OP = "antisymmetric_rnn_e7cca4ecf318"
+_OP = "antisymmetric_rnn_6e4045b74537"
 
 
 def _op_forward_impl(xs: list[torch.Tensor], states: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:

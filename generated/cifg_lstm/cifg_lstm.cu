@@ -1515,42 +1515,51 @@ __host__ __device__ inline void cifg_lstm_backward_bwd0_H(
     real d_c,
     real d_h,
     real d_h_next_out,
+    real f,
     real g,
     real i,
     real o,
+    real p_i,
     real p_o,
-    real& d_o,  // out
-    real& d_c_next,  // out
-    real& d_i,  // out
     real& d_W_hi_h,  // out
     real& d_W_hg_h,  // out
-    real& d_W_ho_h)  // out
+    real& d_W_ho_h,  // out
+    real& d_p_i,  // out
+    real& d_p_o,  // out
+    real& d_c_prev)  // out
 {
     const real t0 = cs_tanh(c_next);
     // adjoint of h'
     const real d_h_next = d_h + d_h_next_out;
     // adjoint of o
-    d_o = d_h_next*t0;
+    const real d_o = d_h_next*t0;
     const real t1 = d_o*o*(real(1.0) - o);
     // adjoint of c'
-    d_c_next = d_c + d_h_next*o*(real(1.0) - (t0*t0)) + p_o*t1;
+    const real d_c_next = d_c + d_h_next*o*(real(1.0) - (t0*t0)) + p_o*t1;
     // adjoint of g
     const real d_g = d_c_next*i;
     // adjoint of f
     const real d_f = c*d_c_next;
     // adjoint of i
-    d_i = d_c_next*g - d_f;
+    const real d_i = d_c_next*g - d_f;
     // adjoint of W_hi @ h
     d_W_hi_h = d_i*i*(real(1.0) - i);
     // adjoint of W_hg @ h
     d_W_hg_h = d_g*(real(1.0) - (g*g));
     // adjoint of W_ho @ h
     d_W_ho_h = t1;
+    const real t1_2 = d_W_hi_h;
+    // adjoint of param p_i
+    d_p_i = c*t1_2;
+    // adjoint of param p_o
+    d_p_o = c_next*d_o*o*(real(1.0) - o);
+    // adjoint of state c, carried to the step before
+    d_c_prev = d_c_next*f + p_i*t1_2;
 }
 
 #ifdef __CUDACC__
 template <typename S>
-__global__ void cifg_lstm_backward_bwd0_H_kernel(int64_t _rows, int64_t _cols, const S* __restrict__ _p_c, int64_t _ld_c, const S* __restrict__ _p_c_next, int64_t _ld_c_next, const S* __restrict__ _p_d_c, int64_t _ld_d_c, const S* __restrict__ _p_d_h, int64_t _ld_d_h, const S* __restrict__ _p_d_h_next_out, int64_t _ld_d_h_next_out, const S* __restrict__ _p_g, int64_t _ld_g, const S* __restrict__ _p_i, int64_t _ld_i, const S* __restrict__ _p_o, int64_t _ld_o, const S* __restrict__ _p_p_o, int64_t _ld_p_o, S* __restrict__ _p_d_o, int64_t _ld_d_o, S* __restrict__ _p_d_c_next, int64_t _ld_d_c_next, S* __restrict__ _p_d_i, int64_t _ld_d_i, S* __restrict__ _p_d_W_hi_h, int64_t _ld_d_W_hi_h, S* __restrict__ _p_d_W_hg_h, int64_t _ld_d_W_hg_h, S* __restrict__ _p_d_W_ho_h, int64_t _ld_d_W_ho_h)
+__global__ void cifg_lstm_backward_bwd0_H_kernel(int64_t _rows, int64_t _cols, const S* __restrict__ _p_c, int64_t _ld_c, const S* __restrict__ _p_c_next, int64_t _ld_c_next, const S* __restrict__ _p_d_c, int64_t _ld_d_c, const S* __restrict__ _p_d_h, int64_t _ld_d_h, const S* __restrict__ _p_d_h_next_out, int64_t _ld_d_h_next_out, const S* __restrict__ _p_f, int64_t _ld_f, const S* __restrict__ _p_g, int64_t _ld_g, const S* __restrict__ _p_i, int64_t _ld_i, const S* __restrict__ _p_o, int64_t _ld_o, const S* __restrict__ _p_p_i, int64_t _ld_p_i, const S* __restrict__ _p_p_o, int64_t _ld_p_o, S* __restrict__ _p_d_W_hi_h, int64_t _ld_d_W_hi_h, S* __restrict__ _p_d_W_hg_h, int64_t _ld_d_W_hg_h, S* __restrict__ _p_d_W_ho_h, int64_t _ld_d_W_ho_h, S* __restrict__ _p_d_p_i, int64_t _ld_d_p_i, S* __restrict__ _p_d_p_o, int64_t _ld_d_p_o, S* __restrict__ _p_d_c_prev, int64_t _ld_d_c_prev)
 {
     typedef typename cs_math<S>::type M;
     const int64_t _j = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
@@ -1561,56 +1570,58 @@ __global__ void cifg_lstm_backward_bwd0_H_kernel(int64_t _rows, int64_t _cols, c
         M d_c = cs_load(_p_d_c[_r * _ld_d_c + _j]);
         M d_h = cs_load(_p_d_h[_r * _ld_d_h + _j]);
         M d_h_next_out = cs_load(_p_d_h_next_out[_r * _ld_d_h_next_out + _j]);
+        M f = cs_load(_p_f[_r * _ld_f + _j]);
         M g = cs_load(_p_g[_r * _ld_g + _j]);
         M i = cs_load(_p_i[_r * _ld_i + _j]);
         M o = cs_load(_p_o[_r * _ld_o + _j]);
+        M p_i = cs_load(_p_p_i[_r * _ld_p_i + _j]);
         M p_o = cs_load(_p_p_o[_r * _ld_p_o + _j]);
-        M d_o;
-        M d_c_next;
-        M d_i;
         M d_W_hi_h;
         M d_W_hg_h;
         M d_W_ho_h;
-        cifg_lstm_backward_bwd0_H<M>(c, c_next, d_c, d_h, d_h_next_out, g, i, o, p_o, d_o, d_c_next, d_i, d_W_hi_h, d_W_hg_h, d_W_ho_h);
-        cs_store(&_p_d_o[_r * _ld_d_o + _j], d_o);
-        cs_store(&_p_d_c_next[_r * _ld_d_c_next + _j], d_c_next);
-        cs_store(&_p_d_i[_r * _ld_d_i + _j], d_i);
+        M d_p_i;
+        M d_p_o;
+        M d_c_prev;
+        cifg_lstm_backward_bwd0_H<M>(c, c_next, d_c, d_h, d_h_next_out, f, g, i, o, p_i, p_o, d_W_hi_h, d_W_hg_h, d_W_ho_h, d_p_i, d_p_o, d_c_prev);
         cs_store(&_p_d_W_hi_h[_r * _ld_d_W_hi_h + _j], d_W_hi_h);
         cs_store(&_p_d_W_hg_h[_r * _ld_d_W_hg_h + _j], d_W_hg_h);
         cs_store(&_p_d_W_ho_h[_r * _ld_d_W_ho_h + _j], d_W_ho_h);
+        cs_store(&_p_d_p_i[_r * _ld_d_p_i + _j], d_p_i);
+        cs_store(&_p_d_p_o[_r * _ld_d_p_o + _j], d_p_o);
+        cs_store(&_p_d_c_prev[_r * _ld_d_c_prev + _j], d_c_prev);
     }
 }
 
 template <typename S>
-static int cifg_lstm_backward_bwd0_H_launch(int64_t _rows, int64_t _cols, const void* _p_c, int64_t _ld_c, const void* _p_c_next, int64_t _ld_c_next, const void* _p_d_c, int64_t _ld_d_c, const void* _p_d_h, int64_t _ld_d_h, const void* _p_d_h_next_out, int64_t _ld_d_h_next_out, const void* _p_g, int64_t _ld_g, const void* _p_i, int64_t _ld_i, const void* _p_o, int64_t _ld_o, const void* _p_p_o, int64_t _ld_p_o, void* _p_d_o, int64_t _ld_d_o, void* _p_d_c_next, int64_t _ld_d_c_next, void* _p_d_i, int64_t _ld_d_i, void* _p_d_W_hi_h, int64_t _ld_d_W_hi_h, void* _p_d_W_hg_h, int64_t _ld_d_W_hg_h, void* _p_d_W_ho_h, int64_t _ld_d_W_ho_h, void* _stream)
+static int cifg_lstm_backward_bwd0_H_launch(int64_t _rows, int64_t _cols, const void* _p_c, int64_t _ld_c, const void* _p_c_next, int64_t _ld_c_next, const void* _p_d_c, int64_t _ld_d_c, const void* _p_d_h, int64_t _ld_d_h, const void* _p_d_h_next_out, int64_t _ld_d_h_next_out, const void* _p_f, int64_t _ld_f, const void* _p_g, int64_t _ld_g, const void* _p_i, int64_t _ld_i, const void* _p_o, int64_t _ld_o, const void* _p_p_i, int64_t _ld_p_i, const void* _p_p_o, int64_t _ld_p_o, void* _p_d_W_hi_h, int64_t _ld_d_W_hi_h, void* _p_d_W_hg_h, int64_t _ld_d_W_hg_h, void* _p_d_W_ho_h, int64_t _ld_d_W_ho_h, void* _p_d_p_i, int64_t _ld_d_p_i, void* _p_d_p_o, int64_t _ld_d_p_o, void* _p_d_c_prev, int64_t _ld_d_c_prev, void* _stream)
 {
     if (_rows <= 0 || _cols <= 0) return 0;
     dim3 _grid, _block;
     cs_grid(_rows, _cols, &_grid, &_block);
-    cifg_lstm_backward_bwd0_H_kernel<S><<<_grid, _block, 0, (cudaStream_t)_stream>>>(_rows, _cols, (const S*)_p_c, _ld_c, (const S*)_p_c_next, _ld_c_next, (const S*)_p_d_c, _ld_d_c, (const S*)_p_d_h, _ld_d_h, (const S*)_p_d_h_next_out, _ld_d_h_next_out, (const S*)_p_g, _ld_g, (const S*)_p_i, _ld_i, (const S*)_p_o, _ld_o, (const S*)_p_p_o, _ld_p_o, (S*)_p_d_o, _ld_d_o, (S*)_p_d_c_next, _ld_d_c_next, (S*)_p_d_i, _ld_d_i, (S*)_p_d_W_hi_h, _ld_d_W_hi_h, (S*)_p_d_W_hg_h, _ld_d_W_hg_h, (S*)_p_d_W_ho_h, _ld_d_W_ho_h);
+    cifg_lstm_backward_bwd0_H_kernel<S><<<_grid, _block, 0, (cudaStream_t)_stream>>>(_rows, _cols, (const S*)_p_c, _ld_c, (const S*)_p_c_next, _ld_c_next, (const S*)_p_d_c, _ld_d_c, (const S*)_p_d_h, _ld_d_h, (const S*)_p_d_h_next_out, _ld_d_h_next_out, (const S*)_p_f, _ld_f, (const S*)_p_g, _ld_g, (const S*)_p_i, _ld_i, (const S*)_p_o, _ld_o, (const S*)_p_p_i, _ld_p_i, (const S*)_p_p_o, _ld_p_o, (S*)_p_d_W_hi_h, _ld_d_W_hi_h, (S*)_p_d_W_hg_h, _ld_d_W_hg_h, (S*)_p_d_W_ho_h, _ld_d_W_ho_h, (S*)_p_d_p_i, _ld_d_p_i, (S*)_p_d_p_o, _ld_d_p_o, (S*)_p_d_c_prev, _ld_d_c_prev);
     return (int)cudaGetLastError();
 }
 
-extern "C" int cifg_lstm_backward_bwd0_H_cuda_f32(int64_t _rows, int64_t _cols, const void* _p_c, int64_t _ld_c, const void* _p_c_next, int64_t _ld_c_next, const void* _p_d_c, int64_t _ld_d_c, const void* _p_d_h, int64_t _ld_d_h, const void* _p_d_h_next_out, int64_t _ld_d_h_next_out, const void* _p_g, int64_t _ld_g, const void* _p_i, int64_t _ld_i, const void* _p_o, int64_t _ld_o, const void* _p_p_o, int64_t _ld_p_o, void* _p_d_o, int64_t _ld_d_o, void* _p_d_c_next, int64_t _ld_d_c_next, void* _p_d_i, int64_t _ld_d_i, void* _p_d_W_hi_h, int64_t _ld_d_W_hi_h, void* _p_d_W_hg_h, int64_t _ld_d_W_hg_h, void* _p_d_W_ho_h, int64_t _ld_d_W_ho_h, void* _stream)
+extern "C" int cifg_lstm_backward_bwd0_H_cuda_f32(int64_t _rows, int64_t _cols, const void* _p_c, int64_t _ld_c, const void* _p_c_next, int64_t _ld_c_next, const void* _p_d_c, int64_t _ld_d_c, const void* _p_d_h, int64_t _ld_d_h, const void* _p_d_h_next_out, int64_t _ld_d_h_next_out, const void* _p_f, int64_t _ld_f, const void* _p_g, int64_t _ld_g, const void* _p_i, int64_t _ld_i, const void* _p_o, int64_t _ld_o, const void* _p_p_i, int64_t _ld_p_i, const void* _p_p_o, int64_t _ld_p_o, void* _p_d_W_hi_h, int64_t _ld_d_W_hi_h, void* _p_d_W_hg_h, int64_t _ld_d_W_hg_h, void* _p_d_W_ho_h, int64_t _ld_d_W_ho_h, void* _p_d_p_i, int64_t _ld_d_p_i, void* _p_d_p_o, int64_t _ld_d_p_o, void* _p_d_c_prev, int64_t _ld_d_c_prev, void* _stream)
 {
-    return cifg_lstm_backward_bwd0_H_launch<float>(_rows, _cols, _p_c, _ld_c, _p_c_next, _ld_c_next, _p_d_c, _ld_d_c, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_g, _ld_g, _p_i, _ld_i, _p_o, _ld_o, _p_p_o, _ld_p_o, _p_d_o, _ld_d_o, _p_d_c_next, _ld_d_c_next, _p_d_i, _ld_d_i, _p_d_W_hi_h, _ld_d_W_hi_h, _p_d_W_hg_h, _ld_d_W_hg_h, _p_d_W_ho_h, _ld_d_W_ho_h, _stream);
+    return cifg_lstm_backward_bwd0_H_launch<float>(_rows, _cols, _p_c, _ld_c, _p_c_next, _ld_c_next, _p_d_c, _ld_d_c, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_f, _ld_f, _p_g, _ld_g, _p_i, _ld_i, _p_o, _ld_o, _p_p_i, _ld_p_i, _p_p_o, _ld_p_o, _p_d_W_hi_h, _ld_d_W_hi_h, _p_d_W_hg_h, _ld_d_W_hg_h, _p_d_W_ho_h, _ld_d_W_ho_h, _p_d_p_i, _ld_d_p_i, _p_d_p_o, _ld_d_p_o, _p_d_c_prev, _ld_d_c_prev, _stream);
 }
-extern "C" int cifg_lstm_backward_bwd0_H_cuda_f64(int64_t _rows, int64_t _cols, const void* _p_c, int64_t _ld_c, const void* _p_c_next, int64_t _ld_c_next, const void* _p_d_c, int64_t _ld_d_c, const void* _p_d_h, int64_t _ld_d_h, const void* _p_d_h_next_out, int64_t _ld_d_h_next_out, const void* _p_g, int64_t _ld_g, const void* _p_i, int64_t _ld_i, const void* _p_o, int64_t _ld_o, const void* _p_p_o, int64_t _ld_p_o, void* _p_d_o, int64_t _ld_d_o, void* _p_d_c_next, int64_t _ld_d_c_next, void* _p_d_i, int64_t _ld_d_i, void* _p_d_W_hi_h, int64_t _ld_d_W_hi_h, void* _p_d_W_hg_h, int64_t _ld_d_W_hg_h, void* _p_d_W_ho_h, int64_t _ld_d_W_ho_h, void* _stream)
+extern "C" int cifg_lstm_backward_bwd0_H_cuda_f64(int64_t _rows, int64_t _cols, const void* _p_c, int64_t _ld_c, const void* _p_c_next, int64_t _ld_c_next, const void* _p_d_c, int64_t _ld_d_c, const void* _p_d_h, int64_t _ld_d_h, const void* _p_d_h_next_out, int64_t _ld_d_h_next_out, const void* _p_f, int64_t _ld_f, const void* _p_g, int64_t _ld_g, const void* _p_i, int64_t _ld_i, const void* _p_o, int64_t _ld_o, const void* _p_p_i, int64_t _ld_p_i, const void* _p_p_o, int64_t _ld_p_o, void* _p_d_W_hi_h, int64_t _ld_d_W_hi_h, void* _p_d_W_hg_h, int64_t _ld_d_W_hg_h, void* _p_d_W_ho_h, int64_t _ld_d_W_ho_h, void* _p_d_p_i, int64_t _ld_d_p_i, void* _p_d_p_o, int64_t _ld_d_p_o, void* _p_d_c_prev, int64_t _ld_d_c_prev, void* _stream)
 {
-    return cifg_lstm_backward_bwd0_H_launch<double>(_rows, _cols, _p_c, _ld_c, _p_c_next, _ld_c_next, _p_d_c, _ld_d_c, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_g, _ld_g, _p_i, _ld_i, _p_o, _ld_o, _p_p_o, _ld_p_o, _p_d_o, _ld_d_o, _p_d_c_next, _ld_d_c_next, _p_d_i, _ld_d_i, _p_d_W_hi_h, _ld_d_W_hi_h, _p_d_W_hg_h, _ld_d_W_hg_h, _p_d_W_ho_h, _ld_d_W_ho_h, _stream);
+    return cifg_lstm_backward_bwd0_H_launch<double>(_rows, _cols, _p_c, _ld_c, _p_c_next, _ld_c_next, _p_d_c, _ld_d_c, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_f, _ld_f, _p_g, _ld_g, _p_i, _ld_i, _p_o, _ld_o, _p_p_i, _ld_p_i, _p_p_o, _ld_p_o, _p_d_W_hi_h, _ld_d_W_hi_h, _p_d_W_hg_h, _ld_d_W_hg_h, _p_d_W_ho_h, _ld_d_W_ho_h, _p_d_p_i, _ld_d_p_i, _p_d_p_o, _ld_d_p_o, _p_d_c_prev, _ld_d_c_prev, _stream);
 }
-extern "C" int cifg_lstm_backward_bwd0_H_cuda_f16(int64_t _rows, int64_t _cols, const void* _p_c, int64_t _ld_c, const void* _p_c_next, int64_t _ld_c_next, const void* _p_d_c, int64_t _ld_d_c, const void* _p_d_h, int64_t _ld_d_h, const void* _p_d_h_next_out, int64_t _ld_d_h_next_out, const void* _p_g, int64_t _ld_g, const void* _p_i, int64_t _ld_i, const void* _p_o, int64_t _ld_o, const void* _p_p_o, int64_t _ld_p_o, void* _p_d_o, int64_t _ld_d_o, void* _p_d_c_next, int64_t _ld_d_c_next, void* _p_d_i, int64_t _ld_d_i, void* _p_d_W_hi_h, int64_t _ld_d_W_hi_h, void* _p_d_W_hg_h, int64_t _ld_d_W_hg_h, void* _p_d_W_ho_h, int64_t _ld_d_W_ho_h, void* _stream)
+extern "C" int cifg_lstm_backward_bwd0_H_cuda_f16(int64_t _rows, int64_t _cols, const void* _p_c, int64_t _ld_c, const void* _p_c_next, int64_t _ld_c_next, const void* _p_d_c, int64_t _ld_d_c, const void* _p_d_h, int64_t _ld_d_h, const void* _p_d_h_next_out, int64_t _ld_d_h_next_out, const void* _p_f, int64_t _ld_f, const void* _p_g, int64_t _ld_g, const void* _p_i, int64_t _ld_i, const void* _p_o, int64_t _ld_o, const void* _p_p_i, int64_t _ld_p_i, const void* _p_p_o, int64_t _ld_p_o, void* _p_d_W_hi_h, int64_t _ld_d_W_hi_h, void* _p_d_W_hg_h, int64_t _ld_d_W_hg_h, void* _p_d_W_ho_h, int64_t _ld_d_W_ho_h, void* _p_d_p_i, int64_t _ld_d_p_i, void* _p_d_p_o, int64_t _ld_d_p_o, void* _p_d_c_prev, int64_t _ld_d_c_prev, void* _stream)
 {
-    return cifg_lstm_backward_bwd0_H_launch<__half>(_rows, _cols, _p_c, _ld_c, _p_c_next, _ld_c_next, _p_d_c, _ld_d_c, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_g, _ld_g, _p_i, _ld_i, _p_o, _ld_o, _p_p_o, _ld_p_o, _p_d_o, _ld_d_o, _p_d_c_next, _ld_d_c_next, _p_d_i, _ld_d_i, _p_d_W_hi_h, _ld_d_W_hi_h, _p_d_W_hg_h, _ld_d_W_hg_h, _p_d_W_ho_h, _ld_d_W_ho_h, _stream);
+    return cifg_lstm_backward_bwd0_H_launch<__half>(_rows, _cols, _p_c, _ld_c, _p_c_next, _ld_c_next, _p_d_c, _ld_d_c, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_f, _ld_f, _p_g, _ld_g, _p_i, _ld_i, _p_o, _ld_o, _p_p_i, _ld_p_i, _p_p_o, _ld_p_o, _p_d_W_hi_h, _ld_d_W_hi_h, _p_d_W_hg_h, _ld_d_W_hg_h, _p_d_W_ho_h, _ld_d_W_ho_h, _p_d_p_i, _ld_d_p_i, _p_d_p_o, _ld_d_p_o, _p_d_c_prev, _ld_d_c_prev, _stream);
 }
-extern "C" int cifg_lstm_backward_bwd0_H_cuda_bf16(int64_t _rows, int64_t _cols, const void* _p_c, int64_t _ld_c, const void* _p_c_next, int64_t _ld_c_next, const void* _p_d_c, int64_t _ld_d_c, const void* _p_d_h, int64_t _ld_d_h, const void* _p_d_h_next_out, int64_t _ld_d_h_next_out, const void* _p_g, int64_t _ld_g, const void* _p_i, int64_t _ld_i, const void* _p_o, int64_t _ld_o, const void* _p_p_o, int64_t _ld_p_o, void* _p_d_o, int64_t _ld_d_o, void* _p_d_c_next, int64_t _ld_d_c_next, void* _p_d_i, int64_t _ld_d_i, void* _p_d_W_hi_h, int64_t _ld_d_W_hi_h, void* _p_d_W_hg_h, int64_t _ld_d_W_hg_h, void* _p_d_W_ho_h, int64_t _ld_d_W_ho_h, void* _stream)
+extern "C" int cifg_lstm_backward_bwd0_H_cuda_bf16(int64_t _rows, int64_t _cols, const void* _p_c, int64_t _ld_c, const void* _p_c_next, int64_t _ld_c_next, const void* _p_d_c, int64_t _ld_d_c, const void* _p_d_h, int64_t _ld_d_h, const void* _p_d_h_next_out, int64_t _ld_d_h_next_out, const void* _p_f, int64_t _ld_f, const void* _p_g, int64_t _ld_g, const void* _p_i, int64_t _ld_i, const void* _p_o, int64_t _ld_o, const void* _p_p_i, int64_t _ld_p_i, const void* _p_p_o, int64_t _ld_p_o, void* _p_d_W_hi_h, int64_t _ld_d_W_hi_h, void* _p_d_W_hg_h, int64_t _ld_d_W_hg_h, void* _p_d_W_ho_h, int64_t _ld_d_W_ho_h, void* _p_d_p_i, int64_t _ld_d_p_i, void* _p_d_p_o, int64_t _ld_d_p_o, void* _p_d_c_prev, int64_t _ld_d_c_prev, void* _stream)
 {
-    return cifg_lstm_backward_bwd0_H_launch<__nv_bfloat16>(_rows, _cols, _p_c, _ld_c, _p_c_next, _ld_c_next, _p_d_c, _ld_d_c, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_g, _ld_g, _p_i, _ld_i, _p_o, _ld_o, _p_p_o, _ld_p_o, _p_d_o, _ld_d_o, _p_d_c_next, _ld_d_c_next, _p_d_i, _ld_d_i, _p_d_W_hi_h, _ld_d_W_hi_h, _p_d_W_hg_h, _ld_d_W_hg_h, _p_d_W_ho_h, _ld_d_W_ho_h, _stream);
+    return cifg_lstm_backward_bwd0_H_launch<__nv_bfloat16>(_rows, _cols, _p_c, _ld_c, _p_c_next, _ld_c_next, _p_d_c, _ld_d_c, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_f, _ld_f, _p_g, _ld_g, _p_i, _ld_i, _p_o, _ld_o, _p_p_i, _ld_p_i, _p_p_o, _ld_p_o, _p_d_W_hi_h, _ld_d_W_hi_h, _p_d_W_hg_h, _ld_d_W_hg_h, _p_d_W_ho_h, _ld_d_W_ho_h, _p_d_p_i, _ld_d_p_i, _p_d_p_o, _ld_d_p_o, _p_d_c_prev, _ld_d_c_prev, _stream);
 }
 #endif  // __CUDACC__
 
 template <typename real>
-static inline void cifg_lstm_backward_bwd0_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_c, int64_t _ld_c, const real* __restrict__ _p_c_next, int64_t _ld_c_next, const real* __restrict__ _p_d_c, int64_t _ld_d_c, const real* __restrict__ _p_d_h, int64_t _ld_d_h, const real* __restrict__ _p_d_h_next_out, int64_t _ld_d_h_next_out, const real* __restrict__ _p_g, int64_t _ld_g, const real* __restrict__ _p_i, int64_t _ld_i, const real* __restrict__ _p_o, int64_t _ld_o, const real* __restrict__ _p_p_o, int64_t _ld_p_o, real* __restrict__ _p_d_o, int64_t _ld_d_o, real* __restrict__ _p_d_c_next, int64_t _ld_d_c_next, real* __restrict__ _p_d_i, int64_t _ld_d_i, real* __restrict__ _p_d_W_hi_h, int64_t _ld_d_W_hi_h, real* __restrict__ _p_d_W_hg_h, int64_t _ld_d_W_hg_h, real* __restrict__ _p_d_W_ho_h, int64_t _ld_d_W_ho_h)
+static inline void cifg_lstm_backward_bwd0_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_c, int64_t _ld_c, const real* __restrict__ _p_c_next, int64_t _ld_c_next, const real* __restrict__ _p_d_c, int64_t _ld_d_c, const real* __restrict__ _p_d_h, int64_t _ld_d_h, const real* __restrict__ _p_d_h_next_out, int64_t _ld_d_h_next_out, const real* __restrict__ _p_f, int64_t _ld_f, const real* __restrict__ _p_g, int64_t _ld_g, const real* __restrict__ _p_i, int64_t _ld_i, const real* __restrict__ _p_o, int64_t _ld_o, const real* __restrict__ _p_p_i, int64_t _ld_p_i, const real* __restrict__ _p_p_o, int64_t _ld_p_o, real* __restrict__ _p_d_W_hi_h, int64_t _ld_d_W_hi_h, real* __restrict__ _p_d_W_hg_h, int64_t _ld_d_W_hg_h, real* __restrict__ _p_d_W_ho_h, int64_t _ld_d_W_ho_h, real* __restrict__ _p_d_p_i, int64_t _ld_d_p_i, real* __restrict__ _p_d_p_o, int64_t _ld_d_p_o, real* __restrict__ _p_d_c_prev, int64_t _ld_d_c_prev)
 {
 #ifdef CS_V16
     if constexpr (sizeof(real) == sizeof(float)) {  // 16 units at a time (CS_V16)
@@ -1622,23 +1633,25 @@ static inline void cifg_lstm_backward_bwd0_H_host(int64_t _rows, int64_t _cols, 
                 cs_v16 d_c = _mm512_maskz_loadu_ps(_m, &_p_d_c[_r * _ld_d_c + _j]);
                 cs_v16 d_h = _mm512_maskz_loadu_ps(_m, &_p_d_h[_r * _ld_d_h + _j]);
                 cs_v16 d_h_next_out = _mm512_maskz_loadu_ps(_m, &_p_d_h_next_out[_r * _ld_d_h_next_out + _j]);
+                cs_v16 f = _mm512_maskz_loadu_ps(_m, &_p_f[_r * _ld_f + _j]);
                 cs_v16 g = _mm512_maskz_loadu_ps(_m, &_p_g[_r * _ld_g + _j]);
                 cs_v16 i = _mm512_maskz_loadu_ps(_m, &_p_i[_r * _ld_i + _j]);
                 cs_v16 o = _mm512_maskz_loadu_ps(_m, &_p_o[_r * _ld_o + _j]);
+                cs_v16 p_i = _mm512_maskz_loadu_ps(_m, &_p_p_i[_r * _ld_p_i + _j]);
                 cs_v16 p_o = _mm512_maskz_loadu_ps(_m, &_p_p_o[_r * _ld_p_o + _j]);
-                cs_v16 d_o;
-                cs_v16 d_c_next;
-                cs_v16 d_i;
                 cs_v16 d_W_hi_h;
                 cs_v16 d_W_hg_h;
                 cs_v16 d_W_ho_h;
-                cifg_lstm_backward_bwd0_H<cs_v16>(c, c_next, d_c, d_h, d_h_next_out, g, i, o, p_o, d_o, d_c_next, d_i, d_W_hi_h, d_W_hg_h, d_W_ho_h);
-                _mm512_mask_storeu_ps(&_p_d_o[_r * _ld_d_o + _j], _m, d_o.v);
-                _mm512_mask_storeu_ps(&_p_d_c_next[_r * _ld_d_c_next + _j], _m, d_c_next.v);
-                _mm512_mask_storeu_ps(&_p_d_i[_r * _ld_d_i + _j], _m, d_i.v);
+                cs_v16 d_p_i;
+                cs_v16 d_p_o;
+                cs_v16 d_c_prev;
+                cifg_lstm_backward_bwd0_H<cs_v16>(c, c_next, d_c, d_h, d_h_next_out, f, g, i, o, p_i, p_o, d_W_hi_h, d_W_hg_h, d_W_ho_h, d_p_i, d_p_o, d_c_prev);
                 _mm512_mask_storeu_ps(&_p_d_W_hi_h[_r * _ld_d_W_hi_h + _j], _m, d_W_hi_h.v);
                 _mm512_mask_storeu_ps(&_p_d_W_hg_h[_r * _ld_d_W_hg_h + _j], _m, d_W_hg_h.v);
                 _mm512_mask_storeu_ps(&_p_d_W_ho_h[_r * _ld_d_W_ho_h + _j], _m, d_W_ho_h.v);
+                _mm512_mask_storeu_ps(&_p_d_p_i[_r * _ld_d_p_i + _j], _m, d_p_i.v);
+                _mm512_mask_storeu_ps(&_p_d_p_o[_r * _ld_d_p_o + _j], _m, d_p_o.v);
+                _mm512_mask_storeu_ps(&_p_d_c_prev[_r * _ld_d_c_prev + _j], _m, d_c_prev.v);
             }
         });
         return;
@@ -1652,161 +1665,36 @@ static inline void cifg_lstm_backward_bwd0_H_host(int64_t _rows, int64_t _cols, 
             real d_c = _p_d_c[_r * _ld_d_c + _j];
             real d_h = _p_d_h[_r * _ld_d_h + _j];
             real d_h_next_out = _p_d_h_next_out[_r * _ld_d_h_next_out + _j];
+            real f = _p_f[_r * _ld_f + _j];
             real g = _p_g[_r * _ld_g + _j];
             real i = _p_i[_r * _ld_i + _j];
             real o = _p_o[_r * _ld_o + _j];
+            real p_i = _p_p_i[_r * _ld_p_i + _j];
             real p_o = _p_p_o[_r * _ld_p_o + _j];
-            real d_o;
-            real d_c_next;
-            real d_i;
             real d_W_hi_h;
             real d_W_hg_h;
             real d_W_ho_h;
-            cifg_lstm_backward_bwd0_H<real>(c, c_next, d_c, d_h, d_h_next_out, g, i, o, p_o, d_o, d_c_next, d_i, d_W_hi_h, d_W_hg_h, d_W_ho_h);
-            _p_d_o[_r * _ld_d_o + _j] = d_o;
-            _p_d_c_next[_r * _ld_d_c_next + _j] = d_c_next;
-            _p_d_i[_r * _ld_d_i + _j] = d_i;
+            real d_p_i;
+            real d_p_o;
+            real d_c_prev;
+            cifg_lstm_backward_bwd0_H<real>(c, c_next, d_c, d_h, d_h_next_out, f, g, i, o, p_i, p_o, d_W_hi_h, d_W_hg_h, d_W_ho_h, d_p_i, d_p_o, d_c_prev);
             _p_d_W_hi_h[_r * _ld_d_W_hi_h + _j] = d_W_hi_h;
             _p_d_W_hg_h[_r * _ld_d_W_hg_h + _j] = d_W_hg_h;
             _p_d_W_ho_h[_r * _ld_d_W_ho_h + _j] = d_W_ho_h;
-        }
-    });
-}
-
-extern "C" void cifg_lstm_backward_bwd0_H_f32(int64_t _rows, int64_t _cols, const float* _p_c, int64_t _ld_c, const float* _p_c_next, int64_t _ld_c_next, const float* _p_d_c, int64_t _ld_d_c, const float* _p_d_h, int64_t _ld_d_h, const float* _p_d_h_next_out, int64_t _ld_d_h_next_out, const float* _p_g, int64_t _ld_g, const float* _p_i, int64_t _ld_i, const float* _p_o, int64_t _ld_o, const float* _p_p_o, int64_t _ld_p_o, float* _p_d_o, int64_t _ld_d_o, float* _p_d_c_next, int64_t _ld_d_c_next, float* _p_d_i, int64_t _ld_d_i, float* _p_d_W_hi_h, int64_t _ld_d_W_hi_h, float* _p_d_W_hg_h, int64_t _ld_d_W_hg_h, float* _p_d_W_ho_h, int64_t _ld_d_W_ho_h)
-{
-    cifg_lstm_backward_bwd0_H_host<float>(_rows, _cols, _p_c, _ld_c, _p_c_next, _ld_c_next, _p_d_c, _ld_d_c, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_g, _ld_g, _p_i, _ld_i, _p_o, _ld_o, _p_p_o, _ld_p_o, _p_d_o, _ld_d_o, _p_d_c_next, _ld_d_c_next, _p_d_i, _ld_d_i, _p_d_W_hi_h, _ld_d_W_hi_h, _p_d_W_hg_h, _ld_d_W_hg_h, _p_d_W_ho_h, _ld_d_W_ho_h);
-}
-extern "C" void cifg_lstm_backward_bwd0_H_f64(int64_t _rows, int64_t _cols, const double* _p_c, int64_t _ld_c, const double* _p_c_next, int64_t _ld_c_next, const double* _p_d_c, int64_t _ld_d_c, const double* _p_d_h, int64_t _ld_d_h, const double* _p_d_h_next_out, int64_t _ld_d_h_next_out, const double* _p_g, int64_t _ld_g, const double* _p_i, int64_t _ld_i, const double* _p_o, int64_t _ld_o, const double* _p_p_o, int64_t _ld_p_o, double* _p_d_o, int64_t _ld_d_o, double* _p_d_c_next, int64_t _ld_d_c_next, double* _p_d_i, int64_t _ld_d_i, double* _p_d_W_hi_h, int64_t _ld_d_W_hi_h, double* _p_d_W_hg_h, int64_t _ld_d_W_hg_h, double* _p_d_W_ho_h, int64_t _ld_d_W_ho_h)
-{
-    cifg_lstm_backward_bwd0_H_host<double>(_rows, _cols, _p_c, _ld_c, _p_c_next, _ld_c_next, _p_d_c, _ld_d_c, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_g, _ld_g, _p_i, _ld_i, _p_o, _ld_o, _p_p_o, _ld_p_o, _p_d_o, _ld_d_o, _p_d_c_next, _ld_d_c_next, _p_d_i, _ld_d_i, _p_d_W_hi_h, _ld_d_W_hi_h, _p_d_W_hg_h, _ld_d_W_hg_h, _p_d_W_ho_h, _ld_d_W_ho_h);
-}
-
-// =============================================================================================
-// cifg_lstm_backward_bwd_leaf_H: backward: per-step adjoints of inputs, states, vector params, hoisted results, units of size H
-// =============================================================================================
-template <typename real>
-__host__ __device__ inline void cifg_lstm_backward_bwd_leaf_H(
-    real c,
-    real c_next,
-    real d_c_next,
-    real d_h_gemm,
-    real d_i,
-    real d_o,
-    real f,
-    real i,
-    real o,
-    real p_i,
-    real& d_h,  // out
-    real& d_c,  // out
-    real& d_p_i,  // out
-    real& d_p_o)  // out
-{
-    const real t1_2 = d_i*i*(real(1.0) - i);
-    // adjoint of state h
-    d_h = d_h_gemm;
-    // adjoint of state c
-    d_c = d_c_next*f + p_i*t1_2;
-    // adjoint of param p_i
-    d_p_i = c*t1_2;
-    // adjoint of param p_o
-    d_p_o = c_next*d_o*o*(real(1.0) - o);
-}
-
-#ifdef __CUDACC__
-template <typename S>
-__global__ void cifg_lstm_backward_bwd_leaf_H_kernel(int64_t _rows, int64_t _cols, const S* __restrict__ _p_c, int64_t _ld_c, const S* __restrict__ _p_c_next, int64_t _ld_c_next, const S* __restrict__ _p_d_c_next, int64_t _ld_d_c_next, const S* __restrict__ _p_d_h_gemm, int64_t _ld_d_h_gemm, const S* __restrict__ _p_d_i, int64_t _ld_d_i, const S* __restrict__ _p_d_o, int64_t _ld_d_o, const S* __restrict__ _p_f, int64_t _ld_f, const S* __restrict__ _p_i, int64_t _ld_i, const S* __restrict__ _p_o, int64_t _ld_o, const S* __restrict__ _p_p_i, int64_t _ld_p_i, S* __restrict__ _p_d_h, int64_t _ld_d_h, S* __restrict__ _p_d_c, int64_t _ld_d_c, S* __restrict__ _p_d_p_i, int64_t _ld_d_p_i, S* __restrict__ _p_d_p_o, int64_t _ld_d_p_o)
-{
-    typedef typename cs_math<S>::type M;
-    const int64_t _j = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (_j >= _cols) return;
-    for (int64_t _r = blockIdx.y; _r < _rows; _r += gridDim.y) {
-        M c = cs_load(_p_c[_r * _ld_c + _j]);
-        M c_next = cs_load(_p_c_next[_r * _ld_c_next + _j]);
-        M d_c_next = cs_load(_p_d_c_next[_r * _ld_d_c_next + _j]);
-        M d_h_gemm = cs_load(_p_d_h_gemm[_r * _ld_d_h_gemm + _j]);
-        M d_i = cs_load(_p_d_i[_r * _ld_d_i + _j]);
-        M d_o = cs_load(_p_d_o[_r * _ld_d_o + _j]);
-        M f = cs_load(_p_f[_r * _ld_f + _j]);
-        M i = cs_load(_p_i[_r * _ld_i + _j]);
-        M o = cs_load(_p_o[_r * _ld_o + _j]);
-        M p_i = cs_load(_p_p_i[_r * _ld_p_i + _j]);
-        M d_h;
-        M d_c;
-        M d_p_i;
-        M d_p_o;
-        cifg_lstm_backward_bwd_leaf_H<M>(c, c_next, d_c_next, d_h_gemm, d_i, d_o, f, i, o, p_i, d_h, d_c, d_p_i, d_p_o);
-        cs_store(&_p_d_h[_r * _ld_d_h + _j], d_h);
-        cs_store(&_p_d_c[_r * _ld_d_c + _j], d_c);
-        cs_store(&_p_d_p_i[_r * _ld_d_p_i + _j], d_p_i);
-        cs_store(&_p_d_p_o[_r * _ld_d_p_o + _j], d_p_o);
-    }
-}
-
-template <typename S>
-static int cifg_lstm_backward_bwd_leaf_H_launch(int64_t _rows, int64_t _cols, const void* _p_c, int64_t _ld_c, const void* _p_c_next, int64_t _ld_c_next, const void* _p_d_c_next, int64_t _ld_d_c_next, const void* _p_d_h_gemm, int64_t _ld_d_h_gemm, const void* _p_d_i, int64_t _ld_d_i, const void* _p_d_o, int64_t _ld_d_o, const void* _p_f, int64_t _ld_f, const void* _p_i, int64_t _ld_i, const void* _p_o, int64_t _ld_o, const void* _p_p_i, int64_t _ld_p_i, void* _p_d_h, int64_t _ld_d_h, void* _p_d_c, int64_t _ld_d_c, void* _p_d_p_i, int64_t _ld_d_p_i, void* _p_d_p_o, int64_t _ld_d_p_o, void* _stream)
-{
-    if (_rows <= 0 || _cols <= 0) return 0;
-    dim3 _grid, _block;
-    cs_grid(_rows, _cols, &_grid, &_block);
-    cifg_lstm_backward_bwd_leaf_H_kernel<S><<<_grid, _block, 0, (cudaStream_t)_stream>>>(_rows, _cols, (const S*)_p_c, _ld_c, (const S*)_p_c_next, _ld_c_next, (const S*)_p_d_c_next, _ld_d_c_next, (const S*)_p_d_h_gemm, _ld_d_h_gemm, (const S*)_p_d_i, _ld_d_i, (const S*)_p_d_o, _ld_d_o, (const S*)_p_f, _ld_f, (const S*)_p_i, _ld_i, (const S*)_p_o, _ld_o, (const S*)_p_p_i, _ld_p_i, (S*)_p_d_h, _ld_d_h, (S*)_p_d_c, _ld_d_c, (S*)_p_d_p_i, _ld_d_p_i, (S*)_p_d_p_o, _ld_d_p_o);
-    return (int)cudaGetLastError();
-}
-
-extern "C" int cifg_lstm_backward_bwd_leaf_H_cuda_f32(int64_t _rows, int64_t _cols, const void* _p_c, int64_t _ld_c, const void* _p_c_next, int64_t _ld_c_next, const void* _p_d_c_next, int64_t _ld_d_c_next, const void* _p_d_h_gemm, int64_t _ld_d_h_gemm, const void* _p_d_i, int64_t _ld_d_i, const void* _p_d_o, int64_t _ld_d_o, const void* _p_f, int64_t _ld_f, const void* _p_i, int64_t _ld_i, const void* _p_o, int64_t _ld_o, const void* _p_p_i, int64_t _ld_p_i, void* _p_d_h, int64_t _ld_d_h, void* _p_d_c, int64_t _ld_d_c, void* _p_d_p_i, int64_t _ld_d_p_i, void* _p_d_p_o, int64_t _ld_d_p_o, void* _stream)
-{
-    return cifg_lstm_backward_bwd_leaf_H_launch<float>(_rows, _cols, _p_c, _ld_c, _p_c_next, _ld_c_next, _p_d_c_next, _ld_d_c_next, _p_d_h_gemm, _ld_d_h_gemm, _p_d_i, _ld_d_i, _p_d_o, _ld_d_o, _p_f, _ld_f, _p_i, _ld_i, _p_o, _ld_o, _p_p_i, _ld_p_i, _p_d_h, _ld_d_h, _p_d_c, _ld_d_c, _p_d_p_i, _ld_d_p_i, _p_d_p_o, _ld_d_p_o, _stream);
-}
-extern "C" int cifg_lstm_backward_bwd_leaf_H_cuda_f64(int64_t _rows, int64_t _cols, const void* _p_c, int64_t _ld_c, const void* _p_c_next, int64_t _ld_c_next, const void* _p_d_c_next, int64_t _ld_d_c_next, const void* _p_d_h_gemm, int64_t _ld_d_h_gemm, const void* _p_d_i, int64_t _ld_d_i, const void* _p_d_o, int64_t _ld_d_o, const void* _p_f, int64_t _ld_f, const void* _p_i, int64_t _ld_i, const void* _p_o, int64_t _ld_o, const void* _p_p_i, int64_t _ld_p_i, void* _p_d_h, int64_t _ld_d_h, void* _p_d_c, int64_t _ld_d_c, void* _p_d_p_i, int64_t _ld_d_p_i, void* _p_d_p_o, int64_t _ld_d_p_o, void* _stream)
-{
-    return cifg_lstm_backward_bwd_leaf_H_launch<double>(_rows, _cols, _p_c, _ld_c, _p_c_next, _ld_c_next, _p_d_c_next, _ld_d_c_next, _p_d_h_gemm, _ld_d_h_gemm, _p_d_i, _ld_d_i, _p_d_o, _ld_d_o, _p_f, _ld_f, _p_i, _ld_i, _p_o, _ld_o, _p_p_i, _ld_p_i, _p_d_h, _ld_d_h, _p_d_c, _ld_d_c, _p_d_p_i, _ld_d_p_i, _p_d_p_o, _ld_d_p_o, _stream);
-}
-extern "C" int cifg_lstm_backward_bwd_leaf_H_cuda_f16(int64_t _rows, int64_t _cols, const void* _p_c, int64_t _ld_c, const void* _p_c_next, int64_t _ld_c_next, const void* _p_d_c_next, int64_t _ld_d_c_next, const void* _p_d_h_gemm, int64_t _ld_d_h_gemm, const void* _p_d_i, int64_t _ld_d_i, const void* _p_d_o, int64_t _ld_d_o, const void* _p_f, int64_t _ld_f, const void* _p_i, int64_t _ld_i, const void* _p_o, int64_t _ld_o, const void* _p_p_i, int64_t _ld_p_i, void* _p_d_h, int64_t _ld_d_h, void* _p_d_c, int64_t _ld_d_c, void* _p_d_p_i, int64_t _ld_d_p_i, void* _p_d_p_o, int64_t _ld_d_p_o, void* _stream)
-{
-    return cifg_lstm_backward_bwd_leaf_H_launch<__half>(_rows, _cols, _p_c, _ld_c, _p_c_next, _ld_c_next, _p_d_c_next, _ld_d_c_next, _p_d_h_gemm, _ld_d_h_gemm, _p_d_i, _ld_d_i, _p_d_o, _ld_d_o, _p_f, _ld_f, _p_i, _ld_i, _p_o, _ld_o, _p_p_i, _ld_p_i, _p_d_h, _ld_d_h, _p_d_c, _ld_d_c, _p_d_p_i, _ld_d_p_i, _p_d_p_o, _ld_d_p_o, _stream);
-}
-extern "C" int cifg_lstm_backward_bwd_leaf_H_cuda_bf16(int64_t _rows, int64_t _cols, const void* _p_c, int64_t _ld_c, const void* _p_c_next, int64_t _ld_c_next, const void* _p_d_c_next, int64_t _ld_d_c_next, const void* _p_d_h_gemm, int64_t _ld_d_h_gemm, const void* _p_d_i, int64_t _ld_d_i, const void* _p_d_o, int64_t _ld_d_o, const void* _p_f, int64_t _ld_f, const void* _p_i, int64_t _ld_i, const void* _p_o, int64_t _ld_o, const void* _p_p_i, int64_t _ld_p_i, void* _p_d_h, int64_t _ld_d_h, void* _p_d_c, int64_t _ld_d_c, void* _p_d_p_i, int64_t _ld_d_p_i, void* _p_d_p_o, int64_t _ld_d_p_o, void* _stream)
-{
-    return cifg_lstm_backward_bwd_leaf_H_launch<__nv_bfloat16>(_rows, _cols, _p_c, _ld_c, _p_c_next, _ld_c_next, _p_d_c_next, _ld_d_c_next, _p_d_h_gemm, _ld_d_h_gemm, _p_d_i, _ld_d_i, _p_d_o, _ld_d_o, _p_f, _ld_f, _p_i, _ld_i, _p_o, _ld_o, _p_p_i, _ld_p_i, _p_d_h, _ld_d_h, _p_d_c, _ld_d_c, _p_d_p_i, _ld_d_p_i, _p_d_p_o, _ld_d_p_o, _stream);
-}
-#endif  // __CUDACC__
-
-template <typename real>
-static inline void cifg_lstm_backward_bwd_leaf_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_c, int64_t _ld_c, const real* __restrict__ _p_c_next, int64_t _ld_c_next, const real* __restrict__ _p_d_c_next, int64_t _ld_d_c_next, const real* __restrict__ _p_d_h_gemm, int64_t _ld_d_h_gemm, const real* __restrict__ _p_d_i, int64_t _ld_d_i, const real* __restrict__ _p_d_o, int64_t _ld_d_o, const real* __restrict__ _p_f, int64_t _ld_f, const real* __restrict__ _p_i, int64_t _ld_i, const real* __restrict__ _p_o, int64_t _ld_o, const real* __restrict__ _p_p_i, int64_t _ld_p_i, real* __restrict__ _p_d_h, int64_t _ld_d_h, real* __restrict__ _p_d_c, int64_t _ld_d_c, real* __restrict__ _p_d_p_i, int64_t _ld_d_p_i, real* __restrict__ _p_d_p_o, int64_t _ld_d_p_o)
-{
-    cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
-#pragma omp simd
-        for (int64_t _j = 0; _j < _cols; ++_j) {
-            real c = _p_c[_r * _ld_c + _j];
-            real c_next = _p_c_next[_r * _ld_c_next + _j];
-            real d_c_next = _p_d_c_next[_r * _ld_d_c_next + _j];
-            real d_h_gemm = _p_d_h_gemm[_r * _ld_d_h_gemm + _j];
-            real d_i = _p_d_i[_r * _ld_d_i + _j];
-            real d_o = _p_d_o[_r * _ld_d_o + _j];
-            real f = _p_f[_r * _ld_f + _j];
-            real i = _p_i[_r * _ld_i + _j];
-            real o = _p_o[_r * _ld_o + _j];
-            real p_i = _p_p_i[_r * _ld_p_i + _j];
-            real d_h;
-            real d_c;
-            real d_p_i;
-            real d_p_o;
-            cifg_lstm_backward_bwd_leaf_H<real>(c, c_next, d_c_next, d_h_gemm, d_i, d_o, f, i, o, p_i, d_h, d_c, d_p_i, d_p_o);
-            _p_d_h[_r * _ld_d_h + _j] = d_h;
-            _p_d_c[_r * _ld_d_c + _j] = d_c;
             _p_d_p_i[_r * _ld_d_p_i + _j] = d_p_i;
             _p_d_p_o[_r * _ld_d_p_o + _j] = d_p_o;
+            _p_d_c_prev[_r * _ld_d_c_prev + _j] = d_c_prev;
         }
     });
 }
 
-extern "C" void cifg_lstm_backward_bwd_leaf_H_f32(int64_t _rows, int64_t _cols, const float* _p_c, int64_t _ld_c, const float* _p_c_next, int64_t _ld_c_next, const float* _p_d_c_next, int64_t _ld_d_c_next, const float* _p_d_h_gemm, int64_t _ld_d_h_gemm, const float* _p_d_i, int64_t _ld_d_i, const float* _p_d_o, int64_t _ld_d_o, const float* _p_f, int64_t _ld_f, const float* _p_i, int64_t _ld_i, const float* _p_o, int64_t _ld_o, const float* _p_p_i, int64_t _ld_p_i, float* _p_d_h, int64_t _ld_d_h, float* _p_d_c, int64_t _ld_d_c, float* _p_d_p_i, int64_t _ld_d_p_i, float* _p_d_p_o, int64_t _ld_d_p_o)
+extern "C" void cifg_lstm_backward_bwd0_H_f32(int64_t _rows, int64_t _cols, const float* _p_c, int64_t _ld_c, const float* _p_c_next, int64_t _ld_c_next, const float* _p_d_c, int64_t _ld_d_c, const float* _p_d_h, int64_t _ld_d_h, const float* _p_d_h_next_out, int64_t _ld_d_h_next_out, const float* _p_f, int64_t _ld_f, const float* _p_g, int64_t _ld_g, const float* _p_i, int64_t _ld_i, const float* _p_o, int64_t _ld_o, const float* _p_p_i, int64_t _ld_p_i, const float* _p_p_o, int64_t _ld_p_o, float* _p_d_W_hi_h, int64_t _ld_d_W_hi_h, float* _p_d_W_hg_h, int64_t _ld_d_W_hg_h, float* _p_d_W_ho_h, int64_t _ld_d_W_ho_h, float* _p_d_p_i, int64_t _ld_d_p_i, float* _p_d_p_o, int64_t _ld_d_p_o, float* _p_d_c_prev, int64_t _ld_d_c_prev)
 {
-    cifg_lstm_backward_bwd_leaf_H_host<float>(_rows, _cols, _p_c, _ld_c, _p_c_next, _ld_c_next, _p_d_c_next, _ld_d_c_next, _p_d_h_gemm, _ld_d_h_gemm, _p_d_i, _ld_d_i, _p_d_o, _ld_d_o, _p_f, _ld_f, _p_i, _ld_i, _p_o, _ld_o, _p_p_i, _ld_p_i, _p_d_h, _ld_d_h, _p_d_c, _ld_d_c, _p_d_p_i, _ld_d_p_i, _p_d_p_o, _ld_d_p_o);
+    cifg_lstm_backward_bwd0_H_host<float>(_rows, _cols, _p_c, _ld_c, _p_c_next, _ld_c_next, _p_d_c, _ld_d_c, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_f, _ld_f, _p_g, _ld_g, _p_i, _ld_i, _p_o, _ld_o, _p_p_i, _ld_p_i, _p_p_o, _ld_p_o, _p_d_W_hi_h, _ld_d_W_hi_h, _p_d_W_hg_h, _ld_d_W_hg_h, _p_d_W_ho_h, _ld_d_W_ho_h, _p_d_p_i, _ld_d_p_i, _p_d_p_o, _ld_d_p_o, _p_d_c_prev, _ld_d_c_prev);
 }
-extern "C" void cifg_lstm_backward_bwd_leaf_H_f64(int64_t _rows, int64_t _cols, const double* _p_c, int64_t _ld_c, const double* _p_c_next, int64_t _ld_c_next, const double* _p_d_c_next, int64_t _ld_d_c_next, const double* _p_d_h_gemm, int64_t _ld_d_h_gemm, const double* _p_d_i, int64_t _ld_d_i, const double* _p_d_o, int64_t _ld_d_o, const double* _p_f, int64_t _ld_f, const double* _p_i, int64_t _ld_i, const double* _p_o, int64_t _ld_o, const double* _p_p_i, int64_t _ld_p_i, double* _p_d_h, int64_t _ld_d_h, double* _p_d_c, int64_t _ld_d_c, double* _p_d_p_i, int64_t _ld_d_p_i, double* _p_d_p_o, int64_t _ld_d_p_o)
+extern "C" void cifg_lstm_backward_bwd0_H_f64(int64_t _rows, int64_t _cols, const double* _p_c, int64_t _ld_c, const double* _p_c_next, int64_t _ld_c_next, const double* _p_d_c, int64_t _ld_d_c, const double* _p_d_h, int64_t _ld_d_h, const double* _p_d_h_next_out, int64_t _ld_d_h_next_out, const double* _p_f, int64_t _ld_f, const double* _p_g, int64_t _ld_g, const double* _p_i, int64_t _ld_i, const double* _p_o, int64_t _ld_o, const double* _p_p_i, int64_t _ld_p_i, const double* _p_p_o, int64_t _ld_p_o, double* _p_d_W_hi_h, int64_t _ld_d_W_hi_h, double* _p_d_W_hg_h, int64_t _ld_d_W_hg_h, double* _p_d_W_ho_h, int64_t _ld_d_W_ho_h, double* _p_d_p_i, int64_t _ld_d_p_i, double* _p_d_p_o, int64_t _ld_d_p_o, double* _p_d_c_prev, int64_t _ld_d_c_prev)
 {
-    cifg_lstm_backward_bwd_leaf_H_host<double>(_rows, _cols, _p_c, _ld_c, _p_c_next, _ld_c_next, _p_d_c_next, _ld_d_c_next, _p_d_h_gemm, _ld_d_h_gemm, _p_d_i, _ld_d_i, _p_d_o, _ld_d_o, _p_f, _ld_f, _p_i, _ld_i, _p_o, _ld_o, _p_p_i, _ld_p_i, _p_d_h, _ld_d_h, _p_d_c, _ld_d_c, _p_d_p_i, _ld_d_p_i, _p_d_p_o, _ld_d_p_o);
+    cifg_lstm_backward_bwd0_H_host<double>(_rows, _cols, _p_c, _ld_c, _p_c_next, _ld_c_next, _p_d_c, _ld_d_c, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_f, _ld_f, _p_g, _ld_g, _p_i, _ld_i, _p_o, _ld_o, _p_p_i, _ld_p_i, _p_p_o, _ld_p_o, _p_d_W_hi_h, _ld_d_W_hi_h, _p_d_W_hg_h, _ld_d_W_hg_h, _p_d_W_ho_h, _ld_d_W_ho_h, _p_d_p_i, _ld_d_p_i, _p_d_p_o, _ld_d_p_o, _p_d_c_prev, _ld_d_c_prev);
 }
 
 
@@ -2035,7 +1923,7 @@ extern "C" int cifg_lstm_inference_f64(const int64_t* dims, void* const* ptrs, c
 
 // =============================================================================================
 // cifg_lstm: the whole sequence, backward
-// ptrs: 0 x_x, 1 s_h, 2 s_c, 3 p_p_i, 4 p_p_o, 5 v_i, 6 v_f, 7 v_g, 8 v_o, 9 dout_h_next, 10 ds_h, 11 ds_c, 12 dx_x, 13 dp_p_i, 14 dp_p_o, 15 dg_W_hi_W_hg_W_ho__h, 16 tmp_d_h_gemm, 17 tmp_d_o, 18 tmp_d_c_next, 19 tmp_d_i, 20 dw_W_hi_W_hg_W_ho, 21 dw_W_ii_W_ig_W_io, 22 weight W_ii_W_ig_W_io, 23 weight W_hi_W_hg_W_ho, 24 d W_ii, 25 d W_hi, 26 d p_i, 27 d b_i, 28 d W_ig, 29 d W_hg, 30 d b_g, 31 d W_io, 32 d W_ho, 33 d p_o, 34 d b_o, 35 batch sizes (host, or NULL)
+// ptrs: 0 x_x, 1 s_h, 2 s_c, 3 p_p_i, 4 p_p_o, 5 v_i, 6 v_f, 7 v_g, 8 v_o, 9 dout_h_next, 10 ds_h, 11 ds_c, 12 dx_x, 13 dp_p_i, 14 dp_p_o, 15 dg_W_hi_W_hg_W_ho__h, 16 dw_W_hi_W_hg_W_ho, 17 dw_W_ii_W_ig_W_io, 18 weight W_ii_W_ig_W_io, 19 weight W_hi_W_hg_W_ho, 20 d W_ii, 21 d W_hi, 22 d p_i, 23 d b_i, 24 d W_ig, 25 d W_hg, 26 d b_g, 27 d W_io, 28 d W_ho, 29 d p_o, 30 d b_o, 31 batch sizes (host, or NULL)
 
 // =============================================================================================
 template <typename S, typename G>
@@ -2083,45 +1971,37 @@ static int cifg_lstm_backward_run(const int64_t* dims, void* const* ptrs, const 
     (void)b_dp_p_o;
     S* b_dg_W_hi_W_hg_W_ho__h = (S*)ptrs[15];
     (void)b_dg_W_hi_W_hg_W_ho__h;
-    S* b_tmp_d_h_gemm = (S*)ptrs[16];
-    (void)b_tmp_d_h_gemm;
-    S* b_tmp_d_o = (S*)ptrs[17];
-    (void)b_tmp_d_o;
-    S* b_tmp_d_c_next = (S*)ptrs[18];
-    (void)b_tmp_d_c_next;
-    S* b_tmp_d_i = (S*)ptrs[19];
-    (void)b_tmp_d_i;
-    G* b_dw_W_hi_W_hg_W_ho = (G*)ptrs[20];
+    G* b_dw_W_hi_W_hg_W_ho = (G*)ptrs[16];
     (void)b_dw_W_hi_W_hg_W_ho;
-    G* b_dw_W_ii_W_ig_W_io = (G*)ptrs[21];
+    G* b_dw_W_ii_W_ig_W_io = (G*)ptrs[17];
     (void)b_dw_W_ii_W_ig_W_io;
-    const S* w_W_ii_W_ig_W_io = (const S*)ptrs[22];
+    const S* w_W_ii_W_ig_W_io = (const S*)ptrs[18];
     (void)w_W_ii_W_ig_W_io;
-    const S* w_W_hi_W_hg_W_ho = (const S*)ptrs[23];
+    const S* w_W_hi_W_hg_W_ho = (const S*)ptrs[19];
     (void)w_W_hi_W_hg_W_ho;
-    G* g_W_ii = (G*)ptrs[24];
+    G* g_W_ii = (G*)ptrs[20];
     (void)g_W_ii;
-    G* g_W_hi = (G*)ptrs[25];
+    G* g_W_hi = (G*)ptrs[21];
     (void)g_W_hi;
-    G* g_p_i = (G*)ptrs[26];
+    G* g_p_i = (G*)ptrs[22];
     (void)g_p_i;
-    G* g_b_i = (G*)ptrs[27];
+    G* g_b_i = (G*)ptrs[23];
     (void)g_b_i;
-    G* g_W_ig = (G*)ptrs[28];
+    G* g_W_ig = (G*)ptrs[24];
     (void)g_W_ig;
-    G* g_W_hg = (G*)ptrs[29];
+    G* g_W_hg = (G*)ptrs[25];
     (void)g_W_hg;
-    G* g_b_g = (G*)ptrs[30];
+    G* g_b_g = (G*)ptrs[26];
     (void)g_b_g;
-    G* g_W_io = (G*)ptrs[31];
+    G* g_W_io = (G*)ptrs[27];
     (void)g_W_io;
-    G* g_W_ho = (G*)ptrs[32];
+    G* g_W_ho = (G*)ptrs[28];
     (void)g_W_ho;
-    G* g_p_o = (G*)ptrs[33];
+    G* g_p_o = (G*)ptrs[29];
     (void)g_p_o;
-    G* g_b_o = (G*)ptrs[34];
+    G* g_b_o = (G*)ptrs[30];
     (void)g_b_o;
-    const int64_t* bs = (const int64_t*)ptrs[35];
+    const int64_t* bs = (const int64_t*)ptrs[31];
     (void)ctx;
     if (bs) {  // rows of ended sequences, which no step writes, are read over all T*B rows
         CS_ZERO(b_dg_W_hi_W_hg_W_ho__h, (n_T) * (n_B) * (3*n_H));
@@ -2136,11 +2016,9 @@ static int cifg_lstm_backward_run(const int64_t* dims, void* const* ptrs, const 
         const int64_t rows = bs ? bs[t] : n_B;  // variable lengths: rows 0..B_t-1 run
         CS_SPLIT_ROWS(split_rows, n_B);
         // backward: stage 0 backward, units of size H
-        CS_PW(cifg_lstm_backward_bwd0_H, rows, n_H, b_s_c + t * n_B * (n_H), n_H, b_s_c + (t + 1) * n_B * (n_H), n_H, b_ds_c, n_H, b_ds_h, n_H, b_dout_h_next + t * n_B * (n_H), n_H, b_v_g + t * n_B * (n_H), n_H, b_v_i + t * n_B * (n_H), n_H, b_v_o + t * n_B * (n_H), n_H, b_p_p_o, 0, b_tmp_d_o, n_H, b_tmp_d_c_next, n_H, b_tmp_d_i, n_H, b_dg_W_hi_W_hg_W_ho__h + t * n_B * (3*n_H), 3*n_H, b_dg_W_hi_W_hg_W_ho__h + t * n_B * (3*n_H) + n_H, 3*n_H, b_dg_W_hi_W_hg_W_ho__h + t * n_B * (3*n_H) + 2*n_H, 3*n_H);
+        CS_PW(cifg_lstm_backward_bwd0_H, rows, n_H, b_s_c + t * n_B * (n_H), n_H, b_s_c + (t + 1) * n_B * (n_H), n_H, b_ds_c, n_H, b_ds_h, n_H, b_dout_h_next + t * n_B * (n_H), n_H, b_v_f + t * n_B * (n_H), n_H, b_v_g + t * n_B * (n_H), n_H, b_v_i + t * n_B * (n_H), n_H, b_v_o + t * n_B * (n_H), n_H, b_p_p_i, 0, b_p_p_o, 0, b_dg_W_hi_W_hg_W_ho__h + t * n_B * (3*n_H), 3*n_H, b_dg_W_hi_W_hg_W_ho__h + t * n_B * (3*n_H) + n_H, 3*n_H, b_dg_W_hi_W_hg_W_ho__h + t * n_B * (3*n_H) + 2*n_H, 3*n_H, b_dp_p_i + t * n_B * (n_H), n_H, b_dp_p_o + t * n_B * (n_H), n_H, b_ds_c, n_H);
         // d_h_gemm = dg_W_hi_W_hg_W_ho__h @ [W_hi, W_hg, W_ho]
-        CS_GEMM_NN_PACKED(rows, n_H, 3*n_H, b_dg_W_hi_W_hg_W_ho__h + t * n_B * (3*n_H), 3*n_H, pk_W_hi_W_hg_W_ho_nn, b_tmp_d_h_gemm, n_H, 0);
-        // backward: per-step adjoints of inputs, states, vector params, hoisted results, units of size H
-        CS_PW(cifg_lstm_backward_bwd_leaf_H, rows, n_H, b_s_c + t * n_B * (n_H), n_H, b_s_c + (t + 1) * n_B * (n_H), n_H, b_tmp_d_c_next, n_H, b_tmp_d_h_gemm, n_H, b_tmp_d_i, n_H, b_tmp_d_o, n_H, b_v_f + t * n_B * (n_H), n_H, b_v_i + t * n_B * (n_H), n_H, b_v_o + t * n_B * (n_H), n_H, b_p_p_i, 0, b_ds_h, n_H, b_ds_c, n_H, b_dp_p_i + t * n_B * (n_H), n_H, b_dp_p_o + t * n_B * (n_H), n_H);
+        CS_GEMM_NN_PACKED(rows, n_H, 3*n_H, b_dg_W_hi_W_hg_W_ho__h + t * n_B * (3*n_H), 3*n_H, pk_W_hi_W_hg_W_ho_nn, b_ds_h, n_H, 0);
     }
     CS_SPLIT_DONE();
     CS_TEAM_END

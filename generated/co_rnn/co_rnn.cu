@@ -1445,24 +1445,30 @@ __host__ __device__ inline void co_rnn_backward_bwd0_H(
     real d_y_next_out,
     real d_z,
     real dt_H,
-    real& d_y_next,  // out
-    real& d_z_next,  // out
+    real eps_H,
+    real gamma_H,
     real& d_W_y,  // out
-    real& d_W_z_z)  // out
+    real& d_W_z_z,  // out
+    real& d_y_direct,  // out
+    real& d_z_direct)  // out
 {
     // adjoint of y'
-    d_y_next = d_y + d_y_next_out;
+    const real d_y_next = d_y + d_y_next_out;
     // adjoint of z'
-    d_z_next = d_y_next*dt_H + d_z;
+    const real d_z_next = d_y_next*dt_H + d_z;
     // adjoint of W @ y
     d_W_y = d_z_next*dt_H*(real(1.0) - (cs_tanh(V_x + W_y + W_z_z + b)*cs_tanh(V_x + W_y + W_z_z + b)));
     // adjoint of W_z @ z
     d_W_z_z = d_W_y;
+    // adjoint of state y, less the recurrent product's share (the GEMM adds it)
+    d_y_direct = d_y_next - d_z_next*dt_H*gamma_H;
+    // adjoint of state z, less the recurrent product's share (the GEMM adds it)
+    d_z_direct = d_z_next*(-dt_H*eps_H + real(1.0));
 }
 
 #ifdef __CUDACC__
 template <typename S>
-__global__ void co_rnn_backward_bwd0_H_kernel(int64_t _rows, int64_t _cols, const S* __restrict__ _p_V_x, int64_t _ld_V_x, const S* __restrict__ _p_W_y, int64_t _ld_W_y, const S* __restrict__ _p_W_z_z, int64_t _ld_W_z_z, const S* __restrict__ _p_b, int64_t _ld_b, const S* __restrict__ _p_d_y, int64_t _ld_d_y, const S* __restrict__ _p_d_y_next_out, int64_t _ld_d_y_next_out, const S* __restrict__ _p_d_z, int64_t _ld_d_z, const S* __restrict__ _p_dt_H, int64_t _ld_dt_H, S* __restrict__ _p_d_y_next, int64_t _ld_d_y_next, S* __restrict__ _p_d_z_next, int64_t _ld_d_z_next, S* __restrict__ _p_d_W_y, int64_t _ld_d_W_y, S* __restrict__ _p_d_W_z_z, int64_t _ld_d_W_z_z)
+__global__ void co_rnn_backward_bwd0_H_kernel(int64_t _rows, int64_t _cols, const S* __restrict__ _p_V_x, int64_t _ld_V_x, const S* __restrict__ _p_W_y, int64_t _ld_W_y, const S* __restrict__ _p_W_z_z, int64_t _ld_W_z_z, const S* __restrict__ _p_b, int64_t _ld_b, const S* __restrict__ _p_d_y, int64_t _ld_d_y, const S* __restrict__ _p_d_y_next_out, int64_t _ld_d_y_next_out, const S* __restrict__ _p_d_z, int64_t _ld_d_z, const S* __restrict__ _p_dt_H, int64_t _ld_dt_H, const S* __restrict__ _p_eps_H, int64_t _ld_eps_H, const S* __restrict__ _p_gamma_H, int64_t _ld_gamma_H, S* __restrict__ _p_d_W_y, int64_t _ld_d_W_y, S* __restrict__ _p_d_W_z_z, int64_t _ld_d_W_z_z, S* __restrict__ _p_d_y_direct, int64_t _ld_d_y_direct, S* __restrict__ _p_d_z_direct, int64_t _ld_d_z_direct)
 {
     typedef typename cs_math<S>::type M;
     const int64_t _j = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
@@ -1476,48 +1482,50 @@ __global__ void co_rnn_backward_bwd0_H_kernel(int64_t _rows, int64_t _cols, cons
         M d_y_next_out = cs_load(_p_d_y_next_out[_r * _ld_d_y_next_out + _j]);
         M d_z = cs_load(_p_d_z[_r * _ld_d_z + _j]);
         M dt_H = cs_load(_p_dt_H[_r * _ld_dt_H + _j]);
-        M d_y_next;
-        M d_z_next;
+        M eps_H = cs_load(_p_eps_H[_r * _ld_eps_H + _j]);
+        M gamma_H = cs_load(_p_gamma_H[_r * _ld_gamma_H + _j]);
         M d_W_y;
         M d_W_z_z;
-        co_rnn_backward_bwd0_H<M>(V_x, W_y, W_z_z, b, d_y, d_y_next_out, d_z, dt_H, d_y_next, d_z_next, d_W_y, d_W_z_z);
-        cs_store(&_p_d_y_next[_r * _ld_d_y_next + _j], d_y_next);
-        cs_store(&_p_d_z_next[_r * _ld_d_z_next + _j], d_z_next);
+        M d_y_direct;
+        M d_z_direct;
+        co_rnn_backward_bwd0_H<M>(V_x, W_y, W_z_z, b, d_y, d_y_next_out, d_z, dt_H, eps_H, gamma_H, d_W_y, d_W_z_z, d_y_direct, d_z_direct);
         cs_store(&_p_d_W_y[_r * _ld_d_W_y + _j], d_W_y);
         cs_store(&_p_d_W_z_z[_r * _ld_d_W_z_z + _j], d_W_z_z);
+        cs_store(&_p_d_y_direct[_r * _ld_d_y_direct + _j], d_y_direct);
+        cs_store(&_p_d_z_direct[_r * _ld_d_z_direct + _j], d_z_direct);
     }
 }
 
 template <typename S>
-static int co_rnn_backward_bwd0_H_launch(int64_t _rows, int64_t _cols, const void* _p_V_x, int64_t _ld_V_x, const void* _p_W_y, int64_t _ld_W_y, const void* _p_W_z_z, int64_t _ld_W_z_z, const void* _p_b, int64_t _ld_b, const void* _p_d_y, int64_t _ld_d_y, const void* _p_d_y_next_out, int64_t _ld_d_y_next_out, const void* _p_d_z, int64_t _ld_d_z, const void* _p_dt_H, int64_t _ld_dt_H, void* _p_d_y_next, int64_t _ld_d_y_next, void* _p_d_z_next, int64_t _ld_d_z_next, void* _p_d_W_y, int64_t _ld_d_W_y, void* _p_d_W_z_z, int64_t _ld_d_W_z_z, void* _stream)
+static int co_rnn_backward_bwd0_H_launch(int64_t _rows, int64_t _cols, const void* _p_V_x, int64_t _ld_V_x, const void* _p_W_y, int64_t _ld_W_y, const void* _p_W_z_z, int64_t _ld_W_z_z, const void* _p_b, int64_t _ld_b, const void* _p_d_y, int64_t _ld_d_y, const void* _p_d_y_next_out, int64_t _ld_d_y_next_out, const void* _p_d_z, int64_t _ld_d_z, const void* _p_dt_H, int64_t _ld_dt_H, const void* _p_eps_H, int64_t _ld_eps_H, const void* _p_gamma_H, int64_t _ld_gamma_H, void* _p_d_W_y, int64_t _ld_d_W_y, void* _p_d_W_z_z, int64_t _ld_d_W_z_z, void* _p_d_y_direct, int64_t _ld_d_y_direct, void* _p_d_z_direct, int64_t _ld_d_z_direct, void* _stream)
 {
     if (_rows <= 0 || _cols <= 0) return 0;
     dim3 _grid, _block;
     cs_grid(_rows, _cols, &_grid, &_block);
-    co_rnn_backward_bwd0_H_kernel<S><<<_grid, _block, 0, (cudaStream_t)_stream>>>(_rows, _cols, (const S*)_p_V_x, _ld_V_x, (const S*)_p_W_y, _ld_W_y, (const S*)_p_W_z_z, _ld_W_z_z, (const S*)_p_b, _ld_b, (const S*)_p_d_y, _ld_d_y, (const S*)_p_d_y_next_out, _ld_d_y_next_out, (const S*)_p_d_z, _ld_d_z, (const S*)_p_dt_H, _ld_dt_H, (S*)_p_d_y_next, _ld_d_y_next, (S*)_p_d_z_next, _ld_d_z_next, (S*)_p_d_W_y, _ld_d_W_y, (S*)_p_d_W_z_z, _ld_d_W_z_z);
+    co_rnn_backward_bwd0_H_kernel<S><<<_grid, _block, 0, (cudaStream_t)_stream>>>(_rows, _cols, (const S*)_p_V_x, _ld_V_x, (const S*)_p_W_y, _ld_W_y, (const S*)_p_W_z_z, _ld_W_z_z, (const S*)_p_b, _ld_b, (const S*)_p_d_y, _ld_d_y, (const S*)_p_d_y_next_out, _ld_d_y_next_out, (const S*)_p_d_z, _ld_d_z, (const S*)_p_dt_H, _ld_dt_H, (const S*)_p_eps_H, _ld_eps_H, (const S*)_p_gamma_H, _ld_gamma_H, (S*)_p_d_W_y, _ld_d_W_y, (S*)_p_d_W_z_z, _ld_d_W_z_z, (S*)_p_d_y_direct, _ld_d_y_direct, (S*)_p_d_z_direct, _ld_d_z_direct);
     return (int)cudaGetLastError();
 }
 
-extern "C" int co_rnn_backward_bwd0_H_cuda_f32(int64_t _rows, int64_t _cols, const void* _p_V_x, int64_t _ld_V_x, const void* _p_W_y, int64_t _ld_W_y, const void* _p_W_z_z, int64_t _ld_W_z_z, const void* _p_b, int64_t _ld_b, const void* _p_d_y, int64_t _ld_d_y, const void* _p_d_y_next_out, int64_t _ld_d_y_next_out, const void* _p_d_z, int64_t _ld_d_z, const void* _p_dt_H, int64_t _ld_dt_H, void* _p_d_y_next, int64_t _ld_d_y_next, void* _p_d_z_next, int64_t _ld_d_z_next, void* _p_d_W_y, int64_t _ld_d_W_y, void* _p_d_W_z_z, int64_t _ld_d_W_z_z, void* _stream)
+extern "C" int co_rnn_backward_bwd0_H_cuda_f32(int64_t _rows, int64_t _cols, const void* _p_V_x, int64_t _ld_V_x, const void* _p_W_y, int64_t _ld_W_y, const void* _p_W_z_z, int64_t _ld_W_z_z, const void* _p_b, int64_t _ld_b, const void* _p_d_y, int64_t _ld_d_y, const void* _p_d_y_next_out, int64_t _ld_d_y_next_out, const void* _p_d_z, int64_t _ld_d_z, const void* _p_dt_H, int64_t _ld_dt_H, const void* _p_eps_H, int64_t _ld_eps_H, const void* _p_gamma_H, int64_t _ld_gamma_H, void* _p_d_W_y, int64_t _ld_d_W_y, void* _p_d_W_z_z, int64_t _ld_d_W_z_z, void* _p_d_y_direct, int64_t _ld_d_y_direct, void* _p_d_z_direct, int64_t _ld_d_z_direct, void* _stream)
 {
-    return co_rnn_backward_bwd0_H_launch<float>(_rows, _cols, _p_V_x, _ld_V_x, _p_W_y, _ld_W_y, _p_W_z_z, _ld_W_z_z, _p_b, _ld_b, _p_d_y, _ld_d_y, _p_d_y_next_out, _ld_d_y_next_out, _p_d_z, _ld_d_z, _p_dt_H, _ld_dt_H, _p_d_y_next, _ld_d_y_next, _p_d_z_next, _ld_d_z_next, _p_d_W_y, _ld_d_W_y, _p_d_W_z_z, _ld_d_W_z_z, _stream);
+    return co_rnn_backward_bwd0_H_launch<float>(_rows, _cols, _p_V_x, _ld_V_x, _p_W_y, _ld_W_y, _p_W_z_z, _ld_W_z_z, _p_b, _ld_b, _p_d_y, _ld_d_y, _p_d_y_next_out, _ld_d_y_next_out, _p_d_z, _ld_d_z, _p_dt_H, _ld_dt_H, _p_eps_H, _ld_eps_H, _p_gamma_H, _ld_gamma_H, _p_d_W_y, _ld_d_W_y, _p_d_W_z_z, _ld_d_W_z_z, _p_d_y_direct, _ld_d_y_direct, _p_d_z_direct, _ld_d_z_direct, _stream);
 }
-extern "C" int co_rnn_backward_bwd0_H_cuda_f64(int64_t _rows, int64_t _cols, const void* _p_V_x, int64_t _ld_V_x, const void* _p_W_y, int64_t _ld_W_y, const void* _p_W_z_z, int64_t _ld_W_z_z, const void* _p_b, int64_t _ld_b, const void* _p_d_y, int64_t _ld_d_y, const void* _p_d_y_next_out, int64_t _ld_d_y_next_out, const void* _p_d_z, int64_t _ld_d_z, const void* _p_dt_H, int64_t _ld_dt_H, void* _p_d_y_next, int64_t _ld_d_y_next, void* _p_d_z_next, int64_t _ld_d_z_next, void* _p_d_W_y, int64_t _ld_d_W_y, void* _p_d_W_z_z, int64_t _ld_d_W_z_z, void* _stream)
+extern "C" int co_rnn_backward_bwd0_H_cuda_f64(int64_t _rows, int64_t _cols, const void* _p_V_x, int64_t _ld_V_x, const void* _p_W_y, int64_t _ld_W_y, const void* _p_W_z_z, int64_t _ld_W_z_z, const void* _p_b, int64_t _ld_b, const void* _p_d_y, int64_t _ld_d_y, const void* _p_d_y_next_out, int64_t _ld_d_y_next_out, const void* _p_d_z, int64_t _ld_d_z, const void* _p_dt_H, int64_t _ld_dt_H, const void* _p_eps_H, int64_t _ld_eps_H, const void* _p_gamma_H, int64_t _ld_gamma_H, void* _p_d_W_y, int64_t _ld_d_W_y, void* _p_d_W_z_z, int64_t _ld_d_W_z_z, void* _p_d_y_direct, int64_t _ld_d_y_direct, void* _p_d_z_direct, int64_t _ld_d_z_direct, void* _stream)
 {
-    return co_rnn_backward_bwd0_H_launch<double>(_rows, _cols, _p_V_x, _ld_V_x, _p_W_y, _ld_W_y, _p_W_z_z, _ld_W_z_z, _p_b, _ld_b, _p_d_y, _ld_d_y, _p_d_y_next_out, _ld_d_y_next_out, _p_d_z, _ld_d_z, _p_dt_H, _ld_dt_H, _p_d_y_next, _ld_d_y_next, _p_d_z_next, _ld_d_z_next, _p_d_W_y, _ld_d_W_y, _p_d_W_z_z, _ld_d_W_z_z, _stream);
+    return co_rnn_backward_bwd0_H_launch<double>(_rows, _cols, _p_V_x, _ld_V_x, _p_W_y, _ld_W_y, _p_W_z_z, _ld_W_z_z, _p_b, _ld_b, _p_d_y, _ld_d_y, _p_d_y_next_out, _ld_d_y_next_out, _p_d_z, _ld_d_z, _p_dt_H, _ld_dt_H, _p_eps_H, _ld_eps_H, _p_gamma_H, _ld_gamma_H, _p_d_W_y, _ld_d_W_y, _p_d_W_z_z, _ld_d_W_z_z, _p_d_y_direct, _ld_d_y_direct, _p_d_z_direct, _ld_d_z_direct, _stream);
 }
-extern "C" int co_rnn_backward_bwd0_H_cuda_f16(int64_t _rows, int64_t _cols, const void* _p_V_x, int64_t _ld_V_x, const void* _p_W_y, int64_t _ld_W_y, const void* _p_W_z_z, int64_t _ld_W_z_z, const void* _p_b, int64_t _ld_b, const void* _p_d_y, int64_t _ld_d_y, const void* _p_d_y_next_out, int64_t _ld_d_y_next_out, const void* _p_d_z, int64_t _ld_d_z, const void* _p_dt_H, int64_t _ld_dt_H, void* _p_d_y_next, int64_t _ld_d_y_next, void* _p_d_z_next, int64_t _ld_d_z_next, void* _p_d_W_y, int64_t _ld_d_W_y, void* _p_d_W_z_z, int64_t _ld_d_W_z_z, void* _stream)
+extern "C" int co_rnn_backward_bwd0_H_cuda_f16(int64_t _rows, int64_t _cols, const void* _p_V_x, int64_t _ld_V_x, const void* _p_W_y, int64_t _ld_W_y, const void* _p_W_z_z, int64_t _ld_W_z_z, const void* _p_b, int64_t _ld_b, const void* _p_d_y, int64_t _ld_d_y, const void* _p_d_y_next_out, int64_t _ld_d_y_next_out, const void* _p_d_z, int64_t _ld_d_z, const void* _p_dt_H, int64_t _ld_dt_H, const void* _p_eps_H, int64_t _ld_eps_H, const void* _p_gamma_H, int64_t _ld_gamma_H, void* _p_d_W_y, int64_t _ld_d_W_y, void* _p_d_W_z_z, int64_t _ld_d_W_z_z, void* _p_d_y_direct, int64_t _ld_d_y_direct, void* _p_d_z_direct, int64_t _ld_d_z_direct, void* _stream)
 {
-    return co_rnn_backward_bwd0_H_launch<__half>(_rows, _cols, _p_V_x, _ld_V_x, _p_W_y, _ld_W_y, _p_W_z_z, _ld_W_z_z, _p_b, _ld_b, _p_d_y, _ld_d_y, _p_d_y_next_out, _ld_d_y_next_out, _p_d_z, _ld_d_z, _p_dt_H, _ld_dt_H, _p_d_y_next, _ld_d_y_next, _p_d_z_next, _ld_d_z_next, _p_d_W_y, _ld_d_W_y, _p_d_W_z_z, _ld_d_W_z_z, _stream);
+    return co_rnn_backward_bwd0_H_launch<__half>(_rows, _cols, _p_V_x, _ld_V_x, _p_W_y, _ld_W_y, _p_W_z_z, _ld_W_z_z, _p_b, _ld_b, _p_d_y, _ld_d_y, _p_d_y_next_out, _ld_d_y_next_out, _p_d_z, _ld_d_z, _p_dt_H, _ld_dt_H, _p_eps_H, _ld_eps_H, _p_gamma_H, _ld_gamma_H, _p_d_W_y, _ld_d_W_y, _p_d_W_z_z, _ld_d_W_z_z, _p_d_y_direct, _ld_d_y_direct, _p_d_z_direct, _ld_d_z_direct, _stream);
 }
-extern "C" int co_rnn_backward_bwd0_H_cuda_bf16(int64_t _rows, int64_t _cols, const void* _p_V_x, int64_t _ld_V_x, const void* _p_W_y, int64_t _ld_W_y, const void* _p_W_z_z, int64_t _ld_W_z_z, const void* _p_b, int64_t _ld_b, const void* _p_d_y, int64_t _ld_d_y, const void* _p_d_y_next_out, int64_t _ld_d_y_next_out, const void* _p_d_z, int64_t _ld_d_z, const void* _p_dt_H, int64_t _ld_dt_H, void* _p_d_y_next, int64_t _ld_d_y_next, void* _p_d_z_next, int64_t _ld_d_z_next, void* _p_d_W_y, int64_t _ld_d_W_y, void* _p_d_W_z_z, int64_t _ld_d_W_z_z, void* _stream)
+extern "C" int co_rnn_backward_bwd0_H_cuda_bf16(int64_t _rows, int64_t _cols, const void* _p_V_x, int64_t _ld_V_x, const void* _p_W_y, int64_t _ld_W_y, const void* _p_W_z_z, int64_t _ld_W_z_z, const void* _p_b, int64_t _ld_b, const void* _p_d_y, int64_t _ld_d_y, const void* _p_d_y_next_out, int64_t _ld_d_y_next_out, const void* _p_d_z, int64_t _ld_d_z, const void* _p_dt_H, int64_t _ld_dt_H, const void* _p_eps_H, int64_t _ld_eps_H, const void* _p_gamma_H, int64_t _ld_gamma_H, void* _p_d_W_y, int64_t _ld_d_W_y, void* _p_d_W_z_z, int64_t _ld_d_W_z_z, void* _p_d_y_direct, int64_t _ld_d_y_direct, void* _p_d_z_direct, int64_t _ld_d_z_direct, void* _stream)
 {
-    return co_rnn_backward_bwd0_H_launch<__nv_bfloat16>(_rows, _cols, _p_V_x, _ld_V_x, _p_W_y, _ld_W_y, _p_W_z_z, _ld_W_z_z, _p_b, _ld_b, _p_d_y, _ld_d_y, _p_d_y_next_out, _ld_d_y_next_out, _p_d_z, _ld_d_z, _p_dt_H, _ld_dt_H, _p_d_y_next, _ld_d_y_next, _p_d_z_next, _ld_d_z_next, _p_d_W_y, _ld_d_W_y, _p_d_W_z_z, _ld_d_W_z_z, _stream);
+    return co_rnn_backward_bwd0_H_launch<__nv_bfloat16>(_rows, _cols, _p_V_x, _ld_V_x, _p_W_y, _ld_W_y, _p_W_z_z, _ld_W_z_z, _p_b, _ld_b, _p_d_y, _ld_d_y, _p_d_y_next_out, _ld_d_y_next_out, _p_d_z, _ld_d_z, _p_dt_H, _ld_dt_H, _p_eps_H, _ld_eps_H, _p_gamma_H, _ld_gamma_H, _p_d_W_y, _ld_d_W_y, _p_d_W_z_z, _ld_d_W_z_z, _p_d_y_direct, _ld_d_y_direct, _p_d_z_direct, _ld_d_z_direct, _stream);
 }
 #endif  // __CUDACC__
 
 template <typename real>
-static inline void co_rnn_backward_bwd0_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_V_x, int64_t _ld_V_x, const real* __restrict__ _p_W_y, int64_t _ld_W_y, const real* __restrict__ _p_W_z_z, int64_t _ld_W_z_z, const real* __restrict__ _p_b, int64_t _ld_b, const real* __restrict__ _p_d_y, int64_t _ld_d_y, const real* __restrict__ _p_d_y_next_out, int64_t _ld_d_y_next_out, const real* __restrict__ _p_d_z, int64_t _ld_d_z, const real* __restrict__ _p_dt_H, int64_t _ld_dt_H, real* __restrict__ _p_d_y_next, int64_t _ld_d_y_next, real* __restrict__ _p_d_z_next, int64_t _ld_d_z_next, real* __restrict__ _p_d_W_y, int64_t _ld_d_W_y, real* __restrict__ _p_d_W_z_z, int64_t _ld_d_W_z_z)
+static inline void co_rnn_backward_bwd0_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_V_x, int64_t _ld_V_x, const real* __restrict__ _p_W_y, int64_t _ld_W_y, const real* __restrict__ _p_W_z_z, int64_t _ld_W_z_z, const real* __restrict__ _p_b, int64_t _ld_b, const real* __restrict__ _p_d_y, int64_t _ld_d_y, const real* __restrict__ _p_d_y_next_out, int64_t _ld_d_y_next_out, const real* __restrict__ _p_d_z, int64_t _ld_d_z, const real* __restrict__ _p_dt_H, int64_t _ld_dt_H, const real* __restrict__ _p_eps_H, int64_t _ld_eps_H, const real* __restrict__ _p_gamma_H, int64_t _ld_gamma_H, real* __restrict__ _p_d_W_y, int64_t _ld_d_W_y, real* __restrict__ _p_d_W_z_z, int64_t _ld_d_W_z_z, real* __restrict__ _p_d_y_direct, int64_t _ld_d_y_direct, real* __restrict__ _p_d_z_direct, int64_t _ld_d_z_direct)
 {
 #ifdef CS_V16
     if constexpr (sizeof(real) == sizeof(float)) {  // 16 units at a time (CS_V16)
@@ -1532,15 +1540,17 @@ static inline void co_rnn_backward_bwd0_H_host(int64_t _rows, int64_t _cols, con
                 cs_v16 d_y_next_out = _mm512_maskz_loadu_ps(_m, &_p_d_y_next_out[_r * _ld_d_y_next_out + _j]);
                 cs_v16 d_z = _mm512_maskz_loadu_ps(_m, &_p_d_z[_r * _ld_d_z + _j]);
                 cs_v16 dt_H = _mm512_maskz_loadu_ps(_m, &_p_dt_H[_r * _ld_dt_H + _j]);
-                cs_v16 d_y_next;
-                cs_v16 d_z_next;
+                cs_v16 eps_H = _mm512_maskz_loadu_ps(_m, &_p_eps_H[_r * _ld_eps_H + _j]);
+                cs_v16 gamma_H = _mm512_maskz_loadu_ps(_m, &_p_gamma_H[_r * _ld_gamma_H + _j]);
                 cs_v16 d_W_y;
                 cs_v16 d_W_z_z;
-                co_rnn_backward_bwd0_H<cs_v16>(V_x, W_y, W_z_z, b, d_y, d_y_next_out, d_z, dt_H, d_y_next, d_z_next, d_W_y, d_W_z_z);
-                _mm512_mask_storeu_ps(&_p_d_y_next[_r * _ld_d_y_next + _j], _m, d_y_next.v);
-                _mm512_mask_storeu_ps(&_p_d_z_next[_r * _ld_d_z_next + _j], _m, d_z_next.v);
+                cs_v16 d_y_direct;
+                cs_v16 d_z_direct;
+                co_rnn_backward_bwd0_H<cs_v16>(V_x, W_y, W_z_z, b, d_y, d_y_next_out, d_z, dt_H, eps_H, gamma_H, d_W_y, d_W_z_z, d_y_direct, d_z_direct);
                 _mm512_mask_storeu_ps(&_p_d_W_y[_r * _ld_d_W_y + _j], _m, d_W_y.v);
                 _mm512_mask_storeu_ps(&_p_d_W_z_z[_r * _ld_d_W_z_z + _j], _m, d_W_z_z.v);
+                _mm512_mask_storeu_ps(&_p_d_y_direct[_r * _ld_d_y_direct + _j], _m, d_y_direct.v);
+                _mm512_mask_storeu_ps(&_p_d_z_direct[_r * _ld_d_z_direct + _j], _m, d_z_direct.v);
             }
         });
         return;
@@ -1557,129 +1567,28 @@ static inline void co_rnn_backward_bwd0_H_host(int64_t _rows, int64_t _cols, con
             real d_y_next_out = _p_d_y_next_out[_r * _ld_d_y_next_out + _j];
             real d_z = _p_d_z[_r * _ld_d_z + _j];
             real dt_H = _p_dt_H[_r * _ld_dt_H + _j];
-            real d_y_next;
-            real d_z_next;
-            real d_W_y;
-            real d_W_z_z;
-            co_rnn_backward_bwd0_H<real>(V_x, W_y, W_z_z, b, d_y, d_y_next_out, d_z, dt_H, d_y_next, d_z_next, d_W_y, d_W_z_z);
-            _p_d_y_next[_r * _ld_d_y_next + _j] = d_y_next;
-            _p_d_z_next[_r * _ld_d_z_next + _j] = d_z_next;
-            _p_d_W_y[_r * _ld_d_W_y + _j] = d_W_y;
-            _p_d_W_z_z[_r * _ld_d_W_z_z + _j] = d_W_z_z;
-        }
-    });
-}
-
-extern "C" void co_rnn_backward_bwd0_H_f32(int64_t _rows, int64_t _cols, const float* _p_V_x, int64_t _ld_V_x, const float* _p_W_y, int64_t _ld_W_y, const float* _p_W_z_z, int64_t _ld_W_z_z, const float* _p_b, int64_t _ld_b, const float* _p_d_y, int64_t _ld_d_y, const float* _p_d_y_next_out, int64_t _ld_d_y_next_out, const float* _p_d_z, int64_t _ld_d_z, const float* _p_dt_H, int64_t _ld_dt_H, float* _p_d_y_next, int64_t _ld_d_y_next, float* _p_d_z_next, int64_t _ld_d_z_next, float* _p_d_W_y, int64_t _ld_d_W_y, float* _p_d_W_z_z, int64_t _ld_d_W_z_z)
-{
-    co_rnn_backward_bwd0_H_host<float>(_rows, _cols, _p_V_x, _ld_V_x, _p_W_y, _ld_W_y, _p_W_z_z, _ld_W_z_z, _p_b, _ld_b, _p_d_y, _ld_d_y, _p_d_y_next_out, _ld_d_y_next_out, _p_d_z, _ld_d_z, _p_dt_H, _ld_dt_H, _p_d_y_next, _ld_d_y_next, _p_d_z_next, _ld_d_z_next, _p_d_W_y, _ld_d_W_y, _p_d_W_z_z, _ld_d_W_z_z);
-}
-extern "C" void co_rnn_backward_bwd0_H_f64(int64_t _rows, int64_t _cols, const double* _p_V_x, int64_t _ld_V_x, const double* _p_W_y, int64_t _ld_W_y, const double* _p_W_z_z, int64_t _ld_W_z_z, const double* _p_b, int64_t _ld_b, const double* _p_d_y, int64_t _ld_d_y, const double* _p_d_y_next_out, int64_t _ld_d_y_next_out, const double* _p_d_z, int64_t _ld_d_z, const double* _p_dt_H, int64_t _ld_dt_H, double* _p_d_y_next, int64_t _ld_d_y_next, double* _p_d_z_next, int64_t _ld_d_z_next, double* _p_d_W_y, int64_t _ld_d_W_y, double* _p_d_W_z_z, int64_t _ld_d_W_z_z)
-{
-    co_rnn_backward_bwd0_H_host<double>(_rows, _cols, _p_V_x, _ld_V_x, _p_W_y, _ld_W_y, _p_W_z_z, _ld_W_z_z, _p_b, _ld_b, _p_d_y, _ld_d_y, _p_d_y_next_out, _ld_d_y_next_out, _p_d_z, _ld_d_z, _p_dt_H, _ld_dt_H, _p_d_y_next, _ld_d_y_next, _p_d_z_next, _ld_d_z_next, _p_d_W_y, _ld_d_W_y, _p_d_W_z_z, _ld_d_W_z_z);
-}
-
-// =============================================================================================
-// co_rnn_backward_bwd_leaf_H: backward: per-step adjoints of inputs, states, vector params, hoisted results, units of size H
-// =============================================================================================
-template <typename real>
-__host__ __device__ inline void co_rnn_backward_bwd_leaf_H(
-    real d_y_gemm,
-    real d_y_next,
-    real d_z_gemm,
-    real d_z_next,
-    real dt_H,
-    real eps_H,
-    real gamma_H,
-    real& d_y,  // out
-    real& d_z)  // out
-{
-    // adjoint of state y
-    d_y = d_y_gemm + d_y_next - d_z_next*dt_H*gamma_H;
-    // adjoint of state z
-    d_z = d_z_gemm + d_z_next*(-dt_H*eps_H + real(1.0));
-}
-
-#ifdef __CUDACC__
-template <typename S>
-__global__ void co_rnn_backward_bwd_leaf_H_kernel(int64_t _rows, int64_t _cols, const S* __restrict__ _p_d_y_gemm, int64_t _ld_d_y_gemm, const S* __restrict__ _p_d_y_next, int64_t _ld_d_y_next, const S* __restrict__ _p_d_z_gemm, int64_t _ld_d_z_gemm, const S* __restrict__ _p_d_z_next, int64_t _ld_d_z_next, const S* __restrict__ _p_dt_H, int64_t _ld_dt_H, const S* __restrict__ _p_eps_H, int64_t _ld_eps_H, const S* __restrict__ _p_gamma_H, int64_t _ld_gamma_H, S* __restrict__ _p_d_y, int64_t _ld_d_y, S* __restrict__ _p_d_z, int64_t _ld_d_z)
-{
-    typedef typename cs_math<S>::type M;
-    const int64_t _j = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (_j >= _cols) return;
-    for (int64_t _r = blockIdx.y; _r < _rows; _r += gridDim.y) {
-        M d_y_gemm = cs_load(_p_d_y_gemm[_r * _ld_d_y_gemm + _j]);
-        M d_y_next = cs_load(_p_d_y_next[_r * _ld_d_y_next + _j]);
-        M d_z_gemm = cs_load(_p_d_z_gemm[_r * _ld_d_z_gemm + _j]);
-        M d_z_next = cs_load(_p_d_z_next[_r * _ld_d_z_next + _j]);
-        M dt_H = cs_load(_p_dt_H[_r * _ld_dt_H + _j]);
-        M eps_H = cs_load(_p_eps_H[_r * _ld_eps_H + _j]);
-        M gamma_H = cs_load(_p_gamma_H[_r * _ld_gamma_H + _j]);
-        M d_y;
-        M d_z;
-        co_rnn_backward_bwd_leaf_H<M>(d_y_gemm, d_y_next, d_z_gemm, d_z_next, dt_H, eps_H, gamma_H, d_y, d_z);
-        cs_store(&_p_d_y[_r * _ld_d_y + _j], d_y);
-        cs_store(&_p_d_z[_r * _ld_d_z + _j], d_z);
-    }
-}
-
-template <typename S>
-static int co_rnn_backward_bwd_leaf_H_launch(int64_t _rows, int64_t _cols, const void* _p_d_y_gemm, int64_t _ld_d_y_gemm, const void* _p_d_y_next, int64_t _ld_d_y_next, const void* _p_d_z_gemm, int64_t _ld_d_z_gemm, const void* _p_d_z_next, int64_t _ld_d_z_next, const void* _p_dt_H, int64_t _ld_dt_H, const void* _p_eps_H, int64_t _ld_eps_H, const void* _p_gamma_H, int64_t _ld_gamma_H, void* _p_d_y, int64_t _ld_d_y, void* _p_d_z, int64_t _ld_d_z, void* _stream)
-{
-    if (_rows <= 0 || _cols <= 0) return 0;
-    dim3 _grid, _block;
-    cs_grid(_rows, _cols, &_grid, &_block);
-    co_rnn_backward_bwd_leaf_H_kernel<S><<<_grid, _block, 0, (cudaStream_t)_stream>>>(_rows, _cols, (const S*)_p_d_y_gemm, _ld_d_y_gemm, (const S*)_p_d_y_next, _ld_d_y_next, (const S*)_p_d_z_gemm, _ld_d_z_gemm, (const S*)_p_d_z_next, _ld_d_z_next, (const S*)_p_dt_H, _ld_dt_H, (const S*)_p_eps_H, _ld_eps_H, (const S*)_p_gamma_H, _ld_gamma_H, (S*)_p_d_y, _ld_d_y, (S*)_p_d_z, _ld_d_z);
-    return (int)cudaGetLastError();
-}
-
-extern "C" int co_rnn_backward_bwd_leaf_H_cuda_f32(int64_t _rows, int64_t _cols, const void* _p_d_y_gemm, int64_t _ld_d_y_gemm, const void* _p_d_y_next, int64_t _ld_d_y_next, const void* _p_d_z_gemm, int64_t _ld_d_z_gemm, const void* _p_d_z_next, int64_t _ld_d_z_next, const void* _p_dt_H, int64_t _ld_dt_H, const void* _p_eps_H, int64_t _ld_eps_H, const void* _p_gamma_H, int64_t _ld_gamma_H, void* _p_d_y, int64_t _ld_d_y, void* _p_d_z, int64_t _ld_d_z, void* _stream)
-{
-    return co_rnn_backward_bwd_leaf_H_launch<float>(_rows, _cols, _p_d_y_gemm, _ld_d_y_gemm, _p_d_y_next, _ld_d_y_next, _p_d_z_gemm, _ld_d_z_gemm, _p_d_z_next, _ld_d_z_next, _p_dt_H, _ld_dt_H, _p_eps_H, _ld_eps_H, _p_gamma_H, _ld_gamma_H, _p_d_y, _ld_d_y, _p_d_z, _ld_d_z, _stream);
-}
-extern "C" int co_rnn_backward_bwd_leaf_H_cuda_f64(int64_t _rows, int64_t _cols, const void* _p_d_y_gemm, int64_t _ld_d_y_gemm, const void* _p_d_y_next, int64_t _ld_d_y_next, const void* _p_d_z_gemm, int64_t _ld_d_z_gemm, const void* _p_d_z_next, int64_t _ld_d_z_next, const void* _p_dt_H, int64_t _ld_dt_H, const void* _p_eps_H, int64_t _ld_eps_H, const void* _p_gamma_H, int64_t _ld_gamma_H, void* _p_d_y, int64_t _ld_d_y, void* _p_d_z, int64_t _ld_d_z, void* _stream)
-{
-    return co_rnn_backward_bwd_leaf_H_launch<double>(_rows, _cols, _p_d_y_gemm, _ld_d_y_gemm, _p_d_y_next, _ld_d_y_next, _p_d_z_gemm, _ld_d_z_gemm, _p_d_z_next, _ld_d_z_next, _p_dt_H, _ld_dt_H, _p_eps_H, _ld_eps_H, _p_gamma_H, _ld_gamma_H, _p_d_y, _ld_d_y, _p_d_z, _ld_d_z, _stream);
-}
-extern "C" int co_rnn_backward_bwd_leaf_H_cuda_f16(int64_t _rows, int64_t _cols, const void* _p_d_y_gemm, int64_t _ld_d_y_gemm, const void* _p_d_y_next, int64_t _ld_d_y_next, const void* _p_d_z_gemm, int64_t _ld_d_z_gemm, const void* _p_d_z_next, int64_t _ld_d_z_next, const void* _p_dt_H, int64_t _ld_dt_H, const void* _p_eps_H, int64_t _ld_eps_H, const void* _p_gamma_H, int64_t _ld_gamma_H, void* _p_d_y, int64_t _ld_d_y, void* _p_d_z, int64_t _ld_d_z, void* _stream)
-{
-    return co_rnn_backward_bwd_leaf_H_launch<__half>(_rows, _cols, _p_d_y_gemm, _ld_d_y_gemm, _p_d_y_next, _ld_d_y_next, _p_d_z_gemm, _ld_d_z_gemm, _p_d_z_next, _ld_d_z_next, _p_dt_H, _ld_dt_H, _p_eps_H, _ld_eps_H, _p_gamma_H, _ld_gamma_H, _p_d_y, _ld_d_y, _p_d_z, _ld_d_z, _stream);
-}
-extern "C" int co_rnn_backward_bwd_leaf_H_cuda_bf16(int64_t _rows, int64_t _cols, const void* _p_d_y_gemm, int64_t _ld_d_y_gemm, const void* _p_d_y_next, int64_t _ld_d_y_next, const void* _p_d_z_gemm, int64_t _ld_d_z_gemm, const void* _p_d_z_next, int64_t _ld_d_z_next, const void* _p_dt_H, int64_t _ld_dt_H, const void* _p_eps_H, int64_t _ld_eps_H, const void* _p_gamma_H, int64_t _ld_gamma_H, void* _p_d_y, int64_t _ld_d_y, void* _p_d_z, int64_t _ld_d_z, void* _stream)
-{
-    return co_rnn_backward_bwd_leaf_H_launch<__nv_bfloat16>(_rows, _cols, _p_d_y_gemm, _ld_d_y_gemm, _p_d_y_next, _ld_d_y_next, _p_d_z_gemm, _ld_d_z_gemm, _p_d_z_next, _ld_d_z_next, _p_dt_H, _ld_dt_H, _p_eps_H, _ld_eps_H, _p_gamma_H, _ld_gamma_H, _p_d_y, _ld_d_y, _p_d_z, _ld_d_z, _stream);
-}
-#endif  // __CUDACC__
-
-template <typename real>
-static inline void co_rnn_backward_bwd_leaf_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_d_y_gemm, int64_t _ld_d_y_gemm, const real* __restrict__ _p_d_y_next, int64_t _ld_d_y_next, const real* __restrict__ _p_d_z_gemm, int64_t _ld_d_z_gemm, const real* __restrict__ _p_d_z_next, int64_t _ld_d_z_next, const real* __restrict__ _p_dt_H, int64_t _ld_dt_H, const real* __restrict__ _p_eps_H, int64_t _ld_eps_H, const real* __restrict__ _p_gamma_H, int64_t _ld_gamma_H, real* __restrict__ _p_d_y, int64_t _ld_d_y, real* __restrict__ _p_d_z, int64_t _ld_d_z)
-{
-    cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
-#pragma omp simd
-        for (int64_t _j = 0; _j < _cols; ++_j) {
-            real d_y_gemm = _p_d_y_gemm[_r * _ld_d_y_gemm + _j];
-            real d_y_next = _p_d_y_next[_r * _ld_d_y_next + _j];
-            real d_z_gemm = _p_d_z_gemm[_r * _ld_d_z_gemm + _j];
-            real d_z_next = _p_d_z_next[_r * _ld_d_z_next + _j];
-            real dt_H = _p_dt_H[_r * _ld_dt_H + _j];
             real eps_H = _p_eps_H[_r * _ld_eps_H + _j];
             real gamma_H = _p_gamma_H[_r * _ld_gamma_H + _j];
-            real d_y;
-            real d_z;
-            co_rnn_backward_bwd_leaf_H<real>(d_y_gemm, d_y_next, d_z_gemm, d_z_next, dt_H, eps_H, gamma_H, d_y, d_z);
-            _p_d_y[_r * _ld_d_y + _j] = d_y;
-            _p_d_z[_r * _ld_d_z + _j] = d_z;
+            real d_W_y;
+            real d_W_z_z;
+            real d_y_direct;
+            real d_z_direct;
+            co_rnn_backward_bwd0_H<real>(V_x, W_y, W_z_z, b, d_y, d_y_next_out, d_z, dt_H, eps_H, gamma_H, d_W_y, d_W_z_z, d_y_direct, d_z_direct);
+            _p_d_W_y[_r * _ld_d_W_y + _j] = d_W_y;
+            _p_d_W_z_z[_r * _ld_d_W_z_z + _j] = d_W_z_z;
+            _p_d_y_direct[_r * _ld_d_y_direct + _j] = d_y_direct;
+            _p_d_z_direct[_r * _ld_d_z_direct + _j] = d_z_direct;
         }
     });
 }
 
-extern "C" void co_rnn_backward_bwd_leaf_H_f32(int64_t _rows, int64_t _cols, const float* _p_d_y_gemm, int64_t _ld_d_y_gemm, const float* _p_d_y_next, int64_t _ld_d_y_next, const float* _p_d_z_gemm, int64_t _ld_d_z_gemm, const float* _p_d_z_next, int64_t _ld_d_z_next, const float* _p_dt_H, int64_t _ld_dt_H, const float* _p_eps_H, int64_t _ld_eps_H, const float* _p_gamma_H, int64_t _ld_gamma_H, float* _p_d_y, int64_t _ld_d_y, float* _p_d_z, int64_t _ld_d_z)
+extern "C" void co_rnn_backward_bwd0_H_f32(int64_t _rows, int64_t _cols, const float* _p_V_x, int64_t _ld_V_x, const float* _p_W_y, int64_t _ld_W_y, const float* _p_W_z_z, int64_t _ld_W_z_z, const float* _p_b, int64_t _ld_b, const float* _p_d_y, int64_t _ld_d_y, const float* _p_d_y_next_out, int64_t _ld_d_y_next_out, const float* _p_d_z, int64_t _ld_d_z, const float* _p_dt_H, int64_t _ld_dt_H, const float* _p_eps_H, int64_t _ld_eps_H, const float* _p_gamma_H, int64_t _ld_gamma_H, float* _p_d_W_y, int64_t _ld_d_W_y, float* _p_d_W_z_z, int64_t _ld_d_W_z_z, float* _p_d_y_direct, int64_t _ld_d_y_direct, float* _p_d_z_direct, int64_t _ld_d_z_direct)
 {
-    co_rnn_backward_bwd_leaf_H_host<float>(_rows, _cols, _p_d_y_gemm, _ld_d_y_gemm, _p_d_y_next, _ld_d_y_next, _p_d_z_gemm, _ld_d_z_gemm, _p_d_z_next, _ld_d_z_next, _p_dt_H, _ld_dt_H, _p_eps_H, _ld_eps_H, _p_gamma_H, _ld_gamma_H, _p_d_y, _ld_d_y, _p_d_z, _ld_d_z);
+    co_rnn_backward_bwd0_H_host<float>(_rows, _cols, _p_V_x, _ld_V_x, _p_W_y, _ld_W_y, _p_W_z_z, _ld_W_z_z, _p_b, _ld_b, _p_d_y, _ld_d_y, _p_d_y_next_out, _ld_d_y_next_out, _p_d_z, _ld_d_z, _p_dt_H, _ld_dt_H, _p_eps_H, _ld_eps_H, _p_gamma_H, _ld_gamma_H, _p_d_W_y, _ld_d_W_y, _p_d_W_z_z, _ld_d_W_z_z, _p_d_y_direct, _ld_d_y_direct, _p_d_z_direct, _ld_d_z_direct);
 }
-extern "C" void co_rnn_backward_bwd_leaf_H_f64(int64_t _rows, int64_t _cols, const double* _p_d_y_gemm, int64_t _ld_d_y_gemm, const double* _p_d_y_next, int64_t _ld_d_y_next, const double* _p_d_z_gemm, int64_t _ld_d_z_gemm, const double* _p_d_z_next, int64_t _ld_d_z_next, const double* _p_dt_H, int64_t _ld_dt_H, const double* _p_eps_H, int64_t _ld_eps_H, const double* _p_gamma_H, int64_t _ld_gamma_H, double* _p_d_y, int64_t _ld_d_y, double* _p_d_z, int64_t _ld_d_z)
+extern "C" void co_rnn_backward_bwd0_H_f64(int64_t _rows, int64_t _cols, const double* _p_V_x, int64_t _ld_V_x, const double* _p_W_y, int64_t _ld_W_y, const double* _p_W_z_z, int64_t _ld_W_z_z, const double* _p_b, int64_t _ld_b, const double* _p_d_y, int64_t _ld_d_y, const double* _p_d_y_next_out, int64_t _ld_d_y_next_out, const double* _p_d_z, int64_t _ld_d_z, const double* _p_dt_H, int64_t _ld_dt_H, const double* _p_eps_H, int64_t _ld_eps_H, const double* _p_gamma_H, int64_t _ld_gamma_H, double* _p_d_W_y, int64_t _ld_d_W_y, double* _p_d_W_z_z, int64_t _ld_d_W_z_z, double* _p_d_y_direct, int64_t _ld_d_y_direct, double* _p_d_z_direct, int64_t _ld_d_z_direct)
 {
-    co_rnn_backward_bwd_leaf_H_host<double>(_rows, _cols, _p_d_y_gemm, _ld_d_y_gemm, _p_d_y_next, _ld_d_y_next, _p_d_z_gemm, _ld_d_z_gemm, _p_d_z_next, _ld_d_z_next, _p_dt_H, _ld_dt_H, _p_eps_H, _ld_eps_H, _p_gamma_H, _ld_gamma_H, _p_d_y, _ld_d_y, _p_d_z, _ld_d_z);
+    co_rnn_backward_bwd0_H_host<double>(_rows, _cols, _p_V_x, _ld_V_x, _p_W_y, _ld_W_y, _p_W_z_z, _ld_W_z_z, _p_b, _ld_b, _p_d_y, _ld_d_y, _p_d_y_next_out, _ld_d_y_next_out, _p_d_z, _ld_d_z, _p_dt_H, _ld_dt_H, _p_eps_H, _ld_eps_H, _p_gamma_H, _ld_gamma_H, _p_d_W_y, _ld_d_W_y, _p_d_W_z_z, _ld_d_W_z_z, _p_d_y_direct, _ld_d_y_direct, _p_d_z_direct, _ld_d_z_direct);
 }
 
 
@@ -1910,7 +1819,7 @@ extern "C" int co_rnn_inference_f64(const int64_t* dims, void* const* ptrs, cons
 
 // =============================================================================================
 // co_rnn: the whole sequence, backward
-// ptrs: 0 x_x, 1 s_y, 2 s_z, 3 p_b, 4 p_dt_H, 5 p_eps_H, 6 p_gamma_H, 7 hg_V__x, 8 g_W__y, 9 g_W_z__z, 10 dout_y_next, 11 ds_y, 12 ds_z, 13 dx_x, 14 dg_W__y, 15 tmp_d_y_gemm, 16 dg_W_z__z, 17 tmp_d_z_gemm, 18 tmp_d_y_next, 19 tmp_d_z_next, 20 weight V, 21 weight W, 22 weight W_z, 23 d V, 24 d W, 25 d W_z, 26 d b, 27 d dt_H, 28 d eps_H, 29 d gamma_H, 30 batch sizes (host, or NULL)
+// ptrs: 0 x_x, 1 s_y, 2 s_z, 3 p_b, 4 p_dt_H, 5 p_eps_H, 6 p_gamma_H, 7 hg_V__x, 8 g_W__y, 9 g_W_z__z, 10 dout_y_next, 11 ds_y, 12 ds_z, 13 dx_x, 14 dg_W__y, 15 dg_W_z__z, 16 weight V, 17 weight W, 18 weight W_z, 19 d V, 20 d W, 21 d W_z, 22 d b, 23 d dt_H, 24 d eps_H, 25 d gamma_H, 26 batch sizes (host, or NULL)
 
 // =============================================================================================
 template <typename S, typename G>
@@ -1956,37 +1865,29 @@ static int co_rnn_backward_run(const int64_t* dims, void* const* ptrs, const cs_
     (void)b_dx_x;
     S* b_dg_W__y = (S*)ptrs[14];
     (void)b_dg_W__y;
-    S* b_tmp_d_y_gemm = (S*)ptrs[15];
-    (void)b_tmp_d_y_gemm;
-    S* b_dg_W_z__z = (S*)ptrs[16];
+    S* b_dg_W_z__z = (S*)ptrs[15];
     (void)b_dg_W_z__z;
-    S* b_tmp_d_z_gemm = (S*)ptrs[17];
-    (void)b_tmp_d_z_gemm;
-    S* b_tmp_d_y_next = (S*)ptrs[18];
-    (void)b_tmp_d_y_next;
-    S* b_tmp_d_z_next = (S*)ptrs[19];
-    (void)b_tmp_d_z_next;
-    const S* w_V = (const S*)ptrs[20];
+    const S* w_V = (const S*)ptrs[16];
     (void)w_V;
-    const S* w_W = (const S*)ptrs[21];
+    const S* w_W = (const S*)ptrs[17];
     (void)w_W;
-    const S* w_W_z = (const S*)ptrs[22];
+    const S* w_W_z = (const S*)ptrs[18];
     (void)w_W_z;
-    G* g_V = (G*)ptrs[23];
+    G* g_V = (G*)ptrs[19];
     (void)g_V;
-    G* g_W = (G*)ptrs[24];
+    G* g_W = (G*)ptrs[20];
     (void)g_W;
-    G* g_W_z = (G*)ptrs[25];
+    G* g_W_z = (G*)ptrs[21];
     (void)g_W_z;
-    G* g_b = (G*)ptrs[26];
+    G* g_b = (G*)ptrs[22];
     (void)g_b;
-    G* g_dt_H = (G*)ptrs[27];
+    G* g_dt_H = (G*)ptrs[23];
     (void)g_dt_H;
-    G* g_eps_H = (G*)ptrs[28];
+    G* g_eps_H = (G*)ptrs[24];
     (void)g_eps_H;
-    G* g_gamma_H = (G*)ptrs[29];
+    G* g_gamma_H = (G*)ptrs[25];
     (void)g_gamma_H;
-    const int64_t* bs = (const int64_t*)ptrs[30];
+    const int64_t* bs = (const int64_t*)ptrs[26];
     (void)ctx;
     if (bs) {  // rows of ended sequences, which no step writes, are read over all T*B rows
         CS_ZERO(b_dg_W__y, (n_T) * (n_B) * (n_H));
@@ -2001,13 +1902,11 @@ static int co_rnn_backward_run(const int64_t* dims, void* const* ptrs, const cs_
         const int64_t rows = bs ? bs[t] : n_B;  // variable lengths: rows 0..B_t-1 run
         CS_SPLIT_ROWS(split_rows, n_B);
         // backward: stage 0 backward, units of size H
-        CS_PW(co_rnn_backward_bwd0_H, rows, n_H, b_hg_V__x + t * n_B * (n_H), n_H, b_g_W__y + t * n_B * (n_H), n_H, b_g_W_z__z + t * n_B * (n_H), n_H, b_p_b, 0, b_ds_y, n_H, b_dout_y_next + t * n_B * (n_H), n_H, b_ds_z, n_H, b_p_dt_H, 0, b_tmp_d_y_next, n_H, b_tmp_d_z_next, n_H, b_dg_W__y + t * n_B * (n_H), n_H, b_dg_W_z__z + t * n_B * (n_H), n_H);
-        // d_y_gemm = dg_W__y @ [W]
-        CS_GEMM_NN_PACKED(rows, n_H, n_H, b_dg_W__y + t * n_B * (n_H), n_H, pk_W_nn, b_tmp_d_y_gemm, n_H, 0);
-        // d_z_gemm = dg_W_z__z @ [W_z]
-        CS_GEMM_NN_PACKED(rows, n_H, n_H, b_dg_W_z__z + t * n_B * (n_H), n_H, pk_W_z_nn, b_tmp_d_z_gemm, n_H, 0);
-        // backward: per-step adjoints of inputs, states, vector params, hoisted results, units of size H
-        CS_PW(co_rnn_backward_bwd_leaf_H, rows, n_H, b_tmp_d_y_gemm, n_H, b_tmp_d_y_next, n_H, b_tmp_d_z_gemm, n_H, b_tmp_d_z_next, n_H, b_p_dt_H, 0, b_p_eps_H, 0, b_p_gamma_H, 0, b_ds_y, n_H, b_ds_z, n_H);
+        CS_PW(co_rnn_backward_bwd0_H, rows, n_H, b_hg_V__x + t * n_B * (n_H), n_H, b_g_W__y + t * n_B * (n_H), n_H, b_g_W_z__z + t * n_B * (n_H), n_H, b_p_b, 0, b_ds_y, n_H, b_dout_y_next + t * n_B * (n_H), n_H, b_ds_z, n_H, b_p_dt_H, 0, b_p_eps_H, 0, b_p_gamma_H, 0, b_dg_W__y + t * n_B * (n_H), n_H, b_dg_W_z__z + t * n_B * (n_H), n_H, b_ds_y, n_H, b_ds_z, n_H);
+        // d_y_gemm += dg_W__y @ [W]
+        CS_GEMM_NN_PACKED(rows, n_H, n_H, b_dg_W__y + t * n_B * (n_H), n_H, pk_W_nn, b_ds_y, n_H, 1);
+        // d_z_gemm += dg_W_z__z @ [W_z]
+        CS_GEMM_NN_PACKED(rows, n_H, n_H, b_dg_W_z__z + t * n_B * (n_H), n_H, pk_W_z_nn, b_ds_z, n_H, 1);
     }
     CS_SPLIT_DONE();
     CS_TEAM_END

@@ -304,11 +304,7 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
     _ds_z = np.zeros((_B, _H), _dtype) if _d_final[1] is None else np.array(np.asarray(_d_final[1], _dtype), copy=True)
     _dx_x = np.empty((_T, _B, _I), _dtype)
     _dg_W__y = np.empty((_T, _B, _H), _dtype)
-    _tmp_d_y_gemm = np.empty((_B, _H), _dtype)
     _dg_W_z__z = np.empty((_T, _B, _H), _dtype)
-    _tmp_d_z_gemm = np.empty((_B, _H), _dtype)
-    _tmp_d_y_next = np.empty((_B, _H), _dtype)
-    _tmp_d_z_next = np.empty((_B, _H), _dtype)
     if _bs is not None:
         _dg_W__y[...] = 0
         _dg_W_z__z[...] = 0
@@ -318,12 +314,8 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
     _ds_y_rows = _rows(_ds_y, _T, _bs)
     _dout_y_next_at0 = _steps(_dout_y_next, 0, _T, _bs)
     _ds_z_rows = _rows(_ds_z, _T, _bs)
-    _tmp_d_y_next_rows = _rows(_tmp_d_y_next, _T, _bs)
-    _tmp_d_z_next_rows = _rows(_tmp_d_z_next, _T, _bs)
     _dg_W__y_at0 = _steps(_dg_W__y, 0, _T, _bs)
     _dg_W_z__z_at0 = _steps(_dg_W_z__z, 0, _T, _bs)
-    _tmp_d_y_gemm_rows = _rows(_tmp_d_y_gemm, _T, _bs)
-    _tmp_d_z_gemm_rows = _rows(_tmp_d_z_gemm, _T, _bs)
     _grads = {}
     for _t in reversed(range(_T)):
         # stage 0 backward
@@ -337,21 +329,14 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
         d_z_next = d_y_next*dt_H + d_z  # adjoint of z'
         d_W_y = d_z_next*dt_H*(1 - (np.tanh(V_x + W_y + W_z_z + b)*np.tanh(V_x + W_y + W_z_z + b)))  # adjoint of W @ y
         d_W_z_z = d_W_y  # adjoint of W_z @ z
-        _tmp_d_y_next_rows[_t][...] = d_y_next
-        _tmp_d_z_next_rows[_t][...] = d_z_next
+        d_y_direct = d_y_next - d_z_next*dt_H*gamma_H  # adjoint of state y, less the recurrent product's share (the GEMM adds it)
+        d_z_direct = d_z_next*(-dt_H*eps_H + 1)  # adjoint of state z, less the recurrent product's share (the GEMM adds it)
         _dg_W__y_at0[_t][...] = d_W_y
         _dg_W_z__z_at0[_t][...] = d_W_z_z
-        np.matmul(_dg_W__y_at0[_t], _w_W, out=_tmp_d_y_gemm_rows[_t])
-        np.matmul(_dg_W_z__z_at0[_t], _w_W_z, out=_tmp_d_z_gemm_rows[_t])
-        # per-step adjoints of inputs, states, vector params, hoisted results
-        d_y_gemm = _tmp_d_y_gemm_rows[_t]
-        d_y_next = _tmp_d_y_next_rows[_t]
-        d_z_gemm = _tmp_d_z_gemm_rows[_t]
-        d_z_next = _tmp_d_z_next_rows[_t]
-        d_y = d_y_gemm + d_y_next - d_z_next*dt_H*gamma_H  # adjoint of state y
-        d_z = d_z_gemm + d_z_next*(-dt_H*eps_H + 1)  # adjoint of state z
-        _ds_y_rows[_t][...] = d_y
-        _ds_z_rows[_t][...] = d_z
+        _ds_y_rows[_t][...] = d_y_direct
+        _ds_z_rows[_t][...] = d_z_direct
+        _ds_y_rows[_t][...] += _dg_W__y_at0[_t] @ _w_W
+        _ds_z_rows[_t][...] += _dg_W_z__z_at0[_t] @ _w_W_z
     # dW of W @ y: one GEMM over all T*B rows
     _grads["W"] = _dg_W__y.reshape(_T * _B, _H).T @ _s_y[:_T].reshape(_T * _B, _H)
     # dW of W_z @ z: one GEMM over all T*B rows

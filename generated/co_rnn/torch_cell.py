@@ -267,11 +267,7 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
     _ds_z = torch.zeros((_B, _H), dtype=_dtype, device=_device) if _d_final[1] is None else _d_final[1].to(_dtype).clone()
     _dx_x = torch.empty((_T, _B, _I), dtype=_dtype, device=_device)
     _dg_W__y = torch.empty((_T, _B, _H), dtype=_dtype, device=_device)
-    _tmp_d_y_gemm = torch.empty((_B, _H), dtype=_dtype, device=_device)
     _dg_W_z__z = torch.empty((_T, _B, _H), dtype=_dtype, device=_device)
-    _tmp_d_z_gemm = torch.empty((_B, _H), dtype=_dtype, device=_device)
-    _tmp_d_y_next = torch.empty((_B, _H), dtype=_dtype, device=_device)
-    _tmp_d_z_next = torch.empty((_B, _H), dtype=_dtype, device=_device)
     if _bs is not None:
         _dg_W__y.zero_()
         _dg_W_z__z.zero_()
@@ -281,12 +277,8 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
     _ds_y_rows = _rows(_ds_y, _T, _bs)
     _dout_y_next_at0 = _steps(_dout_y_next, 0, _T, _bs)
     _ds_z_rows = _rows(_ds_z, _T, _bs)
-    _tmp_d_y_next_rows = _rows(_tmp_d_y_next, _T, _bs)
-    _tmp_d_z_next_rows = _rows(_tmp_d_z_next, _T, _bs)
     _dg_W__y_at0 = _steps(_dg_W__y, 0, _T, _bs)
     _dg_W_z__z_at0 = _steps(_dg_W_z__z, 0, _T, _bs)
-    _tmp_d_y_gemm_rows = _rows(_tmp_d_y_gemm, _T, _bs)
-    _tmp_d_z_gemm_rows = _rows(_tmp_d_z_gemm, _T, _bs)
     _grads = {}
     for _t in reversed(range(_T)):
         # stage 0 backward
@@ -300,21 +292,14 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
         d_z_next = d_y_next*dt_H + d_z  # adjoint of z'
         d_W_y = d_z_next*dt_H*(1 - (torch.tanh(V_x + W_y + W_z_z + b)*torch.tanh(V_x + W_y + W_z_z + b)))  # adjoint of W @ y
         d_W_z_z = d_W_y  # adjoint of W_z @ z
-        _tmp_d_y_next_rows[_t].copy_(d_y_next)
-        _tmp_d_z_next_rows[_t].copy_(d_z_next)
+        d_y_direct = d_y_next - d_z_next*dt_H*gamma_H  # adjoint of state y, less the recurrent product's share (the GEMM adds it)
+        d_z_direct = d_z_next*(-dt_H*eps_H + 1)  # adjoint of state z, less the recurrent product's share (the GEMM adds it)
         _dg_W__y_at0[_t].copy_(d_W_y)
         _dg_W_z__z_at0[_t].copy_(d_W_z_z)
-        torch.mm(_dg_W__y_at0[_t], _w_W, out=_tmp_d_y_gemm_rows[_t])
-        torch.mm(_dg_W_z__z_at0[_t], _w_W_z, out=_tmp_d_z_gemm_rows[_t])
-        # per-step adjoints of inputs, states, vector params, hoisted results
-        d_y_gemm = _tmp_d_y_gemm_rows[_t]
-        d_y_next = _tmp_d_y_next_rows[_t]
-        d_z_gemm = _tmp_d_z_gemm_rows[_t]
-        d_z_next = _tmp_d_z_next_rows[_t]
-        d_y = d_y_gemm + d_y_next - d_z_next*dt_H*gamma_H  # adjoint of state y
-        d_z = d_z_gemm + d_z_next*(-dt_H*eps_H + 1)  # adjoint of state z
-        _ds_y_rows[_t].copy_(d_y)
-        _ds_z_rows[_t].copy_(d_z)
+        _ds_y_rows[_t].copy_(d_y_direct)
+        _ds_z_rows[_t].copy_(d_z_direct)
+        _ds_y_rows[_t].addmm_(_dg_W__y_at0[_t], _w_W)
+        _ds_z_rows[_t].addmm_(_dg_W_z__z_at0[_t], _w_W_z)
     # dW of W @ y: one GEMM over all T*B rows
     _grads["W"] = _dg_W__y.reshape(_T * _B, _H).T @ _s_y[:_T].reshape(_T * _B, _H)
     # dW of W_z @ z: one GEMM over all T*B rows
@@ -439,11 +424,7 @@ def _backward_differentiable(_params, _x, _saved, _d_outputs, _d_final, _bs=None
     _ds_z = torch.zeros((_B, _H), dtype=_dtype, device=_device) if _d_final[1] is None else _d_final[1].to(_dtype).clone()
     _dx_x = torch.zeros((_T, _B, _I), dtype=_dtype, device=_device)
     _dg_W__y = torch.zeros((_T, _B, _H), dtype=_dtype, device=_device)
-    _tmp_d_y_gemm = torch.zeros((_B, _H), dtype=_dtype, device=_device)
     _dg_W_z__z = torch.zeros((_T, _B, _H), dtype=_dtype, device=_device)
-    _tmp_d_z_gemm = torch.zeros((_B, _H), dtype=_dtype, device=_device)
-    _tmp_d_y_next = torch.zeros((_B, _H), dtype=_dtype, device=_device)
-    _tmp_d_z_next = torch.zeros((_B, _H), dtype=_dtype, device=_device)
     _dg_W__y_rows = list(_dg_W__y.unbind(0))
     _dg_W_z__z_rows = list(_dg_W_z__z.unbind(0))
     _dx_x_rows = list(_dx_x.unbind(0))
@@ -464,21 +445,14 @@ def _backward_differentiable(_params, _x, _saved, _d_outputs, _d_final, _bs=None
         d_z_next = d_y_next*dt_H + d_z  # adjoint of z'
         d_W_y = d_z_next*dt_H*(1 - (torch.tanh(V_x + W_y + W_z_z + b)*torch.tanh(V_x + W_y + W_z_z + b)))  # adjoint of W @ y
         d_W_z_z = d_W_y  # adjoint of W_z @ z
-        _tmp_d_y_next = d_y_next
-        _tmp_d_z_next = d_z_next
+        d_y_direct = d_y_next - d_z_next*dt_H*gamma_H  # adjoint of state y, less the recurrent product's share (the GEMM adds it)
+        d_z_direct = d_z_next*(-dt_H*eps_H + 1)  # adjoint of state z, less the recurrent product's share (the GEMM adds it)
         _dg_W__y_rows[_t] = d_W_y
         _dg_W_z__z_rows[_t] = d_W_z_z
-        _tmp_d_y_gemm = _dg_W__y_rows[_t] @ _w_W
-        _tmp_d_z_gemm = _dg_W_z__z_rows[_t] @ _w_W_z
-        # per-step adjoints of inputs, states, vector params, hoisted results
-        d_y_gemm = _tmp_d_y_gemm
-        d_y_next = _tmp_d_y_next
-        d_z_gemm = _tmp_d_z_gemm
-        d_z_next = _tmp_d_z_next
-        d_y = d_y_gemm + d_y_next - d_z_next*dt_H*gamma_H  # adjoint of state y
-        d_z = d_z_gemm + d_z_next*(-dt_H*eps_H + 1)  # adjoint of state z
-        _ds_y = d_y
-        _ds_z = d_z
+        _ds_y = d_y_direct
+        _ds_z = d_z_direct
+        _ds_y = _ds_y + _dg_W__y_rows[_t] @ _w_W
+        _ds_z = _ds_z + _dg_W_z__z_rows[_t] @ _w_W_z
     _dg_W__y = torch.stack(_dg_W__y_rows)
     # dW of W @ y: one GEMM over all T*B rows
     _grads["W"] = _dg_W__y.reshape(_T * _B, _H).T @ _s_y[:_T].reshape(_T * _B, _H)
@@ -669,7 +643,7 @@ def _custom_ops(name, forward, backward, forward_schema, backward_schema, forwar
 #: the PyTorch engine's forward and backward as custom ops (the engine itself is the fake:
 #: it runs on fake tensors)
 _ENGINE_OPS = _custom_ops(
-    "co_rnn_engine_aeaf2acb2e41", _engine_op_forward_impl, _engine_op_backward_impl,
+    "co_rnn_engine_b5a181b9dde2", _engine_op_forward_impl, _engine_op_backward_impl,
     "(Tensor[] xs, Tensor[] states, Tensor[] params) -> Tensor[]",
     "(Tensor[] args, Tensor[] saved, Tensor?[] d_outputs, Tensor?[] d_finals) -> Tensor[]",
     _engine_op_forward_impl, _engine_op_backward_impl, _engine_op_backward, _engine_op_setup_context,
@@ -1036,7 +1010,7 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     if _bs is not None:  # outputs past a sequence's end are constant zeros
         _m = _native_active(_bs, _B, _xs)
         _d_outputs = tuple(None if _d is None else _d * _m for _d in _d_outputs)
-    dg_W__y, tmp_d_y_gemm, dg_W_z__z, tmp_d_z_gemm, tmp_d_y_next, tmp_d_z_next = _scratch((_T, _B, _H), (_B, _H), (_T, _B, _H), (_B, _H), (_B, _H), (_B, _H))
+    dg_W__y, dg_W_z__z = _scratch((_T, _B, _H), (_T, _B, _H))
     x_x = _xs[0].contiguous()
     s_y = _saved[0]
     s_z = _saved[1]
@@ -1055,14 +1029,14 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     _grads_1 = _gzeros((3, _H)).unbind(0)
     _grads = {"V": _gempty((_H, _I)), "W": _grads_0[0], "W_z": _grads_0[1], "b": _gempty((_H,)), "dt_H": _grads_1[0], "eps_H": _grads_1[1], "gamma_H": _grads_1[2]}
     if _lib is not None:
-        _lib("backward", _dims, [x_x, s_y, s_z, p_b, p_dt_H, p_eps_H, p_gamma_H, hg_V__x, g_W__y, g_W_z__z, dout_y_next, ds_y, ds_z, dx_x, dg_W__y, tmp_d_y_gemm, dg_W_z__z, tmp_d_z_gemm, tmp_d_y_next, tmp_d_z_next, _params["V"].contiguous(), _params["W"].contiguous(), _params["W_z"].contiguous(), *_grads.values(), _bs])
+        _lib("backward", _dims, [x_x, s_y, s_z, p_b, p_dt_H, p_eps_H, p_gamma_H, hg_V__x, g_W__y, g_W_z__z, dout_y_next, ds_y, ds_z, dx_x, dg_W__y, dg_W_z__z, _params["V"].contiguous(), _params["W"].contiguous(), _params["W_z"].contiguous(), *_grads.values(), _bs])
     return _grads, (dx_x,), (ds_y, ds_z,)
 
 
 # The same two calls as PyTorch custom ops, for torch.compile (which traces them through their
 # fake implementations: the allocations above, without the call). Registered once per process
 # and content of this file; outputs are copies (an op's outputs may not alias each other).
-_OP = "co_rnn_84faad9e0026"
+_OP = "co_rnn_ca3393c983de"
 
 
 def _op_forward_impl(xs: list[torch.Tensor], states: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -1539,18 +1539,18 @@ __host__ __device__ inline void def_lstm_backward_bwd0_H(
     real g,
     real i,
     real o,
-    real& d_h_next,  // out
-    real& d_c_next,  // out
     real& d_U_i_h,  // out
     real& d_U_f_h,  // out
     real& d_U_g_h,  // out
-    real& d_U_o_h)  // out
+    real& d_U_o_h,  // out
+    real& d_beta_H,  // out
+    real& d_c_prev)  // out
 {
     const real t0 = cs_tanh(beta_H*c_next);
     // adjoint of h'
-    d_h_next = d_h + d_h_next_out;
+    const real d_h_next = d_h + d_h_next_out;
     // adjoint of c'
-    d_c_next = beta_H*d_h_next*o*(real(1.0) - (t0*t0)) + d_c;
+    const real d_c_next = beta_H*d_h_next*o*(real(1.0) - (t0*t0)) + d_c;
     // adjoint of o
     const real d_o = d_h_next*t0;
     // adjoint of g
@@ -1567,11 +1567,15 @@ __host__ __device__ inline void def_lstm_backward_bwd0_H(
     d_U_g_h = d_g*(real(1.0) - (g*g));
     // adjoint of U_o @ h
     d_U_o_h = d_o*o*(real(1.0) - o);
+    // adjoint of param beta_H
+    d_beta_H = c_next*d_h_next*o*(real(1.0) - (t0*t0));
+    // adjoint of state c, carried to the step before
+    d_c_prev = d_c_next*f;
 }
 
 #ifdef __CUDACC__
 template <typename S>
-__global__ void def_lstm_backward_bwd0_H_kernel(int64_t _rows, int64_t _cols, const S* __restrict__ _p_beta_H, int64_t _ld_beta_H, const S* __restrict__ _p_c, int64_t _ld_c, const S* __restrict__ _p_c_next, int64_t _ld_c_next, const S* __restrict__ _p_d_c, int64_t _ld_d_c, const S* __restrict__ _p_d_h, int64_t _ld_d_h, const S* __restrict__ _p_d_h_next_out, int64_t _ld_d_h_next_out, const S* __restrict__ _p_f, int64_t _ld_f, const S* __restrict__ _p_g, int64_t _ld_g, const S* __restrict__ _p_i, int64_t _ld_i, const S* __restrict__ _p_o, int64_t _ld_o, S* __restrict__ _p_d_h_next, int64_t _ld_d_h_next, S* __restrict__ _p_d_c_next, int64_t _ld_d_c_next, S* __restrict__ _p_d_U_i_h, int64_t _ld_d_U_i_h, S* __restrict__ _p_d_U_f_h, int64_t _ld_d_U_f_h, S* __restrict__ _p_d_U_g_h, int64_t _ld_d_U_g_h, S* __restrict__ _p_d_U_o_h, int64_t _ld_d_U_o_h)
+__global__ void def_lstm_backward_bwd0_H_kernel(int64_t _rows, int64_t _cols, const S* __restrict__ _p_beta_H, int64_t _ld_beta_H, const S* __restrict__ _p_c, int64_t _ld_c, const S* __restrict__ _p_c_next, int64_t _ld_c_next, const S* __restrict__ _p_d_c, int64_t _ld_d_c, const S* __restrict__ _p_d_h, int64_t _ld_d_h, const S* __restrict__ _p_d_h_next_out, int64_t _ld_d_h_next_out, const S* __restrict__ _p_f, int64_t _ld_f, const S* __restrict__ _p_g, int64_t _ld_g, const S* __restrict__ _p_i, int64_t _ld_i, const S* __restrict__ _p_o, int64_t _ld_o, S* __restrict__ _p_d_U_i_h, int64_t _ld_d_U_i_h, S* __restrict__ _p_d_U_f_h, int64_t _ld_d_U_f_h, S* __restrict__ _p_d_U_g_h, int64_t _ld_d_U_g_h, S* __restrict__ _p_d_U_o_h, int64_t _ld_d_U_o_h, S* __restrict__ _p_d_beta_H, int64_t _ld_d_beta_H, S* __restrict__ _p_d_c_prev, int64_t _ld_d_c_prev)
 {
     typedef typename cs_math<S>::type M;
     const int64_t _j = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
@@ -1587,52 +1591,52 @@ __global__ void def_lstm_backward_bwd0_H_kernel(int64_t _rows, int64_t _cols, co
         M g = cs_load(_p_g[_r * _ld_g + _j]);
         M i = cs_load(_p_i[_r * _ld_i + _j]);
         M o = cs_load(_p_o[_r * _ld_o + _j]);
-        M d_h_next;
-        M d_c_next;
         M d_U_i_h;
         M d_U_f_h;
         M d_U_g_h;
         M d_U_o_h;
-        def_lstm_backward_bwd0_H<M>(beta_H, c, c_next, d_c, d_h, d_h_next_out, f, g, i, o, d_h_next, d_c_next, d_U_i_h, d_U_f_h, d_U_g_h, d_U_o_h);
-        cs_store(&_p_d_h_next[_r * _ld_d_h_next + _j], d_h_next);
-        cs_store(&_p_d_c_next[_r * _ld_d_c_next + _j], d_c_next);
+        M d_beta_H;
+        M d_c_prev;
+        def_lstm_backward_bwd0_H<M>(beta_H, c, c_next, d_c, d_h, d_h_next_out, f, g, i, o, d_U_i_h, d_U_f_h, d_U_g_h, d_U_o_h, d_beta_H, d_c_prev);
         cs_store(&_p_d_U_i_h[_r * _ld_d_U_i_h + _j], d_U_i_h);
         cs_store(&_p_d_U_f_h[_r * _ld_d_U_f_h + _j], d_U_f_h);
         cs_store(&_p_d_U_g_h[_r * _ld_d_U_g_h + _j], d_U_g_h);
         cs_store(&_p_d_U_o_h[_r * _ld_d_U_o_h + _j], d_U_o_h);
+        cs_store(&_p_d_beta_H[_r * _ld_d_beta_H + _j], d_beta_H);
+        cs_store(&_p_d_c_prev[_r * _ld_d_c_prev + _j], d_c_prev);
     }
 }
 
 template <typename S>
-static int def_lstm_backward_bwd0_H_launch(int64_t _rows, int64_t _cols, const void* _p_beta_H, int64_t _ld_beta_H, const void* _p_c, int64_t _ld_c, const void* _p_c_next, int64_t _ld_c_next, const void* _p_d_c, int64_t _ld_d_c, const void* _p_d_h, int64_t _ld_d_h, const void* _p_d_h_next_out, int64_t _ld_d_h_next_out, const void* _p_f, int64_t _ld_f, const void* _p_g, int64_t _ld_g, const void* _p_i, int64_t _ld_i, const void* _p_o, int64_t _ld_o, void* _p_d_h_next, int64_t _ld_d_h_next, void* _p_d_c_next, int64_t _ld_d_c_next, void* _p_d_U_i_h, int64_t _ld_d_U_i_h, void* _p_d_U_f_h, int64_t _ld_d_U_f_h, void* _p_d_U_g_h, int64_t _ld_d_U_g_h, void* _p_d_U_o_h, int64_t _ld_d_U_o_h, void* _stream)
+static int def_lstm_backward_bwd0_H_launch(int64_t _rows, int64_t _cols, const void* _p_beta_H, int64_t _ld_beta_H, const void* _p_c, int64_t _ld_c, const void* _p_c_next, int64_t _ld_c_next, const void* _p_d_c, int64_t _ld_d_c, const void* _p_d_h, int64_t _ld_d_h, const void* _p_d_h_next_out, int64_t _ld_d_h_next_out, const void* _p_f, int64_t _ld_f, const void* _p_g, int64_t _ld_g, const void* _p_i, int64_t _ld_i, const void* _p_o, int64_t _ld_o, void* _p_d_U_i_h, int64_t _ld_d_U_i_h, void* _p_d_U_f_h, int64_t _ld_d_U_f_h, void* _p_d_U_g_h, int64_t _ld_d_U_g_h, void* _p_d_U_o_h, int64_t _ld_d_U_o_h, void* _p_d_beta_H, int64_t _ld_d_beta_H, void* _p_d_c_prev, int64_t _ld_d_c_prev, void* _stream)
 {
     if (_rows <= 0 || _cols <= 0) return 0;
     dim3 _grid, _block;
     cs_grid(_rows, _cols, &_grid, &_block);
-    def_lstm_backward_bwd0_H_kernel<S><<<_grid, _block, 0, (cudaStream_t)_stream>>>(_rows, _cols, (const S*)_p_beta_H, _ld_beta_H, (const S*)_p_c, _ld_c, (const S*)_p_c_next, _ld_c_next, (const S*)_p_d_c, _ld_d_c, (const S*)_p_d_h, _ld_d_h, (const S*)_p_d_h_next_out, _ld_d_h_next_out, (const S*)_p_f, _ld_f, (const S*)_p_g, _ld_g, (const S*)_p_i, _ld_i, (const S*)_p_o, _ld_o, (S*)_p_d_h_next, _ld_d_h_next, (S*)_p_d_c_next, _ld_d_c_next, (S*)_p_d_U_i_h, _ld_d_U_i_h, (S*)_p_d_U_f_h, _ld_d_U_f_h, (S*)_p_d_U_g_h, _ld_d_U_g_h, (S*)_p_d_U_o_h, _ld_d_U_o_h);
+    def_lstm_backward_bwd0_H_kernel<S><<<_grid, _block, 0, (cudaStream_t)_stream>>>(_rows, _cols, (const S*)_p_beta_H, _ld_beta_H, (const S*)_p_c, _ld_c, (const S*)_p_c_next, _ld_c_next, (const S*)_p_d_c, _ld_d_c, (const S*)_p_d_h, _ld_d_h, (const S*)_p_d_h_next_out, _ld_d_h_next_out, (const S*)_p_f, _ld_f, (const S*)_p_g, _ld_g, (const S*)_p_i, _ld_i, (const S*)_p_o, _ld_o, (S*)_p_d_U_i_h, _ld_d_U_i_h, (S*)_p_d_U_f_h, _ld_d_U_f_h, (S*)_p_d_U_g_h, _ld_d_U_g_h, (S*)_p_d_U_o_h, _ld_d_U_o_h, (S*)_p_d_beta_H, _ld_d_beta_H, (S*)_p_d_c_prev, _ld_d_c_prev);
     return (int)cudaGetLastError();
 }
 
-extern "C" int def_lstm_backward_bwd0_H_cuda_f32(int64_t _rows, int64_t _cols, const void* _p_beta_H, int64_t _ld_beta_H, const void* _p_c, int64_t _ld_c, const void* _p_c_next, int64_t _ld_c_next, const void* _p_d_c, int64_t _ld_d_c, const void* _p_d_h, int64_t _ld_d_h, const void* _p_d_h_next_out, int64_t _ld_d_h_next_out, const void* _p_f, int64_t _ld_f, const void* _p_g, int64_t _ld_g, const void* _p_i, int64_t _ld_i, const void* _p_o, int64_t _ld_o, void* _p_d_h_next, int64_t _ld_d_h_next, void* _p_d_c_next, int64_t _ld_d_c_next, void* _p_d_U_i_h, int64_t _ld_d_U_i_h, void* _p_d_U_f_h, int64_t _ld_d_U_f_h, void* _p_d_U_g_h, int64_t _ld_d_U_g_h, void* _p_d_U_o_h, int64_t _ld_d_U_o_h, void* _stream)
+extern "C" int def_lstm_backward_bwd0_H_cuda_f32(int64_t _rows, int64_t _cols, const void* _p_beta_H, int64_t _ld_beta_H, const void* _p_c, int64_t _ld_c, const void* _p_c_next, int64_t _ld_c_next, const void* _p_d_c, int64_t _ld_d_c, const void* _p_d_h, int64_t _ld_d_h, const void* _p_d_h_next_out, int64_t _ld_d_h_next_out, const void* _p_f, int64_t _ld_f, const void* _p_g, int64_t _ld_g, const void* _p_i, int64_t _ld_i, const void* _p_o, int64_t _ld_o, void* _p_d_U_i_h, int64_t _ld_d_U_i_h, void* _p_d_U_f_h, int64_t _ld_d_U_f_h, void* _p_d_U_g_h, int64_t _ld_d_U_g_h, void* _p_d_U_o_h, int64_t _ld_d_U_o_h, void* _p_d_beta_H, int64_t _ld_d_beta_H, void* _p_d_c_prev, int64_t _ld_d_c_prev, void* _stream)
 {
-    return def_lstm_backward_bwd0_H_launch<float>(_rows, _cols, _p_beta_H, _ld_beta_H, _p_c, _ld_c, _p_c_next, _ld_c_next, _p_d_c, _ld_d_c, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_f, _ld_f, _p_g, _ld_g, _p_i, _ld_i, _p_o, _ld_o, _p_d_h_next, _ld_d_h_next, _p_d_c_next, _ld_d_c_next, _p_d_U_i_h, _ld_d_U_i_h, _p_d_U_f_h, _ld_d_U_f_h, _p_d_U_g_h, _ld_d_U_g_h, _p_d_U_o_h, _ld_d_U_o_h, _stream);
+    return def_lstm_backward_bwd0_H_launch<float>(_rows, _cols, _p_beta_H, _ld_beta_H, _p_c, _ld_c, _p_c_next, _ld_c_next, _p_d_c, _ld_d_c, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_f, _ld_f, _p_g, _ld_g, _p_i, _ld_i, _p_o, _ld_o, _p_d_U_i_h, _ld_d_U_i_h, _p_d_U_f_h, _ld_d_U_f_h, _p_d_U_g_h, _ld_d_U_g_h, _p_d_U_o_h, _ld_d_U_o_h, _p_d_beta_H, _ld_d_beta_H, _p_d_c_prev, _ld_d_c_prev, _stream);
 }
-extern "C" int def_lstm_backward_bwd0_H_cuda_f64(int64_t _rows, int64_t _cols, const void* _p_beta_H, int64_t _ld_beta_H, const void* _p_c, int64_t _ld_c, const void* _p_c_next, int64_t _ld_c_next, const void* _p_d_c, int64_t _ld_d_c, const void* _p_d_h, int64_t _ld_d_h, const void* _p_d_h_next_out, int64_t _ld_d_h_next_out, const void* _p_f, int64_t _ld_f, const void* _p_g, int64_t _ld_g, const void* _p_i, int64_t _ld_i, const void* _p_o, int64_t _ld_o, void* _p_d_h_next, int64_t _ld_d_h_next, void* _p_d_c_next, int64_t _ld_d_c_next, void* _p_d_U_i_h, int64_t _ld_d_U_i_h, void* _p_d_U_f_h, int64_t _ld_d_U_f_h, void* _p_d_U_g_h, int64_t _ld_d_U_g_h, void* _p_d_U_o_h, int64_t _ld_d_U_o_h, void* _stream)
+extern "C" int def_lstm_backward_bwd0_H_cuda_f64(int64_t _rows, int64_t _cols, const void* _p_beta_H, int64_t _ld_beta_H, const void* _p_c, int64_t _ld_c, const void* _p_c_next, int64_t _ld_c_next, const void* _p_d_c, int64_t _ld_d_c, const void* _p_d_h, int64_t _ld_d_h, const void* _p_d_h_next_out, int64_t _ld_d_h_next_out, const void* _p_f, int64_t _ld_f, const void* _p_g, int64_t _ld_g, const void* _p_i, int64_t _ld_i, const void* _p_o, int64_t _ld_o, void* _p_d_U_i_h, int64_t _ld_d_U_i_h, void* _p_d_U_f_h, int64_t _ld_d_U_f_h, void* _p_d_U_g_h, int64_t _ld_d_U_g_h, void* _p_d_U_o_h, int64_t _ld_d_U_o_h, void* _p_d_beta_H, int64_t _ld_d_beta_H, void* _p_d_c_prev, int64_t _ld_d_c_prev, void* _stream)
 {
-    return def_lstm_backward_bwd0_H_launch<double>(_rows, _cols, _p_beta_H, _ld_beta_H, _p_c, _ld_c, _p_c_next, _ld_c_next, _p_d_c, _ld_d_c, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_f, _ld_f, _p_g, _ld_g, _p_i, _ld_i, _p_o, _ld_o, _p_d_h_next, _ld_d_h_next, _p_d_c_next, _ld_d_c_next, _p_d_U_i_h, _ld_d_U_i_h, _p_d_U_f_h, _ld_d_U_f_h, _p_d_U_g_h, _ld_d_U_g_h, _p_d_U_o_h, _ld_d_U_o_h, _stream);
+    return def_lstm_backward_bwd0_H_launch<double>(_rows, _cols, _p_beta_H, _ld_beta_H, _p_c, _ld_c, _p_c_next, _ld_c_next, _p_d_c, _ld_d_c, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_f, _ld_f, _p_g, _ld_g, _p_i, _ld_i, _p_o, _ld_o, _p_d_U_i_h, _ld_d_U_i_h, _p_d_U_f_h, _ld_d_U_f_h, _p_d_U_g_h, _ld_d_U_g_h, _p_d_U_o_h, _ld_d_U_o_h, _p_d_beta_H, _ld_d_beta_H, _p_d_c_prev, _ld_d_c_prev, _stream);
 }
-extern "C" int def_lstm_backward_bwd0_H_cuda_f16(int64_t _rows, int64_t _cols, const void* _p_beta_H, int64_t _ld_beta_H, const void* _p_c, int64_t _ld_c, const void* _p_c_next, int64_t _ld_c_next, const void* _p_d_c, int64_t _ld_d_c, const void* _p_d_h, int64_t _ld_d_h, const void* _p_d_h_next_out, int64_t _ld_d_h_next_out, const void* _p_f, int64_t _ld_f, const void* _p_g, int64_t _ld_g, const void* _p_i, int64_t _ld_i, const void* _p_o, int64_t _ld_o, void* _p_d_h_next, int64_t _ld_d_h_next, void* _p_d_c_next, int64_t _ld_d_c_next, void* _p_d_U_i_h, int64_t _ld_d_U_i_h, void* _p_d_U_f_h, int64_t _ld_d_U_f_h, void* _p_d_U_g_h, int64_t _ld_d_U_g_h, void* _p_d_U_o_h, int64_t _ld_d_U_o_h, void* _stream)
+extern "C" int def_lstm_backward_bwd0_H_cuda_f16(int64_t _rows, int64_t _cols, const void* _p_beta_H, int64_t _ld_beta_H, const void* _p_c, int64_t _ld_c, const void* _p_c_next, int64_t _ld_c_next, const void* _p_d_c, int64_t _ld_d_c, const void* _p_d_h, int64_t _ld_d_h, const void* _p_d_h_next_out, int64_t _ld_d_h_next_out, const void* _p_f, int64_t _ld_f, const void* _p_g, int64_t _ld_g, const void* _p_i, int64_t _ld_i, const void* _p_o, int64_t _ld_o, void* _p_d_U_i_h, int64_t _ld_d_U_i_h, void* _p_d_U_f_h, int64_t _ld_d_U_f_h, void* _p_d_U_g_h, int64_t _ld_d_U_g_h, void* _p_d_U_o_h, int64_t _ld_d_U_o_h, void* _p_d_beta_H, int64_t _ld_d_beta_H, void* _p_d_c_prev, int64_t _ld_d_c_prev, void* _stream)
 {
-    return def_lstm_backward_bwd0_H_launch<__half>(_rows, _cols, _p_beta_H, _ld_beta_H, _p_c, _ld_c, _p_c_next, _ld_c_next, _p_d_c, _ld_d_c, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_f, _ld_f, _p_g, _ld_g, _p_i, _ld_i, _p_o, _ld_o, _p_d_h_next, _ld_d_h_next, _p_d_c_next, _ld_d_c_next, _p_d_U_i_h, _ld_d_U_i_h, _p_d_U_f_h, _ld_d_U_f_h, _p_d_U_g_h, _ld_d_U_g_h, _p_d_U_o_h, _ld_d_U_o_h, _stream);
+    return def_lstm_backward_bwd0_H_launch<__half>(_rows, _cols, _p_beta_H, _ld_beta_H, _p_c, _ld_c, _p_c_next, _ld_c_next, _p_d_c, _ld_d_c, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_f, _ld_f, _p_g, _ld_g, _p_i, _ld_i, _p_o, _ld_o, _p_d_U_i_h, _ld_d_U_i_h, _p_d_U_f_h, _ld_d_U_f_h, _p_d_U_g_h, _ld_d_U_g_h, _p_d_U_o_h, _ld_d_U_o_h, _p_d_beta_H, _ld_d_beta_H, _p_d_c_prev, _ld_d_c_prev, _stream);
 }
-extern "C" int def_lstm_backward_bwd0_H_cuda_bf16(int64_t _rows, int64_t _cols, const void* _p_beta_H, int64_t _ld_beta_H, const void* _p_c, int64_t _ld_c, const void* _p_c_next, int64_t _ld_c_next, const void* _p_d_c, int64_t _ld_d_c, const void* _p_d_h, int64_t _ld_d_h, const void* _p_d_h_next_out, int64_t _ld_d_h_next_out, const void* _p_f, int64_t _ld_f, const void* _p_g, int64_t _ld_g, const void* _p_i, int64_t _ld_i, const void* _p_o, int64_t _ld_o, void* _p_d_h_next, int64_t _ld_d_h_next, void* _p_d_c_next, int64_t _ld_d_c_next, void* _p_d_U_i_h, int64_t _ld_d_U_i_h, void* _p_d_U_f_h, int64_t _ld_d_U_f_h, void* _p_d_U_g_h, int64_t _ld_d_U_g_h, void* _p_d_U_o_h, int64_t _ld_d_U_o_h, void* _stream)
+extern "C" int def_lstm_backward_bwd0_H_cuda_bf16(int64_t _rows, int64_t _cols, const void* _p_beta_H, int64_t _ld_beta_H, const void* _p_c, int64_t _ld_c, const void* _p_c_next, int64_t _ld_c_next, const void* _p_d_c, int64_t _ld_d_c, const void* _p_d_h, int64_t _ld_d_h, const void* _p_d_h_next_out, int64_t _ld_d_h_next_out, const void* _p_f, int64_t _ld_f, const void* _p_g, int64_t _ld_g, const void* _p_i, int64_t _ld_i, const void* _p_o, int64_t _ld_o, void* _p_d_U_i_h, int64_t _ld_d_U_i_h, void* _p_d_U_f_h, int64_t _ld_d_U_f_h, void* _p_d_U_g_h, int64_t _ld_d_U_g_h, void* _p_d_U_o_h, int64_t _ld_d_U_o_h, void* _p_d_beta_H, int64_t _ld_d_beta_H, void* _p_d_c_prev, int64_t _ld_d_c_prev, void* _stream)
 {
-    return def_lstm_backward_bwd0_H_launch<__nv_bfloat16>(_rows, _cols, _p_beta_H, _ld_beta_H, _p_c, _ld_c, _p_c_next, _ld_c_next, _p_d_c, _ld_d_c, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_f, _ld_f, _p_g, _ld_g, _p_i, _ld_i, _p_o, _ld_o, _p_d_h_next, _ld_d_h_next, _p_d_c_next, _ld_d_c_next, _p_d_U_i_h, _ld_d_U_i_h, _p_d_U_f_h, _ld_d_U_f_h, _p_d_U_g_h, _ld_d_U_g_h, _p_d_U_o_h, _ld_d_U_o_h, _stream);
+    return def_lstm_backward_bwd0_H_launch<__nv_bfloat16>(_rows, _cols, _p_beta_H, _ld_beta_H, _p_c, _ld_c, _p_c_next, _ld_c_next, _p_d_c, _ld_d_c, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_f, _ld_f, _p_g, _ld_g, _p_i, _ld_i, _p_o, _ld_o, _p_d_U_i_h, _ld_d_U_i_h, _p_d_U_f_h, _ld_d_U_f_h, _p_d_U_g_h, _ld_d_U_g_h, _p_d_U_o_h, _ld_d_U_o_h, _p_d_beta_H, _ld_d_beta_H, _p_d_c_prev, _ld_d_c_prev, _stream);
 }
 #endif  // __CUDACC__
 
 template <typename real>
-static inline void def_lstm_backward_bwd0_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_beta_H, int64_t _ld_beta_H, const real* __restrict__ _p_c, int64_t _ld_c, const real* __restrict__ _p_c_next, int64_t _ld_c_next, const real* __restrict__ _p_d_c, int64_t _ld_d_c, const real* __restrict__ _p_d_h, int64_t _ld_d_h, const real* __restrict__ _p_d_h_next_out, int64_t _ld_d_h_next_out, const real* __restrict__ _p_f, int64_t _ld_f, const real* __restrict__ _p_g, int64_t _ld_g, const real* __restrict__ _p_i, int64_t _ld_i, const real* __restrict__ _p_o, int64_t _ld_o, real* __restrict__ _p_d_h_next, int64_t _ld_d_h_next, real* __restrict__ _p_d_c_next, int64_t _ld_d_c_next, real* __restrict__ _p_d_U_i_h, int64_t _ld_d_U_i_h, real* __restrict__ _p_d_U_f_h, int64_t _ld_d_U_f_h, real* __restrict__ _p_d_U_g_h, int64_t _ld_d_U_g_h, real* __restrict__ _p_d_U_o_h, int64_t _ld_d_U_o_h)
+static inline void def_lstm_backward_bwd0_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_beta_H, int64_t _ld_beta_H, const real* __restrict__ _p_c, int64_t _ld_c, const real* __restrict__ _p_c_next, int64_t _ld_c_next, const real* __restrict__ _p_d_c, int64_t _ld_d_c, const real* __restrict__ _p_d_h, int64_t _ld_d_h, const real* __restrict__ _p_d_h_next_out, int64_t _ld_d_h_next_out, const real* __restrict__ _p_f, int64_t _ld_f, const real* __restrict__ _p_g, int64_t _ld_g, const real* __restrict__ _p_i, int64_t _ld_i, const real* __restrict__ _p_o, int64_t _ld_o, real* __restrict__ _p_d_U_i_h, int64_t _ld_d_U_i_h, real* __restrict__ _p_d_U_f_h, int64_t _ld_d_U_f_h, real* __restrict__ _p_d_U_g_h, int64_t _ld_d_U_g_h, real* __restrict__ _p_d_U_o_h, int64_t _ld_d_U_o_h, real* __restrict__ _p_d_beta_H, int64_t _ld_d_beta_H, real* __restrict__ _p_d_c_prev, int64_t _ld_d_c_prev)
 {
 #ifdef CS_V16
     if constexpr (sizeof(real) == sizeof(float)) {  // 16 units at a time (CS_V16)
@@ -1649,19 +1653,19 @@ static inline void def_lstm_backward_bwd0_H_host(int64_t _rows, int64_t _cols, c
                 cs_v16 g = _mm512_maskz_loadu_ps(_m, &_p_g[_r * _ld_g + _j]);
                 cs_v16 i = _mm512_maskz_loadu_ps(_m, &_p_i[_r * _ld_i + _j]);
                 cs_v16 o = _mm512_maskz_loadu_ps(_m, &_p_o[_r * _ld_o + _j]);
-                cs_v16 d_h_next;
-                cs_v16 d_c_next;
                 cs_v16 d_U_i_h;
                 cs_v16 d_U_f_h;
                 cs_v16 d_U_g_h;
                 cs_v16 d_U_o_h;
-                def_lstm_backward_bwd0_H<cs_v16>(beta_H, c, c_next, d_c, d_h, d_h_next_out, f, g, i, o, d_h_next, d_c_next, d_U_i_h, d_U_f_h, d_U_g_h, d_U_o_h);
-                _mm512_mask_storeu_ps(&_p_d_h_next[_r * _ld_d_h_next + _j], _m, d_h_next.v);
-                _mm512_mask_storeu_ps(&_p_d_c_next[_r * _ld_d_c_next + _j], _m, d_c_next.v);
+                cs_v16 d_beta_H;
+                cs_v16 d_c_prev;
+                def_lstm_backward_bwd0_H<cs_v16>(beta_H, c, c_next, d_c, d_h, d_h_next_out, f, g, i, o, d_U_i_h, d_U_f_h, d_U_g_h, d_U_o_h, d_beta_H, d_c_prev);
                 _mm512_mask_storeu_ps(&_p_d_U_i_h[_r * _ld_d_U_i_h + _j], _m, d_U_i_h.v);
                 _mm512_mask_storeu_ps(&_p_d_U_f_h[_r * _ld_d_U_f_h + _j], _m, d_U_f_h.v);
                 _mm512_mask_storeu_ps(&_p_d_U_g_h[_r * _ld_d_U_g_h + _j], _m, d_U_g_h.v);
                 _mm512_mask_storeu_ps(&_p_d_U_o_h[_r * _ld_d_U_o_h + _j], _m, d_U_o_h.v);
+                _mm512_mask_storeu_ps(&_p_d_beta_H[_r * _ld_d_beta_H + _j], _m, d_beta_H.v);
+                _mm512_mask_storeu_ps(&_p_d_c_prev[_r * _ld_d_c_prev + _j], _m, d_c_prev.v);
             }
         });
         return;
@@ -1680,164 +1684,30 @@ static inline void def_lstm_backward_bwd0_H_host(int64_t _rows, int64_t _cols, c
             real g = _p_g[_r * _ld_g + _j];
             real i = _p_i[_r * _ld_i + _j];
             real o = _p_o[_r * _ld_o + _j];
-            real d_h_next;
-            real d_c_next;
             real d_U_i_h;
             real d_U_f_h;
             real d_U_g_h;
             real d_U_o_h;
-            def_lstm_backward_bwd0_H<real>(beta_H, c, c_next, d_c, d_h, d_h_next_out, f, g, i, o, d_h_next, d_c_next, d_U_i_h, d_U_f_h, d_U_g_h, d_U_o_h);
-            _p_d_h_next[_r * _ld_d_h_next + _j] = d_h_next;
-            _p_d_c_next[_r * _ld_d_c_next + _j] = d_c_next;
+            real d_beta_H;
+            real d_c_prev;
+            def_lstm_backward_bwd0_H<real>(beta_H, c, c_next, d_c, d_h, d_h_next_out, f, g, i, o, d_U_i_h, d_U_f_h, d_U_g_h, d_U_o_h, d_beta_H, d_c_prev);
             _p_d_U_i_h[_r * _ld_d_U_i_h + _j] = d_U_i_h;
             _p_d_U_f_h[_r * _ld_d_U_f_h + _j] = d_U_f_h;
             _p_d_U_g_h[_r * _ld_d_U_g_h + _j] = d_U_g_h;
             _p_d_U_o_h[_r * _ld_d_U_o_h + _j] = d_U_o_h;
-        }
-    });
-}
-
-extern "C" void def_lstm_backward_bwd0_H_f32(int64_t _rows, int64_t _cols, const float* _p_beta_H, int64_t _ld_beta_H, const float* _p_c, int64_t _ld_c, const float* _p_c_next, int64_t _ld_c_next, const float* _p_d_c, int64_t _ld_d_c, const float* _p_d_h, int64_t _ld_d_h, const float* _p_d_h_next_out, int64_t _ld_d_h_next_out, const float* _p_f, int64_t _ld_f, const float* _p_g, int64_t _ld_g, const float* _p_i, int64_t _ld_i, const float* _p_o, int64_t _ld_o, float* _p_d_h_next, int64_t _ld_d_h_next, float* _p_d_c_next, int64_t _ld_d_c_next, float* _p_d_U_i_h, int64_t _ld_d_U_i_h, float* _p_d_U_f_h, int64_t _ld_d_U_f_h, float* _p_d_U_g_h, int64_t _ld_d_U_g_h, float* _p_d_U_o_h, int64_t _ld_d_U_o_h)
-{
-    def_lstm_backward_bwd0_H_host<float>(_rows, _cols, _p_beta_H, _ld_beta_H, _p_c, _ld_c, _p_c_next, _ld_c_next, _p_d_c, _ld_d_c, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_f, _ld_f, _p_g, _ld_g, _p_i, _ld_i, _p_o, _ld_o, _p_d_h_next, _ld_d_h_next, _p_d_c_next, _ld_d_c_next, _p_d_U_i_h, _ld_d_U_i_h, _p_d_U_f_h, _ld_d_U_f_h, _p_d_U_g_h, _ld_d_U_g_h, _p_d_U_o_h, _ld_d_U_o_h);
-}
-extern "C" void def_lstm_backward_bwd0_H_f64(int64_t _rows, int64_t _cols, const double* _p_beta_H, int64_t _ld_beta_H, const double* _p_c, int64_t _ld_c, const double* _p_c_next, int64_t _ld_c_next, const double* _p_d_c, int64_t _ld_d_c, const double* _p_d_h, int64_t _ld_d_h, const double* _p_d_h_next_out, int64_t _ld_d_h_next_out, const double* _p_f, int64_t _ld_f, const double* _p_g, int64_t _ld_g, const double* _p_i, int64_t _ld_i, const double* _p_o, int64_t _ld_o, double* _p_d_h_next, int64_t _ld_d_h_next, double* _p_d_c_next, int64_t _ld_d_c_next, double* _p_d_U_i_h, int64_t _ld_d_U_i_h, double* _p_d_U_f_h, int64_t _ld_d_U_f_h, double* _p_d_U_g_h, int64_t _ld_d_U_g_h, double* _p_d_U_o_h, int64_t _ld_d_U_o_h)
-{
-    def_lstm_backward_bwd0_H_host<double>(_rows, _cols, _p_beta_H, _ld_beta_H, _p_c, _ld_c, _p_c_next, _ld_c_next, _p_d_c, _ld_d_c, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_f, _ld_f, _p_g, _ld_g, _p_i, _ld_i, _p_o, _ld_o, _p_d_h_next, _ld_d_h_next, _p_d_c_next, _ld_d_c_next, _p_d_U_i_h, _ld_d_U_i_h, _p_d_U_f_h, _ld_d_U_f_h, _p_d_U_g_h, _ld_d_U_g_h, _p_d_U_o_h, _ld_d_U_o_h);
-}
-
-// =============================================================================================
-// def_lstm_backward_bwd_leaf_H: backward: per-step adjoints of inputs, states, vector params, hoisted results, units of size H
-// =============================================================================================
-template <typename real>
-__host__ __device__ inline void def_lstm_backward_bwd_leaf_H(
-    real beta_H,
-    real c_next,
-    real d_c_next,
-    real d_h_gemm,
-    real d_h_next,
-    real f,
-    real o,
-    real& d_h,  // out
-    real& d_c,  // out
-    real& d_beta_H)  // out
-{
-    // adjoint of state h
-    d_h = d_h_gemm;
-    // adjoint of state c
-    d_c = d_c_next*f;
-    // adjoint of param beta_H
-    d_beta_H = c_next*d_h_next*o*(real(1.0) - (cs_tanh(beta_H*c_next)*cs_tanh(beta_H*c_next)));
-}
-
-#ifdef __CUDACC__
-template <typename S>
-__global__ void def_lstm_backward_bwd_leaf_H_kernel(int64_t _rows, int64_t _cols, const S* __restrict__ _p_beta_H, int64_t _ld_beta_H, const S* __restrict__ _p_c_next, int64_t _ld_c_next, const S* __restrict__ _p_d_c_next, int64_t _ld_d_c_next, const S* __restrict__ _p_d_h_gemm, int64_t _ld_d_h_gemm, const S* __restrict__ _p_d_h_next, int64_t _ld_d_h_next, const S* __restrict__ _p_f, int64_t _ld_f, const S* __restrict__ _p_o, int64_t _ld_o, S* __restrict__ _p_d_h, int64_t _ld_d_h, S* __restrict__ _p_d_c, int64_t _ld_d_c, S* __restrict__ _p_d_beta_H, int64_t _ld_d_beta_H)
-{
-    typedef typename cs_math<S>::type M;
-    const int64_t _j = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (_j >= _cols) return;
-    for (int64_t _r = blockIdx.y; _r < _rows; _r += gridDim.y) {
-        M beta_H = cs_load(_p_beta_H[_r * _ld_beta_H + _j]);
-        M c_next = cs_load(_p_c_next[_r * _ld_c_next + _j]);
-        M d_c_next = cs_load(_p_d_c_next[_r * _ld_d_c_next + _j]);
-        M d_h_gemm = cs_load(_p_d_h_gemm[_r * _ld_d_h_gemm + _j]);
-        M d_h_next = cs_load(_p_d_h_next[_r * _ld_d_h_next + _j]);
-        M f = cs_load(_p_f[_r * _ld_f + _j]);
-        M o = cs_load(_p_o[_r * _ld_o + _j]);
-        M d_h;
-        M d_c;
-        M d_beta_H;
-        def_lstm_backward_bwd_leaf_H<M>(beta_H, c_next, d_c_next, d_h_gemm, d_h_next, f, o, d_h, d_c, d_beta_H);
-        cs_store(&_p_d_h[_r * _ld_d_h + _j], d_h);
-        cs_store(&_p_d_c[_r * _ld_d_c + _j], d_c);
-        cs_store(&_p_d_beta_H[_r * _ld_d_beta_H + _j], d_beta_H);
-    }
-}
-
-template <typename S>
-static int def_lstm_backward_bwd_leaf_H_launch(int64_t _rows, int64_t _cols, const void* _p_beta_H, int64_t _ld_beta_H, const void* _p_c_next, int64_t _ld_c_next, const void* _p_d_c_next, int64_t _ld_d_c_next, const void* _p_d_h_gemm, int64_t _ld_d_h_gemm, const void* _p_d_h_next, int64_t _ld_d_h_next, const void* _p_f, int64_t _ld_f, const void* _p_o, int64_t _ld_o, void* _p_d_h, int64_t _ld_d_h, void* _p_d_c, int64_t _ld_d_c, void* _p_d_beta_H, int64_t _ld_d_beta_H, void* _stream)
-{
-    if (_rows <= 0 || _cols <= 0) return 0;
-    dim3 _grid, _block;
-    cs_grid(_rows, _cols, &_grid, &_block);
-    def_lstm_backward_bwd_leaf_H_kernel<S><<<_grid, _block, 0, (cudaStream_t)_stream>>>(_rows, _cols, (const S*)_p_beta_H, _ld_beta_H, (const S*)_p_c_next, _ld_c_next, (const S*)_p_d_c_next, _ld_d_c_next, (const S*)_p_d_h_gemm, _ld_d_h_gemm, (const S*)_p_d_h_next, _ld_d_h_next, (const S*)_p_f, _ld_f, (const S*)_p_o, _ld_o, (S*)_p_d_h, _ld_d_h, (S*)_p_d_c, _ld_d_c, (S*)_p_d_beta_H, _ld_d_beta_H);
-    return (int)cudaGetLastError();
-}
-
-extern "C" int def_lstm_backward_bwd_leaf_H_cuda_f32(int64_t _rows, int64_t _cols, const void* _p_beta_H, int64_t _ld_beta_H, const void* _p_c_next, int64_t _ld_c_next, const void* _p_d_c_next, int64_t _ld_d_c_next, const void* _p_d_h_gemm, int64_t _ld_d_h_gemm, const void* _p_d_h_next, int64_t _ld_d_h_next, const void* _p_f, int64_t _ld_f, const void* _p_o, int64_t _ld_o, void* _p_d_h, int64_t _ld_d_h, void* _p_d_c, int64_t _ld_d_c, void* _p_d_beta_H, int64_t _ld_d_beta_H, void* _stream)
-{
-    return def_lstm_backward_bwd_leaf_H_launch<float>(_rows, _cols, _p_beta_H, _ld_beta_H, _p_c_next, _ld_c_next, _p_d_c_next, _ld_d_c_next, _p_d_h_gemm, _ld_d_h_gemm, _p_d_h_next, _ld_d_h_next, _p_f, _ld_f, _p_o, _ld_o, _p_d_h, _ld_d_h, _p_d_c, _ld_d_c, _p_d_beta_H, _ld_d_beta_H, _stream);
-}
-extern "C" int def_lstm_backward_bwd_leaf_H_cuda_f64(int64_t _rows, int64_t _cols, const void* _p_beta_H, int64_t _ld_beta_H, const void* _p_c_next, int64_t _ld_c_next, const void* _p_d_c_next, int64_t _ld_d_c_next, const void* _p_d_h_gemm, int64_t _ld_d_h_gemm, const void* _p_d_h_next, int64_t _ld_d_h_next, const void* _p_f, int64_t _ld_f, const void* _p_o, int64_t _ld_o, void* _p_d_h, int64_t _ld_d_h, void* _p_d_c, int64_t _ld_d_c, void* _p_d_beta_H, int64_t _ld_d_beta_H, void* _stream)
-{
-    return def_lstm_backward_bwd_leaf_H_launch<double>(_rows, _cols, _p_beta_H, _ld_beta_H, _p_c_next, _ld_c_next, _p_d_c_next, _ld_d_c_next, _p_d_h_gemm, _ld_d_h_gemm, _p_d_h_next, _ld_d_h_next, _p_f, _ld_f, _p_o, _ld_o, _p_d_h, _ld_d_h, _p_d_c, _ld_d_c, _p_d_beta_H, _ld_d_beta_H, _stream);
-}
-extern "C" int def_lstm_backward_bwd_leaf_H_cuda_f16(int64_t _rows, int64_t _cols, const void* _p_beta_H, int64_t _ld_beta_H, const void* _p_c_next, int64_t _ld_c_next, const void* _p_d_c_next, int64_t _ld_d_c_next, const void* _p_d_h_gemm, int64_t _ld_d_h_gemm, const void* _p_d_h_next, int64_t _ld_d_h_next, const void* _p_f, int64_t _ld_f, const void* _p_o, int64_t _ld_o, void* _p_d_h, int64_t _ld_d_h, void* _p_d_c, int64_t _ld_d_c, void* _p_d_beta_H, int64_t _ld_d_beta_H, void* _stream)
-{
-    return def_lstm_backward_bwd_leaf_H_launch<__half>(_rows, _cols, _p_beta_H, _ld_beta_H, _p_c_next, _ld_c_next, _p_d_c_next, _ld_d_c_next, _p_d_h_gemm, _ld_d_h_gemm, _p_d_h_next, _ld_d_h_next, _p_f, _ld_f, _p_o, _ld_o, _p_d_h, _ld_d_h, _p_d_c, _ld_d_c, _p_d_beta_H, _ld_d_beta_H, _stream);
-}
-extern "C" int def_lstm_backward_bwd_leaf_H_cuda_bf16(int64_t _rows, int64_t _cols, const void* _p_beta_H, int64_t _ld_beta_H, const void* _p_c_next, int64_t _ld_c_next, const void* _p_d_c_next, int64_t _ld_d_c_next, const void* _p_d_h_gemm, int64_t _ld_d_h_gemm, const void* _p_d_h_next, int64_t _ld_d_h_next, const void* _p_f, int64_t _ld_f, const void* _p_o, int64_t _ld_o, void* _p_d_h, int64_t _ld_d_h, void* _p_d_c, int64_t _ld_d_c, void* _p_d_beta_H, int64_t _ld_d_beta_H, void* _stream)
-{
-    return def_lstm_backward_bwd_leaf_H_launch<__nv_bfloat16>(_rows, _cols, _p_beta_H, _ld_beta_H, _p_c_next, _ld_c_next, _p_d_c_next, _ld_d_c_next, _p_d_h_gemm, _ld_d_h_gemm, _p_d_h_next, _ld_d_h_next, _p_f, _ld_f, _p_o, _ld_o, _p_d_h, _ld_d_h, _p_d_c, _ld_d_c, _p_d_beta_H, _ld_d_beta_H, _stream);
-}
-#endif  // __CUDACC__
-
-template <typename real>
-static inline void def_lstm_backward_bwd_leaf_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_beta_H, int64_t _ld_beta_H, const real* __restrict__ _p_c_next, int64_t _ld_c_next, const real* __restrict__ _p_d_c_next, int64_t _ld_d_c_next, const real* __restrict__ _p_d_h_gemm, int64_t _ld_d_h_gemm, const real* __restrict__ _p_d_h_next, int64_t _ld_d_h_next, const real* __restrict__ _p_f, int64_t _ld_f, const real* __restrict__ _p_o, int64_t _ld_o, real* __restrict__ _p_d_h, int64_t _ld_d_h, real* __restrict__ _p_d_c, int64_t _ld_d_c, real* __restrict__ _p_d_beta_H, int64_t _ld_d_beta_H)
-{
-#ifdef CS_V16
-    if constexpr (sizeof(real) == sizeof(float)) {  // 16 units at a time (CS_V16)
-        cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
-            for (int64_t _j = 0; _j < _cols; _j += 16) {
-                const __mmask16 _m = cs_v16_mask(_cols - _j);
-                cs_v16 beta_H = _mm512_maskz_loadu_ps(_m, &_p_beta_H[_r * _ld_beta_H + _j]);
-                cs_v16 c_next = _mm512_maskz_loadu_ps(_m, &_p_c_next[_r * _ld_c_next + _j]);
-                cs_v16 d_c_next = _mm512_maskz_loadu_ps(_m, &_p_d_c_next[_r * _ld_d_c_next + _j]);
-                cs_v16 d_h_gemm = _mm512_maskz_loadu_ps(_m, &_p_d_h_gemm[_r * _ld_d_h_gemm + _j]);
-                cs_v16 d_h_next = _mm512_maskz_loadu_ps(_m, &_p_d_h_next[_r * _ld_d_h_next + _j]);
-                cs_v16 f = _mm512_maskz_loadu_ps(_m, &_p_f[_r * _ld_f + _j]);
-                cs_v16 o = _mm512_maskz_loadu_ps(_m, &_p_o[_r * _ld_o + _j]);
-                cs_v16 d_h;
-                cs_v16 d_c;
-                cs_v16 d_beta_H;
-                def_lstm_backward_bwd_leaf_H<cs_v16>(beta_H, c_next, d_c_next, d_h_gemm, d_h_next, f, o, d_h, d_c, d_beta_H);
-                _mm512_mask_storeu_ps(&_p_d_h[_r * _ld_d_h + _j], _m, d_h.v);
-                _mm512_mask_storeu_ps(&_p_d_c[_r * _ld_d_c + _j], _m, d_c.v);
-                _mm512_mask_storeu_ps(&_p_d_beta_H[_r * _ld_d_beta_H + _j], _m, d_beta_H.v);
-            }
-        });
-        return;
-    }
-#endif
-    cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
-#pragma omp simd
-        for (int64_t _j = 0; _j < _cols; ++_j) {
-            real beta_H = _p_beta_H[_r * _ld_beta_H + _j];
-            real c_next = _p_c_next[_r * _ld_c_next + _j];
-            real d_c_next = _p_d_c_next[_r * _ld_d_c_next + _j];
-            real d_h_gemm = _p_d_h_gemm[_r * _ld_d_h_gemm + _j];
-            real d_h_next = _p_d_h_next[_r * _ld_d_h_next + _j];
-            real f = _p_f[_r * _ld_f + _j];
-            real o = _p_o[_r * _ld_o + _j];
-            real d_h;
-            real d_c;
-            real d_beta_H;
-            def_lstm_backward_bwd_leaf_H<real>(beta_H, c_next, d_c_next, d_h_gemm, d_h_next, f, o, d_h, d_c, d_beta_H);
-            _p_d_h[_r * _ld_d_h + _j] = d_h;
-            _p_d_c[_r * _ld_d_c + _j] = d_c;
             _p_d_beta_H[_r * _ld_d_beta_H + _j] = d_beta_H;
+            _p_d_c_prev[_r * _ld_d_c_prev + _j] = d_c_prev;
         }
     });
 }
 
-extern "C" void def_lstm_backward_bwd_leaf_H_f32(int64_t _rows, int64_t _cols, const float* _p_beta_H, int64_t _ld_beta_H, const float* _p_c_next, int64_t _ld_c_next, const float* _p_d_c_next, int64_t _ld_d_c_next, const float* _p_d_h_gemm, int64_t _ld_d_h_gemm, const float* _p_d_h_next, int64_t _ld_d_h_next, const float* _p_f, int64_t _ld_f, const float* _p_o, int64_t _ld_o, float* _p_d_h, int64_t _ld_d_h, float* _p_d_c, int64_t _ld_d_c, float* _p_d_beta_H, int64_t _ld_d_beta_H)
+extern "C" void def_lstm_backward_bwd0_H_f32(int64_t _rows, int64_t _cols, const float* _p_beta_H, int64_t _ld_beta_H, const float* _p_c, int64_t _ld_c, const float* _p_c_next, int64_t _ld_c_next, const float* _p_d_c, int64_t _ld_d_c, const float* _p_d_h, int64_t _ld_d_h, const float* _p_d_h_next_out, int64_t _ld_d_h_next_out, const float* _p_f, int64_t _ld_f, const float* _p_g, int64_t _ld_g, const float* _p_i, int64_t _ld_i, const float* _p_o, int64_t _ld_o, float* _p_d_U_i_h, int64_t _ld_d_U_i_h, float* _p_d_U_f_h, int64_t _ld_d_U_f_h, float* _p_d_U_g_h, int64_t _ld_d_U_g_h, float* _p_d_U_o_h, int64_t _ld_d_U_o_h, float* _p_d_beta_H, int64_t _ld_d_beta_H, float* _p_d_c_prev, int64_t _ld_d_c_prev)
 {
-    def_lstm_backward_bwd_leaf_H_host<float>(_rows, _cols, _p_beta_H, _ld_beta_H, _p_c_next, _ld_c_next, _p_d_c_next, _ld_d_c_next, _p_d_h_gemm, _ld_d_h_gemm, _p_d_h_next, _ld_d_h_next, _p_f, _ld_f, _p_o, _ld_o, _p_d_h, _ld_d_h, _p_d_c, _ld_d_c, _p_d_beta_H, _ld_d_beta_H);
+    def_lstm_backward_bwd0_H_host<float>(_rows, _cols, _p_beta_H, _ld_beta_H, _p_c, _ld_c, _p_c_next, _ld_c_next, _p_d_c, _ld_d_c, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_f, _ld_f, _p_g, _ld_g, _p_i, _ld_i, _p_o, _ld_o, _p_d_U_i_h, _ld_d_U_i_h, _p_d_U_f_h, _ld_d_U_f_h, _p_d_U_g_h, _ld_d_U_g_h, _p_d_U_o_h, _ld_d_U_o_h, _p_d_beta_H, _ld_d_beta_H, _p_d_c_prev, _ld_d_c_prev);
 }
-extern "C" void def_lstm_backward_bwd_leaf_H_f64(int64_t _rows, int64_t _cols, const double* _p_beta_H, int64_t _ld_beta_H, const double* _p_c_next, int64_t _ld_c_next, const double* _p_d_c_next, int64_t _ld_d_c_next, const double* _p_d_h_gemm, int64_t _ld_d_h_gemm, const double* _p_d_h_next, int64_t _ld_d_h_next, const double* _p_f, int64_t _ld_f, const double* _p_o, int64_t _ld_o, double* _p_d_h, int64_t _ld_d_h, double* _p_d_c, int64_t _ld_d_c, double* _p_d_beta_H, int64_t _ld_d_beta_H)
+extern "C" void def_lstm_backward_bwd0_H_f64(int64_t _rows, int64_t _cols, const double* _p_beta_H, int64_t _ld_beta_H, const double* _p_c, int64_t _ld_c, const double* _p_c_next, int64_t _ld_c_next, const double* _p_d_c, int64_t _ld_d_c, const double* _p_d_h, int64_t _ld_d_h, const double* _p_d_h_next_out, int64_t _ld_d_h_next_out, const double* _p_f, int64_t _ld_f, const double* _p_g, int64_t _ld_g, const double* _p_i, int64_t _ld_i, const double* _p_o, int64_t _ld_o, double* _p_d_U_i_h, int64_t _ld_d_U_i_h, double* _p_d_U_f_h, int64_t _ld_d_U_f_h, double* _p_d_U_g_h, int64_t _ld_d_U_g_h, double* _p_d_U_o_h, int64_t _ld_d_U_o_h, double* _p_d_beta_H, int64_t _ld_d_beta_H, double* _p_d_c_prev, int64_t _ld_d_c_prev)
 {
-    def_lstm_backward_bwd_leaf_H_host<double>(_rows, _cols, _p_beta_H, _ld_beta_H, _p_c_next, _ld_c_next, _p_d_c_next, _ld_d_c_next, _p_d_h_gemm, _ld_d_h_gemm, _p_d_h_next, _ld_d_h_next, _p_f, _ld_f, _p_o, _ld_o, _p_d_h, _ld_d_h, _p_d_c, _ld_d_c, _p_d_beta_H, _ld_d_beta_H);
+    def_lstm_backward_bwd0_H_host<double>(_rows, _cols, _p_beta_H, _ld_beta_H, _p_c, _ld_c, _p_c_next, _ld_c_next, _p_d_c, _ld_d_c, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_f, _ld_f, _p_g, _ld_g, _p_i, _ld_i, _p_o, _ld_o, _p_d_U_i_h, _ld_d_U_i_h, _p_d_U_f_h, _ld_d_U_f_h, _p_d_U_g_h, _ld_d_U_g_h, _p_d_U_o_h, _ld_d_U_o_h, _p_d_beta_H, _ld_d_beta_H, _p_d_c_prev, _ld_d_c_prev);
 }
 
 
@@ -2066,7 +1936,7 @@ extern "C" int def_lstm_inference_f64(const int64_t* dims, void* const* ptrs, co
 
 // =============================================================================================
 // def_lstm: the whole sequence, backward
-// ptrs: 0 x_x, 1 s_h, 2 s_c, 3 p_beta_H, 4 v_i, 5 v_f, 6 v_g, 7 v_o, 8 dout_h_next, 9 ds_h, 10 ds_c, 11 dx_x, 12 dp_beta_H, 13 dg_U_i_U_f_U_g_U_o__h, 14 tmp_d_h_gemm, 15 tmp_d_h_next, 16 tmp_d_c_next, 17 dw_U_i_U_f_U_g_U_o, 18 dw_W_i_W_f_W_g_W_o, 19 weight W_i_W_f_W_g_W_o, 20 weight U_i_U_f_U_g_U_o, 21 d W_i, 22 d U_i, 23 d b_i, 24 d W_f, 25 d U_f, 26 d b_f, 27 d W_g, 28 d U_g, 29 d b_g, 30 d W_o, 31 d U_o, 32 d b_o, 33 d beta_H, 34 batch sizes (host, or NULL)
+// ptrs: 0 x_x, 1 s_h, 2 s_c, 3 p_beta_H, 4 v_i, 5 v_f, 6 v_g, 7 v_o, 8 dout_h_next, 9 ds_h, 10 ds_c, 11 dx_x, 12 dp_beta_H, 13 dg_U_i_U_f_U_g_U_o__h, 14 dw_U_i_U_f_U_g_U_o, 15 dw_W_i_W_f_W_g_W_o, 16 weight W_i_W_f_W_g_W_o, 17 weight U_i_U_f_U_g_U_o, 18 d W_i, 19 d U_i, 20 d b_i, 21 d W_f, 22 d U_f, 23 d b_f, 24 d W_g, 25 d U_g, 26 d b_g, 27 d W_o, 28 d U_o, 29 d b_o, 30 d beta_H, 31 batch sizes (host, or NULL)
 
 // =============================================================================================
 template <typename S, typename G>
@@ -2110,47 +1980,41 @@ static int def_lstm_backward_run(const int64_t* dims, void* const* ptrs, const c
     (void)b_dp_beta_H;
     S* b_dg_U_i_U_f_U_g_U_o__h = (S*)ptrs[13];
     (void)b_dg_U_i_U_f_U_g_U_o__h;
-    S* b_tmp_d_h_gemm = (S*)ptrs[14];
-    (void)b_tmp_d_h_gemm;
-    S* b_tmp_d_h_next = (S*)ptrs[15];
-    (void)b_tmp_d_h_next;
-    S* b_tmp_d_c_next = (S*)ptrs[16];
-    (void)b_tmp_d_c_next;
-    G* b_dw_U_i_U_f_U_g_U_o = (G*)ptrs[17];
+    G* b_dw_U_i_U_f_U_g_U_o = (G*)ptrs[14];
     (void)b_dw_U_i_U_f_U_g_U_o;
-    G* b_dw_W_i_W_f_W_g_W_o = (G*)ptrs[18];
+    G* b_dw_W_i_W_f_W_g_W_o = (G*)ptrs[15];
     (void)b_dw_W_i_W_f_W_g_W_o;
-    const S* w_W_i_W_f_W_g_W_o = (const S*)ptrs[19];
+    const S* w_W_i_W_f_W_g_W_o = (const S*)ptrs[16];
     (void)w_W_i_W_f_W_g_W_o;
-    const S* w_U_i_U_f_U_g_U_o = (const S*)ptrs[20];
+    const S* w_U_i_U_f_U_g_U_o = (const S*)ptrs[17];
     (void)w_U_i_U_f_U_g_U_o;
-    G* g_W_i = (G*)ptrs[21];
+    G* g_W_i = (G*)ptrs[18];
     (void)g_W_i;
-    G* g_U_i = (G*)ptrs[22];
+    G* g_U_i = (G*)ptrs[19];
     (void)g_U_i;
-    G* g_b_i = (G*)ptrs[23];
+    G* g_b_i = (G*)ptrs[20];
     (void)g_b_i;
-    G* g_W_f = (G*)ptrs[24];
+    G* g_W_f = (G*)ptrs[21];
     (void)g_W_f;
-    G* g_U_f = (G*)ptrs[25];
+    G* g_U_f = (G*)ptrs[22];
     (void)g_U_f;
-    G* g_b_f = (G*)ptrs[26];
+    G* g_b_f = (G*)ptrs[23];
     (void)g_b_f;
-    G* g_W_g = (G*)ptrs[27];
+    G* g_W_g = (G*)ptrs[24];
     (void)g_W_g;
-    G* g_U_g = (G*)ptrs[28];
+    G* g_U_g = (G*)ptrs[25];
     (void)g_U_g;
-    G* g_b_g = (G*)ptrs[29];
+    G* g_b_g = (G*)ptrs[26];
     (void)g_b_g;
-    G* g_W_o = (G*)ptrs[30];
+    G* g_W_o = (G*)ptrs[27];
     (void)g_W_o;
-    G* g_U_o = (G*)ptrs[31];
+    G* g_U_o = (G*)ptrs[28];
     (void)g_U_o;
-    G* g_b_o = (G*)ptrs[32];
+    G* g_b_o = (G*)ptrs[29];
     (void)g_b_o;
-    G* g_beta_H = (G*)ptrs[33];
+    G* g_beta_H = (G*)ptrs[30];
     (void)g_beta_H;
-    const int64_t* bs = (const int64_t*)ptrs[34];
+    const int64_t* bs = (const int64_t*)ptrs[31];
     (void)ctx;
     if (bs) {  // rows of ended sequences, which no step writes, are read over all T*B rows
         CS_ZERO(b_dg_U_i_U_f_U_g_U_o__h, (n_T) * (n_B) * (4*n_H));
@@ -2164,11 +2028,9 @@ static int def_lstm_backward_run(const int64_t* dims, void* const* ptrs, const c
         const int64_t rows = bs ? bs[t] : n_B;  // variable lengths: rows 0..B_t-1 run
         CS_SPLIT_ROWS(split_rows, n_B);
         // backward: stage 0 backward, units of size H
-        CS_PW(def_lstm_backward_bwd0_H, rows, n_H, b_p_beta_H, 0, b_s_c + t * n_B * (n_H), n_H, b_s_c + (t + 1) * n_B * (n_H), n_H, b_ds_c, n_H, b_ds_h, n_H, b_dout_h_next + t * n_B * (n_H), n_H, b_v_f + t * n_B * (n_H), n_H, b_v_g + t * n_B * (n_H), n_H, b_v_i + t * n_B * (n_H), n_H, b_v_o + t * n_B * (n_H), n_H, b_tmp_d_h_next, n_H, b_tmp_d_c_next, n_H, b_dg_U_i_U_f_U_g_U_o__h + t * n_B * (4*n_H), 4*n_H, b_dg_U_i_U_f_U_g_U_o__h + t * n_B * (4*n_H) + n_H, 4*n_H, b_dg_U_i_U_f_U_g_U_o__h + t * n_B * (4*n_H) + 2*n_H, 4*n_H, b_dg_U_i_U_f_U_g_U_o__h + t * n_B * (4*n_H) + 3*n_H, 4*n_H);
+        CS_PW(def_lstm_backward_bwd0_H, rows, n_H, b_p_beta_H, 0, b_s_c + t * n_B * (n_H), n_H, b_s_c + (t + 1) * n_B * (n_H), n_H, b_ds_c, n_H, b_ds_h, n_H, b_dout_h_next + t * n_B * (n_H), n_H, b_v_f + t * n_B * (n_H), n_H, b_v_g + t * n_B * (n_H), n_H, b_v_i + t * n_B * (n_H), n_H, b_v_o + t * n_B * (n_H), n_H, b_dg_U_i_U_f_U_g_U_o__h + t * n_B * (4*n_H), 4*n_H, b_dg_U_i_U_f_U_g_U_o__h + t * n_B * (4*n_H) + n_H, 4*n_H, b_dg_U_i_U_f_U_g_U_o__h + t * n_B * (4*n_H) + 2*n_H, 4*n_H, b_dg_U_i_U_f_U_g_U_o__h + t * n_B * (4*n_H) + 3*n_H, 4*n_H, b_dp_beta_H + t * n_B * (n_H), n_H, b_ds_c, n_H);
         // d_h_gemm = dg_U_i_U_f_U_g_U_o__h @ [U_i, U_f, U_g, U_o]
-        CS_GEMM_NN_PACKED(rows, n_H, 4*n_H, b_dg_U_i_U_f_U_g_U_o__h + t * n_B * (4*n_H), 4*n_H, pk_U_i_U_f_U_g_U_o_nn, b_tmp_d_h_gemm, n_H, 0);
-        // backward: per-step adjoints of inputs, states, vector params, hoisted results, units of size H
-        CS_PW(def_lstm_backward_bwd_leaf_H, rows, n_H, b_p_beta_H, 0, b_s_c + (t + 1) * n_B * (n_H), n_H, b_tmp_d_c_next, n_H, b_tmp_d_h_gemm, n_H, b_tmp_d_h_next, n_H, b_v_f + t * n_B * (n_H), n_H, b_v_o + t * n_B * (n_H), n_H, b_ds_h, n_H, b_ds_c, n_H, b_dp_beta_H + t * n_B * (n_H), n_H);
+        CS_GEMM_NN_PACKED(rows, n_H, 4*n_H, b_dg_U_i_U_f_U_g_U_o__h + t * n_B * (4*n_H), 4*n_H, pk_U_i_U_f_U_g_U_o_nn, b_ds_h, n_H, 0);
     }
     CS_SPLIT_DONE();
     CS_TEAM_END

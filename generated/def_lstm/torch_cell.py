@@ -330,9 +330,6 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
     _dx_x = torch.empty((_T, _B, _I), dtype=_dtype, device=_device)
     _dp_beta_H = torch.empty((_T, _B, _H), dtype=_dtype, device=_device)
     _dg_U_i_U_f_U_g_U_o__h = torch.empty((_T, _B, 4*_H), dtype=_dtype, device=_device)
-    _tmp_d_h_gemm = torch.empty((_B, _H), dtype=_dtype, device=_device)
-    _tmp_d_h_next = torch.empty((_B, _H), dtype=_dtype, device=_device)
-    _tmp_d_c_next = torch.empty((_B, _H), dtype=_dtype, device=_device)
     if _bs is not None:
         _dg_U_i_U_f_U_g_U_o__h.zero_()
         _dp_beta_H.zero_()
@@ -345,10 +342,7 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
     _v_g_at0 = _steps(_v_g, 0, _T, _bs)
     _v_i_at0 = _steps(_v_i, 0, _T, _bs)
     _v_o_at0 = _steps(_v_o, 0, _T, _bs)
-    _tmp_d_h_next_rows = _rows(_tmp_d_h_next, _T, _bs)
-    _tmp_d_c_next_rows = _rows(_tmp_d_c_next, _T, _bs)
     _dg_U_i_U_f_U_g_U_o__h_at0 = _steps(_dg_U_i_U_f_U_g_U_o__h, 0, _T, _bs)
-    _tmp_d_h_gemm_rows = _rows(_tmp_d_h_gemm, _T, _bs)
     _dp_beta_H_at0 = _steps(_dp_beta_H, 0, _T, _bs)
     _grads = {}
     for _t in reversed(range(_T)):
@@ -373,26 +367,15 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
         d_U_f_h = d_f*f*(1 - f)  # adjoint of U_f @ h
         d_U_g_h = d_g*(1 - (g*g))  # adjoint of U_g @ h
         d_U_o_h = d_o*o*(1 - o)  # adjoint of U_o @ h
-        _tmp_d_h_next_rows[_t].copy_(d_h_next)
-        _tmp_d_c_next_rows[_t].copy_(d_c_next)
+        d_beta_H = c_next*d_h_next*o*(1 - (t0*t0))  # adjoint of param beta_H
+        d_c_prev = d_c_next*f  # adjoint of state c, carried to the step before
         _dg_U_i_U_f_U_g_U_o__h_at0[_t][:, 0:_H].copy_(d_U_i_h)
         _dg_U_i_U_f_U_g_U_o__h_at0[_t][:, _H:2*_H].copy_(d_U_f_h)
         _dg_U_i_U_f_U_g_U_o__h_at0[_t][:, 2*_H:3*_H].copy_(d_U_g_h)
         _dg_U_i_U_f_U_g_U_o__h_at0[_t][:, 3*_H:4*_H].copy_(d_U_o_h)
-        torch.mm(_dg_U_i_U_f_U_g_U_o__h_at0[_t], _w_U_i_U_f_U_g_U_o, out=_tmp_d_h_gemm_rows[_t])
-        # per-step adjoints of inputs, states, vector params, hoisted results
-        c_next = _s_c_at1[_t]
-        d_c_next = _tmp_d_c_next_rows[_t]
-        d_h_gemm = _tmp_d_h_gemm_rows[_t]
-        d_h_next = _tmp_d_h_next_rows[_t]
-        f = _v_f_at0[_t]
-        o = _v_o_at0[_t]
-        d_h = d_h_gemm  # adjoint of state h
-        d_c = d_c_next*f  # adjoint of state c
-        d_beta_H = c_next*d_h_next*o*(1 - (torch.tanh(beta_H*c_next)*torch.tanh(beta_H*c_next)))  # adjoint of param beta_H
-        _ds_h_rows[_t].copy_(d_h)
-        _ds_c_rows[_t].copy_(d_c)
         _dp_beta_H_at0[_t].copy_(d_beta_H)
+        _ds_c_rows[_t].copy_(d_c_prev)
+        torch.mm(_dg_U_i_U_f_U_g_U_o__h_at0[_t], _w_U_i_U_f_U_g_U_o, out=_ds_h_rows[_t])
     # dW of U_i @ h, U_f @ h, U_g @ h, U_o @ h: one GEMM over all T*B rows
     _dw = _dg_U_i_U_f_U_g_U_o__h.reshape(_T * _B, 4*_H).T @ _s_h[:_T].reshape(_T * _B, _H)
     _grads["U_i"] = _dw[0:_H]
@@ -557,9 +540,6 @@ def _backward_differentiable(_params, _x, _saved, _d_outputs, _d_final, _bs=None
     _dx_x = torch.zeros((_T, _B, _I), dtype=_dtype, device=_device)
     _dp_beta_H = torch.zeros((_T, _B, _H), dtype=_dtype, device=_device)
     _dg_U_i_U_f_U_g_U_o__h = torch.zeros((_T, _B, 4*_H), dtype=_dtype, device=_device)
-    _tmp_d_h_gemm = torch.zeros((_B, _H), dtype=_dtype, device=_device)
-    _tmp_d_h_next = torch.zeros((_B, _H), dtype=_dtype, device=_device)
-    _tmp_d_c_next = torch.zeros((_B, _H), dtype=_dtype, device=_device)
     _dg_U_i_U_f_U_g_U_o__h_rows = list(_dg_U_i_U_f_U_g_U_o__h.unbind(0))
     _dp_beta_H_rows = list(_dp_beta_H.unbind(0))
     _dx_x_rows = list(_dx_x.unbind(0))
@@ -592,26 +572,15 @@ def _backward_differentiable(_params, _x, _saved, _d_outputs, _d_final, _bs=None
         d_U_f_h = d_f*f*(1 - f)  # adjoint of U_f @ h
         d_U_g_h = d_g*(1 - (g*g))  # adjoint of U_g @ h
         d_U_o_h = d_o*o*(1 - o)  # adjoint of U_o @ h
-        _tmp_d_h_next = d_h_next
-        _tmp_d_c_next = d_c_next
+        d_beta_H = c_next*d_h_next*o*(1 - (t0*t0))  # adjoint of param beta_H
+        d_c_prev = d_c_next*f  # adjoint of state c, carried to the step before
         _dg_U_i_U_f_U_g_U_o__h_rows[_t] = torch.slice_scatter(_dg_U_i_U_f_U_g_U_o__h_rows[_t], d_U_i_h, 1, 0, _H)
         _dg_U_i_U_f_U_g_U_o__h_rows[_t] = torch.slice_scatter(_dg_U_i_U_f_U_g_U_o__h_rows[_t], d_U_f_h, 1, _H, 2*_H)
         _dg_U_i_U_f_U_g_U_o__h_rows[_t] = torch.slice_scatter(_dg_U_i_U_f_U_g_U_o__h_rows[_t], d_U_g_h, 1, 2*_H, 3*_H)
         _dg_U_i_U_f_U_g_U_o__h_rows[_t] = torch.slice_scatter(_dg_U_i_U_f_U_g_U_o__h_rows[_t], d_U_o_h, 1, 3*_H, 4*_H)
-        _tmp_d_h_gemm = _dg_U_i_U_f_U_g_U_o__h_rows[_t] @ _w_U_i_U_f_U_g_U_o
-        # per-step adjoints of inputs, states, vector params, hoisted results
-        c_next = _s_c_rows[_t + 1]
-        d_c_next = _tmp_d_c_next
-        d_h_gemm = _tmp_d_h_gemm
-        d_h_next = _tmp_d_h_next
-        f = _v_f_rows[_t]
-        o = _v_o_rows[_t]
-        d_h = d_h_gemm  # adjoint of state h
-        d_c = d_c_next*f  # adjoint of state c
-        d_beta_H = c_next*d_h_next*o*(1 - (torch.tanh(beta_H*c_next)*torch.tanh(beta_H*c_next)))  # adjoint of param beta_H
-        _ds_h = d_h
-        _ds_c = d_c
         _dp_beta_H_rows[_t] = d_beta_H
+        _ds_c = d_c_prev
+        _ds_h = _dg_U_i_U_f_U_g_U_o__h_rows[_t] @ _w_U_i_U_f_U_g_U_o
     _dg_U_i_U_f_U_g_U_o__h = torch.stack(_dg_U_i_U_f_U_g_U_o__h_rows)
     # dW of U_i @ h, U_f @ h, U_g @ h, U_o @ h: one GEMM over all T*B rows
     _dw = _dg_U_i_U_f_U_g_U_o__h.reshape(_T * _B, 4*_H).T @ _s_h[:_T].reshape(_T * _B, _H)
@@ -811,7 +780,7 @@ def _custom_ops(name, forward, backward, forward_schema, backward_schema, forwar
 #: the PyTorch engine's forward and backward as custom ops (the engine itself is the fake:
 #: it runs on fake tensors)
 _ENGINE_OPS = _custom_ops(
-    "def_lstm_engine_6b633c64b6f3", _engine_op_forward_impl, _engine_op_backward_impl,
+    "def_lstm_engine_80043cc4221c", _engine_op_forward_impl, _engine_op_backward_impl,
     "(Tensor[] xs, Tensor[] states, Tensor[] params) -> Tensor[]",
     "(Tensor[] args, Tensor[] saved, Tensor?[] d_outputs, Tensor?[] d_finals) -> Tensor[]",
     _engine_op_forward_impl, _engine_op_backward_impl, _engine_op_backward, _engine_op_setup_context,
@@ -1180,7 +1149,7 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     if _bs is not None:  # outputs past a sequence's end are constant zeros
         _m = _native_active(_bs, _B, _xs)
         _d_outputs = tuple(None if _d is None else _d * _m for _d in _d_outputs)
-    dp_beta_H, dg_U_i_U_f_U_g_U_o__h, tmp_d_h_gemm, tmp_d_h_next, tmp_d_c_next = _scratch((_T, _B, _H), (_T, _B, 4*_H), (_B, _H), (_B, _H), (_B, _H))
+    dp_beta_H, dg_U_i_U_f_U_g_U_o__h = _scratch((_T, _B, _H), (_T, _B, 4*_H))
     x_x = _xs[0].contiguous()
     s_h = _saved[0]
     s_c = _saved[1]
@@ -1200,14 +1169,14 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     _grads_0 = _gempty((5, _H)).unbind(0)
     _grads = {"W_i": _rows_dw_W_i_W_f_W_g_W_o[0], "U_i": _rows_dw_U_i_U_f_U_g_U_o[0], "b_i": _grads_0[0], "W_f": _rows_dw_W_i_W_f_W_g_W_o[1], "U_f": _rows_dw_U_i_U_f_U_g_U_o[1], "b_f": _grads_0[1], "W_g": _rows_dw_W_i_W_f_W_g_W_o[2], "U_g": _rows_dw_U_i_U_f_U_g_U_o[2], "b_g": _grads_0[2], "W_o": _rows_dw_W_i_W_f_W_g_W_o[3], "U_o": _rows_dw_U_i_U_f_U_g_U_o[3], "b_o": _grads_0[3], "beta_H": _grads_0[4]}
     if _lib is not None:
-        _lib("backward", _dims, [x_x, s_h, s_c, p_beta_H, v_i, v_f, v_g, v_o, dout_h_next, ds_h, ds_c, dx_x, dp_beta_H, dg_U_i_U_f_U_g_U_o__h, tmp_d_h_gemm, tmp_d_h_next, tmp_d_c_next, dw_U_i_U_f_U_g_U_o, dw_W_i_W_f_W_g_W_o, _stacked(_params["W_i"], _params["W_f"], _params["W_g"], _params["W_o"]), _stacked(_params["U_i"], _params["U_f"], _params["U_g"], _params["U_o"]), *_grads.values(), _bs])
+        _lib("backward", _dims, [x_x, s_h, s_c, p_beta_H, v_i, v_f, v_g, v_o, dout_h_next, ds_h, ds_c, dx_x, dp_beta_H, dg_U_i_U_f_U_g_U_o__h, dw_U_i_U_f_U_g_U_o, dw_W_i_W_f_W_g_W_o, _stacked(_params["W_i"], _params["W_f"], _params["W_g"], _params["W_o"]), _stacked(_params["U_i"], _params["U_f"], _params["U_g"], _params["U_o"]), *_grads.values(), _bs])
     return _grads, (dx_x,), (ds_h, ds_c,)
 
 
 # The same two calls as PyTorch custom ops, for torch.compile (which traces them through their
 # fake implementations: the allocations above, without the call). Registered once per process
 # and content of this file; outputs are copies (an op's outputs may not alias each other).
-_OP = "def_lstm_421fe4d219b6"
+_OP = "def_lstm_1a644999b863"
 
 
 def _op_forward_impl(xs: list[torch.Tensor], states: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -1459,84 +1459,6 @@ extern "C" void elman_backward_bwd0_H_f64(int64_t _rows, int64_t _cols, const do
     elman_backward_bwd0_H_host<double>(_rows, _cols, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_h_next, _ld_h_next, _p_d_W_hh_h, _ld_d_W_hh_h);
 }
 
-// =============================================================================================
-// elman_backward_bwd_leaf_H: backward: per-step adjoints of inputs, states, vector params, hoisted results, units of size H
-// =============================================================================================
-template <typename real>
-__host__ __device__ inline void elman_backward_bwd_leaf_H(
-    real d_h_gemm,
-    real& d_h)  // out
-{
-    // adjoint of state h
-    d_h = d_h_gemm;
-}
-
-#ifdef __CUDACC__
-template <typename S>
-__global__ void elman_backward_bwd_leaf_H_kernel(int64_t _rows, int64_t _cols, const S* __restrict__ _p_d_h_gemm, int64_t _ld_d_h_gemm, S* __restrict__ _p_d_h, int64_t _ld_d_h)
-{
-    typedef typename cs_math<S>::type M;
-    const int64_t _j = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (_j >= _cols) return;
-    for (int64_t _r = blockIdx.y; _r < _rows; _r += gridDim.y) {
-        M d_h_gemm = cs_load(_p_d_h_gemm[_r * _ld_d_h_gemm + _j]);
-        M d_h;
-        elman_backward_bwd_leaf_H<M>(d_h_gemm, d_h);
-        cs_store(&_p_d_h[_r * _ld_d_h + _j], d_h);
-    }
-}
-
-template <typename S>
-static int elman_backward_bwd_leaf_H_launch(int64_t _rows, int64_t _cols, const void* _p_d_h_gemm, int64_t _ld_d_h_gemm, void* _p_d_h, int64_t _ld_d_h, void* _stream)
-{
-    if (_rows <= 0 || _cols <= 0) return 0;
-    dim3 _grid, _block;
-    cs_grid(_rows, _cols, &_grid, &_block);
-    elman_backward_bwd_leaf_H_kernel<S><<<_grid, _block, 0, (cudaStream_t)_stream>>>(_rows, _cols, (const S*)_p_d_h_gemm, _ld_d_h_gemm, (S*)_p_d_h, _ld_d_h);
-    return (int)cudaGetLastError();
-}
-
-extern "C" int elman_backward_bwd_leaf_H_cuda_f32(int64_t _rows, int64_t _cols, const void* _p_d_h_gemm, int64_t _ld_d_h_gemm, void* _p_d_h, int64_t _ld_d_h, void* _stream)
-{
-    return elman_backward_bwd_leaf_H_launch<float>(_rows, _cols, _p_d_h_gemm, _ld_d_h_gemm, _p_d_h, _ld_d_h, _stream);
-}
-extern "C" int elman_backward_bwd_leaf_H_cuda_f64(int64_t _rows, int64_t _cols, const void* _p_d_h_gemm, int64_t _ld_d_h_gemm, void* _p_d_h, int64_t _ld_d_h, void* _stream)
-{
-    return elman_backward_bwd_leaf_H_launch<double>(_rows, _cols, _p_d_h_gemm, _ld_d_h_gemm, _p_d_h, _ld_d_h, _stream);
-}
-extern "C" int elman_backward_bwd_leaf_H_cuda_f16(int64_t _rows, int64_t _cols, const void* _p_d_h_gemm, int64_t _ld_d_h_gemm, void* _p_d_h, int64_t _ld_d_h, void* _stream)
-{
-    return elman_backward_bwd_leaf_H_launch<__half>(_rows, _cols, _p_d_h_gemm, _ld_d_h_gemm, _p_d_h, _ld_d_h, _stream);
-}
-extern "C" int elman_backward_bwd_leaf_H_cuda_bf16(int64_t _rows, int64_t _cols, const void* _p_d_h_gemm, int64_t _ld_d_h_gemm, void* _p_d_h, int64_t _ld_d_h, void* _stream)
-{
-    return elman_backward_bwd_leaf_H_launch<__nv_bfloat16>(_rows, _cols, _p_d_h_gemm, _ld_d_h_gemm, _p_d_h, _ld_d_h, _stream);
-}
-#endif  // __CUDACC__
-
-template <typename real>
-static inline void elman_backward_bwd_leaf_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_d_h_gemm, int64_t _ld_d_h_gemm, real* __restrict__ _p_d_h, int64_t _ld_d_h)
-{
-    cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
-#pragma omp simd
-        for (int64_t _j = 0; _j < _cols; ++_j) {
-            real d_h_gemm = _p_d_h_gemm[_r * _ld_d_h_gemm + _j];
-            real d_h;
-            elman_backward_bwd_leaf_H<real>(d_h_gemm, d_h);
-            _p_d_h[_r * _ld_d_h + _j] = d_h;
-        }
-    });
-}
-
-extern "C" void elman_backward_bwd_leaf_H_f32(int64_t _rows, int64_t _cols, const float* _p_d_h_gemm, int64_t _ld_d_h_gemm, float* _p_d_h, int64_t _ld_d_h)
-{
-    elman_backward_bwd_leaf_H_host<float>(_rows, _cols, _p_d_h_gemm, _ld_d_h_gemm, _p_d_h, _ld_d_h);
-}
-extern "C" void elman_backward_bwd_leaf_H_f64(int64_t _rows, int64_t _cols, const double* _p_d_h_gemm, int64_t _ld_d_h_gemm, double* _p_d_h, int64_t _ld_d_h)
-{
-    elman_backward_bwd_leaf_H_host<double>(_rows, _cols, _p_d_h_gemm, _ld_d_h_gemm, _p_d_h, _ld_d_h);
-}
-
 
 
 // =============================================================================================
@@ -1729,7 +1651,7 @@ extern "C" int elman_inference_f64(const int64_t* dims, void* const* ptrs, const
 
 // =============================================================================================
 // elman: the whole sequence, backward
-// ptrs: 0 x_x, 1 s_h, 2 dout_h_next, 3 ds_h, 4 dx_x, 5 dg_W_hh__h, 6 tmp_d_h_gemm, 7 sum_d_b_ih, 8 weight W_ih, 9 weight W_hh, 10 d W_ih, 11 d W_hh, 12 d b_ih, 13 d b_hh, 14 batch sizes (host, or NULL)
+// ptrs: 0 x_x, 1 s_h, 2 dout_h_next, 3 ds_h, 4 dx_x, 5 dg_W_hh__h, 6 sum_d_b_ih, 7 weight W_ih, 8 weight W_hh, 9 d W_ih, 10 d W_hh, 11 d b_ih, 12 d b_hh, 13 batch sizes (host, or NULL)
 
 // =============================================================================================
 template <typename S, typename G>
@@ -1757,23 +1679,21 @@ static int elman_backward_run(const int64_t* dims, void* const* ptrs, const cs_c
     (void)b_dx_x;
     S* b_dg_W_hh__h = (S*)ptrs[5];
     (void)b_dg_W_hh__h;
-    S* b_tmp_d_h_gemm = (S*)ptrs[6];
-    (void)b_tmp_d_h_gemm;
-    G* b_sum_d_b_ih = (G*)ptrs[7];
+    G* b_sum_d_b_ih = (G*)ptrs[6];
     (void)b_sum_d_b_ih;
-    const S* w_W_ih = (const S*)ptrs[8];
+    const S* w_W_ih = (const S*)ptrs[7];
     (void)w_W_ih;
-    const S* w_W_hh = (const S*)ptrs[9];
+    const S* w_W_hh = (const S*)ptrs[8];
     (void)w_W_hh;
-    G* g_W_ih = (G*)ptrs[10];
+    G* g_W_ih = (G*)ptrs[9];
     (void)g_W_ih;
-    G* g_W_hh = (G*)ptrs[11];
+    G* g_W_hh = (G*)ptrs[10];
     (void)g_W_hh;
-    G* g_b_ih = (G*)ptrs[12];
+    G* g_b_ih = (G*)ptrs[11];
     (void)g_b_ih;
-    G* g_b_hh = (G*)ptrs[13];
+    G* g_b_hh = (G*)ptrs[12];
     (void)g_b_hh;
-    const int64_t* bs = (const int64_t*)ptrs[14];
+    const int64_t* bs = (const int64_t*)ptrs[13];
     (void)ctx;
     if (bs) {  // rows of ended sequences, which no step writes, are read over all T*B rows
         CS_ZERO(b_dg_W_hh__h, (n_T) * (n_B) * (n_H));
@@ -1788,9 +1708,7 @@ static int elman_backward_run(const int64_t* dims, void* const* ptrs, const cs_c
         // backward: stage 0 backward, units of size H
         CS_PW(elman_backward_bwd0_H, rows, n_H, b_ds_h, n_H, b_dout_h_next + t * n_B * (n_H), n_H, b_s_h + (t + 1) * n_B * (n_H), n_H, b_dg_W_hh__h + t * n_B * (n_H), n_H);
         // d_h_gemm = dg_W_hh__h @ [W_hh]
-        CS_GEMM_NN_PACKED(rows, n_H, n_H, b_dg_W_hh__h + t * n_B * (n_H), n_H, pk_W_hh_nn, b_tmp_d_h_gemm, n_H, 0);
-        // backward: per-step adjoints of inputs, states, vector params, hoisted results, units of size H
-        CS_PW(elman_backward_bwd_leaf_H, rows, n_H, b_tmp_d_h_gemm, n_H, b_ds_h, n_H);
+        CS_GEMM_NN_PACKED(rows, n_H, n_H, b_dg_W_hh__h + t * n_B * (n_H), n_H, pk_W_hh_nn, b_ds_h, n_H, 0);
     }
     CS_SPLIT_DONE();
     CS_TEAM_END

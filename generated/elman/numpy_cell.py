@@ -251,14 +251,12 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
     _ds_h = np.zeros((_B, _H), _dtype) if _d_final[0] is None else np.array(np.asarray(_d_final[0], _dtype), copy=True)
     _dx_x = np.empty((_T, _B, _I), _dtype)
     _dg_W_hh__h = np.empty((_T, _B, _H), _dtype)
-    _tmp_d_h_gemm = np.empty((_B, _H), _dtype)
     if _bs is not None:
         _dg_W_hh__h[...] = 0
     _ds_h_rows = _rows(_ds_h, _T, _bs)
     _dout_h_next_at0 = _steps(_dout_h_next, 0, _T, _bs)
     _s_h_at1 = _steps(_s_h, 1, _T, _bs)
     _dg_W_hh__h_at0 = _steps(_dg_W_hh__h, 0, _T, _bs)
-    _tmp_d_h_gemm_rows = _rows(_tmp_d_h_gemm, _T, _bs)
     _grads = {}
     for _t in reversed(range(_T)):
         # stage 0 backward
@@ -268,11 +266,7 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
         d_h_next = d_h + d_h_next_out  # adjoint of h'
         d_W_hh_h = d_h_next*(1 - (h_next*h_next))  # adjoint of W_hh @ h
         _dg_W_hh__h_at0[_t][...] = d_W_hh_h
-        np.matmul(_dg_W_hh__h_at0[_t], _w_W_hh, out=_tmp_d_h_gemm_rows[_t])
-        # per-step adjoints of inputs, states, vector params, hoisted results
-        d_h_gemm = _tmp_d_h_gemm_rows[_t]
-        d_h = d_h_gemm  # adjoint of state h
-        _ds_h_rows[_t][...] = d_h
+        np.matmul(_dg_W_hh__h_at0[_t], _w_W_hh, out=_ds_h_rows[_t])
     # dW of W_hh @ h: one GEMM over all T*B rows
     _grads["W_hh"] = _dg_W_hh__h.reshape(_T * _B, _H).T @ _s_h[:_T].reshape(_T * _B, _H)
     # dW of W_ih @ x: one GEMM over all T*B rows

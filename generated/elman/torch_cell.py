@@ -209,14 +209,12 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
     _ds_h = torch.zeros((_B, _H), dtype=_dtype, device=_device) if _d_final[0] is None else _d_final[0].to(_dtype).clone()
     _dx_x = torch.empty((_T, _B, _I), dtype=_dtype, device=_device)
     _dg_W_hh__h = torch.empty((_T, _B, _H), dtype=_dtype, device=_device)
-    _tmp_d_h_gemm = torch.empty((_B, _H), dtype=_dtype, device=_device)
     if _bs is not None:
         _dg_W_hh__h.zero_()
     _ds_h_rows = _rows(_ds_h, _T, _bs)
     _dout_h_next_at0 = _steps(_dout_h_next, 0, _T, _bs)
     _s_h_at1 = _steps(_s_h, 1, _T, _bs)
     _dg_W_hh__h_at0 = _steps(_dg_W_hh__h, 0, _T, _bs)
-    _tmp_d_h_gemm_rows = _rows(_tmp_d_h_gemm, _T, _bs)
     _grads = {}
     for _t in reversed(range(_T)):
         # stage 0 backward
@@ -226,11 +224,7 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
         d_h_next = d_h + d_h_next_out  # adjoint of h'
         d_W_hh_h = d_h_next*(1 - (h_next*h_next))  # adjoint of W_hh @ h
         _dg_W_hh__h_at0[_t].copy_(d_W_hh_h)
-        torch.mm(_dg_W_hh__h_at0[_t], _w_W_hh, out=_tmp_d_h_gemm_rows[_t])
-        # per-step adjoints of inputs, states, vector params, hoisted results
-        d_h_gemm = _tmp_d_h_gemm_rows[_t]
-        d_h = d_h_gemm  # adjoint of state h
-        _ds_h_rows[_t].copy_(d_h)
+        torch.mm(_dg_W_hh__h_at0[_t], _w_W_hh, out=_ds_h_rows[_t])
     # dW of W_hh @ h: one GEMM over all T*B rows
     _grads["W_hh"] = _dg_W_hh__h.reshape(_T * _B, _H).T @ _s_h[:_T].reshape(_T * _B, _H)
     # dW of W_ih @ x: one GEMM over all T*B rows
@@ -322,7 +316,6 @@ def _backward_differentiable(_params, _x, _saved, _d_outputs, _d_final, _bs=None
     _ds_h = torch.zeros((_B, _H), dtype=_dtype, device=_device) if _d_final[0] is None else _d_final[0].to(_dtype).clone()
     _dx_x = torch.zeros((_T, _B, _I), dtype=_dtype, device=_device)
     _dg_W_hh__h = torch.zeros((_T, _B, _H), dtype=_dtype, device=_device)
-    _tmp_d_h_gemm = torch.zeros((_B, _H), dtype=_dtype, device=_device)
     _dg_W_hh__h_rows = list(_dg_W_hh__h.unbind(0))
     _dx_x_rows = list(_dx_x.unbind(0))
     _dout_h_next_rows = list(_dout_h_next.unbind(0))
@@ -336,11 +329,7 @@ def _backward_differentiable(_params, _x, _saved, _d_outputs, _d_final, _bs=None
         d_h_next = d_h + d_h_next_out  # adjoint of h'
         d_W_hh_h = d_h_next*(1 - (h_next*h_next))  # adjoint of W_hh @ h
         _dg_W_hh__h_rows[_t] = d_W_hh_h
-        _tmp_d_h_gemm = _dg_W_hh__h_rows[_t] @ _w_W_hh
-        # per-step adjoints of inputs, states, vector params, hoisted results
-        d_h_gemm = _tmp_d_h_gemm
-        d_h = d_h_gemm  # adjoint of state h
-        _ds_h = d_h
+        _ds_h = _dg_W_hh__h_rows[_t] @ _w_W_hh
     _dg_W_hh__h = torch.stack(_dg_W_hh__h_rows)
     # dW of W_hh @ h: one GEMM over all T*B rows
     _grads["W_hh"] = _dg_W_hh__h.reshape(_T * _B, _H).T @ _s_h[:_T].reshape(_T * _B, _H)
@@ -509,7 +498,7 @@ def _custom_ops(name, forward, backward, forward_schema, backward_schema, forwar
 #: the PyTorch engine's forward and backward as custom ops (the engine itself is the fake:
 #: it runs on fake tensors)
 _ENGINE_OPS = _custom_ops(
-    "elman_engine_634b02a8acf1", _engine_op_forward_impl, _engine_op_backward_impl,
+    "elman_engine_0814ed8dcc5e", _engine_op_forward_impl, _engine_op_backward_impl,
     "(Tensor[] xs, Tensor[] states, Tensor[] params) -> Tensor[]",
     "(Tensor[] args, Tensor[] saved, Tensor?[] d_outputs, Tensor?[] d_finals) -> Tensor[]",
     _engine_op_forward_impl, _engine_op_backward_impl, _engine_op_backward, _engine_op_setup_context,
@@ -865,7 +854,7 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     if _bs is not None:  # outputs past a sequence's end are constant zeros
         _m = _native_active(_bs, _B, _xs)
         _d_outputs = tuple(None if _d is None else _d * _m for _d in _d_outputs)
-    dg_W_hh__h, tmp_d_h_gemm = _scratch((_T, _B, _H), (_B, _H))
+    dg_W_hh__h, = _scratch((_T, _B, _H))
     sum_d_b_ih, = _gscratch((_H,))
     x_x = _xs[0].contiguous()
     s_h = _saved[0]
@@ -875,14 +864,14 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     _grads_0 = _gempty((2, _H)).unbind(0)
     _grads = {"W_ih": _gempty((_H, _I)), "W_hh": _gempty((_H, _H)), "b_ih": _grads_0[0], "b_hh": _grads_0[1]}
     if _lib is not None:
-        _lib("backward", _dims, [x_x, s_h, dout_h_next, ds_h, dx_x, dg_W_hh__h, tmp_d_h_gemm, sum_d_b_ih, _params["W_ih"].contiguous(), _params["W_hh"].contiguous(), *_grads.values(), _bs])
+        _lib("backward", _dims, [x_x, s_h, dout_h_next, ds_h, dx_x, dg_W_hh__h, sum_d_b_ih, _params["W_ih"].contiguous(), _params["W_hh"].contiguous(), *_grads.values(), _bs])
     return _grads, (dx_x,), (ds_h,)
 
 
 # The same two calls as PyTorch custom ops, for torch.compile (which traces them through their
 # fake implementations: the allocations above, without the call). Registered once per process
 # and content of this file; outputs are copies (an op's outputs may not alias each other).
-_OP = "elman_10be142cffc4"
+_OP = "elman_ab53082f1518"
 
 
 def _op_forward_impl(xs: list[torch.Tensor], states: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:

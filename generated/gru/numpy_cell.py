@@ -337,12 +337,10 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
     _ds_h = np.zeros((_B, _H), _dtype) if _d_final[0] is None else np.array(np.asarray(_d_final[0], _dtype), copy=True)
     _dx_x = np.empty((_T, _B, _I), _dtype)
     _dg_U_r_U_u__h = np.empty((_T, _B, 2*_H), _dtype)
-    _tmp_d_h_gemm = np.empty((_B, _H), _dtype)
     _dg_U_c__U_c_in = np.empty((_T, _B, _H), _dtype)
     _tmp_d_U_c_in_gemm = np.empty((_B, _H), _dtype)
     _dhg_W_r_W_u_W_c__x = np.empty((_T, _B, 3*_H), _dtype)
     _tmp_d_h_next = np.empty((_B, _H), _dtype)
-    _tmp_d_U_c_in = np.empty((_B, _H), _dtype)
     if _bs is not None:
         _dg_U_c__U_c_in[...] = 0
         _dg_U_r_U_u__h[...] = 0
@@ -356,9 +354,7 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
     _tmp_d_U_c_in_gemm_rows = _rows(_tmp_d_U_c_in_gemm, _T, _bs)
     _s_h_at0 = _steps(_s_h, 0, _T, _bs)
     _v_r_at0 = _steps(_v_r, 0, _T, _bs)
-    _tmp_d_U_c_in_rows = _rows(_tmp_d_U_c_in, _T, _bs)
     _dg_U_r_U_u__h_at0 = _steps(_dg_U_r_U_u__h, 0, _T, _bs)
-    _tmp_d_h_gemm_rows = _rows(_tmp_d_h_gemm, _T, _bs)
     _dhg_W_r_W_u_W_c__x_at0 = _steps(_dhg_W_r_W_u_W_c__x, 0, _T, _bs)
     _grads = {}
     for _t in reversed(range(_T)):
@@ -376,6 +372,7 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
         # stage 0 backward
         c = _v_c_at0[_t]
         d_U_c_in_gemm = _tmp_d_U_c_in_gemm_rows[_t]
+        d_U_c_out = _dg_U_c__U_c_in_at0[_t]
         d_h_next = _tmp_d_h_next_rows[_t]
         h = _s_h_at0[_t]
         r = _v_r_at0[_t]
@@ -385,27 +382,17 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
         d_r = d_U_c_in*h  # adjoint of r
         d_U_r_h = d_r*r*(1 - r)  # adjoint of U_r @ h
         d_U_u_h = d_u*u*(1 - u)  # adjoint of U_u @ h
-        _tmp_d_U_c_in_rows[_t][...] = d_U_c_in
-        _dg_U_r_U_u__h_at0[_t][:, 0:_H][...] = d_U_r_h
-        _dg_U_r_U_u__h_at0[_t][:, _H:2*_H][...] = d_U_u_h
-        np.matmul(_dg_U_r_U_u__h_at0[_t], _w_U_r_U_u, out=_tmp_d_h_gemm_rows[_t])
-        # per-step adjoints of inputs, states, vector params, hoisted results
-        d_U_c_in = _tmp_d_U_c_in_rows[_t]
-        d_U_c_out = _dg_U_c__U_c_in_at0[_t]
-        d_U_r_h = _dg_U_r_U_u__h_at0[_t][:, 0:_H]
-        d_U_u_h = _dg_U_r_U_u__h_at0[_t][:, _H:2*_H]
-        d_h_gemm = _tmp_d_h_gemm_rows[_t]
-        d_h_next = _tmp_d_h_next_rows[_t]
-        r = _v_r_at0[_t]
-        u = _v_u_at0[_t]
-        d_h = d_U_c_in*r + d_h_gemm + d_h_next*u  # adjoint of state h
         d_W_r_x = d_U_r_h  # adjoint of hoisted projection W_r_x
         d_W_u_x = d_U_u_h  # adjoint of hoisted projection W_u_x
         d_W_c_x = d_U_c_out  # adjoint of hoisted projection W_c_x
-        _ds_h_rows[_t][...] = d_h
+        d_h_direct = d_U_c_in*r + d_h_next*u  # adjoint of state h, less the recurrent product's share (the GEMM adds it)
+        _dg_U_r_U_u__h_at0[_t][:, 0:_H][...] = d_U_r_h
+        _dg_U_r_U_u__h_at0[_t][:, _H:2*_H][...] = d_U_u_h
         _dhg_W_r_W_u_W_c__x_at0[_t][:, 0:_H][...] = d_W_r_x
         _dhg_W_r_W_u_W_c__x_at0[_t][:, _H:2*_H][...] = d_W_u_x
         _dhg_W_r_W_u_W_c__x_at0[_t][:, 2*_H:3*_H][...] = d_W_c_x
+        _ds_h_rows[_t][...] = d_h_direct
+        _ds_h_rows[_t][...] += _dg_U_r_U_u__h_at0[_t] @ _w_U_r_U_u
     # dW of U_r @ h, U_u @ h: one GEMM over all T*B rows
     _dw = _dg_U_r_U_u__h.reshape(_T * _B, 2*_H).T @ _s_h[:_T].reshape(_T * _B, _H)
     _grads["U_r"] = _dw[0:_H]

@@ -306,12 +306,10 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
     _ds_h = torch.zeros((_B, _H), dtype=_dtype, device=_device) if _d_final[0] is None else _d_final[0].to(_dtype).clone()
     _dx_x = torch.empty((_T, _B, _I), dtype=_dtype, device=_device)
     _dg_U_r_U_u__h = torch.empty((_T, _B, 2*_H), dtype=_dtype, device=_device)
-    _tmp_d_h_gemm = torch.empty((_B, _H), dtype=_dtype, device=_device)
     _dg_U_c__U_c_in = torch.empty((_T, _B, _H), dtype=_dtype, device=_device)
     _tmp_d_U_c_in_gemm = torch.empty((_B, _H), dtype=_dtype, device=_device)
     _dhg_W_r_W_u_W_c__x = torch.empty((_T, _B, 3*_H), dtype=_dtype, device=_device)
     _tmp_d_h_next = torch.empty((_B, _H), dtype=_dtype, device=_device)
-    _tmp_d_U_c_in = torch.empty((_B, _H), dtype=_dtype, device=_device)
     if _bs is not None:
         _dg_U_c__U_c_in.zero_()
         _dg_U_r_U_u__h.zero_()
@@ -325,9 +323,7 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
     _tmp_d_U_c_in_gemm_rows = _rows(_tmp_d_U_c_in_gemm, _T, _bs)
     _s_h_at0 = _steps(_s_h, 0, _T, _bs)
     _v_r_at0 = _steps(_v_r, 0, _T, _bs)
-    _tmp_d_U_c_in_rows = _rows(_tmp_d_U_c_in, _T, _bs)
     _dg_U_r_U_u__h_at0 = _steps(_dg_U_r_U_u__h, 0, _T, _bs)
-    _tmp_d_h_gemm_rows = _rows(_tmp_d_h_gemm, _T, _bs)
     _dhg_W_r_W_u_W_c__x_at0 = _steps(_dhg_W_r_W_u_W_c__x, 0, _T, _bs)
     _grads = {}
     for _t in reversed(range(_T)):
@@ -345,6 +341,7 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
         # stage 0 backward
         c = _v_c_at0[_t]
         d_U_c_in_gemm = _tmp_d_U_c_in_gemm_rows[_t]
+        d_U_c_out = _dg_U_c__U_c_in_at0[_t]
         d_h_next = _tmp_d_h_next_rows[_t]
         h = _s_h_at0[_t]
         r = _v_r_at0[_t]
@@ -354,27 +351,17 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
         d_r = d_U_c_in*h  # adjoint of r
         d_U_r_h = d_r*r*(1 - r)  # adjoint of U_r @ h
         d_U_u_h = d_u*u*(1 - u)  # adjoint of U_u @ h
-        _tmp_d_U_c_in_rows[_t].copy_(d_U_c_in)
-        _dg_U_r_U_u__h_at0[_t][:, 0:_H].copy_(d_U_r_h)
-        _dg_U_r_U_u__h_at0[_t][:, _H:2*_H].copy_(d_U_u_h)
-        torch.mm(_dg_U_r_U_u__h_at0[_t], _w_U_r_U_u, out=_tmp_d_h_gemm_rows[_t])
-        # per-step adjoints of inputs, states, vector params, hoisted results
-        d_U_c_in = _tmp_d_U_c_in_rows[_t]
-        d_U_c_out = _dg_U_c__U_c_in_at0[_t]
-        d_U_r_h = _dg_U_r_U_u__h_at0[_t][:, 0:_H]
-        d_U_u_h = _dg_U_r_U_u__h_at0[_t][:, _H:2*_H]
-        d_h_gemm = _tmp_d_h_gemm_rows[_t]
-        d_h_next = _tmp_d_h_next_rows[_t]
-        r = _v_r_at0[_t]
-        u = _v_u_at0[_t]
-        d_h = d_U_c_in*r + d_h_gemm + d_h_next*u  # adjoint of state h
         d_W_r_x = d_U_r_h  # adjoint of hoisted projection W_r_x
         d_W_u_x = d_U_u_h  # adjoint of hoisted projection W_u_x
         d_W_c_x = d_U_c_out  # adjoint of hoisted projection W_c_x
-        _ds_h_rows[_t].copy_(d_h)
+        d_h_direct = d_U_c_in*r + d_h_next*u  # adjoint of state h, less the recurrent product's share (the GEMM adds it)
+        _dg_U_r_U_u__h_at0[_t][:, 0:_H].copy_(d_U_r_h)
+        _dg_U_r_U_u__h_at0[_t][:, _H:2*_H].copy_(d_U_u_h)
         _dhg_W_r_W_u_W_c__x_at0[_t][:, 0:_H].copy_(d_W_r_x)
         _dhg_W_r_W_u_W_c__x_at0[_t][:, _H:2*_H].copy_(d_W_u_x)
         _dhg_W_r_W_u_W_c__x_at0[_t][:, 2*_H:3*_H].copy_(d_W_c_x)
+        _ds_h_rows[_t].copy_(d_h_direct)
+        _ds_h_rows[_t].addmm_(_dg_U_r_U_u__h_at0[_t], _w_U_r_U_u)
     # dW of U_r @ h, U_u @ h: one GEMM over all T*B rows
     _dw = _dg_U_r_U_u__h.reshape(_T * _B, 2*_H).T @ _s_h[:_T].reshape(_T * _B, _H)
     _grads["U_r"] = _dw[0:_H]
@@ -523,12 +510,10 @@ def _backward_differentiable(_params, _x, _saved, _d_outputs, _d_final, _bs=None
     _ds_h = torch.zeros((_B, _H), dtype=_dtype, device=_device) if _d_final[0] is None else _d_final[0].to(_dtype).clone()
     _dx_x = torch.zeros((_T, _B, _I), dtype=_dtype, device=_device)
     _dg_U_r_U_u__h = torch.zeros((_T, _B, 2*_H), dtype=_dtype, device=_device)
-    _tmp_d_h_gemm = torch.zeros((_B, _H), dtype=_dtype, device=_device)
     _dg_U_c__U_c_in = torch.zeros((_T, _B, _H), dtype=_dtype, device=_device)
     _tmp_d_U_c_in_gemm = torch.zeros((_B, _H), dtype=_dtype, device=_device)
     _dhg_W_r_W_u_W_c__x = torch.zeros((_T, _B, 3*_H), dtype=_dtype, device=_device)
     _tmp_d_h_next = torch.zeros((_B, _H), dtype=_dtype, device=_device)
-    _tmp_d_U_c_in = torch.zeros((_B, _H), dtype=_dtype, device=_device)
     _dg_U_c__U_c_in_rows = list(_dg_U_c__U_c_in.unbind(0))
     _dg_U_r_U_u__h_rows = list(_dg_U_r_U_u__h.unbind(0))
     _dhg_W_r_W_u_W_c__x_rows = list(_dhg_W_r_W_u_W_c__x.unbind(0))
@@ -554,6 +539,7 @@ def _backward_differentiable(_params, _x, _saved, _d_outputs, _d_final, _bs=None
         # stage 0 backward
         c = _v_c_rows[_t]
         d_U_c_in_gemm = _tmp_d_U_c_in_gemm
+        d_U_c_out = _dg_U_c__U_c_in_rows[_t]
         d_h_next = _tmp_d_h_next
         h = _s_h_rows[_t]
         r = _v_r_rows[_t]
@@ -563,27 +549,17 @@ def _backward_differentiable(_params, _x, _saved, _d_outputs, _d_final, _bs=None
         d_r = d_U_c_in*h  # adjoint of r
         d_U_r_h = d_r*r*(1 - r)  # adjoint of U_r @ h
         d_U_u_h = d_u*u*(1 - u)  # adjoint of U_u @ h
-        _tmp_d_U_c_in = d_U_c_in
-        _dg_U_r_U_u__h_rows[_t] = torch.slice_scatter(_dg_U_r_U_u__h_rows[_t], d_U_r_h, 1, 0, _H)
-        _dg_U_r_U_u__h_rows[_t] = torch.slice_scatter(_dg_U_r_U_u__h_rows[_t], d_U_u_h, 1, _H, 2*_H)
-        _tmp_d_h_gemm = _dg_U_r_U_u__h_rows[_t] @ _w_U_r_U_u
-        # per-step adjoints of inputs, states, vector params, hoisted results
-        d_U_c_in = _tmp_d_U_c_in
-        d_U_c_out = _dg_U_c__U_c_in_rows[_t]
-        d_U_r_h = _dg_U_r_U_u__h_rows[_t][:, 0:_H]
-        d_U_u_h = _dg_U_r_U_u__h_rows[_t][:, _H:2*_H]
-        d_h_gemm = _tmp_d_h_gemm
-        d_h_next = _tmp_d_h_next
-        r = _v_r_rows[_t]
-        u = _v_u_rows[_t]
-        d_h = d_U_c_in*r + d_h_gemm + d_h_next*u  # adjoint of state h
         d_W_r_x = d_U_r_h  # adjoint of hoisted projection W_r_x
         d_W_u_x = d_U_u_h  # adjoint of hoisted projection W_u_x
         d_W_c_x = d_U_c_out  # adjoint of hoisted projection W_c_x
-        _ds_h = d_h
+        d_h_direct = d_U_c_in*r + d_h_next*u  # adjoint of state h, less the recurrent product's share (the GEMM adds it)
+        _dg_U_r_U_u__h_rows[_t] = torch.slice_scatter(_dg_U_r_U_u__h_rows[_t], d_U_r_h, 1, 0, _H)
+        _dg_U_r_U_u__h_rows[_t] = torch.slice_scatter(_dg_U_r_U_u__h_rows[_t], d_U_u_h, 1, _H, 2*_H)
         _dhg_W_r_W_u_W_c__x_rows[_t] = torch.slice_scatter(_dhg_W_r_W_u_W_c__x_rows[_t], d_W_r_x, 1, 0, _H)
         _dhg_W_r_W_u_W_c__x_rows[_t] = torch.slice_scatter(_dhg_W_r_W_u_W_c__x_rows[_t], d_W_u_x, 1, _H, 2*_H)
         _dhg_W_r_W_u_W_c__x_rows[_t] = torch.slice_scatter(_dhg_W_r_W_u_W_c__x_rows[_t], d_W_c_x, 1, 2*_H, 3*_H)
+        _ds_h = d_h_direct
+        _ds_h = _ds_h + _dg_U_r_U_u__h_rows[_t] @ _w_U_r_U_u
     _dg_U_r_U_u__h = torch.stack(_dg_U_r_U_u__h_rows)
     # dW of U_r @ h, U_u @ h: one GEMM over all T*B rows
     _dw = _dg_U_r_U_u__h.reshape(_T * _B, 2*_H).T @ _s_h[:_T].reshape(_T * _B, _H)
@@ -764,7 +740,7 @@ def _custom_ops(name, forward, backward, forward_schema, backward_schema, forwar
 #: the PyTorch engine's forward and backward as custom ops (the engine itself is the fake:
 #: it runs on fake tensors)
 _ENGINE_OPS = _custom_ops(
-    "gru_engine_b0f0b8ff762c", _engine_op_forward_impl, _engine_op_backward_impl,
+    "gru_engine_d2c4ba786495", _engine_op_forward_impl, _engine_op_backward_impl,
     "(Tensor[] xs, Tensor[] states, Tensor[] params) -> Tensor[]",
     "(Tensor[] args, Tensor[] saved, Tensor?[] d_outputs, Tensor?[] d_finals) -> Tensor[]",
     _engine_op_forward_impl, _engine_op_backward_impl, _engine_op_backward, _engine_op_setup_context,
@@ -1126,7 +1102,7 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     if _bs is not None:  # outputs past a sequence's end are constant zeros
         _m = _native_active(_bs, _B, _xs)
         _d_outputs = tuple(None if _d is None else _d * _m for _d in _d_outputs)
-    dg_U_r_U_u__h, tmp_d_h_gemm, dg_U_c__U_c_in, tmp_d_U_c_in_gemm, dhg_W_r_W_u_W_c__x, tmp_d_h_next, tmp_d_U_c_in = _scratch((_T, _B, 2*_H), (_B, _H), (_T, _B, _H), (_B, _H), (_T, _B, 3*_H), (_B, _H), (_B, _H))
+    dg_U_r_U_u__h, dg_U_c__U_c_in, tmp_d_U_c_in_gemm, dhg_W_r_W_u_W_c__x, tmp_d_h_next = _scratch((_T, _B, 2*_H), (_T, _B, _H), (_B, _H), (_T, _B, 3*_H), (_B, _H))
     x_x = _xs[0].contiguous()
     s_h = _saved[0]
     v_r = _saved[1]
@@ -1143,14 +1119,14 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     _grads_0 = _gempty((3, _H)).unbind(0)
     _grads = {"W_r": _rows_dw_W_r_W_u_W_c[0], "U_r": _rows_dw_U_r_U_u[0], "b_r": _grads_0[0], "W_u": _rows_dw_W_r_W_u_W_c[1], "U_u": _rows_dw_U_r_U_u[1], "b_u": _grads_0[1], "W_c": _rows_dw_W_r_W_u_W_c[2], "U_c": _gempty((_H, _H)), "b_c": _grads_0[2]}
     if _lib is not None:
-        _lib("backward", _dims, [x_x, s_h, v_r, v_u, v_U_c_in, v_c, dout_h_next, ds_h, dx_x, dg_U_r_U_u__h, tmp_d_h_gemm, dg_U_c__U_c_in, tmp_d_U_c_in_gemm, dhg_W_r_W_u_W_c__x, tmp_d_h_next, tmp_d_U_c_in, dw_U_r_U_u, dw_W_r_W_u_W_c, _stacked(_params["W_r"], _params["W_u"], _params["W_c"]), _stacked(_params["U_r"], _params["U_u"]), _params["U_c"].contiguous(), *_grads.values(), _bs])
+        _lib("backward", _dims, [x_x, s_h, v_r, v_u, v_U_c_in, v_c, dout_h_next, ds_h, dx_x, dg_U_r_U_u__h, dg_U_c__U_c_in, tmp_d_U_c_in_gemm, dhg_W_r_W_u_W_c__x, tmp_d_h_next, dw_U_r_U_u, dw_W_r_W_u_W_c, _stacked(_params["W_r"], _params["W_u"], _params["W_c"]), _stacked(_params["U_r"], _params["U_u"]), _params["U_c"].contiguous(), *_grads.values(), _bs])
     return _grads, (dx_x,), (ds_h,)
 
 
 # The same two calls as PyTorch custom ops, for torch.compile (which traces them through their
 # fake implementations: the allocations above, without the call). Registered once per process
 # and content of this file; outputs are copies (an op's outputs may not alias each other).
-_OP = "gru_3cef5df73efd"
+_OP = "gru_07167f1f97c9"
 
 
 def _op_forward_impl(xs: list[torch.Tensor], states: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:

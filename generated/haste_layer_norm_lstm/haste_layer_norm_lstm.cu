@@ -1954,11 +1954,15 @@ static inline void haste_layer_norm_lstm_backward_bwd1_rows_host(int64_t _rows, 
 // haste_layer_norm_lstm_backward_bwd0_rows: backward: stage 0 backward, row by row (reductions over the units)
 // =============================================================================================
 template <typename S, typename real>
-CS_ROWFN inline void haste_layer_norm_lstm_backward_bwd0_rows_row(int64_t _r, int64_t _j0, int64_t _dj, int64_t n_H, const S* __restrict__ _p_d_f, int64_t _ld_d_f, const S* __restrict__ _p_d_g, int64_t _ld_d_g, const S* __restrict__ _p_d_i, int64_t _ld_d_i, const S* __restrict__ _p_d_o, int64_t _ld_d_o, const S* __restrict__ _p_f, int64_t _ld_f, const S* __restrict__ _p_g, int64_t _ld_g, const S* __restrict__ _p_gx_f, int64_t _ld_gx_f, const S* __restrict__ _p_gx_g, int64_t _ld_gx_g, const S* __restrict__ _p_gx_i, int64_t _ld_gx_i, const S* __restrict__ _p_gx_o, int64_t _ld_gx_o, const S* __restrict__ _p_i, int64_t _ld_i, const S* __restrict__ _p_inv_n_H, int64_t _ld_inv_n_H, const S* __restrict__ _p_mu_x, int64_t _ld_mu_x, const S* __restrict__ _p_o, int64_t _ld_o, const S* __restrict__ _p_rs_x, int64_t _ld_rs_x, const S* __restrict__ _p_var_x, int64_t _ld_var_x, const S* __restrict__ _p_xf, int64_t _ld_xf, const S* __restrict__ _p_xg, int64_t _ld_xg, const S* __restrict__ _p_xi, int64_t _ld_xi, const S* __restrict__ _p_xo, int64_t _ld_xo, S* __restrict__ _p_d_xo, int64_t _ld_d_xo, S* __restrict__ _p_d_xf, int64_t _ld_d_xf, S* __restrict__ _p_d_xg, int64_t _ld_d_xg, S* __restrict__ _p_d_xi, int64_t _ld_d_xi)
+CS_ROWFN inline void haste_layer_norm_lstm_backward_bwd0_rows_row(int64_t _r, int64_t _j0, int64_t _dj, int64_t n_H, const S* __restrict__ _p_beta_h, int64_t _ld_beta_h, const S* __restrict__ _p_c_next, int64_t _ld_c_next, const S* __restrict__ _p_d_c_next, int64_t _ld_d_c_next, const S* __restrict__ _p_d_f, int64_t _ld_d_f, const S* __restrict__ _p_d_g, int64_t _ld_d_g, const S* __restrict__ _p_d_h_gemm, int64_t _ld_d_h_gemm, const S* __restrict__ _p_d_h_next, int64_t _ld_d_h_next, const S* __restrict__ _p_d_i, int64_t _ld_d_i, const S* __restrict__ _p_d_o, int64_t _ld_d_o, const S* __restrict__ _p_f, int64_t _ld_f, const S* __restrict__ _p_g, int64_t _ld_g, const S* __restrict__ _p_gamma_h, int64_t _ld_gamma_h, const S* __restrict__ _p_gx_f, int64_t _ld_gx_f, const S* __restrict__ _p_gx_g, int64_t _ld_gx_g, const S* __restrict__ _p_gx_i, int64_t _ld_gx_i, const S* __restrict__ _p_gx_o, int64_t _ld_gx_o, const S* __restrict__ _p_i, int64_t _ld_i, const S* __restrict__ _p_inv_n_H, int64_t _ld_inv_n_H, const S* __restrict__ _p_mean_5, int64_t _ld_mean_5, const S* __restrict__ _p_mu_h, int64_t _ld_mu_h, const S* __restrict__ _p_mu_x, int64_t _ld_mu_x, const S* __restrict__ _p_o, int64_t _ld_o, const S* __restrict__ _p_rf, int64_t _ld_rf, const S* __restrict__ _p_rg, int64_t _ld_rg, const S* __restrict__ _p_ri, int64_t _ld_ri, const S* __restrict__ _p_ro, int64_t _ld_ro, const S* __restrict__ _p_rs_h, int64_t _ld_rs_h, const S* __restrict__ _p_rs_x, int64_t _ld_rs_x, const S* __restrict__ _p_rstd, int64_t _ld_rstd, const S* __restrict__ _p_var_x, int64_t _ld_var_x, const S* __restrict__ _p_xf, int64_t _ld_xf, const S* __restrict__ _p_xg, int64_t _ld_xg, const S* __restrict__ _p_xi, int64_t _ld_xi, const S* __restrict__ _p_xo, int64_t _ld_xo, S* __restrict__ _p_d_b_i, int64_t _ld_d_b_i, S* __restrict__ _p_d_b_g, int64_t _ld_d_b_g, S* __restrict__ _p_d_b_f, int64_t _ld_d_b_f, S* __restrict__ _p_d_b_o, int64_t _ld_d_b_o, S* __restrict__ _p_d_gx_i, int64_t _ld_d_gx_i, S* __restrict__ _p_d_gx_g, int64_t _ld_d_gx_g, S* __restrict__ _p_d_gx_f, int64_t _ld_d_gx_f, S* __restrict__ _p_d_gx_o, int64_t _ld_d_gx_o, S* __restrict__ _p_d_gh_i, int64_t _ld_d_gh_i, S* __restrict__ _p_d_gh_g, int64_t _ld_d_gh_g, S* __restrict__ _p_d_gh_f, int64_t _ld_d_gh_f, S* __restrict__ _p_d_gh_o, int64_t _ld_d_gh_o, S* __restrict__ _p_d_gamma_h, int64_t _ld_d_gamma_h, S* __restrict__ _p_d_beta_h, int64_t _ld_d_beta_h, S* __restrict__ _p_d_W_i_x, int64_t _ld_d_W_i_x, S* __restrict__ _p_d_W_g_x, int64_t _ld_d_W_g_x, S* __restrict__ _p_d_W_f_x, int64_t _ld_d_W_f_x, S* __restrict__ _p_d_W_o_x, int64_t _ld_d_W_o_x, S* __restrict__ _p_d_h, int64_t _ld_d_h, S* __restrict__ _p_d_c, int64_t _ld_d_c)
 {
     (void)n_H;
+    const real mean_5 = CS_LD(_p_mean_5[_r * _ld_mean_5]);
+    const real mu_h = CS_LD(_p_mu_h[_r * _ld_mu_h]);
     const real mu_x = CS_LD(_p_mu_x[_r * _ld_mu_x]);
+    const real rs_h = CS_LD(_p_rs_h[_r * _ld_rs_h]);
     const real rs_x = CS_LD(_p_rs_x[_r * _ld_rs_x]);
+    const real rstd = CS_LD(_p_rstd[_r * _ld_rstd]);
     const real var_x = CS_LD(_p_var_x[_r * _ld_var_x]);
     real _acc0 = real(0);
     real _acc1 = real(0);
@@ -2043,12 +2047,18 @@ CS_ROWFN inline void haste_layer_norm_lstm_backward_bwd0_rows_row(int64_t _r, in
     const real d_mean = d_mu_x;  // adjoint of operand of mean
     CS_SIMD
     for (int64_t _j = _j0; _j < n_H; _j += _dj) {
+        const real beta_h = CS_LD(_p_beta_h[_r * _ld_beta_h + _j]);
+        const real c_next = CS_LD(_p_c_next[_r * _ld_c_next + _j]);
+        const real d_c_next = CS_LD(_p_d_c_next[_r * _ld_d_c_next + _j]);
         const real d_f = CS_LD(_p_d_f[_r * _ld_d_f + _j]);
         const real d_g = CS_LD(_p_d_g[_r * _ld_d_g + _j]);
+        const real d_h_gemm = CS_LD(_p_d_h_gemm[_r * _ld_d_h_gemm + _j]);
+        const real d_h_next = CS_LD(_p_d_h_next[_r * _ld_d_h_next + _j]);
         const real d_i = CS_LD(_p_d_i[_r * _ld_d_i + _j]);
         const real d_o = CS_LD(_p_d_o[_r * _ld_d_o + _j]);
         const real f = CS_LD(_p_f[_r * _ld_f + _j]);
         const real g = CS_LD(_p_g[_r * _ld_g + _j]);
+        const real gamma_h = CS_LD(_p_gamma_h[_r * _ld_gamma_h + _j]);
         const real gx_f = CS_LD(_p_gx_f[_r * _ld_gx_f + _j]);
         const real gx_g = CS_LD(_p_gx_g[_r * _ld_gx_g + _j]);
         const real gx_i = CS_LD(_p_gx_i[_r * _ld_gx_i + _j]);
@@ -2056,6 +2066,10 @@ CS_ROWFN inline void haste_layer_norm_lstm_backward_bwd0_rows_row(int64_t _r, in
         const real i = CS_LD(_p_i[_r * _ld_i + _j]);
         const real inv_n_H = CS_LD(_p_inv_n_H[_r * _ld_inv_n_H + _j]);
         const real o = CS_LD(_p_o[_r * _ld_o + _j]);
+        const real rf = CS_LD(_p_rf[_r * _ld_rf + _j]);
+        const real rg = CS_LD(_p_rg[_r * _ld_rg + _j]);
+        const real ri = CS_LD(_p_ri[_r * _ld_ri + _j]);
+        const real ro = CS_LD(_p_ro[_r * _ld_ro + _j]);
         const real xf = CS_LD(_p_xf[_r * _ld_xf + _j]);
         const real xg = CS_LD(_p_xg[_r * _ld_xg + _j]);
         const real xi = CS_LD(_p_xi[_r * _ld_xi + _j]);
@@ -2078,92 +2092,12 @@ CS_ROWFN inline void haste_layer_norm_lstm_backward_bwd0_rows_row(int64_t _r, in
         const real d_xf = t23 - t28*t33 + t32;  // adjoint of xf
         const real d_xg = t26 - t29*t33 + t32;  // adjoint of xg
         const real d_xi = t24 - t30*t33 + t32;  // adjoint of xi
-        CS_ST(_p_d_xo[_r * _ld_d_xo + _j], d_xo);
-        CS_ST(_p_d_xf[_r * _ld_d_xf + _j], d_xf);
-        CS_ST(_p_d_xg[_r * _ld_d_xg + _j], d_xg);
-        CS_ST(_p_d_xi[_r * _ld_d_xi + _j], d_xi);
-    }
-}
-
-#ifdef __CUDACC__
-template <typename S>
-__global__ void haste_layer_norm_lstm_backward_bwd0_rows_kernel(int64_t _rows, int64_t n_H, const S* __restrict__ _p_d_f, int64_t _ld_d_f, const S* __restrict__ _p_d_g, int64_t _ld_d_g, const S* __restrict__ _p_d_i, int64_t _ld_d_i, const S* __restrict__ _p_d_o, int64_t _ld_d_o, const S* __restrict__ _p_f, int64_t _ld_f, const S* __restrict__ _p_g, int64_t _ld_g, const S* __restrict__ _p_gx_f, int64_t _ld_gx_f, const S* __restrict__ _p_gx_g, int64_t _ld_gx_g, const S* __restrict__ _p_gx_i, int64_t _ld_gx_i, const S* __restrict__ _p_gx_o, int64_t _ld_gx_o, const S* __restrict__ _p_i, int64_t _ld_i, const S* __restrict__ _p_inv_n_H, int64_t _ld_inv_n_H, const S* __restrict__ _p_mu_x, int64_t _ld_mu_x, const S* __restrict__ _p_o, int64_t _ld_o, const S* __restrict__ _p_rs_x, int64_t _ld_rs_x, const S* __restrict__ _p_var_x, int64_t _ld_var_x, const S* __restrict__ _p_xf, int64_t _ld_xf, const S* __restrict__ _p_xg, int64_t _ld_xg, const S* __restrict__ _p_xi, int64_t _ld_xi, const S* __restrict__ _p_xo, int64_t _ld_xo, S* __restrict__ _p_d_xo, int64_t _ld_d_xo, S* __restrict__ _p_d_xf, int64_t _ld_d_xf, S* __restrict__ _p_d_xg, int64_t _ld_d_xg, S* __restrict__ _p_d_xi, int64_t _ld_d_xi)
-{
-    typedef typename cs_math<S>::type M;
-    for (int64_t _r = blockIdx.x; _r < _rows; _r += gridDim.x)
-        haste_layer_norm_lstm_backward_bwd0_rows_row<S, M>(_r, threadIdx.x, blockDim.x, n_H, _p_d_f, _ld_d_f, _p_d_g, _ld_d_g, _p_d_i, _ld_d_i, _p_d_o, _ld_d_o, _p_f, _ld_f, _p_g, _ld_g, _p_gx_f, _ld_gx_f, _p_gx_g, _ld_gx_g, _p_gx_i, _ld_gx_i, _p_gx_o, _ld_gx_o, _p_i, _ld_i, _p_inv_n_H, _ld_inv_n_H, _p_mu_x, _ld_mu_x, _p_o, _ld_o, _p_rs_x, _ld_rs_x, _p_var_x, _ld_var_x, _p_xf, _ld_xf, _p_xg, _ld_xg, _p_xi, _ld_xi, _p_xo, _ld_xo, _p_d_xo, _ld_d_xo, _p_d_xf, _ld_d_xf, _p_d_xg, _ld_d_xg, _p_d_xi, _ld_d_xi);
-}
-
-template <typename S>
-static int haste_layer_norm_lstm_backward_bwd0_rows_launch(int64_t _rows, int64_t n_H, const void* _p_d_f, int64_t _ld_d_f, const void* _p_d_g, int64_t _ld_d_g, const void* _p_d_i, int64_t _ld_d_i, const void* _p_d_o, int64_t _ld_d_o, const void* _p_f, int64_t _ld_f, const void* _p_g, int64_t _ld_g, const void* _p_gx_f, int64_t _ld_gx_f, const void* _p_gx_g, int64_t _ld_gx_g, const void* _p_gx_i, int64_t _ld_gx_i, const void* _p_gx_o, int64_t _ld_gx_o, const void* _p_i, int64_t _ld_i, const void* _p_inv_n_H, int64_t _ld_inv_n_H, const void* _p_mu_x, int64_t _ld_mu_x, const void* _p_o, int64_t _ld_o, const void* _p_rs_x, int64_t _ld_rs_x, const void* _p_var_x, int64_t _ld_var_x, const void* _p_xf, int64_t _ld_xf, const void* _p_xg, int64_t _ld_xg, const void* _p_xi, int64_t _ld_xi, const void* _p_xo, int64_t _ld_xo, void* _p_d_xo, int64_t _ld_d_xo, void* _p_d_xf, int64_t _ld_d_xf, void* _p_d_xg, int64_t _ld_d_xg, void* _p_d_xi, int64_t _ld_d_xi, void* _stream)
-{
-    if (_rows <= 0) return 0;
-    int64_t _cols = 1;
-    if (n_H > _cols) _cols = n_H;
-    dim3 _grid, _block;
-    cs_row_grid(_rows, _cols, &_grid, &_block);
-    haste_layer_norm_lstm_backward_bwd0_rows_kernel<S><<<_grid, _block, 0, (cudaStream_t)_stream>>>(_rows, n_H, (const S*)_p_d_f, _ld_d_f, (const S*)_p_d_g, _ld_d_g, (const S*)_p_d_i, _ld_d_i, (const S*)_p_d_o, _ld_d_o, (const S*)_p_f, _ld_f, (const S*)_p_g, _ld_g, (const S*)_p_gx_f, _ld_gx_f, (const S*)_p_gx_g, _ld_gx_g, (const S*)_p_gx_i, _ld_gx_i, (const S*)_p_gx_o, _ld_gx_o, (const S*)_p_i, _ld_i, (const S*)_p_inv_n_H, _ld_inv_n_H, (const S*)_p_mu_x, _ld_mu_x, (const S*)_p_o, _ld_o, (const S*)_p_rs_x, _ld_rs_x, (const S*)_p_var_x, _ld_var_x, (const S*)_p_xf, _ld_xf, (const S*)_p_xg, _ld_xg, (const S*)_p_xi, _ld_xi, (const S*)_p_xo, _ld_xo, (S*)_p_d_xo, _ld_d_xo, (S*)_p_d_xf, _ld_d_xf, (S*)_p_d_xg, _ld_d_xg, (S*)_p_d_xi, _ld_d_xi);
-    return (int)cudaGetLastError();
-}
-#else
-template <typename S>
-static inline void haste_layer_norm_lstm_backward_bwd0_rows_host(int64_t _rows, int64_t n_H, const S* __restrict__ _p_d_f, int64_t _ld_d_f, const S* __restrict__ _p_d_g, int64_t _ld_d_g, const S* __restrict__ _p_d_i, int64_t _ld_d_i, const S* __restrict__ _p_d_o, int64_t _ld_d_o, const S* __restrict__ _p_f, int64_t _ld_f, const S* __restrict__ _p_g, int64_t _ld_g, const S* __restrict__ _p_gx_f, int64_t _ld_gx_f, const S* __restrict__ _p_gx_g, int64_t _ld_gx_g, const S* __restrict__ _p_gx_i, int64_t _ld_gx_i, const S* __restrict__ _p_gx_o, int64_t _ld_gx_o, const S* __restrict__ _p_i, int64_t _ld_i, const S* __restrict__ _p_inv_n_H, int64_t _ld_inv_n_H, const S* __restrict__ _p_mu_x, int64_t _ld_mu_x, const S* __restrict__ _p_o, int64_t _ld_o, const S* __restrict__ _p_rs_x, int64_t _ld_rs_x, const S* __restrict__ _p_var_x, int64_t _ld_var_x, const S* __restrict__ _p_xf, int64_t _ld_xf, const S* __restrict__ _p_xg, int64_t _ld_xg, const S* __restrict__ _p_xi, int64_t _ld_xi, const S* __restrict__ _p_xo, int64_t _ld_xo, S* __restrict__ _p_d_xo, int64_t _ld_d_xo, S* __restrict__ _p_d_xf, int64_t _ld_d_xf, S* __restrict__ _p_d_xg, int64_t _ld_d_xg, S* __restrict__ _p_d_xi, int64_t _ld_d_xi)
-{
-    cs_for_rows(_rows, cs_par(_rows * (n_H), 2048), [&](int64_t _r) {
-        haste_layer_norm_lstm_backward_bwd0_rows_row<S, S>(_r, 0, 1, n_H, _p_d_f, _ld_d_f, _p_d_g, _ld_d_g, _p_d_i, _ld_d_i, _p_d_o, _ld_d_o, _p_f, _ld_f, _p_g, _ld_g, _p_gx_f, _ld_gx_f, _p_gx_g, _ld_gx_g, _p_gx_i, _ld_gx_i, _p_gx_o, _ld_gx_o, _p_i, _ld_i, _p_inv_n_H, _ld_inv_n_H, _p_mu_x, _ld_mu_x, _p_o, _ld_o, _p_rs_x, _ld_rs_x, _p_var_x, _ld_var_x, _p_xf, _ld_xf, _p_xg, _ld_xg, _p_xi, _ld_xi, _p_xo, _ld_xo, _p_d_xo, _ld_d_xo, _p_d_xf, _ld_d_xf, _p_d_xg, _ld_d_xg, _p_d_xi, _ld_d_xi);
-    });
-}
-#endif
-
-// =============================================================================================
-// haste_layer_norm_lstm_backward_bwd_leaf_rows: backward: per-step adjoints of inputs, states, vector params, hoisted results, row by row (reductions over the units)
-// =============================================================================================
-template <typename S, typename real>
-CS_ROWFN inline void haste_layer_norm_lstm_backward_bwd_leaf_rows_row(int64_t _r, int64_t _j0, int64_t _dj, int64_t n_H, const S* __restrict__ _p_beta_h, int64_t _ld_beta_h, const S* __restrict__ _p_c_next, int64_t _ld_c_next, const S* __restrict__ _p_d_c_next, int64_t _ld_d_c_next, const S* __restrict__ _p_d_f, int64_t _ld_d_f, const S* __restrict__ _p_d_g, int64_t _ld_d_g, const S* __restrict__ _p_d_h_gemm, int64_t _ld_d_h_gemm, const S* __restrict__ _p_d_h_next, int64_t _ld_d_h_next, const S* __restrict__ _p_d_i, int64_t _ld_d_i, const S* __restrict__ _p_d_o, int64_t _ld_d_o, const S* __restrict__ _p_d_xf, int64_t _ld_d_xf, const S* __restrict__ _p_d_xg, int64_t _ld_d_xg, const S* __restrict__ _p_d_xi, int64_t _ld_d_xi, const S* __restrict__ _p_d_xo, int64_t _ld_d_xo, const S* __restrict__ _p_f, int64_t _ld_f, const S* __restrict__ _p_g, int64_t _ld_g, const S* __restrict__ _p_gamma_h, int64_t _ld_gamma_h, const S* __restrict__ _p_i, int64_t _ld_i, const S* __restrict__ _p_mean_5, int64_t _ld_mean_5, const S* __restrict__ _p_mu_h, int64_t _ld_mu_h, const S* __restrict__ _p_mu_x, int64_t _ld_mu_x, const S* __restrict__ _p_o, int64_t _ld_o, const S* __restrict__ _p_rf, int64_t _ld_rf, const S* __restrict__ _p_rg, int64_t _ld_rg, const S* __restrict__ _p_ri, int64_t _ld_ri, const S* __restrict__ _p_ro, int64_t _ld_ro, const S* __restrict__ _p_rs_h, int64_t _ld_rs_h, const S* __restrict__ _p_rs_x, int64_t _ld_rs_x, const S* __restrict__ _p_rstd, int64_t _ld_rstd, const S* __restrict__ _p_xf, int64_t _ld_xf, const S* __restrict__ _p_xg, int64_t _ld_xg, const S* __restrict__ _p_xi, int64_t _ld_xi, const S* __restrict__ _p_xo, int64_t _ld_xo, S* __restrict__ _p_d_h, int64_t _ld_d_h, S* __restrict__ _p_d_c, int64_t _ld_d_c, S* __restrict__ _p_d_b_i, int64_t _ld_d_b_i, S* __restrict__ _p_d_b_g, int64_t _ld_d_b_g, S* __restrict__ _p_d_b_f, int64_t _ld_d_b_f, S* __restrict__ _p_d_b_o, int64_t _ld_d_b_o, S* __restrict__ _p_d_gx_i, int64_t _ld_d_gx_i, S* __restrict__ _p_d_gx_g, int64_t _ld_d_gx_g, S* __restrict__ _p_d_gx_f, int64_t _ld_d_gx_f, S* __restrict__ _p_d_gx_o, int64_t _ld_d_gx_o, S* __restrict__ _p_d_gh_i, int64_t _ld_d_gh_i, S* __restrict__ _p_d_gh_g, int64_t _ld_d_gh_g, S* __restrict__ _p_d_gh_f, int64_t _ld_d_gh_f, S* __restrict__ _p_d_gh_o, int64_t _ld_d_gh_o, S* __restrict__ _p_d_gamma_h, int64_t _ld_d_gamma_h, S* __restrict__ _p_d_beta_h, int64_t _ld_d_beta_h, S* __restrict__ _p_d_W_i_x, int64_t _ld_d_W_i_x, S* __restrict__ _p_d_W_g_x, int64_t _ld_d_W_g_x, S* __restrict__ _p_d_W_f_x, int64_t _ld_d_W_f_x, S* __restrict__ _p_d_W_o_x, int64_t _ld_d_W_o_x)
-{
-    (void)n_H;
-    const real mean_5 = CS_LD(_p_mean_5[_r * _ld_mean_5]);
-    const real mu_h = CS_LD(_p_mu_h[_r * _ld_mu_h]);
-    const real mu_x = CS_LD(_p_mu_x[_r * _ld_mu_x]);
-    const real rs_h = CS_LD(_p_rs_h[_r * _ld_rs_h]);
-    const real rs_x = CS_LD(_p_rs_x[_r * _ld_rs_x]);
-    const real rstd = CS_LD(_p_rstd[_r * _ld_rstd]);
-    CS_SIMD
-    for (int64_t _j = _j0; _j < n_H; _j += _dj) {
-        const real beta_h = CS_LD(_p_beta_h[_r * _ld_beta_h + _j]);
-        const real c_next = CS_LD(_p_c_next[_r * _ld_c_next + _j]);
-        const real d_c_next = CS_LD(_p_d_c_next[_r * _ld_d_c_next + _j]);
-        const real d_f = CS_LD(_p_d_f[_r * _ld_d_f + _j]);
-        const real d_g = CS_LD(_p_d_g[_r * _ld_d_g + _j]);
-        const real d_h_gemm = CS_LD(_p_d_h_gemm[_r * _ld_d_h_gemm + _j]);
-        const real d_h_next = CS_LD(_p_d_h_next[_r * _ld_d_h_next + _j]);
-        const real d_i = CS_LD(_p_d_i[_r * _ld_d_i + _j]);
-        const real d_o = CS_LD(_p_d_o[_r * _ld_d_o + _j]);
-        const real d_xf = CS_LD(_p_d_xf[_r * _ld_d_xf + _j]);
-        const real d_xg = CS_LD(_p_d_xg[_r * _ld_d_xg + _j]);
-        const real d_xi = CS_LD(_p_d_xi[_r * _ld_d_xi + _j]);
-        const real d_xo = CS_LD(_p_d_xo[_r * _ld_d_xo + _j]);
-        const real f = CS_LD(_p_f[_r * _ld_f + _j]);
-        const real g = CS_LD(_p_g[_r * _ld_g + _j]);
-        const real gamma_h = CS_LD(_p_gamma_h[_r * _ld_gamma_h + _j]);
-        const real i = CS_LD(_p_i[_r * _ld_i + _j]);
-        const real o = CS_LD(_p_o[_r * _ld_o + _j]);
-        const real rf = CS_LD(_p_rf[_r * _ld_rf + _j]);
-        const real rg = CS_LD(_p_rg[_r * _ld_rg + _j]);
-        const real ri = CS_LD(_p_ri[_r * _ld_ri + _j]);
-        const real ro = CS_LD(_p_ro[_r * _ld_ro + _j]);
-        const real xf = CS_LD(_p_xf[_r * _ld_xf + _j]);
-        const real xg = CS_LD(_p_xg[_r * _ld_xg + _j]);
-        const real xi = CS_LD(_p_xi[_r * _ld_xi + _j]);
-        const real xo = CS_LD(_p_xo[_r * _ld_xo + _j]);
         const real t33_2 = d_i*i*(real(1.0) - i);
         const real t34 = d_g*(real(1.0) - (g*g));
         const real t35 = d_f*f*(real(1.0) - f);
         const real t36 = d_o*o*(real(1.0) - o);
         const real t37 = rstd*(c_next - mean_5);
         const real t38 = d_h_next*o*(real(1.0) - (cs_tanh(beta_h + gamma_h*t37)*cs_tanh(beta_h + gamma_h*t37)));
-        const real d_h = d_h_gemm;  // adjoint of state h
-        const real d_c = d_c_next*f;  // adjoint of state c
         const real d_b_i = t33_2;  // adjoint of param b_i
         const real d_b_g = t34;  // adjoint of param b_g
         const real d_b_f = t35;  // adjoint of param b_f
@@ -2182,8 +2116,8 @@ CS_ROWFN inline void haste_layer_norm_lstm_backward_bwd_leaf_rows_row(int64_t _r
         const real d_W_g_x = d_xg;  // adjoint of hoisted projection W_g_x
         const real d_W_f_x = d_xf;  // adjoint of hoisted projection W_f_x
         const real d_W_o_x = d_xo;  // adjoint of hoisted projection W_o_x
-        CS_ST(_p_d_h[_r * _ld_d_h + _j], d_h);
-        CS_ST(_p_d_c[_r * _ld_d_c + _j], d_c);
+        const real d_h = d_h_gemm;  // adjoint of state h
+        const real d_c = d_c_next*f;  // adjoint of state c
         CS_ST(_p_d_b_i[_r * _ld_d_b_i + _j], d_b_i);
         CS_ST(_p_d_b_g[_r * _ld_d_b_g + _j], d_b_g);
         CS_ST(_p_d_b_f[_r * _ld_d_b_f + _j], d_b_f);
@@ -2202,35 +2136,37 @@ CS_ROWFN inline void haste_layer_norm_lstm_backward_bwd_leaf_rows_row(int64_t _r
         CS_ST(_p_d_W_g_x[_r * _ld_d_W_g_x + _j], d_W_g_x);
         CS_ST(_p_d_W_f_x[_r * _ld_d_W_f_x + _j], d_W_f_x);
         CS_ST(_p_d_W_o_x[_r * _ld_d_W_o_x + _j], d_W_o_x);
+        CS_ST(_p_d_h[_r * _ld_d_h + _j], d_h);
+        CS_ST(_p_d_c[_r * _ld_d_c + _j], d_c);
     }
 }
 
 #ifdef __CUDACC__
 template <typename S>
-__global__ void haste_layer_norm_lstm_backward_bwd_leaf_rows_kernel(int64_t _rows, int64_t n_H, const S* __restrict__ _p_beta_h, int64_t _ld_beta_h, const S* __restrict__ _p_c_next, int64_t _ld_c_next, const S* __restrict__ _p_d_c_next, int64_t _ld_d_c_next, const S* __restrict__ _p_d_f, int64_t _ld_d_f, const S* __restrict__ _p_d_g, int64_t _ld_d_g, const S* __restrict__ _p_d_h_gemm, int64_t _ld_d_h_gemm, const S* __restrict__ _p_d_h_next, int64_t _ld_d_h_next, const S* __restrict__ _p_d_i, int64_t _ld_d_i, const S* __restrict__ _p_d_o, int64_t _ld_d_o, const S* __restrict__ _p_d_xf, int64_t _ld_d_xf, const S* __restrict__ _p_d_xg, int64_t _ld_d_xg, const S* __restrict__ _p_d_xi, int64_t _ld_d_xi, const S* __restrict__ _p_d_xo, int64_t _ld_d_xo, const S* __restrict__ _p_f, int64_t _ld_f, const S* __restrict__ _p_g, int64_t _ld_g, const S* __restrict__ _p_gamma_h, int64_t _ld_gamma_h, const S* __restrict__ _p_i, int64_t _ld_i, const S* __restrict__ _p_mean_5, int64_t _ld_mean_5, const S* __restrict__ _p_mu_h, int64_t _ld_mu_h, const S* __restrict__ _p_mu_x, int64_t _ld_mu_x, const S* __restrict__ _p_o, int64_t _ld_o, const S* __restrict__ _p_rf, int64_t _ld_rf, const S* __restrict__ _p_rg, int64_t _ld_rg, const S* __restrict__ _p_ri, int64_t _ld_ri, const S* __restrict__ _p_ro, int64_t _ld_ro, const S* __restrict__ _p_rs_h, int64_t _ld_rs_h, const S* __restrict__ _p_rs_x, int64_t _ld_rs_x, const S* __restrict__ _p_rstd, int64_t _ld_rstd, const S* __restrict__ _p_xf, int64_t _ld_xf, const S* __restrict__ _p_xg, int64_t _ld_xg, const S* __restrict__ _p_xi, int64_t _ld_xi, const S* __restrict__ _p_xo, int64_t _ld_xo, S* __restrict__ _p_d_h, int64_t _ld_d_h, S* __restrict__ _p_d_c, int64_t _ld_d_c, S* __restrict__ _p_d_b_i, int64_t _ld_d_b_i, S* __restrict__ _p_d_b_g, int64_t _ld_d_b_g, S* __restrict__ _p_d_b_f, int64_t _ld_d_b_f, S* __restrict__ _p_d_b_o, int64_t _ld_d_b_o, S* __restrict__ _p_d_gx_i, int64_t _ld_d_gx_i, S* __restrict__ _p_d_gx_g, int64_t _ld_d_gx_g, S* __restrict__ _p_d_gx_f, int64_t _ld_d_gx_f, S* __restrict__ _p_d_gx_o, int64_t _ld_d_gx_o, S* __restrict__ _p_d_gh_i, int64_t _ld_d_gh_i, S* __restrict__ _p_d_gh_g, int64_t _ld_d_gh_g, S* __restrict__ _p_d_gh_f, int64_t _ld_d_gh_f, S* __restrict__ _p_d_gh_o, int64_t _ld_d_gh_o, S* __restrict__ _p_d_gamma_h, int64_t _ld_d_gamma_h, S* __restrict__ _p_d_beta_h, int64_t _ld_d_beta_h, S* __restrict__ _p_d_W_i_x, int64_t _ld_d_W_i_x, S* __restrict__ _p_d_W_g_x, int64_t _ld_d_W_g_x, S* __restrict__ _p_d_W_f_x, int64_t _ld_d_W_f_x, S* __restrict__ _p_d_W_o_x, int64_t _ld_d_W_o_x)
+__global__ void haste_layer_norm_lstm_backward_bwd0_rows_kernel(int64_t _rows, int64_t n_H, const S* __restrict__ _p_beta_h, int64_t _ld_beta_h, const S* __restrict__ _p_c_next, int64_t _ld_c_next, const S* __restrict__ _p_d_c_next, int64_t _ld_d_c_next, const S* __restrict__ _p_d_f, int64_t _ld_d_f, const S* __restrict__ _p_d_g, int64_t _ld_d_g, const S* __restrict__ _p_d_h_gemm, int64_t _ld_d_h_gemm, const S* __restrict__ _p_d_h_next, int64_t _ld_d_h_next, const S* __restrict__ _p_d_i, int64_t _ld_d_i, const S* __restrict__ _p_d_o, int64_t _ld_d_o, const S* __restrict__ _p_f, int64_t _ld_f, const S* __restrict__ _p_g, int64_t _ld_g, const S* __restrict__ _p_gamma_h, int64_t _ld_gamma_h, const S* __restrict__ _p_gx_f, int64_t _ld_gx_f, const S* __restrict__ _p_gx_g, int64_t _ld_gx_g, const S* __restrict__ _p_gx_i, int64_t _ld_gx_i, const S* __restrict__ _p_gx_o, int64_t _ld_gx_o, const S* __restrict__ _p_i, int64_t _ld_i, const S* __restrict__ _p_inv_n_H, int64_t _ld_inv_n_H, const S* __restrict__ _p_mean_5, int64_t _ld_mean_5, const S* __restrict__ _p_mu_h, int64_t _ld_mu_h, const S* __restrict__ _p_mu_x, int64_t _ld_mu_x, const S* __restrict__ _p_o, int64_t _ld_o, const S* __restrict__ _p_rf, int64_t _ld_rf, const S* __restrict__ _p_rg, int64_t _ld_rg, const S* __restrict__ _p_ri, int64_t _ld_ri, const S* __restrict__ _p_ro, int64_t _ld_ro, const S* __restrict__ _p_rs_h, int64_t _ld_rs_h, const S* __restrict__ _p_rs_x, int64_t _ld_rs_x, const S* __restrict__ _p_rstd, int64_t _ld_rstd, const S* __restrict__ _p_var_x, int64_t _ld_var_x, const S* __restrict__ _p_xf, int64_t _ld_xf, const S* __restrict__ _p_xg, int64_t _ld_xg, const S* __restrict__ _p_xi, int64_t _ld_xi, const S* __restrict__ _p_xo, int64_t _ld_xo, S* __restrict__ _p_d_b_i, int64_t _ld_d_b_i, S* __restrict__ _p_d_b_g, int64_t _ld_d_b_g, S* __restrict__ _p_d_b_f, int64_t _ld_d_b_f, S* __restrict__ _p_d_b_o, int64_t _ld_d_b_o, S* __restrict__ _p_d_gx_i, int64_t _ld_d_gx_i, S* __restrict__ _p_d_gx_g, int64_t _ld_d_gx_g, S* __restrict__ _p_d_gx_f, int64_t _ld_d_gx_f, S* __restrict__ _p_d_gx_o, int64_t _ld_d_gx_o, S* __restrict__ _p_d_gh_i, int64_t _ld_d_gh_i, S* __restrict__ _p_d_gh_g, int64_t _ld_d_gh_g, S* __restrict__ _p_d_gh_f, int64_t _ld_d_gh_f, S* __restrict__ _p_d_gh_o, int64_t _ld_d_gh_o, S* __restrict__ _p_d_gamma_h, int64_t _ld_d_gamma_h, S* __restrict__ _p_d_beta_h, int64_t _ld_d_beta_h, S* __restrict__ _p_d_W_i_x, int64_t _ld_d_W_i_x, S* __restrict__ _p_d_W_g_x, int64_t _ld_d_W_g_x, S* __restrict__ _p_d_W_f_x, int64_t _ld_d_W_f_x, S* __restrict__ _p_d_W_o_x, int64_t _ld_d_W_o_x, S* __restrict__ _p_d_h, int64_t _ld_d_h, S* __restrict__ _p_d_c, int64_t _ld_d_c)
 {
     typedef typename cs_math<S>::type M;
     for (int64_t _r = blockIdx.x; _r < _rows; _r += gridDim.x)
-        haste_layer_norm_lstm_backward_bwd_leaf_rows_row<S, M>(_r, threadIdx.x, blockDim.x, n_H, _p_beta_h, _ld_beta_h, _p_c_next, _ld_c_next, _p_d_c_next, _ld_d_c_next, _p_d_f, _ld_d_f, _p_d_g, _ld_d_g, _p_d_h_gemm, _ld_d_h_gemm, _p_d_h_next, _ld_d_h_next, _p_d_i, _ld_d_i, _p_d_o, _ld_d_o, _p_d_xf, _ld_d_xf, _p_d_xg, _ld_d_xg, _p_d_xi, _ld_d_xi, _p_d_xo, _ld_d_xo, _p_f, _ld_f, _p_g, _ld_g, _p_gamma_h, _ld_gamma_h, _p_i, _ld_i, _p_mean_5, _ld_mean_5, _p_mu_h, _ld_mu_h, _p_mu_x, _ld_mu_x, _p_o, _ld_o, _p_rf, _ld_rf, _p_rg, _ld_rg, _p_ri, _ld_ri, _p_ro, _ld_ro, _p_rs_h, _ld_rs_h, _p_rs_x, _ld_rs_x, _p_rstd, _ld_rstd, _p_xf, _ld_xf, _p_xg, _ld_xg, _p_xi, _ld_xi, _p_xo, _ld_xo, _p_d_h, _ld_d_h, _p_d_c, _ld_d_c, _p_d_b_i, _ld_d_b_i, _p_d_b_g, _ld_d_b_g, _p_d_b_f, _ld_d_b_f, _p_d_b_o, _ld_d_b_o, _p_d_gx_i, _ld_d_gx_i, _p_d_gx_g, _ld_d_gx_g, _p_d_gx_f, _ld_d_gx_f, _p_d_gx_o, _ld_d_gx_o, _p_d_gh_i, _ld_d_gh_i, _p_d_gh_g, _ld_d_gh_g, _p_d_gh_f, _ld_d_gh_f, _p_d_gh_o, _ld_d_gh_o, _p_d_gamma_h, _ld_d_gamma_h, _p_d_beta_h, _ld_d_beta_h, _p_d_W_i_x, _ld_d_W_i_x, _p_d_W_g_x, _ld_d_W_g_x, _p_d_W_f_x, _ld_d_W_f_x, _p_d_W_o_x, _ld_d_W_o_x);
+        haste_layer_norm_lstm_backward_bwd0_rows_row<S, M>(_r, threadIdx.x, blockDim.x, n_H, _p_beta_h, _ld_beta_h, _p_c_next, _ld_c_next, _p_d_c_next, _ld_d_c_next, _p_d_f, _ld_d_f, _p_d_g, _ld_d_g, _p_d_h_gemm, _ld_d_h_gemm, _p_d_h_next, _ld_d_h_next, _p_d_i, _ld_d_i, _p_d_o, _ld_d_o, _p_f, _ld_f, _p_g, _ld_g, _p_gamma_h, _ld_gamma_h, _p_gx_f, _ld_gx_f, _p_gx_g, _ld_gx_g, _p_gx_i, _ld_gx_i, _p_gx_o, _ld_gx_o, _p_i, _ld_i, _p_inv_n_H, _ld_inv_n_H, _p_mean_5, _ld_mean_5, _p_mu_h, _ld_mu_h, _p_mu_x, _ld_mu_x, _p_o, _ld_o, _p_rf, _ld_rf, _p_rg, _ld_rg, _p_ri, _ld_ri, _p_ro, _ld_ro, _p_rs_h, _ld_rs_h, _p_rs_x, _ld_rs_x, _p_rstd, _ld_rstd, _p_var_x, _ld_var_x, _p_xf, _ld_xf, _p_xg, _ld_xg, _p_xi, _ld_xi, _p_xo, _ld_xo, _p_d_b_i, _ld_d_b_i, _p_d_b_g, _ld_d_b_g, _p_d_b_f, _ld_d_b_f, _p_d_b_o, _ld_d_b_o, _p_d_gx_i, _ld_d_gx_i, _p_d_gx_g, _ld_d_gx_g, _p_d_gx_f, _ld_d_gx_f, _p_d_gx_o, _ld_d_gx_o, _p_d_gh_i, _ld_d_gh_i, _p_d_gh_g, _ld_d_gh_g, _p_d_gh_f, _ld_d_gh_f, _p_d_gh_o, _ld_d_gh_o, _p_d_gamma_h, _ld_d_gamma_h, _p_d_beta_h, _ld_d_beta_h, _p_d_W_i_x, _ld_d_W_i_x, _p_d_W_g_x, _ld_d_W_g_x, _p_d_W_f_x, _ld_d_W_f_x, _p_d_W_o_x, _ld_d_W_o_x, _p_d_h, _ld_d_h, _p_d_c, _ld_d_c);
 }
 
 template <typename S>
-static int haste_layer_norm_lstm_backward_bwd_leaf_rows_launch(int64_t _rows, int64_t n_H, const void* _p_beta_h, int64_t _ld_beta_h, const void* _p_c_next, int64_t _ld_c_next, const void* _p_d_c_next, int64_t _ld_d_c_next, const void* _p_d_f, int64_t _ld_d_f, const void* _p_d_g, int64_t _ld_d_g, const void* _p_d_h_gemm, int64_t _ld_d_h_gemm, const void* _p_d_h_next, int64_t _ld_d_h_next, const void* _p_d_i, int64_t _ld_d_i, const void* _p_d_o, int64_t _ld_d_o, const void* _p_d_xf, int64_t _ld_d_xf, const void* _p_d_xg, int64_t _ld_d_xg, const void* _p_d_xi, int64_t _ld_d_xi, const void* _p_d_xo, int64_t _ld_d_xo, const void* _p_f, int64_t _ld_f, const void* _p_g, int64_t _ld_g, const void* _p_gamma_h, int64_t _ld_gamma_h, const void* _p_i, int64_t _ld_i, const void* _p_mean_5, int64_t _ld_mean_5, const void* _p_mu_h, int64_t _ld_mu_h, const void* _p_mu_x, int64_t _ld_mu_x, const void* _p_o, int64_t _ld_o, const void* _p_rf, int64_t _ld_rf, const void* _p_rg, int64_t _ld_rg, const void* _p_ri, int64_t _ld_ri, const void* _p_ro, int64_t _ld_ro, const void* _p_rs_h, int64_t _ld_rs_h, const void* _p_rs_x, int64_t _ld_rs_x, const void* _p_rstd, int64_t _ld_rstd, const void* _p_xf, int64_t _ld_xf, const void* _p_xg, int64_t _ld_xg, const void* _p_xi, int64_t _ld_xi, const void* _p_xo, int64_t _ld_xo, void* _p_d_h, int64_t _ld_d_h, void* _p_d_c, int64_t _ld_d_c, void* _p_d_b_i, int64_t _ld_d_b_i, void* _p_d_b_g, int64_t _ld_d_b_g, void* _p_d_b_f, int64_t _ld_d_b_f, void* _p_d_b_o, int64_t _ld_d_b_o, void* _p_d_gx_i, int64_t _ld_d_gx_i, void* _p_d_gx_g, int64_t _ld_d_gx_g, void* _p_d_gx_f, int64_t _ld_d_gx_f, void* _p_d_gx_o, int64_t _ld_d_gx_o, void* _p_d_gh_i, int64_t _ld_d_gh_i, void* _p_d_gh_g, int64_t _ld_d_gh_g, void* _p_d_gh_f, int64_t _ld_d_gh_f, void* _p_d_gh_o, int64_t _ld_d_gh_o, void* _p_d_gamma_h, int64_t _ld_d_gamma_h, void* _p_d_beta_h, int64_t _ld_d_beta_h, void* _p_d_W_i_x, int64_t _ld_d_W_i_x, void* _p_d_W_g_x, int64_t _ld_d_W_g_x, void* _p_d_W_f_x, int64_t _ld_d_W_f_x, void* _p_d_W_o_x, int64_t _ld_d_W_o_x, void* _stream)
+static int haste_layer_norm_lstm_backward_bwd0_rows_launch(int64_t _rows, int64_t n_H, const void* _p_beta_h, int64_t _ld_beta_h, const void* _p_c_next, int64_t _ld_c_next, const void* _p_d_c_next, int64_t _ld_d_c_next, const void* _p_d_f, int64_t _ld_d_f, const void* _p_d_g, int64_t _ld_d_g, const void* _p_d_h_gemm, int64_t _ld_d_h_gemm, const void* _p_d_h_next, int64_t _ld_d_h_next, const void* _p_d_i, int64_t _ld_d_i, const void* _p_d_o, int64_t _ld_d_o, const void* _p_f, int64_t _ld_f, const void* _p_g, int64_t _ld_g, const void* _p_gamma_h, int64_t _ld_gamma_h, const void* _p_gx_f, int64_t _ld_gx_f, const void* _p_gx_g, int64_t _ld_gx_g, const void* _p_gx_i, int64_t _ld_gx_i, const void* _p_gx_o, int64_t _ld_gx_o, const void* _p_i, int64_t _ld_i, const void* _p_inv_n_H, int64_t _ld_inv_n_H, const void* _p_mean_5, int64_t _ld_mean_5, const void* _p_mu_h, int64_t _ld_mu_h, const void* _p_mu_x, int64_t _ld_mu_x, const void* _p_o, int64_t _ld_o, const void* _p_rf, int64_t _ld_rf, const void* _p_rg, int64_t _ld_rg, const void* _p_ri, int64_t _ld_ri, const void* _p_ro, int64_t _ld_ro, const void* _p_rs_h, int64_t _ld_rs_h, const void* _p_rs_x, int64_t _ld_rs_x, const void* _p_rstd, int64_t _ld_rstd, const void* _p_var_x, int64_t _ld_var_x, const void* _p_xf, int64_t _ld_xf, const void* _p_xg, int64_t _ld_xg, const void* _p_xi, int64_t _ld_xi, const void* _p_xo, int64_t _ld_xo, void* _p_d_b_i, int64_t _ld_d_b_i, void* _p_d_b_g, int64_t _ld_d_b_g, void* _p_d_b_f, int64_t _ld_d_b_f, void* _p_d_b_o, int64_t _ld_d_b_o, void* _p_d_gx_i, int64_t _ld_d_gx_i, void* _p_d_gx_g, int64_t _ld_d_gx_g, void* _p_d_gx_f, int64_t _ld_d_gx_f, void* _p_d_gx_o, int64_t _ld_d_gx_o, void* _p_d_gh_i, int64_t _ld_d_gh_i, void* _p_d_gh_g, int64_t _ld_d_gh_g, void* _p_d_gh_f, int64_t _ld_d_gh_f, void* _p_d_gh_o, int64_t _ld_d_gh_o, void* _p_d_gamma_h, int64_t _ld_d_gamma_h, void* _p_d_beta_h, int64_t _ld_d_beta_h, void* _p_d_W_i_x, int64_t _ld_d_W_i_x, void* _p_d_W_g_x, int64_t _ld_d_W_g_x, void* _p_d_W_f_x, int64_t _ld_d_W_f_x, void* _p_d_W_o_x, int64_t _ld_d_W_o_x, void* _p_d_h, int64_t _ld_d_h, void* _p_d_c, int64_t _ld_d_c, void* _stream)
 {
     if (_rows <= 0) return 0;
     int64_t _cols = 1;
     if (n_H > _cols) _cols = n_H;
     dim3 _grid, _block;
     cs_row_grid(_rows, _cols, &_grid, &_block);
-    haste_layer_norm_lstm_backward_bwd_leaf_rows_kernel<S><<<_grid, _block, 0, (cudaStream_t)_stream>>>(_rows, n_H, (const S*)_p_beta_h, _ld_beta_h, (const S*)_p_c_next, _ld_c_next, (const S*)_p_d_c_next, _ld_d_c_next, (const S*)_p_d_f, _ld_d_f, (const S*)_p_d_g, _ld_d_g, (const S*)_p_d_h_gemm, _ld_d_h_gemm, (const S*)_p_d_h_next, _ld_d_h_next, (const S*)_p_d_i, _ld_d_i, (const S*)_p_d_o, _ld_d_o, (const S*)_p_d_xf, _ld_d_xf, (const S*)_p_d_xg, _ld_d_xg, (const S*)_p_d_xi, _ld_d_xi, (const S*)_p_d_xo, _ld_d_xo, (const S*)_p_f, _ld_f, (const S*)_p_g, _ld_g, (const S*)_p_gamma_h, _ld_gamma_h, (const S*)_p_i, _ld_i, (const S*)_p_mean_5, _ld_mean_5, (const S*)_p_mu_h, _ld_mu_h, (const S*)_p_mu_x, _ld_mu_x, (const S*)_p_o, _ld_o, (const S*)_p_rf, _ld_rf, (const S*)_p_rg, _ld_rg, (const S*)_p_ri, _ld_ri, (const S*)_p_ro, _ld_ro, (const S*)_p_rs_h, _ld_rs_h, (const S*)_p_rs_x, _ld_rs_x, (const S*)_p_rstd, _ld_rstd, (const S*)_p_xf, _ld_xf, (const S*)_p_xg, _ld_xg, (const S*)_p_xi, _ld_xi, (const S*)_p_xo, _ld_xo, (S*)_p_d_h, _ld_d_h, (S*)_p_d_c, _ld_d_c, (S*)_p_d_b_i, _ld_d_b_i, (S*)_p_d_b_g, _ld_d_b_g, (S*)_p_d_b_f, _ld_d_b_f, (S*)_p_d_b_o, _ld_d_b_o, (S*)_p_d_gx_i, _ld_d_gx_i, (S*)_p_d_gx_g, _ld_d_gx_g, (S*)_p_d_gx_f, _ld_d_gx_f, (S*)_p_d_gx_o, _ld_d_gx_o, (S*)_p_d_gh_i, _ld_d_gh_i, (S*)_p_d_gh_g, _ld_d_gh_g, (S*)_p_d_gh_f, _ld_d_gh_f, (S*)_p_d_gh_o, _ld_d_gh_o, (S*)_p_d_gamma_h, _ld_d_gamma_h, (S*)_p_d_beta_h, _ld_d_beta_h, (S*)_p_d_W_i_x, _ld_d_W_i_x, (S*)_p_d_W_g_x, _ld_d_W_g_x, (S*)_p_d_W_f_x, _ld_d_W_f_x, (S*)_p_d_W_o_x, _ld_d_W_o_x);
+    haste_layer_norm_lstm_backward_bwd0_rows_kernel<S><<<_grid, _block, 0, (cudaStream_t)_stream>>>(_rows, n_H, (const S*)_p_beta_h, _ld_beta_h, (const S*)_p_c_next, _ld_c_next, (const S*)_p_d_c_next, _ld_d_c_next, (const S*)_p_d_f, _ld_d_f, (const S*)_p_d_g, _ld_d_g, (const S*)_p_d_h_gemm, _ld_d_h_gemm, (const S*)_p_d_h_next, _ld_d_h_next, (const S*)_p_d_i, _ld_d_i, (const S*)_p_d_o, _ld_d_o, (const S*)_p_f, _ld_f, (const S*)_p_g, _ld_g, (const S*)_p_gamma_h, _ld_gamma_h, (const S*)_p_gx_f, _ld_gx_f, (const S*)_p_gx_g, _ld_gx_g, (const S*)_p_gx_i, _ld_gx_i, (const S*)_p_gx_o, _ld_gx_o, (const S*)_p_i, _ld_i, (const S*)_p_inv_n_H, _ld_inv_n_H, (const S*)_p_mean_5, _ld_mean_5, (const S*)_p_mu_h, _ld_mu_h, (const S*)_p_mu_x, _ld_mu_x, (const S*)_p_o, _ld_o, (const S*)_p_rf, _ld_rf, (const S*)_p_rg, _ld_rg, (const S*)_p_ri, _ld_ri, (const S*)_p_ro, _ld_ro, (const S*)_p_rs_h, _ld_rs_h, (const S*)_p_rs_x, _ld_rs_x, (const S*)_p_rstd, _ld_rstd, (const S*)_p_var_x, _ld_var_x, (const S*)_p_xf, _ld_xf, (const S*)_p_xg, _ld_xg, (const S*)_p_xi, _ld_xi, (const S*)_p_xo, _ld_xo, (S*)_p_d_b_i, _ld_d_b_i, (S*)_p_d_b_g, _ld_d_b_g, (S*)_p_d_b_f, _ld_d_b_f, (S*)_p_d_b_o, _ld_d_b_o, (S*)_p_d_gx_i, _ld_d_gx_i, (S*)_p_d_gx_g, _ld_d_gx_g, (S*)_p_d_gx_f, _ld_d_gx_f, (S*)_p_d_gx_o, _ld_d_gx_o, (S*)_p_d_gh_i, _ld_d_gh_i, (S*)_p_d_gh_g, _ld_d_gh_g, (S*)_p_d_gh_f, _ld_d_gh_f, (S*)_p_d_gh_o, _ld_d_gh_o, (S*)_p_d_gamma_h, _ld_d_gamma_h, (S*)_p_d_beta_h, _ld_d_beta_h, (S*)_p_d_W_i_x, _ld_d_W_i_x, (S*)_p_d_W_g_x, _ld_d_W_g_x, (S*)_p_d_W_f_x, _ld_d_W_f_x, (S*)_p_d_W_o_x, _ld_d_W_o_x, (S*)_p_d_h, _ld_d_h, (S*)_p_d_c, _ld_d_c);
     return (int)cudaGetLastError();
 }
 #else
 template <typename S>
-static inline void haste_layer_norm_lstm_backward_bwd_leaf_rows_host(int64_t _rows, int64_t n_H, const S* __restrict__ _p_beta_h, int64_t _ld_beta_h, const S* __restrict__ _p_c_next, int64_t _ld_c_next, const S* __restrict__ _p_d_c_next, int64_t _ld_d_c_next, const S* __restrict__ _p_d_f, int64_t _ld_d_f, const S* __restrict__ _p_d_g, int64_t _ld_d_g, const S* __restrict__ _p_d_h_gemm, int64_t _ld_d_h_gemm, const S* __restrict__ _p_d_h_next, int64_t _ld_d_h_next, const S* __restrict__ _p_d_i, int64_t _ld_d_i, const S* __restrict__ _p_d_o, int64_t _ld_d_o, const S* __restrict__ _p_d_xf, int64_t _ld_d_xf, const S* __restrict__ _p_d_xg, int64_t _ld_d_xg, const S* __restrict__ _p_d_xi, int64_t _ld_d_xi, const S* __restrict__ _p_d_xo, int64_t _ld_d_xo, const S* __restrict__ _p_f, int64_t _ld_f, const S* __restrict__ _p_g, int64_t _ld_g, const S* __restrict__ _p_gamma_h, int64_t _ld_gamma_h, const S* __restrict__ _p_i, int64_t _ld_i, const S* __restrict__ _p_mean_5, int64_t _ld_mean_5, const S* __restrict__ _p_mu_h, int64_t _ld_mu_h, const S* __restrict__ _p_mu_x, int64_t _ld_mu_x, const S* __restrict__ _p_o, int64_t _ld_o, const S* __restrict__ _p_rf, int64_t _ld_rf, const S* __restrict__ _p_rg, int64_t _ld_rg, const S* __restrict__ _p_ri, int64_t _ld_ri, const S* __restrict__ _p_ro, int64_t _ld_ro, const S* __restrict__ _p_rs_h, int64_t _ld_rs_h, const S* __restrict__ _p_rs_x, int64_t _ld_rs_x, const S* __restrict__ _p_rstd, int64_t _ld_rstd, const S* __restrict__ _p_xf, int64_t _ld_xf, const S* __restrict__ _p_xg, int64_t _ld_xg, const S* __restrict__ _p_xi, int64_t _ld_xi, const S* __restrict__ _p_xo, int64_t _ld_xo, S* __restrict__ _p_d_h, int64_t _ld_d_h, S* __restrict__ _p_d_c, int64_t _ld_d_c, S* __restrict__ _p_d_b_i, int64_t _ld_d_b_i, S* __restrict__ _p_d_b_g, int64_t _ld_d_b_g, S* __restrict__ _p_d_b_f, int64_t _ld_d_b_f, S* __restrict__ _p_d_b_o, int64_t _ld_d_b_o, S* __restrict__ _p_d_gx_i, int64_t _ld_d_gx_i, S* __restrict__ _p_d_gx_g, int64_t _ld_d_gx_g, S* __restrict__ _p_d_gx_f, int64_t _ld_d_gx_f, S* __restrict__ _p_d_gx_o, int64_t _ld_d_gx_o, S* __restrict__ _p_d_gh_i, int64_t _ld_d_gh_i, S* __restrict__ _p_d_gh_g, int64_t _ld_d_gh_g, S* __restrict__ _p_d_gh_f, int64_t _ld_d_gh_f, S* __restrict__ _p_d_gh_o, int64_t _ld_d_gh_o, S* __restrict__ _p_d_gamma_h, int64_t _ld_d_gamma_h, S* __restrict__ _p_d_beta_h, int64_t _ld_d_beta_h, S* __restrict__ _p_d_W_i_x, int64_t _ld_d_W_i_x, S* __restrict__ _p_d_W_g_x, int64_t _ld_d_W_g_x, S* __restrict__ _p_d_W_f_x, int64_t _ld_d_W_f_x, S* __restrict__ _p_d_W_o_x, int64_t _ld_d_W_o_x)
+static inline void haste_layer_norm_lstm_backward_bwd0_rows_host(int64_t _rows, int64_t n_H, const S* __restrict__ _p_beta_h, int64_t _ld_beta_h, const S* __restrict__ _p_c_next, int64_t _ld_c_next, const S* __restrict__ _p_d_c_next, int64_t _ld_d_c_next, const S* __restrict__ _p_d_f, int64_t _ld_d_f, const S* __restrict__ _p_d_g, int64_t _ld_d_g, const S* __restrict__ _p_d_h_gemm, int64_t _ld_d_h_gemm, const S* __restrict__ _p_d_h_next, int64_t _ld_d_h_next, const S* __restrict__ _p_d_i, int64_t _ld_d_i, const S* __restrict__ _p_d_o, int64_t _ld_d_o, const S* __restrict__ _p_f, int64_t _ld_f, const S* __restrict__ _p_g, int64_t _ld_g, const S* __restrict__ _p_gamma_h, int64_t _ld_gamma_h, const S* __restrict__ _p_gx_f, int64_t _ld_gx_f, const S* __restrict__ _p_gx_g, int64_t _ld_gx_g, const S* __restrict__ _p_gx_i, int64_t _ld_gx_i, const S* __restrict__ _p_gx_o, int64_t _ld_gx_o, const S* __restrict__ _p_i, int64_t _ld_i, const S* __restrict__ _p_inv_n_H, int64_t _ld_inv_n_H, const S* __restrict__ _p_mean_5, int64_t _ld_mean_5, const S* __restrict__ _p_mu_h, int64_t _ld_mu_h, const S* __restrict__ _p_mu_x, int64_t _ld_mu_x, const S* __restrict__ _p_o, int64_t _ld_o, const S* __restrict__ _p_rf, int64_t _ld_rf, const S* __restrict__ _p_rg, int64_t _ld_rg, const S* __restrict__ _p_ri, int64_t _ld_ri, const S* __restrict__ _p_ro, int64_t _ld_ro, const S* __restrict__ _p_rs_h, int64_t _ld_rs_h, const S* __restrict__ _p_rs_x, int64_t _ld_rs_x, const S* __restrict__ _p_rstd, int64_t _ld_rstd, const S* __restrict__ _p_var_x, int64_t _ld_var_x, const S* __restrict__ _p_xf, int64_t _ld_xf, const S* __restrict__ _p_xg, int64_t _ld_xg, const S* __restrict__ _p_xi, int64_t _ld_xi, const S* __restrict__ _p_xo, int64_t _ld_xo, S* __restrict__ _p_d_b_i, int64_t _ld_d_b_i, S* __restrict__ _p_d_b_g, int64_t _ld_d_b_g, S* __restrict__ _p_d_b_f, int64_t _ld_d_b_f, S* __restrict__ _p_d_b_o, int64_t _ld_d_b_o, S* __restrict__ _p_d_gx_i, int64_t _ld_d_gx_i, S* __restrict__ _p_d_gx_g, int64_t _ld_d_gx_g, S* __restrict__ _p_d_gx_f, int64_t _ld_d_gx_f, S* __restrict__ _p_d_gx_o, int64_t _ld_d_gx_o, S* __restrict__ _p_d_gh_i, int64_t _ld_d_gh_i, S* __restrict__ _p_d_gh_g, int64_t _ld_d_gh_g, S* __restrict__ _p_d_gh_f, int64_t _ld_d_gh_f, S* __restrict__ _p_d_gh_o, int64_t _ld_d_gh_o, S* __restrict__ _p_d_gamma_h, int64_t _ld_d_gamma_h, S* __restrict__ _p_d_beta_h, int64_t _ld_d_beta_h, S* __restrict__ _p_d_W_i_x, int64_t _ld_d_W_i_x, S* __restrict__ _p_d_W_g_x, int64_t _ld_d_W_g_x, S* __restrict__ _p_d_W_f_x, int64_t _ld_d_W_f_x, S* __restrict__ _p_d_W_o_x, int64_t _ld_d_W_o_x, S* __restrict__ _p_d_h, int64_t _ld_d_h, S* __restrict__ _p_d_c, int64_t _ld_d_c)
 {
     cs_for_rows(_rows, cs_par(_rows * (n_H), 2048), [&](int64_t _r) {
-        haste_layer_norm_lstm_backward_bwd_leaf_rows_row<S, S>(_r, 0, 1, n_H, _p_beta_h, _ld_beta_h, _p_c_next, _ld_c_next, _p_d_c_next, _ld_d_c_next, _p_d_f, _ld_d_f, _p_d_g, _ld_d_g, _p_d_h_gemm, _ld_d_h_gemm, _p_d_h_next, _ld_d_h_next, _p_d_i, _ld_d_i, _p_d_o, _ld_d_o, _p_d_xf, _ld_d_xf, _p_d_xg, _ld_d_xg, _p_d_xi, _ld_d_xi, _p_d_xo, _ld_d_xo, _p_f, _ld_f, _p_g, _ld_g, _p_gamma_h, _ld_gamma_h, _p_i, _ld_i, _p_mean_5, _ld_mean_5, _p_mu_h, _ld_mu_h, _p_mu_x, _ld_mu_x, _p_o, _ld_o, _p_rf, _ld_rf, _p_rg, _ld_rg, _p_ri, _ld_ri, _p_ro, _ld_ro, _p_rs_h, _ld_rs_h, _p_rs_x, _ld_rs_x, _p_rstd, _ld_rstd, _p_xf, _ld_xf, _p_xg, _ld_xg, _p_xi, _ld_xi, _p_xo, _ld_xo, _p_d_h, _ld_d_h, _p_d_c, _ld_d_c, _p_d_b_i, _ld_d_b_i, _p_d_b_g, _ld_d_b_g, _p_d_b_f, _ld_d_b_f, _p_d_b_o, _ld_d_b_o, _p_d_gx_i, _ld_d_gx_i, _p_d_gx_g, _ld_d_gx_g, _p_d_gx_f, _ld_d_gx_f, _p_d_gx_o, _ld_d_gx_o, _p_d_gh_i, _ld_d_gh_i, _p_d_gh_g, _ld_d_gh_g, _p_d_gh_f, _ld_d_gh_f, _p_d_gh_o, _ld_d_gh_o, _p_d_gamma_h, _ld_d_gamma_h, _p_d_beta_h, _ld_d_beta_h, _p_d_W_i_x, _ld_d_W_i_x, _p_d_W_g_x, _ld_d_W_g_x, _p_d_W_f_x, _ld_d_W_f_x, _p_d_W_o_x, _ld_d_W_o_x);
+        haste_layer_norm_lstm_backward_bwd0_rows_row<S, S>(_r, 0, 1, n_H, _p_beta_h, _ld_beta_h, _p_c_next, _ld_c_next, _p_d_c_next, _ld_d_c_next, _p_d_f, _ld_d_f, _p_d_g, _ld_d_g, _p_d_h_gemm, _ld_d_h_gemm, _p_d_h_next, _ld_d_h_next, _p_d_i, _ld_d_i, _p_d_o, _ld_d_o, _p_f, _ld_f, _p_g, _ld_g, _p_gamma_h, _ld_gamma_h, _p_gx_f, _ld_gx_f, _p_gx_g, _ld_gx_g, _p_gx_i, _ld_gx_i, _p_gx_o, _ld_gx_o, _p_i, _ld_i, _p_inv_n_H, _ld_inv_n_H, _p_mean_5, _ld_mean_5, _p_mu_h, _ld_mu_h, _p_mu_x, _ld_mu_x, _p_o, _ld_o, _p_rf, _ld_rf, _p_rg, _ld_rg, _p_ri, _ld_ri, _p_ro, _ld_ro, _p_rs_h, _ld_rs_h, _p_rs_x, _ld_rs_x, _p_rstd, _ld_rstd, _p_var_x, _ld_var_x, _p_xf, _ld_xf, _p_xg, _ld_xg, _p_xi, _ld_xi, _p_xo, _ld_xo, _p_d_b_i, _ld_d_b_i, _p_d_b_g, _ld_d_b_g, _p_d_b_f, _ld_d_b_f, _p_d_b_o, _ld_d_b_o, _p_d_gx_i, _ld_d_gx_i, _p_d_gx_g, _ld_d_gx_g, _p_d_gx_f, _ld_d_gx_f, _p_d_gx_o, _ld_d_gx_o, _p_d_gh_i, _ld_d_gh_i, _p_d_gh_g, _ld_d_gh_g, _p_d_gh_f, _ld_d_gh_f, _p_d_gh_o, _ld_d_gh_o, _p_d_gamma_h, _ld_d_gamma_h, _p_d_beta_h, _ld_d_beta_h, _p_d_W_i_x, _ld_d_W_i_x, _p_d_W_g_x, _ld_d_W_g_x, _p_d_W_f_x, _ld_d_W_f_x, _p_d_W_o_x, _ld_d_W_o_x, _p_d_h, _ld_d_h, _p_d_c, _ld_d_c);
     });
 }
 #endif
@@ -2572,7 +2508,7 @@ extern "C" int haste_layer_norm_lstm_inference_f64(const int64_t* dims, void* co
 
 // =============================================================================================
 // haste_layer_norm_lstm: the whole sequence, backward
-// ptrs: 0 x_x, 1 s_h, 2 s_c, 3 p_gx_i, 4 p_gx_g, 5 p_gx_f, 6 p_gx_o, 7 p_gh_i, 8 p_gh_g, 9 p_gh_f, 10 p_gh_o, 11 p_gamma_h, 12 p_beta_h, 13 p_inv_n_H, 14 p_inv_n_H_2, 15 v_xi, 16 v_xg, 17 v_xf, 18 v_xo, 19 v_mu_x, 20 v_var_x, 21 v_rs_x, 22 v_ri, 23 v_rg, 24 v_rf, 25 v_ro, 26 v_mu_h, 27 v_var_h, 28 v_rs_h, 29 v_i, 30 v_g, 31 v_f, 32 v_o, 33 v_mean_5, 34 v_var, 35 v_rstd, 36 dout_h_next, 37 ds_h, 38 ds_c, 39 dx_x, 40 dp_b_i, 41 dp_b_g, 42 dp_b_f, 43 dp_b_o, 44 dp_gx_i, 45 dp_gx_g, 46 dp_gx_f, 47 dp_gx_o, 48 dp_gh_i, 49 dp_gh_g, 50 dp_gh_f, 51 dp_gh_o, 52 dp_gamma_h, 53 dp_beta_h, 54 dg_R_i_R_g_R_f_R_o__h, 55 tmp_d_h_gemm, 56 dhg_W_i_W_g_W_f_W_o__x, 57 tmp_d_h_next, 58 tmp_d_c_next, 59 tmp_d_o, 60 tmp_d_f, 61 tmp_d_g, 62 tmp_d_i, 63 tmp_d_xo, 64 tmp_d_xf, 65 tmp_d_xg, 66 tmp_d_xi, 67 dw_R_i_R_g_R_f_R_o, 68 dw_W_i_W_g_W_f_W_o, 69 weight W_i_W_g_W_f_W_o, 70 weight R_i_R_g_R_f_R_o, 71 d W_i, 72 d W_g, 73 d W_f, 74 d W_o, 75 d R_i, 76 d R_g, 77 d R_f, 78 d R_o, 79 d b_i, 80 d b_g, 81 d b_f, 82 d b_o, 83 d gx_i, 84 d gx_g, 85 d gx_f, 86 d gx_o, 87 d gh_i, 88 d gh_g, 89 d gh_f, 90 d gh_o, 91 d gamma_h, 92 d beta_h, 93 d inv_n_H, 94 d inv_n_H_2, 95 batch sizes (host, or NULL)
+// ptrs: 0 x_x, 1 s_h, 2 s_c, 3 p_gx_i, 4 p_gx_g, 5 p_gx_f, 6 p_gx_o, 7 p_gh_i, 8 p_gh_g, 9 p_gh_f, 10 p_gh_o, 11 p_gamma_h, 12 p_beta_h, 13 p_inv_n_H, 14 p_inv_n_H_2, 15 v_xi, 16 v_xg, 17 v_xf, 18 v_xo, 19 v_mu_x, 20 v_var_x, 21 v_rs_x, 22 v_ri, 23 v_rg, 24 v_rf, 25 v_ro, 26 v_mu_h, 27 v_var_h, 28 v_rs_h, 29 v_i, 30 v_g, 31 v_f, 32 v_o, 33 v_mean_5, 34 v_var, 35 v_rstd, 36 dout_h_next, 37 ds_h, 38 ds_c, 39 dx_x, 40 dp_b_i, 41 dp_b_g, 42 dp_b_f, 43 dp_b_o, 44 dp_gx_i, 45 dp_gx_g, 46 dp_gx_f, 47 dp_gx_o, 48 dp_gh_i, 49 dp_gh_g, 50 dp_gh_f, 51 dp_gh_o, 52 dp_gamma_h, 53 dp_beta_h, 54 dg_R_i_R_g_R_f_R_o__h, 55 tmp_d_h_gemm, 56 dhg_W_i_W_g_W_f_W_o__x, 57 tmp_d_h_next, 58 tmp_d_c_next, 59 tmp_d_o, 60 tmp_d_f, 61 tmp_d_g, 62 tmp_d_i, 63 dw_R_i_R_g_R_f_R_o, 64 dw_W_i_W_g_W_f_W_o, 65 weight W_i_W_g_W_f_W_o, 66 weight R_i_R_g_R_f_R_o, 67 d W_i, 68 d W_g, 69 d W_f, 70 d W_o, 71 d R_i, 72 d R_g, 73 d R_f, 74 d R_o, 75 d b_i, 76 d b_g, 77 d b_f, 78 d b_o, 79 d gx_i, 80 d gx_g, 81 d gx_f, 82 d gx_o, 83 d gh_i, 84 d gh_g, 85 d gh_f, 86 d gh_o, 87 d gamma_h, 88 d beta_h, 89 d inv_n_H, 90 d inv_n_H_2, 91 batch sizes (host, or NULL)
 
 // =============================================================================================
 template <typename S, typename G>
@@ -2714,71 +2650,63 @@ static int haste_layer_norm_lstm_backward_run(const int64_t* dims, void* const* 
     (void)b_tmp_d_g;
     S* b_tmp_d_i = (S*)ptrs[62];
     (void)b_tmp_d_i;
-    S* b_tmp_d_xo = (S*)ptrs[63];
-    (void)b_tmp_d_xo;
-    S* b_tmp_d_xf = (S*)ptrs[64];
-    (void)b_tmp_d_xf;
-    S* b_tmp_d_xg = (S*)ptrs[65];
-    (void)b_tmp_d_xg;
-    S* b_tmp_d_xi = (S*)ptrs[66];
-    (void)b_tmp_d_xi;
-    G* b_dw_R_i_R_g_R_f_R_o = (G*)ptrs[67];
+    G* b_dw_R_i_R_g_R_f_R_o = (G*)ptrs[63];
     (void)b_dw_R_i_R_g_R_f_R_o;
-    G* b_dw_W_i_W_g_W_f_W_o = (G*)ptrs[68];
+    G* b_dw_W_i_W_g_W_f_W_o = (G*)ptrs[64];
     (void)b_dw_W_i_W_g_W_f_W_o;
-    const S* w_W_i_W_g_W_f_W_o = (const S*)ptrs[69];
+    const S* w_W_i_W_g_W_f_W_o = (const S*)ptrs[65];
     (void)w_W_i_W_g_W_f_W_o;
-    const S* w_R_i_R_g_R_f_R_o = (const S*)ptrs[70];
+    const S* w_R_i_R_g_R_f_R_o = (const S*)ptrs[66];
     (void)w_R_i_R_g_R_f_R_o;
-    G* g_W_i = (G*)ptrs[71];
+    G* g_W_i = (G*)ptrs[67];
     (void)g_W_i;
-    G* g_W_g = (G*)ptrs[72];
+    G* g_W_g = (G*)ptrs[68];
     (void)g_W_g;
-    G* g_W_f = (G*)ptrs[73];
+    G* g_W_f = (G*)ptrs[69];
     (void)g_W_f;
-    G* g_W_o = (G*)ptrs[74];
+    G* g_W_o = (G*)ptrs[70];
     (void)g_W_o;
-    G* g_R_i = (G*)ptrs[75];
+    G* g_R_i = (G*)ptrs[71];
     (void)g_R_i;
-    G* g_R_g = (G*)ptrs[76];
+    G* g_R_g = (G*)ptrs[72];
     (void)g_R_g;
-    G* g_R_f = (G*)ptrs[77];
+    G* g_R_f = (G*)ptrs[73];
     (void)g_R_f;
-    G* g_R_o = (G*)ptrs[78];
+    G* g_R_o = (G*)ptrs[74];
     (void)g_R_o;
-    G* g_b_i = (G*)ptrs[79];
+    G* g_b_i = (G*)ptrs[75];
     (void)g_b_i;
-    G* g_b_g = (G*)ptrs[80];
+    G* g_b_g = (G*)ptrs[76];
     (void)g_b_g;
-    G* g_b_f = (G*)ptrs[81];
+    G* g_b_f = (G*)ptrs[77];
     (void)g_b_f;
-    G* g_b_o = (G*)ptrs[82];
+    G* g_b_o = (G*)ptrs[78];
     (void)g_b_o;
-    G* g_gx_i = (G*)ptrs[83];
+    G* g_gx_i = (G*)ptrs[79];
     (void)g_gx_i;
-    G* g_gx_g = (G*)ptrs[84];
+    G* g_gx_g = (G*)ptrs[80];
     (void)g_gx_g;
-    G* g_gx_f = (G*)ptrs[85];
+    G* g_gx_f = (G*)ptrs[81];
     (void)g_gx_f;
-    G* g_gx_o = (G*)ptrs[86];
+    G* g_gx_o = (G*)ptrs[82];
     (void)g_gx_o;
-    G* g_gh_i = (G*)ptrs[87];
+    G* g_gh_i = (G*)ptrs[83];
     (void)g_gh_i;
-    G* g_gh_g = (G*)ptrs[88];
+    G* g_gh_g = (G*)ptrs[84];
     (void)g_gh_g;
-    G* g_gh_f = (G*)ptrs[89];
+    G* g_gh_f = (G*)ptrs[85];
     (void)g_gh_f;
-    G* g_gh_o = (G*)ptrs[90];
+    G* g_gh_o = (G*)ptrs[86];
     (void)g_gh_o;
-    G* g_gamma_h = (G*)ptrs[91];
+    G* g_gamma_h = (G*)ptrs[87];
     (void)g_gamma_h;
-    G* g_beta_h = (G*)ptrs[92];
+    G* g_beta_h = (G*)ptrs[88];
     (void)g_beta_h;
-    G* g_inv_n_H = (G*)ptrs[93];
+    G* g_inv_n_H = (G*)ptrs[89];
     (void)g_inv_n_H;
-    G* g_inv_n_H_2 = (G*)ptrs[94];
+    G* g_inv_n_H_2 = (G*)ptrs[90];
     (void)g_inv_n_H_2;
-    const int64_t* bs = (const int64_t*)ptrs[95];
+    const int64_t* bs = (const int64_t*)ptrs[91];
     (void)ctx;
     if (bs) {  // rows of ended sequences, which no step writes, are read over all T*B rows
         CS_ZERO(b_dg_R_i_R_g_R_f_R_o__h, (n_T) * (n_B) * (4*n_H));
@@ -2810,9 +2738,7 @@ static int haste_layer_norm_lstm_backward_run(const int64_t* dims, void* const* 
         // d_h_gemm = dg_R_i_R_g_R_f_R_o__h @ [R_i, R_g, R_f, R_o]
         CS_GEMM_NN_PACKED(rows, n_H, 4*n_H, b_dg_R_i_R_g_R_f_R_o__h + t * n_B * (4*n_H), 4*n_H, pk_R_i_R_g_R_f_R_o_nn, b_tmp_d_h_gemm, n_H, 0);
         // backward: stage 0 backward, row by row (reductions over the units)
-        CS_ROWS(haste_layer_norm_lstm_backward_bwd0_rows, rows, n_H, b_tmp_d_f, n_H, b_tmp_d_g, n_H, b_tmp_d_i, n_H, b_tmp_d_o, n_H, b_v_f + t * n_B * (n_H), n_H, b_v_g + t * n_B * (n_H), n_H, b_p_gx_f, 0, b_p_gx_g, 0, b_p_gx_i, 0, b_p_gx_o, 0, b_v_i + t * n_B * (n_H), n_H, b_p_inv_n_H, 0, b_v_mu_x + t * n_B * (1), 1, b_v_o + t * n_B * (n_H), n_H, b_v_rs_x + t * n_B * (1), 1, b_v_var_x + t * n_B * (1), 1, b_v_xf + t * n_B * (n_H), n_H, b_v_xg + t * n_B * (n_H), n_H, b_v_xi + t * n_B * (n_H), n_H, b_v_xo + t * n_B * (n_H), n_H, b_tmp_d_xo, n_H, b_tmp_d_xf, n_H, b_tmp_d_xg, n_H, b_tmp_d_xi, n_H);
-        // backward: per-step adjoints of inputs, states, vector params, hoisted results, row by row (reductions over the units)
-        CS_ROWS(haste_layer_norm_lstm_backward_bwd_leaf_rows, rows, n_H, b_p_beta_h, 0, b_s_c + (t + 1) * n_B * (n_H), n_H, b_tmp_d_c_next, n_H, b_tmp_d_f, n_H, b_tmp_d_g, n_H, b_tmp_d_h_gemm, n_H, b_tmp_d_h_next, n_H, b_tmp_d_i, n_H, b_tmp_d_o, n_H, b_tmp_d_xf, n_H, b_tmp_d_xg, n_H, b_tmp_d_xi, n_H, b_tmp_d_xo, n_H, b_v_f + t * n_B * (n_H), n_H, b_v_g + t * n_B * (n_H), n_H, b_p_gamma_h, 0, b_v_i + t * n_B * (n_H), n_H, b_v_mean_5 + t * n_B * (1), 1, b_v_mu_h + t * n_B * (1), 1, b_v_mu_x + t * n_B * (1), 1, b_v_o + t * n_B * (n_H), n_H, b_v_rf + t * n_B * (n_H), n_H, b_v_rg + t * n_B * (n_H), n_H, b_v_ri + t * n_B * (n_H), n_H, b_v_ro + t * n_B * (n_H), n_H, b_v_rs_h + t * n_B * (1), 1, b_v_rs_x + t * n_B * (1), 1, b_v_rstd + t * n_B * (1), 1, b_v_xf + t * n_B * (n_H), n_H, b_v_xg + t * n_B * (n_H), n_H, b_v_xi + t * n_B * (n_H), n_H, b_v_xo + t * n_B * (n_H), n_H, b_ds_h, n_H, b_ds_c, n_H, b_dp_b_i + t * n_B * (n_H), n_H, b_dp_b_g + t * n_B * (n_H), n_H, b_dp_b_f + t * n_B * (n_H), n_H, b_dp_b_o + t * n_B * (n_H), n_H, b_dp_gx_i + t * n_B * (n_H), n_H, b_dp_gx_g + t * n_B * (n_H), n_H, b_dp_gx_f + t * n_B * (n_H), n_H, b_dp_gx_o + t * n_B * (n_H), n_H, b_dp_gh_i + t * n_B * (n_H), n_H, b_dp_gh_g + t * n_B * (n_H), n_H, b_dp_gh_f + t * n_B * (n_H), n_H, b_dp_gh_o + t * n_B * (n_H), n_H, b_dp_gamma_h + t * n_B * (n_H), n_H, b_dp_beta_h + t * n_B * (n_H), n_H, b_dhg_W_i_W_g_W_f_W_o__x + t * n_B * (4*n_H), 4*n_H, b_dhg_W_i_W_g_W_f_W_o__x + t * n_B * (4*n_H) + n_H, 4*n_H, b_dhg_W_i_W_g_W_f_W_o__x + t * n_B * (4*n_H) + 2*n_H, 4*n_H, b_dhg_W_i_W_g_W_f_W_o__x + t * n_B * (4*n_H) + 3*n_H, 4*n_H);
+        CS_ROWS(haste_layer_norm_lstm_backward_bwd0_rows, rows, n_H, b_p_beta_h, 0, b_s_c + (t + 1) * n_B * (n_H), n_H, b_tmp_d_c_next, n_H, b_tmp_d_f, n_H, b_tmp_d_g, n_H, b_tmp_d_h_gemm, n_H, b_tmp_d_h_next, n_H, b_tmp_d_i, n_H, b_tmp_d_o, n_H, b_v_f + t * n_B * (n_H), n_H, b_v_g + t * n_B * (n_H), n_H, b_p_gamma_h, 0, b_p_gx_f, 0, b_p_gx_g, 0, b_p_gx_i, 0, b_p_gx_o, 0, b_v_i + t * n_B * (n_H), n_H, b_p_inv_n_H, 0, b_v_mean_5 + t * n_B * (1), 1, b_v_mu_h + t * n_B * (1), 1, b_v_mu_x + t * n_B * (1), 1, b_v_o + t * n_B * (n_H), n_H, b_v_rf + t * n_B * (n_H), n_H, b_v_rg + t * n_B * (n_H), n_H, b_v_ri + t * n_B * (n_H), n_H, b_v_ro + t * n_B * (n_H), n_H, b_v_rs_h + t * n_B * (1), 1, b_v_rs_x + t * n_B * (1), 1, b_v_rstd + t * n_B * (1), 1, b_v_var_x + t * n_B * (1), 1, b_v_xf + t * n_B * (n_H), n_H, b_v_xg + t * n_B * (n_H), n_H, b_v_xi + t * n_B * (n_H), n_H, b_v_xo + t * n_B * (n_H), n_H, b_dp_b_i + t * n_B * (n_H), n_H, b_dp_b_g + t * n_B * (n_H), n_H, b_dp_b_f + t * n_B * (n_H), n_H, b_dp_b_o + t * n_B * (n_H), n_H, b_dp_gx_i + t * n_B * (n_H), n_H, b_dp_gx_g + t * n_B * (n_H), n_H, b_dp_gx_f + t * n_B * (n_H), n_H, b_dp_gx_o + t * n_B * (n_H), n_H, b_dp_gh_i + t * n_B * (n_H), n_H, b_dp_gh_g + t * n_B * (n_H), n_H, b_dp_gh_f + t * n_B * (n_H), n_H, b_dp_gh_o + t * n_B * (n_H), n_H, b_dp_gamma_h + t * n_B * (n_H), n_H, b_dp_beta_h + t * n_B * (n_H), n_H, b_dhg_W_i_W_g_W_f_W_o__x + t * n_B * (4*n_H), 4*n_H, b_dhg_W_i_W_g_W_f_W_o__x + t * n_B * (4*n_H) + n_H, 4*n_H, b_dhg_W_i_W_g_W_f_W_o__x + t * n_B * (4*n_H) + 2*n_H, 4*n_H, b_dhg_W_i_W_g_W_f_W_o__x + t * n_B * (4*n_H) + 3*n_H, 4*n_H, b_ds_h, n_H, b_ds_c, n_H);
     }
     CS_SPLIT_DONE();
     CS_TEAM_END

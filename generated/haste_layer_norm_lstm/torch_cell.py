@@ -597,10 +597,6 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
     _tmp_d_f = torch.empty((_B, _H), dtype=_dtype, device=_device)
     _tmp_d_g = torch.empty((_B, _H), dtype=_dtype, device=_device)
     _tmp_d_i = torch.empty((_B, _H), dtype=_dtype, device=_device)
-    _tmp_d_xo = torch.empty((_B, _H), dtype=_dtype, device=_device)
-    _tmp_d_xf = torch.empty((_B, _H), dtype=_dtype, device=_device)
-    _tmp_d_xg = torch.empty((_B, _H), dtype=_dtype, device=_device)
-    _tmp_d_xi = torch.empty((_B, _H), dtype=_dtype, device=_device)
     if _bs is not None:
         _dg_R_i_R_g_R_f_R_o__h.zero_()
         _dp_b_i.zero_()
@@ -652,10 +648,6 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
     _v_xg_at0 = _steps(_v_xg, 0, _T, _bs)
     _v_xi_at0 = _steps(_v_xi, 0, _T, _bs)
     _v_xo_at0 = _steps(_v_xo, 0, _T, _bs)
-    _tmp_d_xo_rows = _rows(_tmp_d_xo, _T, _bs)
-    _tmp_d_xf_rows = _rows(_tmp_d_xf, _T, _bs)
-    _tmp_d_xg_rows = _rows(_tmp_d_xg, _T, _bs)
-    _tmp_d_xi_rows = _rows(_tmp_d_xi, _T, _bs)
     _dp_b_i_at0 = _steps(_dp_b_i, 0, _T, _bs)
     _dp_b_g_at0 = _steps(_dp_b_g, 0, _T, _bs)
     _dp_b_f_at0 = _steps(_dp_b_f, 0, _T, _bs)
@@ -747,16 +739,28 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
         _dg_R_i_R_g_R_f_R_o__h_at0[_t][:, 3*_H:4*_H].copy_(d_R_o_h)
         torch.mm(_dg_R_i_R_g_R_f_R_o__h_at0[_t], _w_R_i_R_g_R_f_R_o, out=_tmp_d_h_gemm_rows[_t])
         # stage 0 backward
+        c_next = _s_c_at1[_t]
+        d_c_next = _tmp_d_c_next_rows[_t]
         d_f = _tmp_d_f_rows[_t]
         d_g = _tmp_d_g_rows[_t]
+        d_h_gemm = _tmp_d_h_gemm_rows[_t]
+        d_h_next = _tmp_d_h_next_rows[_t]
         d_i = _tmp_d_i_rows[_t]
         d_o = _tmp_d_o_rows[_t]
         f = _v_f_at0[_t]
         g = _v_g_at0[_t]
         i = _v_i_at0[_t]
+        mean_5 = _v_mean_5_at0[_t]
+        mu_h = _v_mu_h_at0[_t]
         mu_x = _v_mu_x_at0[_t]
         o = _v_o_at0[_t]
+        rf = _v_rf_at0[_t]
+        rg = _v_rg_at0[_t]
+        ri = _v_ri_at0[_t]
+        ro = _v_ro_at0[_t]
+        rs_h = _v_rs_h_at0[_t]
         rs_x = _v_rs_x_at0[_t]
+        rstd = _v_rstd_at0[_t]
         var_x = _v_var_x_at0[_t]
         xf = _v_xf_at0[_t]
         xg = _v_xg_at0[_t]
@@ -786,49 +790,12 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
         d_xf = t23 - t28*t33 + t32  # adjoint of xf
         d_xg = t26 - t29*t33 + t32  # adjoint of xg
         d_xi = t24 - t30*t33 + t32  # adjoint of xi
-        _tmp_d_xo_rows[_t].copy_(d_xo)
-        _tmp_d_xf_rows[_t].copy_(d_xf)
-        _tmp_d_xg_rows[_t].copy_(d_xg)
-        _tmp_d_xi_rows[_t].copy_(d_xi)
-        # per-step adjoints of inputs, states, vector params, hoisted results
-        c_next = _s_c_at1[_t]
-        d_c_next = _tmp_d_c_next_rows[_t]
-        d_f = _tmp_d_f_rows[_t]
-        d_g = _tmp_d_g_rows[_t]
-        d_h_gemm = _tmp_d_h_gemm_rows[_t]
-        d_h_next = _tmp_d_h_next_rows[_t]
-        d_i = _tmp_d_i_rows[_t]
-        d_o = _tmp_d_o_rows[_t]
-        d_xf = _tmp_d_xf_rows[_t]
-        d_xg = _tmp_d_xg_rows[_t]
-        d_xi = _tmp_d_xi_rows[_t]
-        d_xo = _tmp_d_xo_rows[_t]
-        f = _v_f_at0[_t]
-        g = _v_g_at0[_t]
-        i = _v_i_at0[_t]
-        mean_5 = _v_mean_5_at0[_t]
-        mu_h = _v_mu_h_at0[_t]
-        mu_x = _v_mu_x_at0[_t]
-        o = _v_o_at0[_t]
-        rf = _v_rf_at0[_t]
-        rg = _v_rg_at0[_t]
-        ri = _v_ri_at0[_t]
-        ro = _v_ro_at0[_t]
-        rs_h = _v_rs_h_at0[_t]
-        rs_x = _v_rs_x_at0[_t]
-        rstd = _v_rstd_at0[_t]
-        xf = _v_xf_at0[_t]
-        xg = _v_xg_at0[_t]
-        xi = _v_xi_at0[_t]
-        xo = _v_xo_at0[_t]
         t33_2 = d_i*i*(1 - i)
         t34 = d_g*(1 - (g*g))
         t35 = d_f*f*(1 - f)
         t36 = d_o*o*(1 - o)
         t37 = rstd*(c_next - mean_5)
         t38 = d_h_next*o*(1 - (torch.tanh(beta_h + gamma_h*t37)*torch.tanh(beta_h + gamma_h*t37)))
-        d_h = d_h_gemm  # adjoint of state h
-        d_c = d_c_next*f  # adjoint of state c
         d_b_i = t33_2  # adjoint of param b_i
         d_b_g = t34  # adjoint of param b_g
         d_b_f = t35  # adjoint of param b_f
@@ -847,8 +814,8 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
         d_W_g_x = d_xg  # adjoint of hoisted projection W_g_x
         d_W_f_x = d_xf  # adjoint of hoisted projection W_f_x
         d_W_o_x = d_xo  # adjoint of hoisted projection W_o_x
-        _ds_h_rows[_t].copy_(d_h)
-        _ds_c_rows[_t].copy_(d_c)
+        d_h = d_h_gemm  # adjoint of state h
+        d_c = d_c_next*f  # adjoint of state c
         _dp_b_i_at0[_t].copy_(d_b_i)
         _dp_b_g_at0[_t].copy_(d_b_g)
         _dp_b_f_at0[_t].copy_(d_b_f)
@@ -867,6 +834,8 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
         _dhg_W_i_W_g_W_f_W_o__x_at0[_t][:, _H:2*_H].copy_(d_W_g_x)
         _dhg_W_i_W_g_W_f_W_o__x_at0[_t][:, 2*_H:3*_H].copy_(d_W_f_x)
         _dhg_W_i_W_g_W_f_W_o__x_at0[_t][:, 3*_H:4*_H].copy_(d_W_o_x)
+        _ds_h_rows[_t].copy_(d_h)
+        _ds_c_rows[_t].copy_(d_c)
     # dW of R_i @ h, R_g @ h, R_f @ h, R_o @ h: one GEMM over all T*B rows
     _dw = _dg_R_i_R_g_R_f_R_o__h.reshape(_T * _B, 4*_H).T @ _s_h[:_T].reshape(_T * _B, _H)
     _grads["R_i"] = _dw[0:_H]
@@ -1207,10 +1176,6 @@ def _backward_differentiable(_params, _x, _saved, _d_outputs, _d_final, _bs=None
     _tmp_d_f = torch.zeros((_B, _H), dtype=_dtype, device=_device)
     _tmp_d_g = torch.zeros((_B, _H), dtype=_dtype, device=_device)
     _tmp_d_i = torch.zeros((_B, _H), dtype=_dtype, device=_device)
-    _tmp_d_xo = torch.zeros((_B, _H), dtype=_dtype, device=_device)
-    _tmp_d_xf = torch.zeros((_B, _H), dtype=_dtype, device=_device)
-    _tmp_d_xg = torch.zeros((_B, _H), dtype=_dtype, device=_device)
-    _tmp_d_xi = torch.zeros((_B, _H), dtype=_dtype, device=_device)
     _dg_R_i_R_g_R_f_R_o__h_rows = list(_dg_R_i_R_g_R_f_R_o__h.unbind(0))
     _dp_b_i_rows = list(_dp_b_i.unbind(0))
     _dp_b_g_rows = list(_dp_b_g.unbind(0))
@@ -1327,16 +1292,28 @@ def _backward_differentiable(_params, _x, _saved, _d_outputs, _d_final, _bs=None
         _dg_R_i_R_g_R_f_R_o__h_rows[_t] = torch.slice_scatter(_dg_R_i_R_g_R_f_R_o__h_rows[_t], d_R_o_h, 1, 3*_H, 4*_H)
         _tmp_d_h_gemm = _dg_R_i_R_g_R_f_R_o__h_rows[_t] @ _w_R_i_R_g_R_f_R_o
         # stage 0 backward
+        c_next = _s_c_rows[_t + 1]
+        d_c_next = _tmp_d_c_next
         d_f = _tmp_d_f
         d_g = _tmp_d_g
+        d_h_gemm = _tmp_d_h_gemm
+        d_h_next = _tmp_d_h_next
         d_i = _tmp_d_i
         d_o = _tmp_d_o
         f = _v_f_rows[_t]
         g = _v_g_rows[_t]
         i = _v_i_rows[_t]
+        mean_5 = _v_mean_5_rows[_t]
+        mu_h = _v_mu_h_rows[_t]
         mu_x = _v_mu_x_rows[_t]
         o = _v_o_rows[_t]
+        rf = _v_rf_rows[_t]
+        rg = _v_rg_rows[_t]
+        ri = _v_ri_rows[_t]
+        ro = _v_ro_rows[_t]
+        rs_h = _v_rs_h_rows[_t]
         rs_x = _v_rs_x_rows[_t]
+        rstd = _v_rstd_rows[_t]
         var_x = _v_var_x_rows[_t]
         xf = _v_xf_rows[_t]
         xg = _v_xg_rows[_t]
@@ -1366,49 +1343,12 @@ def _backward_differentiable(_params, _x, _saved, _d_outputs, _d_final, _bs=None
         d_xf = t23 - t28*t33 + t32  # adjoint of xf
         d_xg = t26 - t29*t33 + t32  # adjoint of xg
         d_xi = t24 - t30*t33 + t32  # adjoint of xi
-        _tmp_d_xo = d_xo
-        _tmp_d_xf = d_xf
-        _tmp_d_xg = d_xg
-        _tmp_d_xi = d_xi
-        # per-step adjoints of inputs, states, vector params, hoisted results
-        c_next = _s_c_rows[_t + 1]
-        d_c_next = _tmp_d_c_next
-        d_f = _tmp_d_f
-        d_g = _tmp_d_g
-        d_h_gemm = _tmp_d_h_gemm
-        d_h_next = _tmp_d_h_next
-        d_i = _tmp_d_i
-        d_o = _tmp_d_o
-        d_xf = _tmp_d_xf
-        d_xg = _tmp_d_xg
-        d_xi = _tmp_d_xi
-        d_xo = _tmp_d_xo
-        f = _v_f_rows[_t]
-        g = _v_g_rows[_t]
-        i = _v_i_rows[_t]
-        mean_5 = _v_mean_5_rows[_t]
-        mu_h = _v_mu_h_rows[_t]
-        mu_x = _v_mu_x_rows[_t]
-        o = _v_o_rows[_t]
-        rf = _v_rf_rows[_t]
-        rg = _v_rg_rows[_t]
-        ri = _v_ri_rows[_t]
-        ro = _v_ro_rows[_t]
-        rs_h = _v_rs_h_rows[_t]
-        rs_x = _v_rs_x_rows[_t]
-        rstd = _v_rstd_rows[_t]
-        xf = _v_xf_rows[_t]
-        xg = _v_xg_rows[_t]
-        xi = _v_xi_rows[_t]
-        xo = _v_xo_rows[_t]
         t33_2 = d_i*i*(1 - i)
         t34 = d_g*(1 - (g*g))
         t35 = d_f*f*(1 - f)
         t36 = d_o*o*(1 - o)
         t37 = rstd*(c_next - mean_5)
         t38 = d_h_next*o*(1 - (torch.tanh(beta_h + gamma_h*t37)*torch.tanh(beta_h + gamma_h*t37)))
-        d_h = d_h_gemm  # adjoint of state h
-        d_c = d_c_next*f  # adjoint of state c
         d_b_i = t33_2  # adjoint of param b_i
         d_b_g = t34  # adjoint of param b_g
         d_b_f = t35  # adjoint of param b_f
@@ -1427,8 +1367,8 @@ def _backward_differentiable(_params, _x, _saved, _d_outputs, _d_final, _bs=None
         d_W_g_x = d_xg  # adjoint of hoisted projection W_g_x
         d_W_f_x = d_xf  # adjoint of hoisted projection W_f_x
         d_W_o_x = d_xo  # adjoint of hoisted projection W_o_x
-        _ds_h = d_h
-        _ds_c = d_c
+        d_h = d_h_gemm  # adjoint of state h
+        d_c = d_c_next*f  # adjoint of state c
         _dp_b_i_rows[_t] = d_b_i
         _dp_b_g_rows[_t] = d_b_g
         _dp_b_f_rows[_t] = d_b_f
@@ -1447,6 +1387,8 @@ def _backward_differentiable(_params, _x, _saved, _d_outputs, _d_final, _bs=None
         _dhg_W_i_W_g_W_f_W_o__x_rows[_t] = torch.slice_scatter(_dhg_W_i_W_g_W_f_W_o__x_rows[_t], d_W_g_x, 1, _H, 2*_H)
         _dhg_W_i_W_g_W_f_W_o__x_rows[_t] = torch.slice_scatter(_dhg_W_i_W_g_W_f_W_o__x_rows[_t], d_W_f_x, 1, 2*_H, 3*_H)
         _dhg_W_i_W_g_W_f_W_o__x_rows[_t] = torch.slice_scatter(_dhg_W_i_W_g_W_f_W_o__x_rows[_t], d_W_o_x, 1, 3*_H, 4*_H)
+        _ds_h = d_h
+        _ds_c = d_c
     _dg_R_i_R_g_R_f_R_o__h = torch.stack(_dg_R_i_R_g_R_f_R_o__h_rows)
     # dW of R_i @ h, R_g @ h, R_f @ h, R_o @ h: one GEMM over all T*B rows
     _dw = _dg_R_i_R_g_R_f_R_o__h.reshape(_T * _B, 4*_H).T @ _s_h[:_T].reshape(_T * _B, _H)
@@ -1681,7 +1623,7 @@ def _custom_ops(name, forward, backward, forward_schema, backward_schema, forwar
 #: the PyTorch engine's forward and backward as custom ops (the engine itself is the fake:
 #: it runs on fake tensors)
 _ENGINE_OPS = _custom_ops(
-    "haste_layer_norm_lstm_engine_fe1559c20ecc", _engine_op_forward_impl, _engine_op_backward_impl,
+    "haste_layer_norm_lstm_engine_21da9d3b824e", _engine_op_forward_impl, _engine_op_backward_impl,
     "(Tensor[] xs, Tensor[] states, Tensor[] params) -> Tensor[]",
     "(Tensor[] args, Tensor[] saved, Tensor?[] d_outputs, Tensor?[] d_finals) -> Tensor[]",
     _engine_op_forward_impl, _engine_op_backward_impl, _engine_op_backward, _engine_op_setup_context,
@@ -2089,7 +2031,7 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     if _bs is not None:  # outputs past a sequence's end are constant zeros
         _m = _native_active(_bs, _B, _xs)
         _d_outputs = tuple(None if _d is None else _d * _m for _d in _d_outputs)
-    dp_b_i, dp_b_g, dp_b_f, dp_b_o, dp_gx_i, dp_gx_g, dp_gx_f, dp_gx_o, dp_gh_i, dp_gh_g, dp_gh_f, dp_gh_o, dp_gamma_h, dp_beta_h, dg_R_i_R_g_R_f_R_o__h, tmp_d_h_gemm, dhg_W_i_W_g_W_f_W_o__x, tmp_d_h_next, tmp_d_c_next, tmp_d_o, tmp_d_f, tmp_d_g, tmp_d_i, tmp_d_xo, tmp_d_xf, tmp_d_xg, tmp_d_xi = _scratch((_T, _B, _H), (_T, _B, _H), (_T, _B, _H), (_T, _B, _H), (_T, _B, _H), (_T, _B, _H), (_T, _B, _H), (_T, _B, _H), (_T, _B, _H), (_T, _B, _H), (_T, _B, _H), (_T, _B, _H), (_T, _B, _H), (_T, _B, _H), (_T, _B, 4*_H), (_B, _H), (_T, _B, 4*_H), (_B, _H), (_B, _H), (_B, _H), (_B, _H), (_B, _H), (_B, _H), (_B, _H), (_B, _H), (_B, _H), (_B, _H))
+    dp_b_i, dp_b_g, dp_b_f, dp_b_o, dp_gx_i, dp_gx_g, dp_gx_f, dp_gx_o, dp_gh_i, dp_gh_g, dp_gh_f, dp_gh_o, dp_gamma_h, dp_beta_h, dg_R_i_R_g_R_f_R_o__h, tmp_d_h_gemm, dhg_W_i_W_g_W_f_W_o__x, tmp_d_h_next, tmp_d_c_next, tmp_d_o, tmp_d_f, tmp_d_g, tmp_d_i = _scratch((_T, _B, _H), (_T, _B, _H), (_T, _B, _H), (_T, _B, _H), (_T, _B, _H), (_T, _B, _H), (_T, _B, _H), (_T, _B, _H), (_T, _B, _H), (_T, _B, _H), (_T, _B, _H), (_T, _B, _H), (_T, _B, _H), (_T, _B, _H), (_T, _B, 4*_H), (_B, _H), (_T, _B, 4*_H), (_B, _H), (_B, _H), (_B, _H), (_B, _H), (_B, _H), (_B, _H))
     x_x = _xs[0].contiguous()
     s_h = _saved[0]
     s_c = _saved[1]
@@ -2138,14 +2080,14 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     _grads_1 = _gzeros((2, _H)).unbind(0)
     _grads = {"W_i": _rows_dw_W_i_W_g_W_f_W_o[0], "W_g": _rows_dw_W_i_W_g_W_f_W_o[1], "W_f": _rows_dw_W_i_W_g_W_f_W_o[2], "W_o": _rows_dw_W_i_W_g_W_f_W_o[3], "R_i": _rows_dw_R_i_R_g_R_f_R_o[0], "R_g": _rows_dw_R_i_R_g_R_f_R_o[1], "R_f": _rows_dw_R_i_R_g_R_f_R_o[2], "R_o": _rows_dw_R_i_R_g_R_f_R_o[3], "b_i": _grads_0[0], "b_g": _grads_0[1], "b_f": _grads_0[2], "b_o": _grads_0[3], "gx_i": _grads_0[4], "gx_g": _grads_0[5], "gx_f": _grads_0[6], "gx_o": _grads_0[7], "gh_i": _grads_0[8], "gh_g": _grads_0[9], "gh_f": _grads_0[10], "gh_o": _grads_0[11], "gamma_h": _grads_0[12], "beta_h": _grads_0[13], "inv_n_H": _grads_1[0], "inv_n_H_2": _grads_1[1]}
     if _lib is not None:
-        _lib("backward", _dims, [x_x, s_h, s_c, p_gx_i, p_gx_g, p_gx_f, p_gx_o, p_gh_i, p_gh_g, p_gh_f, p_gh_o, p_gamma_h, p_beta_h, p_inv_n_H, p_inv_n_H_2, v_xi, v_xg, v_xf, v_xo, v_mu_x, v_var_x, v_rs_x, v_ri, v_rg, v_rf, v_ro, v_mu_h, v_var_h, v_rs_h, v_i, v_g, v_f, v_o, v_mean_5, v_var, v_rstd, dout_h_next, ds_h, ds_c, dx_x, dp_b_i, dp_b_g, dp_b_f, dp_b_o, dp_gx_i, dp_gx_g, dp_gx_f, dp_gx_o, dp_gh_i, dp_gh_g, dp_gh_f, dp_gh_o, dp_gamma_h, dp_beta_h, dg_R_i_R_g_R_f_R_o__h, tmp_d_h_gemm, dhg_W_i_W_g_W_f_W_o__x, tmp_d_h_next, tmp_d_c_next, tmp_d_o, tmp_d_f, tmp_d_g, tmp_d_i, tmp_d_xo, tmp_d_xf, tmp_d_xg, tmp_d_xi, dw_R_i_R_g_R_f_R_o, dw_W_i_W_g_W_f_W_o, _stacked(_params["W_i"], _params["W_g"], _params["W_f"], _params["W_o"]), _stacked(_params["R_i"], _params["R_g"], _params["R_f"], _params["R_o"]), *_grads.values(), _bs])
+        _lib("backward", _dims, [x_x, s_h, s_c, p_gx_i, p_gx_g, p_gx_f, p_gx_o, p_gh_i, p_gh_g, p_gh_f, p_gh_o, p_gamma_h, p_beta_h, p_inv_n_H, p_inv_n_H_2, v_xi, v_xg, v_xf, v_xo, v_mu_x, v_var_x, v_rs_x, v_ri, v_rg, v_rf, v_ro, v_mu_h, v_var_h, v_rs_h, v_i, v_g, v_f, v_o, v_mean_5, v_var, v_rstd, dout_h_next, ds_h, ds_c, dx_x, dp_b_i, dp_b_g, dp_b_f, dp_b_o, dp_gx_i, dp_gx_g, dp_gx_f, dp_gx_o, dp_gh_i, dp_gh_g, dp_gh_f, dp_gh_o, dp_gamma_h, dp_beta_h, dg_R_i_R_g_R_f_R_o__h, tmp_d_h_gemm, dhg_W_i_W_g_W_f_W_o__x, tmp_d_h_next, tmp_d_c_next, tmp_d_o, tmp_d_f, tmp_d_g, tmp_d_i, dw_R_i_R_g_R_f_R_o, dw_W_i_W_g_W_f_W_o, _stacked(_params["W_i"], _params["W_g"], _params["W_f"], _params["W_o"]), _stacked(_params["R_i"], _params["R_g"], _params["R_f"], _params["R_o"]), *_grads.values(), _bs])
     return _grads, (dx_x,), (ds_h, ds_c,)
 
 
 # The same two calls as PyTorch custom ops, for torch.compile (which traces them through their
 # fake implementations: the allocations above, without the call). Registered once per process
 # and content of this file; outputs are copies (an op's outputs may not alias each other).
-_OP = "haste_layer_norm_lstm_cf62b0c1aeb5"
+_OP = "haste_layer_norm_lstm_8382bf9de808"
 
 
 def _op_forward_impl(xs: list[torch.Tensor], states: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:

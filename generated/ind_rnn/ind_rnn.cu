@@ -1343,108 +1343,30 @@ extern "C" void ind_rnn_inference_fwd0_H_f64(int64_t _rows, int64_t _cols, const
 // =============================================================================================
 template <typename real>
 __host__ __device__ inline void ind_rnn_backward_bwd0_H(
-    real d_h,
-    real d_h_next_out,
-    real& d_h_next)  // out
-{
-    // adjoint of h'
-    d_h_next = d_h + d_h_next_out;
-}
-
-#ifdef __CUDACC__
-template <typename S>
-__global__ void ind_rnn_backward_bwd0_H_kernel(int64_t _rows, int64_t _cols, const S* __restrict__ _p_d_h, int64_t _ld_d_h, const S* __restrict__ _p_d_h_next_out, int64_t _ld_d_h_next_out, S* __restrict__ _p_d_h_next, int64_t _ld_d_h_next)
-{
-    typedef typename cs_math<S>::type M;
-    const int64_t _j = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (_j >= _cols) return;
-    for (int64_t _r = blockIdx.y; _r < _rows; _r += gridDim.y) {
-        M d_h = cs_load(_p_d_h[_r * _ld_d_h + _j]);
-        M d_h_next_out = cs_load(_p_d_h_next_out[_r * _ld_d_h_next_out + _j]);
-        M d_h_next;
-        ind_rnn_backward_bwd0_H<M>(d_h, d_h_next_out, d_h_next);
-        cs_store(&_p_d_h_next[_r * _ld_d_h_next + _j], d_h_next);
-    }
-}
-
-template <typename S>
-static int ind_rnn_backward_bwd0_H_launch(int64_t _rows, int64_t _cols, const void* _p_d_h, int64_t _ld_d_h, const void* _p_d_h_next_out, int64_t _ld_d_h_next_out, void* _p_d_h_next, int64_t _ld_d_h_next, void* _stream)
-{
-    if (_rows <= 0 || _cols <= 0) return 0;
-    dim3 _grid, _block;
-    cs_grid(_rows, _cols, &_grid, &_block);
-    ind_rnn_backward_bwd0_H_kernel<S><<<_grid, _block, 0, (cudaStream_t)_stream>>>(_rows, _cols, (const S*)_p_d_h, _ld_d_h, (const S*)_p_d_h_next_out, _ld_d_h_next_out, (S*)_p_d_h_next, _ld_d_h_next);
-    return (int)cudaGetLastError();
-}
-
-extern "C" int ind_rnn_backward_bwd0_H_cuda_f32(int64_t _rows, int64_t _cols, const void* _p_d_h, int64_t _ld_d_h, const void* _p_d_h_next_out, int64_t _ld_d_h_next_out, void* _p_d_h_next, int64_t _ld_d_h_next, void* _stream)
-{
-    return ind_rnn_backward_bwd0_H_launch<float>(_rows, _cols, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_d_h_next, _ld_d_h_next, _stream);
-}
-extern "C" int ind_rnn_backward_bwd0_H_cuda_f64(int64_t _rows, int64_t _cols, const void* _p_d_h, int64_t _ld_d_h, const void* _p_d_h_next_out, int64_t _ld_d_h_next_out, void* _p_d_h_next, int64_t _ld_d_h_next, void* _stream)
-{
-    return ind_rnn_backward_bwd0_H_launch<double>(_rows, _cols, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_d_h_next, _ld_d_h_next, _stream);
-}
-extern "C" int ind_rnn_backward_bwd0_H_cuda_f16(int64_t _rows, int64_t _cols, const void* _p_d_h, int64_t _ld_d_h, const void* _p_d_h_next_out, int64_t _ld_d_h_next_out, void* _p_d_h_next, int64_t _ld_d_h_next, void* _stream)
-{
-    return ind_rnn_backward_bwd0_H_launch<__half>(_rows, _cols, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_d_h_next, _ld_d_h_next, _stream);
-}
-extern "C" int ind_rnn_backward_bwd0_H_cuda_bf16(int64_t _rows, int64_t _cols, const void* _p_d_h, int64_t _ld_d_h, const void* _p_d_h_next_out, int64_t _ld_d_h_next_out, void* _p_d_h_next, int64_t _ld_d_h_next, void* _stream)
-{
-    return ind_rnn_backward_bwd0_H_launch<__nv_bfloat16>(_rows, _cols, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_d_h_next, _ld_d_h_next, _stream);
-}
-#endif  // __CUDACC__
-
-template <typename real>
-static inline void ind_rnn_backward_bwd0_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_d_h, int64_t _ld_d_h, const real* __restrict__ _p_d_h_next_out, int64_t _ld_d_h_next_out, real* __restrict__ _p_d_h_next, int64_t _ld_d_h_next)
-{
-    cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
-#pragma omp simd
-        for (int64_t _j = 0; _j < _cols; ++_j) {
-            real d_h = _p_d_h[_r * _ld_d_h + _j];
-            real d_h_next_out = _p_d_h_next_out[_r * _ld_d_h_next_out + _j];
-            real d_h_next;
-            ind_rnn_backward_bwd0_H<real>(d_h, d_h_next_out, d_h_next);
-            _p_d_h_next[_r * _ld_d_h_next + _j] = d_h_next;
-        }
-    });
-}
-
-extern "C" void ind_rnn_backward_bwd0_H_f32(int64_t _rows, int64_t _cols, const float* _p_d_h, int64_t _ld_d_h, const float* _p_d_h_next_out, int64_t _ld_d_h_next_out, float* _p_d_h_next, int64_t _ld_d_h_next)
-{
-    ind_rnn_backward_bwd0_H_host<float>(_rows, _cols, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_d_h_next, _ld_d_h_next);
-}
-extern "C" void ind_rnn_backward_bwd0_H_f64(int64_t _rows, int64_t _cols, const double* _p_d_h, int64_t _ld_d_h, const double* _p_d_h_next_out, int64_t _ld_d_h_next_out, double* _p_d_h_next, int64_t _ld_d_h_next)
-{
-    ind_rnn_backward_bwd0_H_host<double>(_rows, _cols, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_d_h_next, _ld_d_h_next);
-}
-
-// =============================================================================================
-// ind_rnn_backward_bwd_leaf_H: backward: per-step adjoints of inputs, states, vector params, hoisted results, units of size H
-// =============================================================================================
-template <typename real>
-__host__ __device__ inline void ind_rnn_backward_bwd_leaf_H(
     real W_x,
     real b,
-    real d_h_next,
+    real d_h,
+    real d_h_next_out,
     real h,
     real u,
-    real& d_h,  // out
     real& d_u,  // out
-    real& d_b)  // out
+    real& d_b,  // out
+    real& d_h_prev)  // out
 {
+    // adjoint of h'
+    const real d_h_next = d_h + d_h_next_out;
     const real t0 = d_h_next*cs_positive(W_x + b + h*u);
-    // adjoint of state h
-    d_h = t0*u;
     // adjoint of param u
     d_u = h*t0;
     // adjoint of param b
     d_b = t0;
+    // adjoint of state h, carried to the step before
+    d_h_prev = t0*u;
 }
 
 #ifdef __CUDACC__
 template <typename S>
-__global__ void ind_rnn_backward_bwd_leaf_H_kernel(int64_t _rows, int64_t _cols, const S* __restrict__ _p_W_x, int64_t _ld_W_x, const S* __restrict__ _p_b, int64_t _ld_b, const S* __restrict__ _p_d_h_next, int64_t _ld_d_h_next, const S* __restrict__ _p_h, int64_t _ld_h, const S* __restrict__ _p_u, int64_t _ld_u, S* __restrict__ _p_d_h, int64_t _ld_d_h, S* __restrict__ _p_d_u, int64_t _ld_d_u, S* __restrict__ _p_d_b, int64_t _ld_d_b)
+__global__ void ind_rnn_backward_bwd0_H_kernel(int64_t _rows, int64_t _cols, const S* __restrict__ _p_W_x, int64_t _ld_W_x, const S* __restrict__ _p_b, int64_t _ld_b, const S* __restrict__ _p_d_h, int64_t _ld_d_h, const S* __restrict__ _p_d_h_next_out, int64_t _ld_d_h_next_out, const S* __restrict__ _p_h, int64_t _ld_h, const S* __restrict__ _p_u, int64_t _ld_u, S* __restrict__ _p_d_u, int64_t _ld_d_u, S* __restrict__ _p_d_b, int64_t _ld_d_b, S* __restrict__ _p_d_h_prev, int64_t _ld_d_h_prev)
 {
     typedef typename cs_math<S>::type M;
     const int64_t _j = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
@@ -1452,76 +1374,78 @@ __global__ void ind_rnn_backward_bwd_leaf_H_kernel(int64_t _rows, int64_t _cols,
     for (int64_t _r = blockIdx.y; _r < _rows; _r += gridDim.y) {
         M W_x = cs_load(_p_W_x[_r * _ld_W_x + _j]);
         M b = cs_load(_p_b[_r * _ld_b + _j]);
-        M d_h_next = cs_load(_p_d_h_next[_r * _ld_d_h_next + _j]);
+        M d_h = cs_load(_p_d_h[_r * _ld_d_h + _j]);
+        M d_h_next_out = cs_load(_p_d_h_next_out[_r * _ld_d_h_next_out + _j]);
         M h = cs_load(_p_h[_r * _ld_h + _j]);
         M u = cs_load(_p_u[_r * _ld_u + _j]);
-        M d_h;
         M d_u;
         M d_b;
-        ind_rnn_backward_bwd_leaf_H<M>(W_x, b, d_h_next, h, u, d_h, d_u, d_b);
-        cs_store(&_p_d_h[_r * _ld_d_h + _j], d_h);
+        M d_h_prev;
+        ind_rnn_backward_bwd0_H<M>(W_x, b, d_h, d_h_next_out, h, u, d_u, d_b, d_h_prev);
         cs_store(&_p_d_u[_r * _ld_d_u + _j], d_u);
         cs_store(&_p_d_b[_r * _ld_d_b + _j], d_b);
+        cs_store(&_p_d_h_prev[_r * _ld_d_h_prev + _j], d_h_prev);
     }
 }
 
 template <typename S>
-static int ind_rnn_backward_bwd_leaf_H_launch(int64_t _rows, int64_t _cols, const void* _p_W_x, int64_t _ld_W_x, const void* _p_b, int64_t _ld_b, const void* _p_d_h_next, int64_t _ld_d_h_next, const void* _p_h, int64_t _ld_h, const void* _p_u, int64_t _ld_u, void* _p_d_h, int64_t _ld_d_h, void* _p_d_u, int64_t _ld_d_u, void* _p_d_b, int64_t _ld_d_b, void* _stream)
+static int ind_rnn_backward_bwd0_H_launch(int64_t _rows, int64_t _cols, const void* _p_W_x, int64_t _ld_W_x, const void* _p_b, int64_t _ld_b, const void* _p_d_h, int64_t _ld_d_h, const void* _p_d_h_next_out, int64_t _ld_d_h_next_out, const void* _p_h, int64_t _ld_h, const void* _p_u, int64_t _ld_u, void* _p_d_u, int64_t _ld_d_u, void* _p_d_b, int64_t _ld_d_b, void* _p_d_h_prev, int64_t _ld_d_h_prev, void* _stream)
 {
     if (_rows <= 0 || _cols <= 0) return 0;
     dim3 _grid, _block;
     cs_grid(_rows, _cols, &_grid, &_block);
-    ind_rnn_backward_bwd_leaf_H_kernel<S><<<_grid, _block, 0, (cudaStream_t)_stream>>>(_rows, _cols, (const S*)_p_W_x, _ld_W_x, (const S*)_p_b, _ld_b, (const S*)_p_d_h_next, _ld_d_h_next, (const S*)_p_h, _ld_h, (const S*)_p_u, _ld_u, (S*)_p_d_h, _ld_d_h, (S*)_p_d_u, _ld_d_u, (S*)_p_d_b, _ld_d_b);
+    ind_rnn_backward_bwd0_H_kernel<S><<<_grid, _block, 0, (cudaStream_t)_stream>>>(_rows, _cols, (const S*)_p_W_x, _ld_W_x, (const S*)_p_b, _ld_b, (const S*)_p_d_h, _ld_d_h, (const S*)_p_d_h_next_out, _ld_d_h_next_out, (const S*)_p_h, _ld_h, (const S*)_p_u, _ld_u, (S*)_p_d_u, _ld_d_u, (S*)_p_d_b, _ld_d_b, (S*)_p_d_h_prev, _ld_d_h_prev);
     return (int)cudaGetLastError();
 }
 
-extern "C" int ind_rnn_backward_bwd_leaf_H_cuda_f32(int64_t _rows, int64_t _cols, const void* _p_W_x, int64_t _ld_W_x, const void* _p_b, int64_t _ld_b, const void* _p_d_h_next, int64_t _ld_d_h_next, const void* _p_h, int64_t _ld_h, const void* _p_u, int64_t _ld_u, void* _p_d_h, int64_t _ld_d_h, void* _p_d_u, int64_t _ld_d_u, void* _p_d_b, int64_t _ld_d_b, void* _stream)
+extern "C" int ind_rnn_backward_bwd0_H_cuda_f32(int64_t _rows, int64_t _cols, const void* _p_W_x, int64_t _ld_W_x, const void* _p_b, int64_t _ld_b, const void* _p_d_h, int64_t _ld_d_h, const void* _p_d_h_next_out, int64_t _ld_d_h_next_out, const void* _p_h, int64_t _ld_h, const void* _p_u, int64_t _ld_u, void* _p_d_u, int64_t _ld_d_u, void* _p_d_b, int64_t _ld_d_b, void* _p_d_h_prev, int64_t _ld_d_h_prev, void* _stream)
 {
-    return ind_rnn_backward_bwd_leaf_H_launch<float>(_rows, _cols, _p_W_x, _ld_W_x, _p_b, _ld_b, _p_d_h_next, _ld_d_h_next, _p_h, _ld_h, _p_u, _ld_u, _p_d_h, _ld_d_h, _p_d_u, _ld_d_u, _p_d_b, _ld_d_b, _stream);
+    return ind_rnn_backward_bwd0_H_launch<float>(_rows, _cols, _p_W_x, _ld_W_x, _p_b, _ld_b, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_h, _ld_h, _p_u, _ld_u, _p_d_u, _ld_d_u, _p_d_b, _ld_d_b, _p_d_h_prev, _ld_d_h_prev, _stream);
 }
-extern "C" int ind_rnn_backward_bwd_leaf_H_cuda_f64(int64_t _rows, int64_t _cols, const void* _p_W_x, int64_t _ld_W_x, const void* _p_b, int64_t _ld_b, const void* _p_d_h_next, int64_t _ld_d_h_next, const void* _p_h, int64_t _ld_h, const void* _p_u, int64_t _ld_u, void* _p_d_h, int64_t _ld_d_h, void* _p_d_u, int64_t _ld_d_u, void* _p_d_b, int64_t _ld_d_b, void* _stream)
+extern "C" int ind_rnn_backward_bwd0_H_cuda_f64(int64_t _rows, int64_t _cols, const void* _p_W_x, int64_t _ld_W_x, const void* _p_b, int64_t _ld_b, const void* _p_d_h, int64_t _ld_d_h, const void* _p_d_h_next_out, int64_t _ld_d_h_next_out, const void* _p_h, int64_t _ld_h, const void* _p_u, int64_t _ld_u, void* _p_d_u, int64_t _ld_d_u, void* _p_d_b, int64_t _ld_d_b, void* _p_d_h_prev, int64_t _ld_d_h_prev, void* _stream)
 {
-    return ind_rnn_backward_bwd_leaf_H_launch<double>(_rows, _cols, _p_W_x, _ld_W_x, _p_b, _ld_b, _p_d_h_next, _ld_d_h_next, _p_h, _ld_h, _p_u, _ld_u, _p_d_h, _ld_d_h, _p_d_u, _ld_d_u, _p_d_b, _ld_d_b, _stream);
+    return ind_rnn_backward_bwd0_H_launch<double>(_rows, _cols, _p_W_x, _ld_W_x, _p_b, _ld_b, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_h, _ld_h, _p_u, _ld_u, _p_d_u, _ld_d_u, _p_d_b, _ld_d_b, _p_d_h_prev, _ld_d_h_prev, _stream);
 }
-extern "C" int ind_rnn_backward_bwd_leaf_H_cuda_f16(int64_t _rows, int64_t _cols, const void* _p_W_x, int64_t _ld_W_x, const void* _p_b, int64_t _ld_b, const void* _p_d_h_next, int64_t _ld_d_h_next, const void* _p_h, int64_t _ld_h, const void* _p_u, int64_t _ld_u, void* _p_d_h, int64_t _ld_d_h, void* _p_d_u, int64_t _ld_d_u, void* _p_d_b, int64_t _ld_d_b, void* _stream)
+extern "C" int ind_rnn_backward_bwd0_H_cuda_f16(int64_t _rows, int64_t _cols, const void* _p_W_x, int64_t _ld_W_x, const void* _p_b, int64_t _ld_b, const void* _p_d_h, int64_t _ld_d_h, const void* _p_d_h_next_out, int64_t _ld_d_h_next_out, const void* _p_h, int64_t _ld_h, const void* _p_u, int64_t _ld_u, void* _p_d_u, int64_t _ld_d_u, void* _p_d_b, int64_t _ld_d_b, void* _p_d_h_prev, int64_t _ld_d_h_prev, void* _stream)
 {
-    return ind_rnn_backward_bwd_leaf_H_launch<__half>(_rows, _cols, _p_W_x, _ld_W_x, _p_b, _ld_b, _p_d_h_next, _ld_d_h_next, _p_h, _ld_h, _p_u, _ld_u, _p_d_h, _ld_d_h, _p_d_u, _ld_d_u, _p_d_b, _ld_d_b, _stream);
+    return ind_rnn_backward_bwd0_H_launch<__half>(_rows, _cols, _p_W_x, _ld_W_x, _p_b, _ld_b, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_h, _ld_h, _p_u, _ld_u, _p_d_u, _ld_d_u, _p_d_b, _ld_d_b, _p_d_h_prev, _ld_d_h_prev, _stream);
 }
-extern "C" int ind_rnn_backward_bwd_leaf_H_cuda_bf16(int64_t _rows, int64_t _cols, const void* _p_W_x, int64_t _ld_W_x, const void* _p_b, int64_t _ld_b, const void* _p_d_h_next, int64_t _ld_d_h_next, const void* _p_h, int64_t _ld_h, const void* _p_u, int64_t _ld_u, void* _p_d_h, int64_t _ld_d_h, void* _p_d_u, int64_t _ld_d_u, void* _p_d_b, int64_t _ld_d_b, void* _stream)
+extern "C" int ind_rnn_backward_bwd0_H_cuda_bf16(int64_t _rows, int64_t _cols, const void* _p_W_x, int64_t _ld_W_x, const void* _p_b, int64_t _ld_b, const void* _p_d_h, int64_t _ld_d_h, const void* _p_d_h_next_out, int64_t _ld_d_h_next_out, const void* _p_h, int64_t _ld_h, const void* _p_u, int64_t _ld_u, void* _p_d_u, int64_t _ld_d_u, void* _p_d_b, int64_t _ld_d_b, void* _p_d_h_prev, int64_t _ld_d_h_prev, void* _stream)
 {
-    return ind_rnn_backward_bwd_leaf_H_launch<__nv_bfloat16>(_rows, _cols, _p_W_x, _ld_W_x, _p_b, _ld_b, _p_d_h_next, _ld_d_h_next, _p_h, _ld_h, _p_u, _ld_u, _p_d_h, _ld_d_h, _p_d_u, _ld_d_u, _p_d_b, _ld_d_b, _stream);
+    return ind_rnn_backward_bwd0_H_launch<__nv_bfloat16>(_rows, _cols, _p_W_x, _ld_W_x, _p_b, _ld_b, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_h, _ld_h, _p_u, _ld_u, _p_d_u, _ld_d_u, _p_d_b, _ld_d_b, _p_d_h_prev, _ld_d_h_prev, _stream);
 }
 #endif  // __CUDACC__
 
 template <typename real>
-static inline void ind_rnn_backward_bwd_leaf_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_W_x, int64_t _ld_W_x, const real* __restrict__ _p_b, int64_t _ld_b, const real* __restrict__ _p_d_h_next, int64_t _ld_d_h_next, const real* __restrict__ _p_h, int64_t _ld_h, const real* __restrict__ _p_u, int64_t _ld_u, real* __restrict__ _p_d_h, int64_t _ld_d_h, real* __restrict__ _p_d_u, int64_t _ld_d_u, real* __restrict__ _p_d_b, int64_t _ld_d_b)
+static inline void ind_rnn_backward_bwd0_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_W_x, int64_t _ld_W_x, const real* __restrict__ _p_b, int64_t _ld_b, const real* __restrict__ _p_d_h, int64_t _ld_d_h, const real* __restrict__ _p_d_h_next_out, int64_t _ld_d_h_next_out, const real* __restrict__ _p_h, int64_t _ld_h, const real* __restrict__ _p_u, int64_t _ld_u, real* __restrict__ _p_d_u, int64_t _ld_d_u, real* __restrict__ _p_d_b, int64_t _ld_d_b, real* __restrict__ _p_d_h_prev, int64_t _ld_d_h_prev)
 {
     cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
 #pragma omp simd
         for (int64_t _j = 0; _j < _cols; ++_j) {
             real W_x = _p_W_x[_r * _ld_W_x + _j];
             real b = _p_b[_r * _ld_b + _j];
-            real d_h_next = _p_d_h_next[_r * _ld_d_h_next + _j];
+            real d_h = _p_d_h[_r * _ld_d_h + _j];
+            real d_h_next_out = _p_d_h_next_out[_r * _ld_d_h_next_out + _j];
             real h = _p_h[_r * _ld_h + _j];
             real u = _p_u[_r * _ld_u + _j];
-            real d_h;
             real d_u;
             real d_b;
-            ind_rnn_backward_bwd_leaf_H<real>(W_x, b, d_h_next, h, u, d_h, d_u, d_b);
-            _p_d_h[_r * _ld_d_h + _j] = d_h;
+            real d_h_prev;
+            ind_rnn_backward_bwd0_H<real>(W_x, b, d_h, d_h_next_out, h, u, d_u, d_b, d_h_prev);
             _p_d_u[_r * _ld_d_u + _j] = d_u;
             _p_d_b[_r * _ld_d_b + _j] = d_b;
+            _p_d_h_prev[_r * _ld_d_h_prev + _j] = d_h_prev;
         }
     });
 }
 
-extern "C" void ind_rnn_backward_bwd_leaf_H_f32(int64_t _rows, int64_t _cols, const float* _p_W_x, int64_t _ld_W_x, const float* _p_b, int64_t _ld_b, const float* _p_d_h_next, int64_t _ld_d_h_next, const float* _p_h, int64_t _ld_h, const float* _p_u, int64_t _ld_u, float* _p_d_h, int64_t _ld_d_h, float* _p_d_u, int64_t _ld_d_u, float* _p_d_b, int64_t _ld_d_b)
+extern "C" void ind_rnn_backward_bwd0_H_f32(int64_t _rows, int64_t _cols, const float* _p_W_x, int64_t _ld_W_x, const float* _p_b, int64_t _ld_b, const float* _p_d_h, int64_t _ld_d_h, const float* _p_d_h_next_out, int64_t _ld_d_h_next_out, const float* _p_h, int64_t _ld_h, const float* _p_u, int64_t _ld_u, float* _p_d_u, int64_t _ld_d_u, float* _p_d_b, int64_t _ld_d_b, float* _p_d_h_prev, int64_t _ld_d_h_prev)
 {
-    ind_rnn_backward_bwd_leaf_H_host<float>(_rows, _cols, _p_W_x, _ld_W_x, _p_b, _ld_b, _p_d_h_next, _ld_d_h_next, _p_h, _ld_h, _p_u, _ld_u, _p_d_h, _ld_d_h, _p_d_u, _ld_d_u, _p_d_b, _ld_d_b);
+    ind_rnn_backward_bwd0_H_host<float>(_rows, _cols, _p_W_x, _ld_W_x, _p_b, _ld_b, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_h, _ld_h, _p_u, _ld_u, _p_d_u, _ld_d_u, _p_d_b, _ld_d_b, _p_d_h_prev, _ld_d_h_prev);
 }
-extern "C" void ind_rnn_backward_bwd_leaf_H_f64(int64_t _rows, int64_t _cols, const double* _p_W_x, int64_t _ld_W_x, const double* _p_b, int64_t _ld_b, const double* _p_d_h_next, int64_t _ld_d_h_next, const double* _p_h, int64_t _ld_h, const double* _p_u, int64_t _ld_u, double* _p_d_h, int64_t _ld_d_h, double* _p_d_u, int64_t _ld_d_u, double* _p_d_b, int64_t _ld_d_b)
+extern "C" void ind_rnn_backward_bwd0_H_f64(int64_t _rows, int64_t _cols, const double* _p_W_x, int64_t _ld_W_x, const double* _p_b, int64_t _ld_b, const double* _p_d_h, int64_t _ld_d_h, const double* _p_d_h_next_out, int64_t _ld_d_h_next_out, const double* _p_h, int64_t _ld_h, const double* _p_u, int64_t _ld_u, double* _p_d_u, int64_t _ld_d_u, double* _p_d_b, int64_t _ld_d_b, double* _p_d_h_prev, int64_t _ld_d_h_prev)
 {
-    ind_rnn_backward_bwd_leaf_H_host<double>(_rows, _cols, _p_W_x, _ld_W_x, _p_b, _ld_b, _p_d_h_next, _ld_d_h_next, _p_h, _ld_h, _p_u, _ld_u, _p_d_h, _ld_d_h, _p_d_u, _ld_d_u, _p_d_b, _ld_d_b);
+    ind_rnn_backward_bwd0_H_host<double>(_rows, _cols, _p_W_x, _ld_W_x, _p_b, _ld_b, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_h, _ld_h, _p_u, _ld_u, _p_d_u, _ld_d_u, _p_d_b, _ld_d_b, _p_d_h_prev, _ld_d_h_prev);
 }
 
 
@@ -1690,7 +1614,7 @@ extern "C" int ind_rnn_inference_f64(const int64_t* dims, void* const* ptrs, con
 
 // =============================================================================================
 // ind_rnn: the whole sequence, backward
-// ptrs: 0 x_x, 1 s_h, 2 p_u, 3 p_b, 4 hg_W__x, 5 dout_h_next, 6 ds_h, 7 dx_x, 8 dp_u, 9 dhg_W__x, 10 tmp_d_h_next, 11 weight W, 12 d W, 13 d u, 14 d b, 15 batch sizes (host, or NULL)
+// ptrs: 0 x_x, 1 s_h, 2 p_u, 3 p_b, 4 hg_W__x, 5 dout_h_next, 6 ds_h, 7 dx_x, 8 dp_u, 9 dhg_W__x, 10 weight W, 11 d W, 12 d u, 13 d b, 14 batch sizes (host, or NULL)
 
 // =============================================================================================
 template <typename S, typename G>
@@ -1726,17 +1650,15 @@ static int ind_rnn_backward_run(const int64_t* dims, void* const* ptrs, const cs
     (void)b_dp_u;
     S* b_dhg_W__x = (S*)ptrs[9];
     (void)b_dhg_W__x;
-    S* b_tmp_d_h_next = (S*)ptrs[10];
-    (void)b_tmp_d_h_next;
-    const S* w_W = (const S*)ptrs[11];
+    const S* w_W = (const S*)ptrs[10];
     (void)w_W;
-    G* g_W = (G*)ptrs[12];
+    G* g_W = (G*)ptrs[11];
     (void)g_W;
-    G* g_u = (G*)ptrs[13];
+    G* g_u = (G*)ptrs[12];
     (void)g_u;
-    G* g_b = (G*)ptrs[14];
+    G* g_b = (G*)ptrs[13];
     (void)g_b;
-    const int64_t* bs = (const int64_t*)ptrs[15];
+    const int64_t* bs = (const int64_t*)ptrs[14];
     (void)ctx;
     if (bs) {  // rows of ended sequences, which no step writes, are read over all T*B rows
         CS_ZERO(b_dp_u, (n_T) * (n_B) * (n_H));
@@ -1746,9 +1668,7 @@ static int ind_rnn_backward_run(const int64_t* dims, void* const* ptrs, const cs
     for (int64_t t = n_T - 1; t >= 0; --t) {
         const int64_t rows = bs ? bs[t] : n_B;  // variable lengths: rows 0..B_t-1 run
         // backward: stage 0 backward, units of size H
-        CS_PW(ind_rnn_backward_bwd0_H, rows, n_H, b_ds_h, n_H, b_dout_h_next + t * n_B * (n_H), n_H, b_tmp_d_h_next, n_H);
-        // backward: per-step adjoints of inputs, states, vector params, hoisted results, units of size H
-        CS_PW(ind_rnn_backward_bwd_leaf_H, rows, n_H, b_hg_W__x + t * n_B * (n_H), n_H, b_p_b, 0, b_tmp_d_h_next, n_H, b_s_h + t * n_B * (n_H), n_H, b_p_u, 0, b_ds_h, n_H, b_dp_u + t * n_B * (n_H), n_H, b_dhg_W__x + t * n_B * (n_H), n_H);
+        CS_PW(ind_rnn_backward_bwd0_H, rows, n_H, b_hg_W__x + t * n_B * (n_H), n_H, b_p_b, 0, b_ds_h, n_H, b_dout_h_next + t * n_B * (n_H), n_H, b_s_h + t * n_B * (n_H), n_H, b_p_u, 0, b_dp_u + t * n_B * (n_H), n_H, b_dhg_W__x + t * n_B * (n_H), n_H, b_ds_h, n_H);
     }
     CS_TEAM_END
     // d[W] += dhg_W__x^T @ x  (W @ x)

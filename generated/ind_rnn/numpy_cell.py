@@ -252,35 +252,30 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
     _dx_x = np.empty((_T, _B, _I), _dtype)
     _dp_u = np.empty((_T, _B, _H), _dtype)
     _dhg_W__x = np.empty((_T, _B, _H), _dtype)
-    _tmp_d_h_next = np.empty((_B, _H), _dtype)
     if _bs is not None:
         _dp_u[...] = 0
         _dhg_W__x[...] = 0
+    _hg_W__x_at0 = _steps(_hg_W__x, 0, _T, _bs)
     _ds_h_rows = _rows(_ds_h, _T, _bs)
     _dout_h_next_at0 = _steps(_dout_h_next, 0, _T, _bs)
-    _tmp_d_h_next_rows = _rows(_tmp_d_h_next, _T, _bs)
-    _hg_W__x_at0 = _steps(_hg_W__x, 0, _T, _bs)
     _s_h_at0 = _steps(_s_h, 0, _T, _bs)
     _dp_u_at0 = _steps(_dp_u, 0, _T, _bs)
     _dhg_W__x_at0 = _steps(_dhg_W__x, 0, _T, _bs)
     _grads = {}
     for _t in reversed(range(_T)):
         # stage 0 backward
+        W_x = _hg_W__x_at0[_t]
         d_h = _ds_h_rows[_t]
         d_h_next_out = _dout_h_next_at0[_t]
-        d_h_next = d_h + d_h_next_out  # adjoint of h'
-        _tmp_d_h_next_rows[_t][...] = d_h_next
-        # per-step adjoints of inputs, states, vector params, hoisted results
-        W_x = _hg_W__x_at0[_t]
-        d_h_next = _tmp_d_h_next_rows[_t]
         h = _s_h_at0[_t]
+        d_h_next = d_h + d_h_next_out  # adjoint of h'
         t0 = d_h_next*_positive(W_x + b + h*u)
-        d_h = t0*u  # adjoint of state h
         d_u = h*t0  # adjoint of param u
         d_b = t0  # adjoint of param b
-        _ds_h_rows[_t][...] = d_h
+        d_h_prev = t0*u  # adjoint of state h, carried to the step before
         _dp_u_at0[_t][...] = d_u
         _dhg_W__x_at0[_t][...] = d_b
+        _ds_h_rows[_t][...] = d_h_prev
     # dW of W @ x: one GEMM over all T*B rows
     _grads["W"] = _dhg_W__x.reshape(_T * _B, _H).T @ _x_x.reshape(_T * _B, _I)
     np.matmul(_dhg_W__x.reshape(_T * _B, _H), _w_W, out=_dx_x.reshape(_T * _B, _I))

@@ -199,35 +199,30 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
     _dx_x = torch.empty((_T, _B, _I), dtype=_dtype, device=_device)
     _dp_u = torch.empty((_T, _B, _H), dtype=_dtype, device=_device)
     _dhg_W__x = torch.empty((_T, _B, _H), dtype=_dtype, device=_device)
-    _tmp_d_h_next = torch.empty((_B, _H), dtype=_dtype, device=_device)
     if _bs is not None:
         _dp_u.zero_()
         _dhg_W__x.zero_()
+    _hg_W__x_at0 = _steps(_hg_W__x, 0, _T, _bs)
     _ds_h_rows = _rows(_ds_h, _T, _bs)
     _dout_h_next_at0 = _steps(_dout_h_next, 0, _T, _bs)
-    _tmp_d_h_next_rows = _rows(_tmp_d_h_next, _T, _bs)
-    _hg_W__x_at0 = _steps(_hg_W__x, 0, _T, _bs)
     _s_h_at0 = _steps(_s_h, 0, _T, _bs)
     _dp_u_at0 = _steps(_dp_u, 0, _T, _bs)
     _dhg_W__x_at0 = _steps(_dhg_W__x, 0, _T, _bs)
     _grads = {}
     for _t in reversed(range(_T)):
         # stage 0 backward
+        W_x = _hg_W__x_at0[_t]
         d_h = _ds_h_rows[_t]
         d_h_next_out = _dout_h_next_at0[_t]
-        d_h_next = d_h + d_h_next_out  # adjoint of h'
-        _tmp_d_h_next_rows[_t].copy_(d_h_next)
-        # per-step adjoints of inputs, states, vector params, hoisted results
-        W_x = _hg_W__x_at0[_t]
-        d_h_next = _tmp_d_h_next_rows[_t]
         h = _s_h_at0[_t]
+        d_h_next = d_h + d_h_next_out  # adjoint of h'
         t0 = d_h_next*_positive(W_x + b + h*u)
-        d_h = t0*u  # adjoint of state h
         d_u = h*t0  # adjoint of param u
         d_b = t0  # adjoint of param b
-        _ds_h_rows[_t].copy_(d_h)
+        d_h_prev = t0*u  # adjoint of state h, carried to the step before
         _dp_u_at0[_t].copy_(d_u)
         _dhg_W__x_at0[_t].copy_(d_b)
+        _ds_h_rows[_t].copy_(d_h_prev)
     # dW of W @ x: one GEMM over all T*B rows
     _grads["W"] = _dhg_W__x.reshape(_T * _B, _H).T @ _x_x.reshape(_T * _B, _I)
     torch.mm(_dhg_W__x.reshape(_T * _B, _H), _w_W, out=_dx_x.reshape(_T * _B, _I))
@@ -313,31 +308,27 @@ def _backward_differentiable(_params, _x, _saved, _d_outputs, _d_final, _bs=None
     _dx_x = torch.zeros((_T, _B, _I), dtype=_dtype, device=_device)
     _dp_u = torch.zeros((_T, _B, _H), dtype=_dtype, device=_device)
     _dhg_W__x = torch.zeros((_T, _B, _H), dtype=_dtype, device=_device)
-    _tmp_d_h_next = torch.zeros((_B, _H), dtype=_dtype, device=_device)
     _dp_u_rows = list(_dp_u.unbind(0))
     _dhg_W__x_rows = list(_dhg_W__x.unbind(0))
     _dx_x_rows = list(_dx_x.unbind(0))
-    _dout_h_next_rows = list(_dout_h_next.unbind(0))
     _hg_W__x_rows = list(_hg_W__x.unbind(0))
+    _dout_h_next_rows = list(_dout_h_next.unbind(0))
     _s_h_rows = list(_s_h.unbind(0))
     _grads = {}
     for _t in reversed(range(_T)):
         # stage 0 backward
+        W_x = _hg_W__x_rows[_t]
         d_h = _ds_h
         d_h_next_out = _dout_h_next_rows[_t]
-        d_h_next = d_h + d_h_next_out  # adjoint of h'
-        _tmp_d_h_next = d_h_next
-        # per-step adjoints of inputs, states, vector params, hoisted results
-        W_x = _hg_W__x_rows[_t]
-        d_h_next = _tmp_d_h_next
         h = _s_h_rows[_t]
+        d_h_next = d_h + d_h_next_out  # adjoint of h'
         t0 = d_h_next*_positive(W_x + b + h*u)
-        d_h = t0*u  # adjoint of state h
         d_u = h*t0  # adjoint of param u
         d_b = t0  # adjoint of param b
-        _ds_h = d_h
+        d_h_prev = t0*u  # adjoint of state h, carried to the step before
         _dp_u_rows[_t] = d_u
         _dhg_W__x_rows[_t] = d_b
+        _ds_h = d_h_prev
     _dhg_W__x = torch.stack(_dhg_W__x_rows)
     # dW of W @ x: one GEMM over all T*B rows
     _grads["W"] = _dhg_W__x.reshape(_T * _B, _H).T @ _x_x.reshape(_T * _B, _I)
@@ -506,7 +497,7 @@ def _custom_ops(name, forward, backward, forward_schema, backward_schema, forwar
 #: the PyTorch engine's forward and backward as custom ops (the engine itself is the fake:
 #: it runs on fake tensors)
 _ENGINE_OPS = _custom_ops(
-    "ind_rnn_engine_2ed5456c7f38", _engine_op_forward_impl, _engine_op_backward_impl,
+    "ind_rnn_engine_1200413ce9d6", _engine_op_forward_impl, _engine_op_backward_impl,
     "(Tensor[] xs, Tensor[] states, Tensor[] params) -> Tensor[]",
     "(Tensor[] args, Tensor[] saved, Tensor?[] d_outputs, Tensor?[] d_finals) -> Tensor[]",
     _engine_op_forward_impl, _engine_op_backward_impl, _engine_op_backward, _engine_op_setup_context,
@@ -862,7 +853,7 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     if _bs is not None:  # outputs past a sequence's end are constant zeros
         _m = _native_active(_bs, _B, _xs)
         _d_outputs = tuple(None if _d is None else _d * _m for _d in _d_outputs)
-    dp_u, dhg_W__x, tmp_d_h_next = _scratch((_T, _B, _H), (_T, _B, _H), (_B, _H))
+    dp_u, dhg_W__x = _scratch((_T, _B, _H), (_T, _B, _H))
     x_x = _xs[0].contiguous()
     s_h = _saved[0]
     p_u = _params["u"].contiguous()
@@ -874,14 +865,14 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     _grads_0 = _gempty((2, _H)).unbind(0)
     _grads = {"W": _gempty((_H, _I)), "u": _grads_0[0], "b": _grads_0[1]}
     if _lib is not None:
-        _lib("backward", _dims, [x_x, s_h, p_u, p_b, hg_W__x, dout_h_next, ds_h, dx_x, dp_u, dhg_W__x, tmp_d_h_next, _params["W"].contiguous(), *_grads.values(), _bs])
+        _lib("backward", _dims, [x_x, s_h, p_u, p_b, hg_W__x, dout_h_next, ds_h, dx_x, dp_u, dhg_W__x, _params["W"].contiguous(), *_grads.values(), _bs])
     return _grads, (dx_x,), (ds_h,)
 
 
 # The same two calls as PyTorch custom ops, for torch.compile (which traces them through their
 # fake implementations: the allocations above, without the call). Registered once per process
 # and content of this file; outputs are copies (an op's outputs may not alias each other).
-_OP = "ind_rnn_092ec311967b"
+_OP = "ind_rnn_4a746b0a408a"
 
 
 def _op_forward_impl(xs: list[torch.Tensor], states: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:

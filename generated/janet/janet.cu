@@ -1431,15 +1431,15 @@ __host__ __device__ inline void janet_backward_bwd0_H(
     real d_h_next_out,
     real h,
     real s,
-    real& d_h_next,  // out
     real& d_U_f_h,  // out
-    real& d_U_c_h)  // out
+    real& d_U_c_h,  // out
+    real& d_h_direct)  // out
 {
     const real t0 = cs_sigmoid(s + real(-1.0));
     const real t1 = real(1.0) - t0;
     const real t2 = cs_sigmoid(s);
     // adjoint of h'
-    d_h_next = d_h + d_h_next_out;
+    const real d_h_next = d_h + d_h_next_out;
     // adjoint of c_tilde
     const real d_c_tilde = d_h_next*t1;
     // adjoint of s
@@ -1448,11 +1448,13 @@ __host__ __device__ inline void janet_backward_bwd0_H(
     d_U_f_h = d_s;
     // adjoint of U_c @ h
     d_U_c_h = d_c_tilde*(real(1.0) - (c_tilde*c_tilde));
+    // adjoint of state h, less the recurrent product's share (the GEMM adds it)
+    d_h_direct = d_h_next*t2;
 }
 
 #ifdef __CUDACC__
 template <typename S>
-__global__ void janet_backward_bwd0_H_kernel(int64_t _rows, int64_t _cols, const S* __restrict__ _p_c_tilde, int64_t _ld_c_tilde, const S* __restrict__ _p_d_h, int64_t _ld_d_h, const S* __restrict__ _p_d_h_next_out, int64_t _ld_d_h_next_out, const S* __restrict__ _p_h, int64_t _ld_h, const S* __restrict__ _p_s, int64_t _ld_s, S* __restrict__ _p_d_h_next, int64_t _ld_d_h_next, S* __restrict__ _p_d_U_f_h, int64_t _ld_d_U_f_h, S* __restrict__ _p_d_U_c_h, int64_t _ld_d_U_c_h)
+__global__ void janet_backward_bwd0_H_kernel(int64_t _rows, int64_t _cols, const S* __restrict__ _p_c_tilde, int64_t _ld_c_tilde, const S* __restrict__ _p_d_h, int64_t _ld_d_h, const S* __restrict__ _p_d_h_next_out, int64_t _ld_d_h_next_out, const S* __restrict__ _p_h, int64_t _ld_h, const S* __restrict__ _p_s, int64_t _ld_s, S* __restrict__ _p_d_U_f_h, int64_t _ld_d_U_f_h, S* __restrict__ _p_d_U_c_h, int64_t _ld_d_U_c_h, S* __restrict__ _p_d_h_direct, int64_t _ld_d_h_direct)
 {
     typedef typename cs_math<S>::type M;
     const int64_t _j = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
@@ -1463,46 +1465,46 @@ __global__ void janet_backward_bwd0_H_kernel(int64_t _rows, int64_t _cols, const
         M d_h_next_out = cs_load(_p_d_h_next_out[_r * _ld_d_h_next_out + _j]);
         M h = cs_load(_p_h[_r * _ld_h + _j]);
         M s = cs_load(_p_s[_r * _ld_s + _j]);
-        M d_h_next;
         M d_U_f_h;
         M d_U_c_h;
-        janet_backward_bwd0_H<M>(c_tilde, d_h, d_h_next_out, h, s, d_h_next, d_U_f_h, d_U_c_h);
-        cs_store(&_p_d_h_next[_r * _ld_d_h_next + _j], d_h_next);
+        M d_h_direct;
+        janet_backward_bwd0_H<M>(c_tilde, d_h, d_h_next_out, h, s, d_U_f_h, d_U_c_h, d_h_direct);
         cs_store(&_p_d_U_f_h[_r * _ld_d_U_f_h + _j], d_U_f_h);
         cs_store(&_p_d_U_c_h[_r * _ld_d_U_c_h + _j], d_U_c_h);
+        cs_store(&_p_d_h_direct[_r * _ld_d_h_direct + _j], d_h_direct);
     }
 }
 
 template <typename S>
-static int janet_backward_bwd0_H_launch(int64_t _rows, int64_t _cols, const void* _p_c_tilde, int64_t _ld_c_tilde, const void* _p_d_h, int64_t _ld_d_h, const void* _p_d_h_next_out, int64_t _ld_d_h_next_out, const void* _p_h, int64_t _ld_h, const void* _p_s, int64_t _ld_s, void* _p_d_h_next, int64_t _ld_d_h_next, void* _p_d_U_f_h, int64_t _ld_d_U_f_h, void* _p_d_U_c_h, int64_t _ld_d_U_c_h, void* _stream)
+static int janet_backward_bwd0_H_launch(int64_t _rows, int64_t _cols, const void* _p_c_tilde, int64_t _ld_c_tilde, const void* _p_d_h, int64_t _ld_d_h, const void* _p_d_h_next_out, int64_t _ld_d_h_next_out, const void* _p_h, int64_t _ld_h, const void* _p_s, int64_t _ld_s, void* _p_d_U_f_h, int64_t _ld_d_U_f_h, void* _p_d_U_c_h, int64_t _ld_d_U_c_h, void* _p_d_h_direct, int64_t _ld_d_h_direct, void* _stream)
 {
     if (_rows <= 0 || _cols <= 0) return 0;
     dim3 _grid, _block;
     cs_grid(_rows, _cols, &_grid, &_block);
-    janet_backward_bwd0_H_kernel<S><<<_grid, _block, 0, (cudaStream_t)_stream>>>(_rows, _cols, (const S*)_p_c_tilde, _ld_c_tilde, (const S*)_p_d_h, _ld_d_h, (const S*)_p_d_h_next_out, _ld_d_h_next_out, (const S*)_p_h, _ld_h, (const S*)_p_s, _ld_s, (S*)_p_d_h_next, _ld_d_h_next, (S*)_p_d_U_f_h, _ld_d_U_f_h, (S*)_p_d_U_c_h, _ld_d_U_c_h);
+    janet_backward_bwd0_H_kernel<S><<<_grid, _block, 0, (cudaStream_t)_stream>>>(_rows, _cols, (const S*)_p_c_tilde, _ld_c_tilde, (const S*)_p_d_h, _ld_d_h, (const S*)_p_d_h_next_out, _ld_d_h_next_out, (const S*)_p_h, _ld_h, (const S*)_p_s, _ld_s, (S*)_p_d_U_f_h, _ld_d_U_f_h, (S*)_p_d_U_c_h, _ld_d_U_c_h, (S*)_p_d_h_direct, _ld_d_h_direct);
     return (int)cudaGetLastError();
 }
 
-extern "C" int janet_backward_bwd0_H_cuda_f32(int64_t _rows, int64_t _cols, const void* _p_c_tilde, int64_t _ld_c_tilde, const void* _p_d_h, int64_t _ld_d_h, const void* _p_d_h_next_out, int64_t _ld_d_h_next_out, const void* _p_h, int64_t _ld_h, const void* _p_s, int64_t _ld_s, void* _p_d_h_next, int64_t _ld_d_h_next, void* _p_d_U_f_h, int64_t _ld_d_U_f_h, void* _p_d_U_c_h, int64_t _ld_d_U_c_h, void* _stream)
+extern "C" int janet_backward_bwd0_H_cuda_f32(int64_t _rows, int64_t _cols, const void* _p_c_tilde, int64_t _ld_c_tilde, const void* _p_d_h, int64_t _ld_d_h, const void* _p_d_h_next_out, int64_t _ld_d_h_next_out, const void* _p_h, int64_t _ld_h, const void* _p_s, int64_t _ld_s, void* _p_d_U_f_h, int64_t _ld_d_U_f_h, void* _p_d_U_c_h, int64_t _ld_d_U_c_h, void* _p_d_h_direct, int64_t _ld_d_h_direct, void* _stream)
 {
-    return janet_backward_bwd0_H_launch<float>(_rows, _cols, _p_c_tilde, _ld_c_tilde, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_h, _ld_h, _p_s, _ld_s, _p_d_h_next, _ld_d_h_next, _p_d_U_f_h, _ld_d_U_f_h, _p_d_U_c_h, _ld_d_U_c_h, _stream);
+    return janet_backward_bwd0_H_launch<float>(_rows, _cols, _p_c_tilde, _ld_c_tilde, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_h, _ld_h, _p_s, _ld_s, _p_d_U_f_h, _ld_d_U_f_h, _p_d_U_c_h, _ld_d_U_c_h, _p_d_h_direct, _ld_d_h_direct, _stream);
 }
-extern "C" int janet_backward_bwd0_H_cuda_f64(int64_t _rows, int64_t _cols, const void* _p_c_tilde, int64_t _ld_c_tilde, const void* _p_d_h, int64_t _ld_d_h, const void* _p_d_h_next_out, int64_t _ld_d_h_next_out, const void* _p_h, int64_t _ld_h, const void* _p_s, int64_t _ld_s, void* _p_d_h_next, int64_t _ld_d_h_next, void* _p_d_U_f_h, int64_t _ld_d_U_f_h, void* _p_d_U_c_h, int64_t _ld_d_U_c_h, void* _stream)
+extern "C" int janet_backward_bwd0_H_cuda_f64(int64_t _rows, int64_t _cols, const void* _p_c_tilde, int64_t _ld_c_tilde, const void* _p_d_h, int64_t _ld_d_h, const void* _p_d_h_next_out, int64_t _ld_d_h_next_out, const void* _p_h, int64_t _ld_h, const void* _p_s, int64_t _ld_s, void* _p_d_U_f_h, int64_t _ld_d_U_f_h, void* _p_d_U_c_h, int64_t _ld_d_U_c_h, void* _p_d_h_direct, int64_t _ld_d_h_direct, void* _stream)
 {
-    return janet_backward_bwd0_H_launch<double>(_rows, _cols, _p_c_tilde, _ld_c_tilde, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_h, _ld_h, _p_s, _ld_s, _p_d_h_next, _ld_d_h_next, _p_d_U_f_h, _ld_d_U_f_h, _p_d_U_c_h, _ld_d_U_c_h, _stream);
+    return janet_backward_bwd0_H_launch<double>(_rows, _cols, _p_c_tilde, _ld_c_tilde, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_h, _ld_h, _p_s, _ld_s, _p_d_U_f_h, _ld_d_U_f_h, _p_d_U_c_h, _ld_d_U_c_h, _p_d_h_direct, _ld_d_h_direct, _stream);
 }
-extern "C" int janet_backward_bwd0_H_cuda_f16(int64_t _rows, int64_t _cols, const void* _p_c_tilde, int64_t _ld_c_tilde, const void* _p_d_h, int64_t _ld_d_h, const void* _p_d_h_next_out, int64_t _ld_d_h_next_out, const void* _p_h, int64_t _ld_h, const void* _p_s, int64_t _ld_s, void* _p_d_h_next, int64_t _ld_d_h_next, void* _p_d_U_f_h, int64_t _ld_d_U_f_h, void* _p_d_U_c_h, int64_t _ld_d_U_c_h, void* _stream)
+extern "C" int janet_backward_bwd0_H_cuda_f16(int64_t _rows, int64_t _cols, const void* _p_c_tilde, int64_t _ld_c_tilde, const void* _p_d_h, int64_t _ld_d_h, const void* _p_d_h_next_out, int64_t _ld_d_h_next_out, const void* _p_h, int64_t _ld_h, const void* _p_s, int64_t _ld_s, void* _p_d_U_f_h, int64_t _ld_d_U_f_h, void* _p_d_U_c_h, int64_t _ld_d_U_c_h, void* _p_d_h_direct, int64_t _ld_d_h_direct, void* _stream)
 {
-    return janet_backward_bwd0_H_launch<__half>(_rows, _cols, _p_c_tilde, _ld_c_tilde, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_h, _ld_h, _p_s, _ld_s, _p_d_h_next, _ld_d_h_next, _p_d_U_f_h, _ld_d_U_f_h, _p_d_U_c_h, _ld_d_U_c_h, _stream);
+    return janet_backward_bwd0_H_launch<__half>(_rows, _cols, _p_c_tilde, _ld_c_tilde, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_h, _ld_h, _p_s, _ld_s, _p_d_U_f_h, _ld_d_U_f_h, _p_d_U_c_h, _ld_d_U_c_h, _p_d_h_direct, _ld_d_h_direct, _stream);
 }
-extern "C" int janet_backward_bwd0_H_cuda_bf16(int64_t _rows, int64_t _cols, const void* _p_c_tilde, int64_t _ld_c_tilde, const void* _p_d_h, int64_t _ld_d_h, const void* _p_d_h_next_out, int64_t _ld_d_h_next_out, const void* _p_h, int64_t _ld_h, const void* _p_s, int64_t _ld_s, void* _p_d_h_next, int64_t _ld_d_h_next, void* _p_d_U_f_h, int64_t _ld_d_U_f_h, void* _p_d_U_c_h, int64_t _ld_d_U_c_h, void* _stream)
+extern "C" int janet_backward_bwd0_H_cuda_bf16(int64_t _rows, int64_t _cols, const void* _p_c_tilde, int64_t _ld_c_tilde, const void* _p_d_h, int64_t _ld_d_h, const void* _p_d_h_next_out, int64_t _ld_d_h_next_out, const void* _p_h, int64_t _ld_h, const void* _p_s, int64_t _ld_s, void* _p_d_U_f_h, int64_t _ld_d_U_f_h, void* _p_d_U_c_h, int64_t _ld_d_U_c_h, void* _p_d_h_direct, int64_t _ld_d_h_direct, void* _stream)
 {
-    return janet_backward_bwd0_H_launch<__nv_bfloat16>(_rows, _cols, _p_c_tilde, _ld_c_tilde, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_h, _ld_h, _p_s, _ld_s, _p_d_h_next, _ld_d_h_next, _p_d_U_f_h, _ld_d_U_f_h, _p_d_U_c_h, _ld_d_U_c_h, _stream);
+    return janet_backward_bwd0_H_launch<__nv_bfloat16>(_rows, _cols, _p_c_tilde, _ld_c_tilde, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_h, _ld_h, _p_s, _ld_s, _p_d_U_f_h, _ld_d_U_f_h, _p_d_U_c_h, _ld_d_U_c_h, _p_d_h_direct, _ld_d_h_direct, _stream);
 }
 #endif  // __CUDACC__
 
 template <typename real>
-static inline void janet_backward_bwd0_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_c_tilde, int64_t _ld_c_tilde, const real* __restrict__ _p_d_h, int64_t _ld_d_h, const real* __restrict__ _p_d_h_next_out, int64_t _ld_d_h_next_out, const real* __restrict__ _p_h, int64_t _ld_h, const real* __restrict__ _p_s, int64_t _ld_s, real* __restrict__ _p_d_h_next, int64_t _ld_d_h_next, real* __restrict__ _p_d_U_f_h, int64_t _ld_d_U_f_h, real* __restrict__ _p_d_U_c_h, int64_t _ld_d_U_c_h)
+static inline void janet_backward_bwd0_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_c_tilde, int64_t _ld_c_tilde, const real* __restrict__ _p_d_h, int64_t _ld_d_h, const real* __restrict__ _p_d_h_next_out, int64_t _ld_d_h_next_out, const real* __restrict__ _p_h, int64_t _ld_h, const real* __restrict__ _p_s, int64_t _ld_s, real* __restrict__ _p_d_U_f_h, int64_t _ld_d_U_f_h, real* __restrict__ _p_d_U_c_h, int64_t _ld_d_U_c_h, real* __restrict__ _p_d_h_direct, int64_t _ld_d_h_direct)
 {
 #ifdef CS_V16
     if constexpr (sizeof(real) == sizeof(float)) {  // 16 units at a time (CS_V16)
@@ -1514,13 +1516,13 @@ static inline void janet_backward_bwd0_H_host(int64_t _rows, int64_t _cols, cons
                 cs_v16 d_h_next_out = _mm512_maskz_loadu_ps(_m, &_p_d_h_next_out[_r * _ld_d_h_next_out + _j]);
                 cs_v16 h = _mm512_maskz_loadu_ps(_m, &_p_h[_r * _ld_h + _j]);
                 cs_v16 s = _mm512_maskz_loadu_ps(_m, &_p_s[_r * _ld_s + _j]);
-                cs_v16 d_h_next;
                 cs_v16 d_U_f_h;
                 cs_v16 d_U_c_h;
-                janet_backward_bwd0_H<cs_v16>(c_tilde, d_h, d_h_next_out, h, s, d_h_next, d_U_f_h, d_U_c_h);
-                _mm512_mask_storeu_ps(&_p_d_h_next[_r * _ld_d_h_next + _j], _m, d_h_next.v);
+                cs_v16 d_h_direct;
+                janet_backward_bwd0_H<cs_v16>(c_tilde, d_h, d_h_next_out, h, s, d_U_f_h, d_U_c_h, d_h_direct);
                 _mm512_mask_storeu_ps(&_p_d_U_f_h[_r * _ld_d_U_f_h + _j], _m, d_U_f_h.v);
                 _mm512_mask_storeu_ps(&_p_d_U_c_h[_r * _ld_d_U_c_h + _j], _m, d_U_c_h.v);
+                _mm512_mask_storeu_ps(&_p_d_h_direct[_r * _ld_d_h_direct + _j], _m, d_h_direct.v);
             }
         });
         return;
@@ -1534,124 +1536,24 @@ static inline void janet_backward_bwd0_H_host(int64_t _rows, int64_t _cols, cons
             real d_h_next_out = _p_d_h_next_out[_r * _ld_d_h_next_out + _j];
             real h = _p_h[_r * _ld_h + _j];
             real s = _p_s[_r * _ld_s + _j];
-            real d_h_next;
             real d_U_f_h;
             real d_U_c_h;
-            janet_backward_bwd0_H<real>(c_tilde, d_h, d_h_next_out, h, s, d_h_next, d_U_f_h, d_U_c_h);
-            _p_d_h_next[_r * _ld_d_h_next + _j] = d_h_next;
+            real d_h_direct;
+            janet_backward_bwd0_H<real>(c_tilde, d_h, d_h_next_out, h, s, d_U_f_h, d_U_c_h, d_h_direct);
             _p_d_U_f_h[_r * _ld_d_U_f_h + _j] = d_U_f_h;
             _p_d_U_c_h[_r * _ld_d_U_c_h + _j] = d_U_c_h;
+            _p_d_h_direct[_r * _ld_d_h_direct + _j] = d_h_direct;
         }
     });
 }
 
-extern "C" void janet_backward_bwd0_H_f32(int64_t _rows, int64_t _cols, const float* _p_c_tilde, int64_t _ld_c_tilde, const float* _p_d_h, int64_t _ld_d_h, const float* _p_d_h_next_out, int64_t _ld_d_h_next_out, const float* _p_h, int64_t _ld_h, const float* _p_s, int64_t _ld_s, float* _p_d_h_next, int64_t _ld_d_h_next, float* _p_d_U_f_h, int64_t _ld_d_U_f_h, float* _p_d_U_c_h, int64_t _ld_d_U_c_h)
+extern "C" void janet_backward_bwd0_H_f32(int64_t _rows, int64_t _cols, const float* _p_c_tilde, int64_t _ld_c_tilde, const float* _p_d_h, int64_t _ld_d_h, const float* _p_d_h_next_out, int64_t _ld_d_h_next_out, const float* _p_h, int64_t _ld_h, const float* _p_s, int64_t _ld_s, float* _p_d_U_f_h, int64_t _ld_d_U_f_h, float* _p_d_U_c_h, int64_t _ld_d_U_c_h, float* _p_d_h_direct, int64_t _ld_d_h_direct)
 {
-    janet_backward_bwd0_H_host<float>(_rows, _cols, _p_c_tilde, _ld_c_tilde, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_h, _ld_h, _p_s, _ld_s, _p_d_h_next, _ld_d_h_next, _p_d_U_f_h, _ld_d_U_f_h, _p_d_U_c_h, _ld_d_U_c_h);
+    janet_backward_bwd0_H_host<float>(_rows, _cols, _p_c_tilde, _ld_c_tilde, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_h, _ld_h, _p_s, _ld_s, _p_d_U_f_h, _ld_d_U_f_h, _p_d_U_c_h, _ld_d_U_c_h, _p_d_h_direct, _ld_d_h_direct);
 }
-extern "C" void janet_backward_bwd0_H_f64(int64_t _rows, int64_t _cols, const double* _p_c_tilde, int64_t _ld_c_tilde, const double* _p_d_h, int64_t _ld_d_h, const double* _p_d_h_next_out, int64_t _ld_d_h_next_out, const double* _p_h, int64_t _ld_h, const double* _p_s, int64_t _ld_s, double* _p_d_h_next, int64_t _ld_d_h_next, double* _p_d_U_f_h, int64_t _ld_d_U_f_h, double* _p_d_U_c_h, int64_t _ld_d_U_c_h)
+extern "C" void janet_backward_bwd0_H_f64(int64_t _rows, int64_t _cols, const double* _p_c_tilde, int64_t _ld_c_tilde, const double* _p_d_h, int64_t _ld_d_h, const double* _p_d_h_next_out, int64_t _ld_d_h_next_out, const double* _p_h, int64_t _ld_h, const double* _p_s, int64_t _ld_s, double* _p_d_U_f_h, int64_t _ld_d_U_f_h, double* _p_d_U_c_h, int64_t _ld_d_U_c_h, double* _p_d_h_direct, int64_t _ld_d_h_direct)
 {
-    janet_backward_bwd0_H_host<double>(_rows, _cols, _p_c_tilde, _ld_c_tilde, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_h, _ld_h, _p_s, _ld_s, _p_d_h_next, _ld_d_h_next, _p_d_U_f_h, _ld_d_U_f_h, _p_d_U_c_h, _ld_d_U_c_h);
-}
-
-// =============================================================================================
-// janet_backward_bwd_leaf_H: backward: per-step adjoints of inputs, states, vector params, hoisted results, units of size H
-// =============================================================================================
-template <typename real>
-__host__ __device__ inline void janet_backward_bwd_leaf_H(
-    real d_h_gemm,
-    real d_h_next,
-    real s,
-    real& d_h)  // out
-{
-    // adjoint of state h
-    d_h = d_h_gemm + d_h_next*cs_sigmoid(s);
-}
-
-#ifdef __CUDACC__
-template <typename S>
-__global__ void janet_backward_bwd_leaf_H_kernel(int64_t _rows, int64_t _cols, const S* __restrict__ _p_d_h_gemm, int64_t _ld_d_h_gemm, const S* __restrict__ _p_d_h_next, int64_t _ld_d_h_next, const S* __restrict__ _p_s, int64_t _ld_s, S* __restrict__ _p_d_h, int64_t _ld_d_h)
-{
-    typedef typename cs_math<S>::type M;
-    const int64_t _j = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (_j >= _cols) return;
-    for (int64_t _r = blockIdx.y; _r < _rows; _r += gridDim.y) {
-        M d_h_gemm = cs_load(_p_d_h_gemm[_r * _ld_d_h_gemm + _j]);
-        M d_h_next = cs_load(_p_d_h_next[_r * _ld_d_h_next + _j]);
-        M s = cs_load(_p_s[_r * _ld_s + _j]);
-        M d_h;
-        janet_backward_bwd_leaf_H<M>(d_h_gemm, d_h_next, s, d_h);
-        cs_store(&_p_d_h[_r * _ld_d_h + _j], d_h);
-    }
-}
-
-template <typename S>
-static int janet_backward_bwd_leaf_H_launch(int64_t _rows, int64_t _cols, const void* _p_d_h_gemm, int64_t _ld_d_h_gemm, const void* _p_d_h_next, int64_t _ld_d_h_next, const void* _p_s, int64_t _ld_s, void* _p_d_h, int64_t _ld_d_h, void* _stream)
-{
-    if (_rows <= 0 || _cols <= 0) return 0;
-    dim3 _grid, _block;
-    cs_grid(_rows, _cols, &_grid, &_block);
-    janet_backward_bwd_leaf_H_kernel<S><<<_grid, _block, 0, (cudaStream_t)_stream>>>(_rows, _cols, (const S*)_p_d_h_gemm, _ld_d_h_gemm, (const S*)_p_d_h_next, _ld_d_h_next, (const S*)_p_s, _ld_s, (S*)_p_d_h, _ld_d_h);
-    return (int)cudaGetLastError();
-}
-
-extern "C" int janet_backward_bwd_leaf_H_cuda_f32(int64_t _rows, int64_t _cols, const void* _p_d_h_gemm, int64_t _ld_d_h_gemm, const void* _p_d_h_next, int64_t _ld_d_h_next, const void* _p_s, int64_t _ld_s, void* _p_d_h, int64_t _ld_d_h, void* _stream)
-{
-    return janet_backward_bwd_leaf_H_launch<float>(_rows, _cols, _p_d_h_gemm, _ld_d_h_gemm, _p_d_h_next, _ld_d_h_next, _p_s, _ld_s, _p_d_h, _ld_d_h, _stream);
-}
-extern "C" int janet_backward_bwd_leaf_H_cuda_f64(int64_t _rows, int64_t _cols, const void* _p_d_h_gemm, int64_t _ld_d_h_gemm, const void* _p_d_h_next, int64_t _ld_d_h_next, const void* _p_s, int64_t _ld_s, void* _p_d_h, int64_t _ld_d_h, void* _stream)
-{
-    return janet_backward_bwd_leaf_H_launch<double>(_rows, _cols, _p_d_h_gemm, _ld_d_h_gemm, _p_d_h_next, _ld_d_h_next, _p_s, _ld_s, _p_d_h, _ld_d_h, _stream);
-}
-extern "C" int janet_backward_bwd_leaf_H_cuda_f16(int64_t _rows, int64_t _cols, const void* _p_d_h_gemm, int64_t _ld_d_h_gemm, const void* _p_d_h_next, int64_t _ld_d_h_next, const void* _p_s, int64_t _ld_s, void* _p_d_h, int64_t _ld_d_h, void* _stream)
-{
-    return janet_backward_bwd_leaf_H_launch<__half>(_rows, _cols, _p_d_h_gemm, _ld_d_h_gemm, _p_d_h_next, _ld_d_h_next, _p_s, _ld_s, _p_d_h, _ld_d_h, _stream);
-}
-extern "C" int janet_backward_bwd_leaf_H_cuda_bf16(int64_t _rows, int64_t _cols, const void* _p_d_h_gemm, int64_t _ld_d_h_gemm, const void* _p_d_h_next, int64_t _ld_d_h_next, const void* _p_s, int64_t _ld_s, void* _p_d_h, int64_t _ld_d_h, void* _stream)
-{
-    return janet_backward_bwd_leaf_H_launch<__nv_bfloat16>(_rows, _cols, _p_d_h_gemm, _ld_d_h_gemm, _p_d_h_next, _ld_d_h_next, _p_s, _ld_s, _p_d_h, _ld_d_h, _stream);
-}
-#endif  // __CUDACC__
-
-template <typename real>
-static inline void janet_backward_bwd_leaf_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_d_h_gemm, int64_t _ld_d_h_gemm, const real* __restrict__ _p_d_h_next, int64_t _ld_d_h_next, const real* __restrict__ _p_s, int64_t _ld_s, real* __restrict__ _p_d_h, int64_t _ld_d_h)
-{
-#ifdef CS_V16
-    if constexpr (sizeof(real) == sizeof(float)) {  // 16 units at a time (CS_V16)
-        cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
-            for (int64_t _j = 0; _j < _cols; _j += 16) {
-                const __mmask16 _m = cs_v16_mask(_cols - _j);
-                cs_v16 d_h_gemm = _mm512_maskz_loadu_ps(_m, &_p_d_h_gemm[_r * _ld_d_h_gemm + _j]);
-                cs_v16 d_h_next = _mm512_maskz_loadu_ps(_m, &_p_d_h_next[_r * _ld_d_h_next + _j]);
-                cs_v16 s = _mm512_maskz_loadu_ps(_m, &_p_s[_r * _ld_s + _j]);
-                cs_v16 d_h;
-                janet_backward_bwd_leaf_H<cs_v16>(d_h_gemm, d_h_next, s, d_h);
-                _mm512_mask_storeu_ps(&_p_d_h[_r * _ld_d_h + _j], _m, d_h.v);
-            }
-        });
-        return;
-    }
-#endif
-    cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
-#pragma omp simd
-        for (int64_t _j = 0; _j < _cols; ++_j) {
-            real d_h_gemm = _p_d_h_gemm[_r * _ld_d_h_gemm + _j];
-            real d_h_next = _p_d_h_next[_r * _ld_d_h_next + _j];
-            real s = _p_s[_r * _ld_s + _j];
-            real d_h;
-            janet_backward_bwd_leaf_H<real>(d_h_gemm, d_h_next, s, d_h);
-            _p_d_h[_r * _ld_d_h + _j] = d_h;
-        }
-    });
-}
-
-extern "C" void janet_backward_bwd_leaf_H_f32(int64_t _rows, int64_t _cols, const float* _p_d_h_gemm, int64_t _ld_d_h_gemm, const float* _p_d_h_next, int64_t _ld_d_h_next, const float* _p_s, int64_t _ld_s, float* _p_d_h, int64_t _ld_d_h)
-{
-    janet_backward_bwd_leaf_H_host<float>(_rows, _cols, _p_d_h_gemm, _ld_d_h_gemm, _p_d_h_next, _ld_d_h_next, _p_s, _ld_s, _p_d_h, _ld_d_h);
-}
-extern "C" void janet_backward_bwd_leaf_H_f64(int64_t _rows, int64_t _cols, const double* _p_d_h_gemm, int64_t _ld_d_h_gemm, const double* _p_d_h_next, int64_t _ld_d_h_next, const double* _p_s, int64_t _ld_s, double* _p_d_h, int64_t _ld_d_h)
-{
-    janet_backward_bwd_leaf_H_host<double>(_rows, _cols, _p_d_h_gemm, _ld_d_h_gemm, _p_d_h_next, _ld_d_h_next, _p_s, _ld_s, _p_d_h, _ld_d_h);
+    janet_backward_bwd0_H_host<double>(_rows, _cols, _p_c_tilde, _ld_c_tilde, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_h, _ld_h, _p_s, _ld_s, _p_d_U_f_h, _ld_d_U_f_h, _p_d_U_c_h, _ld_d_U_c_h, _p_d_h_direct, _ld_d_h_direct);
 }
 
 
@@ -1854,7 +1756,7 @@ extern "C" int janet_inference_f64(const int64_t* dims, void* const* ptrs, const
 
 // =============================================================================================
 // janet: the whole sequence, backward
-// ptrs: 0 x_x, 1 s_h, 2 v_s, 3 v_c_tilde, 4 dout_h_next, 5 ds_h, 6 dx_x, 7 dg_U_f_U_c__h, 8 tmp_d_h_gemm, 9 tmp_d_h_next, 10 dw_U_f_U_c, 11 dw_W_f_W_c, 12 weight W_f_W_c, 13 weight U_f_U_c, 14 d W_f, 15 d U_f, 16 d b_f, 17 d W_c, 18 d U_c, 19 d b_c, 20 batch sizes (host, or NULL)
+// ptrs: 0 x_x, 1 s_h, 2 v_s, 3 v_c_tilde, 4 dout_h_next, 5 ds_h, 6 dx_x, 7 dg_U_f_U_c__h, 8 dw_U_f_U_c, 9 dw_W_f_W_c, 10 weight W_f_W_c, 11 weight U_f_U_c, 12 d W_f, 13 d U_f, 14 d b_f, 15 d W_c, 16 d U_c, 17 d b_c, 18 batch sizes (host, or NULL)
 
 // =============================================================================================
 template <typename S, typename G>
@@ -1886,31 +1788,27 @@ static int janet_backward_run(const int64_t* dims, void* const* ptrs, const cs_c
     (void)b_dx_x;
     S* b_dg_U_f_U_c__h = (S*)ptrs[7];
     (void)b_dg_U_f_U_c__h;
-    S* b_tmp_d_h_gemm = (S*)ptrs[8];
-    (void)b_tmp_d_h_gemm;
-    S* b_tmp_d_h_next = (S*)ptrs[9];
-    (void)b_tmp_d_h_next;
-    G* b_dw_U_f_U_c = (G*)ptrs[10];
+    G* b_dw_U_f_U_c = (G*)ptrs[8];
     (void)b_dw_U_f_U_c;
-    G* b_dw_W_f_W_c = (G*)ptrs[11];
+    G* b_dw_W_f_W_c = (G*)ptrs[9];
     (void)b_dw_W_f_W_c;
-    const S* w_W_f_W_c = (const S*)ptrs[12];
+    const S* w_W_f_W_c = (const S*)ptrs[10];
     (void)w_W_f_W_c;
-    const S* w_U_f_U_c = (const S*)ptrs[13];
+    const S* w_U_f_U_c = (const S*)ptrs[11];
     (void)w_U_f_U_c;
-    G* g_W_f = (G*)ptrs[14];
+    G* g_W_f = (G*)ptrs[12];
     (void)g_W_f;
-    G* g_U_f = (G*)ptrs[15];
+    G* g_U_f = (G*)ptrs[13];
     (void)g_U_f;
-    G* g_b_f = (G*)ptrs[16];
+    G* g_b_f = (G*)ptrs[14];
     (void)g_b_f;
-    G* g_W_c = (G*)ptrs[17];
+    G* g_W_c = (G*)ptrs[15];
     (void)g_W_c;
-    G* g_U_c = (G*)ptrs[18];
+    G* g_U_c = (G*)ptrs[16];
     (void)g_U_c;
-    G* g_b_c = (G*)ptrs[19];
+    G* g_b_c = (G*)ptrs[17];
     (void)g_b_c;
-    const int64_t* bs = (const int64_t*)ptrs[20];
+    const int64_t* bs = (const int64_t*)ptrs[18];
     (void)ctx;
     if (bs) {  // rows of ended sequences, which no step writes, are read over all T*B rows
         CS_ZERO(b_dg_U_f_U_c__h, (n_T) * (n_B) * (2*n_H));
@@ -1923,11 +1821,9 @@ static int janet_backward_run(const int64_t* dims, void* const* ptrs, const cs_c
         const int64_t rows = bs ? bs[t] : n_B;  // variable lengths: rows 0..B_t-1 run
         CS_SPLIT_ROWS(split_rows, n_B);
         // backward: stage 0 backward, units of size H
-        CS_PW(janet_backward_bwd0_H, rows, n_H, b_v_c_tilde + t * n_B * (n_H), n_H, b_ds_h, n_H, b_dout_h_next + t * n_B * (n_H), n_H, b_s_h + t * n_B * (n_H), n_H, b_v_s + t * n_B * (n_H), n_H, b_tmp_d_h_next, n_H, b_dg_U_f_U_c__h + t * n_B * (2*n_H), 2*n_H, b_dg_U_f_U_c__h + t * n_B * (2*n_H) + n_H, 2*n_H);
-        // d_h_gemm = dg_U_f_U_c__h @ [U_f, U_c]
-        CS_GEMM_NN_PACKED(rows, n_H, 2*n_H, b_dg_U_f_U_c__h + t * n_B * (2*n_H), 2*n_H, pk_U_f_U_c_nn, b_tmp_d_h_gemm, n_H, 0);
-        // backward: per-step adjoints of inputs, states, vector params, hoisted results, units of size H
-        CS_PW(janet_backward_bwd_leaf_H, rows, n_H, b_tmp_d_h_gemm, n_H, b_tmp_d_h_next, n_H, b_v_s + t * n_B * (n_H), n_H, b_ds_h, n_H);
+        CS_PW(janet_backward_bwd0_H, rows, n_H, b_v_c_tilde + t * n_B * (n_H), n_H, b_ds_h, n_H, b_dout_h_next + t * n_B * (n_H), n_H, b_s_h + t * n_B * (n_H), n_H, b_v_s + t * n_B * (n_H), n_H, b_dg_U_f_U_c__h + t * n_B * (2*n_H), 2*n_H, b_dg_U_f_U_c__h + t * n_B * (2*n_H) + n_H, 2*n_H, b_ds_h, n_H);
+        // d_h_gemm += dg_U_f_U_c__h @ [U_f, U_c]
+        CS_GEMM_NN_PACKED(rows, n_H, 2*n_H, b_dg_U_f_U_c__h + t * n_B * (2*n_H), 2*n_H, pk_U_f_U_c_nn, b_ds_h, n_H, 1);
     }
     CS_SPLIT_DONE();
     CS_TEAM_END

@@ -285,8 +285,6 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
     _ds_h = np.zeros((_B, _H), _dtype) if _d_final[0] is None else np.array(np.asarray(_d_final[0], _dtype), copy=True)
     _dx_x = np.empty((_T, _B, _I), _dtype)
     _dg_U_f_U_c__h = np.empty((_T, _B, 2*_H), _dtype)
-    _tmp_d_h_gemm = np.empty((_B, _H), _dtype)
-    _tmp_d_h_next = np.empty((_B, _H), _dtype)
     if _bs is not None:
         _dg_U_f_U_c__h[...] = 0
     _v_c_tilde_at0 = _steps(_v_c_tilde, 0, _T, _bs)
@@ -294,9 +292,7 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
     _dout_h_next_at0 = _steps(_dout_h_next, 0, _T, _bs)
     _s_h_at0 = _steps(_s_h, 0, _T, _bs)
     _v_s_at0 = _steps(_v_s, 0, _T, _bs)
-    _tmp_d_h_next_rows = _rows(_tmp_d_h_next, _T, _bs)
     _dg_U_f_U_c__h_at0 = _steps(_dg_U_f_U_c__h, 0, _T, _bs)
-    _tmp_d_h_gemm_rows = _rows(_tmp_d_h_gemm, _T, _bs)
     _grads = {}
     for _t in reversed(range(_T)):
         # stage 0 backward
@@ -313,16 +309,11 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
         d_s = d_h_next*(-c_tilde*t0*t1 + h*t2*(1 - t2))  # adjoint of s
         d_U_f_h = d_s  # adjoint of U_f @ h
         d_U_c_h = d_c_tilde*(1 - (c_tilde*c_tilde))  # adjoint of U_c @ h
-        _tmp_d_h_next_rows[_t][...] = d_h_next
+        d_h_direct = d_h_next*t2  # adjoint of state h, less the recurrent product's share (the GEMM adds it)
         _dg_U_f_U_c__h_at0[_t][:, 0:_H][...] = d_U_f_h
         _dg_U_f_U_c__h_at0[_t][:, _H:2*_H][...] = d_U_c_h
-        np.matmul(_dg_U_f_U_c__h_at0[_t], _w_U_f_U_c, out=_tmp_d_h_gemm_rows[_t])
-        # per-step adjoints of inputs, states, vector params, hoisted results
-        d_h_gemm = _tmp_d_h_gemm_rows[_t]
-        d_h_next = _tmp_d_h_next_rows[_t]
-        s = _v_s_at0[_t]
-        d_h = d_h_gemm + d_h_next*_sigmoid(s)  # adjoint of state h
-        _ds_h_rows[_t][...] = d_h
+        _ds_h_rows[_t][...] = d_h_direct
+        _ds_h_rows[_t][...] += _dg_U_f_U_c__h_at0[_t] @ _w_U_f_U_c
     # dW of U_f @ h, U_c @ h: one GEMM over all T*B rows
     _dw = _dg_U_f_U_c__h.reshape(_T * _B, 2*_H).T @ _s_h[:_T].reshape(_T * _B, _H)
     _grads["U_f"] = _dw[0:_H]

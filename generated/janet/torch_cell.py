@@ -247,8 +247,6 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
     _ds_h = torch.zeros((_B, _H), dtype=_dtype, device=_device) if _d_final[0] is None else _d_final[0].to(_dtype).clone()
     _dx_x = torch.empty((_T, _B, _I), dtype=_dtype, device=_device)
     _dg_U_f_U_c__h = torch.empty((_T, _B, 2*_H), dtype=_dtype, device=_device)
-    _tmp_d_h_gemm = torch.empty((_B, _H), dtype=_dtype, device=_device)
-    _tmp_d_h_next = torch.empty((_B, _H), dtype=_dtype, device=_device)
     if _bs is not None:
         _dg_U_f_U_c__h.zero_()
     _v_c_tilde_at0 = _steps(_v_c_tilde, 0, _T, _bs)
@@ -256,9 +254,7 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
     _dout_h_next_at0 = _steps(_dout_h_next, 0, _T, _bs)
     _s_h_at0 = _steps(_s_h, 0, _T, _bs)
     _v_s_at0 = _steps(_v_s, 0, _T, _bs)
-    _tmp_d_h_next_rows = _rows(_tmp_d_h_next, _T, _bs)
     _dg_U_f_U_c__h_at0 = _steps(_dg_U_f_U_c__h, 0, _T, _bs)
-    _tmp_d_h_gemm_rows = _rows(_tmp_d_h_gemm, _T, _bs)
     _grads = {}
     for _t in reversed(range(_T)):
         # stage 0 backward
@@ -275,16 +271,11 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
         d_s = d_h_next*(-c_tilde*t0*t1 + h*t2*(1 - t2))  # adjoint of s
         d_U_f_h = d_s  # adjoint of U_f @ h
         d_U_c_h = d_c_tilde*(1 - (c_tilde*c_tilde))  # adjoint of U_c @ h
-        _tmp_d_h_next_rows[_t].copy_(d_h_next)
+        d_h_direct = d_h_next*t2  # adjoint of state h, less the recurrent product's share (the GEMM adds it)
         _dg_U_f_U_c__h_at0[_t][:, 0:_H].copy_(d_U_f_h)
         _dg_U_f_U_c__h_at0[_t][:, _H:2*_H].copy_(d_U_c_h)
-        torch.mm(_dg_U_f_U_c__h_at0[_t], _w_U_f_U_c, out=_tmp_d_h_gemm_rows[_t])
-        # per-step adjoints of inputs, states, vector params, hoisted results
-        d_h_gemm = _tmp_d_h_gemm_rows[_t]
-        d_h_next = _tmp_d_h_next_rows[_t]
-        s = _v_s_at0[_t]
-        d_h = d_h_gemm + d_h_next*torch.sigmoid(s)  # adjoint of state h
-        _ds_h_rows[_t].copy_(d_h)
+        _ds_h_rows[_t].copy_(d_h_direct)
+        _ds_h_rows[_t].addmm_(_dg_U_f_U_c__h_at0[_t], _w_U_f_U_c)
     # dW of U_f @ h, U_c @ h: one GEMM over all T*B rows
     _dw = _dg_U_f_U_c__h.reshape(_T * _B, 2*_H).T @ _s_h[:_T].reshape(_T * _B, _H)
     _grads["U_f"] = _dw[0:_H]
@@ -400,8 +391,6 @@ def _backward_differentiable(_params, _x, _saved, _d_outputs, _d_final, _bs=None
     _ds_h = torch.zeros((_B, _H), dtype=_dtype, device=_device) if _d_final[0] is None else _d_final[0].to(_dtype).clone()
     _dx_x = torch.zeros((_T, _B, _I), dtype=_dtype, device=_device)
     _dg_U_f_U_c__h = torch.zeros((_T, _B, 2*_H), dtype=_dtype, device=_device)
-    _tmp_d_h_gemm = torch.zeros((_B, _H), dtype=_dtype, device=_device)
-    _tmp_d_h_next = torch.zeros((_B, _H), dtype=_dtype, device=_device)
     _dg_U_f_U_c__h_rows = list(_dg_U_f_U_c__h.unbind(0))
     _dx_x_rows = list(_dx_x.unbind(0))
     _v_c_tilde_rows = list(_v_c_tilde.unbind(0))
@@ -424,16 +413,11 @@ def _backward_differentiable(_params, _x, _saved, _d_outputs, _d_final, _bs=None
         d_s = d_h_next*(-c_tilde*t0*t1 + h*t2*(1 - t2))  # adjoint of s
         d_U_f_h = d_s  # adjoint of U_f @ h
         d_U_c_h = d_c_tilde*(1 - (c_tilde*c_tilde))  # adjoint of U_c @ h
-        _tmp_d_h_next = d_h_next
+        d_h_direct = d_h_next*t2  # adjoint of state h, less the recurrent product's share (the GEMM adds it)
         _dg_U_f_U_c__h_rows[_t] = torch.slice_scatter(_dg_U_f_U_c__h_rows[_t], d_U_f_h, 1, 0, _H)
         _dg_U_f_U_c__h_rows[_t] = torch.slice_scatter(_dg_U_f_U_c__h_rows[_t], d_U_c_h, 1, _H, 2*_H)
-        _tmp_d_h_gemm = _dg_U_f_U_c__h_rows[_t] @ _w_U_f_U_c
-        # per-step adjoints of inputs, states, vector params, hoisted results
-        d_h_gemm = _tmp_d_h_gemm
-        d_h_next = _tmp_d_h_next
-        s = _v_s_rows[_t]
-        d_h = d_h_gemm + d_h_next*torch.sigmoid(s)  # adjoint of state h
-        _ds_h = d_h
+        _ds_h = d_h_direct
+        _ds_h = _ds_h + _dg_U_f_U_c__h_rows[_t] @ _w_U_f_U_c
     _dg_U_f_U_c__h = torch.stack(_dg_U_f_U_c__h_rows)
     # dW of U_f @ h, U_c @ h: one GEMM over all T*B rows
     _dw = _dg_U_f_U_c__h.reshape(_T * _B, 2*_H).T @ _s_h[:_T].reshape(_T * _B, _H)
@@ -607,7 +591,7 @@ def _custom_ops(name, forward, backward, forward_schema, backward_schema, forwar
 #: the PyTorch engine's forward and backward as custom ops (the engine itself is the fake:
 #: it runs on fake tensors)
 _ENGINE_OPS = _custom_ops(
-    "janet_engine_4e37cc5de9fa", _engine_op_forward_impl, _engine_op_backward_impl,
+    "janet_engine_56e69578aec8", _engine_op_forward_impl, _engine_op_backward_impl,
     "(Tensor[] xs, Tensor[] states, Tensor[] params) -> Tensor[]",
     "(Tensor[] args, Tensor[] saved, Tensor?[] d_outputs, Tensor?[] d_finals) -> Tensor[]",
     _engine_op_forward_impl, _engine_op_backward_impl, _engine_op_backward, _engine_op_setup_context,
@@ -965,7 +949,7 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     if _bs is not None:  # outputs past a sequence's end are constant zeros
         _m = _native_active(_bs, _B, _xs)
         _d_outputs = tuple(None if _d is None else _d * _m for _d in _d_outputs)
-    dg_U_f_U_c__h, tmp_d_h_gemm, tmp_d_h_next = _scratch((_T, _B, 2*_H), (_B, _H), (_B, _H))
+    dg_U_f_U_c__h, = _scratch((_T, _B, 2*_H))
     x_x = _xs[0].contiguous()
     s_h = _saved[0]
     v_s = _saved[1]
@@ -980,14 +964,14 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     _grads_0 = _gempty((2, _H)).unbind(0)
     _grads = {"W_f": _rows_dw_W_f_W_c[0], "U_f": _rows_dw_U_f_U_c[0], "b_f": _grads_0[0], "W_c": _rows_dw_W_f_W_c[1], "U_c": _rows_dw_U_f_U_c[1], "b_c": _grads_0[1]}
     if _lib is not None:
-        _lib("backward", _dims, [x_x, s_h, v_s, v_c_tilde, dout_h_next, ds_h, dx_x, dg_U_f_U_c__h, tmp_d_h_gemm, tmp_d_h_next, dw_U_f_U_c, dw_W_f_W_c, _stacked(_params["W_f"], _params["W_c"]), _stacked(_params["U_f"], _params["U_c"]), *_grads.values(), _bs])
+        _lib("backward", _dims, [x_x, s_h, v_s, v_c_tilde, dout_h_next, ds_h, dx_x, dg_U_f_U_c__h, dw_U_f_U_c, dw_W_f_W_c, _stacked(_params["W_f"], _params["W_c"]), _stacked(_params["U_f"], _params["U_c"]), *_grads.values(), _bs])
     return _grads, (dx_x,), (ds_h,)
 
 
 # The same two calls as PyTorch custom ops, for torch.compile (which traces them through their
 # fake implementations: the allocations above, without the call). Registered once per process
 # and content of this file; outputs are copies (an op's outputs may not alias each other).
-_OP = "janet_20eb9d6dac17"
+_OP = "janet_3f09eee1d44a"
 
 
 def _op_forward_impl(xs: list[torch.Tensor], states: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:

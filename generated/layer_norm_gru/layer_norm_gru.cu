@@ -1822,15 +1822,21 @@ static inline void layer_norm_gru_backward_bwd1_rows_host(int64_t _rows, int64_t
 // layer_norm_gru_backward_bwd0_rows: backward: stage 0 backward, row by row (reductions over the units)
 // =============================================================================================
 template <typename S, typename real>
-CS_ROWFN inline void layer_norm_gru_backward_bwd0_rows_row(int64_t _r, int64_t _j0, int64_t _dj, int64_t n_H, const S* __restrict__ _p_W_c_x, int64_t _ld_W_c_x, const S* __restrict__ _p_W_r_x, int64_t _ld_W_r_x, const S* __restrict__ _p_W_u_x, int64_t _ld_W_u_x, const S* __restrict__ _p_c, int64_t _ld_c, const S* __restrict__ _p_d_c, int64_t _ld_d_c, const S* __restrict__ _p_d_r, int64_t _ld_d_r, const S* __restrict__ _p_d_u, int64_t _ld_d_u, const S* __restrict__ _p_gx_c, int64_t _ld_gx_c, const S* __restrict__ _p_gx_r, int64_t _ld_gx_r, const S* __restrict__ _p_gx_u, int64_t _ld_gx_u, const S* __restrict__ _p_inv_n_H, int64_t _ld_inv_n_H, const S* __restrict__ _p_mean, int64_t _ld_mean, const S* __restrict__ _p_mean_3, int64_t _ld_mean_3, const S* __restrict__ _p_mean_5, int64_t _ld_mean_5, const S* __restrict__ _p_r, int64_t _ld_r, const S* __restrict__ _p_rstd, int64_t _ld_rstd, const S* __restrict__ _p_rstd_3, int64_t _ld_rstd_3, const S* __restrict__ _p_rstd_5, int64_t _ld_rstd_5, const S* __restrict__ _p_u, int64_t _ld_u, const S* __restrict__ _p_var, int64_t _ld_var, const S* __restrict__ _p_var_3, int64_t _ld_var_3, const S* __restrict__ _p_var_5, int64_t _ld_var_5, S* __restrict__ _p_d_var_5, int64_t _ld_d_var_5, S* __restrict__ _p_d_mean_5, int64_t _ld_d_mean_5, S* __restrict__ _p_d_var_3, int64_t _ld_d_var_3, S* __restrict__ _p_d_mean_3, int64_t _ld_d_mean_3, S* __restrict__ _p_d_var, int64_t _ld_d_var, S* __restrict__ _p_d_mean, int64_t _ld_d_mean)
+CS_ROWFN inline void layer_norm_gru_backward_bwd0_rows_row(int64_t _r, int64_t _j0, int64_t _dj, int64_t n_H, const S* __restrict__ _p_U_c_h, int64_t _ld_U_c_h, const S* __restrict__ _p_U_r_h, int64_t _ld_U_r_h, const S* __restrict__ _p_U_u_h, int64_t _ld_U_u_h, const S* __restrict__ _p_W_c_x, int64_t _ld_W_c_x, const S* __restrict__ _p_W_r_x, int64_t _ld_W_r_x, const S* __restrict__ _p_W_u_x, int64_t _ld_W_u_x, const S* __restrict__ _p_c, int64_t _ld_c, const S* __restrict__ _p_d_c, int64_t _ld_d_c, const S* __restrict__ _p_d_h_gemm, int64_t _ld_d_h_gemm, const S* __restrict__ _p_d_h_next, int64_t _ld_d_h_next, const S* __restrict__ _p_d_r, int64_t _ld_d_r, const S* __restrict__ _p_d_u, int64_t _ld_d_u, const S* __restrict__ _p_gx_c, int64_t _ld_gx_c, const S* __restrict__ _p_gx_r, int64_t _ld_gx_r, const S* __restrict__ _p_gx_u, int64_t _ld_gx_u, const S* __restrict__ _p_inv_n_H, int64_t _ld_inv_n_H, const S* __restrict__ _p_mean, int64_t _ld_mean, const S* __restrict__ _p_mean_2, int64_t _ld_mean_2, const S* __restrict__ _p_mean_3, int64_t _ld_mean_3, const S* __restrict__ _p_mean_4, int64_t _ld_mean_4, const S* __restrict__ _p_mean_5, int64_t _ld_mean_5, const S* __restrict__ _p_mean_6, int64_t _ld_mean_6, const S* __restrict__ _p_r, int64_t _ld_r, const S* __restrict__ _p_rstd, int64_t _ld_rstd, const S* __restrict__ _p_rstd_2, int64_t _ld_rstd_2, const S* __restrict__ _p_rstd_3, int64_t _ld_rstd_3, const S* __restrict__ _p_rstd_4, int64_t _ld_rstd_4, const S* __restrict__ _p_rstd_5, int64_t _ld_rstd_5, const S* __restrict__ _p_rstd_6, int64_t _ld_rstd_6, const S* __restrict__ _p_u, int64_t _ld_u, const S* __restrict__ _p_var, int64_t _ld_var, const S* __restrict__ _p_var_3, int64_t _ld_var_3, const S* __restrict__ _p_var_5, int64_t _ld_var_5, S* __restrict__ _p_d_gx_r, int64_t _ld_d_gx_r, S* __restrict__ _p_d_bx_r, int64_t _ld_d_bx_r, S* __restrict__ _p_d_gh_r, int64_t _ld_d_gh_r, S* __restrict__ _p_d_bh_r, int64_t _ld_d_bh_r, S* __restrict__ _p_d_gx_u, int64_t _ld_d_gx_u, S* __restrict__ _p_d_bx_u, int64_t _ld_d_bx_u, S* __restrict__ _p_d_gh_u, int64_t _ld_d_gh_u, S* __restrict__ _p_d_bh_u, int64_t _ld_d_bh_u, S* __restrict__ _p_d_gx_c, int64_t _ld_d_gx_c, S* __restrict__ _p_d_bx_c, int64_t _ld_d_bx_c, S* __restrict__ _p_d_gh_c, int64_t _ld_d_gh_c, S* __restrict__ _p_d_bh_c, int64_t _ld_d_bh_c, S* __restrict__ _p_d_W_r_x, int64_t _ld_d_W_r_x, S* __restrict__ _p_d_W_u_x, int64_t _ld_d_W_u_x, S* __restrict__ _p_d_W_c_x, int64_t _ld_d_W_c_x, S* __restrict__ _p_d_h, int64_t _ld_d_h)
 {
     (void)n_H;
     const real mean = CS_LD(_p_mean[_r * _ld_mean]);
+    const real mean_2 = CS_LD(_p_mean_2[_r * _ld_mean_2]);
     const real mean_3 = CS_LD(_p_mean_3[_r * _ld_mean_3]);
+    const real mean_4 = CS_LD(_p_mean_4[_r * _ld_mean_4]);
     const real mean_5 = CS_LD(_p_mean_5[_r * _ld_mean_5]);
+    const real mean_6 = CS_LD(_p_mean_6[_r * _ld_mean_6]);
     const real rstd = CS_LD(_p_rstd[_r * _ld_rstd]);
+    const real rstd_2 = CS_LD(_p_rstd_2[_r * _ld_rstd_2]);
     const real rstd_3 = CS_LD(_p_rstd_3[_r * _ld_rstd_3]);
+    const real rstd_4 = CS_LD(_p_rstd_4[_r * _ld_rstd_4]);
     const real rstd_5 = CS_LD(_p_rstd_5[_r * _ld_rstd_5]);
+    const real rstd_6 = CS_LD(_p_rstd_6[_r * _ld_rstd_6]);
     const real var = CS_LD(_p_var[_r * _ld_var]);
     const real var_3 = CS_LD(_p_var_3[_r * _ld_var_3]);
     const real var_5 = CS_LD(_p_var_5[_r * _ld_var_5]);
@@ -1889,69 +1895,6 @@ CS_ROWFN inline void layer_norm_gru_backward_bwd0_rows_row(int64_t _r, int64_t _
     const real d_rstd = _acc6;  // adjoint of operand of rstd
     const real d_var = -real(1.0)/real(2.0)*d_rstd/(cs_sqrt(var + real(1e-05))*cs_sqrt(var + real(1e-05))*cs_sqrt(var + real(1e-05)));  // adjoint of operand of var
     const real d_mean = _acc7*d_var + _acc8;  // adjoint of operand of mean
-    if (_j0 == 0) CS_ST(_p_d_var_5[_r * _ld_d_var_5], d_var_5);
-    if (_j0 == 0) CS_ST(_p_d_mean_5[_r * _ld_d_mean_5], d_mean_5);
-    if (_j0 == 0) CS_ST(_p_d_var_3[_r * _ld_d_var_3], d_var_3);
-    if (_j0 == 0) CS_ST(_p_d_mean_3[_r * _ld_d_mean_3], d_mean_3);
-    if (_j0 == 0) CS_ST(_p_d_var[_r * _ld_d_var], d_var);
-    if (_j0 == 0) CS_ST(_p_d_mean[_r * _ld_d_mean], d_mean);
-}
-
-#ifdef __CUDACC__
-template <typename S>
-__global__ void layer_norm_gru_backward_bwd0_rows_kernel(int64_t _rows, int64_t n_H, const S* __restrict__ _p_W_c_x, int64_t _ld_W_c_x, const S* __restrict__ _p_W_r_x, int64_t _ld_W_r_x, const S* __restrict__ _p_W_u_x, int64_t _ld_W_u_x, const S* __restrict__ _p_c, int64_t _ld_c, const S* __restrict__ _p_d_c, int64_t _ld_d_c, const S* __restrict__ _p_d_r, int64_t _ld_d_r, const S* __restrict__ _p_d_u, int64_t _ld_d_u, const S* __restrict__ _p_gx_c, int64_t _ld_gx_c, const S* __restrict__ _p_gx_r, int64_t _ld_gx_r, const S* __restrict__ _p_gx_u, int64_t _ld_gx_u, const S* __restrict__ _p_inv_n_H, int64_t _ld_inv_n_H, const S* __restrict__ _p_mean, int64_t _ld_mean, const S* __restrict__ _p_mean_3, int64_t _ld_mean_3, const S* __restrict__ _p_mean_5, int64_t _ld_mean_5, const S* __restrict__ _p_r, int64_t _ld_r, const S* __restrict__ _p_rstd, int64_t _ld_rstd, const S* __restrict__ _p_rstd_3, int64_t _ld_rstd_3, const S* __restrict__ _p_rstd_5, int64_t _ld_rstd_5, const S* __restrict__ _p_u, int64_t _ld_u, const S* __restrict__ _p_var, int64_t _ld_var, const S* __restrict__ _p_var_3, int64_t _ld_var_3, const S* __restrict__ _p_var_5, int64_t _ld_var_5, S* __restrict__ _p_d_var_5, int64_t _ld_d_var_5, S* __restrict__ _p_d_mean_5, int64_t _ld_d_mean_5, S* __restrict__ _p_d_var_3, int64_t _ld_d_var_3, S* __restrict__ _p_d_mean_3, int64_t _ld_d_mean_3, S* __restrict__ _p_d_var, int64_t _ld_d_var, S* __restrict__ _p_d_mean, int64_t _ld_d_mean)
-{
-    typedef typename cs_math<S>::type M;
-    for (int64_t _r = blockIdx.x; _r < _rows; _r += gridDim.x)
-        layer_norm_gru_backward_bwd0_rows_row<S, M>(_r, threadIdx.x, blockDim.x, n_H, _p_W_c_x, _ld_W_c_x, _p_W_r_x, _ld_W_r_x, _p_W_u_x, _ld_W_u_x, _p_c, _ld_c, _p_d_c, _ld_d_c, _p_d_r, _ld_d_r, _p_d_u, _ld_d_u, _p_gx_c, _ld_gx_c, _p_gx_r, _ld_gx_r, _p_gx_u, _ld_gx_u, _p_inv_n_H, _ld_inv_n_H, _p_mean, _ld_mean, _p_mean_3, _ld_mean_3, _p_mean_5, _ld_mean_5, _p_r, _ld_r, _p_rstd, _ld_rstd, _p_rstd_3, _ld_rstd_3, _p_rstd_5, _ld_rstd_5, _p_u, _ld_u, _p_var, _ld_var, _p_var_3, _ld_var_3, _p_var_5, _ld_var_5, _p_d_var_5, _ld_d_var_5, _p_d_mean_5, _ld_d_mean_5, _p_d_var_3, _ld_d_var_3, _p_d_mean_3, _ld_d_mean_3, _p_d_var, _ld_d_var, _p_d_mean, _ld_d_mean);
-}
-
-template <typename S>
-static int layer_norm_gru_backward_bwd0_rows_launch(int64_t _rows, int64_t n_H, const void* _p_W_c_x, int64_t _ld_W_c_x, const void* _p_W_r_x, int64_t _ld_W_r_x, const void* _p_W_u_x, int64_t _ld_W_u_x, const void* _p_c, int64_t _ld_c, const void* _p_d_c, int64_t _ld_d_c, const void* _p_d_r, int64_t _ld_d_r, const void* _p_d_u, int64_t _ld_d_u, const void* _p_gx_c, int64_t _ld_gx_c, const void* _p_gx_r, int64_t _ld_gx_r, const void* _p_gx_u, int64_t _ld_gx_u, const void* _p_inv_n_H, int64_t _ld_inv_n_H, const void* _p_mean, int64_t _ld_mean, const void* _p_mean_3, int64_t _ld_mean_3, const void* _p_mean_5, int64_t _ld_mean_5, const void* _p_r, int64_t _ld_r, const void* _p_rstd, int64_t _ld_rstd, const void* _p_rstd_3, int64_t _ld_rstd_3, const void* _p_rstd_5, int64_t _ld_rstd_5, const void* _p_u, int64_t _ld_u, const void* _p_var, int64_t _ld_var, const void* _p_var_3, int64_t _ld_var_3, const void* _p_var_5, int64_t _ld_var_5, void* _p_d_var_5, int64_t _ld_d_var_5, void* _p_d_mean_5, int64_t _ld_d_mean_5, void* _p_d_var_3, int64_t _ld_d_var_3, void* _p_d_mean_3, int64_t _ld_d_mean_3, void* _p_d_var, int64_t _ld_d_var, void* _p_d_mean, int64_t _ld_d_mean, void* _stream)
-{
-    if (_rows <= 0) return 0;
-    int64_t _cols = 1;
-    if (n_H > _cols) _cols = n_H;
-    dim3 _grid, _block;
-    cs_row_grid(_rows, _cols, &_grid, &_block);
-    layer_norm_gru_backward_bwd0_rows_kernel<S><<<_grid, _block, 0, (cudaStream_t)_stream>>>(_rows, n_H, (const S*)_p_W_c_x, _ld_W_c_x, (const S*)_p_W_r_x, _ld_W_r_x, (const S*)_p_W_u_x, _ld_W_u_x, (const S*)_p_c, _ld_c, (const S*)_p_d_c, _ld_d_c, (const S*)_p_d_r, _ld_d_r, (const S*)_p_d_u, _ld_d_u, (const S*)_p_gx_c, _ld_gx_c, (const S*)_p_gx_r, _ld_gx_r, (const S*)_p_gx_u, _ld_gx_u, (const S*)_p_inv_n_H, _ld_inv_n_H, (const S*)_p_mean, _ld_mean, (const S*)_p_mean_3, _ld_mean_3, (const S*)_p_mean_5, _ld_mean_5, (const S*)_p_r, _ld_r, (const S*)_p_rstd, _ld_rstd, (const S*)_p_rstd_3, _ld_rstd_3, (const S*)_p_rstd_5, _ld_rstd_5, (const S*)_p_u, _ld_u, (const S*)_p_var, _ld_var, (const S*)_p_var_3, _ld_var_3, (const S*)_p_var_5, _ld_var_5, (S*)_p_d_var_5, _ld_d_var_5, (S*)_p_d_mean_5, _ld_d_mean_5, (S*)_p_d_var_3, _ld_d_var_3, (S*)_p_d_mean_3, _ld_d_mean_3, (S*)_p_d_var, _ld_d_var, (S*)_p_d_mean, _ld_d_mean);
-    return (int)cudaGetLastError();
-}
-#else
-template <typename S>
-static inline void layer_norm_gru_backward_bwd0_rows_host(int64_t _rows, int64_t n_H, const S* __restrict__ _p_W_c_x, int64_t _ld_W_c_x, const S* __restrict__ _p_W_r_x, int64_t _ld_W_r_x, const S* __restrict__ _p_W_u_x, int64_t _ld_W_u_x, const S* __restrict__ _p_c, int64_t _ld_c, const S* __restrict__ _p_d_c, int64_t _ld_d_c, const S* __restrict__ _p_d_r, int64_t _ld_d_r, const S* __restrict__ _p_d_u, int64_t _ld_d_u, const S* __restrict__ _p_gx_c, int64_t _ld_gx_c, const S* __restrict__ _p_gx_r, int64_t _ld_gx_r, const S* __restrict__ _p_gx_u, int64_t _ld_gx_u, const S* __restrict__ _p_inv_n_H, int64_t _ld_inv_n_H, const S* __restrict__ _p_mean, int64_t _ld_mean, const S* __restrict__ _p_mean_3, int64_t _ld_mean_3, const S* __restrict__ _p_mean_5, int64_t _ld_mean_5, const S* __restrict__ _p_r, int64_t _ld_r, const S* __restrict__ _p_rstd, int64_t _ld_rstd, const S* __restrict__ _p_rstd_3, int64_t _ld_rstd_3, const S* __restrict__ _p_rstd_5, int64_t _ld_rstd_5, const S* __restrict__ _p_u, int64_t _ld_u, const S* __restrict__ _p_var, int64_t _ld_var, const S* __restrict__ _p_var_3, int64_t _ld_var_3, const S* __restrict__ _p_var_5, int64_t _ld_var_5, S* __restrict__ _p_d_var_5, int64_t _ld_d_var_5, S* __restrict__ _p_d_mean_5, int64_t _ld_d_mean_5, S* __restrict__ _p_d_var_3, int64_t _ld_d_var_3, S* __restrict__ _p_d_mean_3, int64_t _ld_d_mean_3, S* __restrict__ _p_d_var, int64_t _ld_d_var, S* __restrict__ _p_d_mean, int64_t _ld_d_mean)
-{
-    cs_for_rows(_rows, cs_par(_rows * (n_H), 2048), [&](int64_t _r) {
-        layer_norm_gru_backward_bwd0_rows_row<S, S>(_r, 0, 1, n_H, _p_W_c_x, _ld_W_c_x, _p_W_r_x, _ld_W_r_x, _p_W_u_x, _ld_W_u_x, _p_c, _ld_c, _p_d_c, _ld_d_c, _p_d_r, _ld_d_r, _p_d_u, _ld_d_u, _p_gx_c, _ld_gx_c, _p_gx_r, _ld_gx_r, _p_gx_u, _ld_gx_u, _p_inv_n_H, _ld_inv_n_H, _p_mean, _ld_mean, _p_mean_3, _ld_mean_3, _p_mean_5, _ld_mean_5, _p_r, _ld_r, _p_rstd, _ld_rstd, _p_rstd_3, _ld_rstd_3, _p_rstd_5, _ld_rstd_5, _p_u, _ld_u, _p_var, _ld_var, _p_var_3, _ld_var_3, _p_var_5, _ld_var_5, _p_d_var_5, _ld_d_var_5, _p_d_mean_5, _ld_d_mean_5, _p_d_var_3, _ld_d_var_3, _p_d_mean_3, _ld_d_mean_3, _p_d_var, _ld_d_var, _p_d_mean, _ld_d_mean);
-    });
-}
-#endif
-
-// =============================================================================================
-// layer_norm_gru_backward_bwd_leaf_rows: backward: per-step adjoints of inputs, states, vector params, hoisted results, row by row (reductions over the units)
-// =============================================================================================
-template <typename S, typename real>
-CS_ROWFN inline void layer_norm_gru_backward_bwd_leaf_rows_row(int64_t _r, int64_t _j0, int64_t _dj, int64_t n_H, const S* __restrict__ _p_U_c_h, int64_t _ld_U_c_h, const S* __restrict__ _p_U_r_h, int64_t _ld_U_r_h, const S* __restrict__ _p_U_u_h, int64_t _ld_U_u_h, const S* __restrict__ _p_W_c_x, int64_t _ld_W_c_x, const S* __restrict__ _p_W_r_x, int64_t _ld_W_r_x, const S* __restrict__ _p_W_u_x, int64_t _ld_W_u_x, const S* __restrict__ _p_c, int64_t _ld_c, const S* __restrict__ _p_d_c, int64_t _ld_d_c, const S* __restrict__ _p_d_h_gemm, int64_t _ld_d_h_gemm, const S* __restrict__ _p_d_h_next, int64_t _ld_d_h_next, const S* __restrict__ _p_d_mean, int64_t _ld_d_mean, const S* __restrict__ _p_d_mean_3, int64_t _ld_d_mean_3, const S* __restrict__ _p_d_mean_5, int64_t _ld_d_mean_5, const S* __restrict__ _p_d_r, int64_t _ld_d_r, const S* __restrict__ _p_d_u, int64_t _ld_d_u, const S* __restrict__ _p_d_var, int64_t _ld_d_var, const S* __restrict__ _p_d_var_3, int64_t _ld_d_var_3, const S* __restrict__ _p_d_var_5, int64_t _ld_d_var_5, const S* __restrict__ _p_gx_c, int64_t _ld_gx_c, const S* __restrict__ _p_gx_r, int64_t _ld_gx_r, const S* __restrict__ _p_gx_u, int64_t _ld_gx_u, const S* __restrict__ _p_inv_n_H, int64_t _ld_inv_n_H, const S* __restrict__ _p_mean, int64_t _ld_mean, const S* __restrict__ _p_mean_2, int64_t _ld_mean_2, const S* __restrict__ _p_mean_3, int64_t _ld_mean_3, const S* __restrict__ _p_mean_4, int64_t _ld_mean_4, const S* __restrict__ _p_mean_5, int64_t _ld_mean_5, const S* __restrict__ _p_mean_6, int64_t _ld_mean_6, const S* __restrict__ _p_r, int64_t _ld_r, const S* __restrict__ _p_rstd, int64_t _ld_rstd, const S* __restrict__ _p_rstd_2, int64_t _ld_rstd_2, const S* __restrict__ _p_rstd_3, int64_t _ld_rstd_3, const S* __restrict__ _p_rstd_4, int64_t _ld_rstd_4, const S* __restrict__ _p_rstd_5, int64_t _ld_rstd_5, const S* __restrict__ _p_rstd_6, int64_t _ld_rstd_6, const S* __restrict__ _p_u, int64_t _ld_u, S* __restrict__ _p_d_h, int64_t _ld_d_h, S* __restrict__ _p_d_gx_r, int64_t _ld_d_gx_r, S* __restrict__ _p_d_bx_r, int64_t _ld_d_bx_r, S* __restrict__ _p_d_gh_r, int64_t _ld_d_gh_r, S* __restrict__ _p_d_bh_r, int64_t _ld_d_bh_r, S* __restrict__ _p_d_gx_u, int64_t _ld_d_gx_u, S* __restrict__ _p_d_bx_u, int64_t _ld_d_bx_u, S* __restrict__ _p_d_gh_u, int64_t _ld_d_gh_u, S* __restrict__ _p_d_bh_u, int64_t _ld_d_bh_u, S* __restrict__ _p_d_gx_c, int64_t _ld_d_gx_c, S* __restrict__ _p_d_bx_c, int64_t _ld_d_bx_c, S* __restrict__ _p_d_gh_c, int64_t _ld_d_gh_c, S* __restrict__ _p_d_bh_c, int64_t _ld_d_bh_c, S* __restrict__ _p_d_W_r_x, int64_t _ld_d_W_r_x, S* __restrict__ _p_d_W_u_x, int64_t _ld_d_W_u_x, S* __restrict__ _p_d_W_c_x, int64_t _ld_d_W_c_x)
-{
-    (void)n_H;
-    const real d_mean = CS_LD(_p_d_mean[_r * _ld_d_mean]);
-    const real d_mean_3 = CS_LD(_p_d_mean_3[_r * _ld_d_mean_3]);
-    const real d_mean_5 = CS_LD(_p_d_mean_5[_r * _ld_d_mean_5]);
-    const real d_var = CS_LD(_p_d_var[_r * _ld_d_var]);
-    const real d_var_3 = CS_LD(_p_d_var_3[_r * _ld_d_var_3]);
-    const real d_var_5 = CS_LD(_p_d_var_5[_r * _ld_d_var_5]);
-    const real mean = CS_LD(_p_mean[_r * _ld_mean]);
-    const real mean_2 = CS_LD(_p_mean_2[_r * _ld_mean_2]);
-    const real mean_3 = CS_LD(_p_mean_3[_r * _ld_mean_3]);
-    const real mean_4 = CS_LD(_p_mean_4[_r * _ld_mean_4]);
-    const real mean_5 = CS_LD(_p_mean_5[_r * _ld_mean_5]);
-    const real mean_6 = CS_LD(_p_mean_6[_r * _ld_mean_6]);
-    const real rstd = CS_LD(_p_rstd[_r * _ld_rstd]);
-    const real rstd_2 = CS_LD(_p_rstd_2[_r * _ld_rstd_2]);
-    const real rstd_3 = CS_LD(_p_rstd_3[_r * _ld_rstd_3]);
-    const real rstd_4 = CS_LD(_p_rstd_4[_r * _ld_rstd_4]);
-    const real rstd_5 = CS_LD(_p_rstd_5[_r * _ld_rstd_5]);
-    const real rstd_6 = CS_LD(_p_rstd_6[_r * _ld_rstd_6]);
     CS_SIMD
     for (int64_t _j = _j0; _j < n_H; _j += _dj) {
         const real U_c_h = CS_LD(_p_U_c_h[_r * _ld_U_c_h + _j]);
@@ -1979,7 +1922,6 @@ CS_ROWFN inline void layer_norm_gru_backward_bwd_leaf_rows_row(int64_t _r, int64
         const real t17 = d_c*(real(1.0) - (c*c));
         const real t18 = rstd_5*t17;
         const real t19 = r*t17;
-        const real d_h = d_h_gemm + d_h_next*u;  // adjoint of state h
         const real d_gx_r = t14*(W_r_x - mean);  // adjoint of param gx_r
         const real d_bx_r = t13_2;  // adjoint of param bx_r
         const real d_gh_r = rstd_2*t13_2*(U_r_h - mean_2);  // adjoint of param gh_r
@@ -1995,7 +1937,7 @@ CS_ROWFN inline void layer_norm_gru_backward_bwd_leaf_rows_row(int64_t _r, int64
         const real d_W_r_x = d_mean*inv_n_H + d_var*inv_n_H*(real(2.0)*W_r_x - real(2.0)*mean) + gx_r*t14;  // adjoint of hoisted projection W_r_x
         const real d_W_u_x = d_mean_3*inv_n_H + d_var_3*inv_n_H*(real(2.0)*W_u_x - real(2.0)*mean_3) + gx_u*t16;  // adjoint of hoisted projection W_u_x
         const real d_W_c_x = d_mean_5*inv_n_H + d_var_5*inv_n_H*(real(2.0)*W_c_x - real(2.0)*mean_5) + gx_c*t18;  // adjoint of hoisted projection W_c_x
-        CS_ST(_p_d_h[_r * _ld_d_h + _j], d_h);
+        const real d_h = d_h_gemm + d_h_next*u;  // adjoint of state h
         CS_ST(_p_d_gx_r[_r * _ld_d_gx_r + _j], d_gx_r);
         CS_ST(_p_d_bx_r[_r * _ld_d_bx_r + _j], d_bx_r);
         CS_ST(_p_d_gh_r[_r * _ld_d_gh_r + _j], d_gh_r);
@@ -2011,35 +1953,36 @@ CS_ROWFN inline void layer_norm_gru_backward_bwd_leaf_rows_row(int64_t _r, int64
         CS_ST(_p_d_W_r_x[_r * _ld_d_W_r_x + _j], d_W_r_x);
         CS_ST(_p_d_W_u_x[_r * _ld_d_W_u_x + _j], d_W_u_x);
         CS_ST(_p_d_W_c_x[_r * _ld_d_W_c_x + _j], d_W_c_x);
+        CS_ST(_p_d_h[_r * _ld_d_h + _j], d_h);
     }
 }
 
 #ifdef __CUDACC__
 template <typename S>
-__global__ void layer_norm_gru_backward_bwd_leaf_rows_kernel(int64_t _rows, int64_t n_H, const S* __restrict__ _p_U_c_h, int64_t _ld_U_c_h, const S* __restrict__ _p_U_r_h, int64_t _ld_U_r_h, const S* __restrict__ _p_U_u_h, int64_t _ld_U_u_h, const S* __restrict__ _p_W_c_x, int64_t _ld_W_c_x, const S* __restrict__ _p_W_r_x, int64_t _ld_W_r_x, const S* __restrict__ _p_W_u_x, int64_t _ld_W_u_x, const S* __restrict__ _p_c, int64_t _ld_c, const S* __restrict__ _p_d_c, int64_t _ld_d_c, const S* __restrict__ _p_d_h_gemm, int64_t _ld_d_h_gemm, const S* __restrict__ _p_d_h_next, int64_t _ld_d_h_next, const S* __restrict__ _p_d_mean, int64_t _ld_d_mean, const S* __restrict__ _p_d_mean_3, int64_t _ld_d_mean_3, const S* __restrict__ _p_d_mean_5, int64_t _ld_d_mean_5, const S* __restrict__ _p_d_r, int64_t _ld_d_r, const S* __restrict__ _p_d_u, int64_t _ld_d_u, const S* __restrict__ _p_d_var, int64_t _ld_d_var, const S* __restrict__ _p_d_var_3, int64_t _ld_d_var_3, const S* __restrict__ _p_d_var_5, int64_t _ld_d_var_5, const S* __restrict__ _p_gx_c, int64_t _ld_gx_c, const S* __restrict__ _p_gx_r, int64_t _ld_gx_r, const S* __restrict__ _p_gx_u, int64_t _ld_gx_u, const S* __restrict__ _p_inv_n_H, int64_t _ld_inv_n_H, const S* __restrict__ _p_mean, int64_t _ld_mean, const S* __restrict__ _p_mean_2, int64_t _ld_mean_2, const S* __restrict__ _p_mean_3, int64_t _ld_mean_3, const S* __restrict__ _p_mean_4, int64_t _ld_mean_4, const S* __restrict__ _p_mean_5, int64_t _ld_mean_5, const S* __restrict__ _p_mean_6, int64_t _ld_mean_6, const S* __restrict__ _p_r, int64_t _ld_r, const S* __restrict__ _p_rstd, int64_t _ld_rstd, const S* __restrict__ _p_rstd_2, int64_t _ld_rstd_2, const S* __restrict__ _p_rstd_3, int64_t _ld_rstd_3, const S* __restrict__ _p_rstd_4, int64_t _ld_rstd_4, const S* __restrict__ _p_rstd_5, int64_t _ld_rstd_5, const S* __restrict__ _p_rstd_6, int64_t _ld_rstd_6, const S* __restrict__ _p_u, int64_t _ld_u, S* __restrict__ _p_d_h, int64_t _ld_d_h, S* __restrict__ _p_d_gx_r, int64_t _ld_d_gx_r, S* __restrict__ _p_d_bx_r, int64_t _ld_d_bx_r, S* __restrict__ _p_d_gh_r, int64_t _ld_d_gh_r, S* __restrict__ _p_d_bh_r, int64_t _ld_d_bh_r, S* __restrict__ _p_d_gx_u, int64_t _ld_d_gx_u, S* __restrict__ _p_d_bx_u, int64_t _ld_d_bx_u, S* __restrict__ _p_d_gh_u, int64_t _ld_d_gh_u, S* __restrict__ _p_d_bh_u, int64_t _ld_d_bh_u, S* __restrict__ _p_d_gx_c, int64_t _ld_d_gx_c, S* __restrict__ _p_d_bx_c, int64_t _ld_d_bx_c, S* __restrict__ _p_d_gh_c, int64_t _ld_d_gh_c, S* __restrict__ _p_d_bh_c, int64_t _ld_d_bh_c, S* __restrict__ _p_d_W_r_x, int64_t _ld_d_W_r_x, S* __restrict__ _p_d_W_u_x, int64_t _ld_d_W_u_x, S* __restrict__ _p_d_W_c_x, int64_t _ld_d_W_c_x)
+__global__ void layer_norm_gru_backward_bwd0_rows_kernel(int64_t _rows, int64_t n_H, const S* __restrict__ _p_U_c_h, int64_t _ld_U_c_h, const S* __restrict__ _p_U_r_h, int64_t _ld_U_r_h, const S* __restrict__ _p_U_u_h, int64_t _ld_U_u_h, const S* __restrict__ _p_W_c_x, int64_t _ld_W_c_x, const S* __restrict__ _p_W_r_x, int64_t _ld_W_r_x, const S* __restrict__ _p_W_u_x, int64_t _ld_W_u_x, const S* __restrict__ _p_c, int64_t _ld_c, const S* __restrict__ _p_d_c, int64_t _ld_d_c, const S* __restrict__ _p_d_h_gemm, int64_t _ld_d_h_gemm, const S* __restrict__ _p_d_h_next, int64_t _ld_d_h_next, const S* __restrict__ _p_d_r, int64_t _ld_d_r, const S* __restrict__ _p_d_u, int64_t _ld_d_u, const S* __restrict__ _p_gx_c, int64_t _ld_gx_c, const S* __restrict__ _p_gx_r, int64_t _ld_gx_r, const S* __restrict__ _p_gx_u, int64_t _ld_gx_u, const S* __restrict__ _p_inv_n_H, int64_t _ld_inv_n_H, const S* __restrict__ _p_mean, int64_t _ld_mean, const S* __restrict__ _p_mean_2, int64_t _ld_mean_2, const S* __restrict__ _p_mean_3, int64_t _ld_mean_3, const S* __restrict__ _p_mean_4, int64_t _ld_mean_4, const S* __restrict__ _p_mean_5, int64_t _ld_mean_5, const S* __restrict__ _p_mean_6, int64_t _ld_mean_6, const S* __restrict__ _p_r, int64_t _ld_r, const S* __restrict__ _p_rstd, int64_t _ld_rstd, const S* __restrict__ _p_rstd_2, int64_t _ld_rstd_2, const S* __restrict__ _p_rstd_3, int64_t _ld_rstd_3, const S* __restrict__ _p_rstd_4, int64_t _ld_rstd_4, const S* __restrict__ _p_rstd_5, int64_t _ld_rstd_5, const S* __restrict__ _p_rstd_6, int64_t _ld_rstd_6, const S* __restrict__ _p_u, int64_t _ld_u, const S* __restrict__ _p_var, int64_t _ld_var, const S* __restrict__ _p_var_3, int64_t _ld_var_3, const S* __restrict__ _p_var_5, int64_t _ld_var_5, S* __restrict__ _p_d_gx_r, int64_t _ld_d_gx_r, S* __restrict__ _p_d_bx_r, int64_t _ld_d_bx_r, S* __restrict__ _p_d_gh_r, int64_t _ld_d_gh_r, S* __restrict__ _p_d_bh_r, int64_t _ld_d_bh_r, S* __restrict__ _p_d_gx_u, int64_t _ld_d_gx_u, S* __restrict__ _p_d_bx_u, int64_t _ld_d_bx_u, S* __restrict__ _p_d_gh_u, int64_t _ld_d_gh_u, S* __restrict__ _p_d_bh_u, int64_t _ld_d_bh_u, S* __restrict__ _p_d_gx_c, int64_t _ld_d_gx_c, S* __restrict__ _p_d_bx_c, int64_t _ld_d_bx_c, S* __restrict__ _p_d_gh_c, int64_t _ld_d_gh_c, S* __restrict__ _p_d_bh_c, int64_t _ld_d_bh_c, S* __restrict__ _p_d_W_r_x, int64_t _ld_d_W_r_x, S* __restrict__ _p_d_W_u_x, int64_t _ld_d_W_u_x, S* __restrict__ _p_d_W_c_x, int64_t _ld_d_W_c_x, S* __restrict__ _p_d_h, int64_t _ld_d_h)
 {
     typedef typename cs_math<S>::type M;
     for (int64_t _r = blockIdx.x; _r < _rows; _r += gridDim.x)
-        layer_norm_gru_backward_bwd_leaf_rows_row<S, M>(_r, threadIdx.x, blockDim.x, n_H, _p_U_c_h, _ld_U_c_h, _p_U_r_h, _ld_U_r_h, _p_U_u_h, _ld_U_u_h, _p_W_c_x, _ld_W_c_x, _p_W_r_x, _ld_W_r_x, _p_W_u_x, _ld_W_u_x, _p_c, _ld_c, _p_d_c, _ld_d_c, _p_d_h_gemm, _ld_d_h_gemm, _p_d_h_next, _ld_d_h_next, _p_d_mean, _ld_d_mean, _p_d_mean_3, _ld_d_mean_3, _p_d_mean_5, _ld_d_mean_5, _p_d_r, _ld_d_r, _p_d_u, _ld_d_u, _p_d_var, _ld_d_var, _p_d_var_3, _ld_d_var_3, _p_d_var_5, _ld_d_var_5, _p_gx_c, _ld_gx_c, _p_gx_r, _ld_gx_r, _p_gx_u, _ld_gx_u, _p_inv_n_H, _ld_inv_n_H, _p_mean, _ld_mean, _p_mean_2, _ld_mean_2, _p_mean_3, _ld_mean_3, _p_mean_4, _ld_mean_4, _p_mean_5, _ld_mean_5, _p_mean_6, _ld_mean_6, _p_r, _ld_r, _p_rstd, _ld_rstd, _p_rstd_2, _ld_rstd_2, _p_rstd_3, _ld_rstd_3, _p_rstd_4, _ld_rstd_4, _p_rstd_5, _ld_rstd_5, _p_rstd_6, _ld_rstd_6, _p_u, _ld_u, _p_d_h, _ld_d_h, _p_d_gx_r, _ld_d_gx_r, _p_d_bx_r, _ld_d_bx_r, _p_d_gh_r, _ld_d_gh_r, _p_d_bh_r, _ld_d_bh_r, _p_d_gx_u, _ld_d_gx_u, _p_d_bx_u, _ld_d_bx_u, _p_d_gh_u, _ld_d_gh_u, _p_d_bh_u, _ld_d_bh_u, _p_d_gx_c, _ld_d_gx_c, _p_d_bx_c, _ld_d_bx_c, _p_d_gh_c, _ld_d_gh_c, _p_d_bh_c, _ld_d_bh_c, _p_d_W_r_x, _ld_d_W_r_x, _p_d_W_u_x, _ld_d_W_u_x, _p_d_W_c_x, _ld_d_W_c_x);
+        layer_norm_gru_backward_bwd0_rows_row<S, M>(_r, threadIdx.x, blockDim.x, n_H, _p_U_c_h, _ld_U_c_h, _p_U_r_h, _ld_U_r_h, _p_U_u_h, _ld_U_u_h, _p_W_c_x, _ld_W_c_x, _p_W_r_x, _ld_W_r_x, _p_W_u_x, _ld_W_u_x, _p_c, _ld_c, _p_d_c, _ld_d_c, _p_d_h_gemm, _ld_d_h_gemm, _p_d_h_next, _ld_d_h_next, _p_d_r, _ld_d_r, _p_d_u, _ld_d_u, _p_gx_c, _ld_gx_c, _p_gx_r, _ld_gx_r, _p_gx_u, _ld_gx_u, _p_inv_n_H, _ld_inv_n_H, _p_mean, _ld_mean, _p_mean_2, _ld_mean_2, _p_mean_3, _ld_mean_3, _p_mean_4, _ld_mean_4, _p_mean_5, _ld_mean_5, _p_mean_6, _ld_mean_6, _p_r, _ld_r, _p_rstd, _ld_rstd, _p_rstd_2, _ld_rstd_2, _p_rstd_3, _ld_rstd_3, _p_rstd_4, _ld_rstd_4, _p_rstd_5, _ld_rstd_5, _p_rstd_6, _ld_rstd_6, _p_u, _ld_u, _p_var, _ld_var, _p_var_3, _ld_var_3, _p_var_5, _ld_var_5, _p_d_gx_r, _ld_d_gx_r, _p_d_bx_r, _ld_d_bx_r, _p_d_gh_r, _ld_d_gh_r, _p_d_bh_r, _ld_d_bh_r, _p_d_gx_u, _ld_d_gx_u, _p_d_bx_u, _ld_d_bx_u, _p_d_gh_u, _ld_d_gh_u, _p_d_bh_u, _ld_d_bh_u, _p_d_gx_c, _ld_d_gx_c, _p_d_bx_c, _ld_d_bx_c, _p_d_gh_c, _ld_d_gh_c, _p_d_bh_c, _ld_d_bh_c, _p_d_W_r_x, _ld_d_W_r_x, _p_d_W_u_x, _ld_d_W_u_x, _p_d_W_c_x, _ld_d_W_c_x, _p_d_h, _ld_d_h);
 }
 
 template <typename S>
-static int layer_norm_gru_backward_bwd_leaf_rows_launch(int64_t _rows, int64_t n_H, const void* _p_U_c_h, int64_t _ld_U_c_h, const void* _p_U_r_h, int64_t _ld_U_r_h, const void* _p_U_u_h, int64_t _ld_U_u_h, const void* _p_W_c_x, int64_t _ld_W_c_x, const void* _p_W_r_x, int64_t _ld_W_r_x, const void* _p_W_u_x, int64_t _ld_W_u_x, const void* _p_c, int64_t _ld_c, const void* _p_d_c, int64_t _ld_d_c, const void* _p_d_h_gemm, int64_t _ld_d_h_gemm, const void* _p_d_h_next, int64_t _ld_d_h_next, const void* _p_d_mean, int64_t _ld_d_mean, const void* _p_d_mean_3, int64_t _ld_d_mean_3, const void* _p_d_mean_5, int64_t _ld_d_mean_5, const void* _p_d_r, int64_t _ld_d_r, const void* _p_d_u, int64_t _ld_d_u, const void* _p_d_var, int64_t _ld_d_var, const void* _p_d_var_3, int64_t _ld_d_var_3, const void* _p_d_var_5, int64_t _ld_d_var_5, const void* _p_gx_c, int64_t _ld_gx_c, const void* _p_gx_r, int64_t _ld_gx_r, const void* _p_gx_u, int64_t _ld_gx_u, const void* _p_inv_n_H, int64_t _ld_inv_n_H, const void* _p_mean, int64_t _ld_mean, const void* _p_mean_2, int64_t _ld_mean_2, const void* _p_mean_3, int64_t _ld_mean_3, const void* _p_mean_4, int64_t _ld_mean_4, const void* _p_mean_5, int64_t _ld_mean_5, const void* _p_mean_6, int64_t _ld_mean_6, const void* _p_r, int64_t _ld_r, const void* _p_rstd, int64_t _ld_rstd, const void* _p_rstd_2, int64_t _ld_rstd_2, const void* _p_rstd_3, int64_t _ld_rstd_3, const void* _p_rstd_4, int64_t _ld_rstd_4, const void* _p_rstd_5, int64_t _ld_rstd_5, const void* _p_rstd_6, int64_t _ld_rstd_6, const void* _p_u, int64_t _ld_u, void* _p_d_h, int64_t _ld_d_h, void* _p_d_gx_r, int64_t _ld_d_gx_r, void* _p_d_bx_r, int64_t _ld_d_bx_r, void* _p_d_gh_r, int64_t _ld_d_gh_r, void* _p_d_bh_r, int64_t _ld_d_bh_r, void* _p_d_gx_u, int64_t _ld_d_gx_u, void* _p_d_bx_u, int64_t _ld_d_bx_u, void* _p_d_gh_u, int64_t _ld_d_gh_u, void* _p_d_bh_u, int64_t _ld_d_bh_u, void* _p_d_gx_c, int64_t _ld_d_gx_c, void* _p_d_bx_c, int64_t _ld_d_bx_c, void* _p_d_gh_c, int64_t _ld_d_gh_c, void* _p_d_bh_c, int64_t _ld_d_bh_c, void* _p_d_W_r_x, int64_t _ld_d_W_r_x, void* _p_d_W_u_x, int64_t _ld_d_W_u_x, void* _p_d_W_c_x, int64_t _ld_d_W_c_x, void* _stream)
+static int layer_norm_gru_backward_bwd0_rows_launch(int64_t _rows, int64_t n_H, const void* _p_U_c_h, int64_t _ld_U_c_h, const void* _p_U_r_h, int64_t _ld_U_r_h, const void* _p_U_u_h, int64_t _ld_U_u_h, const void* _p_W_c_x, int64_t _ld_W_c_x, const void* _p_W_r_x, int64_t _ld_W_r_x, const void* _p_W_u_x, int64_t _ld_W_u_x, const void* _p_c, int64_t _ld_c, const void* _p_d_c, int64_t _ld_d_c, const void* _p_d_h_gemm, int64_t _ld_d_h_gemm, const void* _p_d_h_next, int64_t _ld_d_h_next, const void* _p_d_r, int64_t _ld_d_r, const void* _p_d_u, int64_t _ld_d_u, const void* _p_gx_c, int64_t _ld_gx_c, const void* _p_gx_r, int64_t _ld_gx_r, const void* _p_gx_u, int64_t _ld_gx_u, const void* _p_inv_n_H, int64_t _ld_inv_n_H, const void* _p_mean, int64_t _ld_mean, const void* _p_mean_2, int64_t _ld_mean_2, const void* _p_mean_3, int64_t _ld_mean_3, const void* _p_mean_4, int64_t _ld_mean_4, const void* _p_mean_5, int64_t _ld_mean_5, const void* _p_mean_6, int64_t _ld_mean_6, const void* _p_r, int64_t _ld_r, const void* _p_rstd, int64_t _ld_rstd, const void* _p_rstd_2, int64_t _ld_rstd_2, const void* _p_rstd_3, int64_t _ld_rstd_3, const void* _p_rstd_4, int64_t _ld_rstd_4, const void* _p_rstd_5, int64_t _ld_rstd_5, const void* _p_rstd_6, int64_t _ld_rstd_6, const void* _p_u, int64_t _ld_u, const void* _p_var, int64_t _ld_var, const void* _p_var_3, int64_t _ld_var_3, const void* _p_var_5, int64_t _ld_var_5, void* _p_d_gx_r, int64_t _ld_d_gx_r, void* _p_d_bx_r, int64_t _ld_d_bx_r, void* _p_d_gh_r, int64_t _ld_d_gh_r, void* _p_d_bh_r, int64_t _ld_d_bh_r, void* _p_d_gx_u, int64_t _ld_d_gx_u, void* _p_d_bx_u, int64_t _ld_d_bx_u, void* _p_d_gh_u, int64_t _ld_d_gh_u, void* _p_d_bh_u, int64_t _ld_d_bh_u, void* _p_d_gx_c, int64_t _ld_d_gx_c, void* _p_d_bx_c, int64_t _ld_d_bx_c, void* _p_d_gh_c, int64_t _ld_d_gh_c, void* _p_d_bh_c, int64_t _ld_d_bh_c, void* _p_d_W_r_x, int64_t _ld_d_W_r_x, void* _p_d_W_u_x, int64_t _ld_d_W_u_x, void* _p_d_W_c_x, int64_t _ld_d_W_c_x, void* _p_d_h, int64_t _ld_d_h, void* _stream)
 {
     if (_rows <= 0) return 0;
     int64_t _cols = 1;
     if (n_H > _cols) _cols = n_H;
     dim3 _grid, _block;
     cs_row_grid(_rows, _cols, &_grid, &_block);
-    layer_norm_gru_backward_bwd_leaf_rows_kernel<S><<<_grid, _block, 0, (cudaStream_t)_stream>>>(_rows, n_H, (const S*)_p_U_c_h, _ld_U_c_h, (const S*)_p_U_r_h, _ld_U_r_h, (const S*)_p_U_u_h, _ld_U_u_h, (const S*)_p_W_c_x, _ld_W_c_x, (const S*)_p_W_r_x, _ld_W_r_x, (const S*)_p_W_u_x, _ld_W_u_x, (const S*)_p_c, _ld_c, (const S*)_p_d_c, _ld_d_c, (const S*)_p_d_h_gemm, _ld_d_h_gemm, (const S*)_p_d_h_next, _ld_d_h_next, (const S*)_p_d_mean, _ld_d_mean, (const S*)_p_d_mean_3, _ld_d_mean_3, (const S*)_p_d_mean_5, _ld_d_mean_5, (const S*)_p_d_r, _ld_d_r, (const S*)_p_d_u, _ld_d_u, (const S*)_p_d_var, _ld_d_var, (const S*)_p_d_var_3, _ld_d_var_3, (const S*)_p_d_var_5, _ld_d_var_5, (const S*)_p_gx_c, _ld_gx_c, (const S*)_p_gx_r, _ld_gx_r, (const S*)_p_gx_u, _ld_gx_u, (const S*)_p_inv_n_H, _ld_inv_n_H, (const S*)_p_mean, _ld_mean, (const S*)_p_mean_2, _ld_mean_2, (const S*)_p_mean_3, _ld_mean_3, (const S*)_p_mean_4, _ld_mean_4, (const S*)_p_mean_5, _ld_mean_5, (const S*)_p_mean_6, _ld_mean_6, (const S*)_p_r, _ld_r, (const S*)_p_rstd, _ld_rstd, (const S*)_p_rstd_2, _ld_rstd_2, (const S*)_p_rstd_3, _ld_rstd_3, (const S*)_p_rstd_4, _ld_rstd_4, (const S*)_p_rstd_5, _ld_rstd_5, (const S*)_p_rstd_6, _ld_rstd_6, (const S*)_p_u, _ld_u, (S*)_p_d_h, _ld_d_h, (S*)_p_d_gx_r, _ld_d_gx_r, (S*)_p_d_bx_r, _ld_d_bx_r, (S*)_p_d_gh_r, _ld_d_gh_r, (S*)_p_d_bh_r, _ld_d_bh_r, (S*)_p_d_gx_u, _ld_d_gx_u, (S*)_p_d_bx_u, _ld_d_bx_u, (S*)_p_d_gh_u, _ld_d_gh_u, (S*)_p_d_bh_u, _ld_d_bh_u, (S*)_p_d_gx_c, _ld_d_gx_c, (S*)_p_d_bx_c, _ld_d_bx_c, (S*)_p_d_gh_c, _ld_d_gh_c, (S*)_p_d_bh_c, _ld_d_bh_c, (S*)_p_d_W_r_x, _ld_d_W_r_x, (S*)_p_d_W_u_x, _ld_d_W_u_x, (S*)_p_d_W_c_x, _ld_d_W_c_x);
+    layer_norm_gru_backward_bwd0_rows_kernel<S><<<_grid, _block, 0, (cudaStream_t)_stream>>>(_rows, n_H, (const S*)_p_U_c_h, _ld_U_c_h, (const S*)_p_U_r_h, _ld_U_r_h, (const S*)_p_U_u_h, _ld_U_u_h, (const S*)_p_W_c_x, _ld_W_c_x, (const S*)_p_W_r_x, _ld_W_r_x, (const S*)_p_W_u_x, _ld_W_u_x, (const S*)_p_c, _ld_c, (const S*)_p_d_c, _ld_d_c, (const S*)_p_d_h_gemm, _ld_d_h_gemm, (const S*)_p_d_h_next, _ld_d_h_next, (const S*)_p_d_r, _ld_d_r, (const S*)_p_d_u, _ld_d_u, (const S*)_p_gx_c, _ld_gx_c, (const S*)_p_gx_r, _ld_gx_r, (const S*)_p_gx_u, _ld_gx_u, (const S*)_p_inv_n_H, _ld_inv_n_H, (const S*)_p_mean, _ld_mean, (const S*)_p_mean_2, _ld_mean_2, (const S*)_p_mean_3, _ld_mean_3, (const S*)_p_mean_4, _ld_mean_4, (const S*)_p_mean_5, _ld_mean_5, (const S*)_p_mean_6, _ld_mean_6, (const S*)_p_r, _ld_r, (const S*)_p_rstd, _ld_rstd, (const S*)_p_rstd_2, _ld_rstd_2, (const S*)_p_rstd_3, _ld_rstd_3, (const S*)_p_rstd_4, _ld_rstd_4, (const S*)_p_rstd_5, _ld_rstd_5, (const S*)_p_rstd_6, _ld_rstd_6, (const S*)_p_u, _ld_u, (const S*)_p_var, _ld_var, (const S*)_p_var_3, _ld_var_3, (const S*)_p_var_5, _ld_var_5, (S*)_p_d_gx_r, _ld_d_gx_r, (S*)_p_d_bx_r, _ld_d_bx_r, (S*)_p_d_gh_r, _ld_d_gh_r, (S*)_p_d_bh_r, _ld_d_bh_r, (S*)_p_d_gx_u, _ld_d_gx_u, (S*)_p_d_bx_u, _ld_d_bx_u, (S*)_p_d_gh_u, _ld_d_gh_u, (S*)_p_d_bh_u, _ld_d_bh_u, (S*)_p_d_gx_c, _ld_d_gx_c, (S*)_p_d_bx_c, _ld_d_bx_c, (S*)_p_d_gh_c, _ld_d_gh_c, (S*)_p_d_bh_c, _ld_d_bh_c, (S*)_p_d_W_r_x, _ld_d_W_r_x, (S*)_p_d_W_u_x, _ld_d_W_u_x, (S*)_p_d_W_c_x, _ld_d_W_c_x, (S*)_p_d_h, _ld_d_h);
     return (int)cudaGetLastError();
 }
 #else
 template <typename S>
-static inline void layer_norm_gru_backward_bwd_leaf_rows_host(int64_t _rows, int64_t n_H, const S* __restrict__ _p_U_c_h, int64_t _ld_U_c_h, const S* __restrict__ _p_U_r_h, int64_t _ld_U_r_h, const S* __restrict__ _p_U_u_h, int64_t _ld_U_u_h, const S* __restrict__ _p_W_c_x, int64_t _ld_W_c_x, const S* __restrict__ _p_W_r_x, int64_t _ld_W_r_x, const S* __restrict__ _p_W_u_x, int64_t _ld_W_u_x, const S* __restrict__ _p_c, int64_t _ld_c, const S* __restrict__ _p_d_c, int64_t _ld_d_c, const S* __restrict__ _p_d_h_gemm, int64_t _ld_d_h_gemm, const S* __restrict__ _p_d_h_next, int64_t _ld_d_h_next, const S* __restrict__ _p_d_mean, int64_t _ld_d_mean, const S* __restrict__ _p_d_mean_3, int64_t _ld_d_mean_3, const S* __restrict__ _p_d_mean_5, int64_t _ld_d_mean_5, const S* __restrict__ _p_d_r, int64_t _ld_d_r, const S* __restrict__ _p_d_u, int64_t _ld_d_u, const S* __restrict__ _p_d_var, int64_t _ld_d_var, const S* __restrict__ _p_d_var_3, int64_t _ld_d_var_3, const S* __restrict__ _p_d_var_5, int64_t _ld_d_var_5, const S* __restrict__ _p_gx_c, int64_t _ld_gx_c, const S* __restrict__ _p_gx_r, int64_t _ld_gx_r, const S* __restrict__ _p_gx_u, int64_t _ld_gx_u, const S* __restrict__ _p_inv_n_H, int64_t _ld_inv_n_H, const S* __restrict__ _p_mean, int64_t _ld_mean, const S* __restrict__ _p_mean_2, int64_t _ld_mean_2, const S* __restrict__ _p_mean_3, int64_t _ld_mean_3, const S* __restrict__ _p_mean_4, int64_t _ld_mean_4, const S* __restrict__ _p_mean_5, int64_t _ld_mean_5, const S* __restrict__ _p_mean_6, int64_t _ld_mean_6, const S* __restrict__ _p_r, int64_t _ld_r, const S* __restrict__ _p_rstd, int64_t _ld_rstd, const S* __restrict__ _p_rstd_2, int64_t _ld_rstd_2, const S* __restrict__ _p_rstd_3, int64_t _ld_rstd_3, const S* __restrict__ _p_rstd_4, int64_t _ld_rstd_4, const S* __restrict__ _p_rstd_5, int64_t _ld_rstd_5, const S* __restrict__ _p_rstd_6, int64_t _ld_rstd_6, const S* __restrict__ _p_u, int64_t _ld_u, S* __restrict__ _p_d_h, int64_t _ld_d_h, S* __restrict__ _p_d_gx_r, int64_t _ld_d_gx_r, S* __restrict__ _p_d_bx_r, int64_t _ld_d_bx_r, S* __restrict__ _p_d_gh_r, int64_t _ld_d_gh_r, S* __restrict__ _p_d_bh_r, int64_t _ld_d_bh_r, S* __restrict__ _p_d_gx_u, int64_t _ld_d_gx_u, S* __restrict__ _p_d_bx_u, int64_t _ld_d_bx_u, S* __restrict__ _p_d_gh_u, int64_t _ld_d_gh_u, S* __restrict__ _p_d_bh_u, int64_t _ld_d_bh_u, S* __restrict__ _p_d_gx_c, int64_t _ld_d_gx_c, S* __restrict__ _p_d_bx_c, int64_t _ld_d_bx_c, S* __restrict__ _p_d_gh_c, int64_t _ld_d_gh_c, S* __restrict__ _p_d_bh_c, int64_t _ld_d_bh_c, S* __restrict__ _p_d_W_r_x, int64_t _ld_d_W_r_x, S* __restrict__ _p_d_W_u_x, int64_t _ld_d_W_u_x, S* __restrict__ _p_d_W_c_x, int64_t _ld_d_W_c_x)
+static inline void layer_norm_gru_backward_bwd0_rows_host(int64_t _rows, int64_t n_H, const S* __restrict__ _p_U_c_h, int64_t _ld_U_c_h, const S* __restrict__ _p_U_r_h, int64_t _ld_U_r_h, const S* __restrict__ _p_U_u_h, int64_t _ld_U_u_h, const S* __restrict__ _p_W_c_x, int64_t _ld_W_c_x, const S* __restrict__ _p_W_r_x, int64_t _ld_W_r_x, const S* __restrict__ _p_W_u_x, int64_t _ld_W_u_x, const S* __restrict__ _p_c, int64_t _ld_c, const S* __restrict__ _p_d_c, int64_t _ld_d_c, const S* __restrict__ _p_d_h_gemm, int64_t _ld_d_h_gemm, const S* __restrict__ _p_d_h_next, int64_t _ld_d_h_next, const S* __restrict__ _p_d_r, int64_t _ld_d_r, const S* __restrict__ _p_d_u, int64_t _ld_d_u, const S* __restrict__ _p_gx_c, int64_t _ld_gx_c, const S* __restrict__ _p_gx_r, int64_t _ld_gx_r, const S* __restrict__ _p_gx_u, int64_t _ld_gx_u, const S* __restrict__ _p_inv_n_H, int64_t _ld_inv_n_H, const S* __restrict__ _p_mean, int64_t _ld_mean, const S* __restrict__ _p_mean_2, int64_t _ld_mean_2, const S* __restrict__ _p_mean_3, int64_t _ld_mean_3, const S* __restrict__ _p_mean_4, int64_t _ld_mean_4, const S* __restrict__ _p_mean_5, int64_t _ld_mean_5, const S* __restrict__ _p_mean_6, int64_t _ld_mean_6, const S* __restrict__ _p_r, int64_t _ld_r, const S* __restrict__ _p_rstd, int64_t _ld_rstd, const S* __restrict__ _p_rstd_2, int64_t _ld_rstd_2, const S* __restrict__ _p_rstd_3, int64_t _ld_rstd_3, const S* __restrict__ _p_rstd_4, int64_t _ld_rstd_4, const S* __restrict__ _p_rstd_5, int64_t _ld_rstd_5, const S* __restrict__ _p_rstd_6, int64_t _ld_rstd_6, const S* __restrict__ _p_u, int64_t _ld_u, const S* __restrict__ _p_var, int64_t _ld_var, const S* __restrict__ _p_var_3, int64_t _ld_var_3, const S* __restrict__ _p_var_5, int64_t _ld_var_5, S* __restrict__ _p_d_gx_r, int64_t _ld_d_gx_r, S* __restrict__ _p_d_bx_r, int64_t _ld_d_bx_r, S* __restrict__ _p_d_gh_r, int64_t _ld_d_gh_r, S* __restrict__ _p_d_bh_r, int64_t _ld_d_bh_r, S* __restrict__ _p_d_gx_u, int64_t _ld_d_gx_u, S* __restrict__ _p_d_bx_u, int64_t _ld_d_bx_u, S* __restrict__ _p_d_gh_u, int64_t _ld_d_gh_u, S* __restrict__ _p_d_bh_u, int64_t _ld_d_bh_u, S* __restrict__ _p_d_gx_c, int64_t _ld_d_gx_c, S* __restrict__ _p_d_bx_c, int64_t _ld_d_bx_c, S* __restrict__ _p_d_gh_c, int64_t _ld_d_gh_c, S* __restrict__ _p_d_bh_c, int64_t _ld_d_bh_c, S* __restrict__ _p_d_W_r_x, int64_t _ld_d_W_r_x, S* __restrict__ _p_d_W_u_x, int64_t _ld_d_W_u_x, S* __restrict__ _p_d_W_c_x, int64_t _ld_d_W_c_x, S* __restrict__ _p_d_h, int64_t _ld_d_h)
 {
     cs_for_rows(_rows, cs_par(_rows * (n_H), 2048), [&](int64_t _r) {
-        layer_norm_gru_backward_bwd_leaf_rows_row<S, S>(_r, 0, 1, n_H, _p_U_c_h, _ld_U_c_h, _p_U_r_h, _ld_U_r_h, _p_U_u_h, _ld_U_u_h, _p_W_c_x, _ld_W_c_x, _p_W_r_x, _ld_W_r_x, _p_W_u_x, _ld_W_u_x, _p_c, _ld_c, _p_d_c, _ld_d_c, _p_d_h_gemm, _ld_d_h_gemm, _p_d_h_next, _ld_d_h_next, _p_d_mean, _ld_d_mean, _p_d_mean_3, _ld_d_mean_3, _p_d_mean_5, _ld_d_mean_5, _p_d_r, _ld_d_r, _p_d_u, _ld_d_u, _p_d_var, _ld_d_var, _p_d_var_3, _ld_d_var_3, _p_d_var_5, _ld_d_var_5, _p_gx_c, _ld_gx_c, _p_gx_r, _ld_gx_r, _p_gx_u, _ld_gx_u, _p_inv_n_H, _ld_inv_n_H, _p_mean, _ld_mean, _p_mean_2, _ld_mean_2, _p_mean_3, _ld_mean_3, _p_mean_4, _ld_mean_4, _p_mean_5, _ld_mean_5, _p_mean_6, _ld_mean_6, _p_r, _ld_r, _p_rstd, _ld_rstd, _p_rstd_2, _ld_rstd_2, _p_rstd_3, _ld_rstd_3, _p_rstd_4, _ld_rstd_4, _p_rstd_5, _ld_rstd_5, _p_rstd_6, _ld_rstd_6, _p_u, _ld_u, _p_d_h, _ld_d_h, _p_d_gx_r, _ld_d_gx_r, _p_d_bx_r, _ld_d_bx_r, _p_d_gh_r, _ld_d_gh_r, _p_d_bh_r, _ld_d_bh_r, _p_d_gx_u, _ld_d_gx_u, _p_d_bx_u, _ld_d_bx_u, _p_d_gh_u, _ld_d_gh_u, _p_d_bh_u, _ld_d_bh_u, _p_d_gx_c, _ld_d_gx_c, _p_d_bx_c, _ld_d_bx_c, _p_d_gh_c, _ld_d_gh_c, _p_d_bh_c, _ld_d_bh_c, _p_d_W_r_x, _ld_d_W_r_x, _p_d_W_u_x, _ld_d_W_u_x, _p_d_W_c_x, _ld_d_W_c_x);
+        layer_norm_gru_backward_bwd0_rows_row<S, S>(_r, 0, 1, n_H, _p_U_c_h, _ld_U_c_h, _p_U_r_h, _ld_U_r_h, _p_U_u_h, _ld_U_u_h, _p_W_c_x, _ld_W_c_x, _p_W_r_x, _ld_W_r_x, _p_W_u_x, _ld_W_u_x, _p_c, _ld_c, _p_d_c, _ld_d_c, _p_d_h_gemm, _ld_d_h_gemm, _p_d_h_next, _ld_d_h_next, _p_d_r, _ld_d_r, _p_d_u, _ld_d_u, _p_gx_c, _ld_gx_c, _p_gx_r, _ld_gx_r, _p_gx_u, _ld_gx_u, _p_inv_n_H, _ld_inv_n_H, _p_mean, _ld_mean, _p_mean_2, _ld_mean_2, _p_mean_3, _ld_mean_3, _p_mean_4, _ld_mean_4, _p_mean_5, _ld_mean_5, _p_mean_6, _ld_mean_6, _p_r, _ld_r, _p_rstd, _ld_rstd, _p_rstd_2, _ld_rstd_2, _p_rstd_3, _ld_rstd_3, _p_rstd_4, _ld_rstd_4, _p_rstd_5, _ld_rstd_5, _p_rstd_6, _ld_rstd_6, _p_u, _ld_u, _p_var, _ld_var, _p_var_3, _ld_var_3, _p_var_5, _ld_var_5, _p_d_gx_r, _ld_d_gx_r, _p_d_bx_r, _ld_d_bx_r, _p_d_gh_r, _ld_d_gh_r, _p_d_bh_r, _ld_d_bh_r, _p_d_gx_u, _ld_d_gx_u, _p_d_bx_u, _ld_d_bx_u, _p_d_gh_u, _ld_d_gh_u, _p_d_bh_u, _ld_d_bh_u, _p_d_gx_c, _ld_d_gx_c, _p_d_bx_c, _ld_d_bx_c, _p_d_gh_c, _ld_d_gh_c, _p_d_bh_c, _ld_d_bh_c, _p_d_W_r_x, _ld_d_W_r_x, _p_d_W_u_x, _ld_d_W_u_x, _p_d_W_c_x, _ld_d_W_c_x, _p_d_h, _ld_d_h);
     });
 }
 #endif
@@ -2362,7 +2305,7 @@ extern "C" int layer_norm_gru_inference_f64(const int64_t* dims, void* const* pt
 
 // =============================================================================================
 // layer_norm_gru: the whole sequence, backward
-// ptrs: 0 x_x, 1 s_h, 2 p_gx_r, 3 p_gh_r, 4 p_gx_u, 5 p_gh_u, 6 p_gx_c, 7 p_gh_c, 8 p_bh_c, 9 p_inv_n_H, 10 hg_W_r_W_u_W_c__x, 11 v_mean, 12 v_var, 13 v_rstd, 14 v_mean_3, 15 v_var_3, 16 v_rstd_3, 17 v_mean_5, 18 v_var_5, 19 v_rstd_5, 20 g_U_r_U_u_U_c__h, 21 v_mean_2, 22 v_var_2, 23 v_rstd_2, 24 v_r, 25 v_mean_4, 26 v_var_4, 27 v_rstd_4, 28 v_u, 29 v_mean_6, 30 v_var_6, 31 v_rstd_6, 32 v_c, 33 dout_h_next, 34 ds_h, 35 dx_x, 36 dp_gx_r, 37 dp_bx_r, 38 dp_gh_r, 39 dp_bh_r, 40 dp_gx_u, 41 dp_bx_u, 42 dp_gh_u, 43 dp_bh_u, 44 dp_gx_c, 45 dp_bx_c, 46 dp_gh_c, 47 dp_bh_c, 48 dg_U_r_U_u_U_c__h, 49 tmp_d_h_gemm, 50 dhg_W_r_W_u_W_c__x, 51 tmp_d_h_next, 52 tmp_d_c, 53 tmp_d_u, 54 tmp_d_r, 55 tmp_d_var_5, 56 tmp_d_mean_5, 57 tmp_d_var_3, 58 tmp_d_mean_3, 59 tmp_d_var, 60 tmp_d_mean, 61 dw_U_r_U_u_U_c, 62 dw_W_r_W_u_W_c, 63 weight W_r_W_u_W_c, 64 weight U_r_U_u_U_c, 65 d W_r, 66 d U_r, 67 d W_u, 68 d U_u, 69 d W_c, 70 d U_c, 71 d gx_r, 72 d bx_r, 73 d gh_r, 74 d bh_r, 75 d gx_u, 76 d bx_u, 77 d gh_u, 78 d bh_u, 79 d gx_c, 80 d bx_c, 81 d gh_c, 82 d bh_c, 83 d inv_n_H, 84 batch sizes (host, or NULL)
+// ptrs: 0 x_x, 1 s_h, 2 p_gx_r, 3 p_gh_r, 4 p_gx_u, 5 p_gh_u, 6 p_gx_c, 7 p_gh_c, 8 p_bh_c, 9 p_inv_n_H, 10 hg_W_r_W_u_W_c__x, 11 v_mean, 12 v_var, 13 v_rstd, 14 v_mean_3, 15 v_var_3, 16 v_rstd_3, 17 v_mean_5, 18 v_var_5, 19 v_rstd_5, 20 g_U_r_U_u_U_c__h, 21 v_mean_2, 22 v_var_2, 23 v_rstd_2, 24 v_r, 25 v_mean_4, 26 v_var_4, 27 v_rstd_4, 28 v_u, 29 v_mean_6, 30 v_var_6, 31 v_rstd_6, 32 v_c, 33 dout_h_next, 34 ds_h, 35 dx_x, 36 dp_gx_r, 37 dp_bx_r, 38 dp_gh_r, 39 dp_bh_r, 40 dp_gx_u, 41 dp_bx_u, 42 dp_gh_u, 43 dp_bh_u, 44 dp_gx_c, 45 dp_bx_c, 46 dp_gh_c, 47 dp_bh_c, 48 dg_U_r_U_u_U_c__h, 49 tmp_d_h_gemm, 50 dhg_W_r_W_u_W_c__x, 51 tmp_d_h_next, 52 tmp_d_c, 53 tmp_d_u, 54 tmp_d_r, 55 dw_U_r_U_u_U_c, 56 dw_W_r_W_u_W_c, 57 weight W_r_W_u_W_c, 58 weight U_r_U_u_U_c, 59 d W_r, 60 d U_r, 61 d W_u, 62 d U_u, 63 d W_c, 64 d U_c, 65 d gx_r, 66 d bx_r, 67 d gh_r, 68 d bh_r, 69 d gx_u, 70 d bx_u, 71 d gh_u, 72 d bh_u, 73 d gx_c, 74 d bx_c, 75 d gh_c, 76 d bh_c, 77 d inv_n_H, 78 batch sizes (host, or NULL)
 
 // =============================================================================================
 template <typename S, typename G>
@@ -2488,65 +2431,53 @@ static int layer_norm_gru_backward_run(const int64_t* dims, void* const* ptrs, c
     (void)b_tmp_d_u;
     S* b_tmp_d_r = (S*)ptrs[54];
     (void)b_tmp_d_r;
-    S* b_tmp_d_var_5 = (S*)ptrs[55];
-    (void)b_tmp_d_var_5;
-    S* b_tmp_d_mean_5 = (S*)ptrs[56];
-    (void)b_tmp_d_mean_5;
-    S* b_tmp_d_var_3 = (S*)ptrs[57];
-    (void)b_tmp_d_var_3;
-    S* b_tmp_d_mean_3 = (S*)ptrs[58];
-    (void)b_tmp_d_mean_3;
-    S* b_tmp_d_var = (S*)ptrs[59];
-    (void)b_tmp_d_var;
-    S* b_tmp_d_mean = (S*)ptrs[60];
-    (void)b_tmp_d_mean;
-    G* b_dw_U_r_U_u_U_c = (G*)ptrs[61];
+    G* b_dw_U_r_U_u_U_c = (G*)ptrs[55];
     (void)b_dw_U_r_U_u_U_c;
-    G* b_dw_W_r_W_u_W_c = (G*)ptrs[62];
+    G* b_dw_W_r_W_u_W_c = (G*)ptrs[56];
     (void)b_dw_W_r_W_u_W_c;
-    const S* w_W_r_W_u_W_c = (const S*)ptrs[63];
+    const S* w_W_r_W_u_W_c = (const S*)ptrs[57];
     (void)w_W_r_W_u_W_c;
-    const S* w_U_r_U_u_U_c = (const S*)ptrs[64];
+    const S* w_U_r_U_u_U_c = (const S*)ptrs[58];
     (void)w_U_r_U_u_U_c;
-    G* g_W_r = (G*)ptrs[65];
+    G* g_W_r = (G*)ptrs[59];
     (void)g_W_r;
-    G* g_U_r = (G*)ptrs[66];
+    G* g_U_r = (G*)ptrs[60];
     (void)g_U_r;
-    G* g_W_u = (G*)ptrs[67];
+    G* g_W_u = (G*)ptrs[61];
     (void)g_W_u;
-    G* g_U_u = (G*)ptrs[68];
+    G* g_U_u = (G*)ptrs[62];
     (void)g_U_u;
-    G* g_W_c = (G*)ptrs[69];
+    G* g_W_c = (G*)ptrs[63];
     (void)g_W_c;
-    G* g_U_c = (G*)ptrs[70];
+    G* g_U_c = (G*)ptrs[64];
     (void)g_U_c;
-    G* g_gx_r = (G*)ptrs[71];
+    G* g_gx_r = (G*)ptrs[65];
     (void)g_gx_r;
-    G* g_bx_r = (G*)ptrs[72];
+    G* g_bx_r = (G*)ptrs[66];
     (void)g_bx_r;
-    G* g_gh_r = (G*)ptrs[73];
+    G* g_gh_r = (G*)ptrs[67];
     (void)g_gh_r;
-    G* g_bh_r = (G*)ptrs[74];
+    G* g_bh_r = (G*)ptrs[68];
     (void)g_bh_r;
-    G* g_gx_u = (G*)ptrs[75];
+    G* g_gx_u = (G*)ptrs[69];
     (void)g_gx_u;
-    G* g_bx_u = (G*)ptrs[76];
+    G* g_bx_u = (G*)ptrs[70];
     (void)g_bx_u;
-    G* g_gh_u = (G*)ptrs[77];
+    G* g_gh_u = (G*)ptrs[71];
     (void)g_gh_u;
-    G* g_bh_u = (G*)ptrs[78];
+    G* g_bh_u = (G*)ptrs[72];
     (void)g_bh_u;
-    G* g_gx_c = (G*)ptrs[79];
+    G* g_gx_c = (G*)ptrs[73];
     (void)g_gx_c;
-    G* g_bx_c = (G*)ptrs[80];
+    G* g_bx_c = (G*)ptrs[74];
     (void)g_bx_c;
-    G* g_gh_c = (G*)ptrs[81];
+    G* g_gh_c = (G*)ptrs[75];
     (void)g_gh_c;
-    G* g_bh_c = (G*)ptrs[82];
+    G* g_bh_c = (G*)ptrs[76];
     (void)g_bh_c;
-    G* g_inv_n_H = (G*)ptrs[83];
+    G* g_inv_n_H = (G*)ptrs[77];
     (void)g_inv_n_H;
-    const int64_t* bs = (const int64_t*)ptrs[84];
+    const int64_t* bs = (const int64_t*)ptrs[78];
     (void)ctx;
     if (bs) {  // rows of ended sequences, which no step writes, are read over all T*B rows
         CS_ZERO(b_dg_U_r_U_u_U_c__h, (n_T) * (n_B) * (3*n_H));
@@ -2576,9 +2507,7 @@ static int layer_norm_gru_backward_run(const int64_t* dims, void* const* ptrs, c
         // d_h_gemm = dg_U_r_U_u_U_c__h @ [U_r, U_u, U_c]
         CS_GEMM_NN_PACKED(rows, n_H, 3*n_H, b_dg_U_r_U_u_U_c__h + t * n_B * (3*n_H), 3*n_H, pk_U_r_U_u_U_c_nn, b_tmp_d_h_gemm, n_H, 0);
         // backward: stage 0 backward, row by row (reductions over the units)
-        CS_ROWS(layer_norm_gru_backward_bwd0_rows, rows, n_H, b_hg_W_r_W_u_W_c__x + t * n_B * (3*n_H) + 2*n_H, 3*n_H, b_hg_W_r_W_u_W_c__x + t * n_B * (3*n_H), 3*n_H, b_hg_W_r_W_u_W_c__x + t * n_B * (3*n_H) + n_H, 3*n_H, b_v_c + t * n_B * (n_H), n_H, b_tmp_d_c, n_H, b_tmp_d_r, n_H, b_tmp_d_u, n_H, b_p_gx_c, 0, b_p_gx_r, 0, b_p_gx_u, 0, b_p_inv_n_H, 0, b_v_mean + t * n_B * (1), 1, b_v_mean_3 + t * n_B * (1), 1, b_v_mean_5 + t * n_B * (1), 1, b_v_r + t * n_B * (n_H), n_H, b_v_rstd + t * n_B * (1), 1, b_v_rstd_3 + t * n_B * (1), 1, b_v_rstd_5 + t * n_B * (1), 1, b_v_u + t * n_B * (n_H), n_H, b_v_var + t * n_B * (1), 1, b_v_var_3 + t * n_B * (1), 1, b_v_var_5 + t * n_B * (1), 1, b_tmp_d_var_5, 1, b_tmp_d_mean_5, 1, b_tmp_d_var_3, 1, b_tmp_d_mean_3, 1, b_tmp_d_var, 1, b_tmp_d_mean, 1);
-        // backward: per-step adjoints of inputs, states, vector params, hoisted results, row by row (reductions over the units)
-        CS_ROWS(layer_norm_gru_backward_bwd_leaf_rows, rows, n_H, b_g_U_r_U_u_U_c__h + t * n_B * (3*n_H) + 2*n_H, 3*n_H, b_g_U_r_U_u_U_c__h + t * n_B * (3*n_H), 3*n_H, b_g_U_r_U_u_U_c__h + t * n_B * (3*n_H) + n_H, 3*n_H, b_hg_W_r_W_u_W_c__x + t * n_B * (3*n_H) + 2*n_H, 3*n_H, b_hg_W_r_W_u_W_c__x + t * n_B * (3*n_H), 3*n_H, b_hg_W_r_W_u_W_c__x + t * n_B * (3*n_H) + n_H, 3*n_H, b_v_c + t * n_B * (n_H), n_H, b_tmp_d_c, n_H, b_tmp_d_h_gemm, n_H, b_tmp_d_h_next, n_H, b_tmp_d_mean, 1, b_tmp_d_mean_3, 1, b_tmp_d_mean_5, 1, b_tmp_d_r, n_H, b_tmp_d_u, n_H, b_tmp_d_var, 1, b_tmp_d_var_3, 1, b_tmp_d_var_5, 1, b_p_gx_c, 0, b_p_gx_r, 0, b_p_gx_u, 0, b_p_inv_n_H, 0, b_v_mean + t * n_B * (1), 1, b_v_mean_2 + t * n_B * (1), 1, b_v_mean_3 + t * n_B * (1), 1, b_v_mean_4 + t * n_B * (1), 1, b_v_mean_5 + t * n_B * (1), 1, b_v_mean_6 + t * n_B * (1), 1, b_v_r + t * n_B * (n_H), n_H, b_v_rstd + t * n_B * (1), 1, b_v_rstd_2 + t * n_B * (1), 1, b_v_rstd_3 + t * n_B * (1), 1, b_v_rstd_4 + t * n_B * (1), 1, b_v_rstd_5 + t * n_B * (1), 1, b_v_rstd_6 + t * n_B * (1), 1, b_v_u + t * n_B * (n_H), n_H, b_ds_h, n_H, b_dp_gx_r + t * n_B * (n_H), n_H, b_dp_bx_r + t * n_B * (n_H), n_H, b_dp_gh_r + t * n_B * (n_H), n_H, b_dp_bh_r + t * n_B * (n_H), n_H, b_dp_gx_u + t * n_B * (n_H), n_H, b_dp_bx_u + t * n_B * (n_H), n_H, b_dp_gh_u + t * n_B * (n_H), n_H, b_dp_bh_u + t * n_B * (n_H), n_H, b_dp_gx_c + t * n_B * (n_H), n_H, b_dp_bx_c + t * n_B * (n_H), n_H, b_dp_gh_c + t * n_B * (n_H), n_H, b_dp_bh_c + t * n_B * (n_H), n_H, b_dhg_W_r_W_u_W_c__x + t * n_B * (3*n_H), 3*n_H, b_dhg_W_r_W_u_W_c__x + t * n_B * (3*n_H) + n_H, 3*n_H, b_dhg_W_r_W_u_W_c__x + t * n_B * (3*n_H) + 2*n_H, 3*n_H);
+        CS_ROWS(layer_norm_gru_backward_bwd0_rows, rows, n_H, b_g_U_r_U_u_U_c__h + t * n_B * (3*n_H) + 2*n_H, 3*n_H, b_g_U_r_U_u_U_c__h + t * n_B * (3*n_H), 3*n_H, b_g_U_r_U_u_U_c__h + t * n_B * (3*n_H) + n_H, 3*n_H, b_hg_W_r_W_u_W_c__x + t * n_B * (3*n_H) + 2*n_H, 3*n_H, b_hg_W_r_W_u_W_c__x + t * n_B * (3*n_H), 3*n_H, b_hg_W_r_W_u_W_c__x + t * n_B * (3*n_H) + n_H, 3*n_H, b_v_c + t * n_B * (n_H), n_H, b_tmp_d_c, n_H, b_tmp_d_h_gemm, n_H, b_tmp_d_h_next, n_H, b_tmp_d_r, n_H, b_tmp_d_u, n_H, b_p_gx_c, 0, b_p_gx_r, 0, b_p_gx_u, 0, b_p_inv_n_H, 0, b_v_mean + t * n_B * (1), 1, b_v_mean_2 + t * n_B * (1), 1, b_v_mean_3 + t * n_B * (1), 1, b_v_mean_4 + t * n_B * (1), 1, b_v_mean_5 + t * n_B * (1), 1, b_v_mean_6 + t * n_B * (1), 1, b_v_r + t * n_B * (n_H), n_H, b_v_rstd + t * n_B * (1), 1, b_v_rstd_2 + t * n_B * (1), 1, b_v_rstd_3 + t * n_B * (1), 1, b_v_rstd_4 + t * n_B * (1), 1, b_v_rstd_5 + t * n_B * (1), 1, b_v_rstd_6 + t * n_B * (1), 1, b_v_u + t * n_B * (n_H), n_H, b_v_var + t * n_B * (1), 1, b_v_var_3 + t * n_B * (1), 1, b_v_var_5 + t * n_B * (1), 1, b_dp_gx_r + t * n_B * (n_H), n_H, b_dp_bx_r + t * n_B * (n_H), n_H, b_dp_gh_r + t * n_B * (n_H), n_H, b_dp_bh_r + t * n_B * (n_H), n_H, b_dp_gx_u + t * n_B * (n_H), n_H, b_dp_bx_u + t * n_B * (n_H), n_H, b_dp_gh_u + t * n_B * (n_H), n_H, b_dp_bh_u + t * n_B * (n_H), n_H, b_dp_gx_c + t * n_B * (n_H), n_H, b_dp_bx_c + t * n_B * (n_H), n_H, b_dp_gh_c + t * n_B * (n_H), n_H, b_dp_bh_c + t * n_B * (n_H), n_H, b_dhg_W_r_W_u_W_c__x + t * n_B * (3*n_H), 3*n_H, b_dhg_W_r_W_u_W_c__x + t * n_B * (3*n_H) + n_H, 3*n_H, b_dhg_W_r_W_u_W_c__x + t * n_B * (3*n_H) + 2*n_H, 3*n_H, b_ds_h, n_H);
     }
     CS_SPLIT_DONE();
     CS_TEAM_END

@@ -524,12 +524,6 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
     _tmp_d_c = torch.empty((_B, _H), dtype=_dtype, device=_device)
     _tmp_d_u = torch.empty((_B, _H), dtype=_dtype, device=_device)
     _tmp_d_r = torch.empty((_B, _H), dtype=_dtype, device=_device)
-    _tmp_d_var_5 = torch.empty((_B, 1), dtype=_dtype, device=_device)
-    _tmp_d_mean_5 = torch.empty((_B, 1), dtype=_dtype, device=_device)
-    _tmp_d_var_3 = torch.empty((_B, 1), dtype=_dtype, device=_device)
-    _tmp_d_mean_3 = torch.empty((_B, 1), dtype=_dtype, device=_device)
-    _tmp_d_var = torch.empty((_B, 1), dtype=_dtype, device=_device)
-    _tmp_d_mean = torch.empty((_B, 1), dtype=_dtype, device=_device)
     if _bs is not None:
         _dg_U_r_U_u_U_c__h.zero_()
         _dp_gx_r.zero_()
@@ -577,12 +571,6 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
     _v_var_at0 = _steps(_v_var, 0, _T, _bs)
     _v_var_3_at0 = _steps(_v_var_3, 0, _T, _bs)
     _v_var_5_at0 = _steps(_v_var_5, 0, _T, _bs)
-    _tmp_d_var_5_rows = _rows(_tmp_d_var_5, _T, _bs)
-    _tmp_d_mean_5_rows = _rows(_tmp_d_mean_5, _T, _bs)
-    _tmp_d_var_3_rows = _rows(_tmp_d_var_3, _T, _bs)
-    _tmp_d_mean_3_rows = _rows(_tmp_d_mean_3, _T, _bs)
-    _tmp_d_var_rows = _rows(_tmp_d_var, _T, _bs)
-    _tmp_d_mean_rows = _rows(_tmp_d_mean, _T, _bs)
     _dp_gx_r_at0 = _steps(_dp_gx_r, 0, _T, _bs)
     _dp_bx_r_at0 = _steps(_dp_bx_r, 0, _T, _bs)
     _dp_gh_r_at0 = _steps(_dp_gh_r, 0, _T, _bs)
@@ -654,20 +642,31 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
         _dg_U_r_U_u_U_c__h_at0[_t][:, 2*_H:3*_H].copy_(d_U_c_h)
         torch.mm(_dg_U_r_U_u_U_c__h_at0[_t], _w_U_r_U_u_U_c, out=_tmp_d_h_gemm_rows[_t])
         # stage 0 backward
+        U_c_h = _g_U_r_U_u_U_c__h_at0[_t][:, 2*_H:3*_H]
+        U_r_h = _g_U_r_U_u_U_c__h_at0[_t][:, 0:_H]
+        U_u_h = _g_U_r_U_u_U_c__h_at0[_t][:, _H:2*_H]
         W_c_x = _hg_W_r_W_u_W_c__x_at0[_t][:, 2*_H:3*_H]
         W_r_x = _hg_W_r_W_u_W_c__x_at0[_t][:, 0:_H]
         W_u_x = _hg_W_r_W_u_W_c__x_at0[_t][:, _H:2*_H]
         c = _v_c_at0[_t]
         d_c = _tmp_d_c_rows[_t]
+        d_h_gemm = _tmp_d_h_gemm_rows[_t]
+        d_h_next = _tmp_d_h_next_rows[_t]
         d_r = _tmp_d_r_rows[_t]
         d_u = _tmp_d_u_rows[_t]
         mean = _v_mean_at0[_t]
+        mean_2 = _v_mean_2_at0[_t]
         mean_3 = _v_mean_3_at0[_t]
+        mean_4 = _v_mean_4_at0[_t]
         mean_5 = _v_mean_5_at0[_t]
+        mean_6 = _v_mean_6_at0[_t]
         r = _v_r_at0[_t]
         rstd = _v_rstd_at0[_t]
+        rstd_2 = _v_rstd_2_at0[_t]
         rstd_3 = _v_rstd_3_at0[_t]
+        rstd_4 = _v_rstd_4_at0[_t]
         rstd_5 = _v_rstd_5_at0[_t]
+        rstd_6 = _v_rstd_6_at0[_t]
         u = _v_u_at0[_t]
         var = _v_var_at0[_t]
         var_3 = _v_var_3_at0[_t]
@@ -684,45 +683,6 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
         d_rstd = _rowsum(t13*(W_r_x - mean))  # adjoint of operand of rstd
         d_var = -1/2*d_rstd/(torch.sqrt(var + 1e-05)*torch.sqrt(var + 1e-05)*torch.sqrt(var + 1e-05))  # adjoint of operand of var
         d_mean = d_var*_rowsum(inv_n_H*(-2*W_r_x + 2*mean)) + _rowsum(-rstd*t13)  # adjoint of operand of mean
-        _tmp_d_var_5_rows[_t].copy_(d_var_5)
-        _tmp_d_mean_5_rows[_t].copy_(d_mean_5)
-        _tmp_d_var_3_rows[_t].copy_(d_var_3)
-        _tmp_d_mean_3_rows[_t].copy_(d_mean_3)
-        _tmp_d_var_rows[_t].copy_(d_var)
-        _tmp_d_mean_rows[_t].copy_(d_mean)
-        # per-step adjoints of inputs, states, vector params, hoisted results
-        U_c_h = _g_U_r_U_u_U_c__h_at0[_t][:, 2*_H:3*_H]
-        U_r_h = _g_U_r_U_u_U_c__h_at0[_t][:, 0:_H]
-        U_u_h = _g_U_r_U_u_U_c__h_at0[_t][:, _H:2*_H]
-        W_c_x = _hg_W_r_W_u_W_c__x_at0[_t][:, 2*_H:3*_H]
-        W_r_x = _hg_W_r_W_u_W_c__x_at0[_t][:, 0:_H]
-        W_u_x = _hg_W_r_W_u_W_c__x_at0[_t][:, _H:2*_H]
-        c = _v_c_at0[_t]
-        d_c = _tmp_d_c_rows[_t]
-        d_h_gemm = _tmp_d_h_gemm_rows[_t]
-        d_h_next = _tmp_d_h_next_rows[_t]
-        d_mean = _tmp_d_mean_rows[_t]
-        d_mean_3 = _tmp_d_mean_3_rows[_t]
-        d_mean_5 = _tmp_d_mean_5_rows[_t]
-        d_r = _tmp_d_r_rows[_t]
-        d_u = _tmp_d_u_rows[_t]
-        d_var = _tmp_d_var_rows[_t]
-        d_var_3 = _tmp_d_var_3_rows[_t]
-        d_var_5 = _tmp_d_var_5_rows[_t]
-        mean = _v_mean_at0[_t]
-        mean_2 = _v_mean_2_at0[_t]
-        mean_3 = _v_mean_3_at0[_t]
-        mean_4 = _v_mean_4_at0[_t]
-        mean_5 = _v_mean_5_at0[_t]
-        mean_6 = _v_mean_6_at0[_t]
-        r = _v_r_at0[_t]
-        rstd = _v_rstd_at0[_t]
-        rstd_2 = _v_rstd_2_at0[_t]
-        rstd_3 = _v_rstd_3_at0[_t]
-        rstd_4 = _v_rstd_4_at0[_t]
-        rstd_5 = _v_rstd_5_at0[_t]
-        rstd_6 = _v_rstd_6_at0[_t]
-        u = _v_u_at0[_t]
         t13_2 = d_r*r*(1 - r)
         t14 = rstd*t13_2
         t15 = d_u*u*(1 - u)
@@ -730,7 +690,6 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
         t17 = d_c*(1 - (c*c))
         t18 = rstd_5*t17
         t19 = r*t17
-        d_h = d_h_gemm + d_h_next*u  # adjoint of state h
         d_gx_r = t14*(W_r_x - mean)  # adjoint of param gx_r
         d_bx_r = t13_2  # adjoint of param bx_r
         d_gh_r = rstd_2*t13_2*(U_r_h - mean_2)  # adjoint of param gh_r
@@ -746,7 +705,7 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
         d_W_r_x = d_mean*inv_n_H + d_var*inv_n_H*(2*W_r_x - 2*mean) + gx_r*t14  # adjoint of hoisted projection W_r_x
         d_W_u_x = d_mean_3*inv_n_H + d_var_3*inv_n_H*(2*W_u_x - 2*mean_3) + gx_u*t16  # adjoint of hoisted projection W_u_x
         d_W_c_x = d_mean_5*inv_n_H + d_var_5*inv_n_H*(2*W_c_x - 2*mean_5) + gx_c*t18  # adjoint of hoisted projection W_c_x
-        _ds_h_rows[_t].copy_(d_h)
+        d_h = d_h_gemm + d_h_next*u  # adjoint of state h
         _dp_gx_r_at0[_t].copy_(d_gx_r)
         _dp_bx_r_at0[_t].copy_(d_bx_r)
         _dp_gh_r_at0[_t].copy_(d_gh_r)
@@ -762,6 +721,7 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
         _dhg_W_r_W_u_W_c__x_at0[_t][:, 0:_H].copy_(d_W_r_x)
         _dhg_W_r_W_u_W_c__x_at0[_t][:, _H:2*_H].copy_(d_W_u_x)
         _dhg_W_r_W_u_W_c__x_at0[_t][:, 2*_H:3*_H].copy_(d_W_c_x)
+        _ds_h_rows[_t].copy_(d_h)
     # dW of U_r @ h, U_u @ h, U_c @ h: one GEMM over all T*B rows
     _dw = _dg_U_r_U_u_U_c__h.reshape(_T * _B, 3*_H).T @ _s_h[:_T].reshape(_T * _B, _H)
     _grads["U_r"] = _dw[0:_H]
@@ -1074,12 +1034,6 @@ def _backward_differentiable(_params, _x, _saved, _d_outputs, _d_final, _bs=None
     _tmp_d_c = torch.zeros((_B, _H), dtype=_dtype, device=_device)
     _tmp_d_u = torch.zeros((_B, _H), dtype=_dtype, device=_device)
     _tmp_d_r = torch.zeros((_B, _H), dtype=_dtype, device=_device)
-    _tmp_d_var_5 = torch.zeros((_B, 1), dtype=_dtype, device=_device)
-    _tmp_d_mean_5 = torch.zeros((_B, 1), dtype=_dtype, device=_device)
-    _tmp_d_var_3 = torch.zeros((_B, 1), dtype=_dtype, device=_device)
-    _tmp_d_mean_3 = torch.zeros((_B, 1), dtype=_dtype, device=_device)
-    _tmp_d_var = torch.zeros((_B, 1), dtype=_dtype, device=_device)
-    _tmp_d_mean = torch.zeros((_B, 1), dtype=_dtype, device=_device)
     _dg_U_r_U_u_U_c__h_rows = list(_dg_U_r_U_u_U_c__h.unbind(0))
     _dp_gx_r_rows = list(_dp_gx_r.unbind(0))
     _dp_bx_r_rows = list(_dp_bx_r.unbind(0))
@@ -1178,20 +1132,31 @@ def _backward_differentiable(_params, _x, _saved, _d_outputs, _d_final, _bs=None
         _dg_U_r_U_u_U_c__h_rows[_t] = torch.slice_scatter(_dg_U_r_U_u_U_c__h_rows[_t], d_U_c_h, 1, 2*_H, 3*_H)
         _tmp_d_h_gemm = _dg_U_r_U_u_U_c__h_rows[_t] @ _w_U_r_U_u_U_c
         # stage 0 backward
+        U_c_h = _g_U_r_U_u_U_c__h_rows[_t][:, 2*_H:3*_H]
+        U_r_h = _g_U_r_U_u_U_c__h_rows[_t][:, 0:_H]
+        U_u_h = _g_U_r_U_u_U_c__h_rows[_t][:, _H:2*_H]
         W_c_x = _hg_W_r_W_u_W_c__x_rows[_t][:, 2*_H:3*_H]
         W_r_x = _hg_W_r_W_u_W_c__x_rows[_t][:, 0:_H]
         W_u_x = _hg_W_r_W_u_W_c__x_rows[_t][:, _H:2*_H]
         c = _v_c_rows[_t]
         d_c = _tmp_d_c
+        d_h_gemm = _tmp_d_h_gemm
+        d_h_next = _tmp_d_h_next
         d_r = _tmp_d_r
         d_u = _tmp_d_u
         mean = _v_mean_rows[_t]
+        mean_2 = _v_mean_2_rows[_t]
         mean_3 = _v_mean_3_rows[_t]
+        mean_4 = _v_mean_4_rows[_t]
         mean_5 = _v_mean_5_rows[_t]
+        mean_6 = _v_mean_6_rows[_t]
         r = _v_r_rows[_t]
         rstd = _v_rstd_rows[_t]
+        rstd_2 = _v_rstd_2_rows[_t]
         rstd_3 = _v_rstd_3_rows[_t]
+        rstd_4 = _v_rstd_4_rows[_t]
         rstd_5 = _v_rstd_5_rows[_t]
+        rstd_6 = _v_rstd_6_rows[_t]
         u = _v_u_rows[_t]
         var = _v_var_rows[_t]
         var_3 = _v_var_3_rows[_t]
@@ -1208,45 +1173,6 @@ def _backward_differentiable(_params, _x, _saved, _d_outputs, _d_final, _bs=None
         d_rstd = _rowsum(t13*(W_r_x - mean))  # adjoint of operand of rstd
         d_var = -1/2*d_rstd/(torch.sqrt(var + 1e-05)*torch.sqrt(var + 1e-05)*torch.sqrt(var + 1e-05))  # adjoint of operand of var
         d_mean = d_var*_rowsum(inv_n_H*(-2*W_r_x + 2*mean)) + _rowsum(-rstd*t13)  # adjoint of operand of mean
-        _tmp_d_var_5 = d_var_5
-        _tmp_d_mean_5 = d_mean_5
-        _tmp_d_var_3 = d_var_3
-        _tmp_d_mean_3 = d_mean_3
-        _tmp_d_var = d_var
-        _tmp_d_mean = d_mean
-        # per-step adjoints of inputs, states, vector params, hoisted results
-        U_c_h = _g_U_r_U_u_U_c__h_rows[_t][:, 2*_H:3*_H]
-        U_r_h = _g_U_r_U_u_U_c__h_rows[_t][:, 0:_H]
-        U_u_h = _g_U_r_U_u_U_c__h_rows[_t][:, _H:2*_H]
-        W_c_x = _hg_W_r_W_u_W_c__x_rows[_t][:, 2*_H:3*_H]
-        W_r_x = _hg_W_r_W_u_W_c__x_rows[_t][:, 0:_H]
-        W_u_x = _hg_W_r_W_u_W_c__x_rows[_t][:, _H:2*_H]
-        c = _v_c_rows[_t]
-        d_c = _tmp_d_c
-        d_h_gemm = _tmp_d_h_gemm
-        d_h_next = _tmp_d_h_next
-        d_mean = _tmp_d_mean
-        d_mean_3 = _tmp_d_mean_3
-        d_mean_5 = _tmp_d_mean_5
-        d_r = _tmp_d_r
-        d_u = _tmp_d_u
-        d_var = _tmp_d_var
-        d_var_3 = _tmp_d_var_3
-        d_var_5 = _tmp_d_var_5
-        mean = _v_mean_rows[_t]
-        mean_2 = _v_mean_2_rows[_t]
-        mean_3 = _v_mean_3_rows[_t]
-        mean_4 = _v_mean_4_rows[_t]
-        mean_5 = _v_mean_5_rows[_t]
-        mean_6 = _v_mean_6_rows[_t]
-        r = _v_r_rows[_t]
-        rstd = _v_rstd_rows[_t]
-        rstd_2 = _v_rstd_2_rows[_t]
-        rstd_3 = _v_rstd_3_rows[_t]
-        rstd_4 = _v_rstd_4_rows[_t]
-        rstd_5 = _v_rstd_5_rows[_t]
-        rstd_6 = _v_rstd_6_rows[_t]
-        u = _v_u_rows[_t]
         t13_2 = d_r*r*(1 - r)
         t14 = rstd*t13_2
         t15 = d_u*u*(1 - u)
@@ -1254,7 +1180,6 @@ def _backward_differentiable(_params, _x, _saved, _d_outputs, _d_final, _bs=None
         t17 = d_c*(1 - (c*c))
         t18 = rstd_5*t17
         t19 = r*t17
-        d_h = d_h_gemm + d_h_next*u  # adjoint of state h
         d_gx_r = t14*(W_r_x - mean)  # adjoint of param gx_r
         d_bx_r = t13_2  # adjoint of param bx_r
         d_gh_r = rstd_2*t13_2*(U_r_h - mean_2)  # adjoint of param gh_r
@@ -1270,7 +1195,7 @@ def _backward_differentiable(_params, _x, _saved, _d_outputs, _d_final, _bs=None
         d_W_r_x = d_mean*inv_n_H + d_var*inv_n_H*(2*W_r_x - 2*mean) + gx_r*t14  # adjoint of hoisted projection W_r_x
         d_W_u_x = d_mean_3*inv_n_H + d_var_3*inv_n_H*(2*W_u_x - 2*mean_3) + gx_u*t16  # adjoint of hoisted projection W_u_x
         d_W_c_x = d_mean_5*inv_n_H + d_var_5*inv_n_H*(2*W_c_x - 2*mean_5) + gx_c*t18  # adjoint of hoisted projection W_c_x
-        _ds_h = d_h
+        d_h = d_h_gemm + d_h_next*u  # adjoint of state h
         _dp_gx_r_rows[_t] = d_gx_r
         _dp_bx_r_rows[_t] = d_bx_r
         _dp_gh_r_rows[_t] = d_gh_r
@@ -1286,6 +1211,7 @@ def _backward_differentiable(_params, _x, _saved, _d_outputs, _d_final, _bs=None
         _dhg_W_r_W_u_W_c__x_rows[_t] = torch.slice_scatter(_dhg_W_r_W_u_W_c__x_rows[_t], d_W_r_x, 1, 0, _H)
         _dhg_W_r_W_u_W_c__x_rows[_t] = torch.slice_scatter(_dhg_W_r_W_u_W_c__x_rows[_t], d_W_u_x, 1, _H, 2*_H)
         _dhg_W_r_W_u_W_c__x_rows[_t] = torch.slice_scatter(_dhg_W_r_W_u_W_c__x_rows[_t], d_W_c_x, 1, 2*_H, 3*_H)
+        _ds_h = d_h
     _dg_U_r_U_u_U_c__h = torch.stack(_dg_U_r_U_u_U_c__h_rows)
     # dW of U_r @ h, U_u @ h, U_c @ h: one GEMM over all T*B rows
     _dw = _dg_U_r_U_u_U_c__h.reshape(_T * _B, 3*_H).T @ _s_h[:_T].reshape(_T * _B, _H)
@@ -1510,7 +1436,7 @@ def _custom_ops(name, forward, backward, forward_schema, backward_schema, forwar
 #: the PyTorch engine's forward and backward as custom ops (the engine itself is the fake:
 #: it runs on fake tensors)
 _ENGINE_OPS = _custom_ops(
-    "layer_norm_gru_engine_2bc2f5b6bbbd", _engine_op_forward_impl, _engine_op_backward_impl,
+    "layer_norm_gru_engine_2b3c2698a969", _engine_op_forward_impl, _engine_op_backward_impl,
     "(Tensor[] xs, Tensor[] states, Tensor[] params) -> Tensor[]",
     "(Tensor[] args, Tensor[] saved, Tensor?[] d_outputs, Tensor?[] d_finals) -> Tensor[]",
     _engine_op_forward_impl, _engine_op_backward_impl, _engine_op_backward, _engine_op_setup_context,
@@ -1911,7 +1837,7 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     if _bs is not None:  # outputs past a sequence's end are constant zeros
         _m = _native_active(_bs, _B, _xs)
         _d_outputs = tuple(None if _d is None else _d * _m for _d in _d_outputs)
-    dp_gx_r, dp_bx_r, dp_gh_r, dp_bh_r, dp_gx_u, dp_bx_u, dp_gh_u, dp_bh_u, dp_gx_c, dp_bx_c, dp_gh_c, dp_bh_c, dg_U_r_U_u_U_c__h, tmp_d_h_gemm, dhg_W_r_W_u_W_c__x, tmp_d_h_next, tmp_d_c, tmp_d_u, tmp_d_r, tmp_d_var_5, tmp_d_mean_5, tmp_d_var_3, tmp_d_mean_3, tmp_d_var, tmp_d_mean = _scratch((_T, _B, _H), (_T, _B, _H), (_T, _B, _H), (_T, _B, _H), (_T, _B, _H), (_T, _B, _H), (_T, _B, _H), (_T, _B, _H), (_T, _B, _H), (_T, _B, _H), (_T, _B, _H), (_T, _B, _H), (_T, _B, 3*_H), (_B, _H), (_T, _B, 3*_H), (_B, _H), (_B, _H), (_B, _H), (_B, _H), (_B, 1), (_B, 1), (_B, 1), (_B, 1), (_B, 1), (_B, 1))
+    dp_gx_r, dp_bx_r, dp_gh_r, dp_bh_r, dp_gx_u, dp_bx_u, dp_gh_u, dp_bh_u, dp_gx_c, dp_bx_c, dp_gh_c, dp_bh_c, dg_U_r_U_u_U_c__h, tmp_d_h_gemm, dhg_W_r_W_u_W_c__x, tmp_d_h_next, tmp_d_c, tmp_d_u, tmp_d_r = _scratch((_T, _B, _H), (_T, _B, _H), (_T, _B, _H), (_T, _B, _H), (_T, _B, _H), (_T, _B, _H), (_T, _B, _H), (_T, _B, _H), (_T, _B, _H), (_T, _B, _H), (_T, _B, _H), (_T, _B, _H), (_T, _B, 3*_H), (_B, _H), (_T, _B, 3*_H), (_B, _H), (_B, _H), (_B, _H), (_B, _H))
     x_x = _xs[0].contiguous()
     s_h = _saved[0]
     p_gx_r = _params["gx_r"].contiguous()
@@ -1955,14 +1881,14 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     _grads_0 = _gempty((12, _H)).unbind(0)
     _grads = {"W_r": _rows_dw_W_r_W_u_W_c[0], "U_r": _rows_dw_U_r_U_u_U_c[0], "W_u": _rows_dw_W_r_W_u_W_c[1], "U_u": _rows_dw_U_r_U_u_U_c[1], "W_c": _rows_dw_W_r_W_u_W_c[2], "U_c": _rows_dw_U_r_U_u_U_c[2], "gx_r": _grads_0[0], "bx_r": _grads_0[1], "gh_r": _grads_0[2], "bh_r": _grads_0[3], "gx_u": _grads_0[4], "bx_u": _grads_0[5], "gh_u": _grads_0[6], "bh_u": _grads_0[7], "gx_c": _grads_0[8], "bx_c": _grads_0[9], "gh_c": _grads_0[10], "bh_c": _grads_0[11], "inv_n_H": _gzeros((_H,))}
     if _lib is not None:
-        _lib("backward", _dims, [x_x, s_h, p_gx_r, p_gh_r, p_gx_u, p_gh_u, p_gx_c, p_gh_c, p_bh_c, p_inv_n_H, hg_W_r_W_u_W_c__x, v_mean, v_var, v_rstd, v_mean_3, v_var_3, v_rstd_3, v_mean_5, v_var_5, v_rstd_5, g_U_r_U_u_U_c__h, v_mean_2, v_var_2, v_rstd_2, v_r, v_mean_4, v_var_4, v_rstd_4, v_u, v_mean_6, v_var_6, v_rstd_6, v_c, dout_h_next, ds_h, dx_x, dp_gx_r, dp_bx_r, dp_gh_r, dp_bh_r, dp_gx_u, dp_bx_u, dp_gh_u, dp_bh_u, dp_gx_c, dp_bx_c, dp_gh_c, dp_bh_c, dg_U_r_U_u_U_c__h, tmp_d_h_gemm, dhg_W_r_W_u_W_c__x, tmp_d_h_next, tmp_d_c, tmp_d_u, tmp_d_r, tmp_d_var_5, tmp_d_mean_5, tmp_d_var_3, tmp_d_mean_3, tmp_d_var, tmp_d_mean, dw_U_r_U_u_U_c, dw_W_r_W_u_W_c, _stacked(_params["W_r"], _params["W_u"], _params["W_c"]), _stacked(_params["U_r"], _params["U_u"], _params["U_c"]), *_grads.values(), _bs])
+        _lib("backward", _dims, [x_x, s_h, p_gx_r, p_gh_r, p_gx_u, p_gh_u, p_gx_c, p_gh_c, p_bh_c, p_inv_n_H, hg_W_r_W_u_W_c__x, v_mean, v_var, v_rstd, v_mean_3, v_var_3, v_rstd_3, v_mean_5, v_var_5, v_rstd_5, g_U_r_U_u_U_c__h, v_mean_2, v_var_2, v_rstd_2, v_r, v_mean_4, v_var_4, v_rstd_4, v_u, v_mean_6, v_var_6, v_rstd_6, v_c, dout_h_next, ds_h, dx_x, dp_gx_r, dp_bx_r, dp_gh_r, dp_bh_r, dp_gx_u, dp_bx_u, dp_gh_u, dp_bh_u, dp_gx_c, dp_bx_c, dp_gh_c, dp_bh_c, dg_U_r_U_u_U_c__h, tmp_d_h_gemm, dhg_W_r_W_u_W_c__x, tmp_d_h_next, tmp_d_c, tmp_d_u, tmp_d_r, dw_U_r_U_u_U_c, dw_W_r_W_u_W_c, _stacked(_params["W_r"], _params["W_u"], _params["W_c"]), _stacked(_params["U_r"], _params["U_u"], _params["U_c"]), *_grads.values(), _bs])
     return _grads, (dx_x,), (ds_h,)
 
 
 # The same two calls as PyTorch custom ops, for torch.compile (which traces them through their
 # fake implementations: the allocations above, without the call). Registered once per process
 # and content of this file; outputs are copies (an op's outputs may not alias each other).
-_OP = "layer_norm_gru_6d4832010c70"
+_OP = "layer_norm_gru_16bbe76a2922"
 
 
 def _op_forward_impl(xs: list[torch.Tensor], states: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -1594,7 +1594,7 @@ static inline void layer_norm_lstm_inference_fwd0_rows_host(int64_t _rows, int64
 // layer_norm_lstm_backward_bwd0_rows: backward: stage 0 backward, row by row (reductions over the units)
 // =============================================================================================
 template <typename S, typename real>
-CS_ROWFN inline void layer_norm_lstm_backward_bwd0_rows_row(int64_t _r, int64_t _j0, int64_t _dj, int64_t n_H, const S* __restrict__ _p_U_f_h, int64_t _ld_U_f_h, const S* __restrict__ _p_U_i_h, int64_t _ld_U_i_h, const S* __restrict__ _p_U_j_h, int64_t _ld_U_j_h, const S* __restrict__ _p_U_o_h, int64_t _ld_U_o_h, const S* __restrict__ _p_W_f_x, int64_t _ld_W_f_x, const S* __restrict__ _p_W_i_x, int64_t _ld_W_i_x, const S* __restrict__ _p_W_j_x, int64_t _ld_W_j_x, const S* __restrict__ _p_W_o_x, int64_t _ld_W_o_x, const S* __restrict__ _p_c, int64_t _ld_c, const S* __restrict__ _p_c_next, int64_t _ld_c_next, const S* __restrict__ _p_d_c, int64_t _ld_d_c, const S* __restrict__ _p_d_h, int64_t _ld_d_h, const S* __restrict__ _p_d_h_next_out, int64_t _ld_d_h_next_out, const S* __restrict__ _p_f, int64_t _ld_f, const S* __restrict__ _p_g_c, int64_t _ld_g_c, const S* __restrict__ _p_g_f, int64_t _ld_g_f, const S* __restrict__ _p_g_i, int64_t _ld_g_i, const S* __restrict__ _p_g_j, int64_t _ld_g_j, const S* __restrict__ _p_g_o, int64_t _ld_g_o, const S* __restrict__ _p_i, int64_t _ld_i, const S* __restrict__ _p_inv_n_H, int64_t _ld_inv_n_H, const S* __restrict__ _p_j, int64_t _ld_j, const S* __restrict__ _p_mean, int64_t _ld_mean, const S* __restrict__ _p_mean_2, int64_t _ld_mean_2, const S* __restrict__ _p_mean_3, int64_t _ld_mean_3, const S* __restrict__ _p_mean_4, int64_t _ld_mean_4, const S* __restrict__ _p_mean_5, int64_t _ld_mean_5, const S* __restrict__ _p_o, int64_t _ld_o, const S* __restrict__ _p_rstd, int64_t _ld_rstd, const S* __restrict__ _p_rstd_2, int64_t _ld_rstd_2, const S* __restrict__ _p_rstd_3, int64_t _ld_rstd_3, const S* __restrict__ _p_rstd_4, int64_t _ld_rstd_4, const S* __restrict__ _p_rstd_5, int64_t _ld_rstd_5, const S* __restrict__ _p_var, int64_t _ld_var, const S* __restrict__ _p_var_2, int64_t _ld_var_2, const S* __restrict__ _p_var_3, int64_t _ld_var_3, const S* __restrict__ _p_var_4, int64_t _ld_var_4, const S* __restrict__ _p_var_5, int64_t _ld_var_5, S* __restrict__ _p_d_c_next, int64_t _ld_d_c_next, S* __restrict__ _p_d_var_5, int64_t _ld_d_var_5, S* __restrict__ _p_d_mean_5, int64_t _ld_d_mean_5, S* __restrict__ _p_d_o, int64_t _ld_d_o, S* __restrict__ _p_d_var_4, int64_t _ld_d_var_4, S* __restrict__ _p_d_mean_4, int64_t _ld_d_mean_4, S* __restrict__ _p_d_f, int64_t _ld_d_f, S* __restrict__ _p_d_var_3, int64_t _ld_d_var_3, S* __restrict__ _p_d_mean_3, int64_t _ld_d_mean_3, S* __restrict__ _p_d_j, int64_t _ld_d_j, S* __restrict__ _p_d_var_2, int64_t _ld_d_var_2, S* __restrict__ _p_d_mean_2, int64_t _ld_d_mean_2, S* __restrict__ _p_d_i, int64_t _ld_d_i, S* __restrict__ _p_d_var, int64_t _ld_d_var, S* __restrict__ _p_d_mean, int64_t _ld_d_mean, S* __restrict__ _p_d_U_i_h, int64_t _ld_d_U_i_h, S* __restrict__ _p_d_U_j_h, int64_t _ld_d_U_j_h, S* __restrict__ _p_d_U_f_h, int64_t _ld_d_U_f_h, S* __restrict__ _p_d_U_o_h, int64_t _ld_d_U_o_h)
+CS_ROWFN inline void layer_norm_lstm_backward_bwd0_rows_row(int64_t _r, int64_t _j0, int64_t _dj, int64_t n_H, const S* __restrict__ _p_U_f_h, int64_t _ld_U_f_h, const S* __restrict__ _p_U_i_h, int64_t _ld_U_i_h, const S* __restrict__ _p_U_j_h, int64_t _ld_U_j_h, const S* __restrict__ _p_U_o_h, int64_t _ld_U_o_h, const S* __restrict__ _p_W_f_x, int64_t _ld_W_f_x, const S* __restrict__ _p_W_i_x, int64_t _ld_W_i_x, const S* __restrict__ _p_W_j_x, int64_t _ld_W_j_x, const S* __restrict__ _p_W_o_x, int64_t _ld_W_o_x, const S* __restrict__ _p_c, int64_t _ld_c, const S* __restrict__ _p_c_next, int64_t _ld_c_next, const S* __restrict__ _p_d_c, int64_t _ld_d_c, const S* __restrict__ _p_d_h, int64_t _ld_d_h, const S* __restrict__ _p_d_h_next_out, int64_t _ld_d_h_next_out, const S* __restrict__ _p_f, int64_t _ld_f, const S* __restrict__ _p_g_c, int64_t _ld_g_c, const S* __restrict__ _p_g_f, int64_t _ld_g_f, const S* __restrict__ _p_g_i, int64_t _ld_g_i, const S* __restrict__ _p_g_j, int64_t _ld_g_j, const S* __restrict__ _p_g_o, int64_t _ld_g_o, const S* __restrict__ _p_i, int64_t _ld_i, const S* __restrict__ _p_inv_n_H, int64_t _ld_inv_n_H, const S* __restrict__ _p_j, int64_t _ld_j, const S* __restrict__ _p_mean, int64_t _ld_mean, const S* __restrict__ _p_mean_2, int64_t _ld_mean_2, const S* __restrict__ _p_mean_3, int64_t _ld_mean_3, const S* __restrict__ _p_mean_4, int64_t _ld_mean_4, const S* __restrict__ _p_mean_5, int64_t _ld_mean_5, const S* __restrict__ _p_o, int64_t _ld_o, const S* __restrict__ _p_rstd, int64_t _ld_rstd, const S* __restrict__ _p_rstd_2, int64_t _ld_rstd_2, const S* __restrict__ _p_rstd_3, int64_t _ld_rstd_3, const S* __restrict__ _p_rstd_4, int64_t _ld_rstd_4, const S* __restrict__ _p_rstd_5, int64_t _ld_rstd_5, const S* __restrict__ _p_var, int64_t _ld_var, const S* __restrict__ _p_var_2, int64_t _ld_var_2, const S* __restrict__ _p_var_3, int64_t _ld_var_3, const S* __restrict__ _p_var_4, int64_t _ld_var_4, const S* __restrict__ _p_var_5, int64_t _ld_var_5, S* __restrict__ _p_d_U_i_h, int64_t _ld_d_U_i_h, S* __restrict__ _p_d_U_j_h, int64_t _ld_d_U_j_h, S* __restrict__ _p_d_U_f_h, int64_t _ld_d_U_f_h, S* __restrict__ _p_d_U_o_h, int64_t _ld_d_U_o_h, S* __restrict__ _p_d_g_i, int64_t _ld_d_g_i, S* __restrict__ _p_d_b_i, int64_t _ld_d_b_i, S* __restrict__ _p_d_g_j, int64_t _ld_d_g_j, S* __restrict__ _p_d_b_j, int64_t _ld_d_b_j, S* __restrict__ _p_d_g_f, int64_t _ld_d_g_f, S* __restrict__ _p_d_b_f, int64_t _ld_d_b_f, S* __restrict__ _p_d_g_o, int64_t _ld_d_g_o, S* __restrict__ _p_d_b_o, int64_t _ld_d_b_o, S* __restrict__ _p_d_g_c, int64_t _ld_d_g_c, S* __restrict__ _p_d_b_c, int64_t _ld_d_b_c, S* __restrict__ _p_d_W_i_x, int64_t _ld_d_W_i_x, S* __restrict__ _p_d_W_j_x, int64_t _ld_d_W_j_x, S* __restrict__ _p_d_W_f_x, int64_t _ld_d_W_f_x, S* __restrict__ _p_d_W_o_x, int64_t _ld_d_W_o_x, S* __restrict__ _p_d_c_prev, int64_t _ld_d_c_prev)
 {
     (void)n_H;
     const real mean = CS_LD(_p_mean[_r * _ld_mean]);
@@ -1667,8 +1667,6 @@ CS_ROWFN inline void layer_norm_lstm_backward_bwd0_rows_row(int64_t _r, int64_t 
         _acc6 += -inv_n_H*t13;
         _acc7 += -inv_n_H*t16;
         _acc8 += -inv_n_H*t19;
-        CS_ST(_p_d_c_next[_r * _ld_d_c_next + _j], d_c_next);
-        CS_ST(_p_d_o[_r * _ld_d_o + _j], d_o);
     }
     _acc0 = CS_ROW_SUM(_acc0);
     _acc1 = CS_ROW_SUM(_acc1);
@@ -1700,7 +1698,10 @@ CS_ROWFN inline void layer_norm_lstm_backward_bwd0_rows_row(int64_t _r, int64_t 
         const real W_i_x = CS_LD(_p_W_i_x[_r * _ld_W_i_x + _j]);
         const real W_j_x = CS_LD(_p_W_j_x[_r * _ld_W_j_x + _j]);
         const real c = CS_LD(_p_c[_r * _ld_c + _j]);
-        const real d_c_next = CS_LD(_p_d_c_next[_r * _ld_d_c_next + _j]);
+        const real c_next = CS_LD(_p_c_next[_r * _ld_c_next + _j]);
+        const real d_c = CS_LD(_p_d_c[_r * _ld_d_c + _j]);
+        const real d_h = CS_LD(_p_d_h[_r * _ld_d_h + _j]);
+        const real d_h_next_out = CS_LD(_p_d_h_next_out[_r * _ld_d_h_next_out + _j]);
         const real f = CS_LD(_p_f[_r * _ld_f + _j]);
         const real g_c = CS_LD(_p_g_c[_r * _ld_g_c + _j]);
         const real g_f = CS_LD(_p_g_f[_r * _ld_g_f + _j]);
@@ -1709,9 +1710,13 @@ CS_ROWFN inline void layer_norm_lstm_backward_bwd0_rows_row(int64_t _r, int64_t 
         const real i = CS_LD(_p_i[_r * _ld_i + _j]);
         const real inv_n_H = CS_LD(_p_inv_n_H[_r * _ld_inv_n_H + _j]);
         const real j = CS_LD(_p_j[_r * _ld_j + _j]);
+        const real o = CS_LD(_p_o[_r * _ld_o + _j]);
+        const real t0 = cs_tanh(c_next);
         const real t1 = c*f;
         const real t2 = i*j;
         const real t3 = -mean_5 + t1 + t2;
+        const real d_h_next = d_h + d_h_next_out;
+        const real d_c_next = d_c + d_h_next*o*(real(1.0) - (t0*t0));
         const real t4 = d_c_next*g_c;
         const real t5 = rstd_5*t4;
         const real t10 = real(2.0)*d_var_5*inv_n_H*t3;
@@ -1731,9 +1736,6 @@ CS_ROWFN inline void layer_norm_lstm_backward_bwd0_rows_row(int64_t _r, int64_t 
         _acc12 += -t15;
         _acc13 += t17*(U_i_h + W_i_x - mean);
         _acc14 += -t18;
-        CS_ST(_p_d_f[_r * _ld_d_f + _j], d_f);
-        CS_ST(_p_d_j[_r * _ld_d_j + _j], d_j);
-        CS_ST(_p_d_i[_r * _ld_d_i + _j], d_i);
     }
     _acc9 = CS_ROW_SUM(_acc9);
     _acc10 = CS_ROW_SUM(_acc10);
@@ -1760,126 +1762,11 @@ CS_ROWFN inline void layer_norm_lstm_backward_bwd0_rows_row(int64_t _r, int64_t 
         const real W_i_x = CS_LD(_p_W_i_x[_r * _ld_W_i_x + _j]);
         const real W_j_x = CS_LD(_p_W_j_x[_r * _ld_W_j_x + _j]);
         const real W_o_x = CS_LD(_p_W_o_x[_r * _ld_W_o_x + _j]);
-        const real d_f = CS_LD(_p_d_f[_r * _ld_d_f + _j]);
-        const real d_i = CS_LD(_p_d_i[_r * _ld_d_i + _j]);
-        const real d_j = CS_LD(_p_d_j[_r * _ld_d_j + _j]);
-        const real d_o = CS_LD(_p_d_o[_r * _ld_d_o + _j]);
-        const real f = CS_LD(_p_f[_r * _ld_f + _j]);
-        const real g_f = CS_LD(_p_g_f[_r * _ld_g_f + _j]);
-        const real g_i = CS_LD(_p_g_i[_r * _ld_g_i + _j]);
-        const real g_j = CS_LD(_p_g_j[_r * _ld_g_j + _j]);
-        const real g_o = CS_LD(_p_g_o[_r * _ld_g_o + _j]);
-        const real i = CS_LD(_p_i[_r * _ld_i + _j]);
-        const real inv_n_H = CS_LD(_p_inv_n_H[_r * _ld_inv_n_H + _j]);
-        const real j = CS_LD(_p_j[_r * _ld_j + _j]);
-        const real o = CS_LD(_p_o[_r * _ld_o + _j]);
-        const real t8 = real(2.0)*U_o_h + real(2.0)*W_o_x - real(2.0)*mean_4;
-        const real t13 = real(2.0)*U_f_h + real(2.0)*W_f_x - real(2.0)*mean_3;
-        const real t16 = real(2.0)*U_j_h + real(2.0)*W_j_x - real(2.0)*mean_2;
-        const real t19 = real(2.0)*U_i_h + real(2.0)*W_i_x - real(2.0)*mean;
-        const real t6 = d_o*g_o*o*(real(1.0) - o);
-        const real t7 = rstd_4*t6;
-        const real t11 = d_f*f*g_f*(real(1.0) - f);
-        const real t12 = rstd_3*t11;
-        const real t14 = d_j*g_j*(real(1.0) - (j*j));
-        const real t15 = rstd_2*t14;
-        const real t17 = d_i*g_i*i*(real(1.0) - i);
-        const real t18 = rstd*t17;
-        const real d_U_i_h = d_mean*inv_n_H + d_var*inv_n_H*t19 + t18;  // adjoint of U_i @ h
-        const real d_U_j_h = d_mean_2*inv_n_H + d_var_2*inv_n_H*t16 + t15;  // adjoint of U_j @ h
-        const real d_U_f_h = d_mean_3*inv_n_H + d_var_3*inv_n_H*t13 + t12;  // adjoint of U_f @ h
-        const real d_U_o_h = d_mean_4*inv_n_H + d_var_4*inv_n_H*t8 + t7;  // adjoint of U_o @ h
-        CS_ST(_p_d_U_i_h[_r * _ld_d_U_i_h + _j], d_U_i_h);
-        CS_ST(_p_d_U_j_h[_r * _ld_d_U_j_h + _j], d_U_j_h);
-        CS_ST(_p_d_U_f_h[_r * _ld_d_U_f_h + _j], d_U_f_h);
-        CS_ST(_p_d_U_o_h[_r * _ld_d_U_o_h + _j], d_U_o_h);
-    }
-    if (_j0 == 0) CS_ST(_p_d_var_5[_r * _ld_d_var_5], d_var_5);
-    if (_j0 == 0) CS_ST(_p_d_mean_5[_r * _ld_d_mean_5], d_mean_5);
-    if (_j0 == 0) CS_ST(_p_d_var_4[_r * _ld_d_var_4], d_var_4);
-    if (_j0 == 0) CS_ST(_p_d_mean_4[_r * _ld_d_mean_4], d_mean_4);
-    if (_j0 == 0) CS_ST(_p_d_var_3[_r * _ld_d_var_3], d_var_3);
-    if (_j0 == 0) CS_ST(_p_d_mean_3[_r * _ld_d_mean_3], d_mean_3);
-    if (_j0 == 0) CS_ST(_p_d_var_2[_r * _ld_d_var_2], d_var_2);
-    if (_j0 == 0) CS_ST(_p_d_mean_2[_r * _ld_d_mean_2], d_mean_2);
-    if (_j0 == 0) CS_ST(_p_d_var[_r * _ld_d_var], d_var);
-    if (_j0 == 0) CS_ST(_p_d_mean[_r * _ld_d_mean], d_mean);
-}
-
-#ifdef __CUDACC__
-template <typename S>
-__global__ void layer_norm_lstm_backward_bwd0_rows_kernel(int64_t _rows, int64_t n_H, const S* __restrict__ _p_U_f_h, int64_t _ld_U_f_h, const S* __restrict__ _p_U_i_h, int64_t _ld_U_i_h, const S* __restrict__ _p_U_j_h, int64_t _ld_U_j_h, const S* __restrict__ _p_U_o_h, int64_t _ld_U_o_h, const S* __restrict__ _p_W_f_x, int64_t _ld_W_f_x, const S* __restrict__ _p_W_i_x, int64_t _ld_W_i_x, const S* __restrict__ _p_W_j_x, int64_t _ld_W_j_x, const S* __restrict__ _p_W_o_x, int64_t _ld_W_o_x, const S* __restrict__ _p_c, int64_t _ld_c, const S* __restrict__ _p_c_next, int64_t _ld_c_next, const S* __restrict__ _p_d_c, int64_t _ld_d_c, const S* __restrict__ _p_d_h, int64_t _ld_d_h, const S* __restrict__ _p_d_h_next_out, int64_t _ld_d_h_next_out, const S* __restrict__ _p_f, int64_t _ld_f, const S* __restrict__ _p_g_c, int64_t _ld_g_c, const S* __restrict__ _p_g_f, int64_t _ld_g_f, const S* __restrict__ _p_g_i, int64_t _ld_g_i, const S* __restrict__ _p_g_j, int64_t _ld_g_j, const S* __restrict__ _p_g_o, int64_t _ld_g_o, const S* __restrict__ _p_i, int64_t _ld_i, const S* __restrict__ _p_inv_n_H, int64_t _ld_inv_n_H, const S* __restrict__ _p_j, int64_t _ld_j, const S* __restrict__ _p_mean, int64_t _ld_mean, const S* __restrict__ _p_mean_2, int64_t _ld_mean_2, const S* __restrict__ _p_mean_3, int64_t _ld_mean_3, const S* __restrict__ _p_mean_4, int64_t _ld_mean_4, const S* __restrict__ _p_mean_5, int64_t _ld_mean_5, const S* __restrict__ _p_o, int64_t _ld_o, const S* __restrict__ _p_rstd, int64_t _ld_rstd, const S* __restrict__ _p_rstd_2, int64_t _ld_rstd_2, const S* __restrict__ _p_rstd_3, int64_t _ld_rstd_3, const S* __restrict__ _p_rstd_4, int64_t _ld_rstd_4, const S* __restrict__ _p_rstd_5, int64_t _ld_rstd_5, const S* __restrict__ _p_var, int64_t _ld_var, const S* __restrict__ _p_var_2, int64_t _ld_var_2, const S* __restrict__ _p_var_3, int64_t _ld_var_3, const S* __restrict__ _p_var_4, int64_t _ld_var_4, const S* __restrict__ _p_var_5, int64_t _ld_var_5, S* __restrict__ _p_d_c_next, int64_t _ld_d_c_next, S* __restrict__ _p_d_var_5, int64_t _ld_d_var_5, S* __restrict__ _p_d_mean_5, int64_t _ld_d_mean_5, S* __restrict__ _p_d_o, int64_t _ld_d_o, S* __restrict__ _p_d_var_4, int64_t _ld_d_var_4, S* __restrict__ _p_d_mean_4, int64_t _ld_d_mean_4, S* __restrict__ _p_d_f, int64_t _ld_d_f, S* __restrict__ _p_d_var_3, int64_t _ld_d_var_3, S* __restrict__ _p_d_mean_3, int64_t _ld_d_mean_3, S* __restrict__ _p_d_j, int64_t _ld_d_j, S* __restrict__ _p_d_var_2, int64_t _ld_d_var_2, S* __restrict__ _p_d_mean_2, int64_t _ld_d_mean_2, S* __restrict__ _p_d_i, int64_t _ld_d_i, S* __restrict__ _p_d_var, int64_t _ld_d_var, S* __restrict__ _p_d_mean, int64_t _ld_d_mean, S* __restrict__ _p_d_U_i_h, int64_t _ld_d_U_i_h, S* __restrict__ _p_d_U_j_h, int64_t _ld_d_U_j_h, S* __restrict__ _p_d_U_f_h, int64_t _ld_d_U_f_h, S* __restrict__ _p_d_U_o_h, int64_t _ld_d_U_o_h)
-{
-    typedef typename cs_math<S>::type M;
-    for (int64_t _r = blockIdx.x; _r < _rows; _r += gridDim.x)
-        layer_norm_lstm_backward_bwd0_rows_row<S, M>(_r, threadIdx.x, blockDim.x, n_H, _p_U_f_h, _ld_U_f_h, _p_U_i_h, _ld_U_i_h, _p_U_j_h, _ld_U_j_h, _p_U_o_h, _ld_U_o_h, _p_W_f_x, _ld_W_f_x, _p_W_i_x, _ld_W_i_x, _p_W_j_x, _ld_W_j_x, _p_W_o_x, _ld_W_o_x, _p_c, _ld_c, _p_c_next, _ld_c_next, _p_d_c, _ld_d_c, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_f, _ld_f, _p_g_c, _ld_g_c, _p_g_f, _ld_g_f, _p_g_i, _ld_g_i, _p_g_j, _ld_g_j, _p_g_o, _ld_g_o, _p_i, _ld_i, _p_inv_n_H, _ld_inv_n_H, _p_j, _ld_j, _p_mean, _ld_mean, _p_mean_2, _ld_mean_2, _p_mean_3, _ld_mean_3, _p_mean_4, _ld_mean_4, _p_mean_5, _ld_mean_5, _p_o, _ld_o, _p_rstd, _ld_rstd, _p_rstd_2, _ld_rstd_2, _p_rstd_3, _ld_rstd_3, _p_rstd_4, _ld_rstd_4, _p_rstd_5, _ld_rstd_5, _p_var, _ld_var, _p_var_2, _ld_var_2, _p_var_3, _ld_var_3, _p_var_4, _ld_var_4, _p_var_5, _ld_var_5, _p_d_c_next, _ld_d_c_next, _p_d_var_5, _ld_d_var_5, _p_d_mean_5, _ld_d_mean_5, _p_d_o, _ld_d_o, _p_d_var_4, _ld_d_var_4, _p_d_mean_4, _ld_d_mean_4, _p_d_f, _ld_d_f, _p_d_var_3, _ld_d_var_3, _p_d_mean_3, _ld_d_mean_3, _p_d_j, _ld_d_j, _p_d_var_2, _ld_d_var_2, _p_d_mean_2, _ld_d_mean_2, _p_d_i, _ld_d_i, _p_d_var, _ld_d_var, _p_d_mean, _ld_d_mean, _p_d_U_i_h, _ld_d_U_i_h, _p_d_U_j_h, _ld_d_U_j_h, _p_d_U_f_h, _ld_d_U_f_h, _p_d_U_o_h, _ld_d_U_o_h);
-}
-
-template <typename S>
-static int layer_norm_lstm_backward_bwd0_rows_launch(int64_t _rows, int64_t n_H, const void* _p_U_f_h, int64_t _ld_U_f_h, const void* _p_U_i_h, int64_t _ld_U_i_h, const void* _p_U_j_h, int64_t _ld_U_j_h, const void* _p_U_o_h, int64_t _ld_U_o_h, const void* _p_W_f_x, int64_t _ld_W_f_x, const void* _p_W_i_x, int64_t _ld_W_i_x, const void* _p_W_j_x, int64_t _ld_W_j_x, const void* _p_W_o_x, int64_t _ld_W_o_x, const void* _p_c, int64_t _ld_c, const void* _p_c_next, int64_t _ld_c_next, const void* _p_d_c, int64_t _ld_d_c, const void* _p_d_h, int64_t _ld_d_h, const void* _p_d_h_next_out, int64_t _ld_d_h_next_out, const void* _p_f, int64_t _ld_f, const void* _p_g_c, int64_t _ld_g_c, const void* _p_g_f, int64_t _ld_g_f, const void* _p_g_i, int64_t _ld_g_i, const void* _p_g_j, int64_t _ld_g_j, const void* _p_g_o, int64_t _ld_g_o, const void* _p_i, int64_t _ld_i, const void* _p_inv_n_H, int64_t _ld_inv_n_H, const void* _p_j, int64_t _ld_j, const void* _p_mean, int64_t _ld_mean, const void* _p_mean_2, int64_t _ld_mean_2, const void* _p_mean_3, int64_t _ld_mean_3, const void* _p_mean_4, int64_t _ld_mean_4, const void* _p_mean_5, int64_t _ld_mean_5, const void* _p_o, int64_t _ld_o, const void* _p_rstd, int64_t _ld_rstd, const void* _p_rstd_2, int64_t _ld_rstd_2, const void* _p_rstd_3, int64_t _ld_rstd_3, const void* _p_rstd_4, int64_t _ld_rstd_4, const void* _p_rstd_5, int64_t _ld_rstd_5, const void* _p_var, int64_t _ld_var, const void* _p_var_2, int64_t _ld_var_2, const void* _p_var_3, int64_t _ld_var_3, const void* _p_var_4, int64_t _ld_var_4, const void* _p_var_5, int64_t _ld_var_5, void* _p_d_c_next, int64_t _ld_d_c_next, void* _p_d_var_5, int64_t _ld_d_var_5, void* _p_d_mean_5, int64_t _ld_d_mean_5, void* _p_d_o, int64_t _ld_d_o, void* _p_d_var_4, int64_t _ld_d_var_4, void* _p_d_mean_4, int64_t _ld_d_mean_4, void* _p_d_f, int64_t _ld_d_f, void* _p_d_var_3, int64_t _ld_d_var_3, void* _p_d_mean_3, int64_t _ld_d_mean_3, void* _p_d_j, int64_t _ld_d_j, void* _p_d_var_2, int64_t _ld_d_var_2, void* _p_d_mean_2, int64_t _ld_d_mean_2, void* _p_d_i, int64_t _ld_d_i, void* _p_d_var, int64_t _ld_d_var, void* _p_d_mean, int64_t _ld_d_mean, void* _p_d_U_i_h, int64_t _ld_d_U_i_h, void* _p_d_U_j_h, int64_t _ld_d_U_j_h, void* _p_d_U_f_h, int64_t _ld_d_U_f_h, void* _p_d_U_o_h, int64_t _ld_d_U_o_h, void* _stream)
-{
-    if (_rows <= 0) return 0;
-    int64_t _cols = 1;
-    if (n_H > _cols) _cols = n_H;
-    dim3 _grid, _block;
-    cs_row_grid(_rows, _cols, &_grid, &_block);
-    layer_norm_lstm_backward_bwd0_rows_kernel<S><<<_grid, _block, 0, (cudaStream_t)_stream>>>(_rows, n_H, (const S*)_p_U_f_h, _ld_U_f_h, (const S*)_p_U_i_h, _ld_U_i_h, (const S*)_p_U_j_h, _ld_U_j_h, (const S*)_p_U_o_h, _ld_U_o_h, (const S*)_p_W_f_x, _ld_W_f_x, (const S*)_p_W_i_x, _ld_W_i_x, (const S*)_p_W_j_x, _ld_W_j_x, (const S*)_p_W_o_x, _ld_W_o_x, (const S*)_p_c, _ld_c, (const S*)_p_c_next, _ld_c_next, (const S*)_p_d_c, _ld_d_c, (const S*)_p_d_h, _ld_d_h, (const S*)_p_d_h_next_out, _ld_d_h_next_out, (const S*)_p_f, _ld_f, (const S*)_p_g_c, _ld_g_c, (const S*)_p_g_f, _ld_g_f, (const S*)_p_g_i, _ld_g_i, (const S*)_p_g_j, _ld_g_j, (const S*)_p_g_o, _ld_g_o, (const S*)_p_i, _ld_i, (const S*)_p_inv_n_H, _ld_inv_n_H, (const S*)_p_j, _ld_j, (const S*)_p_mean, _ld_mean, (const S*)_p_mean_2, _ld_mean_2, (const S*)_p_mean_3, _ld_mean_3, (const S*)_p_mean_4, _ld_mean_4, (const S*)_p_mean_5, _ld_mean_5, (const S*)_p_o, _ld_o, (const S*)_p_rstd, _ld_rstd, (const S*)_p_rstd_2, _ld_rstd_2, (const S*)_p_rstd_3, _ld_rstd_3, (const S*)_p_rstd_4, _ld_rstd_4, (const S*)_p_rstd_5, _ld_rstd_5, (const S*)_p_var, _ld_var, (const S*)_p_var_2, _ld_var_2, (const S*)_p_var_3, _ld_var_3, (const S*)_p_var_4, _ld_var_4, (const S*)_p_var_5, _ld_var_5, (S*)_p_d_c_next, _ld_d_c_next, (S*)_p_d_var_5, _ld_d_var_5, (S*)_p_d_mean_5, _ld_d_mean_5, (S*)_p_d_o, _ld_d_o, (S*)_p_d_var_4, _ld_d_var_4, (S*)_p_d_mean_4, _ld_d_mean_4, (S*)_p_d_f, _ld_d_f, (S*)_p_d_var_3, _ld_d_var_3, (S*)_p_d_mean_3, _ld_d_mean_3, (S*)_p_d_j, _ld_d_j, (S*)_p_d_var_2, _ld_d_var_2, (S*)_p_d_mean_2, _ld_d_mean_2, (S*)_p_d_i, _ld_d_i, (S*)_p_d_var, _ld_d_var, (S*)_p_d_mean, _ld_d_mean, (S*)_p_d_U_i_h, _ld_d_U_i_h, (S*)_p_d_U_j_h, _ld_d_U_j_h, (S*)_p_d_U_f_h, _ld_d_U_f_h, (S*)_p_d_U_o_h, _ld_d_U_o_h);
-    return (int)cudaGetLastError();
-}
-#else
-template <typename S>
-static inline void layer_norm_lstm_backward_bwd0_rows_host(int64_t _rows, int64_t n_H, const S* __restrict__ _p_U_f_h, int64_t _ld_U_f_h, const S* __restrict__ _p_U_i_h, int64_t _ld_U_i_h, const S* __restrict__ _p_U_j_h, int64_t _ld_U_j_h, const S* __restrict__ _p_U_o_h, int64_t _ld_U_o_h, const S* __restrict__ _p_W_f_x, int64_t _ld_W_f_x, const S* __restrict__ _p_W_i_x, int64_t _ld_W_i_x, const S* __restrict__ _p_W_j_x, int64_t _ld_W_j_x, const S* __restrict__ _p_W_o_x, int64_t _ld_W_o_x, const S* __restrict__ _p_c, int64_t _ld_c, const S* __restrict__ _p_c_next, int64_t _ld_c_next, const S* __restrict__ _p_d_c, int64_t _ld_d_c, const S* __restrict__ _p_d_h, int64_t _ld_d_h, const S* __restrict__ _p_d_h_next_out, int64_t _ld_d_h_next_out, const S* __restrict__ _p_f, int64_t _ld_f, const S* __restrict__ _p_g_c, int64_t _ld_g_c, const S* __restrict__ _p_g_f, int64_t _ld_g_f, const S* __restrict__ _p_g_i, int64_t _ld_g_i, const S* __restrict__ _p_g_j, int64_t _ld_g_j, const S* __restrict__ _p_g_o, int64_t _ld_g_o, const S* __restrict__ _p_i, int64_t _ld_i, const S* __restrict__ _p_inv_n_H, int64_t _ld_inv_n_H, const S* __restrict__ _p_j, int64_t _ld_j, const S* __restrict__ _p_mean, int64_t _ld_mean, const S* __restrict__ _p_mean_2, int64_t _ld_mean_2, const S* __restrict__ _p_mean_3, int64_t _ld_mean_3, const S* __restrict__ _p_mean_4, int64_t _ld_mean_4, const S* __restrict__ _p_mean_5, int64_t _ld_mean_5, const S* __restrict__ _p_o, int64_t _ld_o, const S* __restrict__ _p_rstd, int64_t _ld_rstd, const S* __restrict__ _p_rstd_2, int64_t _ld_rstd_2, const S* __restrict__ _p_rstd_3, int64_t _ld_rstd_3, const S* __restrict__ _p_rstd_4, int64_t _ld_rstd_4, const S* __restrict__ _p_rstd_5, int64_t _ld_rstd_5, const S* __restrict__ _p_var, int64_t _ld_var, const S* __restrict__ _p_var_2, int64_t _ld_var_2, const S* __restrict__ _p_var_3, int64_t _ld_var_3, const S* __restrict__ _p_var_4, int64_t _ld_var_4, const S* __restrict__ _p_var_5, int64_t _ld_var_5, S* __restrict__ _p_d_c_next, int64_t _ld_d_c_next, S* __restrict__ _p_d_var_5, int64_t _ld_d_var_5, S* __restrict__ _p_d_mean_5, int64_t _ld_d_mean_5, S* __restrict__ _p_d_o, int64_t _ld_d_o, S* __restrict__ _p_d_var_4, int64_t _ld_d_var_4, S* __restrict__ _p_d_mean_4, int64_t _ld_d_mean_4, S* __restrict__ _p_d_f, int64_t _ld_d_f, S* __restrict__ _p_d_var_3, int64_t _ld_d_var_3, S* __restrict__ _p_d_mean_3, int64_t _ld_d_mean_3, S* __restrict__ _p_d_j, int64_t _ld_d_j, S* __restrict__ _p_d_var_2, int64_t _ld_d_var_2, S* __restrict__ _p_d_mean_2, int64_t _ld_d_mean_2, S* __restrict__ _p_d_i, int64_t _ld_d_i, S* __restrict__ _p_d_var, int64_t _ld_d_var, S* __restrict__ _p_d_mean, int64_t _ld_d_mean, S* __restrict__ _p_d_U_i_h, int64_t _ld_d_U_i_h, S* __restrict__ _p_d_U_j_h, int64_t _ld_d_U_j_h, S* __restrict__ _p_d_U_f_h, int64_t _ld_d_U_f_h, S* __restrict__ _p_d_U_o_h, int64_t _ld_d_U_o_h)
-{
-    cs_for_rows(_rows, cs_par(_rows * (n_H), 2048), [&](int64_t _r) {
-        layer_norm_lstm_backward_bwd0_rows_row<S, S>(_r, 0, 1, n_H, _p_U_f_h, _ld_U_f_h, _p_U_i_h, _ld_U_i_h, _p_U_j_h, _ld_U_j_h, _p_U_o_h, _ld_U_o_h, _p_W_f_x, _ld_W_f_x, _p_W_i_x, _ld_W_i_x, _p_W_j_x, _ld_W_j_x, _p_W_o_x, _ld_W_o_x, _p_c, _ld_c, _p_c_next, _ld_c_next, _p_d_c, _ld_d_c, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_f, _ld_f, _p_g_c, _ld_g_c, _p_g_f, _ld_g_f, _p_g_i, _ld_g_i, _p_g_j, _ld_g_j, _p_g_o, _ld_g_o, _p_i, _ld_i, _p_inv_n_H, _ld_inv_n_H, _p_j, _ld_j, _p_mean, _ld_mean, _p_mean_2, _ld_mean_2, _p_mean_3, _ld_mean_3, _p_mean_4, _ld_mean_4, _p_mean_5, _ld_mean_5, _p_o, _ld_o, _p_rstd, _ld_rstd, _p_rstd_2, _ld_rstd_2, _p_rstd_3, _ld_rstd_3, _p_rstd_4, _ld_rstd_4, _p_rstd_5, _ld_rstd_5, _p_var, _ld_var, _p_var_2, _ld_var_2, _p_var_3, _ld_var_3, _p_var_4, _ld_var_4, _p_var_5, _ld_var_5, _p_d_c_next, _ld_d_c_next, _p_d_var_5, _ld_d_var_5, _p_d_mean_5, _ld_d_mean_5, _p_d_o, _ld_d_o, _p_d_var_4, _ld_d_var_4, _p_d_mean_4, _ld_d_mean_4, _p_d_f, _ld_d_f, _p_d_var_3, _ld_d_var_3, _p_d_mean_3, _ld_d_mean_3, _p_d_j, _ld_d_j, _p_d_var_2, _ld_d_var_2, _p_d_mean_2, _ld_d_mean_2, _p_d_i, _ld_d_i, _p_d_var, _ld_d_var, _p_d_mean, _ld_d_mean, _p_d_U_i_h, _ld_d_U_i_h, _p_d_U_j_h, _ld_d_U_j_h, _p_d_U_f_h, _ld_d_U_f_h, _p_d_U_o_h, _ld_d_U_o_h);
-    });
-}
-#endif
-
-// =============================================================================================
-// layer_norm_lstm_backward_bwd_leaf_rows: backward: per-step adjoints of inputs, states, vector params, hoisted results, row by row (reductions over the units)
-// =============================================================================================
-template <typename S, typename real>
-CS_ROWFN inline void layer_norm_lstm_backward_bwd_leaf_rows_row(int64_t _r, int64_t _j0, int64_t _dj, int64_t n_H, const S* __restrict__ _p_U_f_h, int64_t _ld_U_f_h, const S* __restrict__ _p_U_i_h, int64_t _ld_U_i_h, const S* __restrict__ _p_U_j_h, int64_t _ld_U_j_h, const S* __restrict__ _p_U_o_h, int64_t _ld_U_o_h, const S* __restrict__ _p_W_f_x, int64_t _ld_W_f_x, const S* __restrict__ _p_W_i_x, int64_t _ld_W_i_x, const S* __restrict__ _p_W_j_x, int64_t _ld_W_j_x, const S* __restrict__ _p_W_o_x, int64_t _ld_W_o_x, const S* __restrict__ _p_c, int64_t _ld_c, const S* __restrict__ _p_d_c_next, int64_t _ld_d_c_next, const S* __restrict__ _p_d_f, int64_t _ld_d_f, const S* __restrict__ _p_d_h_gemm, int64_t _ld_d_h_gemm, const S* __restrict__ _p_d_i, int64_t _ld_d_i, const S* __restrict__ _p_d_j, int64_t _ld_d_j, const S* __restrict__ _p_d_mean, int64_t _ld_d_mean, const S* __restrict__ _p_d_mean_2, int64_t _ld_d_mean_2, const S* __restrict__ _p_d_mean_3, int64_t _ld_d_mean_3, const S* __restrict__ _p_d_mean_4, int64_t _ld_d_mean_4, const S* __restrict__ _p_d_mean_5, int64_t _ld_d_mean_5, const S* __restrict__ _p_d_o, int64_t _ld_d_o, const S* __restrict__ _p_d_var, int64_t _ld_d_var, const S* __restrict__ _p_d_var_2, int64_t _ld_d_var_2, const S* __restrict__ _p_d_var_3, int64_t _ld_d_var_3, const S* __restrict__ _p_d_var_4, int64_t _ld_d_var_4, const S* __restrict__ _p_d_var_5, int64_t _ld_d_var_5, const S* __restrict__ _p_f, int64_t _ld_f, const S* __restrict__ _p_g_c, int64_t _ld_g_c, const S* __restrict__ _p_g_f, int64_t _ld_g_f, const S* __restrict__ _p_g_i, int64_t _ld_g_i, const S* __restrict__ _p_g_j, int64_t _ld_g_j, const S* __restrict__ _p_g_o, int64_t _ld_g_o, const S* __restrict__ _p_i, int64_t _ld_i, const S* __restrict__ _p_inv_n_H, int64_t _ld_inv_n_H, const S* __restrict__ _p_j, int64_t _ld_j, const S* __restrict__ _p_mean, int64_t _ld_mean, const S* __restrict__ _p_mean_2, int64_t _ld_mean_2, const S* __restrict__ _p_mean_3, int64_t _ld_mean_3, const S* __restrict__ _p_mean_4, int64_t _ld_mean_4, const S* __restrict__ _p_mean_5, int64_t _ld_mean_5, const S* __restrict__ _p_o, int64_t _ld_o, const S* __restrict__ _p_rstd, int64_t _ld_rstd, const S* __restrict__ _p_rstd_2, int64_t _ld_rstd_2, const S* __restrict__ _p_rstd_3, int64_t _ld_rstd_3, const S* __restrict__ _p_rstd_4, int64_t _ld_rstd_4, const S* __restrict__ _p_rstd_5, int64_t _ld_rstd_5, S* __restrict__ _p_d_h, int64_t _ld_d_h, S* __restrict__ _p_d_c, int64_t _ld_d_c, S* __restrict__ _p_d_g_i, int64_t _ld_d_g_i, S* __restrict__ _p_d_b_i, int64_t _ld_d_b_i, S* __restrict__ _p_d_g_j, int64_t _ld_d_g_j, S* __restrict__ _p_d_b_j, int64_t _ld_d_b_j, S* __restrict__ _p_d_g_f, int64_t _ld_d_g_f, S* __restrict__ _p_d_b_f, int64_t _ld_d_b_f, S* __restrict__ _p_d_g_o, int64_t _ld_d_g_o, S* __restrict__ _p_d_b_o, int64_t _ld_d_b_o, S* __restrict__ _p_d_g_c, int64_t _ld_d_g_c, S* __restrict__ _p_d_b_c, int64_t _ld_d_b_c, S* __restrict__ _p_d_W_i_x, int64_t _ld_d_W_i_x, S* __restrict__ _p_d_W_j_x, int64_t _ld_d_W_j_x, S* __restrict__ _p_d_W_f_x, int64_t _ld_d_W_f_x, S* __restrict__ _p_d_W_o_x, int64_t _ld_d_W_o_x)
-{
-    (void)n_H;
-    const real d_mean = CS_LD(_p_d_mean[_r * _ld_d_mean]);
-    const real d_mean_2 = CS_LD(_p_d_mean_2[_r * _ld_d_mean_2]);
-    const real d_mean_3 = CS_LD(_p_d_mean_3[_r * _ld_d_mean_3]);
-    const real d_mean_4 = CS_LD(_p_d_mean_4[_r * _ld_d_mean_4]);
-    const real d_mean_5 = CS_LD(_p_d_mean_5[_r * _ld_d_mean_5]);
-    const real d_var = CS_LD(_p_d_var[_r * _ld_d_var]);
-    const real d_var_2 = CS_LD(_p_d_var_2[_r * _ld_d_var_2]);
-    const real d_var_3 = CS_LD(_p_d_var_3[_r * _ld_d_var_3]);
-    const real d_var_4 = CS_LD(_p_d_var_4[_r * _ld_d_var_4]);
-    const real d_var_5 = CS_LD(_p_d_var_5[_r * _ld_d_var_5]);
-    const real mean = CS_LD(_p_mean[_r * _ld_mean]);
-    const real mean_2 = CS_LD(_p_mean_2[_r * _ld_mean_2]);
-    const real mean_3 = CS_LD(_p_mean_3[_r * _ld_mean_3]);
-    const real mean_4 = CS_LD(_p_mean_4[_r * _ld_mean_4]);
-    const real mean_5 = CS_LD(_p_mean_5[_r * _ld_mean_5]);
-    const real rstd = CS_LD(_p_rstd[_r * _ld_rstd]);
-    const real rstd_2 = CS_LD(_p_rstd_2[_r * _ld_rstd_2]);
-    const real rstd_3 = CS_LD(_p_rstd_3[_r * _ld_rstd_3]);
-    const real rstd_4 = CS_LD(_p_rstd_4[_r * _ld_rstd_4]);
-    const real rstd_5 = CS_LD(_p_rstd_5[_r * _ld_rstd_5]);
-    CS_SIMD
-    for (int64_t _j = _j0; _j < n_H; _j += _dj) {
-        const real U_f_h = CS_LD(_p_U_f_h[_r * _ld_U_f_h + _j]);
-        const real U_i_h = CS_LD(_p_U_i_h[_r * _ld_U_i_h + _j]);
-        const real U_j_h = CS_LD(_p_U_j_h[_r * _ld_U_j_h + _j]);
-        const real U_o_h = CS_LD(_p_U_o_h[_r * _ld_U_o_h + _j]);
-        const real W_f_x = CS_LD(_p_W_f_x[_r * _ld_W_f_x + _j]);
-        const real W_i_x = CS_LD(_p_W_i_x[_r * _ld_W_i_x + _j]);
-        const real W_j_x = CS_LD(_p_W_j_x[_r * _ld_W_j_x + _j]);
-        const real W_o_x = CS_LD(_p_W_o_x[_r * _ld_W_o_x + _j]);
         const real c = CS_LD(_p_c[_r * _ld_c + _j]);
-        const real d_c_next = CS_LD(_p_d_c_next[_r * _ld_d_c_next + _j]);
-        const real d_f = CS_LD(_p_d_f[_r * _ld_d_f + _j]);
-        const real d_h_gemm = CS_LD(_p_d_h_gemm[_r * _ld_d_h_gemm + _j]);
-        const real d_i = CS_LD(_p_d_i[_r * _ld_d_i + _j]);
-        const real d_j = CS_LD(_p_d_j[_r * _ld_d_j + _j]);
-        const real d_o = CS_LD(_p_d_o[_r * _ld_d_o + _j]);
+        const real c_next = CS_LD(_p_c_next[_r * _ld_c_next + _j]);
+        const real d_c = CS_LD(_p_d_c[_r * _ld_d_c + _j]);
+        const real d_h = CS_LD(_p_d_h[_r * _ld_d_h + _j]);
+        const real d_h_next_out = CS_LD(_p_d_h_next_out[_r * _ld_d_h_next_out + _j]);
         const real f = CS_LD(_p_f[_r * _ld_f + _j]);
         const real g_c = CS_LD(_p_g_c[_r * _ld_g_c + _j]);
         const real g_f = CS_LD(_p_g_f[_r * _ld_g_f + _j]);
@@ -1890,9 +1777,39 @@ CS_ROWFN inline void layer_norm_lstm_backward_bwd_leaf_rows_row(int64_t _r, int6
         const real inv_n_H = CS_LD(_p_inv_n_H[_r * _ld_inv_n_H + _j]);
         const real j = CS_LD(_p_j[_r * _ld_j + _j]);
         const real o = CS_LD(_p_o[_r * _ld_o + _j]);
+        const real t0 = cs_tanh(c_next);
+        const real t1 = c*f;
+        const real t2 = i*j;
+        const real t3 = -mean_5 + t1 + t2;
+        const real t8 = real(2.0)*U_o_h + real(2.0)*W_o_x - real(2.0)*mean_4;
+        const real t13 = real(2.0)*U_f_h + real(2.0)*W_f_x - real(2.0)*mean_3;
+        const real t16 = real(2.0)*U_j_h + real(2.0)*W_j_x - real(2.0)*mean_2;
+        const real t19 = real(2.0)*U_i_h + real(2.0)*W_i_x - real(2.0)*mean;
+        const real d_h_next = d_h + d_h_next_out;  // adjoint of h'
+        const real d_c_next = d_c + d_h_next*o*(real(1.0) - (t0*t0));  // adjoint of c'
+        const real t4 = d_c_next*g_c;
+        const real t5 = rstd_5*t4;
+        const real t10 = real(2.0)*d_var_5*inv_n_H*t3;
+        const real t9 = d_mean_5*inv_n_H;
+        const real d_o = d_h_next*t0;  // adjoint of o
+        const real t6 = d_o*g_o*o*(real(1.0) - o);
+        const real t7 = rstd_4*t6;
+        const real d_f = c*t10 + c*t5 + c*t9;  // adjoint of f
+        const real t11 = d_f*f*g_f*(real(1.0) - f);
+        const real t12 = rstd_3*t11;
+        const real d_j = i*t10 + i*t5 + i*t9;  // adjoint of j
+        const real t14 = d_j*g_j*(real(1.0) - (j*j));
+        const real t15 = rstd_2*t14;
+        const real d_i = j*t10 + j*t5 + j*t9;  // adjoint of i
+        const real t17 = d_i*g_i*i*(real(1.0) - i);
+        const real t18 = rstd*t17;
+        const real d_U_i_h = d_mean*inv_n_H + d_var*inv_n_H*t19 + t18;  // adjoint of U_i @ h
+        const real d_U_j_h = d_mean_2*inv_n_H + d_var_2*inv_n_H*t16 + t15;  // adjoint of U_j @ h
+        const real d_U_f_h = d_mean_3*inv_n_H + d_var_3*inv_n_H*t13 + t12;  // adjoint of U_f @ h
+        const real d_U_o_h = d_mean_4*inv_n_H + d_var_4*inv_n_H*t8 + t7;  // adjoint of U_o @ h
         const real t19_2 = f*inv_n_H;
         const real t20 = d_c_next*rstd_5;
-        const real t21 = c*f + i*j - mean_5;
+        const real t21 = -mean_5 + t1 + t2;
         const real t22 = d_i*i*(real(1.0) - i);
         const real t23 = rstd*t22;
         const real t24 = d_j*(real(1.0) - (j*j));
@@ -1901,8 +1818,6 @@ CS_ROWFN inline void layer_norm_lstm_backward_bwd_leaf_rows_row(int64_t _r, int6
         const real t27 = rstd_3*t26;
         const real t28 = d_o*o*(real(1.0) - o);
         const real t29 = rstd_4*t28;
-        const real d_h = d_h_gemm;  // adjoint of state h
-        const real d_c = d_mean_5*t19_2 + real(2.0)*d_var_5*t19_2*t21 + f*g_c*t20;  // adjoint of state c
         const real d_g_i = t23*(U_i_h + W_i_x - mean);  // adjoint of param g_i
         const real d_b_i = t22;  // adjoint of param b_i
         const real d_g_j = t25*(U_j_h + W_j_x - mean_2);  // adjoint of param g_j
@@ -1913,12 +1828,15 @@ CS_ROWFN inline void layer_norm_lstm_backward_bwd_leaf_rows_row(int64_t _r, int6
         const real d_b_o = t28;  // adjoint of param b_o
         const real d_g_c = t20*t21;  // adjoint of param g_c
         const real d_b_c = d_c_next;  // adjoint of param b_c
-        const real d_W_i_x = d_mean*inv_n_H + d_var*inv_n_H*(real(2.0)*U_i_h + real(2.0)*W_i_x - real(2.0)*mean) + g_i*t23;  // adjoint of hoisted projection W_i_x
-        const real d_W_j_x = d_mean_2*inv_n_H + d_var_2*inv_n_H*(real(2.0)*U_j_h + real(2.0)*W_j_x - real(2.0)*mean_2) + g_j*t25;  // adjoint of hoisted projection W_j_x
-        const real d_W_f_x = d_mean_3*inv_n_H + d_var_3*inv_n_H*(real(2.0)*U_f_h + real(2.0)*W_f_x - real(2.0)*mean_3) + g_f*t27;  // adjoint of hoisted projection W_f_x
-        const real d_W_o_x = d_mean_4*inv_n_H + d_var_4*inv_n_H*(real(2.0)*U_o_h + real(2.0)*W_o_x - real(2.0)*mean_4) + g_o*t29;  // adjoint of hoisted projection W_o_x
-        CS_ST(_p_d_h[_r * _ld_d_h + _j], d_h);
-        CS_ST(_p_d_c[_r * _ld_d_c + _j], d_c);
+        const real d_W_i_x = d_mean*inv_n_H + d_var*inv_n_H*t19 + g_i*t23;  // adjoint of hoisted projection W_i_x
+        const real d_W_j_x = d_mean_2*inv_n_H + d_var_2*inv_n_H*t16 + g_j*t25;  // adjoint of hoisted projection W_j_x
+        const real d_W_f_x = d_mean_3*inv_n_H + d_var_3*inv_n_H*t13 + g_f*t27;  // adjoint of hoisted projection W_f_x
+        const real d_W_o_x = d_mean_4*inv_n_H + d_var_4*inv_n_H*t8 + g_o*t29;  // adjoint of hoisted projection W_o_x
+        const real d_c_prev = d_mean_5*t19_2 + real(2.0)*d_var_5*t19_2*t21 + f*g_c*t20;  // adjoint of state c, carried to the step before
+        CS_ST(_p_d_U_i_h[_r * _ld_d_U_i_h + _j], d_U_i_h);
+        CS_ST(_p_d_U_j_h[_r * _ld_d_U_j_h + _j], d_U_j_h);
+        CS_ST(_p_d_U_f_h[_r * _ld_d_U_f_h + _j], d_U_f_h);
+        CS_ST(_p_d_U_o_h[_r * _ld_d_U_o_h + _j], d_U_o_h);
         CS_ST(_p_d_g_i[_r * _ld_d_g_i + _j], d_g_i);
         CS_ST(_p_d_b_i[_r * _ld_d_b_i + _j], d_b_i);
         CS_ST(_p_d_g_j[_r * _ld_d_g_j + _j], d_g_j);
@@ -1933,35 +1851,36 @@ CS_ROWFN inline void layer_norm_lstm_backward_bwd_leaf_rows_row(int64_t _r, int6
         CS_ST(_p_d_W_j_x[_r * _ld_d_W_j_x + _j], d_W_j_x);
         CS_ST(_p_d_W_f_x[_r * _ld_d_W_f_x + _j], d_W_f_x);
         CS_ST(_p_d_W_o_x[_r * _ld_d_W_o_x + _j], d_W_o_x);
+        CS_ST(_p_d_c_prev[_r * _ld_d_c_prev + _j], d_c_prev);
     }
 }
 
 #ifdef __CUDACC__
 template <typename S>
-__global__ void layer_norm_lstm_backward_bwd_leaf_rows_kernel(int64_t _rows, int64_t n_H, const S* __restrict__ _p_U_f_h, int64_t _ld_U_f_h, const S* __restrict__ _p_U_i_h, int64_t _ld_U_i_h, const S* __restrict__ _p_U_j_h, int64_t _ld_U_j_h, const S* __restrict__ _p_U_o_h, int64_t _ld_U_o_h, const S* __restrict__ _p_W_f_x, int64_t _ld_W_f_x, const S* __restrict__ _p_W_i_x, int64_t _ld_W_i_x, const S* __restrict__ _p_W_j_x, int64_t _ld_W_j_x, const S* __restrict__ _p_W_o_x, int64_t _ld_W_o_x, const S* __restrict__ _p_c, int64_t _ld_c, const S* __restrict__ _p_d_c_next, int64_t _ld_d_c_next, const S* __restrict__ _p_d_f, int64_t _ld_d_f, const S* __restrict__ _p_d_h_gemm, int64_t _ld_d_h_gemm, const S* __restrict__ _p_d_i, int64_t _ld_d_i, const S* __restrict__ _p_d_j, int64_t _ld_d_j, const S* __restrict__ _p_d_mean, int64_t _ld_d_mean, const S* __restrict__ _p_d_mean_2, int64_t _ld_d_mean_2, const S* __restrict__ _p_d_mean_3, int64_t _ld_d_mean_3, const S* __restrict__ _p_d_mean_4, int64_t _ld_d_mean_4, const S* __restrict__ _p_d_mean_5, int64_t _ld_d_mean_5, const S* __restrict__ _p_d_o, int64_t _ld_d_o, const S* __restrict__ _p_d_var, int64_t _ld_d_var, const S* __restrict__ _p_d_var_2, int64_t _ld_d_var_2, const S* __restrict__ _p_d_var_3, int64_t _ld_d_var_3, const S* __restrict__ _p_d_var_4, int64_t _ld_d_var_4, const S* __restrict__ _p_d_var_5, int64_t _ld_d_var_5, const S* __restrict__ _p_f, int64_t _ld_f, const S* __restrict__ _p_g_c, int64_t _ld_g_c, const S* __restrict__ _p_g_f, int64_t _ld_g_f, const S* __restrict__ _p_g_i, int64_t _ld_g_i, const S* __restrict__ _p_g_j, int64_t _ld_g_j, const S* __restrict__ _p_g_o, int64_t _ld_g_o, const S* __restrict__ _p_i, int64_t _ld_i, const S* __restrict__ _p_inv_n_H, int64_t _ld_inv_n_H, const S* __restrict__ _p_j, int64_t _ld_j, const S* __restrict__ _p_mean, int64_t _ld_mean, const S* __restrict__ _p_mean_2, int64_t _ld_mean_2, const S* __restrict__ _p_mean_3, int64_t _ld_mean_3, const S* __restrict__ _p_mean_4, int64_t _ld_mean_4, const S* __restrict__ _p_mean_5, int64_t _ld_mean_5, const S* __restrict__ _p_o, int64_t _ld_o, const S* __restrict__ _p_rstd, int64_t _ld_rstd, const S* __restrict__ _p_rstd_2, int64_t _ld_rstd_2, const S* __restrict__ _p_rstd_3, int64_t _ld_rstd_3, const S* __restrict__ _p_rstd_4, int64_t _ld_rstd_4, const S* __restrict__ _p_rstd_5, int64_t _ld_rstd_5, S* __restrict__ _p_d_h, int64_t _ld_d_h, S* __restrict__ _p_d_c, int64_t _ld_d_c, S* __restrict__ _p_d_g_i, int64_t _ld_d_g_i, S* __restrict__ _p_d_b_i, int64_t _ld_d_b_i, S* __restrict__ _p_d_g_j, int64_t _ld_d_g_j, S* __restrict__ _p_d_b_j, int64_t _ld_d_b_j, S* __restrict__ _p_d_g_f, int64_t _ld_d_g_f, S* __restrict__ _p_d_b_f, int64_t _ld_d_b_f, S* __restrict__ _p_d_g_o, int64_t _ld_d_g_o, S* __restrict__ _p_d_b_o, int64_t _ld_d_b_o, S* __restrict__ _p_d_g_c, int64_t _ld_d_g_c, S* __restrict__ _p_d_b_c, int64_t _ld_d_b_c, S* __restrict__ _p_d_W_i_x, int64_t _ld_d_W_i_x, S* __restrict__ _p_d_W_j_x, int64_t _ld_d_W_j_x, S* __restrict__ _p_d_W_f_x, int64_t _ld_d_W_f_x, S* __restrict__ _p_d_W_o_x, int64_t _ld_d_W_o_x)
+__global__ void layer_norm_lstm_backward_bwd0_rows_kernel(int64_t _rows, int64_t n_H, const S* __restrict__ _p_U_f_h, int64_t _ld_U_f_h, const S* __restrict__ _p_U_i_h, int64_t _ld_U_i_h, const S* __restrict__ _p_U_j_h, int64_t _ld_U_j_h, const S* __restrict__ _p_U_o_h, int64_t _ld_U_o_h, const S* __restrict__ _p_W_f_x, int64_t _ld_W_f_x, const S* __restrict__ _p_W_i_x, int64_t _ld_W_i_x, const S* __restrict__ _p_W_j_x, int64_t _ld_W_j_x, const S* __restrict__ _p_W_o_x, int64_t _ld_W_o_x, const S* __restrict__ _p_c, int64_t _ld_c, const S* __restrict__ _p_c_next, int64_t _ld_c_next, const S* __restrict__ _p_d_c, int64_t _ld_d_c, const S* __restrict__ _p_d_h, int64_t _ld_d_h, const S* __restrict__ _p_d_h_next_out, int64_t _ld_d_h_next_out, const S* __restrict__ _p_f, int64_t _ld_f, const S* __restrict__ _p_g_c, int64_t _ld_g_c, const S* __restrict__ _p_g_f, int64_t _ld_g_f, const S* __restrict__ _p_g_i, int64_t _ld_g_i, const S* __restrict__ _p_g_j, int64_t _ld_g_j, const S* __restrict__ _p_g_o, int64_t _ld_g_o, const S* __restrict__ _p_i, int64_t _ld_i, const S* __restrict__ _p_inv_n_H, int64_t _ld_inv_n_H, const S* __restrict__ _p_j, int64_t _ld_j, const S* __restrict__ _p_mean, int64_t _ld_mean, const S* __restrict__ _p_mean_2, int64_t _ld_mean_2, const S* __restrict__ _p_mean_3, int64_t _ld_mean_3, const S* __restrict__ _p_mean_4, int64_t _ld_mean_4, const S* __restrict__ _p_mean_5, int64_t _ld_mean_5, const S* __restrict__ _p_o, int64_t _ld_o, const S* __restrict__ _p_rstd, int64_t _ld_rstd, const S* __restrict__ _p_rstd_2, int64_t _ld_rstd_2, const S* __restrict__ _p_rstd_3, int64_t _ld_rstd_3, const S* __restrict__ _p_rstd_4, int64_t _ld_rstd_4, const S* __restrict__ _p_rstd_5, int64_t _ld_rstd_5, const S* __restrict__ _p_var, int64_t _ld_var, const S* __restrict__ _p_var_2, int64_t _ld_var_2, const S* __restrict__ _p_var_3, int64_t _ld_var_3, const S* __restrict__ _p_var_4, int64_t _ld_var_4, const S* __restrict__ _p_var_5, int64_t _ld_var_5, S* __restrict__ _p_d_U_i_h, int64_t _ld_d_U_i_h, S* __restrict__ _p_d_U_j_h, int64_t _ld_d_U_j_h, S* __restrict__ _p_d_U_f_h, int64_t _ld_d_U_f_h, S* __restrict__ _p_d_U_o_h, int64_t _ld_d_U_o_h, S* __restrict__ _p_d_g_i, int64_t _ld_d_g_i, S* __restrict__ _p_d_b_i, int64_t _ld_d_b_i, S* __restrict__ _p_d_g_j, int64_t _ld_d_g_j, S* __restrict__ _p_d_b_j, int64_t _ld_d_b_j, S* __restrict__ _p_d_g_f, int64_t _ld_d_g_f, S* __restrict__ _p_d_b_f, int64_t _ld_d_b_f, S* __restrict__ _p_d_g_o, int64_t _ld_d_g_o, S* __restrict__ _p_d_b_o, int64_t _ld_d_b_o, S* __restrict__ _p_d_g_c, int64_t _ld_d_g_c, S* __restrict__ _p_d_b_c, int64_t _ld_d_b_c, S* __restrict__ _p_d_W_i_x, int64_t _ld_d_W_i_x, S* __restrict__ _p_d_W_j_x, int64_t _ld_d_W_j_x, S* __restrict__ _p_d_W_f_x, int64_t _ld_d_W_f_x, S* __restrict__ _p_d_W_o_x, int64_t _ld_d_W_o_x, S* __restrict__ _p_d_c_prev, int64_t _ld_d_c_prev)
 {
     typedef typename cs_math<S>::type M;
     for (int64_t _r = blockIdx.x; _r < _rows; _r += gridDim.x)
-        layer_norm_lstm_backward_bwd_leaf_rows_row<S, M>(_r, threadIdx.x, blockDim.x, n_H, _p_U_f_h, _ld_U_f_h, _p_U_i_h, _ld_U_i_h, _p_U_j_h, _ld_U_j_h, _p_U_o_h, _ld_U_o_h, _p_W_f_x, _ld_W_f_x, _p_W_i_x, _ld_W_i_x, _p_W_j_x, _ld_W_j_x, _p_W_o_x, _ld_W_o_x, _p_c, _ld_c, _p_d_c_next, _ld_d_c_next, _p_d_f, _ld_d_f, _p_d_h_gemm, _ld_d_h_gemm, _p_d_i, _ld_d_i, _p_d_j, _ld_d_j, _p_d_mean, _ld_d_mean, _p_d_mean_2, _ld_d_mean_2, _p_d_mean_3, _ld_d_mean_3, _p_d_mean_4, _ld_d_mean_4, _p_d_mean_5, _ld_d_mean_5, _p_d_o, _ld_d_o, _p_d_var, _ld_d_var, _p_d_var_2, _ld_d_var_2, _p_d_var_3, _ld_d_var_3, _p_d_var_4, _ld_d_var_4, _p_d_var_5, _ld_d_var_5, _p_f, _ld_f, _p_g_c, _ld_g_c, _p_g_f, _ld_g_f, _p_g_i, _ld_g_i, _p_g_j, _ld_g_j, _p_g_o, _ld_g_o, _p_i, _ld_i, _p_inv_n_H, _ld_inv_n_H, _p_j, _ld_j, _p_mean, _ld_mean, _p_mean_2, _ld_mean_2, _p_mean_3, _ld_mean_3, _p_mean_4, _ld_mean_4, _p_mean_5, _ld_mean_5, _p_o, _ld_o, _p_rstd, _ld_rstd, _p_rstd_2, _ld_rstd_2, _p_rstd_3, _ld_rstd_3, _p_rstd_4, _ld_rstd_4, _p_rstd_5, _ld_rstd_5, _p_d_h, _ld_d_h, _p_d_c, _ld_d_c, _p_d_g_i, _ld_d_g_i, _p_d_b_i, _ld_d_b_i, _p_d_g_j, _ld_d_g_j, _p_d_b_j, _ld_d_b_j, _p_d_g_f, _ld_d_g_f, _p_d_b_f, _ld_d_b_f, _p_d_g_o, _ld_d_g_o, _p_d_b_o, _ld_d_b_o, _p_d_g_c, _ld_d_g_c, _p_d_b_c, _ld_d_b_c, _p_d_W_i_x, _ld_d_W_i_x, _p_d_W_j_x, _ld_d_W_j_x, _p_d_W_f_x, _ld_d_W_f_x, _p_d_W_o_x, _ld_d_W_o_x);
+        layer_norm_lstm_backward_bwd0_rows_row<S, M>(_r, threadIdx.x, blockDim.x, n_H, _p_U_f_h, _ld_U_f_h, _p_U_i_h, _ld_U_i_h, _p_U_j_h, _ld_U_j_h, _p_U_o_h, _ld_U_o_h, _p_W_f_x, _ld_W_f_x, _p_W_i_x, _ld_W_i_x, _p_W_j_x, _ld_W_j_x, _p_W_o_x, _ld_W_o_x, _p_c, _ld_c, _p_c_next, _ld_c_next, _p_d_c, _ld_d_c, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_f, _ld_f, _p_g_c, _ld_g_c, _p_g_f, _ld_g_f, _p_g_i, _ld_g_i, _p_g_j, _ld_g_j, _p_g_o, _ld_g_o, _p_i, _ld_i, _p_inv_n_H, _ld_inv_n_H, _p_j, _ld_j, _p_mean, _ld_mean, _p_mean_2, _ld_mean_2, _p_mean_3, _ld_mean_3, _p_mean_4, _ld_mean_4, _p_mean_5, _ld_mean_5, _p_o, _ld_o, _p_rstd, _ld_rstd, _p_rstd_2, _ld_rstd_2, _p_rstd_3, _ld_rstd_3, _p_rstd_4, _ld_rstd_4, _p_rstd_5, _ld_rstd_5, _p_var, _ld_var, _p_var_2, _ld_var_2, _p_var_3, _ld_var_3, _p_var_4, _ld_var_4, _p_var_5, _ld_var_5, _p_d_U_i_h, _ld_d_U_i_h, _p_d_U_j_h, _ld_d_U_j_h, _p_d_U_f_h, _ld_d_U_f_h, _p_d_U_o_h, _ld_d_U_o_h, _p_d_g_i, _ld_d_g_i, _p_d_b_i, _ld_d_b_i, _p_d_g_j, _ld_d_g_j, _p_d_b_j, _ld_d_b_j, _p_d_g_f, _ld_d_g_f, _p_d_b_f, _ld_d_b_f, _p_d_g_o, _ld_d_g_o, _p_d_b_o, _ld_d_b_o, _p_d_g_c, _ld_d_g_c, _p_d_b_c, _ld_d_b_c, _p_d_W_i_x, _ld_d_W_i_x, _p_d_W_j_x, _ld_d_W_j_x, _p_d_W_f_x, _ld_d_W_f_x, _p_d_W_o_x, _ld_d_W_o_x, _p_d_c_prev, _ld_d_c_prev);
 }
 
 template <typename S>
-static int layer_norm_lstm_backward_bwd_leaf_rows_launch(int64_t _rows, int64_t n_H, const void* _p_U_f_h, int64_t _ld_U_f_h, const void* _p_U_i_h, int64_t _ld_U_i_h, const void* _p_U_j_h, int64_t _ld_U_j_h, const void* _p_U_o_h, int64_t _ld_U_o_h, const void* _p_W_f_x, int64_t _ld_W_f_x, const void* _p_W_i_x, int64_t _ld_W_i_x, const void* _p_W_j_x, int64_t _ld_W_j_x, const void* _p_W_o_x, int64_t _ld_W_o_x, const void* _p_c, int64_t _ld_c, const void* _p_d_c_next, int64_t _ld_d_c_next, const void* _p_d_f, int64_t _ld_d_f, const void* _p_d_h_gemm, int64_t _ld_d_h_gemm, const void* _p_d_i, int64_t _ld_d_i, const void* _p_d_j, int64_t _ld_d_j, const void* _p_d_mean, int64_t _ld_d_mean, const void* _p_d_mean_2, int64_t _ld_d_mean_2, const void* _p_d_mean_3, int64_t _ld_d_mean_3, const void* _p_d_mean_4, int64_t _ld_d_mean_4, const void* _p_d_mean_5, int64_t _ld_d_mean_5, const void* _p_d_o, int64_t _ld_d_o, const void* _p_d_var, int64_t _ld_d_var, const void* _p_d_var_2, int64_t _ld_d_var_2, const void* _p_d_var_3, int64_t _ld_d_var_3, const void* _p_d_var_4, int64_t _ld_d_var_4, const void* _p_d_var_5, int64_t _ld_d_var_5, const void* _p_f, int64_t _ld_f, const void* _p_g_c, int64_t _ld_g_c, const void* _p_g_f, int64_t _ld_g_f, const void* _p_g_i, int64_t _ld_g_i, const void* _p_g_j, int64_t _ld_g_j, const void* _p_g_o, int64_t _ld_g_o, const void* _p_i, int64_t _ld_i, const void* _p_inv_n_H, int64_t _ld_inv_n_H, const void* _p_j, int64_t _ld_j, const void* _p_mean, int64_t _ld_mean, const void* _p_mean_2, int64_t _ld_mean_2, const void* _p_mean_3, int64_t _ld_mean_3, const void* _p_mean_4, int64_t _ld_mean_4, const void* _p_mean_5, int64_t _ld_mean_5, const void* _p_o, int64_t _ld_o, const void* _p_rstd, int64_t _ld_rstd, const void* _p_rstd_2, int64_t _ld_rstd_2, const void* _p_rstd_3, int64_t _ld_rstd_3, const void* _p_rstd_4, int64_t _ld_rstd_4, const void* _p_rstd_5, int64_t _ld_rstd_5, void* _p_d_h, int64_t _ld_d_h, void* _p_d_c, int64_t _ld_d_c, void* _p_d_g_i, int64_t _ld_d_g_i, void* _p_d_b_i, int64_t _ld_d_b_i, void* _p_d_g_j, int64_t _ld_d_g_j, void* _p_d_b_j, int64_t _ld_d_b_j, void* _p_d_g_f, int64_t _ld_d_g_f, void* _p_d_b_f, int64_t _ld_d_b_f, void* _p_d_g_o, int64_t _ld_d_g_o, void* _p_d_b_o, int64_t _ld_d_b_o, void* _p_d_g_c, int64_t _ld_d_g_c, void* _p_d_b_c, int64_t _ld_d_b_c, void* _p_d_W_i_x, int64_t _ld_d_W_i_x, void* _p_d_W_j_x, int64_t _ld_d_W_j_x, void* _p_d_W_f_x, int64_t _ld_d_W_f_x, void* _p_d_W_o_x, int64_t _ld_d_W_o_x, void* _stream)
+static int layer_norm_lstm_backward_bwd0_rows_launch(int64_t _rows, int64_t n_H, const void* _p_U_f_h, int64_t _ld_U_f_h, const void* _p_U_i_h, int64_t _ld_U_i_h, const void* _p_U_j_h, int64_t _ld_U_j_h, const void* _p_U_o_h, int64_t _ld_U_o_h, const void* _p_W_f_x, int64_t _ld_W_f_x, const void* _p_W_i_x, int64_t _ld_W_i_x, const void* _p_W_j_x, int64_t _ld_W_j_x, const void* _p_W_o_x, int64_t _ld_W_o_x, const void* _p_c, int64_t _ld_c, const void* _p_c_next, int64_t _ld_c_next, const void* _p_d_c, int64_t _ld_d_c, const void* _p_d_h, int64_t _ld_d_h, const void* _p_d_h_next_out, int64_t _ld_d_h_next_out, const void* _p_f, int64_t _ld_f, const void* _p_g_c, int64_t _ld_g_c, const void* _p_g_f, int64_t _ld_g_f, const void* _p_g_i, int64_t _ld_g_i, const void* _p_g_j, int64_t _ld_g_j, const void* _p_g_o, int64_t _ld_g_o, const void* _p_i, int64_t _ld_i, const void* _p_inv_n_H, int64_t _ld_inv_n_H, const void* _p_j, int64_t _ld_j, const void* _p_mean, int64_t _ld_mean, const void* _p_mean_2, int64_t _ld_mean_2, const void* _p_mean_3, int64_t _ld_mean_3, const void* _p_mean_4, int64_t _ld_mean_4, const void* _p_mean_5, int64_t _ld_mean_5, const void* _p_o, int64_t _ld_o, const void* _p_rstd, int64_t _ld_rstd, const void* _p_rstd_2, int64_t _ld_rstd_2, const void* _p_rstd_3, int64_t _ld_rstd_3, const void* _p_rstd_4, int64_t _ld_rstd_4, const void* _p_rstd_5, int64_t _ld_rstd_5, const void* _p_var, int64_t _ld_var, const void* _p_var_2, int64_t _ld_var_2, const void* _p_var_3, int64_t _ld_var_3, const void* _p_var_4, int64_t _ld_var_4, const void* _p_var_5, int64_t _ld_var_5, void* _p_d_U_i_h, int64_t _ld_d_U_i_h, void* _p_d_U_j_h, int64_t _ld_d_U_j_h, void* _p_d_U_f_h, int64_t _ld_d_U_f_h, void* _p_d_U_o_h, int64_t _ld_d_U_o_h, void* _p_d_g_i, int64_t _ld_d_g_i, void* _p_d_b_i, int64_t _ld_d_b_i, void* _p_d_g_j, int64_t _ld_d_g_j, void* _p_d_b_j, int64_t _ld_d_b_j, void* _p_d_g_f, int64_t _ld_d_g_f, void* _p_d_b_f, int64_t _ld_d_b_f, void* _p_d_g_o, int64_t _ld_d_g_o, void* _p_d_b_o, int64_t _ld_d_b_o, void* _p_d_g_c, int64_t _ld_d_g_c, void* _p_d_b_c, int64_t _ld_d_b_c, void* _p_d_W_i_x, int64_t _ld_d_W_i_x, void* _p_d_W_j_x, int64_t _ld_d_W_j_x, void* _p_d_W_f_x, int64_t _ld_d_W_f_x, void* _p_d_W_o_x, int64_t _ld_d_W_o_x, void* _p_d_c_prev, int64_t _ld_d_c_prev, void* _stream)
 {
     if (_rows <= 0) return 0;
     int64_t _cols = 1;
     if (n_H > _cols) _cols = n_H;
     dim3 _grid, _block;
     cs_row_grid(_rows, _cols, &_grid, &_block);
-    layer_norm_lstm_backward_bwd_leaf_rows_kernel<S><<<_grid, _block, 0, (cudaStream_t)_stream>>>(_rows, n_H, (const S*)_p_U_f_h, _ld_U_f_h, (const S*)_p_U_i_h, _ld_U_i_h, (const S*)_p_U_j_h, _ld_U_j_h, (const S*)_p_U_o_h, _ld_U_o_h, (const S*)_p_W_f_x, _ld_W_f_x, (const S*)_p_W_i_x, _ld_W_i_x, (const S*)_p_W_j_x, _ld_W_j_x, (const S*)_p_W_o_x, _ld_W_o_x, (const S*)_p_c, _ld_c, (const S*)_p_d_c_next, _ld_d_c_next, (const S*)_p_d_f, _ld_d_f, (const S*)_p_d_h_gemm, _ld_d_h_gemm, (const S*)_p_d_i, _ld_d_i, (const S*)_p_d_j, _ld_d_j, (const S*)_p_d_mean, _ld_d_mean, (const S*)_p_d_mean_2, _ld_d_mean_2, (const S*)_p_d_mean_3, _ld_d_mean_3, (const S*)_p_d_mean_4, _ld_d_mean_4, (const S*)_p_d_mean_5, _ld_d_mean_5, (const S*)_p_d_o, _ld_d_o, (const S*)_p_d_var, _ld_d_var, (const S*)_p_d_var_2, _ld_d_var_2, (const S*)_p_d_var_3, _ld_d_var_3, (const S*)_p_d_var_4, _ld_d_var_4, (const S*)_p_d_var_5, _ld_d_var_5, (const S*)_p_f, _ld_f, (const S*)_p_g_c, _ld_g_c, (const S*)_p_g_f, _ld_g_f, (const S*)_p_g_i, _ld_g_i, (const S*)_p_g_j, _ld_g_j, (const S*)_p_g_o, _ld_g_o, (const S*)_p_i, _ld_i, (const S*)_p_inv_n_H, _ld_inv_n_H, (const S*)_p_j, _ld_j, (const S*)_p_mean, _ld_mean, (const S*)_p_mean_2, _ld_mean_2, (const S*)_p_mean_3, _ld_mean_3, (const S*)_p_mean_4, _ld_mean_4, (const S*)_p_mean_5, _ld_mean_5, (const S*)_p_o, _ld_o, (const S*)_p_rstd, _ld_rstd, (const S*)_p_rstd_2, _ld_rstd_2, (const S*)_p_rstd_3, _ld_rstd_3, (const S*)_p_rstd_4, _ld_rstd_4, (const S*)_p_rstd_5, _ld_rstd_5, (S*)_p_d_h, _ld_d_h, (S*)_p_d_c, _ld_d_c, (S*)_p_d_g_i, _ld_d_g_i, (S*)_p_d_b_i, _ld_d_b_i, (S*)_p_d_g_j, _ld_d_g_j, (S*)_p_d_b_j, _ld_d_b_j, (S*)_p_d_g_f, _ld_d_g_f, (S*)_p_d_b_f, _ld_d_b_f, (S*)_p_d_g_o, _ld_d_g_o, (S*)_p_d_b_o, _ld_d_b_o, (S*)_p_d_g_c, _ld_d_g_c, (S*)_p_d_b_c, _ld_d_b_c, (S*)_p_d_W_i_x, _ld_d_W_i_x, (S*)_p_d_W_j_x, _ld_d_W_j_x, (S*)_p_d_W_f_x, _ld_d_W_f_x, (S*)_p_d_W_o_x, _ld_d_W_o_x);
+    layer_norm_lstm_backward_bwd0_rows_kernel<S><<<_grid, _block, 0, (cudaStream_t)_stream>>>(_rows, n_H, (const S*)_p_U_f_h, _ld_U_f_h, (const S*)_p_U_i_h, _ld_U_i_h, (const S*)_p_U_j_h, _ld_U_j_h, (const S*)_p_U_o_h, _ld_U_o_h, (const S*)_p_W_f_x, _ld_W_f_x, (const S*)_p_W_i_x, _ld_W_i_x, (const S*)_p_W_j_x, _ld_W_j_x, (const S*)_p_W_o_x, _ld_W_o_x, (const S*)_p_c, _ld_c, (const S*)_p_c_next, _ld_c_next, (const S*)_p_d_c, _ld_d_c, (const S*)_p_d_h, _ld_d_h, (const S*)_p_d_h_next_out, _ld_d_h_next_out, (const S*)_p_f, _ld_f, (const S*)_p_g_c, _ld_g_c, (const S*)_p_g_f, _ld_g_f, (const S*)_p_g_i, _ld_g_i, (const S*)_p_g_j, _ld_g_j, (const S*)_p_g_o, _ld_g_o, (const S*)_p_i, _ld_i, (const S*)_p_inv_n_H, _ld_inv_n_H, (const S*)_p_j, _ld_j, (const S*)_p_mean, _ld_mean, (const S*)_p_mean_2, _ld_mean_2, (const S*)_p_mean_3, _ld_mean_3, (const S*)_p_mean_4, _ld_mean_4, (const S*)_p_mean_5, _ld_mean_5, (const S*)_p_o, _ld_o, (const S*)_p_rstd, _ld_rstd, (const S*)_p_rstd_2, _ld_rstd_2, (const S*)_p_rstd_3, _ld_rstd_3, (const S*)_p_rstd_4, _ld_rstd_4, (const S*)_p_rstd_5, _ld_rstd_5, (const S*)_p_var, _ld_var, (const S*)_p_var_2, _ld_var_2, (const S*)_p_var_3, _ld_var_3, (const S*)_p_var_4, _ld_var_4, (const S*)_p_var_5, _ld_var_5, (S*)_p_d_U_i_h, _ld_d_U_i_h, (S*)_p_d_U_j_h, _ld_d_U_j_h, (S*)_p_d_U_f_h, _ld_d_U_f_h, (S*)_p_d_U_o_h, _ld_d_U_o_h, (S*)_p_d_g_i, _ld_d_g_i, (S*)_p_d_b_i, _ld_d_b_i, (S*)_p_d_g_j, _ld_d_g_j, (S*)_p_d_b_j, _ld_d_b_j, (S*)_p_d_g_f, _ld_d_g_f, (S*)_p_d_b_f, _ld_d_b_f, (S*)_p_d_g_o, _ld_d_g_o, (S*)_p_d_b_o, _ld_d_b_o, (S*)_p_d_g_c, _ld_d_g_c, (S*)_p_d_b_c, _ld_d_b_c, (S*)_p_d_W_i_x, _ld_d_W_i_x, (S*)_p_d_W_j_x, _ld_d_W_j_x, (S*)_p_d_W_f_x, _ld_d_W_f_x, (S*)_p_d_W_o_x, _ld_d_W_o_x, (S*)_p_d_c_prev, _ld_d_c_prev);
     return (int)cudaGetLastError();
 }
 #else
 template <typename S>
-static inline void layer_norm_lstm_backward_bwd_leaf_rows_host(int64_t _rows, int64_t n_H, const S* __restrict__ _p_U_f_h, int64_t _ld_U_f_h, const S* __restrict__ _p_U_i_h, int64_t _ld_U_i_h, const S* __restrict__ _p_U_j_h, int64_t _ld_U_j_h, const S* __restrict__ _p_U_o_h, int64_t _ld_U_o_h, const S* __restrict__ _p_W_f_x, int64_t _ld_W_f_x, const S* __restrict__ _p_W_i_x, int64_t _ld_W_i_x, const S* __restrict__ _p_W_j_x, int64_t _ld_W_j_x, const S* __restrict__ _p_W_o_x, int64_t _ld_W_o_x, const S* __restrict__ _p_c, int64_t _ld_c, const S* __restrict__ _p_d_c_next, int64_t _ld_d_c_next, const S* __restrict__ _p_d_f, int64_t _ld_d_f, const S* __restrict__ _p_d_h_gemm, int64_t _ld_d_h_gemm, const S* __restrict__ _p_d_i, int64_t _ld_d_i, const S* __restrict__ _p_d_j, int64_t _ld_d_j, const S* __restrict__ _p_d_mean, int64_t _ld_d_mean, const S* __restrict__ _p_d_mean_2, int64_t _ld_d_mean_2, const S* __restrict__ _p_d_mean_3, int64_t _ld_d_mean_3, const S* __restrict__ _p_d_mean_4, int64_t _ld_d_mean_4, const S* __restrict__ _p_d_mean_5, int64_t _ld_d_mean_5, const S* __restrict__ _p_d_o, int64_t _ld_d_o, const S* __restrict__ _p_d_var, int64_t _ld_d_var, const S* __restrict__ _p_d_var_2, int64_t _ld_d_var_2, const S* __restrict__ _p_d_var_3, int64_t _ld_d_var_3, const S* __restrict__ _p_d_var_4, int64_t _ld_d_var_4, const S* __restrict__ _p_d_var_5, int64_t _ld_d_var_5, const S* __restrict__ _p_f, int64_t _ld_f, const S* __restrict__ _p_g_c, int64_t _ld_g_c, const S* __restrict__ _p_g_f, int64_t _ld_g_f, const S* __restrict__ _p_g_i, int64_t _ld_g_i, const S* __restrict__ _p_g_j, int64_t _ld_g_j, const S* __restrict__ _p_g_o, int64_t _ld_g_o, const S* __restrict__ _p_i, int64_t _ld_i, const S* __restrict__ _p_inv_n_H, int64_t _ld_inv_n_H, const S* __restrict__ _p_j, int64_t _ld_j, const S* __restrict__ _p_mean, int64_t _ld_mean, const S* __restrict__ _p_mean_2, int64_t _ld_mean_2, const S* __restrict__ _p_mean_3, int64_t _ld_mean_3, const S* __restrict__ _p_mean_4, int64_t _ld_mean_4, const S* __restrict__ _p_mean_5, int64_t _ld_mean_5, const S* __restrict__ _p_o, int64_t _ld_o, const S* __restrict__ _p_rstd, int64_t _ld_rstd, const S* __restrict__ _p_rstd_2, int64_t _ld_rstd_2, const S* __restrict__ _p_rstd_3, int64_t _ld_rstd_3, const S* __restrict__ _p_rstd_4, int64_t _ld_rstd_4, const S* __restrict__ _p_rstd_5, int64_t _ld_rstd_5, S* __restrict__ _p_d_h, int64_t _ld_d_h, S* __restrict__ _p_d_c, int64_t _ld_d_c, S* __restrict__ _p_d_g_i, int64_t _ld_d_g_i, S* __restrict__ _p_d_b_i, int64_t _ld_d_b_i, S* __restrict__ _p_d_g_j, int64_t _ld_d_g_j, S* __restrict__ _p_d_b_j, int64_t _ld_d_b_j, S* __restrict__ _p_d_g_f, int64_t _ld_d_g_f, S* __restrict__ _p_d_b_f, int64_t _ld_d_b_f, S* __restrict__ _p_d_g_o, int64_t _ld_d_g_o, S* __restrict__ _p_d_b_o, int64_t _ld_d_b_o, S* __restrict__ _p_d_g_c, int64_t _ld_d_g_c, S* __restrict__ _p_d_b_c, int64_t _ld_d_b_c, S* __restrict__ _p_d_W_i_x, int64_t _ld_d_W_i_x, S* __restrict__ _p_d_W_j_x, int64_t _ld_d_W_j_x, S* __restrict__ _p_d_W_f_x, int64_t _ld_d_W_f_x, S* __restrict__ _p_d_W_o_x, int64_t _ld_d_W_o_x)
+static inline void layer_norm_lstm_backward_bwd0_rows_host(int64_t _rows, int64_t n_H, const S* __restrict__ _p_U_f_h, int64_t _ld_U_f_h, const S* __restrict__ _p_U_i_h, int64_t _ld_U_i_h, const S* __restrict__ _p_U_j_h, int64_t _ld_U_j_h, const S* __restrict__ _p_U_o_h, int64_t _ld_U_o_h, const S* __restrict__ _p_W_f_x, int64_t _ld_W_f_x, const S* __restrict__ _p_W_i_x, int64_t _ld_W_i_x, const S* __restrict__ _p_W_j_x, int64_t _ld_W_j_x, const S* __restrict__ _p_W_o_x, int64_t _ld_W_o_x, const S* __restrict__ _p_c, int64_t _ld_c, const S* __restrict__ _p_c_next, int64_t _ld_c_next, const S* __restrict__ _p_d_c, int64_t _ld_d_c, const S* __restrict__ _p_d_h, int64_t _ld_d_h, const S* __restrict__ _p_d_h_next_out, int64_t _ld_d_h_next_out, const S* __restrict__ _p_f, int64_t _ld_f, const S* __restrict__ _p_g_c, int64_t _ld_g_c, const S* __restrict__ _p_g_f, int64_t _ld_g_f, const S* __restrict__ _p_g_i, int64_t _ld_g_i, const S* __restrict__ _p_g_j, int64_t _ld_g_j, const S* __restrict__ _p_g_o, int64_t _ld_g_o, const S* __restrict__ _p_i, int64_t _ld_i, const S* __restrict__ _p_inv_n_H, int64_t _ld_inv_n_H, const S* __restrict__ _p_j, int64_t _ld_j, const S* __restrict__ _p_mean, int64_t _ld_mean, const S* __restrict__ _p_mean_2, int64_t _ld_mean_2, const S* __restrict__ _p_mean_3, int64_t _ld_mean_3, const S* __restrict__ _p_mean_4, int64_t _ld_mean_4, const S* __restrict__ _p_mean_5, int64_t _ld_mean_5, const S* __restrict__ _p_o, int64_t _ld_o, const S* __restrict__ _p_rstd, int64_t _ld_rstd, const S* __restrict__ _p_rstd_2, int64_t _ld_rstd_2, const S* __restrict__ _p_rstd_3, int64_t _ld_rstd_3, const S* __restrict__ _p_rstd_4, int64_t _ld_rstd_4, const S* __restrict__ _p_rstd_5, int64_t _ld_rstd_5, const S* __restrict__ _p_var, int64_t _ld_var, const S* __restrict__ _p_var_2, int64_t _ld_var_2, const S* __restrict__ _p_var_3, int64_t _ld_var_3, const S* __restrict__ _p_var_4, int64_t _ld_var_4, const S* __restrict__ _p_var_5, int64_t _ld_var_5, S* __restrict__ _p_d_U_i_h, int64_t _ld_d_U_i_h, S* __restrict__ _p_d_U_j_h, int64_t _ld_d_U_j_h, S* __restrict__ _p_d_U_f_h, int64_t _ld_d_U_f_h, S* __restrict__ _p_d_U_o_h, int64_t _ld_d_U_o_h, S* __restrict__ _p_d_g_i, int64_t _ld_d_g_i, S* __restrict__ _p_d_b_i, int64_t _ld_d_b_i, S* __restrict__ _p_d_g_j, int64_t _ld_d_g_j, S* __restrict__ _p_d_b_j, int64_t _ld_d_b_j, S* __restrict__ _p_d_g_f, int64_t _ld_d_g_f, S* __restrict__ _p_d_b_f, int64_t _ld_d_b_f, S* __restrict__ _p_d_g_o, int64_t _ld_d_g_o, S* __restrict__ _p_d_b_o, int64_t _ld_d_b_o, S* __restrict__ _p_d_g_c, int64_t _ld_d_g_c, S* __restrict__ _p_d_b_c, int64_t _ld_d_b_c, S* __restrict__ _p_d_W_i_x, int64_t _ld_d_W_i_x, S* __restrict__ _p_d_W_j_x, int64_t _ld_d_W_j_x, S* __restrict__ _p_d_W_f_x, int64_t _ld_d_W_f_x, S* __restrict__ _p_d_W_o_x, int64_t _ld_d_W_o_x, S* __restrict__ _p_d_c_prev, int64_t _ld_d_c_prev)
 {
     cs_for_rows(_rows, cs_par(_rows * (n_H), 2048), [&](int64_t _r) {
-        layer_norm_lstm_backward_bwd_leaf_rows_row<S, S>(_r, 0, 1, n_H, _p_U_f_h, _ld_U_f_h, _p_U_i_h, _ld_U_i_h, _p_U_j_h, _ld_U_j_h, _p_U_o_h, _ld_U_o_h, _p_W_f_x, _ld_W_f_x, _p_W_i_x, _ld_W_i_x, _p_W_j_x, _ld_W_j_x, _p_W_o_x, _ld_W_o_x, _p_c, _ld_c, _p_d_c_next, _ld_d_c_next, _p_d_f, _ld_d_f, _p_d_h_gemm, _ld_d_h_gemm, _p_d_i, _ld_d_i, _p_d_j, _ld_d_j, _p_d_mean, _ld_d_mean, _p_d_mean_2, _ld_d_mean_2, _p_d_mean_3, _ld_d_mean_3, _p_d_mean_4, _ld_d_mean_4, _p_d_mean_5, _ld_d_mean_5, _p_d_o, _ld_d_o, _p_d_var, _ld_d_var, _p_d_var_2, _ld_d_var_2, _p_d_var_3, _ld_d_var_3, _p_d_var_4, _ld_d_var_4, _p_d_var_5, _ld_d_var_5, _p_f, _ld_f, _p_g_c, _ld_g_c, _p_g_f, _ld_g_f, _p_g_i, _ld_g_i, _p_g_j, _ld_g_j, _p_g_o, _ld_g_o, _p_i, _ld_i, _p_inv_n_H, _ld_inv_n_H, _p_j, _ld_j, _p_mean, _ld_mean, _p_mean_2, _ld_mean_2, _p_mean_3, _ld_mean_3, _p_mean_4, _ld_mean_4, _p_mean_5, _ld_mean_5, _p_o, _ld_o, _p_rstd, _ld_rstd, _p_rstd_2, _ld_rstd_2, _p_rstd_3, _ld_rstd_3, _p_rstd_4, _ld_rstd_4, _p_rstd_5, _ld_rstd_5, _p_d_h, _ld_d_h, _p_d_c, _ld_d_c, _p_d_g_i, _ld_d_g_i, _p_d_b_i, _ld_d_b_i, _p_d_g_j, _ld_d_g_j, _p_d_b_j, _ld_d_b_j, _p_d_g_f, _ld_d_g_f, _p_d_b_f, _ld_d_b_f, _p_d_g_o, _ld_d_g_o, _p_d_b_o, _ld_d_b_o, _p_d_g_c, _ld_d_g_c, _p_d_b_c, _ld_d_b_c, _p_d_W_i_x, _ld_d_W_i_x, _p_d_W_j_x, _ld_d_W_j_x, _p_d_W_f_x, _ld_d_W_f_x, _p_d_W_o_x, _ld_d_W_o_x);
+        layer_norm_lstm_backward_bwd0_rows_row<S, S>(_r, 0, 1, n_H, _p_U_f_h, _ld_U_f_h, _p_U_i_h, _ld_U_i_h, _p_U_j_h, _ld_U_j_h, _p_U_o_h, _ld_U_o_h, _p_W_f_x, _ld_W_f_x, _p_W_i_x, _ld_W_i_x, _p_W_j_x, _ld_W_j_x, _p_W_o_x, _ld_W_o_x, _p_c, _ld_c, _p_c_next, _ld_c_next, _p_d_c, _ld_d_c, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_f, _ld_f, _p_g_c, _ld_g_c, _p_g_f, _ld_g_f, _p_g_i, _ld_g_i, _p_g_j, _ld_g_j, _p_g_o, _ld_g_o, _p_i, _ld_i, _p_inv_n_H, _ld_inv_n_H, _p_j, _ld_j, _p_mean, _ld_mean, _p_mean_2, _ld_mean_2, _p_mean_3, _ld_mean_3, _p_mean_4, _ld_mean_4, _p_mean_5, _ld_mean_5, _p_o, _ld_o, _p_rstd, _ld_rstd, _p_rstd_2, _ld_rstd_2, _p_rstd_3, _ld_rstd_3, _p_rstd_4, _ld_rstd_4, _p_rstd_5, _ld_rstd_5, _p_var, _ld_var, _p_var_2, _ld_var_2, _p_var_3, _ld_var_3, _p_var_4, _ld_var_4, _p_var_5, _ld_var_5, _p_d_U_i_h, _ld_d_U_i_h, _p_d_U_j_h, _ld_d_U_j_h, _p_d_U_f_h, _ld_d_U_f_h, _p_d_U_o_h, _ld_d_U_o_h, _p_d_g_i, _ld_d_g_i, _p_d_b_i, _ld_d_b_i, _p_d_g_j, _ld_d_g_j, _p_d_b_j, _ld_d_b_j, _p_d_g_f, _ld_d_g_f, _p_d_b_f, _ld_d_b_f, _p_d_g_o, _ld_d_g_o, _p_d_b_o, _ld_d_b_o, _p_d_g_c, _ld_d_g_c, _p_d_b_c, _ld_d_b_c, _p_d_W_i_x, _ld_d_W_i_x, _p_d_W_j_x, _ld_d_W_j_x, _p_d_W_f_x, _ld_d_W_f_x, _p_d_W_o_x, _ld_d_W_o_x, _p_d_c_prev, _ld_d_c_prev);
     });
 }
 #endif
@@ -2262,7 +2181,7 @@ extern "C" int layer_norm_lstm_inference_f64(const int64_t* dims, void* const* p
 
 // =============================================================================================
 // layer_norm_lstm: the whole sequence, backward
-// ptrs: 0 x_x, 1 s_h, 2 s_c, 3 p_g_i, 4 p_g_j, 5 p_g_f, 6 p_g_o, 7 p_g_c, 8 p_inv_n_H, 9 hg_W_i_W_j_W_f_W_o__x, 10 g_U_i_U_j_U_f_U_o__h, 11 v_mean, 12 v_var, 13 v_rstd, 14 v_i, 15 v_mean_2, 16 v_var_2, 17 v_rstd_2, 18 v_j, 19 v_mean_3, 20 v_var_3, 21 v_rstd_3, 22 v_f, 23 v_mean_4, 24 v_var_4, 25 v_rstd_4, 26 v_o, 27 v_mean_5, 28 v_var_5, 29 v_rstd_5, 30 dout_h_next, 31 ds_h, 32 ds_c, 33 dx_x, 34 dp_g_i, 35 dp_b_i, 36 dp_g_j, 37 dp_b_j, 38 dp_g_f, 39 dp_b_f, 40 dp_g_o, 41 dp_b_o, 42 dp_g_c, 43 dp_b_c, 44 dg_U_i_U_j_U_f_U_o__h, 45 tmp_d_h_gemm, 46 dhg_W_i_W_j_W_f_W_o__x, 47 tmp_d_c_next, 48 tmp_d_var_5, 49 tmp_d_mean_5, 50 tmp_d_o, 51 tmp_d_var_4, 52 tmp_d_mean_4, 53 tmp_d_f, 54 tmp_d_var_3, 55 tmp_d_mean_3, 56 tmp_d_j, 57 tmp_d_var_2, 58 tmp_d_mean_2, 59 tmp_d_i, 60 tmp_d_var, 61 tmp_d_mean, 62 dw_U_i_U_j_U_f_U_o, 63 dw_W_i_W_j_W_f_W_o, 64 weight W_i_W_j_W_f_W_o, 65 weight U_i_U_j_U_f_U_o, 66 d W_i, 67 d U_i, 68 d g_i, 69 d b_i, 70 d W_j, 71 d U_j, 72 d g_j, 73 d b_j, 74 d W_f, 75 d U_f, 76 d g_f, 77 d b_f, 78 d W_o, 79 d U_o, 80 d g_o, 81 d b_o, 82 d g_c, 83 d b_c, 84 d inv_n_H, 85 batch sizes (host, or NULL)
+// ptrs: 0 x_x, 1 s_h, 2 s_c, 3 p_g_i, 4 p_g_j, 5 p_g_f, 6 p_g_o, 7 p_g_c, 8 p_inv_n_H, 9 hg_W_i_W_j_W_f_W_o__x, 10 g_U_i_U_j_U_f_U_o__h, 11 v_mean, 12 v_var, 13 v_rstd, 14 v_i, 15 v_mean_2, 16 v_var_2, 17 v_rstd_2, 18 v_j, 19 v_mean_3, 20 v_var_3, 21 v_rstd_3, 22 v_f, 23 v_mean_4, 24 v_var_4, 25 v_rstd_4, 26 v_o, 27 v_mean_5, 28 v_var_5, 29 v_rstd_5, 30 dout_h_next, 31 ds_h, 32 ds_c, 33 dx_x, 34 dp_g_i, 35 dp_b_i, 36 dp_g_j, 37 dp_b_j, 38 dp_g_f, 39 dp_b_f, 40 dp_g_o, 41 dp_b_o, 42 dp_g_c, 43 dp_b_c, 44 dg_U_i_U_j_U_f_U_o__h, 45 dhg_W_i_W_j_W_f_W_o__x, 46 dw_U_i_U_j_U_f_U_o, 47 dw_W_i_W_j_W_f_W_o, 48 weight W_i_W_j_W_f_W_o, 49 weight U_i_U_j_U_f_U_o, 50 d W_i, 51 d U_i, 52 d g_i, 53 d b_i, 54 d W_j, 55 d U_j, 56 d g_j, 57 d b_j, 58 d W_f, 59 d U_f, 60 d g_f, 61 d b_f, 62 d W_o, 63 d U_o, 64 d g_o, 65 d b_o, 66 d g_c, 67 d b_c, 68 d inv_n_H, 69 batch sizes (host, or NULL)
 
 // =============================================================================================
 template <typename S, typename G>
@@ -2368,87 +2287,55 @@ static int layer_norm_lstm_backward_run(const int64_t* dims, void* const* ptrs, 
     (void)b_dp_b_c;
     S* b_dg_U_i_U_j_U_f_U_o__h = (S*)ptrs[44];
     (void)b_dg_U_i_U_j_U_f_U_o__h;
-    S* b_tmp_d_h_gemm = (S*)ptrs[45];
-    (void)b_tmp_d_h_gemm;
-    S* b_dhg_W_i_W_j_W_f_W_o__x = (S*)ptrs[46];
+    S* b_dhg_W_i_W_j_W_f_W_o__x = (S*)ptrs[45];
     (void)b_dhg_W_i_W_j_W_f_W_o__x;
-    S* b_tmp_d_c_next = (S*)ptrs[47];
-    (void)b_tmp_d_c_next;
-    S* b_tmp_d_var_5 = (S*)ptrs[48];
-    (void)b_tmp_d_var_5;
-    S* b_tmp_d_mean_5 = (S*)ptrs[49];
-    (void)b_tmp_d_mean_5;
-    S* b_tmp_d_o = (S*)ptrs[50];
-    (void)b_tmp_d_o;
-    S* b_tmp_d_var_4 = (S*)ptrs[51];
-    (void)b_tmp_d_var_4;
-    S* b_tmp_d_mean_4 = (S*)ptrs[52];
-    (void)b_tmp_d_mean_4;
-    S* b_tmp_d_f = (S*)ptrs[53];
-    (void)b_tmp_d_f;
-    S* b_tmp_d_var_3 = (S*)ptrs[54];
-    (void)b_tmp_d_var_3;
-    S* b_tmp_d_mean_3 = (S*)ptrs[55];
-    (void)b_tmp_d_mean_3;
-    S* b_tmp_d_j = (S*)ptrs[56];
-    (void)b_tmp_d_j;
-    S* b_tmp_d_var_2 = (S*)ptrs[57];
-    (void)b_tmp_d_var_2;
-    S* b_tmp_d_mean_2 = (S*)ptrs[58];
-    (void)b_tmp_d_mean_2;
-    S* b_tmp_d_i = (S*)ptrs[59];
-    (void)b_tmp_d_i;
-    S* b_tmp_d_var = (S*)ptrs[60];
-    (void)b_tmp_d_var;
-    S* b_tmp_d_mean = (S*)ptrs[61];
-    (void)b_tmp_d_mean;
-    G* b_dw_U_i_U_j_U_f_U_o = (G*)ptrs[62];
+    G* b_dw_U_i_U_j_U_f_U_o = (G*)ptrs[46];
     (void)b_dw_U_i_U_j_U_f_U_o;
-    G* b_dw_W_i_W_j_W_f_W_o = (G*)ptrs[63];
+    G* b_dw_W_i_W_j_W_f_W_o = (G*)ptrs[47];
     (void)b_dw_W_i_W_j_W_f_W_o;
-    const S* w_W_i_W_j_W_f_W_o = (const S*)ptrs[64];
+    const S* w_W_i_W_j_W_f_W_o = (const S*)ptrs[48];
     (void)w_W_i_W_j_W_f_W_o;
-    const S* w_U_i_U_j_U_f_U_o = (const S*)ptrs[65];
+    const S* w_U_i_U_j_U_f_U_o = (const S*)ptrs[49];
     (void)w_U_i_U_j_U_f_U_o;
-    G* g_W_i = (G*)ptrs[66];
+    G* g_W_i = (G*)ptrs[50];
     (void)g_W_i;
-    G* g_U_i = (G*)ptrs[67];
+    G* g_U_i = (G*)ptrs[51];
     (void)g_U_i;
-    G* g_g_i = (G*)ptrs[68];
+    G* g_g_i = (G*)ptrs[52];
     (void)g_g_i;
-    G* g_b_i = (G*)ptrs[69];
+    G* g_b_i = (G*)ptrs[53];
     (void)g_b_i;
-    G* g_W_j = (G*)ptrs[70];
+    G* g_W_j = (G*)ptrs[54];
     (void)g_W_j;
-    G* g_U_j = (G*)ptrs[71];
+    G* g_U_j = (G*)ptrs[55];
     (void)g_U_j;
-    G* g_g_j = (G*)ptrs[72];
+    G* g_g_j = (G*)ptrs[56];
     (void)g_g_j;
-    G* g_b_j = (G*)ptrs[73];
+    G* g_b_j = (G*)ptrs[57];
     (void)g_b_j;
-    G* g_W_f = (G*)ptrs[74];
+    G* g_W_f = (G*)ptrs[58];
     (void)g_W_f;
-    G* g_U_f = (G*)ptrs[75];
+    G* g_U_f = (G*)ptrs[59];
     (void)g_U_f;
-    G* g_g_f = (G*)ptrs[76];
+    G* g_g_f = (G*)ptrs[60];
     (void)g_g_f;
-    G* g_b_f = (G*)ptrs[77];
+    G* g_b_f = (G*)ptrs[61];
     (void)g_b_f;
-    G* g_W_o = (G*)ptrs[78];
+    G* g_W_o = (G*)ptrs[62];
     (void)g_W_o;
-    G* g_U_o = (G*)ptrs[79];
+    G* g_U_o = (G*)ptrs[63];
     (void)g_U_o;
-    G* g_g_o = (G*)ptrs[80];
+    G* g_g_o = (G*)ptrs[64];
     (void)g_g_o;
-    G* g_b_o = (G*)ptrs[81];
+    G* g_b_o = (G*)ptrs[65];
     (void)g_b_o;
-    G* g_g_c = (G*)ptrs[82];
+    G* g_g_c = (G*)ptrs[66];
     (void)g_g_c;
-    G* g_b_c = (G*)ptrs[83];
+    G* g_b_c = (G*)ptrs[67];
     (void)g_b_c;
-    G* g_inv_n_H = (G*)ptrs[84];
+    G* g_inv_n_H = (G*)ptrs[68];
     (void)g_inv_n_H;
-    const int64_t* bs = (const int64_t*)ptrs[85];
+    const int64_t* bs = (const int64_t*)ptrs[69];
     (void)ctx;
     if (bs) {  // rows of ended sequences, which no step writes, are read over all T*B rows
         CS_ZERO(b_dg_U_i_U_j_U_f_U_o__h, (n_T) * (n_B) * (4*n_H));
@@ -2472,11 +2359,9 @@ static int layer_norm_lstm_backward_run(const int64_t* dims, void* const* ptrs, 
         const int64_t rows = bs ? bs[t] : n_B;  // variable lengths: rows 0..B_t-1 run
         CS_SPLIT_ROWS(split_rows, n_B);
         // backward: stage 0 backward, row by row (reductions over the units)
-        CS_ROWS(layer_norm_lstm_backward_bwd0_rows, rows, n_H, b_g_U_i_U_j_U_f_U_o__h + t * n_B * (4*n_H) + 2*n_H, 4*n_H, b_g_U_i_U_j_U_f_U_o__h + t * n_B * (4*n_H), 4*n_H, b_g_U_i_U_j_U_f_U_o__h + t * n_B * (4*n_H) + n_H, 4*n_H, b_g_U_i_U_j_U_f_U_o__h + t * n_B * (4*n_H) + 3*n_H, 4*n_H, b_hg_W_i_W_j_W_f_W_o__x + t * n_B * (4*n_H) + 2*n_H, 4*n_H, b_hg_W_i_W_j_W_f_W_o__x + t * n_B * (4*n_H), 4*n_H, b_hg_W_i_W_j_W_f_W_o__x + t * n_B * (4*n_H) + n_H, 4*n_H, b_hg_W_i_W_j_W_f_W_o__x + t * n_B * (4*n_H) + 3*n_H, 4*n_H, b_s_c + t * n_B * (n_H), n_H, b_s_c + (t + 1) * n_B * (n_H), n_H, b_ds_c, n_H, b_ds_h, n_H, b_dout_h_next + t * n_B * (n_H), n_H, b_v_f + t * n_B * (n_H), n_H, b_p_g_c, 0, b_p_g_f, 0, b_p_g_i, 0, b_p_g_j, 0, b_p_g_o, 0, b_v_i + t * n_B * (n_H), n_H, b_p_inv_n_H, 0, b_v_j + t * n_B * (n_H), n_H, b_v_mean + t * n_B * (1), 1, b_v_mean_2 + t * n_B * (1), 1, b_v_mean_3 + t * n_B * (1), 1, b_v_mean_4 + t * n_B * (1), 1, b_v_mean_5 + t * n_B * (1), 1, b_v_o + t * n_B * (n_H), n_H, b_v_rstd + t * n_B * (1), 1, b_v_rstd_2 + t * n_B * (1), 1, b_v_rstd_3 + t * n_B * (1), 1, b_v_rstd_4 + t * n_B * (1), 1, b_v_rstd_5 + t * n_B * (1), 1, b_v_var + t * n_B * (1), 1, b_v_var_2 + t * n_B * (1), 1, b_v_var_3 + t * n_B * (1), 1, b_v_var_4 + t * n_B * (1), 1, b_v_var_5 + t * n_B * (1), 1, b_tmp_d_c_next, n_H, b_tmp_d_var_5, 1, b_tmp_d_mean_5, 1, b_tmp_d_o, n_H, b_tmp_d_var_4, 1, b_tmp_d_mean_4, 1, b_tmp_d_f, n_H, b_tmp_d_var_3, 1, b_tmp_d_mean_3, 1, b_tmp_d_j, n_H, b_tmp_d_var_2, 1, b_tmp_d_mean_2, 1, b_tmp_d_i, n_H, b_tmp_d_var, 1, b_tmp_d_mean, 1, b_dg_U_i_U_j_U_f_U_o__h + t * n_B * (4*n_H), 4*n_H, b_dg_U_i_U_j_U_f_U_o__h + t * n_B * (4*n_H) + n_H, 4*n_H, b_dg_U_i_U_j_U_f_U_o__h + t * n_B * (4*n_H) + 2*n_H, 4*n_H, b_dg_U_i_U_j_U_f_U_o__h + t * n_B * (4*n_H) + 3*n_H, 4*n_H);
+        CS_ROWS(layer_norm_lstm_backward_bwd0_rows, rows, n_H, b_g_U_i_U_j_U_f_U_o__h + t * n_B * (4*n_H) + 2*n_H, 4*n_H, b_g_U_i_U_j_U_f_U_o__h + t * n_B * (4*n_H), 4*n_H, b_g_U_i_U_j_U_f_U_o__h + t * n_B * (4*n_H) + n_H, 4*n_H, b_g_U_i_U_j_U_f_U_o__h + t * n_B * (4*n_H) + 3*n_H, 4*n_H, b_hg_W_i_W_j_W_f_W_o__x + t * n_B * (4*n_H) + 2*n_H, 4*n_H, b_hg_W_i_W_j_W_f_W_o__x + t * n_B * (4*n_H), 4*n_H, b_hg_W_i_W_j_W_f_W_o__x + t * n_B * (4*n_H) + n_H, 4*n_H, b_hg_W_i_W_j_W_f_W_o__x + t * n_B * (4*n_H) + 3*n_H, 4*n_H, b_s_c + t * n_B * (n_H), n_H, b_s_c + (t + 1) * n_B * (n_H), n_H, b_ds_c, n_H, b_ds_h, n_H, b_dout_h_next + t * n_B * (n_H), n_H, b_v_f + t * n_B * (n_H), n_H, b_p_g_c, 0, b_p_g_f, 0, b_p_g_i, 0, b_p_g_j, 0, b_p_g_o, 0, b_v_i + t * n_B * (n_H), n_H, b_p_inv_n_H, 0, b_v_j + t * n_B * (n_H), n_H, b_v_mean + t * n_B * (1), 1, b_v_mean_2 + t * n_B * (1), 1, b_v_mean_3 + t * n_B * (1), 1, b_v_mean_4 + t * n_B * (1), 1, b_v_mean_5 + t * n_B * (1), 1, b_v_o + t * n_B * (n_H), n_H, b_v_rstd + t * n_B * (1), 1, b_v_rstd_2 + t * n_B * (1), 1, b_v_rstd_3 + t * n_B * (1), 1, b_v_rstd_4 + t * n_B * (1), 1, b_v_rstd_5 + t * n_B * (1), 1, b_v_var + t * n_B * (1), 1, b_v_var_2 + t * n_B * (1), 1, b_v_var_3 + t * n_B * (1), 1, b_v_var_4 + t * n_B * (1), 1, b_v_var_5 + t * n_B * (1), 1, b_dg_U_i_U_j_U_f_U_o__h + t * n_B * (4*n_H), 4*n_H, b_dg_U_i_U_j_U_f_U_o__h + t * n_B * (4*n_H) + n_H, 4*n_H, b_dg_U_i_U_j_U_f_U_o__h + t * n_B * (4*n_H) + 2*n_H, 4*n_H, b_dg_U_i_U_j_U_f_U_o__h + t * n_B * (4*n_H) + 3*n_H, 4*n_H, b_dp_g_i + t * n_B * (n_H), n_H, b_dp_b_i + t * n_B * (n_H), n_H, b_dp_g_j + t * n_B * (n_H), n_H, b_dp_b_j + t * n_B * (n_H), n_H, b_dp_g_f + t * n_B * (n_H), n_H, b_dp_b_f + t * n_B * (n_H), n_H, b_dp_g_o + t * n_B * (n_H), n_H, b_dp_b_o + t * n_B * (n_H), n_H, b_dp_g_c + t * n_B * (n_H), n_H, b_dp_b_c + t * n_B * (n_H), n_H, b_dhg_W_i_W_j_W_f_W_o__x + t * n_B * (4*n_H), 4*n_H, b_dhg_W_i_W_j_W_f_W_o__x + t * n_B * (4*n_H) + n_H, 4*n_H, b_dhg_W_i_W_j_W_f_W_o__x + t * n_B * (4*n_H) + 2*n_H, 4*n_H, b_dhg_W_i_W_j_W_f_W_o__x + t * n_B * (4*n_H) + 3*n_H, 4*n_H, b_ds_c, n_H);
         // d_h_gemm = dg_U_i_U_j_U_f_U_o__h @ [U_i, U_j, U_f, U_o]
-        CS_GEMM_NN_PACKED(rows, n_H, 4*n_H, b_dg_U_i_U_j_U_f_U_o__h + t * n_B * (4*n_H), 4*n_H, pk_U_i_U_j_U_f_U_o_nn, b_tmp_d_h_gemm, n_H, 0);
-        // backward: per-step adjoints of inputs, states, vector params, hoisted results, row by row (reductions over the units)
-        CS_ROWS(layer_norm_lstm_backward_bwd_leaf_rows, rows, n_H, b_g_U_i_U_j_U_f_U_o__h + t * n_B * (4*n_H) + 2*n_H, 4*n_H, b_g_U_i_U_j_U_f_U_o__h + t * n_B * (4*n_H), 4*n_H, b_g_U_i_U_j_U_f_U_o__h + t * n_B * (4*n_H) + n_H, 4*n_H, b_g_U_i_U_j_U_f_U_o__h + t * n_B * (4*n_H) + 3*n_H, 4*n_H, b_hg_W_i_W_j_W_f_W_o__x + t * n_B * (4*n_H) + 2*n_H, 4*n_H, b_hg_W_i_W_j_W_f_W_o__x + t * n_B * (4*n_H), 4*n_H, b_hg_W_i_W_j_W_f_W_o__x + t * n_B * (4*n_H) + n_H, 4*n_H, b_hg_W_i_W_j_W_f_W_o__x + t * n_B * (4*n_H) + 3*n_H, 4*n_H, b_s_c + t * n_B * (n_H), n_H, b_tmp_d_c_next, n_H, b_tmp_d_f, n_H, b_tmp_d_h_gemm, n_H, b_tmp_d_i, n_H, b_tmp_d_j, n_H, b_tmp_d_mean, 1, b_tmp_d_mean_2, 1, b_tmp_d_mean_3, 1, b_tmp_d_mean_4, 1, b_tmp_d_mean_5, 1, b_tmp_d_o, n_H, b_tmp_d_var, 1, b_tmp_d_var_2, 1, b_tmp_d_var_3, 1, b_tmp_d_var_4, 1, b_tmp_d_var_5, 1, b_v_f + t * n_B * (n_H), n_H, b_p_g_c, 0, b_p_g_f, 0, b_p_g_i, 0, b_p_g_j, 0, b_p_g_o, 0, b_v_i + t * n_B * (n_H), n_H, b_p_inv_n_H, 0, b_v_j + t * n_B * (n_H), n_H, b_v_mean + t * n_B * (1), 1, b_v_mean_2 + t * n_B * (1), 1, b_v_mean_3 + t * n_B * (1), 1, b_v_mean_4 + t * n_B * (1), 1, b_v_mean_5 + t * n_B * (1), 1, b_v_o + t * n_B * (n_H), n_H, b_v_rstd + t * n_B * (1), 1, b_v_rstd_2 + t * n_B * (1), 1, b_v_rstd_3 + t * n_B * (1), 1, b_v_rstd_4 + t * n_B * (1), 1, b_v_rstd_5 + t * n_B * (1), 1, b_ds_h, n_H, b_ds_c, n_H, b_dp_g_i + t * n_B * (n_H), n_H, b_dp_b_i + t * n_B * (n_H), n_H, b_dp_g_j + t * n_B * (n_H), n_H, b_dp_b_j + t * n_B * (n_H), n_H, b_dp_g_f + t * n_B * (n_H), n_H, b_dp_b_f + t * n_B * (n_H), n_H, b_dp_g_o + t * n_B * (n_H), n_H, b_dp_b_o + t * n_B * (n_H), n_H, b_dp_g_c + t * n_B * (n_H), n_H, b_dp_b_c + t * n_B * (n_H), n_H, b_dhg_W_i_W_j_W_f_W_o__x + t * n_B * (4*n_H), 4*n_H, b_dhg_W_i_W_j_W_f_W_o__x + t * n_B * (4*n_H) + n_H, 4*n_H, b_dhg_W_i_W_j_W_f_W_o__x + t * n_B * (4*n_H) + 2*n_H, 4*n_H, b_dhg_W_i_W_j_W_f_W_o__x + t * n_B * (4*n_H) + 3*n_H, 4*n_H);
+        CS_GEMM_NN_PACKED(rows, n_H, 4*n_H, b_dg_U_i_U_j_U_f_U_o__h + t * n_B * (4*n_H), 4*n_H, pk_U_i_U_j_U_f_U_o_nn, b_ds_h, n_H, 0);
     }
     CS_SPLIT_DONE();
     CS_TEAM_END

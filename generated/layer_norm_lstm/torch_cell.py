@@ -491,23 +491,7 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
     _dp_g_c = torch.empty((_T, _B, _H), dtype=_dtype, device=_device)
     _dp_b_c = torch.empty((_T, _B, _H), dtype=_dtype, device=_device)
     _dg_U_i_U_j_U_f_U_o__h = torch.empty((_T, _B, 4*_H), dtype=_dtype, device=_device)
-    _tmp_d_h_gemm = torch.empty((_B, _H), dtype=_dtype, device=_device)
     _dhg_W_i_W_j_W_f_W_o__x = torch.empty((_T, _B, 4*_H), dtype=_dtype, device=_device)
-    _tmp_d_c_next = torch.empty((_B, _H), dtype=_dtype, device=_device)
-    _tmp_d_var_5 = torch.empty((_B, 1), dtype=_dtype, device=_device)
-    _tmp_d_mean_5 = torch.empty((_B, 1), dtype=_dtype, device=_device)
-    _tmp_d_o = torch.empty((_B, _H), dtype=_dtype, device=_device)
-    _tmp_d_var_4 = torch.empty((_B, 1), dtype=_dtype, device=_device)
-    _tmp_d_mean_4 = torch.empty((_B, 1), dtype=_dtype, device=_device)
-    _tmp_d_f = torch.empty((_B, _H), dtype=_dtype, device=_device)
-    _tmp_d_var_3 = torch.empty((_B, 1), dtype=_dtype, device=_device)
-    _tmp_d_mean_3 = torch.empty((_B, 1), dtype=_dtype, device=_device)
-    _tmp_d_j = torch.empty((_B, _H), dtype=_dtype, device=_device)
-    _tmp_d_var_2 = torch.empty((_B, 1), dtype=_dtype, device=_device)
-    _tmp_d_mean_2 = torch.empty((_B, 1), dtype=_dtype, device=_device)
-    _tmp_d_i = torch.empty((_B, _H), dtype=_dtype, device=_device)
-    _tmp_d_var = torch.empty((_B, 1), dtype=_dtype, device=_device)
-    _tmp_d_mean = torch.empty((_B, 1), dtype=_dtype, device=_device)
     if _bs is not None:
         _dg_U_i_U_j_U_f_U_o__h.zero_()
         _dp_g_i.zero_()
@@ -547,23 +531,7 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
     _v_var_3_at0 = _steps(_v_var_3, 0, _T, _bs)
     _v_var_4_at0 = _steps(_v_var_4, 0, _T, _bs)
     _v_var_5_at0 = _steps(_v_var_5, 0, _T, _bs)
-    _tmp_d_c_next_rows = _rows(_tmp_d_c_next, _T, _bs)
-    _tmp_d_var_5_rows = _rows(_tmp_d_var_5, _T, _bs)
-    _tmp_d_mean_5_rows = _rows(_tmp_d_mean_5, _T, _bs)
-    _tmp_d_o_rows = _rows(_tmp_d_o, _T, _bs)
-    _tmp_d_var_4_rows = _rows(_tmp_d_var_4, _T, _bs)
-    _tmp_d_mean_4_rows = _rows(_tmp_d_mean_4, _T, _bs)
-    _tmp_d_f_rows = _rows(_tmp_d_f, _T, _bs)
-    _tmp_d_var_3_rows = _rows(_tmp_d_var_3, _T, _bs)
-    _tmp_d_mean_3_rows = _rows(_tmp_d_mean_3, _T, _bs)
-    _tmp_d_j_rows = _rows(_tmp_d_j, _T, _bs)
-    _tmp_d_var_2_rows = _rows(_tmp_d_var_2, _T, _bs)
-    _tmp_d_mean_2_rows = _rows(_tmp_d_mean_2, _T, _bs)
-    _tmp_d_i_rows = _rows(_tmp_d_i, _T, _bs)
-    _tmp_d_var_rows = _rows(_tmp_d_var, _T, _bs)
-    _tmp_d_mean_rows = _rows(_tmp_d_mean, _T, _bs)
     _dg_U_i_U_j_U_f_U_o__h_at0 = _steps(_dg_U_i_U_j_U_f_U_o__h, 0, _T, _bs)
-    _tmp_d_h_gemm_rows = _rows(_tmp_d_h_gemm, _T, _bs)
     _dp_g_i_at0 = _steps(_dp_g_i, 0, _T, _bs)
     _dp_b_i_at0 = _steps(_dp_b_i, 0, _T, _bs)
     _dp_g_j_at0 = _steps(_dp_g_j, 0, _T, _bs)
@@ -655,69 +623,9 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
         d_U_j_h = d_mean_2*inv_n_H + d_var_2*inv_n_H*t16 + t15  # adjoint of U_j @ h
         d_U_f_h = d_mean_3*inv_n_H + d_var_3*inv_n_H*t13 + t12  # adjoint of U_f @ h
         d_U_o_h = d_mean_4*inv_n_H + d_var_4*inv_n_H*t8 + t7  # adjoint of U_o @ h
-        _tmp_d_c_next_rows[_t].copy_(d_c_next)
-        _tmp_d_var_5_rows[_t].copy_(d_var_5)
-        _tmp_d_mean_5_rows[_t].copy_(d_mean_5)
-        _tmp_d_o_rows[_t].copy_(d_o)
-        _tmp_d_var_4_rows[_t].copy_(d_var_4)
-        _tmp_d_mean_4_rows[_t].copy_(d_mean_4)
-        _tmp_d_f_rows[_t].copy_(d_f)
-        _tmp_d_var_3_rows[_t].copy_(d_var_3)
-        _tmp_d_mean_3_rows[_t].copy_(d_mean_3)
-        _tmp_d_j_rows[_t].copy_(d_j)
-        _tmp_d_var_2_rows[_t].copy_(d_var_2)
-        _tmp_d_mean_2_rows[_t].copy_(d_mean_2)
-        _tmp_d_i_rows[_t].copy_(d_i)
-        _tmp_d_var_rows[_t].copy_(d_var)
-        _tmp_d_mean_rows[_t].copy_(d_mean)
-        _dg_U_i_U_j_U_f_U_o__h_at0[_t][:, 0:_H].copy_(d_U_i_h)
-        _dg_U_i_U_j_U_f_U_o__h_at0[_t][:, _H:2*_H].copy_(d_U_j_h)
-        _dg_U_i_U_j_U_f_U_o__h_at0[_t][:, 2*_H:3*_H].copy_(d_U_f_h)
-        _dg_U_i_U_j_U_f_U_o__h_at0[_t][:, 3*_H:4*_H].copy_(d_U_o_h)
-        torch.mm(_dg_U_i_U_j_U_f_U_o__h_at0[_t], _w_U_i_U_j_U_f_U_o, out=_tmp_d_h_gemm_rows[_t])
-        # per-step adjoints of inputs, states, vector params, hoisted results
-        U_f_h = _g_U_i_U_j_U_f_U_o__h_at0[_t][:, 2*_H:3*_H]
-        U_i_h = _g_U_i_U_j_U_f_U_o__h_at0[_t][:, 0:_H]
-        U_j_h = _g_U_i_U_j_U_f_U_o__h_at0[_t][:, _H:2*_H]
-        U_o_h = _g_U_i_U_j_U_f_U_o__h_at0[_t][:, 3*_H:4*_H]
-        W_f_x = _hg_W_i_W_j_W_f_W_o__x_at0[_t][:, 2*_H:3*_H]
-        W_i_x = _hg_W_i_W_j_W_f_W_o__x_at0[_t][:, 0:_H]
-        W_j_x = _hg_W_i_W_j_W_f_W_o__x_at0[_t][:, _H:2*_H]
-        W_o_x = _hg_W_i_W_j_W_f_W_o__x_at0[_t][:, 3*_H:4*_H]
-        c = _s_c_at0[_t]
-        d_c_next = _tmp_d_c_next_rows[_t]
-        d_f = _tmp_d_f_rows[_t]
-        d_h_gemm = _tmp_d_h_gemm_rows[_t]
-        d_i = _tmp_d_i_rows[_t]
-        d_j = _tmp_d_j_rows[_t]
-        d_mean = _tmp_d_mean_rows[_t]
-        d_mean_2 = _tmp_d_mean_2_rows[_t]
-        d_mean_3 = _tmp_d_mean_3_rows[_t]
-        d_mean_4 = _tmp_d_mean_4_rows[_t]
-        d_mean_5 = _tmp_d_mean_5_rows[_t]
-        d_o = _tmp_d_o_rows[_t]
-        d_var = _tmp_d_var_rows[_t]
-        d_var_2 = _tmp_d_var_2_rows[_t]
-        d_var_3 = _tmp_d_var_3_rows[_t]
-        d_var_4 = _tmp_d_var_4_rows[_t]
-        d_var_5 = _tmp_d_var_5_rows[_t]
-        f = _v_f_at0[_t]
-        i = _v_i_at0[_t]
-        j = _v_j_at0[_t]
-        mean = _v_mean_at0[_t]
-        mean_2 = _v_mean_2_at0[_t]
-        mean_3 = _v_mean_3_at0[_t]
-        mean_4 = _v_mean_4_at0[_t]
-        mean_5 = _v_mean_5_at0[_t]
-        o = _v_o_at0[_t]
-        rstd = _v_rstd_at0[_t]
-        rstd_2 = _v_rstd_2_at0[_t]
-        rstd_3 = _v_rstd_3_at0[_t]
-        rstd_4 = _v_rstd_4_at0[_t]
-        rstd_5 = _v_rstd_5_at0[_t]
         t19_2 = f*inv_n_H
         t20 = d_c_next*rstd_5
-        t21 = c*f + i*j - mean_5
+        t21 = -mean_5 + t1 + t2
         t22 = d_i*i*(1 - i)
         t23 = rstd*t22
         t24 = d_j*(1 - (j*j))
@@ -726,8 +634,6 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
         t27 = rstd_3*t26
         t28 = d_o*o*(1 - o)
         t29 = rstd_4*t28
-        d_h = d_h_gemm  # adjoint of state h
-        d_c = d_mean_5*t19_2 + 2*d_var_5*t19_2*t21 + f*g_c*t20  # adjoint of state c
         d_g_i = t23*(U_i_h + W_i_x - mean)  # adjoint of param g_i
         d_b_i = t22  # adjoint of param b_i
         d_g_j = t25*(U_j_h + W_j_x - mean_2)  # adjoint of param g_j
@@ -738,12 +644,15 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
         d_b_o = t28  # adjoint of param b_o
         d_g_c = t20*t21  # adjoint of param g_c
         d_b_c = d_c_next  # adjoint of param b_c
-        d_W_i_x = d_mean*inv_n_H + d_var*inv_n_H*(2*U_i_h + 2*W_i_x - 2*mean) + g_i*t23  # adjoint of hoisted projection W_i_x
-        d_W_j_x = d_mean_2*inv_n_H + d_var_2*inv_n_H*(2*U_j_h + 2*W_j_x - 2*mean_2) + g_j*t25  # adjoint of hoisted projection W_j_x
-        d_W_f_x = d_mean_3*inv_n_H + d_var_3*inv_n_H*(2*U_f_h + 2*W_f_x - 2*mean_3) + g_f*t27  # adjoint of hoisted projection W_f_x
-        d_W_o_x = d_mean_4*inv_n_H + d_var_4*inv_n_H*(2*U_o_h + 2*W_o_x - 2*mean_4) + g_o*t29  # adjoint of hoisted projection W_o_x
-        _ds_h_rows[_t].copy_(d_h)
-        _ds_c_rows[_t].copy_(d_c)
+        d_W_i_x = d_mean*inv_n_H + d_var*inv_n_H*t19 + g_i*t23  # adjoint of hoisted projection W_i_x
+        d_W_j_x = d_mean_2*inv_n_H + d_var_2*inv_n_H*t16 + g_j*t25  # adjoint of hoisted projection W_j_x
+        d_W_f_x = d_mean_3*inv_n_H + d_var_3*inv_n_H*t13 + g_f*t27  # adjoint of hoisted projection W_f_x
+        d_W_o_x = d_mean_4*inv_n_H + d_var_4*inv_n_H*t8 + g_o*t29  # adjoint of hoisted projection W_o_x
+        d_c_prev = d_mean_5*t19_2 + 2*d_var_5*t19_2*t21 + f*g_c*t20  # adjoint of state c, carried to the step before
+        _dg_U_i_U_j_U_f_U_o__h_at0[_t][:, 0:_H].copy_(d_U_i_h)
+        _dg_U_i_U_j_U_f_U_o__h_at0[_t][:, _H:2*_H].copy_(d_U_j_h)
+        _dg_U_i_U_j_U_f_U_o__h_at0[_t][:, 2*_H:3*_H].copy_(d_U_f_h)
+        _dg_U_i_U_j_U_f_U_o__h_at0[_t][:, 3*_H:4*_H].copy_(d_U_o_h)
         _dp_g_i_at0[_t].copy_(d_g_i)
         _dp_b_i_at0[_t].copy_(d_b_i)
         _dp_g_j_at0[_t].copy_(d_g_j)
@@ -758,6 +667,8 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
         _dhg_W_i_W_j_W_f_W_o__x_at0[_t][:, _H:2*_H].copy_(d_W_j_x)
         _dhg_W_i_W_j_W_f_W_o__x_at0[_t][:, 2*_H:3*_H].copy_(d_W_f_x)
         _dhg_W_i_W_j_W_f_W_o__x_at0[_t][:, 3*_H:4*_H].copy_(d_W_o_x)
+        _ds_c_rows[_t].copy_(d_c_prev)
+        torch.mm(_dg_U_i_U_j_U_f_U_o__h_at0[_t], _w_U_i_U_j_U_f_U_o, out=_ds_h_rows[_t])
     # dW of U_i @ h, U_j @ h, U_f @ h, U_o @ h: one GEMM over all T*B rows
     _dw = _dg_U_i_U_j_U_f_U_o__h.reshape(_T * _B, 4*_H).T @ _s_h[:_T].reshape(_T * _B, _H)
     _grads["U_i"] = _dw[0:_H]
@@ -1048,23 +959,7 @@ def _backward_differentiable(_params, _x, _saved, _d_outputs, _d_final, _bs=None
     _dp_g_c = torch.zeros((_T, _B, _H), dtype=_dtype, device=_device)
     _dp_b_c = torch.zeros((_T, _B, _H), dtype=_dtype, device=_device)
     _dg_U_i_U_j_U_f_U_o__h = torch.zeros((_T, _B, 4*_H), dtype=_dtype, device=_device)
-    _tmp_d_h_gemm = torch.zeros((_B, _H), dtype=_dtype, device=_device)
     _dhg_W_i_W_j_W_f_W_o__x = torch.zeros((_T, _B, 4*_H), dtype=_dtype, device=_device)
-    _tmp_d_c_next = torch.zeros((_B, _H), dtype=_dtype, device=_device)
-    _tmp_d_var_5 = torch.zeros((_B, 1), dtype=_dtype, device=_device)
-    _tmp_d_mean_5 = torch.zeros((_B, 1), dtype=_dtype, device=_device)
-    _tmp_d_o = torch.zeros((_B, _H), dtype=_dtype, device=_device)
-    _tmp_d_var_4 = torch.zeros((_B, 1), dtype=_dtype, device=_device)
-    _tmp_d_mean_4 = torch.zeros((_B, 1), dtype=_dtype, device=_device)
-    _tmp_d_f = torch.zeros((_B, _H), dtype=_dtype, device=_device)
-    _tmp_d_var_3 = torch.zeros((_B, 1), dtype=_dtype, device=_device)
-    _tmp_d_mean_3 = torch.zeros((_B, 1), dtype=_dtype, device=_device)
-    _tmp_d_j = torch.zeros((_B, _H), dtype=_dtype, device=_device)
-    _tmp_d_var_2 = torch.zeros((_B, 1), dtype=_dtype, device=_device)
-    _tmp_d_mean_2 = torch.zeros((_B, 1), dtype=_dtype, device=_device)
-    _tmp_d_i = torch.zeros((_B, _H), dtype=_dtype, device=_device)
-    _tmp_d_var = torch.zeros((_B, 1), dtype=_dtype, device=_device)
-    _tmp_d_mean = torch.zeros((_B, 1), dtype=_dtype, device=_device)
     _dg_U_i_U_j_U_f_U_o__h_rows = list(_dg_U_i_U_j_U_f_U_o__h.unbind(0))
     _dp_g_i_rows = list(_dp_g_i.unbind(0))
     _dp_b_i_rows = list(_dp_b_i.unbind(0))
@@ -1181,69 +1076,9 @@ def _backward_differentiable(_params, _x, _saved, _d_outputs, _d_final, _bs=None
         d_U_j_h = d_mean_2*inv_n_H + d_var_2*inv_n_H*t16 + t15  # adjoint of U_j @ h
         d_U_f_h = d_mean_3*inv_n_H + d_var_3*inv_n_H*t13 + t12  # adjoint of U_f @ h
         d_U_o_h = d_mean_4*inv_n_H + d_var_4*inv_n_H*t8 + t7  # adjoint of U_o @ h
-        _tmp_d_c_next = d_c_next
-        _tmp_d_var_5 = d_var_5
-        _tmp_d_mean_5 = d_mean_5
-        _tmp_d_o = d_o
-        _tmp_d_var_4 = d_var_4
-        _tmp_d_mean_4 = d_mean_4
-        _tmp_d_f = d_f
-        _tmp_d_var_3 = d_var_3
-        _tmp_d_mean_3 = d_mean_3
-        _tmp_d_j = d_j
-        _tmp_d_var_2 = d_var_2
-        _tmp_d_mean_2 = d_mean_2
-        _tmp_d_i = d_i
-        _tmp_d_var = d_var
-        _tmp_d_mean = d_mean
-        _dg_U_i_U_j_U_f_U_o__h_rows[_t] = torch.slice_scatter(_dg_U_i_U_j_U_f_U_o__h_rows[_t], d_U_i_h, 1, 0, _H)
-        _dg_U_i_U_j_U_f_U_o__h_rows[_t] = torch.slice_scatter(_dg_U_i_U_j_U_f_U_o__h_rows[_t], d_U_j_h, 1, _H, 2*_H)
-        _dg_U_i_U_j_U_f_U_o__h_rows[_t] = torch.slice_scatter(_dg_U_i_U_j_U_f_U_o__h_rows[_t], d_U_f_h, 1, 2*_H, 3*_H)
-        _dg_U_i_U_j_U_f_U_o__h_rows[_t] = torch.slice_scatter(_dg_U_i_U_j_U_f_U_o__h_rows[_t], d_U_o_h, 1, 3*_H, 4*_H)
-        _tmp_d_h_gemm = _dg_U_i_U_j_U_f_U_o__h_rows[_t] @ _w_U_i_U_j_U_f_U_o
-        # per-step adjoints of inputs, states, vector params, hoisted results
-        U_f_h = _g_U_i_U_j_U_f_U_o__h_rows[_t][:, 2*_H:3*_H]
-        U_i_h = _g_U_i_U_j_U_f_U_o__h_rows[_t][:, 0:_H]
-        U_j_h = _g_U_i_U_j_U_f_U_o__h_rows[_t][:, _H:2*_H]
-        U_o_h = _g_U_i_U_j_U_f_U_o__h_rows[_t][:, 3*_H:4*_H]
-        W_f_x = _hg_W_i_W_j_W_f_W_o__x_rows[_t][:, 2*_H:3*_H]
-        W_i_x = _hg_W_i_W_j_W_f_W_o__x_rows[_t][:, 0:_H]
-        W_j_x = _hg_W_i_W_j_W_f_W_o__x_rows[_t][:, _H:2*_H]
-        W_o_x = _hg_W_i_W_j_W_f_W_o__x_rows[_t][:, 3*_H:4*_H]
-        c = _s_c_rows[_t]
-        d_c_next = _tmp_d_c_next
-        d_f = _tmp_d_f
-        d_h_gemm = _tmp_d_h_gemm
-        d_i = _tmp_d_i
-        d_j = _tmp_d_j
-        d_mean = _tmp_d_mean
-        d_mean_2 = _tmp_d_mean_2
-        d_mean_3 = _tmp_d_mean_3
-        d_mean_4 = _tmp_d_mean_4
-        d_mean_5 = _tmp_d_mean_5
-        d_o = _tmp_d_o
-        d_var = _tmp_d_var
-        d_var_2 = _tmp_d_var_2
-        d_var_3 = _tmp_d_var_3
-        d_var_4 = _tmp_d_var_4
-        d_var_5 = _tmp_d_var_5
-        f = _v_f_rows[_t]
-        i = _v_i_rows[_t]
-        j = _v_j_rows[_t]
-        mean = _v_mean_rows[_t]
-        mean_2 = _v_mean_2_rows[_t]
-        mean_3 = _v_mean_3_rows[_t]
-        mean_4 = _v_mean_4_rows[_t]
-        mean_5 = _v_mean_5_rows[_t]
-        o = _v_o_rows[_t]
-        rstd = _v_rstd_rows[_t]
-        rstd_2 = _v_rstd_2_rows[_t]
-        rstd_3 = _v_rstd_3_rows[_t]
-        rstd_4 = _v_rstd_4_rows[_t]
-        rstd_5 = _v_rstd_5_rows[_t]
         t19_2 = f*inv_n_H
         t20 = d_c_next*rstd_5
-        t21 = c*f + i*j - mean_5
+        t21 = -mean_5 + t1 + t2
         t22 = d_i*i*(1 - i)
         t23 = rstd*t22
         t24 = d_j*(1 - (j*j))
@@ -1252,8 +1087,6 @@ def _backward_differentiable(_params, _x, _saved, _d_outputs, _d_final, _bs=None
         t27 = rstd_3*t26
         t28 = d_o*o*(1 - o)
         t29 = rstd_4*t28
-        d_h = d_h_gemm  # adjoint of state h
-        d_c = d_mean_5*t19_2 + 2*d_var_5*t19_2*t21 + f*g_c*t20  # adjoint of state c
         d_g_i = t23*(U_i_h + W_i_x - mean)  # adjoint of param g_i
         d_b_i = t22  # adjoint of param b_i
         d_g_j = t25*(U_j_h + W_j_x - mean_2)  # adjoint of param g_j
@@ -1264,12 +1097,15 @@ def _backward_differentiable(_params, _x, _saved, _d_outputs, _d_final, _bs=None
         d_b_o = t28  # adjoint of param b_o
         d_g_c = t20*t21  # adjoint of param g_c
         d_b_c = d_c_next  # adjoint of param b_c
-        d_W_i_x = d_mean*inv_n_H + d_var*inv_n_H*(2*U_i_h + 2*W_i_x - 2*mean) + g_i*t23  # adjoint of hoisted projection W_i_x
-        d_W_j_x = d_mean_2*inv_n_H + d_var_2*inv_n_H*(2*U_j_h + 2*W_j_x - 2*mean_2) + g_j*t25  # adjoint of hoisted projection W_j_x
-        d_W_f_x = d_mean_3*inv_n_H + d_var_3*inv_n_H*(2*U_f_h + 2*W_f_x - 2*mean_3) + g_f*t27  # adjoint of hoisted projection W_f_x
-        d_W_o_x = d_mean_4*inv_n_H + d_var_4*inv_n_H*(2*U_o_h + 2*W_o_x - 2*mean_4) + g_o*t29  # adjoint of hoisted projection W_o_x
-        _ds_h = d_h
-        _ds_c = d_c
+        d_W_i_x = d_mean*inv_n_H + d_var*inv_n_H*t19 + g_i*t23  # adjoint of hoisted projection W_i_x
+        d_W_j_x = d_mean_2*inv_n_H + d_var_2*inv_n_H*t16 + g_j*t25  # adjoint of hoisted projection W_j_x
+        d_W_f_x = d_mean_3*inv_n_H + d_var_3*inv_n_H*t13 + g_f*t27  # adjoint of hoisted projection W_f_x
+        d_W_o_x = d_mean_4*inv_n_H + d_var_4*inv_n_H*t8 + g_o*t29  # adjoint of hoisted projection W_o_x
+        d_c_prev = d_mean_5*t19_2 + 2*d_var_5*t19_2*t21 + f*g_c*t20  # adjoint of state c, carried to the step before
+        _dg_U_i_U_j_U_f_U_o__h_rows[_t] = torch.slice_scatter(_dg_U_i_U_j_U_f_U_o__h_rows[_t], d_U_i_h, 1, 0, _H)
+        _dg_U_i_U_j_U_f_U_o__h_rows[_t] = torch.slice_scatter(_dg_U_i_U_j_U_f_U_o__h_rows[_t], d_U_j_h, 1, _H, 2*_H)
+        _dg_U_i_U_j_U_f_U_o__h_rows[_t] = torch.slice_scatter(_dg_U_i_U_j_U_f_U_o__h_rows[_t], d_U_f_h, 1, 2*_H, 3*_H)
+        _dg_U_i_U_j_U_f_U_o__h_rows[_t] = torch.slice_scatter(_dg_U_i_U_j_U_f_U_o__h_rows[_t], d_U_o_h, 1, 3*_H, 4*_H)
         _dp_g_i_rows[_t] = d_g_i
         _dp_b_i_rows[_t] = d_b_i
         _dp_g_j_rows[_t] = d_g_j
@@ -1284,6 +1120,8 @@ def _backward_differentiable(_params, _x, _saved, _d_outputs, _d_final, _bs=None
         _dhg_W_i_W_j_W_f_W_o__x_rows[_t] = torch.slice_scatter(_dhg_W_i_W_j_W_f_W_o__x_rows[_t], d_W_j_x, 1, _H, 2*_H)
         _dhg_W_i_W_j_W_f_W_o__x_rows[_t] = torch.slice_scatter(_dhg_W_i_W_j_W_f_W_o__x_rows[_t], d_W_f_x, 1, 2*_H, 3*_H)
         _dhg_W_i_W_j_W_f_W_o__x_rows[_t] = torch.slice_scatter(_dhg_W_i_W_j_W_f_W_o__x_rows[_t], d_W_o_x, 1, 3*_H, 4*_H)
+        _ds_c = d_c_prev
+        _ds_h = _dg_U_i_U_j_U_f_U_o__h_rows[_t] @ _w_U_i_U_j_U_f_U_o
     _dg_U_i_U_j_U_f_U_o__h = torch.stack(_dg_U_i_U_j_U_f_U_o__h_rows)
     # dW of U_i @ h, U_j @ h, U_f @ h, U_o @ h: one GEMM over all T*B rows
     _dw = _dg_U_i_U_j_U_f_U_o__h.reshape(_T * _B, 4*_H).T @ _s_h[:_T].reshape(_T * _B, _H)
@@ -1504,7 +1342,7 @@ def _custom_ops(name, forward, backward, forward_schema, backward_schema, forwar
 #: the PyTorch engine's forward and backward as custom ops (the engine itself is the fake:
 #: it runs on fake tensors)
 _ENGINE_OPS = _custom_ops(
-    "layer_norm_lstm_engine_18f528a84c33", _engine_op_forward_impl, _engine_op_backward_impl,
+    "layer_norm_lstm_engine_e60667ef97d4", _engine_op_forward_impl, _engine_op_backward_impl,
     "(Tensor[] xs, Tensor[] states, Tensor[] params) -> Tensor[]",
     "(Tensor[] args, Tensor[] saved, Tensor?[] d_outputs, Tensor?[] d_finals) -> Tensor[]",
     _engine_op_forward_impl, _engine_op_backward_impl, _engine_op_backward, _engine_op_setup_context,
@@ -1902,7 +1740,7 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     if _bs is not None:  # outputs past a sequence's end are constant zeros
         _m = _native_active(_bs, _B, _xs)
         _d_outputs = tuple(None if _d is None else _d * _m for _d in _d_outputs)
-    dp_g_i, dp_b_i, dp_g_j, dp_b_j, dp_g_f, dp_b_f, dp_g_o, dp_b_o, dp_g_c, dp_b_c, dg_U_i_U_j_U_f_U_o__h, tmp_d_h_gemm, dhg_W_i_W_j_W_f_W_o__x, tmp_d_c_next, tmp_d_var_5, tmp_d_mean_5, tmp_d_o, tmp_d_var_4, tmp_d_mean_4, tmp_d_f, tmp_d_var_3, tmp_d_mean_3, tmp_d_j, tmp_d_var_2, tmp_d_mean_2, tmp_d_i, tmp_d_var, tmp_d_mean = _scratch((_T, _B, _H), (_T, _B, _H), (_T, _B, _H), (_T, _B, _H), (_T, _B, _H), (_T, _B, _H), (_T, _B, _H), (_T, _B, _H), (_T, _B, _H), (_T, _B, _H), (_T, _B, 4*_H), (_B, _H), (_T, _B, 4*_H), (_B, _H), (_B, 1), (_B, 1), (_B, _H), (_B, 1), (_B, 1), (_B, _H), (_B, 1), (_B, 1), (_B, _H), (_B, 1), (_B, 1), (_B, _H), (_B, 1), (_B, 1))
+    dp_g_i, dp_b_i, dp_g_j, dp_b_j, dp_g_f, dp_b_f, dp_g_o, dp_b_o, dp_g_c, dp_b_c, dg_U_i_U_j_U_f_U_o__h, dhg_W_i_W_j_W_f_W_o__x = _scratch((_T, _B, _H), (_T, _B, _H), (_T, _B, _H), (_T, _B, _H), (_T, _B, _H), (_T, _B, _H), (_T, _B, _H), (_T, _B, _H), (_T, _B, _H), (_T, _B, _H), (_T, _B, 4*_H), (_T, _B, 4*_H))
     x_x = _xs[0].contiguous()
     s_h = _saved[0]
     s_c = _saved[1]
@@ -1944,14 +1782,14 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     _grads_0 = _gempty((10, _H)).unbind(0)
     _grads = {"W_i": _rows_dw_W_i_W_j_W_f_W_o[0], "U_i": _rows_dw_U_i_U_j_U_f_U_o[0], "g_i": _grads_0[0], "b_i": _grads_0[1], "W_j": _rows_dw_W_i_W_j_W_f_W_o[1], "U_j": _rows_dw_U_i_U_j_U_f_U_o[1], "g_j": _grads_0[2], "b_j": _grads_0[3], "W_f": _rows_dw_W_i_W_j_W_f_W_o[2], "U_f": _rows_dw_U_i_U_j_U_f_U_o[2], "g_f": _grads_0[4], "b_f": _grads_0[5], "W_o": _rows_dw_W_i_W_j_W_f_W_o[3], "U_o": _rows_dw_U_i_U_j_U_f_U_o[3], "g_o": _grads_0[6], "b_o": _grads_0[7], "g_c": _grads_0[8], "b_c": _grads_0[9], "inv_n_H": _gzeros((_H,))}
     if _lib is not None:
-        _lib("backward", _dims, [x_x, s_h, s_c, p_g_i, p_g_j, p_g_f, p_g_o, p_g_c, p_inv_n_H, hg_W_i_W_j_W_f_W_o__x, g_U_i_U_j_U_f_U_o__h, v_mean, v_var, v_rstd, v_i, v_mean_2, v_var_2, v_rstd_2, v_j, v_mean_3, v_var_3, v_rstd_3, v_f, v_mean_4, v_var_4, v_rstd_4, v_o, v_mean_5, v_var_5, v_rstd_5, dout_h_next, ds_h, ds_c, dx_x, dp_g_i, dp_b_i, dp_g_j, dp_b_j, dp_g_f, dp_b_f, dp_g_o, dp_b_o, dp_g_c, dp_b_c, dg_U_i_U_j_U_f_U_o__h, tmp_d_h_gemm, dhg_W_i_W_j_W_f_W_o__x, tmp_d_c_next, tmp_d_var_5, tmp_d_mean_5, tmp_d_o, tmp_d_var_4, tmp_d_mean_4, tmp_d_f, tmp_d_var_3, tmp_d_mean_3, tmp_d_j, tmp_d_var_2, tmp_d_mean_2, tmp_d_i, tmp_d_var, tmp_d_mean, dw_U_i_U_j_U_f_U_o, dw_W_i_W_j_W_f_W_o, _stacked(_params["W_i"], _params["W_j"], _params["W_f"], _params["W_o"]), _stacked(_params["U_i"], _params["U_j"], _params["U_f"], _params["U_o"]), *_grads.values(), _bs])
+        _lib("backward", _dims, [x_x, s_h, s_c, p_g_i, p_g_j, p_g_f, p_g_o, p_g_c, p_inv_n_H, hg_W_i_W_j_W_f_W_o__x, g_U_i_U_j_U_f_U_o__h, v_mean, v_var, v_rstd, v_i, v_mean_2, v_var_2, v_rstd_2, v_j, v_mean_3, v_var_3, v_rstd_3, v_f, v_mean_4, v_var_4, v_rstd_4, v_o, v_mean_5, v_var_5, v_rstd_5, dout_h_next, ds_h, ds_c, dx_x, dp_g_i, dp_b_i, dp_g_j, dp_b_j, dp_g_f, dp_b_f, dp_g_o, dp_b_o, dp_g_c, dp_b_c, dg_U_i_U_j_U_f_U_o__h, dhg_W_i_W_j_W_f_W_o__x, dw_U_i_U_j_U_f_U_o, dw_W_i_W_j_W_f_W_o, _stacked(_params["W_i"], _params["W_j"], _params["W_f"], _params["W_o"]), _stacked(_params["U_i"], _params["U_j"], _params["U_f"], _params["U_o"]), *_grads.values(), _bs])
     return _grads, (dx_x,), (ds_h, ds_c,)
 
 
 # The same two calls as PyTorch custom ops, for torch.compile (which traces them through their
 # fake implementations: the allocations above, without the call). Registered once per process
 # and content of this file; outputs are copies (an op's outputs may not alias each other).
-_OP = "layer_norm_lstm_682f9406ba79"
+_OP = "layer_norm_lstm_829dcecfafb2"
 
 
 def _op_forward_impl(xs: list[torch.Tensor], states: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -1561,17 +1561,17 @@ __host__ __device__ inline void lstm_backward_bwd0_H(
     real g,
     real i,
     real o,
-    real& d_c_next,  // out
     real& d_W_hi_h,  // out
     real& d_W_hf_h,  // out
     real& d_W_hg_h,  // out
-    real& d_W_ho_h)  // out
+    real& d_W_ho_h,  // out
+    real& d_c_prev)  // out
 {
     const real t0 = cs_tanh(c_next);
     // adjoint of h'
     const real d_h_next = d_h + d_h_next_out;
     // adjoint of c'
-    d_c_next = d_c + d_h_next*o*(real(1.0) - (t0*t0));
+    const real d_c_next = d_c + d_h_next*o*(real(1.0) - (t0*t0));
     // adjoint of o
     const real d_o = d_h_next*t0;
     // adjoint of g
@@ -1588,11 +1588,13 @@ __host__ __device__ inline void lstm_backward_bwd0_H(
     d_W_hg_h = d_g*(real(1.0) - (g*g));
     // adjoint of W_ho @ h
     d_W_ho_h = d_o*o*(real(1.0) - o);
+    // adjoint of state c, carried to the step before
+    d_c_prev = d_c_next*f;
 }
 
 #ifdef __CUDACC__
 template <typename S>
-__global__ void lstm_backward_bwd0_H_kernel(int64_t _rows, int64_t _cols, const S* __restrict__ _p_c, int64_t _ld_c, const S* __restrict__ _p_c_next, int64_t _ld_c_next, const S* __restrict__ _p_d_c, int64_t _ld_d_c, const S* __restrict__ _p_d_h, int64_t _ld_d_h, const S* __restrict__ _p_d_h_next_out, int64_t _ld_d_h_next_out, const S* __restrict__ _p_f, int64_t _ld_f, const S* __restrict__ _p_g, int64_t _ld_g, const S* __restrict__ _p_i, int64_t _ld_i, const S* __restrict__ _p_o, int64_t _ld_o, S* __restrict__ _p_d_c_next, int64_t _ld_d_c_next, S* __restrict__ _p_d_W_hi_h, int64_t _ld_d_W_hi_h, S* __restrict__ _p_d_W_hf_h, int64_t _ld_d_W_hf_h, S* __restrict__ _p_d_W_hg_h, int64_t _ld_d_W_hg_h, S* __restrict__ _p_d_W_ho_h, int64_t _ld_d_W_ho_h)
+__global__ void lstm_backward_bwd0_H_kernel(int64_t _rows, int64_t _cols, const S* __restrict__ _p_c, int64_t _ld_c, const S* __restrict__ _p_c_next, int64_t _ld_c_next, const S* __restrict__ _p_d_c, int64_t _ld_d_c, const S* __restrict__ _p_d_h, int64_t _ld_d_h, const S* __restrict__ _p_d_h_next_out, int64_t _ld_d_h_next_out, const S* __restrict__ _p_f, int64_t _ld_f, const S* __restrict__ _p_g, int64_t _ld_g, const S* __restrict__ _p_i, int64_t _ld_i, const S* __restrict__ _p_o, int64_t _ld_o, S* __restrict__ _p_d_W_hi_h, int64_t _ld_d_W_hi_h, S* __restrict__ _p_d_W_hf_h, int64_t _ld_d_W_hf_h, S* __restrict__ _p_d_W_hg_h, int64_t _ld_d_W_hg_h, S* __restrict__ _p_d_W_ho_h, int64_t _ld_d_W_ho_h, S* __restrict__ _p_d_c_prev, int64_t _ld_d_c_prev)
 {
     typedef typename cs_math<S>::type M;
     const int64_t _j = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
@@ -1607,50 +1609,50 @@ __global__ void lstm_backward_bwd0_H_kernel(int64_t _rows, int64_t _cols, const 
         M g = cs_load(_p_g[_r * _ld_g + _j]);
         M i = cs_load(_p_i[_r * _ld_i + _j]);
         M o = cs_load(_p_o[_r * _ld_o + _j]);
-        M d_c_next;
         M d_W_hi_h;
         M d_W_hf_h;
         M d_W_hg_h;
         M d_W_ho_h;
-        lstm_backward_bwd0_H<M>(c, c_next, d_c, d_h, d_h_next_out, f, g, i, o, d_c_next, d_W_hi_h, d_W_hf_h, d_W_hg_h, d_W_ho_h);
-        cs_store(&_p_d_c_next[_r * _ld_d_c_next + _j], d_c_next);
+        M d_c_prev;
+        lstm_backward_bwd0_H<M>(c, c_next, d_c, d_h, d_h_next_out, f, g, i, o, d_W_hi_h, d_W_hf_h, d_W_hg_h, d_W_ho_h, d_c_prev);
         cs_store(&_p_d_W_hi_h[_r * _ld_d_W_hi_h + _j], d_W_hi_h);
         cs_store(&_p_d_W_hf_h[_r * _ld_d_W_hf_h + _j], d_W_hf_h);
         cs_store(&_p_d_W_hg_h[_r * _ld_d_W_hg_h + _j], d_W_hg_h);
         cs_store(&_p_d_W_ho_h[_r * _ld_d_W_ho_h + _j], d_W_ho_h);
+        cs_store(&_p_d_c_prev[_r * _ld_d_c_prev + _j], d_c_prev);
     }
 }
 
 template <typename S>
-static int lstm_backward_bwd0_H_launch(int64_t _rows, int64_t _cols, const void* _p_c, int64_t _ld_c, const void* _p_c_next, int64_t _ld_c_next, const void* _p_d_c, int64_t _ld_d_c, const void* _p_d_h, int64_t _ld_d_h, const void* _p_d_h_next_out, int64_t _ld_d_h_next_out, const void* _p_f, int64_t _ld_f, const void* _p_g, int64_t _ld_g, const void* _p_i, int64_t _ld_i, const void* _p_o, int64_t _ld_o, void* _p_d_c_next, int64_t _ld_d_c_next, void* _p_d_W_hi_h, int64_t _ld_d_W_hi_h, void* _p_d_W_hf_h, int64_t _ld_d_W_hf_h, void* _p_d_W_hg_h, int64_t _ld_d_W_hg_h, void* _p_d_W_ho_h, int64_t _ld_d_W_ho_h, void* _stream)
+static int lstm_backward_bwd0_H_launch(int64_t _rows, int64_t _cols, const void* _p_c, int64_t _ld_c, const void* _p_c_next, int64_t _ld_c_next, const void* _p_d_c, int64_t _ld_d_c, const void* _p_d_h, int64_t _ld_d_h, const void* _p_d_h_next_out, int64_t _ld_d_h_next_out, const void* _p_f, int64_t _ld_f, const void* _p_g, int64_t _ld_g, const void* _p_i, int64_t _ld_i, const void* _p_o, int64_t _ld_o, void* _p_d_W_hi_h, int64_t _ld_d_W_hi_h, void* _p_d_W_hf_h, int64_t _ld_d_W_hf_h, void* _p_d_W_hg_h, int64_t _ld_d_W_hg_h, void* _p_d_W_ho_h, int64_t _ld_d_W_ho_h, void* _p_d_c_prev, int64_t _ld_d_c_prev, void* _stream)
 {
     if (_rows <= 0 || _cols <= 0) return 0;
     dim3 _grid, _block;
     cs_grid(_rows, _cols, &_grid, &_block);
-    lstm_backward_bwd0_H_kernel<S><<<_grid, _block, 0, (cudaStream_t)_stream>>>(_rows, _cols, (const S*)_p_c, _ld_c, (const S*)_p_c_next, _ld_c_next, (const S*)_p_d_c, _ld_d_c, (const S*)_p_d_h, _ld_d_h, (const S*)_p_d_h_next_out, _ld_d_h_next_out, (const S*)_p_f, _ld_f, (const S*)_p_g, _ld_g, (const S*)_p_i, _ld_i, (const S*)_p_o, _ld_o, (S*)_p_d_c_next, _ld_d_c_next, (S*)_p_d_W_hi_h, _ld_d_W_hi_h, (S*)_p_d_W_hf_h, _ld_d_W_hf_h, (S*)_p_d_W_hg_h, _ld_d_W_hg_h, (S*)_p_d_W_ho_h, _ld_d_W_ho_h);
+    lstm_backward_bwd0_H_kernel<S><<<_grid, _block, 0, (cudaStream_t)_stream>>>(_rows, _cols, (const S*)_p_c, _ld_c, (const S*)_p_c_next, _ld_c_next, (const S*)_p_d_c, _ld_d_c, (const S*)_p_d_h, _ld_d_h, (const S*)_p_d_h_next_out, _ld_d_h_next_out, (const S*)_p_f, _ld_f, (const S*)_p_g, _ld_g, (const S*)_p_i, _ld_i, (const S*)_p_o, _ld_o, (S*)_p_d_W_hi_h, _ld_d_W_hi_h, (S*)_p_d_W_hf_h, _ld_d_W_hf_h, (S*)_p_d_W_hg_h, _ld_d_W_hg_h, (S*)_p_d_W_ho_h, _ld_d_W_ho_h, (S*)_p_d_c_prev, _ld_d_c_prev);
     return (int)cudaGetLastError();
 }
 
-extern "C" int lstm_backward_bwd0_H_cuda_f32(int64_t _rows, int64_t _cols, const void* _p_c, int64_t _ld_c, const void* _p_c_next, int64_t _ld_c_next, const void* _p_d_c, int64_t _ld_d_c, const void* _p_d_h, int64_t _ld_d_h, const void* _p_d_h_next_out, int64_t _ld_d_h_next_out, const void* _p_f, int64_t _ld_f, const void* _p_g, int64_t _ld_g, const void* _p_i, int64_t _ld_i, const void* _p_o, int64_t _ld_o, void* _p_d_c_next, int64_t _ld_d_c_next, void* _p_d_W_hi_h, int64_t _ld_d_W_hi_h, void* _p_d_W_hf_h, int64_t _ld_d_W_hf_h, void* _p_d_W_hg_h, int64_t _ld_d_W_hg_h, void* _p_d_W_ho_h, int64_t _ld_d_W_ho_h, void* _stream)
+extern "C" int lstm_backward_bwd0_H_cuda_f32(int64_t _rows, int64_t _cols, const void* _p_c, int64_t _ld_c, const void* _p_c_next, int64_t _ld_c_next, const void* _p_d_c, int64_t _ld_d_c, const void* _p_d_h, int64_t _ld_d_h, const void* _p_d_h_next_out, int64_t _ld_d_h_next_out, const void* _p_f, int64_t _ld_f, const void* _p_g, int64_t _ld_g, const void* _p_i, int64_t _ld_i, const void* _p_o, int64_t _ld_o, void* _p_d_W_hi_h, int64_t _ld_d_W_hi_h, void* _p_d_W_hf_h, int64_t _ld_d_W_hf_h, void* _p_d_W_hg_h, int64_t _ld_d_W_hg_h, void* _p_d_W_ho_h, int64_t _ld_d_W_ho_h, void* _p_d_c_prev, int64_t _ld_d_c_prev, void* _stream)
 {
-    return lstm_backward_bwd0_H_launch<float>(_rows, _cols, _p_c, _ld_c, _p_c_next, _ld_c_next, _p_d_c, _ld_d_c, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_f, _ld_f, _p_g, _ld_g, _p_i, _ld_i, _p_o, _ld_o, _p_d_c_next, _ld_d_c_next, _p_d_W_hi_h, _ld_d_W_hi_h, _p_d_W_hf_h, _ld_d_W_hf_h, _p_d_W_hg_h, _ld_d_W_hg_h, _p_d_W_ho_h, _ld_d_W_ho_h, _stream);
+    return lstm_backward_bwd0_H_launch<float>(_rows, _cols, _p_c, _ld_c, _p_c_next, _ld_c_next, _p_d_c, _ld_d_c, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_f, _ld_f, _p_g, _ld_g, _p_i, _ld_i, _p_o, _ld_o, _p_d_W_hi_h, _ld_d_W_hi_h, _p_d_W_hf_h, _ld_d_W_hf_h, _p_d_W_hg_h, _ld_d_W_hg_h, _p_d_W_ho_h, _ld_d_W_ho_h, _p_d_c_prev, _ld_d_c_prev, _stream);
 }
-extern "C" int lstm_backward_bwd0_H_cuda_f64(int64_t _rows, int64_t _cols, const void* _p_c, int64_t _ld_c, const void* _p_c_next, int64_t _ld_c_next, const void* _p_d_c, int64_t _ld_d_c, const void* _p_d_h, int64_t _ld_d_h, const void* _p_d_h_next_out, int64_t _ld_d_h_next_out, const void* _p_f, int64_t _ld_f, const void* _p_g, int64_t _ld_g, const void* _p_i, int64_t _ld_i, const void* _p_o, int64_t _ld_o, void* _p_d_c_next, int64_t _ld_d_c_next, void* _p_d_W_hi_h, int64_t _ld_d_W_hi_h, void* _p_d_W_hf_h, int64_t _ld_d_W_hf_h, void* _p_d_W_hg_h, int64_t _ld_d_W_hg_h, void* _p_d_W_ho_h, int64_t _ld_d_W_ho_h, void* _stream)
+extern "C" int lstm_backward_bwd0_H_cuda_f64(int64_t _rows, int64_t _cols, const void* _p_c, int64_t _ld_c, const void* _p_c_next, int64_t _ld_c_next, const void* _p_d_c, int64_t _ld_d_c, const void* _p_d_h, int64_t _ld_d_h, const void* _p_d_h_next_out, int64_t _ld_d_h_next_out, const void* _p_f, int64_t _ld_f, const void* _p_g, int64_t _ld_g, const void* _p_i, int64_t _ld_i, const void* _p_o, int64_t _ld_o, void* _p_d_W_hi_h, int64_t _ld_d_W_hi_h, void* _p_d_W_hf_h, int64_t _ld_d_W_hf_h, void* _p_d_W_hg_h, int64_t _ld_d_W_hg_h, void* _p_d_W_ho_h, int64_t _ld_d_W_ho_h, void* _p_d_c_prev, int64_t _ld_d_c_prev, void* _stream)
 {
-    return lstm_backward_bwd0_H_launch<double>(_rows, _cols, _p_c, _ld_c, _p_c_next, _ld_c_next, _p_d_c, _ld_d_c, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_f, _ld_f, _p_g, _ld_g, _p_i, _ld_i, _p_o, _ld_o, _p_d_c_next, _ld_d_c_next, _p_d_W_hi_h, _ld_d_W_hi_h, _p_d_W_hf_h, _ld_d_W_hf_h, _p_d_W_hg_h, _ld_d_W_hg_h, _p_d_W_ho_h, _ld_d_W_ho_h, _stream);
+    return lstm_backward_bwd0_H_launch<double>(_rows, _cols, _p_c, _ld_c, _p_c_next, _ld_c_next, _p_d_c, _ld_d_c, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_f, _ld_f, _p_g, _ld_g, _p_i, _ld_i, _p_o, _ld_o, _p_d_W_hi_h, _ld_d_W_hi_h, _p_d_W_hf_h, _ld_d_W_hf_h, _p_d_W_hg_h, _ld_d_W_hg_h, _p_d_W_ho_h, _ld_d_W_ho_h, _p_d_c_prev, _ld_d_c_prev, _stream);
 }
-extern "C" int lstm_backward_bwd0_H_cuda_f16(int64_t _rows, int64_t _cols, const void* _p_c, int64_t _ld_c, const void* _p_c_next, int64_t _ld_c_next, const void* _p_d_c, int64_t _ld_d_c, const void* _p_d_h, int64_t _ld_d_h, const void* _p_d_h_next_out, int64_t _ld_d_h_next_out, const void* _p_f, int64_t _ld_f, const void* _p_g, int64_t _ld_g, const void* _p_i, int64_t _ld_i, const void* _p_o, int64_t _ld_o, void* _p_d_c_next, int64_t _ld_d_c_next, void* _p_d_W_hi_h, int64_t _ld_d_W_hi_h, void* _p_d_W_hf_h, int64_t _ld_d_W_hf_h, void* _p_d_W_hg_h, int64_t _ld_d_W_hg_h, void* _p_d_W_ho_h, int64_t _ld_d_W_ho_h, void* _stream)
+extern "C" int lstm_backward_bwd0_H_cuda_f16(int64_t _rows, int64_t _cols, const void* _p_c, int64_t _ld_c, const void* _p_c_next, int64_t _ld_c_next, const void* _p_d_c, int64_t _ld_d_c, const void* _p_d_h, int64_t _ld_d_h, const void* _p_d_h_next_out, int64_t _ld_d_h_next_out, const void* _p_f, int64_t _ld_f, const void* _p_g, int64_t _ld_g, const void* _p_i, int64_t _ld_i, const void* _p_o, int64_t _ld_o, void* _p_d_W_hi_h, int64_t _ld_d_W_hi_h, void* _p_d_W_hf_h, int64_t _ld_d_W_hf_h, void* _p_d_W_hg_h, int64_t _ld_d_W_hg_h, void* _p_d_W_ho_h, int64_t _ld_d_W_ho_h, void* _p_d_c_prev, int64_t _ld_d_c_prev, void* _stream)
 {
-    return lstm_backward_bwd0_H_launch<__half>(_rows, _cols, _p_c, _ld_c, _p_c_next, _ld_c_next, _p_d_c, _ld_d_c, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_f, _ld_f, _p_g, _ld_g, _p_i, _ld_i, _p_o, _ld_o, _p_d_c_next, _ld_d_c_next, _p_d_W_hi_h, _ld_d_W_hi_h, _p_d_W_hf_h, _ld_d_W_hf_h, _p_d_W_hg_h, _ld_d_W_hg_h, _p_d_W_ho_h, _ld_d_W_ho_h, _stream);
+    return lstm_backward_bwd0_H_launch<__half>(_rows, _cols, _p_c, _ld_c, _p_c_next, _ld_c_next, _p_d_c, _ld_d_c, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_f, _ld_f, _p_g, _ld_g, _p_i, _ld_i, _p_o, _ld_o, _p_d_W_hi_h, _ld_d_W_hi_h, _p_d_W_hf_h, _ld_d_W_hf_h, _p_d_W_hg_h, _ld_d_W_hg_h, _p_d_W_ho_h, _ld_d_W_ho_h, _p_d_c_prev, _ld_d_c_prev, _stream);
 }
-extern "C" int lstm_backward_bwd0_H_cuda_bf16(int64_t _rows, int64_t _cols, const void* _p_c, int64_t _ld_c, const void* _p_c_next, int64_t _ld_c_next, const void* _p_d_c, int64_t _ld_d_c, const void* _p_d_h, int64_t _ld_d_h, const void* _p_d_h_next_out, int64_t _ld_d_h_next_out, const void* _p_f, int64_t _ld_f, const void* _p_g, int64_t _ld_g, const void* _p_i, int64_t _ld_i, const void* _p_o, int64_t _ld_o, void* _p_d_c_next, int64_t _ld_d_c_next, void* _p_d_W_hi_h, int64_t _ld_d_W_hi_h, void* _p_d_W_hf_h, int64_t _ld_d_W_hf_h, void* _p_d_W_hg_h, int64_t _ld_d_W_hg_h, void* _p_d_W_ho_h, int64_t _ld_d_W_ho_h, void* _stream)
+extern "C" int lstm_backward_bwd0_H_cuda_bf16(int64_t _rows, int64_t _cols, const void* _p_c, int64_t _ld_c, const void* _p_c_next, int64_t _ld_c_next, const void* _p_d_c, int64_t _ld_d_c, const void* _p_d_h, int64_t _ld_d_h, const void* _p_d_h_next_out, int64_t _ld_d_h_next_out, const void* _p_f, int64_t _ld_f, const void* _p_g, int64_t _ld_g, const void* _p_i, int64_t _ld_i, const void* _p_o, int64_t _ld_o, void* _p_d_W_hi_h, int64_t _ld_d_W_hi_h, void* _p_d_W_hf_h, int64_t _ld_d_W_hf_h, void* _p_d_W_hg_h, int64_t _ld_d_W_hg_h, void* _p_d_W_ho_h, int64_t _ld_d_W_ho_h, void* _p_d_c_prev, int64_t _ld_d_c_prev, void* _stream)
 {
-    return lstm_backward_bwd0_H_launch<__nv_bfloat16>(_rows, _cols, _p_c, _ld_c, _p_c_next, _ld_c_next, _p_d_c, _ld_d_c, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_f, _ld_f, _p_g, _ld_g, _p_i, _ld_i, _p_o, _ld_o, _p_d_c_next, _ld_d_c_next, _p_d_W_hi_h, _ld_d_W_hi_h, _p_d_W_hf_h, _ld_d_W_hf_h, _p_d_W_hg_h, _ld_d_W_hg_h, _p_d_W_ho_h, _ld_d_W_ho_h, _stream);
+    return lstm_backward_bwd0_H_launch<__nv_bfloat16>(_rows, _cols, _p_c, _ld_c, _p_c_next, _ld_c_next, _p_d_c, _ld_d_c, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_f, _ld_f, _p_g, _ld_g, _p_i, _ld_i, _p_o, _ld_o, _p_d_W_hi_h, _ld_d_W_hi_h, _p_d_W_hf_h, _ld_d_W_hf_h, _p_d_W_hg_h, _ld_d_W_hg_h, _p_d_W_ho_h, _ld_d_W_ho_h, _p_d_c_prev, _ld_d_c_prev, _stream);
 }
 #endif  // __CUDACC__
 
 template <typename real>
-static inline void lstm_backward_bwd0_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_c, int64_t _ld_c, const real* __restrict__ _p_c_next, int64_t _ld_c_next, const real* __restrict__ _p_d_c, int64_t _ld_d_c, const real* __restrict__ _p_d_h, int64_t _ld_d_h, const real* __restrict__ _p_d_h_next_out, int64_t _ld_d_h_next_out, const real* __restrict__ _p_f, int64_t _ld_f, const real* __restrict__ _p_g, int64_t _ld_g, const real* __restrict__ _p_i, int64_t _ld_i, const real* __restrict__ _p_o, int64_t _ld_o, real* __restrict__ _p_d_c_next, int64_t _ld_d_c_next, real* __restrict__ _p_d_W_hi_h, int64_t _ld_d_W_hi_h, real* __restrict__ _p_d_W_hf_h, int64_t _ld_d_W_hf_h, real* __restrict__ _p_d_W_hg_h, int64_t _ld_d_W_hg_h, real* __restrict__ _p_d_W_ho_h, int64_t _ld_d_W_ho_h)
+static inline void lstm_backward_bwd0_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_c, int64_t _ld_c, const real* __restrict__ _p_c_next, int64_t _ld_c_next, const real* __restrict__ _p_d_c, int64_t _ld_d_c, const real* __restrict__ _p_d_h, int64_t _ld_d_h, const real* __restrict__ _p_d_h_next_out, int64_t _ld_d_h_next_out, const real* __restrict__ _p_f, int64_t _ld_f, const real* __restrict__ _p_g, int64_t _ld_g, const real* __restrict__ _p_i, int64_t _ld_i, const real* __restrict__ _p_o, int64_t _ld_o, real* __restrict__ _p_d_W_hi_h, int64_t _ld_d_W_hi_h, real* __restrict__ _p_d_W_hf_h, int64_t _ld_d_W_hf_h, real* __restrict__ _p_d_W_hg_h, int64_t _ld_d_W_hg_h, real* __restrict__ _p_d_W_ho_h, int64_t _ld_d_W_ho_h, real* __restrict__ _p_d_c_prev, int64_t _ld_d_c_prev)
 {
 #ifdef CS_V16
     if constexpr (sizeof(real) == sizeof(float)) {  // 16 units at a time (CS_V16)
@@ -1666,17 +1668,17 @@ static inline void lstm_backward_bwd0_H_host(int64_t _rows, int64_t _cols, const
                 cs_v16 g = _mm512_maskz_loadu_ps(_m, &_p_g[_r * _ld_g + _j]);
                 cs_v16 i = _mm512_maskz_loadu_ps(_m, &_p_i[_r * _ld_i + _j]);
                 cs_v16 o = _mm512_maskz_loadu_ps(_m, &_p_o[_r * _ld_o + _j]);
-                cs_v16 d_c_next;
                 cs_v16 d_W_hi_h;
                 cs_v16 d_W_hf_h;
                 cs_v16 d_W_hg_h;
                 cs_v16 d_W_ho_h;
-                lstm_backward_bwd0_H<cs_v16>(c, c_next, d_c, d_h, d_h_next_out, f, g, i, o, d_c_next, d_W_hi_h, d_W_hf_h, d_W_hg_h, d_W_ho_h);
-                _mm512_mask_storeu_ps(&_p_d_c_next[_r * _ld_d_c_next + _j], _m, d_c_next.v);
+                cs_v16 d_c_prev;
+                lstm_backward_bwd0_H<cs_v16>(c, c_next, d_c, d_h, d_h_next_out, f, g, i, o, d_W_hi_h, d_W_hf_h, d_W_hg_h, d_W_ho_h, d_c_prev);
                 _mm512_mask_storeu_ps(&_p_d_W_hi_h[_r * _ld_d_W_hi_h + _j], _m, d_W_hi_h.v);
                 _mm512_mask_storeu_ps(&_p_d_W_hf_h[_r * _ld_d_W_hf_h + _j], _m, d_W_hf_h.v);
                 _mm512_mask_storeu_ps(&_p_d_W_hg_h[_r * _ld_d_W_hg_h + _j], _m, d_W_hg_h.v);
                 _mm512_mask_storeu_ps(&_p_d_W_ho_h[_r * _ld_d_W_ho_h + _j], _m, d_W_ho_h.v);
+                _mm512_mask_storeu_ps(&_p_d_c_prev[_r * _ld_d_c_prev + _j], _m, d_c_prev.v);
             }
         });
         return;
@@ -1694,119 +1696,28 @@ static inline void lstm_backward_bwd0_H_host(int64_t _rows, int64_t _cols, const
             real g = _p_g[_r * _ld_g + _j];
             real i = _p_i[_r * _ld_i + _j];
             real o = _p_o[_r * _ld_o + _j];
-            real d_c_next;
             real d_W_hi_h;
             real d_W_hf_h;
             real d_W_hg_h;
             real d_W_ho_h;
-            lstm_backward_bwd0_H<real>(c, c_next, d_c, d_h, d_h_next_out, f, g, i, o, d_c_next, d_W_hi_h, d_W_hf_h, d_W_hg_h, d_W_ho_h);
-            _p_d_c_next[_r * _ld_d_c_next + _j] = d_c_next;
+            real d_c_prev;
+            lstm_backward_bwd0_H<real>(c, c_next, d_c, d_h, d_h_next_out, f, g, i, o, d_W_hi_h, d_W_hf_h, d_W_hg_h, d_W_ho_h, d_c_prev);
             _p_d_W_hi_h[_r * _ld_d_W_hi_h + _j] = d_W_hi_h;
             _p_d_W_hf_h[_r * _ld_d_W_hf_h + _j] = d_W_hf_h;
             _p_d_W_hg_h[_r * _ld_d_W_hg_h + _j] = d_W_hg_h;
             _p_d_W_ho_h[_r * _ld_d_W_ho_h + _j] = d_W_ho_h;
+            _p_d_c_prev[_r * _ld_d_c_prev + _j] = d_c_prev;
         }
     });
 }
 
-extern "C" void lstm_backward_bwd0_H_f32(int64_t _rows, int64_t _cols, const float* _p_c, int64_t _ld_c, const float* _p_c_next, int64_t _ld_c_next, const float* _p_d_c, int64_t _ld_d_c, const float* _p_d_h, int64_t _ld_d_h, const float* _p_d_h_next_out, int64_t _ld_d_h_next_out, const float* _p_f, int64_t _ld_f, const float* _p_g, int64_t _ld_g, const float* _p_i, int64_t _ld_i, const float* _p_o, int64_t _ld_o, float* _p_d_c_next, int64_t _ld_d_c_next, float* _p_d_W_hi_h, int64_t _ld_d_W_hi_h, float* _p_d_W_hf_h, int64_t _ld_d_W_hf_h, float* _p_d_W_hg_h, int64_t _ld_d_W_hg_h, float* _p_d_W_ho_h, int64_t _ld_d_W_ho_h)
+extern "C" void lstm_backward_bwd0_H_f32(int64_t _rows, int64_t _cols, const float* _p_c, int64_t _ld_c, const float* _p_c_next, int64_t _ld_c_next, const float* _p_d_c, int64_t _ld_d_c, const float* _p_d_h, int64_t _ld_d_h, const float* _p_d_h_next_out, int64_t _ld_d_h_next_out, const float* _p_f, int64_t _ld_f, const float* _p_g, int64_t _ld_g, const float* _p_i, int64_t _ld_i, const float* _p_o, int64_t _ld_o, float* _p_d_W_hi_h, int64_t _ld_d_W_hi_h, float* _p_d_W_hf_h, int64_t _ld_d_W_hf_h, float* _p_d_W_hg_h, int64_t _ld_d_W_hg_h, float* _p_d_W_ho_h, int64_t _ld_d_W_ho_h, float* _p_d_c_prev, int64_t _ld_d_c_prev)
 {
-    lstm_backward_bwd0_H_host<float>(_rows, _cols, _p_c, _ld_c, _p_c_next, _ld_c_next, _p_d_c, _ld_d_c, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_f, _ld_f, _p_g, _ld_g, _p_i, _ld_i, _p_o, _ld_o, _p_d_c_next, _ld_d_c_next, _p_d_W_hi_h, _ld_d_W_hi_h, _p_d_W_hf_h, _ld_d_W_hf_h, _p_d_W_hg_h, _ld_d_W_hg_h, _p_d_W_ho_h, _ld_d_W_ho_h);
+    lstm_backward_bwd0_H_host<float>(_rows, _cols, _p_c, _ld_c, _p_c_next, _ld_c_next, _p_d_c, _ld_d_c, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_f, _ld_f, _p_g, _ld_g, _p_i, _ld_i, _p_o, _ld_o, _p_d_W_hi_h, _ld_d_W_hi_h, _p_d_W_hf_h, _ld_d_W_hf_h, _p_d_W_hg_h, _ld_d_W_hg_h, _p_d_W_ho_h, _ld_d_W_ho_h, _p_d_c_prev, _ld_d_c_prev);
 }
-extern "C" void lstm_backward_bwd0_H_f64(int64_t _rows, int64_t _cols, const double* _p_c, int64_t _ld_c, const double* _p_c_next, int64_t _ld_c_next, const double* _p_d_c, int64_t _ld_d_c, const double* _p_d_h, int64_t _ld_d_h, const double* _p_d_h_next_out, int64_t _ld_d_h_next_out, const double* _p_f, int64_t _ld_f, const double* _p_g, int64_t _ld_g, const double* _p_i, int64_t _ld_i, const double* _p_o, int64_t _ld_o, double* _p_d_c_next, int64_t _ld_d_c_next, double* _p_d_W_hi_h, int64_t _ld_d_W_hi_h, double* _p_d_W_hf_h, int64_t _ld_d_W_hf_h, double* _p_d_W_hg_h, int64_t _ld_d_W_hg_h, double* _p_d_W_ho_h, int64_t _ld_d_W_ho_h)
+extern "C" void lstm_backward_bwd0_H_f64(int64_t _rows, int64_t _cols, const double* _p_c, int64_t _ld_c, const double* _p_c_next, int64_t _ld_c_next, const double* _p_d_c, int64_t _ld_d_c, const double* _p_d_h, int64_t _ld_d_h, const double* _p_d_h_next_out, int64_t _ld_d_h_next_out, const double* _p_f, int64_t _ld_f, const double* _p_g, int64_t _ld_g, const double* _p_i, int64_t _ld_i, const double* _p_o, int64_t _ld_o, double* _p_d_W_hi_h, int64_t _ld_d_W_hi_h, double* _p_d_W_hf_h, int64_t _ld_d_W_hf_h, double* _p_d_W_hg_h, int64_t _ld_d_W_hg_h, double* _p_d_W_ho_h, int64_t _ld_d_W_ho_h, double* _p_d_c_prev, int64_t _ld_d_c_prev)
 {
-    lstm_backward_bwd0_H_host<double>(_rows, _cols, _p_c, _ld_c, _p_c_next, _ld_c_next, _p_d_c, _ld_d_c, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_f, _ld_f, _p_g, _ld_g, _p_i, _ld_i, _p_o, _ld_o, _p_d_c_next, _ld_d_c_next, _p_d_W_hi_h, _ld_d_W_hi_h, _p_d_W_hf_h, _ld_d_W_hf_h, _p_d_W_hg_h, _ld_d_W_hg_h, _p_d_W_ho_h, _ld_d_W_ho_h);
-}
-
-// =============================================================================================
-// lstm_backward_bwd_leaf_H: backward: per-step adjoints of inputs, states, vector params, hoisted results, units of size H
-// =============================================================================================
-template <typename real>
-__host__ __device__ inline void lstm_backward_bwd_leaf_H(
-    real d_c_next,
-    real d_h_gemm,
-    real f,
-    real& d_h,  // out
-    real& d_c)  // out
-{
-    // adjoint of state h
-    d_h = d_h_gemm;
-    // adjoint of state c
-    d_c = d_c_next*f;
-}
-
-#ifdef __CUDACC__
-template <typename S>
-__global__ void lstm_backward_bwd_leaf_H_kernel(int64_t _rows, int64_t _cols, const S* __restrict__ _p_d_c_next, int64_t _ld_d_c_next, const S* __restrict__ _p_d_h_gemm, int64_t _ld_d_h_gemm, const S* __restrict__ _p_f, int64_t _ld_f, S* __restrict__ _p_d_h, int64_t _ld_d_h, S* __restrict__ _p_d_c, int64_t _ld_d_c)
-{
-    typedef typename cs_math<S>::type M;
-    const int64_t _j = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (_j >= _cols) return;
-    for (int64_t _r = blockIdx.y; _r < _rows; _r += gridDim.y) {
-        M d_c_next = cs_load(_p_d_c_next[_r * _ld_d_c_next + _j]);
-        M d_h_gemm = cs_load(_p_d_h_gemm[_r * _ld_d_h_gemm + _j]);
-        M f = cs_load(_p_f[_r * _ld_f + _j]);
-        M d_h;
-        M d_c;
-        lstm_backward_bwd_leaf_H<M>(d_c_next, d_h_gemm, f, d_h, d_c);
-        cs_store(&_p_d_h[_r * _ld_d_h + _j], d_h);
-        cs_store(&_p_d_c[_r * _ld_d_c + _j], d_c);
-    }
-}
-
-template <typename S>
-static int lstm_backward_bwd_leaf_H_launch(int64_t _rows, int64_t _cols, const void* _p_d_c_next, int64_t _ld_d_c_next, const void* _p_d_h_gemm, int64_t _ld_d_h_gemm, const void* _p_f, int64_t _ld_f, void* _p_d_h, int64_t _ld_d_h, void* _p_d_c, int64_t _ld_d_c, void* _stream)
-{
-    if (_rows <= 0 || _cols <= 0) return 0;
-    dim3 _grid, _block;
-    cs_grid(_rows, _cols, &_grid, &_block);
-    lstm_backward_bwd_leaf_H_kernel<S><<<_grid, _block, 0, (cudaStream_t)_stream>>>(_rows, _cols, (const S*)_p_d_c_next, _ld_d_c_next, (const S*)_p_d_h_gemm, _ld_d_h_gemm, (const S*)_p_f, _ld_f, (S*)_p_d_h, _ld_d_h, (S*)_p_d_c, _ld_d_c);
-    return (int)cudaGetLastError();
-}
-
-extern "C" int lstm_backward_bwd_leaf_H_cuda_f32(int64_t _rows, int64_t _cols, const void* _p_d_c_next, int64_t _ld_d_c_next, const void* _p_d_h_gemm, int64_t _ld_d_h_gemm, const void* _p_f, int64_t _ld_f, void* _p_d_h, int64_t _ld_d_h, void* _p_d_c, int64_t _ld_d_c, void* _stream)
-{
-    return lstm_backward_bwd_leaf_H_launch<float>(_rows, _cols, _p_d_c_next, _ld_d_c_next, _p_d_h_gemm, _ld_d_h_gemm, _p_f, _ld_f, _p_d_h, _ld_d_h, _p_d_c, _ld_d_c, _stream);
-}
-extern "C" int lstm_backward_bwd_leaf_H_cuda_f64(int64_t _rows, int64_t _cols, const void* _p_d_c_next, int64_t _ld_d_c_next, const void* _p_d_h_gemm, int64_t _ld_d_h_gemm, const void* _p_f, int64_t _ld_f, void* _p_d_h, int64_t _ld_d_h, void* _p_d_c, int64_t _ld_d_c, void* _stream)
-{
-    return lstm_backward_bwd_leaf_H_launch<double>(_rows, _cols, _p_d_c_next, _ld_d_c_next, _p_d_h_gemm, _ld_d_h_gemm, _p_f, _ld_f, _p_d_h, _ld_d_h, _p_d_c, _ld_d_c, _stream);
-}
-extern "C" int lstm_backward_bwd_leaf_H_cuda_f16(int64_t _rows, int64_t _cols, const void* _p_d_c_next, int64_t _ld_d_c_next, const void* _p_d_h_gemm, int64_t _ld_d_h_gemm, const void* _p_f, int64_t _ld_f, void* _p_d_h, int64_t _ld_d_h, void* _p_d_c, int64_t _ld_d_c, void* _stream)
-{
-    return lstm_backward_bwd_leaf_H_launch<__half>(_rows, _cols, _p_d_c_next, _ld_d_c_next, _p_d_h_gemm, _ld_d_h_gemm, _p_f, _ld_f, _p_d_h, _ld_d_h, _p_d_c, _ld_d_c, _stream);
-}
-extern "C" int lstm_backward_bwd_leaf_H_cuda_bf16(int64_t _rows, int64_t _cols, const void* _p_d_c_next, int64_t _ld_d_c_next, const void* _p_d_h_gemm, int64_t _ld_d_h_gemm, const void* _p_f, int64_t _ld_f, void* _p_d_h, int64_t _ld_d_h, void* _p_d_c, int64_t _ld_d_c, void* _stream)
-{
-    return lstm_backward_bwd_leaf_H_launch<__nv_bfloat16>(_rows, _cols, _p_d_c_next, _ld_d_c_next, _p_d_h_gemm, _ld_d_h_gemm, _p_f, _ld_f, _p_d_h, _ld_d_h, _p_d_c, _ld_d_c, _stream);
-}
-#endif  // __CUDACC__
-
-template <typename real>
-static inline void lstm_backward_bwd_leaf_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_d_c_next, int64_t _ld_d_c_next, const real* __restrict__ _p_d_h_gemm, int64_t _ld_d_h_gemm, const real* __restrict__ _p_f, int64_t _ld_f, real* __restrict__ _p_d_h, int64_t _ld_d_h, real* __restrict__ _p_d_c, int64_t _ld_d_c)
-{
-    cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
-#pragma omp simd
-        for (int64_t _j = 0; _j < _cols; ++_j) {
-            real d_c_next = _p_d_c_next[_r * _ld_d_c_next + _j];
-            real d_h_gemm = _p_d_h_gemm[_r * _ld_d_h_gemm + _j];
-            real f = _p_f[_r * _ld_f + _j];
-            real d_h;
-            real d_c;
-            lstm_backward_bwd_leaf_H<real>(d_c_next, d_h_gemm, f, d_h, d_c);
-            _p_d_h[_r * _ld_d_h + _j] = d_h;
-            _p_d_c[_r * _ld_d_c + _j] = d_c;
-        }
-    });
-}
-
-extern "C" void lstm_backward_bwd_leaf_H_f32(int64_t _rows, int64_t _cols, const float* _p_d_c_next, int64_t _ld_d_c_next, const float* _p_d_h_gemm, int64_t _ld_d_h_gemm, const float* _p_f, int64_t _ld_f, float* _p_d_h, int64_t _ld_d_h, float* _p_d_c, int64_t _ld_d_c)
-{
-    lstm_backward_bwd_leaf_H_host<float>(_rows, _cols, _p_d_c_next, _ld_d_c_next, _p_d_h_gemm, _ld_d_h_gemm, _p_f, _ld_f, _p_d_h, _ld_d_h, _p_d_c, _ld_d_c);
-}
-extern "C" void lstm_backward_bwd_leaf_H_f64(int64_t _rows, int64_t _cols, const double* _p_d_c_next, int64_t _ld_d_c_next, const double* _p_d_h_gemm, int64_t _ld_d_h_gemm, const double* _p_f, int64_t _ld_f, double* _p_d_h, int64_t _ld_d_h, double* _p_d_c, int64_t _ld_d_c)
-{
-    lstm_backward_bwd_leaf_H_host<double>(_rows, _cols, _p_d_c_next, _ld_d_c_next, _p_d_h_gemm, _ld_d_h_gemm, _p_f, _ld_f, _p_d_h, _ld_d_h, _p_d_c, _ld_d_c);
+    lstm_backward_bwd0_H_host<double>(_rows, _cols, _p_c, _ld_c, _p_c_next, _ld_c_next, _p_d_c, _ld_d_c, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_f, _ld_f, _p_g, _ld_g, _p_i, _ld_i, _p_o, _ld_o, _p_d_W_hi_h, _ld_d_W_hi_h, _p_d_W_hf_h, _ld_d_W_hf_h, _p_d_W_hg_h, _ld_d_W_hg_h, _p_d_W_ho_h, _ld_d_W_ho_h, _p_d_c_prev, _ld_d_c_prev);
 }
 
 
@@ -2047,7 +1958,7 @@ extern "C" int lstm_inference_f64(const int64_t* dims, void* const* ptrs, const 
 
 // =============================================================================================
 // lstm: the whole sequence, backward
-// ptrs: 0 x_x, 1 s_h, 2 s_c, 3 v_i, 4 v_f, 5 v_g, 6 v_o, 7 dout_h_next, 8 ds_h, 9 ds_c, 10 dx_x, 11 dg_W_hi_W_hf_W_hg_W_ho__h, 12 tmp_d_h_gemm, 13 tmp_d_c_next, 14 dw_W_hi_W_hf_W_hg_W_ho, 15 dw_W_ii_W_if_W_ig_W_io, 16 sum_d_b_ii, 17 sum_d_b_if, 18 sum_d_b_ig, 19 sum_d_b_io, 20 weight W_ii_W_if_W_ig_W_io, 21 weight W_hi_W_hf_W_hg_W_ho, 22 d W_ii, 23 d W_hi, 24 d b_ii, 25 d b_hi, 26 d W_if, 27 d W_hf, 28 d b_if, 29 d b_hf, 30 d W_ig, 31 d W_hg, 32 d b_ig, 33 d b_hg, 34 d W_io, 35 d W_ho, 36 d b_io, 37 d b_ho, 38 batch sizes (host, or NULL)
+// ptrs: 0 x_x, 1 s_h, 2 s_c, 3 v_i, 4 v_f, 5 v_g, 6 v_o, 7 dout_h_next, 8 ds_h, 9 ds_c, 10 dx_x, 11 dg_W_hi_W_hf_W_hg_W_ho__h, 12 dw_W_hi_W_hf_W_hg_W_ho, 13 dw_W_ii_W_if_W_ig_W_io, 14 sum_d_b_ii, 15 sum_d_b_if, 16 sum_d_b_ig, 17 sum_d_b_io, 18 weight W_ii_W_if_W_ig_W_io, 19 weight W_hi_W_hf_W_hg_W_ho, 20 d W_ii, 21 d W_hi, 22 d b_ii, 23 d b_hi, 24 d W_if, 25 d W_hf, 26 d b_if, 27 d b_hf, 28 d W_ig, 29 d W_hg, 30 d b_ig, 31 d b_hg, 32 d W_io, 33 d W_ho, 34 d b_io, 35 d b_ho, 36 batch sizes (host, or NULL)
 
 // =============================================================================================
 template <typename S, typename G>
@@ -2087,59 +1998,55 @@ static int lstm_backward_run(const int64_t* dims, void* const* ptrs, const cs_ct
     (void)b_dx_x;
     S* b_dg_W_hi_W_hf_W_hg_W_ho__h = (S*)ptrs[11];
     (void)b_dg_W_hi_W_hf_W_hg_W_ho__h;
-    S* b_tmp_d_h_gemm = (S*)ptrs[12];
-    (void)b_tmp_d_h_gemm;
-    S* b_tmp_d_c_next = (S*)ptrs[13];
-    (void)b_tmp_d_c_next;
-    G* b_dw_W_hi_W_hf_W_hg_W_ho = (G*)ptrs[14];
+    G* b_dw_W_hi_W_hf_W_hg_W_ho = (G*)ptrs[12];
     (void)b_dw_W_hi_W_hf_W_hg_W_ho;
-    G* b_dw_W_ii_W_if_W_ig_W_io = (G*)ptrs[15];
+    G* b_dw_W_ii_W_if_W_ig_W_io = (G*)ptrs[13];
     (void)b_dw_W_ii_W_if_W_ig_W_io;
-    G* b_sum_d_b_ii = (G*)ptrs[16];
+    G* b_sum_d_b_ii = (G*)ptrs[14];
     (void)b_sum_d_b_ii;
-    G* b_sum_d_b_if = (G*)ptrs[17];
+    G* b_sum_d_b_if = (G*)ptrs[15];
     (void)b_sum_d_b_if;
-    G* b_sum_d_b_ig = (G*)ptrs[18];
+    G* b_sum_d_b_ig = (G*)ptrs[16];
     (void)b_sum_d_b_ig;
-    G* b_sum_d_b_io = (G*)ptrs[19];
+    G* b_sum_d_b_io = (G*)ptrs[17];
     (void)b_sum_d_b_io;
-    const S* w_W_ii_W_if_W_ig_W_io = (const S*)ptrs[20];
+    const S* w_W_ii_W_if_W_ig_W_io = (const S*)ptrs[18];
     (void)w_W_ii_W_if_W_ig_W_io;
-    const S* w_W_hi_W_hf_W_hg_W_ho = (const S*)ptrs[21];
+    const S* w_W_hi_W_hf_W_hg_W_ho = (const S*)ptrs[19];
     (void)w_W_hi_W_hf_W_hg_W_ho;
-    G* g_W_ii = (G*)ptrs[22];
+    G* g_W_ii = (G*)ptrs[20];
     (void)g_W_ii;
-    G* g_W_hi = (G*)ptrs[23];
+    G* g_W_hi = (G*)ptrs[21];
     (void)g_W_hi;
-    G* g_b_ii = (G*)ptrs[24];
+    G* g_b_ii = (G*)ptrs[22];
     (void)g_b_ii;
-    G* g_b_hi = (G*)ptrs[25];
+    G* g_b_hi = (G*)ptrs[23];
     (void)g_b_hi;
-    G* g_W_if = (G*)ptrs[26];
+    G* g_W_if = (G*)ptrs[24];
     (void)g_W_if;
-    G* g_W_hf = (G*)ptrs[27];
+    G* g_W_hf = (G*)ptrs[25];
     (void)g_W_hf;
-    G* g_b_if = (G*)ptrs[28];
+    G* g_b_if = (G*)ptrs[26];
     (void)g_b_if;
-    G* g_b_hf = (G*)ptrs[29];
+    G* g_b_hf = (G*)ptrs[27];
     (void)g_b_hf;
-    G* g_W_ig = (G*)ptrs[30];
+    G* g_W_ig = (G*)ptrs[28];
     (void)g_W_ig;
-    G* g_W_hg = (G*)ptrs[31];
+    G* g_W_hg = (G*)ptrs[29];
     (void)g_W_hg;
-    G* g_b_ig = (G*)ptrs[32];
+    G* g_b_ig = (G*)ptrs[30];
     (void)g_b_ig;
-    G* g_b_hg = (G*)ptrs[33];
+    G* g_b_hg = (G*)ptrs[31];
     (void)g_b_hg;
-    G* g_W_io = (G*)ptrs[34];
+    G* g_W_io = (G*)ptrs[32];
     (void)g_W_io;
-    G* g_W_ho = (G*)ptrs[35];
+    G* g_W_ho = (G*)ptrs[33];
     (void)g_W_ho;
-    G* g_b_io = (G*)ptrs[36];
+    G* g_b_io = (G*)ptrs[34];
     (void)g_b_io;
-    G* g_b_ho = (G*)ptrs[37];
+    G* g_b_ho = (G*)ptrs[35];
     (void)g_b_ho;
-    const int64_t* bs = (const int64_t*)ptrs[38];
+    const int64_t* bs = (const int64_t*)ptrs[36];
     (void)ctx;
     if (bs) {  // rows of ended sequences, which no step writes, are read over all T*B rows
         CS_ZERO(b_dg_W_hi_W_hf_W_hg_W_ho__h, (n_T) * (n_B) * (4*n_H));
@@ -2152,11 +2059,9 @@ static int lstm_backward_run(const int64_t* dims, void* const* ptrs, const cs_ct
         const int64_t rows = bs ? bs[t] : n_B;  // variable lengths: rows 0..B_t-1 run
         CS_SPLIT_ROWS(split_rows, n_B);
         // backward: stage 0 backward, units of size H
-        CS_PW(lstm_backward_bwd0_H, rows, n_H, b_s_c + t * n_B * (n_H), n_H, b_s_c + (t + 1) * n_B * (n_H), n_H, b_ds_c, n_H, b_ds_h, n_H, b_dout_h_next + t * n_B * (n_H), n_H, b_v_f + t * n_B * (n_H), n_H, b_v_g + t * n_B * (n_H), n_H, b_v_i + t * n_B * (n_H), n_H, b_v_o + t * n_B * (n_H), n_H, b_tmp_d_c_next, n_H, b_dg_W_hi_W_hf_W_hg_W_ho__h + t * n_B * (4*n_H), 4*n_H, b_dg_W_hi_W_hf_W_hg_W_ho__h + t * n_B * (4*n_H) + n_H, 4*n_H, b_dg_W_hi_W_hf_W_hg_W_ho__h + t * n_B * (4*n_H) + 2*n_H, 4*n_H, b_dg_W_hi_W_hf_W_hg_W_ho__h + t * n_B * (4*n_H) + 3*n_H, 4*n_H);
+        CS_PW(lstm_backward_bwd0_H, rows, n_H, b_s_c + t * n_B * (n_H), n_H, b_s_c + (t + 1) * n_B * (n_H), n_H, b_ds_c, n_H, b_ds_h, n_H, b_dout_h_next + t * n_B * (n_H), n_H, b_v_f + t * n_B * (n_H), n_H, b_v_g + t * n_B * (n_H), n_H, b_v_i + t * n_B * (n_H), n_H, b_v_o + t * n_B * (n_H), n_H, b_dg_W_hi_W_hf_W_hg_W_ho__h + t * n_B * (4*n_H), 4*n_H, b_dg_W_hi_W_hf_W_hg_W_ho__h + t * n_B * (4*n_H) + n_H, 4*n_H, b_dg_W_hi_W_hf_W_hg_W_ho__h + t * n_B * (4*n_H) + 2*n_H, 4*n_H, b_dg_W_hi_W_hf_W_hg_W_ho__h + t * n_B * (4*n_H) + 3*n_H, 4*n_H, b_ds_c, n_H);
         // d_h_gemm = dg_W_hi_W_hf_W_hg_W_ho__h @ [W_hi, W_hf, W_hg, W_ho]
-        CS_GEMM_NN_PACKED(rows, n_H, 4*n_H, b_dg_W_hi_W_hf_W_hg_W_ho__h + t * n_B * (4*n_H), 4*n_H, pk_W_hi_W_hf_W_hg_W_ho_nn, b_tmp_d_h_gemm, n_H, 0);
-        // backward: per-step adjoints of inputs, states, vector params, hoisted results, units of size H
-        CS_PW(lstm_backward_bwd_leaf_H, rows, n_H, b_tmp_d_c_next, n_H, b_tmp_d_h_gemm, n_H, b_v_f + t * n_B * (n_H), n_H, b_ds_h, n_H, b_ds_c, n_H);
+        CS_GEMM_NN_PACKED(rows, n_H, 4*n_H, b_dg_W_hi_W_hf_W_hg_W_ho__h + t * n_B * (4*n_H), 4*n_H, pk_W_hi_W_hf_W_hg_W_ho_nn, b_ds_h, n_H, 0);
     }
     CS_SPLIT_DONE();
     CS_TEAM_END

@@ -361,8 +361,6 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
     _ds_c = np.zeros((_B, _H), _dtype) if _d_final[1] is None else np.array(np.asarray(_d_final[1], _dtype), copy=True)
     _dx_x = np.empty((_T, _B, _I), _dtype)
     _dg_W_hi_W_hf_W_hg_W_ho__h = np.empty((_T, _B, 4*_H), _dtype)
-    _tmp_d_h_gemm = np.empty((_B, _H), _dtype)
-    _tmp_d_c_next = np.empty((_B, _H), _dtype)
     if _bs is not None:
         _dg_W_hi_W_hf_W_hg_W_ho__h[...] = 0
     _s_c_at0 = _steps(_s_c, 0, _T, _bs)
@@ -374,9 +372,7 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
     _v_g_at0 = _steps(_v_g, 0, _T, _bs)
     _v_i_at0 = _steps(_v_i, 0, _T, _bs)
     _v_o_at0 = _steps(_v_o, 0, _T, _bs)
-    _tmp_d_c_next_rows = _rows(_tmp_d_c_next, _T, _bs)
     _dg_W_hi_W_hf_W_hg_W_ho__h_at0 = _steps(_dg_W_hi_W_hf_W_hg_W_ho__h, 0, _T, _bs)
-    _tmp_d_h_gemm_rows = _rows(_tmp_d_h_gemm, _T, _bs)
     _grads = {}
     for _t in reversed(range(_T)):
         # stage 0 backward
@@ -400,20 +396,13 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
         d_W_hf_h = d_f*f*(1 - f)  # adjoint of W_hf @ h
         d_W_hg_h = d_g*(1 - (g*g))  # adjoint of W_hg @ h
         d_W_ho_h = d_o*o*(1 - o)  # adjoint of W_ho @ h
-        _tmp_d_c_next_rows[_t][...] = d_c_next
+        d_c_prev = d_c_next*f  # adjoint of state c, carried to the step before
         _dg_W_hi_W_hf_W_hg_W_ho__h_at0[_t][:, 0:_H][...] = d_W_hi_h
         _dg_W_hi_W_hf_W_hg_W_ho__h_at0[_t][:, _H:2*_H][...] = d_W_hf_h
         _dg_W_hi_W_hf_W_hg_W_ho__h_at0[_t][:, 2*_H:3*_H][...] = d_W_hg_h
         _dg_W_hi_W_hf_W_hg_W_ho__h_at0[_t][:, 3*_H:4*_H][...] = d_W_ho_h
-        np.matmul(_dg_W_hi_W_hf_W_hg_W_ho__h_at0[_t], _w_W_hi_W_hf_W_hg_W_ho, out=_tmp_d_h_gemm_rows[_t])
-        # per-step adjoints of inputs, states, vector params, hoisted results
-        d_c_next = _tmp_d_c_next_rows[_t]
-        d_h_gemm = _tmp_d_h_gemm_rows[_t]
-        f = _v_f_at0[_t]
-        d_h = d_h_gemm  # adjoint of state h
-        d_c = d_c_next*f  # adjoint of state c
-        _ds_h_rows[_t][...] = d_h
-        _ds_c_rows[_t][...] = d_c
+        _ds_c_rows[_t][...] = d_c_prev
+        np.matmul(_dg_W_hi_W_hf_W_hg_W_ho__h_at0[_t], _w_W_hi_W_hf_W_hg_W_ho, out=_ds_h_rows[_t])
     # dW of W_hi @ h, W_hf @ h, W_hg @ h, W_ho @ h: one GEMM over all T*B rows
     _dw = _dg_W_hi_W_hf_W_hg_W_ho__h.reshape(_T * _B, 4*_H).T @ _s_h[:_T].reshape(_T * _B, _H)
     _grads["W_hi"] = _dw[0:_H]

@@ -340,8 +340,6 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
     _ds_c = torch.zeros((_B, _H), dtype=_dtype, device=_device) if _d_final[1] is None else _d_final[1].to(_dtype).clone()
     _dx_x = torch.empty((_T, _B, _I), dtype=_dtype, device=_device)
     _dg_W_hi_W_hf_W_hg_W_ho__h = torch.empty((_T, _B, 4*_H), dtype=_dtype, device=_device)
-    _tmp_d_h_gemm = torch.empty((_B, _H), dtype=_dtype, device=_device)
-    _tmp_d_c_next = torch.empty((_B, _H), dtype=_dtype, device=_device)
     if _bs is not None:
         _dg_W_hi_W_hf_W_hg_W_ho__h.zero_()
     _s_c_at0 = _steps(_s_c, 0, _T, _bs)
@@ -353,9 +351,7 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
     _v_g_at0 = _steps(_v_g, 0, _T, _bs)
     _v_i_at0 = _steps(_v_i, 0, _T, _bs)
     _v_o_at0 = _steps(_v_o, 0, _T, _bs)
-    _tmp_d_c_next_rows = _rows(_tmp_d_c_next, _T, _bs)
     _dg_W_hi_W_hf_W_hg_W_ho__h_at0 = _steps(_dg_W_hi_W_hf_W_hg_W_ho__h, 0, _T, _bs)
-    _tmp_d_h_gemm_rows = _rows(_tmp_d_h_gemm, _T, _bs)
     _grads = {}
     for _t in reversed(range(_T)):
         # stage 0 backward
@@ -379,20 +375,13 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
         d_W_hf_h = d_f*f*(1 - f)  # adjoint of W_hf @ h
         d_W_hg_h = d_g*(1 - (g*g))  # adjoint of W_hg @ h
         d_W_ho_h = d_o*o*(1 - o)  # adjoint of W_ho @ h
-        _tmp_d_c_next_rows[_t].copy_(d_c_next)
+        d_c_prev = d_c_next*f  # adjoint of state c, carried to the step before
         _dg_W_hi_W_hf_W_hg_W_ho__h_at0[_t][:, 0:_H].copy_(d_W_hi_h)
         _dg_W_hi_W_hf_W_hg_W_ho__h_at0[_t][:, _H:2*_H].copy_(d_W_hf_h)
         _dg_W_hi_W_hf_W_hg_W_ho__h_at0[_t][:, 2*_H:3*_H].copy_(d_W_hg_h)
         _dg_W_hi_W_hf_W_hg_W_ho__h_at0[_t][:, 3*_H:4*_H].copy_(d_W_ho_h)
-        torch.mm(_dg_W_hi_W_hf_W_hg_W_ho__h_at0[_t], _w_W_hi_W_hf_W_hg_W_ho, out=_tmp_d_h_gemm_rows[_t])
-        # per-step adjoints of inputs, states, vector params, hoisted results
-        d_c_next = _tmp_d_c_next_rows[_t]
-        d_h_gemm = _tmp_d_h_gemm_rows[_t]
-        f = _v_f_at0[_t]
-        d_h = d_h_gemm  # adjoint of state h
-        d_c = d_c_next*f  # adjoint of state c
-        _ds_h_rows[_t].copy_(d_h)
-        _ds_c_rows[_t].copy_(d_c)
+        _ds_c_rows[_t].copy_(d_c_prev)
+        torch.mm(_dg_W_hi_W_hf_W_hg_W_ho__h_at0[_t], _w_W_hi_W_hf_W_hg_W_ho, out=_ds_h_rows[_t])
     # dW of W_hi @ h, W_hf @ h, W_hg @ h, W_ho @ h: one GEMM over all T*B rows
     _dw = _dg_W_hi_W_hf_W_hg_W_ho__h.reshape(_T * _B, 4*_H).T @ _s_h[:_T].reshape(_T * _B, _H)
     _grads["W_hi"] = _dw[0:_H]
@@ -564,8 +553,6 @@ def _backward_differentiable(_params, _x, _saved, _d_outputs, _d_final, _bs=None
     _ds_c = torch.zeros((_B, _H), dtype=_dtype, device=_device) if _d_final[1] is None else _d_final[1].to(_dtype).clone()
     _dx_x = torch.zeros((_T, _B, _I), dtype=_dtype, device=_device)
     _dg_W_hi_W_hf_W_hg_W_ho__h = torch.zeros((_T, _B, 4*_H), dtype=_dtype, device=_device)
-    _tmp_d_h_gemm = torch.zeros((_B, _H), dtype=_dtype, device=_device)
-    _tmp_d_c_next = torch.zeros((_B, _H), dtype=_dtype, device=_device)
     _dg_W_hi_W_hf_W_hg_W_ho__h_rows = list(_dg_W_hi_W_hf_W_hg_W_ho__h.unbind(0))
     _dx_x_rows = list(_dx_x.unbind(0))
     _s_c_rows = list(_s_c.unbind(0))
@@ -597,20 +584,13 @@ def _backward_differentiable(_params, _x, _saved, _d_outputs, _d_final, _bs=None
         d_W_hf_h = d_f*f*(1 - f)  # adjoint of W_hf @ h
         d_W_hg_h = d_g*(1 - (g*g))  # adjoint of W_hg @ h
         d_W_ho_h = d_o*o*(1 - o)  # adjoint of W_ho @ h
-        _tmp_d_c_next = d_c_next
+        d_c_prev = d_c_next*f  # adjoint of state c, carried to the step before
         _dg_W_hi_W_hf_W_hg_W_ho__h_rows[_t] = torch.slice_scatter(_dg_W_hi_W_hf_W_hg_W_ho__h_rows[_t], d_W_hi_h, 1, 0, _H)
         _dg_W_hi_W_hf_W_hg_W_ho__h_rows[_t] = torch.slice_scatter(_dg_W_hi_W_hf_W_hg_W_ho__h_rows[_t], d_W_hf_h, 1, _H, 2*_H)
         _dg_W_hi_W_hf_W_hg_W_ho__h_rows[_t] = torch.slice_scatter(_dg_W_hi_W_hf_W_hg_W_ho__h_rows[_t], d_W_hg_h, 1, 2*_H, 3*_H)
         _dg_W_hi_W_hf_W_hg_W_ho__h_rows[_t] = torch.slice_scatter(_dg_W_hi_W_hf_W_hg_W_ho__h_rows[_t], d_W_ho_h, 1, 3*_H, 4*_H)
-        _tmp_d_h_gemm = _dg_W_hi_W_hf_W_hg_W_ho__h_rows[_t] @ _w_W_hi_W_hf_W_hg_W_ho
-        # per-step adjoints of inputs, states, vector params, hoisted results
-        d_c_next = _tmp_d_c_next
-        d_h_gemm = _tmp_d_h_gemm
-        f = _v_f_rows[_t]
-        d_h = d_h_gemm  # adjoint of state h
-        d_c = d_c_next*f  # adjoint of state c
-        _ds_h = d_h
-        _ds_c = d_c
+        _ds_c = d_c_prev
+        _ds_h = _dg_W_hi_W_hf_W_hg_W_ho__h_rows[_t] @ _w_W_hi_W_hf_W_hg_W_ho
     _dg_W_hi_W_hf_W_hg_W_ho__h = torch.stack(_dg_W_hi_W_hf_W_hg_W_ho__h_rows)
     # dW of W_hi @ h, W_hf @ h, W_hg @ h, W_ho @ h: one GEMM over all T*B rows
     _dw = _dg_W_hi_W_hf_W_hg_W_ho__h.reshape(_T * _B, 4*_H).T @ _s_h[:_T].reshape(_T * _B, _H)
@@ -796,7 +776,7 @@ def _custom_ops(name, forward, backward, forward_schema, backward_schema, forwar
 #: the PyTorch engine's forward and backward as custom ops (the engine itself is the fake:
 #: it runs on fake tensors)
 _ENGINE_OPS = _custom_ops(
-    "lstm_engine_45efa1a640ba", _engine_op_forward_impl, _engine_op_backward_impl,
+    "lstm_engine_ed569cc5015f", _engine_op_forward_impl, _engine_op_backward_impl,
     "(Tensor[] xs, Tensor[] states, Tensor[] params) -> Tensor[]",
     "(Tensor[] args, Tensor[] saved, Tensor?[] d_outputs, Tensor?[] d_finals) -> Tensor[]",
     _engine_op_forward_impl, _engine_op_backward_impl, _engine_op_backward, _engine_op_setup_context,
@@ -1171,7 +1151,7 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     if _bs is not None:  # outputs past a sequence's end are constant zeros
         _m = _native_active(_bs, _B, _xs)
         _d_outputs = tuple(None if _d is None else _d * _m for _d in _d_outputs)
-    dg_W_hi_W_hf_W_hg_W_ho__h, tmp_d_h_gemm, tmp_d_c_next = _scratch((_T, _B, 4*_H), (_B, _H), (_B, _H))
+    dg_W_hi_W_hf_W_hg_W_ho__h, = _scratch((_T, _B, 4*_H))
     sum_d_b_ii, sum_d_b_if, sum_d_b_ig, sum_d_b_io = _gscratch((_H,), (_H,), (_H,), (_H,))
     x_x = _xs[0].contiguous()
     s_h = _saved[0]
@@ -1191,14 +1171,14 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     _grads_0 = _gempty((8, _H)).unbind(0)
     _grads = {"W_ii": _rows_dw_W_ii_W_if_W_ig_W_io[0], "W_hi": _rows_dw_W_hi_W_hf_W_hg_W_ho[0], "b_ii": _grads_0[0], "b_hi": _grads_0[1], "W_if": _rows_dw_W_ii_W_if_W_ig_W_io[1], "W_hf": _rows_dw_W_hi_W_hf_W_hg_W_ho[1], "b_if": _grads_0[2], "b_hf": _grads_0[3], "W_ig": _rows_dw_W_ii_W_if_W_ig_W_io[2], "W_hg": _rows_dw_W_hi_W_hf_W_hg_W_ho[2], "b_ig": _grads_0[4], "b_hg": _grads_0[5], "W_io": _rows_dw_W_ii_W_if_W_ig_W_io[3], "W_ho": _rows_dw_W_hi_W_hf_W_hg_W_ho[3], "b_io": _grads_0[6], "b_ho": _grads_0[7]}
     if _lib is not None:
-        _lib("backward", _dims, [x_x, s_h, s_c, v_i, v_f, v_g, v_o, dout_h_next, ds_h, ds_c, dx_x, dg_W_hi_W_hf_W_hg_W_ho__h, tmp_d_h_gemm, tmp_d_c_next, dw_W_hi_W_hf_W_hg_W_ho, dw_W_ii_W_if_W_ig_W_io, sum_d_b_ii, sum_d_b_if, sum_d_b_ig, sum_d_b_io, _stacked(_params["W_ii"], _params["W_if"], _params["W_ig"], _params["W_io"]), _stacked(_params["W_hi"], _params["W_hf"], _params["W_hg"], _params["W_ho"]), *_grads.values(), _bs])
+        _lib("backward", _dims, [x_x, s_h, s_c, v_i, v_f, v_g, v_o, dout_h_next, ds_h, ds_c, dx_x, dg_W_hi_W_hf_W_hg_W_ho__h, dw_W_hi_W_hf_W_hg_W_ho, dw_W_ii_W_if_W_ig_W_io, sum_d_b_ii, sum_d_b_if, sum_d_b_ig, sum_d_b_io, _stacked(_params["W_ii"], _params["W_if"], _params["W_ig"], _params["W_io"]), _stacked(_params["W_hi"], _params["W_hf"], _params["W_hg"], _params["W_ho"]), *_grads.values(), _bs])
     return _grads, (dx_x,), (ds_h, ds_c,)
 
 
 # The same two calls as PyTorch custom ops, for torch.compile (which traces them through their
 # fake implementations: the allocations above, without the call). Registered once per process
 # and content of this file; outputs are copies (an op's outputs may not alias each other).
-_OP = "lstm_4f3a8fa69844"
+_OP = "lstm_405e4927f5ec"
 
 
 def _op_forward_impl(xs: list[torch.Tensor], states: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -1801,17 +1801,17 @@ __host__ __device__ inline void lstmp_backward_bwd0_H(
     real g,
     real i,
     real o,
-    real& d_c_next,  // out
     real& d_W_hi_h,  // out
     real& d_W_hf_h,  // out
     real& d_W_hg_h,  // out
-    real& d_W_ho_h)  // out
+    real& d_W_ho_h,  // out
+    real& d_c_prev)  // out
 {
     const real t0 = cs_tanh(c_next);
     // adjoint of operand of W_hr_in
     const real d_W_hr_in = d_W_hr_in_gemm;
     // adjoint of c'
-    d_c_next = d_W_hr_in*o*(real(1.0) - (t0*t0)) + d_c;
+    const real d_c_next = d_W_hr_in*o*(real(1.0) - (t0*t0)) + d_c;
     // adjoint of o
     const real d_o = d_W_hr_in*t0;
     // adjoint of g
@@ -1828,11 +1828,13 @@ __host__ __device__ inline void lstmp_backward_bwd0_H(
     d_W_hg_h = d_g*(real(1.0) - (g*g));
     // adjoint of W_ho @ h
     d_W_ho_h = d_o*o*(real(1.0) - o);
+    // adjoint of state c, carried to the step before
+    d_c_prev = d_c_next*f;
 }
 
 #ifdef __CUDACC__
 template <typename S>
-__global__ void lstmp_backward_bwd0_H_kernel(int64_t _rows, int64_t _cols, const S* __restrict__ _p_c, int64_t _ld_c, const S* __restrict__ _p_c_next, int64_t _ld_c_next, const S* __restrict__ _p_d_W_hr_in_gemm, int64_t _ld_d_W_hr_in_gemm, const S* __restrict__ _p_d_c, int64_t _ld_d_c, const S* __restrict__ _p_f, int64_t _ld_f, const S* __restrict__ _p_g, int64_t _ld_g, const S* __restrict__ _p_i, int64_t _ld_i, const S* __restrict__ _p_o, int64_t _ld_o, S* __restrict__ _p_d_c_next, int64_t _ld_d_c_next, S* __restrict__ _p_d_W_hi_h, int64_t _ld_d_W_hi_h, S* __restrict__ _p_d_W_hf_h, int64_t _ld_d_W_hf_h, S* __restrict__ _p_d_W_hg_h, int64_t _ld_d_W_hg_h, S* __restrict__ _p_d_W_ho_h, int64_t _ld_d_W_ho_h)
+__global__ void lstmp_backward_bwd0_H_kernel(int64_t _rows, int64_t _cols, const S* __restrict__ _p_c, int64_t _ld_c, const S* __restrict__ _p_c_next, int64_t _ld_c_next, const S* __restrict__ _p_d_W_hr_in_gemm, int64_t _ld_d_W_hr_in_gemm, const S* __restrict__ _p_d_c, int64_t _ld_d_c, const S* __restrict__ _p_f, int64_t _ld_f, const S* __restrict__ _p_g, int64_t _ld_g, const S* __restrict__ _p_i, int64_t _ld_i, const S* __restrict__ _p_o, int64_t _ld_o, S* __restrict__ _p_d_W_hi_h, int64_t _ld_d_W_hi_h, S* __restrict__ _p_d_W_hf_h, int64_t _ld_d_W_hf_h, S* __restrict__ _p_d_W_hg_h, int64_t _ld_d_W_hg_h, S* __restrict__ _p_d_W_ho_h, int64_t _ld_d_W_ho_h, S* __restrict__ _p_d_c_prev, int64_t _ld_d_c_prev)
 {
     typedef typename cs_math<S>::type M;
     const int64_t _j = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
@@ -1846,50 +1848,50 @@ __global__ void lstmp_backward_bwd0_H_kernel(int64_t _rows, int64_t _cols, const
         M g = cs_load(_p_g[_r * _ld_g + _j]);
         M i = cs_load(_p_i[_r * _ld_i + _j]);
         M o = cs_load(_p_o[_r * _ld_o + _j]);
-        M d_c_next;
         M d_W_hi_h;
         M d_W_hf_h;
         M d_W_hg_h;
         M d_W_ho_h;
-        lstmp_backward_bwd0_H<M>(c, c_next, d_W_hr_in_gemm, d_c, f, g, i, o, d_c_next, d_W_hi_h, d_W_hf_h, d_W_hg_h, d_W_ho_h);
-        cs_store(&_p_d_c_next[_r * _ld_d_c_next + _j], d_c_next);
+        M d_c_prev;
+        lstmp_backward_bwd0_H<M>(c, c_next, d_W_hr_in_gemm, d_c, f, g, i, o, d_W_hi_h, d_W_hf_h, d_W_hg_h, d_W_ho_h, d_c_prev);
         cs_store(&_p_d_W_hi_h[_r * _ld_d_W_hi_h + _j], d_W_hi_h);
         cs_store(&_p_d_W_hf_h[_r * _ld_d_W_hf_h + _j], d_W_hf_h);
         cs_store(&_p_d_W_hg_h[_r * _ld_d_W_hg_h + _j], d_W_hg_h);
         cs_store(&_p_d_W_ho_h[_r * _ld_d_W_ho_h + _j], d_W_ho_h);
+        cs_store(&_p_d_c_prev[_r * _ld_d_c_prev + _j], d_c_prev);
     }
 }
 
 template <typename S>
-static int lstmp_backward_bwd0_H_launch(int64_t _rows, int64_t _cols, const void* _p_c, int64_t _ld_c, const void* _p_c_next, int64_t _ld_c_next, const void* _p_d_W_hr_in_gemm, int64_t _ld_d_W_hr_in_gemm, const void* _p_d_c, int64_t _ld_d_c, const void* _p_f, int64_t _ld_f, const void* _p_g, int64_t _ld_g, const void* _p_i, int64_t _ld_i, const void* _p_o, int64_t _ld_o, void* _p_d_c_next, int64_t _ld_d_c_next, void* _p_d_W_hi_h, int64_t _ld_d_W_hi_h, void* _p_d_W_hf_h, int64_t _ld_d_W_hf_h, void* _p_d_W_hg_h, int64_t _ld_d_W_hg_h, void* _p_d_W_ho_h, int64_t _ld_d_W_ho_h, void* _stream)
+static int lstmp_backward_bwd0_H_launch(int64_t _rows, int64_t _cols, const void* _p_c, int64_t _ld_c, const void* _p_c_next, int64_t _ld_c_next, const void* _p_d_W_hr_in_gemm, int64_t _ld_d_W_hr_in_gemm, const void* _p_d_c, int64_t _ld_d_c, const void* _p_f, int64_t _ld_f, const void* _p_g, int64_t _ld_g, const void* _p_i, int64_t _ld_i, const void* _p_o, int64_t _ld_o, void* _p_d_W_hi_h, int64_t _ld_d_W_hi_h, void* _p_d_W_hf_h, int64_t _ld_d_W_hf_h, void* _p_d_W_hg_h, int64_t _ld_d_W_hg_h, void* _p_d_W_ho_h, int64_t _ld_d_W_ho_h, void* _p_d_c_prev, int64_t _ld_d_c_prev, void* _stream)
 {
     if (_rows <= 0 || _cols <= 0) return 0;
     dim3 _grid, _block;
     cs_grid(_rows, _cols, &_grid, &_block);
-    lstmp_backward_bwd0_H_kernel<S><<<_grid, _block, 0, (cudaStream_t)_stream>>>(_rows, _cols, (const S*)_p_c, _ld_c, (const S*)_p_c_next, _ld_c_next, (const S*)_p_d_W_hr_in_gemm, _ld_d_W_hr_in_gemm, (const S*)_p_d_c, _ld_d_c, (const S*)_p_f, _ld_f, (const S*)_p_g, _ld_g, (const S*)_p_i, _ld_i, (const S*)_p_o, _ld_o, (S*)_p_d_c_next, _ld_d_c_next, (S*)_p_d_W_hi_h, _ld_d_W_hi_h, (S*)_p_d_W_hf_h, _ld_d_W_hf_h, (S*)_p_d_W_hg_h, _ld_d_W_hg_h, (S*)_p_d_W_ho_h, _ld_d_W_ho_h);
+    lstmp_backward_bwd0_H_kernel<S><<<_grid, _block, 0, (cudaStream_t)_stream>>>(_rows, _cols, (const S*)_p_c, _ld_c, (const S*)_p_c_next, _ld_c_next, (const S*)_p_d_W_hr_in_gemm, _ld_d_W_hr_in_gemm, (const S*)_p_d_c, _ld_d_c, (const S*)_p_f, _ld_f, (const S*)_p_g, _ld_g, (const S*)_p_i, _ld_i, (const S*)_p_o, _ld_o, (S*)_p_d_W_hi_h, _ld_d_W_hi_h, (S*)_p_d_W_hf_h, _ld_d_W_hf_h, (S*)_p_d_W_hg_h, _ld_d_W_hg_h, (S*)_p_d_W_ho_h, _ld_d_W_ho_h, (S*)_p_d_c_prev, _ld_d_c_prev);
     return (int)cudaGetLastError();
 }
 
-extern "C" int lstmp_backward_bwd0_H_cuda_f32(int64_t _rows, int64_t _cols, const void* _p_c, int64_t _ld_c, const void* _p_c_next, int64_t _ld_c_next, const void* _p_d_W_hr_in_gemm, int64_t _ld_d_W_hr_in_gemm, const void* _p_d_c, int64_t _ld_d_c, const void* _p_f, int64_t _ld_f, const void* _p_g, int64_t _ld_g, const void* _p_i, int64_t _ld_i, const void* _p_o, int64_t _ld_o, void* _p_d_c_next, int64_t _ld_d_c_next, void* _p_d_W_hi_h, int64_t _ld_d_W_hi_h, void* _p_d_W_hf_h, int64_t _ld_d_W_hf_h, void* _p_d_W_hg_h, int64_t _ld_d_W_hg_h, void* _p_d_W_ho_h, int64_t _ld_d_W_ho_h, void* _stream)
+extern "C" int lstmp_backward_bwd0_H_cuda_f32(int64_t _rows, int64_t _cols, const void* _p_c, int64_t _ld_c, const void* _p_c_next, int64_t _ld_c_next, const void* _p_d_W_hr_in_gemm, int64_t _ld_d_W_hr_in_gemm, const void* _p_d_c, int64_t _ld_d_c, const void* _p_f, int64_t _ld_f, const void* _p_g, int64_t _ld_g, const void* _p_i, int64_t _ld_i, const void* _p_o, int64_t _ld_o, void* _p_d_W_hi_h, int64_t _ld_d_W_hi_h, void* _p_d_W_hf_h, int64_t _ld_d_W_hf_h, void* _p_d_W_hg_h, int64_t _ld_d_W_hg_h, void* _p_d_W_ho_h, int64_t _ld_d_W_ho_h, void* _p_d_c_prev, int64_t _ld_d_c_prev, void* _stream)
 {
-    return lstmp_backward_bwd0_H_launch<float>(_rows, _cols, _p_c, _ld_c, _p_c_next, _ld_c_next, _p_d_W_hr_in_gemm, _ld_d_W_hr_in_gemm, _p_d_c, _ld_d_c, _p_f, _ld_f, _p_g, _ld_g, _p_i, _ld_i, _p_o, _ld_o, _p_d_c_next, _ld_d_c_next, _p_d_W_hi_h, _ld_d_W_hi_h, _p_d_W_hf_h, _ld_d_W_hf_h, _p_d_W_hg_h, _ld_d_W_hg_h, _p_d_W_ho_h, _ld_d_W_ho_h, _stream);
+    return lstmp_backward_bwd0_H_launch<float>(_rows, _cols, _p_c, _ld_c, _p_c_next, _ld_c_next, _p_d_W_hr_in_gemm, _ld_d_W_hr_in_gemm, _p_d_c, _ld_d_c, _p_f, _ld_f, _p_g, _ld_g, _p_i, _ld_i, _p_o, _ld_o, _p_d_W_hi_h, _ld_d_W_hi_h, _p_d_W_hf_h, _ld_d_W_hf_h, _p_d_W_hg_h, _ld_d_W_hg_h, _p_d_W_ho_h, _ld_d_W_ho_h, _p_d_c_prev, _ld_d_c_prev, _stream);
 }
-extern "C" int lstmp_backward_bwd0_H_cuda_f64(int64_t _rows, int64_t _cols, const void* _p_c, int64_t _ld_c, const void* _p_c_next, int64_t _ld_c_next, const void* _p_d_W_hr_in_gemm, int64_t _ld_d_W_hr_in_gemm, const void* _p_d_c, int64_t _ld_d_c, const void* _p_f, int64_t _ld_f, const void* _p_g, int64_t _ld_g, const void* _p_i, int64_t _ld_i, const void* _p_o, int64_t _ld_o, void* _p_d_c_next, int64_t _ld_d_c_next, void* _p_d_W_hi_h, int64_t _ld_d_W_hi_h, void* _p_d_W_hf_h, int64_t _ld_d_W_hf_h, void* _p_d_W_hg_h, int64_t _ld_d_W_hg_h, void* _p_d_W_ho_h, int64_t _ld_d_W_ho_h, void* _stream)
+extern "C" int lstmp_backward_bwd0_H_cuda_f64(int64_t _rows, int64_t _cols, const void* _p_c, int64_t _ld_c, const void* _p_c_next, int64_t _ld_c_next, const void* _p_d_W_hr_in_gemm, int64_t _ld_d_W_hr_in_gemm, const void* _p_d_c, int64_t _ld_d_c, const void* _p_f, int64_t _ld_f, const void* _p_g, int64_t _ld_g, const void* _p_i, int64_t _ld_i, const void* _p_o, int64_t _ld_o, void* _p_d_W_hi_h, int64_t _ld_d_W_hi_h, void* _p_d_W_hf_h, int64_t _ld_d_W_hf_h, void* _p_d_W_hg_h, int64_t _ld_d_W_hg_h, void* _p_d_W_ho_h, int64_t _ld_d_W_ho_h, void* _p_d_c_prev, int64_t _ld_d_c_prev, void* _stream)
 {
-    return lstmp_backward_bwd0_H_launch<double>(_rows, _cols, _p_c, _ld_c, _p_c_next, _ld_c_next, _p_d_W_hr_in_gemm, _ld_d_W_hr_in_gemm, _p_d_c, _ld_d_c, _p_f, _ld_f, _p_g, _ld_g, _p_i, _ld_i, _p_o, _ld_o, _p_d_c_next, _ld_d_c_next, _p_d_W_hi_h, _ld_d_W_hi_h, _p_d_W_hf_h, _ld_d_W_hf_h, _p_d_W_hg_h, _ld_d_W_hg_h, _p_d_W_ho_h, _ld_d_W_ho_h, _stream);
+    return lstmp_backward_bwd0_H_launch<double>(_rows, _cols, _p_c, _ld_c, _p_c_next, _ld_c_next, _p_d_W_hr_in_gemm, _ld_d_W_hr_in_gemm, _p_d_c, _ld_d_c, _p_f, _ld_f, _p_g, _ld_g, _p_i, _ld_i, _p_o, _ld_o, _p_d_W_hi_h, _ld_d_W_hi_h, _p_d_W_hf_h, _ld_d_W_hf_h, _p_d_W_hg_h, _ld_d_W_hg_h, _p_d_W_ho_h, _ld_d_W_ho_h, _p_d_c_prev, _ld_d_c_prev, _stream);
 }
-extern "C" int lstmp_backward_bwd0_H_cuda_f16(int64_t _rows, int64_t _cols, const void* _p_c, int64_t _ld_c, const void* _p_c_next, int64_t _ld_c_next, const void* _p_d_W_hr_in_gemm, int64_t _ld_d_W_hr_in_gemm, const void* _p_d_c, int64_t _ld_d_c, const void* _p_f, int64_t _ld_f, const void* _p_g, int64_t _ld_g, const void* _p_i, int64_t _ld_i, const void* _p_o, int64_t _ld_o, void* _p_d_c_next, int64_t _ld_d_c_next, void* _p_d_W_hi_h, int64_t _ld_d_W_hi_h, void* _p_d_W_hf_h, int64_t _ld_d_W_hf_h, void* _p_d_W_hg_h, int64_t _ld_d_W_hg_h, void* _p_d_W_ho_h, int64_t _ld_d_W_ho_h, void* _stream)
+extern "C" int lstmp_backward_bwd0_H_cuda_f16(int64_t _rows, int64_t _cols, const void* _p_c, int64_t _ld_c, const void* _p_c_next, int64_t _ld_c_next, const void* _p_d_W_hr_in_gemm, int64_t _ld_d_W_hr_in_gemm, const void* _p_d_c, int64_t _ld_d_c, const void* _p_f, int64_t _ld_f, const void* _p_g, int64_t _ld_g, const void* _p_i, int64_t _ld_i, const void* _p_o, int64_t _ld_o, void* _p_d_W_hi_h, int64_t _ld_d_W_hi_h, void* _p_d_W_hf_h, int64_t _ld_d_W_hf_h, void* _p_d_W_hg_h, int64_t _ld_d_W_hg_h, void* _p_d_W_ho_h, int64_t _ld_d_W_ho_h, void* _p_d_c_prev, int64_t _ld_d_c_prev, void* _stream)
 {
-    return lstmp_backward_bwd0_H_launch<__half>(_rows, _cols, _p_c, _ld_c, _p_c_next, _ld_c_next, _p_d_W_hr_in_gemm, _ld_d_W_hr_in_gemm, _p_d_c, _ld_d_c, _p_f, _ld_f, _p_g, _ld_g, _p_i, _ld_i, _p_o, _ld_o, _p_d_c_next, _ld_d_c_next, _p_d_W_hi_h, _ld_d_W_hi_h, _p_d_W_hf_h, _ld_d_W_hf_h, _p_d_W_hg_h, _ld_d_W_hg_h, _p_d_W_ho_h, _ld_d_W_ho_h, _stream);
+    return lstmp_backward_bwd0_H_launch<__half>(_rows, _cols, _p_c, _ld_c, _p_c_next, _ld_c_next, _p_d_W_hr_in_gemm, _ld_d_W_hr_in_gemm, _p_d_c, _ld_d_c, _p_f, _ld_f, _p_g, _ld_g, _p_i, _ld_i, _p_o, _ld_o, _p_d_W_hi_h, _ld_d_W_hi_h, _p_d_W_hf_h, _ld_d_W_hf_h, _p_d_W_hg_h, _ld_d_W_hg_h, _p_d_W_ho_h, _ld_d_W_ho_h, _p_d_c_prev, _ld_d_c_prev, _stream);
 }
-extern "C" int lstmp_backward_bwd0_H_cuda_bf16(int64_t _rows, int64_t _cols, const void* _p_c, int64_t _ld_c, const void* _p_c_next, int64_t _ld_c_next, const void* _p_d_W_hr_in_gemm, int64_t _ld_d_W_hr_in_gemm, const void* _p_d_c, int64_t _ld_d_c, const void* _p_f, int64_t _ld_f, const void* _p_g, int64_t _ld_g, const void* _p_i, int64_t _ld_i, const void* _p_o, int64_t _ld_o, void* _p_d_c_next, int64_t _ld_d_c_next, void* _p_d_W_hi_h, int64_t _ld_d_W_hi_h, void* _p_d_W_hf_h, int64_t _ld_d_W_hf_h, void* _p_d_W_hg_h, int64_t _ld_d_W_hg_h, void* _p_d_W_ho_h, int64_t _ld_d_W_ho_h, void* _stream)
+extern "C" int lstmp_backward_bwd0_H_cuda_bf16(int64_t _rows, int64_t _cols, const void* _p_c, int64_t _ld_c, const void* _p_c_next, int64_t _ld_c_next, const void* _p_d_W_hr_in_gemm, int64_t _ld_d_W_hr_in_gemm, const void* _p_d_c, int64_t _ld_d_c, const void* _p_f, int64_t _ld_f, const void* _p_g, int64_t _ld_g, const void* _p_i, int64_t _ld_i, const void* _p_o, int64_t _ld_o, void* _p_d_W_hi_h, int64_t _ld_d_W_hi_h, void* _p_d_W_hf_h, int64_t _ld_d_W_hf_h, void* _p_d_W_hg_h, int64_t _ld_d_W_hg_h, void* _p_d_W_ho_h, int64_t _ld_d_W_ho_h, void* _p_d_c_prev, int64_t _ld_d_c_prev, void* _stream)
 {
-    return lstmp_backward_bwd0_H_launch<__nv_bfloat16>(_rows, _cols, _p_c, _ld_c, _p_c_next, _ld_c_next, _p_d_W_hr_in_gemm, _ld_d_W_hr_in_gemm, _p_d_c, _ld_d_c, _p_f, _ld_f, _p_g, _ld_g, _p_i, _ld_i, _p_o, _ld_o, _p_d_c_next, _ld_d_c_next, _p_d_W_hi_h, _ld_d_W_hi_h, _p_d_W_hf_h, _ld_d_W_hf_h, _p_d_W_hg_h, _ld_d_W_hg_h, _p_d_W_ho_h, _ld_d_W_ho_h, _stream);
+    return lstmp_backward_bwd0_H_launch<__nv_bfloat16>(_rows, _cols, _p_c, _ld_c, _p_c_next, _ld_c_next, _p_d_W_hr_in_gemm, _ld_d_W_hr_in_gemm, _p_d_c, _ld_d_c, _p_f, _ld_f, _p_g, _ld_g, _p_i, _ld_i, _p_o, _ld_o, _p_d_W_hi_h, _ld_d_W_hi_h, _p_d_W_hf_h, _ld_d_W_hf_h, _p_d_W_hg_h, _ld_d_W_hg_h, _p_d_W_ho_h, _ld_d_W_ho_h, _p_d_c_prev, _ld_d_c_prev, _stream);
 }
 #endif  // __CUDACC__
 
 template <typename real>
-static inline void lstmp_backward_bwd0_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_c, int64_t _ld_c, const real* __restrict__ _p_c_next, int64_t _ld_c_next, const real* __restrict__ _p_d_W_hr_in_gemm, int64_t _ld_d_W_hr_in_gemm, const real* __restrict__ _p_d_c, int64_t _ld_d_c, const real* __restrict__ _p_f, int64_t _ld_f, const real* __restrict__ _p_g, int64_t _ld_g, const real* __restrict__ _p_i, int64_t _ld_i, const real* __restrict__ _p_o, int64_t _ld_o, real* __restrict__ _p_d_c_next, int64_t _ld_d_c_next, real* __restrict__ _p_d_W_hi_h, int64_t _ld_d_W_hi_h, real* __restrict__ _p_d_W_hf_h, int64_t _ld_d_W_hf_h, real* __restrict__ _p_d_W_hg_h, int64_t _ld_d_W_hg_h, real* __restrict__ _p_d_W_ho_h, int64_t _ld_d_W_ho_h)
+static inline void lstmp_backward_bwd0_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_c, int64_t _ld_c, const real* __restrict__ _p_c_next, int64_t _ld_c_next, const real* __restrict__ _p_d_W_hr_in_gemm, int64_t _ld_d_W_hr_in_gemm, const real* __restrict__ _p_d_c, int64_t _ld_d_c, const real* __restrict__ _p_f, int64_t _ld_f, const real* __restrict__ _p_g, int64_t _ld_g, const real* __restrict__ _p_i, int64_t _ld_i, const real* __restrict__ _p_o, int64_t _ld_o, real* __restrict__ _p_d_W_hi_h, int64_t _ld_d_W_hi_h, real* __restrict__ _p_d_W_hf_h, int64_t _ld_d_W_hf_h, real* __restrict__ _p_d_W_hg_h, int64_t _ld_d_W_hg_h, real* __restrict__ _p_d_W_ho_h, int64_t _ld_d_W_ho_h, real* __restrict__ _p_d_c_prev, int64_t _ld_d_c_prev)
 {
 #ifdef CS_V16
     if constexpr (sizeof(real) == sizeof(float)) {  // 16 units at a time (CS_V16)
@@ -1904,17 +1906,17 @@ static inline void lstmp_backward_bwd0_H_host(int64_t _rows, int64_t _cols, cons
                 cs_v16 g = _mm512_maskz_loadu_ps(_m, &_p_g[_r * _ld_g + _j]);
                 cs_v16 i = _mm512_maskz_loadu_ps(_m, &_p_i[_r * _ld_i + _j]);
                 cs_v16 o = _mm512_maskz_loadu_ps(_m, &_p_o[_r * _ld_o + _j]);
-                cs_v16 d_c_next;
                 cs_v16 d_W_hi_h;
                 cs_v16 d_W_hf_h;
                 cs_v16 d_W_hg_h;
                 cs_v16 d_W_ho_h;
-                lstmp_backward_bwd0_H<cs_v16>(c, c_next, d_W_hr_in_gemm, d_c, f, g, i, o, d_c_next, d_W_hi_h, d_W_hf_h, d_W_hg_h, d_W_ho_h);
-                _mm512_mask_storeu_ps(&_p_d_c_next[_r * _ld_d_c_next + _j], _m, d_c_next.v);
+                cs_v16 d_c_prev;
+                lstmp_backward_bwd0_H<cs_v16>(c, c_next, d_W_hr_in_gemm, d_c, f, g, i, o, d_W_hi_h, d_W_hf_h, d_W_hg_h, d_W_ho_h, d_c_prev);
                 _mm512_mask_storeu_ps(&_p_d_W_hi_h[_r * _ld_d_W_hi_h + _j], _m, d_W_hi_h.v);
                 _mm512_mask_storeu_ps(&_p_d_W_hf_h[_r * _ld_d_W_hf_h + _j], _m, d_W_hf_h.v);
                 _mm512_mask_storeu_ps(&_p_d_W_hg_h[_r * _ld_d_W_hg_h + _j], _m, d_W_hg_h.v);
                 _mm512_mask_storeu_ps(&_p_d_W_ho_h[_r * _ld_d_W_ho_h + _j], _m, d_W_ho_h.v);
+                _mm512_mask_storeu_ps(&_p_d_c_prev[_r * _ld_d_c_prev + _j], _m, d_c_prev.v);
             }
         });
         return;
@@ -1931,187 +1933,28 @@ static inline void lstmp_backward_bwd0_H_host(int64_t _rows, int64_t _cols, cons
             real g = _p_g[_r * _ld_g + _j];
             real i = _p_i[_r * _ld_i + _j];
             real o = _p_o[_r * _ld_o + _j];
-            real d_c_next;
             real d_W_hi_h;
             real d_W_hf_h;
             real d_W_hg_h;
             real d_W_ho_h;
-            lstmp_backward_bwd0_H<real>(c, c_next, d_W_hr_in_gemm, d_c, f, g, i, o, d_c_next, d_W_hi_h, d_W_hf_h, d_W_hg_h, d_W_ho_h);
-            _p_d_c_next[_r * _ld_d_c_next + _j] = d_c_next;
+            real d_c_prev;
+            lstmp_backward_bwd0_H<real>(c, c_next, d_W_hr_in_gemm, d_c, f, g, i, o, d_W_hi_h, d_W_hf_h, d_W_hg_h, d_W_ho_h, d_c_prev);
             _p_d_W_hi_h[_r * _ld_d_W_hi_h + _j] = d_W_hi_h;
             _p_d_W_hf_h[_r * _ld_d_W_hf_h + _j] = d_W_hf_h;
             _p_d_W_hg_h[_r * _ld_d_W_hg_h + _j] = d_W_hg_h;
             _p_d_W_ho_h[_r * _ld_d_W_ho_h + _j] = d_W_ho_h;
+            _p_d_c_prev[_r * _ld_d_c_prev + _j] = d_c_prev;
         }
     });
 }
 
-extern "C" void lstmp_backward_bwd0_H_f32(int64_t _rows, int64_t _cols, const float* _p_c, int64_t _ld_c, const float* _p_c_next, int64_t _ld_c_next, const float* _p_d_W_hr_in_gemm, int64_t _ld_d_W_hr_in_gemm, const float* _p_d_c, int64_t _ld_d_c, const float* _p_f, int64_t _ld_f, const float* _p_g, int64_t _ld_g, const float* _p_i, int64_t _ld_i, const float* _p_o, int64_t _ld_o, float* _p_d_c_next, int64_t _ld_d_c_next, float* _p_d_W_hi_h, int64_t _ld_d_W_hi_h, float* _p_d_W_hf_h, int64_t _ld_d_W_hf_h, float* _p_d_W_hg_h, int64_t _ld_d_W_hg_h, float* _p_d_W_ho_h, int64_t _ld_d_W_ho_h)
+extern "C" void lstmp_backward_bwd0_H_f32(int64_t _rows, int64_t _cols, const float* _p_c, int64_t _ld_c, const float* _p_c_next, int64_t _ld_c_next, const float* _p_d_W_hr_in_gemm, int64_t _ld_d_W_hr_in_gemm, const float* _p_d_c, int64_t _ld_d_c, const float* _p_f, int64_t _ld_f, const float* _p_g, int64_t _ld_g, const float* _p_i, int64_t _ld_i, const float* _p_o, int64_t _ld_o, float* _p_d_W_hi_h, int64_t _ld_d_W_hi_h, float* _p_d_W_hf_h, int64_t _ld_d_W_hf_h, float* _p_d_W_hg_h, int64_t _ld_d_W_hg_h, float* _p_d_W_ho_h, int64_t _ld_d_W_ho_h, float* _p_d_c_prev, int64_t _ld_d_c_prev)
 {
-    lstmp_backward_bwd0_H_host<float>(_rows, _cols, _p_c, _ld_c, _p_c_next, _ld_c_next, _p_d_W_hr_in_gemm, _ld_d_W_hr_in_gemm, _p_d_c, _ld_d_c, _p_f, _ld_f, _p_g, _ld_g, _p_i, _ld_i, _p_o, _ld_o, _p_d_c_next, _ld_d_c_next, _p_d_W_hi_h, _ld_d_W_hi_h, _p_d_W_hf_h, _ld_d_W_hf_h, _p_d_W_hg_h, _ld_d_W_hg_h, _p_d_W_ho_h, _ld_d_W_ho_h);
+    lstmp_backward_bwd0_H_host<float>(_rows, _cols, _p_c, _ld_c, _p_c_next, _ld_c_next, _p_d_W_hr_in_gemm, _ld_d_W_hr_in_gemm, _p_d_c, _ld_d_c, _p_f, _ld_f, _p_g, _ld_g, _p_i, _ld_i, _p_o, _ld_o, _p_d_W_hi_h, _ld_d_W_hi_h, _p_d_W_hf_h, _ld_d_W_hf_h, _p_d_W_hg_h, _ld_d_W_hg_h, _p_d_W_ho_h, _ld_d_W_ho_h, _p_d_c_prev, _ld_d_c_prev);
 }
-extern "C" void lstmp_backward_bwd0_H_f64(int64_t _rows, int64_t _cols, const double* _p_c, int64_t _ld_c, const double* _p_c_next, int64_t _ld_c_next, const double* _p_d_W_hr_in_gemm, int64_t _ld_d_W_hr_in_gemm, const double* _p_d_c, int64_t _ld_d_c, const double* _p_f, int64_t _ld_f, const double* _p_g, int64_t _ld_g, const double* _p_i, int64_t _ld_i, const double* _p_o, int64_t _ld_o, double* _p_d_c_next, int64_t _ld_d_c_next, double* _p_d_W_hi_h, int64_t _ld_d_W_hi_h, double* _p_d_W_hf_h, int64_t _ld_d_W_hf_h, double* _p_d_W_hg_h, int64_t _ld_d_W_hg_h, double* _p_d_W_ho_h, int64_t _ld_d_W_ho_h)
+extern "C" void lstmp_backward_bwd0_H_f64(int64_t _rows, int64_t _cols, const double* _p_c, int64_t _ld_c, const double* _p_c_next, int64_t _ld_c_next, const double* _p_d_W_hr_in_gemm, int64_t _ld_d_W_hr_in_gemm, const double* _p_d_c, int64_t _ld_d_c, const double* _p_f, int64_t _ld_f, const double* _p_g, int64_t _ld_g, const double* _p_i, int64_t _ld_i, const double* _p_o, int64_t _ld_o, double* _p_d_W_hi_h, int64_t _ld_d_W_hi_h, double* _p_d_W_hf_h, int64_t _ld_d_W_hf_h, double* _p_d_W_hg_h, int64_t _ld_d_W_hg_h, double* _p_d_W_ho_h, int64_t _ld_d_W_ho_h, double* _p_d_c_prev, int64_t _ld_d_c_prev)
 {
-    lstmp_backward_bwd0_H_host<double>(_rows, _cols, _p_c, _ld_c, _p_c_next, _ld_c_next, _p_d_W_hr_in_gemm, _ld_d_W_hr_in_gemm, _p_d_c, _ld_d_c, _p_f, _ld_f, _p_g, _ld_g, _p_i, _ld_i, _p_o, _ld_o, _p_d_c_next, _ld_d_c_next, _p_d_W_hi_h, _ld_d_W_hi_h, _p_d_W_hf_h, _ld_d_W_hf_h, _p_d_W_hg_h, _ld_d_W_hg_h, _p_d_W_ho_h, _ld_d_W_ho_h);
-}
-
-// =============================================================================================
-// lstmp_backward_bwd_leaf_H: backward: per-step adjoints of inputs, states, vector params, hoisted results, units of size H
-// =============================================================================================
-template <typename real>
-__host__ __device__ inline void lstmp_backward_bwd_leaf_H(
-    real d_c_next,
-    real f,
-    real& d_c)  // out
-{
-    // adjoint of state c
-    d_c = d_c_next*f;
-}
-
-#ifdef __CUDACC__
-template <typename S>
-__global__ void lstmp_backward_bwd_leaf_H_kernel(int64_t _rows, int64_t _cols, const S* __restrict__ _p_d_c_next, int64_t _ld_d_c_next, const S* __restrict__ _p_f, int64_t _ld_f, S* __restrict__ _p_d_c, int64_t _ld_d_c)
-{
-    typedef typename cs_math<S>::type M;
-    const int64_t _j = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (_j >= _cols) return;
-    for (int64_t _r = blockIdx.y; _r < _rows; _r += gridDim.y) {
-        M d_c_next = cs_load(_p_d_c_next[_r * _ld_d_c_next + _j]);
-        M f = cs_load(_p_f[_r * _ld_f + _j]);
-        M d_c;
-        lstmp_backward_bwd_leaf_H<M>(d_c_next, f, d_c);
-        cs_store(&_p_d_c[_r * _ld_d_c + _j], d_c);
-    }
-}
-
-template <typename S>
-static int lstmp_backward_bwd_leaf_H_launch(int64_t _rows, int64_t _cols, const void* _p_d_c_next, int64_t _ld_d_c_next, const void* _p_f, int64_t _ld_f, void* _p_d_c, int64_t _ld_d_c, void* _stream)
-{
-    if (_rows <= 0 || _cols <= 0) return 0;
-    dim3 _grid, _block;
-    cs_grid(_rows, _cols, &_grid, &_block);
-    lstmp_backward_bwd_leaf_H_kernel<S><<<_grid, _block, 0, (cudaStream_t)_stream>>>(_rows, _cols, (const S*)_p_d_c_next, _ld_d_c_next, (const S*)_p_f, _ld_f, (S*)_p_d_c, _ld_d_c);
-    return (int)cudaGetLastError();
-}
-
-extern "C" int lstmp_backward_bwd_leaf_H_cuda_f32(int64_t _rows, int64_t _cols, const void* _p_d_c_next, int64_t _ld_d_c_next, const void* _p_f, int64_t _ld_f, void* _p_d_c, int64_t _ld_d_c, void* _stream)
-{
-    return lstmp_backward_bwd_leaf_H_launch<float>(_rows, _cols, _p_d_c_next, _ld_d_c_next, _p_f, _ld_f, _p_d_c, _ld_d_c, _stream);
-}
-extern "C" int lstmp_backward_bwd_leaf_H_cuda_f64(int64_t _rows, int64_t _cols, const void* _p_d_c_next, int64_t _ld_d_c_next, const void* _p_f, int64_t _ld_f, void* _p_d_c, int64_t _ld_d_c, void* _stream)
-{
-    return lstmp_backward_bwd_leaf_H_launch<double>(_rows, _cols, _p_d_c_next, _ld_d_c_next, _p_f, _ld_f, _p_d_c, _ld_d_c, _stream);
-}
-extern "C" int lstmp_backward_bwd_leaf_H_cuda_f16(int64_t _rows, int64_t _cols, const void* _p_d_c_next, int64_t _ld_d_c_next, const void* _p_f, int64_t _ld_f, void* _p_d_c, int64_t _ld_d_c, void* _stream)
-{
-    return lstmp_backward_bwd_leaf_H_launch<__half>(_rows, _cols, _p_d_c_next, _ld_d_c_next, _p_f, _ld_f, _p_d_c, _ld_d_c, _stream);
-}
-extern "C" int lstmp_backward_bwd_leaf_H_cuda_bf16(int64_t _rows, int64_t _cols, const void* _p_d_c_next, int64_t _ld_d_c_next, const void* _p_f, int64_t _ld_f, void* _p_d_c, int64_t _ld_d_c, void* _stream)
-{
-    return lstmp_backward_bwd_leaf_H_launch<__nv_bfloat16>(_rows, _cols, _p_d_c_next, _ld_d_c_next, _p_f, _ld_f, _p_d_c, _ld_d_c, _stream);
-}
-#endif  // __CUDACC__
-
-template <typename real>
-static inline void lstmp_backward_bwd_leaf_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_d_c_next, int64_t _ld_d_c_next, const real* __restrict__ _p_f, int64_t _ld_f, real* __restrict__ _p_d_c, int64_t _ld_d_c)
-{
-    cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
-#pragma omp simd
-        for (int64_t _j = 0; _j < _cols; ++_j) {
-            real d_c_next = _p_d_c_next[_r * _ld_d_c_next + _j];
-            real f = _p_f[_r * _ld_f + _j];
-            real d_c;
-            lstmp_backward_bwd_leaf_H<real>(d_c_next, f, d_c);
-            _p_d_c[_r * _ld_d_c + _j] = d_c;
-        }
-    });
-}
-
-extern "C" void lstmp_backward_bwd_leaf_H_f32(int64_t _rows, int64_t _cols, const float* _p_d_c_next, int64_t _ld_d_c_next, const float* _p_f, int64_t _ld_f, float* _p_d_c, int64_t _ld_d_c)
-{
-    lstmp_backward_bwd_leaf_H_host<float>(_rows, _cols, _p_d_c_next, _ld_d_c_next, _p_f, _ld_f, _p_d_c, _ld_d_c);
-}
-extern "C" void lstmp_backward_bwd_leaf_H_f64(int64_t _rows, int64_t _cols, const double* _p_d_c_next, int64_t _ld_d_c_next, const double* _p_f, int64_t _ld_f, double* _p_d_c, int64_t _ld_d_c)
-{
-    lstmp_backward_bwd_leaf_H_host<double>(_rows, _cols, _p_d_c_next, _ld_d_c_next, _p_f, _ld_f, _p_d_c, _ld_d_c);
-}
-
-// =============================================================================================
-// lstmp_backward_bwd_leaf_P: backward: per-step adjoints of inputs, states, vector params, hoisted results, units of size P
-// =============================================================================================
-template <typename real>
-__host__ __device__ inline void lstmp_backward_bwd_leaf_P(
-    real d_h_gemm,
-    real& d_h)  // out
-{
-    // adjoint of state h
-    d_h = d_h_gemm;
-}
-
-#ifdef __CUDACC__
-template <typename S>
-__global__ void lstmp_backward_bwd_leaf_P_kernel(int64_t _rows, int64_t _cols, const S* __restrict__ _p_d_h_gemm, int64_t _ld_d_h_gemm, S* __restrict__ _p_d_h, int64_t _ld_d_h)
-{
-    typedef typename cs_math<S>::type M;
-    const int64_t _j = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (_j >= _cols) return;
-    for (int64_t _r = blockIdx.y; _r < _rows; _r += gridDim.y) {
-        M d_h_gemm = cs_load(_p_d_h_gemm[_r * _ld_d_h_gemm + _j]);
-        M d_h;
-        lstmp_backward_bwd_leaf_P<M>(d_h_gemm, d_h);
-        cs_store(&_p_d_h[_r * _ld_d_h + _j], d_h);
-    }
-}
-
-template <typename S>
-static int lstmp_backward_bwd_leaf_P_launch(int64_t _rows, int64_t _cols, const void* _p_d_h_gemm, int64_t _ld_d_h_gemm, void* _p_d_h, int64_t _ld_d_h, void* _stream)
-{
-    if (_rows <= 0 || _cols <= 0) return 0;
-    dim3 _grid, _block;
-    cs_grid(_rows, _cols, &_grid, &_block);
-    lstmp_backward_bwd_leaf_P_kernel<S><<<_grid, _block, 0, (cudaStream_t)_stream>>>(_rows, _cols, (const S*)_p_d_h_gemm, _ld_d_h_gemm, (S*)_p_d_h, _ld_d_h);
-    return (int)cudaGetLastError();
-}
-
-extern "C" int lstmp_backward_bwd_leaf_P_cuda_f32(int64_t _rows, int64_t _cols, const void* _p_d_h_gemm, int64_t _ld_d_h_gemm, void* _p_d_h, int64_t _ld_d_h, void* _stream)
-{
-    return lstmp_backward_bwd_leaf_P_launch<float>(_rows, _cols, _p_d_h_gemm, _ld_d_h_gemm, _p_d_h, _ld_d_h, _stream);
-}
-extern "C" int lstmp_backward_bwd_leaf_P_cuda_f64(int64_t _rows, int64_t _cols, const void* _p_d_h_gemm, int64_t _ld_d_h_gemm, void* _p_d_h, int64_t _ld_d_h, void* _stream)
-{
-    return lstmp_backward_bwd_leaf_P_launch<double>(_rows, _cols, _p_d_h_gemm, _ld_d_h_gemm, _p_d_h, _ld_d_h, _stream);
-}
-extern "C" int lstmp_backward_bwd_leaf_P_cuda_f16(int64_t _rows, int64_t _cols, const void* _p_d_h_gemm, int64_t _ld_d_h_gemm, void* _p_d_h, int64_t _ld_d_h, void* _stream)
-{
-    return lstmp_backward_bwd_leaf_P_launch<__half>(_rows, _cols, _p_d_h_gemm, _ld_d_h_gemm, _p_d_h, _ld_d_h, _stream);
-}
-extern "C" int lstmp_backward_bwd_leaf_P_cuda_bf16(int64_t _rows, int64_t _cols, const void* _p_d_h_gemm, int64_t _ld_d_h_gemm, void* _p_d_h, int64_t _ld_d_h, void* _stream)
-{
-    return lstmp_backward_bwd_leaf_P_launch<__nv_bfloat16>(_rows, _cols, _p_d_h_gemm, _ld_d_h_gemm, _p_d_h, _ld_d_h, _stream);
-}
-#endif  // __CUDACC__
-
-template <typename real>
-static inline void lstmp_backward_bwd_leaf_P_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_d_h_gemm, int64_t _ld_d_h_gemm, real* __restrict__ _p_d_h, int64_t _ld_d_h)
-{
-    cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
-#pragma omp simd
-        for (int64_t _j = 0; _j < _cols; ++_j) {
-            real d_h_gemm = _p_d_h_gemm[_r * _ld_d_h_gemm + _j];
-            real d_h;
-            lstmp_backward_bwd_leaf_P<real>(d_h_gemm, d_h);
-            _p_d_h[_r * _ld_d_h + _j] = d_h;
-        }
-    });
-}
-
-extern "C" void lstmp_backward_bwd_leaf_P_f32(int64_t _rows, int64_t _cols, const float* _p_d_h_gemm, int64_t _ld_d_h_gemm, float* _p_d_h, int64_t _ld_d_h)
-{
-    lstmp_backward_bwd_leaf_P_host<float>(_rows, _cols, _p_d_h_gemm, _ld_d_h_gemm, _p_d_h, _ld_d_h);
-}
-extern "C" void lstmp_backward_bwd_leaf_P_f64(int64_t _rows, int64_t _cols, const double* _p_d_h_gemm, int64_t _ld_d_h_gemm, double* _p_d_h, int64_t _ld_d_h)
-{
-    lstmp_backward_bwd_leaf_P_host<double>(_rows, _cols, _p_d_h_gemm, _ld_d_h_gemm, _p_d_h, _ld_d_h);
+    lstmp_backward_bwd0_H_host<double>(_rows, _cols, _p_c, _ld_c, _p_c_next, _ld_c_next, _p_d_W_hr_in_gemm, _ld_d_W_hr_in_gemm, _p_d_c, _ld_d_c, _p_f, _ld_f, _p_g, _ld_g, _p_i, _ld_i, _p_o, _ld_o, _p_d_W_hi_h, _ld_d_W_hi_h, _p_d_W_hf_h, _ld_d_W_hf_h, _p_d_W_hg_h, _ld_d_W_hg_h, _p_d_W_ho_h, _ld_d_W_ho_h, _p_d_c_prev, _ld_d_c_prev);
 }
 
 
@@ -2381,7 +2224,7 @@ extern "C" int lstmp_inference_f64(const int64_t* dims, void* const* ptrs, const
 
 // =============================================================================================
 // lstmp: the whole sequence, backward
-// ptrs: 0 x_x, 1 s_h, 2 s_c, 3 v_i, 4 v_f, 5 v_g, 6 v_o, 7 v_W_hr_in, 8 dout_h_next, 9 ds_h, 10 ds_c, 11 dx_x, 12 dg_W_hi_W_hf_W_hg_W_ho__h, 13 tmp_d_h_gemm, 14 dg_W_hr__W_hr_in, 15 tmp_d_W_hr_in_gemm, 16 tmp_d_c_next, 17 dw_W_hi_W_hf_W_hg_W_ho, 18 dw_W_ii_W_if_W_ig_W_io, 19 sum_d_b_ii, 20 sum_d_b_if, 21 sum_d_b_ig, 22 sum_d_b_io, 23 weight W_ii_W_if_W_ig_W_io, 24 weight W_hi_W_hf_W_hg_W_ho, 25 weight W_hr, 26 d W_ii, 27 d W_hi, 28 d b_ii, 29 d b_hi, 30 d W_if, 31 d W_hf, 32 d b_if, 33 d b_hf, 34 d W_ig, 35 d W_hg, 36 d b_ig, 37 d b_hg, 38 d W_io, 39 d W_ho, 40 d b_io, 41 d b_ho, 42 d W_hr, 43 batch sizes (host, or NULL)
+// ptrs: 0 x_x, 1 s_h, 2 s_c, 3 v_i, 4 v_f, 5 v_g, 6 v_o, 7 v_W_hr_in, 8 dout_h_next, 9 ds_h, 10 ds_c, 11 dx_x, 12 dg_W_hi_W_hf_W_hg_W_ho__h, 13 dg_W_hr__W_hr_in, 14 tmp_d_W_hr_in_gemm, 15 dw_W_hi_W_hf_W_hg_W_ho, 16 dw_W_ii_W_if_W_ig_W_io, 17 sum_d_b_ii, 18 sum_d_b_if, 19 sum_d_b_ig, 20 sum_d_b_io, 21 weight W_ii_W_if_W_ig_W_io, 22 weight W_hi_W_hf_W_hg_W_ho, 23 weight W_hr, 24 d W_ii, 25 d W_hi, 26 d b_ii, 27 d b_hi, 28 d W_if, 29 d W_hf, 30 d b_if, 31 d b_hf, 32 d W_ig, 33 d W_hg, 34 d b_ig, 35 d b_hg, 36 d W_io, 37 d W_ho, 38 d b_io, 39 d b_ho, 40 d W_hr, 41 batch sizes (host, or NULL)
 
 // =============================================================================================
 template <typename S, typename G>
@@ -2425,67 +2268,63 @@ static int lstmp_backward_run(const int64_t* dims, void* const* ptrs, const cs_c
     (void)b_dx_x;
     S* b_dg_W_hi_W_hf_W_hg_W_ho__h = (S*)ptrs[12];
     (void)b_dg_W_hi_W_hf_W_hg_W_ho__h;
-    S* b_tmp_d_h_gemm = (S*)ptrs[13];
-    (void)b_tmp_d_h_gemm;
-    S* b_dg_W_hr__W_hr_in = (S*)ptrs[14];
+    S* b_dg_W_hr__W_hr_in = (S*)ptrs[13];
     (void)b_dg_W_hr__W_hr_in;
-    S* b_tmp_d_W_hr_in_gemm = (S*)ptrs[15];
+    S* b_tmp_d_W_hr_in_gemm = (S*)ptrs[14];
     (void)b_tmp_d_W_hr_in_gemm;
-    S* b_tmp_d_c_next = (S*)ptrs[16];
-    (void)b_tmp_d_c_next;
-    G* b_dw_W_hi_W_hf_W_hg_W_ho = (G*)ptrs[17];
+    G* b_dw_W_hi_W_hf_W_hg_W_ho = (G*)ptrs[15];
     (void)b_dw_W_hi_W_hf_W_hg_W_ho;
-    G* b_dw_W_ii_W_if_W_ig_W_io = (G*)ptrs[18];
+    G* b_dw_W_ii_W_if_W_ig_W_io = (G*)ptrs[16];
     (void)b_dw_W_ii_W_if_W_ig_W_io;
-    G* b_sum_d_b_ii = (G*)ptrs[19];
+    G* b_sum_d_b_ii = (G*)ptrs[17];
     (void)b_sum_d_b_ii;
-    G* b_sum_d_b_if = (G*)ptrs[20];
+    G* b_sum_d_b_if = (G*)ptrs[18];
     (void)b_sum_d_b_if;
-    G* b_sum_d_b_ig = (G*)ptrs[21];
+    G* b_sum_d_b_ig = (G*)ptrs[19];
     (void)b_sum_d_b_ig;
-    G* b_sum_d_b_io = (G*)ptrs[22];
+    G* b_sum_d_b_io = (G*)ptrs[20];
     (void)b_sum_d_b_io;
-    const S* w_W_ii_W_if_W_ig_W_io = (const S*)ptrs[23];
+    const S* w_W_ii_W_if_W_ig_W_io = (const S*)ptrs[21];
     (void)w_W_ii_W_if_W_ig_W_io;
-    const S* w_W_hi_W_hf_W_hg_W_ho = (const S*)ptrs[24];
+    const S* w_W_hi_W_hf_W_hg_W_ho = (const S*)ptrs[22];
     (void)w_W_hi_W_hf_W_hg_W_ho;
-    const S* w_W_hr = (const S*)ptrs[25];
+    const S* w_W_hr = (const S*)ptrs[23];
     (void)w_W_hr;
-    G* g_W_ii = (G*)ptrs[26];
+    G* g_W_ii = (G*)ptrs[24];
     (void)g_W_ii;
-    G* g_W_hi = (G*)ptrs[27];
+    G* g_W_hi = (G*)ptrs[25];
     (void)g_W_hi;
-    G* g_b_ii = (G*)ptrs[28];
+    G* g_b_ii = (G*)ptrs[26];
     (void)g_b_ii;
-    G* g_b_hi = (G*)ptrs[29];
+    G* g_b_hi = (G*)ptrs[27];
     (void)g_b_hi;
-    G* g_W_if = (G*)ptrs[30];
+    G* g_W_if = (G*)ptrs[28];
     (void)g_W_if;
-    G* g_W_hf = (G*)ptrs[31];
+    G* g_W_hf = (G*)ptrs[29];
     (void)g_W_hf;
-    G* g_b_if = (G*)ptrs[32];
+    G* g_b_if = (G*)ptrs[30];
     (void)g_b_if;
-    G* g_b_hf = (G*)ptrs[33];
+    G* g_b_hf = (G*)ptrs[31];
     (void)g_b_hf;
-    G* g_W_ig = (G*)ptrs[34];
+    G* g_W_ig = (G*)ptrs[32];
     (void)g_W_ig;
-    G* g_W_hg = (G*)ptrs[35];
+    G* g_W_hg = (G*)ptrs[33];
     (void)g_W_hg;
-    G* g_b_ig = (G*)ptrs[36];
+    G* g_b_ig = (G*)ptrs[34];
     (void)g_b_ig;
-    G* g_b_hg = (G*)ptrs[37];
+    G* g_b_hg = (G*)ptrs[35];
     (void)g_b_hg;
-    G* g_W_io = (G*)ptrs[38];
+    G* g_W_io = (G*)ptrs[36];
     (void)g_W_io;
-    G* g_W_ho = (G*)ptrs[39];
+    G* g_W_ho = (G*)ptrs[37];
     (void)g_W_ho;
-    G* g_b_io = (G*)ptrs[40];
+    G* g_b_io = (G*)ptrs[38];
     (void)g_b_io;
-    G* g_b_ho = (G*)ptrs[41];
+    G* g_b_ho = (G*)ptrs[39];
     (void)g_b_ho;
-    G* g_W_hr = (G*)ptrs[42];
+    G* g_W_hr = (G*)ptrs[40];
     (void)g_W_hr;
-    const int64_t* bs = (const int64_t*)ptrs[43];
+    const int64_t* bs = (const int64_t*)ptrs[41];
     (void)ctx;
     if (bs) {  // rows of ended sequences, which no step writes, are read over all T*B rows
         CS_ZERO(b_dg_W_hr__W_hr_in, (n_T) * (n_B) * (n_P));
@@ -2504,13 +2343,9 @@ static int lstmp_backward_run(const int64_t* dims, void* const* ptrs, const cs_c
         // d_W_hr_in_gemm = dg_W_hr__W_hr_in @ [W_hr]
         CS_GEMM_NN_PACKED(rows, n_H, n_P, b_dg_W_hr__W_hr_in + t * n_B * (n_P), n_P, pk_W_hr_nn, b_tmp_d_W_hr_in_gemm, n_H, 0);
         // backward: stage 0 backward, units of size H
-        CS_PW(lstmp_backward_bwd0_H, rows, n_H, b_s_c + t * n_B * (n_H), n_H, b_s_c + (t + 1) * n_B * (n_H), n_H, b_tmp_d_W_hr_in_gemm, n_H, b_ds_c, n_H, b_v_f + t * n_B * (n_H), n_H, b_v_g + t * n_B * (n_H), n_H, b_v_i + t * n_B * (n_H), n_H, b_v_o + t * n_B * (n_H), n_H, b_tmp_d_c_next, n_H, b_dg_W_hi_W_hf_W_hg_W_ho__h + t * n_B * (4*n_H), 4*n_H, b_dg_W_hi_W_hf_W_hg_W_ho__h + t * n_B * (4*n_H) + n_H, 4*n_H, b_dg_W_hi_W_hf_W_hg_W_ho__h + t * n_B * (4*n_H) + 2*n_H, 4*n_H, b_dg_W_hi_W_hf_W_hg_W_ho__h + t * n_B * (4*n_H) + 3*n_H, 4*n_H);
+        CS_PW(lstmp_backward_bwd0_H, rows, n_H, b_s_c + t * n_B * (n_H), n_H, b_s_c + (t + 1) * n_B * (n_H), n_H, b_tmp_d_W_hr_in_gemm, n_H, b_ds_c, n_H, b_v_f + t * n_B * (n_H), n_H, b_v_g + t * n_B * (n_H), n_H, b_v_i + t * n_B * (n_H), n_H, b_v_o + t * n_B * (n_H), n_H, b_dg_W_hi_W_hf_W_hg_W_ho__h + t * n_B * (4*n_H), 4*n_H, b_dg_W_hi_W_hf_W_hg_W_ho__h + t * n_B * (4*n_H) + n_H, 4*n_H, b_dg_W_hi_W_hf_W_hg_W_ho__h + t * n_B * (4*n_H) + 2*n_H, 4*n_H, b_dg_W_hi_W_hf_W_hg_W_ho__h + t * n_B * (4*n_H) + 3*n_H, 4*n_H, b_ds_c, n_H);
         // d_h_gemm = dg_W_hi_W_hf_W_hg_W_ho__h @ [W_hi, W_hf, W_hg, W_ho]
-        CS_GEMM_NN_PACKED(rows, n_P, 4*n_H, b_dg_W_hi_W_hf_W_hg_W_ho__h + t * n_B * (4*n_H), 4*n_H, pk_W_hi_W_hf_W_hg_W_ho_nn, b_tmp_d_h_gemm, n_P, 0);
-        // backward: per-step adjoints of inputs, states, vector params, hoisted results, units of size H
-        CS_PW(lstmp_backward_bwd_leaf_H, rows, n_H, b_tmp_d_c_next, n_H, b_v_f + t * n_B * (n_H), n_H, b_ds_c, n_H);
-        // backward: per-step adjoints of inputs, states, vector params, hoisted results, units of size P
-        CS_PW(lstmp_backward_bwd_leaf_P, rows, n_P, b_tmp_d_h_gemm, n_P, b_ds_h, n_P);
+        CS_GEMM_NN_PACKED(rows, n_P, 4*n_H, b_dg_W_hi_W_hf_W_hg_W_ho__h + t * n_B * (4*n_H), 4*n_H, pk_W_hi_W_hf_W_hg_W_ho_nn, b_ds_h, n_P, 0);
     }
     CS_SPLIT_DONE();
     CS_TEAM_END

@@ -315,12 +315,10 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
     _ds_h = np.zeros((_B, _H), _dtype) if _d_final[0] is None else np.array(np.asarray(_d_final[0], _dtype), copy=True)
     _dx_x = np.empty((_T, _B, _I), _dtype)
     _dg_U_f__h = np.empty((_T, _B, _H), _dtype)
-    _tmp_d_h_gemm = np.empty((_B, _H), _dtype)
     _dg_U_h__U_h_in = np.empty((_T, _B, _H), _dtype)
     _tmp_d_U_h_in_gemm = np.empty((_B, _H), _dtype)
     _dhg_W_f_W_h__x = np.empty((_T, _B, 2*_H), _dtype)
     _tmp_d_h_next = np.empty((_B, _H), _dtype)
-    _tmp_d_U_h_in = np.empty((_B, _H), _dtype)
     if _bs is not None:
         _dg_U_h__U_h_in[...] = 0
         _dg_U_f__h[...] = 0
@@ -333,9 +331,7 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
     _dg_U_h__U_h_in_at0 = _steps(_dg_U_h__U_h_in, 0, _T, _bs)
     _tmp_d_U_h_in_gemm_rows = _rows(_tmp_d_U_h_in_gemm, _T, _bs)
     _s_h_at0 = _steps(_s_h, 0, _T, _bs)
-    _tmp_d_U_h_in_rows = _rows(_tmp_d_U_h_in, _T, _bs)
     _dg_U_f__h_at0 = _steps(_dg_U_f__h, 0, _T, _bs)
-    _tmp_d_h_gemm_rows = _rows(_tmp_d_h_gemm, _T, _bs)
     _dhg_W_f_W_h__x_at0 = _steps(_dhg_W_f_W_h__x, 0, _T, _bs)
     _grads = {}
     for _t in reversed(range(_T)):
@@ -352,6 +348,7 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
         np.matmul(_dg_U_h__U_h_in_at0[_t], _w_U_h, out=_tmp_d_U_h_in_gemm_rows[_t])
         # stage 0 backward
         d_U_h_in_gemm = _tmp_d_U_h_in_gemm_rows[_t]
+        d_U_h_out = _dg_U_h__U_h_in_at0[_t]
         d_h_next = _tmp_d_h_next_rows[_t]
         f = _v_f_at0[_t]
         h = _s_h_at0[_t]
@@ -359,22 +356,14 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
         d_U_h_in = d_U_h_in_gemm  # adjoint of operand of U_h_in
         d_f = d_U_h_in*h + d_h_next*(-h + h_tilde)  # adjoint of f
         d_U_f_h = d_f*f*(1 - f)  # adjoint of U_f @ h
-        _tmp_d_U_h_in_rows[_t][...] = d_U_h_in
-        _dg_U_f__h_at0[_t][...] = d_U_f_h
-        np.matmul(_dg_U_f__h_at0[_t], _w_U_f, out=_tmp_d_h_gemm_rows[_t])
-        # per-step adjoints of inputs, states, vector params, hoisted results
-        d_U_f_h = _dg_U_f__h_at0[_t]
-        d_U_h_in = _tmp_d_U_h_in_rows[_t]
-        d_U_h_out = _dg_U_h__U_h_in_at0[_t]
-        d_h_gemm = _tmp_d_h_gemm_rows[_t]
-        d_h_next = _tmp_d_h_next_rows[_t]
-        f = _v_f_at0[_t]
-        d_h = d_U_h_in*f + d_h_gemm + d_h_next*(1 - f)  # adjoint of state h
         d_W_f_x = d_U_f_h  # adjoint of hoisted projection W_f_x
         d_W_h_x = d_U_h_out  # adjoint of hoisted projection W_h_x
-        _ds_h_rows[_t][...] = d_h
+        d_h_direct = d_U_h_in*f + d_h_next*(1 - f)  # adjoint of state h, less the recurrent product's share (the GEMM adds it)
+        _dg_U_f__h_at0[_t][...] = d_U_f_h
         _dhg_W_f_W_h__x_at0[_t][:, 0:_H][...] = d_W_f_x
         _dhg_W_f_W_h__x_at0[_t][:, _H:2*_H][...] = d_W_h_x
+        _ds_h_rows[_t][...] = d_h_direct
+        _ds_h_rows[_t][...] += _dg_U_f__h_at0[_t] @ _w_U_f
     # dW of U_f @ h: one GEMM over all T*B rows
     _grads["U_f"] = _dg_U_f__h.reshape(_T * _B, _H).T @ _s_h[:_T].reshape(_T * _B, _H)
     # dW of U_h @ U_h_in: one GEMM over all T*B rows

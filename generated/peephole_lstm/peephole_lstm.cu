@@ -1552,30 +1552,32 @@ __host__ __device__ inline void peephole_lstm_backward_bwd0_H(
     real g,
     real i,
     real o,
+    real p_f,
+    real p_i,
     real p_o,
-    real& d_o,  // out
-    real& d_c_next,  // out
-    real& d_f,  // out
-    real& d_i,  // out
     real& d_W_hi_h,  // out
     real& d_W_hf_h,  // out
     real& d_W_hg_h,  // out
-    real& d_W_ho_h)  // out
+    real& d_W_ho_h,  // out
+    real& d_p_i,  // out
+    real& d_p_f,  // out
+    real& d_p_o,  // out
+    real& d_c_prev)  // out
 {
     const real t0 = cs_tanh(c_next);
     // adjoint of h'
     const real d_h_next = d_h + d_h_next_out;
     // adjoint of o
-    d_o = d_h_next*t0;
+    const real d_o = d_h_next*t0;
     const real t1 = d_o*o*(real(1.0) - o);
     // adjoint of c'
-    d_c_next = d_c + d_h_next*o*(real(1.0) - (t0*t0)) + p_o*t1;
+    const real d_c_next = d_c + d_h_next*o*(real(1.0) - (t0*t0)) + p_o*t1;
     // adjoint of g
     const real d_g = d_c_next*i;
     // adjoint of f
-    d_f = c*d_c_next;
+    const real d_f = c*d_c_next;
     // adjoint of i
-    d_i = d_c_next*g;
+    const real d_i = d_c_next*g;
     // adjoint of W_hi @ h
     d_W_hi_h = d_i*i*(real(1.0) - i);
     // adjoint of W_hf @ h
@@ -1584,11 +1586,21 @@ __host__ __device__ inline void peephole_lstm_backward_bwd0_H(
     d_W_hg_h = d_g*(real(1.0) - (g*g));
     // adjoint of W_ho @ h
     d_W_ho_h = t1;
+    const real t1_2 = d_W_hf_h;
+    const real t2 = d_W_hi_h;
+    // adjoint of param p_i
+    d_p_i = c*t2;
+    // adjoint of param p_f
+    d_p_f = c*t1_2;
+    // adjoint of param p_o
+    d_p_o = c_next*d_o*o*(real(1.0) - o);
+    // adjoint of state c, carried to the step before
+    d_c_prev = d_c_next*f + p_f*t1_2 + p_i*t2;
 }
 
 #ifdef __CUDACC__
 template <typename S>
-__global__ void peephole_lstm_backward_bwd0_H_kernel(int64_t _rows, int64_t _cols, const S* __restrict__ _p_c, int64_t _ld_c, const S* __restrict__ _p_c_next, int64_t _ld_c_next, const S* __restrict__ _p_d_c, int64_t _ld_d_c, const S* __restrict__ _p_d_h, int64_t _ld_d_h, const S* __restrict__ _p_d_h_next_out, int64_t _ld_d_h_next_out, const S* __restrict__ _p_f, int64_t _ld_f, const S* __restrict__ _p_g, int64_t _ld_g, const S* __restrict__ _p_i, int64_t _ld_i, const S* __restrict__ _p_o, int64_t _ld_o, const S* __restrict__ _p_p_o, int64_t _ld_p_o, S* __restrict__ _p_d_o, int64_t _ld_d_o, S* __restrict__ _p_d_c_next, int64_t _ld_d_c_next, S* __restrict__ _p_d_f, int64_t _ld_d_f, S* __restrict__ _p_d_i, int64_t _ld_d_i, S* __restrict__ _p_d_W_hi_h, int64_t _ld_d_W_hi_h, S* __restrict__ _p_d_W_hf_h, int64_t _ld_d_W_hf_h, S* __restrict__ _p_d_W_hg_h, int64_t _ld_d_W_hg_h, S* __restrict__ _p_d_W_ho_h, int64_t _ld_d_W_ho_h)
+__global__ void peephole_lstm_backward_bwd0_H_kernel(int64_t _rows, int64_t _cols, const S* __restrict__ _p_c, int64_t _ld_c, const S* __restrict__ _p_c_next, int64_t _ld_c_next, const S* __restrict__ _p_d_c, int64_t _ld_d_c, const S* __restrict__ _p_d_h, int64_t _ld_d_h, const S* __restrict__ _p_d_h_next_out, int64_t _ld_d_h_next_out, const S* __restrict__ _p_f, int64_t _ld_f, const S* __restrict__ _p_g, int64_t _ld_g, const S* __restrict__ _p_i, int64_t _ld_i, const S* __restrict__ _p_o, int64_t _ld_o, const S* __restrict__ _p_p_f, int64_t _ld_p_f, const S* __restrict__ _p_p_i, int64_t _ld_p_i, const S* __restrict__ _p_p_o, int64_t _ld_p_o, S* __restrict__ _p_d_W_hi_h, int64_t _ld_d_W_hi_h, S* __restrict__ _p_d_W_hf_h, int64_t _ld_d_W_hf_h, S* __restrict__ _p_d_W_hg_h, int64_t _ld_d_W_hg_h, S* __restrict__ _p_d_W_ho_h, int64_t _ld_d_W_ho_h, S* __restrict__ _p_d_p_i, int64_t _ld_d_p_i, S* __restrict__ _p_d_p_f, int64_t _ld_d_p_f, S* __restrict__ _p_d_p_o, int64_t _ld_d_p_o, S* __restrict__ _p_d_c_prev, int64_t _ld_d_c_prev)
 {
     typedef typename cs_math<S>::type M;
     const int64_t _j = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
@@ -1603,57 +1615,59 @@ __global__ void peephole_lstm_backward_bwd0_H_kernel(int64_t _rows, int64_t _col
         M g = cs_load(_p_g[_r * _ld_g + _j]);
         M i = cs_load(_p_i[_r * _ld_i + _j]);
         M o = cs_load(_p_o[_r * _ld_o + _j]);
+        M p_f = cs_load(_p_p_f[_r * _ld_p_f + _j]);
+        M p_i = cs_load(_p_p_i[_r * _ld_p_i + _j]);
         M p_o = cs_load(_p_p_o[_r * _ld_p_o + _j]);
-        M d_o;
-        M d_c_next;
-        M d_f;
-        M d_i;
         M d_W_hi_h;
         M d_W_hf_h;
         M d_W_hg_h;
         M d_W_ho_h;
-        peephole_lstm_backward_bwd0_H<M>(c, c_next, d_c, d_h, d_h_next_out, f, g, i, o, p_o, d_o, d_c_next, d_f, d_i, d_W_hi_h, d_W_hf_h, d_W_hg_h, d_W_ho_h);
-        cs_store(&_p_d_o[_r * _ld_d_o + _j], d_o);
-        cs_store(&_p_d_c_next[_r * _ld_d_c_next + _j], d_c_next);
-        cs_store(&_p_d_f[_r * _ld_d_f + _j], d_f);
-        cs_store(&_p_d_i[_r * _ld_d_i + _j], d_i);
+        M d_p_i;
+        M d_p_f;
+        M d_p_o;
+        M d_c_prev;
+        peephole_lstm_backward_bwd0_H<M>(c, c_next, d_c, d_h, d_h_next_out, f, g, i, o, p_f, p_i, p_o, d_W_hi_h, d_W_hf_h, d_W_hg_h, d_W_ho_h, d_p_i, d_p_f, d_p_o, d_c_prev);
         cs_store(&_p_d_W_hi_h[_r * _ld_d_W_hi_h + _j], d_W_hi_h);
         cs_store(&_p_d_W_hf_h[_r * _ld_d_W_hf_h + _j], d_W_hf_h);
         cs_store(&_p_d_W_hg_h[_r * _ld_d_W_hg_h + _j], d_W_hg_h);
         cs_store(&_p_d_W_ho_h[_r * _ld_d_W_ho_h + _j], d_W_ho_h);
+        cs_store(&_p_d_p_i[_r * _ld_d_p_i + _j], d_p_i);
+        cs_store(&_p_d_p_f[_r * _ld_d_p_f + _j], d_p_f);
+        cs_store(&_p_d_p_o[_r * _ld_d_p_o + _j], d_p_o);
+        cs_store(&_p_d_c_prev[_r * _ld_d_c_prev + _j], d_c_prev);
     }
 }
 
 template <typename S>
-static int peephole_lstm_backward_bwd0_H_launch(int64_t _rows, int64_t _cols, const void* _p_c, int64_t _ld_c, const void* _p_c_next, int64_t _ld_c_next, const void* _p_d_c, int64_t _ld_d_c, const void* _p_d_h, int64_t _ld_d_h, const void* _p_d_h_next_out, int64_t _ld_d_h_next_out, const void* _p_f, int64_t _ld_f, const void* _p_g, int64_t _ld_g, const void* _p_i, int64_t _ld_i, const void* _p_o, int64_t _ld_o, const void* _p_p_o, int64_t _ld_p_o, void* _p_d_o, int64_t _ld_d_o, void* _p_d_c_next, int64_t _ld_d_c_next, void* _p_d_f, int64_t _ld_d_f, void* _p_d_i, int64_t _ld_d_i, void* _p_d_W_hi_h, int64_t _ld_d_W_hi_h, void* _p_d_W_hf_h, int64_t _ld_d_W_hf_h, void* _p_d_W_hg_h, int64_t _ld_d_W_hg_h, void* _p_d_W_ho_h, int64_t _ld_d_W_ho_h, void* _stream)
+static int peephole_lstm_backward_bwd0_H_launch(int64_t _rows, int64_t _cols, const void* _p_c, int64_t _ld_c, const void* _p_c_next, int64_t _ld_c_next, const void* _p_d_c, int64_t _ld_d_c, const void* _p_d_h, int64_t _ld_d_h, const void* _p_d_h_next_out, int64_t _ld_d_h_next_out, const void* _p_f, int64_t _ld_f, const void* _p_g, int64_t _ld_g, const void* _p_i, int64_t _ld_i, const void* _p_o, int64_t _ld_o, const void* _p_p_f, int64_t _ld_p_f, const void* _p_p_i, int64_t _ld_p_i, const void* _p_p_o, int64_t _ld_p_o, void* _p_d_W_hi_h, int64_t _ld_d_W_hi_h, void* _p_d_W_hf_h, int64_t _ld_d_W_hf_h, void* _p_d_W_hg_h, int64_t _ld_d_W_hg_h, void* _p_d_W_ho_h, int64_t _ld_d_W_ho_h, void* _p_d_p_i, int64_t _ld_d_p_i, void* _p_d_p_f, int64_t _ld_d_p_f, void* _p_d_p_o, int64_t _ld_d_p_o, void* _p_d_c_prev, int64_t _ld_d_c_prev, void* _stream)
 {
     if (_rows <= 0 || _cols <= 0) return 0;
     dim3 _grid, _block;
     cs_grid(_rows, _cols, &_grid, &_block);
-    peephole_lstm_backward_bwd0_H_kernel<S><<<_grid, _block, 0, (cudaStream_t)_stream>>>(_rows, _cols, (const S*)_p_c, _ld_c, (const S*)_p_c_next, _ld_c_next, (const S*)_p_d_c, _ld_d_c, (const S*)_p_d_h, _ld_d_h, (const S*)_p_d_h_next_out, _ld_d_h_next_out, (const S*)_p_f, _ld_f, (const S*)_p_g, _ld_g, (const S*)_p_i, _ld_i, (const S*)_p_o, _ld_o, (const S*)_p_p_o, _ld_p_o, (S*)_p_d_o, _ld_d_o, (S*)_p_d_c_next, _ld_d_c_next, (S*)_p_d_f, _ld_d_f, (S*)_p_d_i, _ld_d_i, (S*)_p_d_W_hi_h, _ld_d_W_hi_h, (S*)_p_d_W_hf_h, _ld_d_W_hf_h, (S*)_p_d_W_hg_h, _ld_d_W_hg_h, (S*)_p_d_W_ho_h, _ld_d_W_ho_h);
+    peephole_lstm_backward_bwd0_H_kernel<S><<<_grid, _block, 0, (cudaStream_t)_stream>>>(_rows, _cols, (const S*)_p_c, _ld_c, (const S*)_p_c_next, _ld_c_next, (const S*)_p_d_c, _ld_d_c, (const S*)_p_d_h, _ld_d_h, (const S*)_p_d_h_next_out, _ld_d_h_next_out, (const S*)_p_f, _ld_f, (const S*)_p_g, _ld_g, (const S*)_p_i, _ld_i, (const S*)_p_o, _ld_o, (const S*)_p_p_f, _ld_p_f, (const S*)_p_p_i, _ld_p_i, (const S*)_p_p_o, _ld_p_o, (S*)_p_d_W_hi_h, _ld_d_W_hi_h, (S*)_p_d_W_hf_h, _ld_d_W_hf_h, (S*)_p_d_W_hg_h, _ld_d_W_hg_h, (S*)_p_d_W_ho_h, _ld_d_W_ho_h, (S*)_p_d_p_i, _ld_d_p_i, (S*)_p_d_p_f, _ld_d_p_f, (S*)_p_d_p_o, _ld_d_p_o, (S*)_p_d_c_prev, _ld_d_c_prev);
     return (int)cudaGetLastError();
 }
 
-extern "C" int peephole_lstm_backward_bwd0_H_cuda_f32(int64_t _rows, int64_t _cols, const void* _p_c, int64_t _ld_c, const void* _p_c_next, int64_t _ld_c_next, const void* _p_d_c, int64_t _ld_d_c, const void* _p_d_h, int64_t _ld_d_h, const void* _p_d_h_next_out, int64_t _ld_d_h_next_out, const void* _p_f, int64_t _ld_f, const void* _p_g, int64_t _ld_g, const void* _p_i, int64_t _ld_i, const void* _p_o, int64_t _ld_o, const void* _p_p_o, int64_t _ld_p_o, void* _p_d_o, int64_t _ld_d_o, void* _p_d_c_next, int64_t _ld_d_c_next, void* _p_d_f, int64_t _ld_d_f, void* _p_d_i, int64_t _ld_d_i, void* _p_d_W_hi_h, int64_t _ld_d_W_hi_h, void* _p_d_W_hf_h, int64_t _ld_d_W_hf_h, void* _p_d_W_hg_h, int64_t _ld_d_W_hg_h, void* _p_d_W_ho_h, int64_t _ld_d_W_ho_h, void* _stream)
+extern "C" int peephole_lstm_backward_bwd0_H_cuda_f32(int64_t _rows, int64_t _cols, const void* _p_c, int64_t _ld_c, const void* _p_c_next, int64_t _ld_c_next, const void* _p_d_c, int64_t _ld_d_c, const void* _p_d_h, int64_t _ld_d_h, const void* _p_d_h_next_out, int64_t _ld_d_h_next_out, const void* _p_f, int64_t _ld_f, const void* _p_g, int64_t _ld_g, const void* _p_i, int64_t _ld_i, const void* _p_o, int64_t _ld_o, const void* _p_p_f, int64_t _ld_p_f, const void* _p_p_i, int64_t _ld_p_i, const void* _p_p_o, int64_t _ld_p_o, void* _p_d_W_hi_h, int64_t _ld_d_W_hi_h, void* _p_d_W_hf_h, int64_t _ld_d_W_hf_h, void* _p_d_W_hg_h, int64_t _ld_d_W_hg_h, void* _p_d_W_ho_h, int64_t _ld_d_W_ho_h, void* _p_d_p_i, int64_t _ld_d_p_i, void* _p_d_p_f, int64_t _ld_d_p_f, void* _p_d_p_o, int64_t _ld_d_p_o, void* _p_d_c_prev, int64_t _ld_d_c_prev, void* _stream)
 {
-    return peephole_lstm_backward_bwd0_H_launch<float>(_rows, _cols, _p_c, _ld_c, _p_c_next, _ld_c_next, _p_d_c, _ld_d_c, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_f, _ld_f, _p_g, _ld_g, _p_i, _ld_i, _p_o, _ld_o, _p_p_o, _ld_p_o, _p_d_o, _ld_d_o, _p_d_c_next, _ld_d_c_next, _p_d_f, _ld_d_f, _p_d_i, _ld_d_i, _p_d_W_hi_h, _ld_d_W_hi_h, _p_d_W_hf_h, _ld_d_W_hf_h, _p_d_W_hg_h, _ld_d_W_hg_h, _p_d_W_ho_h, _ld_d_W_ho_h, _stream);
+    return peephole_lstm_backward_bwd0_H_launch<float>(_rows, _cols, _p_c, _ld_c, _p_c_next, _ld_c_next, _p_d_c, _ld_d_c, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_f, _ld_f, _p_g, _ld_g, _p_i, _ld_i, _p_o, _ld_o, _p_p_f, _ld_p_f, _p_p_i, _ld_p_i, _p_p_o, _ld_p_o, _p_d_W_hi_h, _ld_d_W_hi_h, _p_d_W_hf_h, _ld_d_W_hf_h, _p_d_W_hg_h, _ld_d_W_hg_h, _p_d_W_ho_h, _ld_d_W_ho_h, _p_d_p_i, _ld_d_p_i, _p_d_p_f, _ld_d_p_f, _p_d_p_o, _ld_d_p_o, _p_d_c_prev, _ld_d_c_prev, _stream);
 }
-extern "C" int peephole_lstm_backward_bwd0_H_cuda_f64(int64_t _rows, int64_t _cols, const void* _p_c, int64_t _ld_c, const void* _p_c_next, int64_t _ld_c_next, const void* _p_d_c, int64_t _ld_d_c, const void* _p_d_h, int64_t _ld_d_h, const void* _p_d_h_next_out, int64_t _ld_d_h_next_out, const void* _p_f, int64_t _ld_f, const void* _p_g, int64_t _ld_g, const void* _p_i, int64_t _ld_i, const void* _p_o, int64_t _ld_o, const void* _p_p_o, int64_t _ld_p_o, void* _p_d_o, int64_t _ld_d_o, void* _p_d_c_next, int64_t _ld_d_c_next, void* _p_d_f, int64_t _ld_d_f, void* _p_d_i, int64_t _ld_d_i, void* _p_d_W_hi_h, int64_t _ld_d_W_hi_h, void* _p_d_W_hf_h, int64_t _ld_d_W_hf_h, void* _p_d_W_hg_h, int64_t _ld_d_W_hg_h, void* _p_d_W_ho_h, int64_t _ld_d_W_ho_h, void* _stream)
+extern "C" int peephole_lstm_backward_bwd0_H_cuda_f64(int64_t _rows, int64_t _cols, const void* _p_c, int64_t _ld_c, const void* _p_c_next, int64_t _ld_c_next, const void* _p_d_c, int64_t _ld_d_c, const void* _p_d_h, int64_t _ld_d_h, const void* _p_d_h_next_out, int64_t _ld_d_h_next_out, const void* _p_f, int64_t _ld_f, const void* _p_g, int64_t _ld_g, const void* _p_i, int64_t _ld_i, const void* _p_o, int64_t _ld_o, const void* _p_p_f, int64_t _ld_p_f, const void* _p_p_i, int64_t _ld_p_i, const void* _p_p_o, int64_t _ld_p_o, void* _p_d_W_hi_h, int64_t _ld_d_W_hi_h, void* _p_d_W_hf_h, int64_t _ld_d_W_hf_h, void* _p_d_W_hg_h, int64_t _ld_d_W_hg_h, void* _p_d_W_ho_h, int64_t _ld_d_W_ho_h, void* _p_d_p_i, int64_t _ld_d_p_i, void* _p_d_p_f, int64_t _ld_d_p_f, void* _p_d_p_o, int64_t _ld_d_p_o, void* _p_d_c_prev, int64_t _ld_d_c_prev, void* _stream)
 {
-    return peephole_lstm_backward_bwd0_H_launch<double>(_rows, _cols, _p_c, _ld_c, _p_c_next, _ld_c_next, _p_d_c, _ld_d_c, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_f, _ld_f, _p_g, _ld_g, _p_i, _ld_i, _p_o, _ld_o, _p_p_o, _ld_p_o, _p_d_o, _ld_d_o, _p_d_c_next, _ld_d_c_next, _p_d_f, _ld_d_f, _p_d_i, _ld_d_i, _p_d_W_hi_h, _ld_d_W_hi_h, _p_d_W_hf_h, _ld_d_W_hf_h, _p_d_W_hg_h, _ld_d_W_hg_h, _p_d_W_ho_h, _ld_d_W_ho_h, _stream);
+    return peephole_lstm_backward_bwd0_H_launch<double>(_rows, _cols, _p_c, _ld_c, _p_c_next, _ld_c_next, _p_d_c, _ld_d_c, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_f, _ld_f, _p_g, _ld_g, _p_i, _ld_i, _p_o, _ld_o, _p_p_f, _ld_p_f, _p_p_i, _ld_p_i, _p_p_o, _ld_p_o, _p_d_W_hi_h, _ld_d_W_hi_h, _p_d_W_hf_h, _ld_d_W_hf_h, _p_d_W_hg_h, _ld_d_W_hg_h, _p_d_W_ho_h, _ld_d_W_ho_h, _p_d_p_i, _ld_d_p_i, _p_d_p_f, _ld_d_p_f, _p_d_p_o, _ld_d_p_o, _p_d_c_prev, _ld_d_c_prev, _stream);
 }
-extern "C" int peephole_lstm_backward_bwd0_H_cuda_f16(int64_t _rows, int64_t _cols, const void* _p_c, int64_t _ld_c, const void* _p_c_next, int64_t _ld_c_next, const void* _p_d_c, int64_t _ld_d_c, const void* _p_d_h, int64_t _ld_d_h, const void* _p_d_h_next_out, int64_t _ld_d_h_next_out, const void* _p_f, int64_t _ld_f, const void* _p_g, int64_t _ld_g, const void* _p_i, int64_t _ld_i, const void* _p_o, int64_t _ld_o, const void* _p_p_o, int64_t _ld_p_o, void* _p_d_o, int64_t _ld_d_o, void* _p_d_c_next, int64_t _ld_d_c_next, void* _p_d_f, int64_t _ld_d_f, void* _p_d_i, int64_t _ld_d_i, void* _p_d_W_hi_h, int64_t _ld_d_W_hi_h, void* _p_d_W_hf_h, int64_t _ld_d_W_hf_h, void* _p_d_W_hg_h, int64_t _ld_d_W_hg_h, void* _p_d_W_ho_h, int64_t _ld_d_W_ho_h, void* _stream)
+extern "C" int peephole_lstm_backward_bwd0_H_cuda_f16(int64_t _rows, int64_t _cols, const void* _p_c, int64_t _ld_c, const void* _p_c_next, int64_t _ld_c_next, const void* _p_d_c, int64_t _ld_d_c, const void* _p_d_h, int64_t _ld_d_h, const void* _p_d_h_next_out, int64_t _ld_d_h_next_out, const void* _p_f, int64_t _ld_f, const void* _p_g, int64_t _ld_g, const void* _p_i, int64_t _ld_i, const void* _p_o, int64_t _ld_o, const void* _p_p_f, int64_t _ld_p_f, const void* _p_p_i, int64_t _ld_p_i, const void* _p_p_o, int64_t _ld_p_o, void* _p_d_W_hi_h, int64_t _ld_d_W_hi_h, void* _p_d_W_hf_h, int64_t _ld_d_W_hf_h, void* _p_d_W_hg_h, int64_t _ld_d_W_hg_h, void* _p_d_W_ho_h, int64_t _ld_d_W_ho_h, void* _p_d_p_i, int64_t _ld_d_p_i, void* _p_d_p_f, int64_t _ld_d_p_f, void* _p_d_p_o, int64_t _ld_d_p_o, void* _p_d_c_prev, int64_t _ld_d_c_prev, void* _stream)
 {
-    return peephole_lstm_backward_bwd0_H_launch<__half>(_rows, _cols, _p_c, _ld_c, _p_c_next, _ld_c_next, _p_d_c, _ld_d_c, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_f, _ld_f, _p_g, _ld_g, _p_i, _ld_i, _p_o, _ld_o, _p_p_o, _ld_p_o, _p_d_o, _ld_d_o, _p_d_c_next, _ld_d_c_next, _p_d_f, _ld_d_f, _p_d_i, _ld_d_i, _p_d_W_hi_h, _ld_d_W_hi_h, _p_d_W_hf_h, _ld_d_W_hf_h, _p_d_W_hg_h, _ld_d_W_hg_h, _p_d_W_ho_h, _ld_d_W_ho_h, _stream);
+    return peephole_lstm_backward_bwd0_H_launch<__half>(_rows, _cols, _p_c, _ld_c, _p_c_next, _ld_c_next, _p_d_c, _ld_d_c, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_f, _ld_f, _p_g, _ld_g, _p_i, _ld_i, _p_o, _ld_o, _p_p_f, _ld_p_f, _p_p_i, _ld_p_i, _p_p_o, _ld_p_o, _p_d_W_hi_h, _ld_d_W_hi_h, _p_d_W_hf_h, _ld_d_W_hf_h, _p_d_W_hg_h, _ld_d_W_hg_h, _p_d_W_ho_h, _ld_d_W_ho_h, _p_d_p_i, _ld_d_p_i, _p_d_p_f, _ld_d_p_f, _p_d_p_o, _ld_d_p_o, _p_d_c_prev, _ld_d_c_prev, _stream);
 }
-extern "C" int peephole_lstm_backward_bwd0_H_cuda_bf16(int64_t _rows, int64_t _cols, const void* _p_c, int64_t _ld_c, const void* _p_c_next, int64_t _ld_c_next, const void* _p_d_c, int64_t _ld_d_c, const void* _p_d_h, int64_t _ld_d_h, const void* _p_d_h_next_out, int64_t _ld_d_h_next_out, const void* _p_f, int64_t _ld_f, const void* _p_g, int64_t _ld_g, const void* _p_i, int64_t _ld_i, const void* _p_o, int64_t _ld_o, const void* _p_p_o, int64_t _ld_p_o, void* _p_d_o, int64_t _ld_d_o, void* _p_d_c_next, int64_t _ld_d_c_next, void* _p_d_f, int64_t _ld_d_f, void* _p_d_i, int64_t _ld_d_i, void* _p_d_W_hi_h, int64_t _ld_d_W_hi_h, void* _p_d_W_hf_h, int64_t _ld_d_W_hf_h, void* _p_d_W_hg_h, int64_t _ld_d_W_hg_h, void* _p_d_W_ho_h, int64_t _ld_d_W_ho_h, void* _stream)
+extern "C" int peephole_lstm_backward_bwd0_H_cuda_bf16(int64_t _rows, int64_t _cols, const void* _p_c, int64_t _ld_c, const void* _p_c_next, int64_t _ld_c_next, const void* _p_d_c, int64_t _ld_d_c, const void* _p_d_h, int64_t _ld_d_h, const void* _p_d_h_next_out, int64_t _ld_d_h_next_out, const void* _p_f, int64_t _ld_f, const void* _p_g, int64_t _ld_g, const void* _p_i, int64_t _ld_i, const void* _p_o, int64_t _ld_o, const void* _p_p_f, int64_t _ld_p_f, const void* _p_p_i, int64_t _ld_p_i, const void* _p_p_o, int64_t _ld_p_o, void* _p_d_W_hi_h, int64_t _ld_d_W_hi_h, void* _p_d_W_hf_h, int64_t _ld_d_W_hf_h, void* _p_d_W_hg_h, int64_t _ld_d_W_hg_h, void* _p_d_W_ho_h, int64_t _ld_d_W_ho_h, void* _p_d_p_i, int64_t _ld_d_p_i, void* _p_d_p_f, int64_t _ld_d_p_f, void* _p_d_p_o, int64_t _ld_d_p_o, void* _p_d_c_prev, int64_t _ld_d_c_prev, void* _stream)
 {
-    return peephole_lstm_backward_bwd0_H_launch<__nv_bfloat16>(_rows, _cols, _p_c, _ld_c, _p_c_next, _ld_c_next, _p_d_c, _ld_d_c, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_f, _ld_f, _p_g, _ld_g, _p_i, _ld_i, _p_o, _ld_o, _p_p_o, _ld_p_o, _p_d_o, _ld_d_o, _p_d_c_next, _ld_d_c_next, _p_d_f, _ld_d_f, _p_d_i, _ld_d_i, _p_d_W_hi_h, _ld_d_W_hi_h, _p_d_W_hf_h, _ld_d_W_hf_h, _p_d_W_hg_h, _ld_d_W_hg_h, _p_d_W_ho_h, _ld_d_W_ho_h, _stream);
+    return peephole_lstm_backward_bwd0_H_launch<__nv_bfloat16>(_rows, _cols, _p_c, _ld_c, _p_c_next, _ld_c_next, _p_d_c, _ld_d_c, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_f, _ld_f, _p_g, _ld_g, _p_i, _ld_i, _p_o, _ld_o, _p_p_f, _ld_p_f, _p_p_i, _ld_p_i, _p_p_o, _ld_p_o, _p_d_W_hi_h, _ld_d_W_hi_h, _p_d_W_hf_h, _ld_d_W_hf_h, _p_d_W_hg_h, _ld_d_W_hg_h, _p_d_W_ho_h, _ld_d_W_ho_h, _p_d_p_i, _ld_d_p_i, _p_d_p_f, _ld_d_p_f, _p_d_p_o, _ld_d_p_o, _p_d_c_prev, _ld_d_c_prev, _stream);
 }
 #endif  // __CUDACC__
 
 template <typename real>
-static inline void peephole_lstm_backward_bwd0_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_c, int64_t _ld_c, const real* __restrict__ _p_c_next, int64_t _ld_c_next, const real* __restrict__ _p_d_c, int64_t _ld_d_c, const real* __restrict__ _p_d_h, int64_t _ld_d_h, const real* __restrict__ _p_d_h_next_out, int64_t _ld_d_h_next_out, const real* __restrict__ _p_f, int64_t _ld_f, const real* __restrict__ _p_g, int64_t _ld_g, const real* __restrict__ _p_i, int64_t _ld_i, const real* __restrict__ _p_o, int64_t _ld_o, const real* __restrict__ _p_p_o, int64_t _ld_p_o, real* __restrict__ _p_d_o, int64_t _ld_d_o, real* __restrict__ _p_d_c_next, int64_t _ld_d_c_next, real* __restrict__ _p_d_f, int64_t _ld_d_f, real* __restrict__ _p_d_i, int64_t _ld_d_i, real* __restrict__ _p_d_W_hi_h, int64_t _ld_d_W_hi_h, real* __restrict__ _p_d_W_hf_h, int64_t _ld_d_W_hf_h, real* __restrict__ _p_d_W_hg_h, int64_t _ld_d_W_hg_h, real* __restrict__ _p_d_W_ho_h, int64_t _ld_d_W_ho_h)
+static inline void peephole_lstm_backward_bwd0_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_c, int64_t _ld_c, const real* __restrict__ _p_c_next, int64_t _ld_c_next, const real* __restrict__ _p_d_c, int64_t _ld_d_c, const real* __restrict__ _p_d_h, int64_t _ld_d_h, const real* __restrict__ _p_d_h_next_out, int64_t _ld_d_h_next_out, const real* __restrict__ _p_f, int64_t _ld_f, const real* __restrict__ _p_g, int64_t _ld_g, const real* __restrict__ _p_i, int64_t _ld_i, const real* __restrict__ _p_o, int64_t _ld_o, const real* __restrict__ _p_p_f, int64_t _ld_p_f, const real* __restrict__ _p_p_i, int64_t _ld_p_i, const real* __restrict__ _p_p_o, int64_t _ld_p_o, real* __restrict__ _p_d_W_hi_h, int64_t _ld_d_W_hi_h, real* __restrict__ _p_d_W_hf_h, int64_t _ld_d_W_hf_h, real* __restrict__ _p_d_W_hg_h, int64_t _ld_d_W_hg_h, real* __restrict__ _p_d_W_ho_h, int64_t _ld_d_W_ho_h, real* __restrict__ _p_d_p_i, int64_t _ld_d_p_i, real* __restrict__ _p_d_p_f, int64_t _ld_d_p_f, real* __restrict__ _p_d_p_o, int64_t _ld_d_p_o, real* __restrict__ _p_d_c_prev, int64_t _ld_d_c_prev)
 {
 #ifdef CS_V16
     if constexpr (sizeof(real) == sizeof(float)) {  // 16 units at a time (CS_V16)
@@ -1669,24 +1683,26 @@ static inline void peephole_lstm_backward_bwd0_H_host(int64_t _rows, int64_t _co
                 cs_v16 g = _mm512_maskz_loadu_ps(_m, &_p_g[_r * _ld_g + _j]);
                 cs_v16 i = _mm512_maskz_loadu_ps(_m, &_p_i[_r * _ld_i + _j]);
                 cs_v16 o = _mm512_maskz_loadu_ps(_m, &_p_o[_r * _ld_o + _j]);
+                cs_v16 p_f = _mm512_maskz_loadu_ps(_m, &_p_p_f[_r * _ld_p_f + _j]);
+                cs_v16 p_i = _mm512_maskz_loadu_ps(_m, &_p_p_i[_r * _ld_p_i + _j]);
                 cs_v16 p_o = _mm512_maskz_loadu_ps(_m, &_p_p_o[_r * _ld_p_o + _j]);
-                cs_v16 d_o;
-                cs_v16 d_c_next;
-                cs_v16 d_f;
-                cs_v16 d_i;
                 cs_v16 d_W_hi_h;
                 cs_v16 d_W_hf_h;
                 cs_v16 d_W_hg_h;
                 cs_v16 d_W_ho_h;
-                peephole_lstm_backward_bwd0_H<cs_v16>(c, c_next, d_c, d_h, d_h_next_out, f, g, i, o, p_o, d_o, d_c_next, d_f, d_i, d_W_hi_h, d_W_hf_h, d_W_hg_h, d_W_ho_h);
-                _mm512_mask_storeu_ps(&_p_d_o[_r * _ld_d_o + _j], _m, d_o.v);
-                _mm512_mask_storeu_ps(&_p_d_c_next[_r * _ld_d_c_next + _j], _m, d_c_next.v);
-                _mm512_mask_storeu_ps(&_p_d_f[_r * _ld_d_f + _j], _m, d_f.v);
-                _mm512_mask_storeu_ps(&_p_d_i[_r * _ld_d_i + _j], _m, d_i.v);
+                cs_v16 d_p_i;
+                cs_v16 d_p_f;
+                cs_v16 d_p_o;
+                cs_v16 d_c_prev;
+                peephole_lstm_backward_bwd0_H<cs_v16>(c, c_next, d_c, d_h, d_h_next_out, f, g, i, o, p_f, p_i, p_o, d_W_hi_h, d_W_hf_h, d_W_hg_h, d_W_ho_h, d_p_i, d_p_f, d_p_o, d_c_prev);
                 _mm512_mask_storeu_ps(&_p_d_W_hi_h[_r * _ld_d_W_hi_h + _j], _m, d_W_hi_h.v);
                 _mm512_mask_storeu_ps(&_p_d_W_hf_h[_r * _ld_d_W_hf_h + _j], _m, d_W_hf_h.v);
                 _mm512_mask_storeu_ps(&_p_d_W_hg_h[_r * _ld_d_W_hg_h + _j], _m, d_W_hg_h.v);
                 _mm512_mask_storeu_ps(&_p_d_W_ho_h[_r * _ld_d_W_ho_h + _j], _m, d_W_ho_h.v);
+                _mm512_mask_storeu_ps(&_p_d_p_i[_r * _ld_d_p_i + _j], _m, d_p_i.v);
+                _mm512_mask_storeu_ps(&_p_d_p_f[_r * _ld_d_p_f + _j], _m, d_p_f.v);
+                _mm512_mask_storeu_ps(&_p_d_p_o[_r * _ld_d_p_o + _j], _m, d_p_o.v);
+                _mm512_mask_storeu_ps(&_p_d_c_prev[_r * _ld_d_c_prev + _j], _m, d_c_prev.v);
             }
         });
         return;
@@ -1704,176 +1720,37 @@ static inline void peephole_lstm_backward_bwd0_H_host(int64_t _rows, int64_t _co
             real g = _p_g[_r * _ld_g + _j];
             real i = _p_i[_r * _ld_i + _j];
             real o = _p_o[_r * _ld_o + _j];
+            real p_f = _p_p_f[_r * _ld_p_f + _j];
+            real p_i = _p_p_i[_r * _ld_p_i + _j];
             real p_o = _p_p_o[_r * _ld_p_o + _j];
-            real d_o;
-            real d_c_next;
-            real d_f;
-            real d_i;
             real d_W_hi_h;
             real d_W_hf_h;
             real d_W_hg_h;
             real d_W_ho_h;
-            peephole_lstm_backward_bwd0_H<real>(c, c_next, d_c, d_h, d_h_next_out, f, g, i, o, p_o, d_o, d_c_next, d_f, d_i, d_W_hi_h, d_W_hf_h, d_W_hg_h, d_W_ho_h);
-            _p_d_o[_r * _ld_d_o + _j] = d_o;
-            _p_d_c_next[_r * _ld_d_c_next + _j] = d_c_next;
-            _p_d_f[_r * _ld_d_f + _j] = d_f;
-            _p_d_i[_r * _ld_d_i + _j] = d_i;
+            real d_p_i;
+            real d_p_f;
+            real d_p_o;
+            real d_c_prev;
+            peephole_lstm_backward_bwd0_H<real>(c, c_next, d_c, d_h, d_h_next_out, f, g, i, o, p_f, p_i, p_o, d_W_hi_h, d_W_hf_h, d_W_hg_h, d_W_ho_h, d_p_i, d_p_f, d_p_o, d_c_prev);
             _p_d_W_hi_h[_r * _ld_d_W_hi_h + _j] = d_W_hi_h;
             _p_d_W_hf_h[_r * _ld_d_W_hf_h + _j] = d_W_hf_h;
             _p_d_W_hg_h[_r * _ld_d_W_hg_h + _j] = d_W_hg_h;
             _p_d_W_ho_h[_r * _ld_d_W_ho_h + _j] = d_W_ho_h;
-        }
-    });
-}
-
-extern "C" void peephole_lstm_backward_bwd0_H_f32(int64_t _rows, int64_t _cols, const float* _p_c, int64_t _ld_c, const float* _p_c_next, int64_t _ld_c_next, const float* _p_d_c, int64_t _ld_d_c, const float* _p_d_h, int64_t _ld_d_h, const float* _p_d_h_next_out, int64_t _ld_d_h_next_out, const float* _p_f, int64_t _ld_f, const float* _p_g, int64_t _ld_g, const float* _p_i, int64_t _ld_i, const float* _p_o, int64_t _ld_o, const float* _p_p_o, int64_t _ld_p_o, float* _p_d_o, int64_t _ld_d_o, float* _p_d_c_next, int64_t _ld_d_c_next, float* _p_d_f, int64_t _ld_d_f, float* _p_d_i, int64_t _ld_d_i, float* _p_d_W_hi_h, int64_t _ld_d_W_hi_h, float* _p_d_W_hf_h, int64_t _ld_d_W_hf_h, float* _p_d_W_hg_h, int64_t _ld_d_W_hg_h, float* _p_d_W_ho_h, int64_t _ld_d_W_ho_h)
-{
-    peephole_lstm_backward_bwd0_H_host<float>(_rows, _cols, _p_c, _ld_c, _p_c_next, _ld_c_next, _p_d_c, _ld_d_c, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_f, _ld_f, _p_g, _ld_g, _p_i, _ld_i, _p_o, _ld_o, _p_p_o, _ld_p_o, _p_d_o, _ld_d_o, _p_d_c_next, _ld_d_c_next, _p_d_f, _ld_d_f, _p_d_i, _ld_d_i, _p_d_W_hi_h, _ld_d_W_hi_h, _p_d_W_hf_h, _ld_d_W_hf_h, _p_d_W_hg_h, _ld_d_W_hg_h, _p_d_W_ho_h, _ld_d_W_ho_h);
-}
-extern "C" void peephole_lstm_backward_bwd0_H_f64(int64_t _rows, int64_t _cols, const double* _p_c, int64_t _ld_c, const double* _p_c_next, int64_t _ld_c_next, const double* _p_d_c, int64_t _ld_d_c, const double* _p_d_h, int64_t _ld_d_h, const double* _p_d_h_next_out, int64_t _ld_d_h_next_out, const double* _p_f, int64_t _ld_f, const double* _p_g, int64_t _ld_g, const double* _p_i, int64_t _ld_i, const double* _p_o, int64_t _ld_o, const double* _p_p_o, int64_t _ld_p_o, double* _p_d_o, int64_t _ld_d_o, double* _p_d_c_next, int64_t _ld_d_c_next, double* _p_d_f, int64_t _ld_d_f, double* _p_d_i, int64_t _ld_d_i, double* _p_d_W_hi_h, int64_t _ld_d_W_hi_h, double* _p_d_W_hf_h, int64_t _ld_d_W_hf_h, double* _p_d_W_hg_h, int64_t _ld_d_W_hg_h, double* _p_d_W_ho_h, int64_t _ld_d_W_ho_h)
-{
-    peephole_lstm_backward_bwd0_H_host<double>(_rows, _cols, _p_c, _ld_c, _p_c_next, _ld_c_next, _p_d_c, _ld_d_c, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_f, _ld_f, _p_g, _ld_g, _p_i, _ld_i, _p_o, _ld_o, _p_p_o, _ld_p_o, _p_d_o, _ld_d_o, _p_d_c_next, _ld_d_c_next, _p_d_f, _ld_d_f, _p_d_i, _ld_d_i, _p_d_W_hi_h, _ld_d_W_hi_h, _p_d_W_hf_h, _ld_d_W_hf_h, _p_d_W_hg_h, _ld_d_W_hg_h, _p_d_W_ho_h, _ld_d_W_ho_h);
-}
-
-// =============================================================================================
-// peephole_lstm_backward_bwd_leaf_H: backward: per-step adjoints of inputs, states, vector params, hoisted results, units of size H
-// =============================================================================================
-template <typename real>
-__host__ __device__ inline void peephole_lstm_backward_bwd_leaf_H(
-    real c,
-    real c_next,
-    real d_c_next,
-    real d_f,
-    real d_h_gemm,
-    real d_i,
-    real d_o,
-    real f,
-    real i,
-    real o,
-    real p_f,
-    real p_i,
-    real& d_h,  // out
-    real& d_c,  // out
-    real& d_p_i,  // out
-    real& d_p_f,  // out
-    real& d_p_o)  // out
-{
-    const real t1_2 = d_f*f*(real(1.0) - f);
-    const real t2 = d_i*i*(real(1.0) - i);
-    // adjoint of state h
-    d_h = d_h_gemm;
-    // adjoint of state c
-    d_c = d_c_next*f + p_f*t1_2 + p_i*t2;
-    // adjoint of param p_i
-    d_p_i = c*t2;
-    // adjoint of param p_f
-    d_p_f = c*t1_2;
-    // adjoint of param p_o
-    d_p_o = c_next*d_o*o*(real(1.0) - o);
-}
-
-#ifdef __CUDACC__
-template <typename S>
-__global__ void peephole_lstm_backward_bwd_leaf_H_kernel(int64_t _rows, int64_t _cols, const S* __restrict__ _p_c, int64_t _ld_c, const S* __restrict__ _p_c_next, int64_t _ld_c_next, const S* __restrict__ _p_d_c_next, int64_t _ld_d_c_next, const S* __restrict__ _p_d_f, int64_t _ld_d_f, const S* __restrict__ _p_d_h_gemm, int64_t _ld_d_h_gemm, const S* __restrict__ _p_d_i, int64_t _ld_d_i, const S* __restrict__ _p_d_o, int64_t _ld_d_o, const S* __restrict__ _p_f, int64_t _ld_f, const S* __restrict__ _p_i, int64_t _ld_i, const S* __restrict__ _p_o, int64_t _ld_o, const S* __restrict__ _p_p_f, int64_t _ld_p_f, const S* __restrict__ _p_p_i, int64_t _ld_p_i, S* __restrict__ _p_d_h, int64_t _ld_d_h, S* __restrict__ _p_d_c, int64_t _ld_d_c, S* __restrict__ _p_d_p_i, int64_t _ld_d_p_i, S* __restrict__ _p_d_p_f, int64_t _ld_d_p_f, S* __restrict__ _p_d_p_o, int64_t _ld_d_p_o)
-{
-    typedef typename cs_math<S>::type M;
-    const int64_t _j = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (_j >= _cols) return;
-    for (int64_t _r = blockIdx.y; _r < _rows; _r += gridDim.y) {
-        M c = cs_load(_p_c[_r * _ld_c + _j]);
-        M c_next = cs_load(_p_c_next[_r * _ld_c_next + _j]);
-        M d_c_next = cs_load(_p_d_c_next[_r * _ld_d_c_next + _j]);
-        M d_f = cs_load(_p_d_f[_r * _ld_d_f + _j]);
-        M d_h_gemm = cs_load(_p_d_h_gemm[_r * _ld_d_h_gemm + _j]);
-        M d_i = cs_load(_p_d_i[_r * _ld_d_i + _j]);
-        M d_o = cs_load(_p_d_o[_r * _ld_d_o + _j]);
-        M f = cs_load(_p_f[_r * _ld_f + _j]);
-        M i = cs_load(_p_i[_r * _ld_i + _j]);
-        M o = cs_load(_p_o[_r * _ld_o + _j]);
-        M p_f = cs_load(_p_p_f[_r * _ld_p_f + _j]);
-        M p_i = cs_load(_p_p_i[_r * _ld_p_i + _j]);
-        M d_h;
-        M d_c;
-        M d_p_i;
-        M d_p_f;
-        M d_p_o;
-        peephole_lstm_backward_bwd_leaf_H<M>(c, c_next, d_c_next, d_f, d_h_gemm, d_i, d_o, f, i, o, p_f, p_i, d_h, d_c, d_p_i, d_p_f, d_p_o);
-        cs_store(&_p_d_h[_r * _ld_d_h + _j], d_h);
-        cs_store(&_p_d_c[_r * _ld_d_c + _j], d_c);
-        cs_store(&_p_d_p_i[_r * _ld_d_p_i + _j], d_p_i);
-        cs_store(&_p_d_p_f[_r * _ld_d_p_f + _j], d_p_f);
-        cs_store(&_p_d_p_o[_r * _ld_d_p_o + _j], d_p_o);
-    }
-}
-
-template <typename S>
-static int peephole_lstm_backward_bwd_leaf_H_launch(int64_t _rows, int64_t _cols, const void* _p_c, int64_t _ld_c, const void* _p_c_next, int64_t _ld_c_next, const void* _p_d_c_next, int64_t _ld_d_c_next, const void* _p_d_f, int64_t _ld_d_f, const void* _p_d_h_gemm, int64_t _ld_d_h_gemm, const void* _p_d_i, int64_t _ld_d_i, const void* _p_d_o, int64_t _ld_d_o, const void* _p_f, int64_t _ld_f, const void* _p_i, int64_t _ld_i, const void* _p_o, int64_t _ld_o, const void* _p_p_f, int64_t _ld_p_f, const void* _p_p_i, int64_t _ld_p_i, void* _p_d_h, int64_t _ld_d_h, void* _p_d_c, int64_t _ld_d_c, void* _p_d_p_i, int64_t _ld_d_p_i, void* _p_d_p_f, int64_t _ld_d_p_f, void* _p_d_p_o, int64_t _ld_d_p_o, void* _stream)
-{
-    if (_rows <= 0 || _cols <= 0) return 0;
-    dim3 _grid, _block;
-    cs_grid(_rows, _cols, &_grid, &_block);
-    peephole_lstm_backward_bwd_leaf_H_kernel<S><<<_grid, _block, 0, (cudaStream_t)_stream>>>(_rows, _cols, (const S*)_p_c, _ld_c, (const S*)_p_c_next, _ld_c_next, (const S*)_p_d_c_next, _ld_d_c_next, (const S*)_p_d_f, _ld_d_f, (const S*)_p_d_h_gemm, _ld_d_h_gemm, (const S*)_p_d_i, _ld_d_i, (const S*)_p_d_o, _ld_d_o, (const S*)_p_f, _ld_f, (const S*)_p_i, _ld_i, (const S*)_p_o, _ld_o, (const S*)_p_p_f, _ld_p_f, (const S*)_p_p_i, _ld_p_i, (S*)_p_d_h, _ld_d_h, (S*)_p_d_c, _ld_d_c, (S*)_p_d_p_i, _ld_d_p_i, (S*)_p_d_p_f, _ld_d_p_f, (S*)_p_d_p_o, _ld_d_p_o);
-    return (int)cudaGetLastError();
-}
-
-extern "C" int peephole_lstm_backward_bwd_leaf_H_cuda_f32(int64_t _rows, int64_t _cols, const void* _p_c, int64_t _ld_c, const void* _p_c_next, int64_t _ld_c_next, const void* _p_d_c_next, int64_t _ld_d_c_next, const void* _p_d_f, int64_t _ld_d_f, const void* _p_d_h_gemm, int64_t _ld_d_h_gemm, const void* _p_d_i, int64_t _ld_d_i, const void* _p_d_o, int64_t _ld_d_o, const void* _p_f, int64_t _ld_f, const void* _p_i, int64_t _ld_i, const void* _p_o, int64_t _ld_o, const void* _p_p_f, int64_t _ld_p_f, const void* _p_p_i, int64_t _ld_p_i, void* _p_d_h, int64_t _ld_d_h, void* _p_d_c, int64_t _ld_d_c, void* _p_d_p_i, int64_t _ld_d_p_i, void* _p_d_p_f, int64_t _ld_d_p_f, void* _p_d_p_o, int64_t _ld_d_p_o, void* _stream)
-{
-    return peephole_lstm_backward_bwd_leaf_H_launch<float>(_rows, _cols, _p_c, _ld_c, _p_c_next, _ld_c_next, _p_d_c_next, _ld_d_c_next, _p_d_f, _ld_d_f, _p_d_h_gemm, _ld_d_h_gemm, _p_d_i, _ld_d_i, _p_d_o, _ld_d_o, _p_f, _ld_f, _p_i, _ld_i, _p_o, _ld_o, _p_p_f, _ld_p_f, _p_p_i, _ld_p_i, _p_d_h, _ld_d_h, _p_d_c, _ld_d_c, _p_d_p_i, _ld_d_p_i, _p_d_p_f, _ld_d_p_f, _p_d_p_o, _ld_d_p_o, _stream);
-}
-extern "C" int peephole_lstm_backward_bwd_leaf_H_cuda_f64(int64_t _rows, int64_t _cols, const void* _p_c, int64_t _ld_c, const void* _p_c_next, int64_t _ld_c_next, const void* _p_d_c_next, int64_t _ld_d_c_next, const void* _p_d_f, int64_t _ld_d_f, const void* _p_d_h_gemm, int64_t _ld_d_h_gemm, const void* _p_d_i, int64_t _ld_d_i, const void* _p_d_o, int64_t _ld_d_o, const void* _p_f, int64_t _ld_f, const void* _p_i, int64_t _ld_i, const void* _p_o, int64_t _ld_o, const void* _p_p_f, int64_t _ld_p_f, const void* _p_p_i, int64_t _ld_p_i, void* _p_d_h, int64_t _ld_d_h, void* _p_d_c, int64_t _ld_d_c, void* _p_d_p_i, int64_t _ld_d_p_i, void* _p_d_p_f, int64_t _ld_d_p_f, void* _p_d_p_o, int64_t _ld_d_p_o, void* _stream)
-{
-    return peephole_lstm_backward_bwd_leaf_H_launch<double>(_rows, _cols, _p_c, _ld_c, _p_c_next, _ld_c_next, _p_d_c_next, _ld_d_c_next, _p_d_f, _ld_d_f, _p_d_h_gemm, _ld_d_h_gemm, _p_d_i, _ld_d_i, _p_d_o, _ld_d_o, _p_f, _ld_f, _p_i, _ld_i, _p_o, _ld_o, _p_p_f, _ld_p_f, _p_p_i, _ld_p_i, _p_d_h, _ld_d_h, _p_d_c, _ld_d_c, _p_d_p_i, _ld_d_p_i, _p_d_p_f, _ld_d_p_f, _p_d_p_o, _ld_d_p_o, _stream);
-}
-extern "C" int peephole_lstm_backward_bwd_leaf_H_cuda_f16(int64_t _rows, int64_t _cols, const void* _p_c, int64_t _ld_c, const void* _p_c_next, int64_t _ld_c_next, const void* _p_d_c_next, int64_t _ld_d_c_next, const void* _p_d_f, int64_t _ld_d_f, const void* _p_d_h_gemm, int64_t _ld_d_h_gemm, const void* _p_d_i, int64_t _ld_d_i, const void* _p_d_o, int64_t _ld_d_o, const void* _p_f, int64_t _ld_f, const void* _p_i, int64_t _ld_i, const void* _p_o, int64_t _ld_o, const void* _p_p_f, int64_t _ld_p_f, const void* _p_p_i, int64_t _ld_p_i, void* _p_d_h, int64_t _ld_d_h, void* _p_d_c, int64_t _ld_d_c, void* _p_d_p_i, int64_t _ld_d_p_i, void* _p_d_p_f, int64_t _ld_d_p_f, void* _p_d_p_o, int64_t _ld_d_p_o, void* _stream)
-{
-    return peephole_lstm_backward_bwd_leaf_H_launch<__half>(_rows, _cols, _p_c, _ld_c, _p_c_next, _ld_c_next, _p_d_c_next, _ld_d_c_next, _p_d_f, _ld_d_f, _p_d_h_gemm, _ld_d_h_gemm, _p_d_i, _ld_d_i, _p_d_o, _ld_d_o, _p_f, _ld_f, _p_i, _ld_i, _p_o, _ld_o, _p_p_f, _ld_p_f, _p_p_i, _ld_p_i, _p_d_h, _ld_d_h, _p_d_c, _ld_d_c, _p_d_p_i, _ld_d_p_i, _p_d_p_f, _ld_d_p_f, _p_d_p_o, _ld_d_p_o, _stream);
-}
-extern "C" int peephole_lstm_backward_bwd_leaf_H_cuda_bf16(int64_t _rows, int64_t _cols, const void* _p_c, int64_t _ld_c, const void* _p_c_next, int64_t _ld_c_next, const void* _p_d_c_next, int64_t _ld_d_c_next, const void* _p_d_f, int64_t _ld_d_f, const void* _p_d_h_gemm, int64_t _ld_d_h_gemm, const void* _p_d_i, int64_t _ld_d_i, const void* _p_d_o, int64_t _ld_d_o, const void* _p_f, int64_t _ld_f, const void* _p_i, int64_t _ld_i, const void* _p_o, int64_t _ld_o, const void* _p_p_f, int64_t _ld_p_f, const void* _p_p_i, int64_t _ld_p_i, void* _p_d_h, int64_t _ld_d_h, void* _p_d_c, int64_t _ld_d_c, void* _p_d_p_i, int64_t _ld_d_p_i, void* _p_d_p_f, int64_t _ld_d_p_f, void* _p_d_p_o, int64_t _ld_d_p_o, void* _stream)
-{
-    return peephole_lstm_backward_bwd_leaf_H_launch<__nv_bfloat16>(_rows, _cols, _p_c, _ld_c, _p_c_next, _ld_c_next, _p_d_c_next, _ld_d_c_next, _p_d_f, _ld_d_f, _p_d_h_gemm, _ld_d_h_gemm, _p_d_i, _ld_d_i, _p_d_o, _ld_d_o, _p_f, _ld_f, _p_i, _ld_i, _p_o, _ld_o, _p_p_f, _ld_p_f, _p_p_i, _ld_p_i, _p_d_h, _ld_d_h, _p_d_c, _ld_d_c, _p_d_p_i, _ld_d_p_i, _p_d_p_f, _ld_d_p_f, _p_d_p_o, _ld_d_p_o, _stream);
-}
-#endif  // __CUDACC__
-
-template <typename real>
-static inline void peephole_lstm_backward_bwd_leaf_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_c, int64_t _ld_c, const real* __restrict__ _p_c_next, int64_t _ld_c_next, const real* __restrict__ _p_d_c_next, int64_t _ld_d_c_next, const real* __restrict__ _p_d_f, int64_t _ld_d_f, const real* __restrict__ _p_d_h_gemm, int64_t _ld_d_h_gemm, const real* __restrict__ _p_d_i, int64_t _ld_d_i, const real* __restrict__ _p_d_o, int64_t _ld_d_o, const real* __restrict__ _p_f, int64_t _ld_f, const real* __restrict__ _p_i, int64_t _ld_i, const real* __restrict__ _p_o, int64_t _ld_o, const real* __restrict__ _p_p_f, int64_t _ld_p_f, const real* __restrict__ _p_p_i, int64_t _ld_p_i, real* __restrict__ _p_d_h, int64_t _ld_d_h, real* __restrict__ _p_d_c, int64_t _ld_d_c, real* __restrict__ _p_d_p_i, int64_t _ld_d_p_i, real* __restrict__ _p_d_p_f, int64_t _ld_d_p_f, real* __restrict__ _p_d_p_o, int64_t _ld_d_p_o)
-{
-    cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
-#pragma omp simd
-        for (int64_t _j = 0; _j < _cols; ++_j) {
-            real c = _p_c[_r * _ld_c + _j];
-            real c_next = _p_c_next[_r * _ld_c_next + _j];
-            real d_c_next = _p_d_c_next[_r * _ld_d_c_next + _j];
-            real d_f = _p_d_f[_r * _ld_d_f + _j];
-            real d_h_gemm = _p_d_h_gemm[_r * _ld_d_h_gemm + _j];
-            real d_i = _p_d_i[_r * _ld_d_i + _j];
-            real d_o = _p_d_o[_r * _ld_d_o + _j];
-            real f = _p_f[_r * _ld_f + _j];
-            real i = _p_i[_r * _ld_i + _j];
-            real o = _p_o[_r * _ld_o + _j];
-            real p_f = _p_p_f[_r * _ld_p_f + _j];
-            real p_i = _p_p_i[_r * _ld_p_i + _j];
-            real d_h;
-            real d_c;
-            real d_p_i;
-            real d_p_f;
-            real d_p_o;
-            peephole_lstm_backward_bwd_leaf_H<real>(c, c_next, d_c_next, d_f, d_h_gemm, d_i, d_o, f, i, o, p_f, p_i, d_h, d_c, d_p_i, d_p_f, d_p_o);
-            _p_d_h[_r * _ld_d_h + _j] = d_h;
-            _p_d_c[_r * _ld_d_c + _j] = d_c;
             _p_d_p_i[_r * _ld_d_p_i + _j] = d_p_i;
             _p_d_p_f[_r * _ld_d_p_f + _j] = d_p_f;
             _p_d_p_o[_r * _ld_d_p_o + _j] = d_p_o;
+            _p_d_c_prev[_r * _ld_d_c_prev + _j] = d_c_prev;
         }
     });
 }
 
-extern "C" void peephole_lstm_backward_bwd_leaf_H_f32(int64_t _rows, int64_t _cols, const float* _p_c, int64_t _ld_c, const float* _p_c_next, int64_t _ld_c_next, const float* _p_d_c_next, int64_t _ld_d_c_next, const float* _p_d_f, int64_t _ld_d_f, const float* _p_d_h_gemm, int64_t _ld_d_h_gemm, const float* _p_d_i, int64_t _ld_d_i, const float* _p_d_o, int64_t _ld_d_o, const float* _p_f, int64_t _ld_f, const float* _p_i, int64_t _ld_i, const float* _p_o, int64_t _ld_o, const float* _p_p_f, int64_t _ld_p_f, const float* _p_p_i, int64_t _ld_p_i, float* _p_d_h, int64_t _ld_d_h, float* _p_d_c, int64_t _ld_d_c, float* _p_d_p_i, int64_t _ld_d_p_i, float* _p_d_p_f, int64_t _ld_d_p_f, float* _p_d_p_o, int64_t _ld_d_p_o)
+extern "C" void peephole_lstm_backward_bwd0_H_f32(int64_t _rows, int64_t _cols, const float* _p_c, int64_t _ld_c, const float* _p_c_next, int64_t _ld_c_next, const float* _p_d_c, int64_t _ld_d_c, const float* _p_d_h, int64_t _ld_d_h, const float* _p_d_h_next_out, int64_t _ld_d_h_next_out, const float* _p_f, int64_t _ld_f, const float* _p_g, int64_t _ld_g, const float* _p_i, int64_t _ld_i, const float* _p_o, int64_t _ld_o, const float* _p_p_f, int64_t _ld_p_f, const float* _p_p_i, int64_t _ld_p_i, const float* _p_p_o, int64_t _ld_p_o, float* _p_d_W_hi_h, int64_t _ld_d_W_hi_h, float* _p_d_W_hf_h, int64_t _ld_d_W_hf_h, float* _p_d_W_hg_h, int64_t _ld_d_W_hg_h, float* _p_d_W_ho_h, int64_t _ld_d_W_ho_h, float* _p_d_p_i, int64_t _ld_d_p_i, float* _p_d_p_f, int64_t _ld_d_p_f, float* _p_d_p_o, int64_t _ld_d_p_o, float* _p_d_c_prev, int64_t _ld_d_c_prev)
 {
-    peephole_lstm_backward_bwd_leaf_H_host<float>(_rows, _cols, _p_c, _ld_c, _p_c_next, _ld_c_next, _p_d_c_next, _ld_d_c_next, _p_d_f, _ld_d_f, _p_d_h_gemm, _ld_d_h_gemm, _p_d_i, _ld_d_i, _p_d_o, _ld_d_o, _p_f, _ld_f, _p_i, _ld_i, _p_o, _ld_o, _p_p_f, _ld_p_f, _p_p_i, _ld_p_i, _p_d_h, _ld_d_h, _p_d_c, _ld_d_c, _p_d_p_i, _ld_d_p_i, _p_d_p_f, _ld_d_p_f, _p_d_p_o, _ld_d_p_o);
+    peephole_lstm_backward_bwd0_H_host<float>(_rows, _cols, _p_c, _ld_c, _p_c_next, _ld_c_next, _p_d_c, _ld_d_c, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_f, _ld_f, _p_g, _ld_g, _p_i, _ld_i, _p_o, _ld_o, _p_p_f, _ld_p_f, _p_p_i, _ld_p_i, _p_p_o, _ld_p_o, _p_d_W_hi_h, _ld_d_W_hi_h, _p_d_W_hf_h, _ld_d_W_hf_h, _p_d_W_hg_h, _ld_d_W_hg_h, _p_d_W_ho_h, _ld_d_W_ho_h, _p_d_p_i, _ld_d_p_i, _p_d_p_f, _ld_d_p_f, _p_d_p_o, _ld_d_p_o, _p_d_c_prev, _ld_d_c_prev);
 }
-extern "C" void peephole_lstm_backward_bwd_leaf_H_f64(int64_t _rows, int64_t _cols, const double* _p_c, int64_t _ld_c, const double* _p_c_next, int64_t _ld_c_next, const double* _p_d_c_next, int64_t _ld_d_c_next, const double* _p_d_f, int64_t _ld_d_f, const double* _p_d_h_gemm, int64_t _ld_d_h_gemm, const double* _p_d_i, int64_t _ld_d_i, const double* _p_d_o, int64_t _ld_d_o, const double* _p_f, int64_t _ld_f, const double* _p_i, int64_t _ld_i, const double* _p_o, int64_t _ld_o, const double* _p_p_f, int64_t _ld_p_f, const double* _p_p_i, int64_t _ld_p_i, double* _p_d_h, int64_t _ld_d_h, double* _p_d_c, int64_t _ld_d_c, double* _p_d_p_i, int64_t _ld_d_p_i, double* _p_d_p_f, int64_t _ld_d_p_f, double* _p_d_p_o, int64_t _ld_d_p_o)
+extern "C" void peephole_lstm_backward_bwd0_H_f64(int64_t _rows, int64_t _cols, const double* _p_c, int64_t _ld_c, const double* _p_c_next, int64_t _ld_c_next, const double* _p_d_c, int64_t _ld_d_c, const double* _p_d_h, int64_t _ld_d_h, const double* _p_d_h_next_out, int64_t _ld_d_h_next_out, const double* _p_f, int64_t _ld_f, const double* _p_g, int64_t _ld_g, const double* _p_i, int64_t _ld_i, const double* _p_o, int64_t _ld_o, const double* _p_p_f, int64_t _ld_p_f, const double* _p_p_i, int64_t _ld_p_i, const double* _p_p_o, int64_t _ld_p_o, double* _p_d_W_hi_h, int64_t _ld_d_W_hi_h, double* _p_d_W_hf_h, int64_t _ld_d_W_hf_h, double* _p_d_W_hg_h, int64_t _ld_d_W_hg_h, double* _p_d_W_ho_h, int64_t _ld_d_W_ho_h, double* _p_d_p_i, int64_t _ld_d_p_i, double* _p_d_p_f, int64_t _ld_d_p_f, double* _p_d_p_o, int64_t _ld_d_p_o, double* _p_d_c_prev, int64_t _ld_d_c_prev)
 {
-    peephole_lstm_backward_bwd_leaf_H_host<double>(_rows, _cols, _p_c, _ld_c, _p_c_next, _ld_c_next, _p_d_c_next, _ld_d_c_next, _p_d_f, _ld_d_f, _p_d_h_gemm, _ld_d_h_gemm, _p_d_i, _ld_d_i, _p_d_o, _ld_d_o, _p_f, _ld_f, _p_i, _ld_i, _p_o, _ld_o, _p_p_f, _ld_p_f, _p_p_i, _ld_p_i, _p_d_h, _ld_d_h, _p_d_c, _ld_d_c, _p_d_p_i, _ld_d_p_i, _p_d_p_f, _ld_d_p_f, _p_d_p_o, _ld_d_p_o);
+    peephole_lstm_backward_bwd0_H_host<double>(_rows, _cols, _p_c, _ld_c, _p_c_next, _ld_c_next, _p_d_c, _ld_d_c, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_f, _ld_f, _p_g, _ld_g, _p_i, _ld_i, _p_o, _ld_o, _p_p_f, _ld_p_f, _p_p_i, _ld_p_i, _p_p_o, _ld_p_o, _p_d_W_hi_h, _ld_d_W_hi_h, _p_d_W_hf_h, _ld_d_W_hf_h, _p_d_W_hg_h, _ld_d_W_hg_h, _p_d_W_ho_h, _ld_d_W_ho_h, _p_d_p_i, _ld_d_p_i, _p_d_p_f, _ld_d_p_f, _p_d_p_o, _ld_d_p_o, _p_d_c_prev, _ld_d_c_prev);
 }
 
 
@@ -2110,7 +1987,7 @@ extern "C" int peephole_lstm_inference_f64(const int64_t* dims, void* const* ptr
 
 // =============================================================================================
 // peephole_lstm: the whole sequence, backward
-// ptrs: 0 x_x, 1 s_h, 2 s_c, 3 p_p_i, 4 p_p_f, 5 p_p_o, 6 v_i, 7 v_f, 8 v_g, 9 v_o, 10 dout_h_next, 11 ds_h, 12 ds_c, 13 dx_x, 14 dp_p_i, 15 dp_p_f, 16 dp_p_o, 17 dg_W_hi_W_hf_W_hg_W_ho__h, 18 tmp_d_h_gemm, 19 tmp_d_o, 20 tmp_d_c_next, 21 tmp_d_f, 22 tmp_d_i, 23 dw_W_hi_W_hf_W_hg_W_ho, 24 dw_W_ii_W_if_W_ig_W_io, 25 weight W_ii_W_if_W_ig_W_io, 26 weight W_hi_W_hf_W_hg_W_ho, 27 d W_ii, 28 d W_hi, 29 d p_i, 30 d b_i, 31 d W_if, 32 d W_hf, 33 d p_f, 34 d b_f, 35 d W_ig, 36 d W_hg, 37 d b_g, 38 d W_io, 39 d W_ho, 40 d p_o, 41 d b_o, 42 batch sizes (host, or NULL)
+// ptrs: 0 x_x, 1 s_h, 2 s_c, 3 p_p_i, 4 p_p_f, 5 p_p_o, 6 v_i, 7 v_f, 8 v_g, 9 v_o, 10 dout_h_next, 11 ds_h, 12 ds_c, 13 dx_x, 14 dp_p_i, 15 dp_p_f, 16 dp_p_o, 17 dg_W_hi_W_hf_W_hg_W_ho__h, 18 dw_W_hi_W_hf_W_hg_W_ho, 19 dw_W_ii_W_if_W_ig_W_io, 20 weight W_ii_W_if_W_ig_W_io, 21 weight W_hi_W_hf_W_hg_W_ho, 22 d W_ii, 23 d W_hi, 24 d p_i, 25 d b_i, 26 d W_if, 27 d W_hf, 28 d p_f, 29 d b_f, 30 d W_ig, 31 d W_hg, 32 d b_g, 33 d W_io, 34 d W_ho, 35 d p_o, 36 d b_o, 37 batch sizes (host, or NULL)
 
 // =============================================================================================
 template <typename S, typename G>
@@ -2162,55 +2039,45 @@ static int peephole_lstm_backward_run(const int64_t* dims, void* const* ptrs, co
     (void)b_dp_p_o;
     S* b_dg_W_hi_W_hf_W_hg_W_ho__h = (S*)ptrs[17];
     (void)b_dg_W_hi_W_hf_W_hg_W_ho__h;
-    S* b_tmp_d_h_gemm = (S*)ptrs[18];
-    (void)b_tmp_d_h_gemm;
-    S* b_tmp_d_o = (S*)ptrs[19];
-    (void)b_tmp_d_o;
-    S* b_tmp_d_c_next = (S*)ptrs[20];
-    (void)b_tmp_d_c_next;
-    S* b_tmp_d_f = (S*)ptrs[21];
-    (void)b_tmp_d_f;
-    S* b_tmp_d_i = (S*)ptrs[22];
-    (void)b_tmp_d_i;
-    G* b_dw_W_hi_W_hf_W_hg_W_ho = (G*)ptrs[23];
+    G* b_dw_W_hi_W_hf_W_hg_W_ho = (G*)ptrs[18];
     (void)b_dw_W_hi_W_hf_W_hg_W_ho;
-    G* b_dw_W_ii_W_if_W_ig_W_io = (G*)ptrs[24];
+    G* b_dw_W_ii_W_if_W_ig_W_io = (G*)ptrs[19];
     (void)b_dw_W_ii_W_if_W_ig_W_io;
-    const S* w_W_ii_W_if_W_ig_W_io = (const S*)ptrs[25];
+    const S* w_W_ii_W_if_W_ig_W_io = (const S*)ptrs[20];
     (void)w_W_ii_W_if_W_ig_W_io;
-    const S* w_W_hi_W_hf_W_hg_W_ho = (const S*)ptrs[26];
+    const S* w_W_hi_W_hf_W_hg_W_ho = (const S*)ptrs[21];
     (void)w_W_hi_W_hf_W_hg_W_ho;
-    G* g_W_ii = (G*)ptrs[27];
+    G* g_W_ii = (G*)ptrs[22];
     (void)g_W_ii;
-    G* g_W_hi = (G*)ptrs[28];
+    G* g_W_hi = (G*)ptrs[23];
     (void)g_W_hi;
-    G* g_p_i = (G*)ptrs[29];
+    G* g_p_i = (G*)ptrs[24];
     (void)g_p_i;
-    G* g_b_i = (G*)ptrs[30];
+    G* g_b_i = (G*)ptrs[25];
     (void)g_b_i;
-    G* g_W_if = (G*)ptrs[31];
+    G* g_W_if = (G*)ptrs[26];
     (void)g_W_if;
-    G* g_W_hf = (G*)ptrs[32];
+    G* g_W_hf = (G*)ptrs[27];
     (void)g_W_hf;
-    G* g_p_f = (G*)ptrs[33];
+    G* g_p_f = (G*)ptrs[28];
     (void)g_p_f;
-    G* g_b_f = (G*)ptrs[34];
+    G* g_b_f = (G*)ptrs[29];
     (void)g_b_f;
-    G* g_W_ig = (G*)ptrs[35];
+    G* g_W_ig = (G*)ptrs[30];
     (void)g_W_ig;
-    G* g_W_hg = (G*)ptrs[36];
+    G* g_W_hg = (G*)ptrs[31];
     (void)g_W_hg;
-    G* g_b_g = (G*)ptrs[37];
+    G* g_b_g = (G*)ptrs[32];
     (void)g_b_g;
-    G* g_W_io = (G*)ptrs[38];
+    G* g_W_io = (G*)ptrs[33];
     (void)g_W_io;
-    G* g_W_ho = (G*)ptrs[39];
+    G* g_W_ho = (G*)ptrs[34];
     (void)g_W_ho;
-    G* g_p_o = (G*)ptrs[40];
+    G* g_p_o = (G*)ptrs[35];
     (void)g_p_o;
-    G* g_b_o = (G*)ptrs[41];
+    G* g_b_o = (G*)ptrs[36];
     (void)g_b_o;
-    const int64_t* bs = (const int64_t*)ptrs[42];
+    const int64_t* bs = (const int64_t*)ptrs[37];
     (void)ctx;
     if (bs) {  // rows of ended sequences, which no step writes, are read over all T*B rows
         CS_ZERO(b_dg_W_hi_W_hf_W_hg_W_ho__h, (n_T) * (n_B) * (4*n_H));
@@ -2226,11 +2093,9 @@ static int peephole_lstm_backward_run(const int64_t* dims, void* const* ptrs, co
         const int64_t rows = bs ? bs[t] : n_B;  // variable lengths: rows 0..B_t-1 run
         CS_SPLIT_ROWS(split_rows, n_B);
         // backward: stage 0 backward, units of size H
-        CS_PW(peephole_lstm_backward_bwd0_H, rows, n_H, b_s_c + t * n_B * (n_H), n_H, b_s_c + (t + 1) * n_B * (n_H), n_H, b_ds_c, n_H, b_ds_h, n_H, b_dout_h_next + t * n_B * (n_H), n_H, b_v_f + t * n_B * (n_H), n_H, b_v_g + t * n_B * (n_H), n_H, b_v_i + t * n_B * (n_H), n_H, b_v_o + t * n_B * (n_H), n_H, b_p_p_o, 0, b_tmp_d_o, n_H, b_tmp_d_c_next, n_H, b_tmp_d_f, n_H, b_tmp_d_i, n_H, b_dg_W_hi_W_hf_W_hg_W_ho__h + t * n_B * (4*n_H), 4*n_H, b_dg_W_hi_W_hf_W_hg_W_ho__h + t * n_B * (4*n_H) + n_H, 4*n_H, b_dg_W_hi_W_hf_W_hg_W_ho__h + t * n_B * (4*n_H) + 2*n_H, 4*n_H, b_dg_W_hi_W_hf_W_hg_W_ho__h + t * n_B * (4*n_H) + 3*n_H, 4*n_H);
+        CS_PW(peephole_lstm_backward_bwd0_H, rows, n_H, b_s_c + t * n_B * (n_H), n_H, b_s_c + (t + 1) * n_B * (n_H), n_H, b_ds_c, n_H, b_ds_h, n_H, b_dout_h_next + t * n_B * (n_H), n_H, b_v_f + t * n_B * (n_H), n_H, b_v_g + t * n_B * (n_H), n_H, b_v_i + t * n_B * (n_H), n_H, b_v_o + t * n_B * (n_H), n_H, b_p_p_f, 0, b_p_p_i, 0, b_p_p_o, 0, b_dg_W_hi_W_hf_W_hg_W_ho__h + t * n_B * (4*n_H), 4*n_H, b_dg_W_hi_W_hf_W_hg_W_ho__h + t * n_B * (4*n_H) + n_H, 4*n_H, b_dg_W_hi_W_hf_W_hg_W_ho__h + t * n_B * (4*n_H) + 2*n_H, 4*n_H, b_dg_W_hi_W_hf_W_hg_W_ho__h + t * n_B * (4*n_H) + 3*n_H, 4*n_H, b_dp_p_i + t * n_B * (n_H), n_H, b_dp_p_f + t * n_B * (n_H), n_H, b_dp_p_o + t * n_B * (n_H), n_H, b_ds_c, n_H);
         // d_h_gemm = dg_W_hi_W_hf_W_hg_W_ho__h @ [W_hi, W_hf, W_hg, W_ho]
-        CS_GEMM_NN_PACKED(rows, n_H, 4*n_H, b_dg_W_hi_W_hf_W_hg_W_ho__h + t * n_B * (4*n_H), 4*n_H, pk_W_hi_W_hf_W_hg_W_ho_nn, b_tmp_d_h_gemm, n_H, 0);
-        // backward: per-step adjoints of inputs, states, vector params, hoisted results, units of size H
-        CS_PW(peephole_lstm_backward_bwd_leaf_H, rows, n_H, b_s_c + t * n_B * (n_H), n_H, b_s_c + (t + 1) * n_B * (n_H), n_H, b_tmp_d_c_next, n_H, b_tmp_d_f, n_H, b_tmp_d_h_gemm, n_H, b_tmp_d_i, n_H, b_tmp_d_o, n_H, b_v_f + t * n_B * (n_H), n_H, b_v_i + t * n_B * (n_H), n_H, b_v_o + t * n_B * (n_H), n_H, b_p_p_f, 0, b_p_p_i, 0, b_ds_h, n_H, b_ds_c, n_H, b_dp_p_i + t * n_B * (n_H), n_H, b_dp_p_f + t * n_B * (n_H), n_H, b_dp_p_o + t * n_B * (n_H), n_H);
+        CS_GEMM_NN_PACKED(rows, n_H, 4*n_H, b_dg_W_hi_W_hf_W_hg_W_ho__h + t * n_B * (4*n_H), 4*n_H, pk_W_hi_W_hf_W_hg_W_ho_nn, b_ds_h, n_H, 0);
     }
     CS_SPLIT_DONE();
     CS_TEAM_END

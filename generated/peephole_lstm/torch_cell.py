@@ -338,11 +338,6 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
     _dp_p_f = torch.empty((_T, _B, _H), dtype=_dtype, device=_device)
     _dp_p_o = torch.empty((_T, _B, _H), dtype=_dtype, device=_device)
     _dg_W_hi_W_hf_W_hg_W_ho__h = torch.empty((_T, _B, 4*_H), dtype=_dtype, device=_device)
-    _tmp_d_h_gemm = torch.empty((_B, _H), dtype=_dtype, device=_device)
-    _tmp_d_o = torch.empty((_B, _H), dtype=_dtype, device=_device)
-    _tmp_d_c_next = torch.empty((_B, _H), dtype=_dtype, device=_device)
-    _tmp_d_f = torch.empty((_B, _H), dtype=_dtype, device=_device)
-    _tmp_d_i = torch.empty((_B, _H), dtype=_dtype, device=_device)
     if _bs is not None:
         _dg_W_hi_W_hf_W_hg_W_ho__h.zero_()
         _dp_p_i.zero_()
@@ -357,12 +352,7 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
     _v_g_at0 = _steps(_v_g, 0, _T, _bs)
     _v_i_at0 = _steps(_v_i, 0, _T, _bs)
     _v_o_at0 = _steps(_v_o, 0, _T, _bs)
-    _tmp_d_o_rows = _rows(_tmp_d_o, _T, _bs)
-    _tmp_d_c_next_rows = _rows(_tmp_d_c_next, _T, _bs)
-    _tmp_d_f_rows = _rows(_tmp_d_f, _T, _bs)
-    _tmp_d_i_rows = _rows(_tmp_d_i, _T, _bs)
     _dg_W_hi_W_hf_W_hg_W_ho__h_at0 = _steps(_dg_W_hi_W_hf_W_hg_W_ho__h, 0, _T, _bs)
-    _tmp_d_h_gemm_rows = _rows(_tmp_d_h_gemm, _T, _bs)
     _dp_p_i_at0 = _steps(_dp_p_i, 0, _T, _bs)
     _dp_p_f_at0 = _steps(_dp_p_f, 0, _T, _bs)
     _dp_p_o_at0 = _steps(_dp_p_o, 0, _T, _bs)
@@ -390,38 +380,21 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
         d_W_hf_h = d_f*f*(1 - f)  # adjoint of W_hf @ h
         d_W_hg_h = d_g*(1 - (g*g))  # adjoint of W_hg @ h
         d_W_ho_h = t1  # adjoint of W_ho @ h
-        _tmp_d_o_rows[_t].copy_(d_o)
-        _tmp_d_c_next_rows[_t].copy_(d_c_next)
-        _tmp_d_f_rows[_t].copy_(d_f)
-        _tmp_d_i_rows[_t].copy_(d_i)
+        t1_2 = d_W_hf_h
+        t2 = d_W_hi_h
+        d_p_i = c*t2  # adjoint of param p_i
+        d_p_f = c*t1_2  # adjoint of param p_f
+        d_p_o = c_next*d_o*o*(1 - o)  # adjoint of param p_o
+        d_c_prev = d_c_next*f + p_f*t1_2 + p_i*t2  # adjoint of state c, carried to the step before
         _dg_W_hi_W_hf_W_hg_W_ho__h_at0[_t][:, 0:_H].copy_(d_W_hi_h)
         _dg_W_hi_W_hf_W_hg_W_ho__h_at0[_t][:, _H:2*_H].copy_(d_W_hf_h)
         _dg_W_hi_W_hf_W_hg_W_ho__h_at0[_t][:, 2*_H:3*_H].copy_(d_W_hg_h)
         _dg_W_hi_W_hf_W_hg_W_ho__h_at0[_t][:, 3*_H:4*_H].copy_(d_W_ho_h)
-        torch.mm(_dg_W_hi_W_hf_W_hg_W_ho__h_at0[_t], _w_W_hi_W_hf_W_hg_W_ho, out=_tmp_d_h_gemm_rows[_t])
-        # per-step adjoints of inputs, states, vector params, hoisted results
-        c = _s_c_at0[_t]
-        c_next = _s_c_at1[_t]
-        d_c_next = _tmp_d_c_next_rows[_t]
-        d_f = _tmp_d_f_rows[_t]
-        d_h_gemm = _tmp_d_h_gemm_rows[_t]
-        d_i = _tmp_d_i_rows[_t]
-        d_o = _tmp_d_o_rows[_t]
-        f = _v_f_at0[_t]
-        i = _v_i_at0[_t]
-        o = _v_o_at0[_t]
-        t1_2 = d_f*f*(1 - f)
-        t2 = d_i*i*(1 - i)
-        d_h = d_h_gemm  # adjoint of state h
-        d_c = d_c_next*f + p_f*t1_2 + p_i*t2  # adjoint of state c
-        d_p_i = c*t2  # adjoint of param p_i
-        d_p_f = c*t1_2  # adjoint of param p_f
-        d_p_o = c_next*d_o*o*(1 - o)  # adjoint of param p_o
-        _ds_h_rows[_t].copy_(d_h)
-        _ds_c_rows[_t].copy_(d_c)
         _dp_p_i_at0[_t].copy_(d_p_i)
         _dp_p_f_at0[_t].copy_(d_p_f)
         _dp_p_o_at0[_t].copy_(d_p_o)
+        _ds_c_rows[_t].copy_(d_c_prev)
+        torch.mm(_dg_W_hi_W_hf_W_hg_W_ho__h_at0[_t], _w_W_hi_W_hf_W_hg_W_ho, out=_ds_h_rows[_t])
     # dW of W_hi @ h, W_hf @ h, W_hg @ h, W_ho @ h: one GEMM over all T*B rows
     _dw = _dg_W_hi_W_hf_W_hg_W_ho__h.reshape(_T * _B, 4*_H).T @ _s_h[:_T].reshape(_T * _B, _H)
     _grads["W_hi"] = _dw[0:_H]
@@ -596,11 +569,6 @@ def _backward_differentiable(_params, _x, _saved, _d_outputs, _d_final, _bs=None
     _dp_p_f = torch.zeros((_T, _B, _H), dtype=_dtype, device=_device)
     _dp_p_o = torch.zeros((_T, _B, _H), dtype=_dtype, device=_device)
     _dg_W_hi_W_hf_W_hg_W_ho__h = torch.zeros((_T, _B, 4*_H), dtype=_dtype, device=_device)
-    _tmp_d_h_gemm = torch.zeros((_B, _H), dtype=_dtype, device=_device)
-    _tmp_d_o = torch.zeros((_B, _H), dtype=_dtype, device=_device)
-    _tmp_d_c_next = torch.zeros((_B, _H), dtype=_dtype, device=_device)
-    _tmp_d_f = torch.zeros((_B, _H), dtype=_dtype, device=_device)
-    _tmp_d_i = torch.zeros((_B, _H), dtype=_dtype, device=_device)
     _dg_W_hi_W_hf_W_hg_W_ho__h_rows = list(_dg_W_hi_W_hf_W_hg_W_ho__h.unbind(0))
     _dp_p_i_rows = list(_dp_p_i.unbind(0))
     _dp_p_f_rows = list(_dp_p_f.unbind(0))
@@ -636,38 +604,21 @@ def _backward_differentiable(_params, _x, _saved, _d_outputs, _d_final, _bs=None
         d_W_hf_h = d_f*f*(1 - f)  # adjoint of W_hf @ h
         d_W_hg_h = d_g*(1 - (g*g))  # adjoint of W_hg @ h
         d_W_ho_h = t1  # adjoint of W_ho @ h
-        _tmp_d_o = d_o
-        _tmp_d_c_next = d_c_next
-        _tmp_d_f = d_f
-        _tmp_d_i = d_i
+        t1_2 = d_W_hf_h
+        t2 = d_W_hi_h
+        d_p_i = c*t2  # adjoint of param p_i
+        d_p_f = c*t1_2  # adjoint of param p_f
+        d_p_o = c_next*d_o*o*(1 - o)  # adjoint of param p_o
+        d_c_prev = d_c_next*f + p_f*t1_2 + p_i*t2  # adjoint of state c, carried to the step before
         _dg_W_hi_W_hf_W_hg_W_ho__h_rows[_t] = torch.slice_scatter(_dg_W_hi_W_hf_W_hg_W_ho__h_rows[_t], d_W_hi_h, 1, 0, _H)
         _dg_W_hi_W_hf_W_hg_W_ho__h_rows[_t] = torch.slice_scatter(_dg_W_hi_W_hf_W_hg_W_ho__h_rows[_t], d_W_hf_h, 1, _H, 2*_H)
         _dg_W_hi_W_hf_W_hg_W_ho__h_rows[_t] = torch.slice_scatter(_dg_W_hi_W_hf_W_hg_W_ho__h_rows[_t], d_W_hg_h, 1, 2*_H, 3*_H)
         _dg_W_hi_W_hf_W_hg_W_ho__h_rows[_t] = torch.slice_scatter(_dg_W_hi_W_hf_W_hg_W_ho__h_rows[_t], d_W_ho_h, 1, 3*_H, 4*_H)
-        _tmp_d_h_gemm = _dg_W_hi_W_hf_W_hg_W_ho__h_rows[_t] @ _w_W_hi_W_hf_W_hg_W_ho
-        # per-step adjoints of inputs, states, vector params, hoisted results
-        c = _s_c_rows[_t]
-        c_next = _s_c_rows[_t + 1]
-        d_c_next = _tmp_d_c_next
-        d_f = _tmp_d_f
-        d_h_gemm = _tmp_d_h_gemm
-        d_i = _tmp_d_i
-        d_o = _tmp_d_o
-        f = _v_f_rows[_t]
-        i = _v_i_rows[_t]
-        o = _v_o_rows[_t]
-        t1_2 = d_f*f*(1 - f)
-        t2 = d_i*i*(1 - i)
-        d_h = d_h_gemm  # adjoint of state h
-        d_c = d_c_next*f + p_f*t1_2 + p_i*t2  # adjoint of state c
-        d_p_i = c*t2  # adjoint of param p_i
-        d_p_f = c*t1_2  # adjoint of param p_f
-        d_p_o = c_next*d_o*o*(1 - o)  # adjoint of param p_o
-        _ds_h = d_h
-        _ds_c = d_c
         _dp_p_i_rows[_t] = d_p_i
         _dp_p_f_rows[_t] = d_p_f
         _dp_p_o_rows[_t] = d_p_o
+        _ds_c = d_c_prev
+        _ds_h = _dg_W_hi_W_hf_W_hg_W_ho__h_rows[_t] @ _w_W_hi_W_hf_W_hg_W_ho
     _dg_W_hi_W_hf_W_hg_W_ho__h = torch.stack(_dg_W_hi_W_hf_W_hg_W_ho__h_rows)
     # dW of W_hi @ h, W_hf @ h, W_hg @ h, W_ho @ h: one GEMM over all T*B rows
     _dw = _dg_W_hi_W_hf_W_hg_W_ho__h.reshape(_T * _B, 4*_H).T @ _s_h[:_T].reshape(_T * _B, _H)
@@ -858,7 +809,7 @@ def _custom_ops(name, forward, backward, forward_schema, backward_schema, forwar
 #: the PyTorch engine's forward and backward as custom ops (the engine itself is the fake:
 #: it runs on fake tensors)
 _ENGINE_OPS = _custom_ops(
-    "peephole_lstm_engine_8523636a977b", _engine_op_forward_impl, _engine_op_backward_impl,
+    "peephole_lstm_engine_4cdbc2845495", _engine_op_forward_impl, _engine_op_backward_impl,
     "(Tensor[] xs, Tensor[] states, Tensor[] params) -> Tensor[]",
     "(Tensor[] args, Tensor[] saved, Tensor?[] d_outputs, Tensor?[] d_finals) -> Tensor[]",
     _engine_op_forward_impl, _engine_op_backward_impl, _engine_op_backward, _engine_op_setup_context,
@@ -1231,7 +1182,7 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     if _bs is not None:  # outputs past a sequence's end are constant zeros
         _m = _native_active(_bs, _B, _xs)
         _d_outputs = tuple(None if _d is None else _d * _m for _d in _d_outputs)
-    dp_p_i, dp_p_f, dp_p_o, dg_W_hi_W_hf_W_hg_W_ho__h, tmp_d_h_gemm, tmp_d_o, tmp_d_c_next, tmp_d_f, tmp_d_i = _scratch((_T, _B, _H), (_T, _B, _H), (_T, _B, _H), (_T, _B, 4*_H), (_B, _H), (_B, _H), (_B, _H), (_B, _H), (_B, _H))
+    dp_p_i, dp_p_f, dp_p_o, dg_W_hi_W_hf_W_hg_W_ho__h = _scratch((_T, _B, _H), (_T, _B, _H), (_T, _B, _H), (_T, _B, 4*_H))
     x_x = _xs[0].contiguous()
     s_h = _saved[0]
     s_c = _saved[1]
@@ -1253,14 +1204,14 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     _grads_0 = _gempty((7, _H)).unbind(0)
     _grads = {"W_ii": _rows_dw_W_ii_W_if_W_ig_W_io[0], "W_hi": _rows_dw_W_hi_W_hf_W_hg_W_ho[0], "p_i": _grads_0[0], "b_i": _grads_0[1], "W_if": _rows_dw_W_ii_W_if_W_ig_W_io[1], "W_hf": _rows_dw_W_hi_W_hf_W_hg_W_ho[1], "p_f": _grads_0[2], "b_f": _grads_0[3], "W_ig": _rows_dw_W_ii_W_if_W_ig_W_io[2], "W_hg": _rows_dw_W_hi_W_hf_W_hg_W_ho[2], "b_g": _grads_0[4], "W_io": _rows_dw_W_ii_W_if_W_ig_W_io[3], "W_ho": _rows_dw_W_hi_W_hf_W_hg_W_ho[3], "p_o": _grads_0[5], "b_o": _grads_0[6]}
     if _lib is not None:
-        _lib("backward", _dims, [x_x, s_h, s_c, p_p_i, p_p_f, p_p_o, v_i, v_f, v_g, v_o, dout_h_next, ds_h, ds_c, dx_x, dp_p_i, dp_p_f, dp_p_o, dg_W_hi_W_hf_W_hg_W_ho__h, tmp_d_h_gemm, tmp_d_o, tmp_d_c_next, tmp_d_f, tmp_d_i, dw_W_hi_W_hf_W_hg_W_ho, dw_W_ii_W_if_W_ig_W_io, _stacked(_params["W_ii"], _params["W_if"], _params["W_ig"], _params["W_io"]), _stacked(_params["W_hi"], _params["W_hf"], _params["W_hg"], _params["W_ho"]), *_grads.values(), _bs])
+        _lib("backward", _dims, [x_x, s_h, s_c, p_p_i, p_p_f, p_p_o, v_i, v_f, v_g, v_o, dout_h_next, ds_h, ds_c, dx_x, dp_p_i, dp_p_f, dp_p_o, dg_W_hi_W_hf_W_hg_W_ho__h, dw_W_hi_W_hf_W_hg_W_ho, dw_W_ii_W_if_W_ig_W_io, _stacked(_params["W_ii"], _params["W_if"], _params["W_ig"], _params["W_io"]), _stacked(_params["W_hi"], _params["W_hf"], _params["W_hg"], _params["W_ho"]), *_grads.values(), _bs])
     return _grads, (dx_x,), (ds_h, ds_c,)
 
 
 # The same two calls as PyTorch custom ops, for torch.compile (which traces them through their
 # fake implementations: the allocations above, without the call). Registered once per process
 # and content of this file; outputs are copies (an op's outputs may not alias each other).
-_OP = "peephole_lstm_da5165f05c52"
+_OP = "peephole_lstm_d230ffdfb337"
 
 
 def _op_forward_impl(xs: list[torch.Tensor], states: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -423,11 +423,6 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
     _ds_m = np.zeros((_B, _H), _dtype) if _d_final[3] is None else np.array(np.asarray(_d_final[3], _dtype), copy=True)
     _dx_x = np.empty((_T, _B, _I), _dtype)
     _dg_R_z_R_i_R_f_R_o__h = np.empty((_T, _B, 4*_H), _dtype)
-    _tmp_d_h_gemm = np.empty((_B, _H), _dtype)
-    _tmp_d_n_next = np.empty((_B, _H), _dtype)
-    _tmp_d_c_next = np.empty((_B, _H), _dtype)
-    _tmp_d_f = np.empty((_B, _H), _dtype)
-    _tmp_d_m_next = np.empty((_B, _H), _dtype)
     if _bs is not None:
         _dg_R_z_R_i_R_f_R_o__h[...] = 0
     _s_c_at0 = _steps(_s_c, 0, _T, _bs)
@@ -446,12 +441,7 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
     _s_n_at1 = _steps(_s_n, 1, _T, _bs)
     _v_o_at0 = _steps(_v_o, 0, _T, _bs)
     _v_z_at0 = _steps(_v_z, 0, _T, _bs)
-    _tmp_d_n_next_rows = _rows(_tmp_d_n_next, _T, _bs)
-    _tmp_d_c_next_rows = _rows(_tmp_d_c_next, _T, _bs)
-    _tmp_d_f_rows = _rows(_tmp_d_f, _T, _bs)
-    _tmp_d_m_next_rows = _rows(_tmp_d_m_next, _T, _bs)
     _dg_R_z_R_i_R_f_R_o__h_at0 = _steps(_dg_R_z_R_i_R_f_R_o__h, 0, _T, _bs)
-    _tmp_d_h_gemm_rows = _rows(_tmp_d_h_gemm, _T, _bs)
     _grads = {}
     for _t in reversed(range(_T)):
         # stage 0 backward
@@ -489,33 +479,17 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
         d_R_i_h = d_it  # adjoint of R_i @ h
         d_R_f_h = d_ft  # adjoint of R_f @ h
         d_R_o_h = d_o*o*(1 - o)  # adjoint of R_o @ h
-        _tmp_d_n_next_rows[_t][...] = d_n_next
-        _tmp_d_c_next_rows[_t][...] = d_c_next
-        _tmp_d_f_rows[_t][...] = d_f
-        _tmp_d_m_next_rows[_t][...] = d_m_next
+        d_c_prev = d_c_next*f  # adjoint of state c, carried to the step before
+        d_n_prev = d_n_next*f  # adjoint of state n, carried to the step before
+        d_m_prev = d_m_next*_less_tie(it, t3) + t1  # adjoint of state m, carried to the step before
         _dg_R_z_R_i_R_f_R_o__h_at0[_t][:, 0:_H][...] = d_R_z_h
         _dg_R_z_R_i_R_f_R_o__h_at0[_t][:, _H:2*_H][...] = d_R_i_h
         _dg_R_z_R_i_R_f_R_o__h_at0[_t][:, 2*_H:3*_H][...] = d_R_f_h
         _dg_R_z_R_i_R_f_R_o__h_at0[_t][:, 3*_H:4*_H][...] = d_R_o_h
-        np.matmul(_dg_R_z_R_i_R_f_R_o__h_at0[_t], _w_R_z_R_i_R_f_R_o, out=_tmp_d_h_gemm_rows[_t])
-        # per-step adjoints of inputs, states, vector params, hoisted results
-        d_c_next = _tmp_d_c_next_rows[_t]
-        d_f = _tmp_d_f_rows[_t]
-        d_h_gemm = _tmp_d_h_gemm_rows[_t]
-        d_m_next = _tmp_d_m_next_rows[_t]
-        d_n_next = _tmp_d_n_next_rows[_t]
-        f = _v_f_at0[_t]
-        ft = _v_ft_at0[_t]
-        it = _v_it_at0[_t]
-        m = _s_m_at0[_t]
-        d_h = d_h_gemm  # adjoint of state h
-        d_c = d_c_next*f  # adjoint of state c
-        d_n = d_n_next*f  # adjoint of state n
-        d_m = d_f*f + d_m_next*_less_tie(it, ft + m)  # adjoint of state m
-        _ds_h_rows[_t][...] = d_h
-        _ds_c_rows[_t][...] = d_c
-        _ds_n_rows[_t][...] = d_n
-        _ds_m_rows[_t][...] = d_m
+        _ds_c_rows[_t][...] = d_c_prev
+        _ds_n_rows[_t][...] = d_n_prev
+        _ds_m_rows[_t][...] = d_m_prev
+        np.matmul(_dg_R_z_R_i_R_f_R_o__h_at0[_t], _w_R_z_R_i_R_f_R_o, out=_ds_h_rows[_t])
     # dW of R_z @ h, R_i @ h, R_f @ h, R_o @ h: one GEMM over all T*B rows
     _dw = _dg_R_z_R_i_R_f_R_o__h.reshape(_T * _B, 4*_H).T @ _s_h[:_T].reshape(_T * _B, _H)
     _grads["R_z"] = _dw[0:_H]

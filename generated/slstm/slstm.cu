@@ -1614,31 +1614,30 @@ __host__ __device__ inline void slstm_backward_bwd0_H(
     real n_next,
     real o,
     real z,
-    real& d_n_next,  // out
-    real& d_c_next,  // out
-    real& d_f,  // out
-    real& d_m_next,  // out
     real& d_R_z_h,  // out
     real& d_R_i_h,  // out
     real& d_R_f_h,  // out
-    real& d_R_o_h)  // out
+    real& d_R_o_h,  // out
+    real& d_c_prev,  // out
+    real& d_n_prev,  // out
+    real& d_m_prev)  // out
 {
     const real t3 = ft + m;
     // adjoint of h'
     const real d_h_next = d_h + d_h_next_out;
     const real t0 = d_h_next/n_next;
     // adjoint of n'
-    d_n_next = -c_next*d_h_next*o/(n_next*n_next) + d_n;
+    const real d_n_next = -c_next*d_h_next*o/(n_next*n_next) + d_n;
     // adjoint of c'
-    d_c_next = d_c + o*t0;
+    const real d_c_next = d_c + o*t0;
     // adjoint of f
-    d_f = c*d_c_next + d_n_next*n;
+    const real d_f = c*d_c_next + d_n_next*n;
     const real t1 = d_f*f;
     // adjoint of i
     const real d_i = d_c_next*z + d_n_next;
     const real t2 = d_i*i;
     // adjoint of m'
-    d_m_next = d_m - t1 - t2;
+    const real d_m_next = d_m - t1 - t2;
     // adjoint of o
     const real d_o = c_next*t0;
     // adjoint of ft
@@ -1655,11 +1654,17 @@ __host__ __device__ inline void slstm_backward_bwd0_H(
     d_R_f_h = d_ft;
     // adjoint of R_o @ h
     d_R_o_h = d_o*o*(real(1.0) - o);
+    // adjoint of state c, carried to the step before
+    d_c_prev = d_c_next*f;
+    // adjoint of state n, carried to the step before
+    d_n_prev = d_n_next*f;
+    // adjoint of state m, carried to the step before
+    d_m_prev = d_m_next*cs_less_tie(it, t3) + t1;
 }
 
 #ifdef __CUDACC__
 template <typename S>
-__global__ void slstm_backward_bwd0_H_kernel(int64_t _rows, int64_t _cols, const S* __restrict__ _p_c, int64_t _ld_c, const S* __restrict__ _p_c_next, int64_t _ld_c_next, const S* __restrict__ _p_d_c, int64_t _ld_d_c, const S* __restrict__ _p_d_h, int64_t _ld_d_h, const S* __restrict__ _p_d_h_next_out, int64_t _ld_d_h_next_out, const S* __restrict__ _p_d_m, int64_t _ld_d_m, const S* __restrict__ _p_d_n, int64_t _ld_d_n, const S* __restrict__ _p_f, int64_t _ld_f, const S* __restrict__ _p_ft, int64_t _ld_ft, const S* __restrict__ _p_i, int64_t _ld_i, const S* __restrict__ _p_it, int64_t _ld_it, const S* __restrict__ _p_m, int64_t _ld_m, const S* __restrict__ _p_n, int64_t _ld_n, const S* __restrict__ _p_n_next, int64_t _ld_n_next, const S* __restrict__ _p_o, int64_t _ld_o, const S* __restrict__ _p_z, int64_t _ld_z, S* __restrict__ _p_d_n_next, int64_t _ld_d_n_next, S* __restrict__ _p_d_c_next, int64_t _ld_d_c_next, S* __restrict__ _p_d_f, int64_t _ld_d_f, S* __restrict__ _p_d_m_next, int64_t _ld_d_m_next, S* __restrict__ _p_d_R_z_h, int64_t _ld_d_R_z_h, S* __restrict__ _p_d_R_i_h, int64_t _ld_d_R_i_h, S* __restrict__ _p_d_R_f_h, int64_t _ld_d_R_f_h, S* __restrict__ _p_d_R_o_h, int64_t _ld_d_R_o_h)
+__global__ void slstm_backward_bwd0_H_kernel(int64_t _rows, int64_t _cols, const S* __restrict__ _p_c, int64_t _ld_c, const S* __restrict__ _p_c_next, int64_t _ld_c_next, const S* __restrict__ _p_d_c, int64_t _ld_d_c, const S* __restrict__ _p_d_h, int64_t _ld_d_h, const S* __restrict__ _p_d_h_next_out, int64_t _ld_d_h_next_out, const S* __restrict__ _p_d_m, int64_t _ld_d_m, const S* __restrict__ _p_d_n, int64_t _ld_d_n, const S* __restrict__ _p_f, int64_t _ld_f, const S* __restrict__ _p_ft, int64_t _ld_ft, const S* __restrict__ _p_i, int64_t _ld_i, const S* __restrict__ _p_it, int64_t _ld_it, const S* __restrict__ _p_m, int64_t _ld_m, const S* __restrict__ _p_n, int64_t _ld_n, const S* __restrict__ _p_n_next, int64_t _ld_n_next, const S* __restrict__ _p_o, int64_t _ld_o, const S* __restrict__ _p_z, int64_t _ld_z, S* __restrict__ _p_d_R_z_h, int64_t _ld_d_R_z_h, S* __restrict__ _p_d_R_i_h, int64_t _ld_d_R_i_h, S* __restrict__ _p_d_R_f_h, int64_t _ld_d_R_f_h, S* __restrict__ _p_d_R_o_h, int64_t _ld_d_R_o_h, S* __restrict__ _p_d_c_prev, int64_t _ld_d_c_prev, S* __restrict__ _p_d_n_prev, int64_t _ld_d_n_prev, S* __restrict__ _p_d_m_prev, int64_t _ld_d_m_prev)
 {
     typedef typename cs_math<S>::type M;
     const int64_t _j = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
@@ -1681,56 +1686,54 @@ __global__ void slstm_backward_bwd0_H_kernel(int64_t _rows, int64_t _cols, const
         M n_next = cs_load(_p_n_next[_r * _ld_n_next + _j]);
         M o = cs_load(_p_o[_r * _ld_o + _j]);
         M z = cs_load(_p_z[_r * _ld_z + _j]);
-        M d_n_next;
-        M d_c_next;
-        M d_f;
-        M d_m_next;
         M d_R_z_h;
         M d_R_i_h;
         M d_R_f_h;
         M d_R_o_h;
-        slstm_backward_bwd0_H<M>(c, c_next, d_c, d_h, d_h_next_out, d_m, d_n, f, ft, i, it, m, n, n_next, o, z, d_n_next, d_c_next, d_f, d_m_next, d_R_z_h, d_R_i_h, d_R_f_h, d_R_o_h);
-        cs_store(&_p_d_n_next[_r * _ld_d_n_next + _j], d_n_next);
-        cs_store(&_p_d_c_next[_r * _ld_d_c_next + _j], d_c_next);
-        cs_store(&_p_d_f[_r * _ld_d_f + _j], d_f);
-        cs_store(&_p_d_m_next[_r * _ld_d_m_next + _j], d_m_next);
+        M d_c_prev;
+        M d_n_prev;
+        M d_m_prev;
+        slstm_backward_bwd0_H<M>(c, c_next, d_c, d_h, d_h_next_out, d_m, d_n, f, ft, i, it, m, n, n_next, o, z, d_R_z_h, d_R_i_h, d_R_f_h, d_R_o_h, d_c_prev, d_n_prev, d_m_prev);
         cs_store(&_p_d_R_z_h[_r * _ld_d_R_z_h + _j], d_R_z_h);
         cs_store(&_p_d_R_i_h[_r * _ld_d_R_i_h + _j], d_R_i_h);
         cs_store(&_p_d_R_f_h[_r * _ld_d_R_f_h + _j], d_R_f_h);
         cs_store(&_p_d_R_o_h[_r * _ld_d_R_o_h + _j], d_R_o_h);
+        cs_store(&_p_d_c_prev[_r * _ld_d_c_prev + _j], d_c_prev);
+        cs_store(&_p_d_n_prev[_r * _ld_d_n_prev + _j], d_n_prev);
+        cs_store(&_p_d_m_prev[_r * _ld_d_m_prev + _j], d_m_prev);
     }
 }
 
 template <typename S>
-static int slstm_backward_bwd0_H_launch(int64_t _rows, int64_t _cols, const void* _p_c, int64_t _ld_c, const void* _p_c_next, int64_t _ld_c_next, const void* _p_d_c, int64_t _ld_d_c, const void* _p_d_h, int64_t _ld_d_h, const void* _p_d_h_next_out, int64_t _ld_d_h_next_out, const void* _p_d_m, int64_t _ld_d_m, const void* _p_d_n, int64_t _ld_d_n, const void* _p_f, int64_t _ld_f, const void* _p_ft, int64_t _ld_ft, const void* _p_i, int64_t _ld_i, const void* _p_it, int64_t _ld_it, const void* _p_m, int64_t _ld_m, const void* _p_n, int64_t _ld_n, const void* _p_n_next, int64_t _ld_n_next, const void* _p_o, int64_t _ld_o, const void* _p_z, int64_t _ld_z, void* _p_d_n_next, int64_t _ld_d_n_next, void* _p_d_c_next, int64_t _ld_d_c_next, void* _p_d_f, int64_t _ld_d_f, void* _p_d_m_next, int64_t _ld_d_m_next, void* _p_d_R_z_h, int64_t _ld_d_R_z_h, void* _p_d_R_i_h, int64_t _ld_d_R_i_h, void* _p_d_R_f_h, int64_t _ld_d_R_f_h, void* _p_d_R_o_h, int64_t _ld_d_R_o_h, void* _stream)
+static int slstm_backward_bwd0_H_launch(int64_t _rows, int64_t _cols, const void* _p_c, int64_t _ld_c, const void* _p_c_next, int64_t _ld_c_next, const void* _p_d_c, int64_t _ld_d_c, const void* _p_d_h, int64_t _ld_d_h, const void* _p_d_h_next_out, int64_t _ld_d_h_next_out, const void* _p_d_m, int64_t _ld_d_m, const void* _p_d_n, int64_t _ld_d_n, const void* _p_f, int64_t _ld_f, const void* _p_ft, int64_t _ld_ft, const void* _p_i, int64_t _ld_i, const void* _p_it, int64_t _ld_it, const void* _p_m, int64_t _ld_m, const void* _p_n, int64_t _ld_n, const void* _p_n_next, int64_t _ld_n_next, const void* _p_o, int64_t _ld_o, const void* _p_z, int64_t _ld_z, void* _p_d_R_z_h, int64_t _ld_d_R_z_h, void* _p_d_R_i_h, int64_t _ld_d_R_i_h, void* _p_d_R_f_h, int64_t _ld_d_R_f_h, void* _p_d_R_o_h, int64_t _ld_d_R_o_h, void* _p_d_c_prev, int64_t _ld_d_c_prev, void* _p_d_n_prev, int64_t _ld_d_n_prev, void* _p_d_m_prev, int64_t _ld_d_m_prev, void* _stream)
 {
     if (_rows <= 0 || _cols <= 0) return 0;
     dim3 _grid, _block;
     cs_grid(_rows, _cols, &_grid, &_block);
-    slstm_backward_bwd0_H_kernel<S><<<_grid, _block, 0, (cudaStream_t)_stream>>>(_rows, _cols, (const S*)_p_c, _ld_c, (const S*)_p_c_next, _ld_c_next, (const S*)_p_d_c, _ld_d_c, (const S*)_p_d_h, _ld_d_h, (const S*)_p_d_h_next_out, _ld_d_h_next_out, (const S*)_p_d_m, _ld_d_m, (const S*)_p_d_n, _ld_d_n, (const S*)_p_f, _ld_f, (const S*)_p_ft, _ld_ft, (const S*)_p_i, _ld_i, (const S*)_p_it, _ld_it, (const S*)_p_m, _ld_m, (const S*)_p_n, _ld_n, (const S*)_p_n_next, _ld_n_next, (const S*)_p_o, _ld_o, (const S*)_p_z, _ld_z, (S*)_p_d_n_next, _ld_d_n_next, (S*)_p_d_c_next, _ld_d_c_next, (S*)_p_d_f, _ld_d_f, (S*)_p_d_m_next, _ld_d_m_next, (S*)_p_d_R_z_h, _ld_d_R_z_h, (S*)_p_d_R_i_h, _ld_d_R_i_h, (S*)_p_d_R_f_h, _ld_d_R_f_h, (S*)_p_d_R_o_h, _ld_d_R_o_h);
+    slstm_backward_bwd0_H_kernel<S><<<_grid, _block, 0, (cudaStream_t)_stream>>>(_rows, _cols, (const S*)_p_c, _ld_c, (const S*)_p_c_next, _ld_c_next, (const S*)_p_d_c, _ld_d_c, (const S*)_p_d_h, _ld_d_h, (const S*)_p_d_h_next_out, _ld_d_h_next_out, (const S*)_p_d_m, _ld_d_m, (const S*)_p_d_n, _ld_d_n, (const S*)_p_f, _ld_f, (const S*)_p_ft, _ld_ft, (const S*)_p_i, _ld_i, (const S*)_p_it, _ld_it, (const S*)_p_m, _ld_m, (const S*)_p_n, _ld_n, (const S*)_p_n_next, _ld_n_next, (const S*)_p_o, _ld_o, (const S*)_p_z, _ld_z, (S*)_p_d_R_z_h, _ld_d_R_z_h, (S*)_p_d_R_i_h, _ld_d_R_i_h, (S*)_p_d_R_f_h, _ld_d_R_f_h, (S*)_p_d_R_o_h, _ld_d_R_o_h, (S*)_p_d_c_prev, _ld_d_c_prev, (S*)_p_d_n_prev, _ld_d_n_prev, (S*)_p_d_m_prev, _ld_d_m_prev);
     return (int)cudaGetLastError();
 }
 
-extern "C" int slstm_backward_bwd0_H_cuda_f32(int64_t _rows, int64_t _cols, const void* _p_c, int64_t _ld_c, const void* _p_c_next, int64_t _ld_c_next, const void* _p_d_c, int64_t _ld_d_c, const void* _p_d_h, int64_t _ld_d_h, const void* _p_d_h_next_out, int64_t _ld_d_h_next_out, const void* _p_d_m, int64_t _ld_d_m, const void* _p_d_n, int64_t _ld_d_n, const void* _p_f, int64_t _ld_f, const void* _p_ft, int64_t _ld_ft, const void* _p_i, int64_t _ld_i, const void* _p_it, int64_t _ld_it, const void* _p_m, int64_t _ld_m, const void* _p_n, int64_t _ld_n, const void* _p_n_next, int64_t _ld_n_next, const void* _p_o, int64_t _ld_o, const void* _p_z, int64_t _ld_z, void* _p_d_n_next, int64_t _ld_d_n_next, void* _p_d_c_next, int64_t _ld_d_c_next, void* _p_d_f, int64_t _ld_d_f, void* _p_d_m_next, int64_t _ld_d_m_next, void* _p_d_R_z_h, int64_t _ld_d_R_z_h, void* _p_d_R_i_h, int64_t _ld_d_R_i_h, void* _p_d_R_f_h, int64_t _ld_d_R_f_h, void* _p_d_R_o_h, int64_t _ld_d_R_o_h, void* _stream)
+extern "C" int slstm_backward_bwd0_H_cuda_f32(int64_t _rows, int64_t _cols, const void* _p_c, int64_t _ld_c, const void* _p_c_next, int64_t _ld_c_next, const void* _p_d_c, int64_t _ld_d_c, const void* _p_d_h, int64_t _ld_d_h, const void* _p_d_h_next_out, int64_t _ld_d_h_next_out, const void* _p_d_m, int64_t _ld_d_m, const void* _p_d_n, int64_t _ld_d_n, const void* _p_f, int64_t _ld_f, const void* _p_ft, int64_t _ld_ft, const void* _p_i, int64_t _ld_i, const void* _p_it, int64_t _ld_it, const void* _p_m, int64_t _ld_m, const void* _p_n, int64_t _ld_n, const void* _p_n_next, int64_t _ld_n_next, const void* _p_o, int64_t _ld_o, const void* _p_z, int64_t _ld_z, void* _p_d_R_z_h, int64_t _ld_d_R_z_h, void* _p_d_R_i_h, int64_t _ld_d_R_i_h, void* _p_d_R_f_h, int64_t _ld_d_R_f_h, void* _p_d_R_o_h, int64_t _ld_d_R_o_h, void* _p_d_c_prev, int64_t _ld_d_c_prev, void* _p_d_n_prev, int64_t _ld_d_n_prev, void* _p_d_m_prev, int64_t _ld_d_m_prev, void* _stream)
 {
-    return slstm_backward_bwd0_H_launch<float>(_rows, _cols, _p_c, _ld_c, _p_c_next, _ld_c_next, _p_d_c, _ld_d_c, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_d_m, _ld_d_m, _p_d_n, _ld_d_n, _p_f, _ld_f, _p_ft, _ld_ft, _p_i, _ld_i, _p_it, _ld_it, _p_m, _ld_m, _p_n, _ld_n, _p_n_next, _ld_n_next, _p_o, _ld_o, _p_z, _ld_z, _p_d_n_next, _ld_d_n_next, _p_d_c_next, _ld_d_c_next, _p_d_f, _ld_d_f, _p_d_m_next, _ld_d_m_next, _p_d_R_z_h, _ld_d_R_z_h, _p_d_R_i_h, _ld_d_R_i_h, _p_d_R_f_h, _ld_d_R_f_h, _p_d_R_o_h, _ld_d_R_o_h, _stream);
+    return slstm_backward_bwd0_H_launch<float>(_rows, _cols, _p_c, _ld_c, _p_c_next, _ld_c_next, _p_d_c, _ld_d_c, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_d_m, _ld_d_m, _p_d_n, _ld_d_n, _p_f, _ld_f, _p_ft, _ld_ft, _p_i, _ld_i, _p_it, _ld_it, _p_m, _ld_m, _p_n, _ld_n, _p_n_next, _ld_n_next, _p_o, _ld_o, _p_z, _ld_z, _p_d_R_z_h, _ld_d_R_z_h, _p_d_R_i_h, _ld_d_R_i_h, _p_d_R_f_h, _ld_d_R_f_h, _p_d_R_o_h, _ld_d_R_o_h, _p_d_c_prev, _ld_d_c_prev, _p_d_n_prev, _ld_d_n_prev, _p_d_m_prev, _ld_d_m_prev, _stream);
 }
-extern "C" int slstm_backward_bwd0_H_cuda_f64(int64_t _rows, int64_t _cols, const void* _p_c, int64_t _ld_c, const void* _p_c_next, int64_t _ld_c_next, const void* _p_d_c, int64_t _ld_d_c, const void* _p_d_h, int64_t _ld_d_h, const void* _p_d_h_next_out, int64_t _ld_d_h_next_out, const void* _p_d_m, int64_t _ld_d_m, const void* _p_d_n, int64_t _ld_d_n, const void* _p_f, int64_t _ld_f, const void* _p_ft, int64_t _ld_ft, const void* _p_i, int64_t _ld_i, const void* _p_it, int64_t _ld_it, const void* _p_m, int64_t _ld_m, const void* _p_n, int64_t _ld_n, const void* _p_n_next, int64_t _ld_n_next, const void* _p_o, int64_t _ld_o, const void* _p_z, int64_t _ld_z, void* _p_d_n_next, int64_t _ld_d_n_next, void* _p_d_c_next, int64_t _ld_d_c_next, void* _p_d_f, int64_t _ld_d_f, void* _p_d_m_next, int64_t _ld_d_m_next, void* _p_d_R_z_h, int64_t _ld_d_R_z_h, void* _p_d_R_i_h, int64_t _ld_d_R_i_h, void* _p_d_R_f_h, int64_t _ld_d_R_f_h, void* _p_d_R_o_h, int64_t _ld_d_R_o_h, void* _stream)
+extern "C" int slstm_backward_bwd0_H_cuda_f64(int64_t _rows, int64_t _cols, const void* _p_c, int64_t _ld_c, const void* _p_c_next, int64_t _ld_c_next, const void* _p_d_c, int64_t _ld_d_c, const void* _p_d_h, int64_t _ld_d_h, const void* _p_d_h_next_out, int64_t _ld_d_h_next_out, const void* _p_d_m, int64_t _ld_d_m, const void* _p_d_n, int64_t _ld_d_n, const void* _p_f, int64_t _ld_f, const void* _p_ft, int64_t _ld_ft, const void* _p_i, int64_t _ld_i, const void* _p_it, int64_t _ld_it, const void* _p_m, int64_t _ld_m, const void* _p_n, int64_t _ld_n, const void* _p_n_next, int64_t _ld_n_next, const void* _p_o, int64_t _ld_o, const void* _p_z, int64_t _ld_z, void* _p_d_R_z_h, int64_t _ld_d_R_z_h, void* _p_d_R_i_h, int64_t _ld_d_R_i_h, void* _p_d_R_f_h, int64_t _ld_d_R_f_h, void* _p_d_R_o_h, int64_t _ld_d_R_o_h, void* _p_d_c_prev, int64_t _ld_d_c_prev, void* _p_d_n_prev, int64_t _ld_d_n_prev, void* _p_d_m_prev, int64_t _ld_d_m_prev, void* _stream)
 {
-    return slstm_backward_bwd0_H_launch<double>(_rows, _cols, _p_c, _ld_c, _p_c_next, _ld_c_next, _p_d_c, _ld_d_c, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_d_m, _ld_d_m, _p_d_n, _ld_d_n, _p_f, _ld_f, _p_ft, _ld_ft, _p_i, _ld_i, _p_it, _ld_it, _p_m, _ld_m, _p_n, _ld_n, _p_n_next, _ld_n_next, _p_o, _ld_o, _p_z, _ld_z, _p_d_n_next, _ld_d_n_next, _p_d_c_next, _ld_d_c_next, _p_d_f, _ld_d_f, _p_d_m_next, _ld_d_m_next, _p_d_R_z_h, _ld_d_R_z_h, _p_d_R_i_h, _ld_d_R_i_h, _p_d_R_f_h, _ld_d_R_f_h, _p_d_R_o_h, _ld_d_R_o_h, _stream);
+    return slstm_backward_bwd0_H_launch<double>(_rows, _cols, _p_c, _ld_c, _p_c_next, _ld_c_next, _p_d_c, _ld_d_c, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_d_m, _ld_d_m, _p_d_n, _ld_d_n, _p_f, _ld_f, _p_ft, _ld_ft, _p_i, _ld_i, _p_it, _ld_it, _p_m, _ld_m, _p_n, _ld_n, _p_n_next, _ld_n_next, _p_o, _ld_o, _p_z, _ld_z, _p_d_R_z_h, _ld_d_R_z_h, _p_d_R_i_h, _ld_d_R_i_h, _p_d_R_f_h, _ld_d_R_f_h, _p_d_R_o_h, _ld_d_R_o_h, _p_d_c_prev, _ld_d_c_prev, _p_d_n_prev, _ld_d_n_prev, _p_d_m_prev, _ld_d_m_prev, _stream);
 }
-extern "C" int slstm_backward_bwd0_H_cuda_f16(int64_t _rows, int64_t _cols, const void* _p_c, int64_t _ld_c, const void* _p_c_next, int64_t _ld_c_next, const void* _p_d_c, int64_t _ld_d_c, const void* _p_d_h, int64_t _ld_d_h, const void* _p_d_h_next_out, int64_t _ld_d_h_next_out, const void* _p_d_m, int64_t _ld_d_m, const void* _p_d_n, int64_t _ld_d_n, const void* _p_f, int64_t _ld_f, const void* _p_ft, int64_t _ld_ft, const void* _p_i, int64_t _ld_i, const void* _p_it, int64_t _ld_it, const void* _p_m, int64_t _ld_m, const void* _p_n, int64_t _ld_n, const void* _p_n_next, int64_t _ld_n_next, const void* _p_o, int64_t _ld_o, const void* _p_z, int64_t _ld_z, void* _p_d_n_next, int64_t _ld_d_n_next, void* _p_d_c_next, int64_t _ld_d_c_next, void* _p_d_f, int64_t _ld_d_f, void* _p_d_m_next, int64_t _ld_d_m_next, void* _p_d_R_z_h, int64_t _ld_d_R_z_h, void* _p_d_R_i_h, int64_t _ld_d_R_i_h, void* _p_d_R_f_h, int64_t _ld_d_R_f_h, void* _p_d_R_o_h, int64_t _ld_d_R_o_h, void* _stream)
+extern "C" int slstm_backward_bwd0_H_cuda_f16(int64_t _rows, int64_t _cols, const void* _p_c, int64_t _ld_c, const void* _p_c_next, int64_t _ld_c_next, const void* _p_d_c, int64_t _ld_d_c, const void* _p_d_h, int64_t _ld_d_h, const void* _p_d_h_next_out, int64_t _ld_d_h_next_out, const void* _p_d_m, int64_t _ld_d_m, const void* _p_d_n, int64_t _ld_d_n, const void* _p_f, int64_t _ld_f, const void* _p_ft, int64_t _ld_ft, const void* _p_i, int64_t _ld_i, const void* _p_it, int64_t _ld_it, const void* _p_m, int64_t _ld_m, const void* _p_n, int64_t _ld_n, const void* _p_n_next, int64_t _ld_n_next, const void* _p_o, int64_t _ld_o, const void* _p_z, int64_t _ld_z, void* _p_d_R_z_h, int64_t _ld_d_R_z_h, void* _p_d_R_i_h, int64_t _ld_d_R_i_h, void* _p_d_R_f_h, int64_t _ld_d_R_f_h, void* _p_d_R_o_h, int64_t _ld_d_R_o_h, void* _p_d_c_prev, int64_t _ld_d_c_prev, void* _p_d_n_prev, int64_t _ld_d_n_prev, void* _p_d_m_prev, int64_t _ld_d_m_prev, void* _stream)
 {
-    return slstm_backward_bwd0_H_launch<__half>(_rows, _cols, _p_c, _ld_c, _p_c_next, _ld_c_next, _p_d_c, _ld_d_c, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_d_m, _ld_d_m, _p_d_n, _ld_d_n, _p_f, _ld_f, _p_ft, _ld_ft, _p_i, _ld_i, _p_it, _ld_it, _p_m, _ld_m, _p_n, _ld_n, _p_n_next, _ld_n_next, _p_o, _ld_o, _p_z, _ld_z, _p_d_n_next, _ld_d_n_next, _p_d_c_next, _ld_d_c_next, _p_d_f, _ld_d_f, _p_d_m_next, _ld_d_m_next, _p_d_R_z_h, _ld_d_R_z_h, _p_d_R_i_h, _ld_d_R_i_h, _p_d_R_f_h, _ld_d_R_f_h, _p_d_R_o_h, _ld_d_R_o_h, _stream);
+    return slstm_backward_bwd0_H_launch<__half>(_rows, _cols, _p_c, _ld_c, _p_c_next, _ld_c_next, _p_d_c, _ld_d_c, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_d_m, _ld_d_m, _p_d_n, _ld_d_n, _p_f, _ld_f, _p_ft, _ld_ft, _p_i, _ld_i, _p_it, _ld_it, _p_m, _ld_m, _p_n, _ld_n, _p_n_next, _ld_n_next, _p_o, _ld_o, _p_z, _ld_z, _p_d_R_z_h, _ld_d_R_z_h, _p_d_R_i_h, _ld_d_R_i_h, _p_d_R_f_h, _ld_d_R_f_h, _p_d_R_o_h, _ld_d_R_o_h, _p_d_c_prev, _ld_d_c_prev, _p_d_n_prev, _ld_d_n_prev, _p_d_m_prev, _ld_d_m_prev, _stream);
 }
-extern "C" int slstm_backward_bwd0_H_cuda_bf16(int64_t _rows, int64_t _cols, const void* _p_c, int64_t _ld_c, const void* _p_c_next, int64_t _ld_c_next, const void* _p_d_c, int64_t _ld_d_c, const void* _p_d_h, int64_t _ld_d_h, const void* _p_d_h_next_out, int64_t _ld_d_h_next_out, const void* _p_d_m, int64_t _ld_d_m, const void* _p_d_n, int64_t _ld_d_n, const void* _p_f, int64_t _ld_f, const void* _p_ft, int64_t _ld_ft, const void* _p_i, int64_t _ld_i, const void* _p_it, int64_t _ld_it, const void* _p_m, int64_t _ld_m, const void* _p_n, int64_t _ld_n, const void* _p_n_next, int64_t _ld_n_next, const void* _p_o, int64_t _ld_o, const void* _p_z, int64_t _ld_z, void* _p_d_n_next, int64_t _ld_d_n_next, void* _p_d_c_next, int64_t _ld_d_c_next, void* _p_d_f, int64_t _ld_d_f, void* _p_d_m_next, int64_t _ld_d_m_next, void* _p_d_R_z_h, int64_t _ld_d_R_z_h, void* _p_d_R_i_h, int64_t _ld_d_R_i_h, void* _p_d_R_f_h, int64_t _ld_d_R_f_h, void* _p_d_R_o_h, int64_t _ld_d_R_o_h, void* _stream)
+extern "C" int slstm_backward_bwd0_H_cuda_bf16(int64_t _rows, int64_t _cols, const void* _p_c, int64_t _ld_c, const void* _p_c_next, int64_t _ld_c_next, const void* _p_d_c, int64_t _ld_d_c, const void* _p_d_h, int64_t _ld_d_h, const void* _p_d_h_next_out, int64_t _ld_d_h_next_out, const void* _p_d_m, int64_t _ld_d_m, const void* _p_d_n, int64_t _ld_d_n, const void* _p_f, int64_t _ld_f, const void* _p_ft, int64_t _ld_ft, const void* _p_i, int64_t _ld_i, const void* _p_it, int64_t _ld_it, const void* _p_m, int64_t _ld_m, const void* _p_n, int64_t _ld_n, const void* _p_n_next, int64_t _ld_n_next, const void* _p_o, int64_t _ld_o, const void* _p_z, int64_t _ld_z, void* _p_d_R_z_h, int64_t _ld_d_R_z_h, void* _p_d_R_i_h, int64_t _ld_d_R_i_h, void* _p_d_R_f_h, int64_t _ld_d_R_f_h, void* _p_d_R_o_h, int64_t _ld_d_R_o_h, void* _p_d_c_prev, int64_t _ld_d_c_prev, void* _p_d_n_prev, int64_t _ld_d_n_prev, void* _p_d_m_prev, int64_t _ld_d_m_prev, void* _stream)
 {
-    return slstm_backward_bwd0_H_launch<__nv_bfloat16>(_rows, _cols, _p_c, _ld_c, _p_c_next, _ld_c_next, _p_d_c, _ld_d_c, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_d_m, _ld_d_m, _p_d_n, _ld_d_n, _p_f, _ld_f, _p_ft, _ld_ft, _p_i, _ld_i, _p_it, _ld_it, _p_m, _ld_m, _p_n, _ld_n, _p_n_next, _ld_n_next, _p_o, _ld_o, _p_z, _ld_z, _p_d_n_next, _ld_d_n_next, _p_d_c_next, _ld_d_c_next, _p_d_f, _ld_d_f, _p_d_m_next, _ld_d_m_next, _p_d_R_z_h, _ld_d_R_z_h, _p_d_R_i_h, _ld_d_R_i_h, _p_d_R_f_h, _ld_d_R_f_h, _p_d_R_o_h, _ld_d_R_o_h, _stream);
+    return slstm_backward_bwd0_H_launch<__nv_bfloat16>(_rows, _cols, _p_c, _ld_c, _p_c_next, _ld_c_next, _p_d_c, _ld_d_c, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_d_m, _ld_d_m, _p_d_n, _ld_d_n, _p_f, _ld_f, _p_ft, _ld_ft, _p_i, _ld_i, _p_it, _ld_it, _p_m, _ld_m, _p_n, _ld_n, _p_n_next, _ld_n_next, _p_o, _ld_o, _p_z, _ld_z, _p_d_R_z_h, _ld_d_R_z_h, _p_d_R_i_h, _ld_d_R_i_h, _p_d_R_f_h, _ld_d_R_f_h, _p_d_R_o_h, _ld_d_R_o_h, _p_d_c_prev, _ld_d_c_prev, _p_d_n_prev, _ld_d_n_prev, _p_d_m_prev, _ld_d_m_prev, _stream);
 }
 #endif  // __CUDACC__
 
 template <typename real>
-static inline void slstm_backward_bwd0_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_c, int64_t _ld_c, const real* __restrict__ _p_c_next, int64_t _ld_c_next, const real* __restrict__ _p_d_c, int64_t _ld_d_c, const real* __restrict__ _p_d_h, int64_t _ld_d_h, const real* __restrict__ _p_d_h_next_out, int64_t _ld_d_h_next_out, const real* __restrict__ _p_d_m, int64_t _ld_d_m, const real* __restrict__ _p_d_n, int64_t _ld_d_n, const real* __restrict__ _p_f, int64_t _ld_f, const real* __restrict__ _p_ft, int64_t _ld_ft, const real* __restrict__ _p_i, int64_t _ld_i, const real* __restrict__ _p_it, int64_t _ld_it, const real* __restrict__ _p_m, int64_t _ld_m, const real* __restrict__ _p_n, int64_t _ld_n, const real* __restrict__ _p_n_next, int64_t _ld_n_next, const real* __restrict__ _p_o, int64_t _ld_o, const real* __restrict__ _p_z, int64_t _ld_z, real* __restrict__ _p_d_n_next, int64_t _ld_d_n_next, real* __restrict__ _p_d_c_next, int64_t _ld_d_c_next, real* __restrict__ _p_d_f, int64_t _ld_d_f, real* __restrict__ _p_d_m_next, int64_t _ld_d_m_next, real* __restrict__ _p_d_R_z_h, int64_t _ld_d_R_z_h, real* __restrict__ _p_d_R_i_h, int64_t _ld_d_R_i_h, real* __restrict__ _p_d_R_f_h, int64_t _ld_d_R_f_h, real* __restrict__ _p_d_R_o_h, int64_t _ld_d_R_o_h)
+static inline void slstm_backward_bwd0_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_c, int64_t _ld_c, const real* __restrict__ _p_c_next, int64_t _ld_c_next, const real* __restrict__ _p_d_c, int64_t _ld_d_c, const real* __restrict__ _p_d_h, int64_t _ld_d_h, const real* __restrict__ _p_d_h_next_out, int64_t _ld_d_h_next_out, const real* __restrict__ _p_d_m, int64_t _ld_d_m, const real* __restrict__ _p_d_n, int64_t _ld_d_n, const real* __restrict__ _p_f, int64_t _ld_f, const real* __restrict__ _p_ft, int64_t _ld_ft, const real* __restrict__ _p_i, int64_t _ld_i, const real* __restrict__ _p_it, int64_t _ld_it, const real* __restrict__ _p_m, int64_t _ld_m, const real* __restrict__ _p_n, int64_t _ld_n, const real* __restrict__ _p_n_next, int64_t _ld_n_next, const real* __restrict__ _p_o, int64_t _ld_o, const real* __restrict__ _p_z, int64_t _ld_z, real* __restrict__ _p_d_R_z_h, int64_t _ld_d_R_z_h, real* __restrict__ _p_d_R_i_h, int64_t _ld_d_R_i_h, real* __restrict__ _p_d_R_f_h, int64_t _ld_d_R_f_h, real* __restrict__ _p_d_R_o_h, int64_t _ld_d_R_o_h, real* __restrict__ _p_d_c_prev, int64_t _ld_d_c_prev, real* __restrict__ _p_d_n_prev, int64_t _ld_d_n_prev, real* __restrict__ _p_d_m_prev, int64_t _ld_d_m_prev)
 {
     cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
 #pragma omp simd
@@ -1751,157 +1754,32 @@ static inline void slstm_backward_bwd0_H_host(int64_t _rows, int64_t _cols, cons
             real n_next = _p_n_next[_r * _ld_n_next + _j];
             real o = _p_o[_r * _ld_o + _j];
             real z = _p_z[_r * _ld_z + _j];
-            real d_n_next;
-            real d_c_next;
-            real d_f;
-            real d_m_next;
             real d_R_z_h;
             real d_R_i_h;
             real d_R_f_h;
             real d_R_o_h;
-            slstm_backward_bwd0_H<real>(c, c_next, d_c, d_h, d_h_next_out, d_m, d_n, f, ft, i, it, m, n, n_next, o, z, d_n_next, d_c_next, d_f, d_m_next, d_R_z_h, d_R_i_h, d_R_f_h, d_R_o_h);
-            _p_d_n_next[_r * _ld_d_n_next + _j] = d_n_next;
-            _p_d_c_next[_r * _ld_d_c_next + _j] = d_c_next;
-            _p_d_f[_r * _ld_d_f + _j] = d_f;
-            _p_d_m_next[_r * _ld_d_m_next + _j] = d_m_next;
+            real d_c_prev;
+            real d_n_prev;
+            real d_m_prev;
+            slstm_backward_bwd0_H<real>(c, c_next, d_c, d_h, d_h_next_out, d_m, d_n, f, ft, i, it, m, n, n_next, o, z, d_R_z_h, d_R_i_h, d_R_f_h, d_R_o_h, d_c_prev, d_n_prev, d_m_prev);
             _p_d_R_z_h[_r * _ld_d_R_z_h + _j] = d_R_z_h;
             _p_d_R_i_h[_r * _ld_d_R_i_h + _j] = d_R_i_h;
             _p_d_R_f_h[_r * _ld_d_R_f_h + _j] = d_R_f_h;
             _p_d_R_o_h[_r * _ld_d_R_o_h + _j] = d_R_o_h;
+            _p_d_c_prev[_r * _ld_d_c_prev + _j] = d_c_prev;
+            _p_d_n_prev[_r * _ld_d_n_prev + _j] = d_n_prev;
+            _p_d_m_prev[_r * _ld_d_m_prev + _j] = d_m_prev;
         }
     });
 }
 
-extern "C" void slstm_backward_bwd0_H_f32(int64_t _rows, int64_t _cols, const float* _p_c, int64_t _ld_c, const float* _p_c_next, int64_t _ld_c_next, const float* _p_d_c, int64_t _ld_d_c, const float* _p_d_h, int64_t _ld_d_h, const float* _p_d_h_next_out, int64_t _ld_d_h_next_out, const float* _p_d_m, int64_t _ld_d_m, const float* _p_d_n, int64_t _ld_d_n, const float* _p_f, int64_t _ld_f, const float* _p_ft, int64_t _ld_ft, const float* _p_i, int64_t _ld_i, const float* _p_it, int64_t _ld_it, const float* _p_m, int64_t _ld_m, const float* _p_n, int64_t _ld_n, const float* _p_n_next, int64_t _ld_n_next, const float* _p_o, int64_t _ld_o, const float* _p_z, int64_t _ld_z, float* _p_d_n_next, int64_t _ld_d_n_next, float* _p_d_c_next, int64_t _ld_d_c_next, float* _p_d_f, int64_t _ld_d_f, float* _p_d_m_next, int64_t _ld_d_m_next, float* _p_d_R_z_h, int64_t _ld_d_R_z_h, float* _p_d_R_i_h, int64_t _ld_d_R_i_h, float* _p_d_R_f_h, int64_t _ld_d_R_f_h, float* _p_d_R_o_h, int64_t _ld_d_R_o_h)
+extern "C" void slstm_backward_bwd0_H_f32(int64_t _rows, int64_t _cols, const float* _p_c, int64_t _ld_c, const float* _p_c_next, int64_t _ld_c_next, const float* _p_d_c, int64_t _ld_d_c, const float* _p_d_h, int64_t _ld_d_h, const float* _p_d_h_next_out, int64_t _ld_d_h_next_out, const float* _p_d_m, int64_t _ld_d_m, const float* _p_d_n, int64_t _ld_d_n, const float* _p_f, int64_t _ld_f, const float* _p_ft, int64_t _ld_ft, const float* _p_i, int64_t _ld_i, const float* _p_it, int64_t _ld_it, const float* _p_m, int64_t _ld_m, const float* _p_n, int64_t _ld_n, const float* _p_n_next, int64_t _ld_n_next, const float* _p_o, int64_t _ld_o, const float* _p_z, int64_t _ld_z, float* _p_d_R_z_h, int64_t _ld_d_R_z_h, float* _p_d_R_i_h, int64_t _ld_d_R_i_h, float* _p_d_R_f_h, int64_t _ld_d_R_f_h, float* _p_d_R_o_h, int64_t _ld_d_R_o_h, float* _p_d_c_prev, int64_t _ld_d_c_prev, float* _p_d_n_prev, int64_t _ld_d_n_prev, float* _p_d_m_prev, int64_t _ld_d_m_prev)
 {
-    slstm_backward_bwd0_H_host<float>(_rows, _cols, _p_c, _ld_c, _p_c_next, _ld_c_next, _p_d_c, _ld_d_c, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_d_m, _ld_d_m, _p_d_n, _ld_d_n, _p_f, _ld_f, _p_ft, _ld_ft, _p_i, _ld_i, _p_it, _ld_it, _p_m, _ld_m, _p_n, _ld_n, _p_n_next, _ld_n_next, _p_o, _ld_o, _p_z, _ld_z, _p_d_n_next, _ld_d_n_next, _p_d_c_next, _ld_d_c_next, _p_d_f, _ld_d_f, _p_d_m_next, _ld_d_m_next, _p_d_R_z_h, _ld_d_R_z_h, _p_d_R_i_h, _ld_d_R_i_h, _p_d_R_f_h, _ld_d_R_f_h, _p_d_R_o_h, _ld_d_R_o_h);
+    slstm_backward_bwd0_H_host<float>(_rows, _cols, _p_c, _ld_c, _p_c_next, _ld_c_next, _p_d_c, _ld_d_c, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_d_m, _ld_d_m, _p_d_n, _ld_d_n, _p_f, _ld_f, _p_ft, _ld_ft, _p_i, _ld_i, _p_it, _ld_it, _p_m, _ld_m, _p_n, _ld_n, _p_n_next, _ld_n_next, _p_o, _ld_o, _p_z, _ld_z, _p_d_R_z_h, _ld_d_R_z_h, _p_d_R_i_h, _ld_d_R_i_h, _p_d_R_f_h, _ld_d_R_f_h, _p_d_R_o_h, _ld_d_R_o_h, _p_d_c_prev, _ld_d_c_prev, _p_d_n_prev, _ld_d_n_prev, _p_d_m_prev, _ld_d_m_prev);
 }
-extern "C" void slstm_backward_bwd0_H_f64(int64_t _rows, int64_t _cols, const double* _p_c, int64_t _ld_c, const double* _p_c_next, int64_t _ld_c_next, const double* _p_d_c, int64_t _ld_d_c, const double* _p_d_h, int64_t _ld_d_h, const double* _p_d_h_next_out, int64_t _ld_d_h_next_out, const double* _p_d_m, int64_t _ld_d_m, const double* _p_d_n, int64_t _ld_d_n, const double* _p_f, int64_t _ld_f, const double* _p_ft, int64_t _ld_ft, const double* _p_i, int64_t _ld_i, const double* _p_it, int64_t _ld_it, const double* _p_m, int64_t _ld_m, const double* _p_n, int64_t _ld_n, const double* _p_n_next, int64_t _ld_n_next, const double* _p_o, int64_t _ld_o, const double* _p_z, int64_t _ld_z, double* _p_d_n_next, int64_t _ld_d_n_next, double* _p_d_c_next, int64_t _ld_d_c_next, double* _p_d_f, int64_t _ld_d_f, double* _p_d_m_next, int64_t _ld_d_m_next, double* _p_d_R_z_h, int64_t _ld_d_R_z_h, double* _p_d_R_i_h, int64_t _ld_d_R_i_h, double* _p_d_R_f_h, int64_t _ld_d_R_f_h, double* _p_d_R_o_h, int64_t _ld_d_R_o_h)
+extern "C" void slstm_backward_bwd0_H_f64(int64_t _rows, int64_t _cols, const double* _p_c, int64_t _ld_c, const double* _p_c_next, int64_t _ld_c_next, const double* _p_d_c, int64_t _ld_d_c, const double* _p_d_h, int64_t _ld_d_h, const double* _p_d_h_next_out, int64_t _ld_d_h_next_out, const double* _p_d_m, int64_t _ld_d_m, const double* _p_d_n, int64_t _ld_d_n, const double* _p_f, int64_t _ld_f, const double* _p_ft, int64_t _ld_ft, const double* _p_i, int64_t _ld_i, const double* _p_it, int64_t _ld_it, const double* _p_m, int64_t _ld_m, const double* _p_n, int64_t _ld_n, const double* _p_n_next, int64_t _ld_n_next, const double* _p_o, int64_t _ld_o, const double* _p_z, int64_t _ld_z, double* _p_d_R_z_h, int64_t _ld_d_R_z_h, double* _p_d_R_i_h, int64_t _ld_d_R_i_h, double* _p_d_R_f_h, int64_t _ld_d_R_f_h, double* _p_d_R_o_h, int64_t _ld_d_R_o_h, double* _p_d_c_prev, int64_t _ld_d_c_prev, double* _p_d_n_prev, int64_t _ld_d_n_prev, double* _p_d_m_prev, int64_t _ld_d_m_prev)
 {
-    slstm_backward_bwd0_H_host<double>(_rows, _cols, _p_c, _ld_c, _p_c_next, _ld_c_next, _p_d_c, _ld_d_c, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_d_m, _ld_d_m, _p_d_n, _ld_d_n, _p_f, _ld_f, _p_ft, _ld_ft, _p_i, _ld_i, _p_it, _ld_it, _p_m, _ld_m, _p_n, _ld_n, _p_n_next, _ld_n_next, _p_o, _ld_o, _p_z, _ld_z, _p_d_n_next, _ld_d_n_next, _p_d_c_next, _ld_d_c_next, _p_d_f, _ld_d_f, _p_d_m_next, _ld_d_m_next, _p_d_R_z_h, _ld_d_R_z_h, _p_d_R_i_h, _ld_d_R_i_h, _p_d_R_f_h, _ld_d_R_f_h, _p_d_R_o_h, _ld_d_R_o_h);
-}
-
-// =============================================================================================
-// slstm_backward_bwd_leaf_H: backward: per-step adjoints of inputs, states, vector params, hoisted results, units of size H
-// =============================================================================================
-template <typename real>
-__host__ __device__ inline void slstm_backward_bwd_leaf_H(
-    real d_c_next,
-    real d_f,
-    real d_h_gemm,
-    real d_m_next,
-    real d_n_next,
-    real f,
-    real ft,
-    real it,
-    real m,
-    real& d_h,  // out
-    real& d_c,  // out
-    real& d_n,  // out
-    real& d_m)  // out
-{
-    // adjoint of state h
-    d_h = d_h_gemm;
-    // adjoint of state c
-    d_c = d_c_next*f;
-    // adjoint of state n
-    d_n = d_n_next*f;
-    // adjoint of state m
-    d_m = d_f*f + d_m_next*cs_less_tie(it, ft + m);
-}
-
-#ifdef __CUDACC__
-template <typename S>
-__global__ void slstm_backward_bwd_leaf_H_kernel(int64_t _rows, int64_t _cols, const S* __restrict__ _p_d_c_next, int64_t _ld_d_c_next, const S* __restrict__ _p_d_f, int64_t _ld_d_f, const S* __restrict__ _p_d_h_gemm, int64_t _ld_d_h_gemm, const S* __restrict__ _p_d_m_next, int64_t _ld_d_m_next, const S* __restrict__ _p_d_n_next, int64_t _ld_d_n_next, const S* __restrict__ _p_f, int64_t _ld_f, const S* __restrict__ _p_ft, int64_t _ld_ft, const S* __restrict__ _p_it, int64_t _ld_it, const S* __restrict__ _p_m, int64_t _ld_m, S* __restrict__ _p_d_h, int64_t _ld_d_h, S* __restrict__ _p_d_c, int64_t _ld_d_c, S* __restrict__ _p_d_n, int64_t _ld_d_n, S* __restrict__ _p_d_m, int64_t _ld_d_m)
-{
-    typedef typename cs_math<S>::type M;
-    const int64_t _j = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (_j >= _cols) return;
-    for (int64_t _r = blockIdx.y; _r < _rows; _r += gridDim.y) {
-        M d_c_next = cs_load(_p_d_c_next[_r * _ld_d_c_next + _j]);
-        M d_f = cs_load(_p_d_f[_r * _ld_d_f + _j]);
-        M d_h_gemm = cs_load(_p_d_h_gemm[_r * _ld_d_h_gemm + _j]);
-        M d_m_next = cs_load(_p_d_m_next[_r * _ld_d_m_next + _j]);
-        M d_n_next = cs_load(_p_d_n_next[_r * _ld_d_n_next + _j]);
-        M f = cs_load(_p_f[_r * _ld_f + _j]);
-        M ft = cs_load(_p_ft[_r * _ld_ft + _j]);
-        M it = cs_load(_p_it[_r * _ld_it + _j]);
-        M m = cs_load(_p_m[_r * _ld_m + _j]);
-        M d_h;
-        M d_c;
-        M d_n;
-        M d_m;
-        slstm_backward_bwd_leaf_H<M>(d_c_next, d_f, d_h_gemm, d_m_next, d_n_next, f, ft, it, m, d_h, d_c, d_n, d_m);
-        cs_store(&_p_d_h[_r * _ld_d_h + _j], d_h);
-        cs_store(&_p_d_c[_r * _ld_d_c + _j], d_c);
-        cs_store(&_p_d_n[_r * _ld_d_n + _j], d_n);
-        cs_store(&_p_d_m[_r * _ld_d_m + _j], d_m);
-    }
-}
-
-template <typename S>
-static int slstm_backward_bwd_leaf_H_launch(int64_t _rows, int64_t _cols, const void* _p_d_c_next, int64_t _ld_d_c_next, const void* _p_d_f, int64_t _ld_d_f, const void* _p_d_h_gemm, int64_t _ld_d_h_gemm, const void* _p_d_m_next, int64_t _ld_d_m_next, const void* _p_d_n_next, int64_t _ld_d_n_next, const void* _p_f, int64_t _ld_f, const void* _p_ft, int64_t _ld_ft, const void* _p_it, int64_t _ld_it, const void* _p_m, int64_t _ld_m, void* _p_d_h, int64_t _ld_d_h, void* _p_d_c, int64_t _ld_d_c, void* _p_d_n, int64_t _ld_d_n, void* _p_d_m, int64_t _ld_d_m, void* _stream)
-{
-    if (_rows <= 0 || _cols <= 0) return 0;
-    dim3 _grid, _block;
-    cs_grid(_rows, _cols, &_grid, &_block);
-    slstm_backward_bwd_leaf_H_kernel<S><<<_grid, _block, 0, (cudaStream_t)_stream>>>(_rows, _cols, (const S*)_p_d_c_next, _ld_d_c_next, (const S*)_p_d_f, _ld_d_f, (const S*)_p_d_h_gemm, _ld_d_h_gemm, (const S*)_p_d_m_next, _ld_d_m_next, (const S*)_p_d_n_next, _ld_d_n_next, (const S*)_p_f, _ld_f, (const S*)_p_ft, _ld_ft, (const S*)_p_it, _ld_it, (const S*)_p_m, _ld_m, (S*)_p_d_h, _ld_d_h, (S*)_p_d_c, _ld_d_c, (S*)_p_d_n, _ld_d_n, (S*)_p_d_m, _ld_d_m);
-    return (int)cudaGetLastError();
-}
-
-extern "C" int slstm_backward_bwd_leaf_H_cuda_f32(int64_t _rows, int64_t _cols, const void* _p_d_c_next, int64_t _ld_d_c_next, const void* _p_d_f, int64_t _ld_d_f, const void* _p_d_h_gemm, int64_t _ld_d_h_gemm, const void* _p_d_m_next, int64_t _ld_d_m_next, const void* _p_d_n_next, int64_t _ld_d_n_next, const void* _p_f, int64_t _ld_f, const void* _p_ft, int64_t _ld_ft, const void* _p_it, int64_t _ld_it, const void* _p_m, int64_t _ld_m, void* _p_d_h, int64_t _ld_d_h, void* _p_d_c, int64_t _ld_d_c, void* _p_d_n, int64_t _ld_d_n, void* _p_d_m, int64_t _ld_d_m, void* _stream)
-{
-    return slstm_backward_bwd_leaf_H_launch<float>(_rows, _cols, _p_d_c_next, _ld_d_c_next, _p_d_f, _ld_d_f, _p_d_h_gemm, _ld_d_h_gemm, _p_d_m_next, _ld_d_m_next, _p_d_n_next, _ld_d_n_next, _p_f, _ld_f, _p_ft, _ld_ft, _p_it, _ld_it, _p_m, _ld_m, _p_d_h, _ld_d_h, _p_d_c, _ld_d_c, _p_d_n, _ld_d_n, _p_d_m, _ld_d_m, _stream);
-}
-extern "C" int slstm_backward_bwd_leaf_H_cuda_f64(int64_t _rows, int64_t _cols, const void* _p_d_c_next, int64_t _ld_d_c_next, const void* _p_d_f, int64_t _ld_d_f, const void* _p_d_h_gemm, int64_t _ld_d_h_gemm, const void* _p_d_m_next, int64_t _ld_d_m_next, const void* _p_d_n_next, int64_t _ld_d_n_next, const void* _p_f, int64_t _ld_f, const void* _p_ft, int64_t _ld_ft, const void* _p_it, int64_t _ld_it, const void* _p_m, int64_t _ld_m, void* _p_d_h, int64_t _ld_d_h, void* _p_d_c, int64_t _ld_d_c, void* _p_d_n, int64_t _ld_d_n, void* _p_d_m, int64_t _ld_d_m, void* _stream)
-{
-    return slstm_backward_bwd_leaf_H_launch<double>(_rows, _cols, _p_d_c_next, _ld_d_c_next, _p_d_f, _ld_d_f, _p_d_h_gemm, _ld_d_h_gemm, _p_d_m_next, _ld_d_m_next, _p_d_n_next, _ld_d_n_next, _p_f, _ld_f, _p_ft, _ld_ft, _p_it, _ld_it, _p_m, _ld_m, _p_d_h, _ld_d_h, _p_d_c, _ld_d_c, _p_d_n, _ld_d_n, _p_d_m, _ld_d_m, _stream);
-}
-extern "C" int slstm_backward_bwd_leaf_H_cuda_f16(int64_t _rows, int64_t _cols, const void* _p_d_c_next, int64_t _ld_d_c_next, const void* _p_d_f, int64_t _ld_d_f, const void* _p_d_h_gemm, int64_t _ld_d_h_gemm, const void* _p_d_m_next, int64_t _ld_d_m_next, const void* _p_d_n_next, int64_t _ld_d_n_next, const void* _p_f, int64_t _ld_f, const void* _p_ft, int64_t _ld_ft, const void* _p_it, int64_t _ld_it, const void* _p_m, int64_t _ld_m, void* _p_d_h, int64_t _ld_d_h, void* _p_d_c, int64_t _ld_d_c, void* _p_d_n, int64_t _ld_d_n, void* _p_d_m, int64_t _ld_d_m, void* _stream)
-{
-    return slstm_backward_bwd_leaf_H_launch<__half>(_rows, _cols, _p_d_c_next, _ld_d_c_next, _p_d_f, _ld_d_f, _p_d_h_gemm, _ld_d_h_gemm, _p_d_m_next, _ld_d_m_next, _p_d_n_next, _ld_d_n_next, _p_f, _ld_f, _p_ft, _ld_ft, _p_it, _ld_it, _p_m, _ld_m, _p_d_h, _ld_d_h, _p_d_c, _ld_d_c, _p_d_n, _ld_d_n, _p_d_m, _ld_d_m, _stream);
-}
-extern "C" int slstm_backward_bwd_leaf_H_cuda_bf16(int64_t _rows, int64_t _cols, const void* _p_d_c_next, int64_t _ld_d_c_next, const void* _p_d_f, int64_t _ld_d_f, const void* _p_d_h_gemm, int64_t _ld_d_h_gemm, const void* _p_d_m_next, int64_t _ld_d_m_next, const void* _p_d_n_next, int64_t _ld_d_n_next, const void* _p_f, int64_t _ld_f, const void* _p_ft, int64_t _ld_ft, const void* _p_it, int64_t _ld_it, const void* _p_m, int64_t _ld_m, void* _p_d_h, int64_t _ld_d_h, void* _p_d_c, int64_t _ld_d_c, void* _p_d_n, int64_t _ld_d_n, void* _p_d_m, int64_t _ld_d_m, void* _stream)
-{
-    return slstm_backward_bwd_leaf_H_launch<__nv_bfloat16>(_rows, _cols, _p_d_c_next, _ld_d_c_next, _p_d_f, _ld_d_f, _p_d_h_gemm, _ld_d_h_gemm, _p_d_m_next, _ld_d_m_next, _p_d_n_next, _ld_d_n_next, _p_f, _ld_f, _p_ft, _ld_ft, _p_it, _ld_it, _p_m, _ld_m, _p_d_h, _ld_d_h, _p_d_c, _ld_d_c, _p_d_n, _ld_d_n, _p_d_m, _ld_d_m, _stream);
-}
-#endif  // __CUDACC__
-
-template <typename real>
-static inline void slstm_backward_bwd_leaf_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_d_c_next, int64_t _ld_d_c_next, const real* __restrict__ _p_d_f, int64_t _ld_d_f, const real* __restrict__ _p_d_h_gemm, int64_t _ld_d_h_gemm, const real* __restrict__ _p_d_m_next, int64_t _ld_d_m_next, const real* __restrict__ _p_d_n_next, int64_t _ld_d_n_next, const real* __restrict__ _p_f, int64_t _ld_f, const real* __restrict__ _p_ft, int64_t _ld_ft, const real* __restrict__ _p_it, int64_t _ld_it, const real* __restrict__ _p_m, int64_t _ld_m, real* __restrict__ _p_d_h, int64_t _ld_d_h, real* __restrict__ _p_d_c, int64_t _ld_d_c, real* __restrict__ _p_d_n, int64_t _ld_d_n, real* __restrict__ _p_d_m, int64_t _ld_d_m)
-{
-    cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
-#pragma omp simd
-        for (int64_t _j = 0; _j < _cols; ++_j) {
-            real d_c_next = _p_d_c_next[_r * _ld_d_c_next + _j];
-            real d_f = _p_d_f[_r * _ld_d_f + _j];
-            real d_h_gemm = _p_d_h_gemm[_r * _ld_d_h_gemm + _j];
-            real d_m_next = _p_d_m_next[_r * _ld_d_m_next + _j];
-            real d_n_next = _p_d_n_next[_r * _ld_d_n_next + _j];
-            real f = _p_f[_r * _ld_f + _j];
-            real ft = _p_ft[_r * _ld_ft + _j];
-            real it = _p_it[_r * _ld_it + _j];
-            real m = _p_m[_r * _ld_m + _j];
-            real d_h;
-            real d_c;
-            real d_n;
-            real d_m;
-            slstm_backward_bwd_leaf_H<real>(d_c_next, d_f, d_h_gemm, d_m_next, d_n_next, f, ft, it, m, d_h, d_c, d_n, d_m);
-            _p_d_h[_r * _ld_d_h + _j] = d_h;
-            _p_d_c[_r * _ld_d_c + _j] = d_c;
-            _p_d_n[_r * _ld_d_n + _j] = d_n;
-            _p_d_m[_r * _ld_d_m + _j] = d_m;
-        }
-    });
-}
-
-extern "C" void slstm_backward_bwd_leaf_H_f32(int64_t _rows, int64_t _cols, const float* _p_d_c_next, int64_t _ld_d_c_next, const float* _p_d_f, int64_t _ld_d_f, const float* _p_d_h_gemm, int64_t _ld_d_h_gemm, const float* _p_d_m_next, int64_t _ld_d_m_next, const float* _p_d_n_next, int64_t _ld_d_n_next, const float* _p_f, int64_t _ld_f, const float* _p_ft, int64_t _ld_ft, const float* _p_it, int64_t _ld_it, const float* _p_m, int64_t _ld_m, float* _p_d_h, int64_t _ld_d_h, float* _p_d_c, int64_t _ld_d_c, float* _p_d_n, int64_t _ld_d_n, float* _p_d_m, int64_t _ld_d_m)
-{
-    slstm_backward_bwd_leaf_H_host<float>(_rows, _cols, _p_d_c_next, _ld_d_c_next, _p_d_f, _ld_d_f, _p_d_h_gemm, _ld_d_h_gemm, _p_d_m_next, _ld_d_m_next, _p_d_n_next, _ld_d_n_next, _p_f, _ld_f, _p_ft, _ld_ft, _p_it, _ld_it, _p_m, _ld_m, _p_d_h, _ld_d_h, _p_d_c, _ld_d_c, _p_d_n, _ld_d_n, _p_d_m, _ld_d_m);
-}
-extern "C" void slstm_backward_bwd_leaf_H_f64(int64_t _rows, int64_t _cols, const double* _p_d_c_next, int64_t _ld_d_c_next, const double* _p_d_f, int64_t _ld_d_f, const double* _p_d_h_gemm, int64_t _ld_d_h_gemm, const double* _p_d_m_next, int64_t _ld_d_m_next, const double* _p_d_n_next, int64_t _ld_d_n_next, const double* _p_f, int64_t _ld_f, const double* _p_ft, int64_t _ld_ft, const double* _p_it, int64_t _ld_it, const double* _p_m, int64_t _ld_m, double* _p_d_h, int64_t _ld_d_h, double* _p_d_c, int64_t _ld_d_c, double* _p_d_n, int64_t _ld_d_n, double* _p_d_m, int64_t _ld_d_m)
-{
-    slstm_backward_bwd_leaf_H_host<double>(_rows, _cols, _p_d_c_next, _ld_d_c_next, _p_d_f, _ld_d_f, _p_d_h_gemm, _ld_d_h_gemm, _p_d_m_next, _ld_d_m_next, _p_d_n_next, _ld_d_n_next, _p_f, _ld_f, _p_ft, _ld_ft, _p_it, _ld_it, _p_m, _ld_m, _p_d_h, _ld_d_h, _p_d_c, _ld_d_c, _p_d_n, _ld_d_n, _p_d_m, _ld_d_m);
+    slstm_backward_bwd0_H_host<double>(_rows, _cols, _p_c, _ld_c, _p_c_next, _ld_c_next, _p_d_c, _ld_d_c, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_d_m, _ld_d_m, _p_d_n, _ld_d_n, _p_f, _ld_f, _p_ft, _ld_ft, _p_i, _ld_i, _p_it, _ld_it, _p_m, _ld_m, _p_n, _ld_n, _p_n_next, _ld_n_next, _p_o, _ld_o, _p_z, _ld_z, _p_d_R_z_h, _ld_d_R_z_h, _p_d_R_i_h, _ld_d_R_i_h, _p_d_R_f_h, _ld_d_R_f_h, _p_d_R_o_h, _ld_d_R_o_h, _p_d_c_prev, _ld_d_c_prev, _p_d_n_prev, _ld_d_n_prev, _p_d_m_prev, _ld_d_m_prev);
 }
 
 
@@ -2148,7 +2026,7 @@ extern "C" int slstm_inference_f64(const int64_t* dims, void* const* ptrs, const
 
 // =============================================================================================
 // slstm: the whole sequence, backward
-// ptrs: 0 x_x, 1 s_h, 2 s_c, 3 s_n, 4 s_m, 5 v_z, 6 v_it, 7 v_ft, 8 v_o, 9 v_i, 10 v_f, 11 dout_h_next, 12 ds_h, 13 ds_c, 14 ds_n, 15 ds_m, 16 dx_x, 17 dg_R_z_R_i_R_f_R_o__h, 18 tmp_d_h_gemm, 19 tmp_d_n_next, 20 tmp_d_c_next, 21 tmp_d_f, 22 tmp_d_m_next, 23 dw_R_z_R_i_R_f_R_o, 24 dw_W_z_W_i_W_f_W_o, 25 weight W_z_W_i_W_f_W_o, 26 weight R_z_R_i_R_f_R_o, 27 d W_z, 28 d R_z, 29 d b_z, 30 d W_i, 31 d R_i, 32 d b_i, 33 d W_f, 34 d R_f, 35 d b_f, 36 d W_o, 37 d R_o, 38 d b_o, 39 batch sizes (host, or NULL)
+// ptrs: 0 x_x, 1 s_h, 2 s_c, 3 s_n, 4 s_m, 5 v_z, 6 v_it, 7 v_ft, 8 v_o, 9 v_i, 10 v_f, 11 dout_h_next, 12 ds_h, 13 ds_c, 14 ds_n, 15 ds_m, 16 dx_x, 17 dg_R_z_R_i_R_f_R_o__h, 18 dw_R_z_R_i_R_f_R_o, 19 dw_W_z_W_i_W_f_W_o, 20 weight W_z_W_i_W_f_W_o, 21 weight R_z_R_i_R_f_R_o, 22 d W_z, 23 d R_z, 24 d b_z, 25 d W_i, 26 d R_i, 27 d b_i, 28 d W_f, 29 d R_f, 30 d b_f, 31 d W_o, 32 d R_o, 33 d b_o, 34 batch sizes (host, or NULL)
 
 // =============================================================================================
 template <typename S, typename G>
@@ -2200,49 +2078,39 @@ static int slstm_backward_run(const int64_t* dims, void* const* ptrs, const cs_c
     (void)b_dx_x;
     S* b_dg_R_z_R_i_R_f_R_o__h = (S*)ptrs[17];
     (void)b_dg_R_z_R_i_R_f_R_o__h;
-    S* b_tmp_d_h_gemm = (S*)ptrs[18];
-    (void)b_tmp_d_h_gemm;
-    S* b_tmp_d_n_next = (S*)ptrs[19];
-    (void)b_tmp_d_n_next;
-    S* b_tmp_d_c_next = (S*)ptrs[20];
-    (void)b_tmp_d_c_next;
-    S* b_tmp_d_f = (S*)ptrs[21];
-    (void)b_tmp_d_f;
-    S* b_tmp_d_m_next = (S*)ptrs[22];
-    (void)b_tmp_d_m_next;
-    G* b_dw_R_z_R_i_R_f_R_o = (G*)ptrs[23];
+    G* b_dw_R_z_R_i_R_f_R_o = (G*)ptrs[18];
     (void)b_dw_R_z_R_i_R_f_R_o;
-    G* b_dw_W_z_W_i_W_f_W_o = (G*)ptrs[24];
+    G* b_dw_W_z_W_i_W_f_W_o = (G*)ptrs[19];
     (void)b_dw_W_z_W_i_W_f_W_o;
-    const S* w_W_z_W_i_W_f_W_o = (const S*)ptrs[25];
+    const S* w_W_z_W_i_W_f_W_o = (const S*)ptrs[20];
     (void)w_W_z_W_i_W_f_W_o;
-    const S* w_R_z_R_i_R_f_R_o = (const S*)ptrs[26];
+    const S* w_R_z_R_i_R_f_R_o = (const S*)ptrs[21];
     (void)w_R_z_R_i_R_f_R_o;
-    G* g_W_z = (G*)ptrs[27];
+    G* g_W_z = (G*)ptrs[22];
     (void)g_W_z;
-    G* g_R_z = (G*)ptrs[28];
+    G* g_R_z = (G*)ptrs[23];
     (void)g_R_z;
-    G* g_b_z = (G*)ptrs[29];
+    G* g_b_z = (G*)ptrs[24];
     (void)g_b_z;
-    G* g_W_i = (G*)ptrs[30];
+    G* g_W_i = (G*)ptrs[25];
     (void)g_W_i;
-    G* g_R_i = (G*)ptrs[31];
+    G* g_R_i = (G*)ptrs[26];
     (void)g_R_i;
-    G* g_b_i = (G*)ptrs[32];
+    G* g_b_i = (G*)ptrs[27];
     (void)g_b_i;
-    G* g_W_f = (G*)ptrs[33];
+    G* g_W_f = (G*)ptrs[28];
     (void)g_W_f;
-    G* g_R_f = (G*)ptrs[34];
+    G* g_R_f = (G*)ptrs[29];
     (void)g_R_f;
-    G* g_b_f = (G*)ptrs[35];
+    G* g_b_f = (G*)ptrs[30];
     (void)g_b_f;
-    G* g_W_o = (G*)ptrs[36];
+    G* g_W_o = (G*)ptrs[31];
     (void)g_W_o;
-    G* g_R_o = (G*)ptrs[37];
+    G* g_R_o = (G*)ptrs[32];
     (void)g_R_o;
-    G* g_b_o = (G*)ptrs[38];
+    G* g_b_o = (G*)ptrs[33];
     (void)g_b_o;
-    const int64_t* bs = (const int64_t*)ptrs[39];
+    const int64_t* bs = (const int64_t*)ptrs[34];
     (void)ctx;
     if (bs) {  // rows of ended sequences, which no step writes, are read over all T*B rows
         CS_ZERO(b_dg_R_z_R_i_R_f_R_o__h, (n_T) * (n_B) * (4*n_H));
@@ -2255,11 +2123,9 @@ static int slstm_backward_run(const int64_t* dims, void* const* ptrs, const cs_c
         const int64_t rows = bs ? bs[t] : n_B;  // variable lengths: rows 0..B_t-1 run
         CS_SPLIT_ROWS(split_rows, n_B);
         // backward: stage 0 backward, units of size H
-        CS_PW(slstm_backward_bwd0_H, rows, n_H, b_s_c + t * n_B * (n_H), n_H, b_s_c + (t + 1) * n_B * (n_H), n_H, b_ds_c, n_H, b_ds_h, n_H, b_dout_h_next + t * n_B * (n_H), n_H, b_ds_m, n_H, b_ds_n, n_H, b_v_f + t * n_B * (n_H), n_H, b_v_ft + t * n_B * (n_H), n_H, b_v_i + t * n_B * (n_H), n_H, b_v_it + t * n_B * (n_H), n_H, b_s_m + t * n_B * (n_H), n_H, b_s_n + t * n_B * (n_H), n_H, b_s_n + (t + 1) * n_B * (n_H), n_H, b_v_o + t * n_B * (n_H), n_H, b_v_z + t * n_B * (n_H), n_H, b_tmp_d_n_next, n_H, b_tmp_d_c_next, n_H, b_tmp_d_f, n_H, b_tmp_d_m_next, n_H, b_dg_R_z_R_i_R_f_R_o__h + t * n_B * (4*n_H), 4*n_H, b_dg_R_z_R_i_R_f_R_o__h + t * n_B * (4*n_H) + n_H, 4*n_H, b_dg_R_z_R_i_R_f_R_o__h + t * n_B * (4*n_H) + 2*n_H, 4*n_H, b_dg_R_z_R_i_R_f_R_o__h + t * n_B * (4*n_H) + 3*n_H, 4*n_H);
+        CS_PW(slstm_backward_bwd0_H, rows, n_H, b_s_c + t * n_B * (n_H), n_H, b_s_c + (t + 1) * n_B * (n_H), n_H, b_ds_c, n_H, b_ds_h, n_H, b_dout_h_next + t * n_B * (n_H), n_H, b_ds_m, n_H, b_ds_n, n_H, b_v_f + t * n_B * (n_H), n_H, b_v_ft + t * n_B * (n_H), n_H, b_v_i + t * n_B * (n_H), n_H, b_v_it + t * n_B * (n_H), n_H, b_s_m + t * n_B * (n_H), n_H, b_s_n + t * n_B * (n_H), n_H, b_s_n + (t + 1) * n_B * (n_H), n_H, b_v_o + t * n_B * (n_H), n_H, b_v_z + t * n_B * (n_H), n_H, b_dg_R_z_R_i_R_f_R_o__h + t * n_B * (4*n_H), 4*n_H, b_dg_R_z_R_i_R_f_R_o__h + t * n_B * (4*n_H) + n_H, 4*n_H, b_dg_R_z_R_i_R_f_R_o__h + t * n_B * (4*n_H) + 2*n_H, 4*n_H, b_dg_R_z_R_i_R_f_R_o__h + t * n_B * (4*n_H) + 3*n_H, 4*n_H, b_ds_c, n_H, b_ds_n, n_H, b_ds_m, n_H);
         // d_h_gemm = dg_R_z_R_i_R_f_R_o__h @ [R_z, R_i, R_f, R_o]
-        CS_GEMM_NN_PACKED(rows, n_H, 4*n_H, b_dg_R_z_R_i_R_f_R_o__h + t * n_B * (4*n_H), 4*n_H, pk_R_z_R_i_R_f_R_o_nn, b_tmp_d_h_gemm, n_H, 0);
-        // backward: per-step adjoints of inputs, states, vector params, hoisted results, units of size H
-        CS_PW(slstm_backward_bwd_leaf_H, rows, n_H, b_tmp_d_c_next, n_H, b_tmp_d_f, n_H, b_tmp_d_h_gemm, n_H, b_tmp_d_m_next, n_H, b_tmp_d_n_next, n_H, b_v_f + t * n_B * (n_H), n_H, b_v_ft + t * n_B * (n_H), n_H, b_v_it + t * n_B * (n_H), n_H, b_s_m + t * n_B * (n_H), n_H, b_ds_h, n_H, b_ds_c, n_H, b_ds_n, n_H, b_ds_m, n_H);
+        CS_GEMM_NN_PACKED(rows, n_H, 4*n_H, b_dg_R_z_R_i_R_f_R_o__h + t * n_B * (4*n_H), 4*n_H, pk_R_z_R_i_R_f_R_o_nn, b_ds_h, n_H, 0);
     }
     CS_SPLIT_DONE();
     CS_TEAM_END

@@ -403,11 +403,6 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
     _ds_m = torch.zeros((_B, _H), dtype=_dtype, device=_device) if _d_final[3] is None else _d_final[3].to(_dtype).clone()
     _dx_x = torch.empty((_T, _B, _I), dtype=_dtype, device=_device)
     _dg_R_z_R_i_R_f_R_o__h = torch.empty((_T, _B, 4*_H), dtype=_dtype, device=_device)
-    _tmp_d_h_gemm = torch.empty((_B, _H), dtype=_dtype, device=_device)
-    _tmp_d_n_next = torch.empty((_B, _H), dtype=_dtype, device=_device)
-    _tmp_d_c_next = torch.empty((_B, _H), dtype=_dtype, device=_device)
-    _tmp_d_f = torch.empty((_B, _H), dtype=_dtype, device=_device)
-    _tmp_d_m_next = torch.empty((_B, _H), dtype=_dtype, device=_device)
     if _bs is not None:
         _dg_R_z_R_i_R_f_R_o__h.zero_()
     _s_c_at0 = _steps(_s_c, 0, _T, _bs)
@@ -426,12 +421,7 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
     _s_n_at1 = _steps(_s_n, 1, _T, _bs)
     _v_o_at0 = _steps(_v_o, 0, _T, _bs)
     _v_z_at0 = _steps(_v_z, 0, _T, _bs)
-    _tmp_d_n_next_rows = _rows(_tmp_d_n_next, _T, _bs)
-    _tmp_d_c_next_rows = _rows(_tmp_d_c_next, _T, _bs)
-    _tmp_d_f_rows = _rows(_tmp_d_f, _T, _bs)
-    _tmp_d_m_next_rows = _rows(_tmp_d_m_next, _T, _bs)
     _dg_R_z_R_i_R_f_R_o__h_at0 = _steps(_dg_R_z_R_i_R_f_R_o__h, 0, _T, _bs)
-    _tmp_d_h_gemm_rows = _rows(_tmp_d_h_gemm, _T, _bs)
     _grads = {}
     for _t in reversed(range(_T)):
         # stage 0 backward
@@ -469,33 +459,17 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
         d_R_i_h = d_it  # adjoint of R_i @ h
         d_R_f_h = d_ft  # adjoint of R_f @ h
         d_R_o_h = d_o*o*(1 - o)  # adjoint of R_o @ h
-        _tmp_d_n_next_rows[_t].copy_(d_n_next)
-        _tmp_d_c_next_rows[_t].copy_(d_c_next)
-        _tmp_d_f_rows[_t].copy_(d_f)
-        _tmp_d_m_next_rows[_t].copy_(d_m_next)
+        d_c_prev = d_c_next*f  # adjoint of state c, carried to the step before
+        d_n_prev = d_n_next*f  # adjoint of state n, carried to the step before
+        d_m_prev = d_m_next*_less_tie(it, t3) + t1  # adjoint of state m, carried to the step before
         _dg_R_z_R_i_R_f_R_o__h_at0[_t][:, 0:_H].copy_(d_R_z_h)
         _dg_R_z_R_i_R_f_R_o__h_at0[_t][:, _H:2*_H].copy_(d_R_i_h)
         _dg_R_z_R_i_R_f_R_o__h_at0[_t][:, 2*_H:3*_H].copy_(d_R_f_h)
         _dg_R_z_R_i_R_f_R_o__h_at0[_t][:, 3*_H:4*_H].copy_(d_R_o_h)
-        torch.mm(_dg_R_z_R_i_R_f_R_o__h_at0[_t], _w_R_z_R_i_R_f_R_o, out=_tmp_d_h_gemm_rows[_t])
-        # per-step adjoints of inputs, states, vector params, hoisted results
-        d_c_next = _tmp_d_c_next_rows[_t]
-        d_f = _tmp_d_f_rows[_t]
-        d_h_gemm = _tmp_d_h_gemm_rows[_t]
-        d_m_next = _tmp_d_m_next_rows[_t]
-        d_n_next = _tmp_d_n_next_rows[_t]
-        f = _v_f_at0[_t]
-        ft = _v_ft_at0[_t]
-        it = _v_it_at0[_t]
-        m = _s_m_at0[_t]
-        d_h = d_h_gemm  # adjoint of state h
-        d_c = d_c_next*f  # adjoint of state c
-        d_n = d_n_next*f  # adjoint of state n
-        d_m = d_f*f + d_m_next*_less_tie(it, ft + m)  # adjoint of state m
-        _ds_h_rows[_t].copy_(d_h)
-        _ds_c_rows[_t].copy_(d_c)
-        _ds_n_rows[_t].copy_(d_n)
-        _ds_m_rows[_t].copy_(d_m)
+        _ds_c_rows[_t].copy_(d_c_prev)
+        _ds_n_rows[_t].copy_(d_n_prev)
+        _ds_m_rows[_t].copy_(d_m_prev)
+        torch.mm(_dg_R_z_R_i_R_f_R_o__h_at0[_t], _w_R_z_R_i_R_f_R_o, out=_ds_h_rows[_t])
     # dW of R_z @ h, R_i @ h, R_f @ h, R_o @ h: one GEMM over all T*B rows
     _dw = _dg_R_z_R_i_R_f_R_o__h.reshape(_T * _B, 4*_H).T @ _s_h[:_T].reshape(_T * _B, _H)
     _grads["R_z"] = _dw[0:_H]
@@ -685,11 +659,6 @@ def _backward_differentiable(_params, _x, _saved, _d_outputs, _d_final, _bs=None
     _ds_m = torch.zeros((_B, _H), dtype=_dtype, device=_device) if _d_final[3] is None else _d_final[3].to(_dtype).clone()
     _dx_x = torch.zeros((_T, _B, _I), dtype=_dtype, device=_device)
     _dg_R_z_R_i_R_f_R_o__h = torch.zeros((_T, _B, 4*_H), dtype=_dtype, device=_device)
-    _tmp_d_h_gemm = torch.zeros((_B, _H), dtype=_dtype, device=_device)
-    _tmp_d_n_next = torch.zeros((_B, _H), dtype=_dtype, device=_device)
-    _tmp_d_c_next = torch.zeros((_B, _H), dtype=_dtype, device=_device)
-    _tmp_d_f = torch.zeros((_B, _H), dtype=_dtype, device=_device)
-    _tmp_d_m_next = torch.zeros((_B, _H), dtype=_dtype, device=_device)
     _dg_R_z_R_i_R_f_R_o__h_rows = list(_dg_R_z_R_i_R_f_R_o__h.unbind(0))
     _dx_x_rows = list(_dx_x.unbind(0))
     _s_c_rows = list(_s_c.unbind(0))
@@ -739,33 +708,17 @@ def _backward_differentiable(_params, _x, _saved, _d_outputs, _d_final, _bs=None
         d_R_i_h = d_it  # adjoint of R_i @ h
         d_R_f_h = d_ft  # adjoint of R_f @ h
         d_R_o_h = d_o*o*(1 - o)  # adjoint of R_o @ h
-        _tmp_d_n_next = d_n_next
-        _tmp_d_c_next = d_c_next
-        _tmp_d_f = d_f
-        _tmp_d_m_next = d_m_next
+        d_c_prev = d_c_next*f  # adjoint of state c, carried to the step before
+        d_n_prev = d_n_next*f  # adjoint of state n, carried to the step before
+        d_m_prev = d_m_next*_less_tie(it, t3) + t1  # adjoint of state m, carried to the step before
         _dg_R_z_R_i_R_f_R_o__h_rows[_t] = torch.slice_scatter(_dg_R_z_R_i_R_f_R_o__h_rows[_t], d_R_z_h, 1, 0, _H)
         _dg_R_z_R_i_R_f_R_o__h_rows[_t] = torch.slice_scatter(_dg_R_z_R_i_R_f_R_o__h_rows[_t], d_R_i_h, 1, _H, 2*_H)
         _dg_R_z_R_i_R_f_R_o__h_rows[_t] = torch.slice_scatter(_dg_R_z_R_i_R_f_R_o__h_rows[_t], d_R_f_h, 1, 2*_H, 3*_H)
         _dg_R_z_R_i_R_f_R_o__h_rows[_t] = torch.slice_scatter(_dg_R_z_R_i_R_f_R_o__h_rows[_t], d_R_o_h, 1, 3*_H, 4*_H)
-        _tmp_d_h_gemm = _dg_R_z_R_i_R_f_R_o__h_rows[_t] @ _w_R_z_R_i_R_f_R_o
-        # per-step adjoints of inputs, states, vector params, hoisted results
-        d_c_next = _tmp_d_c_next
-        d_f = _tmp_d_f
-        d_h_gemm = _tmp_d_h_gemm
-        d_m_next = _tmp_d_m_next
-        d_n_next = _tmp_d_n_next
-        f = _v_f_rows[_t]
-        ft = _v_ft_rows[_t]
-        it = _v_it_rows[_t]
-        m = _s_m_rows[_t]
-        d_h = d_h_gemm  # adjoint of state h
-        d_c = d_c_next*f  # adjoint of state c
-        d_n = d_n_next*f  # adjoint of state n
-        d_m = d_f*f + d_m_next*_less_tie(it, ft + m)  # adjoint of state m
-        _ds_h = d_h
-        _ds_c = d_c
-        _ds_n = d_n
-        _ds_m = d_m
+        _ds_c = d_c_prev
+        _ds_n = d_n_prev
+        _ds_m = d_m_prev
+        _ds_h = _dg_R_z_R_i_R_f_R_o__h_rows[_t] @ _w_R_z_R_i_R_f_R_o
     _dg_R_z_R_i_R_f_R_o__h = torch.stack(_dg_R_z_R_i_R_f_R_o__h_rows)
     # dW of R_z @ h, R_i @ h, R_f @ h, R_o @ h: one GEMM over all T*B rows
     _dw = _dg_R_z_R_i_R_f_R_o__h.reshape(_T * _B, 4*_H).T @ _s_h[:_T].reshape(_T * _B, _H)
@@ -947,7 +900,7 @@ def _custom_ops(name, forward, backward, forward_schema, backward_schema, forwar
 #: the PyTorch engine's forward and backward as custom ops (the engine itself is the fake:
 #: it runs on fake tensors)
 _ENGINE_OPS = _custom_ops(
-    "slstm_engine_053bf24eae24", _engine_op_forward_impl, _engine_op_backward_impl,
+    "slstm_engine_19d7641cca75", _engine_op_forward_impl, _engine_op_backward_impl,
     "(Tensor[] xs, Tensor[] states, Tensor[] params) -> Tensor[]",
     "(Tensor[] args, Tensor[] saved, Tensor?[] d_outputs, Tensor?[] d_finals) -> Tensor[]",
     _engine_op_forward_impl, _engine_op_backward_impl, _engine_op_backward, _engine_op_setup_context,
@@ -1322,7 +1275,7 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     if _bs is not None:  # outputs past a sequence's end are constant zeros
         _m = _native_active(_bs, _B, _xs)
         _d_outputs = tuple(None if _d is None else _d * _m for _d in _d_outputs)
-    dg_R_z_R_i_R_f_R_o__h, tmp_d_h_gemm, tmp_d_n_next, tmp_d_c_next, tmp_d_f, tmp_d_m_next = _scratch((_T, _B, 4*_H), (_B, _H), (_B, _H), (_B, _H), (_B, _H), (_B, _H))
+    dg_R_z_R_i_R_f_R_o__h, = _scratch((_T, _B, 4*_H))
     x_x = _xs[0].contiguous()
     s_h = _saved[0]
     s_c = _saved[1]
@@ -1347,14 +1300,14 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     _grads_0 = _gempty((4, _H)).unbind(0)
     _grads = {"W_z": _rows_dw_W_z_W_i_W_f_W_o[0], "R_z": _rows_dw_R_z_R_i_R_f_R_o[0], "b_z": _grads_0[0], "W_i": _rows_dw_W_z_W_i_W_f_W_o[1], "R_i": _rows_dw_R_z_R_i_R_f_R_o[1], "b_i": _grads_0[1], "W_f": _rows_dw_W_z_W_i_W_f_W_o[2], "R_f": _rows_dw_R_z_R_i_R_f_R_o[2], "b_f": _grads_0[2], "W_o": _rows_dw_W_z_W_i_W_f_W_o[3], "R_o": _rows_dw_R_z_R_i_R_f_R_o[3], "b_o": _grads_0[3]}
     if _lib is not None:
-        _lib("backward", _dims, [x_x, s_h, s_c, s_n, s_m, v_z, v_it, v_ft, v_o, v_i, v_f, dout_h_next, ds_h, ds_c, ds_n, ds_m, dx_x, dg_R_z_R_i_R_f_R_o__h, tmp_d_h_gemm, tmp_d_n_next, tmp_d_c_next, tmp_d_f, tmp_d_m_next, dw_R_z_R_i_R_f_R_o, dw_W_z_W_i_W_f_W_o, _stacked(_params["W_z"], _params["W_i"], _params["W_f"], _params["W_o"]), _stacked(_params["R_z"], _params["R_i"], _params["R_f"], _params["R_o"]), *_grads.values(), _bs])
+        _lib("backward", _dims, [x_x, s_h, s_c, s_n, s_m, v_z, v_it, v_ft, v_o, v_i, v_f, dout_h_next, ds_h, ds_c, ds_n, ds_m, dx_x, dg_R_z_R_i_R_f_R_o__h, dw_R_z_R_i_R_f_R_o, dw_W_z_W_i_W_f_W_o, _stacked(_params["W_z"], _params["W_i"], _params["W_f"], _params["W_o"]), _stacked(_params["R_z"], _params["R_i"], _params["R_f"], _params["R_o"]), *_grads.values(), _bs])
     return _grads, (dx_x,), (ds_h, ds_c, ds_n, ds_m,)
 
 
 # The same two calls as PyTorch custom ops, for torch.compile (which traces them through their
 # fake implementations: the allocations above, without the call). Registered once per process
 # and content of this file; outputs are copies (an op's outputs may not alias each other).
-_OP = "slstm_08deaec39eeb"
+_OP = "slstm_163f956d0a92"
 
 
 def _op_forward_impl(xs: list[torch.Tensor], states: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -1469,140 +1469,30 @@ __host__ __device__ inline void sru_backward_bwd0_H(
     real c_next,
     real d_c,
     real d_h_out,
-    real r,
-    real& d_h,  // out
-    real& d_r,  // out
-    real& d_c_next,  // out
-    real& d_f)  // out
-{
-    // adjoint of h
-    d_h = d_h_out;
-    // adjoint of r
-    d_r = d_h*(-W_s_x + c_next);
-    // adjoint of c'
-    d_c_next = d_c + d_h*r;
-    // adjoint of f
-    d_f = d_c_next*(-W_x + c);
-}
-
-#ifdef __CUDACC__
-template <typename S>
-__global__ void sru_backward_bwd0_H_kernel(int64_t _rows, int64_t _cols, const S* __restrict__ _p_W_s_x, int64_t _ld_W_s_x, const S* __restrict__ _p_W_x, int64_t _ld_W_x, const S* __restrict__ _p_c, int64_t _ld_c, const S* __restrict__ _p_c_next, int64_t _ld_c_next, const S* __restrict__ _p_d_c, int64_t _ld_d_c, const S* __restrict__ _p_d_h_out, int64_t _ld_d_h_out, const S* __restrict__ _p_r, int64_t _ld_r, S* __restrict__ _p_d_h, int64_t _ld_d_h, S* __restrict__ _p_d_r, int64_t _ld_d_r, S* __restrict__ _p_d_c_next, int64_t _ld_d_c_next, S* __restrict__ _p_d_f, int64_t _ld_d_f)
-{
-    typedef typename cs_math<S>::type M;
-    const int64_t _j = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (_j >= _cols) return;
-    for (int64_t _r = blockIdx.y; _r < _rows; _r += gridDim.y) {
-        M W_s_x = cs_load(_p_W_s_x[_r * _ld_W_s_x + _j]);
-        M W_x = cs_load(_p_W_x[_r * _ld_W_x + _j]);
-        M c = cs_load(_p_c[_r * _ld_c + _j]);
-        M c_next = cs_load(_p_c_next[_r * _ld_c_next + _j]);
-        M d_c = cs_load(_p_d_c[_r * _ld_d_c + _j]);
-        M d_h_out = cs_load(_p_d_h_out[_r * _ld_d_h_out + _j]);
-        M r = cs_load(_p_r[_r * _ld_r + _j]);
-        M d_h;
-        M d_r;
-        M d_c_next;
-        M d_f;
-        sru_backward_bwd0_H<M>(W_s_x, W_x, c, c_next, d_c, d_h_out, r, d_h, d_r, d_c_next, d_f);
-        cs_store(&_p_d_h[_r * _ld_d_h + _j], d_h);
-        cs_store(&_p_d_r[_r * _ld_d_r + _j], d_r);
-        cs_store(&_p_d_c_next[_r * _ld_d_c_next + _j], d_c_next);
-        cs_store(&_p_d_f[_r * _ld_d_f + _j], d_f);
-    }
-}
-
-template <typename S>
-static int sru_backward_bwd0_H_launch(int64_t _rows, int64_t _cols, const void* _p_W_s_x, int64_t _ld_W_s_x, const void* _p_W_x, int64_t _ld_W_x, const void* _p_c, int64_t _ld_c, const void* _p_c_next, int64_t _ld_c_next, const void* _p_d_c, int64_t _ld_d_c, const void* _p_d_h_out, int64_t _ld_d_h_out, const void* _p_r, int64_t _ld_r, void* _p_d_h, int64_t _ld_d_h, void* _p_d_r, int64_t _ld_d_r, void* _p_d_c_next, int64_t _ld_d_c_next, void* _p_d_f, int64_t _ld_d_f, void* _stream)
-{
-    if (_rows <= 0 || _cols <= 0) return 0;
-    dim3 _grid, _block;
-    cs_grid(_rows, _cols, &_grid, &_block);
-    sru_backward_bwd0_H_kernel<S><<<_grid, _block, 0, (cudaStream_t)_stream>>>(_rows, _cols, (const S*)_p_W_s_x, _ld_W_s_x, (const S*)_p_W_x, _ld_W_x, (const S*)_p_c, _ld_c, (const S*)_p_c_next, _ld_c_next, (const S*)_p_d_c, _ld_d_c, (const S*)_p_d_h_out, _ld_d_h_out, (const S*)_p_r, _ld_r, (S*)_p_d_h, _ld_d_h, (S*)_p_d_r, _ld_d_r, (S*)_p_d_c_next, _ld_d_c_next, (S*)_p_d_f, _ld_d_f);
-    return (int)cudaGetLastError();
-}
-
-extern "C" int sru_backward_bwd0_H_cuda_f32(int64_t _rows, int64_t _cols, const void* _p_W_s_x, int64_t _ld_W_s_x, const void* _p_W_x, int64_t _ld_W_x, const void* _p_c, int64_t _ld_c, const void* _p_c_next, int64_t _ld_c_next, const void* _p_d_c, int64_t _ld_d_c, const void* _p_d_h_out, int64_t _ld_d_h_out, const void* _p_r, int64_t _ld_r, void* _p_d_h, int64_t _ld_d_h, void* _p_d_r, int64_t _ld_d_r, void* _p_d_c_next, int64_t _ld_d_c_next, void* _p_d_f, int64_t _ld_d_f, void* _stream)
-{
-    return sru_backward_bwd0_H_launch<float>(_rows, _cols, _p_W_s_x, _ld_W_s_x, _p_W_x, _ld_W_x, _p_c, _ld_c, _p_c_next, _ld_c_next, _p_d_c, _ld_d_c, _p_d_h_out, _ld_d_h_out, _p_r, _ld_r, _p_d_h, _ld_d_h, _p_d_r, _ld_d_r, _p_d_c_next, _ld_d_c_next, _p_d_f, _ld_d_f, _stream);
-}
-extern "C" int sru_backward_bwd0_H_cuda_f64(int64_t _rows, int64_t _cols, const void* _p_W_s_x, int64_t _ld_W_s_x, const void* _p_W_x, int64_t _ld_W_x, const void* _p_c, int64_t _ld_c, const void* _p_c_next, int64_t _ld_c_next, const void* _p_d_c, int64_t _ld_d_c, const void* _p_d_h_out, int64_t _ld_d_h_out, const void* _p_r, int64_t _ld_r, void* _p_d_h, int64_t _ld_d_h, void* _p_d_r, int64_t _ld_d_r, void* _p_d_c_next, int64_t _ld_d_c_next, void* _p_d_f, int64_t _ld_d_f, void* _stream)
-{
-    return sru_backward_bwd0_H_launch<double>(_rows, _cols, _p_W_s_x, _ld_W_s_x, _p_W_x, _ld_W_x, _p_c, _ld_c, _p_c_next, _ld_c_next, _p_d_c, _ld_d_c, _p_d_h_out, _ld_d_h_out, _p_r, _ld_r, _p_d_h, _ld_d_h, _p_d_r, _ld_d_r, _p_d_c_next, _ld_d_c_next, _p_d_f, _ld_d_f, _stream);
-}
-extern "C" int sru_backward_bwd0_H_cuda_f16(int64_t _rows, int64_t _cols, const void* _p_W_s_x, int64_t _ld_W_s_x, const void* _p_W_x, int64_t _ld_W_x, const void* _p_c, int64_t _ld_c, const void* _p_c_next, int64_t _ld_c_next, const void* _p_d_c, int64_t _ld_d_c, const void* _p_d_h_out, int64_t _ld_d_h_out, const void* _p_r, int64_t _ld_r, void* _p_d_h, int64_t _ld_d_h, void* _p_d_r, int64_t _ld_d_r, void* _p_d_c_next, int64_t _ld_d_c_next, void* _p_d_f, int64_t _ld_d_f, void* _stream)
-{
-    return sru_backward_bwd0_H_launch<__half>(_rows, _cols, _p_W_s_x, _ld_W_s_x, _p_W_x, _ld_W_x, _p_c, _ld_c, _p_c_next, _ld_c_next, _p_d_c, _ld_d_c, _p_d_h_out, _ld_d_h_out, _p_r, _ld_r, _p_d_h, _ld_d_h, _p_d_r, _ld_d_r, _p_d_c_next, _ld_d_c_next, _p_d_f, _ld_d_f, _stream);
-}
-extern "C" int sru_backward_bwd0_H_cuda_bf16(int64_t _rows, int64_t _cols, const void* _p_W_s_x, int64_t _ld_W_s_x, const void* _p_W_x, int64_t _ld_W_x, const void* _p_c, int64_t _ld_c, const void* _p_c_next, int64_t _ld_c_next, const void* _p_d_c, int64_t _ld_d_c, const void* _p_d_h_out, int64_t _ld_d_h_out, const void* _p_r, int64_t _ld_r, void* _p_d_h, int64_t _ld_d_h, void* _p_d_r, int64_t _ld_d_r, void* _p_d_c_next, int64_t _ld_d_c_next, void* _p_d_f, int64_t _ld_d_f, void* _stream)
-{
-    return sru_backward_bwd0_H_launch<__nv_bfloat16>(_rows, _cols, _p_W_s_x, _ld_W_s_x, _p_W_x, _ld_W_x, _p_c, _ld_c, _p_c_next, _ld_c_next, _p_d_c, _ld_d_c, _p_d_h_out, _ld_d_h_out, _p_r, _ld_r, _p_d_h, _ld_d_h, _p_d_r, _ld_d_r, _p_d_c_next, _ld_d_c_next, _p_d_f, _ld_d_f, _stream);
-}
-#endif  // __CUDACC__
-
-template <typename real>
-static inline void sru_backward_bwd0_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_W_s_x, int64_t _ld_W_s_x, const real* __restrict__ _p_W_x, int64_t _ld_W_x, const real* __restrict__ _p_c, int64_t _ld_c, const real* __restrict__ _p_c_next, int64_t _ld_c_next, const real* __restrict__ _p_d_c, int64_t _ld_d_c, const real* __restrict__ _p_d_h_out, int64_t _ld_d_h_out, const real* __restrict__ _p_r, int64_t _ld_r, real* __restrict__ _p_d_h, int64_t _ld_d_h, real* __restrict__ _p_d_r, int64_t _ld_d_r, real* __restrict__ _p_d_c_next, int64_t _ld_d_c_next, real* __restrict__ _p_d_f, int64_t _ld_d_f)
-{
-    cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
-#pragma omp simd
-        for (int64_t _j = 0; _j < _cols; ++_j) {
-            real W_s_x = _p_W_s_x[_r * _ld_W_s_x + _j];
-            real W_x = _p_W_x[_r * _ld_W_x + _j];
-            real c = _p_c[_r * _ld_c + _j];
-            real c_next = _p_c_next[_r * _ld_c_next + _j];
-            real d_c = _p_d_c[_r * _ld_d_c + _j];
-            real d_h_out = _p_d_h_out[_r * _ld_d_h_out + _j];
-            real r = _p_r[_r * _ld_r + _j];
-            real d_h;
-            real d_r;
-            real d_c_next;
-            real d_f;
-            sru_backward_bwd0_H<real>(W_s_x, W_x, c, c_next, d_c, d_h_out, r, d_h, d_r, d_c_next, d_f);
-            _p_d_h[_r * _ld_d_h + _j] = d_h;
-            _p_d_r[_r * _ld_d_r + _j] = d_r;
-            _p_d_c_next[_r * _ld_d_c_next + _j] = d_c_next;
-            _p_d_f[_r * _ld_d_f + _j] = d_f;
-        }
-    });
-}
-
-extern "C" void sru_backward_bwd0_H_f32(int64_t _rows, int64_t _cols, const float* _p_W_s_x, int64_t _ld_W_s_x, const float* _p_W_x, int64_t _ld_W_x, const float* _p_c, int64_t _ld_c, const float* _p_c_next, int64_t _ld_c_next, const float* _p_d_c, int64_t _ld_d_c, const float* _p_d_h_out, int64_t _ld_d_h_out, const float* _p_r, int64_t _ld_r, float* _p_d_h, int64_t _ld_d_h, float* _p_d_r, int64_t _ld_d_r, float* _p_d_c_next, int64_t _ld_d_c_next, float* _p_d_f, int64_t _ld_d_f)
-{
-    sru_backward_bwd0_H_host<float>(_rows, _cols, _p_W_s_x, _ld_W_s_x, _p_W_x, _ld_W_x, _p_c, _ld_c, _p_c_next, _ld_c_next, _p_d_c, _ld_d_c, _p_d_h_out, _ld_d_h_out, _p_r, _ld_r, _p_d_h, _ld_d_h, _p_d_r, _ld_d_r, _p_d_c_next, _ld_d_c_next, _p_d_f, _ld_d_f);
-}
-extern "C" void sru_backward_bwd0_H_f64(int64_t _rows, int64_t _cols, const double* _p_W_s_x, int64_t _ld_W_s_x, const double* _p_W_x, int64_t _ld_W_x, const double* _p_c, int64_t _ld_c, const double* _p_c_next, int64_t _ld_c_next, const double* _p_d_c, int64_t _ld_d_c, const double* _p_d_h_out, int64_t _ld_d_h_out, const double* _p_r, int64_t _ld_r, double* _p_d_h, int64_t _ld_d_h, double* _p_d_r, int64_t _ld_d_r, double* _p_d_c_next, int64_t _ld_d_c_next, double* _p_d_f, int64_t _ld_d_f)
-{
-    sru_backward_bwd0_H_host<double>(_rows, _cols, _p_W_s_x, _ld_W_s_x, _p_W_x, _ld_W_x, _p_c, _ld_c, _p_c_next, _ld_c_next, _p_d_c, _ld_d_c, _p_d_h_out, _ld_d_h_out, _p_r, _ld_r, _p_d_h, _ld_d_h, _p_d_r, _ld_d_r, _p_d_c_next, _ld_d_c_next, _p_d_f, _ld_d_f);
-}
-
-// =============================================================================================
-// sru_backward_bwd_leaf_H: backward: per-step adjoints of inputs, states, vector params, hoisted results, units of size H
-// =============================================================================================
-template <typename real>
-__host__ __device__ inline void sru_backward_bwd_leaf_H(
-    real c,
-    real d_c_next,
-    real d_f,
-    real d_h,
-    real d_r,
     real f,
     real r,
     real v_f,
     real v_r,
-    real& d_c,  // out
     real& d_v_f,  // out
     real& d_b_f,  // out
     real& d_v_r,  // out
     real& d_b_r,  // out
     real& d_W_x,  // out
-    real& d_W_s_x)  // out
+    real& d_W_s_x,  // out
+    real& d_c_prev)  // out
 {
+    // adjoint of h
+    const real d_h = d_h_out;
+    // adjoint of r
+    const real d_r = d_h*(-W_s_x + c_next);
+    // adjoint of c'
+    const real d_c_next = d_c + d_h*r;
+    // adjoint of f
+    const real d_f = d_c_next*(-W_x + c);
     const real t0 = real(1.0) - f;
     const real t1 = d_f*f*t0;
     const real t2 = real(1.0) - r;
     const real t3 = d_r*r*t2;
-    // adjoint of state c
-    d_c = d_c_next*f + t1*v_f + t3*v_r;
     // adjoint of param v_f
     d_v_f = c*t1;
     // adjoint of param b_f
@@ -1615,112 +1505,116 @@ __host__ __device__ inline void sru_backward_bwd_leaf_H(
     d_W_x = d_c_next*t0;
     // adjoint of hoisted projection W_s_x
     d_W_s_x = d_h*t2;
+    // adjoint of state c, carried to the step before
+    d_c_prev = d_c_next*f + t1*v_f + t3*v_r;
 }
 
 #ifdef __CUDACC__
 template <typename S>
-__global__ void sru_backward_bwd_leaf_H_kernel(int64_t _rows, int64_t _cols, const S* __restrict__ _p_c, int64_t _ld_c, const S* __restrict__ _p_d_c_next, int64_t _ld_d_c_next, const S* __restrict__ _p_d_f, int64_t _ld_d_f, const S* __restrict__ _p_d_h, int64_t _ld_d_h, const S* __restrict__ _p_d_r, int64_t _ld_d_r, const S* __restrict__ _p_f, int64_t _ld_f, const S* __restrict__ _p_r, int64_t _ld_r, const S* __restrict__ _p_v_f, int64_t _ld_v_f, const S* __restrict__ _p_v_r, int64_t _ld_v_r, S* __restrict__ _p_d_c, int64_t _ld_d_c, S* __restrict__ _p_d_v_f, int64_t _ld_d_v_f, S* __restrict__ _p_d_b_f, int64_t _ld_d_b_f, S* __restrict__ _p_d_v_r, int64_t _ld_d_v_r, S* __restrict__ _p_d_b_r, int64_t _ld_d_b_r, S* __restrict__ _p_d_W_x, int64_t _ld_d_W_x, S* __restrict__ _p_d_W_s_x, int64_t _ld_d_W_s_x)
+__global__ void sru_backward_bwd0_H_kernel(int64_t _rows, int64_t _cols, const S* __restrict__ _p_W_s_x, int64_t _ld_W_s_x, const S* __restrict__ _p_W_x, int64_t _ld_W_x, const S* __restrict__ _p_c, int64_t _ld_c, const S* __restrict__ _p_c_next, int64_t _ld_c_next, const S* __restrict__ _p_d_c, int64_t _ld_d_c, const S* __restrict__ _p_d_h_out, int64_t _ld_d_h_out, const S* __restrict__ _p_f, int64_t _ld_f, const S* __restrict__ _p_r, int64_t _ld_r, const S* __restrict__ _p_v_f, int64_t _ld_v_f, const S* __restrict__ _p_v_r, int64_t _ld_v_r, S* __restrict__ _p_d_v_f, int64_t _ld_d_v_f, S* __restrict__ _p_d_b_f, int64_t _ld_d_b_f, S* __restrict__ _p_d_v_r, int64_t _ld_d_v_r, S* __restrict__ _p_d_b_r, int64_t _ld_d_b_r, S* __restrict__ _p_d_W_x, int64_t _ld_d_W_x, S* __restrict__ _p_d_W_s_x, int64_t _ld_d_W_s_x, S* __restrict__ _p_d_c_prev, int64_t _ld_d_c_prev)
 {
     typedef typename cs_math<S>::type M;
     const int64_t _j = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (_j >= _cols) return;
     for (int64_t _r = blockIdx.y; _r < _rows; _r += gridDim.y) {
+        M W_s_x = cs_load(_p_W_s_x[_r * _ld_W_s_x + _j]);
+        M W_x = cs_load(_p_W_x[_r * _ld_W_x + _j]);
         M c = cs_load(_p_c[_r * _ld_c + _j]);
-        M d_c_next = cs_load(_p_d_c_next[_r * _ld_d_c_next + _j]);
-        M d_f = cs_load(_p_d_f[_r * _ld_d_f + _j]);
-        M d_h = cs_load(_p_d_h[_r * _ld_d_h + _j]);
-        M d_r = cs_load(_p_d_r[_r * _ld_d_r + _j]);
+        M c_next = cs_load(_p_c_next[_r * _ld_c_next + _j]);
+        M d_c = cs_load(_p_d_c[_r * _ld_d_c + _j]);
+        M d_h_out = cs_load(_p_d_h_out[_r * _ld_d_h_out + _j]);
         M f = cs_load(_p_f[_r * _ld_f + _j]);
         M r = cs_load(_p_r[_r * _ld_r + _j]);
         M v_f = cs_load(_p_v_f[_r * _ld_v_f + _j]);
         M v_r = cs_load(_p_v_r[_r * _ld_v_r + _j]);
-        M d_c;
         M d_v_f;
         M d_b_f;
         M d_v_r;
         M d_b_r;
         M d_W_x;
         M d_W_s_x;
-        sru_backward_bwd_leaf_H<M>(c, d_c_next, d_f, d_h, d_r, f, r, v_f, v_r, d_c, d_v_f, d_b_f, d_v_r, d_b_r, d_W_x, d_W_s_x);
-        cs_store(&_p_d_c[_r * _ld_d_c + _j], d_c);
+        M d_c_prev;
+        sru_backward_bwd0_H<M>(W_s_x, W_x, c, c_next, d_c, d_h_out, f, r, v_f, v_r, d_v_f, d_b_f, d_v_r, d_b_r, d_W_x, d_W_s_x, d_c_prev);
         cs_store(&_p_d_v_f[_r * _ld_d_v_f + _j], d_v_f);
         cs_store(&_p_d_b_f[_r * _ld_d_b_f + _j], d_b_f);
         cs_store(&_p_d_v_r[_r * _ld_d_v_r + _j], d_v_r);
         cs_store(&_p_d_b_r[_r * _ld_d_b_r + _j], d_b_r);
         cs_store(&_p_d_W_x[_r * _ld_d_W_x + _j], d_W_x);
         cs_store(&_p_d_W_s_x[_r * _ld_d_W_s_x + _j], d_W_s_x);
+        cs_store(&_p_d_c_prev[_r * _ld_d_c_prev + _j], d_c_prev);
     }
 }
 
 template <typename S>
-static int sru_backward_bwd_leaf_H_launch(int64_t _rows, int64_t _cols, const void* _p_c, int64_t _ld_c, const void* _p_d_c_next, int64_t _ld_d_c_next, const void* _p_d_f, int64_t _ld_d_f, const void* _p_d_h, int64_t _ld_d_h, const void* _p_d_r, int64_t _ld_d_r, const void* _p_f, int64_t _ld_f, const void* _p_r, int64_t _ld_r, const void* _p_v_f, int64_t _ld_v_f, const void* _p_v_r, int64_t _ld_v_r, void* _p_d_c, int64_t _ld_d_c, void* _p_d_v_f, int64_t _ld_d_v_f, void* _p_d_b_f, int64_t _ld_d_b_f, void* _p_d_v_r, int64_t _ld_d_v_r, void* _p_d_b_r, int64_t _ld_d_b_r, void* _p_d_W_x, int64_t _ld_d_W_x, void* _p_d_W_s_x, int64_t _ld_d_W_s_x, void* _stream)
+static int sru_backward_bwd0_H_launch(int64_t _rows, int64_t _cols, const void* _p_W_s_x, int64_t _ld_W_s_x, const void* _p_W_x, int64_t _ld_W_x, const void* _p_c, int64_t _ld_c, const void* _p_c_next, int64_t _ld_c_next, const void* _p_d_c, int64_t _ld_d_c, const void* _p_d_h_out, int64_t _ld_d_h_out, const void* _p_f, int64_t _ld_f, const void* _p_r, int64_t _ld_r, const void* _p_v_f, int64_t _ld_v_f, const void* _p_v_r, int64_t _ld_v_r, void* _p_d_v_f, int64_t _ld_d_v_f, void* _p_d_b_f, int64_t _ld_d_b_f, void* _p_d_v_r, int64_t _ld_d_v_r, void* _p_d_b_r, int64_t _ld_d_b_r, void* _p_d_W_x, int64_t _ld_d_W_x, void* _p_d_W_s_x, int64_t _ld_d_W_s_x, void* _p_d_c_prev, int64_t _ld_d_c_prev, void* _stream)
 {
     if (_rows <= 0 || _cols <= 0) return 0;
     dim3 _grid, _block;
     cs_grid(_rows, _cols, &_grid, &_block);
-    sru_backward_bwd_leaf_H_kernel<S><<<_grid, _block, 0, (cudaStream_t)_stream>>>(_rows, _cols, (const S*)_p_c, _ld_c, (const S*)_p_d_c_next, _ld_d_c_next, (const S*)_p_d_f, _ld_d_f, (const S*)_p_d_h, _ld_d_h, (const S*)_p_d_r, _ld_d_r, (const S*)_p_f, _ld_f, (const S*)_p_r, _ld_r, (const S*)_p_v_f, _ld_v_f, (const S*)_p_v_r, _ld_v_r, (S*)_p_d_c, _ld_d_c, (S*)_p_d_v_f, _ld_d_v_f, (S*)_p_d_b_f, _ld_d_b_f, (S*)_p_d_v_r, _ld_d_v_r, (S*)_p_d_b_r, _ld_d_b_r, (S*)_p_d_W_x, _ld_d_W_x, (S*)_p_d_W_s_x, _ld_d_W_s_x);
+    sru_backward_bwd0_H_kernel<S><<<_grid, _block, 0, (cudaStream_t)_stream>>>(_rows, _cols, (const S*)_p_W_s_x, _ld_W_s_x, (const S*)_p_W_x, _ld_W_x, (const S*)_p_c, _ld_c, (const S*)_p_c_next, _ld_c_next, (const S*)_p_d_c, _ld_d_c, (const S*)_p_d_h_out, _ld_d_h_out, (const S*)_p_f, _ld_f, (const S*)_p_r, _ld_r, (const S*)_p_v_f, _ld_v_f, (const S*)_p_v_r, _ld_v_r, (S*)_p_d_v_f, _ld_d_v_f, (S*)_p_d_b_f, _ld_d_b_f, (S*)_p_d_v_r, _ld_d_v_r, (S*)_p_d_b_r, _ld_d_b_r, (S*)_p_d_W_x, _ld_d_W_x, (S*)_p_d_W_s_x, _ld_d_W_s_x, (S*)_p_d_c_prev, _ld_d_c_prev);
     return (int)cudaGetLastError();
 }
 
-extern "C" int sru_backward_bwd_leaf_H_cuda_f32(int64_t _rows, int64_t _cols, const void* _p_c, int64_t _ld_c, const void* _p_d_c_next, int64_t _ld_d_c_next, const void* _p_d_f, int64_t _ld_d_f, const void* _p_d_h, int64_t _ld_d_h, const void* _p_d_r, int64_t _ld_d_r, const void* _p_f, int64_t _ld_f, const void* _p_r, int64_t _ld_r, const void* _p_v_f, int64_t _ld_v_f, const void* _p_v_r, int64_t _ld_v_r, void* _p_d_c, int64_t _ld_d_c, void* _p_d_v_f, int64_t _ld_d_v_f, void* _p_d_b_f, int64_t _ld_d_b_f, void* _p_d_v_r, int64_t _ld_d_v_r, void* _p_d_b_r, int64_t _ld_d_b_r, void* _p_d_W_x, int64_t _ld_d_W_x, void* _p_d_W_s_x, int64_t _ld_d_W_s_x, void* _stream)
+extern "C" int sru_backward_bwd0_H_cuda_f32(int64_t _rows, int64_t _cols, const void* _p_W_s_x, int64_t _ld_W_s_x, const void* _p_W_x, int64_t _ld_W_x, const void* _p_c, int64_t _ld_c, const void* _p_c_next, int64_t _ld_c_next, const void* _p_d_c, int64_t _ld_d_c, const void* _p_d_h_out, int64_t _ld_d_h_out, const void* _p_f, int64_t _ld_f, const void* _p_r, int64_t _ld_r, const void* _p_v_f, int64_t _ld_v_f, const void* _p_v_r, int64_t _ld_v_r, void* _p_d_v_f, int64_t _ld_d_v_f, void* _p_d_b_f, int64_t _ld_d_b_f, void* _p_d_v_r, int64_t _ld_d_v_r, void* _p_d_b_r, int64_t _ld_d_b_r, void* _p_d_W_x, int64_t _ld_d_W_x, void* _p_d_W_s_x, int64_t _ld_d_W_s_x, void* _p_d_c_prev, int64_t _ld_d_c_prev, void* _stream)
 {
-    return sru_backward_bwd_leaf_H_launch<float>(_rows, _cols, _p_c, _ld_c, _p_d_c_next, _ld_d_c_next, _p_d_f, _ld_d_f, _p_d_h, _ld_d_h, _p_d_r, _ld_d_r, _p_f, _ld_f, _p_r, _ld_r, _p_v_f, _ld_v_f, _p_v_r, _ld_v_r, _p_d_c, _ld_d_c, _p_d_v_f, _ld_d_v_f, _p_d_b_f, _ld_d_b_f, _p_d_v_r, _ld_d_v_r, _p_d_b_r, _ld_d_b_r, _p_d_W_x, _ld_d_W_x, _p_d_W_s_x, _ld_d_W_s_x, _stream);
+    return sru_backward_bwd0_H_launch<float>(_rows, _cols, _p_W_s_x, _ld_W_s_x, _p_W_x, _ld_W_x, _p_c, _ld_c, _p_c_next, _ld_c_next, _p_d_c, _ld_d_c, _p_d_h_out, _ld_d_h_out, _p_f, _ld_f, _p_r, _ld_r, _p_v_f, _ld_v_f, _p_v_r, _ld_v_r, _p_d_v_f, _ld_d_v_f, _p_d_b_f, _ld_d_b_f, _p_d_v_r, _ld_d_v_r, _p_d_b_r, _ld_d_b_r, _p_d_W_x, _ld_d_W_x, _p_d_W_s_x, _ld_d_W_s_x, _p_d_c_prev, _ld_d_c_prev, _stream);
 }
-extern "C" int sru_backward_bwd_leaf_H_cuda_f64(int64_t _rows, int64_t _cols, const void* _p_c, int64_t _ld_c, const void* _p_d_c_next, int64_t _ld_d_c_next, const void* _p_d_f, int64_t _ld_d_f, const void* _p_d_h, int64_t _ld_d_h, const void* _p_d_r, int64_t _ld_d_r, const void* _p_f, int64_t _ld_f, const void* _p_r, int64_t _ld_r, const void* _p_v_f, int64_t _ld_v_f, const void* _p_v_r, int64_t _ld_v_r, void* _p_d_c, int64_t _ld_d_c, void* _p_d_v_f, int64_t _ld_d_v_f, void* _p_d_b_f, int64_t _ld_d_b_f, void* _p_d_v_r, int64_t _ld_d_v_r, void* _p_d_b_r, int64_t _ld_d_b_r, void* _p_d_W_x, int64_t _ld_d_W_x, void* _p_d_W_s_x, int64_t _ld_d_W_s_x, void* _stream)
+extern "C" int sru_backward_bwd0_H_cuda_f64(int64_t _rows, int64_t _cols, const void* _p_W_s_x, int64_t _ld_W_s_x, const void* _p_W_x, int64_t _ld_W_x, const void* _p_c, int64_t _ld_c, const void* _p_c_next, int64_t _ld_c_next, const void* _p_d_c, int64_t _ld_d_c, const void* _p_d_h_out, int64_t _ld_d_h_out, const void* _p_f, int64_t _ld_f, const void* _p_r, int64_t _ld_r, const void* _p_v_f, int64_t _ld_v_f, const void* _p_v_r, int64_t _ld_v_r, void* _p_d_v_f, int64_t _ld_d_v_f, void* _p_d_b_f, int64_t _ld_d_b_f, void* _p_d_v_r, int64_t _ld_d_v_r, void* _p_d_b_r, int64_t _ld_d_b_r, void* _p_d_W_x, int64_t _ld_d_W_x, void* _p_d_W_s_x, int64_t _ld_d_W_s_x, void* _p_d_c_prev, int64_t _ld_d_c_prev, void* _stream)
 {
-    return sru_backward_bwd_leaf_H_launch<double>(_rows, _cols, _p_c, _ld_c, _p_d_c_next, _ld_d_c_next, _p_d_f, _ld_d_f, _p_d_h, _ld_d_h, _p_d_r, _ld_d_r, _p_f, _ld_f, _p_r, _ld_r, _p_v_f, _ld_v_f, _p_v_r, _ld_v_r, _p_d_c, _ld_d_c, _p_d_v_f, _ld_d_v_f, _p_d_b_f, _ld_d_b_f, _p_d_v_r, _ld_d_v_r, _p_d_b_r, _ld_d_b_r, _p_d_W_x, _ld_d_W_x, _p_d_W_s_x, _ld_d_W_s_x, _stream);
+    return sru_backward_bwd0_H_launch<double>(_rows, _cols, _p_W_s_x, _ld_W_s_x, _p_W_x, _ld_W_x, _p_c, _ld_c, _p_c_next, _ld_c_next, _p_d_c, _ld_d_c, _p_d_h_out, _ld_d_h_out, _p_f, _ld_f, _p_r, _ld_r, _p_v_f, _ld_v_f, _p_v_r, _ld_v_r, _p_d_v_f, _ld_d_v_f, _p_d_b_f, _ld_d_b_f, _p_d_v_r, _ld_d_v_r, _p_d_b_r, _ld_d_b_r, _p_d_W_x, _ld_d_W_x, _p_d_W_s_x, _ld_d_W_s_x, _p_d_c_prev, _ld_d_c_prev, _stream);
 }
-extern "C" int sru_backward_bwd_leaf_H_cuda_f16(int64_t _rows, int64_t _cols, const void* _p_c, int64_t _ld_c, const void* _p_d_c_next, int64_t _ld_d_c_next, const void* _p_d_f, int64_t _ld_d_f, const void* _p_d_h, int64_t _ld_d_h, const void* _p_d_r, int64_t _ld_d_r, const void* _p_f, int64_t _ld_f, const void* _p_r, int64_t _ld_r, const void* _p_v_f, int64_t _ld_v_f, const void* _p_v_r, int64_t _ld_v_r, void* _p_d_c, int64_t _ld_d_c, void* _p_d_v_f, int64_t _ld_d_v_f, void* _p_d_b_f, int64_t _ld_d_b_f, void* _p_d_v_r, int64_t _ld_d_v_r, void* _p_d_b_r, int64_t _ld_d_b_r, void* _p_d_W_x, int64_t _ld_d_W_x, void* _p_d_W_s_x, int64_t _ld_d_W_s_x, void* _stream)
+extern "C" int sru_backward_bwd0_H_cuda_f16(int64_t _rows, int64_t _cols, const void* _p_W_s_x, int64_t _ld_W_s_x, const void* _p_W_x, int64_t _ld_W_x, const void* _p_c, int64_t _ld_c, const void* _p_c_next, int64_t _ld_c_next, const void* _p_d_c, int64_t _ld_d_c, const void* _p_d_h_out, int64_t _ld_d_h_out, const void* _p_f, int64_t _ld_f, const void* _p_r, int64_t _ld_r, const void* _p_v_f, int64_t _ld_v_f, const void* _p_v_r, int64_t _ld_v_r, void* _p_d_v_f, int64_t _ld_d_v_f, void* _p_d_b_f, int64_t _ld_d_b_f, void* _p_d_v_r, int64_t _ld_d_v_r, void* _p_d_b_r, int64_t _ld_d_b_r, void* _p_d_W_x, int64_t _ld_d_W_x, void* _p_d_W_s_x, int64_t _ld_d_W_s_x, void* _p_d_c_prev, int64_t _ld_d_c_prev, void* _stream)
 {
-    return sru_backward_bwd_leaf_H_launch<__half>(_rows, _cols, _p_c, _ld_c, _p_d_c_next, _ld_d_c_next, _p_d_f, _ld_d_f, _p_d_h, _ld_d_h, _p_d_r, _ld_d_r, _p_f, _ld_f, _p_r, _ld_r, _p_v_f, _ld_v_f, _p_v_r, _ld_v_r, _p_d_c, _ld_d_c, _p_d_v_f, _ld_d_v_f, _p_d_b_f, _ld_d_b_f, _p_d_v_r, _ld_d_v_r, _p_d_b_r, _ld_d_b_r, _p_d_W_x, _ld_d_W_x, _p_d_W_s_x, _ld_d_W_s_x, _stream);
+    return sru_backward_bwd0_H_launch<__half>(_rows, _cols, _p_W_s_x, _ld_W_s_x, _p_W_x, _ld_W_x, _p_c, _ld_c, _p_c_next, _ld_c_next, _p_d_c, _ld_d_c, _p_d_h_out, _ld_d_h_out, _p_f, _ld_f, _p_r, _ld_r, _p_v_f, _ld_v_f, _p_v_r, _ld_v_r, _p_d_v_f, _ld_d_v_f, _p_d_b_f, _ld_d_b_f, _p_d_v_r, _ld_d_v_r, _p_d_b_r, _ld_d_b_r, _p_d_W_x, _ld_d_W_x, _p_d_W_s_x, _ld_d_W_s_x, _p_d_c_prev, _ld_d_c_prev, _stream);
 }
-extern "C" int sru_backward_bwd_leaf_H_cuda_bf16(int64_t _rows, int64_t _cols, const void* _p_c, int64_t _ld_c, const void* _p_d_c_next, int64_t _ld_d_c_next, const void* _p_d_f, int64_t _ld_d_f, const void* _p_d_h, int64_t _ld_d_h, const void* _p_d_r, int64_t _ld_d_r, const void* _p_f, int64_t _ld_f, const void* _p_r, int64_t _ld_r, const void* _p_v_f, int64_t _ld_v_f, const void* _p_v_r, int64_t _ld_v_r, void* _p_d_c, int64_t _ld_d_c, void* _p_d_v_f, int64_t _ld_d_v_f, void* _p_d_b_f, int64_t _ld_d_b_f, void* _p_d_v_r, int64_t _ld_d_v_r, void* _p_d_b_r, int64_t _ld_d_b_r, void* _p_d_W_x, int64_t _ld_d_W_x, void* _p_d_W_s_x, int64_t _ld_d_W_s_x, void* _stream)
+extern "C" int sru_backward_bwd0_H_cuda_bf16(int64_t _rows, int64_t _cols, const void* _p_W_s_x, int64_t _ld_W_s_x, const void* _p_W_x, int64_t _ld_W_x, const void* _p_c, int64_t _ld_c, const void* _p_c_next, int64_t _ld_c_next, const void* _p_d_c, int64_t _ld_d_c, const void* _p_d_h_out, int64_t _ld_d_h_out, const void* _p_f, int64_t _ld_f, const void* _p_r, int64_t _ld_r, const void* _p_v_f, int64_t _ld_v_f, const void* _p_v_r, int64_t _ld_v_r, void* _p_d_v_f, int64_t _ld_d_v_f, void* _p_d_b_f, int64_t _ld_d_b_f, void* _p_d_v_r, int64_t _ld_d_v_r, void* _p_d_b_r, int64_t _ld_d_b_r, void* _p_d_W_x, int64_t _ld_d_W_x, void* _p_d_W_s_x, int64_t _ld_d_W_s_x, void* _p_d_c_prev, int64_t _ld_d_c_prev, void* _stream)
 {
-    return sru_backward_bwd_leaf_H_launch<__nv_bfloat16>(_rows, _cols, _p_c, _ld_c, _p_d_c_next, _ld_d_c_next, _p_d_f, _ld_d_f, _p_d_h, _ld_d_h, _p_d_r, _ld_d_r, _p_f, _ld_f, _p_r, _ld_r, _p_v_f, _ld_v_f, _p_v_r, _ld_v_r, _p_d_c, _ld_d_c, _p_d_v_f, _ld_d_v_f, _p_d_b_f, _ld_d_b_f, _p_d_v_r, _ld_d_v_r, _p_d_b_r, _ld_d_b_r, _p_d_W_x, _ld_d_W_x, _p_d_W_s_x, _ld_d_W_s_x, _stream);
+    return sru_backward_bwd0_H_launch<__nv_bfloat16>(_rows, _cols, _p_W_s_x, _ld_W_s_x, _p_W_x, _ld_W_x, _p_c, _ld_c, _p_c_next, _ld_c_next, _p_d_c, _ld_d_c, _p_d_h_out, _ld_d_h_out, _p_f, _ld_f, _p_r, _ld_r, _p_v_f, _ld_v_f, _p_v_r, _ld_v_r, _p_d_v_f, _ld_d_v_f, _p_d_b_f, _ld_d_b_f, _p_d_v_r, _ld_d_v_r, _p_d_b_r, _ld_d_b_r, _p_d_W_x, _ld_d_W_x, _p_d_W_s_x, _ld_d_W_s_x, _p_d_c_prev, _ld_d_c_prev, _stream);
 }
 #endif  // __CUDACC__
 
 template <typename real>
-static inline void sru_backward_bwd_leaf_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_c, int64_t _ld_c, const real* __restrict__ _p_d_c_next, int64_t _ld_d_c_next, const real* __restrict__ _p_d_f, int64_t _ld_d_f, const real* __restrict__ _p_d_h, int64_t _ld_d_h, const real* __restrict__ _p_d_r, int64_t _ld_d_r, const real* __restrict__ _p_f, int64_t _ld_f, const real* __restrict__ _p_r, int64_t _ld_r, const real* __restrict__ _p_v_f, int64_t _ld_v_f, const real* __restrict__ _p_v_r, int64_t _ld_v_r, real* __restrict__ _p_d_c, int64_t _ld_d_c, real* __restrict__ _p_d_v_f, int64_t _ld_d_v_f, real* __restrict__ _p_d_b_f, int64_t _ld_d_b_f, real* __restrict__ _p_d_v_r, int64_t _ld_d_v_r, real* __restrict__ _p_d_b_r, int64_t _ld_d_b_r, real* __restrict__ _p_d_W_x, int64_t _ld_d_W_x, real* __restrict__ _p_d_W_s_x, int64_t _ld_d_W_s_x)
+static inline void sru_backward_bwd0_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_W_s_x, int64_t _ld_W_s_x, const real* __restrict__ _p_W_x, int64_t _ld_W_x, const real* __restrict__ _p_c, int64_t _ld_c, const real* __restrict__ _p_c_next, int64_t _ld_c_next, const real* __restrict__ _p_d_c, int64_t _ld_d_c, const real* __restrict__ _p_d_h_out, int64_t _ld_d_h_out, const real* __restrict__ _p_f, int64_t _ld_f, const real* __restrict__ _p_r, int64_t _ld_r, const real* __restrict__ _p_v_f, int64_t _ld_v_f, const real* __restrict__ _p_v_r, int64_t _ld_v_r, real* __restrict__ _p_d_v_f, int64_t _ld_d_v_f, real* __restrict__ _p_d_b_f, int64_t _ld_d_b_f, real* __restrict__ _p_d_v_r, int64_t _ld_d_v_r, real* __restrict__ _p_d_b_r, int64_t _ld_d_b_r, real* __restrict__ _p_d_W_x, int64_t _ld_d_W_x, real* __restrict__ _p_d_W_s_x, int64_t _ld_d_W_s_x, real* __restrict__ _p_d_c_prev, int64_t _ld_d_c_prev)
 {
     cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
 #pragma omp simd
         for (int64_t _j = 0; _j < _cols; ++_j) {
+            real W_s_x = _p_W_s_x[_r * _ld_W_s_x + _j];
+            real W_x = _p_W_x[_r * _ld_W_x + _j];
             real c = _p_c[_r * _ld_c + _j];
-            real d_c_next = _p_d_c_next[_r * _ld_d_c_next + _j];
-            real d_f = _p_d_f[_r * _ld_d_f + _j];
-            real d_h = _p_d_h[_r * _ld_d_h + _j];
-            real d_r = _p_d_r[_r * _ld_d_r + _j];
+            real c_next = _p_c_next[_r * _ld_c_next + _j];
+            real d_c = _p_d_c[_r * _ld_d_c + _j];
+            real d_h_out = _p_d_h_out[_r * _ld_d_h_out + _j];
             real f = _p_f[_r * _ld_f + _j];
             real r = _p_r[_r * _ld_r + _j];
             real v_f = _p_v_f[_r * _ld_v_f + _j];
             real v_r = _p_v_r[_r * _ld_v_r + _j];
-            real d_c;
             real d_v_f;
             real d_b_f;
             real d_v_r;
             real d_b_r;
             real d_W_x;
             real d_W_s_x;
-            sru_backward_bwd_leaf_H<real>(c, d_c_next, d_f, d_h, d_r, f, r, v_f, v_r, d_c, d_v_f, d_b_f, d_v_r, d_b_r, d_W_x, d_W_s_x);
-            _p_d_c[_r * _ld_d_c + _j] = d_c;
+            real d_c_prev;
+            sru_backward_bwd0_H<real>(W_s_x, W_x, c, c_next, d_c, d_h_out, f, r, v_f, v_r, d_v_f, d_b_f, d_v_r, d_b_r, d_W_x, d_W_s_x, d_c_prev);
             _p_d_v_f[_r * _ld_d_v_f + _j] = d_v_f;
             _p_d_b_f[_r * _ld_d_b_f + _j] = d_b_f;
             _p_d_v_r[_r * _ld_d_v_r + _j] = d_v_r;
             _p_d_b_r[_r * _ld_d_b_r + _j] = d_b_r;
             _p_d_W_x[_r * _ld_d_W_x + _j] = d_W_x;
             _p_d_W_s_x[_r * _ld_d_W_s_x + _j] = d_W_s_x;
+            _p_d_c_prev[_r * _ld_d_c_prev + _j] = d_c_prev;
         }
     });
 }
 
-extern "C" void sru_backward_bwd_leaf_H_f32(int64_t _rows, int64_t _cols, const float* _p_c, int64_t _ld_c, const float* _p_d_c_next, int64_t _ld_d_c_next, const float* _p_d_f, int64_t _ld_d_f, const float* _p_d_h, int64_t _ld_d_h, const float* _p_d_r, int64_t _ld_d_r, const float* _p_f, int64_t _ld_f, const float* _p_r, int64_t _ld_r, const float* _p_v_f, int64_t _ld_v_f, const float* _p_v_r, int64_t _ld_v_r, float* _p_d_c, int64_t _ld_d_c, float* _p_d_v_f, int64_t _ld_d_v_f, float* _p_d_b_f, int64_t _ld_d_b_f, float* _p_d_v_r, int64_t _ld_d_v_r, float* _p_d_b_r, int64_t _ld_d_b_r, float* _p_d_W_x, int64_t _ld_d_W_x, float* _p_d_W_s_x, int64_t _ld_d_W_s_x)
+extern "C" void sru_backward_bwd0_H_f32(int64_t _rows, int64_t _cols, const float* _p_W_s_x, int64_t _ld_W_s_x, const float* _p_W_x, int64_t _ld_W_x, const float* _p_c, int64_t _ld_c, const float* _p_c_next, int64_t _ld_c_next, const float* _p_d_c, int64_t _ld_d_c, const float* _p_d_h_out, int64_t _ld_d_h_out, const float* _p_f, int64_t _ld_f, const float* _p_r, int64_t _ld_r, const float* _p_v_f, int64_t _ld_v_f, const float* _p_v_r, int64_t _ld_v_r, float* _p_d_v_f, int64_t _ld_d_v_f, float* _p_d_b_f, int64_t _ld_d_b_f, float* _p_d_v_r, int64_t _ld_d_v_r, float* _p_d_b_r, int64_t _ld_d_b_r, float* _p_d_W_x, int64_t _ld_d_W_x, float* _p_d_W_s_x, int64_t _ld_d_W_s_x, float* _p_d_c_prev, int64_t _ld_d_c_prev)
 {
-    sru_backward_bwd_leaf_H_host<float>(_rows, _cols, _p_c, _ld_c, _p_d_c_next, _ld_d_c_next, _p_d_f, _ld_d_f, _p_d_h, _ld_d_h, _p_d_r, _ld_d_r, _p_f, _ld_f, _p_r, _ld_r, _p_v_f, _ld_v_f, _p_v_r, _ld_v_r, _p_d_c, _ld_d_c, _p_d_v_f, _ld_d_v_f, _p_d_b_f, _ld_d_b_f, _p_d_v_r, _ld_d_v_r, _p_d_b_r, _ld_d_b_r, _p_d_W_x, _ld_d_W_x, _p_d_W_s_x, _ld_d_W_s_x);
+    sru_backward_bwd0_H_host<float>(_rows, _cols, _p_W_s_x, _ld_W_s_x, _p_W_x, _ld_W_x, _p_c, _ld_c, _p_c_next, _ld_c_next, _p_d_c, _ld_d_c, _p_d_h_out, _ld_d_h_out, _p_f, _ld_f, _p_r, _ld_r, _p_v_f, _ld_v_f, _p_v_r, _ld_v_r, _p_d_v_f, _ld_d_v_f, _p_d_b_f, _ld_d_b_f, _p_d_v_r, _ld_d_v_r, _p_d_b_r, _ld_d_b_r, _p_d_W_x, _ld_d_W_x, _p_d_W_s_x, _ld_d_W_s_x, _p_d_c_prev, _ld_d_c_prev);
 }
-extern "C" void sru_backward_bwd_leaf_H_f64(int64_t _rows, int64_t _cols, const double* _p_c, int64_t _ld_c, const double* _p_d_c_next, int64_t _ld_d_c_next, const double* _p_d_f, int64_t _ld_d_f, const double* _p_d_h, int64_t _ld_d_h, const double* _p_d_r, int64_t _ld_d_r, const double* _p_f, int64_t _ld_f, const double* _p_r, int64_t _ld_r, const double* _p_v_f, int64_t _ld_v_f, const double* _p_v_r, int64_t _ld_v_r, double* _p_d_c, int64_t _ld_d_c, double* _p_d_v_f, int64_t _ld_d_v_f, double* _p_d_b_f, int64_t _ld_d_b_f, double* _p_d_v_r, int64_t _ld_d_v_r, double* _p_d_b_r, int64_t _ld_d_b_r, double* _p_d_W_x, int64_t _ld_d_W_x, double* _p_d_W_s_x, int64_t _ld_d_W_s_x)
+extern "C" void sru_backward_bwd0_H_f64(int64_t _rows, int64_t _cols, const double* _p_W_s_x, int64_t _ld_W_s_x, const double* _p_W_x, int64_t _ld_W_x, const double* _p_c, int64_t _ld_c, const double* _p_c_next, int64_t _ld_c_next, const double* _p_d_c, int64_t _ld_d_c, const double* _p_d_h_out, int64_t _ld_d_h_out, const double* _p_f, int64_t _ld_f, const double* _p_r, int64_t _ld_r, const double* _p_v_f, int64_t _ld_v_f, const double* _p_v_r, int64_t _ld_v_r, double* _p_d_v_f, int64_t _ld_d_v_f, double* _p_d_b_f, int64_t _ld_d_b_f, double* _p_d_v_r, int64_t _ld_d_v_r, double* _p_d_b_r, int64_t _ld_d_b_r, double* _p_d_W_x, int64_t _ld_d_W_x, double* _p_d_W_s_x, int64_t _ld_d_W_s_x, double* _p_d_c_prev, int64_t _ld_d_c_prev)
 {
-    sru_backward_bwd_leaf_H_host<double>(_rows, _cols, _p_c, _ld_c, _p_d_c_next, _ld_d_c_next, _p_d_f, _ld_d_f, _p_d_h, _ld_d_h, _p_d_r, _ld_d_r, _p_f, _ld_f, _p_r, _ld_r, _p_v_f, _ld_v_f, _p_v_r, _ld_v_r, _p_d_c, _ld_d_c, _p_d_v_f, _ld_d_v_f, _p_d_b_f, _ld_d_b_f, _p_d_v_r, _ld_d_v_r, _p_d_b_r, _ld_d_b_r, _p_d_W_x, _ld_d_W_x, _p_d_W_s_x, _ld_d_W_s_x);
+    sru_backward_bwd0_H_host<double>(_rows, _cols, _p_W_s_x, _ld_W_s_x, _p_W_x, _ld_W_x, _p_c, _ld_c, _p_c_next, _ld_c_next, _p_d_c, _ld_d_c, _p_d_h_out, _ld_d_h_out, _p_f, _ld_f, _p_r, _ld_r, _p_v_f, _ld_v_f, _p_v_r, _ld_v_r, _p_d_v_f, _ld_d_v_f, _p_d_b_f, _ld_d_b_f, _p_d_v_r, _ld_d_v_r, _p_d_b_r, _ld_d_b_r, _p_d_W_x, _ld_d_W_x, _p_d_W_s_x, _ld_d_W_s_x, _p_d_c_prev, _ld_d_c_prev);
 }
 
 
@@ -1913,7 +1807,7 @@ extern "C" int sru_inference_f64(const int64_t* dims, void* const* ptrs, const v
 
 // =============================================================================================
 // sru: the whole sequence, backward
-// ptrs: 0 x_x, 1 s_c, 2 p_v_f, 3 p_v_r, 4 hg_W_f_W_W_r_W_s__x, 5 v_f, 6 v_r, 7 dout_h, 8 ds_c, 9 dx_x, 10 dp_v_f, 11 dp_v_r, 12 dhg_W_f_W_W_r_W_s__x, 13 tmp_d_h, 14 tmp_d_r, 15 tmp_d_c_next, 16 tmp_d_f, 17 dw_W_f_W_W_r_W_s, 18 weight W_f_W_W_r_W_s, 19 d W, 20 d W_f, 21 d v_f, 22 d b_f, 23 d W_r, 24 d v_r, 25 d b_r, 26 d W_s, 27 batch sizes (host, or NULL)
+// ptrs: 0 x_x, 1 s_c, 2 p_v_f, 3 p_v_r, 4 hg_W_f_W_W_r_W_s__x, 5 v_f, 6 v_r, 7 dout_h, 8 ds_c, 9 dx_x, 10 dp_v_f, 11 dp_v_r, 12 dhg_W_f_W_W_r_W_s__x, 13 dw_W_f_W_W_r_W_s, 14 weight W_f_W_W_r_W_s, 15 d W, 16 d W_f, 17 d v_f, 18 d b_f, 19 d W_r, 20 d v_r, 21 d b_r, 22 d W_s, 23 batch sizes (host, or NULL)
 
 // =============================================================================================
 template <typename S, typename G>
@@ -1955,35 +1849,27 @@ static int sru_backward_run(const int64_t* dims, void* const* ptrs, const cs_ctx
     (void)b_dp_v_r;
     S* b_dhg_W_f_W_W_r_W_s__x = (S*)ptrs[12];
     (void)b_dhg_W_f_W_W_r_W_s__x;
-    S* b_tmp_d_h = (S*)ptrs[13];
-    (void)b_tmp_d_h;
-    S* b_tmp_d_r = (S*)ptrs[14];
-    (void)b_tmp_d_r;
-    S* b_tmp_d_c_next = (S*)ptrs[15];
-    (void)b_tmp_d_c_next;
-    S* b_tmp_d_f = (S*)ptrs[16];
-    (void)b_tmp_d_f;
-    G* b_dw_W_f_W_W_r_W_s = (G*)ptrs[17];
+    G* b_dw_W_f_W_W_r_W_s = (G*)ptrs[13];
     (void)b_dw_W_f_W_W_r_W_s;
-    const S* w_W_f_W_W_r_W_s = (const S*)ptrs[18];
+    const S* w_W_f_W_W_r_W_s = (const S*)ptrs[14];
     (void)w_W_f_W_W_r_W_s;
-    G* g_W = (G*)ptrs[19];
+    G* g_W = (G*)ptrs[15];
     (void)g_W;
-    G* g_W_f = (G*)ptrs[20];
+    G* g_W_f = (G*)ptrs[16];
     (void)g_W_f;
-    G* g_v_f = (G*)ptrs[21];
+    G* g_v_f = (G*)ptrs[17];
     (void)g_v_f;
-    G* g_b_f = (G*)ptrs[22];
+    G* g_b_f = (G*)ptrs[18];
     (void)g_b_f;
-    G* g_W_r = (G*)ptrs[23];
+    G* g_W_r = (G*)ptrs[19];
     (void)g_W_r;
-    G* g_v_r = (G*)ptrs[24];
+    G* g_v_r = (G*)ptrs[20];
     (void)g_v_r;
-    G* g_b_r = (G*)ptrs[25];
+    G* g_b_r = (G*)ptrs[21];
     (void)g_b_r;
-    G* g_W_s = (G*)ptrs[26];
+    G* g_W_s = (G*)ptrs[22];
     (void)g_W_s;
-    const int64_t* bs = (const int64_t*)ptrs[27];
+    const int64_t* bs = (const int64_t*)ptrs[23];
     (void)ctx;
     if (bs) {  // rows of ended sequences, which no step writes, are read over all T*B rows
         CS_ZERO(b_dp_v_f, (n_T) * (n_B) * (n_H));
@@ -1994,9 +1880,7 @@ static int sru_backward_run(const int64_t* dims, void* const* ptrs, const cs_ctx
     for (int64_t t = n_T - 1; t >= 0; --t) {
         const int64_t rows = bs ? bs[t] : n_B;  // variable lengths: rows 0..B_t-1 run
         // backward: stage 0 backward, units of size H
-        CS_PW(sru_backward_bwd0_H, rows, n_H, b_hg_W_f_W_W_r_W_s__x + t * n_B * (4*n_H) + 3*n_H, 4*n_H, b_hg_W_f_W_W_r_W_s__x + t * n_B * (4*n_H) + n_H, 4*n_H, b_s_c + t * n_B * (n_H), n_H, b_s_c + (t + 1) * n_B * (n_H), n_H, b_ds_c, n_H, b_dout_h + t * n_B * (n_H), n_H, b_v_r + t * n_B * (n_H), n_H, b_tmp_d_h, n_H, b_tmp_d_r, n_H, b_tmp_d_c_next, n_H, b_tmp_d_f, n_H);
-        // backward: per-step adjoints of inputs, states, vector params, hoisted results, units of size H
-        CS_PW(sru_backward_bwd_leaf_H, rows, n_H, b_s_c + t * n_B * (n_H), n_H, b_tmp_d_c_next, n_H, b_tmp_d_f, n_H, b_tmp_d_h, n_H, b_tmp_d_r, n_H, b_v_f + t * n_B * (n_H), n_H, b_v_r + t * n_B * (n_H), n_H, b_p_v_f, 0, b_p_v_r, 0, b_ds_c, n_H, b_dp_v_f + t * n_B * (n_H), n_H, b_dhg_W_f_W_W_r_W_s__x + t * n_B * (4*n_H), 4*n_H, b_dp_v_r + t * n_B * (n_H), n_H, b_dhg_W_f_W_W_r_W_s__x + t * n_B * (4*n_H) + 2*n_H, 4*n_H, b_dhg_W_f_W_W_r_W_s__x + t * n_B * (4*n_H) + n_H, 4*n_H, b_dhg_W_f_W_W_r_W_s__x + t * n_B * (4*n_H) + 3*n_H, 4*n_H);
+        CS_PW(sru_backward_bwd0_H, rows, n_H, b_hg_W_f_W_W_r_W_s__x + t * n_B * (4*n_H) + 3*n_H, 4*n_H, b_hg_W_f_W_W_r_W_s__x + t * n_B * (4*n_H) + n_H, 4*n_H, b_s_c + t * n_B * (n_H), n_H, b_s_c + (t + 1) * n_B * (n_H), n_H, b_ds_c, n_H, b_dout_h + t * n_B * (n_H), n_H, b_v_f + t * n_B * (n_H), n_H, b_v_r + t * n_B * (n_H), n_H, b_p_v_f, 0, b_p_v_r, 0, b_dp_v_f + t * n_B * (n_H), n_H, b_dhg_W_f_W_W_r_W_s__x + t * n_B * (4*n_H), 4*n_H, b_dp_v_r + t * n_B * (n_H), n_H, b_dhg_W_f_W_W_r_W_s__x + t * n_B * (4*n_H) + 2*n_H, 4*n_H, b_dhg_W_f_W_W_r_W_s__x + t * n_B * (4*n_H) + n_H, 4*n_H, b_dhg_W_f_W_W_r_W_s__x + t * n_B * (4*n_H) + 3*n_H, 4*n_H, b_ds_c, n_H);
     }
     CS_TEAM_END
     // d[W_f, W, W_r, W_s] += dhg_W_f_W_W_r_W_s__x^T @ x  (W_f @ x, W @ x, W_r @ x, W_s @ x)

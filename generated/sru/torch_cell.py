@@ -262,10 +262,6 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
     _dp_v_f = torch.empty((_T, _B, _H), dtype=_dtype, device=_device)
     _dp_v_r = torch.empty((_T, _B, _H), dtype=_dtype, device=_device)
     _dhg_W_f_W_W_r_W_s__x = torch.empty((_T, _B, 4*_H), dtype=_dtype, device=_device)
-    _tmp_d_h = torch.empty((_B, _H), dtype=_dtype, device=_device)
-    _tmp_d_r = torch.empty((_B, _H), dtype=_dtype, device=_device)
-    _tmp_d_c_next = torch.empty((_B, _H), dtype=_dtype, device=_device)
-    _tmp_d_f = torch.empty((_B, _H), dtype=_dtype, device=_device)
     if _bs is not None:
         _dp_v_f.zero_()
         _dhg_W_f_W_W_r_W_s__x.zero_()
@@ -275,12 +271,8 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
     _s_c_at1 = _steps(_s_c, 1, _T, _bs)
     _ds_c_rows = _rows(_ds_c, _T, _bs)
     _dout_h_at0 = _steps(_dout_h, 0, _T, _bs)
-    _v_r_at0 = _steps(_v_r, 0, _T, _bs)
-    _tmp_d_h_rows = _rows(_tmp_d_h, _T, _bs)
-    _tmp_d_r_rows = _rows(_tmp_d_r, _T, _bs)
-    _tmp_d_c_next_rows = _rows(_tmp_d_c_next, _T, _bs)
-    _tmp_d_f_rows = _rows(_tmp_d_f, _T, _bs)
     _v_f_at0 = _steps(_v_f, 0, _T, _bs)
+    _v_r_at0 = _steps(_v_r, 0, _T, _bs)
     _dp_v_f_at0 = _steps(_dp_v_f, 0, _T, _bs)
     _dhg_W_f_W_W_r_W_s__x_at0 = _steps(_dhg_W_f_W_W_r_W_s__x, 0, _T, _bs)
     _dp_v_r_at0 = _steps(_dp_v_r, 0, _T, _bs)
@@ -293,41 +285,30 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
         c_next = _s_c_at1[_t]
         d_c = _ds_c_rows[_t]
         d_h_out = _dout_h_at0[_t]
+        f = _v_f_at0[_t]
         r = _v_r_at0[_t]
         d_h = d_h_out  # adjoint of h
         d_r = d_h*(-W_s_x + c_next)  # adjoint of r
         d_c_next = d_c + d_h*r  # adjoint of c'
         d_f = d_c_next*(-W_x + c)  # adjoint of f
-        _tmp_d_h_rows[_t].copy_(d_h)
-        _tmp_d_r_rows[_t].copy_(d_r)
-        _tmp_d_c_next_rows[_t].copy_(d_c_next)
-        _tmp_d_f_rows[_t].copy_(d_f)
-        # per-step adjoints of inputs, states, vector params, hoisted results
-        c = _s_c_at0[_t]
-        d_c_next = _tmp_d_c_next_rows[_t]
-        d_f = _tmp_d_f_rows[_t]
-        d_h = _tmp_d_h_rows[_t]
-        d_r = _tmp_d_r_rows[_t]
-        f = _v_f_at0[_t]
-        r = _v_r_at0[_t]
         t0 = 1 - f
         t1 = d_f*f*t0
         t2 = 1 - r
         t3 = d_r*r*t2
-        d_c = d_c_next*f + t1*v_f + t3*v_r  # adjoint of state c
         d_v_f = c*t1  # adjoint of param v_f
         d_b_f = t1  # adjoint of param b_f
         d_v_r = c*t3  # adjoint of param v_r
         d_b_r = t3  # adjoint of param b_r
         d_W_x = d_c_next*t0  # adjoint of hoisted projection W_x
         d_W_s_x = d_h*t2  # adjoint of hoisted projection W_s_x
-        _ds_c_rows[_t].copy_(d_c)
+        d_c_prev = d_c_next*f + t1*v_f + t3*v_r  # adjoint of state c, carried to the step before
         _dp_v_f_at0[_t].copy_(d_v_f)
         _dhg_W_f_W_W_r_W_s__x_at0[_t][:, 0:_H].copy_(d_b_f)
         _dp_v_r_at0[_t].copy_(d_v_r)
         _dhg_W_f_W_W_r_W_s__x_at0[_t][:, 2*_H:3*_H].copy_(d_b_r)
         _dhg_W_f_W_W_r_W_s__x_at0[_t][:, _H:2*_H].copy_(d_W_x)
         _dhg_W_f_W_W_r_W_s__x_at0[_t][:, 3*_H:4*_H].copy_(d_W_s_x)
+        _ds_c_rows[_t].copy_(d_c_prev)
     # dW of W_f @ x, W @ x, W_r @ x, W_s @ x: one GEMM over all T*B rows
     _dw = _dhg_W_f_W_W_r_W_s__x.reshape(_T * _B, 4*_H).T @ _x_x.reshape(_T * _B, _I)
     _grads["W_f"] = _dw[0:_H]
@@ -452,10 +433,6 @@ def _backward_differentiable(_params, _x, _saved, _d_outputs, _d_final, _bs=None
     _dp_v_f = torch.zeros((_T, _B, _H), dtype=_dtype, device=_device)
     _dp_v_r = torch.zeros((_T, _B, _H), dtype=_dtype, device=_device)
     _dhg_W_f_W_W_r_W_s__x = torch.zeros((_T, _B, 4*_H), dtype=_dtype, device=_device)
-    _tmp_d_h = torch.zeros((_B, _H), dtype=_dtype, device=_device)
-    _tmp_d_r = torch.zeros((_B, _H), dtype=_dtype, device=_device)
-    _tmp_d_c_next = torch.zeros((_B, _H), dtype=_dtype, device=_device)
-    _tmp_d_f = torch.zeros((_B, _H), dtype=_dtype, device=_device)
     _dp_v_f_rows = list(_dp_v_f.unbind(0))
     _dhg_W_f_W_W_r_W_s__x_rows = list(_dhg_W_f_W_W_r_W_s__x.unbind(0))
     _dp_v_r_rows = list(_dp_v_r.unbind(0))
@@ -463,8 +440,8 @@ def _backward_differentiable(_params, _x, _saved, _d_outputs, _d_final, _bs=None
     _hg_W_f_W_W_r_W_s__x_rows = list(_hg_W_f_W_W_r_W_s__x.unbind(0))
     _s_c_rows = list(_s_c.unbind(0))
     _dout_h_rows = list(_dout_h.unbind(0))
-    _v_r_rows = list(_v_r.unbind(0))
     _v_f_rows = list(_v_f.unbind(0))
+    _v_r_rows = list(_v_r.unbind(0))
     _grads = {}
     for _t in reversed(range(_T)):
         # stage 0 backward
@@ -474,41 +451,30 @@ def _backward_differentiable(_params, _x, _saved, _d_outputs, _d_final, _bs=None
         c_next = _s_c_rows[_t + 1]
         d_c = _ds_c
         d_h_out = _dout_h_rows[_t]
+        f = _v_f_rows[_t]
         r = _v_r_rows[_t]
         d_h = d_h_out  # adjoint of h
         d_r = d_h*(-W_s_x + c_next)  # adjoint of r
         d_c_next = d_c + d_h*r  # adjoint of c'
         d_f = d_c_next*(-W_x + c)  # adjoint of f
-        _tmp_d_h = d_h
-        _tmp_d_r = d_r
-        _tmp_d_c_next = d_c_next
-        _tmp_d_f = d_f
-        # per-step adjoints of inputs, states, vector params, hoisted results
-        c = _s_c_rows[_t]
-        d_c_next = _tmp_d_c_next
-        d_f = _tmp_d_f
-        d_h = _tmp_d_h
-        d_r = _tmp_d_r
-        f = _v_f_rows[_t]
-        r = _v_r_rows[_t]
         t0 = 1 - f
         t1 = d_f*f*t0
         t2 = 1 - r
         t3 = d_r*r*t2
-        d_c = d_c_next*f + t1*v_f + t3*v_r  # adjoint of state c
         d_v_f = c*t1  # adjoint of param v_f
         d_b_f = t1  # adjoint of param b_f
         d_v_r = c*t3  # adjoint of param v_r
         d_b_r = t3  # adjoint of param b_r
         d_W_x = d_c_next*t0  # adjoint of hoisted projection W_x
         d_W_s_x = d_h*t2  # adjoint of hoisted projection W_s_x
-        _ds_c = d_c
+        d_c_prev = d_c_next*f + t1*v_f + t3*v_r  # adjoint of state c, carried to the step before
         _dp_v_f_rows[_t] = d_v_f
         _dhg_W_f_W_W_r_W_s__x_rows[_t] = torch.slice_scatter(_dhg_W_f_W_W_r_W_s__x_rows[_t], d_b_f, 1, 0, _H)
         _dp_v_r_rows[_t] = d_v_r
         _dhg_W_f_W_W_r_W_s__x_rows[_t] = torch.slice_scatter(_dhg_W_f_W_W_r_W_s__x_rows[_t], d_b_r, 1, 2*_H, 3*_H)
         _dhg_W_f_W_W_r_W_s__x_rows[_t] = torch.slice_scatter(_dhg_W_f_W_W_r_W_s__x_rows[_t], d_W_x, 1, _H, 2*_H)
         _dhg_W_f_W_W_r_W_s__x_rows[_t] = torch.slice_scatter(_dhg_W_f_W_W_r_W_s__x_rows[_t], d_W_s_x, 1, 3*_H, 4*_H)
+        _ds_c = d_c_prev
     _dhg_W_f_W_W_r_W_s__x = torch.stack(_dhg_W_f_W_W_r_W_s__x_rows)
     # dW of W_f @ x, W @ x, W_r @ x, W_s @ x: one GEMM over all T*B rows
     _dw = _dhg_W_f_W_W_r_W_s__x.reshape(_T * _B, 4*_H).T @ _x_x.reshape(_T * _B, _I)
@@ -686,7 +652,7 @@ def _custom_ops(name, forward, backward, forward_schema, backward_schema, forwar
 #: the PyTorch engine's forward and backward as custom ops (the engine itself is the fake:
 #: it runs on fake tensors)
 _ENGINE_OPS = _custom_ops(
-    "sru_engine_75ee11e692ac", _engine_op_forward_impl, _engine_op_backward_impl,
+    "sru_engine_1ce2cce08954", _engine_op_forward_impl, _engine_op_backward_impl,
     "(Tensor[] xs, Tensor[] states, Tensor[] params) -> Tensor[]",
     "(Tensor[] args, Tensor[] saved, Tensor?[] d_outputs, Tensor?[] d_finals) -> Tensor[]",
     _engine_op_forward_impl, _engine_op_backward_impl, _engine_op_backward, _engine_op_setup_context,
@@ -1049,7 +1015,7 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     if _bs is not None:  # outputs past a sequence's end are constant zeros
         _m = _native_active(_bs, _B, _xs)
         _d_outputs = tuple(None if _d is None else _d * _m for _d in _d_outputs)
-    dp_v_f, dp_v_r, dhg_W_f_W_W_r_W_s__x, tmp_d_h, tmp_d_r, tmp_d_c_next, tmp_d_f = _scratch((_T, _B, _H), (_T, _B, _H), (_T, _B, 4*_H), (_B, _H), (_B, _H), (_B, _H), (_B, _H))
+    dp_v_f, dp_v_r, dhg_W_f_W_W_r_W_s__x = _scratch((_T, _B, _H), (_T, _B, _H), (_T, _B, 4*_H))
     x_x = _xs[0].contiguous()
     s_c = _saved[0]
     p_v_f = _params["v_f"].contiguous()
@@ -1065,14 +1031,14 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     _grads_0 = _gempty((4, _H)).unbind(0)
     _grads = {"W": _rows_dw_W_f_W_W_r_W_s[1], "W_f": _rows_dw_W_f_W_W_r_W_s[0], "v_f": _grads_0[0], "b_f": _grads_0[1], "W_r": _rows_dw_W_f_W_W_r_W_s[2], "v_r": _grads_0[2], "b_r": _grads_0[3], "W_s": _rows_dw_W_f_W_W_r_W_s[3]}
     if _lib is not None:
-        _lib("backward", _dims, [x_x, s_c, p_v_f, p_v_r, hg_W_f_W_W_r_W_s__x, v_f, v_r, dout_h, ds_c, dx_x, dp_v_f, dp_v_r, dhg_W_f_W_W_r_W_s__x, tmp_d_h, tmp_d_r, tmp_d_c_next, tmp_d_f, dw_W_f_W_W_r_W_s, _stacked(_params["W_f"], _params["W"], _params["W_r"], _params["W_s"]), *_grads.values(), _bs])
+        _lib("backward", _dims, [x_x, s_c, p_v_f, p_v_r, hg_W_f_W_W_r_W_s__x, v_f, v_r, dout_h, ds_c, dx_x, dp_v_f, dp_v_r, dhg_W_f_W_W_r_W_s__x, dw_W_f_W_W_r_W_s, _stacked(_params["W_f"], _params["W"], _params["W_r"], _params["W_s"]), *_grads.values(), _bs])
     return _grads, (dx_x,), (ds_c,)
 
 
 # The same two calls as PyTorch custom ops, for torch.compile (which traces them through their
 # fake implementations: the allocations above, without the call). Registered once per process
 # and content of this file; outputs are copies (an op's outputs may not alias each other).
-_OP = "sru_5579eb6b38a9"
+_OP = "sru_39a95e2711c3"
 
 
 def _op_forward_impl(xs: list[torch.Tensor], states: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:

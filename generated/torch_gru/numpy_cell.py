@@ -318,10 +318,7 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
     _ds_h = np.zeros((_B, _H), _dtype) if _d_final[0] is None else np.array(np.asarray(_d_final[0], _dtype), copy=True)
     _dx_x = np.empty((_T, _B, _I), _dtype)
     _dg_W_hr_W_hz_W_hn__h = np.empty((_T, _B, 3*_H), _dtype)
-    _tmp_d_h_gemm = np.empty((_B, _H), _dtype)
     _dhg_W_ir_W_iz_W_in__x = np.empty((_T, _B, 3*_H), _dtype)
-    _tmp_d_h_next = np.empty((_B, _H), _dtype)
-    _tmp_d_n = np.empty((_B, _H), _dtype)
     if _bs is not None:
         _dg_W_hr_W_hz_W_hn__h[...] = 0
         _dhg_W_ir_W_iz_W_in__x[...] = 0
@@ -332,10 +329,7 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
     _v_n_at0 = _steps(_v_n, 0, _T, _bs)
     _v_r_at0 = _steps(_v_r, 0, _T, _bs)
     _v_z_at0 = _steps(_v_z, 0, _T, _bs)
-    _tmp_d_h_next_rows = _rows(_tmp_d_h_next, _T, _bs)
-    _tmp_d_n_rows = _rows(_tmp_d_n, _T, _bs)
     _dg_W_hr_W_hz_W_hn__h_at0 = _steps(_dg_W_hr_W_hz_W_hn__h, 0, _T, _bs)
-    _tmp_d_h_gemm_rows = _rows(_tmp_d_h_gemm, _T, _bs)
     _dhg_W_ir_W_iz_W_in__x_at0 = _steps(_dhg_W_ir_W_iz_W_in__x, 0, _T, _bs)
     _grads = {}
     for _t in reversed(range(_T)):
@@ -356,28 +350,18 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
         d_W_hr_h = d_r*r*(1 - r)  # adjoint of W_hr @ h
         d_W_hz_h = d_z*t0*z  # adjoint of W_hz @ h
         d_W_hn_h = r*t1  # adjoint of W_hn @ h
-        _tmp_d_h_next_rows[_t][...] = d_h_next
-        _tmp_d_n_rows[_t][...] = d_n
+        d_b_in = t1  # adjoint of param b_in
+        d_W_ir_x = d_W_hr_h  # adjoint of hoisted projection W_ir_x
+        d_W_iz_x = d_W_hz_h  # adjoint of hoisted projection W_iz_x
+        d_h_direct = d_h_next*z  # adjoint of state h, less the recurrent product's share (the GEMM adds it)
         _dg_W_hr_W_hz_W_hn__h_at0[_t][:, 0:_H][...] = d_W_hr_h
         _dg_W_hr_W_hz_W_hn__h_at0[_t][:, _H:2*_H][...] = d_W_hz_h
         _dg_W_hr_W_hz_W_hn__h_at0[_t][:, 2*_H:3*_H][...] = d_W_hn_h
-        np.matmul(_dg_W_hr_W_hz_W_hn__h_at0[_t], _w_W_hr_W_hz_W_hn, out=_tmp_d_h_gemm_rows[_t])
-        # per-step adjoints of inputs, states, vector params, hoisted results
-        d_W_hr_h = _dg_W_hr_W_hz_W_hn__h_at0[_t][:, 0:_H]
-        d_W_hz_h = _dg_W_hr_W_hz_W_hn__h_at0[_t][:, _H:2*_H]
-        d_h_gemm = _tmp_d_h_gemm_rows[_t]
-        d_h_next = _tmp_d_h_next_rows[_t]
-        d_n = _tmp_d_n_rows[_t]
-        n = _v_n_at0[_t]
-        z = _v_z_at0[_t]
-        d_h = d_h_gemm + d_h_next*z  # adjoint of state h
-        d_b_in = d_n*(1 - (n*n))  # adjoint of param b_in
-        d_W_ir_x = d_W_hr_h  # adjoint of hoisted projection W_ir_x
-        d_W_iz_x = d_W_hz_h  # adjoint of hoisted projection W_iz_x
-        _ds_h_rows[_t][...] = d_h
         _dhg_W_ir_W_iz_W_in__x_at0[_t][:, 2*_H:3*_H][...] = d_b_in
         _dhg_W_ir_W_iz_W_in__x_at0[_t][:, 0:_H][...] = d_W_ir_x
         _dhg_W_ir_W_iz_W_in__x_at0[_t][:, _H:2*_H][...] = d_W_iz_x
+        _ds_h_rows[_t][...] = d_h_direct
+        _ds_h_rows[_t][...] += _dg_W_hr_W_hz_W_hn__h_at0[_t] @ _w_W_hr_W_hz_W_hn
     # dW of W_hr @ h, W_hz @ h, W_hn @ h: one GEMM over all T*B rows
     _dw = _dg_W_hr_W_hz_W_hn__h.reshape(_T * _B, 3*_H).T @ _s_h[:_T].reshape(_T * _B, _H)
     _grads["W_hr"] = _dw[0:_H]

@@ -289,10 +289,7 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
     _ds_h = torch.zeros((_B, _H), dtype=_dtype, device=_device) if _d_final[0] is None else _d_final[0].to(_dtype).clone()
     _dx_x = torch.empty((_T, _B, _I), dtype=_dtype, device=_device)
     _dg_W_hr_W_hz_W_hn__h = torch.empty((_T, _B, 3*_H), dtype=_dtype, device=_device)
-    _tmp_d_h_gemm = torch.empty((_B, _H), dtype=_dtype, device=_device)
     _dhg_W_ir_W_iz_W_in__x = torch.empty((_T, _B, 3*_H), dtype=_dtype, device=_device)
-    _tmp_d_h_next = torch.empty((_B, _H), dtype=_dtype, device=_device)
-    _tmp_d_n = torch.empty((_B, _H), dtype=_dtype, device=_device)
     if _bs is not None:
         _dg_W_hr_W_hz_W_hn__h.zero_()
         _dhg_W_ir_W_iz_W_in__x.zero_()
@@ -303,10 +300,7 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
     _v_n_at0 = _steps(_v_n, 0, _T, _bs)
     _v_r_at0 = _steps(_v_r, 0, _T, _bs)
     _v_z_at0 = _steps(_v_z, 0, _T, _bs)
-    _tmp_d_h_next_rows = _rows(_tmp_d_h_next, _T, _bs)
-    _tmp_d_n_rows = _rows(_tmp_d_n, _T, _bs)
     _dg_W_hr_W_hz_W_hn__h_at0 = _steps(_dg_W_hr_W_hz_W_hn__h, 0, _T, _bs)
-    _tmp_d_h_gemm_rows = _rows(_tmp_d_h_gemm, _T, _bs)
     _dhg_W_ir_W_iz_W_in__x_at0 = _steps(_dhg_W_ir_W_iz_W_in__x, 0, _T, _bs)
     _grads = {}
     for _t in reversed(range(_T)):
@@ -327,28 +321,18 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
         d_W_hr_h = d_r*r*(1 - r)  # adjoint of W_hr @ h
         d_W_hz_h = d_z*t0*z  # adjoint of W_hz @ h
         d_W_hn_h = r*t1  # adjoint of W_hn @ h
-        _tmp_d_h_next_rows[_t].copy_(d_h_next)
-        _tmp_d_n_rows[_t].copy_(d_n)
+        d_b_in = t1  # adjoint of param b_in
+        d_W_ir_x = d_W_hr_h  # adjoint of hoisted projection W_ir_x
+        d_W_iz_x = d_W_hz_h  # adjoint of hoisted projection W_iz_x
+        d_h_direct = d_h_next*z  # adjoint of state h, less the recurrent product's share (the GEMM adds it)
         _dg_W_hr_W_hz_W_hn__h_at0[_t][:, 0:_H].copy_(d_W_hr_h)
         _dg_W_hr_W_hz_W_hn__h_at0[_t][:, _H:2*_H].copy_(d_W_hz_h)
         _dg_W_hr_W_hz_W_hn__h_at0[_t][:, 2*_H:3*_H].copy_(d_W_hn_h)
-        torch.mm(_dg_W_hr_W_hz_W_hn__h_at0[_t], _w_W_hr_W_hz_W_hn, out=_tmp_d_h_gemm_rows[_t])
-        # per-step adjoints of inputs, states, vector params, hoisted results
-        d_W_hr_h = _dg_W_hr_W_hz_W_hn__h_at0[_t][:, 0:_H]
-        d_W_hz_h = _dg_W_hr_W_hz_W_hn__h_at0[_t][:, _H:2*_H]
-        d_h_gemm = _tmp_d_h_gemm_rows[_t]
-        d_h_next = _tmp_d_h_next_rows[_t]
-        d_n = _tmp_d_n_rows[_t]
-        n = _v_n_at0[_t]
-        z = _v_z_at0[_t]
-        d_h = d_h_gemm + d_h_next*z  # adjoint of state h
-        d_b_in = d_n*(1 - (n*n))  # adjoint of param b_in
-        d_W_ir_x = d_W_hr_h  # adjoint of hoisted projection W_ir_x
-        d_W_iz_x = d_W_hz_h  # adjoint of hoisted projection W_iz_x
-        _ds_h_rows[_t].copy_(d_h)
         _dhg_W_ir_W_iz_W_in__x_at0[_t][:, 2*_H:3*_H].copy_(d_b_in)
         _dhg_W_ir_W_iz_W_in__x_at0[_t][:, 0:_H].copy_(d_W_ir_x)
         _dhg_W_ir_W_iz_W_in__x_at0[_t][:, _H:2*_H].copy_(d_W_iz_x)
+        _ds_h_rows[_t].copy_(d_h_direct)
+        _ds_h_rows[_t].addmm_(_dg_W_hr_W_hz_W_hn__h_at0[_t], _w_W_hr_W_hz_W_hn)
     # dW of W_hr @ h, W_hz @ h, W_hn @ h: one GEMM over all T*B rows
     _dw = _dg_W_hr_W_hz_W_hn__h.reshape(_T * _B, 3*_H).T @ _s_h[:_T].reshape(_T * _B, _H)
     _grads["W_hr"] = _dw[0:_H]
@@ -495,10 +479,7 @@ def _backward_differentiable(_params, _x, _saved, _d_outputs, _d_final, _bs=None
     _ds_h = torch.zeros((_B, _H), dtype=_dtype, device=_device) if _d_final[0] is None else _d_final[0].to(_dtype).clone()
     _dx_x = torch.zeros((_T, _B, _I), dtype=_dtype, device=_device)
     _dg_W_hr_W_hz_W_hn__h = torch.zeros((_T, _B, 3*_H), dtype=_dtype, device=_device)
-    _tmp_d_h_gemm = torch.zeros((_B, _H), dtype=_dtype, device=_device)
     _dhg_W_ir_W_iz_W_in__x = torch.zeros((_T, _B, 3*_H), dtype=_dtype, device=_device)
-    _tmp_d_h_next = torch.zeros((_B, _H), dtype=_dtype, device=_device)
-    _tmp_d_n = torch.zeros((_B, _H), dtype=_dtype, device=_device)
     _dg_W_hr_W_hz_W_hn__h_rows = list(_dg_W_hr_W_hz_W_hn__h.unbind(0))
     _dhg_W_ir_W_iz_W_in__x_rows = list(_dhg_W_ir_W_iz_W_in__x.unbind(0))
     _dx_x_rows = list(_dx_x.unbind(0))
@@ -527,28 +508,18 @@ def _backward_differentiable(_params, _x, _saved, _d_outputs, _d_final, _bs=None
         d_W_hr_h = d_r*r*(1 - r)  # adjoint of W_hr @ h
         d_W_hz_h = d_z*t0*z  # adjoint of W_hz @ h
         d_W_hn_h = r*t1  # adjoint of W_hn @ h
-        _tmp_d_h_next = d_h_next
-        _tmp_d_n = d_n
+        d_b_in = t1  # adjoint of param b_in
+        d_W_ir_x = d_W_hr_h  # adjoint of hoisted projection W_ir_x
+        d_W_iz_x = d_W_hz_h  # adjoint of hoisted projection W_iz_x
+        d_h_direct = d_h_next*z  # adjoint of state h, less the recurrent product's share (the GEMM adds it)
         _dg_W_hr_W_hz_W_hn__h_rows[_t] = torch.slice_scatter(_dg_W_hr_W_hz_W_hn__h_rows[_t], d_W_hr_h, 1, 0, _H)
         _dg_W_hr_W_hz_W_hn__h_rows[_t] = torch.slice_scatter(_dg_W_hr_W_hz_W_hn__h_rows[_t], d_W_hz_h, 1, _H, 2*_H)
         _dg_W_hr_W_hz_W_hn__h_rows[_t] = torch.slice_scatter(_dg_W_hr_W_hz_W_hn__h_rows[_t], d_W_hn_h, 1, 2*_H, 3*_H)
-        _tmp_d_h_gemm = _dg_W_hr_W_hz_W_hn__h_rows[_t] @ _w_W_hr_W_hz_W_hn
-        # per-step adjoints of inputs, states, vector params, hoisted results
-        d_W_hr_h = _dg_W_hr_W_hz_W_hn__h_rows[_t][:, 0:_H]
-        d_W_hz_h = _dg_W_hr_W_hz_W_hn__h_rows[_t][:, _H:2*_H]
-        d_h_gemm = _tmp_d_h_gemm
-        d_h_next = _tmp_d_h_next
-        d_n = _tmp_d_n
-        n = _v_n_rows[_t]
-        z = _v_z_rows[_t]
-        d_h = d_h_gemm + d_h_next*z  # adjoint of state h
-        d_b_in = d_n*(1 - (n*n))  # adjoint of param b_in
-        d_W_ir_x = d_W_hr_h  # adjoint of hoisted projection W_ir_x
-        d_W_iz_x = d_W_hz_h  # adjoint of hoisted projection W_iz_x
-        _ds_h = d_h
         _dhg_W_ir_W_iz_W_in__x_rows[_t] = torch.slice_scatter(_dhg_W_ir_W_iz_W_in__x_rows[_t], d_b_in, 1, 2*_H, 3*_H)
         _dhg_W_ir_W_iz_W_in__x_rows[_t] = torch.slice_scatter(_dhg_W_ir_W_iz_W_in__x_rows[_t], d_W_ir_x, 1, 0, _H)
         _dhg_W_ir_W_iz_W_in__x_rows[_t] = torch.slice_scatter(_dhg_W_ir_W_iz_W_in__x_rows[_t], d_W_iz_x, 1, _H, 2*_H)
+        _ds_h = d_h_direct
+        _ds_h = _ds_h + _dg_W_hr_W_hz_W_hn__h_rows[_t] @ _w_W_hr_W_hz_W_hn
     _dg_W_hr_W_hz_W_hn__h = torch.stack(_dg_W_hr_W_hz_W_hn__h_rows)
     # dW of W_hr @ h, W_hz @ h, W_hn @ h: one GEMM over all T*B rows
     _dw = _dg_W_hr_W_hz_W_hn__h.reshape(_T * _B, 3*_H).T @ _s_h[:_T].reshape(_T * _B, _H)
@@ -731,7 +702,7 @@ def _custom_ops(name, forward, backward, forward_schema, backward_schema, forwar
 #: the PyTorch engine's forward and backward as custom ops (the engine itself is the fake:
 #: it runs on fake tensors)
 _ENGINE_OPS = _custom_ops(
-    "torch_gru_engine_1923d6aac48e", _engine_op_forward_impl, _engine_op_backward_impl,
+    "torch_gru_engine_69f4f8b11c0b", _engine_op_forward_impl, _engine_op_backward_impl,
     "(Tensor[] xs, Tensor[] states, Tensor[] params) -> Tensor[]",
     "(Tensor[] args, Tensor[] saved, Tensor?[] d_outputs, Tensor?[] d_finals) -> Tensor[]",
     _engine_op_forward_impl, _engine_op_backward_impl, _engine_op_backward, _engine_op_setup_context,
@@ -1100,7 +1071,7 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     if _bs is not None:  # outputs past a sequence's end are constant zeros
         _m = _native_active(_bs, _B, _xs)
         _d_outputs = tuple(None if _d is None else _d * _m for _d in _d_outputs)
-    dg_W_hr_W_hz_W_hn__h, tmp_d_h_gemm, dhg_W_ir_W_iz_W_in__x, tmp_d_h_next, tmp_d_n = _scratch((_T, _B, 3*_H), (_B, _H), (_T, _B, 3*_H), (_B, _H), (_B, _H))
+    dg_W_hr_W_hz_W_hn__h, dhg_W_ir_W_iz_W_in__x = _scratch((_T, _B, 3*_H), (_T, _B, 3*_H))
     sum_d_b_ir, sum_d_b_iz = _gscratch((_H,), (_H,))
     x_x = _xs[0].contiguous()
     s_h = _saved[0]
@@ -1119,14 +1090,14 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     _grads_0 = _gempty((6, _H)).unbind(0)
     _grads = {"W_ir": _rows_dw_W_ir_W_iz_W_in[0], "W_hr": _rows_dw_W_hr_W_hz_W_hn[0], "b_ir": _grads_0[0], "b_hr": _grads_0[1], "W_iz": _rows_dw_W_ir_W_iz_W_in[1], "W_hz": _rows_dw_W_hr_W_hz_W_hn[1], "b_iz": _grads_0[2], "b_hz": _grads_0[3], "W_in": _rows_dw_W_ir_W_iz_W_in[2], "W_hn": _rows_dw_W_hr_W_hz_W_hn[2], "b_in": _grads_0[4], "b_hn": _grads_0[5]}
     if _lib is not None:
-        _lib("backward", _dims, [x_x, s_h, p_b_hn, g_W_hr_W_hz_W_hn__h, v_r, v_z, v_n, dout_h_next, ds_h, dx_x, dg_W_hr_W_hz_W_hn__h, tmp_d_h_gemm, dhg_W_ir_W_iz_W_in__x, tmp_d_h_next, tmp_d_n, dw_W_hr_W_hz_W_hn, dw_W_ir_W_iz_W_in, sum_d_b_ir, sum_d_b_iz, _stacked(_params["W_ir"], _params["W_iz"], _params["W_in"]), _stacked(_params["W_hr"], _params["W_hz"], _params["W_hn"]), *_grads.values(), _bs])
+        _lib("backward", _dims, [x_x, s_h, p_b_hn, g_W_hr_W_hz_W_hn__h, v_r, v_z, v_n, dout_h_next, ds_h, dx_x, dg_W_hr_W_hz_W_hn__h, dhg_W_ir_W_iz_W_in__x, dw_W_hr_W_hz_W_hn, dw_W_ir_W_iz_W_in, sum_d_b_ir, sum_d_b_iz, _stacked(_params["W_ir"], _params["W_iz"], _params["W_in"]), _stacked(_params["W_hr"], _params["W_hz"], _params["W_hn"]), *_grads.values(), _bs])
     return _grads, (dx_x,), (ds_h,)
 
 
 # The same two calls as PyTorch custom ops, for torch.compile (which traces them through their
 # fake implementations: the allocations above, without the call). Registered once per process
 # and content of this file; outputs are copies (an op's outputs may not alias each other).
-_OP = "torch_gru_e2c1e07547ab"
+_OP = "torch_gru_77f697867227"
 
 
 def _op_forward_impl(xs: list[torch.Tensor], states: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -1495,17 +1495,19 @@ __host__ __device__ inline void torch_gru_backward_bwd0_H(
     real n,
     real r,
     real z,
-    real& d_h_next,  // out
-    real& d_n,  // out
     real& d_W_hr_h,  // out
     real& d_W_hz_h,  // out
-    real& d_W_hn_h)  // out
+    real& d_W_hn_h,  // out
+    real& d_b_in,  // out
+    real& d_W_ir_x,  // out
+    real& d_W_iz_x,  // out
+    real& d_h_direct)  // out
 {
     const real t0 = real(1.0) - z;
     // adjoint of h'
-    d_h_next = d_h + d_h_next_out;
+    const real d_h_next = d_h + d_h_next_out;
     // adjoint of n
-    d_n = d_h_next*t0;
+    const real d_n = d_h_next*t0;
     const real t1 = d_n*(real(1.0) - (n*n));
     // adjoint of z
     const real d_z = d_h_next*(h - n);
@@ -1517,11 +1519,19 @@ __host__ __device__ inline void torch_gru_backward_bwd0_H(
     d_W_hz_h = d_z*t0*z;
     // adjoint of W_hn @ h
     d_W_hn_h = r*t1;
+    // adjoint of param b_in
+    d_b_in = t1;
+    // adjoint of hoisted projection W_ir_x
+    d_W_ir_x = d_W_hr_h;
+    // adjoint of hoisted projection W_iz_x
+    d_W_iz_x = d_W_hz_h;
+    // adjoint of state h, less the recurrent product's share (the GEMM adds it)
+    d_h_direct = d_h_next*z;
 }
 
 #ifdef __CUDACC__
 template <typename S>
-__global__ void torch_gru_backward_bwd0_H_kernel(int64_t _rows, int64_t _cols, const S* __restrict__ _p_W_hn_h, int64_t _ld_W_hn_h, const S* __restrict__ _p_b_hn, int64_t _ld_b_hn, const S* __restrict__ _p_d_h, int64_t _ld_d_h, const S* __restrict__ _p_d_h_next_out, int64_t _ld_d_h_next_out, const S* __restrict__ _p_h, int64_t _ld_h, const S* __restrict__ _p_n, int64_t _ld_n, const S* __restrict__ _p_r, int64_t _ld_r, const S* __restrict__ _p_z, int64_t _ld_z, S* __restrict__ _p_d_h_next, int64_t _ld_d_h_next, S* __restrict__ _p_d_n, int64_t _ld_d_n, S* __restrict__ _p_d_W_hr_h, int64_t _ld_d_W_hr_h, S* __restrict__ _p_d_W_hz_h, int64_t _ld_d_W_hz_h, S* __restrict__ _p_d_W_hn_h, int64_t _ld_d_W_hn_h)
+__global__ void torch_gru_backward_bwd0_H_kernel(int64_t _rows, int64_t _cols, const S* __restrict__ _p_W_hn_h, int64_t _ld_W_hn_h, const S* __restrict__ _p_b_hn, int64_t _ld_b_hn, const S* __restrict__ _p_d_h, int64_t _ld_d_h, const S* __restrict__ _p_d_h_next_out, int64_t _ld_d_h_next_out, const S* __restrict__ _p_h, int64_t _ld_h, const S* __restrict__ _p_n, int64_t _ld_n, const S* __restrict__ _p_r, int64_t _ld_r, const S* __restrict__ _p_z, int64_t _ld_z, S* __restrict__ _p_d_W_hr_h, int64_t _ld_d_W_hr_h, S* __restrict__ _p_d_W_hz_h, int64_t _ld_d_W_hz_h, S* __restrict__ _p_d_W_hn_h, int64_t _ld_d_W_hn_h, S* __restrict__ _p_d_b_in, int64_t _ld_d_b_in, S* __restrict__ _p_d_W_ir_x, int64_t _ld_d_W_ir_x, S* __restrict__ _p_d_W_iz_x, int64_t _ld_d_W_iz_x, S* __restrict__ _p_d_h_direct, int64_t _ld_d_h_direct)
 {
     typedef typename cs_math<S>::type M;
     const int64_t _j = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
@@ -1535,50 +1545,54 @@ __global__ void torch_gru_backward_bwd0_H_kernel(int64_t _rows, int64_t _cols, c
         M n = cs_load(_p_n[_r * _ld_n + _j]);
         M r = cs_load(_p_r[_r * _ld_r + _j]);
         M z = cs_load(_p_z[_r * _ld_z + _j]);
-        M d_h_next;
-        M d_n;
         M d_W_hr_h;
         M d_W_hz_h;
         M d_W_hn_h;
-        torch_gru_backward_bwd0_H<M>(W_hn_h, b_hn, d_h, d_h_next_out, h, n, r, z, d_h_next, d_n, d_W_hr_h, d_W_hz_h, d_W_hn_h);
-        cs_store(&_p_d_h_next[_r * _ld_d_h_next + _j], d_h_next);
-        cs_store(&_p_d_n[_r * _ld_d_n + _j], d_n);
+        M d_b_in;
+        M d_W_ir_x;
+        M d_W_iz_x;
+        M d_h_direct;
+        torch_gru_backward_bwd0_H<M>(W_hn_h, b_hn, d_h, d_h_next_out, h, n, r, z, d_W_hr_h, d_W_hz_h, d_W_hn_h, d_b_in, d_W_ir_x, d_W_iz_x, d_h_direct);
         cs_store(&_p_d_W_hr_h[_r * _ld_d_W_hr_h + _j], d_W_hr_h);
         cs_store(&_p_d_W_hz_h[_r * _ld_d_W_hz_h + _j], d_W_hz_h);
         cs_store(&_p_d_W_hn_h[_r * _ld_d_W_hn_h + _j], d_W_hn_h);
+        cs_store(&_p_d_b_in[_r * _ld_d_b_in + _j], d_b_in);
+        cs_store(&_p_d_W_ir_x[_r * _ld_d_W_ir_x + _j], d_W_ir_x);
+        cs_store(&_p_d_W_iz_x[_r * _ld_d_W_iz_x + _j], d_W_iz_x);
+        cs_store(&_p_d_h_direct[_r * _ld_d_h_direct + _j], d_h_direct);
     }
 }
 
 template <typename S>
-static int torch_gru_backward_bwd0_H_launch(int64_t _rows, int64_t _cols, const void* _p_W_hn_h, int64_t _ld_W_hn_h, const void* _p_b_hn, int64_t _ld_b_hn, const void* _p_d_h, int64_t _ld_d_h, const void* _p_d_h_next_out, int64_t _ld_d_h_next_out, const void* _p_h, int64_t _ld_h, const void* _p_n, int64_t _ld_n, const void* _p_r, int64_t _ld_r, const void* _p_z, int64_t _ld_z, void* _p_d_h_next, int64_t _ld_d_h_next, void* _p_d_n, int64_t _ld_d_n, void* _p_d_W_hr_h, int64_t _ld_d_W_hr_h, void* _p_d_W_hz_h, int64_t _ld_d_W_hz_h, void* _p_d_W_hn_h, int64_t _ld_d_W_hn_h, void* _stream)
+static int torch_gru_backward_bwd0_H_launch(int64_t _rows, int64_t _cols, const void* _p_W_hn_h, int64_t _ld_W_hn_h, const void* _p_b_hn, int64_t _ld_b_hn, const void* _p_d_h, int64_t _ld_d_h, const void* _p_d_h_next_out, int64_t _ld_d_h_next_out, const void* _p_h, int64_t _ld_h, const void* _p_n, int64_t _ld_n, const void* _p_r, int64_t _ld_r, const void* _p_z, int64_t _ld_z, void* _p_d_W_hr_h, int64_t _ld_d_W_hr_h, void* _p_d_W_hz_h, int64_t _ld_d_W_hz_h, void* _p_d_W_hn_h, int64_t _ld_d_W_hn_h, void* _p_d_b_in, int64_t _ld_d_b_in, void* _p_d_W_ir_x, int64_t _ld_d_W_ir_x, void* _p_d_W_iz_x, int64_t _ld_d_W_iz_x, void* _p_d_h_direct, int64_t _ld_d_h_direct, void* _stream)
 {
     if (_rows <= 0 || _cols <= 0) return 0;
     dim3 _grid, _block;
     cs_grid(_rows, _cols, &_grid, &_block);
-    torch_gru_backward_bwd0_H_kernel<S><<<_grid, _block, 0, (cudaStream_t)_stream>>>(_rows, _cols, (const S*)_p_W_hn_h, _ld_W_hn_h, (const S*)_p_b_hn, _ld_b_hn, (const S*)_p_d_h, _ld_d_h, (const S*)_p_d_h_next_out, _ld_d_h_next_out, (const S*)_p_h, _ld_h, (const S*)_p_n, _ld_n, (const S*)_p_r, _ld_r, (const S*)_p_z, _ld_z, (S*)_p_d_h_next, _ld_d_h_next, (S*)_p_d_n, _ld_d_n, (S*)_p_d_W_hr_h, _ld_d_W_hr_h, (S*)_p_d_W_hz_h, _ld_d_W_hz_h, (S*)_p_d_W_hn_h, _ld_d_W_hn_h);
+    torch_gru_backward_bwd0_H_kernel<S><<<_grid, _block, 0, (cudaStream_t)_stream>>>(_rows, _cols, (const S*)_p_W_hn_h, _ld_W_hn_h, (const S*)_p_b_hn, _ld_b_hn, (const S*)_p_d_h, _ld_d_h, (const S*)_p_d_h_next_out, _ld_d_h_next_out, (const S*)_p_h, _ld_h, (const S*)_p_n, _ld_n, (const S*)_p_r, _ld_r, (const S*)_p_z, _ld_z, (S*)_p_d_W_hr_h, _ld_d_W_hr_h, (S*)_p_d_W_hz_h, _ld_d_W_hz_h, (S*)_p_d_W_hn_h, _ld_d_W_hn_h, (S*)_p_d_b_in, _ld_d_b_in, (S*)_p_d_W_ir_x, _ld_d_W_ir_x, (S*)_p_d_W_iz_x, _ld_d_W_iz_x, (S*)_p_d_h_direct, _ld_d_h_direct);
     return (int)cudaGetLastError();
 }
 
-extern "C" int torch_gru_backward_bwd0_H_cuda_f32(int64_t _rows, int64_t _cols, const void* _p_W_hn_h, int64_t _ld_W_hn_h, const void* _p_b_hn, int64_t _ld_b_hn, const void* _p_d_h, int64_t _ld_d_h, const void* _p_d_h_next_out, int64_t _ld_d_h_next_out, const void* _p_h, int64_t _ld_h, const void* _p_n, int64_t _ld_n, const void* _p_r, int64_t _ld_r, const void* _p_z, int64_t _ld_z, void* _p_d_h_next, int64_t _ld_d_h_next, void* _p_d_n, int64_t _ld_d_n, void* _p_d_W_hr_h, int64_t _ld_d_W_hr_h, void* _p_d_W_hz_h, int64_t _ld_d_W_hz_h, void* _p_d_W_hn_h, int64_t _ld_d_W_hn_h, void* _stream)
+extern "C" int torch_gru_backward_bwd0_H_cuda_f32(int64_t _rows, int64_t _cols, const void* _p_W_hn_h, int64_t _ld_W_hn_h, const void* _p_b_hn, int64_t _ld_b_hn, const void* _p_d_h, int64_t _ld_d_h, const void* _p_d_h_next_out, int64_t _ld_d_h_next_out, const void* _p_h, int64_t _ld_h, const void* _p_n, int64_t _ld_n, const void* _p_r, int64_t _ld_r, const void* _p_z, int64_t _ld_z, void* _p_d_W_hr_h, int64_t _ld_d_W_hr_h, void* _p_d_W_hz_h, int64_t _ld_d_W_hz_h, void* _p_d_W_hn_h, int64_t _ld_d_W_hn_h, void* _p_d_b_in, int64_t _ld_d_b_in, void* _p_d_W_ir_x, int64_t _ld_d_W_ir_x, void* _p_d_W_iz_x, int64_t _ld_d_W_iz_x, void* _p_d_h_direct, int64_t _ld_d_h_direct, void* _stream)
 {
-    return torch_gru_backward_bwd0_H_launch<float>(_rows, _cols, _p_W_hn_h, _ld_W_hn_h, _p_b_hn, _ld_b_hn, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_h, _ld_h, _p_n, _ld_n, _p_r, _ld_r, _p_z, _ld_z, _p_d_h_next, _ld_d_h_next, _p_d_n, _ld_d_n, _p_d_W_hr_h, _ld_d_W_hr_h, _p_d_W_hz_h, _ld_d_W_hz_h, _p_d_W_hn_h, _ld_d_W_hn_h, _stream);
+    return torch_gru_backward_bwd0_H_launch<float>(_rows, _cols, _p_W_hn_h, _ld_W_hn_h, _p_b_hn, _ld_b_hn, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_h, _ld_h, _p_n, _ld_n, _p_r, _ld_r, _p_z, _ld_z, _p_d_W_hr_h, _ld_d_W_hr_h, _p_d_W_hz_h, _ld_d_W_hz_h, _p_d_W_hn_h, _ld_d_W_hn_h, _p_d_b_in, _ld_d_b_in, _p_d_W_ir_x, _ld_d_W_ir_x, _p_d_W_iz_x, _ld_d_W_iz_x, _p_d_h_direct, _ld_d_h_direct, _stream);
 }
-extern "C" int torch_gru_backward_bwd0_H_cuda_f64(int64_t _rows, int64_t _cols, const void* _p_W_hn_h, int64_t _ld_W_hn_h, const void* _p_b_hn, int64_t _ld_b_hn, const void* _p_d_h, int64_t _ld_d_h, const void* _p_d_h_next_out, int64_t _ld_d_h_next_out, const void* _p_h, int64_t _ld_h, const void* _p_n, int64_t _ld_n, const void* _p_r, int64_t _ld_r, const void* _p_z, int64_t _ld_z, void* _p_d_h_next, int64_t _ld_d_h_next, void* _p_d_n, int64_t _ld_d_n, void* _p_d_W_hr_h, int64_t _ld_d_W_hr_h, void* _p_d_W_hz_h, int64_t _ld_d_W_hz_h, void* _p_d_W_hn_h, int64_t _ld_d_W_hn_h, void* _stream)
+extern "C" int torch_gru_backward_bwd0_H_cuda_f64(int64_t _rows, int64_t _cols, const void* _p_W_hn_h, int64_t _ld_W_hn_h, const void* _p_b_hn, int64_t _ld_b_hn, const void* _p_d_h, int64_t _ld_d_h, const void* _p_d_h_next_out, int64_t _ld_d_h_next_out, const void* _p_h, int64_t _ld_h, const void* _p_n, int64_t _ld_n, const void* _p_r, int64_t _ld_r, const void* _p_z, int64_t _ld_z, void* _p_d_W_hr_h, int64_t _ld_d_W_hr_h, void* _p_d_W_hz_h, int64_t _ld_d_W_hz_h, void* _p_d_W_hn_h, int64_t _ld_d_W_hn_h, void* _p_d_b_in, int64_t _ld_d_b_in, void* _p_d_W_ir_x, int64_t _ld_d_W_ir_x, void* _p_d_W_iz_x, int64_t _ld_d_W_iz_x, void* _p_d_h_direct, int64_t _ld_d_h_direct, void* _stream)
 {
-    return torch_gru_backward_bwd0_H_launch<double>(_rows, _cols, _p_W_hn_h, _ld_W_hn_h, _p_b_hn, _ld_b_hn, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_h, _ld_h, _p_n, _ld_n, _p_r, _ld_r, _p_z, _ld_z, _p_d_h_next, _ld_d_h_next, _p_d_n, _ld_d_n, _p_d_W_hr_h, _ld_d_W_hr_h, _p_d_W_hz_h, _ld_d_W_hz_h, _p_d_W_hn_h, _ld_d_W_hn_h, _stream);
+    return torch_gru_backward_bwd0_H_launch<double>(_rows, _cols, _p_W_hn_h, _ld_W_hn_h, _p_b_hn, _ld_b_hn, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_h, _ld_h, _p_n, _ld_n, _p_r, _ld_r, _p_z, _ld_z, _p_d_W_hr_h, _ld_d_W_hr_h, _p_d_W_hz_h, _ld_d_W_hz_h, _p_d_W_hn_h, _ld_d_W_hn_h, _p_d_b_in, _ld_d_b_in, _p_d_W_ir_x, _ld_d_W_ir_x, _p_d_W_iz_x, _ld_d_W_iz_x, _p_d_h_direct, _ld_d_h_direct, _stream);
 }
-extern "C" int torch_gru_backward_bwd0_H_cuda_f16(int64_t _rows, int64_t _cols, const void* _p_W_hn_h, int64_t _ld_W_hn_h, const void* _p_b_hn, int64_t _ld_b_hn, const void* _p_d_h, int64_t _ld_d_h, const void* _p_d_h_next_out, int64_t _ld_d_h_next_out, const void* _p_h, int64_t _ld_h, const void* _p_n, int64_t _ld_n, const void* _p_r, int64_t _ld_r, const void* _p_z, int64_t _ld_z, void* _p_d_h_next, int64_t _ld_d_h_next, void* _p_d_n, int64_t _ld_d_n, void* _p_d_W_hr_h, int64_t _ld_d_W_hr_h, void* _p_d_W_hz_h, int64_t _ld_d_W_hz_h, void* _p_d_W_hn_h, int64_t _ld_d_W_hn_h, void* _stream)
+extern "C" int torch_gru_backward_bwd0_H_cuda_f16(int64_t _rows, int64_t _cols, const void* _p_W_hn_h, int64_t _ld_W_hn_h, const void* _p_b_hn, int64_t _ld_b_hn, const void* _p_d_h, int64_t _ld_d_h, const void* _p_d_h_next_out, int64_t _ld_d_h_next_out, const void* _p_h, int64_t _ld_h, const void* _p_n, int64_t _ld_n, const void* _p_r, int64_t _ld_r, const void* _p_z, int64_t _ld_z, void* _p_d_W_hr_h, int64_t _ld_d_W_hr_h, void* _p_d_W_hz_h, int64_t _ld_d_W_hz_h, void* _p_d_W_hn_h, int64_t _ld_d_W_hn_h, void* _p_d_b_in, int64_t _ld_d_b_in, void* _p_d_W_ir_x, int64_t _ld_d_W_ir_x, void* _p_d_W_iz_x, int64_t _ld_d_W_iz_x, void* _p_d_h_direct, int64_t _ld_d_h_direct, void* _stream)
 {
-    return torch_gru_backward_bwd0_H_launch<__half>(_rows, _cols, _p_W_hn_h, _ld_W_hn_h, _p_b_hn, _ld_b_hn, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_h, _ld_h, _p_n, _ld_n, _p_r, _ld_r, _p_z, _ld_z, _p_d_h_next, _ld_d_h_next, _p_d_n, _ld_d_n, _p_d_W_hr_h, _ld_d_W_hr_h, _p_d_W_hz_h, _ld_d_W_hz_h, _p_d_W_hn_h, _ld_d_W_hn_h, _stream);
+    return torch_gru_backward_bwd0_H_launch<__half>(_rows, _cols, _p_W_hn_h, _ld_W_hn_h, _p_b_hn, _ld_b_hn, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_h, _ld_h, _p_n, _ld_n, _p_r, _ld_r, _p_z, _ld_z, _p_d_W_hr_h, _ld_d_W_hr_h, _p_d_W_hz_h, _ld_d_W_hz_h, _p_d_W_hn_h, _ld_d_W_hn_h, _p_d_b_in, _ld_d_b_in, _p_d_W_ir_x, _ld_d_W_ir_x, _p_d_W_iz_x, _ld_d_W_iz_x, _p_d_h_direct, _ld_d_h_direct, _stream);
 }
-extern "C" int torch_gru_backward_bwd0_H_cuda_bf16(int64_t _rows, int64_t _cols, const void* _p_W_hn_h, int64_t _ld_W_hn_h, const void* _p_b_hn, int64_t _ld_b_hn, const void* _p_d_h, int64_t _ld_d_h, const void* _p_d_h_next_out, int64_t _ld_d_h_next_out, const void* _p_h, int64_t _ld_h, const void* _p_n, int64_t _ld_n, const void* _p_r, int64_t _ld_r, const void* _p_z, int64_t _ld_z, void* _p_d_h_next, int64_t _ld_d_h_next, void* _p_d_n, int64_t _ld_d_n, void* _p_d_W_hr_h, int64_t _ld_d_W_hr_h, void* _p_d_W_hz_h, int64_t _ld_d_W_hz_h, void* _p_d_W_hn_h, int64_t _ld_d_W_hn_h, void* _stream)
+extern "C" int torch_gru_backward_bwd0_H_cuda_bf16(int64_t _rows, int64_t _cols, const void* _p_W_hn_h, int64_t _ld_W_hn_h, const void* _p_b_hn, int64_t _ld_b_hn, const void* _p_d_h, int64_t _ld_d_h, const void* _p_d_h_next_out, int64_t _ld_d_h_next_out, const void* _p_h, int64_t _ld_h, const void* _p_n, int64_t _ld_n, const void* _p_r, int64_t _ld_r, const void* _p_z, int64_t _ld_z, void* _p_d_W_hr_h, int64_t _ld_d_W_hr_h, void* _p_d_W_hz_h, int64_t _ld_d_W_hz_h, void* _p_d_W_hn_h, int64_t _ld_d_W_hn_h, void* _p_d_b_in, int64_t _ld_d_b_in, void* _p_d_W_ir_x, int64_t _ld_d_W_ir_x, void* _p_d_W_iz_x, int64_t _ld_d_W_iz_x, void* _p_d_h_direct, int64_t _ld_d_h_direct, void* _stream)
 {
-    return torch_gru_backward_bwd0_H_launch<__nv_bfloat16>(_rows, _cols, _p_W_hn_h, _ld_W_hn_h, _p_b_hn, _ld_b_hn, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_h, _ld_h, _p_n, _ld_n, _p_r, _ld_r, _p_z, _ld_z, _p_d_h_next, _ld_d_h_next, _p_d_n, _ld_d_n, _p_d_W_hr_h, _ld_d_W_hr_h, _p_d_W_hz_h, _ld_d_W_hz_h, _p_d_W_hn_h, _ld_d_W_hn_h, _stream);
+    return torch_gru_backward_bwd0_H_launch<__nv_bfloat16>(_rows, _cols, _p_W_hn_h, _ld_W_hn_h, _p_b_hn, _ld_b_hn, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_h, _ld_h, _p_n, _ld_n, _p_r, _ld_r, _p_z, _ld_z, _p_d_W_hr_h, _ld_d_W_hr_h, _p_d_W_hz_h, _ld_d_W_hz_h, _p_d_W_hn_h, _ld_d_W_hn_h, _p_d_b_in, _ld_d_b_in, _p_d_W_ir_x, _ld_d_W_ir_x, _p_d_W_iz_x, _ld_d_W_iz_x, _p_d_h_direct, _ld_d_h_direct, _stream);
 }
 #endif  // __CUDACC__
 
 template <typename real>
-static inline void torch_gru_backward_bwd0_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_W_hn_h, int64_t _ld_W_hn_h, const real* __restrict__ _p_b_hn, int64_t _ld_b_hn, const real* __restrict__ _p_d_h, int64_t _ld_d_h, const real* __restrict__ _p_d_h_next_out, int64_t _ld_d_h_next_out, const real* __restrict__ _p_h, int64_t _ld_h, const real* __restrict__ _p_n, int64_t _ld_n, const real* __restrict__ _p_r, int64_t _ld_r, const real* __restrict__ _p_z, int64_t _ld_z, real* __restrict__ _p_d_h_next, int64_t _ld_d_h_next, real* __restrict__ _p_d_n, int64_t _ld_d_n, real* __restrict__ _p_d_W_hr_h, int64_t _ld_d_W_hr_h, real* __restrict__ _p_d_W_hz_h, int64_t _ld_d_W_hz_h, real* __restrict__ _p_d_W_hn_h, int64_t _ld_d_W_hn_h)
+static inline void torch_gru_backward_bwd0_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_W_hn_h, int64_t _ld_W_hn_h, const real* __restrict__ _p_b_hn, int64_t _ld_b_hn, const real* __restrict__ _p_d_h, int64_t _ld_d_h, const real* __restrict__ _p_d_h_next_out, int64_t _ld_d_h_next_out, const real* __restrict__ _p_h, int64_t _ld_h, const real* __restrict__ _p_n, int64_t _ld_n, const real* __restrict__ _p_r, int64_t _ld_r, const real* __restrict__ _p_z, int64_t _ld_z, real* __restrict__ _p_d_W_hr_h, int64_t _ld_d_W_hr_h, real* __restrict__ _p_d_W_hz_h, int64_t _ld_d_W_hz_h, real* __restrict__ _p_d_W_hn_h, int64_t _ld_d_W_hn_h, real* __restrict__ _p_d_b_in, int64_t _ld_d_b_in, real* __restrict__ _p_d_W_ir_x, int64_t _ld_d_W_ir_x, real* __restrict__ _p_d_W_iz_x, int64_t _ld_d_W_iz_x, real* __restrict__ _p_d_h_direct, int64_t _ld_d_h_direct)
 {
     cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
 #pragma omp simd
@@ -1591,145 +1605,32 @@ static inline void torch_gru_backward_bwd0_H_host(int64_t _rows, int64_t _cols, 
             real n = _p_n[_r * _ld_n + _j];
             real r = _p_r[_r * _ld_r + _j];
             real z = _p_z[_r * _ld_z + _j];
-            real d_h_next;
-            real d_n;
             real d_W_hr_h;
             real d_W_hz_h;
             real d_W_hn_h;
-            torch_gru_backward_bwd0_H<real>(W_hn_h, b_hn, d_h, d_h_next_out, h, n, r, z, d_h_next, d_n, d_W_hr_h, d_W_hz_h, d_W_hn_h);
-            _p_d_h_next[_r * _ld_d_h_next + _j] = d_h_next;
-            _p_d_n[_r * _ld_d_n + _j] = d_n;
-            _p_d_W_hr_h[_r * _ld_d_W_hr_h + _j] = d_W_hr_h;
-            _p_d_W_hz_h[_r * _ld_d_W_hz_h + _j] = d_W_hz_h;
-            _p_d_W_hn_h[_r * _ld_d_W_hn_h + _j] = d_W_hn_h;
-        }
-    });
-}
-
-extern "C" void torch_gru_backward_bwd0_H_f32(int64_t _rows, int64_t _cols, const float* _p_W_hn_h, int64_t _ld_W_hn_h, const float* _p_b_hn, int64_t _ld_b_hn, const float* _p_d_h, int64_t _ld_d_h, const float* _p_d_h_next_out, int64_t _ld_d_h_next_out, const float* _p_h, int64_t _ld_h, const float* _p_n, int64_t _ld_n, const float* _p_r, int64_t _ld_r, const float* _p_z, int64_t _ld_z, float* _p_d_h_next, int64_t _ld_d_h_next, float* _p_d_n, int64_t _ld_d_n, float* _p_d_W_hr_h, int64_t _ld_d_W_hr_h, float* _p_d_W_hz_h, int64_t _ld_d_W_hz_h, float* _p_d_W_hn_h, int64_t _ld_d_W_hn_h)
-{
-    torch_gru_backward_bwd0_H_host<float>(_rows, _cols, _p_W_hn_h, _ld_W_hn_h, _p_b_hn, _ld_b_hn, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_h, _ld_h, _p_n, _ld_n, _p_r, _ld_r, _p_z, _ld_z, _p_d_h_next, _ld_d_h_next, _p_d_n, _ld_d_n, _p_d_W_hr_h, _ld_d_W_hr_h, _p_d_W_hz_h, _ld_d_W_hz_h, _p_d_W_hn_h, _ld_d_W_hn_h);
-}
-extern "C" void torch_gru_backward_bwd0_H_f64(int64_t _rows, int64_t _cols, const double* _p_W_hn_h, int64_t _ld_W_hn_h, const double* _p_b_hn, int64_t _ld_b_hn, const double* _p_d_h, int64_t _ld_d_h, const double* _p_d_h_next_out, int64_t _ld_d_h_next_out, const double* _p_h, int64_t _ld_h, const double* _p_n, int64_t _ld_n, const double* _p_r, int64_t _ld_r, const double* _p_z, int64_t _ld_z, double* _p_d_h_next, int64_t _ld_d_h_next, double* _p_d_n, int64_t _ld_d_n, double* _p_d_W_hr_h, int64_t _ld_d_W_hr_h, double* _p_d_W_hz_h, int64_t _ld_d_W_hz_h, double* _p_d_W_hn_h, int64_t _ld_d_W_hn_h)
-{
-    torch_gru_backward_bwd0_H_host<double>(_rows, _cols, _p_W_hn_h, _ld_W_hn_h, _p_b_hn, _ld_b_hn, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_h, _ld_h, _p_n, _ld_n, _p_r, _ld_r, _p_z, _ld_z, _p_d_h_next, _ld_d_h_next, _p_d_n, _ld_d_n, _p_d_W_hr_h, _ld_d_W_hr_h, _p_d_W_hz_h, _ld_d_W_hz_h, _p_d_W_hn_h, _ld_d_W_hn_h);
-}
-
-// =============================================================================================
-// torch_gru_backward_bwd_leaf_H: backward: per-step adjoints of inputs, states, vector params, hoisted results, units of size H
-// =============================================================================================
-template <typename real>
-__host__ __device__ inline void torch_gru_backward_bwd_leaf_H(
-    real d_W_hr_h,
-    real d_W_hz_h,
-    real d_h_gemm,
-    real d_h_next,
-    real d_n,
-    real n,
-    real z,
-    real& d_h,  // out
-    real& d_b_in,  // out
-    real& d_W_ir_x,  // out
-    real& d_W_iz_x)  // out
-{
-    // adjoint of state h
-    d_h = d_h_gemm + d_h_next*z;
-    // adjoint of param b_in
-    d_b_in = d_n*(real(1.0) - (n*n));
-    // adjoint of hoisted projection W_ir_x
-    d_W_ir_x = d_W_hr_h;
-    // adjoint of hoisted projection W_iz_x
-    d_W_iz_x = d_W_hz_h;
-}
-
-#ifdef __CUDACC__
-template <typename S>
-__global__ void torch_gru_backward_bwd_leaf_H_kernel(int64_t _rows, int64_t _cols, const S* __restrict__ _p_d_W_hr_h, int64_t _ld_d_W_hr_h, const S* __restrict__ _p_d_W_hz_h, int64_t _ld_d_W_hz_h, const S* __restrict__ _p_d_h_gemm, int64_t _ld_d_h_gemm, const S* __restrict__ _p_d_h_next, int64_t _ld_d_h_next, const S* __restrict__ _p_d_n, int64_t _ld_d_n, const S* __restrict__ _p_n, int64_t _ld_n, const S* __restrict__ _p_z, int64_t _ld_z, S* __restrict__ _p_d_h, int64_t _ld_d_h, S* __restrict__ _p_d_b_in, int64_t _ld_d_b_in, S* __restrict__ _p_d_W_ir_x, int64_t _ld_d_W_ir_x, S* __restrict__ _p_d_W_iz_x, int64_t _ld_d_W_iz_x)
-{
-    typedef typename cs_math<S>::type M;
-    const int64_t _j = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (_j >= _cols) return;
-    for (int64_t _r = blockIdx.y; _r < _rows; _r += gridDim.y) {
-        M d_W_hr_h = cs_load(_p_d_W_hr_h[_r * _ld_d_W_hr_h + _j]);
-        M d_W_hz_h = cs_load(_p_d_W_hz_h[_r * _ld_d_W_hz_h + _j]);
-        M d_h_gemm = cs_load(_p_d_h_gemm[_r * _ld_d_h_gemm + _j]);
-        M d_h_next = cs_load(_p_d_h_next[_r * _ld_d_h_next + _j]);
-        M d_n = cs_load(_p_d_n[_r * _ld_d_n + _j]);
-        M n = cs_load(_p_n[_r * _ld_n + _j]);
-        M z = cs_load(_p_z[_r * _ld_z + _j]);
-        M d_h;
-        M d_b_in;
-        M d_W_ir_x;
-        M d_W_iz_x;
-        torch_gru_backward_bwd_leaf_H<M>(d_W_hr_h, d_W_hz_h, d_h_gemm, d_h_next, d_n, n, z, d_h, d_b_in, d_W_ir_x, d_W_iz_x);
-        cs_store(&_p_d_h[_r * _ld_d_h + _j], d_h);
-        cs_store(&_p_d_b_in[_r * _ld_d_b_in + _j], d_b_in);
-        cs_store(&_p_d_W_ir_x[_r * _ld_d_W_ir_x + _j], d_W_ir_x);
-        cs_store(&_p_d_W_iz_x[_r * _ld_d_W_iz_x + _j], d_W_iz_x);
-    }
-}
-
-template <typename S>
-static int torch_gru_backward_bwd_leaf_H_launch(int64_t _rows, int64_t _cols, const void* _p_d_W_hr_h, int64_t _ld_d_W_hr_h, const void* _p_d_W_hz_h, int64_t _ld_d_W_hz_h, const void* _p_d_h_gemm, int64_t _ld_d_h_gemm, const void* _p_d_h_next, int64_t _ld_d_h_next, const void* _p_d_n, int64_t _ld_d_n, const void* _p_n, int64_t _ld_n, const void* _p_z, int64_t _ld_z, void* _p_d_h, int64_t _ld_d_h, void* _p_d_b_in, int64_t _ld_d_b_in, void* _p_d_W_ir_x, int64_t _ld_d_W_ir_x, void* _p_d_W_iz_x, int64_t _ld_d_W_iz_x, void* _stream)
-{
-    if (_rows <= 0 || _cols <= 0) return 0;
-    dim3 _grid, _block;
-    cs_grid(_rows, _cols, &_grid, &_block);
-    torch_gru_backward_bwd_leaf_H_kernel<S><<<_grid, _block, 0, (cudaStream_t)_stream>>>(_rows, _cols, (const S*)_p_d_W_hr_h, _ld_d_W_hr_h, (const S*)_p_d_W_hz_h, _ld_d_W_hz_h, (const S*)_p_d_h_gemm, _ld_d_h_gemm, (const S*)_p_d_h_next, _ld_d_h_next, (const S*)_p_d_n, _ld_d_n, (const S*)_p_n, _ld_n, (const S*)_p_z, _ld_z, (S*)_p_d_h, _ld_d_h, (S*)_p_d_b_in, _ld_d_b_in, (S*)_p_d_W_ir_x, _ld_d_W_ir_x, (S*)_p_d_W_iz_x, _ld_d_W_iz_x);
-    return (int)cudaGetLastError();
-}
-
-extern "C" int torch_gru_backward_bwd_leaf_H_cuda_f32(int64_t _rows, int64_t _cols, const void* _p_d_W_hr_h, int64_t _ld_d_W_hr_h, const void* _p_d_W_hz_h, int64_t _ld_d_W_hz_h, const void* _p_d_h_gemm, int64_t _ld_d_h_gemm, const void* _p_d_h_next, int64_t _ld_d_h_next, const void* _p_d_n, int64_t _ld_d_n, const void* _p_n, int64_t _ld_n, const void* _p_z, int64_t _ld_z, void* _p_d_h, int64_t _ld_d_h, void* _p_d_b_in, int64_t _ld_d_b_in, void* _p_d_W_ir_x, int64_t _ld_d_W_ir_x, void* _p_d_W_iz_x, int64_t _ld_d_W_iz_x, void* _stream)
-{
-    return torch_gru_backward_bwd_leaf_H_launch<float>(_rows, _cols, _p_d_W_hr_h, _ld_d_W_hr_h, _p_d_W_hz_h, _ld_d_W_hz_h, _p_d_h_gemm, _ld_d_h_gemm, _p_d_h_next, _ld_d_h_next, _p_d_n, _ld_d_n, _p_n, _ld_n, _p_z, _ld_z, _p_d_h, _ld_d_h, _p_d_b_in, _ld_d_b_in, _p_d_W_ir_x, _ld_d_W_ir_x, _p_d_W_iz_x, _ld_d_W_iz_x, _stream);
-}
-extern "C" int torch_gru_backward_bwd_leaf_H_cuda_f64(int64_t _rows, int64_t _cols, const void* _p_d_W_hr_h, int64_t _ld_d_W_hr_h, const void* _p_d_W_hz_h, int64_t _ld_d_W_hz_h, const void* _p_d_h_gemm, int64_t _ld_d_h_gemm, const void* _p_d_h_next, int64_t _ld_d_h_next, const void* _p_d_n, int64_t _ld_d_n, const void* _p_n, int64_t _ld_n, const void* _p_z, int64_t _ld_z, void* _p_d_h, int64_t _ld_d_h, void* _p_d_b_in, int64_t _ld_d_b_in, void* _p_d_W_ir_x, int64_t _ld_d_W_ir_x, void* _p_d_W_iz_x, int64_t _ld_d_W_iz_x, void* _stream)
-{
-    return torch_gru_backward_bwd_leaf_H_launch<double>(_rows, _cols, _p_d_W_hr_h, _ld_d_W_hr_h, _p_d_W_hz_h, _ld_d_W_hz_h, _p_d_h_gemm, _ld_d_h_gemm, _p_d_h_next, _ld_d_h_next, _p_d_n, _ld_d_n, _p_n, _ld_n, _p_z, _ld_z, _p_d_h, _ld_d_h, _p_d_b_in, _ld_d_b_in, _p_d_W_ir_x, _ld_d_W_ir_x, _p_d_W_iz_x, _ld_d_W_iz_x, _stream);
-}
-extern "C" int torch_gru_backward_bwd_leaf_H_cuda_f16(int64_t _rows, int64_t _cols, const void* _p_d_W_hr_h, int64_t _ld_d_W_hr_h, const void* _p_d_W_hz_h, int64_t _ld_d_W_hz_h, const void* _p_d_h_gemm, int64_t _ld_d_h_gemm, const void* _p_d_h_next, int64_t _ld_d_h_next, const void* _p_d_n, int64_t _ld_d_n, const void* _p_n, int64_t _ld_n, const void* _p_z, int64_t _ld_z, void* _p_d_h, int64_t _ld_d_h, void* _p_d_b_in, int64_t _ld_d_b_in, void* _p_d_W_ir_x, int64_t _ld_d_W_ir_x, void* _p_d_W_iz_x, int64_t _ld_d_W_iz_x, void* _stream)
-{
-    return torch_gru_backward_bwd_leaf_H_launch<__half>(_rows, _cols, _p_d_W_hr_h, _ld_d_W_hr_h, _p_d_W_hz_h, _ld_d_W_hz_h, _p_d_h_gemm, _ld_d_h_gemm, _p_d_h_next, _ld_d_h_next, _p_d_n, _ld_d_n, _p_n, _ld_n, _p_z, _ld_z, _p_d_h, _ld_d_h, _p_d_b_in, _ld_d_b_in, _p_d_W_ir_x, _ld_d_W_ir_x, _p_d_W_iz_x, _ld_d_W_iz_x, _stream);
-}
-extern "C" int torch_gru_backward_bwd_leaf_H_cuda_bf16(int64_t _rows, int64_t _cols, const void* _p_d_W_hr_h, int64_t _ld_d_W_hr_h, const void* _p_d_W_hz_h, int64_t _ld_d_W_hz_h, const void* _p_d_h_gemm, int64_t _ld_d_h_gemm, const void* _p_d_h_next, int64_t _ld_d_h_next, const void* _p_d_n, int64_t _ld_d_n, const void* _p_n, int64_t _ld_n, const void* _p_z, int64_t _ld_z, void* _p_d_h, int64_t _ld_d_h, void* _p_d_b_in, int64_t _ld_d_b_in, void* _p_d_W_ir_x, int64_t _ld_d_W_ir_x, void* _p_d_W_iz_x, int64_t _ld_d_W_iz_x, void* _stream)
-{
-    return torch_gru_backward_bwd_leaf_H_launch<__nv_bfloat16>(_rows, _cols, _p_d_W_hr_h, _ld_d_W_hr_h, _p_d_W_hz_h, _ld_d_W_hz_h, _p_d_h_gemm, _ld_d_h_gemm, _p_d_h_next, _ld_d_h_next, _p_d_n, _ld_d_n, _p_n, _ld_n, _p_z, _ld_z, _p_d_h, _ld_d_h, _p_d_b_in, _ld_d_b_in, _p_d_W_ir_x, _ld_d_W_ir_x, _p_d_W_iz_x, _ld_d_W_iz_x, _stream);
-}
-#endif  // __CUDACC__
-
-template <typename real>
-static inline void torch_gru_backward_bwd_leaf_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_d_W_hr_h, int64_t _ld_d_W_hr_h, const real* __restrict__ _p_d_W_hz_h, int64_t _ld_d_W_hz_h, const real* __restrict__ _p_d_h_gemm, int64_t _ld_d_h_gemm, const real* __restrict__ _p_d_h_next, int64_t _ld_d_h_next, const real* __restrict__ _p_d_n, int64_t _ld_d_n, const real* __restrict__ _p_n, int64_t _ld_n, const real* __restrict__ _p_z, int64_t _ld_z, real* __restrict__ _p_d_h, int64_t _ld_d_h, real* __restrict__ _p_d_b_in, int64_t _ld_d_b_in, real* __restrict__ _p_d_W_ir_x, int64_t _ld_d_W_ir_x, real* __restrict__ _p_d_W_iz_x, int64_t _ld_d_W_iz_x)
-{
-    cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
-#pragma omp simd
-        for (int64_t _j = 0; _j < _cols; ++_j) {
-            real d_W_hr_h = _p_d_W_hr_h[_r * _ld_d_W_hr_h + _j];
-            real d_W_hz_h = _p_d_W_hz_h[_r * _ld_d_W_hz_h + _j];
-            real d_h_gemm = _p_d_h_gemm[_r * _ld_d_h_gemm + _j];
-            real d_h_next = _p_d_h_next[_r * _ld_d_h_next + _j];
-            real d_n = _p_d_n[_r * _ld_d_n + _j];
-            real n = _p_n[_r * _ld_n + _j];
-            real z = _p_z[_r * _ld_z + _j];
-            real d_h;
             real d_b_in;
             real d_W_ir_x;
             real d_W_iz_x;
-            torch_gru_backward_bwd_leaf_H<real>(d_W_hr_h, d_W_hz_h, d_h_gemm, d_h_next, d_n, n, z, d_h, d_b_in, d_W_ir_x, d_W_iz_x);
-            _p_d_h[_r * _ld_d_h + _j] = d_h;
+            real d_h_direct;
+            torch_gru_backward_bwd0_H<real>(W_hn_h, b_hn, d_h, d_h_next_out, h, n, r, z, d_W_hr_h, d_W_hz_h, d_W_hn_h, d_b_in, d_W_ir_x, d_W_iz_x, d_h_direct);
+            _p_d_W_hr_h[_r * _ld_d_W_hr_h + _j] = d_W_hr_h;
+            _p_d_W_hz_h[_r * _ld_d_W_hz_h + _j] = d_W_hz_h;
+            _p_d_W_hn_h[_r * _ld_d_W_hn_h + _j] = d_W_hn_h;
             _p_d_b_in[_r * _ld_d_b_in + _j] = d_b_in;
             _p_d_W_ir_x[_r * _ld_d_W_ir_x + _j] = d_W_ir_x;
             _p_d_W_iz_x[_r * _ld_d_W_iz_x + _j] = d_W_iz_x;
+            _p_d_h_direct[_r * _ld_d_h_direct + _j] = d_h_direct;
         }
     });
 }
 
-extern "C" void torch_gru_backward_bwd_leaf_H_f32(int64_t _rows, int64_t _cols, const float* _p_d_W_hr_h, int64_t _ld_d_W_hr_h, const float* _p_d_W_hz_h, int64_t _ld_d_W_hz_h, const float* _p_d_h_gemm, int64_t _ld_d_h_gemm, const float* _p_d_h_next, int64_t _ld_d_h_next, const float* _p_d_n, int64_t _ld_d_n, const float* _p_n, int64_t _ld_n, const float* _p_z, int64_t _ld_z, float* _p_d_h, int64_t _ld_d_h, float* _p_d_b_in, int64_t _ld_d_b_in, float* _p_d_W_ir_x, int64_t _ld_d_W_ir_x, float* _p_d_W_iz_x, int64_t _ld_d_W_iz_x)
+extern "C" void torch_gru_backward_bwd0_H_f32(int64_t _rows, int64_t _cols, const float* _p_W_hn_h, int64_t _ld_W_hn_h, const float* _p_b_hn, int64_t _ld_b_hn, const float* _p_d_h, int64_t _ld_d_h, const float* _p_d_h_next_out, int64_t _ld_d_h_next_out, const float* _p_h, int64_t _ld_h, const float* _p_n, int64_t _ld_n, const float* _p_r, int64_t _ld_r, const float* _p_z, int64_t _ld_z, float* _p_d_W_hr_h, int64_t _ld_d_W_hr_h, float* _p_d_W_hz_h, int64_t _ld_d_W_hz_h, float* _p_d_W_hn_h, int64_t _ld_d_W_hn_h, float* _p_d_b_in, int64_t _ld_d_b_in, float* _p_d_W_ir_x, int64_t _ld_d_W_ir_x, float* _p_d_W_iz_x, int64_t _ld_d_W_iz_x, float* _p_d_h_direct, int64_t _ld_d_h_direct)
 {
-    torch_gru_backward_bwd_leaf_H_host<float>(_rows, _cols, _p_d_W_hr_h, _ld_d_W_hr_h, _p_d_W_hz_h, _ld_d_W_hz_h, _p_d_h_gemm, _ld_d_h_gemm, _p_d_h_next, _ld_d_h_next, _p_d_n, _ld_d_n, _p_n, _ld_n, _p_z, _ld_z, _p_d_h, _ld_d_h, _p_d_b_in, _ld_d_b_in, _p_d_W_ir_x, _ld_d_W_ir_x, _p_d_W_iz_x, _ld_d_W_iz_x);
+    torch_gru_backward_bwd0_H_host<float>(_rows, _cols, _p_W_hn_h, _ld_W_hn_h, _p_b_hn, _ld_b_hn, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_h, _ld_h, _p_n, _ld_n, _p_r, _ld_r, _p_z, _ld_z, _p_d_W_hr_h, _ld_d_W_hr_h, _p_d_W_hz_h, _ld_d_W_hz_h, _p_d_W_hn_h, _ld_d_W_hn_h, _p_d_b_in, _ld_d_b_in, _p_d_W_ir_x, _ld_d_W_ir_x, _p_d_W_iz_x, _ld_d_W_iz_x, _p_d_h_direct, _ld_d_h_direct);
 }
-extern "C" void torch_gru_backward_bwd_leaf_H_f64(int64_t _rows, int64_t _cols, const double* _p_d_W_hr_h, int64_t _ld_d_W_hr_h, const double* _p_d_W_hz_h, int64_t _ld_d_W_hz_h, const double* _p_d_h_gemm, int64_t _ld_d_h_gemm, const double* _p_d_h_next, int64_t _ld_d_h_next, const double* _p_d_n, int64_t _ld_d_n, const double* _p_n, int64_t _ld_n, const double* _p_z, int64_t _ld_z, double* _p_d_h, int64_t _ld_d_h, double* _p_d_b_in, int64_t _ld_d_b_in, double* _p_d_W_ir_x, int64_t _ld_d_W_ir_x, double* _p_d_W_iz_x, int64_t _ld_d_W_iz_x)
+extern "C" void torch_gru_backward_bwd0_H_f64(int64_t _rows, int64_t _cols, const double* _p_W_hn_h, int64_t _ld_W_hn_h, const double* _p_b_hn, int64_t _ld_b_hn, const double* _p_d_h, int64_t _ld_d_h, const double* _p_d_h_next_out, int64_t _ld_d_h_next_out, const double* _p_h, int64_t _ld_h, const double* _p_n, int64_t _ld_n, const double* _p_r, int64_t _ld_r, const double* _p_z, int64_t _ld_z, double* _p_d_W_hr_h, int64_t _ld_d_W_hr_h, double* _p_d_W_hz_h, int64_t _ld_d_W_hz_h, double* _p_d_W_hn_h, int64_t _ld_d_W_hn_h, double* _p_d_b_in, int64_t _ld_d_b_in, double* _p_d_W_ir_x, int64_t _ld_d_W_ir_x, double* _p_d_W_iz_x, int64_t _ld_d_W_iz_x, double* _p_d_h_direct, int64_t _ld_d_h_direct)
 {
-    torch_gru_backward_bwd_leaf_H_host<double>(_rows, _cols, _p_d_W_hr_h, _ld_d_W_hr_h, _p_d_W_hz_h, _ld_d_W_hz_h, _p_d_h_gemm, _ld_d_h_gemm, _p_d_h_next, _ld_d_h_next, _p_d_n, _ld_d_n, _p_n, _ld_n, _p_z, _ld_z, _p_d_h, _ld_d_h, _p_d_b_in, _ld_d_b_in, _p_d_W_ir_x, _ld_d_W_ir_x, _p_d_W_iz_x, _ld_d_W_iz_x);
+    torch_gru_backward_bwd0_H_host<double>(_rows, _cols, _p_W_hn_h, _ld_W_hn_h, _p_b_hn, _ld_b_hn, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_h, _ld_h, _p_n, _ld_n, _p_r, _ld_r, _p_z, _ld_z, _p_d_W_hr_h, _ld_d_W_hr_h, _p_d_W_hz_h, _ld_d_W_hz_h, _p_d_W_hn_h, _ld_d_W_hn_h, _p_d_b_in, _ld_d_b_in, _p_d_W_ir_x, _ld_d_W_ir_x, _p_d_W_iz_x, _ld_d_W_iz_x, _p_d_h_direct, _ld_d_h_direct);
 }
 
 
@@ -1952,7 +1853,7 @@ extern "C" int torch_gru_inference_f64(const int64_t* dims, void* const* ptrs, c
 
 // =============================================================================================
 // torch_gru: the whole sequence, backward
-// ptrs: 0 x_x, 1 s_h, 2 p_b_hn, 3 g_W_hr_W_hz_W_hn__h, 4 v_r, 5 v_z, 6 v_n, 7 dout_h_next, 8 ds_h, 9 dx_x, 10 dg_W_hr_W_hz_W_hn__h, 11 tmp_d_h_gemm, 12 dhg_W_ir_W_iz_W_in__x, 13 tmp_d_h_next, 14 tmp_d_n, 15 dw_W_hr_W_hz_W_hn, 16 dw_W_ir_W_iz_W_in, 17 sum_d_b_ir, 18 sum_d_b_iz, 19 weight W_ir_W_iz_W_in, 20 weight W_hr_W_hz_W_hn, 21 d W_ir, 22 d W_hr, 23 d b_ir, 24 d b_hr, 25 d W_iz, 26 d W_hz, 27 d b_iz, 28 d b_hz, 29 d W_in, 30 d W_hn, 31 d b_in, 32 d b_hn, 33 batch sizes (host, or NULL)
+// ptrs: 0 x_x, 1 s_h, 2 p_b_hn, 3 g_W_hr_W_hz_W_hn__h, 4 v_r, 5 v_z, 6 v_n, 7 dout_h_next, 8 ds_h, 9 dx_x, 10 dg_W_hr_W_hz_W_hn__h, 11 dhg_W_ir_W_iz_W_in__x, 12 dw_W_hr_W_hz_W_hn, 13 dw_W_ir_W_iz_W_in, 14 sum_d_b_ir, 15 sum_d_b_iz, 16 weight W_ir_W_iz_W_in, 17 weight W_hr_W_hz_W_hn, 18 d W_ir, 19 d W_hr, 20 d b_ir, 21 d b_hr, 22 d W_iz, 23 d W_hz, 24 d b_iz, 25 d b_hz, 26 d W_in, 27 d W_hn, 28 d b_in, 29 d b_hn, 30 batch sizes (host, or NULL)
 
 // =============================================================================================
 template <typename S, typename G>
@@ -1990,51 +1891,45 @@ static int torch_gru_backward_run(const int64_t* dims, void* const* ptrs, const 
     (void)b_dx_x;
     S* b_dg_W_hr_W_hz_W_hn__h = (S*)ptrs[10];
     (void)b_dg_W_hr_W_hz_W_hn__h;
-    S* b_tmp_d_h_gemm = (S*)ptrs[11];
-    (void)b_tmp_d_h_gemm;
-    S* b_dhg_W_ir_W_iz_W_in__x = (S*)ptrs[12];
+    S* b_dhg_W_ir_W_iz_W_in__x = (S*)ptrs[11];
     (void)b_dhg_W_ir_W_iz_W_in__x;
-    S* b_tmp_d_h_next = (S*)ptrs[13];
-    (void)b_tmp_d_h_next;
-    S* b_tmp_d_n = (S*)ptrs[14];
-    (void)b_tmp_d_n;
-    G* b_dw_W_hr_W_hz_W_hn = (G*)ptrs[15];
+    G* b_dw_W_hr_W_hz_W_hn = (G*)ptrs[12];
     (void)b_dw_W_hr_W_hz_W_hn;
-    G* b_dw_W_ir_W_iz_W_in = (G*)ptrs[16];
+    G* b_dw_W_ir_W_iz_W_in = (G*)ptrs[13];
     (void)b_dw_W_ir_W_iz_W_in;
-    G* b_sum_d_b_ir = (G*)ptrs[17];
+    G* b_sum_d_b_ir = (G*)ptrs[14];
     (void)b_sum_d_b_ir;
-    G* b_sum_d_b_iz = (G*)ptrs[18];
+    G* b_sum_d_b_iz = (G*)ptrs[15];
     (void)b_sum_d_b_iz;
-    const S* w_W_ir_W_iz_W_in = (const S*)ptrs[19];
+    const S* w_W_ir_W_iz_W_in = (const S*)ptrs[16];
     (void)w_W_ir_W_iz_W_in;
-    const S* w_W_hr_W_hz_W_hn = (const S*)ptrs[20];
+    const S* w_W_hr_W_hz_W_hn = (const S*)ptrs[17];
     (void)w_W_hr_W_hz_W_hn;
-    G* g_W_ir = (G*)ptrs[21];
+    G* g_W_ir = (G*)ptrs[18];
     (void)g_W_ir;
-    G* g_W_hr = (G*)ptrs[22];
+    G* g_W_hr = (G*)ptrs[19];
     (void)g_W_hr;
-    G* g_b_ir = (G*)ptrs[23];
+    G* g_b_ir = (G*)ptrs[20];
     (void)g_b_ir;
-    G* g_b_hr = (G*)ptrs[24];
+    G* g_b_hr = (G*)ptrs[21];
     (void)g_b_hr;
-    G* g_W_iz = (G*)ptrs[25];
+    G* g_W_iz = (G*)ptrs[22];
     (void)g_W_iz;
-    G* g_W_hz = (G*)ptrs[26];
+    G* g_W_hz = (G*)ptrs[23];
     (void)g_W_hz;
-    G* g_b_iz = (G*)ptrs[27];
+    G* g_b_iz = (G*)ptrs[24];
     (void)g_b_iz;
-    G* g_b_hz = (G*)ptrs[28];
+    G* g_b_hz = (G*)ptrs[25];
     (void)g_b_hz;
-    G* g_W_in = (G*)ptrs[29];
+    G* g_W_in = (G*)ptrs[26];
     (void)g_W_in;
-    G* g_W_hn = (G*)ptrs[30];
+    G* g_W_hn = (G*)ptrs[27];
     (void)g_W_hn;
-    G* g_b_in = (G*)ptrs[31];
+    G* g_b_in = (G*)ptrs[28];
     (void)g_b_in;
-    G* g_b_hn = (G*)ptrs[32];
+    G* g_b_hn = (G*)ptrs[29];
     (void)g_b_hn;
-    const int64_t* bs = (const int64_t*)ptrs[33];
+    const int64_t* bs = (const int64_t*)ptrs[30];
     (void)ctx;
     if (bs) {  // rows of ended sequences, which no step writes, are read over all T*B rows
         CS_ZERO(b_dg_W_hr_W_hz_W_hn__h, (n_T) * (n_B) * (3*n_H));
@@ -2048,11 +1943,9 @@ static int torch_gru_backward_run(const int64_t* dims, void* const* ptrs, const 
         const int64_t rows = bs ? bs[t] : n_B;  // variable lengths: rows 0..B_t-1 run
         CS_SPLIT_ROWS(split_rows, n_B);
         // backward: stage 0 backward, units of size H
-        CS_PW(torch_gru_backward_bwd0_H, rows, n_H, b_g_W_hr_W_hz_W_hn__h + t * n_B * (3*n_H) + 2*n_H, 3*n_H, b_p_b_hn, 0, b_ds_h, n_H, b_dout_h_next + t * n_B * (n_H), n_H, b_s_h + t * n_B * (n_H), n_H, b_v_n + t * n_B * (n_H), n_H, b_v_r + t * n_B * (n_H), n_H, b_v_z + t * n_B * (n_H), n_H, b_tmp_d_h_next, n_H, b_tmp_d_n, n_H, b_dg_W_hr_W_hz_W_hn__h + t * n_B * (3*n_H), 3*n_H, b_dg_W_hr_W_hz_W_hn__h + t * n_B * (3*n_H) + n_H, 3*n_H, b_dg_W_hr_W_hz_W_hn__h + t * n_B * (3*n_H) + 2*n_H, 3*n_H);
-        // d_h_gemm = dg_W_hr_W_hz_W_hn__h @ [W_hr, W_hz, W_hn]
-        CS_GEMM_NN_PACKED(rows, n_H, 3*n_H, b_dg_W_hr_W_hz_W_hn__h + t * n_B * (3*n_H), 3*n_H, pk_W_hr_W_hz_W_hn_nn, b_tmp_d_h_gemm, n_H, 0);
-        // backward: per-step adjoints of inputs, states, vector params, hoisted results, units of size H
-        CS_PW(torch_gru_backward_bwd_leaf_H, rows, n_H, b_dg_W_hr_W_hz_W_hn__h + t * n_B * (3*n_H), 3*n_H, b_dg_W_hr_W_hz_W_hn__h + t * n_B * (3*n_H) + n_H, 3*n_H, b_tmp_d_h_gemm, n_H, b_tmp_d_h_next, n_H, b_tmp_d_n, n_H, b_v_n + t * n_B * (n_H), n_H, b_v_z + t * n_B * (n_H), n_H, b_ds_h, n_H, b_dhg_W_ir_W_iz_W_in__x + t * n_B * (3*n_H) + 2*n_H, 3*n_H, b_dhg_W_ir_W_iz_W_in__x + t * n_B * (3*n_H), 3*n_H, b_dhg_W_ir_W_iz_W_in__x + t * n_B * (3*n_H) + n_H, 3*n_H);
+        CS_PW(torch_gru_backward_bwd0_H, rows, n_H, b_g_W_hr_W_hz_W_hn__h + t * n_B * (3*n_H) + 2*n_H, 3*n_H, b_p_b_hn, 0, b_ds_h, n_H, b_dout_h_next + t * n_B * (n_H), n_H, b_s_h + t * n_B * (n_H), n_H, b_v_n + t * n_B * (n_H), n_H, b_v_r + t * n_B * (n_H), n_H, b_v_z + t * n_B * (n_H), n_H, b_dg_W_hr_W_hz_W_hn__h + t * n_B * (3*n_H), 3*n_H, b_dg_W_hr_W_hz_W_hn__h + t * n_B * (3*n_H) + n_H, 3*n_H, b_dg_W_hr_W_hz_W_hn__h + t * n_B * (3*n_H) + 2*n_H, 3*n_H, b_dhg_W_ir_W_iz_W_in__x + t * n_B * (3*n_H) + 2*n_H, 3*n_H, b_dhg_W_ir_W_iz_W_in__x + t * n_B * (3*n_H), 3*n_H, b_dhg_W_ir_W_iz_W_in__x + t * n_B * (3*n_H) + n_H, 3*n_H, b_ds_h, n_H);
+        // d_h_gemm += dg_W_hr_W_hz_W_hn__h @ [W_hr, W_hz, W_hn]
+        CS_GEMM_NN_PACKED(rows, n_H, 3*n_H, b_dg_W_hr_W_hz_W_hn__h + t * n_B * (3*n_H), 3*n_H, pk_W_hr_W_hz_W_hn_nn, b_ds_h, n_H, 1);
     }
     CS_SPLIT_DONE();
     CS_TEAM_END

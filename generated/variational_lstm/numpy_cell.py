@@ -461,7 +461,6 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
     _hgd_xd = np.empty((_T, _B, _I), _dtype)
     _hl_x = np.empty((_T, _B, _I), _dtype)
     _tmp_d_c_next = np.empty((_B, _H), _dtype)
-    _tmp_d_hd = np.empty((_B, _H), _dtype)
     if _bs is not None:
         _dg_W_hi_W_hf_W_hg_W_ho__hd[...] = 0
     _s_c_at0 = _steps(_s_c, 0, _T, _bs)
@@ -476,7 +475,6 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
     _tmp_d_c_next_rows = _rows(_tmp_d_c_next, _T, _bs)
     _dg_W_hi_W_hf_W_hg_W_ho__hd_at0 = _steps(_dg_W_hi_W_hf_W_hg_W_ho__hd, 0, _T, _bs)
     _tmp_d_hd_gemm_rows = _rows(_tmp_d_hd_gemm, _T, _bs)
-    _tmp_d_hd_rows = _rows(_tmp_d_hd, _T, _bs)
     _x_mask_h_at0 = _steps(_x_mask_h, 0, _T, _bs)
     _grads = {}
     for _t in reversed(range(_T)):
@@ -508,14 +506,11 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
         _dg_W_hi_W_hf_W_hg_W_ho__hd_at0[_t][:, 3*_H:4*_H][...] = d_W_ho_hd
         np.matmul(_dg_W_hi_W_hf_W_hg_W_ho__hd_at0[_t], _w_W_hi_W_hf_W_hg_W_ho, out=_tmp_d_hd_gemm_rows[_t])
         # stage 0 backward
-        d_hd_gemm = _tmp_d_hd_gemm_rows[_t]
-        d_hd = d_hd_gemm  # adjoint of hd
-        _tmp_d_hd_rows[_t][...] = d_hd
-        # per-step adjoints of inputs, states, vector params, hoisted results
         d_c_next = _tmp_d_c_next_rows[_t]
-        d_hd = _tmp_d_hd_rows[_t]
+        d_hd_gemm = _tmp_d_hd_gemm_rows[_t]
         f = _v_f_at0[_t]
         mask_h = _x_mask_h_at0[_t]
+        d_hd = d_hd_gemm  # adjoint of hd
         d_h = d_hd*mask_h  # adjoint of state h
         d_c = d_c_next*f  # adjoint of state c
         _ds_h_rows[_t][...] = d_h

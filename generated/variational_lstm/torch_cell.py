@@ -398,7 +398,6 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
     _hgd_xd = torch.empty((_T, _B, _I), dtype=_dtype, device=_device)
     _hl_x = torch.empty((_T, _B, _I), dtype=_dtype, device=_device)
     _tmp_d_c_next = torch.empty((_B, _H), dtype=_dtype, device=_device)
-    _tmp_d_hd = torch.empty((_B, _H), dtype=_dtype, device=_device)
     if _bs is not None:
         _dg_W_hi_W_hf_W_hg_W_ho__hd.zero_()
     _s_c_at0 = _steps(_s_c, 0, _T, _bs)
@@ -413,7 +412,6 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
     _tmp_d_c_next_rows = _rows(_tmp_d_c_next, _T, _bs)
     _dg_W_hi_W_hf_W_hg_W_ho__hd_at0 = _steps(_dg_W_hi_W_hf_W_hg_W_ho__hd, 0, _T, _bs)
     _tmp_d_hd_gemm_rows = _rows(_tmp_d_hd_gemm, _T, _bs)
-    _tmp_d_hd_rows = _rows(_tmp_d_hd, _T, _bs)
     _x_mask_h_at0 = _steps(_x_mask_h, 0, _T, _bs)
     _grads = {}
     for _t in reversed(range(_T)):
@@ -445,14 +443,11 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
         _dg_W_hi_W_hf_W_hg_W_ho__hd_at0[_t][:, 3*_H:4*_H].copy_(d_W_ho_hd)
         torch.mm(_dg_W_hi_W_hf_W_hg_W_ho__hd_at0[_t], _w_W_hi_W_hf_W_hg_W_ho, out=_tmp_d_hd_gemm_rows[_t])
         # stage 0 backward
-        d_hd_gemm = _tmp_d_hd_gemm_rows[_t]
-        d_hd = d_hd_gemm  # adjoint of hd
-        _tmp_d_hd_rows[_t].copy_(d_hd)
-        # per-step adjoints of inputs, states, vector params, hoisted results
         d_c_next = _tmp_d_c_next_rows[_t]
-        d_hd = _tmp_d_hd_rows[_t]
+        d_hd_gemm = _tmp_d_hd_gemm_rows[_t]
         f = _v_f_at0[_t]
         mask_h = _x_mask_h_at0[_t]
+        d_hd = d_hd_gemm  # adjoint of hd
         d_h = d_hd*mask_h  # adjoint of state h
         d_c = d_c_next*f  # adjoint of state c
         _ds_h_rows[_t].copy_(d_h)
@@ -661,7 +656,6 @@ def _backward_differentiable(_params, _x, _saved, _d_outputs, _d_final, _bs=None
     _hgd_xd = torch.zeros((_T, _B, _I), dtype=_dtype, device=_device)
     _hl_x = torch.zeros((_T, _B, _I), dtype=_dtype, device=_device)
     _tmp_d_c_next = torch.zeros((_B, _H), dtype=_dtype, device=_device)
-    _tmp_d_hd = torch.zeros((_B, _H), dtype=_dtype, device=_device)
     _dg_W_hi_W_hf_W_hg_W_ho__hd_rows = list(_dg_W_hi_W_hf_W_hg_W_ho__hd.unbind(0))
     _hgd_xd_rows = list(_hgd_xd.unbind(0))
     _hl_x_rows = list(_hl_x.unbind(0))
@@ -703,14 +697,11 @@ def _backward_differentiable(_params, _x, _saved, _d_outputs, _d_final, _bs=None
         _dg_W_hi_W_hf_W_hg_W_ho__hd_rows[_t] = torch.slice_scatter(_dg_W_hi_W_hf_W_hg_W_ho__hd_rows[_t], d_W_ho_hd, 1, 3*_H, 4*_H)
         _tmp_d_hd_gemm = _dg_W_hi_W_hf_W_hg_W_ho__hd_rows[_t] @ _w_W_hi_W_hf_W_hg_W_ho
         # stage 0 backward
-        d_hd_gemm = _tmp_d_hd_gemm
-        d_hd = d_hd_gemm  # adjoint of hd
-        _tmp_d_hd = d_hd
-        # per-step adjoints of inputs, states, vector params, hoisted results
         d_c_next = _tmp_d_c_next
-        d_hd = _tmp_d_hd
+        d_hd_gemm = _tmp_d_hd_gemm
         f = _v_f_rows[_t]
         mask_h = _x_mask_h_rows[_t]
+        d_hd = d_hd_gemm  # adjoint of hd
         d_h = d_hd*mask_h  # adjoint of state h
         d_c = d_c_next*f  # adjoint of state c
         _ds_h = d_h
@@ -910,7 +901,7 @@ def _custom_ops(name, forward, backward, forward_schema, backward_schema, forwar
 #: the PyTorch engine's forward and backward as custom ops (the engine itself is the fake:
 #: it runs on fake tensors)
 _ENGINE_OPS = _custom_ops(
-    "variational_lstm_engine_83b376a20f17", _engine_op_forward_impl, _engine_op_backward_impl,
+    "variational_lstm_engine_ddd797415612", _engine_op_forward_impl, _engine_op_backward_impl,
     "(Tensor[] xs, Tensor[] states, Tensor[] params) -> Tensor[]",
     "(Tensor[] args, Tensor[] saved, Tensor?[] d_outputs, Tensor?[] d_finals) -> Tensor[]",
     _engine_op_forward_impl, _engine_op_backward_impl, _engine_op_backward, _engine_op_setup_context,
@@ -1291,7 +1282,7 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     if _bs is not None:  # outputs past a sequence's end are constant zeros
         _m = _native_active(_bs, _B, _xs)
         _d_outputs = tuple(None if _d is None else _d * _m for _d in _d_outputs)
-    dg_W_hi_W_hf_W_hg_W_ho__hd, tmp_d_hd_gemm, hgd_xd, hl_x, tmp_d_c_next, tmp_d_hd = _scratch((_T, _B, 4*_H), (_B, _H), (_T, _B, _I), (_T, _B, _I), (_B, _H), (_B, _H))
+    dg_W_hi_W_hf_W_hg_W_ho__hd, tmp_d_hd_gemm, hgd_xd, hl_x, tmp_d_c_next = _scratch((_T, _B, 4*_H), (_B, _H), (_T, _B, _I), (_T, _B, _I), (_B, _H))
     sum_d_b_ii, sum_d_b_if, sum_d_b_ig, sum_d_b_io = _gscratch((_H,), (_H,), (_H,), (_H,))
     x_x = _xs[0].contiguous()
     x_mask_x = _xs[1].contiguous()
@@ -1314,14 +1305,14 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     _grads_0 = _gempty((8, _H)).unbind(0)
     _grads = {"W_ii": _rows_dw_W_ii_W_if_W_ig_W_io[0], "W_hi": _rows_dw_W_hi_W_hf_W_hg_W_ho[0], "b_ii": _grads_0[0], "b_hi": _grads_0[1], "W_if": _rows_dw_W_ii_W_if_W_ig_W_io[1], "W_hf": _rows_dw_W_hi_W_hf_W_hg_W_ho[1], "b_if": _grads_0[2], "b_hf": _grads_0[3], "W_ig": _rows_dw_W_ii_W_if_W_ig_W_io[2], "W_hg": _rows_dw_W_hi_W_hf_W_hg_W_ho[2], "b_ig": _grads_0[4], "b_hg": _grads_0[5], "W_io": _rows_dw_W_ii_W_if_W_ig_W_io[3], "W_ho": _rows_dw_W_hi_W_hf_W_hg_W_ho[3], "b_io": _grads_0[6], "b_ho": _grads_0[7]}
     if _lib is not None:
-        _lib("backward", _dims, [x_x, x_mask_x, x_mask_h, s_c, hv_xd, v_hd, v_i, v_f, v_g, v_o, dout_h_next, ds_h, ds_c, dx_x, dg_W_hi_W_hf_W_hg_W_ho__hd, tmp_d_hd_gemm, hgd_xd, hl_x, tmp_d_c_next, tmp_d_hd, dw_W_hi_W_hf_W_hg_W_ho, dw_W_ii_W_if_W_ig_W_io, sum_d_b_ii, sum_d_b_if, sum_d_b_ig, sum_d_b_io, _stacked(_params["W_ii"], _params["W_if"], _params["W_ig"], _params["W_io"]), _stacked(_params["W_hi"], _params["W_hf"], _params["W_hg"], _params["W_ho"]), *_grads.values(), _bs])
+        _lib("backward", _dims, [x_x, x_mask_x, x_mask_h, s_c, hv_xd, v_hd, v_i, v_f, v_g, v_o, dout_h_next, ds_h, ds_c, dx_x, dg_W_hi_W_hf_W_hg_W_ho__hd, tmp_d_hd_gemm, hgd_xd, hl_x, tmp_d_c_next, dw_W_hi_W_hf_W_hg_W_ho, dw_W_ii_W_if_W_ig_W_io, sum_d_b_ii, sum_d_b_if, sum_d_b_ig, sum_d_b_io, _stacked(_params["W_ii"], _params["W_if"], _params["W_ig"], _params["W_io"]), _stacked(_params["W_hi"], _params["W_hf"], _params["W_hg"], _params["W_ho"]), *_grads.values(), _bs])
     return _grads, (dx_x, None, None,), (ds_h, ds_c,)
 
 
 # The same two calls as PyTorch custom ops, for torch.compile (which traces them through their
 # fake implementations: the allocations above, without the call). Registered once per process
 # and content of this file; outputs are copies (an op's outputs may not alias each other).
-_OP = "variational_lstm_3c58ebd6e3f7"
+_OP = "variational_lstm_787959eac9fa"
 
 
 def _op_forward_impl(xs: list[torch.Tensor], states: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -2050,91 +2050,15 @@ extern "C" void variational_lstm_backward_bwd1_H_f64(int64_t _rows, int64_t _col
 // =============================================================================================
 template <typename real>
 __host__ __device__ inline void variational_lstm_backward_bwd0_H(
-    real d_hd_gemm,
-    real& d_hd)  // out
-{
-    // adjoint of hd
-    d_hd = d_hd_gemm;
-}
-
-#ifdef __CUDACC__
-template <typename S>
-__global__ void variational_lstm_backward_bwd0_H_kernel(int64_t _rows, int64_t _cols, const S* __restrict__ _p_d_hd_gemm, int64_t _ld_d_hd_gemm, S* __restrict__ _p_d_hd, int64_t _ld_d_hd)
-{
-    typedef typename cs_math<S>::type M;
-    const int64_t _j = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (_j >= _cols) return;
-    for (int64_t _r = blockIdx.y; _r < _rows; _r += gridDim.y) {
-        M d_hd_gemm = cs_load(_p_d_hd_gemm[_r * _ld_d_hd_gemm + _j]);
-        M d_hd;
-        variational_lstm_backward_bwd0_H<M>(d_hd_gemm, d_hd);
-        cs_store(&_p_d_hd[_r * _ld_d_hd + _j], d_hd);
-    }
-}
-
-template <typename S>
-static int variational_lstm_backward_bwd0_H_launch(int64_t _rows, int64_t _cols, const void* _p_d_hd_gemm, int64_t _ld_d_hd_gemm, void* _p_d_hd, int64_t _ld_d_hd, void* _stream)
-{
-    if (_rows <= 0 || _cols <= 0) return 0;
-    dim3 _grid, _block;
-    cs_grid(_rows, _cols, &_grid, &_block);
-    variational_lstm_backward_bwd0_H_kernel<S><<<_grid, _block, 0, (cudaStream_t)_stream>>>(_rows, _cols, (const S*)_p_d_hd_gemm, _ld_d_hd_gemm, (S*)_p_d_hd, _ld_d_hd);
-    return (int)cudaGetLastError();
-}
-
-extern "C" int variational_lstm_backward_bwd0_H_cuda_f32(int64_t _rows, int64_t _cols, const void* _p_d_hd_gemm, int64_t _ld_d_hd_gemm, void* _p_d_hd, int64_t _ld_d_hd, void* _stream)
-{
-    return variational_lstm_backward_bwd0_H_launch<float>(_rows, _cols, _p_d_hd_gemm, _ld_d_hd_gemm, _p_d_hd, _ld_d_hd, _stream);
-}
-extern "C" int variational_lstm_backward_bwd0_H_cuda_f64(int64_t _rows, int64_t _cols, const void* _p_d_hd_gemm, int64_t _ld_d_hd_gemm, void* _p_d_hd, int64_t _ld_d_hd, void* _stream)
-{
-    return variational_lstm_backward_bwd0_H_launch<double>(_rows, _cols, _p_d_hd_gemm, _ld_d_hd_gemm, _p_d_hd, _ld_d_hd, _stream);
-}
-extern "C" int variational_lstm_backward_bwd0_H_cuda_f16(int64_t _rows, int64_t _cols, const void* _p_d_hd_gemm, int64_t _ld_d_hd_gemm, void* _p_d_hd, int64_t _ld_d_hd, void* _stream)
-{
-    return variational_lstm_backward_bwd0_H_launch<__half>(_rows, _cols, _p_d_hd_gemm, _ld_d_hd_gemm, _p_d_hd, _ld_d_hd, _stream);
-}
-extern "C" int variational_lstm_backward_bwd0_H_cuda_bf16(int64_t _rows, int64_t _cols, const void* _p_d_hd_gemm, int64_t _ld_d_hd_gemm, void* _p_d_hd, int64_t _ld_d_hd, void* _stream)
-{
-    return variational_lstm_backward_bwd0_H_launch<__nv_bfloat16>(_rows, _cols, _p_d_hd_gemm, _ld_d_hd_gemm, _p_d_hd, _ld_d_hd, _stream);
-}
-#endif  // __CUDACC__
-
-template <typename real>
-static inline void variational_lstm_backward_bwd0_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_d_hd_gemm, int64_t _ld_d_hd_gemm, real* __restrict__ _p_d_hd, int64_t _ld_d_hd)
-{
-    cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
-#pragma omp simd
-        for (int64_t _j = 0; _j < _cols; ++_j) {
-            real d_hd_gemm = _p_d_hd_gemm[_r * _ld_d_hd_gemm + _j];
-            real d_hd;
-            variational_lstm_backward_bwd0_H<real>(d_hd_gemm, d_hd);
-            _p_d_hd[_r * _ld_d_hd + _j] = d_hd;
-        }
-    });
-}
-
-extern "C" void variational_lstm_backward_bwd0_H_f32(int64_t _rows, int64_t _cols, const float* _p_d_hd_gemm, int64_t _ld_d_hd_gemm, float* _p_d_hd, int64_t _ld_d_hd)
-{
-    variational_lstm_backward_bwd0_H_host<float>(_rows, _cols, _p_d_hd_gemm, _ld_d_hd_gemm, _p_d_hd, _ld_d_hd);
-}
-extern "C" void variational_lstm_backward_bwd0_H_f64(int64_t _rows, int64_t _cols, const double* _p_d_hd_gemm, int64_t _ld_d_hd_gemm, double* _p_d_hd, int64_t _ld_d_hd)
-{
-    variational_lstm_backward_bwd0_H_host<double>(_rows, _cols, _p_d_hd_gemm, _ld_d_hd_gemm, _p_d_hd, _ld_d_hd);
-}
-
-// =============================================================================================
-// variational_lstm_backward_bwd_leaf_H: backward: per-step adjoints of inputs, states, vector params, hoisted results, units of size H
-// =============================================================================================
-template <typename real>
-__host__ __device__ inline void variational_lstm_backward_bwd_leaf_H(
     real d_c_next,
-    real d_hd,
+    real d_hd_gemm,
     real f,
     real mask_h,
     real& d_h,  // out
     real& d_c)  // out
 {
+    // adjoint of hd
+    const real d_hd = d_hd_gemm;
     // adjoint of state h
     d_h = d_hd*mask_h;
     // adjoint of state c
@@ -2143,78 +2067,78 @@ __host__ __device__ inline void variational_lstm_backward_bwd_leaf_H(
 
 #ifdef __CUDACC__
 template <typename S>
-__global__ void variational_lstm_backward_bwd_leaf_H_kernel(int64_t _rows, int64_t _cols, const S* __restrict__ _p_d_c_next, int64_t _ld_d_c_next, const S* __restrict__ _p_d_hd, int64_t _ld_d_hd, const S* __restrict__ _p_f, int64_t _ld_f, const S* __restrict__ _p_mask_h, int64_t _ld_mask_h, S* __restrict__ _p_d_h, int64_t _ld_d_h, S* __restrict__ _p_d_c, int64_t _ld_d_c)
+__global__ void variational_lstm_backward_bwd0_H_kernel(int64_t _rows, int64_t _cols, const S* __restrict__ _p_d_c_next, int64_t _ld_d_c_next, const S* __restrict__ _p_d_hd_gemm, int64_t _ld_d_hd_gemm, const S* __restrict__ _p_f, int64_t _ld_f, const S* __restrict__ _p_mask_h, int64_t _ld_mask_h, S* __restrict__ _p_d_h, int64_t _ld_d_h, S* __restrict__ _p_d_c, int64_t _ld_d_c)
 {
     typedef typename cs_math<S>::type M;
     const int64_t _j = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (_j >= _cols) return;
     for (int64_t _r = blockIdx.y; _r < _rows; _r += gridDim.y) {
         M d_c_next = cs_load(_p_d_c_next[_r * _ld_d_c_next + _j]);
-        M d_hd = cs_load(_p_d_hd[_r * _ld_d_hd + _j]);
+        M d_hd_gemm = cs_load(_p_d_hd_gemm[_r * _ld_d_hd_gemm + _j]);
         M f = cs_load(_p_f[_r * _ld_f + _j]);
         M mask_h = cs_load(_p_mask_h[_r * _ld_mask_h + _j]);
         M d_h;
         M d_c;
-        variational_lstm_backward_bwd_leaf_H<M>(d_c_next, d_hd, f, mask_h, d_h, d_c);
+        variational_lstm_backward_bwd0_H<M>(d_c_next, d_hd_gemm, f, mask_h, d_h, d_c);
         cs_store(&_p_d_h[_r * _ld_d_h + _j], d_h);
         cs_store(&_p_d_c[_r * _ld_d_c + _j], d_c);
     }
 }
 
 template <typename S>
-static int variational_lstm_backward_bwd_leaf_H_launch(int64_t _rows, int64_t _cols, const void* _p_d_c_next, int64_t _ld_d_c_next, const void* _p_d_hd, int64_t _ld_d_hd, const void* _p_f, int64_t _ld_f, const void* _p_mask_h, int64_t _ld_mask_h, void* _p_d_h, int64_t _ld_d_h, void* _p_d_c, int64_t _ld_d_c, void* _stream)
+static int variational_lstm_backward_bwd0_H_launch(int64_t _rows, int64_t _cols, const void* _p_d_c_next, int64_t _ld_d_c_next, const void* _p_d_hd_gemm, int64_t _ld_d_hd_gemm, const void* _p_f, int64_t _ld_f, const void* _p_mask_h, int64_t _ld_mask_h, void* _p_d_h, int64_t _ld_d_h, void* _p_d_c, int64_t _ld_d_c, void* _stream)
 {
     if (_rows <= 0 || _cols <= 0) return 0;
     dim3 _grid, _block;
     cs_grid(_rows, _cols, &_grid, &_block);
-    variational_lstm_backward_bwd_leaf_H_kernel<S><<<_grid, _block, 0, (cudaStream_t)_stream>>>(_rows, _cols, (const S*)_p_d_c_next, _ld_d_c_next, (const S*)_p_d_hd, _ld_d_hd, (const S*)_p_f, _ld_f, (const S*)_p_mask_h, _ld_mask_h, (S*)_p_d_h, _ld_d_h, (S*)_p_d_c, _ld_d_c);
+    variational_lstm_backward_bwd0_H_kernel<S><<<_grid, _block, 0, (cudaStream_t)_stream>>>(_rows, _cols, (const S*)_p_d_c_next, _ld_d_c_next, (const S*)_p_d_hd_gemm, _ld_d_hd_gemm, (const S*)_p_f, _ld_f, (const S*)_p_mask_h, _ld_mask_h, (S*)_p_d_h, _ld_d_h, (S*)_p_d_c, _ld_d_c);
     return (int)cudaGetLastError();
 }
 
-extern "C" int variational_lstm_backward_bwd_leaf_H_cuda_f32(int64_t _rows, int64_t _cols, const void* _p_d_c_next, int64_t _ld_d_c_next, const void* _p_d_hd, int64_t _ld_d_hd, const void* _p_f, int64_t _ld_f, const void* _p_mask_h, int64_t _ld_mask_h, void* _p_d_h, int64_t _ld_d_h, void* _p_d_c, int64_t _ld_d_c, void* _stream)
+extern "C" int variational_lstm_backward_bwd0_H_cuda_f32(int64_t _rows, int64_t _cols, const void* _p_d_c_next, int64_t _ld_d_c_next, const void* _p_d_hd_gemm, int64_t _ld_d_hd_gemm, const void* _p_f, int64_t _ld_f, const void* _p_mask_h, int64_t _ld_mask_h, void* _p_d_h, int64_t _ld_d_h, void* _p_d_c, int64_t _ld_d_c, void* _stream)
 {
-    return variational_lstm_backward_bwd_leaf_H_launch<float>(_rows, _cols, _p_d_c_next, _ld_d_c_next, _p_d_hd, _ld_d_hd, _p_f, _ld_f, _p_mask_h, _ld_mask_h, _p_d_h, _ld_d_h, _p_d_c, _ld_d_c, _stream);
+    return variational_lstm_backward_bwd0_H_launch<float>(_rows, _cols, _p_d_c_next, _ld_d_c_next, _p_d_hd_gemm, _ld_d_hd_gemm, _p_f, _ld_f, _p_mask_h, _ld_mask_h, _p_d_h, _ld_d_h, _p_d_c, _ld_d_c, _stream);
 }
-extern "C" int variational_lstm_backward_bwd_leaf_H_cuda_f64(int64_t _rows, int64_t _cols, const void* _p_d_c_next, int64_t _ld_d_c_next, const void* _p_d_hd, int64_t _ld_d_hd, const void* _p_f, int64_t _ld_f, const void* _p_mask_h, int64_t _ld_mask_h, void* _p_d_h, int64_t _ld_d_h, void* _p_d_c, int64_t _ld_d_c, void* _stream)
+extern "C" int variational_lstm_backward_bwd0_H_cuda_f64(int64_t _rows, int64_t _cols, const void* _p_d_c_next, int64_t _ld_d_c_next, const void* _p_d_hd_gemm, int64_t _ld_d_hd_gemm, const void* _p_f, int64_t _ld_f, const void* _p_mask_h, int64_t _ld_mask_h, void* _p_d_h, int64_t _ld_d_h, void* _p_d_c, int64_t _ld_d_c, void* _stream)
 {
-    return variational_lstm_backward_bwd_leaf_H_launch<double>(_rows, _cols, _p_d_c_next, _ld_d_c_next, _p_d_hd, _ld_d_hd, _p_f, _ld_f, _p_mask_h, _ld_mask_h, _p_d_h, _ld_d_h, _p_d_c, _ld_d_c, _stream);
+    return variational_lstm_backward_bwd0_H_launch<double>(_rows, _cols, _p_d_c_next, _ld_d_c_next, _p_d_hd_gemm, _ld_d_hd_gemm, _p_f, _ld_f, _p_mask_h, _ld_mask_h, _p_d_h, _ld_d_h, _p_d_c, _ld_d_c, _stream);
 }
-extern "C" int variational_lstm_backward_bwd_leaf_H_cuda_f16(int64_t _rows, int64_t _cols, const void* _p_d_c_next, int64_t _ld_d_c_next, const void* _p_d_hd, int64_t _ld_d_hd, const void* _p_f, int64_t _ld_f, const void* _p_mask_h, int64_t _ld_mask_h, void* _p_d_h, int64_t _ld_d_h, void* _p_d_c, int64_t _ld_d_c, void* _stream)
+extern "C" int variational_lstm_backward_bwd0_H_cuda_f16(int64_t _rows, int64_t _cols, const void* _p_d_c_next, int64_t _ld_d_c_next, const void* _p_d_hd_gemm, int64_t _ld_d_hd_gemm, const void* _p_f, int64_t _ld_f, const void* _p_mask_h, int64_t _ld_mask_h, void* _p_d_h, int64_t _ld_d_h, void* _p_d_c, int64_t _ld_d_c, void* _stream)
 {
-    return variational_lstm_backward_bwd_leaf_H_launch<__half>(_rows, _cols, _p_d_c_next, _ld_d_c_next, _p_d_hd, _ld_d_hd, _p_f, _ld_f, _p_mask_h, _ld_mask_h, _p_d_h, _ld_d_h, _p_d_c, _ld_d_c, _stream);
+    return variational_lstm_backward_bwd0_H_launch<__half>(_rows, _cols, _p_d_c_next, _ld_d_c_next, _p_d_hd_gemm, _ld_d_hd_gemm, _p_f, _ld_f, _p_mask_h, _ld_mask_h, _p_d_h, _ld_d_h, _p_d_c, _ld_d_c, _stream);
 }
-extern "C" int variational_lstm_backward_bwd_leaf_H_cuda_bf16(int64_t _rows, int64_t _cols, const void* _p_d_c_next, int64_t _ld_d_c_next, const void* _p_d_hd, int64_t _ld_d_hd, const void* _p_f, int64_t _ld_f, const void* _p_mask_h, int64_t _ld_mask_h, void* _p_d_h, int64_t _ld_d_h, void* _p_d_c, int64_t _ld_d_c, void* _stream)
+extern "C" int variational_lstm_backward_bwd0_H_cuda_bf16(int64_t _rows, int64_t _cols, const void* _p_d_c_next, int64_t _ld_d_c_next, const void* _p_d_hd_gemm, int64_t _ld_d_hd_gemm, const void* _p_f, int64_t _ld_f, const void* _p_mask_h, int64_t _ld_mask_h, void* _p_d_h, int64_t _ld_d_h, void* _p_d_c, int64_t _ld_d_c, void* _stream)
 {
-    return variational_lstm_backward_bwd_leaf_H_launch<__nv_bfloat16>(_rows, _cols, _p_d_c_next, _ld_d_c_next, _p_d_hd, _ld_d_hd, _p_f, _ld_f, _p_mask_h, _ld_mask_h, _p_d_h, _ld_d_h, _p_d_c, _ld_d_c, _stream);
+    return variational_lstm_backward_bwd0_H_launch<__nv_bfloat16>(_rows, _cols, _p_d_c_next, _ld_d_c_next, _p_d_hd_gemm, _ld_d_hd_gemm, _p_f, _ld_f, _p_mask_h, _ld_mask_h, _p_d_h, _ld_d_h, _p_d_c, _ld_d_c, _stream);
 }
 #endif  // __CUDACC__
 
 template <typename real>
-static inline void variational_lstm_backward_bwd_leaf_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_d_c_next, int64_t _ld_d_c_next, const real* __restrict__ _p_d_hd, int64_t _ld_d_hd, const real* __restrict__ _p_f, int64_t _ld_f, const real* __restrict__ _p_mask_h, int64_t _ld_mask_h, real* __restrict__ _p_d_h, int64_t _ld_d_h, real* __restrict__ _p_d_c, int64_t _ld_d_c)
+static inline void variational_lstm_backward_bwd0_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_d_c_next, int64_t _ld_d_c_next, const real* __restrict__ _p_d_hd_gemm, int64_t _ld_d_hd_gemm, const real* __restrict__ _p_f, int64_t _ld_f, const real* __restrict__ _p_mask_h, int64_t _ld_mask_h, real* __restrict__ _p_d_h, int64_t _ld_d_h, real* __restrict__ _p_d_c, int64_t _ld_d_c)
 {
     cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
 #pragma omp simd
         for (int64_t _j = 0; _j < _cols; ++_j) {
             real d_c_next = _p_d_c_next[_r * _ld_d_c_next + _j];
-            real d_hd = _p_d_hd[_r * _ld_d_hd + _j];
+            real d_hd_gemm = _p_d_hd_gemm[_r * _ld_d_hd_gemm + _j];
             real f = _p_f[_r * _ld_f + _j];
             real mask_h = _p_mask_h[_r * _ld_mask_h + _j];
             real d_h;
             real d_c;
-            variational_lstm_backward_bwd_leaf_H<real>(d_c_next, d_hd, f, mask_h, d_h, d_c);
+            variational_lstm_backward_bwd0_H<real>(d_c_next, d_hd_gemm, f, mask_h, d_h, d_c);
             _p_d_h[_r * _ld_d_h + _j] = d_h;
             _p_d_c[_r * _ld_d_c + _j] = d_c;
         }
     });
 }
 
-extern "C" void variational_lstm_backward_bwd_leaf_H_f32(int64_t _rows, int64_t _cols, const float* _p_d_c_next, int64_t _ld_d_c_next, const float* _p_d_hd, int64_t _ld_d_hd, const float* _p_f, int64_t _ld_f, const float* _p_mask_h, int64_t _ld_mask_h, float* _p_d_h, int64_t _ld_d_h, float* _p_d_c, int64_t _ld_d_c)
+extern "C" void variational_lstm_backward_bwd0_H_f32(int64_t _rows, int64_t _cols, const float* _p_d_c_next, int64_t _ld_d_c_next, const float* _p_d_hd_gemm, int64_t _ld_d_hd_gemm, const float* _p_f, int64_t _ld_f, const float* _p_mask_h, int64_t _ld_mask_h, float* _p_d_h, int64_t _ld_d_h, float* _p_d_c, int64_t _ld_d_c)
 {
-    variational_lstm_backward_bwd_leaf_H_host<float>(_rows, _cols, _p_d_c_next, _ld_d_c_next, _p_d_hd, _ld_d_hd, _p_f, _ld_f, _p_mask_h, _ld_mask_h, _p_d_h, _ld_d_h, _p_d_c, _ld_d_c);
+    variational_lstm_backward_bwd0_H_host<float>(_rows, _cols, _p_d_c_next, _ld_d_c_next, _p_d_hd_gemm, _ld_d_hd_gemm, _p_f, _ld_f, _p_mask_h, _ld_mask_h, _p_d_h, _ld_d_h, _p_d_c, _ld_d_c);
 }
-extern "C" void variational_lstm_backward_bwd_leaf_H_f64(int64_t _rows, int64_t _cols, const double* _p_d_c_next, int64_t _ld_d_c_next, const double* _p_d_hd, int64_t _ld_d_hd, const double* _p_f, int64_t _ld_f, const double* _p_mask_h, int64_t _ld_mask_h, double* _p_d_h, int64_t _ld_d_h, double* _p_d_c, int64_t _ld_d_c)
+extern "C" void variational_lstm_backward_bwd0_H_f64(int64_t _rows, int64_t _cols, const double* _p_d_c_next, int64_t _ld_d_c_next, const double* _p_d_hd_gemm, int64_t _ld_d_hd_gemm, const double* _p_f, int64_t _ld_f, const double* _p_mask_h, int64_t _ld_mask_h, double* _p_d_h, int64_t _ld_d_h, double* _p_d_c, int64_t _ld_d_c)
 {
-    variational_lstm_backward_bwd_leaf_H_host<double>(_rows, _cols, _p_d_c_next, _ld_d_c_next, _p_d_hd, _ld_d_hd, _p_f, _ld_f, _p_mask_h, _ld_mask_h, _p_d_h, _ld_d_h, _p_d_c, _ld_d_c);
+    variational_lstm_backward_bwd0_H_host<double>(_rows, _cols, _p_d_c_next, _ld_d_c_next, _p_d_hd_gemm, _ld_d_hd_gemm, _p_f, _ld_f, _p_mask_h, _ld_mask_h, _p_d_h, _ld_d_h, _p_d_c, _ld_d_c);
 }
 
 // =============================================================================================
@@ -2563,7 +2487,7 @@ extern "C" int variational_lstm_inference_f64(const int64_t* dims, void* const* 
 
 // =============================================================================================
 // variational_lstm: the whole sequence, backward
-// ptrs: 0 x_x, 1 x_mask_x, 2 x_mask_h, 3 s_c, 4 hv_xd, 5 v_hd, 6 v_i, 7 v_f, 8 v_g, 9 v_o, 10 dout_h_next, 11 ds_h, 12 ds_c, 13 dx_x, 14 dg_W_hi_W_hf_W_hg_W_ho__hd, 15 tmp_d_hd_gemm, 16 hgd_xd, 17 hl_x, 18 tmp_d_c_next, 19 tmp_d_hd, 20 dw_W_hi_W_hf_W_hg_W_ho, 21 dw_W_ii_W_if_W_ig_W_io, 22 sum_d_b_ii, 23 sum_d_b_if, 24 sum_d_b_ig, 25 sum_d_b_io, 26 weight W_ii_W_if_W_ig_W_io, 27 weight W_hi_W_hf_W_hg_W_ho, 28 d W_ii, 29 d W_hi, 30 d b_ii, 31 d b_hi, 32 d W_if, 33 d W_hf, 34 d b_if, 35 d b_hf, 36 d W_ig, 37 d W_hg, 38 d b_ig, 39 d b_hg, 40 d W_io, 41 d W_ho, 42 d b_io, 43 d b_ho, 44 batch sizes (host, or NULL)
+// ptrs: 0 x_x, 1 x_mask_x, 2 x_mask_h, 3 s_c, 4 hv_xd, 5 v_hd, 6 v_i, 7 v_f, 8 v_g, 9 v_o, 10 dout_h_next, 11 ds_h, 12 ds_c, 13 dx_x, 14 dg_W_hi_W_hf_W_hg_W_ho__hd, 15 tmp_d_hd_gemm, 16 hgd_xd, 17 hl_x, 18 tmp_d_c_next, 19 dw_W_hi_W_hf_W_hg_W_ho, 20 dw_W_ii_W_if_W_ig_W_io, 21 sum_d_b_ii, 22 sum_d_b_if, 23 sum_d_b_ig, 24 sum_d_b_io, 25 weight W_ii_W_if_W_ig_W_io, 26 weight W_hi_W_hf_W_hg_W_ho, 27 d W_ii, 28 d W_hi, 29 d b_ii, 30 d b_hi, 31 d W_if, 32 d W_hf, 33 d b_if, 34 d b_hf, 35 d W_ig, 36 d W_hg, 37 d b_ig, 38 d b_hg, 39 d W_io, 40 d W_ho, 41 d b_io, 42 d b_ho, 43 batch sizes (host, or NULL)
 
 // =============================================================================================
 template <typename S, typename G>
@@ -2617,57 +2541,55 @@ static int variational_lstm_backward_run(const int64_t* dims, void* const* ptrs,
     (void)b_hl_x;
     S* b_tmp_d_c_next = (S*)ptrs[18];
     (void)b_tmp_d_c_next;
-    S* b_tmp_d_hd = (S*)ptrs[19];
-    (void)b_tmp_d_hd;
-    G* b_dw_W_hi_W_hf_W_hg_W_ho = (G*)ptrs[20];
+    G* b_dw_W_hi_W_hf_W_hg_W_ho = (G*)ptrs[19];
     (void)b_dw_W_hi_W_hf_W_hg_W_ho;
-    G* b_dw_W_ii_W_if_W_ig_W_io = (G*)ptrs[21];
+    G* b_dw_W_ii_W_if_W_ig_W_io = (G*)ptrs[20];
     (void)b_dw_W_ii_W_if_W_ig_W_io;
-    G* b_sum_d_b_ii = (G*)ptrs[22];
+    G* b_sum_d_b_ii = (G*)ptrs[21];
     (void)b_sum_d_b_ii;
-    G* b_sum_d_b_if = (G*)ptrs[23];
+    G* b_sum_d_b_if = (G*)ptrs[22];
     (void)b_sum_d_b_if;
-    G* b_sum_d_b_ig = (G*)ptrs[24];
+    G* b_sum_d_b_ig = (G*)ptrs[23];
     (void)b_sum_d_b_ig;
-    G* b_sum_d_b_io = (G*)ptrs[25];
+    G* b_sum_d_b_io = (G*)ptrs[24];
     (void)b_sum_d_b_io;
-    const S* w_W_ii_W_if_W_ig_W_io = (const S*)ptrs[26];
+    const S* w_W_ii_W_if_W_ig_W_io = (const S*)ptrs[25];
     (void)w_W_ii_W_if_W_ig_W_io;
-    const S* w_W_hi_W_hf_W_hg_W_ho = (const S*)ptrs[27];
+    const S* w_W_hi_W_hf_W_hg_W_ho = (const S*)ptrs[26];
     (void)w_W_hi_W_hf_W_hg_W_ho;
-    G* g_W_ii = (G*)ptrs[28];
+    G* g_W_ii = (G*)ptrs[27];
     (void)g_W_ii;
-    G* g_W_hi = (G*)ptrs[29];
+    G* g_W_hi = (G*)ptrs[28];
     (void)g_W_hi;
-    G* g_b_ii = (G*)ptrs[30];
+    G* g_b_ii = (G*)ptrs[29];
     (void)g_b_ii;
-    G* g_b_hi = (G*)ptrs[31];
+    G* g_b_hi = (G*)ptrs[30];
     (void)g_b_hi;
-    G* g_W_if = (G*)ptrs[32];
+    G* g_W_if = (G*)ptrs[31];
     (void)g_W_if;
-    G* g_W_hf = (G*)ptrs[33];
+    G* g_W_hf = (G*)ptrs[32];
     (void)g_W_hf;
-    G* g_b_if = (G*)ptrs[34];
+    G* g_b_if = (G*)ptrs[33];
     (void)g_b_if;
-    G* g_b_hf = (G*)ptrs[35];
+    G* g_b_hf = (G*)ptrs[34];
     (void)g_b_hf;
-    G* g_W_ig = (G*)ptrs[36];
+    G* g_W_ig = (G*)ptrs[35];
     (void)g_W_ig;
-    G* g_W_hg = (G*)ptrs[37];
+    G* g_W_hg = (G*)ptrs[36];
     (void)g_W_hg;
-    G* g_b_ig = (G*)ptrs[38];
+    G* g_b_ig = (G*)ptrs[37];
     (void)g_b_ig;
-    G* g_b_hg = (G*)ptrs[39];
+    G* g_b_hg = (G*)ptrs[38];
     (void)g_b_hg;
-    G* g_W_io = (G*)ptrs[40];
+    G* g_W_io = (G*)ptrs[39];
     (void)g_W_io;
-    G* g_W_ho = (G*)ptrs[41];
+    G* g_W_ho = (G*)ptrs[40];
     (void)g_W_ho;
-    G* g_b_io = (G*)ptrs[42];
+    G* g_b_io = (G*)ptrs[41];
     (void)g_b_io;
-    G* g_b_ho = (G*)ptrs[43];
+    G* g_b_ho = (G*)ptrs[42];
     (void)g_b_ho;
-    const int64_t* bs = (const int64_t*)ptrs[44];
+    const int64_t* bs = (const int64_t*)ptrs[43];
     (void)ctx;
     CS_ZERO(b_dx_x, (n_T) * (n_B) * (n_I));
     if (bs) {  // rows of ended sequences, which no step writes, are read over all T*B rows
@@ -2685,9 +2607,7 @@ static int variational_lstm_backward_run(const int64_t* dims, void* const* ptrs,
         // d_hd_gemm = dg_W_hi_W_hf_W_hg_W_ho__hd @ [W_hi, W_hf, W_hg, W_ho]
         CS_GEMM_NN_PACKED(rows, n_H, 4*n_H, b_dg_W_hi_W_hf_W_hg_W_ho__hd + t * n_B * (4*n_H), 4*n_H, pk_W_hi_W_hf_W_hg_W_ho_nn, b_tmp_d_hd_gemm, n_H, 0);
         // backward: stage 0 backward, units of size H
-        CS_PW(variational_lstm_backward_bwd0_H, rows, n_H, b_tmp_d_hd_gemm, n_H, b_tmp_d_hd, n_H);
-        // backward: per-step adjoints of inputs, states, vector params, hoisted results, units of size H
-        CS_PW(variational_lstm_backward_bwd_leaf_H, rows, n_H, b_tmp_d_c_next, n_H, b_tmp_d_hd, n_H, b_v_f + t * n_B * (n_H), n_H, b_x_mask_h + t * n_B * (n_H), n_H, b_ds_h, n_H, b_ds_c, n_H);
+        CS_PW(variational_lstm_backward_bwd0_H, rows, n_H, b_tmp_d_c_next, n_H, b_tmp_d_hd_gemm, n_H, b_v_f + t * n_B * (n_H), n_H, b_x_mask_h + t * n_B * (n_H), n_H, b_ds_h, n_H, b_ds_c, n_H);
     }
     CS_SPLIT_DONE();
     CS_TEAM_END

@@ -1600,22 +1600,21 @@ __host__ __device__ inline void zoneout_lstm_backward_bwd0_H(
     real keep_c,
     real keep_h,
     real o,
-    real& d_h_next,  // out
-    real& d_c_next,  // out
-    real& d_c_new,  // out
     real& d_W_hi_h,  // out
     real& d_W_hf_h,  // out
     real& d_W_hg_h,  // out
-    real& d_W_ho_h)  // out
+    real& d_W_ho_h,  // out
+    real& d_h_direct,  // out
+    real& d_c_prev)  // out
 {
     const real t0 = cs_tanh(c_new);
     // adjoint of h'
-    d_h_next = d_h + d_h_next_out;
+    const real d_h_next = d_h + d_h_next_out;
     const real t1 = d_h_next*(real(1.0) - keep_h);
     // adjoint of c'
-    d_c_next = d_c;
+    const real d_c_next = d_c;
     // adjoint of c_new
-    d_c_new = d_c_next*(real(1.0) - keep_c) + o*t1*(real(1.0) - (t0*t0));
+    const real d_c_new = d_c_next*(real(1.0) - keep_c) + o*t1*(real(1.0) - (t0*t0));
     // adjoint of o
     const real d_o = t0*t1;
     // adjoint of g
@@ -1632,11 +1631,15 @@ __host__ __device__ inline void zoneout_lstm_backward_bwd0_H(
     d_W_hg_h = d_g*(real(1.0) - (g*g));
     // adjoint of W_ho @ h
     d_W_ho_h = d_o*o*(real(1.0) - o);
+    // adjoint of state h, less the recurrent product's share (the GEMM adds it)
+    d_h_direct = d_h_next*keep_h;
+    // adjoint of state c, carried to the step before
+    d_c_prev = d_c_new*f + d_c_next*keep_c;
 }
 
 #ifdef __CUDACC__
 template <typename S>
-__global__ void zoneout_lstm_backward_bwd0_H_kernel(int64_t _rows, int64_t _cols, const S* __restrict__ _p_c, int64_t _ld_c, const S* __restrict__ _p_c_new, int64_t _ld_c_new, const S* __restrict__ _p_d_c, int64_t _ld_d_c, const S* __restrict__ _p_d_h, int64_t _ld_d_h, const S* __restrict__ _p_d_h_next_out, int64_t _ld_d_h_next_out, const S* __restrict__ _p_f, int64_t _ld_f, const S* __restrict__ _p_g, int64_t _ld_g, const S* __restrict__ _p_i, int64_t _ld_i, const S* __restrict__ _p_keep_c, int64_t _ld_keep_c, const S* __restrict__ _p_keep_h, int64_t _ld_keep_h, const S* __restrict__ _p_o, int64_t _ld_o, S* __restrict__ _p_d_h_next, int64_t _ld_d_h_next, S* __restrict__ _p_d_c_next, int64_t _ld_d_c_next, S* __restrict__ _p_d_c_new, int64_t _ld_d_c_new, S* __restrict__ _p_d_W_hi_h, int64_t _ld_d_W_hi_h, S* __restrict__ _p_d_W_hf_h, int64_t _ld_d_W_hf_h, S* __restrict__ _p_d_W_hg_h, int64_t _ld_d_W_hg_h, S* __restrict__ _p_d_W_ho_h, int64_t _ld_d_W_ho_h)
+__global__ void zoneout_lstm_backward_bwd0_H_kernel(int64_t _rows, int64_t _cols, const S* __restrict__ _p_c, int64_t _ld_c, const S* __restrict__ _p_c_new, int64_t _ld_c_new, const S* __restrict__ _p_d_c, int64_t _ld_d_c, const S* __restrict__ _p_d_h, int64_t _ld_d_h, const S* __restrict__ _p_d_h_next_out, int64_t _ld_d_h_next_out, const S* __restrict__ _p_f, int64_t _ld_f, const S* __restrict__ _p_g, int64_t _ld_g, const S* __restrict__ _p_i, int64_t _ld_i, const S* __restrict__ _p_keep_c, int64_t _ld_keep_c, const S* __restrict__ _p_keep_h, int64_t _ld_keep_h, const S* __restrict__ _p_o, int64_t _ld_o, S* __restrict__ _p_d_W_hi_h, int64_t _ld_d_W_hi_h, S* __restrict__ _p_d_W_hf_h, int64_t _ld_d_W_hf_h, S* __restrict__ _p_d_W_hg_h, int64_t _ld_d_W_hg_h, S* __restrict__ _p_d_W_ho_h, int64_t _ld_d_W_ho_h, S* __restrict__ _p_d_h_direct, int64_t _ld_d_h_direct, S* __restrict__ _p_d_c_prev, int64_t _ld_d_c_prev)
 {
     typedef typename cs_math<S>::type M;
     const int64_t _j = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
@@ -1653,54 +1656,52 @@ __global__ void zoneout_lstm_backward_bwd0_H_kernel(int64_t _rows, int64_t _cols
         M keep_c = cs_load(_p_keep_c[_r * _ld_keep_c + _j]);
         M keep_h = cs_load(_p_keep_h[_r * _ld_keep_h + _j]);
         M o = cs_load(_p_o[_r * _ld_o + _j]);
-        M d_h_next;
-        M d_c_next;
-        M d_c_new;
         M d_W_hi_h;
         M d_W_hf_h;
         M d_W_hg_h;
         M d_W_ho_h;
-        zoneout_lstm_backward_bwd0_H<M>(c, c_new, d_c, d_h, d_h_next_out, f, g, i, keep_c, keep_h, o, d_h_next, d_c_next, d_c_new, d_W_hi_h, d_W_hf_h, d_W_hg_h, d_W_ho_h);
-        cs_store(&_p_d_h_next[_r * _ld_d_h_next + _j], d_h_next);
-        cs_store(&_p_d_c_next[_r * _ld_d_c_next + _j], d_c_next);
-        cs_store(&_p_d_c_new[_r * _ld_d_c_new + _j], d_c_new);
+        M d_h_direct;
+        M d_c_prev;
+        zoneout_lstm_backward_bwd0_H<M>(c, c_new, d_c, d_h, d_h_next_out, f, g, i, keep_c, keep_h, o, d_W_hi_h, d_W_hf_h, d_W_hg_h, d_W_ho_h, d_h_direct, d_c_prev);
         cs_store(&_p_d_W_hi_h[_r * _ld_d_W_hi_h + _j], d_W_hi_h);
         cs_store(&_p_d_W_hf_h[_r * _ld_d_W_hf_h + _j], d_W_hf_h);
         cs_store(&_p_d_W_hg_h[_r * _ld_d_W_hg_h + _j], d_W_hg_h);
         cs_store(&_p_d_W_ho_h[_r * _ld_d_W_ho_h + _j], d_W_ho_h);
+        cs_store(&_p_d_h_direct[_r * _ld_d_h_direct + _j], d_h_direct);
+        cs_store(&_p_d_c_prev[_r * _ld_d_c_prev + _j], d_c_prev);
     }
 }
 
 template <typename S>
-static int zoneout_lstm_backward_bwd0_H_launch(int64_t _rows, int64_t _cols, const void* _p_c, int64_t _ld_c, const void* _p_c_new, int64_t _ld_c_new, const void* _p_d_c, int64_t _ld_d_c, const void* _p_d_h, int64_t _ld_d_h, const void* _p_d_h_next_out, int64_t _ld_d_h_next_out, const void* _p_f, int64_t _ld_f, const void* _p_g, int64_t _ld_g, const void* _p_i, int64_t _ld_i, const void* _p_keep_c, int64_t _ld_keep_c, const void* _p_keep_h, int64_t _ld_keep_h, const void* _p_o, int64_t _ld_o, void* _p_d_h_next, int64_t _ld_d_h_next, void* _p_d_c_next, int64_t _ld_d_c_next, void* _p_d_c_new, int64_t _ld_d_c_new, void* _p_d_W_hi_h, int64_t _ld_d_W_hi_h, void* _p_d_W_hf_h, int64_t _ld_d_W_hf_h, void* _p_d_W_hg_h, int64_t _ld_d_W_hg_h, void* _p_d_W_ho_h, int64_t _ld_d_W_ho_h, void* _stream)
+static int zoneout_lstm_backward_bwd0_H_launch(int64_t _rows, int64_t _cols, const void* _p_c, int64_t _ld_c, const void* _p_c_new, int64_t _ld_c_new, const void* _p_d_c, int64_t _ld_d_c, const void* _p_d_h, int64_t _ld_d_h, const void* _p_d_h_next_out, int64_t _ld_d_h_next_out, const void* _p_f, int64_t _ld_f, const void* _p_g, int64_t _ld_g, const void* _p_i, int64_t _ld_i, const void* _p_keep_c, int64_t _ld_keep_c, const void* _p_keep_h, int64_t _ld_keep_h, const void* _p_o, int64_t _ld_o, void* _p_d_W_hi_h, int64_t _ld_d_W_hi_h, void* _p_d_W_hf_h, int64_t _ld_d_W_hf_h, void* _p_d_W_hg_h, int64_t _ld_d_W_hg_h, void* _p_d_W_ho_h, int64_t _ld_d_W_ho_h, void* _p_d_h_direct, int64_t _ld_d_h_direct, void* _p_d_c_prev, int64_t _ld_d_c_prev, void* _stream)
 {
     if (_rows <= 0 || _cols <= 0) return 0;
     dim3 _grid, _block;
     cs_grid(_rows, _cols, &_grid, &_block);
-    zoneout_lstm_backward_bwd0_H_kernel<S><<<_grid, _block, 0, (cudaStream_t)_stream>>>(_rows, _cols, (const S*)_p_c, _ld_c, (const S*)_p_c_new, _ld_c_new, (const S*)_p_d_c, _ld_d_c, (const S*)_p_d_h, _ld_d_h, (const S*)_p_d_h_next_out, _ld_d_h_next_out, (const S*)_p_f, _ld_f, (const S*)_p_g, _ld_g, (const S*)_p_i, _ld_i, (const S*)_p_keep_c, _ld_keep_c, (const S*)_p_keep_h, _ld_keep_h, (const S*)_p_o, _ld_o, (S*)_p_d_h_next, _ld_d_h_next, (S*)_p_d_c_next, _ld_d_c_next, (S*)_p_d_c_new, _ld_d_c_new, (S*)_p_d_W_hi_h, _ld_d_W_hi_h, (S*)_p_d_W_hf_h, _ld_d_W_hf_h, (S*)_p_d_W_hg_h, _ld_d_W_hg_h, (S*)_p_d_W_ho_h, _ld_d_W_ho_h);
+    zoneout_lstm_backward_bwd0_H_kernel<S><<<_grid, _block, 0, (cudaStream_t)_stream>>>(_rows, _cols, (const S*)_p_c, _ld_c, (const S*)_p_c_new, _ld_c_new, (const S*)_p_d_c, _ld_d_c, (const S*)_p_d_h, _ld_d_h, (const S*)_p_d_h_next_out, _ld_d_h_next_out, (const S*)_p_f, _ld_f, (const S*)_p_g, _ld_g, (const S*)_p_i, _ld_i, (const S*)_p_keep_c, _ld_keep_c, (const S*)_p_keep_h, _ld_keep_h, (const S*)_p_o, _ld_o, (S*)_p_d_W_hi_h, _ld_d_W_hi_h, (S*)_p_d_W_hf_h, _ld_d_W_hf_h, (S*)_p_d_W_hg_h, _ld_d_W_hg_h, (S*)_p_d_W_ho_h, _ld_d_W_ho_h, (S*)_p_d_h_direct, _ld_d_h_direct, (S*)_p_d_c_prev, _ld_d_c_prev);
     return (int)cudaGetLastError();
 }
 
-extern "C" int zoneout_lstm_backward_bwd0_H_cuda_f32(int64_t _rows, int64_t _cols, const void* _p_c, int64_t _ld_c, const void* _p_c_new, int64_t _ld_c_new, const void* _p_d_c, int64_t _ld_d_c, const void* _p_d_h, int64_t _ld_d_h, const void* _p_d_h_next_out, int64_t _ld_d_h_next_out, const void* _p_f, int64_t _ld_f, const void* _p_g, int64_t _ld_g, const void* _p_i, int64_t _ld_i, const void* _p_keep_c, int64_t _ld_keep_c, const void* _p_keep_h, int64_t _ld_keep_h, const void* _p_o, int64_t _ld_o, void* _p_d_h_next, int64_t _ld_d_h_next, void* _p_d_c_next, int64_t _ld_d_c_next, void* _p_d_c_new, int64_t _ld_d_c_new, void* _p_d_W_hi_h, int64_t _ld_d_W_hi_h, void* _p_d_W_hf_h, int64_t _ld_d_W_hf_h, void* _p_d_W_hg_h, int64_t _ld_d_W_hg_h, void* _p_d_W_ho_h, int64_t _ld_d_W_ho_h, void* _stream)
+extern "C" int zoneout_lstm_backward_bwd0_H_cuda_f32(int64_t _rows, int64_t _cols, const void* _p_c, int64_t _ld_c, const void* _p_c_new, int64_t _ld_c_new, const void* _p_d_c, int64_t _ld_d_c, const void* _p_d_h, int64_t _ld_d_h, const void* _p_d_h_next_out, int64_t _ld_d_h_next_out, const void* _p_f, int64_t _ld_f, const void* _p_g, int64_t _ld_g, const void* _p_i, int64_t _ld_i, const void* _p_keep_c, int64_t _ld_keep_c, const void* _p_keep_h, int64_t _ld_keep_h, const void* _p_o, int64_t _ld_o, void* _p_d_W_hi_h, int64_t _ld_d_W_hi_h, void* _p_d_W_hf_h, int64_t _ld_d_W_hf_h, void* _p_d_W_hg_h, int64_t _ld_d_W_hg_h, void* _p_d_W_ho_h, int64_t _ld_d_W_ho_h, void* _p_d_h_direct, int64_t _ld_d_h_direct, void* _p_d_c_prev, int64_t _ld_d_c_prev, void* _stream)
 {
-    return zoneout_lstm_backward_bwd0_H_launch<float>(_rows, _cols, _p_c, _ld_c, _p_c_new, _ld_c_new, _p_d_c, _ld_d_c, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_f, _ld_f, _p_g, _ld_g, _p_i, _ld_i, _p_keep_c, _ld_keep_c, _p_keep_h, _ld_keep_h, _p_o, _ld_o, _p_d_h_next, _ld_d_h_next, _p_d_c_next, _ld_d_c_next, _p_d_c_new, _ld_d_c_new, _p_d_W_hi_h, _ld_d_W_hi_h, _p_d_W_hf_h, _ld_d_W_hf_h, _p_d_W_hg_h, _ld_d_W_hg_h, _p_d_W_ho_h, _ld_d_W_ho_h, _stream);
+    return zoneout_lstm_backward_bwd0_H_launch<float>(_rows, _cols, _p_c, _ld_c, _p_c_new, _ld_c_new, _p_d_c, _ld_d_c, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_f, _ld_f, _p_g, _ld_g, _p_i, _ld_i, _p_keep_c, _ld_keep_c, _p_keep_h, _ld_keep_h, _p_o, _ld_o, _p_d_W_hi_h, _ld_d_W_hi_h, _p_d_W_hf_h, _ld_d_W_hf_h, _p_d_W_hg_h, _ld_d_W_hg_h, _p_d_W_ho_h, _ld_d_W_ho_h, _p_d_h_direct, _ld_d_h_direct, _p_d_c_prev, _ld_d_c_prev, _stream);
 }
-extern "C" int zoneout_lstm_backward_bwd0_H_cuda_f64(int64_t _rows, int64_t _cols, const void* _p_c, int64_t _ld_c, const void* _p_c_new, int64_t _ld_c_new, const void* _p_d_c, int64_t _ld_d_c, const void* _p_d_h, int64_t _ld_d_h, const void* _p_d_h_next_out, int64_t _ld_d_h_next_out, const void* _p_f, int64_t _ld_f, const void* _p_g, int64_t _ld_g, const void* _p_i, int64_t _ld_i, const void* _p_keep_c, int64_t _ld_keep_c, const void* _p_keep_h, int64_t _ld_keep_h, const void* _p_o, int64_t _ld_o, void* _p_d_h_next, int64_t _ld_d_h_next, void* _p_d_c_next, int64_t _ld_d_c_next, void* _p_d_c_new, int64_t _ld_d_c_new, void* _p_d_W_hi_h, int64_t _ld_d_W_hi_h, void* _p_d_W_hf_h, int64_t _ld_d_W_hf_h, void* _p_d_W_hg_h, int64_t _ld_d_W_hg_h, void* _p_d_W_ho_h, int64_t _ld_d_W_ho_h, void* _stream)
+extern "C" int zoneout_lstm_backward_bwd0_H_cuda_f64(int64_t _rows, int64_t _cols, const void* _p_c, int64_t _ld_c, const void* _p_c_new, int64_t _ld_c_new, const void* _p_d_c, int64_t _ld_d_c, const void* _p_d_h, int64_t _ld_d_h, const void* _p_d_h_next_out, int64_t _ld_d_h_next_out, const void* _p_f, int64_t _ld_f, const void* _p_g, int64_t _ld_g, const void* _p_i, int64_t _ld_i, const void* _p_keep_c, int64_t _ld_keep_c, const void* _p_keep_h, int64_t _ld_keep_h, const void* _p_o, int64_t _ld_o, void* _p_d_W_hi_h, int64_t _ld_d_W_hi_h, void* _p_d_W_hf_h, int64_t _ld_d_W_hf_h, void* _p_d_W_hg_h, int64_t _ld_d_W_hg_h, void* _p_d_W_ho_h, int64_t _ld_d_W_ho_h, void* _p_d_h_direct, int64_t _ld_d_h_direct, void* _p_d_c_prev, int64_t _ld_d_c_prev, void* _stream)
 {
-    return zoneout_lstm_backward_bwd0_H_launch<double>(_rows, _cols, _p_c, _ld_c, _p_c_new, _ld_c_new, _p_d_c, _ld_d_c, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_f, _ld_f, _p_g, _ld_g, _p_i, _ld_i, _p_keep_c, _ld_keep_c, _p_keep_h, _ld_keep_h, _p_o, _ld_o, _p_d_h_next, _ld_d_h_next, _p_d_c_next, _ld_d_c_next, _p_d_c_new, _ld_d_c_new, _p_d_W_hi_h, _ld_d_W_hi_h, _p_d_W_hf_h, _ld_d_W_hf_h, _p_d_W_hg_h, _ld_d_W_hg_h, _p_d_W_ho_h, _ld_d_W_ho_h, _stream);
+    return zoneout_lstm_backward_bwd0_H_launch<double>(_rows, _cols, _p_c, _ld_c, _p_c_new, _ld_c_new, _p_d_c, _ld_d_c, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_f, _ld_f, _p_g, _ld_g, _p_i, _ld_i, _p_keep_c, _ld_keep_c, _p_keep_h, _ld_keep_h, _p_o, _ld_o, _p_d_W_hi_h, _ld_d_W_hi_h, _p_d_W_hf_h, _ld_d_W_hf_h, _p_d_W_hg_h, _ld_d_W_hg_h, _p_d_W_ho_h, _ld_d_W_ho_h, _p_d_h_direct, _ld_d_h_direct, _p_d_c_prev, _ld_d_c_prev, _stream);
 }
-extern "C" int zoneout_lstm_backward_bwd0_H_cuda_f16(int64_t _rows, int64_t _cols, const void* _p_c, int64_t _ld_c, const void* _p_c_new, int64_t _ld_c_new, const void* _p_d_c, int64_t _ld_d_c, const void* _p_d_h, int64_t _ld_d_h, const void* _p_d_h_next_out, int64_t _ld_d_h_next_out, const void* _p_f, int64_t _ld_f, const void* _p_g, int64_t _ld_g, const void* _p_i, int64_t _ld_i, const void* _p_keep_c, int64_t _ld_keep_c, const void* _p_keep_h, int64_t _ld_keep_h, const void* _p_o, int64_t _ld_o, void* _p_d_h_next, int64_t _ld_d_h_next, void* _p_d_c_next, int64_t _ld_d_c_next, void* _p_d_c_new, int64_t _ld_d_c_new, void* _p_d_W_hi_h, int64_t _ld_d_W_hi_h, void* _p_d_W_hf_h, int64_t _ld_d_W_hf_h, void* _p_d_W_hg_h, int64_t _ld_d_W_hg_h, void* _p_d_W_ho_h, int64_t _ld_d_W_ho_h, void* _stream)
+extern "C" int zoneout_lstm_backward_bwd0_H_cuda_f16(int64_t _rows, int64_t _cols, const void* _p_c, int64_t _ld_c, const void* _p_c_new, int64_t _ld_c_new, const void* _p_d_c, int64_t _ld_d_c, const void* _p_d_h, int64_t _ld_d_h, const void* _p_d_h_next_out, int64_t _ld_d_h_next_out, const void* _p_f, int64_t _ld_f, const void* _p_g, int64_t _ld_g, const void* _p_i, int64_t _ld_i, const void* _p_keep_c, int64_t _ld_keep_c, const void* _p_keep_h, int64_t _ld_keep_h, const void* _p_o, int64_t _ld_o, void* _p_d_W_hi_h, int64_t _ld_d_W_hi_h, void* _p_d_W_hf_h, int64_t _ld_d_W_hf_h, void* _p_d_W_hg_h, int64_t _ld_d_W_hg_h, void* _p_d_W_ho_h, int64_t _ld_d_W_ho_h, void* _p_d_h_direct, int64_t _ld_d_h_direct, void* _p_d_c_prev, int64_t _ld_d_c_prev, void* _stream)
 {
-    return zoneout_lstm_backward_bwd0_H_launch<__half>(_rows, _cols, _p_c, _ld_c, _p_c_new, _ld_c_new, _p_d_c, _ld_d_c, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_f, _ld_f, _p_g, _ld_g, _p_i, _ld_i, _p_keep_c, _ld_keep_c, _p_keep_h, _ld_keep_h, _p_o, _ld_o, _p_d_h_next, _ld_d_h_next, _p_d_c_next, _ld_d_c_next, _p_d_c_new, _ld_d_c_new, _p_d_W_hi_h, _ld_d_W_hi_h, _p_d_W_hf_h, _ld_d_W_hf_h, _p_d_W_hg_h, _ld_d_W_hg_h, _p_d_W_ho_h, _ld_d_W_ho_h, _stream);
+    return zoneout_lstm_backward_bwd0_H_launch<__half>(_rows, _cols, _p_c, _ld_c, _p_c_new, _ld_c_new, _p_d_c, _ld_d_c, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_f, _ld_f, _p_g, _ld_g, _p_i, _ld_i, _p_keep_c, _ld_keep_c, _p_keep_h, _ld_keep_h, _p_o, _ld_o, _p_d_W_hi_h, _ld_d_W_hi_h, _p_d_W_hf_h, _ld_d_W_hf_h, _p_d_W_hg_h, _ld_d_W_hg_h, _p_d_W_ho_h, _ld_d_W_ho_h, _p_d_h_direct, _ld_d_h_direct, _p_d_c_prev, _ld_d_c_prev, _stream);
 }
-extern "C" int zoneout_lstm_backward_bwd0_H_cuda_bf16(int64_t _rows, int64_t _cols, const void* _p_c, int64_t _ld_c, const void* _p_c_new, int64_t _ld_c_new, const void* _p_d_c, int64_t _ld_d_c, const void* _p_d_h, int64_t _ld_d_h, const void* _p_d_h_next_out, int64_t _ld_d_h_next_out, const void* _p_f, int64_t _ld_f, const void* _p_g, int64_t _ld_g, const void* _p_i, int64_t _ld_i, const void* _p_keep_c, int64_t _ld_keep_c, const void* _p_keep_h, int64_t _ld_keep_h, const void* _p_o, int64_t _ld_o, void* _p_d_h_next, int64_t _ld_d_h_next, void* _p_d_c_next, int64_t _ld_d_c_next, void* _p_d_c_new, int64_t _ld_d_c_new, void* _p_d_W_hi_h, int64_t _ld_d_W_hi_h, void* _p_d_W_hf_h, int64_t _ld_d_W_hf_h, void* _p_d_W_hg_h, int64_t _ld_d_W_hg_h, void* _p_d_W_ho_h, int64_t _ld_d_W_ho_h, void* _stream)
+extern "C" int zoneout_lstm_backward_bwd0_H_cuda_bf16(int64_t _rows, int64_t _cols, const void* _p_c, int64_t _ld_c, const void* _p_c_new, int64_t _ld_c_new, const void* _p_d_c, int64_t _ld_d_c, const void* _p_d_h, int64_t _ld_d_h, const void* _p_d_h_next_out, int64_t _ld_d_h_next_out, const void* _p_f, int64_t _ld_f, const void* _p_g, int64_t _ld_g, const void* _p_i, int64_t _ld_i, const void* _p_keep_c, int64_t _ld_keep_c, const void* _p_keep_h, int64_t _ld_keep_h, const void* _p_o, int64_t _ld_o, void* _p_d_W_hi_h, int64_t _ld_d_W_hi_h, void* _p_d_W_hf_h, int64_t _ld_d_W_hf_h, void* _p_d_W_hg_h, int64_t _ld_d_W_hg_h, void* _p_d_W_ho_h, int64_t _ld_d_W_ho_h, void* _p_d_h_direct, int64_t _ld_d_h_direct, void* _p_d_c_prev, int64_t _ld_d_c_prev, void* _stream)
 {
-    return zoneout_lstm_backward_bwd0_H_launch<__nv_bfloat16>(_rows, _cols, _p_c, _ld_c, _p_c_new, _ld_c_new, _p_d_c, _ld_d_c, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_f, _ld_f, _p_g, _ld_g, _p_i, _ld_i, _p_keep_c, _ld_keep_c, _p_keep_h, _ld_keep_h, _p_o, _ld_o, _p_d_h_next, _ld_d_h_next, _p_d_c_next, _ld_d_c_next, _p_d_c_new, _ld_d_c_new, _p_d_W_hi_h, _ld_d_W_hi_h, _p_d_W_hf_h, _ld_d_W_hf_h, _p_d_W_hg_h, _ld_d_W_hg_h, _p_d_W_ho_h, _ld_d_W_ho_h, _stream);
+    return zoneout_lstm_backward_bwd0_H_launch<__nv_bfloat16>(_rows, _cols, _p_c, _ld_c, _p_c_new, _ld_c_new, _p_d_c, _ld_d_c, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_f, _ld_f, _p_g, _ld_g, _p_i, _ld_i, _p_keep_c, _ld_keep_c, _p_keep_h, _ld_keep_h, _p_o, _ld_o, _p_d_W_hi_h, _ld_d_W_hi_h, _p_d_W_hf_h, _ld_d_W_hf_h, _p_d_W_hg_h, _ld_d_W_hg_h, _p_d_W_ho_h, _ld_d_W_ho_h, _p_d_h_direct, _ld_d_h_direct, _p_d_c_prev, _ld_d_c_prev, _stream);
 }
 #endif  // __CUDACC__
 
 template <typename real>
-static inline void zoneout_lstm_backward_bwd0_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_c, int64_t _ld_c, const real* __restrict__ _p_c_new, int64_t _ld_c_new, const real* __restrict__ _p_d_c, int64_t _ld_d_c, const real* __restrict__ _p_d_h, int64_t _ld_d_h, const real* __restrict__ _p_d_h_next_out, int64_t _ld_d_h_next_out, const real* __restrict__ _p_f, int64_t _ld_f, const real* __restrict__ _p_g, int64_t _ld_g, const real* __restrict__ _p_i, int64_t _ld_i, const real* __restrict__ _p_keep_c, int64_t _ld_keep_c, const real* __restrict__ _p_keep_h, int64_t _ld_keep_h, const real* __restrict__ _p_o, int64_t _ld_o, real* __restrict__ _p_d_h_next, int64_t _ld_d_h_next, real* __restrict__ _p_d_c_next, int64_t _ld_d_c_next, real* __restrict__ _p_d_c_new, int64_t _ld_d_c_new, real* __restrict__ _p_d_W_hi_h, int64_t _ld_d_W_hi_h, real* __restrict__ _p_d_W_hf_h, int64_t _ld_d_W_hf_h, real* __restrict__ _p_d_W_hg_h, int64_t _ld_d_W_hg_h, real* __restrict__ _p_d_W_ho_h, int64_t _ld_d_W_ho_h)
+static inline void zoneout_lstm_backward_bwd0_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_c, int64_t _ld_c, const real* __restrict__ _p_c_new, int64_t _ld_c_new, const real* __restrict__ _p_d_c, int64_t _ld_d_c, const real* __restrict__ _p_d_h, int64_t _ld_d_h, const real* __restrict__ _p_d_h_next_out, int64_t _ld_d_h_next_out, const real* __restrict__ _p_f, int64_t _ld_f, const real* __restrict__ _p_g, int64_t _ld_g, const real* __restrict__ _p_i, int64_t _ld_i, const real* __restrict__ _p_keep_c, int64_t _ld_keep_c, const real* __restrict__ _p_keep_h, int64_t _ld_keep_h, const real* __restrict__ _p_o, int64_t _ld_o, real* __restrict__ _p_d_W_hi_h, int64_t _ld_d_W_hi_h, real* __restrict__ _p_d_W_hf_h, int64_t _ld_d_W_hf_h, real* __restrict__ _p_d_W_hg_h, int64_t _ld_d_W_hg_h, real* __restrict__ _p_d_W_ho_h, int64_t _ld_d_W_ho_h, real* __restrict__ _p_d_h_direct, int64_t _ld_d_h_direct, real* __restrict__ _p_d_c_prev, int64_t _ld_d_c_prev)
 {
 #ifdef CS_V16
     if constexpr (sizeof(real) == sizeof(float)) {  // 16 units at a time (CS_V16)
@@ -1718,21 +1719,19 @@ static inline void zoneout_lstm_backward_bwd0_H_host(int64_t _rows, int64_t _col
                 cs_v16 keep_c = _mm512_maskz_loadu_ps(_m, &_p_keep_c[_r * _ld_keep_c + _j]);
                 cs_v16 keep_h = _mm512_maskz_loadu_ps(_m, &_p_keep_h[_r * _ld_keep_h + _j]);
                 cs_v16 o = _mm512_maskz_loadu_ps(_m, &_p_o[_r * _ld_o + _j]);
-                cs_v16 d_h_next;
-                cs_v16 d_c_next;
-                cs_v16 d_c_new;
                 cs_v16 d_W_hi_h;
                 cs_v16 d_W_hf_h;
                 cs_v16 d_W_hg_h;
                 cs_v16 d_W_ho_h;
-                zoneout_lstm_backward_bwd0_H<cs_v16>(c, c_new, d_c, d_h, d_h_next_out, f, g, i, keep_c, keep_h, o, d_h_next, d_c_next, d_c_new, d_W_hi_h, d_W_hf_h, d_W_hg_h, d_W_ho_h);
-                _mm512_mask_storeu_ps(&_p_d_h_next[_r * _ld_d_h_next + _j], _m, d_h_next.v);
-                _mm512_mask_storeu_ps(&_p_d_c_next[_r * _ld_d_c_next + _j], _m, d_c_next.v);
-                _mm512_mask_storeu_ps(&_p_d_c_new[_r * _ld_d_c_new + _j], _m, d_c_new.v);
+                cs_v16 d_h_direct;
+                cs_v16 d_c_prev;
+                zoneout_lstm_backward_bwd0_H<cs_v16>(c, c_new, d_c, d_h, d_h_next_out, f, g, i, keep_c, keep_h, o, d_W_hi_h, d_W_hf_h, d_W_hg_h, d_W_ho_h, d_h_direct, d_c_prev);
                 _mm512_mask_storeu_ps(&_p_d_W_hi_h[_r * _ld_d_W_hi_h + _j], _m, d_W_hi_h.v);
                 _mm512_mask_storeu_ps(&_p_d_W_hf_h[_r * _ld_d_W_hf_h + _j], _m, d_W_hf_h.v);
                 _mm512_mask_storeu_ps(&_p_d_W_hg_h[_r * _ld_d_W_hg_h + _j], _m, d_W_hg_h.v);
                 _mm512_mask_storeu_ps(&_p_d_W_ho_h[_r * _ld_d_W_ho_h + _j], _m, d_W_ho_h.v);
+                _mm512_mask_storeu_ps(&_p_d_h_direct[_r * _ld_d_h_direct + _j], _m, d_h_direct.v);
+                _mm512_mask_storeu_ps(&_p_d_c_prev[_r * _ld_d_c_prev + _j], _m, d_c_prev.v);
             }
         });
         return;
@@ -1752,135 +1751,30 @@ static inline void zoneout_lstm_backward_bwd0_H_host(int64_t _rows, int64_t _col
             real keep_c = _p_keep_c[_r * _ld_keep_c + _j];
             real keep_h = _p_keep_h[_r * _ld_keep_h + _j];
             real o = _p_o[_r * _ld_o + _j];
-            real d_h_next;
-            real d_c_next;
-            real d_c_new;
             real d_W_hi_h;
             real d_W_hf_h;
             real d_W_hg_h;
             real d_W_ho_h;
-            zoneout_lstm_backward_bwd0_H<real>(c, c_new, d_c, d_h, d_h_next_out, f, g, i, keep_c, keep_h, o, d_h_next, d_c_next, d_c_new, d_W_hi_h, d_W_hf_h, d_W_hg_h, d_W_ho_h);
-            _p_d_h_next[_r * _ld_d_h_next + _j] = d_h_next;
-            _p_d_c_next[_r * _ld_d_c_next + _j] = d_c_next;
-            _p_d_c_new[_r * _ld_d_c_new + _j] = d_c_new;
+            real d_h_direct;
+            real d_c_prev;
+            zoneout_lstm_backward_bwd0_H<real>(c, c_new, d_c, d_h, d_h_next_out, f, g, i, keep_c, keep_h, o, d_W_hi_h, d_W_hf_h, d_W_hg_h, d_W_ho_h, d_h_direct, d_c_prev);
             _p_d_W_hi_h[_r * _ld_d_W_hi_h + _j] = d_W_hi_h;
             _p_d_W_hf_h[_r * _ld_d_W_hf_h + _j] = d_W_hf_h;
             _p_d_W_hg_h[_r * _ld_d_W_hg_h + _j] = d_W_hg_h;
             _p_d_W_ho_h[_r * _ld_d_W_ho_h + _j] = d_W_ho_h;
+            _p_d_h_direct[_r * _ld_d_h_direct + _j] = d_h_direct;
+            _p_d_c_prev[_r * _ld_d_c_prev + _j] = d_c_prev;
         }
     });
 }
 
-extern "C" void zoneout_lstm_backward_bwd0_H_f32(int64_t _rows, int64_t _cols, const float* _p_c, int64_t _ld_c, const float* _p_c_new, int64_t _ld_c_new, const float* _p_d_c, int64_t _ld_d_c, const float* _p_d_h, int64_t _ld_d_h, const float* _p_d_h_next_out, int64_t _ld_d_h_next_out, const float* _p_f, int64_t _ld_f, const float* _p_g, int64_t _ld_g, const float* _p_i, int64_t _ld_i, const float* _p_keep_c, int64_t _ld_keep_c, const float* _p_keep_h, int64_t _ld_keep_h, const float* _p_o, int64_t _ld_o, float* _p_d_h_next, int64_t _ld_d_h_next, float* _p_d_c_next, int64_t _ld_d_c_next, float* _p_d_c_new, int64_t _ld_d_c_new, float* _p_d_W_hi_h, int64_t _ld_d_W_hi_h, float* _p_d_W_hf_h, int64_t _ld_d_W_hf_h, float* _p_d_W_hg_h, int64_t _ld_d_W_hg_h, float* _p_d_W_ho_h, int64_t _ld_d_W_ho_h)
+extern "C" void zoneout_lstm_backward_bwd0_H_f32(int64_t _rows, int64_t _cols, const float* _p_c, int64_t _ld_c, const float* _p_c_new, int64_t _ld_c_new, const float* _p_d_c, int64_t _ld_d_c, const float* _p_d_h, int64_t _ld_d_h, const float* _p_d_h_next_out, int64_t _ld_d_h_next_out, const float* _p_f, int64_t _ld_f, const float* _p_g, int64_t _ld_g, const float* _p_i, int64_t _ld_i, const float* _p_keep_c, int64_t _ld_keep_c, const float* _p_keep_h, int64_t _ld_keep_h, const float* _p_o, int64_t _ld_o, float* _p_d_W_hi_h, int64_t _ld_d_W_hi_h, float* _p_d_W_hf_h, int64_t _ld_d_W_hf_h, float* _p_d_W_hg_h, int64_t _ld_d_W_hg_h, float* _p_d_W_ho_h, int64_t _ld_d_W_ho_h, float* _p_d_h_direct, int64_t _ld_d_h_direct, float* _p_d_c_prev, int64_t _ld_d_c_prev)
 {
-    zoneout_lstm_backward_bwd0_H_host<float>(_rows, _cols, _p_c, _ld_c, _p_c_new, _ld_c_new, _p_d_c, _ld_d_c, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_f, _ld_f, _p_g, _ld_g, _p_i, _ld_i, _p_keep_c, _ld_keep_c, _p_keep_h, _ld_keep_h, _p_o, _ld_o, _p_d_h_next, _ld_d_h_next, _p_d_c_next, _ld_d_c_next, _p_d_c_new, _ld_d_c_new, _p_d_W_hi_h, _ld_d_W_hi_h, _p_d_W_hf_h, _ld_d_W_hf_h, _p_d_W_hg_h, _ld_d_W_hg_h, _p_d_W_ho_h, _ld_d_W_ho_h);
+    zoneout_lstm_backward_bwd0_H_host<float>(_rows, _cols, _p_c, _ld_c, _p_c_new, _ld_c_new, _p_d_c, _ld_d_c, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_f, _ld_f, _p_g, _ld_g, _p_i, _ld_i, _p_keep_c, _ld_keep_c, _p_keep_h, _ld_keep_h, _p_o, _ld_o, _p_d_W_hi_h, _ld_d_W_hi_h, _p_d_W_hf_h, _ld_d_W_hf_h, _p_d_W_hg_h, _ld_d_W_hg_h, _p_d_W_ho_h, _ld_d_W_ho_h, _p_d_h_direct, _ld_d_h_direct, _p_d_c_prev, _ld_d_c_prev);
 }
-extern "C" void zoneout_lstm_backward_bwd0_H_f64(int64_t _rows, int64_t _cols, const double* _p_c, int64_t _ld_c, const double* _p_c_new, int64_t _ld_c_new, const double* _p_d_c, int64_t _ld_d_c, const double* _p_d_h, int64_t _ld_d_h, const double* _p_d_h_next_out, int64_t _ld_d_h_next_out, const double* _p_f, int64_t _ld_f, const double* _p_g, int64_t _ld_g, const double* _p_i, int64_t _ld_i, const double* _p_keep_c, int64_t _ld_keep_c, const double* _p_keep_h, int64_t _ld_keep_h, const double* _p_o, int64_t _ld_o, double* _p_d_h_next, int64_t _ld_d_h_next, double* _p_d_c_next, int64_t _ld_d_c_next, double* _p_d_c_new, int64_t _ld_d_c_new, double* _p_d_W_hi_h, int64_t _ld_d_W_hi_h, double* _p_d_W_hf_h, int64_t _ld_d_W_hf_h, double* _p_d_W_hg_h, int64_t _ld_d_W_hg_h, double* _p_d_W_ho_h, int64_t _ld_d_W_ho_h)
+extern "C" void zoneout_lstm_backward_bwd0_H_f64(int64_t _rows, int64_t _cols, const double* _p_c, int64_t _ld_c, const double* _p_c_new, int64_t _ld_c_new, const double* _p_d_c, int64_t _ld_d_c, const double* _p_d_h, int64_t _ld_d_h, const double* _p_d_h_next_out, int64_t _ld_d_h_next_out, const double* _p_f, int64_t _ld_f, const double* _p_g, int64_t _ld_g, const double* _p_i, int64_t _ld_i, const double* _p_keep_c, int64_t _ld_keep_c, const double* _p_keep_h, int64_t _ld_keep_h, const double* _p_o, int64_t _ld_o, double* _p_d_W_hi_h, int64_t _ld_d_W_hi_h, double* _p_d_W_hf_h, int64_t _ld_d_W_hf_h, double* _p_d_W_hg_h, int64_t _ld_d_W_hg_h, double* _p_d_W_ho_h, int64_t _ld_d_W_ho_h, double* _p_d_h_direct, int64_t _ld_d_h_direct, double* _p_d_c_prev, int64_t _ld_d_c_prev)
 {
-    zoneout_lstm_backward_bwd0_H_host<double>(_rows, _cols, _p_c, _ld_c, _p_c_new, _ld_c_new, _p_d_c, _ld_d_c, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_f, _ld_f, _p_g, _ld_g, _p_i, _ld_i, _p_keep_c, _ld_keep_c, _p_keep_h, _ld_keep_h, _p_o, _ld_o, _p_d_h_next, _ld_d_h_next, _p_d_c_next, _ld_d_c_next, _p_d_c_new, _ld_d_c_new, _p_d_W_hi_h, _ld_d_W_hi_h, _p_d_W_hf_h, _ld_d_W_hf_h, _p_d_W_hg_h, _ld_d_W_hg_h, _p_d_W_ho_h, _ld_d_W_ho_h);
-}
-
-// =============================================================================================
-// zoneout_lstm_backward_bwd_leaf_H: backward: per-step adjoints of inputs, states, vector params, hoisted results, units of size H
-// =============================================================================================
-template <typename real>
-__host__ __device__ inline void zoneout_lstm_backward_bwd_leaf_H(
-    real d_c_new,
-    real d_c_next,
-    real d_h_gemm,
-    real d_h_next,
-    real f,
-    real keep_c,
-    real keep_h,
-    real& d_h,  // out
-    real& d_c)  // out
-{
-    // adjoint of state h
-    d_h = d_h_gemm + d_h_next*keep_h;
-    // adjoint of state c
-    d_c = d_c_new*f + d_c_next*keep_c;
-}
-
-#ifdef __CUDACC__
-template <typename S>
-__global__ void zoneout_lstm_backward_bwd_leaf_H_kernel(int64_t _rows, int64_t _cols, const S* __restrict__ _p_d_c_new, int64_t _ld_d_c_new, const S* __restrict__ _p_d_c_next, int64_t _ld_d_c_next, const S* __restrict__ _p_d_h_gemm, int64_t _ld_d_h_gemm, const S* __restrict__ _p_d_h_next, int64_t _ld_d_h_next, const S* __restrict__ _p_f, int64_t _ld_f, const S* __restrict__ _p_keep_c, int64_t _ld_keep_c, const S* __restrict__ _p_keep_h, int64_t _ld_keep_h, S* __restrict__ _p_d_h, int64_t _ld_d_h, S* __restrict__ _p_d_c, int64_t _ld_d_c)
-{
-    typedef typename cs_math<S>::type M;
-    const int64_t _j = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (_j >= _cols) return;
-    for (int64_t _r = blockIdx.y; _r < _rows; _r += gridDim.y) {
-        M d_c_new = cs_load(_p_d_c_new[_r * _ld_d_c_new + _j]);
-        M d_c_next = cs_load(_p_d_c_next[_r * _ld_d_c_next + _j]);
-        M d_h_gemm = cs_load(_p_d_h_gemm[_r * _ld_d_h_gemm + _j]);
-        M d_h_next = cs_load(_p_d_h_next[_r * _ld_d_h_next + _j]);
-        M f = cs_load(_p_f[_r * _ld_f + _j]);
-        M keep_c = cs_load(_p_keep_c[_r * _ld_keep_c + _j]);
-        M keep_h = cs_load(_p_keep_h[_r * _ld_keep_h + _j]);
-        M d_h;
-        M d_c;
-        zoneout_lstm_backward_bwd_leaf_H<M>(d_c_new, d_c_next, d_h_gemm, d_h_next, f, keep_c, keep_h, d_h, d_c);
-        cs_store(&_p_d_h[_r * _ld_d_h + _j], d_h);
-        cs_store(&_p_d_c[_r * _ld_d_c + _j], d_c);
-    }
-}
-
-template <typename S>
-static int zoneout_lstm_backward_bwd_leaf_H_launch(int64_t _rows, int64_t _cols, const void* _p_d_c_new, int64_t _ld_d_c_new, const void* _p_d_c_next, int64_t _ld_d_c_next, const void* _p_d_h_gemm, int64_t _ld_d_h_gemm, const void* _p_d_h_next, int64_t _ld_d_h_next, const void* _p_f, int64_t _ld_f, const void* _p_keep_c, int64_t _ld_keep_c, const void* _p_keep_h, int64_t _ld_keep_h, void* _p_d_h, int64_t _ld_d_h, void* _p_d_c, int64_t _ld_d_c, void* _stream)
-{
-    if (_rows <= 0 || _cols <= 0) return 0;
-    dim3 _grid, _block;
-    cs_grid(_rows, _cols, &_grid, &_block);
-    zoneout_lstm_backward_bwd_leaf_H_kernel<S><<<_grid, _block, 0, (cudaStream_t)_stream>>>(_rows, _cols, (const S*)_p_d_c_new, _ld_d_c_new, (const S*)_p_d_c_next, _ld_d_c_next, (const S*)_p_d_h_gemm, _ld_d_h_gemm, (const S*)_p_d_h_next, _ld_d_h_next, (const S*)_p_f, _ld_f, (const S*)_p_keep_c, _ld_keep_c, (const S*)_p_keep_h, _ld_keep_h, (S*)_p_d_h, _ld_d_h, (S*)_p_d_c, _ld_d_c);
-    return (int)cudaGetLastError();
-}
-
-extern "C" int zoneout_lstm_backward_bwd_leaf_H_cuda_f32(int64_t _rows, int64_t _cols, const void* _p_d_c_new, int64_t _ld_d_c_new, const void* _p_d_c_next, int64_t _ld_d_c_next, const void* _p_d_h_gemm, int64_t _ld_d_h_gemm, const void* _p_d_h_next, int64_t _ld_d_h_next, const void* _p_f, int64_t _ld_f, const void* _p_keep_c, int64_t _ld_keep_c, const void* _p_keep_h, int64_t _ld_keep_h, void* _p_d_h, int64_t _ld_d_h, void* _p_d_c, int64_t _ld_d_c, void* _stream)
-{
-    return zoneout_lstm_backward_bwd_leaf_H_launch<float>(_rows, _cols, _p_d_c_new, _ld_d_c_new, _p_d_c_next, _ld_d_c_next, _p_d_h_gemm, _ld_d_h_gemm, _p_d_h_next, _ld_d_h_next, _p_f, _ld_f, _p_keep_c, _ld_keep_c, _p_keep_h, _ld_keep_h, _p_d_h, _ld_d_h, _p_d_c, _ld_d_c, _stream);
-}
-extern "C" int zoneout_lstm_backward_bwd_leaf_H_cuda_f64(int64_t _rows, int64_t _cols, const void* _p_d_c_new, int64_t _ld_d_c_new, const void* _p_d_c_next, int64_t _ld_d_c_next, const void* _p_d_h_gemm, int64_t _ld_d_h_gemm, const void* _p_d_h_next, int64_t _ld_d_h_next, const void* _p_f, int64_t _ld_f, const void* _p_keep_c, int64_t _ld_keep_c, const void* _p_keep_h, int64_t _ld_keep_h, void* _p_d_h, int64_t _ld_d_h, void* _p_d_c, int64_t _ld_d_c, void* _stream)
-{
-    return zoneout_lstm_backward_bwd_leaf_H_launch<double>(_rows, _cols, _p_d_c_new, _ld_d_c_new, _p_d_c_next, _ld_d_c_next, _p_d_h_gemm, _ld_d_h_gemm, _p_d_h_next, _ld_d_h_next, _p_f, _ld_f, _p_keep_c, _ld_keep_c, _p_keep_h, _ld_keep_h, _p_d_h, _ld_d_h, _p_d_c, _ld_d_c, _stream);
-}
-extern "C" int zoneout_lstm_backward_bwd_leaf_H_cuda_f16(int64_t _rows, int64_t _cols, const void* _p_d_c_new, int64_t _ld_d_c_new, const void* _p_d_c_next, int64_t _ld_d_c_next, const void* _p_d_h_gemm, int64_t _ld_d_h_gemm, const void* _p_d_h_next, int64_t _ld_d_h_next, const void* _p_f, int64_t _ld_f, const void* _p_keep_c, int64_t _ld_keep_c, const void* _p_keep_h, int64_t _ld_keep_h, void* _p_d_h, int64_t _ld_d_h, void* _p_d_c, int64_t _ld_d_c, void* _stream)
-{
-    return zoneout_lstm_backward_bwd_leaf_H_launch<__half>(_rows, _cols, _p_d_c_new, _ld_d_c_new, _p_d_c_next, _ld_d_c_next, _p_d_h_gemm, _ld_d_h_gemm, _p_d_h_next, _ld_d_h_next, _p_f, _ld_f, _p_keep_c, _ld_keep_c, _p_keep_h, _ld_keep_h, _p_d_h, _ld_d_h, _p_d_c, _ld_d_c, _stream);
-}
-extern "C" int zoneout_lstm_backward_bwd_leaf_H_cuda_bf16(int64_t _rows, int64_t _cols, const void* _p_d_c_new, int64_t _ld_d_c_new, const void* _p_d_c_next, int64_t _ld_d_c_next, const void* _p_d_h_gemm, int64_t _ld_d_h_gemm, const void* _p_d_h_next, int64_t _ld_d_h_next, const void* _p_f, int64_t _ld_f, const void* _p_keep_c, int64_t _ld_keep_c, const void* _p_keep_h, int64_t _ld_keep_h, void* _p_d_h, int64_t _ld_d_h, void* _p_d_c, int64_t _ld_d_c, void* _stream)
-{
-    return zoneout_lstm_backward_bwd_leaf_H_launch<__nv_bfloat16>(_rows, _cols, _p_d_c_new, _ld_d_c_new, _p_d_c_next, _ld_d_c_next, _p_d_h_gemm, _ld_d_h_gemm, _p_d_h_next, _ld_d_h_next, _p_f, _ld_f, _p_keep_c, _ld_keep_c, _p_keep_h, _ld_keep_h, _p_d_h, _ld_d_h, _p_d_c, _ld_d_c, _stream);
-}
-#endif  // __CUDACC__
-
-template <typename real>
-static inline void zoneout_lstm_backward_bwd_leaf_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_d_c_new, int64_t _ld_d_c_new, const real* __restrict__ _p_d_c_next, int64_t _ld_d_c_next, const real* __restrict__ _p_d_h_gemm, int64_t _ld_d_h_gemm, const real* __restrict__ _p_d_h_next, int64_t _ld_d_h_next, const real* __restrict__ _p_f, int64_t _ld_f, const real* __restrict__ _p_keep_c, int64_t _ld_keep_c, const real* __restrict__ _p_keep_h, int64_t _ld_keep_h, real* __restrict__ _p_d_h, int64_t _ld_d_h, real* __restrict__ _p_d_c, int64_t _ld_d_c)
-{
-    cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
-#pragma omp simd
-        for (int64_t _j = 0; _j < _cols; ++_j) {
-            real d_c_new = _p_d_c_new[_r * _ld_d_c_new + _j];
-            real d_c_next = _p_d_c_next[_r * _ld_d_c_next + _j];
-            real d_h_gemm = _p_d_h_gemm[_r * _ld_d_h_gemm + _j];
-            real d_h_next = _p_d_h_next[_r * _ld_d_h_next + _j];
-            real f = _p_f[_r * _ld_f + _j];
-            real keep_c = _p_keep_c[_r * _ld_keep_c + _j];
-            real keep_h = _p_keep_h[_r * _ld_keep_h + _j];
-            real d_h;
-            real d_c;
-            zoneout_lstm_backward_bwd_leaf_H<real>(d_c_new, d_c_next, d_h_gemm, d_h_next, f, keep_c, keep_h, d_h, d_c);
-            _p_d_h[_r * _ld_d_h + _j] = d_h;
-            _p_d_c[_r * _ld_d_c + _j] = d_c;
-        }
-    });
-}
-
-extern "C" void zoneout_lstm_backward_bwd_leaf_H_f32(int64_t _rows, int64_t _cols, const float* _p_d_c_new, int64_t _ld_d_c_new, const float* _p_d_c_next, int64_t _ld_d_c_next, const float* _p_d_h_gemm, int64_t _ld_d_h_gemm, const float* _p_d_h_next, int64_t _ld_d_h_next, const float* _p_f, int64_t _ld_f, const float* _p_keep_c, int64_t _ld_keep_c, const float* _p_keep_h, int64_t _ld_keep_h, float* _p_d_h, int64_t _ld_d_h, float* _p_d_c, int64_t _ld_d_c)
-{
-    zoneout_lstm_backward_bwd_leaf_H_host<float>(_rows, _cols, _p_d_c_new, _ld_d_c_new, _p_d_c_next, _ld_d_c_next, _p_d_h_gemm, _ld_d_h_gemm, _p_d_h_next, _ld_d_h_next, _p_f, _ld_f, _p_keep_c, _ld_keep_c, _p_keep_h, _ld_keep_h, _p_d_h, _ld_d_h, _p_d_c, _ld_d_c);
-}
-extern "C" void zoneout_lstm_backward_bwd_leaf_H_f64(int64_t _rows, int64_t _cols, const double* _p_d_c_new, int64_t _ld_d_c_new, const double* _p_d_c_next, int64_t _ld_d_c_next, const double* _p_d_h_gemm, int64_t _ld_d_h_gemm, const double* _p_d_h_next, int64_t _ld_d_h_next, const double* _p_f, int64_t _ld_f, const double* _p_keep_c, int64_t _ld_keep_c, const double* _p_keep_h, int64_t _ld_keep_h, double* _p_d_h, int64_t _ld_d_h, double* _p_d_c, int64_t _ld_d_c)
-{
-    zoneout_lstm_backward_bwd_leaf_H_host<double>(_rows, _cols, _p_d_c_new, _ld_d_c_new, _p_d_c_next, _ld_d_c_next, _p_d_h_gemm, _ld_d_h_gemm, _p_d_h_next, _ld_d_h_next, _p_f, _ld_f, _p_keep_c, _ld_keep_c, _p_keep_h, _ld_keep_h, _p_d_h, _ld_d_h, _p_d_c, _ld_d_c);
+    zoneout_lstm_backward_bwd0_H_host<double>(_rows, _cols, _p_c, _ld_c, _p_c_new, _ld_c_new, _p_d_c, _ld_d_c, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_f, _ld_f, _p_g, _ld_g, _p_i, _ld_i, _p_keep_c, _ld_keep_c, _p_keep_h, _ld_keep_h, _p_o, _ld_o, _p_d_W_hi_h, _ld_d_W_hi_h, _p_d_W_hf_h, _ld_d_W_hf_h, _p_d_W_hg_h, _ld_d_W_hg_h, _p_d_W_ho_h, _ld_d_W_ho_h, _p_d_h_direct, _ld_d_h_direct, _p_d_c_prev, _ld_d_c_prev);
 }
 
 
@@ -2132,7 +2026,7 @@ extern "C" int zoneout_lstm_inference_f64(const int64_t* dims, void* const* ptrs
 
 // =============================================================================================
 // zoneout_lstm: the whole sequence, backward
-// ptrs: 0 x_x, 1 x_keep_c, 2 x_keep_h, 3 s_h, 4 s_c, 5 v_i, 6 v_f, 7 v_g, 8 v_o, 9 v_c_new, 10 dout_h_next, 11 ds_h, 12 ds_c, 13 dx_x, 14 dg_W_hi_W_hf_W_hg_W_ho__h, 15 tmp_d_h_gemm, 16 tmp_d_h_next, 17 tmp_d_c_next, 18 tmp_d_c_new, 19 dw_W_hi_W_hf_W_hg_W_ho, 20 dw_W_ii_W_if_W_ig_W_io, 21 sum_d_b_ii, 22 sum_d_b_if, 23 sum_d_b_ig, 24 sum_d_b_io, 25 weight W_ii_W_if_W_ig_W_io, 26 weight W_hi_W_hf_W_hg_W_ho, 27 d W_ii, 28 d W_hi, 29 d b_ii, 30 d b_hi, 31 d W_if, 32 d W_hf, 33 d b_if, 34 d b_hf, 35 d W_ig, 36 d W_hg, 37 d b_ig, 38 d b_hg, 39 d W_io, 40 d W_ho, 41 d b_io, 42 d b_ho, 43 batch sizes (host, or NULL)
+// ptrs: 0 x_x, 1 x_keep_c, 2 x_keep_h, 3 s_h, 4 s_c, 5 v_i, 6 v_f, 7 v_g, 8 v_o, 9 v_c_new, 10 dout_h_next, 11 ds_h, 12 ds_c, 13 dx_x, 14 dg_W_hi_W_hf_W_hg_W_ho__h, 15 dw_W_hi_W_hf_W_hg_W_ho, 16 dw_W_ii_W_if_W_ig_W_io, 17 sum_d_b_ii, 18 sum_d_b_if, 19 sum_d_b_ig, 20 sum_d_b_io, 21 weight W_ii_W_if_W_ig_W_io, 22 weight W_hi_W_hf_W_hg_W_ho, 23 d W_ii, 24 d W_hi, 25 d b_ii, 26 d b_hi, 27 d W_if, 28 d W_hf, 29 d b_if, 30 d b_hf, 31 d W_ig, 32 d W_hg, 33 d b_ig, 34 d b_hg, 35 d W_io, 36 d W_ho, 37 d b_io, 38 d b_ho, 39 batch sizes (host, or NULL)
 
 // =============================================================================================
 template <typename S, typename G>
@@ -2178,63 +2072,55 @@ static int zoneout_lstm_backward_run(const int64_t* dims, void* const* ptrs, con
     (void)b_dx_x;
     S* b_dg_W_hi_W_hf_W_hg_W_ho__h = (S*)ptrs[14];
     (void)b_dg_W_hi_W_hf_W_hg_W_ho__h;
-    S* b_tmp_d_h_gemm = (S*)ptrs[15];
-    (void)b_tmp_d_h_gemm;
-    S* b_tmp_d_h_next = (S*)ptrs[16];
-    (void)b_tmp_d_h_next;
-    S* b_tmp_d_c_next = (S*)ptrs[17];
-    (void)b_tmp_d_c_next;
-    S* b_tmp_d_c_new = (S*)ptrs[18];
-    (void)b_tmp_d_c_new;
-    G* b_dw_W_hi_W_hf_W_hg_W_ho = (G*)ptrs[19];
+    G* b_dw_W_hi_W_hf_W_hg_W_ho = (G*)ptrs[15];
     (void)b_dw_W_hi_W_hf_W_hg_W_ho;
-    G* b_dw_W_ii_W_if_W_ig_W_io = (G*)ptrs[20];
+    G* b_dw_W_ii_W_if_W_ig_W_io = (G*)ptrs[16];
     (void)b_dw_W_ii_W_if_W_ig_W_io;
-    G* b_sum_d_b_ii = (G*)ptrs[21];
+    G* b_sum_d_b_ii = (G*)ptrs[17];
     (void)b_sum_d_b_ii;
-    G* b_sum_d_b_if = (G*)ptrs[22];
+    G* b_sum_d_b_if = (G*)ptrs[18];
     (void)b_sum_d_b_if;
-    G* b_sum_d_b_ig = (G*)ptrs[23];
+    G* b_sum_d_b_ig = (G*)ptrs[19];
     (void)b_sum_d_b_ig;
-    G* b_sum_d_b_io = (G*)ptrs[24];
+    G* b_sum_d_b_io = (G*)ptrs[20];
     (void)b_sum_d_b_io;
-    const S* w_W_ii_W_if_W_ig_W_io = (const S*)ptrs[25];
+    const S* w_W_ii_W_if_W_ig_W_io = (const S*)ptrs[21];
     (void)w_W_ii_W_if_W_ig_W_io;
-    const S* w_W_hi_W_hf_W_hg_W_ho = (const S*)ptrs[26];
+    const S* w_W_hi_W_hf_W_hg_W_ho = (const S*)ptrs[22];
     (void)w_W_hi_W_hf_W_hg_W_ho;
-    G* g_W_ii = (G*)ptrs[27];
+    G* g_W_ii = (G*)ptrs[23];
     (void)g_W_ii;
-    G* g_W_hi = (G*)ptrs[28];
+    G* g_W_hi = (G*)ptrs[24];
     (void)g_W_hi;
-    G* g_b_ii = (G*)ptrs[29];
+    G* g_b_ii = (G*)ptrs[25];
     (void)g_b_ii;
-    G* g_b_hi = (G*)ptrs[30];
+    G* g_b_hi = (G*)ptrs[26];
     (void)g_b_hi;
-    G* g_W_if = (G*)ptrs[31];
+    G* g_W_if = (G*)ptrs[27];
     (void)g_W_if;
-    G* g_W_hf = (G*)ptrs[32];
+    G* g_W_hf = (G*)ptrs[28];
     (void)g_W_hf;
-    G* g_b_if = (G*)ptrs[33];
+    G* g_b_if = (G*)ptrs[29];
     (void)g_b_if;
-    G* g_b_hf = (G*)ptrs[34];
+    G* g_b_hf = (G*)ptrs[30];
     (void)g_b_hf;
-    G* g_W_ig = (G*)ptrs[35];
+    G* g_W_ig = (G*)ptrs[31];
     (void)g_W_ig;
-    G* g_W_hg = (G*)ptrs[36];
+    G* g_W_hg = (G*)ptrs[32];
     (void)g_W_hg;
-    G* g_b_ig = (G*)ptrs[37];
+    G* g_b_ig = (G*)ptrs[33];
     (void)g_b_ig;
-    G* g_b_hg = (G*)ptrs[38];
+    G* g_b_hg = (G*)ptrs[34];
     (void)g_b_hg;
-    G* g_W_io = (G*)ptrs[39];
+    G* g_W_io = (G*)ptrs[35];
     (void)g_W_io;
-    G* g_W_ho = (G*)ptrs[40];
+    G* g_W_ho = (G*)ptrs[36];
     (void)g_W_ho;
-    G* g_b_io = (G*)ptrs[41];
+    G* g_b_io = (G*)ptrs[37];
     (void)g_b_io;
-    G* g_b_ho = (G*)ptrs[42];
+    G* g_b_ho = (G*)ptrs[38];
     (void)g_b_ho;
-    const int64_t* bs = (const int64_t*)ptrs[43];
+    const int64_t* bs = (const int64_t*)ptrs[39];
     (void)ctx;
     if (bs) {  // rows of ended sequences, which no step writes, are read over all T*B rows
         CS_ZERO(b_dg_W_hi_W_hf_W_hg_W_ho__h, (n_T) * (n_B) * (4*n_H));
@@ -2247,11 +2133,9 @@ static int zoneout_lstm_backward_run(const int64_t* dims, void* const* ptrs, con
         const int64_t rows = bs ? bs[t] : n_B;  // variable lengths: rows 0..B_t-1 run
         CS_SPLIT_ROWS(split_rows, n_B);
         // backward: stage 0 backward, units of size H
-        CS_PW(zoneout_lstm_backward_bwd0_H, rows, n_H, b_s_c + t * n_B * (n_H), n_H, b_v_c_new + t * n_B * (n_H), n_H, b_ds_c, n_H, b_ds_h, n_H, b_dout_h_next + t * n_B * (n_H), n_H, b_v_f + t * n_B * (n_H), n_H, b_v_g + t * n_B * (n_H), n_H, b_v_i + t * n_B * (n_H), n_H, b_x_keep_c + t * n_B * (n_H), n_H, b_x_keep_h + t * n_B * (n_H), n_H, b_v_o + t * n_B * (n_H), n_H, b_tmp_d_h_next, n_H, b_tmp_d_c_next, n_H, b_tmp_d_c_new, n_H, b_dg_W_hi_W_hf_W_hg_W_ho__h + t * n_B * (4*n_H), 4*n_H, b_dg_W_hi_W_hf_W_hg_W_ho__h + t * n_B * (4*n_H) + n_H, 4*n_H, b_dg_W_hi_W_hf_W_hg_W_ho__h + t * n_B * (4*n_H) + 2*n_H, 4*n_H, b_dg_W_hi_W_hf_W_hg_W_ho__h + t * n_B * (4*n_H) + 3*n_H, 4*n_H);
-        // d_h_gemm = dg_W_hi_W_hf_W_hg_W_ho__h @ [W_hi, W_hf, W_hg, W_ho]
-        CS_GEMM_NN_PACKED(rows, n_H, 4*n_H, b_dg_W_hi_W_hf_W_hg_W_ho__h + t * n_B * (4*n_H), 4*n_H, pk_W_hi_W_hf_W_hg_W_ho_nn, b_tmp_d_h_gemm, n_H, 0);
-        // backward: per-step adjoints of inputs, states, vector params, hoisted results, units of size H
-        CS_PW(zoneout_lstm_backward_bwd_leaf_H, rows, n_H, b_tmp_d_c_new, n_H, b_tmp_d_c_next, n_H, b_tmp_d_h_gemm, n_H, b_tmp_d_h_next, n_H, b_v_f + t * n_B * (n_H), n_H, b_x_keep_c + t * n_B * (n_H), n_H, b_x_keep_h + t * n_B * (n_H), n_H, b_ds_h, n_H, b_ds_c, n_H);
+        CS_PW(zoneout_lstm_backward_bwd0_H, rows, n_H, b_s_c + t * n_B * (n_H), n_H, b_v_c_new + t * n_B * (n_H), n_H, b_ds_c, n_H, b_ds_h, n_H, b_dout_h_next + t * n_B * (n_H), n_H, b_v_f + t * n_B * (n_H), n_H, b_v_g + t * n_B * (n_H), n_H, b_v_i + t * n_B * (n_H), n_H, b_x_keep_c + t * n_B * (n_H), n_H, b_x_keep_h + t * n_B * (n_H), n_H, b_v_o + t * n_B * (n_H), n_H, b_dg_W_hi_W_hf_W_hg_W_ho__h + t * n_B * (4*n_H), 4*n_H, b_dg_W_hi_W_hf_W_hg_W_ho__h + t * n_B * (4*n_H) + n_H, 4*n_H, b_dg_W_hi_W_hf_W_hg_W_ho__h + t * n_B * (4*n_H) + 2*n_H, 4*n_H, b_dg_W_hi_W_hf_W_hg_W_ho__h + t * n_B * (4*n_H) + 3*n_H, 4*n_H, b_ds_h, n_H, b_ds_c, n_H);
+        // d_h_gemm += dg_W_hi_W_hf_W_hg_W_ho__h @ [W_hi, W_hf, W_hg, W_ho]
+        CS_GEMM_NN_PACKED(rows, n_H, 4*n_H, b_dg_W_hi_W_hf_W_hg_W_ho__h + t * n_B * (4*n_H), 4*n_H, pk_W_hi_W_hf_W_hg_W_ho_nn, b_ds_h, n_H, 1);
     }
     CS_SPLIT_DONE();
     CS_TEAM_END
