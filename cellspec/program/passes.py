@@ -108,7 +108,8 @@ def resolve_aliases(planner, tb) -> dict[str, str]:
     return reuse
 
 
-def _free(expr: sp.Expr) -> set[str]:
+def free_names(expr: sp.Expr) -> set[str]:
+    """The names an expression reads."""
     return {s.name for s in expr.free_symbols}
 
 
@@ -127,18 +128,20 @@ def fold_leaf(planner, tb, stage: list[Assignment], leaf: list[Assignment],
     b = planner.b
     state_adj = {b.adjoint[v.name]: v.name for v in planner.cell.states
                  if v.name in b.adjoint and v.name not in b.zero}
-    reads_after = [set().union(*(_free(o.expr) for o in leaf[i + 1:])) for i in range(len(leaf))]
+    reads = [free_names(a.expr) for a in leaf]
+    reads_after = [set().union(*reads[i + 1:]) for i in range(len(leaf))]
     stays = set(products)
     for i, a in enumerate(leaf):  # a state's new adjoint the leaf reads again (not so in the shipped cells)
         if a.target in state_adj and a.target in reads_after[i]:
             stays.add(a.target)
     while True:
         before = len(stays)
-        for a in leaf:
-            if _free(a.expr) & stays:
+        for a, r in zip(leaf, reads):
+            if r & stays:
                 stays.add(a.target)
+        staying_reads = set().union(*(r for o, r in zip(leaf, reads) if o.target in stays))
         for a in leaf:
-            if a.temp and any(a.target in _free(o.expr) for o in leaf if o.target in stays):
+            if a.temp and a.target in staying_reads:
                 stays.add(a.target)
         if len(stays) == before:
             break
@@ -164,9 +167,10 @@ def fold_leaf(planner, tb, stage: list[Assignment], leaf: list[Assignment],
             continue
         g = gs[0].name
         rest = sp.Add(*(t for t in terms if t is not gs[0]))
-        if _free(rest) & stays or any(g in _free(o.expr) for o in leaf if o is not a):
+        others = [(o, r) for o, r in zip(leaf, reads) if o is not a]
+        if free_names(rest) & stays or any(g in r for _, r in others):
             continue
-        if any(d in _free(o.expr) for o in leaf if o.target in stays and o is not a):
+        if any(d in r for o, r in others if o.target in stays):
             continue  # a staying statement reads the incoming adjoint, which the buffer no longer holds
         old = tb.slots[g].buffer
         tb.slots[g] = tb.slots[d]
@@ -181,7 +185,7 @@ def fold_leaf(planner, tb, stage: list[Assignment], leaf: list[Assignment],
         if i in folded:
             if folded[i] is not None:
                 states.append(folded[i])
-        elif a.target in stays or i in folded:
+        elif a.target in stays:
             kept.append(a)
         elif a.target in state_adj:
             states.append(a)
@@ -189,7 +193,7 @@ def fold_leaf(planner, tb, stage: list[Assignment], leaf: list[Assignment],
             moved.append(a)
     # a state's adjoint computed in a block that reads the incoming one (the LSTM's d_c): a name
     # of its own, in the same buffer (every engine reads a block's inputs before it writes)
-    read_there = set().union(set(), *(_free(a.expr) for a in (*stage, *moved, *states)))
+    read_there = set().union(*(free_names(a.expr) for a in (*stage, *moved, *states)))
     states = [Assignment(fresh(f"{a.target}_prev", a.target), a.expr,
                          f"state {state_adj[a.target]}, carried to the step before")
               if a.target in state_adj and a.target in read_there else a for a in states]

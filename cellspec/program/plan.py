@@ -39,8 +39,7 @@ def _col(sizes: list[str]) -> sp.Expr:
     return sum((size(s) for s in sizes), sp.S.Zero)
 
 
-def _free(expr: sp.Expr) -> set[str]:
-    return {s.name for s in expr.free_symbols}
+_free = passes.free_names
 
 
 class _Planner:
@@ -328,9 +327,7 @@ class _Planner:
         for k, a in b.hoisted_leaf_adjoint.items():
             tb.place(a, tb.buffer(f"hl_{k}", (T, B, size(m.size_of(k))), "hoisted_leaf"), 0, 0, m.size_of(k))
 
-        from cellspec.program.passes import resolve_aliases
-
-        hoisted_reuse = resolve_aliases(self, tb)
+        hoisted_reuse = passes.resolve_aliases(self, tb)
 
         # the leaf's work that does not need the last stage's step products, before them
         stage_assigns = {bs.index: list(bs.assigns) for bs in b.stages}
