@@ -493,15 +493,81 @@ def test_param_rows_computed_into_the_hoisted_products_adjoint():
     d_b_in, d_in_x = cc.backward.adjoint["b_in"], cc.backward.adjoint["W_in_x"]
     assert "dp_b_in" not in bwd.buffers
     assert bwd.slots[d_b_in] == bwd.slots[d_in_x]
-    assert bwd.slots[d_b_in].buffer == "dhg_W_ir_W_iz_W_in__x"
+    # (its own column of the adjoint buffer the input product shares with the step's: see
+    # test_a_hoisted_group_shares_the_step_groups_adjoint_buffer)
+    assert bwd.slots[d_b_in].buffer == "dgs_W_in_W_ir_W_iz__x" and bwd.slots[d_b_in].col == 0
     step = next(o for o in bwd.flat() if isinstance(o, ir.Pointwise) and o.block == "bwd0")
     assert d_b_in in step.writes and d_in_x not in step.writes
     (rs,) = [o for o in bwd.flat() if isinstance(o, ir.RowSum) and o.param == ("b_in",)]
-    assert bwd.slots[rs.source].buffer == "dhg_W_ir_W_iz_W_in__x"
+    assert bwd.slots[rs.source] == bwd.slots[d_b_in]
     # b_hn's adjoint (r * t1) is its own value, not an alias: it keeps the step product's block
-    assert bwd.slots[cc.backward.adjoint["b_hn"]].buffer != "dhg_W_ir_W_iz_W_in__x"
+    assert bwd.slots[cc.backward.adjoint["b_hn"]] == bwd.slots[cc.backward.adjoint["W_hn_h"]]
     (lstm,) = compile_source(read_source(SPECS / "lstm.cell"), ())
     assert not any(name.startswith("dp_") for name in lstm.program.backward.buffers)
+
+
+def test_the_forward_keeps_only_the_blocks_of_a_step_product_the_backward_reads():
+    """torch.nn's GRU's backward reads one block of the step's recurrent product (W_hn @ h, in
+    d_r) and not the other two: the product is a step's scratch and the forward's block copies
+    that one out, [T, B, H] (saved: 5 of H per row instead of 7). The LSTM's backward reads no
+    block of its product: nothing is kept of it."""
+    H = sp.Symbol("H", integer=True, nonnegative=True)
+    (cc,) = compile_source(read_source(SPECS / "torch_gru.cell"), ())
+    prog = cc.program
+    fwd, bwd = prog.forward, prog.backward
+    assert fwd.buffers["g_W_hr_W_hz_W_hn__h"].role == "scratch"
+    assert fwd.buffers["g_W_hr_W_hz_W_hn__h"].shape == (sp.Symbol("B", integer=True, nonnegative=True), 3 * H)
+    (blk,) = [o for o in fwd.flat() if isinstance(o, ir.Pointwise)]
+    (copy,) = [st for st in blk.statements if st.target == "W_hn_h_kept"]
+    assert copy.expr == sp.Symbol("W_hn_h", real=True) and "W_hn_h_kept" in blk.writes
+    assert fwd.slots["W_hn_h_kept"].buffer == "v_W_hn_h" and fwd.buffers["v_W_hn_h"].role == "saved"
+    assert bwd.slots["W_hn_h"].buffer == "v_W_hn_h"
+    assert prog.saved == ("s_h", "v_W_hn_h", "v_r", "v_z", "v_n")
+    assert sp.expand(sum(fwd.buffers[n].shape[-1] for n in prog.saved) - 5 * H) == 0
+    # the inference forward keeps nothing
+    assert not any(st.target.endswith("_kept") for o in prog.inference.flat() if isinstance(o, ir.Pointwise)
+                   for st in o.statements)
+    (lstm,) = compile_source(read_source(SPECS / "lstm.cell"), ())
+    assert lstm.program.forward.buffers["g_W_hi_W_hf_W_hg_W_ho__h"].role == "scratch"
+    assert not any(n.endswith("_kept") for n in lstm.program.forward.slots)
+
+
+def test_a_hoisted_group_shares_the_step_groups_adjoint_buffer():
+    """passes.share_adjoint_buffers: torch.nn's GRU's input product has the adjoints of the step
+    product's r and z blocks (other names) and one of its own (d_b_in). One [T, B, 4H] buffer
+    holds [d_b_in | d_r | d_z | d_hn]: the step block writes 4H columns a row, not 6H (two copies
+    less); the input stack is reordered to [W_in; W_ir; W_iz] so that its run of columns is
+    [0, 3H), the step's is [H, 4H); each GEMM reads its run with the buffer's row stride. The TF
+    GRU (gru.cell) and the MGU share one buffer among two step groups (two stages) and the input
+    product, with no column of its own; the LSTM (all of its input adjoints one step group's)
+    keeps reading that group's buffer as it is, its stack order unchanged."""
+    H = sp.Symbol("H", integer=True, nonnegative=True)
+    (cc,) = compile_source(read_source(SPECS / "torch_gru.cell"), ())
+    prog, b = cc.program, cc.backward
+    bwd = prog.backward
+    assert [n for n, buf in bwd.buffers.items() if buf.role == "d_gemm"] == ["dgs_W_in_W_ir_W_iz__x"]
+    assert bwd.buffers["dgs_W_in_W_ir_W_iz__x"].shape[-1] == 4 * H
+    assert prog.weights["W_in_W_ir_W_iz"].matrices == ("W_in", "W_ir", "W_iz")
+    col = {k: bwd.slots[b.adjoint[k]].col for k in ("b_in", "W_hr_h", "W_hz_h", "W_hn_h", "W_ir_x", "W_iz_x")}
+    assert col == {"b_in": 0, "W_hr_h": H, "W_hz_h": 2 * H, "W_hn_h": 3 * H, "W_ir_x": H, "W_iz_x": 2 * H}
+    step = next(o for o in bwd.flat() if isinstance(o, ir.Pointwise) and o.block == "bwd0")
+    assert sorted(w for w in step.writes if bwd.slots[w].buffer.startswith("dgs_")) == sorted(
+        [b.adjoint["b_in"], b.adjoint["W_hr_h"], b.adjoint["W_hz_h"], b.adjoint["W_hn_h"]])
+    runs = {(type(o).__name__, o.weight): o.d_col for o in bwd.flat() if isinstance(o, (ir.ProjectBack, ir.WeightGrad))}
+    assert runs == {("ProjectBack", "W_hr_W_hz_W_hn"): H, ("WeightGrad", "W_hr_W_hz_W_hn"): H,
+                    ("WeightGrad", "W_in_W_ir_W_iz"): 0, ("ProjectBack", "W_in_W_ir_W_iz"): 0}
+    # the forward's hoisted product follows the new stack order
+    fwd = prog.forward
+    assert [fwd.slots[k].col for k in ("W_in_x", "W_ir_x", "W_iz_x")] == [0, H, 2 * H]
+    for spec, name, width in (("gru", "dgs_W_r_W_u_W_c__x", 3 * H), ("mgu", "dgs_W_f_W_h__x", 2 * H)):
+        (cc,) = compile_source(read_source(SPECS / f"{spec}.cell"), ())
+        bwd = cc.program.backward
+        assert [n for n, buf in bwd.buffers.items() if buf.role == "d_gemm"] == [name]
+        assert bwd.buffers[name].shape[-1] == width
+        assert len({o.weight for o in bwd.flat() if isinstance(o, ir.WeightGrad) and o.d_out == name}) == 3
+    (lstm,) = compile_source(read_source(SPECS / "lstm.cell"), ())
+    assert [n for n, buf in lstm.program.backward.buffers.items() if buf.role == "d_gemm"] == ["dg_W_hi_W_hf_W_hg_W_ho__h"]
+    assert lstm.program.weights["W_ii_W_if_W_ig_W_io"].matrices == ("W_ii", "W_if", "W_ig", "W_io")
 
 
 def test_leaf_work_moves_before_the_step_product_and_the_product_adds_into_the_state_adjoint():

@@ -375,6 +375,11 @@ class _Renderer:
             parts.append(cexpr(sl.col))
         return f"b_{buf.name}" + "".join(f" + {x}" for x in parts), width
 
+    def d_ptr(self, fn: ir.Function, op, rows: str) -> tuple[str, str]:
+        """(pointer, row stride) of a ProjectBack's or WeightGrad's run of its adjoint buffer."""
+        g, ld = self.buf_ptr(fn, op.d_out, rows)
+        return (f"{g} + {cexpr(op.d_col)}" if op.d_col != 0 else g), ld
+
     def buf_ptr(self, fn: ir.Function, name: str, rows: str) -> tuple[str, str]:
         buf = fn.buffers[name]
         width = cexpr(buf.shape[-1])
@@ -534,7 +539,7 @@ class _Renderer:
                     c, ldc = stacked_ptr(op.stacked, op.rows), f"n_{w.inner}"
                     what = f"[{'; '.join(op.d_operands)}] (side by side in {op.stacked})"
                 else:
-                    g, ldg = self.buf_ptr(fn, op.d_out, op.rows)
+                    g, ldg = self.d_ptr(fn, op, op.rows)
                     c, ldc = self.ptr(fn, op.d_operands[0], op.rows)
                     what = op.d_operands[0]
                 beta = 1 if op.accumulate else 0
@@ -564,7 +569,7 @@ class _Renderer:
                     x, ldx = stacked_ptr(op.stacked, "all"), f"n_{w.inner}"
                     what = f"[{'; '.join(op.operands)}] (side by side in {op.stacked})"
                 else:
-                    g, ldg = self.buf_ptr(fn, op.d_out, "all")
+                    g, ldg = self.d_ptr(fn, op, "all")
                     x, ldx = self.ptr(fn, op.operands[0], "all")
                     what = op.operands[0]
                 inner_rows = rows_of("all", k)
@@ -633,22 +638,29 @@ class _Renderer:
         run_name: dict[int, str] = {}  # a run's variable (wg_<name>): its adjoint, numbered past the first
         summed: dict[int, str] = {}  # a RowSum -> the run whose column sums it reads
         runs_over: Counter = Counter()  # adjoint -> runs over it so far
-        latest: dict[str, str] = {}  # adjoint -> the last run over it so far
+        latest: dict[str, list] = {}  # adjoint -> the runs over it so far: (name, first column, width)
         top = list(fn.ops)
         for i, o in enumerate(top):
             if isinstance(o, ir.WeightGrad) and o.scratch and not o.stacked and id(o) not in wg_done:
                 run = [o]
                 for nxt in top[i + 1:]:
-                    if not (isinstance(nxt, ir.WeightGrad) and nxt.scratch and not nxt.stacked and nxt.d_out == o.d_out):
+                    if not (isinstance(nxt, ir.WeightGrad) and nxt.scratch and not nxt.stacked and nxt.d_out == o.d_out
+                            and sp.expand(nxt.d_col - o.d_col) == 0):
                         break
                     run.append(nxt)
                 wg_runs[id(o)] = run
                 wg_done.update(id(x) for x in run[1:])
                 n = runs_over[o.d_out]
                 runs_over[o.d_out] += 1
-                run_name[id(o)] = latest[o.d_out] = o.d_out if n == 0 else f"{o.d_out}_{n}"
+                run_name[id(o)] = o.d_out if n == 0 else f"{o.d_out}_{n}"
+                latest.setdefault(o.d_out, []).append((run_name[id(o)], o.d_col, p.weights[o.weight].width))
             elif isinstance(o, ir.RowSum) and fn.slots[o.source].buffer in latest:
-                summed[id(o)] = latest[fn.slots[o.source].buffer]
+                sl = fn.slots[o.source]  # the last run whose columns hold the source's
+                for name, col, width in reversed(latest[sl.buffer]):
+                    if (sp.expand(sl.col - col).is_nonnegative
+                            and sp.expand(col + width - sl.col - ir.size(sl.size)).is_nonnegative):
+                        summed[id(o)] = name
+                        break
 
         def note_grads_block(op: ir.WeightGrad, ind: str) -> None:
             """A stack's dW scratch that may be its grads' own block (see dw_writers)."""
@@ -672,7 +684,7 @@ class _Renderer:
 
         def emit_weight_grads(run: list, ind: str) -> None:
             d_out = run[0].d_out
-            g, ldg = self.buf_ptr(fn, d_out, "all")
+            g, ldg = self.d_ptr(fn, run[0], "all")
             rhs = []
             adds = []
             for op in run:

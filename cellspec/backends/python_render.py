@@ -187,6 +187,15 @@ class _Function:
             return self.step_view(op.operands[0]) if rows == "step" else self.all_view(op.operands[0])
         return self.stacked_rows(op.stacked, rows, ir.size(self.p.weights[op.weight].inner))
 
+    def d_rows(self, op, rows: str) -> str:
+        """A ProjectBack's or WeightGrad's run of columns of its adjoint buffer (all of it but
+        where several groups share the buffer)."""
+        g = self.buffer_rows(op.d_out, rows)
+        width = self.p.weights[op.weight].width
+        if op.d_col == 0 and sp.expand(width - self.fn.buffers[op.d_out].shape[-1]) == 0:
+            return g
+        return f"{g}[:, {pysize(op.d_col)}:{pysize(op.d_col + width)}]"
+
     def buffer_rows(self, name: str, rows: str) -> str:
         buf = self.fn.buffers[name]
         if rows == "step":
@@ -231,7 +240,7 @@ class _Function:
                 c = self.stacked_rows(op.stacked, op.rows, ir.size(w.inner))
                 L.append(f"{ind}# [{'; '.join(op.d_operands)}] from one GEMM ({op.comment})")
             else:
-                g = self.buffer_rows(op.d_out, op.rows)
+                g = self.d_rows(op, op.rows)
                 c = self.step_view(op.d_operands[0]) if op.rows == "step" else self.all_view(op.d_operands[0])
             fmt = d.mm_add_into if op.accumulate else d.mm_into
             L.append(f"{ind}{fmt.format(g, f'_w_{w.name}', c)}")
@@ -248,7 +257,7 @@ class _Function:
                 L.append(f"{ind}# dW of {op.comment}: one GEMM over all {len(op.operands)}*T*B rows "
                          f"[{'; '.join(op.operands)}]")
             else:
-                g = self.buffer_rows(op.d_out, "all")
+                g = self.d_rows(op, "all")
                 x = self.all_view(op.operands[0])
                 L.append(f"{ind}# dW of {op.comment}: one GEMM over all T*B rows")
             if len(w.matrices) == 1:
@@ -364,7 +373,7 @@ class _FunctionalFunction(_Function):
                 self.assign(ind, whole, op.rows, f"({g} @ _w_{w.name}).reshape(-1, {pysize(buf.shape[-1])})",
                             full=True)
             else:
-                g = self.buffer_rows(op.d_out, op.rows)
+                g = self.d_rows(op, op.rows)
                 self.assign(ind, self.fn.slots[op.d_operands[0]], op.rows, f"{g} @ _w_{w.name}",
                             add=op.accumulate)
         elif isinstance(op, ir.Stack):

@@ -148,6 +148,9 @@ class ProjectBack:
     comment: str = ""
     accumulate: bool = False  # += into the slot (an input's gradient), else =
     stacked: str = ""
+    #: the first column of the group's run in ``d_out`` (an adjoint buffer several groups share,
+    #: :func:`cellspec.program.passes.share_adjoint_buffers`); its rows are the buffer's width apart
+    d_col: sp.Expr = sp.S.Zero
 
 
 @dataclass(frozen=True)
@@ -166,6 +169,7 @@ class WeightGrad:
     #: reads the operand once; a GEMM per matrix would read it once per matrix)
     scratch: str = ""
     stacked: str = ""
+    d_col: sp.Expr = sp.S.Zero  # as in ProjectBack
 
 
 @dataclass(frozen=True)

@@ -49,6 +49,10 @@ class _Planner:
         self.size: dict[str, str] = {}
         self._sizes()
         self.weights: dict[str, ir.Weight] = {}
+        # adjoint buffers several GEMM groups share (fixes a hoisted stack's order: before the forward)
+        self.shared = {k: sh for sh in passes.share_adjoint_buffers(sched, back) for k in sh.first_col}
+        self.own_columns: set[str] = set()  # filled by the backward
+        self.kept_copy: dict[str, str] = {}  # a step product's block copied out to keep -> the block
 
     # ------------------------------------------------------------------ sizes of every key
     def _sizes(self) -> None:
@@ -73,8 +77,25 @@ class _Planner:
             self.size[a] = m.size_of(k)
 
     # ------------------------------------------------------------------ GEMM groups
+    def stack(self, g: GemmGroup, operand: str) -> list:
+        """One operand's projections in stack order: the schedule's, or the order a shared adjoint
+        buffer gives a hoisted group (:func:`passes.share_adjoint_buffers`)."""
+        mine = g.of(operand)
+        sh = self.shared.get(g.key)
+        if sh is not None and sh.hoisted == g.key:
+            by_key = {p.key: p for p in mine}
+            mine = [by_key[k] for k in sh.order]
+        return mine
+
+    def d_buffer(self, g: GemmGroup, prefix: str) -> tuple[str, sp.Expr]:
+        """A group's adjoint buffer and the first column of its run there."""
+        sh = self.shared.get(g.key)
+        if sh is None:
+            return f"{prefix}_{self.gkey(g)}", sp.S.Zero
+        return sh.buffer, sh.first_col[g.key]
+
     def weight(self, g: GemmGroup) -> ir.Weight:
-        mine = g.of(g.operands[0])  # the stack: every operand of a group has the same one
+        mine = self.stack(g, g.operands[0])  # the stack: every operand of a group has the same one
         name = "_".join(p.matrix for p in mine)
         w = ir.Weight(name, tuple(p.matrix for p in mine), tuple(p.out_size for p in mine), mine[0].in_size)
         if name in self.weights and self.weights[name] != w:  # pragma: no cover - matrix order is fixed
@@ -92,7 +113,7 @@ class _Planner:
         w = self.weight(g)
         out = []
         for j, operand in enumerate(g.operands):
-            for (col, sz), p in zip(w.offsets(), g.of(operand)):
+            for (col, sz), p in zip(w.offsets(), self.stack(g, operand)):
                 out.append((p, j * w.width + col, sz))
         return out
 
@@ -226,10 +247,24 @@ class _Planner:
         sinks = next_values | outputs | keep | gemm_operands
         body: list = []
         for st in s.stages:
+            kept_copies: list[ir.Statement] = []  # of the blocks of a step product the backward reads
             for g in st.gemms:
                 w = self.weight(g)
                 k = len(g.operands)
-                timed = any(p.key in keep for p in g.projections)
+                kept = [p for p in g.projections if p.key in keep]
+                timed = bool(kept)
+                if timed and k == 1 and len(kept) < len(g.projections):
+                    # the backward reads some blocks alone (the GRU's W_hn_h): the product stays a
+                    # step's scratch, and the block copies those out, [T, B, n] each
+                    timed = False
+                    for p in kept:
+                        copy = f"{p.key}_kept"
+                        while copy in self.size or copy in tb.slots:
+                            copy += "_"
+                        self.size[copy] = p.out_size
+                        self.kept_copy[copy] = p.key
+                        tb.place(copy, tb.buffer(f"v_{p.key}", (T, B, size(p.out_size)), "saved"), 0, 0, p.out_size)
+                        kept_copies.append(ir.Statement(copy, sp.Symbol(p.key, real=True), f"{p.matrix} @ {p.operand}, kept for the backward"))
                 buf = tb.buffer(f"g_{self.gkey(g)}", (T, B, k * w.width) if timed else (B, k * w.width),
                                 "saved" if timed else "scratch")
                 for p, col, sz in self.columns(g):
@@ -255,7 +290,8 @@ class _Planner:
                     tb.place(v.key, tb.buffer(f"v_{v.key}", (T, B, size(v.size)), role), 0, 0, v.size)
                 else:
                     tb.place(v.key, tb.buffer(f"tmp_{v.key}", (B, size(v.size)), "scratch"), None, 0, v.size)
-            stmts = tuple(ir.Statement(v.key, v.expr, self.comment(v)) for v in st.values)
+            stmts = tuple(ir.Statement(v.key, v.expr, self.comment(v)) for v in st.values) + tuple(kept_copies)
+            exported |= {c.target for c in kept_copies}
             body.append(self.block(f"fwd{st.index}", f"stage {st.index} forward", "step", stmts, exported, tb))
         body.extend(ir.Hold(f"s_{v.name}") for v in self.cell.states)
         ops.append(ir.Loop(False, tuple(body)))
@@ -271,7 +307,7 @@ class _Planner:
             if fb.role in ("scratch", "stacked"):  # a forward copy is not kept: the backward copies again
                 continue
             tb.buffer(fb.name, fb.shape, fb.role, "arg")
-            tb.place(key, fb.name, slot.time, slot.col, slot.size)
+            tb.place(self.kept_copy.get(key, key), fb.name, slot.time, slot.col, slot.size)
         for k, seed in b.output_seed.items():
             tb.place(seed, tb.buffer(f"dout_{k}", (T, B, size(m.size_of(k))), "d_output", "arg"), 0, 0, m.size_of(k))
         for v in self.cell.states:
@@ -290,10 +326,11 @@ class _Planner:
             for g in st.gemms:
                 w = self.weight(g)
                 k = len(g.operands)
-                buf = tb.buffer(f"dg_{self.gkey(g)}", (T, B, k * w.width), "d_gemm")
+                buf, c0 = self.d_buffer(g, "dg")
+                tb.buffer(buf, (T, B, self.shared[g.key].width if g.key in self.shared else k * w.width), "d_gemm")
                 for p, col, sz in self.columns(g):
                     if p.key in b.adjoint:
-                        tb.place(b.adjoint[p.key], buf, 0, col, sz)
+                        tb.place(b.adjoint[p.key], buf, 0, c0 + col, sz)
                 k_in = g.projections[0].in_size
                 if k == 1:
                     d_op = b.gemm_adjoint[(st.index, g.operands[0])]
@@ -303,13 +340,26 @@ class _Planner:
                 d_buf = tb.buffer(f"tmp_d_{self.gkey(g)}", (B, k * size(k_in)), "scratch")
                 for j, o in enumerate(g.operands):
                     tb.place(b.gemm_adjoint[(st.index, o)], d_buf, None, j * size(k_in), k_in)
+        alias = {a.target: a.expr.name for a in b.leaf_assigns if not a.temp and isinstance(a.expr, sp.Symbol)}
         for g in s.hoisted_gemms:
             w = self.weight(g)
             k = len(g.operands)
-            buf = tb.buffer(f"dhg_{self.gkey(g)}", (T, B, k * w.width), "d_gemm")
-            for p, col, sz in self.columns(g):
-                if p.key in b.adjoint:
-                    tb.place(b.adjoint[p.key], buf, 0, col, sz)
+            if g.key in self.shared:  # its run of a shared buffer: a step adjoint's column is that adjoint
+                buf, c0 = self.d_buffer(g, "dhg")
+                for p, col, sz in self.columns(g):
+                    d = b.adjoint[p.key]
+                    there = tb.slots.get(alias.get(d, ""))
+                    if there is not None and there.buffer == buf and sp.expand(there.col - c0 - col) == 0:
+                        tb.slots[d] = there
+                        tb.aliased.add(d)
+                    else:
+                        tb.place(d, buf, 0, c0 + col, sz)
+                        self.own_columns.add(d)
+            else:
+                buf = tb.buffer(f"dhg_{self.gkey(g)}", (T, B, k * w.width), "d_gemm")
+                for p, col, sz in self.columns(g):
+                    if p.key in b.adjoint:
+                        tb.place(b.adjoint[p.key], buf, 0, col, sz)
             sz = g.projections[0].in_size
             if k == 1:
                 o = g.operands[0]
@@ -382,8 +432,9 @@ class _Planner:
                 d_ops = tuple(b.gemm_adjoint[(bs.index, o)] for o in g.operands)
                 if any(d in r for d in d_ops for r in reads_by_block) or d_ops[0] in into_state:
                     stacked = f"tmp_d_{self.gkey(g)}" if len(d_ops) > 1 else ""
-                    body.append(ir.ProjectBack(self.weight(g).name, f"dg_{self.gkey(g)}", d_ops, "step",
-                                               self.gemm_comment(g), into_state.get(d_ops[0], False), stacked))
+                    d_buf, d_col = self.d_buffer(g, "dg")
+                    body.append(ir.ProjectBack(self.weight(g).name, d_buf, d_ops, "step",
+                                               self.gemm_comment(g), into_state.get(d_ops[0], False), stacked, d_col))
         if "bwd_leaf" in made:
             body.append(made["bwd_leaf"])
         for v in self.cell.states:
@@ -399,7 +450,7 @@ class _Planner:
                 return ""
             return tb.buffer(f"dw_{w.name}", (w.width, size(w.inner)), "grad_scratch")
 
-        def weight_grad(g: GemmGroup, d_buf: str, fwd_stacked: str) -> None:
+        def weight_grad(g: GemmGroup, d_buf: str, fwd_stacked: str, d_col: sp.Expr = sp.S.Zero) -> None:
             """dW of a group: one GEMM over all its rows. A row-stacked group reads its operands
             side by side: the forward's buffer when the backward has it over the whole sequence,
             else a copy made here (the operands' own buffers are whole sequences too)."""
@@ -417,17 +468,19 @@ class _Planner:
                     ops.append(ir.Stack(stacked, tuple(g.operands), tuple(f"{o}:restacked" for o in g.operands),
                                         "all", f"[{'; '.join(g.operands)}] over the whole sequence for the dW GEMM"))
             ops.append(ir.WeightGrad(w.name, d_buf, tuple(g.operands), self.batch_free(g.operands[0]),
-                                     self.gemm_comment(g), dw_scratch(w), stacked))
+                                     self.gemm_comment(g), dw_scratch(w), stacked, d_col))
 
         for g in s.step_gemms:
-            weight_grad(g, f"dg_{self.gkey(g)}", f"st_{self.gkey(g)}")
+            d_buf, d_col = self.d_buffer(g, "dg")
+            weight_grad(g, d_buf, f"st_{self.gkey(g)}", d_col)
         for lv in reversed(s.hoisted_levels or [None]):
             for g in lv.gemms if lv else []:
                 w = self.weight(g)
-                d_buf = hoisted_reuse.get(self.gkey(g), f"dhg_{self.gkey(g)}")
+                d_buf, d_col = self.d_buffer(g, "dhg")
+                d_buf = hoisted_reuse.get(self.gkey(g), d_buf)
                 if all(p.key in b.zero or p.key not in b.adjoint for p in g.projections):
                     continue
-                weight_grad(g, d_buf, f"hst_{self.gkey(g)}")
+                weight_grad(g, d_buf, f"hst_{self.gkey(g)}", d_col)
                 if len(g.operands) > 1:
                     # one GEMM gives every operand's adjoint, side by side; an input's is then
                     # added to its gradient
@@ -447,7 +500,7 @@ class _Planner:
                     # an input's gradient: the first contribution assigns, later ones add
                     first = is_input and operand not in contributed
                     ops.append(ir.ProjectBack(w.name, d_buf, (target,), "all", self.gemm_comment(g),
-                                              accumulate=is_input and not first))
+                                              accumulate=is_input and not first, d_col=d_col))
                     if is_input:
                         contributed.add(operand)
             tag = self.hoisted_tag("bwd", lv.index if lv else 0)
@@ -521,9 +574,8 @@ class _Planner:
     def comment(self, v) -> str:
         return f"{self.cell.filename}:{v.line}  {v.text}"
 
-    @staticmethod
-    def gemm_comment(g: GemmGroup) -> str:
-        return ", ".join(f"{p.matrix} @ {p.operand}" for p in g.projections)
+    def gemm_comment(self, g: GemmGroup) -> str:
+        return ", ".join(f"{p.matrix} @ {p.operand}" for o in g.operands for p in self.stack(g, o))
 
     def adjoint_comment(self, a: Assignment) -> str:
         if not a.comment:

@@ -28,6 +28,15 @@ def _stacked(names: tuple[str, ...], buffer: str) -> str:
     return f"[{'; '.join(names)}] (side by side in {buffer})"
 
 
+def _run(fn: ir.Function, prog: ir.Program, op) -> str:
+    """``d_out``, or its run of columns where several groups share it."""
+    w = prog.weights[op.weight]
+    if op.d_col == 0 and sp.expand(w.width * max(1, len(getattr(op, "d_operands", getattr(op, "operands", ()))))
+                                   - fn.buffers[op.d_out].shape[-1]) == 0:
+        return op.d_out
+    return f"{op.d_out}[:, {op.d_col}:{op.d_col + w.width}]"
+
+
 def _rows(rows: str, names: tuple[str, ...]) -> str:
     return rows if len(names) == 1 else f"{len(names)} x {rows}, one GEMM"
 
@@ -61,11 +70,11 @@ def _op(fn: ir.Function, prog: ir.Program, op, indent: str) -> list[str]:
         dest = ""
         if not op.stacked and fn.buffers[fn.slots[op.d_operands[0]].buffer].role == "d_state":
             dest = f"   => {_where(fn, op.d_operands[0])}"  # straight into a state's adjoint
-        return [(f"{indent}gemm {_stacked(op.d_operands, op.stacked)} {eq} {op.d_out} @ [{', '.join(w.matrices)}]   "
+        return [(f"{indent}gemm {_stacked(op.d_operands, op.stacked)} {eq} {_run(fn, prog, op)} @ [{', '.join(w.matrices)}]   "
                  f"({_rows(rows, op.d_operands)}){dest}")]
     if isinstance(op, ir.WeightGrad):
         w = prog.weights[op.weight]
-        return [(f"{indent}gemm d[{', '.join(w.matrices)}] += {op.d_out}^T @ {_stacked(op.operands, op.stacked)}   "
+        return [(f"{indent}gemm d[{', '.join(w.matrices)}] += {_run(fn, prog, op)}^T @ {_stacked(op.operands, op.stacked)}   "
                  f"({_rows('T*B rows', op.operands)}: {op.comment})")]
     if isinstance(op, ir.Stack):
         dest = ", ".join(_where(fn, t) for t in op.targets)

@@ -1760,16 +1760,12 @@ template <typename real>
 __host__ __device__ inline void gru_backward_bwd0_H(
     real c,
     real d_U_c_in_gemm,
-    real d_U_c_out,
     real d_h_next,
     real h,
     real r,
     real u,
     real& d_U_r_h,  // out
     real& d_U_u_h,  // out
-    real& d_W_r_x,  // out
-    real& d_W_u_x,  // out
-    real& d_W_c_x,  // out
     real& d_h_direct)  // out
 {
     // adjoint of operand of U_c_in
@@ -1782,19 +1778,13 @@ __host__ __device__ inline void gru_backward_bwd0_H(
     d_U_r_h = d_r*r*(real(1.0) - r);
     // adjoint of U_u @ h
     d_U_u_h = d_u*u*(real(1.0) - u);
-    // adjoint of hoisted projection W_r_x
-    d_W_r_x = d_U_r_h;
-    // adjoint of hoisted projection W_u_x
-    d_W_u_x = d_U_u_h;
-    // adjoint of hoisted projection W_c_x
-    d_W_c_x = d_U_c_out;
     // adjoint of state h, less the recurrent product's share (the GEMM adds it)
     d_h_direct = d_U_c_in*r + d_h_next*u;
 }
 
 #ifdef __CUDACC__
 template <typename S>
-__global__ void gru_backward_bwd0_H_kernel(int64_t _rows, int64_t _cols, const S* __restrict__ _p_c, int64_t _ld_c, const S* __restrict__ _p_d_U_c_in_gemm, int64_t _ld_d_U_c_in_gemm, const S* __restrict__ _p_d_U_c_out, int64_t _ld_d_U_c_out, const S* __restrict__ _p_d_h_next, int64_t _ld_d_h_next, const S* __restrict__ _p_h, int64_t _ld_h, const S* __restrict__ _p_r, int64_t _ld_r, const S* __restrict__ _p_u, int64_t _ld_u, S* __restrict__ _p_d_U_r_h, int64_t _ld_d_U_r_h, S* __restrict__ _p_d_U_u_h, int64_t _ld_d_U_u_h, S* __restrict__ _p_d_W_r_x, int64_t _ld_d_W_r_x, S* __restrict__ _p_d_W_u_x, int64_t _ld_d_W_u_x, S* __restrict__ _p_d_W_c_x, int64_t _ld_d_W_c_x, S* __restrict__ _p_d_h_direct, int64_t _ld_d_h_direct)
+__global__ void gru_backward_bwd0_H_kernel(int64_t _rows, int64_t _cols, const S* __restrict__ _p_c, int64_t _ld_c, const S* __restrict__ _p_d_U_c_in_gemm, int64_t _ld_d_U_c_in_gemm, const S* __restrict__ _p_d_h_next, int64_t _ld_d_h_next, const S* __restrict__ _p_h, int64_t _ld_h, const S* __restrict__ _p_r, int64_t _ld_r, const S* __restrict__ _p_u, int64_t _ld_u, S* __restrict__ _p_d_U_r_h, int64_t _ld_d_U_r_h, S* __restrict__ _p_d_U_u_h, int64_t _ld_d_U_u_h, S* __restrict__ _p_d_h_direct, int64_t _ld_d_h_direct)
 {
     typedef typename cs_math<S>::type M;
     const int64_t _j = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
@@ -1802,92 +1792,78 @@ __global__ void gru_backward_bwd0_H_kernel(int64_t _rows, int64_t _cols, const S
     for (int64_t _r = blockIdx.y; _r < _rows; _r += gridDim.y) {
         M c = cs_load(_p_c[_r * _ld_c + _j]);
         M d_U_c_in_gemm = cs_load(_p_d_U_c_in_gemm[_r * _ld_d_U_c_in_gemm + _j]);
-        M d_U_c_out = cs_load(_p_d_U_c_out[_r * _ld_d_U_c_out + _j]);
         M d_h_next = cs_load(_p_d_h_next[_r * _ld_d_h_next + _j]);
         M h = cs_load(_p_h[_r * _ld_h + _j]);
         M r = cs_load(_p_r[_r * _ld_r + _j]);
         M u = cs_load(_p_u[_r * _ld_u + _j]);
         M d_U_r_h;
         M d_U_u_h;
-        M d_W_r_x;
-        M d_W_u_x;
-        M d_W_c_x;
         M d_h_direct;
-        gru_backward_bwd0_H<M>(c, d_U_c_in_gemm, d_U_c_out, d_h_next, h, r, u, d_U_r_h, d_U_u_h, d_W_r_x, d_W_u_x, d_W_c_x, d_h_direct);
+        gru_backward_bwd0_H<M>(c, d_U_c_in_gemm, d_h_next, h, r, u, d_U_r_h, d_U_u_h, d_h_direct);
         cs_store(&_p_d_U_r_h[_r * _ld_d_U_r_h + _j], d_U_r_h);
         cs_store(&_p_d_U_u_h[_r * _ld_d_U_u_h + _j], d_U_u_h);
-        cs_store(&_p_d_W_r_x[_r * _ld_d_W_r_x + _j], d_W_r_x);
-        cs_store(&_p_d_W_u_x[_r * _ld_d_W_u_x + _j], d_W_u_x);
-        cs_store(&_p_d_W_c_x[_r * _ld_d_W_c_x + _j], d_W_c_x);
         cs_store(&_p_d_h_direct[_r * _ld_d_h_direct + _j], d_h_direct);
     }
 }
 
 template <typename S>
-static int gru_backward_bwd0_H_launch(int64_t _rows, int64_t _cols, const void* _p_c, int64_t _ld_c, const void* _p_d_U_c_in_gemm, int64_t _ld_d_U_c_in_gemm, const void* _p_d_U_c_out, int64_t _ld_d_U_c_out, const void* _p_d_h_next, int64_t _ld_d_h_next, const void* _p_h, int64_t _ld_h, const void* _p_r, int64_t _ld_r, const void* _p_u, int64_t _ld_u, void* _p_d_U_r_h, int64_t _ld_d_U_r_h, void* _p_d_U_u_h, int64_t _ld_d_U_u_h, void* _p_d_W_r_x, int64_t _ld_d_W_r_x, void* _p_d_W_u_x, int64_t _ld_d_W_u_x, void* _p_d_W_c_x, int64_t _ld_d_W_c_x, void* _p_d_h_direct, int64_t _ld_d_h_direct, void* _stream)
+static int gru_backward_bwd0_H_launch(int64_t _rows, int64_t _cols, const void* _p_c, int64_t _ld_c, const void* _p_d_U_c_in_gemm, int64_t _ld_d_U_c_in_gemm, const void* _p_d_h_next, int64_t _ld_d_h_next, const void* _p_h, int64_t _ld_h, const void* _p_r, int64_t _ld_r, const void* _p_u, int64_t _ld_u, void* _p_d_U_r_h, int64_t _ld_d_U_r_h, void* _p_d_U_u_h, int64_t _ld_d_U_u_h, void* _p_d_h_direct, int64_t _ld_d_h_direct, void* _stream)
 {
     if (_rows <= 0 || _cols <= 0) return 0;
     dim3 _grid, _block;
     cs_grid(_rows, _cols, &_grid, &_block);
-    gru_backward_bwd0_H_kernel<S><<<_grid, _block, 0, (cudaStream_t)_stream>>>(_rows, _cols, (const S*)_p_c, _ld_c, (const S*)_p_d_U_c_in_gemm, _ld_d_U_c_in_gemm, (const S*)_p_d_U_c_out, _ld_d_U_c_out, (const S*)_p_d_h_next, _ld_d_h_next, (const S*)_p_h, _ld_h, (const S*)_p_r, _ld_r, (const S*)_p_u, _ld_u, (S*)_p_d_U_r_h, _ld_d_U_r_h, (S*)_p_d_U_u_h, _ld_d_U_u_h, (S*)_p_d_W_r_x, _ld_d_W_r_x, (S*)_p_d_W_u_x, _ld_d_W_u_x, (S*)_p_d_W_c_x, _ld_d_W_c_x, (S*)_p_d_h_direct, _ld_d_h_direct);
+    gru_backward_bwd0_H_kernel<S><<<_grid, _block, 0, (cudaStream_t)_stream>>>(_rows, _cols, (const S*)_p_c, _ld_c, (const S*)_p_d_U_c_in_gemm, _ld_d_U_c_in_gemm, (const S*)_p_d_h_next, _ld_d_h_next, (const S*)_p_h, _ld_h, (const S*)_p_r, _ld_r, (const S*)_p_u, _ld_u, (S*)_p_d_U_r_h, _ld_d_U_r_h, (S*)_p_d_U_u_h, _ld_d_U_u_h, (S*)_p_d_h_direct, _ld_d_h_direct);
     return (int)cudaGetLastError();
 }
 
-extern "C" int gru_backward_bwd0_H_cuda_f32(int64_t _rows, int64_t _cols, const void* _p_c, int64_t _ld_c, const void* _p_d_U_c_in_gemm, int64_t _ld_d_U_c_in_gemm, const void* _p_d_U_c_out, int64_t _ld_d_U_c_out, const void* _p_d_h_next, int64_t _ld_d_h_next, const void* _p_h, int64_t _ld_h, const void* _p_r, int64_t _ld_r, const void* _p_u, int64_t _ld_u, void* _p_d_U_r_h, int64_t _ld_d_U_r_h, void* _p_d_U_u_h, int64_t _ld_d_U_u_h, void* _p_d_W_r_x, int64_t _ld_d_W_r_x, void* _p_d_W_u_x, int64_t _ld_d_W_u_x, void* _p_d_W_c_x, int64_t _ld_d_W_c_x, void* _p_d_h_direct, int64_t _ld_d_h_direct, void* _stream)
+extern "C" int gru_backward_bwd0_H_cuda_f32(int64_t _rows, int64_t _cols, const void* _p_c, int64_t _ld_c, const void* _p_d_U_c_in_gemm, int64_t _ld_d_U_c_in_gemm, const void* _p_d_h_next, int64_t _ld_d_h_next, const void* _p_h, int64_t _ld_h, const void* _p_r, int64_t _ld_r, const void* _p_u, int64_t _ld_u, void* _p_d_U_r_h, int64_t _ld_d_U_r_h, void* _p_d_U_u_h, int64_t _ld_d_U_u_h, void* _p_d_h_direct, int64_t _ld_d_h_direct, void* _stream)
 {
-    return gru_backward_bwd0_H_launch<float>(_rows, _cols, _p_c, _ld_c, _p_d_U_c_in_gemm, _ld_d_U_c_in_gemm, _p_d_U_c_out, _ld_d_U_c_out, _p_d_h_next, _ld_d_h_next, _p_h, _ld_h, _p_r, _ld_r, _p_u, _ld_u, _p_d_U_r_h, _ld_d_U_r_h, _p_d_U_u_h, _ld_d_U_u_h, _p_d_W_r_x, _ld_d_W_r_x, _p_d_W_u_x, _ld_d_W_u_x, _p_d_W_c_x, _ld_d_W_c_x, _p_d_h_direct, _ld_d_h_direct, _stream);
+    return gru_backward_bwd0_H_launch<float>(_rows, _cols, _p_c, _ld_c, _p_d_U_c_in_gemm, _ld_d_U_c_in_gemm, _p_d_h_next, _ld_d_h_next, _p_h, _ld_h, _p_r, _ld_r, _p_u, _ld_u, _p_d_U_r_h, _ld_d_U_r_h, _p_d_U_u_h, _ld_d_U_u_h, _p_d_h_direct, _ld_d_h_direct, _stream);
 }
-extern "C" int gru_backward_bwd0_H_cuda_f64(int64_t _rows, int64_t _cols, const void* _p_c, int64_t _ld_c, const void* _p_d_U_c_in_gemm, int64_t _ld_d_U_c_in_gemm, const void* _p_d_U_c_out, int64_t _ld_d_U_c_out, const void* _p_d_h_next, int64_t _ld_d_h_next, const void* _p_h, int64_t _ld_h, const void* _p_r, int64_t _ld_r, const void* _p_u, int64_t _ld_u, void* _p_d_U_r_h, int64_t _ld_d_U_r_h, void* _p_d_U_u_h, int64_t _ld_d_U_u_h, void* _p_d_W_r_x, int64_t _ld_d_W_r_x, void* _p_d_W_u_x, int64_t _ld_d_W_u_x, void* _p_d_W_c_x, int64_t _ld_d_W_c_x, void* _p_d_h_direct, int64_t _ld_d_h_direct, void* _stream)
+extern "C" int gru_backward_bwd0_H_cuda_f64(int64_t _rows, int64_t _cols, const void* _p_c, int64_t _ld_c, const void* _p_d_U_c_in_gemm, int64_t _ld_d_U_c_in_gemm, const void* _p_d_h_next, int64_t _ld_d_h_next, const void* _p_h, int64_t _ld_h, const void* _p_r, int64_t _ld_r, const void* _p_u, int64_t _ld_u, void* _p_d_U_r_h, int64_t _ld_d_U_r_h, void* _p_d_U_u_h, int64_t _ld_d_U_u_h, void* _p_d_h_direct, int64_t _ld_d_h_direct, void* _stream)
 {
-    return gru_backward_bwd0_H_launch<double>(_rows, _cols, _p_c, _ld_c, _p_d_U_c_in_gemm, _ld_d_U_c_in_gemm, _p_d_U_c_out, _ld_d_U_c_out, _p_d_h_next, _ld_d_h_next, _p_h, _ld_h, _p_r, _ld_r, _p_u, _ld_u, _p_d_U_r_h, _ld_d_U_r_h, _p_d_U_u_h, _ld_d_U_u_h, _p_d_W_r_x, _ld_d_W_r_x, _p_d_W_u_x, _ld_d_W_u_x, _p_d_W_c_x, _ld_d_W_c_x, _p_d_h_direct, _ld_d_h_direct, _stream);
+    return gru_backward_bwd0_H_launch<double>(_rows, _cols, _p_c, _ld_c, _p_d_U_c_in_gemm, _ld_d_U_c_in_gemm, _p_d_h_next, _ld_d_h_next, _p_h, _ld_h, _p_r, _ld_r, _p_u, _ld_u, _p_d_U_r_h, _ld_d_U_r_h, _p_d_U_u_h, _ld_d_U_u_h, _p_d_h_direct, _ld_d_h_direct, _stream);
 }
-extern "C" int gru_backward_bwd0_H_cuda_f16(int64_t _rows, int64_t _cols, const void* _p_c, int64_t _ld_c, const void* _p_d_U_c_in_gemm, int64_t _ld_d_U_c_in_gemm, const void* _p_d_U_c_out, int64_t _ld_d_U_c_out, const void* _p_d_h_next, int64_t _ld_d_h_next, const void* _p_h, int64_t _ld_h, const void* _p_r, int64_t _ld_r, const void* _p_u, int64_t _ld_u, void* _p_d_U_r_h, int64_t _ld_d_U_r_h, void* _p_d_U_u_h, int64_t _ld_d_U_u_h, void* _p_d_W_r_x, int64_t _ld_d_W_r_x, void* _p_d_W_u_x, int64_t _ld_d_W_u_x, void* _p_d_W_c_x, int64_t _ld_d_W_c_x, void* _p_d_h_direct, int64_t _ld_d_h_direct, void* _stream)
+extern "C" int gru_backward_bwd0_H_cuda_f16(int64_t _rows, int64_t _cols, const void* _p_c, int64_t _ld_c, const void* _p_d_U_c_in_gemm, int64_t _ld_d_U_c_in_gemm, const void* _p_d_h_next, int64_t _ld_d_h_next, const void* _p_h, int64_t _ld_h, const void* _p_r, int64_t _ld_r, const void* _p_u, int64_t _ld_u, void* _p_d_U_r_h, int64_t _ld_d_U_r_h, void* _p_d_U_u_h, int64_t _ld_d_U_u_h, void* _p_d_h_direct, int64_t _ld_d_h_direct, void* _stream)
 {
-    return gru_backward_bwd0_H_launch<__half>(_rows, _cols, _p_c, _ld_c, _p_d_U_c_in_gemm, _ld_d_U_c_in_gemm, _p_d_U_c_out, _ld_d_U_c_out, _p_d_h_next, _ld_d_h_next, _p_h, _ld_h, _p_r, _ld_r, _p_u, _ld_u, _p_d_U_r_h, _ld_d_U_r_h, _p_d_U_u_h, _ld_d_U_u_h, _p_d_W_r_x, _ld_d_W_r_x, _p_d_W_u_x, _ld_d_W_u_x, _p_d_W_c_x, _ld_d_W_c_x, _p_d_h_direct, _ld_d_h_direct, _stream);
+    return gru_backward_bwd0_H_launch<__half>(_rows, _cols, _p_c, _ld_c, _p_d_U_c_in_gemm, _ld_d_U_c_in_gemm, _p_d_h_next, _ld_d_h_next, _p_h, _ld_h, _p_r, _ld_r, _p_u, _ld_u, _p_d_U_r_h, _ld_d_U_r_h, _p_d_U_u_h, _ld_d_U_u_h, _p_d_h_direct, _ld_d_h_direct, _stream);
 }
-extern "C" int gru_backward_bwd0_H_cuda_bf16(int64_t _rows, int64_t _cols, const void* _p_c, int64_t _ld_c, const void* _p_d_U_c_in_gemm, int64_t _ld_d_U_c_in_gemm, const void* _p_d_U_c_out, int64_t _ld_d_U_c_out, const void* _p_d_h_next, int64_t _ld_d_h_next, const void* _p_h, int64_t _ld_h, const void* _p_r, int64_t _ld_r, const void* _p_u, int64_t _ld_u, void* _p_d_U_r_h, int64_t _ld_d_U_r_h, void* _p_d_U_u_h, int64_t _ld_d_U_u_h, void* _p_d_W_r_x, int64_t _ld_d_W_r_x, void* _p_d_W_u_x, int64_t _ld_d_W_u_x, void* _p_d_W_c_x, int64_t _ld_d_W_c_x, void* _p_d_h_direct, int64_t _ld_d_h_direct, void* _stream)
+extern "C" int gru_backward_bwd0_H_cuda_bf16(int64_t _rows, int64_t _cols, const void* _p_c, int64_t _ld_c, const void* _p_d_U_c_in_gemm, int64_t _ld_d_U_c_in_gemm, const void* _p_d_h_next, int64_t _ld_d_h_next, const void* _p_h, int64_t _ld_h, const void* _p_r, int64_t _ld_r, const void* _p_u, int64_t _ld_u, void* _p_d_U_r_h, int64_t _ld_d_U_r_h, void* _p_d_U_u_h, int64_t _ld_d_U_u_h, void* _p_d_h_direct, int64_t _ld_d_h_direct, void* _stream)
 {
-    return gru_backward_bwd0_H_launch<__nv_bfloat16>(_rows, _cols, _p_c, _ld_c, _p_d_U_c_in_gemm, _ld_d_U_c_in_gemm, _p_d_U_c_out, _ld_d_U_c_out, _p_d_h_next, _ld_d_h_next, _p_h, _ld_h, _p_r, _ld_r, _p_u, _ld_u, _p_d_U_r_h, _ld_d_U_r_h, _p_d_U_u_h, _ld_d_U_u_h, _p_d_W_r_x, _ld_d_W_r_x, _p_d_W_u_x, _ld_d_W_u_x, _p_d_W_c_x, _ld_d_W_c_x, _p_d_h_direct, _ld_d_h_direct, _stream);
+    return gru_backward_bwd0_H_launch<__nv_bfloat16>(_rows, _cols, _p_c, _ld_c, _p_d_U_c_in_gemm, _ld_d_U_c_in_gemm, _p_d_h_next, _ld_d_h_next, _p_h, _ld_h, _p_r, _ld_r, _p_u, _ld_u, _p_d_U_r_h, _ld_d_U_r_h, _p_d_U_u_h, _ld_d_U_u_h, _p_d_h_direct, _ld_d_h_direct, _stream);
 }
 #endif  // __CUDACC__
 
 template <typename real>
-static inline void gru_backward_bwd0_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_c, int64_t _ld_c, const real* __restrict__ _p_d_U_c_in_gemm, int64_t _ld_d_U_c_in_gemm, const real* __restrict__ _p_d_U_c_out, int64_t _ld_d_U_c_out, const real* __restrict__ _p_d_h_next, int64_t _ld_d_h_next, const real* __restrict__ _p_h, int64_t _ld_h, const real* __restrict__ _p_r, int64_t _ld_r, const real* __restrict__ _p_u, int64_t _ld_u, real* __restrict__ _p_d_U_r_h, int64_t _ld_d_U_r_h, real* __restrict__ _p_d_U_u_h, int64_t _ld_d_U_u_h, real* __restrict__ _p_d_W_r_x, int64_t _ld_d_W_r_x, real* __restrict__ _p_d_W_u_x, int64_t _ld_d_W_u_x, real* __restrict__ _p_d_W_c_x, int64_t _ld_d_W_c_x, real* __restrict__ _p_d_h_direct, int64_t _ld_d_h_direct)
+static inline void gru_backward_bwd0_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_c, int64_t _ld_c, const real* __restrict__ _p_d_U_c_in_gemm, int64_t _ld_d_U_c_in_gemm, const real* __restrict__ _p_d_h_next, int64_t _ld_d_h_next, const real* __restrict__ _p_h, int64_t _ld_h, const real* __restrict__ _p_r, int64_t _ld_r, const real* __restrict__ _p_u, int64_t _ld_u, real* __restrict__ _p_d_U_r_h, int64_t _ld_d_U_r_h, real* __restrict__ _p_d_U_u_h, int64_t _ld_d_U_u_h, real* __restrict__ _p_d_h_direct, int64_t _ld_d_h_direct)
 {
     cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
 #pragma omp simd
         for (int64_t _j = 0; _j < _cols; ++_j) {
             real c = _p_c[_r * _ld_c + _j];
             real d_U_c_in_gemm = _p_d_U_c_in_gemm[_r * _ld_d_U_c_in_gemm + _j];
-            real d_U_c_out = _p_d_U_c_out[_r * _ld_d_U_c_out + _j];
             real d_h_next = _p_d_h_next[_r * _ld_d_h_next + _j];
             real h = _p_h[_r * _ld_h + _j];
             real r = _p_r[_r * _ld_r + _j];
             real u = _p_u[_r * _ld_u + _j];
             real d_U_r_h;
             real d_U_u_h;
-            real d_W_r_x;
-            real d_W_u_x;
-            real d_W_c_x;
             real d_h_direct;
-            gru_backward_bwd0_H<real>(c, d_U_c_in_gemm, d_U_c_out, d_h_next, h, r, u, d_U_r_h, d_U_u_h, d_W_r_x, d_W_u_x, d_W_c_x, d_h_direct);
+            gru_backward_bwd0_H<real>(c, d_U_c_in_gemm, d_h_next, h, r, u, d_U_r_h, d_U_u_h, d_h_direct);
             _p_d_U_r_h[_r * _ld_d_U_r_h + _j] = d_U_r_h;
             _p_d_U_u_h[_r * _ld_d_U_u_h + _j] = d_U_u_h;
-            _p_d_W_r_x[_r * _ld_d_W_r_x + _j] = d_W_r_x;
-            _p_d_W_u_x[_r * _ld_d_W_u_x + _j] = d_W_u_x;
-            _p_d_W_c_x[_r * _ld_d_W_c_x + _j] = d_W_c_x;
             _p_d_h_direct[_r * _ld_d_h_direct + _j] = d_h_direct;
         }
     });
 }
 
-extern "C" void gru_backward_bwd0_H_f32(int64_t _rows, int64_t _cols, const float* _p_c, int64_t _ld_c, const float* _p_d_U_c_in_gemm, int64_t _ld_d_U_c_in_gemm, const float* _p_d_U_c_out, int64_t _ld_d_U_c_out, const float* _p_d_h_next, int64_t _ld_d_h_next, const float* _p_h, int64_t _ld_h, const float* _p_r, int64_t _ld_r, const float* _p_u, int64_t _ld_u, float* _p_d_U_r_h, int64_t _ld_d_U_r_h, float* _p_d_U_u_h, int64_t _ld_d_U_u_h, float* _p_d_W_r_x, int64_t _ld_d_W_r_x, float* _p_d_W_u_x, int64_t _ld_d_W_u_x, float* _p_d_W_c_x, int64_t _ld_d_W_c_x, float* _p_d_h_direct, int64_t _ld_d_h_direct)
+extern "C" void gru_backward_bwd0_H_f32(int64_t _rows, int64_t _cols, const float* _p_c, int64_t _ld_c, const float* _p_d_U_c_in_gemm, int64_t _ld_d_U_c_in_gemm, const float* _p_d_h_next, int64_t _ld_d_h_next, const float* _p_h, int64_t _ld_h, const float* _p_r, int64_t _ld_r, const float* _p_u, int64_t _ld_u, float* _p_d_U_r_h, int64_t _ld_d_U_r_h, float* _p_d_U_u_h, int64_t _ld_d_U_u_h, float* _p_d_h_direct, int64_t _ld_d_h_direct)
 {
-    gru_backward_bwd0_H_host<float>(_rows, _cols, _p_c, _ld_c, _p_d_U_c_in_gemm, _ld_d_U_c_in_gemm, _p_d_U_c_out, _ld_d_U_c_out, _p_d_h_next, _ld_d_h_next, _p_h, _ld_h, _p_r, _ld_r, _p_u, _ld_u, _p_d_U_r_h, _ld_d_U_r_h, _p_d_U_u_h, _ld_d_U_u_h, _p_d_W_r_x, _ld_d_W_r_x, _p_d_W_u_x, _ld_d_W_u_x, _p_d_W_c_x, _ld_d_W_c_x, _p_d_h_direct, _ld_d_h_direct);
+    gru_backward_bwd0_H_host<float>(_rows, _cols, _p_c, _ld_c, _p_d_U_c_in_gemm, _ld_d_U_c_in_gemm, _p_d_h_next, _ld_d_h_next, _p_h, _ld_h, _p_r, _ld_r, _p_u, _ld_u, _p_d_U_r_h, _ld_d_U_r_h, _p_d_U_u_h, _ld_d_U_u_h, _p_d_h_direct, _ld_d_h_direct);
 }
-extern "C" void gru_backward_bwd0_H_f64(int64_t _rows, int64_t _cols, const double* _p_c, int64_t _ld_c, const double* _p_d_U_c_in_gemm, int64_t _ld_d_U_c_in_gemm, const double* _p_d_U_c_out, int64_t _ld_d_U_c_out, const double* _p_d_h_next, int64_t _ld_d_h_next, const double* _p_h, int64_t _ld_h, const double* _p_r, int64_t _ld_r, const double* _p_u, int64_t _ld_u, double* _p_d_U_r_h, int64_t _ld_d_U_r_h, double* _p_d_U_u_h, int64_t _ld_d_U_u_h, double* _p_d_W_r_x, int64_t _ld_d_W_r_x, double* _p_d_W_u_x, int64_t _ld_d_W_u_x, double* _p_d_W_c_x, int64_t _ld_d_W_c_x, double* _p_d_h_direct, int64_t _ld_d_h_direct)
+extern "C" void gru_backward_bwd0_H_f64(int64_t _rows, int64_t _cols, const double* _p_c, int64_t _ld_c, const double* _p_d_U_c_in_gemm, int64_t _ld_d_U_c_in_gemm, const double* _p_d_h_next, int64_t _ld_d_h_next, const double* _p_h, int64_t _ld_h, const double* _p_r, int64_t _ld_r, const double* _p_u, int64_t _ld_u, double* _p_d_U_r_h, int64_t _ld_d_U_r_h, double* _p_d_U_u_h, int64_t _ld_d_U_u_h, double* _p_d_h_direct, int64_t _ld_d_h_direct)
 {
-    gru_backward_bwd0_H_host<double>(_rows, _cols, _p_c, _ld_c, _p_d_U_c_in_gemm, _ld_d_U_c_in_gemm, _p_d_U_c_out, _ld_d_U_c_out, _p_d_h_next, _ld_d_h_next, _p_h, _ld_h, _p_r, _ld_r, _p_u, _ld_u, _p_d_U_r_h, _ld_d_U_r_h, _p_d_U_u_h, _ld_d_U_u_h, _p_d_W_r_x, _ld_d_W_r_x, _p_d_W_u_x, _ld_d_W_u_x, _p_d_W_c_x, _ld_d_W_c_x, _p_d_h_direct, _ld_d_h_direct);
+    gru_backward_bwd0_H_host<double>(_rows, _cols, _p_c, _ld_c, _p_d_U_c_in_gemm, _ld_d_U_c_in_gemm, _p_d_h_next, _ld_d_h_next, _p_h, _ld_h, _p_r, _ld_r, _p_u, _ld_u, _p_d_U_r_h, _ld_d_U_r_h, _p_d_U_u_h, _ld_d_U_u_h, _p_d_h_direct, _ld_d_h_direct);
 }
 
 
@@ -2124,7 +2100,7 @@ extern "C" int gru_inference_f64(const int64_t* dims, void* const* ptrs, const v
 
 // =============================================================================================
 // gru: the whole sequence, backward
-// ptrs: 0 x_x, 1 s_h, 2 v_r, 3 v_u, 4 v_U_c_in, 5 v_c, 6 dout_h_next, 7 ds_h, 8 dx_x, 9 dg_U_r_U_u__h, 10 dg_U_c__U_c_in, 11 tmp_d_U_c_in_gemm, 12 dhg_W_r_W_u_W_c__x, 13 tmp_d_h_next, 14 dw_U_r_U_u, 15 dw_W_r_W_u_W_c, 16 weight W_r_W_u_W_c, 17 weight U_r_U_u, 18 weight U_c, 19 d W_r, 20 d U_r, 21 d b_r, 22 d W_u, 23 d U_u, 24 d b_u, 25 d W_c, 26 d U_c, 27 d b_c, 28 batch sizes (host, or NULL)
+// ptrs: 0 x_x, 1 s_h, 2 v_r, 3 v_u, 4 v_U_c_in, 5 v_c, 6 dout_h_next, 7 ds_h, 8 dx_x, 9 dgs_W_r_W_u_W_c__x, 10 tmp_d_U_c_in_gemm, 11 tmp_d_h_next, 12 dw_U_r_U_u, 13 dw_W_r_W_u_W_c, 14 weight W_r_W_u_W_c, 15 weight U_r_U_u, 16 weight U_c, 17 d W_r, 18 d U_r, 19 d b_r, 20 d W_u, 21 d U_u, 22 d b_u, 23 d W_c, 24 d U_c, 25 d b_c, 26 batch sizes (host, or NULL)
 
 // =============================================================================================
 template <typename S, typename G>
@@ -2158,50 +2134,44 @@ static int gru_backward_run(const int64_t* dims, void* const* ptrs, const cs_ctx
     (void)b_ds_h;
     S* b_dx_x = (S*)ptrs[8];
     (void)b_dx_x;
-    S* b_dg_U_r_U_u__h = (S*)ptrs[9];
-    (void)b_dg_U_r_U_u__h;
-    S* b_dg_U_c__U_c_in = (S*)ptrs[10];
-    (void)b_dg_U_c__U_c_in;
-    S* b_tmp_d_U_c_in_gemm = (S*)ptrs[11];
+    S* b_dgs_W_r_W_u_W_c__x = (S*)ptrs[9];
+    (void)b_dgs_W_r_W_u_W_c__x;
+    S* b_tmp_d_U_c_in_gemm = (S*)ptrs[10];
     (void)b_tmp_d_U_c_in_gemm;
-    S* b_dhg_W_r_W_u_W_c__x = (S*)ptrs[12];
-    (void)b_dhg_W_r_W_u_W_c__x;
-    S* b_tmp_d_h_next = (S*)ptrs[13];
+    S* b_tmp_d_h_next = (S*)ptrs[11];
     (void)b_tmp_d_h_next;
-    G* b_dw_U_r_U_u = (G*)ptrs[14];
+    G* b_dw_U_r_U_u = (G*)ptrs[12];
     (void)b_dw_U_r_U_u;
-    G* b_dw_W_r_W_u_W_c = (G*)ptrs[15];
+    G* b_dw_W_r_W_u_W_c = (G*)ptrs[13];
     (void)b_dw_W_r_W_u_W_c;
-    const S* w_W_r_W_u_W_c = (const S*)ptrs[16];
+    const S* w_W_r_W_u_W_c = (const S*)ptrs[14];
     (void)w_W_r_W_u_W_c;
-    const S* w_U_r_U_u = (const S*)ptrs[17];
+    const S* w_U_r_U_u = (const S*)ptrs[15];
     (void)w_U_r_U_u;
-    const S* w_U_c = (const S*)ptrs[18];
+    const S* w_U_c = (const S*)ptrs[16];
     (void)w_U_c;
-    G* g_W_r = (G*)ptrs[19];
+    G* g_W_r = (G*)ptrs[17];
     (void)g_W_r;
-    G* g_U_r = (G*)ptrs[20];
+    G* g_U_r = (G*)ptrs[18];
     (void)g_U_r;
-    G* g_b_r = (G*)ptrs[21];
+    G* g_b_r = (G*)ptrs[19];
     (void)g_b_r;
-    G* g_W_u = (G*)ptrs[22];
+    G* g_W_u = (G*)ptrs[20];
     (void)g_W_u;
-    G* g_U_u = (G*)ptrs[23];
+    G* g_U_u = (G*)ptrs[21];
     (void)g_U_u;
-    G* g_b_u = (G*)ptrs[24];
+    G* g_b_u = (G*)ptrs[22];
     (void)g_b_u;
-    G* g_W_c = (G*)ptrs[25];
+    G* g_W_c = (G*)ptrs[23];
     (void)g_W_c;
-    G* g_U_c = (G*)ptrs[26];
+    G* g_U_c = (G*)ptrs[24];
     (void)g_U_c;
-    G* g_b_c = (G*)ptrs[27];
+    G* g_b_c = (G*)ptrs[25];
     (void)g_b_c;
-    const int64_t* bs = (const int64_t*)ptrs[28];
+    const int64_t* bs = (const int64_t*)ptrs[26];
     (void)ctx;
     if (bs) {  // rows of ended sequences, which no step writes, are read over all T*B rows
-        CS_ZERO(b_dg_U_c__U_c_in, (n_T) * (n_B) * (n_H));
-        CS_ZERO(b_dg_U_r_U_u__h, (n_T) * (n_B) * (2*n_H));
-        CS_ZERO(b_dhg_W_r_W_u_W_c__x, (n_T) * (n_B) * (3*n_H));
+        CS_ZERO(b_dgs_W_r_W_u_W_c__x, (n_T) * (n_B) * (3*n_H));
     }
     cs_packed<S> pk_U_c_nn = cs_pack(ctx, 0, n_B, n_H, n_H, w_U_c, n_H);
     cs_packed<S> pk_U_r_U_u_nn = cs_pack(ctx, 0, n_B, n_H, 2*n_H, w_U_r_U_u, n_H);
@@ -2212,40 +2182,40 @@ static int gru_backward_run(const int64_t* dims, void* const* ptrs, const cs_ctx
         const int64_t rows = bs ? bs[t] : n_B;  // variable lengths: rows 0..B_t-1 run
         CS_SPLIT_ROWS(split_rows, n_B);
         // backward: stage 1 backward, units of size H
-        CS_PW(gru_backward_bwd1_H, rows, n_H, b_v_c + t * n_B * (n_H), n_H, b_ds_h, n_H, b_dout_h_next + t * n_B * (n_H), n_H, b_v_u + t * n_B * (n_H), n_H, b_tmp_d_h_next, n_H, b_dg_U_c__U_c_in + t * n_B * (n_H), n_H);
-        // d_U_c_in_gemm = dg_U_c__U_c_in @ [U_c]
-        CS_GEMM_NN_PACKED(rows, n_H, n_H, b_dg_U_c__U_c_in + t * n_B * (n_H), n_H, pk_U_c_nn, b_tmp_d_U_c_in_gemm, n_H, 0);
+        CS_PW(gru_backward_bwd1_H, rows, n_H, b_v_c + t * n_B * (n_H), n_H, b_ds_h, n_H, b_dout_h_next + t * n_B * (n_H), n_H, b_v_u + t * n_B * (n_H), n_H, b_tmp_d_h_next, n_H, b_dgs_W_r_W_u_W_c__x + t * n_B * (3*n_H) + 2*n_H, 3*n_H);
+        // d_U_c_in_gemm = dgs_W_r_W_u_W_c__x @ [U_c]
+        CS_GEMM_NN_PACKED(rows, n_H, n_H, b_dgs_W_r_W_u_W_c__x + t * n_B * (3*n_H) + 2*n_H, 3*n_H, pk_U_c_nn, b_tmp_d_U_c_in_gemm, n_H, 0);
         // backward: stage 0 backward, units of size H
-        CS_PW(gru_backward_bwd0_H, rows, n_H, b_v_c + t * n_B * (n_H), n_H, b_tmp_d_U_c_in_gemm, n_H, b_dg_U_c__U_c_in + t * n_B * (n_H), n_H, b_tmp_d_h_next, n_H, b_s_h + t * n_B * (n_H), n_H, b_v_r + t * n_B * (n_H), n_H, b_v_u + t * n_B * (n_H), n_H, b_dg_U_r_U_u__h + t * n_B * (2*n_H), 2*n_H, b_dg_U_r_U_u__h + t * n_B * (2*n_H) + n_H, 2*n_H, b_dhg_W_r_W_u_W_c__x + t * n_B * (3*n_H), 3*n_H, b_dhg_W_r_W_u_W_c__x + t * n_B * (3*n_H) + n_H, 3*n_H, b_dhg_W_r_W_u_W_c__x + t * n_B * (3*n_H) + 2*n_H, 3*n_H, b_ds_h, n_H);
-        // d_h_gemm += dg_U_r_U_u__h @ [U_r, U_u]
-        CS_GEMM_NN_PACKED(rows, n_H, 2*n_H, b_dg_U_r_U_u__h + t * n_B * (2*n_H), 2*n_H, pk_U_r_U_u_nn, b_ds_h, n_H, 1);
+        CS_PW(gru_backward_bwd0_H, rows, n_H, b_v_c + t * n_B * (n_H), n_H, b_tmp_d_U_c_in_gemm, n_H, b_tmp_d_h_next, n_H, b_s_h + t * n_B * (n_H), n_H, b_v_r + t * n_B * (n_H), n_H, b_v_u + t * n_B * (n_H), n_H, b_dgs_W_r_W_u_W_c__x + t * n_B * (3*n_H), 3*n_H, b_dgs_W_r_W_u_W_c__x + t * n_B * (3*n_H) + n_H, 3*n_H, b_ds_h, n_H);
+        // d_h_gemm += dgs_W_r_W_u_W_c__x @ [U_r, U_u]
+        CS_GEMM_NN_PACKED(rows, n_H, 2*n_H, b_dgs_W_r_W_u_W_c__x + t * n_B * (3*n_H), 3*n_H, pk_U_r_U_u_nn, b_ds_h, n_H, 1);
     }
     CS_SPLIT_DONE();
     CS_TEAM_END
     cs_unpack(pk_U_c_nn);
     cs_unpack(pk_U_r_U_u_nn);
-    // d[U_r, U_u] += dg_U_r_U_u__h^T @ h  (U_r @ h, U_u @ h)
+    // d[U_r, U_u] += dgs_W_r_W_u_W_c__x^T @ h  (U_r @ h, U_u @ h)
     // the glue passes the grads of U_r, U_u as rows of b_dw_U_r_U_u: the copies below are then no-ops
-    // its pass, with its column sums (the bias gradients below)
-    CS_WEIGHT_GRADS(wg_dg_U_r_U_u__h, 2*n_H, n_T * n_B, b_dg_U_r_U_u__h, 2*n_H, 1, {b_s_h, n_H, n_H, b_dw_U_r_U_u, n_H});
+    CS_WEIGHT_GRADS(wg_dgs_W_r_W_u_W_c__x, 2*n_H, n_T * n_B, b_dgs_W_r_W_u_W_c__x, 3*n_H, 0, {b_s_h, n_H, n_H, b_dw_U_r_U_u, n_H});
     CS_ADD(n_H * n_H, b_dw_U_r_U_u, g_U_r, 0);
     CS_ADD(n_H * n_H, b_dw_U_r_U_u + (n_H) * n_H, g_U_u, 0);
-    // d[U_c] += dg_U_c__U_c_in^T @ U_c_in  (U_c @ U_c_in)
-    CS_GEMM_TN(n_H, n_H, n_T * n_B, b_dg_U_c__U_c_in, n_H, b_v_U_c_in, n_H, g_U_c, n_H, 0);
-    // d[W_r, W_u, W_c] += dhg_W_r_W_u_W_c__x^T @ x  (W_r @ x, W_u @ x, W_c @ x)
+    // d[U_c] += dgs_W_r_W_u_W_c__x^T @ U_c_in  (U_c @ U_c_in)
+    CS_GEMM_TN(n_H, n_H, n_T * n_B, b_dgs_W_r_W_u_W_c__x + 2*n_H, 3*n_H, b_v_U_c_in, n_H, g_U_c, n_H, 0);
+    // d[W_r, W_u, W_c] += dgs_W_r_W_u_W_c__x^T @ x  (W_r @ x, W_u @ x, W_c @ x)
     // the glue passes the grads of W_r, W_u, W_c as rows of b_dw_W_r_W_u_W_c: the copies below are then no-ops
-    CS_WEIGHT_GRADS(wg_dhg_W_r_W_u_W_c__x, 3*n_H, n_T * n_B, b_dhg_W_r_W_u_W_c__x, 3*n_H, 0, {b_x_x, n_I, n_I, b_dw_W_r_W_u_W_c, n_I});
+    // its pass, with its column sums (the bias gradients below)
+    CS_WEIGHT_GRADS(wg_dgs_W_r_W_u_W_c__x_1, 3*n_H, n_T * n_B, b_dgs_W_r_W_u_W_c__x, 3*n_H, 1, {b_x_x, n_I, n_I, b_dw_W_r_W_u_W_c, n_I});
     CS_ADD(n_H * n_I, b_dw_W_r_W_u_W_c, g_W_r, 0);
     CS_ADD(n_H * n_I, b_dw_W_r_W_u_W_c + (n_H) * n_I, g_W_u, 0);
     CS_ADD(n_H * n_I, b_dw_W_r_W_u_W_c + (2*n_H) * n_I, g_W_c, 0);
-    // grad_input:x = dhg_W_r_W_u_W_c__x @ [W_r, W_u, W_c]
-    CS_GEMM_NN(n_T * n_B, n_I, 3*n_H, b_dhg_W_r_W_u_W_c__x, 3*n_H, w_W_r_W_u_W_c, n_I, b_dx_x, n_I, 0);
-    // d[b_r] += sum over rows of d_b_r (column sums of dg_U_r_U_u__h from its dW pass where the own kernel ran it)
-    CS_COLSUM(wg_dg_U_r_U_u__h, n_T * n_B, n_H, b_dg_U_r_U_u__h, 2*n_H, g_b_r, 0);
-    // d[b_u] += sum over rows of d_b_u (column sums of dg_U_r_U_u__h from its dW pass where the own kernel ran it)
-    CS_COLSUM(wg_dg_U_r_U_u__h, n_T * n_B, n_H, b_dg_U_r_U_u__h + n_H, 2*n_H, g_b_u, 0);
-    // d[b_c] += sum over rows of d_b_c
-    CS_ROWSUM(n_T * n_B, n_H, b_dg_U_c__U_c_in, n_H, g_b_c, 0);
+    // grad_input:x = dgs_W_r_W_u_W_c__x @ [W_r, W_u, W_c]
+    CS_GEMM_NN(n_T * n_B, n_I, 3*n_H, b_dgs_W_r_W_u_W_c__x, 3*n_H, w_W_r_W_u_W_c, n_I, b_dx_x, n_I, 0);
+    // d[b_r] += sum over rows of d_b_r (column sums of dgs_W_r_W_u_W_c__x from its dW pass where the own kernel ran it)
+    CS_COLSUM(wg_dgs_W_r_W_u_W_c__x_1, n_T * n_B, n_H, b_dgs_W_r_W_u_W_c__x, 3*n_H, g_b_r, 0);
+    // d[b_u] += sum over rows of d_b_u (column sums of dgs_W_r_W_u_W_c__x from its dW pass where the own kernel ran it)
+    CS_COLSUM(wg_dgs_W_r_W_u_W_c__x_1, n_T * n_B, n_H, b_dgs_W_r_W_u_W_c__x + n_H, 3*n_H, g_b_u, 0);
+    // d[b_c] += sum over rows of d_b_c (column sums of dgs_W_r_W_u_W_c__x from its dW pass where the own kernel ran it)
+    CS_COLSUM(wg_dgs_W_r_W_u_W_c__x_1, n_T * n_B, n_H, b_dgs_W_r_W_u_W_c__x + 2*n_H, 3*n_H, g_b_c, 0);
     return 0;
 }
 #ifdef __CUDACC__

@@ -305,26 +305,20 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
         _dout_h_next = _dout_h_next * _m
     _ds_h = torch.zeros((_B, _H), dtype=_dtype, device=_device) if _d_final[0] is None else _d_final[0].to(_dtype).clone()
     _dx_x = torch.empty((_T, _B, _I), dtype=_dtype, device=_device)
-    _dg_U_r_U_u__h = torch.empty((_T, _B, 2*_H), dtype=_dtype, device=_device)
-    _dg_U_c__U_c_in = torch.empty((_T, _B, _H), dtype=_dtype, device=_device)
+    _dgs_W_r_W_u_W_c__x = torch.empty((_T, _B, 3*_H), dtype=_dtype, device=_device)
     _tmp_d_U_c_in_gemm = torch.empty((_B, _H), dtype=_dtype, device=_device)
-    _dhg_W_r_W_u_W_c__x = torch.empty((_T, _B, 3*_H), dtype=_dtype, device=_device)
     _tmp_d_h_next = torch.empty((_B, _H), dtype=_dtype, device=_device)
     if _bs is not None:
-        _dg_U_c__U_c_in.zero_()
-        _dg_U_r_U_u__h.zero_()
-        _dhg_W_r_W_u_W_c__x.zero_()
+        _dgs_W_r_W_u_W_c__x.zero_()
     _v_c_at0 = _steps(_v_c, 0, _T, _bs)
     _ds_h_rows = _rows(_ds_h, _T, _bs)
     _dout_h_next_at0 = _steps(_dout_h_next, 0, _T, _bs)
     _v_u_at0 = _steps(_v_u, 0, _T, _bs)
     _tmp_d_h_next_rows = _rows(_tmp_d_h_next, _T, _bs)
-    _dg_U_c__U_c_in_at0 = _steps(_dg_U_c__U_c_in, 0, _T, _bs)
+    _dgs_W_r_W_u_W_c__x_at0 = _steps(_dgs_W_r_W_u_W_c__x, 0, _T, _bs)
     _tmp_d_U_c_in_gemm_rows = _rows(_tmp_d_U_c_in_gemm, _T, _bs)
     _s_h_at0 = _steps(_s_h, 0, _T, _bs)
     _v_r_at0 = _steps(_v_r, 0, _T, _bs)
-    _dg_U_r_U_u__h_at0 = _steps(_dg_U_r_U_u__h, 0, _T, _bs)
-    _dhg_W_r_W_u_W_c__x_at0 = _steps(_dhg_W_r_W_u_W_c__x, 0, _T, _bs)
     _grads = {}
     for _t in reversed(range(_T)):
         # stage 1 backward
@@ -336,12 +330,11 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
         d_c = d_h_next*(1 - u)  # adjoint of c
         d_U_c_out = d_c*(1 - (c*c))  # adjoint of U_c @ U_c_in
         _tmp_d_h_next_rows[_t].copy_(d_h_next)
-        _dg_U_c__U_c_in_at0[_t].copy_(d_U_c_out)
-        torch.mm(_dg_U_c__U_c_in_at0[_t], _w_U_c, out=_tmp_d_U_c_in_gemm_rows[_t])
+        _dgs_W_r_W_u_W_c__x_at0[_t][:, 2*_H:3*_H].copy_(d_U_c_out)
+        torch.mm(_dgs_W_r_W_u_W_c__x_at0[_t][:, 2*_H:3*_H], _w_U_c, out=_tmp_d_U_c_in_gemm_rows[_t])
         # stage 0 backward
         c = _v_c_at0[_t]
         d_U_c_in_gemm = _tmp_d_U_c_in_gemm_rows[_t]
-        d_U_c_out = _dg_U_c__U_c_in_at0[_t]
         d_h_next = _tmp_d_h_next_rows[_t]
         h = _s_h_at0[_t]
         r = _v_r_at0[_t]
@@ -351,34 +344,28 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
         d_r = d_U_c_in*h  # adjoint of r
         d_U_r_h = d_r*r*(1 - r)  # adjoint of U_r @ h
         d_U_u_h = d_u*u*(1 - u)  # adjoint of U_u @ h
-        d_W_r_x = d_U_r_h  # adjoint of hoisted projection W_r_x
-        d_W_u_x = d_U_u_h  # adjoint of hoisted projection W_u_x
-        d_W_c_x = d_U_c_out  # adjoint of hoisted projection W_c_x
         d_h_direct = d_U_c_in*r + d_h_next*u  # adjoint of state h, less the recurrent product's share (the GEMM adds it)
-        _dg_U_r_U_u__h_at0[_t][:, 0:_H].copy_(d_U_r_h)
-        _dg_U_r_U_u__h_at0[_t][:, _H:2*_H].copy_(d_U_u_h)
-        _dhg_W_r_W_u_W_c__x_at0[_t][:, 0:_H].copy_(d_W_r_x)
-        _dhg_W_r_W_u_W_c__x_at0[_t][:, _H:2*_H].copy_(d_W_u_x)
-        _dhg_W_r_W_u_W_c__x_at0[_t][:, 2*_H:3*_H].copy_(d_W_c_x)
+        _dgs_W_r_W_u_W_c__x_at0[_t][:, 0:_H].copy_(d_U_r_h)
+        _dgs_W_r_W_u_W_c__x_at0[_t][:, _H:2*_H].copy_(d_U_u_h)
         _ds_h_rows[_t].copy_(d_h_direct)
-        _ds_h_rows[_t].addmm_(_dg_U_r_U_u__h_at0[_t], _w_U_r_U_u)
+        _ds_h_rows[_t].addmm_(_dgs_W_r_W_u_W_c__x_at0[_t][:, 0:2*_H], _w_U_r_U_u)
     # dW of U_r @ h, U_u @ h: one GEMM over all T*B rows
-    _dw = _dg_U_r_U_u__h.reshape(_T * _B, 2*_H).T @ _s_h[:_T].reshape(_T * _B, _H)
+    _dw = _dgs_W_r_W_u_W_c__x.reshape(_T * _B, 3*_H)[:, 0:2*_H].T @ _s_h[:_T].reshape(_T * _B, _H)
     _grads["U_r"] = _dw[0:_H]
     _grads["U_u"] = _dw[_H:2*_H]
     # dW of U_c @ U_c_in: one GEMM over all T*B rows
-    _grads["U_c"] = _dg_U_c__U_c_in.reshape(_T * _B, _H).T @ _v_U_c_in.reshape(_T * _B, _H)
+    _grads["U_c"] = _dgs_W_r_W_u_W_c__x.reshape(_T * _B, 3*_H)[:, 2*_H:3*_H].T @ _v_U_c_in.reshape(_T * _B, _H)
     # dW of W_r @ x, W_u @ x, W_c @ x: one GEMM over all T*B rows
-    _dw = _dhg_W_r_W_u_W_c__x.reshape(_T * _B, 3*_H).T @ _x_x.reshape(_T * _B, _I)
+    _dw = _dgs_W_r_W_u_W_c__x.reshape(_T * _B, 3*_H).T @ _x_x.reshape(_T * _B, _I)
     _grads["W_r"] = _dw[0:_H]
     _grads["W_u"] = _dw[_H:2*_H]
     _grads["W_c"] = _dw[2*_H:3*_H]
-    torch.mm(_dhg_W_r_W_u_W_c__x.reshape(_T * _B, 3*_H), _w_W_r_W_u_W_c, out=_dx_x.reshape(_T * _B, _I))
-    _sum = _dg_U_r_U_u__h.reshape(_T * _B, 2*_H)[:, 0:_H].sum(0)
+    torch.mm(_dgs_W_r_W_u_W_c__x.reshape(_T * _B, 3*_H), _w_W_r_W_u_W_c, out=_dx_x.reshape(_T * _B, _I))
+    _sum = _dgs_W_r_W_u_W_c__x.reshape(_T * _B, 3*_H)[:, 0:_H].sum(0)
     _grads["b_r"] = _sum
-    _sum = _dg_U_r_U_u__h.reshape(_T * _B, 2*_H)[:, _H:2*_H].sum(0)
+    _sum = _dgs_W_r_W_u_W_c__x.reshape(_T * _B, 3*_H)[:, _H:2*_H].sum(0)
     _grads["b_u"] = _sum
-    _sum = _dg_U_c__U_c_in.reshape(_T * _B, _H).sum(0)
+    _sum = _dgs_W_r_W_u_W_c__x.reshape(_T * _B, 3*_H)[:, 2*_H:3*_H].sum(0)
     _grads["b_c"] = _sum
     _grads = {"W_r": _grads["W_r"], "U_r": _grads["U_r"], "b_r": _grads["b_r"], "W_u": _grads["W_u"], "U_u": _grads["U_u"], "b_u": _grads["b_u"], "W_c": _grads["W_c"], "U_c": _grads["U_c"], "b_c": _grads["b_c"], }
     _d_x = _dx_x
@@ -509,14 +496,10 @@ def _backward_differentiable(_params, _x, _saved, _d_outputs, _d_final, _bs=None
         _dout_h_next = _dout_h_next * _m
     _ds_h = torch.zeros((_B, _H), dtype=_dtype, device=_device) if _d_final[0] is None else _d_final[0].to(_dtype).clone()
     _dx_x = torch.zeros((_T, _B, _I), dtype=_dtype, device=_device)
-    _dg_U_r_U_u__h = torch.zeros((_T, _B, 2*_H), dtype=_dtype, device=_device)
-    _dg_U_c__U_c_in = torch.zeros((_T, _B, _H), dtype=_dtype, device=_device)
+    _dgs_W_r_W_u_W_c__x = torch.zeros((_T, _B, 3*_H), dtype=_dtype, device=_device)
     _tmp_d_U_c_in_gemm = torch.zeros((_B, _H), dtype=_dtype, device=_device)
-    _dhg_W_r_W_u_W_c__x = torch.zeros((_T, _B, 3*_H), dtype=_dtype, device=_device)
     _tmp_d_h_next = torch.zeros((_B, _H), dtype=_dtype, device=_device)
-    _dg_U_c__U_c_in_rows = list(_dg_U_c__U_c_in.unbind(0))
-    _dg_U_r_U_u__h_rows = list(_dg_U_r_U_u__h.unbind(0))
-    _dhg_W_r_W_u_W_c__x_rows = list(_dhg_W_r_W_u_W_c__x.unbind(0))
+    _dgs_W_r_W_u_W_c__x_rows = list(_dgs_W_r_W_u_W_c__x.unbind(0))
     _dx_x_rows = list(_dx_x.unbind(0))
     _v_c_rows = list(_v_c.unbind(0))
     _dout_h_next_rows = list(_dout_h_next.unbind(0))
@@ -534,12 +517,11 @@ def _backward_differentiable(_params, _x, _saved, _d_outputs, _d_final, _bs=None
         d_c = d_h_next*(1 - u)  # adjoint of c
         d_U_c_out = d_c*(1 - (c*c))  # adjoint of U_c @ U_c_in
         _tmp_d_h_next = d_h_next
-        _dg_U_c__U_c_in_rows[_t] = d_U_c_out
-        _tmp_d_U_c_in_gemm = _dg_U_c__U_c_in_rows[_t] @ _w_U_c
+        _dgs_W_r_W_u_W_c__x_rows[_t] = torch.slice_scatter(_dgs_W_r_W_u_W_c__x_rows[_t], d_U_c_out, 1, 2*_H, 3*_H)
+        _tmp_d_U_c_in_gemm = _dgs_W_r_W_u_W_c__x_rows[_t][:, 2*_H:3*_H] @ _w_U_c
         # stage 0 backward
         c = _v_c_rows[_t]
         d_U_c_in_gemm = _tmp_d_U_c_in_gemm
-        d_U_c_out = _dg_U_c__U_c_in_rows[_t]
         d_h_next = _tmp_d_h_next
         h = _s_h_rows[_t]
         r = _v_r_rows[_t]
@@ -549,37 +531,29 @@ def _backward_differentiable(_params, _x, _saved, _d_outputs, _d_final, _bs=None
         d_r = d_U_c_in*h  # adjoint of r
         d_U_r_h = d_r*r*(1 - r)  # adjoint of U_r @ h
         d_U_u_h = d_u*u*(1 - u)  # adjoint of U_u @ h
-        d_W_r_x = d_U_r_h  # adjoint of hoisted projection W_r_x
-        d_W_u_x = d_U_u_h  # adjoint of hoisted projection W_u_x
-        d_W_c_x = d_U_c_out  # adjoint of hoisted projection W_c_x
         d_h_direct = d_U_c_in*r + d_h_next*u  # adjoint of state h, less the recurrent product's share (the GEMM adds it)
-        _dg_U_r_U_u__h_rows[_t] = torch.slice_scatter(_dg_U_r_U_u__h_rows[_t], d_U_r_h, 1, 0, _H)
-        _dg_U_r_U_u__h_rows[_t] = torch.slice_scatter(_dg_U_r_U_u__h_rows[_t], d_U_u_h, 1, _H, 2*_H)
-        _dhg_W_r_W_u_W_c__x_rows[_t] = torch.slice_scatter(_dhg_W_r_W_u_W_c__x_rows[_t], d_W_r_x, 1, 0, _H)
-        _dhg_W_r_W_u_W_c__x_rows[_t] = torch.slice_scatter(_dhg_W_r_W_u_W_c__x_rows[_t], d_W_u_x, 1, _H, 2*_H)
-        _dhg_W_r_W_u_W_c__x_rows[_t] = torch.slice_scatter(_dhg_W_r_W_u_W_c__x_rows[_t], d_W_c_x, 1, 2*_H, 3*_H)
+        _dgs_W_r_W_u_W_c__x_rows[_t] = torch.slice_scatter(_dgs_W_r_W_u_W_c__x_rows[_t], d_U_r_h, 1, 0, _H)
+        _dgs_W_r_W_u_W_c__x_rows[_t] = torch.slice_scatter(_dgs_W_r_W_u_W_c__x_rows[_t], d_U_u_h, 1, _H, 2*_H)
         _ds_h = d_h_direct
-        _ds_h = _ds_h + _dg_U_r_U_u__h_rows[_t] @ _w_U_r_U_u
-    _dg_U_r_U_u__h = torch.stack(_dg_U_r_U_u__h_rows)
+        _ds_h = _ds_h + _dgs_W_r_W_u_W_c__x_rows[_t][:, 0:2*_H] @ _w_U_r_U_u
+    _dgs_W_r_W_u_W_c__x = torch.stack(_dgs_W_r_W_u_W_c__x_rows)
     # dW of U_r @ h, U_u @ h: one GEMM over all T*B rows
-    _dw = _dg_U_r_U_u__h.reshape(_T * _B, 2*_H).T @ _s_h[:_T].reshape(_T * _B, _H)
+    _dw = _dgs_W_r_W_u_W_c__x.reshape(_T * _B, 3*_H)[:, 0:2*_H].T @ _s_h[:_T].reshape(_T * _B, _H)
     _grads["U_r"] = _dw[0:_H]
     _grads["U_u"] = _dw[_H:2*_H]
-    _dg_U_c__U_c_in = torch.stack(_dg_U_c__U_c_in_rows)
     # dW of U_c @ U_c_in: one GEMM over all T*B rows
-    _grads["U_c"] = _dg_U_c__U_c_in.reshape(_T * _B, _H).T @ _v_U_c_in.reshape(_T * _B, _H)
-    _dhg_W_r_W_u_W_c__x = torch.stack(_dhg_W_r_W_u_W_c__x_rows)
+    _grads["U_c"] = _dgs_W_r_W_u_W_c__x.reshape(_T * _B, 3*_H)[:, 2*_H:3*_H].T @ _v_U_c_in.reshape(_T * _B, _H)
     # dW of W_r @ x, W_u @ x, W_c @ x: one GEMM over all T*B rows
-    _dw = _dhg_W_r_W_u_W_c__x.reshape(_T * _B, 3*_H).T @ _x_x.reshape(_T * _B, _I)
+    _dw = _dgs_W_r_W_u_W_c__x.reshape(_T * _B, 3*_H).T @ _x_x.reshape(_T * _B, _I)
     _grads["W_r"] = _dw[0:_H]
     _grads["W_u"] = _dw[_H:2*_H]
     _grads["W_c"] = _dw[2*_H:3*_H]
-    _dx_x_rows = _scatter_rows(_dx_x_rows, 0, _T, None, None, _dhg_W_r_W_u_W_c__x.reshape(_T * _B, 3*_H) @ _w_W_r_W_u_W_c, add=False)
-    _sum = _dg_U_r_U_u__h.reshape(_T * _B, 2*_H)[:, 0:_H].sum(0)
+    _dx_x_rows = _scatter_rows(_dx_x_rows, 0, _T, None, None, _dgs_W_r_W_u_W_c__x.reshape(_T * _B, 3*_H) @ _w_W_r_W_u_W_c, add=False)
+    _sum = _dgs_W_r_W_u_W_c__x.reshape(_T * _B, 3*_H)[:, 0:_H].sum(0)
     _grads["b_r"] = _sum
-    _sum = _dg_U_r_U_u__h.reshape(_T * _B, 2*_H)[:, _H:2*_H].sum(0)
+    _sum = _dgs_W_r_W_u_W_c__x.reshape(_T * _B, 3*_H)[:, _H:2*_H].sum(0)
     _grads["b_u"] = _sum
-    _sum = _dg_U_c__U_c_in.reshape(_T * _B, _H).sum(0)
+    _sum = _dgs_W_r_W_u_W_c__x.reshape(_T * _B, 3*_H)[:, 2*_H:3*_H].sum(0)
     _grads["b_c"] = _sum
     _dx_x = torch.stack(_dx_x_rows)
     _grads = {"W_r": _grads["W_r"], "U_r": _grads["U_r"], "b_r": _grads["b_r"], "W_u": _grads["W_u"], "U_u": _grads["U_u"], "b_u": _grads["b_u"], "W_c": _grads["W_c"], "U_c": _grads["U_c"], "b_c": _grads["b_c"], }
@@ -740,7 +714,7 @@ def _custom_ops(name, forward, backward, forward_schema, backward_schema, forwar
 #: the PyTorch engine's forward and backward as custom ops (the engine itself is the fake:
 #: it runs on fake tensors)
 _ENGINE_OPS = _custom_ops(
-    "gru_engine_d2c4ba786495", _engine_op_forward_impl, _engine_op_backward_impl,
+    "gru_engine_ae56090e4a1f", _engine_op_forward_impl, _engine_op_backward_impl,
     "(Tensor[] xs, Tensor[] states, Tensor[] params) -> Tensor[]",
     "(Tensor[] args, Tensor[] saved, Tensor?[] d_outputs, Tensor?[] d_finals) -> Tensor[]",
     _engine_op_forward_impl, _engine_op_backward_impl, _engine_op_backward, _engine_op_setup_context,
@@ -1102,7 +1076,7 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     if _bs is not None:  # outputs past a sequence's end are constant zeros
         _m = _native_active(_bs, _B, _xs)
         _d_outputs = tuple(None if _d is None else _d * _m for _d in _d_outputs)
-    dg_U_r_U_u__h, dg_U_c__U_c_in, tmp_d_U_c_in_gemm, dhg_W_r_W_u_W_c__x, tmp_d_h_next = _scratch((_T, _B, 2*_H), (_T, _B, _H), (_B, _H), (_T, _B, 3*_H), (_B, _H))
+    dgs_W_r_W_u_W_c__x, tmp_d_U_c_in_gemm, tmp_d_h_next = _scratch((_T, _B, 3*_H), (_B, _H), (_B, _H))
     x_x = _xs[0].contiguous()
     s_h = _saved[0]
     v_r = _saved[1]
@@ -1119,14 +1093,14 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     _grads_0 = _gempty((3, _H)).unbind(0)
     _grads = {"W_r": _rows_dw_W_r_W_u_W_c[0], "U_r": _rows_dw_U_r_U_u[0], "b_r": _grads_0[0], "W_u": _rows_dw_W_r_W_u_W_c[1], "U_u": _rows_dw_U_r_U_u[1], "b_u": _grads_0[1], "W_c": _rows_dw_W_r_W_u_W_c[2], "U_c": _gempty((_H, _H)), "b_c": _grads_0[2]}
     if _lib is not None:
-        _lib("backward", _dims, [x_x, s_h, v_r, v_u, v_U_c_in, v_c, dout_h_next, ds_h, dx_x, dg_U_r_U_u__h, dg_U_c__U_c_in, tmp_d_U_c_in_gemm, dhg_W_r_W_u_W_c__x, tmp_d_h_next, dw_U_r_U_u, dw_W_r_W_u_W_c, _stacked(_params["W_r"], _params["W_u"], _params["W_c"]), _stacked(_params["U_r"], _params["U_u"]), _params["U_c"].contiguous(), *_grads.values(), _bs])
+        _lib("backward", _dims, [x_x, s_h, v_r, v_u, v_U_c_in, v_c, dout_h_next, ds_h, dx_x, dgs_W_r_W_u_W_c__x, tmp_d_U_c_in_gemm, tmp_d_h_next, dw_U_r_U_u, dw_W_r_W_u_W_c, _stacked(_params["W_r"], _params["W_u"], _params["W_c"]), _stacked(_params["U_r"], _params["U_u"]), _params["U_c"].contiguous(), *_grads.values(), _bs])
     return _grads, (dx_x,), (ds_h,)
 
 
 # The same two calls as PyTorch custom ops, for torch.compile (which traces them through their
 # fake implementations: the allocations above, without the call). Registered once per process
 # and content of this file; outputs are copies (an op's outputs may not alias each other).
-_OP = "gru_07167f1f97c9"
+_OP = "gru_1c83044d044b"
 
 
 def _op_forward_impl(xs: list[torch.Tensor], states: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -1722,14 +1722,11 @@ extern "C" void mgu_backward_bwd1_H_f64(int64_t _rows, int64_t _cols, const doub
 template <typename real>
 __host__ __device__ inline void mgu_backward_bwd0_H(
     real d_U_h_in_gemm,
-    real d_U_h_out,
     real d_h_next,
     real f,
     real h,
     real h_tilde,
     real& d_U_f_h,  // out
-    real& d_W_f_x,  // out
-    real& d_W_h_x,  // out
     real& d_h_direct)  // out
 {
     // adjoint of operand of U_h_in
@@ -1738,100 +1735,86 @@ __host__ __device__ inline void mgu_backward_bwd0_H(
     const real d_f = d_U_h_in*h + d_h_next*(-h + h_tilde);
     // adjoint of U_f @ h
     d_U_f_h = d_f*f*(real(1.0) - f);
-    // adjoint of hoisted projection W_f_x
-    d_W_f_x = d_U_f_h;
-    // adjoint of hoisted projection W_h_x
-    d_W_h_x = d_U_h_out;
     // adjoint of state h, less the recurrent product's share (the GEMM adds it)
     d_h_direct = d_U_h_in*f + d_h_next*(real(1.0) - f);
 }
 
 #ifdef __CUDACC__
 template <typename S>
-__global__ void mgu_backward_bwd0_H_kernel(int64_t _rows, int64_t _cols, const S* __restrict__ _p_d_U_h_in_gemm, int64_t _ld_d_U_h_in_gemm, const S* __restrict__ _p_d_U_h_out, int64_t _ld_d_U_h_out, const S* __restrict__ _p_d_h_next, int64_t _ld_d_h_next, const S* __restrict__ _p_f, int64_t _ld_f, const S* __restrict__ _p_h, int64_t _ld_h, const S* __restrict__ _p_h_tilde, int64_t _ld_h_tilde, S* __restrict__ _p_d_U_f_h, int64_t _ld_d_U_f_h, S* __restrict__ _p_d_W_f_x, int64_t _ld_d_W_f_x, S* __restrict__ _p_d_W_h_x, int64_t _ld_d_W_h_x, S* __restrict__ _p_d_h_direct, int64_t _ld_d_h_direct)
+__global__ void mgu_backward_bwd0_H_kernel(int64_t _rows, int64_t _cols, const S* __restrict__ _p_d_U_h_in_gemm, int64_t _ld_d_U_h_in_gemm, const S* __restrict__ _p_d_h_next, int64_t _ld_d_h_next, const S* __restrict__ _p_f, int64_t _ld_f, const S* __restrict__ _p_h, int64_t _ld_h, const S* __restrict__ _p_h_tilde, int64_t _ld_h_tilde, S* __restrict__ _p_d_U_f_h, int64_t _ld_d_U_f_h, S* __restrict__ _p_d_h_direct, int64_t _ld_d_h_direct)
 {
     typedef typename cs_math<S>::type M;
     const int64_t _j = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (_j >= _cols) return;
     for (int64_t _r = blockIdx.y; _r < _rows; _r += gridDim.y) {
         M d_U_h_in_gemm = cs_load(_p_d_U_h_in_gemm[_r * _ld_d_U_h_in_gemm + _j]);
-        M d_U_h_out = cs_load(_p_d_U_h_out[_r * _ld_d_U_h_out + _j]);
         M d_h_next = cs_load(_p_d_h_next[_r * _ld_d_h_next + _j]);
         M f = cs_load(_p_f[_r * _ld_f + _j]);
         M h = cs_load(_p_h[_r * _ld_h + _j]);
         M h_tilde = cs_load(_p_h_tilde[_r * _ld_h_tilde + _j]);
         M d_U_f_h;
-        M d_W_f_x;
-        M d_W_h_x;
         M d_h_direct;
-        mgu_backward_bwd0_H<M>(d_U_h_in_gemm, d_U_h_out, d_h_next, f, h, h_tilde, d_U_f_h, d_W_f_x, d_W_h_x, d_h_direct);
+        mgu_backward_bwd0_H<M>(d_U_h_in_gemm, d_h_next, f, h, h_tilde, d_U_f_h, d_h_direct);
         cs_store(&_p_d_U_f_h[_r * _ld_d_U_f_h + _j], d_U_f_h);
-        cs_store(&_p_d_W_f_x[_r * _ld_d_W_f_x + _j], d_W_f_x);
-        cs_store(&_p_d_W_h_x[_r * _ld_d_W_h_x + _j], d_W_h_x);
         cs_store(&_p_d_h_direct[_r * _ld_d_h_direct + _j], d_h_direct);
     }
 }
 
 template <typename S>
-static int mgu_backward_bwd0_H_launch(int64_t _rows, int64_t _cols, const void* _p_d_U_h_in_gemm, int64_t _ld_d_U_h_in_gemm, const void* _p_d_U_h_out, int64_t _ld_d_U_h_out, const void* _p_d_h_next, int64_t _ld_d_h_next, const void* _p_f, int64_t _ld_f, const void* _p_h, int64_t _ld_h, const void* _p_h_tilde, int64_t _ld_h_tilde, void* _p_d_U_f_h, int64_t _ld_d_U_f_h, void* _p_d_W_f_x, int64_t _ld_d_W_f_x, void* _p_d_W_h_x, int64_t _ld_d_W_h_x, void* _p_d_h_direct, int64_t _ld_d_h_direct, void* _stream)
+static int mgu_backward_bwd0_H_launch(int64_t _rows, int64_t _cols, const void* _p_d_U_h_in_gemm, int64_t _ld_d_U_h_in_gemm, const void* _p_d_h_next, int64_t _ld_d_h_next, const void* _p_f, int64_t _ld_f, const void* _p_h, int64_t _ld_h, const void* _p_h_tilde, int64_t _ld_h_tilde, void* _p_d_U_f_h, int64_t _ld_d_U_f_h, void* _p_d_h_direct, int64_t _ld_d_h_direct, void* _stream)
 {
     if (_rows <= 0 || _cols <= 0) return 0;
     dim3 _grid, _block;
     cs_grid(_rows, _cols, &_grid, &_block);
-    mgu_backward_bwd0_H_kernel<S><<<_grid, _block, 0, (cudaStream_t)_stream>>>(_rows, _cols, (const S*)_p_d_U_h_in_gemm, _ld_d_U_h_in_gemm, (const S*)_p_d_U_h_out, _ld_d_U_h_out, (const S*)_p_d_h_next, _ld_d_h_next, (const S*)_p_f, _ld_f, (const S*)_p_h, _ld_h, (const S*)_p_h_tilde, _ld_h_tilde, (S*)_p_d_U_f_h, _ld_d_U_f_h, (S*)_p_d_W_f_x, _ld_d_W_f_x, (S*)_p_d_W_h_x, _ld_d_W_h_x, (S*)_p_d_h_direct, _ld_d_h_direct);
+    mgu_backward_bwd0_H_kernel<S><<<_grid, _block, 0, (cudaStream_t)_stream>>>(_rows, _cols, (const S*)_p_d_U_h_in_gemm, _ld_d_U_h_in_gemm, (const S*)_p_d_h_next, _ld_d_h_next, (const S*)_p_f, _ld_f, (const S*)_p_h, _ld_h, (const S*)_p_h_tilde, _ld_h_tilde, (S*)_p_d_U_f_h, _ld_d_U_f_h, (S*)_p_d_h_direct, _ld_d_h_direct);
     return (int)cudaGetLastError();
 }
 
-extern "C" int mgu_backward_bwd0_H_cuda_f32(int64_t _rows, int64_t _cols, const void* _p_d_U_h_in_gemm, int64_t _ld_d_U_h_in_gemm, const void* _p_d_U_h_out, int64_t _ld_d_U_h_out, const void* _p_d_h_next, int64_t _ld_d_h_next, const void* _p_f, int64_t _ld_f, const void* _p_h, int64_t _ld_h, const void* _p_h_tilde, int64_t _ld_h_tilde, void* _p_d_U_f_h, int64_t _ld_d_U_f_h, void* _p_d_W_f_x, int64_t _ld_d_W_f_x, void* _p_d_W_h_x, int64_t _ld_d_W_h_x, void* _p_d_h_direct, int64_t _ld_d_h_direct, void* _stream)
+extern "C" int mgu_backward_bwd0_H_cuda_f32(int64_t _rows, int64_t _cols, const void* _p_d_U_h_in_gemm, int64_t _ld_d_U_h_in_gemm, const void* _p_d_h_next, int64_t _ld_d_h_next, const void* _p_f, int64_t _ld_f, const void* _p_h, int64_t _ld_h, const void* _p_h_tilde, int64_t _ld_h_tilde, void* _p_d_U_f_h, int64_t _ld_d_U_f_h, void* _p_d_h_direct, int64_t _ld_d_h_direct, void* _stream)
 {
-    return mgu_backward_bwd0_H_launch<float>(_rows, _cols, _p_d_U_h_in_gemm, _ld_d_U_h_in_gemm, _p_d_U_h_out, _ld_d_U_h_out, _p_d_h_next, _ld_d_h_next, _p_f, _ld_f, _p_h, _ld_h, _p_h_tilde, _ld_h_tilde, _p_d_U_f_h, _ld_d_U_f_h, _p_d_W_f_x, _ld_d_W_f_x, _p_d_W_h_x, _ld_d_W_h_x, _p_d_h_direct, _ld_d_h_direct, _stream);
+    return mgu_backward_bwd0_H_launch<float>(_rows, _cols, _p_d_U_h_in_gemm, _ld_d_U_h_in_gemm, _p_d_h_next, _ld_d_h_next, _p_f, _ld_f, _p_h, _ld_h, _p_h_tilde, _ld_h_tilde, _p_d_U_f_h, _ld_d_U_f_h, _p_d_h_direct, _ld_d_h_direct, _stream);
 }
-extern "C" int mgu_backward_bwd0_H_cuda_f64(int64_t _rows, int64_t _cols, const void* _p_d_U_h_in_gemm, int64_t _ld_d_U_h_in_gemm, const void* _p_d_U_h_out, int64_t _ld_d_U_h_out, const void* _p_d_h_next, int64_t _ld_d_h_next, const void* _p_f, int64_t _ld_f, const void* _p_h, int64_t _ld_h, const void* _p_h_tilde, int64_t _ld_h_tilde, void* _p_d_U_f_h, int64_t _ld_d_U_f_h, void* _p_d_W_f_x, int64_t _ld_d_W_f_x, void* _p_d_W_h_x, int64_t _ld_d_W_h_x, void* _p_d_h_direct, int64_t _ld_d_h_direct, void* _stream)
+extern "C" int mgu_backward_bwd0_H_cuda_f64(int64_t _rows, int64_t _cols, const void* _p_d_U_h_in_gemm, int64_t _ld_d_U_h_in_gemm, const void* _p_d_h_next, int64_t _ld_d_h_next, const void* _p_f, int64_t _ld_f, const void* _p_h, int64_t _ld_h, const void* _p_h_tilde, int64_t _ld_h_tilde, void* _p_d_U_f_h, int64_t _ld_d_U_f_h, void* _p_d_h_direct, int64_t _ld_d_h_direct, void* _stream)
 {
-    return mgu_backward_bwd0_H_launch<double>(_rows, _cols, _p_d_U_h_in_gemm, _ld_d_U_h_in_gemm, _p_d_U_h_out, _ld_d_U_h_out, _p_d_h_next, _ld_d_h_next, _p_f, _ld_f, _p_h, _ld_h, _p_h_tilde, _ld_h_tilde, _p_d_U_f_h, _ld_d_U_f_h, _p_d_W_f_x, _ld_d_W_f_x, _p_d_W_h_x, _ld_d_W_h_x, _p_d_h_direct, _ld_d_h_direct, _stream);
+    return mgu_backward_bwd0_H_launch<double>(_rows, _cols, _p_d_U_h_in_gemm, _ld_d_U_h_in_gemm, _p_d_h_next, _ld_d_h_next, _p_f, _ld_f, _p_h, _ld_h, _p_h_tilde, _ld_h_tilde, _p_d_U_f_h, _ld_d_U_f_h, _p_d_h_direct, _ld_d_h_direct, _stream);
 }
-extern "C" int mgu_backward_bwd0_H_cuda_f16(int64_t _rows, int64_t _cols, const void* _p_d_U_h_in_gemm, int64_t _ld_d_U_h_in_gemm, const void* _p_d_U_h_out, int64_t _ld_d_U_h_out, const void* _p_d_h_next, int64_t _ld_d_h_next, const void* _p_f, int64_t _ld_f, const void* _p_h, int64_t _ld_h, const void* _p_h_tilde, int64_t _ld_h_tilde, void* _p_d_U_f_h, int64_t _ld_d_U_f_h, void* _p_d_W_f_x, int64_t _ld_d_W_f_x, void* _p_d_W_h_x, int64_t _ld_d_W_h_x, void* _p_d_h_direct, int64_t _ld_d_h_direct, void* _stream)
+extern "C" int mgu_backward_bwd0_H_cuda_f16(int64_t _rows, int64_t _cols, const void* _p_d_U_h_in_gemm, int64_t _ld_d_U_h_in_gemm, const void* _p_d_h_next, int64_t _ld_d_h_next, const void* _p_f, int64_t _ld_f, const void* _p_h, int64_t _ld_h, const void* _p_h_tilde, int64_t _ld_h_tilde, void* _p_d_U_f_h, int64_t _ld_d_U_f_h, void* _p_d_h_direct, int64_t _ld_d_h_direct, void* _stream)
 {
-    return mgu_backward_bwd0_H_launch<__half>(_rows, _cols, _p_d_U_h_in_gemm, _ld_d_U_h_in_gemm, _p_d_U_h_out, _ld_d_U_h_out, _p_d_h_next, _ld_d_h_next, _p_f, _ld_f, _p_h, _ld_h, _p_h_tilde, _ld_h_tilde, _p_d_U_f_h, _ld_d_U_f_h, _p_d_W_f_x, _ld_d_W_f_x, _p_d_W_h_x, _ld_d_W_h_x, _p_d_h_direct, _ld_d_h_direct, _stream);
+    return mgu_backward_bwd0_H_launch<__half>(_rows, _cols, _p_d_U_h_in_gemm, _ld_d_U_h_in_gemm, _p_d_h_next, _ld_d_h_next, _p_f, _ld_f, _p_h, _ld_h, _p_h_tilde, _ld_h_tilde, _p_d_U_f_h, _ld_d_U_f_h, _p_d_h_direct, _ld_d_h_direct, _stream);
 }
-extern "C" int mgu_backward_bwd0_H_cuda_bf16(int64_t _rows, int64_t _cols, const void* _p_d_U_h_in_gemm, int64_t _ld_d_U_h_in_gemm, const void* _p_d_U_h_out, int64_t _ld_d_U_h_out, const void* _p_d_h_next, int64_t _ld_d_h_next, const void* _p_f, int64_t _ld_f, const void* _p_h, int64_t _ld_h, const void* _p_h_tilde, int64_t _ld_h_tilde, void* _p_d_U_f_h, int64_t _ld_d_U_f_h, void* _p_d_W_f_x, int64_t _ld_d_W_f_x, void* _p_d_W_h_x, int64_t _ld_d_W_h_x, void* _p_d_h_direct, int64_t _ld_d_h_direct, void* _stream)
+extern "C" int mgu_backward_bwd0_H_cuda_bf16(int64_t _rows, int64_t _cols, const void* _p_d_U_h_in_gemm, int64_t _ld_d_U_h_in_gemm, const void* _p_d_h_next, int64_t _ld_d_h_next, const void* _p_f, int64_t _ld_f, const void* _p_h, int64_t _ld_h, const void* _p_h_tilde, int64_t _ld_h_tilde, void* _p_d_U_f_h, int64_t _ld_d_U_f_h, void* _p_d_h_direct, int64_t _ld_d_h_direct, void* _stream)
 {
-    return mgu_backward_bwd0_H_launch<__nv_bfloat16>(_rows, _cols, _p_d_U_h_in_gemm, _ld_d_U_h_in_gemm, _p_d_U_h_out, _ld_d_U_h_out, _p_d_h_next, _ld_d_h_next, _p_f, _ld_f, _p_h, _ld_h, _p_h_tilde, _ld_h_tilde, _p_d_U_f_h, _ld_d_U_f_h, _p_d_W_f_x, _ld_d_W_f_x, _p_d_W_h_x, _ld_d_W_h_x, _p_d_h_direct, _ld_d_h_direct, _stream);
+    return mgu_backward_bwd0_H_launch<__nv_bfloat16>(_rows, _cols, _p_d_U_h_in_gemm, _ld_d_U_h_in_gemm, _p_d_h_next, _ld_d_h_next, _p_f, _ld_f, _p_h, _ld_h, _p_h_tilde, _ld_h_tilde, _p_d_U_f_h, _ld_d_U_f_h, _p_d_h_direct, _ld_d_h_direct, _stream);
 }
 #endif  // __CUDACC__
 
 template <typename real>
-static inline void mgu_backward_bwd0_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_d_U_h_in_gemm, int64_t _ld_d_U_h_in_gemm, const real* __restrict__ _p_d_U_h_out, int64_t _ld_d_U_h_out, const real* __restrict__ _p_d_h_next, int64_t _ld_d_h_next, const real* __restrict__ _p_f, int64_t _ld_f, const real* __restrict__ _p_h, int64_t _ld_h, const real* __restrict__ _p_h_tilde, int64_t _ld_h_tilde, real* __restrict__ _p_d_U_f_h, int64_t _ld_d_U_f_h, real* __restrict__ _p_d_W_f_x, int64_t _ld_d_W_f_x, real* __restrict__ _p_d_W_h_x, int64_t _ld_d_W_h_x, real* __restrict__ _p_d_h_direct, int64_t _ld_d_h_direct)
+static inline void mgu_backward_bwd0_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_d_U_h_in_gemm, int64_t _ld_d_U_h_in_gemm, const real* __restrict__ _p_d_h_next, int64_t _ld_d_h_next, const real* __restrict__ _p_f, int64_t _ld_f, const real* __restrict__ _p_h, int64_t _ld_h, const real* __restrict__ _p_h_tilde, int64_t _ld_h_tilde, real* __restrict__ _p_d_U_f_h, int64_t _ld_d_U_f_h, real* __restrict__ _p_d_h_direct, int64_t _ld_d_h_direct)
 {
     cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
 #pragma omp simd
         for (int64_t _j = 0; _j < _cols; ++_j) {
             real d_U_h_in_gemm = _p_d_U_h_in_gemm[_r * _ld_d_U_h_in_gemm + _j];
-            real d_U_h_out = _p_d_U_h_out[_r * _ld_d_U_h_out + _j];
             real d_h_next = _p_d_h_next[_r * _ld_d_h_next + _j];
             real f = _p_f[_r * _ld_f + _j];
             real h = _p_h[_r * _ld_h + _j];
             real h_tilde = _p_h_tilde[_r * _ld_h_tilde + _j];
             real d_U_f_h;
-            real d_W_f_x;
-            real d_W_h_x;
             real d_h_direct;
-            mgu_backward_bwd0_H<real>(d_U_h_in_gemm, d_U_h_out, d_h_next, f, h, h_tilde, d_U_f_h, d_W_f_x, d_W_h_x, d_h_direct);
+            mgu_backward_bwd0_H<real>(d_U_h_in_gemm, d_h_next, f, h, h_tilde, d_U_f_h, d_h_direct);
             _p_d_U_f_h[_r * _ld_d_U_f_h + _j] = d_U_f_h;
-            _p_d_W_f_x[_r * _ld_d_W_f_x + _j] = d_W_f_x;
-            _p_d_W_h_x[_r * _ld_d_W_h_x + _j] = d_W_h_x;
             _p_d_h_direct[_r * _ld_d_h_direct + _j] = d_h_direct;
         }
     });
 }
 
-extern "C" void mgu_backward_bwd0_H_f32(int64_t _rows, int64_t _cols, const float* _p_d_U_h_in_gemm, int64_t _ld_d_U_h_in_gemm, const float* _p_d_U_h_out, int64_t _ld_d_U_h_out, const float* _p_d_h_next, int64_t _ld_d_h_next, const float* _p_f, int64_t _ld_f, const float* _p_h, int64_t _ld_h, const float* _p_h_tilde, int64_t _ld_h_tilde, float* _p_d_U_f_h, int64_t _ld_d_U_f_h, float* _p_d_W_f_x, int64_t _ld_d_W_f_x, float* _p_d_W_h_x, int64_t _ld_d_W_h_x, float* _p_d_h_direct, int64_t _ld_d_h_direct)
+extern "C" void mgu_backward_bwd0_H_f32(int64_t _rows, int64_t _cols, const float* _p_d_U_h_in_gemm, int64_t _ld_d_U_h_in_gemm, const float* _p_d_h_next, int64_t _ld_d_h_next, const float* _p_f, int64_t _ld_f, const float* _p_h, int64_t _ld_h, const float* _p_h_tilde, int64_t _ld_h_tilde, float* _p_d_U_f_h, int64_t _ld_d_U_f_h, float* _p_d_h_direct, int64_t _ld_d_h_direct)
 {
-    mgu_backward_bwd0_H_host<float>(_rows, _cols, _p_d_U_h_in_gemm, _ld_d_U_h_in_gemm, _p_d_U_h_out, _ld_d_U_h_out, _p_d_h_next, _ld_d_h_next, _p_f, _ld_f, _p_h, _ld_h, _p_h_tilde, _ld_h_tilde, _p_d_U_f_h, _ld_d_U_f_h, _p_d_W_f_x, _ld_d_W_f_x, _p_d_W_h_x, _ld_d_W_h_x, _p_d_h_direct, _ld_d_h_direct);
+    mgu_backward_bwd0_H_host<float>(_rows, _cols, _p_d_U_h_in_gemm, _ld_d_U_h_in_gemm, _p_d_h_next, _ld_d_h_next, _p_f, _ld_f, _p_h, _ld_h, _p_h_tilde, _ld_h_tilde, _p_d_U_f_h, _ld_d_U_f_h, _p_d_h_direct, _ld_d_h_direct);
 }
-extern "C" void mgu_backward_bwd0_H_f64(int64_t _rows, int64_t _cols, const double* _p_d_U_h_in_gemm, int64_t _ld_d_U_h_in_gemm, const double* _p_d_U_h_out, int64_t _ld_d_U_h_out, const double* _p_d_h_next, int64_t _ld_d_h_next, const double* _p_f, int64_t _ld_f, const double* _p_h, int64_t _ld_h, const double* _p_h_tilde, int64_t _ld_h_tilde, double* _p_d_U_f_h, int64_t _ld_d_U_f_h, double* _p_d_W_f_x, int64_t _ld_d_W_f_x, double* _p_d_W_h_x, int64_t _ld_d_W_h_x, double* _p_d_h_direct, int64_t _ld_d_h_direct)
+extern "C" void mgu_backward_bwd0_H_f64(int64_t _rows, int64_t _cols, const double* _p_d_U_h_in_gemm, int64_t _ld_d_U_h_in_gemm, const double* _p_d_h_next, int64_t _ld_d_h_next, const double* _p_f, int64_t _ld_f, const double* _p_h, int64_t _ld_h, const double* _p_h_tilde, int64_t _ld_h_tilde, double* _p_d_U_f_h, int64_t _ld_d_U_f_h, double* _p_d_h_direct, int64_t _ld_d_h_direct)
 {
-    mgu_backward_bwd0_H_host<double>(_rows, _cols, _p_d_U_h_in_gemm, _ld_d_U_h_in_gemm, _p_d_U_h_out, _ld_d_U_h_out, _p_d_h_next, _ld_d_h_next, _p_f, _ld_f, _p_h, _ld_h, _p_h_tilde, _ld_h_tilde, _p_d_U_f_h, _ld_d_U_f_h, _p_d_W_f_x, _ld_d_W_f_x, _p_d_W_h_x, _ld_d_W_h_x, _p_d_h_direct, _ld_d_h_direct);
+    mgu_backward_bwd0_H_host<double>(_rows, _cols, _p_d_U_h_in_gemm, _ld_d_U_h_in_gemm, _p_d_h_next, _ld_d_h_next, _p_f, _ld_f, _p_h, _ld_h, _p_h_tilde, _ld_h_tilde, _p_d_U_f_h, _ld_d_U_f_h, _p_d_h_direct, _ld_d_h_direct);
 }
 
 
@@ -2061,7 +2044,7 @@ extern "C" int mgu_inference_f64(const int64_t* dims, void* const* ptrs, const v
 
 // =============================================================================================
 // mgu: the whole sequence, backward
-// ptrs: 0 x_x, 1 s_h, 2 v_f, 3 v_U_h_in, 4 v_h_tilde, 5 dout_h_next, 6 ds_h, 7 dx_x, 8 dg_U_f__h, 9 dg_U_h__U_h_in, 10 tmp_d_U_h_in_gemm, 11 dhg_W_f_W_h__x, 12 tmp_d_h_next, 13 dw_W_f_W_h, 14 weight W_f_W_h, 15 weight U_f, 16 weight U_h, 17 d W_f, 18 d U_f, 19 d b_f, 20 d W_h, 21 d U_h, 22 d b_h, 23 batch sizes (host, or NULL)
+// ptrs: 0 x_x, 1 s_h, 2 v_f, 3 v_U_h_in, 4 v_h_tilde, 5 dout_h_next, 6 ds_h, 7 dx_x, 8 dgs_W_f_W_h__x, 9 tmp_d_U_h_in_gemm, 10 tmp_d_h_next, 11 dw_W_f_W_h, 12 weight W_f_W_h, 13 weight U_f, 14 weight U_h, 15 d W_f, 16 d U_f, 17 d b_f, 18 d W_h, 19 d U_h, 20 d b_h, 21 batch sizes (host, or NULL)
 
 // =============================================================================================
 template <typename S, typename G>
@@ -2093,42 +2076,36 @@ static int mgu_backward_run(const int64_t* dims, void* const* ptrs, const cs_ctx
     (void)b_ds_h;
     S* b_dx_x = (S*)ptrs[7];
     (void)b_dx_x;
-    S* b_dg_U_f__h = (S*)ptrs[8];
-    (void)b_dg_U_f__h;
-    S* b_dg_U_h__U_h_in = (S*)ptrs[9];
-    (void)b_dg_U_h__U_h_in;
-    S* b_tmp_d_U_h_in_gemm = (S*)ptrs[10];
+    S* b_dgs_W_f_W_h__x = (S*)ptrs[8];
+    (void)b_dgs_W_f_W_h__x;
+    S* b_tmp_d_U_h_in_gemm = (S*)ptrs[9];
     (void)b_tmp_d_U_h_in_gemm;
-    S* b_dhg_W_f_W_h__x = (S*)ptrs[11];
-    (void)b_dhg_W_f_W_h__x;
-    S* b_tmp_d_h_next = (S*)ptrs[12];
+    S* b_tmp_d_h_next = (S*)ptrs[10];
     (void)b_tmp_d_h_next;
-    G* b_dw_W_f_W_h = (G*)ptrs[13];
+    G* b_dw_W_f_W_h = (G*)ptrs[11];
     (void)b_dw_W_f_W_h;
-    const S* w_W_f_W_h = (const S*)ptrs[14];
+    const S* w_W_f_W_h = (const S*)ptrs[12];
     (void)w_W_f_W_h;
-    const S* w_U_f = (const S*)ptrs[15];
+    const S* w_U_f = (const S*)ptrs[13];
     (void)w_U_f;
-    const S* w_U_h = (const S*)ptrs[16];
+    const S* w_U_h = (const S*)ptrs[14];
     (void)w_U_h;
-    G* g_W_f = (G*)ptrs[17];
+    G* g_W_f = (G*)ptrs[15];
     (void)g_W_f;
-    G* g_U_f = (G*)ptrs[18];
+    G* g_U_f = (G*)ptrs[16];
     (void)g_U_f;
-    G* g_b_f = (G*)ptrs[19];
+    G* g_b_f = (G*)ptrs[17];
     (void)g_b_f;
-    G* g_W_h = (G*)ptrs[20];
+    G* g_W_h = (G*)ptrs[18];
     (void)g_W_h;
-    G* g_U_h = (G*)ptrs[21];
+    G* g_U_h = (G*)ptrs[19];
     (void)g_U_h;
-    G* g_b_h = (G*)ptrs[22];
+    G* g_b_h = (G*)ptrs[20];
     (void)g_b_h;
-    const int64_t* bs = (const int64_t*)ptrs[23];
+    const int64_t* bs = (const int64_t*)ptrs[21];
     (void)ctx;
     if (bs) {  // rows of ended sequences, which no step writes, are read over all T*B rows
-        CS_ZERO(b_dg_U_h__U_h_in, (n_T) * (n_B) * (n_H));
-        CS_ZERO(b_dg_U_f__h, (n_T) * (n_B) * (n_H));
-        CS_ZERO(b_dhg_W_f_W_h__x, (n_T) * (n_B) * (2*n_H));
+        CS_ZERO(b_dgs_W_f_W_h__x, (n_T) * (n_B) * (2*n_H));
     }
     cs_packed<S> pk_U_h_nn = cs_pack(ctx, 0, n_B, n_H, n_H, w_U_h, n_H);
     cs_packed<S> pk_U_f_nn = cs_pack(ctx, 0, n_B, n_H, n_H, w_U_f, n_H);
@@ -2139,33 +2116,34 @@ static int mgu_backward_run(const int64_t* dims, void* const* ptrs, const cs_ctx
         const int64_t rows = bs ? bs[t] : n_B;  // variable lengths: rows 0..B_t-1 run
         CS_SPLIT_ROWS(split_rows, n_B);
         // backward: stage 1 backward, units of size H
-        CS_PW(mgu_backward_bwd1_H, rows, n_H, b_ds_h, n_H, b_dout_h_next + t * n_B * (n_H), n_H, b_v_f + t * n_B * (n_H), n_H, b_v_h_tilde + t * n_B * (n_H), n_H, b_tmp_d_h_next, n_H, b_dg_U_h__U_h_in + t * n_B * (n_H), n_H);
-        // d_U_h_in_gemm = dg_U_h__U_h_in @ [U_h]
-        CS_GEMM_NN_PACKED(rows, n_H, n_H, b_dg_U_h__U_h_in + t * n_B * (n_H), n_H, pk_U_h_nn, b_tmp_d_U_h_in_gemm, n_H, 0);
+        CS_PW(mgu_backward_bwd1_H, rows, n_H, b_ds_h, n_H, b_dout_h_next + t * n_B * (n_H), n_H, b_v_f + t * n_B * (n_H), n_H, b_v_h_tilde + t * n_B * (n_H), n_H, b_tmp_d_h_next, n_H, b_dgs_W_f_W_h__x + t * n_B * (2*n_H) + n_H, 2*n_H);
+        // d_U_h_in_gemm = dgs_W_f_W_h__x @ [U_h]
+        CS_GEMM_NN_PACKED(rows, n_H, n_H, b_dgs_W_f_W_h__x + t * n_B * (2*n_H) + n_H, 2*n_H, pk_U_h_nn, b_tmp_d_U_h_in_gemm, n_H, 0);
         // backward: stage 0 backward, units of size H
-        CS_PW(mgu_backward_bwd0_H, rows, n_H, b_tmp_d_U_h_in_gemm, n_H, b_dg_U_h__U_h_in + t * n_B * (n_H), n_H, b_tmp_d_h_next, n_H, b_v_f + t * n_B * (n_H), n_H, b_s_h + t * n_B * (n_H), n_H, b_v_h_tilde + t * n_B * (n_H), n_H, b_dg_U_f__h + t * n_B * (n_H), n_H, b_dhg_W_f_W_h__x + t * n_B * (2*n_H), 2*n_H, b_dhg_W_f_W_h__x + t * n_B * (2*n_H) + n_H, 2*n_H, b_ds_h, n_H);
-        // d_h_gemm += dg_U_f__h @ [U_f]
-        CS_GEMM_NN_PACKED(rows, n_H, n_H, b_dg_U_f__h + t * n_B * (n_H), n_H, pk_U_f_nn, b_ds_h, n_H, 1);
+        CS_PW(mgu_backward_bwd0_H, rows, n_H, b_tmp_d_U_h_in_gemm, n_H, b_tmp_d_h_next, n_H, b_v_f + t * n_B * (n_H), n_H, b_s_h + t * n_B * (n_H), n_H, b_v_h_tilde + t * n_B * (n_H), n_H, b_dgs_W_f_W_h__x + t * n_B * (2*n_H), 2*n_H, b_ds_h, n_H);
+        // d_h_gemm += dgs_W_f_W_h__x @ [U_f]
+        CS_GEMM_NN_PACKED(rows, n_H, n_H, b_dgs_W_f_W_h__x + t * n_B * (2*n_H), 2*n_H, pk_U_f_nn, b_ds_h, n_H, 1);
     }
     CS_SPLIT_DONE();
     CS_TEAM_END
     cs_unpack(pk_U_h_nn);
     cs_unpack(pk_U_f_nn);
-    // d[U_f] += dg_U_f__h^T @ h  (U_f @ h)
-    CS_GEMM_TN(n_H, n_H, n_T * n_B, b_dg_U_f__h, n_H, b_s_h, n_H, g_U_f, n_H, 0);
-    // d[U_h] += dg_U_h__U_h_in^T @ U_h_in  (U_h @ U_h_in)
-    CS_GEMM_TN(n_H, n_H, n_T * n_B, b_dg_U_h__U_h_in, n_H, b_v_U_h_in, n_H, g_U_h, n_H, 0);
-    // d[W_f, W_h] += dhg_W_f_W_h__x^T @ x  (W_f @ x, W_h @ x)
+    // d[U_f] += dgs_W_f_W_h__x^T @ h  (U_f @ h)
+    CS_GEMM_TN(n_H, n_H, n_T * n_B, b_dgs_W_f_W_h__x, 2*n_H, b_s_h, n_H, g_U_f, n_H, 0);
+    // d[U_h] += dgs_W_f_W_h__x^T @ U_h_in  (U_h @ U_h_in)
+    CS_GEMM_TN(n_H, n_H, n_T * n_B, b_dgs_W_f_W_h__x + n_H, 2*n_H, b_v_U_h_in, n_H, g_U_h, n_H, 0);
+    // d[W_f, W_h] += dgs_W_f_W_h__x^T @ x  (W_f @ x, W_h @ x)
     // the glue passes the grads of W_f, W_h as rows of b_dw_W_f_W_h: the copies below are then no-ops
-    CS_WEIGHT_GRADS(wg_dhg_W_f_W_h__x, 2*n_H, n_T * n_B, b_dhg_W_f_W_h__x, 2*n_H, 0, {b_x_x, n_I, n_I, b_dw_W_f_W_h, n_I});
+    // its pass, with its column sums (the bias gradients below)
+    CS_WEIGHT_GRADS(wg_dgs_W_f_W_h__x, 2*n_H, n_T * n_B, b_dgs_W_f_W_h__x, 2*n_H, 1, {b_x_x, n_I, n_I, b_dw_W_f_W_h, n_I});
     CS_ADD(n_H * n_I, b_dw_W_f_W_h, g_W_f, 0);
     CS_ADD(n_H * n_I, b_dw_W_f_W_h + (n_H) * n_I, g_W_h, 0);
-    // grad_input:x = dhg_W_f_W_h__x @ [W_f, W_h]
-    CS_GEMM_NN(n_T * n_B, n_I, 2*n_H, b_dhg_W_f_W_h__x, 2*n_H, w_W_f_W_h, n_I, b_dx_x, n_I, 0);
-    // d[b_f] += sum over rows of d_b_f
-    CS_ROWSUM(n_T * n_B, n_H, b_dg_U_f__h, n_H, g_b_f, 0);
-    // d[b_h] += sum over rows of d_b_h
-    CS_ROWSUM(n_T * n_B, n_H, b_dg_U_h__U_h_in, n_H, g_b_h, 0);
+    // grad_input:x = dgs_W_f_W_h__x @ [W_f, W_h]
+    CS_GEMM_NN(n_T * n_B, n_I, 2*n_H, b_dgs_W_f_W_h__x, 2*n_H, w_W_f_W_h, n_I, b_dx_x, n_I, 0);
+    // d[b_f] += sum over rows of d_b_f (column sums of dgs_W_f_W_h__x from its dW pass where the own kernel ran it)
+    CS_COLSUM(wg_dgs_W_f_W_h__x, n_T * n_B, n_H, b_dgs_W_f_W_h__x, 2*n_H, g_b_f, 0);
+    // d[b_h] += sum over rows of d_b_h (column sums of dgs_W_f_W_h__x from its dW pass where the own kernel ran it)
+    CS_COLSUM(wg_dgs_W_f_W_h__x, n_T * n_B, n_H, b_dgs_W_f_W_h__x + n_H, 2*n_H, g_b_h, 0);
     return 0;
 }
 #ifdef __CUDACC__

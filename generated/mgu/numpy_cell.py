@@ -314,25 +314,19 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
         _dout_h_next = _dout_h_next * _m
     _ds_h = np.zeros((_B, _H), _dtype) if _d_final[0] is None else np.array(np.asarray(_d_final[0], _dtype), copy=True)
     _dx_x = np.empty((_T, _B, _I), _dtype)
-    _dg_U_f__h = np.empty((_T, _B, _H), _dtype)
-    _dg_U_h__U_h_in = np.empty((_T, _B, _H), _dtype)
+    _dgs_W_f_W_h__x = np.empty((_T, _B, 2*_H), _dtype)
     _tmp_d_U_h_in_gemm = np.empty((_B, _H), _dtype)
-    _dhg_W_f_W_h__x = np.empty((_T, _B, 2*_H), _dtype)
     _tmp_d_h_next = np.empty((_B, _H), _dtype)
     if _bs is not None:
-        _dg_U_h__U_h_in[...] = 0
-        _dg_U_f__h[...] = 0
-        _dhg_W_f_W_h__x[...] = 0
+        _dgs_W_f_W_h__x[...] = 0
     _ds_h_rows = _rows(_ds_h, _T, _bs)
     _dout_h_next_at0 = _steps(_dout_h_next, 0, _T, _bs)
     _v_f_at0 = _steps(_v_f, 0, _T, _bs)
     _v_h_tilde_at0 = _steps(_v_h_tilde, 0, _T, _bs)
     _tmp_d_h_next_rows = _rows(_tmp_d_h_next, _T, _bs)
-    _dg_U_h__U_h_in_at0 = _steps(_dg_U_h__U_h_in, 0, _T, _bs)
+    _dgs_W_f_W_h__x_at0 = _steps(_dgs_W_f_W_h__x, 0, _T, _bs)
     _tmp_d_U_h_in_gemm_rows = _rows(_tmp_d_U_h_in_gemm, _T, _bs)
     _s_h_at0 = _steps(_s_h, 0, _T, _bs)
-    _dg_U_f__h_at0 = _steps(_dg_U_f__h, 0, _T, _bs)
-    _dhg_W_f_W_h__x_at0 = _steps(_dhg_W_f_W_h__x, 0, _T, _bs)
     _grads = {}
     for _t in reversed(range(_T)):
         # stage 1 backward
@@ -344,11 +338,10 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
         d_h_tilde = d_h_next*f  # adjoint of h_tilde
         d_U_h_out = d_h_tilde*(1 - (h_tilde*h_tilde))  # adjoint of U_h @ U_h_in
         _tmp_d_h_next_rows[_t][...] = d_h_next
-        _dg_U_h__U_h_in_at0[_t][...] = d_U_h_out
-        np.matmul(_dg_U_h__U_h_in_at0[_t], _w_U_h, out=_tmp_d_U_h_in_gemm_rows[_t])
+        _dgs_W_f_W_h__x_at0[_t][:, _H:2*_H][...] = d_U_h_out
+        np.matmul(_dgs_W_f_W_h__x_at0[_t][:, _H:2*_H], _w_U_h, out=_tmp_d_U_h_in_gemm_rows[_t])
         # stage 0 backward
         d_U_h_in_gemm = _tmp_d_U_h_in_gemm_rows[_t]
-        d_U_h_out = _dg_U_h__U_h_in_at0[_t]
         d_h_next = _tmp_d_h_next_rows[_t]
         f = _v_f_at0[_t]
         h = _s_h_at0[_t]
@@ -356,26 +349,22 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
         d_U_h_in = d_U_h_in_gemm  # adjoint of operand of U_h_in
         d_f = d_U_h_in*h + d_h_next*(-h + h_tilde)  # adjoint of f
         d_U_f_h = d_f*f*(1 - f)  # adjoint of U_f @ h
-        d_W_f_x = d_U_f_h  # adjoint of hoisted projection W_f_x
-        d_W_h_x = d_U_h_out  # adjoint of hoisted projection W_h_x
         d_h_direct = d_U_h_in*f + d_h_next*(1 - f)  # adjoint of state h, less the recurrent product's share (the GEMM adds it)
-        _dg_U_f__h_at0[_t][...] = d_U_f_h
-        _dhg_W_f_W_h__x_at0[_t][:, 0:_H][...] = d_W_f_x
-        _dhg_W_f_W_h__x_at0[_t][:, _H:2*_H][...] = d_W_h_x
+        _dgs_W_f_W_h__x_at0[_t][:, 0:_H][...] = d_U_f_h
         _ds_h_rows[_t][...] = d_h_direct
-        _ds_h_rows[_t][...] += _dg_U_f__h_at0[_t] @ _w_U_f
+        _ds_h_rows[_t][...] += _dgs_W_f_W_h__x_at0[_t][:, 0:_H] @ _w_U_f
     # dW of U_f @ h: one GEMM over all T*B rows
-    _grads["U_f"] = _dg_U_f__h.reshape(_T * _B, _H).T @ _s_h[:_T].reshape(_T * _B, _H)
+    _grads["U_f"] = _dgs_W_f_W_h__x.reshape(_T * _B, 2*_H)[:, 0:_H].T @ _s_h[:_T].reshape(_T * _B, _H)
     # dW of U_h @ U_h_in: one GEMM over all T*B rows
-    _grads["U_h"] = _dg_U_h__U_h_in.reshape(_T * _B, _H).T @ _v_U_h_in.reshape(_T * _B, _H)
+    _grads["U_h"] = _dgs_W_f_W_h__x.reshape(_T * _B, 2*_H)[:, _H:2*_H].T @ _v_U_h_in.reshape(_T * _B, _H)
     # dW of W_f @ x, W_h @ x: one GEMM over all T*B rows
-    _dw = _dhg_W_f_W_h__x.reshape(_T * _B, 2*_H).T @ _x_x.reshape(_T * _B, _I)
+    _dw = _dgs_W_f_W_h__x.reshape(_T * _B, 2*_H).T @ _x_x.reshape(_T * _B, _I)
     _grads["W_f"] = _dw[0:_H]
     _grads["W_h"] = _dw[_H:2*_H]
-    np.matmul(_dhg_W_f_W_h__x.reshape(_T * _B, 2*_H), _w_W_f_W_h, out=_dx_x.reshape(_T * _B, _I))
-    _sum = _dg_U_f__h.reshape(_T * _B, _H).sum(0)
+    np.matmul(_dgs_W_f_W_h__x.reshape(_T * _B, 2*_H), _w_W_f_W_h, out=_dx_x.reshape(_T * _B, _I))
+    _sum = _dgs_W_f_W_h__x.reshape(_T * _B, 2*_H)[:, 0:_H].sum(0)
     _grads["b_f"] = _sum
-    _sum = _dg_U_h__U_h_in.reshape(_T * _B, _H).sum(0)
+    _sum = _dgs_W_f_W_h__x.reshape(_T * _B, 2*_H)[:, _H:2*_H].sum(0)
     _grads["b_h"] = _sum
     _grads = {"W_f": _grads["W_f"], "U_f": _grads["U_f"], "b_f": _grads["b_f"], "W_h": _grads["W_h"], "U_h": _grads["U_h"], "b_h": _grads["b_h"], }
     _d_x = _dx_x

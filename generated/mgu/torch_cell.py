@@ -277,25 +277,19 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
         _dout_h_next = _dout_h_next * _m
     _ds_h = torch.zeros((_B, _H), dtype=_dtype, device=_device) if _d_final[0] is None else _d_final[0].to(_dtype).clone()
     _dx_x = torch.empty((_T, _B, _I), dtype=_dtype, device=_device)
-    _dg_U_f__h = torch.empty((_T, _B, _H), dtype=_dtype, device=_device)
-    _dg_U_h__U_h_in = torch.empty((_T, _B, _H), dtype=_dtype, device=_device)
+    _dgs_W_f_W_h__x = torch.empty((_T, _B, 2*_H), dtype=_dtype, device=_device)
     _tmp_d_U_h_in_gemm = torch.empty((_B, _H), dtype=_dtype, device=_device)
-    _dhg_W_f_W_h__x = torch.empty((_T, _B, 2*_H), dtype=_dtype, device=_device)
     _tmp_d_h_next = torch.empty((_B, _H), dtype=_dtype, device=_device)
     if _bs is not None:
-        _dg_U_h__U_h_in.zero_()
-        _dg_U_f__h.zero_()
-        _dhg_W_f_W_h__x.zero_()
+        _dgs_W_f_W_h__x.zero_()
     _ds_h_rows = _rows(_ds_h, _T, _bs)
     _dout_h_next_at0 = _steps(_dout_h_next, 0, _T, _bs)
     _v_f_at0 = _steps(_v_f, 0, _T, _bs)
     _v_h_tilde_at0 = _steps(_v_h_tilde, 0, _T, _bs)
     _tmp_d_h_next_rows = _rows(_tmp_d_h_next, _T, _bs)
-    _dg_U_h__U_h_in_at0 = _steps(_dg_U_h__U_h_in, 0, _T, _bs)
+    _dgs_W_f_W_h__x_at0 = _steps(_dgs_W_f_W_h__x, 0, _T, _bs)
     _tmp_d_U_h_in_gemm_rows = _rows(_tmp_d_U_h_in_gemm, _T, _bs)
     _s_h_at0 = _steps(_s_h, 0, _T, _bs)
-    _dg_U_f__h_at0 = _steps(_dg_U_f__h, 0, _T, _bs)
-    _dhg_W_f_W_h__x_at0 = _steps(_dhg_W_f_W_h__x, 0, _T, _bs)
     _grads = {}
     for _t in reversed(range(_T)):
         # stage 1 backward
@@ -307,11 +301,10 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
         d_h_tilde = d_h_next*f  # adjoint of h_tilde
         d_U_h_out = d_h_tilde*(1 - (h_tilde*h_tilde))  # adjoint of U_h @ U_h_in
         _tmp_d_h_next_rows[_t].copy_(d_h_next)
-        _dg_U_h__U_h_in_at0[_t].copy_(d_U_h_out)
-        torch.mm(_dg_U_h__U_h_in_at0[_t], _w_U_h, out=_tmp_d_U_h_in_gemm_rows[_t])
+        _dgs_W_f_W_h__x_at0[_t][:, _H:2*_H].copy_(d_U_h_out)
+        torch.mm(_dgs_W_f_W_h__x_at0[_t][:, _H:2*_H], _w_U_h, out=_tmp_d_U_h_in_gemm_rows[_t])
         # stage 0 backward
         d_U_h_in_gemm = _tmp_d_U_h_in_gemm_rows[_t]
-        d_U_h_out = _dg_U_h__U_h_in_at0[_t]
         d_h_next = _tmp_d_h_next_rows[_t]
         f = _v_f_at0[_t]
         h = _s_h_at0[_t]
@@ -319,26 +312,22 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
         d_U_h_in = d_U_h_in_gemm  # adjoint of operand of U_h_in
         d_f = d_U_h_in*h + d_h_next*(-h + h_tilde)  # adjoint of f
         d_U_f_h = d_f*f*(1 - f)  # adjoint of U_f @ h
-        d_W_f_x = d_U_f_h  # adjoint of hoisted projection W_f_x
-        d_W_h_x = d_U_h_out  # adjoint of hoisted projection W_h_x
         d_h_direct = d_U_h_in*f + d_h_next*(1 - f)  # adjoint of state h, less the recurrent product's share (the GEMM adds it)
-        _dg_U_f__h_at0[_t].copy_(d_U_f_h)
-        _dhg_W_f_W_h__x_at0[_t][:, 0:_H].copy_(d_W_f_x)
-        _dhg_W_f_W_h__x_at0[_t][:, _H:2*_H].copy_(d_W_h_x)
+        _dgs_W_f_W_h__x_at0[_t][:, 0:_H].copy_(d_U_f_h)
         _ds_h_rows[_t].copy_(d_h_direct)
-        _ds_h_rows[_t].addmm_(_dg_U_f__h_at0[_t], _w_U_f)
+        _ds_h_rows[_t].addmm_(_dgs_W_f_W_h__x_at0[_t][:, 0:_H], _w_U_f)
     # dW of U_f @ h: one GEMM over all T*B rows
-    _grads["U_f"] = _dg_U_f__h.reshape(_T * _B, _H).T @ _s_h[:_T].reshape(_T * _B, _H)
+    _grads["U_f"] = _dgs_W_f_W_h__x.reshape(_T * _B, 2*_H)[:, 0:_H].T @ _s_h[:_T].reshape(_T * _B, _H)
     # dW of U_h @ U_h_in: one GEMM over all T*B rows
-    _grads["U_h"] = _dg_U_h__U_h_in.reshape(_T * _B, _H).T @ _v_U_h_in.reshape(_T * _B, _H)
+    _grads["U_h"] = _dgs_W_f_W_h__x.reshape(_T * _B, 2*_H)[:, _H:2*_H].T @ _v_U_h_in.reshape(_T * _B, _H)
     # dW of W_f @ x, W_h @ x: one GEMM over all T*B rows
-    _dw = _dhg_W_f_W_h__x.reshape(_T * _B, 2*_H).T @ _x_x.reshape(_T * _B, _I)
+    _dw = _dgs_W_f_W_h__x.reshape(_T * _B, 2*_H).T @ _x_x.reshape(_T * _B, _I)
     _grads["W_f"] = _dw[0:_H]
     _grads["W_h"] = _dw[_H:2*_H]
-    torch.mm(_dhg_W_f_W_h__x.reshape(_T * _B, 2*_H), _w_W_f_W_h, out=_dx_x.reshape(_T * _B, _I))
-    _sum = _dg_U_f__h.reshape(_T * _B, _H).sum(0)
+    torch.mm(_dgs_W_f_W_h__x.reshape(_T * _B, 2*_H), _w_W_f_W_h, out=_dx_x.reshape(_T * _B, _I))
+    _sum = _dgs_W_f_W_h__x.reshape(_T * _B, 2*_H)[:, 0:_H].sum(0)
     _grads["b_f"] = _sum
-    _sum = _dg_U_h__U_h_in.reshape(_T * _B, _H).sum(0)
+    _sum = _dgs_W_f_W_h__x.reshape(_T * _B, 2*_H)[:, _H:2*_H].sum(0)
     _grads["b_h"] = _sum
     _grads = {"W_f": _grads["W_f"], "U_f": _grads["U_f"], "b_f": _grads["b_f"], "W_h": _grads["W_h"], "U_h": _grads["U_h"], "b_h": _grads["b_h"], }
     _d_x = _dx_x
@@ -455,14 +444,10 @@ def _backward_differentiable(_params, _x, _saved, _d_outputs, _d_final, _bs=None
         _dout_h_next = _dout_h_next * _m
     _ds_h = torch.zeros((_B, _H), dtype=_dtype, device=_device) if _d_final[0] is None else _d_final[0].to(_dtype).clone()
     _dx_x = torch.zeros((_T, _B, _I), dtype=_dtype, device=_device)
-    _dg_U_f__h = torch.zeros((_T, _B, _H), dtype=_dtype, device=_device)
-    _dg_U_h__U_h_in = torch.zeros((_T, _B, _H), dtype=_dtype, device=_device)
+    _dgs_W_f_W_h__x = torch.zeros((_T, _B, 2*_H), dtype=_dtype, device=_device)
     _tmp_d_U_h_in_gemm = torch.zeros((_B, _H), dtype=_dtype, device=_device)
-    _dhg_W_f_W_h__x = torch.zeros((_T, _B, 2*_H), dtype=_dtype, device=_device)
     _tmp_d_h_next = torch.zeros((_B, _H), dtype=_dtype, device=_device)
-    _dg_U_h__U_h_in_rows = list(_dg_U_h__U_h_in.unbind(0))
-    _dg_U_f__h_rows = list(_dg_U_f__h.unbind(0))
-    _dhg_W_f_W_h__x_rows = list(_dhg_W_f_W_h__x.unbind(0))
+    _dgs_W_f_W_h__x_rows = list(_dgs_W_f_W_h__x.unbind(0))
     _dx_x_rows = list(_dx_x.unbind(0))
     _dout_h_next_rows = list(_dout_h_next.unbind(0))
     _v_f_rows = list(_v_f.unbind(0))
@@ -479,11 +464,10 @@ def _backward_differentiable(_params, _x, _saved, _d_outputs, _d_final, _bs=None
         d_h_tilde = d_h_next*f  # adjoint of h_tilde
         d_U_h_out = d_h_tilde*(1 - (h_tilde*h_tilde))  # adjoint of U_h @ U_h_in
         _tmp_d_h_next = d_h_next
-        _dg_U_h__U_h_in_rows[_t] = d_U_h_out
-        _tmp_d_U_h_in_gemm = _dg_U_h__U_h_in_rows[_t] @ _w_U_h
+        _dgs_W_f_W_h__x_rows[_t] = torch.slice_scatter(_dgs_W_f_W_h__x_rows[_t], d_U_h_out, 1, _H, 2*_H)
+        _tmp_d_U_h_in_gemm = _dgs_W_f_W_h__x_rows[_t][:, _H:2*_H] @ _w_U_h
         # stage 0 backward
         d_U_h_in_gemm = _tmp_d_U_h_in_gemm
-        d_U_h_out = _dg_U_h__U_h_in_rows[_t]
         d_h_next = _tmp_d_h_next
         f = _v_f_rows[_t]
         h = _s_h_rows[_t]
@@ -491,29 +475,23 @@ def _backward_differentiable(_params, _x, _saved, _d_outputs, _d_final, _bs=None
         d_U_h_in = d_U_h_in_gemm  # adjoint of operand of U_h_in
         d_f = d_U_h_in*h + d_h_next*(-h + h_tilde)  # adjoint of f
         d_U_f_h = d_f*f*(1 - f)  # adjoint of U_f @ h
-        d_W_f_x = d_U_f_h  # adjoint of hoisted projection W_f_x
-        d_W_h_x = d_U_h_out  # adjoint of hoisted projection W_h_x
         d_h_direct = d_U_h_in*f + d_h_next*(1 - f)  # adjoint of state h, less the recurrent product's share (the GEMM adds it)
-        _dg_U_f__h_rows[_t] = d_U_f_h
-        _dhg_W_f_W_h__x_rows[_t] = torch.slice_scatter(_dhg_W_f_W_h__x_rows[_t], d_W_f_x, 1, 0, _H)
-        _dhg_W_f_W_h__x_rows[_t] = torch.slice_scatter(_dhg_W_f_W_h__x_rows[_t], d_W_h_x, 1, _H, 2*_H)
+        _dgs_W_f_W_h__x_rows[_t] = torch.slice_scatter(_dgs_W_f_W_h__x_rows[_t], d_U_f_h, 1, 0, _H)
         _ds_h = d_h_direct
-        _ds_h = _ds_h + _dg_U_f__h_rows[_t] @ _w_U_f
-    _dg_U_f__h = torch.stack(_dg_U_f__h_rows)
+        _ds_h = _ds_h + _dgs_W_f_W_h__x_rows[_t][:, 0:_H] @ _w_U_f
+    _dgs_W_f_W_h__x = torch.stack(_dgs_W_f_W_h__x_rows)
     # dW of U_f @ h: one GEMM over all T*B rows
-    _grads["U_f"] = _dg_U_f__h.reshape(_T * _B, _H).T @ _s_h[:_T].reshape(_T * _B, _H)
-    _dg_U_h__U_h_in = torch.stack(_dg_U_h__U_h_in_rows)
+    _grads["U_f"] = _dgs_W_f_W_h__x.reshape(_T * _B, 2*_H)[:, 0:_H].T @ _s_h[:_T].reshape(_T * _B, _H)
     # dW of U_h @ U_h_in: one GEMM over all T*B rows
-    _grads["U_h"] = _dg_U_h__U_h_in.reshape(_T * _B, _H).T @ _v_U_h_in.reshape(_T * _B, _H)
-    _dhg_W_f_W_h__x = torch.stack(_dhg_W_f_W_h__x_rows)
+    _grads["U_h"] = _dgs_W_f_W_h__x.reshape(_T * _B, 2*_H)[:, _H:2*_H].T @ _v_U_h_in.reshape(_T * _B, _H)
     # dW of W_f @ x, W_h @ x: one GEMM over all T*B rows
-    _dw = _dhg_W_f_W_h__x.reshape(_T * _B, 2*_H).T @ _x_x.reshape(_T * _B, _I)
+    _dw = _dgs_W_f_W_h__x.reshape(_T * _B, 2*_H).T @ _x_x.reshape(_T * _B, _I)
     _grads["W_f"] = _dw[0:_H]
     _grads["W_h"] = _dw[_H:2*_H]
-    _dx_x_rows = _scatter_rows(_dx_x_rows, 0, _T, None, None, _dhg_W_f_W_h__x.reshape(_T * _B, 2*_H) @ _w_W_f_W_h, add=False)
-    _sum = _dg_U_f__h.reshape(_T * _B, _H).sum(0)
+    _dx_x_rows = _scatter_rows(_dx_x_rows, 0, _T, None, None, _dgs_W_f_W_h__x.reshape(_T * _B, 2*_H) @ _w_W_f_W_h, add=False)
+    _sum = _dgs_W_f_W_h__x.reshape(_T * _B, 2*_H)[:, 0:_H].sum(0)
     _grads["b_f"] = _sum
-    _sum = _dg_U_h__U_h_in.reshape(_T * _B, _H).sum(0)
+    _sum = _dgs_W_f_W_h__x.reshape(_T * _B, 2*_H)[:, _H:2*_H].sum(0)
     _grads["b_h"] = _sum
     _dx_x = torch.stack(_dx_x_rows)
     _grads = {"W_f": _grads["W_f"], "U_f": _grads["U_f"], "b_f": _grads["b_f"], "W_h": _grads["W_h"], "U_h": _grads["U_h"], "b_h": _grads["b_h"], }
@@ -674,7 +652,7 @@ def _custom_ops(name, forward, backward, forward_schema, backward_schema, forwar
 #: the PyTorch engine's forward and backward as custom ops (the engine itself is the fake:
 #: it runs on fake tensors)
 _ENGINE_OPS = _custom_ops(
-    "mgu_engine_6f0542845f9f", _engine_op_forward_impl, _engine_op_backward_impl,
+    "mgu_engine_f4a47d7feba3", _engine_op_forward_impl, _engine_op_backward_impl,
     "(Tensor[] xs, Tensor[] states, Tensor[] params) -> Tensor[]",
     "(Tensor[] args, Tensor[] saved, Tensor?[] d_outputs, Tensor?[] d_finals) -> Tensor[]",
     _engine_op_forward_impl, _engine_op_backward_impl, _engine_op_backward, _engine_op_setup_context,
@@ -1033,7 +1011,7 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     if _bs is not None:  # outputs past a sequence's end are constant zeros
         _m = _native_active(_bs, _B, _xs)
         _d_outputs = tuple(None if _d is None else _d * _m for _d in _d_outputs)
-    dg_U_f__h, dg_U_h__U_h_in, tmp_d_U_h_in_gemm, dhg_W_f_W_h__x, tmp_d_h_next = _scratch((_T, _B, _H), (_T, _B, _H), (_B, _H), (_T, _B, 2*_H), (_B, _H))
+    dgs_W_f_W_h__x, tmp_d_U_h_in_gemm, tmp_d_h_next = _scratch((_T, _B, 2*_H), (_B, _H), (_B, _H))
     x_x = _xs[0].contiguous()
     s_h = _saved[0]
     v_f = _saved[1]
@@ -1048,14 +1026,14 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     _grads_1 = _gempty((2, _H)).unbind(0)
     _grads = {"W_f": _rows_dw_W_f_W_h[0], "U_f": _grads_0[0], "b_f": _grads_1[0], "W_h": _rows_dw_W_f_W_h[1], "U_h": _grads_0[1], "b_h": _grads_1[1]}
     if _lib is not None:
-        _lib("backward", _dims, [x_x, s_h, v_f, v_U_h_in, v_h_tilde, dout_h_next, ds_h, dx_x, dg_U_f__h, dg_U_h__U_h_in, tmp_d_U_h_in_gemm, dhg_W_f_W_h__x, tmp_d_h_next, dw_W_f_W_h, _stacked(_params["W_f"], _params["W_h"]), _params["U_f"].contiguous(), _params["U_h"].contiguous(), *_grads.values(), _bs])
+        _lib("backward", _dims, [x_x, s_h, v_f, v_U_h_in, v_h_tilde, dout_h_next, ds_h, dx_x, dgs_W_f_W_h__x, tmp_d_U_h_in_gemm, tmp_d_h_next, dw_W_f_W_h, _stacked(_params["W_f"], _params["W_h"]), _params["U_f"].contiguous(), _params["U_h"].contiguous(), *_grads.values(), _bs])
     return _grads, (dx_x,), (ds_h,)
 
 
 # The same two calls as PyTorch custom ops, for torch.compile (which traces them through their
 # fake implementations: the allocations above, without the call). Registered once per process
 # and content of this file; outputs are copies (an op's outputs may not alias each other).
-_OP = "mgu_4bf7857677bf"
+_OP = "mgu_78688733a3c6"
 
 
 def _op_forward_impl(xs: list[torch.Tensor], states: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -173,49 +173,53 @@ def _forward(_params, _x, _state, _bs=None):
     b_in = np.asarray(_params["b_in"], _dtype)
     b_hn = np.asarray(_params["b_hn"], _dtype)
     _x_x = np.asarray(_arrays(_x)[0], _dtype)
-    _wt_W_ir_W_iz_W_in = np.ascontiguousarray(np.concatenate([W_ir, W_iz, W_in]).T)
+    _wt_W_in_W_ir_W_iz = np.ascontiguousarray(np.concatenate([W_in, W_ir, W_iz]).T)
     _wt_W_hr_W_hz_W_hn = np.ascontiguousarray(np.concatenate([W_hr, W_hz, W_hn]).T)
     _state0 = _initial_state(_state, _B, _dtype, (_H, ))
     _s_h = np.empty((_T + 1, _B, _H), _dtype)
     _s_h[0] = _state0[0]
     _hg_W_ir_W_iz_W_in__x = np.empty((_T, _B, 3*_H), _dtype)
-    _g_W_hr_W_hz_W_hn__h = np.empty((_T, _B, 3*_H), _dtype)
+    _v_W_hn_h = np.empty((_T, _B, _H), _dtype)
+    _g_W_hr_W_hz_W_hn__h = np.empty((_B, 3*_H), _dtype)
     _v_r = np.empty((_T, _B, _H), _dtype)
     _v_z = np.empty((_T, _B, _H), _dtype)
     _v_n = np.empty((_T, _B, _H), _dtype)
     if _bs is not None:
-        _g_W_hr_W_hz_W_hn__h[...] = 0
         _v_r[...] = 0
         _v_z[...] = 0
         _v_n[...] = 0
+        _v_W_hn_h[...] = 0
     _s_h_at0 = _steps(_s_h, 0, _T, _bs)
-    _g_W_hr_W_hz_W_hn__h_at0 = _steps(_g_W_hr_W_hz_W_hn__h, 0, _T, _bs)
+    _g_W_hr_W_hz_W_hn__h_rows = _rows(_g_W_hr_W_hz_W_hn__h, _T, _bs)
     _hg_W_ir_W_iz_W_in__x_at0 = _steps(_hg_W_ir_W_iz_W_in__x, 0, _T, _bs)
     _v_r_at0 = _steps(_v_r, 0, _T, _bs)
     _v_z_at0 = _steps(_v_z, 0, _T, _bs)
     _v_n_at0 = _steps(_v_n, 0, _T, _bs)
     _s_h_at1 = _steps(_s_h, 1, _T, _bs)
-    # W_ir @ x, W_iz @ x, W_in @ x
-    np.matmul(_x_x.reshape(_T * _B, _I), _wt_W_ir_W_iz_W_in, out=_hg_W_ir_W_iz_W_in__x.reshape(_T * _B, 3*_H))
+    _v_W_hn_h_at0 = _steps(_v_W_hn_h, 0, _T, _bs)
+    # W_in @ x, W_ir @ x, W_iz @ x
+    np.matmul(_x_x.reshape(_T * _B, _I), _wt_W_in_W_ir_W_iz, out=_hg_W_ir_W_iz_W_in__x.reshape(_T * _B, 3*_H))
     for _t in range(_T):
         # W_hr @ h, W_hz @ h, W_hn @ h
-        np.matmul(_s_h_at0[_t], _wt_W_hr_W_hz_W_hn, out=_g_W_hr_W_hz_W_hn__h_at0[_t])
+        np.matmul(_s_h_at0[_t], _wt_W_hr_W_hz_W_hn, out=_g_W_hr_W_hz_W_hn__h_rows[_t])
         # stage 0 forward
-        W_hn_h = _g_W_hr_W_hz_W_hn__h_at0[_t][:, 2*_H:3*_H]
-        W_hr_h = _g_W_hr_W_hz_W_hn__h_at0[_t][:, 0:_H]
-        W_hz_h = _g_W_hr_W_hz_W_hn__h_at0[_t][:, _H:2*_H]
-        W_in_x = _hg_W_ir_W_iz_W_in__x_at0[_t][:, 2*_H:3*_H]
-        W_ir_x = _hg_W_ir_W_iz_W_in__x_at0[_t][:, 0:_H]
-        W_iz_x = _hg_W_ir_W_iz_W_in__x_at0[_t][:, _H:2*_H]
+        W_hn_h = _g_W_hr_W_hz_W_hn__h_rows[_t][:, 2*_H:3*_H]
+        W_hr_h = _g_W_hr_W_hz_W_hn__h_rows[_t][:, 0:_H]
+        W_hz_h = _g_W_hr_W_hz_W_hn__h_rows[_t][:, _H:2*_H]
+        W_in_x = _hg_W_ir_W_iz_W_in__x_at0[_t][:, 0:_H]
+        W_ir_x = _hg_W_ir_W_iz_W_in__x_at0[_t][:, _H:2*_H]
+        W_iz_x = _hg_W_ir_W_iz_W_in__x_at0[_t][:, 2*_H:3*_H]
         h = _s_h_at0[_t]
         r = _sigmoid(W_hr_h + W_ir_x + b_hr + b_ir)  # torch_gru.cell:14  r = sigmoid(W_ir @ x + b_ir + W_hr @ h + b_hr)
         z = _sigmoid(W_hz_h + W_iz_x + b_hz + b_iz)  # torch_gru.cell:15  z = sigmoid(W_iz @ x + b_iz + W_hz @ h + b_hz)
         n = np.tanh(W_in_x + b_in + r*(W_hn_h + b_hn))  # torch_gru.cell:16  n = tanh(W_in @ x + b_in + r * (W_hn @ h + b_hn))
         h_next = h*z + n*(1 - z)  # torch_gru.cell:17  h' = (1 - z) * n + z * h
+        W_hn_h_kept = W_hn_h  # W_hn @ h, kept for the backward
         _v_r_at0[_t][...] = r
         _v_z_at0[_t][...] = z
         _v_n_at0[_t][...] = n
         _s_h_at1[_t][...] = h_next
+        _v_W_hn_h_at0[_t][...] = W_hn_h_kept
         if _bs is not None:  # ended sequences hold their state
             _s_h[_t + 1, _bs[_t]:][...] = _s_h[_t, _bs[_t]:]
     _outputs = (_s_h[1:],)
@@ -223,7 +227,7 @@ def _forward(_params, _x, _state, _bs=None):
         _m = _active(_bs, _B, _dtype)
         _outputs = tuple(_o * _m for _o in _outputs)
     _final = (_s_h[_T], )
-    _saved = {"s_h": _s_h, "g_W_hr_W_hz_W_hn__h": _g_W_hr_W_hz_W_hn__h, "v_r": _v_r, "v_z": _v_z, "v_n": _v_n, }
+    _saved = {"s_h": _s_h, "v_W_hn_h": _v_W_hn_h, "v_r": _v_r, "v_z": _v_z, "v_n": _v_n, }
     return _outputs[0], _final[0], _saved
 
 
@@ -245,7 +249,7 @@ def _inference(_params, _x, _state, _bs=None):
     b_in = np.asarray(_params["b_in"], _dtype)
     b_hn = np.asarray(_params["b_hn"], _dtype)
     _x_x = np.asarray(_arrays(_x)[0], _dtype)
-    _wt_W_ir_W_iz_W_in = np.ascontiguousarray(np.concatenate([W_ir, W_iz, W_in]).T)
+    _wt_W_in_W_ir_W_iz = np.ascontiguousarray(np.concatenate([W_in, W_ir, W_iz]).T)
     _wt_W_hr_W_hz_W_hn = np.ascontiguousarray(np.concatenate([W_hr, W_hz, W_hn]).T)
     _state0 = _initial_state(_state, _B, _dtype, (_H, ))
     _s_h = np.empty((_T + 1, _B, _H), _dtype)
@@ -256,8 +260,8 @@ def _inference(_params, _x, _state, _bs=None):
     _g_W_hr_W_hz_W_hn__h_rows = _rows(_g_W_hr_W_hz_W_hn__h, _T, _bs)
     _hg_W_ir_W_iz_W_in__x_at0 = _steps(_hg_W_ir_W_iz_W_in__x, 0, _T, _bs)
     _s_h_at1 = _steps(_s_h, 1, _T, _bs)
-    # W_ir @ x, W_iz @ x, W_in @ x
-    np.matmul(_x_x.reshape(_T * _B, _I), _wt_W_ir_W_iz_W_in, out=_hg_W_ir_W_iz_W_in__x.reshape(_T * _B, 3*_H))
+    # W_in @ x, W_ir @ x, W_iz @ x
+    np.matmul(_x_x.reshape(_T * _B, _I), _wt_W_in_W_ir_W_iz, out=_hg_W_ir_W_iz_W_in__x.reshape(_T * _B, 3*_H))
     for _t in range(_T):
         # W_hr @ h, W_hz @ h, W_hn @ h
         np.matmul(_s_h_at0[_t], _wt_W_hr_W_hz_W_hn, out=_g_W_hr_W_hz_W_hn__h_rows[_t])
@@ -265,9 +269,9 @@ def _inference(_params, _x, _state, _bs=None):
         W_hn_h = _g_W_hr_W_hz_W_hn__h_rows[_t][:, 2*_H:3*_H]
         W_hr_h = _g_W_hr_W_hz_W_hn__h_rows[_t][:, 0:_H]
         W_hz_h = _g_W_hr_W_hz_W_hn__h_rows[_t][:, _H:2*_H]
-        W_in_x = _hg_W_ir_W_iz_W_in__x_at0[_t][:, 2*_H:3*_H]
-        W_ir_x = _hg_W_ir_W_iz_W_in__x_at0[_t][:, 0:_H]
-        W_iz_x = _hg_W_ir_W_iz_W_in__x_at0[_t][:, _H:2*_H]
+        W_in_x = _hg_W_ir_W_iz_W_in__x_at0[_t][:, 0:_H]
+        W_ir_x = _hg_W_ir_W_iz_W_in__x_at0[_t][:, _H:2*_H]
+        W_iz_x = _hg_W_ir_W_iz_W_in__x_at0[_t][:, 2*_H:3*_H]
         h = _s_h_at0[_t]
         r = _sigmoid(W_hr_h + W_ir_x + b_hr + b_ir)  # torch_gru.cell:14  r = sigmoid(W_ir @ x + b_ir + W_hr @ h + b_hr)
         z = _sigmoid(W_hz_h + W_iz_x + b_hz + b_iz)  # torch_gru.cell:15  z = sigmoid(W_iz @ x + b_iz + W_hz @ h + b_hz)
@@ -302,10 +306,10 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
     b_in = np.asarray(_params["b_in"], _dtype)
     b_hn = np.asarray(_params["b_hn"], _dtype)
     _x_x = np.asarray(_arrays(_x)[0], _dtype)
-    _w_W_ir_W_iz_W_in = np.concatenate([W_ir, W_iz, W_in])
+    _w_W_in_W_ir_W_iz = np.concatenate([W_in, W_ir, W_iz])
     _w_W_hr_W_hz_W_hn = np.concatenate([W_hr, W_hz, W_hn])
     _s_h = _saved["s_h"]
-    _g_W_hr_W_hz_W_hn__h = _saved["g_W_hr_W_hz_W_hn__h"]
+    _v_W_hn_h = _saved["v_W_hn_h"]
     _v_r = _saved["v_r"]
     _v_z = _saved["v_z"]
     _v_n = _saved["v_n"]
@@ -317,24 +321,21 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
         _dout_h_next = _dout_h_next * _m
     _ds_h = np.zeros((_B, _H), _dtype) if _d_final[0] is None else np.array(np.asarray(_d_final[0], _dtype), copy=True)
     _dx_x = np.empty((_T, _B, _I), _dtype)
-    _dg_W_hr_W_hz_W_hn__h = np.empty((_T, _B, 3*_H), _dtype)
-    _dhg_W_ir_W_iz_W_in__x = np.empty((_T, _B, 3*_H), _dtype)
+    _dgs_W_in_W_ir_W_iz__x = np.empty((_T, _B, 4*_H), _dtype)
     if _bs is not None:
-        _dg_W_hr_W_hz_W_hn__h[...] = 0
-        _dhg_W_ir_W_iz_W_in__x[...] = 0
-    _g_W_hr_W_hz_W_hn__h_at0 = _steps(_g_W_hr_W_hz_W_hn__h, 0, _T, _bs)
+        _dgs_W_in_W_ir_W_iz__x[...] = 0
+    _v_W_hn_h_at0 = _steps(_v_W_hn_h, 0, _T, _bs)
     _ds_h_rows = _rows(_ds_h, _T, _bs)
     _dout_h_next_at0 = _steps(_dout_h_next, 0, _T, _bs)
     _s_h_at0 = _steps(_s_h, 0, _T, _bs)
     _v_n_at0 = _steps(_v_n, 0, _T, _bs)
     _v_r_at0 = _steps(_v_r, 0, _T, _bs)
     _v_z_at0 = _steps(_v_z, 0, _T, _bs)
-    _dg_W_hr_W_hz_W_hn__h_at0 = _steps(_dg_W_hr_W_hz_W_hn__h, 0, _T, _bs)
-    _dhg_W_ir_W_iz_W_in__x_at0 = _steps(_dhg_W_ir_W_iz_W_in__x, 0, _T, _bs)
+    _dgs_W_in_W_ir_W_iz__x_at0 = _steps(_dgs_W_in_W_ir_W_iz__x, 0, _T, _bs)
     _grads = {}
     for _t in reversed(range(_T)):
         # stage 0 backward
-        W_hn_h = _g_W_hr_W_hz_W_hn__h_at0[_t][:, 2*_H:3*_H]
+        W_hn_h = _v_W_hn_h_at0[_t]
         d_h = _ds_h_rows[_t]
         d_h_next_out = _dout_h_next_at0[_t]
         h = _s_h_at0[_t]
@@ -351,37 +352,33 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
         d_W_hz_h = d_z*t0*z  # adjoint of W_hz @ h
         d_W_hn_h = r*t1  # adjoint of W_hn @ h
         d_b_in = t1  # adjoint of param b_in
-        d_W_ir_x = d_W_hr_h  # adjoint of hoisted projection W_ir_x
-        d_W_iz_x = d_W_hz_h  # adjoint of hoisted projection W_iz_x
         d_h_direct = d_h_next*z  # adjoint of state h, less the recurrent product's share (the GEMM adds it)
-        _dg_W_hr_W_hz_W_hn__h_at0[_t][:, 0:_H][...] = d_W_hr_h
-        _dg_W_hr_W_hz_W_hn__h_at0[_t][:, _H:2*_H][...] = d_W_hz_h
-        _dg_W_hr_W_hz_W_hn__h_at0[_t][:, 2*_H:3*_H][...] = d_W_hn_h
-        _dhg_W_ir_W_iz_W_in__x_at0[_t][:, 2*_H:3*_H][...] = d_b_in
-        _dhg_W_ir_W_iz_W_in__x_at0[_t][:, 0:_H][...] = d_W_ir_x
-        _dhg_W_ir_W_iz_W_in__x_at0[_t][:, _H:2*_H][...] = d_W_iz_x
+        _dgs_W_in_W_ir_W_iz__x_at0[_t][:, _H:2*_H][...] = d_W_hr_h
+        _dgs_W_in_W_ir_W_iz__x_at0[_t][:, 2*_H:3*_H][...] = d_W_hz_h
+        _dgs_W_in_W_ir_W_iz__x_at0[_t][:, 3*_H:4*_H][...] = d_W_hn_h
+        _dgs_W_in_W_ir_W_iz__x_at0[_t][:, 0:_H][...] = d_b_in
         _ds_h_rows[_t][...] = d_h_direct
-        _ds_h_rows[_t][...] += _dg_W_hr_W_hz_W_hn__h_at0[_t] @ _w_W_hr_W_hz_W_hn
+        _ds_h_rows[_t][...] += _dgs_W_in_W_ir_W_iz__x_at0[_t][:, _H:4*_H] @ _w_W_hr_W_hz_W_hn
     # dW of W_hr @ h, W_hz @ h, W_hn @ h: one GEMM over all T*B rows
-    _dw = _dg_W_hr_W_hz_W_hn__h.reshape(_T * _B, 3*_H).T @ _s_h[:_T].reshape(_T * _B, _H)
+    _dw = _dgs_W_in_W_ir_W_iz__x.reshape(_T * _B, 4*_H)[:, _H:4*_H].T @ _s_h[:_T].reshape(_T * _B, _H)
     _grads["W_hr"] = _dw[0:_H]
     _grads["W_hz"] = _dw[_H:2*_H]
     _grads["W_hn"] = _dw[2*_H:3*_H]
-    # dW of W_ir @ x, W_iz @ x, W_in @ x: one GEMM over all T*B rows
-    _dw = _dhg_W_ir_W_iz_W_in__x.reshape(_T * _B, 3*_H).T @ _x_x.reshape(_T * _B, _I)
-    _grads["W_ir"] = _dw[0:_H]
-    _grads["W_iz"] = _dw[_H:2*_H]
-    _grads["W_in"] = _dw[2*_H:3*_H]
-    np.matmul(_dhg_W_ir_W_iz_W_in__x.reshape(_T * _B, 3*_H), _w_W_ir_W_iz_W_in, out=_dx_x.reshape(_T * _B, _I))
-    _sum = _dg_W_hr_W_hz_W_hn__h.reshape(_T * _B, 3*_H)[:, 0:_H].sum(0)
+    # dW of W_in @ x, W_ir @ x, W_iz @ x: one GEMM over all T*B rows
+    _dw = _dgs_W_in_W_ir_W_iz__x.reshape(_T * _B, 4*_H)[:, 0:3*_H].T @ _x_x.reshape(_T * _B, _I)
+    _grads["W_in"] = _dw[0:_H]
+    _grads["W_ir"] = _dw[_H:2*_H]
+    _grads["W_iz"] = _dw[2*_H:3*_H]
+    np.matmul(_dgs_W_in_W_ir_W_iz__x.reshape(_T * _B, 4*_H)[:, 0:3*_H], _w_W_in_W_ir_W_iz, out=_dx_x.reshape(_T * _B, _I))
+    _sum = _dgs_W_in_W_ir_W_iz__x.reshape(_T * _B, 4*_H)[:, _H:2*_H].sum(0)
     _grads["b_ir"] = _sum
     _grads["b_hr"] = _sum
-    _sum = _dg_W_hr_W_hz_W_hn__h.reshape(_T * _B, 3*_H)[:, _H:2*_H].sum(0)
+    _sum = _dgs_W_in_W_ir_W_iz__x.reshape(_T * _B, 4*_H)[:, 2*_H:3*_H].sum(0)
     _grads["b_iz"] = _sum
     _grads["b_hz"] = _sum
-    _sum = _dhg_W_ir_W_iz_W_in__x.reshape(_T * _B, 3*_H)[:, 2*_H:3*_H].sum(0)
+    _sum = _dgs_W_in_W_ir_W_iz__x.reshape(_T * _B, 4*_H)[:, 0:_H].sum(0)
     _grads["b_in"] = _sum
-    _sum = _dg_W_hr_W_hz_W_hn__h.reshape(_T * _B, 3*_H)[:, 2*_H:3*_H].sum(0)
+    _sum = _dgs_W_in_W_ir_W_iz__x.reshape(_T * _B, 4*_H)[:, 3*_H:4*_H].sum(0)
     _grads["b_hn"] = _sum
     _grads = {"W_ir": _grads["W_ir"], "W_hr": _grads["W_hr"], "b_ir": _grads["b_ir"], "b_hr": _grads["b_hr"], "W_iz": _grads["W_iz"], "W_hz": _grads["W_hz"], "b_iz": _grads["b_iz"], "b_hz": _grads["b_hz"], "W_in": _grads["W_in"], "W_hn": _grads["W_hn"], "b_in": _grads["b_in"], "b_hn": _grads["b_hn"], }
     _d_x = _dx_x

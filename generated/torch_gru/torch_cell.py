@@ -51,7 +51,7 @@ OUTPUTS = ("h'",)
 INITS = {"W_ir": ("default",), "W_hr": ("default",), "b_ir": ("default",), "b_hr": ("default",), "W_iz": ("default",), "W_hz": ("default",), "b_iz": ("default",), "b_hz": ("default",), "W_in": ("default",), "W_hn": ("default",), "b_in": ("default",), "b_hn": ("default",)}
 #: spec param matrices the native library multiplies by as one stack (rows one after another);
 #: the modules keep each stack in one block of memory (flatten_parameters)
-STACKS = (("W_ir", "W_iz", "W_in"), ("W_hr", "W_hz", "W_hn"),)
+STACKS = (("W_in", "W_ir", "W_iz"), ("W_hr", "W_hz", "W_hn"),)
 SAVED = ("r", "z", "n", "W_hn_h",)
 BACKENDS = ("auto", "generated", "autograd", "fused", "cuda")
 
@@ -144,49 +144,53 @@ def _forward(_params, _x, _state, _bs=None):
     b_in = _params["b_in"].to(_dtype)
     b_hn = _params["b_hn"].to(_dtype)
     _x_x = _arrays(_x)[0].to(_dtype)
-    _wt_W_ir_W_iz_W_in = torch.cat([W_ir, W_iz, W_in]).T.contiguous()
+    _wt_W_in_W_ir_W_iz = torch.cat([W_in, W_ir, W_iz]).T.contiguous()
     _wt_W_hr_W_hz_W_hn = torch.cat([W_hr, W_hz, W_hn]).T.contiguous()
     _state0 = _initial_state(_state, _B, _dtype, _device, (_H, ))
     _s_h = torch.empty((_T + 1, _B, _H), dtype=_dtype, device=_device)
     _s_h[0] = _state0[0]
     _hg_W_ir_W_iz_W_in__x = torch.empty((_T, _B, 3*_H), dtype=_dtype, device=_device)
-    _g_W_hr_W_hz_W_hn__h = torch.empty((_T, _B, 3*_H), dtype=_dtype, device=_device)
+    _v_W_hn_h = torch.empty((_T, _B, _H), dtype=_dtype, device=_device)
+    _g_W_hr_W_hz_W_hn__h = torch.empty((_B, 3*_H), dtype=_dtype, device=_device)
     _v_r = torch.empty((_T, _B, _H), dtype=_dtype, device=_device)
     _v_z = torch.empty((_T, _B, _H), dtype=_dtype, device=_device)
     _v_n = torch.empty((_T, _B, _H), dtype=_dtype, device=_device)
     if _bs is not None:
-        _g_W_hr_W_hz_W_hn__h.zero_()
         _v_r.zero_()
         _v_z.zero_()
         _v_n.zero_()
+        _v_W_hn_h.zero_()
     _s_h_at0 = _steps(_s_h, 0, _T, _bs)
-    _g_W_hr_W_hz_W_hn__h_at0 = _steps(_g_W_hr_W_hz_W_hn__h, 0, _T, _bs)
+    _g_W_hr_W_hz_W_hn__h_rows = _rows(_g_W_hr_W_hz_W_hn__h, _T, _bs)
     _hg_W_ir_W_iz_W_in__x_at0 = _steps(_hg_W_ir_W_iz_W_in__x, 0, _T, _bs)
     _v_r_at0 = _steps(_v_r, 0, _T, _bs)
     _v_z_at0 = _steps(_v_z, 0, _T, _bs)
     _v_n_at0 = _steps(_v_n, 0, _T, _bs)
     _s_h_at1 = _steps(_s_h, 1, _T, _bs)
-    # W_ir @ x, W_iz @ x, W_in @ x
-    torch.mm(_x_x.reshape(_T * _B, _I), _wt_W_ir_W_iz_W_in, out=_hg_W_ir_W_iz_W_in__x.reshape(_T * _B, 3*_H))
+    _v_W_hn_h_at0 = _steps(_v_W_hn_h, 0, _T, _bs)
+    # W_in @ x, W_ir @ x, W_iz @ x
+    torch.mm(_x_x.reshape(_T * _B, _I), _wt_W_in_W_ir_W_iz, out=_hg_W_ir_W_iz_W_in__x.reshape(_T * _B, 3*_H))
     for _t in range(_T):
         # W_hr @ h, W_hz @ h, W_hn @ h
-        torch.mm(_s_h_at0[_t], _wt_W_hr_W_hz_W_hn, out=_g_W_hr_W_hz_W_hn__h_at0[_t])
+        torch.mm(_s_h_at0[_t], _wt_W_hr_W_hz_W_hn, out=_g_W_hr_W_hz_W_hn__h_rows[_t])
         # stage 0 forward
-        W_hn_h = _g_W_hr_W_hz_W_hn__h_at0[_t][:, 2*_H:3*_H]
-        W_hr_h = _g_W_hr_W_hz_W_hn__h_at0[_t][:, 0:_H]
-        W_hz_h = _g_W_hr_W_hz_W_hn__h_at0[_t][:, _H:2*_H]
-        W_in_x = _hg_W_ir_W_iz_W_in__x_at0[_t][:, 2*_H:3*_H]
-        W_ir_x = _hg_W_ir_W_iz_W_in__x_at0[_t][:, 0:_H]
-        W_iz_x = _hg_W_ir_W_iz_W_in__x_at0[_t][:, _H:2*_H]
+        W_hn_h = _g_W_hr_W_hz_W_hn__h_rows[_t][:, 2*_H:3*_H]
+        W_hr_h = _g_W_hr_W_hz_W_hn__h_rows[_t][:, 0:_H]
+        W_hz_h = _g_W_hr_W_hz_W_hn__h_rows[_t][:, _H:2*_H]
+        W_in_x = _hg_W_ir_W_iz_W_in__x_at0[_t][:, 0:_H]
+        W_ir_x = _hg_W_ir_W_iz_W_in__x_at0[_t][:, _H:2*_H]
+        W_iz_x = _hg_W_ir_W_iz_W_in__x_at0[_t][:, 2*_H:3*_H]
         h = _s_h_at0[_t]
         r = torch.sigmoid(W_hr_h + W_ir_x + b_hr + b_ir)  # torch_gru.cell:14  r = sigmoid(W_ir @ x + b_ir + W_hr @ h + b_hr)
         z = torch.sigmoid(W_hz_h + W_iz_x + b_hz + b_iz)  # torch_gru.cell:15  z = sigmoid(W_iz @ x + b_iz + W_hz @ h + b_hz)
         n = torch.tanh(W_in_x + b_in + r*(W_hn_h + b_hn))  # torch_gru.cell:16  n = tanh(W_in @ x + b_in + r * (W_hn @ h + b_hn))
         h_next = h*z + n*(1 - z)  # torch_gru.cell:17  h' = (1 - z) * n + z * h
+        W_hn_h_kept = W_hn_h  # W_hn @ h, kept for the backward
         _v_r_at0[_t].copy_(r)
         _v_z_at0[_t].copy_(z)
         _v_n_at0[_t].copy_(n)
         _s_h_at1[_t].copy_(h_next)
+        _v_W_hn_h_at0[_t].copy_(W_hn_h_kept)
         if _bs is not None:  # ended sequences hold their state
             _s_h[_t + 1, _bs[_t]:].copy_(_s_h[_t, _bs[_t]:])
     _outputs = (_s_h[1:],)
@@ -194,7 +198,7 @@ def _forward(_params, _x, _state, _bs=None):
         _m = _active(_bs, _B, _dtype, _device)
         _outputs = tuple(_o * _m for _o in _outputs)
     _final = (_s_h[_T], )
-    _saved = {"s_h": _s_h, "g_W_hr_W_hz_W_hn__h": _g_W_hr_W_hz_W_hn__h, "v_r": _v_r, "v_z": _v_z, "v_n": _v_n, }
+    _saved = {"s_h": _s_h, "v_W_hn_h": _v_W_hn_h, "v_r": _v_r, "v_z": _v_z, "v_n": _v_n, }
     return _outputs[0], _final[0], _saved
 
 
@@ -216,7 +220,7 @@ def _inference(_params, _x, _state, _bs=None):
     b_in = _params["b_in"].to(_dtype)
     b_hn = _params["b_hn"].to(_dtype)
     _x_x = _arrays(_x)[0].to(_dtype)
-    _wt_W_ir_W_iz_W_in = torch.cat([W_ir, W_iz, W_in]).T.contiguous()
+    _wt_W_in_W_ir_W_iz = torch.cat([W_in, W_ir, W_iz]).T.contiguous()
     _wt_W_hr_W_hz_W_hn = torch.cat([W_hr, W_hz, W_hn]).T.contiguous()
     _state0 = _initial_state(_state, _B, _dtype, _device, (_H, ))
     _s_h = torch.empty((_T + 1, _B, _H), dtype=_dtype, device=_device)
@@ -227,8 +231,8 @@ def _inference(_params, _x, _state, _bs=None):
     _g_W_hr_W_hz_W_hn__h_rows = _rows(_g_W_hr_W_hz_W_hn__h, _T, _bs)
     _hg_W_ir_W_iz_W_in__x_at0 = _steps(_hg_W_ir_W_iz_W_in__x, 0, _T, _bs)
     _s_h_at1 = _steps(_s_h, 1, _T, _bs)
-    # W_ir @ x, W_iz @ x, W_in @ x
-    torch.mm(_x_x.reshape(_T * _B, _I), _wt_W_ir_W_iz_W_in, out=_hg_W_ir_W_iz_W_in__x.reshape(_T * _B, 3*_H))
+    # W_in @ x, W_ir @ x, W_iz @ x
+    torch.mm(_x_x.reshape(_T * _B, _I), _wt_W_in_W_ir_W_iz, out=_hg_W_ir_W_iz_W_in__x.reshape(_T * _B, 3*_H))
     for _t in range(_T):
         # W_hr @ h, W_hz @ h, W_hn @ h
         torch.mm(_s_h_at0[_t], _wt_W_hr_W_hz_W_hn, out=_g_W_hr_W_hz_W_hn__h_rows[_t])
@@ -236,9 +240,9 @@ def _inference(_params, _x, _state, _bs=None):
         W_hn_h = _g_W_hr_W_hz_W_hn__h_rows[_t][:, 2*_H:3*_H]
         W_hr_h = _g_W_hr_W_hz_W_hn__h_rows[_t][:, 0:_H]
         W_hz_h = _g_W_hr_W_hz_W_hn__h_rows[_t][:, _H:2*_H]
-        W_in_x = _hg_W_ir_W_iz_W_in__x_at0[_t][:, 2*_H:3*_H]
-        W_ir_x = _hg_W_ir_W_iz_W_in__x_at0[_t][:, 0:_H]
-        W_iz_x = _hg_W_ir_W_iz_W_in__x_at0[_t][:, _H:2*_H]
+        W_in_x = _hg_W_ir_W_iz_W_in__x_at0[_t][:, 0:_H]
+        W_ir_x = _hg_W_ir_W_iz_W_in__x_at0[_t][:, _H:2*_H]
+        W_iz_x = _hg_W_ir_W_iz_W_in__x_at0[_t][:, 2*_H:3*_H]
         h = _s_h_at0[_t]
         r = torch.sigmoid(W_hr_h + W_ir_x + b_hr + b_ir)  # torch_gru.cell:14  r = sigmoid(W_ir @ x + b_ir + W_hr @ h + b_hr)
         z = torch.sigmoid(W_hz_h + W_iz_x + b_hz + b_iz)  # torch_gru.cell:15  z = sigmoid(W_iz @ x + b_iz + W_hz @ h + b_hz)
@@ -273,10 +277,10 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
     b_in = _params["b_in"].to(_dtype)
     b_hn = _params["b_hn"].to(_dtype)
     _x_x = _arrays(_x)[0].to(_dtype)
-    _w_W_ir_W_iz_W_in = torch.cat([W_ir, W_iz, W_in])
+    _w_W_in_W_ir_W_iz = torch.cat([W_in, W_ir, W_iz])
     _w_W_hr_W_hz_W_hn = torch.cat([W_hr, W_hz, W_hn])
     _s_h = _saved["s_h"]
-    _g_W_hr_W_hz_W_hn__h = _saved["g_W_hr_W_hz_W_hn__h"]
+    _v_W_hn_h = _saved["v_W_hn_h"]
     _v_r = _saved["v_r"]
     _v_z = _saved["v_z"]
     _v_n = _saved["v_n"]
@@ -288,24 +292,21 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
         _dout_h_next = _dout_h_next * _m
     _ds_h = torch.zeros((_B, _H), dtype=_dtype, device=_device) if _d_final[0] is None else _d_final[0].to(_dtype).clone()
     _dx_x = torch.empty((_T, _B, _I), dtype=_dtype, device=_device)
-    _dg_W_hr_W_hz_W_hn__h = torch.empty((_T, _B, 3*_H), dtype=_dtype, device=_device)
-    _dhg_W_ir_W_iz_W_in__x = torch.empty((_T, _B, 3*_H), dtype=_dtype, device=_device)
+    _dgs_W_in_W_ir_W_iz__x = torch.empty((_T, _B, 4*_H), dtype=_dtype, device=_device)
     if _bs is not None:
-        _dg_W_hr_W_hz_W_hn__h.zero_()
-        _dhg_W_ir_W_iz_W_in__x.zero_()
-    _g_W_hr_W_hz_W_hn__h_at0 = _steps(_g_W_hr_W_hz_W_hn__h, 0, _T, _bs)
+        _dgs_W_in_W_ir_W_iz__x.zero_()
+    _v_W_hn_h_at0 = _steps(_v_W_hn_h, 0, _T, _bs)
     _ds_h_rows = _rows(_ds_h, _T, _bs)
     _dout_h_next_at0 = _steps(_dout_h_next, 0, _T, _bs)
     _s_h_at0 = _steps(_s_h, 0, _T, _bs)
     _v_n_at0 = _steps(_v_n, 0, _T, _bs)
     _v_r_at0 = _steps(_v_r, 0, _T, _bs)
     _v_z_at0 = _steps(_v_z, 0, _T, _bs)
-    _dg_W_hr_W_hz_W_hn__h_at0 = _steps(_dg_W_hr_W_hz_W_hn__h, 0, _T, _bs)
-    _dhg_W_ir_W_iz_W_in__x_at0 = _steps(_dhg_W_ir_W_iz_W_in__x, 0, _T, _bs)
+    _dgs_W_in_W_ir_W_iz__x_at0 = _steps(_dgs_W_in_W_ir_W_iz__x, 0, _T, _bs)
     _grads = {}
     for _t in reversed(range(_T)):
         # stage 0 backward
-        W_hn_h = _g_W_hr_W_hz_W_hn__h_at0[_t][:, 2*_H:3*_H]
+        W_hn_h = _v_W_hn_h_at0[_t]
         d_h = _ds_h_rows[_t]
         d_h_next_out = _dout_h_next_at0[_t]
         h = _s_h_at0[_t]
@@ -322,37 +323,33 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
         d_W_hz_h = d_z*t0*z  # adjoint of W_hz @ h
         d_W_hn_h = r*t1  # adjoint of W_hn @ h
         d_b_in = t1  # adjoint of param b_in
-        d_W_ir_x = d_W_hr_h  # adjoint of hoisted projection W_ir_x
-        d_W_iz_x = d_W_hz_h  # adjoint of hoisted projection W_iz_x
         d_h_direct = d_h_next*z  # adjoint of state h, less the recurrent product's share (the GEMM adds it)
-        _dg_W_hr_W_hz_W_hn__h_at0[_t][:, 0:_H].copy_(d_W_hr_h)
-        _dg_W_hr_W_hz_W_hn__h_at0[_t][:, _H:2*_H].copy_(d_W_hz_h)
-        _dg_W_hr_W_hz_W_hn__h_at0[_t][:, 2*_H:3*_H].copy_(d_W_hn_h)
-        _dhg_W_ir_W_iz_W_in__x_at0[_t][:, 2*_H:3*_H].copy_(d_b_in)
-        _dhg_W_ir_W_iz_W_in__x_at0[_t][:, 0:_H].copy_(d_W_ir_x)
-        _dhg_W_ir_W_iz_W_in__x_at0[_t][:, _H:2*_H].copy_(d_W_iz_x)
+        _dgs_W_in_W_ir_W_iz__x_at0[_t][:, _H:2*_H].copy_(d_W_hr_h)
+        _dgs_W_in_W_ir_W_iz__x_at0[_t][:, 2*_H:3*_H].copy_(d_W_hz_h)
+        _dgs_W_in_W_ir_W_iz__x_at0[_t][:, 3*_H:4*_H].copy_(d_W_hn_h)
+        _dgs_W_in_W_ir_W_iz__x_at0[_t][:, 0:_H].copy_(d_b_in)
         _ds_h_rows[_t].copy_(d_h_direct)
-        _ds_h_rows[_t].addmm_(_dg_W_hr_W_hz_W_hn__h_at0[_t], _w_W_hr_W_hz_W_hn)
+        _ds_h_rows[_t].addmm_(_dgs_W_in_W_ir_W_iz__x_at0[_t][:, _H:4*_H], _w_W_hr_W_hz_W_hn)
     # dW of W_hr @ h, W_hz @ h, W_hn @ h: one GEMM over all T*B rows
-    _dw = _dg_W_hr_W_hz_W_hn__h.reshape(_T * _B, 3*_H).T @ _s_h[:_T].reshape(_T * _B, _H)
+    _dw = _dgs_W_in_W_ir_W_iz__x.reshape(_T * _B, 4*_H)[:, _H:4*_H].T @ _s_h[:_T].reshape(_T * _B, _H)
     _grads["W_hr"] = _dw[0:_H]
     _grads["W_hz"] = _dw[_H:2*_H]
     _grads["W_hn"] = _dw[2*_H:3*_H]
-    # dW of W_ir @ x, W_iz @ x, W_in @ x: one GEMM over all T*B rows
-    _dw = _dhg_W_ir_W_iz_W_in__x.reshape(_T * _B, 3*_H).T @ _x_x.reshape(_T * _B, _I)
-    _grads["W_ir"] = _dw[0:_H]
-    _grads["W_iz"] = _dw[_H:2*_H]
-    _grads["W_in"] = _dw[2*_H:3*_H]
-    torch.mm(_dhg_W_ir_W_iz_W_in__x.reshape(_T * _B, 3*_H), _w_W_ir_W_iz_W_in, out=_dx_x.reshape(_T * _B, _I))
-    _sum = _dg_W_hr_W_hz_W_hn__h.reshape(_T * _B, 3*_H)[:, 0:_H].sum(0)
+    # dW of W_in @ x, W_ir @ x, W_iz @ x: one GEMM over all T*B rows
+    _dw = _dgs_W_in_W_ir_W_iz__x.reshape(_T * _B, 4*_H)[:, 0:3*_H].T @ _x_x.reshape(_T * _B, _I)
+    _grads["W_in"] = _dw[0:_H]
+    _grads["W_ir"] = _dw[_H:2*_H]
+    _grads["W_iz"] = _dw[2*_H:3*_H]
+    torch.mm(_dgs_W_in_W_ir_W_iz__x.reshape(_T * _B, 4*_H)[:, 0:3*_H], _w_W_in_W_ir_W_iz, out=_dx_x.reshape(_T * _B, _I))
+    _sum = _dgs_W_in_W_ir_W_iz__x.reshape(_T * _B, 4*_H)[:, _H:2*_H].sum(0)
     _grads["b_ir"] = _sum
     _grads["b_hr"] = _sum
-    _sum = _dg_W_hr_W_hz_W_hn__h.reshape(_T * _B, 3*_H)[:, _H:2*_H].sum(0)
+    _sum = _dgs_W_in_W_ir_W_iz__x.reshape(_T * _B, 4*_H)[:, 2*_H:3*_H].sum(0)
     _grads["b_iz"] = _sum
     _grads["b_hz"] = _sum
-    _sum = _dhg_W_ir_W_iz_W_in__x.reshape(_T * _B, 3*_H)[:, 2*_H:3*_H].sum(0)
+    _sum = _dgs_W_in_W_ir_W_iz__x.reshape(_T * _B, 4*_H)[:, 0:_H].sum(0)
     _grads["b_in"] = _sum
-    _sum = _dg_W_hr_W_hz_W_hn__h.reshape(_T * _B, 3*_H)[:, 2*_H:3*_H].sum(0)
+    _sum = _dgs_W_in_W_ir_W_iz__x.reshape(_T * _B, 4*_H)[:, 3*_H:4*_H].sum(0)
     _grads["b_hn"] = _sum
     _grads = {"W_ir": _grads["W_ir"], "W_hr": _grads["W_hr"], "b_ir": _grads["b_ir"], "b_hr": _grads["b_hr"], "W_iz": _grads["W_iz"], "W_hz": _grads["W_hz"], "b_iz": _grads["b_iz"], "b_hz": _grads["b_hz"], "W_in": _grads["W_in"], "W_hn": _grads["W_hn"], "b_in": _grads["b_in"], "b_hn": _grads["b_hn"], }
     _d_x = _dx_x
@@ -393,55 +390,58 @@ def _forward_differentiable(_params, _x, _state, _bs=None):
     b_in = _params["b_in"].to(_dtype)
     b_hn = _params["b_hn"].to(_dtype)
     _x_x = _arrays(_x)[0].to(_dtype)
-    _wt_W_ir_W_iz_W_in = torch.cat([W_ir, W_iz, W_in]).T
+    _wt_W_in_W_ir_W_iz = torch.cat([W_in, W_ir, W_iz]).T
     _wt_W_hr_W_hz_W_hn = torch.cat([W_hr, W_hz, W_hn]).T
     _state0 = _initial_state(_state, _B, _dtype, _device, (_H, ))
     _s_h = torch.zeros((_T + 1, _B, _H), dtype=_dtype, device=_device)
     _hg_W_ir_W_iz_W_in__x = torch.zeros((_T, _B, 3*_H), dtype=_dtype, device=_device)
-    _g_W_hr_W_hz_W_hn__h = torch.zeros((_T, _B, 3*_H), dtype=_dtype, device=_device)
+    _v_W_hn_h = torch.zeros((_T, _B, _H), dtype=_dtype, device=_device)
+    _g_W_hr_W_hz_W_hn__h = torch.zeros((_B, 3*_H), dtype=_dtype, device=_device)
     _v_r = torch.zeros((_T, _B, _H), dtype=_dtype, device=_device)
     _v_z = torch.zeros((_T, _B, _H), dtype=_dtype, device=_device)
     _v_n = torch.zeros((_T, _B, _H), dtype=_dtype, device=_device)
     _hg_W_ir_W_iz_W_in__x_rows = list(_hg_W_ir_W_iz_W_in__x.unbind(0))
-    _g_W_hr_W_hz_W_hn__h_rows = list(_g_W_hr_W_hz_W_hn__h.unbind(0))
     _v_r_rows = list(_v_r.unbind(0))
     _v_z_rows = list(_v_z.unbind(0))
     _v_n_rows = list(_v_n.unbind(0))
     _s_h_rows = list(_s_h.unbind(0))
+    _v_W_hn_h_rows = list(_v_W_hn_h.unbind(0))
     _s_h_rows[0] = _state0[0]
-    # W_ir @ x, W_iz @ x, W_in @ x
-    _hg_W_ir_W_iz_W_in__x_rows = _scatter_rows(_hg_W_ir_W_iz_W_in__x_rows, 0, _T, None, None, _x_x.reshape(_T * _B, _I) @ _wt_W_ir_W_iz_W_in, add=False)
+    # W_in @ x, W_ir @ x, W_iz @ x
+    _hg_W_ir_W_iz_W_in__x_rows = _scatter_rows(_hg_W_ir_W_iz_W_in__x_rows, 0, _T, None, None, _x_x.reshape(_T * _B, _I) @ _wt_W_in_W_ir_W_iz, add=False)
     for _t in range(_T):
         # W_hr @ h, W_hz @ h, W_hn @ h
-        _g_W_hr_W_hz_W_hn__h_rows[_t] = _s_h_rows[_t] @ _wt_W_hr_W_hz_W_hn
+        _g_W_hr_W_hz_W_hn__h = _s_h_rows[_t] @ _wt_W_hr_W_hz_W_hn
         # stage 0 forward
-        W_hn_h = _g_W_hr_W_hz_W_hn__h_rows[_t][:, 2*_H:3*_H]
-        W_hr_h = _g_W_hr_W_hz_W_hn__h_rows[_t][:, 0:_H]
-        W_hz_h = _g_W_hr_W_hz_W_hn__h_rows[_t][:, _H:2*_H]
-        W_in_x = _hg_W_ir_W_iz_W_in__x_rows[_t][:, 2*_H:3*_H]
-        W_ir_x = _hg_W_ir_W_iz_W_in__x_rows[_t][:, 0:_H]
-        W_iz_x = _hg_W_ir_W_iz_W_in__x_rows[_t][:, _H:2*_H]
+        W_hn_h = _g_W_hr_W_hz_W_hn__h[:, 2*_H:3*_H]
+        W_hr_h = _g_W_hr_W_hz_W_hn__h[:, 0:_H]
+        W_hz_h = _g_W_hr_W_hz_W_hn__h[:, _H:2*_H]
+        W_in_x = _hg_W_ir_W_iz_W_in__x_rows[_t][:, 0:_H]
+        W_ir_x = _hg_W_ir_W_iz_W_in__x_rows[_t][:, _H:2*_H]
+        W_iz_x = _hg_W_ir_W_iz_W_in__x_rows[_t][:, 2*_H:3*_H]
         h = _s_h_rows[_t]
         r = torch.sigmoid(W_hr_h + W_ir_x + b_hr + b_ir)  # torch_gru.cell:14  r = sigmoid(W_ir @ x + b_ir + W_hr @ h + b_hr)
         z = torch.sigmoid(W_hz_h + W_iz_x + b_hz + b_iz)  # torch_gru.cell:15  z = sigmoid(W_iz @ x + b_iz + W_hz @ h + b_hz)
         n = torch.tanh(W_in_x + b_in + r*(W_hn_h + b_hn))  # torch_gru.cell:16  n = tanh(W_in @ x + b_in + r * (W_hn @ h + b_hn))
         h_next = h*z + n*(1 - z)  # torch_gru.cell:17  h' = (1 - z) * n + z * h
+        W_hn_h_kept = W_hn_h  # W_hn @ h, kept for the backward
         _v_r_rows[_t] = r
         _v_z_rows[_t] = z
         _v_n_rows[_t] = n
         _s_h_rows[_t + 1] = h_next
+        _v_W_hn_h_rows[_t] = W_hn_h_kept
     _hg_W_ir_W_iz_W_in__x = torch.stack(_hg_W_ir_W_iz_W_in__x_rows)
-    _g_W_hr_W_hz_W_hn__h = torch.stack(_g_W_hr_W_hz_W_hn__h_rows)
     _v_r = torch.stack(_v_r_rows)
     _v_z = torch.stack(_v_z_rows)
     _v_n = torch.stack(_v_n_rows)
     _s_h = torch.stack(_s_h_rows)
+    _v_W_hn_h = torch.stack(_v_W_hn_h_rows)
     _outputs = (_s_h[1:],)
     if _bs is not None:  # zeros past each sequence's end
         _m = _active(_bs, _B, _dtype)
         _outputs = tuple(_o * _m for _o in _outputs)
     _final = (_s_h[_T], )
-    _saved = {"s_h": _s_h, "g_W_hr_W_hz_W_hn__h": _g_W_hr_W_hz_W_hn__h, "v_r": _v_r, "v_z": _v_z, "v_n": _v_n, }
+    _saved = {"s_h": _s_h, "v_W_hn_h": _v_W_hn_h, "v_r": _v_r, "v_z": _v_z, "v_n": _v_n, }
     return _outputs[0], _final[0], _saved
 
 
@@ -463,10 +463,10 @@ def _backward_differentiable(_params, _x, _saved, _d_outputs, _d_final, _bs=None
     b_in = _params["b_in"].to(_dtype)
     b_hn = _params["b_hn"].to(_dtype)
     _x_x = _arrays(_x)[0].to(_dtype)
-    _w_W_ir_W_iz_W_in = torch.cat([W_ir, W_iz, W_in])
+    _w_W_in_W_ir_W_iz = torch.cat([W_in, W_ir, W_iz])
     _w_W_hr_W_hz_W_hn = torch.cat([W_hr, W_hz, W_hn])
     _s_h = _saved["s_h"]
-    _g_W_hr_W_hz_W_hn__h = _saved["g_W_hr_W_hz_W_hn__h"]
+    _v_W_hn_h = _saved["v_W_hn_h"]
     _v_r = _saved["v_r"]
     _v_z = _saved["v_z"]
     _v_n = _saved["v_n"]
@@ -478,12 +478,10 @@ def _backward_differentiable(_params, _x, _saved, _d_outputs, _d_final, _bs=None
         _dout_h_next = _dout_h_next * _m
     _ds_h = torch.zeros((_B, _H), dtype=_dtype, device=_device) if _d_final[0] is None else _d_final[0].to(_dtype).clone()
     _dx_x = torch.zeros((_T, _B, _I), dtype=_dtype, device=_device)
-    _dg_W_hr_W_hz_W_hn__h = torch.zeros((_T, _B, 3*_H), dtype=_dtype, device=_device)
-    _dhg_W_ir_W_iz_W_in__x = torch.zeros((_T, _B, 3*_H), dtype=_dtype, device=_device)
-    _dg_W_hr_W_hz_W_hn__h_rows = list(_dg_W_hr_W_hz_W_hn__h.unbind(0))
-    _dhg_W_ir_W_iz_W_in__x_rows = list(_dhg_W_ir_W_iz_W_in__x.unbind(0))
+    _dgs_W_in_W_ir_W_iz__x = torch.zeros((_T, _B, 4*_H), dtype=_dtype, device=_device)
+    _dgs_W_in_W_ir_W_iz__x_rows = list(_dgs_W_in_W_ir_W_iz__x.unbind(0))
     _dx_x_rows = list(_dx_x.unbind(0))
-    _g_W_hr_W_hz_W_hn__h_rows = list(_g_W_hr_W_hz_W_hn__h.unbind(0))
+    _v_W_hn_h_rows = list(_v_W_hn_h.unbind(0))
     _dout_h_next_rows = list(_dout_h_next.unbind(0))
     _s_h_rows = list(_s_h.unbind(0))
     _v_n_rows = list(_v_n.unbind(0))
@@ -492,7 +490,7 @@ def _backward_differentiable(_params, _x, _saved, _d_outputs, _d_final, _bs=None
     _grads = {}
     for _t in reversed(range(_T)):
         # stage 0 backward
-        W_hn_h = _g_W_hr_W_hz_W_hn__h_rows[_t][:, 2*_H:3*_H]
+        W_hn_h = _v_W_hn_h_rows[_t]
         d_h = _ds_h
         d_h_next_out = _dout_h_next_rows[_t]
         h = _s_h_rows[_t]
@@ -509,39 +507,34 @@ def _backward_differentiable(_params, _x, _saved, _d_outputs, _d_final, _bs=None
         d_W_hz_h = d_z*t0*z  # adjoint of W_hz @ h
         d_W_hn_h = r*t1  # adjoint of W_hn @ h
         d_b_in = t1  # adjoint of param b_in
-        d_W_ir_x = d_W_hr_h  # adjoint of hoisted projection W_ir_x
-        d_W_iz_x = d_W_hz_h  # adjoint of hoisted projection W_iz_x
         d_h_direct = d_h_next*z  # adjoint of state h, less the recurrent product's share (the GEMM adds it)
-        _dg_W_hr_W_hz_W_hn__h_rows[_t] = torch.slice_scatter(_dg_W_hr_W_hz_W_hn__h_rows[_t], d_W_hr_h, 1, 0, _H)
-        _dg_W_hr_W_hz_W_hn__h_rows[_t] = torch.slice_scatter(_dg_W_hr_W_hz_W_hn__h_rows[_t], d_W_hz_h, 1, _H, 2*_H)
-        _dg_W_hr_W_hz_W_hn__h_rows[_t] = torch.slice_scatter(_dg_W_hr_W_hz_W_hn__h_rows[_t], d_W_hn_h, 1, 2*_H, 3*_H)
-        _dhg_W_ir_W_iz_W_in__x_rows[_t] = torch.slice_scatter(_dhg_W_ir_W_iz_W_in__x_rows[_t], d_b_in, 1, 2*_H, 3*_H)
-        _dhg_W_ir_W_iz_W_in__x_rows[_t] = torch.slice_scatter(_dhg_W_ir_W_iz_W_in__x_rows[_t], d_W_ir_x, 1, 0, _H)
-        _dhg_W_ir_W_iz_W_in__x_rows[_t] = torch.slice_scatter(_dhg_W_ir_W_iz_W_in__x_rows[_t], d_W_iz_x, 1, _H, 2*_H)
+        _dgs_W_in_W_ir_W_iz__x_rows[_t] = torch.slice_scatter(_dgs_W_in_W_ir_W_iz__x_rows[_t], d_W_hr_h, 1, _H, 2*_H)
+        _dgs_W_in_W_ir_W_iz__x_rows[_t] = torch.slice_scatter(_dgs_W_in_W_ir_W_iz__x_rows[_t], d_W_hz_h, 1, 2*_H, 3*_H)
+        _dgs_W_in_W_ir_W_iz__x_rows[_t] = torch.slice_scatter(_dgs_W_in_W_ir_W_iz__x_rows[_t], d_W_hn_h, 1, 3*_H, 4*_H)
+        _dgs_W_in_W_ir_W_iz__x_rows[_t] = torch.slice_scatter(_dgs_W_in_W_ir_W_iz__x_rows[_t], d_b_in, 1, 0, _H)
         _ds_h = d_h_direct
-        _ds_h = _ds_h + _dg_W_hr_W_hz_W_hn__h_rows[_t] @ _w_W_hr_W_hz_W_hn
-    _dg_W_hr_W_hz_W_hn__h = torch.stack(_dg_W_hr_W_hz_W_hn__h_rows)
+        _ds_h = _ds_h + _dgs_W_in_W_ir_W_iz__x_rows[_t][:, _H:4*_H] @ _w_W_hr_W_hz_W_hn
+    _dgs_W_in_W_ir_W_iz__x = torch.stack(_dgs_W_in_W_ir_W_iz__x_rows)
     # dW of W_hr @ h, W_hz @ h, W_hn @ h: one GEMM over all T*B rows
-    _dw = _dg_W_hr_W_hz_W_hn__h.reshape(_T * _B, 3*_H).T @ _s_h[:_T].reshape(_T * _B, _H)
+    _dw = _dgs_W_in_W_ir_W_iz__x.reshape(_T * _B, 4*_H)[:, _H:4*_H].T @ _s_h[:_T].reshape(_T * _B, _H)
     _grads["W_hr"] = _dw[0:_H]
     _grads["W_hz"] = _dw[_H:2*_H]
     _grads["W_hn"] = _dw[2*_H:3*_H]
-    _dhg_W_ir_W_iz_W_in__x = torch.stack(_dhg_W_ir_W_iz_W_in__x_rows)
-    # dW of W_ir @ x, W_iz @ x, W_in @ x: one GEMM over all T*B rows
-    _dw = _dhg_W_ir_W_iz_W_in__x.reshape(_T * _B, 3*_H).T @ _x_x.reshape(_T * _B, _I)
-    _grads["W_ir"] = _dw[0:_H]
-    _grads["W_iz"] = _dw[_H:2*_H]
-    _grads["W_in"] = _dw[2*_H:3*_H]
-    _dx_x_rows = _scatter_rows(_dx_x_rows, 0, _T, None, None, _dhg_W_ir_W_iz_W_in__x.reshape(_T * _B, 3*_H) @ _w_W_ir_W_iz_W_in, add=False)
-    _sum = _dg_W_hr_W_hz_W_hn__h.reshape(_T * _B, 3*_H)[:, 0:_H].sum(0)
+    # dW of W_in @ x, W_ir @ x, W_iz @ x: one GEMM over all T*B rows
+    _dw = _dgs_W_in_W_ir_W_iz__x.reshape(_T * _B, 4*_H)[:, 0:3*_H].T @ _x_x.reshape(_T * _B, _I)
+    _grads["W_in"] = _dw[0:_H]
+    _grads["W_ir"] = _dw[_H:2*_H]
+    _grads["W_iz"] = _dw[2*_H:3*_H]
+    _dx_x_rows = _scatter_rows(_dx_x_rows, 0, _T, None, None, _dgs_W_in_W_ir_W_iz__x.reshape(_T * _B, 4*_H)[:, 0:3*_H] @ _w_W_in_W_ir_W_iz, add=False)
+    _sum = _dgs_W_in_W_ir_W_iz__x.reshape(_T * _B, 4*_H)[:, _H:2*_H].sum(0)
     _grads["b_ir"] = _sum
     _grads["b_hr"] = _sum
-    _sum = _dg_W_hr_W_hz_W_hn__h.reshape(_T * _B, 3*_H)[:, _H:2*_H].sum(0)
+    _sum = _dgs_W_in_W_ir_W_iz__x.reshape(_T * _B, 4*_H)[:, 2*_H:3*_H].sum(0)
     _grads["b_iz"] = _sum
     _grads["b_hz"] = _sum
-    _sum = _dhg_W_ir_W_iz_W_in__x.reshape(_T * _B, 3*_H)[:, 2*_H:3*_H].sum(0)
+    _sum = _dgs_W_in_W_ir_W_iz__x.reshape(_T * _B, 4*_H)[:, 0:_H].sum(0)
     _grads["b_in"] = _sum
-    _sum = _dg_W_hr_W_hz_W_hn__h.reshape(_T * _B, 3*_H)[:, 2*_H:3*_H].sum(0)
+    _sum = _dgs_W_in_W_ir_W_iz__x.reshape(_T * _B, 4*_H)[:, 3*_H:4*_H].sum(0)
     _grads["b_hn"] = _sum
     _dx_x = torch.stack(_dx_x_rows)
     _grads = {"W_ir": _grads["W_ir"], "W_hr": _grads["W_hr"], "b_ir": _grads["b_ir"], "b_hr": _grads["b_hr"], "W_iz": _grads["W_iz"], "W_hz": _grads["W_hz"], "b_iz": _grads["b_iz"], "b_hz": _grads["b_hz"], "W_in": _grads["W_in"], "W_hn": _grads["W_hn"], "b_in": _grads["b_in"], "b_hn": _grads["b_hn"], }
@@ -557,7 +550,7 @@ _N_STATE = 1
 _N_OUT = 1
 
 
-_SAVED_BUFFERS = ("s_h", "g_W_hr_W_hz_W_hn__h", "v_r", "v_z", "v_n",)
+_SAVED_BUFFERS = ("s_h", "v_W_hn_h", "v_r", "v_z", "v_n",)
 
 
 def _functorch_active() -> bool:
@@ -702,7 +695,7 @@ def _custom_ops(name, forward, backward, forward_schema, backward_schema, forwar
 #: the PyTorch engine's forward and backward as custom ops (the engine itself is the fake:
 #: it runs on fake tensors)
 _ENGINE_OPS = _custom_ops(
-    "torch_gru_engine_69f4f8b11c0b", _engine_op_forward_impl, _engine_op_backward_impl,
+    "torch_gru_engine_dca4efd7cd9a", _engine_op_forward_impl, _engine_op_backward_impl,
     "(Tensor[] xs, Tensor[] states, Tensor[] params) -> Tensor[]",
     "(Tensor[] args, Tensor[] saved, Tensor?[] d_outputs, Tensor?[] d_finals) -> Tensor[]",
     _engine_op_forward_impl, _engine_op_backward_impl, _engine_op_backward, _engine_op_setup_context,
@@ -981,7 +974,7 @@ def _native_forward(_lib, _xs, _states, _params, _bs=None):
         return _empty(shape) if _lib is None else _pooled("forward", name, shape, _dt, _dev)
 
     _n_ch = _T if _lib is None else _lib.chunk_steps(_T, _B, _B * (3*_H), 3*_H*_I, 3*pow(_H, 2))
-    hg_W_ir_W_iz_W_in__x, = _scratch((_n_ch, _B, 3*_H))
+    hg_W_ir_W_iz_W_in__x, g_W_hr_W_hz_W_hn__h = _scratch((_n_ch, _B, 3*_H), (_B, 3*_H))
     x_x = _xs[0].contiguous()
     s_h = _fresh("s_h", (_T + 1, _B, _H))
     s_h[0].copy_(_states[0])
@@ -991,17 +984,17 @@ def _native_forward(_lib, _xs, _states, _params, _bs=None):
     p_b_hz = _params["b_hz"].contiguous()
     p_b_in = _params["b_in"].contiguous()
     p_b_hn = _params["b_hn"].contiguous()
-    g_W_hr_W_hz_W_hn__h = _fresh("g_W_hr_W_hz_W_hn__h", (_T, _B, 3*_H))
+    v_W_hn_h = _fresh("v_W_hn_h", (_T, _B, _H))
     v_r = _fresh("v_r", (_T, _B, _H))
     v_z = _fresh("v_z", (_T, _B, _H))
     v_n = _fresh("v_n", (_T, _B, _H))
     if _lib is not None:  # None: shapes only (the custom op's fake implementation)
-        _lib("forward", _dims + (_n_ch,), [x_x, s_h, p_b_ir, p_b_hr, p_b_iz, p_b_hz, p_b_in, p_b_hn, hg_W_ir_W_iz_W_in__x, g_W_hr_W_hz_W_hn__h, v_r, v_z, v_n, _stacked(_params["W_ir"], _params["W_iz"], _params["W_in"]), _stacked(_params["W_hr"], _params["W_hz"], _params["W_hn"]), _bs])
+        _lib("forward", _dims + (_n_ch,), [x_x, s_h, p_b_ir, p_b_hr, p_b_iz, p_b_hz, p_b_in, p_b_hn, hg_W_ir_W_iz_W_in__x, v_W_hn_h, g_W_hr_W_hz_W_hn__h, v_r, v_z, v_n, _stacked(_params["W_in"], _params["W_ir"], _params["W_iz"]), _stacked(_params["W_hr"], _params["W_hz"], _params["W_hn"]), _bs])
     _outputs = (s_h[1:1 + _T],)
     if _bs is not None:  # zeros past each sequence's end
         _m = _native_active(_bs, _B, _xs)
         _outputs = tuple(_o * _m for _o in _outputs)
-    return _outputs, (s_h[_T],), (s_h, g_W_hr_W_hz_W_hn__h, v_r, v_z, v_n,)
+    return _outputs, (s_h[_T],), (s_h, v_W_hn_h, v_r, v_z, v_n,)
 
 
 def _native_inference(_lib, _xs, _states, _params, _bs=None):
@@ -1020,7 +1013,7 @@ def _native_inference(_lib, _xs, _states, _params, _bs=None):
         return _empty(shape) if _lib is None else _pooled("inference", name, shape, _dt, _dev)
 
     _n_ch = _T if _lib is None else _lib.chunk_steps(_T, _B, _B * (3*_H), 3*_H*_I, 3*pow(_H, 2))
-    hg_W_ir_W_iz_W_in__x, = _scratch((_n_ch, _B, 3*_H))
+    hg_W_ir_W_iz_W_in__x, g_W_hr_W_hz_W_hn__h = _scratch((_n_ch, _B, 3*_H), (_B, 3*_H))
     x_x = _xs[0].contiguous()
     s_h = _fresh("s_h", (_T + 1, _B, _H))
     s_h[0].copy_(_states[0])
@@ -1030,9 +1023,8 @@ def _native_inference(_lib, _xs, _states, _params, _bs=None):
     p_b_hz = _params["b_hz"].contiguous()
     p_b_in = _params["b_in"].contiguous()
     p_b_hn = _params["b_hn"].contiguous()
-    g_W_hr_W_hz_W_hn__h = _fresh("g_W_hr_W_hz_W_hn__h", (_B, 3*_H))
     if _lib is not None:  # None: shapes only (the custom op's fake implementation)
-        _lib("inference", _dims + (_n_ch,), [x_x, s_h, p_b_ir, p_b_hr, p_b_iz, p_b_hz, p_b_in, p_b_hn, hg_W_ir_W_iz_W_in__x, g_W_hr_W_hz_W_hn__h, _stacked(_params["W_ir"], _params["W_iz"], _params["W_in"]), _stacked(_params["W_hr"], _params["W_hz"], _params["W_hn"]), _bs])
+        _lib("inference", _dims + (_n_ch,), [x_x, s_h, p_b_ir, p_b_hr, p_b_iz, p_b_hz, p_b_in, p_b_hn, hg_W_ir_W_iz_W_in__x, g_W_hr_W_hz_W_hn__h, _stacked(_params["W_in"], _params["W_ir"], _params["W_iz"]), _stacked(_params["W_hr"], _params["W_hz"], _params["W_hn"]), _bs])
     _outputs = (s_h[1:1 + _T],)
     if _bs is not None:  # zeros past each sequence's end
         _m = _native_active(_bs, _B, _xs)
@@ -1071,12 +1063,12 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     if _bs is not None:  # outputs past a sequence's end are constant zeros
         _m = _native_active(_bs, _B, _xs)
         _d_outputs = tuple(None if _d is None else _d * _m for _d in _d_outputs)
-    dg_W_hr_W_hz_W_hn__h, dhg_W_ir_W_iz_W_in__x = _scratch((_T, _B, 3*_H), (_T, _B, 3*_H))
+    dgs_W_in_W_ir_W_iz__x, = _scratch((_T, _B, 4*_H))
     sum_d_b_ir, sum_d_b_iz = _gscratch((_H,), (_H,))
     x_x = _xs[0].contiguous()
     s_h = _saved[0]
     p_b_hn = _params["b_hn"].contiguous()
-    g_W_hr_W_hz_W_hn__h = _saved[1]
+    v_W_hn_h = _saved[1]
     v_r = _saved[2]
     v_z = _saved[3]
     v_n = _saved[4]
@@ -1085,19 +1077,19 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     dx_x = _fresh("dx_x", (_T, _B, _I))
     dw_W_hr_W_hz_W_hn = _gempty((3*_H, _H))
     _rows_dw_W_hr_W_hz_W_hn = dw_W_hr_W_hz_W_hn.split(_H)
-    dw_W_ir_W_iz_W_in = _gempty((3*_H, _I))
-    _rows_dw_W_ir_W_iz_W_in = dw_W_ir_W_iz_W_in.split(_H)
+    dw_W_in_W_ir_W_iz = _gempty((3*_H, _I))
+    _rows_dw_W_in_W_ir_W_iz = dw_W_in_W_ir_W_iz.split(_H)
     _grads_0 = _gempty((6, _H)).unbind(0)
-    _grads = {"W_ir": _rows_dw_W_ir_W_iz_W_in[0], "W_hr": _rows_dw_W_hr_W_hz_W_hn[0], "b_ir": _grads_0[0], "b_hr": _grads_0[1], "W_iz": _rows_dw_W_ir_W_iz_W_in[1], "W_hz": _rows_dw_W_hr_W_hz_W_hn[1], "b_iz": _grads_0[2], "b_hz": _grads_0[3], "W_in": _rows_dw_W_ir_W_iz_W_in[2], "W_hn": _rows_dw_W_hr_W_hz_W_hn[2], "b_in": _grads_0[4], "b_hn": _grads_0[5]}
+    _grads = {"W_ir": _rows_dw_W_in_W_ir_W_iz[1], "W_hr": _rows_dw_W_hr_W_hz_W_hn[0], "b_ir": _grads_0[0], "b_hr": _grads_0[1], "W_iz": _rows_dw_W_in_W_ir_W_iz[2], "W_hz": _rows_dw_W_hr_W_hz_W_hn[1], "b_iz": _grads_0[2], "b_hz": _grads_0[3], "W_in": _rows_dw_W_in_W_ir_W_iz[0], "W_hn": _rows_dw_W_hr_W_hz_W_hn[2], "b_in": _grads_0[4], "b_hn": _grads_0[5]}
     if _lib is not None:
-        _lib("backward", _dims, [x_x, s_h, p_b_hn, g_W_hr_W_hz_W_hn__h, v_r, v_z, v_n, dout_h_next, ds_h, dx_x, dg_W_hr_W_hz_W_hn__h, dhg_W_ir_W_iz_W_in__x, dw_W_hr_W_hz_W_hn, dw_W_ir_W_iz_W_in, sum_d_b_ir, sum_d_b_iz, _stacked(_params["W_ir"], _params["W_iz"], _params["W_in"]), _stacked(_params["W_hr"], _params["W_hz"], _params["W_hn"]), *_grads.values(), _bs])
+        _lib("backward", _dims, [x_x, s_h, p_b_hn, v_W_hn_h, v_r, v_z, v_n, dout_h_next, ds_h, dx_x, dgs_W_in_W_ir_W_iz__x, dw_W_hr_W_hz_W_hn, dw_W_in_W_ir_W_iz, sum_d_b_ir, sum_d_b_iz, _stacked(_params["W_in"], _params["W_ir"], _params["W_iz"]), _stacked(_params["W_hr"], _params["W_hz"], _params["W_hn"]), *_grads.values(), _bs])
     return _grads, (dx_x,), (ds_h,)
 
 
 # The same two calls as PyTorch custom ops, for torch.compile (which traces them through their
 # fake implementations: the allocations above, without the call). Registered once per process
 # and content of this file; outputs are copies (an op's outputs may not alias each other).
-_OP = "torch_gru_77f697867227"
+_OP = "torch_gru_87ad8e156d38"
 
 
 def _op_forward_impl(xs: list[torch.Tensor], states: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -1190,7 +1190,8 @@ __host__ __device__ inline void torch_gru_forward_fwd0_H(
     real& r,  // out
     real& z,  // out
     real& n,  // out
-    real& h_next)  // out
+    real& h_next,  // out
+    real& W_hn_h_kept)  // out
 {
     // torch_gru.cell:14  r = sigmoid(W_ir @ x + b_ir + W_hr @ h + b_hr)
     r = cs_sigmoid(W_hr_h + W_ir_x + b_hr + b_ir);
@@ -1200,11 +1201,13 @@ __host__ __device__ inline void torch_gru_forward_fwd0_H(
     n = cs_tanh(W_in_x + b_in + r*(W_hn_h + b_hn));
     // torch_gru.cell:17  h' = (1 - z) * n + z * h
     h_next = h*z + n*(real(1.0) - z);
+    // W_hn @ h, kept for the backward
+    W_hn_h_kept = W_hn_h;
 }
 
 #ifdef __CUDACC__
 template <typename S>
-__global__ void torch_gru_forward_fwd0_H_kernel(int64_t _rows, int64_t _cols, const S* __restrict__ _p_W_hn_h, int64_t _ld_W_hn_h, const S* __restrict__ _p_W_hr_h, int64_t _ld_W_hr_h, const S* __restrict__ _p_W_hz_h, int64_t _ld_W_hz_h, const S* __restrict__ _p_W_in_x, int64_t _ld_W_in_x, const S* __restrict__ _p_W_ir_x, int64_t _ld_W_ir_x, const S* __restrict__ _p_W_iz_x, int64_t _ld_W_iz_x, const S* __restrict__ _p_b_hn, int64_t _ld_b_hn, const S* __restrict__ _p_b_hr, int64_t _ld_b_hr, const S* __restrict__ _p_b_hz, int64_t _ld_b_hz, const S* __restrict__ _p_b_in, int64_t _ld_b_in, const S* __restrict__ _p_b_ir, int64_t _ld_b_ir, const S* __restrict__ _p_b_iz, int64_t _ld_b_iz, const S* __restrict__ _p_h, int64_t _ld_h, S* __restrict__ _p_r, int64_t _ld_r, S* __restrict__ _p_z, int64_t _ld_z, S* __restrict__ _p_n, int64_t _ld_n, S* __restrict__ _p_h_next, int64_t _ld_h_next)
+__global__ void torch_gru_forward_fwd0_H_kernel(int64_t _rows, int64_t _cols, const S* __restrict__ _p_W_hn_h, int64_t _ld_W_hn_h, const S* __restrict__ _p_W_hr_h, int64_t _ld_W_hr_h, const S* __restrict__ _p_W_hz_h, int64_t _ld_W_hz_h, const S* __restrict__ _p_W_in_x, int64_t _ld_W_in_x, const S* __restrict__ _p_W_ir_x, int64_t _ld_W_ir_x, const S* __restrict__ _p_W_iz_x, int64_t _ld_W_iz_x, const S* __restrict__ _p_b_hn, int64_t _ld_b_hn, const S* __restrict__ _p_b_hr, int64_t _ld_b_hr, const S* __restrict__ _p_b_hz, int64_t _ld_b_hz, const S* __restrict__ _p_b_in, int64_t _ld_b_in, const S* __restrict__ _p_b_ir, int64_t _ld_b_ir, const S* __restrict__ _p_b_iz, int64_t _ld_b_iz, const S* __restrict__ _p_h, int64_t _ld_h, S* __restrict__ _p_r, int64_t _ld_r, S* __restrict__ _p_z, int64_t _ld_z, S* __restrict__ _p_n, int64_t _ld_n, S* __restrict__ _p_h_next, int64_t _ld_h_next, S* __restrict__ _p_W_hn_h_kept, int64_t _ld_W_hn_h_kept)
 {
     typedef typename cs_math<S>::type M;
     const int64_t _j = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
@@ -1227,44 +1230,46 @@ __global__ void torch_gru_forward_fwd0_H_kernel(int64_t _rows, int64_t _cols, co
         M z;
         M n;
         M h_next;
-        torch_gru_forward_fwd0_H<M>(W_hn_h, W_hr_h, W_hz_h, W_in_x, W_ir_x, W_iz_x, b_hn, b_hr, b_hz, b_in, b_ir, b_iz, h, r, z, n, h_next);
+        M W_hn_h_kept;
+        torch_gru_forward_fwd0_H<M>(W_hn_h, W_hr_h, W_hz_h, W_in_x, W_ir_x, W_iz_x, b_hn, b_hr, b_hz, b_in, b_ir, b_iz, h, r, z, n, h_next, W_hn_h_kept);
         cs_store(&_p_r[_r * _ld_r + _j], r);
         cs_store(&_p_z[_r * _ld_z + _j], z);
         cs_store(&_p_n[_r * _ld_n + _j], n);
         cs_store(&_p_h_next[_r * _ld_h_next + _j], h_next);
+        cs_store(&_p_W_hn_h_kept[_r * _ld_W_hn_h_kept + _j], W_hn_h_kept);
     }
 }
 
 template <typename S>
-static int torch_gru_forward_fwd0_H_launch(int64_t _rows, int64_t _cols, const void* _p_W_hn_h, int64_t _ld_W_hn_h, const void* _p_W_hr_h, int64_t _ld_W_hr_h, const void* _p_W_hz_h, int64_t _ld_W_hz_h, const void* _p_W_in_x, int64_t _ld_W_in_x, const void* _p_W_ir_x, int64_t _ld_W_ir_x, const void* _p_W_iz_x, int64_t _ld_W_iz_x, const void* _p_b_hn, int64_t _ld_b_hn, const void* _p_b_hr, int64_t _ld_b_hr, const void* _p_b_hz, int64_t _ld_b_hz, const void* _p_b_in, int64_t _ld_b_in, const void* _p_b_ir, int64_t _ld_b_ir, const void* _p_b_iz, int64_t _ld_b_iz, const void* _p_h, int64_t _ld_h, void* _p_r, int64_t _ld_r, void* _p_z, int64_t _ld_z, void* _p_n, int64_t _ld_n, void* _p_h_next, int64_t _ld_h_next, void* _stream)
+static int torch_gru_forward_fwd0_H_launch(int64_t _rows, int64_t _cols, const void* _p_W_hn_h, int64_t _ld_W_hn_h, const void* _p_W_hr_h, int64_t _ld_W_hr_h, const void* _p_W_hz_h, int64_t _ld_W_hz_h, const void* _p_W_in_x, int64_t _ld_W_in_x, const void* _p_W_ir_x, int64_t _ld_W_ir_x, const void* _p_W_iz_x, int64_t _ld_W_iz_x, const void* _p_b_hn, int64_t _ld_b_hn, const void* _p_b_hr, int64_t _ld_b_hr, const void* _p_b_hz, int64_t _ld_b_hz, const void* _p_b_in, int64_t _ld_b_in, const void* _p_b_ir, int64_t _ld_b_ir, const void* _p_b_iz, int64_t _ld_b_iz, const void* _p_h, int64_t _ld_h, void* _p_r, int64_t _ld_r, void* _p_z, int64_t _ld_z, void* _p_n, int64_t _ld_n, void* _p_h_next, int64_t _ld_h_next, void* _p_W_hn_h_kept, int64_t _ld_W_hn_h_kept, void* _stream)
 {
     if (_rows <= 0 || _cols <= 0) return 0;
     dim3 _grid, _block;
     cs_grid(_rows, _cols, &_grid, &_block);
-    torch_gru_forward_fwd0_H_kernel<S><<<_grid, _block, 0, (cudaStream_t)_stream>>>(_rows, _cols, (const S*)_p_W_hn_h, _ld_W_hn_h, (const S*)_p_W_hr_h, _ld_W_hr_h, (const S*)_p_W_hz_h, _ld_W_hz_h, (const S*)_p_W_in_x, _ld_W_in_x, (const S*)_p_W_ir_x, _ld_W_ir_x, (const S*)_p_W_iz_x, _ld_W_iz_x, (const S*)_p_b_hn, _ld_b_hn, (const S*)_p_b_hr, _ld_b_hr, (const S*)_p_b_hz, _ld_b_hz, (const S*)_p_b_in, _ld_b_in, (const S*)_p_b_ir, _ld_b_ir, (const S*)_p_b_iz, _ld_b_iz, (const S*)_p_h, _ld_h, (S*)_p_r, _ld_r, (S*)_p_z, _ld_z, (S*)_p_n, _ld_n, (S*)_p_h_next, _ld_h_next);
+    torch_gru_forward_fwd0_H_kernel<S><<<_grid, _block, 0, (cudaStream_t)_stream>>>(_rows, _cols, (const S*)_p_W_hn_h, _ld_W_hn_h, (const S*)_p_W_hr_h, _ld_W_hr_h, (const S*)_p_W_hz_h, _ld_W_hz_h, (const S*)_p_W_in_x, _ld_W_in_x, (const S*)_p_W_ir_x, _ld_W_ir_x, (const S*)_p_W_iz_x, _ld_W_iz_x, (const S*)_p_b_hn, _ld_b_hn, (const S*)_p_b_hr, _ld_b_hr, (const S*)_p_b_hz, _ld_b_hz, (const S*)_p_b_in, _ld_b_in, (const S*)_p_b_ir, _ld_b_ir, (const S*)_p_b_iz, _ld_b_iz, (const S*)_p_h, _ld_h, (S*)_p_r, _ld_r, (S*)_p_z, _ld_z, (S*)_p_n, _ld_n, (S*)_p_h_next, _ld_h_next, (S*)_p_W_hn_h_kept, _ld_W_hn_h_kept);
     return (int)cudaGetLastError();
 }
 
-extern "C" int torch_gru_forward_fwd0_H_cuda_f32(int64_t _rows, int64_t _cols, const void* _p_W_hn_h, int64_t _ld_W_hn_h, const void* _p_W_hr_h, int64_t _ld_W_hr_h, const void* _p_W_hz_h, int64_t _ld_W_hz_h, const void* _p_W_in_x, int64_t _ld_W_in_x, const void* _p_W_ir_x, int64_t _ld_W_ir_x, const void* _p_W_iz_x, int64_t _ld_W_iz_x, const void* _p_b_hn, int64_t _ld_b_hn, const void* _p_b_hr, int64_t _ld_b_hr, const void* _p_b_hz, int64_t _ld_b_hz, const void* _p_b_in, int64_t _ld_b_in, const void* _p_b_ir, int64_t _ld_b_ir, const void* _p_b_iz, int64_t _ld_b_iz, const void* _p_h, int64_t _ld_h, void* _p_r, int64_t _ld_r, void* _p_z, int64_t _ld_z, void* _p_n, int64_t _ld_n, void* _p_h_next, int64_t _ld_h_next, void* _stream)
+extern "C" int torch_gru_forward_fwd0_H_cuda_f32(int64_t _rows, int64_t _cols, const void* _p_W_hn_h, int64_t _ld_W_hn_h, const void* _p_W_hr_h, int64_t _ld_W_hr_h, const void* _p_W_hz_h, int64_t _ld_W_hz_h, const void* _p_W_in_x, int64_t _ld_W_in_x, const void* _p_W_ir_x, int64_t _ld_W_ir_x, const void* _p_W_iz_x, int64_t _ld_W_iz_x, const void* _p_b_hn, int64_t _ld_b_hn, const void* _p_b_hr, int64_t _ld_b_hr, const void* _p_b_hz, int64_t _ld_b_hz, const void* _p_b_in, int64_t _ld_b_in, const void* _p_b_ir, int64_t _ld_b_ir, const void* _p_b_iz, int64_t _ld_b_iz, const void* _p_h, int64_t _ld_h, void* _p_r, int64_t _ld_r, void* _p_z, int64_t _ld_z, void* _p_n, int64_t _ld_n, void* _p_h_next, int64_t _ld_h_next, void* _p_W_hn_h_kept, int64_t _ld_W_hn_h_kept, void* _stream)
 {
-    return torch_gru_forward_fwd0_H_launch<float>(_rows, _cols, _p_W_hn_h, _ld_W_hn_h, _p_W_hr_h, _ld_W_hr_h, _p_W_hz_h, _ld_W_hz_h, _p_W_in_x, _ld_W_in_x, _p_W_ir_x, _ld_W_ir_x, _p_W_iz_x, _ld_W_iz_x, _p_b_hn, _ld_b_hn, _p_b_hr, _ld_b_hr, _p_b_hz, _ld_b_hz, _p_b_in, _ld_b_in, _p_b_ir, _ld_b_ir, _p_b_iz, _ld_b_iz, _p_h, _ld_h, _p_r, _ld_r, _p_z, _ld_z, _p_n, _ld_n, _p_h_next, _ld_h_next, _stream);
+    return torch_gru_forward_fwd0_H_launch<float>(_rows, _cols, _p_W_hn_h, _ld_W_hn_h, _p_W_hr_h, _ld_W_hr_h, _p_W_hz_h, _ld_W_hz_h, _p_W_in_x, _ld_W_in_x, _p_W_ir_x, _ld_W_ir_x, _p_W_iz_x, _ld_W_iz_x, _p_b_hn, _ld_b_hn, _p_b_hr, _ld_b_hr, _p_b_hz, _ld_b_hz, _p_b_in, _ld_b_in, _p_b_ir, _ld_b_ir, _p_b_iz, _ld_b_iz, _p_h, _ld_h, _p_r, _ld_r, _p_z, _ld_z, _p_n, _ld_n, _p_h_next, _ld_h_next, _p_W_hn_h_kept, _ld_W_hn_h_kept, _stream);
 }
-extern "C" int torch_gru_forward_fwd0_H_cuda_f64(int64_t _rows, int64_t _cols, const void* _p_W_hn_h, int64_t _ld_W_hn_h, const void* _p_W_hr_h, int64_t _ld_W_hr_h, const void* _p_W_hz_h, int64_t _ld_W_hz_h, const void* _p_W_in_x, int64_t _ld_W_in_x, const void* _p_W_ir_x, int64_t _ld_W_ir_x, const void* _p_W_iz_x, int64_t _ld_W_iz_x, const void* _p_b_hn, int64_t _ld_b_hn, const void* _p_b_hr, int64_t _ld_b_hr, const void* _p_b_hz, int64_t _ld_b_hz, const void* _p_b_in, int64_t _ld_b_in, const void* _p_b_ir, int64_t _ld_b_ir, const void* _p_b_iz, int64_t _ld_b_iz, const void* _p_h, int64_t _ld_h, void* _p_r, int64_t _ld_r, void* _p_z, int64_t _ld_z, void* _p_n, int64_t _ld_n, void* _p_h_next, int64_t _ld_h_next, void* _stream)
+extern "C" int torch_gru_forward_fwd0_H_cuda_f64(int64_t _rows, int64_t _cols, const void* _p_W_hn_h, int64_t _ld_W_hn_h, const void* _p_W_hr_h, int64_t _ld_W_hr_h, const void* _p_W_hz_h, int64_t _ld_W_hz_h, const void* _p_W_in_x, int64_t _ld_W_in_x, const void* _p_W_ir_x, int64_t _ld_W_ir_x, const void* _p_W_iz_x, int64_t _ld_W_iz_x, const void* _p_b_hn, int64_t _ld_b_hn, const void* _p_b_hr, int64_t _ld_b_hr, const void* _p_b_hz, int64_t _ld_b_hz, const void* _p_b_in, int64_t _ld_b_in, const void* _p_b_ir, int64_t _ld_b_ir, const void* _p_b_iz, int64_t _ld_b_iz, const void* _p_h, int64_t _ld_h, void* _p_r, int64_t _ld_r, void* _p_z, int64_t _ld_z, void* _p_n, int64_t _ld_n, void* _p_h_next, int64_t _ld_h_next, void* _p_W_hn_h_kept, int64_t _ld_W_hn_h_kept, void* _stream)
 {
-    return torch_gru_forward_fwd0_H_launch<double>(_rows, _cols, _p_W_hn_h, _ld_W_hn_h, _p_W_hr_h, _ld_W_hr_h, _p_W_hz_h, _ld_W_hz_h, _p_W_in_x, _ld_W_in_x, _p_W_ir_x, _ld_W_ir_x, _p_W_iz_x, _ld_W_iz_x, _p_b_hn, _ld_b_hn, _p_b_hr, _ld_b_hr, _p_b_hz, _ld_b_hz, _p_b_in, _ld_b_in, _p_b_ir, _ld_b_ir, _p_b_iz, _ld_b_iz, _p_h, _ld_h, _p_r, _ld_r, _p_z, _ld_z, _p_n, _ld_n, _p_h_next, _ld_h_next, _stream);
+    return torch_gru_forward_fwd0_H_launch<double>(_rows, _cols, _p_W_hn_h, _ld_W_hn_h, _p_W_hr_h, _ld_W_hr_h, _p_W_hz_h, _ld_W_hz_h, _p_W_in_x, _ld_W_in_x, _p_W_ir_x, _ld_W_ir_x, _p_W_iz_x, _ld_W_iz_x, _p_b_hn, _ld_b_hn, _p_b_hr, _ld_b_hr, _p_b_hz, _ld_b_hz, _p_b_in, _ld_b_in, _p_b_ir, _ld_b_ir, _p_b_iz, _ld_b_iz, _p_h, _ld_h, _p_r, _ld_r, _p_z, _ld_z, _p_n, _ld_n, _p_h_next, _ld_h_next, _p_W_hn_h_kept, _ld_W_hn_h_kept, _stream);
 }
-extern "C" int torch_gru_forward_fwd0_H_cuda_f16(int64_t _rows, int64_t _cols, const void* _p_W_hn_h, int64_t _ld_W_hn_h, const void* _p_W_hr_h, int64_t _ld_W_hr_h, const void* _p_W_hz_h, int64_t _ld_W_hz_h, const void* _p_W_in_x, int64_t _ld_W_in_x, const void* _p_W_ir_x, int64_t _ld_W_ir_x, const void* _p_W_iz_x, int64_t _ld_W_iz_x, const void* _p_b_hn, int64_t _ld_b_hn, const void* _p_b_hr, int64_t _ld_b_hr, const void* _p_b_hz, int64_t _ld_b_hz, const void* _p_b_in, int64_t _ld_b_in, const void* _p_b_ir, int64_t _ld_b_ir, const void* _p_b_iz, int64_t _ld_b_iz, const void* _p_h, int64_t _ld_h, void* _p_r, int64_t _ld_r, void* _p_z, int64_t _ld_z, void* _p_n, int64_t _ld_n, void* _p_h_next, int64_t _ld_h_next, void* _stream)
+extern "C" int torch_gru_forward_fwd0_H_cuda_f16(int64_t _rows, int64_t _cols, const void* _p_W_hn_h, int64_t _ld_W_hn_h, const void* _p_W_hr_h, int64_t _ld_W_hr_h, const void* _p_W_hz_h, int64_t _ld_W_hz_h, const void* _p_W_in_x, int64_t _ld_W_in_x, const void* _p_W_ir_x, int64_t _ld_W_ir_x, const void* _p_W_iz_x, int64_t _ld_W_iz_x, const void* _p_b_hn, int64_t _ld_b_hn, const void* _p_b_hr, int64_t _ld_b_hr, const void* _p_b_hz, int64_t _ld_b_hz, const void* _p_b_in, int64_t _ld_b_in, const void* _p_b_ir, int64_t _ld_b_ir, const void* _p_b_iz, int64_t _ld_b_iz, const void* _p_h, int64_t _ld_h, void* _p_r, int64_t _ld_r, void* _p_z, int64_t _ld_z, void* _p_n, int64_t _ld_n, void* _p_h_next, int64_t _ld_h_next, void* _p_W_hn_h_kept, int64_t _ld_W_hn_h_kept, void* _stream)
 {
-    return torch_gru_forward_fwd0_H_launch<__half>(_rows, _cols, _p_W_hn_h, _ld_W_hn_h, _p_W_hr_h, _ld_W_hr_h, _p_W_hz_h, _ld_W_hz_h, _p_W_in_x, _ld_W_in_x, _p_W_ir_x, _ld_W_ir_x, _p_W_iz_x, _ld_W_iz_x, _p_b_hn, _ld_b_hn, _p_b_hr, _ld_b_hr, _p_b_hz, _ld_b_hz, _p_b_in, _ld_b_in, _p_b_ir, _ld_b_ir, _p_b_iz, _ld_b_iz, _p_h, _ld_h, _p_r, _ld_r, _p_z, _ld_z, _p_n, _ld_n, _p_h_next, _ld_h_next, _stream);
+    return torch_gru_forward_fwd0_H_launch<__half>(_rows, _cols, _p_W_hn_h, _ld_W_hn_h, _p_W_hr_h, _ld_W_hr_h, _p_W_hz_h, _ld_W_hz_h, _p_W_in_x, _ld_W_in_x, _p_W_ir_x, _ld_W_ir_x, _p_W_iz_x, _ld_W_iz_x, _p_b_hn, _ld_b_hn, _p_b_hr, _ld_b_hr, _p_b_hz, _ld_b_hz, _p_b_in, _ld_b_in, _p_b_ir, _ld_b_ir, _p_b_iz, _ld_b_iz, _p_h, _ld_h, _p_r, _ld_r, _p_z, _ld_z, _p_n, _ld_n, _p_h_next, _ld_h_next, _p_W_hn_h_kept, _ld_W_hn_h_kept, _stream);
 }
-extern "C" int torch_gru_forward_fwd0_H_cuda_bf16(int64_t _rows, int64_t _cols, const void* _p_W_hn_h, int64_t _ld_W_hn_h, const void* _p_W_hr_h, int64_t _ld_W_hr_h, const void* _p_W_hz_h, int64_t _ld_W_hz_h, const void* _p_W_in_x, int64_t _ld_W_in_x, const void* _p_W_ir_x, int64_t _ld_W_ir_x, const void* _p_W_iz_x, int64_t _ld_W_iz_x, const void* _p_b_hn, int64_t _ld_b_hn, const void* _p_b_hr, int64_t _ld_b_hr, const void* _p_b_hz, int64_t _ld_b_hz, const void* _p_b_in, int64_t _ld_b_in, const void* _p_b_ir, int64_t _ld_b_ir, const void* _p_b_iz, int64_t _ld_b_iz, const void* _p_h, int64_t _ld_h, void* _p_r, int64_t _ld_r, void* _p_z, int64_t _ld_z, void* _p_n, int64_t _ld_n, void* _p_h_next, int64_t _ld_h_next, void* _stream)
+extern "C" int torch_gru_forward_fwd0_H_cuda_bf16(int64_t _rows, int64_t _cols, const void* _p_W_hn_h, int64_t _ld_W_hn_h, const void* _p_W_hr_h, int64_t _ld_W_hr_h, const void* _p_W_hz_h, int64_t _ld_W_hz_h, const void* _p_W_in_x, int64_t _ld_W_in_x, const void* _p_W_ir_x, int64_t _ld_W_ir_x, const void* _p_W_iz_x, int64_t _ld_W_iz_x, const void* _p_b_hn, int64_t _ld_b_hn, const void* _p_b_hr, int64_t _ld_b_hr, const void* _p_b_hz, int64_t _ld_b_hz, const void* _p_b_in, int64_t _ld_b_in, const void* _p_b_ir, int64_t _ld_b_ir, const void* _p_b_iz, int64_t _ld_b_iz, const void* _p_h, int64_t _ld_h, void* _p_r, int64_t _ld_r, void* _p_z, int64_t _ld_z, void* _p_n, int64_t _ld_n, void* _p_h_next, int64_t _ld_h_next, void* _p_W_hn_h_kept, int64_t _ld_W_hn_h_kept, void* _stream)
 {
-    return torch_gru_forward_fwd0_H_launch<__nv_bfloat16>(_rows, _cols, _p_W_hn_h, _ld_W_hn_h, _p_W_hr_h, _ld_W_hr_h, _p_W_hz_h, _ld_W_hz_h, _p_W_in_x, _ld_W_in_x, _p_W_ir_x, _ld_W_ir_x, _p_W_iz_x, _ld_W_iz_x, _p_b_hn, _ld_b_hn, _p_b_hr, _ld_b_hr, _p_b_hz, _ld_b_hz, _p_b_in, _ld_b_in, _p_b_ir, _ld_b_ir, _p_b_iz, _ld_b_iz, _p_h, _ld_h, _p_r, _ld_r, _p_z, _ld_z, _p_n, _ld_n, _p_h_next, _ld_h_next, _stream);
+    return torch_gru_forward_fwd0_H_launch<__nv_bfloat16>(_rows, _cols, _p_W_hn_h, _ld_W_hn_h, _p_W_hr_h, _ld_W_hr_h, _p_W_hz_h, _ld_W_hz_h, _p_W_in_x, _ld_W_in_x, _p_W_ir_x, _ld_W_ir_x, _p_W_iz_x, _ld_W_iz_x, _p_b_hn, _ld_b_hn, _p_b_hr, _ld_b_hr, _p_b_hz, _ld_b_hz, _p_b_in, _ld_b_in, _p_b_ir, _ld_b_ir, _p_b_iz, _ld_b_iz, _p_h, _ld_h, _p_r, _ld_r, _p_z, _ld_z, _p_n, _ld_n, _p_h_next, _ld_h_next, _p_W_hn_h_kept, _ld_W_hn_h_kept, _stream);
 }
 #endif  // __CUDACC__
 
 template <typename real>
-static inline void torch_gru_forward_fwd0_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_W_hn_h, int64_t _ld_W_hn_h, const real* __restrict__ _p_W_hr_h, int64_t _ld_W_hr_h, const real* __restrict__ _p_W_hz_h, int64_t _ld_W_hz_h, const real* __restrict__ _p_W_in_x, int64_t _ld_W_in_x, const real* __restrict__ _p_W_ir_x, int64_t _ld_W_ir_x, const real* __restrict__ _p_W_iz_x, int64_t _ld_W_iz_x, const real* __restrict__ _p_b_hn, int64_t _ld_b_hn, const real* __restrict__ _p_b_hr, int64_t _ld_b_hr, const real* __restrict__ _p_b_hz, int64_t _ld_b_hz, const real* __restrict__ _p_b_in, int64_t _ld_b_in, const real* __restrict__ _p_b_ir, int64_t _ld_b_ir, const real* __restrict__ _p_b_iz, int64_t _ld_b_iz, const real* __restrict__ _p_h, int64_t _ld_h, real* __restrict__ _p_r, int64_t _ld_r, real* __restrict__ _p_z, int64_t _ld_z, real* __restrict__ _p_n, int64_t _ld_n, real* __restrict__ _p_h_next, int64_t _ld_h_next)
+static inline void torch_gru_forward_fwd0_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_W_hn_h, int64_t _ld_W_hn_h, const real* __restrict__ _p_W_hr_h, int64_t _ld_W_hr_h, const real* __restrict__ _p_W_hz_h, int64_t _ld_W_hz_h, const real* __restrict__ _p_W_in_x, int64_t _ld_W_in_x, const real* __restrict__ _p_W_ir_x, int64_t _ld_W_ir_x, const real* __restrict__ _p_W_iz_x, int64_t _ld_W_iz_x, const real* __restrict__ _p_b_hn, int64_t _ld_b_hn, const real* __restrict__ _p_b_hr, int64_t _ld_b_hr, const real* __restrict__ _p_b_hz, int64_t _ld_b_hz, const real* __restrict__ _p_b_in, int64_t _ld_b_in, const real* __restrict__ _p_b_ir, int64_t _ld_b_ir, const real* __restrict__ _p_b_iz, int64_t _ld_b_iz, const real* __restrict__ _p_h, int64_t _ld_h, real* __restrict__ _p_r, int64_t _ld_r, real* __restrict__ _p_z, int64_t _ld_z, real* __restrict__ _p_n, int64_t _ld_n, real* __restrict__ _p_h_next, int64_t _ld_h_next, real* __restrict__ _p_W_hn_h_kept, int64_t _ld_W_hn_h_kept)
 {
 #ifdef CS_V16
     if constexpr (sizeof(real) == sizeof(float)) {  // 16 units at a time (CS_V16)
@@ -1288,11 +1293,13 @@ static inline void torch_gru_forward_fwd0_H_host(int64_t _rows, int64_t _cols, c
                 cs_v16 z;
                 cs_v16 n;
                 cs_v16 h_next;
-                torch_gru_forward_fwd0_H<cs_v16>(W_hn_h, W_hr_h, W_hz_h, W_in_x, W_ir_x, W_iz_x, b_hn, b_hr, b_hz, b_in, b_ir, b_iz, h, r, z, n, h_next);
+                cs_v16 W_hn_h_kept;
+                torch_gru_forward_fwd0_H<cs_v16>(W_hn_h, W_hr_h, W_hz_h, W_in_x, W_ir_x, W_iz_x, b_hn, b_hr, b_hz, b_in, b_ir, b_iz, h, r, z, n, h_next, W_hn_h_kept);
                 _mm512_mask_storeu_ps(&_p_r[_r * _ld_r + _j], _m, r.v);
                 _mm512_mask_storeu_ps(&_p_z[_r * _ld_z + _j], _m, z.v);
                 _mm512_mask_storeu_ps(&_p_n[_r * _ld_n + _j], _m, n.v);
                 _mm512_mask_storeu_ps(&_p_h_next[_r * _ld_h_next + _j], _m, h_next.v);
+                _mm512_mask_storeu_ps(&_p_W_hn_h_kept[_r * _ld_W_hn_h_kept + _j], _m, W_hn_h_kept.v);
             }
         });
         return;
@@ -1318,22 +1325,24 @@ static inline void torch_gru_forward_fwd0_H_host(int64_t _rows, int64_t _cols, c
             real z;
             real n;
             real h_next;
-            torch_gru_forward_fwd0_H<real>(W_hn_h, W_hr_h, W_hz_h, W_in_x, W_ir_x, W_iz_x, b_hn, b_hr, b_hz, b_in, b_ir, b_iz, h, r, z, n, h_next);
+            real W_hn_h_kept;
+            torch_gru_forward_fwd0_H<real>(W_hn_h, W_hr_h, W_hz_h, W_in_x, W_ir_x, W_iz_x, b_hn, b_hr, b_hz, b_in, b_ir, b_iz, h, r, z, n, h_next, W_hn_h_kept);
             _p_r[_r * _ld_r + _j] = r;
             _p_z[_r * _ld_z + _j] = z;
             _p_n[_r * _ld_n + _j] = n;
             _p_h_next[_r * _ld_h_next + _j] = h_next;
+            _p_W_hn_h_kept[_r * _ld_W_hn_h_kept + _j] = W_hn_h_kept;
         }
     });
 }
 
-extern "C" void torch_gru_forward_fwd0_H_f32(int64_t _rows, int64_t _cols, const float* _p_W_hn_h, int64_t _ld_W_hn_h, const float* _p_W_hr_h, int64_t _ld_W_hr_h, const float* _p_W_hz_h, int64_t _ld_W_hz_h, const float* _p_W_in_x, int64_t _ld_W_in_x, const float* _p_W_ir_x, int64_t _ld_W_ir_x, const float* _p_W_iz_x, int64_t _ld_W_iz_x, const float* _p_b_hn, int64_t _ld_b_hn, const float* _p_b_hr, int64_t _ld_b_hr, const float* _p_b_hz, int64_t _ld_b_hz, const float* _p_b_in, int64_t _ld_b_in, const float* _p_b_ir, int64_t _ld_b_ir, const float* _p_b_iz, int64_t _ld_b_iz, const float* _p_h, int64_t _ld_h, float* _p_r, int64_t _ld_r, float* _p_z, int64_t _ld_z, float* _p_n, int64_t _ld_n, float* _p_h_next, int64_t _ld_h_next)
+extern "C" void torch_gru_forward_fwd0_H_f32(int64_t _rows, int64_t _cols, const float* _p_W_hn_h, int64_t _ld_W_hn_h, const float* _p_W_hr_h, int64_t _ld_W_hr_h, const float* _p_W_hz_h, int64_t _ld_W_hz_h, const float* _p_W_in_x, int64_t _ld_W_in_x, const float* _p_W_ir_x, int64_t _ld_W_ir_x, const float* _p_W_iz_x, int64_t _ld_W_iz_x, const float* _p_b_hn, int64_t _ld_b_hn, const float* _p_b_hr, int64_t _ld_b_hr, const float* _p_b_hz, int64_t _ld_b_hz, const float* _p_b_in, int64_t _ld_b_in, const float* _p_b_ir, int64_t _ld_b_ir, const float* _p_b_iz, int64_t _ld_b_iz, const float* _p_h, int64_t _ld_h, float* _p_r, int64_t _ld_r, float* _p_z, int64_t _ld_z, float* _p_n, int64_t _ld_n, float* _p_h_next, int64_t _ld_h_next, float* _p_W_hn_h_kept, int64_t _ld_W_hn_h_kept)
 {
-    torch_gru_forward_fwd0_H_host<float>(_rows, _cols, _p_W_hn_h, _ld_W_hn_h, _p_W_hr_h, _ld_W_hr_h, _p_W_hz_h, _ld_W_hz_h, _p_W_in_x, _ld_W_in_x, _p_W_ir_x, _ld_W_ir_x, _p_W_iz_x, _ld_W_iz_x, _p_b_hn, _ld_b_hn, _p_b_hr, _ld_b_hr, _p_b_hz, _ld_b_hz, _p_b_in, _ld_b_in, _p_b_ir, _ld_b_ir, _p_b_iz, _ld_b_iz, _p_h, _ld_h, _p_r, _ld_r, _p_z, _ld_z, _p_n, _ld_n, _p_h_next, _ld_h_next);
+    torch_gru_forward_fwd0_H_host<float>(_rows, _cols, _p_W_hn_h, _ld_W_hn_h, _p_W_hr_h, _ld_W_hr_h, _p_W_hz_h, _ld_W_hz_h, _p_W_in_x, _ld_W_in_x, _p_W_ir_x, _ld_W_ir_x, _p_W_iz_x, _ld_W_iz_x, _p_b_hn, _ld_b_hn, _p_b_hr, _ld_b_hr, _p_b_hz, _ld_b_hz, _p_b_in, _ld_b_in, _p_b_ir, _ld_b_ir, _p_b_iz, _ld_b_iz, _p_h, _ld_h, _p_r, _ld_r, _p_z, _ld_z, _p_n, _ld_n, _p_h_next, _ld_h_next, _p_W_hn_h_kept, _ld_W_hn_h_kept);
 }
-extern "C" void torch_gru_forward_fwd0_H_f64(int64_t _rows, int64_t _cols, const double* _p_W_hn_h, int64_t _ld_W_hn_h, const double* _p_W_hr_h, int64_t _ld_W_hr_h, const double* _p_W_hz_h, int64_t _ld_W_hz_h, const double* _p_W_in_x, int64_t _ld_W_in_x, const double* _p_W_ir_x, int64_t _ld_W_ir_x, const double* _p_W_iz_x, int64_t _ld_W_iz_x, const double* _p_b_hn, int64_t _ld_b_hn, const double* _p_b_hr, int64_t _ld_b_hr, const double* _p_b_hz, int64_t _ld_b_hz, const double* _p_b_in, int64_t _ld_b_in, const double* _p_b_ir, int64_t _ld_b_ir, const double* _p_b_iz, int64_t _ld_b_iz, const double* _p_h, int64_t _ld_h, double* _p_r, int64_t _ld_r, double* _p_z, int64_t _ld_z, double* _p_n, int64_t _ld_n, double* _p_h_next, int64_t _ld_h_next)
+extern "C" void torch_gru_forward_fwd0_H_f64(int64_t _rows, int64_t _cols, const double* _p_W_hn_h, int64_t _ld_W_hn_h, const double* _p_W_hr_h, int64_t _ld_W_hr_h, const double* _p_W_hz_h, int64_t _ld_W_hz_h, const double* _p_W_in_x, int64_t _ld_W_in_x, const double* _p_W_ir_x, int64_t _ld_W_ir_x, const double* _p_W_iz_x, int64_t _ld_W_iz_x, const double* _p_b_hn, int64_t _ld_b_hn, const double* _p_b_hr, int64_t _ld_b_hr, const double* _p_b_hz, int64_t _ld_b_hz, const double* _p_b_in, int64_t _ld_b_in, const double* _p_b_ir, int64_t _ld_b_ir, const double* _p_b_iz, int64_t _ld_b_iz, const double* _p_h, int64_t _ld_h, double* _p_r, int64_t _ld_r, double* _p_z, int64_t _ld_z, double* _p_n, int64_t _ld_n, double* _p_h_next, int64_t _ld_h_next, double* _p_W_hn_h_kept, int64_t _ld_W_hn_h_kept)
 {
-    torch_gru_forward_fwd0_H_host<double>(_rows, _cols, _p_W_hn_h, _ld_W_hn_h, _p_W_hr_h, _ld_W_hr_h, _p_W_hz_h, _ld_W_hz_h, _p_W_in_x, _ld_W_in_x, _p_W_ir_x, _ld_W_ir_x, _p_W_iz_x, _ld_W_iz_x, _p_b_hn, _ld_b_hn, _p_b_hr, _ld_b_hr, _p_b_hz, _ld_b_hz, _p_b_in, _ld_b_in, _p_b_ir, _ld_b_ir, _p_b_iz, _ld_b_iz, _p_h, _ld_h, _p_r, _ld_r, _p_z, _ld_z, _p_n, _ld_n, _p_h_next, _ld_h_next);
+    torch_gru_forward_fwd0_H_host<double>(_rows, _cols, _p_W_hn_h, _ld_W_hn_h, _p_W_hr_h, _ld_W_hr_h, _p_W_hz_h, _ld_W_hz_h, _p_W_in_x, _ld_W_in_x, _p_W_ir_x, _ld_W_ir_x, _p_W_iz_x, _ld_W_iz_x, _p_b_hn, _ld_b_hn, _p_b_hr, _ld_b_hr, _p_b_hz, _ld_b_hz, _p_b_in, _ld_b_in, _p_b_ir, _ld_b_ir, _p_b_iz, _ld_b_iz, _p_h, _ld_h, _p_r, _ld_r, _p_z, _ld_z, _p_n, _ld_n, _p_h_next, _ld_h_next, _p_W_hn_h_kept, _ld_W_hn_h_kept);
 }
 
 // =============================================================================================
@@ -1499,8 +1508,6 @@ __host__ __device__ inline void torch_gru_backward_bwd0_H(
     real& d_W_hz_h,  // out
     real& d_W_hn_h,  // out
     real& d_b_in,  // out
-    real& d_W_ir_x,  // out
-    real& d_W_iz_x,  // out
     real& d_h_direct)  // out
 {
     const real t0 = real(1.0) - z;
@@ -1521,17 +1528,13 @@ __host__ __device__ inline void torch_gru_backward_bwd0_H(
     d_W_hn_h = r*t1;
     // adjoint of param b_in
     d_b_in = t1;
-    // adjoint of hoisted projection W_ir_x
-    d_W_ir_x = d_W_hr_h;
-    // adjoint of hoisted projection W_iz_x
-    d_W_iz_x = d_W_hz_h;
     // adjoint of state h, less the recurrent product's share (the GEMM adds it)
     d_h_direct = d_h_next*z;
 }
 
 #ifdef __CUDACC__
 template <typename S>
-__global__ void torch_gru_backward_bwd0_H_kernel(int64_t _rows, int64_t _cols, const S* __restrict__ _p_W_hn_h, int64_t _ld_W_hn_h, const S* __restrict__ _p_b_hn, int64_t _ld_b_hn, const S* __restrict__ _p_d_h, int64_t _ld_d_h, const S* __restrict__ _p_d_h_next_out, int64_t _ld_d_h_next_out, const S* __restrict__ _p_h, int64_t _ld_h, const S* __restrict__ _p_n, int64_t _ld_n, const S* __restrict__ _p_r, int64_t _ld_r, const S* __restrict__ _p_z, int64_t _ld_z, S* __restrict__ _p_d_W_hr_h, int64_t _ld_d_W_hr_h, S* __restrict__ _p_d_W_hz_h, int64_t _ld_d_W_hz_h, S* __restrict__ _p_d_W_hn_h, int64_t _ld_d_W_hn_h, S* __restrict__ _p_d_b_in, int64_t _ld_d_b_in, S* __restrict__ _p_d_W_ir_x, int64_t _ld_d_W_ir_x, S* __restrict__ _p_d_W_iz_x, int64_t _ld_d_W_iz_x, S* __restrict__ _p_d_h_direct, int64_t _ld_d_h_direct)
+__global__ void torch_gru_backward_bwd0_H_kernel(int64_t _rows, int64_t _cols, const S* __restrict__ _p_W_hn_h, int64_t _ld_W_hn_h, const S* __restrict__ _p_b_hn, int64_t _ld_b_hn, const S* __restrict__ _p_d_h, int64_t _ld_d_h, const S* __restrict__ _p_d_h_next_out, int64_t _ld_d_h_next_out, const S* __restrict__ _p_h, int64_t _ld_h, const S* __restrict__ _p_n, int64_t _ld_n, const S* __restrict__ _p_r, int64_t _ld_r, const S* __restrict__ _p_z, int64_t _ld_z, S* __restrict__ _p_d_W_hr_h, int64_t _ld_d_W_hr_h, S* __restrict__ _p_d_W_hz_h, int64_t _ld_d_W_hz_h, S* __restrict__ _p_d_W_hn_h, int64_t _ld_d_W_hn_h, S* __restrict__ _p_d_b_in, int64_t _ld_d_b_in, S* __restrict__ _p_d_h_direct, int64_t _ld_d_h_direct)
 {
     typedef typename cs_math<S>::type M;
     const int64_t _j = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
@@ -1549,50 +1552,46 @@ __global__ void torch_gru_backward_bwd0_H_kernel(int64_t _rows, int64_t _cols, c
         M d_W_hz_h;
         M d_W_hn_h;
         M d_b_in;
-        M d_W_ir_x;
-        M d_W_iz_x;
         M d_h_direct;
-        torch_gru_backward_bwd0_H<M>(W_hn_h, b_hn, d_h, d_h_next_out, h, n, r, z, d_W_hr_h, d_W_hz_h, d_W_hn_h, d_b_in, d_W_ir_x, d_W_iz_x, d_h_direct);
+        torch_gru_backward_bwd0_H<M>(W_hn_h, b_hn, d_h, d_h_next_out, h, n, r, z, d_W_hr_h, d_W_hz_h, d_W_hn_h, d_b_in, d_h_direct);
         cs_store(&_p_d_W_hr_h[_r * _ld_d_W_hr_h + _j], d_W_hr_h);
         cs_store(&_p_d_W_hz_h[_r * _ld_d_W_hz_h + _j], d_W_hz_h);
         cs_store(&_p_d_W_hn_h[_r * _ld_d_W_hn_h + _j], d_W_hn_h);
         cs_store(&_p_d_b_in[_r * _ld_d_b_in + _j], d_b_in);
-        cs_store(&_p_d_W_ir_x[_r * _ld_d_W_ir_x + _j], d_W_ir_x);
-        cs_store(&_p_d_W_iz_x[_r * _ld_d_W_iz_x + _j], d_W_iz_x);
         cs_store(&_p_d_h_direct[_r * _ld_d_h_direct + _j], d_h_direct);
     }
 }
 
 template <typename S>
-static int torch_gru_backward_bwd0_H_launch(int64_t _rows, int64_t _cols, const void* _p_W_hn_h, int64_t _ld_W_hn_h, const void* _p_b_hn, int64_t _ld_b_hn, const void* _p_d_h, int64_t _ld_d_h, const void* _p_d_h_next_out, int64_t _ld_d_h_next_out, const void* _p_h, int64_t _ld_h, const void* _p_n, int64_t _ld_n, const void* _p_r, int64_t _ld_r, const void* _p_z, int64_t _ld_z, void* _p_d_W_hr_h, int64_t _ld_d_W_hr_h, void* _p_d_W_hz_h, int64_t _ld_d_W_hz_h, void* _p_d_W_hn_h, int64_t _ld_d_W_hn_h, void* _p_d_b_in, int64_t _ld_d_b_in, void* _p_d_W_ir_x, int64_t _ld_d_W_ir_x, void* _p_d_W_iz_x, int64_t _ld_d_W_iz_x, void* _p_d_h_direct, int64_t _ld_d_h_direct, void* _stream)
+static int torch_gru_backward_bwd0_H_launch(int64_t _rows, int64_t _cols, const void* _p_W_hn_h, int64_t _ld_W_hn_h, const void* _p_b_hn, int64_t _ld_b_hn, const void* _p_d_h, int64_t _ld_d_h, const void* _p_d_h_next_out, int64_t _ld_d_h_next_out, const void* _p_h, int64_t _ld_h, const void* _p_n, int64_t _ld_n, const void* _p_r, int64_t _ld_r, const void* _p_z, int64_t _ld_z, void* _p_d_W_hr_h, int64_t _ld_d_W_hr_h, void* _p_d_W_hz_h, int64_t _ld_d_W_hz_h, void* _p_d_W_hn_h, int64_t _ld_d_W_hn_h, void* _p_d_b_in, int64_t _ld_d_b_in, void* _p_d_h_direct, int64_t _ld_d_h_direct, void* _stream)
 {
     if (_rows <= 0 || _cols <= 0) return 0;
     dim3 _grid, _block;
     cs_grid(_rows, _cols, &_grid, &_block);
-    torch_gru_backward_bwd0_H_kernel<S><<<_grid, _block, 0, (cudaStream_t)_stream>>>(_rows, _cols, (const S*)_p_W_hn_h, _ld_W_hn_h, (const S*)_p_b_hn, _ld_b_hn, (const S*)_p_d_h, _ld_d_h, (const S*)_p_d_h_next_out, _ld_d_h_next_out, (const S*)_p_h, _ld_h, (const S*)_p_n, _ld_n, (const S*)_p_r, _ld_r, (const S*)_p_z, _ld_z, (S*)_p_d_W_hr_h, _ld_d_W_hr_h, (S*)_p_d_W_hz_h, _ld_d_W_hz_h, (S*)_p_d_W_hn_h, _ld_d_W_hn_h, (S*)_p_d_b_in, _ld_d_b_in, (S*)_p_d_W_ir_x, _ld_d_W_ir_x, (S*)_p_d_W_iz_x, _ld_d_W_iz_x, (S*)_p_d_h_direct, _ld_d_h_direct);
+    torch_gru_backward_bwd0_H_kernel<S><<<_grid, _block, 0, (cudaStream_t)_stream>>>(_rows, _cols, (const S*)_p_W_hn_h, _ld_W_hn_h, (const S*)_p_b_hn, _ld_b_hn, (const S*)_p_d_h, _ld_d_h, (const S*)_p_d_h_next_out, _ld_d_h_next_out, (const S*)_p_h, _ld_h, (const S*)_p_n, _ld_n, (const S*)_p_r, _ld_r, (const S*)_p_z, _ld_z, (S*)_p_d_W_hr_h, _ld_d_W_hr_h, (S*)_p_d_W_hz_h, _ld_d_W_hz_h, (S*)_p_d_W_hn_h, _ld_d_W_hn_h, (S*)_p_d_b_in, _ld_d_b_in, (S*)_p_d_h_direct, _ld_d_h_direct);
     return (int)cudaGetLastError();
 }
 
-extern "C" int torch_gru_backward_bwd0_H_cuda_f32(int64_t _rows, int64_t _cols, const void* _p_W_hn_h, int64_t _ld_W_hn_h, const void* _p_b_hn, int64_t _ld_b_hn, const void* _p_d_h, int64_t _ld_d_h, const void* _p_d_h_next_out, int64_t _ld_d_h_next_out, const void* _p_h, int64_t _ld_h, const void* _p_n, int64_t _ld_n, const void* _p_r, int64_t _ld_r, const void* _p_z, int64_t _ld_z, void* _p_d_W_hr_h, int64_t _ld_d_W_hr_h, void* _p_d_W_hz_h, int64_t _ld_d_W_hz_h, void* _p_d_W_hn_h, int64_t _ld_d_W_hn_h, void* _p_d_b_in, int64_t _ld_d_b_in, void* _p_d_W_ir_x, int64_t _ld_d_W_ir_x, void* _p_d_W_iz_x, int64_t _ld_d_W_iz_x, void* _p_d_h_direct, int64_t _ld_d_h_direct, void* _stream)
+extern "C" int torch_gru_backward_bwd0_H_cuda_f32(int64_t _rows, int64_t _cols, const void* _p_W_hn_h, int64_t _ld_W_hn_h, const void* _p_b_hn, int64_t _ld_b_hn, const void* _p_d_h, int64_t _ld_d_h, const void* _p_d_h_next_out, int64_t _ld_d_h_next_out, const void* _p_h, int64_t _ld_h, const void* _p_n, int64_t _ld_n, const void* _p_r, int64_t _ld_r, const void* _p_z, int64_t _ld_z, void* _p_d_W_hr_h, int64_t _ld_d_W_hr_h, void* _p_d_W_hz_h, int64_t _ld_d_W_hz_h, void* _p_d_W_hn_h, int64_t _ld_d_W_hn_h, void* _p_d_b_in, int64_t _ld_d_b_in, void* _p_d_h_direct, int64_t _ld_d_h_direct, void* _stream)
 {
-    return torch_gru_backward_bwd0_H_launch<float>(_rows, _cols, _p_W_hn_h, _ld_W_hn_h, _p_b_hn, _ld_b_hn, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_h, _ld_h, _p_n, _ld_n, _p_r, _ld_r, _p_z, _ld_z, _p_d_W_hr_h, _ld_d_W_hr_h, _p_d_W_hz_h, _ld_d_W_hz_h, _p_d_W_hn_h, _ld_d_W_hn_h, _p_d_b_in, _ld_d_b_in, _p_d_W_ir_x, _ld_d_W_ir_x, _p_d_W_iz_x, _ld_d_W_iz_x, _p_d_h_direct, _ld_d_h_direct, _stream);
+    return torch_gru_backward_bwd0_H_launch<float>(_rows, _cols, _p_W_hn_h, _ld_W_hn_h, _p_b_hn, _ld_b_hn, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_h, _ld_h, _p_n, _ld_n, _p_r, _ld_r, _p_z, _ld_z, _p_d_W_hr_h, _ld_d_W_hr_h, _p_d_W_hz_h, _ld_d_W_hz_h, _p_d_W_hn_h, _ld_d_W_hn_h, _p_d_b_in, _ld_d_b_in, _p_d_h_direct, _ld_d_h_direct, _stream);
 }
-extern "C" int torch_gru_backward_bwd0_H_cuda_f64(int64_t _rows, int64_t _cols, const void* _p_W_hn_h, int64_t _ld_W_hn_h, const void* _p_b_hn, int64_t _ld_b_hn, const void* _p_d_h, int64_t _ld_d_h, const void* _p_d_h_next_out, int64_t _ld_d_h_next_out, const void* _p_h, int64_t _ld_h, const void* _p_n, int64_t _ld_n, const void* _p_r, int64_t _ld_r, const void* _p_z, int64_t _ld_z, void* _p_d_W_hr_h, int64_t _ld_d_W_hr_h, void* _p_d_W_hz_h, int64_t _ld_d_W_hz_h, void* _p_d_W_hn_h, int64_t _ld_d_W_hn_h, void* _p_d_b_in, int64_t _ld_d_b_in, void* _p_d_W_ir_x, int64_t _ld_d_W_ir_x, void* _p_d_W_iz_x, int64_t _ld_d_W_iz_x, void* _p_d_h_direct, int64_t _ld_d_h_direct, void* _stream)
+extern "C" int torch_gru_backward_bwd0_H_cuda_f64(int64_t _rows, int64_t _cols, const void* _p_W_hn_h, int64_t _ld_W_hn_h, const void* _p_b_hn, int64_t _ld_b_hn, const void* _p_d_h, int64_t _ld_d_h, const void* _p_d_h_next_out, int64_t _ld_d_h_next_out, const void* _p_h, int64_t _ld_h, const void* _p_n, int64_t _ld_n, const void* _p_r, int64_t _ld_r, const void* _p_z, int64_t _ld_z, void* _p_d_W_hr_h, int64_t _ld_d_W_hr_h, void* _p_d_W_hz_h, int64_t _ld_d_W_hz_h, void* _p_d_W_hn_h, int64_t _ld_d_W_hn_h, void* _p_d_b_in, int64_t _ld_d_b_in, void* _p_d_h_direct, int64_t _ld_d_h_direct, void* _stream)
 {
-    return torch_gru_backward_bwd0_H_launch<double>(_rows, _cols, _p_W_hn_h, _ld_W_hn_h, _p_b_hn, _ld_b_hn, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_h, _ld_h, _p_n, _ld_n, _p_r, _ld_r, _p_z, _ld_z, _p_d_W_hr_h, _ld_d_W_hr_h, _p_d_W_hz_h, _ld_d_W_hz_h, _p_d_W_hn_h, _ld_d_W_hn_h, _p_d_b_in, _ld_d_b_in, _p_d_W_ir_x, _ld_d_W_ir_x, _p_d_W_iz_x, _ld_d_W_iz_x, _p_d_h_direct, _ld_d_h_direct, _stream);
+    return torch_gru_backward_bwd0_H_launch<double>(_rows, _cols, _p_W_hn_h, _ld_W_hn_h, _p_b_hn, _ld_b_hn, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_h, _ld_h, _p_n, _ld_n, _p_r, _ld_r, _p_z, _ld_z, _p_d_W_hr_h, _ld_d_W_hr_h, _p_d_W_hz_h, _ld_d_W_hz_h, _p_d_W_hn_h, _ld_d_W_hn_h, _p_d_b_in, _ld_d_b_in, _p_d_h_direct, _ld_d_h_direct, _stream);
 }
-extern "C" int torch_gru_backward_bwd0_H_cuda_f16(int64_t _rows, int64_t _cols, const void* _p_W_hn_h, int64_t _ld_W_hn_h, const void* _p_b_hn, int64_t _ld_b_hn, const void* _p_d_h, int64_t _ld_d_h, const void* _p_d_h_next_out, int64_t _ld_d_h_next_out, const void* _p_h, int64_t _ld_h, const void* _p_n, int64_t _ld_n, const void* _p_r, int64_t _ld_r, const void* _p_z, int64_t _ld_z, void* _p_d_W_hr_h, int64_t _ld_d_W_hr_h, void* _p_d_W_hz_h, int64_t _ld_d_W_hz_h, void* _p_d_W_hn_h, int64_t _ld_d_W_hn_h, void* _p_d_b_in, int64_t _ld_d_b_in, void* _p_d_W_ir_x, int64_t _ld_d_W_ir_x, void* _p_d_W_iz_x, int64_t _ld_d_W_iz_x, void* _p_d_h_direct, int64_t _ld_d_h_direct, void* _stream)
+extern "C" int torch_gru_backward_bwd0_H_cuda_f16(int64_t _rows, int64_t _cols, const void* _p_W_hn_h, int64_t _ld_W_hn_h, const void* _p_b_hn, int64_t _ld_b_hn, const void* _p_d_h, int64_t _ld_d_h, const void* _p_d_h_next_out, int64_t _ld_d_h_next_out, const void* _p_h, int64_t _ld_h, const void* _p_n, int64_t _ld_n, const void* _p_r, int64_t _ld_r, const void* _p_z, int64_t _ld_z, void* _p_d_W_hr_h, int64_t _ld_d_W_hr_h, void* _p_d_W_hz_h, int64_t _ld_d_W_hz_h, void* _p_d_W_hn_h, int64_t _ld_d_W_hn_h, void* _p_d_b_in, int64_t _ld_d_b_in, void* _p_d_h_direct, int64_t _ld_d_h_direct, void* _stream)
 {
-    return torch_gru_backward_bwd0_H_launch<__half>(_rows, _cols, _p_W_hn_h, _ld_W_hn_h, _p_b_hn, _ld_b_hn, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_h, _ld_h, _p_n, _ld_n, _p_r, _ld_r, _p_z, _ld_z, _p_d_W_hr_h, _ld_d_W_hr_h, _p_d_W_hz_h, _ld_d_W_hz_h, _p_d_W_hn_h, _ld_d_W_hn_h, _p_d_b_in, _ld_d_b_in, _p_d_W_ir_x, _ld_d_W_ir_x, _p_d_W_iz_x, _ld_d_W_iz_x, _p_d_h_direct, _ld_d_h_direct, _stream);
+    return torch_gru_backward_bwd0_H_launch<__half>(_rows, _cols, _p_W_hn_h, _ld_W_hn_h, _p_b_hn, _ld_b_hn, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_h, _ld_h, _p_n, _ld_n, _p_r, _ld_r, _p_z, _ld_z, _p_d_W_hr_h, _ld_d_W_hr_h, _p_d_W_hz_h, _ld_d_W_hz_h, _p_d_W_hn_h, _ld_d_W_hn_h, _p_d_b_in, _ld_d_b_in, _p_d_h_direct, _ld_d_h_direct, _stream);
 }
-extern "C" int torch_gru_backward_bwd0_H_cuda_bf16(int64_t _rows, int64_t _cols, const void* _p_W_hn_h, int64_t _ld_W_hn_h, const void* _p_b_hn, int64_t _ld_b_hn, const void* _p_d_h, int64_t _ld_d_h, const void* _p_d_h_next_out, int64_t _ld_d_h_next_out, const void* _p_h, int64_t _ld_h, const void* _p_n, int64_t _ld_n, const void* _p_r, int64_t _ld_r, const void* _p_z, int64_t _ld_z, void* _p_d_W_hr_h, int64_t _ld_d_W_hr_h, void* _p_d_W_hz_h, int64_t _ld_d_W_hz_h, void* _p_d_W_hn_h, int64_t _ld_d_W_hn_h, void* _p_d_b_in, int64_t _ld_d_b_in, void* _p_d_W_ir_x, int64_t _ld_d_W_ir_x, void* _p_d_W_iz_x, int64_t _ld_d_W_iz_x, void* _p_d_h_direct, int64_t _ld_d_h_direct, void* _stream)
+extern "C" int torch_gru_backward_bwd0_H_cuda_bf16(int64_t _rows, int64_t _cols, const void* _p_W_hn_h, int64_t _ld_W_hn_h, const void* _p_b_hn, int64_t _ld_b_hn, const void* _p_d_h, int64_t _ld_d_h, const void* _p_d_h_next_out, int64_t _ld_d_h_next_out, const void* _p_h, int64_t _ld_h, const void* _p_n, int64_t _ld_n, const void* _p_r, int64_t _ld_r, const void* _p_z, int64_t _ld_z, void* _p_d_W_hr_h, int64_t _ld_d_W_hr_h, void* _p_d_W_hz_h, int64_t _ld_d_W_hz_h, void* _p_d_W_hn_h, int64_t _ld_d_W_hn_h, void* _p_d_b_in, int64_t _ld_d_b_in, void* _p_d_h_direct, int64_t _ld_d_h_direct, void* _stream)
 {
-    return torch_gru_backward_bwd0_H_launch<__nv_bfloat16>(_rows, _cols, _p_W_hn_h, _ld_W_hn_h, _p_b_hn, _ld_b_hn, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_h, _ld_h, _p_n, _ld_n, _p_r, _ld_r, _p_z, _ld_z, _p_d_W_hr_h, _ld_d_W_hr_h, _p_d_W_hz_h, _ld_d_W_hz_h, _p_d_W_hn_h, _ld_d_W_hn_h, _p_d_b_in, _ld_d_b_in, _p_d_W_ir_x, _ld_d_W_ir_x, _p_d_W_iz_x, _ld_d_W_iz_x, _p_d_h_direct, _ld_d_h_direct, _stream);
+    return torch_gru_backward_bwd0_H_launch<__nv_bfloat16>(_rows, _cols, _p_W_hn_h, _ld_W_hn_h, _p_b_hn, _ld_b_hn, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_h, _ld_h, _p_n, _ld_n, _p_r, _ld_r, _p_z, _ld_z, _p_d_W_hr_h, _ld_d_W_hr_h, _p_d_W_hz_h, _ld_d_W_hz_h, _p_d_W_hn_h, _ld_d_W_hn_h, _p_d_b_in, _ld_d_b_in, _p_d_h_direct, _ld_d_h_direct, _stream);
 }
 #endif  // __CUDACC__
 
 template <typename real>
-static inline void torch_gru_backward_bwd0_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_W_hn_h, int64_t _ld_W_hn_h, const real* __restrict__ _p_b_hn, int64_t _ld_b_hn, const real* __restrict__ _p_d_h, int64_t _ld_d_h, const real* __restrict__ _p_d_h_next_out, int64_t _ld_d_h_next_out, const real* __restrict__ _p_h, int64_t _ld_h, const real* __restrict__ _p_n, int64_t _ld_n, const real* __restrict__ _p_r, int64_t _ld_r, const real* __restrict__ _p_z, int64_t _ld_z, real* __restrict__ _p_d_W_hr_h, int64_t _ld_d_W_hr_h, real* __restrict__ _p_d_W_hz_h, int64_t _ld_d_W_hz_h, real* __restrict__ _p_d_W_hn_h, int64_t _ld_d_W_hn_h, real* __restrict__ _p_d_b_in, int64_t _ld_d_b_in, real* __restrict__ _p_d_W_ir_x, int64_t _ld_d_W_ir_x, real* __restrict__ _p_d_W_iz_x, int64_t _ld_d_W_iz_x, real* __restrict__ _p_d_h_direct, int64_t _ld_d_h_direct)
+static inline void torch_gru_backward_bwd0_H_host(int64_t _rows, int64_t _cols, const real* __restrict__ _p_W_hn_h, int64_t _ld_W_hn_h, const real* __restrict__ _p_b_hn, int64_t _ld_b_hn, const real* __restrict__ _p_d_h, int64_t _ld_d_h, const real* __restrict__ _p_d_h_next_out, int64_t _ld_d_h_next_out, const real* __restrict__ _p_h, int64_t _ld_h, const real* __restrict__ _p_n, int64_t _ld_n, const real* __restrict__ _p_r, int64_t _ld_r, const real* __restrict__ _p_z, int64_t _ld_z, real* __restrict__ _p_d_W_hr_h, int64_t _ld_d_W_hr_h, real* __restrict__ _p_d_W_hz_h, int64_t _ld_d_W_hz_h, real* __restrict__ _p_d_W_hn_h, int64_t _ld_d_W_hn_h, real* __restrict__ _p_d_b_in, int64_t _ld_d_b_in, real* __restrict__ _p_d_h_direct, int64_t _ld_d_h_direct)
 {
     cs_for_rows(_rows, cs_par(_rows * _cols, 1024), [&](int64_t _r) {
 #pragma omp simd
@@ -1609,35 +1608,31 @@ static inline void torch_gru_backward_bwd0_H_host(int64_t _rows, int64_t _cols, 
             real d_W_hz_h;
             real d_W_hn_h;
             real d_b_in;
-            real d_W_ir_x;
-            real d_W_iz_x;
             real d_h_direct;
-            torch_gru_backward_bwd0_H<real>(W_hn_h, b_hn, d_h, d_h_next_out, h, n, r, z, d_W_hr_h, d_W_hz_h, d_W_hn_h, d_b_in, d_W_ir_x, d_W_iz_x, d_h_direct);
+            torch_gru_backward_bwd0_H<real>(W_hn_h, b_hn, d_h, d_h_next_out, h, n, r, z, d_W_hr_h, d_W_hz_h, d_W_hn_h, d_b_in, d_h_direct);
             _p_d_W_hr_h[_r * _ld_d_W_hr_h + _j] = d_W_hr_h;
             _p_d_W_hz_h[_r * _ld_d_W_hz_h + _j] = d_W_hz_h;
             _p_d_W_hn_h[_r * _ld_d_W_hn_h + _j] = d_W_hn_h;
             _p_d_b_in[_r * _ld_d_b_in + _j] = d_b_in;
-            _p_d_W_ir_x[_r * _ld_d_W_ir_x + _j] = d_W_ir_x;
-            _p_d_W_iz_x[_r * _ld_d_W_iz_x + _j] = d_W_iz_x;
             _p_d_h_direct[_r * _ld_d_h_direct + _j] = d_h_direct;
         }
     });
 }
 
-extern "C" void torch_gru_backward_bwd0_H_f32(int64_t _rows, int64_t _cols, const float* _p_W_hn_h, int64_t _ld_W_hn_h, const float* _p_b_hn, int64_t _ld_b_hn, const float* _p_d_h, int64_t _ld_d_h, const float* _p_d_h_next_out, int64_t _ld_d_h_next_out, const float* _p_h, int64_t _ld_h, const float* _p_n, int64_t _ld_n, const float* _p_r, int64_t _ld_r, const float* _p_z, int64_t _ld_z, float* _p_d_W_hr_h, int64_t _ld_d_W_hr_h, float* _p_d_W_hz_h, int64_t _ld_d_W_hz_h, float* _p_d_W_hn_h, int64_t _ld_d_W_hn_h, float* _p_d_b_in, int64_t _ld_d_b_in, float* _p_d_W_ir_x, int64_t _ld_d_W_ir_x, float* _p_d_W_iz_x, int64_t _ld_d_W_iz_x, float* _p_d_h_direct, int64_t _ld_d_h_direct)
+extern "C" void torch_gru_backward_bwd0_H_f32(int64_t _rows, int64_t _cols, const float* _p_W_hn_h, int64_t _ld_W_hn_h, const float* _p_b_hn, int64_t _ld_b_hn, const float* _p_d_h, int64_t _ld_d_h, const float* _p_d_h_next_out, int64_t _ld_d_h_next_out, const float* _p_h, int64_t _ld_h, const float* _p_n, int64_t _ld_n, const float* _p_r, int64_t _ld_r, const float* _p_z, int64_t _ld_z, float* _p_d_W_hr_h, int64_t _ld_d_W_hr_h, float* _p_d_W_hz_h, int64_t _ld_d_W_hz_h, float* _p_d_W_hn_h, int64_t _ld_d_W_hn_h, float* _p_d_b_in, int64_t _ld_d_b_in, float* _p_d_h_direct, int64_t _ld_d_h_direct)
 {
-    torch_gru_backward_bwd0_H_host<float>(_rows, _cols, _p_W_hn_h, _ld_W_hn_h, _p_b_hn, _ld_b_hn, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_h, _ld_h, _p_n, _ld_n, _p_r, _ld_r, _p_z, _ld_z, _p_d_W_hr_h, _ld_d_W_hr_h, _p_d_W_hz_h, _ld_d_W_hz_h, _p_d_W_hn_h, _ld_d_W_hn_h, _p_d_b_in, _ld_d_b_in, _p_d_W_ir_x, _ld_d_W_ir_x, _p_d_W_iz_x, _ld_d_W_iz_x, _p_d_h_direct, _ld_d_h_direct);
+    torch_gru_backward_bwd0_H_host<float>(_rows, _cols, _p_W_hn_h, _ld_W_hn_h, _p_b_hn, _ld_b_hn, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_h, _ld_h, _p_n, _ld_n, _p_r, _ld_r, _p_z, _ld_z, _p_d_W_hr_h, _ld_d_W_hr_h, _p_d_W_hz_h, _ld_d_W_hz_h, _p_d_W_hn_h, _ld_d_W_hn_h, _p_d_b_in, _ld_d_b_in, _p_d_h_direct, _ld_d_h_direct);
 }
-extern "C" void torch_gru_backward_bwd0_H_f64(int64_t _rows, int64_t _cols, const double* _p_W_hn_h, int64_t _ld_W_hn_h, const double* _p_b_hn, int64_t _ld_b_hn, const double* _p_d_h, int64_t _ld_d_h, const double* _p_d_h_next_out, int64_t _ld_d_h_next_out, const double* _p_h, int64_t _ld_h, const double* _p_n, int64_t _ld_n, const double* _p_r, int64_t _ld_r, const double* _p_z, int64_t _ld_z, double* _p_d_W_hr_h, int64_t _ld_d_W_hr_h, double* _p_d_W_hz_h, int64_t _ld_d_W_hz_h, double* _p_d_W_hn_h, int64_t _ld_d_W_hn_h, double* _p_d_b_in, int64_t _ld_d_b_in, double* _p_d_W_ir_x, int64_t _ld_d_W_ir_x, double* _p_d_W_iz_x, int64_t _ld_d_W_iz_x, double* _p_d_h_direct, int64_t _ld_d_h_direct)
+extern "C" void torch_gru_backward_bwd0_H_f64(int64_t _rows, int64_t _cols, const double* _p_W_hn_h, int64_t _ld_W_hn_h, const double* _p_b_hn, int64_t _ld_b_hn, const double* _p_d_h, int64_t _ld_d_h, const double* _p_d_h_next_out, int64_t _ld_d_h_next_out, const double* _p_h, int64_t _ld_h, const double* _p_n, int64_t _ld_n, const double* _p_r, int64_t _ld_r, const double* _p_z, int64_t _ld_z, double* _p_d_W_hr_h, int64_t _ld_d_W_hr_h, double* _p_d_W_hz_h, int64_t _ld_d_W_hz_h, double* _p_d_W_hn_h, int64_t _ld_d_W_hn_h, double* _p_d_b_in, int64_t _ld_d_b_in, double* _p_d_h_direct, int64_t _ld_d_h_direct)
 {
-    torch_gru_backward_bwd0_H_host<double>(_rows, _cols, _p_W_hn_h, _ld_W_hn_h, _p_b_hn, _ld_b_hn, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_h, _ld_h, _p_n, _ld_n, _p_r, _ld_r, _p_z, _ld_z, _p_d_W_hr_h, _ld_d_W_hr_h, _p_d_W_hz_h, _ld_d_W_hz_h, _p_d_W_hn_h, _ld_d_W_hn_h, _p_d_b_in, _ld_d_b_in, _p_d_W_ir_x, _ld_d_W_ir_x, _p_d_W_iz_x, _ld_d_W_iz_x, _p_d_h_direct, _ld_d_h_direct);
+    torch_gru_backward_bwd0_H_host<double>(_rows, _cols, _p_W_hn_h, _ld_W_hn_h, _p_b_hn, _ld_b_hn, _p_d_h, _ld_d_h, _p_d_h_next_out, _ld_d_h_next_out, _p_h, _ld_h, _p_n, _ld_n, _p_r, _ld_r, _p_z, _ld_z, _p_d_W_hr_h, _ld_d_W_hr_h, _p_d_W_hz_h, _ld_d_W_hz_h, _p_d_W_hn_h, _ld_d_W_hn_h, _p_d_b_in, _ld_d_b_in, _p_d_h_direct, _ld_d_h_direct);
 }
 
 
 
 // =============================================================================================
 // torch_gru: the whole sequence, forward
-// ptrs: 0 x_x, 1 s_h, 2 p_b_ir, 3 p_b_hr, 4 p_b_iz, 5 p_b_hz, 6 p_b_in, 7 p_b_hn, 8 hg_W_ir_W_iz_W_in__x, 9 g_W_hr_W_hz_W_hn__h, 10 v_r, 11 v_z, 12 v_n, 13 weight W_ir_W_iz_W_in, 14 weight W_hr_W_hz_W_hn, 15 batch sizes (host, or NULL)
+// ptrs: 0 x_x, 1 s_h, 2 p_b_ir, 3 p_b_hr, 4 p_b_iz, 5 p_b_hz, 6 p_b_in, 7 p_b_hn, 8 hg_W_ir_W_iz_W_in__x, 9 v_W_hn_h, 10 g_W_hr_W_hz_W_hn__h, 11 v_r, 12 v_z, 13 v_n, 14 weight W_in_W_ir_W_iz, 15 weight W_hr_W_hz_W_hn, 16 batch sizes (host, or NULL)
 
 // =============================================================================================
 template <typename S, typename G>
@@ -1671,53 +1666,55 @@ static int torch_gru_forward_run(const int64_t* dims, void* const* ptrs, const c
     (void)b_p_b_hn;
     S* b_hg_W_ir_W_iz_W_in__x = (S*)ptrs[8];
     (void)b_hg_W_ir_W_iz_W_in__x;
-    S* b_g_W_hr_W_hz_W_hn__h = (S*)ptrs[9];
+    S* b_v_W_hn_h = (S*)ptrs[9];
+    (void)b_v_W_hn_h;
+    S* b_g_W_hr_W_hz_W_hn__h = (S*)ptrs[10];
     (void)b_g_W_hr_W_hz_W_hn__h;
-    S* b_v_r = (S*)ptrs[10];
+    S* b_v_r = (S*)ptrs[11];
     (void)b_v_r;
-    S* b_v_z = (S*)ptrs[11];
+    S* b_v_z = (S*)ptrs[12];
     (void)b_v_z;
-    S* b_v_n = (S*)ptrs[12];
+    S* b_v_n = (S*)ptrs[13];
     (void)b_v_n;
-    const S* w_W_ir_W_iz_W_in = (const S*)ptrs[13];
-    (void)w_W_ir_W_iz_W_in;
-    const S* w_W_hr_W_hz_W_hn = (const S*)ptrs[14];
+    const S* w_W_in_W_ir_W_iz = (const S*)ptrs[14];
+    (void)w_W_in_W_ir_W_iz;
+    const S* w_W_hr_W_hz_W_hn = (const S*)ptrs[15];
     (void)w_W_hr_W_hz_W_hn;
-    const int64_t* bs = (const int64_t*)ptrs[15];
+    const int64_t* bs = (const int64_t*)ptrs[16];
     (void)ctx;
     if (bs) {  // rows of ended sequences, which no step writes, are read over all T*B rows
-        CS_ZERO(b_g_W_hr_W_hz_W_hn__h, (n_T) * (n_B) * (3*n_H));
         CS_ZERO(b_v_r, (n_T) * (n_B) * (n_H));
         CS_ZERO(b_v_z, (n_T) * (n_B) * (n_H));
         CS_ZERO(b_v_n, (n_T) * (n_B) * (n_H));
+        CS_ZERO(b_v_W_hn_h, (n_T) * (n_B) * (n_H));
     }
     // steps per chunk of the work ahead of them, from the caller (all T on a GPU); hg_W_ir_W_iz_W_in__x holds one chunk
     const int64_t n_ch = dims[4] < 1 ? 1 : dims[4];
-    cs_packed<S> pk_W_ir_W_iz_W_in_nt = cs_pack_if(n_ch < n_T, ctx, 1, n_ch * n_B, 3*n_H, n_I, w_W_ir_W_iz_W_in, n_I);
+    cs_packed<S> pk_W_in_W_ir_W_iz_nt = cs_pack_if(n_ch < n_T, ctx, 1, n_ch * n_B, 3*n_H, n_I, w_W_in_W_ir_W_iz, n_I);
     cs_packed<S> pk_W_hr_W_hz_W_hn_nt = cs_pack(ctx, 1, n_B, 3*n_H, n_H, w_W_hr_W_hz_W_hn, n_H);
     const int split_rows = CS_SPLIT_OK(n_B, (3*n_H) * n_H);
     // the steps as one team of threads where a step's GEMM would fork: each thread runs the steps on its own rows of the batch (split_rows), else each op's work shared, a barrier after it (cs_for)
-    CS_TEAM_BEGIN(CS_TEAM_OK(n_B * (3*n_H) * n_H, CS_PACKED_OWN(pk_W_ir_W_iz_W_in_nt) && CS_PACKED_OWN(pk_W_hr_W_hz_W_hn_nt)))
+    CS_TEAM_BEGIN(CS_TEAM_OK(n_B * (3*n_H) * n_H, CS_PACKED_OWN(pk_W_in_W_ir_W_iz_nt) && CS_PACKED_OWN(pk_W_hr_W_hz_W_hn_nt)))
     for (int64_t t = 0; t < n_T; ++t) {
         const int64_t rows = bs ? bs[t] : n_B;  // variable lengths: rows 0..B_t-1 run
         if (t % n_ch == 0) {  // a chunk starts: steps tc .. tc + n_c - 1 (all B rows)
             CS_SPLIT_PAUSE();  // the team shares the chunk's work, once every thread is done with the last chunk
             const int64_t n_c = n_T - t < n_ch ? n_T - t : n_ch;
             const int64_t tc = t;
-            // hg_W_ir_W_iz_W_in__x = x @ [W_ir, W_iz, W_in]^T  (W_ir @ x, W_iz @ x, W_in @ x)
-            CS_GEMM_NT_PACKED(n_c * n_B, 3*n_H, n_I, b_x_x + tc * n_B * (n_I), n_I, pk_W_ir_W_iz_W_in_nt, b_hg_W_ir_W_iz_W_in__x, 3*n_H, 0);
+            // hg_W_ir_W_iz_W_in__x = x @ [W_in, W_ir, W_iz]^T  (W_in @ x, W_ir @ x, W_iz @ x)
+            CS_GEMM_NT_PACKED(n_c * n_B, 3*n_H, n_I, b_x_x + tc * n_B * (n_I), n_I, pk_W_in_W_ir_W_iz_nt, b_hg_W_ir_W_iz_W_in__x, 3*n_H, 0);
         }
         CS_SPLIT_ROWS(split_rows, n_B);
         // g_W_hr_W_hz_W_hn__h = h @ [W_hr, W_hz, W_hn]^T  (W_hr @ h, W_hz @ h, W_hn @ h)
-        CS_GEMM_NT_PACKED(rows, 3*n_H, n_H, b_s_h + t * n_B * (n_H), n_H, pk_W_hr_W_hz_W_hn_nt, b_g_W_hr_W_hz_W_hn__h + t * n_B * (3*n_H), 3*n_H, 0);
+        CS_GEMM_NT_PACKED(rows, 3*n_H, n_H, b_s_h + t * n_B * (n_H), n_H, pk_W_hr_W_hz_W_hn_nt, b_g_W_hr_W_hz_W_hn__h, 3*n_H, 0);
         // forward: stage 0 forward, units of size H
-        CS_PW(torch_gru_forward_fwd0_H, rows, n_H, b_g_W_hr_W_hz_W_hn__h + t * n_B * (3*n_H) + 2*n_H, 3*n_H, b_g_W_hr_W_hz_W_hn__h + t * n_B * (3*n_H), 3*n_H, b_g_W_hr_W_hz_W_hn__h + t * n_B * (3*n_H) + n_H, 3*n_H, b_hg_W_ir_W_iz_W_in__x + (t % n_ch) * n_B * (3*n_H) + 2*n_H, 3*n_H, b_hg_W_ir_W_iz_W_in__x + (t % n_ch) * n_B * (3*n_H), 3*n_H, b_hg_W_ir_W_iz_W_in__x + (t % n_ch) * n_B * (3*n_H) + n_H, 3*n_H, b_p_b_hn, 0, b_p_b_hr, 0, b_p_b_hz, 0, b_p_b_in, 0, b_p_b_ir, 0, b_p_b_iz, 0, b_s_h + t * n_B * (n_H), n_H, b_v_r + t * n_B * (n_H), n_H, b_v_z + t * n_B * (n_H), n_H, b_v_n + t * n_B * (n_H), n_H, b_s_h + (t + 1) * n_B * (n_H), n_H);
+        CS_PW(torch_gru_forward_fwd0_H, rows, n_H, b_g_W_hr_W_hz_W_hn__h + 2*n_H, 3*n_H, b_g_W_hr_W_hz_W_hn__h, 3*n_H, b_g_W_hr_W_hz_W_hn__h + n_H, 3*n_H, b_hg_W_ir_W_iz_W_in__x + (t % n_ch) * n_B * (3*n_H), 3*n_H, b_hg_W_ir_W_iz_W_in__x + (t % n_ch) * n_B * (3*n_H) + n_H, 3*n_H, b_hg_W_ir_W_iz_W_in__x + (t % n_ch) * n_B * (3*n_H) + 2*n_H, 3*n_H, b_p_b_hn, 0, b_p_b_hr, 0, b_p_b_hz, 0, b_p_b_in, 0, b_p_b_ir, 0, b_p_b_iz, 0, b_s_h + t * n_B * (n_H), n_H, b_v_r + t * n_B * (n_H), n_H, b_v_z + t * n_B * (n_H), n_H, b_v_n + t * n_B * (n_H), n_H, b_s_h + (t + 1) * n_B * (n_H), n_H, b_v_W_hn_h + t * n_B * (n_H), n_H);
         // ended sequences hold their state: rows B_t.. of s_h[t + 1] = s_h[t]
         CS_HOLD_ROWS(b_s_h + (t + 1) * n_B * (n_H), b_s_h + t * n_B * (n_H), rows, n_B, n_H);
     }
     CS_SPLIT_DONE();
     CS_TEAM_END
-    cs_unpack(pk_W_ir_W_iz_W_in_nt);
+    cs_unpack(pk_W_in_W_ir_W_iz_nt);
     cs_unpack(pk_W_hr_W_hz_W_hn_nt);
     return 0;
 }
@@ -1751,7 +1748,7 @@ extern "C" int torch_gru_forward_f64(const int64_t* dims, void* const* ptrs, con
 
 // =============================================================================================
 // torch_gru: the whole sequence, inference
-// ptrs: 0 x_x, 1 s_h, 2 p_b_ir, 3 p_b_hr, 4 p_b_iz, 5 p_b_hz, 6 p_b_in, 7 p_b_hn, 8 hg_W_ir_W_iz_W_in__x, 9 g_W_hr_W_hz_W_hn__h, 10 weight W_ir_W_iz_W_in, 11 weight W_hr_W_hz_W_hn, 12 batch sizes (host, or NULL)
+// ptrs: 0 x_x, 1 s_h, 2 p_b_ir, 3 p_b_hr, 4 p_b_iz, 5 p_b_hz, 6 p_b_in, 7 p_b_hn, 8 hg_W_ir_W_iz_W_in__x, 9 g_W_hr_W_hz_W_hn__h, 10 weight W_in_W_ir_W_iz, 11 weight W_hr_W_hz_W_hn, 12 batch sizes (host, or NULL)
 
 // =============================================================================================
 template <typename S, typename G>
@@ -1787,39 +1784,39 @@ static int torch_gru_inference_run(const int64_t* dims, void* const* ptrs, const
     (void)b_hg_W_ir_W_iz_W_in__x;
     S* b_g_W_hr_W_hz_W_hn__h = (S*)ptrs[9];
     (void)b_g_W_hr_W_hz_W_hn__h;
-    const S* w_W_ir_W_iz_W_in = (const S*)ptrs[10];
-    (void)w_W_ir_W_iz_W_in;
+    const S* w_W_in_W_ir_W_iz = (const S*)ptrs[10];
+    (void)w_W_in_W_ir_W_iz;
     const S* w_W_hr_W_hz_W_hn = (const S*)ptrs[11];
     (void)w_W_hr_W_hz_W_hn;
     const int64_t* bs = (const int64_t*)ptrs[12];
     (void)ctx;
     // steps per chunk of the work ahead of them, from the caller (all T on a GPU); hg_W_ir_W_iz_W_in__x holds one chunk
     const int64_t n_ch = dims[4] < 1 ? 1 : dims[4];
-    cs_packed<S> pk_W_ir_W_iz_W_in_nt = cs_pack_if(n_ch < n_T, ctx, 1, n_ch * n_B, 3*n_H, n_I, w_W_ir_W_iz_W_in, n_I);
+    cs_packed<S> pk_W_in_W_ir_W_iz_nt = cs_pack_if(n_ch < n_T, ctx, 1, n_ch * n_B, 3*n_H, n_I, w_W_in_W_ir_W_iz, n_I);
     cs_packed<S> pk_W_hr_W_hz_W_hn_nt = cs_pack(ctx, 1, n_B, 3*n_H, n_H, w_W_hr_W_hz_W_hn, n_H);
     const int split_rows = CS_SPLIT_OK(n_B, (3*n_H) * n_H);
     // the steps as one team of threads where a step's GEMM would fork: each thread runs the steps on its own rows of the batch (split_rows), else each op's work shared, a barrier after it (cs_for)
-    CS_TEAM_BEGIN(CS_TEAM_OK(n_B * (3*n_H) * n_H, CS_PACKED_OWN(pk_W_ir_W_iz_W_in_nt) && CS_PACKED_OWN(pk_W_hr_W_hz_W_hn_nt)))
+    CS_TEAM_BEGIN(CS_TEAM_OK(n_B * (3*n_H) * n_H, CS_PACKED_OWN(pk_W_in_W_ir_W_iz_nt) && CS_PACKED_OWN(pk_W_hr_W_hz_W_hn_nt)))
     for (int64_t t = 0; t < n_T; ++t) {
         const int64_t rows = bs ? bs[t] : n_B;  // variable lengths: rows 0..B_t-1 run
         if (t % n_ch == 0) {  // a chunk starts: steps tc .. tc + n_c - 1 (all B rows)
             CS_SPLIT_PAUSE();  // the team shares the chunk's work, once every thread is done with the last chunk
             const int64_t n_c = n_T - t < n_ch ? n_T - t : n_ch;
             const int64_t tc = t;
-            // hg_W_ir_W_iz_W_in__x = x @ [W_ir, W_iz, W_in]^T  (W_ir @ x, W_iz @ x, W_in @ x)
-            CS_GEMM_NT_PACKED(n_c * n_B, 3*n_H, n_I, b_x_x + tc * n_B * (n_I), n_I, pk_W_ir_W_iz_W_in_nt, b_hg_W_ir_W_iz_W_in__x, 3*n_H, 0);
+            // hg_W_ir_W_iz_W_in__x = x @ [W_in, W_ir, W_iz]^T  (W_in @ x, W_ir @ x, W_iz @ x)
+            CS_GEMM_NT_PACKED(n_c * n_B, 3*n_H, n_I, b_x_x + tc * n_B * (n_I), n_I, pk_W_in_W_ir_W_iz_nt, b_hg_W_ir_W_iz_W_in__x, 3*n_H, 0);
         }
         CS_SPLIT_ROWS(split_rows, n_B);
         // g_W_hr_W_hz_W_hn__h = h @ [W_hr, W_hz, W_hn]^T  (W_hr @ h, W_hz @ h, W_hn @ h)
         CS_GEMM_NT_PACKED(rows, 3*n_H, n_H, b_s_h + t * n_B * (n_H), n_H, pk_W_hr_W_hz_W_hn_nt, b_g_W_hr_W_hz_W_hn__h, 3*n_H, 0);
         // inference: stage 0 forward, units of size H
-        CS_PW(torch_gru_inference_fwd0_H, rows, n_H, b_g_W_hr_W_hz_W_hn__h + 2*n_H, 3*n_H, b_g_W_hr_W_hz_W_hn__h, 3*n_H, b_g_W_hr_W_hz_W_hn__h + n_H, 3*n_H, b_hg_W_ir_W_iz_W_in__x + (t % n_ch) * n_B * (3*n_H) + 2*n_H, 3*n_H, b_hg_W_ir_W_iz_W_in__x + (t % n_ch) * n_B * (3*n_H), 3*n_H, b_hg_W_ir_W_iz_W_in__x + (t % n_ch) * n_B * (3*n_H) + n_H, 3*n_H, b_p_b_hn, 0, b_p_b_hr, 0, b_p_b_hz, 0, b_p_b_in, 0, b_p_b_ir, 0, b_p_b_iz, 0, b_s_h + t * n_B * (n_H), n_H, b_s_h + (t + 1) * n_B * (n_H), n_H);
+        CS_PW(torch_gru_inference_fwd0_H, rows, n_H, b_g_W_hr_W_hz_W_hn__h + 2*n_H, 3*n_H, b_g_W_hr_W_hz_W_hn__h, 3*n_H, b_g_W_hr_W_hz_W_hn__h + n_H, 3*n_H, b_hg_W_ir_W_iz_W_in__x + (t % n_ch) * n_B * (3*n_H), 3*n_H, b_hg_W_ir_W_iz_W_in__x + (t % n_ch) * n_B * (3*n_H) + n_H, 3*n_H, b_hg_W_ir_W_iz_W_in__x + (t % n_ch) * n_B * (3*n_H) + 2*n_H, 3*n_H, b_p_b_hn, 0, b_p_b_hr, 0, b_p_b_hz, 0, b_p_b_in, 0, b_p_b_ir, 0, b_p_b_iz, 0, b_s_h + t * n_B * (n_H), n_H, b_s_h + (t + 1) * n_B * (n_H), n_H);
         // ended sequences hold their state: rows B_t.. of s_h[t + 1] = s_h[t]
         CS_HOLD_ROWS(b_s_h + (t + 1) * n_B * (n_H), b_s_h + t * n_B * (n_H), rows, n_B, n_H);
     }
     CS_SPLIT_DONE();
     CS_TEAM_END
-    cs_unpack(pk_W_ir_W_iz_W_in_nt);
+    cs_unpack(pk_W_in_W_ir_W_iz_nt);
     cs_unpack(pk_W_hr_W_hz_W_hn_nt);
     return 0;
 }
@@ -1853,7 +1850,7 @@ extern "C" int torch_gru_inference_f64(const int64_t* dims, void* const* ptrs, c
 
 // =============================================================================================
 // torch_gru: the whole sequence, backward
-// ptrs: 0 x_x, 1 s_h, 2 p_b_hn, 3 g_W_hr_W_hz_W_hn__h, 4 v_r, 5 v_z, 6 v_n, 7 dout_h_next, 8 ds_h, 9 dx_x, 10 dg_W_hr_W_hz_W_hn__h, 11 dhg_W_ir_W_iz_W_in__x, 12 dw_W_hr_W_hz_W_hn, 13 dw_W_ir_W_iz_W_in, 14 sum_d_b_ir, 15 sum_d_b_iz, 16 weight W_ir_W_iz_W_in, 17 weight W_hr_W_hz_W_hn, 18 d W_ir, 19 d W_hr, 20 d b_ir, 21 d b_hr, 22 d W_iz, 23 d W_hz, 24 d b_iz, 25 d b_hz, 26 d W_in, 27 d W_hn, 28 d b_in, 29 d b_hn, 30 batch sizes (host, or NULL)
+// ptrs: 0 x_x, 1 s_h, 2 p_b_hn, 3 v_W_hn_h, 4 v_r, 5 v_z, 6 v_n, 7 dout_h_next, 8 ds_h, 9 dx_x, 10 dgs_W_in_W_ir_W_iz__x, 11 dw_W_hr_W_hz_W_hn, 12 dw_W_in_W_ir_W_iz, 13 sum_d_b_ir, 14 sum_d_b_iz, 15 weight W_in_W_ir_W_iz, 16 weight W_hr_W_hz_W_hn, 17 d W_ir, 18 d W_hr, 19 d b_ir, 20 d b_hr, 21 d W_iz, 22 d W_hz, 23 d b_iz, 24 d b_hz, 25 d W_in, 26 d W_hn, 27 d b_in, 28 d b_hn, 29 batch sizes (host, or NULL)
 
 // =============================================================================================
 template <typename S, typename G>
@@ -1875,8 +1872,8 @@ static int torch_gru_backward_run(const int64_t* dims, void* const* ptrs, const 
     (void)b_s_h;
     S* b_p_b_hn = (S*)ptrs[2];
     (void)b_p_b_hn;
-    S* b_g_W_hr_W_hz_W_hn__h = (S*)ptrs[3];
-    (void)b_g_W_hr_W_hz_W_hn__h;
+    S* b_v_W_hn_h = (S*)ptrs[3];
+    (void)b_v_W_hn_h;
     S* b_v_r = (S*)ptrs[4];
     (void)b_v_r;
     S* b_v_z = (S*)ptrs[5];
@@ -1889,51 +1886,48 @@ static int torch_gru_backward_run(const int64_t* dims, void* const* ptrs, const 
     (void)b_ds_h;
     S* b_dx_x = (S*)ptrs[9];
     (void)b_dx_x;
-    S* b_dg_W_hr_W_hz_W_hn__h = (S*)ptrs[10];
-    (void)b_dg_W_hr_W_hz_W_hn__h;
-    S* b_dhg_W_ir_W_iz_W_in__x = (S*)ptrs[11];
-    (void)b_dhg_W_ir_W_iz_W_in__x;
-    G* b_dw_W_hr_W_hz_W_hn = (G*)ptrs[12];
+    S* b_dgs_W_in_W_ir_W_iz__x = (S*)ptrs[10];
+    (void)b_dgs_W_in_W_ir_W_iz__x;
+    G* b_dw_W_hr_W_hz_W_hn = (G*)ptrs[11];
     (void)b_dw_W_hr_W_hz_W_hn;
-    G* b_dw_W_ir_W_iz_W_in = (G*)ptrs[13];
-    (void)b_dw_W_ir_W_iz_W_in;
-    G* b_sum_d_b_ir = (G*)ptrs[14];
+    G* b_dw_W_in_W_ir_W_iz = (G*)ptrs[12];
+    (void)b_dw_W_in_W_ir_W_iz;
+    G* b_sum_d_b_ir = (G*)ptrs[13];
     (void)b_sum_d_b_ir;
-    G* b_sum_d_b_iz = (G*)ptrs[15];
+    G* b_sum_d_b_iz = (G*)ptrs[14];
     (void)b_sum_d_b_iz;
-    const S* w_W_ir_W_iz_W_in = (const S*)ptrs[16];
-    (void)w_W_ir_W_iz_W_in;
-    const S* w_W_hr_W_hz_W_hn = (const S*)ptrs[17];
+    const S* w_W_in_W_ir_W_iz = (const S*)ptrs[15];
+    (void)w_W_in_W_ir_W_iz;
+    const S* w_W_hr_W_hz_W_hn = (const S*)ptrs[16];
     (void)w_W_hr_W_hz_W_hn;
-    G* g_W_ir = (G*)ptrs[18];
+    G* g_W_ir = (G*)ptrs[17];
     (void)g_W_ir;
-    G* g_W_hr = (G*)ptrs[19];
+    G* g_W_hr = (G*)ptrs[18];
     (void)g_W_hr;
-    G* g_b_ir = (G*)ptrs[20];
+    G* g_b_ir = (G*)ptrs[19];
     (void)g_b_ir;
-    G* g_b_hr = (G*)ptrs[21];
+    G* g_b_hr = (G*)ptrs[20];
     (void)g_b_hr;
-    G* g_W_iz = (G*)ptrs[22];
+    G* g_W_iz = (G*)ptrs[21];
     (void)g_W_iz;
-    G* g_W_hz = (G*)ptrs[23];
+    G* g_W_hz = (G*)ptrs[22];
     (void)g_W_hz;
-    G* g_b_iz = (G*)ptrs[24];
+    G* g_b_iz = (G*)ptrs[23];
     (void)g_b_iz;
-    G* g_b_hz = (G*)ptrs[25];
+    G* g_b_hz = (G*)ptrs[24];
     (void)g_b_hz;
-    G* g_W_in = (G*)ptrs[26];
+    G* g_W_in = (G*)ptrs[25];
     (void)g_W_in;
-    G* g_W_hn = (G*)ptrs[27];
+    G* g_W_hn = (G*)ptrs[26];
     (void)g_W_hn;
-    G* g_b_in = (G*)ptrs[28];
+    G* g_b_in = (G*)ptrs[27];
     (void)g_b_in;
-    G* g_b_hn = (G*)ptrs[29];
+    G* g_b_hn = (G*)ptrs[28];
     (void)g_b_hn;
-    const int64_t* bs = (const int64_t*)ptrs[30];
+    const int64_t* bs = (const int64_t*)ptrs[29];
     (void)ctx;
     if (bs) {  // rows of ended sequences, which no step writes, are read over all T*B rows
-        CS_ZERO(b_dg_W_hr_W_hz_W_hn__h, (n_T) * (n_B) * (3*n_H));
-        CS_ZERO(b_dhg_W_ir_W_iz_W_in__x, (n_T) * (n_B) * (3*n_H));
+        CS_ZERO(b_dgs_W_in_W_ir_W_iz__x, (n_T) * (n_B) * (4*n_H));
     }
     cs_packed<S> pk_W_hr_W_hz_W_hn_nn = cs_pack(ctx, 0, n_B, n_H, 3*n_H, w_W_hr_W_hz_W_hn, n_H);
     const int split_rows = CS_SPLIT_OK(n_B, (3*n_H) * n_H);
@@ -1943,41 +1937,41 @@ static int torch_gru_backward_run(const int64_t* dims, void* const* ptrs, const 
         const int64_t rows = bs ? bs[t] : n_B;  // variable lengths: rows 0..B_t-1 run
         CS_SPLIT_ROWS(split_rows, n_B);
         // backward: stage 0 backward, units of size H
-        CS_PW(torch_gru_backward_bwd0_H, rows, n_H, b_g_W_hr_W_hz_W_hn__h + t * n_B * (3*n_H) + 2*n_H, 3*n_H, b_p_b_hn, 0, b_ds_h, n_H, b_dout_h_next + t * n_B * (n_H), n_H, b_s_h + t * n_B * (n_H), n_H, b_v_n + t * n_B * (n_H), n_H, b_v_r + t * n_B * (n_H), n_H, b_v_z + t * n_B * (n_H), n_H, b_dg_W_hr_W_hz_W_hn__h + t * n_B * (3*n_H), 3*n_H, b_dg_W_hr_W_hz_W_hn__h + t * n_B * (3*n_H) + n_H, 3*n_H, b_dg_W_hr_W_hz_W_hn__h + t * n_B * (3*n_H) + 2*n_H, 3*n_H, b_dhg_W_ir_W_iz_W_in__x + t * n_B * (3*n_H) + 2*n_H, 3*n_H, b_dhg_W_ir_W_iz_W_in__x + t * n_B * (3*n_H), 3*n_H, b_dhg_W_ir_W_iz_W_in__x + t * n_B * (3*n_H) + n_H, 3*n_H, b_ds_h, n_H);
-        // d_h_gemm += dg_W_hr_W_hz_W_hn__h @ [W_hr, W_hz, W_hn]
-        CS_GEMM_NN_PACKED(rows, n_H, 3*n_H, b_dg_W_hr_W_hz_W_hn__h + t * n_B * (3*n_H), 3*n_H, pk_W_hr_W_hz_W_hn_nn, b_ds_h, n_H, 1);
+        CS_PW(torch_gru_backward_bwd0_H, rows, n_H, b_v_W_hn_h + t * n_B * (n_H), n_H, b_p_b_hn, 0, b_ds_h, n_H, b_dout_h_next + t * n_B * (n_H), n_H, b_s_h + t * n_B * (n_H), n_H, b_v_n + t * n_B * (n_H), n_H, b_v_r + t * n_B * (n_H), n_H, b_v_z + t * n_B * (n_H), n_H, b_dgs_W_in_W_ir_W_iz__x + t * n_B * (4*n_H) + n_H, 4*n_H, b_dgs_W_in_W_ir_W_iz__x + t * n_B * (4*n_H) + 2*n_H, 4*n_H, b_dgs_W_in_W_ir_W_iz__x + t * n_B * (4*n_H) + 3*n_H, 4*n_H, b_dgs_W_in_W_ir_W_iz__x + t * n_B * (4*n_H), 4*n_H, b_ds_h, n_H);
+        // d_h_gemm += dgs_W_in_W_ir_W_iz__x @ [W_hr, W_hz, W_hn]
+        CS_GEMM_NN_PACKED(rows, n_H, 3*n_H, b_dgs_W_in_W_ir_W_iz__x + t * n_B * (4*n_H) + n_H, 4*n_H, pk_W_hr_W_hz_W_hn_nn, b_ds_h, n_H, 1);
     }
     CS_SPLIT_DONE();
     CS_TEAM_END
     cs_unpack(pk_W_hr_W_hz_W_hn_nn);
-    // d[W_hr, W_hz, W_hn] += dg_W_hr_W_hz_W_hn__h^T @ h  (W_hr @ h, W_hz @ h, W_hn @ h)
+    // d[W_hr, W_hz, W_hn] += dgs_W_in_W_ir_W_iz__x^T @ h  (W_hr @ h, W_hz @ h, W_hn @ h)
     // the glue passes the grads of W_hr, W_hz, W_hn as rows of b_dw_W_hr_W_hz_W_hn: the copies below are then no-ops
     // its pass, with its column sums (the bias gradients below)
-    CS_WEIGHT_GRADS(wg_dg_W_hr_W_hz_W_hn__h, 3*n_H, n_T * n_B, b_dg_W_hr_W_hz_W_hn__h, 3*n_H, 1, {b_s_h, n_H, n_H, b_dw_W_hr_W_hz_W_hn, n_H});
+    CS_WEIGHT_GRADS(wg_dgs_W_in_W_ir_W_iz__x, 3*n_H, n_T * n_B, b_dgs_W_in_W_ir_W_iz__x + n_H, 4*n_H, 1, {b_s_h, n_H, n_H, b_dw_W_hr_W_hz_W_hn, n_H});
     CS_ADD(n_H * n_H, b_dw_W_hr_W_hz_W_hn, g_W_hr, 0);
     CS_ADD(n_H * n_H, b_dw_W_hr_W_hz_W_hn + (n_H) * n_H, g_W_hz, 0);
     CS_ADD(n_H * n_H, b_dw_W_hr_W_hz_W_hn + (2*n_H) * n_H, g_W_hn, 0);
-    // d[W_ir, W_iz, W_in] += dhg_W_ir_W_iz_W_in__x^T @ x  (W_ir @ x, W_iz @ x, W_in @ x)
-    // the glue passes the grads of W_ir, W_iz, W_in as rows of b_dw_W_ir_W_iz_W_in: the copies below are then no-ops
+    // d[W_in, W_ir, W_iz] += dgs_W_in_W_ir_W_iz__x^T @ x  (W_in @ x, W_ir @ x, W_iz @ x)
+    // the glue passes the grads of W_in, W_ir, W_iz as rows of b_dw_W_in_W_ir_W_iz: the copies below are then no-ops
     // its pass, with its column sums (the bias gradients below)
-    CS_WEIGHT_GRADS(wg_dhg_W_ir_W_iz_W_in__x, 3*n_H, n_T * n_B, b_dhg_W_ir_W_iz_W_in__x, 3*n_H, 1, {b_x_x, n_I, n_I, b_dw_W_ir_W_iz_W_in, n_I});
-    CS_ADD(n_H * n_I, b_dw_W_ir_W_iz_W_in, g_W_ir, 0);
-    CS_ADD(n_H * n_I, b_dw_W_ir_W_iz_W_in + (n_H) * n_I, g_W_iz, 0);
-    CS_ADD(n_H * n_I, b_dw_W_ir_W_iz_W_in + (2*n_H) * n_I, g_W_in, 0);
-    // grad_input:x = dhg_W_ir_W_iz_W_in__x @ [W_ir, W_iz, W_in]
-    CS_GEMM_NN(n_T * n_B, n_I, 3*n_H, b_dhg_W_ir_W_iz_W_in__x, 3*n_H, w_W_ir_W_iz_W_in, n_I, b_dx_x, n_I, 0);
-    // d[b_ir, b_hr] += sum over rows of d_b_ir (summed once) (column sums of dg_W_hr_W_hz_W_hn__h from its dW pass where the own kernel ran it)
-    CS_COLSUM(wg_dg_W_hr_W_hz_W_hn__h, n_T * n_B, n_H, b_dg_W_hr_W_hz_W_hn__h, 3*n_H, b_sum_d_b_ir, 0);
+    CS_WEIGHT_GRADS(wg_dgs_W_in_W_ir_W_iz__x_1, 3*n_H, n_T * n_B, b_dgs_W_in_W_ir_W_iz__x, 4*n_H, 1, {b_x_x, n_I, n_I, b_dw_W_in_W_ir_W_iz, n_I});
+    CS_ADD(n_H * n_I, b_dw_W_in_W_ir_W_iz, g_W_in, 0);
+    CS_ADD(n_H * n_I, b_dw_W_in_W_ir_W_iz + (n_H) * n_I, g_W_ir, 0);
+    CS_ADD(n_H * n_I, b_dw_W_in_W_ir_W_iz + (2*n_H) * n_I, g_W_iz, 0);
+    // grad_input:x = dgs_W_in_W_ir_W_iz__x @ [W_in, W_ir, W_iz]
+    CS_GEMM_NN(n_T * n_B, n_I, 3*n_H, b_dgs_W_in_W_ir_W_iz__x, 4*n_H, w_W_in_W_ir_W_iz, n_I, b_dx_x, n_I, 0);
+    // d[b_ir, b_hr] += sum over rows of d_b_ir (summed once) (column sums of dgs_W_in_W_ir_W_iz__x from its dW pass where the own kernel ran it)
+    CS_COLSUM(wg_dgs_W_in_W_ir_W_iz__x_1, n_T * n_B, n_H, b_dgs_W_in_W_ir_W_iz__x + n_H, 4*n_H, b_sum_d_b_ir, 0);
     CS_ADD(n_H, b_sum_d_b_ir, g_b_ir, 0);
     CS_ADD(n_H, b_sum_d_b_ir, g_b_hr, 0);
-    // d[b_iz, b_hz] += sum over rows of d_b_iz (summed once) (column sums of dg_W_hr_W_hz_W_hn__h from its dW pass where the own kernel ran it)
-    CS_COLSUM(wg_dg_W_hr_W_hz_W_hn__h, n_T * n_B, n_H, b_dg_W_hr_W_hz_W_hn__h + n_H, 3*n_H, b_sum_d_b_iz, 0);
+    // d[b_iz, b_hz] += sum over rows of d_b_iz (summed once) (column sums of dgs_W_in_W_ir_W_iz__x from its dW pass where the own kernel ran it)
+    CS_COLSUM(wg_dgs_W_in_W_ir_W_iz__x_1, n_T * n_B, n_H, b_dgs_W_in_W_ir_W_iz__x + 2*n_H, 4*n_H, b_sum_d_b_iz, 0);
     CS_ADD(n_H, b_sum_d_b_iz, g_b_iz, 0);
     CS_ADD(n_H, b_sum_d_b_iz, g_b_hz, 0);
-    // d[b_in] += sum over rows of d_b_in (column sums of dhg_W_ir_W_iz_W_in__x from its dW pass where the own kernel ran it)
-    CS_COLSUM(wg_dhg_W_ir_W_iz_W_in__x, n_T * n_B, n_H, b_dhg_W_ir_W_iz_W_in__x + 2*n_H, 3*n_H, g_b_in, 0);
-    // d[b_hn] += sum over rows of d_b_hn (column sums of dg_W_hr_W_hz_W_hn__h from its dW pass where the own kernel ran it)
-    CS_COLSUM(wg_dg_W_hr_W_hz_W_hn__h, n_T * n_B, n_H, b_dg_W_hr_W_hz_W_hn__h + 2*n_H, 3*n_H, g_b_hn, 0);
+    // d[b_in] += sum over rows of d_b_in (column sums of dgs_W_in_W_ir_W_iz__x from its dW pass where the own kernel ran it)
+    CS_COLSUM(wg_dgs_W_in_W_ir_W_iz__x_1, n_T * n_B, n_H, b_dgs_W_in_W_ir_W_iz__x, 4*n_H, g_b_in, 0);
+    // d[b_hn] += sum over rows of d_b_hn (column sums of dgs_W_in_W_ir_W_iz__x from its dW pass where the own kernel ran it)
+    CS_COLSUM(wg_dgs_W_in_W_ir_W_iz__x, n_T * n_B, n_H, b_dgs_W_in_W_ir_W_iz__x + 3*n_H, 4*n_H, g_b_hn, 0);
     return 0;
 }
 #ifdef __CUDACC__
