@@ -780,11 +780,13 @@ def test_own_gemm_chosen_by_cpu_batch_and_loop(batch, threads):
 @pytest.mark.parametrize("steps, batch", [(41, 3), (200, 3)])
 def test_weight_grads_in_one_pass_with_the_bias_sums(module, steps, batch):
     """cs_own_weight_grads (``set_own_gemm("weight_grads")``: MKL for the products, the own
-    kernel for the weight gradients): every dW of one adjoint from one pack of it (the LSTM's
-    W_hh and W_ih share dg; the GRU's two adjoints differ), its column sums from the same pass.
-    4H = 148 columns (12 slivers and 4 columns), T·B = 123 rows (a tail of 3 after the rows taken
-    four at a time) or 600 (two k-blocks), variable lengths (rows of zeros). The bias gradients
-    are, to the bit, the row sums of the BLAS path (the pass sums each column in row order, as
+    kernel for the weight gradients): every dW of one adjoint from one pass over it (the LSTM's
+    W_hh and W_ih share dg; torch.nn's GRU's read two runs of one buffer, [H, 4H) and [0, 3H),
+    each packed per block of rows), its column sums from the same pass (the GRU's [0, H), which
+    the first run does not cover, summed from the block). 4H = 148 columns (12 slivers and 4
+    columns; H = 37, no multiple of 16), T·B = 123 rows (a tail of 3 after the rows taken four at
+    a time) or 600 (two k-blocks), variable lengths (rows of zeros). The bias gradients are, to
+    the bit, the row sums of the BLAS path (the pass sums each column in row order, as
     cs_rowsum_host does); the weight gradients agree to float rounding."""
     pkg = load_module(module)
     lib = _own_gemm_library(pkg)
@@ -792,10 +794,11 @@ def test_weight_grads_in_one_pass_with_the_bias_sums(module, steps, batch):
         pytest.skip("this CPU build has no own GEMM (not x86-64 with AVX-512)")
     cu = next(Path(pkg.torch_cell.__file__).parent.glob("*.cu")).read_text()
     passes = re.findall(r"^ +CS_WEIGHT_GRADS\((\w+), .*$", cu, re.M)
-    assert len(passes) == (1 if module == "lstm" else 2)
-    if module == "lstm":  # both stacks' dW from one pass over dg, which gives the biases their sums
-        (line,) = [ln for ln in cu.splitlines() if ln.strip().startswith("CS_WEIGHT_GRADS(wg_dg_")]
-        assert line.count("{b_") == 2 and ", 1, {" in line
+    assert len(passes) == 1  # both stacks' dW from one pass, which gives the biases their sums
+    (line,) = [ln for ln in cu.splitlines() if ln.strip().startswith("CS_WEIGHT_GRADS(wg_")]
+    assert line.count("{b_") == 2 and ", 1, {" in line
+    if module == "torch_gru":  # the recurrent stack's run starts H columns in
+        assert "{b_s_h, n_H, n_H, b_dw_W_hr_W_hz_W_hn, n_H, n_H}" in line
     assert len(re.findall(r"^ +CS_COLSUM\(", cu, re.M)) == 4 and not re.search(r"^ +CS_ROWSUM\(", cu, re.M)
     cls = getattr(pkg.torch_cell, pkg.torch_cell.CELL)
     torch.manual_seed(steps)

@@ -633,6 +633,18 @@ class _Renderer:
         # Weight gradients after the loop: a run of WeightGrads into dW scratch that read one
         # adjoint (an LSTM's dW_hh and dW_ih both read dg) is one pass over it (CS_WEIGHT_GRADS),
         # which also gives its column sums to the RowSums over it that follow (CS_COLSUM).
+        def run_base(run: list) -> sp.Expr:
+            """The first column of a run's adjoint its WeightGrads read (each from its d_col)."""
+            cols = [sp.expand(o.d_col) for o in run]
+            base = cols[0]
+            for c in cols[1:]:
+                diff = sp.expand(c - base)
+                if diff.is_nonpositive:
+                    base = c
+                elif not diff.is_nonnegative:  # pragma: no cover - columns are multiples of sizes
+                    raise AssertionError(f"runs of {run[0].d_out} in no fixed order: {cols}")
+            return base
+
         wg_runs: dict[int, list] = {}  # the first WeightGrad of a run -> the run
         wg_done: set[int] = set()  # the others
         run_name: dict[int, str] = {}  # a run's variable (wg_<name>): its adjoint, numbered past the first
@@ -645,7 +657,7 @@ class _Renderer:
                 run = [o]
                 for nxt in top[i + 1:]:
                     if not (isinstance(nxt, ir.WeightGrad) and nxt.scratch and not nxt.stacked and nxt.d_out == o.d_out
-                            and sp.expand(nxt.d_col - o.d_col) == 0):
+                            and sp.expand(p.weights[nxt.weight].width - p.weights[o.weight].width) == 0):
                         break
                     run.append(nxt)
                 wg_runs[id(o)] = run
@@ -653,7 +665,9 @@ class _Renderer:
                 n = runs_over[o.d_out]
                 runs_over[o.d_out] += 1
                 run_name[id(o)] = o.d_out if n == 0 else f"{o.d_out}_{n}"
-                latest.setdefault(o.d_out, []).append((run_name[id(o)], o.d_col, p.weights[o.weight].width))
+                base = run_base(run)
+                cover = max((sp.expand(x.d_col - base) for x in run), key=lambda e: e.subs({v: 1 for v in e.free_symbols}))
+                latest.setdefault(o.d_out, []).append((run_name[id(o)], base, cover + p.weights[o.weight].width))
             elif isinstance(o, ir.RowSum) and fn.slots[o.source].buffer in latest:
                 sl = fn.slots[o.source]  # the last run whose columns hold the source's
                 for name, col, width in reversed(latest[sl.buffer]):
@@ -684,16 +698,20 @@ class _Renderer:
 
         def emit_weight_grads(run: list, ind: str) -> None:
             d_out = run[0].d_out
-            g, ldg = self.d_ptr(fn, run[0], "all")
+            base = run_base(run)
+            g, ldg = self.d_ptr(fn, replace(run[0], d_col=base), "all")
             rhs = []
             adds = []
             for op in run:
                 w = p.weights[op.weight]
                 assert sp.expand(w.width - p.weights[run[0].weight].width) == 0, "one adjoint, one width"
                 x, ldx = self.ptr(fn, op.operands[0], "all")
-                lines.append(f"{ind}// d[{', '.join(w.matrices)}] += {d_out}^T @ {op.operands[0]}  ({op.comment})")
+                a_col = sp.expand(op.d_col - base)
+                cols = f"[:, {op.d_col}:{op.d_col + w.width}]" if len({sp.expand(o.d_col) for o in run}) > 1 else ""
+                lines.append(f"{ind}// d[{', '.join(w.matrices)}] += {d_out}{cols}^T @ {op.operands[0]}  ({op.comment})")
                 note_grads_block(op, ind)
-                rhs.append(f"{{{x}, {ldx}, n_{w.inner}, b_{op.scratch}, n_{w.inner}}}")
+                rhs.append(f"{{{x}, {ldx}, n_{w.inner}, b_{op.scratch}, n_{w.inner}"
+                           + (f", {cexpr(a_col)}}}" if a_col != 0 else "}"))
                 adds += scratch_adds(op, ind)
             what = "one pass over it for all of them" if len(run) > 1 else "its pass"
             name = run_name[id(run[0])]

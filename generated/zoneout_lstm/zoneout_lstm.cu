@@ -347,8 +347,9 @@ inline void cs_grid(int64_t rows, int64_t cols, dim3* grid, dim3* block) {
 // Cᵀ = op(B)ᵀ op(A)ᵀ, so the BLAS call swaps the operands.
 // ---------------------------------------------------------------------------------------------
 // One B operand of a pass of weight gradients over one adjoint (CS_WEIGHT_GRADS): out[m, n] =
-// aᵀ @ b, with b [k, n] row-major (ldb) and out's rows ldc apart.
-template <typename S, typename G> struct cs_rhs { const S* b; int64_t ldb; int64_t n; G* out; int64_t ldc; };
+// a[:, a_col : a_col + m]ᵀ @ b, with b [k, n] row-major (ldb) and out's rows ldc apart; a_col: its
+// run of the adjoint's columns (an adjoint buffer several GEMM groups share), 0 where not given.
+template <typename S, typename G> struct cs_rhs { const S* b; int64_t ldb; int64_t n; G* out; int64_t ldc; int64_t a_col; };
 #ifdef __CUDACC__
 typedef int (*cs_gemmex_fn)(void*, int, int, int, int, int, const void*, const void*, int, int,
                             const void*, int, int, const void*, void*, int, int, int, int);
@@ -419,7 +420,7 @@ static cs_packed<S> cs_pack_if(bool, const cs_ctx* c, int ta, int64_t m, int64_t
 // the weight gradients of one adjoint `a` (its rows: the GEMM's k), one GEMM each; its column
 // sums (CS_COLSUM) are separate reductions on the GPU
 template <typename S, typename G> struct cs_wgrads { const S* a; };
-#define CS_WEIGHT_GRADS(wg, m, k, a, lda, want_sums, ...) cs_wgrads<S, G> wg = {a}; do { const cs_rhs<S, G> _rhs[] = {__VA_ARGS__}; for (const cs_rhs<S, G>& _r : _rhs) CS_GEMM_TN(m, _r.n, k, a, lda, _r.b, _r.ldb, _r.out, _r.ldc, 0); } while (0)
+#define CS_WEIGHT_GRADS(wg, m, k, a, lda, want_sums, ...) cs_wgrads<S, G> wg = {a}; do { const cs_rhs<S, G> _rhs[] = {__VA_ARGS__}; for (const cs_rhs<S, G>& _r : _rhs) CS_GEMM_TN(m, _r.n, k, (a) + _r.a_col, lda, _r.b, _r.ldb, _r.out, _r.ldc, 0); } while (0)
 #define CS_COLSUM(wg, rows, cols, src, ld, dst, beta) do { (void)(wg); CS_ROWSUM(rows, cols, src, ld, dst, beta); } while (0)
 #define CS_ZERO(p, count) CS_CHECK((int)cudaMemsetAsync((p), 0, (size_t)(count) * sizeof(*(p)), (cudaStream_t)ctx->stream))
 #define CS_COPY(dst, src, count) CS_CHECK((int)cudaMemcpyAsync((dst), (src), (size_t)(count) * sizeof(*(dst)), cudaMemcpyDeviceToDevice, (cudaStream_t)ctx->stream))
@@ -752,15 +753,17 @@ __attribute__((target("avx512f"))) static void cs_own_pack_tn(int64_t kb, const 
             if (sums) _mm512_mask_storeu_ps(sums + c, ms, _mm512_add_ps(_mm512_maskz_loadu_ps(ms, sums + c), v));
         }
 }
-// out_j[m, n_j] (+)= aᵀ @ b_j for each B operand j (cs_rhs), with a [k, m] and b_j [k, n_j]
-// row-major: the weight gradients dW = dgᵀ @ x, whose k is all T·B rows; several of them from
-// one pack of a (an LSTM's dW_ih and dW_hh both read its gate adjoints), and with `sums` (m
-// floats, zeroed by the caller) a's column sums (bias gradients) from the same pass. MKL's SGEMM
-// takes ~75 GFLOP/s on Zen 4 for these; this ~100 (docs/performance.md). On the Intel Xeon of
-// stops 24-26, one thread, the LSTM's two at (64, 32, 256) and the sums: 11.0 ms against 11.6
-// for MKL's two and cs_rowsum_host. Blocked for the caches: k in blocks of kc rows whose packed b
-// blocks (every panel, kc x n_j, ~768 KiB: 10.9 ms there, 11.05 at ~384 KiB) stay in L2; per block, a's columns packed into slivers of 12
-// (kc x 12, contiguous: a transposed operand read straight would touch a new page per k).
+// out_j[m, n_j] (+)= a[:, c_j : c_j + m]ᵀ @ b_j for each B operand j (cs_rhs, c_j its a_col), with
+// a [k, ·] and b_j [k, n_j] row-major: the weight gradients dW = dgᵀ @ x, whose k is all T·B rows;
+// several of them from one pass over a (an LSTM's dW_ih and dW_hh both read its gate adjoints;
+// torch.nn's GRU's read two runs of one buffer, [H, 4H) and [0, 3H)), and with `sums` (floats for
+// every column the runs cover, zeroed by the caller) a's column sums (bias gradients) from the
+// same pass. MKL's SGEMM takes ~75 GFLOP/s on Zen 4 for these; this ~100 (docs/performance.md). On
+// the Intel Xeon of stops 24-26, one thread, the LSTM's two at (64, 32, 256) and the sums: 11.0 ms
+// against 11.6 for MKL's two and cs_rowsum_host. Blocked for the caches: k in blocks of kc rows
+// whose packed b blocks (every panel, kc x n_j, ~768 KiB: 10.9 ms there, 11.05 at ~384 KiB) stay
+// in L2; per block and run, a's columns packed into slivers of 12 (kc x 12, contiguous: a
+// transposed operand read straight would touch a new page per k), a second run's from L2.
 // Threads split the pack by ranges of slivers (each column summed in row order) and the tiles
 // by pairs (block of slivers, panel): split by blocks alone, the 11 blocks of the LSTM's
 // 4H = 1024 columns went 6 : 5 to two threads.
@@ -783,24 +786,53 @@ __attribute__((target("avx512f"))) static bool cs_own_weight_grads(int64_t m, in
         const int64_t kb = k - k0 < kc ? k - k0 : kc;
         for (int64_t j = 0, q = 0; j < nrhs; q += (rhs[j].n + 31) / 32, ++j)
             cs_own_pack(0, rhs[j].n, kb, rhs[j].b + k0 * rhs[j].ldb, rhs[j].ldb, pb + q * 32 * kb);
-        const int64_t parts = cs_par(m * kb, 65536) ? (slivers < 8 ? slivers : 8) : 1;  // ranges of slivers
-        cs_for(parts, parts > 1, [&](int64_t s) {
-            cs_own_pack_tn(kb, a + k0 * lda, lda, m, slivers * s / parts, slivers * (s + 1) / parts, pa, sums);
-        });
         const int acc = beta || k0 > 0;
-        cs_for(blocks * panels, cs_par(m * panels * 32 * kb, 262144), [&](int64_t t) {  // a block of slivers against one panel
-            const int64_t ib = t / panels;
-            int64_t q = t % panels, j = 0;
-            while (q >= (rhs[j].n + 31) / 32) q -= (rhs[j++].n + 31) / 32;
-            const cs_rhs<float, float>& r = rhs[j];
-            const int64_t p = q * 32, q0 = t % panels - q;
-            const int64_t s_end = (ib + 1) * mc < slivers ? (ib + 1) * mc : slivers;
-            __mmask16 m0, m1;
-            cs_own_masks(r.n - p < 32 ? r.n - p : 32, &m0, &m1);
-            for (int64_t s0 = ib * mc; s0 < s_end; ++s0)
-                cs_own_rows<true>(m - s0 * 12 < 12 ? m - s0 * 12 : 12, kb, pa + s0 * kb * 12, 0, pb + (q0 + q) * 32 * kb,
-                                  r.out + s0 * 12 * r.ldc + p, r.ldc, m0, m1, acc);
-        });
+        for (int g = 0; g < nrhs; ++g) {  // each run of a's columns once, with the operands that read it
+            const int64_t col = rhs[g].a_col;
+            bool seen = false;
+            for (int j = 0; j < g; ++j) seen = seen || rhs[j].a_col == col;
+            if (seen) continue;
+            const float* ag = a + k0 * lda + col;
+            float* sg = g == 0 && sums ? sums + col : 0;  // the first run's sums in its pack
+            const int64_t parts = cs_par(m * kb, 65536) ? (slivers < 8 ? slivers : 8) : 1;  // ranges of slivers
+            cs_for(parts, parts > 1, [&](int64_t s) { cs_own_pack_tn(kb, ag, lda, m, slivers * s / parts, slivers * (s + 1) / parts, pa, sg); });
+            if (sums && g > 0)  // columns of this run no earlier run covered: summed from the block
+                for (int64_t c = col; c < col + m; ) {
+                    bool covered = false;
+                    int64_t end = col + m;  // the end of the stretch of c's kind
+                    for (int j = 0; j < g; ++j) {
+                        const int64_t lo = rhs[j].a_col, hi = rhs[j].a_col + m;
+                        if (lo <= c && c < hi) { covered = true; end = hi < end ? hi : end; }
+                        else if (lo > c && lo < end) end = lo;
+                    }
+                    if (!covered)
+                        for (int64_t kk = 0; kk < kb; ++kk)
+                            for (int64_t cc = c; cc < end; cc += 16) {
+                                const __mmask16 mk = cs_lanes(end - cc);
+                                _mm512_mask_storeu_ps(sums + cc, mk, _mm512_add_ps(_mm512_maskz_loadu_ps(mk, sums + cc),
+                                                                                   _mm512_maskz_loadu_ps(mk, a + (k0 + kk) * lda + cc)));
+                            }
+                    c = end;
+                }
+            int64_t mine = 0;  // this run's panels
+            for (int j = 0; j < nrhs; ++j) mine += rhs[j].a_col == col ? (rhs[j].n + 31) / 32 : 0;
+            cs_for(blocks * mine, cs_par(m * mine * 32 * kb, 262144), [&](int64_t t) {  // a block of slivers against one panel
+                const int64_t ib = t / mine;
+                int64_t q = t % mine, j = 0, q0 = 0;  // q: the panel among this run's; q0: its operand's first in pb
+                while (rhs[j].a_col != col || q >= (rhs[j].n + 31) / 32) {
+                    if (rhs[j].a_col == col) q -= (rhs[j].n + 31) / 32;
+                    q0 += (rhs[j++].n + 31) / 32;
+                }
+                const cs_rhs<float, float>& r = rhs[j];
+                const int64_t p = q * 32;
+                const int64_t s_end = (ib + 1) * mc < slivers ? (ib + 1) * mc : slivers;
+                __mmask16 m0, m1;
+                cs_own_masks(r.n - p < 32 ? r.n - p : 32, &m0, &m1);
+                for (int64_t s0 = ib * mc; s0 < s_end; ++s0)
+                    cs_own_rows<true>(m - s0 * 12 < 12 ? m - s0 * 12 : 12, kb, pa + s0 * kb * 12, 0, pb + (q0 + q) * 32 * kb,
+                                      r.out + s0 * 12 * r.ldc + p, r.ldc, m0, m1, acc);
+            });
+        }
     }
     cs_give(mem);
     return true;
@@ -866,7 +898,7 @@ static bool cs_own_route(const cs_ctx* c, int ta, int tb, int64_t m, int64_t n, 
                          const float* b, int64_t ldb, float* out, int64_t ldc, int beta)
 {
     if (ta) {
-        const cs_rhs<float, float> r = {b, ldb, n, out, ldc};
+        const cs_rhs<float, float> r = {b, ldb, n, out, ldc, 0};
         return cs_own_tn(c, k, m, n) && !tb && cs_own_weight_grads(m, k, a, lda, 1, &r, beta, 0);
     }
     if (!cs_own_plain(c, m, k)) return false;
@@ -1023,11 +1055,14 @@ static void cs_weight_grads(const cs_ctx* c, cs_wgrads<S, G>* wg, int64_t m, int
     wg->a = a;
     wg->sums = 0;
 #ifdef CS_OWN_GEMM
-    int64_t cols = 0;
-    for (int j = 0; j < n; ++j) cols += rhs[j].n;
+    int64_t cols = 0, width = m;  // width: the columns of a the operands' runs cover
+    for (int j = 0; j < n; ++j) {
+        cols += rhs[j].n;
+        if (rhs[j].a_col + m > width) width = rhs[j].a_col + m;
+    }
     if (sizeof(S) == sizeof(float) && sizeof(G) == sizeof(float) && m > 0 && cs_own_tn(c, k, m, cols)) {
-        float* sums = want_sums ? (float*)cs_take((size_t)m * sizeof(float)) : 0;
-        if (sums) memset(sums, 0, (size_t)m * sizeof(float));
+        float* sums = want_sums ? (float*)cs_take((size_t)width * sizeof(float)) : 0;
+        if (sums) memset(sums, 0, (size_t)width * sizeof(float));
         if ((sums || !want_sums) &&
             cs_own_weight_grads(m, k, (const float*)a, lda, n, (const cs_rhs<float, float>*)rhs, 0, sums)) {
             wg->sums = (G*)sums;
@@ -1038,7 +1073,7 @@ static void cs_weight_grads(const cs_ctx* c, cs_wgrads<S, G>* wg, int64_t m, int
 #else
     (void)want_sums;
 #endif
-    for (int j = 0; j < n; ++j) cs_gemm<S, G>(c, 1, 0, m, rhs[j].n, k, a, lda, rhs[j].b, rhs[j].ldb, rhs[j].out, rhs[j].ldc, 0);
+    for (int j = 0; j < n; ++j) cs_gemm<S, G>(c, 1, 0, m, rhs[j].n, k, a + rhs[j].a_col, lda, rhs[j].b, rhs[j].ldb, rhs[j].out, rhs[j].ldc, 0);
 }
 template <typename S>
 static void cs_add_rows_host(int64_t rows, int64_t cols, const S* src, int64_t ld, S* dst, int64_t ldd)
