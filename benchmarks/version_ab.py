@@ -11,6 +11,11 @@ time per call is kept.
     python benchmarks/version_ab.py --base 7ed51c9                   # LSTM, 4 shapes, 1 thread
     python benchmarks/version_ab.py --base 7ed51c9 --spec torch_gru --threads 2 --shapes 64x32x256
     python benchmarks/version_ab.py --base 7ed51c9 --spec ind_rnn   # no torch.nn: base and now in ms
+    python benchmarks/version_ab.py --base 7ed51c9 --spec torch_gru --shapes 64x32x256 --floor
+
+``--floor`` (lstm, torch_gru): the GEMMs alone (``native_bench.floor_fns``) take turns with the
+training calls too, and a row gives each version's training time over that floor, measured in
+the same turns.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
-from native_bench import best_of  # noqa: E402  (this folder: the same timing as the table of record)
+from native_bench import best_of, floor_fns  # noqa: E402  (this folder: the same timing as the table of record)
 
 REFERENCE = {"lstm": torch.nn.LSTM, "torch_gru": torch.nn.GRU}
 SHAPES = ["64x32x256", "256x64x512", "512x8x128", "16x1x128"]
@@ -58,6 +63,7 @@ def main() -> None:
     ap.add_argument("--shapes", nargs="*", default=SHAPES)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--sample", type=float, default=0.05)
+    ap.add_argument("--floor", action="store_true", help="also each version's training time over its GEMMs alone")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     tmp = Path(tempfile.mkdtemp(prefix="cellspec-ab-"))
@@ -87,13 +93,21 @@ def main() -> None:
                     out, _ = m(x)
                     out.backward(d)
 
-            best = best_of({k: (lambda m=m: call(m)) for k, m in mods.items()}, args.rounds, args.sample)
+            fns = {k: (lambda m=m: call(m)) for k, m in mods.items()}
+            floor = args.floor and kind == "train" and args.spec in REFERENCE
+            if floor:
+                fns.update(floor_fns(T, B, H, 4 if args.spec == "lstm" else 3))
+            best = best_of(fns, args.rounds, args.sample)
             if "torch.nn" in best:
                 ref = best["torch.nn"]
                 cols = f"{ref * 1e3:.2f} | {best['base'] / ref:.2f} | {best['now'] / ref:.2f}"
             else:  # no torch.nn module of this cell: the times themselves
                 cols = f"- | {best['base'] * 1e3:.2f} ms | {best['now'] * 1e3:.2f} ms"
             print(f"| {T}, {B}, {H} | {kind} | {cols} | {best['now'] / best['base']:.3f} |", flush=True)
+            if floor:
+                fl = best["floor"]
+                print(f"| {T}, {B}, {H} | train / GEMM floor | {fl * 1e3:.2f} (floor) | {best['base'] / fl:.2f} | "
+                      f"{best['now'] / fl:.2f} | {best['now'] / best['base']:.3f} |", flush=True)
 
 
 if __name__ == "__main__":
