@@ -103,9 +103,9 @@ class _Planner:
         self.weights[name] = w
         return w
 
-    @staticmethod
-    def gkey(g: GemmGroup) -> str:
-        return g.key
+    def gkey(self, g: GemmGroup) -> str:
+        """A group's name in buffer names: its stack (in stack order) and operands."""
+        return "_".join(p.matrix for p in self.stack(g, g.operands[0])) + "__" + "__".join(g.operands)
 
     def columns(self, g: GemmGroup) -> list[tuple]:
         """(projection, first column, size symbol) of every projection of a group in its result

@@ -178,7 +178,7 @@ def _forward(_params, _x, _state, _bs=None):
     _state0 = _initial_state(_state, _B, _dtype, (_H, ))
     _s_h = np.empty((_T + 1, _B, _H), _dtype)
     _s_h[0] = _state0[0]
-    _hg_W_ir_W_iz_W_in__x = np.empty((_T, _B, 3*_H), _dtype)
+    _hg_W_in_W_ir_W_iz__x = np.empty((_T, _B, 3*_H), _dtype)
     _v_W_hn_h = np.empty((_T, _B, _H), _dtype)
     _g_W_hr_W_hz_W_hn__h = np.empty((_B, 3*_H), _dtype)
     _v_r = np.empty((_T, _B, _H), _dtype)
@@ -191,14 +191,14 @@ def _forward(_params, _x, _state, _bs=None):
         _v_W_hn_h[...] = 0
     _s_h_at0 = _steps(_s_h, 0, _T, _bs)
     _g_W_hr_W_hz_W_hn__h_rows = _rows(_g_W_hr_W_hz_W_hn__h, _T, _bs)
-    _hg_W_ir_W_iz_W_in__x_at0 = _steps(_hg_W_ir_W_iz_W_in__x, 0, _T, _bs)
+    _hg_W_in_W_ir_W_iz__x_at0 = _steps(_hg_W_in_W_ir_W_iz__x, 0, _T, _bs)
     _v_r_at0 = _steps(_v_r, 0, _T, _bs)
     _v_z_at0 = _steps(_v_z, 0, _T, _bs)
     _v_n_at0 = _steps(_v_n, 0, _T, _bs)
     _s_h_at1 = _steps(_s_h, 1, _T, _bs)
     _v_W_hn_h_at0 = _steps(_v_W_hn_h, 0, _T, _bs)
     # W_in @ x, W_ir @ x, W_iz @ x
-    np.matmul(_x_x.reshape(_T * _B, _I), _wt_W_in_W_ir_W_iz, out=_hg_W_ir_W_iz_W_in__x.reshape(_T * _B, 3*_H))
+    np.matmul(_x_x.reshape(_T * _B, _I), _wt_W_in_W_ir_W_iz, out=_hg_W_in_W_ir_W_iz__x.reshape(_T * _B, 3*_H))
     for _t in range(_T):
         # W_hr @ h, W_hz @ h, W_hn @ h
         np.matmul(_s_h_at0[_t], _wt_W_hr_W_hz_W_hn, out=_g_W_hr_W_hz_W_hn__h_rows[_t])
@@ -206,9 +206,9 @@ def _forward(_params, _x, _state, _bs=None):
         W_hn_h = _g_W_hr_W_hz_W_hn__h_rows[_t][:, 2*_H:3*_H]
         W_hr_h = _g_W_hr_W_hz_W_hn__h_rows[_t][:, 0:_H]
         W_hz_h = _g_W_hr_W_hz_W_hn__h_rows[_t][:, _H:2*_H]
-        W_in_x = _hg_W_ir_W_iz_W_in__x_at0[_t][:, 0:_H]
-        W_ir_x = _hg_W_ir_W_iz_W_in__x_at0[_t][:, _H:2*_H]
-        W_iz_x = _hg_W_ir_W_iz_W_in__x_at0[_t][:, 2*_H:3*_H]
+        W_in_x = _hg_W_in_W_ir_W_iz__x_at0[_t][:, 0:_H]
+        W_ir_x = _hg_W_in_W_ir_W_iz__x_at0[_t][:, _H:2*_H]
+        W_iz_x = _hg_W_in_W_ir_W_iz__x_at0[_t][:, 2*_H:3*_H]
         h = _s_h_at0[_t]
         r = _sigmoid(W_hr_h + W_ir_x + b_hr + b_ir)  # torch_gru.cell:14  r = sigmoid(W_ir @ x + b_ir + W_hr @ h + b_hr)
         z = _sigmoid(W_hz_h + W_iz_x + b_hz + b_iz)  # torch_gru.cell:15  z = sigmoid(W_iz @ x + b_iz + W_hz @ h + b_hz)
@@ -254,14 +254,14 @@ def _inference(_params, _x, _state, _bs=None):
     _state0 = _initial_state(_state, _B, _dtype, (_H, ))
     _s_h = np.empty((_T + 1, _B, _H), _dtype)
     _s_h[0] = _state0[0]
-    _hg_W_ir_W_iz_W_in__x = np.empty((_T, _B, 3*_H), _dtype)
+    _hg_W_in_W_ir_W_iz__x = np.empty((_T, _B, 3*_H), _dtype)
     _g_W_hr_W_hz_W_hn__h = np.empty((_B, 3*_H), _dtype)
     _s_h_at0 = _steps(_s_h, 0, _T, _bs)
     _g_W_hr_W_hz_W_hn__h_rows = _rows(_g_W_hr_W_hz_W_hn__h, _T, _bs)
-    _hg_W_ir_W_iz_W_in__x_at0 = _steps(_hg_W_ir_W_iz_W_in__x, 0, _T, _bs)
+    _hg_W_in_W_ir_W_iz__x_at0 = _steps(_hg_W_in_W_ir_W_iz__x, 0, _T, _bs)
     _s_h_at1 = _steps(_s_h, 1, _T, _bs)
     # W_in @ x, W_ir @ x, W_iz @ x
-    np.matmul(_x_x.reshape(_T * _B, _I), _wt_W_in_W_ir_W_iz, out=_hg_W_ir_W_iz_W_in__x.reshape(_T * _B, 3*_H))
+    np.matmul(_x_x.reshape(_T * _B, _I), _wt_W_in_W_ir_W_iz, out=_hg_W_in_W_ir_W_iz__x.reshape(_T * _B, 3*_H))
     for _t in range(_T):
         # W_hr @ h, W_hz @ h, W_hn @ h
         np.matmul(_s_h_at0[_t], _wt_W_hr_W_hz_W_hn, out=_g_W_hr_W_hz_W_hn__h_rows[_t])
@@ -269,9 +269,9 @@ def _inference(_params, _x, _state, _bs=None):
         W_hn_h = _g_W_hr_W_hz_W_hn__h_rows[_t][:, 2*_H:3*_H]
         W_hr_h = _g_W_hr_W_hz_W_hn__h_rows[_t][:, 0:_H]
         W_hz_h = _g_W_hr_W_hz_W_hn__h_rows[_t][:, _H:2*_H]
-        W_in_x = _hg_W_ir_W_iz_W_in__x_at0[_t][:, 0:_H]
-        W_ir_x = _hg_W_ir_W_iz_W_in__x_at0[_t][:, _H:2*_H]
-        W_iz_x = _hg_W_ir_W_iz_W_in__x_at0[_t][:, 2*_H:3*_H]
+        W_in_x = _hg_W_in_W_ir_W_iz__x_at0[_t][:, 0:_H]
+        W_ir_x = _hg_W_in_W_ir_W_iz__x_at0[_t][:, _H:2*_H]
+        W_iz_x = _hg_W_in_W_ir_W_iz__x_at0[_t][:, 2*_H:3*_H]
         h = _s_h_at0[_t]
         r = _sigmoid(W_hr_h + W_ir_x + b_hr + b_ir)  # torch_gru.cell:14  r = sigmoid(W_ir @ x + b_ir + W_hr @ h + b_hr)
         z = _sigmoid(W_hz_h + W_iz_x + b_hz + b_iz)  # torch_gru.cell:15  z = sigmoid(W_iz @ x + b_iz + W_hz @ h + b_hz)

@@ -149,7 +149,7 @@ def _forward(_params, _x, _state, _bs=None):
     _state0 = _initial_state(_state, _B, _dtype, _device, (_H, ))
     _s_h = torch.empty((_T + 1, _B, _H), dtype=_dtype, device=_device)
     _s_h[0] = _state0[0]
-    _hg_W_ir_W_iz_W_in__x = torch.empty((_T, _B, 3*_H), dtype=_dtype, device=_device)
+    _hg_W_in_W_ir_W_iz__x = torch.empty((_T, _B, 3*_H), dtype=_dtype, device=_device)
     _v_W_hn_h = torch.empty((_T, _B, _H), dtype=_dtype, device=_device)
     _g_W_hr_W_hz_W_hn__h = torch.empty((_B, 3*_H), dtype=_dtype, device=_device)
     _v_r = torch.empty((_T, _B, _H), dtype=_dtype, device=_device)
@@ -162,14 +162,14 @@ def _forward(_params, _x, _state, _bs=None):
         _v_W_hn_h.zero_()
     _s_h_at0 = _steps(_s_h, 0, _T, _bs)
     _g_W_hr_W_hz_W_hn__h_rows = _rows(_g_W_hr_W_hz_W_hn__h, _T, _bs)
-    _hg_W_ir_W_iz_W_in__x_at0 = _steps(_hg_W_ir_W_iz_W_in__x, 0, _T, _bs)
+    _hg_W_in_W_ir_W_iz__x_at0 = _steps(_hg_W_in_W_ir_W_iz__x, 0, _T, _bs)
     _v_r_at0 = _steps(_v_r, 0, _T, _bs)
     _v_z_at0 = _steps(_v_z, 0, _T, _bs)
     _v_n_at0 = _steps(_v_n, 0, _T, _bs)
     _s_h_at1 = _steps(_s_h, 1, _T, _bs)
     _v_W_hn_h_at0 = _steps(_v_W_hn_h, 0, _T, _bs)
     # W_in @ x, W_ir @ x, W_iz @ x
-    torch.mm(_x_x.reshape(_T * _B, _I), _wt_W_in_W_ir_W_iz, out=_hg_W_ir_W_iz_W_in__x.reshape(_T * _B, 3*_H))
+    torch.mm(_x_x.reshape(_T * _B, _I), _wt_W_in_W_ir_W_iz, out=_hg_W_in_W_ir_W_iz__x.reshape(_T * _B, 3*_H))
     for _t in range(_T):
         # W_hr @ h, W_hz @ h, W_hn @ h
         torch.mm(_s_h_at0[_t], _wt_W_hr_W_hz_W_hn, out=_g_W_hr_W_hz_W_hn__h_rows[_t])
@@ -177,9 +177,9 @@ def _forward(_params, _x, _state, _bs=None):
         W_hn_h = _g_W_hr_W_hz_W_hn__h_rows[_t][:, 2*_H:3*_H]
         W_hr_h = _g_W_hr_W_hz_W_hn__h_rows[_t][:, 0:_H]
         W_hz_h = _g_W_hr_W_hz_W_hn__h_rows[_t][:, _H:2*_H]
-        W_in_x = _hg_W_ir_W_iz_W_in__x_at0[_t][:, 0:_H]
-        W_ir_x = _hg_W_ir_W_iz_W_in__x_at0[_t][:, _H:2*_H]
-        W_iz_x = _hg_W_ir_W_iz_W_in__x_at0[_t][:, 2*_H:3*_H]
+        W_in_x = _hg_W_in_W_ir_W_iz__x_at0[_t][:, 0:_H]
+        W_ir_x = _hg_W_in_W_ir_W_iz__x_at0[_t][:, _H:2*_H]
+        W_iz_x = _hg_W_in_W_ir_W_iz__x_at0[_t][:, 2*_H:3*_H]
         h = _s_h_at0[_t]
         r = torch.sigmoid(W_hr_h + W_ir_x + b_hr + b_ir)  # torch_gru.cell:14  r = sigmoid(W_ir @ x + b_ir + W_hr @ h + b_hr)
         z = torch.sigmoid(W_hz_h + W_iz_x + b_hz + b_iz)  # torch_gru.cell:15  z = sigmoid(W_iz @ x + b_iz + W_hz @ h + b_hz)
@@ -225,14 +225,14 @@ def _inference(_params, _x, _state, _bs=None):
     _state0 = _initial_state(_state, _B, _dtype, _device, (_H, ))
     _s_h = torch.empty((_T + 1, _B, _H), dtype=_dtype, device=_device)
     _s_h[0] = _state0[0]
-    _hg_W_ir_W_iz_W_in__x = torch.empty((_T, _B, 3*_H), dtype=_dtype, device=_device)
+    _hg_W_in_W_ir_W_iz__x = torch.empty((_T, _B, 3*_H), dtype=_dtype, device=_device)
     _g_W_hr_W_hz_W_hn__h = torch.empty((_B, 3*_H), dtype=_dtype, device=_device)
     _s_h_at0 = _steps(_s_h, 0, _T, _bs)
     _g_W_hr_W_hz_W_hn__h_rows = _rows(_g_W_hr_W_hz_W_hn__h, _T, _bs)
-    _hg_W_ir_W_iz_W_in__x_at0 = _steps(_hg_W_ir_W_iz_W_in__x, 0, _T, _bs)
+    _hg_W_in_W_ir_W_iz__x_at0 = _steps(_hg_W_in_W_ir_W_iz__x, 0, _T, _bs)
     _s_h_at1 = _steps(_s_h, 1, _T, _bs)
     # W_in @ x, W_ir @ x, W_iz @ x
-    torch.mm(_x_x.reshape(_T * _B, _I), _wt_W_in_W_ir_W_iz, out=_hg_W_ir_W_iz_W_in__x.reshape(_T * _B, 3*_H))
+    torch.mm(_x_x.reshape(_T * _B, _I), _wt_W_in_W_ir_W_iz, out=_hg_W_in_W_ir_W_iz__x.reshape(_T * _B, 3*_H))
     for _t in range(_T):
         # W_hr @ h, W_hz @ h, W_hn @ h
         torch.mm(_s_h_at0[_t], _wt_W_hr_W_hz_W_hn, out=_g_W_hr_W_hz_W_hn__h_rows[_t])
@@ -240,9 +240,9 @@ def _inference(_params, _x, _state, _bs=None):
         W_hn_h = _g_W_hr_W_hz_W_hn__h_rows[_t][:, 2*_H:3*_H]
         W_hr_h = _g_W_hr_W_hz_W_hn__h_rows[_t][:, 0:_H]
         W_hz_h = _g_W_hr_W_hz_W_hn__h_rows[_t][:, _H:2*_H]
-        W_in_x = _hg_W_ir_W_iz_W_in__x_at0[_t][:, 0:_H]
-        W_ir_x = _hg_W_ir_W_iz_W_in__x_at0[_t][:, _H:2*_H]
-        W_iz_x = _hg_W_ir_W_iz_W_in__x_at0[_t][:, 2*_H:3*_H]
+        W_in_x = _hg_W_in_W_ir_W_iz__x_at0[_t][:, 0:_H]
+        W_ir_x = _hg_W_in_W_ir_W_iz__x_at0[_t][:, _H:2*_H]
+        W_iz_x = _hg_W_in_W_ir_W_iz__x_at0[_t][:, 2*_H:3*_H]
         h = _s_h_at0[_t]
         r = torch.sigmoid(W_hr_h + W_ir_x + b_hr + b_ir)  # torch_gru.cell:14  r = sigmoid(W_ir @ x + b_ir + W_hr @ h + b_hr)
         z = torch.sigmoid(W_hz_h + W_iz_x + b_hz + b_iz)  # torch_gru.cell:15  z = sigmoid(W_iz @ x + b_iz + W_hz @ h + b_hz)
@@ -394,13 +394,13 @@ def _forward_differentiable(_params, _x, _state, _bs=None):
     _wt_W_hr_W_hz_W_hn = torch.cat([W_hr, W_hz, W_hn]).T
     _state0 = _initial_state(_state, _B, _dtype, _device, (_H, ))
     _s_h = torch.zeros((_T + 1, _B, _H), dtype=_dtype, device=_device)
-    _hg_W_ir_W_iz_W_in__x = torch.zeros((_T, _B, 3*_H), dtype=_dtype, device=_device)
+    _hg_W_in_W_ir_W_iz__x = torch.zeros((_T, _B, 3*_H), dtype=_dtype, device=_device)
     _v_W_hn_h = torch.zeros((_T, _B, _H), dtype=_dtype, device=_device)
     _g_W_hr_W_hz_W_hn__h = torch.zeros((_B, 3*_H), dtype=_dtype, device=_device)
     _v_r = torch.zeros((_T, _B, _H), dtype=_dtype, device=_device)
     _v_z = torch.zeros((_T, _B, _H), dtype=_dtype, device=_device)
     _v_n = torch.zeros((_T, _B, _H), dtype=_dtype, device=_device)
-    _hg_W_ir_W_iz_W_in__x_rows = list(_hg_W_ir_W_iz_W_in__x.unbind(0))
+    _hg_W_in_W_ir_W_iz__x_rows = list(_hg_W_in_W_ir_W_iz__x.unbind(0))
     _v_r_rows = list(_v_r.unbind(0))
     _v_z_rows = list(_v_z.unbind(0))
     _v_n_rows = list(_v_n.unbind(0))
@@ -408,7 +408,7 @@ def _forward_differentiable(_params, _x, _state, _bs=None):
     _v_W_hn_h_rows = list(_v_W_hn_h.unbind(0))
     _s_h_rows[0] = _state0[0]
     # W_in @ x, W_ir @ x, W_iz @ x
-    _hg_W_ir_W_iz_W_in__x_rows = _scatter_rows(_hg_W_ir_W_iz_W_in__x_rows, 0, _T, None, None, _x_x.reshape(_T * _B, _I) @ _wt_W_in_W_ir_W_iz, add=False)
+    _hg_W_in_W_ir_W_iz__x_rows = _scatter_rows(_hg_W_in_W_ir_W_iz__x_rows, 0, _T, None, None, _x_x.reshape(_T * _B, _I) @ _wt_W_in_W_ir_W_iz, add=False)
     for _t in range(_T):
         # W_hr @ h, W_hz @ h, W_hn @ h
         _g_W_hr_W_hz_W_hn__h = _s_h_rows[_t] @ _wt_W_hr_W_hz_W_hn
@@ -416,9 +416,9 @@ def _forward_differentiable(_params, _x, _state, _bs=None):
         W_hn_h = _g_W_hr_W_hz_W_hn__h[:, 2*_H:3*_H]
         W_hr_h = _g_W_hr_W_hz_W_hn__h[:, 0:_H]
         W_hz_h = _g_W_hr_W_hz_W_hn__h[:, _H:2*_H]
-        W_in_x = _hg_W_ir_W_iz_W_in__x_rows[_t][:, 0:_H]
-        W_ir_x = _hg_W_ir_W_iz_W_in__x_rows[_t][:, _H:2*_H]
-        W_iz_x = _hg_W_ir_W_iz_W_in__x_rows[_t][:, 2*_H:3*_H]
+        W_in_x = _hg_W_in_W_ir_W_iz__x_rows[_t][:, 0:_H]
+        W_ir_x = _hg_W_in_W_ir_W_iz__x_rows[_t][:, _H:2*_H]
+        W_iz_x = _hg_W_in_W_ir_W_iz__x_rows[_t][:, 2*_H:3*_H]
         h = _s_h_rows[_t]
         r = torch.sigmoid(W_hr_h + W_ir_x + b_hr + b_ir)  # torch_gru.cell:14  r = sigmoid(W_ir @ x + b_ir + W_hr @ h + b_hr)
         z = torch.sigmoid(W_hz_h + W_iz_x + b_hz + b_iz)  # torch_gru.cell:15  z = sigmoid(W_iz @ x + b_iz + W_hz @ h + b_hz)
@@ -430,7 +430,7 @@ def _forward_differentiable(_params, _x, _state, _bs=None):
         _v_n_rows[_t] = n
         _s_h_rows[_t + 1] = h_next
         _v_W_hn_h_rows[_t] = W_hn_h_kept
-    _hg_W_ir_W_iz_W_in__x = torch.stack(_hg_W_ir_W_iz_W_in__x_rows)
+    _hg_W_in_W_ir_W_iz__x = torch.stack(_hg_W_in_W_ir_W_iz__x_rows)
     _v_r = torch.stack(_v_r_rows)
     _v_z = torch.stack(_v_z_rows)
     _v_n = torch.stack(_v_n_rows)
@@ -695,7 +695,7 @@ def _custom_ops(name, forward, backward, forward_schema, backward_schema, forwar
 #: the PyTorch engine's forward and backward as custom ops (the engine itself is the fake:
 #: it runs on fake tensors)
 _ENGINE_OPS = _custom_ops(
-    "torch_gru_engine_dca4efd7cd9a", _engine_op_forward_impl, _engine_op_backward_impl,
+    "torch_gru_engine_194fc36356a8", _engine_op_forward_impl, _engine_op_backward_impl,
     "(Tensor[] xs, Tensor[] states, Tensor[] params) -> Tensor[]",
     "(Tensor[] args, Tensor[] saved, Tensor?[] d_outputs, Tensor?[] d_finals) -> Tensor[]",
     _engine_op_forward_impl, _engine_op_backward_impl, _engine_op_backward, _engine_op_setup_context,
@@ -974,7 +974,7 @@ def _native_forward(_lib, _xs, _states, _params, _bs=None):
         return _empty(shape) if _lib is None else _pooled("forward", name, shape, _dt, _dev)
 
     _n_ch = _T if _lib is None else _lib.chunk_steps(_T, _B, _B * (3*_H), 3*_H*_I, 3*pow(_H, 2))
-    hg_W_ir_W_iz_W_in__x, g_W_hr_W_hz_W_hn__h = _scratch((_n_ch, _B, 3*_H), (_B, 3*_H))
+    hg_W_in_W_ir_W_iz__x, g_W_hr_W_hz_W_hn__h = _scratch((_n_ch, _B, 3*_H), (_B, 3*_H))
     x_x = _xs[0].contiguous()
     s_h = _fresh("s_h", (_T + 1, _B, _H))
     s_h[0].copy_(_states[0])
@@ -989,7 +989,7 @@ def _native_forward(_lib, _xs, _states, _params, _bs=None):
     v_z = _fresh("v_z", (_T, _B, _H))
     v_n = _fresh("v_n", (_T, _B, _H))
     if _lib is not None:  # None: shapes only (the custom op's fake implementation)
-        _lib("forward", _dims + (_n_ch,), [x_x, s_h, p_b_ir, p_b_hr, p_b_iz, p_b_hz, p_b_in, p_b_hn, hg_W_ir_W_iz_W_in__x, v_W_hn_h, g_W_hr_W_hz_W_hn__h, v_r, v_z, v_n, _stacked(_params["W_in"], _params["W_ir"], _params["W_iz"]), _stacked(_params["W_hr"], _params["W_hz"], _params["W_hn"]), _bs])
+        _lib("forward", _dims + (_n_ch,), [x_x, s_h, p_b_ir, p_b_hr, p_b_iz, p_b_hz, p_b_in, p_b_hn, hg_W_in_W_ir_W_iz__x, v_W_hn_h, g_W_hr_W_hz_W_hn__h, v_r, v_z, v_n, _stacked(_params["W_in"], _params["W_ir"], _params["W_iz"]), _stacked(_params["W_hr"], _params["W_hz"], _params["W_hn"]), _bs])
     _outputs = (s_h[1:1 + _T],)
     if _bs is not None:  # zeros past each sequence's end
         _m = _native_active(_bs, _B, _xs)
@@ -1013,7 +1013,7 @@ def _native_inference(_lib, _xs, _states, _params, _bs=None):
         return _empty(shape) if _lib is None else _pooled("inference", name, shape, _dt, _dev)
 
     _n_ch = _T if _lib is None else _lib.chunk_steps(_T, _B, _B * (3*_H), 3*_H*_I, 3*pow(_H, 2))
-    hg_W_ir_W_iz_W_in__x, g_W_hr_W_hz_W_hn__h = _scratch((_n_ch, _B, 3*_H), (_B, 3*_H))
+    hg_W_in_W_ir_W_iz__x, g_W_hr_W_hz_W_hn__h = _scratch((_n_ch, _B, 3*_H), (_B, 3*_H))
     x_x = _xs[0].contiguous()
     s_h = _fresh("s_h", (_T + 1, _B, _H))
     s_h[0].copy_(_states[0])
@@ -1024,7 +1024,7 @@ def _native_inference(_lib, _xs, _states, _params, _bs=None):
     p_b_in = _params["b_in"].contiguous()
     p_b_hn = _params["b_hn"].contiguous()
     if _lib is not None:  # None: shapes only (the custom op's fake implementation)
-        _lib("inference", _dims + (_n_ch,), [x_x, s_h, p_b_ir, p_b_hr, p_b_iz, p_b_hz, p_b_in, p_b_hn, hg_W_ir_W_iz_W_in__x, g_W_hr_W_hz_W_hn__h, _stacked(_params["W_in"], _params["W_ir"], _params["W_iz"]), _stacked(_params["W_hr"], _params["W_hz"], _params["W_hn"]), _bs])
+        _lib("inference", _dims + (_n_ch,), [x_x, s_h, p_b_ir, p_b_hr, p_b_iz, p_b_hz, p_b_in, p_b_hn, hg_W_in_W_ir_W_iz__x, g_W_hr_W_hz_W_hn__h, _stacked(_params["W_in"], _params["W_ir"], _params["W_iz"]), _stacked(_params["W_hr"], _params["W_hz"], _params["W_hn"]), _bs])
     _outputs = (s_h[1:1 + _T],)
     if _bs is not None:  # zeros past each sequence's end
         _m = _native_active(_bs, _B, _xs)
@@ -1089,7 +1089,7 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
 # The same two calls as PyTorch custom ops, for torch.compile (which traces them through their
 # fake implementations: the allocations above, without the call). Registered once per process
 # and content of this file; outputs are copies (an op's outputs may not alias each other).
-_OP = "torch_gru_426649a1c11b"
+_OP = "torch_gru_5734dd86092d"
 
 
 def _op_forward_impl(xs: list[torch.Tensor], states: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -1667,7 +1667,7 @@ extern "C" void torch_gru_backward_bwd0_H_f64(int64_t _rows, int64_t _cols, cons
 
 // =============================================================================================
 // torch_gru: the whole sequence, forward
-// ptrs: 0 x_x, 1 s_h, 2 p_b_ir, 3 p_b_hr, 4 p_b_iz, 5 p_b_hz, 6 p_b_in, 7 p_b_hn, 8 hg_W_ir_W_iz_W_in__x, 9 v_W_hn_h, 10 g_W_hr_W_hz_W_hn__h, 11 v_r, 12 v_z, 13 v_n, 14 weight W_in_W_ir_W_iz, 15 weight W_hr_W_hz_W_hn, 16 batch sizes (host, or NULL)
+// ptrs: 0 x_x, 1 s_h, 2 p_b_ir, 3 p_b_hr, 4 p_b_iz, 5 p_b_hz, 6 p_b_in, 7 p_b_hn, 8 hg_W_in_W_ir_W_iz__x, 9 v_W_hn_h, 10 g_W_hr_W_hz_W_hn__h, 11 v_r, 12 v_z, 13 v_n, 14 weight W_in_W_ir_W_iz, 15 weight W_hr_W_hz_W_hn, 16 batch sizes (host, or NULL)
 
 // =============================================================================================
 template <typename S, typename G>
@@ -1699,8 +1699,8 @@ static int torch_gru_forward_run(const int64_t* dims, void* const* ptrs, const c
     (void)b_p_b_in;
     S* b_p_b_hn = (S*)ptrs[7];
     (void)b_p_b_hn;
-    S* b_hg_W_ir_W_iz_W_in__x = (S*)ptrs[8];
-    (void)b_hg_W_ir_W_iz_W_in__x;
+    S* b_hg_W_in_W_ir_W_iz__x = (S*)ptrs[8];
+    (void)b_hg_W_in_W_ir_W_iz__x;
     S* b_v_W_hn_h = (S*)ptrs[9];
     (void)b_v_W_hn_h;
     S* b_g_W_hr_W_hz_W_hn__h = (S*)ptrs[10];
@@ -1723,7 +1723,7 @@ static int torch_gru_forward_run(const int64_t* dims, void* const* ptrs, const c
         CS_ZERO(b_v_n, (n_T) * (n_B) * (n_H));
         CS_ZERO(b_v_W_hn_h, (n_T) * (n_B) * (n_H));
     }
-    // steps per chunk of the work ahead of them, from the caller (all T on a GPU); hg_W_ir_W_iz_W_in__x holds one chunk
+    // steps per chunk of the work ahead of them, from the caller (all T on a GPU); hg_W_in_W_ir_W_iz__x holds one chunk
     const int64_t n_ch = dims[4] < 1 ? 1 : dims[4];
     cs_packed<S> pk_W_in_W_ir_W_iz_nt = cs_pack_if(n_ch < n_T, ctx, 1, n_ch * n_B, 3*n_H, n_I, w_W_in_W_ir_W_iz, n_I);
     cs_packed<S> pk_W_hr_W_hz_W_hn_nt = cs_pack(ctx, 1, n_B, 3*n_H, n_H, w_W_hr_W_hz_W_hn, n_H);
@@ -1736,14 +1736,14 @@ static int torch_gru_forward_run(const int64_t* dims, void* const* ptrs, const c
             CS_SPLIT_PAUSE();  // the team shares the chunk's work, once every thread is done with the last chunk
             const int64_t n_c = n_T - t < n_ch ? n_T - t : n_ch;
             const int64_t tc = t;
-            // hg_W_ir_W_iz_W_in__x = x @ [W_in, W_ir, W_iz]^T  (W_in @ x, W_ir @ x, W_iz @ x)
-            CS_GEMM_NT_PACKED(n_c * n_B, 3*n_H, n_I, b_x_x + tc * n_B * (n_I), n_I, pk_W_in_W_ir_W_iz_nt, b_hg_W_ir_W_iz_W_in__x, 3*n_H, 0);
+            // hg_W_in_W_ir_W_iz__x = x @ [W_in, W_ir, W_iz]^T  (W_in @ x, W_ir @ x, W_iz @ x)
+            CS_GEMM_NT_PACKED(n_c * n_B, 3*n_H, n_I, b_x_x + tc * n_B * (n_I), n_I, pk_W_in_W_ir_W_iz_nt, b_hg_W_in_W_ir_W_iz__x, 3*n_H, 0);
         }
         CS_SPLIT_ROWS(split_rows, n_B);
         // g_W_hr_W_hz_W_hn__h = h @ [W_hr, W_hz, W_hn]^T  (W_hr @ h, W_hz @ h, W_hn @ h)
         CS_GEMM_NT_PACKED(rows, 3*n_H, n_H, b_s_h + t * n_B * (n_H), n_H, pk_W_hr_W_hz_W_hn_nt, b_g_W_hr_W_hz_W_hn__h, 3*n_H, 0);
         // forward: stage 0 forward, units of size H
-        CS_PW(torch_gru_forward_fwd0_H, rows, n_H, b_g_W_hr_W_hz_W_hn__h + 2*n_H, 3*n_H, b_g_W_hr_W_hz_W_hn__h, 3*n_H, b_g_W_hr_W_hz_W_hn__h + n_H, 3*n_H, b_hg_W_ir_W_iz_W_in__x + (t % n_ch) * n_B * (3*n_H), 3*n_H, b_hg_W_ir_W_iz_W_in__x + (t % n_ch) * n_B * (3*n_H) + n_H, 3*n_H, b_hg_W_ir_W_iz_W_in__x + (t % n_ch) * n_B * (3*n_H) + 2*n_H, 3*n_H, b_p_b_hn, 0, b_p_b_hr, 0, b_p_b_hz, 0, b_p_b_in, 0, b_p_b_ir, 0, b_p_b_iz, 0, b_s_h + t * n_B * (n_H), n_H, b_v_r + t * n_B * (n_H), n_H, b_v_z + t * n_B * (n_H), n_H, b_v_n + t * n_B * (n_H), n_H, b_s_h + (t + 1) * n_B * (n_H), n_H, b_v_W_hn_h + t * n_B * (n_H), n_H);
+        CS_PW(torch_gru_forward_fwd0_H, rows, n_H, b_g_W_hr_W_hz_W_hn__h + 2*n_H, 3*n_H, b_g_W_hr_W_hz_W_hn__h, 3*n_H, b_g_W_hr_W_hz_W_hn__h + n_H, 3*n_H, b_hg_W_in_W_ir_W_iz__x + (t % n_ch) * n_B * (3*n_H), 3*n_H, b_hg_W_in_W_ir_W_iz__x + (t % n_ch) * n_B * (3*n_H) + n_H, 3*n_H, b_hg_W_in_W_ir_W_iz__x + (t % n_ch) * n_B * (3*n_H) + 2*n_H, 3*n_H, b_p_b_hn, 0, b_p_b_hr, 0, b_p_b_hz, 0, b_p_b_in, 0, b_p_b_ir, 0, b_p_b_iz, 0, b_s_h + t * n_B * (n_H), n_H, b_v_r + t * n_B * (n_H), n_H, b_v_z + t * n_B * (n_H), n_H, b_v_n + t * n_B * (n_H), n_H, b_s_h + (t + 1) * n_B * (n_H), n_H, b_v_W_hn_h + t * n_B * (n_H), n_H);
         // ended sequences hold their state: rows B_t.. of s_h[t + 1] = s_h[t]
         CS_HOLD_ROWS(b_s_h + (t + 1) * n_B * (n_H), b_s_h + t * n_B * (n_H), rows, n_B, n_H);
     }
@@ -1783,7 +1783,7 @@ extern "C" int torch_gru_forward_f64(const int64_t* dims, void* const* ptrs, con
 
 // =============================================================================================
 // torch_gru: the whole sequence, inference
-// ptrs: 0 x_x, 1 s_h, 2 p_b_ir, 3 p_b_hr, 4 p_b_iz, 5 p_b_hz, 6 p_b_in, 7 p_b_hn, 8 hg_W_ir_W_iz_W_in__x, 9 g_W_hr_W_hz_W_hn__h, 10 weight W_in_W_ir_W_iz, 11 weight W_hr_W_hz_W_hn, 12 batch sizes (host, or NULL)
+// ptrs: 0 x_x, 1 s_h, 2 p_b_ir, 3 p_b_hr, 4 p_b_iz, 5 p_b_hz, 6 p_b_in, 7 p_b_hn, 8 hg_W_in_W_ir_W_iz__x, 9 g_W_hr_W_hz_W_hn__h, 10 weight W_in_W_ir_W_iz, 11 weight W_hr_W_hz_W_hn, 12 batch sizes (host, or NULL)
 
 // =============================================================================================
 template <typename S, typename G>
@@ -1815,8 +1815,8 @@ static int torch_gru_inference_run(const int64_t* dims, void* const* ptrs, const
     (void)b_p_b_in;
     S* b_p_b_hn = (S*)ptrs[7];
     (void)b_p_b_hn;
-    S* b_hg_W_ir_W_iz_W_in__x = (S*)ptrs[8];
-    (void)b_hg_W_ir_W_iz_W_in__x;
+    S* b_hg_W_in_W_ir_W_iz__x = (S*)ptrs[8];
+    (void)b_hg_W_in_W_ir_W_iz__x;
     S* b_g_W_hr_W_hz_W_hn__h = (S*)ptrs[9];
     (void)b_g_W_hr_W_hz_W_hn__h;
     const S* w_W_in_W_ir_W_iz = (const S*)ptrs[10];
@@ -1825,7 +1825,7 @@ static int torch_gru_inference_run(const int64_t* dims, void* const* ptrs, const
     (void)w_W_hr_W_hz_W_hn;
     const int64_t* bs = (const int64_t*)ptrs[12];
     (void)ctx;
-    // steps per chunk of the work ahead of them, from the caller (all T on a GPU); hg_W_ir_W_iz_W_in__x holds one chunk
+    // steps per chunk of the work ahead of them, from the caller (all T on a GPU); hg_W_in_W_ir_W_iz__x holds one chunk
     const int64_t n_ch = dims[4] < 1 ? 1 : dims[4];
     cs_packed<S> pk_W_in_W_ir_W_iz_nt = cs_pack_if(n_ch < n_T, ctx, 1, n_ch * n_B, 3*n_H, n_I, w_W_in_W_ir_W_iz, n_I);
     cs_packed<S> pk_W_hr_W_hz_W_hn_nt = cs_pack(ctx, 1, n_B, 3*n_H, n_H, w_W_hr_W_hz_W_hn, n_H);
@@ -1838,14 +1838,14 @@ static int torch_gru_inference_run(const int64_t* dims, void* const* ptrs, const
             CS_SPLIT_PAUSE();  // the team shares the chunk's work, once every thread is done with the last chunk
             const int64_t n_c = n_T - t < n_ch ? n_T - t : n_ch;
             const int64_t tc = t;
-            // hg_W_ir_W_iz_W_in__x = x @ [W_in, W_ir, W_iz]^T  (W_in @ x, W_ir @ x, W_iz @ x)
-            CS_GEMM_NT_PACKED(n_c * n_B, 3*n_H, n_I, b_x_x + tc * n_B * (n_I), n_I, pk_W_in_W_ir_W_iz_nt, b_hg_W_ir_W_iz_W_in__x, 3*n_H, 0);
+            // hg_W_in_W_ir_W_iz__x = x @ [W_in, W_ir, W_iz]^T  (W_in @ x, W_ir @ x, W_iz @ x)
+            CS_GEMM_NT_PACKED(n_c * n_B, 3*n_H, n_I, b_x_x + tc * n_B * (n_I), n_I, pk_W_in_W_ir_W_iz_nt, b_hg_W_in_W_ir_W_iz__x, 3*n_H, 0);
         }
         CS_SPLIT_ROWS(split_rows, n_B);
         // g_W_hr_W_hz_W_hn__h = h @ [W_hr, W_hz, W_hn]^T  (W_hr @ h, W_hz @ h, W_hn @ h)
         CS_GEMM_NT_PACKED(rows, 3*n_H, n_H, b_s_h + t * n_B * (n_H), n_H, pk_W_hr_W_hz_W_hn_nt, b_g_W_hr_W_hz_W_hn__h, 3*n_H, 0);
         // inference: stage 0 forward, units of size H
-        CS_PW(torch_gru_inference_fwd0_H, rows, n_H, b_g_W_hr_W_hz_W_hn__h + 2*n_H, 3*n_H, b_g_W_hr_W_hz_W_hn__h, 3*n_H, b_g_W_hr_W_hz_W_hn__h + n_H, 3*n_H, b_hg_W_ir_W_iz_W_in__x + (t % n_ch) * n_B * (3*n_H), 3*n_H, b_hg_W_ir_W_iz_W_in__x + (t % n_ch) * n_B * (3*n_H) + n_H, 3*n_H, b_hg_W_ir_W_iz_W_in__x + (t % n_ch) * n_B * (3*n_H) + 2*n_H, 3*n_H, b_p_b_hn, 0, b_p_b_hr, 0, b_p_b_hz, 0, b_p_b_in, 0, b_p_b_ir, 0, b_p_b_iz, 0, b_s_h + t * n_B * (n_H), n_H, b_s_h + (t + 1) * n_B * (n_H), n_H);
+        CS_PW(torch_gru_inference_fwd0_H, rows, n_H, b_g_W_hr_W_hz_W_hn__h + 2*n_H, 3*n_H, b_g_W_hr_W_hz_W_hn__h, 3*n_H, b_g_W_hr_W_hz_W_hn__h + n_H, 3*n_H, b_hg_W_in_W_ir_W_iz__x + (t % n_ch) * n_B * (3*n_H), 3*n_H, b_hg_W_in_W_ir_W_iz__x + (t % n_ch) * n_B * (3*n_H) + n_H, 3*n_H, b_hg_W_in_W_ir_W_iz__x + (t % n_ch) * n_B * (3*n_H) + 2*n_H, 3*n_H, b_p_b_hn, 0, b_p_b_hr, 0, b_p_b_hz, 0, b_p_b_in, 0, b_p_b_ir, 0, b_p_b_iz, 0, b_s_h + t * n_B * (n_H), n_H, b_s_h + (t + 1) * n_B * (n_H), n_H);
         // ended sequences hold their state: rows B_t.. of s_h[t + 1] = s_h[t]
         CS_HOLD_ROWS(b_s_h + (t + 1) * n_B * (n_H), b_s_h + t * n_B * (n_H), rows, n_B, n_H);
     }
