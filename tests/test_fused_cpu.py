@@ -776,14 +776,15 @@ def test_own_gemm_chosen_by_cpu_batch_and_loop(batch, threads):
 
 
 @pytest.mark.skipif(not HAVE_CXX, reason="no C++ compiler")
-@pytest.mark.parametrize("module", ["lstm", "torch_gru"])
+@pytest.mark.parametrize("module", ["lstm", "torch_gru", "suffix_gru"])
 @pytest.mark.parametrize("steps, batch", [(41, 3), (200, 3)])
 def test_weight_grads_in_one_pass_with_the_bias_sums(module, steps, batch):
     """cs_own_weight_grads (``set_own_gemm("weight_grads")``: MKL for the products, the own
     kernel for the weight gradients): every dW of one adjoint from one pass over it (the LSTM's
     W_hh and W_ih share dg; torch.nn's GRU's read two runs of one buffer, [H, 4H) and [0, 3H),
     each packed per block of rows), its column sums from the same pass (the GRU's [0, H), which
-    the first run does not cover, summed from the block). 4H = 148 columns (12 slivers and 4
+    the first run does not cover, summed from the block; tests/specs/shared_adjoint_suffix.cell:
+    the runs the other way round, [0, 3H) and [H, 4H), the block's sums for [3H, 4H)). 4H = 148 columns (12 slivers and 4
     columns; H = 37, no multiple of 16), T·B = 123 rows (a tail of 3 after the rows taken four at
     a time) or 600 (two k-blocks), variable lengths (rows of zeros). The bias gradients are, to
     the bit, the row sums of the BLAS path (the pass sums each column in row order, as
@@ -799,6 +800,8 @@ def test_weight_grads_in_one_pass_with_the_bias_sums(module, steps, batch):
     assert line.count("{b_") == 2 and ", 1, {" in line
     if module == "torch_gru":  # the recurrent stack's run starts H columns in
         assert "{b_s_h, n_H, n_H, b_dw_W_hr_W_hz_W_hn, n_H, n_H}" in line
+    if module == "suffix_gru":  # the input stack's run starts H columns in
+        assert "{b_x_x, n_I, n_I, b_dw_W_ir_W_iz_W_in, n_I, n_H}" in line
     assert len(re.findall(r"^ +CS_COLSUM\(", cu, re.M)) == 4 and not re.search(r"^ +CS_ROWSUM\(", cu, re.M)
     cls = getattr(pkg.torch_cell, pkg.torch_cell.CELL)
     torch.manual_seed(steps)

@@ -5,6 +5,7 @@ sharing, constant folding), scheduling (stages, hoisting, stacking) and the deri
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import sympy as sp
@@ -565,6 +566,18 @@ def test_a_hoisted_group_shares_the_step_groups_adjoint_buffer():
         assert [n for n, buf in bwd.buffers.items() if buf.role == "d_gemm"] == [name]
         assert bwd.buffers[name].shape[-1] == width
         assert len({o.weight for o in bwd.flat() if isinstance(o, ir.WeightGrad) and o.d_out == name}) == 3
+    # the other arrangement: the candidate's recurrent product leads its stack ([W_hn; W_hr; W_hz]),
+    # so the input product's run comes after the step's, its own column last, its order kept
+    (cc,) = compile_source(read_source(Path(__file__).parent / "specs" / "shared_adjoint_suffix.cell"), ())
+    prog, b = cc.program, cc.backward
+    bwd = prog.backward
+    assert [n for n, buf in bwd.buffers.items() if buf.role == "d_gemm"] == ["dgs_W_ir_W_iz_W_in__x"]
+    assert prog.weights["W_ir_W_iz_W_in"].matrices == ("W_ir", "W_iz", "W_in")
+    col = {k: bwd.slots[b.adjoint[k]].col for k in ("W_hn_h", "W_hr_h", "W_hz_h", "b_in")}
+    assert col == {"W_hn_h": 0, "W_hr_h": H, "W_hz_h": 2 * H, "b_in": 3 * H}
+    runs = {(type(o).__name__, o.weight): o.d_col for o in bwd.flat() if isinstance(o, (ir.ProjectBack, ir.WeightGrad))}
+    assert runs == {("ProjectBack", "W_hn_W_hr_W_hz"): 0, ("WeightGrad", "W_hn_W_hr_W_hz"): 0,
+                    ("WeightGrad", "W_ir_W_iz_W_in"): H, ("ProjectBack", "W_ir_W_iz_W_in"): H}
     (lstm,) = compile_source(read_source(SPECS / "lstm.cell"), ())
     assert [n for n, buf in lstm.program.backward.buffers.items() if buf.role == "d_gemm"] == ["dg_W_hi_W_hf_W_hg_W_ho__h"]
     assert lstm.program.weights["W_ii_W_if_W_ig_W_io"].matrices == ("W_ii", "W_if", "W_ig", "W_io")
