@@ -633,17 +633,19 @@ class _Renderer:
         # Weight gradients after the loop: a run of WeightGrads into dW scratch that read one
         # adjoint (an LSTM's dW_hh and dW_ih both read dg) is one pass over it (CS_WEIGHT_GRADS),
         # which also gives its column sums to the RowSums over it that follow (CS_COLSUM).
-        def run_base(run: list) -> sp.Expr:
-            """The first column of a run's adjoint its WeightGrads read (each from its d_col)."""
+        def run_cols(run: list) -> tuple[sp.Expr, sp.Expr]:
+            """The first column of the adjoint a run's WeightGrads read (each from its d_col) and
+            the number of columns they cover."""
             cols = [sp.expand(o.d_col) for o in run]
-            base = cols[0]
+            lo = hi = cols[0]
             for c in cols[1:]:
-                diff = sp.expand(c - base)
-                if diff.is_nonpositive:
-                    base = c
-                elif not diff.is_nonnegative:  # pragma: no cover - columns are multiples of sizes
+                if sp.expand(c - lo).is_nonpositive:
+                    lo = c
+                elif sp.expand(c - hi).is_nonnegative:
+                    hi = c
+                elif not (sp.expand(c - lo).is_nonnegative and sp.expand(hi - c).is_nonnegative):  # pragma: no cover
                     raise AssertionError(f"runs of {run[0].d_out} in no fixed order: {cols}")
-            return base
+            return lo, sp.expand(hi - lo) + p.weights[run[0].weight].width
 
         wg_runs: dict[int, list] = {}  # the first WeightGrad of a run -> the run
         wg_done: set[int] = set()  # the others
@@ -665,9 +667,7 @@ class _Renderer:
                 n = runs_over[o.d_out]
                 runs_over[o.d_out] += 1
                 run_name[id(o)] = o.d_out if n == 0 else f"{o.d_out}_{n}"
-                base = run_base(run)
-                cover = max((sp.expand(x.d_col - base) for x in run), key=lambda e: e.subs({v: 1 for v in e.free_symbols}))
-                latest.setdefault(o.d_out, []).append((run_name[id(o)], base, cover + p.weights[o.weight].width))
+                latest.setdefault(o.d_out, []).append((run_name[id(o)], *run_cols(run)))
             elif isinstance(o, ir.RowSum) and fn.slots[o.source].buffer in latest:
                 sl = fn.slots[o.source]  # the last run whose columns hold the source's
                 for name, col, width in reversed(latest[sl.buffer]):
@@ -698,7 +698,7 @@ class _Renderer:
 
         def emit_weight_grads(run: list, ind: str) -> None:
             d_out = run[0].d_out
-            base = run_base(run)
+            base = run_cols(run)[0]
             g, ldg = self.d_ptr(fn, replace(run[0], d_col=base), "all")
             rhs = []
             adds = []

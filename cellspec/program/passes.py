@@ -80,7 +80,8 @@ def resolve_aliases(planner, tb) -> dict[str, str]:
     param_rows = {b.adjoint[p.name]: p.name for p in m.cell.params
                   if not p.is_matrix and p.name in b.adjoint and p.name not in b.zero}
     hoisted_adjoints = {f"dhg_{planner.gkey(g)}" for g in planner.s.hoisted_gemms}
-    own_columns = planner.own_columns  # a hoisted product's own columns of a shared buffer, which no step reads
+    # a hoisted product's own columns of a shared buffer, which no step reads
+    own_columns = set().union(*(sh.own for sh in planner.shared.values()))
     moved: set[str] = set()
     for a in b.leaf_assigns:
         if a.temp or not isinstance(a.expr, sp.Symbol) or a.target in tb.aliased:
@@ -129,6 +130,8 @@ class SharedAdjoints:
     width: sp.Expr
     first_col: dict  # group key -> its first column in the buffer
     order: tuple  # the hoisted group's projection keys, in stack (= column) order
+    names: dict  # a hoisted product's adjoint -> the step product's adjoint it is another name of
+    own: frozenset  # the hoisted product adjoints that are no such name (their own columns)
 
 
 def share_adjoint_buffers(sched, back) -> list[SharedAdjoints]:
@@ -199,7 +202,9 @@ def share_adjoint_buffers(sched, back) -> list[SharedAdjoints]:
         taken.update(g.key for g in groups)
         stack = {p.key: p.matrix for p in h.projections}
         name = f"dgs_{'_'.join(stack[k] for k in order)}__{h.operands[0]}"
-        out.append(SharedAdjoints(name, h.key, at, first, order))
+        names = {b.adjoint[h.projections[j].key]: alias[b.adjoint[h.projections[j].key]] for j in match}
+        own_adj = frozenset(b.adjoint[h.projections[j].key] for j in own)
+        out.append(SharedAdjoints(name, h.key, at, first, order, names, own_adj))
     return out
 
 

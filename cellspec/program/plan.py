@@ -51,7 +51,6 @@ class _Planner:
         self.weights: dict[str, ir.Weight] = {}
         # adjoint buffers several GEMM groups share (fixes a hoisted stack's order: before the forward)
         self.shared = {k: sh for sh in passes.share_adjoint_buffers(sched, back) for k in sh.first_col}
-        self.own_columns: set[str] = set()  # filled by the backward
         self.kept_copy: dict[str, str] = {}  # a step product's block copied out to keep -> the block
 
     # ------------------------------------------------------------------ sizes of every key
@@ -340,21 +339,19 @@ class _Planner:
                 d_buf = tb.buffer(f"tmp_d_{self.gkey(g)}", (B, k * size(k_in)), "scratch")
                 for j, o in enumerate(g.operands):
                     tb.place(b.gemm_adjoint[(st.index, o)], d_buf, None, j * size(k_in), k_in)
-        alias = {a.target: a.expr.name for a in b.leaf_assigns if not a.temp and isinstance(a.expr, sp.Symbol)}
         for g in s.hoisted_gemms:
             w = self.weight(g)
             k = len(g.operands)
             if g.key in self.shared:  # its run of a shared buffer: a step adjoint's column is that adjoint
+                sh = self.shared[g.key]
                 buf, c0 = self.d_buffer(g, "dhg")
                 for p, col, sz in self.columns(g):
                     d = b.adjoint[p.key]
-                    there = tb.slots.get(alias.get(d, ""))
-                    if there is not None and there.buffer == buf and sp.expand(there.col - c0 - col) == 0:
-                        tb.slots[d] = there
-                        tb.aliased.add(d)
-                    else:
+                    if d in sh.own:
                         tb.place(d, buf, 0, c0 + col, sz)
-                        self.own_columns.add(d)
+                    else:
+                        tb.slots[d] = tb.slots[sh.names[d]]
+                        tb.aliased.add(d)
             else:
                 buf = tb.buffer(f"dhg_{self.gkey(g)}", (T, B, k * w.width), "d_gemm")
                 for p, col, sz in self.columns(g):

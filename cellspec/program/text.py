@@ -30,10 +30,10 @@ def _stacked(names: tuple[str, ...], buffer: str) -> str:
 
 def _run(fn: ir.Function, prog: ir.Program, op) -> str:
     """``d_out``, or its run of columns where several groups share it."""
-    w = prog.weights[op.weight]
-    if op.d_col == 0 and sp.expand(w.width * max(1, len(getattr(op, "d_operands", getattr(op, "operands", ()))))
-                                   - fn.buffers[op.d_out].shape[-1]) == 0:
+    k = len(op.d_operands if isinstance(op, ir.ProjectBack) else op.operands)
+    if op.d_col == 0 and sp.expand(k * prog.weights[op.weight].width - fn.buffers[op.d_out].shape[-1]) == 0:
         return op.d_out
+    w = prog.weights[op.weight]
     return f"{op.d_out}[:, {op.d_col}:{op.d_col + w.width}]"
 
 
