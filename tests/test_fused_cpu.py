@@ -786,9 +786,11 @@ def test_weight_grads_in_one_pass_with_the_bias_sums(module, steps, batch):
     the first run does not cover, summed from the block; tests/specs/shared_adjoint_suffix.cell:
     the runs the other way round, [0, 3H) and [H, 4H), the block's sums for [3H, 4H)). 4H = 148 columns (12 slivers and 4
     columns; H = 37, no multiple of 16), T·B = 123 rows (a tail of 3 after the rows taken four at
-    a time) or 600 (two k-blocks), variable lengths (rows of zeros). The bias gradients are, to
-    the bit, the row sums of the BLAS path (the pass sums each column in row order, as
-    cs_rowsum_host does); the weight gradients agree to float rounding."""
+    a time) or 600 (two chunks of steps behind the loop, 128 and 72 steps: the pass's sums and
+    dW add up over them, the last steps first), variable lengths (rows of zeros). The bias
+    gradients are, to the bit, the row sums of the BLAS path (the pass sums each column in row
+    order, chunk after chunk, as cs_rowsum_host does); the weight gradients agree to float
+    rounding."""
     pkg = load_module(module)
     lib = _own_gemm_library(pkg)
     if not lib.own_gemm():
@@ -797,12 +799,13 @@ def test_weight_grads_in_one_pass_with_the_bias_sums(module, steps, batch):
     passes = re.findall(r"^ +CS_WEIGHT_GRADS\((\w+), .*$", cu, re.M)
     assert len(passes) == 1  # both stacks' dW from one pass, which gives the biases their sums
     (line,) = [ln for ln in cu.splitlines() if ln.strip().startswith("CS_WEIGHT_GRADS(wg_")]
-    assert line.count("{b_") == 2 and ", 1, {" in line
+    assert line.count("{b_") == 2 and ", 1, cs_more, {" in line  # the sums wanted; chunks after the first add up
     if module == "torch_gru":  # the recurrent stack's run starts H columns in
-        assert "{b_s_h, n_H, n_H, b_dw_W_hr_W_hz_W_hn, n_H, n_H}" in line
+        assert "{b_s_h + tc * n_B * (n_H), n_H, n_H, b_dw_W_hr_W_hz_W_hn, n_H, n_H}" in line
     if module == "suffix_gru":  # the input stack's run starts H columns in
-        assert "{b_x_x, n_I, n_I, b_dw_W_ir_W_iz_W_in, n_I, n_H}" in line
+        assert "{b_x_x + tc * n_B * (n_I), n_I, n_I, b_dw_W_ir_W_iz_W_in, n_I, n_H}" in line
     assert len(re.findall(r"^ +CS_COLSUM\(", cu, re.M)) == 4 and not re.search(r"^ +CS_ROWSUM\(", cu, re.M)
+    assert len(re.findall(r"^ +CS_COLSUM_END\(", cu, re.M)) == 4
     cls = getattr(pkg.torch_cell, pkg.torch_cell.CELL)
     torch.manual_seed(steps)
     m = cls(7, 37, backend="fused")

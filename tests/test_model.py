@@ -4,7 +4,7 @@ sharing, constant folding), scheduling (stages, hoisting, stacking) and the deri
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -14,7 +14,7 @@ from conftest import SPECS
 from cellspec.driver import CompiledCell, compile_source, read_source
 from cellspec.errors import Source
 from cellspec.model import functions as fn
-from cellspec.program import ir
+from cellspec.program import ir, passes
 
 
 def compile_one(text: str) -> CompiledCell:
@@ -359,6 +359,50 @@ def test_ring_holds_only_what_the_loop_reads(spec):
         assert prog.inference.last_only == ()
     if spec == "antisymmetric_rnn":
         assert prog.forward.loop().ring == () and prog.inference.loop().ring == ("hg_V__x",)
+
+
+@pytest.mark.parametrize("spec", sorted(p.stem for p in SPECS.glob("*.cell")))
+def test_work_behind_the_backward_steps(spec):
+    """ir.Loop.behind (passes.run_behind): every op after a backward loop reads the rows of a
+    step only or adds up over the rows (weight gradients, row sums, an input's gradient, a
+    product or pointwise level per row), so all of them become the loop's ``behind`` ops, in
+    program order, and nothing is left after the loop; the loop's ring is the step adjoints
+    the steps write that no op before the loop touches, each read at its own step. A forward
+    loop has no ops behind it. torch.nn's GRU: its one shared adjoint buffer is the ring, and the
+    ops behind are its two weight gradients, dx and four bias sums."""
+    from cellspec.program.save import op_buffers
+
+    (cc,) = compile_source(read_source(SPECS / f"{spec}.cell"), ())
+    prog = cc.program
+    fn = prog.backward
+    loop = fn.loop()
+    assert fn.ops[-1] is loop and loop.behind
+    assert all(passes._row_wise(o) for o in loop.behind)
+    assert [type(o) for o in fn.flat()][-len(loop.behind):] == [type(o) for o in loop.behind]
+    written = {b for o in loop.body for b in fn.written_by(o)}
+    before = set().union(*(op_buffers(fn, o) for o in fn.ops if o is not loop))
+    for name in loop.ring:
+        assert name in written and name not in before and fn.buffers[name].role == "d_gemm"
+        assert all(sl.time in (0, None) for sl in fn.slots.values() if sl.buffer == name)
+    assert prog.forward.loop().behind == prog.inference.loop().behind == ()
+    if spec == "torch_gru":
+        assert loop.ring == ("dgs_W_in_W_ir_W_iz__x",)
+        assert [type(o).__name__ for o in loop.behind] == ["WeightGrad"] * 2 + ["ProjectBack"] + ["RowSum"] * 4
+
+
+def test_run_behind_leaves_a_loop_with_other_ops_after_it():
+    """An op after a backward loop that is not row-wise (here a projection of one broadcast
+    row) keeps every op where it was: the chunks would run it before the ops before it."""
+    (cc,) = compile_source(read_source(SPECS / "lstm.cell"), ())
+    fn = cc.program.backward
+    loop = fn.loop()
+    plain = replace(fn, ops=(replace(loop, behind=(), ring=()), *loop.behind))
+    assert passes.run_behind(plain) == fn
+    odd = ir.Project("W_hi_W_hf_W_hg_W_ho", ("h",), "x", "all", broadcast=True)
+    mixed = replace(plain, ops=(*plain.ops, odd))
+    assert passes.run_behind(mixed) is mixed
+    forward = cc.program.forward
+    assert passes.run_behind(forward) is forward
 
 
 def test_stacked_group_slices_follow_matrix_order():

@@ -423,20 +423,37 @@ class _Renderer:
         def stacked_ptr(name: str, r: str) -> str:
             return self.buf_ptr(fn, name, r)[0]
 
+        # the ops behind a backward loop's steps run on the rows of each chunk of n_ch steps, just
+        # after them (ir.Loop.behind): their sums over rows add up chunk by chunk (beta "cs_more"
+        # past the first chunk), and what they finish with (a stack's dW split into its grads,
+        # the column sums of a dW pass) comes after the last chunk
+        span = {"rows": "all", "finish": None}
+
+        def beta_of(beta: int) -> str:
+            """A sum over rows: its beta, or in a chunk past the first, 1."""
+            return "1" if beta else ("cs_more" if span["rows"] == "chunk" else "0")
+
+        def finish(line: str) -> None:
+            (span["finish"] if span["finish"] is not None else lines).append(line)
+
         def emit(op, ind: str) -> None:
             if isinstance(op, ir.Loop):
                 # the ops ahead of the steps run on the rows of a chunk of n_ch steps, just before
                 # them (a chunk's results are still in cache when its steps read them)
                 ahead = [replace(o, rows="chunk") for o in op.ahead]
+                behind = [replace(o, rows="chunk") if hasattr(o, "rows") else o for o in op.behind]
                 assert not (ahead and op.reverse), "ops ahead of the steps belong to a forward loop"
-                if ahead:
-                    ring = f"; {', '.join(op.ring)} hold{'s' if len(op.ring) == 1 else ''} one chunk" if op.ring else ""
-                    lines.append(f"{ind}// steps per chunk of the work ahead of them, from the caller (all T on a GPU){ring}")
+                assert not (behind and not op.reverse), "ops behind the steps belong to a backward loop"
+                ring = f"; {', '.join(op.ring)} hold{'s' if len(op.ring) == 1 else ''} one chunk" if op.ring else ""
+                if ahead or behind:
+                    lines.append(f"{ind}// steps per chunk of the work {'ahead of' if ahead else 'behind'} them, "
+                                 f"from the caller (all T on a GPU){ring}")
                     lines.append(f"{ind}const int64_t n_ch = dims[{2 + len(p.sizes)}] < 1 ? 1 : dims[{2 + len(p.sizes)}];")
                 packs = []  # the weights every step (or chunk) multiplies by: packed once per call
+                team_packs = 0
                 work = None  # the multiply-adds of the first per-step GEMM (whether a team pays)
                 step_weights = []  # the floats of every weight a step multiplies by
-                for o in (*ahead, *op.body):
+                for o in (*ahead, *op.body, *behind):
                     if isinstance(o, (ir.Project, ir.ProjectBack)) and o.rows in ("step", "chunk"):
                         w = p.weights[o.weight]
                         kind = "nt" if isinstance(o, ir.Project) else "nn"
@@ -452,10 +469,15 @@ class _Renderer:
                             call = "cs_pack(ctx, " if o.rows == "step" else "cs_pack_if(n_ch < n_T, ctx, "
                             packs.append((w.name, kind, f"{call}{1 if kind == 'nt' else 0}, {m}, {n}, {k}, "
                                                         f"w_{w.name}, n_{w.inner})"))
+                    if o is op.body[-1]:
+                        team_packs = len(packs)  # the weights of the steps (and of the work ahead of them)
                 for name, kind, call in packs:
                     lines.append(f"{ind}cs_packed<S> pk_{name}_{kind} = {call};")
                 if step_weights and not op.reverse and not forward_weights:
                     forward_weights.append(" + ".join(step_weights))
+                for o in behind:  # a pass of weight gradients adds up over the chunks
+                    if isinstance(o, ir.WeightGrad) and id(o) in wg_runs:
+                        lines.append(f"{ind}CS_WGRADS(wg_{run_name[id(o)]});")
                 # one team of threads for all steps where a step's GEMM would fork (CS_TEAM_OK)
                 # a team's threads may run the steps on rows of their own (CS_SPLIT_ROWS) where every
                 # op of a step is row by row: no row-stacked GEMM, no copy into a stacked operand
@@ -463,17 +485,29 @@ class _Renderer:
                     isinstance(o, (ir.Pointwise, ir.Zero, ir.Hold))
                     or (isinstance(o, (ir.Project, ir.ProjectBack)) and o.rows == "step" and not o.stacked)
                     for o in op.body)
-                if work is not None:
-                    own = " && ".join(f"CS_PACKED_OWN(pk_{name}_{kind})" for name, kind, _ in packs)
+                team = "CS_TEAM_BEGIN(0)"
+                if work is not None:  # (the ops behind the steps run outside the team: their weights aside)
+                    own = " && ".join(f"CS_PACKED_OWN(pk_{name}_{kind})" for name, kind, _ in packs[:team_packs])
                     how = "each op's work shared, a barrier after it (cs_for)"
                     if split:
                         lines.append(f"{ind}const int split_rows = CS_SPLIT_OK(n_B, {' + '.join(step_weights)});")
                         how = f"each thread runs the steps on its own rows of the batch (split_rows), else {how}"
                     lines.append(f"{ind}// the steps as one team of threads where a step's GEMM would fork: {how}")
-                    lines.append(f"{ind}CS_TEAM_BEGIN(CS_TEAM_OK({work}, {own}))")
-                else:
-                    lines.append(f"{ind}CS_TEAM_BEGIN(0)")
-                head = ("for (int64_t t = n_T - 1; t >= 0; --t) {" if op.reverse
+                    team = f"CS_TEAM_BEGIN(CS_TEAM_OK({work}, {own}))"
+                outer = ind
+                if behind:  # a team per chunk: the work behind it runs outside the team, its ops forking as they do
+                    lines.append(f"{ind}for (int64_t tc = n_T > 0 ? (n_T - 1) / n_ch * n_ch : 0; tc >= 0; tc -= n_ch) {{  "
+                                 "// chunks of steps tc .. tc + n_c - 1 (all B rows), the last first (T = 0: one of none)")
+                    ind = ind + "    "
+                    lines.append(f"{ind}const int64_t n_c = n_T - tc < n_ch ? n_T - tc : n_ch;")
+                    lines.append(f"{ind}const int cs_more = tc + n_c < n_T;  // past the first chunk: sums over rows add up")
+                    for name in op.ring:
+                        if name in fn.zero_when_packed:
+                            lines.append(f"{ind}if (bs) CS_ZERO(b_{name}, n_c * n_B * ({cexpr(fn.buffers[name].shape[-1])}));"
+                                         "  // rows of ended sequences, which no step writes")
+                lines.append(ind + team)
+                head = ("for (int64_t t = tc + n_c - 1; t >= tc; --t) {" if behind
+                        else "for (int64_t t = n_T - 1; t >= 0; --t) {" if op.reverse
                         else "for (int64_t t = 0; t < n_T; ++t) {")
                 lines.append(ind + head)
                 lines.append(ind + "    const int64_t rows = bs ? bs[t] : n_B;  // variable lengths: rows 0..B_t-1 run")
@@ -494,6 +528,16 @@ class _Renderer:
                 if split:
                     lines.append(ind + "CS_SPLIT_DONE();")
                 lines.append(ind + "CS_TEAM_END")
+                if behind:  # backward loops only (passes.run_behind)
+                    lines.append(f"{ind}// the work behind the chunk's steps, on its rows")
+                    span.update(rows="chunk", finish=[])
+                    for o in behind:
+                        emit(o, ind)
+                    done = span["finish"]
+                    span.update(rows="all", finish=None)
+                    ind = outer
+                    lines.append(ind + "}")
+                    lines.extend(x[4:] for x in done)  # after the last chunk
                 for name, kind, _ in packs:
                     lines.append(f"{ind}cs_unpack(pk_{name}_{kind});")
             elif isinstance(op, ir.Pointwise) and self.is_row_block(p, op):
@@ -564,53 +608,59 @@ class _Renderer:
             elif isinstance(op, ir.WeightGrad):
                 w = p.weights[op.weight]
                 k = len(op.operands)
+                rows = span["rows"]
                 if op.stacked:  # every operand's rows: k * T * B rows of [k * rows, inner]
-                    g, ldg = stacked_ptr(op.d_out, "all"), cexpr(w.width)
-                    x, ldx = stacked_ptr(op.stacked, "all"), f"n_{w.inner}"
+                    g, ldg = stacked_ptr(op.d_out, rows), cexpr(w.width)
+                    x, ldx = stacked_ptr(op.stacked, rows), f"n_{w.inner}"
                     what = f"[{'; '.join(op.operands)}] (side by side in {op.stacked})"
                 else:
-                    g, ldg = self.d_ptr(fn, op, "all")
-                    x, ldx = self.ptr(fn, op.operands[0], "all")
+                    g, ldg = self.d_ptr(fn, op, rows)
+                    x, ldx = self.ptr(fn, op.operands[0], rows)
                     what = op.operands[0]
-                inner_rows = rows_of("all", k)
+                inner_rows = rows_of(rows, k)
                 lines.append(f"{ind}// d[{', '.join(w.matrices)}] += {op.d_out}^T @ {what}  ({op.comment})")
                 if op.scratch:  # the stack's dW in one GEMM, then a block per matrix
                     note_grads_block(op, ind)
                     lines.append(f"{ind}CS_GEMM_TN({cexpr(w.width)}, n_{w.inner}, {inner_rows}, {g}, {ldg}, {x}, {ldx}, "
-                                 f"b_{op.scratch}, n_{w.inner}, 0);")
-                    lines.extend(scratch_adds(op, ind))
+                                 f"b_{op.scratch}, n_{w.inner}, {beta_of(0)});")
+                    for line in scratch_adds(op, ind):
+                        finish(line)
                     return
                 for (col, sz), mat in zip(w.offsets(), w.matrices):
                     beta = 1 if mat in grads_written else 0
                     grads_written.add(mat)
                     gcol = f"{g} + {cexpr(col)}" if col != 0 else g
                     lines.append(f"{ind}CS_GEMM_TN(n_{sz}, n_{w.inner}, {inner_rows}, {gcol}, {ldg}, {x}, {ldx}, "
-                                 f"g_{mat}, n_{w.inner}, {beta});")
+                                 f"g_{mat}, n_{w.inner}, {beta_of(beta)});")
             elif isinstance(op, ir.RowSum):
-                src, ld = self.ptr(fn, op.source, "all")
+                rows = span["rows"]
+                src, ld = self.ptr(fn, op.source, rows)
                 sz = fn.slots[op.source].size
                 wg = summed.get(id(op))  # its column sums from the dW pass
                 rowsum = f"CS_COLSUM(wg_{wg}, " if wg else "CS_ROWSUM("
                 how = (f" (column sums of {fn.slots[op.source].buffer} from its dW pass where the own kernel ran it)"
                        if wg else "")
+                # the pass's sums where it has them (after the last chunk), else this one's rows
+                off = cexpr(sp.expand(fn.slots[op.source].col - summed_col[id(op)])) if wg else ""
+                dst, beta = (f"g_{op.param[0]}", 1 if op.param[0] in grads_written else 0) if len(op.param) == 1 else (f"b_{op.scratch}", 0)
                 if len(op.param) == 1:
-                    beta = 1 if op.param[0] in grads_written else 0
                     grads_written.add(op.param[0])
                     lines.append(f"{ind}// d[{op.param[0]}] += sum over rows of {op.source}{how}")
-                    lines.append(f"{ind}{rowsum}n_T * n_B, n_{sz}, {src}, {ld}, g_{op.param[0]}, {beta});")
                 else:
                     lines.append(f"{ind}// d[{', '.join(op.param)}] += sum over rows of {op.source} (summed once){how}")
-                    lines.append(f"{ind}{rowsum}n_T * n_B, n_{sz}, {src}, {ld}, b_{op.scratch}, 0);")
-                    for prm in op.param:
-                        beta = 1 if prm in grads_written else 0
-                        grads_written.add(prm)
-                        lines.append(f"{ind}CS_ADD(n_{sz}, b_{op.scratch}, g_{prm}, {beta});")
+                lines.append(f"{ind}{rowsum}{rows_of(rows)}, n_{sz}, {src}, {ld}, {dst}, {beta_of(beta)});")
+                if wg:
+                    finish(f"{ind}CS_COLSUM_END(wg_{wg}, n_{sz}, {off}, {dst}, {beta});")
+                for prm in op.param if len(op.param) > 1 else ():
+                    b = 1 if prm in grads_written else 0
+                    grads_written.add(prm)
+                    finish(f"{ind}CS_ADD(n_{sz}, b_{op.scratch}, g_{prm}, {b});")
             elif isinstance(op, ir.AddRows):
-                src, ld = self.ptr(fn, op.source, "all")
-                dst, ldd = self.ptr(fn, f"grad_input:{op.input}", "all")
+                src, ld = self.ptr(fn, op.source, span["rows"])
+                dst, ldd = self.ptr(fn, f"grad_input:{op.input}", span["rows"])
                 sz = fn.slots[op.source].size
                 lines.append(f"{ind}// d_{op.input} += {op.source}")
-                lines.append(f"{ind}CS_ADD_ROWS(n_T * n_B, n_{sz}, {src}, {ld}, {dst}, {ldd});")
+                lines.append(f"{ind}CS_ADD_ROWS({rows_of(span['rows'])}, n_{sz}, {src}, {ld}, {dst}, {ldd});")
             elif isinstance(op, ir.Zero):  # inside the loop: a [B, n] carried adjoint, active rows
                 buf = fn.buffers[op.buffer]
                 lines.append(f"{ind}CS_ZERO_ROWS(b_{op.buffer}, rows, {cexpr(buf.shape[-1])});")
@@ -629,6 +679,8 @@ class _Renderer:
                 zero_fill.append((b.name, " * ".join(f"({cexpr(d)})" for d in b.shape)))
         packed_zero = []
         for name in fn.zero_when_packed:
+            if fn.loop().behind and name in fn.loop().ring:
+                continue  # one chunk of steps: zeroed per chunk (the loop above)
             packed_zero.append((name, " * ".join(f"({cexpr(d)})" for d in fn.buffers[name].shape)))
         # Weight gradients after the loop: a run of WeightGrads into dW scratch that read one
         # adjoint (an LSTM's dW_hh and dW_ih both read dg) is one pass over it (CS_WEIGHT_GRADS),
@@ -651,9 +703,10 @@ class _Renderer:
         wg_done: set[int] = set()  # the others
         run_name: dict[int, str] = {}  # a run's variable (wg_<name>): its adjoint, numbered past the first
         summed: dict[int, str] = {}  # a RowSum -> the run whose column sums it reads
+        summed_col: dict[int, sp.Expr] = {}  # and the first column of that run
         runs_over: Counter = Counter()  # adjoint -> runs over it so far
         latest: dict[str, list] = {}  # adjoint -> the runs over it so far: (name, first column, width)
-        top = list(fn.ops)
+        top = [x for o in fn.ops for x in (o.behind if isinstance(o, ir.Loop) else (o,))]  # the ops after the steps
         for i, o in enumerate(top):
             if isinstance(o, ir.WeightGrad) and o.scratch and not o.stacked and id(o) not in wg_done:
                 run = [o]
@@ -673,7 +726,7 @@ class _Renderer:
                 for name, col, width in reversed(latest[sl.buffer]):
                     if (sp.expand(sl.col - col).is_nonnegative
                             and sp.expand(col + width - sl.col - ir.size(sl.size)).is_nonnegative):
-                        summed[id(o)] = name
+                        summed[id(o)], summed_col[id(o)] = name, col
                         break
 
         def note_grads_block(op: ir.WeightGrad, ind: str) -> None:
@@ -699,13 +752,14 @@ class _Renderer:
         def emit_weight_grads(run: list, ind: str) -> None:
             d_out = run[0].d_out
             base = run_cols(run)[0]
-            g, ldg = self.d_ptr(fn, replace(run[0], d_col=base), "all")
+            rows = span["rows"]
+            g, ldg = self.d_ptr(fn, replace(run[0], d_col=base), rows)
             rhs = []
             adds = []
             for op in run:
                 w = p.weights[op.weight]
                 assert sp.expand(w.width - p.weights[run[0].weight].width) == 0, "one adjoint, one width"
-                x, ldx = self.ptr(fn, op.operands[0], "all")
+                x, ldx = self.ptr(fn, op.operands[0], rows)
                 a_col = sp.expand(op.d_col - base)
                 cols = f"[:, {op.d_col}:{op.d_col + w.width}]" if len({sp.expand(o.d_col) for o in run}) > 1 else ""
                 lines.append(f"{ind}// d[{', '.join(w.matrices)}] += {d_out}{cols}^T @ {op.operands[0]}  ({op.comment})")
@@ -719,9 +773,12 @@ class _Renderer:
             if len(run) > 1 or sums:
                 lines.append(f"{ind}// {what}" + (", with its column sums (the bias gradients below)" if sums else ""))
             w = p.weights[run[0].weight]
-            lines.append(f"{ind}CS_WEIGHT_GRADS(wg_{name}, {cexpr(w.width)}, n_T * n_B, {g}, {ldg}, {int(sums)}, "
-                         + ", ".join(rhs) + ");")
-            lines.extend(adds)
+            if rows == "all":  # else declared before the chunks, whose sums it adds up
+                lines.append(f"{ind}CS_WGRADS(wg_{name});")
+            lines.append(f"{ind}CS_WEIGHT_GRADS(wg_{name}, {cexpr(w.width)}, {rows_of(rows)}, n_T * n_B, {g}, {ldg}, "
+                         f"{int(sums)}, {beta_of(0)}, " + ", ".join(rhs) + ");")
+            for line in adds:
+                finish(line)
 
         for op in fn.ops:
             emit(op, "    ")
@@ -852,6 +909,8 @@ def glue_context(prog: ir.Program, host: dict, cu_text: str) -> dict:
         if work:  # the library runs the ahead ops n_ch steps at a time (all T on a GPU)
             out.append(f"_n_ch = _T if _lib is None else _lib.chunk_steps(_T, _B, _B * ({pyexpr(work[0])}), "
                        f"{pyexpr(work[1])}, {pyexpr(work[2])})")
+        elif fn.loop().behind:  # and the ops behind a backward's steps (all T on a GPU)
+            out.append("_n_ch = _T if _lib is None else _lib.chunk_steps_behind(_T, _B)")
         # the call's scratch buffers, all from one workspace lookup per dtype (_scratch, _gscratch)
         scratch: dict[str, list[tuple[str, str]]] = {"_scratch": [], "_gscratch": []}
         head = len(out)
@@ -938,6 +997,7 @@ def glue_context(prog: ir.Program, host: dict, cu_text: str) -> dict:
         "native_forward": funcs,
         "native_backward": {
             "allocs": allocs(bwd, saved_from),
+            "dims": "_dims + (_n_ch,)" if bwd.loop().behind else "_dims",  # _n_ch: allocs
             "buffers": list(bwd.buffers),
             "grads": grads,
             "grad_groups": grad_groups,

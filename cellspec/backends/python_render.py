@@ -215,6 +215,8 @@ class _Function:
             for o in op.body:
                 self.emit(o, ind + "    ")
             self.in_loop = False
+            for o in op.behind:  # one chunk of all T steps: after the loop
+                self.emit(o, ind)
         elif isinstance(op, ir.Pointwise):
             n = self.names
             L.append(f"{ind}# {op.title}")
@@ -341,6 +343,8 @@ class _FunctionalFunction(_Function):
             L.append(f"{ind}for _t in {'reversed(range(_T))' if op.reverse else 'range(_T)'}:")
             for o in op.body:
                 self.emit(o, ind + "    ")
+            for o in op.behind:  # one chunk of all T steps: after the loop
+                self.emit(o, ind)
         elif isinstance(op, ir.Pointwise):
             n = self.names
             L.append(f"{ind}# {op.title}")

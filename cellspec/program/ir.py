@@ -243,8 +243,17 @@ class Loop:
     #: buffers of the ahead ops' results that only this loop reads, each row at its own step
     #: (scratch, not saved): an engine that runs chunks may keep one chunk of steps of them, a
     #: ring that every chunk overwrites, instead of T (the native CPU loop does: its chunk of
-    #: [T, B, 4H] stays in L2 where T steps of it would go through to memory)
+    #: [T, B, 4H] stays in L2 where T steps of it would go through to memory). In a backward
+    #: loop: the step adjoints its steps write that only the steps (each its own rows) and the
+    #: ops behind them read.
     ring: tuple[str, ...] = ()
+    #: ops over all T·B rows after a backward loop, each reading the rows of a step only
+    #: (weight gradients and bias sums, which add up over the rows, a product or an input's
+    #: gradient per row). An engine may run them in **chunks of steps**, each chunk just after
+    #: its steps, so that the chunk's step adjoints are still in cache when they are read, and a
+    #: ring of one chunk holds them (the native CPU loop does); one chunk of all T steps is
+    #: running them after the loop (the Python engines, CUDA).
+    behind: tuple = ()
 
 
 Op = Pointwise | Project | ProjectBack | WeightGrad | Stack | RowSum | AddRows | Zero | Hold | Loop
@@ -269,11 +278,11 @@ class Function:
         return next(op for op in self.ops if isinstance(op, Loop))
 
     def flat(self) -> list:
-        """Every op but the loop itself, in program order: a loop's ops ahead of its steps, then
-        its body."""
+        """Every op but the loop itself, in program order: a loop's ops ahead of its steps, its
+        body, then the ops behind its steps."""
         out = []
         for op in self.ops:
-            out.extend((*op.ahead, *op.body) if isinstance(op, Loop) else (op,))
+            out.extend((*op.ahead, *op.body, *op.behind) if isinstance(op, Loop) else (op,))
         return out
 
     def written_by(self, op) -> list[str]:

@@ -22,7 +22,10 @@ It decides, once for every back end:
 * **initial contents**: a buffer is zero-filled only where some element is read before the
   program writes it;
 * **work ahead of the steps** (:func:`cellspec.program.passes.run_ahead`): a forward's hoisted
-  ops become the loop's ``ahead`` ops, which an engine may run in chunks of steps.
+  ops become the loop's ``ahead`` ops, which an engine may run in chunks of steps;
+* **work behind the steps** (:func:`cellspec.program.passes.run_behind`): a backward's weight
+  gradients, row sums and per-row products become the loop's ``behind`` ops, run in chunks of
+  steps just after them, and the step adjoints only they read a ring of one chunk.
 """
 
 from __future__ import annotations
@@ -663,7 +666,7 @@ def plan(sched: Schedule, back: Backward) -> ir.Program:
         forward=passes.run_ahead(_zero_when_packed(forward), saved),
         inference=passes.keep_last(passes.run_ahead(_zero_when_packed(inference)),
                                    tuple(m.outputs)),
-        backward=passes.drop_unread_params(_zero_when_packed(backward)),
+        backward=passes.run_behind(passes.drop_unread_params(_zero_when_packed(backward))),
         saved=saved,
         d_states={v.name: f"ds_{v.name}" for v in cell.states},
         d_outputs={k: f"dout_{k}" for k in m.outputs},

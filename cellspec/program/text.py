@@ -50,7 +50,13 @@ def _op(fn: ir.Function, prog: ir.Program, op, indent: str) -> list[str]:
             if op.ring:
                 ahead.append(f"{indent}  ({', '.join(op.ring)}: one chunk of steps, which each chunk overwrites, where chunks run)")
             ahead += [line for o in op.ahead for line in _op(fn, prog, o, indent + "    ")]
-        return [head] + ahead + [line for o in op.body for line in _op(fn, prog, o, indent + "  ")]
+        behind = []
+        if op.behind:
+            behind.append(f"{indent}  behind each chunk of steps, on the chunk's rows (one chunk of T steps: after the loop):")
+            if op.ring:
+                behind.append(f"{indent}  ({', '.join(op.ring)}: one chunk of steps, which each chunk overwrites, where chunks run)")
+            behind += [line for o in op.behind for line in _op(fn, prog, o, indent + "    ")]
+        return [head] + ahead + [line for o in op.body for line in _op(fn, prog, o, indent + "  ")] + behind
     if isinstance(op, ir.Pointwise):
         lines = [f"{indent}pointwise {op.block} ({op.rows} rows): reads {', '.join(op.reads) or '-'}"]
         for st in op.statements:

@@ -892,7 +892,8 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     if _bs is not None:  # outputs past a sequence's end are constant zeros
         _m = _native_active(_bs, _B, _xs)
         _d_outputs = tuple(None if _d is None else _d * _m for _d in _d_outputs)
-    dg_W_mat__h, = _scratch((_T, _B, _H))
+    _n_ch = _T if _lib is None else _lib.chunk_steps_behind(_T, _B)
+    dg_W_mat__h, = _scratch((_n_ch, _B, _H))
     x_x = _xs[0].contiguous()
     s_h = _saved[0]
     p_b = _params["b"].contiguous()
@@ -904,14 +905,14 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     dx_x = _fresh("dx_x", (_T, _B, _I))
     _grads = {"V": _gempty((_H, _I)), "b": _gempty((_H,)), "W_mat": _gempty((_H, _H)), "eps_H": _gzeros((_H,))}
     if _lib is not None:
-        _lib("backward", _dims, [x_x, s_h, p_b, p_eps_H, hg_V__x, g_W_mat__h, dout_h_next, ds_h, dx_x, dg_W_mat__h, _params["V"].contiguous(), _params["W_mat"].contiguous(), *_grads.values(), _bs])
+        _lib("backward", _dims + (_n_ch,), [x_x, s_h, p_b, p_eps_H, hg_V__x, g_W_mat__h, dout_h_next, ds_h, dx_x, dg_W_mat__h, _params["V"].contiguous(), _params["W_mat"].contiguous(), *_grads.values(), _bs])
     return _grads, (dx_x,), (ds_h,)
 
 
 # The same two calls as PyTorch custom ops, for torch.compile (which traces them through their
 # fake implementations: the allocations above, without the call). Registered once per process
 # and content of this file; outputs are copies (an op's outputs may not alias each other).
-_OP = "antisymmetric_rnn_17326411af44"
+_OP = "antisymmetric_rnn_37a3be64833d"
 
 
 def _op_forward_impl(xs: list[torch.Tensor], states: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -1117,7 +1117,8 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     if _bs is not None:  # outputs past a sequence's end are constant zeros
         _m = _native_active(_bs, _B, _xs)
         _d_outputs = tuple(None if _d is None else _d * _m for _d in _d_outputs)
-    dp_p_i, dp_p_o, dg_W_hi_W_hg_W_ho__h = _scratch((_T, _B, _H), (_T, _B, _H), (_T, _B, 3*_H))
+    _n_ch = _T if _lib is None else _lib.chunk_steps_behind(_T, _B)
+    dp_p_i, dp_p_o, dg_W_hi_W_hg_W_ho__h = _scratch((_T, _B, _H), (_T, _B, _H), (_n_ch, _B, 3*_H))
     x_x = _xs[0].contiguous()
     s_h = _saved[0]
     s_c = _saved[1]
@@ -1138,14 +1139,14 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     _grads_0 = _gempty((5, _H)).unbind(0)
     _grads = {"W_ii": _rows_dw_W_ii_W_ig_W_io[0], "W_hi": _rows_dw_W_hi_W_hg_W_ho[0], "p_i": _grads_0[0], "b_i": _grads_0[1], "W_ig": _rows_dw_W_ii_W_ig_W_io[1], "W_hg": _rows_dw_W_hi_W_hg_W_ho[1], "b_g": _grads_0[2], "W_io": _rows_dw_W_ii_W_ig_W_io[2], "W_ho": _rows_dw_W_hi_W_hg_W_ho[2], "p_o": _grads_0[3], "b_o": _grads_0[4]}
     if _lib is not None:
-        _lib("backward", _dims, [x_x, s_h, s_c, p_p_i, p_p_o, v_i, v_f, v_g, v_o, dout_h_next, ds_h, ds_c, dx_x, dp_p_i, dp_p_o, dg_W_hi_W_hg_W_ho__h, dw_W_hi_W_hg_W_ho, dw_W_ii_W_ig_W_io, _stacked(_params["W_ii"], _params["W_ig"], _params["W_io"]), _stacked(_params["W_hi"], _params["W_hg"], _params["W_ho"]), *_grads.values(), _bs])
+        _lib("backward", _dims + (_n_ch,), [x_x, s_h, s_c, p_p_i, p_p_o, v_i, v_f, v_g, v_o, dout_h_next, ds_h, ds_c, dx_x, dp_p_i, dp_p_o, dg_W_hi_W_hg_W_ho__h, dw_W_hi_W_hg_W_ho, dw_W_ii_W_ig_W_io, _stacked(_params["W_ii"], _params["W_ig"], _params["W_io"]), _stacked(_params["W_hi"], _params["W_hg"], _params["W_ho"]), *_grads.values(), _bs])
     return _grads, (dx_x,), (ds_h, ds_c,)
 
 
 # The same two calls as PyTorch custom ops, for torch.compile (which traces them through their
 # fake implementations: the allocations above, without the call). Registered once per process
 # and content of this file; outputs are copies (an op's outputs may not alias each other).
-_OP = "cifg_lstm_959cbcae8be6"
+_OP = "cifg_lstm_3de901910e95"
 
 
 def _op_forward_impl(xs: list[torch.Tensor], states: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:

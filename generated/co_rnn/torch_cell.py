@@ -1010,7 +1010,8 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     if _bs is not None:  # outputs past a sequence's end are constant zeros
         _m = _native_active(_bs, _B, _xs)
         _d_outputs = tuple(None if _d is None else _d * _m for _d in _d_outputs)
-    dg_W__y, dg_W_z__z = _scratch((_T, _B, _H), (_T, _B, _H))
+    _n_ch = _T if _lib is None else _lib.chunk_steps_behind(_T, _B)
+    dg_W__y, dg_W_z__z = _scratch((_n_ch, _B, _H), (_n_ch, _B, _H))
     x_x = _xs[0].contiguous()
     s_y = _saved[0]
     s_z = _saved[1]
@@ -1029,14 +1030,14 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     _grads_1 = _gzeros((3, _H)).unbind(0)
     _grads = {"V": _gempty((_H, _I)), "W": _grads_0[0], "W_z": _grads_0[1], "b": _gempty((_H,)), "dt_H": _grads_1[0], "eps_H": _grads_1[1], "gamma_H": _grads_1[2]}
     if _lib is not None:
-        _lib("backward", _dims, [x_x, s_y, s_z, p_b, p_dt_H, p_eps_H, p_gamma_H, hg_V__x, g_W__y, g_W_z__z, dout_y_next, ds_y, ds_z, dx_x, dg_W__y, dg_W_z__z, _params["V"].contiguous(), _params["W"].contiguous(), _params["W_z"].contiguous(), *_grads.values(), _bs])
+        _lib("backward", _dims + (_n_ch,), [x_x, s_y, s_z, p_b, p_dt_H, p_eps_H, p_gamma_H, hg_V__x, g_W__y, g_W_z__z, dout_y_next, ds_y, ds_z, dx_x, dg_W__y, dg_W_z__z, _params["V"].contiguous(), _params["W"].contiguous(), _params["W_z"].contiguous(), *_grads.values(), _bs])
     return _grads, (dx_x,), (ds_y, ds_z,)
 
 
 # The same two calls as PyTorch custom ops, for torch.compile (which traces them through their
 # fake implementations: the allocations above, without the call). Registered once per process
 # and content of this file; outputs are copies (an op's outputs may not alias each other).
-_OP = "co_rnn_8cb75a80a9fa"
+_OP = "co_rnn_341af2a6d011"
 
 
 def _op_forward_impl(xs: list[torch.Tensor], states: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -1149,7 +1149,8 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     if _bs is not None:  # outputs past a sequence's end are constant zeros
         _m = _native_active(_bs, _B, _xs)
         _d_outputs = tuple(None if _d is None else _d * _m for _d in _d_outputs)
-    dp_beta_H, dg_U_i_U_f_U_g_U_o__h = _scratch((_T, _B, _H), (_T, _B, 4*_H))
+    _n_ch = _T if _lib is None else _lib.chunk_steps_behind(_T, _B)
+    dp_beta_H, dg_U_i_U_f_U_g_U_o__h = _scratch((_T, _B, _H), (_n_ch, _B, 4*_H))
     x_x = _xs[0].contiguous()
     s_h = _saved[0]
     s_c = _saved[1]
@@ -1169,14 +1170,14 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     _grads_0 = _gempty((5, _H)).unbind(0)
     _grads = {"W_i": _rows_dw_W_i_W_f_W_g_W_o[0], "U_i": _rows_dw_U_i_U_f_U_g_U_o[0], "b_i": _grads_0[0], "W_f": _rows_dw_W_i_W_f_W_g_W_o[1], "U_f": _rows_dw_U_i_U_f_U_g_U_o[1], "b_f": _grads_0[1], "W_g": _rows_dw_W_i_W_f_W_g_W_o[2], "U_g": _rows_dw_U_i_U_f_U_g_U_o[2], "b_g": _grads_0[2], "W_o": _rows_dw_W_i_W_f_W_g_W_o[3], "U_o": _rows_dw_U_i_U_f_U_g_U_o[3], "b_o": _grads_0[3], "beta_H": _grads_0[4]}
     if _lib is not None:
-        _lib("backward", _dims, [x_x, s_h, s_c, p_beta_H, v_i, v_f, v_g, v_o, dout_h_next, ds_h, ds_c, dx_x, dp_beta_H, dg_U_i_U_f_U_g_U_o__h, dw_U_i_U_f_U_g_U_o, dw_W_i_W_f_W_g_W_o, _stacked(_params["W_i"], _params["W_f"], _params["W_g"], _params["W_o"]), _stacked(_params["U_i"], _params["U_f"], _params["U_g"], _params["U_o"]), *_grads.values(), _bs])
+        _lib("backward", _dims + (_n_ch,), [x_x, s_h, s_c, p_beta_H, v_i, v_f, v_g, v_o, dout_h_next, ds_h, ds_c, dx_x, dp_beta_H, dg_U_i_U_f_U_g_U_o__h, dw_U_i_U_f_U_g_U_o, dw_W_i_W_f_W_g_W_o, _stacked(_params["W_i"], _params["W_f"], _params["W_g"], _params["W_o"]), _stacked(_params["U_i"], _params["U_f"], _params["U_g"], _params["U_o"]), *_grads.values(), _bs])
     return _grads, (dx_x,), (ds_h, ds_c,)
 
 
 # The same two calls as PyTorch custom ops, for torch.compile (which traces them through their
 # fake implementations: the allocations above, without the call). Registered once per process
 # and content of this file; outputs are copies (an op's outputs may not alias each other).
-_OP = "def_lstm_0fc1e5618cee"
+_OP = "def_lstm_13716f9784a1"
 
 
 def _op_forward_impl(xs: list[torch.Tensor], states: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -1076,7 +1076,8 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     if _bs is not None:  # outputs past a sequence's end are constant zeros
         _m = _native_active(_bs, _B, _xs)
         _d_outputs = tuple(None if _d is None else _d * _m for _d in _d_outputs)
-    dgs_W_r_W_u_W_c__x, tmp_d_U_c_in_gemm, tmp_d_h_next = _scratch((_T, _B, 3*_H), (_B, _H), (_B, _H))
+    _n_ch = _T if _lib is None else _lib.chunk_steps_behind(_T, _B)
+    dgs_W_r_W_u_W_c__x, tmp_d_U_c_in_gemm, tmp_d_h_next = _scratch((_n_ch, _B, 3*_H), (_B, _H), (_B, _H))
     x_x = _xs[0].contiguous()
     s_h = _saved[0]
     v_r = _saved[1]
@@ -1093,14 +1094,14 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     _grads_0 = _gempty((3, _H)).unbind(0)
     _grads = {"W_r": _rows_dw_W_r_W_u_W_c[0], "U_r": _rows_dw_U_r_U_u[0], "b_r": _grads_0[0], "W_u": _rows_dw_W_r_W_u_W_c[1], "U_u": _rows_dw_U_r_U_u[1], "b_u": _grads_0[1], "W_c": _rows_dw_W_r_W_u_W_c[2], "U_c": _gempty((_H, _H)), "b_c": _grads_0[2]}
     if _lib is not None:
-        _lib("backward", _dims, [x_x, s_h, v_r, v_u, v_U_c_in, v_c, dout_h_next, ds_h, dx_x, dgs_W_r_W_u_W_c__x, tmp_d_U_c_in_gemm, tmp_d_h_next, dw_U_r_U_u, dw_W_r_W_u_W_c, _stacked(_params["W_r"], _params["W_u"], _params["W_c"]), _stacked(_params["U_r"], _params["U_u"]), _params["U_c"].contiguous(), *_grads.values(), _bs])
+        _lib("backward", _dims + (_n_ch,), [x_x, s_h, v_r, v_u, v_U_c_in, v_c, dout_h_next, ds_h, dx_x, dgs_W_r_W_u_W_c__x, tmp_d_U_c_in_gemm, tmp_d_h_next, dw_U_r_U_u, dw_W_r_W_u_W_c, _stacked(_params["W_r"], _params["W_u"], _params["W_c"]), _stacked(_params["U_r"], _params["U_u"]), _params["U_c"].contiguous(), *_grads.values(), _bs])
     return _grads, (dx_x,), (ds_h,)
 
 
 # The same two calls as PyTorch custom ops, for torch.compile (which traces them through their
 # fake implementations: the allocations above, without the call). Registered once per process
 # and content of this file; outputs are copies (an op's outputs may not alias each other).
-_OP = "gru_17012d59756c"
+_OP = "gru_62f6ba0bf6e3"
 
 
 def _op_forward_impl(xs: list[torch.Tensor], states: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -853,7 +853,8 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     if _bs is not None:  # outputs past a sequence's end are constant zeros
         _m = _native_active(_bs, _B, _xs)
         _d_outputs = tuple(None if _d is None else _d * _m for _d in _d_outputs)
-    dp_u, dhg_W__x = _scratch((_T, _B, _H), (_T, _B, _H))
+    _n_ch = _T if _lib is None else _lib.chunk_steps_behind(_T, _B)
+    dp_u, dhg_W__x = _scratch((_T, _B, _H), (_n_ch, _B, _H))
     x_x = _xs[0].contiguous()
     s_h = _saved[0]
     p_u = _params["u"].contiguous()
@@ -865,14 +866,14 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     _grads_0 = _gempty((2, _H)).unbind(0)
     _grads = {"W": _gempty((_H, _I)), "u": _grads_0[0], "b": _grads_0[1]}
     if _lib is not None:
-        _lib("backward", _dims, [x_x, s_h, p_u, p_b, hg_W__x, dout_h_next, ds_h, dx_x, dp_u, dhg_W__x, _params["W"].contiguous(), *_grads.values(), _bs])
+        _lib("backward", _dims + (_n_ch,), [x_x, s_h, p_u, p_b, hg_W__x, dout_h_next, ds_h, dx_x, dp_u, dhg_W__x, _params["W"].contiguous(), *_grads.values(), _bs])
     return _grads, (dx_x,), (ds_h,)
 
 
 # The same two calls as PyTorch custom ops, for torch.compile (which traces them through their
 # fake implementations: the allocations above, without the call). Registered once per process
 # and content of this file; outputs are copies (an op's outputs may not alias each other).
-_OP = "ind_rnn_4755beb50de1"
+_OP = "ind_rnn_e2b0254e610d"
 
 
 def _op_forward_impl(xs: list[torch.Tensor], states: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:

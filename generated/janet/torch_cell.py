@@ -949,7 +949,8 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     if _bs is not None:  # outputs past a sequence's end are constant zeros
         _m = _native_active(_bs, _B, _xs)
         _d_outputs = tuple(None if _d is None else _d * _m for _d in _d_outputs)
-    dg_U_f_U_c__h, = _scratch((_T, _B, 2*_H))
+    _n_ch = _T if _lib is None else _lib.chunk_steps_behind(_T, _B)
+    dg_U_f_U_c__h, = _scratch((_n_ch, _B, 2*_H))
     x_x = _xs[0].contiguous()
     s_h = _saved[0]
     v_s = _saved[1]
@@ -964,14 +965,14 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     _grads_0 = _gempty((2, _H)).unbind(0)
     _grads = {"W_f": _rows_dw_W_f_W_c[0], "U_f": _rows_dw_U_f_U_c[0], "b_f": _grads_0[0], "W_c": _rows_dw_W_f_W_c[1], "U_c": _rows_dw_U_f_U_c[1], "b_c": _grads_0[1]}
     if _lib is not None:
-        _lib("backward", _dims, [x_x, s_h, v_s, v_c_tilde, dout_h_next, ds_h, dx_x, dg_U_f_U_c__h, dw_U_f_U_c, dw_W_f_W_c, _stacked(_params["W_f"], _params["W_c"]), _stacked(_params["U_f"], _params["U_c"]), *_grads.values(), _bs])
+        _lib("backward", _dims + (_n_ch,), [x_x, s_h, v_s, v_c_tilde, dout_h_next, ds_h, dx_x, dg_U_f_U_c__h, dw_U_f_U_c, dw_W_f_W_c, _stacked(_params["W_f"], _params["W_c"]), _stacked(_params["U_f"], _params["U_c"]), *_grads.values(), _bs])
     return _grads, (dx_x,), (ds_h,)
 
 
 # The same two calls as PyTorch custom ops, for torch.compile (which traces them through their
 # fake implementations: the allocations above, without the call). Registered once per process
 # and content of this file; outputs are copies (an op's outputs may not alias each other).
-_OP = "janet_3c02099f33bc"
+_OP = "janet_f171889e48be"
 
 
 def _op_forward_impl(xs: list[torch.Tensor], states: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -1740,7 +1740,8 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     if _bs is not None:  # outputs past a sequence's end are constant zeros
         _m = _native_active(_bs, _B, _xs)
         _d_outputs = tuple(None if _d is None else _d * _m for _d in _d_outputs)
-    dp_g_i, dp_b_i, dp_g_j, dp_b_j, dp_g_f, dp_b_f, dp_g_o, dp_b_o, dp_g_c, dp_b_c, dg_U_i_U_j_U_f_U_o__h, dhg_W_i_W_j_W_f_W_o__x = _scratch((_T, _B, _H), (_T, _B, _H), (_T, _B, _H), (_T, _B, _H), (_T, _B, _H), (_T, _B, _H), (_T, _B, _H), (_T, _B, _H), (_T, _B, _H), (_T, _B, _H), (_T, _B, 4*_H), (_T, _B, 4*_H))
+    _n_ch = _T if _lib is None else _lib.chunk_steps_behind(_T, _B)
+    dp_g_i, dp_b_i, dp_g_j, dp_b_j, dp_g_f, dp_b_f, dp_g_o, dp_b_o, dp_g_c, dp_b_c, dg_U_i_U_j_U_f_U_o__h, dhg_W_i_W_j_W_f_W_o__x = _scratch((_T, _B, _H), (_T, _B, _H), (_T, _B, _H), (_T, _B, _H), (_T, _B, _H), (_T, _B, _H), (_T, _B, _H), (_T, _B, _H), (_T, _B, _H), (_T, _B, _H), (_n_ch, _B, 4*_H), (_n_ch, _B, 4*_H))
     x_x = _xs[0].contiguous()
     s_h = _saved[0]
     s_c = _saved[1]
@@ -1782,14 +1783,14 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     _grads_0 = _gempty((10, _H)).unbind(0)
     _grads = {"W_i": _rows_dw_W_i_W_j_W_f_W_o[0], "U_i": _rows_dw_U_i_U_j_U_f_U_o[0], "g_i": _grads_0[0], "b_i": _grads_0[1], "W_j": _rows_dw_W_i_W_j_W_f_W_o[1], "U_j": _rows_dw_U_i_U_j_U_f_U_o[1], "g_j": _grads_0[2], "b_j": _grads_0[3], "W_f": _rows_dw_W_i_W_j_W_f_W_o[2], "U_f": _rows_dw_U_i_U_j_U_f_U_o[2], "g_f": _grads_0[4], "b_f": _grads_0[5], "W_o": _rows_dw_W_i_W_j_W_f_W_o[3], "U_o": _rows_dw_U_i_U_j_U_f_U_o[3], "g_o": _grads_0[6], "b_o": _grads_0[7], "g_c": _grads_0[8], "b_c": _grads_0[9], "inv_n_H": _gzeros((_H,))}
     if _lib is not None:
-        _lib("backward", _dims, [x_x, s_h, s_c, p_g_i, p_g_j, p_g_f, p_g_o, p_g_c, p_inv_n_H, hg_W_i_W_j_W_f_W_o__x, g_U_i_U_j_U_f_U_o__h, v_mean, v_var, v_rstd, v_i, v_mean_2, v_var_2, v_rstd_2, v_j, v_mean_3, v_var_3, v_rstd_3, v_f, v_mean_4, v_var_4, v_rstd_4, v_o, v_mean_5, v_var_5, v_rstd_5, dout_h_next, ds_h, ds_c, dx_x, dp_g_i, dp_b_i, dp_g_j, dp_b_j, dp_g_f, dp_b_f, dp_g_o, dp_b_o, dp_g_c, dp_b_c, dg_U_i_U_j_U_f_U_o__h, dhg_W_i_W_j_W_f_W_o__x, dw_U_i_U_j_U_f_U_o, dw_W_i_W_j_W_f_W_o, _stacked(_params["W_i"], _params["W_j"], _params["W_f"], _params["W_o"]), _stacked(_params["U_i"], _params["U_j"], _params["U_f"], _params["U_o"]), *_grads.values(), _bs])
+        _lib("backward", _dims + (_n_ch,), [x_x, s_h, s_c, p_g_i, p_g_j, p_g_f, p_g_o, p_g_c, p_inv_n_H, hg_W_i_W_j_W_f_W_o__x, g_U_i_U_j_U_f_U_o__h, v_mean, v_var, v_rstd, v_i, v_mean_2, v_var_2, v_rstd_2, v_j, v_mean_3, v_var_3, v_rstd_3, v_f, v_mean_4, v_var_4, v_rstd_4, v_o, v_mean_5, v_var_5, v_rstd_5, dout_h_next, ds_h, ds_c, dx_x, dp_g_i, dp_b_i, dp_g_j, dp_b_j, dp_g_f, dp_b_f, dp_g_o, dp_b_o, dp_g_c, dp_b_c, dg_U_i_U_j_U_f_U_o__h, dhg_W_i_W_j_W_f_W_o__x, dw_U_i_U_j_U_f_U_o, dw_W_i_W_j_W_f_W_o, _stacked(_params["W_i"], _params["W_j"], _params["W_f"], _params["W_o"]), _stacked(_params["U_i"], _params["U_j"], _params["U_f"], _params["U_o"]), *_grads.values(), _bs])
     return _grads, (dx_x,), (ds_h, ds_c,)
 
 
 # The same two calls as PyTorch custom ops, for torch.compile (which traces them through their
 # fake implementations: the allocations above, without the call). Registered once per process
 # and content of this file; outputs are copies (an op's outputs may not alias each other).
-_OP = "layer_norm_lstm_fb9923341686"
+_OP = "layer_norm_lstm_7d22a26208ee"
 
 
 def _op_forward_impl(xs: list[torch.Tensor], states: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:

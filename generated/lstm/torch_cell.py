@@ -1151,7 +1151,8 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     if _bs is not None:  # outputs past a sequence's end are constant zeros
         _m = _native_active(_bs, _B, _xs)
         _d_outputs = tuple(None if _d is None else _d * _m for _d in _d_outputs)
-    dg_W_hi_W_hf_W_hg_W_ho__h, = _scratch((_T, _B, 4*_H))
+    _n_ch = _T if _lib is None else _lib.chunk_steps_behind(_T, _B)
+    dg_W_hi_W_hf_W_hg_W_ho__h, = _scratch((_n_ch, _B, 4*_H))
     sum_d_b_ii, sum_d_b_if, sum_d_b_ig, sum_d_b_io = _gscratch((_H,), (_H,), (_H,), (_H,))
     x_x = _xs[0].contiguous()
     s_h = _saved[0]
@@ -1171,14 +1172,14 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     _grads_0 = _gempty((8, _H)).unbind(0)
     _grads = {"W_ii": _rows_dw_W_ii_W_if_W_ig_W_io[0], "W_hi": _rows_dw_W_hi_W_hf_W_hg_W_ho[0], "b_ii": _grads_0[0], "b_hi": _grads_0[1], "W_if": _rows_dw_W_ii_W_if_W_ig_W_io[1], "W_hf": _rows_dw_W_hi_W_hf_W_hg_W_ho[1], "b_if": _grads_0[2], "b_hf": _grads_0[3], "W_ig": _rows_dw_W_ii_W_if_W_ig_W_io[2], "W_hg": _rows_dw_W_hi_W_hf_W_hg_W_ho[2], "b_ig": _grads_0[4], "b_hg": _grads_0[5], "W_io": _rows_dw_W_ii_W_if_W_ig_W_io[3], "W_ho": _rows_dw_W_hi_W_hf_W_hg_W_ho[3], "b_io": _grads_0[6], "b_ho": _grads_0[7]}
     if _lib is not None:
-        _lib("backward", _dims, [x_x, s_h, s_c, v_i, v_f, v_g, v_o, dout_h_next, ds_h, ds_c, dx_x, dg_W_hi_W_hf_W_hg_W_ho__h, dw_W_hi_W_hf_W_hg_W_ho, dw_W_ii_W_if_W_ig_W_io, sum_d_b_ii, sum_d_b_if, sum_d_b_ig, sum_d_b_io, _stacked(_params["W_ii"], _params["W_if"], _params["W_ig"], _params["W_io"]), _stacked(_params["W_hi"], _params["W_hf"], _params["W_hg"], _params["W_ho"]), *_grads.values(), _bs])
+        _lib("backward", _dims + (_n_ch,), [x_x, s_h, s_c, v_i, v_f, v_g, v_o, dout_h_next, ds_h, ds_c, dx_x, dg_W_hi_W_hf_W_hg_W_ho__h, dw_W_hi_W_hf_W_hg_W_ho, dw_W_ii_W_if_W_ig_W_io, sum_d_b_ii, sum_d_b_if, sum_d_b_ig, sum_d_b_io, _stacked(_params["W_ii"], _params["W_if"], _params["W_ig"], _params["W_io"]), _stacked(_params["W_hi"], _params["W_hf"], _params["W_hg"], _params["W_ho"]), *_grads.values(), _bs])
     return _grads, (dx_x,), (ds_h, ds_c,)
 
 
 # The same two calls as PyTorch custom ops, for torch.compile (which traces them through their
 # fake implementations: the allocations above, without the call). Registered once per process
 # and content of this file; outputs are copies (an op's outputs may not alias each other).
-_OP = "lstm_ff7ef9704089"
+_OP = "lstm_f564de2cf23f"
 
 
 def _op_forward_impl(xs: list[torch.Tensor], states: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -1011,7 +1011,8 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     if _bs is not None:  # outputs past a sequence's end are constant zeros
         _m = _native_active(_bs, _B, _xs)
         _d_outputs = tuple(None if _d is None else _d * _m for _d in _d_outputs)
-    dgs_W_f_W_h__x, tmp_d_U_h_in_gemm, tmp_d_h_next = _scratch((_T, _B, 2*_H), (_B, _H), (_B, _H))
+    _n_ch = _T if _lib is None else _lib.chunk_steps_behind(_T, _B)
+    dgs_W_f_W_h__x, tmp_d_U_h_in_gemm, tmp_d_h_next = _scratch((_n_ch, _B, 2*_H), (_B, _H), (_B, _H))
     x_x = _xs[0].contiguous()
     s_h = _saved[0]
     v_f = _saved[1]
@@ -1026,14 +1027,14 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     _grads_1 = _gempty((2, _H)).unbind(0)
     _grads = {"W_f": _rows_dw_W_f_W_h[0], "U_f": _grads_0[0], "b_f": _grads_1[0], "W_h": _rows_dw_W_f_W_h[1], "U_h": _grads_0[1], "b_h": _grads_1[1]}
     if _lib is not None:
-        _lib("backward", _dims, [x_x, s_h, v_f, v_U_h_in, v_h_tilde, dout_h_next, ds_h, dx_x, dgs_W_f_W_h__x, tmp_d_U_h_in_gemm, tmp_d_h_next, dw_W_f_W_h, _stacked(_params["W_f"], _params["W_h"]), _params["U_f"].contiguous(), _params["U_h"].contiguous(), *_grads.values(), _bs])
+        _lib("backward", _dims + (_n_ch,), [x_x, s_h, v_f, v_U_h_in, v_h_tilde, dout_h_next, ds_h, dx_x, dgs_W_f_W_h__x, tmp_d_U_h_in_gemm, tmp_d_h_next, dw_W_f_W_h, _stacked(_params["W_f"], _params["W_h"]), _params["U_f"].contiguous(), _params["U_h"].contiguous(), *_grads.values(), _bs])
     return _grads, (dx_x,), (ds_h,)
 
 
 # The same two calls as PyTorch custom ops, for torch.compile (which traces them through their
 # fake implementations: the allocations above, without the call). Registered once per process
 # and content of this file; outputs are copies (an op's outputs may not alias each other).
-_OP = "mgu_e82e9471c952"
+_OP = "mgu_d0269ee5da72"
 
 
 def _op_forward_impl(xs: list[torch.Tensor], states: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:

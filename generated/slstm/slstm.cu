@@ -419,11 +419,13 @@ static cs_packed<S> cs_pack_if(bool, const cs_ctx* c, int ta, int64_t m, int64_t
 #define CS_ROWSUM(rows, cols, src, ld, dst, beta) do { if ((cols) > 0) { cs_rowsum_kernel<S, G><<<(unsigned)(((cols) + 127) / 128), 128, 0, (cudaStream_t)ctx->stream>>>(rows, cols, src, ld, dst, beta); CS_CHECK((int)cudaGetLastError()); } } while (0)
 #define CS_ADD(n, src, dst, beta) do { if ((n) > 0 && ((const void*)(src) != (const void*)(dst) || (beta))) { cs_add_kernel<G><<<(unsigned)(((n) + 127) / 128), 128, 0, (cudaStream_t)ctx->stream>>>(n, src, dst, beta); CS_CHECK((int)cudaGetLastError()); } } while (0)
 #define CS_ADD_ROWS(rows, cols, src, ld, dst, ldd) do { if ((rows) > 0 && (cols) > 0) { dim3 _g, _b; cs_grid(rows, cols, &_g, &_b); cs_add_rows_kernel<S><<<_g, _b, 0, (cudaStream_t)ctx->stream>>>(rows, cols, src, ld, dst, ldd); CS_CHECK((int)cudaGetLastError()); } } while (0)
-// the weight gradients of one adjoint `a` (its rows: the GEMM's k), one GEMM each; its column
-// sums (CS_COLSUM) are separate reductions on the GPU
-template <typename S, typename G> struct cs_wgrads { const S* a; };
-#define CS_WEIGHT_GRADS(wg, m, k, a, lda, want_sums, ...) cs_wgrads<S, G> wg = {a}; do { const cs_rhs<S, G> _rhs[] = {__VA_ARGS__}; for (const cs_rhs<S, G>& _r : _rhs) CS_GEMM_TN(m, _r.n, k, (a) + _r.a_col, lda, _r.b, _r.ldb, _r.out, _r.ldc, 0); } while (0)
+// the weight gradients of one adjoint `a` (k of its rows: the GEMM's k, of k_all in the call),
+// one GEMM each (+= where beta); its column sums (CS_COLSUM) are separate reductions on the GPU
+template <typename S, typename G> struct cs_wgrads { const S* a = 0; };
+#define CS_WGRADS(wg) cs_wgrads<S, G> wg
+#define CS_WEIGHT_GRADS(wg, m, k, k_all, adj, lda, want_sums, beta, ...) do { (wg).a = (adj); const cs_rhs<S, G> _rhs[] = {__VA_ARGS__}; for (const cs_rhs<S, G>& _r : _rhs) CS_GEMM_TN(m, _r.n, k, (adj) + _r.a_col, lda, _r.b, _r.ldb, _r.out, _r.ldc, beta); } while (0)
 #define CS_COLSUM(wg, rows, cols, src, ld, dst, beta) do { (void)(wg); CS_ROWSUM(rows, cols, src, ld, dst, beta); } while (0)
+#define CS_COLSUM_END(wg, cols, off, dst, beta) do { (void)(wg); } while (0)
 #define CS_ZERO(p, count) CS_CHECK((int)cudaMemsetAsync((p), 0, (size_t)(count) * sizeof(*(p)), (cudaStream_t)ctx->stream))
 #define CS_COPY(dst, src, count) CS_CHECK((int)cudaMemcpyAsync((dst), (src), (size_t)(count) * sizeof(*(dst)), cudaMemcpyDeviceToDevice, (cudaStream_t)ctx->stream))
 // a GPU's time loop is one host thread launching kernels
@@ -1040,42 +1042,52 @@ static void cs_add_host(int64_t n, const G* src, G* dst, int beta)
     if (src == dst && !beta) return;  // a grad that is already its rows of the dW block (the glue's)
     for (int64_t j = 0; j < n; ++j) dst[j] = beta ? dst[j] + src[j] : src[j];
 }
-// The weight gradients of one adjoint `a` ([k, m]: all T·B rows), out_j = aᵀ @ b_j for each B
-// operand (cs_rhs), and, where `want_sums` and the own kernel runs them, a's column sums from the
-// same pass (`sums`, m floats, until the end of the call; CS_COLSUM reads a bias gradient there
-// instead of summing its rows again: ~0.4 ms of the LSTM's 35 ms training call at (64, 32, 256)).
-// Else one GEMM per operand, and CS_COLSUM sums the rows.
+// The weight gradients of one adjoint `a` ([k, m]: the rows of all T steps, or of a chunk of them,
+// k_all in the whole call), out_j (+)= aᵀ @ b_j for each B operand (cs_rhs), and, where
+// `want_sums` and the own kernel runs them, a's column sums from the same pass (`sums`, until the
+// end of the call, added up over the chunks; CS_COLSUM_END reads a bias gradient there instead of
+// summing its rows again: ~0.4 ms of the LSTM's 35 ms training call at (64, 32, 256)). Else one
+// GEMM per operand, and CS_COLSUM sums the rows (of each chunk). Which of the two: decided on the
+// first call, by k_all (every chunk the same way: the sums of a chunk are where the others' are).
 template <typename S, typename G> struct cs_wgrads {
-    const S* a;
-    G* sums;
+    const S* a = 0;
+    G* sums = 0;
+    int mode = 0;  // 0: not decided yet; 1: the own pass (with the sums where wanted); 2: BLAS
+    int64_t width = 0;  // the columns of `a` the sums cover
     ~cs_wgrads() { cs_give(sums); }
 };
 template <typename S, typename G>
-static void cs_weight_grads(const cs_ctx* c, cs_wgrads<S, G>* wg, int64_t m, int64_t k, const S* a, int64_t lda, int want_sums,
-                            int n, const cs_rhs<S, G>* rhs)
+static void cs_weight_grads(const cs_ctx* c, cs_wgrads<S, G>* wg, int64_t m, int64_t k, int64_t k_all, const S* a, int64_t lda,
+                            int want_sums, int beta, int n, const cs_rhs<S, G>* rhs)
 {
     wg->a = a;
-    wg->sums = 0;
 #ifdef CS_OWN_GEMM
-    int64_t cols = 0, width = m;  // width: the columns of a the operands' runs cover
-    for (int j = 0; j < n; ++j) {
-        cols += rhs[j].n;
-        if (rhs[j].a_col + m > width) width = rhs[j].a_col + m;
-    }
-    if (sizeof(S) == sizeof(float) && sizeof(G) == sizeof(float) && m > 0 && cs_own_tn(c, k, m, cols)) {
-        float* sums = want_sums ? (float*)cs_take((size_t)width * sizeof(float)) : 0;
-        if (sums) memset(sums, 0, (size_t)width * sizeof(float));
-        if ((sums || !want_sums) &&
-            cs_own_weight_grads(m, k, (const float*)a, lda, n, (const cs_rhs<float, float>*)rhs, 0, sums)) {
-            wg->sums = (G*)sums;
-            return;
+    if (!wg->mode) {
+        int64_t cols = 0, width = m;  // width: the columns of a the operands' runs cover
+        for (int j = 0; j < n; ++j) {
+            cols += rhs[j].n;
+            if (rhs[j].a_col + m > width) width = rhs[j].a_col + m;
         }
-        cs_give(sums);
+        wg->mode = 2;
+        if (sizeof(S) == sizeof(float) && sizeof(G) == sizeof(float) && m > 0 && cs_own_tn(c, k_all, m, cols)) {
+            G* sums = want_sums ? (G*)cs_take((size_t)width * sizeof(G)) : 0;
+            if (sums || !want_sums) {
+                if (sums) memset(sums, 0, (size_t)width * sizeof(G));
+                wg->sums = sums, wg->width = width, wg->mode = 1;
+            }
+        }
+    }
+    if (wg->mode == 1) {
+        if (cs_own_weight_grads(m, k, (const float*)a, lda, n, (const cs_rhs<float, float>*)rhs, beta, (float*)wg->sums))
+            return;
+        if (wg->sums)  // no scratch for the pass (or no rows): this chunk's sums added to the others'
+            cs_rowsum_host<S, G>(k, wg->width, a, lda, wg->sums, 1);
     }
 #else
     (void)want_sums;
+    (void)k_all;
 #endif
-    for (int j = 0; j < n; ++j) cs_gemm<S, G>(c, 1, 0, m, rhs[j].n, k, a + rhs[j].a_col, lda, rhs[j].b, rhs[j].ldb, rhs[j].out, rhs[j].ldc, 0);
+    for (int j = 0; j < n; ++j) cs_gemm<S, G>(c, 1, 0, m, rhs[j].n, k, a + rhs[j].a_col, lda, rhs[j].b, rhs[j].ldb, rhs[j].out, rhs[j].ldc, beta);
 }
 template <typename S>
 static void cs_add_rows_host(int64_t rows, int64_t cols, const S* src, int64_t ld, S* dst, int64_t ldd)
@@ -1094,8 +1106,12 @@ static void cs_add_rows_host(int64_t rows, int64_t cols, const S* src, int64_t l
 #define CS_GEMM_NN_PACKED(m, n, k, a, lda, pk, c, ldc, beta) cs_gemm_packed(ctx, 0, m, n, k, a, lda, pk, c, ldc, beta)
 #define CS_ROWSUM(rows, cols, src, ld, dst, beta) cs_rowsum_host<S, G>(rows, cols, src, ld, dst, beta)
 #define CS_ADD(n, src, dst, beta) cs_add_host<G>(n, src, dst, beta)
-#define CS_WEIGHT_GRADS(wg, m, k, a, lda, want_sums, ...) cs_wgrads<S, G> wg = {0, 0}; do { const cs_rhs<S, G> _rhs[] = {__VA_ARGS__}; cs_weight_grads<S, G>(ctx, &wg, m, k, a, lda, want_sums, (int)(sizeof(_rhs) / sizeof(_rhs[0])), _rhs); } while (0)
-#define CS_COLSUM(wg, rows, cols, src, ld, dst, beta) do { if ((wg).sums) cs_add_host<G>(cols, (wg).sums + ((src) - (wg).a), dst, beta); else cs_rowsum_host<S, G>(rows, cols, src, ld, dst, beta); } while (0)
+#define CS_WGRADS(wg) cs_wgrads<S, G> wg
+#define CS_WEIGHT_GRADS(wg, m, k, k_all, a, lda, want_sums, beta, ...) do { const cs_rhs<S, G> _rhs[] = {__VA_ARGS__}; cs_weight_grads<S, G>(ctx, &(wg), m, k, k_all, a, lda, want_sums, beta, (int)(sizeof(_rhs) / sizeof(_rhs[0])), _rhs); } while (0)
+// a bias gradient over one chunk's rows (or all of them) where the dW pass did not sum them, and
+// after the last chunk from the pass's sums (its columns from `off`) where it did
+#define CS_COLSUM(wg, rows, cols, src, ld, dst, beta) do { if (!(wg).sums) cs_rowsum_host<S, G>(rows, cols, src, ld, dst, beta); } while (0)
+#define CS_COLSUM_END(wg, cols, off, dst, beta) do { if ((wg).sums) cs_add_host<G>(cols, (wg).sums + (off), dst, beta); } while (0)
 #define CS_ADD_ROWS(rows, cols, src, ld, dst, ldd) cs_add_rows_host<S>(rows, cols, src, ld, dst, ldd)
 // f() once: inside a loop's team by one of its threads, the others waiting for it
 template <typename F>
@@ -2147,30 +2163,46 @@ static int slstm_backward_run(const int64_t* dims, void* const* ptrs, const cs_c
     (void)g_b_o;
     const int64_t* bs = (const int64_t*)ptrs[34];
     (void)ctx;
-    if (bs) {  // rows of ended sequences, which no step writes, are read over all T*B rows
-        CS_ZERO(b_dg_R_z_R_i_R_f_R_o__h, (n_T) * (n_B) * (4*n_H));
-    }
+    // steps per chunk of the work behind them, from the caller (all T on a GPU); dg_R_z_R_i_R_f_R_o__h holds one chunk
+    const int64_t n_ch = dims[4] < 1 ? 1 : dims[4];
     cs_packed<S> pk_R_z_R_i_R_f_R_o_nn = cs_pack(ctx, 0, n_B, n_H, 4*n_H, w_R_z_R_i_R_f_R_o, n_H);
+    cs_packed<S> pk_W_z_W_i_W_f_W_o_nn = cs_pack_if(n_ch < n_T, ctx, 0, n_ch * n_B, n_I, 4*n_H, w_W_z_W_i_W_f_W_o, n_I);
+    CS_WGRADS(wg_dg_R_z_R_i_R_f_R_o__h);
     const int split_rows = CS_SPLIT_OK(n_B, (4*n_H) * n_H);
     // the steps as one team of threads where a step's GEMM would fork: each thread runs the steps on its own rows of the batch (split_rows), else each op's work shared, a barrier after it (cs_for)
-    CS_TEAM_BEGIN(CS_TEAM_OK(n_B * (4*n_H) * n_H, CS_PACKED_OWN(pk_R_z_R_i_R_f_R_o_nn)))
-    for (int64_t t = n_T - 1; t >= 0; --t) {
-        const int64_t rows = bs ? bs[t] : n_B;  // variable lengths: rows 0..B_t-1 run
-        CS_SPLIT_ROWS(split_rows, n_B);
-        // backward: stage 0 backward, units of size H
-        CS_PW(slstm_backward_bwd0_H, rows, n_H, b_s_c + t * n_B * (n_H), n_H, b_s_c + (t + 1) * n_B * (n_H), n_H, b_ds_c, n_H, b_ds_h, n_H, b_dout_h_next + t * n_B * (n_H), n_H, b_ds_m, n_H, b_ds_n, n_H, b_v_f + t * n_B * (n_H), n_H, b_v_ft + t * n_B * (n_H), n_H, b_v_i + t * n_B * (n_H), n_H, b_v_it + t * n_B * (n_H), n_H, b_s_m + t * n_B * (n_H), n_H, b_s_n + t * n_B * (n_H), n_H, b_s_n + (t + 1) * n_B * (n_H), n_H, b_v_o + t * n_B * (n_H), n_H, b_v_z + t * n_B * (n_H), n_H, b_dg_R_z_R_i_R_f_R_o__h + t * n_B * (4*n_H), 4*n_H, b_dg_R_z_R_i_R_f_R_o__h + t * n_B * (4*n_H) + n_H, 4*n_H, b_dg_R_z_R_i_R_f_R_o__h + t * n_B * (4*n_H) + 2*n_H, 4*n_H, b_dg_R_z_R_i_R_f_R_o__h + t * n_B * (4*n_H) + 3*n_H, 4*n_H, b_ds_c, n_H, b_ds_n, n_H, b_ds_m, n_H);
-        // d_h_gemm = dg_R_z_R_i_R_f_R_o__h @ [R_z, R_i, R_f, R_o]
-        CS_GEMM_NN_PACKED(rows, n_H, 4*n_H, b_dg_R_z_R_i_R_f_R_o__h + t * n_B * (4*n_H), 4*n_H, pk_R_z_R_i_R_f_R_o_nn, b_ds_h, n_H, 0);
+    for (int64_t tc = n_T > 0 ? (n_T - 1) / n_ch * n_ch : 0; tc >= 0; tc -= n_ch) {  // chunks of steps tc .. tc + n_c - 1 (all B rows), the last first (T = 0: one of none)
+        const int64_t n_c = n_T - tc < n_ch ? n_T - tc : n_ch;
+        const int cs_more = tc + n_c < n_T;  // past the first chunk: sums over rows add up
+        if (bs) CS_ZERO(b_dg_R_z_R_i_R_f_R_o__h, n_c * n_B * (4*n_H));  // rows of ended sequences, which no step writes
+        CS_TEAM_BEGIN(CS_TEAM_OK(n_B * (4*n_H) * n_H, CS_PACKED_OWN(pk_R_z_R_i_R_f_R_o_nn)))
+        for (int64_t t = tc + n_c - 1; t >= tc; --t) {
+            const int64_t rows = bs ? bs[t] : n_B;  // variable lengths: rows 0..B_t-1 run
+            CS_SPLIT_ROWS(split_rows, n_B);
+            // backward: stage 0 backward, units of size H
+            CS_PW(slstm_backward_bwd0_H, rows, n_H, b_s_c + t * n_B * (n_H), n_H, b_s_c + (t + 1) * n_B * (n_H), n_H, b_ds_c, n_H, b_ds_h, n_H, b_dout_h_next + t * n_B * (n_H), n_H, b_ds_m, n_H, b_ds_n, n_H, b_v_f + t * n_B * (n_H), n_H, b_v_ft + t * n_B * (n_H), n_H, b_v_i + t * n_B * (n_H), n_H, b_v_it + t * n_B * (n_H), n_H, b_s_m + t * n_B * (n_H), n_H, b_s_n + t * n_B * (n_H), n_H, b_s_n + (t + 1) * n_B * (n_H), n_H, b_v_o + t * n_B * (n_H), n_H, b_v_z + t * n_B * (n_H), n_H, b_dg_R_z_R_i_R_f_R_o__h + (t % n_ch) * n_B * (4*n_H), 4*n_H, b_dg_R_z_R_i_R_f_R_o__h + (t % n_ch) * n_B * (4*n_H) + n_H, 4*n_H, b_dg_R_z_R_i_R_f_R_o__h + (t % n_ch) * n_B * (4*n_H) + 2*n_H, 4*n_H, b_dg_R_z_R_i_R_f_R_o__h + (t % n_ch) * n_B * (4*n_H) + 3*n_H, 4*n_H, b_ds_c, n_H, b_ds_n, n_H, b_ds_m, n_H);
+            // d_h_gemm = dg_R_z_R_i_R_f_R_o__h @ [R_z, R_i, R_f, R_o]
+            CS_GEMM_NN_PACKED(rows, n_H, 4*n_H, b_dg_R_z_R_i_R_f_R_o__h + (t % n_ch) * n_B * (4*n_H), 4*n_H, pk_R_z_R_i_R_f_R_o_nn, b_ds_h, n_H, 0);
+        }
+        CS_SPLIT_DONE();
+        CS_TEAM_END
+        // the work behind the chunk's steps, on its rows
+        // d[R_z, R_i, R_f, R_o] += dg_R_z_R_i_R_f_R_o__h^T @ h  (R_z @ h, R_i @ h, R_f @ h, R_o @ h)
+        // the glue passes the grads of R_z, R_i, R_f, R_o as rows of b_dw_R_z_R_i_R_f_R_o: the copies below are then no-ops
+        // d[W_z, W_i, W_f, W_o] += dg_R_z_R_i_R_f_R_o__h^T @ x  (W_z @ x, W_i @ x, W_f @ x, W_o @ x)
+        // the glue passes the grads of W_z, W_i, W_f, W_o as rows of b_dw_W_z_W_i_W_f_W_o: the copies below are then no-ops
+        // one pass over it for all of them, with its column sums (the bias gradients below)
+        CS_WEIGHT_GRADS(wg_dg_R_z_R_i_R_f_R_o__h, 4*n_H, n_c * n_B, n_T * n_B, b_dg_R_z_R_i_R_f_R_o__h, 4*n_H, 1, cs_more, {b_s_h + tc * n_B * (n_H), n_H, n_H, b_dw_R_z_R_i_R_f_R_o, n_H}, {b_x_x + tc * n_B * (n_I), n_I, n_I, b_dw_W_z_W_i_W_f_W_o, n_I});
+        // grad_input:x = dg_R_z_R_i_R_f_R_o__h @ [W_z, W_i, W_f, W_o]
+        CS_GEMM_NN_PACKED(n_c * n_B, n_I, 4*n_H, b_dg_R_z_R_i_R_f_R_o__h, 4*n_H, pk_W_z_W_i_W_f_W_o_nn, b_dx_x + tc * n_B * (n_I), n_I, 0);
+        // d[b_z] += sum over rows of d_b_z (column sums of dg_R_z_R_i_R_f_R_o__h from its dW pass where the own kernel ran it)
+        CS_COLSUM(wg_dg_R_z_R_i_R_f_R_o__h, n_c * n_B, n_H, b_dg_R_z_R_i_R_f_R_o__h, 4*n_H, g_b_z, cs_more);
+        // d[b_i] += sum over rows of d_b_i (column sums of dg_R_z_R_i_R_f_R_o__h from its dW pass where the own kernel ran it)
+        CS_COLSUM(wg_dg_R_z_R_i_R_f_R_o__h, n_c * n_B, n_H, b_dg_R_z_R_i_R_f_R_o__h + n_H, 4*n_H, g_b_i, cs_more);
+        // d[b_f] += sum over rows of d_b_f (column sums of dg_R_z_R_i_R_f_R_o__h from its dW pass where the own kernel ran it)
+        CS_COLSUM(wg_dg_R_z_R_i_R_f_R_o__h, n_c * n_B, n_H, b_dg_R_z_R_i_R_f_R_o__h + 2*n_H, 4*n_H, g_b_f, cs_more);
+        // d[b_o] += sum over rows of d_b_o (column sums of dg_R_z_R_i_R_f_R_o__h from its dW pass where the own kernel ran it)
+        CS_COLSUM(wg_dg_R_z_R_i_R_f_R_o__h, n_c * n_B, n_H, b_dg_R_z_R_i_R_f_R_o__h + 3*n_H, 4*n_H, g_b_o, cs_more);
     }
-    CS_SPLIT_DONE();
-    CS_TEAM_END
-    cs_unpack(pk_R_z_R_i_R_f_R_o_nn);
-    // d[R_z, R_i, R_f, R_o] += dg_R_z_R_i_R_f_R_o__h^T @ h  (R_z @ h, R_i @ h, R_f @ h, R_o @ h)
-    // the glue passes the grads of R_z, R_i, R_f, R_o as rows of b_dw_R_z_R_i_R_f_R_o: the copies below are then no-ops
-    // d[W_z, W_i, W_f, W_o] += dg_R_z_R_i_R_f_R_o__h^T @ x  (W_z @ x, W_i @ x, W_f @ x, W_o @ x)
-    // the glue passes the grads of W_z, W_i, W_f, W_o as rows of b_dw_W_z_W_i_W_f_W_o: the copies below are then no-ops
-    // one pass over it for all of them, with its column sums (the bias gradients below)
-    CS_WEIGHT_GRADS(wg_dg_R_z_R_i_R_f_R_o__h, 4*n_H, n_T * n_B, b_dg_R_z_R_i_R_f_R_o__h, 4*n_H, 1, {b_s_h, n_H, n_H, b_dw_R_z_R_i_R_f_R_o, n_H}, {b_x_x, n_I, n_I, b_dw_W_z_W_i_W_f_W_o, n_I});
     CS_ADD(n_H * n_H, b_dw_R_z_R_i_R_f_R_o, g_R_z, 0);
     CS_ADD(n_H * n_H, b_dw_R_z_R_i_R_f_R_o + (n_H) * n_H, g_R_i, 0);
     CS_ADD(n_H * n_H, b_dw_R_z_R_i_R_f_R_o + (2*n_H) * n_H, g_R_f, 0);
@@ -2179,16 +2211,12 @@ static int slstm_backward_run(const int64_t* dims, void* const* ptrs, const cs_c
     CS_ADD(n_H * n_I, b_dw_W_z_W_i_W_f_W_o + (n_H) * n_I, g_W_i, 0);
     CS_ADD(n_H * n_I, b_dw_W_z_W_i_W_f_W_o + (2*n_H) * n_I, g_W_f, 0);
     CS_ADD(n_H * n_I, b_dw_W_z_W_i_W_f_W_o + (3*n_H) * n_I, g_W_o, 0);
-    // grad_input:x = dg_R_z_R_i_R_f_R_o__h @ [W_z, W_i, W_f, W_o]
-    CS_GEMM_NN(n_T * n_B, n_I, 4*n_H, b_dg_R_z_R_i_R_f_R_o__h, 4*n_H, w_W_z_W_i_W_f_W_o, n_I, b_dx_x, n_I, 0);
-    // d[b_z] += sum over rows of d_b_z (column sums of dg_R_z_R_i_R_f_R_o__h from its dW pass where the own kernel ran it)
-    CS_COLSUM(wg_dg_R_z_R_i_R_f_R_o__h, n_T * n_B, n_H, b_dg_R_z_R_i_R_f_R_o__h, 4*n_H, g_b_z, 0);
-    // d[b_i] += sum over rows of d_b_i (column sums of dg_R_z_R_i_R_f_R_o__h from its dW pass where the own kernel ran it)
-    CS_COLSUM(wg_dg_R_z_R_i_R_f_R_o__h, n_T * n_B, n_H, b_dg_R_z_R_i_R_f_R_o__h + n_H, 4*n_H, g_b_i, 0);
-    // d[b_f] += sum over rows of d_b_f (column sums of dg_R_z_R_i_R_f_R_o__h from its dW pass where the own kernel ran it)
-    CS_COLSUM(wg_dg_R_z_R_i_R_f_R_o__h, n_T * n_B, n_H, b_dg_R_z_R_i_R_f_R_o__h + 2*n_H, 4*n_H, g_b_f, 0);
-    // d[b_o] += sum over rows of d_b_o (column sums of dg_R_z_R_i_R_f_R_o__h from its dW pass where the own kernel ran it)
-    CS_COLSUM(wg_dg_R_z_R_i_R_f_R_o__h, n_T * n_B, n_H, b_dg_R_z_R_i_R_f_R_o__h + 3*n_H, 4*n_H, g_b_o, 0);
+    CS_COLSUM_END(wg_dg_R_z_R_i_R_f_R_o__h, n_H, 0, g_b_z, 0);
+    CS_COLSUM_END(wg_dg_R_z_R_i_R_f_R_o__h, n_H, n_H, g_b_i, 0);
+    CS_COLSUM_END(wg_dg_R_z_R_i_R_f_R_o__h, n_H, 2*n_H, g_b_f, 0);
+    CS_COLSUM_END(wg_dg_R_z_R_i_R_f_R_o__h, n_H, 3*n_H, g_b_o, 0);
+    cs_unpack(pk_R_z_R_i_R_f_R_o_nn);
+    cs_unpack(pk_W_z_W_i_W_f_W_o_nn);
     return 0;
 }
 #ifdef __CUDACC__

@@ -1275,7 +1275,8 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     if _bs is not None:  # outputs past a sequence's end are constant zeros
         _m = _native_active(_bs, _B, _xs)
         _d_outputs = tuple(None if _d is None else _d * _m for _d in _d_outputs)
-    dg_R_z_R_i_R_f_R_o__h, = _scratch((_T, _B, 4*_H))
+    _n_ch = _T if _lib is None else _lib.chunk_steps_behind(_T, _B)
+    dg_R_z_R_i_R_f_R_o__h, = _scratch((_n_ch, _B, 4*_H))
     x_x = _xs[0].contiguous()
     s_h = _saved[0]
     s_c = _saved[1]
@@ -1300,14 +1301,14 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     _grads_0 = _gempty((4, _H)).unbind(0)
     _grads = {"W_z": _rows_dw_W_z_W_i_W_f_W_o[0], "R_z": _rows_dw_R_z_R_i_R_f_R_o[0], "b_z": _grads_0[0], "W_i": _rows_dw_W_z_W_i_W_f_W_o[1], "R_i": _rows_dw_R_z_R_i_R_f_R_o[1], "b_i": _grads_0[1], "W_f": _rows_dw_W_z_W_i_W_f_W_o[2], "R_f": _rows_dw_R_z_R_i_R_f_R_o[2], "b_f": _grads_0[2], "W_o": _rows_dw_W_z_W_i_W_f_W_o[3], "R_o": _rows_dw_R_z_R_i_R_f_R_o[3], "b_o": _grads_0[3]}
     if _lib is not None:
-        _lib("backward", _dims, [x_x, s_h, s_c, s_n, s_m, v_z, v_it, v_ft, v_o, v_i, v_f, dout_h_next, ds_h, ds_c, ds_n, ds_m, dx_x, dg_R_z_R_i_R_f_R_o__h, dw_R_z_R_i_R_f_R_o, dw_W_z_W_i_W_f_W_o, _stacked(_params["W_z"], _params["W_i"], _params["W_f"], _params["W_o"]), _stacked(_params["R_z"], _params["R_i"], _params["R_f"], _params["R_o"]), *_grads.values(), _bs])
+        _lib("backward", _dims + (_n_ch,), [x_x, s_h, s_c, s_n, s_m, v_z, v_it, v_ft, v_o, v_i, v_f, dout_h_next, ds_h, ds_c, ds_n, ds_m, dx_x, dg_R_z_R_i_R_f_R_o__h, dw_R_z_R_i_R_f_R_o, dw_W_z_W_i_W_f_W_o, _stacked(_params["W_z"], _params["W_i"], _params["W_f"], _params["W_o"]), _stacked(_params["R_z"], _params["R_i"], _params["R_f"], _params["R_o"]), *_grads.values(), _bs])
     return _grads, (dx_x,), (ds_h, ds_c, ds_n, ds_m,)
 
 
 # The same two calls as PyTorch custom ops, for torch.compile (which traces them through their
 # fake implementations: the allocations above, without the call). Registered once per process
 # and content of this file; outputs are copies (an op's outputs may not alias each other).
-_OP = "slstm_25b79f27305c"
+_OP = "slstm_16b0b3108496"
 
 
 def _op_forward_impl(xs: list[torch.Tensor], states: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:

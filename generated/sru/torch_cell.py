@@ -1015,7 +1015,8 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     if _bs is not None:  # outputs past a sequence's end are constant zeros
         _m = _native_active(_bs, _B, _xs)
         _d_outputs = tuple(None if _d is None else _d * _m for _d in _d_outputs)
-    dp_v_f, dp_v_r, dhg_W_f_W_W_r_W_s__x = _scratch((_T, _B, _H), (_T, _B, _H), (_T, _B, 4*_H))
+    _n_ch = _T if _lib is None else _lib.chunk_steps_behind(_T, _B)
+    dp_v_f, dp_v_r, dhg_W_f_W_W_r_W_s__x = _scratch((_T, _B, _H), (_T, _B, _H), (_n_ch, _B, 4*_H))
     x_x = _xs[0].contiguous()
     s_c = _saved[0]
     p_v_f = _params["v_f"].contiguous()
@@ -1031,14 +1032,14 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     _grads_0 = _gempty((4, _H)).unbind(0)
     _grads = {"W": _rows_dw_W_f_W_W_r_W_s[1], "W_f": _rows_dw_W_f_W_W_r_W_s[0], "v_f": _grads_0[0], "b_f": _grads_0[1], "W_r": _rows_dw_W_f_W_W_r_W_s[2], "v_r": _grads_0[2], "b_r": _grads_0[3], "W_s": _rows_dw_W_f_W_W_r_W_s[3]}
     if _lib is not None:
-        _lib("backward", _dims, [x_x, s_c, p_v_f, p_v_r, hg_W_f_W_W_r_W_s__x, v_f, v_r, dout_h, ds_c, dx_x, dp_v_f, dp_v_r, dhg_W_f_W_W_r_W_s__x, dw_W_f_W_W_r_W_s, _stacked(_params["W_f"], _params["W"], _params["W_r"], _params["W_s"]), *_grads.values(), _bs])
+        _lib("backward", _dims + (_n_ch,), [x_x, s_c, p_v_f, p_v_r, hg_W_f_W_W_r_W_s__x, v_f, v_r, dout_h, ds_c, dx_x, dp_v_f, dp_v_r, dhg_W_f_W_W_r_W_s__x, dw_W_f_W_W_r_W_s, _stacked(_params["W_f"], _params["W"], _params["W_r"], _params["W_s"]), *_grads.values(), _bs])
     return _grads, (dx_x,), (ds_c,)
 
 
 # The same two calls as PyTorch custom ops, for torch.compile (which traces them through their
 # fake implementations: the allocations above, without the call). Registered once per process
 # and content of this file; outputs are copies (an op's outputs may not alias each other).
-_OP = "sru_74a645b372c1"
+_OP = "sru_7852fc416ab8"
 
 
 def _op_forward_impl(xs: list[torch.Tensor], states: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -1063,7 +1063,8 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     if _bs is not None:  # outputs past a sequence's end are constant zeros
         _m = _native_active(_bs, _B, _xs)
         _d_outputs = tuple(None if _d is None else _d * _m for _d in _d_outputs)
-    dgs_W_in_W_ir_W_iz__x, = _scratch((_T, _B, 4*_H))
+    _n_ch = _T if _lib is None else _lib.chunk_steps_behind(_T, _B)
+    dgs_W_in_W_ir_W_iz__x, = _scratch((_n_ch, _B, 4*_H))
     sum_d_b_ir, sum_d_b_iz = _gscratch((_H,), (_H,))
     x_x = _xs[0].contiguous()
     s_h = _saved[0]
@@ -1082,14 +1083,14 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     _grads_0 = _gempty((6, _H)).unbind(0)
     _grads = {"W_ir": _rows_dw_W_in_W_ir_W_iz[1], "W_hr": _rows_dw_W_hr_W_hz_W_hn[0], "b_ir": _grads_0[0], "b_hr": _grads_0[1], "W_iz": _rows_dw_W_in_W_ir_W_iz[2], "W_hz": _rows_dw_W_hr_W_hz_W_hn[1], "b_iz": _grads_0[2], "b_hz": _grads_0[3], "W_in": _rows_dw_W_in_W_ir_W_iz[0], "W_hn": _rows_dw_W_hr_W_hz_W_hn[2], "b_in": _grads_0[4], "b_hn": _grads_0[5]}
     if _lib is not None:
-        _lib("backward", _dims, [x_x, s_h, p_b_hn, v_W_hn_h, v_r, v_z, v_n, dout_h_next, ds_h, dx_x, dgs_W_in_W_ir_W_iz__x, dw_W_hr_W_hz_W_hn, dw_W_in_W_ir_W_iz, sum_d_b_ir, sum_d_b_iz, _stacked(_params["W_in"], _params["W_ir"], _params["W_iz"]), _stacked(_params["W_hr"], _params["W_hz"], _params["W_hn"]), *_grads.values(), _bs])
+        _lib("backward", _dims + (_n_ch,), [x_x, s_h, p_b_hn, v_W_hn_h, v_r, v_z, v_n, dout_h_next, ds_h, dx_x, dgs_W_in_W_ir_W_iz__x, dw_W_hr_W_hz_W_hn, dw_W_in_W_ir_W_iz, sum_d_b_ir, sum_d_b_iz, _stacked(_params["W_in"], _params["W_ir"], _params["W_iz"]), _stacked(_params["W_hr"], _params["W_hz"], _params["W_hn"]), *_grads.values(), _bs])
     return _grads, (dx_x,), (ds_h,)
 
 
 # The same two calls as PyTorch custom ops, for torch.compile (which traces them through their
 # fake implementations: the allocations above, without the call). Registered once per process
 # and content of this file; outputs are copies (an op's outputs may not alias each other).
-_OP = "torch_gru_5734dd86092d"
+_OP = "torch_gru_39b24c335390"
 
 
 def _op_forward_impl(xs: list[torch.Tensor], states: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:
