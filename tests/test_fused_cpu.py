@@ -728,13 +728,16 @@ def test_chunk_steps_by_rows_weights_and_l2(monkeypatch):
 @pytest.mark.skipif(not HAVE_CXX, reason="no C++ compiler")
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("batch", [8, 33])
-def test_own_gemm_chosen_by_cpu_batch_and_loop(batch, threads):
+def test_own_gemm_chosen_by_cpu_batch_and_loop(batch, threads, monkeypatch):
     """By default (``set_own_gemm(True)``) a call runs the own GEMM on AMD CPUs, and elsewhere for
     batches under 32 rows, MKL's from 32 but in a forward or inference with two threads or more
     and at most 1 MiB of step weights (there it runs as a team; ``cs_for_batch``), and with one
     thread the weight gradients (``"weight_grads"``: a backward whose products MKL runs): each
     function's results are, to the bit, those of its forced choice (the training step's: forced
-    for the forward, then for the backward)."""
+    for the forward, then for the backward). The work behind the backward's steps runs as one
+    chunk of all 40 steps: in chunks of 8 (264 rows) the own kernel's weight gradients and MKL's
+    agree to the bit, and the choice would not show."""
+    monkeypatch.setattr(kernels, "BEHIND_ROWS", 1 << 20)
     pkg = load_module("lstm")
     lib = _own_gemm_library(pkg)
     if not lib.own_gemm():
@@ -786,7 +789,7 @@ def test_weight_grads_in_one_pass_with_the_bias_sums(module, steps, batch):
     the first run does not cover, summed from the block; tests/specs/shared_adjoint_suffix.cell:
     the runs the other way round, [0, 3H) and [H, 4H), the block's sums for [3H, 4H)). 4H = 148 columns (12 slivers and 4
     columns; H = 37, no multiple of 16), T·B = 123 rows (a tail of 3 after the rows taken four at
-    a time) or 600 (two chunks of steps behind the loop, 128 and 72 steps: the pass's sums and
+    a time) or 600 (three chunks of steps behind the loop, 86, 86 and 28 steps: the pass's sums and
     dW add up over them, the last steps first), variable lengths (rows of zeros). The bias
     gradients are, to the bit, the row sums of the BLAS path (the pass sums each column in row
     order, chunk after chunk, as cs_rowsum_host does); the weight gradients agree to float

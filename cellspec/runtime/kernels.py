@@ -28,7 +28,7 @@ from cellspec.runtime import native
 HOST_SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 CUDA_SUFFIX = {torch.float32: "f32", torch.float64: "f64", torch.float16: "f16", torch.bfloat16: "bf16"}
 #: rows (of all B) per chunk of the work behind a backward's steps on the CPU (Library.chunk_steps_behind)
-BEHIND_ROWS = 384
+BEHIND_ROWS = 256
 
 
 class KernelError(RuntimeError):
@@ -219,10 +219,10 @@ class Library:
         and input gradients over their rows, ``ir.Loop.behind``): the library runs them a chunk
         at a time, just after the chunk's steps, and keeps one chunk of the step adjoints they
         read (``ir.Loop.ring``), which then stays in cache instead of going to memory and back.
-        On the CPU as many steps as hold ``BEHIND_ROWS`` rows (the weight gradients' pass then
-        reads and writes its dW about as often as in its own blocks of rows,
-        ``cs_own_weight_grads``); on a GPU one chunk of all T steps. Measured:
-        docs/performance.md (stop 29)."""
+        On the CPU as many steps as hold ``BEHIND_ROWS`` rows (fewer rows per chunk: the weight
+        gradients' pass reads and writes its dW more often; more: the ring leaves L2); on a GPU
+        one chunk of all T steps. Measured (docs/performance.md, stop 29): 256 rows among 64 to
+        768 at (64, 32, 256) and (512, 8, 128), one and two threads."""
         if self.device_type != "cpu":
             return max(T, 1)
         return max(1, min(-(-BEHIND_ROWS // max(B, 1)), T))
