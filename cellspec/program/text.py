@@ -44,19 +44,18 @@ def _rows(rows: str, names: tuple[str, ...]) -> str:
 def _op(fn: ir.Function, prog: ir.Program, op, indent: str) -> list[str]:
     if isinstance(op, ir.Loop):
         head = f"{indent}for t in {'reversed(range(T))' if op.reverse else 'range(T)'}:"
-        ahead = []
-        if op.ahead:
-            ahead.append(f"{indent}  ahead of each chunk of steps, on the chunk's rows (one chunk of T steps: before the loop):")
+
+        def chunked(ops: tuple, where: str, when: str) -> list[str]:
+            """The ops ahead of or behind each chunk of steps (Loop.ahead, Loop.behind)."""
+            if not ops:
+                return []
+            lines = [f"{indent}  {where} each chunk of steps, on the chunk's rows (one chunk of T steps: {when} the loop):"]
             if op.ring:
-                ahead.append(f"{indent}  ({', '.join(op.ring)}: one chunk of steps, which each chunk overwrites, where chunks run)")
-            ahead += [line for o in op.ahead for line in _op(fn, prog, o, indent + "    ")]
-        behind = []
-        if op.behind:
-            behind.append(f"{indent}  behind each chunk of steps, on the chunk's rows (one chunk of T steps: after the loop):")
-            if op.ring:
-                behind.append(f"{indent}  ({', '.join(op.ring)}: one chunk of steps, which each chunk overwrites, where chunks run)")
-            behind += [line for o in op.behind for line in _op(fn, prog, o, indent + "    ")]
-        return [head] + ahead + [line for o in op.body for line in _op(fn, prog, o, indent + "  ")] + behind
+                lines.append(f"{indent}  ({', '.join(op.ring)}: one chunk of steps, which each chunk overwrites, where chunks run)")
+            return lines + [line for o in ops for line in _op(fn, prog, o, indent + "    ")]
+
+        return ([head] + chunked(op.ahead, "ahead of", "before") + [line for o in op.body for line in _op(fn, prog, o, indent + "  ")]
+                + chunked(op.behind, "behind", "after"))
     if isinstance(op, ir.Pointwise):
         lines = [f"{indent}pointwise {op.block} ({op.rows} rows): reads {', '.join(op.reads) or '-'}"]
         for st in op.statements:
