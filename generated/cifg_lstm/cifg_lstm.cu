@@ -760,18 +760,24 @@ __attribute__((target("avx512f"))) static void cs_own_pack_tn(int64_t kb, const 
 // the Intel Xeon of stops 24-26, one thread, the LSTM's two at (64, 32, 256) and the sums: 11.0 ms
 // against 11.6 for MKL's two and cs_rowsum_host. Blocked for the caches: k in blocks of kc rows
 // whose packed b blocks (every panel, kc x n_j, ~768 KiB: 10.9 ms there, 11.05 at ~384 KiB) stay
-// in L2; per block and run, a's columns packed into slivers of 12 (kc x 12, contiguous: a
-// transposed operand read straight would touch a new page per k), a second run's from L2.
-// Threads split the pack by ranges of slivers (each column summed in row order) and the tiles
-// by pairs (block of slivers, panel): split by blocks alone, the 11 blocks of the LSTM's
-// 4H = 1024 columns went 6 : 5 to two threads.
+// in L2; per block, every column the runs cover packed once into slivers of 12 (kc x 12,
+// contiguous: a transposed operand read straight would touch a new page per k; the GRU's two
+// runs of 3H columns are 4H packed, not 6H: its pass at (64, 32, 256) in chunks of 256 rows
+// spent 0.9 ms of ~10 packing two runs), a run that starts inside a sliver reading its first
+// tile from that sliver's lane. Threads split the pack by ranges of slivers (each column summed
+// in row order) and the tiles by pairs (block of tiles, panel): split by blocks alone, the 11
+// blocks of the LSTM's 4H = 1024 columns went 6 : 5 to two threads.
 __attribute__((target("avx512f"))) static bool cs_own_weight_grads(int64_t m, int64_t k, const float* a, int64_t lda, int nrhs,
                                                                    const cs_rhs<float, float>* rhs, int beta, float* sums)
 {
-    int64_t panels = 0;
-    for (int j = 0; j < nrhs; ++j) panels += (rhs[j].n + 31) / 32;
+    int64_t panels = 0, lo = nrhs > 0 ? rhs[0].a_col : 0, hi = 0;  // [lo, hi): the columns of a the runs cover
+    for (int j = 0; j < nrhs; ++j) {
+        panels += (rhs[j].n + 31) / 32;
+        lo = rhs[j].a_col < lo ? rhs[j].a_col : lo;
+        hi = rhs[j].a_col + m > hi ? rhs[j].a_col + m : hi;
+    }
     if (panels == 0 || m <= 0 || k <= 0) return false;  // (nothing to multiply: the caller's plain path)
-    const int64_t slivers = (m + 11) / 12, mc = 8;  // mc: slivers per block
+    const int64_t width = hi - lo, slivers = (width + 11) / 12, mc = 8;  // mc: tiles per block
     int64_t kc = 196608 / (panels * 32);  // packed b blocks ~768 KiB
     kc = kc < 128 ? 128 : (kc > 512 ? 512 : (kc / 4) * 4);
     if (kc > k) kc = k;
@@ -779,42 +785,27 @@ __attribute__((target("avx512f"))) static bool cs_own_weight_grads(int64_t m, in
     if (!mem) return false;
     float* pb = (float*)mem;
     float* pa = pb + panels * 32 * kc;
-    const int64_t blocks = (slivers + mc - 1) / mc;
     for (int64_t k0 = 0; k0 < k; k0 += kc) {
         const int64_t kb = k - k0 < kc ? k - k0 : kc;
         for (int64_t j = 0, q = 0; j < nrhs; q += (rhs[j].n + 31) / 32, ++j)
             cs_own_pack(0, rhs[j].n, kb, rhs[j].b + k0 * rhs[j].ldb, rhs[j].ldb, pb + q * 32 * kb);
         const int acc = beta || k0 > 0;
+        // every column the runs cover packed once, into slivers from lo, with its sum
+        const int64_t parts = cs_par(width * kb, 65536) ? (slivers < 8 ? slivers : 8) : 1;  // ranges of slivers
+        cs_for(parts, parts > 1, [&](int64_t s) {
+            cs_own_pack_tn(kb, a + k0 * lda + lo, lda, width, slivers * s / parts, slivers * (s + 1) / parts, pa, sums ? sums + lo : 0);
+        });
         for (int g = 0; g < nrhs; ++g) {  // each run of a's columns once, with the operands that read it
             const int64_t col = rhs[g].a_col;
             bool seen = false;
             for (int j = 0; j < g; ++j) seen = seen || rhs[j].a_col == col;
             if (seen) continue;
-            const float* ag = a + k0 * lda + col;
-            float* sg = g == 0 && sums ? sums + col : 0;  // the first run's sums in its pack
-            const int64_t parts = cs_par(m * kb, 65536) ? (slivers < 8 ? slivers : 8) : 1;  // ranges of slivers
-            cs_for(parts, parts > 1, [&](int64_t s) { cs_own_pack_tn(kb, ag, lda, m, slivers * s / parts, slivers * (s + 1) / parts, pa, sg); });
-            if (sums && g > 0)  // columns of this run no earlier run covered: summed from the block
-                for (int64_t c = col; c < col + m; ) {
-                    bool covered = false;
-                    int64_t end = col + m;  // the end of the stretch of c's kind
-                    for (int j = 0; j < g; ++j) {
-                        const int64_t lo = rhs[j].a_col, hi = rhs[j].a_col + m;
-                        if (lo <= c && c < hi) { covered = true; end = hi < end ? hi : end; }
-                        else if (lo > c && lo < end) end = lo;
-                    }
-                    if (!covered)
-                        for (int64_t kk = 0; kk < kb; ++kk)
-                            for (int64_t cc = c; cc < end; cc += 16) {
-                                const __mmask16 mk = cs_lanes(end - cc);
-                                _mm512_mask_storeu_ps(sums + cc, mk, _mm512_add_ps(_mm512_maskz_loadu_ps(mk, sums + cc),
-                                                                                   _mm512_maskz_loadu_ps(mk, a + (k0 + kk) * lda + cc)));
-                            }
-                    c = end;
-                }
+            // the run's rows of the product: tile i from sliver s_first + i, the first `off` lanes in
+            const int64_t s_first = (col - lo) / 12, off = (col - lo) % 12;
+            const int64_t tiles = off ? 1 + (m - (12 - off) + 11) / 12 : (m + 11) / 12, blocks = (tiles + mc - 1) / mc;
             int64_t mine = 0;  // this run's panels
             for (int j = 0; j < nrhs; ++j) mine += rhs[j].a_col == col ? (rhs[j].n + 31) / 32 : 0;
-            cs_for(blocks * mine, cs_par(m * mine * 32 * kb, 262144), [&](int64_t t) {  // a block of slivers against one panel
+            cs_for(blocks * mine, cs_par(m * mine * 32 * kb, 262144), [&](int64_t t) {  // a block of tiles against one panel
                 const int64_t ib = t / mine;
                 int64_t q = t % mine, j = 0, q0 = 0;  // q: the panel among this run's; q0: its operand's first in pb
                 while (rhs[j].a_col != col || q >= (rhs[j].n + 31) / 32) {
@@ -823,12 +814,14 @@ __attribute__((target("avx512f"))) static bool cs_own_weight_grads(int64_t m, in
                 }
                 const cs_rhs<float, float>& r = rhs[j];
                 const int64_t p = q * 32;
-                const int64_t s_end = (ib + 1) * mc < slivers ? (ib + 1) * mc : slivers;
+                const int64_t i_end = (ib + 1) * mc < tiles ? (ib + 1) * mc : tiles;
                 __mmask16 m0, m1;
                 cs_own_masks(r.n - p < 32 ? r.n - p : 32, &m0, &m1);
-                for (int64_t s0 = ib * mc; s0 < s_end; ++s0)
-                    cs_own_rows<true>(m - s0 * 12 < 12 ? m - s0 * 12 : 12, kb, pa + s0 * kb * 12, 0, pb + (q0 + q) * 32 * kb,
-                                      r.out + s0 * 12 * r.ldc + p, r.ldc, m0, m1, acc);
+                for (int64_t i = ib * mc; i < i_end; ++i) {
+                    const int64_t row = i == 0 ? 0 : (off ? 12 - off : 12) + (i - 1) * 12, lane = i == 0 ? off : 0;
+                    cs_own_rows<true>(m - row < 12 - lane ? m - row : 12 - lane, kb, pa + (s_first + i) * kb * 12 + lane, 0,
+                                      pb + (q0 + q) * 32 * kb, r.out + row * r.ldc + p, r.ldc, m0, m1, acc);
+                }
             });
         }
     }
