@@ -427,14 +427,18 @@ class _Renderer:
         # after them (ir.Loop.behind): their sums over rows add up chunk by chunk (beta "cs_more"
         # past the first chunk), and what they finish with (a stack's dW split into its grads,
         # the column sums of a dW pass) comes after the last chunk
-        span = {"rows": "all", "finish": None}
+        span = {"rows": "all", "finish": None, "ind": ""}
 
         def beta_of(beta: int) -> str:
             """A sum over rows: its beta, or in a chunk past the first, 1."""
             return "1" if beta else ("cs_more" if span["rows"] == "chunk" else "0")
 
-        def finish(line: str) -> None:
-            (span["finish"] if span["finish"] is not None else lines).append(line)
+        def finish(ind: str, text: str) -> None:
+            """A line an op ends with: after the last chunk (at the loop's indentation), or here."""
+            if span["finish"] is None:
+                lines.append(ind + text)
+            else:
+                span["finish"].append(span["ind"] + text)
 
         def emit(op, ind: str) -> None:
             if isinstance(op, ir.Loop):
@@ -450,11 +454,12 @@ class _Renderer:
                                  f"from the caller (all T on a GPU){ring}")
                     lines.append(f"{ind}const int64_t n_ch = dims[{2 + len(p.sizes)}] < 1 ? 1 : dims[{2 + len(p.sizes)}];")
                 packs = []  # the weights every step (or chunk) multiplies by: packed once per call
-                team_packs = 0
                 work = None  # the multiply-adds of the first per-step GEMM (whether a team pays)
                 step_weights = []  # the floats of every weight a step multiplies by
-                for o in (*ahead, *op.body, *behind):
-                    if isinstance(o, (ir.Project, ir.ProjectBack)) and o.rows in ("step", "chunk"):
+                for o in (*ahead, *op.body, None, *behind):  # None: past the steps' (and ahead) ops
+                    if o is None:
+                        team_packs = len(packs)  # the weights a team's threads multiply by
+                    elif isinstance(o, (ir.Project, ir.ProjectBack)) and o.rows in ("step", "chunk"):
                         w = p.weights[o.weight]
                         kind = "nt" if isinstance(o, ir.Project) else "nn"
                         k_op = len(o.operands if kind == "nt" else o.d_operands)
@@ -469,8 +474,6 @@ class _Renderer:
                             call = "cs_pack(ctx, " if o.rows == "step" else "cs_pack_if(n_ch < n_T, ctx, "
                             packs.append((w.name, kind, f"{call}{1 if kind == 'nt' else 0}, {m}, {n}, {k}, "
                                                         f"w_{w.name}, n_{w.inner})"))
-                    if o is op.body[-1]:
-                        team_packs = len(packs)  # the weights of the steps (and of the work ahead of them)
                 for name, kind, call in packs:
                     lines.append(f"{ind}cs_packed<S> pk_{name}_{kind} = {call};")
                 if step_weights and not op.reverse and not forward_weights:
@@ -530,14 +533,14 @@ class _Renderer:
                 lines.append(ind + "CS_TEAM_END")
                 if behind:  # backward loops only (passes.run_behind)
                     lines.append(f"{ind}// the work behind the chunk's steps, on its rows")
-                    span.update(rows="chunk", finish=[])
+                    span.update(rows="chunk", finish=[], ind=outer)
                     for o in behind:
                         emit(o, ind)
                     done = span["finish"]
                     span.update(rows="all", finish=None)
                     ind = outer
                     lines.append(ind + "}")
-                    lines.extend(x[4:] for x in done)  # after the last chunk
+                    lines.extend(done)  # after the last chunk
                 for name, kind, _ in packs:
                     lines.append(f"{ind}cs_unpack(pk_{name}_{kind});")
             elif isinstance(op, ir.Pointwise) and self.is_row_block(p, op):
@@ -623,8 +626,8 @@ class _Renderer:
                     note_grads_block(op, ind)
                     lines.append(f"{ind}CS_GEMM_TN({cexpr(w.width)}, n_{w.inner}, {inner_rows}, {g}, {ldg}, {x}, {ldx}, "
                                  f"b_{op.scratch}, n_{w.inner}, {beta_of(0)});")
-                    for line in scratch_adds(op, ind):
-                        finish(line)
+                    for text in scratch_adds(op):
+                        finish(ind, text)
                     return
                 for (col, sz), mat in zip(w.offsets(), w.matrices):
                     beta = 1 if mat in grads_written else 0
@@ -650,11 +653,11 @@ class _Renderer:
                     lines.append(f"{ind}// d[{', '.join(op.param)}] += sum over rows of {op.source} (summed once){how}")
                 lines.append(f"{ind}{rowsum}{rows_of(rows)}, n_{sz}, {src}, {ld}, {dst}, {beta_of(beta)});")
                 if wg:
-                    finish(f"{ind}CS_COLSUM_END(wg_{wg}, n_{sz}, {off}, {dst}, {beta});")
+                    finish(ind, f"CS_COLSUM_END(wg_{wg}, n_{sz}, {off}, {dst}, {beta});")
                 for prm in op.param if len(op.param) > 1 else ():
                     b = 1 if prm in grads_written else 0
                     grads_written.add(prm)
-                    finish(f"{ind}CS_ADD(n_{sz}, b_{op.scratch}, g_{prm}, {b});")
+                    finish(ind, f"CS_ADD(n_{sz}, b_{op.scratch}, g_{prm}, {b});")
             elif isinstance(op, ir.AddRows):
                 src, ld = self.ptr(fn, op.source, span["rows"])
                 dst, ldd = self.ptr(fn, f"grad_input:{op.input}", span["rows"])
@@ -679,7 +682,7 @@ class _Renderer:
                 zero_fill.append((b.name, " * ".join(f"({cexpr(d)})" for d in b.shape)))
         packed_zero = []
         for name in fn.zero_when_packed:
-            if fn.loop().behind and name in fn.loop().ring:
+            if name in fn.loop().ring:  # (a backward's: run_ahead keeps these out of a forward's)
                 continue  # one chunk of steps: zeroed per chunk (the loop above)
             packed_zero.append((name, " * ".join(f"({cexpr(d)})" for d in fn.buffers[name].shape)))
         # Weight gradients after the loop: a run of WeightGrads into dW scratch that read one
@@ -738,7 +741,7 @@ class _Renderer:
                 lines.append(f"{ind}// the glue passes the grads of {', '.join(w.matrices)} as rows of b_{op.scratch}: "
                              "the copies below are then no-ops")
 
-        def scratch_adds(op: ir.WeightGrad, ind: str) -> list[str]:
+        def scratch_adds(op: ir.WeightGrad) -> list[str]:
             """Each matrix's block of the stack's dW scratch, added to (or assigned) its grad."""
             w = p.weights[op.weight]
             adds = []
@@ -746,7 +749,7 @@ class _Renderer:
                 beta = 1 if mat in grads_written else 0
                 grads_written.add(mat)
                 block = f"b_{op.scratch} + ({cexpr(col)}) * n_{w.inner}" if col != 0 else f"b_{op.scratch}"
-                adds.append(f"{ind}CS_ADD(n_{sz} * n_{w.inner}, {block}, g_{mat}, {beta});")
+                adds.append(f"CS_ADD(n_{sz} * n_{w.inner}, {block}, g_{mat}, {beta});")
             return adds
 
         def emit_weight_grads(run: list, ind: str) -> None:
@@ -766,7 +769,7 @@ class _Renderer:
                 note_grads_block(op, ind)
                 rhs.append(f"{{{x}, {ldx}, n_{w.inner}, b_{op.scratch}, n_{w.inner}"
                            + (f", {cexpr(a_col)}}}" if a_col != 0 else "}"))
-                adds += scratch_adds(op, ind)
+                adds += scratch_adds(op)
             what = "one pass over it for all of them" if len(run) > 1 else "its pass"
             name = run_name[id(run[0])]
             sums = name in summed.values()
@@ -777,8 +780,8 @@ class _Renderer:
                 lines.append(f"{ind}CS_WGRADS(wg_{name});")
             lines.append(f"{ind}CS_WEIGHT_GRADS(wg_{name}, {cexpr(w.width)}, {rows_of(rows)}, n_T * n_B, {g}, {ldg}, "
                          f"{int(sums)}, {beta_of(0)}, " + ", ".join(rhs) + ");")
-            for line in adds:
-                finish(line)
+            for text in adds:
+                finish(ind, text)
 
         for op in fn.ops:
             emit(op, "    ")

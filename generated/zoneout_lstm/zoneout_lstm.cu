@@ -419,9 +419,9 @@ static cs_packed<S> cs_pack_if(bool, const cs_ctx* c, int ta, int64_t m, int64_t
 #define CS_ADD_ROWS(rows, cols, src, ld, dst, ldd) do { if ((rows) > 0 && (cols) > 0) { dim3 _g, _b; cs_grid(rows, cols, &_g, &_b); cs_add_rows_kernel<S><<<_g, _b, 0, (cudaStream_t)ctx->stream>>>(rows, cols, src, ld, dst, ldd); CS_CHECK((int)cudaGetLastError()); } } while (0)
 // the weight gradients of one adjoint `a` (k of its rows: the GEMM's k, of k_all in the call),
 // one GEMM each (+= where beta); its column sums (CS_COLSUM) are separate reductions on the GPU
-template <typename S, typename G> struct cs_wgrads { const S* a = 0; };
+template <typename S, typename G> struct cs_wgrads {};
 #define CS_WGRADS(wg) cs_wgrads<S, G> wg
-#define CS_WEIGHT_GRADS(wg, m, k, k_all, adj, lda, want_sums, beta, ...) do { (wg).a = (adj); const cs_rhs<S, G> _rhs[] = {__VA_ARGS__}; for (const cs_rhs<S, G>& _r : _rhs) CS_GEMM_TN(m, _r.n, k, (adj) + _r.a_col, lda, _r.b, _r.ldb, _r.out, _r.ldc, beta); } while (0)
+#define CS_WEIGHT_GRADS(wg, m, k, k_all, adj, lda, want_sums, beta, ...) do { (void)(wg); const cs_rhs<S, G> _rhs[] = {__VA_ARGS__}; for (const cs_rhs<S, G>& _r : _rhs) CS_GEMM_TN(m, _r.n, k, (adj) + _r.a_col, lda, _r.b, _r.ldb, _r.out, _r.ldc, beta); } while (0)
 #define CS_COLSUM(wg, rows, cols, src, ld, dst, beta) do { (void)(wg); CS_ROWSUM(rows, cols, src, ld, dst, beta); } while (0)
 #define CS_COLSUM_END(wg, cols, off, dst, beta) do { (void)(wg); } while (0)
 #define CS_ZERO(p, count) CS_CHECK((int)cudaMemsetAsync((p), 0, (size_t)(count) * sizeof(*(p)), (cudaStream_t)ctx->stream))
@@ -1041,7 +1041,6 @@ static void cs_add_host(int64_t n, const G* src, G* dst, int beta)
 // GEMM per operand, and CS_COLSUM sums the rows (of each chunk). Which of the two: decided on the
 // first call, by k_all (every chunk the same way: the sums of a chunk are where the others' are).
 template <typename S, typename G> struct cs_wgrads {
-    const S* a = 0;
     G* sums = 0;
     int mode = 0;  // 0: not decided yet; 1: the own pass (with the sums where wanted); 2: BLAS
     int64_t width = 0;  // the columns of `a` the sums cover
@@ -1051,7 +1050,6 @@ template <typename S, typename G>
 static void cs_weight_grads(const cs_ctx* c, cs_wgrads<S, G>* wg, int64_t m, int64_t k, int64_t k_all, const S* a, int64_t lda,
                             int want_sums, int beta, int n, const cs_rhs<S, G>* rhs)
 {
-    wg->a = a;
 #ifdef CS_OWN_GEMM
     if (!wg->mode) {
         int64_t cols = 0, width = m;  // width: the columns of a the operands' runs cover
