@@ -19,8 +19,11 @@ Timing: the variants take turns, ``--rounds`` times, and each keeps its best tim
 machine is shared: the minimum is the least disturbed run); a turn times back-to-back calls for
 ~20 ms (one call of a large shape), so small shapes are timed warm. At (64, 32, 256), where a
 turn is one call of each variant and the GEMM floor's ratio is read, three times ``--rounds``
-turns (with 5, the floor ratio of one run was 1.16 where 15 turns gave 1.07: stop 27). The
-table gives ratios to torch.nn (< 1: the generated layer is faster).
+turns (with 5, the floor ratio of one run was 1.16 where 15 turns gave 1.07: stop 27). There
+the floor ratio is also given as the median over the turns of each turn's own ratio: a drift of
+the shared machine's speed during a run moves both times of a turn alike, where the ratio of the
+two best times can pair a lucky floor turn with an unlucky layer turn (stop 30). The table gives
+ratios to torch.nn (< 1: the generated layer is faster).
 
     python benchmarks/native_bench.py                       # writes benchmarks/results/native_bench.md
     python benchmarks/native_bench.py --threads 1 --rounds 5 --shapes 64x32x256
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -47,12 +51,13 @@ REFERENCE = {"lstm": torch.nn.LSTM, "torch_gru": torch.nn.GRU}
 SHAPES = [(64, 32, 256), (256, 64, 512), (512, 8, 128), (16, 1, 128)]
 
 
-def best_of(fns: dict, rounds: int, sample: float = 0.02) -> dict:
+def best_of(fns: dict, rounds: int, sample: float = 0.02, turns: dict | None = None) -> dict:
     """The best time per call of each variant over ``rounds`` interleaved rounds. A round times
     enough back-to-back calls to take ~``sample`` seconds (at least one): a sub-millisecond call
     is measured warm, as in a training loop that calls the layer again and again, and above the
     timer's and the scheduler's noise (one call of 0.3 ms after the other variants had run was
-    both cold and +-30% from run to run)."""
+    both cold and +-30% from run to run). ``turns``, where given, receives every round's time per
+    call of each variant (a list per name, in round order)."""
     reps = {}
     for k, f in fns.items():  # warm-up (builds, first-touch pages), then a call timed alone
         f()
@@ -65,7 +70,10 @@ def best_of(fns: dict, rounds: int, sample: float = 0.02) -> dict:
             t0 = time.perf_counter()
             for _ in range(reps[k]):
                 f()
-            best[k] = min(best[k], (time.perf_counter() - t0) / reps[k])
+            t = (time.perf_counter() - t0) / reps[k]
+            best[k] = min(best[k], t)
+            if turns is not None:
+                turns.setdefault(k, []).append(t)
     return best
 
 
@@ -156,7 +164,12 @@ def case(spec: str, T: int, B: int, H: int, rounds: int) -> dict:
             torch.stack(outs).backward(d)
 
         fns["eager/train"] = eager
-    return best_of(fns, rounds)
+    turns: dict = {}
+    best = best_of(fns, rounds, turns=turns)
+    if "floor" in best:  # each turn's own ratio (the floor and the layer timed within ~0.3 s of each other)
+        for k in ("fused/train", "fused/train-accumulating"):
+            best[f"{k}/floor per turn"] = statistics.median(a / b for a, b in zip(turns[k], turns["floor"]))
+    return best
 
 
 def main() -> None:
@@ -181,7 +194,9 @@ def main() -> None:
                 extra = ""
                 if "floor" in r:
                     extra = (f"fused train / GEMM floor {r['fused/train'] / r['floor']:.2f} "
-                             f"({r['fused/train-accumulating'] / r['floor']:.2f} accumulating .grad)")
+                             f"({r['fused/train-accumulating'] / r['floor']:.2f} accumulating .grad; "
+                             f"median of the turns' own ratios {r['fused/train/floor per turn']:.2f}, "
+                             f"{r['fused/train-accumulating/floor per turn']:.2f})")
                 if "eager/train" in r:
                     extra = f"eager loop / fused train {r['eager/train'] / r['fused/train']:.2f}x"
                 row = (f"| {spec} | {T}, {B}, {H} | {threads} | {r['fused/train'] / ref_t:.2f} | "
