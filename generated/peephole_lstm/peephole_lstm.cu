@@ -563,6 +563,8 @@ static bool cs_own_route(const cs_ctx*, int, int, int64_t, int64_t, int64_t, con
 // past n); a tile of MR rows x 32 columns keeps 2 * MR accumulators in registers and reads one
 // panel row (two vectors) and MR broadcasts of `a` per k. Threads split the panels.
 static bool cs_avx512(void) { static const bool ok = __builtin_cpu_supports("avx512f"); return ok; }
+// the first n lanes of a 16-float vector (none for n <= 0, all from 16)
+static inline __mmask16 cs_lanes(int64_t n) { return n >= 16 ? (__mmask16)0xffff : (n > 0 ? (__mmask16)((1u << n) - 1) : (__mmask16)0); }
 // dst[i * ldd + j] = src[j * lds + i] for a 16 x 16 block (unpack, then 128-bit lane shuffles)
 __attribute__((target("avx512f"))) static inline void cs_transpose16(const float* src, int64_t lds, float* dst, int64_t ldd)
 {
@@ -583,27 +585,39 @@ __attribute__((target("avx512f"))) static inline void cs_transpose16(const float
     }
     for (int i = 0; i < 16; ++i) _mm512_storeu_ps(dst + i * ldd, r[i]);
 }
+// op(w) into panels of 32 columns (k x 32 floats each, zero past n: see above)
 __attribute__((target("avx512f"))) static void cs_own_pack(int ta, int64_t n, int64_t k, const float* w, int64_t ldw, float* out)
 {
+    if (!ta) {  // w is [k, n]: the product is a @ w. Row by row: each row read once, in order, its
+                // columns into every panel (panel by panel, the rows were read a panel's 128 bytes
+                // at a time, a row apart: the weight-gradient pass's operands at (64, 32, 256),
+                // [256, 256] a chunk, 22-25 -> 17.5-18 us each; stop 30)
 #pragma omp parallel for schedule(static) if (cs_par(n * k, 65536))
-    for (int64_t p = 0; p < n; p += 32) {
+        for (int64_t kk = 0; kk < k; ++kk) {
+            const float* r = w + kk * ldw;
+            for (int64_t p = 0; p < n; p += 32) {
+                float* o = out + p * k + kk * 32;
+                _mm512_storeu_ps(o, _mm512_maskz_loadu_ps(cs_lanes(n - p), r + p));
+                _mm512_storeu_ps(o + 16, _mm512_maskz_loadu_ps(cs_lanes(n - p - 16), r + p + 16));
+            }
+        }
+        return;
+    }
+#pragma omp parallel for schedule(static) if (cs_par(n * k, 65536))
+    for (int64_t p = 0; p < n; p += 32) {  // w is [n, k]: the product is a @ wᵀ; full panels by 16 x
+                                           // 16 blocks (4x faster than element by element: 7 against
+                                           // 26 us for the [512, 128] weight of a step)
         float* o = out + p * k;
         const int64_t width = n - p < 32 ? n - p : 32;
         if (width < 32) memset(o, 0, (size_t)(k * 32) * sizeof(float));
-        if (ta) {  // w is [n, k]: the product is a @ wᵀ; full panels by 16 x 16 blocks (4x faster
-                   // than element by element: 7 against 26 us for the [512, 128] weight of a step)
-            int64_t k0 = 0;
-            if (width == 32)
-                for (; k0 + 16 <= k; k0 += 16) {
-                    cs_transpose16(w + p * ldw + k0, ldw, o + k0 * 32, 32);
-                    cs_transpose16(w + (p + 16) * ldw + k0, ldw, o + k0 * 32 + 16, 32);
-                }
-            for (int64_t j = 0; j < width; ++j)
-                for (int64_t kk = k0; kk < k; ++kk) o[kk * 32 + j] = w[(p + j) * ldw + kk];
-        } else {  // w is [k, n]: the product is a @ w
-            for (int64_t kk = 0; kk < k; ++kk)
-                for (int64_t j = 0; j < width; ++j) o[kk * 32 + j] = w[kk * ldw + p + j];
-        }
+        int64_t k0 = 0;
+        if (width == 32)
+            for (; k0 + 16 <= k; k0 += 16) {
+                cs_transpose16(w + p * ldw + k0, ldw, o + k0 * 32, 32);
+                cs_transpose16(w + (p + 16) * ldw + k0, ldw, o + k0 * 32 + 16, 32);
+            }
+        for (int64_t j = 0; j < width; ++j)
+            for (int64_t kk = k0; kk < k; ++kk) o[kk * 32 + j] = w[(p + j) * ldw + kk];
     }
 }
 // MR rows of the product against one panel; for one to three rows the k loop runs U independent
@@ -669,8 +683,6 @@ __attribute__((target("avx512f"))) static inline void cs_own_rows(int64_t r, int
         default: break;
     }
 }
-// the first n lanes of a 16-float vector (none for n <= 0, all from 16)
-static inline __mmask16 cs_lanes(int64_t n) { return n >= 16 ? (__mmask16)0xffff : (n > 0 ? (__mmask16)((1u << n) - 1) : (__mmask16)0); }
 // the store masks of a panel's two 16-column halves, for its first `width` (<= 32) columns
 static inline void cs_own_masks(int64_t width, __mmask16* m0, __mmask16* m1)
 {
@@ -717,40 +729,45 @@ __attribute__((target("avx512f"))) static void cs_own_gemm(int64_t m, int64_t n,
 // added to sums[column] in row order (the order of cs_rowsum_host: the same floats). Rows in
 // order, four at a time: per sliver four loads, three permutes and three full stores (one masked
 // load and store per row before: 0.67 -> 0.6 ms of the LSTM's [1024, 2048] x [2048, 256] at
-// (64, 32, 256), and the column sums come with it).
+// (64, 32, 256), and the column sums come with it), four slivers at a time: a block's rows, then
+// the next block's (the writes go to four places at once instead of one per sliver: a chunk of
+// 256 rows of the GRU's 4H = 1024 columns, 71-83 -> 56-60 us; stop 30).
 __attribute__((target("avx512f"))) static void cs_own_pack_tn(int64_t kb, const float* a, int64_t lda, int64_t m,
                                                               int64_t s_lo, int64_t s_hi, float* pa, float* sums)
 {
     const __m512i i0 = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 16, 17, 18, 19);
     const __m512i i1 = _mm512_setr_epi32(4, 5, 6, 7, 8, 9, 10, 11, 16, 17, 18, 19, 20, 21, 22, 23);
     const __m512i i2 = _mm512_setr_epi32(8, 9, 10, 11, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27);
-    int64_t kk = 0;
-    for (; kk + 4 <= kb; kk += 4) {  // rows read in order (a row's columns are contiguous)
-        const float* r = a + kk * lda;
-        for (int64_t s0 = s_lo; s0 < s_hi; ++s0) {
-            const int64_t c = s0 * 12;
-            const __mmask16 mw = cs_lanes(m - c);  // the row's columns from c (all 16 where they exist)
-            const __m512 v0 = _mm512_maskz_loadu_ps(mw, r + c), v1 = _mm512_maskz_loadu_ps(mw, r + lda + c);
-            const __m512 v2 = _mm512_maskz_loadu_ps(mw, r + 2 * lda + c), v3 = _mm512_maskz_loadu_ps(mw, r + 3 * lda + c);
-            float* o = pa + (s0 * kb + kk) * 12;
-            _mm512_storeu_ps(o, _mm512_permutex2var_ps(v0, i0, v1));
-            _mm512_storeu_ps(o + 16, _mm512_permutex2var_ps(v1, i1, v2));
-            _mm512_storeu_ps(o + 32, _mm512_permutex2var_ps(v2, i2, v3));
-            if (sums) {
-                const __mmask16 ms = mw & (__mmask16)0xfff;  // the sliver's own columns
-                const __m512 s = _mm512_maskz_loadu_ps(ms, sums + c);
-                _mm512_mask_storeu_ps(sums + c, ms, _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(_mm512_add_ps(s, v0), v1), v2), v3));
+    for (int64_t b_lo = s_lo; b_lo < s_hi; b_lo += 4) {  // blocks of four slivers
+        const int64_t b_hi = b_lo + 4 < s_hi ? b_lo + 4 : s_hi;
+        int64_t kk = 0;
+        for (; kk + 4 <= kb; kk += 4) {  // rows read in order (a row's columns are contiguous)
+            const float* r = a + kk * lda;
+            for (int64_t s0 = b_lo; s0 < b_hi; ++s0) {
+                const int64_t c = s0 * 12;
+                const __mmask16 mw = cs_lanes(m - c);  // the row's columns from c (all 16 where they exist)
+                const __m512 v0 = _mm512_maskz_loadu_ps(mw, r + c), v1 = _mm512_maskz_loadu_ps(mw, r + lda + c);
+                const __m512 v2 = _mm512_maskz_loadu_ps(mw, r + 2 * lda + c), v3 = _mm512_maskz_loadu_ps(mw, r + 3 * lda + c);
+                float* o = pa + (s0 * kb + kk) * 12;
+                _mm512_storeu_ps(o, _mm512_permutex2var_ps(v0, i0, v1));
+                _mm512_storeu_ps(o + 16, _mm512_permutex2var_ps(v1, i1, v2));
+                _mm512_storeu_ps(o + 32, _mm512_permutex2var_ps(v2, i2, v3));
+                if (sums) {
+                    const __mmask16 ms = mw & (__mmask16)0xfff;  // the sliver's own columns
+                    const __m512 s = _mm512_maskz_loadu_ps(ms, sums + c);
+                    _mm512_mask_storeu_ps(sums + c, ms, _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(_mm512_add_ps(s, v0), v1), v2), v3));
+                }
             }
         }
+        for (; kk < kb; ++kk)
+            for (int64_t s0 = b_lo; s0 < b_hi; ++s0) {
+                const int64_t c = s0 * 12;
+                const __mmask16 ms = cs_lanes(m - c) & (__mmask16)0xfff;
+                const __m512 v = _mm512_maskz_loadu_ps(ms, a + kk * lda + c);
+                _mm512_mask_storeu_ps(pa + (s0 * kb + kk) * 12, (__mmask16)0xfff, v);
+                if (sums) _mm512_mask_storeu_ps(sums + c, ms, _mm512_add_ps(_mm512_maskz_loadu_ps(ms, sums + c), v));
+            }
     }
-    for (; kk < kb; ++kk)
-        for (int64_t s0 = s_lo; s0 < s_hi; ++s0) {
-            const int64_t c = s0 * 12;
-            const __mmask16 ms = cs_lanes(m - c) & (__mmask16)0xfff;
-            const __m512 v = _mm512_maskz_loadu_ps(ms, a + kk * lda + c);
-            _mm512_mask_storeu_ps(pa + (s0 * kb + kk) * 12, (__mmask16)0xfff, v);
-            if (sums) _mm512_mask_storeu_ps(sums + c, ms, _mm512_add_ps(_mm512_maskz_loadu_ps(ms, sums + c), v));
-        }
 }
 // out_j[m, n_j] (+)= a[:, c_j : c_j + m]ᵀ @ b_j for each B operand j (cs_rhs, c_j its a_col), with
 // a [k, ·] and b_j [k, n_j] row-major: the weight gradients dW = dgᵀ @ x, whose k is all T·B rows;
