@@ -366,10 +366,11 @@ def test_work_behind_the_backward_steps(spec):
     """ir.Loop.behind (passes.run_behind): every op after a backward loop reads the rows of a
     step only or adds up over the rows (weight gradients, row sums, an input's gradient, a
     product or pointwise level per row), so all of them become the loop's ``behind`` ops, in
-    program order, and nothing is left after the loop; the loop's ring is the step adjoints
+    program order but for an input's gradient, which runs ahead of the weight gradients and row
+    sums it does not depend on, and nothing is left after the loop; the loop's ring is the step adjoints
     the steps write that no op before the loop touches, each read at its own step. A forward
     loop has no ops behind it. torch.nn's GRU: its one shared adjoint buffer is the ring, and the
-    ops behind are its two weight gradients, dx and four bias sums."""
+    ops behind are dx, its two weight gradients and four bias sums."""
     from cellspec.program.save import op_buffers
 
     (cc,) = compile_source(read_source(SPECS / f"{spec}.cell"), ())
@@ -387,7 +388,24 @@ def test_work_behind_the_backward_steps(spec):
     assert prog.forward.loop().behind == prog.inference.loop().behind == ()
     if spec == "torch_gru":
         assert loop.ring == ("dgs_W_in_W_ir_W_iz__x",)
-        assert [type(o).__name__ for o in loop.behind] == ["WeightGrad"] * 2 + ["ProjectBack"] + ["RowSum"] * 4
+        assert [type(o).__name__ for o in loop.behind] == ["ProjectBack"] + ["WeightGrad"] * 2 + ["RowSum"] * 4
+
+
+def test_products_first_only_past_ops_they_do_not_depend_on():
+    """passes._products_first: an input's gradient (ProjectBack) goes ahead of the weight
+    gradients and row sums before it, but not past one that writes what it reads, nor past any
+    other kind of op."""
+    (cc,) = compile_source(read_source(SPECS / "torch_gru.cell"), ())
+    fn = cc.program.backward
+    behind = fn.loop().behind
+    pb = next(o for o in behind if isinstance(o, ir.ProjectBack))
+    wg = next(o for o in behind if isinstance(o, ir.WeightGrad))
+    rs = next(o for o in behind if isinstance(o, ir.RowSum))
+    assert passes._products_first(fn, (wg, rs, pb)) == (pb, wg, rs)
+    writes_its_input = replace(wg, scratch=pb.d_out)  # a pass that would overwrite the adjoint dx reads
+    assert passes._products_first(fn, (wg, writes_its_input, pb)) == (wg, writes_its_input, pb)
+    zero = ir.Zero(wg.d_out)
+    assert passes._products_first(fn, (wg, zero, pb)) == (wg, zero, pb)
 
 
 def test_run_behind_leaves_a_loop_with_other_ops_after_it():

@@ -1829,12 +1829,12 @@ static int antisymmetric_rnn_backward_run(const int64_t* dims, void* const* ptrs
         CS_SPLIT_DONE();
         CS_TEAM_END
         // the work behind the chunk's steps, on its rows
+        // grad_input:x = dg_W_mat__h @ [V]
+        CS_GEMM_NN_PACKED(n_c * n_B, n_I, n_H, b_dg_W_mat__h, n_H, pk_V_nn, b_dx_x + tc * n_B * (n_I), n_I, 0);
         // d[W_mat] += dg_W_mat__h^T @ h  (W_mat @ h)
         CS_GEMM_TN(n_H, n_H, n_c * n_B, b_dg_W_mat__h, n_H, b_s_h + tc * n_B * (n_H), n_H, g_W_mat, n_H, cs_more);
         // d[V] += dg_W_mat__h^T @ x  (V @ x)
         CS_GEMM_TN(n_H, n_I, n_c * n_B, b_dg_W_mat__h, n_H, b_x_x + tc * n_B * (n_I), n_I, g_V, n_I, cs_more);
-        // grad_input:x = dg_W_mat__h @ [V]
-        CS_GEMM_NN_PACKED(n_c * n_B, n_I, n_H, b_dg_W_mat__h, n_H, pk_V_nn, b_dx_x + tc * n_B * (n_I), n_I, 0);
         // d[b] += sum over rows of d_b
         CS_ROWSUM(n_c * n_B, n_H, b_dg_W_mat__h, n_H, g_b, cs_more);
     }

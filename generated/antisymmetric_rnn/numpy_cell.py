@@ -278,11 +278,11 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
         _dg_W_mat__h_at0[_t][...] = d_W_mat_h
         _ds_h_rows[_t][...] = d_h_direct
         _ds_h_rows[_t][...] += _dg_W_mat__h_at0[_t] @ _w_W_mat
+    np.matmul(_dg_W_mat__h.reshape(_T * _B, _H), _w_V, out=_dx_x.reshape(_T * _B, _I))
     # dW of W_mat @ h: one GEMM over all T*B rows
     _grads["W_mat"] = _dg_W_mat__h.reshape(_T * _B, _H).T @ _s_h[:_T].reshape(_T * _B, _H)
     # dW of V @ x: one GEMM over all T*B rows
     _grads["V"] = _dg_W_mat__h.reshape(_T * _B, _H).T @ _x_x.reshape(_T * _B, _I)
-    np.matmul(_dg_W_mat__h.reshape(_T * _B, _H), _w_V, out=_dx_x.reshape(_T * _B, _I))
     _sum = _dg_W_mat__h.reshape(_T * _B, _H).sum(0)
     _grads["b"] = _sum
     _grads["eps_H"] = np.zeros((_H,), _dtype)

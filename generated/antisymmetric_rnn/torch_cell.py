@@ -236,11 +236,11 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
         _dg_W_mat__h_at0[_t].copy_(d_W_mat_h)
         _ds_h_rows[_t].copy_(d_h_direct)
         _ds_h_rows[_t].addmm_(_dg_W_mat__h_at0[_t], _w_W_mat)
+    torch.mm(_dg_W_mat__h.reshape(_T * _B, _H), _w_V, out=_dx_x.reshape(_T * _B, _I))
     # dW of W_mat @ h: one GEMM over all T*B rows
     _grads["W_mat"] = _dg_W_mat__h.reshape(_T * _B, _H).T @ _s_h[:_T].reshape(_T * _B, _H)
     # dW of V @ x: one GEMM over all T*B rows
     _grads["V"] = _dg_W_mat__h.reshape(_T * _B, _H).T @ _x_x.reshape(_T * _B, _I)
-    torch.mm(_dg_W_mat__h.reshape(_T * _B, _H), _w_V, out=_dx_x.reshape(_T * _B, _I))
     _sum = _dg_W_mat__h.reshape(_T * _B, _H).sum(0)
     _grads["b"] = _sum
     _grads["eps_H"] = torch.zeros((_H,), dtype=_dtype, device=_device)
@@ -351,11 +351,11 @@ def _backward_differentiable(_params, _x, _saved, _d_outputs, _d_final, _bs=None
         _ds_h = d_h_direct
         _ds_h = _ds_h + _dg_W_mat__h_rows[_t] @ _w_W_mat
     _dg_W_mat__h = torch.stack(_dg_W_mat__h_rows)
+    _dx_x_rows = _scatter_rows(_dx_x_rows, 0, _T, None, None, _dg_W_mat__h.reshape(_T * _B, _H) @ _w_V, add=False)
     # dW of W_mat @ h: one GEMM over all T*B rows
     _grads["W_mat"] = _dg_W_mat__h.reshape(_T * _B, _H).T @ _s_h[:_T].reshape(_T * _B, _H)
     # dW of V @ x: one GEMM over all T*B rows
     _grads["V"] = _dg_W_mat__h.reshape(_T * _B, _H).T @ _x_x.reshape(_T * _B, _I)
-    _dx_x_rows = _scatter_rows(_dx_x_rows, 0, _T, None, None, _dg_W_mat__h.reshape(_T * _B, _H) @ _w_V, add=False)
     _sum = _dg_W_mat__h.reshape(_T * _B, _H).sum(0)
     _grads["b"] = _sum
     _dx_x = torch.stack(_dx_x_rows)
@@ -534,7 +534,7 @@ def _custom_ops(name, forward, backward, forward_schema, backward_schema, forwar
 #: the PyTorch engine's forward and backward as custom ops (the engine itself is the fake:
 #: it runs on fake tensors)
 _ENGINE_OPS = _custom_ops(
-    "antisymmetric_rnn_engine_75397c7c2a1f", _engine_op_forward_impl, _engine_op_backward_impl,
+    "antisymmetric_rnn_engine_d80542af4211", _engine_op_forward_impl, _engine_op_backward_impl,
     "(Tensor[] xs, Tensor[] states, Tensor[] params) -> Tensor[]",
     "(Tensor[] args, Tensor[] saved, Tensor?[] d_outputs, Tensor?[] d_finals) -> Tensor[]",
     _engine_op_forward_impl, _engine_op_backward_impl, _engine_op_backward, _engine_op_setup_context,
@@ -912,7 +912,7 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
 # The same two calls as PyTorch custom ops, for torch.compile (which traces them through their
 # fake implementations: the allocations above, without the call). Registered once per process
 # and content of this file; outputs are copies (an op's outputs may not alias each other).
-_OP = "antisymmetric_rnn_21f28c386e89"
+_OP = "antisymmetric_rnn_02dcd50fca2b"
 
 
 def _op_forward_impl(xs: list[torch.Tensor], states: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -364,6 +364,7 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
         _dp_p_o_at0[_t].copy_(d_p_o)
         _ds_c_rows[_t].copy_(d_c_prev)
         torch.mm(_dg_W_hi_W_hg_W_ho__h_at0[_t], _w_W_hi_W_hg_W_ho, out=_ds_h_rows[_t])
+    torch.mm(_dg_W_hi_W_hg_W_ho__h.reshape(_T * _B, 3*_H), _w_W_ii_W_ig_W_io, out=_dx_x.reshape(_T * _B, _I))
     # dW of W_hi @ h, W_hg @ h, W_ho @ h: one GEMM over all T*B rows
     _dw = _dg_W_hi_W_hg_W_ho__h.reshape(_T * _B, 3*_H).T @ _s_h[:_T].reshape(_T * _B, _H)
     _grads["W_hi"] = _dw[0:_H]
@@ -374,7 +375,6 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
     _grads["W_ii"] = _dw[0:_H]
     _grads["W_ig"] = _dw[_H:2*_H]
     _grads["W_io"] = _dw[2*_H:3*_H]
-    torch.mm(_dg_W_hi_W_hg_W_ho__h.reshape(_T * _B, 3*_H), _w_W_ii_W_ig_W_io, out=_dx_x.reshape(_T * _B, _I))
     _sum = _dp_p_i.reshape(_T * _B, _H).sum(0)
     _grads["p_i"] = _sum
     _sum = _dg_W_hi_W_hg_W_ho__h.reshape(_T * _B, 3*_H)[:, 0:_H].sum(0)
@@ -566,6 +566,7 @@ def _backward_differentiable(_params, _x, _saved, _d_outputs, _d_final, _bs=None
         _ds_c = d_c_prev
         _ds_h = _dg_W_hi_W_hg_W_ho__h_rows[_t] @ _w_W_hi_W_hg_W_ho
     _dg_W_hi_W_hg_W_ho__h = torch.stack(_dg_W_hi_W_hg_W_ho__h_rows)
+    _dx_x_rows = _scatter_rows(_dx_x_rows, 0, _T, None, None, _dg_W_hi_W_hg_W_ho__h.reshape(_T * _B, 3*_H) @ _w_W_ii_W_ig_W_io, add=False)
     # dW of W_hi @ h, W_hg @ h, W_ho @ h: one GEMM over all T*B rows
     _dw = _dg_W_hi_W_hg_W_ho__h.reshape(_T * _B, 3*_H).T @ _s_h[:_T].reshape(_T * _B, _H)
     _grads["W_hi"] = _dw[0:_H]
@@ -576,7 +577,6 @@ def _backward_differentiable(_params, _x, _saved, _d_outputs, _d_final, _bs=None
     _grads["W_ii"] = _dw[0:_H]
     _grads["W_ig"] = _dw[_H:2*_H]
     _grads["W_io"] = _dw[2*_H:3*_H]
-    _dx_x_rows = _scatter_rows(_dx_x_rows, 0, _T, None, None, _dg_W_hi_W_hg_W_ho__h.reshape(_T * _B, 3*_H) @ _w_W_ii_W_ig_W_io, add=False)
     _dp_p_i = torch.stack(_dp_p_i_rows)
     _sum = _dp_p_i.reshape(_T * _B, _H).sum(0)
     _grads["p_i"] = _sum
@@ -748,7 +748,7 @@ def _custom_ops(name, forward, backward, forward_schema, backward_schema, forwar
 #: the PyTorch engine's forward and backward as custom ops (the engine itself is the fake:
 #: it runs on fake tensors)
 _ENGINE_OPS = _custom_ops(
-    "cifg_lstm_engine_bfe198038fb8", _engine_op_forward_impl, _engine_op_backward_impl,
+    "cifg_lstm_engine_f5adeabf06c5", _engine_op_forward_impl, _engine_op_backward_impl,
     "(Tensor[] xs, Tensor[] states, Tensor[] params) -> Tensor[]",
     "(Tensor[] args, Tensor[] saved, Tensor?[] d_outputs, Tensor?[] d_finals) -> Tensor[]",
     _engine_op_forward_impl, _engine_op_backward_impl, _engine_op_backward, _engine_op_setup_context,
@@ -1146,7 +1146,7 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
 # The same two calls as PyTorch custom ops, for torch.compile (which traces them through their
 # fake implementations: the allocations above, without the call). Registered once per process
 # and content of this file; outputs are copies (an op's outputs may not alias each other).
-_OP = "cifg_lstm_6146704eb99e"
+_OP = "cifg_lstm_b2248c786f38"
 
 
 def _op_forward_impl(xs: list[torch.Tensor], states: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:

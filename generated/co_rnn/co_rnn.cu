@@ -1974,14 +1974,14 @@ static int co_rnn_backward_run(const int64_t* dims, void* const* ptrs, const cs_
         CS_SPLIT_DONE();
         CS_TEAM_END
         // the work behind the chunk's steps, on its rows
+        // grad_input:x = dg_W__y @ [V]
+        CS_GEMM_NN_PACKED(n_c * n_B, n_I, n_H, b_dg_W__y, n_H, pk_V_nn, b_dx_x + tc * n_B * (n_I), n_I, 0);
         // d[W] += dg_W__y^T @ y  (W @ y)
         CS_GEMM_TN(n_H, n_H, n_c * n_B, b_dg_W__y, n_H, b_s_y + tc * n_B * (n_H), n_H, g_W, n_H, cs_more);
         // d[W_z] += dg_W_z__z^T @ z  (W_z @ z)
         CS_GEMM_TN(n_H, n_H, n_c * n_B, b_dg_W_z__z, n_H, b_s_z + tc * n_B * (n_H), n_H, g_W_z, n_H, cs_more);
         // d[V] += dg_W__y^T @ x  (V @ x)
         CS_GEMM_TN(n_H, n_I, n_c * n_B, b_dg_W__y, n_H, b_x_x + tc * n_B * (n_I), n_I, g_V, n_I, cs_more);
-        // grad_input:x = dg_W__y @ [V]
-        CS_GEMM_NN_PACKED(n_c * n_B, n_I, n_H, b_dg_W__y, n_H, pk_V_nn, b_dx_x + tc * n_B * (n_I), n_I, 0);
         // d[b] += sum over rows of d_b
         CS_ROWSUM(n_c * n_B, n_H, b_dg_W__y, n_H, g_b, cs_more);
     }

@@ -337,13 +337,13 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
         _ds_z_rows[_t][...] = d_z_direct
         _ds_y_rows[_t][...] += _dg_W__y_at0[_t] @ _w_W
         _ds_z_rows[_t][...] += _dg_W_z__z_at0[_t] @ _w_W_z
+    np.matmul(_dg_W__y.reshape(_T * _B, _H), _w_V, out=_dx_x.reshape(_T * _B, _I))
     # dW of W @ y: one GEMM over all T*B rows
     _grads["W"] = _dg_W__y.reshape(_T * _B, _H).T @ _s_y[:_T].reshape(_T * _B, _H)
     # dW of W_z @ z: one GEMM over all T*B rows
     _grads["W_z"] = _dg_W_z__z.reshape(_T * _B, _H).T @ _s_z[:_T].reshape(_T * _B, _H)
     # dW of V @ x: one GEMM over all T*B rows
     _grads["V"] = _dg_W__y.reshape(_T * _B, _H).T @ _x_x.reshape(_T * _B, _I)
-    np.matmul(_dg_W__y.reshape(_T * _B, _H), _w_V, out=_dx_x.reshape(_T * _B, _I))
     _sum = _dg_W__y.reshape(_T * _B, _H).sum(0)
     _grads["b"] = _sum
     _grads["dt_H"] = np.zeros((_H,), _dtype)

@@ -300,13 +300,13 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
         _ds_z_rows[_t].copy_(d_z_direct)
         _ds_y_rows[_t].addmm_(_dg_W__y_at0[_t], _w_W)
         _ds_z_rows[_t].addmm_(_dg_W_z__z_at0[_t], _w_W_z)
+    torch.mm(_dg_W__y.reshape(_T * _B, _H), _w_V, out=_dx_x.reshape(_T * _B, _I))
     # dW of W @ y: one GEMM over all T*B rows
     _grads["W"] = _dg_W__y.reshape(_T * _B, _H).T @ _s_y[:_T].reshape(_T * _B, _H)
     # dW of W_z @ z: one GEMM over all T*B rows
     _grads["W_z"] = _dg_W_z__z.reshape(_T * _B, _H).T @ _s_z[:_T].reshape(_T * _B, _H)
     # dW of V @ x: one GEMM over all T*B rows
     _grads["V"] = _dg_W__y.reshape(_T * _B, _H).T @ _x_x.reshape(_T * _B, _I)
-    torch.mm(_dg_W__y.reshape(_T * _B, _H), _w_V, out=_dx_x.reshape(_T * _B, _I))
     _sum = _dg_W__y.reshape(_T * _B, _H).sum(0)
     _grads["b"] = _sum
     _grads["dt_H"] = torch.zeros((_H,), dtype=_dtype, device=_device)
@@ -454,6 +454,7 @@ def _backward_differentiable(_params, _x, _saved, _d_outputs, _d_final, _bs=None
         _ds_y = _ds_y + _dg_W__y_rows[_t] @ _w_W
         _ds_z = _ds_z + _dg_W_z__z_rows[_t] @ _w_W_z
     _dg_W__y = torch.stack(_dg_W__y_rows)
+    _dx_x_rows = _scatter_rows(_dx_x_rows, 0, _T, None, None, _dg_W__y.reshape(_T * _B, _H) @ _w_V, add=False)
     # dW of W @ y: one GEMM over all T*B rows
     _grads["W"] = _dg_W__y.reshape(_T * _B, _H).T @ _s_y[:_T].reshape(_T * _B, _H)
     _dg_W_z__z = torch.stack(_dg_W_z__z_rows)
@@ -461,7 +462,6 @@ def _backward_differentiable(_params, _x, _saved, _d_outputs, _d_final, _bs=None
     _grads["W_z"] = _dg_W_z__z.reshape(_T * _B, _H).T @ _s_z[:_T].reshape(_T * _B, _H)
     # dW of V @ x: one GEMM over all T*B rows
     _grads["V"] = _dg_W__y.reshape(_T * _B, _H).T @ _x_x.reshape(_T * _B, _I)
-    _dx_x_rows = _scatter_rows(_dx_x_rows, 0, _T, None, None, _dg_W__y.reshape(_T * _B, _H) @ _w_V, add=False)
     _sum = _dg_W__y.reshape(_T * _B, _H).sum(0)
     _grads["b"] = _sum
     _dx_x = torch.stack(_dx_x_rows)
@@ -643,7 +643,7 @@ def _custom_ops(name, forward, backward, forward_schema, backward_schema, forwar
 #: the PyTorch engine's forward and backward as custom ops (the engine itself is the fake:
 #: it runs on fake tensors)
 _ENGINE_OPS = _custom_ops(
-    "co_rnn_engine_b5a181b9dde2", _engine_op_forward_impl, _engine_op_backward_impl,
+    "co_rnn_engine_ee40e087ec3e", _engine_op_forward_impl, _engine_op_backward_impl,
     "(Tensor[] xs, Tensor[] states, Tensor[] params) -> Tensor[]",
     "(Tensor[] args, Tensor[] saved, Tensor?[] d_outputs, Tensor?[] d_finals) -> Tensor[]",
     _engine_op_forward_impl, _engine_op_backward_impl, _engine_op_backward, _engine_op_setup_context,
@@ -1037,7 +1037,7 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
 # The same two calls as PyTorch custom ops, for torch.compile (which traces them through their
 # fake implementations: the allocations above, without the call). Registered once per process
 # and content of this file; outputs are copies (an op's outputs may not alias each other).
-_OP = "co_rnn_b0c84c41ed26"
+_OP = "co_rnn_821855c14ea2"
 
 
 def _op_forward_impl(xs: list[torch.Tensor], states: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:

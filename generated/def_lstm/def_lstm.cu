@@ -2101,14 +2101,14 @@ static int def_lstm_backward_run(const int64_t* dims, void* const* ptrs, const c
         CS_SPLIT_DONE();
         CS_TEAM_END
         // the work behind the chunk's steps, on its rows
+        // grad_input:x = dg_U_i_U_f_U_g_U_o__h @ [W_i, W_f, W_g, W_o]
+        CS_GEMM_NN_PACKED(n_c * n_B, n_I, 4*n_H, b_dg_U_i_U_f_U_g_U_o__h, 4*n_H, pk_W_i_W_f_W_g_W_o_nn, b_dx_x + tc * n_B * (n_I), n_I, 0);
         // d[U_i, U_f, U_g, U_o] += dg_U_i_U_f_U_g_U_o__h^T @ h  (U_i @ h, U_f @ h, U_g @ h, U_o @ h)
         // the glue passes the grads of U_i, U_f, U_g, U_o as rows of b_dw_U_i_U_f_U_g_U_o: the copies below are then no-ops
         // d[W_i, W_f, W_g, W_o] += dg_U_i_U_f_U_g_U_o__h^T @ x  (W_i @ x, W_f @ x, W_g @ x, W_o @ x)
         // the glue passes the grads of W_i, W_f, W_g, W_o as rows of b_dw_W_i_W_f_W_g_W_o: the copies below are then no-ops
         // one pass over it for all of them, with its column sums (the bias gradients below)
         CS_WEIGHT_GRADS(wg_dg_U_i_U_f_U_g_U_o__h, 4*n_H, n_c * n_B, n_T * n_B, b_dg_U_i_U_f_U_g_U_o__h, 4*n_H, 1, cs_more, {b_s_h + tc * n_B * (n_H), n_H, n_H, b_dw_U_i_U_f_U_g_U_o, n_H}, {b_x_x + tc * n_B * (n_I), n_I, n_I, b_dw_W_i_W_f_W_g_W_o, n_I});
-        // grad_input:x = dg_U_i_U_f_U_g_U_o__h @ [W_i, W_f, W_g, W_o]
-        CS_GEMM_NN_PACKED(n_c * n_B, n_I, 4*n_H, b_dg_U_i_U_f_U_g_U_o__h, 4*n_H, pk_W_i_W_f_W_g_W_o_nn, b_dx_x + tc * n_B * (n_I), n_I, 0);
         // d[b_i] += sum over rows of d_b_i (column sums of dg_U_i_U_f_U_g_U_o__h from its dW pass where the own kernel ran it)
         CS_COLSUM(wg_dg_U_i_U_f_U_g_U_o__h, n_c * n_B, n_H, b_dg_U_i_U_f_U_g_U_o__h, 4*n_H, g_b_i, cs_more);
         // d[b_f] += sum over rows of d_b_f (column sums of dg_U_i_U_f_U_g_U_o__h from its dW pass where the own kernel ran it)

@@ -400,6 +400,7 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
         _dp_beta_H_at0[_t][...] = d_beta_H
         _ds_c_rows[_t][...] = d_c_prev
         np.matmul(_dg_U_i_U_f_U_g_U_o__h_at0[_t], _w_U_i_U_f_U_g_U_o, out=_ds_h_rows[_t])
+    np.matmul(_dg_U_i_U_f_U_g_U_o__h.reshape(_T * _B, 4*_H), _w_W_i_W_f_W_g_W_o, out=_dx_x.reshape(_T * _B, _I))
     # dW of U_i @ h, U_f @ h, U_g @ h, U_o @ h: one GEMM over all T*B rows
     _dw = _dg_U_i_U_f_U_g_U_o__h.reshape(_T * _B, 4*_H).T @ _s_h[:_T].reshape(_T * _B, _H)
     _grads["U_i"] = _dw[0:_H]
@@ -412,7 +413,6 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
     _grads["W_f"] = _dw[_H:2*_H]
     _grads["W_g"] = _dw[2*_H:3*_H]
     _grads["W_o"] = _dw[3*_H:4*_H]
-    np.matmul(_dg_U_i_U_f_U_g_U_o__h.reshape(_T * _B, 4*_H), _w_W_i_W_f_W_g_W_o, out=_dx_x.reshape(_T * _B, _I))
     _sum = _dg_U_i_U_f_U_g_U_o__h.reshape(_T * _B, 4*_H)[:, 0:_H].sum(0)
     _grads["b_i"] = _sum
     _sum = _dg_U_i_U_f_U_g_U_o__h.reshape(_T * _B, 4*_H)[:, _H:2*_H].sum(0)

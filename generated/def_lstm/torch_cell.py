@@ -376,6 +376,7 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
         _dp_beta_H_at0[_t].copy_(d_beta_H)
         _ds_c_rows[_t].copy_(d_c_prev)
         torch.mm(_dg_U_i_U_f_U_g_U_o__h_at0[_t], _w_U_i_U_f_U_g_U_o, out=_ds_h_rows[_t])
+    torch.mm(_dg_U_i_U_f_U_g_U_o__h.reshape(_T * _B, 4*_H), _w_W_i_W_f_W_g_W_o, out=_dx_x.reshape(_T * _B, _I))
     # dW of U_i @ h, U_f @ h, U_g @ h, U_o @ h: one GEMM over all T*B rows
     _dw = _dg_U_i_U_f_U_g_U_o__h.reshape(_T * _B, 4*_H).T @ _s_h[:_T].reshape(_T * _B, _H)
     _grads["U_i"] = _dw[0:_H]
@@ -388,7 +389,6 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
     _grads["W_f"] = _dw[_H:2*_H]
     _grads["W_g"] = _dw[2*_H:3*_H]
     _grads["W_o"] = _dw[3*_H:4*_H]
-    torch.mm(_dg_U_i_U_f_U_g_U_o__h.reshape(_T * _B, 4*_H), _w_W_i_W_f_W_g_W_o, out=_dx_x.reshape(_T * _B, _I))
     _sum = _dg_U_i_U_f_U_g_U_o__h.reshape(_T * _B, 4*_H)[:, 0:_H].sum(0)
     _grads["b_i"] = _sum
     _sum = _dg_U_i_U_f_U_g_U_o__h.reshape(_T * _B, 4*_H)[:, _H:2*_H].sum(0)
@@ -582,6 +582,7 @@ def _backward_differentiable(_params, _x, _saved, _d_outputs, _d_final, _bs=None
         _ds_c = d_c_prev
         _ds_h = _dg_U_i_U_f_U_g_U_o__h_rows[_t] @ _w_U_i_U_f_U_g_U_o
     _dg_U_i_U_f_U_g_U_o__h = torch.stack(_dg_U_i_U_f_U_g_U_o__h_rows)
+    _dx_x_rows = _scatter_rows(_dx_x_rows, 0, _T, None, None, _dg_U_i_U_f_U_g_U_o__h.reshape(_T * _B, 4*_H) @ _w_W_i_W_f_W_g_W_o, add=False)
     # dW of U_i @ h, U_f @ h, U_g @ h, U_o @ h: one GEMM over all T*B rows
     _dw = _dg_U_i_U_f_U_g_U_o__h.reshape(_T * _B, 4*_H).T @ _s_h[:_T].reshape(_T * _B, _H)
     _grads["U_i"] = _dw[0:_H]
@@ -594,7 +595,6 @@ def _backward_differentiable(_params, _x, _saved, _d_outputs, _d_final, _bs=None
     _grads["W_f"] = _dw[_H:2*_H]
     _grads["W_g"] = _dw[2*_H:3*_H]
     _grads["W_o"] = _dw[3*_H:4*_H]
-    _dx_x_rows = _scatter_rows(_dx_x_rows, 0, _T, None, None, _dg_U_i_U_f_U_g_U_o__h.reshape(_T * _B, 4*_H) @ _w_W_i_W_f_W_g_W_o, add=False)
     _sum = _dg_U_i_U_f_U_g_U_o__h.reshape(_T * _B, 4*_H)[:, 0:_H].sum(0)
     _grads["b_i"] = _sum
     _sum = _dg_U_i_U_f_U_g_U_o__h.reshape(_T * _B, 4*_H)[:, _H:2*_H].sum(0)
@@ -780,7 +780,7 @@ def _custom_ops(name, forward, backward, forward_schema, backward_schema, forwar
 #: the PyTorch engine's forward and backward as custom ops (the engine itself is the fake:
 #: it runs on fake tensors)
 _ENGINE_OPS = _custom_ops(
-    "def_lstm_engine_80043cc4221c", _engine_op_forward_impl, _engine_op_backward_impl,
+    "def_lstm_engine_1e4fd75408fd", _engine_op_forward_impl, _engine_op_backward_impl,
     "(Tensor[] xs, Tensor[] states, Tensor[] params) -> Tensor[]",
     "(Tensor[] args, Tensor[] saved, Tensor?[] d_outputs, Tensor?[] d_finals) -> Tensor[]",
     _engine_op_forward_impl, _engine_op_backward_impl, _engine_op_backward, _engine_op_setup_context,
@@ -1177,7 +1177,7 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
 # The same two calls as PyTorch custom ops, for torch.compile (which traces them through their
 # fake implementations: the allocations above, without the call). Registered once per process
 # and content of this file; outputs are copies (an op's outputs may not alias each other).
-_OP = "def_lstm_5ad28578bd9a"
+_OP = "def_lstm_dbf13bd0eae1"
 
 
 def _op_forward_impl(xs: list[torch.Tensor], states: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -1776,12 +1776,12 @@ static int elman_backward_run(const int64_t* dims, void* const* ptrs, const cs_c
         CS_SPLIT_DONE();
         CS_TEAM_END
         // the work behind the chunk's steps, on its rows
+        // grad_input:x = dg_W_hh__h @ [W_ih]
+        CS_GEMM_NN_PACKED(n_c * n_B, n_I, n_H, b_dg_W_hh__h, n_H, pk_W_ih_nn, b_dx_x + tc * n_B * (n_I), n_I, 0);
         // d[W_hh] += dg_W_hh__h^T @ h  (W_hh @ h)
         CS_GEMM_TN(n_H, n_H, n_c * n_B, b_dg_W_hh__h, n_H, b_s_h + tc * n_B * (n_H), n_H, g_W_hh, n_H, cs_more);
         // d[W_ih] += dg_W_hh__h^T @ x  (W_ih @ x)
         CS_GEMM_TN(n_H, n_I, n_c * n_B, b_dg_W_hh__h, n_H, b_x_x + tc * n_B * (n_I), n_I, g_W_ih, n_I, cs_more);
-        // grad_input:x = dg_W_hh__h @ [W_ih]
-        CS_GEMM_NN_PACKED(n_c * n_B, n_I, n_H, b_dg_W_hh__h, n_H, pk_W_ih_nn, b_dx_x + tc * n_B * (n_I), n_I, 0);
         // d[b_ih, b_hh] += sum over rows of d_b_ih (summed once)
         CS_ROWSUM(n_c * n_B, n_H, b_dg_W_hh__h, n_H, b_sum_d_b_ih, cs_more);
     }

@@ -267,11 +267,11 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
         d_W_hh_h = d_h_next*(1 - (h_next*h_next))  # adjoint of W_hh @ h
         _dg_W_hh__h_at0[_t][...] = d_W_hh_h
         np.matmul(_dg_W_hh__h_at0[_t], _w_W_hh, out=_ds_h_rows[_t])
+    np.matmul(_dg_W_hh__h.reshape(_T * _B, _H), _w_W_ih, out=_dx_x.reshape(_T * _B, _I))
     # dW of W_hh @ h: one GEMM over all T*B rows
     _grads["W_hh"] = _dg_W_hh__h.reshape(_T * _B, _H).T @ _s_h[:_T].reshape(_T * _B, _H)
     # dW of W_ih @ x: one GEMM over all T*B rows
     _grads["W_ih"] = _dg_W_hh__h.reshape(_T * _B, _H).T @ _x_x.reshape(_T * _B, _I)
-    np.matmul(_dg_W_hh__h.reshape(_T * _B, _H), _w_W_ih, out=_dx_x.reshape(_T * _B, _I))
     _sum = _dg_W_hh__h.reshape(_T * _B, _H).sum(0)
     _grads["b_ih"] = _sum
     _grads["b_hh"] = _sum

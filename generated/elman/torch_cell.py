@@ -225,11 +225,11 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
         d_W_hh_h = d_h_next*(1 - (h_next*h_next))  # adjoint of W_hh @ h
         _dg_W_hh__h_at0[_t].copy_(d_W_hh_h)
         torch.mm(_dg_W_hh__h_at0[_t], _w_W_hh, out=_ds_h_rows[_t])
+    torch.mm(_dg_W_hh__h.reshape(_T * _B, _H), _w_W_ih, out=_dx_x.reshape(_T * _B, _I))
     # dW of W_hh @ h: one GEMM over all T*B rows
     _grads["W_hh"] = _dg_W_hh__h.reshape(_T * _B, _H).T @ _s_h[:_T].reshape(_T * _B, _H)
     # dW of W_ih @ x: one GEMM over all T*B rows
     _grads["W_ih"] = _dg_W_hh__h.reshape(_T * _B, _H).T @ _x_x.reshape(_T * _B, _I)
-    torch.mm(_dg_W_hh__h.reshape(_T * _B, _H), _w_W_ih, out=_dx_x.reshape(_T * _B, _I))
     _sum = _dg_W_hh__h.reshape(_T * _B, _H).sum(0)
     _grads["b_ih"] = _sum
     _grads["b_hh"] = _sum
@@ -331,11 +331,11 @@ def _backward_differentiable(_params, _x, _saved, _d_outputs, _d_final, _bs=None
         _dg_W_hh__h_rows[_t] = d_W_hh_h
         _ds_h = _dg_W_hh__h_rows[_t] @ _w_W_hh
     _dg_W_hh__h = torch.stack(_dg_W_hh__h_rows)
+    _dx_x_rows = _scatter_rows(_dx_x_rows, 0, _T, None, None, _dg_W_hh__h.reshape(_T * _B, _H) @ _w_W_ih, add=False)
     # dW of W_hh @ h: one GEMM over all T*B rows
     _grads["W_hh"] = _dg_W_hh__h.reshape(_T * _B, _H).T @ _s_h[:_T].reshape(_T * _B, _H)
     # dW of W_ih @ x: one GEMM over all T*B rows
     _grads["W_ih"] = _dg_W_hh__h.reshape(_T * _B, _H).T @ _x_x.reshape(_T * _B, _I)
-    _dx_x_rows = _scatter_rows(_dx_x_rows, 0, _T, None, None, _dg_W_hh__h.reshape(_T * _B, _H) @ _w_W_ih, add=False)
     _sum = _dg_W_hh__h.reshape(_T * _B, _H).sum(0)
     _grads["b_ih"] = _sum
     _grads["b_hh"] = _sum
@@ -498,7 +498,7 @@ def _custom_ops(name, forward, backward, forward_schema, backward_schema, forwar
 #: the PyTorch engine's forward and backward as custom ops (the engine itself is the fake:
 #: it runs on fake tensors)
 _ENGINE_OPS = _custom_ops(
-    "elman_engine_0814ed8dcc5e", _engine_op_forward_impl, _engine_op_backward_impl,
+    "elman_engine_05bfe2d01c76", _engine_op_forward_impl, _engine_op_backward_impl,
     "(Tensor[] xs, Tensor[] states, Tensor[] params) -> Tensor[]",
     "(Tensor[] args, Tensor[] saved, Tensor?[] d_outputs, Tensor?[] d_finals) -> Tensor[]",
     _engine_op_forward_impl, _engine_op_backward_impl, _engine_op_backward, _engine_op_setup_context,
@@ -872,7 +872,7 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
 # The same two calls as PyTorch custom ops, for torch.compile (which traces them through their
 # fake implementations: the allocations above, without the call). Registered once per process
 # and content of this file; outputs are copies (an op's outputs may not alias each other).
-_OP = "elman_34668b1b3ea9"
+_OP = "elman_967c1c26cc7c"
 
 
 def _op_forward_impl(xs: list[torch.Tensor], states: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:

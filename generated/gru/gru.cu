@@ -2258,6 +2258,8 @@ static int gru_backward_run(const int64_t* dims, void* const* ptrs, const cs_ctx
         CS_SPLIT_DONE();
         CS_TEAM_END
         // the work behind the chunk's steps, on its rows
+        // grad_input:x = dgs_W_r_W_u_W_c__x @ [W_r, W_u, W_c]
+        CS_GEMM_NN_PACKED(n_c * n_B, n_I, 3*n_H, b_dgs_W_r_W_u_W_c__x, 3*n_H, pk_W_r_W_u_W_c_nn, b_dx_x + tc * n_B * (n_I), n_I, 0);
         // d[U_r, U_u] += dgs_W_r_W_u_W_c__x^T @ h  (U_r @ h, U_u @ h)
         // the glue passes the grads of U_r, U_u as rows of b_dw_U_r_U_u: the copies below are then no-ops
         CS_WEIGHT_GRADS(wg_dgs_W_r_W_u_W_c__x, 2*n_H, n_c * n_B, n_T * n_B, b_dgs_W_r_W_u_W_c__x, 3*n_H, 0, cs_more, {b_s_h + tc * n_B * (n_H), n_H, n_H, b_dw_U_r_U_u, n_H});
@@ -2267,8 +2269,6 @@ static int gru_backward_run(const int64_t* dims, void* const* ptrs, const cs_ctx
         // the glue passes the grads of W_r, W_u, W_c as rows of b_dw_W_r_W_u_W_c: the copies below are then no-ops
         // its pass, with its column sums (the bias gradients below)
         CS_WEIGHT_GRADS(wg_dgs_W_r_W_u_W_c__x_1, 3*n_H, n_c * n_B, n_T * n_B, b_dgs_W_r_W_u_W_c__x, 3*n_H, 1, cs_more, {b_x_x + tc * n_B * (n_I), n_I, n_I, b_dw_W_r_W_u_W_c, n_I});
-        // grad_input:x = dgs_W_r_W_u_W_c__x @ [W_r, W_u, W_c]
-        CS_GEMM_NN_PACKED(n_c * n_B, n_I, 3*n_H, b_dgs_W_r_W_u_W_c__x, 3*n_H, pk_W_r_W_u_W_c_nn, b_dx_x + tc * n_B * (n_I), n_I, 0);
         // d[b_r] += sum over rows of d_b_r (column sums of dgs_W_r_W_u_W_c__x from its dW pass where the own kernel ran it)
         CS_COLSUM(wg_dgs_W_r_W_u_W_c__x_1, n_c * n_B, n_H, b_dgs_W_r_W_u_W_c__x, 3*n_H, g_b_r, cs_more);
         // d[b_u] += sum over rows of d_b_u (column sums of dgs_W_r_W_u_W_c__x from its dW pass where the own kernel ran it)

@@ -380,6 +380,7 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
         _dgs_W_r_W_u_W_c__x_at0[_t][:, _H:2*_H][...] = d_U_u_h
         _ds_h_rows[_t][...] = d_h_direct
         _ds_h_rows[_t][...] += _dgs_W_r_W_u_W_c__x_at0[_t][:, 0:2*_H] @ _w_U_r_U_u
+    np.matmul(_dgs_W_r_W_u_W_c__x.reshape(_T * _B, 3*_H), _w_W_r_W_u_W_c, out=_dx_x.reshape(_T * _B, _I))
     # dW of U_r @ h, U_u @ h: one GEMM over all T*B rows
     _dw = _dgs_W_r_W_u_W_c__x.reshape(_T * _B, 3*_H)[:, 0:2*_H].T @ _s_h[:_T].reshape(_T * _B, _H)
     _grads["U_r"] = _dw[0:_H]
@@ -391,7 +392,6 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
     _grads["W_r"] = _dw[0:_H]
     _grads["W_u"] = _dw[_H:2*_H]
     _grads["W_c"] = _dw[2*_H:3*_H]
-    np.matmul(_dgs_W_r_W_u_W_c__x.reshape(_T * _B, 3*_H), _w_W_r_W_u_W_c, out=_dx_x.reshape(_T * _B, _I))
     _sum = _dgs_W_r_W_u_W_c__x.reshape(_T * _B, 3*_H)[:, 0:_H].sum(0)
     _grads["b_r"] = _sum
     _sum = _dgs_W_r_W_u_W_c__x.reshape(_T * _B, 3*_H)[:, _H:2*_H].sum(0)

@@ -349,6 +349,7 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
         _dgs_W_r_W_u_W_c__x_at0[_t][:, _H:2*_H].copy_(d_U_u_h)
         _ds_h_rows[_t].copy_(d_h_direct)
         _ds_h_rows[_t].addmm_(_dgs_W_r_W_u_W_c__x_at0[_t][:, 0:2*_H], _w_U_r_U_u)
+    torch.mm(_dgs_W_r_W_u_W_c__x.reshape(_T * _B, 3*_H), _w_W_r_W_u_W_c, out=_dx_x.reshape(_T * _B, _I))
     # dW of U_r @ h, U_u @ h: one GEMM over all T*B rows
     _dw = _dgs_W_r_W_u_W_c__x.reshape(_T * _B, 3*_H)[:, 0:2*_H].T @ _s_h[:_T].reshape(_T * _B, _H)
     _grads["U_r"] = _dw[0:_H]
@@ -360,7 +361,6 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
     _grads["W_r"] = _dw[0:_H]
     _grads["W_u"] = _dw[_H:2*_H]
     _grads["W_c"] = _dw[2*_H:3*_H]
-    torch.mm(_dgs_W_r_W_u_W_c__x.reshape(_T * _B, 3*_H), _w_W_r_W_u_W_c, out=_dx_x.reshape(_T * _B, _I))
     _sum = _dgs_W_r_W_u_W_c__x.reshape(_T * _B, 3*_H)[:, 0:_H].sum(0)
     _grads["b_r"] = _sum
     _sum = _dgs_W_r_W_u_W_c__x.reshape(_T * _B, 3*_H)[:, _H:2*_H].sum(0)
@@ -537,6 +537,7 @@ def _backward_differentiable(_params, _x, _saved, _d_outputs, _d_final, _bs=None
         _ds_h = d_h_direct
         _ds_h = _ds_h + _dgs_W_r_W_u_W_c__x_rows[_t][:, 0:2*_H] @ _w_U_r_U_u
     _dgs_W_r_W_u_W_c__x = torch.stack(_dgs_W_r_W_u_W_c__x_rows)
+    _dx_x_rows = _scatter_rows(_dx_x_rows, 0, _T, None, None, _dgs_W_r_W_u_W_c__x.reshape(_T * _B, 3*_H) @ _w_W_r_W_u_W_c, add=False)
     # dW of U_r @ h, U_u @ h: one GEMM over all T*B rows
     _dw = _dgs_W_r_W_u_W_c__x.reshape(_T * _B, 3*_H)[:, 0:2*_H].T @ _s_h[:_T].reshape(_T * _B, _H)
     _grads["U_r"] = _dw[0:_H]
@@ -548,7 +549,6 @@ def _backward_differentiable(_params, _x, _saved, _d_outputs, _d_final, _bs=None
     _grads["W_r"] = _dw[0:_H]
     _grads["W_u"] = _dw[_H:2*_H]
     _grads["W_c"] = _dw[2*_H:3*_H]
-    _dx_x_rows = _scatter_rows(_dx_x_rows, 0, _T, None, None, _dgs_W_r_W_u_W_c__x.reshape(_T * _B, 3*_H) @ _w_W_r_W_u_W_c, add=False)
     _sum = _dgs_W_r_W_u_W_c__x.reshape(_T * _B, 3*_H)[:, 0:_H].sum(0)
     _grads["b_r"] = _sum
     _sum = _dgs_W_r_W_u_W_c__x.reshape(_T * _B, 3*_H)[:, _H:2*_H].sum(0)
@@ -714,7 +714,7 @@ def _custom_ops(name, forward, backward, forward_schema, backward_schema, forwar
 #: the PyTorch engine's forward and backward as custom ops (the engine itself is the fake:
 #: it runs on fake tensors)
 _ENGINE_OPS = _custom_ops(
-    "gru_engine_ae56090e4a1f", _engine_op_forward_impl, _engine_op_backward_impl,
+    "gru_engine_364cee03f5cd", _engine_op_forward_impl, _engine_op_backward_impl,
     "(Tensor[] xs, Tensor[] states, Tensor[] params) -> Tensor[]",
     "(Tensor[] args, Tensor[] saved, Tensor?[] d_outputs, Tensor?[] d_finals) -> Tensor[]",
     _engine_op_forward_impl, _engine_op_backward_impl, _engine_op_backward, _engine_op_setup_context,
@@ -1101,7 +1101,7 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
 # The same two calls as PyTorch custom ops, for torch.compile (which traces them through their
 # fake implementations: the allocations above, without the call). Registered once per process
 # and content of this file; outputs are copies (an op's outputs may not alias each other).
-_OP = "gru_7b04c5e09ca7"
+_OP = "gru_8bc646db8c3b"
 
 
 def _op_forward_impl(xs: list[torch.Tensor], states: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -2810,14 +2810,14 @@ static int haste_layer_norm_lstm_backward_run(const int64_t* dims, void* const* 
         CS_SPLIT_DONE();
         CS_TEAM_END
         // the work behind the chunk's steps, on its rows
+        // grad_input:x = dhg_W_i_W_g_W_f_W_o__x @ [W_i, W_g, W_f, W_o]
+        CS_GEMM_NN_PACKED(n_c * n_B, n_I, 4*n_H, b_dhg_W_i_W_g_W_f_W_o__x, 4*n_H, pk_W_i_W_g_W_f_W_o_nn, b_dx_x + tc * n_B * (n_I), n_I, 0);
         // d[R_i, R_g, R_f, R_o] += dg_R_i_R_g_R_f_R_o__h^T @ h  (R_i @ h, R_g @ h, R_f @ h, R_o @ h)
         // the glue passes the grads of R_i, R_g, R_f, R_o as rows of b_dw_R_i_R_g_R_f_R_o: the copies below are then no-ops
         CS_WEIGHT_GRADS(wg_dg_R_i_R_g_R_f_R_o__h, 4*n_H, n_c * n_B, n_T * n_B, b_dg_R_i_R_g_R_f_R_o__h, 4*n_H, 0, cs_more, {b_s_h + tc * n_B * (n_H), n_H, n_H, b_dw_R_i_R_g_R_f_R_o, n_H});
         // d[W_i, W_g, W_f, W_o] += dhg_W_i_W_g_W_f_W_o__x^T @ x  (W_i @ x, W_g @ x, W_f @ x, W_o @ x)
         // the glue passes the grads of W_i, W_g, W_f, W_o as rows of b_dw_W_i_W_g_W_f_W_o: the copies below are then no-ops
         CS_WEIGHT_GRADS(wg_dhg_W_i_W_g_W_f_W_o__x, 4*n_H, n_c * n_B, n_T * n_B, b_dhg_W_i_W_g_W_f_W_o__x, 4*n_H, 0, cs_more, {b_x_x + tc * n_B * (n_I), n_I, n_I, b_dw_W_i_W_g_W_f_W_o, n_I});
-        // grad_input:x = dhg_W_i_W_g_W_f_W_o__x @ [W_i, W_g, W_f, W_o]
-        CS_GEMM_NN_PACKED(n_c * n_B, n_I, 4*n_H, b_dhg_W_i_W_g_W_f_W_o__x, 4*n_H, pk_W_i_W_g_W_f_W_o_nn, b_dx_x + tc * n_B * (n_I), n_I, 0);
         // d[b_i] += sum over rows of d_b_i
         CS_ROWSUM(n_c * n_B, n_H, b_dp_b_i + tc * n_B * (n_H), n_H, g_b_i, cs_more);
         // d[b_g] += sum over rows of d_b_g

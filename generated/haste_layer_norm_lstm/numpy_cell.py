@@ -828,6 +828,7 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
         _dhg_W_i_W_g_W_f_W_o__x_at0[_t][:, 3*_H:4*_H][...] = d_W_o_x
         _ds_h_rows[_t][...] = d_h
         _ds_c_rows[_t][...] = d_c
+    np.matmul(_dhg_W_i_W_g_W_f_W_o__x.reshape(_T * _B, 4*_H), _w_W_i_W_g_W_f_W_o, out=_dx_x.reshape(_T * _B, _I))
     # dW of R_i @ h, R_g @ h, R_f @ h, R_o @ h: one GEMM over all T*B rows
     _dw = _dg_R_i_R_g_R_f_R_o__h.reshape(_T * _B, 4*_H).T @ _s_h[:_T].reshape(_T * _B, _H)
     _grads["R_i"] = _dw[0:_H]
@@ -840,7 +841,6 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
     _grads["W_g"] = _dw[_H:2*_H]
     _grads["W_f"] = _dw[2*_H:3*_H]
     _grads["W_o"] = _dw[3*_H:4*_H]
-    np.matmul(_dhg_W_i_W_g_W_f_W_o__x.reshape(_T * _B, 4*_H), _w_W_i_W_g_W_f_W_o, out=_dx_x.reshape(_T * _B, _I))
     _sum = _dp_b_i.reshape(_T * _B, _H).sum(0)
     _grads["b_i"] = _sum
     _sum = _dp_b_g.reshape(_T * _B, _H).sum(0)

@@ -836,6 +836,7 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
         _dhg_W_i_W_g_W_f_W_o__x_at0[_t][:, 3*_H:4*_H].copy_(d_W_o_x)
         _ds_h_rows[_t].copy_(d_h)
         _ds_c_rows[_t].copy_(d_c)
+    torch.mm(_dhg_W_i_W_g_W_f_W_o__x.reshape(_T * _B, 4*_H), _w_W_i_W_g_W_f_W_o, out=_dx_x.reshape(_T * _B, _I))
     # dW of R_i @ h, R_g @ h, R_f @ h, R_o @ h: one GEMM over all T*B rows
     _dw = _dg_R_i_R_g_R_f_R_o__h.reshape(_T * _B, 4*_H).T @ _s_h[:_T].reshape(_T * _B, _H)
     _grads["R_i"] = _dw[0:_H]
@@ -848,7 +849,6 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
     _grads["W_g"] = _dw[_H:2*_H]
     _grads["W_f"] = _dw[2*_H:3*_H]
     _grads["W_o"] = _dw[3*_H:4*_H]
-    torch.mm(_dhg_W_i_W_g_W_f_W_o__x.reshape(_T * _B, 4*_H), _w_W_i_W_g_W_f_W_o, out=_dx_x.reshape(_T * _B, _I))
     _sum = _dp_b_i.reshape(_T * _B, _H).sum(0)
     _grads["b_i"] = _sum
     _sum = _dp_b_g.reshape(_T * _B, _H).sum(0)
@@ -1389,6 +1389,8 @@ def _backward_differentiable(_params, _x, _saved, _d_outputs, _d_final, _bs=None
         _dhg_W_i_W_g_W_f_W_o__x_rows[_t] = torch.slice_scatter(_dhg_W_i_W_g_W_f_W_o__x_rows[_t], d_W_o_x, 1, 3*_H, 4*_H)
         _ds_h = d_h
         _ds_c = d_c
+    _dhg_W_i_W_g_W_f_W_o__x = torch.stack(_dhg_W_i_W_g_W_f_W_o__x_rows)
+    _dx_x_rows = _scatter_rows(_dx_x_rows, 0, _T, None, None, _dhg_W_i_W_g_W_f_W_o__x.reshape(_T * _B, 4*_H) @ _w_W_i_W_g_W_f_W_o, add=False)
     _dg_R_i_R_g_R_f_R_o__h = torch.stack(_dg_R_i_R_g_R_f_R_o__h_rows)
     # dW of R_i @ h, R_g @ h, R_f @ h, R_o @ h: one GEMM over all T*B rows
     _dw = _dg_R_i_R_g_R_f_R_o__h.reshape(_T * _B, 4*_H).T @ _s_h[:_T].reshape(_T * _B, _H)
@@ -1396,14 +1398,12 @@ def _backward_differentiable(_params, _x, _saved, _d_outputs, _d_final, _bs=None
     _grads["R_g"] = _dw[_H:2*_H]
     _grads["R_f"] = _dw[2*_H:3*_H]
     _grads["R_o"] = _dw[3*_H:4*_H]
-    _dhg_W_i_W_g_W_f_W_o__x = torch.stack(_dhg_W_i_W_g_W_f_W_o__x_rows)
     # dW of W_i @ x, W_g @ x, W_f @ x, W_o @ x: one GEMM over all T*B rows
     _dw = _dhg_W_i_W_g_W_f_W_o__x.reshape(_T * _B, 4*_H).T @ _x_x.reshape(_T * _B, _I)
     _grads["W_i"] = _dw[0:_H]
     _grads["W_g"] = _dw[_H:2*_H]
     _grads["W_f"] = _dw[2*_H:3*_H]
     _grads["W_o"] = _dw[3*_H:4*_H]
-    _dx_x_rows = _scatter_rows(_dx_x_rows, 0, _T, None, None, _dhg_W_i_W_g_W_f_W_o__x.reshape(_T * _B, 4*_H) @ _w_W_i_W_g_W_f_W_o, add=False)
     _dp_b_i = torch.stack(_dp_b_i_rows)
     _sum = _dp_b_i.reshape(_T * _B, _H).sum(0)
     _grads["b_i"] = _sum
@@ -1623,7 +1623,7 @@ def _custom_ops(name, forward, backward, forward_schema, backward_schema, forwar
 #: the PyTorch engine's forward and backward as custom ops (the engine itself is the fake:
 #: it runs on fake tensors)
 _ENGINE_OPS = _custom_ops(
-    "haste_layer_norm_lstm_engine_21da9d3b824e", _engine_op_forward_impl, _engine_op_backward_impl,
+    "haste_layer_norm_lstm_engine_d8f205c66ede", _engine_op_forward_impl, _engine_op_backward_impl,
     "(Tensor[] xs, Tensor[] states, Tensor[] params) -> Tensor[]",
     "(Tensor[] args, Tensor[] saved, Tensor?[] d_outputs, Tensor?[] d_finals) -> Tensor[]",
     _engine_op_forward_impl, _engine_op_backward_impl, _engine_op_backward, _engine_op_setup_context,
@@ -2088,7 +2088,7 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
 # The same two calls as PyTorch custom ops, for torch.compile (which traces them through their
 # fake implementations: the allocations above, without the call). Registered once per process
 # and content of this file; outputs are copies (an op's outputs may not alias each other).
-_OP = "haste_layer_norm_lstm_cfdac0e530e1"
+_OP = "haste_layer_norm_lstm_b6f0a941a8ee"
 
 
 def _op_forward_impl(xs: list[torch.Tensor], states: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:

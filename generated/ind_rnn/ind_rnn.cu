@@ -1737,10 +1737,10 @@ static int ind_rnn_backward_run(const int64_t* dims, void* const* ptrs, const cs
         }
         CS_TEAM_END
         // the work behind the chunk's steps, on its rows
-        // d[W] += dhg_W__x^T @ x  (W @ x)
-        CS_GEMM_TN(n_H, n_I, n_c * n_B, b_dhg_W__x, n_H, b_x_x + tc * n_B * (n_I), n_I, g_W, n_I, cs_more);
         // grad_input:x = dhg_W__x @ [W]
         CS_GEMM_NN_PACKED(n_c * n_B, n_I, n_H, b_dhg_W__x, n_H, pk_W_nn, b_dx_x + tc * n_B * (n_I), n_I, 0);
+        // d[W] += dhg_W__x^T @ x  (W @ x)
+        CS_GEMM_TN(n_H, n_I, n_c * n_B, b_dhg_W__x, n_H, b_x_x + tc * n_B * (n_I), n_I, g_W, n_I, cs_more);
         // d[u] += sum over rows of d_u
         CS_ROWSUM(n_c * n_B, n_H, b_dp_u + tc * n_B * (n_H), n_H, g_u, cs_more);
         // d[b] += sum over rows of d_b

@@ -276,9 +276,9 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
         _dp_u_at0[_t][...] = d_u
         _dhg_W__x_at0[_t][...] = d_b
         _ds_h_rows[_t][...] = d_h_prev
+    np.matmul(_dhg_W__x.reshape(_T * _B, _H), _w_W, out=_dx_x.reshape(_T * _B, _I))
     # dW of W @ x: one GEMM over all T*B rows
     _grads["W"] = _dhg_W__x.reshape(_T * _B, _H).T @ _x_x.reshape(_T * _B, _I)
-    np.matmul(_dhg_W__x.reshape(_T * _B, _H), _w_W, out=_dx_x.reshape(_T * _B, _I))
     _sum = _dp_u.reshape(_T * _B, _H).sum(0)
     _grads["u"] = _sum
     _sum = _dhg_W__x.reshape(_T * _B, _H).sum(0)

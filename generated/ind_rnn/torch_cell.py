@@ -223,9 +223,9 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
         _dp_u_at0[_t].copy_(d_u)
         _dhg_W__x_at0[_t].copy_(d_b)
         _ds_h_rows[_t].copy_(d_h_prev)
+    torch.mm(_dhg_W__x.reshape(_T * _B, _H), _w_W, out=_dx_x.reshape(_T * _B, _I))
     # dW of W @ x: one GEMM over all T*B rows
     _grads["W"] = _dhg_W__x.reshape(_T * _B, _H).T @ _x_x.reshape(_T * _B, _I)
-    torch.mm(_dhg_W__x.reshape(_T * _B, _H), _w_W, out=_dx_x.reshape(_T * _B, _I))
     _sum = _dp_u.reshape(_T * _B, _H).sum(0)
     _grads["u"] = _sum
     _sum = _dhg_W__x.reshape(_T * _B, _H).sum(0)
@@ -330,9 +330,9 @@ def _backward_differentiable(_params, _x, _saved, _d_outputs, _d_final, _bs=None
         _dhg_W__x_rows[_t] = d_b
         _ds_h = d_h_prev
     _dhg_W__x = torch.stack(_dhg_W__x_rows)
+    _dx_x_rows = _scatter_rows(_dx_x_rows, 0, _T, None, None, _dhg_W__x.reshape(_T * _B, _H) @ _w_W, add=False)
     # dW of W @ x: one GEMM over all T*B rows
     _grads["W"] = _dhg_W__x.reshape(_T * _B, _H).T @ _x_x.reshape(_T * _B, _I)
-    _dx_x_rows = _scatter_rows(_dx_x_rows, 0, _T, None, None, _dhg_W__x.reshape(_T * _B, _H) @ _w_W, add=False)
     _dp_u = torch.stack(_dp_u_rows)
     _sum = _dp_u.reshape(_T * _B, _H).sum(0)
     _grads["u"] = _sum
@@ -497,7 +497,7 @@ def _custom_ops(name, forward, backward, forward_schema, backward_schema, forwar
 #: the PyTorch engine's forward and backward as custom ops (the engine itself is the fake:
 #: it runs on fake tensors)
 _ENGINE_OPS = _custom_ops(
-    "ind_rnn_engine_1200413ce9d6", _engine_op_forward_impl, _engine_op_backward_impl,
+    "ind_rnn_engine_0b8fbbfcb65f", _engine_op_forward_impl, _engine_op_backward_impl,
     "(Tensor[] xs, Tensor[] states, Tensor[] params) -> Tensor[]",
     "(Tensor[] args, Tensor[] saved, Tensor?[] d_outputs, Tensor?[] d_finals) -> Tensor[]",
     _engine_op_forward_impl, _engine_op_backward_impl, _engine_op_backward, _engine_op_setup_context,
@@ -873,7 +873,7 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
 # The same two calls as PyTorch custom ops, for torch.compile (which traces them through their
 # fake implementations: the allocations above, without the call). Registered once per process
 # and content of this file; outputs are copies (an op's outputs may not alias each other).
-_OP = "ind_rnn_66be800baed2"
+_OP = "ind_rnn_cde44310c685"
 
 
 def _op_forward_impl(xs: list[torch.Tensor], states: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:

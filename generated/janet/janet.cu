@@ -1892,14 +1892,14 @@ static int janet_backward_run(const int64_t* dims, void* const* ptrs, const cs_c
         CS_SPLIT_DONE();
         CS_TEAM_END
         // the work behind the chunk's steps, on its rows
+        // grad_input:x = dg_U_f_U_c__h @ [W_f, W_c]
+        CS_GEMM_NN_PACKED(n_c * n_B, n_I, 2*n_H, b_dg_U_f_U_c__h, 2*n_H, pk_W_f_W_c_nn, b_dx_x + tc * n_B * (n_I), n_I, 0);
         // d[U_f, U_c] += dg_U_f_U_c__h^T @ h  (U_f @ h, U_c @ h)
         // the glue passes the grads of U_f, U_c as rows of b_dw_U_f_U_c: the copies below are then no-ops
         // d[W_f, W_c] += dg_U_f_U_c__h^T @ x  (W_f @ x, W_c @ x)
         // the glue passes the grads of W_f, W_c as rows of b_dw_W_f_W_c: the copies below are then no-ops
         // one pass over it for all of them, with its column sums (the bias gradients below)
         CS_WEIGHT_GRADS(wg_dg_U_f_U_c__h, 2*n_H, n_c * n_B, n_T * n_B, b_dg_U_f_U_c__h, 2*n_H, 1, cs_more, {b_s_h + tc * n_B * (n_H), n_H, n_H, b_dw_U_f_U_c, n_H}, {b_x_x + tc * n_B * (n_I), n_I, n_I, b_dw_W_f_W_c, n_I});
-        // grad_input:x = dg_U_f_U_c__h @ [W_f, W_c]
-        CS_GEMM_NN_PACKED(n_c * n_B, n_I, 2*n_H, b_dg_U_f_U_c__h, 2*n_H, pk_W_f_W_c_nn, b_dx_x + tc * n_B * (n_I), n_I, 0);
         // d[b_f] += sum over rows of d_b_f (column sums of dg_U_f_U_c__h from its dW pass where the own kernel ran it)
         CS_COLSUM(wg_dg_U_f_U_c__h, n_c * n_B, n_H, b_dg_U_f_U_c__h, 2*n_H, g_b_f, cs_more);
         // d[b_c] += sum over rows of d_b_c (column sums of dg_U_f_U_c__h from its dW pass where the own kernel ran it)

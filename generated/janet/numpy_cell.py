@@ -314,6 +314,7 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
         _dg_U_f_U_c__h_at0[_t][:, _H:2*_H][...] = d_U_c_h
         _ds_h_rows[_t][...] = d_h_direct
         _ds_h_rows[_t][...] += _dg_U_f_U_c__h_at0[_t] @ _w_U_f_U_c
+    np.matmul(_dg_U_f_U_c__h.reshape(_T * _B, 2*_H), _w_W_f_W_c, out=_dx_x.reshape(_T * _B, _I))
     # dW of U_f @ h, U_c @ h: one GEMM over all T*B rows
     _dw = _dg_U_f_U_c__h.reshape(_T * _B, 2*_H).T @ _s_h[:_T].reshape(_T * _B, _H)
     _grads["U_f"] = _dw[0:_H]
@@ -322,7 +323,6 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
     _dw = _dg_U_f_U_c__h.reshape(_T * _B, 2*_H).T @ _x_x.reshape(_T * _B, _I)
     _grads["W_f"] = _dw[0:_H]
     _grads["W_c"] = _dw[_H:2*_H]
-    np.matmul(_dg_U_f_U_c__h.reshape(_T * _B, 2*_H), _w_W_f_W_c, out=_dx_x.reshape(_T * _B, _I))
     _sum = _dg_U_f_U_c__h.reshape(_T * _B, 2*_H)[:, 0:_H].sum(0)
     _grads["b_f"] = _sum
     _sum = _dg_U_f_U_c__h.reshape(_T * _B, 2*_H)[:, _H:2*_H].sum(0)

@@ -276,6 +276,7 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
         _dg_U_f_U_c__h_at0[_t][:, _H:2*_H].copy_(d_U_c_h)
         _ds_h_rows[_t].copy_(d_h_direct)
         _ds_h_rows[_t].addmm_(_dg_U_f_U_c__h_at0[_t], _w_U_f_U_c)
+    torch.mm(_dg_U_f_U_c__h.reshape(_T * _B, 2*_H), _w_W_f_W_c, out=_dx_x.reshape(_T * _B, _I))
     # dW of U_f @ h, U_c @ h: one GEMM over all T*B rows
     _dw = _dg_U_f_U_c__h.reshape(_T * _B, 2*_H).T @ _s_h[:_T].reshape(_T * _B, _H)
     _grads["U_f"] = _dw[0:_H]
@@ -284,7 +285,6 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
     _dw = _dg_U_f_U_c__h.reshape(_T * _B, 2*_H).T @ _x_x.reshape(_T * _B, _I)
     _grads["W_f"] = _dw[0:_H]
     _grads["W_c"] = _dw[_H:2*_H]
-    torch.mm(_dg_U_f_U_c__h.reshape(_T * _B, 2*_H), _w_W_f_W_c, out=_dx_x.reshape(_T * _B, _I))
     _sum = _dg_U_f_U_c__h.reshape(_T * _B, 2*_H)[:, 0:_H].sum(0)
     _grads["b_f"] = _sum
     _sum = _dg_U_f_U_c__h.reshape(_T * _B, 2*_H)[:, _H:2*_H].sum(0)
@@ -419,6 +419,7 @@ def _backward_differentiable(_params, _x, _saved, _d_outputs, _d_final, _bs=None
         _ds_h = d_h_direct
         _ds_h = _ds_h + _dg_U_f_U_c__h_rows[_t] @ _w_U_f_U_c
     _dg_U_f_U_c__h = torch.stack(_dg_U_f_U_c__h_rows)
+    _dx_x_rows = _scatter_rows(_dx_x_rows, 0, _T, None, None, _dg_U_f_U_c__h.reshape(_T * _B, 2*_H) @ _w_W_f_W_c, add=False)
     # dW of U_f @ h, U_c @ h: one GEMM over all T*B rows
     _dw = _dg_U_f_U_c__h.reshape(_T * _B, 2*_H).T @ _s_h[:_T].reshape(_T * _B, _H)
     _grads["U_f"] = _dw[0:_H]
@@ -427,7 +428,6 @@ def _backward_differentiable(_params, _x, _saved, _d_outputs, _d_final, _bs=None
     _dw = _dg_U_f_U_c__h.reshape(_T * _B, 2*_H).T @ _x_x.reshape(_T * _B, _I)
     _grads["W_f"] = _dw[0:_H]
     _grads["W_c"] = _dw[_H:2*_H]
-    _dx_x_rows = _scatter_rows(_dx_x_rows, 0, _T, None, None, _dg_U_f_U_c__h.reshape(_T * _B, 2*_H) @ _w_W_f_W_c, add=False)
     _sum = _dg_U_f_U_c__h.reshape(_T * _B, 2*_H)[:, 0:_H].sum(0)
     _grads["b_f"] = _sum
     _sum = _dg_U_f_U_c__h.reshape(_T * _B, 2*_H)[:, _H:2*_H].sum(0)
@@ -591,7 +591,7 @@ def _custom_ops(name, forward, backward, forward_schema, backward_schema, forwar
 #: the PyTorch engine's forward and backward as custom ops (the engine itself is the fake:
 #: it runs on fake tensors)
 _ENGINE_OPS = _custom_ops(
-    "janet_engine_56e69578aec8", _engine_op_forward_impl, _engine_op_backward_impl,
+    "janet_engine_684484a228f3", _engine_op_forward_impl, _engine_op_backward_impl,
     "(Tensor[] xs, Tensor[] states, Tensor[] params) -> Tensor[]",
     "(Tensor[] args, Tensor[] saved, Tensor?[] d_outputs, Tensor?[] d_finals) -> Tensor[]",
     _engine_op_forward_impl, _engine_op_backward_impl, _engine_op_backward, _engine_op_setup_context,
@@ -972,7 +972,7 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
 # The same two calls as PyTorch custom ops, for torch.compile (which traces them through their
 # fake implementations: the allocations above, without the call). Registered once per process
 # and content of this file; outputs are copies (an op's outputs may not alias each other).
-_OP = "janet_3861e1fb307c"
+_OP = "janet_ecbc748f0349"
 
 
 def _op_forward_impl(xs: list[torch.Tensor], states: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:

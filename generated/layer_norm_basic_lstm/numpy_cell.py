@@ -739,6 +739,7 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
         _dhg_W_i_W_j_W_f_W_o__x_at0[_t][:, 3*_H:4*_H][...] = d_W_o_x
         _ds_c_rows[_t][...] = d_c_prev
         np.matmul(_dg_U_i_U_j_U_f_U_o__h_at0[_t], _w_U_i_U_j_U_f_U_o, out=_ds_h_rows[_t])
+    np.matmul(_dhg_W_i_W_j_W_f_W_o__x.reshape(_T * _B, 4*_H), _w_W_i_W_j_W_f_W_o, out=_dx_x.reshape(_T * _B, _I))
     # dW of U_i @ h, U_j @ h, U_f @ h, U_o @ h: one GEMM over all T*B rows
     _dw = _dg_U_i_U_j_U_f_U_o__h.reshape(_T * _B, 4*_H).T @ _s_h[:_T].reshape(_T * _B, _H)
     _grads["U_i"] = _dw[0:_H]
@@ -751,7 +752,6 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
     _grads["W_j"] = _dw[_H:2*_H]
     _grads["W_f"] = _dw[2*_H:3*_H]
     _grads["W_o"] = _dw[3*_H:4*_H]
-    np.matmul(_dhg_W_i_W_j_W_f_W_o__x.reshape(_T * _B, 4*_H), _w_W_i_W_j_W_f_W_o, out=_dx_x.reshape(_T * _B, _I))
     _sum = _dp_g_i.reshape(_T * _B, _H).sum(0)
     _grads["g_i"] = _sum
     _sum = _dp_b_i.reshape(_T * _B, _H).sum(0)

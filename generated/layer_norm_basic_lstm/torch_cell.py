@@ -693,6 +693,7 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
         _dhg_W_i_W_j_W_f_W_o__x_at0[_t][:, 3*_H:4*_H].copy_(d_W_o_x)
         _ds_c_rows[_t].copy_(d_c_prev)
         torch.mm(_dg_U_i_U_j_U_f_U_o__h_at0[_t], _w_U_i_U_j_U_f_U_o, out=_ds_h_rows[_t])
+    torch.mm(_dhg_W_i_W_j_W_f_W_o__x.reshape(_T * _B, 4*_H), _w_W_i_W_j_W_f_W_o, out=_dx_x.reshape(_T * _B, _I))
     # dW of U_i @ h, U_j @ h, U_f @ h, U_o @ h: one GEMM over all T*B rows
     _dw = _dg_U_i_U_j_U_f_U_o__h.reshape(_T * _B, 4*_H).T @ _s_h[:_T].reshape(_T * _B, _H)
     _grads["U_i"] = _dw[0:_H]
@@ -705,7 +706,6 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
     _grads["W_j"] = _dw[_H:2*_H]
     _grads["W_f"] = _dw[2*_H:3*_H]
     _grads["W_o"] = _dw[3*_H:4*_H]
-    torch.mm(_dhg_W_i_W_j_W_f_W_o__x.reshape(_T * _B, 4*_H), _w_W_i_W_j_W_f_W_o, out=_dx_x.reshape(_T * _B, _I))
     _sum = _dp_g_i.reshape(_T * _B, _H).sum(0)
     _grads["g_i"] = _sum
     _sum = _dp_b_i.reshape(_T * _B, _H).sum(0)
@@ -1154,6 +1154,8 @@ def _backward_differentiable(_params, _x, _saved, _d_outputs, _d_final, _bs=None
         _dhg_W_i_W_j_W_f_W_o__x_rows[_t] = torch.slice_scatter(_dhg_W_i_W_j_W_f_W_o__x_rows[_t], d_W_o_x, 1, 3*_H, 4*_H)
         _ds_c = d_c_prev
         _ds_h = _dg_U_i_U_j_U_f_U_o__h_rows[_t] @ _w_U_i_U_j_U_f_U_o
+    _dhg_W_i_W_j_W_f_W_o__x = torch.stack(_dhg_W_i_W_j_W_f_W_o__x_rows)
+    _dx_x_rows = _scatter_rows(_dx_x_rows, 0, _T, None, None, _dhg_W_i_W_j_W_f_W_o__x.reshape(_T * _B, 4*_H) @ _w_W_i_W_j_W_f_W_o, add=False)
     _dg_U_i_U_j_U_f_U_o__h = torch.stack(_dg_U_i_U_j_U_f_U_o__h_rows)
     # dW of U_i @ h, U_j @ h, U_f @ h, U_o @ h: one GEMM over all T*B rows
     _dw = _dg_U_i_U_j_U_f_U_o__h.reshape(_T * _B, 4*_H).T @ _s_h[:_T].reshape(_T * _B, _H)
@@ -1161,14 +1163,12 @@ def _backward_differentiable(_params, _x, _saved, _d_outputs, _d_final, _bs=None
     _grads["U_j"] = _dw[_H:2*_H]
     _grads["U_f"] = _dw[2*_H:3*_H]
     _grads["U_o"] = _dw[3*_H:4*_H]
-    _dhg_W_i_W_j_W_f_W_o__x = torch.stack(_dhg_W_i_W_j_W_f_W_o__x_rows)
     # dW of W_i @ x, W_j @ x, W_f @ x, W_o @ x: one GEMM over all T*B rows
     _dw = _dhg_W_i_W_j_W_f_W_o__x.reshape(_T * _B, 4*_H).T @ _x_x.reshape(_T * _B, _I)
     _grads["W_i"] = _dw[0:_H]
     _grads["W_j"] = _dw[_H:2*_H]
     _grads["W_f"] = _dw[2*_H:3*_H]
     _grads["W_o"] = _dw[3*_H:4*_H]
-    _dx_x_rows = _scatter_rows(_dx_x_rows, 0, _T, None, None, _dhg_W_i_W_j_W_f_W_o__x.reshape(_T * _B, 4*_H) @ _w_W_i_W_j_W_f_W_o, add=False)
     _dp_g_i = torch.stack(_dp_g_i_rows)
     _sum = _dp_g_i.reshape(_T * _B, _H).sum(0)
     _grads["g_i"] = _sum
@@ -1375,7 +1375,7 @@ def _custom_ops(name, forward, backward, forward_schema, backward_schema, forwar
 #: the PyTorch engine's forward and backward as custom ops (the engine itself is the fake:
 #: it runs on fake tensors)
 _ENGINE_OPS = _custom_ops(
-    "layer_norm_basic_lstm_engine_8cec75044d62", _engine_op_forward_impl, _engine_op_backward_impl,
+    "layer_norm_basic_lstm_engine_266b25b67cde", _engine_op_forward_impl, _engine_op_backward_impl,
     "(Tensor[] xs, Tensor[] states, Tensor[] params) -> Tensor[]",
     "(Tensor[] args, Tensor[] saved, Tensor?[] d_outputs, Tensor?[] d_finals) -> Tensor[]",
     _engine_op_forward_impl, _engine_op_backward_impl, _engine_op_backward, _engine_op_setup_context,
@@ -1826,7 +1826,7 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
 # The same two calls as PyTorch custom ops, for torch.compile (which traces them through their
 # fake implementations: the allocations above, without the call). Registered once per process
 # and content of this file; outputs are copies (an op's outputs may not alias each other).
-_OP = "layer_norm_basic_lstm_ff83afc0abd0"
+_OP = "layer_norm_basic_lstm_c39735933784"
 
 
 def _op_forward_impl(xs: list[torch.Tensor], states: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -2579,14 +2579,14 @@ static int layer_norm_gru_backward_run(const int64_t* dims, void* const* ptrs, c
         CS_SPLIT_DONE();
         CS_TEAM_END
         // the work behind the chunk's steps, on its rows
+        // grad_input:x = dhg_W_r_W_u_W_c__x @ [W_r, W_u, W_c]
+        CS_GEMM_NN_PACKED(n_c * n_B, n_I, 3*n_H, b_dhg_W_r_W_u_W_c__x, 3*n_H, pk_W_r_W_u_W_c_nn, b_dx_x + tc * n_B * (n_I), n_I, 0);
         // d[U_r, U_u, U_c] += dg_U_r_U_u_U_c__h^T @ h  (U_r @ h, U_u @ h, U_c @ h)
         // the glue passes the grads of U_r, U_u, U_c as rows of b_dw_U_r_U_u_U_c: the copies below are then no-ops
         CS_WEIGHT_GRADS(wg_dg_U_r_U_u_U_c__h, 3*n_H, n_c * n_B, n_T * n_B, b_dg_U_r_U_u_U_c__h, 3*n_H, 0, cs_more, {b_s_h + tc * n_B * (n_H), n_H, n_H, b_dw_U_r_U_u_U_c, n_H});
         // d[W_r, W_u, W_c] += dhg_W_r_W_u_W_c__x^T @ x  (W_r @ x, W_u @ x, W_c @ x)
         // the glue passes the grads of W_r, W_u, W_c as rows of b_dw_W_r_W_u_W_c: the copies below are then no-ops
         CS_WEIGHT_GRADS(wg_dhg_W_r_W_u_W_c__x, 3*n_H, n_c * n_B, n_T * n_B, b_dhg_W_r_W_u_W_c__x, 3*n_H, 0, cs_more, {b_x_x + tc * n_B * (n_I), n_I, n_I, b_dw_W_r_W_u_W_c, n_I});
-        // grad_input:x = dhg_W_r_W_u_W_c__x @ [W_r, W_u, W_c]
-        CS_GEMM_NN_PACKED(n_c * n_B, n_I, 3*n_H, b_dhg_W_r_W_u_W_c__x, 3*n_H, pk_W_r_W_u_W_c_nn, b_dx_x + tc * n_B * (n_I), n_I, 0);
         // d[gx_r] += sum over rows of d_gx_r
         CS_ROWSUM(n_c * n_B, n_H, b_dp_gx_r + tc * n_B * (n_H), n_H, g_gx_r, cs_more);
         // d[bx_r] += sum over rows of d_bx_r

@@ -726,6 +726,7 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
         _dhg_W_r_W_u_W_c__x_at0[_t][:, _H:2*_H][...] = d_W_u_x
         _dhg_W_r_W_u_W_c__x_at0[_t][:, 2*_H:3*_H][...] = d_W_c_x
         _ds_h_rows[_t][...] = d_h
+    np.matmul(_dhg_W_r_W_u_W_c__x.reshape(_T * _B, 3*_H), _w_W_r_W_u_W_c, out=_dx_x.reshape(_T * _B, _I))
     # dW of U_r @ h, U_u @ h, U_c @ h: one GEMM over all T*B rows
     _dw = _dg_U_r_U_u_U_c__h.reshape(_T * _B, 3*_H).T @ _s_h[:_T].reshape(_T * _B, _H)
     _grads["U_r"] = _dw[0:_H]
@@ -736,7 +737,6 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
     _grads["W_r"] = _dw[0:_H]
     _grads["W_u"] = _dw[_H:2*_H]
     _grads["W_c"] = _dw[2*_H:3*_H]
-    np.matmul(_dhg_W_r_W_u_W_c__x.reshape(_T * _B, 3*_H), _w_W_r_W_u_W_c, out=_dx_x.reshape(_T * _B, _I))
     _sum = _dp_gx_r.reshape(_T * _B, _H).sum(0)
     _grads["gx_r"] = _sum
     _sum = _dp_bx_r.reshape(_T * _B, _H).sum(0)

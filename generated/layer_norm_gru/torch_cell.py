@@ -722,6 +722,7 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
         _dhg_W_r_W_u_W_c__x_at0[_t][:, _H:2*_H].copy_(d_W_u_x)
         _dhg_W_r_W_u_W_c__x_at0[_t][:, 2*_H:3*_H].copy_(d_W_c_x)
         _ds_h_rows[_t].copy_(d_h)
+    torch.mm(_dhg_W_r_W_u_W_c__x.reshape(_T * _B, 3*_H), _w_W_r_W_u_W_c, out=_dx_x.reshape(_T * _B, _I))
     # dW of U_r @ h, U_u @ h, U_c @ h: one GEMM over all T*B rows
     _dw = _dg_U_r_U_u_U_c__h.reshape(_T * _B, 3*_H).T @ _s_h[:_T].reshape(_T * _B, _H)
     _grads["U_r"] = _dw[0:_H]
@@ -732,7 +733,6 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
     _grads["W_r"] = _dw[0:_H]
     _grads["W_u"] = _dw[_H:2*_H]
     _grads["W_c"] = _dw[2*_H:3*_H]
-    torch.mm(_dhg_W_r_W_u_W_c__x.reshape(_T * _B, 3*_H), _w_W_r_W_u_W_c, out=_dx_x.reshape(_T * _B, _I))
     _sum = _dp_gx_r.reshape(_T * _B, _H).sum(0)
     _grads["gx_r"] = _sum
     _sum = _dp_bx_r.reshape(_T * _B, _H).sum(0)
@@ -1212,19 +1212,19 @@ def _backward_differentiable(_params, _x, _saved, _d_outputs, _d_final, _bs=None
         _dhg_W_r_W_u_W_c__x_rows[_t] = torch.slice_scatter(_dhg_W_r_W_u_W_c__x_rows[_t], d_W_u_x, 1, _H, 2*_H)
         _dhg_W_r_W_u_W_c__x_rows[_t] = torch.slice_scatter(_dhg_W_r_W_u_W_c__x_rows[_t], d_W_c_x, 1, 2*_H, 3*_H)
         _ds_h = d_h
+    _dhg_W_r_W_u_W_c__x = torch.stack(_dhg_W_r_W_u_W_c__x_rows)
+    _dx_x_rows = _scatter_rows(_dx_x_rows, 0, _T, None, None, _dhg_W_r_W_u_W_c__x.reshape(_T * _B, 3*_H) @ _w_W_r_W_u_W_c, add=False)
     _dg_U_r_U_u_U_c__h = torch.stack(_dg_U_r_U_u_U_c__h_rows)
     # dW of U_r @ h, U_u @ h, U_c @ h: one GEMM over all T*B rows
     _dw = _dg_U_r_U_u_U_c__h.reshape(_T * _B, 3*_H).T @ _s_h[:_T].reshape(_T * _B, _H)
     _grads["U_r"] = _dw[0:_H]
     _grads["U_u"] = _dw[_H:2*_H]
     _grads["U_c"] = _dw[2*_H:3*_H]
-    _dhg_W_r_W_u_W_c__x = torch.stack(_dhg_W_r_W_u_W_c__x_rows)
     # dW of W_r @ x, W_u @ x, W_c @ x: one GEMM over all T*B rows
     _dw = _dhg_W_r_W_u_W_c__x.reshape(_T * _B, 3*_H).T @ _x_x.reshape(_T * _B, _I)
     _grads["W_r"] = _dw[0:_H]
     _grads["W_u"] = _dw[_H:2*_H]
     _grads["W_c"] = _dw[2*_H:3*_H]
-    _dx_x_rows = _scatter_rows(_dx_x_rows, 0, _T, None, None, _dhg_W_r_W_u_W_c__x.reshape(_T * _B, 3*_H) @ _w_W_r_W_u_W_c, add=False)
     _dp_gx_r = torch.stack(_dp_gx_r_rows)
     _sum = _dp_gx_r.reshape(_T * _B, _H).sum(0)
     _grads["gx_r"] = _sum
@@ -1436,7 +1436,7 @@ def _custom_ops(name, forward, backward, forward_schema, backward_schema, forwar
 #: the PyTorch engine's forward and backward as custom ops (the engine itself is the fake:
 #: it runs on fake tensors)
 _ENGINE_OPS = _custom_ops(
-    "layer_norm_gru_engine_2b3c2698a969", _engine_op_forward_impl, _engine_op_backward_impl,
+    "layer_norm_gru_engine_d35d4c5baf87", _engine_op_forward_impl, _engine_op_backward_impl,
     "(Tensor[] xs, Tensor[] states, Tensor[] params) -> Tensor[]",
     "(Tensor[] args, Tensor[] saved, Tensor?[] d_outputs, Tensor?[] d_finals) -> Tensor[]",
     _engine_op_forward_impl, _engine_op_backward_impl, _engine_op_backward, _engine_op_setup_context,
@@ -1889,7 +1889,7 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
 # The same two calls as PyTorch custom ops, for torch.compile (which traces them through their
 # fake implementations: the allocations above, without the call). Registered once per process
 # and content of this file; outputs are copies (an op's outputs may not alias each other).
-_OP = "layer_norm_gru_cb482e185ec1"
+_OP = "layer_norm_gru_ddb8faee6a04"
 
 
 def _op_forward_impl(xs: list[torch.Tensor], states: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -2433,14 +2433,14 @@ static int layer_norm_lstm_backward_run(const int64_t* dims, void* const* ptrs, 
         CS_SPLIT_DONE();
         CS_TEAM_END
         // the work behind the chunk's steps, on its rows
+        // grad_input:x = dhg_W_i_W_j_W_f_W_o__x @ [W_i, W_j, W_f, W_o]
+        CS_GEMM_NN_PACKED(n_c * n_B, n_I, 4*n_H, b_dhg_W_i_W_j_W_f_W_o__x, 4*n_H, pk_W_i_W_j_W_f_W_o_nn, b_dx_x + tc * n_B * (n_I), n_I, 0);
         // d[U_i, U_j, U_f, U_o] += dg_U_i_U_j_U_f_U_o__h^T @ h  (U_i @ h, U_j @ h, U_f @ h, U_o @ h)
         // the glue passes the grads of U_i, U_j, U_f, U_o as rows of b_dw_U_i_U_j_U_f_U_o: the copies below are then no-ops
         CS_WEIGHT_GRADS(wg_dg_U_i_U_j_U_f_U_o__h, 4*n_H, n_c * n_B, n_T * n_B, b_dg_U_i_U_j_U_f_U_o__h, 4*n_H, 0, cs_more, {b_s_h + tc * n_B * (n_H), n_H, n_H, b_dw_U_i_U_j_U_f_U_o, n_H});
         // d[W_i, W_j, W_f, W_o] += dhg_W_i_W_j_W_f_W_o__x^T @ x  (W_i @ x, W_j @ x, W_f @ x, W_o @ x)
         // the glue passes the grads of W_i, W_j, W_f, W_o as rows of b_dw_W_i_W_j_W_f_W_o: the copies below are then no-ops
         CS_WEIGHT_GRADS(wg_dhg_W_i_W_j_W_f_W_o__x, 4*n_H, n_c * n_B, n_T * n_B, b_dhg_W_i_W_j_W_f_W_o__x, 4*n_H, 0, cs_more, {b_x_x + tc * n_B * (n_I), n_I, n_I, b_dw_W_i_W_j_W_f_W_o, n_I});
-        // grad_input:x = dhg_W_i_W_j_W_f_W_o__x @ [W_i, W_j, W_f, W_o]
-        CS_GEMM_NN_PACKED(n_c * n_B, n_I, 4*n_H, b_dhg_W_i_W_j_W_f_W_o__x, 4*n_H, pk_W_i_W_j_W_f_W_o_nn, b_dx_x + tc * n_B * (n_I), n_I, 0);
         // d[g_i] += sum over rows of d_g_i
         CS_ROWSUM(n_c * n_B, n_H, b_dp_g_i + tc * n_B * (n_H), n_H, g_g_i, cs_more);
         // d[b_i] += sum over rows of d_b_i

@@ -445,6 +445,7 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
         _dg_W_hi_W_hf_W_hg_W_ho__h_at0[_t][:, 3*_H:4*_H][...] = d_W_ho_h
         _ds_c_rows[_t][...] = d_c_prev
         np.matmul(_dg_W_hi_W_hf_W_hg_W_ho__h_at0[_t], _w_W_hi_W_hf_W_hg_W_ho, out=_ds_h_rows[_t])
+    np.matmul(_dg_W_hi_W_hf_W_hg_W_ho__h.reshape(_T * _B, 4*_H), _w_W_ii_W_if_W_ig_W_io, out=_dx_x.reshape(_T * _B, _I))
     # dW of W_hi @ h, W_hf @ h, W_hg @ h, W_ho @ h: one GEMM over all T*B rows
     _dw = _dg_W_hi_W_hf_W_hg_W_ho__h.reshape(_T * _B, 4*_H).T @ _s_h[:_T].reshape(_T * _B, _P)
     _grads["W_hi"] = _dw[0:_H]
@@ -459,7 +460,6 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
     _grads["W_if"] = _dw[_H:2*_H]
     _grads["W_ig"] = _dw[2*_H:3*_H]
     _grads["W_io"] = _dw[3*_H:4*_H]
-    np.matmul(_dg_W_hi_W_hf_W_hg_W_ho__h.reshape(_T * _B, 4*_H), _w_W_ii_W_if_W_ig_W_io, out=_dx_x.reshape(_T * _B, _I))
     _sum = _dg_W_hi_W_hf_W_hg_W_ho__h.reshape(_T * _B, 4*_H)[:, 0:_H].sum(0)
     _grads["b_ii"] = _sum
     _grads["b_hi"] = _sum

@@ -2191,6 +2191,8 @@ static int mgu_backward_run(const int64_t* dims, void* const* ptrs, const cs_ctx
         CS_SPLIT_DONE();
         CS_TEAM_END
         // the work behind the chunk's steps, on its rows
+        // grad_input:x = dgs_W_f_W_h__x @ [W_f, W_h]
+        CS_GEMM_NN_PACKED(n_c * n_B, n_I, 2*n_H, b_dgs_W_f_W_h__x, 2*n_H, pk_W_f_W_h_nn, b_dx_x + tc * n_B * (n_I), n_I, 0);
         // d[U_f] += dgs_W_f_W_h__x^T @ h  (U_f @ h)
         CS_GEMM_TN(n_H, n_H, n_c * n_B, b_dgs_W_f_W_h__x, 2*n_H, b_s_h + tc * n_B * (n_H), n_H, g_U_f, n_H, cs_more);
         // d[U_h] += dgs_W_f_W_h__x^T @ U_h_in  (U_h @ U_h_in)
@@ -2199,8 +2201,6 @@ static int mgu_backward_run(const int64_t* dims, void* const* ptrs, const cs_ctx
         // the glue passes the grads of W_f, W_h as rows of b_dw_W_f_W_h: the copies below are then no-ops
         // its pass, with its column sums (the bias gradients below)
         CS_WEIGHT_GRADS(wg_dgs_W_f_W_h__x, 2*n_H, n_c * n_B, n_T * n_B, b_dgs_W_f_W_h__x, 2*n_H, 1, cs_more, {b_x_x + tc * n_B * (n_I), n_I, n_I, b_dw_W_f_W_h, n_I});
-        // grad_input:x = dgs_W_f_W_h__x @ [W_f, W_h]
-        CS_GEMM_NN_PACKED(n_c * n_B, n_I, 2*n_H, b_dgs_W_f_W_h__x, 2*n_H, pk_W_f_W_h_nn, b_dx_x + tc * n_B * (n_I), n_I, 0);
         // d[b_f] += sum over rows of d_b_f (column sums of dgs_W_f_W_h__x from its dW pass where the own kernel ran it)
         CS_COLSUM(wg_dgs_W_f_W_h__x, n_c * n_B, n_H, b_dgs_W_f_W_h__x, 2*n_H, g_b_f, cs_more);
         // d[b_h] += sum over rows of d_b_h (column sums of dgs_W_f_W_h__x from its dW pass where the own kernel ran it)

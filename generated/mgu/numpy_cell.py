@@ -353,6 +353,7 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
         _dgs_W_f_W_h__x_at0[_t][:, 0:_H][...] = d_U_f_h
         _ds_h_rows[_t][...] = d_h_direct
         _ds_h_rows[_t][...] += _dgs_W_f_W_h__x_at0[_t][:, 0:_H] @ _w_U_f
+    np.matmul(_dgs_W_f_W_h__x.reshape(_T * _B, 2*_H), _w_W_f_W_h, out=_dx_x.reshape(_T * _B, _I))
     # dW of U_f @ h: one GEMM over all T*B rows
     _grads["U_f"] = _dgs_W_f_W_h__x.reshape(_T * _B, 2*_H)[:, 0:_H].T @ _s_h[:_T].reshape(_T * _B, _H)
     # dW of U_h @ U_h_in: one GEMM over all T*B rows
@@ -361,7 +362,6 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
     _dw = _dgs_W_f_W_h__x.reshape(_T * _B, 2*_H).T @ _x_x.reshape(_T * _B, _I)
     _grads["W_f"] = _dw[0:_H]
     _grads["W_h"] = _dw[_H:2*_H]
-    np.matmul(_dgs_W_f_W_h__x.reshape(_T * _B, 2*_H), _w_W_f_W_h, out=_dx_x.reshape(_T * _B, _I))
     _sum = _dgs_W_f_W_h__x.reshape(_T * _B, 2*_H)[:, 0:_H].sum(0)
     _grads["b_f"] = _sum
     _sum = _dgs_W_f_W_h__x.reshape(_T * _B, 2*_H)[:, _H:2*_H].sum(0)

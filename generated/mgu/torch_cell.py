@@ -316,6 +316,7 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
         _dgs_W_f_W_h__x_at0[_t][:, 0:_H].copy_(d_U_f_h)
         _ds_h_rows[_t].copy_(d_h_direct)
         _ds_h_rows[_t].addmm_(_dgs_W_f_W_h__x_at0[_t][:, 0:_H], _w_U_f)
+    torch.mm(_dgs_W_f_W_h__x.reshape(_T * _B, 2*_H), _w_W_f_W_h, out=_dx_x.reshape(_T * _B, _I))
     # dW of U_f @ h: one GEMM over all T*B rows
     _grads["U_f"] = _dgs_W_f_W_h__x.reshape(_T * _B, 2*_H)[:, 0:_H].T @ _s_h[:_T].reshape(_T * _B, _H)
     # dW of U_h @ U_h_in: one GEMM over all T*B rows
@@ -324,7 +325,6 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
     _dw = _dgs_W_f_W_h__x.reshape(_T * _B, 2*_H).T @ _x_x.reshape(_T * _B, _I)
     _grads["W_f"] = _dw[0:_H]
     _grads["W_h"] = _dw[_H:2*_H]
-    torch.mm(_dgs_W_f_W_h__x.reshape(_T * _B, 2*_H), _w_W_f_W_h, out=_dx_x.reshape(_T * _B, _I))
     _sum = _dgs_W_f_W_h__x.reshape(_T * _B, 2*_H)[:, 0:_H].sum(0)
     _grads["b_f"] = _sum
     _sum = _dgs_W_f_W_h__x.reshape(_T * _B, 2*_H)[:, _H:2*_H].sum(0)
@@ -480,6 +480,7 @@ def _backward_differentiable(_params, _x, _saved, _d_outputs, _d_final, _bs=None
         _ds_h = d_h_direct
         _ds_h = _ds_h + _dgs_W_f_W_h__x_rows[_t][:, 0:_H] @ _w_U_f
     _dgs_W_f_W_h__x = torch.stack(_dgs_W_f_W_h__x_rows)
+    _dx_x_rows = _scatter_rows(_dx_x_rows, 0, _T, None, None, _dgs_W_f_W_h__x.reshape(_T * _B, 2*_H) @ _w_W_f_W_h, add=False)
     # dW of U_f @ h: one GEMM over all T*B rows
     _grads["U_f"] = _dgs_W_f_W_h__x.reshape(_T * _B, 2*_H)[:, 0:_H].T @ _s_h[:_T].reshape(_T * _B, _H)
     # dW of U_h @ U_h_in: one GEMM over all T*B rows
@@ -488,7 +489,6 @@ def _backward_differentiable(_params, _x, _saved, _d_outputs, _d_final, _bs=None
     _dw = _dgs_W_f_W_h__x.reshape(_T * _B, 2*_H).T @ _x_x.reshape(_T * _B, _I)
     _grads["W_f"] = _dw[0:_H]
     _grads["W_h"] = _dw[_H:2*_H]
-    _dx_x_rows = _scatter_rows(_dx_x_rows, 0, _T, None, None, _dgs_W_f_W_h__x.reshape(_T * _B, 2*_H) @ _w_W_f_W_h, add=False)
     _sum = _dgs_W_f_W_h__x.reshape(_T * _B, 2*_H)[:, 0:_H].sum(0)
     _grads["b_f"] = _sum
     _sum = _dgs_W_f_W_h__x.reshape(_T * _B, 2*_H)[:, _H:2*_H].sum(0)
@@ -652,7 +652,7 @@ def _custom_ops(name, forward, backward, forward_schema, backward_schema, forwar
 #: the PyTorch engine's forward and backward as custom ops (the engine itself is the fake:
 #: it runs on fake tensors)
 _ENGINE_OPS = _custom_ops(
-    "mgu_engine_f4a47d7feba3", _engine_op_forward_impl, _engine_op_backward_impl,
+    "mgu_engine_e5d7052cc7f9", _engine_op_forward_impl, _engine_op_backward_impl,
     "(Tensor[] xs, Tensor[] states, Tensor[] params) -> Tensor[]",
     "(Tensor[] args, Tensor[] saved, Tensor?[] d_outputs, Tensor?[] d_finals) -> Tensor[]",
     _engine_op_forward_impl, _engine_op_backward_impl, _engine_op_backward, _engine_op_setup_context,
@@ -1034,7 +1034,7 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
 # The same two calls as PyTorch custom ops, for torch.compile (which traces them through their
 # fake implementations: the allocations above, without the call). Registered once per process
 # and content of this file; outputs are copies (an op's outputs may not alias each other).
-_OP = "mgu_1d836af2fbe5"
+_OP = "mgu_6a84c65764d2"
 
 
 def _op_forward_impl(xs: list[torch.Tensor], states: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -2166,14 +2166,14 @@ static int peephole_lstm_backward_run(const int64_t* dims, void* const* ptrs, co
         CS_SPLIT_DONE();
         CS_TEAM_END
         // the work behind the chunk's steps, on its rows
+        // grad_input:x = dg_W_hi_W_hf_W_hg_W_ho__h @ [W_ii, W_if, W_ig, W_io]
+        CS_GEMM_NN_PACKED(n_c * n_B, n_I, 4*n_H, b_dg_W_hi_W_hf_W_hg_W_ho__h, 4*n_H, pk_W_ii_W_if_W_ig_W_io_nn, b_dx_x + tc * n_B * (n_I), n_I, 0);
         // d[W_hi, W_hf, W_hg, W_ho] += dg_W_hi_W_hf_W_hg_W_ho__h^T @ h  (W_hi @ h, W_hf @ h, W_hg @ h, W_ho @ h)
         // the glue passes the grads of W_hi, W_hf, W_hg, W_ho as rows of b_dw_W_hi_W_hf_W_hg_W_ho: the copies below are then no-ops
         // d[W_ii, W_if, W_ig, W_io] += dg_W_hi_W_hf_W_hg_W_ho__h^T @ x  (W_ii @ x, W_if @ x, W_ig @ x, W_io @ x)
         // the glue passes the grads of W_ii, W_if, W_ig, W_io as rows of b_dw_W_ii_W_if_W_ig_W_io: the copies below are then no-ops
         // one pass over it for all of them, with its column sums (the bias gradients below)
         CS_WEIGHT_GRADS(wg_dg_W_hi_W_hf_W_hg_W_ho__h, 4*n_H, n_c * n_B, n_T * n_B, b_dg_W_hi_W_hf_W_hg_W_ho__h, 4*n_H, 1, cs_more, {b_s_h + tc * n_B * (n_H), n_H, n_H, b_dw_W_hi_W_hf_W_hg_W_ho, n_H}, {b_x_x + tc * n_B * (n_I), n_I, n_I, b_dw_W_ii_W_if_W_ig_W_io, n_I});
-        // grad_input:x = dg_W_hi_W_hf_W_hg_W_ho__h @ [W_ii, W_if, W_ig, W_io]
-        CS_GEMM_NN_PACKED(n_c * n_B, n_I, 4*n_H, b_dg_W_hi_W_hf_W_hg_W_ho__h, 4*n_H, pk_W_ii_W_if_W_ig_W_io_nn, b_dx_x + tc * n_B * (n_I), n_I, 0);
         // d[p_i] += sum over rows of d_p_i
         CS_ROWSUM(n_c * n_B, n_H, b_dp_p_i + tc * n_B * (n_H), n_H, g_p_i, cs_more);
         // d[b_i] += sum over rows of d_b_i (column sums of dg_W_hi_W_hf_W_hg_W_ho__h from its dW pass where the own kernel ran it)

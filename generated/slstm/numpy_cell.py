@@ -490,6 +490,7 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
         _ds_n_rows[_t][...] = d_n_prev
         _ds_m_rows[_t][...] = d_m_prev
         np.matmul(_dg_R_z_R_i_R_f_R_o__h_at0[_t], _w_R_z_R_i_R_f_R_o, out=_ds_h_rows[_t])
+    np.matmul(_dg_R_z_R_i_R_f_R_o__h.reshape(_T * _B, 4*_H), _w_W_z_W_i_W_f_W_o, out=_dx_x.reshape(_T * _B, _I))
     # dW of R_z @ h, R_i @ h, R_f @ h, R_o @ h: one GEMM over all T*B rows
     _dw = _dg_R_z_R_i_R_f_R_o__h.reshape(_T * _B, 4*_H).T @ _s_h[:_T].reshape(_T * _B, _H)
     _grads["R_z"] = _dw[0:_H]
@@ -502,7 +503,6 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
     _grads["W_i"] = _dw[_H:2*_H]
     _grads["W_f"] = _dw[2*_H:3*_H]
     _grads["W_o"] = _dw[3*_H:4*_H]
-    np.matmul(_dg_R_z_R_i_R_f_R_o__h.reshape(_T * _B, 4*_H), _w_W_z_W_i_W_f_W_o, out=_dx_x.reshape(_T * _B, _I))
     _sum = _dg_R_z_R_i_R_f_R_o__h.reshape(_T * _B, 4*_H)[:, 0:_H].sum(0)
     _grads["b_z"] = _sum
     _sum = _dg_R_z_R_i_R_f_R_o__h.reshape(_T * _B, 4*_H)[:, _H:2*_H].sum(0)

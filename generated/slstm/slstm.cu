@@ -2194,14 +2194,14 @@ static int slstm_backward_run(const int64_t* dims, void* const* ptrs, const cs_c
         CS_SPLIT_DONE();
         CS_TEAM_END
         // the work behind the chunk's steps, on its rows
+        // grad_input:x = dg_R_z_R_i_R_f_R_o__h @ [W_z, W_i, W_f, W_o]
+        CS_GEMM_NN_PACKED(n_c * n_B, n_I, 4*n_H, b_dg_R_z_R_i_R_f_R_o__h, 4*n_H, pk_W_z_W_i_W_f_W_o_nn, b_dx_x + tc * n_B * (n_I), n_I, 0);
         // d[R_z, R_i, R_f, R_o] += dg_R_z_R_i_R_f_R_o__h^T @ h  (R_z @ h, R_i @ h, R_f @ h, R_o @ h)
         // the glue passes the grads of R_z, R_i, R_f, R_o as rows of b_dw_R_z_R_i_R_f_R_o: the copies below are then no-ops
         // d[W_z, W_i, W_f, W_o] += dg_R_z_R_i_R_f_R_o__h^T @ x  (W_z @ x, W_i @ x, W_f @ x, W_o @ x)
         // the glue passes the grads of W_z, W_i, W_f, W_o as rows of b_dw_W_z_W_i_W_f_W_o: the copies below are then no-ops
         // one pass over it for all of them, with its column sums (the bias gradients below)
         CS_WEIGHT_GRADS(wg_dg_R_z_R_i_R_f_R_o__h, 4*n_H, n_c * n_B, n_T * n_B, b_dg_R_z_R_i_R_f_R_o__h, 4*n_H, 1, cs_more, {b_s_h + tc * n_B * (n_H), n_H, n_H, b_dw_R_z_R_i_R_f_R_o, n_H}, {b_x_x + tc * n_B * (n_I), n_I, n_I, b_dw_W_z_W_i_W_f_W_o, n_I});
-        // grad_input:x = dg_R_z_R_i_R_f_R_o__h @ [W_z, W_i, W_f, W_o]
-        CS_GEMM_NN_PACKED(n_c * n_B, n_I, 4*n_H, b_dg_R_z_R_i_R_f_R_o__h, 4*n_H, pk_W_z_W_i_W_f_W_o_nn, b_dx_x + tc * n_B * (n_I), n_I, 0);
         // d[b_z] += sum over rows of d_b_z (column sums of dg_R_z_R_i_R_f_R_o__h from its dW pass where the own kernel ran it)
         CS_COLSUM(wg_dg_R_z_R_i_R_f_R_o__h, n_c * n_B, n_H, b_dg_R_z_R_i_R_f_R_o__h, 4*n_H, g_b_z, cs_more);
         // d[b_i] += sum over rows of d_b_i (column sums of dg_R_z_R_i_R_f_R_o__h from its dW pass where the own kernel ran it)

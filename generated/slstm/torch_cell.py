@@ -470,6 +470,7 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
         _ds_n_rows[_t].copy_(d_n_prev)
         _ds_m_rows[_t].copy_(d_m_prev)
         torch.mm(_dg_R_z_R_i_R_f_R_o__h_at0[_t], _w_R_z_R_i_R_f_R_o, out=_ds_h_rows[_t])
+    torch.mm(_dg_R_z_R_i_R_f_R_o__h.reshape(_T * _B, 4*_H), _w_W_z_W_i_W_f_W_o, out=_dx_x.reshape(_T * _B, _I))
     # dW of R_z @ h, R_i @ h, R_f @ h, R_o @ h: one GEMM over all T*B rows
     _dw = _dg_R_z_R_i_R_f_R_o__h.reshape(_T * _B, 4*_H).T @ _s_h[:_T].reshape(_T * _B, _H)
     _grads["R_z"] = _dw[0:_H]
@@ -482,7 +483,6 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
     _grads["W_i"] = _dw[_H:2*_H]
     _grads["W_f"] = _dw[2*_H:3*_H]
     _grads["W_o"] = _dw[3*_H:4*_H]
-    torch.mm(_dg_R_z_R_i_R_f_R_o__h.reshape(_T * _B, 4*_H), _w_W_z_W_i_W_f_W_o, out=_dx_x.reshape(_T * _B, _I))
     _sum = _dg_R_z_R_i_R_f_R_o__h.reshape(_T * _B, 4*_H)[:, 0:_H].sum(0)
     _grads["b_z"] = _sum
     _sum = _dg_R_z_R_i_R_f_R_o__h.reshape(_T * _B, 4*_H)[:, _H:2*_H].sum(0)
@@ -720,6 +720,7 @@ def _backward_differentiable(_params, _x, _saved, _d_outputs, _d_final, _bs=None
         _ds_m = d_m_prev
         _ds_h = _dg_R_z_R_i_R_f_R_o__h_rows[_t] @ _w_R_z_R_i_R_f_R_o
     _dg_R_z_R_i_R_f_R_o__h = torch.stack(_dg_R_z_R_i_R_f_R_o__h_rows)
+    _dx_x_rows = _scatter_rows(_dx_x_rows, 0, _T, None, None, _dg_R_z_R_i_R_f_R_o__h.reshape(_T * _B, 4*_H) @ _w_W_z_W_i_W_f_W_o, add=False)
     # dW of R_z @ h, R_i @ h, R_f @ h, R_o @ h: one GEMM over all T*B rows
     _dw = _dg_R_z_R_i_R_f_R_o__h.reshape(_T * _B, 4*_H).T @ _s_h[:_T].reshape(_T * _B, _H)
     _grads["R_z"] = _dw[0:_H]
@@ -732,7 +733,6 @@ def _backward_differentiable(_params, _x, _saved, _d_outputs, _d_final, _bs=None
     _grads["W_i"] = _dw[_H:2*_H]
     _grads["W_f"] = _dw[2*_H:3*_H]
     _grads["W_o"] = _dw[3*_H:4*_H]
-    _dx_x_rows = _scatter_rows(_dx_x_rows, 0, _T, None, None, _dg_R_z_R_i_R_f_R_o__h.reshape(_T * _B, 4*_H) @ _w_W_z_W_i_W_f_W_o, add=False)
     _sum = _dg_R_z_R_i_R_f_R_o__h.reshape(_T * _B, 4*_H)[:, 0:_H].sum(0)
     _grads["b_z"] = _sum
     _sum = _dg_R_z_R_i_R_f_R_o__h.reshape(_T * _B, 4*_H)[:, _H:2*_H].sum(0)
@@ -900,7 +900,7 @@ def _custom_ops(name, forward, backward, forward_schema, backward_schema, forwar
 #: the PyTorch engine's forward and backward as custom ops (the engine itself is the fake:
 #: it runs on fake tensors)
 _ENGINE_OPS = _custom_ops(
-    "slstm_engine_19d7641cca75", _engine_op_forward_impl, _engine_op_backward_impl,
+    "slstm_engine_6fc79375cf7d", _engine_op_forward_impl, _engine_op_backward_impl,
     "(Tensor[] xs, Tensor[] states, Tensor[] params) -> Tensor[]",
     "(Tensor[] args, Tensor[] saved, Tensor?[] d_outputs, Tensor?[] d_finals) -> Tensor[]",
     _engine_op_forward_impl, _engine_op_backward_impl, _engine_op_backward, _engine_op_setup_context,
@@ -1308,7 +1308,7 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
 # The same two calls as PyTorch custom ops, for torch.compile (which traces them through their
 # fake implementations: the allocations above, without the call). Registered once per process
 # and content of this file; outputs are copies (an op's outputs may not alias each other).
-_OP = "slstm_608c9df0e565"
+_OP = "slstm_f386522c1d25"
 
 
 def _op_forward_impl(xs: list[torch.Tensor], states: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:

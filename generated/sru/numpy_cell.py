@@ -344,13 +344,13 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
         _dhg_W_f_W_W_r_W_s__x_at0[_t][:, _H:2*_H][...] = d_W_x
         _dhg_W_f_W_W_r_W_s__x_at0[_t][:, 3*_H:4*_H][...] = d_W_s_x
         _ds_c_rows[_t][...] = d_c_prev
+    np.matmul(_dhg_W_f_W_W_r_W_s__x.reshape(_T * _B, 4*_H), _w_W_f_W_W_r_W_s, out=_dx_x.reshape(_T * _B, _I))
     # dW of W_f @ x, W @ x, W_r @ x, W_s @ x: one GEMM over all T*B rows
     _dw = _dhg_W_f_W_W_r_W_s__x.reshape(_T * _B, 4*_H).T @ _x_x.reshape(_T * _B, _I)
     _grads["W_f"] = _dw[0:_H]
     _grads["W"] = _dw[_H:2*_H]
     _grads["W_r"] = _dw[2*_H:3*_H]
     _grads["W_s"] = _dw[3*_H:4*_H]
-    np.matmul(_dhg_W_f_W_W_r_W_s__x.reshape(_T * _B, 4*_H), _w_W_f_W_W_r_W_s, out=_dx_x.reshape(_T * _B, _I))
     _sum = _dp_v_f.reshape(_T * _B, _H).sum(0)
     _grads["v_f"] = _sum
     _sum = _dhg_W_f_W_W_r_W_s__x.reshape(_T * _B, 4*_H)[:, 0:_H].sum(0)

@@ -1950,12 +1950,12 @@ static int sru_backward_run(const int64_t* dims, void* const* ptrs, const cs_ctx
         }
         CS_TEAM_END
         // the work behind the chunk's steps, on its rows
+        // grad_input:x = dhg_W_f_W_W_r_W_s__x @ [W_f, W, W_r, W_s]
+        CS_GEMM_NN_PACKED(n_c * n_B, n_I, 4*n_H, b_dhg_W_f_W_W_r_W_s__x, 4*n_H, pk_W_f_W_W_r_W_s_nn, b_dx_x + tc * n_B * (n_I), n_I, 0);
         // d[W_f, W, W_r, W_s] += dhg_W_f_W_W_r_W_s__x^T @ x  (W_f @ x, W @ x, W_r @ x, W_s @ x)
         // the glue passes the grads of W_f, W, W_r, W_s as rows of b_dw_W_f_W_W_r_W_s: the copies below are then no-ops
         // its pass, with its column sums (the bias gradients below)
         CS_WEIGHT_GRADS(wg_dhg_W_f_W_W_r_W_s__x, 4*n_H, n_c * n_B, n_T * n_B, b_dhg_W_f_W_W_r_W_s__x, 4*n_H, 1, cs_more, {b_x_x + tc * n_B * (n_I), n_I, n_I, b_dw_W_f_W_W_r_W_s, n_I});
-        // grad_input:x = dhg_W_f_W_W_r_W_s__x @ [W_f, W, W_r, W_s]
-        CS_GEMM_NN_PACKED(n_c * n_B, n_I, 4*n_H, b_dhg_W_f_W_W_r_W_s__x, 4*n_H, pk_W_f_W_W_r_W_s_nn, b_dx_x + tc * n_B * (n_I), n_I, 0);
         // d[v_f] += sum over rows of d_v_f
         CS_ROWSUM(n_c * n_B, n_H, b_dp_v_f + tc * n_B * (n_H), n_H, g_v_f, cs_more);
         // d[b_f] += sum over rows of d_b_f (column sums of dhg_W_f_W_W_r_W_s__x from its dW pass where the own kernel ran it)

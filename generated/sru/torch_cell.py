@@ -309,13 +309,13 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
         _dhg_W_f_W_W_r_W_s__x_at0[_t][:, _H:2*_H].copy_(d_W_x)
         _dhg_W_f_W_W_r_W_s__x_at0[_t][:, 3*_H:4*_H].copy_(d_W_s_x)
         _ds_c_rows[_t].copy_(d_c_prev)
+    torch.mm(_dhg_W_f_W_W_r_W_s__x.reshape(_T * _B, 4*_H), _w_W_f_W_W_r_W_s, out=_dx_x.reshape(_T * _B, _I))
     # dW of W_f @ x, W @ x, W_r @ x, W_s @ x: one GEMM over all T*B rows
     _dw = _dhg_W_f_W_W_r_W_s__x.reshape(_T * _B, 4*_H).T @ _x_x.reshape(_T * _B, _I)
     _grads["W_f"] = _dw[0:_H]
     _grads["W"] = _dw[_H:2*_H]
     _grads["W_r"] = _dw[2*_H:3*_H]
     _grads["W_s"] = _dw[3*_H:4*_H]
-    torch.mm(_dhg_W_f_W_W_r_W_s__x.reshape(_T * _B, 4*_H), _w_W_f_W_W_r_W_s, out=_dx_x.reshape(_T * _B, _I))
     _sum = _dp_v_f.reshape(_T * _B, _H).sum(0)
     _grads["v_f"] = _sum
     _sum = _dhg_W_f_W_W_r_W_s__x.reshape(_T * _B, 4*_H)[:, 0:_H].sum(0)
@@ -476,13 +476,13 @@ def _backward_differentiable(_params, _x, _saved, _d_outputs, _d_final, _bs=None
         _dhg_W_f_W_W_r_W_s__x_rows[_t] = torch.slice_scatter(_dhg_W_f_W_W_r_W_s__x_rows[_t], d_W_s_x, 1, 3*_H, 4*_H)
         _ds_c = d_c_prev
     _dhg_W_f_W_W_r_W_s__x = torch.stack(_dhg_W_f_W_W_r_W_s__x_rows)
+    _dx_x_rows = _scatter_rows(_dx_x_rows, 0, _T, None, None, _dhg_W_f_W_W_r_W_s__x.reshape(_T * _B, 4*_H) @ _w_W_f_W_W_r_W_s, add=False)
     # dW of W_f @ x, W @ x, W_r @ x, W_s @ x: one GEMM over all T*B rows
     _dw = _dhg_W_f_W_W_r_W_s__x.reshape(_T * _B, 4*_H).T @ _x_x.reshape(_T * _B, _I)
     _grads["W_f"] = _dw[0:_H]
     _grads["W"] = _dw[_H:2*_H]
     _grads["W_r"] = _dw[2*_H:3*_H]
     _grads["W_s"] = _dw[3*_H:4*_H]
-    _dx_x_rows = _scatter_rows(_dx_x_rows, 0, _T, None, None, _dhg_W_f_W_W_r_W_s__x.reshape(_T * _B, 4*_H) @ _w_W_f_W_W_r_W_s, add=False)
     _dp_v_f = torch.stack(_dp_v_f_rows)
     _sum = _dp_v_f.reshape(_T * _B, _H).sum(0)
     _grads["v_f"] = _sum
@@ -652,7 +652,7 @@ def _custom_ops(name, forward, backward, forward_schema, backward_schema, forwar
 #: the PyTorch engine's forward and backward as custom ops (the engine itself is the fake:
 #: it runs on fake tensors)
 _ENGINE_OPS = _custom_ops(
-    "sru_engine_1ce2cce08954", _engine_op_forward_impl, _engine_op_backward_impl,
+    "sru_engine_cd181bc8d3ff", _engine_op_forward_impl, _engine_op_backward_impl,
     "(Tensor[] xs, Tensor[] states, Tensor[] params) -> Tensor[]",
     "(Tensor[] args, Tensor[] saved, Tensor?[] d_outputs, Tensor?[] d_finals) -> Tensor[]",
     _engine_op_forward_impl, _engine_op_backward_impl, _engine_op_backward, _engine_op_setup_context,
@@ -1039,7 +1039,7 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
 # The same two calls as PyTorch custom ops, for torch.compile (which traces them through their
 # fake implementations: the allocations above, without the call). Registered once per process
 # and content of this file; outputs are copies (an op's outputs may not alias each other).
-_OP = "sru_34509df36431"
+_OP = "sru_348c8a437563"
 
 
 def _op_forward_impl(xs: list[torch.Tensor], states: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:

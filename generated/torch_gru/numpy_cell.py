@@ -359,6 +359,7 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
         _dgs_W_in_W_ir_W_iz__x_at0[_t][:, 0:_H][...] = d_b_in
         _ds_h_rows[_t][...] = d_h_direct
         _ds_h_rows[_t][...] += _dgs_W_in_W_ir_W_iz__x_at0[_t][:, _H:4*_H] @ _w_W_hr_W_hz_W_hn
+    np.matmul(_dgs_W_in_W_ir_W_iz__x.reshape(_T * _B, 4*_H)[:, 0:3*_H], _w_W_in_W_ir_W_iz, out=_dx_x.reshape(_T * _B, _I))
     # dW of W_hr @ h, W_hz @ h, W_hn @ h: one GEMM over all T*B rows
     _dw = _dgs_W_in_W_ir_W_iz__x.reshape(_T * _B, 4*_H)[:, _H:4*_H].T @ _s_h[:_T].reshape(_T * _B, _H)
     _grads["W_hr"] = _dw[0:_H]
@@ -369,7 +370,6 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
     _grads["W_in"] = _dw[0:_H]
     _grads["W_ir"] = _dw[_H:2*_H]
     _grads["W_iz"] = _dw[2*_H:3*_H]
-    np.matmul(_dgs_W_in_W_ir_W_iz__x.reshape(_T * _B, 4*_H)[:, 0:3*_H], _w_W_in_W_ir_W_iz, out=_dx_x.reshape(_T * _B, _I))
     _sum = _dgs_W_in_W_ir_W_iz__x.reshape(_T * _B, 4*_H)[:, _H:2*_H].sum(0)
     _grads["b_ir"] = _sum
     _grads["b_hr"] = _sum

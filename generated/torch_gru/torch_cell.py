@@ -330,6 +330,7 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
         _dgs_W_in_W_ir_W_iz__x_at0[_t][:, 0:_H].copy_(d_b_in)
         _ds_h_rows[_t].copy_(d_h_direct)
         _ds_h_rows[_t].addmm_(_dgs_W_in_W_ir_W_iz__x_at0[_t][:, _H:4*_H], _w_W_hr_W_hz_W_hn)
+    torch.mm(_dgs_W_in_W_ir_W_iz__x.reshape(_T * _B, 4*_H)[:, 0:3*_H], _w_W_in_W_ir_W_iz, out=_dx_x.reshape(_T * _B, _I))
     # dW of W_hr @ h, W_hz @ h, W_hn @ h: one GEMM over all T*B rows
     _dw = _dgs_W_in_W_ir_W_iz__x.reshape(_T * _B, 4*_H)[:, _H:4*_H].T @ _s_h[:_T].reshape(_T * _B, _H)
     _grads["W_hr"] = _dw[0:_H]
@@ -340,7 +341,6 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
     _grads["W_in"] = _dw[0:_H]
     _grads["W_ir"] = _dw[_H:2*_H]
     _grads["W_iz"] = _dw[2*_H:3*_H]
-    torch.mm(_dgs_W_in_W_ir_W_iz__x.reshape(_T * _B, 4*_H)[:, 0:3*_H], _w_W_in_W_ir_W_iz, out=_dx_x.reshape(_T * _B, _I))
     _sum = _dgs_W_in_W_ir_W_iz__x.reshape(_T * _B, 4*_H)[:, _H:2*_H].sum(0)
     _grads["b_ir"] = _sum
     _grads["b_hr"] = _sum
@@ -515,6 +515,7 @@ def _backward_differentiable(_params, _x, _saved, _d_outputs, _d_final, _bs=None
         _ds_h = d_h_direct
         _ds_h = _ds_h + _dgs_W_in_W_ir_W_iz__x_rows[_t][:, _H:4*_H] @ _w_W_hr_W_hz_W_hn
     _dgs_W_in_W_ir_W_iz__x = torch.stack(_dgs_W_in_W_ir_W_iz__x_rows)
+    _dx_x_rows = _scatter_rows(_dx_x_rows, 0, _T, None, None, _dgs_W_in_W_ir_W_iz__x.reshape(_T * _B, 4*_H)[:, 0:3*_H] @ _w_W_in_W_ir_W_iz, add=False)
     # dW of W_hr @ h, W_hz @ h, W_hn @ h: one GEMM over all T*B rows
     _dw = _dgs_W_in_W_ir_W_iz__x.reshape(_T * _B, 4*_H)[:, _H:4*_H].T @ _s_h[:_T].reshape(_T * _B, _H)
     _grads["W_hr"] = _dw[0:_H]
@@ -525,7 +526,6 @@ def _backward_differentiable(_params, _x, _saved, _d_outputs, _d_final, _bs=None
     _grads["W_in"] = _dw[0:_H]
     _grads["W_ir"] = _dw[_H:2*_H]
     _grads["W_iz"] = _dw[2*_H:3*_H]
-    _dx_x_rows = _scatter_rows(_dx_x_rows, 0, _T, None, None, _dgs_W_in_W_ir_W_iz__x.reshape(_T * _B, 4*_H)[:, 0:3*_H] @ _w_W_in_W_ir_W_iz, add=False)
     _sum = _dgs_W_in_W_ir_W_iz__x.reshape(_T * _B, 4*_H)[:, _H:2*_H].sum(0)
     _grads["b_ir"] = _sum
     _grads["b_hr"] = _sum
@@ -695,7 +695,7 @@ def _custom_ops(name, forward, backward, forward_schema, backward_schema, forwar
 #: the PyTorch engine's forward and backward as custom ops (the engine itself is the fake:
 #: it runs on fake tensors)
 _ENGINE_OPS = _custom_ops(
-    "torch_gru_engine_194fc36356a8", _engine_op_forward_impl, _engine_op_backward_impl,
+    "torch_gru_engine_13499dd67306", _engine_op_forward_impl, _engine_op_backward_impl,
     "(Tensor[] xs, Tensor[] states, Tensor[] params) -> Tensor[]",
     "(Tensor[] args, Tensor[] saved, Tensor?[] d_outputs, Tensor?[] d_finals) -> Tensor[]",
     _engine_op_forward_impl, _engine_op_backward_impl, _engine_op_backward, _engine_op_setup_context,
@@ -1090,7 +1090,7 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
 # The same two calls as PyTorch custom ops, for torch.compile (which traces them through their
 # fake implementations: the allocations above, without the call). Registered once per process
 # and content of this file; outputs are copies (an op's outputs may not alias each other).
-_OP = "torch_gru_097836eaaa32"
+_OP = "torch_gru_22e7993d618a"
 
 
 def _op_forward_impl(xs: list[torch.Tensor], states: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -2008,14 +2008,14 @@ static int torch_gru_backward_run(const int64_t* dims, void* const* ptrs, const 
         CS_SPLIT_DONE();
         CS_TEAM_END
         // the work behind the chunk's steps, on its rows
+        // grad_input:x = dgs_W_in_W_ir_W_iz__x @ [W_in, W_ir, W_iz]
+        CS_GEMM_NN_PACKED(n_c * n_B, n_I, 3*n_H, b_dgs_W_in_W_ir_W_iz__x, 4*n_H, pk_W_in_W_ir_W_iz_nn, b_dx_x + tc * n_B * (n_I), n_I, 0);
         // d[W_hr, W_hz, W_hn] += dgs_W_in_W_ir_W_iz__x[:, H:4*H]^T @ h  (W_hr @ h, W_hz @ h, W_hn @ h)
         // the glue passes the grads of W_hr, W_hz, W_hn as rows of b_dw_W_hr_W_hz_W_hn: the copies below are then no-ops
         // d[W_in, W_ir, W_iz] += dgs_W_in_W_ir_W_iz__x[:, 0:3*H]^T @ x  (W_in @ x, W_ir @ x, W_iz @ x)
         // the glue passes the grads of W_in, W_ir, W_iz as rows of b_dw_W_in_W_ir_W_iz: the copies below are then no-ops
         // one pass over it for all of them, with its column sums (the bias gradients below)
         CS_WEIGHT_GRADS(wg_dgs_W_in_W_ir_W_iz__x, 3*n_H, n_c * n_B, n_T * n_B, b_dgs_W_in_W_ir_W_iz__x, 4*n_H, 1, cs_more, {b_s_h + tc * n_B * (n_H), n_H, n_H, b_dw_W_hr_W_hz_W_hn, n_H, n_H}, {b_x_x + tc * n_B * (n_I), n_I, n_I, b_dw_W_in_W_ir_W_iz, n_I});
-        // grad_input:x = dgs_W_in_W_ir_W_iz__x @ [W_in, W_ir, W_iz]
-        CS_GEMM_NN_PACKED(n_c * n_B, n_I, 3*n_H, b_dgs_W_in_W_ir_W_iz__x, 4*n_H, pk_W_in_W_ir_W_iz_nn, b_dx_x + tc * n_B * (n_I), n_I, 0);
         // d[b_ir, b_hr] += sum over rows of d_b_ir (summed once) (column sums of dgs_W_in_W_ir_W_iz__x from its dW pass where the own kernel ran it)
         CS_COLSUM(wg_dgs_W_in_W_ir_W_iz__x, n_c * n_B, n_H, b_dgs_W_in_W_ir_W_iz__x + n_H, 4*n_H, b_sum_d_b_ir, cs_more);
         // d[b_iz, b_hz] += sum over rows of d_b_iz (summed once) (column sums of dgs_W_in_W_ir_W_iz__x from its dW pass where the own kernel ran it)

@@ -515,6 +515,7 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
         d_c = d_c_next*f  # adjoint of state c
         _ds_h_rows[_t][...] = d_h
         _ds_c_rows[_t][...] = d_c
+    np.matmul(_dg_W_hi_W_hf_W_hg_W_ho__hd.reshape(_T * _B, 4*_H), _w_W_ii_W_if_W_ig_W_io, out=_hgd_xd.reshape(_T * _B, _I))
     # dW of W_hi @ hd, W_hf @ hd, W_hg @ hd, W_ho @ hd: one GEMM over all T*B rows
     _dw = _dg_W_hi_W_hf_W_hg_W_ho__hd.reshape(_T * _B, 4*_H).T @ _v_hd.reshape(_T * _B, _H)
     _grads["W_hi"] = _dw[0:_H]
@@ -527,7 +528,6 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
     _grads["W_if"] = _dw[_H:2*_H]
     _grads["W_ig"] = _dw[2*_H:3*_H]
     _grads["W_io"] = _dw[3*_H:4*_H]
-    np.matmul(_dg_W_hi_W_hf_W_hg_W_ho__hd.reshape(_T * _B, 4*_H), _w_W_ii_W_if_W_ig_W_io, out=_hgd_xd.reshape(_T * _B, _I))
     # hoisted backward (all T*B rows)
     d_xd_hgemm = _hgd_xd
     mask_x = _x_mask_x

@@ -452,6 +452,7 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
         d_c = d_c_next*f  # adjoint of state c
         _ds_h_rows[_t].copy_(d_h)
         _ds_c_rows[_t].copy_(d_c)
+    torch.mm(_dg_W_hi_W_hf_W_hg_W_ho__hd.reshape(_T * _B, 4*_H), _w_W_ii_W_if_W_ig_W_io, out=_hgd_xd.reshape(_T * _B, _I))
     # dW of W_hi @ hd, W_hf @ hd, W_hg @ hd, W_ho @ hd: one GEMM over all T*B rows
     _dw = _dg_W_hi_W_hf_W_hg_W_ho__hd.reshape(_T * _B, 4*_H).T @ _v_hd.reshape(_T * _B, _H)
     _grads["W_hi"] = _dw[0:_H]
@@ -464,7 +465,6 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
     _grads["W_if"] = _dw[_H:2*_H]
     _grads["W_ig"] = _dw[2*_H:3*_H]
     _grads["W_io"] = _dw[3*_H:4*_H]
-    torch.mm(_dg_W_hi_W_hf_W_hg_W_ho__hd.reshape(_T * _B, 4*_H), _w_W_ii_W_if_W_ig_W_io, out=_hgd_xd.reshape(_T * _B, _I))
     # hoisted backward (all T*B rows)
     d_xd_hgemm = _hgd_xd
     mask_x = _x_mask_x
@@ -707,6 +707,7 @@ def _backward_differentiable(_params, _x, _saved, _d_outputs, _d_final, _bs=None
         _ds_h = d_h
         _ds_c = d_c
     _dg_W_hi_W_hf_W_hg_W_ho__hd = torch.stack(_dg_W_hi_W_hf_W_hg_W_ho__hd_rows)
+    _hgd_xd_rows = _scatter_rows(_hgd_xd_rows, 0, _T, None, None, _dg_W_hi_W_hf_W_hg_W_ho__hd.reshape(_T * _B, 4*_H) @ _w_W_ii_W_if_W_ig_W_io, add=False)
     # dW of W_hi @ hd, W_hf @ hd, W_hg @ hd, W_ho @ hd: one GEMM over all T*B rows
     _dw = _dg_W_hi_W_hf_W_hg_W_ho__hd.reshape(_T * _B, 4*_H).T @ _v_hd.reshape(_T * _B, _H)
     _grads["W_hi"] = _dw[0:_H]
@@ -719,7 +720,6 @@ def _backward_differentiable(_params, _x, _saved, _d_outputs, _d_final, _bs=None
     _grads["W_if"] = _dw[_H:2*_H]
     _grads["W_ig"] = _dw[2*_H:3*_H]
     _grads["W_io"] = _dw[3*_H:4*_H]
-    _hgd_xd_rows = _scatter_rows(_hgd_xd_rows, 0, _T, None, None, _dg_W_hi_W_hf_W_hg_W_ho__hd.reshape(_T * _B, 4*_H) @ _w_W_ii_W_if_W_ig_W_io, add=False)
     # hoisted backward (all T*B rows)
     _hgd_xd = torch.stack(_hgd_xd_rows)
     d_xd_hgemm = _hgd_xd
@@ -901,7 +901,7 @@ def _custom_ops(name, forward, backward, forward_schema, backward_schema, forwar
 #: the PyTorch engine's forward and backward as custom ops (the engine itself is the fake:
 #: it runs on fake tensors)
 _ENGINE_OPS = _custom_ops(
-    "variational_lstm_engine_ddd797415612", _engine_op_forward_impl, _engine_op_backward_impl,
+    "variational_lstm_engine_8156d548c53e", _engine_op_forward_impl, _engine_op_backward_impl,
     "(Tensor[] xs, Tensor[] states, Tensor[] params) -> Tensor[]",
     "(Tensor[] args, Tensor[] saved, Tensor?[] d_outputs, Tensor?[] d_finals) -> Tensor[]",
     _engine_op_forward_impl, _engine_op_backward_impl, _engine_op_backward, _engine_op_setup_context,
@@ -1313,7 +1313,7 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
 # The same two calls as PyTorch custom ops, for torch.compile (which traces them through their
 # fake implementations: the allocations above, without the call). Registered once per process
 # and content of this file; outputs are copies (an op's outputs may not alias each other).
-_OP = "variational_lstm_af82b0fd08f6"
+_OP = "variational_lstm_93bf45e18f50"
 
 
 def _op_forward_impl(xs: list[torch.Tensor], states: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:

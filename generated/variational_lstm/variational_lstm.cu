@@ -2676,14 +2676,14 @@ static int variational_lstm_backward_run(const int64_t* dims, void* const* ptrs,
         CS_SPLIT_DONE();
         CS_TEAM_END
         // the work behind the chunk's steps, on its rows
+        // d_xd_hgemm = dg_W_hi_W_hf_W_hg_W_ho__hd @ [W_ii, W_if, W_ig, W_io]
+        CS_GEMM_NN_PACKED(n_c * n_B, n_I, 4*n_H, b_dg_W_hi_W_hf_W_hg_W_ho__hd, 4*n_H, pk_W_ii_W_if_W_ig_W_io_nn, b_hgd_xd + tc * n_B * (n_I), n_I, 0);
         // d[W_hi, W_hf, W_hg, W_ho] += dg_W_hi_W_hf_W_hg_W_ho__hd^T @ hd  (W_hi @ hd, W_hf @ hd, W_hg @ hd, W_ho @ hd)
         // the glue passes the grads of W_hi, W_hf, W_hg, W_ho as rows of b_dw_W_hi_W_hf_W_hg_W_ho: the copies below are then no-ops
         // d[W_ii, W_if, W_ig, W_io] += dg_W_hi_W_hf_W_hg_W_ho__hd^T @ xd  (W_ii @ xd, W_if @ xd, W_ig @ xd, W_io @ xd)
         // the glue passes the grads of W_ii, W_if, W_ig, W_io as rows of b_dw_W_ii_W_if_W_ig_W_io: the copies below are then no-ops
         // one pass over it for all of them, with its column sums (the bias gradients below)
         CS_WEIGHT_GRADS(wg_dg_W_hi_W_hf_W_hg_W_ho__hd, 4*n_H, n_c * n_B, n_T * n_B, b_dg_W_hi_W_hf_W_hg_W_ho__hd, 4*n_H, 1, cs_more, {b_v_hd + tc * n_B * (n_H), n_H, n_H, b_dw_W_hi_W_hf_W_hg_W_ho, n_H}, {b_hv_xd + tc * n_B * (n_I), n_I, n_I, b_dw_W_ii_W_if_W_ig_W_io, n_I});
-        // d_xd_hgemm = dg_W_hi_W_hf_W_hg_W_ho__hd @ [W_ii, W_if, W_ig, W_io]
-        CS_GEMM_NN_PACKED(n_c * n_B, n_I, 4*n_H, b_dg_W_hi_W_hf_W_hg_W_ho__hd, 4*n_H, pk_W_ii_W_if_W_ig_W_io_nn, b_hgd_xd + tc * n_B * (n_I), n_I, 0);
         // backward: hoisted backward (all T*B rows), units of size I
         CS_PW(variational_lstm_backward_bwd_hoisted_I, n_c * n_B, n_I, b_hgd_xd + tc * n_B * (n_I), n_I, b_x_mask_x + tc * n_B * (n_I), n_I, b_hl_x + tc * n_B * (n_I), n_I);
         // d_x += d_x_hoisted

@@ -429,6 +429,7 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
         _ds_h_rows[_t].copy_(d_h_direct)
         _ds_c_rows[_t].copy_(d_c_prev)
         _ds_h_rows[_t].addmm_(_dg_W_hi_W_hf_W_hg_W_ho__h_at0[_t], _w_W_hi_W_hf_W_hg_W_ho)
+    torch.mm(_dg_W_hi_W_hf_W_hg_W_ho__h.reshape(_T * _B, 4*_H), _w_W_ii_W_if_W_ig_W_io, out=_dx_x.reshape(_T * _B, _I))
     # dW of W_hi @ h, W_hf @ h, W_hg @ h, W_ho @ h: one GEMM over all T*B rows
     _dw = _dg_W_hi_W_hf_W_hg_W_ho__h.reshape(_T * _B, 4*_H).T @ _s_h[:_T].reshape(_T * _B, _H)
     _grads["W_hi"] = _dw[0:_H]
@@ -441,7 +442,6 @@ def _backward(_params, _x, _saved, _d_outputs, _d_final, _bs=None):
     _grads["W_if"] = _dw[_H:2*_H]
     _grads["W_ig"] = _dw[2*_H:3*_H]
     _grads["W_io"] = _dw[3*_H:4*_H]
-    torch.mm(_dg_W_hi_W_hf_W_hg_W_ho__h.reshape(_T * _B, 4*_H), _w_W_ii_W_if_W_ig_W_io, out=_dx_x.reshape(_T * _B, _I))
     _sum = _dg_W_hi_W_hf_W_hg_W_ho__h.reshape(_T * _B, 4*_H)[:, 0:_H].sum(0)
     _grads["b_ii"] = _sum
     _grads["b_hi"] = _sum
@@ -663,6 +663,7 @@ def _backward_differentiable(_params, _x, _saved, _d_outputs, _d_final, _bs=None
         _ds_c = d_c_prev
         _ds_h = _ds_h + _dg_W_hi_W_hf_W_hg_W_ho__h_rows[_t] @ _w_W_hi_W_hf_W_hg_W_ho
     _dg_W_hi_W_hf_W_hg_W_ho__h = torch.stack(_dg_W_hi_W_hf_W_hg_W_ho__h_rows)
+    _dx_x_rows = _scatter_rows(_dx_x_rows, 0, _T, None, None, _dg_W_hi_W_hf_W_hg_W_ho__h.reshape(_T * _B, 4*_H) @ _w_W_ii_W_if_W_ig_W_io, add=False)
     # dW of W_hi @ h, W_hf @ h, W_hg @ h, W_ho @ h: one GEMM over all T*B rows
     _dw = _dg_W_hi_W_hf_W_hg_W_ho__h.reshape(_T * _B, 4*_H).T @ _s_h[:_T].reshape(_T * _B, _H)
     _grads["W_hi"] = _dw[0:_H]
@@ -675,7 +676,6 @@ def _backward_differentiable(_params, _x, _saved, _d_outputs, _d_final, _bs=None
     _grads["W_if"] = _dw[_H:2*_H]
     _grads["W_ig"] = _dw[2*_H:3*_H]
     _grads["W_io"] = _dw[3*_H:4*_H]
-    _dx_x_rows = _scatter_rows(_dx_x_rows, 0, _T, None, None, _dg_W_hi_W_hf_W_hg_W_ho__h.reshape(_T * _B, 4*_H) @ _w_W_ii_W_if_W_ig_W_io, add=False)
     _sum = _dg_W_hi_W_hf_W_hg_W_ho__h.reshape(_T * _B, 4*_H)[:, 0:_H].sum(0)
     _grads["b_ii"] = _sum
     _grads["b_hi"] = _sum
@@ -848,7 +848,7 @@ def _custom_ops(name, forward, backward, forward_schema, backward_schema, forwar
 #: the PyTorch engine's forward and backward as custom ops (the engine itself is the fake:
 #: it runs on fake tensors)
 _ENGINE_OPS = _custom_ops(
-    "zoneout_lstm_engine_7ae126c251f8", _engine_op_forward_impl, _engine_op_backward_impl,
+    "zoneout_lstm_engine_132bd954186e", _engine_op_forward_impl, _engine_op_backward_impl,
     "(Tensor[] xs, Tensor[] states, Tensor[] params) -> Tensor[]",
     "(Tensor[] args, Tensor[] saved, Tensor?[] d_outputs, Tensor?[] d_finals) -> Tensor[]",
     _engine_op_forward_impl, _engine_op_backward_impl, _engine_op_backward, _engine_op_setup_context,
@@ -1259,7 +1259,7 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
 # The same two calls as PyTorch custom ops, for torch.compile (which traces them through their
 # fake implementations: the allocations above, without the call). Registered once per process
 # and content of this file; outputs are copies (an op's outputs may not alias each other).
-_OP = "zoneout_lstm_39daa5914229"
+_OP = "zoneout_lstm_d5bc5c3d1fdd"
 
 
 def _op_forward_impl(xs: list[torch.Tensor], states: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:
