@@ -367,8 +367,8 @@ def test_work_behind_the_backward_steps(spec):
     step only or adds up over the rows (weight gradients, row sums, an input's gradient, a
     product or pointwise level per row), so all of them become the loop's ``behind`` ops, in
     program order but for an input's gradient, which runs ahead of the weight gradients and row
-    sums it does not depend on, and nothing is left after the loop; the loop's ring is the step adjoints
-    the steps write that no op before the loop touches, each read at its own step. A forward
+    sums it does not depend on, and nothing is left after the loop; the loop's ring is the step
+    adjoints the steps write that no op before the loop touches, each read at its own step. A forward
     loop has no ops behind it. torch.nn's GRU: its one shared adjoint buffer is the ring, and the
     ops behind are dx, its two weight gradients and four bias sums."""
     from cellspec.program.save import op_buffers
