@@ -967,6 +967,16 @@ static cs_packed<float> cs_pack(const cs_ctx* c, int ta, int64_t m, int64_t n, i
     }
 #endif
     if (!c->pack_size || !c->pack || !c->compute) return p;
+#ifdef _OPENMP
+    // A step's product in a backward (a @ w, w [k, n] row-major, a batch's rows) on one thread
+    // (own 3: the BLAS for the products by a weight, cs_for_batch) runs faster from the plain
+    // matrix than from MKL's packed copy: 64 steps of [32, 768] x [768, 256] 4.71 against 4.93 ms,
+    // of [32, 1024] x [1024, 256] 6.28 against 6.67, [128, 1024] x [1024, 256] 25.96 against
+    // 26.98; even at [64, 1536] x [1536, 512]. The input gradient's chunks of 256 rows and more
+    // (5.11 against 5.30 ms), the forward's a @ wᵀ (4.59 against 5.95) and two threads (2.48
+    // against 3.19) stay packed. Intel Xeon, stop 31 (docs/performance.md).
+    if (ta == 0 && m < 256 && c->own == 3 && (omp_get_max_threads() == 1 || omp_in_parallel())) return p;
+#endif
     const int im = (int)n, in = (int)m, ik = (int)k, ild = (int)ldw;
     const char id = 'A', tr = ta ? 'T' : 'N';
     const float one = 1.0f;
