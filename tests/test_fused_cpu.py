@@ -730,13 +730,15 @@ def test_chunk_steps_by_rows_weights_and_l2(monkeypatch):
 @pytest.mark.parametrize("batch", [8, 33])
 def test_own_gemm_chosen_by_cpu_batch_and_loop(batch, threads, monkeypatch):
     """By default (``set_own_gemm(True)``) a call runs the own GEMM on AMD CPUs, and elsewhere for
-    batches under 32 rows, MKL's from 32 but in a forward or inference with two threads or more
-    and at most 1 MiB of step weights (there it runs as a team; ``cs_for_batch``), and with one
-    thread the weight gradients (``"weight_grads"``: a backward whose products MKL runs): each
-    function's results are, to the bit, those of its forced choice (the training step's: forced
-    for the forward, then for the backward). The work behind the backward's steps runs as one
-    chunk of all 40 steps: in chunks of 8 (264 rows) the own kernel's weight gradients and MKL's
-    agree to the bit, and the choice would not show."""
+    batches under 32 rows (with one thread only for the products of a step's rows and the weight
+    gradients, ``"steps"``: MKL's for the hoisted product's and dx's chunks of 256 rows), MKL's
+    from 32 but in a forward or inference with two threads or more and at most 1 MiB of step
+    weights (there it runs as a team; ``cs_for_batch``), and with one thread the weight gradients
+    (``"weight_grads"``: a backward whose products MKL runs): each function's results are, to
+    the bit, those of its forced choice (the training step's: forced for the forward, then for
+    the backward). The work behind the backward's steps runs as one chunk of all 40 steps: in
+    chunks of 8 (264 rows) the own kernel's weight gradients and MKL's agree to the bit, and the
+    choice would not show."""
     monkeypatch.setattr(kernels, "BEHIND_ROWS", 1 << 20)
     pkg = load_module("lstm")
     lib = _own_gemm_library(pkg)
@@ -764,16 +766,23 @@ def test_own_gemm_chosen_by_cpu_batch_and_loop(batch, threads, monkeypatch):
     torch.set_num_threads(threads)
     try:
         auto = run(True, True)
-        forced = {(f, b): run(f, b) for f in ("always", False) for b in ("always", False, "weight_grads")}
+        forced = {(f, b): run(f, b) for f in ("always", False, "steps") for b in ("always", False, "weight_grads", "steps")}
     finally:
         torch.set_num_threads(saved)
     amd = "AuthenticAMD" in Path("/proc/cpuinfo").read_text()
-    own = amd or batch < 32
-    expected = forced["always" if own or threads > 1 else False, "always" if own else ("weight_grads" if threads == 1 else False)]
+    if amd or (batch < 32 and threads > 1):
+        choice = ("always", "always")
+    elif batch < 32:
+        choice = ("steps", "steps")
+    else:
+        choice = ("always" if threads > 1 else False, "weight_grads" if threads == 1 else False)
+    expected = forced[choice]
     assert all(torch.equal(a, b) for a, b in zip(auto, expected))
     pairs = [((False, False), ("always", "always"))]  # the choices show
     if batch > 32:  # (at batch 8 the forwards and the weight gradients agree to the bit)
         pairs += [((False, False), ("always", False)), ((False, False), (False, "weight_grads"))]
+    else:  # the hoisted product's and dx's chunks of 256 rows on MKL, the steps' on the own kernel
+        pairs += [(("steps", "steps"), ("always", "always")), (("steps", "steps"), (False, False))]
     for one, other in pairs:
         assert not all(torch.equal(a, b) for a, b in zip(forced[one], forced[other]))
 

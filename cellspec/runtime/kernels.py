@@ -98,13 +98,16 @@ def host_ctx() -> _HostCtx:
     """The context every CPU library call gets: the BLAS addresses of :func:`host_blas` and
     ``own`` = 1 where the float products may run the library's own AVX-512 GEMM, the library
     choosing per call by the CPU, the batch and the loop (every call on AMD, elsewhere batches
-    under 32 rows and forwards that run as a team with at most 1 MiB of step weights:
-    ``cs_for_batch``); ``CELLSPEC_OWN_GEMM=0`` or :func:`set_own_gemm` keeps the BLAS
+    under 32 rows (with one thread only their steps' products) and forwards that run as a team
+    with at most 1 MiB of step weights: ``cs_for_batch``); ``CELLSPEC_OWN_GEMM=0`` or
+    :func:`set_own_gemm` keeps the BLAS
     throughout, ``CELLSPEC_OWN_GEMM=2`` the own GEMM wherever the CPU has AVX-512,
     ``CELLSPEC_OWN_GEMM=3`` the BLAS for the products by a weight and the own kernel for the
     weight gradients (what the library chooses where it picks the BLAS on one thread, for weight
     gradients of at most 1 Mi floats: one pass over an adjoint for all its dW and its column
-    sums) (for measuring one against the other). ``team``: whether a time loop
+    sums), ``CELLSPEC_OWN_GEMM=4`` the own kernel for the products of a step's rows and the
+    weight gradients, the BLAS for the products of a chunk's rows (what it picks for a batch
+    under 32 rows on one thread) (for measuring one against the other). ``team``: whether a time loop
     runs as one team of threads for all its steps instead of forking per op: 1 where a step's
     GEMM would fork (the library decides, and whether each thread runs the steps on its own rows
     of the batch or the threads share each op's work), 0 never (``CELLSPEC_LOOP_TEAM=0``), 2
@@ -112,15 +115,17 @@ def host_ctx() -> _HostCtx:
     tests run small shapes through it), 3 wherever it can, each op's work shared
     (``CELLSPEC_LOOP_TEAM=3``); :func:`set_loop_team`."""
     team = {"0": 0, "2": 2, "3": 3}.get(os.environ.get("CELLSPEC_LOOP_TEAM", "1"), 1)
-    own = {"0": 0, "2": 2, "3": 3}.get(os.environ.get("CELLSPEC_OWN_GEMM", "1"), 1)
+    own = {"0": 0, "2": 2, "3": 3, "4": 4}.get(os.environ.get("CELLSPEC_OWN_GEMM", "1"), 1)
     return _HostCtx(*host_blas(), own, team)
 
 
 def set_own_gemm(on: bool | str) -> None:
     """For every later CPU call in this process: the own GEMM where the library chooses it
-    (True), never (False), wherever the CPU has AVX-512 (``"always"``), or for the weight
-    gradients only (``"weight_grads"``: the BLAS multiplies by the weights)."""
-    host_ctx().own = {"always": 2, "weight_grads": 3}.get(on, 1) if on else 0
+    (True), never (False), wherever the CPU has AVX-512 (``"always"``), for the weight
+    gradients only (``"weight_grads"``: the BLAS multiplies by the weights), or for the products
+    of a step's rows and the weight gradients (``"steps"``: the BLAS for the products of a
+    chunk's rows, the hoisted one and dx)."""
+    host_ctx().own = {"always": 2, "weight_grads": 3, "steps": 4}.get(on, 1) if on else 0
 
 
 def set_loop_team(mode: int) -> None:

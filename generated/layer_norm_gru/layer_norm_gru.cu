@@ -512,15 +512,23 @@ static inline int cs_team_worth(const cs_ctx* c, int64_t step_gemm_work, int all
     return 0;
 #endif
 }
-// own = 1 or 2: products by a weight may run the own GEMM (3: only the weight gradients)
+// own = 1 or 2: products by a weight may run the own GEMM (3: only the weight gradients; 4: the
+// products of a step's rows, fewer than CS_OWN_STEP_ROWS, and the weight gradients)
+#define CS_OWN_STEP_ROWS 256
 static inline bool cs_own_products(const cs_ctx* c) { return c->own == 1 || c->own == 2; }
+// whether a product of m rows by a weight runs the own kernel
+static inline bool cs_own_for(const cs_ctx* c, int64_t m) { return cs_own_products(c) || (c->own == 4 && m < CS_OWN_STEP_ROWS); }
 // Whether a call's float products run the own kernel (ctx->own: 0 never, 2 always; 1 by the CPU
 // and the batch: always on AMD, whose MKL runs its generic code path there; elsewhere (Intel,
 // whose MKL runs its AVX-512 kernels) for a batch of fewer than 32 rows, MKL from 32; and from 32
 // rows too in a forward or inference whose steps multiply by at most 1 MiB of weights
 // (`forward_weights` floats; 0: a backward) where it would run as a team of threads (two or more,
 // outside a parallel region), which a loop of MKL calls cannot: one fork per op instead. Measured,
-// docs/performance.md, stops 24 and 25). Where MKL runs the products on one thread (3), the
+// docs/performance.md, stops 24 and 25). With one thread a batch of fewer than 32 rows runs only
+// its steps' products on the own kernel (4): the products of a chunk's rows, the hoisted one and
+// dx, run faster on MKL there (stop 31: the LSTM's at (512, 8, 128) 3.26-3.31 against 3.38-3.44 ms
+// and 3.57 against 3.87-3.92; at H = 512, B = 8 6.8 against 8.1 and 6.9 against 8.0), the steps'
+// as fast on either (3.51 against 3.52 forward). Where MKL runs the products on one thread (3), the
 // weight gradients of at most 1 Mi floats still run the own kernel (cs_own_weight_grads: one pass
 // over an adjoint for all its dW and its column sums; stop 26: the LSTM's at (64, 32, 256) 11.0
 // against 11.6 ms; MKL's were ahead with two threads, 181 against 193 ms for the two of
@@ -537,7 +545,7 @@ static inline const cs_ctx* cs_for_batch(const cs_ctx* c, cs_ctx* call, int64_t 
 #else
     const bool one_thread = true;
 #endif
-    call->own = amd || batch < 32 || team ? 2 : (one_thread ? 3 : 0);
+    call->own = amd || team ? 2 : (batch < 32 ? (one_thread ? 4 : 2) : (one_thread ? 3 : 0));
     return call;
 }
 static inline void cs_blas(const cs_ctx* c, const char* ta, const char* tb, const int* m, const int* n, const int* k,
@@ -894,13 +902,13 @@ __attribute__((target("avx512f"))) static void cs_own_gemv(int ta, int64_t n, in
 // against MKL through torch.mm, one core: 28 against 33 us at k = 16, 90 against 119 at 64, 170
 // against 227 at 128; two cores 19 against 31 at 16; below 16 within a few us either way).
 // Whether the weight gradients (a transposed float operand, k rows; m x cols of them) run
-// cs_own_weight_grads: always where own = 2 (and 1), where own = 3 up to 1 Mi floats (cs_for_batch)
+// cs_own_weight_grads: always where own = 2 or 4 (and 1), where own = 3 up to 1 Mi floats (cs_for_batch)
 static inline bool cs_own_tn(const cs_ctx* c, int64_t k, int64_t m, int64_t cols)
 {
     return c->own != 0 && k >= 16 && cs_avx512() && (c->own != 3 || m * cols <= ((int64_t)1 << 20));
 }
 // Whether the own kernel runs a plain (untransposed) float product of m rows (packing op(b) for it).
-static inline bool cs_own_plain(const cs_ctx* c, int64_t m, int64_t k) { return cs_own_products(c) && k > 0 && m >= 16 && cs_avx512(); }
+static inline bool cs_own_plain(const cs_ctx* c, int64_t m, int64_t k) { return cs_own_for(c, m) && k > 0 && m >= 16 && cs_avx512(); }
 static bool cs_own_route(const cs_ctx* c, int ta, int tb, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
                          const float* b, int64_t ldb, float* out, int64_t ldc, int beta)
 {
@@ -946,7 +954,7 @@ static cs_packed<float> cs_pack(const cs_ctx* c, int ta, int64_t m, int64_t n, i
     cs_packed<float> p = {w, ldw, 0, m, 0, 0};
     if (m <= 0 || n <= 0 || k <= 0) return p;
 #ifdef CS_OWN_GEMM
-    if (cs_own_products(c) && cs_avx512()) {
+    if (cs_own_for(c, m) && cs_avx512()) {
         if (m == 1 && !cs_par(n * k, 262144)) {  // one row, on one thread (cs_own_gemm would not fork)
             p.gemv = 1;
             return p;
@@ -965,10 +973,12 @@ static cs_packed<float> cs_pack(const cs_ctx* c, int ta, int64_t m, int64_t n, i
     // (own 3: the BLAS for the products by a weight, cs_for_batch) runs faster from the plain
     // matrix than from MKL's packed copy: 64 steps of [32, 768] x [768, 256] 4.71 against 4.93 ms,
     // of [32, 1024] x [1024, 256] 6.28 against 6.67, [128, 1024] x [1024, 256] 25.96 against
-    // 26.98; even at [64, 1536] x [1536, 512]. The input gradient's chunks of 256 rows and more
-    // (5.11 against 5.30 ms), the forward's a @ wᵀ (4.59 against 5.95) and two threads (2.48
+    // 26.98; even at [64, 1536] x [1536, 512]. So does dx's chunk of 256 rows where it has at most
+    // 128 columns ([256, 512] x [512, 128]: 3.57 against 3.98 ms for (512, 8, 128)'s LSTM, 2.67
+    // against 2.93 for its GRU; own 4). The wider chunks of dx (5.11 against 5.30 ms at
+    // [256, 768] x [768, 256]), the forward's a @ wᵀ (4.59 against 5.95) and two threads (2.48
     // against 3.19) stay packed. Intel Xeon, stop 31 (docs/performance.md).
-    if (ta == 0 && m < 256 && c->own == 3 && (omp_get_max_threads() == 1 || omp_in_parallel())) return p;
+    if (ta == 0 && (m < CS_OWN_STEP_ROWS || n <= 128) && (c->own == 3 || c->own == 4) && (omp_get_max_threads() == 1 || omp_in_parallel())) return p;
 #endif
     const int im = (int)n, in = (int)m, ik = (int)k, ild = (int)ldw;
     const char id = 'A', tr = ta ? 'T' : 'N';
