@@ -287,7 +287,9 @@ def test_own_gemm_agrees_with_blas(module, batch, hidden, steps):
     and element function fused, two blocks of 32 units; with 40 steps the weight
     gradients too, T·B = 1160 rows in three k-blocks, and the hoisted products in chunks of
     steps; the hoisted products and dx = dg @ W_ih from 16 rows: T·B = 104 with batch 13)
-    against MKL's SGEMM for the same products, forward and every gradient."""
+    against MKL's SGEMM for the same products, forward and every gradient; and the split of
+    ``"steps"`` (own 4: a step's products and the weight gradients own, a chunk's products of
+    256 rows and more MKL's: with batch 29 and 40 steps) against both."""
     pkg = load_module(module)
     lib = _own_gemm_library(pkg)
     if not lib.own_gemm():
@@ -300,11 +302,12 @@ def test_own_gemm_agrees_with_blas(module, batch, hidden, steps):
     lengths = torch.randint(1, T + 1, (batch,))
     lengths[0] = T
     results = {}
-    for own in ("always", False):  # "always": batches of 32 rows and more too on any CPU (cs_for_batch)
+    for own in ("always", False, "steps"):  # "always": batches of 32 rows and more too on any CPU (cs_for_batch)
         plain, varlen, infer = _under_own_gemm(own, m, x, lengths)
         results[own] = plain + varlen + infer
-    for a, b in zip(results["always"], results[False]):
+    for a, b, c in zip(results["always"], results[False], results["steps"]):
         torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5)
+        torch.testing.assert_close(c, b, rtol=2e-5, atol=2e-5)
     # and the own path is really different code: same values, not the same bits everywhere
     assert any(not torch.equal(a, b) for a, b in zip(results["always"], results[False])) or hidden < 8
 
