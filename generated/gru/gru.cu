@@ -501,10 +501,19 @@ struct cs_ctx { cs_sgemm_fn sgemm; cs_dgemm_fn dgemm; cs_pack_size_fn pack_size;
 // any parallel region, and where every GEMM of the loop runs the own kernel on a weight packed
 // before the loop (a BLAS call, or a product that packs its operand per call, would run once
 // per thread of the team). ctx->team: 0 never, 2 and 3 wherever it can (tests; cellspec.runtime.kernels).
+// Whether this call runs on one thread (no OpenMP, one thread allowed, or inside a parallel region).
+static inline bool cs_one_thread(void)
+{
+#ifdef _OPENMP
+    return omp_get_max_threads() < 2 || omp_in_parallel();
+#else
+    return true;
+#endif
+}
 static inline int cs_team_worth(const cs_ctx* c, int64_t step_gemm_work, int all_own)
 {
 #ifdef _OPENMP
-    if (!all_own || c->team == 0 || omp_in_parallel() || omp_get_max_threads() < 2) return 0;
+    if (!all_own || c->team == 0 || cs_one_thread()) return 0;
     return c->team >= 2 || cs_par(step_gemm_work, 262144);
 #else
     (void)c; (void)step_gemm_work; (void)all_own;
@@ -514,9 +523,8 @@ static inline int cs_team_worth(const cs_ctx* c, int64_t step_gemm_work, int all
 // own = 1 or 2: products by a weight may run the own GEMM (3: only the weight gradients; 4: the
 // products of a step's rows, fewer than CS_OWN_STEP_ROWS, and the weight gradients)
 #define CS_OWN_STEP_ROWS 256
-static inline bool cs_own_products(const cs_ctx* c) { return c->own == 1 || c->own == 2; }
 // whether a product of m rows by a weight runs the own kernel
-static inline bool cs_own_for(const cs_ctx* c, int64_t m) { return cs_own_products(c) || (c->own == 4 && m < CS_OWN_STEP_ROWS); }
+static inline bool cs_own_for(const cs_ctx* c, int64_t m) { return c->own == 1 || c->own == 2 || (c->own == 4 && m < CS_OWN_STEP_ROWS); }
 // Whether a call's float products run the own kernel (ctx->own: 0 never, 2 always; 1 by the CPU
 // and the batch: always on AMD, whose MKL runs its generic code path there; elsewhere (Intel,
 // whose MKL runs its AVX-512 kernels) for a batch of fewer than 32 rows, MKL from 32; and from 32
@@ -539,11 +547,7 @@ static inline const cs_ctx* cs_for_batch(const cs_ctx* c, cs_ctx* call, int64_t 
     static const bool amd = __builtin_cpu_is("amd");
     *call = *c;
     const bool team = forward_weights > 0 && forward_weights <= 262144 && cs_team_worth(c, batch * forward_weights, 1);
-#ifdef _OPENMP
-    const bool one_thread = omp_get_max_threads() == 1 || omp_in_parallel();
-#else
-    const bool one_thread = true;
-#endif
+    const bool one_thread = cs_one_thread();
     call->own = amd || team ? 2 : (batch < 32 ? (one_thread ? 4 : 2) : (one_thread ? 3 : 0));
     return call;
 }
@@ -967,7 +971,6 @@ static cs_packed<float> cs_pack(const cs_ctx* c, int ta, int64_t m, int64_t n, i
     }
 #endif
     if (!c->pack_size || !c->pack || !c->compute) return p;
-#ifdef _OPENMP
     // A step's product in a backward (a @ w, w [k, n] row-major, a batch's rows) on one thread
     // (own 3: the BLAS for the products by a weight, cs_for_batch) runs faster from the plain
     // matrix than from MKL's packed copy: 64 steps of [32, 768] x [768, 256] 4.71 against 4.93 ms,
@@ -977,8 +980,7 @@ static cs_packed<float> cs_pack(const cs_ctx* c, int ta, int64_t m, int64_t n, i
     // against 2.93 for its GRU; own 4). The wider chunks of dx (5.11 against 5.30 ms at
     // [256, 768] x [768, 256]), the forward's a @ wᵀ (4.59 against 5.95) and two threads (2.48
     // against 3.19) stay packed. Intel Xeon, stop 31 (docs/performance.md).
-    if (ta == 0 && (m < CS_OWN_STEP_ROWS || n <= 128) && (c->own == 3 || c->own == 4) && (omp_get_max_threads() == 1 || omp_in_parallel())) return p;
-#endif
+    if (ta == 0 && (m < CS_OWN_STEP_ROWS || n <= 128) && (c->own == 3 || c->own == 4) && cs_one_thread()) return p;
     const int im = (int)n, in = (int)m, ik = (int)k, ild = (int)ldw;
     const char id = 'A', tr = ta ? 'T' : 'N';
     const float one = 1.0f;
