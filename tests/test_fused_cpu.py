@@ -37,15 +37,72 @@ def test_auto_is_fused_and_agrees(module, dtype):
     torch.manual_seed(0)
     m = cls(5, 7, dtype=dtype)
     x = torch.randn(pkg.torch_cell.MIN_NATIVE_STEPS, 3, 5, dtype=dtype)
-    assert m._resolve_backend((x,), m._zero_state(3, x)) == "fused"
+    assert m._resolve_backend((x,), m._zero_state((None,) * len(pkg.torch_cell.STATES), x)) == "fused"
     if pkg.torch_cell.MIN_NATIVE_STEPS > 1:
-        assert m._resolve_backend((x[:1],), m._zero_state(3, x)) == "generated"  # short: torch engine
+        assert m._resolve_backend((x[:1],), m._zero_state((None,) * len(pkg.torch_cell.STATES), x)) == "generated"  # short: torch engine
     fused = _run(m, x)
     m.backend = "generated"
     ref = _run(m, x)
     tol = 1e-12 if dtype == torch.float64 else 1e-5
     for a, b in zip(fused, ref):
         torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+
+@pytest.mark.skipif(not HAVE_CXX, reason="no C++ compiler")
+@pytest.mark.parametrize("module", ["lstm", "torch_gru"])
+def test_states_and_final_gradients_start_in_the_library(module, monkeypatch):
+    """The library copies in the initial states and the final states' gradients (the call's last
+    pointers), or zeros where they are NULL: a state left None reaches it as NULL and gets no
+    gradient; an unused final state's gradient stays None (not materialized). Given states and
+    used finals agree with the torch engine, gradients of the states included; None states with
+    the results of explicit zeros."""
+    pkg = load_module(module)
+    tc = pkg.torch_cell
+    cls = getattr(tc, tc.CELL)
+    torch.manual_seed(4)
+    m = cls(5, 7, dtype=torch.float64)
+    T = max(6, tc.MIN_NATIVE_STEPS)
+    x = torch.randn(T, 3, 5, dtype=torch.float64)
+    n_state = len(tc.STATES)
+    starts = []
+    call = kernels.Library.__call__
+
+    def recording(self, name, dims, tensors):
+        starts.append((name, [t is None for t in tensors[-n_state:]]))
+        return call(self, name, dims, tensors)
+
+    monkeypatch.setattr(kernels.Library, "__call__", recording)
+
+    def results(backend, state, use_final):
+        m.backend = backend
+        m.zero_grad()
+        xg = x.detach().requires_grad_(True)
+        st = None if state is None else tuple(s.detach().requires_grad_(True) for s in state)
+        out, final = m(xg, None if st is None else st[0] if n_state == 1 else st)
+        final = final if isinstance(final, tuple) else (final,)
+        loss = out.square().sum() + (sum((f * f.detach().cos()).sum() for f in final) if use_final else 0)
+        loss.backward()
+        return [out, *final, xg.grad, *(p.grad for p in m.parameters()), *(() if st is None else (s.grad for s in st))]
+
+    given = tuple(torch.randn(1, 3, 7, dtype=torch.float64) for _ in range(n_state))
+    for use_final in (True, False):
+        starts.clear()
+        fused = results("fused", given, use_final)
+        assert starts == [("forward", [False] * n_state), ("backward", [not use_final] * n_state)]
+        ref = results("generated", given, use_final)
+        for a, b in zip(fused, ref, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    starts.clear()
+    none = results("fused", None, False)
+    assert starts == [("forward", [True] * n_state), ("backward", [True] * n_state)]
+    zeros = results("fused", tuple(torch.zeros_like(s) for s in given), False)
+    for a, b in zip(none, zeros[: len(none)], strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with torch.no_grad():  # inference: the same pointers
+        starts.clear()
+        m(x)
+        m(x, given[0] if n_state == 1 else given)
+        assert starts == [("inference", [True] * n_state), ("inference", [False] * n_state)]
 
 
 def _every_result(m, x, lengths):
@@ -207,7 +264,7 @@ def test_auto_without_compiler_falls_back_quietly(monkeypatch, caplog):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         with caplog.at_level("DEBUG", logger="cellspec"):
-            assert m._resolve_backend((x,), m._zero_state(2, x)) == "generated"
+            assert m._resolve_backend((x,), m._zero_state((None,) * len(pkg.torch_cell.STATES), x)) == "generated"
             m(x)
             m(x)
     notes = [r for r in caplog.records if r.name == "cellspec"]
@@ -218,7 +275,7 @@ def test_auto_keeps_engine_for_other_dtypes():
     pkg = load_module("elman")
     m = pkg.torch_cell.Elman(4, 6, dtype=torch.bfloat16)
     x = torch.randn(pkg.torch_cell.MIN_NATIVE_STEPS, 2, 4, dtype=torch.bfloat16)
-    assert m._resolve_backend((x,), m._zero_state(2, x)) == "generated"
+    assert m._resolve_backend((x,), m._zero_state((None,) * len(pkg.torch_cell.STATES), x)) == "generated"
 
 
 def test_first_build_says_so_once(monkeypatch, tmp_path, caplog):

@@ -185,7 +185,7 @@ def test_auto_runs_the_fused_path(dtype):
     torch.manual_seed(3)
     T = max(8, pkg.torch_cell.MIN_NATIVE_STEPS)
     xs = [torch.randn(T, 5, 3, dtype=dtype) for _ in range(2)]
-    assert auto._resolve_backend(tuple(xs), auto._zero_state(5, xs[0])) == "fused"
+    assert auto._resolve_backend(tuple(xs), auto._zero_state((None,) * len(pkg.torch_cell.STATES), xs[0])) == "fused"
     a, b = _run(auto, xs, None), _run(gen, xs, None)
     tol = {"rtol": 1e-10, "atol": 1e-12} if dtype == DT else {"rtol": 2e-4, "atol": 2e-5}
     for u, v in zip(a[0] + a[1], b[0] + b[1]):

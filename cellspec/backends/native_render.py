@@ -680,6 +680,10 @@ class _Renderer:
         for b in fn.buffers.values():
             if b.init == "zeros":
                 zero_fill.append((b.name, " * ".join(f"({cexpr(d)})" for d in b.shape)))
+        # the states' first step (a forward's) or the final states' adjoints (a backward's): copied
+        # from the call's trailing pointers, one per state, where not NULL, else zeros
+        starts = [f"ds_{v.key}" if fn.name == "backward" else f"s_{v.key}" for v in p.states]
+        state_in = [(name, " * ".join(f"({cexpr(d)})" for d in fn.buffers[name].shape[-2:])) for name in starts]
         packed_zero = []
         for name in fn.zero_when_packed:
             if name in fn.loop().ring:  # (a backward's: run_ahead keeps these out of a forward's)
@@ -793,6 +797,7 @@ class _Renderer:
             "grads": [prm.key for prm in p.params] if fn.name == "backward" else [],
             "zero_fill": zero_fill,
             "packed_zero": packed_zero,
+            "state_in": state_in,
             "lines": lines,
             "grads_zero": params_zero,
             "grads_block": grads_block,
@@ -900,7 +905,6 @@ def glue_context(prog: ir.Program, host: dict, cu_text: str) -> dict:
         elif src[0] == "param":
             sizes.append((s, f'_params["{src[1]}"].shape[{src[2]}]'))
     inputs = {v.key: i for i, v in enumerate(prog.inputs)}
-    states = {f"s_{v.key}": i for i, v in enumerate(prog.states)}
 
     blocks = host.get("backward", {}).get("grads_block", {})
     zeroed = set(host.get("backward", {}).get("grads_zero", ()))
@@ -931,14 +935,11 @@ def glue_context(prog: ir.Program, host: dict, cu_text: str) -> dict:
                     scratch["_scratch"].append((b.name, _shape(b, "2")))
                 else:
                     out.append(f'{b.name} = _fresh("{b.name}", {_shape(b)})')
-                out.append(f"{b.name}[0].copy_(_states[{states[b.name]}])")
             elif b.role == "d_output":
                 i = [f"dout_{v.name}" for v in prog.outputs].index(b.name)
                 out.append(f"{b.name} = _zeros({_shape(b)}) if _d_outputs[{i}] is None else _d_outputs[{i}].contiguous()")
-            elif b.role == "d_state":
-                i = [f"ds_{v.key}" for v in prog.states].index(b.name)
-                out.append(f"{b.name} = _zeros({_shape(b)}) if _d_finals[{i}] is None else "
-                           f"_d_finals[{i}].to(_dt, memory_format=torch.contiguous_format, copy=True)")
+            elif b.role == "d_state":  # the library starts it from the final state's gradient
+                out.append(f'{b.name} = _fresh("{b.name}", {_shape(b)})')
             elif fn.name == "backward" and b.name in blocks:  # the grads' own block (host_loop)
                 outs = prog.weights[blocks[b.name]].outs
                 split = f"_{outs[0]}" if len(set(outs)) == 1 else f"[{', '.join(f'_{o}' for o in outs)}]"

@@ -20,8 +20,10 @@
 // <function> is forward (keeps what the backward reads), inference (keeps nothing) or backward: the
 // whole sequence in one call. dims = [T, B, I, H]; ptrs = the function's buffers, the stacked
 // weights, then (backward) the gradient of every param, in the order of the comments at each function,
-// and last the per-step batch sizes (variable lengths: a host int64 array of T non-increasing counts,
-// the batch sorted by length, longest first) or NULL (every row runs every step).
+// then the per-step batch sizes (variable lengths: a host int64 array of T non-increasing counts,
+// the batch sorted by length, longest first) or NULL (every row runs every step), and last one [B, size]
+// array per state: its initial value (forward, inference) or its final value's gradient (backward),
+// copied in at the start, or NULL for zeros.
 // Every array inside is dense and row-major; an element function's argument is a pointer and a row
 // stride ld in elements (element [r, j] is ptr[r * ld + j]; ld = 0 broadcasts one row: a vector param).
 // 16-bit storage (__half, __nv_bfloat16) computes in float; parameter gradients are float for them.
@@ -1588,8 +1590,7 @@ extern "C" void antisymmetric_rnn_backward_bwd0_H_f64(int64_t _rows, int64_t _co
 
 // =============================================================================================
 // antisymmetric_rnn: the whole sequence, forward
-// ptrs: 0 x_x, 1 s_h, 2 p_b, 3 p_eps_H, 4 hg_V__x, 5 g_W_mat__h, 6 weight V, 7 weight W_mat, 8 batch sizes (host, or NULL)
-
+// ptrs: 0 x_x, 1 s_h, 2 p_b, 3 p_eps_H, 4 hg_V__x, 5 g_W_mat__h, 6 weight V, 7 weight W_mat, 8 batch sizes (host, or NULL), 9 the initial state into s_h (NULL: zeros)
 // =============================================================================================
 template <typename S, typename G>
 static int antisymmetric_rnn_forward_run(const int64_t* dims, void* const* ptrs, const cs_ctx* ctx)
@@ -1622,6 +1623,8 @@ static int antisymmetric_rnn_forward_run(const int64_t* dims, void* const* ptrs,
     (void)w_W_mat;
     const int64_t* bs = (const int64_t*)ptrs[8];
     (void)ctx;
+    if (const S* from = (const S*)ptrs[9]) CS_COPY(b_s_h, from, (n_B) * (n_H));
+    else CS_ZERO(b_s_h, (n_B) * (n_H));
     if (bs) {  // rows of ended sequences, which no step writes, are read over all T*B rows
         CS_ZERO(b_g_W_mat__h, (n_T) * (n_B) * (n_H));
     }
@@ -1685,8 +1688,7 @@ extern "C" int antisymmetric_rnn_forward_f64(const int64_t* dims, void* const* p
 
 // =============================================================================================
 // antisymmetric_rnn: the whole sequence, inference
-// ptrs: 0 x_x, 1 s_h, 2 p_b, 3 p_eps_H, 4 hg_V__x, 5 g_W_mat__h, 6 weight V, 7 weight W_mat, 8 batch sizes (host, or NULL)
-
+// ptrs: 0 x_x, 1 s_h, 2 p_b, 3 p_eps_H, 4 hg_V__x, 5 g_W_mat__h, 6 weight V, 7 weight W_mat, 8 batch sizes (host, or NULL), 9 the initial state into s_h (NULL: zeros)
 // =============================================================================================
 template <typename S, typename G>
 static int antisymmetric_rnn_inference_run(const int64_t* dims, void* const* ptrs, const cs_ctx* ctx)
@@ -1719,6 +1721,8 @@ static int antisymmetric_rnn_inference_run(const int64_t* dims, void* const* ptr
     (void)w_W_mat;
     const int64_t* bs = (const int64_t*)ptrs[8];
     (void)ctx;
+    if (const S* from = (const S*)ptrs[9]) CS_COPY(b_s_h, from, (n_B) * (n_H));
+    else CS_ZERO(b_s_h, (n_B) * (n_H));
     // steps per chunk of the work ahead of them, from the caller (all T on a GPU); hg_V__x holds one chunk
     const int64_t n_ch = dims[4] < 1 ? 1 : dims[4];
     cs_packed<S> pk_V_nt = cs_pack_if(n_ch < n_T, ctx, 1, n_ch * n_B, n_H, n_I, w_V, n_I);
@@ -1779,8 +1783,7 @@ extern "C" int antisymmetric_rnn_inference_f64(const int64_t* dims, void* const*
 
 // =============================================================================================
 // antisymmetric_rnn: the whole sequence, backward
-// ptrs: 0 x_x, 1 s_h, 2 p_b, 3 p_eps_H, 4 hg_V__x, 5 g_W_mat__h, 6 dout_h_next, 7 ds_h, 8 dx_x, 9 dg_W_mat__h, 10 weight V, 11 weight W_mat, 12 d V, 13 d b, 14 d W_mat, 15 d eps_H, 16 batch sizes (host, or NULL)
-
+// ptrs: 0 x_x, 1 s_h, 2 p_b, 3 p_eps_H, 4 hg_V__x, 5 g_W_mat__h, 6 dout_h_next, 7 ds_h, 8 dx_x, 9 dg_W_mat__h, 10 weight V, 11 weight W_mat, 12 d V, 13 d b, 14 d W_mat, 15 d eps_H, 16 batch sizes (host, or NULL), 17 the final state's gradient into ds_h (NULL: zeros)
 // =============================================================================================
 template <typename S, typename G>
 static int antisymmetric_rnn_backward_run(const int64_t* dims, void* const* ptrs, const cs_ctx* ctx)
@@ -1829,6 +1832,8 @@ static int antisymmetric_rnn_backward_run(const int64_t* dims, void* const* ptrs
     (void)g_eps_H;
     const int64_t* bs = (const int64_t*)ptrs[16];
     (void)ctx;
+    if (const S* from = (const S*)ptrs[17]) CS_COPY(b_ds_h, from, (n_B) * (n_H));
+    else CS_ZERO(b_ds_h, (n_B) * (n_H));
     // steps per chunk of the work behind them, from the caller (all T on a GPU); dg_W_mat__h holds one chunk
     const int64_t n_ch = dims[4] < 1 ? 1 : dims[4];
     cs_packed<S> pk_W_mat_nn = cs_pack(ctx, 0, n_B, n_H, n_H, w_W_mat, n_H);

@@ -27,8 +27,10 @@
 // <function> is forward (keeps what the backward reads), inference (keeps nothing) or backward: the
 // whole sequence in one call. dims = [T, B, I, H]; ptrs = the function's buffers, the stacked
 // weights, then (backward) the gradient of every param, in the order of the comments at each function,
-// and last the per-step batch sizes (variable lengths: a host int64 array of T non-increasing counts,
-// the batch sorted by length, longest first) or NULL (every row runs every step).
+// then the per-step batch sizes (variable lengths: a host int64 array of T non-increasing counts,
+// the batch sorted by length, longest first) or NULL (every row runs every step), and last one [B, size]
+// array per state: its initial value (forward, inference) or its final value's gradient (backward),
+// copied in at the start, or NULL for zeros.
 // Every array inside is dense and row-major; an element function's argument is a pointer and a row
 // stride ld in elements (element [r, j] is ptr[r * ld + j]; ld = 0 broadcasts one row: a vector param).
 // 16-bit storage (__half, __nv_bfloat16) computes in float; parameter gradients are float for them.
@@ -1782,8 +1784,7 @@ extern "C" void cifg_lstm_backward_bwd0_H_f64(int64_t _rows, int64_t _cols, cons
 
 // =============================================================================================
 // cifg_lstm: the whole sequence, forward
-// ptrs: 0 x_x, 1 s_h, 2 s_c, 3 p_p_i, 4 p_b_i, 5 p_b_g, 6 p_p_o, 7 p_b_o, 8 hg_W_ii_W_ig_W_io__x, 9 g_W_hi_W_hg_W_ho__h, 10 v_i, 11 v_f, 12 v_g, 13 v_o, 14 weight W_ii_W_ig_W_io, 15 weight W_hi_W_hg_W_ho, 16 batch sizes (host, or NULL)
-
+// ptrs: 0 x_x, 1 s_h, 2 s_c, 3 p_p_i, 4 p_b_i, 5 p_b_g, 6 p_p_o, 7 p_b_o, 8 hg_W_ii_W_ig_W_io__x, 9 g_W_hi_W_hg_W_ho__h, 10 v_i, 11 v_f, 12 v_g, 13 v_o, 14 weight W_ii_W_ig_W_io, 15 weight W_hi_W_hg_W_ho, 16 batch sizes (host, or NULL), 17 the initial state into s_h (NULL: zeros), 18 the initial state into s_c (NULL: zeros)
 // =============================================================================================
 template <typename S, typename G>
 static int cifg_lstm_forward_run(const int64_t* dims, void* const* ptrs, const cs_ctx* ctx)
@@ -1832,6 +1833,10 @@ static int cifg_lstm_forward_run(const int64_t* dims, void* const* ptrs, const c
     (void)w_W_hi_W_hg_W_ho;
     const int64_t* bs = (const int64_t*)ptrs[16];
     (void)ctx;
+    if (const S* from = (const S*)ptrs[17]) CS_COPY(b_s_h, from, (n_B) * (n_H));
+    else CS_ZERO(b_s_h, (n_B) * (n_H));
+    if (const S* from = (const S*)ptrs[18]) CS_COPY(b_s_c, from, (n_B) * (n_H));
+    else CS_ZERO(b_s_c, (n_B) * (n_H));
     if (bs) {  // rows of ended sequences, which no step writes, are read over all T*B rows
         CS_ZERO(b_v_i, (n_T) * (n_B) * (n_H));
         CS_ZERO(b_v_f, (n_T) * (n_B) * (n_H));
@@ -1900,8 +1905,7 @@ extern "C" int cifg_lstm_forward_f64(const int64_t* dims, void* const* ptrs, con
 
 // =============================================================================================
 // cifg_lstm: the whole sequence, inference
-// ptrs: 0 x_x, 1 s_h, 2 s_c, 3 p_p_i, 4 p_b_i, 5 p_b_g, 6 p_p_o, 7 p_b_o, 8 hg_W_ii_W_ig_W_io__x, 9 g_W_hi_W_hg_W_ho__h, 10 weight W_ii_W_ig_W_io, 11 weight W_hi_W_hg_W_ho, 12 batch sizes (host, or NULL)
-
+// ptrs: 0 x_x, 1 s_h, 2 s_c, 3 p_p_i, 4 p_b_i, 5 p_b_g, 6 p_p_o, 7 p_b_o, 8 hg_W_ii_W_ig_W_io__x, 9 g_W_hi_W_hg_W_ho__h, 10 weight W_ii_W_ig_W_io, 11 weight W_hi_W_hg_W_ho, 12 batch sizes (host, or NULL), 13 the initial state into s_h (NULL: zeros), 14 the initial state into s_c (NULL: zeros)
 // =============================================================================================
 template <typename S, typename G>
 static int cifg_lstm_inference_run(const int64_t* dims, void* const* ptrs, const cs_ctx* ctx)
@@ -1942,6 +1946,10 @@ static int cifg_lstm_inference_run(const int64_t* dims, void* const* ptrs, const
     (void)w_W_hi_W_hg_W_ho;
     const int64_t* bs = (const int64_t*)ptrs[12];
     (void)ctx;
+    if (const S* from = (const S*)ptrs[13]) CS_COPY(b_s_h, from, (n_B) * (n_H));
+    else CS_ZERO(b_s_h, (n_B) * (n_H));
+    if (const S* from = (const S*)ptrs[14]) CS_COPY(b_s_c, from, (n_B) * (n_H));
+    else CS_ZERO(b_s_c, (n_B) * (n_H));
     // steps per chunk of the work ahead of them, from the caller (all T on a GPU); hg_W_ii_W_ig_W_io__x holds one chunk
     const int64_t n_ch = dims[4] < 1 ? 1 : dims[4];
     cs_packed<S> pk_W_ii_W_ig_W_io_nt = cs_pack_if(n_ch < n_T, ctx, 1, n_ch * n_B, 3*n_H, n_I, w_W_ii_W_ig_W_io, n_I);
@@ -2004,8 +2012,7 @@ extern "C" int cifg_lstm_inference_f64(const int64_t* dims, void* const* ptrs, c
 
 // =============================================================================================
 // cifg_lstm: the whole sequence, backward
-// ptrs: 0 x_x, 1 s_h, 2 s_c, 3 p_p_i, 4 p_p_o, 5 v_i, 6 v_f, 7 v_g, 8 v_o, 9 dout_h_next, 10 ds_h, 11 ds_c, 12 dx_x, 13 dp_p_i, 14 dp_p_o, 15 dg_W_hi_W_hg_W_ho__h, 16 dw_W_hi_W_hg_W_ho, 17 dw_W_ii_W_ig_W_io, 18 weight W_ii_W_ig_W_io, 19 weight W_hi_W_hg_W_ho, 20 d W_ii, 21 d W_hi, 22 d p_i, 23 d b_i, 24 d W_ig, 25 d W_hg, 26 d b_g, 27 d W_io, 28 d W_ho, 29 d p_o, 30 d b_o, 31 batch sizes (host, or NULL)
-
+// ptrs: 0 x_x, 1 s_h, 2 s_c, 3 p_p_i, 4 p_p_o, 5 v_i, 6 v_f, 7 v_g, 8 v_o, 9 dout_h_next, 10 ds_h, 11 ds_c, 12 dx_x, 13 dp_p_i, 14 dp_p_o, 15 dg_W_hi_W_hg_W_ho__h, 16 dw_W_hi_W_hg_W_ho, 17 dw_W_ii_W_ig_W_io, 18 weight W_ii_W_ig_W_io, 19 weight W_hi_W_hg_W_ho, 20 d W_ii, 21 d W_hi, 22 d p_i, 23 d b_i, 24 d W_ig, 25 d W_hg, 26 d b_g, 27 d W_io, 28 d W_ho, 29 d p_o, 30 d b_o, 31 batch sizes (host, or NULL), 32 the final state's gradient into ds_h (NULL: zeros), 33 the final state's gradient into ds_c (NULL: zeros)
 // =============================================================================================
 template <typename S, typename G>
 static int cifg_lstm_backward_run(const int64_t* dims, void* const* ptrs, const cs_ctx* ctx)
@@ -2084,6 +2091,10 @@ static int cifg_lstm_backward_run(const int64_t* dims, void* const* ptrs, const 
     (void)g_b_o;
     const int64_t* bs = (const int64_t*)ptrs[31];
     (void)ctx;
+    if (const S* from = (const S*)ptrs[32]) CS_COPY(b_ds_h, from, (n_B) * (n_H));
+    else CS_ZERO(b_ds_h, (n_B) * (n_H));
+    if (const S* from = (const S*)ptrs[33]) CS_COPY(b_ds_c, from, (n_B) * (n_H));
+    else CS_ZERO(b_ds_c, (n_B) * (n_H));
     if (bs) {  // rows of ended sequences, which no step writes, are read over all T*B rows
         CS_ZERO(b_dp_p_i, (n_T) * (n_B) * (n_H));
         CS_ZERO(b_dp_p_o, (n_T) * (n_B) * (n_H));

@@ -22,8 +22,10 @@
 // <function> is forward (keeps what the backward reads), inference (keeps nothing) or backward: the
 // whole sequence in one call. dims = [T, B, I, H]; ptrs = the function's buffers, the stacked
 // weights, then (backward) the gradient of every param, in the order of the comments at each function,
-// and last the per-step batch sizes (variable lengths: a host int64 array of T non-increasing counts,
-// the batch sorted by length, longest first) or NULL (every row runs every step).
+// then the per-step batch sizes (variable lengths: a host int64 array of T non-increasing counts,
+// the batch sorted by length, longest first) or NULL (every row runs every step), and last one [B, size]
+// array per state: its initial value (forward, inference) or its final value's gradient (backward),
+// copied in at the start, or NULL for zeros.
 // Every array inside is dense and row-major; an element function's argument is a pointer and a row
 // stride ld in elements (element [r, j] is ptr[r * ld + j]; ld = 0 broadcasts one row: a vector param).
 // 16-bit storage (__half, __nv_bfloat16) computes in float; parameter gradients are float for them.
@@ -1676,8 +1678,7 @@ extern "C" void co_rnn_backward_bwd0_H_f64(int64_t _rows, int64_t _cols, const d
 
 // =============================================================================================
 // co_rnn: the whole sequence, forward
-// ptrs: 0 x_x, 1 s_y, 2 s_z, 3 p_b, 4 p_dt_H, 5 p_eps_H, 6 p_gamma_H, 7 hg_V__x, 8 g_W__y, 9 g_W_z__z, 10 weight V, 11 weight W, 12 weight W_z, 13 batch sizes (host, or NULL)
-
+// ptrs: 0 x_x, 1 s_y, 2 s_z, 3 p_b, 4 p_dt_H, 5 p_eps_H, 6 p_gamma_H, 7 hg_V__x, 8 g_W__y, 9 g_W_z__z, 10 weight V, 11 weight W, 12 weight W_z, 13 batch sizes (host, or NULL), 14 the initial state into s_y (NULL: zeros), 15 the initial state into s_z (NULL: zeros)
 // =============================================================================================
 template <typename S, typename G>
 static int co_rnn_forward_run(const int64_t* dims, void* const* ptrs, const cs_ctx* ctx)
@@ -1720,6 +1721,10 @@ static int co_rnn_forward_run(const int64_t* dims, void* const* ptrs, const cs_c
     (void)w_W_z;
     const int64_t* bs = (const int64_t*)ptrs[13];
     (void)ctx;
+    if (const S* from = (const S*)ptrs[14]) CS_COPY(b_s_y, from, (n_B) * (n_H));
+    else CS_ZERO(b_s_y, (n_B) * (n_H));
+    if (const S* from = (const S*)ptrs[15]) CS_COPY(b_s_z, from, (n_B) * (n_H));
+    else CS_ZERO(b_s_z, (n_B) * (n_H));
     if (bs) {  // rows of ended sequences, which no step writes, are read over all T*B rows
         CS_ZERO(b_g_W__y, (n_T) * (n_B) * (n_H));
         CS_ZERO(b_g_W_z__z, (n_T) * (n_B) * (n_H));
@@ -1790,8 +1795,7 @@ extern "C" int co_rnn_forward_f64(const int64_t* dims, void* const* ptrs, const 
 
 // =============================================================================================
 // co_rnn: the whole sequence, inference
-// ptrs: 0 x_x, 1 s_y, 2 s_z, 3 p_b, 4 p_dt_H, 5 p_eps_H, 6 p_gamma_H, 7 hg_V__x, 8 g_W__y, 9 g_W_z__z, 10 weight V, 11 weight W, 12 weight W_z, 13 batch sizes (host, or NULL)
-
+// ptrs: 0 x_x, 1 s_y, 2 s_z, 3 p_b, 4 p_dt_H, 5 p_eps_H, 6 p_gamma_H, 7 hg_V__x, 8 g_W__y, 9 g_W_z__z, 10 weight V, 11 weight W, 12 weight W_z, 13 batch sizes (host, or NULL), 14 the initial state into s_y (NULL: zeros), 15 the initial state into s_z (NULL: zeros)
 // =============================================================================================
 template <typename S, typename G>
 static int co_rnn_inference_run(const int64_t* dims, void* const* ptrs, const cs_ctx* ctx)
@@ -1834,6 +1838,10 @@ static int co_rnn_inference_run(const int64_t* dims, void* const* ptrs, const cs
     (void)w_W_z;
     const int64_t* bs = (const int64_t*)ptrs[13];
     (void)ctx;
+    if (const S* from = (const S*)ptrs[14]) CS_COPY(b_s_y, from, (n_B) * (n_H));
+    else CS_ZERO(b_s_y, (n_B) * (n_H));
+    if (const S* from = (const S*)ptrs[15]) CS_COPY(b_s_z, from, (n_B) * (n_H));
+    else CS_ZERO(b_s_z, (n_B) * (n_H));
     // steps per chunk of the work ahead of them, from the caller (all T on a GPU); hg_V__x holds one chunk
     const int64_t n_ch = dims[4] < 1 ? 1 : dims[4];
     cs_packed<S> pk_V_nt = cs_pack_if(n_ch < n_T, ctx, 1, n_ch * n_B, n_H, n_I, w_V, n_I);
@@ -1900,8 +1908,7 @@ extern "C" int co_rnn_inference_f64(const int64_t* dims, void* const* ptrs, cons
 
 // =============================================================================================
 // co_rnn: the whole sequence, backward
-// ptrs: 0 x_x, 1 s_y, 2 s_z, 3 p_b, 4 p_dt_H, 5 p_eps_H, 6 p_gamma_H, 7 hg_V__x, 8 g_W__y, 9 g_W_z__z, 10 dout_y_next, 11 ds_y, 12 ds_z, 13 dx_x, 14 dg_W__y, 15 dg_W_z__z, 16 weight V, 17 weight W, 18 weight W_z, 19 d V, 20 d W, 21 d W_z, 22 d b, 23 d dt_H, 24 d eps_H, 25 d gamma_H, 26 batch sizes (host, or NULL)
-
+// ptrs: 0 x_x, 1 s_y, 2 s_z, 3 p_b, 4 p_dt_H, 5 p_eps_H, 6 p_gamma_H, 7 hg_V__x, 8 g_W__y, 9 g_W_z__z, 10 dout_y_next, 11 ds_y, 12 ds_z, 13 dx_x, 14 dg_W__y, 15 dg_W_z__z, 16 weight V, 17 weight W, 18 weight W_z, 19 d V, 20 d W, 21 d W_z, 22 d b, 23 d dt_H, 24 d eps_H, 25 d gamma_H, 26 batch sizes (host, or NULL), 27 the final state's gradient into ds_y (NULL: zeros), 28 the final state's gradient into ds_z (NULL: zeros)
 // =============================================================================================
 template <typename S, typename G>
 static int co_rnn_backward_run(const int64_t* dims, void* const* ptrs, const cs_ctx* ctx)
@@ -1970,6 +1977,10 @@ static int co_rnn_backward_run(const int64_t* dims, void* const* ptrs, const cs_
     (void)g_gamma_H;
     const int64_t* bs = (const int64_t*)ptrs[26];
     (void)ctx;
+    if (const S* from = (const S*)ptrs[27]) CS_COPY(b_ds_y, from, (n_B) * (n_H));
+    else CS_ZERO(b_ds_y, (n_B) * (n_H));
+    if (const S* from = (const S*)ptrs[28]) CS_COPY(b_ds_z, from, (n_B) * (n_H));
+    else CS_ZERO(b_ds_z, (n_B) * (n_H));
     // steps per chunk of the work behind them, from the caller (all T on a GPU); dg_W__y, dg_W_z__z hold one chunk
     const int64_t n_ch = dims[4] < 1 ? 1 : dims[4];
     cs_packed<S> pk_W_nn = cs_pack(ctx, 0, n_B, n_H, n_H, w_W, n_H);

@@ -30,8 +30,10 @@
 // <function> is forward (keeps what the backward reads), inference (keeps nothing) or backward: the
 // whole sequence in one call. dims = [T, B, I, H]; ptrs = the function's buffers, the stacked
 // weights, then (backward) the gradient of every param, in the order of the comments at each function,
-// and last the per-step batch sizes (variable lengths: a host int64 array of T non-increasing counts,
-// the batch sorted by length, longest first) or NULL (every row runs every step).
+// then the per-step batch sizes (variable lengths: a host int64 array of T non-increasing counts,
+// the batch sorted by length, longest first) or NULL (every row runs every step), and last one [B, size]
+// array per state: its initial value (forward, inference) or its final value's gradient (backward),
+// copied in at the start, or NULL for zeros.
 // Every array inside is dense and row-major; an element function's argument is a pointer and a row
 // stride ld in elements (element [r, j] is ptr[r * ld + j]; ld = 0 broadcasts one row: a vector param).
 // 16-bit storage (__half, __nv_bfloat16) computes in float; parameter gradients are float for them.
@@ -1795,8 +1797,7 @@ extern "C" void def_lstm_backward_bwd0_H_f64(int64_t _rows, int64_t _cols, const
 
 // =============================================================================================
 // def_lstm: the whole sequence, forward
-// ptrs: 0 x_x, 1 s_h, 2 s_c, 3 p_b_i, 4 p_b_f, 5 p_b_g, 6 p_b_o, 7 p_beta_H, 8 hg_W_i_W_f_W_g_W_o__x, 9 g_U_i_U_f_U_g_U_o__h, 10 v_i, 11 v_f, 12 v_g, 13 v_o, 14 weight W_i_W_f_W_g_W_o, 15 weight U_i_U_f_U_g_U_o, 16 batch sizes (host, or NULL)
-
+// ptrs: 0 x_x, 1 s_h, 2 s_c, 3 p_b_i, 4 p_b_f, 5 p_b_g, 6 p_b_o, 7 p_beta_H, 8 hg_W_i_W_f_W_g_W_o__x, 9 g_U_i_U_f_U_g_U_o__h, 10 v_i, 11 v_f, 12 v_g, 13 v_o, 14 weight W_i_W_f_W_g_W_o, 15 weight U_i_U_f_U_g_U_o, 16 batch sizes (host, or NULL), 17 the initial state into s_h (NULL: zeros), 18 the initial state into s_c (NULL: zeros)
 // =============================================================================================
 template <typename S, typename G>
 static int def_lstm_forward_run(const int64_t* dims, void* const* ptrs, const cs_ctx* ctx)
@@ -1845,6 +1846,10 @@ static int def_lstm_forward_run(const int64_t* dims, void* const* ptrs, const cs
     (void)w_U_i_U_f_U_g_U_o;
     const int64_t* bs = (const int64_t*)ptrs[16];
     (void)ctx;
+    if (const S* from = (const S*)ptrs[17]) CS_COPY(b_s_h, from, (n_B) * (n_H));
+    else CS_ZERO(b_s_h, (n_B) * (n_H));
+    if (const S* from = (const S*)ptrs[18]) CS_COPY(b_s_c, from, (n_B) * (n_H));
+    else CS_ZERO(b_s_c, (n_B) * (n_H));
     if (bs) {  // rows of ended sequences, which no step writes, are read over all T*B rows
         CS_ZERO(b_v_i, (n_T) * (n_B) * (n_H));
         CS_ZERO(b_v_f, (n_T) * (n_B) * (n_H));
@@ -1913,8 +1918,7 @@ extern "C" int def_lstm_forward_f64(const int64_t* dims, void* const* ptrs, cons
 
 // =============================================================================================
 // def_lstm: the whole sequence, inference
-// ptrs: 0 x_x, 1 s_h, 2 s_c, 3 p_b_i, 4 p_b_f, 5 p_b_g, 6 p_b_o, 7 p_beta_H, 8 hg_W_i_W_f_W_g_W_o__x, 9 g_U_i_U_f_U_g_U_o__h, 10 weight W_i_W_f_W_g_W_o, 11 weight U_i_U_f_U_g_U_o, 12 batch sizes (host, or NULL)
-
+// ptrs: 0 x_x, 1 s_h, 2 s_c, 3 p_b_i, 4 p_b_f, 5 p_b_g, 6 p_b_o, 7 p_beta_H, 8 hg_W_i_W_f_W_g_W_o__x, 9 g_U_i_U_f_U_g_U_o__h, 10 weight W_i_W_f_W_g_W_o, 11 weight U_i_U_f_U_g_U_o, 12 batch sizes (host, or NULL), 13 the initial state into s_h (NULL: zeros), 14 the initial state into s_c (NULL: zeros)
 // =============================================================================================
 template <typename S, typename G>
 static int def_lstm_inference_run(const int64_t* dims, void* const* ptrs, const cs_ctx* ctx)
@@ -1955,6 +1959,10 @@ static int def_lstm_inference_run(const int64_t* dims, void* const* ptrs, const 
     (void)w_U_i_U_f_U_g_U_o;
     const int64_t* bs = (const int64_t*)ptrs[12];
     (void)ctx;
+    if (const S* from = (const S*)ptrs[13]) CS_COPY(b_s_h, from, (n_B) * (n_H));
+    else CS_ZERO(b_s_h, (n_B) * (n_H));
+    if (const S* from = (const S*)ptrs[14]) CS_COPY(b_s_c, from, (n_B) * (n_H));
+    else CS_ZERO(b_s_c, (n_B) * (n_H));
     // steps per chunk of the work ahead of them, from the caller (all T on a GPU); hg_W_i_W_f_W_g_W_o__x holds one chunk
     const int64_t n_ch = dims[4] < 1 ? 1 : dims[4];
     cs_packed<S> pk_W_i_W_f_W_g_W_o_nt = cs_pack_if(n_ch < n_T, ctx, 1, n_ch * n_B, 4*n_H, n_I, w_W_i_W_f_W_g_W_o, n_I);
@@ -2017,8 +2025,7 @@ extern "C" int def_lstm_inference_f64(const int64_t* dims, void* const* ptrs, co
 
 // =============================================================================================
 // def_lstm: the whole sequence, backward
-// ptrs: 0 x_x, 1 s_h, 2 s_c, 3 p_beta_H, 4 v_i, 5 v_f, 6 v_g, 7 v_o, 8 dout_h_next, 9 ds_h, 10 ds_c, 11 dx_x, 12 dp_beta_H, 13 dg_U_i_U_f_U_g_U_o__h, 14 dw_U_i_U_f_U_g_U_o, 15 dw_W_i_W_f_W_g_W_o, 16 weight W_i_W_f_W_g_W_o, 17 weight U_i_U_f_U_g_U_o, 18 d W_i, 19 d U_i, 20 d b_i, 21 d W_f, 22 d U_f, 23 d b_f, 24 d W_g, 25 d U_g, 26 d b_g, 27 d W_o, 28 d U_o, 29 d b_o, 30 d beta_H, 31 batch sizes (host, or NULL)
-
+// ptrs: 0 x_x, 1 s_h, 2 s_c, 3 p_beta_H, 4 v_i, 5 v_f, 6 v_g, 7 v_o, 8 dout_h_next, 9 ds_h, 10 ds_c, 11 dx_x, 12 dp_beta_H, 13 dg_U_i_U_f_U_g_U_o__h, 14 dw_U_i_U_f_U_g_U_o, 15 dw_W_i_W_f_W_g_W_o, 16 weight W_i_W_f_W_g_W_o, 17 weight U_i_U_f_U_g_U_o, 18 d W_i, 19 d U_i, 20 d b_i, 21 d W_f, 22 d U_f, 23 d b_f, 24 d W_g, 25 d U_g, 26 d b_g, 27 d W_o, 28 d U_o, 29 d b_o, 30 d beta_H, 31 batch sizes (host, or NULL), 32 the final state's gradient into ds_h (NULL: zeros), 33 the final state's gradient into ds_c (NULL: zeros)
 // =============================================================================================
 template <typename S, typename G>
 static int def_lstm_backward_run(const int64_t* dims, void* const* ptrs, const cs_ctx* ctx)
@@ -2097,6 +2104,10 @@ static int def_lstm_backward_run(const int64_t* dims, void* const* ptrs, const c
     (void)g_beta_H;
     const int64_t* bs = (const int64_t*)ptrs[31];
     (void)ctx;
+    if (const S* from = (const S*)ptrs[32]) CS_COPY(b_ds_h, from, (n_B) * (n_H));
+    else CS_ZERO(b_ds_h, (n_B) * (n_H));
+    if (const S* from = (const S*)ptrs[33]) CS_COPY(b_ds_c, from, (n_B) * (n_H));
+    else CS_ZERO(b_ds_c, (n_B) * (n_H));
     if (bs) {  // rows of ended sequences, which no step writes, are read over all T*B rows
         CS_ZERO(b_dp_beta_H, (n_T) * (n_B) * (n_H));
     }

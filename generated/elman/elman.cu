@@ -21,8 +21,10 @@
 // <function> is forward (keeps what the backward reads), inference (keeps nothing) or backward: the
 // whole sequence in one call. dims = [T, B, I, H]; ptrs = the function's buffers, the stacked
 // weights, then (backward) the gradient of every param, in the order of the comments at each function,
-// and last the per-step batch sizes (variable lengths: a host int64 array of T non-increasing counts,
-// the batch sorted by length, longest first) or NULL (every row runs every step).
+// then the per-step batch sizes (variable lengths: a host int64 array of T non-increasing counts,
+// the batch sorted by length, longest first) or NULL (every row runs every step), and last one [B, size]
+// array per state: its initial value (forward, inference) or its final value's gradient (backward),
+// copied in at the start, or NULL for zeros.
 // Every array inside is dense and row-major; an element function's argument is a pointer and a row
 // stride ld in elements (element [r, j] is ptr[r * ld + j]; ld = 0 broadcasts one row: a vector param).
 // 16-bit storage (__half, __nv_bfloat16) computes in float; parameter gradients are float for them.
@@ -1544,8 +1546,7 @@ extern "C" void elman_backward_bwd0_H_f64(int64_t _rows, int64_t _cols, const do
 
 // =============================================================================================
 // elman: the whole sequence, forward
-// ptrs: 0 x_x, 1 s_h, 2 p_b_ih, 3 p_b_hh, 4 hg_W_ih__x, 5 g_W_hh__h, 6 weight W_ih, 7 weight W_hh, 8 batch sizes (host, or NULL)
-
+// ptrs: 0 x_x, 1 s_h, 2 p_b_ih, 3 p_b_hh, 4 hg_W_ih__x, 5 g_W_hh__h, 6 weight W_ih, 7 weight W_hh, 8 batch sizes (host, or NULL), 9 the initial state into s_h (NULL: zeros)
 // =============================================================================================
 template <typename S, typename G>
 static int elman_forward_run(const int64_t* dims, void* const* ptrs, const cs_ctx* ctx)
@@ -1578,6 +1579,8 @@ static int elman_forward_run(const int64_t* dims, void* const* ptrs, const cs_ct
     (void)w_W_hh;
     const int64_t* bs = (const int64_t*)ptrs[8];
     (void)ctx;
+    if (const S* from = (const S*)ptrs[9]) CS_COPY(b_s_h, from, (n_B) * (n_H));
+    else CS_ZERO(b_s_h, (n_B) * (n_H));
     // steps per chunk of the work ahead of them, from the caller (all T on a GPU); hg_W_ih__x holds one chunk
     const int64_t n_ch = dims[4] < 1 ? 1 : dims[4];
     cs_packed<S> pk_W_ih_nt = cs_pack_if(n_ch < n_T, ctx, 1, n_ch * n_B, n_H, n_I, w_W_ih, n_I);
@@ -1638,8 +1641,7 @@ extern "C" int elman_forward_f64(const int64_t* dims, void* const* ptrs, const v
 
 // =============================================================================================
 // elman: the whole sequence, inference
-// ptrs: 0 x_x, 1 s_h, 2 p_b_ih, 3 p_b_hh, 4 hg_W_ih__x, 5 g_W_hh__h, 6 weight W_ih, 7 weight W_hh, 8 batch sizes (host, or NULL)
-
+// ptrs: 0 x_x, 1 s_h, 2 p_b_ih, 3 p_b_hh, 4 hg_W_ih__x, 5 g_W_hh__h, 6 weight W_ih, 7 weight W_hh, 8 batch sizes (host, or NULL), 9 the initial state into s_h (NULL: zeros)
 // =============================================================================================
 template <typename S, typename G>
 static int elman_inference_run(const int64_t* dims, void* const* ptrs, const cs_ctx* ctx)
@@ -1672,6 +1674,8 @@ static int elman_inference_run(const int64_t* dims, void* const* ptrs, const cs_
     (void)w_W_hh;
     const int64_t* bs = (const int64_t*)ptrs[8];
     (void)ctx;
+    if (const S* from = (const S*)ptrs[9]) CS_COPY(b_s_h, from, (n_B) * (n_H));
+    else CS_ZERO(b_s_h, (n_B) * (n_H));
     // steps per chunk of the work ahead of them, from the caller (all T on a GPU); hg_W_ih__x holds one chunk
     const int64_t n_ch = dims[4] < 1 ? 1 : dims[4];
     cs_packed<S> pk_W_ih_nt = cs_pack_if(n_ch < n_T, ctx, 1, n_ch * n_B, n_H, n_I, w_W_ih, n_I);
@@ -1732,8 +1736,7 @@ extern "C" int elman_inference_f64(const int64_t* dims, void* const* ptrs, const
 
 // =============================================================================================
 // elman: the whole sequence, backward
-// ptrs: 0 x_x, 1 s_h, 2 dout_h_next, 3 ds_h, 4 dx_x, 5 dg_W_hh__h, 6 sum_d_b_ih, 7 weight W_ih, 8 weight W_hh, 9 d W_ih, 10 d W_hh, 11 d b_ih, 12 d b_hh, 13 batch sizes (host, or NULL)
-
+// ptrs: 0 x_x, 1 s_h, 2 dout_h_next, 3 ds_h, 4 dx_x, 5 dg_W_hh__h, 6 sum_d_b_ih, 7 weight W_ih, 8 weight W_hh, 9 d W_ih, 10 d W_hh, 11 d b_ih, 12 d b_hh, 13 batch sizes (host, or NULL), 14 the final state's gradient into ds_h (NULL: zeros)
 // =============================================================================================
 template <typename S, typename G>
 static int elman_backward_run(const int64_t* dims, void* const* ptrs, const cs_ctx* ctx)
@@ -1776,6 +1779,8 @@ static int elman_backward_run(const int64_t* dims, void* const* ptrs, const cs_c
     (void)g_b_hh;
     const int64_t* bs = (const int64_t*)ptrs[13];
     (void)ctx;
+    if (const S* from = (const S*)ptrs[14]) CS_COPY(b_ds_h, from, (n_B) * (n_H));
+    else CS_ZERO(b_ds_h, (n_B) * (n_H));
     // steps per chunk of the work behind them, from the caller (all T on a GPU); dg_W_hh__h holds one chunk
     const int64_t n_ch = dims[4] < 1 ? 1 : dims[4];
     cs_packed<S> pk_W_hh_nn = cs_pack(ctx, 0, n_B, n_H, n_H, w_W_hh, n_H);

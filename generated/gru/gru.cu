@@ -25,8 +25,10 @@
 // <function> is forward (keeps what the backward reads), inference (keeps nothing) or backward: the
 // whole sequence in one call. dims = [T, B, I, H]; ptrs = the function's buffers, the stacked
 // weights, then (backward) the gradient of every param, in the order of the comments at each function,
-// and last the per-step batch sizes (variable lengths: a host int64 array of T non-increasing counts,
-// the batch sorted by length, longest first) or NULL (every row runs every step).
+// then the per-step batch sizes (variable lengths: a host int64 array of T non-increasing counts,
+// the batch sorted by length, longest first) or NULL (every row runs every step), and last one [B, size]
+// array per state: its initial value (forward, inference) or its final value's gradient (backward),
+// copied in at the start, or NULL for zeros.
 // Every array inside is dense and row-major; an element function's argument is a pointer and a row
 // stride ld in elements (element [r, j] is ptr[r * ld + j]; ld = 0 broadcasts one row: a vector param).
 // 16-bit storage (__half, __nv_bfloat16) computes in float; parameter gradients are float for them.
@@ -1951,8 +1953,7 @@ extern "C" void gru_backward_bwd0_H_f64(int64_t _rows, int64_t _cols, const doub
 
 // =============================================================================================
 // gru: the whole sequence, forward
-// ptrs: 0 x_x, 1 s_h, 2 p_b_r, 3 p_b_u, 4 p_b_c, 5 hg_W_r_W_u_W_c__x, 6 g_U_r_U_u__h, 7 v_r, 8 v_u, 9 v_U_c_in, 10 g_U_c__U_c_in, 11 v_c, 12 weight W_r_W_u_W_c, 13 weight U_r_U_u, 14 weight U_c, 15 batch sizes (host, or NULL)
-
+// ptrs: 0 x_x, 1 s_h, 2 p_b_r, 3 p_b_u, 4 p_b_c, 5 hg_W_r_W_u_W_c__x, 6 g_U_r_U_u__h, 7 v_r, 8 v_u, 9 v_U_c_in, 10 g_U_c__U_c_in, 11 v_c, 12 weight W_r_W_u_W_c, 13 weight U_r_U_u, 14 weight U_c, 15 batch sizes (host, or NULL), 16 the initial state into s_h (NULL: zeros)
 // =============================================================================================
 template <typename S, typename G>
 static int gru_forward_run(const int64_t* dims, void* const* ptrs, const cs_ctx* ctx)
@@ -1999,6 +2000,8 @@ static int gru_forward_run(const int64_t* dims, void* const* ptrs, const cs_ctx*
     (void)w_U_c;
     const int64_t* bs = (const int64_t*)ptrs[15];
     (void)ctx;
+    if (const S* from = (const S*)ptrs[16]) CS_COPY(b_s_h, from, (n_B) * (n_H));
+    else CS_ZERO(b_s_h, (n_B) * (n_H));
     if (bs) {  // rows of ended sequences, which no step writes, are read over all T*B rows
         CS_ZERO(b_v_r, (n_T) * (n_B) * (n_H));
         CS_ZERO(b_v_u, (n_T) * (n_B) * (n_H));
@@ -2071,8 +2074,7 @@ extern "C" int gru_forward_f64(const int64_t* dims, void* const* ptrs, const voi
 
 // =============================================================================================
 // gru: the whole sequence, inference
-// ptrs: 0 x_x, 1 s_h, 2 p_b_r, 3 p_b_u, 4 p_b_c, 5 hg_W_r_W_u_W_c__x, 6 g_U_r_U_u__h, 7 tmp_u, 8 tmp_U_c_in, 9 g_U_c__U_c_in, 10 weight W_r_W_u_W_c, 11 weight U_r_U_u, 12 weight U_c, 13 batch sizes (host, or NULL)
-
+// ptrs: 0 x_x, 1 s_h, 2 p_b_r, 3 p_b_u, 4 p_b_c, 5 hg_W_r_W_u_W_c__x, 6 g_U_r_U_u__h, 7 tmp_u, 8 tmp_U_c_in, 9 g_U_c__U_c_in, 10 weight W_r_W_u_W_c, 11 weight U_r_U_u, 12 weight U_c, 13 batch sizes (host, or NULL), 14 the initial state into s_h (NULL: zeros)
 // =============================================================================================
 template <typename S, typename G>
 static int gru_inference_run(const int64_t* dims, void* const* ptrs, const cs_ctx* ctx)
@@ -2115,6 +2117,8 @@ static int gru_inference_run(const int64_t* dims, void* const* ptrs, const cs_ct
     (void)w_U_c;
     const int64_t* bs = (const int64_t*)ptrs[13];
     (void)ctx;
+    if (const S* from = (const S*)ptrs[14]) CS_COPY(b_s_h, from, (n_B) * (n_H));
+    else CS_ZERO(b_s_h, (n_B) * (n_H));
     // steps per chunk of the work ahead of them, from the caller (all T on a GPU); hg_W_r_W_u_W_c__x holds one chunk
     const int64_t n_ch = dims[4] < 1 ? 1 : dims[4];
     cs_packed<S> pk_W_r_W_u_W_c_nt = cs_pack_if(n_ch < n_T, ctx, 1, n_ch * n_B, 3*n_H, n_I, w_W_r_W_u_W_c, n_I);
@@ -2181,8 +2185,7 @@ extern "C" int gru_inference_f64(const int64_t* dims, void* const* ptrs, const v
 
 // =============================================================================================
 // gru: the whole sequence, backward
-// ptrs: 0 x_x, 1 s_h, 2 v_r, 3 v_u, 4 v_U_c_in, 5 v_c, 6 dout_h_next, 7 ds_h, 8 dx_x, 9 dgs_W_r_W_u_W_c__x, 10 tmp_d_U_c_in_gemm, 11 tmp_d_h_next, 12 dw_U_r_U_u, 13 dw_W_r_W_u_W_c, 14 weight W_r_W_u_W_c, 15 weight U_r_U_u, 16 weight U_c, 17 d W_r, 18 d U_r, 19 d b_r, 20 d W_u, 21 d U_u, 22 d b_u, 23 d W_c, 24 d U_c, 25 d b_c, 26 batch sizes (host, or NULL)
-
+// ptrs: 0 x_x, 1 s_h, 2 v_r, 3 v_u, 4 v_U_c_in, 5 v_c, 6 dout_h_next, 7 ds_h, 8 dx_x, 9 dgs_W_r_W_u_W_c__x, 10 tmp_d_U_c_in_gemm, 11 tmp_d_h_next, 12 dw_U_r_U_u, 13 dw_W_r_W_u_W_c, 14 weight W_r_W_u_W_c, 15 weight U_r_U_u, 16 weight U_c, 17 d W_r, 18 d U_r, 19 d b_r, 20 d W_u, 21 d U_u, 22 d b_u, 23 d W_c, 24 d U_c, 25 d b_c, 26 batch sizes (host, or NULL), 27 the final state's gradient into ds_h (NULL: zeros)
 // =============================================================================================
 template <typename S, typename G>
 static int gru_backward_run(const int64_t* dims, void* const* ptrs, const cs_ctx* ctx)
@@ -2251,6 +2254,8 @@ static int gru_backward_run(const int64_t* dims, void* const* ptrs, const cs_ctx
     (void)g_b_c;
     const int64_t* bs = (const int64_t*)ptrs[26];
     (void)ctx;
+    if (const S* from = (const S*)ptrs[27]) CS_COPY(b_ds_h, from, (n_B) * (n_H));
+    else CS_ZERO(b_ds_h, (n_B) * (n_H));
     // steps per chunk of the work behind them, from the caller (all T on a GPU); dgs_W_r_W_u_W_c__x holds one chunk
     const int64_t n_ch = dims[4] < 1 ? 1 : dims[4];
     cs_packed<S> pk_U_c_nn = cs_pack(ctx, 0, n_B, n_H, n_H, w_U_c, n_H);

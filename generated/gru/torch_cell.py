@@ -769,7 +769,7 @@ def _native_library(x, state, params, required=None):
         problem = "it needs CUDA tensors (backend='fused' runs the same kernels on the CPU)"
     elif required == "fused" and device.type != "cpu":
         problem = "it runs on CPU tensors (backend='cuda' runs the kernels on the GPU)"
-    elif any(t.dtype != dtype or t.device != device for t in (*state, *params.values())):
+    elif any(t is not None and (t.dtype != dtype or t.device != device) for t in (*state, *params.values())):
         problem = f"all tensors must have one dtype and device ({dtype} on {device} and others)"
     elif required is None and (torch.compiler.is_compiling() or x.shape[0] < MIN_NATIVE_STEPS):
         return None
@@ -806,10 +806,12 @@ class _NativeSequence(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, lib, bs, *args):
-        """bs: per-step batch sizes (a CPU int64 tensor) or None; then inputs, states, params."""
+        """bs: per-step batch sizes (a CPU int64 tensor) or None; then inputs, states (None: zeros),
+        params."""
         _xs, _states, _plist = args[:_N_IN], args[_N_IN : _N_IN + _N_STATE], args[_N_IN + _N_STATE :]
         _outputs, _finals, _saved = _native_forward(lib, _xs, _states, dict(zip(_PARAM_NAMES, _plist)), bs)
         ctx.lib, ctx.bs = lib, bs
+        ctx.set_materialize_grads(False)  # an unused result's gradient stays None: zeros in the library
         ctx.save_for_backward(*args, *_saved)
         return (*_outputs, *_finals)
 
@@ -817,25 +819,30 @@ class _NativeSequence(torch.autograd.Function):
     def backward(ctx, *grads):
         _t = ctx.saved_tensors
         _n = _N_IN + _N_STATE + len(_PARAM_NAMES)
+        _given = [s is not None for s in _t[_N_IN : _N_IN + _N_STATE]]  # a state passed as None has no gradient
         if torch.is_grad_enabled():  # create_graph=True: the program's backward in recorded ops
             if ctx.bs is not None:
                 raise NotImplementedError(f"{CELL}: double backward (create_graph=True) with lengths= or a PackedSequence is not supported; pad the batch instead")
-            return (None, None, *_differentiable_gradients(_t[:_n], None, grads[:_N_OUT], grads[_N_OUT:]))
+            _g = _differentiable_gradients(_t[:_n], None, grads[:_N_OUT], grads[_N_OUT:])
+            _d_states = [d if given else None for d, given in zip(_g[_N_IN : _N_IN + _N_STATE], _given)]
+            return (None, None, *_g[:_N_IN], *_d_states, *_g[_N_IN + _N_STATE :])
         _params = dict(zip(_PARAM_NAMES, _t[_N_IN + _N_STATE : _n]))
         _grads, _d_xs, _d_states = _native_backward(ctx.lib, _t[:_N_IN], _params, _t[_n:], grads[:_N_OUT], grads[_N_OUT:], ctx.bs)
+        _d_states = [d if given else None for d, given in zip(_d_states, _given)]
         return (None, None, *_d_xs, *_d_states, *(_grads[k] if _grads[k].dtype == _params[k].dtype else _grads[k].to(_params[k].dtype) for k in _PARAM_NAMES))
 
 
 def _run_native(lib, xs, state, params, bs=None):
     """(outputs, final states) of the native library: through autograd when something requires
     grad, else the inference function (which keeps nothing for a backward); under torch.compile,
-    the custom ops. ``bs``: per-step batch sizes (a CPU int64 tensor) or None."""
+    the custom ops. ``state``: a tensor or None (zeros) per state; ``bs``: per-step batch sizes (a
+    CPU int64 tensor) or None."""
     if torch.compiler.is_compiling() and bs is None:
         result = _OPS[0](list(xs), list(state), list(params.values()))
         return tuple(result[:_N_OUT]), tuple(result[_N_OUT : _N_OUT + _N_STATE])
     if bs is not None:
         bs = bs.contiguous()
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (*xs, *state, *params.values())):
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (*xs, *state, *params.values())):
         result = _NativeSequence.apply(lib, bs, *xs, *state, *params.values())
         return tuple(result[:_N_OUT]), tuple(result[_N_OUT:])
     outputs, finals, _ = _native_inference(lib, xs, state, params, bs)
@@ -971,6 +978,12 @@ def _native_sizes(_xs, _params):
     return (_T, _B, _I, _H)
 
 
+def _starts(values):
+    """The initial states (a forward's) or the final states' gradients (a backward's) as the library
+    takes them, which copies them in: row-major [B, size] arrays, or None (NULL) for zeros."""
+    return [None if v is None else v.contiguous() for v in values]
+
+
 def _native_active(_bs, _B, _xs):
     """[T, B, 1]: 1 where row b is inside its sequence at step t (b < _bs[t]), else 0."""
     _n = _bs.to(_xs[0].device)
@@ -979,7 +992,8 @@ def _native_active(_bs, _B, _xs):
 
 def _native_forward(_lib, _xs, _states, _params, _bs=None):
     """The whole sequence (training: keeps what the backward reads) in one call of the native library.
-    ``_bs``: per-step batch sizes (a CPU int64 tensor of T non-increasing counts) or None."""
+    ``_states``: the initial states, None for zeros; ``_bs``: per-step batch sizes (a CPU int64
+    tensor of T non-increasing counts) or None."""
     _T, _B, _I, _H = _dims = _native_sizes(_xs, _params)
     _dt, _dev = _xs[0].dtype, _xs[0].device
 
@@ -996,7 +1010,6 @@ def _native_forward(_lib, _xs, _states, _params, _bs=None):
     hg_W_r_W_u_W_c__x, g_U_r_U_u__h, g_U_c__U_c_in = _scratch((_n_ch, _B, 3*_H), (_B, 2*_H), (_B, _H))
     x_x = _xs[0].contiguous()
     s_h = _fresh("s_h", (_T + 1, _B, _H))
-    s_h[0].copy_(_states[0])
     p_b_r = _params["b_r"].contiguous()
     p_b_u = _params["b_u"].contiguous()
     p_b_c = _params["b_c"].contiguous()
@@ -1005,7 +1018,7 @@ def _native_forward(_lib, _xs, _states, _params, _bs=None):
     v_U_c_in = _fresh("v_U_c_in", (_T, _B, _H))
     v_c = _fresh("v_c", (_T, _B, _H))
     if _lib is not None:  # None: shapes only (the custom op's fake implementation)
-        _lib("forward", _dims + (_n_ch,), [x_x, s_h, p_b_r, p_b_u, p_b_c, hg_W_r_W_u_W_c__x, g_U_r_U_u__h, v_r, v_u, v_U_c_in, g_U_c__U_c_in, v_c, _stacked(_params["W_r"], _params["W_u"], _params["W_c"]), _stacked(_params["U_r"], _params["U_u"]), _params["U_c"].contiguous(), _bs])
+        _lib("forward", _dims + (_n_ch,), [x_x, s_h, p_b_r, p_b_u, p_b_c, hg_W_r_W_u_W_c__x, g_U_r_U_u__h, v_r, v_u, v_U_c_in, g_U_c__U_c_in, v_c, _stacked(_params["W_r"], _params["W_u"], _params["W_c"]), _stacked(_params["U_r"], _params["U_u"]), _params["U_c"].contiguous(), _bs, *_starts(_states)])
     _outputs = (s_h[1:1 + _T],)
     if _bs is not None:  # zeros past each sequence's end
         _m = _native_active(_bs, _B, _xs)
@@ -1015,7 +1028,8 @@ def _native_forward(_lib, _xs, _states, _params, _bs=None):
 
 def _native_inference(_lib, _xs, _states, _params, _bs=None):
     """The whole sequence (inference: keeps nothing) in one call of the native library.
-    ``_bs``: per-step batch sizes (a CPU int64 tensor of T non-increasing counts) or None."""
+    ``_states``: the initial states, None for zeros; ``_bs``: per-step batch sizes (a CPU int64
+    tensor of T non-increasing counts) or None."""
     _T, _B, _I, _H = _dims = _native_sizes(_xs, _params)
     _dt, _dev = _xs[0].dtype, _xs[0].device
 
@@ -1032,12 +1046,11 @@ def _native_inference(_lib, _xs, _states, _params, _bs=None):
     hg_W_r_W_u_W_c__x, g_U_r_U_u__h, tmp_u, tmp_U_c_in, g_U_c__U_c_in = _scratch((_n_ch, _B, 3*_H), (_B, 2*_H), (_B, _H), (_B, _H), (_B, _H))
     x_x = _xs[0].contiguous()
     s_h = _fresh("s_h", (_T + 1, _B, _H))
-    s_h[0].copy_(_states[0])
     p_b_r = _params["b_r"].contiguous()
     p_b_u = _params["b_u"].contiguous()
     p_b_c = _params["b_c"].contiguous()
     if _lib is not None:  # None: shapes only (the custom op's fake implementation)
-        _lib("inference", _dims + (_n_ch,), [x_x, s_h, p_b_r, p_b_u, p_b_c, hg_W_r_W_u_W_c__x, g_U_r_U_u__h, tmp_u, tmp_U_c_in, g_U_c__U_c_in, _stacked(_params["W_r"], _params["W_u"], _params["W_c"]), _stacked(_params["U_r"], _params["U_u"]), _params["U_c"].contiguous(), _bs])
+        _lib("inference", _dims + (_n_ch,), [x_x, s_h, p_b_r, p_b_u, p_b_c, hg_W_r_W_u_W_c__x, g_U_r_U_u__h, tmp_u, tmp_U_c_in, g_U_c__U_c_in, _stacked(_params["W_r"], _params["W_u"], _params["W_c"]), _stacked(_params["U_r"], _params["U_u"]), _params["U_c"].contiguous(), _bs, *_starts(_states)])
     _outputs = (s_h[1:1 + _T],)
     if _bs is not None:  # zeros past each sequence's end
         _m = _native_active(_bs, _B, _xs)
@@ -1047,7 +1060,7 @@ def _native_inference(_lib, _xs, _states, _params, _bs=None):
 
 def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None):
     """Gradients of the whole sequence in one call of the native library: (grads, d_xs, d_states);
-    ``_bs`` as in the forward."""
+    a gradient in ``_d_outputs`` or ``_d_finals`` may be None (zeros); ``_bs`` as in the forward."""
     _T, _B, _I, _H = _dims = _native_sizes(_xs, _params)
     _dt, _dev = _xs[0].dtype, _xs[0].device
     _gdt = torch.float32 if _dt in (torch.float16, torch.bfloat16) else _dt  # gradients accumulate in float32 for 16-bit storage
@@ -1085,7 +1098,7 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     v_U_c_in = _saved[3]
     v_c = _saved[4]
     dout_h_next = _zeros((_T, _B, _H)) if _d_outputs[0] is None else _d_outputs[0].contiguous()
-    ds_h = _zeros((_B, _H)) if _d_finals[0] is None else _d_finals[0].to(_dt, memory_format=torch.contiguous_format, copy=True)
+    ds_h = _fresh("ds_h", (_B, _H))
     dx_x = _fresh("dx_x", (_T, _B, _I))
     dw_U_r_U_u = _gempty((2*_H, _H))
     _rows_dw_U_r_U_u = dw_U_r_U_u.split(_H)
@@ -1094,14 +1107,14 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     _grads_0 = _gempty((3, _H)).unbind(0)
     _grads = {"W_r": _rows_dw_W_r_W_u_W_c[0], "U_r": _rows_dw_U_r_U_u[0], "b_r": _grads_0[0], "W_u": _rows_dw_W_r_W_u_W_c[1], "U_u": _rows_dw_U_r_U_u[1], "b_u": _grads_0[1], "W_c": _rows_dw_W_r_W_u_W_c[2], "U_c": _gempty((_H, _H)), "b_c": _grads_0[2]}
     if _lib is not None:
-        _lib("backward", _dims + (_n_ch,), [x_x, s_h, v_r, v_u, v_U_c_in, v_c, dout_h_next, ds_h, dx_x, dgs_W_r_W_u_W_c__x, tmp_d_U_c_in_gemm, tmp_d_h_next, dw_U_r_U_u, dw_W_r_W_u_W_c, _stacked(_params["W_r"], _params["W_u"], _params["W_c"]), _stacked(_params["U_r"], _params["U_u"]), _params["U_c"].contiguous(), *_grads.values(), _bs])
+        _lib("backward", _dims + (_n_ch,), [x_x, s_h, v_r, v_u, v_U_c_in, v_c, dout_h_next, ds_h, dx_x, dgs_W_r_W_u_W_c__x, tmp_d_U_c_in_gemm, tmp_d_h_next, dw_U_r_U_u, dw_W_r_W_u_W_c, _stacked(_params["W_r"], _params["W_u"], _params["W_c"]), _stacked(_params["U_r"], _params["U_u"]), _params["U_c"].contiguous(), *_grads.values(), _bs, *_starts(_d_finals)])
     return _grads, (dx_x,), (ds_h,)
 
 
 # The same two calls as PyTorch custom ops, for torch.compile (which traces them through their
 # fake implementations: the allocations above, without the call). Registered once per process
 # and content of this file; outputs are copies (an op's outputs may not alias each other).
-_OP = "gru_0f7acd632571"
+_OP = "gru_a52368d6c6c7"
 
 
 def _op_forward_impl(xs: list[torch.Tensor], states: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -1290,7 +1303,7 @@ class _GRUBase(nn.Module):
             if x.dtype != dtype:
                 raise ValueError(f"{CELL} input '{name}' dtype ({x.dtype}) does not match weight dtype ({dtype}). Convert input: input.to({dtype}), or convert model: model.to({x.dtype})")
         for (name, _), s in zip(STATES, state):
-            if s.dtype != dtype:
+            if s is not None and s.dtype != dtype:
                 raise ValueError(f"{CELL} state '{name}' dtype ({s.dtype}) does not match weight dtype ({dtype}). Convert the state: state.to({dtype}), or convert model: model.to({s.dtype})")
 
     def warm_up(self, dtypes=None):
@@ -1314,8 +1327,10 @@ class _GRUBase(nn.Module):
             torch.cuda.synchronize(device)
         return backend
 
-    def _zero_state(self, batch, like):
-        return like.new_zeros(batch, self.sizes["H"])
+    def _zero_state(self, state, like):
+        """The states with zeros where None, as the engines take them (the native library takes
+        None); like: an input [T, B, size]."""
+        return tuple(like.new_zeros(like.shape[1], self.sizes[n]) if s is None else s for s, (_, n) in zip(state, STATES))
 
     def _resolve_backend(self, xs, state, params=None):
         if _functorch_active() and self.backend != "autograd":
@@ -1338,26 +1353,27 @@ class _GRUBase(nn.Module):
         for x, (name, s) in zip(xs, INPUTS):
             if x.dim() != 3 or x.shape[-1] != sizes[s]:
                 raise ValueError(f"input '{name}' must be [T, B, {sizes[s]}], got {tuple(x.shape)}")
-        if state is None:
-            state = self._zero_state(xs[0].shape[1], xs[0])
-        state = (state,) if _N_STATE == 1 else tuple(state)
+        state = (None,) * _N_STATE if state is None else (state,) if _N_STATE == 1 else tuple(state)
         if len(state) != _N_STATE:
             raise ValueError(f"expected {_N_STATE} state tensors ({', '.join(n for n, _ in STATES)}), got {len(state)}")
         for s, (name, size) in zip(state, STATES):
-            if s.shape != (xs[0].shape[1], sizes[size]):
+            if s is not None and s.shape != (xs[0].shape[1], sizes[size]):
                 raise ValueError(f"state '{name}' must be [{xs[0].shape[1]}, {sizes[size]}], got {tuple(s.shape)}")
         params = self._params(layer, direction)
         self._check_dtypes(xs, state, params)
         backend = self._resolve_backend(xs, state, params)
-        if backend == "autograd":
-            return _run_autograd(params, xs, state, bs)
         if backend in ("fused", "cuda"):
             lib = None
             if self.backend == "auto":  # the library _resolve_backend just checked
                 lib = _LIBRARIES.get((xs[0].device.type, xs[0].device.index))
             if lib is None and not (torch.compiler.is_compiling() and bs is None):
                 lib = _native_library(xs[0], state, params, required=backend)  # asked for: say why if not
-            return _run_native(lib, xs, state, params, bs)
+            if torch.compiler.is_compiling():  # the custom ops take tensors
+                state = self._zero_state(state, xs[0])
+            return _run_native(lib, xs, state, params, bs)  # a state None: zeros, in the library
+        state = self._zero_state(state, xs[0])
+        if backend == "autograd":
+            return _run_autograd(params, xs, state, bs)
         return _run_engine(xs, state, params, None if bs is None else bs.tolist())
 
 
@@ -1446,7 +1462,7 @@ class GRU(_GRUBase):
             raise ValueError(f"{CELL}: input must be [T, B, size], [B, T, size] (batch_first) or [T, size], got {tuple(xs[0].shape)}")
         T, B = xs[0].shape[0], xs[0].shape[1]
         stack = self.num_layers * (2 if self.bidirectional else 1)
-        state = self._layer_state(state, B, unbatched, stack, xs[0])
+        state = self._layer_state(state, B, unbatched, stack)
         bs = None
         if lengths is not None:
             lengths = torch.as_tensor(lengths).to("cpu", torch.int64).reshape(-1)
@@ -1461,7 +1477,7 @@ class GRU(_GRUBase):
         if order is not None:  # the batch sorted by length, longest first (cuDNN's packed layout)
             dev = order.to(xs[0].device)
             xs = tuple(a.index_select(1, dev) for a in xs)
-            state = tuple(s.index_select(1, dev) for s in state)
+            state = tuple(None if s is None else s.index_select(1, dev) for s in state)
         outputs, finals = self._layers(xs, state, bs)
         if packed:  # packed in the order of the input's (sorted) batch
             data = [nn.utils.rnn.pack_padded_sequence(o, ordered).data for o in outputs]
@@ -1478,10 +1494,11 @@ class GRU(_GRUBase):
             outputs = tuple(o.transpose(0, 1) for o in outputs)
         return (outputs[0] if _N_OUT == 1 else outputs), (finals[0] if _N_STATE == 1 else finals)
 
-    def _layer_state(self, state, B, unbatched, stack, like):
-        """The initial states as a tuple of [layers * directions, B, size] tensors."""
+    def _layer_state(self, state, B, unbatched, stack):
+        """The initial states as a tuple of [layers * directions, B, size] tensors, or of None
+        (zeros) where none is given."""
         if state is None:
-            return tuple(like.new_zeros(stack, B, self.sizes[s]) for _, s in STATES)
+            return (None,) * _N_STATE
         state = (state,) if _N_STATE == 1 else tuple(state)
         if len(state) != _N_STATE:
             raise ValueError(f"expected {_N_STATE} state tensors ({', '.join(n for n, _ in STATES)}), got {len(state)}")
@@ -1510,7 +1527,7 @@ class GRU(_GRUBase):
                     xs = (F.dropout(xs[0], self.dropout, training=True),)
             per_direction = []
             for d in range(directions):
-                st = tuple(s[layer * directions + d] for s in state)
+                st = tuple(None if s is None else s[layer * directions + d] for s in state)
                 st = st[0] if _N_STATE == 1 else st
                 if d == 0:
                     outs, fin = self._run(xs, st, layer, d, bs)

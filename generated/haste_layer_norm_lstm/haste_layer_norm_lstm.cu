@@ -47,8 +47,10 @@
 // <function> is forward (keeps what the backward reads), inference (keeps nothing) or backward: the
 // whole sequence in one call. dims = [T, B, I, H]; ptrs = the function's buffers, the stacked
 // weights, then (backward) the gradient of every param, in the order of the comments at each function,
-// and last the per-step batch sizes (variable lengths: a host int64 array of T non-increasing counts,
-// the batch sorted by length, longest first) or NULL (every row runs every step).
+// then the per-step batch sizes (variable lengths: a host int64 array of T non-increasing counts,
+// the batch sorted by length, longest first) or NULL (every row runs every step), and last one [B, size]
+// array per state: its initial value (forward, inference) or its final value's gradient (backward),
+// copied in at the start, or NULL for zeros.
 // Every array inside is dense and row-major; an element function's argument is a pointer and a row
 // stride ld in elements (element [r, j] is ptr[r * ld + j]; ld = 0 broadcasts one row: a vector param).
 // 16-bit storage (__half, __nv_bfloat16) computes in float; parameter gradients are float for them.
@@ -2256,8 +2258,7 @@ static inline void haste_layer_norm_lstm_backward_bwd0_rows_host(int64_t _rows, 
 
 // =============================================================================================
 // haste_layer_norm_lstm: the whole sequence, forward
-// ptrs: 0 x_x, 1 s_h, 2 s_c, 3 p_b_i, 4 p_b_g, 5 p_b_f, 6 p_b_o, 7 p_gx_i, 8 p_gx_g, 9 p_gx_f, 10 p_gx_o, 11 p_gh_i, 12 p_gh_g, 13 p_gh_f, 14 p_gh_o, 15 p_gamma_h, 16 p_beta_h, 17 p_inv_n_H, 18 p_inv_n_H_2, 19 hg_W_i_W_g_W_f_W_o__x, 20 v_xi, 21 v_xg, 22 v_xf, 23 v_xo, 24 v_mu_x, 25 v_var_x, 26 v_rs_x, 27 g_R_i_R_g_R_f_R_o__h, 28 v_ri, 29 v_rg, 30 v_rf, 31 v_ro, 32 v_mu_h, 33 v_var_h, 34 v_rs_h, 35 v_i, 36 v_g, 37 v_f, 38 v_o, 39 v_mean_5, 40 v_var, 41 v_rstd, 42 weight W_i_W_g_W_f_W_o, 43 weight R_i_R_g_R_f_R_o, 44 batch sizes (host, or NULL)
-
+// ptrs: 0 x_x, 1 s_h, 2 s_c, 3 p_b_i, 4 p_b_g, 5 p_b_f, 6 p_b_o, 7 p_gx_i, 8 p_gx_g, 9 p_gx_f, 10 p_gx_o, 11 p_gh_i, 12 p_gh_g, 13 p_gh_f, 14 p_gh_o, 15 p_gamma_h, 16 p_beta_h, 17 p_inv_n_H, 18 p_inv_n_H_2, 19 hg_W_i_W_g_W_f_W_o__x, 20 v_xi, 21 v_xg, 22 v_xf, 23 v_xo, 24 v_mu_x, 25 v_var_x, 26 v_rs_x, 27 g_R_i_R_g_R_f_R_o__h, 28 v_ri, 29 v_rg, 30 v_rf, 31 v_ro, 32 v_mu_h, 33 v_var_h, 34 v_rs_h, 35 v_i, 36 v_g, 37 v_f, 38 v_o, 39 v_mean_5, 40 v_var, 41 v_rstd, 42 weight W_i_W_g_W_f_W_o, 43 weight R_i_R_g_R_f_R_o, 44 batch sizes (host, or NULL), 45 the initial state into s_h (NULL: zeros), 46 the initial state into s_c (NULL: zeros)
 // =============================================================================================
 template <typename S, typename G>
 static int haste_layer_norm_lstm_forward_run(const int64_t* dims, void* const* ptrs, const cs_ctx* ctx)
@@ -2362,6 +2363,10 @@ static int haste_layer_norm_lstm_forward_run(const int64_t* dims, void* const* p
     (void)w_R_i_R_g_R_f_R_o;
     const int64_t* bs = (const int64_t*)ptrs[44];
     (void)ctx;
+    if (const S* from = (const S*)ptrs[45]) CS_COPY(b_s_h, from, (n_B) * (n_H));
+    else CS_ZERO(b_s_h, (n_B) * (n_H));
+    if (const S* from = (const S*)ptrs[46]) CS_COPY(b_s_c, from, (n_B) * (n_H));
+    else CS_ZERO(b_s_c, (n_B) * (n_H));
     if (bs) {  // rows of ended sequences, which no step writes, are read over all T*B rows
         CS_ZERO(b_v_xi, (n_T) * (n_B) * (n_H));
         CS_ZERO(b_v_xg, (n_T) * (n_B) * (n_H));
@@ -2449,8 +2454,7 @@ extern "C" int haste_layer_norm_lstm_forward_f64(const int64_t* dims, void* cons
 
 // =============================================================================================
 // haste_layer_norm_lstm: the whole sequence, inference
-// ptrs: 0 x_x, 1 s_h, 2 s_c, 3 p_b_i, 4 p_b_g, 5 p_b_f, 6 p_b_o, 7 p_gx_i, 8 p_gx_g, 9 p_gx_f, 10 p_gx_o, 11 p_gh_i, 12 p_gh_g, 13 p_gh_f, 14 p_gh_o, 15 p_gamma_h, 16 p_beta_h, 17 p_inv_n_H, 18 p_inv_n_H_2, 19 hg_W_i_W_g_W_f_W_o__x, 20 tmp_xi, 21 tmp_xg, 22 tmp_xf, 23 tmp_xo, 24 tmp_mu_x, 25 tmp_rs_x, 26 g_R_i_R_g_R_f_R_o__h, 27 weight W_i_W_g_W_f_W_o, 28 weight R_i_R_g_R_f_R_o, 29 batch sizes (host, or NULL)
-
+// ptrs: 0 x_x, 1 s_h, 2 s_c, 3 p_b_i, 4 p_b_g, 5 p_b_f, 6 p_b_o, 7 p_gx_i, 8 p_gx_g, 9 p_gx_f, 10 p_gx_o, 11 p_gh_i, 12 p_gh_g, 13 p_gh_f, 14 p_gh_o, 15 p_gamma_h, 16 p_beta_h, 17 p_inv_n_H, 18 p_inv_n_H_2, 19 hg_W_i_W_g_W_f_W_o__x, 20 tmp_xi, 21 tmp_xg, 22 tmp_xf, 23 tmp_xo, 24 tmp_mu_x, 25 tmp_rs_x, 26 g_R_i_R_g_R_f_R_o__h, 27 weight W_i_W_g_W_f_W_o, 28 weight R_i_R_g_R_f_R_o, 29 batch sizes (host, or NULL), 30 the initial state into s_h (NULL: zeros), 31 the initial state into s_c (NULL: zeros)
 // =============================================================================================
 template <typename S, typename G>
 static int haste_layer_norm_lstm_inference_run(const int64_t* dims, void* const* ptrs, const cs_ctx* ctx)
@@ -2525,6 +2529,10 @@ static int haste_layer_norm_lstm_inference_run(const int64_t* dims, void* const*
     (void)w_R_i_R_g_R_f_R_o;
     const int64_t* bs = (const int64_t*)ptrs[29];
     (void)ctx;
+    if (const S* from = (const S*)ptrs[30]) CS_COPY(b_s_h, from, (n_B) * (n_H));
+    else CS_ZERO(b_s_h, (n_B) * (n_H));
+    if (const S* from = (const S*)ptrs[31]) CS_COPY(b_s_c, from, (n_B) * (n_H));
+    else CS_ZERO(b_s_c, (n_B) * (n_H));
     // steps per chunk of the work ahead of them, from the caller (all T on a GPU); hg_W_i_W_g_W_f_W_o__x holds one chunk
     const int64_t n_ch = dims[4] < 1 ? 1 : dims[4];
     cs_packed<S> pk_W_i_W_g_W_f_W_o_nt = cs_pack_if(n_ch < n_T, ctx, 1, n_ch * n_B, 4*n_H, n_I, w_W_i_W_g_W_f_W_o, n_I);
@@ -2589,8 +2597,7 @@ extern "C" int haste_layer_norm_lstm_inference_f64(const int64_t* dims, void* co
 
 // =============================================================================================
 // haste_layer_norm_lstm: the whole sequence, backward
-// ptrs: 0 x_x, 1 s_h, 2 s_c, 3 p_gx_i, 4 p_gx_g, 5 p_gx_f, 6 p_gx_o, 7 p_gh_i, 8 p_gh_g, 9 p_gh_f, 10 p_gh_o, 11 p_gamma_h, 12 p_beta_h, 13 p_inv_n_H, 14 p_inv_n_H_2, 15 v_xi, 16 v_xg, 17 v_xf, 18 v_xo, 19 v_mu_x, 20 v_var_x, 21 v_rs_x, 22 v_ri, 23 v_rg, 24 v_rf, 25 v_ro, 26 v_mu_h, 27 v_var_h, 28 v_rs_h, 29 v_i, 30 v_g, 31 v_f, 32 v_o, 33 v_mean_5, 34 v_var, 35 v_rstd, 36 dout_h_next, 37 ds_h, 38 ds_c, 39 dx_x, 40 dp_b_i, 41 dp_b_g, 42 dp_b_f, 43 dp_b_o, 44 dp_gx_i, 45 dp_gx_g, 46 dp_gx_f, 47 dp_gx_o, 48 dp_gh_i, 49 dp_gh_g, 50 dp_gh_f, 51 dp_gh_o, 52 dp_gamma_h, 53 dp_beta_h, 54 dg_R_i_R_g_R_f_R_o__h, 55 tmp_d_h_gemm, 56 dhg_W_i_W_g_W_f_W_o__x, 57 tmp_d_h_next, 58 tmp_d_c_next, 59 tmp_d_o, 60 tmp_d_f, 61 tmp_d_g, 62 tmp_d_i, 63 dw_R_i_R_g_R_f_R_o, 64 dw_W_i_W_g_W_f_W_o, 65 weight W_i_W_g_W_f_W_o, 66 weight R_i_R_g_R_f_R_o, 67 d W_i, 68 d W_g, 69 d W_f, 70 d W_o, 71 d R_i, 72 d R_g, 73 d R_f, 74 d R_o, 75 d b_i, 76 d b_g, 77 d b_f, 78 d b_o, 79 d gx_i, 80 d gx_g, 81 d gx_f, 82 d gx_o, 83 d gh_i, 84 d gh_g, 85 d gh_f, 86 d gh_o, 87 d gamma_h, 88 d beta_h, 89 d inv_n_H, 90 d inv_n_H_2, 91 batch sizes (host, or NULL)
-
+// ptrs: 0 x_x, 1 s_h, 2 s_c, 3 p_gx_i, 4 p_gx_g, 5 p_gx_f, 6 p_gx_o, 7 p_gh_i, 8 p_gh_g, 9 p_gh_f, 10 p_gh_o, 11 p_gamma_h, 12 p_beta_h, 13 p_inv_n_H, 14 p_inv_n_H_2, 15 v_xi, 16 v_xg, 17 v_xf, 18 v_xo, 19 v_mu_x, 20 v_var_x, 21 v_rs_x, 22 v_ri, 23 v_rg, 24 v_rf, 25 v_ro, 26 v_mu_h, 27 v_var_h, 28 v_rs_h, 29 v_i, 30 v_g, 31 v_f, 32 v_o, 33 v_mean_5, 34 v_var, 35 v_rstd, 36 dout_h_next, 37 ds_h, 38 ds_c, 39 dx_x, 40 dp_b_i, 41 dp_b_g, 42 dp_b_f, 43 dp_b_o, 44 dp_gx_i, 45 dp_gx_g, 46 dp_gx_f, 47 dp_gx_o, 48 dp_gh_i, 49 dp_gh_g, 50 dp_gh_f, 51 dp_gh_o, 52 dp_gamma_h, 53 dp_beta_h, 54 dg_R_i_R_g_R_f_R_o__h, 55 tmp_d_h_gemm, 56 dhg_W_i_W_g_W_f_W_o__x, 57 tmp_d_h_next, 58 tmp_d_c_next, 59 tmp_d_o, 60 tmp_d_f, 61 tmp_d_g, 62 tmp_d_i, 63 dw_R_i_R_g_R_f_R_o, 64 dw_W_i_W_g_W_f_W_o, 65 weight W_i_W_g_W_f_W_o, 66 weight R_i_R_g_R_f_R_o, 67 d W_i, 68 d W_g, 69 d W_f, 70 d W_o, 71 d R_i, 72 d R_g, 73 d R_f, 74 d R_o, 75 d b_i, 76 d b_g, 77 d b_f, 78 d b_o, 79 d gx_i, 80 d gx_g, 81 d gx_f, 82 d gx_o, 83 d gh_i, 84 d gh_g, 85 d gh_f, 86 d gh_o, 87 d gamma_h, 88 d beta_h, 89 d inv_n_H, 90 d inv_n_H_2, 91 batch sizes (host, or NULL), 92 the final state's gradient into ds_h (NULL: zeros), 93 the final state's gradient into ds_c (NULL: zeros)
 // =============================================================================================
 template <typename S, typename G>
 static int haste_layer_norm_lstm_backward_run(const int64_t* dims, void* const* ptrs, const cs_ctx* ctx)
@@ -2789,6 +2796,10 @@ static int haste_layer_norm_lstm_backward_run(const int64_t* dims, void* const* 
     (void)g_inv_n_H_2;
     const int64_t* bs = (const int64_t*)ptrs[91];
     (void)ctx;
+    if (const S* from = (const S*)ptrs[92]) CS_COPY(b_ds_h, from, (n_B) * (n_H));
+    else CS_ZERO(b_ds_h, (n_B) * (n_H));
+    if (const S* from = (const S*)ptrs[93]) CS_COPY(b_ds_c, from, (n_B) * (n_H));
+    else CS_ZERO(b_ds_c, (n_B) * (n_H));
     if (bs) {  // rows of ended sequences, which no step writes, are read over all T*B rows
         CS_ZERO(b_dp_b_i, (n_T) * (n_B) * (n_H));
         CS_ZERO(b_dp_b_g, (n_T) * (n_B) * (n_H));

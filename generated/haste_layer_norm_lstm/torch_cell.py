@@ -1678,7 +1678,7 @@ def _native_library(x, state, params, required=None):
         problem = "it needs CUDA tensors (backend='fused' runs the same kernels on the CPU)"
     elif required == "fused" and device.type != "cpu":
         problem = "it runs on CPU tensors (backend='cuda' runs the kernels on the GPU)"
-    elif any(t.dtype != dtype or t.device != device for t in (*state, *params.values())):
+    elif any(t is not None and (t.dtype != dtype or t.device != device) for t in (*state, *params.values())):
         problem = f"all tensors must have one dtype and device ({dtype} on {device} and others)"
     elif required is None and (torch.compiler.is_compiling() or x.shape[0] < MIN_NATIVE_STEPS):
         return None
@@ -1715,10 +1715,12 @@ class _NativeSequence(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, lib, bs, *args):
-        """bs: per-step batch sizes (a CPU int64 tensor) or None; then inputs, states, params."""
+        """bs: per-step batch sizes (a CPU int64 tensor) or None; then inputs, states (None: zeros),
+        params."""
         _xs, _states, _plist = args[:_N_IN], args[_N_IN : _N_IN + _N_STATE], args[_N_IN + _N_STATE :]
         _outputs, _finals, _saved = _native_forward(lib, _xs, _states, dict(zip(_PARAM_NAMES, _plist)), bs)
         ctx.lib, ctx.bs = lib, bs
+        ctx.set_materialize_grads(False)  # an unused result's gradient stays None: zeros in the library
         ctx.save_for_backward(*args, *_saved)
         return (*_outputs, *_finals)
 
@@ -1726,25 +1728,30 @@ class _NativeSequence(torch.autograd.Function):
     def backward(ctx, *grads):
         _t = ctx.saved_tensors
         _n = _N_IN + _N_STATE + len(_PARAM_NAMES)
+        _given = [s is not None for s in _t[_N_IN : _N_IN + _N_STATE]]  # a state passed as None has no gradient
         if torch.is_grad_enabled():  # create_graph=True: the program's backward in recorded ops
             if ctx.bs is not None:
                 raise NotImplementedError(f"{CELL}: double backward (create_graph=True) with lengths= or a PackedSequence is not supported; pad the batch instead")
-            return (None, None, *_differentiable_gradients(_t[:_n], None, grads[:_N_OUT], grads[_N_OUT:]))
+            _g = _differentiable_gradients(_t[:_n], None, grads[:_N_OUT], grads[_N_OUT:])
+            _d_states = [d if given else None for d, given in zip(_g[_N_IN : _N_IN + _N_STATE], _given)]
+            return (None, None, *_g[:_N_IN], *_d_states, *_g[_N_IN + _N_STATE :])
         _params = dict(zip(_PARAM_NAMES, _t[_N_IN + _N_STATE : _n]))
         _grads, _d_xs, _d_states = _native_backward(ctx.lib, _t[:_N_IN], _params, _t[_n:], grads[:_N_OUT], grads[_N_OUT:], ctx.bs)
+        _d_states = [d if given else None for d, given in zip(_d_states, _given)]
         return (None, None, *_d_xs, *_d_states, *(_grads[k] if _grads[k].dtype == _params[k].dtype else _grads[k].to(_params[k].dtype) for k in _PARAM_NAMES))
 
 
 def _run_native(lib, xs, state, params, bs=None):
     """(outputs, final states) of the native library: through autograd when something requires
     grad, else the inference function (which keeps nothing for a backward); under torch.compile,
-    the custom ops. ``bs``: per-step batch sizes (a CPU int64 tensor) or None."""
+    the custom ops. ``state``: a tensor or None (zeros) per state; ``bs``: per-step batch sizes (a
+    CPU int64 tensor) or None."""
     if torch.compiler.is_compiling() and bs is None:
         result = _OPS[0](list(xs), list(state), list(params.values()))
         return tuple(result[:_N_OUT]), tuple(result[_N_OUT : _N_OUT + _N_STATE])
     if bs is not None:
         bs = bs.contiguous()
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (*xs, *state, *params.values())):
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (*xs, *state, *params.values())):
         result = _NativeSequence.apply(lib, bs, *xs, *state, *params.values())
         return tuple(result[:_N_OUT]), tuple(result[_N_OUT:])
     outputs, finals, _ = _native_inference(lib, xs, state, params, bs)
@@ -1880,6 +1887,12 @@ def _native_sizes(_xs, _params):
     return (_T, _B, _I, _H)
 
 
+def _starts(values):
+    """The initial states (a forward's) or the final states' gradients (a backward's) as the library
+    takes them, which copies them in: row-major [B, size] arrays, or None (NULL) for zeros."""
+    return [None if v is None else v.contiguous() for v in values]
+
+
 def _native_active(_bs, _B, _xs):
     """[T, B, 1]: 1 where row b is inside its sequence at step t (b < _bs[t]), else 0."""
     _n = _bs.to(_xs[0].device)
@@ -1888,7 +1901,8 @@ def _native_active(_bs, _B, _xs):
 
 def _native_forward(_lib, _xs, _states, _params, _bs=None):
     """The whole sequence (training: keeps what the backward reads) in one call of the native library.
-    ``_bs``: per-step batch sizes (a CPU int64 tensor of T non-increasing counts) or None."""
+    ``_states``: the initial states, None for zeros; ``_bs``: per-step batch sizes (a CPU int64
+    tensor of T non-increasing counts) or None."""
     _T, _B, _I, _H = _dims = _native_sizes(_xs, _params)
     _dt, _dev = _xs[0].dtype, _xs[0].device
 
@@ -1905,9 +1919,7 @@ def _native_forward(_lib, _xs, _states, _params, _bs=None):
     hg_W_i_W_g_W_f_W_o__x, g_R_i_R_g_R_f_R_o__h = _scratch((_n_ch, _B, 4*_H), (_B, 4*_H))
     x_x = _xs[0].contiguous()
     s_h = _fresh("s_h", (_T + 1, _B, _H))
-    s_h[0].copy_(_states[0])
     s_c = _fresh("s_c", (_T + 1, _B, _H))
-    s_c[0].copy_(_states[1])
     p_b_i = _params["b_i"].contiguous()
     p_b_g = _params["b_g"].contiguous()
     p_b_f = _params["b_f"].contiguous()
@@ -1946,7 +1958,7 @@ def _native_forward(_lib, _xs, _states, _params, _bs=None):
     v_var = _fresh("v_var", (_T, _B, 1))
     v_rstd = _fresh("v_rstd", (_T, _B, 1))
     if _lib is not None:  # None: shapes only (the custom op's fake implementation)
-        _lib("forward", _dims + (_n_ch,), [x_x, s_h, s_c, p_b_i, p_b_g, p_b_f, p_b_o, p_gx_i, p_gx_g, p_gx_f, p_gx_o, p_gh_i, p_gh_g, p_gh_f, p_gh_o, p_gamma_h, p_beta_h, p_inv_n_H, p_inv_n_H_2, hg_W_i_W_g_W_f_W_o__x, v_xi, v_xg, v_xf, v_xo, v_mu_x, v_var_x, v_rs_x, g_R_i_R_g_R_f_R_o__h, v_ri, v_rg, v_rf, v_ro, v_mu_h, v_var_h, v_rs_h, v_i, v_g, v_f, v_o, v_mean_5, v_var, v_rstd, _stacked(_params["W_i"], _params["W_g"], _params["W_f"], _params["W_o"]), _stacked(_params["R_i"], _params["R_g"], _params["R_f"], _params["R_o"]), _bs])
+        _lib("forward", _dims + (_n_ch,), [x_x, s_h, s_c, p_b_i, p_b_g, p_b_f, p_b_o, p_gx_i, p_gx_g, p_gx_f, p_gx_o, p_gh_i, p_gh_g, p_gh_f, p_gh_o, p_gamma_h, p_beta_h, p_inv_n_H, p_inv_n_H_2, hg_W_i_W_g_W_f_W_o__x, v_xi, v_xg, v_xf, v_xo, v_mu_x, v_var_x, v_rs_x, g_R_i_R_g_R_f_R_o__h, v_ri, v_rg, v_rf, v_ro, v_mu_h, v_var_h, v_rs_h, v_i, v_g, v_f, v_o, v_mean_5, v_var, v_rstd, _stacked(_params["W_i"], _params["W_g"], _params["W_f"], _params["W_o"]), _stacked(_params["R_i"], _params["R_g"], _params["R_f"], _params["R_o"]), _bs, *_starts(_states)])
     _outputs = (s_h[1:1 + _T],)
     if _bs is not None:  # zeros past each sequence's end
         _m = _native_active(_bs, _B, _xs)
@@ -1956,7 +1968,8 @@ def _native_forward(_lib, _xs, _states, _params, _bs=None):
 
 def _native_inference(_lib, _xs, _states, _params, _bs=None):
     """The whole sequence (inference: keeps nothing) in one call of the native library.
-    ``_bs``: per-step batch sizes (a CPU int64 tensor of T non-increasing counts) or None."""
+    ``_states``: the initial states, None for zeros; ``_bs``: per-step batch sizes (a CPU int64
+    tensor of T non-increasing counts) or None."""
     _T, _B, _I, _H = _dims = _native_sizes(_xs, _params)
     _dt, _dev = _xs[0].dtype, _xs[0].device
 
@@ -1973,8 +1986,6 @@ def _native_inference(_lib, _xs, _states, _params, _bs=None):
     s_c, hg_W_i_W_g_W_f_W_o__x, tmp_xi, tmp_xg, tmp_xf, tmp_xo, tmp_mu_x, tmp_rs_x, g_R_i_R_g_R_f_R_o__h = _scratch((2, _B, _H), (_n_ch, _B, 4*_H), (_B, _H), (_B, _H), (_B, _H), (_B, _H), (_B, 1), (_B, 1), (_B, 4*_H))
     x_x = _xs[0].contiguous()
     s_h = _fresh("s_h", (_T + 1, _B, _H))
-    s_h[0].copy_(_states[0])
-    s_c[0].copy_(_states[1])
     p_b_i = _params["b_i"].contiguous()
     p_b_g = _params["b_g"].contiguous()
     p_b_f = _params["b_f"].contiguous()
@@ -1992,7 +2003,7 @@ def _native_inference(_lib, _xs, _states, _params, _bs=None):
     p_inv_n_H = _params["inv_n_H"].contiguous()
     p_inv_n_H_2 = _params["inv_n_H_2"].contiguous()
     if _lib is not None:  # None: shapes only (the custom op's fake implementation)
-        _lib("inference", _dims + (_n_ch,), [x_x, s_h, s_c, p_b_i, p_b_g, p_b_f, p_b_o, p_gx_i, p_gx_g, p_gx_f, p_gx_o, p_gh_i, p_gh_g, p_gh_f, p_gh_o, p_gamma_h, p_beta_h, p_inv_n_H, p_inv_n_H_2, hg_W_i_W_g_W_f_W_o__x, tmp_xi, tmp_xg, tmp_xf, tmp_xo, tmp_mu_x, tmp_rs_x, g_R_i_R_g_R_f_R_o__h, _stacked(_params["W_i"], _params["W_g"], _params["W_f"], _params["W_o"]), _stacked(_params["R_i"], _params["R_g"], _params["R_f"], _params["R_o"]), _bs])
+        _lib("inference", _dims + (_n_ch,), [x_x, s_h, s_c, p_b_i, p_b_g, p_b_f, p_b_o, p_gx_i, p_gx_g, p_gx_f, p_gx_o, p_gh_i, p_gh_g, p_gh_f, p_gh_o, p_gamma_h, p_beta_h, p_inv_n_H, p_inv_n_H_2, hg_W_i_W_g_W_f_W_o__x, tmp_xi, tmp_xg, tmp_xf, tmp_xo, tmp_mu_x, tmp_rs_x, g_R_i_R_g_R_f_R_o__h, _stacked(_params["W_i"], _params["W_g"], _params["W_f"], _params["W_o"]), _stacked(_params["R_i"], _params["R_g"], _params["R_f"], _params["R_o"]), _bs, *_starts(_states)])
     _outputs = (s_h[1:1 + _T],)
     if _bs is not None:  # zeros past each sequence's end
         _m = _native_active(_bs, _B, _xs)
@@ -2002,7 +2013,7 @@ def _native_inference(_lib, _xs, _states, _params, _bs=None):
 
 def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None):
     """Gradients of the whole sequence in one call of the native library: (grads, d_xs, d_states);
-    ``_bs`` as in the forward."""
+    a gradient in ``_d_outputs`` or ``_d_finals`` may be None (zeros); ``_bs`` as in the forward."""
     _T, _B, _I, _H = _dims = _native_sizes(_xs, _params)
     _dt, _dev = _xs[0].dtype, _xs[0].device
     _gdt = torch.float32 if _dt in (torch.float16, torch.bfloat16) else _dt  # gradients accumulate in float32 for 16-bit storage
@@ -2070,8 +2081,8 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     v_var = _saved[21]
     v_rstd = _saved[22]
     dout_h_next = _zeros((_T, _B, _H)) if _d_outputs[0] is None else _d_outputs[0].contiguous()
-    ds_h = _zeros((_B, _H)) if _d_finals[0] is None else _d_finals[0].to(_dt, memory_format=torch.contiguous_format, copy=True)
-    ds_c = _zeros((_B, _H)) if _d_finals[1] is None else _d_finals[1].to(_dt, memory_format=torch.contiguous_format, copy=True)
+    ds_h = _fresh("ds_h", (_B, _H))
+    ds_c = _fresh("ds_c", (_B, _H))
     dx_x = _fresh("dx_x", (_T, _B, _I))
     dw_R_i_R_g_R_f_R_o = _gempty((4*_H, _H))
     _rows_dw_R_i_R_g_R_f_R_o = dw_R_i_R_g_R_f_R_o.split(_H)
@@ -2081,14 +2092,14 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     _grads_1 = _gzeros((2, _H)).unbind(0)
     _grads = {"W_i": _rows_dw_W_i_W_g_W_f_W_o[0], "W_g": _rows_dw_W_i_W_g_W_f_W_o[1], "W_f": _rows_dw_W_i_W_g_W_f_W_o[2], "W_o": _rows_dw_W_i_W_g_W_f_W_o[3], "R_i": _rows_dw_R_i_R_g_R_f_R_o[0], "R_g": _rows_dw_R_i_R_g_R_f_R_o[1], "R_f": _rows_dw_R_i_R_g_R_f_R_o[2], "R_o": _rows_dw_R_i_R_g_R_f_R_o[3], "b_i": _grads_0[0], "b_g": _grads_0[1], "b_f": _grads_0[2], "b_o": _grads_0[3], "gx_i": _grads_0[4], "gx_g": _grads_0[5], "gx_f": _grads_0[6], "gx_o": _grads_0[7], "gh_i": _grads_0[8], "gh_g": _grads_0[9], "gh_f": _grads_0[10], "gh_o": _grads_0[11], "gamma_h": _grads_0[12], "beta_h": _grads_0[13], "inv_n_H": _grads_1[0], "inv_n_H_2": _grads_1[1]}
     if _lib is not None:
-        _lib("backward", _dims + (_n_ch,), [x_x, s_h, s_c, p_gx_i, p_gx_g, p_gx_f, p_gx_o, p_gh_i, p_gh_g, p_gh_f, p_gh_o, p_gamma_h, p_beta_h, p_inv_n_H, p_inv_n_H_2, v_xi, v_xg, v_xf, v_xo, v_mu_x, v_var_x, v_rs_x, v_ri, v_rg, v_rf, v_ro, v_mu_h, v_var_h, v_rs_h, v_i, v_g, v_f, v_o, v_mean_5, v_var, v_rstd, dout_h_next, ds_h, ds_c, dx_x, dp_b_i, dp_b_g, dp_b_f, dp_b_o, dp_gx_i, dp_gx_g, dp_gx_f, dp_gx_o, dp_gh_i, dp_gh_g, dp_gh_f, dp_gh_o, dp_gamma_h, dp_beta_h, dg_R_i_R_g_R_f_R_o__h, tmp_d_h_gemm, dhg_W_i_W_g_W_f_W_o__x, tmp_d_h_next, tmp_d_c_next, tmp_d_o, tmp_d_f, tmp_d_g, tmp_d_i, dw_R_i_R_g_R_f_R_o, dw_W_i_W_g_W_f_W_o, _stacked(_params["W_i"], _params["W_g"], _params["W_f"], _params["W_o"]), _stacked(_params["R_i"], _params["R_g"], _params["R_f"], _params["R_o"]), *_grads.values(), _bs])
+        _lib("backward", _dims + (_n_ch,), [x_x, s_h, s_c, p_gx_i, p_gx_g, p_gx_f, p_gx_o, p_gh_i, p_gh_g, p_gh_f, p_gh_o, p_gamma_h, p_beta_h, p_inv_n_H, p_inv_n_H_2, v_xi, v_xg, v_xf, v_xo, v_mu_x, v_var_x, v_rs_x, v_ri, v_rg, v_rf, v_ro, v_mu_h, v_var_h, v_rs_h, v_i, v_g, v_f, v_o, v_mean_5, v_var, v_rstd, dout_h_next, ds_h, ds_c, dx_x, dp_b_i, dp_b_g, dp_b_f, dp_b_o, dp_gx_i, dp_gx_g, dp_gx_f, dp_gx_o, dp_gh_i, dp_gh_g, dp_gh_f, dp_gh_o, dp_gamma_h, dp_beta_h, dg_R_i_R_g_R_f_R_o__h, tmp_d_h_gemm, dhg_W_i_W_g_W_f_W_o__x, tmp_d_h_next, tmp_d_c_next, tmp_d_o, tmp_d_f, tmp_d_g, tmp_d_i, dw_R_i_R_g_R_f_R_o, dw_W_i_W_g_W_f_W_o, _stacked(_params["W_i"], _params["W_g"], _params["W_f"], _params["W_o"]), _stacked(_params["R_i"], _params["R_g"], _params["R_f"], _params["R_o"]), *_grads.values(), _bs, *_starts(_d_finals)])
     return _grads, (dx_x,), (ds_h, ds_c,)
 
 
 # The same two calls as PyTorch custom ops, for torch.compile (which traces them through their
 # fake implementations: the allocations above, without the call). Registered once per process
 # and content of this file; outputs are copies (an op's outputs may not alias each other).
-_OP = "haste_layer_norm_lstm_079f416cce34"
+_OP = "haste_layer_norm_lstm_e940435f59da"
 
 
 def _op_forward_impl(xs: list[torch.Tensor], states: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -2281,7 +2292,7 @@ class _HasteLayerNormLSTMBase(nn.Module):
             if x.dtype != dtype:
                 raise ValueError(f"{CELL} input '{name}' dtype ({x.dtype}) does not match weight dtype ({dtype}). Convert input: input.to({dtype}), or convert model: model.to({x.dtype})")
         for (name, _), s in zip(STATES, state):
-            if s.dtype != dtype:
+            if s is not None and s.dtype != dtype:
                 raise ValueError(f"{CELL} state '{name}' dtype ({s.dtype}) does not match weight dtype ({dtype}). Convert the state: state.to({dtype}), or convert model: model.to({s.dtype})")
 
     def warm_up(self, dtypes=None):
@@ -2305,8 +2316,10 @@ class _HasteLayerNormLSTMBase(nn.Module):
             torch.cuda.synchronize(device)
         return backend
 
-    def _zero_state(self, batch, like):
-        return tuple(like.new_zeros(batch, self.sizes[s]) for _, s in STATES)
+    def _zero_state(self, state, like):
+        """The states with zeros where None, as the engines take them (the native library takes
+        None); like: an input [T, B, size]."""
+        return tuple(like.new_zeros(like.shape[1], self.sizes[n]) if s is None else s for s, (_, n) in zip(state, STATES))
 
     def _resolve_backend(self, xs, state, params=None):
         if _functorch_active() and self.backend != "autograd":
@@ -2329,26 +2342,27 @@ class _HasteLayerNormLSTMBase(nn.Module):
         for x, (name, s) in zip(xs, INPUTS):
             if x.dim() != 3 or x.shape[-1] != sizes[s]:
                 raise ValueError(f"input '{name}' must be [T, B, {sizes[s]}], got {tuple(x.shape)}")
-        if state is None:
-            state = self._zero_state(xs[0].shape[1], xs[0])
-        state = (state,) if _N_STATE == 1 else tuple(state)
+        state = (None,) * _N_STATE if state is None else (state,) if _N_STATE == 1 else tuple(state)
         if len(state) != _N_STATE:
             raise ValueError(f"expected {_N_STATE} state tensors ({', '.join(n for n, _ in STATES)}), got {len(state)}")
         for s, (name, size) in zip(state, STATES):
-            if s.shape != (xs[0].shape[1], sizes[size]):
+            if s is not None and s.shape != (xs[0].shape[1], sizes[size]):
                 raise ValueError(f"state '{name}' must be [{xs[0].shape[1]}, {sizes[size]}], got {tuple(s.shape)}")
         params = self._engine_params(xs[0], layer, direction)
         self._check_dtypes(xs, state, params)
         backend = self._resolve_backend(xs, state, params)
-        if backend == "autograd":
-            return _run_autograd(params, xs, state, bs)
         if backend in ("fused", "cuda"):
             lib = None
             if self.backend == "auto":  # the library _resolve_backend just checked
                 lib = _LIBRARIES.get((xs[0].device.type, xs[0].device.index))
             if lib is None and not (torch.compiler.is_compiling() and bs is None):
                 lib = _native_library(xs[0], state, params, required=backend)  # asked for: say why if not
-            return _run_native(lib, xs, state, params, bs)
+            if torch.compiler.is_compiling():  # the custom ops take tensors
+                state = self._zero_state(state, xs[0])
+            return _run_native(lib, xs, state, params, bs)  # a state None: zeros, in the library
+        state = self._zero_state(state, xs[0])
+        if backend == "autograd":
+            return _run_autograd(params, xs, state, bs)
         return _run_engine(xs, state, params, None if bs is None else bs.tolist())
 
 
@@ -2437,7 +2451,7 @@ class HasteLayerNormLSTM(_HasteLayerNormLSTMBase):
             raise ValueError(f"{CELL}: input must be [T, B, size], [B, T, size] (batch_first) or [T, size], got {tuple(xs[0].shape)}")
         T, B = xs[0].shape[0], xs[0].shape[1]
         stack = self.num_layers * (2 if self.bidirectional else 1)
-        state = self._layer_state(state, B, unbatched, stack, xs[0])
+        state = self._layer_state(state, B, unbatched, stack)
         bs = None
         if lengths is not None:
             lengths = torch.as_tensor(lengths).to("cpu", torch.int64).reshape(-1)
@@ -2452,7 +2466,7 @@ class HasteLayerNormLSTM(_HasteLayerNormLSTMBase):
         if order is not None:  # the batch sorted by length, longest first (cuDNN's packed layout)
             dev = order.to(xs[0].device)
             xs = tuple(a.index_select(1, dev) for a in xs)
-            state = tuple(s.index_select(1, dev) for s in state)
+            state = tuple(None if s is None else s.index_select(1, dev) for s in state)
         outputs, finals = self._layers(xs, state, bs)
         if packed:  # packed in the order of the input's (sorted) batch
             data = [nn.utils.rnn.pack_padded_sequence(o, ordered).data for o in outputs]
@@ -2469,10 +2483,11 @@ class HasteLayerNormLSTM(_HasteLayerNormLSTMBase):
             outputs = tuple(o.transpose(0, 1) for o in outputs)
         return (outputs[0] if _N_OUT == 1 else outputs), (finals[0] if _N_STATE == 1 else finals)
 
-    def _layer_state(self, state, B, unbatched, stack, like):
-        """The initial states as a tuple of [layers * directions, B, size] tensors."""
+    def _layer_state(self, state, B, unbatched, stack):
+        """The initial states as a tuple of [layers * directions, B, size] tensors, or of None
+        (zeros) where none is given."""
         if state is None:
-            return tuple(like.new_zeros(stack, B, self.sizes[s]) for _, s in STATES)
+            return (None,) * _N_STATE
         state = (state,) if _N_STATE == 1 else tuple(state)
         if len(state) != _N_STATE:
             raise ValueError(f"expected {_N_STATE} state tensors ({', '.join(n for n, _ in STATES)}), got {len(state)}")
@@ -2501,7 +2516,7 @@ class HasteLayerNormLSTM(_HasteLayerNormLSTMBase):
                     xs = (F.dropout(xs[0], self.dropout, training=True),)
             per_direction = []
             for d in range(directions):
-                st = tuple(s[layer * directions + d] for s in state)
+                st = tuple(None if s is None else s[layer * directions + d] for s in state)
                 st = st[0] if _N_STATE == 1 else st
                 if d == 0:
                     outs, fin = self._run(xs, st, layer, d, bs)

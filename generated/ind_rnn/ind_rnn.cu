@@ -20,8 +20,10 @@
 // <function> is forward (keeps what the backward reads), inference (keeps nothing) or backward: the
 // whole sequence in one call. dims = [T, B, I, H]; ptrs = the function's buffers, the stacked
 // weights, then (backward) the gradient of every param, in the order of the comments at each function,
-// and last the per-step batch sizes (variable lengths: a host int64 array of T non-increasing counts,
-// the batch sorted by length, longest first) or NULL (every row runs every step).
+// then the per-step batch sizes (variable lengths: a host int64 array of T non-increasing counts,
+// the batch sorted by length, longest first) or NULL (every row runs every step), and last one [B, size]
+// array per state: its initial value (forward, inference) or its final value's gradient (backward),
+// copied in at the start, or NULL for zeros.
 // Every array inside is dense and row-major; an element function's argument is a pointer and a row
 // stride ld in elements (element [r, j] is ptr[r * ld + j]; ld = 0 broadcasts one row: a vector param).
 // 16-bit storage (__half, __nv_bfloat16) computes in float; parameter gradients are float for them.
@@ -1533,8 +1535,7 @@ extern "C" void ind_rnn_backward_bwd0_H_f64(int64_t _rows, int64_t _cols, const 
 
 // =============================================================================================
 // ind_rnn: the whole sequence, forward
-// ptrs: 0 x_x, 1 s_h, 2 p_u, 3 p_b, 4 hg_W__x, 5 weight W, 6 batch sizes (host, or NULL)
-
+// ptrs: 0 x_x, 1 s_h, 2 p_u, 3 p_b, 4 hg_W__x, 5 weight W, 6 batch sizes (host, or NULL), 7 the initial state into s_h (NULL: zeros)
 // =============================================================================================
 template <typename S, typename G>
 static int ind_rnn_forward_run(const int64_t* dims, void* const* ptrs, const cs_ctx* ctx)
@@ -1563,6 +1564,8 @@ static int ind_rnn_forward_run(const int64_t* dims, void* const* ptrs, const cs_
     (void)w_W;
     const int64_t* bs = (const int64_t*)ptrs[6];
     (void)ctx;
+    if (const S* from = (const S*)ptrs[7]) CS_COPY(b_s_h, from, (n_B) * (n_H));
+    else CS_ZERO(b_s_h, (n_B) * (n_H));
     // steps per chunk of the work ahead of them, from the caller (all T on a GPU)
     const int64_t n_ch = dims[4] < 1 ? 1 : dims[4];
     cs_packed<S> pk_W_nt = cs_pack_if(n_ch < n_T, ctx, 1, n_ch * n_B, n_H, n_I, w_W, n_I);
@@ -1614,8 +1617,7 @@ extern "C" int ind_rnn_forward_f64(const int64_t* dims, void* const* ptrs, const
 
 // =============================================================================================
 // ind_rnn: the whole sequence, inference
-// ptrs: 0 x_x, 1 s_h, 2 p_u, 3 p_b, 4 hg_W__x, 5 weight W, 6 batch sizes (host, or NULL)
-
+// ptrs: 0 x_x, 1 s_h, 2 p_u, 3 p_b, 4 hg_W__x, 5 weight W, 6 batch sizes (host, or NULL), 7 the initial state into s_h (NULL: zeros)
 // =============================================================================================
 template <typename S, typename G>
 static int ind_rnn_inference_run(const int64_t* dims, void* const* ptrs, const cs_ctx* ctx)
@@ -1644,6 +1646,8 @@ static int ind_rnn_inference_run(const int64_t* dims, void* const* ptrs, const c
     (void)w_W;
     const int64_t* bs = (const int64_t*)ptrs[6];
     (void)ctx;
+    if (const S* from = (const S*)ptrs[7]) CS_COPY(b_s_h, from, (n_B) * (n_H));
+    else CS_ZERO(b_s_h, (n_B) * (n_H));
     // steps per chunk of the work ahead of them, from the caller (all T on a GPU); hg_W__x holds one chunk
     const int64_t n_ch = dims[4] < 1 ? 1 : dims[4];
     cs_packed<S> pk_W_nt = cs_pack_if(n_ch < n_T, ctx, 1, n_ch * n_B, n_H, n_I, w_W, n_I);
@@ -1695,8 +1699,7 @@ extern "C" int ind_rnn_inference_f64(const int64_t* dims, void* const* ptrs, con
 
 // =============================================================================================
 // ind_rnn: the whole sequence, backward
-// ptrs: 0 x_x, 1 s_h, 2 p_u, 3 p_b, 4 hg_W__x, 5 dout_h_next, 6 ds_h, 7 dx_x, 8 dp_u, 9 dhg_W__x, 10 weight W, 11 d W, 12 d u, 13 d b, 14 batch sizes (host, or NULL)
-
+// ptrs: 0 x_x, 1 s_h, 2 p_u, 3 p_b, 4 hg_W__x, 5 dout_h_next, 6 ds_h, 7 dx_x, 8 dp_u, 9 dhg_W__x, 10 weight W, 11 d W, 12 d u, 13 d b, 14 batch sizes (host, or NULL), 15 the final state's gradient into ds_h (NULL: zeros)
 // =============================================================================================
 template <typename S, typename G>
 static int ind_rnn_backward_run(const int64_t* dims, void* const* ptrs, const cs_ctx* ctx)
@@ -1741,6 +1744,8 @@ static int ind_rnn_backward_run(const int64_t* dims, void* const* ptrs, const cs
     (void)g_b;
     const int64_t* bs = (const int64_t*)ptrs[14];
     (void)ctx;
+    if (const S* from = (const S*)ptrs[15]) CS_COPY(b_ds_h, from, (n_B) * (n_H));
+    else CS_ZERO(b_ds_h, (n_B) * (n_H));
     if (bs) {  // rows of ended sequences, which no step writes, are read over all T*B rows
         CS_ZERO(b_dp_u, (n_T) * (n_B) * (n_H));
     }

@@ -23,8 +23,10 @@
 // <function> is forward (keeps what the backward reads), inference (keeps nothing) or backward: the
 // whole sequence in one call. dims = [T, B, I, H]; ptrs = the function's buffers, the stacked
 // weights, then (backward) the gradient of every param, in the order of the comments at each function,
-// and last the per-step batch sizes (variable lengths: a host int64 array of T non-increasing counts,
-// the batch sorted by length, longest first) or NULL (every row runs every step).
+// then the per-step batch sizes (variable lengths: a host int64 array of T non-increasing counts,
+// the batch sorted by length, longest first) or NULL (every row runs every step), and last one [B, size]
+// array per state: its initial value (forward, inference) or its final value's gradient (backward),
+// copied in at the start, or NULL for zeros.
 // Every array inside is dense and row-major; an element function's argument is a pointer and a row
 // stride ld in elements (element [r, j] is ptr[r * ld + j]; ld = 0 broadcasts one row: a vector param).
 // 16-bit storage (__half, __nv_bfloat16) computes in float; parameter gradients are float for them.
@@ -1641,8 +1643,7 @@ extern "C" void janet_backward_bwd0_H_f64(int64_t _rows, int64_t _cols, const do
 
 // =============================================================================================
 // janet: the whole sequence, forward
-// ptrs: 0 x_x, 1 s_h, 2 p_b_f, 3 p_b_c, 4 hg_W_f_W_c__x, 5 g_U_f_U_c__h, 6 v_s, 7 v_c_tilde, 8 weight W_f_W_c, 9 weight U_f_U_c, 10 batch sizes (host, or NULL)
-
+// ptrs: 0 x_x, 1 s_h, 2 p_b_f, 3 p_b_c, 4 hg_W_f_W_c__x, 5 g_U_f_U_c__h, 6 v_s, 7 v_c_tilde, 8 weight W_f_W_c, 9 weight U_f_U_c, 10 batch sizes (host, or NULL), 11 the initial state into s_h (NULL: zeros)
 // =============================================================================================
 template <typename S, typename G>
 static int janet_forward_run(const int64_t* dims, void* const* ptrs, const cs_ctx* ctx)
@@ -1679,6 +1680,8 @@ static int janet_forward_run(const int64_t* dims, void* const* ptrs, const cs_ct
     (void)w_U_f_U_c;
     const int64_t* bs = (const int64_t*)ptrs[10];
     (void)ctx;
+    if (const S* from = (const S*)ptrs[11]) CS_COPY(b_s_h, from, (n_B) * (n_H));
+    else CS_ZERO(b_s_h, (n_B) * (n_H));
     if (bs) {  // rows of ended sequences, which no step writes, are read over all T*B rows
         CS_ZERO(b_v_s, (n_T) * (n_B) * (n_H));
         CS_ZERO(b_v_c_tilde, (n_T) * (n_B) * (n_H));
@@ -1743,8 +1746,7 @@ extern "C" int janet_forward_f64(const int64_t* dims, void* const* ptrs, const v
 
 // =============================================================================================
 // janet: the whole sequence, inference
-// ptrs: 0 x_x, 1 s_h, 2 p_b_f, 3 p_b_c, 4 hg_W_f_W_c__x, 5 g_U_f_U_c__h, 6 weight W_f_W_c, 7 weight U_f_U_c, 8 batch sizes (host, or NULL)
-
+// ptrs: 0 x_x, 1 s_h, 2 p_b_f, 3 p_b_c, 4 hg_W_f_W_c__x, 5 g_U_f_U_c__h, 6 weight W_f_W_c, 7 weight U_f_U_c, 8 batch sizes (host, or NULL), 9 the initial state into s_h (NULL: zeros)
 // =============================================================================================
 template <typename S, typename G>
 static int janet_inference_run(const int64_t* dims, void* const* ptrs, const cs_ctx* ctx)
@@ -1777,6 +1779,8 @@ static int janet_inference_run(const int64_t* dims, void* const* ptrs, const cs_
     (void)w_U_f_U_c;
     const int64_t* bs = (const int64_t*)ptrs[8];
     (void)ctx;
+    if (const S* from = (const S*)ptrs[9]) CS_COPY(b_s_h, from, (n_B) * (n_H));
+    else CS_ZERO(b_s_h, (n_B) * (n_H));
     // steps per chunk of the work ahead of them, from the caller (all T on a GPU); hg_W_f_W_c__x holds one chunk
     const int64_t n_ch = dims[4] < 1 ? 1 : dims[4];
     cs_packed<S> pk_W_f_W_c_nt = cs_pack_if(n_ch < n_T, ctx, 1, n_ch * n_B, 2*n_H, n_I, w_W_f_W_c, n_I);
@@ -1837,8 +1841,7 @@ extern "C" int janet_inference_f64(const int64_t* dims, void* const* ptrs, const
 
 // =============================================================================================
 // janet: the whole sequence, backward
-// ptrs: 0 x_x, 1 s_h, 2 v_s, 3 v_c_tilde, 4 dout_h_next, 5 ds_h, 6 dx_x, 7 dg_U_f_U_c__h, 8 dw_U_f_U_c, 9 dw_W_f_W_c, 10 weight W_f_W_c, 11 weight U_f_U_c, 12 d W_f, 13 d U_f, 14 d b_f, 15 d W_c, 16 d U_c, 17 d b_c, 18 batch sizes (host, or NULL)
-
+// ptrs: 0 x_x, 1 s_h, 2 v_s, 3 v_c_tilde, 4 dout_h_next, 5 ds_h, 6 dx_x, 7 dg_U_f_U_c__h, 8 dw_U_f_U_c, 9 dw_W_f_W_c, 10 weight W_f_W_c, 11 weight U_f_U_c, 12 d W_f, 13 d U_f, 14 d b_f, 15 d W_c, 16 d U_c, 17 d b_c, 18 batch sizes (host, or NULL), 19 the final state's gradient into ds_h (NULL: zeros)
 // =============================================================================================
 template <typename S, typename G>
 static int janet_backward_run(const int64_t* dims, void* const* ptrs, const cs_ctx* ctx)
@@ -1891,6 +1894,8 @@ static int janet_backward_run(const int64_t* dims, void* const* ptrs, const cs_c
     (void)g_b_c;
     const int64_t* bs = (const int64_t*)ptrs[18];
     (void)ctx;
+    if (const S* from = (const S*)ptrs[19]) CS_COPY(b_ds_h, from, (n_B) * (n_H));
+    else CS_ZERO(b_ds_h, (n_B) * (n_H));
     // steps per chunk of the work behind them, from the caller (all T on a GPU); dg_U_f_U_c__h holds one chunk
     const int64_t n_ch = dims[4] < 1 ? 1 : dims[4];
     cs_packed<S> pk_U_f_U_c_nn = cs_pack(ctx, 0, n_B, n_H, 2*n_H, w_U_f_U_c, n_H);

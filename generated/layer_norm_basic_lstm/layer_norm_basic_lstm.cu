@@ -31,8 +31,10 @@
 // <function> is forward (keeps what the backward reads), inference (keeps nothing) or backward: the
 // whole sequence in one call. dims = [T, B, I, H]; ptrs = the function's buffers, the stacked
 // weights, then (backward) the gradient of every param, in the order of the comments at each function,
-// and last the per-step batch sizes (variable lengths: a host int64 array of T non-increasing counts,
-// the batch sorted by length, longest first) or NULL (every row runs every step).
+// then the per-step batch sizes (variable lengths: a host int64 array of T non-increasing counts,
+// the batch sorted by length, longest first) or NULL (every row runs every step), and last one [B, size]
+// array per state: its initial value (forward, inference) or its final value's gradient (backward),
+// copied in at the start, or NULL for zeros.
 // Every array inside is dense and row-major; an element function's argument is a pointer and a row
 // stride ld in elements (element [r, j] is ptr[r * ld + j]; ld = 0 broadcasts one row: a vector param).
 // 16-bit storage (__half, __nv_bfloat16) computes in float; parameter gradients are float for them.
@@ -1985,8 +1987,7 @@ static inline void layer_norm_basic_lstm_backward_bwd0_rows_host(int64_t _rows, 
 
 // =============================================================================================
 // layer_norm_basic_lstm: the whole sequence, forward
-// ptrs: 0 x_x, 1 x_mask_j, 2 s_h, 3 s_c, 4 p_g_i, 5 p_b_i, 6 p_g_j, 7 p_b_j, 8 p_g_f, 9 p_b_f, 10 p_g_o, 11 p_b_o, 12 p_g_c, 13 p_b_c, 14 p_inv_n_H, 15 hg_W_i_W_j_W_f_W_o__x, 16 g_U_i_U_j_U_f_U_o__h, 17 v_mean, 18 v_var, 19 v_rstd, 20 v_i, 21 v_mean_2, 22 v_var_2, 23 v_rstd_2, 24 v_j, 25 v_mean_3, 26 v_var_3, 27 v_rstd_3, 28 v_f, 29 v_mean_4, 30 v_var_4, 31 v_rstd_4, 32 v_o, 33 v_mean_5, 34 v_var_5, 35 v_rstd_5, 36 weight W_i_W_j_W_f_W_o, 37 weight U_i_U_j_U_f_U_o, 38 batch sizes (host, or NULL)
-
+// ptrs: 0 x_x, 1 x_mask_j, 2 s_h, 3 s_c, 4 p_g_i, 5 p_b_i, 6 p_g_j, 7 p_b_j, 8 p_g_f, 9 p_b_f, 10 p_g_o, 11 p_b_o, 12 p_g_c, 13 p_b_c, 14 p_inv_n_H, 15 hg_W_i_W_j_W_f_W_o__x, 16 g_U_i_U_j_U_f_U_o__h, 17 v_mean, 18 v_var, 19 v_rstd, 20 v_i, 21 v_mean_2, 22 v_var_2, 23 v_rstd_2, 24 v_j, 25 v_mean_3, 26 v_var_3, 27 v_rstd_3, 28 v_f, 29 v_mean_4, 30 v_var_4, 31 v_rstd_4, 32 v_o, 33 v_mean_5, 34 v_var_5, 35 v_rstd_5, 36 weight W_i_W_j_W_f_W_o, 37 weight U_i_U_j_U_f_U_o, 38 batch sizes (host, or NULL), 39 the initial state into s_h (NULL: zeros), 40 the initial state into s_c (NULL: zeros)
 // =============================================================================================
 template <typename S, typename G>
 static int layer_norm_basic_lstm_forward_run(const int64_t* dims, void* const* ptrs, const cs_ctx* ctx)
@@ -2079,6 +2080,10 @@ static int layer_norm_basic_lstm_forward_run(const int64_t* dims, void* const* p
     (void)w_U_i_U_j_U_f_U_o;
     const int64_t* bs = (const int64_t*)ptrs[38];
     (void)ctx;
+    if (const S* from = (const S*)ptrs[39]) CS_COPY(b_s_h, from, (n_B) * (n_H));
+    else CS_ZERO(b_s_h, (n_B) * (n_H));
+    if (const S* from = (const S*)ptrs[40]) CS_COPY(b_s_c, from, (n_B) * (n_H));
+    else CS_ZERO(b_s_c, (n_B) * (n_H));
     if (bs) {  // rows of ended sequences, which no step writes, are read over all T*B rows
         CS_ZERO(b_g_U_i_U_j_U_f_U_o__h, (n_T) * (n_B) * (4*n_H));
         CS_ZERO(b_v_mean, (n_T) * (n_B) * (1));
@@ -2163,8 +2168,7 @@ extern "C" int layer_norm_basic_lstm_forward_f64(const int64_t* dims, void* cons
 
 // =============================================================================================
 // layer_norm_basic_lstm: the whole sequence, inference
-// ptrs: 0 x_x, 1 x_mask_j, 2 s_h, 3 s_c, 4 p_g_i, 5 p_b_i, 6 p_g_j, 7 p_b_j, 8 p_g_f, 9 p_b_f, 10 p_g_o, 11 p_b_o, 12 p_g_c, 13 p_b_c, 14 p_inv_n_H, 15 hg_W_i_W_j_W_f_W_o__x, 16 g_U_i_U_j_U_f_U_o__h, 17 weight W_i_W_j_W_f_W_o, 18 weight U_i_U_j_U_f_U_o, 19 batch sizes (host, or NULL)
-
+// ptrs: 0 x_x, 1 x_mask_j, 2 s_h, 3 s_c, 4 p_g_i, 5 p_b_i, 6 p_g_j, 7 p_b_j, 8 p_g_f, 9 p_b_f, 10 p_g_o, 11 p_b_o, 12 p_g_c, 13 p_b_c, 14 p_inv_n_H, 15 hg_W_i_W_j_W_f_W_o__x, 16 g_U_i_U_j_U_f_U_o__h, 17 weight W_i_W_j_W_f_W_o, 18 weight U_i_U_j_U_f_U_o, 19 batch sizes (host, or NULL), 20 the initial state into s_h (NULL: zeros), 21 the initial state into s_c (NULL: zeros)
 // =============================================================================================
 template <typename S, typename G>
 static int layer_norm_basic_lstm_inference_run(const int64_t* dims, void* const* ptrs, const cs_ctx* ctx)
@@ -2219,6 +2223,10 @@ static int layer_norm_basic_lstm_inference_run(const int64_t* dims, void* const*
     (void)w_U_i_U_j_U_f_U_o;
     const int64_t* bs = (const int64_t*)ptrs[19];
     (void)ctx;
+    if (const S* from = (const S*)ptrs[20]) CS_COPY(b_s_h, from, (n_B) * (n_H));
+    else CS_ZERO(b_s_h, (n_B) * (n_H));
+    if (const S* from = (const S*)ptrs[21]) CS_COPY(b_s_c, from, (n_B) * (n_H));
+    else CS_ZERO(b_s_c, (n_B) * (n_H));
     // steps per chunk of the work ahead of them, from the caller (all T on a GPU); hg_W_i_W_j_W_f_W_o__x holds one chunk
     const int64_t n_ch = dims[4] < 1 ? 1 : dims[4];
     cs_packed<S> pk_W_i_W_j_W_f_W_o_nt = cs_pack_if(n_ch < n_T, ctx, 1, n_ch * n_B, 4*n_H, n_I, w_W_i_W_j_W_f_W_o, n_I);
@@ -2281,8 +2289,7 @@ extern "C" int layer_norm_basic_lstm_inference_f64(const int64_t* dims, void* co
 
 // =============================================================================================
 // layer_norm_basic_lstm: the whole sequence, backward
-// ptrs: 0 x_x, 1 x_mask_j, 2 s_h, 3 s_c, 4 p_g_i, 5 p_g_j, 6 p_g_f, 7 p_g_o, 8 p_g_c, 9 p_inv_n_H, 10 hg_W_i_W_j_W_f_W_o__x, 11 g_U_i_U_j_U_f_U_o__h, 12 v_mean, 13 v_var, 14 v_rstd, 15 v_i, 16 v_mean_2, 17 v_var_2, 18 v_rstd_2, 19 v_j, 20 v_mean_3, 21 v_var_3, 22 v_rstd_3, 23 v_f, 24 v_mean_4, 25 v_var_4, 26 v_rstd_4, 27 v_o, 28 v_mean_5, 29 v_var_5, 30 v_rstd_5, 31 dout_h_next, 32 ds_h, 33 ds_c, 34 dx_x, 35 dp_g_i, 36 dp_b_i, 37 dp_g_j, 38 dp_b_j, 39 dp_g_f, 40 dp_b_f, 41 dp_g_o, 42 dp_b_o, 43 dp_g_c, 44 dp_b_c, 45 dg_U_i_U_j_U_f_U_o__h, 46 dhg_W_i_W_j_W_f_W_o__x, 47 dw_U_i_U_j_U_f_U_o, 48 dw_W_i_W_j_W_f_W_o, 49 weight W_i_W_j_W_f_W_o, 50 weight U_i_U_j_U_f_U_o, 51 d W_i, 52 d U_i, 53 d g_i, 54 d b_i, 55 d W_j, 56 d U_j, 57 d g_j, 58 d b_j, 59 d W_f, 60 d U_f, 61 d g_f, 62 d b_f, 63 d W_o, 64 d U_o, 65 d g_o, 66 d b_o, 67 d g_c, 68 d b_c, 69 d inv_n_H, 70 batch sizes (host, or NULL)
-
+// ptrs: 0 x_x, 1 x_mask_j, 2 s_h, 3 s_c, 4 p_g_i, 5 p_g_j, 6 p_g_f, 7 p_g_o, 8 p_g_c, 9 p_inv_n_H, 10 hg_W_i_W_j_W_f_W_o__x, 11 g_U_i_U_j_U_f_U_o__h, 12 v_mean, 13 v_var, 14 v_rstd, 15 v_i, 16 v_mean_2, 17 v_var_2, 18 v_rstd_2, 19 v_j, 20 v_mean_3, 21 v_var_3, 22 v_rstd_3, 23 v_f, 24 v_mean_4, 25 v_var_4, 26 v_rstd_4, 27 v_o, 28 v_mean_5, 29 v_var_5, 30 v_rstd_5, 31 dout_h_next, 32 ds_h, 33 ds_c, 34 dx_x, 35 dp_g_i, 36 dp_b_i, 37 dp_g_j, 38 dp_b_j, 39 dp_g_f, 40 dp_b_f, 41 dp_g_o, 42 dp_b_o, 43 dp_g_c, 44 dp_b_c, 45 dg_U_i_U_j_U_f_U_o__h, 46 dhg_W_i_W_j_W_f_W_o__x, 47 dw_U_i_U_j_U_f_U_o, 48 dw_W_i_W_j_W_f_W_o, 49 weight W_i_W_j_W_f_W_o, 50 weight U_i_U_j_U_f_U_o, 51 d W_i, 52 d U_i, 53 d g_i, 54 d b_i, 55 d W_j, 56 d U_j, 57 d g_j, 58 d b_j, 59 d W_f, 60 d U_f, 61 d g_f, 62 d b_f, 63 d W_o, 64 d U_o, 65 d g_o, 66 d b_o, 67 d g_c, 68 d b_c, 69 d inv_n_H, 70 batch sizes (host, or NULL), 71 the final state's gradient into ds_h (NULL: zeros), 72 the final state's gradient into ds_c (NULL: zeros)
 // =============================================================================================
 template <typename S, typename G>
 static int layer_norm_basic_lstm_backward_run(const int64_t* dims, void* const* ptrs, const cs_ctx* ctx)
@@ -2439,6 +2446,10 @@ static int layer_norm_basic_lstm_backward_run(const int64_t* dims, void* const* 
     (void)g_inv_n_H;
     const int64_t* bs = (const int64_t*)ptrs[70];
     (void)ctx;
+    if (const S* from = (const S*)ptrs[71]) CS_COPY(b_ds_h, from, (n_B) * (n_H));
+    else CS_ZERO(b_ds_h, (n_B) * (n_H));
+    if (const S* from = (const S*)ptrs[72]) CS_COPY(b_ds_c, from, (n_B) * (n_H));
+    else CS_ZERO(b_ds_c, (n_B) * (n_H));
     if (bs) {  // rows of ended sequences, which no step writes, are read over all T*B rows
         CS_ZERO(b_dp_g_i, (n_T) * (n_B) * (n_H));
         CS_ZERO(b_dp_b_i, (n_T) * (n_B) * (n_H));

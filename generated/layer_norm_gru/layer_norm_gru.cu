@@ -26,8 +26,10 @@
 // <function> is forward (keeps what the backward reads), inference (keeps nothing) or backward: the
 // whole sequence in one call. dims = [T, B, I, H]; ptrs = the function's buffers, the stacked
 // weights, then (backward) the gradient of every param, in the order of the comments at each function,
-// and last the per-step batch sizes (variable lengths: a host int64 array of T non-increasing counts,
-// the batch sorted by length, longest first) or NULL (every row runs every step).
+// then the per-step batch sizes (variable lengths: a host int64 array of T non-increasing counts,
+// the batch sorted by length, longest first) or NULL (every row runs every step), and last one [B, size]
+// array per state: its initial value (forward, inference) or its final value's gradient (backward),
+// copied in at the start, or NULL for zeros.
 // Every array inside is dense and row-major; an element function's argument is a pointer and a row
 // stride ld in elements (element [r, j] is ptr[r * ld + j]; ld = 0 broadcasts one row: a vector param).
 // 16-bit storage (__half, __nv_bfloat16) computes in float; parameter gradients are float for them.
@@ -2072,8 +2074,7 @@ static inline void layer_norm_gru_backward_bwd0_rows_host(int64_t _rows, int64_t
 
 // =============================================================================================
 // layer_norm_gru: the whole sequence, forward
-// ptrs: 0 x_x, 1 s_h, 2 p_gx_r, 3 p_bx_r, 4 p_gh_r, 5 p_bh_r, 6 p_gx_u, 7 p_bx_u, 8 p_gh_u, 9 p_bh_u, 10 p_gx_c, 11 p_bx_c, 12 p_gh_c, 13 p_bh_c, 14 p_inv_n_H, 15 hg_W_r_W_u_W_c__x, 16 v_mean, 17 v_var, 18 v_rstd, 19 v_mean_3, 20 v_var_3, 21 v_rstd_3, 22 v_mean_5, 23 v_var_5, 24 v_rstd_5, 25 g_U_r_U_u_U_c__h, 26 v_mean_2, 27 v_var_2, 28 v_rstd_2, 29 v_r, 30 v_mean_4, 31 v_var_4, 32 v_rstd_4, 33 v_u, 34 v_mean_6, 35 v_var_6, 36 v_rstd_6, 37 v_c, 38 weight W_r_W_u_W_c, 39 weight U_r_U_u_U_c, 40 batch sizes (host, or NULL)
-
+// ptrs: 0 x_x, 1 s_h, 2 p_gx_r, 3 p_bx_r, 4 p_gh_r, 5 p_bh_r, 6 p_gx_u, 7 p_bx_u, 8 p_gh_u, 9 p_bh_u, 10 p_gx_c, 11 p_bx_c, 12 p_gh_c, 13 p_bh_c, 14 p_inv_n_H, 15 hg_W_r_W_u_W_c__x, 16 v_mean, 17 v_var, 18 v_rstd, 19 v_mean_3, 20 v_var_3, 21 v_rstd_3, 22 v_mean_5, 23 v_var_5, 24 v_rstd_5, 25 g_U_r_U_u_U_c__h, 26 v_mean_2, 27 v_var_2, 28 v_rstd_2, 29 v_r, 30 v_mean_4, 31 v_var_4, 32 v_rstd_4, 33 v_u, 34 v_mean_6, 35 v_var_6, 36 v_rstd_6, 37 v_c, 38 weight W_r_W_u_W_c, 39 weight U_r_U_u_U_c, 40 batch sizes (host, or NULL), 41 the initial state into s_h (NULL: zeros)
 // =============================================================================================
 template <typename S, typename G>
 static int layer_norm_gru_forward_run(const int64_t* dims, void* const* ptrs, const cs_ctx* ctx)
@@ -2170,6 +2171,8 @@ static int layer_norm_gru_forward_run(const int64_t* dims, void* const* ptrs, co
     (void)w_U_r_U_u_U_c;
     const int64_t* bs = (const int64_t*)ptrs[40];
     (void)ctx;
+    if (const S* from = (const S*)ptrs[41]) CS_COPY(b_s_h, from, (n_B) * (n_H));
+    else CS_ZERO(b_s_h, (n_B) * (n_H));
     if (bs) {  // rows of ended sequences, which no step writes, are read over all T*B rows
         CS_ZERO(b_v_mean, (n_T) * (n_B) * (1));
         CS_ZERO(b_v_var, (n_T) * (n_B) * (1));
@@ -2256,8 +2259,7 @@ extern "C" int layer_norm_gru_forward_f64(const int64_t* dims, void* const* ptrs
 
 // =============================================================================================
 // layer_norm_gru: the whole sequence, inference
-// ptrs: 0 x_x, 1 s_h, 2 p_gx_r, 3 p_bx_r, 4 p_gh_r, 5 p_bh_r, 6 p_gx_u, 7 p_bx_u, 8 p_gh_u, 9 p_bh_u, 10 p_gx_c, 11 p_bx_c, 12 p_gh_c, 13 p_bh_c, 14 p_inv_n_H, 15 hg_W_r_W_u_W_c__x, 16 tmp_mean, 17 tmp_rstd, 18 tmp_mean_3, 19 tmp_rstd_3, 20 tmp_mean_5, 21 tmp_rstd_5, 22 g_U_r_U_u_U_c__h, 23 weight W_r_W_u_W_c, 24 weight U_r_U_u_U_c, 25 batch sizes (host, or NULL)
-
+// ptrs: 0 x_x, 1 s_h, 2 p_gx_r, 3 p_bx_r, 4 p_gh_r, 5 p_bh_r, 6 p_gx_u, 7 p_bx_u, 8 p_gh_u, 9 p_bh_u, 10 p_gx_c, 11 p_bx_c, 12 p_gh_c, 13 p_bh_c, 14 p_inv_n_H, 15 hg_W_r_W_u_W_c__x, 16 tmp_mean, 17 tmp_rstd, 18 tmp_mean_3, 19 tmp_rstd_3, 20 tmp_mean_5, 21 tmp_rstd_5, 22 g_U_r_U_u_U_c__h, 23 weight W_r_W_u_W_c, 24 weight U_r_U_u_U_c, 25 batch sizes (host, or NULL), 26 the initial state into s_h (NULL: zeros)
 // =============================================================================================
 template <typename S, typename G>
 static int layer_norm_gru_inference_run(const int64_t* dims, void* const* ptrs, const cs_ctx* ctx)
@@ -2324,6 +2326,8 @@ static int layer_norm_gru_inference_run(const int64_t* dims, void* const* ptrs, 
     (void)w_U_r_U_u_U_c;
     const int64_t* bs = (const int64_t*)ptrs[25];
     (void)ctx;
+    if (const S* from = (const S*)ptrs[26]) CS_COPY(b_s_h, from, (n_B) * (n_H));
+    else CS_ZERO(b_s_h, (n_B) * (n_H));
     // steps per chunk of the work ahead of them, from the caller (all T on a GPU); hg_W_r_W_u_W_c__x holds one chunk
     const int64_t n_ch = dims[4] < 1 ? 1 : dims[4];
     cs_packed<S> pk_W_r_W_u_W_c_nt = cs_pack_if(n_ch < n_T, ctx, 1, n_ch * n_B, 3*n_H, n_I, w_W_r_W_u_W_c, n_I);
@@ -2386,8 +2390,7 @@ extern "C" int layer_norm_gru_inference_f64(const int64_t* dims, void* const* pt
 
 // =============================================================================================
 // layer_norm_gru: the whole sequence, backward
-// ptrs: 0 x_x, 1 s_h, 2 p_gx_r, 3 p_gh_r, 4 p_gx_u, 5 p_gh_u, 6 p_gx_c, 7 p_gh_c, 8 p_bh_c, 9 p_inv_n_H, 10 hg_W_r_W_u_W_c__x, 11 v_mean, 12 v_var, 13 v_rstd, 14 v_mean_3, 15 v_var_3, 16 v_rstd_3, 17 v_mean_5, 18 v_var_5, 19 v_rstd_5, 20 g_U_r_U_u_U_c__h, 21 v_mean_2, 22 v_var_2, 23 v_rstd_2, 24 v_r, 25 v_mean_4, 26 v_var_4, 27 v_rstd_4, 28 v_u, 29 v_mean_6, 30 v_var_6, 31 v_rstd_6, 32 v_c, 33 dout_h_next, 34 ds_h, 35 dx_x, 36 dp_gx_r, 37 dp_bx_r, 38 dp_gh_r, 39 dp_bh_r, 40 dp_gx_u, 41 dp_bx_u, 42 dp_gh_u, 43 dp_bh_u, 44 dp_gx_c, 45 dp_bx_c, 46 dp_gh_c, 47 dp_bh_c, 48 dg_U_r_U_u_U_c__h, 49 tmp_d_h_gemm, 50 dhg_W_r_W_u_W_c__x, 51 tmp_d_h_next, 52 tmp_d_c, 53 tmp_d_u, 54 tmp_d_r, 55 dw_U_r_U_u_U_c, 56 dw_W_r_W_u_W_c, 57 weight W_r_W_u_W_c, 58 weight U_r_U_u_U_c, 59 d W_r, 60 d U_r, 61 d W_u, 62 d U_u, 63 d W_c, 64 d U_c, 65 d gx_r, 66 d bx_r, 67 d gh_r, 68 d bh_r, 69 d gx_u, 70 d bx_u, 71 d gh_u, 72 d bh_u, 73 d gx_c, 74 d bx_c, 75 d gh_c, 76 d bh_c, 77 d inv_n_H, 78 batch sizes (host, or NULL)
-
+// ptrs: 0 x_x, 1 s_h, 2 p_gx_r, 3 p_gh_r, 4 p_gx_u, 5 p_gh_u, 6 p_gx_c, 7 p_gh_c, 8 p_bh_c, 9 p_inv_n_H, 10 hg_W_r_W_u_W_c__x, 11 v_mean, 12 v_var, 13 v_rstd, 14 v_mean_3, 15 v_var_3, 16 v_rstd_3, 17 v_mean_5, 18 v_var_5, 19 v_rstd_5, 20 g_U_r_U_u_U_c__h, 21 v_mean_2, 22 v_var_2, 23 v_rstd_2, 24 v_r, 25 v_mean_4, 26 v_var_4, 27 v_rstd_4, 28 v_u, 29 v_mean_6, 30 v_var_6, 31 v_rstd_6, 32 v_c, 33 dout_h_next, 34 ds_h, 35 dx_x, 36 dp_gx_r, 37 dp_bx_r, 38 dp_gh_r, 39 dp_bh_r, 40 dp_gx_u, 41 dp_bx_u, 42 dp_gh_u, 43 dp_bh_u, 44 dp_gx_c, 45 dp_bx_c, 46 dp_gh_c, 47 dp_bh_c, 48 dg_U_r_U_u_U_c__h, 49 tmp_d_h_gemm, 50 dhg_W_r_W_u_W_c__x, 51 tmp_d_h_next, 52 tmp_d_c, 53 tmp_d_u, 54 tmp_d_r, 55 dw_U_r_U_u_U_c, 56 dw_W_r_W_u_W_c, 57 weight W_r_W_u_W_c, 58 weight U_r_U_u_U_c, 59 d W_r, 60 d U_r, 61 d W_u, 62 d U_u, 63 d W_c, 64 d U_c, 65 d gx_r, 66 d bx_r, 67 d gh_r, 68 d bh_r, 69 d gx_u, 70 d bx_u, 71 d gh_u, 72 d bh_u, 73 d gx_c, 74 d bx_c, 75 d gh_c, 76 d bh_c, 77 d inv_n_H, 78 batch sizes (host, or NULL), 79 the final state's gradient into ds_h (NULL: zeros)
 // =============================================================================================
 template <typename S, typename G>
 static int layer_norm_gru_backward_run(const int64_t* dims, void* const* ptrs, const cs_ctx* ctx)
@@ -2560,6 +2563,8 @@ static int layer_norm_gru_backward_run(const int64_t* dims, void* const* ptrs, c
     (void)g_inv_n_H;
     const int64_t* bs = (const int64_t*)ptrs[78];
     (void)ctx;
+    if (const S* from = (const S*)ptrs[79]) CS_COPY(b_ds_h, from, (n_B) * (n_H));
+    else CS_ZERO(b_ds_h, (n_B) * (n_H));
     if (bs) {  // rows of ended sequences, which no step writes, are read over all T*B rows
         CS_ZERO(b_dp_gx_r, (n_T) * (n_B) * (n_H));
         CS_ZERO(b_dp_bx_r, (n_T) * (n_B) * (n_H));

@@ -30,8 +30,10 @@
 // <function> is forward (keeps what the backward reads), inference (keeps nothing) or backward: the
 // whole sequence in one call. dims = [T, B, I, H]; ptrs = the function's buffers, the stacked
 // weights, then (backward) the gradient of every param, in the order of the comments at each function,
-// and last the per-step batch sizes (variable lengths: a host int64 array of T non-increasing counts,
-// the batch sorted by length, longest first) or NULL (every row runs every step).
+// then the per-step batch sizes (variable lengths: a host int64 array of T non-increasing counts,
+// the batch sorted by length, longest first) or NULL (every row runs every step), and last one [B, size]
+// array per state: its initial value (forward, inference) or its final value's gradient (backward),
+// copied in at the start, or NULL for zeros.
 // Every array inside is dense and row-major; an element function's argument is a pointer and a row
 // stride ld in elements (element [r, j] is ptr[r * ld + j]; ld = 0 broadcasts one row: a vector param).
 // 16-bit storage (__half, __nv_bfloat16) computes in float; parameter gradients are float for them.
@@ -1970,8 +1972,7 @@ static inline void layer_norm_lstm_backward_bwd0_rows_host(int64_t _rows, int64_
 
 // =============================================================================================
 // layer_norm_lstm: the whole sequence, forward
-// ptrs: 0 x_x, 1 s_h, 2 s_c, 3 p_g_i, 4 p_b_i, 5 p_g_j, 6 p_b_j, 7 p_g_f, 8 p_b_f, 9 p_g_o, 10 p_b_o, 11 p_g_c, 12 p_b_c, 13 p_inv_n_H, 14 hg_W_i_W_j_W_f_W_o__x, 15 g_U_i_U_j_U_f_U_o__h, 16 v_mean, 17 v_var, 18 v_rstd, 19 v_i, 20 v_mean_2, 21 v_var_2, 22 v_rstd_2, 23 v_j, 24 v_mean_3, 25 v_var_3, 26 v_rstd_3, 27 v_f, 28 v_mean_4, 29 v_var_4, 30 v_rstd_4, 31 v_o, 32 v_mean_5, 33 v_var_5, 34 v_rstd_5, 35 weight W_i_W_j_W_f_W_o, 36 weight U_i_U_j_U_f_U_o, 37 batch sizes (host, or NULL)
-
+// ptrs: 0 x_x, 1 s_h, 2 s_c, 3 p_g_i, 4 p_b_i, 5 p_g_j, 6 p_b_j, 7 p_g_f, 8 p_b_f, 9 p_g_o, 10 p_b_o, 11 p_g_c, 12 p_b_c, 13 p_inv_n_H, 14 hg_W_i_W_j_W_f_W_o__x, 15 g_U_i_U_j_U_f_U_o__h, 16 v_mean, 17 v_var, 18 v_rstd, 19 v_i, 20 v_mean_2, 21 v_var_2, 22 v_rstd_2, 23 v_j, 24 v_mean_3, 25 v_var_3, 26 v_rstd_3, 27 v_f, 28 v_mean_4, 29 v_var_4, 30 v_rstd_4, 31 v_o, 32 v_mean_5, 33 v_var_5, 34 v_rstd_5, 35 weight W_i_W_j_W_f_W_o, 36 weight U_i_U_j_U_f_U_o, 37 batch sizes (host, or NULL), 38 the initial state into s_h (NULL: zeros), 39 the initial state into s_c (NULL: zeros)
 // =============================================================================================
 template <typename S, typename G>
 static int layer_norm_lstm_forward_run(const int64_t* dims, void* const* ptrs, const cs_ctx* ctx)
@@ -2062,6 +2063,10 @@ static int layer_norm_lstm_forward_run(const int64_t* dims, void* const* ptrs, c
     (void)w_U_i_U_j_U_f_U_o;
     const int64_t* bs = (const int64_t*)ptrs[37];
     (void)ctx;
+    if (const S* from = (const S*)ptrs[38]) CS_COPY(b_s_h, from, (n_B) * (n_H));
+    else CS_ZERO(b_s_h, (n_B) * (n_H));
+    if (const S* from = (const S*)ptrs[39]) CS_COPY(b_s_c, from, (n_B) * (n_H));
+    else CS_ZERO(b_s_c, (n_B) * (n_H));
     if (bs) {  // rows of ended sequences, which no step writes, are read over all T*B rows
         CS_ZERO(b_g_U_i_U_j_U_f_U_o__h, (n_T) * (n_B) * (4*n_H));
         CS_ZERO(b_v_mean, (n_T) * (n_B) * (1));
@@ -2146,8 +2151,7 @@ extern "C" int layer_norm_lstm_forward_f64(const int64_t* dims, void* const* ptr
 
 // =============================================================================================
 // layer_norm_lstm: the whole sequence, inference
-// ptrs: 0 x_x, 1 s_h, 2 s_c, 3 p_g_i, 4 p_b_i, 5 p_g_j, 6 p_b_j, 7 p_g_f, 8 p_b_f, 9 p_g_o, 10 p_b_o, 11 p_g_c, 12 p_b_c, 13 p_inv_n_H, 14 hg_W_i_W_j_W_f_W_o__x, 15 g_U_i_U_j_U_f_U_o__h, 16 weight W_i_W_j_W_f_W_o, 17 weight U_i_U_j_U_f_U_o, 18 batch sizes (host, or NULL)
-
+// ptrs: 0 x_x, 1 s_h, 2 s_c, 3 p_g_i, 4 p_b_i, 5 p_g_j, 6 p_b_j, 7 p_g_f, 8 p_b_f, 9 p_g_o, 10 p_b_o, 11 p_g_c, 12 p_b_c, 13 p_inv_n_H, 14 hg_W_i_W_j_W_f_W_o__x, 15 g_U_i_U_j_U_f_U_o__h, 16 weight W_i_W_j_W_f_W_o, 17 weight U_i_U_j_U_f_U_o, 18 batch sizes (host, or NULL), 19 the initial state into s_h (NULL: zeros), 20 the initial state into s_c (NULL: zeros)
 // =============================================================================================
 template <typename S, typename G>
 static int layer_norm_lstm_inference_run(const int64_t* dims, void* const* ptrs, const cs_ctx* ctx)
@@ -2200,6 +2204,10 @@ static int layer_norm_lstm_inference_run(const int64_t* dims, void* const* ptrs,
     (void)w_U_i_U_j_U_f_U_o;
     const int64_t* bs = (const int64_t*)ptrs[18];
     (void)ctx;
+    if (const S* from = (const S*)ptrs[19]) CS_COPY(b_s_h, from, (n_B) * (n_H));
+    else CS_ZERO(b_s_h, (n_B) * (n_H));
+    if (const S* from = (const S*)ptrs[20]) CS_COPY(b_s_c, from, (n_B) * (n_H));
+    else CS_ZERO(b_s_c, (n_B) * (n_H));
     // steps per chunk of the work ahead of them, from the caller (all T on a GPU); hg_W_i_W_j_W_f_W_o__x holds one chunk
     const int64_t n_ch = dims[4] < 1 ? 1 : dims[4];
     cs_packed<S> pk_W_i_W_j_W_f_W_o_nt = cs_pack_if(n_ch < n_T, ctx, 1, n_ch * n_B, 4*n_H, n_I, w_W_i_W_j_W_f_W_o, n_I);
@@ -2262,8 +2270,7 @@ extern "C" int layer_norm_lstm_inference_f64(const int64_t* dims, void* const* p
 
 // =============================================================================================
 // layer_norm_lstm: the whole sequence, backward
-// ptrs: 0 x_x, 1 s_h, 2 s_c, 3 p_g_i, 4 p_g_j, 5 p_g_f, 6 p_g_o, 7 p_g_c, 8 p_inv_n_H, 9 hg_W_i_W_j_W_f_W_o__x, 10 g_U_i_U_j_U_f_U_o__h, 11 v_mean, 12 v_var, 13 v_rstd, 14 v_i, 15 v_mean_2, 16 v_var_2, 17 v_rstd_2, 18 v_j, 19 v_mean_3, 20 v_var_3, 21 v_rstd_3, 22 v_f, 23 v_mean_4, 24 v_var_4, 25 v_rstd_4, 26 v_o, 27 v_mean_5, 28 v_var_5, 29 v_rstd_5, 30 dout_h_next, 31 ds_h, 32 ds_c, 33 dx_x, 34 dp_g_i, 35 dp_b_i, 36 dp_g_j, 37 dp_b_j, 38 dp_g_f, 39 dp_b_f, 40 dp_g_o, 41 dp_b_o, 42 dp_g_c, 43 dp_b_c, 44 dg_U_i_U_j_U_f_U_o__h, 45 dhg_W_i_W_j_W_f_W_o__x, 46 dw_U_i_U_j_U_f_U_o, 47 dw_W_i_W_j_W_f_W_o, 48 weight W_i_W_j_W_f_W_o, 49 weight U_i_U_j_U_f_U_o, 50 d W_i, 51 d U_i, 52 d g_i, 53 d b_i, 54 d W_j, 55 d U_j, 56 d g_j, 57 d b_j, 58 d W_f, 59 d U_f, 60 d g_f, 61 d b_f, 62 d W_o, 63 d U_o, 64 d g_o, 65 d b_o, 66 d g_c, 67 d b_c, 68 d inv_n_H, 69 batch sizes (host, or NULL)
-
+// ptrs: 0 x_x, 1 s_h, 2 s_c, 3 p_g_i, 4 p_g_j, 5 p_g_f, 6 p_g_o, 7 p_g_c, 8 p_inv_n_H, 9 hg_W_i_W_j_W_f_W_o__x, 10 g_U_i_U_j_U_f_U_o__h, 11 v_mean, 12 v_var, 13 v_rstd, 14 v_i, 15 v_mean_2, 16 v_var_2, 17 v_rstd_2, 18 v_j, 19 v_mean_3, 20 v_var_3, 21 v_rstd_3, 22 v_f, 23 v_mean_4, 24 v_var_4, 25 v_rstd_4, 26 v_o, 27 v_mean_5, 28 v_var_5, 29 v_rstd_5, 30 dout_h_next, 31 ds_h, 32 ds_c, 33 dx_x, 34 dp_g_i, 35 dp_b_i, 36 dp_g_j, 37 dp_b_j, 38 dp_g_f, 39 dp_b_f, 40 dp_g_o, 41 dp_b_o, 42 dp_g_c, 43 dp_b_c, 44 dg_U_i_U_j_U_f_U_o__h, 45 dhg_W_i_W_j_W_f_W_o__x, 46 dw_U_i_U_j_U_f_U_o, 47 dw_W_i_W_j_W_f_W_o, 48 weight W_i_W_j_W_f_W_o, 49 weight U_i_U_j_U_f_U_o, 50 d W_i, 51 d U_i, 52 d g_i, 53 d b_i, 54 d W_j, 55 d U_j, 56 d g_j, 57 d b_j, 58 d W_f, 59 d U_f, 60 d g_f, 61 d b_f, 62 d W_o, 63 d U_o, 64 d g_o, 65 d b_o, 66 d g_c, 67 d b_c, 68 d inv_n_H, 69 batch sizes (host, or NULL), 70 the final state's gradient into ds_h (NULL: zeros), 71 the final state's gradient into ds_c (NULL: zeros)
 // =============================================================================================
 template <typename S, typename G>
 static int layer_norm_lstm_backward_run(const int64_t* dims, void* const* ptrs, const cs_ctx* ctx)
@@ -2418,6 +2425,10 @@ static int layer_norm_lstm_backward_run(const int64_t* dims, void* const* ptrs, 
     (void)g_inv_n_H;
     const int64_t* bs = (const int64_t*)ptrs[69];
     (void)ctx;
+    if (const S* from = (const S*)ptrs[70]) CS_COPY(b_ds_h, from, (n_B) * (n_H));
+    else CS_ZERO(b_ds_h, (n_B) * (n_H));
+    if (const S* from = (const S*)ptrs[71]) CS_COPY(b_ds_c, from, (n_B) * (n_H));
+    else CS_ZERO(b_ds_c, (n_B) * (n_H));
     if (bs) {  // rows of ended sequences, which no step writes, are read over all T*B rows
         CS_ZERO(b_dp_g_i, (n_T) * (n_B) * (n_H));
         CS_ZERO(b_dp_b_i, (n_T) * (n_B) * (n_H));

@@ -29,8 +29,10 @@
 // <function> is forward (keeps what the backward reads), inference (keeps nothing) or backward: the
 // whole sequence in one call. dims = [T, B, I, H]; ptrs = the function's buffers, the stacked
 // weights, then (backward) the gradient of every param, in the order of the comments at each function,
-// and last the per-step batch sizes (variable lengths: a host int64 array of T non-increasing counts,
-// the batch sorted by length, longest first) or NULL (every row runs every step).
+// then the per-step batch sizes (variable lengths: a host int64 array of T non-increasing counts,
+// the batch sorted by length, longest first) or NULL (every row runs every step), and last one [B, size]
+// array per state: its initial value (forward, inference) or its final value's gradient (backward),
+// copied in at the start, or NULL for zeros.
 // Every array inside is dense and row-major; an element function's argument is a pointer and a row
 // stride ld in elements (element [r, j] is ptr[r * ld + j]; ld = 0 broadcasts one row: a vector param).
 // 16-bit storage (__half, __nv_bfloat16) computes in float; parameter gradients are float for them.
@@ -1805,8 +1807,7 @@ extern "C" void lstm_backward_bwd0_H_f64(int64_t _rows, int64_t _cols, const dou
 
 // =============================================================================================
 // lstm: the whole sequence, forward
-// ptrs: 0 x_x, 1 s_h, 2 s_c, 3 p_b_ii, 4 p_b_hi, 5 p_b_if, 6 p_b_hf, 7 p_b_ig, 8 p_b_hg, 9 p_b_io, 10 p_b_ho, 11 hg_W_ii_W_if_W_ig_W_io__x, 12 g_W_hi_W_hf_W_hg_W_ho__h, 13 v_i, 14 v_f, 15 v_g, 16 v_o, 17 weight W_ii_W_if_W_ig_W_io, 18 weight W_hi_W_hf_W_hg_W_ho, 19 batch sizes (host, or NULL)
-
+// ptrs: 0 x_x, 1 s_h, 2 s_c, 3 p_b_ii, 4 p_b_hi, 5 p_b_if, 6 p_b_hf, 7 p_b_ig, 8 p_b_hg, 9 p_b_io, 10 p_b_ho, 11 hg_W_ii_W_if_W_ig_W_io__x, 12 g_W_hi_W_hf_W_hg_W_ho__h, 13 v_i, 14 v_f, 15 v_g, 16 v_o, 17 weight W_ii_W_if_W_ig_W_io, 18 weight W_hi_W_hf_W_hg_W_ho, 19 batch sizes (host, or NULL), 20 the initial state into s_h (NULL: zeros), 21 the initial state into s_c (NULL: zeros)
 // =============================================================================================
 template <typename S, typename G>
 static int lstm_forward_run(const int64_t* dims, void* const* ptrs, const cs_ctx* ctx)
@@ -1861,6 +1862,10 @@ static int lstm_forward_run(const int64_t* dims, void* const* ptrs, const cs_ctx
     (void)w_W_hi_W_hf_W_hg_W_ho;
     const int64_t* bs = (const int64_t*)ptrs[19];
     (void)ctx;
+    if (const S* from = (const S*)ptrs[20]) CS_COPY(b_s_h, from, (n_B) * (n_H));
+    else CS_ZERO(b_s_h, (n_B) * (n_H));
+    if (const S* from = (const S*)ptrs[21]) CS_COPY(b_s_c, from, (n_B) * (n_H));
+    else CS_ZERO(b_s_c, (n_B) * (n_H));
     if (bs) {  // rows of ended sequences, which no step writes, are read over all T*B rows
         CS_ZERO(b_v_i, (n_T) * (n_B) * (n_H));
         CS_ZERO(b_v_f, (n_T) * (n_B) * (n_H));
@@ -1929,8 +1934,7 @@ extern "C" int lstm_forward_f64(const int64_t* dims, void* const* ptrs, const vo
 
 // =============================================================================================
 // lstm: the whole sequence, inference
-// ptrs: 0 x_x, 1 s_h, 2 s_c, 3 p_b_ii, 4 p_b_hi, 5 p_b_if, 6 p_b_hf, 7 p_b_ig, 8 p_b_hg, 9 p_b_io, 10 p_b_ho, 11 hg_W_ii_W_if_W_ig_W_io__x, 12 g_W_hi_W_hf_W_hg_W_ho__h, 13 weight W_ii_W_if_W_ig_W_io, 14 weight W_hi_W_hf_W_hg_W_ho, 15 batch sizes (host, or NULL)
-
+// ptrs: 0 x_x, 1 s_h, 2 s_c, 3 p_b_ii, 4 p_b_hi, 5 p_b_if, 6 p_b_hf, 7 p_b_ig, 8 p_b_hg, 9 p_b_io, 10 p_b_ho, 11 hg_W_ii_W_if_W_ig_W_io__x, 12 g_W_hi_W_hf_W_hg_W_ho__h, 13 weight W_ii_W_if_W_ig_W_io, 14 weight W_hi_W_hf_W_hg_W_ho, 15 batch sizes (host, or NULL), 16 the initial state into s_h (NULL: zeros), 17 the initial state into s_c (NULL: zeros)
 // =============================================================================================
 template <typename S, typename G>
 static int lstm_inference_run(const int64_t* dims, void* const* ptrs, const cs_ctx* ctx)
@@ -1977,6 +1981,10 @@ static int lstm_inference_run(const int64_t* dims, void* const* ptrs, const cs_c
     (void)w_W_hi_W_hf_W_hg_W_ho;
     const int64_t* bs = (const int64_t*)ptrs[15];
     (void)ctx;
+    if (const S* from = (const S*)ptrs[16]) CS_COPY(b_s_h, from, (n_B) * (n_H));
+    else CS_ZERO(b_s_h, (n_B) * (n_H));
+    if (const S* from = (const S*)ptrs[17]) CS_COPY(b_s_c, from, (n_B) * (n_H));
+    else CS_ZERO(b_s_c, (n_B) * (n_H));
     // steps per chunk of the work ahead of them, from the caller (all T on a GPU); hg_W_ii_W_if_W_ig_W_io__x holds one chunk
     const int64_t n_ch = dims[4] < 1 ? 1 : dims[4];
     cs_packed<S> pk_W_ii_W_if_W_ig_W_io_nt = cs_pack_if(n_ch < n_T, ctx, 1, n_ch * n_B, 4*n_H, n_I, w_W_ii_W_if_W_ig_W_io, n_I);
@@ -2039,8 +2047,7 @@ extern "C" int lstm_inference_f64(const int64_t* dims, void* const* ptrs, const 
 
 // =============================================================================================
 // lstm: the whole sequence, backward
-// ptrs: 0 x_x, 1 s_h, 2 s_c, 3 v_i, 4 v_f, 5 v_g, 6 v_o, 7 dout_h_next, 8 ds_h, 9 ds_c, 10 dx_x, 11 dg_W_hi_W_hf_W_hg_W_ho__h, 12 dw_W_hi_W_hf_W_hg_W_ho, 13 dw_W_ii_W_if_W_ig_W_io, 14 sum_d_b_ii, 15 sum_d_b_if, 16 sum_d_b_ig, 17 sum_d_b_io, 18 weight W_ii_W_if_W_ig_W_io, 19 weight W_hi_W_hf_W_hg_W_ho, 20 d W_ii, 21 d W_hi, 22 d b_ii, 23 d b_hi, 24 d W_if, 25 d W_hf, 26 d b_if, 27 d b_hf, 28 d W_ig, 29 d W_hg, 30 d b_ig, 31 d b_hg, 32 d W_io, 33 d W_ho, 34 d b_io, 35 d b_ho, 36 batch sizes (host, or NULL)
-
+// ptrs: 0 x_x, 1 s_h, 2 s_c, 3 v_i, 4 v_f, 5 v_g, 6 v_o, 7 dout_h_next, 8 ds_h, 9 ds_c, 10 dx_x, 11 dg_W_hi_W_hf_W_hg_W_ho__h, 12 dw_W_hi_W_hf_W_hg_W_ho, 13 dw_W_ii_W_if_W_ig_W_io, 14 sum_d_b_ii, 15 sum_d_b_if, 16 sum_d_b_ig, 17 sum_d_b_io, 18 weight W_ii_W_if_W_ig_W_io, 19 weight W_hi_W_hf_W_hg_W_ho, 20 d W_ii, 21 d W_hi, 22 d b_ii, 23 d b_hi, 24 d W_if, 25 d W_hf, 26 d b_if, 27 d b_hf, 28 d W_ig, 29 d W_hg, 30 d b_ig, 31 d b_hg, 32 d W_io, 33 d W_ho, 34 d b_io, 35 d b_ho, 36 batch sizes (host, or NULL), 37 the final state's gradient into ds_h (NULL: zeros), 38 the final state's gradient into ds_c (NULL: zeros)
 // =============================================================================================
 template <typename S, typename G>
 static int lstm_backward_run(const int64_t* dims, void* const* ptrs, const cs_ctx* ctx)
@@ -2129,6 +2136,10 @@ static int lstm_backward_run(const int64_t* dims, void* const* ptrs, const cs_ct
     (void)g_b_ho;
     const int64_t* bs = (const int64_t*)ptrs[36];
     (void)ctx;
+    if (const S* from = (const S*)ptrs[37]) CS_COPY(b_ds_h, from, (n_B) * (n_H));
+    else CS_ZERO(b_ds_h, (n_B) * (n_H));
+    if (const S* from = (const S*)ptrs[38]) CS_COPY(b_ds_c, from, (n_B) * (n_H));
+    else CS_ZERO(b_ds_c, (n_B) * (n_H));
     // steps per chunk of the work behind them, from the caller (all T on a GPU); dg_W_hi_W_hf_W_hg_W_ho__h holds one chunk
     const int64_t n_ch = dims[4] < 1 ? 1 : dims[4];
     cs_packed<S> pk_W_hi_W_hf_W_hg_W_ho_nn = cs_pack(ctx, 0, n_B, n_H, 4*n_H, w_W_hi_W_hf_W_hg_W_ho, n_H);

@@ -31,8 +31,10 @@
 // <function> is forward (keeps what the backward reads), inference (keeps nothing) or backward: the
 // whole sequence in one call. dims = [T, B, I, H, P]; ptrs = the function's buffers, the stacked
 // weights, then (backward) the gradient of every param, in the order of the comments at each function,
-// and last the per-step batch sizes (variable lengths: a host int64 array of T non-increasing counts,
-// the batch sorted by length, longest first) or NULL (every row runs every step).
+// then the per-step batch sizes (variable lengths: a host int64 array of T non-increasing counts,
+// the batch sorted by length, longest first) or NULL (every row runs every step), and last one [B, size]
+// array per state: its initial value (forward, inference) or its final value's gradient (backward),
+// copied in at the start, or NULL for zeros.
 // Every array inside is dense and row-major; an element function's argument is a pointer and a row
 // stride ld in elements (element [r, j] is ptr[r * ld + j]; ld = 0 broadcasts one row: a vector param).
 // 16-bit storage (__half, __nv_bfloat16) computes in float; parameter gradients are float for them.
@@ -2042,8 +2044,7 @@ extern "C" void lstmp_backward_bwd0_H_f64(int64_t _rows, int64_t _cols, const do
 
 // =============================================================================================
 // lstmp: the whole sequence, forward
-// ptrs: 0 x_x, 1 s_h, 2 s_c, 3 p_b_ii, 4 p_b_hi, 5 p_b_if, 6 p_b_hf, 7 p_b_ig, 8 p_b_hg, 9 p_b_io, 10 p_b_ho, 11 hg_W_ii_W_if_W_ig_W_io__x, 12 g_W_hi_W_hf_W_hg_W_ho__h, 13 v_i, 14 v_f, 15 v_g, 16 v_o, 17 v_W_hr_in, 18 g_W_hr__W_hr_in, 19 weight W_ii_W_if_W_ig_W_io, 20 weight W_hi_W_hf_W_hg_W_ho, 21 weight W_hr, 22 batch sizes (host, or NULL)
-
+// ptrs: 0 x_x, 1 s_h, 2 s_c, 3 p_b_ii, 4 p_b_hi, 5 p_b_if, 6 p_b_hf, 7 p_b_ig, 8 p_b_hg, 9 p_b_io, 10 p_b_ho, 11 hg_W_ii_W_if_W_ig_W_io__x, 12 g_W_hi_W_hf_W_hg_W_ho__h, 13 v_i, 14 v_f, 15 v_g, 16 v_o, 17 v_W_hr_in, 18 g_W_hr__W_hr_in, 19 weight W_ii_W_if_W_ig_W_io, 20 weight W_hi_W_hf_W_hg_W_ho, 21 weight W_hr, 22 batch sizes (host, or NULL), 23 the initial state into s_h (NULL: zeros), 24 the initial state into s_c (NULL: zeros)
 // =============================================================================================
 template <typename S, typename G>
 static int lstmp_forward_run(const int64_t* dims, void* const* ptrs, const cs_ctx* ctx)
@@ -2106,6 +2107,10 @@ static int lstmp_forward_run(const int64_t* dims, void* const* ptrs, const cs_ct
     (void)w_W_hr;
     const int64_t* bs = (const int64_t*)ptrs[22];
     (void)ctx;
+    if (const S* from = (const S*)ptrs[23]) CS_COPY(b_s_h, from, (n_B) * (n_P));
+    else CS_ZERO(b_s_h, (n_B) * (n_P));
+    if (const S* from = (const S*)ptrs[24]) CS_COPY(b_s_c, from, (n_B) * (n_H));
+    else CS_ZERO(b_s_c, (n_B) * (n_H));
     if (bs) {  // rows of ended sequences, which no step writes, are read over all T*B rows
         CS_ZERO(b_v_i, (n_T) * (n_B) * (n_H));
         CS_ZERO(b_v_f, (n_T) * (n_B) * (n_H));
@@ -2181,8 +2186,7 @@ extern "C" int lstmp_forward_f64(const int64_t* dims, void* const* ptrs, const v
 
 // =============================================================================================
 // lstmp: the whole sequence, inference
-// ptrs: 0 x_x, 1 s_h, 2 s_c, 3 p_b_ii, 4 p_b_hi, 5 p_b_if, 6 p_b_hf, 7 p_b_ig, 8 p_b_hg, 9 p_b_io, 10 p_b_ho, 11 hg_W_ii_W_if_W_ig_W_io__x, 12 g_W_hi_W_hf_W_hg_W_ho__h, 13 tmp_W_hr_in, 14 g_W_hr__W_hr_in, 15 weight W_ii_W_if_W_ig_W_io, 16 weight W_hi_W_hf_W_hg_W_ho, 17 weight W_hr, 18 batch sizes (host, or NULL)
-
+// ptrs: 0 x_x, 1 s_h, 2 s_c, 3 p_b_ii, 4 p_b_hi, 5 p_b_if, 6 p_b_hf, 7 p_b_ig, 8 p_b_hg, 9 p_b_io, 10 p_b_ho, 11 hg_W_ii_W_if_W_ig_W_io__x, 12 g_W_hi_W_hf_W_hg_W_ho__h, 13 tmp_W_hr_in, 14 g_W_hr__W_hr_in, 15 weight W_ii_W_if_W_ig_W_io, 16 weight W_hi_W_hf_W_hg_W_ho, 17 weight W_hr, 18 batch sizes (host, or NULL), 19 the initial state into s_h (NULL: zeros), 20 the initial state into s_c (NULL: zeros)
 // =============================================================================================
 template <typename S, typename G>
 static int lstmp_inference_run(const int64_t* dims, void* const* ptrs, const cs_ctx* ctx)
@@ -2237,6 +2241,10 @@ static int lstmp_inference_run(const int64_t* dims, void* const* ptrs, const cs_
     (void)w_W_hr;
     const int64_t* bs = (const int64_t*)ptrs[18];
     (void)ctx;
+    if (const S* from = (const S*)ptrs[19]) CS_COPY(b_s_h, from, (n_B) * (n_P));
+    else CS_ZERO(b_s_h, (n_B) * (n_P));
+    if (const S* from = (const S*)ptrs[20]) CS_COPY(b_s_c, from, (n_B) * (n_H));
+    else CS_ZERO(b_s_c, (n_B) * (n_H));
     // steps per chunk of the work ahead of them, from the caller (all T on a GPU); hg_W_ii_W_if_W_ig_W_io__x holds one chunk
     const int64_t n_ch = dims[5] < 1 ? 1 : dims[5];
     cs_packed<S> pk_W_ii_W_if_W_ig_W_io_nt = cs_pack_if(n_ch < n_T, ctx, 1, n_ch * n_B, 4*n_H, n_I, w_W_ii_W_if_W_ig_W_io, n_I);
@@ -2305,8 +2313,7 @@ extern "C" int lstmp_inference_f64(const int64_t* dims, void* const* ptrs, const
 
 // =============================================================================================
 // lstmp: the whole sequence, backward
-// ptrs: 0 x_x, 1 s_h, 2 s_c, 3 v_i, 4 v_f, 5 v_g, 6 v_o, 7 v_W_hr_in, 8 dout_h_next, 9 ds_h, 10 ds_c, 11 dx_x, 12 dg_W_hi_W_hf_W_hg_W_ho__h, 13 dg_W_hr__W_hr_in, 14 tmp_d_W_hr_in_gemm, 15 dw_W_hi_W_hf_W_hg_W_ho, 16 dw_W_ii_W_if_W_ig_W_io, 17 sum_d_b_ii, 18 sum_d_b_if, 19 sum_d_b_ig, 20 sum_d_b_io, 21 weight W_ii_W_if_W_ig_W_io, 22 weight W_hi_W_hf_W_hg_W_ho, 23 weight W_hr, 24 d W_ii, 25 d W_hi, 26 d b_ii, 27 d b_hi, 28 d W_if, 29 d W_hf, 30 d b_if, 31 d b_hf, 32 d W_ig, 33 d W_hg, 34 d b_ig, 35 d b_hg, 36 d W_io, 37 d W_ho, 38 d b_io, 39 d b_ho, 40 d W_hr, 41 batch sizes (host, or NULL)
-
+// ptrs: 0 x_x, 1 s_h, 2 s_c, 3 v_i, 4 v_f, 5 v_g, 6 v_o, 7 v_W_hr_in, 8 dout_h_next, 9 ds_h, 10 ds_c, 11 dx_x, 12 dg_W_hi_W_hf_W_hg_W_ho__h, 13 dg_W_hr__W_hr_in, 14 tmp_d_W_hr_in_gemm, 15 dw_W_hi_W_hf_W_hg_W_ho, 16 dw_W_ii_W_if_W_ig_W_io, 17 sum_d_b_ii, 18 sum_d_b_if, 19 sum_d_b_ig, 20 sum_d_b_io, 21 weight W_ii_W_if_W_ig_W_io, 22 weight W_hi_W_hf_W_hg_W_ho, 23 weight W_hr, 24 d W_ii, 25 d W_hi, 26 d b_ii, 27 d b_hi, 28 d W_if, 29 d W_hf, 30 d b_if, 31 d b_hf, 32 d W_ig, 33 d W_hg, 34 d b_ig, 35 d b_hg, 36 d W_io, 37 d W_ho, 38 d b_io, 39 d b_ho, 40 d W_hr, 41 batch sizes (host, or NULL), 42 the final state's gradient into ds_h (NULL: zeros), 43 the final state's gradient into ds_c (NULL: zeros)
 // =============================================================================================
 template <typename S, typename G>
 static int lstmp_backward_run(const int64_t* dims, void* const* ptrs, const cs_ctx* ctx)
@@ -2407,6 +2414,10 @@ static int lstmp_backward_run(const int64_t* dims, void* const* ptrs, const cs_c
     (void)g_W_hr;
     const int64_t* bs = (const int64_t*)ptrs[41];
     (void)ctx;
+    if (const S* from = (const S*)ptrs[42]) CS_COPY(b_ds_h, from, (n_B) * (n_P));
+    else CS_ZERO(b_ds_h, (n_B) * (n_P));
+    if (const S* from = (const S*)ptrs[43]) CS_COPY(b_ds_c, from, (n_B) * (n_H));
+    else CS_ZERO(b_ds_c, (n_B) * (n_H));
     // steps per chunk of the work behind them, from the caller (all T on a GPU); dg_W_hi_W_hf_W_hg_W_ho__h, dg_W_hr__W_hr_in hold one chunk
     const int64_t n_ch = dims[5] < 1 ? 1 : dims[5];
     cs_packed<S> pk_W_hr_nn = cs_pack(ctx, 0, n_B, n_H, n_P, w_W_hr, n_H);

@@ -23,8 +23,10 @@
 // <function> is forward (keeps what the backward reads), inference (keeps nothing) or backward: the
 // whole sequence in one call. dims = [T, B, I, H]; ptrs = the function's buffers, the stacked
 // weights, then (backward) the gradient of every param, in the order of the comments at each function,
-// and last the per-step batch sizes (variable lengths: a host int64 array of T non-increasing counts,
-// the batch sorted by length, longest first) or NULL (every row runs every step).
+// then the per-step batch sizes (variable lengths: a host int64 array of T non-increasing counts,
+// the batch sorted by length, longest first) or NULL (every row runs every step), and last one [B, size]
+// array per state: its initial value (forward, inference) or its final value's gradient (backward),
+// copied in at the start, or NULL for zeros.
 // Every array inside is dense and row-major; an element function's argument is a pointer and a row
 // stride ld in elements (element [r, j] is ptr[r * ld + j]; ld = 0 broadcasts one row: a vector param).
 // 16-bit storage (__half, __nv_bfloat16) computes in float; parameter gradients are float for them.
@@ -1902,8 +1904,7 @@ extern "C" void mgu_backward_bwd0_H_f64(int64_t _rows, int64_t _cols, const doub
 
 // =============================================================================================
 // mgu: the whole sequence, forward
-// ptrs: 0 x_x, 1 s_h, 2 p_b_f, 3 p_b_h, 4 hg_W_f_W_h__x, 5 g_U_f__h, 6 v_f, 7 v_U_h_in, 8 g_U_h__U_h_in, 9 v_h_tilde, 10 weight W_f_W_h, 11 weight U_f, 12 weight U_h, 13 batch sizes (host, or NULL)
-
+// ptrs: 0 x_x, 1 s_h, 2 p_b_f, 3 p_b_h, 4 hg_W_f_W_h__x, 5 g_U_f__h, 6 v_f, 7 v_U_h_in, 8 g_U_h__U_h_in, 9 v_h_tilde, 10 weight W_f_W_h, 11 weight U_f, 12 weight U_h, 13 batch sizes (host, or NULL), 14 the initial state into s_h (NULL: zeros)
 // =============================================================================================
 template <typename S, typename G>
 static int mgu_forward_run(const int64_t* dims, void* const* ptrs, const cs_ctx* ctx)
@@ -1946,6 +1947,8 @@ static int mgu_forward_run(const int64_t* dims, void* const* ptrs, const cs_ctx*
     (void)w_U_h;
     const int64_t* bs = (const int64_t*)ptrs[13];
     (void)ctx;
+    if (const S* from = (const S*)ptrs[14]) CS_COPY(b_s_h, from, (n_B) * (n_H));
+    else CS_ZERO(b_s_h, (n_B) * (n_H));
     if (bs) {  // rows of ended sequences, which no step writes, are read over all T*B rows
         CS_ZERO(b_v_f, (n_T) * (n_B) * (n_H));
         CS_ZERO(b_v_U_h_in, (n_T) * (n_B) * (n_H));
@@ -2017,8 +2020,7 @@ extern "C" int mgu_forward_f64(const int64_t* dims, void* const* ptrs, const voi
 
 // =============================================================================================
 // mgu: the whole sequence, inference
-// ptrs: 0 x_x, 1 s_h, 2 p_b_f, 3 p_b_h, 4 hg_W_f_W_h__x, 5 g_U_f__h, 6 tmp_f, 7 tmp_U_h_in, 8 g_U_h__U_h_in, 9 weight W_f_W_h, 10 weight U_f, 11 weight U_h, 12 batch sizes (host, or NULL)
-
+// ptrs: 0 x_x, 1 s_h, 2 p_b_f, 3 p_b_h, 4 hg_W_f_W_h__x, 5 g_U_f__h, 6 tmp_f, 7 tmp_U_h_in, 8 g_U_h__U_h_in, 9 weight W_f_W_h, 10 weight U_f, 11 weight U_h, 12 batch sizes (host, or NULL), 13 the initial state into s_h (NULL: zeros)
 // =============================================================================================
 template <typename S, typename G>
 static int mgu_inference_run(const int64_t* dims, void* const* ptrs, const cs_ctx* ctx)
@@ -2059,6 +2061,8 @@ static int mgu_inference_run(const int64_t* dims, void* const* ptrs, const cs_ct
     (void)w_U_h;
     const int64_t* bs = (const int64_t*)ptrs[12];
     (void)ctx;
+    if (const S* from = (const S*)ptrs[13]) CS_COPY(b_s_h, from, (n_B) * (n_H));
+    else CS_ZERO(b_s_h, (n_B) * (n_H));
     // steps per chunk of the work ahead of them, from the caller (all T on a GPU); hg_W_f_W_h__x holds one chunk
     const int64_t n_ch = dims[4] < 1 ? 1 : dims[4];
     cs_packed<S> pk_W_f_W_h_nt = cs_pack_if(n_ch < n_T, ctx, 1, n_ch * n_B, 2*n_H, n_I, w_W_f_W_h, n_I);
@@ -2125,8 +2129,7 @@ extern "C" int mgu_inference_f64(const int64_t* dims, void* const* ptrs, const v
 
 // =============================================================================================
 // mgu: the whole sequence, backward
-// ptrs: 0 x_x, 1 s_h, 2 v_f, 3 v_U_h_in, 4 v_h_tilde, 5 dout_h_next, 6 ds_h, 7 dx_x, 8 dgs_W_f_W_h__x, 9 tmp_d_U_h_in_gemm, 10 tmp_d_h_next, 11 dw_W_f_W_h, 12 weight W_f_W_h, 13 weight U_f, 14 weight U_h, 15 d W_f, 16 d U_f, 17 d b_f, 18 d W_h, 19 d U_h, 20 d b_h, 21 batch sizes (host, or NULL)
-
+// ptrs: 0 x_x, 1 s_h, 2 v_f, 3 v_U_h_in, 4 v_h_tilde, 5 dout_h_next, 6 ds_h, 7 dx_x, 8 dgs_W_f_W_h__x, 9 tmp_d_U_h_in_gemm, 10 tmp_d_h_next, 11 dw_W_f_W_h, 12 weight W_f_W_h, 13 weight U_f, 14 weight U_h, 15 d W_f, 16 d U_f, 17 d b_f, 18 d W_h, 19 d U_h, 20 d b_h, 21 batch sizes (host, or NULL), 22 the final state's gradient into ds_h (NULL: zeros)
 // =============================================================================================
 template <typename S, typename G>
 static int mgu_backward_run(const int64_t* dims, void* const* ptrs, const cs_ctx* ctx)
@@ -2185,6 +2188,8 @@ static int mgu_backward_run(const int64_t* dims, void* const* ptrs, const cs_ctx
     (void)g_b_h;
     const int64_t* bs = (const int64_t*)ptrs[21];
     (void)ctx;
+    if (const S* from = (const S*)ptrs[22]) CS_COPY(b_ds_h, from, (n_B) * (n_H));
+    else CS_ZERO(b_ds_h, (n_B) * (n_H));
     // steps per chunk of the work behind them, from the caller (all T on a GPU); dgs_W_f_W_h__x holds one chunk
     const int64_t n_ch = dims[4] < 1 ? 1 : dims[4];
     cs_packed<S> pk_U_h_nn = cs_pack(ctx, 0, n_B, n_H, n_H, w_U_h, n_H);

@@ -28,8 +28,10 @@
 // <function> is forward (keeps what the backward reads), inference (keeps nothing) or backward: the
 // whole sequence in one call. dims = [T, B, I, H]; ptrs = the function's buffers, the stacked
 // weights, then (backward) the gradient of every param, in the order of the comments at each function,
-// and last the per-step batch sizes (variable lengths: a host int64 array of T non-increasing counts,
-// the batch sorted by length, longest first) or NULL (every row runs every step).
+// then the per-step batch sizes (variable lengths: a host int64 array of T non-increasing counts,
+// the batch sorted by length, longest first) or NULL (every row runs every step), and last one [B, size]
+// array per state: its initial value (forward, inference) or its final value's gradient (backward),
+// copied in at the start, or NULL for zeros.
 // Every array inside is dense and row-major; an element function's argument is a pointer and a row
 // stride ld in elements (element [r, j] is ptr[r * ld + j]; ld = 0 broadcasts one row: a vector param).
 // 16-bit storage (__half, __nv_bfloat16) computes in float; parameter gradients are float for them.
@@ -1838,8 +1840,7 @@ extern "C" void peephole_lstm_backward_bwd0_H_f64(int64_t _rows, int64_t _cols, 
 
 // =============================================================================================
 // peephole_lstm: the whole sequence, forward
-// ptrs: 0 x_x, 1 s_h, 2 s_c, 3 p_p_i, 4 p_b_i, 5 p_p_f, 6 p_b_f, 7 p_b_g, 8 p_p_o, 9 p_b_o, 10 hg_W_ii_W_if_W_ig_W_io__x, 11 g_W_hi_W_hf_W_hg_W_ho__h, 12 v_i, 13 v_f, 14 v_g, 15 v_o, 16 weight W_ii_W_if_W_ig_W_io, 17 weight W_hi_W_hf_W_hg_W_ho, 18 batch sizes (host, or NULL)
-
+// ptrs: 0 x_x, 1 s_h, 2 s_c, 3 p_p_i, 4 p_b_i, 5 p_p_f, 6 p_b_f, 7 p_b_g, 8 p_p_o, 9 p_b_o, 10 hg_W_ii_W_if_W_ig_W_io__x, 11 g_W_hi_W_hf_W_hg_W_ho__h, 12 v_i, 13 v_f, 14 v_g, 15 v_o, 16 weight W_ii_W_if_W_ig_W_io, 17 weight W_hi_W_hf_W_hg_W_ho, 18 batch sizes (host, or NULL), 19 the initial state into s_h (NULL: zeros), 20 the initial state into s_c (NULL: zeros)
 // =============================================================================================
 template <typename S, typename G>
 static int peephole_lstm_forward_run(const int64_t* dims, void* const* ptrs, const cs_ctx* ctx)
@@ -1892,6 +1893,10 @@ static int peephole_lstm_forward_run(const int64_t* dims, void* const* ptrs, con
     (void)w_W_hi_W_hf_W_hg_W_ho;
     const int64_t* bs = (const int64_t*)ptrs[18];
     (void)ctx;
+    if (const S* from = (const S*)ptrs[19]) CS_COPY(b_s_h, from, (n_B) * (n_H));
+    else CS_ZERO(b_s_h, (n_B) * (n_H));
+    if (const S* from = (const S*)ptrs[20]) CS_COPY(b_s_c, from, (n_B) * (n_H));
+    else CS_ZERO(b_s_c, (n_B) * (n_H));
     if (bs) {  // rows of ended sequences, which no step writes, are read over all T*B rows
         CS_ZERO(b_v_i, (n_T) * (n_B) * (n_H));
         CS_ZERO(b_v_f, (n_T) * (n_B) * (n_H));
@@ -1960,8 +1965,7 @@ extern "C" int peephole_lstm_forward_f64(const int64_t* dims, void* const* ptrs,
 
 // =============================================================================================
 // peephole_lstm: the whole sequence, inference
-// ptrs: 0 x_x, 1 s_h, 2 s_c, 3 p_p_i, 4 p_b_i, 5 p_p_f, 6 p_b_f, 7 p_b_g, 8 p_p_o, 9 p_b_o, 10 hg_W_ii_W_if_W_ig_W_io__x, 11 g_W_hi_W_hf_W_hg_W_ho__h, 12 weight W_ii_W_if_W_ig_W_io, 13 weight W_hi_W_hf_W_hg_W_ho, 14 batch sizes (host, or NULL)
-
+// ptrs: 0 x_x, 1 s_h, 2 s_c, 3 p_p_i, 4 p_b_i, 5 p_p_f, 6 p_b_f, 7 p_b_g, 8 p_p_o, 9 p_b_o, 10 hg_W_ii_W_if_W_ig_W_io__x, 11 g_W_hi_W_hf_W_hg_W_ho__h, 12 weight W_ii_W_if_W_ig_W_io, 13 weight W_hi_W_hf_W_hg_W_ho, 14 batch sizes (host, or NULL), 15 the initial state into s_h (NULL: zeros), 16 the initial state into s_c (NULL: zeros)
 // =============================================================================================
 template <typename S, typename G>
 static int peephole_lstm_inference_run(const int64_t* dims, void* const* ptrs, const cs_ctx* ctx)
@@ -2006,6 +2010,10 @@ static int peephole_lstm_inference_run(const int64_t* dims, void* const* ptrs, c
     (void)w_W_hi_W_hf_W_hg_W_ho;
     const int64_t* bs = (const int64_t*)ptrs[14];
     (void)ctx;
+    if (const S* from = (const S*)ptrs[15]) CS_COPY(b_s_h, from, (n_B) * (n_H));
+    else CS_ZERO(b_s_h, (n_B) * (n_H));
+    if (const S* from = (const S*)ptrs[16]) CS_COPY(b_s_c, from, (n_B) * (n_H));
+    else CS_ZERO(b_s_c, (n_B) * (n_H));
     // steps per chunk of the work ahead of them, from the caller (all T on a GPU); hg_W_ii_W_if_W_ig_W_io__x holds one chunk
     const int64_t n_ch = dims[4] < 1 ? 1 : dims[4];
     cs_packed<S> pk_W_ii_W_if_W_ig_W_io_nt = cs_pack_if(n_ch < n_T, ctx, 1, n_ch * n_B, 4*n_H, n_I, w_W_ii_W_if_W_ig_W_io, n_I);
@@ -2068,8 +2076,7 @@ extern "C" int peephole_lstm_inference_f64(const int64_t* dims, void* const* ptr
 
 // =============================================================================================
 // peephole_lstm: the whole sequence, backward
-// ptrs: 0 x_x, 1 s_h, 2 s_c, 3 p_p_i, 4 p_p_f, 5 p_p_o, 6 v_i, 7 v_f, 8 v_g, 9 v_o, 10 dout_h_next, 11 ds_h, 12 ds_c, 13 dx_x, 14 dp_p_i, 15 dp_p_f, 16 dp_p_o, 17 dg_W_hi_W_hf_W_hg_W_ho__h, 18 dw_W_hi_W_hf_W_hg_W_ho, 19 dw_W_ii_W_if_W_ig_W_io, 20 weight W_ii_W_if_W_ig_W_io, 21 weight W_hi_W_hf_W_hg_W_ho, 22 d W_ii, 23 d W_hi, 24 d p_i, 25 d b_i, 26 d W_if, 27 d W_hf, 28 d p_f, 29 d b_f, 30 d W_ig, 31 d W_hg, 32 d b_g, 33 d W_io, 34 d W_ho, 35 d p_o, 36 d b_o, 37 batch sizes (host, or NULL)
-
+// ptrs: 0 x_x, 1 s_h, 2 s_c, 3 p_p_i, 4 p_p_f, 5 p_p_o, 6 v_i, 7 v_f, 8 v_g, 9 v_o, 10 dout_h_next, 11 ds_h, 12 ds_c, 13 dx_x, 14 dp_p_i, 15 dp_p_f, 16 dp_p_o, 17 dg_W_hi_W_hf_W_hg_W_ho__h, 18 dw_W_hi_W_hf_W_hg_W_ho, 19 dw_W_ii_W_if_W_ig_W_io, 20 weight W_ii_W_if_W_ig_W_io, 21 weight W_hi_W_hf_W_hg_W_ho, 22 d W_ii, 23 d W_hi, 24 d p_i, 25 d b_i, 26 d W_if, 27 d W_hf, 28 d p_f, 29 d b_f, 30 d W_ig, 31 d W_hg, 32 d b_g, 33 d W_io, 34 d W_ho, 35 d p_o, 36 d b_o, 37 batch sizes (host, or NULL), 38 the final state's gradient into ds_h (NULL: zeros), 39 the final state's gradient into ds_c (NULL: zeros)
 // =============================================================================================
 template <typename S, typename G>
 static int peephole_lstm_backward_run(const int64_t* dims, void* const* ptrs, const cs_ctx* ctx)
@@ -2160,6 +2167,10 @@ static int peephole_lstm_backward_run(const int64_t* dims, void* const* ptrs, co
     (void)g_b_o;
     const int64_t* bs = (const int64_t*)ptrs[37];
     (void)ctx;
+    if (const S* from = (const S*)ptrs[38]) CS_COPY(b_ds_h, from, (n_B) * (n_H));
+    else CS_ZERO(b_ds_h, (n_B) * (n_H));
+    if (const S* from = (const S*)ptrs[39]) CS_COPY(b_ds_c, from, (n_B) * (n_H));
+    else CS_ZERO(b_ds_c, (n_B) * (n_H));
     if (bs) {  // rows of ended sequences, which no step writes, are read over all T*B rows
         CS_ZERO(b_dp_p_i, (n_T) * (n_B) * (n_H));
         CS_ZERO(b_dp_p_f, (n_T) * (n_B) * (n_H));

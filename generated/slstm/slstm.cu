@@ -33,8 +33,10 @@
 // <function> is forward (keeps what the backward reads), inference (keeps nothing) or backward: the
 // whole sequence in one call. dims = [T, B, I, H]; ptrs = the function's buffers, the stacked
 // weights, then (backward) the gradient of every param, in the order of the comments at each function,
-// and last the per-step batch sizes (variable lengths: a host int64 array of T non-increasing counts,
-// the batch sorted by length, longest first) or NULL (every row runs every step).
+// then the per-step batch sizes (variable lengths: a host int64 array of T non-increasing counts,
+// the batch sorted by length, longest first) or NULL (every row runs every step), and last one [B, size]
+// array per state: its initial value (forward, inference) or its final value's gradient (backward),
+// copied in at the start, or NULL for zeros.
 // Every array inside is dense and row-major; an element function's argument is a pointer and a row
 // stride ld in elements (element [r, j] is ptr[r * ld + j]; ld = 0 broadcasts one row: a vector param).
 // 16-bit storage (__half, __nv_bfloat16) computes in float; parameter gradients are float for them.
@@ -1867,8 +1869,7 @@ extern "C" void slstm_backward_bwd0_H_f64(int64_t _rows, int64_t _cols, const do
 
 // =============================================================================================
 // slstm: the whole sequence, forward
-// ptrs: 0 x_x, 1 s_h, 2 s_c, 3 s_n, 4 s_m, 5 p_b_z, 6 p_b_i, 7 p_b_f, 8 p_b_o, 9 hg_W_z_W_i_W_f_W_o__x, 10 g_R_z_R_i_R_f_R_o__h, 11 v_z, 12 v_it, 13 v_ft, 14 v_o, 15 v_i, 16 v_f, 17 weight W_z_W_i_W_f_W_o, 18 weight R_z_R_i_R_f_R_o, 19 batch sizes (host, or NULL)
-
+// ptrs: 0 x_x, 1 s_h, 2 s_c, 3 s_n, 4 s_m, 5 p_b_z, 6 p_b_i, 7 p_b_f, 8 p_b_o, 9 hg_W_z_W_i_W_f_W_o__x, 10 g_R_z_R_i_R_f_R_o__h, 11 v_z, 12 v_it, 13 v_ft, 14 v_o, 15 v_i, 16 v_f, 17 weight W_z_W_i_W_f_W_o, 18 weight R_z_R_i_R_f_R_o, 19 batch sizes (host, or NULL), 20 the initial state into s_h (NULL: zeros), 21 the initial state into s_c (NULL: zeros), 22 the initial state into s_n (NULL: zeros), 23 the initial state into s_m (NULL: zeros)
 // =============================================================================================
 template <typename S, typename G>
 static int slstm_forward_run(const int64_t* dims, void* const* ptrs, const cs_ctx* ctx)
@@ -1923,6 +1924,14 @@ static int slstm_forward_run(const int64_t* dims, void* const* ptrs, const cs_ct
     (void)w_R_z_R_i_R_f_R_o;
     const int64_t* bs = (const int64_t*)ptrs[19];
     (void)ctx;
+    if (const S* from = (const S*)ptrs[20]) CS_COPY(b_s_h, from, (n_B) * (n_H));
+    else CS_ZERO(b_s_h, (n_B) * (n_H));
+    if (const S* from = (const S*)ptrs[21]) CS_COPY(b_s_c, from, (n_B) * (n_H));
+    else CS_ZERO(b_s_c, (n_B) * (n_H));
+    if (const S* from = (const S*)ptrs[22]) CS_COPY(b_s_n, from, (n_B) * (n_H));
+    else CS_ZERO(b_s_n, (n_B) * (n_H));
+    if (const S* from = (const S*)ptrs[23]) CS_COPY(b_s_m, from, (n_B) * (n_H));
+    else CS_ZERO(b_s_m, (n_B) * (n_H));
     if (bs) {  // rows of ended sequences, which no step writes, are read over all T*B rows
         CS_ZERO(b_v_z, (n_T) * (n_B) * (n_H));
         CS_ZERO(b_v_it, (n_T) * (n_B) * (n_H));
@@ -1997,8 +2006,7 @@ extern "C" int slstm_forward_f64(const int64_t* dims, void* const* ptrs, const v
 
 // =============================================================================================
 // slstm: the whole sequence, inference
-// ptrs: 0 x_x, 1 s_h, 2 s_c, 3 s_n, 4 s_m, 5 p_b_z, 6 p_b_i, 7 p_b_f, 8 p_b_o, 9 hg_W_z_W_i_W_f_W_o__x, 10 g_R_z_R_i_R_f_R_o__h, 11 weight W_z_W_i_W_f_W_o, 12 weight R_z_R_i_R_f_R_o, 13 batch sizes (host, or NULL)
-
+// ptrs: 0 x_x, 1 s_h, 2 s_c, 3 s_n, 4 s_m, 5 p_b_z, 6 p_b_i, 7 p_b_f, 8 p_b_o, 9 hg_W_z_W_i_W_f_W_o__x, 10 g_R_z_R_i_R_f_R_o__h, 11 weight W_z_W_i_W_f_W_o, 12 weight R_z_R_i_R_f_R_o, 13 batch sizes (host, or NULL), 14 the initial state into s_h (NULL: zeros), 15 the initial state into s_c (NULL: zeros), 16 the initial state into s_n (NULL: zeros), 17 the initial state into s_m (NULL: zeros)
 // =============================================================================================
 template <typename S, typename G>
 static int slstm_inference_run(const int64_t* dims, void* const* ptrs, const cs_ctx* ctx)
@@ -2041,6 +2049,14 @@ static int slstm_inference_run(const int64_t* dims, void* const* ptrs, const cs_
     (void)w_R_z_R_i_R_f_R_o;
     const int64_t* bs = (const int64_t*)ptrs[13];
     (void)ctx;
+    if (const S* from = (const S*)ptrs[14]) CS_COPY(b_s_h, from, (n_B) * (n_H));
+    else CS_ZERO(b_s_h, (n_B) * (n_H));
+    if (const S* from = (const S*)ptrs[15]) CS_COPY(b_s_c, from, (n_B) * (n_H));
+    else CS_ZERO(b_s_c, (n_B) * (n_H));
+    if (const S* from = (const S*)ptrs[16]) CS_COPY(b_s_n, from, (n_B) * (n_H));
+    else CS_ZERO(b_s_n, (n_B) * (n_H));
+    if (const S* from = (const S*)ptrs[17]) CS_COPY(b_s_m, from, (n_B) * (n_H));
+    else CS_ZERO(b_s_m, (n_B) * (n_H));
     // steps per chunk of the work ahead of them, from the caller (all T on a GPU); hg_W_z_W_i_W_f_W_o__x holds one chunk
     const int64_t n_ch = dims[4] < 1 ? 1 : dims[4];
     cs_packed<S> pk_W_z_W_i_W_f_W_o_nt = cs_pack_if(n_ch < n_T, ctx, 1, n_ch * n_B, 4*n_H, n_I, w_W_z_W_i_W_f_W_o, n_I);
@@ -2107,8 +2123,7 @@ extern "C" int slstm_inference_f64(const int64_t* dims, void* const* ptrs, const
 
 // =============================================================================================
 // slstm: the whole sequence, backward
-// ptrs: 0 x_x, 1 s_h, 2 s_c, 3 s_n, 4 s_m, 5 v_z, 6 v_it, 7 v_ft, 8 v_o, 9 v_i, 10 v_f, 11 dout_h_next, 12 ds_h, 13 ds_c, 14 ds_n, 15 ds_m, 16 dx_x, 17 dg_R_z_R_i_R_f_R_o__h, 18 dw_R_z_R_i_R_f_R_o, 19 dw_W_z_W_i_W_f_W_o, 20 weight W_z_W_i_W_f_W_o, 21 weight R_z_R_i_R_f_R_o, 22 d W_z, 23 d R_z, 24 d b_z, 25 d W_i, 26 d R_i, 27 d b_i, 28 d W_f, 29 d R_f, 30 d b_f, 31 d W_o, 32 d R_o, 33 d b_o, 34 batch sizes (host, or NULL)
-
+// ptrs: 0 x_x, 1 s_h, 2 s_c, 3 s_n, 4 s_m, 5 v_z, 6 v_it, 7 v_ft, 8 v_o, 9 v_i, 10 v_f, 11 dout_h_next, 12 ds_h, 13 ds_c, 14 ds_n, 15 ds_m, 16 dx_x, 17 dg_R_z_R_i_R_f_R_o__h, 18 dw_R_z_R_i_R_f_R_o, 19 dw_W_z_W_i_W_f_W_o, 20 weight W_z_W_i_W_f_W_o, 21 weight R_z_R_i_R_f_R_o, 22 d W_z, 23 d R_z, 24 d b_z, 25 d W_i, 26 d R_i, 27 d b_i, 28 d W_f, 29 d R_f, 30 d b_f, 31 d W_o, 32 d R_o, 33 d b_o, 34 batch sizes (host, or NULL), 35 the final state's gradient into ds_h (NULL: zeros), 36 the final state's gradient into ds_c (NULL: zeros), 37 the final state's gradient into ds_n (NULL: zeros), 38 the final state's gradient into ds_m (NULL: zeros)
 // =============================================================================================
 template <typename S, typename G>
 static int slstm_backward_run(const int64_t* dims, void* const* ptrs, const cs_ctx* ctx)
@@ -2193,6 +2208,14 @@ static int slstm_backward_run(const int64_t* dims, void* const* ptrs, const cs_c
     (void)g_b_o;
     const int64_t* bs = (const int64_t*)ptrs[34];
     (void)ctx;
+    if (const S* from = (const S*)ptrs[35]) CS_COPY(b_ds_h, from, (n_B) * (n_H));
+    else CS_ZERO(b_ds_h, (n_B) * (n_H));
+    if (const S* from = (const S*)ptrs[36]) CS_COPY(b_ds_c, from, (n_B) * (n_H));
+    else CS_ZERO(b_ds_c, (n_B) * (n_H));
+    if (const S* from = (const S*)ptrs[37]) CS_COPY(b_ds_n, from, (n_B) * (n_H));
+    else CS_ZERO(b_ds_n, (n_B) * (n_H));
+    if (const S* from = (const S*)ptrs[38]) CS_COPY(b_ds_m, from, (n_B) * (n_H));
+    else CS_ZERO(b_ds_m, (n_B) * (n_H));
     // steps per chunk of the work behind them, from the caller (all T on a GPU); dg_R_z_R_i_R_f_R_o__h holds one chunk
     const int64_t n_ch = dims[4] < 1 ? 1 : dims[4];
     cs_packed<S> pk_R_z_R_i_R_f_R_o_nn = cs_pack(ctx, 0, n_B, n_H, 4*n_H, w_R_z_R_i_R_f_R_o, n_H);

@@ -26,8 +26,10 @@
 // <function> is forward (keeps what the backward reads), inference (keeps nothing) or backward: the
 // whole sequence in one call. dims = [T, B, I, H]; ptrs = the function's buffers, the stacked
 // weights, then (backward) the gradient of every param, in the order of the comments at each function,
-// and last the per-step batch sizes (variable lengths: a host int64 array of T non-increasing counts,
-// the batch sorted by length, longest first) or NULL (every row runs every step).
+// then the per-step batch sizes (variable lengths: a host int64 array of T non-increasing counts,
+// the batch sorted by length, longest first) or NULL (every row runs every step), and last one [B, size]
+// array per state: its initial value (forward, inference) or its final value's gradient (backward),
+// copied in at the start, or NULL for zeros.
 // Every array inside is dense and row-major; an element function's argument is a pointer and a row
 // stride ld in elements (element [r, j] is ptr[r * ld + j]; ld = 0 broadcasts one row: a vector param).
 // 16-bit storage (__half, __nv_bfloat16) computes in float; parameter gradients are float for them.
@@ -1702,8 +1704,7 @@ extern "C" void sru_backward_bwd0_H_f64(int64_t _rows, int64_t _cols, const doub
 
 // =============================================================================================
 // sru: the whole sequence, forward
-// ptrs: 0 x_x, 1 s_c, 2 p_v_f, 3 p_b_f, 4 p_v_r, 5 p_b_r, 6 hg_W_f_W_W_r_W_s__x, 7 v_f, 8 v_r, 9 v_h, 10 weight W_f_W_W_r_W_s, 11 batch sizes (host, or NULL)
-
+// ptrs: 0 x_x, 1 s_c, 2 p_v_f, 3 p_b_f, 4 p_v_r, 5 p_b_r, 6 hg_W_f_W_W_r_W_s__x, 7 v_f, 8 v_r, 9 v_h, 10 weight W_f_W_W_r_W_s, 11 batch sizes (host, or NULL), 12 the initial state into s_c (NULL: zeros)
 // =============================================================================================
 template <typename S, typename G>
 static int sru_forward_run(const int64_t* dims, void* const* ptrs, const cs_ctx* ctx)
@@ -1742,6 +1743,8 @@ static int sru_forward_run(const int64_t* dims, void* const* ptrs, const cs_ctx*
     (void)w_W_f_W_W_r_W_s;
     const int64_t* bs = (const int64_t*)ptrs[11];
     (void)ctx;
+    if (const S* from = (const S*)ptrs[12]) CS_COPY(b_s_c, from, (n_B) * (n_H));
+    else CS_ZERO(b_s_c, (n_B) * (n_H));
     if (bs) {  // rows of ended sequences, which no step writes, are read over all T*B rows
         CS_ZERO(b_v_f, (n_T) * (n_B) * (n_H));
         CS_ZERO(b_v_r, (n_T) * (n_B) * (n_H));
@@ -1798,8 +1801,7 @@ extern "C" int sru_forward_f64(const int64_t* dims, void* const* ptrs, const voi
 
 // =============================================================================================
 // sru: the whole sequence, inference
-// ptrs: 0 x_x, 1 s_c, 2 p_v_f, 3 p_b_f, 4 p_v_r, 5 p_b_r, 6 hg_W_f_W_W_r_W_s__x, 7 v_h, 8 weight W_f_W_W_r_W_s, 9 batch sizes (host, or NULL)
-
+// ptrs: 0 x_x, 1 s_c, 2 p_v_f, 3 p_b_f, 4 p_v_r, 5 p_b_r, 6 hg_W_f_W_W_r_W_s__x, 7 v_h, 8 weight W_f_W_W_r_W_s, 9 batch sizes (host, or NULL), 10 the initial state into s_c (NULL: zeros)
 // =============================================================================================
 template <typename S, typename G>
 static int sru_inference_run(const int64_t* dims, void* const* ptrs, const cs_ctx* ctx)
@@ -1834,6 +1836,8 @@ static int sru_inference_run(const int64_t* dims, void* const* ptrs, const cs_ct
     (void)w_W_f_W_W_r_W_s;
     const int64_t* bs = (const int64_t*)ptrs[9];
     (void)ctx;
+    if (const S* from = (const S*)ptrs[10]) CS_COPY(b_s_c, from, (n_B) * (n_H));
+    else CS_ZERO(b_s_c, (n_B) * (n_H));
     if (bs) {  // rows of ended sequences, which no step writes, are read over all T*B rows
         CS_ZERO(b_v_h, (n_T) * (n_B) * (n_H));
     }
@@ -1888,8 +1892,7 @@ extern "C" int sru_inference_f64(const int64_t* dims, void* const* ptrs, const v
 
 // =============================================================================================
 // sru: the whole sequence, backward
-// ptrs: 0 x_x, 1 s_c, 2 p_v_f, 3 p_v_r, 4 hg_W_f_W_W_r_W_s__x, 5 v_f, 6 v_r, 7 dout_h, 8 ds_c, 9 dx_x, 10 dp_v_f, 11 dp_v_r, 12 dhg_W_f_W_W_r_W_s__x, 13 dw_W_f_W_W_r_W_s, 14 weight W_f_W_W_r_W_s, 15 d W, 16 d W_f, 17 d v_f, 18 d b_f, 19 d W_r, 20 d v_r, 21 d b_r, 22 d W_s, 23 batch sizes (host, or NULL)
-
+// ptrs: 0 x_x, 1 s_c, 2 p_v_f, 3 p_v_r, 4 hg_W_f_W_W_r_W_s__x, 5 v_f, 6 v_r, 7 dout_h, 8 ds_c, 9 dx_x, 10 dp_v_f, 11 dp_v_r, 12 dhg_W_f_W_W_r_W_s__x, 13 dw_W_f_W_W_r_W_s, 14 weight W_f_W_W_r_W_s, 15 d W, 16 d W_f, 17 d v_f, 18 d b_f, 19 d W_r, 20 d v_r, 21 d b_r, 22 d W_s, 23 batch sizes (host, or NULL), 24 the final state's gradient into ds_c (NULL: zeros)
 // =============================================================================================
 template <typename S, typename G>
 static int sru_backward_run(const int64_t* dims, void* const* ptrs, const cs_ctx* ctx)
@@ -1952,6 +1955,8 @@ static int sru_backward_run(const int64_t* dims, void* const* ptrs, const cs_ctx
     (void)g_W_s;
     const int64_t* bs = (const int64_t*)ptrs[23];
     (void)ctx;
+    if (const S* from = (const S*)ptrs[24]) CS_COPY(b_ds_c, from, (n_B) * (n_H));
+    else CS_ZERO(b_ds_c, (n_B) * (n_H));
     if (bs) {  // rows of ended sequences, which no step writes, are read over all T*B rows
         CS_ZERO(b_dp_v_f, (n_T) * (n_B) * (n_H));
         CS_ZERO(b_dp_v_r, (n_T) * (n_B) * (n_H));

@@ -750,7 +750,7 @@ def _native_library(x, state, params, required=None):
         problem = "it needs CUDA tensors (backend='fused' runs the same kernels on the CPU)"
     elif required == "fused" and device.type != "cpu":
         problem = "it runs on CPU tensors (backend='cuda' runs the kernels on the GPU)"
-    elif any(t.dtype != dtype or t.device != device for t in (*state, *params.values())):
+    elif any(t is not None and (t.dtype != dtype or t.device != device) for t in (*state, *params.values())):
         problem = f"all tensors must have one dtype and device ({dtype} on {device} and others)"
     elif required is None and (torch.compiler.is_compiling() or x.shape[0] < MIN_NATIVE_STEPS):
         return None
@@ -787,10 +787,12 @@ class _NativeSequence(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, lib, bs, *args):
-        """bs: per-step batch sizes (a CPU int64 tensor) or None; then inputs, states, params."""
+        """bs: per-step batch sizes (a CPU int64 tensor) or None; then inputs, states (None: zeros),
+        params."""
         _xs, _states, _plist = args[:_N_IN], args[_N_IN : _N_IN + _N_STATE], args[_N_IN + _N_STATE :]
         _outputs, _finals, _saved = _native_forward(lib, _xs, _states, dict(zip(_PARAM_NAMES, _plist)), bs)
         ctx.lib, ctx.bs = lib, bs
+        ctx.set_materialize_grads(False)  # an unused result's gradient stays None: zeros in the library
         ctx.save_for_backward(*args, *_saved)
         return (*_outputs, *_finals)
 
@@ -798,25 +800,30 @@ class _NativeSequence(torch.autograd.Function):
     def backward(ctx, *grads):
         _t = ctx.saved_tensors
         _n = _N_IN + _N_STATE + len(_PARAM_NAMES)
+        _given = [s is not None for s in _t[_N_IN : _N_IN + _N_STATE]]  # a state passed as None has no gradient
         if torch.is_grad_enabled():  # create_graph=True: the program's backward in recorded ops
             if ctx.bs is not None:
                 raise NotImplementedError(f"{CELL}: double backward (create_graph=True) with lengths= or a PackedSequence is not supported; pad the batch instead")
-            return (None, None, *_differentiable_gradients(_t[:_n], None, grads[:_N_OUT], grads[_N_OUT:]))
+            _g = _differentiable_gradients(_t[:_n], None, grads[:_N_OUT], grads[_N_OUT:])
+            _d_states = [d if given else None for d, given in zip(_g[_N_IN : _N_IN + _N_STATE], _given)]
+            return (None, None, *_g[:_N_IN], *_d_states, *_g[_N_IN + _N_STATE :])
         _params = dict(zip(_PARAM_NAMES, _t[_N_IN + _N_STATE : _n]))
         _grads, _d_xs, _d_states = _native_backward(ctx.lib, _t[:_N_IN], _params, _t[_n:], grads[:_N_OUT], grads[_N_OUT:], ctx.bs)
+        _d_states = [d if given else None for d, given in zip(_d_states, _given)]
         return (None, None, *_d_xs, *_d_states, *(_grads[k] if _grads[k].dtype == _params[k].dtype else _grads[k].to(_params[k].dtype) for k in _PARAM_NAMES))
 
 
 def _run_native(lib, xs, state, params, bs=None):
     """(outputs, final states) of the native library: through autograd when something requires
     grad, else the inference function (which keeps nothing for a backward); under torch.compile,
-    the custom ops. ``bs``: per-step batch sizes (a CPU int64 tensor) or None."""
+    the custom ops. ``state``: a tensor or None (zeros) per state; ``bs``: per-step batch sizes (a
+    CPU int64 tensor) or None."""
     if torch.compiler.is_compiling() and bs is None:
         result = _OPS[0](list(xs), list(state), list(params.values()))
         return tuple(result[:_N_OUT]), tuple(result[_N_OUT : _N_OUT + _N_STATE])
     if bs is not None:
         bs = bs.contiguous()
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (*xs, *state, *params.values())):
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (*xs, *state, *params.values())):
         result = _NativeSequence.apply(lib, bs, *xs, *state, *params.values())
         return tuple(result[:_N_OUT]), tuple(result[_N_OUT:])
     outputs, finals, _ = _native_inference(lib, xs, state, params, bs)
@@ -952,6 +959,12 @@ def _native_sizes(_xs, _params):
     return (_T, _B, _I, _H)
 
 
+def _starts(values):
+    """The initial states (a forward's) or the final states' gradients (a backward's) as the library
+    takes them, which copies them in: row-major [B, size] arrays, or None (NULL) for zeros."""
+    return [None if v is None else v.contiguous() for v in values]
+
+
 def _native_active(_bs, _B, _xs):
     """[T, B, 1]: 1 where row b is inside its sequence at step t (b < _bs[t]), else 0."""
     _n = _bs.to(_xs[0].device)
@@ -960,7 +973,8 @@ def _native_active(_bs, _B, _xs):
 
 def _native_forward(_lib, _xs, _states, _params, _bs=None):
     """The whole sequence (training: keeps what the backward reads) in one call of the native library.
-    ``_bs``: per-step batch sizes (a CPU int64 tensor of T non-increasing counts) or None."""
+    ``_states``: the initial states, None for zeros; ``_bs``: per-step batch sizes (a CPU int64
+    tensor of T non-increasing counts) or None."""
     _T, _B, _I, _H = _dims = _native_sizes(_xs, _params)
     _dt, _dev = _xs[0].dtype, _xs[0].device
 
@@ -977,7 +991,6 @@ def _native_forward(_lib, _xs, _states, _params, _bs=None):
     hg_W_in_W_ir_W_iz__x, g_W_hr_W_hz_W_hn__h = _scratch((_n_ch, _B, 3*_H), (_B, 3*_H))
     x_x = _xs[0].contiguous()
     s_h = _fresh("s_h", (_T + 1, _B, _H))
-    s_h[0].copy_(_states[0])
     p_b_ir = _params["b_ir"].contiguous()
     p_b_hr = _params["b_hr"].contiguous()
     p_b_iz = _params["b_iz"].contiguous()
@@ -989,7 +1002,7 @@ def _native_forward(_lib, _xs, _states, _params, _bs=None):
     v_z = _fresh("v_z", (_T, _B, _H))
     v_n = _fresh("v_n", (_T, _B, _H))
     if _lib is not None:  # None: shapes only (the custom op's fake implementation)
-        _lib("forward", _dims + (_n_ch,), [x_x, s_h, p_b_ir, p_b_hr, p_b_iz, p_b_hz, p_b_in, p_b_hn, hg_W_in_W_ir_W_iz__x, v_W_hn_h, g_W_hr_W_hz_W_hn__h, v_r, v_z, v_n, _stacked(_params["W_in"], _params["W_ir"], _params["W_iz"]), _stacked(_params["W_hr"], _params["W_hz"], _params["W_hn"]), _bs])
+        _lib("forward", _dims + (_n_ch,), [x_x, s_h, p_b_ir, p_b_hr, p_b_iz, p_b_hz, p_b_in, p_b_hn, hg_W_in_W_ir_W_iz__x, v_W_hn_h, g_W_hr_W_hz_W_hn__h, v_r, v_z, v_n, _stacked(_params["W_in"], _params["W_ir"], _params["W_iz"]), _stacked(_params["W_hr"], _params["W_hz"], _params["W_hn"]), _bs, *_starts(_states)])
     _outputs = (s_h[1:1 + _T],)
     if _bs is not None:  # zeros past each sequence's end
         _m = _native_active(_bs, _B, _xs)
@@ -999,7 +1012,8 @@ def _native_forward(_lib, _xs, _states, _params, _bs=None):
 
 def _native_inference(_lib, _xs, _states, _params, _bs=None):
     """The whole sequence (inference: keeps nothing) in one call of the native library.
-    ``_bs``: per-step batch sizes (a CPU int64 tensor of T non-increasing counts) or None."""
+    ``_states``: the initial states, None for zeros; ``_bs``: per-step batch sizes (a CPU int64
+    tensor of T non-increasing counts) or None."""
     _T, _B, _I, _H = _dims = _native_sizes(_xs, _params)
     _dt, _dev = _xs[0].dtype, _xs[0].device
 
@@ -1016,7 +1030,6 @@ def _native_inference(_lib, _xs, _states, _params, _bs=None):
     hg_W_in_W_ir_W_iz__x, g_W_hr_W_hz_W_hn__h = _scratch((_n_ch, _B, 3*_H), (_B, 3*_H))
     x_x = _xs[0].contiguous()
     s_h = _fresh("s_h", (_T + 1, _B, _H))
-    s_h[0].copy_(_states[0])
     p_b_ir = _params["b_ir"].contiguous()
     p_b_hr = _params["b_hr"].contiguous()
     p_b_iz = _params["b_iz"].contiguous()
@@ -1024,7 +1037,7 @@ def _native_inference(_lib, _xs, _states, _params, _bs=None):
     p_b_in = _params["b_in"].contiguous()
     p_b_hn = _params["b_hn"].contiguous()
     if _lib is not None:  # None: shapes only (the custom op's fake implementation)
-        _lib("inference", _dims + (_n_ch,), [x_x, s_h, p_b_ir, p_b_hr, p_b_iz, p_b_hz, p_b_in, p_b_hn, hg_W_in_W_ir_W_iz__x, g_W_hr_W_hz_W_hn__h, _stacked(_params["W_in"], _params["W_ir"], _params["W_iz"]), _stacked(_params["W_hr"], _params["W_hz"], _params["W_hn"]), _bs])
+        _lib("inference", _dims + (_n_ch,), [x_x, s_h, p_b_ir, p_b_hr, p_b_iz, p_b_hz, p_b_in, p_b_hn, hg_W_in_W_ir_W_iz__x, g_W_hr_W_hz_W_hn__h, _stacked(_params["W_in"], _params["W_ir"], _params["W_iz"]), _stacked(_params["W_hr"], _params["W_hz"], _params["W_hn"]), _bs, *_starts(_states)])
     _outputs = (s_h[1:1 + _T],)
     if _bs is not None:  # zeros past each sequence's end
         _m = _native_active(_bs, _B, _xs)
@@ -1034,7 +1047,7 @@ def _native_inference(_lib, _xs, _states, _params, _bs=None):
 
 def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None):
     """Gradients of the whole sequence in one call of the native library: (grads, d_xs, d_states);
-    ``_bs`` as in the forward."""
+    a gradient in ``_d_outputs`` or ``_d_finals`` may be None (zeros); ``_bs`` as in the forward."""
     _T, _B, _I, _H = _dims = _native_sizes(_xs, _params)
     _dt, _dev = _xs[0].dtype, _xs[0].device
     _gdt = torch.float32 if _dt in (torch.float16, torch.bfloat16) else _dt  # gradients accumulate in float32 for 16-bit storage
@@ -1074,7 +1087,7 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     v_z = _saved[3]
     v_n = _saved[4]
     dout_h_next = _zeros((_T, _B, _H)) if _d_outputs[0] is None else _d_outputs[0].contiguous()
-    ds_h = _zeros((_B, _H)) if _d_finals[0] is None else _d_finals[0].to(_dt, memory_format=torch.contiguous_format, copy=True)
+    ds_h = _fresh("ds_h", (_B, _H))
     dx_x = _fresh("dx_x", (_T, _B, _I))
     dw_W_hr_W_hz_W_hn = _gempty((3*_H, _H))
     _rows_dw_W_hr_W_hz_W_hn = dw_W_hr_W_hz_W_hn.split(_H)
@@ -1083,14 +1096,14 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
     _grads_0 = _gempty((6, _H)).unbind(0)
     _grads = {"W_ir": _rows_dw_W_in_W_ir_W_iz[1], "W_hr": _rows_dw_W_hr_W_hz_W_hn[0], "b_ir": _grads_0[0], "b_hr": _grads_0[1], "W_iz": _rows_dw_W_in_W_ir_W_iz[2], "W_hz": _rows_dw_W_hr_W_hz_W_hn[1], "b_iz": _grads_0[2], "b_hz": _grads_0[3], "W_in": _rows_dw_W_in_W_ir_W_iz[0], "W_hn": _rows_dw_W_hr_W_hz_W_hn[2], "b_in": _grads_0[4], "b_hn": _grads_0[5]}
     if _lib is not None:
-        _lib("backward", _dims + (_n_ch,), [x_x, s_h, p_b_hn, v_W_hn_h, v_r, v_z, v_n, dout_h_next, ds_h, dx_x, dgs_W_in_W_ir_W_iz__x, dw_W_hr_W_hz_W_hn, dw_W_in_W_ir_W_iz, sum_d_b_ir, sum_d_b_iz, _stacked(_params["W_in"], _params["W_ir"], _params["W_iz"]), _stacked(_params["W_hr"], _params["W_hz"], _params["W_hn"]), *_grads.values(), _bs])
+        _lib("backward", _dims + (_n_ch,), [x_x, s_h, p_b_hn, v_W_hn_h, v_r, v_z, v_n, dout_h_next, ds_h, dx_x, dgs_W_in_W_ir_W_iz__x, dw_W_hr_W_hz_W_hn, dw_W_in_W_ir_W_iz, sum_d_b_ir, sum_d_b_iz, _stacked(_params["W_in"], _params["W_ir"], _params["W_iz"]), _stacked(_params["W_hr"], _params["W_hz"], _params["W_hn"]), *_grads.values(), _bs, *_starts(_d_finals)])
     return _grads, (dx_x,), (ds_h,)
 
 
 # The same two calls as PyTorch custom ops, for torch.compile (which traces them through their
 # fake implementations: the allocations above, without the call). Registered once per process
 # and content of this file; outputs are copies (an op's outputs may not alias each other).
-_OP = "torch_gru_61a5a07465ce"
+_OP = "torch_gru_44132a9e2026"
 
 
 def _op_forward_impl(xs: list[torch.Tensor], states: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -1279,7 +1292,7 @@ class _TorchGRUBase(nn.Module):
             if x.dtype != dtype:
                 raise ValueError(f"{CELL} input '{name}' dtype ({x.dtype}) does not match weight dtype ({dtype}). Convert input: input.to({dtype}), or convert model: model.to({x.dtype})")
         for (name, _), s in zip(STATES, state):
-            if s.dtype != dtype:
+            if s is not None and s.dtype != dtype:
                 raise ValueError(f"{CELL} state '{name}' dtype ({s.dtype}) does not match weight dtype ({dtype}). Convert the state: state.to({dtype}), or convert model: model.to({s.dtype})")
 
     def warm_up(self, dtypes=None):
@@ -1303,8 +1316,10 @@ class _TorchGRUBase(nn.Module):
             torch.cuda.synchronize(device)
         return backend
 
-    def _zero_state(self, batch, like):
-        return like.new_zeros(batch, self.sizes["H"])
+    def _zero_state(self, state, like):
+        """The states with zeros where None, as the engines take them (the native library takes
+        None); like: an input [T, B, size]."""
+        return tuple(like.new_zeros(like.shape[1], self.sizes[n]) if s is None else s for s, (_, n) in zip(state, STATES))
 
     def _resolve_backend(self, xs, state, params=None):
         if _functorch_active() and self.backend != "autograd":
@@ -1327,26 +1342,27 @@ class _TorchGRUBase(nn.Module):
         for x, (name, s) in zip(xs, INPUTS):
             if x.dim() != 3 or x.shape[-1] != sizes[s]:
                 raise ValueError(f"input '{name}' must be [T, B, {sizes[s]}], got {tuple(x.shape)}")
-        if state is None:
-            state = self._zero_state(xs[0].shape[1], xs[0])
-        state = (state,) if _N_STATE == 1 else tuple(state)
+        state = (None,) * _N_STATE if state is None else (state,) if _N_STATE == 1 else tuple(state)
         if len(state) != _N_STATE:
             raise ValueError(f"expected {_N_STATE} state tensors ({', '.join(n for n, _ in STATES)}), got {len(state)}")
         for s, (name, size) in zip(state, STATES):
-            if s.shape != (xs[0].shape[1], sizes[size]):
+            if s is not None and s.shape != (xs[0].shape[1], sizes[size]):
                 raise ValueError(f"state '{name}' must be [{xs[0].shape[1]}, {sizes[size]}], got {tuple(s.shape)}")
         params = self._params(layer, direction)
         self._check_dtypes(xs, state, params)
         backend = self._resolve_backend(xs, state, params)
-        if backend == "autograd":
-            return _run_autograd(params, xs, state, bs)
         if backend in ("fused", "cuda"):
             lib = None
             if self.backend == "auto":  # the library _resolve_backend just checked
                 lib = _LIBRARIES.get((xs[0].device.type, xs[0].device.index))
             if lib is None and not (torch.compiler.is_compiling() and bs is None):
                 lib = _native_library(xs[0], state, params, required=backend)  # asked for: say why if not
-            return _run_native(lib, xs, state, params, bs)
+            if torch.compiler.is_compiling():  # the custom ops take tensors
+                state = self._zero_state(state, xs[0])
+            return _run_native(lib, xs, state, params, bs)  # a state None: zeros, in the library
+        state = self._zero_state(state, xs[0])
+        if backend == "autograd":
+            return _run_autograd(params, xs, state, bs)
         return _run_engine(xs, state, params, None if bs is None else bs.tolist())
 
 
@@ -1435,7 +1451,7 @@ class TorchGRU(_TorchGRUBase):
             raise ValueError(f"{CELL}: input must be [T, B, size], [B, T, size] (batch_first) or [T, size], got {tuple(xs[0].shape)}")
         T, B = xs[0].shape[0], xs[0].shape[1]
         stack = self.num_layers * (2 if self.bidirectional else 1)
-        state = self._layer_state(state, B, unbatched, stack, xs[0])
+        state = self._layer_state(state, B, unbatched, stack)
         bs = None
         if lengths is not None:
             lengths = torch.as_tensor(lengths).to("cpu", torch.int64).reshape(-1)
@@ -1450,7 +1466,7 @@ class TorchGRU(_TorchGRUBase):
         if order is not None:  # the batch sorted by length, longest first (cuDNN's packed layout)
             dev = order.to(xs[0].device)
             xs = tuple(a.index_select(1, dev) for a in xs)
-            state = tuple(s.index_select(1, dev) for s in state)
+            state = tuple(None if s is None else s.index_select(1, dev) for s in state)
         outputs, finals = self._layers(xs, state, bs)
         if packed:  # packed in the order of the input's (sorted) batch
             data = [nn.utils.rnn.pack_padded_sequence(o, ordered).data for o in outputs]
@@ -1467,10 +1483,11 @@ class TorchGRU(_TorchGRUBase):
             outputs = tuple(o.transpose(0, 1) for o in outputs)
         return (outputs[0] if _N_OUT == 1 else outputs), (finals[0] if _N_STATE == 1 else finals)
 
-    def _layer_state(self, state, B, unbatched, stack, like):
-        """The initial states as a tuple of [layers * directions, B, size] tensors."""
+    def _layer_state(self, state, B, unbatched, stack):
+        """The initial states as a tuple of [layers * directions, B, size] tensors, or of None
+        (zeros) where none is given."""
         if state is None:
-            return tuple(like.new_zeros(stack, B, self.sizes[s]) for _, s in STATES)
+            return (None,) * _N_STATE
         state = (state,) if _N_STATE == 1 else tuple(state)
         if len(state) != _N_STATE:
             raise ValueError(f"expected {_N_STATE} state tensors ({', '.join(n for n, _ in STATES)}), got {len(state)}")
@@ -1499,7 +1516,7 @@ class TorchGRU(_TorchGRUBase):
                     xs = (F.dropout(xs[0], self.dropout, training=True),)
             per_direction = []
             for d in range(directions):
-                st = tuple(s[layer * directions + d] for s in state)
+                st = tuple(None if s is None else s[layer * directions + d] for s in state)
                 st = st[0] if _N_STATE == 1 else st
                 if d == 0:
                     outs, fin = self._run(xs, st, layer, d, bs)

@@ -25,8 +25,10 @@
 // <function> is forward (keeps what the backward reads), inference (keeps nothing) or backward: the
 // whole sequence in one call. dims = [T, B, I, H]; ptrs = the function's buffers, the stacked
 // weights, then (backward) the gradient of every param, in the order of the comments at each function,
-// and last the per-step batch sizes (variable lengths: a host int64 array of T non-increasing counts,
-// the batch sorted by length, longest first) or NULL (every row runs every step).
+// then the per-step batch sizes (variable lengths: a host int64 array of T non-increasing counts,
+// the batch sorted by length, longest first) or NULL (every row runs every step), and last one [B, size]
+// array per state: its initial value (forward, inference) or its final value's gradient (backward),
+// copied in at the start, or NULL for zeros.
 // Every array inside is dense and row-major; an element function's argument is a pointer and a row
 // stride ld in elements (element [r, j] is ptr[r * ld + j]; ld = 0 broadcasts one row: a vector param).
 // 16-bit storage (__half, __nv_bfloat16) computes in float; parameter gradients are float for them.
@@ -1713,8 +1715,7 @@ extern "C" void torch_gru_backward_bwd0_H_f64(int64_t _rows, int64_t _cols, cons
 
 // =============================================================================================
 // torch_gru: the whole sequence, forward
-// ptrs: 0 x_x, 1 s_h, 2 p_b_ir, 3 p_b_hr, 4 p_b_iz, 5 p_b_hz, 6 p_b_in, 7 p_b_hn, 8 hg_W_in_W_ir_W_iz__x, 9 v_W_hn_h, 10 g_W_hr_W_hz_W_hn__h, 11 v_r, 12 v_z, 13 v_n, 14 weight W_in_W_ir_W_iz, 15 weight W_hr_W_hz_W_hn, 16 batch sizes (host, or NULL)
-
+// ptrs: 0 x_x, 1 s_h, 2 p_b_ir, 3 p_b_hr, 4 p_b_iz, 5 p_b_hz, 6 p_b_in, 7 p_b_hn, 8 hg_W_in_W_ir_W_iz__x, 9 v_W_hn_h, 10 g_W_hr_W_hz_W_hn__h, 11 v_r, 12 v_z, 13 v_n, 14 weight W_in_W_ir_W_iz, 15 weight W_hr_W_hz_W_hn, 16 batch sizes (host, or NULL), 17 the initial state into s_h (NULL: zeros)
 // =============================================================================================
 template <typename S, typename G>
 static int torch_gru_forward_run(const int64_t* dims, void* const* ptrs, const cs_ctx* ctx)
@@ -1763,6 +1764,8 @@ static int torch_gru_forward_run(const int64_t* dims, void* const* ptrs, const c
     (void)w_W_hr_W_hz_W_hn;
     const int64_t* bs = (const int64_t*)ptrs[16];
     (void)ctx;
+    if (const S* from = (const S*)ptrs[17]) CS_COPY(b_s_h, from, (n_B) * (n_H));
+    else CS_ZERO(b_s_h, (n_B) * (n_H));
     if (bs) {  // rows of ended sequences, which no step writes, are read over all T*B rows
         CS_ZERO(b_v_r, (n_T) * (n_B) * (n_H));
         CS_ZERO(b_v_z, (n_T) * (n_B) * (n_H));
@@ -1829,8 +1832,7 @@ extern "C" int torch_gru_forward_f64(const int64_t* dims, void* const* ptrs, con
 
 // =============================================================================================
 // torch_gru: the whole sequence, inference
-// ptrs: 0 x_x, 1 s_h, 2 p_b_ir, 3 p_b_hr, 4 p_b_iz, 5 p_b_hz, 6 p_b_in, 7 p_b_hn, 8 hg_W_in_W_ir_W_iz__x, 9 g_W_hr_W_hz_W_hn__h, 10 weight W_in_W_ir_W_iz, 11 weight W_hr_W_hz_W_hn, 12 batch sizes (host, or NULL)
-
+// ptrs: 0 x_x, 1 s_h, 2 p_b_ir, 3 p_b_hr, 4 p_b_iz, 5 p_b_hz, 6 p_b_in, 7 p_b_hn, 8 hg_W_in_W_ir_W_iz__x, 9 g_W_hr_W_hz_W_hn__h, 10 weight W_in_W_ir_W_iz, 11 weight W_hr_W_hz_W_hn, 12 batch sizes (host, or NULL), 13 the initial state into s_h (NULL: zeros)
 // =============================================================================================
 template <typename S, typename G>
 static int torch_gru_inference_run(const int64_t* dims, void* const* ptrs, const cs_ctx* ctx)
@@ -1871,6 +1873,8 @@ static int torch_gru_inference_run(const int64_t* dims, void* const* ptrs, const
     (void)w_W_hr_W_hz_W_hn;
     const int64_t* bs = (const int64_t*)ptrs[12];
     (void)ctx;
+    if (const S* from = (const S*)ptrs[13]) CS_COPY(b_s_h, from, (n_B) * (n_H));
+    else CS_ZERO(b_s_h, (n_B) * (n_H));
     // steps per chunk of the work ahead of them, from the caller (all T on a GPU); hg_W_in_W_ir_W_iz__x holds one chunk
     const int64_t n_ch = dims[4] < 1 ? 1 : dims[4];
     cs_packed<S> pk_W_in_W_ir_W_iz_nt = cs_pack_if(n_ch < n_T, ctx, 1, n_ch * n_B, 3*n_H, n_I, w_W_in_W_ir_W_iz, n_I);
@@ -1931,8 +1935,7 @@ extern "C" int torch_gru_inference_f64(const int64_t* dims, void* const* ptrs, c
 
 // =============================================================================================
 // torch_gru: the whole sequence, backward
-// ptrs: 0 x_x, 1 s_h, 2 p_b_hn, 3 v_W_hn_h, 4 v_r, 5 v_z, 6 v_n, 7 dout_h_next, 8 ds_h, 9 dx_x, 10 dgs_W_in_W_ir_W_iz__x, 11 dw_W_hr_W_hz_W_hn, 12 dw_W_in_W_ir_W_iz, 13 sum_d_b_ir, 14 sum_d_b_iz, 15 weight W_in_W_ir_W_iz, 16 weight W_hr_W_hz_W_hn, 17 d W_ir, 18 d W_hr, 19 d b_ir, 20 d b_hr, 21 d W_iz, 22 d W_hz, 23 d b_iz, 24 d b_hz, 25 d W_in, 26 d W_hn, 27 d b_in, 28 d b_hn, 29 batch sizes (host, or NULL)
-
+// ptrs: 0 x_x, 1 s_h, 2 p_b_hn, 3 v_W_hn_h, 4 v_r, 5 v_z, 6 v_n, 7 dout_h_next, 8 ds_h, 9 dx_x, 10 dgs_W_in_W_ir_W_iz__x, 11 dw_W_hr_W_hz_W_hn, 12 dw_W_in_W_ir_W_iz, 13 sum_d_b_ir, 14 sum_d_b_iz, 15 weight W_in_W_ir_W_iz, 16 weight W_hr_W_hz_W_hn, 17 d W_ir, 18 d W_hr, 19 d b_ir, 20 d b_hr, 21 d W_iz, 22 d W_hz, 23 d b_iz, 24 d b_hz, 25 d W_in, 26 d W_hn, 27 d b_in, 28 d b_hn, 29 batch sizes (host, or NULL), 30 the final state's gradient into ds_h (NULL: zeros)
 // =============================================================================================
 template <typename S, typename G>
 static int torch_gru_backward_run(const int64_t* dims, void* const* ptrs, const cs_ctx* ctx)
@@ -2007,6 +2010,8 @@ static int torch_gru_backward_run(const int64_t* dims, void* const* ptrs, const 
     (void)g_b_hn;
     const int64_t* bs = (const int64_t*)ptrs[29];
     (void)ctx;
+    if (const S* from = (const S*)ptrs[30]) CS_COPY(b_ds_h, from, (n_B) * (n_H));
+    else CS_ZERO(b_ds_h, (n_B) * (n_H));
     // steps per chunk of the work behind them, from the caller (all T on a GPU); dgs_W_in_W_ir_W_iz__x holds one chunk
     const int64_t n_ch = dims[4] < 1 ? 1 : dims[4];
     cs_packed<S> pk_W_hr_W_hz_W_hn_nn = cs_pack(ctx, 0, n_B, n_H, 3*n_H, w_W_hr_W_hz_W_hn, n_H);

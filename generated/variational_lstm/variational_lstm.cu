@@ -32,8 +32,10 @@
 // <function> is forward (keeps what the backward reads), inference (keeps nothing) or backward: the
 // whole sequence in one call. dims = [T, B, I, H]; ptrs = the function's buffers, the stacked
 // weights, then (backward) the gradient of every param, in the order of the comments at each function,
-// and last the per-step batch sizes (variable lengths: a host int64 array of T non-increasing counts,
-// the batch sorted by length, longest first) or NULL (every row runs every step).
+// then the per-step batch sizes (variable lengths: a host int64 array of T non-increasing counts,
+// the batch sorted by length, longest first) or NULL (every row runs every step), and last one [B, size]
+// array per state: its initial value (forward, inference) or its final value's gradient (backward),
+// copied in at the start, or NULL for zeros.
 // Every array inside is dense and row-major; an element function's argument is a pointer and a row
 // stride ld in elements (element [r, j] is ptr[r * ld + j]; ld = 0 broadcasts one row: a vector param).
 // 16-bit storage (__half, __nv_bfloat16) computes in float; parameter gradients are float for them.
@@ -2309,8 +2311,7 @@ extern "C" void variational_lstm_backward_bwd_hoisted_I_f64(int64_t _rows, int64
 
 // =============================================================================================
 // variational_lstm: the whole sequence, forward
-// ptrs: 0 x_x, 1 x_mask_x, 2 x_mask_h, 3 s_h, 4 s_c, 5 p_b_ii, 6 p_b_hi, 7 p_b_if, 8 p_b_hf, 9 p_b_ig, 10 p_b_hg, 11 p_b_io, 12 p_b_ho, 13 hv_xd, 14 hg_W_ii_W_if_W_ig_W_io__xd, 15 v_hd, 16 g_W_hi_W_hf_W_hg_W_ho__hd, 17 v_i, 18 v_f, 19 v_g, 20 v_o, 21 weight W_ii_W_if_W_ig_W_io, 22 weight W_hi_W_hf_W_hg_W_ho, 23 batch sizes (host, or NULL)
-
+// ptrs: 0 x_x, 1 x_mask_x, 2 x_mask_h, 3 s_h, 4 s_c, 5 p_b_ii, 6 p_b_hi, 7 p_b_if, 8 p_b_hf, 9 p_b_ig, 10 p_b_hg, 11 p_b_io, 12 p_b_ho, 13 hv_xd, 14 hg_W_ii_W_if_W_ig_W_io__xd, 15 v_hd, 16 g_W_hi_W_hf_W_hg_W_ho__hd, 17 v_i, 18 v_f, 19 v_g, 20 v_o, 21 weight W_ii_W_if_W_ig_W_io, 22 weight W_hi_W_hf_W_hg_W_ho, 23 batch sizes (host, or NULL), 24 the initial state into s_h (NULL: zeros), 25 the initial state into s_c (NULL: zeros)
 // =============================================================================================
 template <typename S, typename G>
 static int variational_lstm_forward_run(const int64_t* dims, void* const* ptrs, const cs_ctx* ctx)
@@ -2373,6 +2374,10 @@ static int variational_lstm_forward_run(const int64_t* dims, void* const* ptrs, 
     (void)w_W_hi_W_hf_W_hg_W_ho;
     const int64_t* bs = (const int64_t*)ptrs[23];
     (void)ctx;
+    if (const S* from = (const S*)ptrs[24]) CS_COPY(b_s_h, from, (n_B) * (n_H));
+    else CS_ZERO(b_s_h, (n_B) * (n_H));
+    if (const S* from = (const S*)ptrs[25]) CS_COPY(b_s_c, from, (n_B) * (n_H));
+    else CS_ZERO(b_s_c, (n_B) * (n_H));
     if (bs) {  // rows of ended sequences, which no step writes, are read over all T*B rows
         CS_ZERO(b_v_hd, (n_T) * (n_B) * (n_H));
         CS_ZERO(b_v_i, (n_T) * (n_B) * (n_H));
@@ -2446,8 +2451,7 @@ extern "C" int variational_lstm_forward_f64(const int64_t* dims, void* const* pt
 
 // =============================================================================================
 // variational_lstm: the whole sequence, inference
-// ptrs: 0 x_x, 1 x_mask_x, 2 x_mask_h, 3 s_h, 4 s_c, 5 p_b_ii, 6 p_b_hi, 7 p_b_if, 8 p_b_hf, 9 p_b_ig, 10 p_b_hg, 11 p_b_io, 12 p_b_ho, 13 hv_xd, 14 hg_W_ii_W_if_W_ig_W_io__xd, 15 tmp_hd, 16 g_W_hi_W_hf_W_hg_W_ho__hd, 17 weight W_ii_W_if_W_ig_W_io, 18 weight W_hi_W_hf_W_hg_W_ho, 19 batch sizes (host, or NULL)
-
+// ptrs: 0 x_x, 1 x_mask_x, 2 x_mask_h, 3 s_h, 4 s_c, 5 p_b_ii, 6 p_b_hi, 7 p_b_if, 8 p_b_hf, 9 p_b_ig, 10 p_b_hg, 11 p_b_io, 12 p_b_ho, 13 hv_xd, 14 hg_W_ii_W_if_W_ig_W_io__xd, 15 tmp_hd, 16 g_W_hi_W_hf_W_hg_W_ho__hd, 17 weight W_ii_W_if_W_ig_W_io, 18 weight W_hi_W_hf_W_hg_W_ho, 19 batch sizes (host, or NULL), 20 the initial state into s_h (NULL: zeros), 21 the initial state into s_c (NULL: zeros)
 // =============================================================================================
 template <typename S, typename G>
 static int variational_lstm_inference_run(const int64_t* dims, void* const* ptrs, const cs_ctx* ctx)
@@ -2502,6 +2506,10 @@ static int variational_lstm_inference_run(const int64_t* dims, void* const* ptrs
     (void)w_W_hi_W_hf_W_hg_W_ho;
     const int64_t* bs = (const int64_t*)ptrs[19];
     (void)ctx;
+    if (const S* from = (const S*)ptrs[20]) CS_COPY(b_s_h, from, (n_B) * (n_H));
+    else CS_ZERO(b_s_h, (n_B) * (n_H));
+    if (const S* from = (const S*)ptrs[21]) CS_COPY(b_s_c, from, (n_B) * (n_H));
+    else CS_ZERO(b_s_c, (n_B) * (n_H));
     // steps per chunk of the work ahead of them, from the caller (all T on a GPU); hv_xd, hg_W_ii_W_if_W_ig_W_io__xd hold one chunk
     const int64_t n_ch = dims[4] < 1 ? 1 : dims[4];
     cs_packed<S> pk_W_ii_W_if_W_ig_W_io_nt = cs_pack_if(n_ch < n_T, ctx, 1, n_ch * n_B, 4*n_H, n_I, w_W_ii_W_if_W_ig_W_io, n_I);
@@ -2568,8 +2576,7 @@ extern "C" int variational_lstm_inference_f64(const int64_t* dims, void* const* 
 
 // =============================================================================================
 // variational_lstm: the whole sequence, backward
-// ptrs: 0 x_x, 1 x_mask_x, 2 x_mask_h, 3 s_c, 4 hv_xd, 5 v_hd, 6 v_i, 7 v_f, 8 v_g, 9 v_o, 10 dout_h_next, 11 ds_h, 12 ds_c, 13 dx_x, 14 dg_W_hi_W_hf_W_hg_W_ho__hd, 15 tmp_d_hd_gemm, 16 hgd_xd, 17 hl_x, 18 tmp_d_c_next, 19 dw_W_hi_W_hf_W_hg_W_ho, 20 dw_W_ii_W_if_W_ig_W_io, 21 sum_d_b_ii, 22 sum_d_b_if, 23 sum_d_b_ig, 24 sum_d_b_io, 25 weight W_ii_W_if_W_ig_W_io, 26 weight W_hi_W_hf_W_hg_W_ho, 27 d W_ii, 28 d W_hi, 29 d b_ii, 30 d b_hi, 31 d W_if, 32 d W_hf, 33 d b_if, 34 d b_hf, 35 d W_ig, 36 d W_hg, 37 d b_ig, 38 d b_hg, 39 d W_io, 40 d W_ho, 41 d b_io, 42 d b_ho, 43 batch sizes (host, or NULL)
-
+// ptrs: 0 x_x, 1 x_mask_x, 2 x_mask_h, 3 s_c, 4 hv_xd, 5 v_hd, 6 v_i, 7 v_f, 8 v_g, 9 v_o, 10 dout_h_next, 11 ds_h, 12 ds_c, 13 dx_x, 14 dg_W_hi_W_hf_W_hg_W_ho__hd, 15 tmp_d_hd_gemm, 16 hgd_xd, 17 hl_x, 18 tmp_d_c_next, 19 dw_W_hi_W_hf_W_hg_W_ho, 20 dw_W_ii_W_if_W_ig_W_io, 21 sum_d_b_ii, 22 sum_d_b_if, 23 sum_d_b_ig, 24 sum_d_b_io, 25 weight W_ii_W_if_W_ig_W_io, 26 weight W_hi_W_hf_W_hg_W_ho, 27 d W_ii, 28 d W_hi, 29 d b_ii, 30 d b_hi, 31 d W_if, 32 d W_hf, 33 d b_if, 34 d b_hf, 35 d W_ig, 36 d W_hg, 37 d b_ig, 38 d b_hg, 39 d W_io, 40 d W_ho, 41 d b_io, 42 d b_ho, 43 batch sizes (host, or NULL), 44 the final state's gradient into ds_h (NULL: zeros), 45 the final state's gradient into ds_c (NULL: zeros)
 // =============================================================================================
 template <typename S, typename G>
 static int variational_lstm_backward_run(const int64_t* dims, void* const* ptrs, const cs_ctx* ctx)
@@ -2673,6 +2680,10 @@ static int variational_lstm_backward_run(const int64_t* dims, void* const* ptrs,
     const int64_t* bs = (const int64_t*)ptrs[43];
     (void)ctx;
     CS_ZERO(b_dx_x, (n_T) * (n_B) * (n_I));
+    if (const S* from = (const S*)ptrs[44]) CS_COPY(b_ds_h, from, (n_B) * (n_H));
+    else CS_ZERO(b_ds_h, (n_B) * (n_H));
+    if (const S* from = (const S*)ptrs[45]) CS_COPY(b_ds_c, from, (n_B) * (n_H));
+    else CS_ZERO(b_ds_c, (n_B) * (n_H));
     // steps per chunk of the work behind them, from the caller (all T on a GPU); dg_W_hi_W_hf_W_hg_W_ho__hd holds one chunk
     const int64_t n_ch = dims[4] < 1 ? 1 : dims[4];
     cs_packed<S> pk_W_hi_W_hf_W_hg_W_ho_nn = cs_pack(ctx, 0, n_B, n_H, 4*n_H, w_W_hi_W_hf_W_hg_W_ho, n_H);

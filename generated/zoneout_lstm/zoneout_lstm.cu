@@ -31,8 +31,10 @@
 // <function> is forward (keeps what the backward reads), inference (keeps nothing) or backward: the
 // whole sequence in one call. dims = [T, B, I, H]; ptrs = the function's buffers, the stacked
 // weights, then (backward) the gradient of every param, in the order of the comments at each function,
-// and last the per-step batch sizes (variable lengths: a host int64 array of T non-increasing counts,
-// the batch sorted by length, longest first) or NULL (every row runs every step).
+// then the per-step batch sizes (variable lengths: a host int64 array of T non-increasing counts,
+// the batch sorted by length, longest first) or NULL (every row runs every step), and last one [B, size]
+// array per state: its initial value (forward, inference) or its final value's gradient (backward),
+// copied in at the start, or NULL for zeros.
 // Every array inside is dense and row-major; an element function's argument is a pointer and a row
 // stride ld in elements (element [r, j] is ptr[r * ld + j]; ld = 0 broadcasts one row: a vector param).
 // 16-bit storage (__half, __nv_bfloat16) computes in float; parameter gradients are float for them.
@@ -1862,8 +1864,7 @@ extern "C" void zoneout_lstm_backward_bwd0_H_f64(int64_t _rows, int64_t _cols, c
 
 // =============================================================================================
 // zoneout_lstm: the whole sequence, forward
-// ptrs: 0 x_x, 1 x_keep_c, 2 x_keep_h, 3 s_h, 4 s_c, 5 p_b_ii, 6 p_b_hi, 7 p_b_if, 8 p_b_hf, 9 p_b_ig, 10 p_b_hg, 11 p_b_io, 12 p_b_ho, 13 hg_W_ii_W_if_W_ig_W_io__x, 14 g_W_hi_W_hf_W_hg_W_ho__h, 15 v_i, 16 v_f, 17 v_g, 18 v_o, 19 v_c_new, 20 weight W_ii_W_if_W_ig_W_io, 21 weight W_hi_W_hf_W_hg_W_ho, 22 batch sizes (host, or NULL)
-
+// ptrs: 0 x_x, 1 x_keep_c, 2 x_keep_h, 3 s_h, 4 s_c, 5 p_b_ii, 6 p_b_hi, 7 p_b_if, 8 p_b_hf, 9 p_b_ig, 10 p_b_hg, 11 p_b_io, 12 p_b_ho, 13 hg_W_ii_W_if_W_ig_W_io__x, 14 g_W_hi_W_hf_W_hg_W_ho__h, 15 v_i, 16 v_f, 17 v_g, 18 v_o, 19 v_c_new, 20 weight W_ii_W_if_W_ig_W_io, 21 weight W_hi_W_hf_W_hg_W_ho, 22 batch sizes (host, or NULL), 23 the initial state into s_h (NULL: zeros), 24 the initial state into s_c (NULL: zeros)
 // =============================================================================================
 template <typename S, typename G>
 static int zoneout_lstm_forward_run(const int64_t* dims, void* const* ptrs, const cs_ctx* ctx)
@@ -1924,6 +1925,10 @@ static int zoneout_lstm_forward_run(const int64_t* dims, void* const* ptrs, cons
     (void)w_W_hi_W_hf_W_hg_W_ho;
     const int64_t* bs = (const int64_t*)ptrs[22];
     (void)ctx;
+    if (const S* from = (const S*)ptrs[23]) CS_COPY(b_s_h, from, (n_B) * (n_H));
+    else CS_ZERO(b_s_h, (n_B) * (n_H));
+    if (const S* from = (const S*)ptrs[24]) CS_COPY(b_s_c, from, (n_B) * (n_H));
+    else CS_ZERO(b_s_c, (n_B) * (n_H));
     if (bs) {  // rows of ended sequences, which no step writes, are read over all T*B rows
         CS_ZERO(b_v_i, (n_T) * (n_B) * (n_H));
         CS_ZERO(b_v_f, (n_T) * (n_B) * (n_H));
@@ -1993,8 +1998,7 @@ extern "C" int zoneout_lstm_forward_f64(const int64_t* dims, void* const* ptrs, 
 
 // =============================================================================================
 // zoneout_lstm: the whole sequence, inference
-// ptrs: 0 x_x, 1 x_keep_c, 2 x_keep_h, 3 s_h, 4 s_c, 5 p_b_ii, 6 p_b_hi, 7 p_b_if, 8 p_b_hf, 9 p_b_ig, 10 p_b_hg, 11 p_b_io, 12 p_b_ho, 13 hg_W_ii_W_if_W_ig_W_io__x, 14 g_W_hi_W_hf_W_hg_W_ho__h, 15 weight W_ii_W_if_W_ig_W_io, 16 weight W_hi_W_hf_W_hg_W_ho, 17 batch sizes (host, or NULL)
-
+// ptrs: 0 x_x, 1 x_keep_c, 2 x_keep_h, 3 s_h, 4 s_c, 5 p_b_ii, 6 p_b_hi, 7 p_b_if, 8 p_b_hf, 9 p_b_ig, 10 p_b_hg, 11 p_b_io, 12 p_b_ho, 13 hg_W_ii_W_if_W_ig_W_io__x, 14 g_W_hi_W_hf_W_hg_W_ho__h, 15 weight W_ii_W_if_W_ig_W_io, 16 weight W_hi_W_hf_W_hg_W_ho, 17 batch sizes (host, or NULL), 18 the initial state into s_h (NULL: zeros), 19 the initial state into s_c (NULL: zeros)
 // =============================================================================================
 template <typename S, typename G>
 static int zoneout_lstm_inference_run(const int64_t* dims, void* const* ptrs, const cs_ctx* ctx)
@@ -2045,6 +2049,10 @@ static int zoneout_lstm_inference_run(const int64_t* dims, void* const* ptrs, co
     (void)w_W_hi_W_hf_W_hg_W_ho;
     const int64_t* bs = (const int64_t*)ptrs[17];
     (void)ctx;
+    if (const S* from = (const S*)ptrs[18]) CS_COPY(b_s_h, from, (n_B) * (n_H));
+    else CS_ZERO(b_s_h, (n_B) * (n_H));
+    if (const S* from = (const S*)ptrs[19]) CS_COPY(b_s_c, from, (n_B) * (n_H));
+    else CS_ZERO(b_s_c, (n_B) * (n_H));
     // steps per chunk of the work ahead of them, from the caller (all T on a GPU); hg_W_ii_W_if_W_ig_W_io__x holds one chunk
     const int64_t n_ch = dims[4] < 1 ? 1 : dims[4];
     cs_packed<S> pk_W_ii_W_if_W_ig_W_io_nt = cs_pack_if(n_ch < n_T, ctx, 1, n_ch * n_B, 4*n_H, n_I, w_W_ii_W_if_W_ig_W_io, n_I);
@@ -2107,8 +2115,7 @@ extern "C" int zoneout_lstm_inference_f64(const int64_t* dims, void* const* ptrs
 
 // =============================================================================================
 // zoneout_lstm: the whole sequence, backward
-// ptrs: 0 x_x, 1 x_keep_c, 2 x_keep_h, 3 s_h, 4 s_c, 5 v_i, 6 v_f, 7 v_g, 8 v_o, 9 v_c_new, 10 dout_h_next, 11 ds_h, 12 ds_c, 13 dx_x, 14 dg_W_hi_W_hf_W_hg_W_ho__h, 15 dw_W_hi_W_hf_W_hg_W_ho, 16 dw_W_ii_W_if_W_ig_W_io, 17 sum_d_b_ii, 18 sum_d_b_if, 19 sum_d_b_ig, 20 sum_d_b_io, 21 weight W_ii_W_if_W_ig_W_io, 22 weight W_hi_W_hf_W_hg_W_ho, 23 d W_ii, 24 d W_hi, 25 d b_ii, 26 d b_hi, 27 d W_if, 28 d W_hf, 29 d b_if, 30 d b_hf, 31 d W_ig, 32 d W_hg, 33 d b_ig, 34 d b_hg, 35 d W_io, 36 d W_ho, 37 d b_io, 38 d b_ho, 39 batch sizes (host, or NULL)
-
+// ptrs: 0 x_x, 1 x_keep_c, 2 x_keep_h, 3 s_h, 4 s_c, 5 v_i, 6 v_f, 7 v_g, 8 v_o, 9 v_c_new, 10 dout_h_next, 11 ds_h, 12 ds_c, 13 dx_x, 14 dg_W_hi_W_hf_W_hg_W_ho__h, 15 dw_W_hi_W_hf_W_hg_W_ho, 16 dw_W_ii_W_if_W_ig_W_io, 17 sum_d_b_ii, 18 sum_d_b_if, 19 sum_d_b_ig, 20 sum_d_b_io, 21 weight W_ii_W_if_W_ig_W_io, 22 weight W_hi_W_hf_W_hg_W_ho, 23 d W_ii, 24 d W_hi, 25 d b_ii, 26 d b_hi, 27 d W_if, 28 d W_hf, 29 d b_if, 30 d b_hf, 31 d W_ig, 32 d W_hg, 33 d b_ig, 34 d b_hg, 35 d W_io, 36 d W_ho, 37 d b_io, 38 d b_ho, 39 batch sizes (host, or NULL), 40 the final state's gradient into ds_h (NULL: zeros), 41 the final state's gradient into ds_c (NULL: zeros)
 // =============================================================================================
 template <typename S, typename G>
 static int zoneout_lstm_backward_run(const int64_t* dims, void* const* ptrs, const cs_ctx* ctx)
@@ -2203,6 +2210,10 @@ static int zoneout_lstm_backward_run(const int64_t* dims, void* const* ptrs, con
     (void)g_b_ho;
     const int64_t* bs = (const int64_t*)ptrs[39];
     (void)ctx;
+    if (const S* from = (const S*)ptrs[40]) CS_COPY(b_ds_h, from, (n_B) * (n_H));
+    else CS_ZERO(b_ds_h, (n_B) * (n_H));
+    if (const S* from = (const S*)ptrs[41]) CS_COPY(b_ds_c, from, (n_B) * (n_H));
+    else CS_ZERO(b_ds_c, (n_B) * (n_H));
     // steps per chunk of the work behind them, from the caller (all T on a GPU); dg_W_hi_W_hf_W_hg_W_ho__h holds one chunk
     const int64_t n_ch = dims[4] < 1 ? 1 : dims[4];
     cs_packed<S> pk_W_hi_W_hf_W_hg_W_ho_nn = cs_pack(ctx, 0, n_B, n_H, 4*n_H, w_W_hi_W_hf_W_hg_W_ho, n_H);
