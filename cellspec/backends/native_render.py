@@ -20,7 +20,10 @@ and ``CS_PW`` in the prelude). Entry points::
     int <module>_cuda_<function>_<f32|f64|f16|bf16>(const int64_t* dims, void* const* ptrs, const void* ctx)  (nvcc)
 
 ``dims`` is ``[T, B, <sizes in constructor order>]``; ``ptrs`` the function's buffers in
-program order, then the stacked weights, then (backward) the gradient of every param.
+program order, then the stacked weights, then (backward) the gradient of every param, then the
+per-step batch sizes (or NULL), and last one ``[B, size]`` array per state that the function
+copies in at its start (a forward's initial state, a backward's final-state gradient), or NULL
+for zeros.
 """
 
 from __future__ import annotations
