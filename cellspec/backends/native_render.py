@@ -685,7 +685,7 @@ class _Renderer:
                 zero_fill.append((b.name, " * ".join(f"({cexpr(d)})" for d in b.shape)))
         # the states' first step (a forward's) or the final states' adjoints (a backward's): copied
         # from the call's trailing pointers, one per state, where not NULL, else zeros
-        starts = [f"ds_{v.key}" if fn.name == "backward" else f"s_{v.key}" for v in p.states]
+        starts = [p.d_states[v.key] if fn.name == "backward" else f"s_{v.key}" for v in p.states]
         state_in = [(name, " * ".join(f"({cexpr(d)})" for d in fn.buffers[name].shape[-2:])) for name in starts]
         packed_zero = []
         for name in fn.zero_when_packed:

@@ -644,12 +644,12 @@ class _NativeSequence(torch.autograd.Function):
             if ctx.bs is not None:
                 raise NotImplementedError(f"{CELL}: double backward (create_graph=True) with lengths= or a PackedSequence is not supported; pad the batch instead")
             _g = _differentiable_gradients(_t[:_n], None, grads[:_N_OUT], grads[_N_OUT:])
-            _d_states = [d if given else None for d, given in zip(_g[_N_IN : _N_IN + _N_STATE], _given)]
-            return (None, None, *_g[:_N_IN], *_d_states, *_g[_N_IN + _N_STATE :])
-        _params = dict(zip(_PARAM_NAMES, _t[_N_IN + _N_STATE : _n]))
-        _grads, _d_xs, _d_states = _native_backward(ctx.lib, _t[:_N_IN], _params, _t[_n:], grads[:_N_OUT], grads[_N_OUT:], ctx.bs)
-        _d_states = [d if given else None for d, given in zip(_d_states, _given)]
-        return (None, None, *_d_xs, *_d_states, *(_grads[k] if _grads[k].dtype == _params[k].dtype else _grads[k].to(_params[k].dtype) for k in _PARAM_NAMES))
+            _d_xs, _d_states, _d_params = _g[:_N_IN], _g[_N_IN : _N_IN + _N_STATE], _g[_N_IN + _N_STATE :]
+        else:
+            _params = dict(zip(_PARAM_NAMES, _t[_N_IN + _N_STATE : _n]))
+            _grads, _d_xs, _d_states = _native_backward(ctx.lib, _t[:_N_IN], _params, _t[_n:], grads[:_N_OUT], grads[_N_OUT:], ctx.bs)
+            _d_params = (_grads[k] if _grads[k].dtype == _params[k].dtype else _grads[k].to(_params[k].dtype) for k in _PARAM_NAMES)
+        return (None, None, *_d_xs, *(d if given else None for d, given in zip(_d_states, _given)), *_d_params)
 
 
 def _run_native(lib, xs, state, params, bs=None):
@@ -925,7 +925,7 @@ def _native_backward(_lib, _xs, _params, _saved, _d_outputs, _d_finals, _bs=None
 # The same two calls as PyTorch custom ops, for torch.compile (which traces them through their
 # fake implementations: the allocations above, without the call). Registered once per process
 # and content of this file; outputs are copies (an op's outputs may not alias each other).
-_OP = "antisymmetric_rnn_d486efaeb73e"
+_OP = "antisymmetric_rnn_1e65a69de034"
 
 
 def _op_forward_impl(xs: list[torch.Tensor], states: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:

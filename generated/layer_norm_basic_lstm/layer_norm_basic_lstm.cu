@@ -520,13 +520,8 @@ static inline bool cs_one_thread(void)
 }
 static inline int cs_team_worth(const cs_ctx* c, int64_t step_gemm_work, int all_own)
 {
-#ifdef _OPENMP
-    if (!all_own || c->team == 0 || cs_one_thread()) return 0;
+    if (!all_own || c->team == 0 || cs_one_thread()) return 0;  // (always one thread without OpenMP)
     return c->team >= 2 || cs_par(step_gemm_work, 262144);
-#else
-    (void)c; (void)step_gemm_work; (void)all_own;
-    return 0;
-#endif
 }
 // own = 1 or 2: products by a weight may run the own GEMM (3: only the weight gradients; 4: the
 // products of a step's rows, fewer than CS_OWN_STEP_ROWS, and the weight gradients)
